@@ -1,0 +1,359 @@
+//! Supervised ractor actors, one per active conversation, operator and skill group.
+//!
+//! The state machine decides; actors do what needs time and fan-out: they wake the
+//! sockets reading a stream and own the offer timers, armed from the absolute deadlines
+//! stored in committed state. An actor holds nothing that is not rebuilt from that state,
+//! so the supervisor restarts a crashed one without losing anything.
+//!
+//! Architecture invariant: actors never change the shard state directly; every change
+//! goes through the [`Proposer`] and comes back as an applied entry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::core::Effect;
+use crate::error::Error;
+use crate::model::{Command, OfferId, OperatorId, Timestamp};
+use crate::shard::{new_stream, Notice, Proposer, Shard, StreamKey, Wakeups};
+
+/// How often an entity actor checks whether it can passivate.
+const PASSIVATE_CHECK: Duration = Duration::from_secs(30);
+/// Retry delay when an expiry was refused because this node's clock ran behind.
+const EXPIRE_RETRY: Duration = Duration::from_millis(50);
+
+pub fn now_ms() -> Timestamp {
+    Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+}
+
+pub enum SupervisorMsg {
+    Applied(Notice),
+    Subscribe(StreamKey, RpcReplyPort<Wakeups>),
+    /// Leadership of the shard's Raft group was gained (true) or lost (false).
+    Leadership(bool),
+    /// Number of active entity actors, for metrics and tests.
+    CountActive(RpcReplyPort<usize>),
+    /// Chaos drill: make the actor of this stream panic, to exercise supervision.
+    Crash(StreamKey),
+}
+
+pub enum EntityMsg {
+    Wake,
+    Subscribe(RpcReplyPort<Wakeups>),
+    ArmOffer { offer: OfferId, deadline: Timestamp },
+    CancelOffer { offer: OfferId },
+    OfferDue { offer: OfferId },
+    PassivateCheck,
+    Crash,
+}
+
+/// Supervises all entity actors of one shard on this node.
+pub struct ShardSupervisor;
+
+pub struct SupervisorArgs {
+    pub shard: Arc<Shard>,
+    pub proposer: Arc<dyn Proposer>,
+    pub leader: bool,
+}
+
+pub struct SupervisorState {
+    shard: Arc<Shard>,
+    proposer: Arc<dyn Proposer>,
+    leader: bool,
+    active: HashMap<StreamKey, ActorRef<EntityMsg>>,
+    by_actor: HashMap<ActorId, StreamKey>,
+    /// Stream wake-up senders outlive actor restarts, so readers never notice one.
+    streams: HashMap<StreamKey, Arc<watch::Sender<u64>>>,
+    restarts: u64,
+}
+
+impl ShardSupervisor {
+    pub async fn start(args: SupervisorArgs) -> Result<ActorRef<SupervisorMsg>, Error> {
+        let shard = args.shard.clone();
+        let (actor, _handle) =
+            Actor::spawn(None, ShardSupervisor, args).await.map_err(|e| Error::Actor(format!("spawn supervisor: {e}")))?;
+        shard.attach(actor.clone());
+        Ok(actor)
+    }
+}
+
+impl SupervisorState {
+    async fn activate(&mut self, key: &StreamKey, myself: &ActorRef<SupervisorMsg>) -> Option<ActorRef<EntityMsg>> {
+        if let Some(actor) = self.active.get(key) {
+            return Some(actor.clone());
+        }
+        let stream = self.streams.entry(key.clone()).or_insert_with(new_stream).clone();
+        let args = EntityArgs {
+            key: key.clone(),
+            shard: self.shard.clone(),
+            proposer: self.proposer.clone(),
+            stream,
+            arm_timers: self.leader,
+        };
+        match Actor::spawn_linked(None, EntityActor, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.by_actor.insert(actor.get_id(), key.clone());
+                self.active.insert(key.clone(), actor.clone());
+                Some(actor)
+            }
+            Err(e) => {
+                warn!(?key, error = %e, "could not activate actor");
+                None
+            }
+        }
+    }
+
+    fn forget(&mut self, cell: &ActorCell) -> Option<StreamKey> {
+        let key = self.by_actor.remove(&cell.get_id())?;
+        self.active.remove(&key);
+        Some(key)
+    }
+
+    /// Operators with pending offers need a live actor to expire them.
+    async fn activate_timer_owners(&mut self, myself: &ActorRef<SupervisorMsg>) {
+        let owners: Vec<OperatorId> = {
+            let state = self.shard.read();
+            state.operators.values().filter(|o| !o.offers.is_empty()).map(|o| o.config.id.clone()).collect()
+        };
+        for operator in owners {
+            self.activate(&StreamKey::Operator(operator), myself).await;
+        }
+    }
+}
+
+impl Actor for ShardSupervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SupervisorArgs) -> Result<Self::State, ActorProcessingErr> {
+        let mut state = SupervisorState {
+            shard: args.shard,
+            proposer: args.proposer,
+            leader: args.leader,
+            active: HashMap::new(),
+            by_actor: HashMap::new(),
+            streams: HashMap::new(),
+            restarts: 0,
+        };
+        if state.leader {
+            state.activate_timer_owners(&myself).await;
+        }
+        Ok(state)
+    }
+
+    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Applied(notice) => {
+                for effect in notice.effects {
+                    if !state.leader {
+                        break;
+                    }
+                    match effect {
+                        Effect::ArmOfferTimer { offer, operator, deadline } => {
+                            if let Some(actor) = state.activate(&StreamKey::Operator(operator), &myself).await {
+                                let _ = actor.cast(EntityMsg::ArmOffer { offer, deadline });
+                            }
+                        }
+                        Effect::CancelOfferTimer { offer, operator } => {
+                            if let Some(actor) = state.active.get(&StreamKey::Operator(operator)) {
+                                let _ = actor.cast(EntityMsg::CancelOffer { offer });
+                            }
+                        }
+                    }
+                }
+                let keys = notice
+                    .touched
+                    .conversations
+                    .into_iter()
+                    .map(StreamKey::Conversation)
+                    .chain(notice.touched.operators.into_iter().map(StreamKey::Operator))
+                    .chain(notice.touched.groups.into_iter().map(StreamKey::Group));
+                for key in keys {
+                    // Inactive streams have no readers: nobody to wake.
+                    if let Some(actor) = state.active.get(&key) {
+                        let _ = actor.cast(EntityMsg::Wake);
+                    }
+                }
+            }
+            SupervisorMsg::Subscribe(key, reply) => {
+                if let Some(actor) = state.activate(&key, &myself).await {
+                    let _ = actor.cast(EntityMsg::Subscribe(reply));
+                }
+            }
+            SupervisorMsg::Leadership(leader) => {
+                if leader == state.leader {
+                    return Ok(());
+                }
+                state.leader = leader;
+                // Timers belong to the leader only: drop every actor and let readers and
+                // timers re-activate them under the new role.
+                for (_, actor) in state.active.drain() {
+                    actor.stop(Some("leadership changed".into()));
+                }
+                state.by_actor.clear();
+                if leader {
+                    state.activate_timer_owners(&myself).await;
+                }
+            }
+            SupervisorMsg::CountActive(reply) => {
+                let _ = reply.send(state.active.len());
+            }
+            SupervisorMsg::Crash(key) => {
+                if let Some(actor) = state.active.get(&key) {
+                    let _ = actor.cast(EntityMsg::Crash);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                if let Some(key) = state.forget(&cell) {
+                    state.restarts += 1;
+                    warn!(?key, %error, restarts = state.restarts, "actor failed; restarting from committed state");
+                    state.activate(&key, &myself).await;
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                if let Some(key) = state.forget(&cell) {
+                    debug!(?key, ?reason, "actor passivated");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// One conversation, operator or skill group.
+pub struct EntityActor;
+
+pub struct EntityArgs {
+    key: StreamKey,
+    shard: Arc<Shard>,
+    proposer: Arc<dyn Proposer>,
+    stream: Arc<watch::Sender<u64>>,
+    arm_timers: bool,
+}
+
+pub struct EntityState {
+    key: StreamKey,
+    shard: Arc<Shard>,
+    proposer: Arc<dyn Proposer>,
+    stream: Arc<watch::Sender<u64>>,
+    arm_timers: bool,
+    timers: BTreeMap<OfferId, ractor::concurrency::JoinHandle<Result<(), ractor::MessagingErr<EntityMsg>>>>,
+    idle_checks: u32,
+}
+
+impl EntityState {
+    fn arm(&mut self, myself: &ActorRef<EntityMsg>, offer: OfferId, deadline: Timestamp) {
+        if !self.arm_timers {
+            return;
+        }
+        let delay = Duration::from_millis(deadline.millis_since(now_ms()));
+        if let Some(old) = self.timers.insert(offer, myself.send_after(delay, move || EntityMsg::OfferDue { offer })) {
+            old.abort();
+        }
+    }
+}
+
+impl Actor for EntityActor {
+    type Msg = EntityMsg;
+    type State = EntityState;
+    type Arguments = EntityArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: EntityArgs) -> Result<Self::State, ActorProcessingErr> {
+        let mut state = EntityState {
+            key: args.key,
+            shard: args.shard,
+            proposer: args.proposer,
+            stream: args.stream,
+            arm_timers: args.arm_timers,
+            timers: BTreeMap::new(),
+            idle_checks: 0,
+        };
+        // Re-arm from the deadlines in committed state: this is what makes a restart or
+        // a move to a new leader keep every offer timeout.
+        if let StreamKey::Operator(operator) = &state.key {
+            let pending: Vec<(OfferId, Timestamp)> = {
+                let shard = state.shard.read();
+                shard.offers.values().filter(|o| &o.operator == operator).map(|o| (o.id, o.deadline)).collect()
+            };
+            for (offer, deadline) in pending {
+                state.arm(&myself, offer, deadline);
+            }
+        }
+        // Something may have been applied while no actor was awake.
+        state.stream.send_modify(|v| *v += 1);
+        myself.send_interval(PASSIVATE_CHECK, || EntityMsg::PassivateCheck);
+        Ok(state)
+    }
+
+    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            EntityMsg::Wake => state.stream.send_modify(|v| *v += 1),
+            EntityMsg::Subscribe(reply) => {
+                state.idle_checks = 0;
+                let _ = reply.send(state.stream.subscribe());
+            }
+            EntityMsg::ArmOffer { offer, deadline } => state.arm(&myself, offer, deadline),
+            EntityMsg::CancelOffer { offer } => {
+                if let Some(timer) = state.timers.remove(&offer) {
+                    timer.abort();
+                }
+            }
+            EntityMsg::OfferDue { offer } => {
+                state.timers.remove(&offer);
+                let proposer = state.proposer.clone();
+                let actor = myself.clone();
+                // Commit off the actor's mailbox so a slow commit never delays wake-ups.
+                tokio::spawn(async move {
+                    match proposer.propose(Command::ExpireOffer { offer }).await {
+                        Ok(_) => {}
+                        Err(Error::NotDue(_)) => {
+                            actor.send_after(EXPIRE_RETRY, move || EntityMsg::OfferDue { offer });
+                        }
+                        Err(e) => warn!(%offer, error = %e, "could not expire offer"),
+                    }
+                });
+            }
+            EntityMsg::PassivateCheck => {
+                if state.stream.receiver_count() == 0 && state.timers.is_empty() {
+                    state.idle_checks += 1;
+                    if state.idle_checks >= 2 {
+                        myself.stop(Some("idle".into()));
+                    }
+                } else {
+                    state.idle_checks = 0;
+                }
+            }
+            EntityMsg::Crash => panic!("chaos drill: actor {:?} crashed on request", state.key),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        for (_, timer) in std::mem::take(&mut state.timers) {
+            timer.abort();
+        }
+        Ok(())
+    }
+}
+
+/// Subscribes to a stream through the supervisor, activating its actor if needed.
+pub async fn subscribe(supervisor: &ActorRef<SupervisorMsg>, key: StreamKey) -> Result<Wakeups, Error> {
+    ractor::call!(supervisor, SupervisorMsg::Subscribe, key).map_err(|e| Error::Actor(format!("subscribe: {e}")))
+}

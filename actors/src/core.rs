@@ -1,0 +1,368 @@
+//! The routing core: a command and the entry's time go in, committed events and the
+//! timers to arm come out.
+//!
+//! Architecture invariant: `handle` is deterministic. It runs inside the Raft state
+//! machine on every replica, so capacity (I3) and single assignment (I2) are decided in
+//! exactly one serial order per shard, and replaying the log replays every decision.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::model::*;
+use crate::routing::select_operator;
+use crate::state::{ConversationStatus, ShardState, Touched};
+
+/// Longest message text the core accepts, in characters.
+pub const MAX_TEXT_CHARS: usize = 4000;
+/// Longest idempotency key, in bytes.
+pub const MAX_KEY_BYTES: usize = 128;
+
+/// What the proposer of a command is told once it is committed and applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Done,
+    Started { conversation: ConversationId },
+    /// The message is history entry `seq`; `duplicate` when the key was seen before and
+    /// nothing new was written.
+    Message { seq: u64, duplicate: bool },
+}
+
+/// Timers the driver arms or drops after applying.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    ArmOfferTimer { offer: OfferId, operator: OperatorId, deadline: Timestamp },
+    CancelOfferTimer { offer: OfferId, operator: OperatorId },
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outcome {
+    pub events: Vec<Event>,
+    pub effects: Vec<Effect>,
+    pub touched: Touched,
+}
+
+/// Decides, applies and routes one command. On rejection the state is untouched.
+pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Outcome), Error> {
+    let now = envelope.at;
+    let (reply, decided) = decide(state, &envelope.command, now)?;
+    let mut outcome = Outcome::default();
+    for event in decided {
+        commit(state, event, now, &mut outcome);
+    }
+    let dirty: BTreeSet<SkillGroupId> = outcome.touched.groups.clone();
+    for group in dirty {
+        route_group(state, &group, now, &mut outcome);
+    }
+    Ok((reply, outcome))
+}
+
+fn commit(state: &mut ShardState, event: Event, now: Timestamp, outcome: &mut Outcome) {
+    match &event {
+        Event::OfferMade { offer, .. } => outcome.effects.push(Effect::ArmOfferTimer {
+            offer: offer.id,
+            operator: offer.operator.clone(),
+            deadline: offer.deadline,
+        }),
+        Event::OfferAccepted { offer } | Event::OfferWithdrawn { offer, .. } => {
+            if let Some(o) = state.offers.get(offer) {
+                outcome.effects.push(Effect::CancelOfferTimer { offer: *offer, operator: o.operator.clone() });
+            }
+        }
+        _ => {}
+    }
+    let touched = state.apply(&event, now);
+    outcome.touched.merge(touched);
+    outcome.events.push(event);
+}
+
+/// Offers queued conversations of `group`, head first, while operators have room.
+fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, outcome: &mut Outcome) {
+    loop {
+        let Some(group) = state.groups.get(group_id) else { return };
+        let any_free = state.operators.values().any(|op| {
+            op.presence == Presence::Online && op.free_capacity() > 0 && op.config.groups.contains(group_id)
+        });
+        if !any_free {
+            return;
+        }
+        let mut made = None;
+        for (_, conv_id) in &group.queue {
+            let Some(conv) = state.conversations.get(conv_id) else { continue };
+            if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) {
+                continue;
+            }
+            let selection = select_operator(state, group, conv, now);
+            if let Some(chosen) = selection.chosen {
+                let id = OfferId(state.next_offer);
+                let offer = Offer {
+                    id,
+                    conversation: *conv_id,
+                    operator: chosen.clone(),
+                    group: group_id.clone(),
+                    made_at: now,
+                    deadline: now.plus_ms(group.config.offer_timeout_ms),
+                };
+                let decision = DecisionRecord {
+                    offer: id,
+                    conversation: *conv_id,
+                    group: group_id.clone(),
+                    policy: group.config.policy,
+                    policy_version: Policy::VERSION,
+                    at: now,
+                    candidates: selection.candidates,
+                    chosen,
+                };
+                made = Some(Event::OfferMade { offer, decision });
+                break;
+            }
+        }
+        match made {
+            Some(event) => commit(state, event, now, outcome),
+            None => return,
+        }
+    }
+}
+
+fn check_text(text: &str) -> Result<(), Error> {
+    if text.trim().is_empty() {
+        return Err(Error::Invalid("message text is empty".into()));
+    }
+    let chars = text.chars().count();
+    if chars > MAX_TEXT_CHARS {
+        return Err(Error::TooLong { limit: MAX_TEXT_CHARS, actual: chars });
+    }
+    Ok(())
+}
+
+fn check_key(key: &str) -> Result<(), Error> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(Error::Invalid(format!("idempotency key must be 1 to {MAX_KEY_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Reply, Vec<Event>), Error> {
+    let conversation = |id: &ConversationId| state.conversations.get(id).ok_or(Error::NotFound(format!("conversation {id}")));
+    let operator = |id: &OperatorId| state.operators.get(id).ok_or(Error::NotFound(format!("operator {id}")));
+    let held_by = |conv_id: &ConversationId, op_id: &OperatorId| -> Result<(), Error> {
+        let conv = conversation(conv_id)?;
+        if conv.assigned() != Some(op_id) {
+            return Err(Error::NotAssigned { conversation: *conv_id, operator: op_id.clone() });
+        }
+        Ok(())
+    };
+    match command {
+        Command::UpsertSkillGroup(config) => {
+            if config.id.0.is_empty() {
+                return Err(Error::Invalid("skill group id is empty".into()));
+            }
+            if config.offer_timeout_ms < 1000 {
+                return Err(Error::Invalid("offer timeout must be at least 1000 ms".into()));
+            }
+            Ok((Reply::Done, vec![Event::SkillGroupUpserted(config.clone())]))
+        }
+        Command::UpsertOperator(config) => {
+            if config.id.0.is_empty() {
+                return Err(Error::Invalid("operator id is empty".into()));
+            }
+            for g in &config.groups {
+                if !state.groups.contains_key(g) {
+                    return Err(Error::NotFound(format!("skill group {g}")));
+                }
+            }
+            Ok((Reply::Done, vec![Event::OperatorUpserted(config.clone())]))
+        }
+        Command::UpsertChannel(config) => {
+            if !state.groups.contains_key(&config.default_group) {
+                return Err(Error::NotFound(format!("skill group {}", config.default_group)));
+            }
+            Ok((Reply::Done, vec![Event::ChannelUpserted(config.clone())]))
+        }
+        Command::UpsertUser(user) => {
+            if let Some(op) = &user.operator {
+                operator(op)?;
+            }
+            Ok((Reply::Done, vec![Event::UserUpserted(user.clone())]))
+        }
+        Command::StartConversation { channel, group, visitor } => {
+            let channel_config = state.channels.get(channel).ok_or(Error::NotFound(format!("channel {channel}")))?;
+            let group = group.clone().unwrap_or_else(|| channel_config.default_group.clone());
+            if !state.groups.contains_key(&group) {
+                return Err(Error::NotFound(format!("skill group {group}")));
+            }
+            let conv = ConversationId(state.next_conversation);
+            Ok((
+                Reply::Started { conversation: conv },
+                vec![
+                    Event::ConversationStarted { conversation: conv, channel: channel.clone(), visitor: visitor.clone() },
+                    Event::ConversationQueued { conversation: conv, group, ticket: state.next_ticket },
+                ],
+            ))
+        }
+        Command::PostClientMessage { conversation: conv_id, key, text } => {
+            check_key(key)?;
+            let conv = conversation(conv_id)?;
+            if let Some(seq) = conv.keys.get(key) {
+                return Ok((Reply::Message { seq: *seq, duplicate: true }, vec![]));
+            }
+            if conv.status == ConversationStatus::Closed {
+                return Err(Error::Closed(*conv_id));
+            }
+            check_text(text)?;
+            let seq = conv.last_seq() + 1;
+            Ok((
+                Reply::Message { seq, duplicate: false },
+                vec![Event::ClientMessagePosted { conversation: *conv_id, key: key.clone(), text: text.clone() }],
+            ))
+        }
+        Command::CloseByClient { conversation: conv_id } => {
+            let conv = conversation(conv_id)?;
+            if conv.status == ConversationStatus::Closed {
+                return Ok((Reply::Done, vec![]));
+            }
+            let mut events = withdraw_pending(state, conv_id, WithdrawReason::ConversationClosed);
+            events.push(Event::ConversationClosed { conversation: *conv_id, by: Closer::Client, resolution: String::new() });
+            Ok((Reply::Done, events))
+        }
+        Command::Rate { conversation: conv_id, score, comment } => {
+            let conv = conversation(conv_id)?;
+            if conv.status != ConversationStatus::Closed {
+                return Err(Error::Invalid("a conversation can be rated once it is closed".into()));
+            }
+            if !(1..=5).contains(score) {
+                return Err(Error::Invalid("score must be 1 to 5".into()));
+            }
+            if comment.chars().count() > MAX_TEXT_CHARS {
+                return Err(Error::TooLong { limit: MAX_TEXT_CHARS, actual: comment.chars().count() });
+            }
+            if conv.history.iter().any(|e| matches!(e.item, crate::state::HistoryItem::Rated { .. })) {
+                return Err(Error::Invalid("conversation already rated".into()));
+            }
+            Ok((Reply::Done, vec![Event::ConversationRated { conversation: *conv_id, score: *score, comment: comment.clone() }]))
+        }
+        Command::SetPresence { operator: op_id, presence } => {
+            let op = operator(op_id)?;
+            if op.presence == *presence {
+                return Ok((Reply::Done, vec![]));
+            }
+            let mut events = Vec::new();
+            if *presence != Presence::Online {
+                for offer in &op.offers {
+                    events.push(Event::OfferWithdrawn {
+                        offer: *offer,
+                        reason: WithdrawReason::OperatorUnavailable,
+                        detail: format!("operator went {presence:?}").to_lowercase(),
+                    });
+                }
+            }
+            events.push(Event::PresenceChanged { operator: op_id.clone(), presence: *presence });
+            Ok((Reply::Done, events))
+        }
+        Command::AcceptOffer { operator: op_id, offer } => {
+            let pending = state.offers.get(offer).ok_or(Error::OfferGone(*offer))?;
+            if &pending.operator != op_id {
+                return Err(Error::OfferGone(*offer));
+            }
+            Ok((
+                Reply::Done,
+                vec![
+                    Event::OfferAccepted { offer: *offer },
+                    Event::ConversationAssigned { conversation: pending.conversation, operator: op_id.clone() },
+                ],
+            ))
+        }
+        Command::DeclineOffer { operator: op_id, offer, reason } => {
+            let pending = state.offers.get(offer).ok_or(Error::OfferGone(*offer))?;
+            if &pending.operator != op_id {
+                return Err(Error::OfferGone(*offer));
+            }
+            Ok((Reply::Done, vec![Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::Declined, detail: reason.clone() }]))
+        }
+        Command::ExpireOffer { offer } => {
+            let Some(pending) = state.offers.get(offer) else {
+                // Answered before the timer fired: nothing to do, and not an error.
+                return Ok((Reply::Done, vec![]));
+            };
+            if now < pending.deadline {
+                return Err(Error::NotDue(*offer));
+            }
+            Ok((Reply::Done, vec![Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::Expired, detail: String::new() }]))
+        }
+        Command::PostOperatorMessage { operator: op_id, conversation: conv_id, key, text } => {
+            check_key(key)?;
+            let conv = conversation(conv_id)?;
+            if let Some(seq) = conv.keys.get(key) {
+                return Ok((Reply::Message { seq: *seq, duplicate: true }, vec![]));
+            }
+            held_by(conv_id, op_id)?;
+            check_text(text)?;
+            Ok((
+                Reply::Message { seq: conv.last_seq() + 1, duplicate: false },
+                vec![Event::OperatorMessagePosted { conversation: *conv_id, operator: op_id.clone(), key: key.clone(), text: text.clone() }],
+            ))
+        }
+        Command::Transfer { operator: op_id, conversation: conv_id, target, comment } => {
+            held_by(conv_id, op_id)?;
+            if comment.chars().count() > MAX_TEXT_CHARS {
+                return Err(Error::TooLong { limit: MAX_TEXT_CHARS, actual: comment.chars().count() });
+            }
+            let transferred = Event::ConversationTransferred {
+                conversation: *conv_id,
+                from: op_id.clone(),
+                to: target.clone(),
+                comment: comment.clone(),
+            };
+            match target {
+                TransferTarget::Operator(to) => {
+                    let to_op = operator(to)?;
+                    if to == op_id {
+                        return Err(Error::Invalid("cannot transfer to yourself".into()));
+                    }
+                    if to_op.presence == Presence::Offline {
+                        return Err(Error::Unavailable(format!("operator {to} is offline")));
+                    }
+                    if to_op.free_capacity() == 0 {
+                        return Err(Error::CapacityExceeded(to.clone()));
+                    }
+                    Ok((
+                        Reply::Done,
+                        vec![transferred, Event::ConversationAssigned { conversation: *conv_id, operator: to.clone() }],
+                    ))
+                }
+                TransferTarget::Group(group) => {
+                    if !state.groups.contains_key(group) {
+                        return Err(Error::NotFound(format!("skill group {group}")));
+                    }
+                    Ok((
+                        Reply::Done,
+                        vec![
+                            transferred,
+                            Event::ConversationQueued { conversation: *conv_id, group: group.clone(), ticket: state.next_ticket },
+                        ],
+                    ))
+                }
+            }
+        }
+        Command::CloseByOperator { operator: op_id, conversation: conv_id, resolution } => {
+            held_by(conv_id, op_id)?;
+            if resolution.chars().count() > MAX_TEXT_CHARS {
+                return Err(Error::TooLong { limit: MAX_TEXT_CHARS, actual: resolution.chars().count() });
+            }
+            Ok((
+                Reply::Done,
+                vec![Event::ConversationClosed { conversation: *conv_id, by: Closer::Operator, resolution: resolution.clone() }],
+            ))
+        }
+    }
+}
+
+fn withdraw_pending(state: &ShardState, conv_id: &ConversationId, reason: WithdrawReason) -> Vec<Event> {
+    match state.conversations.get(conv_id).map(|c| &c.status) {
+        Some(ConversationStatus::Queued { offer: Some(offer), .. }) => {
+            vec![Event::OfferWithdrawn { offer: *offer, reason, detail: String::new() }]
+        }
+        _ => vec![],
+    }
+}

@@ -1,0 +1,373 @@
+//! Identifiers, configuration records and the commands and events of a shard.
+//!
+//! Commands are imperative requests (`AcceptOffer`); events are past-tense facts
+//! (`OfferAccepted`). Both are serialized into Raft entries, so every enum here is part
+//! of the storage format: add variants at the end and never reuse a removed name.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch. The core never reads a clock: the proposer stamps
+/// each entry and that stamp is the only "now" the core sees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    pub fn plus_ms(self, ms: u64) -> Timestamp {
+        Timestamp(self.0.saturating_add(ms))
+    }
+
+    pub fn millis_since(self, earlier: Timestamp) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl $name {
+            pub fn new(id: impl Into<String>) -> Self {
+                Self(id.into())
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// An operator, as configured by an admin (`alice`).
+    OperatorId
+);
+string_id!(
+    /// A skill group: a queue plus the operators qualified for it (`billing`).
+    SkillGroupId
+);
+string_id!(
+    /// A configured channel (`web`, `telegram-main`).
+    ChannelId
+);
+
+/// A conversation, numbered by the shard that owns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ConversationId(pub u64);
+
+impl fmt::Display for ConversationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "c{}", self.0)
+    }
+}
+
+/// An offer of one conversation to one operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct OfferId(pub u64);
+
+impl fmt::Display for OfferId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "o{}", self.0)
+    }
+}
+
+/// How a skill group chooses among its eligible operators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// The operator whose last assignment (or going online) is oldest.
+    LongestIdle,
+    /// The operator with the lowest load relative to capacity; ties go to the longest idle.
+    LeastOccupied,
+}
+
+impl Policy {
+    /// Bumped whenever a selector's scoring changes, so a stored decision record says
+    /// which rules produced it.
+    pub const VERSION: u32 = 1;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::LongestIdle => "longest_idle",
+            Policy::LeastOccupied => "least_occupied",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkillGroupConfig {
+    pub id: SkillGroupId,
+    pub name: String,
+    pub policy: Policy,
+    /// How long an operator has to accept an offer before it passes to the next one.
+    pub offer_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorConfig {
+    pub id: OperatorId,
+    pub name: String,
+    /// Maximum concurrent conversations, counting offers not yet answered.
+    pub capacity: u32,
+    pub groups: Vec<SkillGroupId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelConfig {
+    pub id: ChannelId,
+    /// The adapter kind: `web`, `telegram`, `email`, `api`…
+    pub kind: String,
+    pub name: String,
+    /// Where conversations from this channel queue unless the client asks for a group.
+    pub default_group: SkillGroupId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Operator,
+    Supervisor,
+    Admin,
+}
+
+/// A login. The password is stored only as an argon2 PHC string.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub login: String,
+    pub password_hash: String,
+    pub role: Role,
+    pub operator: Option<OperatorId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Presence {
+    Online,
+    Away,
+    Offline,
+}
+
+/// What the client told us about themselves when the conversation started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Visitor {
+    pub name: String,
+    /// Free-form identity attributes (email, phone, customer number…).
+    pub attributes: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferTarget {
+    Operator(OperatorId),
+    Group(SkillGroupId),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Closer {
+    Client,
+    Operator,
+}
+
+/// Why an offer stopped being pending without being accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WithdrawReason {
+    Declined,
+    Expired,
+    ConversationClosed,
+    OperatorUnavailable,
+}
+
+/// An imperative request to a shard. The proposer stamps it into an [`Envelope`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    UpsertSkillGroup(SkillGroupConfig),
+    UpsertOperator(OperatorConfig),
+    UpsertChannel(ChannelConfig),
+    UpsertUser(UserRecord),
+    StartConversation {
+        channel: ChannelId,
+        group: Option<SkillGroupId>,
+        visitor: Visitor,
+    },
+    PostClientMessage {
+        conversation: ConversationId,
+        key: String,
+        text: String,
+    },
+    CloseByClient {
+        conversation: ConversationId,
+    },
+    Rate {
+        conversation: ConversationId,
+        score: u8,
+        comment: String,
+    },
+    SetPresence {
+        operator: OperatorId,
+        presence: Presence,
+    },
+    AcceptOffer {
+        operator: OperatorId,
+        offer: OfferId,
+    },
+    DeclineOffer {
+        operator: OperatorId,
+        offer: OfferId,
+        reason: String,
+    },
+    /// Sent by the operator actor's timer when an offer's deadline passes.
+    ExpireOffer {
+        offer: OfferId,
+    },
+    PostOperatorMessage {
+        operator: OperatorId,
+        conversation: ConversationId,
+        key: String,
+        text: String,
+    },
+    Transfer {
+        operator: OperatorId,
+        conversation: ConversationId,
+        target: TransferTarget,
+        comment: String,
+    },
+    CloseByOperator {
+        operator: OperatorId,
+        conversation: ConversationId,
+        resolution: String,
+    },
+}
+
+/// What is written to the Raft log: a command and the proposer's clock.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Storage format version of this entry.
+    pub v: u16,
+    pub at: Timestamp,
+    pub command: Command,
+}
+
+impl Envelope {
+    pub const VERSION: u16 = 1;
+
+    pub fn new(at: Timestamp, command: Command) -> Self {
+        Envelope { v: Self::VERSION, at, command }
+    }
+}
+
+/// A pending offer: the operator's capacity is reserved until it is answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    pub id: OfferId,
+    pub conversation: ConversationId,
+    pub operator: OperatorId,
+    pub group: SkillGroupId,
+    pub made_at: Timestamp,
+    pub deadline: Timestamp,
+}
+
+/// One operator as the selector saw it when it made a decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub operator: OperatorId,
+    pub load: u32,
+    pub capacity: u32,
+    /// Why the operator could not be chosen; `None` for an eligible one.
+    pub excluded: Option<String>,
+    /// Higher is better; only eligible candidates are scored.
+    pub score: Option<i64>,
+}
+
+/// "Why did she get this chat?": everything the selector saw and concluded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub offer: OfferId,
+    pub conversation: ConversationId,
+    pub group: SkillGroupId,
+    pub policy: Policy,
+    pub policy_version: u32,
+    pub at: Timestamp,
+    pub candidates: Vec<Candidate>,
+    pub chosen: OperatorId,
+}
+
+/// A committed fact. The state changes only by applying these.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    SkillGroupUpserted(SkillGroupConfig),
+    OperatorUpserted(OperatorConfig),
+    ChannelUpserted(ChannelConfig),
+    UserUpserted(UserRecord),
+    ConversationStarted {
+        conversation: ConversationId,
+        channel: ChannelId,
+        visitor: Visitor,
+    },
+    ConversationQueued {
+        conversation: ConversationId,
+        group: SkillGroupId,
+        ticket: u64,
+    },
+    ClientMessagePosted {
+        conversation: ConversationId,
+        key: String,
+        text: String,
+    },
+    OperatorMessagePosted {
+        conversation: ConversationId,
+        operator: OperatorId,
+        key: String,
+        text: String,
+    },
+    OfferMade {
+        offer: Offer,
+        decision: DecisionRecord,
+    },
+    OfferAccepted {
+        offer: OfferId,
+    },
+    OfferWithdrawn {
+        offer: OfferId,
+        reason: WithdrawReason,
+        detail: String,
+    },
+    ConversationAssigned {
+        conversation: ConversationId,
+        operator: OperatorId,
+    },
+    ConversationTransferred {
+        conversation: ConversationId,
+        from: OperatorId,
+        to: TransferTarget,
+        comment: String,
+    },
+    ConversationClosed {
+        conversation: ConversationId,
+        by: Closer,
+        resolution: String,
+    },
+    ConversationRated {
+        conversation: ConversationId,
+        score: u8,
+        comment: String,
+    },
+    PresenceChanged {
+        operator: OperatorId,
+        presence: Presence,
+    },
+}

@@ -1,0 +1,155 @@
+//! Operator selection as small named stages: eligibility -> capacity -> selector.
+//!
+//! Architecture invariant: a pure function of the state it is given and the time passed
+//! in. It decides nothing about offers already made and never mutates state; the core
+//! turns its answer into an `OfferMade` event.
+
+use crate::model::*;
+use crate::state::{Conversation, Operator, ShardState, SkillGroup};
+
+/// The outcome of selecting for one conversation: the chosen operator (if any) and the
+/// full candidate table that explains the choice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    pub chosen: Option<OperatorId>,
+    pub candidates: Vec<Candidate>,
+}
+
+/// Scores every operator of the group for `conversation` under the group's policy.
+pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Conversation, now: Timestamp) -> Selection {
+    let mut candidates: Vec<Candidate> = state
+        .operators
+        .values()
+        .filter(|op| op.config.groups.contains(&group.config.id))
+        .map(|op| {
+            let excluded = exclusion(op, conversation);
+            let score = match excluded {
+                None => Some(score(group.config.policy, op, now)),
+                Some(_) => None,
+            };
+            Candidate {
+                operator: op.config.id.clone(),
+                load: op.load(),
+                capacity: op.config.capacity,
+                excluded: excluded.map(str::to_owned),
+                score,
+            }
+        })
+        .collect();
+    // Best first; equal scores fall back to the id so every replica picks the same one.
+    candidates.sort_by(|a, b| b.score.cmp(&a.score).then_with(|| a.operator.cmp(&b.operator)));
+    let chosen = candidates.iter().find(|c| c.score.is_some()).map(|c| c.operator.clone());
+    Selection { chosen, candidates }
+}
+
+/// Eligibility and capacity stages: why this operator cannot take the conversation.
+fn exclusion(op: &Operator, conversation: &Conversation) -> Option<&'static str> {
+    if op.presence != Presence::Online {
+        return Some(match op.presence {
+            Presence::Away => "away",
+            _ => "offline",
+        });
+    }
+    if conversation.passed_by.contains(&op.config.id) {
+        return Some("passed on this conversation");
+    }
+    if op.free_capacity() == 0 {
+        return Some("at capacity");
+    }
+    None
+}
+
+/// Selector stage. Scores are integers so that replicas never disagree on rounding.
+fn score(policy: Policy, op: &Operator, now: Timestamp) -> i64 {
+    let idle_ms = now.millis_since(op.idle_since).min(i64::MAX as u64 / 4) as i64;
+    match policy {
+        Policy::LongestIdle => idle_ms,
+        Policy::LeastOccupied => {
+            // Free share in per-mille dominates; idle time breaks ties within it.
+            let capacity = op.config.capacity.max(1) as i64;
+            let free_permille = (op.free_capacity() as i64 * 1000) / capacity;
+            free_permille * 1_000_000_000_000 + idle_ms.min(999_999_999_999)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Feed;
+    use std::collections::BTreeSet;
+
+    fn operator(id: &str, capacity: u32, active: u64, idle_since: u64, presence: Presence) -> Operator {
+        Operator {
+            config: OperatorConfig { id: OperatorId::new(id), name: id.into(), capacity, groups: vec![SkillGroupId::new("g")] },
+            presence,
+            presence_since: Timestamp(0),
+            idle_since: Timestamp(idle_since),
+            active: (0..active).map(ConversationId).collect(),
+            offers: BTreeSet::new(),
+            feed: Feed::default(),
+        }
+    }
+
+    fn setup(policy: Policy, ops: Vec<Operator>) -> (ShardState, SkillGroup, Conversation) {
+        let mut state = ShardState::default();
+        for op in ops {
+            state.operators.insert(op.config.id.clone(), op);
+        }
+        let group = SkillGroup {
+            config: SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy, offer_timeout_ms: 1000 },
+            queue: BTreeSet::new(),
+        };
+        let conv = Conversation {
+            id: ConversationId(100),
+            channel: ChannelId::new("web"),
+            visitor: Visitor::default(),
+            group: SkillGroupId::new("g"),
+            status: crate::state::ConversationStatus::Queued { ticket: 0, offer: None },
+            created_at: Timestamp(0),
+            history: vec![],
+            keys: Default::default(),
+            passed_by: Default::default(),
+            decisions: vec![],
+            handled_by: Default::default(),
+        };
+        (state, group, conv)
+    }
+
+    #[test]
+    fn longest_idle_prefers_the_oldest_idle_stretch() {
+        let (state, group, conv) = setup(
+            Policy::LongestIdle,
+            vec![operator("a", 2, 0, 500, Presence::Online), operator("b", 2, 1, 100, Presence::Online)],
+        );
+        let sel = select_operator(&state, &group, &conv, Timestamp(1000));
+        assert_eq!(sel.chosen, Some(OperatorId::new("b")));
+    }
+
+    #[test]
+    fn least_occupied_prefers_free_share_over_idle_time() {
+        let (state, group, conv) = setup(
+            Policy::LeastOccupied,
+            vec![operator("a", 2, 0, 900, Presence::Online), operator("b", 2, 1, 100, Presence::Online)],
+        );
+        let sel = select_operator(&state, &group, &conv, Timestamp(1000));
+        assert_eq!(sel.chosen, Some(OperatorId::new("a")));
+    }
+
+    #[test]
+    fn away_full_and_passed_operators_are_excluded_with_reasons() {
+        let (state, group, mut conv) = setup(
+            Policy::LongestIdle,
+            vec![
+                operator("away", 2, 0, 0, Presence::Away),
+                operator("full", 1, 1, 0, Presence::Online),
+                operator("passed", 2, 0, 0, Presence::Online),
+            ],
+        );
+        conv.passed_by.insert(OperatorId::new("passed"));
+        let sel = select_operator(&state, &group, &conv, Timestamp(1000));
+        assert_eq!(sel.chosen, None);
+        let reasons: Vec<_> = sel.candidates.iter().map(|c| c.excluded.clone().unwrap_or_default()).collect();
+        assert_eq!(reasons, vec!["away", "at capacity", "passed on this conversation"]);
+    }
+}

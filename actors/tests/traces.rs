@@ -1,0 +1,196 @@
+//! Routing decisions as readable traces. Each file in `tests/traces/` holds a fixture
+//! (commands, one a line) and, after a `----` line, the exact trace the core must
+//! produce. `SWITCHBOARD_BLESS=1 cargo test -p switchboard-actors --test traces`
+//! rewrites the expectations after a deliberate change; review the diff.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use switchboard_actors::core::{handle, Reply};
+use switchboard_actors::model::*;
+use switchboard_actors::state::ShardState;
+
+const SEPARATOR: &str = "----";
+
+fn words(line: &str) -> Vec<String> {
+    // Splits on spaces, keeping "quoted text" together.
+    let mut out = Vec::new();
+    let mut rest = line.trim();
+    while !rest.is_empty() {
+        if let Some(stripped) = rest.strip_prefix('"') {
+            let end = stripped.find('"').expect("closing quote");
+            out.push(stripped[..end].to_string());
+            rest = stripped[end + 1..].trim_start();
+        } else {
+            let end = rest.find(' ').unwrap_or(rest.len());
+            out.push(rest[..end].to_string());
+            rest = rest[end..].trim_start();
+        }
+    }
+    out
+}
+
+fn conv(word: &str) -> ConversationId {
+    ConversationId(word.trim_start_matches('c').parse().expect("conversation id like c0"))
+}
+
+fn offer(word: &str) -> OfferId {
+    OfferId(word.trim_start_matches('o').parse().expect("offer id like o0"))
+}
+
+fn parse(line: &str) -> (Timestamp, Command) {
+    let w = words(line);
+    let at = Timestamp(w[0].trim_start_matches('@').parse().expect("@time"));
+    let a = |i: usize| w.get(i).cloned().unwrap_or_default();
+    let op = |i: usize| OperatorId::new(a(i));
+    let command = match a(1).as_str() {
+        "group" => Command::UpsertSkillGroup(SkillGroupConfig {
+            id: SkillGroupId::new(a(2)),
+            name: a(2),
+            policy: if a(3) == "least_occupied" { Policy::LeastOccupied } else { Policy::LongestIdle },
+            offer_timeout_ms: a(4).parse().expect("timeout"),
+        }),
+        "operator" => Command::UpsertOperator(OperatorConfig {
+            id: op(2),
+            name: a(2),
+            capacity: a(3).parse().expect("capacity"),
+            groups: w[4..].iter().map(SkillGroupId::new).collect(),
+        }),
+        "channel" => Command::UpsertChannel(ChannelConfig {
+            id: ChannelId::new(a(2)),
+            kind: "web".into(),
+            name: a(2),
+            default_group: SkillGroupId::new(a(3)),
+        }),
+        "start" => Command::StartConversation {
+            channel: ChannelId::new(a(2)),
+            group: w.get(3).map(SkillGroupId::new),
+            visitor: Visitor { name: "Visitor".into(), attributes: vec![] },
+        },
+        "presence" => Command::SetPresence {
+            operator: op(2),
+            presence: match a(3).as_str() {
+                "online" => Presence::Online,
+                "away" => Presence::Away,
+                _ => Presence::Offline,
+            },
+        },
+        "client" => Command::PostClientMessage { conversation: conv(&a(2)), key: a(3), text: a(4) },
+        "client-close" => Command::CloseByClient { conversation: conv(&a(2)) },
+        "rate" => Command::Rate { conversation: conv(&a(2)), score: a(3).parse().expect("score"), comment: a(4) },
+        "accept" => Command::AcceptOffer { operator: op(2), offer: offer(&a(3)) },
+        "decline" => Command::DeclineOffer { operator: op(2), offer: offer(&a(3)), reason: a(4) },
+        "expire" => Command::ExpireOffer { offer: offer(&a(2)) },
+        "say" => Command::PostOperatorMessage { operator: op(2), conversation: conv(&a(3)), key: a(4), text: a(5) },
+        "transfer" => Command::Transfer {
+            operator: op(2),
+            conversation: conv(&a(3)),
+            target: if a(4) == "group" { TransferTarget::Group(SkillGroupId::new(a(5))) } else { TransferTarget::Operator(op(5)) },
+            comment: a(6),
+        },
+        "close" => Command::CloseByOperator { operator: op(2), conversation: conv(&a(3)), resolution: a(4) },
+        other => panic!("unknown fixture command {other:?} in {line:?}"),
+    };
+    (at, command)
+}
+
+fn render(event: &Event) -> String {
+    match event {
+        Event::SkillGroupUpserted(_) | Event::OperatorUpserted(_) | Event::ChannelUpserted(_) | Event::UserUpserted(_) => {
+            "config".into()
+        }
+        Event::ConversationStarted { conversation, .. } => format!("started {conversation}"),
+        Event::ConversationQueued { conversation, group, ticket } => format!("queued {conversation} in {group} at #{ticket}"),
+        Event::ClientMessagePosted { conversation, text, .. } => format!("client says {text:?} in {conversation}"),
+        Event::OperatorMessagePosted { conversation, operator, text, .. } => format!("{operator} says {text:?} in {conversation}"),
+        Event::OfferMade { offer, decision } => {
+            let mut table = String::new();
+            for c in &decision.candidates {
+                let _ = match (&c.score, &c.excluded) {
+                    (Some(score), _) => write!(table, " {}={}", c.operator, score),
+                    (None, Some(why)) => write!(table, " {}:{}", c.operator, why.replace(' ', "-")),
+                    (None, None) => Ok(()),
+                };
+            }
+            format!(
+                "offer {} of {} to {} until @{} [{}{}]",
+                offer.id,
+                offer.conversation,
+                offer.operator,
+                offer.deadline.0,
+                decision.policy.name(),
+                table
+            )
+        }
+        Event::OfferAccepted { offer } => format!("accepted {offer}"),
+        Event::OfferWithdrawn { offer, reason, .. } => format!("withdrawn {offer} ({reason:?})"),
+        Event::ConversationAssigned { conversation, operator } => format!("assigned {conversation} to {operator}"),
+        Event::ConversationTransferred { conversation, from, to, comment } => {
+            format!("transferred {conversation} from {from} to {to:?} {comment:?}")
+        }
+        Event::ConversationClosed { conversation, by, .. } => format!("closed {conversation} by {by:?}"),
+        Event::ConversationRated { conversation, score, .. } => format!("rated {conversation} {score}"),
+        Event::PresenceChanged { operator, presence } => format!("{operator} is {presence:?}"),
+    }
+}
+
+fn run(fixture: &str) -> String {
+    let mut state = ShardState::default();
+    let mut trace = String::new();
+    for line in fixture.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (at, command) = parse(line);
+        let _ = writeln!(trace, "> {line}");
+        match handle(&mut state, &Envelope::new(at, command)) {
+            Ok((reply, outcome)) => {
+                for event in &outcome.events {
+                    let rendered = render(event);
+                    if rendered != "config" {
+                        let _ = writeln!(trace, "  {rendered}");
+                    }
+                }
+                if let Reply::Message { duplicate: true, seq } = reply {
+                    let _ = writeln!(trace, "  duplicate of #{seq}");
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(trace, "  refused: {e}");
+            }
+        }
+    }
+    // Invariants I2 and I3 after every fixture.
+    for op in state.operators.values() {
+        assert!(op.load() <= op.config.capacity, "{} over capacity", op.config.id);
+    }
+    let mut holders = std::collections::BTreeMap::new();
+    for op in state.operators.values() {
+        for c in &op.active {
+            assert!(holders.insert(*c, op.config.id.clone()).is_none(), "{c} assigned twice");
+        }
+    }
+    trace
+}
+
+#[test]
+fn routing_traces() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/traces");
+    let bless = std::env::var_os("SWITCHBOARD_BLESS").is_some();
+    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("traces dir").map(|e| e.expect("entry").path()).collect();
+    files.sort();
+    assert!(!files.is_empty(), "no trace fixtures found");
+    let mut failures = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(&path).expect("read fixture");
+        let (fixture, expected) = text.split_once(&format!("\n{SEPARATOR}\n")).unwrap_or((&text, ""));
+        let actual = run(fixture);
+        if bless {
+            std::fs::write(&path, format!("{}\n{SEPARATOR}\n{actual}", fixture.trim_end())).expect("write fixture");
+        } else if actual != expected {
+            failures.push(format!("{}:\n--- expected\n{expected}\n--- actual\n{actual}", path.display()));
+        }
+    }
+    assert!(failures.is_empty(), "trace mismatch (SWITCHBOARD_BLESS=1 to update):\n{}", failures.join("\n"));
+}
