@@ -1,0 +1,329 @@
+//! openraft storage on sled: a log store and a state machine wrapper per Raft group.
+//!
+//! Architecture invariant: a log append is reported durable to openraft only after
+//! `flush_async` has returned; sled's own 500 ms background sync is never relied upon.
+//! The state machine lives in memory and is rebuilt on start from the last snapshot
+//! plus the committed log, which `save_committed` makes possible.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::{Machine, NodeId, Node, Response, TypeConfig};
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::error::DecodeError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(v, _)| v)
+}
+
+/// The sled trees one group uses, named by group id so groups share one database.
+#[derive(Clone)]
+struct Trees {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Trees {
+    fn open(db: &sled::Db, group: u64) -> Result<Self, sled::Error> {
+        Ok(Trees {
+            db: db.clone(),
+            log: db.open_tree(format!("g{group}/log"))?,
+            meta: db.open_tree(format!("g{group}/meta"))?,
+        })
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, String> {
+        match self.meta.get(key).map_err(|e| e.to_string())? {
+            Some(bytes) => decode(&bytes).map(Some).map_err(|e| format!("{key}: {e}")),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), String> {
+        let bytes = encode(value).map_err(|e| e.to_string())?;
+        self.meta.insert(key, bytes).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// Opens (or creates) the storage of one group.
+pub fn open_group(
+    db: &sled::Db,
+    group: u64,
+    machine: Arc<dyn Machine>,
+) -> Result<(LogStore, StateMachineStore), crate::Error> {
+    let trees = Trees::open(db, group)?;
+    let log = LogStore { trees: trees.clone() };
+    let sm = StateMachineStore::load(trees, machine)?;
+    Ok((log, sm))
+}
+
+/// The Raft log of one group: entries keyed by big-endian index, plus vote, committed
+/// and last-purged pointers in the meta tree.
+#[derive(Clone)]
+pub struct LogStore {
+    trees: Trees,
+}
+
+impl LogStore {
+    fn read_range<RB: RangeBounds<u64>>(&self, range: RB) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Some(*i),
+            Bound::Excluded(0) => return Ok(vec![]),
+            Bound::Excluded(i) => Some(i - 1),
+            Bound::Unbounded => None,
+        };
+        let iter = match end {
+            Some(end) if end < start => return Ok(vec![]),
+            Some(end) => self.trees.log.range(start.to_be_bytes()..=end.to_be_bytes()),
+            None => self.trees.log.range(start.to_be_bytes()..),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            let (_, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            let entry: Entry<TypeConfig> = decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        self.read_range(range)
+    }
+}
+
+fn io_err(e: impl ToString) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged: Option<LogId<NodeId>> =
+            self.trees.get_meta("last_purged").map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
+        let last = match self.trees.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
+            Some((_, value)) => {
+                let entry: Entry<TypeConfig> = decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+                Some(entry.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.trees.put_meta("vote", vote).map_err(|e| StorageIOError::write_vote(&io_err(e)))?;
+        self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        Ok(self.trees.get_meta("vote").map_err(|e| StorageIOError::read_vote(&io_err(e)))?)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        // Not flushed here: a lost committed pointer only means re-applying from the
+        // snapshot up to a smaller index, which the next leader contact completes.
+        self.trees.put_meta("committed", &committed).map_err(|e| StorageIOError::write(&io_err(e)))?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        let committed: Option<Option<LogId<NodeId>>> =
+            self.trees.get_meta("committed").map_err(|e| StorageIOError::read(&io_err(e)))?;
+        Ok(committed.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = encode(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
+            batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
+        }
+        self.trees.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        // Durable before we say so: this is the acknowledgement every client ack rests on.
+        let flushed = self.trees.db.flush_async().await.map(|_| ()).map_err(io_err);
+        callback.log_io_completed(flushed);
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let keys: Vec<_> = self
+            .trees
+            .log
+            .range(log_id.index.to_be_bytes()..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key);
+        }
+        self.trees.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Record the pointer first so a crash mid-purge never leaves a hole unexplained.
+        self.trees.put_meta("last_purged", &log_id).map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
+        self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        let keys: Vec<_> = self
+            .trees
+            .log
+            .range(..=log_id.index.to_be_bytes())
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key);
+        }
+        self.trees.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, Node>,
+    data: Vec<u8>,
+}
+
+struct SmInner {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, Node>,
+    snapshot_seq: u64,
+}
+
+/// Applies committed entries to the application's [`Machine`] and keeps its snapshots.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    trees: Trees,
+    machine: Arc<dyn Machine>,
+    inner: Arc<Mutex<SmInner>>,
+}
+
+impl StateMachineStore {
+    fn load(trees: Trees, machine: Arc<dyn Machine>) -> Result<Self, crate::Error> {
+        let snapshot: Option<StoredSnapshot> = trees.get_meta("snapshot").map_err(crate::Error::Storage)?;
+        let mut inner = SmInner { last_applied: None, membership: StoredMembership::default(), snapshot_seq: 0 };
+        machine.reset();
+        if let Some(snapshot) = snapshot {
+            machine.restore(&snapshot.data).map_err(crate::Error::Storage)?;
+            inner.last_applied = snapshot.meta.last_log_id;
+            inner.membership = snapshot.meta.last_membership.clone();
+        }
+        Ok(StateMachineStore { trees, machine, inner: Arc::new(Mutex::new(inner)) })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let mut inner = self.inner.lock().await;
+        let data = self.machine.snapshot().map_err(|e| StorageIOError::read_state_machine(&io_err(e)))?;
+        inner.snapshot_seq += 1;
+        let snapshot_id = match inner.last_applied {
+            Some(last) => format!("{}-{}-{}", last.leader_id, last.index, inner.snapshot_seq),
+            None => format!("--{}", inner.snapshot_seq),
+        };
+        let meta = SnapshotMeta { last_log_id: inner.last_applied, last_membership: inner.membership.clone(), snapshot_id };
+        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        self.trees.put_meta("snapshot", &stored).map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?;
+        self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>)> {
+        let inner = self.inner.lock().await;
+        Ok((inner.last_applied, inner.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut inner = self.inner.lock().await;
+        let mut responses = Vec::new();
+        for entry in entries {
+            inner.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Response(Vec::new())),
+                EntryPayload::Normal(request) => {
+                    responses.push(Response(self.machine.apply(entry.log_id.index, &request.0)));
+                }
+                EntryPayload::Membership(membership) => {
+                    inner.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    responses.push(Response(Vec::new()));
+                }
+            }
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, Node>, snapshot: Box<Cursor<Vec<u8>>>) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        let mut inner = self.inner.lock().await;
+        self.machine.restore(&data).map_err(|e| StorageIOError::write_state_machine(&io_err(e)))?;
+        inner.last_applied = meta.last_log_id;
+        inner.membership = meta.last_membership.clone();
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        self.trees.put_meta("snapshot", &stored).map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?;
+        self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let stored: Option<StoredSnapshot> =
+            self.trees.get_meta("snapshot").map_err(|e| StorageIOError::read_snapshot(None, &io_err(e)))?;
+        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}

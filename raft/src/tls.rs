@@ -1,0 +1,166 @@
+//! The cluster CA and node certificates, and the rustls configurations built on them.
+//!
+//! Every node-to-node and gateway-to-node connection is mutual TLS 1.3: each side shows
+//! a certificate signed by the cluster CA. rustls always gets the ring provider
+//! explicitly, so a second provider elsewhere in the build can never be picked by accident.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::Error;
+
+/// The DNS name every node certificate carries, and clients verify.
+pub const NODE_SERVER_NAME: &str = "switchboard-node";
+/// ALPN of the node protocol.
+pub const ALPN: &[u8] = b"switchboard/1";
+
+const CA_CERT: &str = "ca.pem";
+const CA_KEY: &str = "ca.key";
+
+fn ca_params() -> Result<CertificateParams, Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "Switchboard cluster CA");
+    dn.push(DnType::OrganizationName, "Switchboard");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    Ok(params)
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), Error> {
+    std::fs::write(path, contents)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// Creates the cluster CA in `dir` unless one is already there.
+pub fn ensure_ca(dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir)?;
+    if dir.join(CA_CERT).exists() && dir.join(CA_KEY).exists() {
+        return Ok(());
+    }
+    let key = KeyPair::generate()?;
+    let cert = ca_params()?.self_signed(&key)?;
+    write_private(&dir.join(CA_KEY), &key.serialize_pem())?;
+    std::fs::write(dir.join(CA_CERT), cert.pem())?;
+    Ok(())
+}
+
+/// Paths of one member's certificate and key.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Issues a certificate for `name` (a node or gateway) signed by the CA in `dir`,
+/// unless it already exists. Returns where it is.
+pub fn ensure_member(dir: &Path, name: &str, extra_names: &[String]) -> Result<Identity, Error> {
+    ensure_ca(dir)?;
+    let identity = Identity {
+        ca: dir.join(CA_CERT),
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}.key")),
+    };
+    if identity.cert.exists() && identity.key.exists() {
+        return Ok(identity);
+    }
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(dir.join(CA_KEY))?)?;
+    // Re-created from the same parameters and key: the issuer name and key identifier
+    // match the stored CA certificate, which is all a signature needs.
+    let ca = ca_params()?.self_signed(&ca_key)?;
+    let mut names = vec![NODE_SERVER_NAME.to_string(), "localhost".to_string(), name.to_string()];
+    names.extend(extra_names.iter().cloned());
+    let mut params = CertificateParams::new(names)?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &ca, &ca_key)?;
+    write_private(&identity.key, &key.serialize_pem())?;
+    std::fs::write(&identity.cert, cert.pem())?;
+    Ok(identity)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+struct Loaded {
+    roots: Arc<rustls::RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn load(identity: &Identity) -> Result<Loaded, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&identity.ca).map_err(|e| Error::Tls(format!("{}: {e}", identity.ca.display())))? {
+        let cert = cert.map_err(|e| Error::Tls(e.to_string()))?;
+        roots.add(cert).map_err(|e| Error::Tls(e.to_string()))?;
+    }
+    let chain = CertificateDer::pem_file_iter(&identity.cert)
+        .map_err(|e| Error::Tls(format!("{}: {e}", identity.cert.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&identity.key).map_err(|e| Error::Tls(format!("{}: {e}", identity.key.display())))?;
+    Ok(Loaded { roots: Arc::new(roots), chain, key })
+}
+
+/// Server side: requires a client certificate from the cluster CA.
+pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, Error> {
+    let loaded = load(identity)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(loaded.roots, provider())
+        .build()
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(loaded.chain, loaded.key)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(1024u32.into());
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Client side: verifies the peer against the cluster CA and shows our certificate.
+pub fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, Error> {
+    let loaded = load(identity)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(loaded.roots)
+        .with_client_auth_cert(loaded.chain, loaded.key)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// A QUIC endpoint that serves and dials with the member's identity.
+pub fn endpoint(identity: &Identity, bind: std::net::SocketAddr) -> Result<quinn::Endpoint, Error> {
+    let mut endpoint = quinn::Endpoint::server(server_config(identity)?, bind)?;
+    endpoint.set_default_client_config(client_config(identity)?);
+    Ok(endpoint)
+}
