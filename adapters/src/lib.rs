@@ -1,1 +1,1 @@
-
+//! Channel adapters.

@@ -1,1 +1,237 @@
+//! Switchboard's edge: two listeners, WebSocket sessions, REST, auth and metrics.
+//!
+//! - *Public* ([`public_router`]): the web chat page and the client WebSocket. Nothing
+//!   administrative is reachable from it.
+//! - *Private* ([`private_router`]): the operator WebSocket, REST for staff, health,
+//!   metrics and the OpenAPI document.
+//!
+//! Architecture invariant: the gateway keeps no durable state. Every change is a
+//! command committed by the [`Backend`]; every frame a socket receives is rendered from
+//! committed state with its stream's sequence number, so a client can reconnect to any
+//! gateway and resume.
 
+pub mod auth;
+pub mod client;
+mod client_ws;
+pub mod frames;
+pub mod metrics;
+mod operator_ws;
+mod rest;
+pub mod ws;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use switchboard_actors::core::Reply;
+use switchboard_actors::model::{Command, ConversationId, OperatorId};
+use switchboard_actors::shard::{Shard, StreamKey, Wakeups};
+use tokio::sync::broadcast;
+
+pub use auth::{Subject, TokenKey};
+pub use ws::Limits;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What the gateway needs from the node that owns the actors: commit commands, read
+/// committed state, and be woken when a stream advances.
+pub trait Backend: Send + Sync + 'static {
+    fn submit(&self, command: Command) -> BoxFuture<Result<Reply, switchboard_actors::Error>>;
+    fn shard(&self) -> Arc<Shard>;
+    fn subscribe(&self, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>>;
+    /// Whether this node can serve writes now (it leads its groups).
+    fn ready(&self) -> bool;
+    /// Node-level metrics in Prometheus text format.
+    fn metrics(&self) -> String;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("unauthorized: {0}")]
+    Unauthorized(&'static str),
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("too many requests")]
+    RateLimited,
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("internal: {0}")]
+    Internal(String),
+    #[error(transparent)]
+    Core(#[from] switchboard_actors::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl GatewayError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            GatewayError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            GatewayError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            GatewayError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            GatewayError::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            GatewayError::Config(_) | GatewayError::Internal(_) | GatewayError::Io(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+            GatewayError::Core(e) => {
+                let status = match e {
+                    switchboard_actors::Error::NotFound(_) => StatusCode::NOT_FOUND,
+                    switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::CONFLICT,
+                };
+                (status, e.code())
+            }
+        }
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        (status, Json(json!({"code": code, "message": self.to_string()}))).into_response()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// Origins allowed to open the client WebSocket (`*` allows any).
+    pub client_origins: Vec<String>,
+    /// Origins allowed to open the operator WebSocket from a browser.
+    pub staff_origins: Vec<String>,
+    pub client_limits: Limits,
+    pub operator_limits: Limits,
+    /// The channel web chat conversations start on.
+    pub web_channel: String,
+}
+
+/// Ephemeral signals (typing) that are not committed: lost on a reconnect by design.
+#[derive(Default)]
+pub struct Signals {
+    conversations: Mutex<HashMap<ConversationId, broadcast::Sender<Value>>>,
+    operators: Mutex<HashMap<OperatorId, broadcast::Sender<Value>>>,
+}
+
+impl Signals {
+    pub fn conversation(&self, id: ConversationId) -> broadcast::Receiver<Value> {
+        let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(id).or_insert_with(|| broadcast::channel(8).0).subscribe()
+    }
+
+    pub fn operator(&self, id: &OperatorId) -> broadcast::Receiver<Value> {
+        let mut map = self.operators.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(id.clone()).or_insert_with(|| broadcast::channel(32).0).subscribe()
+    }
+
+    pub fn to_conversation(&self, id: ConversationId, signal: Value) {
+        if let Some(tx) = self.conversations.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+            let _ = tx.send(signal);
+        }
+    }
+
+    pub fn to_operator(&self, id: &OperatorId, signal: Value) {
+        if let Some(tx) = self.operators.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            let _ = tx.send(signal);
+        }
+    }
+
+    /// Drops a conversation's channel once nobody listens to it.
+    pub fn release_conversation(&self, id: ConversationId) {
+        let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&id).is_some_and(|tx| tx.receiver_count() == 0) {
+            map.remove(&id);
+        }
+    }
+
+    /// Drops an operator's channel once nobody listens to it.
+    pub fn release_operator(&self, id: &OperatorId) {
+        let mut map = self.operators.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(id).is_some_and(|tx| tx.receiver_count() == 0) {
+            map.remove(id);
+        }
+    }
+}
+
+pub struct Gateway {
+    pub backend: Arc<dyn Backend>,
+    pub tokens: TokenKey,
+    pub metrics: Arc<metrics::Metrics>,
+    pub throttle: auth::LoginThrottle,
+    pub signals: Signals,
+    pub config: GatewayConfig,
+}
+
+impl Gateway {
+    pub fn new(backend: Arc<dyn Backend>, tokens: TokenKey, config: GatewayConfig) -> Arc<Self> {
+        Arc::new(Gateway {
+            backend,
+            tokens,
+            metrics: Arc::new(metrics::Metrics::default()),
+            throttle: auth::LoginThrottle::default(),
+            signals: Signals::default(),
+            config,
+        })
+    }
+
+    /// Commits a command, counting and timing it.
+    pub async fn submit(&self, command: Command) -> Result<Reply, switchboard_actors::Error> {
+        let started = Instant::now();
+        let result = self.backend.submit(command).await;
+        match &result {
+            Ok(_) => {
+                self.metrics.commands_committed.fetch_add(1, Relaxed);
+                self.metrics.commit_latency.observe(started.elapsed());
+            }
+            Err(_) => {
+                self.metrics.commands_rejected.fetch_add(1, Relaxed);
+            }
+        }
+        result
+    }
+}
+
+/// Checks a browser's Origin header against an allow-list. Requests without an Origin
+/// come from non-browser clients, which authenticate by other means.
+pub(crate) fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    match headers.get(axum::http::header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(origin) => allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)),
+    }
+}
+
+async fn healthz(axum::extract::State(gw): axum::extract::State<Arc<Gateway>>) -> Response {
+    if gw.backend.ready() {
+        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not_ready"}))).into_response()
+    }
+}
+
+/// The public surface: web chat page and client WebSocket.
+pub fn public_router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/", get(rest::chat_page))
+        .route("/ws/client", get(client_ws::upgrade))
+        .route("/healthz", get(healthz))
+        .with_state(gw)
+}
+
+/// The private surface: operators, supervisors, admins and monitoring.
+pub fn private_router(gw: Arc<Gateway>) -> Router {
+    rest::routes()
+        .route("/ws/operator", get(operator_ws::upgrade))
+        .route("/healthz", get(healthz))
+        .with_state(gw)
+}

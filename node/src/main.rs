@@ -1,1 +1,176 @@
-fn main() {}
+//! `switchboard`: run a node, a local dev cluster, make certificates, or load-test.
+
+mod bench;
+mod demo;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use server::NodeOptions;
+
+#[derive(Parser)]
+#[command(name = "switchboard", version, about = "Clustered real-time routing core for contact centers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// A complete local switchboard on an embedded store, with a demo configuration.
+    Dev(DevArgs),
+    /// Run one node (with its gateway listeners in the same process).
+    Node(NodeArgs),
+    /// Run a standalone gateway (arrives with the multi-node cluster).
+    Gateway(GatewayArgs),
+    /// Create the cluster CA and member certificates.
+    Certs(CertsArgs),
+    /// Drive client and operator sessions over real sockets and report latency.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct Listeners {
+    /// Where the data (sled, certificates, token key) lives.
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+    /// Public listener: web chat page and client WebSocket.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    public_addr: SocketAddr,
+    /// Private listener: operator WebSocket, REST, /metrics, /openapi.json.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    private_addr: SocketAddr,
+    /// QUIC listener for Raft traffic between nodes (mutual TLS).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    raft_addr: SocketAddr,
+    /// Extra origins allowed to open the client WebSocket (a site embedding the chat).
+    #[arg(long = "client-origin")]
+    client_origins: Vec<String>,
+    /// Extra origins allowed to open the operator WebSocket.
+    #[arg(long = "staff-origin")]
+    staff_origins: Vec<String>,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    #[command(flatten)]
+    listeners: Listeners,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    #[command(flatten)]
+    listeners: Listeners,
+    /// This node's id in the cluster.
+    #[arg(long, default_value_t = 1)]
+    node_id: u64,
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    /// Node to attach to over QUIC.
+    #[arg(long)]
+    node: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+struct CertsArgs {
+    /// Folder holding ca.pem / ca.key and the member certificates.
+    #[arg(long, default_value = "./data/certs")]
+    dir: PathBuf,
+    /// Members to issue certificates for (node-1, gateway-a…).
+    #[arg(long = "name", default_values_t = ["node-1".to_string()])]
+    names: Vec<String>,
+    /// Extra DNS names or IPs to put in each certificate.
+    #[arg(long = "san")]
+    sans: Vec<String>,
+}
+
+fn options(listeners: Listeners, node_id: u64) -> NodeOptions {
+    NodeOptions {
+        node_id,
+        data_dir: listeners.data_dir,
+        raft_addr: listeners.raft_addr,
+        public_addr: listeners.public_addr,
+        private_addr: listeners.private_addr,
+        client_origins: listeners.client_origins,
+        staff_origins: listeners.staff_origins,
+    }
+}
+
+async fn run_until_signal(node: server::RunningNode) -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!("switchboard: stopping");
+    node.stop().await;
+    Ok(())
+}
+
+fn print_listeners(node: &server::RunningNode) {
+    println!("public listener: http://{}  (web chat at /, client socket at /ws/client)", node.public_addr);
+    println!("private listener: http://{}  (operator page at /, REST at /api, /metrics, /openapi.json, operator socket at /ws/operator)", node.private_addr);
+}
+
+async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    let data_dir = args.listeners.data_dir.clone();
+    let node = server::start(options(args.listeners, 1)).await?;
+    let logins = demo::ensure(&node, &data_dir).await?;
+    println!("switchboard dev: node 1 ready, data in {}", data_dir.display());
+    print_listeners(&node);
+    println!("demo logins (also in {}):", data_dir.join(demo::LOGINS_FILE).display());
+    for (login, password) in &logins {
+        println!("  {login:<11} {password}");
+    }
+    println!("ready");
+    run_until_signal(node).await
+}
+
+async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    let node = server::start(options(args.listeners, args.node_id)).await?;
+    println!("switchboard node {} ready", args.node_id);
+    print_listeners(&node);
+    println!("ready");
+    run_until_signal(node).await
+}
+
+fn certs(args: CertsArgs) -> anyhow::Result<()> {
+    for name in &args.names {
+        let identity = switchboard_raft::tls::ensure_member(&args.dir, name, &args.sans).with_context(|| format!("issue {name}"))?;
+        println!("{name}: {} (key {})", identity.cert.display(), identity.key.display());
+    }
+    println!("cluster CA: {}", args.dir.join("ca.pem").display());
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn,sled=warn,quinn=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Cmd::Dev(args) => dev(args).await,
+            Cmd::Node(args) => node(args).await,
+            Cmd::Gateway(args) => {
+                let _ = args.node;
+                anyhow::bail!(
+                    "a standalone gateway needs the node-to-gateway QUIC protocol of the multi-node cluster; \
+                     until then `switchboard node` runs the gateway listeners in the node process"
+                )
+            }
+            Cmd::Certs(args) => certs(args),
+            Cmd::Bench(args) => bench::run(args).await,
+        }
+    })
+}

@@ -1,0 +1,197 @@
+//! A small WebSocket client speaking the JSON protocol: used by `switchboard bench`,
+//! the end-to-end tests and anyone scripting against a gateway.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocketError};
+use http_body_util::Empty;
+use hyper::header::{CONNECTION, HOST, ORIGIN, UPGRADE};
+use hyper::Request;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("handshake refused: {0}")]
+    Handshake(String),
+    #[error("socket closed")]
+    Closed,
+    #[error("timed out waiting for a frame")]
+    Timeout,
+    #[error("write: {0}")]
+    Write(String),
+}
+
+/// What the server sent.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Incoming {
+    Json(Value),
+    /// A text frame that was not JSON (the server never sends one; kept for tests).
+    Text(String),
+    Closed { code: u16, reason: String },
+}
+
+struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+type Write = fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>;
+
+pub struct WsClient {
+    write: Arc<Mutex<Write>>,
+    incoming: mpsc::UnboundedReceiver<Incoming>,
+}
+
+impl WsClient {
+    /// Connects to `ws://addr/path_and_query`, optionally with a browser Origin.
+    pub async fn connect(addr: &str, path_and_query: &str, origin: Option<&str>) -> Result<WsClient, ClientError> {
+        let stream = TcpStream::connect(addr).await.map_err(|e| ClientError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let mut request = Request::builder()
+            .method("GET")
+            .uri(path_and_query)
+            .header(HOST, addr)
+            .header(UPGRADE, "websocket")
+            .header(CONNECTION, "upgrade")
+            .header("Sec-WebSocket-Key", fastwebsockets::handshake::generate_key())
+            .header("Sec-WebSocket-Version", "13");
+        if let Some(origin) = origin {
+            request = request.header(ORIGIN, origin);
+        }
+        let request = request.body(Empty::<Bytes>::new()).map_err(|e| ClientError::Connect(e.to_string()))?;
+        let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, request, stream)
+            .await
+            .map_err(|e| ClientError::Handshake(e.to_string()))?;
+        let (read, write) = ws.split(tokio::io::split);
+        let write = Arc::new(Mutex::new(write));
+        let (tx, incoming) = mpsc::unbounded_channel();
+        let writer = write.clone();
+        tokio::spawn(async move {
+            let mut read = FragmentCollectorRead::new(read);
+            loop {
+                let owed = writer.clone();
+                let frame = read
+                    .read_frame(&mut move |frame: Frame<'_>| {
+                        let owed = owed.clone();
+                        let reply = Frame::new(true, frame.opcode, None, Payload::Owned(frame.payload.to_vec()));
+                        async move { owed.lock().await.write_frame(reply).await }
+                    })
+                    .await;
+                let message = match frame {
+                    Ok(frame) => match frame.opcode {
+                        OpCode::Text => {
+                            let text = String::from_utf8_lossy(&frame.payload).into_owned();
+                            match serde_json::from_str(&text) {
+                                Ok(v) => Incoming::Json(v),
+                                Err(_) => Incoming::Text(text),
+                            }
+                        }
+                        OpCode::Close => {
+                            let code = if frame.payload.len() >= 2 { u16::from_be_bytes([frame.payload[0], frame.payload[1]]) } else { 1005 };
+                            let reason = String::from_utf8_lossy(frame.payload.get(2..).unwrap_or_default()).into_owned();
+                            let _ = tx.send(Incoming::Closed { code, reason });
+                            return;
+                        }
+                        _ => continue,
+                    },
+                    Err(WebSocketError::ConnectionClosed) | Err(_) => {
+                        let _ = tx.send(Incoming::Closed { code: 1006, reason: "connection lost".into() });
+                        return;
+                    }
+                };
+                if tx.send(message).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(WsClient { write, incoming })
+    }
+
+    pub async fn send(&self, value: &Value) -> Result<(), ClientError> {
+        self.send_text(&value.to_string()).await
+    }
+
+    pub async fn send_text(&self, text: &str) -> Result<(), ClientError> {
+        let frame = Frame::text(Payload::Owned(text.as_bytes().to_vec()));
+        self.write.lock().await.write_frame(frame).await.map_err(|e| ClientError::Write(e.to_string()))
+    }
+
+    pub async fn send_binary(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        let frame = Frame::binary(Payload::Owned(bytes.to_vec()));
+        self.write.lock().await.write_frame(frame).await.map_err(|e| ClientError::Write(e.to_string()))
+    }
+
+    pub async fn close(&self) {
+        let _ = self.write.lock().await.write_frame(Frame::close(1000, b"bye")).await;
+    }
+
+    /// The next thing the server sent, or `Timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Incoming, ClientError> {
+        match tokio::time::timeout(timeout, self.incoming.recv()).await {
+            Ok(Some(message)) => Ok(message),
+            Ok(None) => Err(ClientError::Closed),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// Skips frames until one satisfies `matches`; a close on the way is an error.
+    pub async fn wait_for(&mut self, timeout: Duration, matches: impl Fn(&Value) -> bool) -> Result<Value, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await? {
+                Incoming::Json(v) if matches(&v) => return Ok(v),
+                Incoming::Closed { .. } => return Err(ClientError::Closed),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// One HTTP/1.1 request with an optional JSON body and bearer token; returns the status
+/// and the body parsed as JSON (or as a JSON string when it is not JSON).
+pub async fn http_json(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Result<(u16, Value), ClientError> {
+    use http_body_util::{BodyExt, Full};
+    let stream = TcpStream::connect(addr).await.map_err(|e| ClientError::Connect(e.to_string()))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    tokio::spawn(connection);
+    let mut request = Request::builder().method(method).uri(path).header(HOST, addr);
+    if let Some(token) = token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let payload = match body {
+        Some(v) => {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+            Bytes::from(v.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let request = request.body(Full::new(payload)).map_err(|e| ClientError::Connect(e.to_string()))?;
+    let response = sender.send_request(request).await.map_err(|e| ClientError::Write(e.to_string()))?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.map_err(|e| ClientError::Write(e.to_string()))?.to_bytes();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((status, value))
+}

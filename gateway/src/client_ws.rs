@@ -1,0 +1,212 @@
+//! The client WebSocket of the web chat (public listener).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fastwebsockets::upgrade::IncomingUpgrade;
+use serde_json::{json, Value};
+use switchboard_actors::core::Reply;
+use switchboard_actors::model::{ChannelId, Command, ConversationId, SkillGroupId, Visitor};
+use switchboard_actors::shard::StreamKey;
+use tracing::debug;
+
+use crate::auth::{Subject, CLIENT_TOKEN_TTL};
+use crate::frames::{self, ClientIn};
+use crate::ws::{self, close, Flow, Follow, Outbox, Session};
+use crate::Gateway;
+
+const MAX_NAME_CHARS: usize = 100;
+const MAX_ATTRIBUTES: usize = 20;
+const MAX_ATTRIBUTE_CHARS: usize = 200;
+
+pub(crate) async fn upgrade(State(gw): State<Arc<Gateway>>, headers: HeaderMap, upgrade: IncomingUpgrade) -> Response {
+    if !crate::origin_allowed(&headers, &gw.config.client_origins) {
+        gw.metrics.auth_failures.fetch_add(1, Relaxed);
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let (response, socket) = match upgrade.upgrade() {
+        Ok(pair) => pair,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("websocket upgrade failed: {e}")).into_response(),
+    };
+    tokio::spawn(async move {
+        let ws = match socket.await {
+            Ok(ws) => ws,
+            Err(e) => {
+                debug!(error = %e, "client upgrade did not complete");
+                return;
+            }
+        };
+        gw.metrics.client_sessions_opened.fetch_add(1, Relaxed);
+        gw.metrics.client_sessions_active.fetch_add(1, Relaxed);
+        let limits = gw.config.client_limits;
+        let metrics = gw.metrics.clone();
+        ws::drive(ws, ClientSession { gw: gw.clone(), conversation: None }, limits, metrics).await;
+        gw.metrics.client_sessions_active.fetch_sub(1, Relaxed);
+    });
+    response.into_response()
+}
+
+struct ClientSession {
+    gw: Arc<Gateway>,
+    conversation: Option<ConversationId>,
+}
+
+/// Parses a frame, telling bad JSON, an unknown type and a malformed frame apart.
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(text: &str, known: &[&str]) -> Result<T, Value> {
+    let value: Value = serde_json::from_str(text).map_err(|e| frames::error("bad_json", &format!("not valid JSON: {e}"), None))?;
+    let reference = value.get("ref").cloned();
+    let kind = value.get("type").and_then(Value::as_str).map(str::to_owned);
+    match kind {
+        None => Err(frames::error("bad_frame", "frame has no string \"type\" field", reference.as_ref())),
+        Some(kind) if !known.contains(&kind.as_str()) => {
+            Err(frames::error("unknown_type", &format!("unknown frame type {kind:?}"), reference.as_ref()))
+        }
+        Some(_) => serde_json::from_value(value).map_err(|e| frames::error("bad_frame", &e.to_string(), reference.as_ref())),
+    }
+}
+
+const CLIENT_TYPES: &[&str] = &["start", "resume", "send", "typing", "close", "rate", "ping"];
+
+impl ClientSession {
+    async fn follow(&mut self, conversation: ConversationId, after_seq: u64, out: &Outbox) -> Result<(), Value> {
+        let wake = self
+            .gw
+            .backend
+            .subscribe(StreamKey::Conversation(conversation))
+            .await
+            .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
+        let shard = self.gw.backend.shard();
+        let mut last = after_seq;
+        let pull = Box::new(move || {
+            let state = shard.read();
+            let Some(conv) = state.conversations.get(&conversation) else { return vec![] };
+            let start = conv.history.partition_point(|e| e.seq <= last);
+            let frames: Vec<Value> = conv.history[start..].iter().map(frames::client_event).collect();
+            last = conv.last_seq().max(last);
+            frames
+        });
+        let signals = Some(self.gw.signals.conversation(conversation));
+        self.conversation = Some(conversation);
+        out.follow(Follow { wake, pull, signals }).await;
+        Ok(())
+    }
+
+    fn require_conversation(&self) -> Result<ConversationId, Value> {
+        self.conversation.ok_or_else(|| frames::error("no_conversation", "send \"start\" or \"resume\" first", None))
+    }
+
+    async fn handle(&mut self, frame: ClientIn, out: &Outbox) -> Result<Flow, Value> {
+        match frame {
+            ClientIn::Start { channel, group, name, attributes } => {
+                if self.conversation.is_some() {
+                    return Err(frames::error("already_started", "this socket already follows a conversation", None));
+                }
+                let name = name.unwrap_or_default();
+                if name.chars().count() > MAX_NAME_CHARS {
+                    return Err(frames::error("too_long", &format!("name is limited to {MAX_NAME_CHARS} characters"), None));
+                }
+                if attributes.len() > MAX_ATTRIBUTES
+                    || attributes.iter().any(|(k, v)| k.chars().count() > MAX_ATTRIBUTE_CHARS || v.chars().count() > MAX_ATTRIBUTE_CHARS)
+                {
+                    return Err(frames::error("too_long", "too many or too long attributes", None));
+                }
+                let command = Command::StartConversation {
+                    channel: ChannelId::new(channel.unwrap_or_else(|| self.gw.config.web_channel.clone())),
+                    group: group.map(SkillGroupId::new),
+                    visitor: Visitor { name, attributes: attributes.into_iter().collect() },
+                };
+                let conversation = match self.gw.submit(command).await {
+                    Ok(Reply::Started { conversation }) => conversation,
+                    Ok(_) => return Err(frames::error("internal", "unexpected reply", None)),
+                    Err(e) => return Err(frames::error(e.code(), &e.to_string(), None)),
+                };
+                let token = self.gw.tokens.issue(Subject::Client { conversation }, CLIENT_TOKEN_TTL);
+                out.json(json!({"type": "started", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0, "token": token}))
+                    .await;
+                self.follow(conversation, 0, out).await?;
+            }
+            ClientIn::Resume { token, last_seq } => {
+                let conversation = match self.gw.tokens.verify(&token) {
+                    Ok(Subject::Client { conversation }) => conversation,
+                    Ok(_) | Err(_) => {
+                        self.gw.metrics.auth_failures.fetch_add(1, Relaxed);
+                        out.error("unauthorized", "token is not a valid client token", None).await;
+                        return Ok(Flow::Close(close::UNAUTHORIZED, "unauthorized".into()));
+                    }
+                };
+                let last = {
+                    let shard = self.gw.backend.shard();
+                    let state = shard.read();
+                    match state.conversations.get(&conversation) {
+                        Some(c) => c.last_seq(),
+                        None => return Err(frames::error("not_found", "conversation not found", None)),
+                    }
+                };
+                out.json(json!({"type": "resumed", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0, "last_seq": last}))
+                    .await;
+                self.follow(conversation, last_seq, out).await?;
+            }
+            ClientIn::Send { key, text } => {
+                let conversation = self.require_conversation()?;
+                let reference = json!(key.clone());
+                match self.gw.submit(Command::PostClientMessage { conversation, key: key.clone(), text }).await {
+                    Ok(Reply::Message { seq, duplicate }) => {
+                        out.json(json!({"type": "ack", "key": key, "seq": seq, "duplicate": duplicate})).await;
+                    }
+                    Ok(_) => return Err(frames::error("internal", "unexpected reply", Some(&reference))),
+                    Err(e) => return Err(frames::error(e.code(), &e.to_string(), Some(&reference))),
+                }
+            }
+            ClientIn::Typing => {
+                let conversation = self.require_conversation()?;
+                let operator = {
+                    let shard = self.gw.backend.shard();
+                    let state = shard.read();
+                    state.conversations.get(&conversation).and_then(|c| c.assigned().cloned())
+                };
+                if let Some(operator) = operator {
+                    self.gw.signals.to_operator(&operator, json!({"type": "typing", "conversation": conversation.0, "from": "client"}));
+                }
+            }
+            ClientIn::Close => {
+                let conversation = self.require_conversation()?;
+                self.gw.submit(Command::CloseByClient { conversation }).await.map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
+            }
+            ClientIn::Rate { score, comment } => {
+                let conversation = self.require_conversation()?;
+                self.gw
+                    .submit(Command::Rate { conversation, score, comment })
+                    .await
+                    .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
+            }
+            ClientIn::Ping => out.json(json!({"type": "pong"})).await,
+        }
+        Ok(Flow::Continue)
+    }
+}
+
+impl Session for ClientSession {
+    async fn on_text(&mut self, text: &str, out: &Outbox) -> Flow {
+        let result = match parse::<ClientIn>(text, CLIENT_TYPES) {
+            Ok(frame) => self.handle(frame, out).await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(flow) => flow,
+            Err(error) => {
+                self.gw.metrics.error_frames.fetch_add(1, Relaxed);
+                out.json(error).await;
+                Flow::Continue
+            }
+        }
+    }
+
+    fn on_end(&mut self) {
+        if let Some(conversation) = self.conversation {
+            self.gw.signals.release_conversation(conversation);
+        }
+    }
+}

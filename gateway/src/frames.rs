@@ -1,0 +1,229 @@
+//! The JSON frames of the client and operator WebSockets (see `docs/protocol.md`).
+//!
+//! Inbound frames are parsed into closed enums; unknown fields are ignored, an unknown
+//! `type` is an error. Outbound frames are rendered from committed state with explicit
+//! conversions, so the wire format never changes because a domain type did.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use switchboard_actors::model::{Closer, Presence, TransferTarget, WithdrawReason};
+use switchboard_actors::state::{FeedEntry, FeedItem, HistoryEntry, HistoryItem};
+
+/// Protocol version announced in `hello`/`started` frames.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientIn {
+    Start {
+        #[serde(default)]
+        channel: Option<String>,
+        #[serde(default)]
+        group: Option<String>,
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        attributes: BTreeMap<String, String>,
+    },
+    Resume {
+        token: String,
+        #[serde(default)]
+        last_seq: u64,
+    },
+    Send {
+        key: String,
+        text: String,
+    },
+    Typing,
+    Close,
+    Rate {
+        score: u8,
+        #[serde(default)]
+        comment: String,
+    },
+    Ping,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OperatorIn {
+    Presence {
+        status: Presence,
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
+    },
+    Accept {
+        offer: u64,
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
+    },
+    Decline {
+        offer: u64,
+        #[serde(default)]
+        reason: String,
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
+    },
+    Send {
+        conversation: u64,
+        key: String,
+        text: String,
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
+    },
+    Typing {
+        conversation: u64,
+    },
+    Transfer {
+        conversation: u64,
+        #[serde(default)]
+        to_operator: Option<String>,
+        #[serde(default)]
+        to_group: Option<String>,
+        #[serde(default)]
+        comment: String,
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
+    },
+    Close {
+        conversation: u64,
+        #[serde(default)]
+        resolution: String,
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
+    },
+    History {
+        conversation: u64,
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
+    },
+    Ping,
+}
+
+pub fn error(code: &str, message: &str, reference: Option<&Value>) -> Value {
+    let mut frame = json!({"type": "error", "code": code, "message": message});
+    if let Some(r) = reference {
+        frame["ref"] = r.clone();
+    }
+    frame
+}
+
+fn presence_name(p: Presence) -> &'static str {
+    match p {
+        Presence::Online => "online",
+        Presence::Away => "away",
+        Presence::Offline => "offline",
+    }
+}
+
+fn withdraw_name(r: WithdrawReason) -> &'static str {
+    match r {
+        WithdrawReason::Declined => "declined",
+        WithdrawReason::Expired => "expired",
+        WithdrawReason::ConversationClosed => "conversation_closed",
+        WithdrawReason::OperatorUnavailable => "operator_unavailable",
+    }
+}
+
+/// Who reads a history entry: clients never see internal transfer comments or ids.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    Client,
+    Staff,
+}
+
+/// One conversation history entry as a JSON object (without the frame envelope).
+pub fn history_entry(entry: &HistoryEntry, audience: Audience) -> Value {
+    let mut v = match &entry.item {
+        HistoryItem::Started { channel, visitor } => {
+            let mut v = json!({"kind": "started", "channel": channel.as_str()});
+            if audience == Audience::Staff {
+                v["visitor"] = json!({"name": visitor.name, "attributes": visitor.attributes.iter().cloned().collect::<BTreeMap<_, _>>()});
+            }
+            v
+        }
+        HistoryItem::Queued { group } => json!({"kind": "queued", "group": group.as_str()}),
+        HistoryItem::ClientMessage { key, text } => json!({"kind": "message", "from": "client", "key": key, "text": text}),
+        HistoryItem::OperatorMessage { operator, name, key, text } => {
+            let mut v = json!({"kind": "message", "from": "operator", "name": name, "text": text});
+            if audience == Audience::Staff {
+                v["operator"] = json!(operator.as_str());
+                v["key"] = json!(key);
+            }
+            v
+        }
+        HistoryItem::Assigned { operator, name } => {
+            let mut v = json!({"kind": "assigned", "name": name});
+            if audience == Audience::Staff {
+                v["operator"] = json!(operator.as_str());
+            }
+            v
+        }
+        HistoryItem::Transferred { from, to, comment } => {
+            let mut v = json!({"kind": "transferred"});
+            if audience == Audience::Staff {
+                v["from"] = json!(from.as_str());
+                v["comment"] = json!(comment);
+                match to {
+                    TransferTarget::Operator(op) => v["to_operator"] = json!(op.as_str()),
+                    TransferTarget::Group(g) => v["to_group"] = json!(g.as_str()),
+                }
+            }
+            v
+        }
+        HistoryItem::Closed { by, resolution } => {
+            let by = match by {
+                Closer::Client => "client",
+                Closer::Operator => "operator",
+            };
+            let mut v = json!({"kind": "closed", "by": by});
+            if audience == Audience::Staff {
+                v["resolution"] = json!(resolution);
+            }
+            v
+        }
+        HistoryItem::Rated { score, comment } => json!({"kind": "rated", "score": score, "comment": comment}),
+    };
+    v["seq"] = json!(entry.seq);
+    v["at"] = json!(entry.at.0);
+    v
+}
+
+/// A client-stream event frame.
+pub fn client_event(entry: &HistoryEntry) -> Value {
+    let mut v = history_entry(entry, Audience::Client);
+    v["type"] = json!("event");
+    v
+}
+
+/// An operator-feed event frame. `history` is filled in for `assigned` items.
+pub fn operator_event(entry: &FeedEntry, history: Option<Vec<Value>>) -> Value {
+    let mut v = match &entry.item {
+        FeedItem::Offered { offer, conversation, group, deadline, visitor } => json!({
+            "kind": "offer", "offer": offer.0, "conversation": conversation.0, "group": group.as_str(),
+            "deadline": deadline.0, "visitor": visitor,
+        }),
+        FeedItem::OfferWithdrawn { offer, conversation, reason } => json!({
+            "kind": "offer_withdrawn", "offer": offer.0, "conversation": conversation.0, "reason": withdraw_name(*reason),
+        }),
+        FeedItem::Assigned { conversation, history_upto } => json!({
+            "kind": "assigned", "conversation": conversation.0, "history_upto": history_upto,
+            "history": history.unwrap_or_default(),
+        }),
+        FeedItem::Conversation { conversation, entry } => json!({
+            "kind": "conversation", "conversation": conversation.0, "entry": history_entry(entry, Audience::Staff),
+        }),
+        FeedItem::Released { conversation } => json!({"kind": "released", "conversation": conversation.0}),
+        FeedItem::PresenceChanged { presence } => json!({"kind": "presence", "status": presence_name(*presence)}),
+    };
+    v["type"] = json!("event");
+    v["seq"] = json!(entry.seq);
+    v["at"] = json!(entry.at.0);
+    v
+}
+
+pub fn presence_str(p: Presence) -> &'static str {
+    presence_name(p)
+}

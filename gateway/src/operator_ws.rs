@@ -1,0 +1,272 @@
+//! The operator WebSocket (private listener): presence, offers, conversations.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fastwebsockets::upgrade::IncomingUpgrade;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use switchboard_actors::core::Reply;
+use switchboard_actors::model::{Command, ConversationId, OfferId, OperatorId, SkillGroupId, TransferTarget};
+use switchboard_actors::shard::StreamKey;
+use switchboard_actors::state::{FeedItem, ShardState};
+use tracing::debug;
+
+use crate::auth::Subject;
+use crate::client_ws::parse;
+use crate::frames::{self, Audience, OperatorIn};
+use crate::ws::{self, Flow, Follow, Outbox, Session};
+use crate::Gateway;
+
+#[derive(Deserialize)]
+pub(crate) struct ConnectParams {
+    token: Option<String>,
+    last_seq: Option<u64>,
+}
+
+pub(crate) async fn upgrade(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(params): Query<ConnectParams>,
+    upgrade: IncomingUpgrade,
+) -> Response {
+    if !crate::origin_allowed(&headers, &gw.config.staff_origins) {
+        gw.metrics.auth_failures.fetch_add(1, Relaxed);
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    // Authenticate before upgrading: a forged token never gets a socket.
+    let operator = match params.token.as_deref().map(|t| gw.tokens.verify(t)) {
+        Some(Ok(Subject::Staff { operator: Some(operator), .. })) => operator,
+        Some(Ok(_)) => {
+            gw.metrics.auth_failures.fetch_add(1, Relaxed);
+            return (StatusCode::FORBIDDEN, "this login is not an operator").into_response();
+        }
+        Some(Err(e)) => {
+            gw.metrics.auth_failures.fetch_add(1, Relaxed);
+            return e.into_response();
+        }
+        None => {
+            gw.metrics.auth_failures.fetch_add(1, Relaxed);
+            return (StatusCode::UNAUTHORIZED, "token query parameter required").into_response();
+        }
+    };
+    let (response, socket) = match upgrade.upgrade() {
+        Ok(pair) => pair,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("websocket upgrade failed: {e}")).into_response(),
+    };
+    tokio::spawn(async move {
+        let ws = match socket.await {
+            Ok(ws) => ws,
+            Err(e) => {
+                debug!(error = %e, "operator upgrade did not complete");
+                return;
+            }
+        };
+        gw.metrics.operator_sessions_opened.fetch_add(1, Relaxed);
+        gw.metrics.operator_sessions_active.fetch_add(1, Relaxed);
+        let session = OperatorSession { gw: gw.clone(), operator, resume_from: params.last_seq };
+        let limits = gw.config.operator_limits;
+        ws::drive(ws, session, limits, gw.metrics.clone()).await;
+        gw.metrics.operator_sessions_active.fetch_sub(1, Relaxed);
+    });
+    response.into_response()
+}
+
+struct OperatorSession {
+    gw: Arc<Gateway>,
+    operator: OperatorId,
+    resume_from: Option<u64>,
+}
+
+const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "send", "typing", "transfer", "close", "history", "ping"];
+
+/// Whether `operator` may read `conversation`: they hold it, held it, or are offered it.
+pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conversation: ConversationId) -> bool {
+    let Some(conv) = state.conversations.get(&conversation) else { return false };
+    conv.handled_by.contains(operator)
+        || conv.assigned() == Some(operator)
+        || state.offers.values().any(|o| o.conversation == conversation && &o.operator == operator)
+}
+
+fn history_upto(state: &ShardState, conversation: ConversationId, upto: u64) -> Vec<Value> {
+    state
+        .conversations
+        .get(&conversation)
+        .map(|c| c.history.iter().take_while(|e| e.seq <= upto).map(|e| frames::history_entry(e, Audience::Staff)).collect())
+        .unwrap_or_default()
+}
+
+impl OperatorSession {
+    async fn commit(&self, command: Command, reference: Option<&Value>) -> Result<Reply, Value> {
+        self.gw.submit(command).await.map_err(|e| frames::error(e.code(), &e.to_string(), reference))
+    }
+
+    async fn ok(&self, out: &Outbox, reference: Option<&Value>) {
+        let mut frame = json!({"type": "ok"});
+        if let Some(r) = reference {
+            frame["ref"] = r.clone();
+        }
+        out.json(frame).await;
+    }
+
+    async fn handle(&mut self, frame: OperatorIn, out: &Outbox) -> Result<(), Value> {
+        let me = self.operator.clone();
+        match frame {
+            OperatorIn::Presence { status, reference } => {
+                self.commit(Command::SetPresence { operator: me, presence: status }, reference.as_ref()).await?;
+                self.ok(out, reference.as_ref()).await;
+            }
+            OperatorIn::Accept { offer, reference } => {
+                self.commit(Command::AcceptOffer { operator: me, offer: OfferId(offer) }, reference.as_ref()).await?;
+                self.ok(out, reference.as_ref()).await;
+            }
+            OperatorIn::Decline { offer, reason, reference } => {
+                self.commit(Command::DeclineOffer { operator: me, offer: OfferId(offer), reason }, reference.as_ref()).await?;
+                self.ok(out, reference.as_ref()).await;
+            }
+            OperatorIn::Send { conversation, key, text, reference } => {
+                let reference = reference.unwrap_or_else(|| json!(key.clone()));
+                let command = Command::PostOperatorMessage { operator: me, conversation: ConversationId(conversation), key: key.clone(), text };
+                if let Reply::Message { seq, duplicate } = self.commit(command, Some(&reference)).await? {
+                    out.json(json!({"type": "ack", "ref": reference, "key": key, "conversation": conversation, "seq": seq, "duplicate": duplicate}))
+                        .await;
+                }
+            }
+            OperatorIn::Typing { conversation } => {
+                let conversation = ConversationId(conversation);
+                let name = {
+                    let shard = self.gw.backend.shard();
+                    let state = shard.read();
+                    if state.conversations.get(&conversation).and_then(|c| c.assigned()) != Some(&me) {
+                        return Err(frames::error("not_assigned", "typing only in conversations you hold", None));
+                    }
+                    state.operators.get(&me).map(|o| o.config.name.clone()).unwrap_or_default()
+                };
+                self.gw.signals.to_conversation(conversation, json!({"type": "typing", "from": "operator", "name": name}));
+            }
+            OperatorIn::Transfer { conversation, to_operator, to_group, comment, reference } => {
+                let target = match (to_operator, to_group) {
+                    (Some(op), None) => TransferTarget::Operator(OperatorId::new(op)),
+                    (None, Some(group)) => TransferTarget::Group(SkillGroupId::new(group)),
+                    _ => return Err(frames::error("bad_frame", "give exactly one of to_operator and to_group", reference.as_ref())),
+                };
+                let command = Command::Transfer { operator: me, conversation: ConversationId(conversation), target, comment };
+                self.commit(command, reference.as_ref()).await?;
+                self.ok(out, reference.as_ref()).await;
+            }
+            OperatorIn::Close { conversation, resolution, reference } => {
+                let command = Command::CloseByOperator { operator: me, conversation: ConversationId(conversation), resolution };
+                self.commit(command, reference.as_ref()).await?;
+                self.ok(out, reference.as_ref()).await;
+            }
+            OperatorIn::History { conversation, reference } => {
+                let conversation = ConversationId(conversation);
+                let frame = {
+                    let shard = self.gw.backend.shard();
+                    let state = shard.read();
+                    if !may_read(&state, &me, conversation) {
+                        return Err(frames::error("forbidden", "not your conversation", reference.as_ref()));
+                    }
+                    let upto = state.conversations.get(&conversation).map(|c| c.last_seq()).unwrap_or(0);
+                    let mut frame = json!({"type": "history", "conversation": conversation.0, "entries": history_upto(&state, conversation, upto)});
+                    if let Some(r) = &reference {
+                        frame["ref"] = r.clone();
+                    }
+                    frame
+                };
+                out.json(frame).await;
+            }
+            OperatorIn::Ping => out.json(json!({"type": "pong"})).await,
+        }
+        Ok(())
+    }
+}
+
+impl Session for OperatorSession {
+    async fn on_start(&mut self, out: &Outbox) -> Flow {
+        let wake = match self.gw.backend.subscribe(StreamKey::Operator(self.operator.clone())).await {
+            Ok(wake) => wake,
+            Err(e) => {
+                out.error(e.code(), &e.to_string(), None).await;
+                return Flow::Close(ws::close::INTERNAL, "could not follow operator stream".into());
+            }
+        };
+        let shard = self.gw.backend.shard();
+        // The hello frame and the resume point come from one read of the state, so the
+        // stream continues exactly where the snapshot ends.
+        let snapshot = {
+            let state = shard.read();
+            state.operators.get(&self.operator).map(|op| {
+            let offers: Vec<Value> = op
+                .offers
+                .iter()
+                .filter_map(|id| state.offers.get(id))
+                .map(|o| json!({"offer": o.id.0, "conversation": o.conversation.0, "group": o.group.as_str(), "deadline": o.deadline.0}))
+                .collect();
+            let hello = json!({
+                "type": "hello",
+                "protocol": frames::PROTOCOL_VERSION,
+                "operator": op.config.id.as_str(),
+                "name": op.config.name,
+                "presence": frames::presence_str(op.presence),
+                "capacity": op.config.capacity,
+                "groups": op.config.groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
+                "active": op.active.iter().map(|c| c.0).collect::<Vec<_>>(),
+                "offers": offers,
+                "seq": op.feed.last_seq,
+            });
+            (hello, self.resume_from.unwrap_or(op.feed.last_seq))
+            })
+        };
+        let Some((hello, start)) = snapshot else {
+            out.error("not_found", "operator not configured", None).await;
+            return Flow::Close(ws::close::UNAUTHORIZED, "unknown operator".into());
+        };
+        out.json(hello).await;
+        let operator = self.operator.clone();
+        let mut last = start;
+        let pull = Box::new(move || {
+            let state = shard.read();
+            let Some(op) = state.operators.get(&operator) else { return vec![] };
+            let mut frames_out = Vec::new();
+            let entries = match op.feed.since(last) {
+                Some(entries) => entries,
+                None => {
+                    frames_out.push(frames::error("resume_gap", "events before the oldest retained one are gone; reload state", None));
+                    op.feed.entries.iter().cloned().collect()
+                }
+            };
+            for entry in entries {
+                let history = match &entry.item {
+                    FeedItem::Assigned { conversation, history_upto: upto } => Some(history_upto(&state, *conversation, *upto)),
+                    _ => None,
+                };
+                frames_out.push(frames::operator_event(&entry, history));
+                last = entry.seq;
+            }
+            frames_out
+        });
+        let signals = Some(self.gw.signals.operator(&self.operator));
+        out.follow(Follow { wake, pull, signals }).await;
+        Flow::Continue
+    }
+
+    async fn on_text(&mut self, text: &str, out: &Outbox) -> Flow {
+        let result = match parse::<OperatorIn>(text, OPERATOR_TYPES) {
+            Ok(frame) => self.handle(frame, out).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = result {
+            self.gw.metrics.error_frames.fetch_add(1, Relaxed);
+            out.json(error).await;
+        }
+        Flow::Continue
+    }
+
+    fn on_end(&mut self) {
+        self.gw.signals.release_operator(&self.operator);
+    }
+}

@@ -1,0 +1,377 @@
+//! REST for staff on the private listener, plus the served pages and documents.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::header;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use switchboard_actors::model::*;
+
+use crate::auth::{hash_password, verify_password, Subject, STAFF_TOKEN_TTL};
+use crate::frames::{self, Audience};
+use crate::operator_ws::may_read;
+use crate::{Gateway, GatewayError};
+
+const CHAT_PAGE: &str = include_str!("../assets/chat.html");
+const OPERATOR_PAGE: &str = include_str!("../assets/operator.html");
+const OPENAPI: &str = include_str!("../assets/openapi.json");
+
+pub(crate) fn routes() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/", get(operator_page))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .route("/api/login", post(login))
+        .route("/api/me", get(me))
+        .route("/api/skill-groups", get(list_groups))
+        .route("/api/skill-groups/{id}", put(put_group))
+        .route("/api/operators", get(list_operators))
+        .route("/api/operators/{id}", put(put_operator))
+        .route("/api/channels", get(list_channels))
+        .route("/api/channels/{id}", put(put_channel))
+        .route("/api/users/{login}", put(put_user))
+        .route("/api/queues", get(queues))
+        .route("/api/conversations/{id}", get(conversation))
+        .route("/api/conversations/{id}/decisions", get(decisions))
+}
+
+pub(crate) async fn chat_page() -> Html<&'static str> {
+    Html(CHAT_PAGE)
+}
+
+async fn operator_page() -> Html<&'static str> {
+    Html(OPERATOR_PAGE)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let body = gw.metrics.render(&gw.backend.metrics());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// An authenticated staff member, from `Authorization: Bearer <token>`.
+pub(crate) struct Staff {
+    login: String,
+    role: Role,
+    operator: Option<OperatorId>,
+}
+
+impl Staff {
+    fn require(&self, role: Role) -> Result<(), GatewayError> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(GatewayError::Forbidden("your role does not allow this"))
+        }
+    }
+}
+
+impl FromRequestParts<Arc<Gateway>> for Staff {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &Arc<Gateway>) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let token = header.and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
+            gw.metrics.auth_failures.fetch_add(1, Relaxed);
+            GatewayError::Unauthorized("bearer token required")
+        })?;
+        match gw.tokens.verify(token) {
+            Ok(Subject::Staff { login, role, operator }) => Ok(Staff { login, role, operator }),
+            Ok(Subject::Client { .. }) => {
+                gw.metrics.auth_failures.fetch_add(1, Relaxed);
+                Err(GatewayError::Forbidden("client tokens are for the public listener"))
+            }
+            Err(e) => {
+                gw.metrics.auth_failures.fetch_add(1, Relaxed);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// JSON bodies with a clear 400 on malformed input.
+pub(crate) struct Body<T>(T);
+
+impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<Arc<Gateway>> for Body<T> {
+    type Rejection = GatewayError;
+
+    async fn from_request(req: axum::extract::Request, gw: &Arc<Gateway>) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, gw).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(GatewayError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginRequest {
+    login: String,
+    password: String,
+}
+
+async fn login(State(gw): State<Arc<Gateway>>, Body(req): Body<LoginRequest>) -> Result<Json<Value>, GatewayError> {
+    gw.throttle.check(&req.login)?;
+    let user = {
+        let shard = gw.backend.shard();
+        let state = shard.read();
+        state.users.get(&req.login).cloned()
+    };
+    // Verify against a dummy hash when the login is unknown, so timing does not tell.
+    let phc = match &user {
+        Some(u) => u.password_hash.clone(),
+        None => dummy_hash()?,
+    };
+    let password = req.password.clone();
+    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+        .await
+        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let user = match (ok, user) {
+        (true, Some(user)) => user,
+        _ => {
+            gw.throttle.record(&req.login, false);
+            gw.metrics.auth_failures.fetch_add(1, Relaxed);
+            return Err(GatewayError::Unauthorized("wrong login or password"));
+        }
+    };
+    gw.throttle.record(&req.login, true);
+    let subject = Subject::Staff { login: user.login.clone(), role: user.role, operator: user.operator.clone() };
+    let token = gw.tokens.issue(subject, STAFF_TOKEN_TTL);
+    Ok(Json(json!({
+        "token": token,
+        "login": user.login,
+        "role": user.role,
+        "operator": user.operator,
+        "expires_in": STAFF_TOKEN_TTL.as_secs(),
+    })))
+}
+
+/// A hash of a password nobody knows, made once: unknown logins are checked against it
+/// so that a wrong login takes as long as a wrong password.
+fn dummy_hash() -> Result<String, GatewayError> {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(hash) = DUMMY.get() {
+        return Ok(hash.clone());
+    }
+    let hash = hash_password(&format!("{:?}", std::time::SystemTime::now()))?;
+    Ok(DUMMY.get_or_init(|| hash).clone())
+}
+
+async fn me(staff: Staff) -> Json<Value> {
+    Json(json!({"login": staff.login, "role": staff.role, "operator": staff.operator}))
+}
+
+async fn list_groups(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let groups: Vec<Value> = state.groups.values().map(|g| json!(g.config)).collect();
+    Json(json!({ "skill_groups": groups }))
+}
+
+#[derive(Deserialize)]
+struct GroupBody {
+    name: String,
+    #[serde(default = "default_policy")]
+    policy: Policy,
+    #[serde(default = "default_offer_timeout")]
+    offer_timeout_ms: u64,
+}
+
+fn default_policy() -> Policy {
+    Policy::LongestIdle
+}
+
+fn default_offer_timeout() -> u64 {
+    30_000
+}
+
+async fn put_group(
+    State(gw): State<Arc<Gateway>>,
+    staff: Staff,
+    Path(id): Path<String>,
+    Body(body): Body<GroupBody>,
+) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    let config = SkillGroupConfig { id: SkillGroupId::new(id), name: body.name, policy: body.policy, offer_timeout_ms: body.offer_timeout_ms };
+    gw.submit(Command::UpsertSkillGroup(config.clone())).await?;
+    Ok(Json(json!(config)))
+}
+
+async fn list_operators(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let operators: Vec<Value> = state
+        .operators
+        .values()
+        .map(|o| {
+            json!({
+                "id": o.config.id, "name": o.config.name, "capacity": o.config.capacity, "groups": o.config.groups,
+                "presence": frames::presence_str(o.presence), "presence_since": o.presence_since.0,
+                "load": o.load(), "active": o.active.len(), "offers": o.offers.len(),
+            })
+        })
+        .collect();
+    Json(json!({ "operators": operators }))
+}
+
+#[derive(Deserialize)]
+struct OperatorBody {
+    name: String,
+    capacity: u32,
+    groups: Vec<String>,
+}
+
+async fn put_operator(
+    State(gw): State<Arc<Gateway>>,
+    staff: Staff,
+    Path(id): Path<String>,
+    Body(body): Body<OperatorBody>,
+) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    if body.capacity == 0 || body.capacity > 100 {
+        return Err(GatewayError::BadRequest("capacity must be 1 to 100".into()));
+    }
+    let config = OperatorConfig {
+        id: OperatorId::new(id),
+        name: body.name,
+        capacity: body.capacity,
+        groups: body.groups.into_iter().map(SkillGroupId::new).collect(),
+    };
+    gw.submit(Command::UpsertOperator(config.clone())).await?;
+    Ok(Json(json!(config)))
+}
+
+async fn list_channels(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let channels: Vec<Value> = state.channels.values().map(|c| json!(c)).collect();
+    Json(json!({ "channels": channels }))
+}
+
+#[derive(Deserialize)]
+struct ChannelBody {
+    kind: String,
+    name: String,
+    default_group: String,
+}
+
+async fn put_channel(
+    State(gw): State<Arc<Gateway>>,
+    staff: Staff,
+    Path(id): Path<String>,
+    Body(body): Body<ChannelBody>,
+) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    let config = ChannelConfig { id: ChannelId::new(id), kind: body.kind, name: body.name, default_group: SkillGroupId::new(body.default_group) };
+    gw.submit(Command::UpsertChannel(config.clone())).await?;
+    Ok(Json(json!(config)))
+}
+
+#[derive(Deserialize)]
+struct UserBody {
+    password: String,
+    role: Role,
+    #[serde(default)]
+    operator: Option<String>,
+}
+
+async fn put_user(
+    State(gw): State<Arc<Gateway>>,
+    staff: Staff,
+    Path(login): Path<String>,
+    Body(body): Body<UserBody>,
+) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    if body.password.chars().count() < 10 {
+        return Err(GatewayError::BadRequest("password must be at least 10 characters".into()));
+    }
+    let password = body.password;
+    let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| GatewayError::Internal(e.to_string()))??;
+    let user = UserRecord { login: login.clone(), password_hash, role: body.role, operator: body.operator.map(OperatorId::new) };
+    gw.submit(Command::UpsertUser(user)).await?;
+    Ok(Json(json!({"login": login, "role": body.role})))
+}
+
+async fn queues(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Supervisor)?;
+    let now = switchboard_actors::actors::now_ms();
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let groups: Vec<Value> = state
+        .groups
+        .values()
+        .map(|g| {
+            let mut waiting = 0;
+            let mut offered = 0;
+            let mut longest_wait_ms = 0;
+            for (_, id) in &g.queue {
+                if let Some(conv) = state.conversations.get(id) {
+                    match conv.status {
+                        switchboard_actors::state::ConversationStatus::Queued { offer: Some(_), .. } => offered += 1,
+                        _ => waiting += 1,
+                    }
+                    longest_wait_ms = longest_wait_ms.max(now.millis_since(conv.created_at));
+                }
+            }
+            json!({"group": g.config.id, "name": g.config.name, "waiting": waiting, "offered": offered, "longest_wait_ms": longest_wait_ms})
+        })
+        .collect();
+    Ok(Json(json!({ "queues": groups })))
+}
+
+fn check_read(staff: &Staff, state: &switchboard_actors::state::ShardState, id: ConversationId) -> Result<(), GatewayError> {
+    if !state.conversations.contains_key(&id) {
+        return Err(GatewayError::NotFound(format!("conversation {}", id.0)));
+    }
+    if staff.role >= Role::Supervisor {
+        return Ok(());
+    }
+    match &staff.operator {
+        Some(op) if may_read(state, op, id) => Ok(()),
+        _ => Err(GatewayError::Forbidden("not your conversation")),
+    }
+}
+
+async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<u64>) -> Result<Json<Value>, GatewayError> {
+    let id = ConversationId(id);
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    check_read(&staff, &state, id)?;
+    let conv = state.conversations.get(&id).ok_or_else(|| GatewayError::NotFound(format!("conversation {}", id.0)))?;
+    let status = match &conv.status {
+        switchboard_actors::state::ConversationStatus::Queued { offer: Some(_), .. } => json!({"state": "offered"}),
+        switchboard_actors::state::ConversationStatus::Queued { .. } => json!({"state": "queued"}),
+        switchboard_actors::state::ConversationStatus::Assigned { operator } => json!({"state": "assigned", "operator": operator}),
+        switchboard_actors::state::ConversationStatus::Closed => json!({"state": "closed"}),
+    };
+    Ok(Json(json!({
+        "conversation": id.0,
+        "channel": conv.channel,
+        "group": conv.group,
+        "visitor": {"name": conv.visitor.name, "attributes": conv.visitor.attributes.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()},
+        "status": status,
+        "created_at": conv.created_at.0,
+        "last_seq": conv.last_seq(),
+        "history": conv.history.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect::<Vec<_>>(),
+    })))
+}
+
+async fn decisions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<u64>) -> Result<Json<Value>, GatewayError> {
+    let id = ConversationId(id);
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    check_read(&staff, &state, id)?;
+    let conv = state.conversations.get(&id).ok_or_else(|| GatewayError::NotFound(format!("conversation {}", id.0)))?;
+    let records: Vec<Value> = conv.decisions.iter().filter_map(|o| state.decisions.get(o)).map(|d| json!(d)).collect();
+    Ok(Json(json!({"conversation": id.0, "decisions": records})))
+}

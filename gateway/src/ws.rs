@@ -1,0 +1,307 @@
+//! The socket plumbing both WebSocket surfaces share: a reader that enforces frame
+//! size and rate limits and hands text to a [`Session`], and a writer that owns the
+//! outgoing half, follows a committed stream and forwards ephemeral signals.
+//!
+//! The writer pulls from committed state each time a stream wakes it, starting after
+//! the last sequence number it sent: a lost or coalesced wake-up can delay a frame but
+//! never drop or repeat one.
+
+use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketError};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use switchboard_actors::shard::Wakeups;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::frames;
+use crate::metrics::Metrics;
+
+/// Close codes used by both surfaces (documented in `docs/protocol.md`).
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const UNSUPPORTED: u16 = 1003;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const UNAUTHORIZED: u16 = 4001;
+    pub const RATE_LIMITED: u16 = 4008;
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest WebSocket message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Sustained frames per second.
+    pub frames_per_second: f64,
+    /// Frames allowed in a burst above the sustained rate.
+    pub burst: f64,
+    /// Refused frames in a row after which the socket is closed with 4008.
+    pub max_refused_in_row: u32,
+}
+
+impl Limits {
+    pub const CLIENT: Limits = Limits { max_message_bytes: 16 * 1024, frames_per_second: 10.0, burst: 30.0, max_refused_in_row: 50 };
+    pub const OPERATOR: Limits = Limits { max_message_bytes: 64 * 1024, frames_per_second: 50.0, burst: 200.0, max_refused_in_row: 200 };
+}
+
+struct RateLimiter {
+    limits: Limits,
+    tokens: f64,
+    last: Instant,
+    refused_in_row: u32,
+}
+
+impl RateLimiter {
+    fn new(limits: Limits) -> Self {
+        RateLimiter { limits, tokens: limits.burst, last: Instant::now(), refused_in_row: 0 }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.limits.frames_per_second;
+        self.tokens = (self.tokens + refill).min(self.limits.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused_in_row = 0;
+            true
+        } else {
+            self.refused_in_row += 1;
+            false
+        }
+    }
+}
+
+/// What the writer is told to do.
+pub enum Out {
+    Json(Value),
+    /// Start following a committed stream (replacing any earlier one).
+    Follow(Follow),
+    /// Send a close frame and stop.
+    Close(u16, String),
+    /// Control frames owed to the peer (pong, close echo).
+    Control(OpCode, Vec<u8>),
+}
+
+/// A committed stream to follow: woken by `wake`, read by `pull`.
+pub struct Follow {
+    pub wake: Wakeups,
+    /// Frames committed since the last call, in order.
+    pub pull: Box<dyn FnMut() -> Vec<Value> + Send>,
+    /// Ephemeral signals (typing) that are forwarded as they come.
+    pub signals: Option<broadcast::Receiver<Value>>,
+}
+
+/// The sending side handed to sessions.
+#[derive(Clone)]
+pub struct Outbox(mpsc::Sender<Out>);
+
+impl Outbox {
+    pub async fn json(&self, value: Value) {
+        let _ = self.0.send(Out::Json(value)).await;
+    }
+
+    pub async fn error(&self, code: &str, message: &str, reference: Option<&Value>) {
+        self.json(frames::error(code, message, reference)).await;
+    }
+
+    pub async fn follow(&self, follow: Follow) {
+        let _ = self.0.send(Out::Follow(follow)).await;
+    }
+}
+
+/// What a session wants after handling a frame.
+pub enum Flow {
+    Continue,
+    Close(u16, String),
+}
+
+/// One surface's handling of inbound text frames.
+pub trait Session: Send + 'static {
+    /// Called once before the first frame is read.
+    fn on_start(&mut self, _out: &Outbox) -> impl Future<Output = Flow> + Send {
+        async { Flow::Continue }
+    }
+    fn on_text(&mut self, text: &str, out: &Outbox) -> impl Future<Output = Flow> + Send;
+    /// Called once after the socket and its writer have stopped.
+    fn on_end(&mut self) {}
+}
+
+const KEEPALIVE: Duration = Duration::from_secs(30);
+const OUTBOX_DEPTH: usize = 64;
+
+/// Runs a socket until either side closes it.
+pub async fn drive<S: Session>(mut ws: WebSocket<TokioIo<Upgraded>>, mut session: S, limits: Limits, metrics: Arc<Metrics>) {
+    ws.set_max_message_size(limits.max_message_bytes);
+    ws.set_auto_pong(true);
+    ws.set_auto_close(true);
+    let (read, write) = ws.split(tokio::io::split);
+    let mut read = FragmentCollectorRead::new(read);
+    let (tx, rx) = mpsc::channel(OUTBOX_DEPTH);
+    let writer = tokio::spawn(write_loop(write, rx, metrics.clone()));
+    let outbox = Outbox(tx);
+    let mut limiter = RateLimiter::new(limits);
+    if let Flow::Close(code, reason) = session.on_start(&outbox).await {
+        let _ = outbox.0.send(Out::Close(code, reason)).await;
+        drop(outbox);
+        let _ = writer.await;
+        return;
+    }
+    loop {
+        let control = outbox.0.clone();
+        let frame = read
+            .read_frame(&mut move |frame: Frame<'_>| {
+                let control = control.clone();
+                let owed = Out::Control(frame.opcode, frame.payload.to_vec());
+                async move { control.send(owed).await.map_err(|_| WebSocketError::ConnectionClosed) }
+            })
+            .await;
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(WebSocketError::FrameTooLarge) => {
+                metrics.error_frames.fetch_add(1, Relaxed);
+                let _ = outbox.0.send(Out::Close(close::TOO_BIG, "message too big".into())).await;
+                break;
+            }
+            Err(WebSocketError::InvalidUTF8) => {
+                let _ = outbox.0.send(Out::Close(1007, "invalid utf-8".into())).await;
+                break;
+            }
+            Err(_) => break,
+        };
+        match frame.opcode {
+            OpCode::Text => {
+                metrics.frames_received.fetch_add(1, Relaxed);
+                if frame.payload.len() > limits.max_message_bytes {
+                    let _ = outbox.0.send(Out::Close(close::TOO_BIG, "message too big".into())).await;
+                    break;
+                }
+                if !limiter.allow() {
+                    metrics.rate_limited.fetch_add(1, Relaxed);
+                    if limiter.refused_in_row >= limits.max_refused_in_row {
+                        let _ = outbox.0.send(Out::Close(close::RATE_LIMITED, "rate limit exceeded".into())).await;
+                        break;
+                    }
+                    metrics.error_frames.fetch_add(1, Relaxed);
+                    outbox.error("rate_limited", "too many frames; this one was not processed", None).await;
+                    continue;
+                }
+                let text = match std::str::from_utf8(&frame.payload) {
+                    Ok(text) => text,
+                    Err(_) => {
+                        let _ = outbox.0.send(Out::Close(1007, "invalid utf-8".into())).await;
+                        break;
+                    }
+                };
+                match session.on_text(text, &outbox).await {
+                    Flow::Continue => {}
+                    Flow::Close(code, reason) => {
+                        let _ = outbox.0.send(Out::Close(code, reason)).await;
+                        break;
+                    }
+                }
+            }
+            OpCode::Binary => {
+                metrics.error_frames.fetch_add(1, Relaxed);
+                outbox.error("unsupported", "binary frames are not part of the protocol; send JSON text", None).await;
+            }
+            OpCode::Close => break,
+            _ => {}
+        }
+    }
+    drop(outbox);
+    let _ = writer.await;
+    session.on_end();
+}
+
+async fn wait_wake(wake: &mut Option<Wakeups>) -> bool {
+    match wake {
+        Some(w) => w.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_signal(signals: &mut Option<broadcast::Receiver<Value>>) -> Option<Value> {
+    match signals.as_mut() {
+        Some(rx) => loop {
+            match rx.recv().await {
+                Ok(v) => return Some(v),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+type Writer = fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<TokioIo<Upgraded>>>;
+
+async fn send_json(write: &mut Writer, value: &Value, metrics: &Metrics) -> bool {
+    let bytes = value.to_string().into_bytes();
+    metrics.frames_sent.fetch_add(1, Relaxed);
+    write.write_frame(Frame::text(Payload::Owned(bytes))).await.is_ok()
+}
+
+async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc<Metrics>) {
+    let mut wake: Option<Wakeups> = None;
+    let mut pull: Option<Box<dyn FnMut() -> Vec<Value> + Send>> = None;
+    let mut signals: Option<broadcast::Receiver<Value>> = None;
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    loop {
+        tokio::select! {
+            biased;
+            out = rx.recv() => match out {
+                Some(Out::Json(value)) => {
+                    if !send_json(&mut write, &value, &metrics).await { return; }
+                }
+                Some(Out::Follow(mut f)) => {
+                    f.wake.mark_changed();
+                    wake = Some(f.wake);
+                    pull = Some(f.pull);
+                    signals = f.signals;
+                }
+                Some(Out::Close(code, reason)) => {
+                    let _ = write.write_frame(Frame::close(code, reason.as_bytes())).await;
+                    return;
+                }
+                Some(Out::Control(opcode, payload)) => {
+                    let frame = Frame::new(true, opcode, None, Payload::Owned(payload));
+                    let closing = opcode == OpCode::Close;
+                    if write.write_frame(frame).await.is_err() || closing { return; }
+                }
+                None => {
+                    let _ = write.write_frame(Frame::close(close::NORMAL, b"")).await;
+                    return;
+                }
+            },
+            alive = wait_wake(&mut wake) => {
+                if !alive {
+                    // The stream's sender went away (node shutting down): say so and stop.
+                    let _ = write.write_frame(Frame::close(close::GOING_AWAY, b"stream ended")).await;
+                    return;
+                }
+                if let Some(pull) = pull.as_mut() {
+                    for frame in pull() {
+                        if !send_json(&mut write, &frame, &metrics).await { return; }
+                    }
+                }
+            }
+            signal = wait_signal(&mut signals) => {
+                match signal {
+                    Some(value) => { if !send_json(&mut write, &value, &metrics).await { return; } }
+                    None => signals = None,
+                }
+            }
+            _ = keepalive.tick() => {
+                if write.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Owned(Vec::new()))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

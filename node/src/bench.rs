@@ -1,0 +1,248 @@
+//! `switchboard bench`: starts a real `switchboard dev` process on a fresh data folder,
+//! drives client and operator sessions over real sockets, and reports latency from a
+//! client's send to the operator's socket, throughput, and idle-session memory.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use serde_json::{json, Value};
+use switchboard_gateway::client::{http_json, Incoming, WsClient};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Client sessions sending messages.
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// Operator sessions answering them.
+    #[arg(long, default_value_t = 10)]
+    operators: usize,
+    /// Total client messages per second.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// Seconds of steady load.
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    /// Idle client sessions opened to measure memory per session (0 skips it).
+    #[arg(long, default_value_t = 2000)]
+    idle_sessions: usize,
+    /// Data folder for the benchmarked node (default: a fresh temporary one).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+struct Child {
+    process: tokio::process::Child,
+    public: String,
+    private: String,
+    logins: HashMap<String, String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
+    let (dir, data_dir) = match &args.data_dir {
+        Some(d) => (None, d.clone()),
+        None => {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().to_path_buf();
+            (Some(dir), path)
+        }
+    };
+    let exe = std::env::current_exe()?;
+    let mut process = tokio::process::Command::new(exe)
+        .args(["dev", "--public-addr", "127.0.0.1:0", "--private-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(&data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start switchboard dev")?;
+    let stdout = process.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut public, mut private) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await??.ok_or_else(|| anyhow!("node exited"))?;
+        if let Some(rest) = line.strip_prefix("public listener: http://") {
+            public = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if let Some(rest) = line.strip_prefix("private listener: http://") {
+            private = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line == "ready" {
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let logins: HashMap<String, String> = serde_json::from_slice(&std::fs::read(data_dir.join(crate::demo::LOGINS_FILE))?)?;
+    Ok(Child {
+        process,
+        public: public.ok_or_else(|| anyhow!("no public address printed"))?,
+        private: private.ok_or_else(|| anyhow!("no private address printed"))?,
+        logins,
+        _dir: dir,
+    })
+}
+
+async fn login(private: &str, login: &str, password: &str) -> anyhow::Result<String> {
+    let (status, body) = http_json(private, "POST", "/api/login", None, Some(&json!({"login": login, "password": password}))).await?;
+    if status != 200 {
+        bail!("login {login}: {status} {body}");
+    }
+    body["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no token"))
+}
+
+async fn put(private: &str, token: &str, path: &str, body: Value) -> anyhow::Result<()> {
+    let (status, reply) = http_json(private, "PUT", path, Some(token), Some(&body)).await?;
+    if status != 200 {
+        bail!("PUT {path}: {status} {reply}");
+    }
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+type Pending = Arc<Mutex<HashMap<String, Instant>>>;
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.clients == 0 || args.operators == 0 || args.rate == 0 {
+        bail!("clients, operators and rate must be positive");
+    }
+    println!("bench: starting a switchboard dev node…");
+    let mut child = spawn_node(&args).await?;
+    let pid = child.process.id().ok_or_else(|| anyhow!("no pid"))?;
+    let admin_password = child.logins.get("admin").cloned().ok_or_else(|| anyhow!("no admin login"))?;
+    let admin = login(&child.private, "admin", &admin_password).await?;
+
+    // A dedicated group sized so every client gets an operator at once.
+    let capacity = args.clients.div_ceil(args.operators) as u32 + 1;
+    put(&child.private, &admin, "/api/skill-groups/bench", json!({"name": "Bench", "policy": "least_occupied", "offer_timeout_ms": 30000})).await?;
+    put(&child.private, &admin, "/api/skill-groups/idle", json!({"name": "Idle", "offer_timeout_ms": 30000})).await?;
+    put(&child.private, &admin, "/api/channels/bench", json!({"kind": "web", "name": "Bench", "default_group": "bench"})).await?;
+    put(&child.private, &admin, "/api/channels/idle", json!({"kind": "web", "name": "Idle", "default_group": "idle"})).await?;
+    let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut operator_tasks = Vec::new();
+    for i in 0..args.operators {
+        let id = format!("bench-{i}");
+        let password = format!("bench-password-{i}");
+        put(&child.private, &admin, &format!("/api/operators/{id}"), json!({"name": id, "capacity": capacity, "groups": ["bench"]})).await?;
+        put(&child.private, &admin, &format!("/api/users/{id}"), json!({"password": password, "role": "operator", "operator": id})).await?;
+        let token = login(&child.private, &id, &password).await?;
+        let mut ws = WsClient::connect(&child.private, &format!("/ws/operator?token={token}"), None).await?;
+        ws.send(&json!({"type": "presence", "status": "online"})).await?;
+        let pending = pending.clone();
+        let latencies = latencies.clone();
+        operator_tasks.push(tokio::spawn(async move {
+            loop {
+                match ws.next(Duration::from_secs(3600)).await {
+                    Ok(Incoming::Json(v)) if v["type"] == "event" => {
+                        if v["kind"] == "offer" {
+                            let _ = ws.send(&json!({"type": "accept", "offer": v["offer"]})).await;
+                        } else if v["kind"] == "conversation" && v["entry"]["from"] == "client" {
+                            let now = Instant::now();
+                            if let Some(key) = v["entry"]["key"].as_str() {
+                                if let Some(sent) = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(key) {
+                                    latencies.lock().unwrap_or_else(|p| p.into_inner()).push(now - sent);
+                                }
+                            }
+                        }
+                    }
+                    Ok(Incoming::Closed { .. }) | Err(_) => return,
+                    _ => {}
+                }
+            }
+        }));
+    }
+
+    println!("bench: {} operators online; starting {} clients", args.operators, args.clients);
+    let mut clients = Vec::new();
+    for _ in 0..args.clients {
+        let mut ws = WsClient::connect(&child.public, "/ws/client", None).await?;
+        ws.send(&json!({"type": "start", "channel": "bench", "name": "Bench client"})).await?;
+        ws.wait_for(Duration::from_secs(10), |v| v["type"] == "started").await?;
+        clients.push(ws);
+    }
+    for ws in clients.iter_mut() {
+        ws.wait_for(Duration::from_secs(30), |v| v["type"] == "event" && v["kind"] == "assigned").await.context("client never assigned")?;
+    }
+    // Drain client frames in the background so their buffers never fill.
+    let clients: Vec<Arc<tokio::sync::Mutex<WsClient>>> = clients.into_iter().map(|c| Arc::new(tokio::sync::Mutex::new(c))).collect();
+
+    println!("bench: {} msg/s for {} s…", args.rate, args.duration);
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let started = Instant::now();
+    let total = args.rate as u64 * args.duration;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut send_errors = 0u64;
+    for n in 0..total {
+        ticker.tick().await;
+        let client = clients[(n as usize) % clients.len()].clone();
+        let key = format!("m{n}");
+        pending.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), Instant::now());
+        let frame = json!({"type": "send", "key": key, "text": "benchmark message"});
+        let guard = client.lock().await;
+        if guard.send(&frame).await.is_err() {
+            send_errors += 1;
+        }
+    }
+    let sending = started.elapsed();
+    let drain_deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < drain_deadline && !pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut lat = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    lat.sort();
+    let lost = pending.lock().unwrap_or_else(|p| p.into_inner()).len();
+    println!("\nclient message -> committed -> operator socket");
+    println!("  sent {total} in {:.1} s ({:.0} msg/s offered), delivered {}, undelivered {lost}, send errors {send_errors}", sending.as_secs_f64(), total as f64 / sending.as_secs_f64(), lat.len());
+    println!(
+        "  latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile(&lat, 50.0).as_secs_f64() * 1e3,
+        percentile(&lat, 90.0).as_secs_f64() * 1e3,
+        percentile(&lat, 99.0).as_secs_f64() * 1e3,
+        lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
+    println!("  throughput {:.0} msg/s delivered", lat.len() as f64 / sending.as_secs_f64());
+
+    if args.idle_sessions > 0 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(pid).unwrap_or(0);
+        let mut idle = Vec::with_capacity(args.idle_sessions);
+        for _ in 0..args.idle_sessions {
+            let mut ws = WsClient::connect(&child.public, "/ws/client", None).await?;
+            ws.send(&json!({"type": "start", "channel": "idle", "name": "Idle"})).await?;
+            ws.wait_for(Duration::from_secs(10), |v| v["type"] == "started").await?;
+            idle.push(ws);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_kib(pid).unwrap_or(0);
+        let per = (after.saturating_sub(before) as f64) / args.idle_sessions as f64;
+        println!("\nidle client sessions (started conversation, following its stream)");
+        println!("  {} sessions: node RSS {} KiB -> {} KiB, {:.1} KiB per session (includes the conversation's state)", args.idle_sessions, before, after, per);
+        drop(idle);
+    }
+    for task in operator_tasks {
+        task.abort();
+    }
+    let _ = child.process.kill().await;
+    Ok(())
+}

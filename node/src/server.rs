@@ -1,0 +1,294 @@
+//! A running node: sled, its Raft group, the shard's actors and the gateway listeners.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ractor::ActorRef;
+use switchboard_actors::actors::{now_ms, ShardSupervisor, SupervisorArgs, SupervisorMsg};
+use switchboard_actors::core::Reply;
+use switchboard_actors::model::{Command, Envelope};
+use switchboard_actors::shard::{Proposer, Shard, StreamKey, Wakeups};
+use switchboard_gateway::{Backend, BoxFuture, Gateway, GatewayConfig, Limits, TokenKey};
+use switchboard_raft::network::{serve, NetworkFactory, Router};
+use switchboard_raft::store::open_group;
+use switchboard_raft::{default_config, tls, Machine, Node, Raft, Request};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+/// The shard every entity lives in until the cluster issue adds more.
+pub const SHARD_GROUP: u64 = 1;
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| e.to_string())
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(v, _)| v).map_err(|e| e.to_string())
+}
+
+type ApplyResult = Result<Reply, switchboard_actors::Error>;
+
+/// Plugs the domain shard into the Raft state machine.
+struct ShardMachine {
+    shard: Arc<Shard>,
+}
+
+impl Machine for ShardMachine {
+    fn apply(&self, _index: u64, request: &[u8]) -> Vec<u8> {
+        let result: ApplyResult = match decode::<Envelope>(request) {
+            Ok(envelope) if envelope.v == Envelope::VERSION => self.shard.apply(&envelope),
+            Ok(envelope) => Err(switchboard_actors::Error::Invalid(format!("unknown entry version {}", envelope.v))),
+            Err(e) => Err(switchboard_actors::Error::Invalid(format!("undecodable entry: {e}"))),
+        };
+        encode(&result).unwrap_or_default()
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        self.shard.snapshot().map_err(|e| e.to_string())
+    }
+
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
+        self.shard.restore(snapshot).map_err(|e| e.to_string())
+    }
+
+    fn reset(&self) {
+        self.shard.reset();
+    }
+}
+
+/// Commits commands through the shard's Raft group.
+#[derive(Clone)]
+struct RaftProposer {
+    raft: Raft,
+}
+
+impl RaftProposer {
+    async fn commit(raft: Raft, command: Command) -> ApplyResult {
+        let bytes = encode(&Envelope::new(now_ms(), command)).map_err(switchboard_actors::Error::Commit)?;
+        let response = raft
+            .client_write(Request(bytes))
+            .await
+            .map_err(|e| switchboard_actors::Error::Commit(e.to_string()))?;
+        decode::<ApplyResult>(&response.data.0).map_err(switchboard_actors::Error::Commit)?
+    }
+}
+
+impl Proposer for RaftProposer {
+    fn propose(&self, command: Command) -> std::pin::Pin<Box<dyn std::future::Future<Output = ApplyResult> + Send>> {
+        Box::pin(Self::commit(self.raft.clone(), command))
+    }
+}
+
+struct NodeBackend {
+    node_id: u64,
+    raft: Raft,
+    shard: Arc<Shard>,
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+impl Backend for NodeBackend {
+    fn submit(&self, command: Command) -> BoxFuture<ApplyResult> {
+        Box::pin(RaftProposer::commit(self.raft.clone(), command))
+    }
+
+    fn shard(&self) -> Arc<Shard> {
+        self.shard.clone()
+    }
+
+    fn subscribe(&self, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>> {
+        let supervisor = self.supervisor.clone();
+        Box::pin(async move { switchboard_actors::actors::subscribe(&supervisor, key).await })
+    }
+
+    fn ready(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    fn metrics(&self) -> String {
+        let m = self.raft.metrics().borrow().clone();
+        let mut out = String::new();
+        let leader = u8::from(m.current_leader == Some(self.node_id));
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let last_log = m.last_log_index.unwrap_or(0);
+        let _ = writeln!(out, "# HELP switchboard_raft_is_leader Whether this node leads the shard group.\n# TYPE switchboard_raft_is_leader gauge");
+        let _ = writeln!(out, "switchboard_raft_is_leader{{group=\"{SHARD_GROUP}\"}} {leader}");
+        let _ = writeln!(out, "# HELP switchboard_raft_term Current Raft term.\n# TYPE switchboard_raft_term gauge");
+        let _ = writeln!(out, "switchboard_raft_term{{group=\"{SHARD_GROUP}\"}} {}", m.current_term);
+        let _ = writeln!(out, "# HELP switchboard_raft_last_applied Index of the last applied entry.\n# TYPE switchboard_raft_last_applied gauge");
+        let _ = writeln!(out, "switchboard_raft_last_applied{{group=\"{SHARD_GROUP}\"}} {applied}");
+        let _ = writeln!(out, "# HELP switchboard_raft_last_log Index of the last log entry.\n# TYPE switchboard_raft_last_log gauge");
+        let _ = writeln!(out, "switchboard_raft_last_log{{group=\"{SHARD_GROUP}\"}} {last_log}");
+        let state = self.shard.read();
+        let queued: usize = state.groups.values().map(|g| g.queue.len()).sum();
+        let _ = writeln!(out, "# HELP switchboard_conversations_queued Conversations waiting in skill group queues.\n# TYPE switchboard_conversations_queued gauge");
+        let _ = writeln!(out, "switchboard_conversations_queued {queued}");
+        out
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub raft_addr: SocketAddr,
+    pub public_addr: SocketAddr,
+    pub private_addr: SocketAddr,
+    pub client_origins: Vec<String>,
+    pub staff_origins: Vec<String>,
+}
+
+pub struct RunningNode {
+    pub raft: Raft,
+    pub shard: Arc<Shard>,
+    pub public_addr: SocketAddr,
+    pub private_addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    db: sled::Db,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+/// Reads the cluster token key, creating it on first start.
+fn token_key(data_dir: &Path) -> anyhow::Result<TokenKey> {
+    let path = data_dir.join("token.key");
+    if !path.exists() {
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).map_err(|_| anyhow::anyhow!("no randomness"))?;
+        std::fs::write(&path, secret)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    let secret = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+    Ok(TokenKey::new(&secret)?)
+}
+
+pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
+    std::fs::create_dir_all(&options.data_dir).with_context(|| format!("create {}", options.data_dir.display()))?;
+    let certs = options.data_dir.join("certs");
+    let identity = tls::ensure_member(&certs, &format!("node-{}", options.node_id), &[])?;
+    let endpoint = tls::endpoint(&identity, options.raft_addr).context("bind raft endpoint")?;
+    let raft_addr = endpoint.local_addr()?;
+
+    let db = sled::Config::new()
+        .path(options.data_dir.join("sled"))
+        .flush_every_ms(Some(500))
+        .open()
+        .context("open sled (is another switchboard using this data dir?)")?;
+    let shard = Arc::new(Shard::new());
+    let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }))?;
+    let raft = Raft::new(options.node_id, default_config()?, NetworkFactory::new(endpoint.clone(), SHARD_GROUP), log, sm).await?;
+    let router = Router::default();
+    router.add(SHARD_GROUP, raft.clone());
+    let rpc_server = serve(endpoint.clone(), router);
+
+    let supervisor = ShardSupervisor::start(SupervisorArgs {
+        shard: shard.clone(),
+        proposer: Arc::new(RaftProposer { raft: raft.clone() }),
+        leader: false,
+    })
+    .await?;
+
+    if !raft.is_initialized().await? {
+        let members = BTreeMap::from([(options.node_id, Node { addr: raft_addr.to_string() })]);
+        raft.initialize(members).await.context("initialize raft group")?;
+    }
+    wait_for_leadership(&raft, options.node_id).await?;
+
+    // Timers and activation follow leadership.
+    let leadership = {
+        let mut metrics = raft.metrics();
+        let supervisor = supervisor.clone();
+        let node_id = options.node_id;
+        tokio::spawn(async move {
+            let mut was_leader = None;
+            loop {
+                let is_leader = metrics.borrow().current_leader == Some(node_id);
+                if was_leader != Some(is_leader) {
+                    let _ = supervisor.cast(SupervisorMsg::Leadership(is_leader));
+                    was_leader = Some(is_leader);
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), shard: shard.clone(), supervisor });
+    let public = TcpListener::bind(options.public_addr).await.with_context(|| format!("bind public {}", options.public_addr))?;
+    let private = TcpListener::bind(options.private_addr).await.with_context(|| format!("bind private {}", options.private_addr))?;
+    let public_addr = public.local_addr()?;
+    let private_addr = private.local_addr()?;
+    let mut client_origins = options.client_origins.clone();
+    client_origins.push(format!("http://{public_addr}"));
+    let mut staff_origins = options.staff_origins.clone();
+    staff_origins.push(format!("http://{private_addr}"));
+    let config = GatewayConfig {
+        client_origins,
+        staff_origins,
+        client_limits: Limits::CLIENT,
+        operator_limits: Limits::OPERATOR,
+        web_channel: "web".into(),
+    };
+    let gateway = Gateway::new(backend, token_key(&options.data_dir)?, config);
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    let listeners = vec![
+        serve_http(public, switchboard_gateway::public_router(gateway.clone()), shutdown_rx.clone()),
+        serve_http(private, switchboard_gateway::private_router(gateway.clone()), shutdown_rx),
+        rpc_server,
+        leadership,
+    ];
+    info!(%public_addr, %private_addr, %raft_addr, "node started");
+    Ok(RunningNode { raft, shard, public_addr, private_addr, endpoint, db, listeners, shutdown })
+}
+
+fn serve_http(listener: TcpListener, router: axum::Router, mut stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = result {
+            warn!(error = %e, "listener stopped");
+        }
+    })
+}
+
+async fn wait_for_leadership(raft: &Raft, node_id: u64) -> anyhow::Result<()> {
+    let mut metrics = raft.metrics();
+    // Leader, and everything in the log applied: reads after this see all of it.
+    let wait = metrics.wait_for(|m| m.current_leader == Some(node_id) && m.last_applied.map(|l| l.index) >= m.last_log_index);
+    let result = match tokio::time::timeout(Duration::from_secs(30), wait).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(_)) => Err(anyhow::anyhow!("raft stopped before this node became leader")),
+        Err(_) => Err(anyhow::anyhow!("this node did not become leader within 30 s")),
+    };
+    result
+}
+
+impl RunningNode {
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        // WebSockets are upgraded connections graceful shutdown does not wait for.
+        for handle in &self.listeners {
+            handle.abort();
+        }
+        let _ = self.raft.shutdown().await;
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = self.db.flush_async().await;
+    }
+
+    /// Commits a command directly (used by the demo loader).
+    pub async fn submit(&self, command: Command) -> ApplyResult {
+        RaftProposer::commit(self.raft.clone(), command).await
+    }
+}
