@@ -53,6 +53,8 @@ type Write = fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<hyper_util::rt:
 pub struct WsClient {
     write: Arc<Mutex<Write>>,
     incoming: mpsc::UnboundedReceiver<Incoming>,
+    /// Frames skipped by `wait_for`, kept in order for later reads.
+    skipped: std::collections::VecDeque<Incoming>,
 }
 
 impl WsClient {
@@ -117,7 +119,7 @@ impl WsClient {
                 }
             }
         });
-        Ok(WsClient { write, incoming })
+        Ok(WsClient { write, incoming, skipped: Default::default() })
     }
 
     pub async fn send(&self, value: &Value) -> Result<(), ClientError> {
@@ -140,6 +142,13 @@ impl WsClient {
 
     /// The next thing the server sent, or `Timeout`.
     pub async fn next(&mut self, timeout: Duration) -> Result<Incoming, ClientError> {
+        if let Some(message) = self.skipped.pop_front() {
+            return Ok(message);
+        }
+        self.receive(timeout).await
+    }
+
+    async fn receive(&mut self, timeout: Duration) -> Result<Incoming, ClientError> {
         match tokio::time::timeout(timeout, self.incoming.recv()).await {
             Ok(Some(message)) => Ok(message),
             Ok(None) => Err(ClientError::Closed),
@@ -147,17 +156,35 @@ impl WsClient {
         }
     }
 
-    /// Skips frames until one satisfies `matches`; a close on the way is an error.
+    /// The first frame, already received or still to come, that satisfies `matches`.
+    /// Frames passed over stay available, in order, to later calls; a close on the way
+    /// is an error.
     pub async fn wait_for(&mut self, timeout: Duration, matches: impl Fn(&Value) -> bool) -> Result<Value, ClientError> {
+        if let Some(i) = self.skipped.iter().position(|m| matches!(m, Incoming::Json(v) if matches(v))) {
+            if let Some(Incoming::Json(v)) = self.skipped.remove(i) {
+                return Ok(v);
+            }
+        }
+        if self.skipped.iter().any(|m| matches!(m, Incoming::Closed { .. })) {
+            return Err(ClientError::Closed);
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next(left).await? {
+            match self.receive(left).await? {
                 Incoming::Json(v) if matches(&v) => return Ok(v),
-                Incoming::Closed { .. } => return Err(ClientError::Closed),
-                _ => {}
+                Incoming::Closed { code, reason } => {
+                    self.skipped.push_back(Incoming::Closed { code, reason });
+                    return Err(ClientError::Closed);
+                }
+                other => self.skipped.push_back(other),
             }
         }
+    }
+
+    /// Forgets frames passed over by earlier `wait_for` calls.
+    pub fn clear_skipped(&mut self) {
+        self.skipped.clear();
     }
 }
 

@@ -51,6 +51,8 @@ pub trait Backend: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// Node-level metrics in Prometheus text format.
     fn metrics(&self) -> String;
+    /// Chaos drill: make the actor of a stream panic so its supervisor restarts it.
+    fn crash_actor(&self, key: StreamKey);
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -39,6 +39,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/queues", get(queues))
         .route("/api/conversations/{id}", get(conversation))
         .route("/api/conversations/{id}/decisions", get(decisions))
+        .route("/api/chaos/crash-actor", post(crash_actor))
 }
 
 pub(crate) async fn chat_page() -> Html<&'static str> {
@@ -374,4 +375,27 @@ async fn decisions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<
     let conv = state.conversations.get(&id).ok_or_else(|| GatewayError::NotFound(format!("conversation {}", id.0)))?;
     let records: Vec<Value> = conv.decisions.iter().filter_map(|o| state.decisions.get(o)).map(|d| json!(d)).collect();
     Ok(Json(json!({"conversation": id.0, "decisions": records})))
+}
+
+#[derive(Deserialize)]
+struct CrashBody {
+    stream: String,
+    id: String,
+}
+
+/// Chaos drill for SRE teams: an actor panics and its supervisor must restart it from
+/// committed state without anyone noticing.
+async fn crash_actor(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<CrashBody>) -> Result<Response, GatewayError> {
+    staff.require(Role::Admin)?;
+    let key = match body.stream.as_str() {
+        "operator" => switchboard_actors::shard::StreamKey::Operator(OperatorId::new(body.id)),
+        "group" => switchboard_actors::shard::StreamKey::Group(SkillGroupId::new(body.id)),
+        "conversation" => {
+            let id = body.id.parse().map_err(|_| GatewayError::BadRequest("conversation id must be a number".into()))?;
+            switchboard_actors::shard::StreamKey::Conversation(ConversationId(id))
+        }
+        _ => return Err(GatewayError::BadRequest("stream must be operator, group or conversation".into())),
+    };
+    gw.backend.crash_actor(key);
+    Ok((axum::http::StatusCode::ACCEPTED, Json(json!({"status": "crash requested"}))).into_response())
 }

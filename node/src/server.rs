@@ -105,6 +105,10 @@ impl Backend for NodeBackend {
         Box::pin(async move { switchboard_actors::actors::subscribe(&supervisor, key).await })
     }
 
+    fn crash_actor(&self, key: StreamKey) {
+        let _ = self.supervisor.cast(SupervisorMsg::Crash(key));
+    }
+
     fn ready(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)
     }
@@ -179,6 +183,7 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
 
     let db = sled::Config::new()
         .path(options.data_dir.join("sled"))
+        .cache_capacity(64 * 1024 * 1024)
         .flush_every_ms(Some(500))
         .open()
         .context("open sled (is another switchboard using this data dir?)")?;

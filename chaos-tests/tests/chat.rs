@@ -1,0 +1,246 @@
+//! A chat end to end against the real binary: routing, capacity, decline and timeout,
+//! transfer, resume, and actor supervision.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchboard_chaos_tests::{next_event, set_presence, Dev, WAIT};
+use switchboard_gateway::client::WsClient;
+
+async fn dev() -> anyhow::Result<(tempfile::TempDir, Dev)> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    Ok((dir, dev))
+}
+
+async fn set_offer_timeout(dev: &Dev, group: &str, ms: u64) -> anyhow::Result<()> {
+    let admin = dev.login("admin").await?;
+    let (status, body) = dev
+        .api("PUT", &format!("/api/skill-groups/{group}"), Some(&admin), Some(json!({"name": group, "offer_timeout_ms": ms})))
+        .await?;
+    anyhow::ensure!(status == 200, "set timeout: {status} {body}");
+    Ok(())
+}
+
+async fn send(ws: &WsClient, key: &str, text: &str) -> anyhow::Result<()> {
+    ws.send(&json!({"type": "send", "key": key, "text": text})).await?;
+    Ok(())
+}
+
+async fn accept(ws: &mut WsClient, offer: &Value) -> anyhow::Result<Value> {
+    ws.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "accept"})).await?;
+    next_event(ws, "assigned").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_message_reaches_operator_and_reply_reaches_client() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (mut alice, hello) = dev.operator("alice").await?;
+    assert_eq!(hello["presence"], "offline");
+    set_presence(&mut alice, "online").await?;
+
+    let (mut client, conversation, _) = dev.client("Ann").await?;
+    send(&client, "k1", "Hello, my invoice is wrong").await?;
+    let ack = client.wait_for(WAIT, |v| v["type"] == "ack").await?;
+    assert_eq!(ack["key"], "k1");
+    assert_eq!(ack["duplicate"], false);
+
+    // Queued in the channel's default group (general), offered to the only online operator.
+    let offer = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer["conversation"], conversation);
+    assert_eq!(offer["group"], "general");
+    let assigned = accept(&mut alice, &offer).await?;
+    let texts: Vec<&str> = assigned["history"].as_array().unwrap().iter().filter_map(|e| e["text"].as_str()).collect();
+    assert_eq!(texts, vec!["Hello, my invoice is wrong"], "the operator sees the history on accept");
+
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "r1", "text": "Let me check that for you"})).await?;
+    let reply = client.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "message" && v["from"] == "operator").await?;
+    assert_eq!(reply["text"], "Let me check that for you");
+    assert_eq!(reply["name"], "Alice");
+
+    // The decision record explains the choice.
+    let supervisor = dev.login("supervisor").await?;
+    let (status, decisions) = dev.api("GET", &format!("/api/conversations/{conversation}/decisions"), Some(&supervisor), None).await?;
+    assert_eq!(status, 200);
+    let record = &decisions["decisions"][0];
+    assert_eq!(record["chosen"], "alice");
+    assert_eq!(record["policy"], "longest_idle");
+    let bob = record["candidates"].as_array().unwrap().iter().find(|c| c["operator"] == "bob").unwrap();
+    assert_eq!(bob["excluded"], "offline");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_never_exceeds_capacity_and_third_waits_for_a_free_slot() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (mut alice, hello) = dev.operator("alice").await?;
+    assert_eq!(hello["capacity"], 2);
+    set_presence(&mut alice, "online").await?;
+
+    let mut conversations = Vec::new();
+    for name in ["One", "Two", "Three"] {
+        let (ws, id, _) = dev.client(name).await?;
+        conversations.push((ws, id));
+    }
+    let first = next_event(&mut alice, "offer").await?;
+    let second = next_event(&mut alice, "offer").await?;
+    accept(&mut alice, &first).await?;
+    accept(&mut alice, &second).await?;
+    assert_eq!(first["conversation"], conversations[0].1);
+    assert_eq!(second["conversation"], conversations[1].1);
+
+    // The third waits: alice is full, and the queue shows it.
+    let supervisor = dev.login("supervisor").await?;
+    let (_, queues) = dev.api("GET", "/api/queues", Some(&supervisor), None).await?;
+    let general = queues["queues"].as_array().unwrap().iter().find(|q| q["group"] == "general").unwrap().clone();
+    assert_eq!(general["waiting"], 1, "{queues}");
+    let (_, ops) = dev.api("GET", "/api/operators", Some(&supervisor), None).await?;
+    let alice_row = ops["operators"].as_array().unwrap().iter().find(|o| o["id"] == "alice").unwrap().clone();
+    assert_eq!(alice_row["load"], 2);
+    assert!(
+        alice.wait_for(Duration::from_millis(500), |v| v["kind"] == "offer").await.is_err(),
+        "no third offer while at capacity"
+    );
+
+    // A slot frees: the third is offered at once.
+    alice.send(&json!({"type": "close", "conversation": conversations[0].1, "resolution": "done", "ref": "c"})).await?;
+    let third = next_event(&mut alice, "offer").await?;
+    assert_eq!(third["conversation"], conversations[2].1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decline_and_timeout_pass_to_next_operator_and_queue_keeps_position() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    set_offer_timeout(&dev, "general", 1000).await?;
+    // Two conversations wait while nobody is online.
+    let (_c1, first, _) = dev.client("First").await?;
+    let (_c2, second, _) = dev.client("Second").await?;
+
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    // Original position: the first conversation is offered first.
+    let offer = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer["conversation"], first);
+    let offer2 = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer2["conversation"], second);
+
+    // Decline the first: nobody else is online, so it stays queued.
+    alice.send(&json!({"type": "decline", "offer": offer["offer"], "reason": "busy", "ref": "d"})).await?;
+    let withdrawn = next_event(&mut alice, "offer_withdrawn").await?;
+    assert_eq!(withdrawn["reason"], "declined");
+
+    // Let the second time out.
+    let expired = alice.wait_for(Duration::from_secs(5), |v| v["kind"] == "offer_withdrawn" && v["reason"] == "expired").await?;
+    assert_eq!(expired["conversation"], second);
+
+    // Bob comes online: both go to him, the first (older) one first.
+    let (mut bob, _) = dev.operator("bob").await?;
+    set_presence(&mut bob, "online").await?;
+    let to_bob = next_event(&mut bob, "offer").await?;
+    assert_eq!(to_bob["conversation"], first);
+    let to_bob2 = next_event(&mut bob, "offer").await?;
+    assert_eq!(to_bob2["conversation"], second);
+    accept(&mut bob, &to_bob).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_to_operator_carries_history_and_comment() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (client, conversation, _) = dev.client("Ann").await?;
+    send(&client, "k1", "I need a technician").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    accept(&mut alice, &offer).await?;
+
+    let (mut bob, _) = dev.operator("bob").await?;
+    set_presence(&mut bob, "online").await?;
+    alice
+        .send(&json!({"type": "transfer", "conversation": conversation, "to_operator": "bob", "comment": "router issue", "ref": "t"}))
+        .await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "t").await?;
+    next_event(&mut alice, "released").await?;
+    let assigned = next_event(&mut bob, "assigned").await?;
+    assert_eq!(assigned["conversation"], conversation);
+    let history = assigned["history"].as_array().unwrap();
+    assert!(history.iter().any(|e| e["text"] == "I need a technician"));
+    assert!(history.iter().any(|e| e["kind"] == "transferred" && e["comment"] == "router issue"));
+
+    // Alice no longer holds it.
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "x", "text": "still me?"})).await?;
+    let error = alice.wait_for(WAIT, |v| v["type"] == "error").await?;
+    assert_eq!(error["code"], "not_assigned");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_resume_from_last_sequence_without_gap_or_duplicate() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (mut client, conversation, token) = dev.client("Ann").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    accept(&mut alice, &offer).await?;
+    send(&client, "k1", "first").await?;
+    let first = client.wait_for(WAIT, |v| v["type"] == "event" && v["text"] == "first").await?;
+    let last_seen = first["seq"].as_u64().unwrap();
+    client.close().await;
+    drop(client);
+
+    // While the client is away, the operator writes twice.
+    for (key, text) in [("r1", "reply one"), ("r2", "reply two")] {
+        alice.send(&json!({"type": "send", "conversation": conversation, "key": key, "text": text})).await?;
+        alice.wait_for(WAIT, |v| v["type"] == "ack" && v["key"] == key).await?;
+    }
+    let mut client = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    client.send(&json!({"type": "resume", "token": token, "last_seq": last_seen})).await?;
+    let resumed = client.wait_for(WAIT, |v| v["type"] == "resumed").await?;
+    assert_eq!(resumed["conversation"], conversation);
+    let mut seqs = Vec::new();
+    let mut texts = Vec::new();
+    while seqs.len() < 2 {
+        let event = client.wait_for(WAIT, |v| v["type"] == "event").await?;
+        seqs.push(event["seq"].as_u64().unwrap());
+        texts.push(event["text"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(seqs, vec![last_seen + 1, last_seen + 2], "no gap, no duplicate");
+    assert_eq!(texts, vec!["reply one", "reply two"]);
+    assert!(client.wait_for(Duration::from_millis(300), |v| v["type"] == "event").await.is_err(), "nothing replayed twice");
+
+    // The operator resumes too: everything after its last seen number, once.
+    let hello_seq = {
+        let (_, hello) = dev.operator("alice").await?;
+        hello["seq"].as_u64().unwrap()
+    };
+    send(&client, "k2", "are you there?").await?;
+    let (mut again, _) = dev.operator_resume("alice", hello_seq).await?;
+    let event = next_event(&mut again, "conversation").await?;
+    assert_eq!(event["seq"].as_u64().unwrap(), hello_seq + 1);
+    assert_eq!(event["entry"]["text"], "are you there?");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_operator_actor_restarts_and_keeps_its_offer_timer() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    set_offer_timeout(&dev, "general", 1500).await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (_client, conversation, _) = dev.client("Ann").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer["conversation"], conversation);
+
+    // Chaos drill: the operator actor that owns the offer timer panics.
+    let admin = dev.login("admin").await?;
+    let (status, _) = dev.api("POST", "/api/chaos/crash-actor", Some(&admin), Some(json!({"stream": "operator", "id": "alice"}))).await?;
+    assert_eq!(status, 202);
+
+    // The restarted actor re-armed the timer from committed state; the socket kept going.
+    let expired = alice.wait_for(Duration::from_secs(6), |v| v["kind"] == "offer_withdrawn").await?;
+    assert_eq!(expired["reason"], "expired");
+    let log = std::fs::read_to_string(dev.data_dir.join("node.log"))?;
+    assert!(log.contains("restarting from committed state"), "the supervisor logged the restart");
+    Ok(())
+}
