@@ -348,6 +348,11 @@ impl ShardState {
                 }
             }
             Event::ConversationAssigned { conversation, operator } => {
+                // Recorded before the status changes: the new holder reads it as part of
+                // the history in its `Assigned` item, not twice.
+                let name = self.operator_name(operator);
+                let item = HistoryItem::Assigned { operator: operator.clone(), name };
+                self.record_unmirrored(*conversation, at, item, &mut touched);
                 let mut group = None;
                 if let Some(conv) = self.conversations.get_mut(conversation) {
                     if let ConversationStatus::Queued { ticket, .. } = conv.status {
@@ -363,8 +368,6 @@ impl ShardState {
                     }
                     touched.groups.insert(group);
                 }
-                let name = self.operator_name(operator);
-                self.record(*conversation, at, HistoryItem::Assigned { operator: operator.clone(), name }, &mut touched);
                 let history_upto = self.conversations.get(conversation).map(|c| c.last_seq()).unwrap_or(0);
                 if let Some(op) = self.operators.get_mut(operator) {
                     op.active.insert(*conversation);
@@ -426,17 +429,24 @@ impl ShardState {
     /// Appends to a conversation's history and mirrors the entry into the feed of the
     /// operator holding it. Returns the new entry's sequence number.
     fn record(&mut self, conversation: ConversationId, at: Timestamp, item: HistoryItem, touched: &mut Touched) -> Option<u64> {
-        let conv = self.conversations.get_mut(&conversation)?;
-        let seq = conv.last_seq() + 1;
-        let entry = HistoryEntry { seq, at, item };
-        conv.history.push(entry.clone());
-        touched.conversations.insert(conversation);
+        let seq = self.record_unmirrored(conversation, at, item, touched)?;
+        let conv = self.conversations.get(&conversation)?;
+        let entry = conv.history.last()?.clone();
         if let Some(operator) = conv.assigned().cloned() {
             if let Some(op) = self.operators.get_mut(&operator) {
                 op.feed.push(at, FeedItem::Conversation { conversation, entry });
                 touched.operators.insert(operator);
             }
         }
+        Some(seq)
+    }
+
+    /// Appends to a conversation's history only.
+    fn record_unmirrored(&mut self, conversation: ConversationId, at: Timestamp, item: HistoryItem, touched: &mut Touched) -> Option<u64> {
+        let conv = self.conversations.get_mut(&conversation)?;
+        let seq = conv.last_seq() + 1;
+        conv.history.push(HistoryEntry { seq, at, item });
+        touched.conversations.insert(conversation);
         Some(seq)
     }
 

@@ -145,6 +145,9 @@ impl ClientSession {
                         None => return Err(frames::error("not_found", "conversation not found", None)),
                     }
                 };
+                if last_seq > last {
+                    return Err(frames::error("invalid", &format!("last_seq {last_seq} is ahead of the conversation ({last})"), None));
+                }
                 out.json(json!({"type": "resumed", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0, "last_seq": last}))
                     .await;
                 self.follow(conversation, last_seq, out).await?;

@@ -218,7 +218,9 @@ impl Session for OperatorSession {
                 "offers": offers,
                 "seq": op.feed.last_seq,
             });
-            (hello, self.resume_from.unwrap_or(op.feed.last_seq))
+            // A resume point ahead of the feed cannot be honoured: start from now.
+            let start = self.resume_from.filter(|seq| *seq <= op.feed.last_seq).unwrap_or(op.feed.last_seq);
+            (hello, start)
             })
         };
         let Some((hello, start)) = snapshot else {

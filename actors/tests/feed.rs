@@ -1,0 +1,51 @@
+//! What an operator's feed carries: every history entry of a held conversation exactly
+//! once, either inside the `Assigned` item or as a later `Conversation` item.
+
+use switchboard_actors::core::handle;
+use switchboard_actors::model::*;
+use switchboard_actors::state::{FeedItem, ShardState};
+
+fn run(state: &mut ShardState, at: u64, command: Command) {
+    handle(state, &Envelope::new(Timestamp(at), command)).expect("command accepted");
+}
+
+#[test]
+fn assignment_history_reaches_the_operator_exactly_once() {
+    let mut s = ShardState::default();
+    run(&mut s, 0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 5000 }));
+    for op in ["ann", "bob"] {
+        run(&mut s, 0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new(op), name: op.into(), capacity: 1, groups: vec![SkillGroupId::new("g")] }));
+        run(&mut s, 1, Command::SetPresence { operator: OperatorId::new(op), presence: Presence::Online });
+    }
+    run(&mut s, 0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") }));
+    run(&mut s, 10, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
+    let conv = ConversationId(0);
+    run(&mut s, 11, Command::PostClientMessage { conversation: conv, key: "k1".into(), text: "hello".into() });
+    let offer = *s.offers.keys().next().expect("offered");
+    let holder = s.offers[&offer].operator.clone();
+    run(&mut s, 12, Command::AcceptOffer { operator: holder.clone(), offer });
+    run(&mut s, 13, Command::PostClientMessage { conversation: conv, key: "k2".into(), text: "still there?".into() });
+    let other = if holder.as_str() == "ann" { OperatorId::new("bob") } else { OperatorId::new("ann") };
+    run(&mut s, 14, Command::Transfer { operator: holder.clone(), conversation: conv, target: TransferTarget::Operator(other.clone()), comment: "yours".into() });
+    run(&mut s, 15, Command::PostClientMessage { conversation: conv, key: "k3".into(), text: "hi again".into() });
+
+    let history_len = s.conversations[&conv].history.len() as u64;
+    for (operator, expect_released) in [(&holder, true), (&other, false)] {
+        let mut seen: Vec<u64> = Vec::new();
+        for entry in &s.operators[operator].feed.entries {
+            match &entry.item {
+                FeedItem::Assigned { history_upto, .. } => seen.extend(1..=*history_upto),
+                FeedItem::Conversation { entry, .. } => seen.push(entry.seq),
+                _ => {}
+            }
+        }
+        let mut deduped = seen.clone();
+        deduped.dedup();
+        assert_eq!(seen, deduped, "{operator}: an entry reached the feed twice: {seen:?}");
+        let released = s.operators[operator].feed.entries.iter().any(|e| matches!(e.item, FeedItem::Released { .. }));
+        assert_eq!(released, expect_released);
+        if !expect_released {
+            assert_eq!(seen.last().copied(), Some(history_len), "the holder saw everything up to the end");
+        }
+    }
+}
