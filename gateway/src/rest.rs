@@ -343,8 +343,12 @@ fn check_read(staff: &Staff, state: &switchboard_actors::state::ShardState, id: 
     }
 }
 
-async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<u64>) -> Result<Json<Value>, GatewayError> {
-    let id = ConversationId(id);
+fn conversation_id(raw: &str) -> Result<ConversationId, GatewayError> {
+    raw.parse().map(ConversationId).map_err(|_| GatewayError::BadRequest(format!("conversation id {raw:?} is not a number")))
+}
+
+async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
+    let id = conversation_id(&id)?;
     let shard = gw.backend.shard();
     let state = shard.read();
     check_read(&staff, &state, id)?;
@@ -367,8 +371,8 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
     })))
 }
 
-async fn decisions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<u64>) -> Result<Json<Value>, GatewayError> {
-    let id = ConversationId(id);
+async fn decisions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
+    let id = conversation_id(&id)?;
     let shard = gw.backend.shard();
     let state = shard.read();
     check_read(&staff, &state, id)?;

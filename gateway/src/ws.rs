@@ -134,6 +134,7 @@ pub trait Session: Send + 'static {
 
 const KEEPALIVE: Duration = Duration::from_secs(30);
 const OUTBOX_DEPTH: usize = 64;
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Runs a socket until either side closes it.
 pub async fn drive<S: Session>(mut ws: WebSocket<TokioIo<Upgraded>>, mut session: S, limits: Limits, metrics: Arc<Metrics>) {
@@ -216,6 +217,21 @@ pub async fn drive<S: Session>(mut ws: WebSocket<TokioIo<Upgraded>>, mut session
     }
     drop(outbox);
     let _ = writer.await;
+    // Linger briefly, discarding what the peer still sends, so our close frame is read
+    // before the socket goes away (closing with unread input would reset the connection
+    // and could destroy the close frame in flight).
+    let drain = async {
+        loop {
+            match read.read_frame(&mut |_frame: Frame<'_>| async { Ok::<(), WebSocketError>(()) }).await {
+                Ok(frame) if frame.opcode != OpCode::Close => continue,
+                Ok(_) | Err(WebSocketError::UnexpectedEOF) | Err(WebSocketError::ConnectionClosed) => break,
+                // Unparseable input (the rest of an oversized frame): we cannot skip it,
+                // so give the peer the linger time to read our close frame first.
+                Err(_) => std::future::pending::<()>().await,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
     session.on_end();
 }
 
