@@ -166,6 +166,12 @@ impl Actor for ShardSupervisor {
                         }
                     }
                 }
+                let floor_changed = !notice.touched.groups.is_empty() || !notice.touched.operators.is_empty();
+                if floor_changed {
+                    if let Some(actor) = state.active.get(&StreamKey::Floor) {
+                        let _ = actor.cast(EntityMsg::Wake);
+                    }
+                }
                 let keys = notice
                     .touched
                     .conversations

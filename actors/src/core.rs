@@ -18,6 +18,11 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 pub const MAX_TEXT_CHARS: usize = 4000;
 /// Longest idempotency key, in bytes.
 pub const MAX_KEY_BYTES: usize = 128;
+/// Attachments one message may carry.
+pub const MAX_ATTACHMENTS_PER_MESSAGE: usize = 5;
+/// Tags a closed conversation may carry, and their length in characters.
+pub const MAX_TAGS: usize = 10;
+pub const MAX_TAG_CHARS: usize = 40;
 
 /// What the proposer of a command is told once it is committed and applied.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +141,34 @@ fn check_text(text: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// A message needs text or at least one attachment, and its attachments must have been
+/// uploaded to this conversation.
+fn check_message(state: &ShardState, conversation: ConversationId, text: &str, attachments: &[AttachmentId]) -> Result<Vec<Attachment>, Error> {
+    if attachments.len() > MAX_ATTACHMENTS_PER_MESSAGE {
+        return Err(Error::Invalid(format!("at most {MAX_ATTACHMENTS_PER_MESSAGE} attachments per message")));
+    }
+    if attachments.is_empty() || !text.is_empty() {
+        check_text(text)?;
+    }
+    attachments
+        .iter()
+        .map(|id| match state.attachments.get(id) {
+            Some(a) if a.conversation == conversation => Ok(a.clone()),
+            _ => Err(Error::NotFound(format!("attachment {} in this conversation", id.0))),
+        })
+        .collect()
+}
+
+fn check_tags(tags: &[String]) -> Result<(), Error> {
+    if tags.len() > MAX_TAGS {
+        return Err(Error::Invalid(format!("at most {MAX_TAGS} tags")));
+    }
+    if tags.iter().any(|t| t.trim().is_empty() || t.chars().count() > MAX_TAG_CHARS) {
+        return Err(Error::Invalid(format!("tags must be 1 to {MAX_TAG_CHARS} characters")));
+    }
+    Ok(())
+}
+
 fn check_key(key: &str) -> Result<(), Error> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
         return Err(Error::Invalid(format!("idempotency key must be 1 to {MAX_KEY_BYTES} bytes")));
@@ -201,7 +234,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 ],
             ))
         }
-        Command::PostClientMessage { conversation: conv_id, key, text } => {
+        Command::PostClientMessage { conversation: conv_id, key, text, attachments } => {
             check_key(key)?;
             let conv = conversation(conv_id)?;
             if let Some(seq) = conv.keys.get(key) {
@@ -210,11 +243,11 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             if conv.status == ConversationStatus::Closed {
                 return Err(Error::Closed(*conv_id));
             }
-            check_text(text)?;
+            let attachments = check_message(state, *conv_id, text, attachments)?;
             let seq = conv.last_seq() + 1;
             Ok((
                 Reply::Message { seq, duplicate: false },
-                vec![Event::ClientMessagePosted { conversation: *conv_id, key: key.clone(), text: text.clone() }],
+                vec![Event::ClientMessagePosted { conversation: *conv_id, key: key.clone(), text: text.clone(), attachments }],
             ))
         }
         Command::CloseByClient { conversation: conv_id } => {
@@ -223,7 +256,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 return Ok((Reply::Done, vec![]));
             }
             let mut events = withdraw_pending(state, conv_id, WithdrawReason::ConversationClosed);
-            events.push(Event::ConversationClosed { conversation: *conv_id, by: Closer::Client, resolution: String::new() });
+            events.push(Event::ConversationClosed { conversation: *conv_id, by: Closer::Client, resolution: String::new(), tags: vec![] });
             Ok((Reply::Done, events))
         }
         Command::Rate { conversation: conv_id, score, comment } => {
@@ -290,17 +323,23 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             }
             Ok((Reply::Done, vec![Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::Expired, detail: String::new() }]))
         }
-        Command::PostOperatorMessage { operator: op_id, conversation: conv_id, key, text } => {
+        Command::PostOperatorMessage { operator: op_id, conversation: conv_id, key, text, attachments } => {
             check_key(key)?;
             let conv = conversation(conv_id)?;
             if let Some(seq) = conv.keys.get(key) {
                 return Ok((Reply::Message { seq: *seq, duplicate: true }, vec![]));
             }
             held_by(conv_id, op_id)?;
-            check_text(text)?;
+            let attachments = check_message(state, *conv_id, text, attachments)?;
             Ok((
                 Reply::Message { seq: conv.last_seq() + 1, duplicate: false },
-                vec![Event::OperatorMessagePosted { conversation: *conv_id, operator: op_id.clone(), key: key.clone(), text: text.clone() }],
+                vec![Event::OperatorMessagePosted {
+                    conversation: *conv_id,
+                    operator: op_id.clone(),
+                    key: key.clone(),
+                    text: text.clone(),
+                    attachments,
+                }],
             ))
         }
         Command::Transfer { operator: op_id, conversation: conv_id, target, comment } => {
@@ -345,15 +384,108 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 }
             }
         }
-        Command::CloseByOperator { operator: op_id, conversation: conv_id, resolution } => {
+        Command::CloseByOperator { operator: op_id, conversation: conv_id, resolution, tags } => {
             held_by(conv_id, op_id)?;
             if resolution.chars().count() > MAX_TEXT_CHARS {
                 return Err(Error::TooLong { limit: MAX_TEXT_CHARS, actual: resolution.chars().count() });
             }
+            check_tags(tags)?;
             Ok((
                 Reply::Done,
-                vec![Event::ConversationClosed { conversation: *conv_id, by: Closer::Operator, resolution: resolution.clone() }],
+                vec![Event::ConversationClosed {
+                    conversation: *conv_id,
+                    by: Closer::Operator,
+                    resolution: resolution.clone(),
+                    tags: tags.clone(),
+                }],
             ))
+        }
+        Command::Reassign { by, conversation: conv_id, target, comment } => {
+            let conv = conversation(conv_id)?;
+            if comment.chars().count() > MAX_TEXT_CHARS {
+                return Err(Error::TooLong { limit: MAX_TEXT_CHARS, actual: comment.chars().count() });
+            }
+            let follow_up = match target {
+                TransferTarget::Operator(to) => {
+                    let to_op = operator(to)?;
+                    match &conv.status {
+                        ConversationStatus::Closed => return Err(Error::Closed(*conv_id)),
+                        ConversationStatus::Assigned { operator } if operator == to => {
+                            return Err(Error::Invalid(format!("conversation already held by {to}")));
+                        }
+                        _ => {}
+                    }
+                    if to_op.presence == Presence::Offline {
+                        return Err(Error::Unavailable(format!("operator {to} is offline")));
+                    }
+                    if to_op.free_capacity() == 0 {
+                        return Err(Error::CapacityExceeded(to.clone()));
+                    }
+                    Event::ConversationAssigned { conversation: *conv_id, operator: to.clone() }
+                }
+                TransferTarget::Group(group) => {
+                    if conv.status == ConversationStatus::Closed {
+                        return Err(Error::Closed(*conv_id));
+                    }
+                    if !state.groups.contains_key(group) {
+                        return Err(Error::NotFound(format!("skill group {group}")));
+                    }
+                    Event::ConversationQueued { conversation: *conv_id, group: group.clone(), ticket: state.next_ticket }
+                }
+            };
+            let mut events = withdraw_pending(state, conv_id, WithdrawReason::Reassigned);
+            events.push(Event::ConversationReassigned { conversation: *conv_id, by: by.clone(), to: target.clone(), comment: comment.clone() });
+            events.push(follow_up);
+            Ok((Reply::Done, events))
+        }
+        Command::UpsertTemplate(template) => {
+            if template.id.is_empty() || template.id.len() > 64 {
+                return Err(Error::Invalid("template id must be 1 to 64 bytes".into()));
+            }
+            if template.title.trim().is_empty() || template.title.chars().count() > 100 {
+                return Err(Error::Invalid("template title must be 1 to 100 characters".into()));
+            }
+            check_text(&template.text)?;
+            match (&template.group, &template.owner) {
+                (Some(group), None) => {
+                    if !state.groups.contains_key(group) {
+                        return Err(Error::NotFound(format!("skill group {group}")));
+                    }
+                }
+                (None, Some(owner)) => {
+                    operator(owner)?;
+                }
+                _ => return Err(Error::Invalid("a template is either shared with a group or personal".into())),
+            }
+            if let Some(existing) = state.templates.get(&template.id) {
+                if existing.owner != template.owner || existing.group.is_some() != template.group.is_some() {
+                    return Err(Error::Invalid("template id is taken by another template".into()));
+                }
+            }
+            Ok((Reply::Done, vec![Event::TemplateUpserted(template.clone())]))
+        }
+        Command::DeleteTemplate { id } => {
+            if !state.templates.contains_key(id) {
+                return Err(Error::NotFound(format!("template {id}")));
+            }
+            Ok((Reply::Done, vec![Event::TemplateDeleted { id: id.clone() }]))
+        }
+        Command::SetFavourite { operator: op_id, template, favourite } => {
+            operator(op_id)?;
+            if !state.templates.contains_key(template) {
+                return Err(Error::NotFound(format!("template {template}")));
+            }
+            Ok((Reply::Done, vec![Event::FavouriteSet { operator: op_id.clone(), template: template.clone(), favourite: *favourite }]))
+        }
+        Command::StoreAttachment(attachment) => {
+            conversation(&attachment.conversation)?;
+            if state.attachments.contains_key(&attachment.id) {
+                return Err(Error::Invalid(format!("attachment {} exists", attachment.id.0)));
+            }
+            if attachment.size == 0 {
+                return Err(Error::Invalid("attachment is empty".into()));
+            }
+            Ok((Reply::Done, vec![Event::AttachmentStored(attachment.clone())]))
         }
     }
 }

@@ -114,6 +114,8 @@ pub struct SkillGroupConfig {
     pub policy: Policy,
     /// How long an operator has to accept an offer before it passes to the next one.
     pub offer_timeout_ms: u64,
+    /// Target longest wait in the queue; supervisors see who is within it.
+    pub sla_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,11 +160,15 @@ pub enum Presence {
     Online,
     Away,
     Offline,
+    /// A scheduled break: like away, reported separately.
+    Break,
 }
 
 /// What the client told us about themselves when the conversation started.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Visitor {
+    /// A stable id the widget keeps for this visitor, linking their conversations.
+    pub id: Option<String>,
     pub name: String,
     /// Free-form identity attributes (email, phone, customer number…).
     pub attributes: Vec<(String, String)>,
@@ -190,6 +196,7 @@ pub enum WithdrawReason {
     Expired,
     ConversationClosed,
     OperatorUnavailable,
+    Reassigned,
 }
 
 /// An imperative request to a shard. The proposer stamps it into an [`Envelope`].
@@ -208,6 +215,7 @@ pub enum Command {
         conversation: ConversationId,
         key: String,
         text: String,
+        attachments: Vec<AttachmentId>,
     },
     CloseByClient {
         conversation: ConversationId,
@@ -239,6 +247,7 @@ pub enum Command {
         conversation: ConversationId,
         key: String,
         text: String,
+        attachments: Vec<AttachmentId>,
     },
     Transfer {
         operator: OperatorId,
@@ -250,7 +259,53 @@ pub enum Command {
         operator: OperatorId,
         conversation: ConversationId,
         resolution: String,
+        tags: Vec<String>,
     },
+    /// A supervisor moves a queued or assigned conversation.
+    Reassign {
+        by: String,
+        conversation: ConversationId,
+        target: TransferTarget,
+        comment: String,
+    },
+    UpsertTemplate(Template),
+    DeleteTemplate {
+        id: String,
+    },
+    SetFavourite {
+        operator: OperatorId,
+        template: String,
+        favourite: bool,
+    },
+    /// The file is already durable in the blob store; this records who may use it.
+    StoreAttachment(Attachment),
+}
+
+/// A stored file, by id. The bytes live in the node's blob store.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AttachmentId(pub String);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub id: AttachmentId,
+    pub conversation: ConversationId,
+    pub name: String,
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
+    /// `client` or the operator id that uploaded it.
+    pub uploaded_by: String,
+}
+
+/// A reply template: shared within a skill group, or personal to an operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template {
+    pub id: String,
+    pub title: String,
+    pub text: String,
+    pub group: Option<SkillGroupId>,
+    pub owner: Option<OperatorId>,
 }
 
 /// What is written to the Raft log: a command and the proposer's clock.
@@ -327,12 +382,14 @@ pub enum Event {
         conversation: ConversationId,
         key: String,
         text: String,
+        attachments: Vec<Attachment>,
     },
     OperatorMessagePosted {
         conversation: ConversationId,
         operator: OperatorId,
         key: String,
         text: String,
+        attachments: Vec<Attachment>,
     },
     OfferMade {
         offer: Offer,
@@ -360,6 +417,7 @@ pub enum Event {
         conversation: ConversationId,
         by: Closer,
         resolution: String,
+        tags: Vec<String>,
     },
     ConversationRated {
         conversation: ConversationId,
@@ -370,4 +428,20 @@ pub enum Event {
         operator: OperatorId,
         presence: Presence,
     },
+    ConversationReassigned {
+        conversation: ConversationId,
+        by: String,
+        to: TransferTarget,
+        comment: String,
+    },
+    TemplateUpserted(Template),
+    TemplateDeleted {
+        id: String,
+    },
+    FavouriteSet {
+        operator: OperatorId,
+        template: String,
+        favourite: bool,
+    },
+    AttachmentStored(Attachment),
 }

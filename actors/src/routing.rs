@@ -47,6 +47,7 @@ fn exclusion(op: &Operator, conversation: &Conversation) -> Option<&'static str>
     if op.presence != Presence::Online {
         return Some(match op.presence {
             Presence::Away => "away",
+            Presence::Break => "on break",
             _ => "offline",
         });
     }
@@ -88,6 +89,7 @@ mod tests {
             active: (0..active).map(ConversationId).collect(),
             offers: BTreeSet::new(),
             feed: Feed::default(),
+            favourites: BTreeSet::new(),
         }
     }
 
@@ -97,7 +99,7 @@ mod tests {
             state.operators.insert(op.config.id.clone(), op);
         }
         let group = SkillGroup {
-            config: SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy, offer_timeout_ms: 1000 },
+            config: SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy, offer_timeout_ms: 1000, sla_ms: 60_000 },
             queue: BTreeSet::new(),
         };
         let conv = Conversation {

@@ -119,6 +119,8 @@ pub enum StreamKey {
     Conversation(ConversationId),
     Operator(OperatorId),
     Group(SkillGroupId),
+    /// The whole floor: any queue or operator change. Followed by supervisors.
+    Floor,
 }
 
 /// A wake-up counter: readers wait for it to change, then pull from the state.

@@ -24,6 +24,8 @@ pub struct ShardState {
     /// Offers not yet answered; each reserves one unit of its operator's capacity.
     pub offers: BTreeMap<OfferId, Offer>,
     pub decisions: BTreeMap<OfferId, DecisionRecord>,
+    pub templates: BTreeMap<String, Template>,
+    pub attachments: BTreeMap<AttachmentId, Attachment>,
     pub next_conversation: u64,
     pub next_offer: u64,
     /// Queue positions: a conversation keeps its ticket when an offer fails.
@@ -48,6 +50,8 @@ pub struct Operator {
     pub active: BTreeSet<ConversationId>,
     pub offers: BTreeSet<OfferId>,
     pub feed: Feed,
+    /// Template ids this operator marked as favourites.
+    pub favourites: BTreeSet<String>,
 }
 
 impl Operator {
@@ -179,11 +183,11 @@ pub struct HistoryEntry {
 pub enum HistoryItem {
     Started { channel: ChannelId, visitor: Visitor },
     Queued { group: SkillGroupId },
-    ClientMessage { key: String, text: String },
-    OperatorMessage { operator: OperatorId, name: String, key: String, text: String },
+    ClientMessage { key: String, text: String, attachments: Vec<Attachment> },
+    OperatorMessage { operator: OperatorId, name: String, key: String, text: String, attachments: Vec<Attachment> },
     Assigned { operator: OperatorId, name: String },
     Transferred { from: OperatorId, to: TransferTarget, comment: String },
-    Closed { by: Closer, resolution: String },
+    Closed { by: Closer, resolution: String, tags: Vec<String> },
     Rated { score: u8, comment: String },
 }
 
@@ -230,6 +234,7 @@ impl ShardState {
                         active: BTreeSet::new(),
                         offers: BTreeSet::new(),
                         feed: Feed::default(),
+                        favourites: BTreeSet::new(),
                     });
             }
             Event::ChannelUpserted(config) => {
@@ -275,15 +280,22 @@ impl ShardState {
                 touched.groups.insert(group.clone());
                 self.record(*conversation, at, HistoryItem::Queued { group: group.clone() }, &mut touched);
             }
-            Event::ClientMessagePosted { conversation, key, text } => {
-                let seq = self.record(*conversation, at, HistoryItem::ClientMessage { key: key.clone(), text: text.clone() }, &mut touched);
+            Event::ClientMessagePosted { conversation, key, text, attachments } => {
+                let item = HistoryItem::ClientMessage { key: key.clone(), text: text.clone(), attachments: attachments.clone() };
+                let seq = self.record(*conversation, at, item, &mut touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     conv.keys.insert(key.clone(), seq);
                 }
             }
-            Event::OperatorMessagePosted { conversation, operator, key, text } => {
+            Event::OperatorMessagePosted { conversation, operator, key, text, attachments } => {
                 let name = self.operator_name(operator);
-                let item = HistoryItem::OperatorMessage { operator: operator.clone(), name, key: key.clone(), text: text.clone() };
+                let item = HistoryItem::OperatorMessage {
+                    operator: operator.clone(),
+                    name,
+                    key: key.clone(),
+                    text: text.clone(),
+                    attachments: attachments.clone(),
+                };
                 let seq = self.record(*conversation, at, item, &mut touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     conv.keys.insert(key.clone(), seq);
@@ -385,8 +397,9 @@ impl ShardState {
                 }
                 self.release(*conversation, from, at, &mut touched);
             }
-            Event::ConversationClosed { conversation, by, resolution } => {
-                self.record(*conversation, at, HistoryItem::Closed { by: *by, resolution: resolution.clone() }, &mut touched);
+            Event::ConversationClosed { conversation, by, resolution, tags } => {
+                let item = HistoryItem::Closed { by: *by, resolution: resolution.clone(), tags: tags.clone() };
+                self.record(*conversation, at, item, &mut touched);
                 let previous = self
                     .conversations
                     .get_mut(conversation)
@@ -417,6 +430,43 @@ impl ShardState {
                     touched.operators.insert(operator.clone());
                     touched.groups.extend(op.config.groups.iter().cloned());
                 }
+            }
+            Event::ConversationReassigned { conversation, by, to, comment } => {
+                let item = HistoryItem::Transferred { from: OperatorId::new(by.clone()), to: to.clone(), comment: comment.clone() };
+                self.record(*conversation, at, item, &mut touched);
+                let status = self.conversations.get(conversation).map(|c| (c.status.clone(), c.group.clone()));
+                match status {
+                    Some((ConversationStatus::Assigned { operator }, _)) => self.release(*conversation, &operator, at, &mut touched),
+                    Some((ConversationStatus::Queued { ticket, .. }, group)) => {
+                        // Leaves its queue now; the next event assigns or re-queues it.
+                        if let Some(g) = self.groups.get_mut(&group) {
+                            g.queue.remove(&(ticket, *conversation));
+                        }
+                        touched.groups.insert(group);
+                    }
+                    _ => {}
+                }
+            }
+            Event::TemplateUpserted(template) => {
+                self.templates.insert(template.id.clone(), template.clone());
+            }
+            Event::TemplateDeleted { id } => {
+                self.templates.remove(id);
+                for op in self.operators.values_mut() {
+                    op.favourites.remove(id);
+                }
+            }
+            Event::FavouriteSet { operator, template, favourite } => {
+                if let Some(op) = self.operators.get_mut(operator) {
+                    if *favourite {
+                        op.favourites.insert(template.clone());
+                    } else {
+                        op.favourites.remove(template);
+                    }
+                }
+            }
+            Event::AttachmentStored(attachment) => {
+                self.attachments.insert(attachment.id.clone(), attachment.clone());
             }
         }
         touched

@@ -12,7 +12,7 @@ fn run(state: &mut ShardState, at: u64, command: Command) {
 #[test]
 fn assignment_history_reaches_the_operator_exactly_once() {
     let mut s = ShardState::default();
-    run(&mut s, 0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 5000 }));
+    run(&mut s, 0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 5000, sla_ms: 60_000 }));
     for op in ["ann", "bob"] {
         run(&mut s, 0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new(op), name: op.into(), capacity: 1, groups: vec![SkillGroupId::new("g")] }));
         run(&mut s, 1, Command::SetPresence { operator: OperatorId::new(op), presence: Presence::Online });
@@ -20,14 +20,14 @@ fn assignment_history_reaches_the_operator_exactly_once() {
     run(&mut s, 0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") }));
     run(&mut s, 10, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
     let conv = ConversationId(0);
-    run(&mut s, 11, Command::PostClientMessage { conversation: conv, key: "k1".into(), text: "hello".into() });
+    run(&mut s, 11, Command::PostClientMessage { conversation: conv, key: "k1".into(), text: "hello".into(), attachments: vec![] });
     let offer = *s.offers.keys().next().expect("offered");
     let holder = s.offers[&offer].operator.clone();
     run(&mut s, 12, Command::AcceptOffer { operator: holder.clone(), offer });
-    run(&mut s, 13, Command::PostClientMessage { conversation: conv, key: "k2".into(), text: "still there?".into() });
+    run(&mut s, 13, Command::PostClientMessage { conversation: conv, key: "k2".into(), text: "still there?".into(), attachments: vec![] });
     let other = if holder.as_str() == "ann" { OperatorId::new("bob") } else { OperatorId::new("ann") };
     run(&mut s, 14, Command::Transfer { operator: holder.clone(), conversation: conv, target: TransferTarget::Operator(other.clone()), comment: "yours".into() });
-    run(&mut s, 15, Command::PostClientMessage { conversation: conv, key: "k3".into(), text: "hi again".into() });
+    run(&mut s, 15, Command::PostClientMessage { conversation: conv, key: "k3".into(), text: "hi again".into(), attachments: vec![] });
 
     let history_len = s.conversations[&conv].history.len() as u64;
     for (operator, expect_released) in [(&holder, true), (&other, false)] {

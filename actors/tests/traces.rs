@@ -49,6 +49,7 @@ fn parse(line: &str) -> (Timestamp, Command) {
             name: a(2),
             policy: if a(3) == "least_occupied" { Policy::LeastOccupied } else { Policy::LongestIdle },
             offer_timeout_ms: a(4).parse().expect("timeout"),
+            sla_ms: 60_000,
         }),
         "operator" => Command::UpsertOperator(OperatorConfig {
             id: op(2),
@@ -65,30 +66,42 @@ fn parse(line: &str) -> (Timestamp, Command) {
         "start" => Command::StartConversation {
             channel: ChannelId::new(a(2)),
             group: w.get(3).map(SkillGroupId::new),
-            visitor: Visitor { name: "Visitor".into(), attributes: vec![] },
+            visitor: Visitor { id: None, name: "Visitor".into(), attributes: vec![] },
         },
         "presence" => Command::SetPresence {
             operator: op(2),
             presence: match a(3).as_str() {
                 "online" => Presence::Online,
                 "away" => Presence::Away,
+                "break" => Presence::Break,
                 _ => Presence::Offline,
             },
         },
-        "client" => Command::PostClientMessage { conversation: conv(&a(2)), key: a(3), text: a(4) },
+        "client" => Command::PostClientMessage { conversation: conv(&a(2)), key: a(3), text: a(4), attachments: vec![] },
         "client-close" => Command::CloseByClient { conversation: conv(&a(2)) },
         "rate" => Command::Rate { conversation: conv(&a(2)), score: a(3).parse().expect("score"), comment: a(4) },
         "accept" => Command::AcceptOffer { operator: op(2), offer: offer(&a(3)) },
         "decline" => Command::DeclineOffer { operator: op(2), offer: offer(&a(3)), reason: a(4) },
         "expire" => Command::ExpireOffer { offer: offer(&a(2)) },
-        "say" => Command::PostOperatorMessage { operator: op(2), conversation: conv(&a(3)), key: a(4), text: a(5) },
+        "say" => Command::PostOperatorMessage { operator: op(2), conversation: conv(&a(3)), key: a(4), text: a(5), attachments: vec![] },
         "transfer" => Command::Transfer {
             operator: op(2),
             conversation: conv(&a(3)),
             target: if a(4) == "group" { TransferTarget::Group(SkillGroupId::new(a(5))) } else { TransferTarget::Operator(op(5)) },
             comment: a(6),
         },
-        "close" => Command::CloseByOperator { operator: op(2), conversation: conv(&a(3)), resolution: a(4) },
+        "close" => Command::CloseByOperator {
+            operator: op(2),
+            conversation: conv(&a(3)),
+            resolution: a(4),
+            tags: w.get(5).map(|t| t.split(',').map(str::to_owned).collect()).unwrap_or_default(),
+        },
+        "reassign" => Command::Reassign {
+            by: a(2),
+            conversation: conv(&a(3)),
+            target: if a(4) == "group" { TransferTarget::Group(SkillGroupId::new(a(5))) } else { TransferTarget::Operator(op(5)) },
+            comment: a(6),
+        },
         other => panic!("unknown fixture command {other:?} in {line:?}"),
     };
     (at, command)
@@ -128,7 +141,13 @@ fn render(event: &Event) -> String {
         Event::ConversationTransferred { conversation, from, to, comment } => {
             format!("transferred {conversation} from {from} to {to:?} {comment:?}")
         }
-        Event::ConversationClosed { conversation, by, .. } => format!("closed {conversation} by {by:?}"),
+        Event::ConversationClosed { conversation, by, tags, .. } if tags.is_empty() => format!("closed {conversation} by {by:?}"),
+        Event::ConversationClosed { conversation, by, tags, .. } => format!("closed {conversation} by {by:?} tagged {}", tags.join(",")),
+        Event::ConversationReassigned { conversation, by, to, .. } => format!("reassigned {conversation} by {by} to {to:?}"),
+        Event::TemplateUpserted(t) => format!("template {}", t.id),
+        Event::TemplateDeleted { id } => format!("template {id} deleted"),
+        Event::FavouriteSet { operator, template, favourite } => format!("{operator} favourite {template} {favourite}"),
+        Event::AttachmentStored(a) => format!("attachment {}", a.id.0),
         Event::ConversationRated { conversation, score, .. } => format!("rated {conversation} {score}"),
         Event::PresenceChanged { operator, presence } => format!("{operator} is {presence:?}"),
     }

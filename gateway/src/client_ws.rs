@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use fastwebsockets::upgrade::IncomingUpgrade;
 use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
-use switchboard_actors::model::{ChannelId, Command, ConversationId, SkillGroupId, Visitor};
+use switchboard_actors::model::{AttachmentId, ChannelId, Command, ConversationId, SkillGroupId, Visitor};
 use switchboard_actors::shard::StreamKey;
 use tracing::debug;
 
@@ -68,7 +68,7 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(text: &str, known: &[&str]) 
     }
 }
 
-const CLIENT_TYPES: &[&str] = &["start", "resume", "send", "typing", "close", "rate", "ping"];
+const CLIENT_TYPES: &[&str] = &["start", "resume", "send", "typing", "read", "close", "rate", "ping"];
 
 impl ClientSession {
     async fn follow(&mut self, conversation: ConversationId, after_seq: u64, out: &Outbox) -> Result<(), Value> {
@@ -90,8 +90,20 @@ impl ClientSession {
         });
         let signals = Some(self.gw.signals.conversation(conversation));
         self.conversation = Some(conversation);
-        out.follow(Follow { wake, pull, signals }).await;
+        out.follow(Follow { wake, pull, signals, min_interval: None }).await;
         Ok(())
+    }
+
+    /// Forwards an ephemeral signal to the operator holding the conversation, if any.
+    fn signal_operator(&self, conversation: ConversationId, signal: Value) {
+        let operator = {
+            let shard = self.gw.backend.shard();
+            let state = shard.read();
+            state.conversations.get(&conversation).and_then(|c| c.assigned().cloned())
+        };
+        if let Some(operator) = operator {
+            self.gw.signals.to_operator(&operator, signal);
+        }
     }
 
     fn require_conversation(&self) -> Result<ConversationId, Value> {
@@ -100,7 +112,7 @@ impl ClientSession {
 
     async fn handle(&mut self, frame: ClientIn, out: &Outbox) -> Result<Flow, Value> {
         match frame {
-            ClientIn::Start { channel, group, name, attributes } => {
+            ClientIn::Start { channel, group, name, attributes, visitor_id } => {
                 if self.conversation.is_some() {
                     return Err(frames::error("already_started", "this socket already follows a conversation", None));
                 }
@@ -113,10 +125,13 @@ impl ClientSession {
                 {
                     return Err(frames::error("too_long", "too many or too long attributes", None));
                 }
+                if visitor_id.as_ref().is_some_and(|v| v.is_empty() || v.chars().count() > 64) {
+                    return Err(frames::error("invalid", "visitor_id must be 1 to 64 characters", None));
+                }
                 let command = Command::StartConversation {
                     channel: ChannelId::new(channel.unwrap_or_else(|| self.gw.config.web_channel.clone())),
                     group: group.map(SkillGroupId::new),
-                    visitor: Visitor { name, attributes: attributes.into_iter().collect() },
+                    visitor: Visitor { id: visitor_id, name, attributes: attributes.into_iter().collect() },
                 };
                 let conversation = match self.gw.submit(command).await {
                     Ok(Reply::Started { conversation }) => conversation,
@@ -152,10 +167,11 @@ impl ClientSession {
                     .await;
                 self.follow(conversation, last_seq, out).await?;
             }
-            ClientIn::Send { key, text } => {
+            ClientIn::Send { key, text, attachments } => {
                 let conversation = self.require_conversation()?;
                 let reference = json!(key.clone());
-                match self.gw.submit(Command::PostClientMessage { conversation, key: key.clone(), text }).await {
+                let attachments = attachments.into_iter().map(AttachmentId).collect();
+                match self.gw.submit(Command::PostClientMessage { conversation, key: key.clone(), text, attachments }).await {
                     Ok(Reply::Message { seq, duplicate }) => {
                         out.json(json!({"type": "ack", "key": key, "seq": seq, "duplicate": duplicate})).await;
                     }
@@ -165,14 +181,11 @@ impl ClientSession {
             }
             ClientIn::Typing => {
                 let conversation = self.require_conversation()?;
-                let operator = {
-                    let shard = self.gw.backend.shard();
-                    let state = shard.read();
-                    state.conversations.get(&conversation).and_then(|c| c.assigned().cloned())
-                };
-                if let Some(operator) = operator {
-                    self.gw.signals.to_operator(&operator, json!({"type": "typing", "conversation": conversation.0, "from": "client"}));
-                }
+                self.signal_operator(conversation, json!({"type": "typing", "conversation": conversation.0, "from": "client"}));
+            }
+            ClientIn::Read { upto } => {
+                let conversation = self.require_conversation()?;
+                self.signal_operator(conversation, json!({"type": "read", "conversation": conversation.0, "by": "client", "upto": upto}));
             }
             ClientIn::Close => {
                 let conversation = self.require_conversation()?;

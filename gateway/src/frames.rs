@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use switchboard_actors::model::{Closer, Presence, TransferTarget, WithdrawReason};
+use switchboard_actors::model::{Attachment, Closer, Presence, TransferTarget, WithdrawReason};
 use switchboard_actors::state::{FeedEntry, FeedItem, HistoryEntry, HistoryItem};
 
 /// Protocol version announced in `hello`/`started` frames.
@@ -26,6 +26,8 @@ pub enum ClientIn {
         name: Option<String>,
         #[serde(default)]
         attributes: BTreeMap<String, String>,
+        #[serde(default)]
+        visitor_id: Option<String>,
     },
     Resume {
         token: String,
@@ -34,9 +36,15 @@ pub enum ClientIn {
     },
     Send {
         key: String,
+        #[serde(default)]
         text: String,
+        #[serde(default)]
+        attachments: Vec<String>,
     },
     Typing,
+    Read {
+        upto: u64,
+    },
     Close,
     Rate {
         score: u8,
@@ -69,12 +77,19 @@ pub enum OperatorIn {
     Send {
         conversation: u64,
         key: String,
+        #[serde(default)]
         text: String,
+        #[serde(default)]
+        attachments: Vec<String>,
         #[serde(rename = "ref", default)]
         reference: Option<Value>,
     },
     Typing {
         conversation: u64,
+    },
+    Read {
+        conversation: u64,
+        upto: u64,
     },
     Transfer {
         conversation: u64,
@@ -91,6 +106,8 @@ pub enum OperatorIn {
         conversation: u64,
         #[serde(default)]
         resolution: String,
+        #[serde(default)]
+        tags: Vec<String>,
         #[serde(rename = "ref", default)]
         reference: Option<Value>,
     },
@@ -115,6 +132,7 @@ fn presence_name(p: Presence) -> &'static str {
         Presence::Online => "online",
         Presence::Away => "away",
         Presence::Offline => "offline",
+        Presence::Break => "break",
     }
 }
 
@@ -124,6 +142,7 @@ fn withdraw_name(r: WithdrawReason) -> &'static str {
         WithdrawReason::Expired => "expired",
         WithdrawReason::ConversationClosed => "conversation_closed",
         WithdrawReason::OperatorUnavailable => "operator_unavailable",
+        WithdrawReason::Reassigned => "reassigned",
     }
 }
 
@@ -145,9 +164,11 @@ pub fn history_entry(entry: &HistoryEntry, audience: Audience) -> Value {
             v
         }
         HistoryItem::Queued { group } => json!({"kind": "queued", "group": group.as_str()}),
-        HistoryItem::ClientMessage { key, text } => json!({"kind": "message", "from": "client", "key": key, "text": text}),
-        HistoryItem::OperatorMessage { operator, name, key, text } => {
-            let mut v = json!({"kind": "message", "from": "operator", "name": name, "text": text});
+        HistoryItem::ClientMessage { key, text, attachments } => {
+            json!({"kind": "message", "from": "client", "key": key, "text": text, "attachments": attachment_list(attachments)})
+        }
+        HistoryItem::OperatorMessage { operator, name, key, text, attachments } => {
+            let mut v = json!({"kind": "message", "from": "operator", "name": name, "text": text, "attachments": attachment_list(attachments)});
             if audience == Audience::Staff {
                 v["operator"] = json!(operator.as_str());
                 v["key"] = json!(key);
@@ -173,7 +194,7 @@ pub fn history_entry(entry: &HistoryEntry, audience: Audience) -> Value {
             }
             v
         }
-        HistoryItem::Closed { by, resolution } => {
+        HistoryItem::Closed { by, resolution, tags } => {
             let by = match by {
                 Closer::Client => "client",
                 Closer::Operator => "operator",
@@ -181,6 +202,7 @@ pub fn history_entry(entry: &HistoryEntry, audience: Audience) -> Value {
             let mut v = json!({"kind": "closed", "by": by});
             if audience == Audience::Staff {
                 v["resolution"] = json!(resolution);
+                v["tags"] = json!(tags);
             }
             v
         }
@@ -189,6 +211,15 @@ pub fn history_entry(entry: &HistoryEntry, audience: Audience) -> Value {
     v["seq"] = json!(entry.seq);
     v["at"] = json!(entry.at.0);
     v
+}
+
+fn attachment_list(attachments: &[Attachment]) -> Value {
+    Value::Array(
+        attachments
+            .iter()
+            .map(|a| json!({"id": a.id.0, "name": a.name, "content_type": a.content_type, "size": a.size}))
+            .collect(),
+    )
 }
 
 /// A client-stream event frame.

@@ -10,6 +10,7 @@
 //! committed state with its stream's sequence number, so a client can reconnect to any
 //! gateway and resume.
 
+pub mod attachments;
 pub mod auth;
 pub mod client;
 mod client_ws;
@@ -17,6 +18,7 @@ pub mod frames;
 pub mod metrics;
 mod operator_ws;
 mod rest;
+mod supervisor_ws;
 pub mod ws;
 
 use std::collections::HashMap;
@@ -67,6 +69,10 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("too many requests")]
     RateLimited,
+    #[error("the file is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("files of type {0} are not accepted")]
+    UnsupportedType(String),
     #[error("configuration: {0}")]
     Config(String),
     #[error("internal: {0}")]
@@ -85,6 +91,8 @@ impl GatewayError {
             GatewayError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             GatewayError::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            GatewayError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            GatewayError::UnsupportedType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_type"),
             GatewayError::Config(_) | GatewayError::Internal(_) | GatewayError::Io(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -172,17 +180,19 @@ pub struct Gateway {
     pub metrics: Arc<metrics::Metrics>,
     pub throttle: auth::LoginThrottle,
     pub signals: Signals,
+    pub blobs: attachments::BlobStore,
     pub config: GatewayConfig,
 }
 
 impl Gateway {
-    pub fn new(backend: Arc<dyn Backend>, tokens: TokenKey, config: GatewayConfig) -> Arc<Self> {
+    pub fn new(backend: Arc<dyn Backend>, tokens: TokenKey, blobs: attachments::BlobStore, config: GatewayConfig) -> Arc<Self> {
         Arc::new(Gateway {
             backend,
             tokens,
             metrics: Arc::new(metrics::Metrics::default()),
             throttle: auth::LoginThrottle::default(),
             signals: Signals::default(),
+            blobs,
             config,
         })
     }
@@ -226,6 +236,12 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/", get(rest::chat_page))
         .route("/ws/client", get(client_ws::upgrade))
+        .route(
+            "/attachments",
+            axum::routing::post(attachments::client_upload)
+                .layer(axum::extract::DefaultBodyLimit::max(attachments::MAX_ATTACHMENT_BYTES + 1)),
+        )
+        .route("/attachments/{id}", get(attachments::client_download))
         .route("/healthz", get(healthz))
         .with_state(gw)
 }
@@ -234,6 +250,7 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
 pub fn private_router(gw: Arc<Gateway>) -> Router {
     rest::routes()
         .route("/ws/operator", get(operator_ws::upgrade))
+        .route("/ws/supervisor", get(supervisor_ws::upgrade))
         .route("/healthz", get(healthz))
         .with_state(gw)
 }

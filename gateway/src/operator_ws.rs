@@ -10,7 +10,7 @@ use fastwebsockets::upgrade::IncomingUpgrade;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
-use switchboard_actors::model::{Command, ConversationId, OfferId, OperatorId, SkillGroupId, TransferTarget};
+use switchboard_actors::model::{AttachmentId, Command, ConversationId, OfferId, OperatorId, SkillGroupId, TransferTarget};
 use switchboard_actors::shard::StreamKey;
 use switchboard_actors::state::{FeedItem, ShardState};
 use tracing::debug;
@@ -81,7 +81,7 @@ struct OperatorSession {
     resume_from: Option<u64>,
 }
 
-const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "send", "typing", "transfer", "close", "history", "ping"];
+const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "send", "typing", "read", "transfer", "close", "history", "ping"];
 
 /// Whether `operator` may read `conversation`: they hold it, held it, or are offered it.
 pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conversation: ConversationId) -> bool {
@@ -100,6 +100,16 @@ fn history_upto(state: &ShardState, conversation: ConversationId, upto: u64) -> 
 }
 
 impl OperatorSession {
+    /// The operator's display name, if they hold the conversation (signals need that).
+    fn holder_name(&self, conversation: ConversationId) -> Result<String, Value> {
+        let shard = self.gw.backend.shard();
+        let state = shard.read();
+        if state.conversations.get(&conversation).and_then(|c| c.assigned()) != Some(&self.operator) {
+            return Err(frames::error("not_assigned", "only in conversations you hold", None));
+        }
+        Ok(state.operators.get(&self.operator).map(|o| o.config.name.clone()).unwrap_or_default())
+    }
+
     async fn commit(&self, command: Command, reference: Option<&Value>) -> Result<Reply, Value> {
         self.gw.submit(command).await.map_err(|e| frames::error(e.code(), &e.to_string(), reference))
     }
@@ -127,9 +137,11 @@ impl OperatorSession {
                 self.commit(Command::DeclineOffer { operator: me, offer: OfferId(offer), reason }, reference.as_ref()).await?;
                 self.ok(out, reference.as_ref()).await;
             }
-            OperatorIn::Send { conversation, key, text, reference } => {
+            OperatorIn::Send { conversation, key, text, attachments, reference } => {
                 let reference = reference.unwrap_or_else(|| json!(key.clone()));
-                let command = Command::PostOperatorMessage { operator: me, conversation: ConversationId(conversation), key: key.clone(), text };
+                let attachments = attachments.into_iter().map(AttachmentId).collect();
+                let command =
+                    Command::PostOperatorMessage { operator: me, conversation: ConversationId(conversation), key: key.clone(), text, attachments };
                 if let Reply::Message { seq, duplicate } = self.commit(command, Some(&reference)).await? {
                     out.json(json!({"type": "ack", "ref": reference, "key": key, "conversation": conversation, "seq": seq, "duplicate": duplicate}))
                         .await;
@@ -137,15 +149,14 @@ impl OperatorSession {
             }
             OperatorIn::Typing { conversation } => {
                 let conversation = ConversationId(conversation);
-                let name = {
-                    let shard = self.gw.backend.shard();
-                    let state = shard.read();
-                    if state.conversations.get(&conversation).and_then(|c| c.assigned()) != Some(&me) {
-                        return Err(frames::error("not_assigned", "typing only in conversations you hold", None));
-                    }
-                    state.operators.get(&me).map(|o| o.config.name.clone()).unwrap_or_default()
-                };
+                let name = self.holder_name(conversation)?;
                 self.gw.signals.to_conversation(conversation, json!({"type": "typing", "from": "operator", "name": name}));
+            }
+            OperatorIn::Read { conversation, upto } => {
+                let conversation = ConversationId(conversation);
+                self.holder_name(conversation)?;
+                let signal = json!({"type": "read", "conversation": conversation.0, "by": "operator", "upto": upto});
+                self.gw.signals.to_conversation(conversation, signal);
             }
             OperatorIn::Transfer { conversation, to_operator, to_group, comment, reference } => {
                 let target = match (to_operator, to_group) {
@@ -157,8 +168,8 @@ impl OperatorSession {
                 self.commit(command, reference.as_ref()).await?;
                 self.ok(out, reference.as_ref()).await;
             }
-            OperatorIn::Close { conversation, resolution, reference } => {
-                let command = Command::CloseByOperator { operator: me, conversation: ConversationId(conversation), resolution };
+            OperatorIn::Close { conversation, resolution, tags, reference } => {
+                let command = Command::CloseByOperator { operator: me, conversation: ConversationId(conversation), resolution, tags };
                 self.commit(command, reference.as_ref()).await?;
                 self.ok(out, reference.as_ref()).await;
             }
@@ -212,6 +223,7 @@ impl Session for OperatorSession {
                 "operator": op.config.id.as_str(),
                 "name": op.config.name,
                 "presence": frames::presence_str(op.presence),
+                "presence_since": op.presence_since.0,
                 "capacity": op.config.capacity,
                 "groups": op.config.groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
                 "active": op.active.iter().map(|c| c.0).collect::<Vec<_>>(),
@@ -252,7 +264,7 @@ impl Session for OperatorSession {
             frames_out
         });
         let signals = Some(self.gw.signals.operator(&self.operator));
-        out.follow(Follow { wake, pull, signals }).await;
+        out.follow(Follow { wake, pull, signals, min_interval: None }).await;
         Flow::Continue
     }
 

@@ -40,6 +40,16 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/conversations/{id}", get(conversation))
         .route("/api/conversations/{id}/decisions", get(decisions))
         .route("/api/chaos/crash-actor", post(crash_actor))
+        .route("/api/conversations/{id}/reassign", post(reassign))
+        .route("/api/templates", get(list_templates))
+        .route("/api/templates/{id}", put(put_template).delete(delete_template))
+        .route("/api/templates/{id}/favourite", put(set_favourite))
+        .route(
+            "/api/attachments",
+            post(crate::attachments::staff_upload)
+                .layer(axum::extract::DefaultBodyLimit::max(crate::attachments::MAX_ATTACHMENT_BYTES + 1)),
+        )
+        .route("/api/attachments/{id}", get(crate::attachments::staff_download))
 }
 
 pub(crate) async fn chat_page() -> Html<&'static str> {
@@ -61,9 +71,9 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
 
 /// An authenticated staff member, from `Authorization: Bearer <token>`.
 pub(crate) struct Staff {
-    login: String,
-    role: Role,
-    operator: Option<OperatorId>,
+    pub(crate) login: String,
+    pub(crate) role: Role,
+    pub(crate) operator: Option<OperatorId>,
 }
 
 impl Staff {
@@ -184,6 +194,12 @@ struct GroupBody {
     policy: Policy,
     #[serde(default = "default_offer_timeout")]
     offer_timeout_ms: u64,
+    #[serde(default = "default_sla")]
+    sla_ms: u64,
+}
+
+fn default_sla() -> u64 {
+    60_000
 }
 
 fn default_policy() -> Policy {
@@ -201,7 +217,13 @@ async fn put_group(
     Body(body): Body<GroupBody>,
 ) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
-    let config = SkillGroupConfig { id: SkillGroupId::new(id), name: body.name, policy: body.policy, offer_timeout_ms: body.offer_timeout_ms };
+    let config = SkillGroupConfig {
+        id: SkillGroupId::new(id),
+        name: body.name,
+        policy: body.policy,
+        offer_timeout_ms: body.offer_timeout_ms,
+        sla_ms: body.sla_ms,
+    };
     gw.submit(Command::UpsertSkillGroup(config.clone())).await?;
     Ok(Json(json!(config)))
 }
@@ -330,7 +352,7 @@ async fn queues(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Json<Val
     Ok(Json(json!({ "queues": groups })))
 }
 
-fn check_read(staff: &Staff, state: &switchboard_actors::state::ShardState, id: ConversationId) -> Result<(), GatewayError> {
+pub(crate) fn check_read(staff: &Staff, state: &switchboard_actors::state::ShardState, id: ConversationId) -> Result<(), GatewayError> {
     if !state.conversations.contains_key(&id) {
         return Err(GatewayError::NotFound(format!("conversation {}", id.0)));
     }
@@ -368,6 +390,7 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
         "created_at": conv.created_at.0,
         "last_seq": conv.last_seq(),
         "history": conv.history.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect::<Vec<_>>(),
+        "earlier": earlier(&state, conv),
     })))
 }
 
@@ -402,4 +425,152 @@ async fn crash_actor(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): B
     };
     gw.backend.crash_actor(key);
     Ok((axum::http::StatusCode::ACCEPTED, Json(json!({"status": "crash requested"}))).into_response())
+}
+
+/// Other conversations of the same visitor, most recent first: the client card.
+fn earlier(state: &switchboard_actors::state::ShardState, conv: &switchboard_actors::state::Conversation) -> Vec<Value> {
+    let Some(visitor) = conv.visitor.id.as_ref() else { return vec![] };
+    state
+        .conversations
+        .values()
+        .rev()
+        .filter(|c| c.id != conv.id && c.visitor.id.as_ref() == Some(visitor))
+        .take(20)
+        .map(|c| {
+            let state = match c.status {
+                switchboard_actors::state::ConversationStatus::Queued { .. } => "queued",
+                switchboard_actors::state::ConversationStatus::Assigned { .. } => "assigned",
+                switchboard_actors::state::ConversationStatus::Closed => "closed",
+            };
+            json!({"conversation": c.id.0, "created_at": c.created_at.0, "state": state})
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+struct ReassignBody {
+    #[serde(default)]
+    operator: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    comment: String,
+}
+
+async fn reassign(
+    State(gw): State<Arc<Gateway>>,
+    staff: Staff,
+    Path(id): Path<String>,
+    Body(body): Body<ReassignBody>,
+) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Supervisor)?;
+    let conversation = conversation_id(&id)?;
+    let target = match (body.operator, body.group) {
+        (Some(op), None) => TransferTarget::Operator(OperatorId::new(op)),
+        (None, Some(group)) => TransferTarget::Group(SkillGroupId::new(group)),
+        _ => return Err(GatewayError::BadRequest("give exactly one of operator and group".into())),
+    };
+    gw.submit(Command::Reassign { by: staff.login.clone(), conversation, target, comment: body.comment }).await?;
+    Ok(Json(json!({"conversation": conversation.0, "status": "reassigned"})))
+}
+
+fn template_json(t: &Template, favourites: Option<&std::collections::BTreeSet<String>>) -> Value {
+    json!({
+        "id": t.id, "title": t.title, "text": t.text, "group": t.group, "owner": t.owner,
+        "favourite": favourites.is_some_and(|f| f.contains(&t.id)),
+    })
+}
+
+async fn list_templates(State(gw): State<Arc<Gateway>>, staff: Staff) -> Json<Value> {
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let me = staff.operator.as_ref().and_then(|id| state.operators.get(id));
+    let templates: Vec<Value> = state
+        .templates
+        .values()
+        .filter(|t| match (&t.group, &t.owner, me) {
+            (Some(_), _, _) if staff.role >= Role::Supervisor => true,
+            (Some(group), _, Some(op)) => op.config.groups.contains(group),
+            (None, Some(owner), Some(op)) => owner == &op.config.id,
+            _ => false,
+        })
+        .map(|t| template_json(t, me.map(|op| &op.favourites)))
+        .collect();
+    Json(json!({ "templates": templates }))
+}
+
+#[derive(Deserialize)]
+struct TemplateBody {
+    title: String,
+    text: String,
+    #[serde(default)]
+    group: Option<String>,
+}
+
+/// Who may change a template: shared ones by supervisors and admins, personal ones by
+/// their owner.
+fn may_edit(staff: &Staff, template: &Template) -> bool {
+    match (&template.group, &template.owner) {
+        (Some(_), _) => staff.role >= Role::Supervisor,
+        (None, Some(owner)) => staff.operator.as_ref() == Some(owner),
+        _ => false,
+    }
+}
+
+async fn put_template(
+    State(gw): State<Arc<Gateway>>,
+    staff: Staff,
+    Path(id): Path<String>,
+    Body(body): Body<TemplateBody>,
+) -> Result<Json<Value>, GatewayError> {
+    let template = Template {
+        id,
+        title: body.title,
+        text: body.text,
+        owner: if body.group.is_some() { None } else { staff.operator.clone() },
+        group: body.group.map(SkillGroupId::new),
+    };
+    if template.group.is_none() && template.owner.is_none() {
+        return Err(GatewayError::BadRequest("a personal template needs an operator login; give a group for a shared one".into()));
+    }
+    let existing = {
+        let shard = gw.backend.shard();
+        let state = shard.read();
+        state.templates.get(&template.id).cloned()
+    };
+    if !may_edit(&staff, &template) || existing.as_ref().is_some_and(|t| !may_edit(&staff, t)) {
+        return Err(GatewayError::Forbidden("you may not change this template"));
+    }
+    gw.submit(Command::UpsertTemplate(template.clone())).await?;
+    Ok(Json(template_json(&template, None)))
+}
+
+async fn delete_template(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
+    let existing = {
+        let shard = gw.backend.shard();
+        let state = shard.read();
+        state.templates.get(&id).cloned()
+    };
+    let template = existing.ok_or_else(|| GatewayError::NotFound(format!("template {id}")))?;
+    if !may_edit(&staff, &template) {
+        return Err(GatewayError::Forbidden("you may not delete this template"));
+    }
+    gw.submit(Command::DeleteTemplate { id: id.clone() }).await?;
+    Ok(Json(json!({"id": id, "status": "deleted"})))
+}
+
+#[derive(Deserialize)]
+struct FavouriteBody {
+    favourite: bool,
+}
+
+async fn set_favourite(
+    State(gw): State<Arc<Gateway>>,
+    staff: Staff,
+    Path(id): Path<String>,
+    Body(body): Body<FavouriteBody>,
+) -> Result<Json<Value>, GatewayError> {
+    let operator = staff.operator.clone().ok_or(GatewayError::Forbidden("favourites belong to operators"))?;
+    gw.submit(Command::SetFavourite { operator, template: id.clone(), favourite: body.favourite }).await?;
+    Ok(Json(json!({"id": id, "favourite": body.favourite})))
 }

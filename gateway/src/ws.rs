@@ -95,6 +95,8 @@ pub struct Follow {
     pub pull: Box<dyn FnMut() -> Vec<Value> + Send>,
     /// Ephemeral signals (typing) that are forwarded as they come.
     pub signals: Option<broadcast::Receiver<Value>>,
+    /// Pause after each pull, so bursts of wake-ups coalesce into one frame.
+    pub min_interval: Option<Duration>,
 }
 
 /// The sending side handed to sessions.
@@ -267,6 +269,7 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
     let mut wake: Option<Wakeups> = None;
     let mut pull: Option<Box<dyn FnMut() -> Vec<Value> + Send>> = None;
     let mut signals: Option<broadcast::Receiver<Value>> = None;
+    let mut min_interval: Option<Duration> = None;
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     loop {
         tokio::select! {
@@ -280,6 +283,7 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
                     wake = Some(f.wake);
                     pull = Some(f.pull);
                     signals = f.signals;
+                    min_interval = f.min_interval;
                 }
                 Some(Out::Close(code, reason)) => {
                     let _ = write.write_frame(Frame::close(code, reason.as_bytes())).await;
@@ -305,6 +309,9 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
                     for frame in pull() {
                         if !send_json(&mut write, &frame, &metrics).await { return; }
                     }
+                }
+                if let Some(pause) = min_interval {
+                    tokio::time::sleep(pause).await;
                 }
             }
             signal = wait_signal(&mut signals) => {

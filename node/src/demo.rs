@@ -20,7 +20,7 @@ fn password() -> anyhow::Result<String> {
 }
 
 fn group(id: &str, name: &str, policy: Policy) -> Command {
-    Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new(id), name: name.into(), policy, offer_timeout_ms: 30_000 })
+    Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new(id), name: name.into(), policy, offer_timeout_ms: 30_000, sla_ms: 60_000 })
 }
 
 fn operator(id: &str, name: &str, capacity: u32, groups: &[&str]) -> Command {
@@ -55,6 +55,21 @@ pub async fn ensure(node: &RunningNode, data_dir: &Path) -> anyhow::Result<BTree
             default_group: SkillGroupId::new("general"),
         }),
     ];
+    let templates = [
+        ("greeting", "Greeting", "general", "Hello {{client.name}}, my name is {{operator.name}}. How can I help you?"),
+        ("goodbye", "Goodbye", "general", "Thank you for contacting us, {{client.name}}. Have a nice day!"),
+        ("refund", "Refund timeline", "billing", "Refunds reach your account within 5 business days."),
+        ("restart", "Restart the router", "tech", "Please unplug the router for 30 seconds, then plug it back in."),
+    ];
+    for (id, title, group, text) in templates {
+        commands.push(Command::UpsertTemplate(Template {
+            id: id.into(),
+            title: title.into(),
+            text: text.into(),
+            group: Some(SkillGroupId::new(group)),
+            owner: None,
+        }));
+    }
     let mut logins = BTreeMap::new();
     let users = [
         ("alice", Role::Operator, Some("alice")),

@@ -243,7 +243,8 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
         operator_limits: Limits::OPERATOR,
         web_channel: "web".into(),
     };
-    let gateway = Gateway::new(backend, token_key(&options.data_dir)?, config);
+    let blobs = switchboard_gateway::attachments::BlobStore::open(options.data_dir.join("attachments"))?;
+    let gateway = Gateway::new(backend, token_key(&options.data_dir)?, blobs, config);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let listeners = vec![
         serve_http(public, switchboard_gateway::public_router(gateway.clone()), shutdown_rx.clone()),

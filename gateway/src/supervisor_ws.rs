@@ -1,0 +1,137 @@
+//! The supervisor socket: a live view of the floor (queues and operators), pushed on
+//! every change and coalesced to at most four frames a second.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fastwebsockets::upgrade::IncomingUpgrade;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use switchboard_actors::actors::now_ms;
+use switchboard_actors::model::Role;
+use switchboard_actors::shard::StreamKey;
+use switchboard_actors::state::{ConversationStatus, ShardState};
+
+use crate::auth::Subject;
+use crate::client_ws::parse;
+use crate::frames;
+use crate::ws::{self, Flow, Follow, Outbox, Session};
+use crate::Gateway;
+
+const FLOOR_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Deserialize)]
+pub(crate) struct ConnectParams {
+    token: Option<String>,
+}
+
+pub(crate) async fn upgrade(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(params): Query<ConnectParams>,
+    upgrade: IncomingUpgrade,
+) -> Response {
+    if !crate::origin_allowed(&headers, &gw.config.staff_origins) {
+        gw.metrics.auth_failures.fetch_add(1, Relaxed);
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    match params.token.as_deref().map(|t| gw.tokens.verify(t)) {
+        Some(Ok(Subject::Staff { role, .. })) if role >= Role::Supervisor => {}
+        Some(Ok(_)) => {
+            gw.metrics.auth_failures.fetch_add(1, Relaxed);
+            return (StatusCode::FORBIDDEN, "supervisors and admins only").into_response();
+        }
+        Some(Err(e)) => {
+            gw.metrics.auth_failures.fetch_add(1, Relaxed);
+            return e.into_response();
+        }
+        None => {
+            gw.metrics.auth_failures.fetch_add(1, Relaxed);
+            return (StatusCode::UNAUTHORIZED, "token query parameter required").into_response();
+        }
+    }
+    let (response, socket) = match upgrade.upgrade() {
+        Ok(pair) => pair,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("websocket upgrade failed: {e}")).into_response(),
+    };
+    tokio::spawn(async move {
+        let Ok(ws) = socket.await else { return };
+        let limits = gw.config.operator_limits;
+        ws::drive(ws, SupervisorSession { gw: gw.clone() }, limits, gw.metrics.clone()).await;
+    });
+    response.into_response()
+}
+
+/// The floor as supervisors see it, read from committed state.
+pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestamp) -> Value {
+    let queues: Vec<Value> = state
+        .groups
+        .values()
+        .map(|g| {
+            let (mut waiting, mut offered, mut longest, mut within) = (0u64, 0u64, 0u64, 0u64);
+            for (_, id) in &g.queue {
+                let Some(conv) = state.conversations.get(id) else { continue };
+                match conv.status {
+                    ConversationStatus::Queued { offer: Some(_), .. } => offered += 1,
+                    _ => waiting += 1,
+                }
+                let waited = now.millis_since(conv.created_at);
+                longest = longest.max(waited);
+                if waited <= g.config.sla_ms {
+                    within += 1;
+                }
+            }
+            json!({
+                "group": g.config.id, "name": g.config.name, "waiting": waiting, "offered": offered,
+                "longest_wait_ms": longest, "sla_ms": g.config.sla_ms, "within_sla": within,
+            })
+        })
+        .collect();
+    let operators: Vec<Value> = state
+        .operators
+        .values()
+        .map(|o| {
+            json!({
+                "id": o.config.id, "name": o.config.name, "presence": frames::presence_str(o.presence),
+                "presence_since": o.presence_since.0, "load": o.load(), "capacity": o.config.capacity,
+                "groups": o.config.groups, "active": o.active.iter().map(|c| c.0).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({"type": "floor", "at": now.0, "queues": queues, "operators": operators})
+}
+
+struct SupervisorSession {
+    gw: Arc<Gateway>,
+}
+
+impl Session for SupervisorSession {
+    async fn on_start(&mut self, out: &Outbox) -> Flow {
+        let wake = match self.gw.backend.subscribe(StreamKey::Floor).await {
+            Ok(wake) => wake,
+            Err(e) => {
+                out.error(e.code(), &e.to_string(), None).await;
+                return Flow::Close(ws::close::INTERNAL, "could not follow the floor".into());
+            }
+        };
+        let shard = self.gw.backend.shard();
+        let pull = Box::new(move || {
+            let state = shard.read();
+            vec![floor(&state, now_ms())]
+        });
+        out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL) }).await;
+        Flow::Continue
+    }
+
+    async fn on_text(&mut self, text: &str, out: &Outbox) -> Flow {
+        match parse::<Value>(text, &["ping"]) {
+            Ok(_) => out.json(json!({"type": "pong"})).await,
+            Err(error) => out.json(error).await,
+        }
+        Flow::Continue
+    }
+}
