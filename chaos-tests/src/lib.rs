@@ -43,15 +43,17 @@ pub struct Dev {
 impl Dev {
     /// Starts `switchboard dev` on `data_dir` with listeners on free loopback ports.
     pub async fn start(data_dir: &Path) -> anyhow::Result<Dev> {
-        Self::start_with(binary()?, data_dir).await
+        Self::start_with(binary()?, data_dir, &[]).await
     }
 
-    pub async fn start_with(binary: PathBuf, data_dir: &Path) -> anyhow::Result<Dev> {
+    /// Starts with extra command-line arguments for `switchboard dev`.
+    pub async fn start_with(binary: PathBuf, data_dir: &Path, extra: &[&str]) -> anyhow::Result<Dev> {
         std::fs::create_dir_all(data_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("node.log"))?;
         let mut child = tokio::process::Command::new(binary)
             .args(["dev", "--public-addr", "127.0.0.1:0", "--private-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .env("RUST_LOG", "info,openraft=warn,sled=warn,quinn=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

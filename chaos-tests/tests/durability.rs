@@ -98,13 +98,35 @@ fn seed() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_loses_no_acknowledged_message_and_sockets_resume() -> anyhow::Result<()> {
+    kill9_scenario(&[]).await.map(drop)
+}
+
+/// The same with a snapshot every 40 entries: restart goes through snapshot restore,
+/// a purged log and replay of the entries after the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_with_frequent_snapshots_restores_from_snapshot_and_log() -> anyhow::Result<()> {
+    let dev = kill9_scenario(&["--snapshot-every", "40"]).await?;
+    let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;
+    let snapshot_index: u64 = metrics
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("switchboard_raft_snapshot_index{group=\"1\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(snapshot_index > 0, "the restarted node recovered from a snapshot");
+    Ok(())
+}
+
+/// Runs traffic, kills, restarts and checks; returns the restarted node.
+async fn kill9_scenario(extra: &[&str]) -> anyhow::Result<Dev> {
     let seed = seed();
     let kill_after = Duration::from_millis(300 + seed % 1200);
     println!("chaos seed {seed}: kill -9 after {kill_after:?} of traffic");
 
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let mut dev = Dev::start(&data).await?;
+    let mut dev = Dev::start_with(switchboard_chaos_tests::binary()?, &data, extra).await?;
     let shared: Shared = Arc::default();
 
     let mut operators = Vec::new();
@@ -140,7 +162,7 @@ async fn kill9_loses_no_acknowledged_message_and_sockets_resume() -> anyhow::Res
     let observed = std::mem::take(&mut *shared.lock().unwrap());
     assert!(!observed.acked.is_empty(), "traffic flowed before the kill");
 
-    let dev = Dev::start(&data).await?;
+    let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &data, extra).await?;
     let supervisor = dev.login("supervisor").await?;
     let mut queued = 0;
     for (conversation, _, _) in &clients {
@@ -202,5 +224,6 @@ async fn kill9_loses_no_acknowledged_message_and_sockets_resume() -> anyhow::Res
         expect += 1;
     }
     println!("checked {} acknowledged messages across {} conversations", observed.acked.len(), clients.len());
-    Ok(())
+    drop(alice);
+    Ok(dev)
 }

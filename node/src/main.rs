@@ -52,6 +52,9 @@ struct Listeners {
     /// Extra origins allowed to open the operator WebSocket.
     #[arg(long = "staff-origin")]
     staff_origins: Vec<String>,
+    /// Raft entries between state snapshots (the log before them is purged).
+    #[arg(long, default_value_t = switchboard_raft::DEFAULT_SNAPSHOT_EVERY)]
+    snapshot_every: u64,
 }
 
 #[derive(Args)]
@@ -98,6 +101,7 @@ fn options(listeners: Listeners, node_id: u64) -> NodeOptions {
         private_addr: listeners.private_addr,
         client_origins: listeners.client_origins,
         staff_origins: listeners.staff_origins,
+        snapshot_every: listeners.snapshot_every,
     }
 }
 

@@ -16,7 +16,7 @@ use switchboard_actors::shard::{Proposer, Shard, StreamKey, Wakeups};
 use switchboard_gateway::{Backend, BoxFuture, Gateway, GatewayConfig, Limits, TokenKey};
 use switchboard_raft::network::{serve, NetworkFactory, Router};
 use switchboard_raft::store::open_group;
-use switchboard_raft::{default_config, tls, Machine, Node, Raft, Request};
+use switchboard_raft::{config_with_snapshots, tls, Machine, Node, Raft, Request};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -125,6 +125,9 @@ impl Backend for NodeBackend {
         let _ = writeln!(out, "switchboard_raft_term{{group=\"{SHARD_GROUP}\"}} {}", m.current_term);
         let _ = writeln!(out, "# HELP switchboard_raft_last_applied Index of the last applied entry.\n# TYPE switchboard_raft_last_applied gauge");
         let _ = writeln!(out, "switchboard_raft_last_applied{{group=\"{SHARD_GROUP}\"}} {applied}");
+        let snapshot = m.snapshot.map(|l| l.index).unwrap_or(0);
+        let _ = writeln!(out, "# HELP switchboard_raft_snapshot_index Last entry included in the newest snapshot.\n# TYPE switchboard_raft_snapshot_index gauge");
+        let _ = writeln!(out, "switchboard_raft_snapshot_index{{group=\"{SHARD_GROUP}\"}} {snapshot}");
         let _ = writeln!(out, "# HELP switchboard_raft_last_log Index of the last log entry.\n# TYPE switchboard_raft_last_log gauge");
         let _ = writeln!(out, "switchboard_raft_last_log{{group=\"{SHARD_GROUP}\"}} {last_log}");
         let state = self.shard.read();
@@ -144,6 +147,8 @@ pub struct NodeOptions {
     pub private_addr: SocketAddr,
     pub client_origins: Vec<String>,
     pub staff_origins: Vec<String>,
+    /// Raft entries between snapshots.
+    pub snapshot_every: u64,
 }
 
 pub struct RunningNode {
@@ -189,7 +194,7 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
         .context("open sled (is another switchboard using this data dir?)")?;
     let shard = Arc::new(Shard::new());
     let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }))?;
-    let raft = Raft::new(options.node_id, default_config()?, NetworkFactory::new(endpoint.clone(), SHARD_GROUP), log, sm).await?;
+    let raft = Raft::new(options.node_id, config_with_snapshots(options.snapshot_every)?, NetworkFactory::new(endpoint.clone(), SHARD_GROUP), log, sm).await?;
     let router = Router::default();
     router.add(SHARD_GROUP, raft.clone());
     let rpc_server = serve(endpoint.clone(), router);

@@ -66,15 +66,26 @@ pub enum Error {
     Raft(String),
 }
 
+/// Entries between snapshots unless configured otherwise.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 5000;
+
 /// Raft settings tuned for a LAN cluster: elections settle well under a second.
 pub fn default_config() -> Result<std::sync::Arc<openraft::Config>, Error> {
+    config_with_snapshots(DEFAULT_SNAPSHOT_EVERY)
+}
+
+/// As [`default_config`], with a snapshot every `every` entries (and a fifth of that
+/// kept in the log behind it for lagging followers).
+pub fn config_with_snapshots(every: u64) -> Result<std::sync::Arc<openraft::Config>, Error> {
+    let every = every.max(10);
     let config = openraft::Config {
         cluster_name: "switchboard".into(),
         heartbeat_interval: 100,
         election_timeout_min: 300,
         election_timeout_max: 600,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
+        max_in_snapshot_log_to_keep: every / 5,
+        purge_batch_size: 1,
         ..Default::default()
     };
     config.validate().map(std::sync::Arc::new).map_err(|e| Error::Raft(e.to_string()))
