@@ -4,18 +4,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use fastwebsockets::upgrade::IncomingUpgrade;
 use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
 use switchboard_actors::model::{AttachmentId, ChannelId, Command, ConversationId, SkillGroupId, Visitor};
 use switchboard_actors::shard::StreamKey;
-use tracing::debug;
 
 use crate::auth::{Subject, CLIENT_TOKEN_TTL};
 use crate::frames::{self, ClientIn};
-use crate::ws::{self, close, Flow, Follow, Outbox, Session};
+use crate::ws::{self, close, Flow, Follow, Outbox, Session, Surface};
 use crate::Gateway;
 
 const MAX_NAME_CHARS: usize = 100;
@@ -23,30 +22,11 @@ const MAX_ATTRIBUTES: usize = 20;
 const MAX_ATTRIBUTE_CHARS: usize = 200;
 
 pub(crate) async fn upgrade(State(gw): State<Arc<Gateway>>, headers: HeaderMap, upgrade: IncomingUpgrade) -> Response {
-    if !crate::origin_allowed(&headers, &gw.config.client_origins) {
-        gw.metrics.auth_failures.fetch_add(1, Relaxed);
-        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    if let Err(refusal) = ws::admit(&gw, &headers, Surface::Client, None) {
+        return refusal;
     }
-    let (response, socket) = match upgrade.upgrade() {
-        Ok(pair) => pair,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("websocket upgrade failed: {e}")).into_response(),
-    };
-    tokio::spawn(async move {
-        let ws = match socket.await {
-            Ok(ws) => ws,
-            Err(e) => {
-                debug!(error = %e, "client upgrade did not complete");
-                return;
-            }
-        };
-        gw.metrics.client_sessions_opened.fetch_add(1, Relaxed);
-        gw.metrics.client_sessions_active.fetch_add(1, Relaxed);
-        let limits = gw.config.client_limits;
-        let metrics = gw.metrics.clone();
-        ws::drive(ws, ClientSession { gw: gw.clone(), conversation: None }, limits, metrics).await;
-        gw.metrics.client_sessions_active.fetch_sub(1, Relaxed);
-    });
-    response.into_response()
+    let session = ClientSession { gw: gw.clone(), conversation: None };
+    ws::accept(gw, upgrade, Surface::Client, session)
 }
 
 struct ClientSession {

@@ -13,12 +13,11 @@ use switchboard_actors::core::Reply;
 use switchboard_actors::model::{AttachmentId, Command, ConversationId, OfferId, OperatorId, SkillGroupId, TransferTarget};
 use switchboard_actors::shard::StreamKey;
 use switchboard_actors::state::{FeedItem, ShardState};
-use tracing::debug;
 
 use crate::auth::Subject;
 use crate::client_ws::parse;
 use crate::frames::{self, Audience, OperatorIn};
-use crate::ws::{self, Flow, Follow, Outbox, Session};
+use crate::ws::{self, Flow, Follow, Outbox, Session, Surface};
 use crate::Gateway;
 
 #[derive(Deserialize)]
@@ -33,46 +32,17 @@ pub(crate) async fn upgrade(
     Query(params): Query<ConnectParams>,
     upgrade: IncomingUpgrade,
 ) -> Response {
-    if !crate::origin_allowed(&headers, &gw.config.staff_origins) {
-        gw.metrics.auth_failures.fetch_add(1, Relaxed);
-        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-    }
     // Authenticate before upgrading: a forged token never gets a socket.
-    let operator = match params.token.as_deref().map(|t| gw.tokens.verify(t)) {
-        Some(Ok(Subject::Staff { operator: Some(operator), .. })) => operator,
-        Some(Ok(_)) => {
+    let operator = match ws::admit(&gw, &headers, Surface::Operator, params.token.as_deref()) {
+        Ok(Some(Subject::Staff { operator: Some(operator), .. })) => operator,
+        Ok(_) => {
             gw.metrics.auth_failures.fetch_add(1, Relaxed);
             return (StatusCode::FORBIDDEN, "this login is not an operator").into_response();
         }
-        Some(Err(e)) => {
-            gw.metrics.auth_failures.fetch_add(1, Relaxed);
-            return e.into_response();
-        }
-        None => {
-            gw.metrics.auth_failures.fetch_add(1, Relaxed);
-            return (StatusCode::UNAUTHORIZED, "token query parameter required").into_response();
-        }
+        Err(refusal) => return refusal,
     };
-    let (response, socket) = match upgrade.upgrade() {
-        Ok(pair) => pair,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("websocket upgrade failed: {e}")).into_response(),
-    };
-    tokio::spawn(async move {
-        let ws = match socket.await {
-            Ok(ws) => ws,
-            Err(e) => {
-                debug!(error = %e, "operator upgrade did not complete");
-                return;
-            }
-        };
-        gw.metrics.operator_sessions_opened.fetch_add(1, Relaxed);
-        gw.metrics.operator_sessions_active.fetch_add(1, Relaxed);
-        let session = OperatorSession { gw: gw.clone(), operator, resume_from: params.last_seq };
-        let limits = gw.config.operator_limits;
-        ws::drive(ws, session, limits, gw.metrics.clone()).await;
-        gw.metrics.operator_sessions_active.fetch_sub(1, Relaxed);
-    });
-    response.into_response()
+    let session = OperatorSession { gw: gw.clone(), operator, resume_from: params.last_seq };
+    ws::accept(gw, upgrade, Surface::Operator, session)
 }
 
 struct OperatorSession {

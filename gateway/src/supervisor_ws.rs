@@ -19,7 +19,7 @@ use switchboard_actors::state::{ConversationStatus, ShardState};
 use crate::auth::Subject;
 use crate::client_ws::parse;
 use crate::frames;
-use crate::ws::{self, Flow, Follow, Outbox, Session};
+use crate::ws::{self, Flow, Follow, Outbox, Session, Surface};
 use crate::Gateway;
 
 const FLOOR_INTERVAL: Duration = Duration::from_millis(250);
@@ -35,35 +35,16 @@ pub(crate) async fn upgrade(
     Query(params): Query<ConnectParams>,
     upgrade: IncomingUpgrade,
 ) -> Response {
-    if !crate::origin_allowed(&headers, &gw.config.staff_origins) {
-        gw.metrics.auth_failures.fetch_add(1, Relaxed);
-        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-    }
-    match params.token.as_deref().map(|t| gw.tokens.verify(t)) {
-        Some(Ok(Subject::Staff { role, .. })) if role >= Role::Supervisor => {}
-        Some(Ok(_)) => {
+    match ws::admit(&gw, &headers, Surface::Supervisor, params.token.as_deref()) {
+        Ok(Some(Subject::Staff { role, .. })) if role >= Role::Supervisor => {}
+        Ok(_) => {
             gw.metrics.auth_failures.fetch_add(1, Relaxed);
             return (StatusCode::FORBIDDEN, "supervisors and admins only").into_response();
         }
-        Some(Err(e)) => {
-            gw.metrics.auth_failures.fetch_add(1, Relaxed);
-            return e.into_response();
-        }
-        None => {
-            gw.metrics.auth_failures.fetch_add(1, Relaxed);
-            return (StatusCode::UNAUTHORIZED, "token query parameter required").into_response();
-        }
+        Err(refusal) => return refusal,
     }
-    let (response, socket) = match upgrade.upgrade() {
-        Ok(pair) => pair,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("websocket upgrade failed: {e}")).into_response(),
-    };
-    tokio::spawn(async move {
-        let Ok(ws) = socket.await else { return };
-        let limits = gw.config.operator_limits;
-        ws::drive(ws, SupervisorSession { gw: gw.clone() }, limits, gw.metrics.clone()).await;
-    });
-    response.into_response()
+    let session = SupervisorSession { gw: gw.clone() };
+    ws::accept(gw, upgrade, Surface::Supervisor, session)
 }
 
 /// The floor as supervisors see it, read from committed state.

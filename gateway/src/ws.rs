@@ -117,6 +117,73 @@ impl Outbox {
     }
 }
 
+/// Which socket surface a session belongs to, for limits and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Surface {
+    Client,
+    Operator,
+    Supervisor,
+}
+
+/// The checks every surface makes before upgrading: the browser's Origin, and for
+/// staff surfaces a valid staff token. Refusals answer with a plain HTTP status.
+pub(crate) fn admit(gw: &crate::Gateway, headers: &axum::http::HeaderMap, surface: Surface, token: Option<&str>) -> Result<Option<crate::Subject>, axum::response::Response> {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let origins = if surface == Surface::Client { &gw.config.client_origins } else { &gw.config.staff_origins };
+    let refuse = |status: StatusCode, why: &'static str| {
+        gw.metrics.auth_failures.fetch_add(1, Relaxed);
+        Err((status, why).into_response())
+    };
+    if !crate::origin_allowed(headers, origins) {
+        return refuse(StatusCode::FORBIDDEN, "origin not allowed");
+    }
+    if surface == Surface::Client {
+        return Ok(None);
+    }
+    match token.map(|t| gw.tokens.verify(t)) {
+        Some(Ok(subject @ crate::Subject::Staff { .. })) => Ok(Some(subject)),
+        Some(Ok(crate::Subject::Client { .. })) => refuse(StatusCode::FORBIDDEN, "client tokens are for the public listener"),
+        Some(Err(_)) => refuse(StatusCode::UNAUTHORIZED, "invalid or expired token"),
+        None => refuse(StatusCode::UNAUTHORIZED, "token query parameter required"),
+    }
+}
+
+/// Completes the upgrade and runs `session` on the socket in its own task.
+pub(crate) fn accept<S: Session>(
+    gw: Arc<crate::Gateway>,
+    upgrade: fastwebsockets::upgrade::IncomingUpgrade,
+    surface: Surface,
+    session: S,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (response, socket) = match upgrade.upgrade() {
+        Ok(pair) => pair,
+        Err(e) => return (axum::http::StatusCode::BAD_REQUEST, format!("websocket upgrade failed: {e}")).into_response(),
+    };
+    tokio::spawn(async move {
+        let ws = match socket.await {
+            Ok(ws) => ws,
+            Err(e) => {
+                tracing::debug!(error = %e, ?surface, "upgrade did not complete");
+                return;
+            }
+        };
+        let metrics = gw.metrics.clone();
+        let (opened, active, limits) = match surface {
+            Surface::Client => (&metrics.client_sessions_opened, &metrics.client_sessions_active, gw.config.client_limits),
+            Surface::Operator | Surface::Supervisor => {
+                (&metrics.operator_sessions_opened, &metrics.operator_sessions_active, gw.config.operator_limits)
+            }
+        };
+        opened.fetch_add(1, Relaxed);
+        active.fetch_add(1, Relaxed);
+        drive(ws, session, limits, metrics.clone()).await;
+        active.fetch_sub(1, Relaxed);
+    });
+    response.into_response()
+}
+
 /// What a session wants after handling a frame.
 pub enum Flow {
     Continue,
