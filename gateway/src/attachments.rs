@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,7 +20,7 @@ use switchboard_actors::model::{Attachment, AttachmentId, Command, ConversationI
 use tokio::io::AsyncWriteExt;
 
 use crate::auth::Subject;
-use crate::rest::{check_read, Staff};
+use crate::rest::{check_read, Params, Staff};
 use crate::{Gateway, GatewayError};
 
 /// Largest attachment accepted, in bytes.
@@ -149,7 +149,7 @@ async fn store(gw: &Gateway, conversation: ConversationId, name: &str, content_t
 /// `POST /attachments?token=&name=` on the public listener.
 pub(crate) async fn client_upload(
     State(gw): State<Arc<Gateway>>,
-    Query(query): Query<ClientUpload>,
+    Params(query): Params<ClientUpload>,
     headers: HeaderMap,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, GatewayError> {
@@ -176,7 +176,7 @@ pub(crate) async fn client_upload(
 pub(crate) async fn staff_upload(
     State(gw): State<Arc<Gateway>>,
     staff: Staff,
-    Query(query): Query<StaffUpload>,
+    Params(query): Params<StaffUpload>,
     headers: HeaderMap,
     bytes: Result<Bytes, BytesRejection>,
 ) -> Result<Response, GatewayError> {
@@ -221,7 +221,7 @@ fn lookup(gw: &Gateway, id: &str) -> Result<Attachment, GatewayError> {
 pub(crate) async fn client_download(
     State(gw): State<Arc<Gateway>>,
     Path(id): Path<String>,
-    Query(query): Query<ClientDownload>,
+    Params(query): Params<ClientDownload>,
 ) -> Result<Response, GatewayError> {
     let conversation = match gw.tokens.verify(&query.token)? {
         Subject::Client { conversation } => conversation,

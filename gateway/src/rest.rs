@@ -123,6 +123,20 @@ impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<Arc<Gateway>> fo
     }
 }
 
+/// Query strings with a clear 400 in the error body on malformed input.
+pub(crate) struct Params<T>(pub(crate) T);
+
+impl<T: serde::de::DeserializeOwned> FromRequestParts<Arc<Gateway>> for Params<T> {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &Arc<Gateway>) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, gw).await {
+            Ok(axum::extract::Query(v)) => Ok(Params(v)),
+            Err(e) => Err(GatewayError::BadRequest(e.body_text())),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct LoginRequest {
     login: String,
