@@ -182,6 +182,9 @@ pub struct Gateway {
     pub signals: Signals,
     pub blobs: attachments::BlobStore,
     pub config: GatewayConfig,
+    /// Password hashing is deliberately expensive (CPU and 19 MiB each): at most this
+    /// many run at once, so a login flood queues instead of exhausting memory.
+    password_work: tokio::sync::Semaphore,
 }
 
 impl Gateway {
@@ -194,7 +197,14 @@ impl Gateway {
             signals: Signals::default(),
             blobs,
             config,
+            password_work: tokio::sync::Semaphore::new(2),
         })
+    }
+
+    /// Runs argon2 work on the blocking pool, a bounded number at a time.
+    pub async fn password_work<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, GatewayError> {
+        let _permit = self.password_work.acquire().await.map_err(|e| GatewayError::Internal(e.to_string()))?;
+        tokio::task::spawn_blocking(work).await.map_err(|e| GatewayError::Internal(e.to_string()))
     }
 
     /// Commits a command, counting and timing it.

@@ -156,9 +156,7 @@ async fn login(State(gw): State<Arc<Gateway>>, Body(req): Body<LoginRequest>) ->
         None => dummy_hash()?,
     };
     let password = req.password.clone();
-    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
-        .await
-        .map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let ok = gw.password_work(move || verify_password(&password, &phc)).await?;
     let user = match (ok, user) {
         (true, Some(user)) => user,
         _ => {
@@ -331,9 +329,7 @@ async fn put_user(
         return Err(GatewayError::BadRequest("password must be at least 10 characters".into()));
     }
     let password = body.password;
-    let password_hash = tokio::task::spawn_blocking(move || hash_password(&password))
-        .await
-        .map_err(|e| GatewayError::Internal(e.to_string()))??;
+    let password_hash = gw.password_work(move || hash_password(&password)).await??;
     let user = UserRecord { login: login.clone(), password_hash, role: body.role, operator: body.operator.map(OperatorId::new) };
     gw.submit(Command::UpsertUser(user)).await?;
     Ok(Json(json!({"login": login, "role": body.role})))
