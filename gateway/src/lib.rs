@@ -10,6 +10,7 @@
 //! committed state with its stream's sequence number, so a client can reconnect to any
 //! gateway and resume.
 
+mod assets;
 pub mod attachments;
 pub mod auth;
 pub mod client;
@@ -243,8 +244,7 @@ async fn healthz(axum::extract::State(gw): axum::extract::State<Arc<Gateway>>) -
 
 /// The public surface: web chat page and client WebSocket.
 pub fn public_router(gw: Arc<Gateway>) -> Router {
-    Router::new()
-        .route("/", get(rest::chat_page))
+    assets::public()
         .route("/ws/client", get(client_ws::upgrade))
         .route(
             "/attachments",
@@ -259,6 +259,7 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
 /// The private surface: operators, supervisors, admins and monitoring.
 pub fn private_router(gw: Arc<Gateway>) -> Router {
     rest::routes()
+        .merge(assets::private())
         .route("/ws/operator", get(operator_ws::upgrade))
         .route("/ws/supervisor", get(supervisor_ws::upgrade))
         .route("/healthz", get(healthz))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::header;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -18,13 +18,10 @@ use crate::frames::{self, Audience};
 use crate::operator_ws::may_read;
 use crate::{Gateway, GatewayError};
 
-const CHAT_PAGE: &str = include_str!("../assets/chat.html");
-const OPERATOR_PAGE: &str = include_str!("../assets/operator.html");
 const OPENAPI: &str = include_str!("../assets/openapi.json");
 
 pub(crate) fn routes() -> Router<Arc<Gateway>> {
     Router::new()
-        .route("/", get(operator_page))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/api/login", post(login))
@@ -50,14 +47,6 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
                 .layer(axum::extract::DefaultBodyLimit::max(crate::attachments::MAX_ATTACHMENT_BYTES + 1)),
         )
         .route("/api/attachments/{id}", get(crate::attachments::staff_download))
-}
-
-pub(crate) async fn chat_page() -> Html<&'static str> {
-    Html(CHAT_PAGE)
-}
-
-async fn operator_page() -> Html<&'static str> {
-    Html(OPERATOR_PAGE)
 }
 
 async fn openapi() -> Response {
