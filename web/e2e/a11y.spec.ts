@@ -1,0 +1,47 @@
+/** Automated accessibility checks (axe-core) on the main screens, widget included. */
+import { createRequire } from 'node:module';
+import { readFileSync } from 'node:fs';
+import type { Page } from '@playwright/test';
+import { test, expect, newPage, signIn, goOnline, openWidget, widgetSay } from './fixtures';
+
+const require = createRequire(import.meta.url);
+const AXE = readFileSync(require.resolve('axe-core/axe.min.js'), 'utf8');
+
+async function audit(page: Page, name: string): Promise<string[]> {
+  await page.addScriptTag({ content: AXE });
+  const result = await page.evaluate(async () => {
+    const axe = (window as any).axe;
+    const r = await axe.run(document, { resultTypes: ['violations'] });
+    return r.violations.map((v: any) => ({ id: v.id, impact: v.impact, nodes: v.nodes.map((n: any) => n.target.join(' ')).slice(0, 5) }));
+  });
+  return result.map((v: any) => `${name}: ${v.id} (${v.impact}) at ${v.nodes.join(' | ')}`);
+}
+
+test('main screens have no axe violations', async ({ browser, sb }) => {
+  const problems: string[] = [];
+  const alice = await newPage(browser);
+  await alice.goto(sb.privateUrl + '/');
+  problems.push(...(await audit(alice, 'login')));
+  await signIn(alice, sb, 'alice');
+  await goOnline(alice);
+  const client = await newPage(browser);
+  await openWidget(client, sb);
+  await widgetSay(client, 'Hello there');
+  await expect(alice.getByTestId('offer')).toHaveCount(1);
+  problems.push(...(await audit(alice, 'desk with offer')));
+  await alice.getByTestId('offer-accept').click();
+  await expect(alice.getByTestId('conversation-view')).toBeVisible();
+  await alice.getByTestId('tab-templates').click();
+  await expect(alice.getByTestId('template').first()).toBeVisible();
+  problems.push(...(await audit(alice, 'desk with conversation')));
+  await alice.getByTestId('transfer-button').click();
+  problems.push(...(await audit(alice, 'transfer dialog')));
+  problems.push(...(await audit(client, 'widget')));
+  const admin = await newPage(browser);
+  await signIn(admin, sb, 'admin');
+  await expect(admin.getByTestId('queues-table')).toBeVisible();
+  problems.push(...(await audit(admin, 'floor')));
+  await admin.getByTestId('nav-admin').click();
+  problems.push(...(await audit(admin, 'admin')));
+  expect(problems).toEqual([]);
+});

@@ -1,0 +1,300 @@
+/**
+ * The widget's connection: start or resume over /ws/client, persistence of the session,
+ * re-sending unacknowledged messages with their keys, typing and read marks, uploads.
+ */
+import { Backoff } from '../shared/backoff';
+import { uid } from '../shared/ids';
+import { ReconnectingSocket, type LinkState, type SocketLike, type Timers, realTimers } from '../shared/socket';
+import { createStore, type Store } from '../shared/store';
+import { contentTypeOf, type Attachment } from '../shared/files';
+import { deserialize, serialize, widgetReducer, lastOperatorSeq, type WidgetAction, type WidgetState } from './widget-state';
+
+export const SESSION_KEY = 'switchboard.widget.session';
+export const VISITOR_KEY = 'switchboard.widget.visitor';
+
+export interface KV {
+  getItem(k: string): string | null;
+  setItem(k: string, v: string): void;
+  removeItem(k: string): void;
+}
+
+export interface WidgetSessionOptions {
+  /** http(s) origin of the public listener, e.g. https://chat.example.com */
+  origin: string;
+  storage?: KV | null;
+  create?: (url: string) => SocketLike;
+  timers?: Timers;
+  backoff?: Backoff;
+  fetcher?: (url: string, init?: RequestInit) => Promise<Response>;
+  onNotice?: (code: string) => void;
+  onLink?: (s: LinkState) => void;
+  /** Extra attributes for start (page URL, language). */
+  attributes?: () => Record<string, string>;
+  channel?: string;
+}
+
+function safeStorage(storage: KV | null | undefined): KV | null {
+  if (!storage) return null;
+  try {
+    const k = '__sb_probe__';
+    storage.setItem(k, '1');
+    storage.removeItem(k);
+    return storage;
+  } catch {
+    return null;
+  }
+}
+
+export class WidgetSession {
+  readonly store: Store<WidgetState, WidgetAction>;
+  readonly link: ReconnectingSocket;
+  readonly visitorId: string;
+  private storage: KV | null;
+  private timers: Timers;
+  private wantStart = false;
+  private visitorName = '';
+  private resuming = false;
+  private lastTypingSent = 0;
+  private lastReadSent = 0;
+  private startWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  readMarksSupported = true;
+  /** Listeners the UI sets: connection state, and notices (error codes, `session_lost`). */
+  onLink: ((s: LinkState) => void) | undefined;
+  onNotice: ((code: string) => void) | undefined;
+  linkState: LinkState;
+
+  constructor(private readonly opts: WidgetSessionOptions) {
+    this.onLink = opts.onLink;
+    this.onNotice = opts.onNotice;
+    this.storage = safeStorage(opts.storage);
+    this.timers = opts.timers ?? realTimers;
+    let visitor = this.read(VISITOR_KEY);
+    if (!visitor || visitor.length > 64) {
+      visitor = 'v-' + uid();
+      this.write(VISITOR_KEY, visitor);
+    }
+    this.visitorId = visitor;
+    this.store = createStore(widgetReducer, deserialize(this.read(SESSION_KEY)));
+    this.store.subscribe((s) => this.persist(s));
+    this.link = new ReconnectingSocket({
+      url: () => opts.origin.replace(/^http/, 'ws') + '/ws/client',
+      create: opts.create ?? ((u) => new WebSocket(u) as unknown as SocketLike),
+      timers: this.timers,
+      backoff: opts.backoff ?? new Backoff({ base: 1000, max: 30000 }),
+      idleMs: 25000,
+      onOpen: () => this.onOpen(),
+      onFrame: (f) => this.onFrame(f),
+      onState: (s) => {
+        this.linkState = s;
+        this.onLink?.(s);
+      },
+    });
+    this.linkState = this.link.state;
+  }
+
+  private read(k: string): string | null {
+    try {
+      return this.storage?.getItem(k) ?? null;
+    } catch {
+      return null;
+    }
+  }
+
+  private write(k: string, v: string | null): void {
+    try {
+      if (v == null) this.storage?.removeItem(k);
+      else this.storage?.setItem(k, v);
+    } catch {
+      /* quota or privacy mode: the session lasts for this page only */
+    }
+  }
+
+  private persist(s: WidgetState): void {
+    this.write(SESSION_KEY, serialize(s));
+  }
+
+  get state(): WidgetState {
+    return this.store.get();
+  }
+
+  /** Resumes a stored conversation, if there is one. */
+  resumeIfAny(): void {
+    if (this.state.token) this.link.start();
+  }
+
+  private onOpen(): void {
+    const s = this.state;
+    if (s.token) {
+      this.resuming = true;
+      this.link.send({ type: 'resume', token: s.token, last_seq: s.lastSeq });
+    } else if (this.wantStart) {
+      const frame: Record<string, unknown> = { type: 'start', visitor_id: this.visitorId };
+      if (this.opts.channel) frame.channel = this.opts.channel;
+      if (this.visitorName) frame.name = this.visitorName;
+      const attrs = this.opts.attributes?.();
+      if (attrs && Object.keys(attrs).length) frame.attributes = attrs;
+      this.link.send(frame);
+    }
+  }
+
+  onFrame(f: any): void {
+    if (!f || typeof f.type !== 'string') return;
+    switch (f.type) {
+      case 'started':
+        this.wantStart = false;
+        this.link.markHealthy();
+        this.store.dispatch({ type: 'started', token: f.token, conversation: f.conversation });
+        this.lastReadSent = 0;
+        for (const w of this.startWaiters.splice(0)) w.resolve();
+        this.flush();
+        break;
+      case 'resumed':
+        this.resuming = false;
+        this.link.markHealthy();
+        this.flush();
+        break;
+      case 'event':
+        this.store.dispatch({ type: 'event', event: f });
+        break;
+      case 'ack':
+        this.store.dispatch({ type: 'ack', key: f.key, seq: f.seq });
+        break;
+      case 'typing':
+        if (f.from === 'operator') this.store.dispatch({ type: 'typing', now: this.timers.now(), name: f.name });
+        break;
+      case 'read':
+        if (typeof f.upto === 'number') this.store.dispatch({ type: 'read', by: f.by, upto: f.upto });
+        break;
+      case 'error':
+        this.onError(f);
+        break;
+      default:
+        break;
+    }
+  }
+
+  private onError(f: { code: string; ref?: unknown; message?: string }): void {
+    const ref = f.ref == null ? '' : String(f.ref);
+    if (this.resuming && (f.code === 'unauthorized' || f.code === 'not_found')) {
+      // The stored conversation is gone (expired token, wiped server): start over.
+      this.resuming = false;
+      this.store.dispatch({ type: 'forget' });
+      this.link.stop();
+      this.onNotice?.('session_lost');
+      return;
+    }
+    if (this.resuming && f.code === 'invalid') {
+      // Our last_seq is ahead of the conversation: drop the copy and replay everything.
+      this.store.dispatch({ type: 'replayFromStart' });
+      this.link.send({ type: 'resume', token: this.state.token, last_seq: 0 });
+      return;
+    }
+    if (ref === 'read') {
+      if (f.code === 'unknown_type' || f.code === 'bad_frame') this.readMarksSupported = false;
+      return;
+    }
+    if (ref && this.state.pending.some((p) => p.key === ref)) {
+      this.store.dispatch({ type: 'sendFailed', key: ref, error: f.code });
+      this.onNotice?.(f.code);
+      return;
+    }
+    this.onNotice?.(f.code);
+  }
+
+  private frameFor(p: { key: string; text: string; attachments: Attachment[] }) {
+    const frame: Record<string, unknown> = { type: 'send', key: p.key, text: p.text };
+    if (p.attachments.length) frame.attachments = p.attachments.map((a) => a.id);
+    return frame;
+  }
+
+  private flush(): void {
+    for (const p of this.state.pending) if (p.state === 'sending' && p.ackSeq == null) this.link.send(this.frameFor(p));
+  }
+
+  setName(name: string): void {
+    this.visitorName = name.trim().slice(0, 100);
+  }
+
+  /** Starts a conversation if there is none; resolves once the server confirmed it. */
+  ensureStarted(): Promise<void> {
+    if (this.state.token) {
+      this.link.start();
+      return Promise.resolve();
+    }
+    return new Promise((resolve, reject) => {
+      this.startWaiters.push({ resolve, reject });
+      if (!this.wantStart) {
+        this.wantStart = true;
+        if (this.link.state.status === 'stopped') this.link.start();
+        else if (this.link.connected) this.onOpen();
+      }
+    });
+  }
+
+  send(text: string, attachments: Attachment[] = []): string {
+    const key = 'c-' + uid();
+    this.store.dispatch({ type: 'queue', message: { key, text, attachments, at: this.timers.now(), state: 'sending' } });
+    if (this.state.token) {
+      this.link.start();
+      this.link.send(this.frameFor({ key, text, attachments }));
+    } else {
+      this.ensureStarted().catch(() => {});
+    }
+    return key;
+  }
+
+  retry(key: string): void {
+    const p = this.state.pending.find((x) => x.key === key);
+    if (!p) return;
+    this.store.dispatch({ type: 'retry', key });
+    this.link.send(this.frameFor(p));
+  }
+
+  discard(key: string): void {
+    this.store.dispatch({ type: 'discard', key });
+  }
+
+  typing(): void {
+    const now = this.timers.now();
+    if (!this.state.token || this.state.closed || now - this.lastTypingSent < 3000) return;
+    if (this.link.send({ type: 'typing' })) this.lastTypingSent = now;
+  }
+
+  /** Read mark up to the newest operator message (only when it moves forward). */
+  markRead(): void {
+    const upto = lastOperatorSeq(this.state);
+    if (!this.readMarksSupported || !upto || upto <= this.lastReadSent) return;
+    if (this.link.send({ type: 'read', upto, ref: 'read' })) this.lastReadSent = upto;
+  }
+
+  close(): void {
+    this.link.send({ type: 'close' });
+  }
+
+  rate(score: number, comment: string): void {
+    const frame: Record<string, unknown> = { type: 'rate', score };
+    if (comment.trim()) frame.comment = comment.trim();
+    this.link.send(frame);
+  }
+
+  /** Forgets the finished conversation; the next message starts a new one. */
+  newConversation(): void {
+    this.link.stop();
+    this.store.dispatch({ type: 'forget' });
+    this.lastReadSent = 0;
+  }
+
+  async upload(file: Blob & { name: string }): Promise<Attachment> {
+    await this.ensureStarted();
+    const url = this.opts.origin + '/attachments?token=' + encodeURIComponent(this.state.token!) + '&name=' + encodeURIComponent(file.name);
+    const fetcher = this.opts.fetcher ?? ((u: string, i?: RequestInit) => fetch(u, i));
+    const res = await fetcher(url, { method: 'POST', body: file, headers: { 'Content-Type': contentTypeOf(file) } });
+    const data = await res.json().catch(() => null);
+    if (!res.ok) throw new Error(data?.code ?? (res.status === 413 ? 'too_large' : res.status === 415 ? 'unsupported_type' : 'upload_failed'));
+    return data as Attachment;
+  }
+
+  attachmentUrl(id: string): string {
+    return this.opts.origin + '/attachments/' + encodeURIComponent(id) + '?token=' + encodeURIComponent(this.state.token ?? '');
+  }
+}

@@ -1,0 +1,397 @@
+/** Administration: skill groups, operators, users, channels, templates (PUT endpoints). */
+import { useEffect, useState } from 'preact/hooks';
+import type { Channel, OperatorStatus, Role, SkillGroup } from './types';
+import { capacityProblem, idProblem, passwordProblem } from './forms';
+import { TemplatesPanel } from './panels';
+import { describeError } from './strings';
+import { ErrorText, Field, useApp } from './ui';
+
+type Section = 'groups' | 'operators' | 'users' | 'channels' | 'templates';
+
+export function AdminView(props: { sections: Section[] }) {
+  const { t } = useApp();
+  const [section, setSection] = useState<Section>(props.sections[0]);
+  return (
+    <div class="admin" data-testid="admin">
+      <div class="tabs" role="tablist" aria-label={t('administration')}>
+        {props.sections.map((s) => (
+          <button key={s} type="button" role="tab" aria-selected={section === s} data-testid={'admin-tab-' + s} onClick={() => setSection(s)}>
+            {t(('admin_' + s) as any)}
+          </button>
+        ))}
+      </div>
+      <div class="admin-body" role="tabpanel">
+        {section === 'groups' && <Groups />}
+        {section === 'operators' && <Operators />}
+        {section === 'users' && <Users />}
+        {section === 'channels' && <Channels />}
+        {section === 'templates' && <TemplatesPanel values={null} canEditShared={true} />}
+      </div>
+    </div>
+  );
+}
+
+function useList<T>(path: string, key: string): [T[] | null, () => void, string | null] {
+  const { api, t } = useApp();
+  const [list, setList] = useState<T[] | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const load = () =>
+    api
+      .get(path)
+      .then((r) => (setList(r[key] ?? []), setError(null)))
+      .catch((e) => setError(describeError(t, e.code, e.message)));
+  useEffect(() => {
+    load();
+  }, [path]);
+  return [list, load, error];
+}
+
+function Saved(props: { ok: boolean }) {
+  const { t } = useApp();
+  return props.ok ? (
+    <p class="ok small" role="status">
+      {t('saved')}
+    </p>
+  ) : null;
+}
+
+function Groups() {
+  const { t, api } = useApp();
+  const [list, reload, loadError] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
+  const blank = { id: '', name: '', policy: 'longest_idle', offer_timeout_ms: 30000 };
+  const [form, setForm] = useState<SkillGroup>(blank);
+  const [error, setError] = useState<string | null>(null);
+  const [ok, setOk] = useState(false);
+  return (
+    <div class="admin-grid">
+      <table class="table" data-testid="groups-table">
+        <thead>
+          <tr>
+            <th scope="col">{t('id')}</th>
+            <th scope="col">{t('name')}</th>
+            <th scope="col">{t('policy')}</th>
+            <th scope="col">{t('offer_timeout')}</th>
+            <th scope="col">
+              <span class="sr-only">{t('edit')}</span>
+            </th>
+          </tr>
+        </thead>
+        <tbody>
+          {list?.map((g) => (
+            <tr key={g.id}>
+              <td>{g.id}</td>
+              <td>{g.name}</td>
+              <td>{t(('policy_' + g.policy) as any)}</td>
+              <td>{g.offer_timeout_ms / 1000} s</td>
+              <td>
+                <button type="button" class="small-btn" aria-label={t('edit_x', { name: g.name })} onClick={() => (setForm(g), setOk(false))}>
+                  {t('edit')}
+                </button>
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      <ErrorText error={loadError} />
+      <form
+        class="stack admin-form"
+        onSubmit={async (e) => {
+          e.preventDefault();
+          setOk(false);
+          const p = idProblem(form.id);
+          if (p) return setError(t(('err_' + p) as any));
+          try {
+            await api.put('/api/skill-groups/' + encodeURIComponent(form.id), { name: form.name, policy: form.policy, offer_timeout_ms: Number(form.offer_timeout_ms) });
+            setError(null);
+            setOk(true);
+            reload();
+          } catch (err: any) {
+            setError(describeError(t, err.code, err.message));
+          }
+        }}
+      >
+        <h3>{list?.some((g) => g.id === form.id) ? t('edit_x', { name: form.id }) : t('new_group')}</h3>
+        <Field label={t('id')}>
+          <input value={form.id} required onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
+        </Field>
+        <Field label={t('name')}>
+          <input value={form.name} required onInput={(e) => setForm({ ...form, name: (e.currentTarget as HTMLInputElement).value })} />
+        </Field>
+        <Field label={t('policy')}>
+          <select value={form.policy} onChange={(e) => setForm({ ...form, policy: (e.currentTarget as HTMLSelectElement).value })}>
+            <option value="longest_idle">{t('policy_longest_idle')}</option>
+            <option value="least_occupied">{t('policy_least_occupied')}</option>
+          </select>
+        </Field>
+        <Field label={t('offer_timeout_ms')}>
+          <input type="number" min={1000} step={1000} value={form.offer_timeout_ms} onInput={(e) => setForm({ ...form, offer_timeout_ms: Number((e.currentTarget as HTMLInputElement).value) })} />
+        </Field>
+        <ErrorText error={error} />
+        <Saved ok={ok} />
+        <div class="row">
+          <button type="submit" class="primary">
+            {t('save')}
+          </button>
+          <button type="button" onClick={() => (setForm(blank), setError(null), setOk(false))}>
+            {t('new')}
+          </button>
+        </div>
+      </form>
+    </div>
+  );
+}
+
+function Operators() {
+  const { t, api } = useApp();
+  const [list, reload, loadError] = useList<OperatorStatus>('/api/operators', 'operators');
+  const [groups] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
+  const blank = { id: '', name: '', capacity: 2, groups: [] as string[] };
+  const [form, setForm] = useState(blank);
+  const [error, setError] = useState<string | null>(null);
+  const [ok, setOk] = useState(false);
+  return (
+    <div class="admin-grid">
+      <table class="table" data-testid="operators-admin-table">
+        <thead>
+          <tr>
+            <th scope="col">{t('id')}</th>
+            <th scope="col">{t('name')}</th>
+            <th scope="col">{t('capacity')}</th>
+            <th scope="col">{t('skills')}</th>
+            <th scope="col">
+              <span class="sr-only">{t('edit')}</span>
+            </th>
+          </tr>
+        </thead>
+        <tbody>
+          {list?.map((o) => (
+            <tr key={o.id}>
+              <td>{o.id}</td>
+              <td>{o.name}</td>
+              <td>{o.capacity}</td>
+              <td>{o.groups.join(', ')}</td>
+              <td>
+                <button type="button" class="small-btn" aria-label={t('edit_x', { name: o.name })} onClick={() => (setForm({ id: o.id, name: o.name, capacity: o.capacity, groups: o.groups }), setOk(false))}>
+                  {t('edit')}
+                </button>
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      <ErrorText error={loadError} />
+      <form
+        class="stack admin-form"
+        onSubmit={async (e) => {
+          e.preventDefault();
+          setOk(false);
+          const p = idProblem(form.id) ?? capacityProblem(form.capacity);
+          if (p) return setError(t(('err_' + p) as any));
+          try {
+            await api.put('/api/operators/' + encodeURIComponent(form.id), { name: form.name, capacity: form.capacity, groups: form.groups });
+            setError(null);
+            setOk(true);
+            reload();
+          } catch (err: any) {
+            setError(describeError(t, err.code, err.message));
+          }
+        }}
+      >
+        <h3>{list?.some((o) => o.id === form.id) ? t('edit_x', { name: form.id }) : t('new_operator')}</h3>
+        <Field label={t('id')}>
+          <input value={form.id} required onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
+        </Field>
+        <Field label={t('name')}>
+          <input value={form.name} required onInput={(e) => setForm({ ...form, name: (e.currentTarget as HTMLInputElement).value })} />
+        </Field>
+        <Field label={t('capacity')}>
+          <input type="number" min={1} max={100} value={form.capacity} onInput={(e) => setForm({ ...form, capacity: Number((e.currentTarget as HTMLInputElement).value) })} />
+        </Field>
+        <fieldset class="checks">
+          <legend>{t('skills')}</legend>
+          {groups?.map((g) => (
+            <label key={g.id}>
+              <input
+                type="checkbox"
+                checked={form.groups.includes(g.id)}
+                onChange={(e) =>
+                  setForm({ ...form, groups: (e.currentTarget as HTMLInputElement).checked ? [...form.groups, g.id] : form.groups.filter((x) => x !== g.id) })
+                }
+              />{' '}
+              {g.name}
+            </label>
+          ))}
+        </fieldset>
+        <ErrorText error={error} />
+        <Saved ok={ok} />
+        <div class="row">
+          <button type="submit" class="primary">
+            {t('save')}
+          </button>
+          <button type="button" onClick={() => (setForm(blank), setError(null), setOk(false))}>
+            {t('new')}
+          </button>
+        </div>
+      </form>
+    </div>
+  );
+}
+
+function Users() {
+  const { t, api } = useApp();
+  const [operators] = useList<OperatorStatus>('/api/operators', 'operators');
+  const [login, setLogin] = useState('');
+  const [password, setPassword] = useState('');
+  const [role, setRole] = useState<Role>('operator');
+  const [operator, setOperator] = useState('');
+  const [error, setError] = useState<string | null>(null);
+  const [ok, setOk] = useState(false);
+  return (
+    <form
+      class="stack admin-form"
+      data-testid="user-form"
+      onSubmit={async (e) => {
+        e.preventDefault();
+        setOk(false);
+        const p = idProblem(login) ?? passwordProblem(password);
+        if (p) return setError(t(('err_' + p) as any));
+        try {
+          await api.put('/api/users/' + encodeURIComponent(login), { password, role, operator: operator || null });
+          setError(null);
+          setOk(true);
+          setPassword('');
+        } catch (err: any) {
+          setError(describeError(t, err.code, err.message));
+        }
+      }}
+    >
+      <h3>{t('user_form_title')}</h3>
+      <p class="muted small">{t('users_hint')}</p>
+      <Field label={t('login')}>
+        <input value={login} required autoComplete="off" onInput={(e) => setLogin((e.currentTarget as HTMLInputElement).value)} />
+      </Field>
+      <Field label={t('password')} hint={t('password_hint')}>
+        <input type="password" value={password} required autoComplete="new-password" onInput={(e) => setPassword((e.currentTarget as HTMLInputElement).value)} />
+      </Field>
+      <Field label={t('role')}>
+        <select value={role} onChange={(e) => setRole((e.currentTarget as HTMLSelectElement).value as Role)}>
+          <option value="operator">{t('role_operator')}</option>
+          <option value="supervisor">{t('role_supervisor')}</option>
+          <option value="admin">{t('role_admin')}</option>
+        </select>
+      </Field>
+      <Field label={t('linked_operator')}>
+        <select value={operator} onChange={(e) => setOperator((e.currentTarget as HTMLSelectElement).value)}>
+          <option value="">{t('none')}</option>
+          {operators?.map((o) => (
+            <option key={o.id} value={o.id}>
+              {o.name} ({o.id})
+            </option>
+          ))}
+        </select>
+      </Field>
+      <ErrorText error={error} />
+      <Saved ok={ok} />
+      <button type="submit" class="primary">
+        {t('save')}
+      </button>
+    </form>
+  );
+}
+
+function Channels() {
+  const { t, api } = useApp();
+  const [list, reload, loadError] = useList<Channel>('/api/channels', 'channels');
+  const [groups] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
+  const blank: Channel = { id: '', kind: 'web', name: '', default_group: '' };
+  const [form, setForm] = useState<Channel>(blank);
+  const [error, setError] = useState<string | null>(null);
+  const [ok, setOk] = useState(false);
+  return (
+    <div class="admin-grid">
+      <table class="table" data-testid="channels-table">
+        <thead>
+          <tr>
+            <th scope="col">{t('id')}</th>
+            <th scope="col">{t('kind')}</th>
+            <th scope="col">{t('name')}</th>
+            <th scope="col">{t('default_group')}</th>
+            <th scope="col">
+              <span class="sr-only">{t('edit')}</span>
+            </th>
+          </tr>
+        </thead>
+        <tbody>
+          {list?.map((c) => (
+            <tr key={c.id}>
+              <td>{c.id}</td>
+              <td>{c.kind}</td>
+              <td>{c.name}</td>
+              <td>{c.default_group}</td>
+              <td>
+                <button type="button" class="small-btn" aria-label={t('edit_x', { name: c.name })} onClick={() => (setForm(c), setOk(false))}>
+                  {t('edit')}
+                </button>
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      <ErrorText error={loadError} />
+      <form
+        class="stack admin-form"
+        onSubmit={async (e) => {
+          e.preventDefault();
+          setOk(false);
+          const p = idProblem(form.id);
+          if (p) return setError(t(('err_' + p) as any));
+          try {
+            await api.put('/api/channels/' + encodeURIComponent(form.id), { kind: form.kind, name: form.name, default_group: form.default_group });
+            setError(null);
+            setOk(true);
+            reload();
+          } catch (err: any) {
+            setError(describeError(t, err.code, err.message));
+          }
+        }}
+      >
+        <h3>{list?.some((c) => c.id === form.id) ? t('edit_x', { name: form.id }) : t('new_channel')}</h3>
+        <Field label={t('id')}>
+          <input value={form.id} required onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
+        </Field>
+        <Field label={t('kind')}>
+          <input value={form.kind} required list="channel-kinds" onInput={(e) => setForm({ ...form, kind: (e.currentTarget as HTMLInputElement).value })} />
+        </Field>
+        <datalist id="channel-kinds">
+          <option value="web" />
+          <option value="telegram" />
+          <option value="email" />
+          <option value="api" />
+        </datalist>
+        <Field label={t('name')}>
+          <input value={form.name} required onInput={(e) => setForm({ ...form, name: (e.currentTarget as HTMLInputElement).value })} />
+        </Field>
+        <Field label={t('default_group')}>
+          <select value={form.default_group} required onChange={(e) => setForm({ ...form, default_group: (e.currentTarget as HTMLSelectElement).value })}>
+            <option value="">—</option>
+            {groups?.map((g) => (
+              <option key={g.id} value={g.id}>
+                {g.name}
+              </option>
+            ))}
+          </select>
+        </Field>
+        <ErrorText error={error} />
+        <Saved ok={ok} />
+        <div class="row">
+          <button type="submit" class="primary">
+            {t('save')}
+          </button>
+          <button type="button" onClick={() => (setForm(blank), setError(null), setOk(false))}>
+            {t('new')}
+          </button>
+        </div>
+      </form>
+    </div>
+  );
+}

@@ -1,0 +1,81 @@
+/** REST client for the private listener (same origin), with the bearer token. */
+import type { LoginInfo } from './types';
+
+export class ApiError extends Error {
+  constructor(
+    public status: number,
+    public code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export type FetchLike = (input: string, init?: RequestInit) => Promise<Response>;
+
+export class Api {
+  token: string | null = null;
+  constructor(
+    private readonly base = '',
+    private readonly fetcher: FetchLike = (i, o) => fetch(i, o),
+  ) {}
+
+  async request<T = any>(method: string, path: string, body?: unknown, extra?: { raw?: Blob | ArrayBuffer; contentType?: string }): Promise<T> {
+    const headers: Record<string, string> = {};
+    if (this.token) headers.Authorization = 'Bearer ' + this.token;
+    let payload: BodyInit | undefined;
+    if (extra?.raw) {
+      payload = extra.raw as BodyInit;
+      headers['Content-Type'] = extra.contentType ?? 'application/octet-stream';
+    } else if (body !== undefined) {
+      payload = JSON.stringify(body);
+      headers['Content-Type'] = 'application/json';
+    }
+    let res: Response;
+    try {
+      res = await this.fetcher(this.base + path, { method, headers, body: payload });
+    } catch (e) {
+      throw new ApiError(0, 'network', (e as Error).message || 'network error');
+    }
+    const text = await res.text();
+    let data: any = null;
+    try {
+      data = text ? JSON.parse(text) : null;
+    } catch {
+      data = null;
+    }
+    if (!res.ok) {
+      const code = data?.code ?? (res.status === 404 ? 'not_found' : res.status === 413 ? 'too_large' : res.status === 415 ? 'unsupported_type' : 'http_' + res.status);
+      throw new ApiError(res.status, code, data?.message ?? (text || res.statusText));
+    }
+    return data as T;
+  }
+
+  get<T = any>(path: string) {
+    return this.request<T>('GET', path);
+  }
+  put<T = any>(path: string, body: unknown) {
+    return this.request<T>('PUT', path, body);
+  }
+  post<T = any>(path: string, body: unknown) {
+    return this.request<T>('POST', path, body);
+  }
+  del<T = any>(path: string) {
+    return this.request<T>('DELETE', path);
+  }
+
+  login(login: string, password: string) {
+    return this.post<LoginInfo>('/api/login', { login, password });
+  }
+
+  /** Downloads a protected file (attachments need the bearer header, so no plain <img src>). */
+  async blob(path: string): Promise<Blob> {
+    const headers: Record<string, string> = {};
+    if (this.token) headers.Authorization = 'Bearer ' + this.token;
+    const res = await this.fetcher(this.base + path, { headers });
+    if (!res.ok) throw new ApiError(res.status, 'http_' + res.status, res.statusText);
+    return res.blob();
+  }
+}
+
+export const enc = encodeURIComponent;

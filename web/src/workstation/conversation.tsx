@@ -1,0 +1,289 @@
+/** The open conversation: header and actions, history, typing, composer, side panels. */
+import { useEffect, useRef, useState } from 'preact/hooks';
+import { ACCEPT_ATTRIBUTE, checkAttachment, contentTypeOf, MAX_ATTACHMENTS_PER_MESSAGE, type Attachment } from '../shared/files';
+import { formatDuration } from '../shared/format';
+import { PaperclipIcon } from '../shared/icons';
+import { deliveryOf, pendingOf, type Conv, type OpState } from './operator-state';
+import type { OperatorSession } from './operator-session';
+import type { LoginInfo } from './types';
+import { EntryView } from './entries';
+import { messageProblem } from './forms';
+import { ClientCard, CloseDialog, TemplatesPanel, TransferDialog } from './panels';
+import { describeError } from './strings';
+import { useApp, useNow } from './ui';
+import { enc } from './api';
+
+export function ConversationPane(props: { session: OperatorSession; state: OpState; auth: LoginInfo }) {
+  const { t } = useApp();
+  const { state, session } = props;
+  const conv = state.selected != null ? state.convs.get(state.selected) : undefined;
+  const [side, setSide] = useState<'card' | 'templates'>('card');
+  const [dialog, setDialog] = useState<'transfer' | 'close' | null>(null);
+  const drafts = useRef(new Map<number, string>());
+  const [draft, setDraftState] = useState('');
+  const setDraft = (v: string) => {
+    if (conv) drafts.current.set(conv.id, v);
+    setDraftState(v);
+  };
+  useEffect(() => {
+    setDraftState(conv ? drafts.current.get(conv.id) ?? '' : '');
+    setDialog(null);
+  }, [conv?.id]);
+
+  // Read marks: tell the visitor what we have seen.
+  useEffect(() => {
+    if (conv && state.viewing && conv.seenSeq > 0) session.markRead(conv.id, conv.seenSeq);
+  }, [conv?.id, conv?.seenSeq, state.viewing]);
+
+  if (!conv) {
+    return (
+      <main class="pane pane-empty" data-testid="conversation-empty">
+        <p class="empty">{state.convs.size ? t('pick_conversation') : t('no_conversations_hint')}</p>
+      </main>
+    );
+  }
+  const insert = (text: string) => setDraft(draft ? draft.replace(/\s*$/, '') + (draft.trim() ? ' ' : '') + text : text);
+  return (
+    <>
+      <main class="pane" data-testid="conversation-view" data-conv={conv.id} aria-labelledby="conv-title">
+        <ConvHeader conv={conv} onTransfer={() => setDialog('transfer')} onClose={() => setDialog('close')} />
+        <History conv={conv} state={state} />
+        <Composer session={session} conv={conv} draft={draft} setDraft={setDraft} onTemplates={() => setSide('templates')} />
+      </main>
+      <aside class="pane-side" aria-label={t('details')}>
+        <div class="tabs" role="tablist">
+          <button type="button" role="tab" aria-selected={side === 'card'} data-testid="tab-card" onClick={() => setSide('card')}>
+            {t('client_card')}
+          </button>
+          <button type="button" role="tab" aria-selected={side === 'templates'} data-testid="tab-templates" onClick={() => setSide('templates')}>
+            {t('templates')}
+          </button>
+        </div>
+        {side === 'card' ? (
+          <ClientCard conv={conv} />
+        ) : (
+          <TemplatesPanel
+            values={{ clientName: conv.visitor, operatorName: state.me?.name, conversationId: conv.id }}
+            onInsert={insert}
+            draft={draft}
+            canEditShared={false}
+          />
+        )}
+      </aside>
+      {dialog === 'transfer' && <TransferDialog session={session} conv={conv} me={props.auth.operator} onDone={() => setDialog(null)} />}
+      {dialog === 'close' && <CloseDialog session={session} conv={conv} onDone={() => setDialog(null)} />}
+    </>
+  );
+}
+
+function ConvHeader(props: { conv: Conv; onTransfer: () => void; onClose: () => void }) {
+  const { t } = useApp();
+  const now = useNow(1000);
+  const { conv } = props;
+  return (
+    <header class="pane-head">
+      <div>
+        <h2 id="conv-title" data-testid="conversation-title">
+          {conv.visitor || t('visitor')} <span class="muted">#{conv.id}</span>
+        </h2>
+        <p class="muted small">
+          {[conv.channel, conv.group].filter(Boolean).join(' · ')}
+          {conv.waitingSince != null && <span class="wait"> · {t('waiting_for', { time: formatDuration(now - conv.waitingSince) })}</span>}
+        </p>
+      </div>
+      <div class="row">
+        <button type="button" data-testid="transfer-button" onClick={props.onTransfer}>
+          {t('transfer')}
+        </button>
+        <button type="button" class="danger" data-testid="close-button" onClick={props.onClose}>
+          {t('close_conversation')}
+        </button>
+      </div>
+    </header>
+  );
+}
+
+function History(props: { conv: Conv; state: OpState }) {
+  const { t } = useApp();
+  const now = useNow(1000);
+  const { conv, state } = props;
+  const log = useRef<HTMLOListElement>(null);
+  const pending = pendingOf(state, conv.id);
+  const stick = useRef(true);
+  useEffect(() => {
+    const el = log.current;
+    if (el && stick.current) el.scrollTop = el.scrollHeight;
+  }, [conv.entries.length, pending.length, conv.id]);
+  const me = state.me?.operator;
+  return (
+    <>
+      <ol
+        ref={log}
+        class="log"
+        role="log"
+        aria-live="polite"
+        aria-relevant="additions"
+        aria-label={t('history')}
+        data-testid="message-log"
+        tabIndex={0}
+        onScroll={(e) => {
+          const el = e.currentTarget as HTMLElement;
+          stick.current = el.scrollHeight - el.scrollTop - el.clientHeight < 40;
+        }}
+      >
+        {!conv.loaded && !conv.entries.length && <li class="sys">{t('loading')}</li>}
+        {conv.entries.map((e) => {
+          const mine = e.kind === 'message' && e.from === 'operator' && e.operator === me;
+          return <EntryView key={e.seq} e={e} mine={mine} delivery={mine ? deliveryOf(conv, e) : undefined} operatorId={me} />;
+        })}
+        {pending.map((p) => (
+          <li key={p.key} class={'msg msg-mine pending' + (p.state === 'failed' ? ' failed' : '')} data-testid="message-pending">
+            <span class="who">{state.me?.name}</span>
+            {p.text && <span class="text">{p.text}</span>}
+            {p.attachments.length > 0 && <span class="atts">
+                <PaperclipIcon /> {p.attachments.map((a) => a.name).join(', ')}
+              </span>}
+            <span class="meta">
+              <span class={'delivery delivery-' + p.state} data-testid="delivery">
+                {p.state === 'failed' ? t('delivery_failed') + (p.error ? ' (' + describeError(t, p.error, '') + ')' : '') : t('delivery_sending')}
+              </span>
+            </span>
+          </li>
+        ))}
+      </ol>
+      <p class="typing" aria-live="polite" data-testid="typing-indicator">
+        {conv.typingUntil > now ? t('visitor_typing', { name: conv.visitor || t('visitor') }) : ''}
+      </p>
+    </>
+  );
+}
+
+function Composer(props: { session: OperatorSession; conv: Conv; draft: string; setDraft: (v: string) => void; onTemplates: () => void }) {
+  const { t, api, notify } = useApp();
+  const { session, conv, draft, setDraft } = props;
+  const [files, setFiles] = useState<Attachment[]>([]);
+  const [uploading, setUploading] = useState(0);
+  const [problem, setProblem] = useState<string | null>(null);
+  const input = useRef<HTMLTextAreaElement>(null);
+  const fileInput = useRef<HTMLInputElement>(null);
+  useEffect(() => {
+    setFiles([]);
+    setProblem(null);
+    input.current?.focus();
+  }, [conv.id]);
+
+  const send = () => {
+    const p = messageProblem(draft, files.length);
+    if (p) {
+      setProblem(p === 'empty' ? null : t('err_too_long'));
+      return;
+    }
+    session.sendMessage(conv.id, draft.trim(), files);
+    setDraft('');
+    setFiles([]);
+    setProblem(null);
+    input.current?.focus();
+  };
+
+  const upload = async (list: FileList | null) => {
+    if (!list) return;
+    for (const f of Array.from(list)) {
+      if (files.length + uploading >= MAX_ATTACHMENTS_PER_MESSAGE) {
+        setProblem(t('err_too_many_files', { n: MAX_ATTACHMENTS_PER_MESSAGE }));
+        break;
+      }
+      const bad = checkAttachment(f);
+      if (bad) {
+        setProblem(describeError(t, bad, '') + ': ' + f.name);
+        continue;
+      }
+      setUploading((n) => n + 1);
+      try {
+        const a = await api.request<Attachment>('POST', '/api/attachments?conversation=' + conv.id + '&name=' + enc(f.name), undefined, {
+          raw: f,
+          contentType: contentTypeOf(f),
+        });
+        setFiles((x) => [...x, a]);
+      } catch (e: any) {
+        notify(t('upload_failed', { name: f.name }) + ': ' + describeError(t, e.code, e.message), 'error');
+      } finally {
+        setUploading((n) => n - 1);
+      }
+    }
+    if (fileInput.current) fileInput.current.value = '';
+  };
+
+  const id = 'composer-' + conv.id;
+  return (
+    <form
+      class="composer"
+      onSubmit={(e) => {
+        e.preventDefault();
+        send();
+      }}
+    >
+      {files.length > 0 && (
+        <ul class="chips" aria-label={t('attachments')}>
+          {files.map((f) => (
+            <li key={f.id} class="chip">
+              <PaperclipIcon /> {f.name}
+              <button type="button" class="ghost" aria-label={t('remove_attachment', { name: f.name })} onClick={() => setFiles(files.filter((x) => x.id !== f.id))}>
+                ×
+              </button>
+            </li>
+          ))}
+        </ul>
+      )}
+      <label class="sr-only" for={id}>
+        {t('message')}
+      </label>
+      <textarea
+        id={id}
+        ref={input}
+        data-testid="composer-input"
+        rows={3}
+        maxLength={4000}
+        placeholder={t('composer_placeholder')}
+        value={draft}
+        onInput={(e) => {
+          setDraft((e.currentTarget as HTMLTextAreaElement).value);
+          session.typing(conv.id);
+        }}
+        onKeyDown={(e) => {
+          if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+            e.preventDefault();
+            send();
+          }
+        }}
+      />
+      {problem && (
+        <p class="error small" role="alert">
+          {problem}
+        </p>
+      )}
+      <div class="row composer-actions">
+        <input
+          ref={fileInput}
+          id={id + '-file'}
+          type="file"
+          class="sr-only"
+          multiple
+          accept={ACCEPT_ATTRIBUTE}
+          data-testid="attach-input"
+          onChange={(e) => upload((e.currentTarget as HTMLInputElement).files)}
+        />
+        <label for={id + '-file'} class="btn ghost" role="button" tabIndex={0} onKeyDown={(e) => (e.key === 'Enter' || e.key === ' ') && fileInput.current?.click()}>
+          <PaperclipIcon /> {t('attach')}
+        </label>
+        <button type="button" class="ghost" onClick={props.onTemplates}>
+          {t('templates')}
+        </button>
+        <span class="muted small grow">{uploading ? t('uploading') : t('enter_to_send')}</span>
+        <button type="submit" class="primary" data-testid="send-button" disabled={uploading > 0}>
+          {t('send')}
+        </button>
+      </div>
+    </form>
+  );
+}
+

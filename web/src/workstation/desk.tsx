@@ -1,0 +1,306 @@
+/** The operator desk: presence, offers, conversation list, conversation, side panels. */
+import { useCallback, useEffect, useMemo, useRef, useState } from 'preact/hooks';
+import { formatDuration } from '../shared/format';
+import { visibleRange, scrollToRow } from '../shared/virtual';
+import { ClockIcon, PaperclipIcon } from '../shared/icons';
+import type { LinkState } from '../shared/socket';
+import { offerMsLeft, offerWindowMs, sortedConvs, totalUnread, type Conv, type OpState } from './operator-state';
+import { OperatorSession } from './operator-session';
+import { PRESENCES, type LoginInfo, type Presence } from './types';
+import { ConversationPane } from './conversation';
+import { describeError } from './strings';
+import { useApp, useNow, useStore } from './ui';
+
+export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (s: LinkState | null) => void }) {
+  const { api, t, notify } = useApp();
+  const session = useMemo(() => {
+    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    return new OperatorSession({
+      wsBase: proto + '//' + location.host,
+      token: props.auth.token,
+      checkAuth: async () => {
+        try {
+          await api.get('/api/me');
+          return 'ok';
+        } catch (e: any) {
+          return e?.status === 401 ? 'unauthorized' : 'unknown';
+        }
+      },
+      onAuthLost: props.onAuthLost,
+      onLink: props.onLink,
+      onNotice: (code, message) => {
+        if (code === 'resume_gap') notify(t('notice_resume_gap'), 'info');
+        else notify(describeError(t, code, message), 'error');
+      },
+    });
+  }, [props.auth.token]);
+
+  useEffect(() => {
+    session.start();
+    const vis = () => session.setViewing(document.visibilityState === 'visible');
+    const online = () => session.link.retryNow();
+    document.addEventListener('visibilitychange', vis);
+    window.addEventListener('online', online);
+    vis();
+    return () => {
+      document.removeEventListener('visibilitychange', vis);
+      window.removeEventListener('online', online);
+      session.stop();
+      props.onLink(null);
+    };
+  }, [session]);
+
+  const state = useStore(session.store);
+
+  // Window title shows what needs attention.
+  useEffect(() => {
+    const n = state.offers.length + totalUnread(state);
+    document.title = (n ? '(' + n + ') ' : '') + t('app_title');
+  }, [state.offers.length, state.convs, t]);
+
+  // Keyboard: Alt+A accepts the oldest offer, Alt+D declines it.
+  useEffect(() => {
+    const onKey = (e: KeyboardEvent) => {
+      if (!e.altKey || e.ctrlKey || e.metaKey) return;
+      const k = e.key.toLowerCase();
+      const first = session.store.get().offers[0];
+      if (!first || (k !== 'a' && k !== 'd' && e.code !== 'KeyA' && e.code !== 'KeyD')) return;
+      e.preventDefault();
+      const accept = k === 'a' || e.code === 'KeyA';
+      (accept ? session.accept(first.offer) : session.decline(first.offer)).catch((err) => notify(describeError(t, err.code, err.message), 'error'));
+    };
+    window.addEventListener('keydown', onKey);
+    return () => window.removeEventListener('keydown', onKey);
+  }, [session, t]);
+
+  return (
+    <div class="desk" data-testid="desk">
+      <aside class="desk-side" aria-label={t('sidebar')}>
+        <PresenceBar session={session} state={state} />
+        <Offers session={session} state={state} />
+        <ConvList session={session} state={state} />
+      </aside>
+      <ConversationPane session={session} state={state} auth={props.auth} />
+    </div>
+  );
+}
+
+function PresenceBar(props: { session: OperatorSession; state: OpState }) {
+  const { t, notify } = useApp();
+  const now = useNow(1000);
+  const { state, session } = props;
+  const set = (p: Presence) =>
+    session.setPresence(p).catch((e) => {
+      notify(e.code === 'bad_frame' || e.code === 'invalid' ? t('presence_unsupported', { status: t(('presence_' + p) as any) }) : describeError(t, e.code, e.message), 'error');
+    });
+  return (
+    <section class="panel presence" aria-labelledby="presence-h">
+      <h2 id="presence-h" class="panel-title">
+        {state.me ? state.me.name : t('connecting')}
+        {state.me && (
+          <span class="muted small">
+            {' '}
+            · {t('capacity_of', { load: state.convs.size + state.offers.length, capacity: state.me.capacity })}
+          </span>
+        )}
+      </h2>
+      <div class="seg" role="group" aria-label={t('presence')}>
+        {PRESENCES.map((p) => (
+          <button
+            type="button"
+            key={p}
+            class={'seg-btn presence-' + p}
+            aria-pressed={state.presence === p}
+            data-testid={'presence-' + p}
+            disabled={!state.me}
+            onClick={() => set(p)}
+          >
+            <span class={'dot dot-' + p} aria-hidden="true" />
+            {t(('presence_' + p) as any)}
+          </button>
+        ))}
+      </div>
+      <p class="muted small" data-testid="presence-current" data-presence={state.presence}>
+        {t('in_status', { status: t(('presence_' + state.presence) as any), time: formatDuration(state.presenceSince ? now - state.presenceSince : 0) })}
+      </p>
+    </section>
+  );
+}
+
+function Offers(props: { session: OperatorSession; state: OpState }) {
+  const { t, notify } = useApp();
+  const now = useNow(500);
+  const { state, session } = props;
+  const [busy, setBusy] = useState<number | null>(null);
+  const act = (offer: number, accept: boolean) => {
+    setBusy(offer);
+    (accept ? session.accept(offer) : session.decline(offer))
+      .catch((e) => notify(describeError(t, e.code, e.message), 'error'))
+      .finally(() => setBusy(null));
+  };
+  const latest = state.offers[state.offers.length - 1];
+  return (
+    <section class="panel offers" aria-labelledby="offers-h">
+      <h2 id="offers-h" class="panel-title">
+        {t('offers')} {state.offers.length ? <span class="badge">{state.offers.length}</span> : null}
+      </h2>
+      <p class="sr-only" aria-live="assertive" data-testid="offer-announcement">
+        {latest ? t('offer_announce', { visitor: latest.visitor || t('visitor'), group: latest.group }) : ''}
+      </p>
+      {!state.offers.length && <p class="empty small">{t('no_offers')}</p>}
+      <ul class="offer-list">
+        {state.offers.map((o, i) => {
+          const left = Math.ceil(offerMsLeft(o, now) / 1000);
+          const total = Math.max(1, offerWindowMs(o) / 1000);
+          return (
+            <li key={o.offer} class="offer" data-testid="offer" data-conversation={o.conversation}>
+              <div class="offer-head">
+                <strong>{o.visitor || t('visitor')}</strong>
+                <span class="muted small">
+                  #{o.conversation} · {o.group}
+                </span>
+                <span class={'countdown' + (left <= 5 ? ' urgent' : '')} data-testid="offer-countdown" aria-label={t('seconds_left', { n: left })}>
+                  {left}s
+                </span>
+              </div>
+              <div class="bar" aria-hidden="true">
+                <span style={{ width: Math.min(100, (100 * left) / total) + '%' }} />
+              </div>
+              <div class="row">
+                <button
+                  type="button"
+                  class="primary"
+                  data-testid="offer-accept"
+                  disabled={busy === o.offer || left === 0}
+                  aria-keyshortcuts={i === 0 ? 'Alt+A' : undefined}
+                  onClick={() => act(o.offer, true)}
+                >
+                  {t('accept')}
+                  {i === 0 && <kbd class="kbd">Alt+A</kbd>}
+                </button>
+                <button
+                  type="button"
+                  data-testid="offer-decline"
+                  disabled={busy === o.offer || left === 0}
+                  aria-keyshortcuts={i === 0 ? 'Alt+D' : undefined}
+                  onClick={() => act(o.offer, false)}
+                >
+                  {t('decline')}
+                </button>
+              </div>
+            </li>
+          );
+        })}
+      </ul>
+    </section>
+  );
+}
+
+const ROW = 58;
+
+export function ConvList(props: { session: OperatorSession; state: OpState }) {
+  const { t } = useApp();
+  const now = useNow(1000);
+  const { state, session } = props;
+  const list = useMemo(() => sortedConvs(state), [state.convs]);
+  const box = useRef<HTMLDivElement>(null);
+  const [scroll, setScroll] = useState(0);
+  const [height, setHeight] = useState(400);
+  useEffect(() => {
+    const el = box.current!;
+    const ro = new ResizeObserver(() => setHeight(el.clientHeight));
+    ro.observe(el);
+    setHeight(el.clientHeight || 400);
+    return () => ro.disconnect();
+  }, []);
+  const range = visibleRange(scroll, height, ROW, list.length);
+  const move = useCallback(
+    (delta: number) => {
+      const i = list.findIndex((c) => c.id === state.selected);
+      const j = Math.max(0, Math.min(list.length - 1, (i < 0 ? -1 : i) + delta));
+      const c = list[j];
+      if (!c) return;
+      session.select(c.id);
+      const el = box.current!;
+      const top = scrollToRow(j, el.scrollTop, el.clientHeight, ROW);
+      if (top != null) el.scrollTop = top;
+      requestAnimationFrame(() => el.querySelector<HTMLElement>('[data-conv="' + c.id + '"]')?.focus());
+    },
+    [list, state.selected],
+  );
+  return (
+    <section class="panel convs" aria-labelledby="convs-h">
+      <h2 id="convs-h" class="panel-title">
+        {t('conversations')} <span class="muted small">({list.length})</span>
+      </h2>
+      <div
+        ref={box}
+        class="vlist"
+        data-testid="conv-list"
+        role="listbox"
+        aria-labelledby="convs-h"
+        tabIndex={list.length ? -1 : 0}
+        onScroll={(e) => setScroll((e.currentTarget as HTMLElement).scrollTop)}
+        onKeyDown={(e) => {
+          if (e.key === 'ArrowDown') {
+            e.preventDefault();
+            move(1);
+          } else if (e.key === 'ArrowUp') {
+            e.preventDefault();
+            move(-1);
+          }
+        }}
+      >
+        {!list.length && <p class="empty small pad">{t('no_conversations')}</p>}
+        <div style={{ height: range.padTop + 'px' }} />
+        {list.slice(range.start, range.end).map((c) => (
+          <ConvRow key={c.id} c={c} now={now} selected={state.selected === c.id} onSelect={() => session.select(c.id)} />
+        ))}
+        <div style={{ height: range.padBottom + 'px' }} />
+      </div>
+    </section>
+  );
+}
+
+function ConvRow(props: { c: Conv; now: number; selected: boolean; onSelect: () => void }) {
+  const { t } = useApp();
+  const { c, now } = props;
+  const last = c.entries[c.entries.length - 1];
+  const preview = last?.kind === 'message' ? last.text || (last.attachments?.length ? <PaperclipIcon /> : '') : '';
+  return (
+    <div
+      role="option"
+      tabIndex={props.selected ? 0 : -1}
+      aria-selected={props.selected}
+      class={'conv' + (props.selected ? ' selected' : '') + (c.unread ? ' has-unread' : '')}
+      style={{ height: ROW + 'px' }}
+      data-testid="conv-item"
+      data-conv={c.id}
+      onClick={props.onSelect}
+      onKeyDown={(e) => {
+        if (e.key === 'Enter' || e.key === ' ') {
+          e.preventDefault();
+          props.onSelect();
+        }
+      }}
+    >
+      <div class="conv-top">
+        <strong class="conv-name">{c.visitor || t('visitor')}</strong>
+        <span class="muted small">#{c.id}</span>
+        {c.unread > 0 && (
+          <span class="badge" data-testid="unread-badge" aria-label={t('unread_n', { n: c.unread })}>
+            {c.unread}
+          </span>
+        )}
+      </div>
+      <div class="conv-bottom">
+        <span class="conv-preview">{c.typingUntil > now ? t('typing_short') : preview}</span>
+        {c.waitingSince != null && (
+          <span class={'wait' + (now - c.waitingSince > 60000 ? ' late' : '')} data-testid="waiting" title={t('waiting')}>
+            <ClockIcon /> {formatDuration(now - c.waitingSince)}
+          </span>
+        )}
+      </div>
+    </div>
+  );
+}

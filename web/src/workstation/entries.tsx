@@ -1,0 +1,125 @@
+/** Rendering of staff history entries and attachments (shared by the desk and the inspector). */
+import { useEffect, useState } from 'preact/hooks';
+import { formatBytes, isImage, type Attachment } from '../shared/files';
+import { formatClock } from '../shared/format';
+import { PaperclipIcon } from '../shared/icons';
+import type { Entry } from './types';
+import { useApp } from './ui';
+
+export function AttachmentView(props: { a: Attachment }) {
+  const { api, t } = useApp();
+  const { a } = props;
+  const [url, setUrl] = useState<string | null>(null);
+  const [failed, setFailed] = useState(false);
+  const path = '/api/attachments/' + encodeURIComponent(a.id);
+  useEffect(() => {
+    if (!isImage(a.content_type)) return;
+    let u: string | null = null;
+    let live = true;
+    api
+      .blob(path)
+      .then((b) => {
+        if (!live) return;
+        u = URL.createObjectURL(b);
+        setUrl(u);
+      })
+      .catch(() => live && setFailed(true));
+    return () => {
+      live = false;
+      if (u) URL.revokeObjectURL(u);
+    };
+  }, [a.id]);
+  const download = async (e: Event) => {
+    e.preventDefault();
+    try {
+      const b = await api.blob(path);
+      const u = URL.createObjectURL(b);
+      const link = document.createElement('a');
+      link.href = u;
+      link.download = a.name;
+      link.click();
+      setTimeout(() => URL.revokeObjectURL(u), 10000);
+    } catch {
+      setFailed(true);
+    }
+  };
+  if (isImage(a.content_type) && url) {
+    return (
+      <a class="att att-image" href={url} target="_blank" rel="noopener" data-testid="attachment-image">
+        <img src={url} alt={a.name} loading="lazy" />
+      </a>
+    );
+  }
+  return (
+    <a class="att att-file" href={path} onClick={download} data-testid="attachment-file">
+      <PaperclipIcon /> {a.name} <span class="muted">({formatBytes(a.size)})</span>
+      {failed && <span class="error"> · {t('attachment_unavailable')}</span>}
+    </a>
+  );
+}
+
+export function EntryView(props: { e: Entry; mine?: boolean; delivery?: 'sending' | 'failed' | 'delivered' | 'read'; operatorId?: string }) {
+  const { t, lang } = useApp();
+  const { e } = props;
+  const time = (
+    <time dateTime={new Date(e.at).toISOString()} class="time">
+      {formatClock(e.at, lang)}
+    </time>
+  );
+  if (e.kind === 'message') {
+    const who = e.from === 'client' ? 'client' : props.mine || (props.operatorId && e.operator === props.operatorId) ? 'mine' : 'operator';
+    return (
+      <li class={'msg msg-' + who} data-testid="message" data-seq={e.seq} data-from={e.from}>
+        <span class="who">{e.from === 'client' ? t('visitor') : e.name || e.operator || t('operator')}</span>
+        {e.text ? <span class="text">{e.text}</span> : null}
+        {e.attachments?.length ? (
+          <span class="atts">
+            {e.attachments.map((a) => (
+              <AttachmentView key={a.id} a={a} />
+            ))}
+          </span>
+        ) : null}
+        <span class="meta">
+          {time}
+          {props.delivery && (
+            <span class={'delivery delivery-' + props.delivery} data-testid="delivery" title={t(('delivery_' + props.delivery) as any)}>
+              {props.delivery === 'read' ? '✓✓' : props.delivery === 'delivered' ? '✓' : props.delivery === 'failed' ? '!' : '…'}
+              <span class="sr-only"> {t(('delivery_' + props.delivery) as any)}</span>
+            </span>
+          )}
+        </span>
+      </li>
+    );
+  }
+  let text = '';
+  switch (e.kind) {
+    case 'started':
+      text = t('entry_started', { channel: e.channel ?? '' });
+      break;
+    case 'queued':
+      text = t('entry_queued', { group: e.group ?? '' });
+      break;
+    case 'assigned':
+      text = t('entry_assigned', { name: e.name || e.operator || '' });
+      break;
+    case 'transferred':
+      text = t('entry_transferred', { from: e.from ?? '', to: e.to_operator ?? e.to_group ?? '' }) + (e.comment ? ' — «' + e.comment + '»' : '');
+      break;
+    case 'closed':
+      text =
+        t(e.by === 'client' ? 'entry_closed_client' : 'entry_closed_operator') +
+        (e.resolution ? ' · ' + t('resolution') + ': ' + e.resolution : '') +
+        (e.tags?.length ? ' · ' + e.tags.map((x) => '#' + x).join(' ') : '');
+      break;
+    case 'rated':
+      text = t('entry_rated', { score: e.score ?? 0 }) + (e.comment ? ' — «' + e.comment + '»' : '');
+      break;
+    default:
+      text = e.kind;
+  }
+  return (
+    <li class={'sys sys-' + e.kind} data-testid={'entry-' + e.kind} data-seq={e.seq}>
+      <span>{text}</span> {time}
+    </li>
+  );
+}

@@ -1,0 +1,87 @@
+/**
+ * Keeps the supervisor's floor up to date: `floor` frames from /ws/supervisor, or, while
+ * that socket is unavailable (older server, proxy without WebSocket support), polling
+ * /api/queues and /api/operators every few seconds. The socket keeps being retried with
+ * backoff; as soon as it delivers a frame, polling stops.
+ */
+import { Backoff } from '../shared/backoff';
+import { ReconnectingSocket, type LinkState, type SocketLike, type Timers, realTimers } from '../shared/socket';
+import { floorFromFrame, floorFromRest, type Floor } from './floor';
+
+export interface FloorFeedOptions {
+  wsBase: string;
+  token: string;
+  get: (path: string) => Promise<any>;
+  onFloor: (f: Floor) => void;
+  onError?: (e: unknown) => void;
+  onLink?: (s: LinkState) => void;
+  create?: (url: string) => SocketLike;
+  timers?: Timers;
+  pollMs?: number;
+}
+
+export class FloorFeed {
+  readonly link: ReconnectingSocket;
+  private timers: Timers;
+  private pollTimer: unknown = null;
+  private polling = false;
+  private stopped = false;
+  mode: 'socket' | 'poll' | 'idle' = 'idle';
+
+  constructor(private readonly opts: FloorFeedOptions) {
+    this.timers = opts.timers ?? realTimers;
+    this.link = new ReconnectingSocket({
+      url: () => opts.wsBase + '/ws/supervisor?token=' + encodeURIComponent(opts.token),
+      create: opts.create ?? ((u) => new WebSocket(u) as unknown as SocketLike),
+      timers: this.timers,
+      backoff: new Backoff({ base: 2000, max: 60000 }),
+      idleMs: 30000,
+      onFrame: (f) => {
+        if (f?.type !== 'floor') return;
+        this.link.markHealthy();
+        this.setMode('socket');
+        opts.onFloor(floorFromFrame(f, this.timers.now()));
+      },
+      onClose: () => {
+        // Fill the gap (or stand in for a missing endpoint) with polling.
+        if (!this.stopped) this.setMode('poll');
+        return true;
+      },
+      onState: opts.onLink,
+    });
+  }
+
+  private setMode(mode: 'socket' | 'poll'): void {
+    this.mode = mode;
+    if (mode === 'poll' && !this.polling) {
+      this.polling = true;
+      this.poll();
+    } else if (mode === 'socket' && this.polling) {
+      this.polling = false;
+      this.timers.clearTimeout(this.pollTimer);
+    }
+  }
+
+  async poll(): Promise<void> {
+    if (!this.polling || this.stopped) return;
+    try {
+      const [q, o] = await Promise.all([this.opts.get('/api/queues'), this.opts.get('/api/operators')]);
+      if (this.polling && !this.stopped) this.opts.onFloor(floorFromRest(q, o, this.timers.now()));
+    } catch (e) {
+      this.opts.onError?.(e);
+    }
+    if (this.polling && !this.stopped) this.pollTimer = this.timers.setTimeout(() => this.poll(), this.opts.pollMs ?? 2000);
+  }
+
+  start(): void {
+    this.stopped = false;
+    this.link.start();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.polling = false;
+    this.timers.clearTimeout(this.pollTimer);
+    this.link.stop();
+  }
+}

@@ -1,0 +1,111 @@
+/**
+ * The supervisor's live floor: queues and operators. It comes from `floor` frames of
+ * /ws/supervisor, or (where that socket is unavailable) from polling /api/queues and
+ * /api/operators; both are normalized into the same shape.
+ */
+import type { Presence } from './types';
+
+export interface QueueRow {
+  group: string;
+  name: string;
+  waiting: number;
+  offered: number;
+  longest_wait_ms: number;
+  sla_ms: number | null;
+  within_sla: number | null;
+}
+
+export interface OperatorRow {
+  id: string;
+  name: string;
+  presence: Presence;
+  presence_since: number;
+  load: number;
+  capacity: number;
+  /** Conversation ids held, when the source lists them. */
+  active: number[] | null;
+  activeCount: number;
+  groups: string[];
+}
+
+export interface Floor {
+  /** Snapshot time as the source stamped it. */
+  at: number;
+  /** When this client received it (for extrapolating waits without clock skew). */
+  receivedAt: number;
+  source: 'socket' | 'poll';
+  queues: QueueRow[];
+  operators: OperatorRow[];
+}
+
+function num(v: unknown, d = 0): number {
+  return typeof v === 'number' && Number.isFinite(v) ? v : d;
+}
+
+export function normalizeQueues(raw: any[]): QueueRow[] {
+  return (raw ?? [])
+    .map((q) => ({
+      group: String(q.group),
+      name: String(q.name ?? q.group),
+      waiting: num(q.waiting),
+      offered: num(q.offered),
+      longest_wait_ms: num(q.longest_wait_ms),
+      sla_ms: typeof q.sla_ms === 'number' ? q.sla_ms : null,
+      within_sla: typeof q.within_sla === 'number' ? q.within_sla : null,
+    }))
+    .sort((a, b) => (a.group < b.group ? -1 : a.group > b.group ? 1 : 0));
+}
+
+export function normalizeOperators(raw: any[]): OperatorRow[] {
+  return (raw ?? [])
+    .map((o) => {
+      const active = Array.isArray(o.active) ? o.active.filter((x: unknown) => typeof x === 'number') : null;
+      return {
+        id: String(o.id),
+        name: String(o.name ?? o.id),
+        presence: (o.presence ?? 'offline') as Presence,
+        presence_since: num(o.presence_since),
+        load: num(o.load),
+        capacity: num(o.capacity, 1),
+        active,
+        activeCount: active ? active.length : num(o.active),
+        groups: Array.isArray(o.groups) ? o.groups.map(String) : [],
+      };
+    })
+    .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : a.id < b.id ? -1 : 1));
+}
+
+export function floorFromFrame(f: any, now: number): Floor {
+  return { at: num(f.at, now), receivedAt: now, source: 'socket', queues: normalizeQueues(f.queues), operators: normalizeOperators(f.operators) };
+}
+
+export function floorFromRest(queues: any, operators: any, now: number): Floor {
+  return { at: now, receivedAt: now, source: 'poll', queues: normalizeQueues(queues?.queues), operators: normalizeOperators(operators?.operators) };
+}
+
+/** SLA share in percent for the queue, or null when the server does not report an SLA. */
+export function slaPercent(q: QueueRow): number | null {
+  if (q.sla_ms == null || q.within_sla == null) return null;
+  const total = q.waiting + q.offered;
+  if (!total) return 100;
+  return Math.round((100 * q.within_sla) / total);
+}
+
+/** Longest wait as of `now`, extrapolated from the snapshot time. */
+export function longestWaitNow(q: QueueRow, floor: Floor, now: number): number {
+  if (!q.waiting && !q.offered) return 0;
+  return q.longest_wait_ms + Math.max(0, now - floor.receivedAt);
+}
+
+export function totals(floor: Floor) {
+  let waiting = 0;
+  let offered = 0;
+  for (const q of floor.queues) {
+    waiting += q.waiting;
+    offered += q.offered;
+  }
+  const online = floor.operators.filter((o) => o.presence === 'online').length;
+  const load = floor.operators.reduce((n, o) => n + o.load, 0);
+  const capacity = floor.operators.filter((o) => o.presence === 'online').reduce((n, o) => n + o.capacity, 0);
+  return { waiting, offered, online, load, capacity };
+}

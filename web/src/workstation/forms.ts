@@ -1,0 +1,42 @@
+/** Parsing and validation for the desk's forms (pure, unit-tested). */
+export const MAX_TAGS = 10;
+export const MAX_TAG_LENGTH = 40;
+export const MAX_TEXT = 4000;
+
+/** "billing, Refund #vip" → ["billing", "refund", "vip"]; duplicates dropped. */
+export function parseTags(input: string): string[] {
+  const out: string[] = [];
+  for (const raw of input.split(/[,;\s]+/)) {
+    const tag = raw.replace(/^#+/, '').trim().toLowerCase();
+    if (tag && !out.includes(tag)) out.push(tag);
+  }
+  return out;
+}
+
+export function tagsProblem(tags: string[]): 'too_many_tags' | 'tag_too_long' | null {
+  if (tags.length > MAX_TAGS) return 'too_many_tags';
+  if (tags.some((t) => [...t].length > MAX_TAG_LENGTH)) return 'tag_too_long';
+  return null;
+}
+
+/** Text that may be sent: not blank (unless there are attachments), at most 4000 characters. */
+export function messageProblem(text: string, attachments: number): 'empty' | 'too_long' | null {
+  if (!text.trim() && !attachments) return 'empty';
+  if ([...text].length > MAX_TEXT) return 'too_long';
+  return null;
+}
+
+/** Ids for skill groups, operators, channels and logins: letters, digits, '.', '_' and '-'. */
+export function idProblem(id: string): 'id_required' | 'id_invalid' | null {
+  if (!id.trim()) return 'id_required';
+  if (!/^[A-Za-z0-9._-]{1,64}$/.test(id)) return 'id_invalid';
+  return null;
+}
+
+export function capacityProblem(n: number): 'capacity_range' | null {
+  return Number.isInteger(n) && n >= 1 && n <= 100 ? null : 'capacity_range';
+}
+
+export function passwordProblem(p: string): 'password_short' | null {
+  return [...p].length >= 10 ? null : 'password_short';
+}

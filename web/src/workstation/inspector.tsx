@@ -1,0 +1,183 @@
+/** Read-only view of any conversation, its routing decisions, and (supervisors) reassignment. */
+import { useEffect, useState } from 'preact/hooks';
+import { formatDateTime } from '../shared/format';
+import type { ConversationDoc, DecisionRecord, OperatorStatus, SkillGroup } from './types';
+import { EntryView } from './entries';
+import { describeError, exclusionText } from './strings';
+import { Empty, ErrorText, Field, useApp } from './ui';
+
+export function Inspector(props: { id: number; canReassign: boolean }) {
+  const { t, api, lang } = useApp();
+  const [doc, setDoc] = useState<ConversationDoc | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const [n, setN] = useState(0);
+  useEffect(() => {
+    let live = true;
+    setError(null);
+    api
+      .get<ConversationDoc>('/api/conversations/' + props.id)
+      .then((d) => live && setDoc(d))
+      .catch((e) => live && (setDoc(null), setError(describeError(t, e.code, e.message))));
+    return () => {
+      live = false;
+    };
+  }, [props.id, n]);
+  if (error) return <ErrorText error={error} />;
+  if (!doc) return <p class="muted">{t('loading')}</p>;
+  return (
+    <div class="inspector" data-testid="inspector" data-conv={doc.conversation}>
+      <div class="row">
+        <h3 class="grow">
+          {doc.visitor.name || t('visitor')} <span class="muted">#{doc.conversation}</span>
+        </h3>
+        <button type="button" class="ghost" onClick={() => setN(n + 1)}>
+          {t('refresh')}
+        </button>
+      </div>
+      <dl class="kv">
+        <dt>{t('state')}</dt>
+        <dd data-testid="inspector-state">
+          {t(('state_' + doc.status.state) as any)}
+          {doc.status.operator ? ' · ' + doc.status.operator : ''}
+        </dd>
+        <dt>{t('channel')}</dt>
+        <dd>{doc.channel}</dd>
+        <dt>{t('group')}</dt>
+        <dd>{doc.group}</dd>
+        <dt>{t('started_at')}</dt>
+        <dd>{formatDateTime(doc.created_at, lang)}</dd>
+        {Object.entries(doc.visitor.attributes ?? {}).map(([k, v]) => [<dt key={'k' + k}>{k}</dt>, <dd key={'v' + k}>{v}</dd>])}
+      </dl>
+      <h4>{t('history')}</h4>
+      <ol class="log log-static" aria-label={t('history')} data-testid="inspector-log">
+        {doc.history.map((e) => (
+          <EntryView key={e.seq} e={e} />
+        ))}
+      </ol>
+      <Decisions id={doc.conversation} />
+      {props.canReassign && doc.status.state !== 'closed' && <Reassign id={doc.conversation} onDone={() => setN(n + 1)} />}
+    </div>
+  );
+}
+
+function Decisions(props: { id: number }) {
+  const { t, api, lang } = useApp();
+  const [list, setList] = useState<DecisionRecord[] | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  useEffect(() => {
+    api
+      .get<{ decisions: DecisionRecord[] }>('/api/conversations/' + props.id + '/decisions')
+      .then((r) => setList(r.decisions ?? []))
+      .catch((e) => setError(describeError(t, e.code, e.message)));
+  }, [props.id]);
+  return (
+    <section data-testid="decisions" aria-labelledby={'dec-' + props.id}>
+      <h4 id={'dec-' + props.id}>{t('why_this_operator')}</h4>
+      <ErrorText error={error} />
+      {list && !list.length && <Empty>{t('no_decisions')}</Empty>}
+      {list?.map((d) => (
+        <div key={d.offer} class="decision" data-testid="decision">
+          <p class="small">
+            {t('decision_line', { at: formatDateTime(d.at, lang), group: d.group, policy: t(('policy_' + d.policy) as any), chosen: d.chosen })}{' '}
+            <span class="muted">v{d.policy_version}</span>
+          </p>
+          <table class="table small">
+            <thead>
+              <tr>
+                <th scope="col">{t('operator')}</th>
+                <th scope="col">{t('load')}</th>
+                <th scope="col">{t('score')}</th>
+                <th scope="col">{t('excluded')}</th>
+              </tr>
+            </thead>
+            <tbody>
+              {[...d.candidates]
+                .sort((a, b) => (b.score ?? -Infinity) - (a.score ?? -Infinity))
+                .map((c) => (
+                  <tr key={c.operator} class={c.operator === d.chosen ? 'chosen' : c.excluded ? 'excluded' : ''}>
+                    <td>
+                      {c.operator}
+                      {c.operator === d.chosen && <strong> ✓ {t('chosen')}</strong>}
+                    </td>
+                    <td>
+                      {c.load}/{c.capacity}
+                    </td>
+                    <td>{c.score ?? '—'}</td>
+                    <td>{c.excluded ? exclusionText(t, c.excluded) : ''}</td>
+                  </tr>
+                ))}
+            </tbody>
+          </table>
+        </div>
+      ))}
+    </section>
+  );
+}
+
+function Reassign(props: { id: number; onDone: () => void }) {
+  const { t, api, notify } = useApp();
+  const [mode, setMode] = useState<'operator' | 'group'>('operator');
+  const [operators, setOperators] = useState<OperatorStatus[]>([]);
+  const [groups, setGroups] = useState<SkillGroup[]>([]);
+  const [target, setTarget] = useState('');
+  const [comment, setComment] = useState('');
+  const [error, setError] = useState<string | null>(null);
+  useEffect(() => {
+    api.get<{ operators: OperatorStatus[] }>('/api/operators').then((r) => setOperators(r.operators)).catch(() => {});
+    api.get<{ skill_groups: SkillGroup[] }>('/api/skill-groups').then((r) => setGroups(r.skill_groups)).catch(() => {});
+  }, []);
+  return (
+    <form
+      class="stack reassign"
+      data-testid="reassign-form"
+      onSubmit={async (e) => {
+        e.preventDefault();
+        if (!target) return setError(t('err_pick_target'));
+        try {
+          const body: Record<string, string> = mode === 'operator' ? { operator: target } : { group: target };
+          if (comment.trim()) body.comment = comment.trim();
+          await api.post('/api/conversations/' + props.id + '/reassign', body);
+          notify(t('reassigned'), 'info');
+          setError(null);
+          props.onDone();
+        } catch (err: any) {
+          setError(describeError(t, err.code, err.message));
+        }
+      }}
+    >
+      <h4>{t('reassign')}</h4>
+      <fieldset class="seg">
+        <legend class="sr-only">{t('transfer_to')}</legend>
+        <label>
+          <input type="radio" name={'rm' + props.id} checked={mode === 'operator'} onChange={() => (setMode('operator'), setTarget(''))} /> {t('to_operator')}
+        </label>
+        <label>
+          <input type="radio" name={'rm' + props.id} checked={mode === 'group'} onChange={() => (setMode('group'), setTarget(''))} /> {t('to_group')}
+        </label>
+      </fieldset>
+      <Field label={mode === 'operator' ? t('operator') : t('group')}>
+        <select value={target} data-testid="reassign-target" onChange={(e) => setTarget((e.currentTarget as HTMLSelectElement).value)}>
+          <option value="">—</option>
+          {mode === 'operator'
+            ? operators.map((o) => (
+                <option key={o.id} value={o.id} disabled={o.presence === 'offline'}>
+                  {o.name} — {t(('presence_' + o.presence) as any)}, {o.load}/{o.capacity}
+                </option>
+              ))
+            : groups.map((g) => (
+                <option key={g.id} value={g.id}>
+                  {g.name}
+                </option>
+              ))}
+        </select>
+      </Field>
+      <Field label={t('comment')}>
+        <input value={comment} maxLength={4000} onInput={(e) => setComment((e.currentTarget as HTMLInputElement).value)} />
+      </Field>
+      <ErrorText error={error} />
+      <button type="submit" class="primary" data-testid="reassign-submit">
+        {t('reassign')}
+      </button>
+    </form>
+  );
+}

@@ -1,0 +1,421 @@
+/**
+ * The operator workstation's state as a pure reducer over socket frames and UI actions.
+ *
+ * Two sequence spaces meet here: the operator *feed* seq (events on this socket, used to
+ * resume with ?last_seq=) and each conversation's own seq (history entries, used to
+ * dedupe entries that arrive both in a history reply and as live events).
+ */
+import { mergeBySeq, lastSeq } from '../shared/seq';
+import type { Attachment } from '../shared/files';
+import type { Entry, FeedEvent, Hello, Offer, Presence } from './types';
+
+/** Milliseconds left to answer an offer. Measured on the local clock from when the offer
+ *  arrived, so a browser clock that is off from the server's does not distort it. */
+export function offerMsLeft(o: Offer, now: number): number {
+  const left = o.at != null && o.receivedAt != null ? offerWindowMs(o) - (now - o.receivedAt) : o.deadline - now;
+  return Math.max(0, left);
+}
+
+/** The whole answer window of an offer (deadline minus when it was made). */
+export function offerWindowMs(o: Offer): number {
+  return o.at != null ? Math.max(0, o.deadline - o.at) : 30000;
+}
+
+export interface Conv {
+  id: number;
+  entries: readonly Entry[];
+  /** Client messages the operator has not looked at yet. */
+  unread: number;
+  /** Highest conversation seq the operator has seen. */
+  seenSeq: number;
+  /** Highest seq the visitor has read (from ephemeral read frames). */
+  clientReadUpto: number;
+  /** Until when to show "visitor is typing" (ms since epoch). */
+  typingUntil: number;
+  /** Whether the full history is known (an assigned event or a history reply arrived). */
+  loaded: boolean;
+  visitor: string;
+  channel: string;
+  attributes: Record<string, string>;
+  group: string;
+  /** When the oldest client message still without an operator reply was written. */
+  waitingSince: number | null;
+  lastAt: number;
+  assignedAt: number;
+}
+
+export interface PendingMessage {
+  key: string;
+  conversation: number;
+  text: string;
+  attachments: Attachment[];
+  at: number;
+  state: 'sending' | 'failed';
+  error?: string;
+}
+
+export interface Me {
+  operator: string;
+  name: string;
+  capacity: number;
+  groups: string[];
+}
+
+export interface OpState {
+  me: Me | null;
+  presence: Presence;
+  presenceSince: number;
+  /** Last processed operator-feed seq; null before the first hello or after a reset. */
+  feedSeq: number | null;
+  offers: readonly Offer[];
+  convs: ReadonlyMap<number, Conv>;
+  selected: number | null;
+  /** Whether the page is visible and focused (new entries in the open conversation count as seen). */
+  viewing: boolean;
+  pending: Readonly<Record<string, PendingMessage>>;
+  /** A hello snapshot taken ahead of our resume point, applied once the replay reaches it. */
+  reconcile: Hello | null;
+  /** Conversations whose history must be requested. */
+  needHistory: readonly number[];
+  /** Offers that arrived and were not announced yet (for aria-live and sounds). */
+  lastOfferAt: number;
+}
+
+export const initialOpState: OpState = {
+  me: null,
+  presence: 'offline',
+  presenceSince: 0,
+  feedSeq: null,
+  offers: [],
+  convs: new Map(),
+  selected: null,
+  viewing: true,
+  pending: {},
+  reconcile: null,
+  needHistory: [],
+  lastOfferAt: 0,
+};
+
+export type OpAction =
+  | { type: 'hello'; hello: Hello; now: number }
+  | { type: 'event'; event: FeedEvent; now?: number }
+  | { type: 'history'; conversation: number; entries: Entry[] }
+  | { type: 'typing'; conversation: number; now: number }
+  | { type: 'read'; conversation: number; by: string; upto: number }
+  | { type: 'select'; conversation: number | null }
+  | { type: 'viewing'; viewing: boolean }
+  | { type: 'queueSend'; message: PendingMessage }
+  | { type: 'ack'; key: string; conversation: number; seq: number }
+  | { type: 'sendFailed'; key: string; error: string }
+  | { type: 'discard'; key: string }
+  | { type: 'historyRequested'; conversation: number }
+  | { type: 'reset' };
+
+export function emptyConv(id: number): Conv {
+  return {
+    id,
+    entries: [],
+    unread: 0,
+    seenSeq: 0,
+    clientReadUpto: 0,
+    typingUntil: 0,
+    loaded: false,
+    visitor: '',
+    channel: '',
+    attributes: {},
+    group: '',
+    waitingSince: null,
+    lastAt: 0,
+    assignedAt: 0,
+  };
+}
+
+/** When the visitor started waiting: the first client message after the last operator message. */
+export function waitingSinceOf(entries: readonly Entry[]): number | null {
+  let since: number | null = null;
+  for (let i = entries.length - 1; i >= 0; i--) {
+    const e = entries[i];
+    if (e.kind !== 'message') continue;
+    if (e.from === 'operator') break;
+    if (e.from === 'client') since = e.at;
+  }
+  return since;
+}
+
+export function countUnread(entries: readonly Entry[], seenSeq: number): number {
+  let n = 0;
+  for (let i = entries.length - 1; i >= 0 && entries[i].seq > seenSeq; i--) {
+    if (entries[i].kind === 'message' && entries[i].from === 'client') n++;
+  }
+  return n;
+}
+
+/** Merges entries into a conversation and recomputes the derived fields. */
+export function withEntries(c: Conv, incoming: readonly Entry[], seen: boolean): Conv {
+  const entries = mergeBySeq(c.entries, incoming);
+  if (entries === c.entries) return c;
+  const next: Conv = { ...c, entries };
+  for (const e of incoming) {
+    if (e.kind === 'started') {
+      next.channel = e.channel ?? next.channel;
+      if (e.visitor) {
+        next.visitor = e.visitor.name ?? next.visitor;
+        next.attributes = e.visitor.attributes ?? next.attributes;
+      }
+    } else if (e.kind === 'queued' && e.group) {
+      next.group = e.group;
+    } else if (e.kind === 'assigned') {
+      next.assignedAt = Math.max(next.assignedAt, e.at);
+    } else if (e.kind === 'transferred' && e.to_group) {
+      next.group = e.to_group;
+    } else if (e.kind === 'message' && e.from === 'client') {
+      next.typingUntil = 0;
+    }
+  }
+  next.lastAt = entries[entries.length - 1].at;
+  next.waitingSince = waitingSinceOf(entries);
+  if (seen) next.seenSeq = lastSeq(entries);
+  next.unread = countUnread(entries, next.seenSeq);
+  return next;
+}
+
+function setConv(s: OpState, c: Conv): OpState {
+  const convs = new Map(s.convs);
+  convs.set(c.id, c);
+  return { ...s, convs };
+}
+
+function isSeen(s: OpState, id: number): boolean {
+  return s.selected === id && s.viewing;
+}
+
+function addHistoryNeed(list: readonly number[], id: number): readonly number[] {
+  return list.includes(id) ? list : [...list, id];
+}
+
+/** Replaces offers and conversations by a hello snapshot, keeping what we already know. */
+function applySnapshot(s: OpState, hello: Hello): OpState {
+  const convs = new Map<number, Conv>();
+  let needHistory: readonly number[] = s.needHistory.filter((id) => hello.active.includes(id));
+  for (const id of hello.active) {
+    const known = s.convs.get(id);
+    convs.set(id, known ?? emptyConv(id));
+    if (!known || !known.loaded) needHistory = addHistoryNeed(needHistory, id);
+  }
+  const offers = hello.offers.map((o) => ({ ...(s.offers.find((x) => x.offer === o.offer) ?? {}), ...o }));
+  const selected = s.selected != null && convs.has(s.selected) ? s.selected : null;
+  return { ...s, convs, offers, selected, needHistory, reconcile: null };
+}
+
+function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
+  switch (ev.kind) {
+    case 'offer': {
+      if (ev.offer == null || ev.conversation == null) return s;
+      if (s.offers.some((o) => o.offer === ev.offer)) return s;
+      const offer: Offer = {
+        offer: ev.offer,
+        conversation: ev.conversation,
+        group: ev.group ?? '',
+        deadline: ev.deadline ?? ev.at + 30000,
+        visitor: ev.visitor,
+        at: ev.at,
+        receivedAt: now,
+      };
+      return { ...s, offers: [...s.offers, offer], lastOfferAt: ev.at };
+    }
+    case 'offer_withdrawn':
+      return { ...s, offers: s.offers.filter((o) => o.offer !== ev.offer) };
+    case 'assigned': {
+      const id = ev.conversation!;
+      const offers = s.offers.filter((o) => o.conversation !== id);
+      const c = withEntries({ ...(s.convs.get(id) ?? emptyConv(id)), loaded: true, assignedAt: ev.at }, ev.history ?? [], false);
+      let next: OpState = { ...setConv(s, c), offers, needHistory: s.needHistory.filter((x) => x !== id) };
+      if (next.selected == null) next = select(next, id);
+      return next;
+    }
+    case 'conversation': {
+      const id = ev.conversation!;
+      if (!ev.entry) return s;
+      const known = s.convs.get(id);
+      const c = withEntries(known ?? emptyConv(id), [ev.entry], isSeen(s, id));
+      let next = c === known ? s : setConv(s, c);
+      if (!known) next = { ...next, needHistory: addHistoryNeed(next.needHistory, id) };
+      // Our own message is committed: it is no longer pending.
+      if (ev.entry.kind === 'message' && ev.entry.key && next.pending[ev.entry.key]) {
+        const pending = { ...next.pending };
+        delete pending[ev.entry.key];
+        next = { ...next, pending };
+      }
+      return next;
+    }
+    case 'released': {
+      const id = ev.conversation!;
+      if (!s.convs.has(id)) return s;
+      const convs = new Map(s.convs);
+      convs.delete(id);
+      const pending: Record<string, PendingMessage> = {};
+      for (const [k, p] of Object.entries(s.pending)) if (p.conversation !== id) pending[k] = p;
+      return {
+        ...s,
+        convs,
+        pending,
+        selected: s.selected === id ? null : s.selected,
+        needHistory: s.needHistory.filter((x) => x !== id),
+      };
+    }
+    case 'presence':
+      if (!ev.status) return s;
+      return { ...s, presence: ev.status, presenceSince: ev.at ?? s.presenceSince };
+    default:
+      return s;
+  }
+}
+
+function select(s: OpState, id: number | null): OpState {
+  if (id == null) return { ...s, selected: null };
+  const c = s.convs.get(id);
+  if (!c) return { ...s, selected: null };
+  const next = { ...s, selected: id };
+  if (!s.viewing) return next;
+  return markSeen(next, id);
+}
+
+function markSeen(s: OpState, id: number): OpState {
+  const c = s.convs.get(id);
+  if (!c) return s;
+  const seq = lastSeq(c.entries);
+  if (c.seenSeq >= seq && c.unread === 0) return s;
+  return setConv(s, { ...c, seenSeq: seq, unread: 0 });
+}
+
+export function opReducer(s: OpState, a: OpAction): OpState {
+  switch (a.type) {
+    case 'hello': {
+      const h = a.hello;
+      const me: Me = { operator: h.operator, name: h.name, capacity: h.capacity, groups: h.groups };
+      const base: OpState = {
+        ...s,
+        me,
+        presence: h.presence,
+        presenceSince: h.presence_since ?? (s.presence === h.presence && s.presenceSince ? s.presenceSince : a.now),
+      };
+      if (s.feedSeq == null || h.seq < s.feedSeq) {
+        // Fresh start, or the server ignored a resume point ahead of its feed: the
+        // snapshot is the truth and the stream continues after hello.seq.
+        return { ...applySnapshot(base, h), feedSeq: h.seq };
+      }
+      if (h.seq === s.feedSeq) return applySnapshot(base, h);
+      // Events (feedSeq, h.seq] are about to be replayed; reconcile when they are in.
+      return { ...base, reconcile: h };
+    }
+    case 'event': {
+      const ev = a.event;
+      if (s.feedSeq != null && ev.seq <= s.feedSeq) return s; // replayed twice: drop
+      let next: OpState = { ...applyEvent(s, ev, a.now), feedSeq: ev.seq };
+      if (next.reconcile && ev.seq >= next.reconcile.seq) next = applySnapshot(next, next.reconcile);
+      return next;
+    }
+    case 'history': {
+      const known = s.convs.get(a.conversation);
+      if (!known) return s;
+      const c = withEntries({ ...known, loaded: true }, a.entries, isSeen(s, a.conversation));
+      let next = setConv(s, c);
+      // Pending messages whose entries arrived are delivered.
+      const keys = new Set(a.entries.filter((e) => e.kind === 'message' && e.key).map((e) => e.key!));
+      if (Object.keys(s.pending).some((k) => keys.has(k))) {
+        const pending: Record<string, PendingMessage> = {};
+        for (const [k, p] of Object.entries(s.pending)) if (!keys.has(k)) pending[k] = p;
+        next = { ...next, pending };
+      }
+      return { ...next, needHistory: next.needHistory.filter((x) => x !== a.conversation) };
+    }
+    case 'historyRequested':
+      return { ...s, needHistory: s.needHistory.filter((x) => x !== a.conversation) };
+    case 'typing': {
+      const c = s.convs.get(a.conversation);
+      if (!c) return s;
+      return setConv(s, { ...c, typingUntil: a.now + 4000 });
+    }
+    case 'read': {
+      const c = s.convs.get(a.conversation);
+      if (!c || a.by !== 'client' || a.upto <= c.clientReadUpto) return s;
+      return setConv(s, { ...c, clientReadUpto: a.upto });
+    }
+    case 'select':
+      return select(s, a.conversation);
+    case 'viewing': {
+      const next = { ...s, viewing: a.viewing };
+      return a.viewing && s.selected != null ? markSeen(next, s.selected) : next;
+    }
+    case 'queueSend':
+      return { ...s, pending: { ...s.pending, [a.message.key]: a.message } };
+    case 'ack': {
+      if (!s.pending[a.key]) return s;
+      // Committed. The entry itself arrives as a conversation event (either order); keep
+      // the message visible as pending-delivered until then by synthesizing the entry.
+      const p = s.pending[a.key];
+      const pending = { ...s.pending };
+      delete pending[a.key];
+      const c = s.convs.get(a.conversation);
+      let next: OpState = { ...s, pending };
+      if (c && !c.entries.some((e) => e.seq === a.seq)) {
+        const entry: Entry = {
+          kind: 'message',
+          seq: a.seq,
+          at: p.at,
+          from: 'operator',
+          key: a.key,
+          text: p.text,
+          name: s.me?.name,
+          operator: s.me?.operator,
+          attachments: p.attachments.length ? p.attachments : undefined,
+        };
+        next = setConv(next, withEntries(c, [entry], isSeen(s, a.conversation)));
+      }
+      return next;
+    }
+    case 'sendFailed': {
+      const p = s.pending[a.key];
+      if (!p) return s;
+      return { ...s, pending: { ...s.pending, [a.key]: { ...p, state: 'failed', error: a.error } } };
+    }
+    case 'discard': {
+      if (!s.pending[a.key]) return s;
+      const pending = { ...s.pending };
+      delete pending[a.key];
+      return { ...s, pending };
+    }
+    case 'reset':
+      return { ...initialOpState, viewing: s.viewing, pending: s.pending, me: s.me };
+    default:
+      return s;
+  }
+}
+
+/** Conversations for the list: waiting visitors first (longest wait first), then most recent activity. */
+export function sortedConvs(s: OpState): Conv[] {
+  return [...s.convs.values()].sort((a, b) => {
+    if (a.waitingSince != null && b.waitingSince != null) return a.waitingSince - b.waitingSince || a.id - b.id;
+    if (a.waitingSince != null) return -1;
+    if (b.waitingSince != null) return 1;
+    return b.lastAt - a.lastAt || b.id - a.id;
+  });
+}
+
+export function totalUnread(s: OpState): number {
+  let n = 0;
+  for (const c of s.convs.values()) n += c.unread;
+  return n;
+}
+
+/** Pending (not yet committed) messages of one conversation, oldest first. */
+export function pendingOf(s: OpState, conversation: number): PendingMessage[] {
+  return Object.values(s.pending)
+    .filter((p) => p.conversation === conversation)
+    .sort((a, b) => a.at - b.at);
+}
+
+/** Delivery state of one of our messages: sent (committed) or read by the visitor. */
+export function deliveryOf(c: Conv, e: Entry): 'read' | 'delivered' {
+  return c.clientReadUpto >= e.seq ? 'read' : 'delivered';
+}

@@ -1,0 +1,151 @@
+/** The supervisor's live floor: queues, operators, and an inspector for any conversation. */
+import { useEffect, useMemo, useState } from 'preact/hooks';
+import { formatDuration } from '../shared/format';
+import { longestWaitNow, slaPercent, totals, type Floor } from './floor';
+import { FloorFeed } from './floor-feed';
+import { Inspector } from './inspector';
+import type { LoginInfo } from './types';
+import { describeError } from './strings';
+import { Empty, useApp, useNow } from './ui';
+
+export function FloorView(props: { auth: LoginInfo }) {
+  const { t, api, notify } = useApp();
+  const [floor, setFloor] = useState<Floor | null>(null);
+  const [open, setOpen] = useState<number | null>(null);
+  const [lookup, setLookup] = useState('');
+  const now = useNow(1000);
+  const feed = useMemo(() => {
+    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    let lastError = '';
+    return new FloorFeed({
+      wsBase: proto + '//' + location.host,
+      token: props.auth.token,
+      get: (p) => api.get(p),
+      onFloor: setFloor,
+      onError: (e: any) => {
+        const text = describeError(t, e?.code, e?.message);
+        if (text !== lastError) notify(text, 'error');
+        lastError = text;
+      },
+    });
+  }, [props.auth.token]);
+  useEffect(() => {
+    feed.start();
+    return () => feed.stop();
+  }, [feed]);
+  const sum = floor ? totals(floor) : null;
+  return (
+    <div class="floor" data-testid="floor">
+      <section class="panel" aria-labelledby="queues-h">
+        <div class="row">
+          <h2 id="queues-h" class="panel-title grow">
+            {t('queues')}
+          </h2>
+          {floor && (
+            <span class="muted small" data-testid="floor-source" data-source={floor.source}>
+              {floor.source === 'socket' ? t('live') : t('polling')}
+            </span>
+          )}
+        </div>
+        {sum && (
+          <p class="summary" aria-live="polite">
+            {t('floor_summary', { waiting: sum.waiting, offered: sum.offered, online: sum.online, load: sum.load, capacity: sum.capacity })}
+          </p>
+        )}
+        {!floor ? (
+          <p class="muted">{t('loading')}</p>
+        ) : (
+          <table class="table" data-testid="queues-table">
+            <thead>
+              <tr>
+                <th scope="col">{t('group')}</th>
+                <th scope="col">{t('waiting_col')}</th>
+                <th scope="col">{t('offered')}</th>
+                <th scope="col">{t('longest_wait')}</th>
+                <th scope="col">{t('sla')}</th>
+              </tr>
+            </thead>
+            <tbody>
+              {floor.queues.map((q) => {
+                const sla = slaPercent(q);
+                const wait = longestWaitNow(q, floor, now);
+                return (
+                  <tr key={q.group} data-testid="queue-row" data-group={q.group}>
+                    <th scope="row">{q.name}</th>
+                    <td data-testid="queue-waiting" class={q.waiting ? 'hot' : ''}>
+                      {q.waiting}
+                    </td>
+                    <td data-testid="queue-offered">{q.offered}</td>
+                    <td class={q.sla_ms != null && wait > q.sla_ms ? 'late' : ''}>{wait ? formatDuration(wait) : '—'}</td>
+                    <td>{sla == null ? '—' : sla + '%' + (q.sla_ms ? ' / ' + formatDuration(q.sla_ms) : '')}</td>
+                  </tr>
+                );
+              })}
+            </tbody>
+          </table>
+        )}
+      </section>
+      <section class="panel" aria-labelledby="ops-h">
+        <h2 id="ops-h" class="panel-title">
+          {t('operators')}
+        </h2>
+        {floor && !floor.operators.length && <Empty>{t('none')}</Empty>}
+        {floor && (
+          <table class="table" data-testid="operators-table">
+            <thead>
+              <tr>
+                <th scope="col">{t('operator')}</th>
+                <th scope="col">{t('presence')}</th>
+                <th scope="col">{t('load')}</th>
+                <th scope="col">{t('conversations')}</th>
+              </tr>
+            </thead>
+            <tbody>
+              {floor.operators.map((o) => (
+                <tr key={o.id} data-testid="operator-row" data-operator={o.id}>
+                  <th scope="row">{o.name}</th>
+                  <td data-testid="operator-presence" data-presence={o.presence}>
+                    <span class={'dot dot-' + o.presence} aria-hidden="true" /> {t(('presence_' + o.presence) as any)}
+                    {o.presence_since ? <span class="muted small"> · {formatDuration(now - o.presence_since)}</span> : null}
+                  </td>
+                  <td>
+                    <meter min={0} max={o.capacity} value={o.load} aria-label={t('load_of', { name: o.name })} /> {o.load}/{o.capacity}
+                  </td>
+                  <td>
+                    {o.active
+                      ? o.active.map((id) => (
+                          <button key={id} type="button" class="link" onClick={() => setOpen(id)}>
+                            #{id}
+                          </button>
+                        ))
+                      : o.activeCount}
+                  </td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        )}
+      </section>
+      <section class="panel inspector-panel" aria-labelledby="insp-h">
+        <h2 id="insp-h" class="panel-title">
+          {t('conversation')}
+        </h2>
+        <form
+          class="row"
+          onSubmit={(e) => {
+            e.preventDefault();
+            const id = Number(lookup.replace(/^#/, ''));
+            if (Number.isInteger(id) && id >= 0) setOpen(id);
+          }}
+        >
+          <label class="sr-only" for="lookup">
+            {t('open_conversation_id')}
+          </label>
+          <input id="lookup" data-testid="lookup-input" inputMode="numeric" placeholder={t('open_conversation_id')} value={lookup} onInput={(e) => setLookup((e.currentTarget as HTMLInputElement).value)} />
+          <button type="submit">{t('open')}</button>
+        </form>
+        {open != null ? <Inspector key={open} id={open} canReassign={true} /> : <Empty>{t('inspector_hint')}</Empty>}
+      </section>
+    </div>
+  );
+}

@@ -1,0 +1,144 @@
+import type { Attachment } from '../shared/files';
+
+export type Presence = 'online' | 'away' | 'break' | 'offline';
+export const PRESENCES: readonly Presence[] = ['online', 'away', 'break', 'offline'];
+export type Role = 'operator' | 'supervisor' | 'admin';
+
+/** A conversation history entry in the staff view (protocol.md §3.4). */
+export interface Entry {
+  kind: 'started' | 'queued' | 'message' | 'assigned' | 'transferred' | 'closed' | 'rated' | string;
+  seq: number;
+  at: number;
+  channel?: string;
+  visitor?: { name?: string; attributes?: Record<string, string> };
+  group?: string;
+  from?: string;
+  key?: string;
+  text?: string;
+  name?: string;
+  operator?: string;
+  to_operator?: string;
+  to_group?: string;
+  comment?: string;
+  by?: string;
+  resolution?: string;
+  tags?: string[];
+  score?: number;
+  attachments?: Attachment[];
+}
+
+export interface Offer {
+  offer: number;
+  conversation: number;
+  group: string;
+  deadline: number;
+  visitor?: string;
+  at?: number;
+  /** Local time the offer event arrived (for a countdown immune to clock skew). */
+  receivedAt?: number;
+}
+
+export interface Hello {
+  type: 'hello';
+  operator: string;
+  name: string;
+  capacity: number;
+  groups: string[];
+  presence: Presence;
+  presence_since?: number;
+  active: number[];
+  offers: Offer[];
+  seq: number;
+  protocol: number;
+}
+
+export interface FeedEvent {
+  type: 'event';
+  kind: 'offer' | 'offer_withdrawn' | 'assigned' | 'conversation' | 'released' | 'presence' | string;
+  seq: number;
+  at: number;
+  offer?: number;
+  conversation?: number;
+  group?: string;
+  deadline?: number;
+  visitor?: string;
+  reason?: string;
+  history_upto?: number;
+  history?: Entry[];
+  entry?: Entry;
+  status?: Presence;
+}
+
+export interface LoginInfo {
+  token: string;
+  login: string;
+  role: Role;
+  operator: string | null;
+  expires_in?: number;
+}
+
+export interface SkillGroup {
+  id: string;
+  name: string;
+  policy: string;
+  offer_timeout_ms: number;
+}
+
+export interface OperatorStatus {
+  id: string;
+  name: string;
+  capacity: number;
+  groups: string[];
+  presence: Presence;
+  presence_since: number;
+  load: number;
+  active: number | number[];
+  offers?: number;
+}
+
+export interface Channel {
+  id: string;
+  kind: string;
+  name: string;
+  default_group: string;
+}
+
+export interface Template {
+  id: string;
+  title: string;
+  text: string;
+  group: string | null;
+  owner: string | null;
+  favourite: boolean;
+}
+
+export interface ConversationDoc {
+  conversation: number;
+  channel: string;
+  group: string;
+  visitor: { name: string; attributes: Record<string, string> };
+  status: { state: string; operator?: string };
+  created_at: number;
+  last_seq: number;
+  history: Entry[];
+  earlier?: { conversation: number; created_at: number; state: string }[];
+}
+
+export interface Candidate {
+  operator: string;
+  load: number;
+  capacity: number;
+  excluded: string | null;
+  score: number | null;
+}
+
+export interface DecisionRecord {
+  offer: number;
+  conversation: number;
+  group: string;
+  policy: string;
+  policy_version: number;
+  at: number;
+  candidates: Candidate[];
+  chosen: string;
+}

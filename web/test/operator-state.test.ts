@@ -1,0 +1,226 @@
+import { describe, expect, it } from 'vitest';
+import { initialOpState, opReducer, sortedConvs, totalUnread, pendingOf, deliveryOf, waitingSinceOf, countUnread, type OpAction, type OpState } from '../src/workstation/operator-state';
+import type { Entry, FeedEvent, Hello } from '../src/workstation/types';
+
+const hello = (over: Partial<Hello> = {}): Hello => ({
+  type: 'hello',
+  operator: 'alice',
+  name: 'Alice',
+  capacity: 2,
+  groups: ['general'],
+  presence: 'online',
+  presence_since: 1000,
+  active: [],
+  offers: [],
+  seq: 10,
+  protocol: 1,
+  ...over,
+});
+const run = (s: OpState, ...actions: OpAction[]) => actions.reduce(opReducer, s);
+const ev = (seq: number, kind: string, extra: Partial<FeedEvent> = {}): OpAction => ({ type: 'event', event: { type: 'event', kind, seq, at: 1000 + seq, ...extra } as FeedEvent });
+const started: Entry = { kind: 'started', seq: 1, at: 1, channel: 'web', visitor: { name: 'Dana', attributes: { email: 'd@example.com' } } };
+const queued: Entry = { kind: 'queued', seq: 2, at: 2, group: 'general' };
+const clientMsg = (seq: number, text = 'hi', at = seq * 100): Entry => ({ kind: 'message', seq, at, from: 'client', key: 'k' + seq, text });
+const opMsg = (seq: number, key = 'op-' + seq, at = seq * 100): Entry => ({ kind: 'message', seq, at, from: 'operator', key, text: 'hello', name: 'Alice', operator: 'alice' });
+const assignedEntry = (seq: number): Entry => ({ kind: 'assigned', seq, at: seq * 100, name: 'Alice', operator: 'alice' });
+
+function assigned(feedSeq: number, conv: number, history: Entry[]) {
+  return ev(feedSeq, 'assigned', { conversation: conv, history, history_upto: history[history.length - 1].seq });
+}
+
+describe('operator state', () => {
+  it('takes a fresh hello as the truth and asks for histories', () => {
+    const s = run(initialOpState, { type: 'hello', hello: hello({ active: [7, 8], offers: [{ offer: 3, conversation: 9, group: 'general', deadline: 99 }] }), now: 5000 });
+    expect(s.feedSeq).toBe(10);
+    expect([...s.convs.keys()]).toEqual([7, 8]);
+    expect(s.needHistory).toEqual([7, 8]);
+    expect(s.offers.map((o) => o.offer)).toEqual([3]);
+    expect(s.presenceSince).toBe(1000);
+    expect(s.me?.name).toBe('Alice');
+  });
+
+  it('adds and withdraws offers; an assignment clears the offer', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, ev(11, 'offer', { offer: 5, conversation: 17, group: 'general', deadline: 50_000, visitor: 'Dana' }));
+    expect(s.offers).toHaveLength(1);
+    expect(s.offers[0].visitor).toBe('Dana');
+    s = run(s, ev(12, 'offer', { offer: 6, conversation: 18, group: 'general', deadline: 50_000 }), ev(13, 'offer_withdrawn', { offer: 6, conversation: 18, reason: 'expired' }));
+    expect(s.offers.map((o) => o.offer)).toEqual([5]);
+    s = run(s, assigned(14, 17, [started, queued, clientMsg(3), assignedEntry(4)]));
+    expect(s.offers).toHaveLength(0);
+    const c = s.convs.get(17)!;
+    expect(c.visitor).toBe('Dana');
+    expect(c.attributes.email).toBe('d@example.com');
+    expect(c.loaded).toBe(true);
+    expect(c.entries.map((e) => e.seq)).toEqual([1, 2, 3, 4]);
+    expect(s.selected).toBe(17); // first conversation opens by itself
+  });
+
+  it('drops feed events it has already processed (resume replays)', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, ev(11, 'offer', { offer: 5, conversation: 17, group: 'g', deadline: 1 }));
+    const again = run(s, ev(11, 'offer', { offer: 5, conversation: 17, group: 'g', deadline: 1 }), ev(9, 'presence', { status: 'away' }));
+    expect(again).toBe(s);
+    s = run(s, ev(12, 'presence', { status: 'away' }));
+    expect(s.presence).toBe('away');
+    expect(s.feedSeq).toBe(12);
+  });
+
+  it('dedupes conversation entries that arrive twice (history reply and live event)', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, queued, assignedEntry(3)]));
+    s = run(s, ev(12, 'conversation', { conversation: 7, entry: clientMsg(4) }));
+    s = run(s, { type: 'history', conversation: 7, entries: [started, queued, assignedEntry(3), clientMsg(4), clientMsg(5)] });
+    s = run(s, ev(13, 'conversation', { conversation: 7, entry: clientMsg(5) }));
+    expect(s.convs.get(7)!.entries.map((e) => e.seq)).toEqual([1, 2, 3, 4, 5]);
+  });
+
+  it('counts unread client messages outside the open conversation', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]), assigned(12, 8, [{ ...started }, assignedEntry(2)]));
+    expect(s.selected).toBe(7);
+    s = run(s, ev(13, 'conversation', { conversation: 8, entry: clientMsg(3) }), ev(14, 'conversation', { conversation: 8, entry: clientMsg(4) }), ev(15, 'conversation', { conversation: 7, entry: clientMsg(3) }));
+    expect(s.convs.get(8)!.unread).toBe(2);
+    expect(s.convs.get(7)!.unread).toBe(0); // open and visible
+    expect(totalUnread(s)).toBe(2);
+    s = run(s, { type: 'select', conversation: 8 });
+    expect(s.convs.get(8)!.unread).toBe(0);
+    expect(s.convs.get(8)!.seenSeq).toBe(4);
+  });
+
+  it('does not count as seen while the page is hidden, and catches up when shown', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]), { type: 'viewing', viewing: false });
+    s = run(s, ev(12, 'conversation', { conversation: 7, entry: clientMsg(3) }));
+    expect(s.convs.get(7)!.unread).toBe(1);
+    s = run(s, { type: 'viewing', viewing: true });
+    expect(s.convs.get(7)!.unread).toBe(0);
+  });
+
+  it('tracks how long the visitor has waited for a reply', () => {
+    const entries = [started, clientMsg(2, 'a', 200), clientMsg(3, 'b', 300)];
+    expect(waitingSinceOf(entries)).toBe(200);
+    expect(waitingSinceOf([...entries, opMsg(4)])).toBeNull();
+    expect(waitingSinceOf([...entries, opMsg(4), clientMsg(5, 'c', 500)])).toBe(500);
+    expect(countUnread([...entries, opMsg(4), clientMsg(5)], 3)).toBe(1);
+  });
+
+  it('sorts waiting conversations first, longest wait first', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 });
+    s = run(s, assigned(11, 1, [started, assignedEntry(2), opMsg(3, 'x', 900)]));
+    s = run(s, assigned(12, 2, [started, clientMsg(2, 'a', 500)]));
+    s = run(s, assigned(13, 3, [started, clientMsg(2, 'a', 300)]));
+    expect(sortedConvs(s).map((c) => c.id)).toEqual([3, 2, 1]);
+  });
+
+  it('keeps a sent message pending until its ack or entry, then shows delivery and read marks', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]));
+    s = run(s, { type: 'queueSend', message: { key: 'op-a', conversation: 7, text: 'hello', attachments: [], at: 1, state: 'sending' } });
+    expect(pendingOf(s, 7)).toHaveLength(1);
+    // ack first: the entry is synthesized so the message stays visible
+    s = run(s, { type: 'ack', key: 'op-a', conversation: 7, seq: 3 });
+    expect(pendingOf(s, 7)).toHaveLength(0);
+    expect(s.convs.get(7)!.entries.map((e) => e.seq)).toEqual([1, 2, 3]);
+    // then the event: no duplicate
+    s = run(s, ev(12, 'conversation', { conversation: 7, entry: opMsg(3, 'op-a') }));
+    expect(s.convs.get(7)!.entries.map((e) => e.seq)).toEqual([1, 2, 3]);
+    const c = s.convs.get(7)!;
+    expect(deliveryOf(c, c.entries[2])).toBe('delivered');
+    s = run(s, { type: 'read', conversation: 7, by: 'client', upto: 3 });
+    expect(deliveryOf(s.convs.get(7)!, c.entries[2])).toBe('read');
+    // stale or operator read marks are ignored
+    expect(run(s, { type: 'read', conversation: 7, by: 'client', upto: 2 })).toBe(s);
+    expect(run(s, { type: 'read', conversation: 7, by: 'operator', upto: 9 })).toBe(s);
+  });
+
+  it('entry before ack also clears the pending message', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]));
+    s = run(s, { type: 'queueSend', message: { key: 'op-b', conversation: 7, text: 'x', attachments: [], at: 1, state: 'sending' } });
+    s = run(s, ev(12, 'conversation', { conversation: 7, entry: opMsg(3, 'op-b') }));
+    expect(pendingOf(s, 7)).toHaveLength(0);
+    s = run(s, { type: 'ack', key: 'op-b', conversation: 7, seq: 3 });
+    expect(s.convs.get(7)!.entries).toHaveLength(3);
+  });
+
+  it('marks failed sends and lets them be discarded', () => {
+    let s = run(initialOpState, { type: 'queueSend', message: { key: 'k', conversation: 7, text: 'x', attachments: [], at: 1, state: 'sending' } });
+    s = run(s, { type: 'sendFailed', key: 'k', error: 'not_assigned' });
+    expect(s.pending.k.state).toBe('failed');
+    s = run(s, { type: 'discard', key: 'k' });
+    expect(s.pending.k).toBeUndefined();
+  });
+
+  it('drops a released conversation and its selection', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]));
+    s = run(s, ev(12, 'conversation', { conversation: 7, entry: { kind: 'transferred', seq: 3, at: 3, from: 'alice', to_operator: 'bob' } }), ev(13, 'released', { conversation: 7 }));
+    expect(s.convs.size).toBe(0);
+    expect(s.selected).toBeNull();
+  });
+
+  it('shows typing for a few seconds', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]));
+    s = run(s, { type: 'typing', conversation: 7, now: 10_000 });
+    expect(s.convs.get(7)!.typingUntil).toBeGreaterThan(10_000);
+    s = run(s, ev(12, 'conversation', { conversation: 7, entry: clientMsg(3) }));
+    expect(s.convs.get(7)!.typingUntil).toBe(0);
+  });
+
+  describe('resume', () => {
+    const base = () => run(initialOpState, { type: 'hello', hello: hello({ seq: 10 }), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]), ev(12, 'offer', { offer: 5, conversation: 8, group: 'g', deadline: 1 }));
+
+    it('with no missed events keeps local state and applies the snapshot', () => {
+      const s = run(base(), { type: 'hello', hello: hello({ seq: 12, active: [7], offers: [{ offer: 5, conversation: 8, group: 'g', deadline: 1 }] }), now: 0 });
+      expect(s.convs.get(7)!.entries).toHaveLength(2);
+      expect(s.needHistory).toEqual([]);
+      expect(s.feedSeq).toBe(12);
+    });
+
+    it('replays missed events and reconciles with the snapshot when they are in', () => {
+      let s = run(base(), { type: 'hello', hello: hello({ seq: 15, active: [9], offers: [] }), now: 0 });
+      expect(s.reconcile).not.toBeNull();
+      expect(s.convs.has(7)).toBe(true); // not yet: events 13..15 come first
+      s = run(s, ev(13, 'offer_withdrawn', { offer: 5, conversation: 8, reason: 'expired' }), ev(14, 'conversation', { conversation: 7, entry: { kind: 'closed', seq: 3, at: 3, by: 'client' } }));
+      expect(s.reconcile).not.toBeNull();
+      s = run(s, ev(15, 'released', { conversation: 7 }));
+      expect(s.reconcile).toBeNull();
+      expect([...s.convs.keys()]).toEqual([9]);
+      expect(s.needHistory).toEqual([9]); // assigned before last_seq? fetch its history
+      expect(s.offers).toEqual([]);
+    });
+
+    it('starts over when the server ignored a resume point ahead of its feed', () => {
+      const s = run(base(), { type: 'hello', hello: hello({ seq: 3, active: [7], offers: [] }), now: 0 });
+      expect(s.feedSeq).toBe(3);
+      expect(s.offers).toEqual([]);
+      expect(s.convs.get(7)!.entries).toHaveLength(2); // kept what it knew of a still-active conversation
+    });
+
+    it('reset (resume_gap) forgets everything but unsent messages', () => {
+      let s = run(base(), { type: 'queueSend', message: { key: 'k', conversation: 7, text: 'x', attachments: [], at: 1, state: 'sending' } });
+      s = run(s, { type: 'reset' });
+      expect(s.feedSeq).toBeNull();
+      expect(s.convs.size).toBe(0);
+      expect(s.pending.k).toBeDefined();
+    });
+  });
+
+  it('stays fast with 1,000 conversations', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello({ capacity: 1000 }), now: 0 });
+    const t0 = performance.now();
+    for (let i = 1; i <= 1000; i++) s = opReducer(s, assigned(10 + i, i, [started, clientMsg(2, 'x', i)]));
+    for (let i = 1; i <= 1000; i++) s = opReducer(s, ev(2000 + i, 'conversation', { conversation: i, entry: clientMsg(3, 'y', 5000 + i) }));
+    const sorted = sortedConvs(s);
+    expect(sorted).toHaveLength(1000);
+    expect(totalUnread(s)).toBeGreaterThan(1000);
+    expect(performance.now() - t0).toBeLessThan(3000);
+  });
+});
+
+describe('offer countdown', () => {
+  it('counts on the local clock from arrival, immune to clock skew', async () => {
+    const { offerMsLeft, offerWindowMs } = await import('../src/workstation/operator-state');
+    // Server clock 5 s ahead of ours: deadline looks 35 s away on our clock, but the window is 30 s.
+    const o = { offer: 1, conversation: 1, group: 'g', at: 105_000, deadline: 135_000, receivedAt: 100_000 };
+    expect(offerWindowMs(o)).toBe(30_000);
+    expect(offerMsLeft(o, 100_000)).toBe(30_000);
+    expect(offerMsLeft(o, 120_000)).toBe(10_000);
+    expect(offerMsLeft(o, 200_000)).toBe(0);
+    // Snapshot offers (from hello) have no arrival time: fall back to the deadline.
+    expect(offerMsLeft({ offer: 2, conversation: 2, group: 'g', deadline: 50_000 }, 40_000)).toBe(10_000);
+  });
+});

@@ -1,0 +1,107 @@
+import { describe, expect, it } from 'vitest';
+import { byScope, fillPlaceholders, normalize, searchTemplates, templateId, unfilledPlaceholders, validateTemplate } from '../src/workstation/templates';
+import { capacityProblem, idProblem, messageProblem, parseTags, passwordProblem, tagsProblem } from '../src/workstation/forms';
+import { floorFromRest, longestWaitNow, slaPercent, totals, floorFromFrame } from '../src/workstation/floor';
+import { tabsFor } from '../src/workstation/app';
+import type { Template } from '../src/workstation/types';
+
+const tpl = (id: string, title: string, text: string, extra: Partial<Template> = {}): Template => ({ id, title, text, group: 'general', owner: null, favourite: false, ...extra });
+const all = [
+  tpl('greet', 'Greeting', 'Hello {{client.name}}, I am {{operator.name}}.'),
+  tpl('refund', 'Refund policy', 'Refunds take 5 days.', { group: 'billing' }),
+  tpl('bye', 'Goodbye', 'Thanks for contacting us! Your ticket is #{{conversation.id}}.', { favourite: true }),
+  tpl('mine', 'Моё приветствие', 'Здравствуйте, {{client.name}}! Всё ещё ждёте?', { group: null, owner: 'alice' }),
+];
+
+describe('template search', () => {
+  it('puts favourites first, then title matches before text matches', () => {
+    expect(searchTemplates(all, '').map((t) => t.id)).toEqual(['bye', 'greet', 'refund', 'mine']);
+    expect(searchTemplates(all, 'refund').map((t) => t.id)).toEqual(['refund']);
+    expect(searchTemplates(all, 'thanks').map((t) => t.id)).toEqual(['bye']);
+  });
+  it('needs every word, in any order, case-insensitively', () => {
+    expect(searchTemplates(all, 'POLICY refunds').map((t) => t.id)).toEqual(['refund']);
+    expect(searchTemplates(all, 'refund hello')).toEqual([]);
+  });
+  it('treats ё as е and ignores diacritics', () => {
+    expect(searchTemplates(all, 'всё ещё').map((t) => t.id)).toEqual(['mine']);
+    expect(searchTemplates(all, 'МОЕ').map((t) => t.id)).toEqual(['mine']);
+    expect(normalize('  Café  Ёлка ')).toBe('cafe елка');
+  });
+  it('filters by scope', () => {
+    expect(byScope(all, 'favourites').map((t) => t.id)).toEqual(['bye']);
+    expect(byScope(all, 'personal').map((t) => t.id)).toEqual(['mine']);
+    expect(byScope(all, 'shared')).toHaveLength(3);
+    expect(searchTemplates(all, '', true).map((t) => t.id)).toEqual(['bye']);
+  });
+});
+
+describe('placeholders', () => {
+  it('fills the three placeholders', () => {
+    expect(fillPlaceholders(all[0].text, { clientName: 'Dana', operatorName: 'Alice' })).toBe('Hello Dana, I am Alice.');
+    expect(fillPlaceholders(all[2].text, { conversationId: 17 })).toBe('Thanks for contacting us! Your ticket is #17.');
+  });
+  it('tolerates spaces and case, keeps unknown placeholders, uses the fallback for missing values', () => {
+    expect(fillPlaceholders('{{ Client.Name }} {{order.id}}', { clientName: 'Dana' })).toBe('Dana {{order.id}}');
+    expect(fillPlaceholders('Hi {{client.name}}!', {}, 'there')).toBe('Hi there!');
+    expect(unfilledPlaceholders('a {{order.id}} b {{client.name}}')).toEqual(['{{order.id}}', '{{client.name}}']);
+  });
+  it('validates and names new templates', () => {
+    expect(validateTemplate('', 'x')).toBe('title_required');
+    expect(validateTemplate('x'.repeat(101), 'x')).toBe('title_too_long');
+    expect(validateTemplate('t', ' ')).toBe('text_required');
+    expect(validateTemplate('t', 'x'.repeat(4001))).toBe('text_too_long');
+    expect(validateTemplate('t', 'x')).toBeNull();
+    expect(templateId('Refund policy!', 36 * 36)).toBe('refund-policy-100');
+    expect(templateId('!!!', 1)).toBe('template-1');
+  });
+});
+
+describe('forms', () => {
+  it('parses tags', () => {
+    expect(parseTags('billing, Refund #vip  refund;;')).toEqual(['billing', 'refund', 'vip']);
+    expect(parseTags('   ')).toEqual([]);
+    expect(tagsProblem(Array.from({ length: 11 }, (_, i) => 't' + i))).toBe('too_many_tags');
+    expect(tagsProblem(['x'.repeat(41)])).toBe('tag_too_long');
+    expect(tagsProblem(['ok'])).toBeNull();
+  });
+  it('checks messages, ids, capacity and passwords', () => {
+    expect(messageProblem('  ', 0)).toBe('empty');
+    expect(messageProblem('  ', 1)).toBeNull();
+    expect(messageProblem('x'.repeat(4001), 0)).toBe('too_long');
+    expect(messageProblem('😀'.repeat(4000), 0)).toBeNull(); // characters, not UTF-16 units
+    expect(idProblem('')).toBe('id_required');
+    expect(idProblem('a b')).toBe('id_invalid');
+    expect(idProblem('tech-2')).toBeNull();
+    expect(capacityProblem(0)).toBe('capacity_range');
+    expect(capacityProblem(101)).toBe('capacity_range');
+    expect(capacityProblem(3)).toBeNull();
+    expect(passwordProblem('short')).toBe('password_short');
+    expect(passwordProblem('long enough!')).toBeNull();
+  });
+  it('shows sections by role', () => {
+    expect(tabsFor('operator', 'alice')).toEqual(['desk']);
+    expect(tabsFor('supervisor', null)).toEqual(['floor', 'templates']);
+    expect(tabsFor('admin', null)).toEqual(['floor', 'templates', 'admin']);
+    expect(tabsFor('supervisor', 'carol')).toEqual(['desk', 'floor', 'templates']);
+  });
+});
+
+describe('floor', () => {
+  it('normalizes REST and socket shapes and computes totals', () => {
+    const f = floorFromRest(
+      { queues: [{ group: 'tech', name: 'Tech', waiting: 2, offered: 1, longest_wait_ms: 4000 }, { group: 'billing', name: 'Billing', waiting: 0, offered: 0, longest_wait_ms: 0 }] },
+      { operators: [{ id: 'bob', name: 'Bob', presence: 'online', presence_since: 1, load: 1, capacity: 2, active: 1, groups: ['tech'] }, { id: 'al', name: 'Al', presence: 'away', presence_since: 1, load: 0, capacity: 3, active: 0 }] },
+      1000,
+    );
+    expect(f.queues.map((q) => q.group)).toEqual(['billing', 'tech']);
+    expect(f.operators.map((o) => o.id)).toEqual(['al', 'bob']);
+    expect(totals(f)).toEqual({ waiting: 2, offered: 1, online: 1, load: 1, capacity: 2 });
+    expect(slaPercent(f.queues[1])).toBeNull();
+    expect(longestWaitNow(f.queues[1], f, 3000)).toBe(6000);
+    expect(longestWaitNow(f.queues[0], f, 3000)).toBe(0);
+    const s = floorFromFrame({ at: 1, queues: [{ group: 'g', name: 'G', waiting: 3, offered: 1, longest_wait_ms: 0, sla_ms: 60000, within_sla: 3 }], operators: [] }, 99);
+    expect(slaPercent(s.queues[0])).toBe(75);
+    expect(s.receivedAt).toBe(99);
+  });
+});

@@ -1,0 +1,196 @@
+import { describe, expect, it, vi } from 'vitest';
+import { Backoff } from '../src/shared/backoff';
+import { deserialize, emptyWidgetState, lastOperatorSeq, serialize, unreadFromOperator, widgetReducer, MAX_CACHED_EVENTS, type ClientEvent, type WidgetAction, type WidgetState } from '../src/widget/widget-state';
+import { SESSION_KEY, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
+import { FakeTimers, MemoryStorage, socketFactory } from './fakes';
+
+const run = (s: WidgetState, ...a: WidgetAction[]) => a.reduce(widgetReducer, s);
+const ev = (seq: number, kind: string, extra: Partial<ClientEvent> = {}): WidgetAction => ({ type: 'event', event: { type: 'event', kind, seq, at: seq * 1000, ...extra } });
+const startedState = () => run(emptyWidgetState, { type: 'started', token: 'tok', conversation: 17 }, ev(1, 'started', { channel: 'web' }), ev(2, 'queued', { group: 'general' }));
+
+describe('widget state', () => {
+  it('dedupes by seq and tracks the operator', () => {
+    let s = startedState();
+    s = run(s, ev(3, 'message', { from: 'client', key: 'k', text: 'hi' }), ev(3, 'message', { from: 'client', key: 'k', text: 'hi' }), ev(2, 'queued'));
+    expect(s.events.map((e) => e.seq)).toEqual([1, 2, 3]);
+    s = run(s, ev(4, 'assigned', { name: 'Alice' }), ev(5, 'message', { from: 'operator', name: 'Alice', text: 'hello' }));
+    expect(s.operatorName).toBe('Alice');
+    expect(lastOperatorSeq(s)).toBe(5);
+    expect(unreadFromOperator(s, 0)).toBe(1);
+    expect(unreadFromOperator(s, 5)).toBe(0);
+    s = run(s, ev(6, 'transferred'));
+    expect(s.operatorName).toBeNull();
+  });
+
+  it('keeps pending messages until their event; ack marks them delivered', () => {
+    let s = run(startedState(), { type: 'queue', message: { key: 'a', text: 'x', attachments: [], at: 1, state: 'sending' } });
+    s = run(s, { type: 'ack', key: 'a', seq: 3 });
+    expect(s.pending[0].ackSeq).toBe(3);
+    s = run(s, ev(3, 'message', { from: 'client', key: 'a', text: 'x' }));
+    expect(s.pending).toEqual([]);
+    expect(run(s, { type: 'ack', key: 'a', seq: 3 })).toBe(s);
+  });
+
+  it('closes and rates', () => {
+    let s = run(startedState(), ev(3, 'closed', { by: 'operator' }));
+    expect(s.closed).toBe(true);
+    s = run(s, ev(4, 'rated', { score: 5 }));
+    expect(s.rated).toBe(true);
+  });
+
+  it('applies read marks from the operator only forward', () => {
+    let s = run(startedState(), { type: 'read', by: 'operator', upto: 3 });
+    expect(s.operatorReadUpto).toBe(3);
+    expect(run(s, { type: 'read', by: 'operator', upto: 2 })).toBe(s);
+    expect(run(s, { type: 'read', by: 'client', upto: 9 })).toBe(s);
+  });
+
+  it('caps the cached events', () => {
+    let s = startedState();
+    for (let i = 3; i < MAX_CACHED_EVENTS + 50; i++) s = run(s, ev(i, 'message', { from: 'client', key: 'k' + i, text: 'x' }));
+    expect(s.events.length).toBe(MAX_CACHED_EVENTS);
+    expect(s.lastSeq).toBe(MAX_CACHED_EVENTS + 49);
+  });
+
+  it('round-trips through storage', () => {
+    let s = run(startedState(), ev(3, 'message', { from: 'client', key: 'k', text: 'hi' }), { type: 'queue', message: { key: 'p', text: 'later', attachments: [], at: 1, state: 'sending' } });
+    const back = deserialize(serialize(s));
+    expect(back.token).toBe('tok');
+    expect(back.lastSeq).toBe(3);
+    expect(back.events.map((e) => e.seq)).toEqual([1, 2, 3]);
+    expect(back.pending.map((p) => p.key)).toEqual(['p']);
+    expect(serialize(emptyWidgetState)).toBeNull();
+  });
+
+  it('distrusts a cache that does not reach lastSeq, and garbage', () => {
+    const bad = JSON.stringify({ v: 1, token: 't', lastSeq: 9, events: [{ kind: 'started', seq: 1, at: 1 }] });
+    const s = deserialize(bad);
+    expect(s.token).toBe('t');
+    expect(s.lastSeq).toBe(0); // replay everything rather than show a gap
+    expect(s.events).toEqual([]);
+    expect(deserialize('{nope')).toBe(emptyWidgetState);
+    expect(deserialize(JSON.stringify({ v: 99, token: 't' }))).toBe(emptyWidgetState);
+    expect(deserialize(null)).toBe(emptyWidgetState);
+  });
+});
+
+function widget(storage = new MemoryStorage(), timers = new FakeTimers()) {
+  const f = socketFactory();
+  const w = new WidgetSession({ origin: 'https://chat.example.com', storage, create: f.create, timers, backoff: new Backoff({ base: 1000, random: () => 0 }), attributes: () => ({ page: 'https://shop/x' }) });
+  return { w, f, storage, timers };
+}
+
+describe('WidgetSession', () => {
+  it('creates and keeps a visitor id', () => {
+    const { w, storage } = widget();
+    expect(w.visitorId).toMatch(/^v-/);
+    expect(storage.getItem(VISITOR_KEY)).toBe(w.visitorId);
+    expect(widget(storage).w.visitorId).toBe(w.visitorId);
+  });
+
+  it('starts on the first message, then sends it', () => {
+    const { w, f } = widget();
+    w.resumeIfAny();
+    expect(f.sockets).toHaveLength(0); // nothing stored, nothing to resume: no socket yet
+    w.setName('Dana');
+    const key = w.send('Hello');
+    expect(f.last.url).toBe('wss://chat.example.com/ws/client');
+    f.last.open();
+    expect(f.last.sent[0]).toEqual({ type: 'start', visitor_id: w.visitorId, name: 'Dana', attributes: { page: 'https://shop/x' } });
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
+    expect(f.last.sent[1]).toEqual({ type: 'send', key, text: 'Hello' });
+  });
+
+  it('after a reload resumes from the stored seq, shows the cache at once, and gets no duplicates', () => {
+    const storage = new MemoryStorage();
+    const a = widget(storage);
+    a.w.send('Hello');
+    a.f.last.open();
+    a.f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
+    const key = a.f.last.sent[1].key;
+    for (const e of [
+      { kind: 'started', seq: 1, channel: 'web' },
+      { kind: 'queued', seq: 2, group: 'general' },
+      { kind: 'message', seq: 3, from: 'client', key, text: 'Hello' },
+      { kind: 'assigned', seq: 4, name: 'Alice' },
+      { kind: 'message', seq: 5, from: 'operator', name: 'Alice', text: 'Hi!' },
+    ])
+      a.f.last.frame({ type: 'event', at: 1, ...e });
+    expect(JSON.parse(storage.getItem(SESSION_KEY)!).lastSeq).toBe(5);
+
+    // "reload": a new session on the same storage
+    const b = widget(storage);
+    expect(b.w.state.events.map((e) => e.seq)).toEqual([1, 2, 3, 4, 5]);
+    b.w.resumeIfAny();
+    b.f.last.open();
+    expect(b.f.last.sent[0]).toEqual({ type: 'resume', token: 'tok', last_seq: 5 });
+    b.f.last.frame({ type: 'resumed', conversation: 17, last_seq: 6, protocol: 1 });
+    b.f.last.frame({ type: 'event', at: 1, kind: 'message', seq: 5, from: 'operator', text: 'Hi!' }); // overlap: ignored
+    b.f.last.frame({ type: 'event', at: 1, kind: 'message', seq: 6, from: 'operator', text: 'Anything else?' });
+    expect(b.w.state.events.map((e) => e.seq)).toEqual([1, 2, 3, 4, 5, 6]);
+  });
+
+  it('re-sends a message typed before a reload that was never acknowledged', () => {
+    const storage = new MemoryStorage();
+    const a = widget(storage);
+    a.w.send('first');
+    a.f.last.open();
+    a.f.last.frame({ type: 'started', conversation: 1, token: 'tok', protocol: 1 });
+    a.f.last.drop();
+    const key = a.w.send('typed while offline');
+    const b = widget(storage);
+    b.w.resumeIfAny();
+    b.f.last.open();
+    b.f.last.frame({ type: 'resumed', conversation: 1, last_seq: 0, protocol: 1 });
+    expect(b.f.last.ofType('send').map((x) => x.key)).toContain(key);
+  });
+
+  it('replays from the start when its last_seq is ahead, and forgets a dead session', () => {
+    const storage = new MemoryStorage();
+    storage.setItem(SESSION_KEY, JSON.stringify({ v: 1, token: 'tok', lastSeq: 2, events: [{ kind: 'started', seq: 1, at: 1 }, { kind: 'queued', seq: 2, at: 1 }] }));
+    const { w, f } = widget(storage);
+    w.resumeIfAny();
+    f.last.open();
+    f.last.frame({ type: 'error', code: 'invalid', message: 'ahead' });
+    expect(f.last.sent.at(-1)).toEqual({ type: 'resume', token: 'tok', last_seq: 0 });
+    expect(w.state.events).toEqual([]);
+    const notices: string[] = [];
+    w.onNotice = (c) => notices.push(c);
+    f.last.frame({ type: 'error', code: 'unauthorized', message: 'bad token' });
+    expect(w.state.token).toBeNull();
+    expect(storage.getItem(SESSION_KEY)).toBeNull();
+    expect(notices).toEqual(['session_lost']);
+  });
+
+  it('marks sends as failed on their error, throttles typing, read marks only forward', () => {
+    const { w, f, timers } = widget();
+    const key = w.send('x');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 1, token: 'tok', protocol: 1 });
+    f.last.frame({ type: 'error', code: 'closed', ref: key });
+    expect(w.state.pending[0].state).toBe('failed');
+    w.typing();
+    w.typing();
+    timers.advance(3000);
+    w.typing();
+    expect(f.last.ofType('typing')).toHaveLength(2);
+    f.last.frame({ type: 'event', at: 1, kind: 'message', seq: 4, from: 'operator', text: 'hi' });
+    w.markRead();
+    w.markRead();
+    expect(f.last.ofType('read')).toEqual([{ type: 'read', upto: 4, ref: 'read' }]);
+  });
+
+  it('uploads with the client token and the file type', async () => {
+    const fetcher = vi.fn(async () => new Response(JSON.stringify({ id: 'a1', name: 'p.png', content_type: 'image/png', size: 3 }), { status: 201 }));
+    const f = socketFactory();
+    const w = new WidgetSession({ origin: 'https://c.example', storage: new MemoryStorage(), create: f.create, timers: new FakeTimers(), fetcher });
+    const up = w.upload(Object.assign(new Blob(['abc']), { name: 'p.png' }));
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 1, token: 't/1', protocol: 1 });
+    await expect(up).resolves.toMatchObject({ id: 'a1' });
+    const [url, init] = fetcher.mock.calls[0] as unknown as [string, RequestInit];
+    expect(url).toBe('https://c.example/attachments?token=t%2F1&name=p.png');
+    expect((init.headers as Record<string, string>)['Content-Type']).toBe('image/png');
+    expect(w.attachmentUrl('a1')).toBe('https://c.example/attachments/a1?token=t%2F1');
+  });
+});
