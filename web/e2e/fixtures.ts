@@ -9,7 +9,7 @@ mkdirSync(SHOTS, { recursive: true });
 export const test = base.extend<{ sb: Server }>({
   sb: async ({}, use, testInfo) => {
     const sb = await startServer();
-    if (sb.shimmed) testInfo.annotations.push({ type: 'note', description: 'server does not serve gateway/assets/web yet; served through the test shim' });
+    if (sb.shimmed) testInfo.annotations.push({ type: 'note', description: 'the binary does not embed the current web build; served through the test shim' });
     try {
       await use(sb);
     } finally {

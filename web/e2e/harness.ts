@@ -1,9 +1,11 @@
 /**
  * Starts a real switchboard (`switchboard dev`) on free loopback ports with a fresh data
- * folder, and stops it. If that binary does not serve the built web files yet (the
- * gateway routes for gateway/assets/web are being added), a small same-origin shim in
- * front of each listener serves the files from gateway/assets/web and passes everything
- * else (REST, attachments, WebSockets) through to the real server unchanged.
+ * folder, and stops it. The binary embeds gateway/assets/web at compile time; if what it
+ * serves is not byte-for-byte the current build (a binary older than the last
+ * `npm run build`, or one without the asset routes), a small same-origin shim in front
+ * of each listener serves the current files and passes everything else (REST,
+ * attachments, WebSockets) through to the real server unchanged. Set
+ * SWITCHBOARD_E2E_NO_SHIM=1 to fail instead.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, existsSync } from 'node:fs';
@@ -106,20 +108,26 @@ function shim(upstream: string, files: Record<string, string>): Promise<{ url: s
   );
 }
 
-async function serves(url: string, marker: string): Promise<boolean> {
-  try {
-    const r = await fetch(url);
-    return r.ok && (await r.text()).includes(marker);
-  } catch {
-    return false;
+/** Whether the server serves exactly the current build of these files (a binary built
+ *  before the last `npm run build` embeds older copies). */
+async function servesCurrent(base: string, files: Record<string, string>): Promise<boolean> {
+  for (const [path, file] of Object.entries(files)) {
+    try {
+      const r = await fetch(base + path);
+      if (!r.ok || (await r.text()) !== readFileSync(join(ASSETS, file), 'utf8')) return false;
+    } catch {
+      return false;
+    }
   }
+  return true;
 }
 
-export async function startServer(timeoutMs = 60_000): Promise<Server> {
+export async function startServer(opts: { extraArgs?: string[]; timeoutMs?: number } = {}): Promise<Server> {
+  const timeoutMs = opts.timeoutMs ?? 60_000;
   if (!existsSync(BIN)) throw new Error('switchboard binary not found at ' + BIN + ' (set SWITCHBOARD_BIN)');
   if (!existsSync(join(ASSETS, 'workstation.js'))) throw new Error('web build missing: run `npm run build` first');
   const dataDir = mkdtempSync(join(tmpdir(), 'sb-e2e-'));
-  const proc: ChildProcess = spawn(BIN, ['dev', '--data-dir', dataDir, '--public-addr', '127.0.0.1:0', '--private-addr', '127.0.0.1:0'], {
+  const proc: ChildProcess = spawn(BIN, ['dev', '--data-dir', dataDir, '--public-addr', '127.0.0.1:0', '--private-addr', '127.0.0.1:0', ...(opts.extraArgs ?? [])], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' },
   });
@@ -150,15 +158,21 @@ export async function startServer(timeoutMs = 60_000): Promise<Server> {
   const closers: (() => Promise<void>)[] = [];
   let publicUrl = addrs.pub;
   let privateUrl = addrs.priv;
-  const servesWorkstation = await serves(addrs.priv + '/', 'workstation.js');
-  const servesWidget = await serves(addrs.pub + '/', 'widget.js');
+  const privateFiles = { '/': 'workstation.html', '/workstation.js': 'workstation.js', '/workstation.css': 'workstation.css' };
+  const publicFiles = { '/': 'widget-demo.html', '/widget.js': 'widget.js' };
+  const servesWorkstation = await servesCurrent(addrs.priv, privateFiles);
+  const servesWidget = await servesCurrent(addrs.pub, publicFiles);
+  if ((!servesWorkstation || !servesWidget) && process.env.SWITCHBOARD_E2E_NO_SHIM) {
+    proc.kill('SIGKILL');
+    throw new Error('the server does not serve the current web build (rebuild the binary after npm run build)');
+  }
   if (!servesWorkstation) {
-    const s = await shim(addrs.priv, { '/': 'workstation.html', '/workstation.html': 'workstation.html', '/workstation.js': 'workstation.js', '/workstation.css': 'workstation.css' });
+    const s = await shim(addrs.priv, privateFiles);
     privateUrl = s.url;
     closers.push(s.close);
   }
   if (!servesWidget) {
-    const s = await shim(addrs.pub, { '/': 'widget-demo.html', '/widget-demo.html': 'widget-demo.html', '/widget.js': 'widget.js' });
+    const s = await shim(addrs.pub, publicFiles);
     publicUrl = s.url;
     closers.push(s.close);
   }

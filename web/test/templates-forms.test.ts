@@ -52,8 +52,11 @@ describe('placeholders', () => {
     expect(validateTemplate('t', ' ')).toBe('text_required');
     expect(validateTemplate('t', 'x'.repeat(4001))).toBe('text_too_long');
     expect(validateTemplate('t', 'x')).toBeNull();
-    expect(templateId('Refund policy!', 36 * 36)).toBe('refund-policy-100');
-    expect(templateId('!!!', 1)).toBe('template-1');
+    expect(templateId('Refund policy!', 36 * 36, () => 0)).toBe('refund-policy-1000000');
+    expect(templateId('Возврат денег', 1, () => 0.5)).toBe('template-1i000');
+    const long = templateId('x'.repeat(200), Date.now());
+    expect(new TextEncoder().encode(long).length).toBeLessThanOrEqual(64);
+    expect(long).toMatch(/^[a-z0-9-]+$/);
   });
 });
 

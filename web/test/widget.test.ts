@@ -193,4 +193,18 @@ describe('WidgetSession', () => {
     expect((init.headers as Record<string, string>)['Content-Type']).toBe('image/png');
     expect(w.attachmentUrl('a1')).toBe('https://c.example/attachments/a1?token=t%2F1');
   });
+
+  it('does not reconnect for a finished conversation until the visitor rates it', () => {
+    const storage = new MemoryStorage();
+    storage.setItem(SESSION_KEY, JSON.stringify({ v: 1, token: 'tok', lastSeq: 2, closed: true, events: [{ kind: 'started', seq: 1, at: 1 }, { kind: 'closed', seq: 2, at: 2, by: 'operator' }] }));
+    const { w, f } = widget(storage);
+    w.resumeIfAny();
+    expect(f.sockets).toHaveLength(0);
+    w.rate(4, 'ok');
+    expect(f.sockets).toHaveLength(1);
+    f.last.open();
+    expect(f.last.sent).toEqual([{ type: 'resume', token: 'tok', last_seq: 2 }]);
+    f.last.frame({ type: 'resumed', conversation: 1, last_seq: 2, protocol: 1 });
+    expect(f.last.sent.at(-1)).toEqual({ type: 'rate', score: 4, comment: 'ok' });
+  });
 });

@@ -187,7 +187,7 @@ function Panel(props: {
         if (e.key === 'Escape') props.onMinimize();
       }}
     >
-      <header class="sbw-head">
+      <div class="sbw-head">
         <div class="sbw-head-text">
           <strong>{t('title')}</strong>
           <span class="sbw-sub" data-testid="widget-status">
@@ -207,7 +207,7 @@ function Panel(props: {
         <button type="button" class="sbw-icon" aria-label={t('close_panel')} onClick={props.onMinimize}>
           –
         </button>
-      </header>
+      </div>
       {reconnecting && (
         <div class="sbw-banner" role="status" data-testid="widget-reconnecting">
           {t('reconnecting')}
@@ -221,7 +221,7 @@ function Panel(props: {
           </button>
         </div>
       )}
-      <ol ref={log} class="sbw-log" role="log" aria-live="polite" aria-label={t('title')} data-testid="widget-log" tabIndex={0}>
+      <ol ref={log} class="sbw-log" aria-live="polite" aria-label={t('title')} data-testid="widget-log" tabIndex={0}>
         {!state.token && !state.pending.length && <li class="sbw-intro">{t('intro')}</li>}
         {state.events.map((e) => (
           <EventView key={e.seq} e={e} t={t} lang={props.lang} session={session} readUpto={state.operatorReadUpto} />
@@ -450,7 +450,7 @@ function Composer(props: { session: WidgetSession; state: WidgetState; t: T }) {
             }}
           />
         </label>
-        <input ref={fileInput} id="sbw-file" type="file" class="sbw-sr" accept={ACCEPT_ATTRIBUTE} multiple data-testid="widget-file" onChange={(e) => upload((e.currentTarget as HTMLInputElement).files)} />
+        <input ref={fileInput} id="sbw-file" type="file" class="sbw-sr" accept={ACCEPT_ATTRIBUTE} multiple data-testid="widget-file" aria-label={t('attach')} tabIndex={-1} onChange={(e) => upload((e.currentTarget as HTMLInputElement).files)} />
         <button type="button" class="sbw-icon sbw-attach" aria-label={t('attach')} title={t('attach')} disabled={busy > 0} onClick={() => fileInput.current?.click()}>
           {busy ? '…' : <PaperclipIcon />}
         </button>

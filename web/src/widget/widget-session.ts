@@ -57,6 +57,9 @@ export class WidgetSession {
   private lastTypingSent = 0;
   private lastReadSent = 0;
   private startWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  /** Control frames (close, rate) waiting for the socket to follow the conversation. */
+  private queued: Record<string, unknown>[] = [];
+  private following = false;
   readMarksSupported = true;
   /** Listeners the UI sets: connection state, and notices (error codes, `session_lost`). */
   onLink: ((s: LinkState) => void) | undefined;
@@ -117,12 +120,14 @@ export class WidgetSession {
     return this.store.get();
   }
 
-  /** Resumes a stored conversation, if there is one. */
+  /** Resumes a stored conversation, if there is one that is still open (a finished one
+   *  needs no socket until the visitor rates it or starts anew). */
   resumeIfAny(): void {
-    if (this.state.token) this.link.start();
+    if (this.state.token && !this.state.closed) this.link.start();
   }
 
   private onOpen(): void {
+    this.following = false;
     const s = this.state;
     if (s.token) {
       this.resuming = true;
@@ -142,6 +147,7 @@ export class WidgetSession {
     switch (f.type) {
       case 'started':
         this.wantStart = false;
+        this.following = true;
         this.link.markHealthy();
         this.store.dispatch({ type: 'started', token: f.token, conversation: f.conversation });
         this.lastReadSent = 0;
@@ -150,6 +156,7 @@ export class WidgetSession {
         break;
       case 'resumed':
         this.resuming = false;
+        this.following = true;
         this.link.markHealthy();
         this.flush();
         break;
@@ -208,6 +215,7 @@ export class WidgetSession {
   }
 
   private flush(): void {
+    for (const f of this.queued.splice(0)) this.link.send(f);
     for (const p of this.state.pending) if (p.state === 'sending' && p.ackSeq == null) this.link.send(this.frameFor(p));
   }
 
@@ -267,19 +275,28 @@ export class WidgetSession {
     if (this.link.send({ type: 'read', upto, ref: 'read' })) this.lastReadSent = upto;
   }
 
+  /** Sends now if the socket follows the conversation, else once it does. */
+  private control(frame: Record<string, unknown>): void {
+    if (this.following && this.link.send(frame)) return;
+    this.queued.push(frame);
+    if (this.state.token) this.link.start();
+  }
+
   close(): void {
-    this.link.send({ type: 'close' });
+    this.control({ type: 'close' });
   }
 
   rate(score: number, comment: string): void {
     const frame: Record<string, unknown> = { type: 'rate', score };
     if (comment.trim()) frame.comment = comment.trim();
-    this.link.send(frame);
+    this.control(frame);
   }
 
   /** Forgets the finished conversation; the next message starts a new one. */
   newConversation(): void {
     this.link.stop();
+    this.queued = [];
+    this.following = false;
     this.store.dispatch({ type: 'forget' });
     this.lastReadSent = 0;
   }

@@ -58,7 +58,7 @@ function Saved(props: { ok: boolean }) {
 function Groups() {
   const { t, api } = useApp();
   const [list, reload, loadError] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
-  const blank = { id: '', name: '', policy: 'longest_idle', offer_timeout_ms: 30000 };
+  const blank: SkillGroup = { id: '', name: '', policy: 'longest_idle', offer_timeout_ms: 30000, sla_ms: 60000 };
   const [form, setForm] = useState<SkillGroup>(blank);
   const [error, setError] = useState<string | null>(null);
   const [ok, setOk] = useState(false);
@@ -71,6 +71,7 @@ function Groups() {
             <th scope="col">{t('name')}</th>
             <th scope="col">{t('policy')}</th>
             <th scope="col">{t('offer_timeout')}</th>
+            <th scope="col">{t('sla')}</th>
             <th scope="col">
               <span class="sr-only">{t('edit')}</span>
             </th>
@@ -83,6 +84,7 @@ function Groups() {
               <td>{g.name}</td>
               <td>{t(('policy_' + g.policy) as any)}</td>
               <td>{g.offer_timeout_ms / 1000} s</td>
+              <td>{g.sla_ms != null ? g.sla_ms / 1000 + ' s' : '—'}</td>
               <td>
                 <button type="button" class="small-btn" aria-label={t('edit_x', { name: g.name })} onClick={() => (setForm(g), setOk(false))}>
                   {t('edit')}
@@ -101,7 +103,12 @@ function Groups() {
           const p = idProblem(form.id);
           if (p) return setError(t(('err_' + p) as any));
           try {
-            await api.put('/api/skill-groups/' + encodeURIComponent(form.id), { name: form.name, policy: form.policy, offer_timeout_ms: Number(form.offer_timeout_ms) });
+            await api.put('/api/skill-groups/' + encodeURIComponent(form.id), {
+              name: form.name,
+              policy: form.policy,
+              offer_timeout_ms: Number(form.offer_timeout_ms),
+              sla_ms: Number(form.sla_ms ?? 60000),
+            });
             setError(null);
             setOk(true);
             reload();
@@ -110,7 +117,7 @@ function Groups() {
           }
         }}
       >
-        <h3>{list?.some((g) => g.id === form.id) ? t('edit_x', { name: form.id }) : t('new_group')}</h3>
+        <h2>{list?.some((g) => g.id === form.id) ? t('edit_x', { name: form.id }) : t('new_group')}</h2>
         <Field label={t('id')}>
           <input value={form.id} required onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
         </Field>
@@ -125,6 +132,9 @@ function Groups() {
         </Field>
         <Field label={t('offer_timeout_ms')}>
           <input type="number" min={1000} step={1000} value={form.offer_timeout_ms} onInput={(e) => setForm({ ...form, offer_timeout_ms: Number((e.currentTarget as HTMLInputElement).value) })} />
+        </Field>
+        <Field label={t('sla_ms')}>
+          <input type="number" min={0} step={1000} value={form.sla_ms ?? 60000} onInput={(e) => setForm({ ...form, sla_ms: Number((e.currentTarget as HTMLInputElement).value) })} />
         </Field>
         <ErrorText error={error} />
         <Saved ok={ok} />
@@ -197,7 +207,7 @@ function Operators() {
           }
         }}
       >
-        <h3>{list?.some((o) => o.id === form.id) ? t('edit_x', { name: form.id }) : t('new_operator')}</h3>
+        <h2>{list?.some((o) => o.id === form.id) ? t('edit_x', { name: form.id }) : t('new_operator')}</h2>
         <Field label={t('id')}>
           <input value={form.id} required onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
         </Field>
@@ -265,7 +275,7 @@ function Users() {
         }
       }}
     >
-      <h3>{t('user_form_title')}</h3>
+      <h2>{t("user_form_title")}</h2>
       <p class="muted small">{t('users_hint')}</p>
       <Field label={t('login')}>
         <input value={login} required autoComplete="off" onInput={(e) => setLogin((e.currentTarget as HTMLInputElement).value)} />
@@ -355,7 +365,7 @@ function Channels() {
           }
         }}
       >
-        <h3>{list?.some((c) => c.id === form.id) ? t('edit_x', { name: form.id }) : t('new_channel')}</h3>
+        <h2>{list?.some((c) => c.id === form.id) ? t('edit_x', { name: form.id }) : t('new_channel')}</h2>
         <Field label={t('id')}>
           <input value={form.id} required onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
         </Field>

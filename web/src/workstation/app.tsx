@@ -98,7 +98,7 @@ export function App() {
         )}
       </header>
       {link && link.status !== 'open' && link.status !== 'stopped' && <Banner link={link} />}
-      <div id="main" class="main">
+      <main id="main" class="main">
         {!auth ? (
           <Login
             onLogin={(a) => {
@@ -110,7 +110,7 @@ export function App() {
         ) : (
           <Shell auth={auth} onAuthLost={() => signOut(t('session_expired'))} onLink={setLink} />
         )}
-      </div>
+      </main>
       <div class="notices" role="status" aria-live="polite">
         {notices.map((n) => (
           <div key={n.id} class={'notice notice-' + n.kind} data-testid="notice">
@@ -166,6 +166,7 @@ function Shell(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (s: Lin
   // The desk stays mounted while other tabs are shown, so its socket and state survive.
   return (
     <>
+      <h1 class="sr-only">{t(('tab_' + tab) as any)}</h1>
       {tabs.includes('desk') && (
         <div hidden={tab !== 'desk'} class="tab-desk">
           <Desk auth={props.auth} onAuthLost={props.onAuthLost} onLink={props.onLink} />

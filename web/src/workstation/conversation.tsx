@@ -37,19 +37,19 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
 
   if (!conv) {
     return (
-      <main class="pane pane-empty" data-testid="conversation-empty">
+      <section class="pane pane-empty" data-testid="conversation-empty" aria-label={t('conversation')}>
         <p class="empty">{state.convs.size ? t('pick_conversation') : t('no_conversations_hint')}</p>
-      </main>
+      </section>
     );
   }
   const insert = (text: string) => setDraft(draft ? draft.replace(/\s*$/, '') + (draft.trim() ? ' ' : '') + text : text);
   return (
     <>
-      <main class="pane" data-testid="conversation-view" data-conv={conv.id} aria-labelledby="conv-title">
+      <section class="pane" data-testid="conversation-view" data-conv={conv.id} aria-labelledby="conv-title">
         <ConvHeader conv={conv} onTransfer={() => setDialog('transfer')} onClose={() => setDialog('close')} />
         <History conv={conv} state={state} />
         <Composer session={session} conv={conv} draft={draft} setDraft={setDraft} onTemplates={() => setSide('templates')} />
-      </main>
+      </section>
       <aside class="pane-side" aria-label={t('details')}>
         <div class="tabs" role="tablist">
           <button type="button" role="tab" aria-selected={side === 'card'} data-testid="tab-card" onClick={() => setSide('card')}>
@@ -120,7 +120,6 @@ function History(props: { conv: Conv; state: OpState }) {
       <ol
         ref={log}
         class="log"
-        role="log"
         aria-live="polite"
         aria-relevant="additions"
         aria-label={t('history')}
@@ -270,11 +269,13 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
           multiple
           accept={ACCEPT_ATTRIBUTE}
           data-testid="attach-input"
+          aria-label={t('attach')}
+          tabIndex={-1}
           onChange={(e) => upload((e.currentTarget as HTMLInputElement).files)}
         />
-        <label for={id + '-file'} class="btn ghost" role="button" tabIndex={0} onKeyDown={(e) => (e.key === 'Enter' || e.key === ' ') && fileInput.current?.click()}>
+        <button type="button" class="ghost" onClick={() => fileInput.current?.click()}>
           <PaperclipIcon /> {t('attach')}
-        </label>
+        </button>
         <button type="button" class="ghost" onClick={props.onTemplates}>
           {t('templates')}
         </button>

@@ -237,7 +237,7 @@ export function ConvList(props: { session: OperatorSession; state: OpState }) {
         ref={box}
         class="vlist"
         data-testid="conv-list"
-        role="listbox"
+        role={list.length ? 'listbox' : undefined}
         aria-labelledby="convs-h"
         tabIndex={list.length ? -1 : 0}
         onScroll={(e) => setScroll((e.currentTarget as HTMLElement).scrollTop)}
@@ -252,11 +252,11 @@ export function ConvList(props: { session: OperatorSession; state: OpState }) {
         }}
       >
         {!list.length && <p class="empty small pad">{t('no_conversations')}</p>}
-        <div style={{ height: range.padTop + 'px' }} />
+        <div aria-hidden="true" style={{ height: range.padTop + 'px' }} />
         {list.slice(range.start, range.end).map((c) => (
           <ConvRow key={c.id} c={c} now={now} selected={state.selected === c.id} onSelect={() => session.select(c.id)} />
         ))}
-        <div style={{ height: range.padBottom + 'px' }} />
+        <div aria-hidden="true" style={{ height: range.padBottom + 'px' }} />
       </div>
     </section>
   );

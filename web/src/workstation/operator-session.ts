@@ -177,6 +177,8 @@ export class OperatorSession {
       return;
     }
     const ref = f.ref == null ? '' : String(f.ref);
+    // typing and read marks carry no ref; racing a release they get not_assigned: harmless.
+    if (!ref && f.code === 'not_assigned') return;
     if (ref.startsWith('read:')) {
       if (f.code === 'unknown_type' || f.code === 'bad_frame') this.readMarksSupported = false;
       return;

@@ -90,13 +90,20 @@ export function byScope(templates: readonly Template[], scope: TemplateScope): T
   }
 }
 
-/** A URL-safe id for a new template. */
-export function templateId(title: string, now: number): string {
+/**
+ * An id for a new template: ASCII, at most 64 bytes (the server's limit), and unique
+ * enough that two operators' personal templates never collide (ids are global).
+ */
+export function templateId(title: string, now: number, random: () => number = Math.random): string {
   const slug = normalize(title)
-    .replace(/[^a-z0-9а-я]+/g, '-')
+    .replace(/[^a-z0-9]+/g, '-')
     .replace(/^-+|-+$/g, '')
-    .slice(0, 32);
-  return (slug || 'template') + '-' + now.toString(36);
+    .slice(0, 40)
+    .replace(/-+$/, '');
+  const suffix = Math.floor(random() * 36 ** 4)
+    .toString(36)
+    .padStart(4, '0');
+  return (slug || 'template') + '-' + now.toString(36) + suffix;
 }
 
 export const TEMPLATE_TITLE_MAX = 100;

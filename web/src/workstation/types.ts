@@ -82,6 +82,7 @@ export interface SkillGroup {
   name: string;
   policy: string;
   offer_timeout_ms: number;
+  sla_ms?: number;
 }
 
 export interface OperatorStatus {
