@@ -188,9 +188,54 @@ async fn close_tags_client_card_and_read_marks() -> anyhow::Result<()> {
     assert_eq!(status, 200, "{card}");
     assert_eq!(card["earlier"][0]["conversation"], earlier_id);
     assert_eq!(card["earlier"][0]["state"], "closed");
-    let (_, old) = dev.api("GET", &format!("/api/conversations/{earlier_id}"), Some(&token), None).await?;
+    let (status, old) = dev.api("GET", &format!("/api/conversations/{earlier_id}"), Some(&token), None).await?;
+    assert_eq!(status, 200, "the operator serving this visitor reads their earlier conversations");
+    let bob = dev.login("bob").await?;
+    let (status, _) = dev.api("GET", &format!("/api/conversations/{earlier_id}"), Some(&bob), None).await?;
+    assert_eq!(status, 403, "but not an operator who serves nobody of theirs");
     let closed = old["history"].as_array().unwrap().iter().find(|e| e["kind"] == "closed").unwrap().clone();
     assert_eq!(closed["tags"], json!(["billing", "refund"]));
     assert_eq!(closed["resolution"], "solved");
+    Ok(())
+}
+
+/// A CORS request as a browser on another site would make it.
+async fn preflight(addr: &str, path: &str, origin: &str) -> anyhow::Result<(u16, Option<String>)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::builder()
+        .method("OPTIONS")
+        .uri(path)
+        .header("host", addr)
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let allow = response.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    Ok((response.status().as_u16(), allow))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_lists_users_and_embedding_sites_get_cors_for_files_only_when_allowed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let binary = switchboard_chaos_tests::binary()?;
+    let dev = Dev::start_with(binary, &dir.path().join("data"), &["--client-origin", "https://shop.example"]).await?;
+    let admin = dev.login("admin").await?;
+    let (status, users) = dev.api("GET", "/api/users", Some(&admin), None).await?;
+    assert_eq!(status, 200);
+    let logins: Vec<&str> = users["users"].as_array().unwrap().iter().filter_map(|u| u["login"].as_str()).collect();
+    assert!(logins.contains(&"alice") && logins.contains(&"admin"), "{users}");
+    assert!(!users.to_string().contains("argon2"), "password hashes never leave the server");
+    let supervisor = dev.login("supervisor").await?;
+    let (status, _) = dev.api("GET", "/api/users", Some(&supervisor), None).await?;
+    assert_eq!(status, 403);
+
+    let (status, allow) = preflight(&dev.public, "/attachments?token=x&name=a.png", "https://shop.example").await?;
+    assert_eq!(status, 204);
+    assert_eq!(allow.as_deref(), Some("https://shop.example"));
+    let (status, allow) = preflight(&dev.public, "/attachments?token=x&name=a.png", "https://evil.example").await?;
+    assert_eq!(status, 403);
+    assert_eq!(allow, None);
     Ok(())
 }

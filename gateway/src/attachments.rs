@@ -247,6 +247,39 @@ pub(crate) async fn staff_download(State(gw): State<Arc<Gateway>>, staff: Staff,
     Ok(serve(&attachment, bytes))
 }
 
+/// Cross-origin access for the widget embedded on a customer's site: uploads and
+/// downloads answer preflights and carry `Access-Control-Allow-Origin` for the allowed
+/// client origins only.
+pub(crate) async fn cors(
+    State(gw): State<Arc<Gateway>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let origin = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let allowed = origin.filter(|o| gw.config.client_origins.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o)));
+    if request.method() == axum::http::Method::OPTIONS {
+        let Some(origin) = allowed else {
+            return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+        };
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        let headers = response.headers_mut();
+        if let Ok(v) = origin.parse() {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        }
+        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, header::HeaderValue::from_static("GET, POST"));
+        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, header::HeaderValue::from_static("content-type"));
+        headers.insert(header::ACCESS_CONTROL_MAX_AGE, header::HeaderValue::from_static("600"));
+        headers.insert(header::VARY, header::HeaderValue::from_static("origin"));
+        return response;
+    }
+    let mut response = next.run(request).await;
+    if let Some(Ok(v)) = allowed.map(|o| o.parse()) {
+        response.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        response.headers_mut().insert(header::VARY, header::HeaderValue::from_static("origin"));
+    }
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -244,14 +244,17 @@ async fn healthz(axum::extract::State(gw): axum::extract::State<Arc<Gateway>>) -
 
 /// The public surface: web chat page and client WebSocket.
 pub fn public_router(gw: Arc<Gateway>) -> Router {
-    assets::public()
-        .route("/ws/client", get(client_ws::upgrade))
+    let files = Router::new()
         .route(
             "/attachments",
             axum::routing::post(attachments::client_upload)
                 .layer(axum::extract::DefaultBodyLimit::max(attachments::MAX_ATTACHMENT_BYTES + 1)),
         )
         .route("/attachments/{id}", get(attachments::client_download))
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), attachments::cors));
+    assets::public()
+        .route("/ws/client", get(client_ws::upgrade))
+        .merge(files)
         .route("/healthz", get(healthz))
         .with_state(gw)
 }

@@ -53,12 +53,21 @@ struct OperatorSession {
 
 const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "send", "typing", "read", "transfer", "close", "history", "ping"];
 
-/// Whether `operator` may read `conversation`: they hold it, held it, or are offered it.
+/// Whether `operator` may read `conversation`: they hold it, held it, or are offered it,
+/// or it is an earlier conversation of a visitor they are serving now (the client card).
 pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conversation: ConversationId) -> bool {
     let Some(conv) = state.conversations.get(&conversation) else { return false };
+    let serving_same_visitor = || {
+        conv.visitor.id.as_ref().is_some_and(|visitor| {
+            state.operators.get(operator).is_some_and(|op| {
+                op.active.iter().filter_map(|id| state.conversations.get(id)).any(|c| c.visitor.id.as_ref() == Some(visitor))
+            })
+        })
+    };
     conv.handled_by.contains(operator)
         || conv.assigned() == Some(operator)
         || state.offers.values().any(|o| o.conversation == conversation && &o.operator == operator)
+        || serving_same_visitor()
 }
 
 fn history_upto(state: &ShardState, conversation: ConversationId, upto: u64) -> Vec<Value> {
@@ -185,7 +194,13 @@ impl Session for OperatorSession {
                 .offers
                 .iter()
                 .filter_map(|id| state.offers.get(id))
-                .map(|o| json!({"offer": o.id.0, "conversation": o.conversation.0, "group": o.group.as_str(), "deadline": o.deadline.0}))
+                .map(|o| {
+                    let visitor = state.conversations.get(&o.conversation).map(|c| c.visitor.name.clone()).unwrap_or_default();
+                    json!({
+                        "offer": o.id.0, "conversation": o.conversation.0, "group": o.group.as_str(),
+                        "deadline": o.deadline.0, "made_at": o.made_at.0, "visitor": visitor,
+                    })
+                })
                 .collect();
             let hello = json!({
                 "type": "hello",

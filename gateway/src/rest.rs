@@ -32,6 +32,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/operators/{id}", put(put_operator))
         .route("/api/channels", get(list_channels))
         .route("/api/channels/{id}", put(put_channel))
+        .route("/api/users", get(list_users))
         .route("/api/users/{login}", put(put_user))
         .route("/api/queues", get(queues))
         .route("/api/conversations/{id}", get(conversation))
@@ -326,29 +327,18 @@ async fn put_user(
 
 async fn queues(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
-    let now = switchboard_actors::actors::now_ms();
     let shard = gw.backend.shard();
     let state = shard.read();
-    let groups: Vec<Value> = state
-        .groups
-        .values()
-        .map(|g| {
-            let mut waiting = 0;
-            let mut offered = 0;
-            let mut longest_wait_ms = 0;
-            for (_, id) in &g.queue {
-                if let Some(conv) = state.conversations.get(id) {
-                    match conv.status {
-                        switchboard_actors::state::ConversationStatus::Queued { offer: Some(_), .. } => offered += 1,
-                        _ => waiting += 1,
-                    }
-                    longest_wait_ms = longest_wait_ms.max(now.millis_since(conv.created_at));
-                }
-            }
-            json!({"group": g.config.id, "name": g.config.name, "waiting": waiting, "offered": offered, "longest_wait_ms": longest_wait_ms})
-        })
-        .collect();
-    Ok(Json(json!({ "queues": groups })))
+    let floor = crate::supervisor_ws::floor(&state, switchboard_actors::actors::now_ms());
+    Ok(Json(json!({ "queues": floor["queues"] })))
+}
+
+async fn list_users(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let users: Vec<Value> = state.users.values().map(|u| json!({"login": u.login, "role": u.role, "operator": u.operator})).collect();
+    Ok(Json(json!({ "users": users })))
 }
 
 pub(crate) fn check_read(staff: &Staff, state: &switchboard_actors::state::ShardState, id: ConversationId) -> Result<(), GatewayError> {

@@ -23,6 +23,8 @@ use crate::ws::{self, Flow, Follow, Outbox, Session, Surface};
 use crate::Gateway;
 
 const FLOOR_INTERVAL: Duration = Duration::from_millis(250);
+/// Queued conversations listed per group in a floor frame, head of the queue first.
+const FLOOR_LISTED: usize = 100;
 
 #[derive(Deserialize)]
 pub(crate) struct ConnectParams {
@@ -54,13 +56,23 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
         .values()
         .map(|g| {
             let (mut waiting, mut offered, mut longest, mut within) = (0u64, 0u64, 0u64, 0u64);
+            let mut listed = Vec::new();
             for (_, id) in &g.queue {
                 let Some(conv) = state.conversations.get(id) else { continue };
-                match conv.status {
-                    ConversationStatus::Queued { offer: Some(_), .. } => offered += 1,
-                    _ => waiting += 1,
-                }
+                let state_name = match conv.status {
+                    ConversationStatus::Queued { offer: Some(_), .. } => {
+                        offered += 1;
+                        "offered"
+                    }
+                    _ => {
+                        waiting += 1;
+                        "waiting"
+                    }
+                };
                 let waited = now.millis_since(conv.created_at);
+                if listed.len() < FLOOR_LISTED {
+                    listed.push(json!({"conversation": id.0, "state": state_name, "waiting_ms": waited, "visitor": conv.visitor.name}));
+                }
                 longest = longest.max(waited);
                 if waited <= g.config.sla_ms {
                     within += 1;
@@ -69,6 +81,7 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
             json!({
                 "group": g.config.id, "name": g.config.name, "waiting": waiting, "offered": offered,
                 "longest_wait_ms": longest, "sla_ms": g.config.sla_ms, "within_sla": within,
+                "conversations": listed,
             })
         })
         .collect();
