@@ -342,7 +342,8 @@ pub struct Candidate {
     pub operator: OperatorId,
     pub load: u32,
     pub capacity: u32,
-    /// Why the operator could not be chosen; `None` for an eligible one.
+    /// Why the operator could not be chosen, as a stable code (`offline`, `away`,
+    /// `on_break`, `passed`, `at_capacity`); `None` for an eligible one.
     pub excluded: Option<String>,
     /// Higher is better; only eligible candidates are scored.
     pub score: Option<i64>,

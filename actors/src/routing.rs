@@ -42,20 +42,21 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
     Selection { chosen, candidates }
 }
 
-/// Eligibility and capacity stages: why this operator cannot take the conversation.
+/// Eligibility and capacity stages: why this operator cannot take the conversation, as a
+/// stable code (`offline`, `away`, `on_break`, `passed`, `at_capacity`).
 fn exclusion(op: &Operator, conversation: &Conversation) -> Option<&'static str> {
     if op.presence != Presence::Online {
         return Some(match op.presence {
             Presence::Away => "away",
-            Presence::Break => "on break",
+            Presence::Break => "on_break",
             _ => "offline",
         });
     }
     if conversation.passed_by.contains(&op.config.id) {
-        return Some("passed on this conversation");
+        return Some("passed");
     }
     if op.free_capacity() == 0 {
-        return Some("at capacity");
+        return Some("at_capacity");
     }
     None
 }
@@ -152,6 +153,6 @@ mod tests {
         let sel = select_operator(&state, &group, &conv, Timestamp(1000));
         assert_eq!(sel.chosen, None);
         let reasons: Vec<_> = sel.candidates.iter().map(|c| c.excluded.clone().unwrap_or_default()).collect();
-        assert_eq!(reasons, vec!["away", "at capacity", "passed on this conversation"]);
+        assert_eq!(reasons, vec!["away", "at_capacity", "passed"]);
     }
 }

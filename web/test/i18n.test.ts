@@ -60,8 +60,8 @@ describe('translator', () => {
     const t = translator(DICTS, 'en');
     expect(describeError(t, 'offer_gone', 'x')).toBe('The offer is no longer available.');
     expect(describeError(t, 'weird_code', 'server text')).toBe('server text');
-    expect(exclusionText(t, 'at capacity')).toBe('at capacity');
-    expect(exclusionText(translator(DICTS, 'ru'), 'on break')).toBe('на перерыве');
+    expect(exclusionText(t, 'at_capacity')).toBe('at capacity');
+    expect(exclusionText(translator(DICTS, 'ru'), 'on_break')).toBe('на перерыве');
     expect(exclusionText(t, 'something new')).toBe('something new');
   });
 });
