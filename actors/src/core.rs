@@ -18,6 +18,9 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 pub const MAX_TEXT_CHARS: usize = 4000;
 /// Longest idempotency key, in bytes.
 pub const MAX_KEY_BYTES: usize = 128;
+/// History entries one conversation may hold; past it the client starts a new one.
+/// Bounds what a single visitor can make every replica store.
+pub const MAX_HISTORY_ENTRIES: usize = 10_000;
 /// Attachments one message may carry.
 pub const MAX_ATTACHMENTS_PER_MESSAGE: usize = 5;
 /// Tags a closed conversation may carry, and their length in characters.
@@ -144,6 +147,9 @@ fn check_text(text: &str) -> Result<(), Error> {
 /// A message needs text or at least one attachment, and its attachments must have been
 /// uploaded to this conversation.
 fn check_message(state: &ShardState, conversation: ConversationId, text: &str, attachments: &[AttachmentId]) -> Result<Vec<Attachment>, Error> {
+    if state.conversations.get(&conversation).is_some_and(|c| c.history.len() >= MAX_HISTORY_ENTRIES) {
+        return Err(Error::Invalid(format!("conversation reached {MAX_HISTORY_ENTRIES} entries; start a new one")));
+    }
     if attachments.len() > MAX_ATTACHMENTS_PER_MESSAGE {
         return Err(Error::Invalid(format!("at most {MAX_ATTACHMENTS_PER_MESSAGE} attachments per message")));
     }

@@ -49,3 +49,21 @@ fn assignment_history_reaches_the_operator_exactly_once() {
         }
     }
 }
+
+#[test]
+fn a_conversation_holds_a_bounded_history() {
+    use switchboard_actors::core::MAX_HISTORY_ENTRIES;
+    let mut s = ShardState::default();
+    run(&mut s, 0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 5000, sla_ms: 60_000 }));
+    run(&mut s, 0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") }));
+    run(&mut s, 1, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
+    let conv = ConversationId(0);
+    let mut n = 0;
+    while s.conversations[&conv].history.len() < MAX_HISTORY_ENTRIES {
+        run(&mut s, 2, Command::PostClientMessage { conversation: conv, key: format!("k{n}"), text: "spam".into(), attachments: vec![] });
+        n += 1;
+    }
+    let refused = handle(&mut s, &Envelope::new(Timestamp(3), Command::PostClientMessage { conversation: conv, key: "last".into(), text: "one more".into(), attachments: vec![] }));
+    assert!(matches!(refused, Err(switchboard_actors::Error::Invalid(_))), "{refused:?}");
+    assert_eq!(s.conversations[&conv].history.len(), MAX_HISTORY_ENTRIES);
+}

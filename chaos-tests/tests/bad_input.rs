@@ -173,3 +173,18 @@ async fn flood_over_rate_limit_is_refused_then_closed() -> anyhow::Result<()> {
     calm.wait_for(Duration::from_secs(5), |v| v["type"] == "pong").await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_start_conversations_without_limit() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let binary = switchboard_chaos_tests::binary()?;
+    let dev = Dev::start_with(binary, &dir.path().join("data"), &["--starts-per-minute", "3"]).await?;
+    for _ in 0..3 {
+        dev.client("Fine").await?;
+    }
+    let mut fourth = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    fourth.send(&json!({"type": "start", "name": "One too many"})).await?;
+    let refused = fourth.wait_for(WAIT, |v| v["type"] == "error" || v["type"] == "started").await?;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    Ok(())
+}

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use fastwebsockets::upgrade::IncomingUpgrade;
@@ -21,17 +21,23 @@ const MAX_NAME_CHARS: usize = 100;
 const MAX_ATTRIBUTES: usize = 20;
 const MAX_ATTRIBUTE_CHARS: usize = 200;
 
-pub(crate) async fn upgrade(State(gw): State<Arc<Gateway>>, headers: HeaderMap, upgrade: IncomingUpgrade) -> Response {
+pub(crate) async fn upgrade(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    upgrade: IncomingUpgrade,
+) -> Response {
     if let Err(refusal) = ws::admit(&gw, &headers, Surface::Client, None) {
         return refusal;
     }
-    let session = ClientSession { gw: gw.clone(), conversation: None };
+    let session = ClientSession { gw: gw.clone(), conversation: None, peer: peer.ip() };
     ws::accept(gw, upgrade, Surface::Client, session)
 }
 
 struct ClientSession {
     gw: Arc<Gateway>,
     conversation: Option<ConversationId>,
+    peer: std::net::IpAddr,
 }
 
 /// Parses a frame, telling bad JSON, an unknown type and a malformed frame apart.
@@ -95,6 +101,10 @@ impl ClientSession {
             ClientIn::Start { channel, group, name, attributes, visitor_id } => {
                 if self.conversation.is_some() {
                     return Err(frames::error("already_started", "this socket already follows a conversation", None));
+                }
+                if !self.gw.starts.allow(self.peer, self.gw.config.starts_per_minute) {
+                    self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
+                    return Err(frames::error("rate_limited", "too many conversations started from your address; try again later", None));
                 }
                 let name = name.unwrap_or_default();
                 if name.chars().count() > MAX_NAME_CHARS {

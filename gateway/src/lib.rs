@@ -126,6 +126,41 @@ pub struct GatewayConfig {
     pub operator_limits: Limits,
     /// The channel web chat conversations start on.
     pub web_channel: String,
+    /// Conversations one client address may start per minute (a burst of as many is
+    /// allowed). Behind a proxy every visitor shares its address: raise it there.
+    pub starts_per_minute: u32,
+}
+
+/// Token buckets per client address, for conversation starts.
+#[derive(Default)]
+pub struct StartLimiter {
+    buckets: Mutex<HashMap<std::net::IpAddr, (f64, Instant)>>,
+}
+
+/// Addresses tracked at most; beyond it, full buckets are forgotten first.
+const MAX_TRACKED_ADDRESSES: usize = 100_000;
+
+impl StartLimiter {
+    pub fn allow(&self, ip: std::net::IpAddr, per_minute: u32) -> bool {
+        let capacity = per_minute.max(1) as f64;
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_TRACKED_ADDRESSES && !buckets.contains_key(&ip) {
+            buckets.retain(|_, (tokens, since)| *tokens + since.elapsed().as_secs_f64() * capacity / 60.0 < capacity);
+            if buckets.len() >= MAX_TRACKED_ADDRESSES {
+                return false;
+            }
+        }
+        let (tokens, since) = buckets.entry(ip).or_insert((capacity, now));
+        *tokens = (*tokens + now.duration_since(*since).as_secs_f64() * capacity / 60.0).min(capacity);
+        *since = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Ephemeral signals (typing) that are not committed: lost on a reconnect by design.
@@ -183,6 +218,7 @@ pub struct Gateway {
     pub signals: Signals,
     pub blobs: attachments::BlobStore,
     pub config: GatewayConfig,
+    pub starts: StartLimiter,
     /// Password hashing is deliberately expensive (CPU and 19 MiB each): at most this
     /// many run at once, so a login flood queues instead of exhausting memory.
     password_work: tokio::sync::Semaphore,
@@ -198,6 +234,7 @@ impl Gateway {
             signals: Signals::default(),
             blobs,
             config,
+            starts: StartLimiter::default(),
             password_work: tokio::sync::Semaphore::new(2),
         })
     }

@@ -55,7 +55,8 @@ async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
     };
     let exe = std::env::current_exe()?;
     let mut process = tokio::process::Command::new(exe)
-        .args(["dev", "--public-addr", "127.0.0.1:0", "--private-addr", "127.0.0.1:0", "--data-dir"])
+        // Every bench client comes from loopback: lift the per-address start limit.
+        .args(["dev", "--public-addr", "127.0.0.1:0", "--private-addr", "127.0.0.1:0", "--starts-per-minute", "1000000", "--data-dir"])
         .arg(&data_dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

@@ -55,6 +55,9 @@ struct Listeners {
     /// Raft entries between state snapshots (the log before them is purged).
     #[arg(long, default_value_t = switchboard_raft::DEFAULT_SNAPSHOT_EVERY)]
     snapshot_every: u64,
+    /// Conversations one client address may start per minute (raise behind a proxy).
+    #[arg(long, default_value_t = 30)]
+    starts_per_minute: u32,
 }
 
 #[derive(Args)]
@@ -102,6 +105,7 @@ fn options(listeners: Listeners, node_id: u64) -> NodeOptions {
         client_origins: listeners.client_origins,
         staff_origins: listeners.staff_origins,
         snapshot_every: listeners.snapshot_every,
+        starts_per_minute: listeners.starts_per_minute,
     }
 }
 

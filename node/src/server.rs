@@ -149,6 +149,8 @@ pub struct NodeOptions {
     pub staff_origins: Vec<String>,
     /// Raft entries between snapshots.
     pub snapshot_every: u64,
+    /// Conversations one client address may start per minute.
+    pub starts_per_minute: u32,
 }
 
 pub struct RunningNode {
@@ -247,6 +249,7 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
         client_limits: Limits::CLIENT,
         operator_limits: Limits::OPERATOR,
         web_channel: "web".into(),
+        starts_per_minute: options.starts_per_minute,
     };
     let blobs = switchboard_gateway::attachments::BlobStore::open(options.data_dir.join("attachments"))?;
     let gateway = Gateway::new(backend, token_key(&options.data_dir)?, blobs, config);
@@ -263,7 +266,7 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
 
 fn serve_http(listener: TcpListener, router: axum::Router, mut stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let result = axum::serve(listener, router)
+        let result = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
                 let _ = stop.wait_for(|s| *s).await;
             })
