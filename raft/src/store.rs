@@ -109,6 +109,20 @@ impl LogStore {
     }
 }
 
+impl LogStore {
+    /// Deletes the entries whose big-endian index keys fall in `range`, in one batch.
+    fn remove_entries<R: RangeBounds<[u8; 8]>>(&self, range: R) -> StorageResult<()> {
+        let keys: Vec<_> =
+            self.trees.log.range(range).keys().collect::<Result<_, _>>().map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key);
+        }
+        self.trees.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -183,18 +197,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let keys: Vec<_> = self
-            .trees
-            .log
-            .range(log_id.index.to_be_bytes()..)
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut batch = sled::Batch::default();
-        for key in keys {
-            batch.remove(key);
-        }
-        self.trees.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.remove_entries(log_id.index.to_be_bytes()..)?;
         self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
@@ -203,19 +206,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record the pointer first so a crash mid-purge never leaves a hole unexplained.
         self.trees.put_meta("last_purged", &log_id).map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
         self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_logs(&e))?;
-        let keys: Vec<_> = self
-            .trees
-            .log
-            .range(..=log_id.index.to_be_bytes())
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut batch = sled::Batch::default();
-        for key in keys {
-            batch.remove(key);
-        }
-        self.trees.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
-        Ok(())
+        self.remove_entries(..=log_id.index.to_be_bytes())
     }
 }
 
