@@ -1,8 +1,11 @@
 //! Supervised ractor actors, one per active conversation, operator and skill group.
 //!
 //! The state machine decides; actors do what needs time and fan-out: they wake the
-//! sockets reading a stream and own the offer timers, armed from the absolute deadlines
-//! stored in committed state. An actor holds nothing that is not rebuilt from that state,
+//! sockets reading a stream and own the timers, armed from the absolute deadlines
+//! stored in committed state. An operator's actor expires its offers; a skill group's
+//! actor owns the queue's timers: it asks for a new round of offers when a conversation
+//! everyone passed on may be offered again, and wakes the supervisors' floor when a
+//! waiting conversation crosses the group's SLA. An actor holds nothing that is not rebuilt from that state,
 //! so the supervisor restarts a crashed one without losing anything.
 //!
 //! Architecture invariant: actors never change the shard state directly; every change
@@ -18,7 +21,9 @@ use tracing::{debug, warn};
 
 use crate::core::Effect;
 use crate::error::Error;
-use crate::model::{Command, OfferId, OperatorId, Timestamp};
+use crate::model::{Command, OfferId, OperatorId, SkillGroupId, Timestamp};
+use crate::routing::new_round_at;
+use crate::state::ConversationStatus;
 use crate::shard::{new_stream, Notice, Proposer, Shard, StreamKey, Wakeups};
 
 /// How often an entity actor checks whether it can passivate.
@@ -39,6 +44,8 @@ pub enum SupervisorMsg {
     CountActive(RpcReplyPort<usize>),
     /// Chaos drill: make the actor of this stream panic, to exercise supervision.
     Crash(StreamKey),
+    /// Something supervisors see changed without a committed entry (an SLA crossing).
+    WakeFloor,
 }
 
 pub enum EntityMsg {
@@ -47,6 +54,8 @@ pub enum EntityMsg {
     ArmOffer { offer: OfferId, deadline: Timestamp },
     CancelOffer { offer: OfferId },
     OfferDue { offer: OfferId },
+    /// The skill group's next queue deadline (new round or SLA crossing) is here.
+    QueueDue,
     PassivateCheck,
     Crash,
 }
@@ -91,6 +100,7 @@ impl SupervisorState {
             key: key.clone(),
             shard: self.shard.clone(),
             proposer: self.proposer.clone(),
+            supervisor: myself.clone(),
             stream,
             arm_timers: self.leader,
         };
@@ -113,14 +123,27 @@ impl SupervisorState {
         Some(key)
     }
 
-    /// Operators with pending offers need a live actor to expire them.
+    /// Operators with pending offers need a live actor to expire them, and skill groups
+    /// with a queue one to watch its deadlines.
     async fn activate_timer_owners(&mut self, myself: &ActorRef<SupervisorMsg>) {
-        let owners: Vec<OperatorId> = {
+        let (operators, groups): (Vec<OperatorId>, Vec<SkillGroupId>) = {
             let state = self.shard.read();
-            state.operators.values().filter(|o| !o.offers.is_empty()).map(|o| o.config.id.clone()).collect()
+            (
+                state.operators.values().filter(|o| !o.offers.is_empty()).map(|o| o.config.id.clone()).collect(),
+                state.groups.values().filter(|g| !g.queue.is_empty()).map(|g| g.config.id.clone()).collect(),
+            )
         };
-        for operator in owners {
+        for operator in operators {
             self.activate(&StreamKey::Operator(operator), myself).await;
+        }
+        for group in groups {
+            self.activate(&StreamKey::Group(group), myself).await;
+        }
+    }
+
+    fn wake_floor(&self) {
+        if let Some(actor) = self.active.get(&StreamKey::Floor) {
+            let _ = actor.cast(EntityMsg::Wake);
         }
     }
 }
@@ -168,8 +191,22 @@ impl Actor for ShardSupervisor {
                 }
                 let floor_changed = !notice.touched.groups.is_empty() || !notice.touched.operators.is_empty();
                 if floor_changed {
-                    if let Some(actor) = state.active.get(&StreamKey::Floor) {
-                        let _ = actor.cast(EntityMsg::Wake);
+                    state.wake_floor();
+                }
+                if state.leader {
+                    // A queue that gained a conversation needs its group actor's timers.
+                    let queued: Vec<SkillGroupId> = {
+                        let shard = state.shard.read();
+                        notice
+                            .touched
+                            .groups
+                            .iter()
+                            .filter(|g| shard.groups.get(*g).is_some_and(|g| !g.queue.is_empty()))
+                            .cloned()
+                            .collect()
+                    };
+                    for group in queued {
+                        state.activate(&StreamKey::Group(group), &myself).await;
                     }
                 }
                 let keys = notice
@@ -214,6 +251,7 @@ impl Actor for ShardSupervisor {
                     let _ = actor.cast(EntityMsg::Crash);
                 }
             }
+            SupervisorMsg::WakeFloor => state.wake_floor(),
         }
         Ok(())
     }
@@ -250,17 +288,26 @@ pub struct EntityArgs {
     key: StreamKey,
     shard: Arc<Shard>,
     proposer: Arc<dyn Proposer>,
+    supervisor: ActorRef<SupervisorMsg>,
     stream: Arc<watch::Sender<u64>>,
     arm_timers: bool,
 }
+
+type Timer = ractor::concurrency::JoinHandle<Result<(), ractor::MessagingErr<EntityMsg>>>;
 
 pub struct EntityState {
     key: StreamKey,
     shard: Arc<Shard>,
     proposer: Arc<dyn Proposer>,
+    supervisor: ActorRef<SupervisorMsg>,
     stream: Arc<watch::Sender<u64>>,
     arm_timers: bool,
-    timers: BTreeMap<OfferId, ractor::concurrency::JoinHandle<Result<(), ractor::MessagingErr<EntityMsg>>>>,
+    timers: BTreeMap<OfferId, Timer>,
+    /// A skill group's one queue timer, at its next deadline.
+    queue_timer: Option<(Timestamp, Timer)>,
+    /// New-round deadlines up to here were already asked for; if no operator could take
+    /// the conversation then, the next change to the group routes it instead.
+    rounds_asked_upto: Timestamp,
     idle_checks: u32,
 }
 
@@ -274,6 +321,82 @@ impl EntityState {
             old.abort();
         }
     }
+
+    /// The earliest moment the group's queue needs attention: a new round for a
+    /// conversation everyone passed on, or a waiting conversation crossing the SLA.
+    fn next_queue_deadline(&self, group: &SkillGroupId, now: Timestamp) -> Option<Timestamp> {
+        let shard = self.shard.read();
+        let g = shard.groups.get(group)?;
+        let mut next: Option<Timestamp> = None;
+        for (_, id) in &g.queue {
+            let Some(conv) = shard.conversations.get(id) else { continue };
+            let ConversationStatus::Queued { offer, .. } = conv.status else { continue };
+            let mut consider = |at: Timestamp| next = Some(next.map_or(at, |n| n.min(at)));
+            if offer.is_none() {
+                if let Some(at) = new_round_at(g, conv).filter(|at| *at > self.rounds_asked_upto) {
+                    consider(at);
+                }
+            }
+            let sla_crossing = conv.created_at.plus_ms(g.config.sla_ms);
+            if sla_crossing > now {
+                consider(sla_crossing);
+            }
+        }
+        next
+    }
+
+    fn arm_queue(&mut self, myself: &ActorRef<EntityMsg>) {
+        let StreamKey::Group(group) = &self.key else { return };
+        if !self.arm_timers {
+            return;
+        }
+        let now = now_ms();
+        let Some(deadline) = self.next_queue_deadline(group, now) else {
+            if let Some((_, timer)) = self.queue_timer.take() {
+                timer.abort();
+            }
+            return;
+        };
+        if self.queue_timer.as_ref().is_some_and(|(armed, _)| *armed == deadline) {
+            return;
+        }
+        // One millisecond late rather than early: the entry's stamp must reach the deadline.
+        let delay = Duration::from_millis(deadline.millis_since(now) + 1);
+        if let Some((_, old)) = self.queue_timer.replace((deadline, myself.send_after(delay, || EntityMsg::QueueDue))) {
+            old.abort();
+        }
+    }
+
+    fn queue_due(&mut self, myself: &ActorRef<EntityMsg>) {
+        self.queue_timer = None;
+        let StreamKey::Group(group) = &self.key else { return };
+        let now = now_ms();
+        let round_due = {
+            let shard = self.shard.read();
+            shard.groups.get(group).is_some_and(|g| {
+                g.queue.iter().any(|(_, id)| {
+                    shard.conversations.get(id).is_some_and(|c| {
+                        matches!(c.status, ConversationStatus::Queued { offer: None, .. })
+                            && new_round_at(g, c).is_some_and(|at| at > self.rounds_asked_upto && at <= now)
+                    })
+                })
+            })
+        };
+        if round_due {
+            self.rounds_asked_upto = now;
+            let proposer = self.proposer.clone();
+            let group = group.clone();
+            tokio::spawn(async move {
+                if let Err(e) = proposer.propose(Command::RouteQueue { group: group.clone() }).await {
+                    warn!(%group, error = %e, "could not route the queue");
+                }
+            });
+        }
+        // Waiting times are read when a floor snapshot is rendered: a crossing shows at once.
+        let _ = self.supervisor.cast(SupervisorMsg::WakeFloor);
+        self.stream.send_modify(|v| *v += 1);
+        self.arm_queue(myself);
+    }
 }
 
 impl Actor for EntityActor {
@@ -286,9 +409,12 @@ impl Actor for EntityActor {
             key: args.key,
             shard: args.shard,
             proposer: args.proposer,
+            supervisor: args.supervisor,
             stream: args.stream,
             arm_timers: args.arm_timers,
             timers: BTreeMap::new(),
+            queue_timer: None,
+            rounds_asked_upto: Timestamp(0),
             idle_checks: 0,
         };
         // Re-arm from the deadlines in committed state: this is what makes a restart or
@@ -302,6 +428,7 @@ impl Actor for EntityActor {
                 state.arm(&myself, offer, deadline);
             }
         }
+        state.arm_queue(&myself);
         // Something may have been applied while no actor was awake.
         state.stream.send_modify(|v| *v += 1);
         myself.send_interval(PASSIVATE_CHECK, || EntityMsg::PassivateCheck);
@@ -310,7 +437,11 @@ impl Actor for EntityActor {
 
     async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
-            EntityMsg::Wake => state.stream.send_modify(|v| *v += 1),
+            EntityMsg::Wake => {
+                state.stream.send_modify(|v| *v += 1);
+                state.arm_queue(&myself);
+            }
+            EntityMsg::QueueDue => state.queue_due(&myself),
             EntityMsg::Subscribe(reply) => {
                 state.idle_checks = 0;
                 let _ = reply.send(state.stream.subscribe());
@@ -337,7 +468,7 @@ impl Actor for EntityActor {
                 });
             }
             EntityMsg::PassivateCheck => {
-                if state.stream.receiver_count() == 0 && state.timers.is_empty() {
+                if state.stream.receiver_count() == 0 && state.timers.is_empty() && state.queue_timer.is_none() {
                     state.idle_checks += 1;
                     if state.idle_checks >= 2 {
                         myself.stop(Some("idle".into()));
@@ -353,6 +484,9 @@ impl Actor for EntityActor {
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         for (_, timer) in std::mem::take(&mut state.timers) {
+            timer.abort();
+        }
+        if let Some((_, timer)) = state.queue_timer.take() {
             timer.abort();
         }
         Ok(())

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::model::*;
-use crate::routing::select_operator;
+use crate::routing::{new_round_at, select_operator};
 use crate::state::{ConversationStatus, ShardState, Touched};
 
 /// Longest message text the core accepts, in characters.
@@ -59,7 +59,10 @@ pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Out
     for event in decided {
         commit(state, event, now, &mut outcome);
     }
-    let dirty: BTreeSet<SkillGroupId> = outcome.touched.groups.clone();
+    let mut dirty: BTreeSet<SkillGroupId> = outcome.touched.groups.clone();
+    if let Command::RouteQueue { group } = &envelope.command {
+        dirty.insert(group.clone());
+    }
     for group in dirty {
         route_group(state, &group, now, &mut outcome);
     }
@@ -102,6 +105,15 @@ fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, 
                 continue;
             }
             let selection = select_operator(state, group, conv, now);
+            if selection.chosen.is_none() {
+                // Everyone free has passed on it: after a pause, start over rather than
+                // leave it waiting for an operator who has not seen it yet (I4).
+                let someone_passed_is_free = selection.candidates.iter().any(|c| c.excluded.as_deref() == Some("passed"));
+                if someone_passed_is_free && new_round_at(group, conv).is_some_and(|at| now >= at) {
+                    made = Some(Event::RoundRestarted { conversation: *conv_id });
+                    break;
+                }
+            }
             if let Some(chosen) = selection.chosen {
                 let id = OfferId(state.next_offer);
                 let offer = Offer {
@@ -327,7 +339,26 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             if now < pending.deadline {
                 return Err(Error::NotDue(*offer));
             }
-            Ok((Reply::Done, vec![Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::Expired, detail: String::new() }]))
+            let mut events = vec![Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::Expired, detail: String::new() }];
+            // A missed offer means nobody is at the desk: set the operator away, as a
+            // phone system does after ring-no-answer, so the queue stops waiting on them.
+            if let Some(op) = state.operators.get(&pending.operator).filter(|op| op.presence == Presence::Online) {
+                for other in op.offers.iter().filter(|o| *o != offer) {
+                    events.push(Event::OfferWithdrawn {
+                        offer: *other,
+                        reason: WithdrawReason::OperatorUnavailable,
+                        detail: "operator missed an offer".into(),
+                    });
+                }
+                events.push(Event::PresenceChanged { operator: op.config.id.clone(), presence: Presence::Away });
+            }
+            Ok((Reply::Done, events))
+        }
+        Command::RouteQueue { group } => {
+            if !state.groups.contains_key(group) {
+                return Err(Error::NotFound(format!("skill group {group}")));
+            }
+            Ok((Reply::Done, vec![]))
         }
         Command::PostOperatorMessage { operator: op_id, conversation: conv_id, key, text, attachments } => {
             check_key(key)?;

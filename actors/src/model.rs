@@ -279,6 +279,12 @@ pub enum Command {
     },
     /// The file is already durable in the blob store; this records who may use it.
     StoreAttachment(Attachment),
+    /// Sent by the skill group's actor when a queue timer is due: routes the group's
+    /// queue at the entry's time, so conversations whose re-offer pause has passed get a
+    /// new round of offers.
+    RouteQueue {
+        group: SkillGroupId,
+    },
 }
 
 /// A stored file, by id. The bytes live in the node's blob store.
@@ -445,4 +451,9 @@ pub enum Event {
         favourite: bool,
     },
     AttachmentStored(Attachment),
+    /// Every operator able to take the conversation had passed on it and the re-offer
+    /// pause ran out: the passes are forgotten and a new round of offers starts.
+    RoundRestarted {
+        conversation: ConversationId,
+    },
 }

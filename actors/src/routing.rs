@@ -43,7 +43,8 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
 }
 
 /// Eligibility and capacity stages: why this operator cannot take the conversation, as a
-/// stable code (`offline`, `away`, `on_break`, `passed`, `at_capacity`).
+/// stable code (`offline`, `away`, `on_break`, `at_capacity`, `passed`). Capacity comes
+/// before passes, so `passed` always names an operator who could take it in a new round.
 fn exclusion(op: &Operator, conversation: &Conversation) -> Option<&'static str> {
     if op.presence != Presence::Online {
         return Some(match op.presence {
@@ -52,13 +53,22 @@ fn exclusion(op: &Operator, conversation: &Conversation) -> Option<&'static str>
             _ => "offline",
         });
     }
-    if conversation.passed_by.contains(&op.config.id) {
-        return Some("passed");
-    }
     if op.free_capacity() == 0 {
         return Some("at_capacity");
     }
+    if conversation.passed_by.contains(&op.config.id) {
+        return Some("passed");
+    }
     None
+}
+
+/// When a conversation every available operator has passed on may start a new round of
+/// offers: one offer timeout after the latest pass. `None` when it has no passes.
+pub fn new_round_at(group: &SkillGroup, conversation: &Conversation) -> Option<Timestamp> {
+    if conversation.passed_by.is_empty() {
+        return None;
+    }
+    conversation.last_pass.map(|at| at.plus_ms(group.config.offer_timeout_ms))
 }
 
 /// Selector stage. Scores are integers so that replicas never disagree on rounding.
@@ -113,6 +123,7 @@ mod tests {
             history: vec![],
             keys: Default::default(),
             passed_by: Default::default(),
+            last_pass: None,
             decisions: vec![],
             handled_by: Default::default(),
         };
@@ -154,5 +165,15 @@ mod tests {
         assert_eq!(sel.chosen, None);
         let reasons: Vec<_> = sel.candidates.iter().map(|c| c.excluded.clone().unwrap_or_default()).collect();
         assert_eq!(reasons, vec!["away", "at_capacity", "passed"]);
+    }
+
+    #[test]
+    fn a_full_operator_who_passed_is_reported_at_capacity() {
+        let (state, group, mut conv) = setup(Policy::LongestIdle, vec![operator("full", 1, 1, 0, Presence::Online)]);
+        conv.passed_by.insert(OperatorId::new("full"));
+        conv.last_pass = Some(Timestamp(400));
+        let sel = select_operator(&state, &group, &conv, Timestamp(1000));
+        assert_eq!(sel.candidates[0].excluded.as_deref(), Some("at_capacity"));
+        assert_eq!(new_round_at(&group, &conv), Some(Timestamp(1400)));
     }
 }

@@ -147,6 +147,10 @@ pub struct Conversation {
     /// Operators who declined or let an offer of this conversation expire during the
     /// current stay in the queue.
     pub passed_by: BTreeSet<OperatorId>,
+    /// When the latest of those passes happened: a new round of offers may start one
+    /// offer timeout after it, once nobody who has not passed can take it.
+    #[serde(default)]
+    pub last_pass: Option<Timestamp>,
     pub decisions: Vec<OfferId>,
     /// Every operator that ever held it: they may still read its history.
     pub handled_by: BTreeSet<OperatorId>,
@@ -262,6 +266,7 @@ impl ShardState {
                         history: Vec::new(),
                         keys: BTreeMap::new(),
                         passed_by: BTreeSet::new(),
+                        last_pass: None,
                         decisions: Vec::new(),
                         handled_by: BTreeSet::new(),
                     },
@@ -353,6 +358,7 @@ impl ShardState {
                         }
                         if matches!(reason, WithdrawReason::Declined | WithdrawReason::Expired) {
                             conv.passed_by.insert(offer.operator.clone());
+                            conv.last_pass = Some(at);
                         }
                     }
                     touched.operators.insert(offer.operator);
@@ -372,6 +378,7 @@ impl ShardState {
                     }
                     conv.status = ConversationStatus::Assigned { operator: operator.clone() };
                     conv.passed_by.clear();
+                    conv.last_pass = None;
                     conv.handled_by.insert(operator.clone());
                 }
                 if let Some((group, ticket)) = group {
@@ -394,6 +401,7 @@ impl ShardState {
                 if let (TransferTarget::Group(_), Some(conv)) = (to, self.conversations.get_mut(conversation)) {
                     // The group queue should not hand it straight back to its sender.
                     conv.passed_by.insert(from.clone());
+                    conv.last_pass = Some(at);
                 }
                 self.release(*conversation, from, at, &mut touched);
             }
@@ -467,6 +475,13 @@ impl ShardState {
             }
             Event::AttachmentStored(attachment) => {
                 self.attachments.insert(attachment.id.clone(), attachment.clone());
+            }
+            Event::RoundRestarted { conversation } => {
+                if let Some(conv) = self.conversations.get_mut(conversation) {
+                    conv.passed_by.clear();
+                    conv.last_pass = None;
+                    touched.groups.insert(conv.group.clone());
+                }
             }
         }
         touched

@@ -83,6 +83,7 @@ fn parse(line: &str) -> (Timestamp, Command) {
         "accept" => Command::AcceptOffer { operator: op(2), offer: offer(&a(3)) },
         "decline" => Command::DeclineOffer { operator: op(2), offer: offer(&a(3)), reason: a(4) },
         "expire" => Command::ExpireOffer { offer: offer(&a(2)) },
+        "route" => Command::RouteQueue { group: SkillGroupId::new(a(2)) },
         "say" => Command::PostOperatorMessage { operator: op(2), conversation: conv(&a(3)), key: a(4), text: a(5), attachments: vec![] },
         "transfer" => Command::Transfer {
             operator: op(2),
@@ -150,6 +151,7 @@ fn render(event: &Event) -> String {
         Event::AttachmentStored(a) => format!("attachment {}", a.id.0),
         Event::ConversationRated { conversation, score, .. } => format!("rated {conversation} {score}"),
         Event::PresenceChanged { operator, presence } => format!("{operator} is {presence:?}"),
+        Event::RoundRestarted { conversation } => format!("new round for {conversation}"),
     }
 }
 

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use serde_json::{json, Value};
 use switchboard_chaos_tests::{next_event, set_presence, Dev, WAIT};
 use switchboard_gateway::client::WsClient;
@@ -112,7 +114,8 @@ async fn operator_never_exceeds_capacity_and_third_waits_for_a_free_slot() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decline_and_timeout_pass_to_next_operator_and_queue_keeps_position() -> anyhow::Result<()> {
     let (_dir, dev) = dev().await?;
-    set_offer_timeout(&dev, "general", 1000).await?;
+    // Long enough that no new round starts while the test looks at the queue.
+    set_offer_timeout(&dev, "general", 3000).await?;
     // Two conversations wait while nobody is online.
     let (_c1, first, _) = dev.client("First").await?;
     let (_c2, second, _) = dev.client("Second").await?;
@@ -125,14 +128,23 @@ async fn decline_and_timeout_pass_to_next_operator_and_queue_keeps_position() ->
     let offer2 = next_event(&mut alice, "offer").await?;
     assert_eq!(offer2["conversation"], second);
 
-    // Decline the first: nobody else is online, so it stays queued.
+    // Decline the first: nobody else is online, so it stays queued, not re-offered.
     alice.send(&json!({"type": "decline", "offer": offer["offer"], "reason": "busy", "ref": "d"})).await?;
     let withdrawn = next_event(&mut alice, "offer_withdrawn").await?;
     assert_eq!(withdrawn["reason"], "declined");
+    assert!(
+        alice.wait_for(Duration::from_millis(500), |v| v["kind"] == "offer" && v["conversation"] == first).await.is_err(),
+        "a declined conversation is not handed straight back"
+    );
+    let supervisor = dev.login("supervisor").await?;
+    let (_, queues) = dev.api("GET", "/api/queues", Some(&supervisor), None).await?;
+    let general = queues["queues"].as_array().and_then(|q| q.iter().find(|g| g["group"] == "general")).cloned().unwrap_or_default();
+    assert_eq!(general["waiting"], 1, "the declined one waits: {general}");
 
-    // Let the second time out.
-    let expired = alice.wait_for(Duration::from_secs(5), |v| v["kind"] == "offer_withdrawn" && v["reason"] == "expired").await?;
+    // Let the second time out: a missed offer also sets the operator away.
+    let expired = alice.wait_for(Duration::from_secs(8), |v| v["kind"] == "offer_withdrawn" && v["reason"] == "expired").await?;
     assert_eq!(expired["conversation"], second);
+    alice.wait_for(WAIT, |v| v["kind"] == "presence" && v["status"] == "away").await.context("alice set away")?;
 
     // Bob comes online: both go to him, the first (older) one first.
     let (mut bob, _) = dev.operator("bob").await?;
@@ -142,6 +154,83 @@ async fn decline_and_timeout_pass_to_next_operator_and_queue_keeps_position() ->
     let to_bob2 = next_event(&mut bob, "offer").await?;
     assert_eq!(to_bob2["conversation"], second);
     accept(&mut bob, &to_bob).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decline_and_timeout_hand_over_at_once_to_an_online_operator() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    set_offer_timeout(&dev, "general", 1000).await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (mut bob, _) = dev.operator("bob").await?;
+    set_presence(&mut bob, "online").await?;
+
+    // Longest idle: alice went online first, so she is offered first.
+    let (_client, conversation, _) = dev.client("Ann").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer["conversation"], conversation);
+    alice.send(&json!({"type": "decline", "offer": offer["offer"], "reason": "not my topic", "ref": "d"})).await?;
+    let to_bob = next_event(&mut bob, "offer").await?;
+    assert_eq!(to_bob["conversation"], conversation, "the decline hands it to bob at once");
+
+    // Bob lets it run out: back to alice, who passed on it less than a round ago, only
+    // after the pause; bob is set away.
+    let expired = bob.wait_for(Duration::from_secs(5), |v| v["kind"] == "offer_withdrawn").await?;
+    assert_eq!(expired["reason"], "expired");
+    bob.wait_for(WAIT, |v| v["kind"] == "presence" && v["status"] == "away").await.context("bob set away")?;
+    let again = alice.wait_for(Duration::from_secs(5), |v| v["kind"] == "offer").await?;
+    assert_eq!(again["conversation"], conversation, "a new round reaches the operator who passed");
+    accept(&mut alice, &again).await?;
+
+    // The decision record says why: bob was away when the new round started.
+    let supervisor = dev.login("supervisor").await?;
+    let (_, decisions) = dev.api("GET", &format!("/api/conversations/{conversation}/decisions"), Some(&supervisor), None).await?;
+    let last = decisions["decisions"].as_array().and_then(|d| d.last()).cloned().unwrap_or_default();
+    assert_eq!(last["chosen"], "alice");
+    let bob_row = last["candidates"].as_array().and_then(|c| c.iter().find(|c| c["operator"] == "bob")).cloned().unwrap_or_default();
+    assert_eq!(bob_row["excluded"], "away", "{last}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_its_only_operator_declined_is_offered_again_after_a_pause() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    set_offer_timeout(&dev, "general", 1000).await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (_client, conversation, _) = dev.client("Ann").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    alice.send(&json!({"type": "decline", "offer": offer["offer"], "reason": "one moment", "ref": "d"})).await?;
+    next_event(&mut alice, "offer_withdrawn").await?;
+    // Nobody else can take it: the skill group's actor starts a new round one offer
+    // timeout later, with no other change to the queue.
+    let again = alice.wait_for(Duration::from_secs(5), |v| v["kind"] == "offer").await?;
+    assert_eq!(again["conversation"], conversation);
+    assert_ne!(again["offer"], offer["offer"]);
+    accept(&mut alice, &again).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supervisors_see_a_wait_cross_the_sla_as_it_happens() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    let (status, body) = dev
+        .api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General", "offer_timeout_ms": 30000, "sla_ms": 1500})))
+        .await?;
+    anyhow::ensure!(status == 200, "set sla: {status} {body}");
+    let supervisor = dev.login("supervisor").await?;
+    let mut floor = WsClient::connect(&dev.private, &format!("/ws/supervisor?token={supervisor}"), None).await?;
+    let (_client, _conversation, _) = dev.client("Ann").await?;
+    let general = |v: &Value| v["queues"].as_array().and_then(|q| q.iter().find(|g| g["group"] == "general")).cloned();
+    let within = floor.wait_for(WAIT, |v| v["type"] == "floor" && general(v).is_some_and(|g| g["waiting"] == 1)).await?;
+    assert_eq!(general(&within).unwrap_or_default()["within_sla"], 1);
+    // Nothing else happens; the group's actor wakes the floor when the wait crosses 1.5 s.
+    let crossed = floor
+        .wait_for(Duration::from_secs(4), |v| v["type"] == "floor" && general(v).is_some_and(|g| g["waiting"] == 1 && g["within_sla"] == 0))
+        .await?;
+    assert!(general(&crossed).unwrap_or_default()["longest_wait_ms"].as_u64().unwrap_or(0) >= 1500);
     Ok(())
 }
 
