@@ -16,6 +16,8 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 
 /// Longest message text the core accepts, in characters.
 pub const MAX_TEXT_CHARS: usize = 4000;
+/// Longest reason an operator may give for declining an offer, in characters.
+pub const MAX_REASON_CHARS: usize = 500;
 /// Longest idempotency key, in bytes.
 pub const MAX_KEY_BYTES: usize = 128;
 /// History entries one conversation may hold; past it the client starts a new one.
@@ -67,6 +69,18 @@ pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Out
         route_group(state, &group, now, &mut outcome);
     }
     Ok((reply, outcome))
+}
+
+/// Runs the decision on a read-only state without committing anything, so a proposer can
+/// refuse a command that would be refused anyway before it costs a flushed log entry.
+/// `Ok(Some(reply))` answers a repeated idempotency key from state; `Ok(None)` means the
+/// command must be proposed. The commit decides again: state may move in between.
+pub fn precheck(state: &ShardState, envelope: &Envelope) -> Result<Option<Reply>, Error> {
+    match decide(state, &envelope.command, envelope.at) {
+        Ok((reply @ Reply::Message { duplicate: true, .. }, events)) if events.is_empty() => Ok(Some(reply)),
+        Ok(_) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn commit(state: &mut ShardState, event: Event, now: Timestamp, outcome: &mut Outcome) {
@@ -328,6 +342,9 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             let pending = state.offers.get(offer).ok_or(Error::OfferGone(*offer))?;
             if &pending.operator != op_id {
                 return Err(Error::OfferGone(*offer));
+            }
+            if reason.chars().count() > MAX_REASON_CHARS {
+                return Err(Error::TooLong { limit: MAX_REASON_CHARS, actual: reason.chars().count() });
             }
             Ok((Reply::Done, vec![Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::Declined, detail: reason.clone() }]))
         }

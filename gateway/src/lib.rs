@@ -245,10 +245,30 @@ impl Gateway {
         tokio::task::spawn_blocking(work).await.map_err(|e| GatewayError::Internal(e.to_string()))
     }
 
+    /// Whether a signed staff token still speaks for its user: the login exists with the
+    /// role and operator the token names. A demoted or deleted user's older tokens stop
+    /// working at once instead of at expiry.
+    pub(crate) fn staff_current(&self, login: &str, role: switchboard_actors::model::Role, operator: Option<&OperatorId>) -> bool {
+        let shard = self.backend.shard();
+        let state = shard.read();
+        state.users.get(login).is_some_and(|u| u.role == role && u.operator.as_ref() == operator)
+    }
+
     /// Commits a command, counting and timing it.
     pub async fn submit(&self, command: Command) -> Result<Reply, switchboard_actors::Error> {
         let started = Instant::now();
-        let result = self.backend.submit(command).await;
+        // Refuse what the core would refuse, and answer repeated keys, before writing to
+        // the log: bad input must not cost a replicated, flushed entry.
+        let early = {
+            let shard = self.backend.shard();
+            let state = shard.read();
+            switchboard_actors::core::precheck(&state, &switchboard_actors::model::Envelope::new(switchboard_actors::actors::now_ms(), command.clone()))
+        };
+        let result = match early {
+            Ok(None) => self.backend.submit(command).await,
+            Ok(Some(reply)) => Ok(reply),
+            Err(e) => Err(e),
+        };
         match &result {
             Ok(_) => {
                 self.metrics.commands_committed.fetch_add(1, Relaxed);

@@ -86,7 +86,13 @@ impl FromRequestParts<Arc<Gateway>> for Staff {
             GatewayError::Unauthorized("bearer token required")
         })?;
         match gw.tokens.verify(token) {
-            Ok(Subject::Staff { login, role, operator }) => Ok(Staff { login, role, operator }),
+            Ok(Subject::Staff { login, role, operator }) if gw.staff_current(&login, role, operator.as_ref()) => {
+                Ok(Staff { login, role, operator })
+            }
+            Ok(Subject::Staff { .. }) => {
+                gw.metrics.auth_failures.fetch_add(1, Relaxed);
+                Err(GatewayError::Unauthorized("this login's role changed; log in again"))
+            }
             Ok(Subject::Client { .. }) => {
                 gw.metrics.auth_failures.fetch_add(1, Relaxed);
                 Err(GatewayError::Forbidden("client tokens are for the public listener"))

@@ -142,6 +142,9 @@ pub(crate) fn admit(gw: &crate::Gateway, headers: &axum::http::HeaderMap, surfac
         return Ok(None);
     }
     match token.map(|t| gw.tokens.verify(t)) {
+        Some(Ok(crate::Subject::Staff { login, role, operator })) if !gw.staff_current(&login, role, operator.as_ref()) => {
+            refuse(StatusCode::UNAUTHORIZED, "this login's role changed; log in again")
+        }
         Some(Ok(subject @ crate::Subject::Staff { .. })) => Ok(Some(subject)),
         Some(Ok(crate::Subject::Client { .. })) => refuse(StatusCode::FORBIDDEN, "client tokens are for the public listener"),
         Some(Err(_)) => refuse(StatusCode::UNAUTHORIZED, "invalid or expired token"),
