@@ -28,6 +28,19 @@ pub enum ClientError {
 }
 
 /// What the server sent.
+/// The sending half of a [`WsClient`], for a writer task apart from its reader.
+#[derive(Clone)]
+pub struct WsSender {
+    write: Arc<Mutex<Write>>,
+}
+
+impl WsSender {
+    pub async fn send(&self, value: &Value) -> Result<(), ClientError> {
+        let frame = Frame::text(Payload::Owned(value.to_string().into_bytes()));
+        self.write.lock().await.write_frame(frame).await.map_err(|e| ClientError::Write(e.to_string()))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Incoming {
     Json(Value),
@@ -124,6 +137,11 @@ impl WsClient {
 
     pub async fn send(&self, value: &Value) -> Result<(), ClientError> {
         self.send_text(&value.to_string()).await
+    }
+
+    /// A handle that sends on this socket while another task reads it.
+    pub fn sender(&self) -> WsSender {
+        WsSender { write: self.write.clone() }
     }
 
     pub async fn send_text(&self, text: &str) -> Result<(), ClientError> {

@@ -122,9 +122,23 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 type Pending = Arc<Mutex<HashMap<String, Instant>>>;
 
+/// The client surface's sustained text frames per second (docs/protocol.md §7).
+const CLIENT_SUSTAINED_FRAMES_PER_S: u32 = 10;
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.clients == 0 || args.operators == 0 || args.rate == 0 {
         bail!("clients, operators and rate must be positive");
+    }
+    // Each client socket is held to the public surface's sustained frame rate; beyond it
+    // the bench would measure the rate limiter, not delivery.
+    let per_client = f64::from(args.rate) / args.clients as f64;
+    if per_client > f64::from(CLIENT_SUSTAINED_FRAMES_PER_S) {
+        bail!(
+            "{per_client:.1} messages/s per client is over the client socket's limit of {CLIENT_SUSTAINED_FRAMES_PER_S}/s: \
+             use at least {} clients for {} msg/s",
+            args.rate.div_ceil(CLIENT_SUSTAINED_FRAMES_PER_S),
+            args.rate
+        );
     }
     println!("bench: starting a switchboard dev node…");
     let mut child = spawn_node(&args).await?;
@@ -184,8 +198,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for ws in clients.iter_mut() {
         ws.wait_for(Duration::from_secs(30), |v| v["type"] == "event" && v["kind"] == "assigned").await.context("client never assigned")?;
     }
-    // Drain client frames in the background so their buffers never fill.
-    let clients: Vec<Arc<tokio::sync::Mutex<WsClient>>> = clients.into_iter().map(|c| Arc::new(tokio::sync::Mutex::new(c))).collect();
+    // Each client's frames are read by its own task: acks time the durable commit.
+    let acks_pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+    let ack_latencies: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut senders = Vec::with_capacity(clients.len());
+    let mut reader_tasks = Vec::with_capacity(clients.len());
+    for mut ws in clients {
+        senders.push(ws.sender());
+        let acks_pending = acks_pending.clone();
+        let ack_latencies = ack_latencies.clone();
+        reader_tasks.push(tokio::spawn(async move {
+            loop {
+                match ws.next(Duration::from_secs(3600)).await {
+                    Ok(Incoming::Json(v)) if v["type"] == "ack" => {
+                        let now = Instant::now();
+                        if let Some(key) = v["key"].as_str() {
+                            if let Some(sent) = acks_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(key) {
+                                ack_latencies.lock().unwrap_or_else(|p| p.into_inner()).push(now - sent);
+                            }
+                        }
+                    }
+                    Ok(Incoming::Closed { .. }) | Err(_) => return,
+                    _ => {}
+                }
+            }
+        }));
+    }
 
     println!("bench: {} msg/s for {} s…", args.rate, args.duration);
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
@@ -196,18 +234,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut send_errors = 0u64;
     for n in 0..total {
         ticker.tick().await;
-        let client = clients[(n as usize) % clients.len()].clone();
+        let client = &senders[(n as usize) % senders.len()];
         let key = format!("m{n}");
-        pending.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), Instant::now());
+        let now = Instant::now();
+        pending.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), now);
+        acks_pending.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), now);
         let frame = json!({"type": "send", "key": key, "text": "benchmark message"});
-        let guard = client.lock().await;
-        if guard.send(&frame).await.is_err() {
+        if client.send(&frame).await.is_err() {
             send_errors += 1;
         }
     }
     let sending = started.elapsed();
     let drain_deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < drain_deadline && !pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+    let settled = || pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty() && acks_pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+    while Instant::now() < drain_deadline && !settled() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut lat = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -223,6 +263,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3
     );
     println!("  throughput {:.0} msg/s delivered", lat.len() as f64 / sending.as_secs_f64());
+    let mut acks = ack_latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    acks.sort();
+    let unacked = acks_pending.lock().unwrap_or_else(|p| p.into_inner()).len();
+    println!("\nclient message -> durably committed -> client ack");
+    println!(
+        "  acked {}, unacked {unacked}; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        acks.len(),
+        percentile(&acks, 50.0).as_secs_f64() * 1e3,
+        percentile(&acks, 90.0).as_secs_f64() * 1e3,
+        percentile(&acks, 99.0).as_secs_f64() * 1e3,
+        acks.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
 
     if args.idle_sessions > 0 {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -241,7 +293,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("  {} sessions: node RSS {} KiB -> {} KiB, {:.1} KiB per session (includes the conversation's state)", args.idle_sessions, before, after, per);
         drop(idle);
     }
-    for task in operator_tasks {
+    for task in operator_tasks.into_iter().chain(reader_tasks) {
         task.abort();
     }
     let _ = child.process.kill().await;
