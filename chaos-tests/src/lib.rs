@@ -48,10 +48,20 @@ impl Dev {
 
     /// Starts with extra command-line arguments for `switchboard dev`.
     pub async fn start_with(binary: PathBuf, data_dir: &Path, extra: &[&str]) -> anyhow::Result<Dev> {
+        Self::spawn(binary, "dev", data_dir, extra).await
+    }
+
+    /// Starts a production `switchboard node` (no demo data); its only login is the
+    /// first-start admin, `admin`, whose password it wrote into the data folder.
+    pub async fn start_node(data_dir: &Path) -> anyhow::Result<Dev> {
+        Self::spawn(binary()?, "node", data_dir, &[]).await
+    }
+
+    async fn spawn(binary: PathBuf, subcommand: &str, data_dir: &Path, extra: &[&str]) -> anyhow::Result<Dev> {
         std::fs::create_dir_all(data_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("node.log"))?;
         let mut child = tokio::process::Command::new(binary)
-            .args(["dev", "--public-addr", "127.0.0.1:0", "--private-addr", "127.0.0.1:0", "--data-dir"])
+            .args([subcommand, "--public-addr", "127.0.0.1:0", "--private-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "info,openraft=warn,sled=warn,quinn=warn")
@@ -59,7 +69,7 @@ impl Dev {
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()
-            .context("spawn switchboard dev")?;
+            .with_context(|| format!("spawn switchboard {subcommand}"))?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut lines = BufReader::new(stdout).lines();
         let (mut public, mut private) = (None, None);
@@ -79,11 +89,16 @@ impl Dev {
         };
         match tokio::time::timeout(Duration::from_secs(60), ready).await {
             Ok(Ok(true)) => {}
-            Ok(Ok(false)) | Ok(Err(_)) => bail!("switchboard dev exited before it was ready; see {}", data_dir.join("node.log").display()),
-            Err(_) => bail!("switchboard dev not ready within 60 s"),
+            Ok(Ok(false)) | Ok(Err(_)) => bail!("switchboard {subcommand} exited before it was ready; see {}", data_dir.join("node.log").display()),
+            Err(_) => bail!("switchboard {subcommand} not ready within 60 s"),
         }
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let logins = serde_json::from_slice(&std::fs::read(data_dir.join("demo-logins.json"))?)?;
+        let logins = if subcommand == "dev" {
+            serde_json::from_slice(&std::fs::read(data_dir.join("demo-logins.json"))?)?
+        } else {
+            let password = std::fs::read_to_string(data_dir.join("admin-password")).context("read the first-start admin password")?;
+            HashMap::from([("admin".to_owned(), password.trim().to_owned())])
+        };
         Ok(Dev {
             child,
             public: public.ok_or_else(|| anyhow!("no public listener printed"))?,

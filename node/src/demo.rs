@@ -5,19 +5,21 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
-use base64::Engine;
 use switchboard_actors::model::*;
 use switchboard_gateway::auth::hash_password;
 
+use crate::bootstrap::{password, write_private};
 use crate::server::RunningNode;
 
 pub const LOGINS_FILE: &str = "demo-logins.json";
 
-fn password() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 12];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| anyhow::anyhow!("no randomness"))?;
-    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
-}
+const DEMO_USERS: &[(&str, Role, Option<&str>)] = &[
+    ("alice", Role::Operator, Some("alice")),
+    ("bob", Role::Operator, Some("bob")),
+    ("carol", Role::Operator, Some("carol")),
+    ("supervisor", Role::Supervisor, None),
+    ("admin", Role::Admin, None),
+];
 
 fn group(id: &str, name: &str, policy: Policy) -> Command {
     Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new(id), name: name.into(), policy, offer_timeout_ms: 30_000, sla_ms: 60_000 })
@@ -32,14 +34,26 @@ fn operator(id: &str, name: &str, capacity: u32, groups: &[&str]) -> Command {
     })
 }
 
-/// Loads the demo configuration unless the data folder already has one; returns the
-/// logins and passwords either way.
+/// Loads the demo configuration unless the data folder already has all of it; returns
+/// the logins and passwords either way. Loading is a list of upserts, so a start that
+/// crashed halfway through is completed by the next one, with the same passwords.
 pub async fn ensure(node: &RunningNode, data_dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     let path = data_dir.join(LOGINS_FILE);
-    let configured = !node.shard.read().groups.is_empty();
-    if configured {
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "{}".into());
-        return serde_json::from_str(&text).context("read demo logins");
+    let saved: Option<BTreeMap<String, String>> = match std::fs::read(&path) {
+        Ok(bytes) => Some(serde_json::from_slice(&bytes).with_context(|| format!("read {}", path.display()))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    let has_users = !node.shard.read().users.is_empty();
+    match &saved {
+        Some(logins) if DEMO_USERS.iter().all(|(login, ..)| node.shard.read().users.contains_key(*login) && logins.contains_key(*login)) => {
+            return Ok(logins.clone());
+        }
+        None if has_users => anyhow::bail!(
+            "{} has users but no {LOGINS_FILE}: it is not a demo data folder (run `switchboard node` on it, or give `dev` another --data-dir)",
+            data_dir.display()
+        ),
+        _ => {}
     }
     let mut commands = vec![
         group("general", "General questions", Policy::LongestIdle),
@@ -71,15 +85,11 @@ pub async fn ensure(node: &RunningNode, data_dir: &Path) -> anyhow::Result<BTree
         }));
     }
     let mut logins = BTreeMap::new();
-    let users = [
-        ("alice", Role::Operator, Some("alice")),
-        ("bob", Role::Operator, Some("bob")),
-        ("carol", Role::Operator, Some("carol")),
-        ("supervisor", Role::Supervisor, None),
-        ("admin", Role::Admin, None),
-    ];
-    for (login, role, operator) in users {
-        let password = password()?;
+    for &(login, role, operator) in DEMO_USERS {
+        let password = match saved.as_ref().and_then(|s| s.get(login)) {
+            Some(known) => known.clone(),
+            None => password()?,
+        };
         let password_hash = hash_password(&password)?;
         commands.push(Command::UpsertUser(UserRecord {
             login: login.into(),
@@ -91,12 +101,7 @@ pub async fn ensure(node: &RunningNode, data_dir: &Path) -> anyhow::Result<BTree
     }
     // The logins file is written before the commands commit, so a crash in between
     // never leaves users whose passwords nobody knows.
-    std::fs::write(&path, serde_json::to_vec_pretty(&logins)?)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    write_private(&path, &serde_json::to_vec_pretty(&logins)?)?;
     for command in commands {
         node.submit(command).await.map_err(|e| anyhow::anyhow!("load demo configuration: {e}"))?;
     }

@@ -1,6 +1,7 @@
 //! `switchboard`: run a node, a local dev cluster, make certificates, or load-test.
 
 mod bench;
+mod bootstrap;
 mod demo;
 mod server;
 
@@ -73,6 +74,9 @@ struct NodeArgs {
     /// This node's id in the cluster.
     #[arg(long, default_value_t = 1)]
     node_id: u64,
+    /// Login of the admin created on first start (when the store has no users).
+    #[arg(long, default_value = "admin")]
+    admin_login: String,
 }
 
 #[derive(Args)]
@@ -140,7 +144,11 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
 }
 
 async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    let data_dir = args.listeners.data_dir.clone();
     let node = server::start(options(args.listeners, args.node_id)).await?;
+    if let Some(path) = bootstrap::ensure_admin(&node, &data_dir, &args.admin_login).await? {
+        println!("first start: created admin login '{}'; its password is in {}", args.admin_login, path.display());
+    }
     println!("switchboard node {} ready", args.node_id);
     print_listeners(&node);
     println!("ready");
