@@ -1,6 +1,7 @@
 //! One group on three in-process replicas over real QUIC with mutual TLS on loopback:
-//! the leader is killed and a new leader commits; a node without a cluster certificate
-//! cannot talk to the group.
+//! the leader is killed and a new leader commits; a replica that joins after the log was
+//! purged is brought up to date by a snapshot sent over QUIC; a peer without a cluster
+//! certificate cannot talk to the group, whichever side checks.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use switchboard_raft::network::{serve, NetworkFactory, Router};
 use switchboard_raft::store::open_group;
-use switchboard_raft::{default_config, tls, Node, Raft, Request};
+use switchboard_raft::{config_with_snapshots, default_config, tls, Node, Raft, Request};
 
 struct Replica {
     id: u64,
@@ -21,12 +22,16 @@ struct Replica {
 }
 
 async fn start_replica(id: u64, certs: &std::path::Path, data: &std::path::Path) -> anyhow::Result<Replica> {
+    start_replica_with(id, certs, data, default_config()?).await
+}
+
+async fn start_replica_with(id: u64, certs: &std::path::Path, data: &std::path::Path, config: Arc<openraft::Config>) -> anyhow::Result<Replica> {
     let identity = tls::ensure_member(certs, &format!("node-{id}"), &[])?;
     let endpoint = tls::endpoint(&identity, "127.0.0.1:0".parse()?)?;
     let db = sled::open(data.join(format!("node-{id}")))?;
     let journal = Arc::new(common::Journal::default());
     let (log, sm) = open_group(&db, 7, journal.clone())?;
-    let raft = Raft::new(id, default_config()?, NetworkFactory::new(endpoint.clone(), 7), log, sm).await?;
+    let raft = Raft::new(id, config, NetworkFactory::new(endpoint.clone(), 7), log, sm).await?;
     let router = Router::default();
     router.add(7, raft.clone());
     serve(endpoint.clone(), router);
@@ -110,6 +115,137 @@ async fn peer_without_cluster_certificate_is_refused() -> anyhow::Result<()> {
     let result = stranger.connect(replica.endpoint.local_addr()?, tls::NODE_SERVER_NAME)?.await;
     assert!(result.is_err(), "a peer from another CA must not connect");
     stranger.close(0u32.into(), b"");
+    replica.raft.shutdown().await?;
+    replica.endpoint.close(0u32.into(), b"");
+    Ok(())
+}
+
+fn addr(r: &Replica) -> anyhow::Result<Node> {
+    Ok(Node { addr: r.endpoint.local_addr()?.to_string() })
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if check() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("{what} did not happen within 5 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_joining_after_the_log_was_purged_gets_a_snapshot_over_quic() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    let config = config_with_snapshots(10)?;
+    let first = start_replica_with(1, &certs, dir.path(), config.clone()).await?;
+    let second = start_replica_with(2, &certs, dir.path(), config.clone()).await?;
+    first.raft.initialize(BTreeMap::from([(1, addr(&first)?), (2, addr(&second)?)])).await?;
+    let leader_id = wait_for_leader(&[&first, &second], None).await?;
+    let leader = if leader_id == 1 { &first } else { &second };
+    for n in 0..50u32 {
+        leader.raft.client_write(Request(n.to_be_bytes().to_vec())).await?;
+    }
+    // The leader snapshotted and purged the log the newcomer would need.
+    wait_until("snapshot and purge on the leader", || {
+        let m = leader.raft.metrics().borrow().clone();
+        m.snapshot.is_some_and(|s| s.index >= 40) && m.purged.is_some_and(|p| p.index >= 30)
+    })
+    .await?;
+
+    let third = start_replica_with(3, &certs, dir.path(), config.clone()).await?;
+    leader.raft.add_learner(3, addr(&third)?, true).await?;
+    wait_until("the newcomer catching up", || third.journal.entries.lock().unwrap().len() == 50).await?;
+    let installed = third.raft.metrics().borrow().snapshot;
+    assert!(installed.is_some_and(|s| s.index >= 40), "the newcomer started from the leader's snapshot: {installed:?}");
+    let expected: Vec<Vec<u8>> = (0..50u32).map(|n| n.to_be_bytes().to_vec()).collect();
+    assert_eq!(*third.journal.entries.lock().unwrap(), expected, "same entries, same order");
+
+    // As a voter it can carry the group: the old leader dies and a new one commits.
+    leader.raft.change_membership(BTreeSet::from([1, 2, 3]), false).await?;
+    leader.raft.shutdown().await?;
+    leader.endpoint.close(0u32.into(), b"killed");
+    let survivors: Vec<&Replica> = [&first, &second, &third].into_iter().filter(|r| r.id != leader_id).collect();
+    let new_leader = wait_for_leader(&survivors, Some(leader_id)).await?;
+    let new_leader = survivors.iter().find(|r| r.id == new_leader).ok_or_else(|| anyhow::anyhow!("leader not among survivors"))?;
+    let mut committed = false;
+    for _ in 0..50 {
+        if new_leader.raft.client_write(Request(b"after".to_vec())).await.is_ok() {
+            committed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(committed, "the new leader could not commit");
+    wait_until("the newcomer applying the new entry", || third.journal.entries.lock().unwrap().len() == 51).await?;
+    for r in survivors {
+        r.raft.shutdown().await?;
+        r.endpoint.close(0u32.into(), b"done");
+    }
+    Ok(())
+}
+
+/// A client that trusts the cluster CA, so only the server's check can refuse it.
+fn client_trusting_cluster(certs: &std::path::Path, identity: Option<&tls::Identity>) -> anyhow::Result<quinn::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_file(certs.join("ca.pem"))?)?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => {
+            let chain = vec![rustls::pki_types::CertificateDer::from_pem_file(&id.cert)?];
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&id.key)?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+    };
+    tls.alpn_protocols = vec![tls::ALPN.to_vec()];
+    Ok(quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?)))
+}
+
+/// Connects and makes one request; the result says whether the server let it through.
+async fn try_request(config: quinn::ClientConfig, server: std::net::SocketAddr) -> anyhow::Result<Vec<u8>> {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(config);
+    let attempt = async {
+        let connection = endpoint.connect(server, tls::NODE_SERVER_NAME)?.await?;
+        let (mut send, mut recv) = connection.open_bi().await?;
+        send.write_all(b"not a raft request").await?;
+        send.finish()?;
+        Ok::<Vec<u8>, anyhow::Error>(recv.read_to_end(1 << 16).await?)
+    };
+    let result = tokio::time::timeout(Duration::from_secs(5), attempt).await;
+    endpoint.close(0u32.into(), b"");
+    match result {
+        Ok(inner) => inner,
+        Err(_) => anyhow::bail!("timed out"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_clients_without_a_cluster_certificate() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    let replica = start_replica(1, &certs, dir.path()).await?;
+    let server = replica.endpoint.local_addr()?;
+
+    // Control: a cluster member gets through the handshake and is answered.
+    let member = tls::ensure_member(&certs, "node-9", &[])?;
+    let answered = try_request(client_trusting_cluster(&certs, Some(&member))?, server).await;
+    assert!(answered.is_ok(), "a member must be able to talk to the node: {answered:?}");
+
+    // No client certificate at all.
+    let anonymous = try_request(client_trusting_cluster(&certs, None)?, server).await;
+    assert!(anonymous.is_err(), "a client without a certificate was answered");
+    // A certificate from another CA.
+    let foreign = tls::ensure_member(&dir.path().join("other-ca"), "stranger", &[])?;
+    let forged = try_request(client_trusting_cluster(&certs, Some(&foreign))?, server).await;
+    assert!(forged.is_err(), "a client with a foreign certificate was answered");
+
     replica.raft.shutdown().await?;
     replica.endpoint.close(0u32.into(), b"");
     Ok(())
