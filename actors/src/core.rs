@@ -78,6 +78,8 @@ pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Out
 pub fn precheck(state: &ShardState, envelope: &Envelope) -> Result<Option<Reply>, Error> {
     match decide(state, &envelope.command, envelope.at) {
         Ok((reply @ Reply::Message { duplicate: true, .. }, events)) if events.is_empty() => Ok(Some(reply)),
+        // A read mark that does not move forward changes nothing, now or later.
+        Ok((Reply::Done, events)) if events.is_empty() && matches!(envelope.command, Command::MarkRead { .. }) => Ok(Some(Reply::Done)),
         Ok(_) => Ok(None),
         Err(e) => Err(e),
     }
@@ -370,6 +372,22 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 events.push(Event::PresenceChanged { operator: op.config.id.clone(), presence: Presence::Away });
             }
             Ok((Reply::Done, events))
+        }
+        Command::MarkRead { conversation: conv_id, reader, upto } => {
+            let conv = conversation(conv_id)?;
+            let (by, current) = match reader {
+                Reader::Client => (Closer::Client, conv.client_read_upto),
+                Reader::Operator(op_id) => {
+                    held_by(conv_id, op_id)?;
+                    (Closer::Operator, conv.operator_read_upto)
+                }
+            };
+            // Nobody reads past the end: clamp, so a bad client cannot mark the future.
+            let upto = (*upto).min(conv.last_seq());
+            if upto <= current {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::ReadMarked { conversation: *conv_id, by, upto }]))
         }
         Command::RouteQueue { group } => {
             if !state.groups.contains_key(group) {

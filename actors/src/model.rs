@@ -285,6 +285,20 @@ pub enum Command {
     RouteQueue {
         group: SkillGroupId,
     },
+    /// The visitor, or the operator holding it, has read the conversation up to `upto`.
+    MarkRead {
+        conversation: ConversationId,
+        reader: Reader,
+        upto: u64,
+    },
+}
+
+/// Who read a conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reader {
+    Client,
+    Operator(OperatorId),
 }
 
 /// A stored file, by id. The bytes live in the node's blob store.
@@ -455,5 +469,11 @@ pub enum Event {
     /// pause ran out: the passes are forgotten and a new round of offers starts.
     RoundRestarted {
         conversation: ConversationId,
+    },
+    /// A read mark moved forward; marks never move back.
+    ReadMarked {
+        conversation: ConversationId,
+        by: Closer,
+        upto: u64,
     },
 }

@@ -124,6 +124,8 @@ mod tests {
             keys: Default::default(),
             passed_by: Default::default(),
             last_pass: None,
+            client_read_upto: 0,
+            operator_read_upto: 0,
             decisions: vec![],
             handled_by: Default::default(),
         };

@@ -151,6 +151,12 @@ pub struct Conversation {
     /// offer timeout after it, once nobody who has not passed can take it.
     #[serde(default)]
     pub last_pass: Option<Timestamp>,
+    /// How far the visitor has read (a history `seq`), so ✓✓ survives reconnects.
+    #[serde(default)]
+    pub client_read_upto: u64,
+    /// How far the operators holding it have read.
+    #[serde(default)]
+    pub operator_read_upto: u64,
     pub decisions: Vec<OfferId>,
     /// Every operator that ever held it: they may still read its history.
     pub handled_by: BTreeSet<OperatorId>,
@@ -267,6 +273,8 @@ impl ShardState {
                         keys: BTreeMap::new(),
                         passed_by: BTreeSet::new(),
                         last_pass: None,
+                        client_read_upto: 0,
+                        operator_read_upto: 0,
                         decisions: Vec::new(),
                         handled_by: BTreeSet::new(),
                     },
@@ -475,6 +483,15 @@ impl ShardState {
             }
             Event::AttachmentStored(attachment) => {
                 self.attachments.insert(attachment.id.clone(), attachment.clone());
+            }
+            Event::ReadMarked { conversation, by, upto } => {
+                if let Some(conv) = self.conversations.get_mut(conversation) {
+                    let mark = match by {
+                        Closer::Client => &mut conv.client_read_upto,
+                        Closer::Operator => &mut conv.operator_read_upto,
+                    };
+                    *mark = (*mark).max(*upto);
+                }
             }
             Event::RoundRestarted { conversation } => {
                 if let Some(conv) = self.conversations.get_mut(conversation) {

@@ -84,6 +84,11 @@ fn parse(line: &str) -> (Timestamp, Command) {
         "decline" => Command::DeclineOffer { operator: op(2), offer: offer(&a(3)), reason: a(4) },
         "expire" => Command::ExpireOffer { offer: offer(&a(2)) },
         "route" => Command::RouteQueue { group: SkillGroupId::new(a(2)) },
+        "read" => Command::MarkRead {
+            conversation: conv(&a(2)),
+            reader: if a(3) == "client" { Reader::Client } else { Reader::Operator(op(3)) },
+            upto: a(4).parse().expect("upto"),
+        },
         "say" => Command::PostOperatorMessage { operator: op(2), conversation: conv(&a(3)), key: a(4), text: a(5), attachments: vec![] },
         "transfer" => Command::Transfer {
             operator: op(2),
@@ -152,6 +157,7 @@ fn render(event: &Event) -> String {
         Event::ConversationRated { conversation, score, .. } => format!("rated {conversation} {score}"),
         Event::PresenceChanged { operator, presence } => format!("{operator} is {presence:?}"),
         Event::RoundRestarted { conversation } => format!("new round for {conversation}"),
+        Event::ReadMarked { conversation, by, upto } => format!("{by:?} read {conversation} up to #{upto}"),
     }
 }
 

@@ -157,32 +157,47 @@ async fn close_tags_client_card_and_read_marks() -> anyhow::Result<()> {
     let (mut alice, _) = dev.operator("alice").await?;
     set_presence(&mut alice, "online").await?;
     let mut first = WsClient::connect(&dev.public, "/ws/client", None).await?;
-    first.send(&json!({"type": "start", "name": "Ann", "visitor_id": "visitor-42"})).await?;
+    first.send(&json!({"type": "start", "name": "Ann"})).await?;
     let started = first.wait_for(WAIT, |v| v["type"] == "started").await?;
     let earlier_id = started["conversation"].as_u64().unwrap();
+    let client_token = started["token"].as_str().unwrap_or_default().to_owned();
+    let visitor_token = started["visitor_token"].as_str().unwrap_or_default().to_owned();
+    assert!(!visitor_token.is_empty(), "the gateway issues the visitor's identity: {started}");
     let offer = next_event(&mut alice, "offer").await?;
     alice.send(&json!({"type": "accept", "offer": offer["offer"]})).await?;
     next_event(&mut alice, "assigned").await?;
+    first.send(&json!({"type": "send", "key": "k1", "text": "hello"})).await?;
+    first.wait_for(WAIT, |v| v["type"] == "ack").await?;
 
-    // Read marks travel both ways, unsequenced.
+    // Read marks travel both ways live, and are committed.
     first.send(&json!({"type": "read", "upto": 3})).await?;
     let read = alice.wait_for(WAIT, |v| v["type"] == "read").await?;
     assert_eq!(read["by"], "client");
     alice.send(&json!({"type": "read", "conversation": earlier_id, "upto": 4})).await?;
     assert_eq!(first.wait_for(WAIT, |v| v["type"] == "read").await?["by"], "operator");
+    // After a reconnect each side learns where the other had read to.
+    drop(first);
+    let mut back = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    back.send(&json!({"type": "resume", "token": client_token, "last_seq": 0})).await?;
+    let resumed = back.wait_for(WAIT, |v| v["type"] == "resumed").await?;
+    assert_eq!(resumed["operator_read_upto"], 4, "{resumed}");
+    let (_again, hello) = dev.operator("alice").await?;
+    let marks = hello["read_marks"].as_array().and_then(|m| m.iter().find(|m| m["conversation"] == earlier_id)).cloned().unwrap_or_default();
+    assert_eq!(marks["client_read_upto"], 3, "{hello}");
 
     alice.send(&json!({"type": "close", "conversation": earlier_id, "tags": ["x".repeat(41)], "ref": "bad"})).await?;
     assert_eq!(alice.wait_for(WAIT, |v| v["type"] == "error").await?["code"], "invalid");
     alice.send(&json!({"type": "close", "conversation": earlier_id, "resolution": "solved", "tags": ["billing", "refund"], "ref": "c"})).await?;
     alice.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "c").await?;
 
-    // The same visitor comes back: the card lists the earlier conversation.
+    // The same visitor comes back with their signed identity: the card lists the earlier one.
     let mut second = WsClient::connect(&dev.public, "/ws/client", None).await?;
-    second.send(&json!({"type": "start", "name": "Ann", "visitor_id": "visitor-42"})).await?;
+    second.send(&json!({"type": "start", "name": "Ann", "visitor_token": visitor_token})).await?;
     let started = second.wait_for(WAIT, |v| v["type"] == "started").await?;
     let now_id = started["conversation"].as_u64().unwrap();
     let offer = alice.wait_for(Duration::from_secs(10), |v| v["kind"] == "offer" && v["conversation"] == now_id).await?;
     alice.send(&json!({"type": "accept", "offer": offer["offer"]})).await?;
+    alice.wait_for(WAIT, |v| v["kind"] == "assigned" && v["conversation"] == now_id).await?;
     let token = dev.login("alice").await?;
     let (status, card) = dev.api("GET", &format!("/api/conversations/{now_id}"), Some(&token), None).await?;
     assert_eq!(status, 200, "{card}");
@@ -190,15 +205,30 @@ async fn close_tags_client_card_and_read_marks() -> anyhow::Result<()> {
     assert_eq!(card["earlier"][0]["state"], "closed");
     let (status, old) = dev.api("GET", &format!("/api/conversations/{earlier_id}"), Some(&token), None).await?;
     assert_eq!(status, 200, "the operator serving this visitor reads their earlier conversations");
+    assert_eq!(old["client_read_upto"], 3);
     let bob = dev.login("bob").await?;
     let (status, _) = dev.api("GET", &format!("/api/conversations/{earlier_id}"), Some(&bob), None).await?;
     assert_eq!(status, 403, "but not an operator who serves nobody of theirs");
     let closed = old["history"].as_array().unwrap().iter().find(|e| e["kind"] == "closed").unwrap().clone();
     assert_eq!(closed["tags"], json!(["billing", "refund"]));
     assert_eq!(closed["resolution"], "solved");
+
+    // Someone claiming to be Ann, by a made-up id or a tampered token, is a new visitor:
+    // they cannot make an operator see Ann's history as theirs.
+    let visitor_id = card["visitor"]["attributes"]["claimed_visitor_id"].clone();
+    assert!(visitor_id.is_null(), "a signed visitor carries no claimed id: {card}");
+    let (body, mac) = visitor_token.rsplit_once('.').unwrap_or_default();
+    for claim in [json!({"type": "start", "name": "Mallory", "visitor_id": "v-ann"}), json!({"type": "start", "name": "Mallory", "visitor_token": format!("{body}A.{mac}")})] {
+        let mut impostor = WsClient::connect(&dev.public, "/ws/client", None).await?;
+        impostor.send(&claim).await?;
+        let started = impostor.wait_for(WAIT, |v| v["type"] == "started").await?;
+        let id = started["conversation"].as_u64().unwrap();
+        let admin = dev.login("supervisor").await?;
+        let (_, card) = dev.api("GET", &format!("/api/conversations/{id}"), Some(&admin), None).await?;
+        assert_eq!(card["earlier"], json!([]), "an impostor is linked to nobody: {card}");
+    }
     Ok(())
 }
-
 /// A CORS request as a browser on another site would make it.
 async fn preflight(addr: &str, path: &str, origin: &str) -> anyhow::Result<(u16, Option<String>)> {
     let stream = tokio::net::TcpStream::connect(addr).await?;

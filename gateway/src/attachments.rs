@@ -156,6 +156,7 @@ pub(crate) async fn client_upload(
     let conversation = match gw.tokens.verify(&query.token)? {
         Subject::Client { conversation } => conversation,
         Subject::Staff { .. } => return Err(GatewayError::Forbidden("staff upload on the private listener")),
+        Subject::Visitor { .. } => return Err(GatewayError::Forbidden("a visitor token is not a conversation token")),
     };
     let content_type = content_type(&headers)?;
     let bytes = body(bytes)?;
@@ -226,6 +227,7 @@ pub(crate) async fn client_download(
     let conversation = match gw.tokens.verify(&query.token)? {
         Subject::Client { conversation } => conversation,
         Subject::Staff { .. } => return Err(GatewayError::Forbidden("staff download on the private listener")),
+        Subject::Visitor { .. } => return Err(GatewayError::Forbidden("a visitor token is not a conversation token")),
     };
     let attachment = lookup(&gw, &id)?;
     if attachment.conversation != conversation {

@@ -25,6 +25,9 @@ pub enum Subject {
     Staff { login: String, role: Role, operator: Option<OperatorId> },
     /// A web chat visitor, bound to one conversation.
     Client { conversation: ConversationId },
+    /// A returning visitor's identity, issued by the gateway: only its holder can link a
+    /// new conversation to the visitor's earlier ones (the operator's client card).
+    Visitor { visitor: String },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -37,6 +40,15 @@ struct Claims {
 
 pub const STAFF_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
 pub const CLIENT_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const VISITOR_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A fresh visitor id: `v-` and 16 URL-safe random characters.
+pub fn new_visitor_id() -> Result<String, GatewayError> {
+    let mut bytes = [0u8; 12];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| GatewayError::Internal("no randomness for a visitor id".into()))?;
+    Ok(format!("v-{}", URL_SAFE_NO_PAD.encode(bytes)))
+}
 
 pub struct TokenKey {
     key: hmac::Key,

@@ -9,10 +9,10 @@ use axum::response::Response;
 use fastwebsockets::upgrade::IncomingUpgrade;
 use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
-use switchboard_actors::model::{AttachmentId, ChannelId, Command, ConversationId, SkillGroupId, Visitor};
+use switchboard_actors::model::{AttachmentId, ChannelId, Command, ConversationId, Reader, SkillGroupId, Visitor};
 use switchboard_actors::shard::StreamKey;
 
-use crate::auth::{Subject, CLIENT_TOKEN_TTL};
+use crate::auth::{new_visitor_id, Subject, CLIENT_TOKEN_TTL, VISITOR_TOKEN_TTL};
 use crate::frames::{self, ClientIn};
 use crate::ws::{self, close, Flow, Follow, Outbox, Session, Surface};
 use crate::Gateway;
@@ -98,7 +98,7 @@ impl ClientSession {
 
     async fn handle(&mut self, frame: ClientIn, out: &Outbox) -> Result<Flow, Value> {
         match frame {
-            ClientIn::Start { channel, group, name, attributes, visitor_id } => {
+            ClientIn::Start { channel, group, name, attributes, visitor_id, visitor_token } => {
                 if self.conversation.is_some() {
                     return Err(frames::error("already_started", "this socket already follows a conversation", None));
                 }
@@ -118,10 +118,21 @@ impl ClientSession {
                 if visitor_id.as_ref().is_some_and(|v| v.is_empty() || v.chars().count() > 64) {
                     return Err(frames::error("invalid", "visitor_id must be 1 to 64 characters", None));
                 }
+                let mut attributes: Vec<(String, String)> = attributes.into_iter().collect();
+                if let Some(claimed) = visitor_id {
+                    // Anyone can type any id: it is shown, never used to link conversations.
+                    attributes.push(("claimed_visitor_id".into(), claimed));
+                }
+                // A returning visitor proves who they are with the token we signed; a
+                // missing, forged or expired one just makes a new visitor.
+                let visitor = match visitor_token.as_deref().map(|t| self.gw.tokens.verify(t)) {
+                    Some(Ok(Subject::Visitor { visitor })) => visitor,
+                    _ => new_visitor_id().map_err(|e| frames::error("internal", &e.to_string(), None))?,
+                };
                 let command = Command::StartConversation {
                     channel: ChannelId::new(channel.unwrap_or_else(|| self.gw.config.web_channel.clone())),
                     group: group.map(SkillGroupId::new),
-                    visitor: Visitor { id: visitor_id, name, attributes: attributes.into_iter().collect() },
+                    visitor: Visitor { id: Some(visitor.clone()), name, attributes },
                 };
                 let conversation = match self.gw.submit(command).await {
                     Ok(Reply::Started { conversation }) => conversation,
@@ -129,8 +140,12 @@ impl ClientSession {
                     Err(e) => return Err(frames::error(e.code(), &e.to_string(), None)),
                 };
                 let token = self.gw.tokens.issue(Subject::Client { conversation }, CLIENT_TOKEN_TTL);
-                out.json(json!({"type": "started", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0, "token": token}))
-                    .await;
+                let visitor_token = self.gw.tokens.issue(Subject::Visitor { visitor }, VISITOR_TOKEN_TTL);
+                out.json(json!({
+                    "type": "started", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0,
+                    "token": token, "visitor_token": visitor_token,
+                }))
+                .await;
                 self.follow(conversation, 0, out).await?;
             }
             ClientIn::Resume { token, last_seq } => {
@@ -142,19 +157,22 @@ impl ClientSession {
                         return Ok(Flow::Close(close::UNAUTHORIZED, "unauthorized".into()));
                     }
                 };
-                let last = {
+                let (last, operator_read_upto) = {
                     let shard = self.gw.backend.shard();
                     let state = shard.read();
                     match state.conversations.get(&conversation) {
-                        Some(c) => c.last_seq(),
+                        Some(c) => (c.last_seq(), c.operator_read_upto),
                         None => return Err(frames::error("not_found", "conversation not found", None)),
                     }
                 };
                 if last_seq > last {
                     return Err(frames::error("invalid", &format!("last_seq {last_seq} is ahead of the conversation ({last})"), None));
                 }
-                out.json(json!({"type": "resumed", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0, "last_seq": last}))
-                    .await;
+                out.json(json!({
+                    "type": "resumed", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0, "last_seq": last,
+                    "operator_read_upto": operator_read_upto,
+                }))
+                .await;
                 self.follow(conversation, last_seq, out).await?;
             }
             ClientIn::Send { key, text, attachments } => {
@@ -175,6 +193,11 @@ impl ClientSession {
             }
             ClientIn::Read { upto } => {
                 let conversation = self.require_conversation()?;
+                // Committed, so the operator sees it after a reconnect too; then relayed live.
+                self.gw
+                    .submit(Command::MarkRead { conversation, reader: Reader::Client, upto })
+                    .await
+                    .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
                 self.signal_operator(conversation, json!({"type": "read", "conversation": conversation.0, "by": "client", "upto": upto}));
             }
             ClientIn::Close => {

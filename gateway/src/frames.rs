@@ -26,8 +26,12 @@ pub enum ClientIn {
         name: Option<String>,
         #[serde(default)]
         attributes: BTreeMap<String, String>,
+        /// Unverifiable id a client made up; kept only as an attribute.
         #[serde(default)]
         visitor_id: Option<String>,
+        /// The signed visitor token from an earlier `started`: links conversations.
+        #[serde(default)]
+        visitor_token: Option<String>,
     },
     Resume {
         token: String,

@@ -10,7 +10,7 @@ use fastwebsockets::upgrade::IncomingUpgrade;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
-use switchboard_actors::model::{AttachmentId, Command, ConversationId, OfferId, OperatorId, SkillGroupId, TransferTarget};
+use switchboard_actors::model::{AttachmentId, Command, ConversationId, OfferId, OperatorId, Reader, SkillGroupId, TransferTarget};
 use switchboard_actors::shard::StreamKey;
 use switchboard_actors::state::{FeedItem, ShardState};
 
@@ -134,6 +134,7 @@ impl OperatorSession {
             OperatorIn::Read { conversation, upto } => {
                 let conversation = ConversationId(conversation);
                 self.holder_name(conversation)?;
+                self.commit(Command::MarkRead { conversation, reader: Reader::Operator(me), upto }, None).await?;
                 let signal = json!({"type": "read", "conversation": conversation.0, "by": "operator", "upto": upto});
                 self.gw.signals.to_conversation(conversation, signal);
             }
@@ -161,7 +162,11 @@ impl OperatorSession {
                         return Err(frames::error("forbidden", "not your conversation", reference.as_ref()));
                     }
                     let upto = state.conversations.get(&conversation).map(|c| c.last_seq()).unwrap_or(0);
-                    let mut frame = json!({"type": "history", "conversation": conversation.0, "entries": history_upto(&state, conversation, upto)});
+                    let marks = state.conversations.get(&conversation).map(|c| (c.client_read_upto, c.operator_read_upto)).unwrap_or_default();
+                    let mut frame = json!({
+                        "type": "history", "conversation": conversation.0, "entries": history_upto(&state, conversation, upto),
+                        "client_read_upto": marks.0, "operator_read_upto": marks.1,
+                    });
                     if let Some(r) = &reference {
                         frame["ref"] = r.clone();
                     }
@@ -212,6 +217,10 @@ impl Session for OperatorSession {
                 "capacity": op.config.capacity,
                 "groups": op.config.groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
                 "active": op.active.iter().map(|c| c.0).collect::<Vec<_>>(),
+                // Where each side has read to, so marks survive the reconnect.
+                "read_marks": op.active.iter().filter_map(|c| state.conversations.get(c)).map(|c| json!({
+                    "conversation": c.id.0, "client_read_upto": c.client_read_upto, "operator_read_upto": c.operator_read_upto,
+                })).collect::<Vec<_>>(),
                 "offers": offers,
                 "seq": op.feed.last_seq,
             });

@@ -93,7 +93,7 @@ impl FromRequestParts<Arc<Gateway>> for Staff {
                 gw.metrics.auth_failures.fetch_add(1, Relaxed);
                 Err(GatewayError::Unauthorized("this login's role changed; log in again"))
             }
-            Ok(Subject::Client { .. }) => {
+            Ok(Subject::Client { .. } | Subject::Visitor { .. }) => {
                 gw.metrics.auth_failures.fetch_add(1, Relaxed);
                 Err(GatewayError::Forbidden("client tokens are for the public listener"))
             }
@@ -384,6 +384,8 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
         "status": status,
         "created_at": conv.created_at.0,
         "last_seq": conv.last_seq(),
+        "client_read_upto": conv.client_read_upto,
+        "operator_read_upto": conv.operator_read_upto,
         "history": conv.history.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect::<Vec<_>>(),
         "earlier": earlier(&state, conv),
     })))

@@ -146,7 +146,9 @@ pub(crate) fn admit(gw: &crate::Gateway, headers: &axum::http::HeaderMap, surfac
             refuse(StatusCode::UNAUTHORIZED, "this login's role changed; log in again")
         }
         Some(Ok(subject @ crate::Subject::Staff { .. })) => Ok(Some(subject)),
-        Some(Ok(crate::Subject::Client { .. })) => refuse(StatusCode::FORBIDDEN, "client tokens are for the public listener"),
+        Some(Ok(crate::Subject::Client { .. } | crate::Subject::Visitor { .. })) => {
+            refuse(StatusCode::FORBIDDEN, "client tokens are for the public listener")
+        }
         Some(Err(_)) => refuse(StatusCode::UNAUTHORIZED, "invalid or expired token"),
         None => refuse(StatusCode::UNAUTHORIZED, "token query parameter required"),
     }
