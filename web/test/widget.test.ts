@@ -81,11 +81,43 @@ function widget(storage = new MemoryStorage(), timers = new FakeTimers()) {
 }
 
 describe('WidgetSession', () => {
-  it('creates and keeps a visitor id', () => {
-    const { w, storage } = widget();
-    expect(w.visitorId).toMatch(/^v-/);
-    expect(storage.getItem(VISITOR_KEY)).toBe(w.visitorId);
-    expect(widget(storage).w.visitorId).toBe(w.visitorId);
+  it('keeps the visitor token the server signed and presents it on the next start', () => {
+    const { w, f, storage } = widget();
+    expect(w.visitorToken).toBeNull();
+    w.send('Hi');
+    f.last.open();
+    expect(f.last.sent[0]).toEqual({ type: 'start', attributes: { page: 'https://shop/x' } });
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok', visitor_token: 'v1.visitor.mac', protocol: 1 });
+    expect(storage.getItem(VISITOR_KEY)).toBe('v1.visitor.mac');
+    // A later visit, after that conversation was finished and forgotten.
+    storage.removeItem(SESSION_KEY);
+    const again = widget(storage);
+    expect(again.w.visitorToken).toBe('v1.visitor.mac');
+    again.w.send('Back again');
+    again.f.last.open();
+    expect(again.f.last.sent[0]).toEqual({ type: 'start', visitor_token: 'v1.visitor.mac', attributes: { page: 'https://shop/x' } });
+  });
+
+  it('drops a made-up visitor id left by an older widget', () => {
+    const storage = new MemoryStorage();
+    storage.setItem(VISITOR_KEY, 'v-1234');
+    const { w } = widget(storage);
+    expect(w.visitorToken).toBeNull();
+    expect(storage.getItem(VISITOR_KEY)).toBeNull();
+  });
+
+  it('restores the operator read mark from resumed', () => {
+    const storage = new MemoryStorage();
+    const first = widget(storage);
+    first.w.send('Hello');
+    first.f.last.open();
+    first.f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
+    const { w, f } = widget(storage);
+    w.resumeIfAny();
+    f.last.open();
+    expect(f.last.sent[0]).toMatchObject({ type: 'resume', token: 'tok' });
+    f.last.frame({ type: 'resumed', conversation: 17, last_seq: 4, operator_read_upto: 3, protocol: 1 });
+    expect(w.state.operatorReadUpto).toBe(3);
   });
 
   it('starts on the first message, then sends it', () => {
@@ -96,7 +128,7 @@ describe('WidgetSession', () => {
     const key = w.send('Hello');
     expect(f.last.url).toBe('wss://chat.example.com/ws/client');
     f.last.open();
-    expect(f.last.sent[0]).toEqual({ type: 'start', visitor_id: w.visitorId, name: 'Dana', attributes: { page: 'https://shop/x' } });
+    expect(f.last.sent[0]).toEqual({ type: 'start', name: 'Dana', attributes: { page: 'https://shop/x' } });
     f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
     expect(f.last.sent[1]).toEqual({ type: 'send', key, text: 'Hello' });
   });

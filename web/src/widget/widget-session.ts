@@ -48,7 +48,9 @@ function safeStorage(storage: KV | null | undefined): KV | null {
 export class WidgetSession {
   readonly store: Store<WidgetState, WidgetAction>;
   readonly link: ReconnectingSocket;
-  readonly visitorId: string;
+  /** The identity the server signed for this visitor at their first start; it links
+   *  their conversations for the operator's client card. Null until then. */
+  visitorToken: string | null;
   private storage: KV | null;
   private timers: Timers;
   private wantStart = false;
@@ -71,12 +73,10 @@ export class WidgetSession {
     this.onNotice = opts.onNotice;
     this.storage = safeStorage(opts.storage);
     this.timers = opts.timers ?? realTimers;
-    let visitor = this.read(VISITOR_KEY);
-    if (!visitor || visitor.length > 64) {
-      visitor = 'v-' + uid();
-      this.write(VISITOR_KEY, visitor);
-    }
-    this.visitorId = visitor;
+    // Only a server-signed token is kept: an id the browser made up proves nothing.
+    const stored = this.read(VISITOR_KEY);
+    this.visitorToken = stored && stored.startsWith('v1.') && stored.length <= 2048 ? stored : null;
+    if (stored && !this.visitorToken) this.write(VISITOR_KEY, null);
     this.store = createStore(widgetReducer, deserialize(this.read(SESSION_KEY)));
     this.store.subscribe((s) => this.persist(s));
     this.link = new ReconnectingSocket({
@@ -133,7 +133,8 @@ export class WidgetSession {
       this.resuming = true;
       this.link.send({ type: 'resume', token: s.token, last_seq: s.lastSeq });
     } else if (this.wantStart) {
-      const frame: Record<string, unknown> = { type: 'start', visitor_id: this.visitorId };
+      const frame: Record<string, unknown> = { type: 'start' };
+      if (this.visitorToken) frame.visitor_token = this.visitorToken;
       if (this.opts.channel) frame.channel = this.opts.channel;
       if (this.visitorName) frame.name = this.visitorName;
       const attrs = this.opts.attributes?.();
@@ -150,6 +151,10 @@ export class WidgetSession {
         this.following = true;
         this.link.markHealthy();
         this.store.dispatch({ type: 'started', token: f.token, conversation: f.conversation });
+        if (typeof f.visitor_token === 'string' && f.visitor_token.startsWith('v1.')) {
+          this.visitorToken = f.visitor_token;
+          this.write(VISITOR_KEY, f.visitor_token);
+        }
         this.lastReadSent = 0;
         for (const w of this.startWaiters.splice(0)) w.resolve();
         this.flush();
@@ -157,6 +162,8 @@ export class WidgetSession {
       case 'resumed':
         this.resuming = false;
         this.following = true;
+        // The operator's read mark is committed: a reload or reconnect keeps the ✓✓.
+        if (typeof f.operator_read_upto === 'number') this.store.dispatch({ type: 'read', by: 'operator', upto: f.operator_read_upto });
         this.link.markHealthy();
         this.flush();
         break;
