@@ -52,6 +52,17 @@ async fn wait_for_leader(replicas: &[&Replica], not: Option<u64>) -> anyhow::Res
     anyhow::bail!("no leader elected within 5 s")
 }
 
+/// A leader that just took over may refuse writes for a moment; retry, bounded.
+async fn commits_within_5s(replica: &Replica, entry: &[u8]) -> bool {
+    for _ in 0..50 {
+        if replica.raft.client_write(Request(entry.to_vec())).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_leader_commits_after_leader_is_killed() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -77,15 +88,7 @@ async fn new_leader_commits_after_leader_is_killed() -> anyhow::Result<()> {
     let new_leader = wait_for_leader(&survivors, Some(leader)).await?;
     assert_ne!(new_leader, leader);
     let new_leader_replica = survivors.iter().find(|r| r.id == new_leader).unwrap();
-    let mut committed = false;
-    for _ in 0..50 {
-        if new_leader_replica.raft.client_write(Request(b"after".to_vec())).await.is_ok() {
-            committed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(committed, "the new leader could not commit");
+    assert!(commits_within_5s(new_leader_replica, b"after").await, "the new leader could not commit");
 
     // Both survivors apply the same entries in the same order.
     for _ in 0..50 {
@@ -169,15 +172,7 @@ async fn a_replica_joining_after_the_log_was_purged_gets_a_snapshot_over_quic() 
     let survivors: Vec<&Replica> = [&first, &second, &third].into_iter().filter(|r| r.id != leader_id).collect();
     let new_leader = wait_for_leader(&survivors, Some(leader_id)).await?;
     let new_leader = survivors.iter().find(|r| r.id == new_leader).ok_or_else(|| anyhow::anyhow!("leader not among survivors"))?;
-    let mut committed = false;
-    for _ in 0..50 {
-        if new_leader.raft.client_write(Request(b"after".to_vec())).await.is_ok() {
-            committed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(committed, "the new leader could not commit");
+    assert!(commits_within_5s(new_leader, b"after").await, "the new leader could not commit");
     wait_until("the newcomer applying the new entry", || third.journal.entries.lock().unwrap().len() == 51).await?;
     for r in survivors {
         r.raft.shutdown().await?;
