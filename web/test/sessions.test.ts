@@ -258,7 +258,8 @@ describe('FloorFeed', () => {
     const get = vi.fn(async (p: string) =>
       p === '/api/queues' ? { queues: [{ group: 'general', name: 'General', waiting: 1, offered: 0, longest_wait_ms: 10 }] } : { operators: [{ id: 'alice', name: 'Alice', presence: 'online', presence_since: 1, load: 1, capacity: 2, active: 1, groups: [] }] },
     );
-    const feed = new FloorFeed({ wsBase: 'ws://h', token: 't', get, onFloor: (x) => floors.push(x), create: f.create, timers, pollMs: 2000 });
+    const modes: string[] = [];
+    const feed = new FloorFeed({ wsBase: 'ws://h', token: 't', get, onFloor: (x) => floors.push(x), onMode: (m) => modes.push(m), create: f.create, timers, pollMs: 2000 });
     feed.start();
     expect(f.last.url).toBe('ws://h/ws/supervisor?token=t');
     f.last.drop(1006); // e.g. 404 on an older server
@@ -280,6 +281,7 @@ describe('FloorFeed', () => {
     const calls = get.mock.calls.length;
     timers.advance(10_000);
     expect(get.mock.calls.length).toBe(calls);
+    expect(modes).toEqual(['poll', 'socket']);
     feed.stop();
   });
 });

@@ -15,6 +15,8 @@ export interface FloorFeedOptions {
   onFloor: (f: Floor) => void;
   onError?: (e: unknown) => void;
   onLink?: (s: LinkState) => void;
+  /** What the feed is doing: following the socket, or polling while it is down. */
+  onMode?: (mode: 'socket' | 'poll') => void;
   create?: (url: string) => SocketLike;
   timers?: Timers;
   pollMs?: number;
@@ -52,6 +54,7 @@ export class FloorFeed {
   }
 
   private setMode(mode: 'socket' | 'poll'): void {
+    if (this.mode !== mode) this.opts.onMode?.(mode);
     this.mode = mode;
     if (mode === 'poll' && !this.polling) {
       this.polling = true;

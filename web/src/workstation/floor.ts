@@ -5,6 +5,14 @@
  */
 import type { Presence } from './types';
 
+/** A queued conversation as the floor lists it (the first 100 of a queue). */
+export interface QueuedConv {
+  conversation: number;
+  state: 'waiting' | 'offered';
+  waiting_ms: number;
+  visitor: string;
+}
+
 export interface QueueRow {
   group: string;
   name: string;
@@ -13,6 +21,8 @@ export interface QueueRow {
   longest_wait_ms: number;
   sla_ms: number | null;
   within_sla: number | null;
+  /** Queued conversations in queue order; empty when the source does not list them. */
+  conversations: QueuedConv[];
 }
 
 export interface OperatorRow {
@@ -42,6 +52,18 @@ function num(v: unknown, d = 0): number {
   return typeof v === 'number' && Number.isFinite(v) ? v : d;
 }
 
+function normalizeQueued(raw: unknown): QueuedConv[] {
+  if (!Array.isArray(raw)) return [];
+  return raw
+    .filter((c) => c && typeof c.conversation === 'number')
+    .map((c) => ({
+      conversation: c.conversation,
+      state: c.state === 'offered' ? 'offered' : 'waiting',
+      waiting_ms: num(c.waiting_ms),
+      visitor: typeof c.visitor === 'string' ? c.visitor : '',
+    }));
+}
+
 export function normalizeQueues(raw: any[]): QueueRow[] {
   return (raw ?? [])
     .map((q) => ({
@@ -52,6 +74,7 @@ export function normalizeQueues(raw: any[]): QueueRow[] {
       longest_wait_ms: num(q.longest_wait_ms),
       sla_ms: typeof q.sla_ms === 'number' ? q.sla_ms : null,
       within_sla: typeof q.within_sla === 'number' ? q.within_sla : null,
+      conversations: normalizeQueued(q.conversations),
     }))
     .sort((a, b) => (a.group < b.group ? -1 : a.group > b.group ? 1 : 0));
 }
@@ -108,4 +131,25 @@ export function totals(floor: Floor) {
   const load = floor.operators.reduce((n, o) => n + o.load, 0);
   const capacity = floor.operators.filter((o) => o.presence === 'online').reduce((n, o) => n + o.capacity, 0);
   return { waiting, offered, online, load, capacity };
+}
+
+/** How long a queued conversation has waited as of `now`, extrapolated from the snapshot. */
+export function queuedWaitNow(c: QueuedConv, floor: Floor, now: number): number {
+  return c.waiting_ms + Math.max(0, now - floor.receivedAt);
+}
+
+/**
+ * Where the floor shows a conversation: queued in a group (and whether it is offered),
+ * held by an operator, or nowhere (closed, or beyond the listed part of a queue). The
+ * string changes exactly when the floor's view of that conversation changes, so an
+ * inspector can re-fetch on it.
+ */
+export function floorPlace(floor: Floor | null, id: number): string {
+  if (!floor) return '';
+  for (const q of floor.queues) {
+    const c = q.conversations.find((x) => x.conversation === id);
+    if (c) return 'queue:' + q.group + ':' + c.state;
+  }
+  for (const o of floor.operators) if (o.active?.includes(id)) return 'operator:' + o.id;
+  return 'none';
 }

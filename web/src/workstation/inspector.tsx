@@ -1,39 +1,74 @@
 /** Read-only view of any conversation, its routing decisions, and (supervisors) reassignment. */
-import { useEffect, useState } from 'preact/hooks';
+import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { formatDateTime } from '../shared/format';
 import type { ConversationDoc, DecisionRecord, OperatorStatus, SkillGroup } from './types';
 import { EntryView } from './entries';
+import { Poller } from './poller';
 import { describeError, exclusionText } from './strings';
 import { Empty, ErrorText, Field, useApp } from './ui';
 
-export function Inspector(props: { id: number; canReassign: boolean }) {
+/** How often an open inspector re-reads its conversation (messages do not reach the floor). */
+export const INSPECTOR_POLL_MS = 2000;
+
+/**
+ * `live`: keep the view current while it is open — re-read every INSPECTOR_POLL_MS (only
+ * while the tab is visible, one request at a time) and at once when `place` changes (the
+ * floor moved the conversation: offered, taken, reassigned, closed). Without `live` it is
+ * read once, with a manual Refresh.
+ */
+export function Inspector(props: { id: number; canReassign: boolean; live?: boolean; place?: string }) {
   const { t, api, lang } = useApp();
   const [doc, setDoc] = useState<ConversationDoc | null>(null);
   const [error, setError] = useState<string | null>(null);
-  const [n, setN] = useState(0);
+  // Bumped on every change the floor reports and on Refresh: the decisions re-read on it.
+  const [version, setVersion] = useState(0);
+  const poller = useMemo(() => {
+    const p: Poller = new Poller({
+      intervalMs: props.live ? INSPECTOR_POLL_MS : 0,
+      active: () => document.visibilityState === 'visible',
+      fetch: () =>
+        api.get<ConversationDoc>('/api/conversations/' + props.id).then(
+          (d) => {
+            if (!p.running) return; // closed meanwhile
+            setDoc(d);
+            setError(null);
+          },
+          (e) => {
+            if (p.running) setError(describeError(t, e.code, e.message));
+          },
+        ),
+    });
+    return p;
+  }, [props.id, props.live]);
   useEffect(() => {
-    let live = true;
-    setError(null);
-    api
-      .get<ConversationDoc>('/api/conversations/' + props.id)
-      .then((d) => live && setDoc(d))
-      .catch((e) => live && (setDoc(null), setError(describeError(t, e.code, e.message))));
-    return () => {
-      live = false;
-    };
-  }, [props.id, n]);
-  if (error) return <ErrorText error={error} />;
-  if (!doc) return <p class="muted">{t('loading')}</p>;
+    poller.start();
+    return () => poller.stop();
+  }, [poller]);
+  const refresh = () => {
+    poller.kick();
+    setVersion((v) => v + 1);
+  };
+  const first = useRef(true);
+  useEffect(() => {
+    if (first.current) {
+      first.current = false;
+      return;
+    }
+    refresh();
+  }, [props.place]);
+  if (!doc) return error ? <ErrorText error={error} /> : <p class="muted">{t('loading')}</p>;
   return (
-    <div class="inspector" data-testid="inspector" data-conv={doc.conversation}>
+    <div class="inspector" data-testid="inspector" data-conv={doc.conversation} data-last-seq={doc.last_seq}>
       <div class="row">
         <h3 class="grow">
           {doc.visitor.name || t('visitor')} <span class="muted">#{doc.conversation}</span>
         </h3>
-        <button type="button" class="ghost" onClick={() => setN(n + 1)}>
+        {props.live && <span class="muted small">{t('inspector_live')}</span>}
+        <button type="button" class="ghost" data-testid="inspector-refresh" onClick={refresh}>
           {t('refresh')}
         </button>
       </div>
+      {error && <p class="error small">{t('inspector_stale', { error })}</p>}
       <dl class="kv">
         <dt>{t('state')}</dt>
         <dd data-testid="inspector-state">
@@ -54,22 +89,26 @@ export function Inspector(props: { id: number; canReassign: boolean }) {
           <EntryView key={e.seq} e={e} />
         ))}
       </ol>
-      <Decisions id={doc.conversation} />
-      {props.canReassign && doc.status.state !== 'closed' && <Reassign id={doc.conversation} onDone={() => setN(n + 1)} />}
+      <Decisions id={doc.conversation} version={version} />
+      {props.canReassign && doc.status.state !== 'closed' && <Reassign id={doc.conversation} onDone={refresh} />}
     </div>
   );
 }
 
-function Decisions(props: { id: number }) {
+function Decisions(props: { id: number; version: number }) {
   const { t, api, lang } = useApp();
   const [list, setList] = useState<DecisionRecord[] | null>(null);
   const [error, setError] = useState<string | null>(null);
   useEffect(() => {
+    let live = true;
     api
       .get<{ decisions: DecisionRecord[] }>('/api/conversations/' + props.id + '/decisions')
-      .then((r) => setList(r.decisions ?? []))
-      .catch((e) => setError(describeError(t, e.code, e.message)));
-  }, [props.id]);
+      .then((r) => live && (setList(r.decisions ?? []), setError(null)))
+      .catch((e) => live && setError(describeError(t, e.code, e.message)));
+    return () => {
+      live = false;
+    };
+  }, [props.id, props.version]);
   return (
     <section data-testid="decisions" aria-labelledby={'dec-' + props.id}>
       <h4 id={'dec-' + props.id}>{t('why_this_operator')}</h4>

@@ -1,7 +1,7 @@
 /** The supervisor's live floor: queues, operators, and an inspector for any conversation. */
 import { useEffect, useMemo, useState } from 'preact/hooks';
 import { formatDuration } from '../shared/format';
-import { longestWaitNow, slaPercent, totals, type Floor } from './floor';
+import { floorPlace, longestWaitNow, queuedWaitNow, slaPercent, totals, type Floor, type QueueRow } from './floor';
 import { FloorFeed } from './floor-feed';
 import { Inspector } from './inspector';
 import type { LoginInfo } from './types';
@@ -11,6 +11,7 @@ import { Empty, useApp, useNow } from './ui';
 export function FloorView(props: { auth: LoginInfo }) {
   const { t, api, notify } = useApp();
   const [floor, setFloor] = useState<Floor | null>(null);
+  const [mode, setMode] = useState<'socket' | 'poll'>('socket');
   const [open, setOpen] = useState<number | null>(null);
   const [lookup, setLookup] = useState('');
   const now = useNow(1000);
@@ -22,6 +23,7 @@ export function FloorView(props: { auth: LoginInfo }) {
       token: props.auth.token,
       get: (p) => api.get(p),
       onFloor: setFloor,
+      onMode: setMode,
       onError: (e: any) => {
         const text = describeError(t, e?.code, e?.message);
         if (text !== lastError) notify(text, 'error');
@@ -31,7 +33,14 @@ export function FloorView(props: { auth: LoginInfo }) {
   }, [props.auth.token]);
   useEffect(() => {
     feed.start();
-    return () => feed.stop();
+    // Back online: try the socket now instead of waiting out the backoff (polling covers
+    // the gap either way).
+    const online = () => feed.link.retryNow();
+    window.addEventListener('online', online);
+    return () => {
+      window.removeEventListener('online', online);
+      feed.stop();
+    };
   }, [feed]);
   const sum = floor ? totals(floor) : null;
   return (
@@ -42,8 +51,8 @@ export function FloorView(props: { auth: LoginInfo }) {
             {t('queues')}
           </h2>
           {floor && (
-            <span class="muted small" data-testid="floor-source" data-source={floor.source}>
-              {floor.source === 'socket' ? t('live') : t('polling')}
+            <span class="muted small" data-testid="floor-source" data-source={mode}>
+              {mode === 'socket' ? t('live') : t('polling')}
             </span>
           )}
         </div>
@@ -63,6 +72,7 @@ export function FloorView(props: { auth: LoginInfo }) {
                 <th scope="col">{t('offered')}</th>
                 <th scope="col">{t('longest_wait')}</th>
                 <th scope="col">{t('sla')}</th>
+                <th scope="col">{t('queued_col')}</th>
               </tr>
             </thead>
             <tbody>
@@ -78,6 +88,9 @@ export function FloorView(props: { auth: LoginInfo }) {
                     <td data-testid="queue-offered">{q.offered}</td>
                     <td class={q.sla_ms != null && wait > q.sla_ms ? 'late' : ''}>{wait ? formatDuration(wait) : '—'}</td>
                     <td>{sla == null ? '—' : sla + '%' + (q.sla_ms ? ' / ' + formatDuration(q.sla_ms) : '')}</td>
+                    <td>
+                      <QueuedList q={q} floor={floor} now={now} open={open} onOpen={setOpen} />
+                    </td>
                   </tr>
                 );
               })}
@@ -144,8 +157,42 @@ export function FloorView(props: { auth: LoginInfo }) {
           <input id="lookup" data-testid="lookup-input" inputMode="numeric" placeholder={t('open_conversation_id')} value={lookup} onInput={(e) => setLookup((e.currentTarget as HTMLInputElement).value)} />
           <button type="submit">{t('open')}</button>
         </form>
-        {open != null ? <Inspector key={open} id={open} canReassign={true} /> : <Empty>{t('inspector_hint')}</Empty>}
+        {open != null ? <Inspector key={open} id={open} canReassign={true} live={true} place={floorPlace(floor, open)} /> : <Empty>{t('inspector_hint')}</Empty>}
       </section>
     </div>
+  );
+}
+
+/** The conversations waiting in one queue, head first; each opens the inspector. */
+function QueuedList(props: { q: QueueRow; floor: Floor; now: number; open: number | null; onOpen: (id: number) => void }) {
+  const { t } = useApp();
+  const { q } = props;
+  if (!q.conversations.length) return <>—</>;
+  const more = q.waiting + q.offered - q.conversations.length;
+  return (
+    <ul class="queued" aria-label={t('queued_col') + ': ' + q.name}>
+      {q.conversations.map((c) => {
+        const wait = formatDuration(queuedWaitNow(c, props.floor, props.now));
+        // The visible text is the accessible name (visitor and wait), plus the state.
+        const visitor = c.visitor || t('visitor');
+        return (
+          <li key={c.conversation}>
+            <button
+              type="button"
+              class={'queued-btn' + (c.state === 'offered' ? ' offered' : '') + (props.open === c.conversation ? ' current' : '')}
+              data-testid="queued-conv"
+              data-conv={c.conversation}
+              data-state={c.state}
+              aria-current={props.open === c.conversation ? 'true' : undefined}
+              onClick={() => props.onOpen(c.conversation)}
+            >
+              #{c.conversation} {visitor} <span class="muted small">{wait}</span>
+              {c.state === 'offered' && <span class="sr-only">, {t('queued_offered')}</span>}
+            </button>
+          </li>
+        );
+      })}
+      {more > 0 && <li class="muted small">{t('queued_more', { n: more })}</li>}
+    </ul>
   );
 }
