@@ -37,11 +37,22 @@ test('main screens have no axe violations', async ({ browser, sb }) => {
   await alice.getByTestId('transfer-button').click();
   problems.push(...(await audit(alice, 'transfer dialog')));
   problems.push(...(await audit(client, 'widget')));
+  // A second visitor waits, so the floor lists a queued conversation.
+  const second = await newPage(browser);
+  await openWidget(second, sb);
+  await widgetSay(second, 'Anyone?');
   const admin = await newPage(browser);
   await signIn(admin, sb, 'admin');
   await expect(admin.getByTestId('queues-table')).toBeVisible();
+  await expect(admin.getByTestId('queued-conv')).toHaveCount(1);
   problems.push(...(await audit(admin, 'floor')));
+  await admin.getByTestId('queued-conv').click();
+  await expect(admin.getByTestId('inspector').getByTestId('decisions')).toBeVisible();
+  problems.push(...(await audit(admin, 'floor with inspector')));
   await admin.getByTestId('nav-admin').click();
   problems.push(...(await audit(admin, 'admin')));
+  await admin.getByTestId('admin-tab-users').click();
+  await expect(admin.getByTestId('user-row').first()).toBeVisible();
+  problems.push(...(await audit(admin, 'admin users')));
   expect(problems).toEqual([]);
 });

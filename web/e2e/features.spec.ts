@@ -126,6 +126,33 @@ test('admin manages groups, operators, users and shared templates', async ({ bro
   await admin.getByTestId('nav-admin').click();
   const body = admin.getByTestId('admin');
 
+  // The section tabs follow the tablist pattern: one Tab stop, arrows move and select.
+  const tabs = body.getByRole('tablist');
+  const groupsTab = body.getByTestId('admin-tab-groups');
+  await expect(groupsTab).toHaveAttribute('aria-selected', 'true');
+  await expect(tabs.locator('[role="tab"][tabindex="0"]')).toHaveCount(1);
+  const panel = body.getByRole('tabpanel');
+  await expect(groupsTab).toHaveAttribute('aria-controls', (await panel.getAttribute('id'))!);
+  await expect(panel).toHaveAttribute('aria-labelledby', (await groupsTab.getAttribute('id'))!);
+  await groupsTab.focus();
+  await admin.keyboard.press('ArrowRight');
+  const opsTab = body.getByTestId('admin-tab-operators');
+  await expect(opsTab).toBeFocused();
+  await expect(opsTab).toHaveAttribute('aria-selected', 'true');
+  await expect(groupsTab).toHaveAttribute('aria-selected', 'false');
+  await expect(groupsTab).toHaveAttribute('tabindex', '-1');
+  await expect(panel).toHaveAttribute('aria-labelledby', (await opsTab.getAttribute('id'))!);
+  await expect(body.getByTestId('operators-admin-table')).toBeVisible();
+  await admin.keyboard.press('End');
+  await expect(body.getByTestId('admin-tab-templates')).toBeFocused();
+  await admin.keyboard.press('ArrowRight');
+  await expect(groupsTab).toBeFocused();
+  await expect(groupsTab).toHaveAttribute('aria-selected', 'true');
+  await admin.keyboard.press('ArrowLeft');
+  await expect(body.getByTestId('admin-tab-templates')).toHaveAttribute('aria-selected', 'true');
+  await admin.keyboard.press('Home');
+  await expect(groupsTab).toHaveAttribute('aria-selected', 'true');
+
   // A skill group
   await body.getByLabel('Id', { exact: true }).fill('vip');
   await body.getByLabel('Name', { exact: true }).fill('VIP customers');
@@ -142,9 +169,18 @@ test('admin manages groups, operators, users and shared templates', async ({ bro
   await body.getByRole('button', { name: 'Save' }).click();
   await expect(body.getByTestId('operators-admin-table')).toContainText('Dave');
 
-  // A login for him
+  // The existing logins are listed; a login for him
   await body.getByTestId('admin-tab-users').click();
+  const users = body.getByTestId('users-table');
+  for (const login of ['admin', 'alice', 'bob', 'supervisor']) await expect(users.locator('[data-testid="user-row"][data-login="' + login + '"]')).toHaveCount(1);
+  await expect(users.locator('[data-testid="user-row"][data-login="supervisor"]')).toContainText('Supervisor');
+  await expect(users.locator('[data-testid="user-row"][data-login="alice"]')).toContainText('(alice)');
+  await expect(users.locator('[data-testid="user-row"][data-login="dave"]')).toHaveCount(0);
   const userForm = body.getByTestId('user-form');
+  await users.getByRole('button', { name: 'Edit alice' }).click();
+  await expect(userForm.getByLabel('Login', { exact: true })).toHaveValue('alice');
+  await expect(userForm.getByLabel('Acts as operator')).toHaveValue('alice');
+  await userForm.getByRole('button', { name: 'New' }).click();
   await userForm.getByLabel('Login', { exact: true }).fill('dave');
   await userForm.getByLabel('Password', { exact: true }).fill('short');
   await userForm.getByRole('button', { name: 'Save' }).click();
@@ -153,6 +189,7 @@ test('admin manages groups, operators, users and shared templates', async ({ bro
   await userForm.getByLabel('Acts as operator').selectOption('dave');
   await userForm.getByRole('button', { name: 'Save' }).click();
   await expect(userForm.getByRole('status')).toContainText('Saved');
+  await expect(users.locator('[data-testid="user-row"][data-login="dave"]')).toContainText('Dave (dave)');
 
   // A shared template for the group
   await body.getByTestId('admin-tab-templates').click();

@@ -81,6 +81,50 @@ test('the desk stays responsive with 1,000 conversations', async ({ browser, sb 
   await expect(page.getByTestId('message').filter({ hasText: 'the last one' })).toHaveCount(1);
   // The visitor is told what was read.
   await expect.poll(() => sent.some((f) => f.type === 'read' && f.conversation === 2 && f.upto === 6)).toBe(true);
+
+  // The list is one Tab stop even when the open row has been scrolled out of the DOM:
+  // focus lands on the listbox, the first row on screen becomes the active option, and
+  // the arrows, End and Home move through all 1,000.
+  await list.evaluate((el) => (el.scrollTop = 500 * 58));
+  await expect(page.locator('[data-testid="conv-item"][data-conv="2"]')).toHaveCount(0);
+  await page.getByTestId('presence-offline').focus();
+  await page.keyboard.press('Tab');
+  await expect(list).toBeFocused();
+  await expect(list).toHaveAttribute('role', 'listbox');
+  const activeId = (await list.getAttribute('aria-activedescendant')) ?? '';
+  expect(activeId).toMatch(/^conv-opt-\d+$/);
+  const activeRow = page.locator('#' + activeId);
+  await expect(activeRow).toBeVisible();
+  await expect(activeRow).toHaveAttribute('aria-setsize', String(N));
+  const pos = Number(await activeRow.getAttribute('aria-posinset'));
+  expect(pos).toBeGreaterThan(490);
+  expect(pos).toBeLessThan(510);
+  await page.keyboard.press('ArrowDown');
+  const below = page.locator('[role="option"][aria-posinset="' + (pos + 1) + '"]');
+  await expect(below).toHaveAttribute('aria-selected', 'true');
+  await expect(list).toHaveAttribute('aria-activedescendant', (await below.getAttribute('id'))!);
+  await expect(page.getByTestId('conversation-view')).toHaveAttribute('data-conv', (await below.getAttribute('data-conv'))!);
+  await page.keyboard.press('End');
+  await expect(page.locator('[role="option"][aria-posinset="' + N + '"]')).toHaveAttribute('aria-selected', 'true');
+  await page.keyboard.press('Home');
+  const top = page.locator('[role="option"][aria-posinset="1"]');
+  await expect(top).toHaveAttribute('aria-selected', 'true');
+  await expect(list).toBeFocused();
+
+  // With nothing open (the open conversation was released), Tab still reaches the list
+  // and Enter opens the active row.
+  const topConv = Number(await top.getAttribute('data-conv'));
+  sock!.send(JSON.stringify({ type: 'event', kind: 'released', seq: N + 302, at: Date.now(), conversation: topConv }));
+  await expect(page.getByTestId('conversation-empty')).toBeVisible();
+  await expect(page.locator('[role="option"][aria-selected="true"]')).toHaveCount(0);
+  await page.getByTestId('presence-offline').focus();
+  await page.keyboard.press('Tab');
+  await expect(list).toBeFocused();
+  const first = page.locator('#' + (await list.getAttribute('aria-activedescendant')));
+  await expect(first).toHaveAttribute('aria-posinset', '1');
+  await page.keyboard.press('Enter');
+  await expect(first).toHaveAttribute('aria-selected', 'true');
+  await expect(page.getByTestId('conversation-view')).toHaveAttribute('data-conv', (await first.getAttribute('data-conv'))!);
   await shot(page, '19-operator-1000-conversations');
   console.log(`1,000 conversations: loaded in ${loadMs} ms, 301-message burst in ${burstMs} ms, frame ${frameMs.toFixed(1)} ms, ${rows} rows in the DOM`);
   expect(loadMs).toBeLessThan(20_000);

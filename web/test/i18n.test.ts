@@ -64,6 +64,15 @@ describe('translator', () => {
     expect(exclusionText(translator(DICTS, 'ru'), 'on_break')).toBe('на перерыве');
     expect(exclusionText(t, 'something new')).toBe('something new');
   });
+  it('matches exclusions by their stable code, not by words in them', () => {
+    const t = translator(DICTS, 'en');
+    const codes = { offline: 'offline', away: 'away', on_break: 'on a break', passed: 'already passed on this conversation', at_capacity: 'at capacity' };
+    for (const [code, text] of Object.entries(codes)) expect(exclusionText(t, code)).toBe(text);
+    // Not codes: shown as they came, never guessed from a word inside.
+    expect(exclusionText(t, 'went offline briefly')).toBe('went offline briefly');
+    expect(exclusionText(t, 'capacity')).toBe('capacity');
+    expect(exclusionText(t, 'toString')).toBe('toString');
+  });
 });
 
 function placeholders(p: Phrase): string[] {

@@ -1,10 +1,10 @@
 /** Administration: skill groups, operators, users, channels, templates (PUT endpoints). */
 import { useEffect, useState } from 'preact/hooks';
-import type { Channel, OperatorStatus, Role, SkillGroup } from './types';
+import type { Channel, OperatorStatus, Role, SkillGroup, UserInfo } from './types';
 import { capacityProblem, idProblem, passwordProblem } from './forms';
 import { TemplatesPanel } from './panels';
 import { describeError } from './strings';
-import { ErrorText, Field, useApp } from './ui';
+import { ErrorText, Field, TabList, TabPanel, useApp } from './ui';
 
 type Section = 'groups' | 'operators' | 'users' | 'channels' | 'templates';
 
@@ -13,20 +13,22 @@ export function AdminView(props: { sections: Section[] }) {
   const [section, setSection] = useState<Section>(props.sections[0]);
   return (
     <div class="admin" data-testid="admin">
-      <div class="tabs" role="tablist" aria-label={t('administration')}>
-        {props.sections.map((s) => (
-          <button key={s} type="button" role="tab" aria-selected={section === s} data-testid={'admin-tab-' + s} onClick={() => setSection(s)}>
-            {t(('admin_' + s) as any)}
-          </button>
-        ))}
-      </div>
-      <div class="admin-body" role="tabpanel">
+      <TabList
+        id="admin"
+        tabs={props.sections}
+        current={section}
+        onSelect={setSection}
+        label={(s) => t(('admin_' + s) as any)}
+        ariaLabel={t('administration')}
+        testid={(s) => 'admin-tab-' + s}
+      />
+      <TabPanel id="admin" current={section} class="admin-body">
         {section === 'groups' && <Groups />}
         {section === 'operators' && <Operators />}
         {section === 'users' && <Users />}
         {section === 'channels' && <Channels />}
         {section === 'templates' && <TemplatesPanel values={null} canEditShared={true} />}
-      </div>
+      </TabPanel>
     </div>
   );
 }
@@ -249,6 +251,7 @@ function Operators() {
 
 function Users() {
   const { t, api } = useApp();
+  const [users, reload, loadError] = useList<UserInfo>('/api/users', 'users');
   const [operators] = useList<OperatorStatus>('/api/operators', 'operators');
   const [login, setLogin] = useState('');
   const [password, setPassword] = useState('');
@@ -256,56 +259,102 @@ function Users() {
   const [operator, setOperator] = useState('');
   const [error, setError] = useState<string | null>(null);
   const [ok, setOk] = useState(false);
+  const sorted = users ? [...users].sort((a, b) => (a.login < b.login ? -1 : a.login > b.login ? 1 : 0)) : null;
+  const exists = !!users?.some((u) => u.login === login);
+  const operatorLabel = (id: string) => {
+    const o = operators?.find((x) => x.id === id);
+    return o ? o.name + ' (' + id + ')' : id;
+  };
   return (
-    <form
-      class="stack admin-form"
-      data-testid="user-form"
-      onSubmit={async (e) => {
-        e.preventDefault();
-        setOk(false);
-        const p = idProblem(login) ?? passwordProblem(password);
-        if (p) return setError(t(('err_' + p) as any));
-        try {
-          await api.put('/api/users/' + encodeURIComponent(login), { password, role, operator: operator || null });
-          setError(null);
-          setOk(true);
-          setPassword('');
-        } catch (err: any) {
-          setError(describeError(t, err.code, err.message));
-        }
-      }}
-    >
-      <h2>{t("user_form_title")}</h2>
-      <p class="muted small">{t('users_hint')}</p>
-      <Field label={t('login')}>
-        <input value={login} required autoComplete="off" onInput={(e) => setLogin((e.currentTarget as HTMLInputElement).value)} />
-      </Field>
-      <Field label={t('password')} hint={t('password_hint')}>
-        <input type="password" value={password} required autoComplete="new-password" onInput={(e) => setPassword((e.currentTarget as HTMLInputElement).value)} />
-      </Field>
-      <Field label={t('role')}>
-        <select value={role} onChange={(e) => setRole((e.currentTarget as HTMLSelectElement).value as Role)}>
-          <option value="operator">{t('role_operator')}</option>
-          <option value="supervisor">{t('role_supervisor')}</option>
-          <option value="admin">{t('role_admin')}</option>
-        </select>
-      </Field>
-      <Field label={t('linked_operator')}>
-        <select value={operator} onChange={(e) => setOperator((e.currentTarget as HTMLSelectElement).value)}>
-          <option value="">{t('none')}</option>
-          {operators?.map((o) => (
-            <option key={o.id} value={o.id}>
-              {o.name} ({o.id})
-            </option>
+    <div class="admin-grid">
+      <table class="table" data-testid="users-table">
+        <thead>
+          <tr>
+            <th scope="col">{t('login')}</th>
+            <th scope="col">{t('role')}</th>
+            <th scope="col">{t('linked_operator')}</th>
+            <th scope="col">
+              <span class="sr-only">{t('edit')}</span>
+            </th>
+          </tr>
+        </thead>
+        <tbody>
+          {sorted?.map((u) => (
+            <tr key={u.login} data-testid="user-row" data-login={u.login}>
+              <td>{u.login}</td>
+              <td>{t(('role_' + u.role) as any)}</td>
+              <td>{u.operator ? operatorLabel(u.operator) : '—'}</td>
+              <td>
+                <button
+                  type="button"
+                  class="small-btn"
+                  aria-label={t('edit_x', { name: u.login })}
+                  onClick={() => (setLogin(u.login), setRole(u.role), setOperator(u.operator ?? ''), setPassword(''), setError(null), setOk(false))}
+                >
+                  {t('edit')}
+                </button>
+              </td>
+            </tr>
           ))}
-        </select>
-      </Field>
-      <ErrorText error={error} />
-      <Saved ok={ok} />
-      <button type="submit" class="primary">
-        {t('save')}
-      </button>
-    </form>
+        </tbody>
+      </table>
+      <ErrorText error={loadError} />
+      <form
+        class="stack admin-form"
+        data-testid="user-form"
+        onSubmit={async (e) => {
+          e.preventDefault();
+          setOk(false);
+          const p = idProblem(login) ?? passwordProblem(password);
+          if (p) return setError(t(('err_' + p) as any));
+          try {
+            await api.put('/api/users/' + encodeURIComponent(login), { password, role, operator: operator || null });
+            setError(null);
+            setOk(true);
+            setPassword('');
+            reload();
+          } catch (err: any) {
+            setError(describeError(t, err.code, err.message));
+          }
+        }}
+      >
+        <h2>{exists ? t('edit_x', { name: login }) : t('user_form_title')}</h2>
+        <p class="muted small">{t('users_hint')}</p>
+        <Field label={t('login')}>
+          <input value={login} required autoComplete="off" onInput={(e) => setLogin((e.currentTarget as HTMLInputElement).value)} />
+        </Field>
+        <Field label={t('password')} hint={t('password_hint')}>
+          <input type="password" value={password} required autoComplete="new-password" onInput={(e) => setPassword((e.currentTarget as HTMLInputElement).value)} />
+        </Field>
+        <Field label={t('role')}>
+          <select value={role} onChange={(e) => setRole((e.currentTarget as HTMLSelectElement).value as Role)}>
+            <option value="operator">{t('role_operator')}</option>
+            <option value="supervisor">{t('role_supervisor')}</option>
+            <option value="admin">{t('role_admin')}</option>
+          </select>
+        </Field>
+        <Field label={t('linked_operator')}>
+          <select value={operator} onChange={(e) => setOperator((e.currentTarget as HTMLSelectElement).value)}>
+            <option value="">{t('none')}</option>
+            {operators?.map((o) => (
+              <option key={o.id} value={o.id}>
+                {o.name} ({o.id})
+              </option>
+            ))}
+          </select>
+        </Field>
+        <ErrorText error={error} />
+        <Saved ok={ok} />
+        <div class="row">
+          <button type="submit" class="primary">
+            {t('save')}
+          </button>
+          <button type="button" onClick={() => (setLogin(''), setPassword(''), setRole('operator'), setOperator(''), setError(null), setOk(false))}>
+            {t('new')}
+          </button>
+        </div>
+      </form>
+    </div>
   );
 }
 

@@ -10,8 +10,10 @@ import { EntryView } from './entries';
 import { messageProblem } from './forms';
 import { ClientCard, CloseDialog, TemplatesPanel, TransferDialog } from './panels';
 import { describeError } from './strings';
-import { useApp, useNow } from './ui';
+import { TabList, TabPanel, useApp, useNow } from './ui';
 import { enc } from './api';
+
+const SIDE_TABS = ['card', 'templates'] as const;
 
 export function ConversationPane(props: { session: OperatorSession; state: OpState; auth: LoginInfo }) {
   const { t } = useApp();
@@ -51,24 +53,27 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
         <Composer session={session} conv={conv} draft={draft} setDraft={setDraft} onTemplates={() => setSide('templates')} />
       </section>
       <aside class="pane-side" aria-label={t('details')}>
-        <div class="tabs" role="tablist">
-          <button type="button" role="tab" aria-selected={side === 'card'} data-testid="tab-card" onClick={() => setSide('card')}>
-            {t('client_card')}
-          </button>
-          <button type="button" role="tab" aria-selected={side === 'templates'} data-testid="tab-templates" onClick={() => setSide('templates')}>
-            {t('templates')}
-          </button>
-        </div>
-        {side === 'card' ? (
-          <ClientCard conv={conv} />
-        ) : (
-          <TemplatesPanel
-            values={{ clientName: conv.visitor, operatorName: state.me?.name, conversationId: conv.id }}
-            onInsert={insert}
-            draft={draft}
-            canEditShared={false}
-          />
-        )}
+        <TabList
+          id="side"
+          tabs={SIDE_TABS}
+          current={side}
+          onSelect={setSide}
+          label={(x) => (x === 'card' ? t('client_card') : t('templates'))}
+          ariaLabel={t('details')}
+          testid={(x) => 'tab-' + x}
+        />
+        <TabPanel id="side" current={side}>
+          {side === 'card' ? (
+            <ClientCard conv={conv} />
+          ) : (
+            <TemplatesPanel
+              values={{ clientName: conv.visitor, operatorName: state.me?.name, conversationId: conv.id }}
+              onInsert={insert}
+              draft={draft}
+              canEditShared={false}
+            />
+          )}
+        </TabPanel>
       </aside>
       {dialog === 'transfer' && <TransferDialog session={session} conv={conv} me={props.auth.operator} onDone={() => setDialog(null)} />}
       {dialog === 'close' && <CloseDialog session={session} conv={conv} onDone={() => setDialog(null)} />}
@@ -168,7 +173,9 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
   useEffect(() => {
     setFiles([]);
     setProblem(null);
-    input.current?.focus();
+    // Ready to type in the newly opened conversation, unless the operator is moving
+    // through the conversation list from the keyboard (the list marks that).
+    if ((document.activeElement as HTMLElement | null)?.dataset?.nav !== 'keys') input.current?.focus();
   }, [conv.id]);
 
   const send = () => {

@@ -1,7 +1,8 @@
 /** The operator desk: presence, offers, conversation list, conversation, side panels. */
-import { useCallback, useEffect, useMemo, useRef, useState } from 'preact/hooks';
+import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { formatDuration } from '../shared/format';
 import { visibleRange, scrollToRow } from '../shared/virtual';
+import { listboxTarget } from '../shared/keys';
 import { ClockIcon, PaperclipIcon } from '../shared/icons';
 import type { LinkState } from '../shared/socket';
 import { offerMsLeft, offerWindowMs, sortedConvs, totalUnread, type Conv, type OpState } from './operator-state';
@@ -198,6 +199,12 @@ function Offers(props: { session: OperatorSession; state: OpState }) {
 
 const ROW = 58;
 
+/**
+ * The conversation list: a listbox that is itself the Tab stop (the rows come and go as
+ * the list scrolls, so focus cannot live on a row). The active row is announced with
+ * aria-activedescendant; arrows, Home/End and PageUp/PageDown move it and open that
+ * conversation; Enter or Space opens the active row.
+ */
 export function ConvList(props: { session: OperatorSession; state: OpState }) {
   const { t } = useApp();
   const now = useNow(1000);
@@ -206,6 +213,8 @@ export function ConvList(props: { session: OperatorSession; state: OpState }) {
   const box = useRef<HTMLDivElement>(null);
   const [scroll, setScroll] = useState(0);
   const [height, setHeight] = useState(400);
+  const [active, setActive] = useState<number | null>(null);
+  const [focused, setFocused] = useState(false);
   useEffect(() => {
     const el = box.current!;
     const ro = new ResizeObserver(() => setHeight(el.clientHeight));
@@ -214,20 +223,30 @@ export function ConvList(props: { session: OperatorSession; state: OpState }) {
     return () => ro.disconnect();
   }, []);
   const range = visibleRange(scroll, height, ROW, list.length);
-  const move = useCallback(
-    (delta: number) => {
-      const i = list.findIndex((c) => c.id === state.selected);
-      const j = Math.max(0, Math.min(list.length - 1, (i < 0 ? -1 : i) + delta));
-      const c = list[j];
-      if (!c) return;
-      session.select(c.id);
-      const el = box.current!;
-      const top = scrollToRow(j, el.scrollTop, el.clientHeight, ROW);
-      if (top != null) el.scrollTop = top;
-      requestAnimationFrame(() => el.querySelector<HTMLElement>('[data-conv="' + c.id + '"]')?.focus());
-    },
-    [list, state.selected],
-  );
+  const indexOf = (id: number | null) => (id == null ? -1 : list.findIndex((c) => c.id === id));
+  // The active row: the one the keyboard last reached, else the open conversation.
+  let activeIndex = indexOf(active);
+  if (activeIndex < 0) activeIndex = indexOf(state.selected);
+  const firstVisible = () => Math.min(list.length - 1, Math.floor(scroll / ROW));
+  const isVisible = (i: number) => i >= 0 && i * ROW >= scroll - ROW / 2 && (i + 1) * ROW <= scroll + height + ROW / 2;
+  const reveal = (i: number) => {
+    const el = box.current!;
+    const top = scrollToRow(i, el.scrollTop, el.clientHeight, ROW);
+    if (top != null) {
+      el.scrollTop = top;
+      setScroll(top);
+    }
+  };
+  const go = (i: number) => {
+    const c = list[i];
+    if (!c) return;
+    setActive(c.id);
+    session.select(c.id);
+    reveal(i);
+  };
+  // Whatever opens a conversation (a click, an accepted offer) makes it the active row.
+  useEffect(() => setActive(null), [state.selected]);
+  const activeRendered = activeIndex >= range.start && activeIndex < range.end;
   return (
     <section class="panel convs" aria-labelledby="convs-h">
       <h2 id="convs-h" class="panel-title">
@@ -235,26 +254,59 @@ export function ConvList(props: { session: OperatorSession; state: OpState }) {
       </h2>
       <div
         ref={box}
-        class="vlist"
+        class={'vlist' + (focused ? ' focused' : '')}
         data-testid="conv-list"
         role={list.length ? 'listbox' : undefined}
-        aria-labelledby="convs-h"
-        tabIndex={list.length ? -1 : 0}
+        aria-labelledby={list.length ? 'convs-h' : undefined}
+        aria-activedescendant={list.length && activeRendered ? 'conv-opt-' + list[activeIndex].id : undefined}
+        tabIndex={list.length ? 0 : undefined}
         onScroll={(e) => setScroll((e.currentTarget as HTMLElement).scrollTop)}
+        onFocus={(e) => {
+          if (e.target !== e.currentTarget) return;
+          setFocused(true);
+          // Coming in with the open row out of sight (or none open): start at the first
+          // row on screen rather than jumping the list.
+          if (list.length && !isVisible(activeIndex)) setActive(list[firstVisible()].id);
+        }}
+        onBlur={() => setFocused(false)}
+        onMouseDown={(e) => delete (e.currentTarget as HTMLElement).dataset.nav}
         onKeyDown={(e) => {
-          if (e.key === 'ArrowDown') {
+          if (e.altKey || e.ctrlKey || e.metaKey) return;
+          // Keyboard navigation keeps focus here (the composer does not take it).
+          (e.currentTarget as HTMLElement).dataset.nav = 'keys';
+          if ((e.key === 'Enter' || e.key === ' ') && activeIndex >= 0) {
             e.preventDefault();
-            move(1);
-          } else if (e.key === 'ArrowUp') {
-            e.preventDefault();
-            move(-1);
+            go(activeIndex);
+            return;
           }
+          // Arrows start from the active row if it is in sight, else from the first row
+          // on screen (after the list was scrolled away with the mouse).
+          const base = isVisible(activeIndex) ? activeIndex : -1;
+          const to =
+            base < 0 && (e.key === 'ArrowDown' || e.key === 'ArrowUp')
+              ? firstVisible()
+              : listboxTarget(e.key, base < 0 ? firstVisible() : base, list.length, Math.floor(height / ROW));
+          if (to == null) return;
+          e.preventDefault();
+          go(to);
         }}
       >
         {!list.length && <p class="empty small pad">{t('no_conversations')}</p>}
         <div aria-hidden="true" style={{ height: range.padTop + 'px' }} />
-        {list.slice(range.start, range.end).map((c) => (
-          <ConvRow key={c.id} c={c} now={now} selected={state.selected === c.id} onSelect={() => session.select(c.id)} />
+        {list.slice(range.start, range.end).map((c, k) => (
+          <ConvRow
+            key={c.id}
+            c={c}
+            now={now}
+            pos={range.start + k + 1}
+            size={list.length}
+            selected={state.selected === c.id}
+            active={focused && range.start + k === activeIndex}
+            onSelect={() => {
+              setActive(c.id);
+              session.select(c.id);
+            }}
+          />
         ))}
         <div aria-hidden="true" style={{ height: range.padBottom + 'px' }} />
       </div>
@@ -262,7 +314,7 @@ export function ConvList(props: { session: OperatorSession; state: OpState }) {
   );
 }
 
-function ConvRow(props: { c: Conv; now: number; selected: boolean; onSelect: () => void }) {
+function ConvRow(props: { c: Conv; now: number; pos: number; size: number; selected: boolean; active: boolean; onSelect: () => void }) {
   const { t } = useApp();
   const { c, now } = props;
   const last = c.entries[c.entries.length - 1];
@@ -270,19 +322,15 @@ function ConvRow(props: { c: Conv; now: number; selected: boolean; onSelect: () 
   return (
     <div
       role="option"
-      tabIndex={props.selected ? 0 : -1}
+      id={'conv-opt-' + c.id}
       aria-selected={props.selected}
-      class={'conv' + (props.selected ? ' selected' : '') + (c.unread ? ' has-unread' : '')}
+      aria-posinset={props.pos}
+      aria-setsize={props.size}
+      class={'conv' + (props.selected ? ' selected' : '') + (props.active ? ' active' : '') + (c.unread ? ' has-unread' : '')}
       style={{ height: ROW + 'px' }}
       data-testid="conv-item"
       data-conv={c.id}
       onClick={props.onSelect}
-      onKeyDown={(e) => {
-        if (e.key === 'Enter' || e.key === ' ') {
-          e.preventDefault();
-          props.onSelect();
-        }
-      }}
     >
       <div class="conv-top">
         <strong class="conv-name">{c.visitor || t('visitor')}</strong>

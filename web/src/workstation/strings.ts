@@ -155,7 +155,12 @@ const en = {
   load: 'Load',
   load_of: 'Load of {name}',
   open_conversation_id: 'Conversation number',
-  inspector_hint: 'Open a conversation by its number, or pick one on the operators board.',
+  inspector_hint: 'Open a conversation by its number, or pick one in a queue or on the operators board.',
+  inspector_live: 'updates live',
+  inspector_stale: 'Could not refresh: {error}',
+  queued_col: 'In the queue',
+  queued_offered: 'offered',
+  queued_more: '+{n} more',
   why_this_operator: 'Why this operator',
   no_decisions: 'No routing decisions yet.',
   decision_line: '{at} · {group} · {policy} → {chosen}',
@@ -191,7 +196,7 @@ const en = {
   new_operator: 'New operator',
   new_channel: 'New channel',
   user_form_title: 'Create or replace a login',
-  users_hint: 'The server does not list logins; saving an existing login replaces its password and role.',
+  users_hint: 'Saving an existing login replaces its password, role and operator.',
   linked_operator: 'Acts as operator',
   err_id_required: 'An id is required.',
   err_id_invalid: 'Use letters, digits, “.”, “_” and “-” (at most 64).',
@@ -376,7 +381,12 @@ const ru: Record<Key, Phrase> = {
   load: 'Загрузка',
   load_of: 'Загрузка: {name}',
   open_conversation_id: 'Номер диалога',
-  inspector_hint: 'Откройте диалог по номеру или выберите его на панели операторов.',
+  inspector_hint: 'Откройте диалог по номеру или выберите его в очереди или на панели операторов.',
+  inspector_live: 'обновляется сам',
+  inspector_stale: 'Не удалось обновить: {error}',
+  queued_col: 'В очереди',
+  queued_offered: 'предложен',
+  queued_more: 'ещё {n}',
   why_this_operator: 'Почему этот оператор',
   no_decisions: 'Решений маршрутизации пока нет.',
   decision_line: '{at} · {group} · {policy} → {chosen}',
@@ -412,7 +422,7 @@ const ru: Record<Key, Phrase> = {
   new_operator: 'Новый оператор',
   new_channel: 'Новый канал',
   user_form_title: 'Создать или заменить учётную запись',
-  users_hint: 'Сервер не выдаёт список учётных записей; сохранение существующей заменяет её пароль и роль.',
+  users_hint: 'Сохранение существующей учётной записи заменяет её пароль, роль и оператора.',
   linked_operator: 'Действует как оператор',
   err_id_required: 'Укажите идентификатор.',
   err_id_invalid: 'Латинские буквы, цифры, «.», «_» и «-» (не больше 64).',
@@ -450,13 +460,17 @@ export function describeError(t: Translate<Key>, code: string | undefined, messa
   return message || code || t('err_internal');
 }
 
-/** Exclusion reasons come from the router as English phrases; translate the known ones. */
-export function exclusionText(t: Translate<Key>, reason: string): string {
-  const r = reason.toLowerCase();
-  if (r.includes('break')) return t('excl_break');
-  if (r.includes('away')) return t('excl_away');
-  if (r.includes('offline')) return t('excl_offline');
-  if (r.includes('passed')) return t('excl_passed');
-  if (r.includes('capacity')) return t('excl_full');
-  return reason;
+/** The router's stable exclusion codes (decision records, `candidates[].excluded`). */
+const EXCLUSIONS: Record<string, Key> = {
+  offline: 'excl_offline',
+  away: 'excl_away',
+  on_break: 'excl_break',
+  passed: 'excl_passed',
+  at_capacity: 'excl_full',
+};
+
+/** Translates an exclusion code; an unknown one (a newer server) is shown as it came. */
+export function exclusionText(t: Translate<Key>, code: string): string {
+  const key = Object.prototype.hasOwnProperty.call(EXCLUSIONS, code) ? EXCLUSIONS[code] : undefined;
+  return key ? t(key) : code;
 }

@@ -2,6 +2,7 @@
 import { cloneElement, createContext, isValidElement, type ComponentChildren, type VNode } from 'preact';
 import { useContext, useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import type { Lang, Translate } from '../shared/i18n';
+import { tablistTarget } from '../shared/keys';
 import type { Store } from '../shared/store';
 import type { Key } from './strings';
 import type { Api } from './api';
@@ -119,4 +120,66 @@ export function ErrorText(props: { error: string | null | undefined }) {
 
 export function Empty(props: { children: ComponentChildren }) {
   return <p class="empty">{props.children}</p>;
+}
+
+/**
+ * Tabs with the tablist pattern: one Tab stop (the selected tab), arrow keys (wrapping),
+ * Home and End move between tabs and select them; each tab controls the panel rendered
+ * by <TabPanel> with the same `id`.
+ */
+export function TabList<T extends string>(props: {
+  id: string;
+  tabs: readonly T[];
+  current: T;
+  onSelect: (tab: T) => void;
+  label: (tab: T) => string;
+  ariaLabel?: string;
+  testid?: (tab: T) => string;
+}) {
+  const ref = useRef<HTMLDivElement>(null);
+  const { tabs, current, id } = props;
+  return (
+    <div
+      ref={ref}
+      class="tabs"
+      role="tablist"
+      aria-label={props.ariaLabel}
+      onKeyDown={(e) => {
+        const i = tabs.indexOf(current);
+        const to = tablistTarget(e.key, i, tabs.length);
+        if (to == null || e.altKey || e.ctrlKey || e.metaKey) return;
+        e.preventDefault();
+        props.onSelect(tabs[to]);
+        ref.current?.querySelector<HTMLElement>('#' + tabId(id, tabs[to]))?.focus();
+      }}
+    >
+      {tabs.map((x) => (
+        <button
+          key={x}
+          type="button"
+          role="tab"
+          id={tabId(id, x)}
+          aria-selected={x === current}
+          aria-controls={id + '-panel'}
+          tabIndex={x === current ? 0 : -1}
+          data-testid={props.testid?.(x)}
+          onClick={() => props.onSelect(x)}
+        >
+          {props.label(x)}
+        </button>
+      ))}
+    </div>
+  );
+}
+
+export function TabPanel(props: { id: string; current: string; class?: string; children: ComponentChildren }) {
+  return (
+    <div class={props.class} role="tabpanel" id={props.id + '-panel'} aria-labelledby={tabId(props.id, props.current)}>
+      {props.children}
+    </div>
+  );
+}
+
+function tabId(id: string, tab: string): string {
+  return id + '-tab-' + tab;
 }
