@@ -98,6 +98,19 @@ test('supervisor sees the queue change live and why an operator was chosen', asy
   await expect(general.getByTestId('queue-waiting')).toHaveText('1');
   await shot(sup, '08-supervisor-floor-waiting');
 
+  // The waiting conversation is listed in the queue row; it opens read-only, and what the
+  // visitor writes next shows up without pressing Refresh.
+  const queued = general.getByTestId('queued-conv');
+  await expect(queued).toHaveCount(1);
+  await expect(queued).toHaveAttribute('data-state', 'waiting');
+  await queued.click();
+  const insp = sup.getByTestId('inspector');
+  const log = insp.getByTestId('inspector-log');
+  await expect(insp.getByTestId('inspector-state')).toContainText('Queued');
+  await expect(log.getByTestId('message').filter({ hasText: 'Is anyone there?' })).toHaveCount(1);
+  await widgetSay(client, 'Hello? Still waiting here');
+  await expect(log.getByTestId('message').filter({ hasText: 'Still waiting here' })).toHaveCount(1);
+
   // Alice comes online and gets the offer: waiting 1 → 0, offered 0 → 1, then accepted.
   const alice = await newPage(browser);
   await signIn(alice, sb, 'alice');
@@ -107,12 +120,15 @@ test('supervisor sees the queue change live and why an operator was chosen', asy
   await expect(general.getByTestId('queue-offered')).toHaveText('1');
   await alice.getByTestId('offer-accept').click();
   await expect(general.getByTestId('queue-offered')).toHaveText('0');
+  await expect(general.getByTestId('queued-conv')).toHaveCount(0);
   const convId = await alice.getByTestId('conversation-view').getAttribute('data-conv');
+  // The open inspector follows the floor: now assigned to Alice, still without Refresh.
+  await expect(insp).toHaveAttribute('data-conv', String(convId));
+  await expect(insp.getByTestId('inspector-state')).toContainText('Assigned · alice');
 
-  // Open it read-only with the decision record.
+  // Open it by number too, with the decision record.
   await sup.getByTestId('lookup-input').fill(String(convId));
   await sup.getByTestId('lookup-input').press('Enter');
-  const insp = sup.getByTestId('inspector');
   await expect(insp.getByTestId('inspector-state')).toContainText('Assigned');
   await expect(insp.getByTestId('inspector-log').getByTestId('message').filter({ hasText: 'Is anyone there?' })).toHaveCount(1);
   await expect(insp.getByTestId('decision')).toHaveCount(1);
@@ -134,11 +150,16 @@ test('the widget resumes after a page reload with no gap and no duplicate', asyn
   await expect(client.getByTestId('widget-message').filter({ hasText: 'First answer' })).toHaveCount(1);
   const before = await client.getByTestId('widget-message').count();
   expect(before).toBe(3);
+  // Alice has the conversation open: the visitor sees the second question as read.
+  const secondDelivery = () => client.getByTestId('widget-message').filter({ hasText: 'Second question' }).getByTestId('widget-delivery');
+  await expect(secondDelivery()).toHaveAttribute('data-state', 'read');
 
   await client.reload();
   // The panel reopens by itself with the cached history...
   await expect(client.getByTestId('widget-panel')).toBeVisible();
   await expect(client.getByTestId('widget-message')).toHaveCount(3);
+  // ...and the read mark, which the server committed, is still there.
+  await expect(secondDelivery()).toHaveAttribute('data-state', 'read');
   // ...and new entries after the reload arrive exactly once.
   await alice.getByTestId('composer-input').fill('Answer after your reload');
   await alice.getByTestId('composer-input').press('Enter');

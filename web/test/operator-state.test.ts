@@ -39,6 +39,17 @@ describe('operator state', () => {
     expect(s.me?.name).toBe('Alice');
   });
 
+  it('restores the visitor read marks from hello and history after a reconnect', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello({ active: [7, 8], read_marks: [{ conversation: 7, client_read_upto: 4, operator_read_upto: 3 }] }), now: 5000 });
+    expect(s.convs.get(7)?.clientReadUpto).toBe(4);
+    expect(s.convs.get(8)?.clientReadUpto).toBe(0);
+    s = run(s, { type: 'history', conversation: 8, entries: [started, queued, clientMsg(3)], clientReadUpto: 2 });
+    expect(s.convs.get(8)?.clientReadUpto).toBe(2);
+    // A mark never moves back, whichever source is older.
+    s = run(s, { type: 'history', conversation: 7, entries: [started, queued, clientMsg(3)], clientReadUpto: 1 });
+    expect(s.convs.get(7)?.clientReadUpto).toBe(4);
+  });
+
   it('adds and withdraws offers; an assignment clears the offer', () => {
     let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, ev(11, 'offer', { offer: 5, conversation: 17, group: 'general', deadline: 50_000, visitor: 'Dana' }));
     expect(s.offers).toHaveLength(1);

@@ -138,7 +138,12 @@ export class OperatorSession {
         break;
       case 'history':
         this.historyInFlight.delete(f.conversation);
-        this.dispatch({ type: 'history', conversation: f.conversation, entries: f.entries ?? [] });
+        this.dispatch({
+          type: 'history',
+          conversation: f.conversation,
+          entries: f.entries ?? [],
+          clientReadUpto: typeof f.client_read_upto === 'number' ? f.client_read_upto : undefined,
+        });
         this.settle(f.ref, f);
         this.pumpHistory();
         break;

@@ -99,7 +99,7 @@ export const initialOpState: OpState = {
 export type OpAction =
   | { type: 'hello'; hello: Hello; now: number }
   | { type: 'event'; event: FeedEvent; now?: number }
-  | { type: 'history'; conversation: number; entries: Entry[] }
+  | { type: 'history'; conversation: number; entries: Entry[]; clientReadUpto?: number }
   | { type: 'typing'; conversation: number; now: number }
   | { type: 'read'; conversation: number; by: string; upto: number }
   | { type: 'select'; conversation: number | null }
@@ -201,6 +201,11 @@ function applySnapshot(s: OpState, hello: Hello): OpState {
     const known = s.convs.get(id);
     convs.set(id, known ?? emptyConv(id));
     if (!known || !known.loaded) needHistory = addHistoryNeed(needHistory, id);
+  }
+  // Read marks are committed on the server: a reconnect or reload keeps the ✓✓.
+  for (const mark of hello.read_marks ?? []) {
+    const c = convs.get(mark.conversation);
+    if (c && mark.client_read_upto > c.clientReadUpto) convs.set(c.id, { ...c, clientReadUpto: mark.client_read_upto });
   }
   const offers = hello.offers.map((o) => ({ ...(s.offers.find((x) => x.offer === o.offer) ?? {}), ...o }));
   const selected = s.selected != null && convs.has(s.selected) ? s.selected : null;
@@ -318,7 +323,8 @@ export function opReducer(s: OpState, a: OpAction): OpState {
     case 'history': {
       const known = s.convs.get(a.conversation);
       if (!known) return s;
-      const c = withEntries({ ...known, loaded: true }, a.entries, isSeen(s, a.conversation));
+      const readUpto = Math.max(known.clientReadUpto, a.clientReadUpto ?? 0);
+      const c = withEntries({ ...known, loaded: true, clientReadUpto: readUpto }, a.entries, isSeen(s, a.conversation));
       let next = setConv(s, c);
       // Pending messages whose entries arrived are delivered.
       const keys = new Set(a.entries.filter((e) => e.kind === 'message' && e.key).map((e) => e.key!));

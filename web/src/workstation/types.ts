@@ -47,6 +47,8 @@ export interface Hello {
   presence: Presence;
   presence_since?: number;
   active: number[];
+  /** Where the visitor and the operators have read each active conversation to. */
+  read_marks?: { conversation: number; client_read_upto: number; operator_read_upto: number }[];
   offers: Offer[];
   seq: number;
   protocol: number;
@@ -95,6 +97,13 @@ export interface OperatorStatus {
   load: number;
   active: number | number[];
   offers?: number;
+}
+
+/** A login as GET /api/users lists it (admins only; no password hashes). */
+export interface UserInfo {
+  login: string;
+  role: Role;
+  operator: string | null;
 }
 
 export interface Channel {
