@@ -25,6 +25,10 @@ pub const MAX_KEY_BYTES: usize = 128;
 pub const MAX_HISTORY_ENTRIES: usize = 10_000;
 /// Attachments one message may carry.
 pub const MAX_ATTACHMENTS_PER_MESSAGE: usize = 5;
+/// Files one conversation may hold, and their total size: bounds what one visitor can
+/// make the blob store keep.
+pub const MAX_ATTACHMENTS_PER_CONVERSATION: usize = 50;
+pub const MAX_ATTACHMENT_BYTES_PER_CONVERSATION: u64 = 100 * 1024 * 1024;
 /// Tags a closed conversation may carry, and their length in characters.
 pub const MAX_TAGS: usize = 10;
 pub const MAX_TAG_CHARS: usize = 40;
@@ -557,9 +561,30 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             if attachment.size == 0 {
                 return Err(Error::Invalid("attachment is empty".into()));
             }
+            attachment_room(state, attachment.conversation, attachment.size)?;
             Ok((Reply::Done, vec![Event::AttachmentStored(attachment.clone())]))
         }
     }
+}
+
+/// Whether a conversation can take one more file of `size` bytes. The gateway asks
+/// before it writes the bytes; the commit asks again.
+pub fn attachment_room(state: &ShardState, conversation: ConversationId, size: u64) -> Result<(), Error> {
+    let (count, bytes) = state
+        .attachments
+        .values()
+        .filter(|a| a.conversation == conversation)
+        .fold((0usize, 0u64), |(n, total), a| (n + 1, total.saturating_add(a.size)));
+    if count >= MAX_ATTACHMENTS_PER_CONVERSATION {
+        return Err(Error::Invalid(format!("a conversation holds at most {MAX_ATTACHMENTS_PER_CONVERSATION} files")));
+    }
+    if bytes.saturating_add(size) > MAX_ATTACHMENT_BYTES_PER_CONVERSATION {
+        return Err(Error::Invalid(format!(
+            "a conversation holds at most {} MiB of files",
+            MAX_ATTACHMENT_BYTES_PER_CONVERSATION / (1024 * 1024)
+        )));
+    }
+    Ok(())
 }
 
 fn withdraw_pending(state: &ShardState, conv_id: &ConversationId, reason: WithdrawReason) -> Vec<Event> {

@@ -84,6 +84,32 @@ async fn attachments_are_limited_by_size_and_type_and_reach_the_other_side() -> 
     // An attachment from elsewhere cannot be smuggled into a message.
     client.send(&json!({"type": "send", "key": "a2", "attachments": ["00000000000000000000000000000000"]})).await?;
     assert_eq!(client.wait_for(WAIT, |v| v["type"] == "error").await?["code"], "not_found");
+
+    // The declared type must match the bytes: a page posing as a PNG is refused.
+    let disguised = b"<html><script>alert(1)</script></html>".to_vec();
+    let (status, body) = upload(&dev.public, &format!("/attachments?token={token}&name=cat.png"), None, "image/png", disguised).await?;
+    assert_eq!(status, 415, "{body}");
+    assert_eq!(body["code"], "unsupported_type");
+    assert!(body["message"].as_str().unwrap_or_default().contains("content"), "{body}");
+    let png = [b"\x89PNG\r\n\x1a\n".as_slice(), &[0u8; 16]].concat();
+    let (status, body) = upload(&dev.public, &format!("/attachments?token={token}&name=cat.png"), None, "image/png", png).await?;
+    assert_eq!(status, 201, "{body}");
+
+    // A conversation's quota of files: past it, a clear refusal and no file kept.
+    let stored = |dir: &std::path::Path| std::fs::read_dir(dir.join("attachments")).map(|d| d.count()).unwrap_or(0);
+    let mut accepted = 3; // the PDF, the operator's note and the PNG above
+    let refused = loop {
+        let (status, body) = upload(&dev.public, &format!("/attachments?token={token}&name=n{accepted}.txt"), None, "text/plain", b"note".to_vec()).await?;
+        if status != 201 {
+            break body;
+        }
+        accepted += 1;
+        anyhow::ensure!(accepted <= 60, "no quota after {accepted} files");
+    };
+    assert_eq!(accepted, switchboard_actors::core::MAX_ATTACHMENTS_PER_CONVERSATION);
+    assert_eq!(refused["code"], "invalid", "{refused}");
+    assert!(refused["message"].as_str().unwrap_or_default().contains("at most"), "{refused}");
+    assert_eq!(stored(&dev.data_dir), accepted, "a refused upload leaves no file behind");
     Ok(())
 }
 

@@ -2,8 +2,13 @@
 //! each file (conversation, name, type, size, digest) that decides who may use it.
 //!
 //! A file is written and fsynced before its record is committed, so a committed record
-//! never points at missing bytes. In a multi-node cluster the store is replicated by
-//! the nodes; on one node it is the data folder's `attachments/`.
+//! never points at missing bytes; a file whose record is refused is removed again. The
+//! declared type must match the bytes (a "PNG" must start like one), and each
+//! conversation has a quota of files and bytes.
+//!
+//! Left out for now: the store is the data folder's `attachments/` on the node that
+//! received the upload. Replicating it to the other replicas of the shard comes with
+//! the multi-node cluster.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +79,15 @@ impl BlobStore {
         Ok((id, sha256))
     }
 
+    /// Removes a file no committed record refers to.
+    pub async fn remove(&self, id: &AttachmentId) {
+        if let Some(path) = self.path(id) {
+            if let Err(e) = tokio::fs::remove_file(&path).await {
+                tracing::warn!(attachment = %id.0, error = %e, "could not remove an unreferenced file");
+            }
+        }
+    }
+
     pub async fn get(&self, id: &AttachmentId) -> Result<Vec<u8>, GatewayError> {
         let path = self.path(id).ok_or_else(|| GatewayError::NotFound("attachment".into()))?;
         tokio::fs::read(path).await.map_err(|_| GatewayError::NotFound("attachment".into()))
@@ -120,6 +134,22 @@ fn content_type(headers: &HeaderMap) -> Result<String, GatewayError> {
     }
 }
 
+/// Whether the bytes look like the declared type, by the signature each format starts
+/// with; text must be UTF-8 without NUL bytes. Stops a script served as an "image".
+fn content_matches(content_type: &str, bytes: &[u8]) -> bool {
+    match content_type {
+        "image/png" => bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "image/jpeg" => bytes.starts_with(&[0xFF, 0xD8, 0xFF]),
+        "image/gif" => bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a"),
+        "image/webp" => bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP",
+        "application/pdf" => bytes.starts_with(b"%PDF-"),
+        "application/msword" => bytes.starts_with(&[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1]),
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document" => bytes.starts_with(b"PK\x03\x04"),
+        "text/plain" => !bytes.contains(&0) && std::str::from_utf8(bytes).is_ok(),
+        _ => false,
+    }
+}
+
 fn body(bytes: Result<Bytes, BytesRejection>) -> Result<Bytes, GatewayError> {
     let bytes = bytes.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -138,10 +168,22 @@ fn body(bytes: Result<Bytes, BytesRejection>) -> Result<Bytes, GatewayError> {
 }
 
 async fn store(gw: &Gateway, conversation: ConversationId, name: &str, content_type: String, bytes: &[u8], by: String) -> Result<Response, GatewayError> {
+    if !content_matches(&content_type, bytes) {
+        return Err(GatewayError::UnsupportedType(format!("{content_type} (the file's content is not of that type)")));
+    }
+    {
+        let shard = gw.backend.shard();
+        let state = shard.read();
+        switchboard_actors::core::attachment_room(&state, conversation, bytes.len() as u64)?;
+    }
     let (id, sha256) = gw.blobs.put(bytes).await?;
     let attachment =
         Attachment { id, conversation, name: clean_name(name), content_type, size: bytes.len() as u64, sha256, uploaded_by: by };
-    gw.submit(Command::StoreAttachment(attachment.clone())).await?;
+    if let Err(e) = gw.submit(Command::StoreAttachment(attachment.clone())).await {
+        // Nothing refers to the bytes: do not keep them.
+        gw.blobs.remove(&attachment.id).await;
+        return Err(e.into());
+    }
     let reply = json!({"id": attachment.id.0, "name": attachment.name, "content_type": attachment.content_type, "size": attachment.size});
     Ok((StatusCode::CREATED, Json(reply)).into_response())
 }
