@@ -200,6 +200,13 @@ async fn kill9_scenario(extra: &[&str]) -> anyhow::Result<Dev> {
         }
     }
     assert!(queued >= 2, "two conversations had no free operator");
+    // They wait in the order they arrived: the queue survived with its positions.
+    let (_, queues) = dev.api("GET", "/api/queues", Some(&supervisor), None).await?;
+    let general = queues["queues"].as_array().and_then(|q| q.iter().find(|g| g["group"] == "general")).cloned().unwrap_or_default();
+    let in_queue: Vec<u64> = general["conversations"].as_array().map(|c| c.iter().filter_map(|e| e["conversation"].as_u64()).collect()).unwrap_or_default();
+    let arrival: Vec<u64> = clients.iter().map(|(c, _, _)| *c).filter(|c| in_queue.contains(c)).collect();
+    assert_eq!(in_queue, arrival, "queue order after restart");
+    assert_eq!(in_queue.len(), queued, "every queued conversation is in the queue listing");
 
     // Sockets resume from their last sequence number: no gap, no duplicate.
     for (conversation, token, _) in &clients {
