@@ -273,6 +273,11 @@ impl Actor for ShardSupervisor {
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if let Some(key) = state.forget(&cell) {
                     debug!(?key, ?reason, "actor passivated");
+                    // Nobody reads the stream any more: forget it too, or every
+                    // conversation ever followed would stay in this map.
+                    if state.streams.get(&key).is_some_and(|s| s.receiver_count() == 0) {
+                        state.streams.remove(&key);
+                    }
                 }
             }
             _ => {}
