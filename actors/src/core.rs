@@ -14,6 +14,12 @@ use crate::model::*;
 use crate::routing::{new_round_at, select_operator};
 use crate::state::{ConversationStatus, ShardState, Touched};
 
+/// The newest routing rules this build decides with. Rules 2: a missed offer sets the
+/// operator away; a conversation every free operator passed on gets a new round;
+/// capacity is judged before passes; decline reasons and attachments per conversation
+/// are bounded. A node proposes `AdoptRules` at start; earlier entries keep their rules.
+pub const RULES_VERSION: u32 = 2;
+
 /// Longest message text the core accepts, in characters.
 pub const MAX_TEXT_CHARS: usize = 4000;
 /// Longest reason an operator may give for declining an offer, in characters.
@@ -125,7 +131,7 @@ fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, 
                 continue;
             }
             let selection = select_operator(state, group, conv, now);
-            if selection.chosen.is_none() {
+            if selection.chosen.is_none() && state.rules >= 2 {
                 // Everyone free has passed on it: after a pause, start over rather than
                 // leave it waiting for an operator who has not seen it yet (I4).
                 let someone_passed_is_free = selection.candidates.iter().any(|c| c.excluded.as_deref() == Some("passed"));
@@ -349,7 +355,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             if &pending.operator != op_id {
                 return Err(Error::OfferGone(*offer));
             }
-            if reason.chars().count() > MAX_REASON_CHARS {
+            if state.rules >= 2 && reason.chars().count() > MAX_REASON_CHARS {
                 return Err(Error::TooLong { limit: MAX_REASON_CHARS, actual: reason.chars().count() });
             }
             Ok((Reply::Done, vec![Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::Declined, detail: reason.clone() }]))
@@ -365,7 +371,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             let mut events = vec![Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::Expired, detail: String::new() }];
             // A missed offer means nobody is at the desk: set the operator away, as a
             // phone system does after ring-no-answer, so the queue stops waiting on them.
-            if let Some(op) = state.operators.get(&pending.operator).filter(|op| op.presence == Presence::Online) {
+            if let Some(op) = state.operators.get(&pending.operator).filter(|op| state.rules >= 2 && op.presence == Presence::Online) {
                 for other in op.offers.iter().filter(|o| *o != offer) {
                     events.push(Event::OfferWithdrawn {
                         offer: *other,
@@ -392,6 +398,15 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 return Ok((Reply::Done, vec![]));
             }
             Ok((Reply::Done, vec![Event::ReadMarked { conversation: *conv_id, by, upto }]))
+        }
+        Command::AdoptRules { version } => {
+            if *version > RULES_VERSION {
+                return Err(Error::Invalid(format!("this build decides with rules up to {RULES_VERSION}, not {version}")));
+            }
+            if *version <= state.rules {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::RulesAdopted { version: *version }]))
         }
         Command::RouteQueue { group } => {
             if !state.groups.contains_key(group) {
@@ -561,7 +576,9 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             if attachment.size == 0 {
                 return Err(Error::Invalid("attachment is empty".into()));
             }
-            attachment_room(state, attachment.conversation, attachment.size)?;
+            if state.rules >= 2 {
+                attachment_room(state, attachment.conversation, attachment.size)?;
+            }
             Ok((Reply::Done, vec![Event::AttachmentStored(attachment.clone())]))
         }
     }

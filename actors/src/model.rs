@@ -291,6 +291,11 @@ pub enum Command {
         reader: Reader,
         upto: u64,
     },
+    /// Switches the shard to a newer version of the routing rules from this entry on.
+    /// Entries before it replay under the rules they were decided with.
+    AdoptRules {
+        version: u32,
+    },
 }
 
 /// Who read a conversation.
@@ -475,5 +480,8 @@ pub enum Event {
         conversation: ConversationId,
         by: Closer,
         upto: u64,
+    },
+    RulesAdopted {
+        version: u32,
     },
 }

@@ -22,7 +22,7 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
         .values()
         .filter(|op| op.config.groups.contains(&group.config.id))
         .map(|op| {
-            let excluded = exclusion(op, conversation);
+            let excluded = exclusion(op, conversation, state.rules);
             let score = match excluded {
                 None => Some(score(group.config.policy, op, now)),
                 Some(_) => None,
@@ -45,7 +45,7 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
 /// Eligibility and capacity stages: why this operator cannot take the conversation, as a
 /// stable code (`offline`, `away`, `on_break`, `at_capacity`, `passed`). Capacity comes
 /// before passes, so `passed` always names an operator who could take it in a new round.
-fn exclusion(op: &Operator, conversation: &Conversation) -> Option<&'static str> {
+fn exclusion(op: &Operator, conversation: &Conversation, rules: u32) -> Option<&'static str> {
     if op.presence != Presence::Online {
         return Some(match op.presence {
             Presence::Away => "away",
@@ -53,13 +53,15 @@ fn exclusion(op: &Operator, conversation: &Conversation) -> Option<&'static str>
             _ => "offline",
         });
     }
-    if op.free_capacity() == 0 {
-        return Some("at_capacity");
+    let full = op.free_capacity() == 0;
+    let passed = conversation.passed_by.contains(&op.config.id);
+    // The first rules reported a pass before capacity; decision records replay as made.
+    match (full, passed) {
+        (true, true) if rules < 2 => Some("passed"),
+        (true, _) => Some("at_capacity"),
+        (false, true) => Some("passed"),
+        (false, false) => None,
     }
-    if conversation.passed_by.contains(&op.config.id) {
-        return Some("passed");
-    }
-    None
 }
 
 /// When a conversation every available operator has passed on may start a new round of
@@ -68,7 +70,9 @@ pub fn new_round_at(group: &SkillGroup, conversation: &Conversation) -> Option<T
     if conversation.passed_by.is_empty() {
         return None;
     }
-    conversation.last_pass.map(|at| at.plus_ms(group.config.offer_timeout_ms))
+    // Passes recorded before their time was kept count from the conversation's start,
+    // so they are due at once rather than never.
+    Some(conversation.last_pass.unwrap_or(conversation.created_at).plus_ms(group.config.offer_timeout_ms))
 }
 
 /// Selector stage. Scores are integers so that replicas never disagree on rounding.
@@ -105,7 +109,7 @@ mod tests {
     }
 
     fn setup(policy: Policy, ops: Vec<Operator>) -> (ShardState, SkillGroup, Conversation) {
-        let mut state = ShardState::default();
+        let mut state = ShardState { rules: crate::core::RULES_VERSION, ..ShardState::default() };
         for op in ops {
             state.operators.insert(op.config.id.clone(), op);
         }

@@ -30,6 +30,10 @@ pub struct ShardState {
     pub next_offer: u64,
     /// Queue positions: a conversation keeps its ticket when an offer fails.
     pub next_ticket: u64,
+    /// The routing rules in force (see `core::RULES_VERSION`); 0 and 1 are the first
+    /// rules. Changing behaviour is gated on it, so a log replays as it was decided.
+    #[serde(default)]
+    pub rules: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -483,6 +487,9 @@ impl ShardState {
             }
             Event::AttachmentStored(attachment) => {
                 self.attachments.insert(attachment.id.clone(), attachment.clone());
+            }
+            Event::RulesAdopted { version } => {
+                self.rules = self.rules.max(*version);
             }
             Event::ReadMarked { conversation, by, upto } => {
                 if let Some(conv) = self.conversations.get_mut(conversation) {

@@ -84,6 +84,7 @@ fn parse(line: &str) -> (Timestamp, Command) {
         "decline" => Command::DeclineOffer { operator: op(2), offer: offer(&a(3)), reason: a(4) },
         "expire" => Command::ExpireOffer { offer: offer(&a(2)) },
         "route" => Command::RouteQueue { group: SkillGroupId::new(a(2)) },
+        "rules" => Command::AdoptRules { version: a(2).parse().expect("rules version") },
         "read" => Command::MarkRead {
             conversation: conv(&a(2)),
             reader: if a(3) == "client" { Reader::Client } else { Reader::Operator(op(3)) },
@@ -158,11 +159,14 @@ fn render(event: &Event) -> String {
         Event::PresenceChanged { operator, presence } => format!("{operator} is {presence:?}"),
         Event::RoundRestarted { conversation } => format!("new round for {conversation}"),
         Event::ReadMarked { conversation, by, upto } => format!("{by:?} read {conversation} up to #{upto}"),
+        Event::RulesAdopted { version } => format!("rules {version} from here on"),
     }
 }
 
 fn run(fixture: &str) -> String {
-    let mut state = ShardState::default();
+    // Fixtures run under the newest rules, unless they adopt rules themselves.
+    let pinned = fixture.lines().any(|l| l.split_whitespace().nth(1) == Some("rules"));
+    let mut state = ShardState { rules: if pinned { 0 } else { switchboard_actors::core::RULES_VERSION }, ..ShardState::default() };
     let mut trace = String::new();
     for line in fixture.lines() {
         let line = line.trim();

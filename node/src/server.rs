@@ -235,6 +235,14 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
     };
 
     let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), shard: shard.clone(), supervisor });
+    // The log before this replays under the rules it was decided with; from here on
+    // this build's rules decide. A no-op when the shard already has them.
+    if shard.read().rules < switchboard_actors::core::RULES_VERSION {
+        backend
+            .submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION })
+            .await
+            .map_err(|e| anyhow::anyhow!("adopt routing rules {}: {e}", switchboard_actors::core::RULES_VERSION))?;
+    }
     let public = TcpListener::bind(options.public_addr).await.with_context(|| format!("bind public {}", options.public_addr))?;
     let private = TcpListener::bind(options.private_addr).await.with_context(|| format!("bind private {}", options.private_addr))?;
     let public_addr = public.local_addr()?;
