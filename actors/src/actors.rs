@@ -30,6 +30,8 @@ use crate::shard::{new_stream, Notice, Proposer, Shard, StreamKey, Wakeups};
 const PASSIVATE_CHECK: Duration = Duration::from_secs(30);
 /// Retry delay when an expiry was refused because this node's clock ran behind.
 const EXPIRE_RETRY: Duration = Duration::from_millis(50);
+/// Pause before asking again for a new round whose proposal failed.
+const ROUND_RETRY: Duration = Duration::from_secs(1);
 
 pub fn now_ms() -> Timestamp {
     Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
@@ -56,6 +58,8 @@ pub enum EntityMsg {
     OfferDue { offer: OfferId },
     /// The skill group's next queue deadline (new round or SLA crossing) is here.
     QueueDue,
+    /// A `RouteQueue` proposal failed: ask again for the rounds it covered.
+    RoundsFailed { asked_before: Timestamp },
     PassivateCheck,
     Crash,
 }
@@ -388,12 +392,15 @@ impl EntityState {
             })
         };
         if round_due {
+            let asked_before = self.rounds_asked_upto;
             self.rounds_asked_upto = now;
             let proposer = self.proposer.clone();
             let group = group.clone();
+            let actor = myself.clone();
             tokio::spawn(async move {
                 if let Err(e) = proposer.propose(Command::RouteQueue { group: group.clone() }).await {
-                    warn!(%group, error = %e, "could not route the queue");
+                    warn!(%group, error = %e, "could not route the queue; retrying");
+                    actor.send_after(ROUND_RETRY, move || EntityMsg::RoundsFailed { asked_before });
                 }
             });
         }
@@ -447,6 +454,10 @@ impl Actor for EntityActor {
                 state.arm_queue(&myself);
             }
             EntityMsg::QueueDue => state.queue_due(&myself),
+            EntityMsg::RoundsFailed { asked_before } => {
+                state.rounds_asked_upto = state.rounds_asked_upto.min(asked_before);
+                state.arm_queue(&myself);
+            }
             EntityMsg::Subscribe(reply) => {
                 state.idle_checks = 0;
                 let _ = reply.send(state.stream.subscribe());
