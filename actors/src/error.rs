@@ -33,6 +33,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the core decided to refuse the command, so it is known not to be in the
+    /// state. A commit or actor failure leaves that open: the entry may still apply.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, Error::Actor(_) | Error::Commit(_))
+    }
+
     /// A stable machine-readable code for error frames and REST bodies.
     pub fn code(&self) -> &'static str {
         match self {

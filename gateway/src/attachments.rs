@@ -180,8 +180,11 @@ async fn store(gw: &Gateway, conversation: ConversationId, name: &str, content_t
     let attachment =
         Attachment { id, conversation, name: clean_name(name), content_type, size: bytes.len() as u64, sha256, uploaded_by: by };
     if let Err(e) = gw.submit(Command::StoreAttachment(attachment.clone())).await {
-        // Nothing refers to the bytes: do not keep them.
-        gw.blobs.remove(&attachment.id).await;
+        // Refused: nothing refers to the bytes, so do not keep them. After a commit
+        // failure the record may still apply, so the bytes must stay.
+        if e.is_refusal() {
+            gw.blobs.remove(&attachment.id).await;
+        }
         return Err(e.into());
     }
     let reply = json!({"id": attachment.id.0, "name": attachment.name, "content_type": attachment.content_type, "size": attachment.size});
