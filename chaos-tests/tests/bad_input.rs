@@ -1,6 +1,8 @@
 //! What malformed frames, oversized input, forged tokens and floods get, and that the
 //! node keeps serving everyone else without losing anything acknowledged.
 
+use std::time::Duration;
+
 use serde_json::json;
 use switchboard_chaos_tests::{next_event, set_presence, Dev, WAIT};
 use switchboard_gateway::client::{http_json, ClientError, Incoming, WsClient};
@@ -146,6 +148,11 @@ async fn a_demoted_users_old_token_stops_working() -> anyhow::Result<()> {
     let body = json!({"password": "a-new-long-password", "role": "operator", "operator": "carol"});
     let (status, reply) = dev.api("PUT", "/api/users/supervisor", Some(&admin), Some(body)).await?;
     assert_eq!(status, 200, "{reply}");
+
+    // The socket opened before the change is closed, not left watching the floor.
+    let refused = floor.wait_for(Duration::from_secs(5), |v| v["type"] == "error").await?;
+    assert_eq!(refused["code"], "unauthorized", "{refused}");
+    assert_eq!(next_closed(&mut floor).await?.0, 4001);
 
     // The token is still correctly signed and unexpired, but no longer matches the user.
     let (status, reply) = dev.api("GET", "/api/queues", Some(&supervisor), None).await?;

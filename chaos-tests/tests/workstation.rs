@@ -244,7 +244,15 @@ async fn close_tags_client_card_and_read_marks() -> anyhow::Result<()> {
     let visitor_id = card["visitor"]["attributes"]["claimed_visitor_id"].clone();
     assert!(visitor_id.is_null(), "a signed visitor carries no claimed id: {card}");
     let (body, mac) = visitor_token.rsplit_once('.').unwrap_or_default();
-    for claim in [json!({"type": "start", "name": "Mallory", "visitor_id": "v-ann"}), json!({"type": "start", "name": "Mallory", "visitor_token": format!("{body}A.{mac}")})] {
+    // Ann's real visitor id is in her token's (signed, not secret) body.
+    use base64::Engine;
+    let claims: Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(body.trim_start_matches("v1."))?)?;
+    let ann = claims["visitor"].as_str().unwrap_or_default().to_owned();
+    assert!(ann.starts_with("v-"), "{claims}");
+    for claim in [
+        json!({"type": "start", "name": "Mallory", "visitor_id": ann}),
+        json!({"type": "start", "name": "Mallory", "visitor_token": format!("{body}A.{mac}")}),
+    ] {
         let mut impostor = WsClient::connect(&dev.public, "/ws/client", None).await?;
         impostor.send(&claim).await?;
         let started = impostor.wait_for(WAIT, |v| v["type"] == "started").await?;

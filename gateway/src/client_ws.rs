@@ -31,7 +31,7 @@ pub(crate) async fn upgrade(
         return refusal;
     }
     let session = ClientSession { gw: gw.clone(), conversation: None, peer: peer.ip() };
-    ws::accept(gw, upgrade, Surface::Client, session)
+    ws::accept(gw, upgrade, Surface::Client, None, session)
 }
 
 struct ClientSession {
@@ -110,7 +110,7 @@ impl ClientSession {
                 if name.chars().count() > MAX_NAME_CHARS {
                     return Err(frames::error("too_long", &format!("name is limited to {MAX_NAME_CHARS} characters"), None));
                 }
-                if attributes.len() > MAX_ATTRIBUTES
+                if attributes.len() + usize::from(visitor_id.is_some()) > MAX_ATTRIBUTES
                     || attributes.iter().any(|(k, v)| k.chars().count() > MAX_ATTRIBUTE_CHARS || v.chars().count() > MAX_ATTRIBUTE_CHARS)
                 {
                     return Err(frames::error("too_long", "too many or too long attributes", None));
@@ -198,6 +198,7 @@ impl ClientSession {
                     .submit(Command::MarkRead { conversation, reader: Reader::Client, upto })
                     .await
                     .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
+                let upto = self.gw.read_mark(conversation, upto);
                 self.signal_operator(conversation, json!({"type": "read", "conversation": conversation.0, "by": "client", "upto": upto}));
             }
             ClientIn::Close => {

@@ -254,6 +254,13 @@ impl Gateway {
         state.users.get(login).is_some_and(|u| u.role == role && u.operator.as_ref() == operator)
     }
 
+    /// A relayed read mark as the core records it: never past the newest entry.
+    pub(crate) fn read_mark(&self, conversation: ConversationId, upto: u64) -> u64 {
+        let shard = self.backend.shard();
+        let state = shard.read();
+        state.conversations.get(&conversation).map_or(0, |c| upto.min(c.last_seq()))
+    }
+
     /// Commits a command, counting and timing it.
     pub async fn submit(&self, command: Command) -> Result<Reply, switchboard_actors::Error> {
         let started = Instant::now();

@@ -33,8 +33,10 @@ pub(crate) async fn upgrade(
     upgrade: IncomingUpgrade,
 ) -> Response {
     // Authenticate before upgrading: a forged token never gets a socket.
-    let operator = match ws::admit(&gw, &headers, Surface::Operator, params.token.as_deref()) {
-        Ok(Some(Subject::Staff { operator: Some(operator), .. })) => operator,
+    let (operator, staff) = match ws::admit(&gw, &headers, Surface::Operator, params.token.as_deref()) {
+        Ok(Some(Subject::Staff { login, role, operator: Some(operator) })) => {
+            (operator.clone(), ws::StaffLogin { login, role, operator: Some(operator) })
+        }
         Ok(_) => {
             gw.metrics.auth_failures.fetch_add(1, Relaxed);
             return (StatusCode::FORBIDDEN, "this login is not an operator").into_response();
@@ -42,7 +44,7 @@ pub(crate) async fn upgrade(
         Err(refusal) => return refusal,
     };
     let session = OperatorSession { gw: gw.clone(), operator, resume_from: params.last_seq };
-    ws::accept(gw, upgrade, Surface::Operator, session)
+    ws::accept(gw, upgrade, Surface::Operator, Some(staff), session)
 }
 
 struct OperatorSession {
@@ -135,6 +137,7 @@ impl OperatorSession {
                 let conversation = ConversationId(conversation);
                 self.holder_name(conversation)?;
                 self.commit(Command::MarkRead { conversation, reader: Reader::Operator(me), upto }, None).await?;
+                let upto = self.gw.read_mark(conversation, upto);
                 let signal = json!({"type": "read", "conversation": conversation.0, "by": "operator", "upto": upto});
                 self.gw.signals.to_conversation(conversation, signal);
             }

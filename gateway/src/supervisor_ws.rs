@@ -37,16 +37,16 @@ pub(crate) async fn upgrade(
     Query(params): Query<ConnectParams>,
     upgrade: IncomingUpgrade,
 ) -> Response {
-    match ws::admit(&gw, &headers, Surface::Supervisor, params.token.as_deref()) {
-        Ok(Some(Subject::Staff { role, .. })) if role >= Role::Supervisor => {}
+    let staff = match ws::admit(&gw, &headers, Surface::Supervisor, params.token.as_deref()) {
+        Ok(Some(Subject::Staff { login, role, operator })) if role >= Role::Supervisor => ws::StaffLogin { login, role, operator },
         Ok(_) => {
             gw.metrics.auth_failures.fetch_add(1, Relaxed);
             return (StatusCode::FORBIDDEN, "supervisors and admins only").into_response();
         }
         Err(refusal) => return refusal,
-    }
+    };
     let session = SupervisorSession { gw: gw.clone() };
-    ws::accept(gw, upgrade, Surface::Supervisor, session)
+    ws::accept(gw, upgrade, Surface::Supervisor, Some(staff), session)
 }
 
 /// The floor as supervisors see it, read from committed state.

@@ -154,11 +154,23 @@ pub(crate) fn admit(gw: &crate::Gateway, headers: &axum::http::HeaderMap, surfac
     }
 }
 
+/// Who a staff socket speaks for: checked while it is open, so a login whose role or
+/// operator an admin changes loses its sockets too, not only its next requests.
+pub(crate) struct StaffLogin {
+    pub login: String,
+    pub role: switchboard_actors::model::Role,
+    pub operator: Option<switchboard_actors::model::OperatorId>,
+}
+
+/// How often an open staff socket re-checks its login.
+const LOGIN_RECHECK: Duration = Duration::from_secs(2);
+
 /// Completes the upgrade and runs `session` on the socket in its own task.
 pub(crate) fn accept<S: Session>(
     gw: Arc<crate::Gateway>,
     upgrade: fastwebsockets::upgrade::IncomingUpgrade,
     surface: Surface,
+    staff: Option<StaffLogin>,
     session: S,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
@@ -183,7 +195,11 @@ pub(crate) fn accept<S: Session>(
         };
         opened.fetch_add(1, Relaxed);
         active.fetch_add(1, Relaxed);
-        drive(ws, session, limits, metrics.clone()).await;
+        let guard: Option<Guard> = staff.map(|s| {
+            let gw = gw.clone();
+            Arc::new(move || gw.staff_current(&s.login, s.role, s.operator.as_ref())) as Guard
+        });
+        drive(ws, session, limits, metrics.clone(), guard).await;
         active.fetch_sub(1, Relaxed);
     });
     response.into_response()
@@ -210,8 +226,28 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 const OUTBOX_DEPTH: usize = 64;
 const LINGER: Duration = Duration::from_secs(2);
 
+/// Whether the socket's login still holds; `false` closes it with 4001.
+pub type Guard = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Closes the socket once its guard fails, checking every `LOGIN_RECHECK`.
+fn watch_guard(guard: Guard, outbox: Outbox) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(LOGIN_RECHECK).await;
+            if outbox.0.is_closed() {
+                return;
+            }
+            if !guard() {
+                outbox.error("unauthorized", "this login's role changed; log in again", None).await;
+                let _ = outbox.0.send(Out::Close(close::UNAUTHORIZED, "login changed".into())).await;
+                return;
+            }
+        }
+    })
+}
+
 /// Runs a socket until either side closes it.
-pub async fn drive<S: Session>(mut ws: WebSocket<TokioIo<Upgraded>>, mut session: S, limits: Limits, metrics: Arc<Metrics>) {
+pub async fn drive<S: Session>(mut ws: WebSocket<TokioIo<Upgraded>>, mut session: S, limits: Limits, metrics: Arc<Metrics>, guard: Option<Guard>) {
     ws.set_max_message_size(limits.max_message_bytes);
     ws.set_auto_pong(true);
     ws.set_auto_close(true);
@@ -220,6 +256,7 @@ pub async fn drive<S: Session>(mut ws: WebSocket<TokioIo<Upgraded>>, mut session
     let (tx, rx) = mpsc::channel(OUTBOX_DEPTH);
     let writer = tokio::spawn(write_loop(write, rx, metrics.clone()));
     let outbox = Outbox(tx);
+    let watcher = guard.clone().map(|g| watch_guard(g, outbox.clone()));
     let mut limiter = RateLimiter::new(limits);
     if let Flow::Close(code, reason) = session.on_start(&outbox).await {
         let _ = outbox.0.send(Out::Close(code, reason)).await;
@@ -266,6 +303,12 @@ pub async fn drive<S: Session>(mut ws: WebSocket<TokioIo<Upgraded>>, mut session
                     outbox.error("rate_limited", "too many frames; this one was not processed", None).await;
                     continue;
                 }
+                // A frame that arrives after the login changed is not acted on.
+                if guard.as_ref().is_some_and(|g| !g()) {
+                    outbox.error("unauthorized", "this login's role changed; log in again", None).await;
+                    let _ = outbox.0.send(Out::Close(close::UNAUTHORIZED, "login changed".into())).await;
+                    break;
+                }
                 let text = match std::str::from_utf8(&frame.payload) {
                     Ok(text) => text,
                     Err(_) => {
@@ -288,6 +331,9 @@ pub async fn drive<S: Session>(mut ws: WebSocket<TokioIo<Upgraded>>, mut session
             OpCode::Close => break,
             _ => {}
         }
+    }
+    if let Some(watcher) = watcher {
+        watcher.abort();
     }
     drop(outbox);
     let _ = writer.await;
