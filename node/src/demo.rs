@@ -37,6 +37,8 @@ fn operator(id: &str, name: &str, capacity: u32, groups: &[&str]) -> Command {
 /// Loads the demo configuration unless the data folder already has all of it; returns
 /// the logins and passwords either way. Loading is a list of upserts, so a start that
 /// crashed halfway through is completed by the next one, with the same passwords.
+/// Users cannot be deleted and the admin is upserted last, so a missing demo user means
+/// an interrupted first load, never a folder an admin has since configured.
 pub async fn ensure(node: &RunningNode, data_dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     let path = data_dir.join(LOGINS_FILE);
     let saved: Option<BTreeMap<String, String>> = match std::fs::read(&path) {
