@@ -45,7 +45,8 @@ pub enum SupervisorMsg {
     /// Number of active entity actors, for metrics and tests.
     CountActive(RpcReplyPort<usize>),
     /// Chaos drill: make the actor of this stream panic, to exercise supervision.
-    Crash(StreamKey),
+    /// Replies whether such an actor was running.
+    Crash(StreamKey, RpcReplyPort<bool>),
     /// Something supervisors see changed without a committed entry (an SLA crossing).
     WakeFloor,
 }
@@ -250,10 +251,9 @@ impl Actor for ShardSupervisor {
             SupervisorMsg::CountActive(reply) => {
                 let _ = reply.send(state.active.len());
             }
-            SupervisorMsg::Crash(key) => {
-                if let Some(actor) = state.active.get(&key) {
-                    let _ = actor.cast(EntityMsg::Crash);
-                }
+            SupervisorMsg::Crash(key, reply) => {
+                let running = state.active.get(&key).is_some_and(|actor| actor.cast(EntityMsg::Crash).is_ok());
+                let _ = reply.send(running);
             }
             SupervisorMsg::WakeFloor => state.wake_floor(),
         }
@@ -507,6 +507,11 @@ impl Actor for EntityActor {
         }
         Ok(())
     }
+}
+
+/// Chaos drill: makes the actor of `key` panic; `false` if none was running.
+pub async fn crash(supervisor: &ActorRef<SupervisorMsg>, key: StreamKey) -> Result<bool, Error> {
+    ractor::call!(supervisor, SupervisorMsg::Crash, key).map_err(|e| Error::Actor(format!("crash drill: {e}")))
 }
 
 /// Subscribes to a stream through the supervisor, activating its actor if needed.

@@ -333,3 +333,61 @@ async fn crashed_operator_actor_restarts_and_keeps_its_offer_timer() -> anyhow::
     assert!(log.contains("restarting from committed state"), "the supervisor logged the restart");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_group_actor_restarts_and_still_starts_the_new_round() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    set_offer_timeout(&dev, "general", 1500).await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (_client, conversation, _) = dev.client("Ann").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    alice.send(&json!({"type": "decline", "offer": offer["offer"], "reason": "one moment", "ref": "d"})).await?;
+    next_event(&mut alice, "offer_withdrawn").await?;
+
+    // The group's actor holds the timer of the coming new round; it panics.
+    let admin = dev.login("admin").await?;
+    let (status, body) = dev.api("POST", "/api/chaos/crash-actor", Some(&admin), Some(json!({"stream": "group", "id": "general"}))).await?;
+    assert_eq!(status, 202, "the queue's actor is running: {body}");
+    // Restarted from committed state, it re-arms the deadline and the round happens.
+    let again = alice.wait_for(Duration::from_secs(6), |v| v["kind"] == "offer").await?;
+    assert_eq!(again["conversation"], conversation);
+    let log = std::fs::read_to_string(dev.data_dir.join("node.log"))?;
+    assert!(log.contains("restarting from committed state") && log.contains("Group"), "the supervisor restarted the group actor");
+
+    // A stream nobody needs has no actor to crash: a clear 404, not a silent success.
+    let (status, body) = dev.api("POST", "/api/chaos/crash-actor", Some(&admin), Some(json!({"stream": "group", "id": "tech"}))).await?;
+    assert_eq!(status, 404, "{body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_conversation_actor_restarts_and_the_client_misses_nothing() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (mut client, conversation, _) = dev.client("Ann").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    accept(&mut alice, &offer).await?;
+
+    let admin = dev.login("admin").await?;
+    let (status, body) =
+        dev.api("POST", "/api/chaos/crash-actor", Some(&admin), Some(json!({"stream": "conversation", "id": conversation.to_string()}))).await?;
+    assert_eq!(status, 202, "{body}");
+    // The client's socket keeps following: replies after the crash arrive once, in order.
+    for (key, text) in [("r1", "first after the crash"), ("r2", "second after the crash")] {
+        alice.send(&json!({"type": "send", "conversation": conversation, "key": key, "text": text})).await?;
+        alice.wait_for(WAIT, |v| v["type"] == "ack" && v["key"] == key).await?;
+    }
+    let mut texts = Vec::new();
+    while texts.len() < 2 {
+        let event = client.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "message" && v["from"] == "operator").await?;
+        texts.push(event["text"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(texts, vec!["first after the crash", "second after the crash"]);
+    send(&client, "k1", "and the other way").await?;
+    alice.wait_for(WAIT, |v| v["kind"] == "conversation" && v["entry"]["text"] == "and the other way").await?;
+    let log = std::fs::read_to_string(dev.data_dir.join("node.log"))?;
+    assert!(log.contains("restarting from committed state") && log.contains("Conversation"), "the supervisor restarted it");
+    Ok(())
+}

@@ -55,7 +55,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Node-level metrics in Prometheus text format.
     fn metrics(&self) -> String;
     /// Chaos drill: make the actor of a stream panic so its supervisor restarts it.
-    fn crash_actor(&self, key: StreamKey);
+    /// Resolves to whether an actor was running for the stream.
+    fn crash_actor(&self, key: StreamKey) -> BoxFuture<Result<bool, switchboard_actors::Error>>;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -411,6 +411,7 @@ struct CrashBody {
 /// committed state without anyone noticing.
 async fn crash_actor(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<CrashBody>) -> Result<Response, GatewayError> {
     staff.require(Role::Admin)?;
+    let label = format!("{} {}", body.stream, body.id);
     let key = match body.stream.as_str() {
         "operator" => switchboard_actors::shard::StreamKey::Operator(OperatorId::new(body.id)),
         "group" => switchboard_actors::shard::StreamKey::Group(SkillGroupId::new(body.id)),
@@ -420,7 +421,9 @@ async fn crash_actor(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): B
         }
         _ => return Err(GatewayError::BadRequest("stream must be operator, group or conversation".into())),
     };
-    gw.backend.crash_actor(key);
+    if !gw.backend.crash_actor(key).await? {
+        return Err(GatewayError::NotFound(format!("no running actor for {label}")));
+    }
     Ok((axum::http::StatusCode::ACCEPTED, Json(json!({"status": "crash requested"}))).into_response())
 }
 

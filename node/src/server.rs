@@ -105,8 +105,9 @@ impl Backend for NodeBackend {
         Box::pin(async move { switchboard_actors::actors::subscribe(&supervisor, key).await })
     }
 
-    fn crash_actor(&self, key: StreamKey) {
-        let _ = self.supervisor.cast(SupervisorMsg::Crash(key));
+    fn crash_actor(&self, key: StreamKey) -> BoxFuture<Result<bool, switchboard_actors::Error>> {
+        let supervisor = self.supervisor.clone();
+        Box::pin(async move { switchboard_actors::actors::crash(&supervisor, key).await })
     }
 
     fn ready(&self) -> bool {
