@@ -231,6 +231,12 @@ async fn supervisors_see_a_wait_cross_the_sla_as_it_happens() -> anyhow::Result<
         .wait_for(Duration::from_secs(4), |v| v["type"] == "floor" && general(v).is_some_and(|g| g["waiting"] == 1 && g["within_sla"] == 0))
         .await?;
     assert!(general(&crossed).unwrap_or_default()["longest_wait_ms"].as_u64().unwrap_or(0) >= 1500);
+    // The same on /metrics, for alerting.
+    let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    assert!(metrics.contains("switchboard_queue_over_sla{skill_group=\"general\"} 1"), "{metrics}");
+    assert!(metrics.contains("switchboard_queue_waiting{skill_group=\"general\"} 1"), "{metrics}");
+    assert!(metrics.contains("switchboard_routing_rules{group=\"1\"} 2"), "{metrics}");
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use anyhow::Context;
 use ractor::ActorRef;
 use switchboard_actors::actors::{now_ms, ShardSupervisor, SupervisorArgs, SupervisorMsg};
 use switchboard_actors::core::Reply;
-use switchboard_actors::model::{Command, Envelope};
+use switchboard_actors::model::{Command, Envelope, Presence};
 use switchboard_actors::shard::{Proposer, Shard, StreamKey, Wakeups};
 use switchboard_gateway::{Backend, BoxFuture, Gateway, GatewayConfig, Limits, TokenKey};
 use switchboard_raft::network::{serve, NetworkFactory, Router};
@@ -135,8 +135,37 @@ impl Backend for NodeBackend {
         let queued: usize = state.groups.values().map(|g| g.queue.len()).sum();
         let _ = writeln!(out, "# HELP switchboard_conversations_queued Conversations waiting in skill group queues.\n# TYPE switchboard_conversations_queued gauge");
         let _ = writeln!(out, "switchboard_conversations_queued {queued}");
+        // Per queue, as supervisors see it: what an SLA alert rule needs.
+        let now = now_ms();
+        let _ = writeln!(out, "# HELP switchboard_queue_waiting Conversations queued in a skill group (waiting or offered).\n# TYPE switchboard_queue_waiting gauge");
+        for g in state.groups.values() {
+            let _ = writeln!(out, "switchboard_queue_waiting{{skill_group=\"{}\"}} {}", label(g.config.id.as_str()), g.queue.len());
+        }
+        let _ = writeln!(out, "# HELP switchboard_queue_longest_wait_seconds Age of the oldest queued conversation of a skill group.\n# TYPE switchboard_queue_longest_wait_seconds gauge");
+        let _ = writeln!(out, "# HELP switchboard_queue_over_sla Queued conversations of a skill group waiting longer than its SLA.\n# TYPE switchboard_queue_over_sla gauge");
+        for g in state.groups.values() {
+            let waits = g.queue.iter().filter_map(|(_, id)| state.conversations.get(id)).map(|c| now.millis_since(c.created_at));
+            let (longest, over) = waits.fold((0u64, 0u64), |(l, o), w| (l.max(w), o + u64::from(w > g.config.sla_ms)));
+            let id = label(g.config.id.as_str());
+            let _ = writeln!(out, "switchboard_queue_longest_wait_seconds{{skill_group=\"{id}\"}} {:.3}", longest as f64 / 1000.0);
+            let _ = writeln!(out, "switchboard_queue_over_sla{{skill_group=\"{id}\"}} {over}");
+        }
+        let _ = writeln!(out, "# HELP switchboard_operators Configured operators by presence.\n# TYPE switchboard_operators gauge");
+        for (presence, name) in [(Presence::Online, "online"), (Presence::Away, "away"), (Presence::Break, "break"), (Presence::Offline, "offline")] {
+            let n = state.operators.values().filter(|o| o.presence == presence).count();
+            let _ = writeln!(out, "switchboard_operators{{presence=\"{name}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP switchboard_offers_pending Offers made and not yet answered.\n# TYPE switchboard_offers_pending gauge");
+        let _ = writeln!(out, "switchboard_offers_pending {}", state.offers.len());
+        let _ = writeln!(out, "# HELP switchboard_routing_rules Routing rules version in force in the shard.\n# TYPE switchboard_routing_rules gauge");
+        let _ = writeln!(out, "switchboard_routing_rules{{group=\"{SHARD_GROUP}\"}} {}", state.rules);
         out
     }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[derive(Clone, Debug)]
