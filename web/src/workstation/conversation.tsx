@@ -163,7 +163,7 @@ function History(props: { conv: Conv; state: OpState }) {
 }
 
 function Composer(props: { session: OperatorSession; conv: Conv; draft: string; setDraft: (v: string) => void; onTemplates: () => void }) {
-  const { t, api, notify } = useApp();
+  const { t, api } = useApp();
   const { session, conv, draft, setDraft } = props;
   const [files, setFiles] = useState<Attachment[]>([]);
   const [uploading, setUploading] = useState(0);
@@ -193,6 +193,8 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
 
   const upload = async (list: FileList | null) => {
     if (!list) return;
+    // The alert speaks about the latest selection only.
+    setProblem(null);
     for (const f of Array.from(list)) {
       if (files.length + uploading >= MAX_ATTACHMENTS_PER_MESSAGE) {
         setProblem(t('err_too_many_files', { n: MAX_ATTACHMENTS_PER_MESSAGE }));
@@ -211,7 +213,9 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
         });
         setFiles((x) => [...x, a]);
       } catch (e: any) {
-        notify(t('upload_failed', { name: f.name }) + ': ' + describeError(t, e.code, e.message), 'error');
+        // Shown next to the attach control (like the checks above) rather than as a
+        // passing notice: it stays until the next selection or send.
+        setProblem(t('upload_failed', { name: f.name }) + ': ' + describeError(t, e.code, e.message));
       } finally {
         setUploading((n) => n - 1);
       }
