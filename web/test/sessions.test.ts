@@ -128,6 +128,20 @@ describe('OperatorSession', () => {
     expect(s.store.get().presence).toBe('online');
   });
 
+  it('tells the operator once when a missed offer set them away', () => {
+    const notices: string[] = [];
+    const { f, s } = operatorSession({ onNotice: (code) => notices.push(code) });
+    s.start();
+    f.last.open();
+    f.last.frame(helloFrame({ seq: 10 }));
+    f.last.frame({ type: 'event', kind: 'offer_withdrawn', offer: 3, conversation: 9, reason: 'declined', seq: 11, at: 5 });
+    f.last.frame({ type: 'event', kind: 'offer_withdrawn', offer: 4, conversation: 9, reason: 'expired', seq: 12, at: 6 });
+    f.last.frame({ type: 'event', kind: 'offer_withdrawn', offer: 4, conversation: 9, reason: 'expired', seq: 12, at: 6 }); // replayed
+    f.last.frame({ type: 'event', kind: 'presence', status: 'away', seq: 13, at: 6 });
+    expect(notices).toEqual(['offer_missed']);
+    expect(s.store.get().presence).toBe('away');
+  });
+
   it('on resume_gap forgets its state and reconnects without last_seq', () => {
     const { f, s } = operatorSession();
     s.start();

@@ -31,6 +31,7 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
       onLink: props.onLink,
       onNotice: (code, message) => {
         if (code === 'resume_gap') notify(t('notice_resume_gap'), 'info');
+        else if (code === 'offer_missed') notify(t('notice_offer_missed'), 'info');
         else notify(describeError(t, code, message), 'error');
       },
     });

@@ -132,10 +132,15 @@ export class OperatorSession {
         this.resendPending();
         this.pumpHistory();
         break;
-      case 'event':
+      case 'event': {
+        const seen = this.store.get().feedSeq;
+        const fresh = seen == null || f.seq > seen;
         this.dispatch({ type: 'event', event: f, now: this.timers.now() });
         this.pumpHistory();
+        // The server sets an operator away after a missed offer: say why.
+        if (fresh && f.kind === 'offer_withdrawn' && f.reason === 'expired') this.opts.onNotice?.('offer_missed', '');
         break;
+      }
       case 'history':
         this.historyInFlight.delete(f.conversation);
         this.dispatch({
