@@ -125,8 +125,8 @@ async fn run_until_signal(node: server::RunningNode) -> anyhow::Result<()> {
 }
 
 fn print_listeners(node: &server::RunningNode) {
-    println!("public listener: http://{}  (web chat at /, client socket at /ws/client)", node.public_addr);
-    println!("private listener: http://{}  (operator page at /, REST at /api, /metrics, /openapi.json, operator socket at /ws/operator)", node.private_addr);
+    println!("public listener: http://{}  (demo site with the chat widget at /, /widget.js, client socket at /ws/client)", node.public_addr);
+    println!("private listener: http://{}  (workstation at /, REST at /api, /metrics, /openapi.json, operator and supervisor sockets at /ws/operator, /ws/supervisor)", node.private_addr);
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
