@@ -24,6 +24,10 @@ async fn first_start_creates_one_admin_who_can_configure_the_node() -> anyhow::R
     assert_eq!(groups["skill_groups"].as_array().map(Vec::len), Some(0), "{groups}");
     let (status, reply) = node.api("PUT", "/api/skill-groups/support", Some(&admin), Some(json!({"name": "Support"}))).await?;
     assert_eq!(status, 200, "{reply}");
+    // No panic button on a production node unless it was started with one.
+    let (status, reply) = node.api("POST", "/api/chaos/crash-actor", Some(&admin), Some(json!({"stream": "group", "id": "support"}))).await?;
+    assert_eq!(status, 404, "{reply}");
+    assert!(reply["message"].as_str().unwrap_or_default().contains("--enable-chaos-drills"), "{reply}");
 
     // After kill -9 and a restart the same password works and no second admin appears.
     node.kill9().await?;

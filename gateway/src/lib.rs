@@ -130,6 +130,9 @@ pub struct GatewayConfig {
     /// Conversations one client address may start per minute (a burst of as many is
     /// allowed). Behind a proxy every visitor shares its address: raise it there.
     pub starts_per_minute: u32,
+    /// Serve the chaos drill endpoint (`POST /api/chaos/crash-actor`). Off on production
+    /// nodes unless asked for: a panic button is not a default.
+    pub chaos_drills: bool,
 }
 
 /// Token buckets per client address, for conversation starts.

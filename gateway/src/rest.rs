@@ -411,6 +411,9 @@ struct CrashBody {
 /// committed state without anyone noticing.
 async fn crash_actor(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<CrashBody>) -> Result<Response, GatewayError> {
     staff.require(Role::Admin)?;
+    if !gw.config.chaos_drills {
+        return Err(GatewayError::NotFound("chaos drills are off on this node (start it with --enable-chaos-drills)".into()));
+    }
     let label = format!("{} {}", body.stream, body.id);
     let key = match body.stream.as_str() {
         "operator" => switchboard_actors::shard::StreamKey::Operator(OperatorId::new(body.id)),

@@ -77,6 +77,9 @@ struct NodeArgs {
     /// Login of the admin created on first start (when the store has no users).
     #[arg(long, default_value = "admin")]
     admin_login: String,
+    /// Serve `POST /api/chaos/crash-actor` (admin only) for chaos drills; `dev` always does.
+    #[arg(long)]
+    enable_chaos_drills: bool,
 }
 
 #[derive(Args)]
@@ -99,7 +102,7 @@ struct CertsArgs {
     sans: Vec<String>,
 }
 
-fn options(listeners: Listeners, node_id: u64) -> NodeOptions {
+fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOptions {
     NodeOptions {
         node_id,
         data_dir: listeners.data_dir,
@@ -110,6 +113,7 @@ fn options(listeners: Listeners, node_id: u64) -> NodeOptions {
         staff_origins: listeners.staff_origins,
         snapshot_every: listeners.snapshot_every,
         starts_per_minute: listeners.starts_per_minute,
+        chaos_drills,
     }
 }
 
@@ -131,7 +135,7 @@ fn print_listeners(node: &server::RunningNode) {
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let data_dir = args.listeners.data_dir.clone();
-    let node = server::start(options(args.listeners, 1)).await?;
+    let node = server::start(options(args.listeners, 1, true)).await?;
     let logins = demo::ensure(&node, &data_dir).await?;
     println!("switchboard dev: node 1 ready, data in {}", data_dir.display());
     print_listeners(&node);
@@ -145,7 +149,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
 
 async fn node(args: NodeArgs) -> anyhow::Result<()> {
     let data_dir = args.listeners.data_dir.clone();
-    let node = server::start(options(args.listeners, args.node_id)).await?;
+    let node = server::start(options(args.listeners, args.node_id, args.enable_chaos_drills)).await?;
     if let Some(path) = bootstrap::ensure_admin(&node, &data_dir, &args.admin_login).await? {
         println!("first start: created admin login '{}'; its password is in {}", args.admin_login, path.display());
     }

@@ -181,6 +181,8 @@ pub struct NodeOptions {
     pub snapshot_every: u64,
     /// Conversations one client address may start per minute.
     pub starts_per_minute: u32,
+    /// Whether the admin-only chaos drill endpoint is served.
+    pub chaos_drills: bool,
 }
 
 pub struct RunningNode {
@@ -288,6 +290,7 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
         operator_limits: Limits::OPERATOR,
         web_channel: "web".into(),
         starts_per_minute: options.starts_per_minute,
+        chaos_drills: options.chaos_drills,
     };
     let blobs = switchboard_gateway::attachments::BlobStore::open(options.data_dir.join("attachments"))?;
     let gateway = Gateway::new(backend, token_key(&options.data_dir)?, blobs, config);
