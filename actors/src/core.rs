@@ -85,11 +85,11 @@ pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Out
 /// refuse a command that would be refused anyway before it costs a flushed log entry.
 /// `Ok(Some(reply))` answers a repeated idempotency key from state; `Ok(None)` means the
 /// command must be proposed. The commit decides again: state may move in between.
-pub fn precheck(state: &ShardState, envelope: &Envelope) -> Result<Option<Reply>, Error> {
-    match decide(state, &envelope.command, envelope.at) {
+pub fn precheck(state: &ShardState, command: &Command, now: Timestamp) -> Result<Option<Reply>, Error> {
+    match decide(state, command, now) {
         Ok((reply @ Reply::Message { duplicate: true, .. }, events)) if events.is_empty() => Ok(Some(reply)),
         // A read mark that does not move forward changes nothing, now or later.
-        Ok((Reply::Done, events)) if events.is_empty() && matches!(envelope.command, Command::MarkRead { .. }) => Ok(Some(Reply::Done)),
+        Ok((Reply::Done, events)) if events.is_empty() && matches!(command, Command::MarkRead { .. }) => Ok(Some(Reply::Done)),
         Ok(_) => Ok(None),
         Err(e) => Err(e),
     }

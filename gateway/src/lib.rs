@@ -273,7 +273,7 @@ impl Gateway {
         let early = {
             let shard = self.backend.shard();
             let state = shard.read();
-            switchboard_actors::core::precheck(&state, &switchboard_actors::model::Envelope::new(switchboard_actors::actors::now_ms(), command.clone()))
+            switchboard_actors::core::precheck(&state, &command, switchboard_actors::actors::now_ms())
         };
         let result = match early {
             Ok(None) => self.backend.submit(command).await,
