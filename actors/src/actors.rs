@@ -5,8 +5,9 @@
 //! stored in committed state. An operator's actor expires its offers; a skill group's
 //! actor owns the queue's timers: it asks for a new round of offers when a conversation
 //! everyone passed on may be offered again, and wakes the supervisors' floor when a
-//! waiting conversation crosses the group's SLA. An actor holds nothing that is not rebuilt from that state,
-//! so the supervisor restarts a crashed one without losing anything.
+//! waiting conversation crosses the group's SLA. An actor holds nothing that is not
+//! rebuilt from that state, so the supervisor restarts a crashed one without losing
+//! anything.
 //!
 //! Architecture invariant: actors never change the shard state directly; every change
 //! goes through the [`Proposer`] and comes back as an applied entry.
@@ -331,27 +332,26 @@ impl EntityState {
         }
     }
 
-    /// The earliest moment the group's queue needs attention: a new round for a
-    /// conversation everyone passed on, or a waiting conversation crossing the SLA.
-    fn next_queue_deadline(&self, group: &SkillGroupId, now: Timestamp) -> Option<Timestamp> {
+    /// The group's earliest deadlines: the next new round not yet asked for (of a
+    /// conversation everyone passed on, with no offer out), and the next SLA crossing
+    /// of a queued conversation after `now`.
+    fn queue_deadlines(&self, group: &SkillGroupId, now: Timestamp) -> (Option<Timestamp>, Option<Timestamp>) {
         let shard = self.shard.read();
-        let g = shard.groups.get(group)?;
-        let mut next: Option<Timestamp> = None;
+        let Some(g) = shard.groups.get(group) else { return (None, None) };
+        let (mut round, mut sla) = (None, None);
+        let earliest = |next: &mut Option<Timestamp>, at: Timestamp| *next = Some(next.map_or(at, |n: Timestamp| n.min(at)));
         for (_, id) in &g.queue {
             let Some(conv) = shard.conversations.get(id) else { continue };
             let ConversationStatus::Queued { offer, .. } = conv.status else { continue };
-            let mut consider = |at: Timestamp| next = Some(next.map_or(at, |n| n.min(at)));
-            if offer.is_none() {
-                if let Some(at) = new_round_at(g, conv).filter(|at| *at > self.rounds_asked_upto) {
-                    consider(at);
-                }
+            if let Some(at) = new_round_at(g, conv).filter(|at| offer.is_none() && *at > self.rounds_asked_upto) {
+                earliest(&mut round, at);
             }
-            let sla_crossing = conv.created_at.plus_ms(g.config.sla_ms);
-            if sla_crossing > now {
-                consider(sla_crossing);
+            let crossing = conv.created_at.plus_ms(g.config.sla_ms);
+            if crossing > now {
+                earliest(&mut sla, crossing);
             }
         }
-        next
+        (round, sla)
     }
 
     fn arm_queue(&mut self, myself: &ActorRef<EntityMsg>) {
@@ -360,7 +360,8 @@ impl EntityState {
             return;
         }
         let now = now_ms();
-        let Some(deadline) = self.next_queue_deadline(group, now) else {
+        let (round, sla) = self.queue_deadlines(group, now);
+        let Some(deadline) = round.into_iter().chain(sla).min() else {
             if let Some((_, timer)) = self.queue_timer.take() {
                 timer.abort();
             }
@@ -380,18 +381,7 @@ impl EntityState {
         self.queue_timer = None;
         let StreamKey::Group(group) = &self.key else { return };
         let now = now_ms();
-        let round_due = {
-            let shard = self.shard.read();
-            shard.groups.get(group).is_some_and(|g| {
-                g.queue.iter().any(|(_, id)| {
-                    shard.conversations.get(id).is_some_and(|c| {
-                        matches!(c.status, ConversationStatus::Queued { offer: None, .. })
-                            && new_round_at(g, c).is_some_and(|at| at > self.rounds_asked_upto && at <= now)
-                    })
-                })
-            })
-        };
-        if round_due {
+        if self.queue_deadlines(group, now).0.is_some_and(|round| round <= now) {
             let asked_before = self.rounds_asked_upto;
             self.rounds_asked_upto = now;
             let proposer = self.proposer.clone();
