@@ -46,11 +46,15 @@ pub async fn ensure(node: &RunningNode, data_dir: &Path) -> anyhow::Result<BTree
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
     };
-    let has_users = !node.shard.read().users.is_empty();
+    let (has_users, complete) = {
+        let state = node.shard.read();
+        let complete = |logins: &BTreeMap<String, String>| {
+            DEMO_USERS.iter().all(|(login, ..)| state.users.contains_key(*login) && logins.contains_key(*login))
+        };
+        (!state.users.is_empty(), saved.as_ref().is_some_and(complete))
+    };
     match &saved {
-        Some(logins) if DEMO_USERS.iter().all(|(login, ..)| node.shard.read().users.contains_key(*login) && logins.contains_key(*login)) => {
-            return Ok(logins.clone());
-        }
+        Some(logins) if complete => return Ok(logins.clone()),
         None if has_users => anyhow::bail!(
             "{} has users but no {LOGINS_FILE}: it is not a demo data folder (run `switchboard node` on it, or give `dev` another --data-dir)",
             data_dir.display()
