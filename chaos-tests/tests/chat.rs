@@ -34,6 +34,19 @@ async fn accept(ws: &mut WsClient, offer: &Value) -> anyhow::Result<Value> {
     next_event(ws, "assigned").await
 }
 
+/// Alice, the only operator online, declines Ann's conversation, which then waits for a
+/// new round. Returns alice's socket, Ann's, the conversation and the declined offer.
+async fn declined_by_the_only_operator(dev: &Dev, offer_timeout_ms: u64) -> anyhow::Result<(WsClient, WsClient, u64, Value)> {
+    set_offer_timeout(dev, "general", offer_timeout_ms).await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (client, conversation, _) = dev.client("Ann").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    alice.send(&json!({"type": "decline", "offer": offer["offer"], "reason": "one moment", "ref": "d"})).await?;
+    next_event(&mut alice, "offer_withdrawn").await?;
+    Ok((alice, client, conversation, offer))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_message_reaches_operator_and_reply_reaches_client() -> anyhow::Result<()> {
     let (_dir, dev) = dev().await?;
@@ -196,13 +209,7 @@ async fn decline_and_timeout_hand_over_at_once_to_an_online_operator() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_its_only_operator_declined_is_offered_again_after_a_pause() -> anyhow::Result<()> {
     let (_dir, dev) = dev().await?;
-    set_offer_timeout(&dev, "general", 1000).await?;
-    let (mut alice, _) = dev.operator("alice").await?;
-    set_presence(&mut alice, "online").await?;
-    let (_client, conversation, _) = dev.client("Ann").await?;
-    let offer = next_event(&mut alice, "offer").await?;
-    alice.send(&json!({"type": "decline", "offer": offer["offer"], "reason": "one moment", "ref": "d"})).await?;
-    next_event(&mut alice, "offer_withdrawn").await?;
+    let (mut alice, _client, conversation, offer) = declined_by_the_only_operator(&dev, 1000).await?;
     // Nobody else can take it: the skill group's actor starts a new round one offer
     // timeout later, with no other change to the queue.
     let again = alice.wait_for(Duration::from_secs(5), |v| v["kind"] == "offer").await?;
@@ -343,13 +350,7 @@ async fn crashed_operator_actor_restarts_and_keeps_its_offer_timer() -> anyhow::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_group_actor_restarts_and_still_starts_the_new_round() -> anyhow::Result<()> {
     let (_dir, dev) = dev().await?;
-    set_offer_timeout(&dev, "general", 1500).await?;
-    let (mut alice, _) = dev.operator("alice").await?;
-    set_presence(&mut alice, "online").await?;
-    let (_client, conversation, _) = dev.client("Ann").await?;
-    let offer = next_event(&mut alice, "offer").await?;
-    alice.send(&json!({"type": "decline", "offer": offer["offer"], "reason": "one moment", "ref": "d"})).await?;
-    next_event(&mut alice, "offer_withdrawn").await?;
+    let (mut alice, _client, conversation, _offer) = declined_by_the_only_operator(&dev, 1500).await?;
 
     // The group's actor holds the timer of the coming new round; it panics.
     let admin = dev.login("admin").await?;
