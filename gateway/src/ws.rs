@@ -229,6 +229,12 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Whether the socket's login still holds; `false` closes it with 4001.
 pub type Guard = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// Tells the peer why, then closes with 4001.
+async fn refuse_changed_login(outbox: &Outbox) {
+    outbox.error("unauthorized", "this login's role changed; log in again", None).await;
+    let _ = outbox.0.send(Out::Close(close::UNAUTHORIZED, "login changed".into())).await;
+}
+
 /// Closes the socket once its guard fails, checking every `LOGIN_RECHECK`.
 fn watch_guard(guard: Guard, outbox: Outbox) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -238,8 +244,7 @@ fn watch_guard(guard: Guard, outbox: Outbox) -> tokio::task::JoinHandle<()> {
                 return;
             }
             if !guard() {
-                outbox.error("unauthorized", "this login's role changed; log in again", None).await;
-                let _ = outbox.0.send(Out::Close(close::UNAUTHORIZED, "login changed".into())).await;
+                refuse_changed_login(&outbox).await;
                 return;
             }
         }
@@ -305,8 +310,7 @@ pub async fn drive<S: Session>(mut ws: WebSocket<TokioIo<Upgraded>>, mut session
                 }
                 // A frame that arrives after the login changed is not acted on.
                 if guard.as_ref().is_some_and(|g| !g()) {
-                    outbox.error("unauthorized", "this login's role changed; log in again", None).await;
-                    let _ = outbox.0.send(Out::Close(close::UNAUTHORIZED, "login changed".into())).await;
+                    refuse_changed_login(&outbox).await;
                     break;
                 }
                 let text = match std::str::from_utf8(&frame.payload) {
