@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use switchboard_actors::model::{Command, Role, UserRecord};
 use switchboard_gateway::auth::hash_password;
+use switchboard_raft::files::write_private;
 
 use crate::server::RunningNode;
 
@@ -17,34 +18,6 @@ pub fn password() -> anyhow::Result<String> {
     let mut bytes = [0u8; 12];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| anyhow::anyhow!("no randomness"))?;
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
-}
-
-/// Writes `contents` durably, readable by the owner only from the first byte: created
-/// with mode 0600 under a temporary name, fsynced, renamed, and the folder fsynced, so a
-/// crash leaves the old file or the whole new one.
-pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let partial = path.with_extension("partial");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        options.mode(0o600);
-        // An older file of that name keeps its mode on open: set it before writing.
-        if partial.exists() {
-            std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o600))?;
-        }
-    }
-    let mut file = options.open(&partial)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&partial, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// Creates the first admin if the store has no users. Returns the password file when it

@@ -7,8 +7,9 @@ use std::path::Path;
 use anyhow::Context;
 use switchboard_actors::model::*;
 use switchboard_gateway::auth::hash_password;
+use switchboard_raft::files::write_private;
 
-use crate::bootstrap::{password, write_private};
+use crate::bootstrap::password;
 use crate::server::RunningNode;
 
 pub const LOGINS_FILE: &str = "demo-logins.json";

@@ -4,11 +4,13 @@
 //! - [`store`]: `RaftLogStorage` and `RaftStateMachine` on sled (passes openraft's suite).
 //! - [`network`]: the QUIC transport: one endpoint per node, one stream per RPC.
 //! - [`tls`]: the cluster CA and node certificates; rustls with the ring provider only.
+//! - [`files`]: durable, owner-only writes of keys and other secrets.
 //!
 //! Architecture invariant: this crate knows nothing of conversations or operators. An
 //! entry is opaque bytes applied by a [`Machine`] the node plugs in, so the storage and
 //! transport are tested alone and the domain can change its format without touching them.
 
+pub mod files;
 pub mod network;
 pub mod store;
 pub mod tls;

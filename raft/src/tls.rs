@@ -14,6 +14,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::files::write_private;
 use crate::Error;
 
 /// The DNS name every node certificate carries, and clients verify.
@@ -35,16 +36,6 @@ fn ca_params() -> Result<CertificateParams, Error> {
     Ok(params)
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<(), Error> {
-    std::fs::write(path, contents)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
-}
-
 /// Creates the cluster CA in `dir` unless one is already there.
 pub fn ensure_ca(dir: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(dir)?;
@@ -53,8 +44,10 @@ pub fn ensure_ca(dir: &Path) -> Result<(), Error> {
     }
     let key = KeyPair::generate()?;
     let cert = ca_params()?.self_signed(&key)?;
-    write_private(&dir.join(CA_KEY), &key.serialize_pem())?;
-    std::fs::write(dir.join(CA_CERT), cert.pem())?;
+    // Certificates go through the same durable writer as keys: a certificate cut short
+    // by a crash would be taken as present on the next start and break every handshake.
+    write_private(&dir.join(CA_KEY), key.serialize_pem().as_bytes())?;
+    write_private(&dir.join(CA_CERT), cert.pem().as_bytes())?;
     Ok(())
 }
 
@@ -89,8 +82,8 @@ pub fn ensure_member(dir: &Path, name: &str, extra_names: &[String]) -> Result<I
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca, &ca_key)?;
-    write_private(&identity.key, &key.serialize_pem())?;
-    std::fs::write(&identity.cert, cert.pem())?;
+    write_private(&identity.key, key.serialize_pem().as_bytes())?;
+    write_private(&identity.cert, cert.pem().as_bytes())?;
     Ok(identity)
 }
 
