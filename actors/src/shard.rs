@@ -2,8 +2,9 @@
 //! Raft state machine calls, and the read and subscribe API the gateway uses.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, LockResult, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
@@ -54,10 +55,22 @@ impl Shard {
     }
 
     /// The Raft state machine's apply: deterministic, never blocks on the actors.
+    ///
+    /// A panic inside the core may leave the state half changed: some events applied,
+    /// the rest not. Serving that state, or applying later entries on top of it, would
+    /// make this replica disagree with the others for good. So a panic stops the process
+    /// (exit code 101); the node restarts from its last snapshot and log, which replay to
+    /// a consistent state.
     pub fn apply(&self, envelope: &Envelope) -> Result<Reply, Error> {
         let result = {
-            let mut state = self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-            handle(&mut state, envelope)
+            let mut state = stop_if_poisoned(self.state.write());
+            match catch_panic(|| handle(&mut state, envelope)) {
+                Ok(result) => result,
+                // The write guard is still held while the process stops, so no reader
+                // ever sees the half-applied state. The command is not logged: it may
+                // carry a customer's message.
+                Err(message) => stop(&format!("applying the entry stamped {} panicked: {message}", envelope.at.0)),
+            }
         };
         match result {
             Ok((reply, outcome)) => {
@@ -87,8 +100,10 @@ impl Shard {
         }
     }
 
+    /// The current state. Stops the process if a write to it ever panicked (see
+    /// [`Shard::apply`]) rather than serve what may be half applied.
     pub fn read(&self) -> RwLockReadGuard<'_, ShardState> {
-        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+        stop_if_poisoned(self.state.read())
     }
 
     pub fn snapshot(&self) -> Result<Vec<u8>, Error> {
@@ -104,12 +119,12 @@ impl Shard {
         if snapshot.v != 1 {
             return Err(Error::Commit(format!("unknown snapshot version {}", snapshot.v)));
         }
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = snapshot.state;
+        *stop_if_poisoned(self.state.write()) = snapshot.state;
         Ok(())
     }
 
     pub fn reset(&self) {
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = ShardState::default();
+        *stop_if_poisoned(self.state.write()) = ShardState::default();
     }
 }
 
@@ -128,4 +143,46 @@ pub type Wakeups = watch::Receiver<u64>;
 
 pub(crate) fn new_stream() -> Arc<watch::Sender<u64>> {
     Arc::new(watch::Sender::new(0))
+}
+
+/// Ends the process after a failure that leaves the shard state untrustworthy. Exit
+/// code 101 is what an uncaught panic gives, so supervisors (systemd, Kubernetes)
+/// restart the node as they would after any crash.
+fn stop(why: &str) -> ! {
+    tracing::error!("{why}; stopping so the node restarts from its log");
+    std::process::exit(101)
+}
+
+/// The guard of a lock whose holder never panicked. A poisoned lock means a write to
+/// the state was cut short by a panic, so nothing may read or build on it.
+fn stop_if_poisoned<G>(locked: LockResult<G>) -> G {
+    match locked {
+        Ok(guard) => guard,
+        Err(_) => stop("the shard state lock is poisoned: an earlier write panicked"),
+    }
+}
+
+/// Runs `f`, turning a panic into its message. The state `f` touches is thrown away by
+/// the caller on a panic, which is what makes asserting unwind safety sound here.
+fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_is_caught_with_its_message() {
+        assert_eq!(catch_panic(|| 7), Ok(7));
+        assert_eq!(catch_panic(|| -> u32 { panic!("static message") }), Err("static message".to_owned()));
+        let id = 42;
+        assert_eq!(catch_panic(|| -> u32 { panic!("formatted {id}") }), Err("formatted 42".to_owned()));
+    }
 }
