@@ -3,7 +3,7 @@
 
 use switchboard_actors::core::handle;
 use switchboard_actors::model::*;
-use switchboard_actors::state::{FeedItem, ShardState};
+use switchboard_actors::state::{FeedItem, HistoryItem, ShardState};
 
 fn run(state: &mut ShardState, at: u64, command: Command) {
     handle(state, &Envelope::new(Timestamp(at), command)).expect("command accepted");
@@ -29,8 +29,16 @@ fn assignment_history_reaches_the_operator_exactly_once() {
     run(&mut s, 14, Command::Transfer { operator: holder.clone(), conversation: conv, target: TransferTarget::Operator(other.clone()), comment: "yours".into() });
     run(&mut s, 15, Command::PostClientMessage { conversation: conv, key: "k3".into(), text: "hi again".into(), attachments: vec![] });
 
-    let history_len = s.conversations[&conv].history.len() as u64;
-    for (operator, expect_released) in [(&holder, true), (&other, false)] {
+    let history = &s.conversations[&conv].history;
+    // The first holder's feed ends with the transfer, the last entry written while they
+    // held it; the new holder's runs to the end of the history.
+    let transferred_at = history
+        .iter()
+        .find(|e| matches!(e.item, HistoryItem::Transferred { .. }))
+        .map(|e| e.seq)
+        .expect("the transfer is in the history");
+    let history_len = history.len() as u64;
+    for (operator, expect_released, last) in [(&holder, true, transferred_at), (&other, false, history_len)] {
         let mut seen: Vec<u64> = Vec::new();
         for entry in &s.operators[operator].feed.entries {
             match &entry.item {
@@ -39,14 +47,12 @@ fn assignment_history_reaches_the_operator_exactly_once() {
                 _ => {}
             }
         }
-        let mut deduped = seen.clone();
-        deduped.dedup();
-        assert_eq!(seen, deduped, "{operator}: an entry reached the feed twice: {seen:?}");
+        // Exactly once, in order, with nothing missing: a duplicate anywhere, a gap or a
+        // reordering all make the sequence differ from 1..=last.
+        let expected: Vec<u64> = (1..=last).collect();
+        assert_eq!(seen, expected, "{operator}: the feed must carry history entries 1..={last} each once, in order");
         let released = s.operators[operator].feed.entries.iter().any(|e| matches!(e.item, FeedItem::Released { .. }));
         assert_eq!(released, expect_released);
-        if !expect_released {
-            assert_eq!(seen.last().copied(), Some(history_len), "the holder saw everything up to the end");
-        }
     }
 }
 
