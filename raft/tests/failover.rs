@@ -108,15 +108,63 @@ async fn new_leader_commits_after_leader_is_killed() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A server that shows `identity`'s certificate and asks the client for none, so when a
+/// node dials it only the node's own check of the server can refuse the connection.
+fn server_asking_no_client_certificate(identity: &tls::Identity, bind: std::net::SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = vec![rustls::pki_types::CertificateDer::from_pem_file(&identity.cert)?];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&identity.key)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![tls::ALPN.to_vec()];
+    let config = quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(tls)?));
+    let endpoint = quinn::Endpoint::server(config, bind)?;
+    // Completes every handshake it is offered and keeps the connections open.
+    let serving = endpoint.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(incoming) = serving.accept().await {
+            if let Ok(connection) = incoming.await {
+                held.push(connection);
+            }
+        }
+    });
+    Ok(endpoint)
+}
+
+/// The client side of mutual TLS: a node dialling an address where a stranger answers
+/// (a spoofed or stale peer address) refuses the stranger's certificate itself. The
+/// server side is `the_server_refuses_clients_without_a_cluster_certificate`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_without_cluster_certificate_is_refused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let replica = start_replica(1, &dir.path().join("certs"), dir.path()).await?;
-    // A stranger with its own CA: the handshake must fail both ways.
-    let stranger_identity = tls::ensure_member(&dir.path().join("other-ca"), "stranger", &[])?;
-    let stranger = tls::endpoint(&stranger_identity, "127.0.0.1:0".parse()?)?;
-    let result = stranger.connect(replica.endpoint.local_addr()?, tls::NODE_SERVER_NAME)?.await;
-    assert!(result.is_err(), "a peer from another CA must not connect");
+    let certs = dir.path().join("certs");
+    let replica = start_replica(1, &certs, dir.path()).await?;
+    let within_5s = |connecting: quinn::Connecting| async move {
+        tokio::time::timeout(Duration::from_secs(5), connecting).await.map_err(|_| anyhow::anyhow!("timed out"))
+    };
+
+    // Control: a server with a cluster certificate is accepted by the node.
+    let member = tls::ensure_member(&certs, "node-9", &[])?;
+    let member_server = server_asking_no_client_certificate(&member, "127.0.0.1:0".parse()?)?;
+    let accepted = within_5s(replica.endpoint.connect(member_server.local_addr()?, tls::NODE_SERVER_NAME)?).await?;
+    assert!(accepted.is_ok(), "the node must connect to a server with a cluster certificate: {accepted:?}");
+
+    // The same server with a certificate from another CA, for the same name.
+    let foreign = tls::ensure_member(&dir.path().join("other-ca"), "stranger", &[])?;
+    let stranger = server_asking_no_client_certificate(&foreign, "127.0.0.1:0".parse()?)?;
+    let refused = within_5s(replica.endpoint.connect(stranger.local_addr()?, tls::NODE_SERVER_NAME)?).await?;
+    // A transport error is one this side detected; had the stranger closed the
+    // connection, it would be `ConnectionClosed`.
+    assert!(
+        matches!(refused, Err(quinn::ConnectionError::TransportError(_))),
+        "the node itself must refuse a server from another CA: {refused:?}"
+    );
+
+    member_server.close(0u32.into(), b"");
     stranger.close(0u32.into(), b"");
     replica.raft.shutdown().await?;
     replica.endpoint.close(0u32.into(), b"");
