@@ -261,7 +261,34 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             if let Some(op) = &user.operator {
                 operator(op)?;
             }
-            Ok((Reply::Done, vec![Event::UserUpserted(user.clone())]))
+            let mut events = vec![Event::UserUpserted(user.clone())];
+            // A new password ends the sessions opened with the old one. This touches
+            // only token epochs, never routing, so older logs replay to the same routing.
+            if state.users.get(&user.login).is_some_and(|old| old.password_hash != user.password_hash) {
+                events.push(Event::SessionsEnded { login: user.login.clone() });
+            }
+            Ok((Reply::Done, events))
+        }
+        Command::EndSessions { login } => {
+            if !state.users.contains_key(login) {
+                return Err(Error::NotFound(format!("user {login}")));
+            }
+            Ok((Reply::Done, vec![Event::SessionsEnded { login: login.clone() }]))
+        }
+        Command::SetChannelPublicGroups { channel, groups } => {
+            if !state.channels.contains_key(channel) {
+                return Err(Error::NotFound(format!("channel {channel}")));
+            }
+            if let Some(missing) = groups.iter().find(|g| !state.groups.contains_key(*g)) {
+                return Err(Error::NotFound(format!("skill group {missing}")));
+            }
+            if groups.len() > 50 {
+                return Err(Error::Invalid("a channel offers at most 50 groups".into()));
+            }
+            let mut groups = groups.clone();
+            groups.sort();
+            groups.dedup();
+            Ok((Reply::Done, vec![Event::ChannelPublicGroupsSet { channel: channel.clone(), groups }]))
         }
         Command::StartConversation { channel, group, visitor } => {
             let channel_config = state.channels.get(channel).ok_or(Error::NotFound(format!("channel {channel}")))?;
@@ -417,6 +444,15 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
         Command::PostOperatorMessage { operator: op_id, conversation: conv_id, key, text, attachments } => {
             check_key(key)?;
             let conv = conversation(conv_id)?;
+            // Whether a key was used is part of the conversation, so only an operator
+            // who may read it (holds it or held it; protocol §3.3) learns it; anyone
+            // else is refused as a new message would be, with `not_assigned`. A refusal
+            // and a duplicate both write nothing, so no log replays differently and no
+            // rules version is needed (ADR 0002). A retry by the holder after a transfer
+            // or close is still acknowledged as the duplicate it is.
+            if !conv.handled_by.contains(op_id) {
+                return Err(Error::NotAssigned { conversation: *conv_id, operator: op_id.clone() });
+            }
             if let Some(seq) = conv.keys.get(key) {
                 return Ok((Reply::Message { seq: *seq, duplicate: true }, vec![]));
             }

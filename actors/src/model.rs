@@ -296,6 +296,17 @@ pub enum Command {
     AdoptRules {
         version: u32,
     },
+    /// Ends every session of a login: its tokens issued before this entry stop working
+    /// (logout, an admin's "end sessions").
+    EndSessions {
+        login: String,
+    },
+    /// The groups a channel's public widget may start conversations in, besides its
+    /// default group.
+    SetChannelPublicGroups {
+        channel: ChannelId,
+        groups: Vec<SkillGroupId>,
+    },
 }
 
 /// Who read a conversation.
@@ -483,5 +494,13 @@ pub enum Event {
     },
     RulesAdopted {
         version: u32,
+    },
+    /// A login's session epoch moved on: tokens naming an older one are void.
+    SessionsEnded {
+        login: String,
+    },
+    ChannelPublicGroupsSet {
+        channel: ChannelId,
+        groups: Vec<SkillGroupId>,
     },
 }

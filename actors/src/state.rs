@@ -34,6 +34,13 @@ pub struct ShardState {
     /// rules. Changing behaviour is gated on it, so a log replays as it was decided.
     #[serde(default)]
     pub rules: u32,
+    /// Per login, the session epoch staff tokens must name to be valid; advanced by a
+    /// password change, a logout or an admin ending the login's sessions.
+    #[serde(default)]
+    pub session_epochs: BTreeMap<String, u64>,
+    /// Per channel, the groups its public widget may start in besides the default.
+    #[serde(default)]
+    pub channel_public_groups: BTreeMap<ChannelId, Vec<SkillGroupId>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -490,6 +497,16 @@ impl ShardState {
             }
             Event::RulesAdopted { version } => {
                 self.rules = self.rules.max(*version);
+            }
+            Event::SessionsEnded { login } => {
+                *self.session_epochs.entry(login.clone()).or_insert(0) += 1;
+            }
+            Event::ChannelPublicGroupsSet { channel, groups } => {
+                if groups.is_empty() {
+                    self.channel_public_groups.remove(channel);
+                } else {
+                    self.channel_public_groups.insert(channel.clone(), groups.clone());
+                }
             }
             Event::ReadMarked { conversation, by, upto } => {
                 if let Some(conv) = self.conversations.get_mut(conversation) {

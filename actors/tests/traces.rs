@@ -116,9 +116,12 @@ fn parse(line: &str) -> (Timestamp, Command) {
 
 fn render(event: &Event) -> String {
     match event {
-        Event::SkillGroupUpserted(_) | Event::OperatorUpserted(_) | Event::ChannelUpserted(_) | Event::UserUpserted(_) => {
-            "config".into()
-        }
+        Event::SkillGroupUpserted(_)
+        | Event::OperatorUpserted(_)
+        | Event::ChannelUpserted(_)
+        | Event::UserUpserted(_)
+        | Event::SessionsEnded { .. }
+        | Event::ChannelPublicGroupsSet { .. } => "config".into(),
         Event::ConversationStarted { conversation, .. } => format!("started {conversation}"),
         Event::ConversationQueued { conversation, group, ticket } => format!("queued {conversation} in {group} at #{ticket}"),
         Event::ClientMessagePosted { conversation, text, .. } => format!("client says {text:?} in {conversation}"),
