@@ -1,28 +1,33 @@
 //! Attachments: a content store on disk for the bytes, and a Raft-committed record of
 //! each file (conversation, name, type, size, digest) that decides who may use it.
 //!
+//! Everything that can be checked without the body is checked first (token,
+//! conversation, type, declared length, the address's budget, the conversation's
+//! quota), so a refused upload costs no more than its headers. The body is then
+//! streamed to a temporary file, never held whole, and checked as it passes: the bytes
+//! must match the declared type (a "PNG" must start like one).
+//!
 //! A file is written and fsynced before its record is committed, so a committed record
-//! never points at missing bytes; a file whose record is refused is removed again. The
-//! declared type must match the bytes (a "PNG" must start like one), and each
-//! conversation has a quota of files and bytes.
+//! never points at missing bytes; a file whose record is refused is removed again.
 //!
 //! Left out for now: the store is the data folder's `attachments/` on the node that
 //! received the upload. Replicating it to the other replicas of the shard comes with
 //! the multi-node cluster.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 use switchboard_actors::model::{Attachment, AttachmentId, Command, ConversationId};
-use tokio::io::AsyncWriteExt;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::Subject;
 use crate::rest::{check_read, Params, Staff};
@@ -43,6 +48,20 @@ pub const ALLOWED_TYPES: &[&str] = &[
     "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
 ];
 
+/// A file being received: removed when dropped, also when the request is dropped
+/// halfway (a body that timed out), unless it was renamed into place first.
+struct Partial(PathBuf);
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        match std::fs::remove_file(&self.0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %self.0.display(), error = %e, "could not remove a partial upload"),
+        }
+    }
+}
+
 /// Files by id in one folder; ids are random hex, never derived from user input.
 pub struct BlobStore {
     dir: PathBuf,
@@ -59,24 +78,45 @@ impl BlobStore {
         valid.then(|| self.dir.join(&id.0))
     }
 
-    /// Stores bytes durably and returns their new id and SHA-256.
-    pub async fn put(&self, bytes: &[u8]) -> Result<(AttachmentId, String), GatewayError> {
+    /// Streams a body into the store, checking it against its declared type and length
+    /// as it arrives, and returns its new id and SHA-256. Nothing is kept on failure.
+    pub async fn put(&self, body: Body, content_type: &str, declared: u64) -> Result<(AttachmentId, String), GatewayError> {
         let mut raw = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
             .map_err(|_| GatewayError::Internal("no randomness".into()))?;
         let id = AttachmentId(raw.iter().map(|b| format!("{b:02x}")).collect());
-        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-        let sha256: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         let path = self.path(&id).ok_or_else(|| GatewayError::Internal("bad generated id".into()))?;
-        let partial = path.with_extension("partial");
-        let mut file = tokio::fs::File::create(&partial).await?;
-        file.write_all(bytes).await?;
-        file.sync_all().await?;
-        drop(file);
-        tokio::fs::rename(&partial, &path).await?;
+        let partial = Partial(path.with_extension("partial"));
+        let sha256 = Self::write_partial(&partial.0, body, content_type, declared).await?;
+        tokio::fs::rename(&partial.0, &path).await?;
+        // Renamed: nothing is left at the partial path for the guard to remove.
         // The rename itself must survive a crash too.
         tokio::fs::File::open(&self.dir).await?.sync_all().await?;
         Ok((id, sha256))
+    }
+
+    async fn write_partial(partial: &std::path::Path, mut body: Body, content_type: &str, declared: u64) -> Result<String, GatewayError> {
+        let mut file = tokio::fs::File::create(partial).await?;
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut sniff = Sniffer::new(content_type);
+        let mut size = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| GatewayError::BadRequest(format!("the upload broke off: {e}")))?;
+            let Ok(chunk) = frame.into_data() else { continue };
+            size += chunk.len() as u64;
+            if size > declared {
+                return Err(GatewayError::BadRequest("the body is longer than its Content-Length".into()));
+            }
+            sniff.feed(&chunk)?;
+            digest.update(&chunk);
+            file.write_all(&chunk).await?;
+        }
+        if size != declared {
+            return Err(GatewayError::BadRequest("the body is shorter than its Content-Length".into()));
+        }
+        sniff.finish()?;
+        file.sync_all().await?;
+        Ok(digest.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// Removes a file no committed record refers to.
@@ -88,9 +128,22 @@ impl BlobStore {
         }
     }
 
-    pub async fn get(&self, id: &AttachmentId) -> Result<Vec<u8>, GatewayError> {
+    /// The file as a body streamed in chunks: a download never holds the file whole.
+    pub async fn get(&self, id: &AttachmentId) -> Result<Body, GatewayError> {
         let path = self.path(id).ok_or_else(|| GatewayError::NotFound("attachment".into()))?;
-        tokio::fs::read(path).await.map_err(|_| GatewayError::NotFound("attachment".into()))
+        let file = tokio::fs::File::open(path).await.map_err(|_| GatewayError::NotFound("attachment".into()))?;
+        let chunks = futures::stream::unfold(file, |mut file| async move {
+            let mut chunk = vec![0u8; 64 * 1024];
+            match file.read(&mut chunk).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(chunk)), file))
+                }
+                Err(e) => Some((Err(e), file)),
+            }
+        });
+        Ok(Body::from_stream(chunks))
     }
 }
 
@@ -113,14 +166,39 @@ pub(crate) struct ClientDownload {
     token: String,
 }
 
-/// Keeps a display name harmless: no path parts, no control characters, bounded length.
-fn clean_name(name: &str) -> String {
+/// Unicode's bidirectional controls: they can make `evil\u{202E}fdp.exe` read as
+/// `evilexe.pdf`.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Extensions a file of each accepted type may carry; the first is added when the name
+/// has none of them.
+fn extensions(content_type: &str) -> &'static [&'static str] {
+    match content_type {
+        "image/png" => &["png"],
+        "image/jpeg" => &["jpg", "jpeg"],
+        "image/gif" => &["gif"],
+        "image/webp" => &["webp"],
+        "application/pdf" => &["pdf"],
+        "text/plain" => &["txt", "log", "csv", "text"],
+        "application/msword" => &["doc"],
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document" => &["docx"],
+        _ => &[],
+    }
+}
+
+/// Keeps a display name harmless: no path parts, no control or bidirectional
+/// characters, bounded length, and an extension that agrees with the verified type.
+fn clean_name(name: &str, content_type: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
-    let cleaned: String = base.chars().filter(|c| !c.is_control() && *c != '"').take(200).collect();
-    if cleaned.trim().is_empty() {
-        "file".into()
-    } else {
-        cleaned
+    let cleaned: String = base.chars().filter(|c| !c.is_control() && !is_bidi_control(*c) && *c != '"').take(200).collect();
+    let cleaned = if cleaned.trim().is_empty() { "file".to_owned() } else { cleaned };
+    let allowed = extensions(content_type);
+    let has_allowed = cleaned.rsplit_once('.').is_some_and(|(_, ext)| allowed.iter().any(|a| a.eq_ignore_ascii_case(ext)));
+    match allowed.first() {
+        Some(ext) if !has_allowed => format!("{cleaned}.{ext}"),
+        _ => cleaned,
     }
 }
 
@@ -134,58 +212,138 @@ fn content_type(headers: &HeaderMap) -> Result<String, GatewayError> {
     }
 }
 
-/// Whether the bytes look like the declared type, by the signature each format starts
-/// with; text must be UTF-8 without NUL bytes. Stops a script served as an "image".
-fn content_matches(content_type: &str, bytes: &[u8]) -> bool {
+/// Bytes of a file's start kept to check its signature.
+const SNIFF_BYTES: usize = 512;
+
+/// Checks a body against its declared type as it streams past: the signature each
+/// format starts with; text must be UTF-8 without NUL bytes throughout. Stops a script
+/// served as an "image".
+struct Sniffer<'a> {
+    content_type: &'a str,
+    head: Vec<u8>,
+    /// An incomplete UTF-8 sequence at the end of the last chunk (text only).
+    carry: Vec<u8>,
+}
+
+impl<'a> Sniffer<'a> {
+    fn new(content_type: &'a str) -> Self {
+        Sniffer { content_type, head: Vec::new(), carry: Vec::new() }
+    }
+
+    fn refuse(&self) -> GatewayError {
+        GatewayError::UnsupportedType(format!("{} (the file's content is not of that type)", self.content_type))
+    }
+
+    fn feed(&mut self, chunk: &[u8]) -> Result<(), GatewayError> {
+        if self.head.len() < SNIFF_BYTES {
+            let take = (SNIFF_BYTES - self.head.len()).min(chunk.len());
+            self.head.extend_from_slice(&chunk[..take]);
+        }
+        if self.content_type == "text/plain" {
+            if chunk.contains(&0) {
+                return Err(self.refuse());
+            }
+            let mut bytes = std::mem::take(&mut self.carry);
+            bytes.extend_from_slice(chunk);
+            if let Err(e) = std::str::from_utf8(&bytes) {
+                // Only a sequence cut by the chunk's end may wait for the next chunk.
+                if e.error_len().is_some() {
+                    return Err(self.refuse());
+                }
+                self.carry = bytes[e.valid_up_to()..].to_vec();
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), GatewayError> {
+        if self.head.is_empty() {
+            return Err(GatewayError::BadRequest("the file is empty".into()));
+        }
+        if !self.carry.is_empty() || !signature_matches(self.content_type, &self.head) {
+            return Err(self.refuse());
+        }
+        Ok(())
+    }
+}
+
+/// Whether a file's first bytes fit its declared type.
+fn signature_matches(content_type: &str, head: &[u8]) -> bool {
     match content_type {
-        "image/png" => bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
-        "image/jpeg" => bytes.starts_with(&[0xFF, 0xD8, 0xFF]),
-        "image/gif" => bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a"),
-        "image/webp" => bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP",
-        "application/pdf" => bytes.starts_with(b"%PDF-"),
-        "application/msword" => bytes.starts_with(&[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1]),
-        "application/vnd.openxmlformats-officedocument.wordprocessingml.document" => bytes.starts_with(b"PK\x03\x04"),
-        "text/plain" => !bytes.contains(&0) && std::str::from_utf8(bytes).is_ok(),
+        "image/png" => head.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "image/jpeg" => head.starts_with(&[0xFF, 0xD8, 0xFF]),
+        "image/gif" => head.starts_with(b"GIF87a") || head.starts_with(b"GIF89a"),
+        "image/webp" => head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"WEBP",
+        "application/pdf" => head.starts_with(b"%PDF-"),
+        "application/msword" => head.starts_with(&[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1]),
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document" => office_open_xml(head),
+        "text/plain" => true,
         _ => false,
     }
 }
 
-fn body(bytes: Result<Bytes, BytesRejection>) -> Result<Bytes, GatewayError> {
-    let bytes = bytes.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            GatewayError::TooLarge(MAX_ATTACHMENT_BYTES)
-        } else {
-            GatewayError::BadRequest(e.body_text())
-        }
-    })?;
-    if bytes.len() > MAX_ATTACHMENT_BYTES {
-        return Err(GatewayError::TooLarge(MAX_ATTACHMENT_BYTES));
+/// An Office Open XML package is a ZIP archive whose first entry is one of the
+/// package's own parts; any ZIP (a `.jar`, a zipped script) is not enough.
+fn office_open_xml(head: &[u8]) -> bool {
+    if head.len() < 30 || !head.starts_with(b"PK\x03\x04") {
+        return false;
     }
-    if bytes.is_empty() {
-        return Err(GatewayError::BadRequest("the file is empty".into()));
-    }
-    Ok(bytes)
+    let name_len = usize::from(u16::from_le_bytes([head[26], head[27]]));
+    let Some(name) = head.get(30..30 + name_len) else { return false };
+    name == b"[Content_Types].xml" || [&b"_rels/"[..], b"word/", b"docProps/"].iter().any(|p| name.starts_with(p))
 }
 
-async fn store(gw: &Gateway, conversation: ConversationId, name: &str, content_type: String, bytes: &[u8], by: String) -> Result<Response, GatewayError> {
-    if !content_matches(&content_type, bytes) {
-        return Err(GatewayError::UnsupportedType(format!("{content_type} (the file's content is not of that type)")));
+/// What an upload declares before its body is read.
+struct Declared {
+    content_type: String,
+    length: u64,
+}
+
+/// Checks the type and length an upload declares; 415, 411 or 413 before the body.
+fn declared(headers: &HeaderMap) -> Result<Declared, GatewayError> {
+    let content_type = content_type(headers)?;
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or(GatewayError::LengthRequired)?;
+    if length > MAX_ATTACHMENT_BYTES as u64 {
+        return Err(GatewayError::TooLarge(MAX_ATTACHMENT_BYTES));
     }
-    {
-        let shard = gw.backend.shard();
-        let state = shard.read();
-        switchboard_actors::core::attachment_room(&state, conversation, bytes.len() as u64)?;
+    if length == 0 {
+        return Err(GatewayError::BadRequest("the file is empty".into()));
     }
-    let (id, sha256) = gw.blobs.put(bytes).await?;
-    let attachment =
-        Attachment { id, conversation, name: clean_name(name), content_type, size: bytes.len() as u64, sha256, uploaded_by: by };
+    Ok(Declared { content_type, length })
+}
+
+/// The conversation's quota, asked before any byte is read (400 `invalid` past it).
+fn check_room(gw: &Gateway, conversation: ConversationId, size: u64) -> Result<(), GatewayError> {
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    switchboard_actors::core::attachment_room(&state, conversation, size).map_err(quota_refusal)
+}
+
+/// The quota's refusal is a bad request (400 `invalid`), before the body or at commit.
+fn quota_refusal(e: switchboard_actors::Error) -> GatewayError {
+    match e {
+        switchboard_actors::Error::Invalid(message) => GatewayError::Invalid(message),
+        other => other.into(),
+    }
+}
+
+async fn store(gw: &Gateway, conversation: ConversationId, name: &str, declared: Declared, body: Body, by: String) -> Result<Response, GatewayError> {
+    let Declared { content_type, length } = declared;
+    let (id, sha256) = gw.blobs.put(body, &content_type, length).await?;
+    let name = clean_name(name, &content_type);
+    let attachment = Attachment { id, conversation, name, content_type, size: length, sha256, uploaded_by: by };
     if let Err(e) = gw.submit(Command::StoreAttachment(attachment.clone())).await {
         // Refused: nothing refers to the bytes, so do not keep them. After a commit
         // failure the record may still apply, so the bytes must stay.
         if e.is_refusal() {
             gw.blobs.remove(&attachment.id).await;
         }
-        return Err(e.into());
+        // The quota, asked again at commit, is a bad request as it is before the body.
+        return Err(quota_refusal(e));
     }
     let reply = json!({"id": attachment.id.0, "name": attachment.name, "content_type": attachment.content_type, "size": attachment.size});
     Ok((StatusCode::CREATED, Json(reply)).into_response())
@@ -194,17 +352,16 @@ async fn store(gw: &Gateway, conversation: ConversationId, name: &str, content_t
 /// `POST /attachments?token=&name=` on the public listener.
 pub(crate) async fn client_upload(
     State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Params(query): Params<ClientUpload>,
     headers: HeaderMap,
-    bytes: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, GatewayError> {
     let conversation = match gw.tokens.verify(&query.token)? {
         Subject::Client { conversation } => conversation,
         Subject::Staff { .. } => return Err(GatewayError::Forbidden("staff upload on the private listener")),
         Subject::Visitor { .. } => return Err(GatewayError::Forbidden("a visitor token is not a conversation token")),
     };
-    let content_type = content_type(&headers)?;
-    let bytes = body(bytes)?;
     let open = {
         let shard = gw.backend.shard();
         let state = shard.read();
@@ -215,7 +372,19 @@ pub(crate) async fn client_upload(
         Some(false) => return Err(GatewayError::Core(switchboard_actors::Error::Closed(conversation))),
         None => return Err(GatewayError::NotFound(format!("conversation {}", conversation.0))),
     }
-    store(&gw, conversation, &query.name, content_type, &bytes, "client".into()).await
+    let declared = declared(&headers)?;
+    let budgets = gw.config.budgets;
+    let _slot = match gw.usage.uploads.acquire(peer.ip(), budgets.uploads_per_address, budgets.uploads) {
+        Ok(slot) => slot,
+        Err(crate::budget::Refused::Address) => return Err(GatewayError::Budget("too many uploads in progress from your address")),
+        Err(crate::budget::Refused::Total) => return Err(GatewayError::Busy("too many uploads in progress; try again shortly")),
+    };
+    check_room(&gw, conversation, declared.length)?;
+    if !gw.usage.upload_bytes.take(peer.ip(), declared.length as f64, budgets.upload_bytes_per_hour as f64) {
+        gw.metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(GatewayError::Budget("your address has uploaded its share of files for this hour"));
+    }
+    store(&gw, conversation, &query.name, declared, body, "client".into()).await
 }
 
 /// `POST /api/attachments?conversation=&name=` on the private listener.
@@ -224,7 +393,7 @@ pub(crate) async fn staff_upload(
     staff: Staff,
     Params(query): Params<StaffUpload>,
     headers: HeaderMap,
-    bytes: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, GatewayError> {
     let conversation = ConversationId(query.conversation);
     let operator = staff.operator.clone().ok_or(GatewayError::Forbidden("only operators send attachments"))?;
@@ -236,15 +405,15 @@ pub(crate) async fn staff_upload(
             return Err(GatewayError::Forbidden("you do not hold this conversation"));
         }
     }
-    let content_type = content_type(&headers)?;
-    let bytes = body(bytes)?;
-    store(&gw, conversation, &query.name, content_type, &bytes, operator.0).await
+    let declared = declared(&headers)?;
+    check_room(&gw, conversation, declared.length)?;
+    store(&gw, conversation, &query.name, declared, body, operator.0).await
 }
 
-fn serve(attachment: &Attachment, bytes: Vec<u8>) -> Response {
+fn serve(attachment: &Attachment, body: Body) -> Response {
     let inline = attachment.content_type.starts_with("image/") || attachment.content_type == "application/pdf";
     let disposition = format!("{}; filename=\"{}\"", if inline { "inline" } else { "attachment" }, attachment.name.replace(['\r', '\n'], " "));
-    let mut response = bytes.into_response();
+    let mut response = body.into_response();
     let headers = response.headers_mut();
     if let Ok(v) = attachment.content_type.parse() {
         headers.insert(header::CONTENT_TYPE, v);
@@ -278,8 +447,8 @@ pub(crate) async fn client_download(
     if attachment.conversation != conversation {
         return Err(GatewayError::NotFound("attachment".into()));
     }
-    let bytes = gw.blobs.get(&attachment.id).await?;
-    Ok(serve(&attachment, bytes))
+    let body = gw.blobs.get(&attachment.id).await?;
+    Ok(serve(&attachment, body))
 }
 
 /// `GET /api/attachments/{id}` on the private listener.
@@ -290,8 +459,8 @@ pub(crate) async fn staff_download(State(gw): State<Arc<Gateway>>, staff: Staff,
         let state = shard.read();
         check_read(&staff, &state, attachment.conversation)?;
     }
-    let bytes = gw.blobs.get(&attachment.id).await?;
-    Ok(serve(&attachment, bytes))
+    let body = gw.blobs.get(&attachment.id).await?;
+    Ok(serve(&attachment, body))
 }
 
 /// Cross-origin access for the widget embedded on a customer's site: uploads and
@@ -331,22 +500,67 @@ pub(crate) async fn cors(
 mod tests {
     use super::*;
 
+    const DOCX: &str = "application/vnd.openxmlformats-officedocument.wordprocessingml.document";
+
     #[test]
-    fn names_lose_paths_and_control_characters() {
-        assert_eq!(clean_name("../../etc/passwd"), "passwd");
-        assert_eq!(clean_name("C:\\docs\\a\"b.pdf"), "ab.pdf");
-        assert_eq!(clean_name("line\nbreak.txt"), "linebreak.txt");
-        assert_eq!(clean_name(""), "file");
+    fn names_lose_paths_control_and_bidi_characters_and_match_their_type() {
+        assert_eq!(clean_name("../../etc/passwd", "text/plain"), "passwd.txt");
+        assert_eq!(clean_name("C:\\docs\\a\"b.pdf", "application/pdf"), "ab.pdf");
+        assert_eq!(clean_name("line\nbreak.txt", "text/plain"), "linebreak.txt");
+        assert_eq!(clean_name("", "image/png"), "file.png");
+        assert_eq!(clean_name("invoice\u{202E}fdp.exe", "application/pdf"), "invoicefdp.exe.pdf");
+        assert_eq!(clean_name("photo.JPEG", "image/jpeg"), "photo.JPEG");
+    }
+
+    /// A ZIP local file header naming `name`, as the first entry of an archive.
+    fn zip_with_first_entry(name: &str) -> Vec<u8> {
+        let mut out = b"PK\x03\x04".to_vec();
+        out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(name.as_bytes());
+        out
+    }
+
+    #[test]
+    fn a_docx_must_be_an_office_package_not_any_zip() {
+        assert!(signature_matches(DOCX, &zip_with_first_entry("[Content_Types].xml")));
+        assert!(signature_matches(DOCX, &zip_with_first_entry("_rels/.rels")));
+        assert!(!signature_matches(DOCX, &zip_with_first_entry("evil.js")));
+        assert!(!signature_matches(DOCX, b"PK\x03\x04"));
+    }
+
+    #[test]
+    fn text_is_checked_across_chunk_boundaries() {
+        let text = "привет".as_bytes();
+        let mut sniff = Sniffer::new("text/plain");
+        sniff.feed(&text[..3]).unwrap();
+        sniff.feed(&text[3..]).unwrap();
+        assert!(sniff.finish().is_ok(), "a character split between chunks is fine");
+        let mut sniff = Sniffer::new("text/plain");
+        sniff.feed(&text[..3]).unwrap();
+        assert!(sniff.finish().is_err(), "a cut character at the end is not text");
+        let mut sniff = Sniffer::new("text/plain");
+        assert!(sniff.feed(b"a\0b").is_err());
     }
 
     #[tokio::test]
-    async fn blobs_round_trip_and_refuse_foreign_ids() {
-        let dir = std::env::temp_dir().join(format!("sb-blobs-{}", std::process::id()));
+    async fn blobs_stream_in_and_out_and_refuse_foreign_ids() {
+        let dir = tempfile_dir("ok");
         let store = BlobStore::open(dir.clone()).unwrap();
-        let (id, sha) = store.put(b"hello").await.unwrap();
+        let (id, sha) = store.put(Body::from("hello"), "text/plain", 5).await.unwrap();
         assert_eq!(sha, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
-        assert_eq!(store.get(&id).await.unwrap(), b"hello");
+        let body = store.get(&id).await.unwrap().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hello");
         assert!(store.get(&AttachmentId("../../etc/passwd".into())).await.is_err());
+        // A body that is not what it claims leaves nothing behind.
+        assert!(store.put(Body::from("<script>"), "image/png", 8).await.is_err());
+        assert!(store.put(Body::from("short"), "text/plain", 9).await.is_err());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "only the stored file remains");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("sb-blobs-{tag}-{}", std::process::id()))
     }
 }

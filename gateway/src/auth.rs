@@ -4,6 +4,7 @@
 //! keeps no session table: any gateway holding the cluster's token key can verify it.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,15 @@ use crate::GatewayError;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Subject {
     /// Staff: an operator, supervisor or admin, logged in with a password.
-    Staff { login: String, role: Role, operator: Option<OperatorId> },
+    /// `epoch` is the login's session epoch when the token was issued: ending the
+    /// login's sessions advances it and voids every earlier token.
+    Staff {
+        login: String,
+        role: Role,
+        operator: Option<OperatorId>,
+        #[serde(default)]
+        epoch: u64,
+    },
     /// A web chat visitor, bound to one conversation.
     Client { conversation: ConversationId },
     /// A returning visitor's identity, issued by the gateway: only its holder can link a
@@ -108,39 +117,135 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
     }
 }
 
-/// Slows down password guessing: after `MAX_FAILURES` failed logins a login is locked
-/// for `LOCKOUT`.
+/// Slows down password guessing. Failures are counted per login *and* address, so
+/// nobody can lock a user out from elsewhere, and per address across logins, so one
+/// address cannot try every login. An attempt counts from the moment it is admitted,
+/// before its password is checked: attempts sent at once gain nothing.
 #[derive(Default)]
 pub struct LoginThrottle {
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
+    tables: Mutex<Tables>,
 }
 
-const MAX_FAILURES: u32 = 5;
-const LOCKOUT: Duration = Duration::from_secs(30);
+#[derive(Default)]
+struct Tables {
+    by_login: HashMap<(String, IpAddr), Tally>,
+    by_address: HashMap<IpAddr, Tally>,
+}
 
-impl LoginThrottle {
-    pub fn check(&self, login: &str) -> Result<(), GatewayError> {
-        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        match failures.get(login) {
-            Some((n, since)) if *n >= MAX_FAILURES && since.elapsed() < LOCKOUT => Err(GatewayError::RateLimited),
-            _ => Ok(()),
+/// Failures in the current window plus attempts still being checked.
+#[derive(Clone, Copy)]
+struct Tally {
+    failures: u32,
+    checking: u32,
+    last: Instant,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Tally { failures: 0, checking: 0, last: Instant::now() }
+    }
+
+    /// Forgets failures older than `window` (counted from the latest one).
+    fn refresh(&mut self, window: Duration) {
+        if self.last.elapsed() >= window {
+            self.failures = 0;
         }
     }
 
-    pub fn record(&self, login: &str, ok: bool) {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if ok {
-            failures.remove(login);
-            return;
+    fn full(&self, max: u32) -> bool {
+        self.failures + self.checking >= max
+    }
+}
+
+/// Failed logins for one login from one address before it is locked there.
+pub const MAX_LOGIN_FAILURES: u32 = 5;
+/// How long a login stays locked for an address after its latest failure.
+pub const LOGIN_LOCKOUT: Duration = Duration::from_secs(30);
+/// Failed logins from one address, any login, before the address is locked.
+pub const MAX_ADDRESS_FAILURES: u32 = 50;
+/// How long an address stays locked after its latest failure.
+pub const ADDRESS_LOCKOUT: Duration = Duration::from_secs(300);
+/// Entries kept per table; past it, entries whose window has passed are dropped.
+const MAX_TRACKED: usize = 100_000;
+
+impl LoginThrottle {
+    /// Admits one attempt for `login` from `address`, or refuses it (429) while either
+    /// is locked. The attempt counts as a failure until [`Attempt::succeeded`] says
+    /// otherwise, also if the request is dropped halfway.
+    pub fn begin(&self, login: &str, address: IpAddr) -> Result<Attempt<'_>, GatewayError> {
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let Tables { by_login, by_address } = &mut *tables;
+        if by_login.len() >= MAX_TRACKED {
+            by_login.retain(|_, t| t.checking > 0 || t.last.elapsed() < LOGIN_LOCKOUT);
         }
-        let entry = failures.entry(login.to_string()).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= LOCKOUT {
-            *entry = (0, Instant::now());
+        if by_address.len() >= MAX_TRACKED {
+            by_address.retain(|_, t| t.checking > 0 || t.last.elapsed() < ADDRESS_LOCKOUT);
         }
-        entry.0 += 1;
-        entry.1 = Instant::now();
-        if failures.len() > 100_000 {
-            failures.retain(|_, (_, since)| since.elapsed() < LOCKOUT);
+        if by_login.len() >= MAX_TRACKED || by_address.len() >= MAX_TRACKED {
+            return Err(GatewayError::RateLimited);
+        }
+        let key = (login.to_owned(), address);
+        let mut pair = by_login.get(&key).copied().unwrap_or_else(Tally::new);
+        let mut from = by_address.get(&address).copied().unwrap_or_else(Tally::new);
+        pair.refresh(LOGIN_LOCKOUT);
+        from.refresh(ADDRESS_LOCKOUT);
+        if pair.full(MAX_LOGIN_FAILURES) || from.full(MAX_ADDRESS_FAILURES) {
+            return Err(GatewayError::RateLimited);
+        }
+        pair.checking += 1;
+        from.checking += 1;
+        by_login.insert(key.clone(), pair);
+        by_address.insert(address, from);
+        Ok(Attempt { throttle: self, key, outcome: Outcome::Failed })
+    }
+}
+
+/// One admitted login attempt; settles its count when dropped.
+pub struct Attempt<'a> {
+    throttle: &'a LoginThrottle,
+    key: (String, IpAddr),
+    outcome: Outcome,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Failed,
+    Succeeded,
+    /// The password was never checked (the node was too busy): not a failure.
+    Unchecked,
+}
+
+impl Attempt<'_> {
+    pub fn succeeded(mut self) {
+        self.outcome = Outcome::Succeeded;
+    }
+
+    pub fn unchecked(mut self) {
+        self.outcome = Outcome::Unchecked;
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        let mut tables = self.throttle.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let Tables { by_login, by_address } = &mut *tables;
+        let now = Instant::now();
+        for (tally, clear_on_success) in [(by_login.get_mut(&self.key), true), (by_address.get_mut(&self.key.1), false)] {
+            let Some(tally) = tally else { continue };
+            tally.checking = tally.checking.saturating_sub(1);
+            match self.outcome {
+                Outcome::Succeeded if clear_on_success => tally.failures = 0,
+                Outcome::Succeeded | Outcome::Unchecked => {}
+                Outcome::Failed => {
+                    tally.failures += 1;
+                    tally.last = now;
+                }
+            }
+        }
+        if self.outcome == Outcome::Succeeded {
+            if by_login.get(&self.key).is_some_and(|t| t.checking == 0) {
+                by_login.remove(&self.key);
+            }
         }
     }
 }
@@ -164,6 +269,37 @@ mod tests {
         let mac = token.rsplit_once('.').unwrap().1;
         assert!(key.verify(&format!("v1.{forged_claims}.{mac}")).is_err());
         assert!(key.verify("garbage").is_err());
+    }
+
+    #[test]
+    fn attempts_count_before_their_password_is_checked_and_per_address() {
+        let throttle = LoginThrottle::default();
+        let here: IpAddr = "10.0.0.1".parse().unwrap();
+        let elsewhere: IpAddr = "10.0.0.2".parse().unwrap();
+        // Five attempts in flight at once: the sixth is refused before any finished.
+        let in_flight: Vec<_> = (0..MAX_LOGIN_FAILURES).map(|_| throttle.begin("admin", here).unwrap()).collect();
+        assert!(throttle.begin("admin", here).is_err());
+        drop(in_flight);
+        assert!(throttle.begin("admin", here).is_err(), "five failures lock the login here");
+        throttle.begin("admin", elsewhere).unwrap().succeeded();
+        assert!(throttle.begin("admin", elsewhere).is_ok(), "but not from another address");
+        // Attempts whose password was never checked do not count.
+        let throttle = LoginThrottle::default();
+        for _ in 0..MAX_LOGIN_FAILURES * 2 {
+            throttle.begin("alice", here).unwrap().unchecked();
+        }
+        assert!(throttle.begin("alice", here).is_ok());
+    }
+
+    #[test]
+    fn one_address_is_locked_after_failing_on_many_logins() {
+        let throttle = LoginThrottle::default();
+        let here: IpAddr = "10.0.0.1".parse().unwrap();
+        for n in 0..MAX_ADDRESS_FAILURES {
+            drop(throttle.begin(&format!("user{n}"), here).unwrap());
+        }
+        assert!(throttle.begin("someone-else", here).is_err());
+        assert!(throttle.begin("someone-else", "10.0.0.2".parse().unwrap()).is_ok());
     }
 
     #[test]

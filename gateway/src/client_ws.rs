@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use fastwebsockets::upgrade::IncomingUpgrade;
 use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
@@ -30,7 +30,16 @@ pub(crate) async fn upgrade(
     if let Err(refusal) = ws::admit(&gw, &headers, Surface::Client, None) {
         return refusal;
     }
-    let session = ClientSession { gw: gw.clone(), conversation: None, peer: peer.ip() };
+    let budgets = gw.config.budgets;
+    // Held for the socket's life: one address cannot open sockets without bound.
+    let slot = match gw.usage.client_sockets.acquire(peer.ip(), budgets.client_sockets_per_address, u32::MAX) {
+        Ok(slot) => slot,
+        Err(_) => {
+            gw.metrics.rate_limited.fetch_add(1, Relaxed);
+            return crate::GatewayError::Budget("too many open chat sockets from your address").into_response();
+        }
+    };
+    let session = ClientSession { gw: gw.clone(), conversation: None, peer: peer.ip(), _slot: slot };
     ws::accept(gw, upgrade, Surface::Client, None, session)
 }
 
@@ -38,6 +47,7 @@ struct ClientSession {
     gw: Arc<Gateway>,
     conversation: Option<ConversationId>,
     peer: std::net::IpAddr,
+    _slot: crate::budget::Slot,
 }
 
 /// Parses a frame, telling bad JSON, an unknown type and a malformed frame apart.
@@ -70,9 +80,12 @@ impl ClientSession {
             let state = shard.read();
             let Some(conv) = state.conversations.get(&conversation) else { return vec![] };
             let start = conv.history.partition_point(|e| e.seq <= last);
-            let frames: Vec<Value> = conv.history[start..].iter().map(frames::client_event).collect();
-            last = conv.last_seq().max(last);
-            frames
+            // One page at a time: the writer asks again once this one is written.
+            let page = &conv.history[start..conv.history.len().min(start + ws::PAGE)];
+            if let Some(newest) = page.last() {
+                last = newest.seq;
+            }
+            page.iter().map(frames::client_event).collect()
         });
         let signals = Some(self.gw.signals.conversation(conversation));
         self.conversation = Some(conversation);
@@ -92,6 +105,24 @@ impl ClientSession {
         }
     }
 
+    /// A visitor may start only on a web channel, in its default group or one of the
+    /// groups its widget offers (`public_groups`): never any queue they name.
+    fn check_public_start(&self, channel: &ChannelId, group: Option<&SkillGroupId>) -> Result<(), Value> {
+        let shard = self.gw.backend.shard();
+        let state = shard.read();
+        let config = state.channels.get(channel).ok_or_else(|| frames::error("not_found", &format!("channel {channel} not found"), None))?;
+        if config.kind != "web" {
+            return Err(frames::error("not_allowed", &format!("channel {channel} does not take web chats"), None));
+        }
+        if let Some(group) = group {
+            let offered = state.channel_public_groups.get(channel).is_some_and(|groups| groups.contains(group));
+            if *group != config.default_group && !offered {
+                return Err(frames::error("not_allowed", &format!("group {group} is not offered on channel {channel}"), None));
+            }
+        }
+        Ok(())
+    }
+
     fn require_conversation(&self) -> Result<ConversationId, Value> {
         self.conversation.ok_or_else(|| frames::error("no_conversation", "send \"start\" or \"resume\" first", None))
     }
@@ -102,7 +133,8 @@ impl ClientSession {
                 if self.conversation.is_some() {
                     return Err(frames::error("already_started", "this socket already follows a conversation", None));
                 }
-                if !self.gw.starts.allow(self.peer, self.gw.config.starts_per_minute) {
+                let per_minute = f64::from(self.gw.config.budgets.starts_per_minute);
+                if !self.gw.usage.starts.take(self.peer, 1.0, per_minute) {
                     self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
                     return Err(frames::error("rate_limited", "too many conversations started from your address; try again later", None));
                 }
@@ -129,9 +161,12 @@ impl ClientSession {
                     Some(Ok(Subject::Visitor { visitor })) => visitor,
                     _ => new_visitor_id().map_err(|e| frames::error("internal", &e.to_string(), None))?,
                 };
+                let channel = ChannelId::new(channel.unwrap_or_else(|| self.gw.config.web_channel.clone()));
+                let group = group.map(SkillGroupId::new);
+                self.check_public_start(&channel, group.as_ref())?;
                 let command = Command::StartConversation {
-                    channel: ChannelId::new(channel.unwrap_or_else(|| self.gw.config.web_channel.clone())),
-                    group: group.map(SkillGroupId::new),
+                    channel,
+                    group,
                     visitor: Visitor { id: Some(visitor.clone()), name, attributes },
                 };
                 let conversation = match self.gw.submit(command).await {
@@ -178,6 +213,13 @@ impl ClientSession {
             ClientIn::Send { key, text, attachments } => {
                 let conversation = self.require_conversation()?;
                 let reference = json!(key.clone());
+                // One budget for the address across all its sockets: many sockets do
+                // not multiply what an address may write.
+                let per_minute = f64::from(self.gw.config.budgets.client_messages_per_minute);
+                if !self.gw.usage.messages.take(self.peer, 1.0, per_minute) {
+                    self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
+                    return Err(frames::error("rate_limited", "too many messages from your address; wait a minute", Some(&reference)));
+                }
                 let attachments = attachments.into_iter().map(AttachmentId).collect();
                 match self.gw.submit(Command::PostClientMessage { conversation, key: key.clone(), text, attachments }).await {
                     Ok(Reply::Message { seq, duplicate }) => {
@@ -237,6 +279,76 @@ impl Session for ClientSession {
     fn on_end(&mut self) {
         if let Some(conversation) = self.conversation {
             self.gw.signals.release_conversation(conversation);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frames::{ClientIn, OperatorIn};
+    use proptest::prelude::*;
+
+    /// Codes a malformed inbound frame may get: what `docs/protocol.md` §5 documents.
+    const PARSE_ERRORS: &[&str] = &["bad_json", "bad_frame", "unknown_type"];
+
+    /// JSON objects shaped like frames: a known or unknown type, and fields of any kind
+    /// under the names the frames use.
+    fn frame_like() -> impl Strategy<Value = String> {
+        let types = prop_oneof![
+            proptest::sample::select(CLIENT_TYPES.to_vec()).prop_map(str::to_owned),
+            proptest::sample::select(crate::operator_ws::OPERATOR_TYPES.to_vec()).prop_map(str::to_owned),
+            "[a-z]{0,8}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,20}".prop_map(Value::from),
+        ];
+        let value = leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z_]{1,10}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        let names = proptest::sample::select(vec![
+            "channel", "group", "name", "attributes", "visitor_id", "visitor_token", "token", "last_seq", "key", "text",
+            "attachments", "upto", "score", "comment", "ref", "status", "offer", "reason", "conversation", "target",
+            "resolution", "tags", "before",
+        ]);
+        (types, proptest::collection::btree_map(names, value, 0..6)).prop_map(|(kind, fields)| {
+            let mut object: serde_json::Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            object.insert("type".into(), Value::from(kind));
+            Value::Object(object).to_string()
+        })
+    }
+
+    fn check<T: serde::de::DeserializeOwned>(text: &str, known: &[&str]) -> Result<(), TestCaseError> {
+        if let Err(error) = parse::<T>(text, known) {
+            prop_assert_eq!(&error["type"], "error");
+            let code = error["code"].as_str().unwrap_or_default();
+            prop_assert!(PARSE_ERRORS.contains(&code), "undocumented code {code}");
+        }
+        Ok(())
+    }
+
+    proptest! {
+        /// Whatever text arrives, the client, operator and supervisor parsers answer with
+        /// a frame or a documented error, never a panic.
+        #[test]
+        fn any_text_parses_or_gets_a_documented_error(text in ".{0,200}") {
+            check::<ClientIn>(&text, CLIENT_TYPES)?;
+            check::<OperatorIn>(&text, crate::operator_ws::OPERATOR_TYPES)?;
+            check::<Value>(&text, &["ping"])?;
+        }
+
+        #[test]
+        fn frame_shaped_json_parses_or_gets_a_documented_error(text in frame_like()) {
+            check::<ClientIn>(&text, CLIENT_TYPES)?;
+            check::<OperatorIn>(&text, crate::operator_ws::OPERATOR_TYPES)?;
+            check::<Value>(&text, &["ping"])?;
         }
     }
 }

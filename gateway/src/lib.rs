@@ -13,21 +13,25 @@
 mod assets;
 pub mod attachments;
 pub mod auth;
+pub mod budget;
 pub mod client;
 mod client_ws;
 pub mod frames;
+pub mod listener;
 pub mod metrics;
 mod operator_ws;
 mod rest;
 mod supervisor_ws;
+pub mod wire;
 pub mod ws;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -69,10 +73,22 @@ pub enum GatewayError {
     NotFound(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("Content-Length is required")]
+    LengthRequired,
     #[error("too many requests")]
     RateLimited,
+    #[error("{0}")]
+    Budget(&'static str),
+    #[error("the node is busy: {0}")]
+    Busy(&'static str),
+    #[error("the request took longer than {0} ms")]
+    Timeout(u64),
     #[error("the file is larger than {0} bytes")]
     TooLarge(usize),
+    #[error("the request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
     #[error("files of type {0} are not accepted")]
     UnsupportedType(String),
     #[error("configuration: {0}")]
@@ -92,8 +108,12 @@ impl GatewayError {
             GatewayError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             GatewayError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            GatewayError::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            GatewayError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            GatewayError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            GatewayError::LengthRequired => (StatusCode::LENGTH_REQUIRED, "length_required"),
+            GatewayError::RateLimited | GatewayError::Budget(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            GatewayError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            GatewayError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
+            GatewayError::TooLarge(_) | GatewayError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             GatewayError::UnsupportedType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_type"),
             GatewayError::Config(_) | GatewayError::Internal(_) | GatewayError::Io(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
@@ -127,43 +147,99 @@ pub struct GatewayConfig {
     pub operator_limits: Limits,
     /// The channel web chat conversations start on.
     pub web_channel: String,
-    /// Conversations one client address may start per minute (a burst of as many is
-    /// allowed). Behind a proxy every visitor shares its address: raise it there.
-    pub starts_per_minute: u32,
     /// Serve the chaos drill endpoint (`POST /api/chaos/crash-actor`). Off on production
     /// nodes unless asked for: a panic button is not a default.
     pub chaos_drills: bool,
+    /// What one client address may use (`docs/security.md`).
+    pub budgets: Budgets,
+    /// Time to handle one HTTP request, its body included.
+    pub request_timeout: Duration,
+    /// Server ping interval on every socket; a peer silent for two is dropped.
+    pub ping_interval: Duration,
 }
 
-/// Token buckets per client address, for conversation starts.
-#[derive(Default)]
-pub struct StartLimiter {
-    buckets: Mutex<HashMap<std::net::IpAddr, (f64, Instant)>>,
+/// Per-address and per-node budgets of the public surface. Behind a proxy every
+/// visitor shares its address: raise them there.
+#[derive(Clone, Copy, Debug)]
+pub struct Budgets {
+    /// Conversations one client address may start per minute (a burst of as many).
+    pub starts_per_minute: u32,
+    /// Client messages one address may send per minute, across all its sockets.
+    pub client_messages_per_minute: u32,
+    /// Client sockets one address may hold open.
+    pub client_sockets_per_address: u32,
+    /// Attachment bytes one client address may upload per hour.
+    pub upload_bytes_per_hour: u64,
+    /// Uploads in progress from one client address.
+    pub uploads_per_address: u32,
+    /// Uploads in progress on the node.
+    pub uploads: u32,
 }
 
-/// Addresses tracked at most; beyond it, full buckets are forgotten first.
-const MAX_TRACKED_ADDRESSES: usize = 100_000;
+impl Default for Budgets {
+    fn default() -> Self {
+        Budgets {
+            starts_per_minute: 30,
+            client_messages_per_minute: 120,
+            client_sockets_per_address: 32,
+            upload_bytes_per_hour: 100 * 1024 * 1024,
+            uploads_per_address: 4,
+            uploads: 32,
+        }
+    }
+}
 
-impl StartLimiter {
-    pub fn allow(&self, ip: std::net::IpAddr, per_minute: u32) -> bool {
-        let capacity = per_minute.max(1) as f64;
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_TRACKED_ADDRESSES && !buckets.contains_key(&ip) {
-            buckets.retain(|_, (tokens, since)| *tokens + since.elapsed().as_secs_f64() * capacity / 60.0 < capacity);
-            if buckets.len() >= MAX_TRACKED_ADDRESSES {
-                return false;
+/// The per-address accounting behind [`Budgets`].
+pub struct Usage {
+    pub starts: budget::Buckets,
+    pub messages: budget::Buckets,
+    pub upload_bytes: budget::Buckets,
+    pub client_sockets: Arc<budget::Slots>,
+    pub uploads: Arc<budget::Slots>,
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Usage {
+            starts: budget::Buckets::new(Duration::from_secs(60)),
+            messages: budget::Buckets::new(Duration::from_secs(60)),
+            upload_bytes: budget::Buckets::new(Duration::from_secs(3600)),
+            client_sockets: budget::Slots::new(),
+            uploads: budget::Slots::new(),
+        }
+    }
+}
+
+type PasswordJob = Box<dyn FnOnce() + Send>;
+
+/// Threads that only hash and verify passwords, fed by a bounded queue. Threads of
+/// their own, rather than tokio's blocking pool, because each argon2 call allocates
+/// 19 MiB: on a fixed pair of threads the allocator reuses the same memory, where a
+/// pool that grows under a flood left hundreds of MiB behind in per-thread arenas.
+struct PasswordPool {
+    jobs: std::sync::mpsc::SyncSender<PasswordJob>,
+}
+
+impl PasswordPool {
+    fn start() -> Self {
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<PasswordJob>(PASSWORD_QUEUE);
+        let queue = Arc::new(Mutex::new(queue));
+        for n in 0..PASSWORD_WORKERS {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new().name(format!("password-{n}")).spawn(move || loop {
+                // The lock is held only while taking a job, never while hashing.
+                let job = match queue.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                };
+                // A panicking job must not take a worker with it.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "could not start a password thread");
             }
         }
-        let (tokens, since) = buckets.entry(ip).or_insert((capacity, now));
-        *tokens = (*tokens + now.duration_since(*since).as_secs_f64() * capacity / 60.0).min(capacity);
-        *since = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        PasswordPool { jobs }
     }
 }
 
@@ -222,11 +298,19 @@ pub struct Gateway {
     pub signals: Signals,
     pub blobs: attachments::BlobStore,
     pub config: GatewayConfig,
-    pub starts: StartLimiter,
-    /// Password hashing is deliberately expensive (CPU and 19 MiB each): at most this
-    /// many run at once, so a login flood queues instead of exhausting memory.
-    password_work: tokio::sync::Semaphore,
+    pub usage: Usage,
+    /// Password hashing is deliberately expensive (CPU and 19 MiB each): it runs on
+    /// `PASSWORD_WORKERS` threads of its own with at most `PASSWORD_QUEUE` waiting; past
+    /// that a login is refused at once instead of queueing without bound.
+    passwords: PasswordPool,
+    /// Set by the node once it has loaded its configuration (see `/readyz`).
+    configured: AtomicBool,
 }
+
+/// Password checks or hashes running at once.
+pub const PASSWORD_WORKERS: usize = 2;
+/// Password checks or hashes waiting for a worker, at most.
+pub const PASSWORD_QUEUE: usize = 16;
 
 impl Gateway {
     pub fn new(backend: Arc<dyn Backend>, tokens: TokenKey, blobs: attachments::BlobStore, config: GatewayConfig) -> Arc<Self> {
@@ -238,24 +322,49 @@ impl Gateway {
             signals: Signals::default(),
             blobs,
             config,
-            starts: StartLimiter::default(),
-            password_work: tokio::sync::Semaphore::new(2),
+            usage: Usage::default(),
+            passwords: PasswordPool::start(),
+            configured: AtomicBool::new(false),
         })
     }
 
-    /// Runs argon2 work on the blocking pool, a bounded number at a time.
+    /// Marks the node's configuration as loaded: `/readyz` may answer 200 from now.
+    pub fn set_configured(&self) {
+        self.configured.store(true, Relaxed);
+    }
+
+    /// Runs argon2 work on the password threads: past `PASSWORD_QUEUE` waiting the
+    /// caller gets 429 at once.
     pub async fn password_work<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, GatewayError> {
-        let _permit = self.password_work.acquire().await.map_err(|e| GatewayError::Internal(e.to_string()))?;
-        tokio::task::spawn_blocking(work).await.map_err(|e| GatewayError::Internal(e.to_string()))
+        let (reply, result) = tokio::sync::oneshot::channel();
+        let job: PasswordJob = Box::new(move || {
+            let _ = reply.send(work());
+        });
+        match self.passwords.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                self.metrics.rate_limited.fetch_add(1, Relaxed);
+                return Err(GatewayError::RateLimited);
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(GatewayError::Internal("password workers stopped".into())),
+        }
+        result.await.map_err(|_| GatewayError::Internal("password work failed".into()))
     }
 
     /// Whether a signed staff token still speaks for its user: the login exists with the
-    /// role and operator the token names. A demoted or deleted user's older tokens stop
+    /// role and operator the token names, and its sessions were not ended since the
+    /// token was issued. A demoted, deleted or logged-out user's older tokens stop
     /// working at once instead of at expiry.
-    pub(crate) fn staff_current(&self, login: &str, role: switchboard_actors::model::Role, operator: Option<&OperatorId>) -> bool {
+    pub(crate) fn staff_current(&self, login: &str, role: switchboard_actors::model::Role, operator: Option<&OperatorId>, epoch: u64) -> bool {
         let shard = self.backend.shard();
         let state = shard.read();
         state.users.get(login).is_some_and(|u| u.role == role && u.operator.as_ref() == operator)
+            && state.session_epochs.get(login).copied().unwrap_or(0) == epoch
+    }
+
+    /// The session epoch new tokens of `login` name.
+    pub(crate) fn session_epoch(&self, login: &str) -> u64 {
+        self.backend.shard().read().session_epochs.get(login).copied().unwrap_or(0)
     }
 
     /// A relayed read mark as the core records it: never past the newest entry.
@@ -302,21 +411,75 @@ pub(crate) fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     }
 }
 
-async fn healthz(axum::extract::State(gw): axum::extract::State<Arc<Gateway>>) -> Response {
-    if gw.backend.ready() {
-        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+/// Liveness: the process serves HTTP.
+async fn healthz() -> Response {
+    (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+}
+
+/// Readiness: the node leads its group, has applied its log and loaded its
+/// configuration, so a client that starts now finds its channel and groups.
+async fn readyz(axum::extract::State(gw): axum::extract::State<Arc<Gateway>>) -> Response {
+    if gw.configured.load(Relaxed) && gw.backend.ready() {
+        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not_ready"}))).into_response()
     }
 }
+
+/// Bounds the time of every request, body included: a slow body is answered 408 and
+/// its connection closed. WebSocket upgrades return at once, so sockets are not cut.
+async fn deadline(axum::extract::State(gw): axum::extract::State<Arc<Gateway>>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let limit = gw.config.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut response = GatewayError::Timeout(limit.as_millis() as u64).into_response();
+            response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+            response
+        }
+    }
+}
+
+/// Which listener a page is served on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Surface {
+    Public,
+    Private,
+}
+
+/// Content-Security-Policy of the public demo page: everything is self-hosted; the
+/// widget puts its styles in a `<style>` of its own shadow root, hence inline styles.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'";
+/// The workstation is never framed: no clickjacking of staff actions.
+const CSP_WORKSTATION: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+async fn security_headers(surface: Surface, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::http::header::{HeaderValue, CONTENT_SECURITY_POLICY, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS};
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    let is_page = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/html"));
+    if is_page {
+        match surface {
+            Surface::Private => {
+                headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP_WORKSTATION));
+                headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+            }
+            Surface::Public => {
+                headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+            }
+        }
+    }
+    response
+}
+
 
 /// The public surface: web chat page and client WebSocket.
 pub fn public_router(gw: Arc<Gateway>) -> Router {
     let files = Router::new()
         .route(
             "/attachments",
-            axum::routing::post(attachments::client_upload)
-                .layer(axum::extract::DefaultBodyLimit::max(attachments::MAX_ATTACHMENT_BYTES + 1)),
+            axum::routing::post(attachments::client_upload),
         )
         .route("/attachments/{id}", get(attachments::client_download))
         .layer(axum::middleware::from_fn_with_state(gw.clone(), attachments::cors));
@@ -324,6 +487,9 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
         .route("/ws/client", get(client_ws::upgrade))
         .merge(files)
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), deadline))
+        .layer(axum::middleware::from_fn(|r, n| security_headers(Surface::Public, r, n)))
         .with_state(gw)
 }
 
@@ -334,5 +500,8 @@ pub fn private_router(gw: Arc<Gateway>) -> Router {
         .route("/ws/operator", get(operator_ws::upgrade))
         .route("/ws/supervisor", get(supervisor_ws::upgrade))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), deadline))
+        .layer(axum::middleware::from_fn(|r, n| security_headers(Surface::Private, r, n)))
         .with_state(gw)
 }

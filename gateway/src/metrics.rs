@@ -53,12 +53,14 @@ pub struct Metrics {
     pub commands_committed: AtomicU64,
     pub commands_rejected: AtomicU64,
     pub commit_latency: Histogram,
+    pub connections_refused: AtomicU64,
 }
 
 impl Metrics {
     pub fn render(&self, extra: &str) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &str, &AtomicU64); 12] = [
+            ("switchboard_connections_refused_total", "counter", "TCP connections closed at once: over the per-address or per-listener cap.", &self.connections_refused),
             ("switchboard_client_sessions_opened_total", "counter", "Client WebSocket sessions opened.", &self.client_sessions_opened),
             ("switchboard_client_sessions", "gauge", "Client WebSocket sessions open now.", &self.client_sessions_active),
             ("switchboard_operator_sessions_opened_total", "counter", "Operator WebSocket sessions opened.", &self.operator_sessions_opened),
@@ -66,7 +68,7 @@ impl Metrics {
             ("switchboard_frames_received_total", "counter", "WebSocket frames received.", &self.frames_received),
             ("switchboard_frames_sent_total", "counter", "WebSocket frames sent.", &self.frames_sent),
             ("switchboard_error_frames_total", "counter", "Error frames sent.", &self.error_frames),
-            ("switchboard_rate_limited_total", "counter", "Frames refused by rate limits.", &self.rate_limited),
+            ("switchboard_rate_limited_total", "counter", "Frames and requests refused by rate limits and budgets.", &self.rate_limited),
             ("switchboard_auth_failures_total", "counter", "Refused logins and tokens.", &self.auth_failures),
             ("switchboard_commands_committed_total", "counter", "Commands committed through Raft.", &self.commands_committed),
             ("switchboard_commands_rejected_total", "counter", "Commands refused by the core.", &self.commands_rejected),

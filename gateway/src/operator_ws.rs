@@ -34,8 +34,8 @@ pub(crate) async fn upgrade(
 ) -> Response {
     // Authenticate before upgrading: a forged token never gets a socket.
     let (operator, staff) = match ws::admit(&gw, &headers, Surface::Operator, params.token.as_deref()) {
-        Ok(Some(Subject::Staff { login, role, operator: Some(operator) })) => {
-            (operator.clone(), ws::StaffLogin { login, role, operator: Some(operator) })
+        Ok(Some(Subject::Staff { login, role, operator: Some(operator), epoch })) => {
+            (operator.clone(), ws::StaffLogin { login, role, operator: Some(operator), epoch })
         }
         Ok(_) => {
             gw.metrics.auth_failures.fetch_add(1, Relaxed);
@@ -53,7 +53,7 @@ struct OperatorSession {
     resume_from: Option<u64>,
 }
 
-const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "send", "typing", "read", "transfer", "close", "history", "ping"];
+pub(crate) const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "send", "typing", "read", "transfer", "close", "history", "ping"];
 
 /// Whether `operator` may read `conversation`: they hold it, held it, or are offered it,
 /// or it is an earlier conversation of a visitor they are serving now (the client card).
@@ -250,7 +250,8 @@ impl Session for OperatorSession {
                     op.feed.entries.iter().cloned().collect()
                 }
             };
-            for entry in entries {
+            // One page at a time: the writer asks again once this one is written.
+            for entry in entries.into_iter().take(ws::PAGE) {
                 let history = match &entry.item {
                     FeedItem::Assigned { conversation, history_upto: upto } => Some(history_upto(&state, *conversation, *upto)),
                     _ => None,

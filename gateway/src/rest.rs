@@ -3,9 +3,9 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -20,11 +20,15 @@ use crate::{Gateway, GatewayError};
 
 const OPENAPI: &str = include_str!("../assets/openapi.json");
 
+/// Largest JSON request body, in bytes.
+pub const MAX_JSON_BODY: usize = 64 * 1024;
+
 pub(crate) fn routes() -> Router<Arc<Gateway>> {
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/api/login", post(login))
+        .route("/api/logout", post(logout))
         .route("/api/me", get(me))
         .route("/api/skill-groups", get(list_groups))
         .route("/api/skill-groups/{id}", put(put_group))
@@ -34,6 +38,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/channels/{id}", put(put_channel))
         .route("/api/users", get(list_users))
         .route("/api/users/{login}", put(put_user))
+        .route("/api/users/{login}/end-sessions", post(end_sessions))
         .route("/api/queues", get(queues))
         .route("/api/conversations/{id}", get(conversation))
         .route("/api/conversations/{id}/decisions", get(decisions))
@@ -42,12 +47,10 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/templates", get(list_templates))
         .route("/api/templates/{id}", put(put_template).delete(delete_template))
         .route("/api/templates/{id}/favourite", put(set_favourite))
-        .route(
-            "/api/attachments",
-            post(crate::attachments::staff_upload)
-                .layer(axum::extract::DefaultBodyLimit::max(crate::attachments::MAX_ATTACHMENT_BYTES + 1)),
-        )
+        .route("/api/attachments", post(crate::attachments::staff_upload))
         .route("/api/attachments/{id}", get(crate::attachments::staff_download))
+        // JSON bodies; attachments stream their bodies under their own limit.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
 }
 
 async fn openapi() -> Response {
@@ -86,12 +89,12 @@ impl FromRequestParts<Arc<Gateway>> for Staff {
             GatewayError::Unauthorized("bearer token required")
         })?;
         match gw.tokens.verify(token) {
-            Ok(Subject::Staff { login, role, operator }) if gw.staff_current(&login, role, operator.as_ref()) => {
+            Ok(Subject::Staff { login, role, operator, epoch }) if gw.staff_current(&login, role, operator.as_ref(), epoch) => {
                 Ok(Staff { login, role, operator })
             }
             Ok(Subject::Staff { .. }) => {
                 gw.metrics.auth_failures.fetch_add(1, Relaxed);
-                Err(GatewayError::Unauthorized("this login's role changed; log in again"))
+                Err(GatewayError::Unauthorized("this login's sessions ended or its role changed; log in again"))
             }
             Ok(Subject::Client { .. } | Subject::Visitor { .. }) => {
                 gw.metrics.auth_failures.fetch_add(1, Relaxed);
@@ -114,6 +117,7 @@ impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<Arc<Gateway>> fo
     async fn from_request(req: axum::extract::Request, gw: &Arc<Gateway>) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, gw).await {
             Ok(Json(v)) => Ok(Body(v)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(GatewayError::BodyTooLarge(MAX_JSON_BODY)),
             Err(e) => Err(GatewayError::BadRequest(e.body_text())),
         }
     }
@@ -139,8 +143,16 @@ struct LoginRequest {
     password: String,
 }
 
-async fn login(State(gw): State<Arc<Gateway>>, Body(req): Body<LoginRequest>) -> Result<Json<Value>, GatewayError> {
-    gw.throttle.check(&req.login)?;
+async fn login(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Body(req): Body<LoginRequest>,
+) -> Result<Json<Value>, GatewayError> {
+    if req.login.len() > 200 || req.password.len() > 1024 {
+        return Err(GatewayError::BadRequest("login or password too long".into()));
+    }
+    // Counted from here, before the password is checked.
+    let attempt = gw.throttle.begin(&req.login, peer.ip())?;
     let user = {
         let shard = gw.backend.shard();
         let state = shard.read();
@@ -152,17 +164,24 @@ async fn login(State(gw): State<Arc<Gateway>>, Body(req): Body<LoginRequest>) ->
         None => dummy_hash()?,
     };
     let password = req.password.clone();
-    let ok = gw.password_work(move || verify_password(&password, &phc)).await?;
+    let ok = match gw.password_work(move || verify_password(&password, &phc)).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            attempt.unchecked();
+            return Err(e);
+        }
+    };
     let user = match (ok, user) {
         (true, Some(user)) => user,
         _ => {
-            gw.throttle.record(&req.login, false);
+            drop(attempt);
             gw.metrics.auth_failures.fetch_add(1, Relaxed);
             return Err(GatewayError::Unauthorized("wrong login or password"));
         }
     };
-    gw.throttle.record(&req.login, true);
-    let subject = Subject::Staff { login: user.login.clone(), role: user.role, operator: user.operator.clone() };
+    attempt.succeeded();
+    let epoch = gw.session_epoch(&user.login);
+    let subject = Subject::Staff { login: user.login.clone(), role: user.role, operator: user.operator.clone(), epoch };
     let token = gw.tokens.issue(subject, STAFF_TOKEN_TTL);
     Ok(Json(json!({
         "token": token,
@@ -182,6 +201,20 @@ fn dummy_hash() -> Result<String, GatewayError> {
     }
     let hash = hash_password(&format!("{:?}", std::time::SystemTime::now()))?;
     Ok(DUMMY.get_or_init(|| hash).clone())
+}
+
+/// `POST /api/logout`: ends every session of the caller's login (204); its tokens stop
+/// working and its sockets close with 4001.
+async fn logout(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<StatusCode, GatewayError> {
+    gw.submit(Command::EndSessions { login: staff.login }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/users/{login}/end-sessions` (admin): the same for another login.
+async fn end_sessions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(login): Path<String>) -> Result<StatusCode, GatewayError> {
+    staff.require(Role::Admin)?;
+    gw.submit(Command::EndSessions { login }).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn me(staff: Staff) -> Json<Value> {
@@ -280,10 +313,23 @@ async fn put_operator(
     Ok(Json(json!(config)))
 }
 
+/// A channel as REST shows it: its configuration and the groups its widget offers.
+fn channel_view(state: &switchboard_actors::state::ShardState, config: &ChannelConfig) -> Value {
+    let mut view = json!(config);
+    view["public_groups"] = json!(state.channel_public_groups.get(&config.id).cloned().unwrap_or_default());
+    view
+}
+
+fn channel_json(gw: &Gateway, config: &ChannelConfig) -> Value {
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    channel_view(&state, config)
+}
+
 async fn list_channels(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
     let shard = gw.backend.shard();
     let state = shard.read();
-    let channels: Vec<Value> = state.channels.values().map(|c| json!(c)).collect();
+    let channels: Vec<Value> = state.channels.values().map(|c| channel_view(&state, c)).collect();
     Json(json!({ "channels": channels }))
 }
 
@@ -292,6 +338,10 @@ struct ChannelBody {
     kind: String,
     name: String,
     default_group: String,
+    /// Groups the channel's public widget may start in besides the default; absent
+    /// leaves them as they are.
+    #[serde(default)]
+    public_groups: Option<Vec<String>>,
 }
 
 async fn put_channel(
@@ -303,7 +353,11 @@ async fn put_channel(
     staff.require(Role::Admin)?;
     let config = ChannelConfig { id: ChannelId::new(id), kind: body.kind, name: body.name, default_group: SkillGroupId::new(body.default_group) };
     gw.submit(Command::UpsertChannel(config.clone())).await?;
-    Ok(Json(json!(config)))
+    if let Some(groups) = body.public_groups {
+        let groups = groups.into_iter().map(SkillGroupId::new).collect();
+        gw.submit(Command::SetChannelPublicGroups { channel: config.id.clone(), groups }).await?;
+    }
+    Ok(Json(channel_json(&gw, &config)))
 }
 
 #[derive(Deserialize)]

@@ -38,7 +38,7 @@ pub(crate) async fn upgrade(
     upgrade: IncomingUpgrade,
 ) -> Response {
     let staff = match ws::admit(&gw, &headers, Surface::Supervisor, params.token.as_deref()) {
-        Ok(Some(Subject::Staff { login, role, operator })) if role >= Role::Supervisor => ws::StaffLogin { login, role, operator },
+        Ok(Some(Subject::Staff { login, role, operator, epoch })) if role >= Role::Supervisor => ws::StaffLogin { login, role, operator, epoch },
         Ok(_) => {
             gw.metrics.auth_failures.fetch_add(1, Relaxed);
             return (StatusCode::FORBIDDEN, "supervisors and admins only").into_response();

@@ -11,14 +11,16 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocket, WebSocketError};
+use bytes::BytesMut;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use switchboard_actors::shard::Wakeups;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::frames;
+use crate::wire::{self, Inbound};
 use crate::metrics::Metrics;
 
 /// Close codes used by both surfaces (documented in `docs/protocol.md`).
@@ -84,8 +86,10 @@ pub enum Out {
     Follow(Follow),
     /// Send a close frame and stop.
     Close(u16, String),
-    /// Control frames owed to the peer (pong, close echo).
-    Control(OpCode, Vec<u8>),
+    /// Answer the peer's close frame (with its code, if it gave one) and stop.
+    CloseEcho(Option<u16>),
+    /// Answer a ping.
+    Pong(Vec<u8>),
 }
 
 /// A committed stream to follow: woken by `wake`, read by `pull`.
@@ -142,8 +146,8 @@ pub(crate) fn admit(gw: &crate::Gateway, headers: &axum::http::HeaderMap, surfac
         return Ok(None);
     }
     match token.map(|t| gw.tokens.verify(t)) {
-        Some(Ok(crate::Subject::Staff { login, role, operator })) if !gw.staff_current(&login, role, operator.as_ref()) => {
-            refuse(StatusCode::UNAUTHORIZED, "this login's role changed; log in again")
+        Some(Ok(crate::Subject::Staff { login, role, operator, epoch })) if !gw.staff_current(&login, role, operator.as_ref(), epoch) => {
+            refuse(StatusCode::UNAUTHORIZED, "this login's sessions ended or its role changed; log in again")
         }
         Some(Ok(subject @ crate::Subject::Staff { .. })) => Ok(Some(subject)),
         Some(Ok(crate::Subject::Client { .. } | crate::Subject::Visitor { .. })) => {
@@ -160,6 +164,7 @@ pub(crate) struct StaffLogin {
     pub login: String,
     pub role: switchboard_actors::model::Role,
     pub operator: Option<switchboard_actors::model::OperatorId>,
+    pub epoch: u64,
 }
 
 /// How often an open staff socket re-checks its login.
@@ -197,9 +202,9 @@ pub(crate) fn accept<S: Session>(
         active.fetch_add(1, Relaxed);
         let guard: Option<Guard> = staff.map(|s| {
             let gw = gw.clone();
-            Arc::new(move || gw.staff_current(&s.login, s.role, s.operator.as_ref())) as Guard
+            Arc::new(move || gw.staff_current(&s.login, s.role, s.operator.as_ref(), s.epoch)) as Guard
         });
-        drive(ws, session, limits, metrics.clone(), guard).await;
+        drive(ws.into_inner(), session, limits, gw.config.ping_interval, metrics.clone(), guard).await;
         active.fetch_sub(1, Relaxed);
     });
     response.into_response()
@@ -222,16 +227,21 @@ pub trait Session: Send + 'static {
     fn on_end(&mut self) {}
 }
 
-const KEEPALIVE: Duration = Duration::from_secs(30);
+/// Frames queued for one socket's writer; past it the session waits for the socket.
 const OUTBOX_DEPTH: usize = 64;
+/// Events rendered per pull: the next page is rendered once this one is written.
+pub(crate) const PAGE: usize = 64;
+/// How long the server waits for the peer's close frame after closing on its own.
 const LINGER: Duration = Duration::from_secs(2);
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 8 * 1024;
 
 /// Whether the socket's login still holds; `false` closes it with 4001.
 pub type Guard = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Tells the peer why, then closes with 4001.
 async fn refuse_changed_login(outbox: &Outbox) {
-    outbox.error("unauthorized", "this login's role changed; log in again", None).await;
+    outbox.error("unauthorized", "this login's sessions ended or its role changed; log in again", None).await;
     let _ = outbox.0.send(Out::Close(close::UNAUTHORIZED, "login changed".into())).await;
 }
 
@@ -251,111 +261,135 @@ fn watch_guard(guard: Guard, outbox: Outbox) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// How a socket's read loop ended.
+enum End {
+    /// The peer's close frame was echoed: the handshake is complete.
+    Handshake,
+    /// We sent a close frame; `readable` says whether what follows can still be parsed.
+    Closed { readable: bool },
+    /// The connection is gone (EOF, reset, or the writer failed).
+    Gone,
+}
+
 /// Runs a socket until either side closes it.
-pub async fn drive<S: Session>(mut ws: WebSocket<TokioIo<Upgraded>>, mut session: S, limits: Limits, metrics: Arc<Metrics>, guard: Option<Guard>) {
-    ws.set_max_message_size(limits.max_message_bytes);
-    ws.set_auto_pong(true);
-    ws.set_auto_close(true);
-    let (read, write) = ws.split(tokio::io::split);
-    let mut read = FragmentCollectorRead::new(read);
+pub async fn drive<S: Session>(io: TokioIo<Upgraded>, mut session: S, limits: Limits, ping_interval: Duration, metrics: Arc<Metrics>, guard: Option<Guard>) {
+    let (mut read, write) = tokio::io::split(io);
     let (tx, rx) = mpsc::channel(OUTBOX_DEPTH);
-    let writer = tokio::spawn(write_loop(write, rx, metrics.clone()));
+    let mut writer = tokio::spawn(write_loop(write, rx, metrics.clone(), ping_interval));
+    let mut writer_done = false;
     let outbox = Outbox(tx);
     let watcher = guard.clone().map(|g| watch_guard(g, outbox.clone()));
     let mut limiter = RateLimiter::new(limits);
-    if let Flow::Close(code, reason) = session.on_start(&outbox).await {
+    let mut decoder = wire::Decoder::new(limits.max_message_bytes);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    // A peer that answers no ping for two intervals is gone, whatever TCP thinks.
+    let silence = ping_interval * 2;
+    let mut last_heard = tokio::time::Instant::now();
+    let close_with = |code: u16, reason: &str| Out::Close(code, reason.to_owned());
+    let end = if let Flow::Close(code, reason) = session.on_start(&outbox).await {
         let _ = outbox.0.send(Out::Close(code, reason)).await;
-        drop(outbox);
-        let _ = writer.await;
-        return;
-    }
-    loop {
-        let control = outbox.0.clone();
-        let frame = read
-            .read_frame(&mut move |frame: Frame<'_>| {
-                let control = control.clone();
-                let owed = Out::Control(frame.opcode, frame.payload.to_vec());
-                async move { control.send(owed).await.map_err(|_| WebSocketError::ConnectionClosed) }
-            })
-            .await;
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(WebSocketError::FrameTooLarge) => {
-                metrics.error_frames.fetch_add(1, Relaxed);
-                let _ = outbox.0.send(Out::Close(close::TOO_BIG, "message too big".into())).await;
-                break;
-            }
-            Err(WebSocketError::InvalidUTF8) => {
-                let _ = outbox.0.send(Out::Close(1007, "invalid utf-8".into())).await;
-                break;
-            }
-            Err(_) => break,
-        };
-        match frame.opcode {
-            OpCode::Text => {
-                metrics.frames_received.fetch_add(1, Relaxed);
-                if frame.payload.len() > limits.max_message_bytes {
-                    let _ = outbox.0.send(Out::Close(close::TOO_BIG, "message too big".into())).await;
-                    break;
-                }
-                if !limiter.allow() {
-                    metrics.rate_limited.fetch_add(1, Relaxed);
-                    if limiter.refused_in_row >= limits.max_refused_in_row {
-                        let _ = outbox.0.send(Out::Close(close::RATE_LIMITED, "rate limit exceeded".into())).await;
-                        break;
+        End::Closed { readable: true }
+    } else {
+        loop {
+            let event = match decoder.decode(&mut buf) {
+                Ok(Some(event)) => event,
+                Ok(None) => {
+                    buf.reserve(READ_CHUNK);
+                    tokio::select! {
+                        read = read.read_buf(&mut buf) => match read {
+                            Ok(0) | Err(_) => break End::Gone,
+                            Ok(_) => continue,
+                        },
+                        _ = &mut writer => {
+                            writer_done = true;
+                            break End::Gone;
+                        }
+                        _ = tokio::time::sleep_until(last_heard + silence) => {
+                            let _ = outbox.0.send(close_with(close::GOING_AWAY, "ping timeout")).await;
+                            break End::Closed { readable: true };
+                        }
                     }
+                }
+                Err(violation) => {
+                    metrics.error_frames.fetch_add(1, Relaxed);
+                    let _ = outbox.0.send(close_with(violation.code, violation.reason)).await;
+                    break End::Closed { readable: false };
+                }
+            };
+            last_heard = tokio::time::Instant::now();
+            // Every frame, control frames included, costs a token.
+            if !matches!(event, Inbound::Close(..)) && !limiter.allow() {
+                metrics.rate_limited.fetch_add(1, Relaxed);
+                if limiter.refused_in_row >= limits.max_refused_in_row {
+                    let _ = outbox.0.send(close_with(close::RATE_LIMITED, "rate limit exceeded")).await;
+                    break End::Closed { readable: true };
+                }
+                if matches!(event, Inbound::Text(_) | Inbound::Binary(_)) {
                     metrics.error_frames.fetch_add(1, Relaxed);
                     outbox.error("rate_limited", "too many frames; this one was not processed", None).await;
-                    continue;
                 }
-                // A frame that arrives after the login changed is not acted on.
-                if guard.as_ref().is_some_and(|g| !g()) {
-                    refuse_changed_login(&outbox).await;
-                    break;
-                }
-                let text = match std::str::from_utf8(&frame.payload) {
-                    Ok(text) => text,
-                    Err(_) => {
-                        let _ = outbox.0.send(Out::Close(1007, "invalid utf-8".into())).await;
-                        break;
+                continue;
+            }
+            match event {
+                Inbound::Text(text) => {
+                    metrics.frames_received.fetch_add(1, Relaxed);
+                    // A frame that arrives after the login changed is not acted on.
+                    if guard.as_ref().is_some_and(|g| !g()) {
+                        refuse_changed_login(&outbox).await;
+                        break End::Closed { readable: true };
                     }
-                };
-                match session.on_text(text, &outbox).await {
-                    Flow::Continue => {}
-                    Flow::Close(code, reason) => {
+                    if let Flow::Close(code, reason) = session.on_text(&text, &outbox).await {
                         let _ = outbox.0.send(Out::Close(code, reason)).await;
-                        break;
+                        break End::Closed { readable: true };
                     }
                 }
+                Inbound::Binary(_) => {
+                    metrics.error_frames.fetch_add(1, Relaxed);
+                    outbox.error("unsupported", "binary frames are not part of the protocol; send JSON text", None).await;
+                }
+                Inbound::Ping(payload) => {
+                    let _ = outbox.0.send(Out::Pong(payload)).await;
+                }
+                Inbound::Pong => {}
+                Inbound::Close(code, _) => {
+                    let _ = outbox.0.send(Out::CloseEcho(code)).await;
+                    break End::Handshake;
+                }
             }
-            OpCode::Binary => {
-                metrics.error_frames.fetch_add(1, Relaxed);
-                outbox.error("unsupported", "binary frames are not part of the protocol; send JSON text", None).await;
-            }
-            OpCode::Close => break,
-            _ => {}
         }
-    }
+    };
     if let Some(watcher) = watcher {
         watcher.abort();
     }
     drop(outbox);
-    let _ = writer.await;
-    // Linger briefly, discarding what the peer still sends, so our close frame is read
-    // before the socket goes away (closing with unread input would reset the connection
-    // and could destroy the close frame in flight).
-    let drain = async {
-        loop {
-            match read.read_frame(&mut |_frame: Frame<'_>| async { Ok::<(), WebSocketError>(()) }).await {
-                Ok(frame) if frame.opcode != OpCode::Close => continue,
-                Ok(_) | Err(WebSocketError::UnexpectedEOF) | Err(WebSocketError::ConnectionClosed) => break,
-                // Unparseable input (the rest of an oversized frame): we cannot skip it,
-                // so give the peer the linger time to read our close frame first.
-                Err(_) => std::future::pending::<()>().await,
+    if !writer_done {
+        let _ = writer.await;
+    }
+    if let End::Closed { readable } = end {
+        // Wait briefly for the peer's close frame, discarding what it still sends, so
+        // ours is read before the socket goes away (closing with unread input resets
+        // the connection and can destroy the close frame in flight). Input that cannot
+        // be parsed any more (the rest of an oversized frame) is only discarded.
+        let drain = async {
+            loop {
+                if readable {
+                    match decoder.decode(&mut buf) {
+                        Ok(Some(Inbound::Close(..))) => return,
+                        Ok(Some(_)) => continue,
+                        Ok(None) => {}
+                        Err(_) => return,
+                    }
+                } else {
+                    buf.clear();
+                }
+                buf.reserve(READ_CHUNK);
+                if !matches!(read.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                    return;
+                }
             }
-        }
-    };
-    let _ = tokio::time::timeout(LINGER, drain).await;
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
     session.on_end();
 }
 
@@ -379,20 +413,32 @@ async fn wait_signal(signals: &mut Option<broadcast::Receiver<Value>>) -> Option
     }
 }
 
-type Writer = fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<TokioIo<Upgraded>>>;
+type Writer = tokio::io::WriteHalf<TokioIo<Upgraded>>;
 
-async fn send_json(write: &mut Writer, value: &Value, metrics: &Metrics) -> bool {
-    let bytes = value.to_string().into_bytes();
-    metrics.frames_sent.fetch_add(1, Relaxed);
-    write.write_frame(Frame::text(Payload::Owned(bytes))).await.is_ok()
+/// Writes one frame. A write that makes no progress is ended by the connection's
+/// write timeout (the listener's guard), so this never waits forever.
+async fn send_frame(write: &mut Writer, bytes: &[u8]) -> bool {
+    write.write_all(bytes).await.is_ok()
 }
 
-async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc<Metrics>) {
+async fn send_json(write: &mut Writer, value: &Value, metrics: &Metrics) -> bool {
+    metrics.frames_sent.fetch_add(1, Relaxed);
+    send_frame(write, &wire::encode(wire::ServerOp::Text, value.to_string().as_bytes())).await
+}
+
+/// Sends a close frame and ends our side of the TCP connection at once.
+async fn send_close(write: &mut Writer, frame: Vec<u8>) {
+    if send_frame(write, &frame).await {
+        let _ = write.shutdown().await;
+    }
+}
+
+async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc<Metrics>, ping_interval: Duration) {
     let mut wake: Option<Wakeups> = None;
     let mut pull: Option<Box<dyn FnMut() -> Vec<Value> + Send>> = None;
     let mut signals: Option<broadcast::Receiver<Value>> = None;
     let mut min_interval: Option<Duration> = None;
-    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     loop {
         tokio::select! {
             biased;
@@ -408,27 +454,39 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
                     min_interval = f.min_interval;
                 }
                 Some(Out::Close(code, reason)) => {
-                    let _ = write.write_frame(Frame::close(code, reason.as_bytes())).await;
+                    send_close(&mut write, wire::encode_close(code, &reason)).await;
                     return;
                 }
-                Some(Out::Control(opcode, payload)) => {
-                    let frame = Frame::new(true, opcode, None, Payload::Owned(payload));
-                    let closing = opcode == OpCode::Close;
-                    if write.write_frame(frame).await.is_err() || closing { return; }
+                Some(Out::CloseEcho(code)) => {
+                    let frame = match code {
+                        Some(code) => wire::encode_close(code, ""),
+                        None => wire::encode(wire::ServerOp::Close, &[]),
+                    };
+                    send_close(&mut write, frame).await;
+                    return;
+                }
+                Some(Out::Pong(payload)) => {
+                    if !send_frame(&mut write, &wire::encode(wire::ServerOp::Pong, &payload)).await { return; }
                 }
                 None => {
-                    let _ = write.write_frame(Frame::close(close::NORMAL, b"")).await;
+                    send_close(&mut write, wire::encode_close(close::NORMAL, "")).await;
                     return;
                 }
             },
             alive = wait_wake(&mut wake) => {
                 if !alive {
                     // The stream's sender went away (node shutting down): say so and stop.
-                    let _ = write.write_frame(Frame::close(close::GOING_AWAY, b"stream ended")).await;
+                    send_close(&mut write, wire::encode_close(close::GOING_AWAY, "stream ended")).await;
                     return;
                 }
-                if let Some(pull) = pull.as_mut() {
-                    for frame in pull() {
+                if let (Some(pull), Some(wake)) = (pull.as_mut(), wake.as_mut()) {
+                    let frames = pull();
+                    // A full page means more is waiting: pull again once it is written,
+                    // so a socket that does not read holds one page, not the history.
+                    if frames.len() >= PAGE {
+                        wake.mark_changed();
+                    }
+                    for frame in frames {
                         if !send_json(&mut write, &frame, &metrics).await { return; }
                     }
                 }
@@ -443,7 +501,7 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
                 }
             }
             _ = keepalive.tick() => {
-                if write.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Owned(Vec::new()))).await.is_err() {
+                if !send_frame(&mut write, &wire::encode(wire::ServerOp::Ping, &[])).await {
                     return;
                 }
             }

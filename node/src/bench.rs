@@ -56,7 +56,11 @@ async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
     let mut process = tokio::process::Command::new(exe)
         // Every bench client comes from loopback: lift the per-address start limit.
-        .args(["dev", "--public-addr", "127.0.0.1:0", "--private-addr", "127.0.0.1:0", "--starts-per-minute", "1000000", "--data-dir"])
+        // Every simulated visitor comes from 127.0.0.1: lift the per-address budgets
+        // that exist to stop one real address from flooding the node.
+        .args(["dev", "--public-addr", "127.0.0.1:0", "--private-addr", "127.0.0.1:0", "--starts-per-minute", "1000000"])
+        .args(["--client-messages-per-minute", "100000000", "--client-sockets-per-address", "1000000"])
+        .args(["--max-connections-per-address", "1000000", "--max-connections", "1000000", "--data-dir"])
         .arg(&data_dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

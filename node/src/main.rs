@@ -56,9 +56,51 @@ struct Listeners {
     /// Raft entries between state snapshots (the log before them is purged).
     #[arg(long, default_value_t = switchboard_raft::DEFAULT_SNAPSHOT_EVERY)]
     snapshot_every: u64,
-    /// Conversations one client address may start per minute (raise behind a proxy).
+    #[command(flatten)]
+    edge: EdgeArgs,
+}
+
+/// Limits of the public edge (`docs/security.md`). Behind a reverse proxy every
+/// customer shares its address: raise the per-address ones there.
+#[derive(Args, Clone)]
+struct EdgeArgs {
+    /// Conversations one client address may start per minute.
     #[arg(long, default_value_t = 30)]
     starts_per_minute: u32,
+    /// Client messages one address may send per minute, across all its sockets.
+    #[arg(long, default_value_t = 120)]
+    client_messages_per_minute: u32,
+    /// Client WebSockets one address may hold open.
+    #[arg(long, default_value_t = 32)]
+    client_sockets_per_address: u32,
+    /// Attachment bytes one client address may upload per hour.
+    #[arg(long, default_value_t = 100 * 1024 * 1024)]
+    upload_bytes_per_hour: u64,
+    /// Uploads in progress from one client address.
+    #[arg(long, default_value_t = 4)]
+    uploads_per_address: u32,
+    /// Uploads in progress on the node.
+    #[arg(long, default_value_t = 32)]
+    uploads: u32,
+    /// Open TCP connections per listener.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: u32,
+    /// Open TCP connections per client address, per listener.
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_address: u32,
+    /// Time to send a request's headers; also the idle time between kept-alive requests.
+    #[arg(long, default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// Time to handle one request, its body included (uploads too).
+    #[arg(long, default_value_t = 30_000)]
+    request_timeout_ms: u64,
+    /// Time a write may make no progress (a peer that does not read) before the
+    /// connection is closed.
+    #[arg(long, default_value_t = 10_000)]
+    write_timeout_ms: u64,
+    /// Server WebSocket ping interval; a peer silent for two intervals is dropped.
+    #[arg(long, default_value_t = 30_000)]
+    ping_interval_ms: u64,
 }
 
 #[derive(Args)]
@@ -102,7 +144,13 @@ struct CertsArgs {
     sans: Vec<String>,
 }
 
+/// A duration flag in milliseconds; zero would disable a bound, so it is at least 1 ms.
+fn ms(millis: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(millis.max(1))
+}
+
 fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOptions {
+    let edge = listeners.edge.clone();
     NodeOptions {
         node_id,
         data_dir: listeners.data_dir,
@@ -112,7 +160,22 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
         client_origins: listeners.client_origins,
         staff_origins: listeners.staff_origins,
         snapshot_every: listeners.snapshot_every,
-        starts_per_minute: listeners.starts_per_minute,
+        budgets: switchboard_gateway::Budgets {
+            starts_per_minute: edge.starts_per_minute,
+            client_messages_per_minute: edge.client_messages_per_minute,
+            client_sockets_per_address: edge.client_sockets_per_address,
+            upload_bytes_per_hour: edge.upload_bytes_per_hour,
+            uploads_per_address: edge.uploads_per_address,
+            uploads: edge.uploads,
+        },
+        connections: switchboard_gateway::listener::ConnectionLimits {
+            header_timeout: ms(edge.header_timeout_ms),
+            write_timeout: ms(edge.write_timeout_ms),
+            max_connections: edge.max_connections,
+            max_connections_per_address: edge.max_connections_per_address,
+        },
+        request_timeout: ms(edge.request_timeout_ms),
+        ping_interval: ms(edge.ping_interval_ms),
         chaos_drills,
     }
 }
@@ -137,6 +200,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let data_dir = args.listeners.data_dir.clone();
     let node = server::start(options(args.listeners, 1, true)).await?;
     let logins = demo::ensure(&node, &data_dir).await?;
+    node.gateway.set_configured();
     println!("switchboard dev: node 1 ready, data in {}", data_dir.display());
     print_listeners(&node);
     println!("demo logins (also in {}):", data_dir.join(demo::LOGINS_FILE).display());
@@ -153,6 +217,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
     if let Some(path) = bootstrap::ensure_admin(&node, &data_dir, &args.admin_login).await? {
         println!("first start: created admin login '{}'; its password is in {}", args.admin_login, path.display());
     }
+    node.gateway.set_configured();
     println!("switchboard node {} ready", args.node_id);
     print_listeners(&node);
     println!("ready");
@@ -168,7 +233,31 @@ fn certs(args: CertsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps glibc from holding freed password-hashing memory. Each argon2 check allocates
+/// 19 MiB; glibc's default mmap threshold rises to the largest block freed, so after the
+/// first check those blocks come from the heap, and heap memory fragmented around them
+/// is never returned: RSS grew by about 19 MiB per login until hundreds of MiB stayed.
+/// A fixed threshold (which also turns off the rising one) makes every block of 1 MiB
+/// or more its own mapping, given back to the system when freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn fix_mmap_threshold() {
+    extern "C" {
+        fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+    // SAFETY: mallopt only sets an allocator parameter; it is called once, before any
+    // other thread exists.
+    let ok = unsafe { mallopt(M_MMAP_THRESHOLD, 1 << 20) };
+    if ok != 1 {
+        eprintln!("switchboard: could not set the allocator's mmap threshold");
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn fix_mmap_threshold() {}
+
 fn main() -> anyhow::Result<()> {
+    fix_mmap_threshold();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -13,12 +13,13 @@ use switchboard_actors::actors::{now_ms, ShardSupervisor, SupervisorArgs, Superv
 use switchboard_actors::core::Reply;
 use switchboard_actors::model::{Command, Envelope, Presence};
 use switchboard_actors::shard::{Proposer, Shard, StreamKey, Wakeups};
-use switchboard_gateway::{Backend, BoxFuture, Gateway, GatewayConfig, Limits, TokenKey};
+use switchboard_gateway::listener::ConnectionLimits;
+use switchboard_gateway::{Backend, BoxFuture, Budgets, Gateway, GatewayConfig, Limits, TokenKey};
 use switchboard_raft::network::{serve, NetworkFactory, Router};
 use switchboard_raft::store::open_group;
 use switchboard_raft::{config_with_snapshots, tls, Machine, Node, Raft, Request};
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
 /// The shard every entity lives in until the cluster issue adds more.
 pub const SHARD_GROUP: u64 = 1;
@@ -179,14 +180,21 @@ pub struct NodeOptions {
     pub staff_origins: Vec<String>,
     /// Raft entries between snapshots.
     pub snapshot_every: u64,
-    /// Conversations one client address may start per minute.
-    pub starts_per_minute: u32,
+    /// What one client address may use.
+    pub budgets: Budgets,
+    /// Bounds on every connection of both listeners.
+    pub connections: ConnectionLimits,
+    /// Time to handle one HTTP request, its body included.
+    pub request_timeout: Duration,
+    /// Server ping interval on every WebSocket.
+    pub ping_interval: Duration,
     /// Whether the admin-only chaos drill endpoint is served.
     pub chaos_drills: bool,
 }
 
 pub struct RunningNode {
     pub raft: Raft,
+    pub gateway: Arc<Gateway>,
     pub shard: Arc<Shard>,
     pub public_addr: SocketAddr,
     pub private_addr: SocketAddr,
@@ -199,18 +207,27 @@ pub struct RunningNode {
 /// Reads the cluster token key, creating it on first start.
 fn token_key(data_dir: &Path) -> anyhow::Result<TokenKey> {
     let path = data_dir.join("token.key");
-    if !path.exists() {
-        let mut secret = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).map_err(|_| anyhow::anyhow!("no randomness"))?;
-        std::fs::write(&path, secret)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let secret = match std::fs::read(&path) {
+        Ok(secret) => secret,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).map_err(|_| anyhow::anyhow!("no randomness"))?;
+            // Private from the first byte and whole or absent after a crash.
+            switchboard_raft::files::write_private(&path, &secret)?;
+            secret.to_vec()
         }
-    }
-    let secret = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
-    Ok(TokenKey::new(&secret)?)
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    // A short key (an empty file left by a crash, a truncated copy) is refused rather
+    // than replaced: a new key would silently end every session of the cluster, and a
+    // short one would make tokens easier to forge.
+    TokenKey::new(&secret).with_context(|| {
+        format!(
+            "{} holds {} bytes, a token key needs at least 32; restore it, or delete it to have a new one made (which ends every staff session)",
+            path.display(),
+            secret.len()
+        )
+    })
 }
 
 pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
@@ -289,33 +306,32 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
         client_limits: Limits::CLIENT,
         operator_limits: Limits::OPERATOR,
         web_channel: "web".into(),
-        starts_per_minute: options.starts_per_minute,
         chaos_drills: options.chaos_drills,
+        budgets: options.budgets,
+        request_timeout: options.request_timeout,
+        ping_interval: options.ping_interval,
     };
     let blobs = switchboard_gateway::attachments::BlobStore::open(options.data_dir.join("attachments"))?;
     let gateway = Gateway::new(backend, token_key(&options.data_dir)?, blobs, config);
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let listeners = vec![
-        serve_http(public, switchboard_gateway::public_router(gateway.clone()), shutdown_rx.clone()),
-        serve_http(private, switchboard_gateway::private_router(gateway.clone()), shutdown_rx),
+        serve_http(public, switchboard_gateway::public_router(gateway.clone()), &gateway, options.connections, shutdown_rx.clone()),
+        serve_http(private, switchboard_gateway::private_router(gateway.clone()), &gateway, options.connections, shutdown_rx),
         rpc_server,
         leadership,
     ];
     info!(%public_addr, %private_addr, %raft_addr, "node started");
-    Ok(RunningNode { raft, shard, public_addr, private_addr, endpoint, db, listeners, shutdown })
+    Ok(RunningNode { raft, gateway, shard, public_addr, private_addr, endpoint, db, listeners, shutdown })
 }
 
-fn serve_http(listener: TcpListener, router: axum::Router, mut stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let result = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = result {
-            warn!(error = %e, "listener stopped");
-        }
-    })
+fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    gateway: &Gateway,
+    limits: ConnectionLimits,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(switchboard_gateway::listener::serve(listener, router, limits, gateway.metrics.clone(), stop))
 }
 
 async fn wait_for_leadership(raft: &Raft, node_id: u64) -> anyhow::Result<()> {

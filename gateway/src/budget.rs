@@ -1,0 +1,146 @@
+//! What one client address may use: token buckets for rates (conversation starts,
+//! messages, upload bytes) and slots for things held open (connections, sockets,
+//! uploads in progress).
+//!
+//! Both forget an address once it holds nothing and its bucket is full again, and both
+//! track at most [`MAX_TRACKED_ADDRESSES`] addresses, so an attacker with many
+//! addresses costs a bounded table too.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Addresses tracked at most by one table.
+pub const MAX_TRACKED_ADDRESSES: usize = 100_000;
+
+/// A token bucket per address: `capacity` tokens that refill in full over `period`.
+pub struct Buckets {
+    period: Duration,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl Buckets {
+    pub fn new(period: Duration) -> Self {
+        Buckets { period, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Takes `cost` tokens from `ip`'s bucket if it has them.
+    pub fn take(&self, ip: IpAddr, cost: f64, capacity: f64) -> bool {
+        let capacity = capacity.max(1.0);
+        let rate = capacity / self.period.as_secs_f64();
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_TRACKED_ADDRESSES && !buckets.contains_key(&ip) {
+            buckets.retain(|_, (tokens, since)| *tokens + since.elapsed().as_secs_f64() * rate < capacity);
+            if buckets.len() >= MAX_TRACKED_ADDRESSES {
+                return false;
+            }
+        }
+        let (tokens, since) = buckets.entry(ip).or_insert((capacity, now));
+        *tokens = (*tokens + now.duration_since(*since).as_secs_f64() * rate).min(capacity);
+        *since = now;
+        if *tokens >= cost {
+            *tokens -= cost;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why a slot was not given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// This address holds its share already.
+    Address,
+    /// The whole table is full.
+    Total,
+}
+
+/// Counts what each address holds open, with a cap per address and in all.
+#[derive(Default)]
+pub struct Slots {
+    held: Mutex<(HashMap<IpAddr, u32>, u32)>,
+}
+
+impl Slots {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Slots::default())
+    }
+
+    /// A slot for `ip`, given back when the returned guard drops.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr, per_address: u32, total: u32) -> Result<Slot, Refused> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (by_address, all) = &mut *held;
+        if *all >= total {
+            return Err(Refused::Total);
+        }
+        if by_address.len() >= MAX_TRACKED_ADDRESSES && !by_address.contains_key(&ip) {
+            return Err(Refused::Total);
+        }
+        let n = by_address.entry(ip).or_insert(0);
+        if *n >= per_address {
+            return Err(Refused::Address);
+        }
+        *n += 1;
+        *all += 1;
+        Ok(Slot { slots: self.clone(), ip })
+    }
+
+    /// Slots held in all.
+    pub fn held(&self) -> u32 {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+}
+
+/// One held slot.
+pub struct Slot {
+    slots: Arc<Slots>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (by_address, all) = &mut *held;
+        *all = all.saturating_sub(1);
+        if let Some(n) = by_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                by_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_cap_each_address_and_the_total_and_come_back_on_drop() {
+        let slots = Slots::new();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = slots.acquire(a, 2, 3).unwrap();
+        let _second = slots.acquire(a, 2, 3).unwrap();
+        assert_eq!(slots.acquire(a, 2, 3).err(), Some(Refused::Address));
+        let _third = slots.acquire(b, 2, 3).unwrap();
+        assert_eq!(slots.acquire(b, 2, 3).err(), Some(Refused::Total));
+        drop(first);
+        let _again = slots.acquire(a, 2, 3).unwrap();
+        assert_eq!(slots.held(), 3);
+    }
+
+    #[test]
+    fn buckets_charge_by_cost_per_address() {
+        let buckets = Buckets::new(Duration::from_secs(3600));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        assert!(buckets.take(a, 600.0, 1000.0));
+        assert!(!buckets.take(a, 600.0, 1000.0), "only 400 left this hour");
+        assert!(buckets.take(a, 400.0, 1000.0));
+        assert!(buckets.take(b, 1000.0, 1000.0), "another address has its own budget");
+    }
+}
