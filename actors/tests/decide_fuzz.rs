@@ -1,0 +1,525 @@
+//! Random command sequences through the routing core, checking after every command what
+//! the core promises whatever it is sent: it does not panic; `precheck` agrees with the
+//! commit; a refused command changes nothing; a conversation has at most one holder
+//! (I2); an operator's load never grows past their capacity (I3); histories, feeds,
+//! queues and offers stay consistent with each other; and the same commands give the
+//! same state, also across a snapshot taken half way.
+//!
+//! The commands come from a small universe (three operators, two groups, two channels,
+//! six conversations, ten offers, a few keys and texts at and past the limits) so they
+//! collide often. Some steps are resolved against the state (answer the n-th pending
+//! offer, act as the holder of the n-th assigned conversation) so that sequences reach
+//! assignments, transfers and closes instead of being refused at the first offer.
+//!
+//! 64 cases by default, a few seconds in a debug build. The longer run:
+//! `PROPTEST_CASES=20000 cargo test -p switchboard-actors --release --test decide_fuzz`.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use proptest::sample::select;
+use switchboard_actors::core::{handle, precheck, Reply, RULES_VERSION};
+use switchboard_actors::model::*;
+use switchboard_actors::state::{ConversationStatus, HistoryItem, ShardState};
+use switchboard_actors::Error;
+
+const OPERATORS: [&str; 3] = ["op0", "op1", "op2"];
+const GROUPS: [&str; 2] = ["g0", "g1"];
+const CHANNELS: [&str; 2] = ["web", "chat"];
+
+/// One generated step: a command as drawn, or one resolved against the state.
+#[derive(Clone, Debug)]
+enum Step {
+    Raw(Command),
+    /// Answers the n-th pending offer as its operator.
+    Accept(usize),
+    Decline(usize, String),
+    /// Expires the n-th pending offer, due or not.
+    Expire(usize),
+    /// Acts as the operator holding the n-th assigned conversation.
+    HolderSays(usize, String, String),
+    HolderTransfers(usize, TransferTarget, String),
+    HolderCloses(usize, String, Vec<String>),
+    HolderReads(usize, u64),
+}
+
+/// Where a sequence starts: the routing rules in force and who is set up how.
+#[derive(Clone, Debug)]
+struct Setup {
+    rules: u32,
+    capacities: [u32; 3],
+    groups: [Vec<usize>; 3],
+    online: [bool; 3],
+}
+
+fn config() -> ProptestConfig {
+    // proptest reads PROPTEST_CASES only for its own default; keep that and lower the
+    // default to what a debug build runs in seconds.
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    // A failure prints its shrunk input; no regression file is written into the tree.
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+}
+
+fn operator_id() -> impl Strategy<Value = OperatorId> {
+    prop_oneof![
+        9 => select(&OPERATORS[..]).prop_map(OperatorId::new),
+        1 => Just(OperatorId::new("ghost")),
+    ]
+}
+
+fn group_id() -> impl Strategy<Value = SkillGroupId> {
+    prop_oneof![
+        9 => select(&GROUPS[..]).prop_map(SkillGroupId::new),
+        1 => Just(SkillGroupId::new("nowhere")),
+    ]
+}
+
+fn channel_id() -> impl Strategy<Value = ChannelId> {
+    prop_oneof![
+        9 => select(&CHANNELS[..]).prop_map(ChannelId::new),
+        1 => Just(ChannelId::new("nochannel")),
+    ]
+}
+
+fn conversation() -> impl Strategy<Value = ConversationId> {
+    (0..6u64).prop_map(ConversationId)
+}
+
+fn offer() -> impl Strategy<Value = OfferId> {
+    (0..10u64).prop_map(OfferId)
+}
+
+fn key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => select(vec!["k0", "k1", "k2", "k3"]).prop_map(str::to_owned),
+        1 => Just(String::new()),
+        1 => Just("k".repeat(129)),
+    ]
+}
+
+/// Texts at the edges: empty, blank, short, exactly at the limit in multi-byte
+/// characters, and one past it.
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        2 => Just(String::new()),
+        1 => Just("   ".to_owned()),
+        6 => select(vec!["hello", "my router is broken", "ok", "спасибо"]).prop_map(str::to_owned),
+        1 => Just("é".repeat(4000)),
+        1 => Just("a".repeat(4001)),
+        1 => Just("r".repeat(501)),
+    ]
+}
+
+fn tags() -> impl Strategy<Value = Vec<String>> {
+    prop::collection::vec(select(vec!["billing".to_owned(), String::new(), "x".repeat(41), "vip".to_owned()]), 0..12)
+}
+
+fn presence() -> impl Strategy<Value = Presence> {
+    select(vec![Presence::Online, Presence::Away, Presence::Offline, Presence::Break])
+}
+
+fn target() -> impl Strategy<Value = TransferTarget> {
+    prop_oneof![operator_id().prop_map(TransferTarget::Operator), group_id().prop_map(TransferTarget::Group)]
+}
+
+/// Mostly none: a message naming files that were never stored is refused, and
+/// sequences should mostly get through.
+fn attachment_ids() -> impl Strategy<Value = Vec<AttachmentId>> {
+    prop_oneof![
+        4 => Just(vec![]),
+        1 => prop::collection::vec((0..3u8).prop_map(|i| AttachmentId(format!("a{i}"))), 0..7),
+    ]
+}
+
+fn template_id() -> impl Strategy<Value = String> {
+    select(vec!["t0", "t1", ""]).prop_map(str::to_owned)
+}
+
+/// Every command of the model, with ids mostly from the universe and sometimes not.
+/// Each family is boxed: unboxed, the nested unions made value trees so large that
+/// shrinking a failure overflowed a debug build's test thread stack.
+fn command() -> impl Strategy<Value = Command> {
+    let directory = prop_oneof![
+        (prop_oneof![4 => group_id(), 1 => Just(SkillGroupId::new(""))], select(vec![0u64, 999, 1000, 5000]), any::<bool>()).prop_map(
+            |(id, offer_timeout_ms, longest_idle)| Command::UpsertSkillGroup(SkillGroupConfig {
+                name: id.0.clone(),
+                id,
+                policy: if longest_idle { Policy::LongestIdle } else { Policy::LeastOccupied },
+                offer_timeout_ms,
+                sla_ms: 60_000,
+            })
+        ),
+        (operator_id(), 0..4u32, prop::collection::vec(group_id(), 0..3)).prop_map(|(id, capacity, groups)| {
+            Command::UpsertOperator(OperatorConfig { name: id.0.clone(), id, capacity, groups })
+        }),
+        (channel_id(), group_id()).prop_map(|(id, default_group)| Command::UpsertChannel(ChannelConfig {
+            name: id.0.clone(),
+            kind: "web".into(),
+            id,
+            default_group
+        })),
+        (select(vec!["u0", "u1"]), select(vec![Role::Operator, Role::Supervisor, Role::Admin]), prop::option::of(operator_id())).prop_map(
+            |(login, role, operator)| Command::UpsertUser(UserRecord { login: login.into(), password_hash: "$argon2id$x".into(), role, operator })
+        ),
+        (template_id(), select(vec!["Greeting", "", " "]), text(), prop::option::of(group_id()), prop::option::of(operator_id())).prop_map(
+            |(id, title, text, group, owner)| Command::UpsertTemplate(Template { id, title: title.into(), text, group, owner })
+        ),
+        template_id().prop_map(|id| Command::DeleteTemplate { id }),
+        (operator_id(), template_id(), any::<bool>()).prop_map(|(operator, template, favourite)| Command::SetFavourite { operator, template, favourite }),
+        (0..4u32).prop_map(|version| Command::AdoptRules { version }),
+        select(vec!["u0", "u1", "nobody"]).prop_map(|login| Command::EndSessions { login: login.into() }),
+        (channel_id(), prop::collection::vec(group_id(), 0..4)).prop_map(|(channel, groups)| Command::SetChannelPublicGroups { channel, groups }),
+    ]
+    .boxed();
+    let client = prop_oneof![
+        3 => (channel_id(), prop::option::of(group_id())).prop_map(|(channel, group)| Command::StartConversation {
+            channel,
+            group,
+            visitor: Visitor { id: None, name: "Visitor".into(), attributes: vec![] },
+        }),
+        3 => (conversation(), key(), text(), attachment_ids()).prop_map(|(conversation, key, text, attachments)| Command::PostClientMessage {
+            conversation,
+            key,
+            text,
+            attachments
+        }),
+        1 => conversation().prop_map(|conversation| Command::CloseByClient { conversation }),
+        1 => (conversation(), 0..7u8, text()).prop_map(|(conversation, score, comment)| Command::Rate { conversation, score, comment }),
+        1 => ((0..3u8), conversation(), select(vec![0u64, 1, 1024, 100 * 1024 * 1024])).prop_map(|(i, conversation, size)| {
+            Command::StoreAttachment(Attachment {
+                id: AttachmentId(format!("a{i}")),
+                conversation,
+                name: "f.png".into(),
+                content_type: "image/png".into(),
+                size,
+                sha256: "00".into(),
+                uploaded_by: "client".into(),
+            })
+        }),
+        1 => (conversation(), prop_oneof![Just(Reader::Client), operator_id().prop_map(Reader::Operator)], 0..30u64)
+            .prop_map(|(conversation, reader, upto)| Command::MarkRead { conversation, reader, upto }),
+    ]
+    .boxed();
+    let operator = prop_oneof![
+        (operator_id(), presence()).prop_map(|(operator, presence)| Command::SetPresence { operator, presence }),
+        (operator_id(), offer()).prop_map(|(operator, offer)| Command::AcceptOffer { operator, offer }),
+        (operator_id(), offer(), text()).prop_map(|(operator, offer, reason)| Command::DeclineOffer { operator, offer, reason }),
+        offer().prop_map(|offer| Command::ExpireOffer { offer }),
+        (operator_id(), conversation(), key(), text(), attachment_ids()).prop_map(|(operator, conversation, key, text, attachments)| {
+            Command::PostOperatorMessage { operator, conversation, key, text, attachments }
+        }),
+        (operator_id(), conversation(), target(), text()).prop_map(|(operator, conversation, target, comment)| Command::Transfer {
+            operator,
+            conversation,
+            target,
+            comment
+        }),
+        (operator_id(), conversation(), text(), tags()).prop_map(|(operator, conversation, resolution, tags)| Command::CloseByOperator {
+            operator,
+            conversation,
+            resolution,
+            tags
+        }),
+        (conversation(), target(), text()).prop_map(|(conversation, target, comment)| Command::Reassign {
+            by: "sup".into(),
+            conversation,
+            target,
+            comment
+        }),
+        group_id().prop_map(|group| Command::RouteQueue { group }),
+    ]
+    .boxed();
+    prop_oneof![1 => directory, 3 => client, 4 => operator]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let n = 0..8usize;
+    prop_oneof![
+        6 => command().prop_map(Step::Raw),
+        4 => n.clone().prop_map(Step::Accept),
+        1 => (n.clone(), text()).prop_map(|(n, reason)| Step::Decline(n, reason)),
+        1 => n.clone().prop_map(Step::Expire),
+        2 => (n.clone(), key(), text()).prop_map(|(n, key, text)| Step::HolderSays(n, key, text)),
+        1 => (n.clone(), target(), text()).prop_map(|(n, target, comment)| Step::HolderTransfers(n, target, comment)),
+        1 => (n.clone(), text(), tags()).prop_map(|(n, resolution, tags)| Step::HolderCloses(n, resolution, tags)),
+        1 => (n, 0..30u64).prop_map(|(n, upto)| Step::HolderReads(n, upto)),
+    ]
+}
+
+/// Milliseconds between entries: mostly close together, sometimes past an offer timeout.
+fn pause() -> impl Strategy<Value = u64> {
+    prop_oneof![4 => 0..50u64, 3 => 0..2_000u64, 2 => 0..40_000u64]
+}
+
+fn setup() -> impl Strategy<Value = Setup> {
+    // Mostly operators who can take conversations, so sequences get past the first offer.
+    let groups = prop::collection::vec(0..2usize, 1..3);
+    let capacity = prop_oneof![1 => Just(0u32), 4 => 1..4u32];
+    let online = prop::bool::weighted(0.75);
+    (
+        select(vec![0, 1, RULES_VERSION]),
+        prop::array::uniform3(capacity),
+        (groups.clone(), groups.clone(), groups),
+        prop::array::uniform3(online),
+    )
+        .prop_map(|(rules, capacities, (g0, g1, g2), online)| Setup { rules, capacities, groups: [g0, g1, g2], online })
+}
+
+/// The configuration every sequence starts from, so most commands meet something.
+fn prelude(setup: &Setup) -> Vec<Command> {
+    let mut commands = vec![
+        Command::UpsertSkillGroup(SkillGroupConfig {
+            id: SkillGroupId::new("g0"),
+            name: "g0".into(),
+            policy: Policy::LongestIdle,
+            offer_timeout_ms: 1000,
+            sla_ms: 60_000,
+        }),
+        Command::UpsertSkillGroup(SkillGroupConfig {
+            id: SkillGroupId::new("g1"),
+            name: "g1".into(),
+            policy: Policy::LeastOccupied,
+            offer_timeout_ms: 5000,
+            sla_ms: 60_000,
+        }),
+    ];
+    for (i, id) in OPERATORS.iter().enumerate() {
+        commands.push(Command::UpsertOperator(OperatorConfig {
+            id: OperatorId::new(*id),
+            name: id.to_string(),
+            capacity: setup.capacities[i],
+            groups: setup.groups[i].iter().map(|g| SkillGroupId::new(GROUPS[*g])).collect(),
+        }));
+    }
+    for (id, group) in CHANNELS.iter().zip(GROUPS) {
+        commands.push(Command::UpsertChannel(ChannelConfig {
+            id: ChannelId::new(*id),
+            kind: "web".into(),
+            name: id.to_string(),
+            default_group: SkillGroupId::new(group),
+        }));
+    }
+    for (i, id) in OPERATORS.iter().enumerate() {
+        if setup.online[i] {
+            commands.push(Command::SetPresence { operator: OperatorId::new(*id), presence: Presence::Online });
+        }
+    }
+    for channel in CHANNELS {
+        commands.push(Command::StartConversation { channel: ChannelId::new(channel), group: None, visitor: Visitor::default() });
+    }
+    commands
+}
+
+/// Turns a step into the command it stands for in this state. Falls back to a command
+/// on made-up ids when there is nothing to resolve against, which the core refuses.
+fn resolve(state: &ShardState, step: &Step) -> Command {
+    let pending = |n: usize| state.offers.values().nth(n % state.offers.len().max(1)).cloned();
+    let held = |n: usize| {
+        let assigned: Vec<(ConversationId, OperatorId)> =
+            state.conversations.values().filter_map(|c| c.assigned().map(|op| (c.id, op.clone()))).collect();
+        (!assigned.is_empty()).then(|| assigned[n % assigned.len()].clone())
+    };
+    let nobody = || (ConversationId(0), OperatorId::new("op0"));
+    match step {
+        Step::Raw(command) => command.clone(),
+        Step::Accept(n) => match pending(*n) {
+            Some(o) => Command::AcceptOffer { operator: o.operator, offer: o.id },
+            None => Command::AcceptOffer { operator: OperatorId::new("op0"), offer: OfferId(*n as u64) },
+        },
+        Step::Decline(n, reason) => match pending(*n) {
+            Some(o) => Command::DeclineOffer { operator: o.operator, offer: o.id, reason: reason.clone() },
+            None => Command::DeclineOffer { operator: OperatorId::new("op0"), offer: OfferId(*n as u64), reason: reason.clone() },
+        },
+        Step::Expire(n) => Command::ExpireOffer { offer: pending(*n).map(|o| o.id).unwrap_or(OfferId(*n as u64)) },
+        Step::HolderSays(n, key, text) => {
+            let (conversation, operator) = held(*n).unwrap_or_else(nobody);
+            Command::PostOperatorMessage { operator, conversation, key: key.clone(), text: text.clone(), attachments: vec![] }
+        }
+        Step::HolderTransfers(n, target, comment) => {
+            let (conversation, operator) = held(*n).unwrap_or_else(nobody);
+            Command::Transfer { operator, conversation, target: target.clone(), comment: comment.clone() }
+        }
+        Step::HolderCloses(n, resolution, tags) => {
+            let (conversation, operator) = held(*n).unwrap_or_else(nobody);
+            Command::CloseByOperator { operator, conversation, resolution: resolution.clone(), tags: tags.clone() }
+        }
+        Step::HolderReads(n, upto) => {
+            let (conversation, operator) = held(*n).unwrap_or_else(nobody);
+            Command::MarkRead { conversation, reader: Reader::Operator(operator), upto: *upto }
+        }
+    }
+}
+
+fn json(state: &ShardState) -> String {
+    serde_json::to_string(state).expect("a shard state serializes")
+}
+
+/// Applies one entry the way a node does (precheck on the proposer, then the commit)
+/// and checks what must hold whatever the command was.
+fn apply_checked(state: &mut ShardState, entry: &Envelope) -> Result<Reply, Error> {
+    let before = json(state);
+    let loads_before: BTreeMap<OperatorId, u32> = state.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect();
+    let answered = precheck(state, &entry.command, entry.at);
+    let committed = handle(state, entry);
+    match (&answered, &committed) {
+        (Err(refused), Err(error)) => assert_eq!(refused, error, "precheck and commit refuse alike"),
+        (Err(refused), Ok(_)) => panic!("precheck refused ({refused}) what the commit took"),
+        (Ok(Some(reply)), Ok((committed, outcome))) => {
+            assert_eq!(reply, committed, "precheck answers as the commit would");
+            assert!(outcome.events.is_empty(), "a command precheck answers from state writes nothing: {:?}", outcome.events);
+        }
+        (Ok(_), Err(error)) => panic!("precheck let through what the commit refused: {error}"),
+        (Ok(None), Ok(_)) => {}
+    }
+    match &committed {
+        Err(_) => assert_eq!(json(state), before, "a refused command leaves the state untouched"),
+        Ok((Reply::Message { seq, .. }, _)) => {
+            let (conversation, key) = match &entry.command {
+                Command::PostClientMessage { conversation, key, .. } | Command::PostOperatorMessage { conversation, key, .. } => {
+                    (*conversation, key)
+                }
+                other => panic!("a message reply to {other:?}"),
+            };
+            let conv = &state.conversations[&conversation];
+            assert_eq!(conv.keys.get(key), Some(seq), "the reply names the entry the key produced");
+            let at = &conv.history[*seq as usize - 1].item;
+            assert!(
+                matches!(at, HistoryItem::ClientMessage { key: k, .. } | HistoryItem::OperatorMessage { key: k, .. } if k == key),
+                "entry #{seq} is the message with key {key:?}: {at:?}"
+            );
+        }
+        Ok(_) => {}
+    }
+    check_invariants(state, &loads_before);
+    committed.map(|(reply, _)| reply)
+}
+
+fn check_invariants(state: &ShardState, loads_before: &BTreeMap<OperatorId, u32>) {
+    // I2: one holder at most, and holders and statuses agree both ways.
+    let mut holder: BTreeMap<ConversationId, &OperatorId> = BTreeMap::new();
+    for (id, op) in &state.operators {
+        for c in &op.active {
+            assert!(holder.insert(*c, id).is_none(), "{c} is held by two operators");
+        }
+    }
+    for conv in state.conversations.values() {
+        assert_eq!(conv.assigned(), holder.get(&conv.id).copied(), "{}: status and holder disagree", conv.id);
+        if let Some(op) = conv.assigned() {
+            assert!(conv.handled_by.contains(op), "{}: its holder is not among those who handled it", conv.id);
+        }
+    }
+
+    // I3: an offer or assignment is only ever added to an operator with free capacity.
+    // Lowering a capacity can leave an operator above it; then their load only falls.
+    for (id, op) in &state.operators {
+        let before = loads_before.get(id).copied().unwrap_or(0);
+        assert!(
+            op.load() <= op.config.capacity.max(before),
+            "{id}: load {} grew past capacity {} (was {before})",
+            op.load(),
+            op.config.capacity
+        );
+    }
+
+    // Offers: each pending one is reserved on its operator and is its conversation's.
+    for (id, offer) in &state.offers {
+        let reserved = state.operators.get(&offer.operator).is_some_and(|op| op.offers.contains(id));
+        assert!(reserved, "{id} is not reserved on {}", offer.operator);
+        let status = &state.conversations[&offer.conversation].status;
+        assert!(
+            matches!(status, ConversationStatus::Queued { offer: Some(o), .. } if o == id),
+            "{id} is pending but {} is {status:?}",
+            offer.conversation
+        );
+    }
+    for op in state.operators.values() {
+        for id in &op.offers {
+            assert!(state.offers.contains_key(id), "{} reserves {id}, which is not pending", op.config.id);
+        }
+    }
+    for conv in state.conversations.values() {
+        if let ConversationStatus::Queued { ticket, offer } = &conv.status {
+            let queued = state.groups.get(&conv.group).is_some_and(|g| g.queue.contains(&(*ticket, conv.id)));
+            assert!(queued, "{} is queued but not in {}", conv.id, conv.group);
+            if let Some(o) = offer {
+                assert!(state.offers.contains_key(o), "{} waits on {o}, which is not pending", conv.id);
+            }
+        }
+    }
+    for (id, group) in &state.groups {
+        for (ticket, c) in &group.queue {
+            let conv = &state.conversations[c];
+            assert!(
+                conv.group == *id && matches!(conv.status, ConversationStatus::Queued { ticket: t, .. } if t == *ticket),
+                "{id} queues {c} at #{ticket}, which is {:?} in {}",
+                conv.status,
+                conv.group
+            );
+        }
+    }
+
+    // Sequence numbers start at 1 and have neither gaps nor repeats.
+    for conv in state.conversations.values() {
+        let seqs: Vec<u64> = conv.history.iter().map(|e| e.seq).collect();
+        let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, expected, "{}: history sequence numbers", conv.id);
+    }
+    for op in state.operators.values() {
+        let seqs: Vec<u64> = op.feed.entries.iter().map(|e| e.seq).collect();
+        let first = seqs.first().copied().unwrap_or(op.feed.last_seq + 1);
+        let expected: Vec<u64> = (first..=op.feed.last_seq).collect();
+        assert_eq!(seqs, expected, "{}: feed sequence numbers", op.config.id);
+    }
+}
+
+fn initial(setup: &Setup) -> ShardState {
+    ShardState { rules: setup.rules, ..ShardState::default() }
+}
+
+/// Replays `entries` without the checks; `snapshot_at` passes the state through its
+/// serialized form (what a Raft snapshot stores) before that entry.
+fn replay(setup: &Setup, entries: &[Envelope], snapshot_at: Option<usize>) -> (ShardState, Vec<Result<Reply, Error>>) {
+    let mut state = initial(setup);
+    let mut results = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        if snapshot_at == Some(i) {
+            state = serde_json::from_str(&json(&state)).expect("a shard state deserializes");
+        }
+        results.push(handle(&mut state, entry).map(|(reply, _)| reply));
+    }
+    (state, results)
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn the_core_keeps_its_invariants_whatever_it_is_sent(
+        setup in setup(),
+        steps in prop::collection::vec((pause(), step()), 0..40),
+        snapshot_at in any::<prop::sample::Index>(),
+    ) {
+        let mut state = initial(&setup);
+        let mut entries = Vec::new();
+        let mut results = Vec::new();
+        let mut now = 1000;
+        for command in prelude(&setup) {
+            let entry = Envelope::new(Timestamp(now), command);
+            results.push(apply_checked(&mut state, &entry));
+            entries.push(entry);
+        }
+        for (pause, step) in &steps {
+            now += pause;
+            let entry = Envelope::new(Timestamp(now), resolve(&state, step));
+            results.push(apply_checked(&mut state, &entry));
+            entries.push(entry);
+        }
+
+        let (again, results_again) = replay(&setup, &entries, None);
+        prop_assert_eq!(json(&again), json(&state), "the same entries give the same state");
+        prop_assert_eq!(&results_again, &results, "and the same replies");
+        let (restored, results_restored) = replay(&setup, &entries, Some(snapshot_at.index(entries.len() + 1)));
+        prop_assert_eq!(json(&restored), json(&state), "a snapshot half way changes nothing");
+        prop_assert_eq!(&results_restored, &results);
+    }
+}
