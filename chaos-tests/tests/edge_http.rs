@@ -1,0 +1,534 @@
+//! The HTTP edge under abuse (docs/security.md, "Connections", "Attachments", "Pages",
+//! "Health"): uploads refused before their body, slow and idle connections, per-address
+//! connection limits, file names and types, page headers and readiness.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use switchboard_chaos_tests::{
+    binary, client_upload, eventually, free_local_addrs, http_request, query_escape, request_head, serves_a_new_client, Dev, HttpConn,
+    HttpOutcome, MIB, WAIT,
+};
+use switchboard_gateway::client::{http_json, WsClient};
+
+async fn dev_with(dir: &tempfile::TempDir, flags: &[&str]) -> anyhow::Result<Dev> {
+    Dev::start_with(binary()?, &dir.path().join("data"), flags).await
+}
+
+const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+/// The first `n` bytes of a PNG file.
+fn png_start(n: usize) -> Vec<u8> {
+    let mut bytes = PNG_SIGNATURE.to_vec();
+    bytes.resize(n, 0);
+    bytes
+}
+
+/// Opens an upload: sends only the request head, declaring `length` bytes.
+async fn upload_head(dev: &Dev, token: &str, name: &str, content_type: &str, length: usize) -> anyhow::Result<HttpConn> {
+    let mut conn = HttpConn::connect(&dev.public).await?;
+    let path = format!("/attachments?token={}&name={}", query_escape(token), query_escape(name));
+    conn.send(&request_head("POST", &path, &dev.public, &[("Content-Type", content_type)], Some(length))).await?;
+    Ok(conn)
+}
+
+/// The response to a head sent without its body, which must come within 2 s.
+async fn answer_without_body(mut conn: HttpConn, what: &str) -> anyhow::Result<(u16, Value)> {
+    match conn.read_response(Duration::from_secs(2)).await {
+        HttpOutcome::Response(response) => Ok((response.status, response.json())),
+        other => anyhow::bail!("{what}: no response within 2 s while the body was never sent ({other:?})"),
+    }
+}
+
+/// Regular files under `dir`, but not in `sled/` and not the node's log.
+fn files_outside_the_store(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut found = BTreeSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            if name == "sled" || name == "node.log" {
+                continue;
+            }
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => pending.push(path),
+                Ok(t) if t.is_file() => {
+                    found.insert(path);
+                }
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_refused_before_the_body_is_read() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &["--uploads-per-address", "2", "--request-timeout-ms", "2000"]).await?;
+    let (_ann, _, token) = dev.client("Ann").await?;
+
+    // Each check answers from the head alone.
+    let conn = upload_head(&dev, "v1.forged.token", "cat.png", "image/png", 5_242_880).await?;
+    let (status, body) = answer_without_body(conn, "forged token").await?;
+    assert_eq!(status, 401, "{body}");
+    let alice = dev.login("alice").await?;
+    let conn = upload_head(&dev, &alice, "cat.png", "image/png", 5_242_880).await?;
+    let (status, body) = answer_without_body(conn, "staff token").await?;
+    assert_eq!(status, 403, "{body}");
+    let (mut gone, _, gone_token) = dev.client("Gone").await?;
+    gone.send(&json!({"type": "close"})).await?;
+    gone.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "closed").await?;
+    let conn = upload_head(&dev, &gone_token, "cat.png", "image/png", 5_242_880).await?;
+    let (status, body) = answer_without_body(conn, "closed conversation").await?;
+    assert_eq!(status, 409, "{body}");
+    let conn = upload_head(&dev, &token, "evil.bin", "application/x-evil", 5_242_880).await?;
+    let (status, body) = answer_without_body(conn, "wrong type").await?;
+    assert_eq!(status, 415, "{body}");
+    assert_eq!(body["code"], "unsupported_type", "{body}");
+    let conn = upload_head(&dev, &token, "huge.png", "image/png", 6_000_000).await?;
+    let (status, body) = answer_without_body(conn, "too large").await?;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["code"], "too_large", "{body}");
+
+    // Two uploads in progress per address: of three held open, one is refused at once.
+    let files_before = files_outside_the_store(&dev.data_dir);
+    let mut held = Vec::new();
+    for n in 0..3 {
+        let mut conn = upload_head(&dev, &token, &format!("held{n}.png"), "image/png", MIB as usize).await?;
+        conn.send(&png_start(1024)).await?;
+        held.push(conn);
+    }
+    // One shared deadline: a response already there is read even once it has passed.
+    let deadline = Instant::now() + Duration::from_millis(1000);
+    let mut outcomes = Vec::new();
+    for conn in held.iter_mut() {
+        outcomes.push(conn.read_response(deadline.saturating_duration_since(Instant::now())).await);
+    }
+    let refused: Vec<&HttpOutcome> = outcomes.iter().filter(|o| matches!(o, HttpOutcome::Response(r) if r.status == 429)).collect();
+    assert_eq!(refused.len(), 1, "one of three concurrent uploads is refused with 429 at once: {outcomes:?}");
+    if let HttpOutcome::Response(r) = refused[0] {
+        assert_eq!(r.json()["code"], "rate_limited", "{:?}", r.json());
+    }
+    let waiting = outcomes.iter().filter(|o| matches!(o, HttpOutcome::TimedOut)).count();
+    assert_eq!(waiting, 2, "the other two wait for their bodies: {outcomes:?}");
+
+    // Those two never send the rest: 408 (or closed) once the request time is up.
+    let stalled_at = Instant::now();
+    for (conn, outcome) in held.iter_mut().zip(&outcomes) {
+        if !matches!(outcome, HttpOutcome::TimedOut) {
+            continue;
+        }
+        match conn.read_response(Duration::from_secs(6)).await {
+            HttpOutcome::Response(r) => {
+                assert_eq!(r.status, 408, "{:?}", r.json());
+                assert_eq!(r.json()["code"], "timeout", "{:?}", r.json());
+            }
+            HttpOutcome::Closed => {}
+            HttpOutcome::TimedOut => panic!("a body stalled for {:?} was neither refused nor closed", stalled_at.elapsed()),
+        }
+    }
+    drop(held);
+    // No partial file is left behind.
+    let data_dir = dev.data_dir.clone();
+    eventually(Duration::from_secs(5), Duration::from_millis(100), || {
+        let (data_dir, files_before) = (data_dir.clone(), files_before.clone());
+        async move {
+            let now = files_outside_the_store(&data_dir);
+            let extra: Vec<&PathBuf> = now.difference(&files_before).collect();
+            if extra.is_empty() {
+                Ok(Some(()))
+            } else {
+                anyhow::bail!("left behind: {extra:?}")
+            }
+        }
+    })
+    .await?;
+
+    // The address's places are free again and a whole upload goes through.
+    let png = png_start(2048);
+    eventually(Duration::from_secs(5), Duration::from_millis(100), || async {
+        let (status, body) = client_upload(&dev, &token, "ok.png", "image/png", &png).await?;
+        match status {
+            201 => Ok(Some(())),
+            429 => Ok(None),
+            _ => anyhow::bail!("{status} {body}"),
+        }
+    })
+    .await?;
+    serves_a_new_client(&dev).await?;
+    drop(dev);
+
+    // Memory: 30 uploads declaring 5 MiB each, 1 KiB sent, cost far less than 150 MiB.
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &["--uploads-per-address", "40", "--uploads", "40", "--upload-bytes-per-hour", "1073741824"]).await?;
+    let mut tokens = Vec::new();
+    for n in 0..6 {
+        tokens.push(dev.client(&format!("Uploader {n}")).await?.2);
+    }
+    let baseline = dev.rss_bytes()?;
+    let mut held = Vec::new();
+    for n in 0..30 {
+        let mut conn = upload_head(&dev, &tokens[n % 5], &format!("big{n}.png"), "image/png", 5_242_880).await?;
+        conn.send(&png_start(1024)).await?;
+        held.push(conn);
+    }
+    // While RSS is sampled, each is still waiting for its body.
+    let check = async {
+        for (n, conn) in held.iter_mut().enumerate() {
+            match conn.read_response(Duration::from_millis(30)).await {
+                HttpOutcome::TimedOut => {}
+                other => anyhow::bail!("held upload {n} was answered: {other:?}"),
+            }
+        }
+        Ok(())
+    };
+    let (checked, peak) = dev.peak_rss_during(check).await?;
+    checked?;
+    let grown = peak.saturating_sub(baseline);
+    assert!(grown < 40 * MIB, "30 held uploads grew RSS by {} MiB", grown / MIB);
+    // Meanwhile another upload goes through.
+    let (status, body) = client_upload(&dev, &tokens[5], "small.png", "image/png", &png_start(2048)).await?;
+    assert_eq!(status, 201, "{body}");
+    drop(held);
+    serves_a_new_client(&dev).await?;
+    Ok(())
+}
+
+/// Trickles a header line every 300 ms, never finishing the head; returns how long
+/// the server took to close the connection, `None` if it did not within `limit`.
+async fn trickle(addr: &str, limit: Duration) -> anyhow::Result<Option<Duration>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let conn = HttpConn::connect(addr).await?;
+    let (mut read, mut write) = conn.into_inner().into_split();
+    let started = Instant::now();
+    write.write_all(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n").await?;
+    let closed = async move {
+        let mut sink = [0u8; 4096];
+        loop {
+            match read.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    };
+    tokio::pin!(closed);
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
+    tick.tick().await;
+    let mut n = 0;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        tokio::select! {
+            _ = &mut closed => return Ok(Some(started.elapsed())),
+            _ = tokio::time::sleep_until(deadline) => return Ok(None),
+            _ = tick.tick() => {
+                n += 1;
+                if write.write_all(format!("X-Slow-{n}: still typing\r\n").as_bytes()).await.is_err() {
+                    return Ok(Some(started.elapsed()));
+                }
+            }
+        }
+    }
+}
+
+/// Whether a connection that sends nothing is closed within `limit`.
+async fn idle_closed(addr: &str, limit: Duration) -> anyhow::Result<bool> {
+    let mut conn = HttpConn::connect(addr).await?;
+    Ok(conn.closed_within(limit).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed_and_one_address_cannot_hold_them_all() -> anyhow::Result<()> {
+    // Slowloris: headers must be complete within 1 s, on both listeners.
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &["--header-timeout-ms", "1000"]).await?;
+    let limit = Duration::from_secs(4);
+    let (idle_public, idle_private, slow_public, slow_private) =
+        tokio::join!(idle_closed(&dev.public, limit), idle_closed(&dev.private, limit), trickle(&dev.public, limit), trickle(&dev.private, limit));
+    assert!(idle_public?, "an idle connection to the public listener was still open after {limit:?}");
+    assert!(idle_private?, "an idle connection to the private listener was still open after {limit:?}");
+    assert!(slow_public?.is_some(), "a trickled head on the public listener was still open after {limit:?}");
+    assert!(slow_private?.is_some(), "a trickled head on the private listener was still open after {limit:?}");
+    let (status, _) = http_json(&dev.public, "GET", "/healthz", None, None).await?;
+    assert_eq!(status, 200);
+    let (status, _) = http_json(&dev.private, "GET", "/healthz", None, None).await?;
+    assert_eq!(status, 200);
+    serves_a_new_client(&dev).await?;
+    drop(dev);
+
+    // Ten connections per address per listener: the eleventh is closed at once.
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &["--max-connections-per-address", "10"]).await?;
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut conn = HttpConn::connect(&dev.public).await?;
+        conn.send(b"GET /healthz HT").await?;
+        held.push(conn);
+    }
+    let mut eleventh = HttpConn::connect(&dev.public).await?;
+    assert!(eleventh.closed_within(Duration::from_secs(1)).await, "an eleventh connection from one address was kept open");
+    // The limit is per listener: the private one still answers.
+    let (status, _) = http_json(&dev.private, "GET", "/healthz", None, None).await?;
+    assert_eq!(status, 200);
+    drop(held);
+    eventually(Duration::from_secs(5), Duration::from_millis(100), || async {
+        Ok(matches!(http_json(&dev.public, "GET", "/healthz", None, None).await, Ok((200, _))).then_some(()))
+    })
+    .await
+    .context("the public listener serves again once the held connections are gone")?;
+    serves_a_new_client(&dev).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_over_its_attachment_quota_gets_400_invalid() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let (mut client, _, token) = dev.client("Collector").await?;
+    let mut first = None;
+    for n in 0..50 {
+        let (status, body) = client_upload(&dev, &token, &format!("note{n}.txt"), "text/plain", b"note").await?;
+        assert_eq!(status, 201, "upload {n}: {body}");
+        first.get_or_insert(body["id"].clone());
+    }
+    // The 51st is refused from its head, before any body...
+    let conn = upload_head(&dev, &token, "note50.txt", "text/plain", 4).await?;
+    let (status, body) = answer_without_body(conn, "over the quota").await?;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid", "{body}");
+    // ...and with its body.
+    let (status, body) = client_upload(&dev, &token, "note50.txt", "text/plain", b"note").await?;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid", "{body}");
+    let stored = std::fs::read_dir(dev.data_dir.join("attachments"))?.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_file())).count();
+    assert_eq!(stored, 50, "a refused upload leaves no file");
+
+    // The conversation goes on, with the files it has.
+    client.send(&json!({"type": "send", "key": "with-file", "text": "see attached", "attachments": [first]})).await?;
+    let ack = client.wait_for(WAIT, |v| (v["type"] == "ack" && v["key"] == "with-file") || v["type"] == "error").await?;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    serves_a_new_client(&dev).await?;
+    Ok(())
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// A stored (uncompressed) ZIP archive: local file headers, central directory, end record.
+fn zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for (name, data) in entries {
+        let offset = out.len() as u32;
+        let crc = crc32(data);
+        let (size, name_len) = (data.len() as u32, name.len() as u16);
+        out.extend_from_slice(b"PK\x03\x04");
+        for half in [20u16, 0, 0, 0, 0x21] {
+            out.extend_from_slice(&half.to_le_bytes()); // version, flags, method 0, time, date
+        }
+        for word in [crc, size, size] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.extend_from_slice(&name_len.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes()); // extra length
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+
+        central.extend_from_slice(b"PK\x01\x02");
+        for half in [20u16, 20, 0, 0, 0, 0x21] {
+            central.extend_from_slice(&half.to_le_bytes()); // made by, needed, flags, method, time, date
+        }
+        for word in [crc, size, size] {
+            central.extend_from_slice(&word.to_le_bytes());
+        }
+        for half in [name_len, 0, 0, 0, 0] {
+            central.extend_from_slice(&half.to_le_bytes()); // name, extra, comment, disk, internal
+        }
+        central.extend_from_slice(&0u32.to_le_bytes()); // external attributes
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(name.as_bytes());
+    }
+    let (central_offset, central_len) = (out.len() as u32, central.len() as u32);
+    out.extend_from_slice(&central);
+    out.extend_from_slice(b"PK\x05\x06");
+    let count = entries.len() as u16;
+    for half in [0u16, 0, count, count] {
+        out.extend_from_slice(&half.to_le_bytes());
+    }
+    out.extend_from_slice(&central_len.to_le_bytes());
+    out.extend_from_slice(&central_offset.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The file names a Content-Disposition value gives (`filename` and `filename*`).
+fn disposition_filenames(value: &str) -> Vec<String> {
+    value
+        .split(';')
+        .skip(1)
+        .filter_map(|param| {
+            let (key, raw) = param.trim().split_once('=')?;
+            match key.trim().to_ascii_lowercase().as_str() {
+                "filename" => Some(raw.trim().trim_matches('"').to_owned()),
+                "filename*" => Some(percent_decode(raw.trim().rsplit("''").next()?)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+const BIDI_CONTROLS: &[char] = &[
+    '\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}',
+    '\u{061C}',
+];
+
+const DOCX: &str = "application/vnd.openxmlformats-officedocument.wordprocessingml.document";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_names_lose_bidi_controls_and_docx_must_be_office_zip() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let (_client, _, token) = dev.client("Ann").await?;
+
+    // "invoice<RLO>fdp.exe" displays as "invoiceexe.pdf" but is an .exe name.
+    let pdf = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n";
+    let (status, file) = client_upload(&dev, &token, "invoice\u{202E}fdp.exe", "application/pdf", pdf).await?;
+    assert_eq!(status, 201, "{file}");
+    let name = file["name"].as_str().unwrap_or_default().to_owned();
+    assert!(!name.contains(BIDI_CONTROLS), "the stored name keeps a bidirectional control: {name:?}");
+    assert!(name.ends_with(".pdf"), "a PDF's name ends with .pdf: {name:?}");
+
+    let id = file["id"].as_str().context("an attachment id")?;
+    let download = http_request(&dev.public, None, "GET", &format!("/attachments/{id}?token={}", query_escape(&token)), &[], b"").await?;
+    assert_eq!(download.status, 200);
+    assert_eq!(download.body, pdf.to_vec());
+    let disposition = download.header("content-disposition").context("a Content-Disposition")?.to_owned();
+    assert!(!disposition.contains(BIDI_CONTROLS), "{disposition:?}");
+    let names = disposition_filenames(&disposition);
+    assert!(!names.is_empty(), "no file name in {disposition:?}");
+    for served in &names {
+        assert!(served.ends_with(".pdf"), "served as {served:?} ({disposition:?})");
+        assert!(!served.contains(BIDI_CONTROLS), "served as {served:?}");
+    }
+
+    // A "DOCX" is a ZIP whose first entry belongs to an Office Open XML package.
+    let content_types = br#"<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"/>"#;
+    let evil = zip(&[("evil.js", b"alert(1)"), ("[Content_Types].xml", content_types)]);
+    let (status, body) = client_upload(&dev, &token, "report.docx", DOCX, &evil).await?;
+    assert_eq!(status, 415, "a ZIP of a script passed as DOCX: {body}");
+    assert_eq!(body["code"], "unsupported_type", "{body}");
+    let docx = zip(&[("[Content_Types].xml", content_types), ("word/document.xml", b"<w:document/>")]);
+    let (status, body) = client_upload(&dev, &token, "report.docx", DOCX, &docx).await?;
+    assert_eq!(status, 201, "{body}");
+    assert!(body["name"].as_str().unwrap_or_default().ends_with(".docx"), "{body}");
+
+    serves_a_new_client(&dev).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_are_sent_with_a_content_security_policy() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+
+    let workstation = http_request(&dev.private, None, "GET", "/", &[], b"").await?;
+    assert_eq!(workstation.status, 200);
+    let csp = workstation.header("content-security-policy").context("the workstation has no Content-Security-Policy")?;
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(csp.contains("object-src 'none'"), "{csp}");
+    assert_eq!(workstation.header("x-frame-options").map(str::to_ascii_uppercase).as_deref(), Some("DENY"));
+    assert_eq!(workstation.header("x-content-type-options"), Some("nosniff"));
+
+    let demo = http_request(&dev.public, None, "GET", "/", &[], b"").await?;
+    assert_eq!(demo.status, 200);
+    let csp = demo.header("content-security-policy").context("the public page has no Content-Security-Policy")?;
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert_eq!(demo.header("x-content-type-options"), Some("nosniff"));
+
+    // Every response, JSON and errors included.
+    for (addr, path) in [(&dev.public, "/healthz"), (&dev.private, "/healthz"), (&dev.private, "/api/me"), (&dev.public, "/no-such-page")] {
+        let response = http_request(addr, None, "GET", path, &[], b"").await?;
+        assert_eq!(response.header("x-content-type-options"), Some("nosniff"), "GET {path} ({})", response.status);
+    }
+    serves_a_new_client(&dev).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_ready_only_when_a_client_can_start() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let [public, private]: [String; 2] = free_local_addrs(2)?.try_into().map_err(|_| anyhow::anyhow!("two addresses"))?;
+    let starting = Dev::launch(binary()?, "dev", &dir.path().join("data"), &public, &private, &[])?;
+    // Poll /readyz while the node starts: refused or 503 until it is 200; at that moment
+    // a visitor can start a conversation.
+    let probe = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut not_ready = 0u32;
+        loop {
+            anyhow::ensure!(Instant::now() < deadline, "/readyz never turned 200 within 60 s");
+            match http_request(&public, None, "GET", "/readyz", &[], b"").await {
+                Err(_) => {} // not listening yet
+                Ok(r) if r.status == 503 => {
+                    anyhow::ensure!(r.json() == json!({"status": "not_ready"}), "503 with {:?}", r.json());
+                    not_ready += 1;
+                }
+                Ok(r) if r.status == 200 => {
+                    anyhow::ensure!(r.json() == json!({"status": "ready"}), "200 with {:?}", r.json());
+                    let mut ws = WsClient::connect(&public, "/ws/client", None).await?;
+                    ws.send(&json!({"type": "start", "name": "Early bird"})).await?;
+                    let reply = ws.wait_for(WAIT, |v| v["type"] == "started" || v["type"] == "error").await?;
+                    return Ok::<_, anyhow::Error>((reply, not_ready));
+                }
+                Ok(r) => anyhow::bail!("/readyz answered {} {:?}", r.status, r.json()),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await; // polling interval
+        }
+    };
+    let (dev, probed) = tokio::join!(starting.ready(), probe);
+    let dev = dev?;
+    let (reply, _not_ready) = probed?;
+    assert_eq!(reply["type"], "started", "a start right after /readyz turned 200: {reply}");
+
+    for addr in [&dev.public, &dev.private] {
+        let (status, body) = http_json(addr, "GET", "/readyz", None, None).await?;
+        assert_eq!((status, body), (200, json!({"status": "ready"})), "/readyz on {addr}");
+        let (status, body) = http_json(addr, "GET", "/healthz", None, None).await?;
+        assert_eq!((status, body), (200, json!({"status": "ok"})), "/healthz on {addr}");
+    }
+    serves_a_new_client(&dev).await?;
+    Ok(())
+}
