@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchboard_chaos_tests::{next_event, set_presence, Dev, WAIT};
+use switchboard_chaos_tests::{next_event, request_head, set_presence, Dev, HttpConn, HttpOutcome, WAIT};
 use switchboard_gateway::client::WsClient;
 
 async fn dev() -> anyhow::Result<(tempfile::TempDir, Dev)> {
@@ -45,10 +45,14 @@ async fn attachments_are_limited_by_size_and_type_and_reach_the_other_side() -> 
     set_presence(&mut alice, "online").await?;
     let (mut client, conversation, token) = assigned_to_alice(&dev, &mut alice).await?;
 
-    let too_big = vec![b'x'; 5 * 1024 * 1024 + 10];
-    let (status, body) = upload(&dev.public, &format!("/attachments?token={token}&name=big.png"), None, "image/png", too_big).await?;
-    assert_eq!(status, 413, "{body}");
-    assert_eq!(body["code"], "too_large");
+    // Refused on its declared length, before a byte of the body is sent (a client
+    // that goes on sending after the answer finds the connection closed).
+    let mut conn = HttpConn::connect(&dev.public).await?;
+    let head = request_head("POST", &format!("/attachments?token={token}&name=big.png"), &dev.public, &[("Content-Type", "image/png")], Some(5 * 1024 * 1024 + 10));
+    conn.send(&head).await?;
+    let HttpOutcome::Response(response) = conn.read_response(WAIT).await else { anyhow::bail!("no answer to an oversized upload") };
+    assert_eq!(response.status, 413, "{:?}", response.json());
+    assert_eq!(response.json()["code"], "too_large");
     let (status, body) = upload(&dev.public, &format!("/attachments?token={token}&name=x.exe"), None, "application/x-msdownload", b"MZ".to_vec()).await?;
     assert_eq!(status, 415, "{body}");
     assert_eq!(body["code"], "unsupported_type");
