@@ -4,7 +4,14 @@
 //!
 //! The writer pulls from committed state each time a stream wakes it, starting after
 //! the last sequence number it sent: a lost or coalesced wake-up can delay a frame but
-//! never drop or repeat one.
+//! never drop or repeat one. It pulls a page at a time and only once the previous page
+//! is written, so a peer that stops reading costs one page, not the history.
+//!
+//! What a socket may cost is bounded on both sides: inbound, [`crate::wire`] holds at
+//! most one message's bytes and every frame (control frames too) costs a rate-limit
+//! token; outbound, the queue to the writer is bounded, a write that makes no progress
+//! is cut by the listener's write timeout, and a peer silent for two ping intervals is
+//! closed.
 
 use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
@@ -38,7 +45,7 @@ pub mod close {
 pub struct Limits {
     /// Largest WebSocket message accepted, in bytes.
     pub max_message_bytes: usize,
-    /// Sustained frames per second.
+    /// Sustained inbound frames per second (data and control frames alike).
     pub frames_per_second: f64,
     /// Frames allowed in a burst above the sustained rate.
     pub burst: f64,
