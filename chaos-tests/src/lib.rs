@@ -390,6 +390,26 @@ pub enum HttpOutcome {
     TimedOut,
 }
 
+/// Appends what `reader` has to `buf`; `false` (and `eof` set) at end of stream or on a
+/// reset.
+async fn read_more<R: tokio::io::AsyncRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>, eof: &mut bool) -> bool {
+    use tokio::io::AsyncReadExt;
+    if *eof {
+        return false;
+    }
+    let mut chunk = vec![0u8; 64 * 1024];
+    match reader.read(&mut chunk).await {
+        Ok(0) | Err(_) => {
+            *eof = true;
+            false
+        }
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
 /// One raw HTTP/1.1 connection: write any bytes, read a response with a deadline, or
 /// wait for the server to close it.
 pub struct HttpConn {
@@ -416,23 +436,9 @@ impl HttpConn {
         }
     }
 
-    /// Reads more bytes; `Ok(false)` at end of stream or on a reset.
+    /// Reads more bytes; `false` at end of stream or on a reset.
     async fn fill(&mut self) -> bool {
-        use tokio::io::AsyncReadExt;
-        if self.eof {
-            return false;
-        }
-        let mut chunk = [0u8; 16 * 1024];
-        match self.stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => {
-                self.eof = true;
-                false
-            }
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-        }
+        read_more(&mut self.stream, &mut self.buf, &mut self.eof).await
     }
 
     /// The next response, if one arrives within `timeout`. Bytes read stay buffered
@@ -760,21 +766,7 @@ pub struct RawReader {
 
 impl RawReader {
     async fn fill(&mut self) -> bool {
-        use tokio::io::AsyncReadExt;
-        if self.eof {
-            return false;
-        }
-        let mut chunk = [0u8; 64 * 1024];
-        match self.half.read(&mut chunk).await {
-            Ok(0) | Err(_) => {
-                self.eof = true;
-                false
-            }
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-        }
+        read_more(&mut self.half, &mut self.buf, &mut self.eof).await
     }
 
     fn parse(&mut self) -> anyhow::Result<Option<ServerFrame>> {
