@@ -98,14 +98,21 @@ fn seed() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_loses_no_acknowledged_message_and_sockets_resume() -> anyhow::Result<()> {
-    kill9_scenario(&[]).await.map(drop)
+    kill9_scenario(&[], 6).await.map(drop)
+}
+
+/// Many clients at once, so commands share log entries (group commit), killed while
+/// they do: every acknowledged message is there exactly once, at its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_while_commands_share_log_entries_loses_nothing() -> anyhow::Result<()> {
+    kill9_scenario(&[], 24).await.map(drop)
 }
 
 /// The same with a snapshot every 40 entries: restart goes through snapshot restore,
 /// a purged log and replay of the entries after the snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_with_frequent_snapshots_restores_from_snapshot_and_log() -> anyhow::Result<()> {
-    let dev = kill9_scenario(&["--snapshot-every", "40"]).await?;
+    let dev = kill9_scenario(&["--snapshot-every", "40"], 6).await?;
     let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;
     let snapshot_index: u64 = metrics
         .as_str()
@@ -118,8 +125,18 @@ async fn kill9_with_frequent_snapshots_restores_from_snapshot_and_log() -> anyho
     Ok(())
 }
 
+/// Commands proposed and the log entries they were written in, from `/metrics`.
+async fn proposals(dev: &Dev) -> anyhow::Result<(u64, u64)> {
+    let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;
+    let text = metrics.as_str().unwrap_or_default().to_owned();
+    let value = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix("{group=\"1\"} ")?.trim().parse::<u64>().ok()).unwrap_or(0)
+    };
+    Ok((value("switchboard_proposed_commands_total"), value("switchboard_proposed_entries_total")))
+}
+
 /// Runs traffic, kills, restarts and checks; returns the restarted node.
-async fn kill9_scenario(extra: &[&str]) -> anyhow::Result<Dev> {
+async fn kill9_scenario(extra: &[&str], n_clients: usize) -> anyhow::Result<Dev> {
     let seed = seed();
     let kill_after = Duration::from_millis(300 + seed % 1200);
     println!("chaos seed {seed}: kill -9 after {kill_after:?} of traffic");
@@ -136,16 +153,22 @@ async fn kill9_scenario(extra: &[&str]) -> anyhow::Result<Dev> {
         ws.clear_skipped();
         operators.push(tokio::spawn(operator_loop(ws, login.to_string(), shared.clone())));
     }
-    // Capacity in "general" is 2 + 2: six clients leave two queued.
+    // Capacity in "general" is 2 + 2: six clients or more leave two queued.
     let mut clients = Vec::new();
-    for i in 0..6 {
+    for i in 0..n_clients {
         let (ws, conversation, token) = dev.client(&format!("Client {i}")).await?;
         let handle = tokio::spawn(client_loop(ws, conversation, shared.clone()));
         clients.push((conversation, token, handle));
     }
 
     tokio::time::sleep(kill_after).await;
+    let group_commits = proposals(&dev).await?;
     dev.kill9().await?;
+    println!("{} commands in {} log entries before the kill", group_commits.0, group_commits.1);
+    if n_clients > 6 {
+        let (commands, entries) = group_commits;
+        assert!(commands > entries, "{n_clients} clients at once shared log entries: {commands} commands in {entries} entries");
+    }
     let mut last_seen: HashMap<u64, u64> = HashMap::new();
     for (conversation, _, handle) in clients.iter_mut() {
         let seen = handle.await?;
