@@ -34,6 +34,15 @@ pub struct BenchArgs {
     /// Data folder for the benchmarked node (default: a fresh temporary one).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Closed loop instead of a paced rate: every client keeps one message in flight,
+    /// sending the next as soon as the ack of the last is back (but no faster than the
+    /// client socket's sustained frame rate), for `--duration` seconds.
+    #[arg(long)]
+    saturate: bool,
+    /// An extra argument for the benchmarked `switchboard dev` (repeat for several),
+    /// e.g. `--node-arg=--snapshot-every --node-arg=100000`.
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    node_args: Vec<String>,
 }
 
 struct Child {
@@ -41,6 +50,7 @@ struct Child {
     public: String,
     private: String,
     logins: HashMap<String, String>,
+    data_dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -62,6 +72,7 @@ async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
         .args(["--client-messages-per-minute", "100000000", "--client-sockets-per-address", "1000000"])
         .args(["--max-connections-per-address", "1000000", "--max-connections", "1000000", "--data-dir"])
         .arg(&data_dir)
+        .args(&args.node_args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -91,6 +102,7 @@ async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
         public: public.ok_or_else(|| anyhow!("no public address printed"))?,
         private: private.ok_or_else(|| anyhow!("no private address printed"))?,
         logins,
+        data_dir,
         _dir: dir,
     })
 }
@@ -126,6 +138,116 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 type Pending = Arc<Mutex<HashMap<String, Instant>>>;
 
+/// Bytes under a folder, walked recursively.
+fn folder_bytes(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => folder_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn print_latencies(label: &str, sorted: &[Duration]) {
+    println!(
+        "  {label} p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile(sorted, 50.0).as_secs_f64() * 1e3,
+        percentile(sorted, 90.0).as_secs_f64() * 1e3,
+        percentile(sorted, 99.0).as_secs_f64() * 1e3,
+        sorted.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
+}
+
+/// The node's own mean time from receiving a command to its commit and apply, from
+/// `/metrics`: what the node spends, apart from the sockets on either side.
+async fn print_commit_time(private: &str) {
+    let Ok((_, metrics)) = http_json(private, "GET", "/metrics", None, None).await else { return };
+    let text = metrics.as_str().unwrap_or_default();
+    let value = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok());
+    if let (Some(sum), Some(count)) = (value("switchboard_commit_seconds_sum "), value("switchboard_commit_seconds_count ")) {
+        if count > 0.0 {
+            println!("  node: {count:.0} commands committed, mean {:.2} ms from receipt to commit and apply", sum / count * 1e3);
+        }
+    }
+}
+
+/// The closed loop: each client sends, waits for its ack, and sends again, no faster
+/// than its socket's sustained rate. Prints a progress line per second, then
+/// throughput, latencies, RSS and the data folder's size.
+async fn saturate(
+    args: &BenchArgs,
+    clients: Vec<WsClient>,
+    pending: &Pending,
+    latencies: &Arc<Mutex<Vec<Duration>>>,
+    pid: u32,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let min_gap = Duration::from_secs_f64(1.0 / f64::from(CLIENT_SUSTAINED_FRAMES_PER_S));
+    let duration = Duration::from_secs(args.duration);
+    let started = Instant::now();
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ack_latencies: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
+    println!("bench: closed loop, {} clients, one message in flight each, for {} s…", clients.len(), args.duration);
+    let mut tasks = Vec::with_capacity(clients.len());
+    for (c, mut ws) in clients.into_iter().enumerate() {
+        let (pending, acked, ack_latencies) = (pending.clone(), acked.clone(), ack_latencies.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while started.elapsed() < duration {
+                let key = format!("c{c}-{n}");
+                n += 1;
+                let sent = Instant::now();
+                pending.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), sent);
+                if ws.send(&json!({"type": "send", "key": key, "text": "benchmark message"})).await.is_err() {
+                    return;
+                }
+                let ack = ws.wait_for(Duration::from_secs(30), |v| v["type"] == "ack" && v["key"] == key.as_str()).await;
+                ws.clear_skipped();
+                if ack.is_err() {
+                    return;
+                }
+                acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ack_latencies.lock().unwrap_or_else(|p| p.into_inner()).push(sent.elapsed());
+                let next = sent + min_gap;
+                if next > Instant::now() {
+                    tokio::time::sleep_until(next.into()).await;
+                }
+            }
+        }));
+    }
+    let mut last = 0u64;
+    while started.elapsed() < duration {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = acked.load(std::sync::atomic::Ordering::Relaxed);
+        println!("  {:>4.0} s: {:>6} acks/s, node RSS {} KiB", started.elapsed().as_secs_f64(), now - last, rss_kib(pid).unwrap_or(0));
+        last = now;
+    }
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(35), task).await;
+    }
+    let elapsed = started.elapsed();
+    let drain_deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < drain_deadline && !pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let total = acked.load(std::sync::atomic::Ordering::Relaxed);
+    let mut acks = ack_latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    acks.sort();
+    let mut delivered = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    delivered.sort();
+    let undelivered = pending.lock().unwrap_or_else(|p| p.into_inner()).len();
+    println!("\nclosed loop, {} clients", args.clients);
+    println!("  acked {total} in {:.1} s: {:.0} msg/s durably committed", elapsed.as_secs_f64(), total as f64 / elapsed.as_secs_f64());
+    print_latencies("client send -> ack", &acks);
+    println!("  delivered {} to operator sockets, undelivered {undelivered}", delivered.len());
+    print_latencies("client send -> operator socket", &delivered);
+    println!("  node RSS {} KiB, data folder {:.1} MiB", rss_kib(pid).unwrap_or(0), folder_bytes(data_dir) as f64 / (1024.0 * 1024.0));
+    Ok(())
+}
+
 /// The client surface's sustained text frames per second (docs/protocol.md §7).
 const CLIENT_SUSTAINED_FRAMES_PER_S: u32 = 10;
 
@@ -136,7 +258,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Each client socket is held to the public surface's sustained frame rate; beyond it
     // the bench would measure the rate limiter, not delivery.
     let per_client = f64::from(args.rate) / args.clients as f64;
-    if per_client > f64::from(CLIENT_SUSTAINED_FRAMES_PER_S) {
+    if !args.saturate && per_client > f64::from(CLIENT_SUSTAINED_FRAMES_PER_S) {
         bail!(
             "{per_client:.1} messages/s per client is over the client socket's limit of {CLIENT_SUSTAINED_FRAMES_PER_S}/s: \
              use at least {} clients for {} msg/s",
@@ -201,6 +323,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     for ws in clients.iter_mut() {
         ws.wait_for(Duration::from_secs(30), |v| v["type"] == "event" && v["kind"] == "assigned").await.context("client never assigned")?;
+        ws.clear_skipped();
+    }
+    if args.saturate {
+        saturate(&args, clients, &pending, &latencies, pid, &child.data_dir).await?;
+        print_commit_time(&child.private).await;
+        for task in operator_tasks {
+            task.abort();
+        }
+        let _ = child.process.kill().await;
+        return Ok(());
     }
     // Each client's frames are read by its own task: acks time the durable commit.
     let acks_pending: Pending = Arc::new(Mutex::new(HashMap::new()));
