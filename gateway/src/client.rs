@@ -217,6 +217,8 @@ pub async fn http_json(
 ) -> Result<(u16, Value), ClientError> {
     use http_body_util::{BodyExt, Full};
     let stream = TcpStream::connect(addr).await.map_err(|e| ClientError::Connect(e.to_string()))?;
+    // A small request written right after another must not wait for a delayed ack.
+    let _ = stream.set_nodelay(true);
     let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .map_err(|e| ClientError::Connect(e.to_string()))?;
