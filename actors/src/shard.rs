@@ -106,11 +106,13 @@ impl Shard {
         stop_if_poisoned(self.state.read())
     }
 
-    pub fn snapshot(&self) -> Result<Vec<u8>, Error> {
-        let state = self.read();
-        let snapshot = SnapshotV1 { v: 1, state: state.clone() };
-        drop(state);
-        serde_json::to_vec(&snapshot).map_err(|e| Error::Commit(format!("encode snapshot: {e}")))
+    /// The state as of now, and the work that encodes it: the clone is taken under the
+    /// lock, the encoding runs later without it, so applies go on meanwhile.
+    pub fn capture(&self) -> impl FnOnce() -> Result<Vec<u8>, Error> + Send + 'static {
+        let state = self.read().clone();
+        move || {
+            serde_json::to_vec(&SnapshotV1 { v: 1, state }).map_err(|e| Error::Commit(format!("encode snapshot: {e}")))
+        }
     }
 
     pub fn restore(&self, bytes: &[u8]) -> Result<(), Error> {

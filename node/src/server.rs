@@ -78,8 +78,9 @@ impl Machine for ShardMachine {
         encode(&result).unwrap_or_default()
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, String> {
-        self.shard.snapshot().map_err(|e| e.to_string())
+    fn capture(&self) -> switchboard_raft::SnapshotEncoder {
+        let encode = self.shard.capture();
+        Box::new(move || encode().map_err(|e| e.to_string()))
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
@@ -348,7 +349,7 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
         .open()
         .context("open sled (is another switchboard using this data dir?)")?;
     let shard = Arc::new(Shard::new());
-    let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }))?;
+    let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }), &options.data_dir.join("snapshots"))?;
     let raft = Raft::new(options.node_id, config_with_snapshots(options.snapshot_every)?, NetworkFactory::new(endpoint.clone(), SHARD_GROUP), log, sm).await?;
     let router = Router::default();
     router.add(SHARD_GROUP, raft.clone());

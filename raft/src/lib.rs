@@ -46,11 +46,17 @@ openraft::declare_raft_types!(
 /// replica calls it with the same entries in the same order.
 pub trait Machine: Send + Sync + 'static {
     fn apply(&self, index: u64, request: &[u8]) -> Vec<u8>;
-    fn snapshot(&self) -> Result<Vec<u8>, String>;
+    /// Captures the state as of the last applied entry and returns the work that
+    /// encodes it. Capturing must be quick (it runs between applies); the encoding runs
+    /// afterwards, off the apply path, while entries go on being applied.
+    fn capture(&self) -> SnapshotEncoder;
     fn restore(&self, snapshot: &[u8]) -> Result<(), String>;
     /// Back to the empty state, before a snapshot and the log are replayed.
     fn reset(&self);
 }
+
+/// Encodes a captured state into snapshot bytes.
+pub type SnapshotEncoder = Box<dyn FnOnce() -> Result<Vec<u8>, String> + Send>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

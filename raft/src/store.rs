@@ -4,10 +4,18 @@
 //! `flush_async` has returned; sled's own 500 ms background sync is never relied upon.
 //! The state machine lives in memory and is rebuilt on start from the last snapshot
 //! plus the committed log, which `save_committed` makes possible.
+//!
+//! Snapshots are files in the group's snapshot folder, written whole (temporary file,
+//! fsync, rename) before the pointer to them is stored in sled; the file the pointer
+//! left is deleted, so an old snapshot gives its disk space back at once. Building one
+//! captures the state between two applies and encodes and writes it while applies go
+//! on. (Data folders from before kept the snapshot inside sled under `snapshot`; it is
+//! read once and dropped when the first file is written.)
 
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -66,10 +74,13 @@ pub fn open_group(
     db: &sled::Db,
     group: u64,
     machine: Arc<dyn Machine>,
+    snapshot_dir: &Path,
 ) -> Result<(LogStore, StateMachineStore), crate::Error> {
     let trees = Trees::open(db, group)?;
     let log = LogStore { trees: trees.clone() };
-    let sm = StateMachineStore::load(trees, machine)?;
+    std::fs::create_dir_all(snapshot_dir)?;
+    let snapshots = SnapshotFiles { dir: snapshot_dir.to_path_buf(), group, writing: Arc::new(Mutex::new(())) };
+    let sm = StateMachineStore::load(trees, machine, snapshots)?;
     Ok((log, sm))
 }
 
@@ -210,10 +221,62 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// A snapshot kept inside sled, as data folders from before snapshot files hold it.
 #[derive(Clone, Serialize, Deserialize)]
-struct StoredSnapshot {
+struct LegacySnapshot {
     meta: SnapshotMeta<NodeId, Node>,
     data: Vec<u8>,
+}
+
+/// The sled record of the current snapshot: what it covers and its file.
+#[derive(Clone, Serialize, Deserialize)]
+struct SnapshotPointer {
+    meta: SnapshotMeta<NodeId, Node>,
+    file: String,
+}
+
+const LEGACY_SNAPSHOT_KEY: &str = "snapshot";
+const SNAPSHOT_KEY: &str = "snapshot_file";
+
+/// The folder a group's snapshot files live in.
+#[derive(Clone)]
+struct SnapshotFiles {
+    dir: PathBuf,
+    group: u64,
+    /// Serializes pointer updates (a build and an install may overlap).
+    writing: Arc<Mutex<()>>,
+}
+
+impl SnapshotFiles {
+    fn read(&self, file: &str) -> std::io::Result<Vec<u8>> {
+        std::fs::read(self.dir.join(file))
+    }
+
+    /// Writes `data` whole under a new name and returns the name.
+    async fn write(&self, meta: &SnapshotMeta<NodeId, Node>, data: Vec<u8>) -> std::io::Result<String> {
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let file = format!("g{}-{index:020}-{stamp}.snapshot", self.group);
+        let (dir, name) = (self.dir.clone(), file.clone());
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let partial = dir.join(format!("{name}.partial"));
+            let mut out = std::fs::File::create(&partial)?;
+            out.write_all(&data)?;
+            out.sync_all()?;
+            std::fs::rename(&partial, dir.join(&name))?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(file)
+    }
+
+    fn remove(&self, file: &str) {
+        if let Err(e) = std::fs::remove_file(self.dir.join(file)) {
+            tracing::warn!(file, error = %e, "could not remove a replaced snapshot");
+        }
+    }
 }
 
 struct SmInner {
@@ -228,35 +291,71 @@ pub struct StateMachineStore {
     trees: Trees,
     machine: Arc<dyn Machine>,
     inner: Arc<Mutex<SmInner>>,
+    snapshots: SnapshotFiles,
 }
 
 impl StateMachineStore {
-    fn load(trees: Trees, machine: Arc<dyn Machine>) -> Result<Self, crate::Error> {
-        let snapshot: Option<StoredSnapshot> = trees.get_meta("snapshot").map_err(crate::Error::Storage)?;
+    fn load(trees: Trees, machine: Arc<dyn Machine>, snapshots: SnapshotFiles) -> Result<Self, crate::Error> {
         let mut inner = SmInner { last_applied: None, membership: StoredMembership::default(), snapshot_seq: 0 };
         machine.reset();
-        if let Some(snapshot) = snapshot {
-            machine.restore(&snapshot.data).map_err(crate::Error::Storage)?;
-            inner.last_applied = snapshot.meta.last_log_id;
-            inner.membership = snapshot.meta.last_membership.clone();
+        if let Some((meta, data)) = current(&trees, &snapshots).map_err(crate::Error::Storage)? {
+            machine.restore(&data).map_err(crate::Error::Storage)?;
+            inner.last_applied = meta.last_log_id;
+            inner.membership = meta.last_membership.clone();
         }
-        Ok(StateMachineStore { trees, machine, inner: Arc::new(Mutex::new(inner)) })
+        Ok(StateMachineStore { trees, machine, inner: Arc::new(Mutex::new(inner)), snapshots })
     }
+
+    /// Makes `data` the current snapshot: its file first, then the pointer, then the
+    /// old file goes. A snapshot older than the current one is not installed over it.
+    async fn keep(&self, meta: &SnapshotMeta<NodeId, Node>, data: Vec<u8>) -> Result<(), StorageError<NodeId>> {
+        let write_err = |e: &dyn std::fmt::Display| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e));
+        let _writing = self.snapshots.writing.lock().await;
+        let old: Option<SnapshotPointer> = self.trees.get_meta(SNAPSHOT_KEY).map_err(|e| write_err(&e))?;
+        if old.as_ref().is_some_and(|old| old.meta.last_log_id > meta.last_log_id) {
+            return Ok(());
+        }
+        let file = self.snapshots.write(meta, data).await.map_err(|e| write_err(&e))?;
+        self.trees.put_meta(SNAPSHOT_KEY, &SnapshotPointer { meta: meta.clone(), file }).map_err(|e| write_err(&e))?;
+        self.trees.meta.remove(LEGACY_SNAPSHOT_KEY).map_err(|e| write_err(&e))?;
+        self.trees.db.flush_async().await.map_err(|e| write_err(&e))?;
+        if let Some(old) = old {
+            self.snapshots.remove(&old.file);
+        }
+        Ok(())
+    }
+}
+
+/// The current snapshot, from its file or (older data folders) from sled.
+fn current(trees: &Trees, snapshots: &SnapshotFiles) -> Result<Option<(SnapshotMeta<NodeId, Node>, Vec<u8>)>, String> {
+    if let Some(pointer) = trees.get_meta::<SnapshotPointer>(SNAPSHOT_KEY)? {
+        let data = snapshots.read(&pointer.file).map_err(|e| {
+            format!("snapshot file {} named by the store cannot be read: {e}", snapshots.dir.join(&pointer.file).display())
+        })?;
+        return Ok(Some((pointer.meta, data)));
+    }
+    Ok(trees.get_meta::<LegacySnapshot>(LEGACY_SNAPSHOT_KEY)?.map(|legacy| (legacy.meta, legacy.data)))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let mut inner = self.inner.lock().await;
-        let data = self.machine.snapshot().map_err(|e| StorageIOError::read_state_machine(&io_err(e)))?;
-        inner.snapshot_seq += 1;
-        let snapshot_id = match inner.last_applied {
-            Some(last) => format!("{}-{}-{}", last.leader_id, last.index, inner.snapshot_seq),
-            None => format!("--{}", inner.snapshot_seq),
+        // Captured between two applies, so the state and `last_applied` agree; the
+        // encoding and the write happen after the lock is released.
+        let (encode, meta) = {
+            let mut inner = self.inner.lock().await;
+            let encode = self.machine.capture();
+            inner.snapshot_seq += 1;
+            let snapshot_id = match inner.last_applied {
+                Some(last) => format!("{}-{}-{}", last.leader_id, last.index, inner.snapshot_seq),
+                None => format!("--{}", inner.snapshot_seq),
+            };
+            (encode, SnapshotMeta { last_log_id: inner.last_applied, last_membership: inner.membership.clone(), snapshot_id })
         };
-        let meta = SnapshotMeta { last_log_id: inner.last_applied, last_membership: inner.membership.clone(), snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
-        self.trees.put_meta("snapshot", &stored).map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?;
-        self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let data = tokio::task::spawn_blocking(encode)
+            .await
+            .map_err(|e| StorageIOError::read_state_machine(&io_err(e)))?
+            .map_err(|e| StorageIOError::read_state_machine(&io_err(e)))?;
+        self.keep(&meta, data.clone()).await?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -306,15 +405,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.machine.restore(&data).map_err(|e| StorageIOError::write_state_machine(&io_err(e)))?;
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        self.trees.put_meta("snapshot", &stored).map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?;
-        self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        Ok(())
+        self.keep(meta, data).await
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let stored: Option<StoredSnapshot> =
-            self.trees.get_meta("snapshot").map_err(|e| StorageIOError::read_snapshot(None, &io_err(e)))?;
-        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let current = current(&self.trees, &self.snapshots).map_err(|e| StorageIOError::read_snapshot(None, &io_err(e)))?;
+        Ok(current.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }

@@ -15,7 +15,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path().join("db")).expect("open sled");
-        let (log, sm) = open_group(&db, 1, Arc::new(common::Journal::default())).expect("open group");
+        let (log, sm) = open_group(&db, 1, Arc::new(common::Journal::default()), &dir.path().join("snapshots")).expect("open group");
         Ok((dir, log, sm))
     }
 }

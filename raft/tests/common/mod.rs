@@ -17,8 +17,9 @@ impl Machine for Journal {
         (entries.len() as u64).to_be_bytes().to_vec()
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, String> {
-        serde_json::to_vec(&*self.entries.lock().unwrap()).map_err(|e| e.to_string())
+    fn capture(&self) -> switchboard_raft::SnapshotEncoder {
+        let entries = self.entries.lock().unwrap().clone();
+        Box::new(move || serde_json::to_vec(&entries).map_err(|e| e.to_string()))
     }
 
     fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
