@@ -39,6 +39,11 @@ pub struct BenchArgs {
     /// client socket's sustained frame rate), for `--duration` seconds.
     #[arg(long)]
     saturate: bool,
+    /// Soak instead: `--clients` visitors each start a conversation, write 20 messages
+    /// (one in flight), close it and start again, until this many messages are acked;
+    /// then the node is restarted on its data folder and timed to ready.
+    #[arg(long)]
+    soak: Option<u64>,
     /// An extra argument for the benchmarked `switchboard dev` (repeat for several),
     /// e.g. `--node-arg=--snapshot-every --node-arg=100000`.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
@@ -159,6 +164,92 @@ fn print_latencies(label: &str, sorted: &[Duration]) {
         percentile(sorted, 99.0).as_secs_f64() * 1e3,
         sorted.last().copied().unwrap_or_default().as_secs_f64() * 1e3
     );
+}
+
+/// Messages a soak visitor writes before closing and starting anew.
+const SOAK_CONVERSATION_MESSAGES: u64 = 20;
+
+/// The soak: visitors cycle through conversations until `total` messages are acked,
+/// printing every tenth of the way throughput, RSS and the data folder's size.
+async fn soak(args: &BenchArgs, child: &Child, total: u64, pid: u32) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let acked = Arc::new(AtomicU64::new(0));
+    let text = "x".repeat(200);
+    let min_gap = Duration::from_secs_f64(1.0 / f64::from(CLIENT_SUSTAINED_FRAMES_PER_S));
+    println!("bench: soak, {} visitors, {SOAK_CONVERSATION_MESSAGES} messages of 200 characters a conversation, {total} messages", args.clients);
+    let mut visitors = Vec::new();
+    for v in 0..args.clients {
+        let (public, acked, text) = (child.public.clone(), acked.clone(), text.clone());
+        visitors.push(tokio::spawn(async move {
+            let mut round = 0u64;
+            while acked.load(Relaxed) < total {
+                let Ok(mut ws) = WsClient::connect(&public, "/ws/client", None).await else { return };
+                if ws.send(&json!({"type": "start", "channel": "bench", "name": "Soak"})).await.is_err()
+                    || ws.wait_for(Duration::from_secs(30), |f| f["type"] == "started").await.is_err()
+                {
+                    return;
+                }
+                for n in 0..SOAK_CONVERSATION_MESSAGES {
+                    let sent = Instant::now();
+                    let key = format!("s{v}-{round}-{n}");
+                    if ws.send(&json!({"type": "send", "key": key, "text": text})).await.is_err() {
+                        return;
+                    }
+                    if ws.wait_for(Duration::from_secs(30), |f| f["type"] == "ack" && f["key"] == key.as_str()).await.is_err() {
+                        return;
+                    }
+                    ws.clear_skipped();
+                    acked.fetch_add(1, Relaxed);
+                    if let Some(wait) = (sent + min_gap).checked_duration_since(Instant::now()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                let _ = ws.send(&json!({"type": "close"})).await;
+                ws.close().await;
+                round += 1;
+            }
+        }));
+    }
+    let started = Instant::now();
+    let (mut last_count, mut last_at) = (0u64, Instant::now());
+    let step = (total / 10).max(1);
+    let mut next_report = step;
+    while acked.load(Relaxed) < total && visitors.iter().any(|v| !v.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let count = acked.load(Relaxed);
+        if count >= next_report {
+            let rate = (count - last_count) as f64 / last_at.elapsed().as_secs_f64();
+            println!(
+                "  {count:>9} messages: {rate:>6.0} msg/s, node RSS {} KiB, data folder {:.1} MiB",
+                rss_kib(pid).unwrap_or(0),
+                folder_bytes(&child.data_dir) as f64 / (1024.0 * 1024.0)
+            );
+            (last_count, last_at) = (count, Instant::now());
+            next_report = count - count % step + step;
+        }
+    }
+    let count = acked.load(Relaxed);
+    println!("\nsoak: {count} messages in {:.1} s, {:.0} msg/s", started.elapsed().as_secs_f64(), count as f64 / started.elapsed().as_secs_f64());
+    println!(
+        "  node RSS {} KiB, data folder {:.1} MiB for {:.1} MiB of message text",
+        rss_kib(pid).unwrap_or(0),
+        folder_bytes(&child.data_dir) as f64 / (1024.0 * 1024.0),
+        (count * 200) as f64 / (1024.0 * 1024.0)
+    );
+    for visitor in visitors {
+        visitor.abort();
+    }
+    Ok(())
+}
+
+/// Starts a node on the soaked data folder again and times it to ready.
+async fn restart_time(args: &BenchArgs, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let again = BenchArgs { data_dir: Some(data_dir.to_path_buf()), ..args.clone() };
+    let started = Instant::now();
+    let mut child = spawn_node(&again).await?;
+    println!("  restart on the same data folder: ready in {:.2} s", started.elapsed().as_secs_f64());
+    let _ = child.process.kill().await;
+    Ok(())
 }
 
 /// The node's own mean time from receiving a command to its commit and apply, from
@@ -313,6 +404,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }));
     }
 
+    if let Some(total) = args.soak {
+        soak(&args, &child, total, pid).await?;
+        for task in operator_tasks {
+            task.abort();
+        }
+        let _ = child.process.kill().await;
+        let _ = child.process.wait().await;
+        restart_time(&args, &child.data_dir).await?;
+        return Ok(());
+    }
     println!("bench: {} operators online; starting {} clients", args.operators, args.clients);
     let mut clients = Vec::new();
     for _ in 0..args.clients {
