@@ -120,6 +120,7 @@ async fn clients_that_never_read_or_never_answer_pings_are_disconnected() -> any
         &[
             "--write-timeout-ms", "2000",
             "--client-messages-per-minute", "100000",
+            "--conversation-messages-per-minute", "100000",
             "--client-sockets-per-address", "200",
             "--snapshot-every", "100000",
         ],
@@ -212,6 +213,42 @@ async fn replies(ws: &mut WsClient, keys: &[String]) -> anyhow::Result<HashMap<S
         anyhow::ensure!(got.insert(key, reply.clone()).is_none(), "two replies for one key: {reply}");
     }
     Ok(got)
+}
+
+/// A conversation's token on many sockets (from as many addresses) does not multiply
+/// what the conversation takes: it has a message budget of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_conversation_has_a_message_budget_across_its_sockets() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &["--client-messages-per-minute", "1000", "--conversation-messages-per-minute", "6"]).await?;
+    let (mut first, conversation, token) = dev.client("Ann").await?;
+    let mut second = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    second.send(&json!({"type": "resume", "token": token, "last_seq": 0})).await?;
+    second.wait_for(WAIT, |v| v["type"] == "resumed").await?;
+    let keys: Vec<Vec<String>> = (0..2).map(|s| (0..5).map(|n| format!("c{s}-{n}")).collect()).collect();
+    let mut accepted = BTreeSet::new();
+    for (ws, keys) in [&mut first, &mut second].into_iter().zip(&keys) {
+        for key in keys {
+            ws.send(&json!({"type": "send", "key": key, "text": "hello"})).await?;
+        }
+        for (key, reply) in replies(ws, keys).await? {
+            if reply["type"] == "ack" {
+                accepted.insert(key);
+            } else {
+                assert_eq!(reply["code"], "rate_limited", "{reply}");
+                assert_eq!(reply["ref"], key.as_str(), "{reply}");
+            }
+        }
+    }
+    assert_eq!(accepted.len(), 6, "the conversation took {accepted:?}; its budget is 6 a minute and starts full");
+    let supervisor = dev.login("supervisor").await?;
+    let (_, conv) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    let written: BTreeSet<String> =
+        conv["history"].as_array().map(|h| h.iter().filter_map(|e| e["key"].as_str().map(str::to_owned)).collect()).unwrap_or_default();
+    assert_eq!(written, accepted, "exactly the acknowledged messages were written");
+    // Another conversation from the same address is not affected.
+    serves_a_new_client(&dev).await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

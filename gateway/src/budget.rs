@@ -14,19 +14,20 @@ use std::time::{Duration, Instant};
 /// Addresses tracked at most by one table.
 pub const MAX_TRACKED_ADDRESSES: usize = 100_000;
 
-/// A token bucket per address: `capacity` tokens that refill in full over `period`.
-pub struct Buckets {
+/// A token bucket per key (a client address, a conversation): `capacity` tokens that
+/// refill in full over `period`.
+pub struct Buckets<K = IpAddr> {
     period: Duration,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    buckets: Mutex<HashMap<K, (f64, Instant)>>,
 }
 
-impl Buckets {
+impl<K: std::hash::Hash + Eq> Buckets<K> {
     pub fn new(period: Duration) -> Self {
         Buckets { period, buckets: Mutex::new(HashMap::new()) }
     }
 
-    /// Takes `cost` tokens from `ip`'s bucket if it has them.
-    pub fn take(&self, ip: IpAddr, cost: f64, capacity: f64) -> bool {
+    /// Takes `cost` tokens from `key`'s bucket if it has them.
+    pub fn take(&self, ip: K, cost: f64, capacity: f64) -> bool {
         let capacity = capacity.max(1.0);
         let rate = capacity / self.period.as_secs_f64();
         let now = Instant::now();

@@ -220,6 +220,13 @@ impl ClientSession {
                     self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
                     return Err(frames::error("rate_limited", "too many messages from your address; wait a minute", Some(&reference)));
                 }
+                // And one for the conversation, whoever holds its token: sockets from
+                // many addresses do not multiply what one conversation takes.
+                let per_minute = f64::from(self.gw.config.budgets.conversation_messages_per_minute);
+                if !self.gw.usage.conversation_messages.take(conversation, 1.0, per_minute) {
+                    self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
+                    return Err(frames::error("rate_limited", "too many messages in this conversation; wait a minute", Some(&reference)));
+                }
                 let attachments = attachments.into_iter().map(AttachmentId).collect();
                 match self.gw.submit(Command::PostClientMessage { conversation, key: key.clone(), text, attachments }).await {
                     Ok(Reply::Message { seq, duplicate }) => {

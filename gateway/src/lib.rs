@@ -166,6 +166,8 @@ pub struct Budgets {
     pub starts_per_minute: u32,
     /// Client messages one address may send per minute, across all its sockets.
     pub client_messages_per_minute: u32,
+    /// Client messages one conversation may take per minute, from any address.
+    pub conversation_messages_per_minute: u32,
     /// Client sockets one address may hold open.
     pub client_sockets_per_address: u32,
     /// Attachment bytes one client address may upload per hour.
@@ -181,6 +183,7 @@ impl Default for Budgets {
         Budgets {
             starts_per_minute: 30,
             client_messages_per_minute: 120,
+            conversation_messages_per_minute: 60,
             client_sockets_per_address: 32,
             upload_bytes_per_hour: 100 * 1024 * 1024,
             uploads_per_address: 4,
@@ -193,6 +196,7 @@ impl Default for Budgets {
 pub struct Usage {
     pub starts: budget::Buckets,
     pub messages: budget::Buckets,
+    pub conversation_messages: budget::Buckets<ConversationId>,
     pub upload_bytes: budget::Buckets,
     pub client_sockets: Arc<budget::Slots>,
     pub uploads: Arc<budget::Slots>,
@@ -203,6 +207,7 @@ impl Default for Usage {
         Usage {
             starts: budget::Buckets::new(Duration::from_secs(60)),
             messages: budget::Buckets::new(Duration::from_secs(60)),
+            conversation_messages: budget::Buckets::new(Duration::from_secs(60)),
             upload_bytes: budget::Buckets::new(Duration::from_secs(3600)),
             client_sockets: budget::Slots::new(),
             uploads: budget::Slots::new(),

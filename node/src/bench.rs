@@ -75,6 +75,7 @@ async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
         // that exist to stop one real address from flooding the node.
         .args(["dev", "--public-addr", "127.0.0.1:0", "--private-addr", "127.0.0.1:0", "--starts-per-minute", "1000000"])
         .args(["--client-messages-per-minute", "100000000", "--client-sockets-per-address", "1000000"])
+        .args(["--conversation-messages-per-minute", "100000000"])
         .args(["--max-connections-per-address", "1000000", "--max-connections", "1000000", "--data-dir"])
         .arg(&data_dir)
         .args(&args.node_args)

@@ -70,6 +70,9 @@ struct EdgeArgs {
     /// Client messages one address may send per minute, across all its sockets.
     #[arg(long, default_value_t = 120)]
     client_messages_per_minute: u32,
+    /// Client messages one conversation may take per minute, from all its sockets.
+    #[arg(long, default_value_t = 60)]
+    conversation_messages_per_minute: u32,
     /// Client WebSockets one address may hold open.
     #[arg(long, default_value_t = 32)]
     client_sockets_per_address: u32,
@@ -163,6 +166,7 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
         budgets: switchboard_gateway::Budgets {
             starts_per_minute: edge.starts_per_minute,
             client_messages_per_minute: edge.client_messages_per_minute,
+            conversation_messages_per_minute: edge.conversation_messages_per_minute,
             client_sockets_per_address: edge.client_sockets_per_address,
             upload_bytes_per_hour: edge.upload_bytes_per_hour,
             uploads_per_address: edge.uploads_per_address,
