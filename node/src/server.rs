@@ -51,31 +51,53 @@ const MAX_BATCH: usize = 256;
 /// Commands waiting for the batcher at most; past it, proposers wait (backpressure).
 const PROPOSAL_QUEUE: usize = 8192;
 
-impl ShardMachine {
-    fn apply_one(&self, envelope: &Envelope) -> ApplyResult {
-        if envelope.v == Envelope::VERSION {
-            self.shard.apply(envelope)
-        } else {
-            Err(switchboard_actors::Error::Invalid(format!("unknown entry version {}", envelope.v)))
-        }
+/// What a committed log entry holds.
+#[derive(Debug, PartialEq)]
+enum EntryBody {
+    One(Envelope),
+    /// Several commands committed together (group commit, ADR 0003).
+    Many(Vec<Envelope>),
+}
+
+/// Decodes a committed entry, or says why this build cannot. Such an entry was written
+/// by a newer build (or the data folder is damaged); applying around it would make this
+/// replica's state differ from the others', so the caller stops instead.
+fn decode_entry(index: u64, bytes: &[u8]) -> Result<EntryBody, String> {
+    let body = match bytes.strip_prefix(&[BATCH_TAG]) {
+        Some(rest) => decode::<Vec<Envelope>>(rest).map(EntryBody::Many),
+        None => decode::<Envelope>(bytes).map(EntryBody::One),
+    };
+    let body = body.map_err(|e| format!("log entry {index} cannot be decoded by this build ({e})"))?;
+    let envelopes = match &body {
+        EntryBody::One(envelope) => std::slice::from_ref(envelope),
+        EntryBody::Many(envelopes) => envelopes.as_slice(),
+    };
+    if let Some(newer) = envelopes.iter().find(|e| e.v != Envelope::VERSION) {
+        return Err(format!("log entry {index} has format version {}, this build reads version {}", newer.v, Envelope::VERSION));
     }
+    Ok(body)
+}
+
+/// Stops the node on a committed entry it cannot read: skipping it would serve a state
+/// the other replicas do not have. The node's log is untouched; a build that reads the
+/// entry starts from it.
+fn stop_on_unreadable_entry(why: &str) -> ! {
+    tracing::error!("{why}: it was written by a newer switchboard or the data folder is damaged; run a build that reads it. Stopping rather than skipping a committed entry.");
+    eprintln!("switchboard: {why}: run the build that wrote this data folder, or a newer one");
+    std::process::exit(78)
 }
 
 impl Machine for ShardMachine {
-    fn apply(&self, _index: u64, request: &[u8]) -> Vec<u8> {
-        if let Some(body) = request.strip_prefix(&[BATCH_TAG]) {
-            let results: Vec<ApplyResult> = match decode::<Vec<Envelope>>(body) {
-                // Applied one after another, exactly as if each were its own entry.
-                Ok(envelopes) => envelopes.iter().map(|e| self.apply_one(e)).collect(),
-                Err(e) => vec![Err(switchboard_actors::Error::Invalid(format!("undecodable batch entry: {e}")))],
-            };
-            return encode(&results).unwrap_or_default();
+    fn apply(&self, index: u64, request: &[u8]) -> Vec<u8> {
+        match decode_entry(index, request) {
+            Ok(EntryBody::One(envelope)) => encode(&self.shard.apply(&envelope)).unwrap_or_default(),
+            // Applied one after another, exactly as if each were its own entry.
+            Ok(EntryBody::Many(envelopes)) => {
+                let results: Vec<ApplyResult> = envelopes.iter().map(|e| self.shard.apply(e)).collect();
+                encode(&results).unwrap_or_default()
+            }
+            Err(why) => stop_on_unreadable_entry(&why),
         }
-        let result: ApplyResult = match decode::<Envelope>(request) {
-            Ok(envelope) => self.apply_one(&envelope),
-            Err(e) => Err(switchboard_actors::Error::Invalid(format!("undecodable entry: {e}"))),
-        };
-        encode(&result).unwrap_or_default()
     }
 
     fn capture(&self) -> switchboard_raft::SnapshotEncoder {
@@ -467,5 +489,37 @@ impl RunningNode {
     /// Commits a command directly (used by the demo loader).
     pub async fn submit(&self, command: Command) -> ApplyResult {
         self.proposer.submit(command).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_actors::model::{ChannelId, Timestamp, Visitor};
+
+    fn start() -> Command {
+        Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }
+    }
+
+    #[test]
+    fn entries_of_one_command_and_of_several_decode() {
+        let one = Envelope::new(Timestamp(5), start());
+        let bytes = encode(&one).unwrap();
+        assert_ne!(bytes[0], BATCH_TAG, "a single entry can never look like a batch");
+        assert_eq!(decode_entry(1, &bytes), Ok(EntryBody::One(one.clone())));
+        let many = vec![one.clone(), Envelope::new(Timestamp(5), Command::AdoptRules { version: 1 })];
+        let batch = [&[BATCH_TAG][..], &encode(&many).unwrap()].concat();
+        assert_eq!(decode_entry(2, &batch), Ok(EntryBody::Many(many)));
+    }
+
+    #[test]
+    fn an_entry_this_build_cannot_read_is_named_not_skipped() {
+        let garbage = decode_entry(7, &[0xFF, 0x00, 0x13]).unwrap_err();
+        assert!(garbage.starts_with("log entry 7 cannot be decoded by this build"), "{garbage}");
+        let newer = Envelope { v: Envelope::VERSION + 1, at: Timestamp(1), command: start() };
+        let why = decode_entry(8, &encode(&newer).unwrap()).unwrap_err();
+        assert_eq!(why, format!("log entry 8 has format version {}, this build reads version {}", Envelope::VERSION + 1, Envelope::VERSION));
+        let in_batch = [&[BATCH_TAG][..], &encode(&vec![Envelope::new(Timestamp(1), start()), newer]).unwrap()].concat();
+        assert!(decode_entry(9, &in_batch).unwrap_err().contains("format version"));
     }
 }
