@@ -272,6 +272,21 @@ impl SnapshotFiles {
         Ok(file)
     }
 
+    /// Removes what a crash can leave: partial files, and snapshots of this group the
+    /// pointer does not name (written but not yet pointed at, or replaced but not yet
+    /// deleted).
+    fn sweep(&self, current: Option<String>) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let prefix = format!("g{}-", self.group);
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name.starts_with(&prefix) && (name.ends_with(".snapshot") || name.ends_with(".snapshot.partial"));
+            if ours && current.as_deref() != Some(name.as_str()) {
+                self.remove(&name);
+            }
+        }
+    }
+
     fn remove(&self, file: &str) {
         if let Err(e) = std::fs::remove_file(self.dir.join(file)) {
             tracing::warn!(file, error = %e, "could not remove a replaced snapshot");
@@ -303,6 +318,7 @@ impl StateMachineStore {
             inner.last_applied = meta.last_log_id;
             inner.membership = meta.last_membership.clone();
         }
+        snapshots.sweep(trees.get_meta::<SnapshotPointer>(SNAPSHOT_KEY).map_err(crate::Error::Storage)?.map(|p| p.file));
         Ok(StateMachineStore { trees, machine, inner: Arc::new(Mutex::new(inner)), snapshots })
     }
 
@@ -409,6 +425,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        // Not while `keep` moves the pointer and deletes the file it named.
+        let _writing = self.snapshots.writing.lock().await;
         let current = current(&self.trees, &self.snapshots).map_err(|e| StorageIOError::read_snapshot(None, &io_err(e)))?;
         Ok(current.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
