@@ -48,6 +48,10 @@ const BATCH_TAG: u8 = 0xFE;
 /// Commands committed in one entry at most.
 const MAX_BATCH: usize = 256;
 
+/// Bytes of encoded commands in one entry at most (one command alone may be larger):
+/// entries stay small enough to replicate many to an RPC (`max_payload_entries`).
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
 /// Commands waiting for the batcher at most; past it, proposers wait (backpressure).
 const PROPOSAL_QUEUE: usize = 8192;
 
@@ -149,34 +153,61 @@ impl RaftProposer {
     }
 
     async fn batch(raft: Raft, mut proposals: tokio::sync::mpsc::Receiver<Proposal>, counts: Arc<ProposalCounts>) {
-        while let Some(first) = proposals.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match proposals.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
+        // A command that did not fit the last entry opens the next one.
+        let mut carried: Option<Proposal> = None;
+        loop {
+            let first = match carried.take() {
+                Some(first) => first,
+                None => match proposals.recv().await {
+                    Some(first) => first,
+                    None => return,
+                },
+            };
+            let at = now_ms();
+            let mut encoded: Vec<Vec<u8>> = Vec::new();
+            let mut replies = Vec::new();
+            let mut bytes = 0;
+            let mut next = Some(first);
+            while let Some((command, reply)) = next.take() {
+                let envelope = Envelope::new(at, command);
+                match encode(&envelope) {
+                    Ok(one) if !encoded.is_empty() && bytes + one.len() > MAX_BATCH_BYTES => {
+                        carried = Some((envelope.command, reply));
+                        break;
+                    }
+                    Ok(one) => {
+                        bytes += one.len();
+                        encoded.push(one);
+                        replies.push(reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(switchboard_actors::Error::Commit(e)));
+                    }
+                }
+                if encoded.len() < MAX_BATCH {
+                    next = proposals.try_recv().ok();
                 }
             }
-            let at = now_ms();
+            if encoded.is_empty() {
+                continue;
+            }
             counts.entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            counts.commands.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
-            let results = Self::commit(&raft, at, commands).await;
+            counts.commands.fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            let results = Self::commit(&raft, encoded).await;
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
         }
     }
 
-    /// One entry for all `commands`; one result for each, in order.
-    async fn commit(raft: &Raft, at: switchboard_actors::model::Timestamp, mut commands: Vec<Command>) -> Vec<ApplyResult> {
-        let n = commands.len();
+    /// One entry for all the encoded envelopes; one result for each, in order.
+    async fn commit(raft: &Raft, mut encoded: Vec<Vec<u8>>) -> Vec<ApplyResult> {
+        let n = encoded.len();
         let failed = |e: String| (0..n).map(|_| Err(switchboard_actors::Error::Commit(e.clone()))).collect::<Vec<_>>();
         let bytes = if n == 1 {
-            encode(&Envelope::new(at, commands.remove(0)))
+            Ok(encoded.remove(0))
         } else {
-            let envelopes: Vec<Envelope> = commands.into_iter().map(|c| Envelope::new(at, c)).collect();
-            encode(&envelopes).map(|body| [&[BATCH_TAG][..], &body].concat())
+            batch_entry(&encoded)
         };
         let bytes = match bytes {
             Ok(bytes) => bytes,
@@ -195,6 +226,19 @@ impl RaftProposer {
             Err(e) => failed(e),
         }
     }
+}
+
+/// A batch entry from envelopes encoded one by one: the tag, then exactly the bincode
+/// of `Vec<Envelope>` (its length as a varint, then the elements).
+fn batch_entry(encoded: &[Vec<u8>]) -> Result<Vec<u8>, String> {
+    let length = encode(&(encoded.len() as u64))?;
+    let mut entry = Vec::with_capacity(1 + length.len() + encoded.iter().map(Vec::len).sum::<usize>());
+    entry.push(BATCH_TAG);
+    entry.extend_from_slice(&length);
+    for one in encoded {
+        entry.extend_from_slice(one);
+    }
+    Ok(entry)
 }
 
 impl Proposer for RaftProposer {
@@ -509,7 +553,13 @@ mod tests {
         assert_eq!(decode_entry(1, &bytes), Ok(EntryBody::One(one.clone())));
         let many = vec![one.clone(), Envelope::new(Timestamp(5), Command::AdoptRules { version: 1 })];
         let batch = [&[BATCH_TAG][..], &encode(&many).unwrap()].concat();
-        assert_eq!(decode_entry(2, &batch), Ok(EntryBody::Many(many)));
+        assert_eq!(decode_entry(2, &batch), Ok(EntryBody::Many(many.clone())));
+        // The proposer frames envelopes encoded one by one into the very same bytes.
+        let one_by_one: Vec<Vec<u8>> = many.iter().map(|e| encode(e).unwrap()).collect();
+        assert_eq!(batch_entry(&one_by_one).unwrap(), batch);
+        let long: Vec<Envelope> = (0..300).map(|_| one.clone()).collect();
+        let framed = batch_entry(&long.iter().map(|e| encode(e).unwrap()).collect::<Vec<_>>()).unwrap();
+        assert_eq!(framed, [&[BATCH_TAG][..], &encode(&long).unwrap()].concat(), "also past a one-byte length");
     }
 
     #[test]

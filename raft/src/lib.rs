@@ -92,6 +92,9 @@ pub fn config_with_snapshots(every: u64) -> Result<std::sync::Arc<openraft::Conf
         election_timeout_min: 300,
         election_timeout_max: 600,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(every),
+        // A group-commit entry is at most about 1 MiB (node's `MAX_BATCH_BYTES`): 32 of
+        // them stay well inside one RPC (`network::MAX_RPC_BYTES`).
+        max_payload_entries: 32,
         max_in_snapshot_log_to_keep: every / 5,
         purge_batch_size: 1,
         ..Default::default()
