@@ -88,8 +88,11 @@ pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Out
 pub fn precheck(state: &ShardState, command: &Command, now: Timestamp) -> Result<Option<Reply>, Error> {
     match decide(state, command, now) {
         Ok((reply @ Reply::Message { duplicate: true, .. }, events)) if events.is_empty() => Ok(Some(reply)),
-        // A read mark that does not move forward changes nothing, now or later.
-        Ok((Reply::Done, events)) if events.is_empty() && matches!(command, Command::MarkRead { .. }) => Ok(Some(Reply::Done)),
+        // A read mark that does not move forward, or closing a closed conversation,
+        // changes nothing, now or later: answered without a log entry.
+        Ok((Reply::Done, events)) if events.is_empty() && matches!(command, Command::MarkRead { .. } | Command::CloseByClient { .. }) => {
+            Ok(Some(Reply::Done))
+        }
         Ok(_) => Ok(None),
         Err(e) => Err(e),
     }

@@ -17,6 +17,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
@@ -374,18 +375,35 @@ pub(crate) async fn client_upload(
     }
     let declared = declared(&headers)?;
     let budgets = gw.config.budgets;
-    let _slot = match gw.usage.uploads.acquire(peer.ip(), budgets.uploads_per_address, budgets.uploads) {
+    let address = crate::budget::client_address(peer.ip());
+    let _slot = match gw.usage.uploads.acquire(address, budgets.uploads_per_address, budgets.uploads) {
         Ok(slot) => slot,
         Err(crate::budget::Refused::Address) => return Err(GatewayError::Budget("too many uploads in progress from your address")),
         Err(crate::budget::Refused::Total) => return Err(GatewayError::Busy("too many uploads in progress; try again shortly")),
     };
     check_room(&gw, conversation, declared.length)?;
-    if !gw.usage.upload_bytes.take(peer.ip(), declared.length as f64, budgets.upload_bytes_per_hour as f64) {
+    // Every upload costs at least `MIN_UPLOAD_CHARGE`: tiny declared lengths cannot buy
+    // an hour of attempts that each hold a slot.
+    let charge = declared.length.max(MIN_UPLOAD_CHARGE) as f64;
+    if !gw.usage.upload_bytes.take(address, charge, budgets.upload_bytes_per_hour as f64) {
         gw.metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return Err(GatewayError::Budget("your address has uploaded its share of files for this hour"));
     }
-    store(&gw, conversation, &query.name, declared, body, "client".into()).await
+    // The body must keep coming: a small upload that stalls gives its slot back in
+    // seconds, not at the request deadline.
+    let allowed = UPLOAD_GRACE + Duration::from_secs_f64(declared.length as f64 / MIN_UPLOAD_BYTES_PER_SECOND);
+    match tokio::time::timeout(allowed, store(&gw, conversation, &query.name, declared, body, "client".into())).await {
+        Ok(result) => result,
+        Err(_) => Err(GatewayError::Timeout(allowed.as_millis() as u64)),
+    }
 }
+
+/// The least an upload is charged against its address's hourly bytes.
+pub const MIN_UPLOAD_CHARGE: u64 = 256 * 1024;
+/// A client upload's body may take this long, plus its length at the minimum rate.
+const UPLOAD_GRACE: Duration = Duration::from_secs(5);
+/// The slowest a client upload's body may arrive, in bytes per second.
+const MIN_UPLOAD_BYTES_PER_SECOND: f64 = 32.0 * 1024.0;
 
 /// `POST /api/attachments?conversation=&name=` on the private listener.
 pub(crate) async fn staff_upload(

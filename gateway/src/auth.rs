@@ -242,10 +242,13 @@ impl Drop for Attempt<'_> {
                 }
             }
         }
-        if self.outcome == Outcome::Succeeded {
-            if by_login.get(&self.key).is_some_and(|t| t.checking == 0) {
-                by_login.remove(&self.key);
-            }
+        // An entry that holds no failure and no attempt in flight says nothing: drop it,
+        // so attempts that were never checked do not fill the table.
+        if by_login.get(&self.key).is_some_and(|t| t.checking == 0 && (t.failures == 0 || self.outcome == Outcome::Succeeded)) {
+            by_login.remove(&self.key);
+        }
+        if by_address.get(&self.key.1).is_some_and(|t| t.checking == 0 && t.failures == 0) {
+            by_address.remove(&self.key.1);
         }
     }
 }

@@ -14,6 +14,18 @@ use std::time::{Duration, Instant};
 /// Addresses tracked at most by one table.
 pub const MAX_TRACKED_ADDRESSES: usize = 100_000;
 
+/// The address a budget is kept for: an IPv4 address, or an IPv6 address's /64 (one
+/// customer's network gets a /64, so one /128 each would let it through every limit).
+pub fn client_address(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
 /// A token bucket per key (a client address, a conversation): `capacity` tokens that
 /// refill in full over `period`.
 pub struct Buckets<K = IpAddr> {
@@ -33,9 +45,14 @@ impl<K: std::hash::Hash + Eq> Buckets<K> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= MAX_TRACKED_ADDRESSES && !buckets.contains_key(&ip) {
+            // Forget the buckets that are full again; if that frees nothing, forget
+            // them all rather than refuse every new visitor (the other limits still
+            // hold). Either way the table is scanned once per MAX_TRACKED_ADDRESSES
+            // newcomers at most, not on every call.
             buckets.retain(|_, (tokens, since)| *tokens + since.elapsed().as_secs_f64() * rate < capacity);
-            if buckets.len() >= MAX_TRACKED_ADDRESSES {
-                return false;
+            if buckets.len() >= MAX_TRACKED_ADDRESSES / 2 {
+                tracing::warn!(tracked = buckets.len(), "budget table full: forgetting every address's budget");
+                buckets.clear();
             }
         }
         let (tokens, since) = buckets.entry(ip).or_insert((capacity, now));
@@ -132,6 +149,16 @@ mod tests {
         drop(first);
         let _again = slots.acquire(a, 2, 3).unwrap();
         assert_eq!(slots.held(), 3);
+    }
+
+    #[test]
+    fn ipv6_addresses_share_their_64_and_mapped_ipv4_is_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_address(a), client_address(b));
+        assert_ne!(client_address(a), client_address(other));
+        assert_eq!(client_address("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1".parse::<IpAddr>().unwrap());
     }
 
     #[test]

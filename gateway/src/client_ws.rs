@@ -32,14 +32,15 @@ pub(crate) async fn upgrade(
     }
     let budgets = gw.config.budgets;
     // Held for the socket's life: one address cannot open sockets without bound.
-    let slot = match gw.usage.client_sockets.acquire(peer.ip(), budgets.client_sockets_per_address, u32::MAX) {
+    let address = crate::budget::client_address(peer.ip());
+    let slot = match gw.usage.client_sockets.acquire(address, budgets.client_sockets_per_address, u32::MAX) {
         Ok(slot) => slot,
         Err(_) => {
             gw.metrics.rate_limited.fetch_add(1, Relaxed);
             return crate::GatewayError::Budget("too many open chat sockets from your address").into_response();
         }
     };
-    let session = ClientSession { gw: gw.clone(), conversation: None, peer: peer.ip(), _slot: slot };
+    let session = ClientSession { gw: gw.clone(), conversation: None, peer: address, _slot: slot };
     ws::accept(gw, upgrade, Surface::Client, None, session)
 }
 
@@ -48,6 +49,17 @@ struct ClientSession {
     conversation: Option<ConversationId>,
     peer: std::net::IpAddr,
     _slot: crate::budget::Slot,
+}
+
+/// The free text an entry carries, which is what makes a history entry large.
+fn entry_text_bytes(item: &switchboard_actors::state::HistoryItem) -> usize {
+    use switchboard_actors::state::HistoryItem;
+    match item {
+        HistoryItem::ClientMessage { text, .. } | HistoryItem::OperatorMessage { text, .. } => text.len(),
+        HistoryItem::Transferred { comment, .. } | HistoryItem::Rated { comment, .. } => comment.len(),
+        HistoryItem::Closed { resolution, .. } => resolution.len(),
+        HistoryItem::Started { .. } | HistoryItem::Queued { .. } | HistoryItem::Assigned { .. } => 0,
+    }
 }
 
 /// Parses a frame, telling bad JSON, an unknown type and a malformed frame apart.
@@ -80,8 +92,18 @@ impl ClientSession {
             let state = shard.read();
             let Some(conv) = state.conversations.get(&conversation) else { return vec![] };
             let start = conv.history.partition_point(|e| e.seq <= last);
-            // One page at a time: the writer asks again once this one is written.
-            let page = &conv.history[start..conv.history.len().min(start + ws::PAGE)];
+            // One page at a time, by count and by text: the writer asks again once this
+            // one is written.
+            let mut text_bytes = 0;
+            let end = conv.history[start..]
+                .iter()
+                .take(ws::PAGE)
+                .position(|e| {
+                    text_bytes += entry_text_bytes(&e.item);
+                    text_bytes > ws::PAGE_TEXT_BYTES
+                })
+                .map_or(conv.history.len().min(start + ws::PAGE), |over| start + over.max(1));
+            let page = &conv.history[start..end];
             if let Some(newest) = page.last() {
                 last = newest.seq;
             }
@@ -89,7 +111,7 @@ impl ClientSession {
         });
         let signals = Some(self.gw.signals.conversation(conversation));
         self.conversation = Some(conversation);
-        out.follow(Follow { wake, pull, signals, min_interval: None }).await;
+        out.follow(Follow { wake, pull, signals, min_interval: None, paged: true }).await;
         Ok(())
     }
 
@@ -119,6 +141,23 @@ impl ClientSession {
             if *group != config.default_group && !offered {
                 return Err(frames::error("not_allowed", &format!("group {group} is not offered on channel {channel}"), None));
             }
+        }
+        Ok(())
+    }
+
+    /// Charges a frame that may write to the log (`send`, `read`, `close`, `rate`) to the
+    /// address's budget, shared by all its sockets, and to the conversation's, shared by
+    /// every socket that holds its token: neither many sockets nor many addresses
+    /// multiply what can be written.
+    fn charge(&self, conversation: ConversationId, reference: Option<&Value>) -> Result<(), Value> {
+        let budgets = self.gw.config.budgets;
+        if !self.gw.usage.messages.take(self.peer, 1.0, f64::from(budgets.client_messages_per_minute)) {
+            self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
+            return Err(frames::error("rate_limited", "too many messages from your address; wait a minute", reference));
+        }
+        if !self.gw.usage.conversation_messages.take(conversation, 1.0, f64::from(budgets.conversation_messages_per_minute)) {
+            self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
+            return Err(frames::error("rate_limited", "too many messages in this conversation; wait a minute", reference));
         }
         Ok(())
     }
@@ -213,20 +252,7 @@ impl ClientSession {
             ClientIn::Send { key, text, attachments } => {
                 let conversation = self.require_conversation()?;
                 let reference = json!(key.clone());
-                // One budget for the address across all its sockets: many sockets do
-                // not multiply what an address may write.
-                let per_minute = f64::from(self.gw.config.budgets.client_messages_per_minute);
-                if !self.gw.usage.messages.take(self.peer, 1.0, per_minute) {
-                    self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
-                    return Err(frames::error("rate_limited", "too many messages from your address; wait a minute", Some(&reference)));
-                }
-                // And one for the conversation, whoever holds its token: sockets from
-                // many addresses do not multiply what one conversation takes.
-                let per_minute = f64::from(self.gw.config.budgets.conversation_messages_per_minute);
-                if !self.gw.usage.conversation_messages.take(conversation, 1.0, per_minute) {
-                    self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
-                    return Err(frames::error("rate_limited", "too many messages in this conversation; wait a minute", Some(&reference)));
-                }
+                self.charge(conversation, Some(&reference))?;
                 let attachments = attachments.into_iter().map(AttachmentId).collect();
                 match self.gw.submit(Command::PostClientMessage { conversation, key: key.clone(), text, attachments }).await {
                     Ok(Reply::Message { seq, duplicate }) => {
@@ -242,6 +268,7 @@ impl ClientSession {
             }
             ClientIn::Read { upto } => {
                 let conversation = self.require_conversation()?;
+                self.charge(conversation, None)?;
                 // Committed, so the operator sees it after a reconnect too; then relayed live.
                 self.gw
                     .submit(Command::MarkRead { conversation, reader: Reader::Client, upto })
@@ -252,10 +279,12 @@ impl ClientSession {
             }
             ClientIn::Close => {
                 let conversation = self.require_conversation()?;
+                self.charge(conversation, None)?;
                 self.gw.submit(Command::CloseByClient { conversation }).await.map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
             }
             ClientIn::Rate { score, comment } => {
                 let conversation = self.require_conversation()?;
+                self.charge(conversation, None)?;
                 self.gw
                     .submit(Command::Rate { conversation, score, comment })
                     .await

@@ -79,7 +79,7 @@ pub async fn serve(listener: TcpListener, router: axum::Router, limits: Connecti
             _ = async { drop(stop.wait_for(|stopped| *stopped).await) } => return,
         };
         while connections.try_join_next().is_some() {}
-        let slot = match slots.acquire(peer.ip(), limits.max_connections_per_address, limits.max_connections) {
+        let slot = match slots.acquire(crate::budget::client_address(peer.ip()), limits.max_connections_per_address, limits.max_connections) {
             Ok(slot) => slot,
             Err(refused) => {
                 metrics.connections_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -262,7 +262,7 @@ impl Session for OperatorSession {
             frames_out
         });
         let signals = Some(self.gw.signals.operator(&self.operator));
-        out.follow(Follow { wake, pull, signals, min_interval: None }).await;
+        out.follow(Follow { wake, pull, signals, min_interval: None, paged: true }).await;
         Flow::Continue
     }
 

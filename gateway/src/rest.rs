@@ -152,7 +152,7 @@ async fn login(
         return Err(GatewayError::BadRequest("login or password too long".into()));
     }
     // Counted from here, before the password is checked.
-    let attempt = gw.throttle.begin(&req.login, peer.ip())?;
+    let attempt = gw.throttle.begin(&req.login, crate::budget::client_address(peer.ip()))?;
     let user = {
         let shard = gw.backend.shard();
         let state = shard.read();

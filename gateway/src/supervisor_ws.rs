@@ -117,7 +117,7 @@ impl Session for SupervisorSession {
             let state = shard.read();
             vec![floor(&state, now_ms())]
         });
-        out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL) }).await;
+        out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL), paged: false }).await;
         Flow::Continue
     }
 

@@ -24,6 +24,9 @@ pub const TOO_BIG: u16 = 1009;
 const MAX_CONTROL_PAYLOAD: usize = 125;
 /// The longest frame header a client sends: 2 bytes, 8 of length, 4 of mask.
 pub const MAX_HEADER: usize = 14;
+/// Frames one message may come in. Fragments cost no rate-limit token until their
+/// message completes, so without a cap empty fragments would be free.
+pub const MAX_FRAGMENTS: usize = 64;
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -60,11 +63,13 @@ pub struct Decoder {
     max_message: usize,
     /// The message being assembled: whether it is text, and its bytes so far.
     partial: Option<(bool, Vec<u8>)>,
+    /// Frames of the message being assembled so far.
+    fragments: usize,
 }
 
 impl Decoder {
     pub fn new(max_message: usize) -> Self {
-        Decoder { max_message, partial: None }
+        Decoder { max_message, partial: None, fragments: 0 }
     }
 
     /// Bytes of a message being assembled (what a peer currently makes us hold).
@@ -116,9 +121,14 @@ impl Decoder {
                     };
                     bytes.extend_from_slice(&payload);
                     if !header.fin {
+                        self.fragments += 1;
+                        if self.fragments >= MAX_FRAGMENTS {
+                            return Err(Violation { code: TOO_BIG, reason: "message in too many fragments" });
+                        }
                         self.partial = Some((text, bytes));
                         continue;
                     }
+                    self.fragments = 0;
                     if !text {
                         return Ok(Some(Inbound::Binary(bytes)));
                     }
@@ -305,6 +315,21 @@ mod tests {
         let next = frame(OP_CONTINUATION, &[b'a'; 60], true);
         buf.extend_from_slice(&next[..6]);
         assert_eq!(decoder.decode(&mut buf).unwrap_err().code, TOO_BIG);
+    }
+
+    #[test]
+    fn empty_fragments_are_capped() {
+        let mut bytes = frame(OP_TEXT, b"", true);
+        for _ in 0..MAX_FRAGMENTS {
+            bytes.extend(frame(OP_CONTINUATION, b"", true));
+        }
+        assert_eq!(code_of(&bytes), TOO_BIG);
+        let mut fine = frame(OP_TEXT, b"a", true);
+        for _ in 0..MAX_FRAGMENTS - 2 {
+            fine.extend(frame(OP_CONTINUATION, b"", true));
+        }
+        fine.extend(frame(0x80 | OP_CONTINUATION, b"b", true));
+        assert_eq!(decode_all(&mut Decoder::new(1024), &fine).unwrap(), vec![Inbound::Text("ab".into())]);
     }
 
     #[test]

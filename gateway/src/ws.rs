@@ -108,6 +108,10 @@ pub struct Follow {
     pub signals: Option<broadcast::Receiver<Value>>,
     /// Pause after each pull, so bursts of wake-ups coalesce into one frame.
     pub min_interval: Option<Duration>,
+    /// Whether `pull` returns a page of what is new (empty once caught up), so the
+    /// writer pulls again after each non-empty page; `false` for a pull that renders a
+    /// whole view every time.
+    pub paged: bool,
 }
 
 /// The sending side handed to sessions.
@@ -238,6 +242,9 @@ pub trait Session: Send + 'static {
 const OUTBOX_DEPTH: usize = 64;
 /// Events rendered per pull: the next page is rendered once this one is written.
 pub(crate) const PAGE: usize = 64;
+/// Message text rendered per pull of a conversation's history, about (a page holds at
+/// least one entry).
+pub(crate) const PAGE_TEXT_BYTES: usize = 64 * 1024;
 /// How long the server waits for the peer's close frame after closing on its own.
 const LINGER: Duration = Duration::from_secs(2);
 /// Bytes read from the socket at a time.
@@ -445,6 +452,7 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
     let mut pull: Option<Box<dyn FnMut() -> Vec<Value> + Send>> = None;
     let mut signals: Option<broadcast::Receiver<Value>> = None;
     let mut min_interval: Option<Duration> = None;
+    let mut paged = false;
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     loop {
         tokio::select! {
@@ -459,6 +467,7 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
                     pull = Some(f.pull);
                     signals = f.signals;
                     min_interval = f.min_interval;
+                    paged = f.paged;
                 }
                 Some(Out::Close(code, reason)) => {
                     send_close(&mut write, wire::encode_close(code, &reason)).await;
@@ -488,9 +497,9 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
                 }
                 if let (Some(pull), Some(wake)) = (pull.as_mut(), wake.as_mut()) {
                     let frames = pull();
-                    // A full page means more is waiting: pull again once it is written,
-                    // so a socket that does not read holds one page, not the history.
-                    if frames.len() >= PAGE {
+                    // More may be waiting: pull again once this page is written, so a
+                    // socket that does not read holds one page, not the history.
+                    if paged && !frames.is_empty() {
                         wake.mark_changed();
                     }
                     for frame in frames {
