@@ -532,3 +532,31 @@ async fn readyz_turns_ready_only_when_a_client_can_start() -> anyhow::Result<()>
     serves_a_new_client(&dev).await?;
     Ok(())
 }
+
+/// A small upload whose body stops coming gives its slot back in seconds (5 s plus its
+/// length at 32 KiB/s), long before the 30 s request deadline: tiny stalled uploads
+/// cannot hold the node's upload slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_small_upload_gives_its_slot_back_in_seconds() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &["--uploads-per-address", "1"]).await?;
+    let (_ws, _, token) = dev.client("Ann").await?;
+    let started = Instant::now();
+    let mut stalled = upload_head(&dev, &token, "a.txt", "text/plain", 10).await?;
+    stalled.send(b"abc").await?;
+    // The slot is held meanwhile: a second upload from the address is refused.
+    let (status, body) = client_upload(&dev, &token, "b.txt", "text/plain", b"second").await?;
+    assert_eq!(status, 429, "{body}");
+    match stalled.read_response(Duration::from_secs(15)).await {
+        HttpOutcome::Response(response) => assert_eq!(response.status, 408, "{:?}", response.json()),
+        HttpOutcome::Closed => {}
+        HttpOutcome::TimedOut => anyhow::bail!("a stalled 10-byte upload was still open after 15 s"),
+    }
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(15), "the stalled upload ended after {waited:?}");
+    let files: Vec<_> = std::fs::read_dir(dev.data_dir.join("attachments"))?.flatten().collect();
+    assert!(files.is_empty(), "the partial file is gone: {files:?}");
+    let (status, body) = client_upload(&dev, &token, "c.txt", "text/plain", b"after").await?;
+    assert_eq!(status, 201, "the slot came back: {body}");
+    Ok(())
+}
