@@ -544,6 +544,15 @@ async fn a_stalled_small_upload_gives_its_slot_back_in_seconds() -> anyhow::Resu
     let started = Instant::now();
     let mut stalled = upload_head(&dev, &token, "a.txt", "text/plain", 10).await?;
     stalled.send(b"abc").await?;
+    // Its body is being received once its partial file exists.
+    let attachments = dev.data_dir.join("attachments");
+    let partial = |dir: &Path| std::fs::read_dir(dir).map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".partial"))).unwrap_or(false);
+    eventually(Duration::from_secs(5), Duration::from_millis(20), || {
+        let found = partial(&attachments);
+        async move { Ok(found.then_some(())) }
+    })
+    .await
+    .context("the stalled upload's partial file never appeared")?;
     // The slot is held meanwhile: a second upload from the address is refused.
     let (status, body) = client_upload(&dev, &token, "b.txt", "text/plain", b"second").await?;
     assert_eq!(status, 429, "{body}");
@@ -554,8 +563,7 @@ async fn a_stalled_small_upload_gives_its_slot_back_in_seconds() -> anyhow::Resu
     }
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(15), "the stalled upload ended after {waited:?}");
-    let files: Vec<_> = std::fs::read_dir(dev.data_dir.join("attachments"))?.flatten().collect();
-    assert!(files.is_empty(), "the partial file is gone: {files:?}");
+    assert!(!partial(&attachments), "the partial file is gone");
     let (status, body) = client_upload(&dev, &token, "c.txt", "text/plain", b"after").await?;
     assert_eq!(status, 201, "the slot came back: {body}");
     Ok(())

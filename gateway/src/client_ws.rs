@@ -145,7 +145,7 @@ impl ClientSession {
         Ok(())
     }
 
-    /// Charges a frame that may write to the log (`send`, `read`, `close`, `rate`) to the
+    /// Charges a frame that may write to the log (`send`, `close`, `rate`) to the
     /// address's budget, shared by all its sockets, and to the conversation's, shared by
     /// every socket that holds its token: neither many sockets nor many addresses
     /// multiply what can be written.
@@ -267,8 +267,9 @@ impl ClientSession {
                 self.signal_operator(conversation, json!({"type": "typing", "conversation": conversation.0, "from": "client"}));
             }
             ClientIn::Read { upto } => {
+                // Not charged: a mark that does not move is answered without a log
+                // entry, and one that moves is bounded by the entries written.
                 let conversation = self.require_conversation()?;
-                self.charge(conversation, None)?;
                 // Committed, so the operator sees it after a reconnect too; then relayed live.
                 self.gw
                     .submit(Command::MarkRead { conversation, reader: Reader::Client, upto })
