@@ -95,3 +95,36 @@ async fn a_snapshot_kept_in_sled_by_an_older_build_is_restored_then_moved_to_a_f
     assert!(meta_tree.get("snapshot")?.is_none(), "the copy inside sled is dropped");
     Ok(())
 }
+
+/// What a crash can leave in the snapshot folder: a file written but not yet pointed at
+/// (a crash before the pointer moved), one replaced but not yet deleted, and a partial
+/// one. The next start keeps the snapshot the pointer names and removes the rest.
+#[tokio::test]
+async fn a_restart_after_a_crash_mid_snapshot_keeps_the_named_one_and_sweeps_the_rest() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let snapshots = dir.path().join("snapshots");
+    let db = sled::open(dir.path().join("db"))?;
+    let journal = Arc::new(common::Journal::default());
+    let (_log, mut sm) = open_group(&db, 3, journal, &snapshots)?;
+    apply(&mut sm, 1..=4).await?;
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    let named = files(&snapshots);
+    drop(sm);
+
+    let leftovers = ["g3-00000000000000000009-1.snapshot", "g3-00000000000000000002-1.snapshot", "g3-00000000000000000011-2.snapshot.partial"];
+    for name in leftovers {
+        std::fs::write(snapshots.join(name), b"left by a crash")?;
+    }
+    // Another group's files in the same folder are not ours to remove.
+    std::fs::write(snapshots.join("g4-00000000000000000001-1.snapshot"), b"group 4")?;
+
+    let restored = Arc::new(common::Journal::default());
+    let (_log, mut sm) = open_group(&db, 3, restored.clone(), &snapshots)?;
+    assert_eq!(restored.entries.lock().unwrap().len(), 4, "restored from the snapshot the pointer names");
+    let mut expected = named.clone();
+    expected.push("g4-00000000000000000001-1.snapshot".into());
+    expected.sort();
+    assert_eq!(files(&snapshots), expected);
+    assert_eq!(sm.get_current_snapshot().await?.expect("current").meta.last_log_id.map(|l| l.index), Some(4));
+    Ok(())
+}
