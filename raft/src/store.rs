@@ -253,7 +253,7 @@ impl SnapshotFiles {
     }
 
     /// Writes `data` whole under a new name and returns the name.
-    async fn write(&self, meta: &SnapshotMeta<NodeId, Node>, data: Vec<u8>) -> std::io::Result<String> {
+    async fn write(&self, meta: &SnapshotMeta<NodeId, Node>, data: Arc<Vec<u8>>) -> std::io::Result<String> {
         let index = meta.last_log_id.map_or(0, |l| l.index);
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let file = format!("g{}-{index:020}-{stamp}.snapshot", self.group);
@@ -324,7 +324,7 @@ impl StateMachineStore {
 
     /// Makes `data` the current snapshot: its file first, then the pointer, then the
     /// old file goes. A snapshot older than the current one is not installed over it.
-    async fn keep(&self, meta: &SnapshotMeta<NodeId, Node>, data: Vec<u8>) -> Result<(), StorageError<NodeId>> {
+    async fn keep(&self, meta: &SnapshotMeta<NodeId, Node>, data: Arc<Vec<u8>>) -> Result<(), StorageError<NodeId>> {
         let write_err = |e: &dyn std::fmt::Display| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e));
         let _writing = self.snapshots.writing.lock().await;
         let old: Option<SnapshotPointer> = self.trees.get_meta(SNAPSHOT_KEY).map_err(|e| write_err(&e))?;
@@ -371,7 +371,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             .await
             .map_err(|e| StorageIOError::read_state_machine(&io_err(e)))?
             .map_err(|e| StorageIOError::read_state_machine(&io_err(e)))?;
+        // Shared with the file writer rather than copied: a snapshot is the whole state.
+        let data = Arc::new(data);
         self.keep(&meta, data.clone()).await?;
+        let data = Arc::try_unwrap(data).unwrap_or_else(|shared| shared.as_ref().clone());
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -421,7 +424,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.machine.restore(&data).map_err(|e| StorageIOError::write_state_machine(&io_err(e)))?;
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
-        self.keep(meta, data).await
+        self.keep(meta, Arc::new(data)).await
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
