@@ -22,8 +22,6 @@ pub const TOO_BIG: u16 = 1009;
 
 /// The largest payload of a control frame (§5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
-/// The longest frame header a client sends: 2 bytes, 8 of length, 4 of mask.
-pub const MAX_HEADER: usize = 14;
 /// Frames one message may come in. Fragments cost no rate-limit token until their
 /// message completes, so without a cap empty fragments would be free.
 pub const MAX_FRAGMENTS: usize = 64;

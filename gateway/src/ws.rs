@@ -27,15 +27,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::frames;
-use crate::wire::{self, Inbound};
 use crate::metrics::Metrics;
+use crate::wire::{self, Inbound};
 
 /// Close codes used by both surfaces (documented in `docs/protocol.md`).
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const UNSUPPORTED: u16 = 1003;
-    pub const TOO_BIG: u16 = 1009;
+    /// What the peer's frames did wrong: 1002, 1007, 1009, decided by the decoder.
+    pub use crate::wire::{INVALID_PAYLOAD, PROTOCOL_ERROR, TOO_BIG};
     pub const INTERNAL: u16 = 1011;
     pub const UNAUTHORIZED: u16 = 4001;
     pub const RATE_LIMITED: u16 = 4008;
