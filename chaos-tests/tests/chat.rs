@@ -173,7 +173,9 @@ async fn decline_and_timeout_pass_to_next_operator_and_queue_keeps_position() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decline_and_timeout_hand_over_at_once_to_an_online_operator() -> anyhow::Result<()> {
     let (_dir, dev) = dev().await?;
-    set_offer_timeout(&dev, "general", 1000).await?;
+    // Offers last 2 s: long enough that a loaded debug run still answers within one,
+    // short enough to watch one run out.
+    set_offer_timeout(&dev, "general", 2000).await?;
     let (mut alice, _) = dev.operator("alice").await?;
     set_presence(&mut alice, "online").await?;
     let (mut bob, _) = dev.operator("bob").await?;
@@ -209,7 +211,7 @@ async fn decline_and_timeout_hand_over_at_once_to_an_online_operator() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_its_only_operator_declined_is_offered_again_after_a_pause() -> anyhow::Result<()> {
     let (_dir, dev) = dev().await?;
-    let (mut alice, _client, conversation, offer) = declined_by_the_only_operator(&dev, 1000).await?;
+    let (mut alice, _client, conversation, offer) = declined_by_the_only_operator(&dev, 2000).await?;
     // Nobody else can take it: the skill group's actor starts a new round one offer
     // timeout later, with no other change to the queue.
     let again = alice.wait_for(Duration::from_secs(5), |v| v["kind"] == "offer").await?;
