@@ -2,6 +2,7 @@
 //! to its peers over QUIC with mutual TLS.
 //!
 //! - [`store`]: `RaftLogStorage` and `RaftStateMachine` on sled (passes openraft's suite).
+//! - [`state`]: a group's records (its state machine on disk), and snapshot files of them.
 //! - [`network`]: the QUIC transport: one endpoint per node, one stream per RPC.
 //! - [`tls`]: the cluster CA and node certificates; rustls with the ring provider only.
 //! - [`files`]: durable, owner-only writes of keys and other secrets.
@@ -12,10 +13,9 @@
 
 pub mod files;
 pub mod network;
+pub mod state;
 pub mod store;
 pub mod tls;
-
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -38,25 +38,30 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = Node,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
-/// The application state a group replicates. `apply` must be deterministic: every
-/// replica calls it with the same entries in the same order.
+/// The application state a group replicates, kept as records in the group's state tree.
+///
+/// `apply` must be deterministic: every replica calls it with the same entries in the
+/// same order, and it must put every change it makes into `changes`. The store writes
+/// those changes together with the entry's log id in one atomic sled batch before the
+/// next entry is applied, so after a crash the records and the applied index agree.
+/// What the machine keeps in memory is a cache of its records, rebuilt by `load`.
 pub trait Machine: Send + Sync + 'static {
-    fn apply(&self, index: u64, request: &[u8]) -> Vec<u8>;
-    /// Captures the state as of the last applied entry and returns the work that
-    /// encodes it. Capturing must be quick (it runs between applies); the encoding runs
-    /// afterwards, off the apply path, while entries go on being applied.
-    fn capture(&self) -> SnapshotEncoder;
-    fn restore(&self, snapshot: &[u8]) -> Result<(), String>;
-    /// Back to the empty state, before a snapshot and the log are replayed.
-    fn reset(&self);
+    fn apply(&self, index: u64, request: &[u8], changes: &mut Changes) -> Vec<u8>;
+    /// The changes of the entry just applied are written: readers may see them now.
+    fn published(&self) {}
+    /// Rebuilds the in-memory state from the records: at start, and after a snapshot
+    /// was installed. `records` stays valid for reads for the life of the group.
+    fn load(&self, records: &Records) -> Result<(), String>;
+    /// Turns a snapshot written by a build that kept the whole state in one value (the
+    /// legacy format) into records.
+    fn import(&self, legacy: &[u8], changes: &mut Changes) -> Result<(), String>;
 }
 
-/// Encodes a captured state into snapshot bytes.
-pub type SnapshotEncoder = Box<dyn FnOnce() -> Result<Vec<u8>, String> + Send>;
+pub use state::{Changes, Records};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -2,18 +2,21 @@
 //!
 //! Architecture invariant: a log append is reported durable to openraft only after
 //! `flush_async` has returned; sled's own 500 ms background sync is never relied upon.
-//! The state machine lives in memory and is rebuilt on start from the last snapshot
-//! plus the committed log, which `save_committed` makes possible.
+//! The state machine is on disk: the machine's records live in the group's state tree
+//! (see [`crate::state`]), each entry's changes written in one batch with its log id,
+//! so a restart loads the records and replays only the committed entries after the
+//! last applied one (`save_committed` makes that possible).
 //!
 //! Snapshots are files in the group's snapshot folder, written whole (temporary file,
 //! fsync, rename) before the pointer to them is stored in sled; the file the pointer
 //! left is deleted, so an old snapshot gives its disk space back at once. Building one
-//! captures the state between two applies and encodes and writes it while applies go
-//! on. (Data folders from before kept the snapshot inside sled under `snapshot`; it is
-//! read once and dropped when the first file is written.)
+//! dumps the records as of one applied entry while applies go on; installing one
+//! streams the received file into the state tree, chunk by chunk, under an
+//! `s/installing` mark that a restart finishes. (Data folders from before kept the
+//! snapshot inside sled under `snapshot`, or wrote the whole state as one value: both
+//! are read once and turned into records.)
 
 use std::fmt::Debug;
-use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +29,8 @@ use openraft::{
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::{Machine, NodeId, Node, Response, TypeConfig};
+use crate::state::{StateTree, APPLIED_KEY, INSTALLING_KEY, SNAPSHOT_MAGIC};
+use crate::{Changes, Machine, NodeId, Node, Response, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -80,7 +84,8 @@ pub fn open_group(
     let log = LogStore { trees: trees.clone() };
     std::fs::create_dir_all(snapshot_dir)?;
     let snapshots = SnapshotFiles { dir: snapshot_dir.to_path_buf(), group, writing: Arc::new(Mutex::new(())) };
-    let sm = StateMachineStore::load(trees, machine, snapshots)?;
+    let state = Arc::new(StateTree::new(db.open_tree(format!("g{group}/state"))?));
+    let sm = StateMachineStore::load(trees, state, machine, snapshots)?;
     Ok((log, sm))
 }
 
@@ -235,6 +240,13 @@ struct SnapshotPointer {
     file: String,
 }
 
+/// What the state tree's records reflect: written with every applied entry's changes.
+#[derive(Clone, Serialize, Deserialize)]
+struct AppliedState {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, Node>,
+}
+
 const LEGACY_SNAPSHOT_KEY: &str = "snapshot";
 const SNAPSHOT_KEY: &str = "snapshot_file";
 
@@ -248,28 +260,35 @@ struct SnapshotFiles {
 }
 
 impl SnapshotFiles {
-    fn read(&self, file: &str) -> std::io::Result<Vec<u8>> {
-        std::fs::read(self.dir.join(file))
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
     }
 
-    /// Writes `data` whole under a new name and returns the name.
-    async fn write(&self, meta: &SnapshotMeta<NodeId, Node>, data: Arc<Vec<u8>>) -> std::io::Result<String> {
+    /// Writes a new snapshot file with `fill` (temporary name, fsync, rename) and
+    /// returns its name. Blocking.
+    fn write_with(&self, meta: &SnapshotMeta<NodeId, Node>, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> std::io::Result<String> {
         let index = meta.last_log_id.map_or(0, |l| l.index);
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let file = format!("g{}-{index:020}-{stamp}.snapshot", self.group);
-        let (dir, name) = (self.dir.clone(), file.clone());
-        tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            let partial = dir.join(format!("{name}.partial"));
+        let name = format!("g{}-{index:020}-{stamp}.snapshot", self.group);
+        let partial = self.dir.join(format!("{name}.partial"));
+        let written = (|| {
             let mut out = std::fs::File::create(&partial)?;
-            out.write_all(&data)?;
+            fill(&mut out)?;
             out.sync_all()?;
-            std::fs::rename(&partial, dir.join(&name))?;
-            std::fs::File::open(&dir)?.sync_all()
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        Ok(file)
+            std::fs::rename(&partial, self.dir.join(&name))?;
+            std::fs::File::open(&self.dir)?.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        Ok(name)
+    }
+
+    /// A file to receive a snapshot into, chunk by chunk; swept at start if left.
+    fn receiving_path(&self) -> PathBuf {
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        self.dir.join(format!("g{}-receiving-{stamp}.snapshot.partial", self.group))
     }
 
     /// Removes what a crash can leave: partial files, and snapshots of this group the
@@ -300,82 +319,162 @@ struct SmInner {
     snapshot_seq: u64,
 }
 
-/// Applies committed entries to the application's [`Machine`] and keeps its snapshots.
+/// Applies committed entries to the application's [`Machine`], writes their changes to
+/// the state tree, and keeps its snapshots.
 #[derive(Clone)]
 pub struct StateMachineStore {
     trees: Trees,
+    state: Arc<StateTree>,
     machine: Arc<dyn Machine>,
     inner: Arc<Mutex<SmInner>>,
     snapshots: SnapshotFiles,
+    /// Held through a build; an install waits for it (the build reads the tree the
+    /// install replaces).
+    building: Arc<Mutex<()>>,
+    /// The file the snapshot being received is written to.
+    receiving: Arc<std::sync::Mutex<Option<PathBuf>>>,
+}
+
+fn storage(e: impl std::fmt::Display) -> crate::Error {
+    crate::Error::Storage(e.to_string())
+}
+
+/// Replaces the records by those of the snapshot file at `path`, under the installing
+/// mark, then records `meta` as applied. Blocking.
+fn install_records(trees: &Trees, state: &StateTree, machine: &dyn Machine, path: &Path, meta: &SnapshotMeta<NodeId, Node>) -> Result<(), String> {
+    let named = |e: &dyn std::fmt::Display| format!("installing snapshot {}: {e}", path.display());
+    state.tree.insert(INSTALLING_KEY, path.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default()).map_err(|e| named(&e))?;
+    trees.db.flush().map_err(|e| named(&e))?;
+    let mut magic = [0u8; 8];
+    let is_v2 = {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path).map_err(|e| named(&e))?;
+        file.read_exact(&mut magic).is_ok() && &magic == SNAPSHOT_MAGIC
+    };
+    if is_v2 {
+        let file = std::fs::File::open(path).map_err(|e| named(&e))?;
+        state.load_dump(file).map_err(|e| named(&e))?;
+    } else {
+        // The legacy format holds the whole state as one value, so it is read whole.
+        let bytes = std::fs::read(path).map_err(|e| named(&e))?;
+        let mut changes = Changes::default();
+        machine.import(&bytes, &mut changes).map_err(|e| named(&e))?;
+        state.load_changes(changes).map_err(|e| named(&e))?;
+    }
+    let applied = encode(&AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() }).map_err(|e| named(&e))?;
+    let mut batch = sled::Batch::default();
+    batch.remove(INSTALLING_KEY);
+    batch.insert(APPLIED_KEY, applied);
+    state.tree.apply_batch(batch).map_err(|e| named(&e))?;
+    trees.db.flush().map_err(|e| named(&e))?;
+    Ok(())
 }
 
 impl StateMachineStore {
-    fn load(trees: Trees, machine: Arc<dyn Machine>, snapshots: SnapshotFiles) -> Result<Self, crate::Error> {
-        let mut inner = SmInner { last_applied: None, membership: StoredMembership::default(), snapshot_seq: 0 };
-        machine.reset();
-        if let Some((meta, data)) = current(&trees, &snapshots).map_err(crate::Error::Storage)? {
-            machine.restore(&data).map_err(crate::Error::Storage)?;
-            inner.last_applied = meta.last_log_id;
-            inner.membership = meta.last_membership.clone();
+    fn load(trees: Trees, state: Arc<StateTree>, machine: Arc<dyn Machine>, snapshots: SnapshotFiles) -> Result<Self, crate::Error> {
+        // A snapshot an older build kept inside sled moves to a file first.
+        if let Some(legacy) = trees.get_meta::<LegacySnapshot>(LEGACY_SNAPSHOT_KEY).map_err(storage)? {
+            let file = snapshots.write_with(&legacy.meta, |out| std::io::Write::write_all(out, &legacy.data))?;
+            trees.put_meta(SNAPSHOT_KEY, &SnapshotPointer { meta: legacy.meta.clone(), file }).map_err(storage)?;
+            trees.meta.remove(LEGACY_SNAPSHOT_KEY)?;
+            trees.db.flush()?;
         }
-        snapshots.sweep(trees.get_meta::<SnapshotPointer>(SNAPSHOT_KEY).map_err(crate::Error::Storage)?.map(|p| p.file));
-        Ok(StateMachineStore { trees, machine, inner: Arc::new(Mutex::new(inner)), snapshots })
+        let pointer = trees.get_meta::<SnapshotPointer>(SNAPSHOT_KEY).map_err(storage)?;
+        snapshots.sweep(pointer.as_ref().map(|p| p.file.clone()));
+        let mut applied: Option<AppliedState> = match state.tree.get(APPLIED_KEY)? {
+            Some(bytes) => Some(decode(&bytes).map_err(|e| storage(format!("the applied state cannot be read: {e}")))?),
+            None => None,
+        };
+        let installing = state.tree.get(INSTALLING_KEY)?.is_some();
+        if let Some(pointer) = &pointer {
+            // Interrupted while installing, or behind the snapshot (a crash between
+            // keeping a received snapshot and loading it), or a folder from before
+            // records: the records come from the snapshot.
+            let behind = applied.as_ref().is_none_or(|a| a.last_applied < pointer.meta.last_log_id);
+            if installing || behind {
+                install_records(&trees, &state, machine.as_ref(), &snapshots.path(&pointer.file), &pointer.meta).map_err(storage)?;
+                applied = Some(AppliedState { last_applied: pointer.meta.last_log_id, membership: pointer.meta.last_membership.clone() });
+            }
+        } else if installing {
+            return Err(storage("the state tree is marked as installing a snapshot the store does not name; restore this data folder from a replica"));
+        }
+        machine.load(&state.records()).map_err(storage)?;
+        let inner = match applied {
+            Some(a) => SmInner { last_applied: a.last_applied, membership: a.membership, snapshot_seq: 0 },
+            None => SmInner { last_applied: None, membership: StoredMembership::default(), snapshot_seq: 0 },
+        };
+        Ok(StateMachineStore {
+            trees,
+            state,
+            machine,
+            inner: Arc::new(Mutex::new(inner)),
+            snapshots,
+            building: Arc::new(Mutex::new(())),
+            receiving: Arc::new(std::sync::Mutex::new(None)),
+        })
     }
 
-    /// Makes `data` the current snapshot: its file first, then the pointer, then the
-    /// old file goes. A snapshot older than the current one is not installed over it.
-    async fn keep(&self, meta: &SnapshotMeta<NodeId, Node>, data: Arc<Vec<u8>>) -> Result<(), StorageError<NodeId>> {
+    /// Makes `file` the current snapshot: the pointer moves to it and the old file
+    /// goes. A snapshot older than the current one is not installed over it (its file
+    /// is removed); returns whether it was kept.
+    async fn keep(&self, meta: &SnapshotMeta<NodeId, Node>, file: String) -> Result<bool, StorageError<NodeId>> {
         let write_err = |e: &dyn std::fmt::Display| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e));
         let _writing = self.snapshots.writing.lock().await;
         let old: Option<SnapshotPointer> = self.trees.get_meta(SNAPSHOT_KEY).map_err(|e| write_err(&e))?;
         if old.as_ref().is_some_and(|old| old.meta.last_log_id > meta.last_log_id) {
-            return Ok(());
+            self.snapshots.remove(&file);
+            return Ok(false);
         }
-        let file = self.snapshots.write(meta, data).await.map_err(|e| write_err(&e))?;
         self.trees.put_meta(SNAPSHOT_KEY, &SnapshotPointer { meta: meta.clone(), file }).map_err(|e| write_err(&e))?;
-        self.trees.meta.remove(LEGACY_SNAPSHOT_KEY).map_err(|e| write_err(&e))?;
+        // Also makes the records the snapshot was taken from durable, before openraft
+        // purges the log entries behind it.
         self.trees.db.flush_async().await.map_err(|e| write_err(&e))?;
         if let Some(old) = old {
             self.snapshots.remove(&old.file);
         }
-        Ok(())
+        Ok(true)
     }
-}
 
-/// The current snapshot, from its file or (older data folders) from sled.
-fn current(trees: &Trees, snapshots: &SnapshotFiles) -> Result<Option<(SnapshotMeta<NodeId, Node>, Vec<u8>)>, String> {
-    if let Some(pointer) = trees.get_meta::<SnapshotPointer>(SNAPSHOT_KEY)? {
-        let data = snapshots.read(&pointer.file).map_err(|e| {
-            format!("snapshot file {} named by the store cannot be read: {e}", snapshots.dir.join(&pointer.file).display())
-        })?;
-        return Ok(Some((pointer.meta, data)));
+    async fn open_current(&self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let _writing = self.snapshots.writing.lock().await;
+        let read_err = |e: &dyn std::fmt::Display| StorageIOError::read_snapshot(None, &io_err(e));
+        let Some(pointer) = self.trees.get_meta::<SnapshotPointer>(SNAPSHOT_KEY).map_err(|e| read_err(&e))? else {
+            return Ok(None);
+        };
+        let path = self.snapshots.path(&pointer.file);
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| read_err(&format!("snapshot file {} named by the store cannot be read: {e}", path.display())))?;
+        Ok(Some(Snapshot { meta: pointer.meta, snapshot: Box::new(file) }))
     }
-    Ok(trees.get_meta::<LegacySnapshot>(LEGACY_SNAPSHOT_KEY)?.map(|legacy| (legacy.meta, legacy.data)))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        // Captured between two applies, so the state and `last_applied` agree; the
-        // encoding and the write happen after the lock is released.
-        let (encode, meta) = {
+        let _building = self.building.lock().await;
+        // Captured between two applies, so the records and `last_applied` agree; the
+        // dump is written while entries go on being applied.
+        let meta = {
             let mut inner = self.inner.lock().await;
-            let encode = self.machine.capture();
+            self.state.begin_capture();
             inner.snapshot_seq += 1;
             let snapshot_id = match inner.last_applied {
                 Some(last) => format!("{}-{}-{}", last.leader_id, last.index, inner.snapshot_seq),
                 None => format!("--{}", inner.snapshot_seq),
             };
-            (encode, SnapshotMeta { last_log_id: inner.last_applied, last_membership: inner.membership.clone(), snapshot_id })
+            SnapshotMeta { last_log_id: inner.last_applied, last_membership: inner.membership.clone(), snapshot_id }
         };
-        let data = tokio::task::spawn_blocking(encode)
-            .await
-            .map_err(|e| StorageIOError::read_state_machine(&io_err(e)))?
-            .map_err(|e| StorageIOError::read_state_machine(&io_err(e)))?;
-        // Shared with the file writer rather than copied: a snapshot is the whole state.
-        let data = Arc::new(data);
-        self.keep(&meta, data.clone()).await?;
-        let data = Arc::try_unwrap(data).unwrap_or_else(|shared| shared.as_ref().clone());
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        let (state, snapshots, for_file) = (self.state.clone(), self.snapshots.clone(), meta.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            let written = snapshots.write_with(&for_file, |out| state.dump(out).map(|_| ()));
+            state.end_capture();
+            written
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e)))?
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.keep(&meta, written).await?;
+        self.open_current().await?.ok_or_else(|| StorageIOError::read_snapshot(Some(meta.signature()), &io_err("the snapshot just built is gone")).into())
     }
 }
 
@@ -395,17 +494,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut inner = self.inner.lock().await;
         let mut responses = Vec::new();
         for entry in entries {
-            inner.last_applied = Some(entry.log_id);
-            match entry.payload {
-                EntryPayload::Blank => responses.push(Response(Vec::new())),
-                EntryPayload::Normal(request) => {
-                    responses.push(Response(self.machine.apply(entry.log_id.index, &request.0)));
-                }
+            let mut changes = Changes::default();
+            let response = match entry.payload {
+                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Normal(request) => self.machine.apply(entry.log_id.index, &request.0, &mut changes),
                 EntryPayload::Membership(membership) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    responses.push(Response(Vec::new()));
+                    Vec::new()
                 }
-            }
+            };
+            inner.last_applied = Some(entry.log_id);
+            let applied = encode(&AppliedState { last_applied: inner.last_applied, membership: inner.membership.clone() })
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            self.state.write(changes, &applied).map_err(|e| StorageIOError::write_state_machine(&e))?;
+            self.machine.published();
+            responses.push(Response(response));
         }
         Ok(responses)
     }
@@ -414,23 +517,58 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
+        let path = self.snapshots.receiving_path();
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let previous = self.receiving.lock().unwrap_or_else(|p| p.into_inner()).replace(path);
+        if let Some(previous) = previous {
+            // A transfer that was abandoned for this one.
+            let _ = std::fs::remove_file(previous);
+        }
+        Ok(Box::new(file))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, Node>, snapshot: Box<Cursor<Vec<u8>>>) -> StorageResult<()> {
-        let data = snapshot.into_inner();
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, Node>, snapshot: Box<tokio::fs::File>) -> StorageResult<()> {
+        let write_err = |e: &dyn std::fmt::Display| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e));
+        let _building = self.building.lock().await;
         let mut inner = self.inner.lock().await;
-        self.machine.restore(&data).map_err(|e| StorageIOError::write_state_machine(&io_err(e)))?;
+        let mut received = snapshot.into_std().await;
+        let (snapshots, for_file) = (self.snapshots.clone(), meta.clone());
+        let file = tokio::task::spawn_blocking(move || {
+            use std::io::Seek;
+            received.seek(std::io::SeekFrom::Start(0))?;
+            snapshots.write_with(&for_file, |out| std::io::copy(&mut received, out).map(|_| ()))
+        })
+        .await
+        .map_err(|e| write_err(&e))?
+        .map_err(|e| write_err(&e))?;
+        let received = self.receiving.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(received) = received {
+            let _ = std::fs::remove_file(received);
+        }
+        let path = self.snapshots.path(&file);
+        if !self.keep(meta, file).await? {
+            return Ok(());
+        }
+        let (trees, state, machine, for_install) = (self.trees.clone(), self.state.clone(), self.machine.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || install_records(&trees, &state, machine.as_ref(), &path, &for_install))
+            .await
+            .map_err(|e| write_err(&e))?
+            .map_err(|e| write_err(&e))?;
+        self.machine.load(&self.state.records()).map_err(|e| write_err(&e))?;
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
-        self.keep(meta, Arc::new(data)).await
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        // Not while `keep` moves the pointer and deletes the file it named.
-        let _writing = self.snapshots.writing.lock().await;
-        let current = current(&self.trees, &self.snapshots).map_err(|e| StorageIOError::read_snapshot(None, &io_err(e)))?;
-        Ok(current.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        self.open_current().await
     }
 }

@@ -1,6 +1,6 @@
 //! Snapshots are files: a new one replaces the old file (disk space comes back), a
-//! restart restores from the file, and a snapshot an older build kept inside sled is
-//! still read, then moved to a file.
+//! restart loads the records, and a snapshot an older build kept inside sled (the
+//! legacy format, the whole state as one value) is still read, then moved to a file.
 
 mod common;
 
@@ -46,14 +46,15 @@ async fn a_new_snapshot_replaces_the_old_file_and_a_restart_restores_it() -> any
     assert_eq!(second.len(), 1, "the replaced file is gone, nothing partial is left: {second:?}");
     assert_ne!(first, second);
 
-    // Entries after the snapshot are not in it; a restart restores exactly the snapshot.
+    // The records are the state: a restart loads every applied entry, not only those
+    // the snapshot holds, and the snapshot stays as it was.
     apply(&mut sm, 21..=22).await?;
     drop(sm);
     let restored = Arc::new(common::Journal::default());
     let (_log, mut sm) = open_group(&db, 3, restored.clone(), &snapshots)?;
-    assert_eq!(restored.entries.lock().unwrap().len(), 20);
+    assert_eq!(restored.entries.lock().unwrap().len(), 22);
     let (applied, _) = sm.applied_state().await?;
-    assert_eq!(applied.map(|l| l.index), Some(20));
+    assert_eq!(applied.map(|l| l.index), Some(22));
     let current = sm.get_current_snapshot().await?.expect("a current snapshot");
     assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(20));
     Ok(())

@@ -1,0 +1,413 @@
+//! A group's state machine on disk: the records its [`Machine`](crate::Machine) keeps in
+//! the group's state tree, written one applied entry at a time, and snapshot files made
+//! from them without stopping applies.
+//!
+//! The state tree (`g<group>/state`) holds the machine's records under the prefix `r`
+//! and the store's own keys under `s/`: `s/applied` (the last applied log id and the
+//! membership, written in the same batch as that entry's changes) and `s/installing`
+//! (present only while a snapshot is being loaded into the tree).
+//!
+//! A snapshot is a dump of the records as of one applied entry. It is taken while
+//! entries go on being applied: the builder walks the tree in key order, a chunk at a
+//! time, and an apply that changes a key the builder has not reached yet first saves
+//! the key's value as of the capture (copy on write). The builder emits the saved value
+//! instead of the tree's, so the dump is exactly the state at the captured entry, and
+//! memory holds only what changed during the build.
+//!
+//! Snapshot file format, version 2: the 8 bytes `SBSNAP02`, then each record as a
+//! big-endian `u32` key length, the key, a `u32` value length and the value, in key
+//! order, then `u32::MAX` and the `u64` count of records. A file without the magic is
+//! the legacy format (the whole state as one value) and goes to `Machine::import`.
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::ops::Bound;
+use std::sync::Mutex;
+
+use crate::Error;
+
+/// First bytes of a version 2 snapshot file.
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"SBSNAP02";
+
+const RECORD: u8 = b'r';
+pub(crate) const APPLIED_KEY: &[u8] = b"s/applied";
+pub(crate) const INSTALLING_KEY: &[u8] = b"s/installing";
+
+/// Records per chunk when a snapshot is built or loaded.
+const CHUNK: usize = 4096;
+
+/// Longest key or value a snapshot file may hold: a damaged length is refused rather
+/// than allocated.
+const MAX_RECORD_BYTES: u32 = 64 * 1024 * 1024;
+
+fn stored(key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() + 1);
+    out.push(RECORD);
+    out.extend_from_slice(key);
+    out
+}
+
+/// The changes one entry makes to the records, written atomically with its log id.
+#[derive(Debug, Default)]
+pub struct Changes {
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Changes {
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push((key, Some(value)));
+    }
+
+    pub fn remove(&mut self, key: Vec<u8>) {
+        self.ops.push((key, None));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+/// Read access to a group's records, as of the last entry whose changes were written.
+#[derive(Clone)]
+pub struct Records {
+    tree: sled::Tree,
+}
+
+impl Records {
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.tree.get(stored(key))?.map(|v| v.to_vec()))
+    }
+
+    /// Up to `limit` records whose keys start with `prefix`, in key order, starting
+    /// after `after` (a full key) when given.
+    pub fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        let start = match after {
+            Some(after) => Bound::Excluded(stored(after)),
+            None => Bound::Included(stored(prefix)),
+        };
+        let full = stored(prefix);
+        let mut out = Vec::new();
+        for item in self.tree.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item?;
+            if !key.starts_with(&full) {
+                break;
+            }
+            out.push((key[1..].to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+/// Values as of the capture for keys changed since, while a snapshot is built.
+struct Capture {
+    /// The last stored key the builder has emitted; `None` before the first chunk.
+    cursor: Option<Vec<u8>>,
+    /// Stored key -> its value at the capture (`None`: it did not exist then).
+    before: BTreeMap<Vec<u8>, Option<sled::IVec>>,
+}
+
+/// The writer of a group's state tree.
+pub(crate) struct StateTree {
+    pub(crate) tree: sled::Tree,
+    capture: Mutex<Option<Capture>>,
+}
+
+impl StateTree {
+    pub(crate) fn new(tree: sled::Tree) -> Self {
+        StateTree { tree, capture: Mutex::new(None) }
+    }
+
+    pub(crate) fn records(&self) -> Records {
+        Records { tree: self.tree.clone() }
+    }
+
+    fn capture(&self) -> std::sync::MutexGuard<'_, Option<Capture>> {
+        self.capture.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes one entry's changes and the new applied state in one atomic batch.
+    pub(crate) fn write(&self, changes: Changes, applied: &[u8]) -> Result<(), sled::Error> {
+        let mut capture = self.capture();
+        let mut batch = sled::Batch::default();
+        for (key, value) in changes.ops {
+            let key = stored(&key);
+            if let Some(capture) = capture.as_mut() {
+                let ahead = capture.cursor.as_ref().is_none_or(|cursor| key > *cursor);
+                if ahead && !capture.before.contains_key(&key) {
+                    let old = self.tree.get(&key)?;
+                    capture.before.insert(key.clone(), old);
+                }
+            }
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch.insert(APPLIED_KEY, applied);
+        self.tree.apply_batch(batch)
+    }
+
+    /// Freezes the records as they are now for a snapshot build. The caller makes sure
+    /// no entry is being applied meanwhile.
+    pub(crate) fn begin_capture(&self) {
+        *self.capture() = Some(Capture { cursor: None, before: BTreeMap::new() });
+    }
+
+    pub(crate) fn end_capture(&self) {
+        *self.capture() = None;
+    }
+
+    /// The next records of the capture, in key order (keys without the `r` prefix).
+    /// Empty once every record was emitted.
+    fn next_chunk(&self) -> Result<Vec<(Vec<u8>, sled::IVec)>, sled::Error> {
+        let mut guard = self.capture();
+        let Some(capture) = guard.as_mut() else { return Ok(Vec::new()) };
+        let end = vec![RECORD + 1];
+        let lower = match &capture.cursor {
+            Some(cursor) if *cursor >= end => return Ok(Vec::new()),
+            Some(cursor) => Bound::Excluded(cursor.clone()),
+            None => Bound::Included(vec![RECORD]),
+        };
+        let mut chunk: BTreeMap<Vec<u8>, Option<sled::IVec>> = BTreeMap::new();
+        for item in self.tree.range::<Vec<u8>, _>((lower.clone(), Bound::Excluded(end.clone()))).take(CHUNK) {
+            let (key, value) = item?;
+            chunk.insert(key.to_vec(), Some(value));
+        }
+        // The chunk covers keys up to its last one, or to the end when the tree ran out.
+        let upper = if chunk.len() == CHUNK { chunk.keys().next_back().cloned().unwrap_or_else(|| end.clone()) } else { end.clone() };
+        let saved: Vec<Vec<u8>> = capture
+            .before
+            .range::<Vec<u8>, _>((lower, if upper == end { Bound::Excluded(upper.clone()) } else { Bound::Included(upper.clone()) }))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in saved {
+            if let Some(value) = capture.before.remove(&key) {
+                chunk.insert(key, value);
+            }
+        }
+        capture.cursor = Some(upper);
+        Ok(chunk.into_iter().filter_map(|(k, v)| v.map(|v| (k[1..].to_vec(), v))).collect())
+    }
+
+    /// Writes the capture to `out` in the snapshot file format; returns the record count.
+    pub(crate) fn dump(&self, out: impl Write) -> std::io::Result<u64> {
+        let mut out = BufWriter::with_capacity(1 << 20, out);
+        out.write_all(SNAPSHOT_MAGIC)?;
+        let mut count = 0u64;
+        loop {
+            let chunk = self.next_chunk().map_err(std::io::Error::other)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for (key, value) in chunk {
+                write_part(&mut out, &key)?;
+                write_part(&mut out, &value)?;
+                count += 1;
+            }
+        }
+        out.write_all(&u32::MAX.to_be_bytes())?;
+        out.write_all(&count.to_be_bytes())?;
+        out.flush()?;
+        Ok(count)
+    }
+
+    /// Replaces every record by those of a version 2 snapshot read from `input`. The
+    /// caller has marked the tree as installing; the records are partial until it is
+    /// done. Returns the number of records loaded.
+    pub(crate) fn load_dump(&self, input: impl Read) -> std::io::Result<u64> {
+        self.clear().map_err(std::io::Error::other)?;
+        let mut input = BufReader::with_capacity(1 << 20, input);
+        let mut magic = [0u8; 8];
+        input.read_exact(&mut magic)?;
+        if &magic != SNAPSHOT_MAGIC {
+            return Err(invalid("not a version 2 snapshot"));
+        }
+        let mut count = 0u64;
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        loop {
+            let Some(key) = read_part(&mut input)? else { break };
+            let value = read_part(&mut input)?.ok_or_else(|| invalid("a record without a value"))?;
+            batch.insert(stored(&key), value);
+            count += 1;
+            in_batch += 1;
+            if in_batch == CHUNK {
+                self.tree.apply_batch(std::mem::take(&mut batch)).map_err(std::io::Error::other)?;
+                in_batch = 0;
+            }
+        }
+        let mut expected = [0u8; 8];
+        input.read_exact(&mut expected).map_err(|_| invalid("the snapshot ends early"))?;
+        if u64::from_be_bytes(expected) != count {
+            return Err(invalid("the snapshot's record count does not match"));
+        }
+        self.tree.apply_batch(batch).map_err(std::io::Error::other)?;
+        Ok(count)
+    }
+
+    /// Replaces every record by `changes` (an imported legacy snapshot).
+    pub(crate) fn load_changes(&self, changes: Changes) -> Result<(), sled::Error> {
+        self.clear()?;
+        for part in changes.ops.chunks(CHUNK) {
+            let mut batch = sled::Batch::default();
+            for (key, value) in part {
+                if let Some(value) = value {
+                    batch.insert(stored(key), value.as_slice());
+                }
+            }
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every record (not the store's own keys), a chunk at a time.
+    fn clear(&self) -> Result<(), sled::Error> {
+        loop {
+            let keys: Vec<sled::IVec> = self.tree.range(vec![RECORD]..vec![RECORD + 1]).keys().take(CHUNK).collect::<Result<_, _>>()?;
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let mut batch = sled::Batch::default();
+            for key in keys {
+                batch.remove(key);
+            }
+            self.tree.apply_batch(batch)?;
+        }
+    }
+}
+
+fn invalid(why: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned())
+}
+
+fn write_part(out: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(bytes.len()).ok().filter(|l| *l <= MAX_RECORD_BYTES).ok_or_else(|| invalid("a record is too large"))?;
+    out.write_all(&len.to_be_bytes())?;
+    out.write_all(bytes)
+}
+
+/// A key or value, or `None` at the end marker.
+fn read_part(input: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len).map_err(|_| invalid("the snapshot ends early"))?;
+    let len = u32::from_be_bytes(len);
+    if len == u32::MAX {
+        return Ok(None);
+    }
+    if len > MAX_RECORD_BYTES {
+        return Err(invalid("a record length is out of range"));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    input.read_exact(&mut bytes).map_err(|_| invalid("the snapshot ends early"))?;
+    Ok(Some(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_tree() -> (tempfile::TempDir, StateTree) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled");
+        let tree = db.open_tree("state").expect("tree");
+        (dir, StateTree::new(tree))
+    }
+
+    fn put(tree: &StateTree, pairs: &[(&str, Option<&str>)]) {
+        let mut changes = Changes::default();
+        for (k, v) in pairs {
+            match v {
+                Some(v) => changes.put(k.as_bytes().to_vec(), v.as_bytes().to_vec()),
+                None => changes.remove(k.as_bytes().to_vec()),
+            }
+        }
+        tree.write(changes, b"applied").expect("write");
+    }
+
+    fn all(records: &Records) -> Vec<(String, String)> {
+        records
+            .scan(b"", None, usize::MAX)
+            .expect("scan")
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap()))
+            .collect()
+    }
+
+    /// Changes made while a build is under way, ahead of and behind its cursor, do not
+    /// reach the dump: it is the state at the capture, and loading it gives that state.
+    #[test]
+    fn a_dump_is_the_state_at_its_capture_whatever_is_applied_meanwhile() {
+        let (_dir, tree) = open_tree();
+        let keys: Vec<String> = (0..10_000).map(|i| format!("k{i:05}")).collect();
+        for part in keys.chunks(500) {
+            let pairs: Vec<(&str, Option<&str>)> = part.iter().map(|k| (k.as_str(), Some("v0"))).collect();
+            put(&tree, &pairs);
+        }
+        let expected = all(&tree.records());
+        tree.begin_capture();
+        let mut out = Vec::new();
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        let mut count = 0u64;
+        let mut round = 0;
+        loop {
+            let chunk = tree.next_chunk().expect("chunk");
+            // Between chunks: overwrite, remove and add keys everywhere.
+            round += 1;
+            let early = format!("k{:05}", round);
+            let late = format!("k{:05}", 9_999 - round);
+            let new = format!("k{:05}x", 5_000 + round);
+            put(&tree, &[(&early, Some("changed")), (&late, None), (&new, Some("added")), ("a-first", Some("added"))]);
+            if chunk.is_empty() {
+                break;
+            }
+            for (k, v) in chunk {
+                write_part(&mut out, &k).unwrap();
+                write_part(&mut out, &v).unwrap();
+                count += 1;
+            }
+        }
+        tree.end_capture();
+        out.extend_from_slice(&u32::MAX.to_be_bytes());
+        out.extend_from_slice(&count.to_be_bytes());
+        assert_eq!(count, 10_000);
+
+        let (_dir2, other) = open_tree();
+        put(&other, &[("stale", Some("gone after load"))]);
+        assert_eq!(other.load_dump(&out[..]).expect("load"), 10_000);
+        assert_eq!(all(&other.records()), expected);
+    }
+
+    #[test]
+    fn a_cut_or_damaged_dump_is_refused() {
+        let (_dir, tree) = open_tree();
+        put(&tree, &[("a", Some("1")), ("b", Some("2"))]);
+        tree.begin_capture();
+        let mut out = Vec::new();
+        tree.dump(&mut out).expect("dump");
+        tree.end_capture();
+        let (_dir2, other) = open_tree();
+        assert!(other.load_dump(&out[..out.len() - 3]).is_err());
+        let mut wrong = out.clone();
+        wrong[0] = b'X';
+        assert!(other.load_dump(&wrong[..]).is_err());
+        assert_eq!(other.load_dump(&out[..]).expect("whole"), 2);
+    }
+
+    #[test]
+    fn scan_keeps_to_its_prefix_and_resumes_after_a_key() {
+        let (_dir, tree) = open_tree();
+        put(&tree, &[("h1", Some("a")), ("h2", Some("b")), ("h3", Some("c")), ("i1", Some("d"))]);
+        let records = tree.records();
+        let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| v.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect::<Vec<_>>();
+        assert_eq!(keys(records.scan(b"h", None, 10).unwrap()), ["h1", "h2", "h3"]);
+        assert_eq!(keys(records.scan(b"h", Some(b"h1"), 1).unwrap()), ["h2"]);
+        assert_eq!(records.get(b"i1").unwrap(), Some(b"d".to_vec()));
+    }
+}
