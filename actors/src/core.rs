@@ -188,7 +188,7 @@ fn check_text(text: &str) -> Result<(), Error> {
 /// A message needs text or at least one attachment, and its attachments must have been
 /// uploaded to this conversation.
 fn check_message(state: &ShardState, conversation: ConversationId, text: &str, attachments: &[AttachmentId]) -> Result<Vec<Attachment>, Error> {
-    if state.conversations.get(&conversation).is_some_and(|c| c.history.len() >= MAX_HISTORY_ENTRIES) {
+    if state.conversations.get(&conversation).is_some_and(|c| c.last_seq as usize >= MAX_HISTORY_ENTRIES) {
         return Err(Error::Invalid(format!("conversation reached {MAX_HISTORY_ENTRIES} entries; start a new one")));
     }
     if attachments.len() > MAX_ATTACHMENTS_PER_MESSAGE {
@@ -344,7 +344,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             if comment.chars().count() > MAX_TEXT_CHARS {
                 return Err(Error::TooLong { limit: MAX_TEXT_CHARS, actual: comment.chars().count() });
             }
-            if conv.history.iter().any(|e| matches!(e.item, crate::state::HistoryItem::Rated { .. })) {
+            if conv.rated {
                 return Err(Error::Invalid("conversation already rated".into()));
             }
             Ok((Reply::Done, vec![Event::ConversationRated { conversation: *conv_id, score: *score, comment: comment.clone() }]))

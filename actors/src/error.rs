@@ -30,13 +30,16 @@ pub enum Error {
     Actor(String),
     #[error("could not commit: {0}")]
     Commit(String),
+    /// The shard's records could not be read or written.
+    #[error("storage: {0}")]
+    Storage(String),
 }
 
 impl Error {
     /// Whether the core decided to refuse the command, so it is known not to be in the
     /// state. A commit or actor failure leaves that open: the entry may still apply.
     pub fn is_refusal(&self) -> bool {
-        !matches!(self, Error::Actor(_) | Error::Commit(_))
+        !matches!(self, Error::Actor(_) | Error::Commit(_) | Error::Storage(_))
     }
 
     /// A stable machine-readable code for error frames and REST bodies.
@@ -53,6 +56,7 @@ impl Error {
             Error::Unavailable(_) => "unavailable",
             Error::Actor(_) => "internal",
             Error::Commit(_) => "unavailable",
+            Error::Storage(_) => "internal",
         }
     }
 }

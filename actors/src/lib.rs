@@ -14,6 +14,7 @@ pub mod actors;
 pub mod core;
 pub mod error;
 pub mod model;
+pub mod records;
 pub mod routing;
 pub mod shard;
 pub mod state;

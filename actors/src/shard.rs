@@ -7,14 +7,14 @@ use std::pin::Pin;
 use std::sync::{Arc, LockResult, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 use ractor::ActorRef;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::actors::SupervisorMsg;
 use crate::core::{handle, Effect, Reply};
 use crate::error::Error;
-use crate::model::{ConversationId, Envelope, OperatorId, SkillGroupId};
-use crate::state::{ShardState, Touched};
+use crate::model::{Attachment, AttachmentId, ConversationId, DecisionRecord, Envelope, OfferId, OperatorId, SkillGroupId};
+use crate::records::{self, Store, Writes};
+use crate::state::{Conversation, FeedEntry, HistoryEntry, ShardState, Touched};
 
 /// Something that can get a command committed: the Raft group of this shard.
 pub trait Proposer: Send + Sync + 'static {
@@ -28,19 +28,19 @@ pub struct Notice {
     pub effects: Vec<Effect>,
 }
 
-/// A versioned snapshot of the whole shard, as stored in Raft snapshots.
-#[derive(Serialize, Deserialize)]
-struct SnapshotV1 {
-    v: u16,
-    state: ShardState,
-}
-
 /// The replicated state of one shard plus the plumbing that wakes its readers.
+///
+/// The hot state is in memory; histories, feeds, decision records, attachments and
+/// closed conversations are records in the shard's Raft state tree, read through the
+/// [`Store`] handed over by [`Shard::load`].
 pub struct Shard {
     state: RwLock<ShardState>,
+    store: RwLock<Option<Arc<dyn Store>>>,
     supervisor: OnceLock<ActorRef<SupervisorMsg>>,
     /// Notices produced before the supervisor started; flushed when it attaches.
     early: Mutex<Vec<Notice>>,
+    /// Notices of applied commands whose records are not written yet.
+    unpublished: Mutex<Vec<Notice>>,
 }
 
 impl Default for Shard {
@@ -51,21 +51,49 @@ impl Default for Shard {
 
 impl Shard {
     pub fn new() -> Self {
-        Shard { state: RwLock::new(ShardState::default()), supervisor: OnceLock::new(), early: Mutex::new(Vec::new()) }
+        Shard {
+            state: RwLock::new(ShardState::default()),
+            store: RwLock::new(None),
+            supervisor: OnceLock::new(),
+            early: Mutex::new(Vec::new()),
+            unpublished: Mutex::new(Vec::new()),
+        }
     }
 
-    /// The Raft state machine's apply: deterministic, never blocks on the actors.
+    fn store(&self) -> Result<Arc<dyn Store>, Error> {
+        self.store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Error::Storage("the shard's records are not loaded yet".into()))
+    }
+
+    /// The Raft state machine's apply: deterministic, never blocks on the actors. The
+    /// command's record changes are added to `writes`; its readers are woken by
+    /// [`Shard::published`] once they are written.
     ///
     /// A panic inside the core may leave the state half changed: some events applied,
     /// the rest not. Serving that state, or applying later entries on top of it, would
     /// make this replica disagree with the others for good. So a panic stops the process
-    /// (exit code 101); the node restarts from its last snapshot and log, which replay to
-    /// a consistent state.
-    pub fn apply(&self, envelope: &Envelope) -> Result<Reply, Error> {
+    /// (exit code 101); the node restarts from its records and log, which replay to a
+    /// consistent state. So does a record that cannot be read: deciding without it
+    /// could decide differently from the other replicas.
+    pub fn apply(&self, envelope: &Envelope, writes: &mut Writes) -> Result<Reply, Error> {
+        let store = match self.store() {
+            Ok(store) => store,
+            Err(e) => stop(&format!("applying the entry stamped {}: {e}", envelope.at.0)),
+        };
         let result = {
             let mut state = stop_if_poisoned(self.state.write());
+            if let Err(e) = records::prefetch(&mut state, store.as_ref(), &envelope.command) {
+                stop(&format!("applying the entry stamped {}: {e}", envelope.at.0));
+            }
             match catch_panic(|| handle(&mut state, envelope)) {
-                Ok(result) => result,
+                Ok(result) => {
+                    writes.extend(records::take_writes(&mut state));
+                    records::evict(&mut state);
+                    result
+                }
                 // The write guard is still held while the process stops, so no reader
                 // ever sees the half-applied state. The command is not logged: it may
                 // carry a customer's message.
@@ -74,10 +102,21 @@ impl Shard {
         };
         match result {
             Ok((reply, outcome)) => {
-                self.notify(Notice { touched: outcome.touched, effects: outcome.effects });
+                self.unpublished
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Notice { touched: outcome.touched, effects: outcome.effects });
                 Ok(reply)
             }
             Err(rejection) => Err(rejection),
+        }
+    }
+
+    /// The records of the commands applied so far are written: wake their readers.
+    pub fn published(&self) {
+        let notices = std::mem::take(&mut *self.unpublished.lock().unwrap_or_else(|p| p.into_inner()));
+        for notice in notices {
+            self.notify(notice);
         }
     }
 
@@ -100,33 +139,86 @@ impl Shard {
         }
     }
 
-    /// The current state. Stops the process if a write to it ever panicked (see
+    /// The current hot state. Stops the process if a write to it ever panicked (see
     /// [`Shard::apply`]) rather than serve what may be half applied.
     pub fn read(&self) -> RwLockReadGuard<'_, ShardState> {
         stop_if_poisoned(self.state.read())
     }
 
-    /// The state as of now, and the work that encodes it: the clone is taken under the
-    /// lock, the encoding runs later without it, so applies go on meanwhile.
-    pub fn capture(&self) -> impl FnOnce() -> Result<Vec<u8>, Error> + Send + 'static {
-        let state = self.read().clone();
-        move || {
-            serde_json::to_vec(&SnapshotV1 { v: 1, state }).map_err(|e| Error::Commit(format!("encode snapshot: {e}")))
-        }
-    }
-
-    pub fn restore(&self, bytes: &[u8]) -> Result<(), Error> {
-        let snapshot: SnapshotV1 =
-            serde_json::from_slice(bytes).map_err(|e| Error::Commit(format!("decode snapshot: {e}")))?;
-        if snapshot.v != 1 {
-            return Err(Error::Commit(format!("unknown snapshot version {}", snapshot.v)));
-        }
-        *stop_if_poisoned(self.state.write()) = snapshot.state;
+    /// Rebuilds the hot state from the records (at start and after a snapshot was
+    /// installed) and keeps `store` for reading the rest.
+    pub fn load(&self, store: Arc<dyn Store>) -> Result<(), Error> {
+        let state = records::load(store.as_ref())?;
+        let mut guard = stop_if_poisoned(self.state.write());
+        *guard = state;
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
         Ok(())
     }
 
-    pub fn reset(&self) {
-        *stop_if_poisoned(self.state.write()) = ShardState::default();
+    /// What the core would answer without a log entry (see [`crate::core::precheck`]),
+    /// judged on the hot state; `Ok(None)` when the commit must decide.
+    pub fn precheck(&self, command: &crate::model::Command, now: crate::model::Timestamp) -> Result<Option<Reply>, Error> {
+        let state = self.read();
+        if records::needs_records(&state, command) {
+            return Ok(None);
+        }
+        crate::core::precheck(&state, command, now)
+    }
+
+    /// Records for a snapshot of the legacy format (the whole state as JSON).
+    pub fn import(&self, legacy: &[u8]) -> Result<Writes, Error> {
+        records::import_legacy(legacy)
+    }
+
+    /// A conversation, open (from memory) or closed (from its record).
+    pub fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>, Error> {
+        if let Some(conv) = self.read().conversations.get(&id) {
+            return Ok(Some(conv.clone()));
+        }
+        records::load_conversation(self.store()?.as_ref(), id)
+    }
+
+    /// History entries after `after`, at most `limit`, in order.
+    pub fn history(&self, id: ConversationId, after: u64, limit: usize) -> Result<Vec<HistoryEntry>, Error> {
+        records::history(self.store()?.as_ref(), id, after, limit)
+    }
+
+    /// An operator's feed entries after `after` (at most `limit`), or `None` when some
+    /// of them are no longer kept.
+    pub fn feed_since(&self, operator: &OperatorId, after: u64, limit: usize) -> Result<Option<Vec<FeedEntry>>, Error> {
+        let (first, last) = match self.read().operators.get(operator) {
+            Some(op) => (op.feed.first_retained(), op.feed.last_seq),
+            None => return Ok(Some(Vec::new())),
+        };
+        if after + 1 < first && after < last {
+            return Ok(None);
+        }
+        records::feed(self.store()?.as_ref(), operator, after, limit).map(Some)
+    }
+
+    /// A visitor's most recent conversations, newest first, open ones as they are now.
+    pub fn conversations_of(&self, visitor: &str, limit: usize) -> Result<Vec<Conversation>, Error> {
+        let stored = records::conversations_of(self.store()?.as_ref(), visitor, limit)?;
+        let state = self.read();
+        Ok(stored.into_iter().map(|c| state.conversations.get(&c.id).cloned().unwrap_or(c)).collect())
+    }
+
+    pub fn decision(&self, offer: OfferId) -> Result<Option<DecisionRecord>, Error> {
+        records::decision(self.store()?.as_ref(), offer)
+    }
+
+    pub fn attachment(&self, id: &AttachmentId) -> Result<Option<Attachment>, Error> {
+        records::find_attachment(self.store()?.as_ref(), id)
+    }
+
+    /// Whether a conversation can take one more file of `size` bytes (the gateway asks
+    /// before it reads the upload; the commit asks again).
+    pub fn attachment_room(&self, conversation: ConversationId, size: u64) -> Result<(), Error> {
+        let mut probe = ShardState::default();
+        for attachment in records::attachments_of(self.store()?.as_ref(), conversation)? {
+            probe.attachments.insert(attachment.id.clone(), attachment);
+        }
+        crate::core::attachment_room(&probe, conversation, size)
     }
 }
 

@@ -3,8 +3,14 @@
 //! Architecture invariant: nothing here performs I/O, reads a clock or draws a random
 //! number; applying the same events to the same state gives the same state on every
 //! replica, which is what lets a routing decision be replayed from the log.
+//!
+//! `ShardState` is the hot part of the state: the directory, operators, pending offers
+//! and open conversations (without their histories). Everything an event changes is
+//! also noted in [`Dirty`], which the shard turns into record writes (`records.rs`)
+//! committed with the entry; histories, operator feeds, decision records and closed
+//! conversations live only in those records.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,8 +29,10 @@ pub struct ShardState {
     pub users: BTreeMap<String, UserRecord>,
     /// Offers not yet answered; each reserves one unit of its operator's capacity.
     pub offers: BTreeMap<OfferId, Offer>,
-    pub decisions: BTreeMap<OfferId, DecisionRecord>,
     pub templates: BTreeMap<String, Template>,
+    /// Attachments of the conversations the command being applied names: loaded from
+    /// the records before it and dropped after it.
+    #[serde(skip)]
     pub attachments: BTreeMap<AttachmentId, Attachment>,
     pub next_conversation: u64,
     pub next_offer: u64,
@@ -41,6 +49,28 @@ pub struct ShardState {
     /// Per channel, the groups its public widget may start in besides the default.
     #[serde(default)]
     pub channel_public_groups: BTreeMap<ChannelId, Vec<SkillGroupId>>,
+    /// What the events applied since the last write changed, to be written as records.
+    #[serde(skip)]
+    pub dirty: Dirty,
+}
+
+/// The records an applied command changed.
+#[derive(Clone, Debug, Default)]
+pub struct Dirty {
+    pub conversations: BTreeSet<ConversationId>,
+    pub operators: BTreeSet<OperatorId>,
+    pub groups: BTreeSet<SkillGroupId>,
+    pub offers: BTreeSet<OfferId>,
+    pub channels: BTreeSet<ChannelId>,
+    pub users: BTreeSet<String>,
+    pub templates: BTreeSet<String>,
+    /// Counters, rules, session epochs, public groups.
+    pub meta: bool,
+    pub history: Vec<(ConversationId, HistoryEntry)>,
+    pub feed: Vec<(OperatorId, FeedEntry)>,
+    pub keys: Vec<(ConversationId, String, u64)>,
+    pub decisions: Vec<DecisionRecord>,
+    pub attachments: Vec<Attachment>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -77,29 +107,25 @@ impl Operator {
 }
 
 /// The ordered stream an operator's sockets read: offers, assignments and the
-/// conversations they hold. Sequence numbers start at 1 and never repeat.
+/// conversations they hold. Sequence numbers start at 1 and never repeat. The entries
+/// are records; the last `FEED_RETAINED` of them are kept.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Feed {
     pub last_seq: u64,
-    pub entries: VecDeque<FeedEntry>,
+    /// Entries pushed by the command being applied, not yet written as records.
+    #[serde(skip)]
+    pub pending: Vec<FeedEntry>,
 }
 
 impl Feed {
     fn push(&mut self, at: Timestamp, item: FeedItem) {
         self.last_seq += 1;
-        self.entries.push_back(FeedEntry { seq: self.last_seq, at, item });
-        while self.entries.len() > FEED_RETAINED {
-            self.entries.pop_front();
-        }
+        self.pending.push(FeedEntry { seq: self.last_seq, at, item });
     }
 
-    /// Entries after `after_seq`, or `None` when some of them are no longer retained.
-    pub fn since(&self, after_seq: u64) -> Option<Vec<FeedEntry>> {
-        let first = self.entries.front().map(|e| e.seq).unwrap_or(self.last_seq + 1);
-        if after_seq + 1 < first && after_seq < self.last_seq {
-            return None;
-        }
-        Some(self.entries.iter().filter(|e| e.seq > after_seq).cloned().collect())
+    /// The oldest sequence number still kept.
+    pub fn first_retained(&self) -> u64 {
+        self.last_seq.saturating_sub(FEED_RETAINED as u64 - 1).max(1)
     }
 }
 
@@ -150,10 +176,20 @@ pub struct Conversation {
     pub group: SkillGroupId,
     pub status: ConversationStatus,
     pub created_at: Timestamp,
-    /// Everything that happened, in the one order every reader sees (I5).
-    pub history: Vec<HistoryEntry>,
+    /// The sequence number of the newest history entry. The history itself (everything
+    /// that happened, in the one order every reader sees, I5) is records.
+    #[serde(default)]
+    pub last_seq: u64,
+    /// Whether the visitor rated it.
+    #[serde(default)]
+    pub rated: bool,
+    /// History entries recorded by the command being applied, not yet written.
+    #[serde(skip)]
+    pub pending: Vec<HistoryEntry>,
     /// Idempotency keys already used by the client and operators, with the sequence
-    /// number of the message each produced.
+    /// number of the message each produced. Records of their own; loaded with the
+    /// conversation.
+    #[serde(skip)]
     pub keys: BTreeMap<String, u64>,
     /// Operators who declined or let an offer of this conversation expire during the
     /// current stay in the queue.
@@ -175,7 +211,7 @@ pub struct Conversation {
 
 impl Conversation {
     pub fn last_seq(&self) -> u64 {
-        self.history.last().map(|e| e.seq).unwrap_or(0)
+        self.last_seq
     }
 
     pub fn assigned(&self) -> Option<&OperatorId> {
@@ -232,7 +268,78 @@ impl ShardState {
     /// Applies one committed event. Events were validated when they were decided, so a
     /// reference to something missing is skipped rather than trusted.
     pub fn apply(&mut self, event: &Event, at: Timestamp) -> Touched {
+        self.mark(event);
         let mut touched = Touched::default();
+        self.apply_event(event, at, &mut touched);
+        self.dirty.operators.extend(touched.operators.iter().cloned());
+        self.dirty.conversations.extend(touched.conversations.iter().cloned());
+        touched
+    }
+
+    /// Notes the records an event changes (besides those `Touched` names).
+    fn mark(&mut self, event: &Event) {
+        let dirty = &mut self.dirty;
+        match event {
+            Event::SkillGroupUpserted(config) => {
+                dirty.groups.insert(config.id.clone());
+            }
+            Event::OperatorUpserted(config) => {
+                dirty.operators.insert(config.id.clone());
+            }
+            Event::ChannelUpserted(config) => {
+                dirty.channels.insert(config.id.clone());
+            }
+            Event::UserUpserted(user) => {
+                dirty.users.insert(user.login.clone());
+            }
+            Event::ConversationStarted { conversation, .. } | Event::ConversationQueued { conversation, .. } => {
+                dirty.meta = true;
+                dirty.conversations.insert(*conversation);
+            }
+            Event::ClientMessagePosted { conversation, .. }
+            | Event::OperatorMessagePosted { conversation, .. }
+            | Event::ConversationTransferred { conversation, .. }
+            | Event::ConversationClosed { conversation, .. }
+            | Event::ConversationRated { conversation, .. }
+            | Event::ConversationReassigned { conversation, .. }
+            | Event::ReadMarked { conversation, .. }
+            | Event::RoundRestarted { conversation } => {
+                dirty.conversations.insert(*conversation);
+            }
+            Event::ConversationAssigned { conversation, operator } => {
+                dirty.conversations.insert(*conversation);
+                dirty.operators.insert(operator.clone());
+            }
+            Event::OfferMade { offer, decision } => {
+                dirty.meta = true;
+                dirty.offers.insert(offer.id);
+                dirty.conversations.insert(offer.conversation);
+                dirty.operators.insert(offer.operator.clone());
+                dirty.decisions.push(decision.clone());
+            }
+            Event::OfferAccepted { offer } | Event::OfferWithdrawn { offer, .. } => {
+                dirty.offers.insert(*offer);
+                if let Some(made) = self.offers.get(offer) {
+                    dirty.conversations.insert(made.conversation);
+                    dirty.operators.insert(made.operator.clone());
+                }
+            }
+            Event::PresenceChanged { operator, .. } | Event::FavouriteSet { operator, .. } => {
+                dirty.operators.insert(operator.clone());
+            }
+            Event::TemplateUpserted(template) => {
+                dirty.templates.insert(template.id.clone());
+            }
+            Event::TemplateDeleted { id } => {
+                dirty.templates.insert(id.clone());
+                dirty.operators.extend(self.operators.values().filter(|o| o.favourites.contains(id)).map(|o| o.config.id.clone()));
+            }
+            Event::AttachmentStored(attachment) => dirty.attachments.push(attachment.clone()),
+            Event::RulesAdopted { .. } | Event::SessionsEnded { .. } | Event::ChannelPublicGroupsSet { .. } => dirty.meta = true,
+        }
+    }
+
+    fn apply_event(&mut self, event: &Event, at: Timestamp, touched: &mut Touched) {
         match event {
             Event::SkillGroupUpserted(config) => {
                 touched.groups.insert(config.id.clone());
@@ -280,7 +387,9 @@ impl ShardState {
                         group,
                         status: ConversationStatus::Closed,
                         created_at: at,
-                        history: Vec::new(),
+                        last_seq: 0,
+                        rated: false,
+                        pending: Vec::new(),
                         keys: BTreeMap::new(),
                         passed_by: BTreeSet::new(),
                         last_pass: None,
@@ -290,7 +399,7 @@ impl ShardState {
                         handled_by: BTreeSet::new(),
                     },
                 );
-                self.record(*conversation, at, HistoryItem::Started { channel: channel.clone(), visitor: visitor.clone() }, &mut touched);
+                self.record(*conversation, at, HistoryItem::Started { channel: channel.clone(), visitor: visitor.clone() }, touched);
             }
             Event::ConversationQueued { conversation, group, ticket } => {
                 self.next_ticket = self.next_ticket.max(ticket + 1);
@@ -302,13 +411,14 @@ impl ShardState {
                     g.queue.insert((*ticket, *conversation));
                 }
                 touched.groups.insert(group.clone());
-                self.record(*conversation, at, HistoryItem::Queued { group: group.clone() }, &mut touched);
+                self.record(*conversation, at, HistoryItem::Queued { group: group.clone() }, touched);
             }
             Event::ClientMessagePosted { conversation, key, text, attachments } => {
                 let item = HistoryItem::ClientMessage { key: key.clone(), text: text.clone(), attachments: attachments.clone() };
-                let seq = self.record(*conversation, at, item, &mut touched);
+                let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     conv.keys.insert(key.clone(), seq);
+                    self.dirty.keys.push((*conversation, key.clone(), seq));
                 }
             }
             Event::OperatorMessagePosted { conversation, operator, key, text, attachments } => {
@@ -320,15 +430,16 @@ impl ShardState {
                     text: text.clone(),
                     attachments: attachments.clone(),
                 };
-                let seq = self.record(*conversation, at, item, &mut touched);
+                let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     conv.keys.insert(key.clone(), seq);
+                    self.dirty.keys.push((*conversation, key.clone(), seq));
                 }
             }
             Event::OfferMade { offer, decision } => {
                 self.next_offer = self.next_offer.max(offer.id.0 + 1);
                 self.offers.insert(offer.id, offer.clone());
-                self.decisions.insert(offer.id, decision.clone());
+                let _ = decision;
                 let visitor = match self.conversations.get_mut(&offer.conversation) {
                     Some(conv) => {
                         if let ConversationStatus::Queued { offer: pending, .. } = &mut conv.status {
@@ -389,7 +500,7 @@ impl ShardState {
                 // the history in its `Assigned` item, not twice.
                 let name = self.operator_name(operator);
                 let item = HistoryItem::Assigned { operator: operator.clone(), name };
-                self.record_unmirrored(*conversation, at, item, &mut touched);
+                self.record_unmirrored(*conversation, at, item, touched);
                 let mut group = None;
                 if let Some(conv) = self.conversations.get_mut(conversation) {
                     if let ConversationStatus::Queued { ticket, .. } = conv.status {
@@ -416,23 +527,23 @@ impl ShardState {
             }
             Event::ConversationTransferred { conversation, from, to, comment } => {
                 let item = HistoryItem::Transferred { from: from.clone(), to: to.clone(), comment: comment.clone() };
-                self.record(*conversation, at, item, &mut touched);
+                self.record(*conversation, at, item, touched);
                 if let (TransferTarget::Group(_), Some(conv)) = (to, self.conversations.get_mut(conversation)) {
                     // The group queue should not hand it straight back to its sender.
                     conv.passed_by.insert(from.clone());
                     conv.last_pass = Some(at);
                 }
-                self.release(*conversation, from, at, &mut touched);
+                self.release(*conversation, from, at, touched);
             }
             Event::ConversationClosed { conversation, by, resolution, tags } => {
                 let item = HistoryItem::Closed { by: *by, resolution: resolution.clone(), tags: tags.clone() };
-                self.record(*conversation, at, item, &mut touched);
+                self.record(*conversation, at, item, touched);
                 let previous = self
                     .conversations
                     .get_mut(conversation)
                     .map(|conv| std::mem::replace(&mut conv.status, ConversationStatus::Closed));
                 match previous {
-                    Some(ConversationStatus::Assigned { operator }) => self.release(*conversation, &operator, at, &mut touched),
+                    Some(ConversationStatus::Assigned { operator }) => self.release(*conversation, &operator, at, touched),
                     Some(ConversationStatus::Queued { ticket, .. }) => {
                         let group = self.conversations.get(conversation).map(|c| c.group.clone());
                         if let Some(g) = group.as_ref().and_then(|g| self.groups.get_mut(g)) {
@@ -444,7 +555,10 @@ impl ShardState {
                 }
             }
             Event::ConversationRated { conversation, score, comment } => {
-                self.record(*conversation, at, HistoryItem::Rated { score: *score, comment: comment.clone() }, &mut touched);
+                if let Some(conv) = self.conversations.get_mut(conversation) {
+                    conv.rated = true;
+                }
+                self.record(*conversation, at, HistoryItem::Rated { score: *score, comment: comment.clone() }, touched);
             }
             Event::PresenceChanged { operator, presence } => {
                 if let Some(op) = self.operators.get_mut(operator) {
@@ -460,10 +574,10 @@ impl ShardState {
             }
             Event::ConversationReassigned { conversation, by, to, comment } => {
                 let item = HistoryItem::Transferred { from: OperatorId::new(by.clone()), to: to.clone(), comment: comment.clone() };
-                self.record(*conversation, at, item, &mut touched);
+                self.record(*conversation, at, item, touched);
                 let status = self.conversations.get(conversation).map(|c| (c.status.clone(), c.group.clone()));
                 match status {
-                    Some((ConversationStatus::Assigned { operator }, _)) => self.release(*conversation, &operator, at, &mut touched),
+                    Some((ConversationStatus::Assigned { operator }, _)) => self.release(*conversation, &operator, at, touched),
                     Some((ConversationStatus::Queued { ticket, .. }, group)) => {
                         // Leaves its queue now; the next event assigns or re-queues it.
                         if let Some(g) = self.groups.get_mut(&group) {
@@ -525,7 +639,6 @@ impl ShardState {
                 }
             }
         }
-        touched
     }
 
     fn operator_name(&self, operator: &OperatorId) -> String {
@@ -537,7 +650,7 @@ impl ShardState {
     fn record(&mut self, conversation: ConversationId, at: Timestamp, item: HistoryItem, touched: &mut Touched) -> Option<u64> {
         let seq = self.record_unmirrored(conversation, at, item, touched)?;
         let conv = self.conversations.get(&conversation)?;
-        let entry = conv.history.last()?.clone();
+        let entry = conv.pending.last()?.clone();
         if let Some(operator) = conv.assigned().cloned() {
             if let Some(op) = self.operators.get_mut(&operator) {
                 op.feed.push(at, FeedItem::Conversation { conversation, entry });
@@ -550,8 +663,9 @@ impl ShardState {
     /// Appends to a conversation's history only.
     fn record_unmirrored(&mut self, conversation: ConversationId, at: Timestamp, item: HistoryItem, touched: &mut Touched) -> Option<u64> {
         let conv = self.conversations.get_mut(&conversation)?;
-        let seq = conv.last_seq() + 1;
-        conv.history.push(HistoryEntry { seq, at, item });
+        let seq = conv.last_seq + 1;
+        conv.last_seq = seq;
+        conv.pending.push(HistoryEntry { seq, at, item });
         touched.conversations.insert(conversation);
         Some(seq)
     }

@@ -3,7 +3,8 @@
 //! commit; a refused command changes nothing; a conversation has at most one holder
 //! (I2); an operator's load never grows past their capacity (I3); histories, feeds,
 //! queues and offers stay consistent with each other; and the same commands give the
-//! same state, also across a snapshot taken half way.
+//! same state, also across a restart half way that rebuilds the hot state from the
+//! records; and after every command, the records hold exactly the hot state.
 //!
 //! The commands come from a small universe (three operators, two groups, two channels,
 //! six conversations, ten offers, a few keys and texts at and past the limits) so they
@@ -18,9 +19,10 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use proptest::sample::select;
-use switchboard_actors::core::{handle, precheck, Reply, RULES_VERSION};
+use switchboard_actors::core::{precheck, Reply, RULES_VERSION};
 use switchboard_actors::model::*;
-use switchboard_actors::state::{ConversationStatus, HistoryItem, ShardState};
+use switchboard_actors::records::{self, MemStore};
+use switchboard_actors::state::{ConversationStatus, HistoryItem, ShardState, FEED_RETAINED};
 use switchboard_actors::Error;
 
 const OPERATORS: [&str; 3] = ["op0", "op1", "op2"];
@@ -356,12 +358,15 @@ fn json(state: &ShardState) -> String {
 
 /// Applies one entry the way a node does (precheck on the proposer, then the commit)
 /// and checks what must hold whatever the command was.
-fn apply_checked(state: &mut ShardState, entry: &Envelope) -> Result<Reply, Error> {
+fn apply_checked(state: &mut ShardState, store: &MemStore, entry: &Envelope) -> Result<Reply, Error> {
     let before = json(state);
     let loads_before: BTreeMap<OperatorId, u32> = state.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect();
+    // The node answers early only from the hot state; otherwise the commit decides.
+    let early = !records::needs_records(state, &entry.command);
     let answered = precheck(state, &entry.command, entry.at);
-    let committed = handle(state, entry);
+    let committed = records::run(state, store, entry);
     match (&answered, &committed) {
+        _ if !early => {}
         (Err(refused), Err(error)) => assert_eq!(refused, error, "precheck and commit refuse alike"),
         (Err(refused), Ok(_)) => panic!("precheck refused ({refused}) what the commit took"),
         (Ok(Some(reply)), Ok((committed, outcome))) => {
@@ -380,9 +385,10 @@ fn apply_checked(state: &mut ShardState, entry: &Envelope) -> Result<Reply, Erro
                 }
                 other => panic!("a message reply to {other:?}"),
             };
-            let conv = &state.conversations[&conversation];
+            let conv = records::load_conversation(store, conversation).expect("readable").expect("stored");
             assert_eq!(conv.keys.get(key), Some(seq), "the reply names the entry the key produced");
-            let at = &conv.history[*seq as usize - 1].item;
+            let history = records::history(store, conversation, 0, usize::MAX).expect("history");
+            let at = &history[*seq as usize - 1].item;
             assert!(
                 matches!(at, HistoryItem::ClientMessage { key: k, .. } | HistoryItem::OperatorMessage { key: k, .. } if k == key),
                 "entry #{seq} is the message with key {key:?}: {at:?}"
@@ -390,11 +396,18 @@ fn apply_checked(state: &mut ShardState, entry: &Envelope) -> Result<Reply, Erro
         }
         Ok(_) => {}
     }
-    check_invariants(state, &loads_before);
+    check_invariants(state, store, &loads_before);
     committed.map(|(reply, _)| reply)
 }
 
-fn check_invariants(state: &ShardState, loads_before: &BTreeMap<OperatorId, u32>) {
+fn check_invariants(state: &ShardState, store: &MemStore, loads_before: &BTreeMap<OperatorId, u32>) {
+    // The records hold the hot state exactly: a restart here would change nothing.
+    let rebuilt = records::load(store).expect("the records load");
+    assert_eq!(json(&rebuilt), json(state), "the hot state rebuilt from the records");
+    for (id, conv) in &state.conversations {
+        assert_eq!(rebuilt.conversations[id].keys, conv.keys, "{id}: idempotency keys in the records");
+    }
+
     // I2: one holder at most, and holders and statuses agree both ways.
     let mut holder: BTreeMap<ConversationId, &OperatorId> = BTreeMap::new();
     for (id, op) in &state.operators {
@@ -460,32 +473,38 @@ fn check_invariants(state: &ShardState, loads_before: &BTreeMap<OperatorId, u32>
 
     // Sequence numbers start at 1 and have neither gaps nor repeats.
     for conv in state.conversations.values() {
-        let seqs: Vec<u64> = conv.history.iter().map(|e| e.seq).collect();
-        let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+        let history = records::history(store, conv.id, 0, usize::MAX).expect("history");
+        let seqs: Vec<u64> = history.iter().map(|e| e.seq).collect();
+        let expected: Vec<u64> = (1..=conv.last_seq).collect();
         assert_eq!(seqs, expected, "{}: history sequence numbers", conv.id);
     }
     for op in state.operators.values() {
-        let seqs: Vec<u64> = op.feed.entries.iter().map(|e| e.seq).collect();
-        let first = seqs.first().copied().unwrap_or(op.feed.last_seq + 1);
+        let feed = records::feed(store, &op.config.id, 0, usize::MAX).expect("feed");
+        let seqs: Vec<u64> = feed.iter().map(|e| e.seq).collect();
+        let first = op.feed.last_seq.saturating_sub(FEED_RETAINED as u64 - 1).max(1);
         let expected: Vec<u64> = (first..=op.feed.last_seq).collect();
         assert_eq!(seqs, expected, "{}: feed sequence numbers", op.config.id);
     }
 }
 
-fn initial(setup: &Setup) -> ShardState {
-    ShardState { rules: setup.rules, ..ShardState::default() }
+fn initial(setup: &Setup) -> (ShardState, MemStore) {
+    let mut state = ShardState { rules: setup.rules, ..ShardState::default() };
+    state.dirty.meta = true;
+    let store = MemStore::default();
+    store.write(records::take_writes(&mut state));
+    (state, store)
 }
 
-/// Replays `entries` without the checks; `snapshot_at` passes the state through its
-/// serialized form (what a Raft snapshot stores) before that entry.
-fn replay(setup: &Setup, entries: &[Envelope], snapshot_at: Option<usize>) -> (ShardState, Vec<Result<Reply, Error>>) {
-    let mut state = initial(setup);
+/// Replays `entries` without the checks; `restart_at` rebuilds the hot state from the
+/// records (what a node does at start) before that entry.
+fn replay(setup: &Setup, entries: &[Envelope], restart_at: Option<usize>) -> (ShardState, Vec<Result<Reply, Error>>) {
+    let (mut state, store) = initial(setup);
     let mut results = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
-        if snapshot_at == Some(i) {
-            state = serde_json::from_str(&json(&state)).expect("a shard state deserializes");
+        if restart_at == Some(i) {
+            state = records::load(&store).expect("the records load");
         }
-        results.push(handle(&mut state, entry).map(|(reply, _)| reply));
+        results.push(records::run(&mut state, &store, entry).map(|(reply, _)| reply));
     }
     (state, results)
 }
@@ -499,19 +518,19 @@ proptest! {
         steps in prop::collection::vec((pause(), step()), 0..40),
         snapshot_at in any::<prop::sample::Index>(),
     ) {
-        let mut state = initial(&setup);
+        let (mut state, store) = initial(&setup);
         let mut entries = Vec::new();
         let mut results = Vec::new();
         let mut now = 1000;
         for command in prelude(&setup) {
             let entry = Envelope::new(Timestamp(now), command);
-            results.push(apply_checked(&mut state, &entry));
+            results.push(apply_checked(&mut state, &store, &entry));
             entries.push(entry);
         }
         for (pause, step) in &steps {
             now += pause;
             let entry = Envelope::new(Timestamp(now), resolve(&state, step));
-            results.push(apply_checked(&mut state, &entry));
+            results.push(apply_checked(&mut state, &store, &entry));
             entries.push(entry);
         }
 
@@ -519,7 +538,7 @@ proptest! {
         prop_assert_eq!(json(&again), json(&state), "the same entries give the same state");
         prop_assert_eq!(&results_again, &results, "and the same replies");
         let (restored, results_restored) = replay(&setup, &entries, Some(snapshot_at.index(entries.len() + 1)));
-        prop_assert_eq!(json(&restored), json(&state), "a snapshot half way changes nothing");
+        prop_assert_eq!(json(&restored), json(&state), "a restart half way changes nothing");
         prop_assert_eq!(&results_restored, &results);
     }
 }

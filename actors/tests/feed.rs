@@ -1,12 +1,20 @@
 //! What an operator's feed carries: every history entry of a held conversation exactly
 //! once, either inside the `Assigned` item or as a later `Conversation` item.
 
-use switchboard_actors::core::handle;
 use switchboard_actors::model::*;
+use switchboard_actors::records::{self, MemStore};
 use switchboard_actors::state::{FeedItem, HistoryItem, ShardState};
 
+thread_local! {
+    static STORE: MemStore = MemStore::default();
+}
+
+fn store() -> MemStore {
+    STORE.with(|s| s.clone())
+}
+
 fn run(state: &mut ShardState, at: u64, command: Command) {
-    handle(state, &Envelope::new(Timestamp(at), command)).expect("command accepted");
+    records::run(state, &store(), &Envelope::new(Timestamp(at), command)).expect("command accepted");
 }
 
 #[test]
@@ -29,7 +37,7 @@ fn assignment_history_reaches_the_operator_exactly_once() {
     run(&mut s, 14, Command::Transfer { operator: holder.clone(), conversation: conv, target: TransferTarget::Operator(other.clone()), comment: "yours".into() });
     run(&mut s, 15, Command::PostClientMessage { conversation: conv, key: "k3".into(), text: "hi again".into(), attachments: vec![] });
 
-    let history = &s.conversations[&conv].history;
+    let history = records::history(&store(), conv, 0, usize::MAX).expect("history");
     // The first holder's feed ends with the transfer, the last entry written while they
     // held it; the new holder's runs to the end of the history.
     let transferred_at = history
@@ -40,7 +48,8 @@ fn assignment_history_reaches_the_operator_exactly_once() {
     let history_len = history.len() as u64;
     for (operator, expect_released, last) in [(&holder, true, transferred_at), (&other, false, history_len)] {
         let mut seen: Vec<u64> = Vec::new();
-        for entry in &s.operators[operator].feed.entries {
+        let feed = records::feed(&store(), operator, 0, usize::MAX).expect("feed");
+        for entry in &feed {
             match &entry.item {
                 FeedItem::Assigned { history_upto, .. } => seen.extend(1..=*history_upto),
                 FeedItem::Conversation { entry, .. } => seen.push(entry.seq),
@@ -51,7 +60,7 @@ fn assignment_history_reaches_the_operator_exactly_once() {
         // reordering all make the sequence differ from 1..=last.
         let expected: Vec<u64> = (1..=last).collect();
         assert_eq!(seen, expected, "{operator}: the feed must carry history entries 1..={last} each once, in order");
-        let released = s.operators[operator].feed.entries.iter().any(|e| matches!(e.item, FeedItem::Released { .. }));
+        let released = feed.iter().any(|e| matches!(e.item, FeedItem::Released { .. }));
         assert_eq!(released, expect_released);
     }
 }
@@ -65,11 +74,11 @@ fn a_conversation_holds_a_bounded_history() {
     run(&mut s, 1, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
     let conv = ConversationId(0);
     let mut n = 0;
-    while s.conversations[&conv].history.len() < MAX_HISTORY_ENTRIES {
+    while (s.conversations[&conv].last_seq as usize) < MAX_HISTORY_ENTRIES {
         run(&mut s, 2, Command::PostClientMessage { conversation: conv, key: format!("k{n}"), text: "spam".into(), attachments: vec![] });
         n += 1;
     }
-    let refused = handle(&mut s, &Envelope::new(Timestamp(3), Command::PostClientMessage { conversation: conv, key: "last".into(), text: "one more".into(), attachments: vec![] }));
+    let refused = records::run(&mut s, &store(), &Envelope::new(Timestamp(3), Command::PostClientMessage { conversation: conv, key: "last".into(), text: "one more".into(), attachments: vec![] }));
     assert!(matches!(refused, Err(switchboard_actors::Error::Invalid(_))), "{refused:?}");
-    assert_eq!(s.conversations[&conv].history.len(), MAX_HISTORY_ENTRIES);
+    assert_eq!(records::history(&store(), conv, 0, usize::MAX).expect("history").len(), MAX_HISTORY_ENTRIES);
 }

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use switchboard_actors::core::{handle, Reply};
+use switchboard_actors::core::Reply;
 use switchboard_actors::model::*;
 use switchboard_actors::state::ShardState;
 
@@ -170,6 +170,7 @@ fn run(fixture: &str) -> String {
     // Fixtures run under the newest rules, unless they adopt rules themselves.
     let pinned = fixture.lines().any(|l| l.split_whitespace().nth(1) == Some("rules"));
     let mut state = ShardState { rules: if pinned { 0 } else { switchboard_actors::core::RULES_VERSION }, ..ShardState::default() };
+    let store = switchboard_actors::records::MemStore::default();
     let mut trace = String::new();
     for line in fixture.lines() {
         let line = line.trim();
@@ -178,7 +179,7 @@ fn run(fixture: &str) -> String {
         }
         let (at, command) = parse(line);
         let _ = writeln!(trace, "> {line}");
-        match handle(&mut state, &Envelope::new(at, command)) {
+        match switchboard_actors::records::run(&mut state, &store, &Envelope::new(at, command)) {
             Ok((reply, outcome)) => {
                 for event in &outcome.events {
                     let rendered = render(event);

@@ -31,7 +31,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::Subject;
-use crate::rest::{check_read, Params, Staff};
+use crate::rest::{readable, Params, Staff};
 use crate::{Gateway, GatewayError};
 
 /// Largest attachment accepted, in bytes.
@@ -319,9 +319,7 @@ fn declared(headers: &HeaderMap) -> Result<Declared, GatewayError> {
 
 /// The conversation's quota, asked before any byte is read (400 `invalid` past it).
 fn check_room(gw: &Gateway, conversation: ConversationId, size: u64) -> Result<(), GatewayError> {
-    let shard = gw.backend.shard();
-    let state = shard.read();
-    switchboard_actors::core::attachment_room(&state, conversation, size).map_err(quota_refusal)
+    gw.backend.shard().attachment_room(conversation, size).map_err(quota_refusal)
 }
 
 /// The quota's refusal is a bad request (400 `invalid`), before the body or at commit.
@@ -366,7 +364,14 @@ pub(crate) async fn client_upload(
     let open = {
         let shard = gw.backend.shard();
         let state = shard.read();
-        state.conversations.get(&conversation).map(|c| c.status != switchboard_actors::state::ConversationStatus::Closed)
+        match state.conversations.get(&conversation) {
+            // The hot state holds every open conversation: one it lacks is closed or unknown.
+            Some(_) => Some(true),
+            None => {
+                drop(state);
+                shard.conversation(conversation)?.map(|_| false)
+            }
+        }
     };
     match open {
         Some(true) => {}
@@ -445,9 +450,7 @@ fn serve(attachment: &Attachment, body: Body) -> Response {
 }
 
 fn lookup(gw: &Gateway, id: &str) -> Result<Attachment, GatewayError> {
-    let shard = gw.backend.shard();
-    let state = shard.read();
-    state.attachments.get(&AttachmentId(id.to_string())).cloned().ok_or_else(|| GatewayError::NotFound("attachment".into()))
+    gw.backend.shard().attachment(&AttachmentId(id.to_string()))?.ok_or_else(|| GatewayError::NotFound("attachment".into()))
 }
 
 /// `GET /attachments/{id}?token=` on the public listener.
@@ -472,11 +475,7 @@ pub(crate) async fn client_download(
 /// `GET /api/attachments/{id}` on the private listener.
 pub(crate) async fn staff_download(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Response, GatewayError> {
     let attachment = lookup(&gw, &id)?;
-    {
-        let shard = gw.backend.shard();
-        let state = shard.read();
-        check_read(&staff, &state, attachment.conversation)?;
-    }
+    readable(&gw, &staff, attachment.conversation)?;
     let body = gw.blobs.get(&attachment.id).await?;
     Ok(serve(&attachment, body))
 }

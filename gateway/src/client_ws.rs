@@ -89,21 +89,24 @@ impl ClientSession {
         let shard = self.gw.backend.shard();
         let mut last = after_seq;
         let pull = Box::new(move || {
-            let state = shard.read();
-            let Some(conv) = state.conversations.get(&conversation) else { return vec![] };
-            let start = conv.history.partition_point(|e| e.seq <= last);
             // One page at a time, by count and by text: the writer asks again once this
             // one is written.
+            let page = match shard.history(conversation, last, ws::PAGE) {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(conversation = conversation.0, error = %e, "history cannot be read");
+                    return vec![];
+                }
+            };
             let mut text_bytes = 0;
-            let end = conv.history[start..]
+            let end = page
                 .iter()
-                .take(ws::PAGE)
                 .position(|e| {
                     text_bytes += entry_text_bytes(&e.item);
                     text_bytes > ws::PAGE_TEXT_BYTES
                 })
-                .map_or(conv.history.len().min(start + ws::PAGE), |over| start + over.max(1));
-            let page = &conv.history[start..end];
+                .map_or(page.len(), |over| over.max(1));
+            let page = &page[..end];
             if let Some(newest) = page.last() {
                 last = newest.seq;
             }
@@ -231,13 +234,10 @@ impl ClientSession {
                         return Ok(Flow::Close(close::UNAUTHORIZED, "unauthorized".into()));
                     }
                 };
-                let (last, operator_read_upto) = {
-                    let shard = self.gw.backend.shard();
-                    let state = shard.read();
-                    match state.conversations.get(&conversation) {
-                        Some(c) => (c.last_seq(), c.operator_read_upto),
-                        None => return Err(frames::error("not_found", "conversation not found", None)),
-                    }
+                let (last, operator_read_upto) = match self.gw.backend.shard().conversation(conversation) {
+                    Ok(Some(c)) => (c.last_seq(), c.operator_read_upto),
+                    Ok(None) => return Err(frames::error("not_found", "conversation not found", None)),
+                    Err(e) => return Err(frames::error(e.code(), &e.to_string(), None)),
                 };
                 if last_seq > last {
                     return Err(frames::error("invalid", &format!("last_seq {last_seq} is ahead of the conversation ({last})"), None));

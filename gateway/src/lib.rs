@@ -384,11 +384,7 @@ impl Gateway {
         let started = Instant::now();
         // Refuse what the core would refuse, and answer repeated keys, before writing to
         // the log: bad input must not cost a replicated, flushed entry.
-        let early = {
-            let shard = self.backend.shard();
-            let state = shard.read();
-            switchboard_actors::core::precheck(&state, &command, switchboard_actors::actors::now_ms())
-        };
+        let early = self.backend.shard().precheck(&command, switchboard_actors::actors::now_ms());
         let result = match early {
             Ok(None) => self.backend.submit(command).await,
             Ok(Some(reply)) => Ok(reply),

@@ -11,8 +11,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
 use switchboard_actors::model::{AttachmentId, Command, ConversationId, OfferId, OperatorId, Reader, SkillGroupId, TransferTarget};
-use switchboard_actors::shard::StreamKey;
-use switchboard_actors::state::{FeedItem, ShardState};
+use switchboard_actors::shard::{Shard, StreamKey};
+use switchboard_actors::state::{Conversation, FeedItem, ShardState};
 
 use crate::auth::Subject;
 use crate::client_ws::parse;
@@ -57,8 +57,8 @@ pub(crate) const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "s
 
 /// Whether `operator` may read `conversation`: they hold it, held it, or are offered it,
 /// or it is an earlier conversation of a visitor they are serving now (the client card).
-pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conversation: ConversationId) -> bool {
-    let Some(conv) = state.conversations.get(&conversation) else { return false };
+pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conv: &Conversation) -> bool {
+    let conversation = conv.id;
     let serving_same_visitor = || {
         conv.visitor.id.as_ref().is_some_and(|visitor| {
             state.operators.get(operator).is_some_and(|op| {
@@ -72,12 +72,14 @@ pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conversation: 
         || serving_same_visitor()
 }
 
-fn history_upto(state: &ShardState, conversation: ConversationId, upto: u64) -> Vec<Value> {
-    state
-        .conversations
-        .get(&conversation)
-        .map(|c| c.history.iter().take_while(|e| e.seq <= upto).map(|e| frames::history_entry(e, Audience::Staff)).collect())
-        .unwrap_or_default()
+fn history_upto(shard: &Shard, conversation: ConversationId, upto: u64) -> Vec<Value> {
+    match shard.history(conversation, 0, upto as usize) {
+        Ok(entries) => entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect(),
+        Err(e) => {
+            tracing::error!(conversation = conversation.0, error = %e, "history cannot be read");
+            Vec::new()
+        }
+    }
 }
 
 impl OperatorSession {
@@ -160,14 +162,15 @@ impl OperatorSession {
                 let conversation = ConversationId(conversation);
                 let frame = {
                     let shard = self.gw.backend.shard();
-                    let state = shard.read();
-                    if !may_read(&state, &me, conversation) {
+                    let conv = shard.conversation(conversation).map_err(|e| frames::error(e.code(), &e.to_string(), reference.as_ref()))?;
+                    let allowed = conv.as_ref().is_some_and(|conv| may_read(&shard.read(), &me, conv));
+                    let Some(conv) = conv.filter(|_| allowed) else {
                         return Err(frames::error("forbidden", "not your conversation", reference.as_ref()));
-                    }
-                    let upto = state.conversations.get(&conversation).map(|c| c.last_seq()).unwrap_or(0);
-                    let marks = state.conversations.get(&conversation).map(|c| (c.client_read_upto, c.operator_read_upto)).unwrap_or_default();
+                    };
+                    let upto = conv.last_seq();
+                    let marks = (conv.client_read_upto, conv.operator_read_upto);
                     let mut frame = json!({
-                        "type": "history", "conversation": conversation.0, "entries": history_upto(&state, conversation, upto),
+                        "type": "history", "conversation": conversation.0, "entries": history_upto(&shard, conversation, upto),
                         "client_read_upto": marks.0, "operator_read_upto": marks.1,
                     });
                     if let Some(r) = &reference {
@@ -240,20 +243,23 @@ impl Session for OperatorSession {
         let operator = self.operator.clone();
         let mut last = start;
         let pull = Box::new(move || {
-            let state = shard.read();
-            let Some(op) = state.operators.get(&operator) else { return vec![] };
             let mut frames_out = Vec::new();
-            let entries = match op.feed.since(last) {
-                Some(entries) => entries,
-                None => {
+            // One page at a time: the writer asks again once this one is written.
+            let entries = match shard.feed_since(&operator, last, ws::PAGE) {
+                Ok(Some(entries)) => entries,
+                Ok(None) => {
                     frames_out.push(frames::error("resume_gap", "events before the oldest retained one are gone; reload state", None));
-                    op.feed.entries.iter().cloned().collect()
+                    let first = shard.read().operators.get(&operator).map_or(1, |op| op.feed.first_retained());
+                    shard.feed_since(&operator, first - 1, ws::PAGE).ok().flatten().unwrap_or_default()
+                }
+                Err(e) => {
+                    tracing::error!(operator = %operator, error = %e, "the feed cannot be read");
+                    return frames_out;
                 }
             };
-            // One page at a time: the writer asks again once this one is written.
-            for entry in entries.into_iter().take(ws::PAGE) {
+            for entry in entries {
                 let history = match &entry.item {
-                    FeedItem::Assigned { conversation, history_upto: upto } => Some(history_upto(&state, *conversation, *upto)),
+                    FeedItem::Assigned { conversation, history_upto: upto } => Some(history_upto(&shard, *conversation, *upto)),
                     _ => None,
                 };
                 frames_out.push(frames::operator_event(&entry, history));

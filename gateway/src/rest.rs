@@ -401,15 +401,20 @@ async fn list_users(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Json
     Ok(Json(json!({ "users": users })))
 }
 
-pub(crate) fn check_read(staff: &Staff, state: &switchboard_actors::state::ShardState, id: ConversationId) -> Result<(), GatewayError> {
-    if !state.conversations.contains_key(&id) {
-        return Err(GatewayError::NotFound(format!("conversation {}", id.0)));
-    }
+/// The conversation `staff` asks for, open or closed, if they may read it.
+pub(crate) fn readable(gw: &Gateway, staff: &Staff, id: ConversationId) -> Result<switchboard_actors::state::Conversation, GatewayError> {
+    let shard = gw.backend.shard();
+    let conv = shard.conversation(id)?.ok_or_else(|| GatewayError::NotFound(format!("conversation {}", id.0)))?;
+    check_read(staff, &shard.read(), &conv)?;
+    Ok(conv)
+}
+
+pub(crate) fn check_read(staff: &Staff, state: &switchboard_actors::state::ShardState, conv: &switchboard_actors::state::Conversation) -> Result<(), GatewayError> {
     if staff.role >= Role::Supervisor {
         return Ok(());
     }
     match &staff.operator {
-        Some(op) if may_read(state, op, id) => Ok(()),
+        Some(op) if may_read(state, op, conv) => Ok(()),
         _ => Err(GatewayError::Forbidden("not your conversation")),
     }
 }
@@ -420,10 +425,10 @@ fn conversation_id(raw: &str) -> Result<ConversationId, GatewayError> {
 
 async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
     let id = conversation_id(&id)?;
+    let conv = readable(&gw, &staff, id)?;
     let shard = gw.backend.shard();
-    let state = shard.read();
-    check_read(&staff, &state, id)?;
-    let conv = state.conversations.get(&id).ok_or_else(|| GatewayError::NotFound(format!("conversation {}", id.0)))?;
+    let history = shard.history(id, 0, conv.last_seq() as usize)?;
+    let earlier = earlier(&shard, &conv)?;
     let status = match &conv.status {
         switchboard_actors::state::ConversationStatus::Queued { offer: Some(_), .. } => json!({"state": "offered"}),
         switchboard_actors::state::ConversationStatus::Queued { .. } => json!({"state": "queued"}),
@@ -440,18 +445,21 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
         "last_seq": conv.last_seq(),
         "client_read_upto": conv.client_read_upto,
         "operator_read_upto": conv.operator_read_upto,
-        "history": conv.history.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect::<Vec<_>>(),
-        "earlier": earlier(&state, conv),
+        "history": history.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect::<Vec<_>>(),
+        "earlier": earlier,
     })))
 }
 
 async fn decisions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
     let id = conversation_id(&id)?;
+    let conv = readable(&gw, &staff, id)?;
     let shard = gw.backend.shard();
-    let state = shard.read();
-    check_read(&staff, &state, id)?;
-    let conv = state.conversations.get(&id).ok_or_else(|| GatewayError::NotFound(format!("conversation {}", id.0)))?;
-    let records: Vec<Value> = conv.decisions.iter().filter_map(|o| state.decisions.get(o)).map(|d| json!(d)).collect();
+    let mut records: Vec<Value> = Vec::new();
+    for offer in &conv.decisions {
+        if let Some(decision) = shard.decision(*offer)? {
+            records.push(json!(decision));
+        }
+    }
     Ok(Json(json!({"conversation": id.0, "decisions": records})))
 }
 
@@ -485,13 +493,12 @@ async fn crash_actor(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): B
 }
 
 /// Other conversations of the same visitor, most recent first: the client card.
-fn earlier(state: &switchboard_actors::state::ShardState, conv: &switchboard_actors::state::Conversation) -> Vec<Value> {
-    let Some(visitor) = conv.visitor.id.as_ref() else { return vec![] };
-    state
-        .conversations
-        .values()
-        .rev()
-        .filter(|c| c.id != conv.id && c.visitor.id.as_ref() == Some(visitor))
+fn earlier(shard: &switchboard_actors::shard::Shard, conv: &switchboard_actors::state::Conversation) -> Result<Vec<Value>, GatewayError> {
+    let Some(visitor) = conv.visitor.id.as_ref() else { return Ok(vec![]) };
+    Ok(shard
+        .conversations_of(visitor, 21)?
+        .iter()
+        .filter(|c| c.id != conv.id)
         .take(20)
         .map(|c| {
             let state = match c.status {
@@ -501,7 +508,7 @@ fn earlier(state: &switchboard_actors::state::ShardState, conv: &switchboard_act
             };
             json!({"conversation": c.id.0, "created_at": c.created_at.0, "state": state})
         })
-        .collect()
+        .collect())
 }
 
 #[derive(Deserialize)]

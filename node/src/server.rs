@@ -17,7 +17,7 @@ use switchboard_gateway::listener::ConnectionLimits;
 use switchboard_gateway::{Backend, BoxFuture, Budgets, Gateway, GatewayConfig, Limits, TokenKey};
 use switchboard_raft::network::{serve, NetworkFactory, Router};
 use switchboard_raft::store::open_group;
-use switchboard_raft::{config_with_snapshots, tls, Machine, Node, Raft, Request};
+use switchboard_raft::{config_with_snapshots, tls, Changes, Machine, Node, Raft, Records, Request};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -92,29 +92,54 @@ fn stop_on_unreadable_entry(why: &str) -> ! {
 }
 
 impl Machine for ShardMachine {
-    fn apply(&self, index: u64, request: &[u8]) -> Vec<u8> {
-        match decode_entry(index, request) {
-            Ok(EntryBody::One(envelope)) => encode(&self.shard.apply(&envelope)).unwrap_or_default(),
+    fn apply(&self, index: u64, request: &[u8], changes: &mut Changes) -> Vec<u8> {
+        let mut writes = Vec::new();
+        let reply = match decode_entry(index, request) {
+            Ok(EntryBody::One(envelope)) => encode(&self.shard.apply(&envelope, &mut writes)).unwrap_or_default(),
             // Applied one after another, exactly as if each were its own entry.
             Ok(EntryBody::Many(envelopes)) => {
-                let results: Vec<ApplyResult> = envelopes.iter().map(|e| self.shard.apply(e)).collect();
+                let results: Vec<ApplyResult> = envelopes.iter().map(|e| self.shard.apply(e, &mut writes)).collect();
                 encode(&results).unwrap_or_default()
             }
             Err(why) => stop_on_unreadable_entry(&why),
+        };
+        put_all(changes, writes);
+        reply
+    }
+
+    fn published(&self) {
+        self.shard.published();
+    }
+
+    fn load(&self, records: &Records) -> Result<(), String> {
+        self.shard.load(Arc::new(ShardRecords(records.clone()))).map_err(|e| e.to_string())
+    }
+
+    fn import(&self, legacy: &[u8], changes: &mut Changes) -> Result<(), String> {
+        put_all(changes, self.shard.import(legacy).map_err(|e| e.to_string())?);
+        Ok(())
+    }
+}
+
+fn put_all(changes: &mut Changes, writes: switchboard_actors::records::Writes) {
+    for (key, value) in writes {
+        match value {
+            Some(value) => changes.put(key, value),
+            None => changes.remove(key),
         }
     }
+}
 
-    fn capture(&self) -> switchboard_raft::SnapshotEncoder {
-        let encode = self.shard.capture();
-        Box::new(move || encode().map_err(|e| e.to_string()))
+/// The shard's records, read from its Raft group's state tree.
+struct ShardRecords(Records);
+
+impl switchboard_actors::records::Store for ShardRecords {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        self.0.get(key).map_err(|e| e.to_string())
     }
 
-    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
-        self.shard.restore(snapshot).map_err(|e| e.to_string())
-    }
-
-    fn reset(&self) {
-        self.shard.reset();
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+        self.0.scan(prefix, after, limit).map_err(|e| e.to_string())
     }
 }
 

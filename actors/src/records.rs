@@ -1,0 +1,595 @@
+//! The shard state as records: how an applied command's changes become keyed records,
+//! how the hot state is rebuilt from them at start, and how a command that names a
+//! closed conversation finds it again.
+//!
+//! Keys (ids in big-endian `u64` where numeric, so a prefix scan is in order):
+//!
+//! | key | record |
+//! |---|---|
+//! | `m` | counters, rules version, session epochs, public groups ([`Meta`]) |
+//! | `g` group | skill group configuration (its queue is rebuilt from conversations) |
+//! | `o` operator | operator: configuration, presence, load, feed position |
+//! | `f` len:u16 operator seq | one entry of an operator's feed (the last 4096 are kept) |
+//! | `c` conversation | conversation routing fields, read marks, status (no history) |
+//! | `q` conversation | empty: the conversation is open (queued or assigned) |
+//! | `h` conversation seq | one history entry |
+//! | `k` conversation key | idempotency key -> the `u64` seq of the message it made |
+//! | `x` offer | pending offer |
+//! | `d` offer | the decision record of an offer |
+//! | `n` channel, `u` login, `t` template | directory |
+//! | `a` conversation attachment | attachment record; `A` attachment -> conversation |
+//! | `v` len:u16 visitor conversation | empty: the visitor's conversations, oldest first |
+//!
+//! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
+//! of the record. A reader refuses a version it does not know (docs/formats.md).
+
+use std::collections::BTreeMap;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::model::*;
+use crate::state::{Conversation, ConversationStatus, FeedEntry, HistoryEntry, Operator, ShardState, SkillGroup, FEED_RETAINED};
+
+/// The version byte every record value starts with.
+pub const RECORD_VERSION: u8 = 1;
+
+/// Where records are read from: the shard's Raft state tree.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String>;
+    /// Up to `limit` records under `prefix` in key order, after the full key `after`.
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String>;
+}
+
+/// Record writes of one command: a value to put, or `None` to remove the key.
+pub type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// Counters and small maps kept as one record.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Meta {
+    pub next_conversation: u64,
+    pub next_offer: u64,
+    pub next_ticket: u64,
+    pub rules: u32,
+    pub session_epochs: BTreeMap<String, u64>,
+    pub channel_public_groups: BTreeMap<ChannelId, Vec<SkillGroupId>>,
+}
+
+pub mod key {
+    use crate::model::*;
+
+    pub const META: &[u8] = b"m";
+
+    fn with(tag: u8, rest: &[u8]) -> Vec<u8> {
+        let mut key = Vec::with_capacity(1 + rest.len());
+        key.push(tag);
+        key.extend_from_slice(rest);
+        key
+    }
+
+    fn with_id(tag: u8, id: u64, rest: &[u8]) -> Vec<u8> {
+        let mut key = Vec::with_capacity(9 + rest.len());
+        key.push(tag);
+        key.extend_from_slice(&id.to_be_bytes());
+        key.extend_from_slice(rest);
+        key
+    }
+
+    pub fn group(id: &SkillGroupId) -> Vec<u8> {
+        with(b'g', id.0.as_bytes())
+    }
+    pub fn operator(id: &OperatorId) -> Vec<u8> {
+        with(b'o', id.0.as_bytes())
+    }
+    pub fn feed_prefix(id: &OperatorId) -> Vec<u8> {
+        let name = id.0.as_bytes();
+        let mut key = vec![b'f'];
+        key.extend_from_slice(&(name.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        key.extend_from_slice(name);
+        key
+    }
+    pub fn feed(id: &OperatorId, seq: u64) -> Vec<u8> {
+        let mut key = feed_prefix(id);
+        key.extend_from_slice(&seq.to_be_bytes());
+        key
+    }
+    pub fn conversation(id: ConversationId) -> Vec<u8> {
+        with_id(b'c', id.0, &[])
+    }
+    pub fn open(id: ConversationId) -> Vec<u8> {
+        with_id(b'q', id.0, &[])
+    }
+    pub fn history_prefix(id: ConversationId) -> Vec<u8> {
+        with_id(b'h', id.0, &[])
+    }
+    pub fn history(id: ConversationId, seq: u64) -> Vec<u8> {
+        with_id(b'h', id.0, &seq.to_be_bytes())
+    }
+    pub fn keys_prefix(id: ConversationId) -> Vec<u8> {
+        with_id(b'k', id.0, &[])
+    }
+    pub fn idempotency(id: ConversationId, key: &str) -> Vec<u8> {
+        with_id(b'k', id.0, key.as_bytes())
+    }
+    pub fn offer(id: OfferId) -> Vec<u8> {
+        with_id(b'x', id.0, &[])
+    }
+    pub fn decision(id: OfferId) -> Vec<u8> {
+        with_id(b'd', id.0, &[])
+    }
+    pub fn channel(id: &ChannelId) -> Vec<u8> {
+        with(b'n', id.0.as_bytes())
+    }
+    pub fn user(login: &str) -> Vec<u8> {
+        with(b'u', login.as_bytes())
+    }
+    pub fn template(id: &str) -> Vec<u8> {
+        with(b't', id.as_bytes())
+    }
+    pub fn attachments_prefix(conversation: ConversationId) -> Vec<u8> {
+        with_id(b'a', conversation.0, &[])
+    }
+    pub fn attachment(conversation: ConversationId, id: &AttachmentId) -> Vec<u8> {
+        with_id(b'a', conversation.0, id.0.as_bytes())
+    }
+    pub fn visitor_prefix(visitor: &str) -> Vec<u8> {
+        let name = visitor.as_bytes();
+        let mut key = vec![b'v'];
+        key.extend_from_slice(&(name.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        key.extend_from_slice(name);
+        key
+    }
+    pub fn visitor(visitor: &str, conversation: ConversationId) -> Vec<u8> {
+        let mut key = visitor_prefix(visitor);
+        key.extend_from_slice(&conversation.0.to_be_bytes());
+        key
+    }
+    pub fn attachment_index(id: &AttachmentId) -> Vec<u8> {
+        with(b'A', id.0.as_bytes())
+    }
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![RECORD_VERSION];
+    // Encoding into a Vec cannot fail for these plain types; an empty body would be
+    // refused on read rather than taken for a value.
+    if let Ok(body) = bincode::serde::encode_to_vec(value, bincode::config::standard()) {
+        out.extend_from_slice(&body);
+    }
+    out
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    match bytes.split_first() {
+        Some((&RECORD_VERSION, body)) => bincode::serde::decode_from_slice(body, bincode::config::standard())
+            .map(|(v, _)| v)
+            .map_err(|e| Error::Storage(format!("a stored record cannot be decoded: {e}"))),
+        Some((version, _)) => Err(Error::Storage(format!(
+            "a stored record has format version {version}, this build reads version {RECORD_VERSION}: run the build that wrote this data folder, or a newer one"
+        ))),
+        None => Err(Error::Storage("a stored record is empty".into())),
+    }
+}
+
+fn store_err(e: String) -> Error {
+    Error::Storage(e)
+}
+
+fn get<T: DeserializeOwned>(store: &dyn Store, key: &[u8]) -> Result<Option<T>, Error> {
+    store.get(key).map_err(store_err)?.map(|bytes| decode(&bytes)).transpose()
+}
+
+fn all<T: DeserializeOwned>(store: &dyn Store, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>, Error> {
+    let mut out = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.scan(prefix, after.as_deref(), 1024).map_err(store_err)?;
+        let done = page.len() < 1024;
+        after = page.last().map(|(k, _)| k.clone());
+        for (k, v) in page {
+            out.push((k, decode(&v)?));
+        }
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+/// Turns what the applied events noted in `state.dirty` into record writes, and drops
+/// the pending history and feed entries from memory.
+pub fn take_writes(state: &mut ShardState) -> Writes {
+    let dirty = std::mem::take(&mut state.dirty);
+    let mut writes: Writes = Vec::new();
+    let mut put = |key: Vec<u8>, value: Vec<u8>| writes.push((key, Some(value)));
+    if dirty.meta {
+        put(
+            key::META.to_vec(),
+            encode(&Meta {
+                next_conversation: state.next_conversation,
+                next_offer: state.next_offer,
+                next_ticket: state.next_ticket,
+                rules: state.rules,
+                session_epochs: state.session_epochs.clone(),
+                channel_public_groups: state.channel_public_groups.clone(),
+            }),
+        );
+    }
+    let mut removes: Vec<Vec<u8>> = Vec::new();
+    for id in &dirty.groups {
+        match state.groups.get(id) {
+            Some(group) => put(key::group(id), encode(&group.config)),
+            None => removes.push(key::group(id)),
+        }
+    }
+    for id in &dirty.operators {
+        let Some(op) = state.operators.get_mut(id) else { continue };
+        for entry in std::mem::take(&mut op.feed.pending) {
+            if entry.seq > FEED_RETAINED as u64 {
+                removes.push(key::feed(id, entry.seq - FEED_RETAINED as u64));
+            }
+            put(key::feed(id, entry.seq), encode(&entry));
+        }
+        put(key::operator(id), encode(&*op));
+    }
+    for id in &dirty.conversations {
+        let Some(conv) = state.conversations.get_mut(id) else { continue };
+        for entry in std::mem::take(&mut conv.pending) {
+            if let (1, Some(visitor)) = (entry.seq, conv.visitor.id.as_ref()) {
+                put(key::visitor(visitor, *id), Vec::new());
+            }
+            put(key::history(*id, entry.seq), encode(&entry));
+        }
+        put(key::conversation(*id), encode(&*conv));
+        if conv.status == ConversationStatus::Closed {
+            removes.push(key::open(*id));
+        } else {
+            put(key::open(*id), Vec::new());
+        }
+    }
+    for (conv, idem, seq) in &dirty.keys {
+        put(key::idempotency(*conv, idem), encode(seq));
+    }
+    for id in &dirty.offers {
+        match state.offers.get(id) {
+            Some(offer) => put(key::offer(*id), encode(offer)),
+            None => removes.push(key::offer(*id)),
+        }
+    }
+    for decision in &dirty.decisions {
+        put(key::decision(decision.offer), encode(decision));
+    }
+    for id in &dirty.channels {
+        match state.channels.get(id) {
+            Some(channel) => put(key::channel(id), encode(channel)),
+            None => removes.push(key::channel(id)),
+        }
+    }
+    for login in &dirty.users {
+        match state.users.get(login) {
+            Some(user) => put(key::user(login), encode(user)),
+            None => removes.push(key::user(login)),
+        }
+    }
+    for id in &dirty.templates {
+        match state.templates.get(id) {
+            Some(template) => put(key::template(id), encode(template)),
+            None => removes.push(key::template(id)),
+        }
+    }
+    for attachment in &dirty.attachments {
+        put(key::attachment(attachment.conversation, &attachment.id), encode(attachment));
+        put(key::attachment_index(&attachment.id), attachment.conversation.0.to_be_bytes().to_vec());
+    }
+    writes.extend(removes.into_iter().map(|k| (k, None)));
+    writes
+}
+
+/// Drops what only the command just applied needed: closed conversations and the
+/// attachments loaded for it. Their records stay.
+pub fn evict(state: &mut ShardState) {
+    state.conversations.retain(|_, c| c.status != ConversationStatus::Closed);
+    state.attachments.clear();
+}
+
+/// Loads a conversation (with its idempotency keys) from the records.
+pub fn load_conversation(store: &dyn Store, id: ConversationId) -> Result<Option<Conversation>, Error> {
+    let Some(mut conv) = get::<Conversation>(store, &key::conversation(id))? else { return Ok(None) };
+    let prefix = key::keys_prefix(id);
+    for (k, seq) in all::<u64>(store, &prefix)? {
+        conv.keys.insert(String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), seq);
+    }
+    Ok(Some(conv))
+}
+
+/// The conversations a command names (other than through an offer).
+fn named_conversations(command: &Command) -> Vec<ConversationId> {
+    match command {
+        Command::PostClientMessage { conversation, .. }
+        | Command::CloseByClient { conversation }
+        | Command::Rate { conversation, .. }
+        | Command::PostOperatorMessage { conversation, .. }
+        | Command::Transfer { conversation, .. }
+        | Command::CloseByOperator { conversation, .. }
+        | Command::Reassign { conversation, .. }
+        | Command::MarkRead { conversation, .. } => vec![*conversation],
+        Command::StoreAttachment(attachment) => vec![attachment.conversation],
+        _ => vec![],
+    }
+}
+
+/// Whether deciding `command` may need records the hot state does not hold (a closed
+/// conversation, attachments). Such a command is not answered early by
+/// [`crate::core::precheck`]: the commit, which loads them, decides.
+pub fn needs_records(state: &ShardState, command: &Command) -> bool {
+    let cold = named_conversations(command).iter().any(|id| !state.conversations.contains_key(id));
+    let files = match command {
+        Command::PostClientMessage { attachments, .. } | Command::PostOperatorMessage { attachments, .. } => !attachments.is_empty(),
+        Command::StoreAttachment(_) => true,
+        _ => false,
+    };
+    cold || files
+}
+
+/// Brings into memory what `command` may read and the hot state does not hold: a
+/// closed conversation it names and the attachments of that conversation.
+pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) -> Result<(), Error> {
+    for id in named_conversations(command) {
+        if !state.conversations.contains_key(&id) {
+            if let Some(conv) = load_conversation(store, id)? {
+                state.conversations.insert(id, conv);
+            }
+        }
+        if matches!(command, Command::PostClientMessage { .. } | Command::PostOperatorMessage { .. } | Command::StoreAttachment(_)) {
+            for (_, attachment) in all::<Attachment>(store, &key::attachments_prefix(id))? {
+                state.attachments.insert(attachment.id.clone(), attachment);
+            }
+        }
+    }
+    if let Command::StoreAttachment(attachment) = command {
+        if let Some(found) = find_attachment(store, &attachment.id)? {
+            state.attachments.insert(found.id.clone(), found);
+        }
+    }
+    Ok(())
+}
+
+pub fn find_attachment(store: &dyn Store, id: &AttachmentId) -> Result<Option<Attachment>, Error> {
+    let Some(conv) = store.get(&key::attachment_index(id)).map_err(store_err)? else { return Ok(None) };
+    let conv = <[u8; 8]>::try_from(conv.as_slice()).map_err(|_| Error::Storage("a damaged attachment index".into()))?;
+    get(store, &key::attachment(ConversationId(u64::from_be_bytes(conv)), id))
+}
+
+pub fn attachments_of(store: &dyn Store, conversation: ConversationId) -> Result<Vec<Attachment>, Error> {
+    Ok(all::<Attachment>(store, &key::attachments_prefix(conversation))?.into_iter().map(|(_, a)| a).collect())
+}
+
+/// History entries of a conversation after `after`, at most `limit`.
+pub fn history(store: &dyn Store, conversation: ConversationId, after: u64, limit: usize) -> Result<Vec<HistoryEntry>, Error> {
+    let prefix = key::history_prefix(conversation);
+    let start = key::history(conversation, after);
+    let page = store.scan(&prefix, Some(&start), limit).map_err(store_err)?;
+    page.iter().map(|(_, v)| decode(v)).collect()
+}
+
+/// Feed entries of an operator after `after`, at most `limit`.
+pub fn feed(store: &dyn Store, operator: &OperatorId, after: u64, limit: usize) -> Result<Vec<FeedEntry>, Error> {
+    let page = store.scan(&key::feed_prefix(operator), Some(&key::feed(operator, after)), limit).map_err(store_err)?;
+    page.iter().map(|(_, v)| decode(v)).collect()
+}
+
+/// A visitor's most recent conversations, newest first, at most `limit`.
+pub fn conversations_of(store: &dyn Store, visitor: &str, limit: usize) -> Result<Vec<Conversation>, Error> {
+    let prefix = key::visitor_prefix(visitor);
+    let mut ids: Vec<ConversationId> = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.scan(&prefix, after.as_deref(), 1024).map_err(store_err)?;
+        let done = page.len() < 1024;
+        after = page.last().map(|(k, _)| k.clone());
+        for (k, _) in page {
+            if let Ok(id) = <[u8; 8]>::try_from(&k[prefix.len()..]) {
+                ids.push(ConversationId(u64::from_be_bytes(id)));
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    for id in ids.into_iter().rev().take(limit) {
+        if let Some(conv) = get::<Conversation>(store, &key::conversation(id))? {
+            out.push(conv);
+        }
+    }
+    Ok(out)
+}
+
+pub fn decision(store: &dyn Store, offer: OfferId) -> Result<Option<DecisionRecord>, Error> {
+    get(store, &key::decision(offer))
+}
+
+/// The hot state, rebuilt from the records.
+pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
+    let mut state = ShardState::default();
+    if let Some(meta) = get::<Meta>(store, key::META)? {
+        state.next_conversation = meta.next_conversation;
+        state.next_offer = meta.next_offer;
+        state.next_ticket = meta.next_ticket;
+        state.rules = meta.rules;
+        state.session_epochs = meta.session_epochs;
+        state.channel_public_groups = meta.channel_public_groups;
+    }
+    for (_, config) in all::<SkillGroupConfig>(store, b"g")? {
+        state.groups.insert(config.id.clone(), SkillGroup { config, queue: Default::default() });
+    }
+    for (_, op) in all::<Operator>(store, b"o")? {
+        state.operators.insert(op.config.id.clone(), op);
+    }
+    for (_, channel) in all::<ChannelConfig>(store, b"n")? {
+        state.channels.insert(channel.id.clone(), channel);
+    }
+    for (_, user) in all::<UserRecord>(store, b"u")? {
+        state.users.insert(user.login.clone(), user);
+    }
+    for (_, template) in all::<Template>(store, b"t")? {
+        state.templates.insert(template.id.clone(), template);
+    }
+    for (_, offer) in all::<Offer>(store, b"x")? {
+        state.offers.insert(offer.id, offer);
+    }
+    let open = store.scan(b"q", None, usize::MAX).map_err(store_err)?;
+    for (k, _) in open {
+        let id = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged open-conversation key".into()))?;
+        let id = ConversationId(u64::from_be_bytes(id));
+        let Some(conv) = load_conversation(store, id)? else { continue };
+        if let ConversationStatus::Queued { ticket, .. } = conv.status {
+            if let Some(group) = state.groups.get_mut(&conv.group) {
+                group.queue.insert((ticket, id));
+            }
+        }
+        state.conversations.insert(id, conv);
+    }
+    Ok(state)
+}
+
+/// The snapshot format of builds that kept the whole state in memory (JSON).
+#[derive(Deserialize)]
+struct LegacySnapshot {
+    v: u16,
+    state: serde_json::Value,
+}
+
+/// Turns a legacy snapshot (the whole shard state as one JSON value) into records.
+pub fn import_legacy(bytes: &[u8]) -> Result<Writes, Error> {
+    let legacy: LegacySnapshot =
+        serde_json::from_slice(bytes).map_err(|e| Error::Storage(format!("the legacy snapshot cannot be read: {e}")))?;
+    if legacy.v != 1 {
+        return Err(Error::Storage(format!("unknown legacy snapshot version {}", legacy.v)));
+    }
+    let raw = legacy.state;
+    let bad = |what: &str, e: serde_json::Error| Error::Storage(format!("the legacy snapshot's {what} cannot be read: {e}"));
+    let mut state: ShardState = serde_json::from_value(raw.clone()).map_err(|e| bad("state", e))?;
+    let field = |name: &str| raw.get(name).cloned().unwrap_or(serde_json::Value::Null);
+
+    #[derive(Deserialize)]
+    struct LegacyConversation {
+        id: ConversationId,
+        #[serde(default)]
+        history: Vec<HistoryEntry>,
+        #[serde(default)]
+        keys: BTreeMap<String, u64>,
+    }
+    let conversations: BTreeMap<String, LegacyConversation> =
+        serde_json::from_value(field("conversations")).map_err(|e| bad("conversations", e))?;
+    for legacy_conv in conversations.into_values() {
+        let Some(conv) = state.conversations.get_mut(&legacy_conv.id) else { continue };
+        conv.last_seq = legacy_conv.history.last().map_or(0, |e| e.seq);
+        conv.rated = legacy_conv.history.iter().any(|e| matches!(e.item, crate::state::HistoryItem::Rated { .. }));
+        conv.pending = legacy_conv.history;
+        for (k, seq) in legacy_conv.keys {
+            state.dirty.keys.push((conv.id, k.clone(), seq));
+            conv.keys.insert(k, seq);
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct LegacyOperator {
+        config: LegacyOperatorConfig,
+        #[serde(default)]
+        feed: LegacyFeed,
+    }
+    #[derive(Deserialize)]
+    struct LegacyOperatorConfig {
+        id: OperatorId,
+    }
+    #[derive(Default, Deserialize)]
+    struct LegacyFeed {
+        #[serde(default)]
+        entries: Vec<FeedEntry>,
+    }
+    let operators: BTreeMap<String, LegacyOperator> = serde_json::from_value(field("operators")).map_err(|e| bad("operators", e))?;
+    for legacy_op in operators.into_values() {
+        if let Some(op) = state.operators.get_mut(&legacy_op.config.id) {
+            op.feed.pending = legacy_op.feed.entries;
+        }
+    }
+    let decisions: BTreeMap<String, DecisionRecord> =
+        serde_json::from_value(field("decisions")).unwrap_or_default();
+    let attachments: BTreeMap<String, Attachment> = serde_json::from_value(field("attachments")).unwrap_or_default();
+
+    let dirty = &mut state.dirty;
+    dirty.meta = true;
+    dirty.groups = state.groups.keys().cloned().collect();
+    dirty.operators = state.operators.keys().cloned().collect();
+    dirty.conversations = state.conversations.keys().cloned().collect();
+    dirty.offers = state.offers.keys().cloned().collect();
+    dirty.channels = state.channels.keys().cloned().collect();
+    dirty.users = state.users.keys().cloned().collect();
+    dirty.templates = state.templates.keys().cloned().collect();
+    dirty.decisions = decisions.into_values().collect();
+    dirty.attachments = attachments.into_values().collect();
+    Ok(take_writes(&mut state)
+        .into_iter()
+        // An import writes into an empty tree: the removes `take_writes` adds for old
+        // feed entries and closed conversations have nothing to remove.
+        .filter(|(_, v)| v.is_some())
+        .collect())
+}
+
+/// Records kept in memory, in key order: where the pure core's tests and tools keep
+/// records; the node keeps them in the shard's Raft state tree.
+#[derive(Clone, Default)]
+pub struct MemStore {
+    map: std::sync::Arc<std::sync::RwLock<BTreeMap<Vec<u8>, Vec<u8>>>>,
+}
+
+impl MemStore {
+    pub fn write(&self, writes: Writes) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        for (key, value) in writes {
+            match value {
+                Some(value) => map.insert(key, value),
+                None => map.remove(&key),
+            };
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Store for MemStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        Ok(self.map.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned())
+    }
+
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+        use std::ops::Bound;
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let start = match after {
+            Some(after) => Bound::Excluded(after.to_vec()),
+            None => Bound::Included(prefix.to_vec()),
+        };
+        Ok(map
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+}
+
+/// Applies one command as the node's shard does: loads what it needs from `store`,
+/// decides and applies it, writes its records and drops what is not hot.
+pub fn run(state: &mut ShardState, store: &MemStore, envelope: &Envelope) -> Result<(crate::core::Reply, crate::core::Outcome), Error> {
+    prefetch(state, store, &envelope.command)?;
+    let result = crate::core::handle(state, envelope);
+    store.write(take_writes(state));
+    evict(state);
+    result
+}
