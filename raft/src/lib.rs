@@ -79,6 +79,9 @@ pub enum Error {
     Raft(String),
 }
 
+/// Bytes of a snapshot sent in one RPC.
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
+
 /// Entries between snapshots unless configured otherwise.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 5000;
 
@@ -101,6 +104,10 @@ pub fn config_with_snapshots(every: u64) -> Result<std::sync::Arc<openraft::Conf
         // them stay well inside one RPC (`network::MAX_RPC_BYTES`).
         max_payload_entries: 32,
         max_in_snapshot_log_to_keep: every / 5,
+        // A snapshot travels in chunks of 1 MiB, each written to the receiver's file as
+        // it arrives; a chunk may take a few seconds on a loaded link or a slow disk.
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+        install_snapshot_timeout: 5000,
         purge_batch_size: 1,
         ..Default::default()
     };

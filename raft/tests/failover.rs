@@ -229,6 +229,63 @@ async fn a_replica_joining_after_the_log_was_purged_gets_a_snapshot_over_quic() 
     Ok(())
 }
 
+/// A replica joining a group whose log was purged gets a snapshot of 200,000 messages
+/// (about 20 MB of records), streamed in chunks over QUIC into a file and loaded into
+/// its state tree from there, then serves the same records as the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_installs_a_snapshot_of_200000_messages_over_quic_and_matches_the_leader() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    let config = config_with_snapshots(100)?;
+    let first = start_replica_with(1, &certs, dir.path(), config.clone()).await?;
+    first.raft.initialize(BTreeMap::from([(1, addr(&first)?)])).await?;
+    wait_for_leader(&[&first], None).await?;
+    for _ in 0..200 {
+        first.raft.client_write(Request(common::messages(1000, 100))).await?;
+    }
+    // Dumping 20 MB in a debug build takes a while: up to 60 s.
+    for _ in 0..600 {
+        let m = first.raft.metrics().borrow().clone();
+        if m.snapshot.is_some_and(|s| s.index >= 190) && m.purged.is_some_and(|p| p.index >= 150) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let second = start_replica_with(2, &certs, dir.path(), config.clone()).await?;
+    first.raft.add_learner(2, addr(&second)?, false).await?;
+    for _ in 0..600 {
+        if second.journal.entries.lock().unwrap().len() >= 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let installed = second.raft.metrics().borrow().snapshot;
+    assert!(installed.is_some_and(|s| s.index >= 190), "the newcomer started from the leader's snapshot: {installed:?}");
+    let leader_records = first.journal.all_records();
+    let messages = leader_records.iter().filter(|(k, _)| k.first() == Some(&b'm')).count();
+    assert!(messages >= 200_000, "the leader holds {messages} messages");
+    let replica_records = second.journal.all_records();
+    assert_eq!(replica_records.len(), leader_records.len(), "as many records on the replica as on the leader");
+    assert!(replica_records == leader_records, "the replica's records are the leader's, byte for byte");
+
+    // It keeps applying after the install.
+    first.raft.client_write(Request(b"after".to_vec())).await?;
+    wait_until("the newcomer applying the next entry", || second.journal.entries.lock().unwrap().last().map(|e| e.as_slice()) == Some(b"after")).await?;
+    // The received snapshot went through a file: nothing partial is left behind.
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path().join("node-2-snapshots"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
+    for r in [&first, &second] {
+        r.raft.shutdown().await?;
+        r.endpoint.close(0u32.into(), b"done");
+    }
+    Ok(())
+}
+
 /// A client that trusts the cluster CA, so only the server's check can refuse it.
 fn client_trusting_cluster(certs: &std::path::Path, identity: Option<&tls::Identity>) -> anyhow::Result<quinn::ClientConfig> {
     use rustls::pki_types::pem::PemObject;

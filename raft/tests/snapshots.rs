@@ -129,3 +129,96 @@ async fn a_restart_after_a_crash_mid_snapshot_keeps_the_named_one_and_sweeps_the
     assert_eq!(sm.get_current_snapshot().await?.expect("current").meta.last_log_id.map(|l| l.index), Some(4));
     Ok(())
 }
+
+fn snapshot_files(dir: &Path) -> Vec<String> {
+    files(dir).into_iter().filter(|n| n.ends_with(".snapshot")).collect()
+}
+
+/// A snapshot received from a leader replaces whatever the replica held: its records,
+/// its applied index, its current snapshot. The received file is not left behind.
+#[tokio::test]
+async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir()?;
+    let leader_db = sled::open(dir.path().join("leader"))?;
+    let leader_journal = Arc::new(common::Journal::default());
+    let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &dir.path().join("leader-snapshots"))?;
+    apply(&mut leader, 1..=30).await?;
+    let built = leader.get_snapshot_builder().await.build_snapshot().await?;
+    let mut bytes = Vec::new();
+    let mut file = built.snapshot;
+    file.read_to_end(&mut bytes).await?;
+
+    let replica_snapshots = dir.path().join("replica-snapshots");
+    let replica_db = sled::open(dir.path().join("replica"))?;
+    let journal = Arc::new(common::Journal::default());
+    let (_log, mut replica) = open_group(&replica_db, 3, journal.clone(), &replica_snapshots)?;
+    apply(&mut replica, 1..=3).await?;
+    let mut receiving = replica.begin_receiving_snapshot().await?;
+    // Written in chunks, as openraft does with each chunk of the transfer.
+    for chunk in bytes.chunks(7) {
+        receiving.write_all(chunk).await?;
+    }
+    receiving.flush().await?;
+    replica.install_snapshot(&built.meta, receiving).await?;
+
+    assert_eq!(*journal.entries.lock().unwrap(), *leader_journal.entries.lock().unwrap());
+    assert_eq!(journal.all_records(), leader_journal.all_records());
+    let (applied, _) = replica.applied_state().await?;
+    assert_eq!(applied.map(|l| l.index), Some(30));
+    assert_eq!(replica.get_current_snapshot().await?.expect("current").meta.snapshot_id, built.meta.snapshot_id);
+    let left = files(&replica_snapshots);
+    assert_eq!(left.len(), 1, "only the kept snapshot, nothing received or partial: {left:?}");
+    Ok(())
+}
+
+/// The sled record that names the current snapshot, as the store writes it.
+#[derive(serde::Serialize)]
+struct SnapshotPointer {
+    meta: SnapshotMeta<NodeId, Node>,
+    file: String,
+}
+
+/// A crash while a received snapshot is loaded into the state tree leaves the tree
+/// half replaced under the installing mark. The next start loads the snapshot again
+/// from its file: nothing of the half-loaded or the older state survives.
+#[tokio::test]
+async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let leader_db = sled::open(dir.path().join("leader"))?;
+    let leader_snapshots = dir.path().join("leader-snapshots");
+    let leader_journal = Arc::new(common::Journal::default());
+    let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &leader_snapshots)?;
+    apply(&mut leader, 1..=30).await?;
+    let built = leader.get_snapshot_builder().await.build_snapshot().await?;
+    let name = snapshot_files(&leader_snapshots).pop().expect("a snapshot file");
+
+    let replica_snapshots = dir.path().join("replica-snapshots");
+    let replica_path = dir.path().join("replica");
+    {
+        let db = sled::open(&replica_path)?;
+        let (_log, mut replica) = open_group(&db, 3, Arc::new(common::Journal::default()), &replica_snapshots)?;
+        apply(&mut replica, 1..=3).await?;
+        drop(replica);
+        // What the install had done when the process died: the file kept and named,
+        // the mark set, the old records half cleared and some new ones loaded.
+        std::fs::copy(leader_snapshots.join(&name), replica_snapshots.join(&name))?;
+        let pointer = SnapshotPointer { meta: built.meta.clone(), file: name.clone() };
+        db.open_tree("g3/meta")?.insert("snapshot_file", bincode::serde::encode_to_vec(&pointer, bincode::config::standard())?)?;
+        let state = db.open_tree("g3/state")?;
+        state.insert("s/installing", name.as_bytes())?;
+        state.insert(b"re\0\0\0\0\0\0\0\x02", &b"half"[..])?;
+        state.insert(b"rhalf-loaded", &b"junk"[..])?;
+        db.flush()?;
+    }
+    let db = sled::open(&replica_path)?;
+    let journal = Arc::new(common::Journal::default());
+    let (_log, mut replica) = open_group(&db, 3, journal.clone(), &replica_snapshots)?;
+    assert_eq!(*journal.entries.lock().unwrap(), *leader_journal.entries.lock().unwrap(), "exactly the snapshot's entries");
+    assert_eq!(journal.all_records(), leader_journal.all_records());
+    assert!(db.open_tree("g3/state")?.get("rhalf-loaded")?.is_none());
+    assert!(db.open_tree("g3/state")?.get("s/installing")?.is_none(), "the mark is cleared once loaded");
+    let (applied, _) = replica.applied_state().await?;
+    assert_eq!(applied.map(|l| l.index), Some(30));
+    Ok(())
+}
