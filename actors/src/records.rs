@@ -29,7 +29,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::model::*;
-use crate::state::{Conversation, ConversationStatus, FeedEntry, HistoryEntry, Operator, ShardState, SkillGroup, FEED_RETAINED};
+use crate::state::{Conversation, ConversationStatus, FeedEntry, FeedItem, HistoryEntry, Operator, ShardState, SkillGroup, FEED_RETAINED};
 
 /// The version byte every record value starts with.
 pub const RECORD_VERSION: u8 = 1;
@@ -39,6 +39,16 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String>;
     /// Up to `limit` records under `prefix` in key order, after the full key `after`.
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String>;
+    /// The record with the greatest key under `prefix`.
+    fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, String>;
+}
+
+/// How a feed entry is stored: a mirrored history entry by reference (its text is in
+/// the conversation's history once), anything else whole.
+#[derive(Serialize, Deserialize)]
+enum FeedRecord {
+    Entry(FeedEntry),
+    Mirror { seq: u64, at: Timestamp, conversation: ConversationId, history: u64 },
 }
 
 /// Record writes of one command: a value to put, or `None` to remove the key.
@@ -221,28 +231,44 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
             None => removes.push(key::group(id)),
         }
     }
-    for id in &dirty.operators {
+    for id in dirty.feeds.union(&dirty.operators) {
         let Some(op) = state.operators.get_mut(id) else { continue };
         for entry in std::mem::take(&mut op.feed.pending) {
             if entry.seq > FEED_RETAINED as u64 {
                 removes.push(key::feed(id, entry.seq - FEED_RETAINED as u64));
             }
-            put(key::feed(id, entry.seq), encode(&entry));
+            let record = match entry.item {
+                FeedItem::Conversation { conversation, entry: mirrored } => {
+                    FeedRecord::Mirror { seq: entry.seq, at: entry.at, conversation, history: mirrored.seq }
+                }
+                item => FeedRecord::Entry(FeedEntry { seq: entry.seq, at: entry.at, item }),
+            };
+            put(key::feed(id, entry.seq), encode(&record));
         }
-        put(key::operator(id), encode(&*op));
+        if dirty.operators.contains(id) {
+            put(key::operator(id), encode(&*op));
+        }
     }
-    for id in &dirty.conversations {
+    for id in dirty.histories.union(&dirty.conversations) {
         let Some(conv) = state.conversations.get_mut(id) else { continue };
+        let mut started = false;
         for entry in std::mem::take(&mut conv.pending) {
-            if let (1, Some(visitor)) = (entry.seq, conv.visitor.id.as_ref()) {
-                put(key::visitor(visitor, *id), Vec::new());
+            if entry.seq == 1 {
+                started = true;
+                if let Some(visitor) = conv.visitor.id.as_ref() {
+                    put(key::visitor(visitor, *id), Vec::new());
+                }
             }
             put(key::history(*id, entry.seq), encode(&entry));
         }
-        put(key::conversation(*id), encode(&*conv));
+        if dirty.conversations.contains(id) || started {
+            put(key::conversation(*id), encode(&*conv));
+        }
         if conv.status == ConversationStatus::Closed {
-            removes.push(key::open(*id));
-        } else {
+            if dirty.conversations.contains(id) {
+                removes.push(key::open(*id));
+            }
+        } else if started {
             put(key::open(*id), Vec::new());
         }
     }
@@ -284,16 +310,40 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
     writes
 }
 
-/// Drops what only the command just applied needed: closed conversations and the
-/// attachments loaded for it. Their records stay.
-pub fn evict(state: &mut ShardState) {
-    state.conversations.retain(|_, c| c.status != ConversationStatus::Closed);
+/// Drops what only the command just applied needed: the closed conversations among
+/// `candidates` (those it named or changed) and the attachments loaded for it. Their
+/// records stay.
+pub fn evict(state: &mut ShardState, candidates: &[ConversationId]) {
+    for id in candidates {
+        if state.conversations.get(id).is_some_and(|c| c.status == ConversationStatus::Closed) {
+            state.conversations.remove(id);
+        }
+    }
     state.attachments.clear();
 }
 
-/// Loads a conversation (with its idempotency keys) from the records.
+/// The conversations a command may leave closed in memory: those it names, plus those
+/// its events changed (`state.dirty`, read before `take_writes`).
+pub fn eviction_candidates(state: &ShardState, command: &Command) -> Vec<ConversationId> {
+    let mut ids = named_conversations(command);
+    ids.extend(state.dirty.conversations.iter().copied());
+    ids
+}
+
+/// The sequence number of the last record under `prefix` whose key ends in a `u64`.
+fn last_seq(store: &dyn Store, prefix: &[u8]) -> Result<u64, Error> {
+    Ok(store
+        .last(prefix)
+        .map_err(store_err)?
+        .and_then(|(k, _)| k.len().checked_sub(8).and_then(|at| <[u8; 8]>::try_from(&k[at..]).ok()))
+        .map_or(0, u64::from_be_bytes))
+}
+
+/// Loads a conversation (with its idempotency keys) from the records. Its record is
+/// not rewritten for every message: the newest history entry gives `last_seq`.
 pub fn load_conversation(store: &dyn Store, id: ConversationId) -> Result<Option<Conversation>, Error> {
     let Some(mut conv) = get::<Conversation>(store, &key::conversation(id))? else { return Ok(None) };
+    conv.last_seq = conv.last_seq.max(last_seq(store, &key::history_prefix(id))?);
     let prefix = key::keys_prefix(id);
     for (k, seq) in all::<u64>(store, &prefix)? {
         conv.keys.insert(String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), seq);
@@ -371,10 +421,22 @@ pub fn history(store: &dyn Store, conversation: ConversationId, after: u64, limi
     page.iter().map(|(_, v)| decode(v)).collect()
 }
 
-/// Feed entries of an operator after `after`, at most `limit`.
+/// Feed entries of an operator after `after`, at most `limit`. A mirrored history
+/// entry whose conversation was deleted (retention) is left out.
 pub fn feed(store: &dyn Store, operator: &OperatorId, after: u64, limit: usize) -> Result<Vec<FeedEntry>, Error> {
     let page = store.scan(&key::feed_prefix(operator), Some(&key::feed(operator, after)), limit).map_err(store_err)?;
-    page.iter().map(|(_, v)| decode(v)).collect()
+    let mut out = Vec::with_capacity(page.len());
+    for (_, value) in page {
+        match decode::<FeedRecord>(&value)? {
+            FeedRecord::Entry(entry) => out.push(entry),
+            FeedRecord::Mirror { seq, at, conversation, history } => {
+                if let Some(entry) = get::<HistoryEntry>(store, &key::history(conversation, history))? {
+                    out.push(FeedEntry { seq, at, item: FeedItem::Conversation { conversation, entry } });
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A visitor's most recent conversations, newest first, at most `limit`.
@@ -422,7 +484,9 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     for (_, config) in all::<SkillGroupConfig>(store, b"g")? {
         state.groups.insert(config.id.clone(), SkillGroup { config, queue: Default::default() });
     }
-    for (_, op) in all::<Operator>(store, b"o")? {
+    for (_, mut op) in all::<Operator>(store, b"o")? {
+        // Not rewritten for every feed entry: the newest entry gives the position.
+        op.feed.last_seq = op.feed.last_seq.max(last_seq(store, &key::feed_prefix(&op.config.id))?);
         state.operators.insert(op.config.id.clone(), op);
     }
     for (_, channel) in all::<ChannelConfig>(store, b"n")? {
@@ -568,6 +632,15 @@ impl Store for MemStore {
         Ok(self.map.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned())
     }
 
+    fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, String> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        Ok(map
+            .range::<Vec<u8>, _>(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .last()
+            .map(|(k, v)| (k.clone(), v.clone())))
+    }
+
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
         use std::ops::Bound;
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
@@ -589,7 +662,8 @@ impl Store for MemStore {
 pub fn run(state: &mut ShardState, store: &MemStore, envelope: &Envelope) -> Result<(crate::core::Reply, crate::core::Outcome), Error> {
     prefetch(state, store, &envelope.command)?;
     let result = crate::core::handle(state, envelope);
+    let candidates = eviction_candidates(state, &envelope.command);
     store.write(take_writes(state));
-    evict(state);
+    evict(state, &candidates);
     result
 }

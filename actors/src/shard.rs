@@ -90,8 +90,9 @@ impl Shard {
             }
             match catch_panic(|| handle(&mut state, envelope)) {
                 Ok(result) => {
+                    let candidates = records::eviction_candidates(&state, &envelope.command);
                     writes.extend(records::take_writes(&mut state));
-                    records::evict(&mut state);
+                    records::evict(&mut state, &candidates);
                     result
                 }
                 // The write guard is still held while the process stops, so no reader

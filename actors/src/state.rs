@@ -66,8 +66,9 @@ pub struct Dirty {
     pub templates: BTreeSet<String>,
     /// Counters, rules, session epochs, public groups.
     pub meta: bool,
-    pub history: Vec<(ConversationId, HistoryEntry)>,
-    pub feed: Vec<(OperatorId, FeedEntry)>,
+    /// Conversations whose history grew; operators whose feed grew.
+    pub histories: BTreeSet<ConversationId>,
+    pub feeds: BTreeSet<OperatorId>,
     pub keys: Vec<(ConversationId, String, u64)>,
     pub decisions: Vec<DecisionRecord>,
     pub attachments: Vec<Attachment>,
@@ -271,15 +272,28 @@ impl ShardState {
         self.mark(event);
         let mut touched = Touched::default();
         self.apply_event(event, at, &mut touched);
-        self.dirty.operators.extend(touched.operators.iter().cloned());
-        self.dirty.conversations.extend(touched.conversations.iter().cloned());
+        // A touched stream may only have grown (a message, a mirrored feed entry): its
+        // new entries are written; its record only if `mark` noted a change.
+        self.dirty.feeds.extend(touched.operators.iter().cloned());
+        self.dirty.histories.extend(touched.conversations.iter().cloned());
         touched
     }
 
-    /// Notes the records an event changes (besides those `Touched` names).
+    /// Notes the records an event changes. Called before the event is applied, so it
+    /// sees who holds a conversation the event releases.
     fn mark(&mut self, event: &Event) {
         let dirty = &mut self.dirty;
+        let holder = |conversation: &ConversationId| self.conversations.get(conversation).and_then(|c| c.assigned().cloned());
         match event {
+            Event::ConversationTransferred { conversation, from, .. } => {
+                dirty.conversations.insert(*conversation);
+                dirty.operators.insert(from.clone());
+                dirty.operators.extend(holder(conversation));
+            }
+            Event::ConversationClosed { conversation, .. } | Event::ConversationReassigned { conversation, .. } => {
+                dirty.conversations.insert(*conversation);
+                dirty.operators.extend(holder(conversation));
+            }
             Event::SkillGroupUpserted(config) => {
                 dirty.groups.insert(config.id.clone());
             }
@@ -296,12 +310,10 @@ impl ShardState {
                 dirty.meta = true;
                 dirty.conversations.insert(*conversation);
             }
-            Event::ClientMessagePosted { conversation, .. }
-            | Event::OperatorMessagePosted { conversation, .. }
-            | Event::ConversationTransferred { conversation, .. }
-            | Event::ConversationClosed { conversation, .. }
-            | Event::ConversationRated { conversation, .. }
-            | Event::ConversationReassigned { conversation, .. }
+            // A message changes the conversation's history and keys, written from
+            // `pending` and `Dirty::keys`; its record is unchanged.
+            Event::ClientMessagePosted { .. } | Event::OperatorMessagePosted { .. } => {}
+            Event::ConversationRated { conversation, .. }
             | Event::ReadMarked { conversation, .. }
             | Event::RoundRestarted { conversation } => {
                 dirty.conversations.insert(*conversation);

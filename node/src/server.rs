@@ -141,6 +141,10 @@ impl switchboard_actors::records::Store for ShardRecords {
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
         self.0.scan(prefix, after, limit).map_err(|e| e.to_string())
     }
+
+    fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, String> {
+        self.0.last(prefix).map_err(|e| e.to_string())
+    }
 }
 
 /// A command waiting to be committed, and who waits for its result.
@@ -331,6 +335,8 @@ impl Backend for NodeBackend {
         let queued: usize = state.groups.values().map(|g| g.queue.len()).sum();
         let _ = writeln!(out, "# HELP switchboard_conversations_queued Conversations waiting in skill group queues.\n# TYPE switchboard_conversations_queued gauge");
         let _ = writeln!(out, "switchboard_conversations_queued {queued}");
+        let _ = writeln!(out, "# HELP switchboard_conversations_open Open conversations (queued or assigned): the ones held in memory; closed ones are read from disk.\n# TYPE switchboard_conversations_open gauge");
+        let _ = writeln!(out, "switchboard_conversations_open {}", state.conversations.len());
         // Per queue, as supervisors see it: what an SLA alert rule needs.
         let now = now_ms();
         let _ = writeln!(out, "# HELP switchboard_queue_waiting Conversations queued in a skill group (waiting or offered).\n# TYPE switchboard_queue_waiting gauge");

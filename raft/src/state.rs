@@ -82,6 +82,17 @@ impl Records {
         Ok(self.tree.get(stored(key))?.map(|v| v.to_vec()))
     }
 
+    /// The record with the greatest key starting with `prefix`.
+    pub fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, Error> {
+        match self.tree.scan_prefix(stored(prefix)).next_back() {
+            Some(item) => {
+                let (key, value) = item?;
+                Ok(Some((key[1..].to_vec(), value.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Up to `limit` records whose keys start with `prefix`, in key order, starting
     /// after `after` (a full key) when given.
     pub fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {

@@ -1,3 +1,4 @@
+#![allow(dead_code)]
 //! A tiny replicated journal used to exercise storage and transport on their own:
 //! every entry is kept as a record under its index, so replicas can be compared entry
 //! by entry.

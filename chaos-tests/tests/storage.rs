@@ -1,0 +1,98 @@
+//! State on disk, through the real binary: a closed conversation leaves memory but its
+//! history, rating and decision records stay readable, from the records, before and
+//! after a `kill -9` and restart; open conversations come back as they were.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchboard_chaos_tests::{eventually, Dev, WAIT};
+use switchboard_gateway::client::WsClient;
+
+fn metric(metrics: &Value, name: &str) -> Option<u64> {
+    metrics.as_str()?.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' '))).and_then(|v| v.trim().parse().ok())
+}
+
+async fn open_conversations(dev: &Dev) -> anyhow::Result<u64> {
+    let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;
+    metric(&metrics, "switchboard_conversations_open").ok_or_else(|| anyhow::anyhow!("no switchboard_conversations_open in /metrics"))
+}
+
+fn texts(conversation: &Value) -> Vec<String> {
+    conversation["history"]
+        .as_array()
+        .map(|h| h.iter().filter_map(|e| e["text"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+async fn send(ws: &mut WsClient, key: &str, text: &str) -> anyhow::Result<()> {
+    ws.send(&json!({"type": "send", "key": key, "text": text})).await?;
+    ws.wait_for(WAIT, |v| v["type"] == "ack" && v["key"] == key).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_conversation_is_read_from_disk_before_and_after_a_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data).await?;
+
+    // One conversation that will be closed and one that stays open.
+    let (mut closing, closed_id, closed_token) = dev.client("Closing").await?;
+    let (mut open, open_id, _) = dev.client("Staying").await?;
+    for n in 0..3 {
+        send(&mut closing, &format!("c{n}"), &format!("closing message {n}")).await?;
+    }
+    send(&mut open, "o0", "still here").await?;
+    assert_eq!(open_conversations(&dev).await?, 2);
+
+    closing.send(&json!({"type": "close"})).await?;
+    let supervisor = dev.login("supervisor").await?;
+    let path = format!("/api/conversations/{closed_id}");
+    let closed = eventually(WAIT, Duration::from_millis(50), || async {
+        let (status, body) = dev.api("GET", &path, Some(&supervisor), None).await?;
+        Ok((status == 200 && body["status"]["state"] == "closed").then_some(body))
+    })
+    .await?;
+    // It left memory; its history is read from the records.
+    assert_eq!(open_conversations(&dev).await?, 1, "only the open conversation stays in memory");
+    assert_eq!(texts(&closed), ["closing message 0", "closing message 1", "closing message 2"]);
+    let (status, decisions) = dev.api("GET", &format!("{path}/decisions"), Some(&supervisor), None).await?;
+    assert_eq!(status, 200, "{decisions}");
+
+    // The visitor comes back to rate it: resume finds it on disk, the rating commits.
+    drop(closing);
+    let mut again = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    again.send(&json!({"type": "resume", "token": closed_token, "last_seq": 0})).await?;
+    let resumed = again.wait_for(WAIT, |v| v["type"] == "resumed").await?;
+    assert_eq!(resumed["conversation"], closed_id);
+    let last_seq = resumed["last_seq"].as_u64().unwrap_or(0);
+    assert!(last_seq >= 5, "started, queued, three messages and the close: {resumed}");
+    again.send(&json!({"type": "rate", "score": 5, "comment": "thanks"})).await?;
+    eventually(WAIT, Duration::from_millis(50), || async {
+        let (_, body) = dev.api("GET", &path, Some(&supervisor), None).await?;
+        let rated = body["history"].as_array().is_some_and(|h| h.iter().any(|e| e["kind"] == "rated" && e["score"] == 5));
+        Ok(rated.then_some(()))
+    })
+    .await?;
+    // Rated once: a second rating is refused, decided from the record on disk.
+    again.send(&json!({"type": "rate", "score": 1})).await?;
+    let refused = again.wait_for(WAIT, |v| v["type"] == "error").await?;
+    assert_eq!(refused["code"], "invalid", "{refused}");
+    assert_eq!(open_conversations(&dev).await?, 1);
+    let before_restart = dev.api("GET", &path, Some(&supervisor), None).await?.1;
+    drop(again);
+    drop(open);
+
+    dev.kill9().await?;
+    let dev = Dev::start(&data).await?;
+    let supervisor = dev.login("supervisor").await?;
+    let (status, after) = dev.api("GET", &path, Some(&supervisor), None).await?;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["history"], before_restart["history"], "the closed conversation's history and rating survive the restart");
+    assert_eq!(after["status"]["state"], "closed");
+    assert_eq!(open_conversations(&dev).await?, 1, "the open conversation is back in memory, the closed one is not");
+    let (_, open_after) = dev.api("GET", &format!("/api/conversations/{open_id}"), Some(&supervisor), None).await?;
+    assert_eq!(texts(&open_after), ["still here"]);
+    assert_ne!(open_after["status"]["state"], "closed");
+    Ok(())
+}
