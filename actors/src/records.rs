@@ -13,7 +13,6 @@
 //! | `c` conversation | conversation routing fields, read marks, status (no history) |
 //! | `q` conversation | empty: the conversation is open (queued or assigned) |
 //! | `h` conversation seq | one history entry |
-//! | `k` conversation key | idempotency key -> the `u64` seq of the message it made |
 //! | `x` offer | pending offer |
 //! | `d` offer | the decision record of an offer |
 //! | `n` channel, `u` login, `t` template | directory |
@@ -29,7 +28,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::model::*;
-use crate::state::{Conversation, ConversationStatus, FeedEntry, FeedItem, HistoryEntry, Operator, ShardState, SkillGroup, FEED_RETAINED};
+use crate::state::{Conversation, ConversationStatus, FeedEntry, FeedItem, HistoryEntry, HistoryItem, Operator, ShardState, SkillGroup, FEED_RETAINED};
 
 /// The version byte every record value starts with.
 pub const RECORD_VERSION: u8 = 1;
@@ -114,12 +113,6 @@ pub mod key {
     }
     pub fn history(id: ConversationId, seq: u64) -> Vec<u8> {
         with_id(b'h', id.0, &seq.to_be_bytes())
-    }
-    pub fn keys_prefix(id: ConversationId) -> Vec<u8> {
-        with_id(b'k', id.0, &[])
-    }
-    pub fn idempotency(id: ConversationId, key: &str) -> Vec<u8> {
-        with_id(b'k', id.0, key.as_bytes())
     }
     pub fn offer(id: OfferId) -> Vec<u8> {
         with_id(b'x', id.0, &[])
@@ -272,9 +265,6 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
             put(key::open(*id), Vec::new());
         }
     }
-    for (conv, idem, seq) in &dirty.keys {
-        put(key::idempotency(*conv, idem), encode(seq));
-    }
     for id in &dirty.offers {
         match state.offers.get(id) {
             Some(offer) => put(key::offer(*id), encode(offer)),
@@ -339,14 +329,21 @@ fn last_seq(store: &dyn Store, prefix: &[u8]) -> Result<u64, Error> {
         .map_or(0, u64::from_be_bytes))
 }
 
-/// Loads a conversation (with its idempotency keys) from the records. Its record is
-/// not rewritten for every message: the newest history entry gives `last_seq`.
-pub fn load_conversation(store: &dyn Store, id: ConversationId) -> Result<Option<Conversation>, Error> {
+/// Loads a conversation from the records. Its record is not rewritten for every
+/// message: the newest history entry gives `last_seq`. With `keys`, its idempotency keys
+/// too, which are those of the messages in its history.
+pub fn load_conversation(store: &dyn Store, id: ConversationId, keys: bool) -> Result<Option<Conversation>, Error> {
     let Some(mut conv) = get::<Conversation>(store, &key::conversation(id))? else { return Ok(None) };
     conv.last_seq = conv.last_seq.max(last_seq(store, &key::history_prefix(id))?);
-    let prefix = key::keys_prefix(id);
-    for (k, seq) in all::<u64>(store, &prefix)? {
-        conv.keys.insert(String::from_utf8_lossy(&k[prefix.len()..]).into_owned(), seq);
+    if keys {
+        for (_, entry) in all::<HistoryEntry>(store, &key::history_prefix(id))? {
+            match entry.item {
+                HistoryItem::ClientMessage { key, .. } | HistoryItem::OperatorMessage { key, .. } => {
+                    conv.keys.insert(key, entry.seq);
+                }
+                _ => {}
+            }
+        }
     }
     Ok(Some(conv))
 }
@@ -385,7 +382,8 @@ pub fn needs_records(state: &ShardState, command: &Command) -> bool {
 pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) -> Result<(), Error> {
     for id in named_conversations(command) {
         if !state.conversations.contains_key(&id) {
-            if let Some(conv) = load_conversation(store, id)? {
+            let keys = matches!(command, Command::PostClientMessage { .. } | Command::PostOperatorMessage { .. });
+            if let Some(conv) = load_conversation(store, id, keys)? {
                 state.conversations.insert(id, conv);
             }
         }
@@ -505,7 +503,7 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     for (k, _) in open {
         let id = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged open-conversation key".into()))?;
         let id = ConversationId(u64::from_be_bytes(id));
-        let Some(conv) = load_conversation(store, id)? else { continue };
+        let Some(conv) = load_conversation(store, id, true)? else { continue };
         if let ConversationStatus::Queued { ticket, .. } = conv.status {
             if let Some(group) = state.groups.get_mut(&conv.group) {
                 group.queue.insert((ticket, id));
@@ -548,12 +546,9 @@ pub fn import_legacy(bytes: &[u8]) -> Result<Writes, Error> {
     for legacy_conv in conversations.into_values() {
         let Some(conv) = state.conversations.get_mut(&legacy_conv.id) else { continue };
         conv.last_seq = legacy_conv.history.last().map_or(0, |e| e.seq);
-        conv.rated = legacy_conv.history.iter().any(|e| matches!(e.item, crate::state::HistoryItem::Rated { .. }));
+        conv.rated = legacy_conv.history.iter().any(|e| matches!(e.item, HistoryItem::Rated { .. }));
         conv.pending = legacy_conv.history;
-        for (k, seq) in legacy_conv.keys {
-            state.dirty.keys.push((conv.id, k.clone(), seq));
-            conv.keys.insert(k, seq);
-        }
+        conv.keys = legacy_conv.keys;
     }
 
     #[derive(Deserialize)]

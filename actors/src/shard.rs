@@ -176,7 +176,7 @@ impl Shard {
         if let Some(conv) = self.read().conversations.get(&id) {
             return Ok(Some(conv.clone()));
         }
-        records::load_conversation(self.store()?.as_ref(), id)
+        records::load_conversation(self.store()?.as_ref(), id, false)
     }
 
     /// History entries after `after`, at most `limit`, in order.

@@ -69,7 +69,6 @@ pub struct Dirty {
     /// Conversations whose history grew; operators whose feed grew.
     pub histories: BTreeSet<ConversationId>,
     pub feeds: BTreeSet<OperatorId>,
-    pub keys: Vec<(ConversationId, String, u64)>,
     pub decisions: Vec<DecisionRecord>,
     pub attachments: Vec<Attachment>,
 }
@@ -188,8 +187,8 @@ pub struct Conversation {
     #[serde(skip)]
     pub pending: Vec<HistoryEntry>,
     /// Idempotency keys already used by the client and operators, with the sequence
-    /// number of the message each produced. Records of their own; loaded with the
-    /// conversation.
+    /// number of the message each produced. Held in memory while the conversation is
+    /// open; on disk they are the keys of the messages in its history.
     #[serde(skip)]
     pub keys: BTreeMap<String, u64>,
     /// Operators who declined or let an offer of this conversation expire during the
@@ -430,7 +429,6 @@ impl ShardState {
                 let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     conv.keys.insert(key.clone(), seq);
-                    self.dirty.keys.push((*conversation, key.clone(), seq));
                 }
             }
             Event::OperatorMessagePosted { conversation, operator, key, text, attachments } => {
@@ -445,7 +443,6 @@ impl ShardState {
                 let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     conv.keys.insert(key.clone(), seq);
-                    self.dirty.keys.push((*conversation, key.clone(), seq));
                 }
             }
             Event::OfferMade { offer, decision } => {

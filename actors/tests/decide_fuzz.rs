@@ -385,7 +385,7 @@ fn apply_checked(state: &mut ShardState, store: &MemStore, entry: &Envelope) -> 
                 }
                 other => panic!("a message reply to {other:?}"),
             };
-            let conv = records::load_conversation(store, conversation).expect("readable").expect("stored");
+            let conv = records::load_conversation(store, conversation, true).expect("readable").expect("stored");
             assert_eq!(conv.keys.get(key), Some(seq), "the reply names the entry the key produced");
             let history = records::history(store, conversation, 0, usize::MAX).expect("history");
             let at = &history[*seq as usize - 1].item;
