@@ -35,6 +35,8 @@ pub const MAX_ATTACHMENTS_PER_MESSAGE: usize = 5;
 /// make the blob store keep.
 pub const MAX_ATTACHMENTS_PER_CONVERSATION: usize = 50;
 pub const MAX_ATTACHMENT_BYTES_PER_CONVERSATION: u64 = 100 * 1024 * 1024;
+/// Longest retention a channel may set, in days (ten years).
+pub const MAX_RETENTION_DAYS: u32 = 3650;
 /// Tags a closed conversation may carry, and their length in characters.
 pub const MAX_TAGS: usize = 10;
 pub const MAX_TAG_CHARS: usize = 40;
@@ -277,6 +279,23 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 return Err(Error::NotFound(format!("user {login}")));
             }
             Ok((Reply::Done, vec![Event::SessionsEnded { login: login.clone() }]))
+        }
+        Command::SetChannelRetention { channel, days } => {
+            if !state.channels.contains_key(channel) {
+                return Err(Error::NotFound(format!("channel {channel}")));
+            }
+            if *days > MAX_RETENTION_DAYS {
+                return Err(Error::Invalid(format!("retention is at most {MAX_RETENTION_DAYS} days (0 keeps conversations)")));
+            }
+            Ok((Reply::Done, vec![Event::ChannelRetentionSet { channel: channel.clone(), days: *days }]))
+        }
+        Command::PurgeExpired { .. } => {
+            // What expired was read from the records before this entry (records.rs),
+            // the same on every replica.
+            if state.expired.is_empty() {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::ConversationsDeleted { conversations: state.expired.clone() }]))
         }
         Command::SetChannelPublicGroups { channel, groups } => {
             if !state.channels.contains_key(channel) {

@@ -307,6 +307,17 @@ pub enum Command {
         channel: ChannelId,
         groups: Vec<SkillGroupId>,
     },
+    /// How long a channel's closed conversations are kept, in days; 0 keeps them.
+    SetChannelRetention {
+        channel: ChannelId,
+        days: u32,
+    },
+    /// Deletes the closed conversations whose channel's retention has run out as of
+    /// `as_of` (history, rating, decision records, attachments), a bounded number per
+    /// entry. Proposed by the node's retention timer, never by a client.
+    PurgeExpired {
+        as_of: Timestamp,
+    },
 }
 
 /// Who read a conversation.
@@ -502,5 +513,13 @@ pub enum Event {
     ChannelPublicGroupsSet {
         channel: ChannelId,
         groups: Vec<SkillGroupId>,
+    },
+    ChannelRetentionSet {
+        channel: ChannelId,
+        days: u32,
+    },
+    /// Closed conversations past their retention, deleted with everything they held.
+    ConversationsDeleted {
+        conversations: Vec<ConversationId>,
     },
 }

@@ -18,6 +18,7 @@
 //! | `n` channel, `u` login, `t` template | directory |
 //! | `a` conversation attachment | attachment record; `A` attachment -> conversation |
 //! | `v` len:u16 visitor conversation | empty: the visitor's conversations, oldest first |
+//! | `e` len:u16 channel closed_at conversation | empty: closed conversations by channel and close time (retention) |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
 //! of the record. A reader refuses a version it does not know (docs/formats.md).
@@ -62,7 +63,12 @@ pub struct Meta {
     pub rules: u32,
     pub session_epochs: BTreeMap<String, u64>,
     pub channel_public_groups: BTreeMap<ChannelId, Vec<SkillGroupId>>,
+    pub channel_retention: BTreeMap<ChannelId, u32>,
 }
+
+/// Conversations one `PurgeExpired` entry deletes at most: an entry's work stays
+/// bounded; the timer proposes the next one while some are left.
+pub const PURGE_BATCH: usize = 500;
 
 pub mod key {
     use crate::model::*;
@@ -147,6 +153,19 @@ pub mod key {
         key.extend_from_slice(&conversation.0.to_be_bytes());
         key
     }
+    pub fn closed_prefix(channel: &ChannelId) -> Vec<u8> {
+        let name = channel.0.as_bytes();
+        let mut key = vec![b'e'];
+        key.extend_from_slice(&(name.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        key.extend_from_slice(name);
+        key
+    }
+    pub fn closed(channel: &ChannelId, at: Timestamp, conversation: ConversationId) -> Vec<u8> {
+        let mut key = closed_prefix(channel);
+        key.extend_from_slice(&at.0.to_be_bytes());
+        key.extend_from_slice(&conversation.0.to_be_bytes());
+        key
+    }
     pub fn attachment_index(id: &AttachmentId) -> Vec<u8> {
         with(b'A', id.0.as_bytes())
     }
@@ -214,6 +233,7 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
                 rules: state.rules,
                 session_epochs: state.session_epochs.clone(),
                 channel_public_groups: state.channel_public_groups.clone(),
+                channel_retention: state.channel_retention.clone(),
             }),
         );
     }
@@ -251,6 +271,9 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
                 if let Some(visitor) = conv.visitor.id.as_ref() {
                     put(key::visitor(visitor, *id), Vec::new());
                 }
+            }
+            if matches!(entry.item, HistoryItem::Closed { .. }) {
+                put(key::closed(&conv.channel, entry.at, *id), Vec::new());
             }
             put(key::history(*id, entry.seq), encode(&entry));
         }
@@ -296,6 +319,9 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         put(key::attachment(attachment.conversation, &attachment.id), encode(attachment));
         put(key::attachment_index(&attachment.id), attachment.conversation.0.to_be_bytes().to_vec());
     }
+    if dirty.purge {
+        removes.append(&mut state.expired_keys);
+    }
     writes.extend(removes.into_iter().map(|k| (k, None)));
     writes
 }
@@ -310,6 +336,9 @@ pub fn evict(state: &mut ShardState, candidates: &[ConversationId]) {
         }
     }
     state.attachments.clear();
+    state.expired.clear();
+    state.expired_keys.clear();
+    state.expired_attachments.clear();
 }
 
 /// The conversations a command may leave closed in memory: those it names, plus those
@@ -371,7 +400,7 @@ pub fn needs_records(state: &ShardState, command: &Command) -> bool {
     let cold = named_conversations(command).iter().any(|id| !state.conversations.contains_key(id));
     let files = match command {
         Command::PostClientMessage { attachments, .. } | Command::PostOperatorMessage { attachments, .. } => !attachments.is_empty(),
-        Command::StoreAttachment(_) => true,
+        Command::StoreAttachment(_) | Command::PurgeExpired { .. } => true,
         _ => false,
     };
     cold || files
@@ -393,9 +422,71 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
             }
         }
     }
+    if let Command::PurgeExpired { as_of } = command {
+        find_expired(state, store, *as_of)?;
+    }
     if let Command::StoreAttachment(attachment) = command {
         if let Some(found) = find_attachment(store, &attachment.id)? {
             state.attachments.insert(found.id.clone(), found);
+        }
+    }
+    Ok(())
+}
+
+/// The closed conversations past their channel's retention as of `as_of` (at most
+/// [`PURGE_BATCH`]), with the keys of every record they hold and their attachments.
+fn find_expired(state: &mut ShardState, store: &dyn Store, as_of: Timestamp) -> Result<(), Error> {
+    let retention: Vec<(ChannelId, u32)> = state.channel_retention.iter().map(|(c, d)| (c.clone(), *d)).collect();
+    for (channel, days) in retention {
+        let cutoff = as_of.0.saturating_sub(u64::from(days) * 86_400_000);
+        let prefix = key::closed_prefix(&channel);
+        let room = PURGE_BATCH.saturating_sub(state.expired.len());
+        if room == 0 {
+            break;
+        }
+        for (k, _) in store.scan(&prefix, None, room).map_err(store_err)? {
+            let tail = &k[prefix.len()..];
+            let (Ok(at), Ok(id)) = (<[u8; 8]>::try_from(&tail[..8.min(tail.len())]), <[u8; 8]>::try_from(&tail[8.min(tail.len())..])) else {
+                continue;
+            };
+            if u64::from_be_bytes(at) >= cutoff {
+                break;
+            }
+            let id = ConversationId(u64::from_be_bytes(id));
+            state.expired_keys.push(k.clone());
+            collect_conversation_keys(state, store, id)?;
+            state.expired.push(id);
+        }
+    }
+    Ok(())
+}
+
+fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: ConversationId) -> Result<(), Error> {
+    if let Some(conv) = get::<Conversation>(store, &key::conversation(id))? {
+        state.expired_keys.extend(conv.decisions.iter().map(|offer| key::decision(*offer)));
+        if let Some(visitor) = conv.visitor.id.as_ref() {
+            state.expired_keys.push(key::visitor(visitor, id));
+        }
+    }
+    state.expired_keys.push(key::conversation(id));
+    state.expired_keys.push(key::open(id));
+    for prefix in [key::history_prefix(id), key::attachments_prefix(id)] {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = store.scan(&prefix, after.as_deref(), 1024).map_err(store_err)?;
+            let done = page.len() < 1024;
+            after = page.last().map(|(k, _)| k.clone());
+            for (k, v) in page {
+                if k.first() == Some(&b'a') {
+                    let attachment: Attachment = decode(&v)?;
+                    state.expired_keys.push(key::attachment_index(&attachment.id));
+                    state.expired_attachments.push(attachment.id);
+                }
+                state.expired_keys.push(k);
+            }
+            if done {
+                break;
+            }
         }
     }
     Ok(())
@@ -478,6 +569,7 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
         state.rules = meta.rules;
         state.session_epochs = meta.session_epochs;
         state.channel_public_groups = meta.channel_public_groups;
+        state.channel_retention = meta.channel_retention;
     }
     for (_, config) in all::<SkillGroupConfig>(store, b"g")? {
         state.groups.insert(config.id.clone(), SkillGroup { config, queue: Default::default() });

@@ -41,6 +41,10 @@ pub struct Shard {
     early: Mutex<Vec<Notice>>,
     /// Notices of applied commands whose records are not written yet.
     unpublished: Mutex<Vec<Notice>>,
+    /// Attachments whose records a retention purge deleted, for the blob store to
+    /// delete once the records are gone.
+    deleted_attachments: Mutex<Vec<AttachmentId>>,
+    on_deleted_attachments: OnceLock<Box<dyn Fn(Vec<AttachmentId>) + Send + Sync>>,
 }
 
 impl Default for Shard {
@@ -57,6 +61,8 @@ impl Shard {
             supervisor: OnceLock::new(),
             early: Mutex::new(Vec::new()),
             unpublished: Mutex::new(Vec::new()),
+            deleted_attachments: Mutex::new(Vec::new()),
+            on_deleted_attachments: OnceLock::new(),
         }
     }
 
@@ -91,6 +97,10 @@ impl Shard {
             match catch_panic(|| handle(&mut state, envelope)) {
                 Ok(result) => {
                     let candidates = records::eviction_candidates(&state, &envelope.command);
+                    if result.is_ok() && !state.expired_attachments.is_empty() {
+                        let files = std::mem::take(&mut state.expired_attachments);
+                        self.deleted_attachments.lock().unwrap_or_else(|p| p.into_inner()).extend(files);
+                    }
                     writes.extend(records::take_writes(&mut state));
                     records::evict(&mut state, &candidates);
                     result
@@ -119,6 +129,19 @@ impl Shard {
         for notice in notices {
             self.notify(notice);
         }
+        let files = std::mem::take(&mut *self.deleted_attachments.lock().unwrap_or_else(|p| p.into_inner()));
+        if !files.is_empty() {
+            match self.on_deleted_attachments.get() {
+                Some(delete) => delete(files),
+                None => tracing::warn!(count = files.len(), "attachment files of purged conversations are left: no blob store attached"),
+            }
+        }
+    }
+
+    /// Who deletes the files of attachments a retention purge deleted (the node's blob
+    /// store). Called after the records are written, outside the apply.
+    pub fn on_deleted_attachments(&self, delete: impl Fn(Vec<AttachmentId>) + Send + Sync + 'static) {
+        let _ = self.on_deleted_attachments.set(Box::new(delete));
     }
 
     fn notify(&self, notice: Notice) {

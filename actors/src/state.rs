@@ -49,6 +49,17 @@ pub struct ShardState {
     /// Per channel, the groups its public widget may start in besides the default.
     #[serde(default)]
     pub channel_public_groups: BTreeMap<ChannelId, Vec<SkillGroupId>>,
+    /// Per channel, days its closed conversations are kept (absent: kept).
+    #[serde(default)]
+    pub channel_retention: BTreeMap<ChannelId, u32>,
+    /// For a `PurgeExpired` being applied: the conversations that expired, the keys of
+    /// all their records and their attachments, read from the records before it.
+    #[serde(skip)]
+    pub expired: Vec<ConversationId>,
+    #[serde(skip)]
+    pub expired_keys: Vec<Vec<u8>>,
+    #[serde(skip)]
+    pub expired_attachments: Vec<AttachmentId>,
     /// What the events applied since the last write changed, to be written as records.
     #[serde(skip)]
     pub dirty: Dirty,
@@ -64,8 +75,10 @@ pub struct Dirty {
     pub channels: BTreeSet<ChannelId>,
     pub users: BTreeSet<String>,
     pub templates: BTreeSet<String>,
-    /// Counters, rules, session epochs, public groups.
+    /// Counters, rules, session epochs, public groups, retention.
     pub meta: bool,
+    /// The expired conversations' records go (`ShardState::expired_keys`).
+    pub purge: bool,
     /// Conversations whose history grew; operators whose feed grew.
     pub histories: BTreeSet<ConversationId>,
     pub feeds: BTreeSet<OperatorId>,
@@ -346,7 +359,10 @@ impl ShardState {
                 dirty.operators.extend(self.operators.values().filter(|o| o.favourites.contains(id)).map(|o| o.config.id.clone()));
             }
             Event::AttachmentStored(attachment) => dirty.attachments.push(attachment.clone()),
-            Event::RulesAdopted { .. } | Event::SessionsEnded { .. } | Event::ChannelPublicGroupsSet { .. } => dirty.meta = true,
+            Event::RulesAdopted { .. } | Event::SessionsEnded { .. } | Event::ChannelPublicGroupsSet { .. } | Event::ChannelRetentionSet { .. } => {
+                dirty.meta = true
+            }
+            Event::ConversationsDeleted { .. } => dirty.purge = true,
         }
     }
 
@@ -623,6 +639,18 @@ impl ShardState {
             }
             Event::SessionsEnded { login } => {
                 *self.session_epochs.entry(login.clone()).or_insert(0) += 1;
+            }
+            Event::ChannelRetentionSet { channel, days } => {
+                if *days == 0 {
+                    self.channel_retention.remove(channel);
+                } else {
+                    self.channel_retention.insert(channel.clone(), *days);
+                }
+            }
+            Event::ConversationsDeleted { conversations } => {
+                for id in conversations {
+                    self.conversations.remove(id);
+                }
             }
             Event::ChannelPublicGroupsSet { channel, groups } => {
                 if groups.is_empty() {

@@ -163,6 +163,8 @@ fn render(event: &Event) -> String {
         Event::RoundRestarted { conversation } => format!("new round for {conversation}"),
         Event::ReadMarked { conversation, by, upto } => format!("{by:?} read {conversation} up to #{upto}"),
         Event::RulesAdopted { version } => format!("rules {version} from here on"),
+        Event::ChannelRetentionSet { channel, days } => format!("{channel} keeps closed conversations {days} days"),
+        Event::ConversationsDeleted { conversations } => format!("deleted {conversations:?}"),
     }
 }
 

@@ -96,3 +96,78 @@ async fn a_closed_conversation_is_read_from_disk_before_and_after_a_restart() ->
     assert_ne!(open_after["status"]["state"], "closed");
     Ok(())
 }
+
+fn stored_files(dev: &Dev) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(dev.data_dir.join("attachments"))?.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_file())).count())
+}
+
+/// A channel's retention deletes its closed conversations once they are older than it:
+/// history, rating, decision records, the attachment record and the file. It runs as a
+/// committed command, so it is the same on every replica and survives a restart; open
+/// conversations and younger ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_expired_conversations_with_their_files() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data).await?;
+    let admin = dev.login("admin").await?;
+    let supervisor = dev.login("supervisor").await?;
+
+    let (mut expiring, expiring_id, token) = dev.client("Expiring").await?;
+    let (status, upload) = switchboard_chaos_tests::client_upload(&dev, &token, "note.txt", "text/plain", b"a note").await?;
+    assert_eq!(status, 201, "{upload}");
+    let attachment = upload["id"].as_str().unwrap_or_default().to_owned();
+    expiring.send(&json!({"type": "send", "key": "k", "text": "see attached", "attachments": [attachment]})).await?;
+    expiring.wait_for(WAIT, |v| v["type"] == "ack").await?;
+    expiring.send(&json!({"type": "close"})).await?;
+    let (mut staying, staying_id, _) = dev.client("Staying").await?;
+    send(&mut staying, "s", "open and kept").await?;
+    let path = format!("/api/conversations/{expiring_id}");
+    eventually(WAIT, Duration::from_millis(50), || async {
+        let (_, body) = dev.api("GET", &path, Some(&supervisor), None).await?;
+        Ok((body["status"]["state"] == "closed").then_some(()))
+    })
+    .await?;
+    assert_eq!(stored_files(&dev)?, 1);
+
+    // Keep the web channel's closed conversations one day.
+    let (_, channels) = dev.api("GET", "/api/channels", Some(&admin), None).await?;
+    let web = channels["channels"].as_array().and_then(|c| c.iter().find(|c| c["id"] == "web")).cloned().unwrap_or_default();
+    let body = json!({"kind": web["kind"], "name": web["name"], "default_group": web["default_group"], "retention_days": 1});
+    let (status, reply) = dev.api("PUT", "/api/channels/web", Some(&admin), Some(body)).await?;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["retention_days"], 1);
+
+    // Not yet a day old: the purge keeps it.
+    let (status, reply) = dev.api("POST", "/api/chaos/purge", Some(&admin), Some(json!({}))).await?;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(dev.api("GET", &path, Some(&supervisor), None).await?.0, 200);
+
+    // Two days on, it is gone with its file; the open conversation stays.
+    let later = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64 + 2 * 86_400_000;
+    let (status, reply) = dev.api("POST", "/api/chaos/purge", Some(&admin), Some(json!({"as_of": later}))).await?;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(dev.api("GET", &path, Some(&supervisor), None).await?.0, 404);
+    assert_eq!(dev.api("GET", &format!("/api/attachments/{attachment}"), Some(&supervisor), None).await?.0, 404);
+    eventually(WAIT, Duration::from_millis(50), || async { Ok((stored_files(&dev)? == 0).then_some(())) }).await?;
+    let (status, open) = dev.api("GET", &format!("/api/conversations/{staying_id}"), Some(&supervisor), None).await?;
+    assert_eq!(status, 200, "{open}");
+    assert_eq!(texts(&open), ["open and kept"]);
+    // The visitor's token no longer finds it.
+    let mut again = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    again.send(&json!({"type": "resume", "token": token, "last_seq": 0})).await?;
+    let refused = again.wait_for(WAIT, |v| v["type"] == "error").await?;
+    assert_eq!(refused["code"], "not_found", "{refused}");
+    drop((expiring, staying, again));
+
+    // Deleted for good: a restart does not bring it back; the setting stays.
+    dev.kill9().await?;
+    let dev = Dev::start(&data).await?;
+    let supervisor = dev.login("supervisor").await?;
+    assert_eq!(dev.api("GET", &path, Some(&supervisor), None).await?.0, 404);
+    let admin = dev.login("admin").await?;
+    let (_, channels) = dev.api("GET", "/api/channels", Some(&admin), None).await?;
+    let web = channels["channels"].as_array().and_then(|c| c.iter().find(|c| c["id"] == "web")).cloned().unwrap_or_default();
+    assert_eq!(web["retention_days"], 1, "{web}");
+    Ok(())
+}

@@ -64,6 +64,7 @@ impl Drop for Partial {
 }
 
 /// Files by id in one folder; ids are random hex, never derived from user input.
+#[derive(Clone)]
 pub struct BlobStore {
     dir: PathBuf,
 }

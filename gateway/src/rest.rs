@@ -43,6 +43,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/conversations/{id}", get(conversation))
         .route("/api/conversations/{id}/decisions", get(decisions))
         .route("/api/chaos/crash-actor", post(crash_actor))
+        .route("/api/chaos/purge", post(purge_drill))
         .route("/api/conversations/{id}/reassign", post(reassign))
         .route("/api/templates", get(list_templates))
         .route("/api/templates/{id}", put(put_template).delete(delete_template))
@@ -317,6 +318,7 @@ async fn put_operator(
 fn channel_view(state: &switchboard_actors::state::ShardState, config: &ChannelConfig) -> Value {
     let mut view = json!(config);
     view["public_groups"] = json!(state.channel_public_groups.get(&config.id).cloned().unwrap_or_default());
+    view["retention_days"] = json!(state.channel_retention.get(&config.id).copied().unwrap_or(0));
     view
 }
 
@@ -342,6 +344,9 @@ struct ChannelBody {
     /// leaves them as they are.
     #[serde(default)]
     public_groups: Option<Vec<String>>,
+    /// Days closed conversations are kept, then deleted (0: kept); absent leaves it.
+    #[serde(default)]
+    retention_days: Option<u32>,
 }
 
 async fn put_channel(
@@ -356,6 +361,9 @@ async fn put_channel(
     if let Some(groups) = body.public_groups {
         let groups = groups.into_iter().map(SkillGroupId::new).collect();
         gw.submit(Command::SetChannelPublicGroups { channel: config.id.clone(), groups }).await?;
+    }
+    if let Some(days) = body.retention_days {
+        gw.submit(Command::SetChannelRetention { channel: config.id.clone(), days }).await?;
     }
     Ok(Json(channel_json(&gw, &config)))
 }
@@ -490,6 +498,26 @@ async fn crash_actor(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): B
         return Err(GatewayError::NotFound(format!("no running actor for {label}")));
     }
     Ok((axum::http::StatusCode::ACCEPTED, Json(json!({"status": "crash requested"}))).into_response())
+}
+
+#[derive(Deserialize)]
+struct PurgeBody {
+    /// Purge as if it were this time (ms since the epoch), to see retention work
+    /// without waiting days; now when absent.
+    #[serde(default)]
+    as_of: Option<u64>,
+}
+
+/// Chaos drill: runs the retention purge now (or as of a later time), as the leader's
+/// timer does.
+async fn purge_drill(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<PurgeBody>) -> Result<Response, GatewayError> {
+    staff.require(Role::Admin)?;
+    if !gw.config.chaos_drills {
+        return Err(GatewayError::NotFound("chaos drills are off on this node (start it with --enable-chaos-drills)".into()));
+    }
+    let as_of = body.as_of.map(switchboard_actors::model::Timestamp).unwrap_or_else(switchboard_actors::actors::now_ms);
+    gw.submit(Command::PurgeExpired { as_of }).await?;
+    Ok(Json(json!({"status": "purged", "as_of": as_of.0})).into_response())
 }
 
 /// Other conversations of the same visitor, most recent first: the client card.

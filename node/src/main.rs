@@ -56,6 +56,10 @@ struct Listeners {
     /// Raft entries between state snapshots (the log before them is purged).
     #[arg(long, default_value_t = switchboard_raft::DEFAULT_SNAPSHOT_EVERY)]
     snapshot_every: u64,
+    /// How often the leader deletes closed conversations past their channel's
+    /// retention (up to 500 each time), in seconds.
+    #[arg(long, default_value_t = 60)]
+    retention_check_s: u64,
     #[command(flatten)]
     edge: EdgeArgs,
 }
@@ -163,6 +167,7 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
         client_origins: listeners.client_origins,
         staff_origins: listeners.staff_origins,
         snapshot_every: listeners.snapshot_every,
+        retention_every: std::time::Duration::from_secs(listeners.retention_check_s.max(1)),
         budgets: switchboard_gateway::Budgets {
             starts_per_minute: edge.starts_per_minute,
             client_messages_per_minute: edge.client_messages_per_minute,

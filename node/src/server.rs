@@ -381,6 +381,8 @@ pub struct NodeOptions {
     pub staff_origins: Vec<String>,
     /// Raft entries between snapshots.
     pub snapshot_every: u64,
+    /// Between retention purges on the leader.
+    pub retention_every: Duration,
     /// What one client address may use.
     pub budgets: Budgets,
     /// Bounds on every connection of both listeners.
@@ -516,15 +518,45 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
     };
     let blobs = switchboard_gateway::attachments::BlobStore::open(options.data_dir.join("attachments"))?;
     let gateway = Gateway::new(backend, token_key(&options.data_dir)?, blobs, config);
+    {
+        // Attachment files follow their conversation out when retention deletes it.
+        let blobs = gateway.blobs.clone();
+        shard.on_deleted_attachments(move |ids| {
+            let blobs = blobs.clone();
+            tokio::spawn(async move {
+                for id in ids {
+                    blobs.remove(&id).await;
+                }
+            });
+        });
+    }
+    let retention = tokio::spawn(retention_timer(raft.clone(), proposer.clone(), options.node_id, options.retention_every));
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let listeners = vec![
         serve_http(public, switchboard_gateway::public_router(gateway.clone()), &gateway, options.connections, shutdown_rx.clone()),
         serve_http(private, switchboard_gateway::private_router(gateway.clone()), &gateway, options.connections, shutdown_rx),
         rpc_server,
         leadership,
+        retention,
     ];
     info!(%public_addr, %private_addr, %raft_addr, "node started");
     Ok(RunningNode { raft, proposer, gateway, shard, public_addr, private_addr, endpoint, db, listeners, shutdown })
+}
+
+/// On the leader, proposes `PurgeExpired` as of now every `every`: each deletes up to
+/// `records::PURGE_BATCH` expired conversations.
+async fn retention_timer(raft: Raft, proposer: RaftProposer, node_id: u64, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if raft.metrics().borrow().current_leader != Some(node_id) {
+            continue;
+        }
+        if let Err(e) = proposer.submit(Command::PurgeExpired { as_of: now_ms() }).await {
+            tracing::warn!(error = %e, "retention purge failed; retrying at the next tick");
+        }
+    }
 }
 
 fn serve_http(
