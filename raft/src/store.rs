@@ -249,6 +249,10 @@ struct AppliedState {
 
 const LEGACY_SNAPSHOT_KEY: &str = "snapshot";
 const SNAPSHOT_KEY: &str = "snapshot_file";
+/// The newest snapshot point (ADR 0004): the records as of this log id are durable,
+/// so the log before it may be purged. A file of it is made only when a replica needs
+/// one.
+const SNAPSHOT_AT_KEY: &str = "snapshot_at";
 
 /// The folder a group's snapshot files live in.
 #[derive(Clone)]
@@ -333,6 +337,9 @@ pub struct StateMachineStore {
     building: Arc<Mutex<()>>,
     /// The file the snapshot being received is written to.
     receiving: Arc<std::sync::Mutex<Option<PathBuf>>>,
+    /// Whether openraft asked for the current snapshot since this store was opened: its
+    /// first question, at start, reads only the snapshot's metadata.
+    asked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn storage(e: impl std::fmt::Display) -> crate::Error {
@@ -411,6 +418,7 @@ impl StateMachineStore {
             snapshots,
             building: Arc::new(Mutex::new(())),
             receiving: Arc::new(std::sync::Mutex::new(None)),
+            asked: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -449,20 +457,35 @@ impl StateMachineStore {
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+fn snapshot_meta(inner: &mut SmInner) -> SnapshotMeta<NodeId, Node> {
+    inner.snapshot_seq += 1;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let snapshot_id = match inner.last_applied {
+        Some(last) => format!("{}-{}-{}-{stamp}", last.leader_id, last.index, inner.snapshot_seq),
+        None => format!("--{}-{stamp}", inner.snapshot_seq),
+    };
+    SnapshotMeta { last_log_id: inner.last_applied, last_membership: inner.membership.clone(), snapshot_id }
+}
+
+/// A snapshot whose data is not read: what openraft's first question at start gets.
+async fn metadata_only(meta: SnapshotMeta<NodeId, Node>) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+    let empty = tokio::fs::File::open("/dev/null").await.map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+    Ok(Some(Snapshot { meta, snapshot: Box::new(empty) }))
+}
+
+impl StateMachineStore {
+    /// Writes a file of the records as of the last applied entry: captured between two
+    /// applies, then dumped (copy on write, see `state.rs`) while applies go on. Returns
+    /// its metadata; `reuse` names it when it covers exactly that entry.
+    async fn materialize(&self, reuse: Option<SnapshotMeta<NodeId, Node>>) -> StorageResult<()> {
         let _building = self.building.lock().await;
-        // Captured between two applies, so the records and `last_applied` agree; the
-        // dump is written while entries go on being applied.
         let meta = {
             let mut inner = self.inner.lock().await;
             self.state.begin_capture();
-            inner.snapshot_seq += 1;
-            let snapshot_id = match inner.last_applied {
-                Some(last) => format!("{}-{}-{}", last.leader_id, last.index, inner.snapshot_seq),
-                None => format!("--{}", inner.snapshot_seq),
-            };
-            SnapshotMeta { last_log_id: inner.last_applied, last_membership: inner.membership.clone(), snapshot_id }
+            match reuse {
+                Some(meta) if meta.last_log_id == inner.last_applied => meta,
+                _ => snapshot_meta(&mut inner),
+            }
         };
         let (state, snapshots, for_file) = (self.state.clone(), self.snapshots.clone(), meta.clone());
         let written = tokio::task::spawn_blocking(move || {
@@ -474,7 +497,32 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e)))?
         .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         self.keep(&meta, written).await?;
-        self.open_current().await?.ok_or_else(|| StorageIOError::read_snapshot(Some(meta.signature()), &io_err("the snapshot just built is gone")).into())
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    /// The records are the state machine and are on disk: a snapshot point needs no
+    /// copy of them. Building one makes the records as of the last applied entry durable
+    /// and records that point, so openraft may purge the log behind it; a file is made
+    /// only when a replica asks for the snapshot (`get_current_snapshot`). The file of
+    /// an older point is deleted.
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let _building = self.building.lock().await;
+        let meta = snapshot_meta(&mut *self.inner.lock().await);
+        let write_err = |e: &dyn std::fmt::Display| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e));
+        // Every entry up to `meta` was written to the tree before its id was recorded.
+        self.trees.put_meta(SNAPSHOT_AT_KEY, &meta).map_err(|e| write_err(&e))?;
+        self.trees.db.flush_async().await.map_err(|e| write_err(&e))?;
+        let _writing = self.snapshots.writing.lock().await;
+        let old: Option<SnapshotPointer> = self.trees.get_meta(SNAPSHOT_KEY).map_err(|e| write_err(&e))?;
+        if let Some(old) = old.filter(|old| old.meta.last_log_id < meta.last_log_id) {
+            self.trees.meta.remove(SNAPSHOT_KEY).map_err(|e| write_err(&e))?;
+            self.trees.db.flush_async().await.map_err(|e| write_err(&e))?;
+            self.snapshots.remove(&old.file);
+        }
+        let empty = tokio::fs::File::open("/dev/null").await.map_err(|e| write_err(&e))?;
+        Ok(Snapshot { meta, snapshot: Box::new(empty) })
     }
 }
 
@@ -569,6 +617,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        self.open_current().await
+        let first = !self.asked.swap(true, std::sync::atomic::Ordering::SeqCst);
+        let read_err = |e: &dyn std::fmt::Display| StorageIOError::read_snapshot(None, &io_err(e));
+        let point: Option<SnapshotMeta<NodeId, Node>> = self.trees.get_meta(SNAPSHOT_AT_KEY).map_err(|e| read_err(&e))?;
+        let file: Option<SnapshotPointer> = self.trees.get_meta(SNAPSHOT_KEY).map_err(|e| read_err(&e))?;
+        match (point, file) {
+            (Some(point), file) if file.as_ref().is_none_or(|f| f.meta.last_log_id < point.last_log_id) => {
+                if first {
+                    // At start openraft reads only where the snapshot is; dumping the
+                    // records for that would make every restart as slow as the state
+                    // is large.
+                    return metadata_only(point).await;
+                }
+                // A replica needs it: a file of the records as of now (or exactly as of
+                // the point, when nothing was applied since).
+                self.materialize(Some(point)).await?;
+                self.open_current().await
+            }
+            _ => self.open_current().await,
+        }
     }
 }

@@ -1,6 +1,8 @@
-//! Snapshots are files: a new one replaces the old file (disk space comes back), a
-//! restart loads the records, and a snapshot an older build kept inside sled (the
-//! legacy format, the whole state as one value) is still read, then moved to a file.
+//! Snapshots: a snapshot point costs no copy (the records are the state), a file is
+//! dumped when a replica asks, a newer point removes the older file (disk space comes
+//! back), a restart loads the records, a received snapshot replaces the records (also
+//! after a crash mid-install), and a snapshot an older build kept inside sled (the
+//! legacy format, the whole state as one value) is still read.
 
 mod common;
 
@@ -27,8 +29,18 @@ fn files(dir: &Path) -> Vec<String> {
     names
 }
 
+/// The current snapshot as a replica gets it: openraft's first question after opening
+/// (at start) reads only the metadata, so it is asked first.
+async fn as_a_replica_gets_it(sm: &mut StateMachineStore) -> anyhow::Result<openraft::storage::Snapshot<switchboard_raft::TypeConfig>> {
+    let _start = sm.get_current_snapshot().await?;
+    sm.get_current_snapshot().await?.ok_or_else(|| anyhow::anyhow!("no current snapshot"))
+}
+
+/// A snapshot point costs no copy of the records: the file is made when a replica asks
+/// for it, the file of an older point goes when a newer point is set, and a restart
+/// loads every applied entry from the records.
 #[tokio::test]
-async fn a_new_snapshot_replaces_the_old_file_and_a_restart_restores_it() -> anyhow::Result<()> {
+async fn a_snapshot_file_is_made_when_asked_and_a_newer_point_removes_it() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let snapshots = dir.path().join("snapshots");
     let db = sled::open(dir.path().join("db"))?;
@@ -36,27 +48,38 @@ async fn a_new_snapshot_replaces_the_old_file_and_a_restart_restores_it() -> any
     let (_log, mut sm) = open_group(&db, 3, journal.clone(), &snapshots)?;
 
     apply(&mut sm, 1..=10).await?;
-    sm.get_snapshot_builder().await.build_snapshot().await?;
+    let built = sm.get_snapshot_builder().await.build_snapshot().await?;
+    assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(10));
+    assert!(files(&snapshots).is_empty(), "a snapshot point writes no file");
+    let asked = as_a_replica_gets_it(&mut sm).await?;
+    assert_eq!(asked.meta, built.meta, "nothing applied since: the file is exactly the point built");
     let first = files(&snapshots);
     assert_eq!(first.len(), 1, "one snapshot file: {first:?}");
     apply(&mut sm, 11..=20).await?;
     let built = sm.get_snapshot_builder().await.build_snapshot().await?;
     assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(20));
+    assert!(files(&snapshots).is_empty(), "the older file is gone with the newer point");
+    let asked = sm.get_current_snapshot().await?.expect("current");
+    assert_eq!(asked.meta.last_log_id.map(|l| l.index), Some(20));
     let second = files(&snapshots);
-    assert_eq!(second.len(), 1, "the replaced file is gone, nothing partial is left: {second:?}");
+    assert_eq!(second.len(), 1, "nothing partial is left: {second:?}");
     assert_ne!(first, second);
 
     // The records are the state: a restart loads every applied entry, not only those
-    // the snapshot holds, and the snapshot stays as it was.
+    // the snapshot point covers. Asked again, the file covers all of them.
     apply(&mut sm, 21..=22).await?;
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    apply(&mut sm, 23..=24).await?;
     drop(sm);
     let restored = Arc::new(common::Journal::default());
     let (_log, mut sm) = open_group(&db, 3, restored.clone(), &snapshots)?;
-    assert_eq!(restored.entries.lock().unwrap().len(), 22);
+    assert_eq!(restored.entries.lock().unwrap().len(), 24);
     let (applied, _) = sm.applied_state().await?;
-    assert_eq!(applied.map(|l| l.index), Some(22));
+    assert_eq!(applied.map(|l| l.index), Some(24));
+    let at_start = sm.get_current_snapshot().await?.expect("a snapshot point");
+    assert_eq!(at_start.meta.last_log_id.map(|l| l.index), Some(22), "at start, where the snapshot is");
     let current = sm.get_current_snapshot().await?.expect("a current snapshot");
-    assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(20));
+    assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(24), "a replica gets the records as of now");
     Ok(())
 }
 
@@ -92,8 +115,9 @@ async fn a_snapshot_kept_in_sled_by_an_older_build_is_restored_then_moved_to_a_f
 
     apply(&mut sm, 6..=7).await?;
     sm.get_snapshot_builder().await.build_snapshot().await?;
-    assert_eq!(files(&snapshots).len(), 1);
+    assert!(files(&snapshots).is_empty(), "the old snapshot's file is gone with the newer point");
     assert!(meta_tree.get("snapshot")?.is_none(), "the copy inside sled is dropped");
+    assert_eq!(sm.get_current_snapshot().await?.expect("current").meta.last_log_id.map(|l| l.index), Some(7));
     Ok(())
 }
 
@@ -109,7 +133,9 @@ async fn a_restart_after_a_crash_mid_snapshot_keeps_the_named_one_and_sweeps_the
     let (_log, mut sm) = open_group(&db, 3, journal, &snapshots)?;
     apply(&mut sm, 1..=4).await?;
     sm.get_snapshot_builder().await.build_snapshot().await?;
+    as_a_replica_gets_it(&mut sm).await?;
     let named = files(&snapshots);
+    assert_eq!(named.len(), 1);
     drop(sm);
 
     let leftovers = ["g3-00000000000000000009-1.snapshot", "g3-00000000000000000002-1.snapshot", "g3-00000000000000000011-2.snapshot.partial"];
@@ -144,7 +170,8 @@ async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> any
     let leader_journal = Arc::new(common::Journal::default());
     let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &dir.path().join("leader-snapshots"))?;
     apply(&mut leader, 1..=30).await?;
-    let built = leader.get_snapshot_builder().await.build_snapshot().await?;
+    leader.get_snapshot_builder().await.build_snapshot().await?;
+    let built = as_a_replica_gets_it(&mut leader).await?;
     let mut bytes = Vec::new();
     let mut file = built.snapshot;
     file.read_to_end(&mut bytes).await?;
@@ -190,7 +217,8 @@ async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> 
     let leader_journal = Arc::new(common::Journal::default());
     let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &leader_snapshots)?;
     apply(&mut leader, 1..=30).await?;
-    let built = leader.get_snapshot_builder().await.build_snapshot().await?;
+    leader.get_snapshot_builder().await.build_snapshot().await?;
+    let built = as_a_replica_gets_it(&mut leader).await?;
     let name = snapshot_files(&leader_snapshots).pop().expect("a snapshot file");
 
     let replica_snapshots = dir.path().join("replica-snapshots");
