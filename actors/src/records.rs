@@ -326,9 +326,21 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
     writes
 }
 
-/// Drops what only the command just applied needed: the closed conversations among
-/// `candidates` (those it named or changed) and the attachments loaded for it. Their
-/// records stay.
+/// Clears what one command's purge loaded (its writes are taken).
+pub fn end_command(state: &mut ShardState) {
+    state.expired.clear();
+    state.expired_keys.clear();
+    state.expired_attachments.clear();
+}
+
+/// Drops what only the commands just applied needed: the closed conversations among
+/// `candidates` (those they named or changed) and the attachments loaded for them.
+/// Their records stay.
+///
+/// Called once the records of those commands are written, not after each command: the
+/// commands of one log entry (group commit) are written together after the last of
+/// them, so a later command of the entry must find what an earlier one changed in
+/// memory, not in the records, which still hold the state before the entry.
 pub fn evict(state: &mut ShardState, candidates: &[ConversationId]) {
     for id in candidates {
         if state.conversations.get(id).is_some_and(|c| c.status == ConversationStatus::Closed) {
@@ -336,9 +348,7 @@ pub fn evict(state: &mut ShardState, candidates: &[ConversationId]) {
         }
     }
     state.attachments.clear();
-    state.expired.clear();
-    state.expired_keys.clear();
-    state.expired_attachments.clear();
+    state.deleted.clear();
 }
 
 /// The conversations a command may leave closed in memory: those it names, plus those
@@ -410,6 +420,10 @@ pub fn needs_records(state: &ShardState, command: &Command) -> bool {
 /// closed conversation it names and the attachments of that conversation.
 pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) -> Result<(), Error> {
     for id in named_conversations(command) {
+        // Deleted by a purge earlier in this entry: its records go with the entry.
+        if state.deleted.contains(&id) {
+            continue;
+        }
         if !state.conversations.contains_key(&id) {
             let keys = matches!(command, Command::PostClientMessage { .. } | Command::PostOperatorMessage { .. });
             if let Some(conv) = load_conversation(store, id, keys)? {
@@ -513,19 +527,29 @@ pub fn history(store: &dyn Store, conversation: ConversationId, after: u64, limi
 /// Feed entries of an operator after `after`, at most `limit`. A mirrored history
 /// entry whose conversation was deleted (retention) is left out.
 pub fn feed(store: &dyn Store, operator: &OperatorId, after: u64, limit: usize) -> Result<Vec<FeedEntry>, Error> {
-    let page = store.scan(&key::feed_prefix(operator), Some(&key::feed(operator, after)), limit).map_err(store_err)?;
-    let mut out = Vec::with_capacity(page.len());
-    for (_, value) in page {
-        match decode::<FeedRecord>(&value)? {
-            FeedRecord::Entry(entry) => out.push(entry),
-            FeedRecord::Mirror { seq, at, conversation, history } => {
-                if let Some(entry) = get::<HistoryEntry>(store, &key::history(conversation, history))? {
-                    out.push(FeedEntry { seq, at, item: FeedItem::Conversation { conversation, entry } });
+    let prefix = key::feed_prefix(operator);
+    let mut cursor = key::feed(operator, after);
+    let mut out = Vec::new();
+    // Pages until `limit` entries are found: skipped mirrors must not end a page empty
+    // while entries follow (a reader would wait there for good).
+    loop {
+        let page = store.scan(&prefix, Some(&cursor), limit.saturating_sub(out.len()).max(1)).map_err(store_err)?;
+        let Some((last, _)) = page.last() else { return Ok(out) };
+        cursor = last.clone();
+        for (_, value) in page {
+            match decode::<FeedRecord>(&value)? {
+                FeedRecord::Entry(entry) => out.push(entry),
+                FeedRecord::Mirror { seq, at, conversation, history } => {
+                    if let Some(entry) = get::<HistoryEntry>(store, &key::history(conversation, history))? {
+                        out.push(FeedEntry { seq, at, item: FeedItem::Conversation { conversation, entry } });
+                    }
                 }
             }
         }
+        if out.len() >= limit {
+            return Ok(out);
+        }
     }
-    Ok(out)
 }
 
 /// A visitor's most recent conversations, newest first, at most `limit`.
@@ -751,6 +775,7 @@ pub fn run(state: &mut ShardState, store: &MemStore, envelope: &Envelope) -> Res
     let result = crate::core::handle(state, envelope);
     let candidates = eviction_candidates(state, &envelope.command);
     store.write(take_writes(state));
+    end_command(state);
     evict(state, &candidates);
     result
 }

@@ -41,6 +41,9 @@ pub struct Shard {
     early: Mutex<Vec<Notice>>,
     /// Notices of applied commands whose records are not written yet.
     unpublished: Mutex<Vec<Notice>>,
+    /// Conversations the commands of the entry being applied named or changed: the
+    /// closed ones leave memory at the end of the entry (`records::evict`).
+    entry_candidates: Mutex<Vec<ConversationId>>,
     /// Attachments whose records a retention purge deleted, for the blob store to
     /// delete once the records are gone.
     deleted_attachments: Mutex<Vec<AttachmentId>>,
@@ -61,6 +64,7 @@ impl Shard {
             supervisor: OnceLock::new(),
             early: Mutex::new(Vec::new()),
             unpublished: Mutex::new(Vec::new()),
+            entry_candidates: Mutex::new(Vec::new()),
             deleted_attachments: Mutex::new(Vec::new()),
             on_deleted_attachments: OnceLock::new(),
         }
@@ -102,7 +106,8 @@ impl Shard {
                         self.deleted_attachments.lock().unwrap_or_else(|p| p.into_inner()).extend(files);
                     }
                     writes.extend(records::take_writes(&mut state));
-                    records::evict(&mut state, &candidates);
+                    records::end_command(&mut state);
+                    self.entry_candidates.lock().unwrap_or_else(|p| p.into_inner()).extend(candidates);
                     result
                 }
                 // The write guard is still held while the process stops, so no reader
@@ -121,6 +126,16 @@ impl Shard {
             }
             Err(rejection) => Err(rejection),
         }
+    }
+
+    /// Every command of the log entry is applied (their writes are collected): closed
+    /// conversations and loaded attachments leave memory. Until then a later command of
+    /// the same entry finds them as the earlier ones left them, not as the records
+    /// (written with the whole entry) still hold them.
+    pub fn end_entry(&self) {
+        let candidates = std::mem::take(&mut *self.entry_candidates.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut state = stop_if_poisoned(self.state.write());
+        records::evict(&mut state, &candidates);
     }
 
     /// The records of the commands applied so far are written: wake their readers.

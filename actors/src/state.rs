@@ -60,6 +60,9 @@ pub struct ShardState {
     pub expired_keys: Vec<Vec<u8>>,
     #[serde(skip)]
     pub expired_attachments: Vec<AttachmentId>,
+    /// Conversations a purge deleted in the log entry being applied.
+    #[serde(skip)]
+    pub deleted: BTreeSet<ConversationId>,
     /// What the events applied since the last write changed, to be written as records.
     #[serde(skip)]
     pub dirty: Dirty,
@@ -650,6 +653,7 @@ impl ShardState {
             Event::ConversationsDeleted { conversations } => {
                 for id in conversations {
                     self.conversations.remove(id);
+                    self.deleted.insert(*id);
                 }
             }
             Event::ChannelPublicGroupsSet { channel, groups } => {

@@ -103,6 +103,7 @@ impl Machine for ShardMachine {
             }
             Err(why) => stop_on_unreadable_entry(&why),
         };
+        self.shard.end_entry();
         put_all(changes, writes);
         reply
     }

@@ -178,11 +178,23 @@ impl StateTree {
     /// The next records of the capture, in key order (keys without the `r` prefix).
     /// Empty once every record was emitted.
     fn next_chunk(&self) -> Result<Vec<(Vec<u8>, sled::IVec)>, sled::Error> {
+        // A chunk of keys all added since the capture holds nothing to emit: go on to
+        // the next one rather than end the dump there.
+        loop {
+            let (chunk, more) = self.chunk_once()?;
+            if !chunk.is_empty() || !more {
+                return Ok(chunk);
+            }
+        }
+    }
+
+    /// One chunk of the capture, and whether keys may follow it.
+    fn chunk_once(&self) -> Result<(Vec<(Vec<u8>, sled::IVec)>, bool), sled::Error> {
         let mut guard = self.capture();
-        let Some(capture) = guard.as_mut() else { return Ok(Vec::new()) };
+        let Some(capture) = guard.as_mut() else { return Ok((Vec::new(), false)) };
         let end = vec![RECORD + 1];
         let lower = match &capture.cursor {
-            Some(cursor) if *cursor >= end => return Ok(Vec::new()),
+            Some(cursor) if *cursor >= end => return Ok((Vec::new(), false)),
             Some(cursor) => Bound::Excluded(cursor.clone()),
             None => Bound::Included(vec![RECORD]),
         };
@@ -203,8 +215,9 @@ impl StateTree {
                 chunk.insert(key, value);
             }
         }
+        let more = upper != end;
         capture.cursor = Some(upper);
-        Ok(chunk.into_iter().filter_map(|(k, v)| v.map(|v| (k[1..].to_vec(), v))).collect())
+        Ok((chunk.into_iter().filter_map(|(k, v)| v.map(|v| (k[1..].to_vec(), v))).collect(), more))
     }
 
     /// Writes the capture to `out` in the snapshot file format; returns the record count.
@@ -292,6 +305,28 @@ impl StateTree {
             self.tree.apply_batch(batch)?;
         }
     }
+}
+
+/// Reads a snapshot through and checks it is whole: a version 2 file with every record
+/// and its trailer (`Ok(Some(count))`), or not a version 2 file at all (`Ok(None)`: the
+/// legacy format, checked when it is imported).
+pub(crate) fn verify_dump(input: impl Read) -> std::io::Result<Option<u64>> {
+    let mut input = BufReader::with_capacity(1 << 20, input);
+    let mut magic = [0u8; 8];
+    if input.read_exact(&mut magic).is_err() || &magic != SNAPSHOT_MAGIC {
+        return Ok(None);
+    }
+    let mut count = 0u64;
+    while read_part(&mut input)?.is_some() {
+        read_part(&mut input)?.ok_or_else(|| invalid("a record without a value"))?;
+        count += 1;
+    }
+    let mut expected = [0u8; 8];
+    input.read_exact(&mut expected).map_err(|_| invalid("the snapshot ends early"))?;
+    if u64::from_be_bytes(expected) != count {
+        return Err(invalid("the snapshot's record count does not match"));
+    }
+    Ok(Some(count))
 }
 
 fn invalid(why: &str) -> std::io::Error {
@@ -393,6 +428,23 @@ mod tests {
         put(&other, &[("stale", Some("gone after load"))]);
         assert_eq!(other.load_dump(&out[..]).expect("load"), 10_000);
         assert_eq!(all(&other.records()), expected);
+    }
+
+    /// A whole chunk of keys added after the capture has nothing to emit; the dump goes
+    /// on past it instead of ending there.
+    #[test]
+    fn keys_added_during_a_build_do_not_end_the_dump_early() {
+        let (_dir, tree) = open_tree();
+        let old: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+        put(&tree, &old.iter().map(|k| (k.as_str(), Some("old"))).collect::<Vec<_>>());
+        tree.begin_capture();
+        let added: Vec<String> = (0..2 * CHUNK).map(|i| format!("j{i:05}")).collect();
+        for part in added.chunks(500) {
+            put(&tree, &part.iter().map(|k| (k.as_str(), Some("new"))).collect::<Vec<_>>());
+        }
+        let mut out = Vec::new();
+        assert_eq!(tree.dump(&mut out).expect("dump"), 10);
+        tree.end_capture();
     }
 
     #[test]

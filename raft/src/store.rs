@@ -591,6 +591,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let (snapshots, for_file) = (self.snapshots.clone(), meta.clone());
         let file = tokio::task::spawn_blocking(move || {
             use std::io::Seek;
+            // A cut or damaged transfer is refused before it replaces anything.
+            received.seek(std::io::SeekFrom::Start(0))?;
+            crate::state::verify_dump(&mut received)?;
             received.seek(std::io::SeekFrom::Start(0))?;
             snapshots.write_with(&for_file, |out| std::io::copy(&mut received, out).map(|_| ()))
         })
