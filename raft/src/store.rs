@@ -10,7 +10,9 @@
 //! Snapshots are files in the group's snapshot folder, written whole (temporary file,
 //! fsync, rename) before the pointer to them is stored in sled; the file the pointer
 //! left is deleted, so an old snapshot gives its disk space back at once. Building one
-//! dumps the records as of one applied entry while applies go on; installing one
+//! is a snapshot point (a flush, no copy); a file of the records is dumped only when a
+//! replica asks for the snapshot (in openraft's state-machine worker, so that node's
+//! applies wait for it); installing one
 //! streams the received file into the state tree, chunk by chunk, under an
 //! `s/installing` mark that a restart finishes. (Data folders from before kept the
 //! snapshot inside sled under `snapshot`, or wrote the whole state as one value: both
@@ -475,8 +477,9 @@ async fn metadata_only(meta: SnapshotMeta<NodeId, Node>) -> StorageResult<Option
 
 impl StateMachineStore {
     /// Writes a file of the records as of the last applied entry: captured between two
-    /// applies, then dumped (copy on write, see `state.rs`) while applies go on. Returns
-    /// its metadata; `reuse` names it when it covers exactly that entry.
+    /// applies, then dumped (copy on write, see `state.rs`, so applies could go on; called
+    /// from openraft's state-machine worker, they wait). `reuse` names it when it covers
+    /// exactly that entry.
     async fn materialize(&self, reuse: Option<SnapshotMeta<NodeId, Node>>) -> StorageResult<()> {
         let _building = self.building.lock().await;
         let meta = {
