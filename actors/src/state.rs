@@ -464,10 +464,11 @@ impl ShardState {
                     conv.keys.insert(key.clone(), seq);
                 }
             }
-            Event::OfferMade { offer, decision } => {
+            // Its decision record is noted by `mark` and written as a record, never held
+            // in memory.
+            Event::OfferMade { offer, .. } => {
                 self.next_offer = self.next_offer.max(offer.id.0 + 1);
                 self.offers.insert(offer.id, offer.clone());
-                let _ = decision;
                 let visitor = match self.conversations.get_mut(&offer.conversation) {
                     Some(conv) => {
                         if let ConversationStatus::Queued { offer: pending, .. } = &mut conv.status {
