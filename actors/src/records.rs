@@ -96,12 +96,17 @@ pub mod key {
     pub fn operator(id: &OperatorId) -> Vec<u8> {
         with(b'o', id.0.as_bytes())
     }
-    pub fn feed_prefix(id: &OperatorId) -> Vec<u8> {
-        let name = id.0.as_bytes();
-        let mut key = vec![b'f'];
+    /// `tag`, the name's length as a big-endian `u16`, the name: a prefix that a
+    /// number appended after it cannot make ambiguous.
+    fn with_name(tag: u8, name: &str) -> Vec<u8> {
+        let name = name.as_bytes();
+        let mut key = vec![tag];
         key.extend_from_slice(&(name.len().min(u16::MAX as usize) as u16).to_be_bytes());
         key.extend_from_slice(name);
         key
+    }
+    pub fn feed_prefix(id: &OperatorId) -> Vec<u8> {
+        with_name(b'f', &id.0)
     }
     pub fn feed(id: &OperatorId, seq: u64) -> Vec<u8> {
         let mut key = feed_prefix(id);
@@ -142,11 +147,7 @@ pub mod key {
         with_id(b'a', conversation.0, id.0.as_bytes())
     }
     pub fn visitor_prefix(visitor: &str) -> Vec<u8> {
-        let name = visitor.as_bytes();
-        let mut key = vec![b'v'];
-        key.extend_from_slice(&(name.len().min(u16::MAX as usize) as u16).to_be_bytes());
-        key.extend_from_slice(name);
-        key
+        with_name(b'v', visitor)
     }
     pub fn visitor(visitor: &str, conversation: ConversationId) -> Vec<u8> {
         let mut key = visitor_prefix(visitor);
@@ -154,11 +155,7 @@ pub mod key {
         key
     }
     pub fn closed_prefix(channel: &ChannelId) -> Vec<u8> {
-        let name = channel.0.as_bytes();
-        let mut key = vec![b'e'];
-        key.extend_from_slice(&(name.len().min(u16::MAX as usize) as u16).to_be_bytes());
-        key.extend_from_slice(name);
-        key
+        with_name(b'e', &channel.0)
     }
     pub fn closed(channel: &ChannelId, at: Timestamp, conversation: ConversationId) -> Vec<u8> {
         let mut key = closed_prefix(channel);
@@ -201,20 +198,21 @@ fn get<T: DeserializeOwned>(store: &dyn Store, key: &[u8]) -> Result<Option<T>, 
     store.get(key).map_err(store_err)?.map(|bytes| decode(&bytes)).transpose()
 }
 
-fn all<T: DeserializeOwned>(store: &dyn Store, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>, Error> {
-    let mut out = Vec::new();
-    let mut after: Option<Vec<u8>> = None;
+/// Every record under `prefix`, read a page at a time.
+fn scan_all(store: &dyn Store, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     loop {
-        let page = store.scan(prefix, after.as_deref(), 1024).map_err(store_err)?;
+        let page = store.scan(prefix, out.last().map(|(k, _)| k.as_slice()), 1024).map_err(store_err)?;
         let done = page.len() < 1024;
-        after = page.last().map(|(k, _)| k.clone());
-        for (k, v) in page {
-            out.push((k, decode(&v)?));
-        }
+        out.extend(page);
         if done {
             return Ok(out);
         }
     }
+}
+
+fn all<T: DeserializeOwned>(store: &dyn Store, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>, Error> {
+    scan_all(store, prefix)?.into_iter().map(|(k, v)| Ok((k, decode(&v)?))).collect()
 }
 
 /// Turns what the applied events noted in `state.dirty` into record writes, and drops
@@ -485,22 +483,13 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
     state.expired_keys.push(key::conversation(id));
     state.expired_keys.push(key::open(id));
     for prefix in [key::history_prefix(id), key::attachments_prefix(id)] {
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = store.scan(&prefix, after.as_deref(), 1024).map_err(store_err)?;
-            let done = page.len() < 1024;
-            after = page.last().map(|(k, _)| k.clone());
-            for (k, v) in page {
-                if k.first() == Some(&b'a') {
-                    let attachment: Attachment = decode(&v)?;
-                    state.expired_keys.push(key::attachment_index(&attachment.id));
-                    state.expired_attachments.push(attachment.id);
-                }
-                state.expired_keys.push(k);
+        for (k, v) in scan_all(store, &prefix)? {
+            if k.first() == Some(&b'a') {
+                let attachment: Attachment = decode(&v)?;
+                state.expired_keys.push(key::attachment_index(&attachment.id));
+                state.expired_attachments.push(attachment.id);
             }
-            if done {
-                break;
-            }
+            state.expired_keys.push(k);
         }
     }
     Ok(())
@@ -555,21 +544,11 @@ pub fn feed(store: &dyn Store, operator: &OperatorId, after: u64, limit: usize) 
 /// A visitor's most recent conversations, newest first, at most `limit`.
 pub fn conversations_of(store: &dyn Store, visitor: &str, limit: usize) -> Result<Vec<Conversation>, Error> {
     let prefix = key::visitor_prefix(visitor);
-    let mut ids: Vec<ConversationId> = Vec::new();
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = store.scan(&prefix, after.as_deref(), 1024).map_err(store_err)?;
-        let done = page.len() < 1024;
-        after = page.last().map(|(k, _)| k.clone());
-        for (k, _) in page {
-            if let Ok(id) = <[u8; 8]>::try_from(&k[prefix.len()..]) {
-                ids.push(ConversationId(u64::from_be_bytes(id)));
-            }
-        }
-        if done {
-            break;
-        }
-    }
+    let ids: Vec<ConversationId> = scan_all(store, &prefix)?
+        .into_iter()
+        .filter_map(|(k, _)| <[u8; 8]>::try_from(&k[prefix.len()..]).ok())
+        .map(|id| ConversationId(u64::from_be_bytes(id)))
+        .collect();
     let mut out = Vec::new();
     for id in ids.into_iter().rev().take(limit) {
         if let Some(conv) = get::<Conversation>(store, &key::conversation(id))? {
