@@ -452,7 +452,7 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
         .open()
         .context("open sled (is another switchboard using this data dir?)")?;
     let shard = Arc::new(Shard::new());
-    let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }), &options.data_dir.join("snapshots"))?;
+    let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }), &options.data_dir.join("snapshots"), &options.data_dir.join("log").join(format!("g{SHARD_GROUP}")))?;
     let raft = Raft::new(options.node_id, config_with_snapshots(options.snapshot_every)?, NetworkFactory::new(endpoint.clone(), SHARD_GROUP), log, sm).await?;
     let router = Router::default();
     router.add(SHARD_GROUP, raft.clone());

@@ -2,6 +2,7 @@
 //! to its peers over QUIC with mutual TLS.
 //!
 //! - [`store`]: `RaftLogStorage` and `RaftStateMachine` on sled (passes openraft's suite).
+//! - [`log`]: the Raft log as append-only segment files, synced by a flusher thread.
 //! - [`state`]: a group's records (its state machine on disk), and snapshot files of them.
 //! - [`network`]: the QUIC transport: one endpoint per node, one stream per RPC.
 //! - [`tls`]: the cluster CA and node certificates; rustls with the ring provider only.
@@ -12,6 +13,7 @@
 //! transport are tested alone and the domain can change its format without touching them.
 
 pub mod files;
+pub mod log;
 pub mod network;
 pub mod state;
 pub mod store;

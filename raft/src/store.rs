@@ -1,7 +1,10 @@
-//! openraft storage on sled: a log store and a state machine wrapper per Raft group.
+//! openraft storage: a log store and a state machine wrapper per Raft group.
 //!
-//! Architecture invariant: a log append is reported durable to openraft only after
-//! `flush_async` has returned; sled's own 500 ms background sync is never relied upon.
+//! Architecture invariant: a log append is reported durable to openraft only after the
+//! segment it was written to has been fdatasynced (see [`crate::log`]); nothing relies
+//! on a background sync. The records in sled are made durable by sled's own periodic
+//! flush and, always, by the flush at each snapshot point before openraft may purge
+//! the log entries that would rebuild them.
 //! The state machine is on disk: the machine's records live in the group's state tree
 //! (see [`crate::state`]), each entry's changes written in one batch with its log id,
 //! so a restart loads the records and replays only the committed entries after the
@@ -31,6 +34,7 @@ use openraft::{
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use crate::log::{LogMeta, SegmentLog};
 use crate::state::{StateTree, APPLIED_KEY, INSTALLING_KEY, SNAPSHOT_MAGIC};
 use crate::{Changes, Machine, NodeId, Node, Response, TypeConfig};
 
@@ -75,15 +79,23 @@ impl Trees {
     }
 }
 
-/// Opens (or creates) the storage of one group.
+/// Opens (or creates) the storage of one group: its log in segment files under
+/// `log_dir` (ADR 0005), its records in sled, its snapshot files in `snapshot_dir`.
 pub fn open_group(
     db: &sled::Db,
     group: u64,
     machine: Arc<dyn Machine>,
     snapshot_dir: &Path,
+    log_dir: &Path,
 ) -> Result<(LogStore, StateMachineStore), crate::Error> {
     let trees = Trees::open(db, group)?;
-    let log = LogStore { trees: trees.clone() };
+    let segments = SegmentLog::open(log_dir, || LogMeta {
+        vote: trees.get_meta("vote").ok().flatten(),
+        purged: trees.get_meta("last_purged").ok().flatten(),
+    })
+    .map_err(|e| crate::Error::Storage(e.to_string()))?;
+    move_sled_log(&trees, &segments)?;
+    let log = LogStore { trees: trees.clone(), segments };
     std::fs::create_dir_all(snapshot_dir)?;
     let snapshots = SnapshotFiles { dir: snapshot_dir.to_path_buf(), group, writing: Arc::new(Mutex::new(())) };
     let state = Arc::new(StateTree::new(db.open_tree(format!("g{group}/state"))?));
@@ -91,54 +103,35 @@ pub fn open_group(
     Ok((log, sm))
 }
 
-/// The Raft log of one group: entries keyed by big-endian index, plus vote, committed
-/// and last-purged pointers in the meta tree.
+/// Data folders from before ADR 0005 kept the log in the sled tree `g<group>/log`: its
+/// entries are copied into segments (synced) and only then removed from sled, so a
+/// crash in between copies again what is missing.
+fn move_sled_log(trees: &Trees, segments: &SegmentLog) -> Result<(), crate::Error> {
+    if trees.log.is_empty() {
+        return Ok(());
+    }
+    let mut batch = Vec::new();
+    for item in trees.log.iter() {
+        let (_, value) = item?;
+        let entry: Entry<TypeConfig> = decode(&value).map_err(|e| crate::Error::Storage(format!("old log entry: {e}")))?;
+        batch.push(entry);
+        if batch.len() == 1024 {
+            segments.append_synced(std::mem::take(&mut batch)).map_err(|e| crate::Error::Storage(e.to_string()))?;
+        }
+    }
+    segments.append_synced(batch).map_err(|e| crate::Error::Storage(e.to_string()))?;
+    trees.log.clear()?;
+    trees.db.flush()?;
+    tracing::info!("moved the raft log from sled into segment files");
+    Ok(())
+}
+
+/// The Raft log of one group: segment files ([`SegmentLog`]); the committed pointer in
+/// the sled meta tree.
 #[derive(Clone)]
 pub struct LogStore {
     trees: Trees,
-}
-
-impl LogStore {
-    fn read_range<RB: RangeBounds<u64>>(&self, range: RB) -> StorageResult<Vec<Entry<TypeConfig>>> {
-        use std::ops::Bound;
-        let start = match range.start_bound() {
-            Bound::Included(i) => *i,
-            Bound::Excluded(i) => i + 1,
-            Bound::Unbounded => 0,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(i) => Some(*i),
-            Bound::Excluded(0) => return Ok(vec![]),
-            Bound::Excluded(i) => Some(i - 1),
-            Bound::Unbounded => None,
-        };
-        let iter = match end {
-            Some(end) if end < start => return Ok(vec![]),
-            Some(end) => self.trees.log.range(start.to_be_bytes()..=end.to_be_bytes()),
-            None => self.trees.log.range(start.to_be_bytes()..),
-        };
-        let mut out = Vec::new();
-        for item in iter {
-            let (_, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-            let entry: Entry<TypeConfig> = decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
-            out.push(entry);
-        }
-        Ok(out)
-    }
-}
-
-impl LogStore {
-    /// Deletes the entries whose big-endian index keys fall in `range`, in one batch.
-    fn remove_entries<R: RangeBounds<[u8; 8]>>(&self, range: R) -> StorageResult<()> {
-        let keys: Vec<_> =
-            self.trees.log.range(range).keys().collect::<Result<_, _>>().map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut batch = sled::Batch::default();
-        for key in keys {
-            batch.remove(key);
-        }
-        self.trees.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
-        Ok(())
-    }
+    segments: SegmentLog,
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -146,7 +139,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
-        self.read_range(range)
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        self.segments.read(start, end).map_err(|e| StorageIOError::read_logs(&e).into())
     }
 }
 
@@ -158,16 +162,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        let last_purged: Option<LogId<NodeId>> =
-            self.trees.get_meta("last_purged").map_err(|e| StorageIOError::read_logs(&io_err(e)))?;
-        let last = match self.trees.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
-            Some((_, value)) => {
-                let entry: Entry<TypeConfig> = decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
-                Some(entry.log_id)
-            }
-            None => last_purged,
-        };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        let (last_purged_log_id, last_log_id) = self.segments.state();
+        Ok(LogState { last_purged_log_id, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -175,13 +171,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
-        self.trees.put_meta("vote", vote).map_err(|e| StorageIOError::write_vote(&io_err(e)))?;
-        self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_vote(&e))?;
+        self.segments.save_vote(vote).map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
-        Ok(self.trees.get_meta("vote").map_err(|e| StorageIOError::read_vote(&io_err(e)))?)
+        Ok(self.segments.meta().vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
@@ -202,29 +197,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            let bytes = encode(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.insert(&entry.log_id.index.to_be_bytes(), bytes);
-        }
-        self.trees.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
-        // Durable before we say so: this is the acknowledgement every client ack rests on.
-        let flushed = self.trees.db.flush_async().await.map(|_| ()).map_err(io_err);
-        callback.log_io_completed(flushed);
+        // Reported durable by the log's flusher after fdatasync: this is what every
+        // client ack rests on.
+        self.segments.append(entries, callback).map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        self.remove_entries(log_id.index.to_be_bytes()..)?;
-        self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        self.segments.truncate(log_id.index).map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        // Record the pointer first so a crash mid-purge never leaves a hole unexplained.
-        self.trees.put_meta("last_purged", &log_id).map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
-        self.trees.db.flush_async().await.map_err(|e| StorageIOError::write_logs(&e))?;
-        self.remove_entries(..=log_id.index.to_be_bytes())
+        self.segments.purge(log_id).map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
     }
 }
 

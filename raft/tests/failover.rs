@@ -30,7 +30,7 @@ async fn start_replica_with(id: u64, certs: &std::path::Path, data: &std::path::
     let endpoint = tls::endpoint(&identity, "127.0.0.1:0".parse()?)?;
     let db = sled::open(data.join(format!("node-{id}")))?;
     let journal = Arc::new(common::Journal::default());
-    let (log, sm) = open_group(&db, 7, journal.clone(), &data.join(format!("node-{id}-snapshots")))?;
+    let (log, sm) = open_group(&db, 7, journal.clone(), &data.join(format!("node-{id}-snapshots")), &data.join(format!("node-{id}-log")))?;
     let raft = Raft::new(id, config, NetworkFactory::new(endpoint.clone(), 7), log, sm).await?;
     let router = Router::default();
     router.add(7, raft.clone());

@@ -45,7 +45,7 @@ async fn a_snapshot_file_is_made_when_asked_and_a_newer_point_removes_it() -> an
     let snapshots = dir.path().join("snapshots");
     let db = sled::open(dir.path().join("db"))?;
     let journal = Arc::new(common::Journal::default());
-    let (_log, mut sm) = open_group(&db, 3, journal.clone(), &snapshots)?;
+    let (_log, mut sm) = open_group(&db, 3, journal.clone(), &snapshots, &dir.path().join("log"))?;
 
     apply(&mut sm, 1..=10).await?;
     let built = sm.get_snapshot_builder().await.build_snapshot().await?;
@@ -72,7 +72,7 @@ async fn a_snapshot_file_is_made_when_asked_and_a_newer_point_removes_it() -> an
     apply(&mut sm, 23..=24).await?;
     drop(sm);
     let restored = Arc::new(common::Journal::default());
-    let (_log, mut sm) = open_group(&db, 3, restored.clone(), &snapshots)?;
+    let (_log, mut sm) = open_group(&db, 3, restored.clone(), &snapshots, &dir.path().join("log"))?;
     assert_eq!(restored.entries.lock().unwrap().len(), 24);
     let (applied, _) = sm.applied_state().await?;
     assert_eq!(applied.map(|l| l.index), Some(24));
@@ -108,7 +108,7 @@ async fn a_snapshot_kept_in_sled_by_an_older_build_is_restored_then_moved_to_a_f
     meta_tree.insert("snapshot", bincode::serde::encode_to_vec(&legacy, bincode::config::standard())?)?;
 
     let journal = Arc::new(common::Journal::default());
-    let (_log, mut sm) = open_group(&db, 3, journal.clone(), &snapshots)?;
+    let (_log, mut sm) = open_group(&db, 3, journal.clone(), &snapshots, &dir.path().join("log"))?;
     assert_eq!(*journal.entries.lock().unwrap(), entries, "the old snapshot was restored");
     let current = sm.get_current_snapshot().await?.expect("the old snapshot is current");
     assert_eq!(current.meta.snapshot_id, "1-5-1");
@@ -130,7 +130,7 @@ async fn a_restart_after_a_crash_mid_snapshot_keeps_the_named_one_and_sweeps_the
     let snapshots = dir.path().join("snapshots");
     let db = sled::open(dir.path().join("db"))?;
     let journal = Arc::new(common::Journal::default());
-    let (_log, mut sm) = open_group(&db, 3, journal, &snapshots)?;
+    let (_log, mut sm) = open_group(&db, 3, journal, &snapshots, &dir.path().join("log"))?;
     apply(&mut sm, 1..=4).await?;
     sm.get_snapshot_builder().await.build_snapshot().await?;
     as_a_replica_gets_it(&mut sm).await?;
@@ -146,7 +146,7 @@ async fn a_restart_after_a_crash_mid_snapshot_keeps_the_named_one_and_sweeps_the
     std::fs::write(snapshots.join("g4-00000000000000000001-1.snapshot"), b"group 4")?;
 
     let restored = Arc::new(common::Journal::default());
-    let (_log, mut sm) = open_group(&db, 3, restored.clone(), &snapshots)?;
+    let (_log, mut sm) = open_group(&db, 3, restored.clone(), &snapshots, &dir.path().join("log"))?;
     assert_eq!(restored.entries.lock().unwrap().len(), 4, "restored from the snapshot the pointer names");
     let mut expected = named.clone();
     expected.push("g4-00000000000000000001-1.snapshot".into());
@@ -168,7 +168,7 @@ async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> any
     let dir = tempfile::tempdir()?;
     let leader_db = sled::open(dir.path().join("leader"))?;
     let leader_journal = Arc::new(common::Journal::default());
-    let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &dir.path().join("leader-snapshots"))?;
+    let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &dir.path().join("leader-snapshots"), &dir.path().join("leader-log"))?;
     apply(&mut leader, 1..=30).await?;
     leader.get_snapshot_builder().await.build_snapshot().await?;
     let built = as_a_replica_gets_it(&mut leader).await?;
@@ -179,7 +179,7 @@ async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> any
     let replica_snapshots = dir.path().join("replica-snapshots");
     let replica_db = sled::open(dir.path().join("replica"))?;
     let journal = Arc::new(common::Journal::default());
-    let (_log, mut replica) = open_group(&replica_db, 3, journal.clone(), &replica_snapshots)?;
+    let (_log, mut replica) = open_group(&replica_db, 3, journal.clone(), &replica_snapshots, &dir.path().join("replica-log"))?;
     apply(&mut replica, 1..=3).await?;
     let mut receiving = replica.begin_receiving_snapshot().await?;
     // Written in chunks, as openraft does with each chunk of the transfer.
@@ -215,7 +215,7 @@ async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> 
     let leader_db = sled::open(dir.path().join("leader"))?;
     let leader_snapshots = dir.path().join("leader-snapshots");
     let leader_journal = Arc::new(common::Journal::default());
-    let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &leader_snapshots)?;
+    let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &leader_snapshots, &dir.path().join("leader-log"))?;
     apply(&mut leader, 1..=30).await?;
     leader.get_snapshot_builder().await.build_snapshot().await?;
     let built = as_a_replica_gets_it(&mut leader).await?;
@@ -225,7 +225,7 @@ async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> 
     let replica_path = dir.path().join("replica");
     {
         let db = sled::open(&replica_path)?;
-        let (_log, mut replica) = open_group(&db, 3, Arc::new(common::Journal::default()), &replica_snapshots)?;
+        let (_log, mut replica) = open_group(&db, 3, Arc::new(common::Journal::default()), &replica_snapshots, &dir.path().join("replica-log"))?;
         apply(&mut replica, 1..=3).await?;
         drop(replica);
         // What the install had done when the process died: the file kept and named,
@@ -241,7 +241,7 @@ async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> 
     }
     let db = sled::open(&replica_path)?;
     let journal = Arc::new(common::Journal::default());
-    let (_log, mut replica) = open_group(&db, 3, journal.clone(), &replica_snapshots)?;
+    let (_log, mut replica) = open_group(&db, 3, journal.clone(), &replica_snapshots, &dir.path().join("replica-log"))?;
     assert_eq!(*journal.entries.lock().unwrap(), *leader_journal.entries.lock().unwrap(), "exactly the snapshot's entries");
     assert_eq!(journal.all_records(), leader_journal.all_records());
     assert!(db.open_tree("g3/state")?.get("rhalf-loaded")?.is_none());

@@ -15,13 +15,14 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path().join("db")).expect("open sled");
-        let (log, sm) = open_group(&db, 1, Arc::new(common::Journal::default()), &dir.path().join("snapshots")).expect("open group");
+        let (log, sm) = open_group(&db, 1, Arc::new(common::Journal::default()), &dir.path().join("snapshots"), &dir.path().join("log")).expect("open group");
         Ok((dir, log, sm))
     }
 }
 
 #[test]
 fn sled_store_passes_openraft_suite() -> Result<(), StorageError<NodeId>> {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("openraft=info,switchboard_raft=debug").try_init();
     Suite::test_all(SledBuilder)?;
     Ok(())
 }

@@ -1,0 +1,149 @@
+//! The segment-file Raft log (ADR 0005): what survives a crash, what a purge gives
+//! back, and what a damaged file gets.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+use switchboard_raft::log::{LogMeta, SegmentLog};
+use switchboard_raft::{Request, TypeConfig};
+
+fn entry(index: u64, term: u64) -> Entry<TypeConfig> {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+        payload: EntryPayload::Normal(Request(format!("command {index} {}", "x".repeat(200)).into_bytes())),
+    }
+}
+
+fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry<TypeConfig>> {
+    range.map(|i| entry(i, term)).collect()
+}
+
+fn open(dir: &Path) -> SegmentLog {
+    // Segments of 4 KiB: about 16 entries each, so the tests cross many boundaries.
+    SegmentLog::open_sized(dir, 4096, LogMeta::default).expect("open the log")
+}
+
+fn indexes(log: &SegmentLog, start: u64, end: u64) -> Vec<u64> {
+    log.read(start, end).expect("read").iter().map(|e| e.log_id.index).collect()
+}
+
+#[test]
+fn entries_read_back_in_order_across_segments_and_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    log.append_synced(entries(1..=100, 1)).expect("append");
+    assert!(log.segment_files().len() > 4, "100 entries fill several 4 KiB segments");
+    assert_eq!(indexes(&log, 0, u64::MAX), (1..=100).collect::<Vec<_>>());
+    assert_eq!(indexes(&log, 40, 45), vec![40, 41, 42, 43, 44]);
+    drop(log);
+
+    let log = open(dir.path());
+    let (purged, last) = log.state();
+    assert_eq!(purged, None);
+    assert_eq!(last.map(|l| l.index), Some(100));
+    let read = log.read(1, 101).expect("read");
+    assert_eq!(read, entries(1..=100, 1), "every entry as written");
+}
+
+#[test]
+fn a_write_cut_short_by_a_crash_is_dropped_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    log.append_synced(entries(1..=10, 1)).expect("append");
+    let newest = log.segment_files().pop().expect("a segment");
+    drop(log);
+    // The crash came in the middle of the next record: a header and half its payload.
+    let mut file = std::fs::OpenOptions::new().append(true).open(&newest).expect("open segment");
+    file.write_all(&[200, 0, 0, 0, 1, 2, 3, 4]).expect("write");
+    file.write_all(&[7u8; 100]).expect("write");
+    drop(file);
+
+    let log = open(dir.path());
+    assert_eq!(log.state().1.map(|l| l.index), Some(10), "the torn record is not an entry");
+    log.append_synced(entries(11..=12, 2)).expect("append after the cut");
+    drop(log);
+    let log = open(dir.path());
+    assert_eq!(indexes(&log, 0, u64::MAX), (1..=12).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_damaged_older_segment_stops_the_open_with_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    log.append_synced(entries(1..=100, 1)).expect("append");
+    let oldest = log.segment_files().remove(0);
+    drop(log);
+    let mut file = std::fs::OpenOptions::new().write(true).open(&oldest).expect("open segment");
+    file.seek(SeekFrom::Start(40)).expect("seek");
+    file.write_all(b"bit rot").expect("write");
+    drop(file);
+
+    let error = SegmentLog::open_sized(dir.path(), 4096, LogMeta::default).err().expect("the open fails").to_string();
+    assert!(error.contains("checksum"), "{error}");
+    assert!(error.contains(&oldest.display().to_string()), "names the file: {error}");
+    assert!(error.contains("restore this node's data folder"), "says what to do: {error}");
+}
+
+#[test]
+fn a_purge_deletes_whole_segments_and_purged_entries_stay_gone_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    log.append_synced(entries(1..=100, 1)).expect("append");
+    let before = log.segment_files().len();
+    let bytes_before = log.bytes();
+    log.purge(LogId::new(CommittedLeaderId::new(1, 1), 60)).expect("purge");
+    let after = log.segment_files();
+    assert!(after.len() < before, "segments all of whose entries are purged are deleted");
+    assert!(log.bytes() < bytes_before / 2, "their space is given back");
+    let on_disk = std::fs::read_dir(dir.path()).expect("list").filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "seg"))).count();
+    assert_eq!(on_disk, after.len(), "no file left behind");
+    assert_eq!(indexes(&log, 0, u64::MAX), (61..=100).collect::<Vec<_>>());
+    drop(log);
+
+    let log = open(dir.path());
+    let (purged, last) = log.state();
+    assert_eq!(purged.map(|p| p.index), Some(60));
+    assert_eq!(last.map(|l| l.index), Some(100));
+    assert_eq!(indexes(&log, 0, u64::MAX), (61..=100).collect::<Vec<_>>());
+
+    // A snapshot covering everything, then new entries after it.
+    log.purge(LogId::new(CommittedLeaderId::new(1, 1), 150)).expect("purge past the end");
+    assert!(log.segment_files().is_empty());
+    assert_eq!(log.state().1.map(|l| l.index), Some(150), "the last id is the purged one");
+    log.append_synced(entries(151..=153, 2)).expect("append after it");
+    drop(log);
+    let log = open(dir.path());
+    assert_eq!(indexes(&log, 0, u64::MAX), vec![151, 152, 153]);
+}
+
+#[test]
+fn a_truncation_removes_the_conflicting_suffix_durably() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    log.append_synced(entries(1..=100, 1)).expect("append");
+    log.truncate(37).expect("truncate");
+    assert_eq!(log.state().1.map(|l| l.index), Some(36));
+    // A new leader's entries replace the removed ones.
+    log.append_synced(entries(37..=40, 3)).expect("append");
+    drop(log);
+    let log = open(dir.path());
+    let read = log.read(30, 41).expect("read");
+    let terms: Vec<(u64, u64)> = read.iter().map(|e| (e.log_id.index, e.log_id.leader_id.term)).collect();
+    assert_eq!(terms, vec![(30, 1), (31, 1), (32, 1), (33, 1), (34, 1), (35, 1), (36, 1), (37, 3), (38, 3), (39, 3), (40, 3)]);
+    assert_eq!(log.state().1.map(|l| l.index), Some(40));
+}
+
+#[test]
+fn the_vote_survives_a_restart_and_a_foreign_meta_file_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    let vote = openraft::Vote::new_committed(4, 2);
+    log.save_vote(&vote).expect("save vote");
+    drop(log);
+    assert_eq!(open(dir.path()).meta().vote, Some(vote));
+
+    std::fs::write(dir.path().join("meta"), b"{\"vote\": 1}").expect("write");
+    let error = SegmentLog::open_sized(dir.path(), 4096, LogMeta::default).err().expect("refused").to_string();
+    assert!(error.contains("SBLOGM01"), "{error}");
+}
