@@ -54,6 +54,9 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// Commands waiting for the batcher at most; past it, proposers wait (backpressure).
 const PROPOSAL_QUEUE: usize = 8192;
+/// Group-commit entries handed to Raft and not yet applied, at most: the next entry
+/// fills while these are written, synced and applied.
+const ENTRIES_IN_FLIGHT: usize = 4;
 
 /// What a committed log entry holds.
 #[derive(Debug, PartialEq)]
@@ -151,10 +154,10 @@ impl switchboard_actors::records::Store for ShardRecords {
 /// A command waiting to be committed, and who waits for its result.
 type Proposal = (Command, tokio::sync::oneshot::Sender<ApplyResult>);
 
-/// Commits commands through the shard's Raft group, many to an entry: openraft 0.9
-/// answers one client write only after the previous one is applied, so commands that
-/// arrive while an entry commits go together into the next one (group commit). One
-/// command alone is written as before, at no extra latency.
+/// Commits commands through the shard's Raft group, many to an entry: commands that
+/// arrive while entries commit go together into the next one (group commit), and a few
+/// entries are in flight at once so the log's sync, the apply and the filling of the
+/// next entry overlap. One command alone is written at once, at no extra latency.
 #[derive(Clone)]
 struct RaftProposer {
     queue: tokio::sync::mpsc::Sender<Proposal>,
@@ -185,6 +188,7 @@ impl RaftProposer {
     async fn batch(raft: Raft, mut proposals: tokio::sync::mpsc::Receiver<Proposal>, counts: Arc<ProposalCounts>) {
         // A command that did not fit the last entry opens the next one.
         let mut carried: Option<Proposal> = None;
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(ENTRIES_IN_FLIGHT));
         loop {
             let first = match carried.take() {
                 Some(first) => first,
@@ -193,6 +197,8 @@ impl RaftProposer {
                     None => return,
                 },
             };
+            // Waiting for a free slot lets more commands join this entry.
+            let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
             let at = now_ms();
             let mut encoded: Vec<Vec<u8>> = Vec::new();
             let mut replies = Vec::new();
@@ -223,34 +229,51 @@ impl RaftProposer {
             }
             counts.entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             counts.commands.fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let results = Self::commit(&raft, encoded).await;
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(result);
-            }
+            // Entries are handed to Raft in order from this one task, so the log keeps
+            // the order commands arrived in; up to `ENTRIES_IN_FLIGHT` of them commit
+            // at once (the log's flusher syncs them together), each answered by its own
+            // task when it is applied.
+            let n = encoded.len();
+            let failed = move |e: String| (0..n).map(|_| Err(switchboard_actors::Error::Commit(e.clone()))).collect::<Vec<ApplyResult>>();
+            let answer = |replies: Vec<tokio::sync::oneshot::Sender<ApplyResult>>, results: Vec<ApplyResult>| {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            };
+            let bytes = if n == 1 { Ok(encoded.remove(0)) } else { batch_entry(&encoded) };
+            let bytes = match bytes {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    answer(replies, failed(e));
+                    continue;
+                }
+            };
+            let receiver = match raft.client_write_ff(Request(bytes)).await {
+                Ok(receiver) => receiver,
+                Err(e) => {
+                    answer(replies, failed(e.to_string()));
+                    continue;
+                }
+            };
+            tokio::spawn(async move {
+                let results = match receiver.await {
+                    Ok(Ok(response)) => Self::results(n, &response.data.0),
+                    Ok(Err(e)) => failed(e.to_string()),
+                    Err(_) => failed("raft stopped before the entry was applied".into()),
+                };
+                answer(replies, results);
+                drop(permit);
+            });
         }
     }
 
-    /// One entry for all the encoded envelopes; one result for each, in order.
-    async fn commit(raft: &Raft, mut encoded: Vec<Vec<u8>>) -> Vec<ApplyResult> {
-        let n = encoded.len();
+    /// One result for each of the `n` commands of an applied entry, in order.
+    fn results(n: usize, data: &[u8]) -> Vec<ApplyResult> {
         let failed = |e: String| (0..n).map(|_| Err(switchboard_actors::Error::Commit(e.clone()))).collect::<Vec<_>>();
-        let bytes = if n == 1 {
-            Ok(encoded.remove(0))
-        } else {
-            batch_entry(&encoded)
-        };
-        let bytes = match bytes {
-            Ok(bytes) => bytes,
-            Err(e) => return failed(e),
-        };
-        let response = match raft.client_write(Request(bytes)).await {
-            Ok(response) => response,
-            Err(e) => return failed(e.to_string()),
-        };
         if n == 1 {
-            return vec![decode::<ApplyResult>(&response.data.0).unwrap_or_else(|e| Err(switchboard_actors::Error::Commit(e)))];
+            return vec![decode::<ApplyResult>(data).unwrap_or_else(|e| Err(switchboard_actors::Error::Commit(e)))];
         }
-        match decode::<Vec<ApplyResult>>(&response.data.0) {
+        match decode::<Vec<ApplyResult>>(data) {
             Ok(results) if results.len() == n => results,
             Ok(results) => failed(format!("a batch of {n} commands got {} results", results.len())),
             Err(e) => failed(e),
