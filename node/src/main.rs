@@ -12,6 +12,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use server::NodeOptions;
 
+/// mimalloc instead of glibc's malloc: under load the node spent a fifth of its CPU in
+/// glibc's allocator and its arena locks (docs/benchmarks.md, issue 8).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "switchboard", version, about = "Clustered real-time routing core for contact centers")]
 struct Cli {
