@@ -13,7 +13,9 @@ use clap::{Args, Parser, Subcommand};
 use server::NodeOptions;
 
 /// mimalloc instead of glibc's malloc: under load the node spent a fifth of its CPU in
-/// glibc's allocator and its arena locks (docs/benchmarks.md, issue 8).
+/// glibc's allocator and its arena locks (docs/benchmarks.md, issue 8). mimalloc also
+/// gives large blocks back when freed, as each argon2 check's 19 MiB must be (glibc
+/// needed its mmap threshold fixed for that; the edge test of 400 logins checks it).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -247,31 +249,7 @@ fn certs(args: CertsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keeps glibc from holding freed password-hashing memory. Each argon2 check allocates
-/// 19 MiB; glibc's default mmap threshold rises to the largest block freed, so after the
-/// first check those blocks come from the heap, and heap memory fragmented around them
-/// is never returned: RSS grew by about 19 MiB per login until hundreds of MiB stayed.
-/// A fixed threshold (which also turns off the rising one) makes every block of 1 MiB
-/// or more its own mapping, given back to the system when freed.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn fix_mmap_threshold() {
-    extern "C" {
-        fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
-    }
-    const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
-    // SAFETY: mallopt only sets an allocator parameter; it is called once, before any
-    // other thread exists.
-    let ok = unsafe { mallopt(M_MMAP_THRESHOLD, 1 << 20) };
-    if ok != 1 {
-        eprintln!("switchboard: could not set the allocator's mmap threshold");
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn fix_mmap_threshold() {}
-
 fn main() -> anyhow::Result<()> {
-    fix_mmap_threshold();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
