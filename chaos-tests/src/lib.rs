@@ -71,7 +71,7 @@ impl Dev {
             .args([subcommand, "--public-addr", public_addr, "--private-addr", private_addr, "--data-dir"])
             .arg(data_dir)
             .args(extra)
-            .env("RUST_LOG", "info,openraft=warn,sled=warn,quinn=warn")
+            .env("RUST_LOG", "info,openraft=warn,fjall=warn,lsm_tree=warn,quinn=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .kill_on_drop(true)

@@ -245,7 +245,8 @@ fn mode(path: &Path) -> anyhow::Result<u32> {
     Ok(std::fs::metadata(path).with_context(|| format!("{}", path.display()))?.permissions().mode() & 0o777)
 }
 
-/// Regular files under `dir` (not in `sled/`) whose names look temporary.
+/// Regular files under `dir` (not in the stores, `records/` and `log/`, which replace
+/// their own files atomically while the node runs) whose names look temporary.
 fn leftovers(dir: &Path) -> anyhow::Result<Vec<String>> {
     let mut found = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
@@ -254,7 +255,7 @@ fn leftovers(dir: &Path) -> anyhow::Result<Vec<String>> {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let kind = entry.file_type()?;
-            if kind.is_dir() && name != "sled" {
+            if kind.is_dir() && name != "records" && name != "log" {
                 pending.push(entry.path());
                 continue;
             }

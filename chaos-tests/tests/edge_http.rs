@@ -43,7 +43,8 @@ async fn answer_without_body(mut conn: HttpConn, what: &str) -> anyhow::Result<(
     }
 }
 
-/// Regular files under `dir`, but not in `sled/` and not the node's log.
+/// Regular files under `dir`, but not in the stores (`records/`, `log/`) and not the
+/// node's own log file.
 fn files_outside_the_store(dir: &Path) -> BTreeSet<PathBuf> {
     let mut found = BTreeSet::new();
     let mut pending = vec![dir.to_path_buf()];
@@ -52,7 +53,7 @@ fn files_outside_the_store(dir: &Path) -> BTreeSet<PathBuf> {
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name();
-            if name == "sled" || name == "node.log" {
+            if name == "records" || name == "log" || name == "node.log" {
                 continue;
             }
             match entry.file_type() {

@@ -86,7 +86,10 @@ async fn a_data_folder_of_the_previous_format_starts_and_keeps_everything() -> a
     assert_eq!(legacy_snapshots, 1, "the fixture holds one legacy snapshot");
 
     let data = dir.path().join("data");
+    assert!(data.join("sled").is_dir(), "the fixture keeps its state in sled");
     let dev = Dev::start(&data).await?;
+    assert!(!data.join("sled").exists(), "the sled folder is moved into the log segments and the record store, then removed");
+    assert!(data.join("records").is_dir() && data.join("log").is_dir());
     let supervisor = dev.login("supervisor").await?;
     for (id, want) in &expected {
         let (status, conversation) = dev.api("GET", &format!("/api/conversations/{id}"), Some(&supervisor), None).await?;

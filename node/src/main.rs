@@ -42,7 +42,7 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct Listeners {
-    /// Where the data (sled, certificates, token key) lives.
+    /// Where the data (Raft log, records, snapshots, certificates, token key) lives.
     #[arg(long, default_value = "./data")]
     data_dir: PathBuf,
     /// Public listener: web chat page and client WebSocket.
@@ -253,7 +253,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn,sled=warn,quinn=warn".into()),
+                .unwrap_or_else(|_| "info,openraft=warn,sled=warn,fjall=warn,lsm_tree=warn,quinn=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -1,4 +1,5 @@
-//! A running node: sled, its Raft group, the shard's actors and the gateway listeners.
+//! A running node: its record store and Raft log, its Raft group, the shard's actors and
+//! the gateway listeners.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -427,7 +428,9 @@ pub struct RunningNode {
     pub public_addr: SocketAddr,
     pub private_addr: SocketAddr,
     endpoint: quinn::Endpoint,
-    db: sled::Db,
+    db: fjall::Keyspace,
+    /// Held while the node runs: one process per data folder.
+    _lock: std::fs::File,
     listeners: Vec<tokio::task::JoinHandle<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -465,17 +468,17 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
     let endpoint = tls::endpoint(&identity, options.raft_addr).context("bind raft endpoint")?;
     let raft_addr = endpoint.local_addr()?;
 
-    let db = sled::Config::new()
-        .path(options.data_dir.join("sled"))
-        // sled's page cache: a larger one measured slower under load (more time in its
-        // eviction bookkeeping: 64 MiB gave 9,600 msg/s saturated, 24 MiB 14,300);
-        // the hot state is in our own memory anyway.
-        .cache_capacity(24 * 1024 * 1024)
-        .flush_every_ms(Some(500))
-        .open()
-        .context("open sled (is another switchboard using this data dir?)")?;
+std::fs::create_dir_all(&options.data_dir)?;
+    let lock_path = options.data_dir.join("switchboard.lock");
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!("another switchboard is using the data folder {}", options.data_dir.display());
+    }
+    let db = switchboard_raft::store::open_keyspace(&options.data_dir.join("records")).context("open the record store")?;
+    let log_dir = options.data_dir.join("log").join(format!("g{SHARD_GROUP}"));
+    switchboard_raft::store::migrate_sled(&options.data_dir.join("sled"), &db, SHARD_GROUP, &log_dir).context("move the data folder out of sled")?;
     let shard = Arc::new(Shard::new());
-    let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }), &options.data_dir.join("snapshots"), &options.data_dir.join("log").join(format!("g{SHARD_GROUP}")))?;
+    let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }), &options.data_dir.join("snapshots"), &log_dir)?;
     let raft = Raft::new(options.node_id, config_with_snapshots(options.snapshot_every)?, NetworkFactory::new(endpoint.clone(), SHARD_GROUP), log, sm).await?;
     let router = Router::default();
     router.add(SHARD_GROUP, raft.clone());
@@ -567,7 +570,7 @@ pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
         retention,
     ];
     info!(%public_addr, %private_addr, %raft_addr, "node started");
-    Ok(RunningNode { raft, proposer, gateway, shard, public_addr, private_addr, endpoint, db, listeners, shutdown })
+    Ok(RunningNode { raft, proposer, gateway, shard, public_addr, private_addr, endpoint, db, _lock: lock, listeners, shutdown })
 }
 
 /// On the leader, proposes `PurgeExpired` as of now every `every`: each deletes up to
@@ -617,7 +620,8 @@ impl RunningNode {
         }
         let _ = self.raft.shutdown().await;
         self.endpoint.close(0u32.into(), b"shutdown");
-        let _ = self.db.flush_async().await;
+        let db = self.db.clone();
+        let _ = tokio::task::spawn_blocking(move || db.persist(fjall::PersistMode::SyncAll)).await;
     }
 
     /// Commits a command directly (used by the demo loader).

@@ -1,7 +1,9 @@
-//! Replication for Switchboard: one openraft group per shard, stored on sled, talking
+//! Replication for Switchboard: one openraft group per shard, its log in segment files
+//! and its records in a fjall keyspace (ADR 0005), talking
 //! to its peers over QUIC with mutual TLS.
 //!
-//! - [`store`]: `RaftLogStorage` and `RaftStateMachine` on sled (passes openraft's suite).
+//! - [`store`]: `RaftLogStorage` and `RaftStateMachine` (passes openraft's suite), and the
+//!   one-time move of a data folder kept in sled.
 //! - [`log`]: the Raft log as append-only segment files, synced by a flusher thread.
 //! - [`state`]: a group's records (its state machine on disk), and snapshot files of them.
 //! - [`network`]: the QUIC transport: one endpoint per node, one stream per RPC.
@@ -48,7 +50,7 @@ openraft::declare_raft_types!(
 ///
 /// `apply` must be deterministic: every replica calls it with the same entries in the
 /// same order, and it must put every change it makes into `changes`. The store writes
-/// those changes together with the entry's log id in one atomic sled batch before the
+/// those changes together with the entry's log id in one atomic batch before the
 /// next entry is applied, so after a crash the records and the applied index agree.
 /// What the machine keeps in memory is a cache of its records, rebuilt by `load`.
 pub trait Machine: Send + Sync + 'static {
@@ -71,6 +73,8 @@ pub enum Error {
     Storage(String),
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
+    #[error("record store: {0}")]
+    Records(#[from] fjall::Error),
     #[error("tls: {0}")]
     Tls(String),
     #[error("certificate: {0}")]

@@ -159,6 +159,9 @@ impl SegmentLog {
             let name = item.file_name().to_string_lossy().into_owned();
             if let Some(first) = name.strip_suffix(".seg").and_then(|n| n.parse::<u64>().ok()) {
                 names.push((first, item.path()));
+            } else if name.starts_with(".meta.") && name.ends_with(".tmp") {
+                // A `meta` replacement a crash interrupted: the old file still holds.
+                std::fs::remove_file(item.path()).map_err(io(item.path().display()))?;
             }
         }
         names.sort();

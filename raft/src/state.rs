@@ -2,24 +2,22 @@
 //! the group's state tree, written one applied entry at a time, and snapshot files made
 //! from them without stopping applies.
 //!
-//! The state tree (`g<group>/state`) holds the machine's records under the prefix `r`
-//! and the store's own keys under `s/`: `s/applied` (the last applied log id and the
+//! The state partition (`g<group>-state` in the node's fjall keyspace, ADR 0005) holds
+//! the machine's records under the prefix `r` and the store's own keys under `s/`: `s/applied` (the last applied log id and the
 //! membership, written in the same batch as that entry's changes) and `s/installing`
 //! (present only while a snapshot is being loaded into the tree).
 //!
 //! A snapshot is a dump of the records as of one applied entry. It is taken while
-//! entries go on being applied: the builder walks the tree in key order, a chunk at a
-//! time, and an apply that changes a key the builder has not reached yet first saves
-//! the key's value as of the capture (copy on write). The builder emits the saved value
-//! instead of the tree's, so the dump is exactly the state at the captured entry, and
-//! memory holds only what changed during the build.
+//! entries go on being applied: the capture is a read snapshot of the partition at the
+//! sequence number between two applies, and the builder walks it in key order, a chunk
+//! at a time. The dump is exactly the state at the captured entry; the store keeps the
+//! versions the capture sees until it ends (disk, not memory).
 //!
 //! Snapshot file format, version 2: the 8 bytes `SBSNAP02`, then each record as a
 //! big-endian `u32` key length, the key, a `u32` value length and the value, in key
 //! order, then `u32::MAX` and the `u64` count of records. A file without the magic is
 //! the legacy format (the whole state as one value) and goes to `Machine::import`.
 
-use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::ops::Bound;
 use std::sync::Mutex;
@@ -74,21 +72,22 @@ impl Changes {
 /// Read access to a group's records, as of the last entry whose changes were written.
 #[derive(Clone)]
 pub struct Records {
-    tree: sled::Tree,
+    part: fjall::PartitionHandle,
+}
+
+fn owned((key, value): (fjall::Slice, fjall::Slice)) -> (Vec<u8>, Vec<u8>) {
+    (key[1..].to_vec(), value.to_vec())
 }
 
 impl Records {
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.tree.get(stored(key))?.map(|v| v.to_vec()))
+        Ok(self.part.get(stored(key))?.map(|v| v.to_vec()))
     }
 
     /// The record with the greatest key starting with `prefix`.
     pub fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, Error> {
-        match self.tree.scan_prefix(stored(prefix)).next_back() {
-            Some(item) => {
-                let (key, value) = item?;
-                Ok(Some((key[1..].to_vec(), value.to_vec())))
-            }
+        match self.part.prefix(stored(prefix)).next_back() {
+            Some(item) => Ok(Some(owned(item?))),
             None => Ok(None),
         }
     }
@@ -102,7 +101,9 @@ impl Records {
         };
         let full = stored(prefix);
         let mut out = Vec::new();
-        for item in self.tree.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+        // Bounded above by the prefix's end: an iterator past it would walk whatever
+        // follows (old versions and tombstones included) before it could stop.
+        for item in self.part.range::<Vec<u8>, _>((start, after_prefix(&full))) {
             if out.len() >= limit {
                 break;
             }
@@ -110,65 +111,88 @@ impl Records {
             if !key.starts_with(&full) {
                 break;
             }
-            out.push((key[1..].to_vec(), value.to_vec()));
+            out.push(owned((key, value)));
         }
         Ok(out)
     }
 }
 
-/// Values as of the capture for keys changed since, while a snapshot is built.
-struct Capture {
-    /// The last stored key the builder has emitted; `None` before the first chunk.
-    cursor: Option<Vec<u8>>,
-    /// Stored key -> its value at the capture (`None`: it did not exist then).
-    before: BTreeMap<Vec<u8>, Option<sled::IVec>>,
+/// The first key after every key that starts with `prefix`.
+fn after_prefix(prefix: &[u8]) -> Bound<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Bound::Excluded(end);
+        }
+    }
+    Bound::Unbounded
 }
 
-/// The writer of a group's state tree.
+/// A snapshot build under way: the records as of its capture, and how far it got.
+struct Capture {
+    snapshot: fjall::Snapshot,
+    /// The last stored key the builder has emitted; `None` before the first chunk.
+    cursor: Option<Vec<u8>>,
+}
+
+/// The writer of a group's state partition.
 pub(crate) struct StateTree {
-    pub(crate) tree: sled::Tree,
+    pub(crate) keyspace: fjall::Keyspace,
+    pub(crate) part: fjall::PartitionHandle,
     capture: Mutex<Option<Capture>>,
 }
 
 impl StateTree {
-    pub(crate) fn new(tree: sled::Tree) -> Self {
-        StateTree { tree, capture: Mutex::new(None) }
+    pub(crate) fn new(keyspace: fjall::Keyspace, part: fjall::PartitionHandle) -> Self {
+        StateTree { keyspace, part, capture: Mutex::new(None) }
     }
 
     pub(crate) fn records(&self) -> Records {
-        Records { tree: self.tree.clone() }
+        Records { part: self.part.clone() }
     }
 
     fn capture(&self) -> std::sync::MutexGuard<'_, Option<Capture>> {
         self.capture.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes one entry's changes and the new applied state in one atomic batch.
-    pub(crate) fn write(&self, changes: Changes, applied: &[u8]) -> Result<(), sled::Error> {
-        let mut capture = self.capture();
-        let mut batch = sled::Batch::default();
+    /// Writes one entry's changes and the new applied state in one atomic batch (in the
+    /// OS's buffers when this returns, so a killed process loses nothing; synced to disk
+    /// at snapshot points).
+    pub(crate) fn write(&self, changes: Changes, applied: &[u8]) -> Result<(), fjall::Error> {
+        let mut batch = self.keyspace.batch();
         for (key, value) in changes.ops {
-            let key = stored(&key);
-            if let Some(capture) = capture.as_mut() {
-                let ahead = capture.cursor.as_ref().is_none_or(|cursor| key > *cursor);
-                if ahead && !capture.before.contains_key(&key) {
-                    let old = self.tree.get(&key)?;
-                    capture.before.insert(key.clone(), old);
-                }
-            }
             match value {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
+                Some(value) => batch.insert(&self.part, stored(&key), value),
+                None => batch.remove(&self.part, stored(&key)),
             }
         }
-        batch.insert(APPLIED_KEY, applied);
-        self.tree.apply_batch(batch)
+        batch.insert(&self.part, APPLIED_KEY, applied);
+        batch.commit()
+    }
+
+    /// One store key's value, outside the records (`s/applied`, `s/installing`).
+    pub(crate) fn get_own(&self, key: &[u8]) -> Result<Option<Vec<u8>>, fjall::Error> {
+        Ok(self.part.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Writes and removes store keys in one batch.
+    pub(crate) fn set_own(&self, puts: &[(&[u8], &[u8])], removes: &[&[u8]]) -> Result<(), fjall::Error> {
+        let mut batch = self.keyspace.batch();
+        for (key, value) in puts {
+            batch.insert(&self.part, *key, *value);
+        }
+        for key in removes {
+            batch.remove(&self.part, *key);
+        }
+        batch.commit()
     }
 
     /// Freezes the records as they are now for a snapshot build. The caller makes sure
     /// no entry is being applied meanwhile.
     pub(crate) fn begin_capture(&self) {
-        *self.capture() = Some(Capture { cursor: None, before: BTreeMap::new() });
+        let snapshot = self.part.snapshot_at(self.keyspace.instant());
+        *self.capture() = Some(Capture { snapshot, cursor: None });
     }
 
     pub(crate) fn end_capture(&self) {
@@ -177,47 +201,24 @@ impl StateTree {
 
     /// The next records of the capture, in key order (keys without the `r` prefix).
     /// Empty once every record was emitted.
-    fn next_chunk(&self) -> Result<Vec<(Vec<u8>, sled::IVec)>, sled::Error> {
-        // A chunk of keys all added since the capture holds nothing to emit: go on to
-        // the next one rather than end the dump there.
-        loop {
-            let (chunk, more) = self.chunk_once()?;
-            if !chunk.is_empty() || !more {
-                return Ok(chunk);
-            }
-        }
-    }
-
-    /// One chunk of the capture, and whether keys may follow it.
-    fn chunk_once(&self) -> Result<(Vec<(Vec<u8>, sled::IVec)>, bool), sled::Error> {
+    fn next_chunk(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, fjall::Error> {
         let mut guard = self.capture();
-        let Some(capture) = guard.as_mut() else { return Ok((Vec::new(), false)) };
-        let end = vec![RECORD + 1];
+        let Some(capture) = guard.as_mut() else { return Ok(Vec::new()) };
         let lower = match &capture.cursor {
-            Some(cursor) if *cursor >= end => return Ok((Vec::new(), false)),
             Some(cursor) => Bound::Excluded(cursor.clone()),
             None => Bound::Included(vec![RECORD]),
         };
-        let mut chunk: BTreeMap<Vec<u8>, Option<sled::IVec>> = BTreeMap::new();
-        for item in self.tree.range::<Vec<u8>, _>((lower.clone(), Bound::Excluded(end.clone()))).take(CHUNK) {
+        let mut chunk = Vec::new();
+        let mut last = None;
+        for item in capture.snapshot.range::<Vec<u8>, _>((lower, Bound::Excluded(vec![RECORD + 1]))).take(CHUNK) {
             let (key, value) = item?;
-            chunk.insert(key.to_vec(), Some(value));
+            last = Some(key.to_vec());
+            chunk.push(owned((key, value)));
         }
-        // The chunk covers keys up to its last one, or to the end when the tree ran out.
-        let upper = if chunk.len() == CHUNK { chunk.keys().next_back().cloned().unwrap_or_else(|| end.clone()) } else { end.clone() };
-        let saved: Vec<Vec<u8>> = capture
-            .before
-            .range::<Vec<u8>, _>((lower, if upper == end { Bound::Excluded(upper.clone()) } else { Bound::Included(upper.clone()) }))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in saved {
-            if let Some(value) = capture.before.remove(&key) {
-                chunk.insert(key, value);
-            }
+        if last.is_some() {
+            capture.cursor = last;
         }
-        let more = upper != end;
-        capture.cursor = Some(upper);
-        Ok((chunk.into_iter().filter_map(|(k, v)| v.map(|v| (k[1..].to_vec(), v))).collect(), more))
+        Ok(chunk)
     }
 
     /// Writes the capture to `out` in the snapshot file format; returns the record count.
@@ -254,17 +255,14 @@ impl StateTree {
             return Err(invalid("not a version 2 snapshot"));
         }
         let mut count = 0u64;
-        let mut batch = sled::Batch::default();
-        let mut in_batch = 0;
+        let mut batch = self.keyspace.batch();
         loop {
             let Some(key) = read_part(&mut input)? else { break };
             let value = read_part(&mut input)?.ok_or_else(|| invalid("a record without a value"))?;
-            batch.insert(stored(&key), value);
+            batch.insert(&self.part, stored(&key), value);
             count += 1;
-            in_batch += 1;
-            if in_batch == CHUNK {
-                self.tree.apply_batch(std::mem::take(&mut batch)).map_err(std::io::Error::other)?;
-                in_batch = 0;
+            if batch.len() == CHUNK {
+                std::mem::replace(&mut batch, self.keyspace.batch()).commit().map_err(std::io::Error::other)?;
             }
         }
         let mut expected = [0u8; 8];
@@ -272,38 +270,35 @@ impl StateTree {
         if u64::from_be_bytes(expected) != count {
             return Err(invalid("the snapshot's record count does not match"));
         }
-        self.tree.apply_batch(batch).map_err(std::io::Error::other)?;
+        batch.commit().map_err(std::io::Error::other)?;
         Ok(count)
     }
 
     /// Replaces every record by `changes` (an imported legacy snapshot).
-    pub(crate) fn load_changes(&self, changes: Changes) -> Result<(), sled::Error> {
+    pub(crate) fn load_changes(&self, changes: Changes) -> Result<(), fjall::Error> {
         self.clear()?;
         for part in changes.ops.chunks(CHUNK) {
-            let mut batch = sled::Batch::default();
+            let mut batch = self.keyspace.batch();
             for (key, value) in part {
                 if let Some(value) = value {
-                    batch.insert(stored(key), value.as_slice());
+                    batch.insert(&self.part, stored(key), value.as_slice());
                 }
             }
-            self.tree.apply_batch(batch)?;
+            batch.commit()?;
         }
         Ok(())
     }
 
-    /// Removes every record (not the store's own keys), a chunk at a time.
-    fn clear(&self) -> Result<(), sled::Error> {
-        loop {
-            let keys: Vec<sled::IVec> = self.tree.range(vec![RECORD]..vec![RECORD + 1]).keys().take(CHUNK).collect::<Result<_, _>>()?;
-            if keys.is_empty() {
-                return Ok(());
+    /// Removes every record (not the store's own keys), a chunk at a time, in one pass.
+    fn clear(&self) -> Result<(), fjall::Error> {
+        let mut batch = self.keyspace.batch();
+        for key in self.part.range(vec![RECORD]..vec![RECORD + 1]).map(|item| item.map(|(k, _)| k)) {
+            batch.remove(&self.part, key?);
+            if batch.len() == CHUNK {
+                std::mem::replace(&mut batch, self.keyspace.batch()).commit()?;
             }
-            let mut batch = sled::Batch::default();
-            for key in keys {
-                batch.remove(key);
-            }
-            self.tree.apply_batch(batch)?;
         }
+        batch.commit()
     }
 }
 
@@ -361,9 +356,9 @@ mod tests {
 
     fn open_tree() -> (tempfile::TempDir, StateTree) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled");
-        let tree = db.open_tree("state").expect("tree");
-        (dir, StateTree::new(tree))
+        let keyspace = fjall::Config::new(dir.path()).open().expect("keyspace");
+        let part = keyspace.open_partition("state", Default::default()).expect("partition");
+        (dir, StateTree::new(keyspace, part))
     }
 
     fn put(tree: &StateTree, pairs: &[(&str, Option<&str>)]) {

@@ -2,24 +2,23 @@
 //!
 //! Architecture invariant: a log append is reported durable to openraft only after the
 //! segment it was written to has been fdatasynced (see [`crate::log`]); nothing relies
-//! on a background sync. The records in sled are made durable by sled's own periodic
-//! flush and, always, by the flush at each snapshot point before openraft may purge
-//! the log entries that would rebuild them.
-//! The state machine is on disk: the machine's records live in the group's state tree
-//! (see [`crate::state`]), each entry's changes written in one batch with its log id,
-//! so a restart loads the records and replays only the committed entries after the
-//! last applied one (`save_committed` makes that possible).
+//! on a background sync. The records (a fjall keyspace, ADR 0005) reach the OS with
+//! each applied entry, so a killed process loses none, and are synced to disk at each
+//! snapshot point, before openraft may purge the log entries that would rebuild them.
+//! Each entry's changes are written in one batch with its log id, so a restart loads
+//! the records and replays only the committed entries after the last applied one
+//! (`save_committed` makes that possible).
 //!
 //! Snapshots are files in the group's snapshot folder, written whole (temporary file,
-//! fsync, rename) before the pointer to them is stored in sled; the file the pointer
-//! left is deleted, so an old snapshot gives its disk space back at once. Building one
-//! is a snapshot point (a flush, no copy); a file of the records is dumped only when a
-//! replica asks for the snapshot (in openraft's state-machine worker, so that node's
-//! applies wait for it); installing one
-//! streams the received file into the state tree, chunk by chunk, under an
-//! `s/installing` mark that a restart finishes. (Data folders from before kept the
-//! snapshot inside sled under `snapshot`, or wrote the whole state as one value: both
-//! are read once and turned into records.)
+//! fsync, rename) before the pointer to them is stored among the meta keys; the file
+//! the pointer left is deleted, so an old snapshot gives its disk space back at once.
+//! Building one is a snapshot point (a sync, no copy); a file of the records is dumped
+//! only when a replica asks for the snapshot (in openraft's state-machine worker, so
+//! that node's applies wait for it); installing one streams the received file into the
+//! state partition, chunk by chunk, under an `s/installing` mark that a restart
+//! finishes. (Data folders from before kept the snapshot among the meta keys under
+//! `snapshot`, or wrote the whole state as one value: both are read once and turned
+//! into records. Folders kept in sled are moved by [`migrate_sled`] first.)
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -48,21 +47,37 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::error::Decode
     bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(v, _)| v)
 }
 
-/// The sled trees one group uses, named by group id so groups share one database.
+/// The keyspace partitions one group uses besides its state: the meta partition, named
+/// by group id so groups share one keyspace.
 #[derive(Clone)]
 struct Trees {
-    db: sled::Db,
-    log: sled::Tree,
-    meta: sled::Tree,
+    keyspace: fjall::Keyspace,
+    meta: fjall::PartitionHandle,
+}
+
+/// Memtable of each partition: with the keyspace's write buffer limit, what memory the
+/// record store may hold besides its block cache.
+const MEMTABLE_BYTES: u32 = 8 * 1024 * 1024;
+
+fn partition_options() -> fjall::PartitionCreateOptions {
+    fjall::PartitionCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+}
+
+/// Opens (or creates) the record store at `dir`: one fjall keyspace for every group's
+/// records and meta keys, with bounded memory (a 16 MiB block cache, 24 MiB of
+/// memtables, a 64 MiB journal). Writes reach the OS at once and are synced to disk at
+/// snapshot points. The caller keeps the keyspace for as long as any group uses it.
+pub fn open_keyspace(dir: &Path) -> Result<fjall::Keyspace, crate::Error> {
+    Ok(fjall::Config::new(dir)
+        .cache_size(16 * 1024 * 1024)
+        .max_write_buffer_size(24 * 1024 * 1024)
+        .max_journaling_size(64 * 1024 * 1024)
+        .open()?)
 }
 
 impl Trees {
-    fn open(db: &sled::Db, group: u64) -> Result<Self, sled::Error> {
-        Ok(Trees {
-            db: db.clone(),
-            log: db.open_tree(format!("g{group}/log"))?,
-            meta: db.open_tree(format!("g{group}/meta"))?,
-        })
+    fn open(keyspace: &fjall::Keyspace, group: u64) -> Result<Self, fjall::Error> {
+        Ok(Trees { keyspace: keyspace.clone(), meta: keyspace.open_partition(&format!("g{group}-meta"), partition_options())? })
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, String> {
@@ -77,57 +92,110 @@ impl Trees {
         self.meta.insert(key, bytes).map_err(|e| e.to_string())?;
         Ok(())
     }
+
+    /// Makes every write so far durable. Blocking.
+    fn sync_now(&self) -> Result<(), fjall::Error> {
+        self.keyspace.persist(fjall::PersistMode::SyncAll)
+    }
+
+    /// As [`Trees::sync_now`], off the async workers.
+    async fn sync(&self) -> Result<(), String> {
+        let keyspace = self.keyspace.clone();
+        tokio::task::spawn_blocking(move || keyspace.persist(fjall::PersistMode::SyncAll))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Opens (or creates) the storage of one group: its log in segment files under
-/// `log_dir` (ADR 0005), its records in sled, its snapshot files in `snapshot_dir`.
+/// `log_dir` (ADR 0005), its records and meta keys in `keyspace`, its snapshot files in
+/// `snapshot_dir`.
 pub fn open_group(
-    db: &sled::Db,
+    keyspace: &fjall::Keyspace,
     group: u64,
     machine: Arc<dyn Machine>,
     snapshot_dir: &Path,
     log_dir: &Path,
 ) -> Result<(LogStore, StateMachineStore), crate::Error> {
-    let trees = Trees::open(db, group)?;
+    let trees = Trees::open(keyspace, group)?;
+    // A folder moved from sled has the vote and last purged id among its meta keys.
     let segments = SegmentLog::open(log_dir, || LogMeta {
         vote: trees.get_meta("vote").ok().flatten(),
         purged: trees.get_meta("last_purged").ok().flatten(),
     })
     .map_err(|e| crate::Error::Storage(e.to_string()))?;
-    move_sled_log(&trees, &segments)?;
     let log = LogStore { trees: trees.clone(), segments };
     std::fs::create_dir_all(snapshot_dir)?;
     let snapshots = SnapshotFiles { dir: snapshot_dir.to_path_buf(), group, writing: Arc::new(Mutex::new(())) };
-    let state = Arc::new(StateTree::new(db.open_tree(format!("g{group}/state"))?));
+    let state = Arc::new(StateTree::new(keyspace.clone(), keyspace.open_partition(&format!("g{group}-state"), partition_options())?));
     let sm = StateMachineStore::load(trees, state, machine, snapshots)?;
     Ok((log, sm))
 }
 
-/// Data folders from before ADR 0005 kept the log in the sled tree `g<group>/log`: its
-/// entries are copied into segments (synced) and only then removed from sled, so a
-/// crash in between copies again what is missing.
-fn move_sled_log(trees: &Trees, segments: &SegmentLog) -> Result<(), crate::Error> {
-    if trees.log.is_empty() {
-        return Ok(());
+/// Moves one group of a data folder kept in sled (builds before ADR 0005) into the log
+/// segments under `log_dir` and the partitions of `keyspace`, syncs them, and only then
+/// deletes the sled folder. A crash before that leaves the sled folder, and the next
+/// start moves it again from the beginning (what was copied is replaced, log entries
+/// already in segments are skipped). Returns whether there was a sled folder.
+pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log_dir: &Path) -> Result<bool, crate::Error> {
+    if !sled_dir.join("db").exists() && !sled_dir.join("conf").exists() {
+        return Ok(false);
     }
-    let mut batch = Vec::new();
-    for item in trees.log.iter() {
-        let (_, value) = item?;
-        let entry: Entry<TypeConfig> = decode(&value).map_err(|e| crate::Error::Storage(format!("old log entry: {e}")))?;
-        batch.push(entry);
-        if batch.len() == 1024 {
-            segments.append_synced(std::mem::take(&mut batch)).map_err(|e| crate::Error::Storage(e.to_string()))?;
+    let storage = |e: &dyn std::fmt::Display| crate::Error::Storage(format!("moving {} out of sled: {e}", sled_dir.display()));
+    {
+        let db = sled::open(sled_dir)?;
+        let meta_tree = db.open_tree(format!("g{group}/meta"))?;
+        let meta = keyspace.open_partition(&format!("g{group}-meta"), partition_options())?;
+        copy_tree(&meta_tree, keyspace, &meta)?;
+        let sled_meta = |key: &str| meta_tree.get(key).ok().flatten();
+        let legacy = LogMeta {
+            vote: sled_meta("vote").and_then(|b| decode(&b).ok()),
+            purged: sled_meta("last_purged").and_then(|b| decode(&b).ok()),
+        };
+        let segments = SegmentLog::open(log_dir, || legacy).map_err(|e| storage(&e))?;
+        let mut batch = Vec::new();
+        for item in db.open_tree(format!("g{group}/log"))?.iter() {
+            let (_, value) = item?;
+            let entry: Entry<TypeConfig> = decode(&value).map_err(|e| storage(&format!("a log entry: {e}")))?;
+            batch.push(entry);
+            if batch.len() == 1024 {
+                segments.append_synced(std::mem::take(&mut batch)).map_err(|e| storage(&e))?;
+            }
+        }
+        segments.append_synced(batch).map_err(|e| storage(&e))?;
+        let state = keyspace.open_partition(&format!("g{group}-state"), partition_options())?;
+        copy_tree(&db.open_tree(format!("g{group}/state"))?, keyspace, &state)?;
+        keyspace.persist(fjall::PersistMode::SyncAll)?;
+    }
+    std::fs::remove_dir_all(sled_dir)?;
+    tracing::info!(folder = %sled_dir.display(), "moved the data folder from sled into log segments and the record store");
+    Ok(true)
+}
+
+/// Replaces what `to` holds by the whole of `from`, in batches.
+fn copy_tree(from: &sled::Tree, keyspace: &fjall::Keyspace, to: &fjall::PartitionHandle) -> Result<(), crate::Error> {
+    let mut batch = keyspace.batch();
+    for key in to.keys() {
+        batch.remove(to, key?);
+        if batch.len() == 4096 {
+            std::mem::replace(&mut batch, keyspace.batch()).commit()?;
         }
     }
-    segments.append_synced(batch).map_err(|e| crate::Error::Storage(e.to_string()))?;
-    trees.log.clear()?;
-    trees.db.flush()?;
-    tracing::info!("moved the raft log from sled into segment files");
+    std::mem::replace(&mut batch, keyspace.batch()).commit()?;
+    for item in from.iter() {
+        let (key, value) = item?;
+        batch.insert(to, key.to_vec(), value.to_vec());
+        if batch.len() == 4096 {
+            std::mem::replace(&mut batch, keyspace.batch()).commit()?;
+        }
+    }
+    batch.commit()?;
     Ok(())
 }
 
 /// The Raft log of one group: segment files ([`SegmentLog`]); the committed pointer in
-/// the sled meta tree.
+/// the meta partition.
 #[derive(Clone)]
 pub struct LogStore {
     trees: Trees,
@@ -214,14 +282,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// A snapshot kept inside sled, as data folders from before snapshot files hold it.
+/// A snapshot kept among the meta keys, as data folders from before snapshot files hold
+/// it (moved from sled with them).
 #[derive(Clone, Serialize, Deserialize)]
 struct LegacySnapshot {
     meta: SnapshotMeta<NodeId, Node>,
     data: Vec<u8>,
 }
 
-/// The sled record of the current snapshot: what it covers and its file.
+/// The meta record of the current snapshot: what it covers and its file.
 #[derive(Clone, Serialize, Deserialize)]
 struct SnapshotPointer {
     meta: SnapshotMeta<NodeId, Node>,
@@ -338,8 +407,9 @@ fn storage(e: impl std::fmt::Display) -> crate::Error {
 /// mark, then records `meta` as applied. Blocking.
 fn install_records(trees: &Trees, state: &StateTree, machine: &dyn Machine, path: &Path, meta: &SnapshotMeta<NodeId, Node>) -> Result<(), String> {
     let named = |e: &dyn std::fmt::Display| format!("installing snapshot {}: {e}", path.display());
-    state.tree.insert(INSTALLING_KEY, path.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default()).map_err(|e| named(&e))?;
-    trees.db.flush().map_err(|e| named(&e))?;
+    let name = path.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default();
+    state.set_own(&[(INSTALLING_KEY, &name)], &[]).map_err(|e| named(&e))?;
+    trees.sync_now().map_err(|e| named(&e))?;
     let mut magic = [0u8; 8];
     let is_v2 = {
         use std::io::Read;
@@ -357,11 +427,8 @@ fn install_records(trees: &Trees, state: &StateTree, machine: &dyn Machine, path
         state.load_changes(changes).map_err(|e| named(&e))?;
     }
     let applied = encode(&AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() }).map_err(|e| named(&e))?;
-    let mut batch = sled::Batch::default();
-    batch.remove(INSTALLING_KEY);
-    batch.insert(APPLIED_KEY, applied);
-    state.tree.apply_batch(batch).map_err(|e| named(&e))?;
-    trees.db.flush().map_err(|e| named(&e))?;
+    state.set_own(&[(APPLIED_KEY, &applied)], &[INSTALLING_KEY]).map_err(|e| named(&e))?;
+    trees.sync_now().map_err(|e| named(&e))?;
     Ok(())
 }
 
@@ -372,15 +439,15 @@ impl StateMachineStore {
             let file = snapshots.write_with(&legacy.meta, |out| std::io::Write::write_all(out, &legacy.data))?;
             trees.put_meta(SNAPSHOT_KEY, &SnapshotPointer { meta: legacy.meta.clone(), file }).map_err(storage)?;
             trees.meta.remove(LEGACY_SNAPSHOT_KEY)?;
-            trees.db.flush()?;
+            trees.sync_now()?;
         }
         let pointer = trees.get_meta::<SnapshotPointer>(SNAPSHOT_KEY).map_err(storage)?;
         snapshots.sweep(pointer.as_ref().map(|p| p.file.clone()));
-        let mut applied: Option<AppliedState> = match state.tree.get(APPLIED_KEY)? {
+        let mut applied: Option<AppliedState> = match state.get_own(APPLIED_KEY)? {
             Some(bytes) => Some(decode(&bytes).map_err(|e| storage(format!("the applied state cannot be read: {e}")))?),
             None => None,
         };
-        let installing = state.tree.get(INSTALLING_KEY)?.is_some();
+        let installing = state.get_own(INSTALLING_KEY)?.is_some();
         if let Some(pointer) = &pointer {
             // Interrupted while installing, or behind the snapshot (a crash between
             // keeping a received snapshot and loading it), or a folder from before
@@ -424,7 +491,7 @@ impl StateMachineStore {
         self.trees.put_meta(SNAPSHOT_KEY, &SnapshotPointer { meta: meta.clone(), file }).map_err(|e| write_err(&e))?;
         // Also makes the records the snapshot was taken from durable, before openraft
         // purges the log entries behind it.
-        self.trees.db.flush_async().await.map_err(|e| write_err(&e))?;
+        self.trees.sync().await.map_err(|e| write_err(&e))?;
         if let Some(old) = old {
             self.snapshots.remove(&old.file);
         }
@@ -502,12 +569,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let write_err = |e: &dyn std::fmt::Display| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e));
         // Every entry up to `meta` was written to the tree before its id was recorded.
         self.trees.put_meta(SNAPSHOT_AT_KEY, &meta).map_err(|e| write_err(&e))?;
-        self.trees.db.flush_async().await.map_err(|e| write_err(&e))?;
+        self.trees.sync().await.map_err(|e| write_err(&e))?;
         let _writing = self.snapshots.writing.lock().await;
         let old: Option<SnapshotPointer> = self.trees.get_meta(SNAPSHOT_KEY).map_err(|e| write_err(&e))?;
         if let Some(old) = old.filter(|old| old.meta.last_log_id < meta.last_log_id) {
             self.trees.meta.remove(SNAPSHOT_KEY).map_err(|e| write_err(&e))?;
-            self.trees.db.flush_async().await.map_err(|e| write_err(&e))?;
+            self.trees.sync().await.map_err(|e| write_err(&e))?;
             self.snapshots.remove(&old.file);
         }
         let empty = tokio::fs::File::open("/dev/null").await.map_err(|e| write_err(&e))?;

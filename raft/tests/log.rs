@@ -1,5 +1,7 @@
 //! The segment-file Raft log (ADR 0005): what survives a crash, what a purge gives
-//! back, and what a damaged file gets.
+//! back, what a damaged file gets, and how a folder kept in sled moves.
+
+mod common;
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
@@ -141,9 +143,67 @@ fn the_vote_survives_a_restart_and_a_foreign_meta_file_is_refused() {
     let vote = openraft::Vote::new_committed(4, 2);
     log.save_vote(&vote).expect("save vote");
     drop(log);
+    // A replacement of `meta` cut short by a crash leaves its temporary file behind.
+    let leftover = dir.path().join(".meta.4242.0.tmp");
+    std::fs::write(&leftover, b"half a vote").expect("write");
     assert_eq!(open(dir.path()).meta().vote, Some(vote));
+    assert!(!leftover.exists(), "the interrupted replacement is swept at open");
 
     std::fs::write(dir.path().join("meta"), b"{\"vote\": 1}").expect("write");
     let error = SegmentLog::open_sized(dir.path(), 4096, LogMeta::default).err().expect("refused").to_string();
     assert!(error.contains("SBLOGM01"), "{error}");
+}
+
+/// How builds before ADR 0005 kept the applied state in the sled state tree.
+#[derive(serde::Serialize)]
+struct AppliedState {
+    last_applied: Option<LogId<u64>>,
+    membership: openraft::StoredMembership<u64, switchboard_raft::Node>,
+}
+
+/// A data folder written in sled (the log, the vote and the records of main before ADR
+/// 0005) is moved whole: the records load, the log holds the entries after the applied
+/// one, the vote is kept, and the sled folder is gone.
+#[tokio::test]
+async fn a_data_folder_kept_in_sled_moves_with_its_log_records_and_vote() -> anyhow::Result<()> {
+    use openraft::storage::RaftLogStorage;
+    use openraft::RaftLogReader;
+    let dir = tempfile::tempdir()?;
+    let sled_dir = dir.path().join("sled");
+    let vote = openraft::Vote::new_committed(2, 1);
+    {
+        let old = sled::open(&sled_dir)?;
+        let log = old.open_tree("g3/log")?;
+        for i in 4..=6u64 {
+            log.insert(i.to_be_bytes(), bincode::serde::encode_to_vec(entry(i, 2), bincode::config::standard())?)?;
+        }
+        let meta = old.open_tree("g3/meta")?;
+        meta.insert("vote", bincode::serde::encode_to_vec(vote, bincode::config::standard())?)?;
+        meta.insert("last_purged", bincode::serde::encode_to_vec(LogId::new(CommittedLeaderId::new(1, 1), 3), bincode::config::standard())?)?;
+        let state = old.open_tree("g3/state")?;
+        for i in 1..=3u64 {
+            let mut key = b"re".to_vec();
+            key.extend_from_slice(&i.to_be_bytes());
+            state.insert(key, format!("entry {i}").into_bytes())?;
+        }
+        let applied = AppliedState { last_applied: Some(LogId::new(CommittedLeaderId::new(1, 1), 3)), membership: Default::default() };
+        state.insert("s/applied", bincode::serde::encode_to_vec(&applied, bincode::config::standard())?)?;
+        old.flush()?;
+    }
+
+    let keyspace = switchboard_raft::store::open_keyspace(&dir.path().join("records"))?;
+    assert!(switchboard_raft::store::migrate_sled(&sled_dir, &keyspace, 3, &dir.path().join("log"))?);
+    assert!(!sled_dir.exists(), "the sled folder is removed once moved");
+    let journal = std::sync::Arc::new(common::Journal::default());
+    let (mut log, _sm) = switchboard_raft::store::open_group(&keyspace, 3, journal.clone(), &dir.path().join("snapshots"), &dir.path().join("log"))?;
+    let loaded: Vec<String> = journal.entries.lock().unwrap().iter().map(|e| String::from_utf8_lossy(e).into_owned()).collect();
+    assert_eq!(loaded, ["entry 1", "entry 2", "entry 3"]);
+    let state = log.get_log_state().await?;
+    assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(3));
+    assert_eq!(state.last_log_id.map(|l| l.index), Some(6));
+    assert_eq!(log.read_vote().await?, Some(vote));
+    assert_eq!(log.try_get_log_entries(4..7).await?, entries(4..=6, 2));
+    // A second start finds nothing left to move.
+    assert!(!switchboard_raft::store::migrate_sled(&sled_dir, &keyspace, 3, &dir.path().join("log"))?);
+    Ok(())
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StoredMembership};
-use switchboard_raft::store::{open_group, StateMachineStore};
+use switchboard_raft::store::{migrate_sled, open_group, open_keyspace, StateMachineStore};
 use switchboard_raft::{Node, NodeId, Request, TypeConfig};
 
 fn entry(index: u64) -> Entry<TypeConfig> {
@@ -43,7 +43,7 @@ async fn as_a_replica_gets_it(sm: &mut StateMachineStore) -> anyhow::Result<open
 async fn a_snapshot_file_is_made_when_asked_and_a_newer_point_removes_it() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let snapshots = dir.path().join("snapshots");
-    let db = sled::open(dir.path().join("db"))?;
+    let db = open_keyspace(&dir.path().join("db"))?;
     let journal = Arc::new(common::Journal::default());
     let (_log, mut sm) = open_group(&db, 3, journal.clone(), &snapshots, &dir.path().join("log"))?;
 
@@ -94,7 +94,6 @@ struct LegacySnapshot {
 async fn a_snapshot_kept_in_sled_by_an_older_build_is_restored_then_moved_to_a_file() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let snapshots = dir.path().join("snapshots");
-    let db = sled::open(dir.path().join("db"))?;
     let entries: Vec<Vec<u8>> = (1..=5u64).map(|i| i.to_be_bytes().to_vec()).collect();
     let legacy = LegacySnapshot {
         meta: SnapshotMeta {
@@ -104,9 +103,15 @@ async fn a_snapshot_kept_in_sled_by_an_older_build_is_restored_then_moved_to_a_f
         },
         data: serde_json::to_vec(&entries)?,
     };
-    let meta_tree = db.open_tree("g3/meta")?;
-    meta_tree.insert("snapshot", bincode::serde::encode_to_vec(&legacy, bincode::config::standard())?)?;
+    {
+        let old = sled::open(dir.path().join("sled"))?;
+        old.open_tree("g3/meta")?.insert("snapshot", bincode::serde::encode_to_vec(&legacy, bincode::config::standard())?)?;
+        old.flush()?;
+    }
 
+    let db = open_keyspace(&dir.path().join("records"))?;
+    assert!(migrate_sled(&dir.path().join("sled"), &db, 3, &dir.path().join("log"))?, "the sled folder is moved");
+    assert!(!dir.path().join("sled").exists(), "and removed once moved");
     let journal = Arc::new(common::Journal::default());
     let (_log, mut sm) = open_group(&db, 3, journal.clone(), &snapshots, &dir.path().join("log"))?;
     assert_eq!(*journal.entries.lock().unwrap(), entries, "the old snapshot was restored");
@@ -116,7 +121,8 @@ async fn a_snapshot_kept_in_sled_by_an_older_build_is_restored_then_moved_to_a_f
     apply(&mut sm, 6..=7).await?;
     sm.get_snapshot_builder().await.build_snapshot().await?;
     assert!(files(&snapshots).is_empty(), "the old snapshot's file is gone with the newer point");
-    assert!(meta_tree.get("snapshot")?.is_none(), "the copy inside sled is dropped");
+    let meta = db.open_partition("g3-meta", Default::default())?;
+    assert!(meta.get("snapshot")?.is_none(), "the copy among the meta keys is dropped");
     assert_eq!(sm.get_current_snapshot().await?.expect("current").meta.last_log_id.map(|l| l.index), Some(7));
     Ok(())
 }
@@ -128,7 +134,7 @@ async fn a_snapshot_kept_in_sled_by_an_older_build_is_restored_then_moved_to_a_f
 async fn a_restart_after_a_crash_mid_snapshot_keeps_the_named_one_and_sweeps_the_rest() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let snapshots = dir.path().join("snapshots");
-    let db = sled::open(dir.path().join("db"))?;
+    let db = open_keyspace(&dir.path().join("db"))?;
     let journal = Arc::new(common::Journal::default());
     let (_log, mut sm) = open_group(&db, 3, journal, &snapshots, &dir.path().join("log"))?;
     apply(&mut sm, 1..=4).await?;
@@ -166,7 +172,7 @@ fn snapshot_files(dir: &Path) -> Vec<String> {
 async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir()?;
-    let leader_db = sled::open(dir.path().join("leader"))?;
+    let leader_db = open_keyspace(&dir.path().join("leader"))?;
     let leader_journal = Arc::new(common::Journal::default());
     let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &dir.path().join("leader-snapshots"), &dir.path().join("leader-log"))?;
     apply(&mut leader, 1..=30).await?;
@@ -177,7 +183,7 @@ async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> any
     file.read_to_end(&mut bytes).await?;
 
     let replica_snapshots = dir.path().join("replica-snapshots");
-    let replica_db = sled::open(dir.path().join("replica"))?;
+    let replica_db = open_keyspace(&dir.path().join("replica"))?;
     let journal = Arc::new(common::Journal::default());
     let (_log, mut replica) = open_group(&replica_db, 3, journal.clone(), &replica_snapshots, &dir.path().join("replica-log"))?;
     apply(&mut replica, 1..=3).await?;
@@ -199,7 +205,7 @@ async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> any
     Ok(())
 }
 
-/// The sled record that names the current snapshot, as the store writes it.
+/// The meta record that names the current snapshot, as the store writes it.
 #[derive(serde::Serialize)]
 struct SnapshotPointer {
     meta: SnapshotMeta<NodeId, Node>,
@@ -212,7 +218,7 @@ struct SnapshotPointer {
 #[tokio::test]
 async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let leader_db = sled::open(dir.path().join("leader"))?;
+    let leader_db = open_keyspace(&dir.path().join("leader"))?;
     let leader_snapshots = dir.path().join("leader-snapshots");
     let leader_journal = Arc::new(common::Journal::default());
     let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &leader_snapshots, &dir.path().join("leader-log"))?;
@@ -224,7 +230,7 @@ async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> 
     let replica_snapshots = dir.path().join("replica-snapshots");
     let replica_path = dir.path().join("replica");
     {
-        let db = sled::open(&replica_path)?;
+        let db = open_keyspace(&replica_path)?;
         let (_log, mut replica) = open_group(&db, 3, Arc::new(common::Journal::default()), &replica_snapshots, &dir.path().join("replica-log"))?;
         apply(&mut replica, 1..=3).await?;
         drop(replica);
@@ -232,20 +238,20 @@ async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> 
         // the mark set, the old records half cleared and some new ones loaded.
         std::fs::copy(leader_snapshots.join(&name), replica_snapshots.join(&name))?;
         let pointer = SnapshotPointer { meta: built.meta.clone(), file: name.clone() };
-        db.open_tree("g3/meta")?.insert("snapshot_file", bincode::serde::encode_to_vec(&pointer, bincode::config::standard())?)?;
-        let state = db.open_tree("g3/state")?;
+        db.open_partition("g3-meta", Default::default())?.insert("snapshot_file", bincode::serde::encode_to_vec(&pointer, bincode::config::standard())?)?;
+        let state = db.open_partition("g3-state", Default::default())?;
         state.insert("s/installing", name.as_bytes())?;
         state.insert(b"re\0\0\0\0\0\0\0\x02", &b"half"[..])?;
         state.insert(b"rhalf-loaded", &b"junk"[..])?;
-        db.flush()?;
+        db.persist(fjall::PersistMode::SyncAll)?;
     }
-    let db = sled::open(&replica_path)?;
+    let db = open_keyspace(&replica_path)?;
     let journal = Arc::new(common::Journal::default());
     let (_log, mut replica) = open_group(&db, 3, journal.clone(), &replica_snapshots, &dir.path().join("replica-log"))?;
     assert_eq!(*journal.entries.lock().unwrap(), *leader_journal.entries.lock().unwrap(), "exactly the snapshot's entries");
     assert_eq!(journal.all_records(), leader_journal.all_records());
-    assert!(db.open_tree("g3/state")?.get("rhalf-loaded")?.is_none());
-    assert!(db.open_tree("g3/state")?.get("s/installing")?.is_none(), "the mark is cleared once loaded");
+    assert!(db.open_partition("g3-state", Default::default())?.get("rhalf-loaded")?.is_none());
+    assert!(db.open_partition("g3-state", Default::default())?.get("s/installing")?.is_none(), "the mark is cleared once loaded");
     let (applied, _) = replica.applied_state().await?;
     assert_eq!(applied.map(|l| l.index), Some(30));
     Ok(())
