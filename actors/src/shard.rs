@@ -48,6 +48,8 @@ pub struct Shard {
     /// delete once the records are gone.
     deleted_attachments: Mutex<Vec<AttachmentId>>,
     on_deleted_attachments: OnceLock<Box<dyn Fn(Vec<AttachmentId>) + Send + Sync>>,
+    /// Entity actors running now (kept by the supervisor), for `/metrics`.
+    active_actors: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for Shard {
@@ -67,7 +69,17 @@ impl Shard {
             entry_candidates: Mutex::new(Vec::new()),
             deleted_attachments: Mutex::new(Vec::new()),
             on_deleted_attachments: OnceLock::new(),
+            active_actors: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Entity actors (conversations, operators, skill groups) running now.
+    pub fn active_actors(&self) -> usize {
+        self.active_actors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_active_actors(&self, count: usize) {
+        self.active_actors.store(count, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn store(&self) -> Result<Arc<dyn Store>, Error> {

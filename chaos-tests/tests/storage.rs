@@ -171,3 +171,40 @@ async fn retention_deletes_expired_conversations_with_their_files() -> anyhow::R
     assert_eq!(web["retention_days"], 1, "{web}");
     Ok(())
 }
+
+async fn active_actors(dev: &Dev) -> anyhow::Result<u64> {
+    let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;
+    metric(&metrics, "switchboard_actors_active").ok_or_else(|| anyhow::anyhow!("no switchboard_actors_active in /metrics"))
+}
+
+/// Visitors who close their conversation and leave take its actor with them within a
+/// few seconds (not the minute of the periodic idle check): memory does not grow with
+/// the rate conversations come and go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_conversation_s_actor_stops_soon_after_its_visitor_leaves() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let mut visitors = Vec::new();
+    for n in 0..20 {
+        let (mut ws, _, _) = dev.client(&format!("Visitor {n}")).await?;
+        send(&mut ws, &format!("v{n}"), "hello").await?;
+        visitors.push(ws);
+    }
+    let followed = active_actors(&dev).await?;
+    assert!(followed >= 20, "one actor per followed conversation: {followed}");
+    for ws in &mut visitors {
+        ws.send(&json!({"type": "close"})).await?;
+        ws.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "closed").await?;
+    }
+    for ws in visitors {
+        ws.close().await;
+    }
+    let settled = eventually(WAIT, Duration::from_millis(100), || async {
+        let now = active_actors(&dev).await?;
+        Ok((now + 20 <= followed).then_some(now))
+    })
+    .await?;
+    assert!(settled + 20 <= followed, "{followed} actors while followed, {settled} after the visitors left");
+    assert_eq!(open_conversations(&dev).await?, 0);
+    Ok(())
+}

@@ -362,6 +362,8 @@ impl Backend for NodeBackend {
         let _ = writeln!(out, "switchboard_conversations_queued {queued}");
         let _ = writeln!(out, "# HELP switchboard_conversations_open Open conversations (queued or assigned): the ones held in memory; closed ones are read from disk.\n# TYPE switchboard_conversations_open gauge");
         let _ = writeln!(out, "switchboard_conversations_open {}", state.conversations.len());
+        let _ = writeln!(out, "# HELP switchboard_actors_active Entity actors running (conversations, operators, skill groups followed or with timers); idle ones stop.\n# TYPE switchboard_actors_active gauge");
+        let _ = writeln!(out, "switchboard_actors_active {}", self.shard.active_actors());
         // Per queue, as supervisors see it: what an SLA alert rule needs.
         let now = now_ms();
         let _ = writeln!(out, "# HELP switchboard_queue_waiting Conversations queued in a skill group (waiting or offered).\n# TYPE switchboard_queue_waiting gauge");
