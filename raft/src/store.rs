@@ -13,8 +13,9 @@
 //! fsync, rename) before the pointer to them is stored among the meta keys; the file
 //! the pointer left is deleted, so an old snapshot gives its disk space back at once.
 //! Building one is a snapshot point (a sync, no copy); a file of the records is dumped
-//! only when a replica asks for the snapshot (in openraft's state-machine worker, so
-//! that node's applies wait for it); installing one streams the received file into the
+//! only when a replica asks for the snapshot: the first in openraft's state-machine
+//! worker (applies wait for it), later ones in the background while the file before
+//! answers; installing one streams the received file into the
 //! state partition, chunk by chunk, under an `s/installing` mark that a restart
 //! finishes. (Data folders from before kept the snapshot among the meta keys under
 //! `snapshot`, or wrote the whole state as one value: both are read once and turned
@@ -400,6 +401,8 @@ pub struct StateMachineStore {
     /// Whether openraft asked for the current snapshot since this store was opened: its
     /// first question, at start, reads only the snapshot's metadata.
     asked: Arc<std::sync::atomic::AtomicBool>,
+    /// A dump for replicas is being written in the background.
+    refreshing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn storage(e: impl std::fmt::Display) -> crate::Error {
@@ -477,6 +480,7 @@ impl StateMachineStore {
             building: Arc::new(Mutex::new(())),
             receiving: Arc::new(std::sync::Mutex::new(None)),
             asked: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            refreshing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -533,9 +537,10 @@ async fn metadata_only(meta: SnapshotMeta<NodeId, Node>) -> StorageResult<Option
 
 impl StateMachineStore {
     /// Writes a file of the records as of the last applied entry: captured between two
-    /// applies, then dumped (copy on write, see `state.rs`, so applies could go on; called
-    /// from openraft's state-machine worker, they wait). `reuse` names it when it covers
-    /// exactly that entry.
+    /// applies, then dumped from that read snapshot (see `state.rs`); called from
+    /// openraft's state-machine worker, applies wait for it, so this is only for the
+    /// first file (later ones are written in the background). `reuse` names it when it
+    /// covers exactly that entry.
     async fn materialize(&self, reuse: Option<SnapshotMeta<NodeId, Node>>) -> StorageResult<()> {
         let _building = self.building.lock().await;
         let meta = {
@@ -560,12 +565,55 @@ impl StateMachineStore {
     }
 }
 
+impl StateMachineStore {
+    /// Starts a dump of the records as of now unless one is under way (or a build or an
+    /// install holds the store), and keeps it as the current file when it is done. The
+    /// capture is taken here, between two applies; the dump reads it on a blocking
+    /// thread while applies go on.
+    async fn refresh_in_background(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.refreshing.swap(true, SeqCst) {
+            return;
+        }
+        let Ok(building) = self.building.clone().try_lock_owned() else {
+            self.refreshing.store(false, SeqCst);
+            return;
+        };
+        let meta = {
+            let mut inner = self.inner.lock().await;
+            self.state.begin_capture();
+            snapshot_meta(&mut inner)
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let (state, snapshots, for_file) = (this.state.clone(), this.snapshots.clone(), meta.clone());
+            let written = tokio::task::spawn_blocking(move || {
+                let written = snapshots.write_with(&for_file, |out| state.dump(out).map(|_| ()));
+                state.end_capture();
+                written
+            })
+            .await;
+            drop(building);
+            match written {
+                Ok(Ok(file)) => {
+                    if let Err(e) = this.keep(&meta, file).await {
+                        tracing::warn!(error = %e, "could not keep a snapshot file written for replicas");
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not write a snapshot file for replicas"),
+                Err(e) => tracing::warn!(error = %e, "the snapshot dump stopped"),
+            }
+            this.refreshing.store(false, SeqCst);
+        });
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     /// The records are the state machine and are on disk: a snapshot point needs no
     /// copy of them. Building one makes the records as of the last applied entry durable
     /// and records that point, so openraft may purge the log behind it; a file is made
-    /// only when a replica asks for the snapshot (`get_current_snapshot`). The file of
-    /// an older point is deleted.
+    /// only when a replica asks for the snapshot (`get_current_snapshot`), and replaces
+    /// the file before it.
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let _building = self.building.lock().await;
         let meta = snapshot_meta(&mut *self.inner.lock().await);
@@ -573,13 +621,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // Every entry up to `meta` was written to the tree before its id was recorded.
         self.trees.put_meta(SNAPSHOT_AT_KEY, &meta).map_err(|e| write_err(&e))?;
         self.trees.sync().await.map_err(|e| write_err(&e))?;
-        let _writing = self.snapshots.writing.lock().await;
-        let old: Option<SnapshotPointer> = self.trees.get_meta(SNAPSHOT_KEY).map_err(|e| write_err(&e))?;
-        if let Some(old) = old.filter(|old| old.meta.last_log_id < meta.last_log_id) {
-            self.trees.meta.remove(SNAPSHOT_KEY).map_err(|e| write_err(&e))?;
-            self.trees.sync().await.map_err(|e| write_err(&e))?;
-            self.snapshots.remove(&old.file);
-        }
+        // The file of an older point stays until a newer file replaces it: it answers a
+        // replica at once while the newer one is written.
         let empty = tokio::fs::File::open("/dev/null").await.map_err(|e| write_err(&e))?;
         Ok(Snapshot { meta, snapshot: Box::new(empty) })
     }
@@ -691,9 +734,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     // is large.
                     return metadata_only(point).await;
                 }
-                // A replica needs it: a file of the records as of now (or exactly as of
-                // the point, when nothing was applied since).
-                self.materialize(Some(point)).await?;
+                if file.is_some() {
+                    // A replica needs it and an older file exists: that one answers at
+                    // once (openraft asks from the worker that applies entries, so a
+                    // dump here would stop applies for as long as it takes), and a file
+                    // of the records as of now is written in the background for the
+                    // next question. A replica the older file leaves behind the log
+                    // asks again and gets the newer one.
+                    self.refresh_in_background().await;
+                } else {
+                    // The first file: written now (or exactly as of the point, when
+                    // nothing was applied since).
+                    self.materialize(Some(point)).await?;
+                }
                 self.open_current().await
             }
             _ => self.open_current().await,

@@ -36,11 +36,25 @@ async fn as_a_replica_gets_it(sm: &mut StateMachineStore) -> anyhow::Result<open
     sm.get_current_snapshot().await?.ok_or_else(|| anyhow::anyhow!("no current snapshot"))
 }
 
-/// A snapshot point costs no copy of the records: the file is made when a replica asks
-/// for it, the file of an older point goes when a newer point is set, and a restart
-/// loads every applied entry from the records.
+/// Asks as a replica does until the answer covers `index` (a newer file is written in
+/// the background), at most for a few seconds.
+async fn current_at(sm: &mut StateMachineStore, index: u64) -> anyhow::Result<openraft::storage::Snapshot<switchboard_raft::TypeConfig>> {
+    for _ in 0..200 {
+        let current = sm.get_current_snapshot().await?.ok_or_else(|| anyhow::anyhow!("no current snapshot"))?;
+        if current.meta.last_log_id.map(|l| l.index) == Some(index) {
+            return Ok(current);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    anyhow::bail!("no snapshot file at {index} within 4 s")
+}
+
+/// A snapshot point costs no copy of the records: the first file is made when a replica
+/// asks for it; after a newer point the older file answers at once while a newer one is
+/// written in the background, which then replaces it; a restart loads every applied
+/// entry from the records.
 #[tokio::test]
-async fn a_snapshot_file_is_made_when_asked_and_a_newer_point_removes_it() -> anyhow::Result<()> {
+async fn a_snapshot_file_is_made_when_asked_and_a_newer_one_replaces_it_in_the_background() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let snapshots = dir.path().join("snapshots");
     let db = open_keyspace(&dir.path().join("db"))?;
@@ -58,15 +72,16 @@ async fn a_snapshot_file_is_made_when_asked_and_a_newer_point_removes_it() -> an
     apply(&mut sm, 11..=20).await?;
     let built = sm.get_snapshot_builder().await.build_snapshot().await?;
     assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(20));
-    assert!(files(&snapshots).is_empty(), "the older file is gone with the newer point");
+    assert_eq!(files(&snapshots), first, "a newer point writes no file and keeps the older one");
     let asked = sm.get_current_snapshot().await?.expect("current");
-    assert_eq!(asked.meta.last_log_id.map(|l| l.index), Some(20));
+    assert_eq!(asked.meta.last_log_id.map(|l| l.index), Some(10), "the older file answers at once");
+    current_at(&mut sm, 20).await?;
     let second = files(&snapshots);
-    assert_eq!(second.len(), 1, "nothing partial is left: {second:?}");
+    assert_eq!(second.len(), 1, "the newer file replaced the older one, nothing partial is left: {second:?}");
     assert_ne!(first, second);
 
     // The records are the state: a restart loads every applied entry, not only those
-    // the snapshot point covers. Asked again, the file covers all of them.
+    // the snapshot point covers. Asked again, a file covers all of them.
     apply(&mut sm, 21..=22).await?;
     sm.get_snapshot_builder().await.build_snapshot().await?;
     apply(&mut sm, 23..=24).await?;
@@ -78,7 +93,7 @@ async fn a_snapshot_file_is_made_when_asked_and_a_newer_point_removes_it() -> an
     assert_eq!(applied.map(|l| l.index), Some(24));
     let at_start = sm.get_current_snapshot().await?.expect("a snapshot point");
     assert_eq!(at_start.meta.last_log_id.map(|l| l.index), Some(22), "at start, where the snapshot is");
-    let current = sm.get_current_snapshot().await?.expect("a current snapshot");
+    let current = current_at(&mut sm, 24).await?;
     assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(24), "a replica gets the records as of now");
     Ok(())
 }
@@ -118,12 +133,17 @@ async fn a_snapshot_kept_in_sled_by_an_older_build_is_restored_then_moved_to_a_f
     let current = sm.get_current_snapshot().await?.expect("the old snapshot is current");
     assert_eq!(current.meta.snapshot_id, "1-5-1");
 
-    apply(&mut sm, 6..=7).await?;
-    sm.get_snapshot_builder().await.build_snapshot().await?;
-    assert!(files(&snapshots).is_empty(), "the old snapshot's file is gone with the newer point");
+    let legacy_file = files(&snapshots);
+    assert_eq!(legacy_file.len(), 1, "the old snapshot moved to a file");
     let meta = db.open_partition("g3-meta", Default::default())?;
     assert!(meta.get("snapshot")?.is_none(), "the copy among the meta keys is dropped");
-    assert_eq!(sm.get_current_snapshot().await?.expect("current").meta.last_log_id.map(|l| l.index), Some(7));
+
+    apply(&mut sm, 6..=7).await?;
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    current_at(&mut sm, 7).await?;
+    let now = files(&snapshots);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, legacy_file, "a file of the records replaced the old snapshot's");
     Ok(())
 }
 
