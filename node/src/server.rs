@@ -476,7 +476,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     if lock.try_lock().is_err() {
         anyhow::bail!("another switchboard is using the data folder {}", options.data_dir.display());
     }
-    let db = switchboard_raft::store::open_keyspace(&options.data_dir.join("records")).context("open the record store")?;
+    let db = switchboard_raft::store::open_keyspace(&options.data_dir.join("records"), &[SHARD_GROUP]).context("open the record store")?;
     let log_dir = options.data_dir.join("log").join(format!("g{SHARD_GROUP}"));
     switchboard_raft::store::migrate_sled(&options.data_dir.join("sled"), &db, SHARD_GROUP, &log_dir).context("move the data folder out of sled")?;
     let shard = Arc::new(Shard::new());

@@ -48,12 +48,22 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::error::Decode
     bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(v, _)| v)
 }
 
-/// The keyspace partitions one group uses besides its state: the meta partition, named
-/// by group id so groups share one keyspace.
+/// A group's meta keys (committed pointer, snapshot pointers): in its state partition
+/// under `s/m/`, beside the records, not in a partition of their own. A partition that
+/// is written little keeps its memtable unflushed and so pins the keyspace's journal
+/// until the journal's size limit forces a flush, which stalls every write (it did,
+/// every 7 s or so under load).
 #[derive(Clone)]
 struct Trees {
     keyspace: fjall::Keyspace,
     meta: fjall::PartitionHandle,
+}
+
+/// Prefix of the meta keys in the state partition.
+const META_PREFIX: &str = "s/m/";
+
+fn meta_key(key: &str) -> String {
+    format!("{META_PREFIX}{key}")
 }
 
 /// Memtable of each partition: with the keyspace's write buffer limit, what memory the
@@ -64,28 +74,52 @@ fn partition_options() -> fjall::PartitionCreateOptions {
     fjall::PartitionCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
 }
 
+/// A group's one partition: its records, the store's own keys and its meta keys.
+fn state_partition(keyspace: &fjall::Keyspace, group: u64) -> Result<fjall::PartitionHandle, fjall::Error> {
+    keyspace.open_partition(&format!("g{group}-state"), partition_options())
+}
+
 /// Opens (or creates) the record store at `dir`: one fjall keyspace for every group's
 /// records and meta keys, with bounded memory (a 16 MiB block cache, 24 MiB of
 /// memtables, a 64 MiB journal). Writes reach the OS at once, a background thread syncs
 /// the journal every 250 ms (so a snapshot point's sync has little left to do and does
 /// not stall applies), and each snapshot point syncs it too. The caller keeps the
-/// keyspace for as long as any group uses it.
-pub fn open_keyspace(dir: &Path) -> Result<fjall::Keyspace, crate::Error> {
-    Ok(fjall::Config::new(dir)
+/// keyspace for as long as any group uses it. The partitions of `groups` are made with
+/// the keyspace; a group opened later gets its partition then (not crash-atomic: the
+/// cluster work must create groups' partitions behind a mark of their own).
+pub fn open_keyspace(dir: &Path, groups: &[u64]) -> Result<fjall::Keyspace, crate::Error> {
+    // fjall does not create a keyspace or a partition atomically: a process killed
+    // while it does leaves a folder it cannot open again. So the first start creates
+    // the keyspace and the partitions of `groups`, syncs them, and only then writes the
+    // `<dir>.ready` mark; a folder without the mark holds nothing yet and is made anew.
+    let ready = dir.with_extension("ready");
+    if dir.exists() && !ready.exists() {
+        tracing::warn!(folder = %dir.display(), "the record store's creation was interrupted; creating it again");
+        std::fs::remove_dir_all(dir)?;
+    }
+    let keyspace = fjall::Config::new(dir)
         .cache_size(16 * 1024 * 1024)
         .max_write_buffer_size(24 * 1024 * 1024)
         .max_journaling_size(64 * 1024 * 1024)
         .fsync_ms(Some(250))
-        .open()?)
+        .open()?;
+    if !ready.exists() {
+        for group in groups {
+            state_partition(&keyspace, *group)?;
+        }
+        keyspace.persist(fjall::PersistMode::SyncAll)?;
+        crate::files::write_private(&ready, b"created\n")?;
+    }
+    Ok(keyspace)
 }
 
 impl Trees {
     fn open(keyspace: &fjall::Keyspace, group: u64) -> Result<Self, fjall::Error> {
-        Ok(Trees { keyspace: keyspace.clone(), meta: keyspace.open_partition(&format!("g{group}-meta"), partition_options())? })
+        Ok(Trees { keyspace: keyspace.clone(), meta: state_partition(keyspace, group)? })
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, String> {
-        match self.meta.get(key).map_err(|e| e.to_string())? {
+        match self.meta.get(meta_key(key)).map_err(|e| e.to_string())? {
             Some(bytes) => decode(&bytes).map(Some).map_err(|e| format!("{key}: {e}")),
             None => Ok(None),
         }
@@ -93,8 +127,12 @@ impl Trees {
 
     fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), String> {
         let bytes = encode(value).map_err(|e| e.to_string())?;
-        self.meta.insert(key, bytes).map_err(|e| e.to_string())?;
+        self.meta.insert(meta_key(key), bytes).map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    fn remove_meta(&self, key: &str) -> Result<(), fjall::Error> {
+        self.meta.remove(meta_key(key))
     }
 
     /// Makes every write so far durable. Blocking.
@@ -132,7 +170,7 @@ pub fn open_group(
     let log = LogStore { trees: trees.clone(), segments };
     std::fs::create_dir_all(snapshot_dir)?;
     let snapshots = SnapshotFiles { dir: snapshot_dir.to_path_buf(), group, writing: Arc::new(Mutex::new(())) };
-    let state = Arc::new(StateTree::new(keyspace.clone(), keyspace.open_partition(&format!("g{group}-state"), partition_options())?));
+    let state = Arc::new(StateTree::new(keyspace.clone(), state_partition(keyspace, group)?));
     let sm = StateMachineStore::load(trees, state, machine, snapshots)?;
     Ok((log, sm))
 }
@@ -150,8 +188,10 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
     {
         let db = sled::open(sled_dir)?;
         let meta_tree = db.open_tree(format!("g{group}/meta"))?;
-        let meta = keyspace.open_partition(&format!("g{group}-meta"), partition_options())?;
-        copy_tree(&meta_tree, keyspace, &meta)?;
+        let state = state_partition(keyspace, group)?;
+        clear_partition(keyspace, &state)?;
+        copy_tree(&db.open_tree(format!("g{group}/state"))?, "", keyspace, &state)?;
+        copy_tree(&meta_tree, META_PREFIX, keyspace, &state)?;
         let sled_meta = |key: &str| meta_tree.get(key).ok().flatten();
         let legacy = LogMeta {
             vote: sled_meta("vote").and_then(|b| decode(&b).ok()),
@@ -168,8 +208,6 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
             }
         }
         segments.append_synced(batch).map_err(|e| storage(&e))?;
-        let state = keyspace.open_partition(&format!("g{group}-state"), partition_options())?;
-        copy_tree(&db.open_tree(format!("g{group}/state"))?, keyspace, &state)?;
         keyspace.persist(fjall::PersistMode::SyncAll)?;
     }
     std::fs::remove_dir_all(sled_dir)?;
@@ -177,19 +215,11 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
     Ok(true)
 }
 
-/// Replaces what `to` holds by the whole of `from`, in batches.
-fn copy_tree(from: &sled::Tree, keyspace: &fjall::Keyspace, to: &fjall::PartitionHandle) -> Result<(), crate::Error> {
+/// Removes everything `part` holds, in batches.
+fn clear_partition(keyspace: &fjall::Keyspace, part: &fjall::PartitionHandle) -> Result<(), crate::Error> {
     let mut batch = keyspace.batch();
-    for key in to.keys() {
-        batch.remove(to, key?);
-        if batch.len() == 4096 {
-            std::mem::replace(&mut batch, keyspace.batch()).commit()?;
-        }
-    }
-    std::mem::replace(&mut batch, keyspace.batch()).commit()?;
-    for item in from.iter() {
-        let (key, value) = item?;
-        batch.insert(to, key.to_vec(), value.to_vec());
+    for key in part.keys() {
+        batch.remove(part, key?);
         if batch.len() == 4096 {
             std::mem::replace(&mut batch, keyspace.batch()).commit()?;
         }
@@ -198,8 +228,24 @@ fn copy_tree(from: &sled::Tree, keyspace: &fjall::Keyspace, to: &fjall::Partitio
     Ok(())
 }
 
-/// The Raft log of one group: segment files ([`SegmentLog`]); the committed pointer in
-/// the meta partition.
+/// Copies every key of `from` into `to`, behind `prefix`, in batches.
+fn copy_tree(from: &sled::Tree, prefix: &str, keyspace: &fjall::Keyspace, to: &fjall::PartitionHandle) -> Result<(), crate::Error> {
+    let mut batch = keyspace.batch();
+    for item in from.iter() {
+        let (key, value) = item?;
+        let mut stored = prefix.as_bytes().to_vec();
+        stored.extend_from_slice(&key);
+        batch.insert(to, stored, value.to_vec());
+        if batch.len() == 4096 {
+            std::mem::replace(&mut batch, keyspace.batch()).commit()?;
+        }
+    }
+    batch.commit()?;
+    Ok(())
+}
+
+/// The Raft log of one group: segment files ([`SegmentLog`]); the committed pointer
+/// among the meta keys.
 #[derive(Clone)]
 pub struct LogStore {
     trees: Trees,
@@ -444,7 +490,7 @@ impl StateMachineStore {
         if let Some(legacy) = trees.get_meta::<LegacySnapshot>(LEGACY_SNAPSHOT_KEY).map_err(storage)? {
             let file = snapshots.write_with(&legacy.meta, |out| std::io::Write::write_all(out, &legacy.data))?;
             trees.put_meta(SNAPSHOT_KEY, &SnapshotPointer { meta: legacy.meta.clone(), file }).map_err(storage)?;
-            trees.meta.remove(LEGACY_SNAPSHOT_KEY)?;
+            trees.remove_meta(LEGACY_SNAPSHOT_KEY)?;
             trees.sync_now()?;
         }
         let pointer = trees.get_meta::<SnapshotPointer>(SNAPSHOT_KEY).map_err(storage)?;

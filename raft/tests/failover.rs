@@ -28,7 +28,7 @@ async fn start_replica(id: u64, certs: &std::path::Path, data: &std::path::Path)
 async fn start_replica_with(id: u64, certs: &std::path::Path, data: &std::path::Path, config: Arc<openraft::Config>) -> anyhow::Result<Replica> {
     let identity = tls::ensure_member(certs, &format!("node-{id}"), &[])?;
     let endpoint = tls::endpoint(&identity, "127.0.0.1:0".parse()?)?;
-    let db = open_keyspace(&data.join(format!("node-{id}")))?;
+    let db = open_keyspace(&data.join(format!("node-{id}")), &[])?;
     let journal = Arc::new(common::Journal::default());
     let (log, sm) = open_group(&db, 7, journal.clone(), &data.join(format!("node-{id}-snapshots")), &data.join(format!("node-{id}-log")))?;
     let raft = Raft::new(id, config, NetworkFactory::new(endpoint.clone(), 7), log, sm).await?;

@@ -191,7 +191,7 @@ async fn a_data_folder_kept_in_sled_moves_with_its_log_records_and_vote() -> any
         old.flush()?;
     }
 
-    let keyspace = switchboard_raft::store::open_keyspace(&dir.path().join("records"))?;
+    let keyspace = switchboard_raft::store::open_keyspace(&dir.path().join("records"), &[])?;
     assert!(switchboard_raft::store::migrate_sled(&sled_dir, &keyspace, 3, &dir.path().join("log"))?);
     assert!(!sled_dir.exists(), "the sled folder is removed once moved");
     let journal = std::sync::Arc::new(common::Journal::default());
@@ -205,5 +205,25 @@ async fn a_data_folder_kept_in_sled_moves_with_its_log_records_and_vote() -> any
     assert_eq!(log.try_get_log_entries(4..7).await?, entries(4..=6, 2));
     // A second start finds nothing left to move.
     assert!(!switchboard_raft::store::migrate_sled(&sled_dir, &keyspace, 3, &dir.path().join("log"))?);
+    Ok(())
+}
+
+/// A first start killed while fjall created the record store leaves a folder fjall
+/// cannot open (a partition half made): without the `.ready` mark it holds nothing yet
+/// and is made anew; with the mark, it is opened as it is.
+#[test]
+fn a_record_store_whose_creation_was_cut_short_is_made_anew() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let records = dir.path().join("records");
+    std::fs::create_dir_all(records.join("partitions/g1-state"))?;
+    std::fs::write(records.join("version"), b"\x46\x4a\x4c\x02")?;
+    std::fs::write(records.join("partitions/g1-state/.tmpUka0Rz"), b"half")?;
+    let keyspace = switchboard_raft::store::open_keyspace(&records, &[1])?;
+    assert!(dir.path().join("records.ready").exists(), "marked once made");
+    keyspace.open_partition("g1-state", Default::default())?.insert("r-kept", "yes")?;
+    keyspace.persist(fjall::PersistMode::SyncAll)?;
+    drop(keyspace);
+    let keyspace = switchboard_raft::store::open_keyspace(&records, &[1])?;
+    assert_eq!(keyspace.open_partition("g1-state", Default::default())?.get("r-kept")?.as_deref(), Some(&b"yes"[..]), "a made store is kept");
     Ok(())
 }

@@ -57,7 +57,7 @@ async fn current_at(sm: &mut StateMachineStore, index: u64) -> anyhow::Result<op
 async fn a_snapshot_file_is_made_when_asked_and_a_newer_one_replaces_it_in_the_background() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let snapshots = dir.path().join("snapshots");
-    let db = open_keyspace(&dir.path().join("db"))?;
+    let db = open_keyspace(&dir.path().join("db"), &[])?;
     let journal = Arc::new(common::Journal::default());
     let (_log, mut sm) = open_group(&db, 3, journal.clone(), &snapshots, &dir.path().join("log"))?;
 
@@ -124,7 +124,7 @@ async fn a_snapshot_kept_in_sled_by_an_older_build_is_restored_then_moved_to_a_f
         old.flush()?;
     }
 
-    let db = open_keyspace(&dir.path().join("records"))?;
+    let db = open_keyspace(&dir.path().join("records"), &[])?;
     assert!(migrate_sled(&dir.path().join("sled"), &db, 3, &dir.path().join("log"))?, "the sled folder is moved");
     assert!(!dir.path().join("sled").exists(), "and removed once moved");
     let journal = Arc::new(common::Journal::default());
@@ -135,8 +135,8 @@ async fn a_snapshot_kept_in_sled_by_an_older_build_is_restored_then_moved_to_a_f
 
     let legacy_file = files(&snapshots);
     assert_eq!(legacy_file.len(), 1, "the old snapshot moved to a file");
-    let meta = db.open_partition("g3-meta", Default::default())?;
-    assert!(meta.get("snapshot")?.is_none(), "the copy among the meta keys is dropped");
+    let meta = db.open_partition("g3-state", Default::default())?;
+    assert!(meta.get("s/m/snapshot")?.is_none(), "the copy among the meta keys is dropped");
 
     apply(&mut sm, 6..=7).await?;
     sm.get_snapshot_builder().await.build_snapshot().await?;
@@ -154,7 +154,7 @@ async fn a_snapshot_kept_in_sled_by_an_older_build_is_restored_then_moved_to_a_f
 async fn a_restart_after_a_crash_mid_snapshot_keeps_the_named_one_and_sweeps_the_rest() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let snapshots = dir.path().join("snapshots");
-    let db = open_keyspace(&dir.path().join("db"))?;
+    let db = open_keyspace(&dir.path().join("db"), &[])?;
     let journal = Arc::new(common::Journal::default());
     let (_log, mut sm) = open_group(&db, 3, journal, &snapshots, &dir.path().join("log"))?;
     apply(&mut sm, 1..=4).await?;
@@ -192,7 +192,7 @@ fn snapshot_files(dir: &Path) -> Vec<String> {
 async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir()?;
-    let leader_db = open_keyspace(&dir.path().join("leader"))?;
+    let leader_db = open_keyspace(&dir.path().join("leader"), &[])?;
     let leader_journal = Arc::new(common::Journal::default());
     let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &dir.path().join("leader-snapshots"), &dir.path().join("leader-log"))?;
     apply(&mut leader, 1..=30).await?;
@@ -203,7 +203,7 @@ async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> any
     file.read_to_end(&mut bytes).await?;
 
     let replica_snapshots = dir.path().join("replica-snapshots");
-    let replica_db = open_keyspace(&dir.path().join("replica"))?;
+    let replica_db = open_keyspace(&dir.path().join("replica"), &[])?;
     let journal = Arc::new(common::Journal::default());
     let (_log, mut replica) = open_group(&replica_db, 3, journal.clone(), &replica_snapshots, &dir.path().join("replica-log"))?;
     apply(&mut replica, 1..=3).await?;
@@ -238,7 +238,7 @@ struct SnapshotPointer {
 #[tokio::test]
 async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let leader_db = open_keyspace(&dir.path().join("leader"))?;
+    let leader_db = open_keyspace(&dir.path().join("leader"), &[])?;
     let leader_snapshots = dir.path().join("leader-snapshots");
     let leader_journal = Arc::new(common::Journal::default());
     let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &leader_snapshots, &dir.path().join("leader-log"))?;
@@ -250,7 +250,7 @@ async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> 
     let replica_snapshots = dir.path().join("replica-snapshots");
     let replica_path = dir.path().join("replica");
     {
-        let db = open_keyspace(&replica_path)?;
+        let db = open_keyspace(&replica_path, &[])?;
         let (_log, mut replica) = open_group(&db, 3, Arc::new(common::Journal::default()), &replica_snapshots, &dir.path().join("replica-log"))?;
         apply(&mut replica, 1..=3).await?;
         drop(replica);
@@ -258,14 +258,14 @@ async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> 
         // the mark set, the old records half cleared and some new ones loaded.
         std::fs::copy(leader_snapshots.join(&name), replica_snapshots.join(&name))?;
         let pointer = SnapshotPointer { meta: built.meta.clone(), file: name.clone() };
-        db.open_partition("g3-meta", Default::default())?.insert("snapshot_file", bincode::serde::encode_to_vec(&pointer, bincode::config::standard())?)?;
+        db.open_partition("g3-state", Default::default())?.insert("s/m/snapshot_file", bincode::serde::encode_to_vec(&pointer, bincode::config::standard())?)?;
         let state = db.open_partition("g3-state", Default::default())?;
         state.insert("s/installing", name.as_bytes())?;
         state.insert(b"re\0\0\0\0\0\0\0\x02", &b"half"[..])?;
         state.insert(b"rhalf-loaded", &b"junk"[..])?;
         db.persist(fjall::PersistMode::SyncAll)?;
     }
-    let db = open_keyspace(&replica_path)?;
+    let db = open_keyspace(&replica_path, &[])?;
     let journal = Arc::new(common::Journal::default());
     let (_log, mut replica) = open_group(&db, 3, journal.clone(), &replica_snapshots, &dir.path().join("replica-log"))?;
     assert_eq!(*journal.entries.lock().unwrap(), *leader_journal.entries.lock().unwrap(), "exactly the snapshot's entries");

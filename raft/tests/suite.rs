@@ -15,7 +15,7 @@ struct StoreBuilderOnDisk;
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for StoreBuilderOnDisk {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = open_keyspace(&dir.path().join("records")).expect("open the record store");
+        let db = open_keyspace(&dir.path().join("records"), &[]).expect("open the record store");
         let (log, sm) = open_group(&db, 1, Arc::new(common::Journal::default()), &dir.path().join("snapshots"), &dir.path().join("log")).expect("open group");
         Ok((dir, log, sm))
     }
