@@ -37,6 +37,15 @@ const PASSIVATE_CHECK: Duration = Duration::from_secs(30);
 const CLOSED_GRACE: Duration = Duration::from_secs(2);
 /// Retry delay when an expiry was refused because this node's clock ran behind.
 const EXPIRE_RETRY: Duration = Duration::from_millis(50);
+/// The longest wait between two tries at expiring an offer.
+const EXPIRE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The wait before the next try at expiring an offer whose entry was not due yet
+/// (the proposer's clock behind the deadline): doubling from `EXPIRE_RETRY`, so a
+/// clock far behind costs a few entries, not one every 50 ms.
+fn expire_retry(retries: u32) -> Duration {
+    EXPIRE_RETRY.saturating_mul(1u32 << retries.min(16)).min(EXPIRE_RETRY_MAX)
+}
 /// Pause before asking again for a new round whose proposal failed.
 const ROUND_RETRY: Duration = Duration::from_secs(1);
 
@@ -63,7 +72,8 @@ pub enum EntityMsg {
     Subscribe(RpcReplyPort<Wakeups>),
     ArmOffer { offer: OfferId, deadline: Timestamp },
     CancelOffer { offer: OfferId },
-    OfferDue { offer: OfferId },
+    /// An offer's deadline came; `retries` so far (its entry was not due yet).
+    OfferDue { offer: OfferId, retries: u32 },
     /// The skill group's next queue deadline (new round or SLA crossing) is here.
     QueueDue,
     /// A `RouteQueue` proposal failed: ask again for the rounds it covered.
@@ -356,7 +366,7 @@ impl EntityState {
             return;
         }
         let delay = Duration::from_millis(deadline.millis_since(now_ms()));
-        if let Some(old) = self.timers.insert(offer, myself.send_after(delay, move || EntityMsg::OfferDue { offer })) {
+        if let Some(old) = self.timers.insert(offer, myself.send_after(delay, move || EntityMsg::OfferDue { offer, retries: 0 })) {
             old.abort();
         }
     }
@@ -489,7 +499,7 @@ impl Actor for EntityActor {
                     timer.abort();
                 }
             }
-            EntityMsg::OfferDue { offer } => {
+            EntityMsg::OfferDue { offer, retries } => {
                 state.timers.remove(&offer);
                 let proposer = state.proposer.clone();
                 let actor = myself.clone();
@@ -498,7 +508,7 @@ impl Actor for EntityActor {
                     match proposer.propose(Command::ExpireOffer { offer }).await {
                         Ok(_) => {}
                         Err(Error::NotDue(_)) => {
-                            actor.send_after(EXPIRE_RETRY, move || EntityMsg::OfferDue { offer });
+                            actor.send_after(expire_retry(retries), move || EntityMsg::OfferDue { offer, retries: retries.saturating_add(1) });
                         }
                         Err(e) => warn!(%offer, error = %e, "could not expire offer"),
                     }

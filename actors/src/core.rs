@@ -17,8 +17,11 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// The newest routing rules this build decides with. Rules 2: a missed offer sets the
 /// operator away; a conversation every free operator passed on gets a new round;
 /// capacity is judged before passes; decline reasons and attachments per conversation
-/// are bounded. A node proposes `AdoptRules` at start; earlier entries keep their rules.
-pub const RULES_VERSION: u32 = 2;
+/// are bounded. Rules 3: an entry's time never goes below the time of the last entry
+/// that changed the state (a leader whose clock is behind, or a stepped clock, cannot
+/// make time recede and strand a deadline). A node proposes `AdoptRules` at start;
+/// earlier entries keep their rules.
+pub const RULES_VERSION: u32 = 3;
 
 /// Longest message text the core accepts, in characters.
 pub const MAX_TEXT_CHARS: usize = 4000;
@@ -67,8 +70,12 @@ pub struct Outcome {
 
 /// Decides, applies and routes one command. On rejection the state is untouched.
 pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Outcome), Error> {
-    let now = envelope.at;
+    let now = entry_time(state, envelope.at);
     let (reply, decided) = decide(state, &envelope.command, now)?;
+    if state.rules >= 3 && now > state.last_at {
+        state.last_at = now;
+        state.dirty.clock = true;
+    }
     let mut outcome = Outcome::default();
     for event in decided {
         commit(state, event, now, &mut outcome);
@@ -81,6 +88,16 @@ pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Out
         route_group(state, &group, now, &mut outcome);
     }
     Ok((reply, outcome))
+}
+
+/// The time an entry stamped `at` is decided at: from rules 3 on, never before the last
+/// entry that changed the state.
+pub fn entry_time(state: &ShardState, at: Timestamp) -> Timestamp {
+    if state.rules >= 3 {
+        at.max(state.last_at)
+    } else {
+        at
+    }
 }
 
 /// Runs the decision on a read-only state without committing anything, so a proposer can

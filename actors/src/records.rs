@@ -7,6 +7,7 @@
 //! | key | record |
 //! |---|---|
 //! | `m` | counters, rules version, session epochs, public groups ([`Meta`]) |
+//! | `k` | the time of the last entry that changed the state (rules 3) |
 //! | `g` group | skill group configuration (its queue is rebuilt from conversations) |
 //! | `o` operator | operator: configuration, presence, load, feed position |
 //! | `f` len:u16 operator seq | one entry of an operator's feed (the last 4096 are kept) |
@@ -74,6 +75,8 @@ pub mod key {
     use crate::model::*;
 
     pub const META: &[u8] = b"m";
+    /// The time of the last entry that changed the state (rules 3).
+    pub const CLOCK: &[u8] = b"k";
 
     fn with(tag: u8, rest: &[u8]) -> Vec<u8> {
         let mut key = Vec::with_capacity(1 + rest.len());
@@ -221,6 +224,9 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
     let dirty = std::mem::take(&mut state.dirty);
     let mut writes: Writes = Vec::new();
     let mut put = |key: Vec<u8>, value: Vec<u8>| writes.push((key, Some(value)));
+    if dirty.clock {
+        put(key::CLOCK.to_vec(), encode(&state.last_at));
+    }
     if dirty.meta {
         put(
             key::META.to_vec(),
@@ -573,6 +579,9 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
         state.session_epochs = meta.session_epochs;
         state.channel_public_groups = meta.channel_public_groups;
         state.channel_retention = meta.channel_retention;
+    }
+    if let Some(at) = get::<Timestamp>(store, key::CLOCK)? {
+        state.last_at = at;
     }
     for (_, config) in all::<SkillGroupConfig>(store, b"g")? {
         state.groups.insert(config.id.clone(), SkillGroup { config, queue: Default::default() });

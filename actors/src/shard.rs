@@ -213,7 +213,7 @@ impl Shard {
         if records::needs_records(&state, command) {
             return Ok(None);
         }
-        crate::core::precheck(&state, command, now)
+        crate::core::precheck(&state, command, crate::core::entry_time(&state, now))
     }
 
     /// Records for a snapshot of the legacy format (the whole state as JSON).

@@ -42,6 +42,10 @@ pub struct ShardState {
     /// rules. Changing behaviour is gated on it, so a log replays as it was decided.
     #[serde(default)]
     pub rules: u32,
+    /// The time of the last entry that changed the state, from rules 3 on: an entry's
+    /// time never goes below it (record `k`).
+    #[serde(default)]
+    pub last_at: Timestamp,
     /// Per login, the session epoch staff tokens must name to be valid; advanced by a
     /// password change, a logout or an admin ending the login's sessions.
     #[serde(default)]
@@ -82,6 +86,8 @@ pub struct Dirty {
     pub meta: bool,
     /// The expired conversations' records go (`ShardState::expired_keys`).
     pub purge: bool,
+    /// `last_at` moved.
+    pub clock: bool,
     /// Conversations whose history grew; operators whose feed grew.
     pub histories: BTreeSet<ConversationId>,
     pub feeds: BTreeSet<OperatorId>,

@@ -245,7 +245,7 @@ async fn supervisors_see_a_wait_cross_the_sla_as_it_happens() -> anyhow::Result<
     let metrics = metrics.as_str().unwrap_or_default().to_owned();
     assert!(metrics.contains("switchboard_queue_over_sla{skill_group=\"general\"} 1"), "{metrics}");
     assert!(metrics.contains("switchboard_queue_waiting{skill_group=\"general\"} 1"), "{metrics}");
-    assert!(metrics.contains("switchboard_routing_rules{group=\"1\"} 2"), "{metrics}");
+    assert!(metrics.contains("switchboard_routing_rules{group=\"1\"} 3"), "{metrics}");
     Ok(())
 }
 

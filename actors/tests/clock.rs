@@ -1,0 +1,62 @@
+//! Time across leaders (rules 3): an entry's time never goes below the time of the last
+//! entry that changed the state, so a leader whose clock is behind, or a clock stepped
+//! back, cannot make time recede; entries decided under older rules replay as stamped.
+
+use switchboard_actors::core::RULES_VERSION;
+use switchboard_actors::model::*;
+use switchboard_actors::records::{self, MemStore};
+use switchboard_actors::state::ShardState;
+use switchboard_actors::Error;
+
+fn run(state: &mut ShardState, store: &MemStore, at: u64, command: Command) -> Result<(), Error> {
+    records::run(state, store, &Envelope::new(Timestamp(at), command)).map(|_| ())
+}
+
+/// A group with one operator online and a web channel, all at time 1000, under `rules`.
+fn setup(rules: u32) -> (MemStore, ShardState) {
+    let store = MemStore::default();
+    let mut state = ShardState::default();
+    if rules > 0 {
+        run(&mut state, &store, 1000, Command::AdoptRules { version: rules }).expect("rules");
+    }
+    let ok = |r: Result<(), Error>| r.expect("accepted");
+    ok(run(&mut state, &store, 1000, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 5000, sla_ms: 60_000 })));
+    ok(run(&mut state, &store, 1000, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("ann"), name: "Ann".into(), capacity: 2, groups: vec![SkillGroupId::new("g")] })));
+    ok(run(&mut state, &store, 1000, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
+    ok(run(&mut state, &store, 1000, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }));
+    (store, state)
+}
+
+#[test]
+fn under_rules_3_an_entry_stamped_earlier_is_decided_at_the_last_entry_s_time() {
+    assert!(RULES_VERSION >= 3);
+    let (store, mut state) = setup(3);
+    // A new leader whose clock is 600 ms behind stamps the next entry 400.
+    run(&mut state, &store, 400, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }).expect("started");
+    let conversation = state.conversations.values().next().expect("open");
+    assert_eq!(conversation.created_at, Timestamp(1000), "time did not go back to 400");
+    let offer = state.offers.values().next().expect("offered");
+    assert_eq!(offer.deadline, Timestamp(6000), "the offer's deadline counts from 1000, not 400");
+    assert_eq!(state.last_at, Timestamp(1000));
+
+    // The clock is kept in the records: a node that rebuilds its state goes on from it.
+    let rebuilt = records::load(&store).expect("load");
+    assert_eq!(rebuilt.last_at, Timestamp(1000));
+
+    // An expiry stamped before the deadline is not due; at the deadline it is.
+    let offer = offer.id;
+    assert_eq!(run(&mut state, &store, 5999, Command::ExpireOffer { offer }), Err(Error::NotDue(offer)));
+    run(&mut state, &store, 6000, Command::ExpireOffer { offer }).expect("expired");
+    assert!(state.offers.is_empty());
+    assert_eq!(state.last_at, Timestamp(6000));
+}
+
+#[test]
+fn under_rules_2_entries_replay_at_the_time_they_were_stamped() {
+    let (store, mut state) = setup(2);
+    run(&mut state, &store, 400, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }).expect("started");
+    let conversation = state.conversations.values().next().expect("open");
+    assert_eq!(conversation.created_at, Timestamp(400), "decided as it was under the rules of its time");
+    assert_eq!(state.last_at, Timestamp(0), "no clock is kept before rules 3");
+    assert!(records::load(&store).expect("load").last_at == Timestamp(0));
+}
