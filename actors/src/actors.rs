@@ -241,9 +241,12 @@ impl Actor for ShardSupervisor {
                     .chain(notice.touched.operators.into_iter().map(StreamKey::Operator))
                     .chain(notice.touched.groups.into_iter().map(StreamKey::Group));
                 for key in keys {
-                    // Inactive streams have no readers: nobody to wake.
                     if let Some(actor) = state.active.get(&key) {
                         let _ = actor.cast(EntityMsg::Wake);
+                    } else if let Some(stream) = state.streams.get(&key) {
+                        // Followed while no actor runs (a leadership change stopped it):
+                        // the stream outlives its actor, and its readers still hear.
+                        stream.send_modify(|v| *v += 1);
                     }
                 }
             }
@@ -263,6 +266,10 @@ impl Actor for ShardSupervisor {
                     actor.stop(Some("leadership changed".into()));
                 }
                 state.by_actor.clear();
+                state.shard.set_active_actors(0);
+                // Streams somebody follows stay (their sockets keep listening); the rest
+                // would otherwise stay in the map for good.
+                state.streams.retain(|_, stream| stream.receiver_count() > 0);
                 if leader {
                     state.activate_timer_owners(&myself).await;
                 }

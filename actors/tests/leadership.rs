@@ -1,0 +1,62 @@
+//! A leadership change stops every entity actor, but the streams sockets follow outlive
+//! them: what is applied afterwards still wakes those sockets (issue 9, item 9).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_actors::actors::{subscribe, ShardSupervisor, SupervisorArgs, SupervisorMsg};
+use switchboard_actors::model::*;
+use switchboard_actors::records::MemStore;
+use switchboard_actors::shard::{Proposer, Shard, StreamKey};
+use switchboard_actors::Error;
+
+/// This test commits only through `commit` below; anything an actor proposes (offer
+/// timers, which a follower never arms) is refused, loudly.
+struct NothingProposed;
+
+impl Proposer for NothingProposed {
+    fn propose(&self, command: Command) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<switchboard_actors::core::Reply, Error>> + Send>> {
+        Box::pin(async move { Err(Error::Commit(format!("this test proposes nothing, got {command:?}"))) })
+    }
+}
+
+/// Applies one entry of one command as the state machine does: apply, write the
+/// records, end the entry, publish (which notifies the supervisor).
+fn commit(shard: &Shard, store: &MemStore, at: u64, command: Command) {
+    let mut writes = Vec::new();
+    shard.apply(&Envelope::new(Timestamp(at), command), &mut writes).expect("accepted");
+    store.write(writes);
+    shard.end_entry();
+    shard.published();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_stream_is_woken_after_its_actor_stopped_for_a_leadership_change() {
+    let store = MemStore::default();
+    let shard = Arc::new(Shard::new());
+    shard.load(Arc::new(store.clone())).expect("load");
+    commit(&shard, &store, 0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 60_000, sla_ms: 60_000 }));
+    commit(&shard, &store, 0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") }));
+    commit(&shard, &store, 1, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
+    let conversation = ConversationId(0);
+
+    let supervisor = ShardSupervisor::start(SupervisorArgs { shard: shard.clone(), proposer: Arc::new(NothingProposed), leader: true }).await.expect("supervisor");
+    let mut wake = subscribe(&supervisor, StreamKey::Conversation(conversation)).await.expect("subscribed");
+    wake.borrow_and_update();
+
+    // The node loses leadership: every actor stops.
+    supervisor.cast(SupervisorMsg::Leadership(false)).expect("cast");
+    for _ in 0..100 {
+        if shard.active_actors() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(shard.active_actors(), 0, "the actors stopped with the leadership");
+    wake.borrow_and_update();
+
+    // An entry the new leader committed arrives here and is applied: the socket that
+    // follows the conversation hears of it although its actor is gone.
+    commit(&shard, &store, 2, Command::PostClientMessage { conversation, key: "k1".into(), text: "still there?".into(), attachments: vec![] });
+    tokio::time::timeout(Duration::from_secs(2), wake.changed()).await.expect("woken within 2 s").expect("stream open");
+}
