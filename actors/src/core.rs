@@ -19,9 +19,15 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// capacity is judged before passes; decline reasons and attachments per conversation
 /// are bounded. Rules 3: an entry's time never goes below the time of the last entry
 /// that changed the state (a leader whose clock is behind, or a stepped clock, cannot
-/// make time recede and strand a deadline). A node proposes `AdoptRules` at start;
+/// make time recede and strand a deadline), and an offer that expires more than
+/// [`STALLED_EXPIRY_MS`] late does not set its operator away. A node proposes `AdoptRules` at start;
 /// earlier entries keep their rules.
 pub const RULES_VERSION: u32 = 3;
+
+/// From rules 3, an offer expiry committed more than this after the deadline does not
+/// set the operator away: the timer fires within milliseconds of the deadline on a
+/// running leader, so a late one was the cluster's stall, not the operator's absence.
+pub const STALLED_EXPIRY_MS: u64 = 2000;
 
 /// Longest message text the core accepts, in characters.
 pub const MAX_TEXT_CHARS: usize = 4000;
@@ -435,9 +441,13 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 return Err(Error::NotDue(*offer));
             }
             let mut events = vec![Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::Expired, detail: String::new() }];
+            // An expiry committed long after the deadline means the cluster did not run
+            // the timer (a stalled node, a leader change), not that nobody is at the desk:
+            // from rules 3 the offer goes, the operator stays as they were.
+            let stalled = state.rules >= 3 && now.0.saturating_sub(pending.deadline.0) > STALLED_EXPIRY_MS;
             // A missed offer means nobody is at the desk: set the operator away, as a
             // phone system does after ring-no-answer, so the queue stops waiting on them.
-            if let Some(op) = state.operators.get(&pending.operator).filter(|op| state.rules >= 2 && op.presence == Presence::Online) {
+            if let Some(op) = state.operators.get(&pending.operator).filter(|op| state.rules >= 2 && !stalled && op.presence == Presence::Online) {
                 for other in op.offers.iter().filter(|o| *o != offer) {
                     events.push(Event::OfferWithdrawn {
                         offer: *other,

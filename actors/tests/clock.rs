@@ -60,3 +60,22 @@ fn under_rules_2_entries_replay_at_the_time_they_were_stamped() {
     assert_eq!(state.last_at, Timestamp(0), "no clock is kept before rules 3");
     assert!(records::load(&store).expect("load").last_at == Timestamp(0));
 }
+
+/// An offer whose expiry is committed long after its deadline (the leader stalled, or
+/// leadership moved) is withdrawn, but its operator is not set away: missing it was not
+/// their doing. On time, a missed offer still sets them away (rules 2).
+#[test]
+fn a_late_expiry_after_a_stall_does_not_set_the_operator_away() {
+    use switchboard_actors::core::STALLED_EXPIRY_MS;
+    use switchboard_actors::state::ShardState as S;
+    let presence = |state: &S| state.operators.get(&OperatorId::new("ann")).map(|o| o.presence);
+    for (late_by, away) in [(0, true), (STALLED_EXPIRY_MS, true), (STALLED_EXPIRY_MS + 1, false), (6500, false)] {
+        let (store, mut state) = setup(3);
+        run(&mut state, &store, 1000, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }).expect("started");
+        let offer = state.offers.values().next().expect("offered").id;
+        run(&mut state, &store, 6000 + late_by, Command::ExpireOffer { offer }).expect("expired");
+        assert!(state.offers.get(&offer).is_none(), "late by {late_by} ms: withdrawn");
+        let expected = if away { Presence::Away } else { Presence::Online };
+        assert_eq!(presence(&state), Some(expected), "late by {late_by} ms");
+    }
+}
