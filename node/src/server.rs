@@ -308,6 +308,8 @@ struct NodeBackend {
     proposer: RaftProposer,
     shard: Arc<Shard>,
     supervisor: ActorRef<SupervisorMsg>,
+    /// Times this node saw the shard group's leader change (to another node, or none).
+    leader_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Backend for NodeBackend {
@@ -351,6 +353,10 @@ impl Backend for NodeBackend {
         let _ = writeln!(out, "switchboard_raft_snapshot_index{{group=\"{SHARD_GROUP}\"}} {snapshot}");
         let _ = writeln!(out, "# HELP switchboard_raft_last_log Index of the last log entry.\n# TYPE switchboard_raft_last_log gauge");
         let _ = writeln!(out, "switchboard_raft_last_log{{group=\"{SHARD_GROUP}\"}} {last_log}");
+        let _ = writeln!(out, "# HELP switchboard_raft_apply_lag Log entries written here but not yet applied.\n# TYPE switchboard_raft_apply_lag gauge");
+        let _ = writeln!(out, "switchboard_raft_apply_lag{{group=\"{SHARD_GROUP}\"}} {}", last_log.saturating_sub(applied));
+        let _ = writeln!(out, "# HELP switchboard_raft_leader_changes_total Changes of the group's leader seen by this node.\n# TYPE switchboard_raft_leader_changes_total counter");
+        let _ = writeln!(out, "switchboard_raft_leader_changes_total{{group=\"{SHARD_GROUP}\"}} {}", self.leader_changes.load(std::sync::atomic::Ordering::Relaxed));
         let (commands, entries) = (self.proposer.counts.commands.load(std::sync::atomic::Ordering::Relaxed), self.proposer.counts.entries.load(std::sync::atomic::Ordering::Relaxed));
         let _ = writeln!(out, "# HELP switchboard_proposed_commands_total Commands proposed to the shard group.\n# TYPE switchboard_proposed_commands_total counter");
         let _ = writeln!(out, "switchboard_proposed_commands_total{{group=\"{SHARD_GROUP}\"}} {commands}");
@@ -500,15 +506,25 @@ std::fs::create_dir_all(&options.data_dir)?;
     }
     wait_for_leadership(&raft, options.node_id).await?;
 
-    // Timers and activation follow leadership.
+    // Timers and activation follow leadership; every change of leader is counted.
+    let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let leadership = {
         let mut metrics = raft.metrics();
         let supervisor = supervisor.clone();
         let node_id = options.node_id;
+        let leader_changes = leader_changes.clone();
         tokio::spawn(async move {
             let mut was_leader = None;
+            let mut last_leader = metrics.borrow().current_leader;
             loop {
-                let is_leader = metrics.borrow().current_leader == Some(node_id);
+                let (is_leader, leader) = {
+                    let m = metrics.borrow();
+                    (m.current_leader == Some(node_id), m.current_leader)
+                };
+                if leader != last_leader {
+                    leader_changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    last_leader = leader;
+                }
                 if was_leader != Some(is_leader) {
                     let _ = supervisor.cast(SupervisorMsg::Leadership(is_leader));
                     was_leader = Some(is_leader);
@@ -520,7 +536,7 @@ std::fs::create_dir_all(&options.data_dir)?;
         })
     };
 
-    let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor });
+    let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor, leader_changes });
     // The log before this replays under the rules it was decided with; from here on
     // this build's rules decide. A no-op when the shard already has them.
     if shard.read().rules < switchboard_actors::core::RULES_VERSION {
