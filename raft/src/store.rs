@@ -172,6 +172,18 @@ pub fn open_group(
     let snapshots = SnapshotFiles { dir: snapshot_dir.to_path_buf(), group, writing: Arc::new(Mutex::new(())) };
     let state = Arc::new(StateTree::new(keyspace.clone(), state_partition(keyspace, group)?));
     let sm = StateMachineStore::load(trees, state, machine, snapshots)?;
+    // The log is purged only behind records made durable first, so records behind the
+    // purge point mean the record store was lost or swapped: the state cannot be
+    // rebuilt, and serving it would differ from the other replicas.
+    let (purged, _) = log.segments.state();
+    let applied = sm.inner.try_lock().ok().and_then(|inner| inner.last_applied);
+    if let Some(purged) = purged.filter(|p| applied.is_none_or(|a| a.index < p.index)) {
+        return Err(crate::Error::Storage(format!(
+            "the records end at entry {} but the log was purged up to entry {}: the record store (records/) was lost or replaced. Restore the whole data folder from a backup, or remove it and let the node rejoin its group",
+            applied.map_or(0, |a| a.index),
+            purged.index
+        )));
+    }
     Ok((log, sm))
 }
 

@@ -276,3 +276,35 @@ async fn a_restart_after_a_crash_mid_install_finishes_loading_the_snapshot() -> 
     assert_eq!(applied.map(|l| l.index), Some(30));
     Ok(())
 }
+
+/// The records and the log live in two folders: if the records are lost while the log
+/// was purged behind them, the state cannot be rebuilt, and the group refuses to open
+/// with what to do rather than serve a partial state.
+#[tokio::test]
+async fn records_lost_behind_a_purged_log_stop_the_open_with_what_to_do() -> anyhow::Result<()> {
+    use openraft::storage::RaftLogStorage;
+    let dir = tempfile::tempdir()?;
+    let snapshots = dir.path().join("snapshots");
+    {
+        let db = open_keyspace(&dir.path().join("records"), &[3])?;
+        let (mut log, mut sm) = open_group(&db, 3, Arc::new(common::Journal::default()), &snapshots, &dir.path().join("log"))?;
+        apply(&mut sm, 1..=10).await?;
+        sm.get_snapshot_builder().await.build_snapshot().await?;
+        log.purge(LogId::new(CommittedLeaderId::new(1, 1), 8)).await?;
+    }
+    // Reopened as it is, everything is there.
+    {
+        let db = open_keyspace(&dir.path().join("records"), &[3])?;
+        let journal = Arc::new(common::Journal::default());
+        let _group = open_group(&db, 3, journal.clone(), &snapshots, &dir.path().join("log"))?;
+        assert_eq!(journal.entries.lock().unwrap().len(), 10);
+    }
+    std::fs::remove_dir_all(dir.path().join("records"))?;
+    let db = open_keyspace(&dir.path().join("records"), &[3])?;
+    let error = match open_group(&db, 3, Arc::new(common::Journal::default()), &snapshots, &dir.path().join("log")) {
+        Ok(_) => anyhow::bail!("opened a group whose records are gone"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("purged up to entry 8") && error.contains("Restore the whole data folder"), "{error}");
+    Ok(())
+}
