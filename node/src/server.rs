@@ -235,7 +235,7 @@ impl RaftProposer {
             // at once (the log's flusher syncs them together), each answered by its own
             // task when it is applied.
             let n = encoded.len();
-            let failed = move |e: String| (0..n).map(|_| Err(switchboard_actors::Error::Commit(e.clone()))).collect::<Vec<ApplyResult>>();
+            let failed = move |e: String| all_failed(n, e);
             let answer = |replies: Vec<tokio::sync::oneshot::Sender<ApplyResult>>, results: Vec<ApplyResult>| {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
@@ -270,7 +270,7 @@ impl RaftProposer {
 
     /// One result for each of the `n` commands of an applied entry, in order.
     fn results(n: usize, data: &[u8]) -> Vec<ApplyResult> {
-        let failed = |e: String| (0..n).map(|_| Err(switchboard_actors::Error::Commit(e.clone()))).collect::<Vec<_>>();
+        let failed = |e: String| all_failed(n, e);
         if n == 1 {
             return vec![decode::<ApplyResult>(data).unwrap_or_else(|e| Err(switchboard_actors::Error::Commit(e)))];
         }
@@ -280,6 +280,11 @@ impl RaftProposer {
             Err(e) => failed(e),
         }
     }
+}
+
+/// The same commit error for each of `n` commands.
+fn all_failed(n: usize, error: String) -> Vec<ApplyResult> {
+    (0..n).map(|_| Err(switchboard_actors::Error::Commit(error.clone()))).collect()
 }
 
 /// A batch entry from envelopes encoded one by one: the tag, then exactly the bincode

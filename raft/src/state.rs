@@ -291,15 +291,21 @@ impl StateTree {
 
     /// Removes every record (not the store's own keys), a chunk at a time, in one pass.
     fn clear(&self) -> Result<(), fjall::Error> {
-        let mut batch = self.keyspace.batch();
-        for key in self.part.range(vec![RECORD]..vec![RECORD + 1]).map(|item| item.map(|(k, _)| k)) {
-            batch.remove(&self.part, key?);
-            if batch.len() == CHUNK {
-                std::mem::replace(&mut batch, self.keyspace.batch()).commit()?;
-            }
-        }
-        batch.commit()
+        remove_range(&self.keyspace, &self.part, vec![RECORD]..vec![RECORD + 1])
     }
+}
+
+/// Removes every key of `part` in `range`, a chunk at a time, in one pass.
+pub(crate) fn remove_range(keyspace: &fjall::Keyspace, part: &fjall::PartitionHandle, range: impl std::ops::RangeBounds<Vec<u8>>) -> Result<(), fjall::Error> {
+    let mut batch = keyspace.batch();
+    for item in part.range::<Vec<u8>, _>(range) {
+        let (key, _) = item?;
+        batch.remove(part, key);
+        if batch.len() == CHUNK {
+            std::mem::replace(&mut batch, keyspace.batch()).commit()?;
+        }
+    }
+    batch.commit()
 }
 
 /// Reads a snapshot through and checks it is whole: a version 2 file with every record

@@ -201,7 +201,7 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
         let db = sled::open(sled_dir)?;
         let meta_tree = db.open_tree(format!("g{group}/meta"))?;
         let state = state_partition(keyspace, group)?;
-        clear_partition(keyspace, &state)?;
+        crate::state::remove_range(keyspace, &state, ..)?;
         copy_tree(&db.open_tree(format!("g{group}/state"))?, "", keyspace, &state)?;
         copy_tree(&meta_tree, META_PREFIX, keyspace, &state)?;
         let sled_meta = |key: &str| meta_tree.get(key).ok().flatten();
@@ -225,19 +225,6 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
     std::fs::remove_dir_all(sled_dir)?;
     tracing::info!(folder = %sled_dir.display(), "moved the data folder from sled into log segments and the record store");
     Ok(true)
-}
-
-/// Removes everything `part` holds, in batches.
-fn clear_partition(keyspace: &fjall::Keyspace, part: &fjall::PartitionHandle) -> Result<(), crate::Error> {
-    let mut batch = keyspace.batch();
-    for key in part.keys() {
-        batch.remove(part, key?);
-        if batch.len() == 4096 {
-            std::mem::replace(&mut batch, keyspace.batch()).commit()?;
-        }
-    }
-    batch.commit()?;
-    Ok(())
 }
 
 /// Copies every key of `from` into `to`, behind `prefix`, in batches.
@@ -609,17 +596,22 @@ impl StateMachineStore {
                 _ => snapshot_meta(&mut inner),
             }
         };
+        let written = self.dump_capture(&meta).await.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.keep(&meta, written).await?;
+        Ok(())
+    }
+
+    /// Writes the capture begun by the caller to a new snapshot file named for `meta`,
+    /// on a blocking thread, and ends the capture; returns the file's name.
+    async fn dump_capture(&self, meta: &SnapshotMeta<NodeId, Node>) -> std::io::Result<String> {
         let (state, snapshots, for_file) = (self.state.clone(), self.snapshots.clone(), meta.clone());
-        let written = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let written = snapshots.write_with(&for_file, |out| state.dump(out).map(|_| ()));
             state.end_capture();
             written
         })
         .await
-        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e)))?
-        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.keep(&meta, written).await?;
-        Ok(())
+        .map_err(io_err)?
     }
 }
 
@@ -644,22 +636,15 @@ impl StateMachineStore {
         };
         let this = self.clone();
         tokio::spawn(async move {
-            let (state, snapshots, for_file) = (this.state.clone(), this.snapshots.clone(), meta.clone());
-            let written = tokio::task::spawn_blocking(move || {
-                let written = snapshots.write_with(&for_file, |out| state.dump(out).map(|_| ()));
-                state.end_capture();
-                written
-            })
-            .await;
+            let written = this.dump_capture(&meta).await;
             drop(building);
             match written {
-                Ok(Ok(file)) => {
+                Ok(file) => {
                     if let Err(e) = this.keep(&meta, file).await {
                         tracing::warn!(error = %e, "could not keep a snapshot file written for replicas");
                     }
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not write a snapshot file for replicas"),
-                Err(e) => tracing::warn!(error = %e, "the snapshot dump stopped"),
+                Err(e) => tracing::warn!(error = %e, "could not write a snapshot file for replicas"),
             }
             this.refreshing.store(false, SeqCst);
         });
