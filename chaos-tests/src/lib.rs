@@ -71,7 +71,7 @@ impl Dev {
             .args([subcommand, "--public-addr", public_addr, "--private-addr", private_addr, "--data-dir"])
             .arg(data_dir)
             .args(extra)
-            .env("RUST_LOG", "info,openraft=warn,fjall=warn,lsm_tree=warn,quinn=warn")
+            .env("RUST_LOG", std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn,fjall=warn,lsm_tree=warn,quinn=warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
@@ -215,11 +215,17 @@ impl Starting {
             Err(_) => bail!("switchboard {subcommand} not ready within 60 s"),
         }
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let logins = if subcommand == "dev" {
-            serde_json::from_slice(&std::fs::read(data_dir.join("demo-logins.json"))?)?
+        // A dev node (or a cluster's first member started with --demo) has the demo
+        // logins; a node its first-start admin; another cluster member none of its own.
+        let demo = data_dir.join("demo-logins.json");
+        let logins = if subcommand == "dev" || demo.exists() {
+            serde_json::from_slice(&std::fs::read(&demo)?)?
         } else {
-            let password = std::fs::read_to_string(data_dir.join("admin-password")).context("read the first-start admin password")?;
-            HashMap::from([("admin".to_owned(), password.trim().to_owned())])
+            match std::fs::read_to_string(data_dir.join("admin-password")) {
+                Ok(password) => HashMap::from([("admin".to_owned(), password.trim().to_owned())]),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+                Err(e) => return Err(e).context("read the first-start admin password"),
+            }
         };
         Ok(Dev {
             child,
@@ -229,6 +235,127 @@ impl Starting {
             logins,
         })
     }
+}
+
+/// A cluster laid out by `switchboard cluster init` in a folder, each node its own
+/// `switchboard node --config` process on loopback ports. Node 1 loads the demo.
+pub struct Cluster {
+    pub dir: PathBuf,
+    /// By node id - 1; `None` while a node is down.
+    pub nodes: Vec<Option<Dev>>,
+}
+
+impl Cluster {
+    /// Lays out and starts `n` nodes, and waits until every one is ready.
+    pub async fn start(dir: &Path, n: usize) -> anyhow::Result<Cluster> {
+        let base = free_port_block(n)?;
+        let output = tokio::process::Command::new(binary()?)
+            .args(["cluster", "init", "--nodes", &n.to_string(), "--dir"])
+            .arg(dir)
+            .args(["--public-port", &base.to_string(), "--private-port", &(base + 1).to_string(), "--raft-port", &(base + 2).to_string()])
+            .output()
+            .await?;
+        if !output.status.success() {
+            bail!("cluster init failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        // Launched together: each waits for a quorum before it says ready.
+        let starting = (1..=n).map(|id| Self::launch(dir, id)).collect::<anyhow::Result<Vec<_>>>()?;
+        let mut nodes = Vec::new();
+        for s in starting {
+            nodes.push(Some(s.ready().await?));
+        }
+        let logins = nodes[0].as_ref().map(|d| d.logins.clone()).unwrap_or_default();
+        for node in nodes.iter_mut().flatten() {
+            node.logins = logins.clone();
+        }
+        let cluster = Cluster { dir: dir.to_path_buf(), nodes };
+        // Every node has applied the demo configuration node 1 committed.
+        let first = cluster.status(1).await?["last_applied"].as_u64().unwrap_or(0);
+        for id in 2..=n {
+            eventually(WAIT, Duration::from_millis(50), || async {
+                Ok((cluster.status(id).await?["last_applied"].as_u64().unwrap_or(0) >= first).then_some(()))
+            })
+            .await?;
+        }
+        Ok(cluster)
+    }
+
+    fn launch(dir: &Path, id: usize) -> anyhow::Result<Starting> {
+        let config = dir.join(format!("node-{id}.toml"));
+        let config = config.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?.to_owned();
+        let mut extra = vec!["--config", config.as_str(), "--enable-chaos-drills"];
+        if id == 1 {
+            extra.push("--demo");
+        }
+        Dev::launch(binary()?, "node", &dir.join("data").join(format!("node-{id}")), "127.0.0.1:0", "127.0.0.1:0", &extra)
+    }
+
+    /// Node `id` (from 1), which must be running.
+    pub fn node(&self, id: usize) -> &Dev {
+        self.nodes[id - 1].as_ref().expect("node is running")
+    }
+
+    pub async fn kill9(&mut self, id: usize) -> anyhow::Result<()> {
+        if let Some(mut node) = self.nodes[id - 1].take() {
+            node.kill9().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `id` again on its configuration and data folder.
+    pub async fn restart(&mut self, id: usize) -> anyhow::Result<()> {
+        let mut node = Self::launch(&self.dir, id)?.ready().await?;
+        node.logins = self.nodes.iter().flatten().next().map(|d| d.logins.clone()).unwrap_or_default();
+        self.nodes[id - 1] = Some(node);
+        Ok(())
+    }
+
+    /// `GET /api/cluster` of node `id`.
+    pub async fn status(&self, id: usize) -> anyhow::Result<Value> {
+        let (status, body) = self.node(id).api("GET", "/api/cluster", None, None).await?;
+        if status != 200 {
+            bail!("/api/cluster of node {id}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// The leader every running node agrees on (waits up to 10 s for them to agree).
+    pub async fn leader(&self) -> anyhow::Result<usize> {
+        eventually(WAIT, Duration::from_millis(100), || async {
+            let mut leaders = Vec::new();
+            for (i, node) in self.nodes.iter().enumerate() {
+                if node.is_some() {
+                    leaders.push(self.status(i + 1).await?["leader"].as_u64());
+                }
+            }
+            match leaders.first() {
+                Some(Some(leader)) if leaders.iter().all(|l| *l == Some(*leader)) && self.nodes.get(*leader as usize - 1).is_some_and(Option::is_some) => {
+                    Ok(Some(*leader as usize))
+                }
+                _ => Ok(None),
+            }
+        })
+        .await
+    }
+}
+
+/// A port `p` such that TCP `p + 10k` and `p + 10k + 1` and UDP `p + 10k + 2` are free
+/// for `k < n`: the layout `cluster init` gives nodes on one host.
+fn free_port_block(n: usize) -> anyhow::Result<u16> {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id();
+    for attempt in 0..200u32 {
+        let base = 20_000 + ((seed.wrapping_add(attempt.wrapping_mul(7919))) % 4000) as u16 * 10;
+        let free = (0..n as u16).all(|k| {
+            let p = base + 10 * k;
+            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", p + 2)).is_ok()
+        });
+        if free {
+            return Ok(base);
+        }
+    }
+    bail!("no free block of ports for {n} nodes")
 }
 
 /// VmRSS of a process, in bytes.

@@ -54,8 +54,11 @@ pub trait Backend: Send + Sync + 'static {
     fn submit(&self, command: Command) -> BoxFuture<Result<Reply, switchboard_actors::Error>>;
     fn shard(&self) -> Arc<Shard>;
     fn subscribe(&self, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>>;
-    /// Whether this node can serve writes now (it leads its groups).
+    /// Whether this node can serve now: its group has a leader (this node or another,
+    /// which it forwards writes to) and it has applied what it had in its log.
     fn ready(&self) -> bool;
+    /// This node's view of the cluster (`GET /api/cluster`, `switchboard cluster status`).
+    fn cluster(&self) -> serde_json::Value;
     /// Node-level metrics in Prometheus text format.
     fn metrics(&self) -> String;
     /// Chaos drill: make the actor of a stream panic so its supervisor restarts it.

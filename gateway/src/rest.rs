@@ -27,6 +27,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .route("/api/cluster", get(cluster))
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
         .route("/api/me", get(me))
@@ -61,6 +62,12 @@ async fn openapi() -> Response {
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let body = gw.metrics.render(&gw.backend.metrics());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// The node's view of its Raft group: leader, term, members, what it applied. Served
+/// unauthenticated on the private listener, like `/metrics`, for scripts and probes.
+async fn cluster(State(gw): State<Arc<Gateway>>) -> Response {
+    Json(gw.backend.cluster()).into_response()
 }
 
 /// An authenticated staff member, from `Authorization: Bearer <token>`.

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bootstrap;
+mod cluster;
 mod demo;
 mod server;
 
@@ -30,8 +31,12 @@ struct Cli {
 enum Cmd {
     /// A complete local switchboard on an embedded store, with a demo configuration.
     Dev(DevArgs),
-    /// Run one node (with its gateway listeners in the same process).
+    /// Run one node (with its gateway listeners in the same process), alone or as a
+    /// member of a cluster (`--config node.toml`, from `switchboard cluster init`).
     Node(NodeArgs),
+    /// Lay out a cluster (`init`) and look at one (`status`).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Run a standalone gateway (arrives with the multi-node cluster).
     Gateway(GatewayArgs),
     /// Create the cluster CA and member certificates.
@@ -121,6 +126,48 @@ struct EdgeArgs {
 struct DevArgs {
     #[command(flatten)]
     listeners: Listeners,
+    /// Run a local cluster of this many node processes (each on its own ports, 10
+    /// apart from the given ones) instead of one node in this process.
+    #[arg(long, default_value_t = 1)]
+    nodes: u64,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Write the CA, node certificates, the shared token key and one `node-<id>.toml`
+    /// per node into a folder; start each node with `switchboard node --config`.
+    Init(InitArgs),
+    /// A node's view of the cluster: leader, term, members and how far each is.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Folder to write into (must not hold a cluster yet).
+    #[arg(long, default_value = "./cluster")]
+    dir: PathBuf,
+    /// How many nodes (3 tolerates one failure, 5 two).
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// IP address of every node (one for all: ports are then 10 apart per node).
+    #[arg(long = "host", default_values_t = ["127.0.0.1".to_string()])]
+    hosts: Vec<String>,
+    #[arg(long, default_value_t = 8080)]
+    public_port: u16,
+    #[arg(long, default_value_t = 8081)]
+    private_port: u16,
+    #[arg(long, default_value_t = 8082)]
+    raft_port: u16,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// A node's private listener.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    addr: String,
+    /// Print the JSON of `GET /api/cluster` (for scripts).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -136,6 +183,15 @@ struct NodeArgs {
     /// Serve `POST /api/chaos/crash-actor` (admin only) for chaos drills; `dev` always does.
     #[arg(long)]
     enable_chaos_drills: bool,
+    /// A cluster member's configuration file (from `switchboard cluster init`); it
+    /// replaces --node-id, --data-dir and the listener addresses. Edge limits still come
+    /// from the flags.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Load the demo configuration and logins on first start (what `dev --nodes` asks of
+    /// its first node).
+    #[arg(long, hide = true)]
+    demo: bool,
 }
 
 #[derive(Args)]
@@ -193,7 +249,31 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
         request_timeout: ms(edge.request_timeout_ms),
         ping_interval: ms(edge.ping_interval_ms),
         chaos_drills,
+        members: Vec::new(),
+        certs_dir: None,
+        token_key: None,
     }
+}
+
+/// A cluster member's options: its configuration file, and the edge limits of the flags.
+fn member_options(config: cluster::NodeConfig, listeners: Listeners, chaos_drills: bool) -> NodeOptions {
+    let mut options = options(listeners, config.id, chaos_drills || config.enable_chaos_drills);
+    options.data_dir = config.data_dir;
+    options.public_addr = config.public_addr;
+    options.private_addr = config.private_addr;
+    options.raft_addr = config.raft_addr;
+    options.client_origins = config.client_origins;
+    options.staff_origins = config.staff_origins;
+    if let Some(every) = config.snapshot_every {
+        options.snapshot_every = every;
+    }
+    if let Some(s) = config.retention_check_s {
+        options.retention_every = std::time::Duration::from_secs(s.max(1));
+    }
+    options.members = config.members.into_iter().map(|m| (m.id, m.raft_addr)).collect();
+    options.certs_dir = Some(config.certs_dir);
+    options.token_key = Some(config.token_key);
+    options
 }
 
 async fn run_until_signal(node: server::RunningNode) -> anyhow::Result<()> {
@@ -213,6 +293,9 @@ fn print_listeners(node: &server::RunningNode) {
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    if args.nodes > 1 {
+        return dev_cluster(args).await;
+    }
     let data_dir = args.listeners.data_dir.clone();
     let node = server::start(options(args.listeners, 1, true)).await?;
     let logins = demo::ensure(&node, &data_dir).await?;
@@ -228,16 +311,164 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
 }
 
 async fn node(args: NodeArgs) -> anyhow::Result<()> {
-    let data_dir = args.listeners.data_dir.clone();
-    let node = server::start(options(args.listeners, args.node_id, args.enable_chaos_drills)).await?;
-    if let Some(path) = bootstrap::ensure_admin(&node, &data_dir, &args.admin_login).await? {
-        println!("first start: created admin login '{}'; its password is in {}", args.admin_login, path.display());
+    let (options, bootstraps) = match &args.config {
+        Some(path) => {
+            let config = cluster::NodeConfig::read(path)?;
+            let bootstraps = config.bootstraps();
+            (member_options(config, args.listeners, args.enable_chaos_drills), bootstraps)
+        }
+        None => (options(args.listeners, args.node_id, args.enable_chaos_drills), true),
+    };
+    let (data_dir, node_id) = (options.data_dir.clone(), options.node_id);
+    let node = server::start(options).await?;
+    if args.demo {
+        demo::ensure(&node, &data_dir).await?;
+    } else if bootstraps {
+        if let Some(path) = bootstrap::ensure_admin(&node, &data_dir, &args.admin_login).await? {
+            println!("first start: created admin login '{}'; its password is in {}", args.admin_login, path.display());
+        }
     }
     node.gateway.set_configured();
-    println!("switchboard node {} ready", args.node_id);
+    println!("switchboard node {node_id} ready");
     print_listeners(&node);
     println!("ready");
     run_until_signal(node).await
+}
+
+async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Init(args) => {
+            let plan = cluster::InitPlan {
+                dir: args.dir.clone(),
+                nodes: args.nodes,
+                hosts: args.hosts,
+                public_port: args.public_port,
+                private_port: args.private_port,
+                raft_port: args.raft_port,
+                port_step: 10,
+            };
+            for path in cluster::init(&plan)? {
+                println!("wrote {}", path.display());
+            }
+            println!("certificates in {}, shared token key in {}", args.dir.join("certs").display(), args.dir.join("token.key").display());
+            println!("start every node with `switchboard node --config <its file>`; the first admin's password appears in node 1's data folder");
+            println!("keep certs/ca.key off the nodes once every certificate is issued");
+            Ok(())
+        }
+        ClusterCmd::Status(args) => {
+            let status = cluster::status(&args.addr).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", cluster::describe(&status));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `dev --nodes N`: a local cluster of N node processes, laid out once in
+/// `<data_dir>/cluster`; node 1 loads the demo. Stops them all on Ctrl-C.
+async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
+    let listeners = &args.listeners;
+    let dir = listeners.data_dir.join("cluster");
+    let existing = (1..=64u64).take_while(|i| dir.join(format!("node-{i}.toml")).exists()).count() as u64;
+    if existing == 0 {
+        cluster::init(&cluster::InitPlan {
+            dir: dir.clone(),
+            nodes: args.nodes,
+            hosts: vec![listeners.public_addr.ip().to_string()],
+            public_port: listeners.public_addr.port(),
+            private_port: listeners.private_addr.port(),
+            raft_port: if listeners.raft_addr.port() == 0 { listeners.public_addr.port().saturating_add(2) } else { listeners.raft_addr.port() },
+            port_step: 10,
+        })?;
+    } else if existing != args.nodes {
+        anyhow::bail!("{} holds a cluster of {existing} nodes, not {}: give `dev` another --data-dir", dir.display(), args.nodes);
+    }
+    let binary = std::env::current_exe().context("find the switchboard binary")?;
+    let mut children = Vec::new();
+    let mut configs = Vec::new();
+    for i in 1..=args.nodes {
+        let path = dir.join(format!("node-{i}.toml"));
+        configs.push(cluster::NodeConfig::read(&path)?);
+        let mut command = tokio::process::Command::new(&binary);
+        command.arg("node").arg("--config").arg(&path).arg("--enable-chaos-drills").stdout(std::process::Stdio::null()).kill_on_drop(true);
+        if i == 1 {
+            command.arg("--demo");
+        }
+        children.push(command.spawn().with_context(|| format!("start node {i}"))?);
+    }
+    // Ready when every node answers and agrees on a leader, and node 1 loaded the demo.
+    let logins_path = configs[0].data_dir.join(demo::LOGINS_FILE);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let mut leaders = Vec::new();
+        for config in &configs {
+            if let Ok(status) = cluster::status(&config.private_addr.to_string()).await {
+                leaders.push(status.get("leader").and_then(|l| l.as_u64()));
+            }
+        }
+        let agreed = leaders.len() == configs.len() && leaders[0].is_some() && leaders.iter().all(|l| *l == leaders[0]);
+        if agreed && logins_path.exists() {
+            break;
+        }
+        for (i, child) in children.iter_mut().enumerate() {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("node {} exited ({status}) before the cluster was ready; its log is above", i + 1);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("the cluster was not ready within 60 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let logins: std::collections::BTreeMap<String, String> = serde_json::from_slice(&std::fs::read(&logins_path)?)?;
+    println!("switchboard dev: {} nodes ready, configuration in {}", args.nodes, dir.display());
+    for config in &configs {
+        println!(
+            "node {}: public http://{}  private http://{}  data {}",
+            config.id,
+            config.public_addr,
+            config.private_addr,
+            config.data_dir.display()
+        );
+    }
+    println!("every node serves the chat and the workstation; `switchboard cluster status --addr <private>` shows the leader");
+    println!("demo logins (also in {}):", logins_path.display());
+    for (login, password) in &logins {
+        println!("  {login:<11} {password}");
+    }
+    println!("ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let exited = async {
+        loop {
+            for (i, child) in children.iter_mut().enumerate() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return (i + 1, status);
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        (i, status) = exited => println!("switchboard dev: node {i} exited ({status}); stopping the others"),
+    }
+    println!("switchboard: stopping");
+    for child in &children {
+        if let Some(pid) = child.id() {
+            // SAFETY: a plain kill(2) of our own child's pid.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+    for mut child in children {
+        if tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await.is_err() {
+            let _ = child.kill().await;
+        }
+    }
+    Ok(())
 }
 
 fn certs(args: CertsArgs) -> anyhow::Result<()> {
@@ -263,6 +494,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Cmd::Dev(args) => dev(args).await,
             Cmd::Node(args) => node(args).await,
+            Cmd::Cluster(cmd) => cluster_cmd(cmd).await,
             Cmd::Gateway(args) => {
                 let _ = args.node;
                 anyhow::bail!(

@@ -16,7 +16,7 @@ use switchboard_actors::model::{Command, Envelope, Presence};
 use switchboard_actors::shard::{Proposer, Shard, StreamKey, Wakeups};
 use switchboard_gateway::listener::ConnectionLimits;
 use switchboard_gateway::{Backend, BoxFuture, Budgets, Gateway, GatewayConfig, Limits, TokenKey};
-use switchboard_raft::network::{serve, NetworkFactory, Router};
+use switchboard_raft::network::{serve, ForwardError, Forwarder, NetworkFactory, Router};
 use switchboard_raft::store::open_group;
 use switchboard_raft::{config_with_snapshots, tls, Changes, Machine, Node, Raft, Records, Request};
 use tokio::net::TcpListener;
@@ -159,10 +159,101 @@ type Proposal = (Command, tokio::sync::oneshot::Sender<ApplyResult>);
 /// arrive while entries commit go together into the next one (group commit), and a few
 /// entries are in flight at once so the log's sync, the apply and the filling of the
 /// next entry overlap. One command alone is written at once, at no extra latency.
+///
+/// On a node that does not lead the group, an entry is forwarded to the leader over the
+/// nodes' QUIC connection and answered when it is applied here too, so what the caller
+/// reads next on this node already holds it.
 #[derive(Clone)]
 struct RaftProposer {
     queue: tokio::sync::mpsc::Sender<Proposal>,
     counts: Arc<ProposalCounts>,
+}
+
+/// How a proposer reaches the group: its own Raft, and the leader when that is another node.
+#[derive(Clone)]
+struct Route {
+    raft: Raft,
+    node_id: u64,
+    forwarder: Forwarder,
+    counts: Arc<ProposalCounts>,
+}
+
+/// How long a forwarded entry waits for the leader's answer before its outcome is
+/// reported unknown (the leader failed or is cut off).
+const FORWARD_TTL: Duration = Duration::from_secs(3);
+/// How long a proposer keeps looking for a leader that accepts an entry (during an
+/// election, or while the leader it knew is gone) before the command fails.
+const FIND_LEADER_FOR: Duration = Duration::from_secs(10);
+/// How long a forwarded entry's answer waits for this node to apply the entry too.
+const CATCH_UP_FOR: Duration = Duration::from_secs(5);
+
+impl Route {
+    fn leads(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    /// Commits `bytes` through whichever node leads the group, trying again while no
+    /// leader could have appended it, and returns the applied entry's reply.
+    ///
+    /// Sending again is safe only while the entry is certainly not in any log: when no
+    /// leader is known, a node refused it as not the leader, or it never left this node.
+    /// Once it was sent and no answer came, it may be committed: the caller is told so
+    /// and only the client, with its idempotency key, may send it again.
+    async fn commit_anywhere(&self, bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+        let give_up = tokio::time::Instant::now() + FIND_LEADER_FOR;
+        let mut pause = Duration::from_millis(20);
+        let mut hint: Option<(u64, switchboard_raft::Node)> = None;
+        let mut last = String::from("no leader is known");
+        loop {
+            let target = hint.take().or_else(|| {
+                let m = self.raft.metrics().borrow().clone();
+                let leader = m.current_leader?;
+                let node = m.membership_config.membership().get_node(&leader)?.clone();
+                Some((leader, node))
+            });
+            match target {
+                Some((leader, _)) if leader == self.node_id => match self.raft.client_write(Request(bytes.clone())).await {
+                    Ok(response) => return Ok(response.data.0),
+                    Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) => {
+                        last = "this node stopped leading".into();
+                    }
+                    Err(e) => return Err(e.to_string()),
+                },
+                Some((leader, node)) => match {
+                    self.counts.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.forwarder.write(SHARD_GROUP, &node.addr, Request(bytes.clone()), FORWARD_TTL).await
+                } {
+                    Ok(response) => {
+                        // Read-your-writes on this node: wait until it applied the entry.
+                        let index = response.log_id.index;
+                        if let Err(e) = self.raft.wait(Some(CATCH_UP_FOR)).applied_index_at_least(Some(index), "forwarded entry").await {
+                            tracing::warn!(index, error = %e, "a forwarded entry committed but this node has not applied it yet");
+                        }
+                        return Ok(response.data.0);
+                    }
+                    Err(ForwardError::NotCommitted { reason, leader: named }) => {
+                        tracing::debug!(leader, %reason, "forwarded entry not committed; trying again");
+                        last = format!("node {leader}: {reason}");
+                        hint = named.filter(|(id, _)| *id != leader);
+                    }
+                    Err(e @ ForwardError::Unknown(_)) => {
+                        tracing::debug!(leader, error = %e, "forwarded entry's outcome unknown");
+                        self.counts.forward_unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Err(e.to_string());
+                    }
+                },
+                None => {}
+            }
+            tracing::debug!(%last, "no leader took the entry yet");
+            if tokio::time::Instant::now() >= give_up {
+                return Err(format!("no leader took the command within {} s ({last})", FIND_LEADER_FOR.as_secs()));
+            }
+            if hint.is_none() {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(400));
+            }
+        }
+    }
 }
 
 /// How well group commit works: commands per log entry written.
@@ -170,13 +261,17 @@ struct RaftProposer {
 struct ProposalCounts {
     commands: std::sync::atomic::AtomicU64,
     entries: std::sync::atomic::AtomicU64,
+    /// Entries sent to the leader on another node, and those whose answer was lost.
+    forwarded: std::sync::atomic::AtomicU64,
+    forward_unknown: std::sync::atomic::AtomicU64,
 }
 
 impl RaftProposer {
-    fn start(raft: Raft) -> Self {
+    fn start(raft: Raft, node_id: u64, forwarder: Forwarder) -> Self {
         let (queue, proposals) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         let counts = Arc::new(ProposalCounts::default());
-        tokio::spawn(Self::batch(raft, proposals, counts.clone()));
+        let route = Route { raft, node_id, forwarder, counts: counts.clone() };
+        tokio::spawn(Self::batch(route, proposals, counts.clone()));
         RaftProposer { queue, counts }
     }
 
@@ -186,7 +281,7 @@ impl RaftProposer {
         result.await.map_err(|_| switchboard_actors::Error::Commit("the proposer dropped the command".into()))?
     }
 
-    async fn batch(raft: Raft, mut proposals: tokio::sync::mpsc::Receiver<Proposal>, counts: Arc<ProposalCounts>) {
+    async fn batch(route: Route, mut proposals: tokio::sync::mpsc::Receiver<Proposal>, counts: Arc<ProposalCounts>) {
         // A command that did not fit the last entry opens the next one.
         let mut carried: Option<Proposal> = None;
         let in_flight = Arc::new(tokio::sync::Semaphore::new(ENTRIES_IN_FLIGHT));
@@ -249,16 +344,36 @@ impl RaftProposer {
                     continue;
                 }
             };
-            let receiver = match raft.client_write_ff(Request(bytes)).await {
+            if !route.leads() {
+                // Another node leads (or nobody does yet): forward the entry there.
+                let route = route.clone();
+                tokio::spawn(async move {
+                    let results = match route.commit_anywhere(bytes).await {
+                        Ok(data) => Self::results(n, &data),
+                        Err(e) => failed(e),
+                    };
+                    answer(replies, results);
+                    drop(permit);
+                });
+                continue;
+            }
+            let receiver = match route.raft.client_write_ff(Request(bytes.clone())).await {
                 Ok(receiver) => receiver,
                 Err(e) => {
                     answer(replies, failed(e.to_string()));
                     continue;
                 }
             };
+            let route = route.clone();
             tokio::spawn(async move {
                 let results = match receiver.await {
                     Ok(Ok(response)) => Self::results(n, &response.data.0),
+                    // Leadership moved before the entry was appended: nothing of it is
+                    // in the log, so it goes to the new leader.
+                    Ok(Err(openraft::error::ClientWriteError::ForwardToLeader(_))) => match route.commit_anywhere(bytes).await {
+                        Ok(data) => Self::results(n, &data),
+                        Err(e) => failed(e),
+                    },
                     Ok(Err(e)) => failed(e.to_string()),
                     Err(_) => failed("raft stopped before the entry was applied".into()),
                 };
@@ -338,7 +453,35 @@ impl Backend for NodeBackend {
     }
 
     fn ready(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.node_id)
+        self.raft.metrics().borrow().current_leader.is_some()
+    }
+
+    fn cluster(&self) -> serde_json::Value {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let matched = m.replication.as_ref();
+        let members: Vec<serde_json::Value> = membership
+            .nodes()
+            .map(|(id, node)| {
+                let mut member = serde_json::json!({ "id": id, "raft_addr": node.addr, "voter": voters.contains(id) });
+                if let Some(matched) = matched {
+                    member["matched"] = serde_json::json!(matched.get(id).and_then(|l| l.map(|l| l.index)));
+                }
+                member
+            })
+            .collect();
+        serde_json::json!({
+            "node": self.node_id,
+            "group": SHARD_GROUP,
+            "role": format!("{:?}", m.state).to_lowercase(),
+            "leader": m.current_leader,
+            "term": m.current_term,
+            "last_log": m.last_log_index,
+            "last_applied": m.last_applied.map(|l| l.index),
+            "members": members,
+            "leader_changes": self.leader_changes.load(std::sync::atomic::Ordering::Relaxed),
+        })
     }
 
     fn metrics(&self) -> String {
@@ -367,6 +510,11 @@ impl Backend for NodeBackend {
         let _ = writeln!(out, "switchboard_proposed_commands_total{{group=\"{SHARD_GROUP}\"}} {commands}");
         let _ = writeln!(out, "# HELP switchboard_proposed_entries_total Log entries those commands were written in (group commit puts several in one).\n# TYPE switchboard_proposed_entries_total counter");
         let _ = writeln!(out, "switchboard_proposed_entries_total{{group=\"{SHARD_GROUP}\"}} {entries}");
+        let counts = &self.proposer.counts;
+        let _ = writeln!(out, "# HELP switchboard_forwarded_entries_total Entries this node sent to the group's leader on another node (attempts).\n# TYPE switchboard_forwarded_entries_total counter");
+        let _ = writeln!(out, "switchboard_forwarded_entries_total{{group=\"{SHARD_GROUP}\"}} {}", counts.forwarded.load(std::sync::atomic::Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP switchboard_forwarded_unknown_total Forwarded entries whose answer was lost (the leader failed): their commands were answered unavailable.\n# TYPE switchboard_forwarded_unknown_total counter");
+        let _ = writeln!(out, "switchboard_forwarded_unknown_total{{group=\"{SHARD_GROUP}\"}} {}", counts.forward_unknown.load(std::sync::atomic::Ordering::Relaxed));
         let state = self.shard.read();
         let queued: usize = state.groups.values().map(|g| g.queue.len()).sum();
         let _ = writeln!(out, "# HELP switchboard_conversations_queued Conversations waiting in skill group queues.\n# TYPE switchboard_conversations_queued gauge");
@@ -431,6 +579,17 @@ pub struct NodeOptions {
     pub ping_interval: Duration,
     /// Whether the admin-only chaos drill endpoint is served.
     pub chaos_drills: bool,
+    /// The group's first members (id, Raft address), for a node of a cluster made with
+    /// `switchboard cluster init`: every one of them starts the group with this same
+    /// list (openraft allows that; one leader is elected). Empty: the node starts a
+    /// group of its own, with itself only.
+    pub members: Vec<(u64, String)>,
+    /// Where the cluster CA and this node's certificate are (`node-<id>.pem`). `None`:
+    /// a single node keeps them in `<data_dir>/certs`, made on first start.
+    pub certs_dir: Option<PathBuf>,
+    /// The key that signs tokens, shared by every node of a cluster. `None`:
+    /// `<data_dir>/token.key`, made on first start.
+    pub token_key: Option<PathBuf>,
 }
 
 pub struct RunningNode {
@@ -448,16 +607,19 @@ pub struct RunningNode {
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
-/// Reads the cluster token key, creating it on first start.
-fn token_key(data_dir: &Path) -> anyhow::Result<TokenKey> {
-    let path = data_dir.join("token.key");
-    let secret = match std::fs::read(&path) {
+/// Reads the cluster token key, creating it on first start (a single node's own key
+/// only: a cluster's nodes must share the one `cluster init` made).
+fn token_key(path: &Path, create: bool) -> anyhow::Result<TokenKey> {
+    let secret = match std::fs::read(path) {
         Ok(secret) => secret,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => {
+            anyhow::bail!("{} is missing: every node of a cluster needs the token key `switchboard cluster init` made", path.display())
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut secret = [0u8; 32];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).map_err(|_| anyhow::anyhow!("no randomness"))?;
             // Private from the first byte and whole or absent after a crash.
-            switchboard_raft::files::write_private(&path, &secret)?;
+            switchboard_raft::files::write_private(path, &secret)?;
             secret.to_vec()
         }
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
@@ -476,8 +638,14 @@ fn token_key(data_dir: &Path) -> anyhow::Result<TokenKey> {
 
 pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
     std::fs::create_dir_all(&options.data_dir).with_context(|| format!("create {}", options.data_dir.display()))?;
-    let certs = options.data_dir.join("certs");
-    let identity = tls::ensure_member(&certs, &format!("node-{}", options.node_id), &[])?;
+    let name = format!("node-{}", options.node_id);
+    let identity = match &options.certs_dir {
+        Some(dir) => tls::existing_member(dir, &name)?,
+        None => tls::ensure_member(&options.data_dir.join("certs"), &name, &[])?,
+    };
+    if !options.members.is_empty() && !options.members.iter().any(|(id, _)| *id == options.node_id) {
+        anyhow::bail!("node {} is not among the cluster's members ({:?})", options.node_id, options.members.iter().map(|(id, _)| id).collect::<Vec<_>>());
+    }
     let endpoint = tls::endpoint(&identity, options.raft_addr).context("bind raft endpoint")?;
     let raft_addr = endpoint.local_addr()?;
 
@@ -497,7 +665,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     router.add(SHARD_GROUP, raft.clone());
     let rpc_server = serve(endpoint.clone(), router);
 
-    let proposer = RaftProposer::start(raft.clone());
+    let proposer = RaftProposer::start(raft.clone(), options.node_id, Forwarder::new(endpoint.clone()));
     let supervisor = ShardSupervisor::start(SupervisorArgs {
         shard: shard.clone(),
         proposer: Arc::new(proposer.clone()),
@@ -505,11 +673,33 @@ std::fs::create_dir_all(&options.data_dir)?;
     })
     .await?;
 
-    if !raft.is_initialized().await? {
-        let members = BTreeMap::from([(options.node_id, Node { addr: raft_addr.to_string() })]);
-        raft.initialize(members).await.context("initialize raft group")?;
+    // The first member starts the group; the others give it a moment to reach them
+    // (fewer split votes), then start it themselves in case it is not coming: the same
+    // member list on every node makes that safe.
+    let first = options.members.iter().map(|(id, _)| *id).min();
+    if first.is_some_and(|first| first != options.node_id) {
+        for _ in 0..20 {
+            if raft.is_initialized().await? {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
-    wait_for_leadership(&raft, options.node_id).await?;
+    if !raft.is_initialized().await? {
+        let members: BTreeMap<u64, Node> = if options.members.is_empty() {
+            BTreeMap::from([(options.node_id, Node { addr: raft_addr.to_string() })])
+        } else {
+            options.members.iter().map(|(id, addr)| (*id, Node { addr: addr.clone() })).collect()
+        };
+        match raft.initialize(members).await {
+            Ok(()) => {}
+            // Another member's vote or entries reached this one first: it is part of
+            // the group already.
+            Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+            Err(e) => return Err(e).context("initialize raft group"),
+        }
+    }
+    wait_until_served(&raft, options.members.len() > 1).await?;
 
     // Timers and activation follow leadership; every change of leader is counted.
     let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -570,7 +760,11 @@ std::fs::create_dir_all(&options.data_dir)?;
         ping_interval: options.ping_interval,
     };
     let blobs = switchboard_gateway::attachments::BlobStore::open(options.data_dir.join("attachments"))?;
-    let gateway = Gateway::new(backend, token_key(&options.data_dir)?, blobs, config);
+    let key = match &options.token_key {
+        Some(path) => token_key(path, false)?,
+        None => token_key(&options.data_dir.join("token.key"), true)?,
+    };
+    let gateway = Gateway::new(backend, key, blobs, config);
     {
         // Attachment files follow their conversation out when retention deletes it.
         let blobs = gateway.blobs.clone();
@@ -622,16 +816,24 @@ fn serve_http(
     tokio::spawn(switchboard_gateway::listener::serve(listener, router, limits, gateway.metrics.clone(), stop))
 }
 
-async fn wait_for_leadership(raft: &Raft, node_id: u64) -> anyhow::Result<()> {
+/// Waits until the group has a leader (this node or another) and this node applied what
+/// its log held at start, so reads here see at least what it had before. A member of a
+/// cluster waits as long as it takes a quorum to come up, saying so every 10 s.
+async fn wait_until_served(raft: &Raft, clustered: bool) -> anyhow::Result<()> {
     let mut metrics = raft.metrics();
-    // Leader, and everything in the log applied: reads after this see all of it.
-    let wait = metrics.wait_for(|m| m.current_leader == Some(node_id) && m.last_applied.map(|l| l.index) >= m.last_log_index);
-    let result = match tokio::time::timeout(Duration::from_secs(30), wait).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(_)) => Err(anyhow::anyhow!("raft stopped before this node became leader")),
-        Err(_) => Err(anyhow::anyhow!("this node did not become leader within 30 s")),
-    };
-    result
+    let started = std::time::Instant::now();
+    loop {
+        let wait = metrics.wait_for(|m| m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= m.last_log_index);
+        match tokio::time::timeout(Duration::from_secs(10), wait).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(_)) => anyhow::bail!("raft stopped before the group had a leader"),
+            Err(_) if clustered => {
+                info!(waited_s = started.elapsed().as_secs(), "waiting for a quorum of the cluster's members to elect a leader");
+            }
+            Err(_) if started.elapsed() >= Duration::from_secs(30) => anyhow::bail!("this node did not become leader within 30 s"),
+            Err(_) => {}
+        }
+    }
 }
 
 impl RunningNode {

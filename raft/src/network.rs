@@ -10,17 +10,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::error::{ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, ClientWriteResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::tls::NODE_SERVER_NAME;
-use crate::{Node, NodeId, Raft, TypeConfig};
+use crate::{Node, NodeId, Raft, Request, TypeConfig};
 
 /// Largest RPC body accepted, in bytes (snapshot chunks are far smaller).
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
@@ -30,6 +30,9 @@ enum RpcRequest {
     Append { group: u64, rpc: AppendEntriesRequest<TypeConfig> },
     Snapshot { group: u64, rpc: InstallSnapshotRequest<TypeConfig> },
     Vote { group: u64, rpc: VoteRequest<NodeId> },
+    /// A command a follower's proposer forwards to the leader (appended variant: the
+    /// ones before keep their encoding).
+    Write { group: u64, request: Request },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -39,6 +42,7 @@ enum RpcResponse {
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     UnknownGroup(u64),
     BadRequest(String),
+    Write(Result<ClientWriteResponse<TypeConfig>, RaftError<NodeId, ClientWriteError<NodeId, Node>>>),
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
@@ -81,6 +85,10 @@ impl Router {
             },
             RpcRequest::Vote { group, rpc } => match self.get(group) {
                 Some(raft) => RpcResponse::Vote(raft.vote(rpc).await),
+                None => RpcResponse::UnknownGroup(group),
+            },
+            RpcRequest::Write { group, request } => match self.get(group) {
+                Some(raft) => RpcResponse::Write(raft.client_write(request).await),
                 None => RpcResponse::UnknownGroup(group),
             },
         }
@@ -261,6 +269,91 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 warn!(target = self.target, "vote got an unexpected response");
                 Err(unexpected(other).into())
             }
+        }
+    }
+}
+
+/// Why a forwarded write has no answer, and whether it may be sent again.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The command did not reach a leader that could append it: sending it again (to
+    /// the leader named, when one is) cannot commit it twice.
+    #[error("not committed: {reason}")]
+    NotCommitted { reason: String, leader: Option<(NodeId, Node)> },
+    /// The command was sent and the answer was lost (the leader failed or the link
+    /// broke): it may or may not be committed. Only the client can retry it, with its
+    /// idempotency key.
+    #[error("the leader did not answer; the command may or may not be committed: {0}")]
+    Unknown(String),
+}
+
+/// Sends commands to a group's leader on another node: a follower's proposer uses it so
+/// that any node accepts writes. One QUIC connection per peer, re-dialled when it breaks;
+/// one stream per command.
+#[derive(Clone)]
+pub struct Forwarder {
+    endpoint: quinn::Endpoint,
+    connections: Arc<tokio::sync::Mutex<HashMap<String, quinn::Connection>>>,
+}
+
+impl Forwarder {
+    pub fn new(endpoint: quinn::Endpoint) -> Self {
+        Forwarder { endpoint, connections: Arc::default() }
+    }
+
+    async fn connection(&self, addr: &str) -> Result<quinn::Connection, String> {
+        let mut connections = self.connections.lock().await;
+        if let Some(c) = connections.get(addr) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let socket: SocketAddr = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+        let connecting = self.endpoint.connect(socket, NODE_SERVER_NAME).map_err(|e| format!("connect {addr}: {e}"))?;
+        let connection = tokio::time::timeout(Duration::from_secs(2), connecting)
+            .await
+            .map_err(|_| format!("connect {addr}: timed out"))?
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        connections.insert(addr.to_string(), connection.clone());
+        Ok(connection)
+    }
+
+    /// Proposes `request` to `group` on the node at `addr`, expected to lead it; waits at
+    /// most `ttl` for the answer.
+    pub async fn write(&self, group: u64, addr: &str, request: Request, ttl: Duration) -> Result<ClientWriteResponse<TypeConfig>, ForwardError> {
+        let not_committed = |reason: String| ForwardError::NotCommitted { reason, leader: None };
+        let bytes = encode(&RpcRequest::Write { group, request }).map_err(not_committed)?;
+        let connection = self.connection(addr).await.map_err(not_committed)?;
+        // Until the stream is open nothing was sent; after the first byte, a failure
+        // leaves the outcome unknown.
+        let (mut send, mut recv) = tokio::time::timeout(ttl, connection.open_bi())
+            .await
+            .map_err(|_| not_committed(format!("no stream to {addr} within {ttl:?}")))?
+            .map_err(|e| not_committed(e.to_string()))?;
+        let exchange = async {
+            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            let body = recv.read_to_end(MAX_RPC_BYTES).await.map_err(|e| e.to_string())?;
+            decode::<RpcResponse>(&body)
+        };
+        let response = match tokio::time::timeout(ttl, exchange).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                self.connections.lock().await.remove(addr);
+                return Err(ForwardError::Unknown(e));
+            }
+            Err(_) => return Err(ForwardError::Unknown(format!("no answer from {addr} within {ttl:?}"))),
+        };
+        match response {
+            RpcResponse::Write(Ok(answer)) => Ok(answer),
+            RpcResponse::Write(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to)))) => Err(ForwardError::NotCommitted {
+                reason: format!("{addr} no longer leads group {group}"),
+                leader: to.leader_id.zip(to.leader_node),
+            }),
+            RpcResponse::Write(Err(e)) => Err(ForwardError::Unknown(e.to_string())),
+            RpcResponse::UnknownGroup(g) => Err(not_committed(format!("{addr} does not host group {g}"))),
+            RpcResponse::BadRequest(e) => Err(not_committed(format!("{addr} refused the command: {e}"))),
+            _ => Err(ForwardError::Unknown("mismatched response kind".into())),
         }
     }
 }

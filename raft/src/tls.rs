@@ -87,6 +87,28 @@ pub fn ensure_member(dir: &Path, name: &str, extra_names: &[String]) -> Result<I
     Ok(identity)
 }
 
+/// The identity of `name` in `dir`, which must already hold the cluster CA's certificate
+/// and the member's certificate and key (made by `switchboard cluster init` or
+/// `switchboard certs`). A member of a cluster never makes a CA of its own: it could not
+/// talk to the others.
+pub fn existing_member(dir: &Path, name: &str) -> Result<Identity, Error> {
+    let identity = Identity {
+        ca: dir.join(CA_CERT),
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}.key")),
+    };
+    for path in [&identity.ca, &identity.cert, &identity.key] {
+        if !path.exists() {
+            return Err(Error::Tls(format!(
+                "{} is missing: copy it from the folder `switchboard cluster init` made, or issue it with `switchboard certs --dir {} --name {name}`",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(identity)
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -128,7 +150,8 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, Error> 
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(1024u32.into());
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(Some(idle_timeout()));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -146,9 +169,20 @@ pub fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, Error> 
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    transport.max_idle_timeout(Some(idle_timeout()));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// Both sides ping a quiet connection this often...
+const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+/// ...and give it up after this long without a packet: a dead peer's connection is
+/// redialled within seconds, not quinn's default 30 s.
+const IDLE_TIMEOUT_MS: u32 = 5000;
+
+fn idle_timeout() -> quinn::IdleTimeout {
+    quinn::IdleTimeout::from(quinn::VarInt::from_u32(IDLE_TIMEOUT_MS))
 }
 
 /// A QUIC endpoint that serves and dials with the member's identity.

@@ -1,0 +1,286 @@
+//! A cluster's configuration files: what `switchboard cluster init` writes, what
+//! `switchboard node --config` reads, and `switchboard cluster status`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// One node's configuration file (`node-<id>.toml`). Relative paths are read from the
+/// file's own folder. Documented with an example in `deploy/README.md`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id: unique in the cluster, never reused.
+    pub id: u64,
+    /// Its data folder (Raft log, records, snapshots, attachments).
+    pub data_dir: PathBuf,
+    /// Public listener: web chat page and client WebSocket.
+    pub public_addr: SocketAddr,
+    /// Private listener: operators, supervisors, REST, `/metrics`, `/api/cluster`.
+    pub private_addr: SocketAddr,
+    /// QUIC listener for Raft traffic and forwarded commands; the other members dial
+    /// the address given for this node in `members`.
+    pub raft_addr: SocketAddr,
+    /// Folder with the cluster CA's `ca.pem` and this node's `node-<id>.pem` and `.key`.
+    pub certs_dir: PathBuf,
+    /// The token key every node of the cluster shares (32 bytes or more).
+    pub token_key: PathBuf,
+    /// Extra origins allowed to open the client WebSocket.
+    #[serde(default)]
+    pub client_origins: Vec<String>,
+    /// Extra origins allowed to open the operator WebSocket.
+    #[serde(default)]
+    pub staff_origins: Vec<String>,
+    /// Raft entries between snapshot points.
+    #[serde(default)]
+    pub snapshot_every: Option<u64>,
+    /// Seconds between retention purges on the leader.
+    #[serde(default)]
+    pub retention_check_s: Option<u64>,
+    /// Whether `POST /api/chaos/*` drills are served (admin only).
+    #[serde(default)]
+    pub enable_chaos_drills: bool,
+    /// The group's first members, the same list in every node's file. The member with
+    /// the lowest id creates the first admin on the cluster's first start.
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: u64,
+    /// Where the other members reach this one over QUIC.
+    pub raft_addr: String,
+}
+
+impl NodeConfig {
+    /// Reads and checks `path`, resolving relative paths against its folder.
+    pub fn read(path: &Path) -> anyhow::Result<NodeConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let mut config: NodeConfig = toml::from_str(&text).with_context(|| format!("{} is not a valid node configuration", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut config.data_dir, &mut config.certs_dir, &mut config.token_key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        config.check().with_context(|| format!("{}", path.display()))?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.members.is_empty() {
+            anyhow::bail!("`members` is empty: list every first member, this node included");
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for member in &self.members {
+            if !ids.insert(member.id) {
+                anyhow::bail!("member id {} is listed twice", member.id);
+            }
+            member.raft_addr.parse::<SocketAddr>().map_err(|e| anyhow::anyhow!("member {}: raft_addr {:?}: {e}", member.id, member.raft_addr))?;
+        }
+        if !ids.contains(&self.id) {
+            anyhow::bail!("this node's id {} is not among `members`", self.id);
+        }
+        Ok(())
+    }
+
+    /// Whether this node makes the first admin: the member with the lowest id.
+    pub fn bootstraps(&self) -> bool {
+        self.members.iter().map(|m| m.id).min() == Some(self.id)
+    }
+}
+
+/// What `cluster init` lays out.
+pub struct InitPlan {
+    pub dir: PathBuf,
+    pub nodes: u64,
+    /// One host per node, or one for all.
+    pub hosts: Vec<String>,
+    pub public_port: u16,
+    pub private_port: u16,
+    pub raft_port: u16,
+    /// Added to each port for every next node on the same host.
+    pub port_step: u16,
+}
+
+/// Writes the CA, a certificate per node, the shared token key and one configuration
+/// file per node into `plan.dir`; refuses a folder that already holds a cluster.
+pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
+    if plan.nodes == 0 || plan.nodes > 64 {
+        anyhow::bail!("--nodes must be between 1 and 64");
+    }
+    if plan.hosts.is_empty() || (plan.hosts.len() != 1 && plan.hosts.len() as u64 != plan.nodes) {
+        anyhow::bail!("give one --host for all nodes or one per node ({} nodes, {} hosts)", plan.nodes, plan.hosts.len());
+    }
+    if plan.dir.join("node-1.toml").exists() || plan.dir.join("token.key").exists() {
+        anyhow::bail!("{} already holds a cluster's files; choose another folder", plan.dir.display());
+    }
+    std::fs::create_dir_all(&plan.dir).with_context(|| format!("create {}", plan.dir.display()))?;
+    let certs = plan.dir.join("certs");
+    let host = |i: u64| -> &str { if plan.hosts.len() == 1 { &plan.hosts[0] } else { &plan.hosts[(i - 1) as usize] } };
+    // Nodes on one host need ports of their own; on hosts of their own they share them.
+    let port = |base: u16, i: u64| -> anyhow::Result<u16> {
+        let step = if plan.hosts.len() == 1 { u64::from(plan.port_step) * (i - 1) } else { 0 };
+        u16::try_from(u64::from(base) + step).map_err(|_| anyhow::anyhow!("port {base} + {step} is past 65535"))
+    };
+    let addr = |h: &str, p: u16| -> anyhow::Result<SocketAddr> {
+        let text = if h.contains(':') { format!("[{h}]:{p}") } else { format!("{h}:{p}") };
+        text.parse().map_err(|e| anyhow::anyhow!("{text}: {e} (hosts are IP addresses)"))
+    };
+    let mut members = Vec::new();
+    for i in 1..=plan.nodes {
+        members.push(Member { id: i, raft_addr: addr(host(i), port(plan.raft_port, i)?)?.to_string() });
+    }
+    let mut secret = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).map_err(|_| anyhow::anyhow!("no randomness"))?;
+    switchboard_raft::files::write_private(&plan.dir.join("token.key"), &secret)?;
+    let mut written = Vec::new();
+    for i in 1..=plan.nodes {
+        switchboard_raft::tls::ensure_member(&certs, &format!("node-{i}"), &[host(i).to_string()])?;
+        let config = NodeConfig {
+            id: i,
+            data_dir: PathBuf::from(format!("data/node-{i}")),
+            public_addr: addr(host(i), port(plan.public_port, i)?)?,
+            private_addr: addr(host(i), port(plan.private_port, i)?)?,
+            raft_addr: addr(host(i), port(plan.raft_port, i)?)?,
+            certs_dir: PathBuf::from("certs"),
+            token_key: PathBuf::from("token.key"),
+            client_origins: Vec::new(),
+            staff_origins: Vec::new(),
+            snapshot_every: None,
+            retention_check_s: None,
+            enable_chaos_drills: false,
+            members: members.clone(),
+        };
+        let path = plan.dir.join(format!("node-{i}.toml"));
+        let text = format!(
+            "# Switchboard node {i}: run it with `switchboard node --config {}`.\n# Relative paths are read from this file's folder. Fields: deploy/README.md.\n{}",
+            path.display(),
+            toml::to_string(&config).context("write the node configuration")?
+        );
+        switchboard_raft::files::write_private(&path, text.as_bytes())?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// `GET /api/cluster` from a node's private listener, as JSON.
+pub async fn status(private_addr: &str) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(private_addr).await.with_context(|| format!("connect {private_addr}"))?;
+        let request = format!("GET /api/cluster HTTP/1.1\r\nHost: {private_addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.take(1 << 20).read_to_end(&mut response).await?;
+        anyhow::Ok(response)
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| anyhow::anyhow!("{private_addr} did not answer within 5 s"))??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("{private_addr} sent no HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("{private_addr} answered {}", head.lines().next().unwrap_or_default());
+    }
+    serde_json::from_str(body).with_context(|| format!("{private_addr} sent a body that is not JSON"))
+}
+
+/// `status` as lines for a person.
+pub fn describe(status: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let get = |k: &str| status.get(k).map(|v| if v.is_null() { "none".to_string() } else { v.to_string() }).unwrap_or_default();
+    out.push_str(&format!(
+        "node {} ({}) in group {}: leader {}, term {}, applied {} of {}\n",
+        get("node"),
+        status.get("role").and_then(|v| v.as_str()).unwrap_or("?"),
+        get("group"),
+        get("leader"),
+        get("term"),
+        get("last_applied"),
+        get("last_log"),
+    ));
+    for member in status.get("members").and_then(|m| m.as_array()).into_iter().flatten() {
+        let id = member.get("id").map(|v| v.to_string()).unwrap_or_default();
+        let addr = member.get("raft_addr").and_then(|v| v.as_str()).unwrap_or("?");
+        let kind = if member.get("voter").and_then(|v| v.as_bool()) == Some(true) { "voter" } else { "learner" };
+        let matched = match member.get("matched") {
+            Some(serde_json::Value::Null) => ", nothing replicated yet".to_string(),
+            Some(m) => format!(", replicated up to {m}"),
+            None => String::new(),
+        };
+        out.push_str(&format!("  member {id} at {addr}: {kind}{matched}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_configuration_reads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.example.toml");
+        let config = NodeConfig::read(&path).expect("deploy/node.example.toml stays a valid configuration");
+        assert_eq!(config.id, 1);
+        assert_eq!(config.members.len(), 3);
+        assert!(config.bootstraps(), "the lowest id makes the first admin");
+        assert_eq!(config.raft_addr.to_string(), config.members[0].raft_addr);
+    }
+
+    #[test]
+    fn init_lays_out_a_cluster_whose_files_read_back_and_refuses_to_do_it_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = InitPlan {
+            dir: dir.path().join("c"),
+            nodes: 3,
+            hosts: vec!["127.0.0.1".into()],
+            public_port: 9000,
+            private_port: 9001,
+            raft_port: 9002,
+            port_step: 10,
+        };
+        let files = init(&plan).unwrap();
+        assert_eq!(files.len(), 3);
+        let configs: Vec<NodeConfig> = files.iter().map(|f| NodeConfig::read(f).unwrap()).collect();
+        for (i, config) in configs.iter().enumerate() {
+            let step = 10 * i as u16;
+            assert_eq!(config.id, i as u64 + 1);
+            assert_eq!(config.public_addr.port(), 9000 + step);
+            assert_eq!(config.private_addr.port(), 9001 + step);
+            assert_eq!(config.raft_addr.port(), 9002 + step);
+            assert_eq!(config.members[i].raft_addr, config.raft_addr.to_string(), "each node is listed where it listens");
+            assert_eq!(config.bootstraps(), i == 0);
+            assert!(config.certs_dir.join(format!("node-{}.pem", i + 1)).exists());
+            assert!(config.token_key.exists());
+        }
+        let lists: Vec<Vec<(u64, String)>> = configs.iter().map(|c| c.members.iter().map(|m| (m.id, m.raft_addr.clone())).collect()).collect();
+        assert!(lists.windows(2).all(|w| w[0] == w[1]), "every node starts the group with the same members");
+        let again = init(&plan).unwrap_err().to_string();
+        assert!(again.contains("already holds a cluster"), "{again}");
+    }
+
+    #[test]
+    fn a_configuration_that_cannot_form_a_cluster_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &str| {
+            let path = dir.path().join("node.toml");
+            std::fs::write(&path, text).unwrap();
+            format!("{:#}", NodeConfig::read(&path).unwrap_err())
+        };
+        let head = "data_dir = \"d\"\npublic_addr = \"127.0.0.1:1\"\nprivate_addr = \"127.0.0.1:2\"\nraft_addr = \"127.0.0.1:3\"\ncerts_dir = \"c\"\ntoken_key = \"k\"\n";
+        let not_member = write(&format!("id = 4\n{head}[[members]]\nid = 1\nraft_addr = \"127.0.0.1:3\"\n"));
+        assert!(not_member.contains("this node's id 4 is not among `members`"), "{not_member}");
+        let twice = write(&format!("id = 1\n{head}[[members]]\nid = 1\nraft_addr = \"127.0.0.1:3\"\n[[members]]\nid = 1\nraft_addr = \"127.0.0.1:4\"\n"));
+        assert!(twice.contains("member id 1 is listed twice"), "{twice}");
+        let bad_addr = write(&format!("id = 1\n{head}[[members]]\nid = 1\nraft_addr = \"node-one\"\n"));
+        assert!(bad_addr.contains("raft_addr \"node-one\""), "{bad_addr}");
+        let unknown = write(&format!("id = 1\nport = 5\n{head}[[members]]\nid = 1\nraft_addr = \"127.0.0.1:3\"\n"));
+        assert!(unknown.contains("unknown field `port`"), "{unknown}");
+        let empty = write(&format!("id = 1\n{head}members = []\n"));
+        assert!(empty.contains("`members` is empty"), "{empty}");
+    }
+}
