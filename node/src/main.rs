@@ -389,15 +389,18 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
     let binary = std::env::current_exe().context("find the switchboard binary")?;
     let mut children = Vec::new();
     let mut configs = Vec::new();
-    for i in 1..=args.nodes {
-        let path = dir.join(format!("node-{i}.toml"));
-        configs.push(cluster::NodeConfig::read(&path)?);
+    let spawn = |i: u64| {
         let mut command = tokio::process::Command::new(&binary);
-        command.arg("node").arg("--config").arg(&path).arg("--enable-chaos-drills").stdout(std::process::Stdio::null()).kill_on_drop(true);
+        command.arg("node").arg("--config").arg(dir.join(format!("node-{i}.toml"))).arg("--enable-chaos-drills");
+        command.stdout(std::process::Stdio::null()).kill_on_drop(true);
         if i == 1 {
             command.arg("--demo");
         }
-        children.push(command.spawn().with_context(|| format!("start node {i}"))?);
+        command.spawn().with_context(|| format!("start node {i}"))
+    };
+    for i in 1..=args.nodes {
+        configs.push(cluster::NodeConfig::read(&dir.join(format!("node-{i}.toml")))?);
+        children.push(spawn(i)?);
     }
     // Ready when every node answers and agrees on a leader, and node 1 loaded the demo.
     let logins_path = configs[0].data_dir.join(demo::LOGINS_FILE);
@@ -440,21 +443,29 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
         println!("  {login:<11} {password}");
     }
     println!("ready");
+    // A node that dies (a kill -9 drill, a crash) is started again after 2 s: the others
+    // carry on meanwhile, and it catches up when it is back.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let exited = async {
-        loop {
-            for (i, child) in children.iter_mut().enumerate() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return (i + 1, status);
-                }
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    let mut down: Vec<Option<tokio::time::Instant>> = vec![None; children.len()];
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-        (i, status) = exited => println!("switchboard dev: node {i} exited ({status}); stopping the others"),
+        for (i, child) in children.iter_mut().enumerate() {
+            if let Some(since) = down[i] {
+                if since.elapsed() >= std::time::Duration::from_secs(2) {
+                    *child = spawn(i as u64 + 1)?;
+                    down[i] = None;
+                    println!("switchboard dev: node {} started again", i + 1);
+                }
+            } else if let Ok(Some(status)) = child.try_wait() {
+                println!("switchboard dev: node {} exited ({status}); the others go on, and it starts again in 2 s", i + 1);
+                down[i] = Some(tokio::time::Instant::now());
+            }
+        }
     }
     println!("switchboard: stopping");
     for child in &children {

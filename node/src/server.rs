@@ -16,7 +16,7 @@ use switchboard_actors::model::{Command, Envelope, Presence};
 use switchboard_actors::shard::{Proposer, Shard, StreamKey, Wakeups};
 use switchboard_gateway::listener::ConnectionLimits;
 use switchboard_gateway::{Backend, BoxFuture, Budgets, Gateway, GatewayConfig, Limits, TokenKey};
-use switchboard_raft::network::{serve, ForwardError, Forwarder, NetworkFactory, Router};
+use switchboard_raft::network::{serve, ForwardError, Forwarder, NetworkFactory, Peers, Router};
 use switchboard_raft::store::open_group;
 use switchboard_raft::{config_with_snapshots, tls, Changes, Machine, Node, Raft, Records, Request};
 use tokio::net::TcpListener;
@@ -660,12 +660,13 @@ std::fs::create_dir_all(&options.data_dir)?;
     switchboard_raft::store::migrate_sled(&options.data_dir.join("sled"), &db, SHARD_GROUP, &log_dir).context("move the data folder out of sled")?;
     let shard = Arc::new(Shard::new());
     let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }), &options.data_dir.join("snapshots"), &log_dir)?;
-    let raft = Raft::new(options.node_id, config_with_snapshots(options.snapshot_every)?, NetworkFactory::new(endpoint.clone(), SHARD_GROUP), log, sm).await?;
+    let peers = Peers::new(endpoint.clone());
+    let raft = Raft::new(options.node_id, config_with_snapshots(options.snapshot_every)?, NetworkFactory::with_peers(peers.clone(), SHARD_GROUP), log, sm).await?;
     let router = Router::default();
     router.add(SHARD_GROUP, raft.clone());
     let rpc_server = serve(endpoint.clone(), router);
 
-    let proposer = RaftProposer::start(raft.clone(), options.node_id, Forwarder::new(endpoint.clone()));
+    let proposer = RaftProposer::start(raft.clone(), options.node_id, Forwarder::new(peers));
     let supervisor = ShardSupervisor::start(SupervisorArgs {
         shard: shard.clone(),
         proposer: Arc::new(proposer.clone()),

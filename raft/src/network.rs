@@ -139,16 +139,157 @@ async fn serve_stream(router: Router, mut send: quinn::SendStream, mut recv: qui
     Ok(())
 }
 
+/// Connections to the other nodes, one per address, shared by every group's Raft
+/// clients and the forwarder.
+///
+/// A dial runs in a task of its own, so a caller that gives up (openraft drops an RPC
+/// at its timeout) does not cancel it, and callers that come while it runs are told at
+/// once that the peer is unreachable (openraft then backs off instead of retrying every
+/// heartbeat). A connection on which nothing has answered for `SILENT` is closed: a
+/// peer that died without closing it (kill -9, a cut cable) is found within seconds,
+/// not after QUIC's idle timeout, and its callers back off too.
+#[derive(Clone)]
+pub struct Peers {
+    endpoint: quinn::Endpoint,
+    peers: Arc<std::sync::Mutex<HashMap<String, Peer>>>,
+}
+
+#[derive(Default)]
+struct Peer {
+    connection: Option<quinn::Connection>,
+    /// Resolves when the dial in flight ends (whatever its outcome).
+    dialing: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Since when a request has been waiting with no answer to any since.
+    unanswered_since: Option<tokio::time::Instant>,
+}
+
+/// Nothing answered on a connection for this long: it is closed and dialled anew.
+const SILENT: Duration = Duration::from_secs(2);
+/// A dial that takes longer than this fails (QUIC would wait for its idle timeout).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why no request could be sent to a peer: nothing of it left this node.
+#[derive(Debug)]
+pub struct Unsent(pub String);
+
+impl Peers {
+    pub fn new(endpoint: quinn::Endpoint) -> Self {
+        Peers { endpoint, peers: Arc::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Peer>> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A live connection to `addr`, dialling when there is none; waits for a dial at
+    /// most `wait` (a dial already in flight is not waited for).
+    async fn connection(&self, addr: &str, wait: Duration) -> Result<quinn::Connection, Unsent> {
+        let mut done = {
+            let mut peers = self.lock();
+            let peer = peers.entry(addr.to_string()).or_default();
+            if let Some(c) = &peer.connection {
+                let silent = peer.unanswered_since.is_some_and(|since| since.elapsed() >= SILENT);
+                if c.close_reason().is_none() && !silent {
+                    return Ok(c.clone());
+                }
+                if silent {
+                    debug!(addr, "peer silent for {SILENT:?}: closing its connection");
+                    c.close(0u32.into(), b"silent");
+                }
+                peer.connection = None;
+                peer.unanswered_since = None;
+            }
+            if peer.dialing.is_some() {
+                return Err(Unsent(format!("{addr} is not reachable yet (dialling)")));
+            }
+            let socket: SocketAddr = addr.parse().map_err(|e| Unsent(format!("bad address {addr}: {e}")))?;
+            let connecting = self.endpoint.connect(socket, NODE_SERVER_NAME).map_err(|e| Unsent(format!("connect {addr}: {e}")))?;
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            peer.dialing = Some(rx.clone());
+            let peers = self.clone();
+            let key = addr.to_string();
+            tokio::spawn(async move {
+                let outcome = tokio::time::timeout(DIAL_TIMEOUT, connecting).await;
+                {
+                    let mut map = peers.lock();
+                    let peer = map.entry(key.clone()).or_default();
+                    peer.dialing = None;
+                    match outcome {
+                        Ok(Ok(connection)) => peer.connection = Some(connection),
+                        Ok(Err(e)) => debug!(addr = %key, error = %e, "dial failed"),
+                        Err(_) => debug!(addr = %key, "dial timed out"),
+                    }
+                }
+                let _ = tx.send(true);
+            });
+            rx
+        };
+        let _ = tokio::time::timeout(wait, done.wait_for(|done| *done)).await;
+        let peers = self.lock();
+        match peers.get(addr).and_then(|p| p.connection.clone()) {
+            Some(c) => Ok(c),
+            None => Err(Unsent(format!("{addr} is not reachable"))),
+        }
+    }
+
+    /// A request is about to be sent to `addr`.
+    fn asking(&self, addr: &str) {
+        if let Some(peer) = self.lock().get_mut(addr) {
+            peer.unanswered_since.get_or_insert_with(tokio::time::Instant::now);
+        }
+    }
+
+    /// `addr` answered.
+    fn answered(&self, addr: &str) {
+        if let Some(peer) = self.lock().get_mut(addr) {
+            peer.unanswered_since = None;
+        }
+    }
+
+    /// Sends one request on its own stream and reads the response, within `ttl`.
+    /// `Err(Ok(_))`: nothing was sent. `Err(Err(_))`: it was sent and no answer came.
+    async fn exchange(&self, addr: &str, request: &RpcRequest, ttl: Duration) -> Result<RpcResponse, Result<Unsent, String>> {
+        let bytes = encode(request).map_err(|e| Ok(Unsent(e)))?;
+        let connection = self.connection(addr, ttl.min(Duration::from_secs(1))).await.map_err(Ok)?;
+        let (mut send, mut recv) = match tokio::time::timeout(ttl, connection.open_bi()).await {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(e)) => return Err(Ok(Unsent(e.to_string()))),
+            Err(_) => return Err(Ok(Unsent(format!("no stream to {addr} within {ttl:?}")))),
+        };
+        self.asking(addr);
+        let exchange = async {
+            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            let body = recv.read_to_end(MAX_RPC_BYTES).await.map_err(|e| e.to_string())?;
+            decode::<RpcResponse>(&body)
+        };
+        match tokio::time::timeout(ttl, exchange).await {
+            Ok(Ok(response)) => {
+                self.answered(addr);
+                Ok(response)
+            }
+            Ok(Err(e)) => Err(Err(e)),
+            Err(_) => Err(Err(format!("no answer from {addr} within {ttl:?}"))),
+        }
+    }
+}
+
 /// Dials peers of one group.
 #[derive(Clone)]
 pub struct NetworkFactory {
-    endpoint: quinn::Endpoint,
+    peers: Peers,
     group: u64,
 }
 
 impl NetworkFactory {
+    /// A factory with connections of its own.
     pub fn new(endpoint: quinn::Endpoint, group: u64) -> Self {
-        NetworkFactory { endpoint, group }
+        Self::with_peers(Peers::new(endpoint), group)
+    }
+
+    /// A factory sharing `peers`' connections with the node's other groups.
+    pub fn with_peers(peers: Peers, group: u64) -> Self {
+        NetworkFactory { peers, group }
     }
 }
 
@@ -156,17 +297,16 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
-        PeerClient { endpoint: self.endpoint.clone(), group: self.group, target, addr: node.addr.clone(), connection: None }
+        PeerClient { peers: self.peers.clone(), group: self.group, target, addr: node.addr.clone() }
     }
 }
 
-/// A connection to one peer, re-dialled when it breaks.
+/// One group's RPCs to one peer, over the node's shared connection to it.
 pub struct PeerClient {
-    endpoint: quinn::Endpoint,
+    peers: Peers,
     group: u64,
     target: NodeId,
     addr: String,
-    connection: Option<quinn::Connection>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -188,39 +328,11 @@ impl<E: std::error::Error> From<Failure> for RPCError<NodeId, Node, E> {
 }
 
 impl PeerClient {
-    async fn connection(&mut self) -> Result<quinn::Connection, Failure> {
-        if let Some(c) = &self.connection {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
-        }
-        let addr: SocketAddr = self.addr.parse().map_err(|e| Failure::Unreachable(format!("bad address {}: {e}", self.addr)))?;
-        let connecting = self
-            .endpoint
-            .connect(addr, NODE_SERVER_NAME)
-            .map_err(|e| Failure::Unreachable(format!("connect {addr}: {e}")))?;
-        let connection = connecting.await.map_err(|e| Failure::Unreachable(format!("connect {addr}: {e}")))?;
-        self.connection = Some(connection.clone());
-        Ok(connection)
-    }
-
     async fn call(&mut self, request: RpcRequest, ttl: Duration) -> Result<RpcResponse, Failure> {
-        let bytes = encode(&request).map_err(Failure::Network)?;
-        let connection = self.connection().await?;
-        let exchange = async {
-            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| Failure::Network(e.to_string()))?;
-            send.write_all(&bytes).await.map_err(|e| Failure::Network(e.to_string()))?;
-            send.finish().map_err(|e| Failure::Network(e.to_string()))?;
-            let body = recv.read_to_end(MAX_RPC_BYTES).await.map_err(|e| Failure::Network(e.to_string()))?;
-            decode::<RpcResponse>(&body).map_err(Failure::Network)
-        };
-        match tokio::time::timeout(ttl, exchange).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(failure)) => {
-                self.connection = None;
-                Err(failure)
-            }
-            Err(_) => Err(Failure::Network(format!("rpc to node {} timed out after {ttl:?}", self.target))),
+        match self.peers.exchange(&self.addr, &request, ttl).await {
+            Ok(response) => Ok(response),
+            Err(Ok(Unsent(e))) => Err(Failure::Unreachable(e)),
+            Err(Err(e)) => Err(Failure::Network(format!("node {}: {e}", self.target))),
         }
     }
 }
@@ -234,6 +346,13 @@ fn unexpected(response: RpcResponse) -> Failure {
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
+    /// After an unreachable peer: 200 ms, 400 ms, 800 ms, then every second, so a node
+    /// that is down costs a few log lines a second rather than one per heartbeat.
+    fn backoff(&self) -> openraft::network::Backoff {
+        let steps = [200, 400, 800].into_iter().chain(std::iter::repeat(1000)).map(Duration::from_millis);
+        openraft::network::Backoff::new(steps)
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -288,61 +407,26 @@ pub enum ForwardError {
 }
 
 /// Sends commands to a group's leader on another node: a follower's proposer uses it so
-/// that any node accepts writes. One QUIC connection per peer, re-dialled when it breaks;
-/// one stream per command.
+/// that any node accepts writes. One stream per command over the node's shared
+/// connection to the leader ([`Peers`]).
 #[derive(Clone)]
 pub struct Forwarder {
-    endpoint: quinn::Endpoint,
-    connections: Arc<tokio::sync::Mutex<HashMap<String, quinn::Connection>>>,
+    peers: Peers,
 }
 
 impl Forwarder {
-    pub fn new(endpoint: quinn::Endpoint) -> Self {
-        Forwarder { endpoint, connections: Arc::default() }
-    }
-
-    async fn connection(&self, addr: &str) -> Result<quinn::Connection, String> {
-        let mut connections = self.connections.lock().await;
-        if let Some(c) = connections.get(addr) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
-        }
-        let socket: SocketAddr = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
-        let connecting = self.endpoint.connect(socket, NODE_SERVER_NAME).map_err(|e| format!("connect {addr}: {e}"))?;
-        let connection = tokio::time::timeout(Duration::from_secs(2), connecting)
-            .await
-            .map_err(|_| format!("connect {addr}: timed out"))?
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        connections.insert(addr.to_string(), connection.clone());
-        Ok(connection)
+    pub fn new(peers: Peers) -> Self {
+        Forwarder { peers }
     }
 
     /// Proposes `request` to `group` on the node at `addr`, expected to lead it; waits at
     /// most `ttl` for the answer.
     pub async fn write(&self, group: u64, addr: &str, request: Request, ttl: Duration) -> Result<ClientWriteResponse<TypeConfig>, ForwardError> {
         let not_committed = |reason: String| ForwardError::NotCommitted { reason, leader: None };
-        let bytes = encode(&RpcRequest::Write { group, request }).map_err(not_committed)?;
-        let connection = self.connection(addr).await.map_err(not_committed)?;
-        // Until the stream is open nothing was sent; after the first byte, a failure
-        // leaves the outcome unknown.
-        let (mut send, mut recv) = tokio::time::timeout(ttl, connection.open_bi())
-            .await
-            .map_err(|_| not_committed(format!("no stream to {addr} within {ttl:?}")))?
-            .map_err(|e| not_committed(e.to_string()))?;
-        let exchange = async {
-            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
-            send.finish().map_err(|e| e.to_string())?;
-            let body = recv.read_to_end(MAX_RPC_BYTES).await.map_err(|e| e.to_string())?;
-            decode::<RpcResponse>(&body)
-        };
-        let response = match tokio::time::timeout(ttl, exchange).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(e)) => {
-                self.connections.lock().await.remove(addr);
-                return Err(ForwardError::Unknown(e));
-            }
-            Err(_) => return Err(ForwardError::Unknown(format!("no answer from {addr} within {ttl:?}"))),
+        let response = match self.peers.exchange(addr, &RpcRequest::Write { group, request }, ttl).await {
+            Ok(response) => response,
+            Err(Ok(Unsent(reason))) => return Err(not_committed(reason)),
+            Err(Err(e)) => return Err(ForwardError::Unknown(e)),
         };
         match response {
             RpcResponse::Write(Ok(answer)) => Ok(answer),
