@@ -254,3 +254,57 @@ async fn killing_the_leader_loses_nothing_and_sockets_elsewhere_stay_open() -> a
     println!("{} acknowledged messages checked on three nodes; {retried} sends retried during the failover", observed.acked.len());
     Ok(())
 }
+
+/// A PNG-looking file of `n` bytes with varied content.
+fn png(n: usize) -> Vec<u8> {
+    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+    bytes.extend((0..n.saturating_sub(8)).map(|i| (i * 31 % 251) as u8));
+    bytes
+}
+
+async fn download(node: &switchboard_chaos_tests::Dev, id: &str, token: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+    let auth = format!("Bearer {token}");
+    let response = switchboard_chaos_tests::http_request(&node.private, None, "GET", &format!("/api/attachments/{id}"), &[("Authorization", &auth)], &[]).await?;
+    Ok((response.status, response.body))
+}
+
+/// An upload is answered only once a majority holds the file: the member that received
+/// it can die at once and the file is still served; a member that was down when it was
+/// sent fetches it from another when asked, checked against the record's SHA-256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let supervisor_on_2 = cluster.node(2).login("supervisor").await?;
+    let supervisor_on_3 = cluster.node(3).login("supervisor").await?;
+    cluster.kill9(3).await?;
+
+    let (_ws, conversation, client_token) = cluster.node(1).client("Sender").await?;
+    let file = png(300_000);
+    let (status, body) = switchboard_chaos_tests::client_upload(cluster.node(1), &client_token, "scan.png", "image/png", &file).await?;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    cluster.kill9(1).await?;
+
+    // The receiver is gone; the member that got the copy serves the file.
+    let (status, bytes) = download(cluster.node(2), &id, &supervisor_on_2).await?;
+    assert_eq!(status, 200, "the copy on node 2 is served");
+    assert!(bytes == file, "node 2 serves the very bytes uploaded");
+
+    // Node 3 was down during the upload: it learns the record from the log and the bytes
+    // from node 2 when someone asks for them.
+    cluster.restart(3).await?;
+    eventually(WAIT, Duration::from_millis(100), || async {
+        let status = cluster.status(3).await?;
+        let caught_up = status["leader"].as_u64().is_some() && status["last_applied"].as_u64() >= cluster.status(2).await?["last_applied"].as_u64();
+        Ok(caught_up.then_some(()))
+    })
+    .await?;
+    assert!(!dir.path().join(format!("data/node-3/attachments/{id}")).exists(), "node 3 missed the copy");
+    let (status, bytes) = download(cluster.node(3), &id, &supervisor_on_3).await?;
+    assert_eq!(status, 200, "node 3 fetched the file from node 2");
+    assert!(bytes == file);
+    assert!(dir.path().join(format!("data/node-3/attachments/{id}")).exists(), "and keeps it");
+    println!("conversation {conversation}: {} bytes served by a member that never received the upload", file.len());
+    Ok(())
+}

@@ -121,6 +121,51 @@ impl BlobStore {
         Ok(digest.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
     }
 
+    /// Stores a file a peer pushed (or this node fetched), durably, under its id: written
+    /// aside, synced, renamed, the folder synced. A file already there is kept.
+    pub async fn put_bytes(&self, id: &AttachmentId, bytes: &[u8]) -> Result<(), GatewayError> {
+        let path = self.path(id).ok_or_else(|| GatewayError::BadRequest("not an attachment id".into()))?;
+        if bytes.len() > MAX_ATTACHMENT_BYTES {
+            return Err(GatewayError::TooLarge(MAX_ATTACHMENT_BYTES));
+        }
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(());
+        }
+        let partial = Partial(path.with_extension("partial"));
+        let mut file = tokio::fs::File::create(&partial.0).await?;
+        file.write_all(bytes).await?;
+        file.sync_all().await?;
+        tokio::fs::rename(&partial.0, &path).await?;
+        tokio::fs::File::open(&self.dir).await?.sync_all().await?;
+        Ok(())
+    }
+
+    /// The whole file, for a peer (files are at most `MAX_ATTACHMENT_BYTES`); `None` when this
+    /// node does not hold it.
+    pub async fn read_all(&self, id: &AttachmentId) -> Result<Option<Vec<u8>>, GatewayError> {
+        let path = self.path(id).ok_or_else(|| GatewayError::BadRequest("not an attachment id".into()))?;
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => {
+                let mut bytes = Vec::new();
+                file.take(MAX_ATTACHMENT_BYTES as u64 + 1).read_to_end(&mut bytes).await?;
+                if bytes.len() > MAX_ATTACHMENT_BYTES {
+                    return Err(GatewayError::TooLarge(MAX_ATTACHMENT_BYTES));
+                }
+                Ok(Some(bytes))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether this node holds the file.
+    pub async fn has(&self, id: &AttachmentId) -> bool {
+        match self.path(id) {
+            Some(path) => tokio::fs::try_exists(path).await.unwrap_or(false),
+            None => false,
+        }
+    }
+
     /// Removes a file no committed record refers to.
     pub async fn remove(&self, id: &AttachmentId) {
         if let Some(path) = self.path(id) {
@@ -334,6 +379,12 @@ fn quota_refusal(e: switchboard_actors::Error) -> GatewayError {
 async fn store(gw: &Gateway, conversation: ConversationId, name: &str, declared: Declared, body: Body, by: String) -> Result<Response, GatewayError> {
     let Declared { content_type, length } = declared;
     let (id, sha256) = gw.blobs.put(body, &content_type, length).await?;
+    // On a cluster's majority before the record that promises the file is committed: a
+    // member that dies after the answer loses no attachment it was sent.
+    if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone()).await {
+        gw.blobs.remove(&id).await;
+        return Err(GatewayError::Core(switchboard_actors::Error::Commit(format!("the file could not be copied to enough cluster members: {e}"))));
+    }
     let name = clean_name(name, &content_type);
     let attachment = Attachment { id, conversation, name, content_type, size: length, sha256, uploaded_by: by };
     if let Err(e) = gw.submit(Command::StoreAttachment(attachment.clone())).await {
@@ -469,15 +520,32 @@ pub(crate) async fn client_download(
     if attachment.conversation != conversation {
         return Err(GatewayError::NotFound("attachment".into()));
     }
-    let body = gw.blobs.get(&attachment.id).await?;
+    let body = fetched(&gw, &attachment).await?;
     Ok(serve(&attachment, body))
+}
+
+/// The file's body; one this member does not hold (it was down when the file was
+/// copied) is fetched from another member first, checked against the record's SHA-256
+/// and kept.
+async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayError> {
+    if !gw.blobs.has(&attachment.id).await {
+        if let Some(bytes) = gw.backend.fetch_file(attachment.id.0.clone()).await {
+            let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            if digest == attachment.sha256 {
+                gw.blobs.put_bytes(&attachment.id, &bytes).await?;
+            } else {
+                tracing::warn!(attachment = %attachment.id.0, "a member sent a file that does not match its record; not kept");
+            }
+        }
+    }
+    gw.blobs.get(&attachment.id).await
 }
 
 /// `GET /api/attachments/{id}` on the private listener.
 pub(crate) async fn staff_download(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Response, GatewayError> {
     let attachment = lookup(&gw, &id)?;
     readable(&gw, &staff, attachment.conversation)?;
-    let body = gw.blobs.get(&attachment.id).await?;
+    let body = fetched(&gw, &attachment).await?;
     Ok(serve(&attachment, body))
 }
 

@@ -59,6 +59,12 @@ pub trait Backend: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// This node's view of the cluster (`GET /api/cluster`, `switchboard cluster status`).
     fn cluster(&self) -> serde_json::Value;
+    /// Copies a file this node stored to enough other members that it survives the loss
+    /// of any minority of them, before its record is committed. A node alone has
+    /// nothing to do.
+    fn replicate_file(&self, blobs: attachments::BlobStore, id: switchboard_actors::model::AttachmentId) -> BoxFuture<Result<(), String>>;
+    /// Looks for a file on the other members (one this node missed while it was down).
+    fn fetch_file(&self, id: String) -> BoxFuture<Option<Vec<u8>>>;
     /// Node-level metrics in Prometheus text format.
     fn metrics(&self) -> String;
     /// Chaos drill: make the actor of a stream panic so its supervisor restarts it.

@@ -12,7 +12,7 @@ use anyhow::Context;
 use ractor::ActorRef;
 use switchboard_actors::actors::{now_ms, ShardSupervisor, SupervisorArgs, SupervisorMsg};
 use switchboard_actors::core::Reply;
-use switchboard_actors::model::{Command, Envelope, Presence};
+use switchboard_actors::model::{AttachmentId, Command, Envelope, Presence};
 use switchboard_actors::shard::{Proposer, Shard, StreamKey, Wakeups};
 use switchboard_gateway::listener::ConnectionLimits;
 use switchboard_gateway::{Backend, BoxFuture, Budgets, Gateway, GatewayConfig, Limits, TokenKey};
@@ -430,6 +430,46 @@ struct NodeBackend {
     supervisor: ActorRef<SupervisorMsg>,
     /// Times this node saw the shard group's leader change (to another node, or none).
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
+    peers: Peers,
+    /// Files being copied to the other members at once, at most `FILES_COPIED_AT_ONCE`.
+    copying: Arc<tokio::sync::Semaphore>,
+}
+
+/// Files copied to the other members at once; further uploads wait their turn.
+const FILES_COPIED_AT_ONCE: usize = 4;
+
+/// How long copying a file to the other members may take before the upload fails.
+const FILE_COPY_FOR: Duration = Duration::from_secs(10);
+
+impl NodeBackend {
+    /// The group's other members' addresses, and how many of them must hold a copy so
+    /// that a majority of the voters (this node included when it votes) does.
+    fn file_targets(&self) -> (Vec<String>, usize) {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let others: Vec<String> = membership.nodes().filter(|(id, _)| **id != self.node_id).map(|(_, node)| node.addr.clone()).collect();
+        let majority = voters.len() / 2 + 1;
+        let needed = majority.saturating_sub(usize::from(voters.contains(&self.node_id)));
+        let needed = needed.min(others.len());
+        (others, needed)
+    }
+}
+
+/// The attachment files of this node, served to peers: what they push before
+/// committing a record, and what a member that missed a file fetches.
+struct NodeFiles(switchboard_gateway::attachments::BlobStore);
+
+impl switchboard_raft::network::Files for NodeFiles {
+    fn put(&self, id: String, bytes: Vec<u8>) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let blobs = self.0.clone();
+        Box::pin(async move { blobs.put_bytes(&AttachmentId(id), &bytes).await.map_err(|e| e.to_string()) })
+    }
+
+    fn get(&self, id: String) -> futures::future::BoxFuture<'static, Result<Option<Vec<u8>>, String>> {
+        let blobs = self.0.clone();
+        Box::pin(async move { blobs.read_all(&AttachmentId(id)).await.map_err(|e| e.to_string()) })
+    }
 }
 
 impl Backend for NodeBackend {
@@ -454,6 +494,61 @@ impl Backend for NodeBackend {
 
     fn ready(&self) -> bool {
         self.raft.metrics().borrow().current_leader.is_some()
+    }
+
+    fn replicate_file(&self, blobs: switchboard_gateway::attachments::BlobStore, id: AttachmentId) -> BoxFuture<Result<(), String>> {
+        let (others, needed) = self.file_targets();
+        let (peers, copying) = (self.peers.clone(), self.copying.clone());
+        Box::pin(async move {
+            if others.is_empty() {
+                return Ok(());
+            }
+            // A few files in flight at once: each holds its encoded bytes (5 MiB at most)
+            // until every member has answered.
+            let permit = copying.acquire_owned().await.map_err(|_| "the node is stopping".to_string())?;
+            let bytes = blobs.read_all(&id).await.map_err(|e| e.to_string())?.ok_or("the stored file vanished")?;
+            let push = Peers::file_push(&id.0, bytes)?;
+            // Every member gets a copy; the upload waits for as many as a majority needs.
+            let (done, mut results) = tokio::sync::mpsc::channel(others.len());
+            let mut sends = tokio::task::JoinSet::new();
+            for addr in others {
+                let (peers, push, done) = (peers.clone(), push.clone(), done.clone());
+                sends.spawn(async move {
+                    let result = peers.put_file(&addr, &push, FILE_COPY_FOR).await.map_err(|e| format!("{addr}: {e}"));
+                    let _ = done.send(result).await;
+                });
+            }
+            drop(done);
+            // The rest finish in the background, still holding the permit.
+            tokio::spawn(async move {
+                while sends.join_next().await.is_some() {}
+                drop(permit);
+            });
+            let (mut copies, mut errors) = (0, Vec::new());
+            while copies < needed {
+                match results.recv().await {
+                    Some(Ok(())) => copies += 1,
+                    Some(Err(e)) => errors.push(e),
+                    None => return Err(format!("{copies} of the {needed} copies needed were made ({})", errors.join("; "))),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn fetch_file(&self, id: String) -> BoxFuture<Option<Vec<u8>>> {
+        let (others, _) = self.file_targets();
+        let peers = self.peers.clone();
+        Box::pin(async move {
+            for addr in others {
+                match peers.get_file(&addr, &id, FILE_COPY_FOR).await {
+                    Ok(Some(bytes)) => return Some(bytes),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(%addr, error = %e, "file fetch failed"),
+                }
+            }
+            None
+        })
     }
 
     fn cluster(&self) -> serde_json::Value {
@@ -664,9 +759,9 @@ std::fs::create_dir_all(&options.data_dir)?;
     let raft = Raft::new(options.node_id, config_with_snapshots(options.snapshot_every)?, NetworkFactory::with_peers(peers.clone(), SHARD_GROUP), log, sm).await?;
     let router = Router::default();
     router.add(SHARD_GROUP, raft.clone());
-    let rpc_server = serve(endpoint.clone(), router);
+    let rpc_server = serve(endpoint.clone(), router.clone());
 
-    let proposer = RaftProposer::start(raft.clone(), options.node_id, Forwarder::new(peers));
+    let proposer = RaftProposer::start(raft.clone(), options.node_id, Forwarder::new(peers.clone()));
     let supervisor = ShardSupervisor::start(SupervisorArgs {
         shard: shard.clone(),
         proposer: Arc::new(proposer.clone()),
@@ -732,7 +827,7 @@ std::fs::create_dir_all(&options.data_dir)?;
         })
     };
 
-    let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor, leader_changes });
+    let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor, leader_changes, peers: peers.clone(), copying: Arc::new(tokio::sync::Semaphore::new(FILES_COPIED_AT_ONCE)) });
     // The log before this replays under the rules it was decided with; from here on
     // this build's rules decide. A no-op when the shard already has them.
     if shard.read().rules < switchboard_actors::core::RULES_VERSION {
@@ -761,6 +856,7 @@ std::fs::create_dir_all(&options.data_dir)?;
         ping_interval: options.ping_interval,
     };
     let blobs = switchboard_gateway::attachments::BlobStore::open(options.data_dir.join("attachments"))?;
+    router.set_files(Arc::new(NodeFiles(blobs.clone())));
     let key = match &options.token_key {
         Some(path) => token_key(path, false)?,
         None => token_key(&options.data_dir.join("token.key"), true)?,

@@ -33,6 +33,11 @@ enum RpcRequest {
     /// A command a follower's proposer forwards to the leader (appended variant: the
     /// ones before keep their encoding).
     Write { group: u64, request: Request },
+    /// A file the node keeps beside the groups' records (an attachment's bytes), pushed
+    /// to this member before its record is committed.
+    PutFile { id: String, bytes: Vec<u8> },
+    /// Asks for a file this member may hold.
+    GetFile { id: String },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -43,6 +48,8 @@ enum RpcResponse {
     UnknownGroup(u64),
     BadRequest(String),
     Write(Result<ClientWriteResponse<TypeConfig>, RaftError<NodeId, ClientWriteError<NodeId, Node>>>),
+    Stored(Result<(), String>),
+    File(Result<Option<Vec<u8>>, String>),
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
@@ -54,10 +61,20 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     bincode::serde::decode_from_slice(bytes, config).map(|(v, _)| v).map_err(|e| e.to_string())
 }
 
-/// The groups this node hosts, by id: where incoming RPCs are delivered.
+/// Files a node keeps beside its groups' records, by id (attachment bytes): what peers
+/// push and fetch. The node checks ids; the transport passes them through.
+pub trait Files: Send + Sync + 'static {
+    /// Stores `bytes` durably under `id` before answering.
+    fn put(&self, id: String, bytes: Vec<u8>) -> futures::future::BoxFuture<'static, Result<(), String>>;
+    /// The file, or `None` when this node does not hold it.
+    fn get(&self, id: String) -> futures::future::BoxFuture<'static, Result<Option<Vec<u8>>, String>>;
+}
+
+/// The groups this node hosts, by id, and its files: where incoming RPCs are delivered.
 #[derive(Clone, Default)]
 pub struct Router {
     groups: Arc<RwLock<HashMap<u64, Raft>>>,
+    files: Arc<RwLock<Option<Arc<dyn Files>>>>,
 }
 
 impl Router {
@@ -67,6 +84,15 @@ impl Router {
 
     pub fn remove(&self, group: u64) {
         self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&group);
+    }
+
+    /// Serves peers' file pushes and fetches from `files`.
+    pub fn set_files(&self, files: Arc<dyn Files>) {
+        *self.files.write().unwrap_or_else(|p| p.into_inner()) = Some(files);
+    }
+
+    fn files(&self) -> Option<Arc<dyn Files>> {
+        self.files.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn get(&self, group: u64) -> Option<Raft> {
@@ -90,6 +116,14 @@ impl Router {
             RpcRequest::Write { group, request } => match self.get(group) {
                 Some(raft) => RpcResponse::Write(raft.client_write(request).await),
                 None => RpcResponse::UnknownGroup(group),
+            },
+            RpcRequest::PutFile { id, bytes } => match self.files() {
+                Some(files) => RpcResponse::Stored(files.put(id, bytes).await),
+                None => RpcResponse::Stored(Err("this node keeps no files".into())),
+            },
+            RpcRequest::GetFile { id } => match self.files() {
+                Some(files) => RpcResponse::File(files.get(id).await),
+                None => RpcResponse::File(Ok(None)),
             },
         }
     }
@@ -167,6 +201,10 @@ struct Peer {
 const SILENT: Duration = Duration::from_secs(2);
 /// A dial that takes longer than this fails (QUIC would wait for its idle timeout).
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// An encoded file push ([`Peers::file_push`]), shared by the pushes to every member.
+#[derive(Clone)]
+pub struct FilePush(Arc<Vec<u8>>);
 
 /// Why no request could be sent to a peer: nothing of it left this node.
 #[derive(Debug)]
@@ -250,6 +288,10 @@ impl Peers {
     /// `Err(Ok(_))`: nothing was sent. `Err(Err(_))`: it was sent and no answer came.
     async fn exchange(&self, addr: &str, request: &RpcRequest, ttl: Duration) -> Result<RpcResponse, Result<Unsent, String>> {
         let bytes = encode(request).map_err(|e| Ok(Unsent(e)))?;
+        self.exchange_encoded(addr, &bytes, ttl).await
+    }
+
+    async fn exchange_encoded(&self, addr: &str, bytes: &[u8], ttl: Duration) -> Result<RpcResponse, Result<Unsent, String>> {
         let connection = self.connection(addr, ttl.min(Duration::from_secs(1))).await.map_err(Ok)?;
         let (mut send, mut recv) = match tokio::time::timeout(ttl, connection.open_bi()).await {
             Ok(Ok(streams)) => streams,
@@ -258,7 +300,7 @@ impl Peers {
         };
         self.asking(addr);
         let exchange = async {
-            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            send.write_all(bytes).await.map_err(|e| e.to_string())?;
             send.finish().map_err(|e| e.to_string())?;
             let body = recv.read_to_end(MAX_RPC_BYTES).await.map_err(|e| e.to_string())?;
             decode::<RpcResponse>(&body)
@@ -270,6 +312,31 @@ impl Peers {
             }
             Ok(Err(e)) => Err(Err(e)),
             Err(_) => Err(Err(format!("no answer from {addr} within {ttl:?}"))),
+        }
+    }
+}
+
+impl Peers {
+    /// A file push encoded once, to send to several members without a copy each.
+    pub fn file_push(id: &str, bytes: Vec<u8>) -> Result<FilePush, String> {
+        encode(&RpcRequest::PutFile { id: id.to_string(), bytes }).map(|encoded| FilePush(Arc::new(encoded)))
+    }
+
+    /// Pushes a file to the node at `addr`, which stores it durably before answering.
+    pub async fn put_file(&self, addr: &str, push: &FilePush, ttl: Duration) -> Result<(), String> {
+        match self.exchange_encoded(addr, &push.0, ttl).await {
+            Ok(RpcResponse::Stored(result)) => result,
+            Ok(_) => Err(format!("{addr} answered a file push with something else")),
+            Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
+        }
+    }
+
+    /// The file `id` if the node at `addr` holds it.
+    pub async fn get_file(&self, addr: &str, id: &str, ttl: Duration) -> Result<Option<Vec<u8>>, String> {
+        match self.exchange(addr, &RpcRequest::GetFile { id: id.to_string() }, ttl).await {
+            Ok(RpcResponse::File(result)) => result,
+            Ok(_) => Err(format!("{addr} answered a file fetch with something else")),
+            Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
         }
     }
 }
