@@ -115,6 +115,16 @@ impl Dev {
         Ok(())
     }
 
+    /// SIGTERM, as an operator stopping the service would, and wait (bounded) for the
+    /// process to exit.
+    pub async fn terminate(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid()?;
+        let status = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.context("the node did not stop within 30 s")??;
+        Ok(())
+    }
+
     /// Logs in a demo user and returns the token.
     pub async fn login(&self, login: &str) -> anyhow::Result<String> {
         let password = self.logins.get(login).ok_or_else(|| anyhow!("no demo login {login}"))?;
@@ -243,6 +253,9 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// By node id - 1; `None` while a node is down.
     pub nodes: Vec<Option<Dev>>,
+    /// The demo logins node 1 made.
+    pub logins: HashMap<String, String>,
+    starting: Vec<(usize, Starting)>,
 }
 
 impl Cluster {
@@ -268,7 +281,7 @@ impl Cluster {
         for node in nodes.iter_mut().flatten() {
             node.logins = logins.clone();
         }
-        let cluster = Cluster { dir: dir.to_path_buf(), nodes };
+        let cluster = Cluster { dir: dir.to_path_buf(), nodes, logins, starting: Vec::new() };
         // Every node has applied the demo configuration node 1 committed.
         let first = cluster.status(1).await?["last_applied"].as_u64().unwrap_or(0);
         for id in 2..=n {
@@ -302,10 +315,36 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops node `id` as an operator would (SIGTERM), and waits for it to exit.
+    pub async fn stop(&mut self, id: usize) -> anyhow::Result<()> {
+        if let Some(mut node) = self.nodes[id - 1].take() {
+            node.terminate().await?;
+        }
+        Ok(())
+    }
+
+    /// Launches node `id` again without waiting for it: members wait for a quorum, so a
+    /// whole cluster is launched first and waited for with [`Cluster::wait_started`].
+    pub fn launch_again(&mut self, id: usize) -> anyhow::Result<()> {
+        self.starting.push((id, Self::launch(&self.dir, id)?));
+        Ok(())
+    }
+
+    /// Waits for every node launched with [`Cluster::launch_again`].
+    pub async fn wait_started(&mut self) -> anyhow::Result<()> {
+        let logins = self.logins.clone();
+        for (id, starting) in std::mem::take(&mut self.starting) {
+            let mut node = starting.ready().await?;
+            node.logins = logins.clone();
+            self.nodes[id - 1] = Some(node);
+        }
+        Ok(())
+    }
+
     /// Starts node `id` again on its configuration and data folder.
     pub async fn restart(&mut self, id: usize) -> anyhow::Result<()> {
         let mut node = Self::launch(&self.dir, id)?.ready().await?;
-        node.logins = self.nodes.iter().flatten().next().map(|d| d.logins.clone()).unwrap_or_default();
+        node.logins = self.logins.clone();
         self.nodes[id - 1] = Some(node);
         Ok(())
     }

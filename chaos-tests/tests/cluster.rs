@@ -308,3 +308,83 @@ async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<
     println!("conversation {conversation}: {} bytes served by a member that never received the upload", file.len());
     Ok(())
 }
+
+/// An offer made under one leader expires under the next: the new leader's actors arm
+/// the timer from the deadline stored in the state, and the conversation goes on to
+/// the next operator (I4 across a failover).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_made_before_a_failover_expires_after_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let leader = cluster.leader().await?;
+    let others: Vec<usize> = (1..=3).filter(|id| *id != leader).collect();
+    let (a, b) = (others[0], others[1]);
+    let admin = cluster.node(a).login("admin").await?;
+    let (status, body) = cluster
+        .node(a)
+        .api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General", "offer_timeout_ms": 4000})))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+
+    let (mut alice, _) = cluster.node(a).operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (_client, conversation, _) = cluster.node(b).client("Waiting").await?;
+    let offer = alice.wait_for(WAIT, |v| v["kind"] == "offer").await?;
+    assert_eq!(offer["conversation"].as_u64(), Some(conversation));
+    // Bob comes online only now, so the conversation can only reach him through the
+    // expiry of alice's offer.
+    let (mut bob, _) = cluster.node(b).operator("bob").await?;
+    set_presence(&mut bob, "online").await?;
+
+    cluster.kill9(leader).await?;
+    let expired = alice.wait_for(Duration::from_secs(15), |v| v["kind"] == "offer_withdrawn").await?;
+    assert_eq!(expired["reason"], "expired", "{expired}");
+    assert_eq!(expired["conversation"].as_u64(), Some(conversation));
+    let next = bob.wait_for(WAIT, |v| v["kind"] == "offer").await?;
+    assert_eq!(next["conversation"].as_u64(), Some(conversation), "the conversation went on to bob");
+    Ok(())
+}
+
+/// Every member stopped (SIGTERM) and started again: the cluster comes back as it was,
+/// with its conversations and a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_cluster_stopped_and_started_comes_back_as_it_was() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let (mut ws, conversation, token) = cluster.node(2).client("Before").await?;
+    let mut acked = Vec::new();
+    for n in 0..5 {
+        let key = format!("k{n}");
+        ws.send(&json!({"type": "send", "key": key, "text": format!("before the stop {n}")})).await?;
+        let ack = ws.wait_for(WAIT, |v| v["type"] == "ack" && v["key"] == key.as_str()).await?;
+        acked.push(ack["seq"].as_u64().unwrap_or(0));
+    }
+    ws.close().await;
+    for id in 1..=3 {
+        cluster.stop(id).await?;
+    }
+    for id in 1..=3 {
+        cluster.launch_again(id)?;
+    }
+    cluster.wait_started().await?;
+    let leader = cluster.leader().await?;
+    println!("node {leader} leads after the restart");
+    for id in 1..=3 {
+        let supervisor = cluster.node(id).login("supervisor").await?;
+        let (status, conv) = cluster.node(id).api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+        assert_eq!(status, 200, "{conv}");
+        let history = conv["history"].as_array().cloned().unwrap_or_default();
+        for (n, seq) in acked.iter().enumerate() {
+            assert_eq!(history[(*seq - 1) as usize]["key"], format!("k{n}"), "node {id} kept message {n}");
+        }
+    }
+    // The visitor resumes on any member and writes on.
+    let mut ws = WsClient::connect(&cluster.node(3).public, "/ws/client", None).await?;
+    ws.send(&json!({"type": "resume", "token": token, "last_seq": acked[4]})).await?;
+    ws.wait_for(WAIT, |v| v["type"] == "resumed").await?;
+    ws.send(&json!({"type": "send", "key": "after", "text": "after the restart"})).await?;
+    let ack = ws.wait_for(WAIT, |v| v["type"] == "ack" && v["key"] == "after").await?;
+    assert!(ack["seq"].as_u64() > Some(acked[4]), "{ack}");
+    ws.close().await;
+    Ok(())
+}
