@@ -261,7 +261,8 @@ pub struct Cluster {
 impl Cluster {
     /// Lays out and starts `n` nodes, and waits until every one is ready.
     pub async fn start(dir: &Path, n: usize) -> anyhow::Result<Cluster> {
-        let base = free_port_block(n)?;
+        // One node more than asked: room for a node added later (`add_node`).
+        let base = free_port_block(n + 1)?;
         let output = tokio::process::Command::new(binary()?)
             .args(["cluster", "init", "--nodes", &n.to_string(), "--dir"])
             .arg(dir)
@@ -313,6 +314,21 @@ impl Cluster {
             node.kill9().await?;
         }
         Ok(())
+    }
+
+    /// Lays out one more node with `switchboard cluster add-node`, starts it (it joins
+    /// on its first start) and waits until it is ready; returns its id.
+    pub async fn add_node(&mut self) -> anyhow::Result<usize> {
+        let output = tokio::process::Command::new(binary()?).args(["cluster", "add-node", "--dir"]).arg(&self.dir).output().await?;
+        if !output.status.success() {
+            bail!("cluster add-node failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let id = self.nodes.len() + 1;
+        anyhow::ensure!(self.dir.join(format!("node-{id}.toml")).exists(), "add-node wrote no node-{id}.toml");
+        let mut node = Self::launch(&self.dir, id)?.ready().await?;
+        node.logins = self.logins.clone();
+        self.nodes.push(Some(node));
+        Ok(id)
     }
 
     /// Stops node `id` as an operator would (SIGTERM), and waits for it to exit.

@@ -388,3 +388,63 @@ async fn a_whole_cluster_stopped_and_started_comes_back_as_it_was() -> anyhow::R
     ws.close().await;
     Ok(())
 }
+
+/// `cluster add-node` lays out a fourth node; started, it asks to join, catches up as a
+/// learner and becomes a voter. `cluster remove-node` takes a node out: afterwards the
+/// group commits with two of its three remaining voters, the removed one dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_a_running_cluster_and_another_leaves_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let (mut ws, conversation, token) = cluster.node(1).client("Early").await?;
+    for n in 0..3 {
+        let key = format!("early{n}");
+        ws.send(&json!({"type": "send", "key": key, "text": "written before node 4 existed"})).await?;
+        ws.wait_for(WAIT, |v| v["type"] == "ack" && v["key"] == key.as_str()).await?;
+    }
+    ws.close().await;
+
+    let added = cluster.add_node().await?;
+    assert_eq!(added, 4);
+    let voters = |status: &serde_json::Value| -> Vec<u64> {
+        let mut ids: Vec<u64> = status["members"].as_array().into_iter().flatten().filter(|m| m["voter"] == true).filter_map(|m| m["id"].as_u64()).collect();
+        ids.sort();
+        ids
+    };
+    eventually(WAIT, Duration::from_millis(100), || async { Ok((voters(&cluster.status(1).await?) == [1, 2, 3, 4]).then_some(())) }).await?;
+    // The newcomer holds what was written before it existed.
+    let supervisor = cluster.node(4).login("supervisor").await?;
+    let (status, conv) = cluster.node(4).api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    assert_eq!(status, 200, "{conv}");
+    let keys: Vec<&str> = conv["history"].as_array().into_iter().flatten().filter_map(|e| e["key"].as_str()).collect();
+    assert!(["early0", "early1", "early2"].iter().all(|k| keys.contains(k)), "node 4 has the early messages: {keys:?}");
+
+    // Node 2 leaves, as an admin asks through node 4.
+    let output = tokio::process::Command::new(switchboard_chaos_tests::binary()?)
+        .args(["cluster", "remove-node", "--addr", &cluster.node(4).private, "--id", "2"])
+        .env("SWITCHBOARD_PASSWORD", &cluster.logins["admin"])
+        .output()
+        .await?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    eventually(WAIT, Duration::from_millis(100), || async { Ok((voters(&cluster.status(4).await?) == [1, 3, 4]).then_some(())) }).await?;
+    cluster.kill9(2).await?;
+    // Two of the three voters left are enough, whichever of them dies next.
+    let leader = cluster.leader().await?;
+    let victim = [1, 3, 4].into_iter().find(|id| *id != leader && *id != 4).unwrap_or(1);
+    cluster.kill9(victim).await?;
+    let mut ws = WsClient::connect(&cluster.node(4).public, "/ws/client", None).await?;
+    ws.send(&json!({"type": "resume", "token": token, "last_seq": 0})).await?;
+    ws.wait_for(WAIT, |v| v["type"] == "resumed").await?;
+    ws.send(&json!({"type": "send", "key": "late", "text": "with nodes 2 and another gone"})).await?;
+    let ack = ws.wait_for(Duration::from_secs(20), |v| v["type"] == "ack" && v["key"] == "late").await?;
+    assert!(ack["seq"].as_u64().unwrap_or(0) > 3, "{ack}");
+    ws.close().await;
+    // Removing the group's last voters is refused with the reason.
+    let admin = cluster.node(4).login("admin").await?;
+    let (status, body) = cluster.node(4).api("DELETE", "/api/cluster/members/9", Some(&admin), None).await?;
+    assert_eq!(status, 200, "removing a node that is not a member is a no-op: {body}");
+    let operator = cluster.node(4).login("alice").await?;
+    let (status, _) = cluster.node(4).api("DELETE", "/api/cluster/members/1", Some(&operator), None).await?;
+    assert_eq!(status, 403, "only an admin changes the cluster");
+    Ok(())
+}

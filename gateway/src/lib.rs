@@ -63,6 +63,8 @@ pub trait Backend: Send + Sync + 'static {
     /// of any minority of them, before its record is committed. A node alone has
     /// nothing to do.
     fn replicate_file(&self, blobs: attachments::BlobStore, id: switchboard_actors::model::AttachmentId) -> BoxFuture<Result<(), String>>;
+    /// Removes node `id` from the cluster's group (through its leader).
+    fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>>;
     /// Looks for a file on the other members (one this node missed while it was down).
     fn fetch_file(&self, id: String) -> BoxFuture<Option<Vec<u8>>>;
     /// Node-level metrics in Prometheus text format.

@@ -28,6 +28,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/api/cluster", get(cluster))
+        .route("/api/cluster/members/{id}", axum::routing::delete(remove_member))
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
         .route("/api/me", get(me))
@@ -68,6 +69,16 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
 /// unauthenticated on the private listener, like `/metrics`, for scripts and probes.
 async fn cluster(State(gw): State<Arc<Gateway>>) -> Response {
     Json(gw.backend.cluster()).into_response()
+}
+
+/// Removes a node from the cluster (admin only): the group's leader commits the new
+/// membership; the removed node can then be stopped for good.
+async fn remove_member(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<u64>) -> Result<Response, GatewayError> {
+    staff.require(Role::Admin)?;
+    match gw.backend.remove_member(id).await {
+        Ok(()) => Ok(Json(gw.backend.cluster()).into_response()),
+        Err(why) => Err(GatewayError::Invalid(why)),
+    }
 }
 
 /// An authenticated staff member, from `Authorization: Bearer <token>`.

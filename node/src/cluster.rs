@@ -42,8 +42,14 @@ pub struct NodeConfig {
     /// Whether `POST /api/chaos/*` drills are served (admin only).
     #[serde(default)]
     pub enable_chaos_drills: bool,
+    /// A node added to a running cluster (`cluster add-node`): on its first start it
+    /// asks the `members` to admit it rather than starting the group with them.
+    #[serde(default)]
+    pub join: bool,
     /// The group's first members, the same list in every node's file. The member with
-    /// the lowest id creates the first admin on the cluster's first start.
+    /// the lowest id creates the first admin on the cluster's first start. Once the
+    /// group runs, its membership lives in its log (`cluster add-node`, `remove-node`);
+    /// this list only matters to a node's first start.
     pub members: Vec<Member>,
 }
 
@@ -87,9 +93,10 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// Whether this node makes the first admin: the member with the lowest id.
+    /// Whether this node makes the first admin: the member with the lowest id, unless
+    /// it joins a running cluster.
     pub fn bootstraps(&self) -> bool {
-        self.members.iter().map(|m| m.id).min() == Some(self.id)
+        !self.join && self.members.iter().map(|m| m.id).min() == Some(self.id)
     }
 }
 
@@ -153,6 +160,7 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
             snapshot_every: None,
             retention_check_s: None,
             enable_chaos_drills: false,
+            join: false,
             members: members.clone(),
         };
         let path = plan.dir.join(format!("node-{i}.toml"));
@@ -167,26 +175,125 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-/// `GET /api/cluster` from a node's private listener, as JSON.
-pub async fn status(private_addr: &str) -> anyhow::Result<serde_json::Value> {
+/// A JSON request to a node's private listener; returns the status and the JSON body.
+async fn http(private_addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&serde_json::Value>) -> anyhow::Result<(u16, serde_json::Value)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(private_addr).await.with_context(|| format!("connect {private_addr}"))?;
-        let request = format!("GET /api/cluster HTTP/1.1\r\nHost: {private_addr}\r\nConnection: close\r\n\r\n");
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {private_addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        if !body.is_empty() {
+            request.push_str("Content-Type: application/json\r\n");
+        }
+        if let Some(token) = token {
+            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(&body);
         stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         stream.take(1 << 20).read_to_end(&mut response).await?;
         anyhow::Ok(response)
     };
-    let response = tokio::time::timeout(std::time::Duration::from_secs(5), fetch)
+    let response = tokio::time::timeout(std::time::Duration::from_secs(60), fetch)
         .await
-        .map_err(|_| anyhow::anyhow!("{private_addr} did not answer within 5 s"))??;
+        .map_err(|_| anyhow::anyhow!("{private_addr} did not answer within 60 s"))??;
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("{private_addr} sent no HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        anyhow::bail!("{private_addr} answered {}", head.lines().next().unwrap_or_default());
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("{private_addr} sent a bad status line"))?;
+    let json = if body.trim().is_empty() { serde_json::Value::Null } else { serde_json::from_str(body).with_context(|| format!("{private_addr} sent a body that is not JSON"))? };
+    Ok((status, json))
+}
+
+/// `GET /api/cluster` from a node's private listener, as JSON.
+pub async fn status(private_addr: &str) -> anyhow::Result<serde_json::Value> {
+    match http(private_addr, "GET", "/api/cluster", None, None).await? {
+        (200, status) => Ok(status),
+        (code, body) => anyhow::bail!("{private_addr} answered {code}: {body}"),
     }
-    serde_json::from_str(body).with_context(|| format!("{private_addr} sent a body that is not JSON"))
+}
+
+/// Removes node `id` through the node at `private_addr`, logged in as an admin.
+pub async fn remove_node(private_addr: &str, id: u64, login: &str, password: &str) -> anyhow::Result<serde_json::Value> {
+    let credentials = serde_json::json!({"login": login, "password": password});
+    let token = match http(private_addr, "POST", "/api/login", None, Some(&credentials)).await? {
+        (200, body) => body["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("the login answer has no token"))?,
+        (code, body) => anyhow::bail!("login as {login} failed ({code}): {}", body["message"].as_str().unwrap_or_default()),
+    };
+    match http(private_addr, "DELETE", &format!("/api/cluster/members/{id}"), Some(&token), None).await? {
+        (200, status) => Ok(status),
+        (code, body) => anyhow::bail!("removing node {id} failed ({code}): {}", body["message"].as_str().unwrap_or_default()),
+    }
+}
+
+/// Writes the configuration and certificate of a node to add to the cluster laid out in
+/// `dir`: the next free id, `join = true`, on `host` (node 1's host by default) with
+/// ports that follow the layout. Returns its file.
+pub fn add_node(dir: &Path, host: Option<&str>) -> anyhow::Result<PathBuf> {
+    let mut existing: Vec<NodeConfig> = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("node-") && name.ends_with(".toml") {
+            let text = std::fs::read_to_string(&path)?;
+            existing.push(toml::from_str(&text).with_context(|| format!("{} is not a valid node configuration", path.display()))?);
+        }
+    }
+    existing.sort_by_key(|c| c.id);
+    let Some(first) = existing.first() else { anyhow::bail!("{} holds no node-<id>.toml: run `switchboard cluster init` first", dir.display()) };
+    let id = existing.iter().map(|c| c.id).max().unwrap_or(0) + 1;
+    let host = host.map(str::to_owned).unwrap_or_else(|| first.raft_addr.ip().to_string());
+    let ip: std::net::IpAddr = host.parse().map_err(|e| anyhow::anyhow!("{host}: {e} (hosts are IP addresses)"))?;
+    // On a host another node uses, ports step by 10 past the highest there.
+    let on_host: Vec<&NodeConfig> = existing.iter().filter(|c| c.raft_addr.ip() == ip).collect();
+    let shift = |addr: SocketAddr| -> anyhow::Result<SocketAddr> {
+        let highest = on_host.iter().map(|c| c.public_addr.port()).max();
+        let port = match highest {
+            Some(h) => u32::from(addr.port()) + u32::from(h - first.public_addr.port()) + 10,
+            None => u32::from(addr.port()),
+        };
+        let port = u16::try_from(port).map_err(|_| anyhow::anyhow!("no port left past {}", addr.port()))?;
+        Ok(SocketAddr::new(ip, port))
+    };
+    let mut members: Vec<Member> = Vec::new();
+    for config in &existing {
+        for member in &config.members {
+            if !members.iter().any(|m| m.id == member.id) {
+                members.push(member.clone());
+            }
+        }
+    }
+    let raft_addr = shift(first.raft_addr)?;
+    members.push(Member { id, raft_addr: raft_addr.to_string() });
+    let certs = if first.certs_dir.is_relative() { dir.join(&first.certs_dir) } else { first.certs_dir.clone() };
+    if !certs.join("ca.key").exists() {
+        anyhow::bail!("{} has no ca.key: add nodes where the cluster was laid out", certs.display());
+    }
+    switchboard_raft::tls::ensure_member(&certs, &format!("node-{id}"), &[host.clone()])?;
+    let config = NodeConfig {
+        id,
+        data_dir: PathBuf::from(format!("data/node-{id}")),
+        public_addr: shift(first.public_addr)?,
+        private_addr: shift(first.private_addr)?,
+        raft_addr,
+        certs_dir: first.certs_dir.clone(),
+        token_key: first.token_key.clone(),
+        client_origins: first.client_origins.clone(),
+        staff_origins: first.staff_origins.clone(),
+        snapshot_every: first.snapshot_every,
+        retention_check_s: first.retention_check_s,
+        enable_chaos_drills: first.enable_chaos_drills,
+        join: true,
+        members,
+    };
+    let path = dir.join(format!("node-{id}.toml"));
+    let text = format!(
+        "# Switchboard node {id}, added to a running cluster: run it with `switchboard node --config {}`;\n# on its first start it asks the members below to admit it. Fields: deploy/README.md.\n{}",
+        path.display(),
+        toml::to_string(&config).context("write the node configuration")?
+    );
+    switchboard_raft::files::write_private(&path, text.as_bytes())?;
+    Ok(path)
 }
 
 /// `status` as lines for a person.

@@ -139,6 +139,37 @@ enum ClusterCmd {
     Init(InitArgs),
     /// A node's view of the cluster: leader, term, members and how far each is.
     Status(StatusArgs),
+    /// Write the configuration and certificate of one more node (next free id, joins on
+    /// its first start) into the folder `init` made.
+    AddNode(AddNodeArgs),
+    /// Remove a node from the running cluster (as an admin); stop it afterwards.
+    RemoveNode(RemoveNodeArgs),
+}
+
+#[derive(Args)]
+struct AddNodeArgs {
+    /// The folder `cluster init` made (it holds certs/ca.key).
+    #[arg(long, default_value = "./cluster")]
+    dir: PathBuf,
+    /// IP address of the new node (node 1's by default).
+    #[arg(long)]
+    host: Option<String>,
+}
+
+#[derive(Args)]
+struct RemoveNodeArgs {
+    /// Any member's private listener.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    addr: String,
+    /// The node to remove.
+    #[arg(long)]
+    id: u64,
+    /// An admin login.
+    #[arg(long, default_value = "admin")]
+    login: String,
+    /// A file holding the admin's password (else $SWITCHBOARD_PASSWORD).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -252,6 +283,7 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
         members: Vec::new(),
         certs_dir: None,
         token_key: None,
+        join: false,
     }
 }
 
@@ -273,6 +305,7 @@ fn member_options(config: cluster::NodeConfig, listeners: Listeners, chaos_drill
     options.members = config.members.into_iter().map(|m| (m.id, m.raft_addr)).collect();
     options.certs_dir = Some(config.certs_dir);
     options.token_key = Some(config.token_key);
+    options.join = config.join;
     options
 }
 
@@ -353,6 +386,22 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
             println!("certificates in {}, shared token key in {}", args.dir.join("certs").display(), args.dir.join("token.key").display());
             println!("start every node with `switchboard node --config <its file>`; the first admin's password appears in node 1's data folder");
             println!("keep certs/ca.key off the nodes once every certificate is issued");
+            Ok(())
+        }
+        ClusterCmd::AddNode(args) => {
+            let path = cluster::add_node(&args.dir, args.host.as_deref())?;
+            println!("wrote {}", path.display());
+            println!("start it with `switchboard node --config {}`: it asks the members to admit it, catches up, then votes", path.display());
+            Ok(())
+        }
+        ClusterCmd::RemoveNode(args) => {
+            let password = match &args.password_file {
+                Some(path) => std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?.trim().to_owned(),
+                None => std::env::var("SWITCHBOARD_PASSWORD").map_err(|_| anyhow::anyhow!("give --password-file or set SWITCHBOARD_PASSWORD"))?,
+            };
+            let status = cluster::remove_node(&args.addr, args.id, &args.login, &password).await?;
+            println!("node {} removed; stop its process", args.id);
+            print!("{}", cluster::describe(&status));
             Ok(())
         }
         ClusterCmd::Status(args) => {

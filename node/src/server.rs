@@ -536,6 +536,14 @@ impl Backend for NodeBackend {
         })
     }
 
+    fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>> {
+        let (raft, peers) = (self.raft.clone(), self.peers.clone());
+        Box::pin(async move {
+            let change = switchboard_raft::members::Change::Leave { id };
+            switchboard_raft::members::apply_anywhere(&raft, &peers, SHARD_GROUP, change, Duration::from_secs(30)).await
+        })
+    }
+
     fn fetch_file(&self, id: String) -> BoxFuture<Option<Vec<u8>>> {
         let (others, _) = self.file_targets();
         let peers = self.peers.clone();
@@ -685,6 +693,9 @@ pub struct NodeOptions {
     /// The key that signs tokens, shared by every node of a cluster. `None`:
     /// `<data_dir>/token.key`, made on first start.
     pub token_key: Option<PathBuf>,
+    /// A node added to a running cluster: on its first start it asks the `members` to
+    /// admit it instead of starting the group with them.
+    pub join: bool,
 }
 
 pub struct RunningNode {
@@ -773,7 +784,11 @@ std::fs::create_dir_all(&options.data_dir)?;
     // (fewer split votes), then start it themselves in case it is not coming: the same
     // member list on every node makes that safe.
     let first = options.members.iter().map(|(id, _)| *id).min();
-    if first.is_some_and(|first| first != options.node_id) {
+    if options.join {
+        if !raft.is_initialized().await? {
+            join_cluster(&peers, &options, &raft_addr.to_string()).await?;
+        }
+    } else if first.is_some_and(|first| first != options.node_id) {
         for _ in 0..20 {
             if raft.is_initialized().await? {
                 break;
@@ -781,7 +796,7 @@ std::fs::create_dir_all(&options.data_dir)?;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    if !raft.is_initialized().await? {
+    if !options.join && !raft.is_initialized().await? {
         let members: BTreeMap<u64, Node> = if options.members.is_empty() {
             BTreeMap::from([(options.node_id, Node { addr: raft_addr.to_string() })])
         } else {
@@ -911,6 +926,40 @@ fn serve_http(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(switchboard_gateway::listener::serve(listener, router, limits, gateway.metrics.clone(), stop))
+}
+
+/// Asks the configured members, in turn, to admit this node (a learner until it caught
+/// up, then a voter), until one of them, or the leader it names, has.
+async fn join_cluster(peers: &Peers, options: &NodeOptions, own_addr: &str) -> anyhow::Result<()> {
+    use switchboard_raft::members::{Answer, Change};
+    let change = Change::Join { id: options.node_id, addr: own_addr.to_string() };
+    let others: Vec<&String> = options.members.iter().filter(|(id, _)| *id != options.node_id).map(|(_, addr)| addr).collect();
+    if others.is_empty() {
+        anyhow::bail!("`join = true` needs the running members in `members`");
+    }
+    let started = std::time::Instant::now();
+    let mut next = 0;
+    let mut target = others[0].clone();
+    loop {
+        // Admission waits for this node to catch up with the group's log: minutes for a
+        // large group, so the answer may take that long.
+        match peers.change_members(&target, SHARD_GROUP, change.clone(), Duration::from_secs(600)).await {
+            Ok(Answer::Done) => {
+                info!(node = options.node_id, "admitted to the cluster");
+                return Ok(());
+            }
+            Ok(Answer::Refused(why)) => anyhow::bail!("the cluster refused to admit node {}: {why}", options.node_id),
+            Ok(Answer::NotLeader(Some((_, leader)))) => {
+                target = leader.addr;
+                continue;
+            }
+            Ok(Answer::NotLeader(None)) => {}
+            Err(e) => info!(member = %target, error = %e, waited_s = started.elapsed().as_secs(), "asking to join the cluster"),
+        }
+        next = (next + 1) % others.len();
+        target = others[next].clone();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Waits until the group has a leader (this node or another) and this node applied what

@@ -7,6 +7,7 @@
 //! - [`log`]: the Raft log as append-only segment files, synced by a flusher thread.
 //! - [`state`]: a group's records (its state machine on disk), and snapshot files of them.
 //! - [`network`]: the QUIC transport: one endpoint per node, one stream per RPC.
+//! - [`members`]: a node joining a running group, and a node removed from it.
 //! - [`tls`]: the cluster CA and node certificates; rustls with the ring provider only.
 //! - [`files`]: durable, owner-only writes of keys and other secrets.
 //!
@@ -16,6 +17,7 @@
 
 pub mod files;
 pub mod log;
+pub mod members;
 pub mod network;
 pub mod state;
 pub mod store;

@@ -38,6 +38,8 @@ enum RpcRequest {
     PutFile { id: String, bytes: Vec<u8> },
     /// Asks for a file this member may hold.
     GetFile { id: String },
+    /// A change of the group's members, for its leader.
+    Members { group: u64, change: crate::members::Change },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -50,6 +52,7 @@ enum RpcResponse {
     Write(Result<ClientWriteResponse<TypeConfig>, RaftError<NodeId, ClientWriteError<NodeId, Node>>>),
     Stored(Result<(), String>),
     File(Result<Option<Vec<u8>>, String>),
+    Members(crate::members::Answer),
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
@@ -120,6 +123,10 @@ impl Router {
             RpcRequest::PutFile { id, bytes } => match self.files() {
                 Some(files) => RpcResponse::Stored(files.put(id, bytes).await),
                 None => RpcResponse::Stored(Err("this node keeps no files".into())),
+            },
+            RpcRequest::Members { group, change } => match self.get(group) {
+                Some(raft) => RpcResponse::Members(crate::members::apply(&raft, change).await),
+                None => RpcResponse::UnknownGroup(group),
             },
             RpcRequest::GetFile { id } => match self.files() {
                 Some(files) => RpcResponse::File(files.get(id).await),
@@ -327,6 +334,16 @@ impl Peers {
         match self.exchange_encoded(addr, &push.0, ttl).await {
             Ok(RpcResponse::Stored(result)) => result,
             Ok(_) => Err(format!("{addr} answered a file push with something else")),
+            Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
+        }
+    }
+
+    /// Asks the node at `addr` to make a change of `group`'s members.
+    pub async fn change_members(&self, addr: &str, group: u64, change: crate::members::Change, ttl: Duration) -> Result<crate::members::Answer, String> {
+        match self.exchange(addr, &RpcRequest::Members { group, change }, ttl).await {
+            Ok(RpcResponse::Members(answer)) => Ok(answer),
+            Ok(RpcResponse::UnknownGroup(g)) => Err(format!("{addr} does not host group {g} (yet)")),
+            Ok(_) => Err(format!("{addr} answered a membership change with something else")),
             Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
         }
     }
