@@ -371,6 +371,28 @@ mod tests {
     }
 
     #[test]
+    fn add_node_lays_out_the_next_id_on_free_ports_and_joins() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = dir.path().join("c");
+        let plan = InitPlan { dir: cluster.clone(), nodes: 3, hosts: vec!["127.0.0.1".into()], public_port: 9000, private_port: 9001, raft_port: 9002, port_step: 10 };
+        init(&plan).unwrap();
+        let path = add_node(&cluster, None).unwrap();
+        let config = NodeConfig::read(&path).unwrap();
+        assert_eq!(config.id, 4);
+        assert!(config.join, "a node added later joins, it does not start the group");
+        assert!(!config.bootstraps());
+        assert_eq!((config.public_addr.port(), config.private_addr.port(), config.raft_addr.port()), (9030, 9031, 9032));
+        assert_eq!(config.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert!(config.certs_dir.join("node-4.key").exists());
+        // On a host of its own it takes the first node's ports.
+        let other = add_node(&cluster, Some("10.0.0.9")).unwrap();
+        let other = NodeConfig::read(&other).unwrap();
+        assert_eq!(other.id, 5);
+        assert_eq!(other.public_addr.to_string(), "10.0.0.9:9000");
+        assert!(format!("{:#}", add_node(&dir.path().join("missing"), None).unwrap_err()).contains("read"));
+    }
+
+    #[test]
     fn a_configuration_that_cannot_form_a_cluster_is_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let write = |text: &str| {
