@@ -32,6 +32,8 @@ struct ClientRun {
     lost: bool,
     /// Commands answered `unavailable` and sent again with the same key.
     retried: u64,
+    /// When each acknowledgement arrived.
+    acks: Vec<std::time::Instant>,
 }
 
 /// Sends messages one after another until `stop`, each acknowledged before the next;
@@ -50,6 +52,7 @@ async fn client_loop(mut ws: WsClient, conversation: u64, mut run: ClientRun, sh
                 Ok(Incoming::Json(v)) if v["type"] == "event" => run.seen.push(v["seq"].as_u64().unwrap_or(0)),
                 Ok(Incoming::Json(v)) if v["type"] == "ack" && v["key"] == key.as_str() => {
                     shared.lock().unwrap().acked.insert((conversation, key.clone()), v["seq"].as_u64().unwrap_or(0));
+                    run.acks.push(std::time::Instant::now());
                     run.next += 1;
                     break;
                 }
@@ -142,7 +145,7 @@ async fn killing_the_leader_loses_nothing_and_sockets_elsewhere_stay_open() -> a
     let mut clients = Vec::new();
     for (i, on) in [b, b, leader, leader].into_iter().enumerate() {
         let (ws, conversation, token) = start_client(cluster.node(on), &format!("Client {i}")).await?;
-        let run = ClientRun { seen: Vec::new(), next: 0, lost: false, retried: 0 };
+        let run = ClientRun { seen: Vec::new(), next: 0, lost: false, retried: 0, acks: Vec::new() };
         clients.push((conversation, token, on, tokio::spawn(client_loop(ws, conversation, run, shared.clone(), stop.clone()))));
     }
 
@@ -176,9 +179,13 @@ async fn killing_the_leader_loses_nothing_and_sockets_elsewhere_stay_open() -> a
 
     let mut retried = 0;
     let mut runs = Vec::new();
+    let mut recovery = Duration::ZERO;
     for (conversation, handle) in resumed {
         let run = handle.await?;
         assert!(!run.lost, "the socket of {conversation} stayed open after the leader died");
+        if let Some(first) = run.acks.iter().find(|at| **at > killed_at) {
+            recovery = recovery.max(first.duration_since(killed_at));
+        }
         assert!(contiguous(&run.seen), "client of {conversation} saw every event once, in order: {:?}", run.seen);
         retried += run.retried;
         runs.push((conversation, run));
@@ -206,6 +213,28 @@ async fn killing_the_leader_loses_nothing_and_sockets_elsewhere_stay_open() -> a
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(0);
     assert!(forwarded > 0, "node {b} forwarded its clients' commands while it followed");
+    // I2 and I3 held through the failover: nobody over capacity, no conversation twice.
+    let supervisor = cluster.node(a).login("supervisor").await?;
+    let (_, operators) = cluster.node(a).api("GET", "/api/operators", Some(&supervisor), None).await?;
+    let mut held = 0;
+    for operator in operators["operators"].as_array().into_iter().flatten() {
+        let (active, capacity) = (operator["active"].as_u64().unwrap_or(0), operator["capacity"].as_u64().unwrap_or(0));
+        assert!(active <= capacity, "{} holds {active} of {capacity}", operator["id"]);
+        held += active;
+    }
+    for (conversation, _) in &runs {
+        let (_, conv) = cluster.node(a).api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+        let operators: std::collections::BTreeSet<String> = conv["history"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["kind"] == "assigned")
+            .filter_map(|e| e["operator"].as_str().map(str::to_owned))
+            .collect();
+        assert!(operators.len() <= 1, "conversation {conversation} was assigned to {operators:?}");
+    }
+    assert_eq!(held, runs.len() as u64, "every conversation is held by exactly one operator");
+    println!("recovery seen by clients on a surviving node: {recovery:?} from the kill to their first acknowledgement");
     let observed = std::mem::take(&mut *shared.lock().unwrap());
     assert!(observed.acked.len() > before, "messages flowed after the kill too ({before} before, {} in all)", observed.acked.len());
 

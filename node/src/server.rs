@@ -221,7 +221,24 @@ impl Route {
                 },
                 Some((leader, node)) => match {
                     self.counts.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.forwarder.write(SHARD_GROUP, &node.addr, Request(bytes.clone()), FORWARD_TTL).await
+                    let sent = self.forwarder.write(SHARD_GROUP, &node.addr, Request(bytes.clone()), FORWARD_TTL);
+                    // Another leader elected while the answer is awaited: the old one is
+                    // gone or cut off, and its answer will not come. Saying so at once lets
+                    // the client send again to the new leader without waiting out the TTL.
+                    // (Only when this node itself sees `leader` leading: a leader named by
+                    // another node may not be known here yet.)
+                    let mut metrics = self.raft.metrics();
+                    let watched = metrics.borrow().current_leader == Some(leader);
+                    let deposed = async {
+                        if !watched {
+                            return std::future::pending().await;
+                        }
+                        let _ = metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != leader)).await;
+                    };
+                    tokio::select! {
+                        answer = sent => answer,
+                        () = deposed => Err(ForwardError::Unknown(format!("node {leader} stopped leading before it answered"))),
+                    }
                 } {
                     Ok(response) => {
                         // Read-your-writes on this node: wait until it applied the entry.
