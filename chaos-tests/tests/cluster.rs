@@ -477,3 +477,35 @@ async fn a_node_joins_a_running_cluster_and_another_leaves_it() -> anyhow::Resul
     assert_eq!(status, 403, "only an admin changes the cluster");
     Ok(())
 }
+
+/// A node whose certificate comes from another CA cannot join: the members refuse its
+/// handshake and say so in their logs, and it never becomes a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_foreign_certificate_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), 3).await?;
+    let binary = switchboard_chaos_tests::binary()?;
+    let output = tokio::process::Command::new(&binary).args(["cluster", "add-node", "--dir"]).arg(dir.path()).output().await?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // The same layout, but a certificate issued by a CA of its own.
+    let foreign = dir.path().join("foreign-certs");
+    let output = tokio::process::Command::new(&binary).args(["certs", "--name", "node-4", "--dir"]).arg(&foreign).output().await?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let config = dir.path().join("node-4.toml");
+    let text = std::fs::read_to_string(&config)?.replace("certs_dir = \"certs\"", &format!("certs_dir = {:?}", foreign.display().to_string()));
+    std::fs::write(&config, text)?;
+    let intruder = switchboard_chaos_tests::Dev::launch(binary, "node", &dir.path().join("data/node-4"), "127.0.0.1:0", "127.0.0.1:0", &["--config", config.to_str().unwrap_or_default()])?;
+
+    let log_of = |id: usize| std::fs::read_to_string(dir.path().join(format!("data/node-{id}/node.log"))).unwrap_or_default();
+    eventually(Duration::from_secs(20), Duration::from_millis(200), || async {
+        let refused = (1..=3).any(|id| log_of(id).contains("refused a peer's QUIC handshake"));
+        let told = log_of(4).contains("asking to join the cluster");
+        Ok((refused && told).then_some(()))
+    })
+    .await?;
+    let status = cluster.status(1).await?;
+    assert_eq!(status["members"].as_array().map(Vec::len), Some(3), "the intruder is no member: {status}");
+    assert!(intruder.pid().is_some(), "it is still trying, not admitted");
+    intruder.kill().await?;
+    Ok(())
+}

@@ -136,16 +136,40 @@ impl Router {
     }
 }
 
+/// Refused handshakes (a certificate from another CA, none at all, a scanner) are
+/// logged as warnings, at most one line every 10 s with the count of the others.
+#[derive(Default)]
+struct RefusalLog {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RefusalLog {
+    fn note(&self, remote: SocketAddr, error: &str) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, quiet) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(10)) {
+            *quiet += 1;
+            return;
+        }
+        warn!(%remote, error, refused_since_last_line = *quiet, "refused a peer's QUIC handshake: it holds no valid certificate from the cluster CA");
+        *last = Some(std::time::Instant::now());
+        *quiet = 0;
+    }
+}
+
 /// Accepts peers on `endpoint` until it is closed, delivering their RPCs to `router`.
 pub fn serve(endpoint: quinn::Endpoint, router: Router) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let refusals = Arc::new(RefusalLog::default());
         while let Some(incoming) = endpoint.accept().await {
             let router = router.clone();
+            let refusals = refusals.clone();
             tokio::spawn(async move {
+                let remote = incoming.remote_address();
                 let connection = match incoming.await {
                     Ok(c) => c,
                     Err(e) => {
-                        debug!(error = %e, "peer handshake failed");
+                        refusals.note(remote, &e.to_string());
                         return;
                     }
                 };
