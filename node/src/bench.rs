@@ -18,36 +18,45 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 pub struct BenchArgs {
     /// Client sessions sending messages.
     #[arg(long, default_value_t = 100)]
-    clients: usize,
+    pub(crate) clients: usize,
     /// Operator sessions answering them.
     #[arg(long, default_value_t = 10)]
-    operators: usize,
+    pub(crate) operators: usize,
     /// Total client messages per second.
     #[arg(long, default_value_t = 500)]
-    rate: u32,
+    pub(crate) rate: u32,
     /// Seconds of steady load.
     #[arg(long, default_value_t = 20)]
-    duration: u64,
+    pub(crate) duration: u64,
     /// Idle client sessions opened to measure memory per session (0 skips it).
     #[arg(long, default_value_t = 2000)]
-    idle_sessions: usize,
+    pub(crate) idle_sessions: usize,
     /// Data folder for the benchmarked node (default: a fresh temporary one).
     #[arg(long)]
-    data_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
     /// Closed loop instead of a paced rate: every client keeps one message in flight,
     /// sending the next as soon as the ack of the last is back (but no faster than the
     /// client socket's sustained frame rate), for `--duration` seconds.
     #[arg(long)]
-    saturate: bool,
+    pub(crate) saturate: bool,
     /// Soak instead: `--clients` visitors each start a conversation, write 20 messages
     /// (one in flight), close it and start again, until this many messages are acked;
     /// then the node is restarted on its data folder and timed to ready.
     #[arg(long)]
-    soak: Option<u64>,
+    pub(crate) soak: Option<u64>,
     /// An extra argument for the benchmarked `switchboard dev` (repeat for several),
     /// e.g. `--node-arg=--snapshot-every --node-arg=100000`.
     #[arg(long = "node-arg", allow_hyphen_values = true)]
-    node_args: Vec<String>,
+    pub(crate) node_args: Vec<String>,
+    /// Benchmark a local cluster of this many `switchboard node` processes instead of
+    /// one `dev` node: clients and operators are spread over every node's listeners.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) nodes: usize,
+    /// With `--nodes 3` or more: kill the leader with SIGKILL this many times under a
+    /// closed-loop load (restarting it each time), and report the recovery each client
+    /// saw and whether every acknowledged message is in its conversation.
+    #[arg(long)]
+    pub(crate) kill_leader: Option<u32>,
 }
 
 struct Child {
@@ -58,6 +67,23 @@ struct Child {
     data_dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
+
+/// Every simulated visitor comes from 127.0.0.1: the per-address budgets that exist to
+/// stop one real address from flooding a node are lifted for the benchmarked nodes.
+pub(crate) const OPEN_BUDGETS: &[&str] = &[
+    "--starts-per-minute",
+    "1000000",
+    "--client-messages-per-minute",
+    "100000000",
+    "--client-sockets-per-address",
+    "1000000",
+    "--conversation-messages-per-minute",
+    "100000000",
+    "--max-connections-per-address",
+    "1000000",
+    "--max-connections",
+    "1000000",
+];
 
 async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
     let (dir, data_dir) = match &args.data_dir {
@@ -70,13 +96,9 @@ async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
     };
     let exe = std::env::current_exe()?;
     let mut process = tokio::process::Command::new(exe)
-        // Every bench client comes from loopback: lift the per-address start limit.
-        // Every simulated visitor comes from 127.0.0.1: lift the per-address budgets
-        // that exist to stop one real address from flooding the node.
-        .args(["dev", "--public-addr", "127.0.0.1:0", "--private-addr", "127.0.0.1:0", "--starts-per-minute", "1000000"])
-        .args(["--client-messages-per-minute", "100000000", "--client-sockets-per-address", "1000000"])
-        .args(["--conversation-messages-per-minute", "100000000"])
-        .args(["--max-connections-per-address", "1000000", "--max-connections", "1000000", "--data-dir"])
+        .args(["dev", "--public-addr", "127.0.0.1:0", "--private-addr", "127.0.0.1:0"])
+        .args(OPEN_BUDGETS)
+        .arg("--data-dir")
         .arg(&data_dir)
         .args(&args.node_args)
         .env("RUST_LOG", "warn")
@@ -113,7 +135,7 @@ async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
     })
 }
 
-async fn login(private: &str, login: &str, password: &str) -> anyhow::Result<String> {
+pub(crate) async fn login(private: &str, login: &str, password: &str) -> anyhow::Result<String> {
     let (status, body) = http_json(private, "POST", "/api/login", None, Some(&json!({"login": login, "password": password}))).await?;
     if status != 200 {
         bail!("login {login}: {status} {body}");
@@ -121,7 +143,7 @@ async fn login(private: &str, login: &str, password: &str) -> anyhow::Result<Str
     body["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no token"))
 }
 
-async fn put(private: &str, token: &str, path: &str, body: Value) -> anyhow::Result<()> {
+pub(crate) async fn put(private: &str, token: &str, path: &str, body: Value) -> anyhow::Result<()> {
     let (status, reply) = http_json(private, "PUT", path, Some(token), Some(&body)).await?;
     if status != 200 {
         bail!("PUT {path}: {status} {reply}");
@@ -129,12 +151,12 @@ async fn put(private: &str, token: &str, path: &str, body: Value) -> anyhow::Res
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -142,10 +164,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-type Pending = Arc<Mutex<HashMap<String, Instant>>>;
+pub(crate) type Pending = Arc<Mutex<HashMap<String, Instant>>>;
 
 /// Bytes under a folder, walked recursively.
-fn folder_bytes(path: &std::path::Path) -> u64 {
+pub(crate) fn folder_bytes(path: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else { return 0 };
     entries
         .filter_map(Result::ok)
@@ -157,7 +179,7 @@ fn folder_bytes(path: &std::path::Path) -> u64 {
         .sum()
 }
 
-fn print_latencies(label: &str, sorted: &[Duration]) {
+pub(crate) fn print_latencies(label: &str, sorted: &[Duration]) {
     println!(
         "  {label} p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         percentile(sorted, 50.0).as_secs_f64() * 1e3,
@@ -255,7 +277,7 @@ async fn restart_time(args: &BenchArgs, data_dir: &std::path::Path) -> anyhow::R
 
 /// The node's own mean time from receiving a command to its commit and apply, from
 /// `/metrics`: what the node spends, apart from the sockets on either side.
-async fn print_commit_time(private: &str) {
+pub(crate) async fn print_commit_time(private: &str) {
     let Ok((_, metrics)) = http_json(private, "GET", "/metrics", None, None).await else { return };
     let text = metrics.as_str().unwrap_or_default();
     let value = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok());
@@ -269,7 +291,7 @@ async fn print_commit_time(private: &str) {
 /// The closed loop: each client sends, waits for its ack, and sends again, no faster
 /// than its socket's sustained rate. Prints a progress line per second, then
 /// throughput, latencies, RSS and the data folder's size.
-async fn saturate(
+pub(crate) async fn saturate(
     args: &BenchArgs,
     clients: Vec<WsClient>,
     pending: &Pending,
@@ -341,45 +363,43 @@ async fn saturate(
 }
 
 /// The client surface's sustained text frames per second (docs/protocol.md §7).
-const CLIENT_SUSTAINED_FRAMES_PER_S: u32 = 10;
+pub(crate) const CLIENT_SUSTAINED_FRAMES_PER_S: u32 = 10;
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.clients == 0 || args.operators == 0 || args.rate == 0 {
-        bail!("clients, operators and rate must be positive");
-    }
-    // Each client socket is held to the public surface's sustained frame rate; beyond it
-    // the bench would measure the rate limiter, not delivery.
-    let per_client = f64::from(args.rate) / args.clients as f64;
-    if !args.saturate && per_client > f64::from(CLIENT_SUSTAINED_FRAMES_PER_S) {
-        bail!(
-            "{per_client:.1} messages/s per client is over the client socket's limit of {CLIENT_SUSTAINED_FRAMES_PER_S}/s: \
-             use at least {} clients for {} msg/s",
-            args.rate.div_ceil(CLIENT_SUSTAINED_FRAMES_PER_S),
-            args.rate
-        );
-    }
-    println!("bench: starting a switchboard dev node…");
-    let mut child = spawn_node(&args).await?;
-    let pid = child.process.id().ok_or_else(|| anyhow!("no pid"))?;
-    let admin_password = child.logins.get("admin").cloned().ok_or_else(|| anyhow!("no admin login"))?;
-    let admin = login(&child.private, "admin", &admin_password).await?;
-
+/// The bench's skill groups and channels, and `--operators` operators online (their
+/// sockets spread over `privates`), each accepting every offer and timing the client
+/// messages it receives against `pending`.
+pub(crate) async fn operators(
+    args: &BenchArgs,
+    privates: &[String],
+    admin: &str,
+    pending: &Pending,
+    latencies: &Arc<Mutex<Vec<Duration>>>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let private = &privates[0];
     // A dedicated group sized so every client gets an operator at once.
     let capacity = args.clients.div_ceil(args.operators) as u32 + 1;
-    put(&child.private, &admin, "/api/skill-groups/bench", json!({"name": "Bench", "policy": "least_occupied", "offer_timeout_ms": 30000})).await?;
-    put(&child.private, &admin, "/api/skill-groups/idle", json!({"name": "Idle", "offer_timeout_ms": 30000})).await?;
-    put(&child.private, &admin, "/api/channels/bench", json!({"kind": "web", "name": "Bench", "default_group": "bench"})).await?;
-    put(&child.private, &admin, "/api/channels/idle", json!({"kind": "web", "name": "Idle", "default_group": "idle"})).await?;
-    let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
+    put(private, admin, "/api/skill-groups/bench", json!({"name": "Bench", "policy": "least_occupied", "offer_timeout_ms": 30000})).await?;
+    put(private, admin, "/api/skill-groups/idle", json!({"name": "Idle", "offer_timeout_ms": 30000})).await?;
+    put(private, admin, "/api/channels/bench", json!({"kind": "web", "name": "Bench", "default_group": "bench"})).await?;
+    put(private, admin, "/api/channels/idle", json!({"kind": "web", "name": "Idle", "default_group": "idle"})).await?;
     let mut operator_tasks = Vec::new();
     for i in 0..args.operators {
         let id = format!("bench-{i}");
         let password = format!("bench-password-{i}");
-        put(&child.private, &admin, &format!("/api/operators/{id}"), json!({"name": id, "capacity": capacity, "groups": ["bench"]})).await?;
-        put(&child.private, &admin, &format!("/api/users/{id}"), json!({"password": password, "role": "operator", "operator": id})).await?;
-        let token = login(&child.private, &id, &password).await?;
-        let mut ws = WsClient::connect(&child.private, &format!("/ws/operator?token={token}"), None).await?;
+        put(private, admin, &format!("/api/operators/{id}"), json!({"name": id, "capacity": capacity, "groups": ["bench"]})).await?;
+        put(private, admin, &format!("/api/users/{id}"), json!({"password": password, "role": "operator", "operator": id})).await?;
+        let on = &privates[i % privates.len()];
+        // A follower may not have applied the user just committed through node 1.
+        let mut token = login(on, &id, &password).await;
+        for _ in 0..40 {
+            if token.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            token = login(on, &id, &password).await;
+        }
+        let token = token?;
+        let mut ws = WsClient::connect(on, &format!("/ws/operator?token={token}"), None).await?;
         ws.send(&json!({"type": "presence", "status": "online"})).await?;
         let pending = pending.clone();
         let latencies = latencies.clone();
@@ -404,6 +424,56 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }));
     }
+    Ok(operator_tasks)
+}
+
+/// `n` clients, their sockets spread over `publics`, each with a started conversation
+/// on the bench channel that an operator was assigned to.
+pub(crate) async fn start_clients(publics: &[String], n: usize) -> anyhow::Result<Vec<(WsClient, Value)>> {
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let mut ws = WsClient::connect(&publics[i % publics.len()], "/ws/client", None).await?;
+        ws.send(&json!({"type": "start", "channel": "bench", "name": "Bench client"})).await?;
+        let started = ws.wait_for(Duration::from_secs(10), |v| v["type"] == "started").await?;
+        clients.push((ws, started));
+    }
+    for (ws, _) in clients.iter_mut() {
+        ws.wait_for(Duration::from_secs(30), |v| v["type"] == "event" && v["kind"] == "assigned").await.context("client never assigned")?;
+        ws.clear_skipped();
+    }
+    Ok(clients)
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.nodes > 1 {
+        return crate::bench_cluster::run(args).await;
+    }
+    if args.kill_leader.is_some() {
+        bail!("--kill-leader needs a cluster: add --nodes 3");
+    }
+    if args.clients == 0 || args.operators == 0 || args.rate == 0 {
+        bail!("clients, operators and rate must be positive");
+    }
+    // Each client socket is held to the public surface's sustained frame rate; beyond it
+    // the bench would measure the rate limiter, not delivery.
+    let per_client = f64::from(args.rate) / args.clients as f64;
+    if !args.saturate && per_client > f64::from(CLIENT_SUSTAINED_FRAMES_PER_S) {
+        bail!(
+            "{per_client:.1} messages/s per client is over the client socket's limit of {CLIENT_SUSTAINED_FRAMES_PER_S}/s: \
+             use at least {} clients for {} msg/s",
+            args.rate.div_ceil(CLIENT_SUSTAINED_FRAMES_PER_S),
+            args.rate
+        );
+    }
+    println!("bench: starting a switchboard dev node…");
+    let mut child = spawn_node(&args).await?;
+    let pid = child.process.id().ok_or_else(|| anyhow!("no pid"))?;
+    let admin_password = child.logins.get("admin").cloned().ok_or_else(|| anyhow!("no admin login"))?;
+    let admin = login(&child.private, "admin", &admin_password).await?;
+
+    let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
+    let operator_tasks = operators(&args, &[child.private.clone()], &admin, &pending, &latencies).await?;
 
     if let Some(total) = args.soak {
         soak(&args, &child, total, pid).await?;
@@ -416,17 +486,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("bench: {} operators online; starting {} clients", args.operators, args.clients);
-    let mut clients = Vec::new();
-    for _ in 0..args.clients {
-        let mut ws = WsClient::connect(&child.public, "/ws/client", None).await?;
-        ws.send(&json!({"type": "start", "channel": "bench", "name": "Bench client"})).await?;
-        ws.wait_for(Duration::from_secs(10), |v| v["type"] == "started").await?;
-        clients.push(ws);
-    }
-    for ws in clients.iter_mut() {
-        ws.wait_for(Duration::from_secs(30), |v| v["type"] == "event" && v["kind"] == "assigned").await.context("client never assigned")?;
-        ws.clear_skipped();
-    }
+    let clients: Vec<WsClient> = start_clients(&[child.public.clone()], args.clients).await?.into_iter().map(|(ws, _)| ws).collect();
     if args.saturate {
         saturate(&args, clients, &pending, &latencies, pid, &child.data_dir).await?;
         print_commit_time(&child.private).await;

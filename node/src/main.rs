@@ -1,6 +1,7 @@
 //! `switchboard`: run a node, a local dev cluster, make certificates, or load-test.
 
 mod bench;
+mod bench_cluster;
 mod bootstrap;
 mod cluster;
 mod demo;

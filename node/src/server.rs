@@ -18,7 +18,7 @@ use switchboard_gateway::listener::ConnectionLimits;
 use switchboard_gateway::{Backend, BoxFuture, Budgets, Gateway, GatewayConfig, Limits, TokenKey};
 use switchboard_raft::network::{serve, ForwardError, Forwarder, NetworkFactory, Peers, Router};
 use switchboard_raft::store::open_group;
-use switchboard_raft::{config_with_snapshots, tls, Changes, Machine, Node, Raft, Records, Request};
+use switchboard_raft::{member_config, tls, Changes, Machine, Node, Raft, Records, Request};
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -784,7 +784,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     let shard = Arc::new(Shard::new());
     let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }), &options.data_dir.join("snapshots"), &log_dir)?;
     let peers = Peers::new(endpoint.clone());
-    let raft = Raft::new(options.node_id, config_with_snapshots(options.snapshot_every)?, NetworkFactory::with_peers(peers.clone(), SHARD_GROUP), log, sm).await?;
+    let raft = Raft::new(options.node_id, member_config(options.snapshot_every, options.node_id, SHARD_GROUP)?, NetworkFactory::with_peers(peers.clone(), SHARD_GROUP), log, sm).await?;
     let router = Router::default();
     router.add(SHARD_GROUP, raft.clone());
     let rpc_server = serve(endpoint.clone(), router.clone());

@@ -210,7 +210,7 @@ async fn serve_stream(router: Router, mut send: quinn::SendStream, mut recv: qui
 /// A dial runs in a task of its own, so a caller that gives up (openraft drops an RPC
 /// at its timeout) does not cancel it, and callers that come while it runs are told at
 /// once that the peer is unreachable (openraft then backs off instead of retrying every
-/// heartbeat). A connection on which nothing has answered for `SILENT` is closed: a
+/// heartbeat). A connection on which nothing has answered for `SILENT` (1 s) is closed: a
 /// peer that died without closing it (kill -9, a cut cable) is found within seconds,
 /// not after QUIC's idle timeout, and its callers back off too.
 #[derive(Clone)]
@@ -229,7 +229,7 @@ struct Peer {
 }
 
 /// Nothing answered on a connection for this long: it is closed and dialled anew.
-const SILENT: Duration = Duration::from_secs(2);
+const SILENT: Duration = Duration::from_secs(1);
 /// A dial that takes longer than this fails (QUIC would wait for its idle timeout).
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 

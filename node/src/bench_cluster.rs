@@ -1,0 +1,348 @@
+//! `switchboard bench --nodes N`: the same load against a local cluster of `switchboard
+//! node` processes laid out by `cluster init`, with clients and operators spread over
+//! every node; `--kill-leader K` kills the leader K times under load and reports the
+//! recovery each client saw and whether every acknowledged message is kept.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::json;
+use switchboard_gateway::client::{http_json, Incoming, WsClient};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::bench::{self, BenchArgs, Pending};
+use crate::cluster::{self, NodeConfig};
+
+/// The benchmarked cluster: its layout and its node processes (by id - 1).
+struct Nodes {
+    _dir: tempfile::TempDir,
+    configs: Vec<NodeConfig>,
+    paths: Vec<PathBuf>,
+    children: Vec<Option<tokio::process::Child>>,
+    extra: Vec<String>,
+}
+
+impl Nodes {
+    async fn start(args: &BenchArgs) -> anyhow::Result<Nodes> {
+        let dir = tempfile::tempdir()?;
+        let layout = dir.path().join("cluster");
+        let base = free_port_block(args.nodes)?;
+        let paths = cluster::init(&cluster::InitPlan {
+            dir: layout,
+            nodes: args.nodes as u64,
+            hosts: vec!["127.0.0.1".into()],
+            public_port: base,
+            private_port: base + 1,
+            raft_port: base + 2,
+            port_step: 10,
+        })?;
+        let configs = paths.iter().map(|p| NodeConfig::read(p)).collect::<anyhow::Result<Vec<_>>>()?;
+        let mut nodes = Nodes { _dir: dir, configs, paths, children: Vec::new(), extra: args.node_args.clone() };
+        let mut waiting = Vec::new();
+        for i in 0..args.nodes {
+            let (child, ready) = nodes.spawn(i)?;
+            nodes.children.push(Some(child));
+            waiting.push(ready);
+        }
+        for ready in waiting {
+            ready.await.context("a node did not start")??;
+        }
+        Ok(nodes)
+    }
+
+    /// Starts node `i` (from 0); the returned task ends when it printed `ready`.
+    fn spawn(&self, i: usize) -> anyhow::Result<(tokio::process::Child, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+        let mut command = tokio::process::Command::new(std::env::current_exe()?);
+        command.arg("node").arg("--config").arg(&self.paths[i]).args(bench::OPEN_BUDGETS).args(&self.extra);
+        if i == 0 {
+            command.arg("--demo");
+        }
+        let mut child = command.env("RUST_LOG", "error").stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let ready = tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let wait = async {
+                while let Some(line) = lines.next_line().await? {
+                    if line == "ready" {
+                        return anyhow::Ok(());
+                    }
+                }
+                bail!("the node exited before it was ready")
+            };
+            tokio::time::timeout(Duration::from_secs(120), wait).await.map_err(|_| anyhow!("not ready within 120 s"))??;
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            Ok(())
+        });
+        Ok((child, ready))
+    }
+
+    fn publics(&self) -> Vec<String> {
+        self.configs.iter().map(|c| c.public_addr.to_string()).collect()
+    }
+
+    fn privates(&self) -> Vec<String> {
+        self.configs.iter().map(|c| c.private_addr.to_string()).collect()
+    }
+
+    /// The leader every running node names, once they agree (waits up to 30 s).
+    async fn leader(&self) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut named = Vec::new();
+            for (i, config) in self.configs.iter().enumerate() {
+                if self.children[i].is_some() {
+                    named.push(cluster::status(&config.private_addr.to_string()).await.ok().and_then(|s| s["leader"].as_u64()));
+                }
+            }
+            if let Some(Some(leader)) = named.first() {
+                if named.iter().all(|l| *l == Some(*leader)) && self.children.get(*leader as usize - 1).is_some_and(Option::is_some) {
+                    return Ok(*leader as usize - 1);
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("the nodes did not agree on a running leader within 30 s: {named:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until node `i` has applied as far as the leader had when asked.
+    async fn caught_up(&self, i: usize) -> anyhow::Result<()> {
+        let leader = self.leader().await?;
+        let target = cluster::status(&self.configs[leader].private_addr.to_string()).await?["last_applied"].as_u64().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let applied = cluster::status(&self.configs[i].private_addr.to_string()).await.ok().and_then(|s| s["last_applied"].as_u64()).unwrap_or(0);
+            if applied >= target {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("node {} did not catch up within 60 s", i + 1)
+    }
+}
+
+/// A port `p` such that TCP `p + 10k`, `p + 10k + 1` and UDP `p + 10k + 2` are free for
+/// `k < n`: the layout `cluster init` gives nodes on one host.
+fn free_port_block(n: usize) -> anyhow::Result<u16> {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id();
+    for attempt in 0..200u32 {
+        let base = 20_000 + (seed.wrapping_add(attempt.wrapping_mul(7919)) % 4000) as u16 * 10;
+        let free = (0..n as u16).all(|k| {
+            let p = base + 10 * k;
+            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", p + 2)).is_ok()
+        });
+        if free {
+            return Ok(base);
+        }
+    }
+    bail!("no free block of ports for {n} nodes")
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.soak.is_some() {
+        bail!("--soak runs on one node; drop --nodes");
+    }
+    if args.kill_leader.is_some() && args.nodes < 3 {
+        bail!("--kill-leader needs --nodes 3 or more (a majority must survive the kill)");
+    }
+    println!("bench: starting a cluster of {} switchboard node processes…", args.nodes);
+    let mut nodes = Nodes::start(&args).await?;
+    let logins: BTreeMap<String, String> = serde_json::from_slice(&std::fs::read(nodes.configs[0].data_dir.join(crate::demo::LOGINS_FILE))?)?;
+    let admin_password = logins.get("admin").cloned().ok_or_else(|| anyhow!("no admin login"))?;
+    let privates = nodes.privates();
+    let admin = bench::login(&privates[0], "admin", &admin_password).await?;
+    let pending: Pending = Arc::default();
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let operator_tasks = bench::operators(&args, &privates, &admin, &pending, &latencies).await?;
+    println!("bench: {} operators online over {} nodes; starting {} clients", args.operators, args.nodes, args.clients);
+    let clients = bench::start_clients(&nodes.publics(), args.clients).await?;
+    let leader = nodes.leader().await?;
+    println!("bench: node {} leads", leader + 1);
+    let pid = nodes.children[leader].as_ref().and_then(|c| c.id()).unwrap_or(0);
+    let result = match args.kill_leader {
+        Some(kills) => kill_drill(&args, &mut nodes, clients, kills, &admin).await,
+        None => {
+            let clients = clients.into_iter().map(|(ws, _)| ws).collect();
+            let outcome = bench::saturate(&args, clients, &pending, &latencies, pid, &nodes.configs[leader].data_dir).await;
+            bench::print_commit_time(&privates[leader]).await;
+            outcome
+        }
+    };
+    // Spurious elections under load would show here.
+    for config in &nodes.configs {
+        if let Ok(status) = cluster::status(&config.private_addr.to_string()).await {
+            println!("  node {}: {}, leader changes seen {}", config.id, status["role"].as_str().unwrap_or("?"), status["leader_changes"]);
+        }
+    }
+    for task in operator_tasks {
+        task.abort();
+    }
+    for child in nodes.children.iter_mut().flatten() {
+        let _ = child.kill().await;
+    }
+    result
+}
+
+/// One client of the drill: a conversation it resumes on another node when its socket
+/// is cut, sending one message at a time and resending an unanswered one with its key.
+struct DrillClient {
+    conversation: u64,
+    token: String,
+    /// When each acknowledgement arrived, and the key it acknowledged.
+    acks: Vec<(Instant, String)>,
+    /// Sends answered `unavailable` (outcome unknown during a failover) and sent again.
+    retried: u64,
+    reconnects: u64,
+}
+
+async fn drill_client(mut ws: WsClient, mut me: DrillClient, publics: Vec<String>, home: usize, stop: Arc<std::sync::atomic::AtomicBool>) -> DrillClient {
+    let min_gap = Duration::from_secs_f64(1.0 / f64::from(bench::CLIENT_SUSTAINED_FRAMES_PER_S));
+    let mut last_seq = 0u64;
+    let mut n = 0u64;
+    let mut node = home;
+    'messages: while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let key = format!("d{}-{n}", me.conversation);
+        let sent = Instant::now();
+        if ws.send(&json!({"type": "send", "key": key, "text": "drill message"})).await.is_ok() {
+            loop {
+                match ws.next(Duration::from_secs(30)).await {
+                    Ok(Incoming::Json(v)) if v["type"] == "event" => last_seq = v["seq"].as_u64().unwrap_or(last_seq).max(last_seq),
+                    Ok(Incoming::Json(v)) if v["type"] == "ack" && v["key"] == key.as_str() => {
+                        me.acks.push((Instant::now(), key.clone()));
+                        n += 1;
+                        let next = sent + min_gap;
+                        if next > Instant::now() {
+                            tokio::time::sleep_until(next.into()).await;
+                        }
+                        continue 'messages;
+                    }
+                    Ok(Incoming::Json(v)) if v["type"] == "error" && v["ref"] == key.as_str() => {
+                        me.retried += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue 'messages;
+                    }
+                    Ok(Incoming::Json(_)) | Ok(Incoming::Text(_)) => {}
+                    Ok(Incoming::Closed { .. }) | Err(_) => break,
+                }
+            }
+        }
+        // The socket was cut (its node died): resume on the next node, as the widget does.
+        loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break 'messages;
+            }
+            node = (node + 1) % publics.len();
+            me.reconnects += 1;
+            let Ok(mut fresh) = WsClient::connect(&publics[node], "/ws/client", None).await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            if fresh.send(&json!({"type": "resume", "token": me.token, "last_seq": last_seq})).await.is_ok()
+                && fresh.wait_for(Duration::from_secs(5), |v| v["type"] == "resumed").await.is_ok()
+            {
+                ws = fresh;
+                break;
+            }
+        }
+    }
+    ws.close().await;
+    me
+}
+
+async fn kill_drill(args: &BenchArgs, nodes: &mut Nodes, clients: Vec<(WsClient, serde_json::Value)>, kills: u32, admin: &str) -> anyhow::Result<()> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publics = nodes.publics();
+    let mut tasks = Vec::new();
+    for (i, (ws, started)) in clients.into_iter().enumerate() {
+        let me = DrillClient {
+            conversation: started["conversation"].as_u64().unwrap_or(0),
+            token: started["token"].as_str().unwrap_or_default().to_owned(),
+            acks: Vec::new(),
+            retried: 0,
+            reconnects: 0,
+        };
+        tasks.push(tokio::spawn(drill_client(ws, me, publics.clone(), i % publics.len(), stop.clone())));
+    }
+    println!("bench: {} clients, one message in flight each; killing the leader {kills} times…", args.clients);
+    let started = Instant::now();
+    let mut killed_at = Vec::new();
+    for k in 0..kills {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let leader = nodes.leader().await?;
+        if let Some(child) = nodes.children[leader].as_mut() {
+            child.start_kill()?;
+            killed_at.push(Instant::now());
+            let _ = child.wait().await;
+        }
+        nodes.children[leader] = None;
+        let new_leader = nodes.leader().await?;
+        println!("  kill {}: node {} killed, node {} leads {:.0} ms later", k + 1, leader + 1, new_leader + 1, killed_at[k as usize].elapsed().as_secs_f64() * 1e3);
+        // Back before the next kill, and caught up: a majority must survive every kill.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (child, ready) = nodes.spawn(leader)?;
+        nodes.children[leader] = Some(child);
+        ready.await.context("restart after a kill")??;
+        nodes.caught_up(leader).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut runs = Vec::new();
+    for task in tasks {
+        runs.push(task.await?);
+    }
+    let elapsed = started.elapsed();
+
+    // Recovery seen by each client for each kill: from the kill to its first ack after.
+    let mut recoveries = Vec::new();
+    let mut per_kill = Vec::new();
+    for at in &killed_at {
+        let mut worst = Duration::ZERO;
+        for run in &runs {
+            if let Some((ack, _)) = run.acks.iter().find(|(ack, _)| ack >= at) {
+                let wait = ack.duration_since(*at);
+                recoveries.push(wait);
+                worst = worst.max(wait);
+            }
+        }
+        per_kill.push(worst);
+    }
+    recoveries.sort();
+    per_kill.sort();
+    // Every acknowledged message is in its conversation, once.
+    let private = nodes.privates()[nodes.leader().await?].clone();
+    let (mut lost, mut doubled, mut checked) = (0, 0, 0);
+    for run in &runs {
+        let (status, conv) = http_json(&private, "GET", &format!("/api/conversations/{}", run.conversation), Some(admin), None).await?;
+        if status != 200 {
+            bail!("conversation {}: {status} {conv}", run.conversation);
+        }
+        let mut copies: BTreeMap<&str, usize> = BTreeMap::new();
+        for entry in conv["history"].as_array().into_iter().flatten() {
+            if let Some(key) = entry["key"].as_str() {
+                *copies.entry(key).or_default() += 1;
+            }
+        }
+        for (_, key) in &run.acks {
+            checked += 1;
+            match copies.get(key.as_str()) {
+                None => lost += 1,
+                Some(1) => {}
+                Some(_) => doubled += 1,
+            }
+        }
+    }
+    let acked: usize = runs.iter().map(|r| r.acks.len()).sum();
+    println!("\nleader killed {kills} times in {:.1} s, {} clients", elapsed.as_secs_f64(), args.clients);
+    println!("  acked {acked} ({:.0} msg/s through the kills); resent after `unavailable` {}; reconnects {}", acked as f64 / elapsed.as_secs_f64(), runs.iter().map(|r| r.retried).sum::<u64>(), runs.iter().map(|r| r.reconnects).sum::<u64>());
+    bench::print_latencies("recovery seen by a client (kill -> its first ack after)", &recoveries);
+    bench::print_latencies("worst client per kill", &per_kill);
+    println!("  {checked} acknowledged messages checked: {lost} lost, {doubled} written twice");
+    Ok(())
+}
