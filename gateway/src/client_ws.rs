@@ -234,10 +234,20 @@ impl ClientSession {
                         return Ok(Flow::Close(close::UNAUTHORIZED, "unauthorized".into()));
                     }
                 };
-                let (last, operator_read_upto) = match self.gw.backend.shard().conversation(conversation) {
-                    Ok(Some(c)) => (c.last_seq(), c.operator_read_upto),
-                    Ok(None) => return Err(frames::error("not_found", "conversation not found", None)),
-                    Err(e) => return Err(frames::error(e.code(), &e.to_string(), None)),
+                let read = || match self.gw.backend.shard().conversation(conversation) {
+                    Ok(Some(c)) => Ok(Some((c.last_seq(), c.operator_read_upto))),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(frames::error(e.code(), &e.to_string(), None)),
+                };
+                let mut found = read()?;
+                // A visitor who saw more than this node has applied (they come from a
+                // node that died, and this one lags a little), or whose conversation
+                // this node has not applied yet: catch up before answering.
+                if found.is_none_or(|(last, _)| last_seq > last) && self.gw.backend.read_barrier().await.is_ok() {
+                    found = read()?;
+                }
+                let Some((last, operator_read_upto)) = found else {
+                    return Err(frames::error("not_found", "conversation not found", None));
                 };
                 if last_seq > last {
                     return Err(frames::error("invalid", &format!("last_seq {last_seq} is ahead of the conversation ({last})"), None));

@@ -63,6 +63,10 @@ pub trait Backend: Send + Sync + 'static {
     /// of any minority of them, before its record is committed. A node alone has
     /// nothing to do.
     fn replicate_file(&self, blobs: attachments::BlobStore, id: switchboard_actors::model::AttachmentId) -> BoxFuture<Result<(), String>>;
+    /// Waits until this node has applied every write acknowledged anywhere before the
+    /// call (one round trip to the leader): for a read that must not miss one, such as
+    /// a visitor resuming on a node that lags behind the one they came from.
+    fn read_barrier(&self) -> BoxFuture<Result<(), String>>;
     /// Removes node `id` from the cluster's group (through its leader).
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>>;
     /// Looks for a file on the other members (one this node missed while it was down).

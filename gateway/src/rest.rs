@@ -172,6 +172,9 @@ async fn login(
     }
     // Counted from here, before the password is checked.
     let attempt = gw.throttle.begin(&req.login, crate::budget::client_address(peer.ip()))?;
+    // On every node alike: a user just created, or a password just changed, through
+    // another member counts here at once. Without a leader the node's own state answers.
+    let _ = gw.backend.read_barrier().await;
     let user = {
         let shard = gw.backend.shard();
         let state = shard.read();

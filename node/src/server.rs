@@ -553,6 +553,11 @@ impl Backend for NodeBackend {
         })
     }
 
+    fn read_barrier(&self) -> BoxFuture<Result<(), String>> {
+        let (raft, peers) = (self.raft.clone(), self.peers.clone());
+        Box::pin(async move { switchboard_raft::network::read_barrier(&raft, &peers, SHARD_GROUP, Duration::from_secs(3)).await })
+    }
+
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>> {
         let (raft, peers) = (self.raft.clone(), self.peers.clone());
         Box::pin(async move {
