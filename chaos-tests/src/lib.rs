@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 use switchboard_gateway::client::{http_json, WsClient};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+pub mod netns;
+
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Path of the switchboard binary under test.
@@ -65,9 +67,30 @@ impl Dev {
     /// for it: the caller may probe it while it starts, then wait with
     /// [`Starting::ready`] or kill it with [`Starting::kill`].
     pub fn launch(binary: PathBuf, subcommand: &str, data_dir: &Path, public_addr: &str, private_addr: &str, extra: &[&str]) -> anyhow::Result<Starting> {
+        Self::launch_in(None, binary, subcommand, data_dir, public_addr, private_addr, extra)
+    }
+
+    /// [`Dev::launch`] inside a network namespace (`ip netns exec`), when one is given.
+    pub fn launch_in(
+        netns: Option<&str>,
+        binary: PathBuf,
+        subcommand: &str,
+        data_dir: &Path,
+        public_addr: &str,
+        private_addr: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Starting> {
         std::fs::create_dir_all(data_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("node.log"))?;
-        let mut child = tokio::process::Command::new(binary)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary);
+                c
+            }
+            None => tokio::process::Command::new(binary),
+        };
+        let mut child = command
             .args([subcommand, "--public-addr", public_addr, "--private-addr", private_addr, "--data-dir"])
             .arg(data_dir)
             .args(extra)
@@ -256,6 +279,8 @@ pub struct Cluster {
     /// The demo logins node 1 made.
     pub logins: HashMap<String, String>,
     starting: Vec<(usize, Starting)>,
+    /// Each node's network namespace, in a [`netns::Lab`] cluster.
+    namespaces: Vec<Option<String>>,
 }
 
 impl Cluster {
@@ -263,17 +288,34 @@ impl Cluster {
     pub async fn start(dir: &Path, n: usize) -> anyhow::Result<Cluster> {
         // One node more than asked: room for a node added later (`add_node`).
         let base = free_port_block(n + 1)?;
+        let ports = ["--public-port".to_string(), base.to_string(), "--private-port".into(), (base + 1).to_string(), "--raft-port".into(), (base + 2).to_string()];
+        Self::start_with(dir, n, &ports, vec![None; n]).await
+    }
+
+    /// A cluster whose node `i` runs in the lab's namespace `i`, at its address there
+    /// (ports 8080, 8081 and 8082 on each: the namespaces do not share them). Call it
+    /// from inside [`netns::Lab::run_in_hub`] so the test's sockets reach the nodes.
+    pub async fn start_in(lab: &netns::Lab, dir: &Path, n: usize) -> anyhow::Result<Cluster> {
+        let mut hosts = Vec::new();
+        for i in 1..=n {
+            hosts.push("--host".to_string());
+            hosts.push(netns::Lab::ip(i));
+        }
+        Self::start_with(dir, n, &hosts, (1..=n).map(|i| Some(lab.namespace(i).to_string())).collect()).await
+    }
+
+    async fn start_with(dir: &Path, n: usize, layout: &[String], namespaces: Vec<Option<String>>) -> anyhow::Result<Cluster> {
         let output = tokio::process::Command::new(binary()?)
             .args(["cluster", "init", "--nodes", &n.to_string(), "--dir"])
             .arg(dir)
-            .args(["--public-port", &base.to_string(), "--private-port", &(base + 1).to_string(), "--raft-port", &(base + 2).to_string()])
+            .args(layout)
             .output()
             .await?;
         if !output.status.success() {
             bail!("cluster init failed: {}", String::from_utf8_lossy(&output.stderr));
         }
         // Launched together: each waits for a quorum before it says ready.
-        let starting = (1..=n).map(|id| Self::launch(dir, id)).collect::<anyhow::Result<Vec<_>>>()?;
+        let starting = (1..=n).map(|id| Self::launch(dir, id, namespaces[id - 1].as_deref())).collect::<anyhow::Result<Vec<_>>>()?;
         let mut nodes = Vec::new();
         for s in starting {
             nodes.push(Some(s.ready().await?));
@@ -282,7 +324,7 @@ impl Cluster {
         for node in nodes.iter_mut().flatten() {
             node.logins = logins.clone();
         }
-        let cluster = Cluster { dir: dir.to_path_buf(), nodes, logins, starting: Vec::new() };
+        let cluster = Cluster { dir: dir.to_path_buf(), nodes, logins, starting: Vec::new(), namespaces };
         // Every node has applied the demo configuration node 1 committed.
         let first = cluster.status(1).await?["last_applied"].as_u64().unwrap_or(0);
         for id in 2..=n {
@@ -294,14 +336,18 @@ impl Cluster {
         Ok(cluster)
     }
 
-    fn launch(dir: &Path, id: usize) -> anyhow::Result<Starting> {
+    fn launch(dir: &Path, id: usize, netns: Option<&str>) -> anyhow::Result<Starting> {
         let config = dir.join(format!("node-{id}.toml"));
         let config = config.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?.to_owned();
         let mut extra = vec!["--config", config.as_str(), "--enable-chaos-drills"];
         if id == 1 {
             extra.push("--demo");
         }
-        Dev::launch(binary()?, "node", &dir.join("data").join(format!("node-{id}")), "127.0.0.1:0", "127.0.0.1:0", &extra)
+        Dev::launch_in(netns, binary()?, "node", &dir.join("data").join(format!("node-{id}")), "127.0.0.1:0", "127.0.0.1:0", &extra)
+    }
+
+    fn namespace(&self, id: usize) -> Option<&str> {
+        self.namespaces.get(id - 1).and_then(|n| n.as_deref())
     }
 
     /// Node `id` (from 1), which must be running.
@@ -325,9 +371,10 @@ impl Cluster {
         }
         let id = self.nodes.len() + 1;
         anyhow::ensure!(self.dir.join(format!("node-{id}.toml")).exists(), "add-node wrote no node-{id}.toml");
-        let mut node = Self::launch(&self.dir, id)?.ready().await?;
+        let mut node = Self::launch(&self.dir, id, None)?.ready().await?;
         node.logins = self.logins.clone();
         self.nodes.push(Some(node));
+        self.namespaces.push(None);
         Ok(id)
     }
 
@@ -342,7 +389,7 @@ impl Cluster {
     /// Launches node `id` again without waiting for it: members wait for a quorum, so a
     /// whole cluster is launched first and waited for with [`Cluster::wait_started`].
     pub fn launch_again(&mut self, id: usize) -> anyhow::Result<()> {
-        self.starting.push((id, Self::launch(&self.dir, id)?));
+        self.starting.push((id, Self::launch(&self.dir, id, self.namespace(id))?));
         Ok(())
     }
 
@@ -359,7 +406,7 @@ impl Cluster {
 
     /// Starts node `id` again on its configuration and data folder.
     pub async fn restart(&mut self, id: usize) -> anyhow::Result<()> {
-        let mut node = Self::launch(&self.dir, id)?.ready().await?;
+        let mut node = Self::launch(&self.dir, id, self.namespace(id))?.ready().await?;
         node.logins = self.logins.clone();
         self.nodes[id - 1] = Some(node);
         Ok(())
