@@ -70,6 +70,13 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
     minority.send(&json!({"type": "send", "key": "m1", "text": "sent while cut off"})).await?;
     let early = minority.wait_for(Duration::from_secs(3), |v| v["type"] == "ack" && v["key"] == "m1").await;
     assert!(early.is_err(), "a leader cut off from its majority acknowledged a message: {early:?}");
+    // Load balancers see it: the cut-off leader reaches no majority and is not ready.
+    let readiness = |id: usize| {
+        let addr = cluster.node(id).public.clone();
+        async move { anyhow::Ok(switchboard_gateway::client::http_json(&addr, "GET", "/readyz", None, None).await?.0) }
+    };
+    eventually(Duration::from_secs(10), Duration::from_millis(100), || async { Ok((readiness(leader).await? == 503).then_some(())) }).await?;
+    assert_eq!(cluster.status(leader).await?["reaches_majority"], false);
     // The majority elects a leader of its own and goes on.
     let new_leader = majority_leader(&cluster, &others).await?;
     for n in 1..=5 {
@@ -89,6 +96,8 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
         Ok((status["leader"].as_u64() == Some(new_leader as u64) && status["role"] == "follower").then_some(()))
     })
     .await?;
+    assert_eq!(readiness(leader).await?, 200, "healed and following, the old leader is ready again");
+    assert_eq!(cluster.status(new_leader).await?["reaches_majority"], true);
     let target = cluster.status(new_leader).await?["last_applied"].as_u64().unwrap_or(0);
     eventually(Duration::from_secs(15), Duration::from_millis(100), || async {
         Ok((cluster.status(leader).await?["last_applied"].as_u64().unwrap_or(0) >= target).then_some(()))

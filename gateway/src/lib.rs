@@ -432,7 +432,8 @@ async fn healthz() -> Response {
     (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
 }
 
-/// Readiness: the node leads its group, has applied its log and loaded its
+/// Readiness: the group has a leader this node can reach (itself while it reaches a
+/// majority, or another member), the node applied its log and loaded its
 /// configuration, so a client that starts now finds its channel and groups.
 async fn readyz(axum::extract::State(gw): axum::extract::State<Arc<Gateway>>) -> Response {
     if gw.configured.load(Relaxed) && gw.backend.ready() {

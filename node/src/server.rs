@@ -184,6 +184,9 @@ const FORWARD_TTL: Duration = Duration::from_secs(3);
 /// How long a proposer keeps looking for a leader that accepts an entry (during an
 /// election, or while the leader it knew is gone) before the command fails.
 const FIND_LEADER_FOR: Duration = Duration::from_secs(10);
+/// How long an entry this node leads waits to be committed before its callers are told
+/// the outcome is unknown.
+const COMMIT_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a forwarded entry's answer waits for this node to apply the entry too.
 const CATCH_UP_FOR: Duration = Duration::from_secs(5);
 
@@ -383,7 +386,18 @@ impl RaftProposer {
             };
             let route = route.clone();
             tokio::spawn(async move {
-                let results = match receiver.await {
+                // A leader cut off from its majority takes entries it cannot commit: after
+                // `COMMIT_PATIENCE` its callers hear so (outcome unknown) instead of
+                // waiting for a heal that may not come.
+                let outcome = match tokio::time::timeout(COMMIT_PATIENCE, receiver).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        answer(replies, failed(format!("not committed within {} s: this node may be cut off from its majority; the outcome is unknown", COMMIT_PATIENCE.as_secs())));
+                        drop(permit);
+                        return;
+                    }
+                };
+                let results = match outcome {
                     Ok(Ok(response)) => Self::results(n, &response.data.0),
                     // Leadership moved before the entry was appended: nothing of it is
                     // in the log, so it goes to the new leader.
@@ -458,7 +472,23 @@ const FILES_COPIED_AT_ONCE: usize = 4;
 /// How long copying a file to the other members may take before the upload fails.
 const FILE_COPY_FOR: Duration = Duration::from_secs(10);
 
+/// A leader none of whose peers answered for this long has lost its majority: it is
+/// not ready (load balancers move its clients away) until they answer again.
+const QUORUM_CONTACT: Duration = Duration::from_secs(2);
+
 impl NodeBackend {
+    /// On the leader: whether enough voters answered lately to make a majority with it.
+    fn reaches_majority(&self, m: &openraft::RaftMetrics<u64, switchboard_raft::Node>) -> bool {
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let heard = voters
+            .iter()
+            .filter(|id| **id != self.node_id)
+            .filter(|id| membership.get_node(id).is_some_and(|node| self.peers.answered_within(&node.addr, QUORUM_CONTACT)))
+            .count();
+        heard + usize::from(voters.contains(&self.node_id)) > voters.len() / 2
+    }
+
     /// The group's other members' addresses, and how many of them must hold a copy so
     /// that a majority of the voters (this node included when it votes) does.
     fn file_targets(&self) -> (Vec<String>, usize) {
@@ -510,7 +540,12 @@ impl Backend for NodeBackend {
     }
 
     fn ready(&self) -> bool {
-        self.raft.metrics().borrow().current_leader.is_some()
+        let m = self.raft.metrics().borrow().clone();
+        match m.current_leader {
+            Some(leader) if leader == self.node_id => self.reaches_majority(&m),
+            Some(_) => true,
+            None => false,
+        }
     }
 
     fn replicate_file(&self, blobs: switchboard_gateway::attachments::BlobStore, id: AttachmentId) -> BoxFuture<Result<(), String>> {
@@ -606,6 +641,7 @@ impl Backend for NodeBackend {
             "last_applied": m.last_applied.map(|l| l.index),
             "members": members,
             "leader_changes": self.leader_changes.load(std::sync::atomic::Ordering::Relaxed),
+            "reaches_majority": (m.current_leader == Some(self.node_id)).then(|| self.reaches_majority(&m)),
         })
     }
 

@@ -305,6 +305,8 @@ struct Peer {
     dialing: Option<tokio::sync::watch::Receiver<bool>>,
     /// Since when a request has been waiting with no answer to any since.
     unanswered_since: Option<tokio::time::Instant>,
+    /// When the peer last answered anything.
+    last_answer: Option<tokio::time::Instant>,
 }
 
 /// Nothing answered on a connection for this long: it is closed and dialled anew.
@@ -391,7 +393,15 @@ impl Peers {
     fn answered(&self, addr: &str) {
         if let Some(peer) = self.lock().get_mut(addr) {
             peer.unanswered_since = None;
+            peer.last_answer = Some(tokio::time::Instant::now());
         }
+    }
+
+    /// Whether the node at `addr` answered a request within the last `window`: what a
+    /// leader uses to tell whether it still reaches a majority (heartbeats go out every
+    /// 50 ms, so a peer that is there answers many times a second).
+    pub fn answered_within(&self, addr: &str, window: Duration) -> bool {
+        self.lock().get(addr).and_then(|p| p.last_answer).is_some_and(|at| at.elapsed() <= window)
     }
 
     /// Sends one request on its own stream and reads the response, within `ttl`.
