@@ -213,6 +213,12 @@ async fn killing_the_leader_loses_nothing_and_sockets_elsewhere_stay_open() -> a
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(0);
     assert!(forwarded > 0, "node {b} forwarded its clients' commands while it followed");
+    // The new leader's metrics: it reaches a majority, one replica is missing (killed).
+    let (_, metrics) = cluster.node(new_leader).api("GET", "/metrics", None, None).await?;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    assert!(metrics.contains("switchboard_raft_reaches_majority{group=\"1\"} 1"), "{metrics}");
+    assert!(metrics.contains("switchboard_raft_voters{group=\"1\"} 3"));
+    assert_eq!(metrics.lines().filter(|l| l.starts_with("switchboard_raft_replica_lag{")).count(), 2, "a lag line per other member");
     // I2 and I3 held through the failover: nobody over capacity, no conversation twice.
     let supervisor = cluster.node(a).login("supervisor").await?;
     let (_, operators) = cluster.node(a).api("GET", "/api/operators", Some(&supervisor), None).await?;

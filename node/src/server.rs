@@ -660,6 +660,22 @@ impl Backend for NodeBackend {
         let snapshot = m.snapshot.map(|l| l.index).unwrap_or(0);
         let _ = writeln!(out, "# HELP switchboard_raft_snapshot_index Last entry included in the newest snapshot.\n# TYPE switchboard_raft_snapshot_index gauge");
         let _ = writeln!(out, "switchboard_raft_snapshot_index{{group=\"{SHARD_GROUP}\"}} {snapshot}");
+        let membership = m.membership_config.membership();
+        let _ = writeln!(out, "# HELP switchboard_raft_voters Voting members of the group, as this node knows them.\n# TYPE switchboard_raft_voters gauge");
+        let _ = writeln!(out, "switchboard_raft_voters{{group=\"{SHARD_GROUP}\"}} {}", membership.voter_ids().count());
+        if m.current_leader == Some(self.node_id) {
+            let _ = writeln!(out, "# HELP switchboard_raft_reaches_majority On the leader: whether a majority of voters answered it within 2 s (0: cut off, not ready).\n# TYPE switchboard_raft_reaches_majority gauge");
+            let _ = writeln!(out, "switchboard_raft_reaches_majority{{group=\"{SHARD_GROUP}\"}} {}", u8::from(self.reaches_majority(&m)));
+            if let Some(replication) = &m.replication {
+                let _ = writeln!(out, "# HELP switchboard_raft_replica_lag On the leader: entries in its log a member has not acknowledged yet.\n# TYPE switchboard_raft_replica_lag gauge");
+                for (member, matched) in replication.iter() {
+                    if *member != self.node_id {
+                        let lag = last_log.saturating_sub(matched.map(|l| l.index).unwrap_or(0));
+                        let _ = writeln!(out, "switchboard_raft_replica_lag{{group=\"{SHARD_GROUP}\",member=\"{member}\"}} {lag}");
+                    }
+                }
+            }
+        }
         let _ = writeln!(out, "# HELP switchboard_raft_last_log Index of the last log entry.\n# TYPE switchboard_raft_last_log gauge");
         let _ = writeln!(out, "switchboard_raft_last_log{{group=\"{SHARD_GROUP}\"}} {last_log}");
         let _ = writeln!(out, "# HELP switchboard_raft_apply_lag Log entries written here but not yet applied.\n# TYPE switchboard_raft_apply_lag gauge");
