@@ -244,6 +244,10 @@ struct CertsArgs {
     /// Extra DNS names or IPs to put in each certificate.
     #[arg(long = "san")]
     sans: Vec<String>,
+    /// What the certificates let their holders do: `node` (Raft and client work) or
+    /// `gateway` (client work only: forwarded commands, reads and files).
+    #[arg(long, default_value = "node", value_parser = ["node", "gateway"])]
+    role: String,
 }
 
 /// A duration flag in milliseconds; zero would disable a bound, so it is at least 1 ms.
@@ -534,7 +538,8 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
 
 fn certs(args: CertsArgs) -> anyhow::Result<()> {
     for name in &args.names {
-        let identity = switchboard_raft::tls::ensure_member(&args.dir, name, &args.sans).with_context(|| format!("issue {name}"))?;
+        let role = if args.role == "gateway" { switchboard_raft::tls::Role::Gateway } else { switchboard_raft::tls::Role::Node };
+        let identity = switchboard_raft::tls::ensure_member_as(&args.dir, name, role, &args.sans).with_context(|| format!("issue {name}"))?;
         println!("{name}: {} (key {})", identity.cert.display(), identity.key.display());
     }
     println!("cluster CA: {}", args.dir.join("ca.pem").display());

@@ -19,7 +19,7 @@ use openraft::raft::{
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use crate::tls::NODE_SERVER_NAME;
+use crate::tls::{Role, NODE_SERVER_NAME};
 use crate::{Node, NodeId, Raft, Request, TypeConfig};
 
 /// Largest RPC body accepted, in bytes (snapshot chunks are far smaller).
@@ -42,6 +42,13 @@ enum RpcRequest {
     Members { group: u64, change: crate::members::Change },
     /// The index a linearizable read must wait for, from the group's leader.
     ReadIndex { group: u64 },
+}
+
+impl RpcRequest {
+    /// Whether this is consensus traffic, which only nodes may send.
+    fn is_raft(&self) -> bool {
+        matches!(self, RpcRequest::Append { .. } | RpcRequest::Snapshot { .. } | RpcRequest::Vote { .. } | RpcRequest::Members { .. })
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -252,6 +259,12 @@ pub fn serve(endpoint: quinn::Endpoint, router: Router) -> tokio::task::JoinHand
                         return;
                     }
                 };
+                // Signed by the cluster CA (the handshake checked), but for what?
+                let Some(role) = Role::of_peer(&connection) else {
+                    refusals.note(remote, "its certificate names neither a node nor a gateway");
+                    connection.close(1u32.into(), b"no role");
+                    return;
+                };
                 loop {
                     let (send, recv) = match connection.accept_bi().await {
                         Ok(streams) => streams,
@@ -259,7 +272,7 @@ pub fn serve(endpoint: quinn::Endpoint, router: Router) -> tokio::task::JoinHand
                     };
                     let router = router.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_stream(router, send, recv).await {
+                        if let Err(e) = serve_stream(router, role, send, recv).await {
                             debug!(error = %e, "rpc stream failed");
                         }
                     });
@@ -269,9 +282,13 @@ pub fn serve(endpoint: quinn::Endpoint, router: Router) -> tokio::task::JoinHand
     })
 }
 
-async fn serve_stream(router: Router, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
+async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
     let body = recv.read_to_end(MAX_RPC_BYTES).await.map_err(|e| e.to_string())?;
     let response = match decode::<RpcRequest>(&body) {
+        Ok(request) if role == Role::Gateway && request.is_raft() => {
+            warn!("refused Raft traffic from a peer holding a gateway certificate");
+            RpcResponse::BadRequest("a gateway's certificate may not take part in Raft".into())
+        }
         Ok(request) => router.dispatch(request).await,
         Err(e) => RpcResponse::BadRequest(e),
     };

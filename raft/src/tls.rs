@@ -19,6 +19,38 @@ use crate::Error;
 
 /// The DNS name every node certificate carries, and clients verify.
 pub const NODE_SERVER_NAME: &str = "switchboard-node";
+/// The DNS name a gateway's certificate carries instead: it may forward client work
+/// to nodes, never take part in Raft.
+pub const GATEWAY_NAME: &str = "switchboard-gateway";
+
+/// What a member's certificate lets it do, written into the certificate as a name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A node: Raft traffic (votes, entries, snapshots, membership) and client work.
+    Node,
+    /// A gateway: client work only (forwarded commands, reads, files).
+    Gateway,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Node => NODE_SERVER_NAME,
+            Role::Gateway => GATEWAY_NAME,
+        }
+    }
+
+    /// The role a peer's certificate (already verified against the cluster CA during
+    /// the handshake) carries; `None` when it names neither.
+    pub fn of_peer(connection: &quinn::Connection) -> Option<Role> {
+        let identity = connection.peer_identity()?;
+        let chain = identity.downcast_ref::<Vec<CertificateDer<'static>>>()?;
+        let cert = webpki::EndEntityCert::try_from(chain.first()?).ok()?;
+        [Role::Node, Role::Gateway].into_iter().find(|role| {
+            rustls::pki_types::ServerName::try_from(role.name()).is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+        })
+    }
+}
 /// ALPN of the node protocol.
 pub const ALPN: &[u8] = b"switchboard/1";
 
@@ -62,6 +94,11 @@ pub struct Identity {
 /// Issues a certificate for `name` (a node or gateway) signed by the CA in `dir`,
 /// unless it already exists. Returns where it is.
 pub fn ensure_member(dir: &Path, name: &str, extra_names: &[String]) -> Result<Identity, Error> {
+    ensure_member_as(dir, name, Role::Node, extra_names)
+}
+
+/// As [`ensure_member`], for a member of the given role.
+pub fn ensure_member_as(dir: &Path, name: &str, role: Role, extra_names: &[String]) -> Result<Identity, Error> {
     ensure_ca(dir)?;
     let identity = Identity {
         ca: dir.join(CA_CERT),
@@ -75,7 +112,7 @@ pub fn ensure_member(dir: &Path, name: &str, extra_names: &[String]) -> Result<I
     // Re-created from the same parameters and key: the issuer name and key identifier
     // match the stored CA certificate, which is all a signature needs.
     let ca = ca_params()?.self_signed(&ca_key)?;
-    let mut names = vec![NODE_SERVER_NAME.to_string(), "localhost".to_string(), name.to_string()];
+    let mut names = vec![role.name().to_string(), "localhost".to_string(), name.to_string()];
     names.extend(extra_names.iter().cloned());
     let mut params = CertificateParams::new(names)?;
     params.distinguished_name.push(DnType::CommonName, name);

@@ -350,3 +350,42 @@ async fn the_server_refuses_clients_without_a_cluster_certificate() -> anyhow::R
     replica.endpoint.close(0u32.into(), b"");
     Ok(())
 }
+
+/// Certificates carry a role: one issued to a gateway gets its forwarded writes
+/// committed, but its votes and entries are refused, and it cannot pass for a node to a
+/// member that dials it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_certificate_forwards_writes_but_takes_no_part_in_raft() -> anyhow::Result<()> {
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    let replica = start_replica(1, &certs, dir.path()).await?;
+    replica.raft.initialize(BTreeMap::from([(1, addr(&replica)?)])).await?;
+    wait_for_leader(&[&replica], None).await?;
+    let term = replica.raft.metrics().borrow().current_term;
+
+    let gateway = tls::ensure_member_as(&certs, "gateway-a", tls::Role::Gateway, &[])?;
+    let endpoint = tls::endpoint(&gateway, "127.0.0.1:0".parse()?)?;
+    let target = replica.endpoint.local_addr()?.to_string();
+
+    // Client work is allowed: a forwarded write commits.
+    let forwarder = switchboard_raft::network::Forwarder::new(switchboard_raft::network::Peers::new(endpoint.clone()));
+    let written = forwarder.write(7, &target, Request(b"from a gateway".to_vec()), Duration::from_secs(5)).await;
+    assert!(written.is_ok(), "a gateway's forwarded write must commit: {:?}", written.err());
+
+    // Raft traffic is not: a vote for a far higher term changes nothing.
+    let mut client = NetworkFactory::new(endpoint.clone(), 7).new_client(1, &addr(&replica)?).await;
+    let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(term + 50, 2), None);
+    let answer = client.vote(vote, RPCOption::new(Duration::from_secs(2))).await;
+    assert!(answer.is_err(), "a gateway's vote request was answered: {answer:?}");
+    assert_eq!(replica.raft.metrics().borrow().current_term, term, "the refused vote did not move the term");
+
+    // And a node dialling a gateway's endpoint does not take it for a node.
+    let dialled = tokio::time::timeout(Duration::from_secs(5), replica.endpoint.connect(endpoint.local_addr()?, tls::NODE_SERVER_NAME)?).await?;
+    assert!(dialled.is_err(), "a gateway's certificate passed for a node's: {dialled:?}");
+
+    endpoint.close(0u32.into(), b"");
+    replica.raft.shutdown().await?;
+    replica.endpoint.close(0u32.into(), b"");
+    Ok(())
+}
