@@ -564,3 +564,102 @@ async fn a_login_on_a_lagging_node_sees_what_another_node_wrote() -> anyhow::Res
     assert_eq!(login("veteran", "new-password-2").await?, 200);
     Ok(())
 }
+
+/// Certificates are rotated without downtime, the CA included, by three rolling
+/// restarts (deploy/README.md): trust the new CA beside the old, present certificates
+/// from the new CA, stop trusting the old. A visitor writes all along; nothing is lost,
+/// and at the end a certificate from the old CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_and_the_ca_rotate_without_downtime() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let certs = dir.path().join("certs");
+    let fresh = dir.path().join("certs-new");
+    let output = tokio::process::Command::new(switchboard_chaos_tests::binary()?)
+        .args(["certs", "--name", "node-1", "--name", "node-2", "--name", "node-3", "--dir"])
+        .arg(&fresh)
+        .output()
+        .await?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let old_ca = std::fs::read_to_string(certs.join("ca.pem"))?;
+    let new_ca = std::fs::read_to_string(fresh.join("ca.pem"))?;
+
+    let (mut ws, conversation, token) = cluster.node(1).client("Through the rotation").await?;
+    let mut on = 1;
+    let mut acked = Vec::new();
+    let mut n = 0;
+    let steps: [(&str, Box<dyn Fn() -> anyhow::Result<()>>); 3] = [
+        ("trust both CAs", Box::new(|| Ok(std::fs::write(certs.join("ca.pem"), format!("{old_ca}{new_ca}"))?))),
+        (
+            "present certificates from the new CA",
+            Box::new(|| {
+                for i in 1..=3 {
+                    for ext in ["pem", "key"] {
+                        std::fs::copy(fresh.join(format!("node-{i}.{ext}")), certs.join(format!("node-{i}.{ext}")))?;
+                    }
+                }
+                Ok(())
+            }),
+        ),
+        ("trust only the new CA", Box::new(|| Ok(std::fs::write(certs.join("ca.pem"), &new_ca)?))),
+    ];
+    for (what, change) in steps {
+        change()?;
+        for id in 1..=3 {
+            // The visitor's node restarts too: it resumes on another, as the widget does.
+            if id == on {
+                ws.close().await;
+                on = if on == 3 { 1 } else { on + 1 };
+                ws = WsClient::connect(&cluster.node(on).public, "/ws/client", None).await?;
+                ws.send(&json!({"type": "resume", "token": token, "last_seq": 0})).await?;
+                ws.wait_for(WAIT, |v| v["type"] == "resumed").await?;
+            }
+            cluster.stop(id).await?;
+            cluster.restart(id).await?;
+            // A write goes through with the restarted node back in the group.
+            let key = format!("r{n}");
+            n += 1;
+            loop {
+                ws.send(&json!({"type": "send", "key": key, "text": what})).await?;
+                let answer = ws.wait_for(Duration::from_secs(20), |v| (v["type"] == "ack" && v["key"] == key.as_str()) || (v["type"] == "error" && v["ref"] == key.as_str())).await?;
+                if answer["type"] == "ack" {
+                    acked.push((key.clone(), answer["seq"].as_u64().unwrap_or(0)));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let leader = cluster.leader().await?;
+            let target = cluster.status(leader).await?["last_applied"].as_u64().unwrap_or(0);
+            eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
+                Ok((cluster.status(id).await?["last_applied"].as_u64().unwrap_or(0) >= target).then_some(()))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{what}: node {id} did not catch up after its restart: {e}"))?;
+        }
+    }
+    ws.close().await;
+    let supervisor = cluster.node(2).login("supervisor").await?;
+    let (_, conv) = cluster.node(2).api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    let history = conv["history"].as_array().cloned().unwrap_or_default();
+    for (key, seq) in &acked {
+        assert_eq!(history[(*seq - 1) as usize]["key"], key.as_str(), "{key} kept through the rotation");
+    }
+    assert_eq!(acked.len(), 9);
+
+    // A node still holding a certificate from the old CA is refused now.
+    let output = tokio::process::Command::new(switchboard_chaos_tests::binary()?).args(["cluster", "add-node", "--dir"]).arg(dir.path()).output().await?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let log_of = |id: usize| std::fs::read_to_string(dir.path().join(format!("data/node-{id}/node.log"))).unwrap_or_default();
+    let before = (1..=3).map(|id| log_of(id).matches("refused a peer's QUIC handshake").count()).sum::<usize>();
+    // add-node issued node-4 from certs/ca.key, the old CA's key.
+    let config = dir.path().join("node-4.toml");
+    let old = switchboard_chaos_tests::Dev::launch(switchboard_chaos_tests::binary()?, "node", &dir.path().join("data/node-4"), "127.0.0.1:0", "127.0.0.1:0", &["--config", config.to_str().unwrap_or_default()])?;
+    eventually(Duration::from_secs(20), Duration::from_millis(200), || async {
+        let after = (1..=3).map(|id| log_of(id).matches("refused a peer's QUIC handshake").count()).sum::<usize>();
+        Ok((after > before).then_some(()))
+    })
+    .await?;
+    assert_eq!(cluster.status(1).await?["members"].as_array().map(Vec::len), Some(3));
+    old.kill().await?;
+    Ok(())
+}
