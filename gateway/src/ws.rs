@@ -90,8 +90,9 @@ impl RateLimiter {
 /// What the writer is told to do.
 pub enum Out {
     Json(Value),
-    /// Start following a committed stream (replacing any earlier one).
-    Follow(Follow),
+    /// Start following a committed stream (replacing any earlier one). Boxed: every
+    /// slot of a socket's outbox is as large as its largest variant.
+    Follow(Box<Follow>),
     /// Send a close frame and stop.
     Close(u16, String),
     /// Answer the peer's close frame (with its code, if it gave one) and stop.
@@ -129,7 +130,7 @@ impl Outbox {
     }
 
     pub async fn follow(&self, follow: Follow) {
-        let _ = self.0.send(Out::Follow(follow)).await;
+        let _ = self.0.send(Out::Follow(Box::new(follow))).await;
     }
 }
 
@@ -248,8 +249,25 @@ pub(crate) const PAGE: usize = 64;
 pub(crate) const PAGE_TEXT_BYTES: usize = 64 * 1024;
 /// How long the server waits for the peer's close frame after closing on its own.
 const LINGER: Duration = Duration::from_secs(2);
-/// Bytes read from the socket at a time.
+/// Bytes read from the socket at a time while a message is coming in.
 const READ_CHUNK: usize = 8 * 1024;
+/// Room for the next read while no partial frame is buffered: most frames are small,
+/// and an idle socket (most of them) holds this much, not `READ_CHUNK`.
+const IDLE_READ: usize = 512;
+
+/// Makes room for the next read: a little while idle (giving back what a large message
+/// left behind), a chunk while a frame is incomplete.
+fn room_to_read(buf: &mut BytesMut) {
+    if buf.is_empty() {
+        if buf.capacity() > IDLE_READ {
+            *buf = BytesMut::with_capacity(IDLE_READ);
+        } else {
+            buf.reserve(IDLE_READ);
+        }
+    } else {
+        buf.reserve(READ_CHUNK);
+    }
+}
 
 /// Whether the socket's login still holds; `false` closes it with 4001.
 pub type Guard = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -296,7 +314,7 @@ pub async fn drive<S: Session>(io: TokioIo<Upgraded>, mut session: S, limits: Li
     let watcher = guard.clone().map(|g| watch_guard(g, outbox.clone()));
     let mut limiter = RateLimiter::new(limits);
     let mut decoder = wire::Decoder::new(limits.max_message_bytes);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::with_capacity(IDLE_READ);
     // A peer that answers no ping for two intervals is gone, whatever TCP thinks.
     let silence = ping_interval * 2;
     let mut last_heard = tokio::time::Instant::now();
@@ -309,7 +327,7 @@ pub async fn drive<S: Session>(io: TokioIo<Upgraded>, mut session: S, limits: Li
             let event = match decoder.decode(&mut buf) {
                 Ok(Some(event)) => event,
                 Ok(None) => {
-                    buf.reserve(READ_CHUNK);
+                    room_to_read(&mut buf);
                     tokio::select! {
                         read = read.read_buf(&mut buf) => match read {
                             Ok(0) | Err(_) => break End::Gone,
@@ -462,7 +480,8 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
                 Some(Out::Json(value)) => {
                     if !send_json(&mut write, &value, &metrics).await { return; }
                 }
-                Some(Out::Follow(mut f)) => {
+                Some(Out::Follow(f)) => {
+                    let mut f = *f;
                     f.wake.mark_changed();
                     wake = Some(f.wake);
                     pull = Some(f.pull);
