@@ -663,3 +663,47 @@ async fn certificates_and_the_ca_rotate_without_downtime() -> anyhow::Result<()>
     old.kill().await?;
     Ok(())
 }
+
+/// A fourth node joins while a visitor writes, and leaves again while they write: the
+/// visitor sees no error and no pause worth a retry, and every message is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_and_leaves_under_traffic_without_a_client_noticing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let (ws, conversation, _) = cluster.node(1).client("Writing through it all").await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let shared: Shared = Arc::default();
+    let run = ClientRun { seen: Vec::new(), next: 0, lost: false, retried: 0, acks: Vec::new() };
+    let writer = tokio::spawn(client_loop(ws, conversation, run, shared.clone(), stop.clone()));
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let added = cluster.add_node().await?;
+    let voters = |status: &serde_json::Value| status["members"].as_array().into_iter().flatten().filter(|m| m["voter"] == true).count();
+    eventually(WAIT, Duration::from_millis(100), || async { Ok((voters(&cluster.status(1).await?) == 4).then_some(())) }).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let output = tokio::process::Command::new(switchboard_chaos_tests::binary()?)
+        .args(["cluster", "remove-node", "--addr", &cluster.node(2).private, "--id", &added.to_string()])
+        .env("SWITCHBOARD_PASSWORD", &cluster.logins["admin"])
+        .output()
+        .await?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    eventually(WAIT, Duration::from_millis(100), || async { Ok((voters(&cluster.status(1).await?) == 3).then_some(())) }).await?;
+    cluster.kill9(added).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let run = writer.await?;
+    assert!(!run.lost, "the visitor's socket stayed open");
+    assert_eq!(run.retried, 0, "no command was refused while the membership changed");
+    assert!(contiguous(&run.seen), "no gap, no duplicate: {:?}", run.seen);
+    let gaps = run.acks.windows(2).map(|w| w[1].duration_since(w[0])).max().unwrap_or_default();
+    println!("{} messages acknowledged while node {added} joined and left; longest gap between acks {gaps:?}", run.acks.len());
+    let supervisor = cluster.node(3).login("supervisor").await?;
+    let (_, conv) = cluster.node(3).api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    let history = conv["history"].as_array().cloned().unwrap_or_default();
+    let observed = std::mem::take(&mut *shared.lock().unwrap());
+    for ((_, key), seq) in &observed.acked {
+        assert_eq!(history[(*seq - 1) as usize]["key"], key.as_str(), "{key} kept");
+    }
+    Ok(())
+}
