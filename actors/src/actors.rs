@@ -99,6 +99,8 @@ pub struct SupervisorState {
     by_actor: HashMap<ActorId, StreamKey>,
     /// Stream wake-up senders outlive actor restarts, so readers never notice one.
     streams: HashMap<StreamKey, Arc<watch::Sender<u64>>>,
+    /// How many streams were left after the last sweep of unfollowed ones (followers).
+    swept_at: usize,
     restarts: u64,
 }
 
@@ -137,6 +139,17 @@ impl SupervisorState {
                 warn!(?key, error = %e, "could not activate actor");
                 None
             }
+        }
+    }
+
+    /// Without actors (a follower) nothing passivates streams: once the map has doubled
+    /// since the last sweep, the streams nobody follows any more are dropped, so its
+    /// size follows the sockets open, at a constant cost per subscription.
+    fn sweep_unfollowed(&mut self) {
+        if self.streams.len() >= 2 * self.swept_at + 64 {
+            let active = &self.active;
+            self.streams.retain(|key, stream| stream.receiver_count() > 0 || active.contains_key(key));
+            self.swept_at = self.streams.len();
         }
     }
 
@@ -185,6 +198,7 @@ impl Actor for ShardSupervisor {
             active: HashMap::new(),
             by_actor: HashMap::new(),
             streams: HashMap::new(),
+            swept_at: 0,
             restarts: 0,
         };
         if state.leader {
@@ -251,8 +265,17 @@ impl Actor for ShardSupervisor {
                 }
             }
             SupervisorMsg::Subscribe(key, reply) => {
-                if let Some(actor) = state.activate(&key, &myself).await {
-                    let _ = actor.cast(EntityMsg::Subscribe(reply));
+                if state.leader {
+                    if let Some(actor) = state.activate(&key, &myself).await {
+                        let _ = actor.cast(EntityMsg::Subscribe(reply));
+                    }
+                } else {
+                    // Entity actors run on the leader only (they own timers and propose);
+                    // a follower's sockets follow the supervisor's streams, which applied
+                    // entries wake directly.
+                    state.sweep_unfollowed();
+                    let stream = state.streams.entry(key).or_insert_with(new_stream);
+                    let _ = reply.send(stream.subscribe());
                 }
             }
             SupervisorMsg::Leadership(leader) => {

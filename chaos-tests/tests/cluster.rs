@@ -152,6 +152,9 @@ async fn killing_the_leader_loses_nothing_and_sockets_elsewhere_stay_open() -> a
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = shared.lock().unwrap().acked.len();
     assert!(before > 0, "messages flowed before the kill");
+    // Entity actors run on the leader only: node b serves its sockets without any.
+    let (_, metrics) = cluster.node(b).api("GET", "/metrics", None, None).await?;
+    assert!(metrics.as_str().unwrap_or_default().lines().any(|l| l == "switchboard_actors_active 0"), "node {b} runs no entity actor while it follows");
     cluster.kill9(leader).await?;
     let killed_at = std::time::Instant::now();
     let new_leader = cluster.leader().await?;
