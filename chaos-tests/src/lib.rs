@@ -443,7 +443,7 @@ impl Cluster {
 
 /// A port `p` such that TCP `p + 10k` and `p + 10k + 1` and UDP `p + 10k + 2` are free
 /// for `k < n`: the layout `cluster init` gives nodes on one host.
-fn free_port_block(n: usize) -> anyhow::Result<u16> {
+pub fn free_port_block(n: usize) -> anyhow::Result<u16> {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id();
     for attempt in 0..200u32 {
         let base = 20_000 + ((seed.wrapping_add(attempt.wrapping_mul(7919))) % 4000) as u16 * 10;

@@ -710,3 +710,48 @@ async fn a_node_joins_and_leaves_under_traffic_without_a_client_noticing() -> an
     }
     Ok(())
 }
+
+/// `switchboard dev --nodes 3`: three node processes, the demo loaded once, a node that
+/// dies started again by `dev`, and none left behind when `dev` stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_with_three_nodes_runs_a_local_cluster_and_restarts_a_node_that_dies() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let base = switchboard_chaos_tests::free_port_block(3)?;
+    let (public, private) = (format!("127.0.0.1:{base}"), format!("127.0.0.1:{}", base + 1));
+    let mut dev = switchboard_chaos_tests::Dev::launch(switchboard_chaos_tests::binary()?, "dev", &data, &public, &private, &["--nodes", "3"])?.ready().await?;
+    let node = |i: u16| format!("127.0.0.1:{}", base + 1 + 10 * (i - 1));
+    let status = |addr: String| async move {
+        let (code, body) = switchboard_gateway::client::http_json(&addr, "GET", "/api/cluster", None, None).await?;
+        anyhow::ensure!(code == 200, "{body}");
+        anyhow::Ok(body)
+    };
+    let first = status(node(1)).await?;
+    assert_eq!(first["members"].as_array().map(Vec::len), Some(3), "{first}");
+    // The demo works through any node: a visitor on node 1, alice on node 3.
+    let token = dev.login("alice").await?;
+    let mut alice = WsClient::connect(&node(3), &format!("/ws/operator?token={token}"), None).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "hello").await?;
+    set_presence(&mut alice, "online").await?;
+    let (_client, conversation, _) = dev.client("Visitor").await?;
+    let offer = alice.wait_for(WAIT, |v| v["kind"] == "offer").await?;
+    assert_eq!(offer["conversation"].as_u64(), Some(conversation));
+    alice.close().await;
+
+    // Node 2 dies; dev starts it again and it rejoins.
+    let pattern = dir.path().join("data/cluster/node-2.toml").display().to_string();
+    let pid = String::from_utf8(tokio::process::Command::new("pgrep").args(["-f", &pattern]).output().await?.stdout)?;
+    let pid = pid.split_whitespace().next().ok_or_else(|| anyhow::anyhow!("node 2's process not found"))?.to_owned();
+    assert!(tokio::process::Command::new("kill").args(["-KILL", &pid]).status().await?.success());
+    eventually(Duration::from_secs(30), Duration::from_millis(200), || async {
+        let back = String::from_utf8(tokio::process::Command::new("pgrep").args(["-f", &pattern]).output().await?.stdout)?;
+        let restarted = back.split_whitespace().any(|p| p != pid);
+        Ok((restarted && status(node(2)).await.is_ok_and(|s| s["leader"].as_u64().is_some())).then_some(()))
+    })
+    .await?;
+
+    dev.terminate().await?;
+    let left = tokio::process::Command::new("pgrep").args(["-f", &dir.path().display().to_string()]).output().await?;
+    assert!(left.stdout.is_empty(), "processes left behind: {}", String::from_utf8_lossy(&left.stdout));
+    Ok(())
+}

@@ -213,6 +213,11 @@ pub async fn status(private_addr: &str) -> anyhow::Result<serde_json::Value> {
     }
 }
 
+/// Whether the node at `private_addr` answers `/readyz` with 200.
+pub async fn ready(private_addr: &str) -> bool {
+    matches!(http(private_addr, "GET", "/readyz", None, None).await, Ok((200, _)))
+}
+
 /// Removes node `id` through the node at `private_addr`, logged in as an admin.
 pub async fn remove_node(private_addr: &str, id: u64, login: &str, password: &str) -> anyhow::Result<serde_json::Value> {
     let credentials = serde_json::json!({"login": login, "password": password});

@@ -425,6 +425,9 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
 /// `<data_dir>/cluster`; node 1 loads the demo. Stops them all on Ctrl-C.
 async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
     let listeners = &args.listeners;
+    if listeners.public_addr.port() == 0 || listeners.private_addr.port() == 0 {
+        anyhow::bail!("dev --nodes needs fixed --public-addr and --private-addr ports: node 1 takes them, the next nodes the ones 10, 20… above");
+    }
     let dir = listeners.data_dir.join("cluster");
     let existing = (1..=64u64).take_while(|i| dir.join(format!("node-{i}.toml")).exists()).count() as u64;
     if existing == 0 {
@@ -450,24 +453,36 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
         if i == 1 {
             command.arg("--demo");
         }
+        // SAFETY: prctl(2) only, between fork and exec: a node gets SIGTERM when `dev`
+        // dies, however it dies, so no node outlives it.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         command.spawn().with_context(|| format!("start node {i}"))
     };
     for i in 1..=args.nodes {
         configs.push(cluster::NodeConfig::read(&dir.join(format!("node-{i}.toml")))?);
         children.push(spawn(i)?);
     }
-    // Ready when every node answers and agrees on a leader, and node 1 loaded the demo.
+    // Ready when every node answers and agrees on a leader, node 1 has loaded the demo
+    // (its /readyz turns 200 after that), and every node has applied as far as node 1.
     let logins_path = configs[0].data_dir.join(demo::LOGINS_FILE);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let mut leaders = Vec::new();
+        let mut seen = Vec::new();
         for config in &configs {
             if let Ok(status) = cluster::status(&config.private_addr.to_string()).await {
-                leaders.push(status.get("leader").and_then(|l| l.as_u64()));
+                seen.push((status.get("leader").and_then(|l| l.as_u64()), status.get("last_applied").and_then(|a| a.as_u64()).unwrap_or(0)));
             }
         }
-        let agreed = leaders.len() == configs.len() && leaders[0].is_some() && leaders.iter().all(|l| *l == leaders[0]);
-        if agreed && logins_path.exists() {
+        let agreed = seen.len() == configs.len() && seen[0].0.is_some() && seen.iter().all(|(l, _)| *l == seen[0].0);
+        let caught_up = seen.len() == configs.len() && seen.iter().all(|(_, applied)| *applied >= seen[0].1);
+        if agreed && caught_up && cluster::ready(&configs[0].private_addr.to_string()).await && logins_path.exists() {
             break;
         }
         for (i, child) in children.iter_mut().enumerate() {
@@ -481,6 +496,8 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     let logins: std::collections::BTreeMap<String, String> = serde_json::from_slice(&std::fs::read(&logins_path)?)?;
+    // Where `dev` alone keeps them, for scripts that read them there.
+    switchboard_raft::files::write_private(&listeners.data_dir.join(demo::LOGINS_FILE), &std::fs::read(&logins_path)?)?;
     println!("switchboard dev: {} nodes ready, configuration in {}", args.nodes, dir.display());
     for config in &configs {
         println!(
@@ -492,6 +509,8 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
         );
     }
     println!("every node serves the chat and the workstation; `switchboard cluster status --addr <private>` shows the leader");
+    println!("public listener: http://{}  (node 1)", configs[0].public_addr);
+    println!("private listener: http://{}  (node 1)", configs[0].private_addr);
     println!("demo logins (also in {}):", logins_path.display());
     for (login, password) in &logins {
         println!("  {login:<11} {password}");
