@@ -441,24 +441,7 @@ impl Cluster {
     }
 }
 
-/// A port `p` such that TCP `p + 10k` and `p + 10k + 1` and UDP `p + 10k + 2` are free
-/// for `k < n`: the layout `cluster init` gives nodes on one host.
-pub fn free_port_block(n: usize) -> anyhow::Result<u16> {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id();
-    for attempt in 0..200u32 {
-        let base = 20_000 + ((seed.wrapping_add(attempt.wrapping_mul(7919))) % 4000) as u16 * 10;
-        let free = (0..n as u16).all(|k| {
-            let p = base + 10 * k;
-            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
-                && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
-                && std::net::UdpSocket::bind(("127.0.0.1", p + 2)).is_ok()
-        });
-        if free {
-            return Ok(base);
-        }
-    }
-    bail!("no free block of ports for {n} nodes")
-}
+pub use switchboard_gateway::client::free_port_block;
 
 /// VmRSS of a process, in bytes.
 pub fn rss_of(pid: u32) -> anyhow::Result<u64> {

@@ -242,3 +242,23 @@ pub async fn http_json(
     let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     Ok((status, value))
 }
+
+/// A port `p` such that TCP `p + 10k`, `p + 10k + 1` and UDP `p + 10k + 2` are free on
+/// loopback for `k < n`: the layout `switchboard cluster init` gives nodes sharing a
+/// host (public, private and QUIC ports, 10 apart per node). For the bench and tests.
+pub fn free_port_block(n: usize) -> Result<u16, ClientError> {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id();
+    for attempt in 0..200u32 {
+        let base = 20_000 + (seed.wrapping_add(attempt.wrapping_mul(7919)) % 4000) as u16 * 10;
+        let free = (0..n as u16).all(|k| {
+            let p = base + 10 * k;
+            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", p + 2)).is_ok()
+        });
+        if free {
+            return Ok(base);
+        }
+    }
+    Err(ClientError::Connect(format!("no free block of ports for {n} nodes")))
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::json;
-use switchboard_gateway::client::{http_json, Incoming, WsClient};
+use switchboard_gateway::client::{free_port_block, http_json, Incoming, WsClient};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::bench::{self, BenchArgs, Pending};
@@ -126,24 +126,6 @@ impl Nodes {
     }
 }
 
-/// A port `p` such that TCP `p + 10k`, `p + 10k + 1` and UDP `p + 10k + 2` are free for
-/// `k < n`: the layout `cluster init` gives nodes on one host.
-fn free_port_block(n: usize) -> anyhow::Result<u16> {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id();
-    for attempt in 0..200u32 {
-        let base = 20_000 + (seed.wrapping_add(attempt.wrapping_mul(7919)) % 4000) as u16 * 10;
-        let free = (0..n as u16).all(|k| {
-            let p = base + 10 * k;
-            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
-                && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
-                && std::net::UdpSocket::bind(("127.0.0.1", p + 2)).is_ok()
-        });
-        if free {
-            return Ok(base);
-        }
-    }
-    bail!("no free block of ports for {n} nodes")
-}
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.soak.is_some() {
