@@ -181,6 +181,9 @@ impl SupervisorState {
     fn wake_floor(&self) {
         if let Some(actor) = self.active.get(&StreamKey::Floor) {
             let _ = actor.cast(EntityMsg::Wake);
+        } else if let Some(stream) = self.streams.get(&StreamKey::Floor) {
+            // No floor actor (a follower, or between two): its readers still hear.
+            stream.send_modify(|v| *v += 1);
         }
     }
 }

@@ -755,3 +755,21 @@ async fn dev_with_three_nodes_runs_a_local_cluster_and_restarts_a_node_that_dies
     assert!(left.stdout.is_empty(), "processes left behind: {}", String::from_utf8_lossy(&left.stdout));
     Ok(())
 }
+
+/// A supervisor watching the floor through a follower sees it change as conversations
+/// arrive through another node (followers run no floor actor; applied entries wake it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_floor_updates_on_a_follower() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), 3).await?;
+    let leader = cluster.leader().await?;
+    let others: Vec<usize> = (1..=3).filter(|id| *id != leader).collect();
+    let supervisor = cluster.node(others[0]).login("supervisor").await?;
+    let mut floor = WsClient::connect(&cluster.node(others[0]).private, &format!("/ws/supervisor?token={supervisor}"), None).await?;
+    floor.wait_for(WAIT, |v| v["type"] == "floor").await?;
+    let (_client, _, _) = cluster.node(others[1]).client("Waiting").await?;
+    let general = |v: &serde_json::Value| v["queues"].as_array().and_then(|q| q.iter().find(|g| g["group"] == "general")).cloned();
+    floor.wait_for(WAIT, |v| v["type"] == "floor" && general(v).is_some_and(|g| g["waiting"] == 1)).await?;
+    floor.close().await;
+    Ok(())
+}
