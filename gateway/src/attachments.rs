@@ -72,6 +72,12 @@ pub struct BlobStore {
 impl BlobStore {
     pub fn open(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
+        // Files a crash cut short were never promised by a record: gone at start.
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            if entry.file_name().to_str().is_some_and(|name| name.ends_with(".partial")) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(BlobStore { dir })
     }
 
@@ -131,7 +137,11 @@ impl BlobStore {
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(());
         }
-        let partial = Partial(path.with_extension("partial"));
+        // A push and a fetch of the same file may run at once: each writes aside under a
+        // name of its own, and the second rename replaces the first with the same bytes.
+        let mut nonce = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).map_err(|_| GatewayError::Internal("no randomness".into()))?;
+        let partial = Partial(path.with_extension(format!("{:016x}.partial", u64::from_le_bytes(nonce))));
         let mut file = tokio::fs::File::create(&partial.0).await?;
         file.write_all(bytes).await?;
         file.sync_all().await?;

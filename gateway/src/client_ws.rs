@@ -242,8 +242,12 @@ impl ClientSession {
                 let mut found = read()?;
                 // A visitor who saw more than this node has applied (they come from a
                 // node that died, and this one lags a little), or whose conversation
-                // this node has not applied yet: catch up before answering.
-                if found.is_none_or(|(last, _)| last_seq > last) && self.gw.backend.read_barrier().await.is_ok() {
+                // this node has not applied yet: catch up before answering. Without a
+                // leader to catch up with, the answer is "try again", not a verdict.
+                if found.is_none_or(|(last, _)| last_seq > last) {
+                    if let Err(e) = self.gw.backend.read_barrier().await {
+                        return Err(frames::error("unavailable", &format!("this node cannot catch up with the cluster right now ({e}); resume again"), None));
+                    }
                     found = read()?;
                 }
                 let Some((last, operator_read_upto)) = found else {

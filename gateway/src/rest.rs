@@ -77,6 +77,8 @@ async fn remove_member(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): P
     staff.require(Role::Admin)?;
     match gw.backend.remove_member(id).await {
         Ok(()) => Ok(Json(gw.backend.cluster()).into_response()),
+        // No leader made it in time: the cluster may say yes later (503).
+        Err(why) if why.starts_with("no leader") => Err(GatewayError::Busy("no leader could make the change; try again")),
         Err(why) => Err(GatewayError::Invalid(why)),
     }
 }

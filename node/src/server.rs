@@ -86,6 +86,26 @@ fn decode_entry(index: u64, bytes: &[u8]) -> Result<EntryBody, String> {
     Ok(body)
 }
 
+/// On the leader, for an entry a follower forwarded: it must be one this build reads
+/// (else every replica would stop on it, `stop_on_unreadable_entry`), and it takes the
+/// leader's clock, so the group's time comes from one clock per leader and a member with
+/// a clock running ahead cannot move deadlines forward.
+fn restamp_forwarded(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    let at = now_ms();
+    match decode_entry(0, &bytes)? {
+        EntryBody::One(mut envelope) => {
+            envelope.at = at;
+            encode(&envelope)
+        }
+        EntryBody::Many(mut envelopes) => {
+            for envelope in &mut envelopes {
+                envelope.at = at;
+            }
+            Ok([&[BATCH_TAG][..], &encode(&envelopes)?].concat())
+        }
+    }
+}
+
 /// Stops the node on a committed entry it cannot read: skipping it would serve a state
 /// the other replicas do not have. The node's log is untouched; a build that reads the
 /// entry starts from it.
@@ -215,13 +235,20 @@ impl Route {
                 Some((leader, node))
             });
             match target {
-                Some((leader, _)) if leader == self.node_id => match self.raft.client_write(Request(bytes.clone())).await {
-                    Ok(response) => return Ok(response.data.0),
-                    Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) => {
-                        last = "this node stopped leading".into();
-                    }
-                    Err(e) => return Err(e.to_string()),
-                },
+                Some((leader, _)) if leader == self.node_id => {
+                    // openraft answers `ForwardToLeader` both when it refuses the entry and
+                    // when it truncated it after appending it (another node may still hold
+                    // a copy that a later leader commits): either way the node does not
+                    // send it again.
+                    return match tokio::time::timeout(COMMIT_PATIENCE, self.raft.client_write(Request(bytes))).await {
+                        Ok(Ok(response)) => Ok(response.data.0),
+                        Ok(Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_)))) => {
+                            Err("this node stopped leading before the entry committed; the outcome is unknown".into())
+                        }
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("not committed within {} s; the outcome is unknown", COMMIT_PATIENCE.as_secs())),
+                    };
+                }
                 Some((leader, node)) => match {
                     self.counts.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let sent = self.forwarder.write(SHARD_GROUP, &node.addr, Request(bytes.clone()), FORWARD_TTL);
@@ -256,6 +283,7 @@ impl Route {
                         last = format!("node {leader}: {reason}");
                         hint = named.filter(|(id, _)| *id != leader);
                     }
+                    Err(e @ ForwardError::Refused(_)) => return Err(e.to_string()),
                     Err(e @ ForwardError::Unknown(_)) => {
                         tracing::debug!(leader, error = %e, "forwarded entry's outcome unknown");
                         self.counts.forward_unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -377,14 +405,13 @@ impl RaftProposer {
                 });
                 continue;
             }
-            let receiver = match route.raft.client_write_ff(Request(bytes.clone())).await {
+            let receiver = match route.raft.client_write_ff(Request(bytes)).await {
                 Ok(receiver) => receiver,
                 Err(e) => {
                     answer(replies, failed(e.to_string()));
                     continue;
                 }
             };
-            let route = route.clone();
             tokio::spawn(async move {
                 // A leader cut off from its majority takes entries it cannot commit: after
                 // `COMMIT_PATIENCE` its callers hear so (outcome unknown) instead of
@@ -399,12 +426,12 @@ impl RaftProposer {
                 };
                 let results = match outcome {
                     Ok(Ok(response)) => Self::results(n, &response.data.0),
-                    // Leadership moved before the entry was appended: nothing of it is
-                    // in the log, so it goes to the new leader.
-                    Ok(Err(openraft::error::ClientWriteError::ForwardToLeader(_))) => match route.commit_anywhere(bytes).await {
-                        Ok(data) => Self::results(n, &data),
-                        Err(e) => failed(e),
-                    },
+                    // Leadership moved: the entry was refused, or appended and then
+                    // truncated while another node may keep a copy that a later leader
+                    // commits. openraft does not say which, so it is not sent again.
+                    Ok(Err(openraft::error::ClientWriteError::ForwardToLeader(_))) => {
+                        failed("leadership moved before the entry committed; the outcome is unknown".into())
+                    }
                     Ok(Err(e)) => failed(e.to_string()),
                     Err(_) => failed("raft stopped before the entry was applied".into()),
                 };
@@ -464,6 +491,10 @@ struct NodeBackend {
     peers: Peers,
     /// Files being copied to the other members at once, at most `FILES_COPIED_AT_ONCE`.
     copying: Arc<tokio::sync::Semaphore>,
+    /// Where peers' RPCs arrive: it knows when the leader was last heard from.
+    router: Router,
+    /// Read barriers: whether a round runs, and who waits for the next one.
+    barriers: Arc<std::sync::Mutex<(bool, Vec<tokio::sync::oneshot::Sender<Result<(), String>>>)>>,
 }
 
 /// Files copied to the other members at once; further uploads wait their turn.
@@ -491,14 +522,17 @@ impl NodeBackend {
 
     /// The group's other members' addresses, and how many of them must hold a copy so
     /// that a majority of the voters (this node included when it votes) does.
-    fn file_targets(&self) -> (Vec<String>, usize) {
+    /// The group's other members (address, whether it votes), and how many copies on
+    /// other voters make a majority of the voters hold the file with this node's.
+    fn file_targets(&self) -> (Vec<(String, bool)>, usize) {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: Vec<u64> = membership.voter_ids().collect();
-        let others: Vec<String> = membership.nodes().filter(|(id, _)| **id != self.node_id).map(|(_, node)| node.addr.clone()).collect();
+        let others: Vec<(String, bool)> =
+            membership.nodes().filter(|(id, _)| **id != self.node_id).map(|(id, node)| (node.addr.clone(), voters.contains(id))).collect();
         let majority = voters.len() / 2 + 1;
         let needed = majority.saturating_sub(usize::from(voters.contains(&self.node_id)));
-        let needed = needed.min(others.len());
+        let needed = needed.min(others.iter().filter(|(_, votes)| *votes).count());
         (others, needed)
     }
 }
@@ -541,9 +575,15 @@ impl Backend for NodeBackend {
 
     fn ready(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
+        // A node removed from the group keeps the last leader it knew, forever.
+        if m.membership_config.membership().get_node(&self.node_id).is_none() && m.membership_config.membership().nodes().count() > 0 {
+            return false;
+        }
         match m.current_leader {
             Some(leader) if leader == self.node_id => self.reaches_majority(&m),
-            Some(_) => true,
+            // A follower serves only while its leader is heard from: one cut off with a
+            // minority keeps naming a leader it cannot reach.
+            Some(_) => self.router.heard_within(SHARD_GROUP, QUORUM_CONTACT),
             None => false,
         }
     }
@@ -563,11 +603,12 @@ impl Backend for NodeBackend {
             // Every member gets a copy; the upload waits for as many as a majority needs.
             let (done, mut results) = tokio::sync::mpsc::channel(others.len());
             let mut sends = tokio::task::JoinSet::new();
-            for addr in others {
+            for (addr, votes) in others {
                 let (peers, push, done) = (peers.clone(), push.clone(), done.clone());
                 sends.spawn(async move {
                     let result = peers.put_file(&addr, &push, FILE_COPY_FOR).await.map_err(|e| format!("{addr}: {e}"));
-                    let _ = done.send(result).await;
+                    // A learner gets its copy too, but only voters make the majority.
+                    let _ = done.send((votes, result)).await;
                 });
             }
             drop(done);
@@ -579,8 +620,9 @@ impl Backend for NodeBackend {
             let (mut copies, mut errors) = (0, Vec::new());
             while copies < needed {
                 match results.recv().await {
-                    Some(Ok(())) => copies += 1,
-                    Some(Err(e)) => errors.push(e),
+                    Some((true, Ok(()))) => copies += 1,
+                    Some((false, Ok(()))) => {}
+                    Some((_, Err(e))) => errors.push(e),
                     None => return Err(format!("{copies} of the {needed} copies needed were made ({})", errors.join("; "))),
                 }
             }
@@ -589,8 +631,36 @@ impl Backend for NodeBackend {
     }
 
     fn read_barrier(&self) -> BoxFuture<Result<(), String>> {
-        let (raft, peers) = (self.raft.clone(), self.peers.clone());
-        Box::pin(async move { switchboard_raft::network::read_barrier(&raft, &peers, SHARD_GROUP, Duration::from_secs(3)).await })
+        let (raft, peers, barriers) = (self.raft.clone(), self.peers.clone(), self.barriers.clone());
+        Box::pin(async move {
+            let (done, answer) = tokio::sync::oneshot::channel();
+            let start = {
+                let mut state = barriers.lock().unwrap_or_else(|p| p.into_inner());
+                state.1.push(done);
+                !std::mem::replace(&mut state.0, true)
+            };
+            if start {
+                // One barrier at a time, for everyone who asked before it began: however
+                // many logins arrive, the leader confirms its lead once per round trip.
+                tokio::spawn(async move {
+                    loop {
+                        let waiting = {
+                            let mut state = barriers.lock().unwrap_or_else(|p| p.into_inner());
+                            if state.1.is_empty() {
+                                state.0 = false;
+                                return;
+                            }
+                            std::mem::take(&mut state.1)
+                        };
+                        let result = switchboard_raft::network::read_barrier(&raft, &peers, SHARD_GROUP, Duration::from_secs(3)).await;
+                        for waiter in waiting {
+                            let _ = waiter.send(result.clone());
+                        }
+                    }
+                });
+            }
+            answer.await.map_err(|_| "the read barrier stopped".to_string())?
+        })
     }
 
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>> {
@@ -605,7 +675,7 @@ impl Backend for NodeBackend {
         let (others, _) = self.file_targets();
         let peers = self.peers.clone();
         Box::pin(async move {
-            for addr in others {
+            for (addr, _) in others {
                 match peers.get_file(&addr, &id, FILE_COPY_FOR).await {
                     Ok(Some(bytes)) => return Some(bytes),
                     Ok(None) => {}
@@ -844,6 +914,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     let raft = Raft::new(options.node_id, member_config(options.snapshot_every, options.node_id, SHARD_GROUP)?, NetworkFactory::with_peers(peers.clone(), SHARD_GROUP), log, sm).await?;
     let router = Router::default();
     router.add(SHARD_GROUP, raft.clone());
+    router.check_writes(SHARD_GROUP, Arc::new(restamp_forwarded));
     let rpc_server = serve(endpoint.clone(), router.clone());
 
     let proposer = RaftProposer::start(raft.clone(), options.node_id, Forwarder::new(peers.clone()));
@@ -860,7 +931,10 @@ std::fs::create_dir_all(&options.data_dir)?;
     let first = options.members.iter().map(|(id, _)| *id).min();
     if options.join {
         if !raft.is_initialized().await? {
-            join_cluster(&peers, &options, &raft_addr.to_string()).await?;
+            // The address the members were told to dial (a node bound to 0.0.0.0 is not
+            // reachable at its local address).
+            let own = options.members.iter().find(|(id, _)| *id == options.node_id).map(|(_, a)| a.clone()).unwrap_or_else(|| raft_addr.to_string());
+            join_cluster(&peers, &options, &own).await?;
         }
     } else if first.is_some_and(|first| first != options.node_id) {
         for _ in 0..20 {
@@ -916,7 +990,7 @@ std::fs::create_dir_all(&options.data_dir)?;
         })
     };
 
-    let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor, leader_changes, peers: peers.clone(), copying: Arc::new(tokio::sync::Semaphore::new(FILES_COPIED_AT_ONCE)) });
+    let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor, leader_changes, peers: peers.clone(), copying: Arc::new(tokio::sync::Semaphore::new(FILES_COPIED_AT_ONCE)), router: router.clone(), barriers: Arc::default() });
     // The log before this replays under the rules it was decided with; from here on
     // this build's rules decide. A no-op when the shard already has them.
     if shard.read().rules < switchboard_actors::core::RULES_VERSION {
@@ -1099,6 +1173,22 @@ mod tests {
         let long: Vec<Envelope> = (0..300).map(|_| one.clone()).collect();
         let framed = batch_entry(&long.iter().map(|e| encode(e).unwrap()).collect::<Vec<_>>()).unwrap();
         assert_eq!(framed, [&[BATCH_TAG][..], &encode(&long).unwrap()].concat(), "also past a one-byte length");
+    }
+
+    #[test]
+    fn a_forwarded_entry_takes_the_leaders_clock_and_an_unreadable_one_is_refused() {
+        let far_ahead = Timestamp(u64::MAX / 2);
+        let one = encode(&Envelope::new(far_ahead, start())).unwrap();
+        let restamped = restamp_forwarded(one).unwrap();
+        let Ok(EntryBody::One(envelope)) = decode_entry(1, &restamped) else { panic!("not one envelope") };
+        assert!(envelope.at < far_ahead, "the follower's clock is replaced by the leader's");
+        assert_eq!(envelope.command, start());
+        let many = vec![Envelope::new(far_ahead, start()), Envelope::new(far_ahead, Command::AdoptRules { version: 1 })];
+        let batch = [&[BATCH_TAG][..], &encode(&many).unwrap()].concat();
+        let Ok(EntryBody::Many(restamped)) = decode_entry(2, &restamp_forwarded(batch).unwrap()) else { panic!("not a batch") };
+        assert_eq!(restamped.len(), 2);
+        assert!(restamped.iter().all(|e| e.at < far_ahead && e.at == restamped[0].at));
+        assert!(restamp_forwarded(vec![0xFF, 0x00, 0x13]).unwrap_err().contains("cannot be decoded"));
     }
 
     #[test]

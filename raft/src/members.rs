@@ -10,10 +10,14 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 
 use crate::network::Peers;
 use crate::{Node, NodeId, Raft};
+
+/// How long the leader waits for a joining node to catch up before it answers.
+const CATCH_UP_FOR: Duration = Duration::from_secs(300);
 
 /// A change of members, as sent to the leader.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -60,13 +64,25 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
                 }
             }
             // A learner first: it receives the log (or a snapshot) without counting
-            // towards commits; `blocking` waits until it has caught up.
-            if let Err(e) = raft.add_learner(id, Node { addr }, true).await {
+            // towards commits, and becomes a voter once it has caught up, within
+            // `CATCH_UP_FOR` (a node that died meanwhile is not waited for forever).
+            if let Err(e) = raft.add_learner(id, Node { addr }, false).await {
                 return answer_of(e);
             }
-            let mut next = voters;
-            next.insert(id);
-            match raft.change_membership(next, false).await {
+            let target = raft.metrics().borrow().last_log_index.unwrap_or(0);
+            let caught_up = raft
+                .wait(Some(CATCH_UP_FOR))
+                .metrics(
+                    |m| m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).is_some_and(|matched| matched.index >= target),
+                    "joining node caught up",
+                )
+                .await;
+            if caught_up.is_err() {
+                return Answer::Refused(format!("node {id} did not catch up within {} s; it stays a learner until asked again", CATCH_UP_FOR.as_secs()));
+            }
+            // Only this node's voter status changes: a change made meanwhile by another
+            // request (a second node joining, one leaving) is kept.
+            match raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await {
                 Ok(_) => Answer::Done,
                 Err(e) => answer_of(e),
             }
@@ -75,13 +91,16 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
             if membership.get_node(&id).is_none() {
                 return Answer::Done;
             }
-            let mut next = voters;
-            next.remove(&id);
-            if next.is_empty() {
+            if voters.len() == 1 && voters.contains(&id) {
                 return Answer::Refused(format!("node {id} is the group's last voter"));
             }
             // `retain: false`: the node leaves the group altogether, not kept as a learner.
-            match raft.change_membership(next, false).await {
+            let change = if voters.contains(&id) {
+                ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+            } else {
+                ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+            };
+            match raft.change_membership(change, false).await {
                 Ok(_) => Answer::Done,
                 Err(e) => answer_of(e),
             }

@@ -381,8 +381,8 @@ async fn a_gateway_certificate_forwards_writes_but_takes_no_part_in_raft() -> an
     assert_eq!(replica.raft.metrics().borrow().current_term, term, "the refused vote did not move the term");
 
     // And a node dialling a gateway's endpoint does not take it for a node.
-    let dialled = tokio::time::timeout(Duration::from_secs(5), replica.endpoint.connect(endpoint.local_addr()?, tls::NODE_SERVER_NAME)?).await?;
-    assert!(dialled.is_err(), "a gateway's certificate passed for a node's: {dialled:?}");
+    let dialled = tokio::time::timeout(Duration::from_secs(5), replica.endpoint.connect(endpoint.local_addr()?, tls::NODE_SERVER_NAME)?).await;
+    assert!(!matches!(dialled, Ok(Ok(_))), "a gateway's certificate passed for a node's: {dialled:?}");
 
     endpoint.close(0u32.into(), b"");
     replica.raft.shutdown().await?;
