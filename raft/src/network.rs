@@ -45,6 +45,11 @@ enum RpcRequest {
 }
 
 impl RpcRequest {
+    /// Whether a peer that is there answers it within milliseconds (see `Peers`).
+    fn answers_quickly(&self) -> bool {
+        matches!(self, RpcRequest::Append { .. } | RpcRequest::Vote { .. } | RpcRequest::ReadIndex { .. })
+    }
+
     /// Whether this is consensus traffic, which only nodes may send.
     fn is_raft(&self) -> bool {
         matches!(self, RpcRequest::Append { .. } | RpcRequest::Snapshot { .. } | RpcRequest::Vote { .. } | RpcRequest::Members { .. })
@@ -486,17 +491,22 @@ impl Peers {
     /// `Err(Ok(_))`: nothing was sent. `Err(Err(_))`: it was sent and no answer came.
     async fn exchange(&self, addr: &str, request: &RpcRequest, ttl: Duration) -> Result<RpcResponse, Result<Unsent, String>> {
         let bytes = encode(request).map_err(|e| Ok(Unsent(e)))?;
-        self.exchange_encoded(addr, &bytes, ttl).await
+        self.exchange_encoded(addr, &bytes, ttl, request.answers_quickly()).await
     }
 
-    async fn exchange_encoded(&self, addr: &str, bytes: &[u8], ttl: Duration) -> Result<RpcResponse, Result<Unsent, String>> {
+    /// `quick`: the request is answered within milliseconds by a peer that is there, so
+    /// waiting on it counts towards calling the peer silent; a snapshot chunk, a file or
+    /// a membership change may take seconds and does not.
+    async fn exchange_encoded(&self, addr: &str, bytes: &[u8], ttl: Duration, quick: bool) -> Result<RpcResponse, Result<Unsent, String>> {
         let connection = self.connection(addr, ttl.min(Duration::from_secs(1))).await.map_err(Ok)?;
         let (mut send, mut recv) = match tokio::time::timeout(ttl, connection.open_bi()).await {
             Ok(Ok(streams)) => streams,
             Ok(Err(e)) => return Err(Ok(Unsent(e.to_string()))),
             Err(_) => return Err(Ok(Unsent(format!("no stream to {addr} within {ttl:?}")))),
         };
-        self.asking(addr);
+        if quick {
+            self.asking(addr);
+        }
         let exchange = async {
             send.write_all(bytes).await.map_err(|e| e.to_string())?;
             send.finish().map_err(|e| e.to_string())?;
@@ -522,7 +532,7 @@ impl Peers {
 
     /// Pushes a file to the node at `addr`, which stores it durably before answering.
     pub async fn put_file(&self, addr: &str, push: &FilePush, ttl: Duration) -> Result<(), String> {
-        match self.exchange_encoded(addr, &push.0, ttl).await {
+        match self.exchange_encoded(addr, &push.0, ttl, false).await {
             Ok(RpcResponse::Stored(result)) => result,
             Ok(_) => Err(format!("{addr} answered a file push with something else")),
             Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
