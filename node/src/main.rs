@@ -123,6 +123,29 @@ struct EdgeArgs {
     ping_interval_ms: u64,
 }
 
+impl EdgeArgs {
+    /// The same limits as command-line flags, for the node processes `dev --nodes`
+    /// starts: what `dev` was given, each node gets.
+    fn to_flags(&self) -> Vec<String> {
+        let pairs: [(&str, u64); 13] = [
+            ("--starts-per-minute", self.starts_per_minute.into()),
+            ("--client-messages-per-minute", self.client_messages_per_minute.into()),
+            ("--conversation-messages-per-minute", self.conversation_messages_per_minute.into()),
+            ("--client-sockets-per-address", self.client_sockets_per_address.into()),
+            ("--upload-bytes-per-hour", self.upload_bytes_per_hour),
+            ("--uploads-per-address", self.uploads_per_address.into()),
+            ("--uploads", self.uploads.into()),
+            ("--max-connections", self.max_connections.into()),
+            ("--max-connections-per-address", self.max_connections_per_address.into()),
+            ("--header-timeout-ms", self.header_timeout_ms),
+            ("--request-timeout-ms", self.request_timeout_ms),
+            ("--write-timeout-ms", self.write_timeout_ms),
+            ("--ping-interval-ms", self.ping_interval_ms),
+        ];
+        pairs.into_iter().flat_map(|(flag, value)| [flag.to_string(), value.to_string()]).collect()
+    }
+}
+
 #[derive(Args)]
 struct DevArgs {
     #[command(flatten)]
@@ -299,8 +322,9 @@ fn member_options(config: cluster::NodeConfig, listeners: Listeners, chaos_drill
     options.public_addr = config.public_addr;
     options.private_addr = config.private_addr;
     options.raft_addr = config.raft_addr;
-    options.client_origins = config.client_origins;
-    options.staff_origins = config.staff_origins;
+    // The file's origins and the flags' together.
+    options.client_origins.extend(config.client_origins);
+    options.staff_origins.extend(config.staff_origins);
     if let Some(every) = config.snapshot_every {
         options.snapshot_every = every;
     }
@@ -449,6 +473,14 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
     let spawn = |i: u64| {
         let mut command = tokio::process::Command::new(&binary);
         command.arg("node").arg("--config").arg(dir.join(format!("node-{i}.toml"))).arg("--enable-chaos-drills");
+        // The limits and origins `dev` was given apply on every node.
+        command.args(listeners.edge.to_flags());
+        for origin in &listeners.client_origins {
+            command.arg("--client-origin").arg(origin);
+        }
+        for origin in &listeners.staff_origins {
+            command.arg("--staff-origin").arg(origin);
+        }
         command.stdout(std::process::Stdio::null()).kill_on_drop(true);
         if i == 1 {
             command.arg("--demo");
@@ -610,4 +642,22 @@ fn main() -> anyhow::Result<()> {
             Cmd::Bench(args) => bench::run(args).await,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `dev --nodes` hands its nodes parses back into the very same limits.
+    #[test]
+    fn edge_limits_given_to_dev_reach_its_nodes_unchanged() {
+        let given = ["switchboard", "dev", "--nodes", "3", "--uploads", "7", "--ping-interval-ms", "1234", "--client-messages-per-minute", "999"];
+        let Cmd::Dev(dev) = Cli::parse_from(given).command else { panic!("not dev") };
+        let mut node = vec!["switchboard".to_string(), "node".into(), "--config".into(), "node-1.toml".into()];
+        node.extend(dev.listeners.edge.to_flags());
+        let Cmd::Node(parsed) = Cli::try_parse_from(&node).expect("every flag is one `node` takes").command else { panic!("not node") };
+        let (a, b) = (&dev.listeners.edge, &parsed.listeners.edge);
+        assert_eq!((a.uploads, a.ping_interval_ms, a.client_messages_per_minute), (7, 1234, 999));
+        assert_eq!(a.to_flags(), b.to_flags());
+    }
 }
