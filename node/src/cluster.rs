@@ -175,34 +175,14 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-/// A JSON request to a node's private listener; returns the status and the JSON body.
+/// A JSON request to a node's private listener (the project's HTTP client), bounded
+/// in time; returns the status and the JSON body.
 async fn http(private_addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&serde_json::Value>) -> anyhow::Result<(u16, serde_json::Value)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(private_addr).await.with_context(|| format!("connect {private_addr}"))?;
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {private_addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-        if !body.is_empty() {
-            request.push_str("Content-Type: application/json\r\n");
-        }
-        if let Some(token) = token {
-            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-        }
-        request.push_str("\r\n");
-        request.push_str(&body);
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.take(1 << 20).read_to_end(&mut response).await?;
-        anyhow::Ok(response)
-    };
-    let response = tokio::time::timeout(std::time::Duration::from_secs(60), fetch)
+    let request = switchboard_gateway::client::http_json(private_addr, method, path, token, body);
+    tokio::time::timeout(std::time::Duration::from_secs(60), request)
         .await
-        .map_err(|_| anyhow::anyhow!("{private_addr} did not answer within 60 s"))??;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("{private_addr} sent no HTTP response"))?;
-    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("{private_addr} sent a bad status line"))?;
-    let json = if body.trim().is_empty() { serde_json::Value::Null } else { serde_json::from_str(body).with_context(|| format!("{private_addr} sent a body that is not JSON"))? };
-    Ok((status, json))
+        .map_err(|_| anyhow::anyhow!("{private_addr} did not answer within 60 s"))?
+        .with_context(|| format!("{method} {path} on {private_addr}"))
 }
 
 /// `GET /api/cluster` from a node's private listener, as JSON.
