@@ -203,6 +203,21 @@ pub async fn next_event(ws: &mut WsClient, kind: &str) -> anyhow::Result<Value> 
     Ok(ws.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == kind).await.with_context(|| format!("waiting for {kind}"))?)
 }
 
+/// Runs a `switchboard` command to completion (`cluster …`, `certs …`), with `env`
+/// added: its standard output, or an error carrying its standard error if it failed.
+pub async fn cli<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>, env: &[(&str, &str)]) -> anyhow::Result<Vec<u8>> {
+    let mut command = tokio::process::Command::new(binary()?);
+    command.args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().await?;
+    if !output.status.success() {
+        bail!("switchboard failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(output.stdout)
+}
+
 /// A `switchboard` process spawned by [`Dev::launch`] that may not be ready yet.
 pub struct Starting {
     child: tokio::process::Child,
@@ -305,15 +320,10 @@ impl Cluster {
     }
 
     async fn start_with(dir: &Path, n: usize, layout: &[String], namespaces: Vec<Option<String>>) -> anyhow::Result<Cluster> {
-        let output = tokio::process::Command::new(binary()?)
-            .args(["cluster", "init", "--nodes", &n.to_string(), "--dir"])
-            .arg(dir)
-            .args(layout)
-            .output()
-            .await?;
-        if !output.status.success() {
-            bail!("cluster init failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
+        let mut args: Vec<std::ffi::OsString> = ["cluster", "init", "--nodes", &n.to_string(), "--dir"].iter().map(Into::into).collect();
+        args.push(dir.into());
+        args.extend(layout.iter().map(Into::into));
+        cli(args, &[]).await.context("cluster init")?;
         // Launched together: each waits for a quorum before it says ready.
         let starting = (1..=n).map(|id| Self::launch(dir, id, namespaces[id - 1].as_deref())).collect::<anyhow::Result<Vec<_>>>()?;
         let mut nodes = Vec::new();
@@ -365,10 +375,7 @@ impl Cluster {
     /// Lays out one more node with `switchboard cluster add-node`, starts it (it joins
     /// on its first start) and waits until it is ready; returns its id.
     pub async fn add_node(&mut self) -> anyhow::Result<usize> {
-        let output = tokio::process::Command::new(binary()?).args(["cluster", "add-node", "--dir"]).arg(&self.dir).output().await?;
-        if !output.status.success() {
-            bail!("cluster add-node failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
+        cli([std::ffi::OsStr::new("cluster"), "add-node".as_ref(), "--dir".as_ref(), self.dir.as_os_str()], &[]).await.context("cluster add-node")?;
         let id = self.nodes.len() + 1;
         anyhow::ensure!(self.dir.join(format!("node-{id}.toml")).exists(), "add-node wrote no node-{id}.toml");
         let mut node = Self::launch(&self.dir, id, None)?.ready().await?;

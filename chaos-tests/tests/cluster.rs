@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use switchboard_chaos_tests::{eventually, set_presence, Cluster, WAIT};
+use switchboard_chaos_tests::{cli, eventually, set_presence, Cluster, WAIT};
 use switchboard_gateway::client::{ClientError, Incoming, WsClient};
 
 #[derive(Default)]
@@ -199,12 +199,8 @@ async fn killing_the_leader_loses_nothing_and_sockets_elsewhere_stay_open() -> a
         assert!(contiguous(&seen), "operator feed without gap or duplicate: {seen:?}");
     }
     // What an SRE's script sees: the new leader, three voters; forwarded entries counted.
-    let output = tokio::process::Command::new(switchboard_chaos_tests::binary()?)
-        .args(["cluster", "status", "--json", "--addr", &cluster.node(b).private])
-        .output()
-        .await?;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let output = cli(["cluster", "status", "--json", "--addr", &cluster.node(b).private], &[]).await?;
+    let status: serde_json::Value = serde_json::from_slice(&output)?;
     assert_eq!(status["leader"].as_u64(), Some(new_leader as u64), "{status}");
     assert_eq!(status["members"].as_array().map(Vec::len), Some(3), "{status}");
     let (_, metrics) = cluster.node(b).api("GET", "/metrics", None, None).await?;
@@ -458,12 +454,7 @@ async fn a_node_joins_a_running_cluster_and_another_leaves_it() -> anyhow::Resul
     assert!(["early0", "early1", "early2"].iter().all(|k| keys.contains(k)), "node 4 has the early messages: {keys:?}");
 
     // Node 2 leaves, as an admin asks through node 4.
-    let output = tokio::process::Command::new(switchboard_chaos_tests::binary()?)
-        .args(["cluster", "remove-node", "--addr", &cluster.node(4).private, "--id", "2"])
-        .env("SWITCHBOARD_PASSWORD", &cluster.logins["admin"])
-        .output()
-        .await?;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    cli(["cluster", "remove-node", "--addr", &cluster.node(4).private, "--id", "2"], &[("SWITCHBOARD_PASSWORD", &cluster.logins["admin"])]).await?;
     eventually(WAIT, Duration::from_millis(100), || async { Ok((voters(&cluster.status(4).await?) == [1, 3, 4]).then_some(())) }).await?;
     cluster.kill9(2).await?;
     // Two of the three voters left are enough, whichever of them dies next.
@@ -494,12 +485,10 @@ async fn a_node_with_a_foreign_certificate_is_refused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::start(dir.path(), 3).await?;
     let binary = switchboard_chaos_tests::binary()?;
-    let output = tokio::process::Command::new(&binary).args(["cluster", "add-node", "--dir"]).arg(dir.path()).output().await?;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    cli(["cluster".as_ref(), "add-node".as_ref(), "--dir".as_ref(), dir.path().as_os_str()], &[]).await?;
     // The same layout, but a certificate issued by a CA of its own.
     let foreign = dir.path().join("foreign-certs");
-    let output = tokio::process::Command::new(&binary).args(["certs", "--name", "node-4", "--dir"]).arg(&foreign).output().await?;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    cli(["certs".as_ref(), "--name".as_ref(), "node-4".as_ref(), "--dir".as_ref(), foreign.as_os_str()], &[]).await?;
     let config = dir.path().join("node-4.toml");
     let text = std::fs::read_to_string(&config)?.replace("certs_dir = \"certs\"", &format!("certs_dir = {:?}", foreign.display().to_string()));
     std::fs::write(&config, text)?;
@@ -578,12 +567,8 @@ async fn certificates_and_the_ca_rotate_without_downtime() -> anyhow::Result<()>
     let mut cluster = Cluster::start(dir.path(), 3).await?;
     let certs = dir.path().join("certs");
     let fresh = dir.path().join("certs-new");
-    let output = tokio::process::Command::new(switchboard_chaos_tests::binary()?)
-        .args(["certs", "--name", "node-1", "--name", "node-2", "--name", "node-3", "--dir"])
-        .arg(&fresh)
-        .output()
-        .await?;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let names = ["certs", "--name", "node-1", "--name", "node-2", "--name", "node-3", "--dir"];
+    cli(names.iter().map(std::ffi::OsStr::new).chain([fresh.as_os_str()]), &[]).await?;
     let old_ca = std::fs::read_to_string(certs.join("ca.pem"))?;
     let new_ca = std::fs::read_to_string(fresh.join("ca.pem"))?;
 
@@ -650,8 +635,7 @@ async fn certificates_and_the_ca_rotate_without_downtime() -> anyhow::Result<()>
     assert_eq!(acked.len(), 9);
 
     // A node still holding a certificate from the old CA is refused now.
-    let output = tokio::process::Command::new(switchboard_chaos_tests::binary()?).args(["cluster", "add-node", "--dir"]).arg(dir.path()).output().await?;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    cli(["cluster".as_ref(), "add-node".as_ref(), "--dir".as_ref(), dir.path().as_os_str()], &[]).await?;
     let log_of = |id: usize| std::fs::read_to_string(dir.path().join(format!("data/node-{id}/node.log"))).unwrap_or_default();
     let before = (1..=3).map(|id| log_of(id).matches("refused a peer's QUIC handshake").count()).sum::<usize>();
     // add-node issued node-4 from certs/ca.key, the old CA's key.
@@ -684,12 +668,7 @@ async fn a_node_joins_and_leaves_under_traffic_without_a_client_noticing() -> an
     let voters = |status: &serde_json::Value| status["members"].as_array().into_iter().flatten().filter(|m| m["voter"] == true).count();
     eventually(WAIT, Duration::from_millis(100), || async { Ok((voters(&cluster.status(1).await?) == 4).then_some(())) }).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let output = tokio::process::Command::new(switchboard_chaos_tests::binary()?)
-        .args(["cluster", "remove-node", "--addr", &cluster.node(2).private, "--id", &added.to_string()])
-        .env("SWITCHBOARD_PASSWORD", &cluster.logins["admin"])
-        .output()
-        .await?;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    cli(["cluster", "remove-node", "--addr", &cluster.node(2).private, "--id", &added.to_string()], &[("SWITCHBOARD_PASSWORD", &cluster.logins["admin"])]).await?;
     eventually(WAIT, Duration::from_millis(100), || async { Ok((voters(&cluster.status(1).await?) == 3).then_some(())) }).await?;
     cluster.kill9(added).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
