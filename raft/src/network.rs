@@ -42,6 +42,9 @@ enum RpcRequest {
     Members { group: u64, change: crate::members::Change },
     /// The index a linearizable read must wait for, from the group's leader.
     ReadIndex { group: u64 },
+    /// Who leads, who the members are and whether this member serves: what a gateway
+    /// polls to pin sessions (and how it finds a dead member within a second).
+    Status,
 }
 
 impl RpcRequest {
@@ -50,7 +53,7 @@ impl RpcRequest {
     /// dead leader's connection silent (measured: recovery after a leader kill went from
     /// 0.5 to 1.3 s at the median without it).
     fn answers_quickly(&self) -> bool {
-        matches!(self, RpcRequest::Append { .. } | RpcRequest::Vote { .. } | RpcRequest::ReadIndex { .. } | RpcRequest::Write { .. })
+        matches!(self, RpcRequest::Append { .. } | RpcRequest::Vote { .. } | RpcRequest::ReadIndex { .. } | RpcRequest::Write { .. } | RpcRequest::Status)
     }
 
     /// Whether this is consensus traffic, which only nodes may send.
@@ -76,7 +79,40 @@ enum RpcResponse {
     WriteUnknown(String),
     /// A forwarded entry the leader's check refused: it is in no log.
     WriteRefused(String),
+    Status(MemberStatus),
 }
+
+/// What a member says of itself and the cluster (answer to a gateway's poll).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// This member's node id.
+    pub node: NodeId,
+    /// The leader this member knows of.
+    pub leader: Option<NodeId>,
+    /// The group's members (voters and learners) with their QUIC addresses.
+    pub members: Vec<(NodeId, String)>,
+    /// Whether this member serves clients now (its `/readyz`).
+    pub ready: bool,
+}
+
+/// The first byte of a stream that carries relayed client traffic (HTTP/1.1, and a
+/// WebSocket after an upgrade) instead of one RPC. An RPC stream starts with its
+/// variant's index, which is far below it.
+pub const RELAY_TAG: u8 = 0xF7;
+
+/// Serves streams a gateway relays (see [`RELAY_TAG`]); the node's edge implements it.
+pub trait Relay: Send + Sync + 'static {
+    /// Serves one relayed stream (the tag already read) from a peer holding `role`.
+    fn serve(
+        &self,
+        role: Role,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> futures::future::BoxFuture<'static, ()>;
+}
+
+/// What answers a gateway's status poll on this node.
+pub type StatusSource = Arc<dyn Fn() -> MemberStatus + Send + Sync>;
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
     bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| e.to_string())
@@ -106,6 +142,8 @@ pub struct Router {
     files: Arc<RwLock<Option<Arc<dyn Files>>>>,
     /// When each group last received entries or a heartbeat from a leader.
     heard: Arc<std::sync::Mutex<HashMap<u64, std::time::Instant>>>,
+    status: Arc<RwLock<Option<StatusSource>>>,
+    relay: Arc<RwLock<Option<Arc<dyn Relay>>>>,
 }
 
 /// Checks a forwarded entry on the leader and returns the bytes to append: an entry the
@@ -139,6 +177,20 @@ impl Router {
     /// Serves peers' file pushes and fetches from `files`.
     pub fn set_files(&self, files: Arc<dyn Files>) {
         *self.files.write().unwrap_or_else(|p| p.into_inner()) = Some(files);
+    }
+
+    /// Answers gateways' status polls from `status`.
+    pub fn set_status(&self, status: StatusSource) {
+        *self.status.write().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+
+    /// Serves relayed client traffic with `relay`.
+    pub fn set_relay(&self, relay: Arc<dyn Relay>) {
+        *self.relay.write().unwrap_or_else(|p| p.into_inner()) = Some(relay);
+    }
+
+    fn relay(&self) -> Option<Arc<dyn Relay>> {
+        self.relay.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn files(&self) -> Option<Arc<dyn Files>> {
@@ -214,6 +266,14 @@ impl Router {
                 Some(files) => RpcResponse::File(files.get(id).await),
                 None => RpcResponse::File(Ok(None)),
             },
+            RpcRequest::Status => {
+                let source = self
+                    .status
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                RpcResponse::Status(source.map(|s| s()).unwrap_or_default())
+            }
         }
     }
 }
@@ -348,7 +408,20 @@ pub fn serve(endpoint: quinn::Endpoint, router: Router) -> tokio::task::JoinHand
 }
 
 async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
-    let body = recv.read_to_end(MAX_RPC_BYTES).await.map_err(|e| e.to_string())?;
+    let mut first = [0u8; 1];
+    recv.read_exact(&mut first).await.map_err(|e| e.to_string())?;
+    if first[0] == RELAY_TAG {
+        return match router.relay() {
+            Some(relay) => {
+                relay.serve(role, send, recv).await;
+                Ok(())
+            }
+            None => Err("relayed traffic, but this node serves no edge".into()),
+        };
+    }
+    let mut body = Vec::with_capacity(64);
+    body.push(first[0]);
+    body.extend(recv.read_to_end(MAX_RPC_BYTES - 1).await.map_err(|e| e.to_string())?);
     let response = match decode::<RpcRequest>(&body) {
         Ok(request) if role == Role::Gateway && request.is_raft() => {
             warn!("refused Raft traffic from a peer holding a gateway certificate");
@@ -549,6 +622,44 @@ impl Peers {
             Ok(RpcResponse::UnknownGroup(g)) => Err(format!("{addr} does not host group {g} (yet)")),
             Ok(_) => Err(format!("{addr} answered a membership change with something else")),
             Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
+        }
+    }
+
+    /// The member at `addr`'s view of itself and the cluster, within `ttl`.
+    pub async fn status(&self, addr: &str, ttl: Duration) -> Result<MemberStatus, String> {
+        match self.exchange(addr, &RpcRequest::Status, ttl).await {
+            Ok(RpcResponse::Status(status)) => Ok(status),
+            Ok(_) => Err(format!("{addr} answered a status poll with something else")),
+            Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
+        }
+    }
+
+    /// A stream to the member at `addr` that carries relayed client traffic, its tag
+    /// already written. Fails at once when there is no live connection within `wait`.
+    pub async fn open_relay(
+        &self,
+        addr: &str,
+        wait: Duration,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+        let connection = self.connection(addr, wait).await.map_err(|e| e.0)?;
+        let (mut send, recv) = match tokio::time::timeout(wait, connection.open_bi()).await {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("no stream to {addr} within {wait:?}")),
+        };
+        send.write_all(&[RELAY_TAG])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((send, recv))
+    }
+
+    /// Closes the connection to `addr` now (its relayed streams fail at once).
+    pub fn drop_connection(&self, addr: &str) {
+        if let Some(peer) = self.lock().get_mut(addr) {
+            if let Some(c) = peer.connection.take() {
+                c.close(0u32.into(), b"silent");
+            }
+            peer.unanswered_since = None;
         }
     }
 
