@@ -25,6 +25,7 @@ pub(crate) async fn upgrade(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
+    relayed: Option<axum::Extension<ws::Relayed>>,
     upgrade: IncomingUpgrade,
 ) -> Response {
     if let Err(refusal) = ws::admit(&gw, &headers, Surface::Client, None) {
@@ -41,7 +42,7 @@ pub(crate) async fn upgrade(
         }
     };
     let session = ClientSession { gw: gw.clone(), conversation: None, peer: address, _slot: slot };
-    ws::accept(gw, upgrade, Surface::Client, None, session)
+    ws::accept(gw, upgrade, Surface::Client, None, relayed.is_some(), session)
 }
 
 struct ClientSession {

@@ -20,7 +20,9 @@ pub mod frames;
 pub mod listener;
 pub mod metrics;
 mod operator_ws;
+pub mod relay;
 mod rest;
+pub mod standalone;
 mod supervisor_ws;
 pub mod wire;
 pub mod ws;
@@ -349,6 +351,11 @@ impl Gateway {
     }
 
     /// Marks the node's configuration as loaded: `/readyz` may answer 200 from now.
+    /// Whether this node serves clients now (`/readyz`).
+    pub fn ready(&self) -> bool {
+        self.configured.load(Relaxed) && self.backend.ready()
+    }
+
     pub fn set_configured(&self) {
         self.configured.store(true, Relaxed);
     }
@@ -436,7 +443,7 @@ async fn healthz() -> Response {
 /// majority, or another member), the node applied its log and loaded its
 /// configuration, so a client that starts now finds its channel and groups.
 async fn readyz(axum::extract::State(gw): axum::extract::State<Arc<Gateway>>) -> Response {
-    if gw.configured.load(Relaxed) && gw.backend.ready() {
+    if gw.ready() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not_ready"}))).into_response()

@@ -30,6 +30,7 @@ pub(crate) async fn upgrade(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     Query(params): Query<ConnectParams>,
+    relayed: Option<axum::Extension<ws::Relayed>>,
     upgrade: IncomingUpgrade,
 ) -> Response {
     // Authenticate before upgrading: a forged token never gets a socket.
@@ -44,7 +45,7 @@ pub(crate) async fn upgrade(
         Err(refusal) => return refusal,
     };
     let session = OperatorSession { gw: gw.clone(), operator, resume_from: params.last_seq };
-    ws::accept(gw, upgrade, Surface::Operator, Some(staff), session)
+    ws::accept(gw, upgrade, Surface::Operator, Some(staff), relayed.is_some(), session)
 }
 
 struct OperatorSession {

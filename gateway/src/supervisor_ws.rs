@@ -35,6 +35,7 @@ pub(crate) async fn upgrade(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     Query(params): Query<ConnectParams>,
+    relayed: Option<axum::Extension<ws::Relayed>>,
     upgrade: IncomingUpgrade,
 ) -> Response {
     let staff = match ws::admit(&gw, &headers, Surface::Supervisor, params.token.as_deref()) {
@@ -46,7 +47,14 @@ pub(crate) async fn upgrade(
         Err(refusal) => return refusal,
     };
     let session = SupervisorSession { gw: gw.clone() };
-    ws::accept(gw, upgrade, Surface::Supervisor, Some(staff), session)
+    ws::accept(
+        gw,
+        upgrade,
+        Surface::Supervisor,
+        Some(staff),
+        relayed.is_some(),
+        session,
+    )
 }
 
 /// The floor as supervisors see it, read from committed state.

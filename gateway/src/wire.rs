@@ -63,11 +63,19 @@ pub struct Decoder {
     partial: Option<(bool, Vec<u8>)>,
     /// Frames of the message being assembled so far.
     fragments: usize,
+    /// Whether frames come from a client (masked, as RFC 6455 requires) or from a
+    /// server (unmasked: what a standalone gateway reads from the node it relays to).
+    from_client: bool,
 }
 
 impl Decoder {
     pub fn new(max_message: usize) -> Self {
-        Decoder { max_message, partial: None, fragments: 0 }
+        Decoder { max_message, partial: None, fragments: 0, from_client: true }
+    }
+
+    /// A decoder of a server's frames (unmasked), for the client side of a socket.
+    pub fn of_server(max_message: usize) -> Self {
+        Decoder { max_message, partial: None, fragments: 0, from_client: false }
     }
 
     /// Bytes of a message being assembled (what a peer currently makes us hold).
@@ -79,7 +87,7 @@ impl Decoder {
     /// are needed; `buf` is then left as it was. After an error the decoder is spent.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Inbound>, Violation> {
         loop {
-            let Some(header) = parse_header(buf)? else { return Ok(None) };
+            let Some(header) = parse_header(buf, self.from_client)? else { return Ok(None) };
             let control = header.opcode >= OP_CLOSE;
             if control {
                 if !header.fin {
@@ -148,7 +156,7 @@ struct Header {
     size: usize,
 }
 
-fn parse_header(buf: &BytesMut) -> Result<Option<Header>, Violation> {
+fn parse_header(buf: &BytesMut, from_client: bool) -> Result<Option<Header>, Violation> {
     if buf.len() < 2 {
         return Ok(None);
     }
@@ -160,8 +168,11 @@ fn parse_header(buf: &BytesMut) -> Result<Option<Header>, Violation> {
     if !matches!(opcode, OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG) {
         return Err(protocol("reserved opcode"));
     }
-    if b1 & 0x80 == 0 {
+    if from_client && b1 & 0x80 == 0 {
         return Err(protocol("client frame not masked"));
+    }
+    if !from_client && b1 & 0x80 != 0 {
+        return Err(protocol("server frame masked"));
     }
     let (len, len_bytes) = match b1 & 0x7F {
         126 => {
@@ -180,6 +191,16 @@ fn parse_header(buf: &BytesMut) -> Result<Option<Header>, Violation> {
         }
         n => (u64::from(n), 0),
     };
+    if !from_client {
+        let size = 2 + len_bytes;
+        return Ok(Some(Header {
+            fin: b0 & 0x80 != 0,
+            opcode,
+            mask: [0; 4],
+            len,
+            size,
+        }));
+    }
     let size = 2 + len_bytes + 4;
     let Some(mask) = buf.get(2 + len_bytes..size) else { return Ok(None) };
     Ok(Some(Header { fin: b0 & 0x80 != 0, opcode, mask: [mask[0], mask[1], mask[2], mask[3]], len, size }))
@@ -230,15 +251,40 @@ pub fn encode(opcode: ServerOp, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A client frame (masked with `mask`, as a client must), ready to write.
+pub fn encode_masked(opcode: ServerOp, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = encode(opcode, &[]);
+    out.truncate(1);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+    out
+}
+
 /// A close frame with a code and a reason cut to fit a control frame.
 pub fn encode_close(code: u16, reason: &str) -> Vec<u8> {
+    encode(ServerOp::Close, &close_payload(code, reason))
+}
+
+/// The payload of a close frame with `code` and `reason` (cut to fit).
+pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
     let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
     let mut payload = code.to_be_bytes().to_vec();
     payload.extend_from_slice(&reason.as_bytes()[..end]);
-    encode(ServerOp::Close, &payload)
+    payload
 }
 
 /// Opcodes the server sends.
@@ -255,6 +301,45 @@ pub enum ServerOp {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn what_a_client_encodes_a_server_decodes_and_back() {
+        for len in [0usize, 5, 125, 126, 65_535, 65_536] {
+            let text = "x".repeat(len);
+            let mut buf =
+                BytesMut::from(&encode_masked(ServerOp::Text, text.as_bytes(), [1, 2, 3, 4])[..]);
+            assert_eq!(
+                Decoder::new(1 << 20).decode(&mut buf),
+                Ok(Some(Inbound::Text(text.clone()))),
+                "client to server, {len} bytes"
+            );
+            let mut buf = BytesMut::from(&encode(ServerOp::Text, text.as_bytes())[..]);
+            assert_eq!(
+                Decoder::of_server(1 << 20).decode(&mut buf),
+                Ok(Some(Inbound::Text(text))),
+                "server to client, {len} bytes"
+            );
+        }
+        let mut masked = BytesMut::from(&encode_masked(ServerOp::Ping, b"", [9, 9, 9, 9])[..]);
+        assert_eq!(
+            Decoder::of_server(1024)
+                .decode(&mut masked)
+                .map_err(|v| v.code),
+            Err(PROTOCOL_ERROR),
+            "a server never masks"
+        );
+        let mut close = BytesMut::from(
+            &encode_masked(
+                ServerOp::Close,
+                &close_payload(4001, "login changed"),
+                [7, 0, 7, 0],
+            )[..],
+        );
+        assert_eq!(
+            Decoder::new(1024).decode(&mut close),
+            Ok(Some(Inbound::Close(Some(4001), "login changed".into())))
+        );
+    }
 
     /// A client frame: `first` is the first header byte (FIN, RSV, opcode).
     fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {

@@ -38,6 +38,8 @@ pub mod close {
     /// What the peer's frames did wrong: 1002, 1007, 1009, decided by the decoder.
     pub use crate::wire::{INVALID_PAYLOAD, PROTOCOL_ERROR, TOO_BIG};
     pub const INTERNAL: u16 = 1011;
+    /// A standalone gateway found no member to carry the socket on: reconnect and resume.
+    pub const SERVICE_RESTART: u16 = 1012;
     pub const UNAUTHORIZED: u16 = 4001;
     pub const RATE_LIMITED: u16 = 4008;
 }
@@ -90,6 +92,8 @@ impl RateLimiter {
 /// What the writer is told to do.
 pub enum Out {
     Json(Value),
+    /// A text frame already rendered (what a gateway relays as it came).
+    Text(String),
     /// Start following a committed stream (replacing any earlier one). Boxed: every
     /// slot of a socket's outbox is as large as its largest variant.
     Follow(Box<Follow>),
@@ -129,6 +133,20 @@ impl Outbox {
         self.json(frames::error(code, message, reference)).await;
     }
 
+    pub async fn text(&self, text: String) {
+        let _ = self.0.send(Out::Text(text)).await;
+    }
+
+    /// Closes the socket with `code` once what is queued before has been written.
+    pub async fn close(&self, code: u16, reason: &str) {
+        let _ = self.0.send(Out::Close(code, reason.to_owned())).await;
+    }
+
+    /// Whether the socket's writer has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+
     pub async fn follow(&self, follow: Follow) {
         let _ = self.0.send(Out::Follow(Box::new(follow))).await;
     }
@@ -136,7 +154,7 @@ impl Outbox {
 
 /// Which socket surface a session belongs to, for limits and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Surface {
+pub enum Surface {
     Client,
     Operator,
     Supervisor,
@@ -183,12 +201,53 @@ pub(crate) struct StaffLogin {
 /// How often an open staff socket re-checks its login.
 const LOGIN_RECHECK: Duration = Duration::from_secs(2);
 
+/// Marks a request a gateway relayed to this node (set by [`crate::relay`]): the
+/// gateway has already held the socket to its limits, so the node allows twice the rate
+/// (jitter on the way must not make it refuse what the gateway let through).
+#[derive(Clone, Copy, Debug)]
+pub struct Relayed;
+
 /// Completes the upgrade and runs `session` on the socket in its own task.
 pub(crate) fn accept<S: Session>(
     gw: Arc<crate::Gateway>,
     upgrade: fastwebsockets::upgrade::IncomingUpgrade,
     surface: Surface,
     staff: Option<StaffLogin>,
+    relayed: bool,
+    session: S,
+) -> axum::response::Response {
+    let mut limits = match surface {
+        Surface::Client => gw.config.client_limits,
+        Surface::Operator | Surface::Supervisor => gw.config.operator_limits,
+    };
+    if relayed {
+        limits.frames_per_second *= 2.0;
+        limits.burst *= 2.0;
+    }
+    let guard: Option<Guard> = staff.map(|s| {
+        let gw = gw.clone();
+        Arc::new(move || gw.staff_current(&s.login, s.role, s.operator.as_ref(), s.epoch)) as Guard
+    });
+    accept_with(
+        upgrade,
+        gw.metrics.clone(),
+        surface,
+        limits,
+        gw.config.ping_interval,
+        guard,
+        session,
+    )
+}
+
+/// Completes the upgrade and runs `session` under `limits` in its own task (what a
+/// standalone gateway uses too, with no node behind it in the process).
+pub(crate) fn accept_with<S: Session>(
+    upgrade: fastwebsockets::upgrade::IncomingUpgrade,
+    metrics: Arc<Metrics>,
+    surface: Surface,
+    limits: Limits,
+    ping_interval: Duration,
+    guard: Option<Guard>,
     session: S,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
@@ -204,20 +263,13 @@ pub(crate) fn accept<S: Session>(
                 return;
             }
         };
-        let metrics = gw.metrics.clone();
-        let (opened, active, limits) = match surface {
-            Surface::Client => (&metrics.client_sessions_opened, &metrics.client_sessions_active, gw.config.client_limits),
-            Surface::Operator | Surface::Supervisor => {
-                (&metrics.operator_sessions_opened, &metrics.operator_sessions_active, gw.config.operator_limits)
-            }
+        let (opened, active) = match surface {
+            Surface::Client => (&metrics.client_sessions_opened, &metrics.client_sessions_active),
+            Surface::Operator | Surface::Supervisor => (&metrics.operator_sessions_opened, &metrics.operator_sessions_active),
         };
         opened.fetch_add(1, Relaxed);
         active.fetch_add(1, Relaxed);
-        let guard: Option<Guard> = staff.map(|s| {
-            let gw = gw.clone();
-            Arc::new(move || gw.staff_current(&s.login, s.role, s.operator.as_ref(), s.epoch)) as Guard
-        });
-        drive(ws.into_inner(), session, limits, gw.config.ping_interval, metrics.clone(), guard).await;
+        drive(ws.into_inner(), session, limits, ping_interval, metrics.clone(), guard).await;
         active.fetch_sub(1, Relaxed);
     });
     response.into_response()
@@ -479,6 +531,10 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
             out = rx.recv() => match out {
                 Some(Out::Json(value)) => {
                     if !send_json(&mut write, &value, &metrics).await { return; }
+                }
+                Some(Out::Text(text)) => {
+                    metrics.frames_sent.fetch_add(1, Relaxed);
+                    if !send_frame(&mut write, &wire::encode(wire::ServerOp::Text, text.as_bytes())).await { return; }
                 }
                 Some(Out::Follow(f)) => {
                     let mut f = *f;

@@ -1,0 +1,1108 @@
+//! `switchboard gateway`: a process that holds clients' connections and relays their
+//! traffic to the cluster's members over QUIC with mutual TLS (ADR 0008).
+//!
+//! It keeps no durable state. It learns the cluster's map (members, the leader, who is
+//! ready) by polling every member's status, pins each request and each socket to a
+//! member (the leader when it is ready, else any ready member: every member serves, ADR
+//! 0007), and relays the bytes ([`crate::relay`] is the node's side). Edge limits are
+//! enforced here first: connection caps, header and write timeouts, WebSocket frame
+//! size and rate; the node then makes every check of its own.
+//!
+//! When the member under a socket dies, the gateway re-pins the socket: it opens the
+//! same socket on another member, resumes the stream after the last `seq` it delivered
+//! (the client's conversation, or the operator's feed), swallows the second `resumed`
+//! or `hello`, resends the client's keyed `send`s that had no answer yet (their keys
+//! make a resend safe) and answers every other unanswered request `unavailable`. The
+//! person's socket stays open and sees no gap and no duplicate.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::BytesMut;
+use fastwebsockets::upgrade::IncomingUpgrade;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use switchboard_raft::network::Peers;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+
+use crate::listener::ConnectionLimits;
+use crate::metrics::Metrics;
+use crate::relay::{write_preamble, Listener};
+use crate::wire::{self, Inbound, ServerOp};
+use crate::ws::{self, close, Flow, Limits, Outbox, Session, Surface};
+use crate::GatewayError;
+
+/// How often every member's status is polled. A member that stops answering is taken
+/// for gone within about a second (`Peers` closes a connection silent for 1 s, which
+/// fails every stream relayed over it).
+const POLL_EVERY: Duration = Duration::from_millis(250);
+/// How long a socket may look for another member before it is closed with 1012.
+const REPIN_PATIENCE: Duration = Duration::from_secs(15);
+/// How long a re-pinned socket waits for its `resumed` or `hello`.
+const RESUME_WAIT: Duration = Duration::from_secs(5);
+/// The largest frame a member may send a gateway (a page of history is 64 KiB of text).
+const MAX_UPSTREAM_MESSAGE: usize = 16 * 1024 * 1024;
+/// Requests a socket's client may have unanswered at the gateway's count; past it the
+/// oldest are forgotten (and answered `unavailable` on a re-pin, as if never tracked).
+const MAX_PENDING: usize = 256;
+/// Longest time to wait for a member's response head to a relayed request.
+const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a standalone gateway is given.
+pub struct Options {
+    pub public_addr: SocketAddr,
+    pub private_addr: SocketAddr,
+    /// Its certificate (role gateway) and the cluster CA's.
+    pub identity: switchboard_raft::tls::Identity,
+    /// Members to start from (id, QUIC address); more are learnt from their status.
+    pub members: Vec<(u64, String)>,
+    pub client_limits: Limits,
+    pub operator_limits: Limits,
+    pub connections: ConnectionLimits,
+    pub ping_interval: Duration,
+    /// Time to relay one HTTP request, its body included.
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+struct Member {
+    addr: String,
+    alive: bool,
+    ready: bool,
+}
+
+/// The gateway's view of the cluster, versioned: the version goes up whenever the
+/// leader or the members change.
+#[derive(Default)]
+struct Map {
+    members: BTreeMap<u64, Member>,
+    leader: Option<u64>,
+    version: u64,
+}
+
+/// The members and the connections to them, shared by every relayed request.
+pub struct Upstreams {
+    peers: Peers,
+    map: Mutex<Map>,
+    repins: AtomicU64,
+    repins_failed: AtomicU64,
+    unavailable: AtomicU64,
+    relayed_sockets: AtomicUsize,
+}
+
+impl Upstreams {
+    fn new(peers: Peers, members: &[(u64, String)]) -> Arc<Self> {
+        let mut map = Map::default();
+        for (id, addr) in members {
+            map.members.insert(
+                *id,
+                Member {
+                    addr: addr.clone(),
+                    alive: false,
+                    ready: false,
+                },
+            );
+        }
+        Arc::new(Upstreams {
+            peers,
+            map: Mutex::new(map),
+            repins: AtomicU64::new(0),
+            repins_failed: AtomicU64::new(0),
+            unavailable: AtomicU64::new(0),
+            relayed_sockets: AtomicUsize::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Map> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The member to pin new work to: the leader if it is ready, else a ready member,
+    /// else any that answers; never `avoid` (a member that just failed).
+    fn choose(&self, avoid: Option<u64>) -> Option<(u64, String)> {
+        let map = self.lock();
+        let usable = |id: &u64, m: &Member| Some(*id) != avoid && m.alive;
+        if let Some(leader) = map.leader {
+            if let Some(m) = map
+                .members
+                .get(&leader)
+                .filter(|m| usable(&leader, m) && m.ready)
+            {
+                return Some((leader, m.addr.clone()));
+            }
+        }
+        let ready = map.members.iter().find(|(id, m)| usable(id, m) && m.ready);
+        let any = || map.members.iter().find(|(id, m)| usable(id, m));
+        ready.or_else(any).map(|(id, m)| (*id, m.addr.clone()))
+    }
+
+    fn ready(&self) -> bool {
+        self.lock().members.values().any(|m| m.alive && m.ready)
+    }
+
+    /// Polls every member once and updates the map.
+    async fn poll(&self) {
+        let targets: Vec<(u64, String)> = self
+            .lock()
+            .members
+            .iter()
+            .map(|(id, m)| (*id, m.addr.clone()))
+            .collect();
+        let answers = futures::future::join_all(targets.iter().map(|(id, addr)| async move {
+            (
+                *id,
+                self.peers.status(addr, Duration::from_millis(750)).await,
+            )
+        }))
+        .await;
+        let mut map = self.lock();
+        let before = (map.leader, map.members.keys().copied().collect::<Vec<_>>());
+        let mut leader_view: Option<Vec<(u64, String)>> = None;
+        for (id, answer) in answers {
+            let Some(member) = map.members.get_mut(&id) else {
+                continue;
+            };
+            match answer {
+                Ok(status) => {
+                    member.alive = true;
+                    member.ready = status.ready;
+                    if status.leader == Some(status.node) && status.ready {
+                        map.leader = Some(status.node);
+                        leader_view = Some(status.members.clone());
+                    } else if map.leader.is_none() {
+                        map.leader = status.leader;
+                    }
+                    // Learn members added since start.
+                    for (other, addr) in status.members {
+                        map.members.entry(other).or_insert(Member {
+                            addr,
+                            alive: false,
+                            ready: false,
+                        });
+                    }
+                }
+                Err(_) => {
+                    member.alive = false;
+                    member.ready = false;
+                    if map.leader == Some(id) {
+                        map.leader = None;
+                    }
+                }
+            }
+        }
+        // The leader's list is the truth: a member it no longer lists was removed.
+        if let Some(view) = leader_view {
+            if !view.is_empty() {
+                map.members
+                    .retain(|id, _| view.iter().any(|(v, _)| v == id));
+            }
+        }
+        if before != (map.leader, map.members.keys().copied().collect::<Vec<_>>()) {
+            map.version += 1;
+            tracing::info!(version = map.version, leader = ?map.leader, members = ?map.members.keys().collect::<Vec<_>>(), "cluster map changed");
+        }
+    }
+
+    fn render(&self, metrics: &Metrics) -> String {
+        use std::fmt::Write;
+        let mut extra = String::new();
+        let map = self.lock();
+        let gauges: [(&str, &str, &str, u64); 7] = [
+            ("switchboard_gateway_map_version", "gauge", "Version of the gateway's cluster map (goes up when the leader or the members change).", map.version),
+            ("switchboard_gateway_leader", "gauge", "The member the gateway takes for leader (0: none).", map.leader.unwrap_or(0)),
+            ("switchboard_gateway_members_ready", "gauge", "Members that answer and serve.", map.members.values().filter(|m| m.alive && m.ready).count() as u64),
+            ("switchboard_gateway_relayed_sockets", "gauge", "Sockets relayed to members now.", self.relayed_sockets.load(Relaxed) as u64),
+            ("switchboard_gateway_repins_total", "counter", "Sockets moved to another member after theirs failed.", self.repins.load(Relaxed)),
+            ("switchboard_gateway_repins_failed_total", "counter", "Sockets closed with 1012 because no member took them in time.", self.repins_failed.load(Relaxed)),
+            ("switchboard_gateway_unavailable_total", "counter", "Requests answered 503 because no member was reachable.", self.unavailable.load(Relaxed)),
+        ];
+        for (name, kind, help, value) in gauges {
+            let _ = writeln!(
+                extra,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        drop(map);
+        metrics.render(&extra)
+    }
+
+    fn cluster_view(&self) -> Value {
+        let map = self.lock();
+        json!({
+            "version": map.version,
+            "leader": map.leader,
+            "members": map.members.iter().map(|(id, m)| json!({"id": id, "addr": m.addr, "alive": m.alive, "ready": m.ready})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// One listener's relay: where its requests go and under which limits.
+struct Edge {
+    up: Arc<Upstreams>,
+    listener: Listener,
+    metrics: Arc<Metrics>,
+    client_limits: Limits,
+    operator_limits: Limits,
+    ping_interval: Duration,
+    request_timeout: Duration,
+}
+
+fn unavailable(up: &Upstreams, message: &str) -> Response {
+    up.unavailable.fetch_add(1, Relaxed);
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"code": "unavailable", "message": message})),
+    )
+        .into_response()
+}
+
+/// Opens a relayed HTTP connection to the member at `addr` and sends `request` on it.
+async fn exchange(
+    up: &Upstreams,
+    addr: &str,
+    listener: Listener,
+    client: SocketAddr,
+    request: axum::extract::Request,
+) -> Result<hyper::Response<hyper::body::Incoming>, Result<axum::extract::Request, String>> {
+    let (mut send, recv) = match up.peers.open_relay(addr, Duration::from_secs(1)).await {
+        Ok(streams) => streams,
+        Err(e) => {
+            tracing::debug!(addr, error = %e, "no relayed stream to a member");
+            return Err(Ok(request));
+        }
+    };
+    if let Err(e) = write_preamble(&mut send, listener, client).await {
+        return Err(Err(e.to_string()));
+    }
+    let io = TokioIo::new(tokio::io::join(recv, send));
+    let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, axum::body::Body>(io)
+        .await
+        .map_err(|e| Err(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!(error = %e, "relayed connection ended with an error");
+        }
+    });
+    match tokio::time::timeout(RESPONSE_HEAD_TIMEOUT, sender.send_request(request)).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) => Err(Err(e.to_string())),
+        Err(_) => Err(Err("no response head in time".into())),
+    }
+}
+
+/// Every request the gateway does not answer itself goes to a member as it came.
+async fn relay_http(
+    State(edge): State<Arc<Edge>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    request: axum::extract::Request,
+) -> Response {
+    let mut request = request;
+    let mut avoid = None;
+    // Until a stream is open nothing has been sent: another member may take it.
+    for _ in 0..3 {
+        let Some((id, addr)) = edge.up.choose(avoid) else {
+            break;
+        };
+        let relayed = tokio::time::timeout(
+            edge.request_timeout + Duration::from_secs(5),
+            exchange(&edge.up, &addr, edge.listener, client, request),
+        );
+        match relayed.await {
+            Ok(Ok(response)) => return response.map(axum::body::Body::new),
+            Ok(Err(Ok(unsent))) => {
+                request = unsent;
+                avoid = Some(id);
+            }
+            Ok(Err(Err(e))) => {
+                tracing::debug!(member = id, error = %e, "relayed request failed");
+                return unavailable(&edge.up, "the member serving this request failed; retry it");
+            }
+            Err(_) => {
+                return unavailable(
+                    &edge.up,
+                    "the member serving this request did not answer in time; retry it",
+                )
+            }
+        }
+    }
+    unavailable(&edge.up, "no cluster member is reachable from this gateway")
+}
+
+/// A socket to a member, spoken as a WebSocket client over a relayed stream.
+struct UpstreamSocket {
+    read: ReadHalf<TokioIo<Upgraded>>,
+    write: WriteHalf<TokioIo<Upgraded>>,
+    buf: BytesMut,
+    decoder: wire::Decoder,
+    mask: u32,
+}
+
+impl UpstreamSocket {
+    fn new(io: TokioIo<Upgraded>) -> Self {
+        let (read, write) = tokio::io::split(io);
+        UpstreamSocket {
+            read,
+            write,
+            buf: BytesMut::with_capacity(512),
+            decoder: wire::Decoder::of_server(MAX_UPSTREAM_MESSAGE),
+            mask: 0x5a17_c3e1,
+        }
+    }
+
+    /// The next frame from the member. Cancel-safe: a frame is taken off the buffer only
+    /// when whole, and `read_buf` loses nothing when dropped.
+    async fn next(&mut self) -> Result<Inbound, String> {
+        loop {
+            if let Some(frame) = self
+                .decoder
+                .decode(&mut self.buf)
+                .map_err(|v| v.to_string())?
+            {
+                return Ok(frame);
+            }
+            self.buf.reserve(8 * 1024);
+            match self.read.read_buf(&mut self.buf).await {
+                Ok(0) => return Err("the member closed the stream".into()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    async fn send(&mut self, op: ServerOp, payload: &[u8]) -> Result<(), String> {
+        self.mask = self.mask.rotate_left(7).wrapping_add(0x9e37_79b9);
+        let frame = wire::encode_masked(op, payload, self.mask.to_be_bytes());
+        self.write
+            .write_all(&frame)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A member's answer to a socket's upgrade.
+enum Opened {
+    Socket(UpstreamSocket),
+    /// Refused (origin, token, budget): the member's status and body, for the client.
+    Refused(Response),
+}
+
+/// Opens `path_and_query` as a WebSocket on the member at `addr`, with the client's headers.
+async fn open_socket(
+    up: &Upstreams,
+    addr: &str,
+    listener: Listener,
+    client: SocketAddr,
+    path_and_query: &str,
+    headers: &HeaderMap,
+) -> Result<Opened, String> {
+    let mut request = hyper::Request::builder().method("GET").uri(path_and_query);
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let request = request
+        .body(axum::body::Body::empty())
+        .map_err(|e| e.to_string())?;
+    let response = exchange(up, addr, listener, client, request)
+        .await
+        .map_err(|e| match e {
+            Ok(_) => "no stream to the member".to_string(),
+            Err(e) => e,
+        })?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (parts, body) = response.into_parts();
+        // Refusals are short (a JSON error or a sentence); cap what is held anyway.
+        let body = http_body_util::Limited::new(body, 64 * 1024);
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        return Ok(Opened::Refused(Response::from_parts(
+            parts,
+            axum::body::Body::from(bytes),
+        )));
+    }
+    let upgraded = hyper::upgrade::on(response)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Opened::Socket(UpstreamSocket::new(TokioIo::new(upgraded))))
+}
+
+/// Relays a socket upgrade: the member decides (origin, token, budgets) before the
+/// client's connection is upgraded.
+async fn relay_socket(
+    State(edge): State<Arc<Edge>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    uri: Uri,
+    headers: HeaderMap,
+    upgrade: IncomingUpgrade,
+) -> Response {
+    let surface = match uri.path() {
+        "/ws/client" => Surface::Client,
+        "/ws/operator" => Surface::Operator,
+        _ => Surface::Supervisor,
+    };
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| uri.path().to_owned());
+    let mut avoid = None;
+    for _ in 0..3 {
+        let Some((id, addr)) = edge.up.choose(avoid) else {
+            break;
+        };
+        match open_socket(&edge.up, &addr, edge.listener, client, &path, &headers).await {
+            Ok(Opened::Refused(response)) => return response,
+            Ok(Opened::Socket(upstream)) => {
+                let limits = if surface == Surface::Client {
+                    edge.client_limits
+                } else {
+                    edge.operator_limits
+                };
+                let session = RelaySession {
+                    start: Some(Pinned {
+                        edge: edge.clone(),
+                        surface,
+                        client,
+                        path,
+                        headers,
+                        upstream,
+                        member: id,
+                    }),
+                    tx: None,
+                };
+                return ws::accept_with(
+                    upgrade,
+                    edge.metrics.clone(),
+                    surface,
+                    limits,
+                    edge.ping_interval,
+                    None,
+                    session,
+                );
+            }
+            Err(e) => {
+                tracing::debug!(member = id, error = %e, "could not open a socket on a member");
+                avoid = Some(id);
+            }
+        }
+    }
+    unavailable(&edge.up, "no cluster member is reachable from this gateway")
+}
+
+/// A socket pinned to a member, before its relay starts.
+struct Pinned {
+    edge: Arc<Edge>,
+    surface: Surface,
+    client: SocketAddr,
+    path: String,
+    headers: HeaderMap,
+    upstream: UpstreamSocket,
+    member: u64,
+}
+
+struct RelaySession {
+    start: Option<Pinned>,
+    tx: Option<mpsc::Sender<String>>,
+}
+
+impl Session for RelaySession {
+    async fn on_start(&mut self, out: &Outbox) -> Flow {
+        let Some(pinned) = self.start.take() else {
+            return Flow::Close(close::INTERNAL, "relay already started".into());
+        };
+        let (tx, rx) = mpsc::channel(16);
+        self.tx = Some(tx);
+        tokio::spawn(relay(pinned, rx, out.clone()));
+        Flow::Continue
+    }
+
+    async fn on_text(&mut self, text: &str, _out: &Outbox) -> Flow {
+        match &self.tx {
+            Some(tx) if tx.send(text.to_owned()).await.is_ok() => Flow::Continue,
+            _ => Flow::Close(close::INTERNAL, "relay ended".into()),
+        }
+    }
+
+    fn on_end(&mut self) {
+        self.tx = None;
+    }
+}
+
+/// Counts a relayed socket while it lives.
+struct Counted(Arc<Upstreams>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.relayed_sockets.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Carries one socket's frames both ways until either side ends it, re-pinning it when
+/// its member fails.
+async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
+    let Pinned {
+        edge,
+        surface,
+        client,
+        path,
+        headers,
+        mut upstream,
+        mut member,
+    } = pinned;
+    edge.up.relayed_sockets.fetch_add(1, Relaxed);
+    let _counted = Counted(edge.up.clone());
+    let mut track = Tracker::new(surface);
+    loop {
+        let lost = loop {
+            tokio::select! {
+                text = rx.recv() => match text {
+                    None => {
+                        let _ = upstream.send(ServerOp::Close, &wire::close_payload(close::NORMAL, "")).await;
+                        return;
+                    }
+                    Some(text) => {
+                        track.outgoing(&text);
+                        if let Err(e) = upstream.send(ServerOp::Text, text.as_bytes()).await {
+                            break e;
+                        }
+                    }
+                },
+                frame = upstream.next() => match frame {
+                    Ok(Inbound::Text(text)) => {
+                        if track.incoming(&text) {
+                            out.text(text).await;
+                        }
+                    }
+                    Ok(Inbound::Ping(payload)) => {
+                        if let Err(e) = upstream.send(ServerOp::Pong, &payload).await {
+                            break e;
+                        }
+                    }
+                    // The member is going away (shutting down, or it found us silent):
+                    // carry on elsewhere.
+                    Ok(Inbound::Close(Some(close::GOING_AWAY), reason)) => break format!("the member closed the socket: {reason}"),
+                    Ok(Inbound::Close(code, reason)) => {
+                        out.close(code.unwrap_or(close::NORMAL), &reason).await;
+                        return;
+                    }
+                    Ok(Inbound::Binary(_) | Inbound::Pong) => {}
+                    Err(e) => break e,
+                },
+            }
+        };
+        if out.is_closed() {
+            return;
+        }
+        tracing::info!(member, %client, error = %lost, ?surface, "lost the member under a socket: re-pinning");
+        edge.up.repins.fetch_add(1, Relaxed);
+        match repin(&edge, &mut track, member, client, &path, &headers).await {
+            Ok((socket, id, replay)) => {
+                upstream = socket;
+                member = id;
+                for action in replay {
+                    match action {
+                        Replay::Resend(text) => {
+                            if upstream
+                                .send(ServerOp::Text, text.as_bytes())
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                        Replay::Answer(frame) => out.json(frame).await,
+                    }
+                }
+            }
+            Err(refusal) => {
+                edge.up.repins_failed.fetch_add(1, Relaxed);
+                match refusal {
+                    Some((code, reason)) => out.close(code, &reason).await,
+                    None => {
+                        out.close(
+                            close::SERVICE_RESTART,
+                            "no member took the socket over; reconnect and resume",
+                        )
+                        .await
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// What a re-pinned socket does once it is open again.
+enum Replay {
+    /// A client frame sent again (a keyed `send`: the key makes it safe).
+    Resend(String),
+    /// A frame for the client (the `unavailable` answer to a request whose outcome is
+    /// unknown).
+    Answer(Value),
+}
+
+/// Opens the socket on another member and resumes its stream. `Err(Some(..))`: a member
+/// refused the socket (its token expired, say): close with that; `Err(None)`: nobody
+/// took it within the patience.
+async fn repin(
+    edge: &Edge,
+    track: &mut Tracker,
+    dead: u64,
+    client: SocketAddr,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<(UpstreamSocket, u64, Vec<Replay>), Option<(u16, String)>> {
+    let give_up = Instant::now() + REPIN_PATIENCE;
+    let mut avoid = Some(dead);
+    while Instant::now() < give_up {
+        if let Some((id, addr)) = edge.up.choose(avoid) {
+            let target = track.reconnect_path(path);
+            match open_socket(&edge.up, &addr, edge.listener, client, &target, headers).await {
+                Ok(Opened::Socket(mut socket)) => match track.resume(&mut socket).await {
+                    Ok(()) => return Ok((socket, id, track.replay())),
+                    Err(e) => {
+                        tracing::debug!(member = id, error = %e, "resume on the new member failed; trying again");
+                        avoid = Some(id);
+                    }
+                },
+                Ok(Opened::Refused(response))
+                    if matches!(
+                        response.status(),
+                        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+                    ) =>
+                {
+                    return Err(Some((
+                        close::UNAUTHORIZED,
+                        "the login is no longer valid; log in again".into(),
+                    )));
+                }
+                Ok(Opened::Refused(response)) => {
+                    tracing::debug!(member = id, status = %response.status(), "a member refused a re-pinned socket");
+                    avoid = Some(id);
+                }
+                Err(e) => {
+                    tracing::debug!(member = id, error = %e, "could not re-pin on a member");
+                    avoid = Some(id);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The dead member is avoided until the map knows it is gone; others are tried again.
+        if avoid != Some(dead) {
+            avoid = Some(dead);
+        }
+    }
+    Err(None)
+}
+
+/// A request the client sent that has had no answer yet.
+struct Pending {
+    kind: String,
+    reference: Option<Value>,
+    key: Option<String>,
+    text: String,
+}
+
+/// What a gateway must know of a socket's protocol to move it between members: where
+/// its stream is, and which requests are unanswered.
+struct Tracker {
+    surface: Surface,
+    /// Client: the conversation's token (from `started` or the client's `resume`).
+    token: Option<String>,
+    /// The last `seq` delivered on the stream (client: conversation; operator: feed).
+    last_seq: Option<u64>,
+    /// Client: the `last_seq` of a `resume` the client sent and that is not answered yet.
+    resume_asked: Option<u64>,
+    pending: VecDeque<Pending>,
+}
+
+impl Tracker {
+    fn new(surface: Surface) -> Self {
+        Tracker {
+            surface,
+            token: None,
+            last_seq: None,
+            resume_asked: None,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// A frame the client sent, on its way to the member.
+    fn outgoing(&mut self, text: &str) {
+        if self.surface == Surface::Supervisor {
+            return;
+        }
+        let Ok(frame) = serde_json::from_str::<Value>(text) else {
+            return;
+        };
+        let kind = frame
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        // No answer comes to these: nothing to wait for.
+        if matches!(kind.as_str(), "typing" | "read" | "ping") {
+            return;
+        }
+        if self.surface == Surface::Client && kind == "resume" {
+            if let Some(token) = frame.get("token").and_then(Value::as_str) {
+                self.token = Some(token.to_owned());
+                self.resume_asked =
+                    Some(frame.get("last_seq").and_then(Value::as_u64).unwrap_or(0));
+            }
+        }
+        // The client's close and rate get no answer of their own; a `closed` or
+        // `rated` event (or an error) settles them.
+        let key = frame.get("key").and_then(Value::as_str).map(str::to_owned);
+        let reference = frame.get("ref").cloned().or_else(|| {
+            (self.surface == Surface::Client)
+                .then(|| key.clone().map(Value::String))
+                .flatten()
+        });
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(Pending {
+            kind,
+            reference,
+            key,
+            text: text.to_owned(),
+        });
+    }
+
+    /// A frame from the member; `false` when the client must not see it.
+    fn incoming(&mut self, text: &str) -> bool {
+        if self.surface == Surface::Supervisor {
+            return true;
+        }
+        let Ok(frame) = serde_json::from_str::<Value>(text) else {
+            return true;
+        };
+        let kind = frame
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        match kind {
+            "event" => {
+                if let Some(seq) = frame.get("seq").and_then(Value::as_u64) {
+                    if self.last_seq.is_some_and(|last| seq <= last) {
+                        // Already delivered (cannot happen after a correct resume; kept
+                        // as the guarantee of no duplicate).
+                        return false;
+                    }
+                    self.last_seq = Some(seq);
+                }
+                if self.surface == Surface::Client {
+                    match frame.get("kind").and_then(Value::as_str) {
+                        Some("closed") => self.settle(|p| p.kind == "close"),
+                        Some("rated") => self.settle(|p| p.kind == "rate"),
+                        _ => {}
+                    }
+                }
+            }
+            "hello" => self.last_seq = frame.get("seq").and_then(Value::as_u64),
+            "started" => {
+                self.token = frame
+                    .get("token")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                self.last_seq = Some(0);
+                self.settle(|p| p.kind == "start");
+            }
+            "resumed" => {
+                self.last_seq = self.resume_asked.take().or(Some(0));
+                self.settle(|p| p.kind == "resume");
+            }
+            "ack" | "ok" | "history" | "error" => {
+                let code = frame
+                    .get("code")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if kind == "error" && matches!(code, "resume_gap" | "unauthorized") {
+                    return true;
+                }
+                // A client's `ack` names its key; every other answer its request's `ref`.
+                match frame.get("ref").or_else(|| frame.get("key")).cloned() {
+                    Some(reference) => self.settle(|p| p.reference.as_ref() == Some(&reference)),
+                    // Requests are answered in the order they were sent: an answer
+                    // without `ref` is the oldest request's without one (a client's
+                    // close and rate are settled by their events, see above).
+                    None => {
+                        let client = self.surface == Surface::Client;
+                        self.settle(|p| {
+                            p.reference.is_none()
+                                && !(client && (p.kind == "close" || p.kind == "rate"))
+                        })
+                    }
+                }
+                if kind == "error" && self.surface == Surface::Client && code != "unavailable" {
+                    // A refused resume leaves the stream where it was.
+                    self.resume_asked = None;
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+
+    /// Drops the oldest pending request `matches` picks.
+    fn settle(&mut self, matches: impl Fn(&Pending) -> bool) {
+        if let Some(i) = self.pending.iter().position(matches) {
+            self.pending.remove(i);
+        }
+    }
+
+    /// The path to open on another member: the operator's feed resumes after the last
+    /// `seq` delivered.
+    fn reconnect_path(&self, path: &str) -> String {
+        match (self.surface, self.last_seq) {
+            (Surface::Operator, Some(seq)) => {
+                let (base, query) = path.split_once('?').unwrap_or((path, ""));
+                let mut params: Vec<&str> = query
+                    .split('&')
+                    .filter(|p| !p.is_empty() && !p.starts_with("last_seq="))
+                    .collect();
+                let last = format!("last_seq={seq}");
+                params.push(&last);
+                format!("{base}?{}", params.join("&"))
+            }
+            _ => path.to_owned(),
+        }
+    }
+
+    /// Brings a freshly opened socket to where the old one was: the client's
+    /// conversation resumed after the last `seq` (its `resumed` swallowed unless the
+    /// client itself is waiting for one), the operator's `hello` swallowed.
+    async fn resume(&mut self, socket: &mut UpstreamSocket) -> Result<(), String> {
+        let expect = match self.surface {
+            Surface::Supervisor => return Ok(()),
+            Surface::Operator => "hello",
+            Surface::Client => {
+                let Some(token) = self.token.clone() else {
+                    return Ok(());
+                };
+                let last_seq = self.resume_asked.or(self.last_seq).unwrap_or(0);
+                let frame = json!({"type": "resume", "token": token, "last_seq": last_seq});
+                socket
+                    .send(ServerOp::Text, frame.to_string().as_bytes())
+                    .await?;
+                "resumed"
+            }
+        };
+        let wait = async {
+            loop {
+                match socket.next().await? {
+                    Inbound::Text(text) => {
+                        let frame: Value =
+                            serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                        let kind = frame
+                            .get("type")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        if kind == expect {
+                            return Ok(frame);
+                        }
+                        if kind == "error" {
+                            return Err(format!("the member answered the resume with {text}"));
+                        }
+                    }
+                    Inbound::Ping(payload) => socket.send(ServerOp::Pong, &payload).await?,
+                    Inbound::Close(code, reason) => {
+                        return Err(format!("closed {code:?} {reason}"))
+                    }
+                    _ => {}
+                }
+            }
+        };
+        let frame = tokio::time::timeout(RESUME_WAIT, wait)
+            .await
+            .map_err(|_| "no answer to the resume".to_string())??;
+        if self.surface == Surface::Client && self.resume_asked.is_some() {
+            // The client asked for this `resumed` itself: hand it over.
+            self.last_seq = self.resume_asked;
+            self.pending.push_front(Pending {
+                kind: "__resumed".into(),
+                reference: None,
+                key: None,
+                text: frame.to_string(),
+            });
+            self.resume_asked = None;
+        }
+        Ok(())
+    }
+
+    /// What to do about the requests the lost member never answered.
+    fn replay(&mut self) -> Vec<Replay> {
+        let mut actions = Vec::new();
+        let mut keep = VecDeque::new();
+        for pending in std::mem::take(&mut self.pending) {
+            match pending.kind.as_str() {
+                "__resumed" => {
+                    if let Ok(frame) = serde_json::from_str::<Value>(&pending.text) {
+                        actions.push(Replay::Answer(frame));
+                    }
+                }
+                // The key makes a resend safe; closing twice is a no-op.
+                "send" if pending.key.is_some() => {
+                    actions.push(Replay::Resend(pending.text.clone()));
+                    keep.push_back(pending);
+                }
+                "close" => {
+                    actions.push(Replay::Resend(pending.text.clone()));
+                    keep.push_back(pending);
+                }
+                // Resumed above already.
+                "resume" => {}
+                _ => actions.push(Replay::Answer(crate::frames::error(
+                    "unavailable",
+                    "the node serving this socket stopped before answering; the request may or may not have taken effect",
+                    pending.reference.as_ref(),
+                ))),
+            }
+        }
+        self.pending = keep;
+        actions
+    }
+}
+
+/// The gateway's own routes: health, readiness, metrics and its view of the cluster;
+/// everything else is relayed.
+fn router(edge: Arc<Edge>, sockets: &[&str]) -> Router {
+    let mut router = Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/readyz",
+            get(|State(edge): State<Arc<Edge>>| async move {
+                if edge.up.ready() {
+                    (StatusCode::OK, Json(json!({"status": "ready"})))
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(json!({"status": "not_ready"})),
+                    )
+                }
+            }),
+        );
+    if edge.listener == Listener::Private {
+        router = router
+            .route(
+                "/metrics",
+                get(|State(edge): State<Arc<Edge>>| async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        edge.up.render(&edge.metrics),
+                    )
+                }),
+            )
+            .route(
+                "/api/gateway",
+                get(|State(edge): State<Arc<Edge>>| async move { Json(edge.up.cluster_view()) }),
+            );
+    }
+    for path in sockets {
+        router = router.route(path, get(relay_socket));
+    }
+    router.fallback(relay_http).with_state(edge)
+}
+
+/// A gateway whose listeners are bound and serving.
+pub struct Running {
+    pub public_addr: SocketAddr,
+    pub private_addr: SocketAddr,
+    /// Ends once `stop` turned true and both listeners stopped.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds the listeners and serves them until `stop` turns true.
+pub async fn start(
+    options: Options,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Running, GatewayError> {
+    let bind: SocketAddr = if options.members.iter().any(|(_, a)| a.starts_with('[')) {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .map_err(|e| GatewayError::Config(format!("{e}")))?;
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    endpoint.set_default_client_config(
+        switchboard_raft::tls::client_config(&options.identity)
+            .map_err(|e| GatewayError::Config(e.to_string()))?,
+    );
+    let up = Upstreams::new(Peers::new(endpoint), &options.members);
+    let metrics = Arc::new(Metrics::default());
+    let edge = |listener| {
+        Arc::new(Edge {
+            up: up.clone(),
+            listener,
+            metrics: metrics.clone(),
+            client_limits: options.client_limits,
+            operator_limits: options.operator_limits,
+            ping_interval: options.ping_interval,
+            request_timeout: options.request_timeout,
+        })
+    };
+    let public = router(edge(Listener::Public), &["/ws/client"]);
+    let private = router(edge(Listener::Private), &["/ws/operator", "/ws/supervisor"]);
+    let public_listener = tokio::net::TcpListener::bind(options.public_addr).await?;
+    let private_listener = tokio::net::TcpListener::bind(options.private_addr).await?;
+    let (public_addr, private_addr) = (
+        public_listener.local_addr()?,
+        private_listener.local_addr()?,
+    );
+    // The first map before the first request: a gateway that starts with its members
+    // up serves at once.
+    up.poll().await;
+    let poller = {
+        let up = up.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL_EVERY) => {}
+                    _ = async { drop(stop.wait_for(|s| *s).await) } => return,
+                }
+                up.poll().await;
+            }
+        })
+    };
+    tracing::info!(%public_addr, %private_addr, members = options.members.len(), "gateway listening");
+    let a = tokio::spawn(crate::listener::serve(
+        public_listener,
+        public,
+        options.connections,
+        metrics.clone(),
+        stop.clone(),
+    ));
+    let b = tokio::spawn(crate::listener::serve(
+        private_listener,
+        private,
+        options.connections,
+        metrics,
+        stop,
+    ));
+    let task = tokio::spawn(async move {
+        let _ = tokio::join!(a, b);
+        poller.abort();
+    });
+    Ok(Running {
+        public_addr,
+        private_addr,
+        task,
+    })
+}
