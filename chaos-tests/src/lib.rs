@@ -285,6 +285,38 @@ impl Starting {
     }
 }
 
+/// Starts `switchboard gateway --config <config>` (its log in `log_dir`) and waits
+/// until it is ready.
+pub async fn start_gateway(config: &Path, log_dir: &Path) -> anyhow::Result<Dev> {
+    std::fs::create_dir_all(log_dir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_dir.join("node.log"))?;
+    let mut child = tokio::process::Command::new(binary()?)
+        .arg("gateway")
+        .arg("--config")
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "info,quinn=warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawn switchboard gateway --config {}", config.display()))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    Starting {
+        child,
+        lines: BufReader::new(stdout).lines(),
+        subcommand: "gateway".into(),
+        data_dir: log_dir.to_path_buf(),
+    }
+    .ready()
+    .await
+}
+
 /// A cluster laid out by `switchboard cluster init` in a folder, each node its own
 /// `switchboard node --config` process on loopback ports. Node 1 loads the demo.
 pub struct Cluster {
@@ -301,9 +333,24 @@ pub struct Cluster {
 impl Cluster {
     /// Lays out and starts `n` nodes, and waits until every one is ready.
     pub async fn start(dir: &Path, n: usize) -> anyhow::Result<Cluster> {
-        // One node more than asked: room for a node added later (`add_node`).
-        let base = free_port_block(n + 1)?;
-        let ports = ["--public-port".to_string(), base.to_string(), "--private-port".into(), (base + 1).to_string(), "--raft-port".into(), (base + 2).to_string()];
+        // One node more than asked (room for a node added later, `add_node`), then two
+        // gateways (`start_gateway`).
+        let base = free_port_block(n + 3)?;
+        let gateways = base + 10 * (n as u16 + 1);
+        let ports = [
+            "--public-port".to_string(),
+            base.to_string(),
+            "--private-port".into(),
+            (base + 1).to_string(),
+            "--raft-port".into(),
+            (base + 2).to_string(),
+            "--gateways".into(),
+            "2".into(),
+            "--gateway-public-port".into(),
+            gateways.to_string(),
+            "--gateway-private-port".into(),
+            (gateways + 1).to_string(),
+        ];
         Self::start_with(dir, n, &ports, vec![None; n]).await
     }
 
@@ -311,7 +358,7 @@ impl Cluster {
     /// (ports 8080, 8081 and 8082 on each: the namespaces do not share them). Call it
     /// from inside [`netns::Lab::run_in_hub`] so the test's sockets reach the nodes.
     pub async fn start_in(lab: &netns::Lab, dir: &Path, n: usize) -> anyhow::Result<Cluster> {
-        let mut hosts = Vec::new();
+        let mut hosts = vec!["--gateways".to_string(), "0".into()];
         for i in 1..=n {
             hosts.push("--host".to_string());
             hosts.push(netns::Lab::ip(i));
@@ -354,6 +401,19 @@ impl Cluster {
             extra.push("--demo");
         }
         Dev::launch_in(netns, binary()?, "node", &dir.join("data").join(format!("node-{id}")), "127.0.0.1:0", "127.0.0.1:0", &extra)
+    }
+
+    /// Starts the cluster's gateway `g` (0: gateway-a, 1: gateway-b) and waits until it
+    /// is ready. Its listeners are the returned `Dev`'s; it knows the demo logins.
+    pub async fn start_gateway(&self, g: usize) -> anyhow::Result<Dev> {
+        let name = format!("gateway-{}", (b'a' + g as u8) as char);
+        let mut gateway = start_gateway(
+            &self.dir.join(format!("{name}.toml")),
+            &self.dir.join("data").join(&name),
+        )
+        .await?;
+        gateway.logins = self.logins.clone();
+        Ok(gateway)
     }
 
     fn namespace(&self, id: usize) -> Option<&str> {

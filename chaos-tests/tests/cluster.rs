@@ -690,16 +690,20 @@ async fn a_node_joins_and_leaves_under_traffic_without_a_client_noticing() -> an
     Ok(())
 }
 
-/// `switchboard dev --nodes 3`: three node processes, the demo loaded once, a node that
-/// dies started again by `dev`, and none left behind when `dev` stops.
+/// `switchboard dev --nodes 3`: three node processes behind a gateway on the listeners
+/// `dev` was given, the demo loaded once, a node that dies started again by `dev`, and
+/// none left behind when `dev` stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_with_three_nodes_runs_a_local_cluster_and_restarts_a_node_that_dies() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let base = switchboard_chaos_tests::free_port_block(3)?;
+    let base = switchboard_chaos_tests::free_port_block(4)?;
     let (public, private) = (format!("127.0.0.1:{base}"), format!("127.0.0.1:{}", base + 1));
     let mut dev = switchboard_chaos_tests::Dev::launch(switchboard_chaos_tests::binary()?, "dev", &data, &public, &private, &["--nodes", "3"])?.ready().await?;
-    let node = |i: u16| format!("127.0.0.1:{}", base + 1 + 10 * (i - 1));
+    assert_eq!(dev.public, public, "the gateway takes the listeners dev was given");
+    let node = |i: u16| format!("127.0.0.1:{}", base + 1 + 10 * i);
+    let (_, view) = dev.api("GET", "/api/gateway", None, None).await?;
+    assert_eq!(view["members"].as_array().map(Vec::len), Some(3), "the gateway knows the three nodes: {view}");
     let status = |addr: String| async move {
         let (code, body) = switchboard_gateway::client::http_json(&addr, "GET", "/api/cluster", None, None).await?;
         anyhow::ensure!(code == 200, "{body}");
@@ -707,7 +711,8 @@ async fn dev_with_three_nodes_runs_a_local_cluster_and_restarts_a_node_that_dies
     };
     let first = status(node(1)).await?;
     assert_eq!(first["members"].as_array().map(Vec::len), Some(3), "{first}");
-    // The demo works through any node: a visitor on node 1, alice on node 3.
+    // The demo works through the gateway and through any node: a visitor through the
+    // gateway, alice on node 3.
     let token = dev.login("alice").await?;
     let mut alice = WsClient::connect(&node(3), &format!("/ws/operator?token={token}"), None).await?;
     alice.wait_for(WAIT, |v| v["type"] == "hello").await?;

@@ -39,6 +39,9 @@ impl Nodes {
             private_port: base + 1,
             raft_port: base + 2,
             port_step: 10,
+            gateways: 0,
+            gateway_public_port: 0,
+            gateway_private_port: 0,
         })?;
         let configs = paths.iter().map(|p| NodeConfig::read(p)).collect::<anyhow::Result<Vec<_>>>()?;
         let mut nodes = Nodes { _dir: dir, configs, paths, children: Vec::new(), extra: args.node_args.clone() };

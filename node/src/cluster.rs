@@ -100,6 +100,67 @@ impl NodeConfig {
     }
 }
 
+/// A standalone gateway's file (`switchboard gateway --config gateway-a.toml`). Relative
+/// paths are read from the file's own folder.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFileConfig {
+    /// Its name: its certificate is `<certs_dir>/<name>.pem`, issued with the role
+    /// gateway (`switchboard certs --role gateway --name <name>`).
+    pub name: String,
+    /// Public listener: the web chat page and the client WebSocket, relayed.
+    pub public_addr: SocketAddr,
+    /// Private listener: staff sockets and REST, relayed; the gateway's own `/metrics`
+    /// and `/api/gateway`.
+    pub private_addr: SocketAddr,
+    /// Folder with the cluster CA's `ca.pem` and this gateway's certificate and key.
+    pub certs_dir: PathBuf,
+    /// Members to reach first; the others are learnt from them.
+    pub members: Vec<Member>,
+}
+
+impl GatewayFileConfig {
+    pub fn read(path: &Path) -> anyhow::Result<GatewayFileConfig> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let mut config: GatewayFileConfig = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid gateway configuration", path.display()))?;
+        if config.certs_dir.is_relative() {
+            config.certs_dir = path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(&config.certs_dir);
+        }
+        if config.members.is_empty() {
+            anyhow::bail!(
+                "{}: `members` is empty: list the members to reach",
+                path.display()
+            );
+        }
+        for member in &config.members {
+            member.raft_addr.parse::<SocketAddr>().map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: member {}: raft_addr {:?}: {e}",
+                    path.display(),
+                    member.id,
+                    member.raft_addr
+                )
+            })?;
+        }
+        Ok(config)
+    }
+}
+
+/// The name of the `n`th gateway (0-based): gateway-a, gateway-b…
+pub fn gateway_name(n: u64) -> String {
+    let letter = (b'a' + (n % 26) as u8) as char;
+    if n < 26 {
+        format!("gateway-{letter}")
+    } else {
+        format!("gateway-{letter}{}", n / 26)
+    }
+}
+
 /// What `cluster init` lays out.
 pub struct InitPlan {
     pub dir: PathBuf,
@@ -111,6 +172,11 @@ pub struct InitPlan {
     pub raft_port: u16,
     /// Added to each port for every next node on the same host.
     pub port_step: u16,
+    /// Standalone gateways to lay out, on the first host, with their public and
+    /// private ports starting at these (stepping by `port_step`).
+    pub gateways: u64,
+    pub gateway_public_port: u16,
+    pub gateway_private_port: u16,
 }
 
 /// Writes the CA, a certificate per node, the shared token key and one configuration
@@ -168,6 +234,35 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
             "# Switchboard node {i}: run it with `switchboard node --config {}`.\n# Relative paths are read from this file's folder. Fields: deploy/README.md.\n{}",
             path.display(),
             toml::to_string(&config).context("write the node configuration")?
+        );
+        switchboard_raft::files::write_private(&path, text.as_bytes())?;
+        written.push(path);
+    }
+    for g in 0..plan.gateways {
+        let name = gateway_name(g);
+        let host = host(1);
+        switchboard_raft::tls::ensure_member_as(
+            &certs,
+            &name,
+            switchboard_raft::tls::Role::Gateway,
+            &[host.to_string()],
+        )?;
+        let step = |base: u16| {
+            u16::try_from(u64::from(base) + u64::from(plan.port_step) * g)
+                .map_err(|_| anyhow::anyhow!("gateway port {base} + {g} steps is past 65535"))
+        };
+        let config = GatewayFileConfig {
+            name: name.clone(),
+            public_addr: addr(host, step(plan.gateway_public_port)?)?,
+            private_addr: addr(host, step(plan.gateway_private_port)?)?,
+            certs_dir: PathBuf::from("certs"),
+            members: members.clone(),
+        };
+        let path = plan.dir.join(format!("{name}.toml"));
+        let text = format!(
+            "# Switchboard gateway {name}: run it with `switchboard gateway --config {}`.\n# Relative paths are read from this file's folder. Fields: deploy/gateway.example.toml.\n{}",
+            path.display(),
+            toml::to_string(&config).context("write the gateway configuration")?
         );
         switchboard_raft::files::write_private(&path, text.as_bytes())?;
         written.push(path);
@@ -334,10 +429,27 @@ mod tests {
             private_port: 9001,
             raft_port: 9002,
             port_step: 10,
+            gateways: 2,
+            gateway_public_port: 8000,
+            gateway_private_port: 8001,
         };
         let files = init(&plan).unwrap();
-        assert_eq!(files.len(), 3);
-        let configs: Vec<NodeConfig> = files.iter().map(|f| NodeConfig::read(f).unwrap()).collect();
+        assert_eq!(files.len(), 5);
+        let (nodes, gateways) = files.split_at(3);
+        for (g, file) in gateways.iter().enumerate() {
+            let gateway = GatewayFileConfig::read(file).unwrap();
+            assert_eq!(gateway.name, gateway_name(g as u64));
+            assert_eq!(
+                (gateway.public_addr.port(), gateway.private_addr.port()),
+                (8000 + 10 * g as u16, 8001 + 10 * g as u16)
+            );
+            assert_eq!(gateway.members.len(), 3);
+            assert!(gateway
+                .certs_dir
+                .join(format!("{}.pem", gateway.name))
+                .exists());
+        }
+        let configs: Vec<NodeConfig> = nodes.iter().map(|f| NodeConfig::read(f).unwrap()).collect();
         for (i, config) in configs.iter().enumerate() {
             let step = 10 * i as u16;
             assert_eq!(config.id, i as u64 + 1);
@@ -359,7 +471,7 @@ mod tests {
     fn add_node_lays_out_the_next_id_on_free_ports_and_joins() {
         let dir = tempfile::tempdir().unwrap();
         let cluster = dir.path().join("c");
-        let plan = InitPlan { dir: cluster.clone(), nodes: 3, hosts: vec!["127.0.0.1".into()], public_port: 9000, private_port: 9001, raft_port: 9002, port_step: 10 };
+        let plan = InitPlan { dir: cluster.clone(), nodes: 3, hosts: vec!["127.0.0.1".into()], public_port: 9000, private_port: 9001, raft_port: 9002, port_step: 10, gateways: 0, gateway_public_port: 0, gateway_private_port: 0 };
         init(&plan).unwrap();
         let path = add_node(&cluster, None).unwrap();
         let config = NodeConfig::read(&path).unwrap();

@@ -38,7 +38,8 @@ enum Cmd {
     /// Lay out a cluster (`init`) and look at one (`status`).
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Run a standalone gateway (arrives with the multi-node cluster).
+    /// Run a standalone gateway: it holds clients' connections and relays them to the
+    /// cluster's members over QUIC (mutual TLS).
     Gateway(GatewayArgs),
     /// Create the cluster CA and member certificates.
     Certs(CertsArgs),
@@ -124,6 +125,15 @@ struct EdgeArgs {
 }
 
 impl EdgeArgs {
+    fn connection_limits(&self) -> switchboard_gateway::listener::ConnectionLimits {
+        switchboard_gateway::listener::ConnectionLimits {
+            header_timeout: ms(self.header_timeout_ms),
+            write_timeout: ms(self.write_timeout_ms),
+            max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
+        }
+    }
+
     /// The same limits as command-line flags, for the node processes `dev --nodes`
     /// starts: what `dev` was given, each node gets.
     fn to_flags(&self) -> Vec<String> {
@@ -213,6 +223,15 @@ struct InitArgs {
     private_port: u16,
     #[arg(long, default_value_t = 8082)]
     raft_port: u16,
+    /// Standalone gateways to lay out (gateway-a, gateway-b…), on the first host.
+    #[arg(long, default_value_t = 1)]
+    gateways: u64,
+    /// The first gateway's public port (the next ones 10 above).
+    #[arg(long, default_value_t = 8000)]
+    gateway_public_port: u16,
+    /// The first gateway's private port.
+    #[arg(long, default_value_t = 8001)]
+    gateway_private_port: u16,
 }
 
 #[derive(Args)]
@@ -251,9 +270,12 @@ struct NodeArgs {
 
 #[derive(Args)]
 struct GatewayArgs {
-    /// Node to attach to over QUIC.
+    /// The gateway's file (`cluster init` writes gateway-a.toml; fields in
+    /// deploy/gateway.example.toml).
     #[arg(long)]
-    node: Option<SocketAddr>,
+    config: PathBuf,
+    #[command(flatten)]
+    edge: EdgeArgs,
 }
 
 #[derive(Args)]
@@ -299,12 +321,7 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
             uploads_per_address: edge.uploads_per_address,
             uploads: edge.uploads,
         },
-        connections: switchboard_gateway::listener::ConnectionLimits {
-            header_timeout: ms(edge.header_timeout_ms),
-            write_timeout: ms(edge.write_timeout_ms),
-            max_connections: edge.max_connections,
-            max_connections_per_address: edge.max_connections_per_address,
-        },
+        connections: edge.connection_limits(),
         request_timeout: ms(edge.request_timeout_ms),
         ping_interval: ms(edge.ping_interval_ms),
         chaos_drills,
@@ -397,6 +414,49 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
     run_until_signal(node).await
 }
 
+/// `switchboard gateway --config`: a standalone gateway until SIGTERM or Ctrl-C.
+async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let config = cluster::GatewayFileConfig::read(&args.config)?;
+    let identity = switchboard_raft::tls::existing_member(&config.certs_dir, &config.name)
+        .with_context(|| {
+            format!(
+                "the certificate of {} in {}",
+                config.name,
+                config.certs_dir.display()
+            )
+        })?;
+    let options = switchboard_gateway::standalone::Options {
+        public_addr: config.public_addr,
+        private_addr: config.private_addr,
+        identity,
+        members: config
+            .members
+            .iter()
+            .map(|m| (m.id, m.raft_addr.clone()))
+            .collect(),
+        client_limits: switchboard_gateway::Limits::CLIENT,
+        operator_limits: switchboard_gateway::Limits::OPERATOR,
+        connections: args.edge.connection_limits(),
+        ping_interval: ms(args.edge.ping_interval_ms),
+        request_timeout: ms(args.edge.request_timeout_ms),
+    };
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let running = switchboard_gateway::standalone::start(options, stop_rx).await?;
+    println!("switchboard gateway {} ready", config.name);
+    println!("public listener: http://{}", running.public_addr);
+    println!("private listener: http://{}", running.private_addr);
+    println!("ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!("switchboard gateway: stopping");
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), running.task).await;
+    Ok(())
+}
+
 async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
         ClusterCmd::Init(args) => {
@@ -408,12 +468,18 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
                 private_port: args.private_port,
                 raft_port: args.raft_port,
                 port_step: 10,
+                gateways: args.gateways,
+                gateway_public_port: args.gateway_public_port,
+                gateway_private_port: args.gateway_private_port,
             };
             for path in cluster::init(&plan)? {
                 println!("wrote {}", path.display());
             }
             println!("certificates in {}, shared token key in {}", args.dir.join("certs").display(), args.dir.join("token.key").display());
             println!("start every node with `switchboard node --config <its file>`; the first admin's password appears in node 1's data folder");
+            if args.gateways > 0 {
+                println!("start each gateway with `switchboard gateway --config <its file>`: clients connect to the gateways");
+            }
             println!("keep certs/ca.key off the nodes once every certificate is issued");
             Ok(())
         }
@@ -445,48 +511,91 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
     }
 }
 
-/// `dev --nodes N`: a local cluster of N node processes, laid out once in
-/// `<data_dir>/cluster`; node 1 loads the demo. Stops them all on Ctrl-C.
+/// `dev --nodes N`: a local cluster of N node processes and a standalone gateway, laid
+/// out once in `<data_dir>/cluster`; node 1 loads the demo. The gateway takes the
+/// listeners `dev` was given, node i the ports 10·i above. Stops them all on Ctrl-C.
 async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
     let listeners = &args.listeners;
     if listeners.public_addr.port() == 0 || listeners.private_addr.port() == 0 {
-        anyhow::bail!("dev --nodes needs fixed --public-addr and --private-addr ports: node 1 takes them, the next nodes the ones 10, 20… above");
+        anyhow::bail!("dev --nodes needs fixed --public-addr and --private-addr ports: the gateway takes them, node i the ones 10·i above");
     }
     let dir = listeners.data_dir.join("cluster");
-    let existing = (1..=64u64).take_while(|i| dir.join(format!("node-{i}.toml")).exists()).count() as u64;
+    let existing = (1..=64u64)
+        .take_while(|i| dir.join(format!("node-{i}.toml")).exists())
+        .count() as u64;
     if existing == 0 {
+        let shift = |port: u16| {
+            port.checked_add(10)
+                .ok_or_else(|| anyhow::anyhow!("port {port} leaves no room for the nodes above it"))
+        };
         cluster::init(&cluster::InitPlan {
             dir: dir.clone(),
             nodes: args.nodes,
             hosts: vec![listeners.public_addr.ip().to_string()],
-            public_port: listeners.public_addr.port(),
-            private_port: listeners.private_addr.port(),
-            raft_port: if listeners.raft_addr.port() == 0 { listeners.public_addr.port().saturating_add(2) } else { listeners.raft_addr.port() },
+            public_port: shift(listeners.public_addr.port())?,
+            private_port: shift(listeners.private_addr.port())?,
+            raft_port: shift(if listeners.raft_addr.port() == 0 {
+                listeners.public_addr.port().saturating_add(2)
+            } else {
+                listeners.raft_addr.port()
+            })?,
             port_step: 10,
+            gateways: 1,
+            gateway_public_port: listeners.public_addr.port(),
+            gateway_private_port: listeners.private_addr.port(),
         })?;
     } else if existing != args.nodes {
-        anyhow::bail!("{} holds a cluster of {existing} nodes, not {}: give `dev` another --data-dir", dir.display(), args.nodes);
+        anyhow::bail!(
+            "{} holds a cluster of {existing} nodes, not {}: give `dev` another --data-dir",
+            dir.display(),
+            args.nodes
+        );
     }
+    let gateway_file = dir.join(format!("{}.toml", cluster::gateway_name(0)));
+    let gateway_config = if gateway_file.exists() {
+        Some(cluster::GatewayFileConfig::read(&gateway_file)?)
+    } else {
+        None
+    };
+    let processes = args.nodes as usize + usize::from(gateway_config.is_some());
+    let name = |i: usize| {
+        if i < args.nodes as usize {
+            format!("node {}", i + 1)
+        } else {
+            "the gateway".to_string()
+        }
+    };
     let binary = std::env::current_exe().context("find the switchboard binary")?;
     let mut children = Vec::new();
     let mut configs = Vec::new();
-    let spawn = |i: u64| {
+    // Process i: node i+1, or the gateway after the nodes.
+    let spawn = |i: usize| {
         let mut command = tokio::process::Command::new(&binary);
-        command.arg("node").arg("--config").arg(dir.join(format!("node-{i}.toml"))).arg("--enable-chaos-drills");
-        // The limits and origins `dev` was given apply on every node.
+        if i < args.nodes as usize {
+            command
+                .arg("node")
+                .arg("--config")
+                .arg(dir.join(format!("node-{}.toml", i + 1)))
+                .arg("--enable-chaos-drills");
+            for origin in &listeners.client_origins {
+                command.arg("--client-origin").arg(origin);
+            }
+            for origin in &listeners.staff_origins {
+                command.arg("--staff-origin").arg(origin);
+            }
+            if i == 0 {
+                command.arg("--demo");
+            }
+        } else {
+            command.arg("gateway").arg("--config").arg(&gateway_file);
+        }
+        // The limits `dev` was given apply on every process.
         command.args(listeners.edge.to_flags());
-        for origin in &listeners.client_origins {
-            command.arg("--client-origin").arg(origin);
-        }
-        for origin in &listeners.staff_origins {
-            command.arg("--staff-origin").arg(origin);
-        }
-        command.stdout(std::process::Stdio::null()).kill_on_drop(true);
-        if i == 1 {
-            command.arg("--demo");
-        }
-        // SAFETY: prctl(2) only, between fork and exec: a node gets SIGTERM when `dev`
-        // dies, however it dies, so no node outlives it.
+        command
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: prctl(2) only, between fork and exec: a process gets SIGTERM when
+        // `dev` dies, however it dies, so none outlives it.
         unsafe {
             command.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
@@ -495,31 +604,59 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
                 Ok(())
             });
         }
-        command.spawn().with_context(|| format!("start node {i}"))
+        command
+            .spawn()
+            .with_context(|| format!("start {}", name(i)))
     };
     for i in 1..=args.nodes {
-        configs.push(cluster::NodeConfig::read(&dir.join(format!("node-{i}.toml")))?);
+        configs.push(cluster::NodeConfig::read(
+            &dir.join(format!("node-{i}.toml")),
+        )?);
+    }
+    for i in 0..processes {
         children.push(spawn(i)?);
     }
     // Ready when every node answers and agrees on a leader, node 1 has loaded the demo
-    // (its /readyz turns 200 after that), and every node has applied as far as node 1.
+    // (its /readyz turns 200 after that), every node has applied as far as node 1, and
+    // the gateway is ready.
     let logins_path = configs[0].data_dir.join(demo::LOGINS_FILE);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let mut seen = Vec::new();
         for config in &configs {
             if let Ok(status) = cluster::status(&config.private_addr.to_string()).await {
-                seen.push((status.get("leader").and_then(|l| l.as_u64()), status.get("last_applied").and_then(|a| a.as_u64()).unwrap_or(0)));
+                seen.push((
+                    status.get("leader").and_then(|l| l.as_u64()),
+                    status
+                        .get("last_applied")
+                        .and_then(|a| a.as_u64())
+                        .unwrap_or(0),
+                ));
             }
         }
-        let agreed = seen.len() == configs.len() && seen[0].0.is_some() && seen.iter().all(|(l, _)| *l == seen[0].0);
-        let caught_up = seen.len() == configs.len() && seen.iter().all(|(_, applied)| *applied >= seen[0].1);
-        if agreed && caught_up && cluster::ready(&configs[0].private_addr.to_string()).await && logins_path.exists() {
+        let agreed = seen.len() == configs.len()
+            && seen[0].0.is_some()
+            && seen.iter().all(|(l, _)| *l == seen[0].0);
+        let caught_up =
+            seen.len() == configs.len() && seen.iter().all(|(_, applied)| *applied >= seen[0].1);
+        let gateway_ready = match &gateway_config {
+            Some(g) => cluster::ready(&g.private_addr.to_string()).await,
+            None => true,
+        };
+        if agreed
+            && caught_up
+            && gateway_ready
+            && cluster::ready(&configs[0].private_addr.to_string()).await
+            && logins_path.exists()
+        {
             break;
         }
         for (i, child) in children.iter_mut().enumerate() {
             if let Some(status) = child.try_wait()? {
-                anyhow::bail!("node {} exited ({status}) before the cluster was ready; its log is above", i + 1);
+                anyhow::bail!(
+                    "{} exited ({status}) before the cluster was ready; its log is above",
+                    name(i)
+                );
             }
         }
         if tokio::time::Instant::now() >= deadline {
@@ -527,10 +664,18 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let logins: std::collections::BTreeMap<String, String> = serde_json::from_slice(&std::fs::read(&logins_path)?)?;
+    let logins: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&std::fs::read(&logins_path)?)?;
     // Where `dev` alone keeps them, for scripts that read them there.
-    switchboard_raft::files::write_private(&listeners.data_dir.join(demo::LOGINS_FILE), &std::fs::read(&logins_path)?)?;
-    println!("switchboard dev: {} nodes ready, configuration in {}", args.nodes, dir.display());
+    switchboard_raft::files::write_private(
+        &listeners.data_dir.join(demo::LOGINS_FILE),
+        &std::fs::read(&logins_path)?,
+    )?;
+    println!(
+        "switchboard dev: {} nodes ready, configuration in {}",
+        args.nodes,
+        dir.display()
+    );
     for config in &configs {
         println!(
             "node {}: public http://{}  private http://{}  data {}",
@@ -540,16 +685,34 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
             config.data_dir.display()
         );
     }
-    println!("every node serves the chat and the workstation; `switchboard cluster status --addr <private>` shows the leader");
-    println!("public listener: http://{}  (node 1)", configs[0].public_addr);
-    println!("private listener: http://{}  (node 1)", configs[0].private_addr);
+    match &gateway_config {
+        Some(g) => {
+            println!(
+                "{}: public http://{}  private http://{}  (relays to the nodes over QUIC)",
+                g.name, g.public_addr, g.private_addr
+            );
+            println!("public listener: http://{}  ({})", g.public_addr, g.name);
+            println!("private listener: http://{}  ({})", g.private_addr, g.name);
+        }
+        None => {
+            println!(
+                "public listener: http://{}  (node 1)",
+                configs[0].public_addr
+            );
+            println!(
+                "private listener: http://{}  (node 1)",
+                configs[0].private_addr
+            );
+        }
+    }
+    println!("every node serves the chat and the workstation too; `switchboard cluster status --addr <private>` shows the leader");
     println!("demo logins (also in {}):", logins_path.display());
     for (login, password) in &logins {
         println!("  {login:<11} {password}");
     }
     println!("ready");
-    // A node that dies (a kill -9 drill, a crash) is started again after 2 s: the others
-    // carry on meanwhile, and it catches up when it is back.
+    // A process that dies (a kill -9 drill, a crash) is started again after 2 s: the
+    // others carry on meanwhile, and a node catches up when it is back.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     let mut down: Vec<Option<tokio::time::Instant>> = vec![None; children.len()];
@@ -562,12 +725,12 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
         for (i, child) in children.iter_mut().enumerate() {
             if let Some(since) = down[i] {
                 if since.elapsed() >= std::time::Duration::from_secs(2) {
-                    *child = spawn(i as u64 + 1)?;
+                    *child = spawn(i)?;
                     down[i] = None;
-                    println!("switchboard dev: node {} started again", i + 1);
+                    println!("switchboard dev: {} started again", name(i));
                 }
             } else if let Ok(Some(status)) = child.try_wait() {
-                println!("switchboard dev: node {} exited ({status}); the others go on, and it starts again in 2 s", i + 1);
+                println!("switchboard dev: {} exited ({status}); the others go on, and it starts again in 2 s", name(i));
                 down[i] = Some(tokio::time::Instant::now());
             }
         }
@@ -580,7 +743,10 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
         }
     }
     for mut child in children {
-        if tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await.is_err() {
+        if tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+        {
             let _ = child.kill().await;
         }
     }
@@ -631,13 +797,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Dev(args) => dev(args).await,
             Cmd::Node(args) => node(args).await,
             Cmd::Cluster(cmd) => cluster_cmd(cmd).await,
-            Cmd::Gateway(args) => {
-                let _ = args.node;
-                anyhow::bail!(
-                    "a standalone gateway needs the node-to-gateway QUIC protocol of the multi-node cluster; \
-                     until then `switchboard node` runs the gateway listeners in the node process"
-                )
-            }
+            Cmd::Gateway(args) => gateway(args).await,
             Cmd::Certs(args) => certs(args),
             Cmd::Bench(args) => bench::run(args).await,
         }

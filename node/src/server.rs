@@ -1037,6 +1037,23 @@ std::fs::create_dir_all(&options.data_dir)?;
             });
         });
     }
+    // Gateways relay clients' traffic here over QUIC and poll this member's status.
+    router.set_relay(Arc::new(switchboard_gateway::relay::RelayServer::new(
+        switchboard_gateway::public_router(gateway.clone()),
+        switchboard_gateway::private_router(gateway.clone()),
+    )));
+    {
+        let (gateway, raft, node_id) = (gateway.clone(), raft.clone(), options.node_id);
+        router.set_status(Arc::new(move || {
+            let m = raft.metrics().borrow().clone();
+            switchboard_raft::network::MemberStatus {
+                node: node_id,
+                leader: m.current_leader,
+                members: m.membership_config.membership().nodes().map(|(id, node)| (*id, node.addr.clone())).collect(),
+                ready: gateway.ready(),
+            }
+        }));
+    }
     let retention = tokio::spawn(retention_timer(raft.clone(), proposer.clone(), options.node_id, options.retention_every));
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let listeners = vec![

@@ -1,0 +1,478 @@
+//! Standalone gateways (`switchboard gateway`) in front of three `switchboard node`
+//! processes: clients and operators connect only to gateways, which relay to the
+//! members over QUIC with mutual TLS. The member under their sockets is killed with
+//! SIGKILL mid-exchange and the sockets stay open; a gateway is killed and its clients
+//! resume on the other; a gateway with a certificate from another CA gets nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use switchboard_chaos_tests::{cli, eventually, set_presence, Cluster, Dev, WAIT};
+use switchboard_gateway::client::{ClientError, Incoming, WsClient};
+
+/// (conversation, key) -> the `seq` the server acknowledged.
+type Acked = Arc<Mutex<BTreeMap<(u64, String), u64>>>;
+
+struct ClientRun {
+    conversation: u64,
+    /// `seq` of every event received, in order.
+    seen: Vec<u64>,
+    next: u64,
+    /// Whether the socket closed under the client.
+    lost: bool,
+    /// Sends answered `unavailable` and sent again with the same key.
+    retried: u64,
+    acks: Vec<Instant>,
+}
+
+/// Sends messages one after another, each acknowledged before the next, until `stop`.
+async fn client_loop(
+    mut ws: WsClient,
+    mut run: ClientRun,
+    acked: Acked,
+    stop: Arc<AtomicBool>,
+) -> ClientRun {
+    let conversation = run.conversation;
+    'messages: while !stop.load(Ordering::Relaxed) {
+        let key = format!("c{conversation}-{}", run.next);
+        if ws.send(&json!({"type": "send", "key": key, "text": format!("client message {}", run.next)})).await.is_err() {
+            run.lost = true;
+            break;
+        }
+        loop {
+            match ws.next(WAIT).await {
+                Ok(Incoming::Json(v)) if v["type"] == "event" => {
+                    run.seen.push(v["seq"].as_u64().unwrap_or(0))
+                }
+                Ok(Incoming::Json(v)) if v["type"] == "ack" && v["key"] == key.as_str() => {
+                    acked
+                        .lock()
+                        .unwrap()
+                        .insert((conversation, key.clone()), v["seq"].as_u64().unwrap_or(0));
+                    run.acks.push(Instant::now());
+                    run.next += 1;
+                    break;
+                }
+                Ok(Incoming::Json(v)) if v["type"] == "error" && v["ref"] == key.as_str() => {
+                    assert_eq!(
+                        v["code"], "unavailable",
+                        "only a failover may refuse a message: {v}"
+                    );
+                    run.retried += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue 'messages;
+                }
+                Ok(Incoming::Json(v)) if v["type"] == "error" => {
+                    panic!("client of {conversation} got {v}")
+                }
+                Ok(Incoming::Json(_)) | Ok(Incoming::Text(_)) => {}
+                Ok(Incoming::Closed { .. }) | Err(ClientError::Closed) => {
+                    run.lost = true;
+                    break 'messages;
+                }
+                Err(e) => {
+                    panic!("client of {conversation} waited {WAIT:?} for its ack of {key}: {e}")
+                }
+            }
+        }
+        // Paced under the conversation's budget (60 a minute, in a burst of 60).
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    run
+}
+
+/// Accepts offers and answers each client message until `stop`: the feed's `seq`s, the
+/// messages it saw per conversation, and whether its socket was lost.
+async fn operator_loop(
+    mut ws: WsClient,
+    operator: &'static str,
+    acked: Acked,
+    stop: Arc<AtomicBool>,
+) -> (Vec<u64>, BTreeMap<u64, Vec<String>>, bool) {
+    let (mut seen, mut texts) = (Vec::new(), BTreeMap::<u64, Vec<String>>::new());
+    let mut replies = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        match ws.next(Duration::from_millis(200)).await {
+            Ok(Incoming::Json(v)) if v["type"] == "event" => {
+                seen.push(v["seq"].as_u64().unwrap_or(0));
+                match v["kind"].as_str() {
+                    Some("offer") => {
+                        let _ = ws.send(&json!({"type": "accept", "offer": v["offer"], "ref": format!("accept-{}", v["offer"])})).await;
+                    }
+                    Some("conversation") if v["entry"]["from"] == "client" => {
+                        let conversation = v["conversation"].as_u64().unwrap_or(0);
+                        texts
+                            .entry(conversation)
+                            .or_default()
+                            .push(v["entry"]["text"].as_str().unwrap_or_default().to_owned());
+                        replies += 1;
+                        let key = format!("{operator}-{replies}");
+                        let _ = ws.send(&json!({"type": "send", "conversation": conversation, "key": key, "text": "operator reply"})).await;
+                    }
+                    _ => {}
+                }
+            }
+            Ok(Incoming::Json(v)) if v["type"] == "ack" => {
+                if let (Some(c), Some(key), Some(seq)) = (
+                    v["conversation"].as_u64(),
+                    v["key"].as_str(),
+                    v["seq"].as_u64(),
+                ) {
+                    acked.lock().unwrap().insert((c, key.to_owned()), seq);
+                }
+            }
+            Ok(Incoming::Closed { .. }) | Err(ClientError::Closed) => return (seen, texts, true),
+            Ok(_) | Err(_) => {}
+        }
+    }
+    (seen, texts, false)
+}
+
+fn contiguous(seen: &[u64]) -> bool {
+    seen.windows(2).all(|p| p[1] == p[0] + 1)
+}
+
+/// A gateway metric's value, 0 if absent.
+async fn metric(gateway: &Dev, name: &str) -> anyhow::Result<u64> {
+    let (_, body) = gateway.api("GET", "/metrics", None, None).await?;
+    Ok(body
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_through_a_gateway_stay_open_when_their_member_is_killed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let gateway = cluster.start_gateway(0).await?;
+    let leader = cluster.leader().await?;
+    // The gateway pins new sockets to the leader: the member about to be killed.
+    eventually(WAIT, Duration::from_millis(100), || async {
+        let (_, view) = gateway.api("GET", "/api/gateway", None, None).await?;
+        Ok((view["leader"].as_u64() == Some(leader as u64)).then_some(()))
+    })
+    .await?;
+
+    let acked: Acked = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut operators = Vec::new();
+    for login in ["alice", "bob"] {
+        let (mut ws, _) = gateway.operator(login).await?;
+        set_presence(&mut ws, "online").await?;
+        ws.clear_skipped();
+        operators.push(tokio::spawn(operator_loop(
+            ws,
+            login,
+            acked.clone(),
+            stop.clone(),
+        )));
+    }
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let (ws, conversation, _) = gateway.client(&format!("Client {i}")).await?;
+        let run = ClientRun {
+            conversation,
+            seen: Vec::new(),
+            next: 0,
+            lost: false,
+            retried: 0,
+            acks: Vec::new(),
+        };
+        clients.push(tokio::spawn(client_loop(
+            ws,
+            run,
+            acked.clone(),
+            stop.clone(),
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !acked.lock().unwrap().is_empty(),
+        "messages flowed before the kill"
+    );
+    cluster.kill9(leader).await?;
+    let killed_at = Instant::now();
+    println!("killed node {leader}, the leader under every socket");
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut runs = Vec::new();
+    let mut recovery = Duration::ZERO;
+    for handle in clients {
+        let run = handle.await?;
+        assert!(
+            !run.lost,
+            "the client socket of {} stayed open through the kill",
+            run.conversation
+        );
+        assert!(
+            contiguous(&run.seen),
+            "client of {} saw every event once, in order: {:?}",
+            run.conversation,
+            run.seen
+        );
+        let first = run.acks.iter().find(|at| **at > killed_at).ok_or_else(|| {
+            anyhow::anyhow!(
+                "client of {} wrote nothing after the kill",
+                run.conversation
+            )
+        })?;
+        recovery = recovery.max(first.duration_since(killed_at));
+        runs.push(run);
+    }
+    let mut operator_texts: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for handle in operators {
+        let (seen, texts, lost) = handle.await?;
+        assert!(!lost, "operator sockets stayed open through the kill");
+        assert!(
+            contiguous(&seen),
+            "operator feed without gap or duplicate: {seen:?}"
+        );
+        for (conversation, mut t) in texts {
+            operator_texts
+                .entry(conversation)
+                .or_default()
+                .append(&mut t);
+        }
+    }
+    println!(
+        "recovery seen by a client through the gateway: {recovery:?}; sends answered unavailable and resent: {}",
+        runs.iter().map(|r| r.retried).sum::<u64>()
+    );
+    assert!(
+        metric(&gateway, "switchboard_gateway_repins_total").await? >= 5,
+        "every socket moved to another member"
+    );
+    assert_eq!(
+        metric(&gateway, "switchboard_gateway_repins_failed_total").await?,
+        0
+    );
+
+    // Every acknowledged message is in its conversation exactly once, where it was
+    // acknowledged, and each operator saw each client message once.
+    let supervisor = gateway.login("supervisor").await?;
+    let acked = acked.lock().unwrap().clone();
+    let mut held = BTreeSet::new();
+    for run in &runs {
+        let (status, conv) = gateway
+            .api(
+                "GET",
+                &format!("/api/conversations/{}", run.conversation),
+                Some(&supervisor),
+                None,
+            )
+            .await?;
+        assert_eq!(status, 200, "{conv}");
+        let history = conv["history"].as_array().cloned().unwrap_or_default();
+        for ((c, key), seq) in acked.iter().filter(|((c, _), _)| *c == run.conversation) {
+            let found: Vec<u64> = history
+                .iter()
+                .filter(|e| e["key"] == key.as_str())
+                .filter_map(|e| e["seq"].as_u64())
+                .collect();
+            if found.is_empty() {
+                // Client entries carry no key for staff: match on the text.
+                let n = key.rsplit('-').next().unwrap_or_default();
+                let text = format!("client message {n}");
+                let count = history
+                    .iter()
+                    .filter(|e| e["text"] == text.as_str())
+                    .count();
+                assert_eq!(count, 1, "{c}/{key} is in its conversation once");
+            } else {
+                assert_eq!(
+                    found,
+                    vec![*seq],
+                    "{c}/{key} is in its conversation once, at its acknowledged seq"
+                );
+            }
+        }
+        let assigned: BTreeSet<String> = history
+            .iter()
+            .filter(|e| e["kind"] == "assigned")
+            .filter_map(|e| e["operator"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(
+            assigned.len(),
+            1,
+            "conversation {} had one operator: {assigned:?}",
+            run.conversation
+        );
+        held.extend(assigned);
+        let texts = operator_texts
+            .get(&run.conversation)
+            .cloned()
+            .unwrap_or_default();
+        let distinct: BTreeSet<&String> = texts.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            texts.len(),
+            "the operator saw each message of {} once: {texts:?}",
+            run.conversation
+        );
+    }
+    let (_, operators) = gateway
+        .api("GET", "/api/operators", Some(&supervisor), None)
+        .await?;
+    for operator in operators["operators"].as_array().into_iter().flatten() {
+        let (active, capacity) = (
+            operator["active"].as_u64().unwrap_or(0),
+            operator["capacity"].as_u64().unwrap_or(0),
+        );
+        assert!(
+            active <= capacity,
+            "{} holds {active} of {capacity}",
+            operator["id"]
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_gateway_dies_its_clients_resume_on_another() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), 3).await?;
+    let mut a = cluster.start_gateway(0).await?;
+    let b = cluster.start_gateway(1).await?;
+    let (mut alice, _) = b.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+
+    let (mut ws, conversation, token) = a.client("Dana").await?;
+    let offer = alice
+        .wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "offer")
+        .await?;
+    alice
+        .send(&json!({"type": "accept", "offer": offer["offer"], "ref": "accept"}))
+        .await?;
+    alice
+        .wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "accept")
+        .await?;
+    let mut seen = Vec::new();
+    for n in 0..3 {
+        ws.send(&json!({"type": "send", "key": format!("k{n}"), "text": format!("before {n}")}))
+            .await?;
+        loop {
+            let v = ws
+                .wait_for(WAIT, |v| v["type"] == "event" || v["type"] == "ack")
+                .await?;
+            if v["type"] == "event" {
+                seen.push(v["seq"].as_u64().unwrap_or(0));
+            } else if v["key"] == format!("k{n}").as_str() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Events still on their way are read before the gateway goes.
+    while let Ok(Incoming::Json(v)) = ws.next(Duration::from_millis(500)).await {
+        if v["type"] == "event" {
+            seen.push(v["seq"].as_u64().unwrap_or(0));
+        }
+    }
+    a.kill9().await?;
+    assert!(
+        matches!(ws.next(WAIT).await, Ok(Incoming::Closed { .. }) | Err(_)),
+        "the dead gateway's socket closed"
+    );
+
+    // The client reconnects to the other gateway and resumes after what it saw.
+    let last = seen.last().copied().unwrap_or(0);
+    let mut ws = WsClient::connect(&b.public, "/ws/client", None).await?;
+    ws.send(&json!({"type": "resume", "token": token, "last_seq": last}))
+        .await?;
+    ws.wait_for(WAIT, |v| v["type"] == "resumed").await?;
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "a-after", "text": "still here"})).await?;
+    ws.send(&json!({"type": "send", "key": "k-after", "text": "after the gateway died"}))
+        .await?;
+    let deadline = Instant::now() + WAIT;
+    let mut texts = Vec::new();
+    while Instant::now() < deadline
+        && !(texts.iter().any(|t| t == "still here")
+            && texts.iter().any(|t| t == "after the gateway died"))
+    {
+        if let Ok(Incoming::Json(v)) = ws.next(Duration::from_millis(500)).await {
+            if v["type"] == "event" {
+                seen.push(v["seq"].as_u64().unwrap_or(0));
+                texts.push(v["text"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+    }
+    assert!(
+        texts.iter().any(|t| t == "still here")
+            && texts.iter().any(|t| t == "after the gateway died"),
+        "both sides' messages arrive after the resume: {texts:?}"
+    );
+    assert!(
+        contiguous(&seen),
+        "no gap and no duplicate across gateways: {seen:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_a_certificate_from_another_ca_gets_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), 3).await?;
+    // A second layout has a CA of its own; its gateway's file is pointed at our members.
+    let foreign = dir.path().join("foreign");
+    let ports = switchboard_chaos_tests::free_port_block(2)?;
+    cli(
+        [
+            "cluster",
+            "init",
+            "--nodes",
+            "1",
+            "--dir",
+            foreign.to_str().unwrap_or_default(),
+            "--public-port",
+            &ports.to_string(),
+            "--private-port",
+            &(ports + 1).to_string(),
+            "--raft-port",
+            &(ports + 2).to_string(),
+            "--gateway-public-port",
+            &(ports + 10).to_string(),
+            "--gateway-private-port",
+            &(ports + 11).to_string(),
+        ],
+        &[],
+    )
+    .await?;
+    let ours = std::fs::read_to_string(dir.path().join("gateway-a.toml"))?;
+    let members = &ours[ours
+        .find("[[members]]")
+        .ok_or_else(|| anyhow::anyhow!("no members in gateway-a.toml"))?..];
+    let theirs = std::fs::read_to_string(foreign.join("gateway-a.toml"))?;
+    let head = &theirs[..theirs
+        .find("[[members]]")
+        .ok_or_else(|| anyhow::anyhow!("no members in the foreign file"))?];
+    std::fs::write(foreign.join("gateway-a.toml"), format!("{head}{members}"))?;
+    let gateway = switchboard_chaos_tests::start_gateway(
+        &foreign.join("gateway-a.toml"),
+        &foreign.join("data/gateway-a"),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, _) = gateway.api("GET", "/readyz", None, None).await?;
+    assert_eq!(status, 503, "no member answers a gateway from another CA");
+    let (status, body) = gateway.api("GET", "/api/cluster", None, None).await?;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("data/node-1/node.log"))?;
+    assert!(
+        log.contains("refused a peer's QUIC handshake"),
+        "the member logged the refusal"
+    );
+    let _ = cluster;
+    Ok(())
+}
