@@ -416,6 +416,10 @@ mod tests {
         assert_eq!(config.members.len(), 3);
         assert!(config.bootstraps(), "the lowest id makes the first admin");
         assert_eq!(config.raft_addr.to_string(), config.members[0].raft_addr);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway.example.toml");
+        let gateway = GatewayFileConfig::read(&path).expect("deploy/gateway.example.toml stays a valid configuration");
+        assert_eq!(gateway.name, "gateway-a");
+        assert_eq!(gateway.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2, 3]);
     }
 
     #[test]
