@@ -43,10 +43,15 @@ use crate::wire::{self, Inbound, ServerOp};
 use crate::ws::{self, close, Flow, Limits, Outbox, Session, Surface};
 use crate::GatewayError;
 
-/// How often every member's status is polled. A member that stops answering is taken
-/// for gone within about a second (`Peers` closes a connection silent for 1 s, which
-/// fails every stream relayed over it).
-const POLL_EVERY: Duration = Duration::from_millis(250);
+/// How often every member's status is polled.
+const POLL_EVERY: Duration = Duration::from_millis(100);
+/// A member that answers nothing for this long is taken for gone: its connection is
+/// closed, which fails every stream relayed over it, and its sockets are re-pinned. A
+/// running member answers a poll within milliseconds; five polls in a row unanswered
+/// is a dead process, a cut link or a frozen machine.
+const MEMBER_SILENT: Duration = Duration::from_millis(500);
+/// How long a poll waits for its answer.
+const POLL_TTL: Duration = Duration::from_millis(400);
 /// How long a socket may look for another member before it is closed with 1012.
 const REPIN_PATIENCE: Duration = Duration::from_secs(15);
 /// How long a re-pinned socket waits for its `resumed` or `hello`.
@@ -162,7 +167,7 @@ impl Upstreams {
         let answers = futures::future::join_all(targets.iter().map(|(id, addr)| async move {
             (
                 *id,
-                self.peers.status(addr, Duration::from_millis(750)).await,
+                self.peers.status(addr, POLL_TTL).await,
             )
         }))
         .await;
@@ -1044,7 +1049,7 @@ pub async fn start(
         switchboard_raft::tls::client_config(&options.identity)
             .map_err(|e| GatewayError::Config(e.to_string()))?,
     );
-    let up = Upstreams::new(Peers::new(endpoint), &options.members);
+    let up = Upstreams::new(Peers::with_silence(endpoint, MEMBER_SILENT), &options.members);
     let metrics = Arc::new(Metrics::default());
     let edge = |listener| {
         Arc::new(Edge {

@@ -451,6 +451,8 @@ async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, m
 pub struct Peers {
     endpoint: quinn::Endpoint,
     peers: Arc<std::sync::Mutex<HashMap<String, Peer>>>,
+    /// Silence after which a connection is closed (`SILENT` unless set).
+    silent: Duration,
 }
 
 #[derive(Default)]
@@ -483,7 +485,14 @@ pub struct Unsent(pub String);
 
 impl Peers {
     pub fn new(endpoint: quinn::Endpoint) -> Self {
-        Peers { endpoint, peers: Arc::default() }
+        Peers { endpoint, peers: Arc::default(), silent: SILENT }
+    }
+
+    /// Connections closed after `silent` without an answer instead of `SILENT`: for a
+    /// caller that asks often (a gateway polls every member's status every 100 ms) and
+    /// wants a dead peer's streams to fail sooner.
+    pub fn with_silence(endpoint: quinn::Endpoint, silent: Duration) -> Self {
+        Peers { endpoint, peers: Arc::default(), silent }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Peer>> {
@@ -497,12 +506,12 @@ impl Peers {
             let mut peers = self.lock();
             let peer = peers.entry(addr.to_string()).or_default();
             if let Some(c) = &peer.connection {
-                let silent = peer.unanswered_since.is_some_and(|since| since.elapsed() >= SILENT);
+                let silent = peer.unanswered_since.is_some_and(|since| since.elapsed() >= self.silent);
                 if c.close_reason().is_none() && !silent {
                     return Ok(c.clone());
                 }
                 if silent {
-                    debug!(addr, "peer silent for {SILENT:?}: closing its connection");
+                    debug!(addr, "peer silent for {:?}: closing its connection", self.silent);
                     c.close(0u32.into(), b"silent");
                 }
                 peer.connection = None;
