@@ -186,7 +186,10 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, Error> 
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(1024u32.into());
+    // Every socket a gateway relays holds a stream for its life: a gateway may relay
+    // this many to one member over its one connection (only peers with a certificate
+    // from the cluster CA get a connection; a stream's buffers grow only with its data).
+    transport.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
     transport.keep_alive_interval(Some(KEEP_ALIVE));
     transport.max_idle_timeout(Some(idle_timeout()));
     config.transport_config(Arc::new(transport));
@@ -211,6 +214,10 @@ pub fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, Error> 
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
+
+/// Streams open at once on one peer's connection: RPCs, and the sockets and requests a
+/// gateway relays.
+pub const MAX_STREAMS_PER_PEER: u32 = 262_144;
 
 /// Both sides ping a quiet connection this often...
 const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
