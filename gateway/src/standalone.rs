@@ -61,6 +61,8 @@ const MAX_UPSTREAM_MESSAGE: usize = 16 * 1024 * 1024;
 /// Requests a socket's client may have unanswered at the gateway's count; past it the
 /// oldest are forgotten (and answered `unavailable` on a re-pin, as if never tracked).
 const MAX_PENDING: usize = 256;
+/// The client's headers a socket keeps to be opened again on another member.
+const REPIN_HEADERS: [&str; 6] = ["host", "origin", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version"];
 /// Longest time to wait for a member's response head to a relayed request.
 const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -376,7 +378,9 @@ impl UpstreamSocket {
             {
                 return Ok(frame);
             }
-            self.buf.reserve(8 * 1024);
+            // A little while idle (most sockets, most of the time), a chunk while a
+            // frame is coming in: the same as a socket's own reader.
+            ws::room_to_read(&mut self.buf);
             match self.read.read_buf(&mut self.buf).await {
                 Ok(0) => return Err("the member closed the stream".into()),
                 Ok(_) => {}
@@ -474,6 +478,12 @@ async fn relay_socket(
                 } else {
                     edge.operator_limits
                 };
+                // What a re-pin needs of the client's request, not all of it.
+                let headers: HeaderMap = headers
+                    .iter()
+                    .filter(|(name, _)| REPIN_HEADERS.contains(&name.as_str()))
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect();
                 let session = RelaySession {
                     start: Some(Pinned {
                         edge: edge.clone(),
@@ -611,7 +621,9 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
         }
         tracing::info!(member, %client, error = %lost, ?surface, "lost the member under a socket: re-pinning");
         edge.up.repins.fetch_add(1, Relaxed);
-        match repin(&edge, &mut track, member, client, &path, &headers).await {
+        // Boxed: a socket's task is as large as its largest await, and most sockets
+        // never re-pin.
+        match Box::pin(repin(&edge, &mut track, member, client, &path, &headers)).await {
             Ok((socket, id, replay)) => {
                 upstream = socket;
                 member = id;

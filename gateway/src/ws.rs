@@ -309,7 +309,7 @@ const IDLE_READ: usize = 512;
 
 /// Makes room for the next read: a little while idle (giving back what a large message
 /// left behind), a chunk while a frame is incomplete.
-fn room_to_read(buf: &mut BytesMut) {
+pub(crate) fn room_to_read(buf: &mut BytesMut) {
     if buf.is_empty() {
         if buf.capacity() > IDLE_READ {
             *buf = BytesMut::with_capacity(IDLE_READ);
