@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// saw and whether every acknowledged message is in its conversation.
     #[arg(long)]
     pub(crate) kill_leader: Option<u32>,
+    /// With `--nodes`: put a standalone gateway in front of the nodes, as `dev --nodes`
+    /// does, and connect every client and operator to it instead of to the nodes.
+    #[arg(long)]
+    pub(crate) gateway: bool,
 }
 
 struct Child {

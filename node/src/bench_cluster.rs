@@ -1,7 +1,8 @@
 //! `switchboard bench --nodes N`: the same load against a local cluster of `switchboard
 //! node` processes laid out by `cluster init`, with clients and operators spread over
-//! every node; `--kill-leader K` kills the leader K times under load and reports the
-//! recovery each client saw and whether every acknowledged message is kept.
+//! every node (or, with `--gateway`, through a standalone gateway in front of them);
+//! `--kill-leader K` kills the leader K times under load and reports the recovery each
+//! client saw and whether every acknowledged message is kept.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,13 +25,15 @@ struct Nodes {
     paths: Vec<PathBuf>,
     children: Vec<Option<tokio::process::Child>>,
     extra: Vec<String>,
+    /// The standalone gateway, with `--gateway`: its file, listeners and process.
+    gateway: Option<(cluster::GatewayFileConfig, tokio::process::Child)>,
 }
 
 impl Nodes {
     async fn start(args: &BenchArgs) -> anyhow::Result<Nodes> {
         let dir = tempfile::tempdir()?;
         let layout = dir.path().join("cluster");
-        let base = free_port_block(args.nodes)?;
+        let base = free_port_block(args.nodes + 1)?;
         let paths = cluster::init(&cluster::InitPlan {
             dir: layout,
             nodes: args.nodes as u64,
@@ -39,12 +42,14 @@ impl Nodes {
             private_port: base + 1,
             raft_port: base + 2,
             port_step: 10,
-            gateways: 0,
-            gateway_public_port: 0,
-            gateway_private_port: 0,
+            gateways: u64::from(args.gateway),
+            gateway_public_port: base + 10 * args.nodes as u16,
+            gateway_private_port: base + 10 * args.nodes as u16 + 1,
         })?;
+        let (paths, gateway_paths) = paths.split_at(args.nodes);
+        let paths = paths.to_vec();
         let configs = paths.iter().map(|p| NodeConfig::read(p)).collect::<anyhow::Result<Vec<_>>>()?;
-        let mut nodes = Nodes { _dir: dir, configs, paths, children: Vec::new(), extra: args.node_args.clone() };
+        let mut nodes = Nodes { _dir: dir, configs, paths, children: Vec::new(), extra: args.node_args.clone(), gateway: None };
         let mut waiting = Vec::new();
         for i in 0..args.nodes {
             let (child, ready) = nodes.spawn(i)?;
@@ -53,6 +58,14 @@ impl Nodes {
         }
         for ready in waiting {
             ready.await.context("a node did not start")??;
+        }
+        if let Some(path) = gateway_paths.first() {
+            let config = cluster::GatewayFileConfig::read(path)?;
+            let mut command = tokio::process::Command::new(std::env::current_exe()?);
+            command.arg("gateway").arg("--config").arg(path).args(bench::OPEN_BUDGETS);
+            let (child, ready) = wait_ready(command)?;
+            ready.await.context("the gateway did not start")??;
+            nodes.gateway = Some((config, child));
         }
         Ok(nodes)
     }
@@ -64,27 +77,23 @@ impl Nodes {
         if i == 0 {
             command.arg("--demo");
         }
-        let mut child = command.env("RUST_LOG", "error").stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let ready = tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            let wait = async {
-                while let Some(line) = lines.next_line().await? {
-                    if line == "ready" {
-                        return anyhow::Ok(());
-                    }
-                }
-                bail!("the node exited before it was ready")
-            };
-            tokio::time::timeout(Duration::from_secs(120), wait).await.map_err(|_| anyhow!("not ready within 120 s"))??;
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            Ok(())
-        });
-        Ok((child, ready))
+        wait_ready(command)
     }
 
+    /// Where clients connect: the gateway, or every node.
     fn publics(&self) -> Vec<String> {
-        self.configs.iter().map(|c| c.public_addr.to_string()).collect()
+        match &self.gateway {
+            Some((g, _)) => vec![g.public_addr.to_string()],
+            None => self.configs.iter().map(|c| c.public_addr.to_string()).collect(),
+        }
+    }
+
+    /// Where operators connect: the gateway, or every node.
+    fn entry_privates(&self) -> Vec<String> {
+        match &self.gateway {
+            Some((g, _)) => vec![g.private_addr.to_string()],
+            None => self.privates(),
+        }
     }
 
     fn privates(&self) -> Vec<String> {
@@ -130,9 +139,33 @@ impl Nodes {
 }
 
 
+/// Spawns `command` and returns it with a task that ends once it printed `ready`.
+fn wait_ready(mut command: tokio::process::Command) -> anyhow::Result<(tokio::process::Child, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let mut child = command.env("RUST_LOG", "error").stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let ready = tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        let wait = async {
+            while let Some(line) = lines.next_line().await? {
+                if line == "ready" {
+                    return anyhow::Ok(());
+                }
+            }
+            bail!("it exited before it was ready")
+        };
+        tokio::time::timeout(Duration::from_secs(120), wait).await.map_err(|_| anyhow!("not ready within 120 s"))??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(())
+    });
+    Ok((child, ready))
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.soak.is_some() {
         bail!("--soak runs on one node; drop --nodes");
+    }
+    if args.gateway && args.nodes < 2 {
+        bail!("--gateway goes in front of a cluster: add --nodes 3");
     }
     if args.kill_leader.is_some() && args.nodes < 3 {
         bail!("--kill-leader needs --nodes 3 or more (a majority must survive the kill)");
@@ -145,8 +178,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let admin = bench::login(&privates[0], "admin", &admin_password).await?;
     let pending: Pending = Arc::default();
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
-    let operator_tasks = bench::operators(&args, &privates, &admin, &pending, &latencies).await?;
-    println!("bench: {} operators online over {} nodes; starting {} clients", args.operators, args.nodes, args.clients);
+    let operator_tasks = bench::operators(&args, &nodes.entry_privates(), &admin, &pending, &latencies).await?;
+    match &nodes.gateway {
+        Some((g, _)) => println!("bench: {} operators online through {}; starting {} clients through it", args.operators, g.name, args.clients),
+        None => println!("bench: {} operators online over {} nodes; starting {} clients", args.operators, args.nodes, args.clients),
+    }
     let clients = bench::start_clients(&nodes.publics(), args.clients).await?;
     let leader = nodes.leader().await?;
     println!("bench: node {} leads", leader + 1);
@@ -160,6 +196,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             outcome
         }
     };
+    if args.idle_sessions > 0 {
+        idle_sessions(&args, &nodes).await?;
+    }
     // Spurious elections under load would show here.
     for config in &nodes.configs {
         if let Ok(status) = cluster::status(&config.private_addr.to_string()).await {
@@ -169,10 +208,47 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for task in operator_tasks {
         task.abort();
     }
+    if let Some((_, child)) = nodes.gateway.as_mut() {
+        let _ = child.kill().await;
+    }
     for child in nodes.children.iter_mut().flatten() {
         let _ = child.kill().await;
     }
     result
+}
+
+/// Opens `--idle-sessions` client sessions (each starts a conversation in a group no
+/// operator serves and follows it) through the first entry point and reports what they
+/// cost: the gateway's RSS growth per session with `--gateway`, and every node's.
+async fn idle_sessions(args: &BenchArgs, nodes: &Nodes) -> anyhow::Result<()> {
+    let mut pids: Vec<(String, u32)> = Vec::new();
+    if let Some((g, child)) = &nodes.gateway {
+        pids.push((g.name.clone(), child.id().unwrap_or(0)));
+    }
+    for (i, child) in nodes.children.iter().enumerate() {
+        if let Some(child) = child {
+            pids.push((format!("node {}", i + 1), child.id().unwrap_or(0)));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before: Vec<u64> = pids.iter().map(|(_, pid)| bench::rss_kib(*pid).unwrap_or(0)).collect();
+    let public = nodes.publics()[0].clone();
+    let mut idle = Vec::with_capacity(args.idle_sessions);
+    for _ in 0..args.idle_sessions {
+        let mut ws = WsClient::connect(&public, "/ws/client", None).await?;
+        ws.send(&json!({"type": "start", "channel": "idle", "name": "Idle"})).await?;
+        ws.wait_for(Duration::from_secs(10), |v| v["type"] == "started").await?;
+        idle.push(ws);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("\nidle client sessions through {public} (started conversation, following its stream)");
+    for ((name, pid), before) in pids.iter().zip(before) {
+        let after = bench::rss_kib(*pid).unwrap_or(0);
+        let per = (after.saturating_sub(before) as f64) / args.idle_sessions as f64;
+        println!("  {name}: RSS {before} KiB -> {after} KiB, {per:.1} KiB per session");
+    }
+    drop(idle);
+    Ok(())
 }
 
 /// One client of the drill: a conversation it resumes on another node when its socket
