@@ -147,24 +147,31 @@ async fn metric(gateway: &Dev, name: &str) -> anyhow::Result<u64> {
         .unwrap_or(0))
 }
 
+/// Three nodes and two gateways under steady chat traffic (visitors on one gateway,
+/// operators on the other): the leader, under every socket, is killed with SIGKILL
+/// mid-exchange. Every socket stays open; nothing acknowledged is lost or doubled; no
+/// conversation has two operators and nobody goes over capacity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_through_a_gateway_stay_open_when_their_member_is_killed() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut cluster = Cluster::start(dir.path(), 3).await?;
     let gateway = cluster.start_gateway(0).await?;
+    let staff_gateway = cluster.start_gateway(1).await?;
     let leader = cluster.leader().await?;
-    // The gateway pins new sockets to the leader: the member about to be killed.
-    eventually(WAIT, Duration::from_millis(100), || async {
-        let (_, view) = gateway.api("GET", "/api/gateway", None, None).await?;
-        Ok((view["leader"].as_u64() == Some(leader as u64)).then_some(()))
-    })
-    .await?;
+    // Gateways pin new sockets to the leader: the member about to be killed.
+    for g in [&gateway, &staff_gateway] {
+        eventually(WAIT, Duration::from_millis(100), || async {
+            let (_, view) = g.api("GET", "/api/gateway", None, None).await?;
+            Ok((view["leader"].as_u64() == Some(leader as u64)).then_some(()))
+        })
+        .await?;
+    }
 
     let acked: Acked = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut operators = Vec::new();
     for login in ["alice", "bob"] {
-        let (mut ws, _) = gateway.operator(login).await?;
+        let (mut ws, _) = staff_gateway.operator(login).await?;
         set_presence(&mut ws, "online").await?;
         ws.clear_skipped();
         operators.push(tokio::spawn(operator_loop(
@@ -246,14 +253,11 @@ async fn sockets_through_a_gateway_stay_open_when_their_member_is_killed() -> an
         "recovery seen by a client through the gateway: {recovery:?}; sends answered unavailable and resent: {}",
         runs.iter().map(|r| r.retried).sum::<u64>()
     );
-    assert!(
-        metric(&gateway, "switchboard_gateway_repins_total").await? >= 5,
-        "every socket moved to another member"
-    );
-    assert_eq!(
-        metric(&gateway, "switchboard_gateway_repins_failed_total").await?,
-        0
-    );
+    assert!(metric(&gateway, "switchboard_gateway_repins_total").await? >= 3, "every client socket moved to another member");
+    assert!(metric(&staff_gateway, "switchboard_gateway_repins_total").await? >= 2, "both operator sockets moved to another member");
+    for g in [&gateway, &staff_gateway] {
+        assert_eq!(metric(g, "switchboard_gateway_repins_failed_total").await?, 0);
+    }
 
     // Every acknowledged message is in its conversation exactly once, where it was
     // acknowledged, and each operator saw each client message once.
