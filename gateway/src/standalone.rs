@@ -478,11 +478,13 @@ async fn relay_socket(
                 } else {
                     edge.operator_limits
                 };
-                // What a re-pin needs of the client's request, not all of it.
+                // What a re-pin needs of the client's request, not all of it, and copied:
+                // hyper's header values are slices of the connection's 8 KiB read
+                // buffer, which a clone would keep alive for the socket's life.
                 let headers: HeaderMap = headers
                     .iter()
                     .filter(|(name, _)| REPIN_HEADERS.contains(&name.as_str()))
-                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .filter_map(|(n, v)| axum::http::HeaderValue::from_bytes(v.as_bytes()).ok().map(|v| (n.clone(), v)))
                     .collect();
                 let session = RelaySession {
                     start: Some(Pinned {
@@ -877,6 +879,10 @@ impl Tracker {
     fn settle(&mut self, matches: impl Fn(&Pending) -> bool) {
         if let Some(i) = self.pending.iter().position(matches) {
             self.pending.remove(i);
+        }
+        // Most of a socket's life nothing is pending: hold no room for it then.
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = VecDeque::new();
         }
     }
 
