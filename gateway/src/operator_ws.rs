@@ -230,6 +230,9 @@ impl Session for OperatorSession {
                 })).collect::<Vec<_>>(),
                 "offers": offers,
                 "seq": op.feed.last_seq,
+                // The server's clock when the snapshot was taken: what a desk needs to
+                // count an offer's remaining time down right whatever its own clock says.
+                "now": switchboard_actors::actors::now_ms().0,
             });
             // A resume point ahead of the feed cannot be honoured: start from now.
             let start = self.resume_from.filter(|seq| *seq <= op.feed.last_seq).unwrap_or(op.feed.last_seq);

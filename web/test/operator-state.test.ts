@@ -235,3 +235,46 @@ describe('offer countdown', () => {
     expect(offerMsLeft({ offer: 2, conversation: 2, group: 'g', deadline: 50_000 }, 40_000)).toBe(10_000);
   });
 });
+
+describe('offer countdown from the server clock', () => {
+  it('starts at the whole window, never a second more, and a snapshot offer counts from the server clock', async () => {
+    const { offerSecondsLeft } = await import('../src/workstation/operator-state');
+    // A fresh offer event: 30 s window (a millisecond more from the entry's stamp shows 30, not 31).
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, { type: 'event', event: { type: 'event', kind: 'offer', seq: 11, at: 50_000, offer: 5, conversation: 17, group: 'general', deadline: 80_001 }, now: 7_000 });
+    expect(offerSecondsLeft(s.offers[0], 7_000)).toBe(30);
+    expect(offerSecondsLeft(s.offers[0], 17_000)).toBe(21);
+    // After a reload 12 s into an offer, with the browser's clock 4 s behind the server's:
+    // hello's `now` says 18 s are left, whatever the local clock says.
+    s = run(initialOpState, { type: 'hello', hello: hello({ now: 112_000, offers: [{ offer: 6, conversation: 18, group: 'general', made_at: 100_000, deadline: 130_000 }] }), now: 108_000 });
+    expect(offerSecondsLeft(s.offers[0], 108_000)).toBe(18);
+    expect(offerSecondsLeft(s.offers[0], 118_000)).toBe(8);
+    // A later hello for the same offer keeps counting from the first sighting.
+    s = run(s, { type: 'hello', hello: hello({ now: 200_000, offers: [{ offer: 6, conversation: 18, group: 'general', made_at: 100_000, deadline: 130_000 }] }), now: 113_000 });
+    expect(offerSecondsLeft(s.offers[0], 113_000)).toBe(13);
+  });
+});
+
+describe('missed offers', () => {
+  const missed = (seq: number, at: number): OpAction => ({ type: 'event', event: { type: 'event', kind: 'offer_withdrawn', seq, at, offer: 5, conversation: 17, reason: 'expired' } as FeedEvent });
+  const presence = (seq: number, at: number, status: string): OpAction => ({ type: 'event', event: { type: 'event', kind: 'presence', seq, at, status } as FeedEvent });
+
+  it('remembers that a missed offer set the operator away until they change their status', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, missed(11, 5_000), presence(12, 5_000, 'away'));
+    expect(s.presence).toBe('away');
+    expect(s.awayAfterMiss).toBe(true);
+    // A reconnect's hello does not make them forget.
+    s = run(s, { type: 'hello', hello: hello({ presence: 'away', seq: 12 }), now: 6_000 });
+    expect(s.awayAfterMiss).toBe(true);
+    s = run(s, presence(13, 9_000, 'online'));
+    expect(s.awayAfterMiss).toBe(false);
+  });
+
+  it('does not blame a missed offer for an away chosen later, or for one that did not set away', () => {
+    // A stalled expiry leaves the operator online (rules 3); their own away later is theirs.
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, missed(11, 5_000), presence(12, 8_000, 'away'));
+    expect(s.awayAfterMiss).toBe(false);
+    s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, ev(11, 'offer_withdrawn', { offer: 5, conversation: 17, reason: 'declined' }), presence(12, 1011, 'away'));
+    expect(s.awayAfterMiss).toBe(false);
+  });
+});
+

@@ -87,6 +87,44 @@ describe('ReconnectingSocket', () => {
     expect(link.state.status).toBe('reconnecting');
   });
 
+  it('takes a socket whose ping goes unanswered past the deadline for dead, and probes on demand', () => {
+    const timers = new FakeTimers();
+    const f = socketFactory();
+    const link = new ReconnectingSocket({ url: () => 'ws://x', create: f.create, timers, idleMs: 10_000, pingTimeoutMs: 5_000, onFrame: () => {} });
+    link.start();
+    f.last.open();
+    link.markHealthy();
+    timers.advance(10_000);
+    expect(f.last.ofType('ping')).toHaveLength(1);
+    // An answer within the deadline keeps it.
+    timers.advance(2_000);
+    f.last.frame({ type: 'pong' });
+    timers.advance(4_000);
+    expect(link.state.status).toBe('open');
+    // Asked to check (the browser came back online): a ping at once, dead 5 s later.
+    link.probe();
+    expect(f.last.ofType('ping')).toHaveLength(2);
+    timers.advance(5_000);
+    expect(f.sockets[0].closedWith).toBe(4000);
+    expect(link.state.status).toBe('reconnecting');
+  });
+
+  it('retryNow starts the backoff over', () => {
+    const timers = new FakeTimers();
+    const f = socketFactory();
+    const link = new ReconnectingSocket({ url: () => 'ws://x', create: f.create, timers, backoff: new Backoff({ base: 1000, max: 30_000, random: () => 1 }), onFrame: () => {} });
+    link.start();
+    for (let i = 0; i < 4; i++) {
+      f.last.drop();
+      timers.advance(60_000);
+    }
+    f.last.drop();
+    expect(link.state.retryAt! - timers.now()).toBeGreaterThan(1000);
+    link.retryNow();
+    f.last.drop();
+    expect(link.state.retryAt! - timers.now()).toBeLessThanOrEqual(1000);
+  });
+
   it('retryNow skips the wait, stop ends it all', () => {
     const timers = new FakeTimers();
     const f = socketFactory();
@@ -128,7 +166,7 @@ describe('OperatorSession', () => {
     expect(s.store.get().presence).toBe('online');
   });
 
-  it('tells the operator once when a missed offer set them away', () => {
+  it('keeps saying that a missed offer set the operator away, in state rather than a passing notice', () => {
     const notices: string[] = [];
     const { f, s } = operatorSession({ onNotice: (code) => notices.push(code) });
     s.start();
@@ -138,8 +176,9 @@ describe('OperatorSession', () => {
     f.last.frame({ type: 'event', kind: 'offer_withdrawn', offer: 4, conversation: 9, reason: 'expired', seq: 12, at: 6 });
     f.last.frame({ type: 'event', kind: 'offer_withdrawn', offer: 4, conversation: 9, reason: 'expired', seq: 12, at: 6 }); // replayed
     f.last.frame({ type: 'event', kind: 'presence', status: 'away', seq: 13, at: 6 });
-    expect(notices).toEqual(['offer_missed']);
+    expect(notices).toEqual([]);
     expect(s.store.get().presence).toBe('away');
+    expect(s.store.get().awayAfterMiss).toBe(true);
   });
 
   it('on resume_gap forgets its state and reconnects without last_seq', () => {

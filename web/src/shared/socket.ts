@@ -48,8 +48,11 @@ export interface ReconnectingSocketOptions {
   onClose?: (code: number, healthy: boolean) => boolean | void;
   backoff?: Backoff;
   timers?: Timers;
-  /** Send an application ping after this much silence, and reconnect after twice it. */
+  /** Send an application ping after this much silence... */
   idleMs?: number;
+  /** ...and reconnect when nothing at all arrives this long after it (default: idleMs).
+   *  A network that went silent without a reset is found within idleMs + pingTimeoutMs. */
+  pingTimeoutMs?: number;
   ping?: () => unknown;
 }
 
@@ -65,6 +68,8 @@ export class ReconnectingSocket {
   private retry: unknown = null;
   private idle: unknown = null;
   private lastFrameAt = 0;
+  /** When the last ping went out (null: none since the socket opened). */
+  private pingSentAt: number | null = null;
   private healthy = false;
   private readonly backoff: Backoff;
   private readonly timers: Timers;
@@ -106,6 +111,7 @@ export class ReconnectingSocket {
     ws.onopen = () => {
       if (my !== this.gen) return;
       this.lastFrameAt = this.timers.now();
+      this.pingSentAt = null;
       this.armIdle(my);
       this.opts.onOpen?.();
     };
@@ -145,18 +151,31 @@ export class ReconnectingSocket {
   private armIdle(my: number): void {
     const idleMs = this.opts.idleMs;
     if (!idleMs) return;
+    const deadline = this.opts.pingTimeoutMs ?? idleMs;
     this.timers.clearTimeout(this.idle);
     this.idle = this.timers.setTimeout(() => {
       if (my !== this.gen || !this.ws) return;
-      const silent = this.timers.now() - this.lastFrameAt;
-      if (silent >= 2 * idleMs) {
-        // Half-open connection (e.g. the network went away without a FIN): start over.
+      const now = this.timers.now();
+      const waiting = this.pingSentAt != null && this.pingSentAt >= this.lastFrameAt;
+      if (waiting && now - (this.pingSentAt ?? now) >= deadline) {
+        // Nothing answered the ping: a half-open connection (the network went away
+        // without a reset). Start over.
         this.drop();
         return;
       }
-      if (silent >= idleMs) this.send(this.opts.ping ? this.opts.ping() : { type: 'ping' });
+      if (!waiting && now - this.lastFrameAt >= idleMs) this.ping(now);
       this.armIdle(my);
-    }, Math.max(1000, idleMs / 2));
+    }, Math.max(250, Math.min(1000, idleMs / 4)));
+  }
+
+  private ping(now: number): void {
+    if (this.send(this.opts.ping ? this.opts.ping() : { type: 'ping' })) this.pingSentAt = now;
+  }
+
+  /** Pings now and reconnects if nothing answers within the ping deadline (e.g. the
+   *  browser came back online: is this socket still alive?). */
+  probe(): void {
+    if (this.ws && this.opts.idleMs && (this.pingSentAt == null || this.pingSentAt < this.lastFrameAt)) this.ping(this.timers.now());
   }
 
   /** The server's handshake arrived: the link is healthy, reset the backoff. */
@@ -187,9 +206,11 @@ export class ReconnectingSocket {
     this.scheduleRetry(4000);
   }
 
-  /** Skips the remaining wait (e.g. the browser came back online, or the user asked). */
+  /** Skips the remaining wait (e.g. the browser came back online, or the user asked),
+   *  and starts the backoff over: the next failure waits the base delay again. */
   retryNow(): void {
     if (this.state.status !== 'reconnecting' || this.ws) return;
+    this.backoff.reset();
     this.open();
   }
 

@@ -8,7 +8,7 @@ import { Desk } from './desk';
 import { FloorView } from './supervisor';
 import { DICTS, describeError } from './strings';
 import type { LoginInfo, Role } from './types';
-import { AppCtx, ErrorText, Field, useApp, useNow, type Ctx } from './ui';
+import { AppCtx, ErrorText, Field, reconnectNow, useApp, useNow, type Ctx } from './ui';
 
 const AUTH_KEY = 'switchboard.auth';
 
@@ -185,7 +185,12 @@ function Banner(props: { link: LinkState }) {
   const wait = props.link.retryAt ? Math.max(0, Math.ceil((props.link.retryAt - now) / 1000)) : 0;
   return (
     <div class="banner" role="alert" data-testid="reconnect-banner">
-      {props.link.everHealthy || props.link.attempt ? t('reconnecting', { n: wait }) : t('connecting')}
+      {props.link.everHealthy || props.link.attempt ? t('reconnecting', { n: wait }) : t('connecting')}{' '}
+      {props.link.status === 'reconnecting' && (
+        <button type="button" class="link-btn" data-testid="reconnect-now" onClick={reconnectNow}>
+          {t('reconnect_now')}
+        </button>
+      )}
     </div>
   );
 }

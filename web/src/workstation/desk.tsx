@@ -5,12 +5,12 @@ import { visibleRange, scrollToRow } from '../shared/virtual';
 import { listboxTarget } from '../shared/keys';
 import { ClockIcon, PaperclipIcon } from '../shared/icons';
 import type { LinkState } from '../shared/socket';
-import { offerMsLeft, offerWindowMs, sortedConvs, totalUnread, type Conv, type OpState } from './operator-state';
+import { offerSecondsLeft, offerWindowMs, sortedConvs, totalUnread, type Conv, type OpState } from './operator-state';
 import { OperatorSession } from './operator-session';
 import { PRESENCES, type LoginInfo, type Presence } from './types';
 import { ConversationPane } from './conversation';
 import { describeError } from './strings';
-import { useApp, useNow, useStore } from './ui';
+import { RECONNECT_NOW, useApp, useNow, useStore } from './ui';
 
 export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (s: LinkState | null) => void }) {
   const { api, t, notify } = useApp();
@@ -31,7 +31,6 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
       onLink: props.onLink,
       onNotice: (code, message) => {
         if (code === 'resume_gap') notify(t('notice_resume_gap'), 'info');
-        else if (code === 'offer_missed') notify(t('notice_offer_missed'), 'info');
         else notify(describeError(t, code, message), 'error');
       },
     });
@@ -40,13 +39,19 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
   useEffect(() => {
     session.start();
     const vis = () => session.setViewing(document.visibilityState === 'visible');
-    const online = () => session.link.retryNow();
+    // Back online (or asked to): reconnect now, and check that an open socket still lives.
+    const online = () => {
+      session.link.retryNow();
+      session.link.probe();
+    };
     document.addEventListener('visibilitychange', vis);
     window.addEventListener('online', online);
+    window.addEventListener(RECONNECT_NOW, online);
     vis();
     return () => {
       document.removeEventListener('visibilitychange', vis);
       window.removeEventListener('online', online);
+      window.removeEventListener(RECONNECT_NOW, online);
       session.stop();
       props.onLink(null);
     };
@@ -102,7 +107,7 @@ function PresenceBar(props: { session: OperatorSession; state: OpState }) {
         {state.me && (
           <span class="muted small">
             {' '}
-            · {t('capacity_of', { load: state.convs.size + state.offers.length, capacity: state.me.capacity })}
+            · {t('capacity_of', { load: state.convs.size, capacity: state.me.capacity })}
           </span>
         )}
       </h2>
@@ -125,6 +130,15 @@ function PresenceBar(props: { session: OperatorSession; state: OpState }) {
       <p class="muted small" data-testid="presence-current" data-presence={state.presence}>
         {t('in_status', { status: t(('presence_' + state.presence) as any), time: formatDuration(state.presenceSince ? now - state.presenceSince : 0) })}
       </p>
+      {state.awayAfterMiss && state.presence === 'away' && (
+        // Stays until the operator acts: a toast that fades would leave them away unknowingly.
+        <div class="missed" role="alert" data-testid="missed-offer-banner">
+          <p>{t('notice_offer_missed')}</p>
+          <button type="button" class="primary" data-testid="missed-go-online" onClick={() => set('online')}>
+            {t('go_online')}
+          </button>
+        </div>
+      )}
     </section>
   );
 }
@@ -152,7 +166,7 @@ function Offers(props: { session: OperatorSession; state: OpState }) {
       {!state.offers.length && <p class="empty small">{t('no_offers')}</p>}
       <ul class="offer-list">
         {state.offers.map((o, i) => {
-          const left = Math.ceil(offerMsLeft(o, now) / 1000);
+          const left = offerSecondsLeft(o, now);
           const total = Math.max(1, offerWindowMs(o) / 1000);
           return (
             <li key={o.offer} class="offer" data-testid="offer" data-conversation={o.conversation}>

@@ -37,7 +37,8 @@ export class FloorFeed {
       create: opts.create ?? ((u) => new WebSocket(u) as unknown as SocketLike),
       timers: this.timers,
       backoff: new Backoff({ base: 2000, max: 60000 }),
-      idleMs: 30000,
+      idleMs: 10000,
+      pingTimeoutMs: 5000,
       onFrame: (f) => {
         if (f?.type !== 'floor') return;
         this.link.markHealthy();

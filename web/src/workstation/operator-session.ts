@@ -65,7 +65,10 @@ export class OperatorSession {
       create: opts.create ?? ((u) => new WebSocket(u) as unknown as SocketLike),
       timers: this.timers,
       backoff: opts.backoff ?? new Backoff({ base: 1000, max: 30000 }),
-      idleMs: 25000,
+      // The protocol's ping after 10 s of silence, answered within 5 s or the socket is
+      // taken for dead: a silent network shows as reconnecting within 15 s.
+      idleMs: 10000,
+      pingTimeoutMs: 5000,
       onFrame: (f) => this.onFrame(f),
       onClose: (code, healthy) => this.onClose(code, healthy),
       onState: (s) => {
@@ -132,15 +135,10 @@ export class OperatorSession {
         this.resendPending();
         this.pumpHistory();
         break;
-      case 'event': {
-        const seen = this.store.get().feedSeq;
-        const fresh = seen == null || f.seq > seen;
+      case 'event':
         this.dispatch({ type: 'event', event: f, now: this.timers.now() });
         this.pumpHistory();
-        // The server sets an operator away after a missed offer: say why.
-        if (fresh && f.kind === 'offer_withdrawn' && f.reason === 'expired') this.opts.onNotice?.('offer_missed', '');
         break;
-      }
       case 'history':
         this.historyInFlight.delete(f.conversation);
         this.dispatch({

@@ -9,16 +9,24 @@ import { mergeBySeq, lastSeq } from '../shared/seq';
 import type { Attachment } from '../shared/files';
 import type { Entry, FeedEvent, Hello, Offer, Presence } from './types';
 
-/** Milliseconds left to answer an offer. Measured on the local clock from when the offer
- *  arrived, so a browser clock that is off from the server's does not distort it. */
+/** Milliseconds left to answer an offer. Counted on the local clock from what was left
+ *  by the server's clock when the offer arrived, so a browser clock that is off from the
+ *  server's does not distort it, and never more than the offer's whole window. */
 export function offerMsLeft(o: Offer, now: number): number {
-  const left = o.at != null && o.receivedAt != null ? offerWindowMs(o) - (now - o.receivedAt) : o.deadline - now;
-  return Math.max(0, left);
+  const left = o.receivedAt != null ? (o.leftAtReceipt ?? offerWindowMs(o)) - (now - o.receivedAt) : o.deadline - now;
+  return Math.max(0, Math.min(left, offerWindowMs(o)));
+}
+
+/** Whole seconds left to answer, as the countdown shows them: never more than the window
+ *  holds (a 30 s offer starts at 30, not 31). */
+export function offerSecondsLeft(o: Offer, now: number): number {
+  return Math.min(Math.ceil(offerMsLeft(o, now) / 1000), Math.floor(offerWindowMs(o) / 1000));
 }
 
 /** The whole answer window of an offer (deadline minus when it was made). */
 export function offerWindowMs(o: Offer): number {
-  return o.at != null ? Math.max(0, o.deadline - o.at) : 30000;
+  const made = o.at ?? o.made_at;
+  return made != null ? Math.max(0, o.deadline - made) : 30000;
 }
 
 export interface Conv {
@@ -79,6 +87,11 @@ export interface OpState {
   needHistory: readonly number[];
   /** Offers that arrived and were not announced yet (for aria-live and sounds). */
   lastOfferAt: number;
+  /** An offer ran out unanswered here and the server set us away for it: the desk says
+   *  so until the operator changes their status. */
+  awayAfterMiss: boolean;
+  /** When the last offer ran out unanswered (its event's time), until the next presence event. */
+  missedAt?: number;
 }
 
 export const initialOpState: OpState = {
@@ -94,6 +107,7 @@ export const initialOpState: OpState = {
   reconcile: null,
   needHistory: [],
   lastOfferAt: 0,
+  awayAfterMiss: false,
 };
 
 export type OpAction =
@@ -194,7 +208,7 @@ function addHistoryNeed(list: readonly number[], id: number): readonly number[] 
 }
 
 /** Replaces offers and conversations by a hello snapshot, keeping what we already know. */
-function applySnapshot(s: OpState, hello: Hello): OpState {
+function applySnapshot(s: OpState, hello: Hello, now: number): OpState {
   const convs = new Map<number, Conv>();
   let needHistory: readonly number[] = s.needHistory.filter((id) => hello.active.includes(id));
   for (const id of hello.active) {
@@ -207,7 +221,12 @@ function applySnapshot(s: OpState, hello: Hello): OpState {
     const c = convs.get(mark.conversation);
     if (c && mark.client_read_upto > c.clientReadUpto) convs.set(c.id, { ...c, clientReadUpto: mark.client_read_upto });
   }
-  const offers = hello.offers.map((o) => ({ ...(s.offers.find((x) => x.offer === o.offer) ?? {}), ...o }));
+  const offers = hello.offers.map((o) => {
+    const known = s.offers.find((x) => x.offer === o.offer);
+    // An offer first seen in a snapshot counts down from what the server's clock left it.
+    const fresh = known?.receivedAt == null ? { receivedAt: now, leftAtReceipt: o.deadline - (hello.now ?? now) } : {};
+    return { ...(known ?? {}), ...o, ...fresh };
+  });
   const selected = s.selected != null && convs.has(s.selected) ? s.selected : null;
   return { ...s, convs, offers, selected, needHistory, reconcile: null };
 }
@@ -225,11 +244,15 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
         visitor: ev.visitor,
         at: ev.at,
         receivedAt: now,
+        leftAtReceipt: (ev.deadline ?? ev.at + 30000) - ev.at,
       };
       return { ...s, offers: [...s.offers, offer], lastOfferAt: ev.at };
     }
-    case 'offer_withdrawn':
-      return { ...s, offers: s.offers.filter((o) => o.offer !== ev.offer) };
+    case 'offer_withdrawn': {
+      const offers = s.offers.filter((o) => o.offer !== ev.offer);
+      // Missed: if the server sets us away for it, the presence event follows.
+      return ev.reason === 'expired' ? { ...s, offers, missedAt: ev.at } : { ...s, offers };
+    }
     case 'assigned': {
       const id = ev.conversation!;
       const offers = s.offers.filter((o) => o.conversation !== id);
@@ -268,9 +291,12 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
         needHistory: s.needHistory.filter((x) => x !== id),
       };
     }
-    case 'presence':
+    case 'presence': {
       if (!ev.status) return s;
-      return { ...s, presence: ev.status, presenceSince: ev.at ?? s.presenceSince };
+      // Away in the same entry as a missed offer (the same time): that is why.
+      const missed = ev.status === 'away' && s.missedAt != null && ev.at === s.missedAt;
+      return { ...s, presence: ev.status, presenceSince: ev.at ?? s.presenceSince, awayAfterMiss: missed || (ev.status === 'away' && s.awayAfterMiss), missedAt: undefined };
+    }
     default:
       return s;
   }
@@ -302,14 +328,15 @@ export function opReducer(s: OpState, a: OpAction): OpState {
         ...s,
         me,
         presence: h.presence,
+        awayAfterMiss: h.presence === 'away' && s.awayAfterMiss,
         presenceSince: h.presence_since ?? (s.presence === h.presence && s.presenceSince ? s.presenceSince : a.now),
       };
       if (s.feedSeq == null || h.seq < s.feedSeq) {
         // Fresh start, or the server ignored a resume point ahead of its feed: the
         // snapshot is the truth and the stream continues after hello.seq.
-        return { ...applySnapshot(base, h), feedSeq: h.seq };
+        return { ...applySnapshot(base, h, a.now), feedSeq: h.seq };
       }
-      if (h.seq === s.feedSeq) return applySnapshot(base, h);
+      if (h.seq === s.feedSeq) return applySnapshot(base, h, a.now);
       // Events (feedSeq, h.seq] are about to be replayed; reconcile when they are in.
       return { ...base, reconcile: h };
     }
@@ -317,7 +344,7 @@ export function opReducer(s: OpState, a: OpAction): OpState {
       const ev = a.event;
       if (s.feedSeq != null && ev.seq <= s.feedSeq) return s; // replayed twice: drop
       let next: OpState = { ...applyEvent(s, ev, a.now), feedSeq: ev.seq };
-      if (next.reconcile && ev.seq >= next.reconcile.seq) next = applySnapshot(next, next.reconcile);
+      if (next.reconcile && ev.seq >= next.reconcile.seq) next = applySnapshot(next, next.reconcile, a.now ?? Date.now());
       return next;
     }
     case 'history': {

@@ -6,12 +6,15 @@ import { FloorFeed } from './floor-feed';
 import { Inspector } from './inspector';
 import type { LoginInfo } from './types';
 import { describeError } from './strings';
-import { Empty, useApp, useNow } from './ui';
+import { Empty, RECONNECT_NOW, reconnectNow, useApp, useNow } from './ui';
 
 export function FloorView(props: { auth: LoginInfo }) {
   const { t, api, notify } = useApp();
   const [floor, setFloor] = useState<Floor | null>(null);
   const [mode, setMode] = useState<'socket' | 'poll'>('socket');
+  // When the floor shown last changed hands (a frame or a poll): an old one is not live.
+  const [updatedAt, setUpdatedAt] = useState(0);
+  const [linkOpen, setLinkOpen] = useState(false);
   const [open, setOpen] = useState<number | null>(null);
   const [lookup, setLookup] = useState('');
   const now = useNow(1000);
@@ -22,8 +25,12 @@ export function FloorView(props: { auth: LoginInfo }) {
       wsBase: proto + '//' + location.host,
       token: props.auth.token,
       get: (p) => api.get(p),
-      onFloor: setFloor,
+      onFloor: (f) => {
+        setFloor(f);
+        setUpdatedAt(Date.now());
+      },
       onMode: setMode,
+      onLink: (s) => setLinkOpen(s.status === 'open'),
       onError: (e: any) => {
         const text = describeError(t, e?.code, e?.message);
         if (text !== lastError) notify(text, 'error');
@@ -35,22 +42,37 @@ export function FloorView(props: { auth: LoginInfo }) {
     feed.start();
     // Back online: try the socket now instead of waiting out the backoff (polling covers
     // the gap either way).
-    const online = () => feed.link.retryNow();
+    const online = () => {
+      feed.link.retryNow();
+      feed.link.probe();
+    };
     window.addEventListener('online', online);
+    window.addEventListener(RECONNECT_NOW, online);
     return () => {
       window.removeEventListener('online', online);
+      window.removeEventListener(RECONNECT_NOW, online);
       feed.stop();
     };
   }, [feed]);
   const sum = floor ? totals(floor) : null;
+  // Live only while the socket is open, or polls keep succeeding (every 2 s) while it is not.
+  const live = floor != null && (mode === 'socket' ? linkOpen : now - updatedAt < 6000);
   return (
     <div class="floor" data-testid="floor">
+      {floor && !live && (
+        <div class="banner" role="alert" data-testid="floor-offline">
+          {t('floor_offline', { time: new Date(updatedAt).toLocaleTimeString() })}{' '}
+          <button type="button" class="link-btn" data-testid="floor-reconnect-now" onClick={reconnectNow}>
+            {t('reconnect_now')}
+          </button>
+        </div>
+      )}
       <section class="panel" aria-labelledby="queues-h">
         <div class="row">
           <h2 id="queues-h" class="panel-title grow">
             {t('queues')}
           </h2>
-          {floor && (
+          {floor && live && (
             <span class="muted small" data-testid="floor-source" data-source={mode}>
               {mode === 'socket' ? t('live') : t('polling')}
             </span>

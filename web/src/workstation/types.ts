@@ -34,8 +34,12 @@ export interface Offer {
   deadline: number;
   visitor?: string;
   at?: number;
+  /** When the offer was made (server clock; in `hello` offers). */
+  made_at?: number;
   /** Local time the offer event arrived (for a countdown immune to clock skew). */
   receivedAt?: number;
+  /** Milliseconds left by the server's clock when the offer arrived. */
+  leftAtReceipt?: number;
 }
 
 export interface Hello {
@@ -52,6 +56,8 @@ export interface Hello {
   offers: Offer[];
   seq: number;
   protocol: number;
+  /** The server's clock when the snapshot was taken. */
+  now?: number;
 }
 
 export interface FeedEvent {

@@ -183,3 +183,11 @@ export function TabPanel(props: { id: string; current: string; class?: string; c
 function tabId(id: string, tab: string): string {
   return id + '-tab-' + tab;
 }
+
+/** The window event a "Reconnect now" button fires; every live socket of the page
+ *  listens for it (as for the browser's `online`). */
+export const RECONNECT_NOW = 'switchboard-reconnect-now';
+
+export function reconnectNow(): void {
+  window.dispatchEvent(new Event(RECONNECT_NOW));
+}

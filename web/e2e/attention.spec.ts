@@ -1,0 +1,91 @@
+/**
+ * What an operator must notice in a full shift (issue 12): a missed offer that set them
+ * away stays on the desk until they act, the countdown starts at the offer's real time,
+ * and a connection that goes silent (no reset) shows as lost within seconds, with a way to
+ * reconnect at once.
+ */
+import type { Page } from '@playwright/test';
+import { test, expect, newPage, signIn, goOnline, openWidget, widgetSay } from './fixtures';
+import type { Server } from './harness';
+
+/** Sets the demo's `general` group's offer timeout through the admin REST API. */
+async function offerTimeout(page: Page, sb: Server, ms: number): Promise<void> {
+  const login = await page.request.post(sb.privateUrl + '/api/login', { data: { login: 'admin', password: sb.logins.admin } });
+  const { token } = await login.json();
+  const put = await page.request.put(sb.privateUrl + '/api/skill-groups/general', {
+    headers: { authorization: 'Bearer ' + token },
+    data: { name: 'General questions', policy: 'longest_idle', offer_timeout_ms: ms },
+  });
+  expect(put.ok()).toBeTruthy();
+}
+
+test('a missed offer keeps the desk saying so until the operator goes online; the countdown starts at the timeout', async ({ browser, sb }) => {
+  const alice = await newPage(browser);
+  await offerTimeout(alice, sb, 6000);
+  await signIn(alice, sb, 'alice');
+  await goOnline(alice);
+
+  const client = await newPage(browser);
+  await openWidget(client, sb);
+  await widgetSay(client, 'Is anyone there?');
+  const countdown = alice.getByTestId('offer').getByTestId('offer-countdown');
+  await expect(countdown).toBeVisible();
+  const first = Number((await countdown.textContent())?.replace('s', ''));
+  expect(first).toBeLessThanOrEqual(6);
+  expect(first).toBeGreaterThanOrEqual(4);
+
+  // Nobody answers: the offer runs out and the server sets Alice away.
+  await expect(alice.getByTestId('offer')).toHaveCount(0, { timeout: 15_000 });
+  const banner = alice.getByTestId('missed-offer-banner');
+  await expect(banner).toBeVisible();
+  await expect(alice.getByTestId('presence-current')).toHaveAttribute('data-presence', 'away');
+  // Still there long after a notice would have faded.
+  await alice.waitForTimeout(8000);
+  await expect(banner).toBeVisible();
+
+  await alice.getByTestId('missed-go-online').click();
+  await expect(alice.getByTestId('presence-current')).toHaveAttribute('data-presence', 'online');
+  await expect(banner).toHaveCount(0);
+});
+
+test('a connection that goes silent shows as lost within seconds; Reconnect now skips the wait', async ({ browser, sb }) => {
+  const alice = await newPage(browser);
+  // Between the page and the server: `silent` swallows every frame both ways without
+  // closing anything (a network that stopped answering); `refuse` cuts new sockets.
+  let silent = false;
+  let refuse = false;
+  await alice.routeWebSocket(/\/ws\/operator/, (ws) => {
+    if (refuse) {
+      ws.close({ code: 1006, reason: 'network down' });
+      return;
+    }
+    const server = ws.connectToServer();
+    ws.onMessage((m) => {
+      if (!silent) server.send(m);
+    });
+    server.onMessage((m) => {
+      if (!silent) ws.send(m);
+    });
+  });
+  await signIn(alice, sb, 'alice');
+  await goOnline(alice);
+  await expect(alice.getByTestId('reconnect-banner')).toHaveCount(0);
+
+  silent = true;
+  refuse = true;
+  const since = Date.now();
+  // The desk pings after 10 s of silence and gives up 5 s later.
+  await expect(alice.getByTestId('reconnect-banner')).toBeVisible({ timeout: 25_000 });
+  console.log(`silent connection shown as lost after ${Date.now() - since} ms`);
+  await expect(alice.getByTestId('reconnect-now')).toBeVisible();
+  // Let a few attempts fail, so the backoff has grown past a few seconds.
+  await alice.waitForTimeout(6000);
+
+  silent = false;
+  refuse = false;
+  const clicked = Date.now();
+  await alice.getByTestId('reconnect-now').click();
+  await expect(alice.getByTestId('reconnect-banner')).toHaveCount(0, { timeout: 3000 });
+  console.log(`reconnected ${Date.now() - clicked} ms after Reconnect now`);
+  await expect(alice.getByTestId('presence-current')).toHaveAttribute('data-presence', 'online');
+});
