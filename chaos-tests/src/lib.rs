@@ -259,7 +259,12 @@ impl Starting {
         };
         match tokio::time::timeout(Duration::from_secs(60), ready).await {
             Ok(Ok(true)) => {}
-            Ok(Ok(false)) | Ok(Err(_)) => bail!("switchboard {subcommand} exited before it was ready; see {}", data_dir.join("node.log").display()),
+            Ok(Ok(false)) | Ok(Err(_)) => {
+                // The folder may be gone by the time anyone looks: say what it said.
+                let log = std::fs::read_to_string(data_dir.join("node.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+                bail!("switchboard {subcommand} exited before it was ready; the end of its log:\n{}", tail.join("\n"))
+            }
             Err(_) => bail!("switchboard {subcommand} not ready within 60 s"),
         }
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });

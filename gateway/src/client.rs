@@ -246,10 +246,27 @@ pub async fn http_json(
 /// A port `p` such that TCP `p + 10k`, `p + 10k + 1` and UDP `p + 10k + 2` are free on
 /// loopback for `k < n`: the layout `switchboard cluster init` gives nodes sharing a
 /// host (public, private and QUIC ports, 10 apart per node). For the bench and tests.
+///
+/// The ports are checked free now but bound later, by processes that start seconds
+/// after: blocks are taken below the kernel's ephemeral range (where no outgoing
+/// connection or `:0` bind can take them meanwhile), and never twice in one process.
 pub fn free_port_block(n: usize) -> Result<u16, ClientError> {
+    static HANDED_OUT: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32_768);
+    let (low, span) = (10_000u32, 10 * n as u32 + 10);
+    let high = ephemeral.clamp(low + span + 10, 65_000) - span;
+    let bases = ((high - low) / 10).max(1);
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id();
-    for attempt in 0..200u32 {
-        let base = 20_000 + (seed.wrapping_add(attempt.wrapping_mul(7919)) % 4000) as u16 * 10;
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    for attempt in 0..400u32 {
+        let base = (low + (seed.wrapping_add(attempt.wrapping_mul(7919)) % bases) * 10) as u16;
+        let end = base.saturating_add(span as u16);
+        if handed.iter().any(|(b, e)| base < *e && *b < end) {
+            continue;
+        }
         let free = (0..n as u16).all(|k| {
             let p = base + 10 * k;
             std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
@@ -257,6 +274,7 @@ pub fn free_port_block(n: usize) -> Result<u16, ClientError> {
                 && std::net::UdpSocket::bind(("127.0.0.1", p + 2)).is_ok()
         });
         if free {
+            handed.push((base, end));
             return Ok(base);
         }
     }
