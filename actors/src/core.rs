@@ -20,9 +20,12 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// are bounded. Rules 3: an entry's time never goes below the time of the last entry
 /// that changed the state (a leader whose clock is behind, or a stepped clock, cannot
 /// make time recede and strand a deadline), and an offer that expires more than
-/// [`STALLED_EXPIRY_MS`] late does not set its operator away. A node proposes `AdoptRules` at start;
-/// earlier entries keep their rules.
-pub const RULES_VERSION: u32 = 3;
+/// [`STALLED_EXPIRY_MS`] late does not set its operator away. Rules 4: an operator who
+/// comes back online has their passes on queued conversations forgotten, so one they
+/// missed (or declined) is offered to them at once when nobody else can take it, instead
+/// of waiting for its new round. A node proposes `AdoptRules` at start; earlier entries
+/// keep their rules.
+pub const RULES_VERSION: u32 = 4;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -404,6 +407,19 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                         reason: WithdrawReason::OperatorUnavailable,
                         detail: format!("operator went {presence:?}").to_lowercase(),
                     });
+                }
+            }
+            if *presence == Presence::Online && state.rules >= 4 {
+                // Back at the desk: what they passed on while away is theirs to take again
+                // (anyone free who had not passed would have been offered it already).
+                for group in &op.config.groups {
+                    let Some(g) = state.groups.get(group) else { continue };
+                    for (_, conv_id) in &g.queue {
+                        let waiting = state.conversations.get(conv_id).filter(|c| c.passed_by.contains(op_id));
+                        if waiting.is_some_and(|c| matches!(c.status, ConversationStatus::Queued { offer: None, .. })) {
+                            events.push(Event::PassForgotten { conversation: *conv_id, operator: op_id.clone() });
+                        }
+                    }
                 }
             }
             events.push(Event::PresenceChanged { operator: op_id.clone(), presence: *presence });

@@ -522,4 +522,10 @@ pub enum Event {
     ConversationsDeleted {
         conversations: Vec<ConversationId>,
     },
+    /// The operator came back online (rules 4): their pass on this queued conversation no
+    /// longer counts, so it is offered to them at once if nobody else can take it.
+    PassForgotten {
+        conversation: ConversationId,
+        operator: OperatorId,
+    },
 }

@@ -336,7 +336,8 @@ impl ShardState {
             Event::ClientMessagePosted { .. } | Event::OperatorMessagePosted { .. } => {}
             Event::ConversationRated { conversation, .. }
             | Event::ReadMarked { conversation, .. }
-            | Event::RoundRestarted { conversation } => {
+            | Event::RoundRestarted { conversation }
+            | Event::PassForgotten { conversation, .. } => {
                 dirty.conversations.insert(*conversation);
             }
             Event::ConversationAssigned { conversation, operator } => {
@@ -683,6 +684,12 @@ impl ShardState {
                 if let Some(conv) = self.conversations.get_mut(conversation) {
                     conv.passed_by.clear();
                     conv.last_pass = None;
+                    touched.groups.insert(conv.group.clone());
+                }
+            }
+            Event::PassForgotten { conversation, operator } => {
+                if let Some(conv) = self.conversations.get_mut(conversation) {
+                    conv.passed_by.remove(operator);
                     touched.groups.insert(conv.group.clone());
                 }
             }

@@ -165,6 +165,7 @@ fn render(event: &Event) -> String {
         Event::RulesAdopted { version } => format!("rules {version} from here on"),
         Event::ChannelRetentionSet { channel, days } => format!("{channel} keeps closed conversations {days} days"),
         Event::ConversationsDeleted { conversations } => format!("deleted {conversations:?}"),
+        Event::PassForgotten { conversation, operator } => format!("{operator}'s pass on {conversation} forgotten"),
     }
 }
 
