@@ -221,6 +221,48 @@ async fn a_conversation_its_only_operator_declined_is_offered_again_after_a_paus
     Ok(())
 }
 
+/// The floor says, per group, how many operators could take a conversation now, and for
+/// a waiting conversation why it is not offered: nobody online, everyone full, or
+/// everyone free passed on it (with when the next round starts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_floor_says_why_a_conversation_waits() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    set_offer_timeout(&dev, "general", 60_000).await?;
+    let supervisor = dev.login("supervisor").await?;
+    let mut floor = WsClient::connect(&dev.private, &format!("/ws/supervisor?token={supervisor}"), None).await?;
+    let general = |v: &Value| v["queues"].as_array().and_then(|q| q.iter().find(|g| g["group"] == "general")).cloned().unwrap_or_default();
+    let why = |v: &Value, conversation: u64| {
+        general(v)["conversations"].as_array().and_then(|c| c.iter().find(|c| c["conversation"] == conversation)).map(|c| (c["why"].clone(), c["next_round_at"].clone()))
+    };
+
+    // Nobody of the group is online.
+    let (_ann, first, _) = dev.client("Ann").await?;
+    let seen = floor.wait_for(WAIT, |v| v["type"] == "floor" && why(v, first).is_some_and(|(w, _)| w == "nobody_online")).await?;
+    assert_eq!(general(&seen)["available"], 0);
+
+    // Alice comes online and passes on it: she is free but passed; the next round is due
+    // one offer timeout after her pass.
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    alice.send(&json!({"type": "decline", "offer": offer["offer"], "ref": "d"})).await?;
+    let seen = floor.wait_for(WAIT, |v| v["type"] == "floor" && why(v, first).is_some_and(|(w, _)| w == "everyone_passed")).await?;
+    assert_eq!(general(&seen)["available"], 1, "alice could take a conversation now");
+    let (_, next_round) = why(&seen, first).unwrap_or_default();
+    let at = seen["at"].as_u64().unwrap_or(0);
+    assert!(next_round.as_u64().is_some_and(|n| n > at && n <= at + 60_000), "next round {next_round} after {at}");
+
+    // Two more visitors fill her capacity (2): everyone online is full.
+    for name in ["Bea", "Cy"] {
+        let (_c, _, _) = dev.client(name).await?;
+        let offer = next_event(&mut alice, "offer").await?;
+        accept(&mut alice, &offer).await?;
+    }
+    let seen = floor.wait_for(WAIT, |v| v["type"] == "floor" && why(v, first).is_some_and(|(w, _)| w == "everyone_full")).await?;
+    assert_eq!(general(&seen)["available"], 0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn supervisors_see_a_wait_cross_the_sla_as_it_happens() -> anyhow::Result<()> {
     let (_dir, dev) = dev().await?;

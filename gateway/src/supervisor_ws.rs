@@ -12,7 +12,7 @@ use fastwebsockets::upgrade::IncomingUpgrade;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_actors::actors::now_ms;
-use switchboard_actors::model::Role;
+use switchboard_actors::model::{Presence, Role};
 use switchboard_actors::shard::StreamKey;
 use switchboard_actors::state::{ConversationStatus, ShardState};
 
@@ -65,6 +65,10 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
         .map(|g| {
             let (mut waiting, mut offered, mut longest, mut within) = (0u64, 0u64, 0u64, 0u64);
             let mut listed = Vec::new();
+            // Who could take a conversation of this group right now.
+            let online: Vec<&switchboard_actors::state::Operator> =
+                state.operators.values().filter(|o| o.config.groups.contains(&g.config.id) && o.presence == Presence::Online).collect();
+            let free: Vec<&switchboard_actors::state::Operator> = online.iter().copied().filter(|o| o.free_capacity() > 0).collect();
             for (_, id) in &g.queue {
                 let Some(conv) = state.conversations.get(id) else { continue };
                 let state_name = match conv.status {
@@ -79,7 +83,24 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
                 };
                 let waited = now.millis_since(conv.created_at);
                 if listed.len() < FLOOR_LISTED {
-                    listed.push(json!({"conversation": id.0, "state": state_name, "waiting_ms": waited, "visitor": conv.visitor.name}));
+                    let mut item = json!({"conversation": id.0, "state": state_name, "waiting_ms": waited, "visitor": conv.visitor.name});
+                    if state_name == "waiting" {
+                        // Why nobody is offered it: what a supervisor acts on.
+                        let why = if online.is_empty() {
+                            "nobody_online"
+                        } else if free.is_empty() {
+                            "everyone_full"
+                        } else if free.iter().all(|o| conv.passed_by.contains(&o.config.id)) {
+                            if let Some(at) = switchboard_actors::routing::new_round_at(g, conv) {
+                                item["next_round_at"] = json!(at.0);
+                            }
+                            "everyone_passed"
+                        } else {
+                            "routing"
+                        };
+                        item["why"] = json!(why);
+                    }
+                    listed.push(item);
                 }
                 longest = longest.max(waited);
                 if waited <= g.config.sla_ms {
@@ -87,6 +108,7 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
                 }
             }
             json!({
+                "available": free.len(),
                 "group": g.config.id, "name": g.config.name, "waiting": waiting, "offered": offered,
                 "longest_wait_ms": longest, "sla_ms": g.config.sla_ms, "within_sla": within,
                 "conversations": listed,

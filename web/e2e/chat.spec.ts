@@ -96,6 +96,9 @@ test('supervisor sees the queue change live and why an operator was chosen', asy
   await openWidget(client, sb);
   await widgetSay(client, 'Is anyone there?');
   await expect(general.getByTestId('queue-waiting')).toHaveText('1');
+  // The floor says why it waits and that nobody could take it now.
+  await expect(general.getByTestId('queued-why')).toHaveText('nobody of the group is online');
+  await expect(general.getByTestId('queue-available')).toHaveText('0');
   await shot(sup, '08-supervisor-floor-waiting');
 
   // The waiting conversation is listed in the queue row; it opens read-only, and what the

@@ -71,6 +71,38 @@ describe('queued conversations on the floor', () => {
     expect(r.queues.find((q) => q.group === 'general')!.conversations).toHaveLength(2);
     expect(queuedWaitNow(general.conversations[1], f, 8000)).toBe(12000);
   });
+  it('carry why a waiting conversation is not offered, and how many could take one', () => {
+    const f = floorFromFrame(
+      {
+        at: 1000,
+        queues: [
+          {
+            group: 'general',
+            name: 'General',
+            waiting: 2,
+            offered: 0,
+            longest_wait_ms: 9000,
+            available: 1,
+            conversations: [
+              { conversation: 3, state: 'waiting', waiting_ms: 9000, visitor: 'Ann', why: 'everyone_passed', next_round_at: 31000 },
+              { conversation: 4, state: 'waiting', waiting_ms: 100, visitor: 'Bea', why: 'nobody_online' },
+            ],
+          },
+          { group: 'billing', name: 'Billing', waiting: 0, offered: 0, longest_wait_ms: 0 },
+        ],
+        operators: [],
+      },
+      5000,
+    );
+    const general = f.queues.find((q) => q.group === 'general')!;
+    expect(general.available).toBe(1);
+    expect(general.conversations.map((c) => [c.why, c.next_round_at])).toEqual([
+      ['everyone_passed', 31000],
+      ['nobody_online', undefined],
+    ]);
+    // An older server says nothing: nothing is made up.
+    expect(f.queues.find((q) => q.group === 'billing')!.available).toBeNull();
+  });
   it('give each conversation a place that changes when the floor moves it', () => {
     const f = floorFromFrame(frame, 5000);
     expect(floorPlace(f, 12)).toBe('queue:general:offered');

@@ -11,6 +11,10 @@ export interface QueuedConv {
   state: 'waiting' | 'offered';
   waiting_ms: number;
   visitor: string;
+  /** Why a waiting conversation is not offered: `nobody_online`, `everyone_full`,
+   *  `everyone_passed` (then `next_round_at`), `routing`; absent when offered or unknown. */
+  why?: string;
+  next_round_at?: number;
 }
 
 export interface QueueRow {
@@ -21,6 +25,9 @@ export interface QueueRow {
   longest_wait_ms: number;
   sla_ms: number | null;
   within_sla: number | null;
+  /** Operators who could take a conversation of the group now (online, with room); null
+   *  when the source does not say. */
+  available: number | null;
   /** Queued conversations in queue order; empty when the source does not list them. */
   conversations: QueuedConv[];
 }
@@ -61,6 +68,8 @@ function normalizeQueued(raw: unknown): QueuedConv[] {
       state: c.state === 'offered' ? 'offered' : 'waiting',
       waiting_ms: num(c.waiting_ms),
       visitor: typeof c.visitor === 'string' ? c.visitor : '',
+      why: typeof c.why === 'string' ? c.why : undefined,
+      next_round_at: typeof c.next_round_at === 'number' ? c.next_round_at : undefined,
     }));
 }
 
@@ -74,6 +83,7 @@ export function normalizeQueues(raw: any[]): QueueRow[] {
       longest_wait_ms: num(q.longest_wait_ms),
       sla_ms: typeof q.sla_ms === 'number' ? q.sla_ms : null,
       within_sla: typeof q.within_sla === 'number' ? q.within_sla : null,
+      available: typeof q.available === 'number' ? q.available : null,
       conversations: normalizeQueued(q.conversations),
     }))
     .sort((a, b) => (a.group < b.group ? -1 : a.group > b.group ? 1 : 0));

@@ -92,6 +92,7 @@ export function FloorView(props: { auth: LoginInfo }) {
                 <th scope="col">{t('group')}</th>
                 <th scope="col">{t('waiting_col')}</th>
                 <th scope="col">{t('offered')}</th>
+                <th scope="col">{t('available_col')}</th>
                 <th scope="col">{t('longest_wait')}</th>
                 <th scope="col">{t('sla')}</th>
                 <th scope="col">{t('queued_col')}</th>
@@ -108,6 +109,9 @@ export function FloorView(props: { auth: LoginInfo }) {
                       {q.waiting}
                     </td>
                     <td data-testid="queue-offered">{q.offered}</td>
+                    <td data-testid="queue-available" class={q.available === 0 && q.waiting ? 'hot' : ''}>
+                      {q.available == null ? '—' : q.available}
+                    </td>
                     <td class={q.sla_ms != null && wait > q.sla_ms ? 'late' : ''}>{wait ? formatDuration(wait) : '—'}</td>
                     <td>{sla == null ? '—' : sla + '%' + (q.sla_ms ? ' / ' + formatDuration(q.sla_ms) : '')}</td>
                     <td>
@@ -211,6 +215,13 @@ function QueuedList(props: { q: QueueRow; floor: Floor; now: number; open: numbe
               #{c.conversation} {visitor} <span class="muted small">{wait}</span>
               {c.state === 'offered' && <span class="sr-only">, {t('queued_offered')}</span>}
             </button>
+            {c.state === 'waiting' && c.why && c.why !== 'routing' && (
+              <span class="muted small why" data-testid="queued-why" data-why={c.why}>
+                {c.why === 'everyone_passed' && c.next_round_at
+                  ? t('why_everyone_passed_at', { time: new Date(c.next_round_at - props.floor.at + props.floor.receivedAt).toLocaleTimeString() })
+                  : t(('why_' + c.why) as any)}
+              </span>
+            )}
           </li>
         );
       })}
