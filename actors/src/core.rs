@@ -23,8 +23,9 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// [`STALLED_EXPIRY_MS`] late does not set its operator away. Rules 4: an operator who
 /// comes back online has their passes on queued conversations forgotten, so one they
 /// missed (or declined) is offered to them at once when nobody else can take it, instead
-/// of waiting for its new round. A node proposes `AdoptRules` at start; earlier entries
-/// keep their rules.
+/// of waiting for its new round; and a change of an operator's name, capacity or groups
+/// is told on their feed. A node proposes `AdoptRules` at start; earlier entries keep
+/// their rules.
 pub const RULES_VERSION: u32 = 4;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not

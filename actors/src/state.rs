@@ -188,6 +188,13 @@ pub enum FeedItem {
     PresenceChanged {
         presence: Presence,
     },
+    /// An admin changed the operator's name, capacity or groups (rules 4): the desk
+    /// shows the new ones at once.
+    Configured {
+        name: String,
+        capacity: u32,
+        groups: Vec<SkillGroupId>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -388,9 +395,16 @@ impl ShardState {
             Event::OperatorUpserted(config) => {
                 touched.operators.insert(config.id.clone());
                 touched.groups.extend(config.groups.iter().cloned());
+                let tell = self.rules >= 4;
                 self.operators
                     .entry(config.id.clone())
-                    .and_modify(|o| o.config = config.clone())
+                    .and_modify(|o| {
+                        if tell && o.config != *config {
+                            let item = FeedItem::Configured { name: config.name.clone(), capacity: config.capacity, groups: config.groups.clone() };
+                            o.feed.push(at, item);
+                        }
+                        o.config = config.clone();
+                    })
                     .or_insert_with(|| Operator {
                         config: config.clone(),
                         presence: Presence::Offline,

@@ -221,6 +221,29 @@ async fn a_conversation_its_only_operator_declined_is_offered_again_after_a_paus
     Ok(())
 }
 
+/// An admin's change of an operator's capacity or groups reaches their open desk at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_change_reaches_the_operator_desk_at_once() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (mut alice, hello) = dev.operator("alice").await?;
+    assert_eq!(hello["capacity"], 2);
+    let admin = dev.login("admin").await?;
+    let (status, body) = dev
+        .api("PUT", "/api/operators/alice", Some(&admin), Some(json!({"name": "Alice", "capacity": 3, "groups": ["general"]})))
+        .await?;
+    anyhow::ensure!(status == 200, "{status} {body}");
+    let changed = next_event(&mut alice, "configured").await?;
+    assert_eq!(changed["capacity"], 3);
+    assert_eq!(changed["groups"], json!(["general"]));
+    // The same again changes nothing and tells nothing.
+    let (status, _) = dev
+        .api("PUT", "/api/operators/alice", Some(&admin), Some(json!({"name": "Alice", "capacity": 3, "groups": ["general"]})))
+        .await?;
+    assert_eq!(status, 200);
+    assert!(alice.wait_for(Duration::from_millis(800), |v| v["kind"] == "configured").await.is_err(), "no event for no change");
+    Ok(())
+}
+
 /// The floor says, per group, how many operators could take a conversation now, and for
 /// a waiting conversation why it is not offered: nobody online, everyone full, or
 /// everyone free passed on it (with when the next round starts).

@@ -252,6 +252,9 @@ pub fn operator_event(entry: &FeedEntry, history: Option<Vec<Value>>) -> Value {
         }),
         FeedItem::Released { conversation } => json!({"kind": "released", "conversation": conversation.0}),
         FeedItem::PresenceChanged { presence } => json!({"kind": "presence", "status": presence_name(*presence)}),
+        FeedItem::Configured { name, capacity, groups } => json!({
+            "kind": "configured", "name": name, "capacity": capacity, "groups": groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
+        }),
     };
     v["type"] = json!("event");
     v["seq"] = json!(entry.seq);

@@ -278,3 +278,13 @@ describe('missed offers', () => {
   });
 });
 
+describe('configuration changes', () => {
+  it('an admin change of capacity or groups reaches the desk at once', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 });
+    expect(s.me?.capacity).toBe(2);
+    s = run(s, ev(11, 'configured', { name: 'Alice B.', capacity: 4, groups: ['general', 'vip'] } as Partial<FeedEvent>));
+    expect(s.me).toEqual({ operator: 'alice', name: 'Alice B.', capacity: 4, groups: ['general', 'vip'] });
+    expect(s.feedSeq).toBe(11);
+  });
+});
+

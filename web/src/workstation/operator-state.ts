@@ -291,6 +291,11 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
         needHistory: s.needHistory.filter((x) => x !== id),
       };
     }
+    case 'configured': {
+      if (!s.me) return s;
+      const me: Me = { ...s.me, name: ev.name ?? s.me.name, capacity: ev.capacity ?? s.me.capacity, groups: ev.groups ?? s.me.groups };
+      return { ...s, me };
+    }
     case 'presence': {
       if (!ev.status) return s;
       // Away in the same entry as a missed offer (the same time): that is why.

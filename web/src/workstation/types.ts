@@ -75,6 +75,10 @@ export interface FeedEvent {
   history?: Entry[];
   entry?: Entry;
   status?: Presence;
+  /** `configured`: the operator's new name, capacity and groups. */
+  name?: string;
+  capacity?: number;
+  groups?: string[];
 }
 
 export interface LoginInfo {
