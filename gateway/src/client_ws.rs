@@ -18,6 +18,8 @@ use crate::ws::{self, close, Flow, Follow, Outbox, Session, Surface};
 use crate::Gateway;
 
 const MAX_NAME_CHARS: usize = 100;
+/// Longest message preview sent to an operator with an offer, in characters.
+const PREVIEW_CHARS: usize = 200;
 const MAX_ATTRIBUTES: usize = 20;
 const MAX_ATTRIBUTE_CHARS: usize = 200;
 
@@ -117,6 +119,25 @@ impl ClientSession {
         self.conversation = Some(conversation);
         out.follow(Follow { wake, pull, signals, min_interval: None, paged: true }).await;
         Ok(())
+    }
+
+    /// Tells the operator a queued conversation is offered to what its visitor just wrote,
+    /// so an offer made before the first message shows it (ephemeral, like typing).
+    fn signal_offered(&self, conversation: ConversationId, preview: String) {
+        let offered = {
+            let shard = self.gw.backend.shard();
+            let state = shard.read();
+            match state.conversations.get(&conversation).map(|c| &c.status) {
+                Some(switchboard_actors::state::ConversationStatus::Queued { offer: Some(offer), .. }) => {
+                    state.offers.get(offer).map(|o| (o.operator.clone(), *offer))
+                }
+                _ => None,
+            }
+        };
+        if let Some((operator, offer)) = offered {
+            let signal = json!({"type": "offer_preview", "conversation": conversation.0, "offer": offer.0, "preview": preview});
+            self.gw.signals.to_operator(&operator, signal);
+        }
     }
 
     /// Forwards an ephemeral signal to the operator holding the conversation, if any.
@@ -269,9 +290,13 @@ impl ClientSession {
                 let reference = json!(key.clone());
                 self.charge(conversation, Some(&reference))?;
                 let attachments = attachments.into_iter().map(AttachmentId).collect();
+                let preview: String = text.chars().take(PREVIEW_CHARS).collect();
                 match self.gw.submit(Command::PostClientMessage { conversation, key: key.clone(), text, attachments }).await {
                     Ok(Reply::Message { seq, duplicate }) => {
                         out.json(json!({"type": "ack", "key": key, "seq": seq, "duplicate": duplicate})).await;
+                        if !duplicate && !preview.is_empty() {
+                            self.signal_offered(conversation, preview);
+                        }
                     }
                     Ok(_) => return Err(frames::error("internal", "unexpected reply", Some(&reference))),
                     Err(e) => return Err(frames::error(e.code(), &e.to_string(), Some(&reference))),

@@ -83,6 +83,36 @@ fn history_upto(shard: &Shard, conversation: ConversationId, upto: u64) -> Vec<V
     }
 }
 
+/// Longest first-message preview an offer carries, in characters.
+const PREVIEW_CHARS: usize = 200;
+
+/// What an operator needs to decide on an offer at a glance, read when the frame is
+/// rendered: the conversation's channel, when its customer started waiting, and their
+/// first words. Added to `offer` events and `hello` offers; `{}` for a conversation gone.
+fn offer_context(shard: &Shard, conversation: ConversationId) -> Value {
+    let (channel, since) = {
+        let state = shard.read();
+        match state.conversations.get(&conversation) {
+            Some(c) => (c.channel.as_str().to_owned(), c.created_at.0),
+            None => return json!({}),
+        }
+    };
+    let preview = shard.history(conversation, 0, 8).ok().and_then(|entries| {
+        entries.into_iter().find_map(|e| match e.item {
+            switchboard_actors::state::HistoryItem::ClientMessage { text, .. } if !text.is_empty() => Some(text.chars().take(PREVIEW_CHARS).collect::<String>()),
+            _ => None,
+        })
+    });
+    json!({"channel": channel, "waiting_since": since, "preview": preview})
+}
+
+/// Adds `context`'s fields to `frame`.
+fn merge(frame: &mut Value, context: Value) {
+    if let (Some(frame), Value::Object(extra)) = (frame.as_object_mut(), context) {
+        frame.extend(extra);
+    }
+}
+
 impl OperatorSession {
     /// The operator's display name, if they hold the conversation (signals need that).
     fn holder_name(&self, conversation: ConversationId) -> Result<String, Value> {
@@ -239,10 +269,18 @@ impl Session for OperatorSession {
             (hello, start)
             })
         };
-        let Some((hello, start)) = snapshot else {
+        let Some((mut hello, start)) = snapshot else {
             out.error("not_found", "operator not configured", None).await;
             return Flow::Close(ws::close::UNAUTHORIZED, "unknown operator".into());
         };
+        // Read outside the snapshot's lock: history may come from disk.
+        if let Some(offers) = hello.get_mut("offers").and_then(Value::as_array_mut) {
+            for offer in offers {
+                if let Some(id) = offer.get("conversation").and_then(Value::as_u64) {
+                    merge(offer, offer_context(&shard, ConversationId(id)));
+                }
+            }
+        }
         out.json(hello).await;
         let operator = self.operator.clone();
         let mut last = start;
@@ -266,7 +304,11 @@ impl Session for OperatorSession {
                     FeedItem::Assigned { conversation, history_upto: upto } => Some(history_upto(&shard, *conversation, *upto)),
                     _ => None,
                 };
-                frames_out.push(frames::operator_event(&entry, history));
+                let mut frame = frames::operator_event(&entry, history);
+                if let FeedItem::Offered { conversation, .. } = &entry.item {
+                    merge(&mut frame, offer_context(&shard, *conversation));
+                }
+                frames_out.push(frame);
                 last = entry.seq;
             }
             frames_out

@@ -18,6 +18,10 @@ test('operator accepts an offer and replies; the visitor sees it; transfer hands
   const offer = alice.getByTestId('offer');
   await expect(offer).toHaveCount(1);
   await expect(offer.getByTestId('offer-countdown')).toHaveText(/\d+s/);
+  // What Alice needs to decide at a glance: the first message, the channel, the wait.
+  await expect(offer.getByTestId('offer-preview')).toContainText('my order #1042 has not arrived');
+  await expect(offer.getByTestId('offer-channel')).toHaveText('web');
+  await expect(offer.getByTestId('offer-waited')).toContainText('waiting');
   await shot(alice, '02-operator-offer');
   await alice.keyboard.press('Alt+A');
   await expect(offer).toHaveCount(0);
@@ -57,6 +61,13 @@ test('operator accepts an offer and replies; the visitor sees it; transfer hands
   await dialog.getByTestId('transfer-submit').click();
   await expect(dialog).toHaveCount(0);
   await expect(alice.getByTestId('conv-item')).toHaveCount(0);
+
+  // Bob is told who handed it over and why, not left to find it.
+  const notice = bob.getByTestId('transfer-notice');
+  await expect(notice).toContainText('Alice transferred');
+  await expect(notice).toContainText('Delivery question, please follow up');
+  await notice.getByTestId('transfer-open').click();
+  await expect(notice).toHaveCount(0);
 
   // Bob has it, with the whole history.
   const bobView = bob.getByTestId('conversation-view');

@@ -288,3 +288,58 @@ describe('configuration changes', () => {
   });
 });
 
+
+describe('offer context and transfers', () => {
+  it('counts the wait from the server clock and finds who transferred a conversation to me', async () => {
+    const { offerWaitedMs, transferToMe } = await import('../src/workstation/operator-state');
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, {
+      type: 'event',
+      event: { type: 'event', kind: 'offer', seq: 11, at: 50_000, offer: 5, conversation: 17, group: 'general', deadline: 80_000, channel: 'web', preview: 'Hi', waiting_since: 8_000 },
+      now: 7_000,
+    });
+    expect(s.offers[0].channel).toBe('web');
+    expect(s.offers[0].preview).toBe('Hi');
+    expect(offerWaitedMs(s.offers[0], 7_000)).toBe(42_000);
+    expect(offerWaitedMs(s.offers[0], 10_000)).toBe(45_000);
+    const transferred: Entry = { kind: 'transferred', seq: 6, at: 600, from: 'bob', to_operator: 'alice', comment: 'refund question' };
+    s = run(s, assigned(12, 17, [started, queued, clientMsg(3), { ...assignedEntry(4), name: 'Bob', operator: 'bob' }, clientMsg(5), transferred, assignedEntry(7)]));
+    expect(transferToMe(s.convs.get(17)!, 'alice')).toEqual({ from: 'Bob', comment: 'refund question' });
+    // Taken from the queue, not handed over: no transfer.
+    s = run(s, assigned(13, 18, [started, queued, clientMsg(3), assignedEntry(4)]));
+    expect(transferToMe(s.convs.get(18)!, 'alice')).toBeNull();
+  });
+});
+
+describe('alerts', () => {
+  it('ring unless muted, notify only in the background with permission, and remember the mute', async () => {
+    const { Alerts } = await import('../src/workstation/alerts');
+    const store = new Map<string, string>();
+    const storage = { getItem: (k: string) => store.get(k) ?? null, setItem: (k: string, v: string) => void store.set(k, v) };
+    let hidden = false;
+    let permission: NotificationPermission = 'default';
+    const beeps: number[] = [];
+    const shown: string[] = [];
+    const requests: number[] = [];
+    const env = {
+      storage,
+      hidden: () => hidden,
+      beep: () => void beeps.push(1),
+      notification: { permission: () => permission, request: async () => void requests.push(1), show: (title: string) => void shown.push(title) },
+    };
+    const a = new Alerts(env);
+    a.alert('Offer', 'Dana', 'o1');
+    expect([beeps.length, shown.length]).toEqual([1, 0]);
+    a.askPermission();
+    expect(requests).toHaveLength(1);
+    permission = 'granted';
+    hidden = true;
+    a.alert('Offer', 'Dana', 'o2');
+    expect(shown).toEqual(['Offer']);
+    a.setMuted(true);
+    a.alert('Offer', 'Lee', 'o3');
+    expect(beeps).toHaveLength(2);
+    expect(new Alerts(env).muted).toBe(true);
+    a.askPermission();
+    expect(requests).toHaveLength(1);
+  });
+});

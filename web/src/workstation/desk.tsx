@@ -5,12 +5,21 @@ import { visibleRange, scrollToRow } from '../shared/virtual';
 import { listboxTarget } from '../shared/keys';
 import { ClockIcon, PaperclipIcon } from '../shared/icons';
 import type { LinkState } from '../shared/socket';
-import { offerSecondsLeft, offerWindowMs, sortedConvs, totalUnread, type Conv, type OpState } from './operator-state';
+import { offerSecondsLeft, offerWaitedMs, offerWindowMs, transferToMe, sortedConvs, totalUnread, type Conv, type OpState } from './operator-state';
 import { OperatorSession } from './operator-session';
 import { PRESENCES, type LoginInfo, type Presence } from './types';
 import { ConversationPane } from './conversation';
 import { describeError } from './strings';
 import { RECONNECT_NOW, useApp, useNow, useStore } from './ui';
+import { browserAlerts, type Alerts } from './alerts';
+
+/** A conversation transferred to this operator, shown until opened or dismissed. */
+interface TransferIn {
+  conversation: number;
+  from: string;
+  comment: string;
+  visitor: string;
+}
 
 export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (s: LinkState | null) => void }) {
   const { api, t, notify } = useApp();
@@ -58,6 +67,44 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
   }, [session]);
 
   const state = useStore(session.store);
+  const alerts = useMemo(() => browserAlerts(), []);
+  const [transfers, setTransfers] = useState<TransferIn[]>([]);
+
+  // New offers ring and, in the background, notify. Offers of a snapshot (a reload, a
+  // reconnect) were announced when they came; only ones that arrive as events count.
+  const seenOffers = useRef(new Set<number>());
+  useEffect(() => {
+    for (const o of state.offers) {
+      if (seenOffers.current.has(o.offer)) continue;
+      seenOffers.current.add(o.offer);
+      if (o.at == null) continue;
+      alerts.alert(t('offer_alert_title'), (o.visitor || t('visitor')) + (o.preview ? ': ' + o.preview : ''), 'offer-' + o.offer);
+    }
+  }, [state.offers]);
+
+  // A conversation that comes by a transfer says so, with who sent it and their note.
+  const seenConvs = useRef<Set<number> | null>(null);
+  useEffect(() => {
+    if (!state.me) return;
+    if (seenConvs.current == null) {
+      // What was already held at the first snapshot is not news.
+      seenConvs.current = new Set(state.convs.keys());
+      return;
+    }
+    for (const c of state.convs.values()) {
+      if (seenConvs.current.has(c.id) || !c.loaded) continue;
+      seenConvs.current.add(c.id);
+      const transfer = transferToMe(c, state.me.operator);
+      if (!transfer) continue;
+      const visitor = c.visitor || t('visitor');
+      setTransfers((list) => [...list.filter((x) => x.conversation !== c.id), { conversation: c.id, visitor, ...transfer }]);
+      alerts.alert(t('transfer_alert_title'), t('transfer_in', { from: transfer.from, visitor }) + (transfer.comment ? ': ' + transfer.comment : ''), 'transfer-' + c.id);
+    }
+  }, [state.convs, state.me]);
+  // A conversation that left the desk takes its notice along.
+  useEffect(() => {
+    setTransfers((list) => (list.every((x) => state.convs.has(x.conversation)) ? list : list.filter((x) => state.convs.has(x.conversation))));
+  }, [state.convs]);
 
   // Window title shows what needs attention.
   useEffect(() => {
@@ -83,7 +130,31 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
   return (
     <div class="desk" data-testid="desk">
       <aside class="desk-side" aria-label={t('sidebar')}>
-        <PresenceBar session={session} state={state} />
+        <PresenceBar session={session} state={state} alerts={alerts} />
+        {transfers.map((x) => (
+          <div key={x.conversation} class="transfer-note" role="status" data-testid="transfer-notice" data-conversation={x.conversation}>
+            <p>
+              <strong>{t('transfer_in', { from: x.from, visitor: x.visitor })}</strong>
+              {x.comment && <span class="transfer-comment">“{x.comment}”</span>}
+            </p>
+            <div class="row">
+              <button
+                type="button"
+                class="primary"
+                data-testid="transfer-open"
+                onClick={() => {
+                  session.select(x.conversation);
+                  setTransfers((l) => l.filter((y) => y.conversation !== x.conversation));
+                }}
+              >
+                {t('open')}
+              </button>
+              <button type="button" class="ghost" data-testid="transfer-dismiss" onClick={() => setTransfers((l) => l.filter((y) => y.conversation !== x.conversation))}>
+                {t('dismiss')}
+              </button>
+            </div>
+          </div>
+        ))}
         <Offers session={session} state={state} />
         <ConvList session={session} state={state} />
       </aside>
@@ -92,14 +163,18 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
   );
 }
 
-function PresenceBar(props: { session: OperatorSession; state: OpState }) {
+function PresenceBar(props: { session: OperatorSession; state: OpState; alerts: Alerts }) {
   const { t, notify } = useApp();
   const now = useNow(1000);
-  const { state, session } = props;
-  const set = (p: Presence) =>
-    session.setPresence(p).catch((e) => {
+  const { state, session, alerts } = props;
+  const [muted, setMuted] = useState(alerts.muted);
+  const set = (p: Presence) => {
+    // Going online is a click: the moment to ask for desktop notifications.
+    if (p === 'online') alerts.askPermission();
+    return session.setPresence(p).catch((e) => {
       notify(e.code === 'bad_frame' || e.code === 'invalid' ? t('presence_unsupported', { status: t(('presence_' + p) as any) }) : describeError(t, e.code, e.message), 'error');
     });
+  };
   return (
     <section class="panel presence" aria-labelledby="presence-h">
       <h2 id="presence-h" class="panel-title">
@@ -111,6 +186,18 @@ function PresenceBar(props: { session: OperatorSession; state: OpState }) {
           </span>
         )}
       </h2>
+      <button
+        type="button"
+        class="ghost small mute"
+        data-testid="mute-toggle"
+        aria-pressed={muted}
+        onClick={() => {
+          alerts.setMuted(!muted);
+          setMuted(!muted);
+        }}
+      >
+        {muted ? t('sound_off') : t('sound_on')}
+      </button>
       <div class="seg" role="group" aria-label={t('presence')}>
         {PRESENCES.map((p) => (
           <button
@@ -179,6 +266,18 @@ function Offers(props: { session: OperatorSession; state: OpState }) {
                   {left}s
                 </span>
               </div>
+              <div class="offer-context muted small">
+                {o.channel && <span class="offer-channel" data-testid="offer-channel">{o.channel}</span>}
+                {(() => {
+                  const waited = offerWaitedMs(o, now);
+                  return waited == null ? null : <span data-testid="offer-waited">{t('offer_waited', { time: formatDuration(waited) })}</span>;
+                })()}
+              </div>
+              {o.preview && (
+                <p class="offer-preview" data-testid="offer-preview">
+                  “{o.preview}”
+                </p>
+              )}
               <div class="bar" aria-hidden="true">
                 <span style={{ width: Math.min(100, (100 * left) / total) + '%' }} />
               </div>

@@ -139,6 +139,9 @@ export class OperatorSession {
         this.dispatch({ type: 'event', event: f, now: this.timers.now() });
         this.pumpHistory();
         break;
+      case 'offer_preview':
+        if (typeof f.offer === 'number' && typeof f.preview === 'string') this.dispatch({ type: 'offerPreview', offer: f.offer, preview: f.preview });
+        break;
       case 'history':
         this.historyInFlight.delete(f.conversation);
         this.dispatch({

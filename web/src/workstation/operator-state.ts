@@ -23,6 +23,27 @@ export function offerSecondsLeft(o: Offer, now: number): number {
   return Math.min(Math.ceil(offerMsLeft(o, now) / 1000), Math.floor(offerWindowMs(o) / 1000));
 }
 
+/** How long the offer's customer has waited so far, on the local clock from arrival. */
+export function offerWaitedMs(o: Offer, now: number): number | null {
+  if (o.waitedAtReceipt == null || o.receivedAt == null) return null;
+  return o.waitedAtReceipt + Math.max(0, now - o.receivedAt);
+}
+
+/** If `c` came to `me` by a transfer, who sent it (display name when the history has it)
+ *  and their note. */
+export function transferToMe(c: Conv, me: string): { from: string; comment: string } | null {
+  for (let i = c.entries.length - 1; i >= 0; i--) {
+    const e = c.entries[i];
+    if (e.kind === 'assigned' && e.operator === me) continue;
+    if (e.kind !== 'transferred') return null;
+    if (e.to_operator !== me) return null;
+    const from = e.from ?? '';
+    const named = c.entries.find((x) => (x.kind === 'assigned' || x.kind === 'message') && x.operator === from && x.name);
+    return { from: named?.name ?? from, comment: e.comment ?? '' };
+  }
+  return null;
+}
+
 /** The whole answer window of an offer (deadline minus when it was made). */
 export function offerWindowMs(o: Offer): number {
   const made = o.at ?? o.made_at;
@@ -117,6 +138,7 @@ export type OpAction =
   | { type: 'typing'; conversation: number; now: number }
   | { type: 'read'; conversation: number; by: string; upto: number }
   | { type: 'select'; conversation: number | null }
+  | { type: 'offerPreview'; offer: number; preview: string }
   | { type: 'viewing'; viewing: boolean }
   | { type: 'queueSend'; message: PendingMessage }
   | { type: 'ack'; key: string; conversation: number; seq: number }
@@ -224,7 +246,11 @@ function applySnapshot(s: OpState, hello: Hello, now: number): OpState {
   const offers = hello.offers.map((o) => {
     const known = s.offers.find((x) => x.offer === o.offer);
     // An offer first seen in a snapshot counts down from what the server's clock left it.
-    const fresh = known?.receivedAt == null ? { receivedAt: now, leftAtReceipt: o.deadline - (hello.now ?? now) } : {};
+    const serverNow = hello.now ?? now;
+    const fresh =
+      known?.receivedAt == null
+        ? { receivedAt: now, leftAtReceipt: o.deadline - serverNow, waitedAtReceipt: o.waiting_since != null ? Math.max(0, serverNow - o.waiting_since) : undefined }
+        : {};
     return { ...(known ?? {}), ...o, ...fresh };
   });
   const selected = s.selected != null && convs.has(s.selected) ? s.selected : null;
@@ -245,6 +271,10 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
         at: ev.at,
         receivedAt: now,
         leftAtReceipt: (ev.deadline ?? ev.at + 30000) - ev.at,
+        channel: ev.channel,
+        preview: ev.preview,
+        waiting_since: ev.waiting_since,
+        waitedAtReceipt: ev.waiting_since != null ? Math.max(0, ev.at - ev.waiting_since) : undefined,
       };
       return { ...s, offers: [...s.offers, offer], lastOfferAt: ev.at };
     }
@@ -351,6 +381,11 @@ export function opReducer(s: OpState, a: OpAction): OpState {
       let next: OpState = { ...applyEvent(s, ev, a.now), feedSeq: ev.seq };
       if (next.reconcile && ev.seq >= next.reconcile.seq) next = applySnapshot(next, next.reconcile, a.now ?? Date.now());
       return next;
+    }
+    case 'offerPreview': {
+      // The first words count: a preview already shown stays.
+      if (!s.offers.some((o) => o.offer === a.offer && !o.preview)) return s;
+      return { ...s, offers: s.offers.map((o) => (o.offer === a.offer && !o.preview ? { ...o, preview: a.preview } : o)) };
     }
     case 'history': {
       const known = s.convs.get(a.conversation);

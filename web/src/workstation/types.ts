@@ -40,6 +40,13 @@ export interface Offer {
   receivedAt?: number;
   /** Milliseconds left by the server's clock when the offer arrived. */
   leftAtReceipt?: number;
+  /** The conversation's channel, when its customer started waiting (server clock), and
+   *  their first message. */
+  channel?: string;
+  waiting_since?: number;
+  preview?: string | null;
+  /** How long the customer had waited when the offer arrived (server clock). */
+  waitedAtReceipt?: number;
 }
 
 export interface Hello {
@@ -75,6 +82,10 @@ export interface FeedEvent {
   history?: Entry[];
   entry?: Entry;
   status?: Presence;
+  /** `offer`: the conversation's channel, start and first message. */
+  channel?: string;
+  waiting_since?: number;
+  preview?: string | null;
   /** `configured`: the operator's new name, capacity and groups. */
   name?: string;
   capacity?: number;
