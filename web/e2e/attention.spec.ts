@@ -89,3 +89,31 @@ test('a connection that goes silent shows as lost within seconds; Reconnect now 
   console.log(`reconnected ${Date.now() - clicked} ms after Reconnect now`);
   await expect(alice.getByTestId('presence-current')).toHaveAttribute('data-presence', 'online');
 });
+
+test('a template whose placeholder has no value is flagged before sending, not sent as "Hello , …"', async ({ browser, sb }) => {
+  const alice = await newPage(browser);
+  await signIn(alice, sb, 'alice');
+  await goOnline(alice);
+  const client = await newPage(browser);
+  await openWidget(client, sb);
+  await widgetSay(client, 'Hi there');
+  await alice.getByTestId('offer-accept').click();
+  const view = alice.getByTestId('conversation-view');
+  await expect(view.getByTestId('message').filter({ hasText: 'Hi there' })).toHaveCount(1);
+
+  await alice.getByTestId('tab-templates').click();
+  const panel = alice.getByTestId('templates-panel');
+  await panel.getByTestId('template-search').fill('greet');
+  await panel.getByTestId('template-insert').click();
+  await expect(alice.getByTestId('composer-input')).toHaveValue('Hello {{client.name}}, my name is Alice. How can I help you?');
+  await alice.getByTestId('composer-input').press('Enter');
+  await expect(alice.getByTestId('composer-problem')).toContainText('{{client.name}}');
+  // Nothing left: the visitor got nothing.
+  await alice.waitForTimeout(500);
+  await expect(client.getByTestId('widget-message').filter({ hasText: 'my name is Alice' })).toHaveCount(0);
+  // Written by hand, it goes.
+  await alice.getByTestId('composer-input').fill('Hello, my name is Alice. How can I help you?');
+  await alice.getByTestId('composer-input').press('Enter');
+  await expect(client.getByTestId('widget-message').filter({ hasText: 'Hello, my name is Alice' })).toHaveCount(1);
+});
+

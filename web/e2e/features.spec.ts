@@ -16,6 +16,8 @@ test('templates with placeholders, attachments both ways, read marks, break, cli
   const view = alice.getByTestId('conversation-view');
   await expect(view.getByTestId('conversation-title')).toContainText('Dana');
   const convId = await view.getAttribute('data-conv');
+  // Her messages carry her name, not "Visitor".
+  await expect(view.getByTestId('message').filter({ hasText: 'help with an invoice' }).locator('.who')).toHaveText('Dana');
 
   // Typing from the visitor shows on the desk.
   await client.getByTestId('widget-input').pressSequentially('Also', { delay: 30 });

@@ -45,6 +45,8 @@ describe('placeholders', () => {
     expect(fillPlaceholders('{{ Client.Name }} {{order.id}}', { clientName: 'Dana' })).toBe('Dana {{order.id}}');
     expect(fillPlaceholders('Hi {{client.name}}!', {}, 'there')).toBe('Hi there!');
     expect(unfilledPlaceholders('a {{order.id}} b {{client.name}}')).toEqual(['{{order.id}}', '{{client.name}}']);
+    // Without a value and no fallback, the placeholder stays for the composer to flag.
+    expect(fillPlaceholders('Hello {{client.name}}, I am {{operator.name}}.', { operatorName: 'Alice' }, null)).toBe('Hello {{client.name}}, I am Alice.');
   });
   it('validates and names new templates', () => {
     expect(validateTemplate('', 'x')).toBe('title_required');

@@ -6,7 +6,8 @@ import { PaperclipIcon } from '../shared/icons';
 import { deliveryOf, pendingOf, type Conv, type OpState } from './operator-state';
 import type { OperatorSession } from './operator-session';
 import type { LoginInfo } from './types';
-import { EntryView } from './entries';
+import { EntryView, operatorNames } from './entries';
+import { unfilledPlaceholders } from './templates';
 import { messageProblem } from './forms';
 import { ClientCard, CloseDialog, TemplatesPanel, TransferDialog } from './panels';
 import { describeError } from './strings';
@@ -120,6 +121,7 @@ function History(props: { conv: Conv; state: OpState }) {
     if (el && stick.current) el.scrollTop = el.scrollHeight;
   }, [conv.entries.length, pending.length, conv.id]);
   const me = state.me?.operator;
+  const names = operatorNames(conv.entries);
   return (
     <>
       <ol
@@ -138,7 +140,7 @@ function History(props: { conv: Conv; state: OpState }) {
         {!conv.loaded && !conv.entries.length && <li class="sys">{t('loading')}</li>}
         {conv.entries.map((e) => {
           const mine = e.kind === 'message' && e.from === 'operator' && e.operator === me;
-          return <EntryView key={e.seq} e={e} mine={mine} delivery={mine ? deliveryOf(conv, e) : undefined} operatorId={me} />;
+          return <EntryView key={e.seq} e={e} mine={mine} delivery={mine ? deliveryOf(conv, e) : undefined} operatorId={me} visitor={conv.visitor} names={names} />;
         })}
         {pending.map((p) => (
           <li key={p.key} class={'msg msg-mine pending' + (p.state === 'failed' ? ' failed' : '')} data-testid="message-pending">
@@ -182,6 +184,11 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
     const p = messageProblem(draft, files.length);
     if (p) {
       setProblem(p === 'empty' ? null : t('err_too_long'));
+      return;
+    }
+    const unfilled = unfilledPlaceholders(draft);
+    if (unfilled.length) {
+      setProblem(t('err_unfilled_placeholders', { names: unfilled.join(', ') }));
       return;
     }
     session.sendMessage(conv.id, draft.trim(), files);
@@ -267,7 +274,7 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
         }}
       />
       {problem && (
-        <p class="error small" role="alert">
+        <p class="error small" role="alert" data-testid="composer-problem">
           {problem}
         </p>
       )}

@@ -58,9 +58,26 @@ export function AttachmentView(props: { a: Attachment }) {
   );
 }
 
-export function EntryView(props: { e: Entry; mine?: boolean; delivery?: 'sending' | 'failed' | 'delivered' | 'read'; operatorId?: string }) {
+/** Operators' display names as a conversation's history gives them (id → name). */
+export function operatorNames(entries: readonly Entry[]): Record<string, string> {
+  const names: Record<string, string> = {};
+  for (const e of entries) if (e.operator && e.name) names[e.operator] = e.name;
+  return names;
+}
+
+export function EntryView(props: {
+  e: Entry;
+  mine?: boolean;
+  delivery?: 'sending' | 'failed' | 'delivered' | 'read';
+  operatorId?: string;
+  /** The customer's name, shown on their messages (else "Visitor"). */
+  visitor?: string;
+  /** Operators' display names by id, for transfer notes. */
+  names?: Record<string, string>;
+}) {
   const { t, lang } = useApp();
   const { e } = props;
+  const nameOf = (id: string | undefined) => (id ? props.names?.[id] ?? id : '');
   const time = (
     <time dateTime={new Date(e.at).toISOString()} class="time">
       {formatClock(e.at, lang)}
@@ -70,7 +87,7 @@ export function EntryView(props: { e: Entry; mine?: boolean; delivery?: 'sending
     const who = e.from === 'client' ? 'client' : props.mine || (props.operatorId && e.operator === props.operatorId) ? 'mine' : 'operator';
     return (
       <li class={'msg msg-' + who} data-testid="message" data-seq={e.seq} data-from={e.from}>
-        <span class="who">{e.from === 'client' ? t('visitor') : e.name || e.operator || t('operator')}</span>
+        <span class="who">{e.from === 'client' ? props.visitor || t('visitor') : e.name || e.operator || t('operator')}</span>
         {e.text ? <span class="text">{e.text}</span> : null}
         {e.attachments?.length ? (
           <span class="atts">
@@ -103,7 +120,7 @@ export function EntryView(props: { e: Entry; mine?: boolean; delivery?: 'sending
       text = t('entry_assigned', { name: e.name || e.operator || '' });
       break;
     case 'transferred':
-      text = t('entry_transferred', { from: e.from ?? '', to: e.to_operator ?? e.to_group ?? '' }) + (e.comment ? ' — «' + e.comment + '»' : '');
+      text = t('entry_transferred', { from: nameOf(e.from), to: e.to_operator ? nameOf(e.to_operator) : e.to_group ?? '' }) + (e.comment ? ' — «' + e.comment + '»' : '');
       break;
     case 'closed':
       text =

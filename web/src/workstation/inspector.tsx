@@ -2,7 +2,7 @@
 import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { formatDateTime } from '../shared/format';
 import type { ConversationDoc, DecisionRecord, OperatorStatus, SkillGroup } from './types';
-import { EntryView } from './entries';
+import { EntryView, operatorNames } from './entries';
 import { Poller } from './poller';
 import { describeError, exclusionText } from './strings';
 import { Empty, ErrorText, Field, useApp } from './ui';
@@ -57,6 +57,7 @@ export function Inspector(props: { id: number; canReassign: boolean; live?: bool
     refresh();
   }, [props.place]);
   if (!doc) return error ? <ErrorText error={error} /> : <p class="muted">{t('loading')}</p>;
+  const names = operatorNames(doc.history);
   return (
     <div class="inspector" data-testid="inspector" data-conv={doc.conversation} data-last-seq={doc.last_seq}>
       <div class="row">
@@ -86,7 +87,7 @@ export function Inspector(props: { id: number; canReassign: boolean; live?: bool
       <h4>{t('history')}</h4>
       <ol class="log log-static" aria-label={t('history')} data-testid="inspector-log">
         {doc.history.map((e) => (
-          <EntryView key={e.seq} e={e} />
+          <EntryView key={e.seq} e={e} visitor={doc.visitor.name} names={names} />
         ))}
       </ol>
       <Decisions id={doc.conversation} version={version} />

@@ -121,7 +121,9 @@ export function TemplatesPanel(props: { values: PlaceholderValues | null; onInse
       {all && !shown.length && <Empty>{t('no_templates')}</Empty>}
       <ul class="tpl-list">
         {shown.map((tpl) => {
-          const text = props.values ? fillPlaceholders(tpl.text, props.values) : tpl.text;
+          // A placeholder without a value stays visible: the composer flags it rather than
+          // sending "Hello , …".
+          const text = props.values ? fillPlaceholders(tpl.text, props.values, null) : tpl.text;
           return (
             <li key={tpl.id} class="tpl" data-testid="template">
               <div class="row">

@@ -53,17 +53,19 @@ const PLACEHOLDER = /\{\{\s*([a-z]+\.[a-z]+)\s*\}\}/gi;
 
 /**
  * Fills {{client.name}}, {{operator.name}} and {{conversation.id}}. Unknown placeholders
- * are left as they are; a known one without a value becomes the fallback (empty by default).
+ * are left as they are; a known one without a value becomes the fallback, or stays as
+ * written when the fallback is null (so the composer can flag it before sending).
  */
-export function fillPlaceholders(text: string, v: PlaceholderValues, fallback = ''): string {
+export function fillPlaceholders(text: string, v: PlaceholderValues, fallback: string | null = ''): string {
   return text.replace(PLACEHOLDER, (m, name: string) => {
+    const or = (value: string | undefined) => value || (fallback ?? m);
     switch (name.toLowerCase()) {
       case 'client.name':
-        return v.clientName || fallback;
+        return or(v.clientName);
       case 'operator.name':
-        return v.operatorName || fallback;
+        return or(v.operatorName);
       case 'conversation.id':
-        return v.conversationId != null ? String(v.conversationId) : fallback;
+        return v.conversationId != null ? String(v.conversationId) : fallback ?? m;
       default:
         return m;
     }
