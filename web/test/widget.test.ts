@@ -98,6 +98,18 @@ describe('WidgetSession', () => {
     expect(again.f.last.sent[0]).toEqual({ type: 'start', visitor_token: 'v1.visitor.mac', attributes: { page: 'https://shop/x' } });
   });
 
+  it('offers a returning visitor the name they gave last time', () => {
+    const { w, f, storage } = widget();
+    expect(w.storedName()).toBe('');
+    w.setName('  Dana ');
+    w.send('Hi');
+    f.last.open();
+    expect(f.last.sent[0]).toMatchObject({ type: 'start', name: 'Dana' });
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok', visitor_token: 'v1.visitor.mac', protocol: 1 });
+    storage.removeItem(SESSION_KEY);
+    expect(widget(storage).w.storedName()).toBe('Dana');
+  });
+
   it('drops a made-up visitor id left by an older widget', () => {
     const storage = new MemoryStorage();
     storage.setItem(VISITOR_KEY, 'v-1234');

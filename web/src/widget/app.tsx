@@ -358,7 +358,8 @@ function PendingView(props: { p: PendingSend; t: T; session: WidgetSession; read
 function Composer(props: { session: WidgetSession; state: WidgetState; t: T }) {
   const { session, state, t } = props;
   const [text, setText] = useState('');
-  const [name, setName] = useState('');
+  // A returning visitor keeps the name they gave before (they may change it).
+  const [name, setName] = useState(() => session.storedName());
   const [files, setFiles] = useState<Attachment[]>([]);
   const [busy, setBusy] = useState(0);
   const [problem, setProblem] = useState<string | null>(null);

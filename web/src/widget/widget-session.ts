@@ -11,6 +11,8 @@ import { deserialize, serialize, widgetReducer, lastOperatorSeq, type WidgetActi
 
 export const SESSION_KEY = 'switchboard.widget.session';
 export const VISITOR_KEY = 'switchboard.widget.visitor';
+/** The name the visitor gave last time: offered again on their next conversation. */
+export const NAME_KEY = 'switchboard.widget.name';
 
 export interface KV {
   getItem(k: string): string | null;
@@ -155,6 +157,7 @@ export class WidgetSession {
           this.visitorToken = f.visitor_token;
           this.write(VISITOR_KEY, f.visitor_token);
         }
+        if (this.visitorName) this.write(NAME_KEY, this.visitorName);
         this.lastReadSent = 0;
         for (const w of this.startWaiters.splice(0)) w.resolve();
         this.flush();
@@ -228,6 +231,11 @@ export class WidgetSession {
 
   setName(name: string): void {
     this.visitorName = name.trim().slice(0, 100);
+  }
+
+  /** The name this visitor gave on an earlier conversation in this browser, if any. */
+  storedName(): string {
+    return (this.read(NAME_KEY) ?? '').slice(0, 100);
   }
 
   /** Starts a conversation if there is none; resolves once the server confirmed it. */
