@@ -24,8 +24,8 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// comes back online has their passes on queued conversations forgotten, so one they
 /// missed (or declined) is offered to them at once when nobody else can take it, instead
 /// of waiting for its new round; and a change of an operator's name, capacity or groups
-/// is told on their feed. A node proposes `AdoptRules` at start; earlier entries keep
-/// their rules.
+/// is told on their feed; conversation numbers start at 1. A node proposes `AdoptRules`
+/// at start; earlier entries keep their rules.
 pub const RULES_VERSION: u32 = 4;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
@@ -345,7 +345,8 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             if !state.groups.contains_key(&group) {
                 return Err(Error::NotFound(format!("skill group {group}")));
             }
-            let conv = ConversationId(state.next_conversation);
+            // From rules 4 the first conversation is number 1, as people count.
+            let conv = ConversationId(if state.rules >= 4 { state.next_conversation.max(1) } else { state.next_conversation });
             Ok((
                 Reply::Started { conversation: conv },
                 vec![

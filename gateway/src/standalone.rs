@@ -106,6 +106,8 @@ pub struct Upstreams {
     repins_failed: AtomicU64,
     unavailable: AtomicU64,
     relayed_sockets: AtomicUsize,
+    /// Sockets relayed to each member now.
+    per_member: Mutex<BTreeMap<u64, usize>>,
 }
 
 impl Upstreams {
@@ -128,6 +130,7 @@ impl Upstreams {
             repins_failed: AtomicU64::new(0),
             unavailable: AtomicU64::new(0),
             relayed_sockets: AtomicUsize::new(0),
+            per_member: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -245,12 +248,31 @@ impl Upstreams {
     }
 
     fn cluster_view(&self) -> Value {
+        let sockets = self.per_member.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let map = self.lock();
         json!({
             "version": map.version,
             "leader": map.leader,
-            "members": map.members.iter().map(|(id, m)| json!({"id": id, "addr": m.addr, "alive": m.alive, "ready": m.ready})).collect::<Vec<_>>(),
+            "members": map.members.iter().map(|(id, m)| json!({
+                "id": id, "addr": m.addr, "alive": m.alive, "ready": m.ready, "sockets": sockets.get(id).copied().unwrap_or(0),
+            })).collect::<Vec<_>>(),
         })
+    }
+
+    /// A socket moved from member `from` (none: it is new) to `to` (none: it ended).
+    fn moved(&self, from: Option<u64>, to: Option<u64>) {
+        let mut counts = self.per_member.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(from) = from {
+            if let Some(n) = counts.get_mut(&from) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    counts.remove(&from);
+                }
+            }
+        }
+        if let Some(to) = to {
+            *counts.entry(to).or_default() += 1;
+        }
     }
 }
 
@@ -557,11 +579,12 @@ impl Session for RelaySession {
 }
 
 /// Counts a relayed socket while it lives.
-struct Counted(Arc<Upstreams>);
+struct Counted(Arc<Upstreams>, u64);
 
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.relayed_sockets.fetch_sub(1, Relaxed);
+        self.0.moved(Some(self.1), None);
     }
 }
 
@@ -578,7 +601,8 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
         mut member,
     } = pinned;
     edge.up.relayed_sockets.fetch_add(1, Relaxed);
-    let _counted = Counted(edge.up.clone());
+    edge.up.moved(None, Some(member));
+    let mut counted = Counted(edge.up.clone(), member);
     let mut track = Tracker::new(surface);
     loop {
         let lost = loop {
@@ -628,7 +652,9 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
         match Box::pin(repin(&edge, &mut track, member, client, &path, &headers)).await {
             Ok((socket, id, replay)) => {
                 upstream = socket;
+                edge.up.moved(Some(member), Some(id));
                 member = id;
+                counted.1 = id;
                 for action in replay {
                     match action {
                         Replay::Resend(text) => {
