@@ -117,3 +117,30 @@ test('a template whose placeholder has no value is flagged before sending, not s
   await expect(client.getByTestId('widget-message').filter({ hasText: 'Hello, my name is Alice' })).toHaveCount(1);
 });
 
+
+test('canned responses from the composer with "/" and the keyboard', async ({ browser, sb }) => {
+  const alice = await newPage(browser);
+  await signIn(alice, sb, 'alice');
+  await goOnline(alice);
+  const client = await newPage(browser);
+  await openWidget(client, sb);
+  await client.getByTestId('widget-name').fill('Dana');
+  await widgetSay(client, 'Hello?');
+  await alice.getByTestId('offer-accept').click();
+  const composer = alice.getByTestId('composer-input');
+  await composer.pressSequentially('/gre');
+  const menu = alice.getByTestId('slash-menu');
+  await expect(menu.getByTestId('slash-option')).toHaveCount(1);
+  await expect(menu.getByTestId('slash-option')).toContainText('Greeting');
+  await composer.press('Enter');
+  await expect(composer).toHaveValue('Hello Dana, my name is Alice. How can I help you?');
+  await expect(menu).toHaveCount(0);
+  await composer.press('Enter');
+  await expect(client.getByTestId('widget-message').filter({ hasText: 'Hello Dana, my name is Alice.' })).toHaveCount(1);
+  // Escape closes the list and leaves what was typed.
+  await composer.pressSequentially('/');
+  await expect(menu).toBeVisible();
+  await composer.press('Escape');
+  await expect(menu).toHaveCount(0);
+  await expect(composer).toHaveValue('/');
+});

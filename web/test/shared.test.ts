@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { Backoff } from '../src/shared/backoff';
 import { mergeBySeq, lowerBound, lastSeq } from '../src/shared/seq';
 import { checkAttachment, contentTypeOf, formatBytes, MAX_ATTACHMENT_BYTES } from '../src/shared/files';
-import { formatDuration, secondsLeft } from '../src/shared/format';
+import { formatClock, formatDateTime, formatDuration, formatWhen, secondsLeft } from '../src/shared/format';
 import { visibleRange, scrollToRow } from '../src/shared/virtual';
 import { createStore } from '../src/shared/store';
 
@@ -87,6 +87,14 @@ describe('format', () => {
     expect(formatDuration(245_000)).toBe('4:05');
     expect(formatDuration(3_723_000)).toBe('1:02:03');
     expect(formatDuration(-5)).toBe('0:00');
+  });
+  it('dates a message older than today, not one from today', () => {
+    const now = new Date(2026, 11, 2, 15, 0).getTime();
+    const earlier = new Date(2026, 11, 2, 9, 30).getTime();
+    const yesterday = new Date(2026, 11, 1, 23, 50).getTime();
+    expect(formatWhen(earlier, 'en', now)).toBe(formatClock(earlier, 'en'));
+    expect(formatWhen(yesterday, 'en', now)).toBe(formatDateTime(yesterday, 'en'));
+    expect(formatWhen(yesterday, 'en', now)).not.toBe(formatClock(yesterday, 'en'));
   });
   it('counts seconds left, rounding up', () => {
     expect(secondsLeft(10_500, 10_000)).toBe(1);

@@ -21,3 +21,12 @@ export function formatClock(at: number, lang: string): string {
 export function formatDateTime(at: number, lang: string): string {
   return new Date(at).toLocaleString(lang, { dateStyle: 'short', timeStyle: 'short' });
 }
+
+/** The time of day for today's moments, the date too for older ones. */
+export function formatWhen(at: number, lang: string, now: number = Date.now()): string {
+  const a = new Date(at);
+  const n = new Date(now);
+  const today = a.getFullYear() === n.getFullYear() && a.getMonth() === n.getMonth() && a.getDate() === n.getDate();
+  return today ? formatClock(at, lang) : formatDateTime(at, lang);
+}
+

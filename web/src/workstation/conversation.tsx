@@ -7,7 +7,8 @@ import { deliveryOf, pendingOf, type Conv, type OpState } from './operator-state
 import type { OperatorSession } from './operator-session';
 import type { LoginInfo } from './types';
 import { EntryView, operatorNames } from './entries';
-import { unfilledPlaceholders } from './templates';
+import { fillPlaceholders, searchTemplates, unfilledPlaceholders } from './templates';
+import type { Template } from './types';
 import { messageProblem } from './forms';
 import { ClientCard, CloseDialog, TemplatesPanel, TransferDialog } from './panels';
 import { describeError } from './strings';
@@ -51,7 +52,7 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
       <section class="pane" data-testid="conversation-view" data-conv={conv.id} aria-labelledby="conv-title">
         <ConvHeader conv={conv} onTransfer={() => setDialog('transfer')} onClose={() => setDialog('close')} />
         <History conv={conv} state={state} />
-        <Composer session={session} conv={conv} draft={draft} setDraft={setDraft} onTemplates={() => setSide('templates')} />
+        <Composer session={session} conv={conv} draft={draft} setDraft={setDraft} onTemplates={() => setSide('templates')} operatorName={state.me?.name} />
       </section>
       <aside class="pane-side" aria-label={t('details')}>
         <TabList
@@ -164,9 +165,29 @@ function History(props: { conv: Conv; state: OpState }) {
   );
 }
 
-function Composer(props: { session: OperatorSession; conv: Conv; draft: string; setDraft: (v: string) => void; onTemplates: () => void }) {
+function Composer(props: { session: OperatorSession; conv: Conv; draft: string; setDraft: (v: string) => void; onTemplates: () => void; operatorName?: string }) {
   const { t, api } = useApp();
   const { session, conv, draft, setDraft } = props;
+  // Canned responses: "/" at the start of the composer lists the templates matching what
+  // follows; arrows move, Enter or Tab inserts, Escape closes.
+  const [templates, setTemplates] = useState<Template[] | null>(null);
+  const [slashActive, setSlashActive] = useState(0);
+  const [slashClosed, setSlashClosed] = useState(false);
+  const slashQuery = draft.startsWith('/') && !draft.includes('\n') && !slashClosed ? draft.slice(1) : null;
+  useEffect(() => {
+    if (slashQuery != null && templates == null) {
+      api
+        .get<{ templates: Template[] }>('/api/templates')
+        .then((r) => setTemplates(r.templates ?? []))
+        .catch(() => setTemplates([]));
+    }
+  }, [slashQuery != null]);
+  const slashShown = slashQuery != null && templates ? searchTemplates(templates, slashQuery).slice(0, 8) : [];
+  const insertTemplate = (tpl: Template) => {
+    setDraft(fillPlaceholders(tpl.text, { clientName: conv.visitor, operatorName: props.operatorName, conversationId: conv.id }, null));
+    setSlashActive(0);
+    input.current?.focus();
+  };
   const [files, setFiles] = useState<Attachment[]>([]);
   const [uploading, setUploading] = useState(0);
   const [problem, setProblem] = useState<string | null>(null);
@@ -262,17 +283,62 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
         maxLength={4000}
         placeholder={t('composer_placeholder')}
         value={draft}
+        role="combobox"
+        aria-expanded={slashShown.length > 0}
+        aria-controls={id + '-slash'}
+        aria-activedescendant={slashShown.length ? id + '-slash-' + Math.min(slashActive, slashShown.length - 1) : undefined}
         onInput={(e) => {
-          setDraft((e.currentTarget as HTMLTextAreaElement).value);
+          const value = (e.currentTarget as HTMLTextAreaElement).value;
+          setDraft(value);
+          if (!value.startsWith('/')) setSlashClosed(false);
+          setSlashActive(0);
           session.typing(conv.id);
         }}
         onKeyDown={(e) => {
+          if (slashShown.length) {
+            const n = slashShown.length;
+            if (e.key === 'ArrowDown' || e.key === 'ArrowUp') {
+              e.preventDefault();
+              setSlashActive((i) => (i + (e.key === 'ArrowDown' ? 1 : n - 1)) % n);
+              return;
+            }
+            if ((e.key === 'Enter' && !e.shiftKey && !e.isComposing) || e.key === 'Tab') {
+              e.preventDefault();
+              insertTemplate(slashShown[Math.min(slashActive, n - 1)]);
+              return;
+            }
+            if (e.key === 'Escape') {
+              e.preventDefault();
+              setSlashClosed(true);
+              return;
+            }
+          }
           if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
             e.preventDefault();
             send();
           }
         }}
       />
+      {slashShown.length > 0 && (
+        <ul class="slash-menu" role="listbox" id={id + '-slash'} data-testid="slash-menu" aria-label={t('templates')}>
+          {slashShown.map((tpl, i) => (
+            <li
+              key={tpl.id}
+              id={id + '-slash-' + i}
+              role="option"
+              aria-selected={i === Math.min(slashActive, slashShown.length - 1)}
+              class={'slash-option' + (i === Math.min(slashActive, slashShown.length - 1) ? ' active' : '')}
+              data-testid="slash-option"
+              onMouseDown={(e) => {
+                e.preventDefault();
+                insertTemplate(tpl);
+              }}
+            >
+              <strong>{tpl.title}</strong> <span class="muted small">{tpl.text.slice(0, 80)}</span>
+            </li>
+          ))}
+        </ul>
+      )}
       {problem && (
         <p class="error small" role="alert" data-testid="composer-problem">
           {problem}

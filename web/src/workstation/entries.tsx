@@ -1,7 +1,7 @@
 /** Rendering of staff history entries and attachments (shared by the desk and the inspector). */
 import { useEffect, useState } from 'preact/hooks';
 import { formatBytes, isImage, type Attachment } from '../shared/files';
-import { formatClock } from '../shared/format';
+import { formatWhen } from '../shared/format';
 import { PaperclipIcon } from '../shared/icons';
 import type { Entry } from './types';
 import { useApp } from './ui';
@@ -80,7 +80,7 @@ export function EntryView(props: {
   const nameOf = (id: string | undefined) => (id ? props.names?.[id] ?? id : '');
   const time = (
     <time dateTime={new Date(e.at).toISOString()} class="time">
-      {formatClock(e.at, lang)}
+      {formatWhen(e.at, lang)}
     </time>
   );
   if (e.kind === 'message') {
