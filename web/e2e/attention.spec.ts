@@ -144,3 +144,43 @@ test('canned responses from the composer with "/" and the keyboard', async ({ br
   await expect(menu).toHaveCount(0);
   await expect(composer).toHaveValue('/');
 });
+
+test('keyboard shortcuts: next conversation, transfer, close, and a help overlay that lists them', async ({ browser, sb }) => {
+  const alice = await newPage(browser);
+  await signIn(alice, sb, 'alice');
+  await goOnline(alice);
+  for (const name of ['Ann', 'Bea']) {
+    const client = await newPage(browser);
+    await openWidget(client, sb);
+    await client.getByTestId('widget-name').fill(name);
+    await widgetSay(client, 'Hello from ' + name);
+    await expect(alice.getByTestId('offer')).toHaveCount(1);
+    await alice.keyboard.press('Alt+A');
+    await expect(alice.getByTestId('offer')).toHaveCount(0);
+  }
+  await expect(alice.getByTestId('conv-item')).toHaveCount(2);
+  const view = alice.getByTestId('conversation-view');
+  const first = await view.getAttribute('data-conv');
+  await alice.locator('body').click();
+  await alice.keyboard.press('Alt+ArrowDown');
+  await expect(view).not.toHaveAttribute('data-conv', first ?? '');
+  await alice.keyboard.press('Alt+ArrowDown');
+  await expect(view).toHaveAttribute('data-conv', first ?? '');
+
+  await alice.keyboard.press('Alt+T');
+  await expect(alice.getByTestId('transfer-dialog')).toBeVisible();
+  await alice.keyboard.press('Escape');
+  await expect(alice.getByTestId('transfer-dialog')).toHaveCount(0);
+  await alice.keyboard.press('Alt+C');
+  await expect(alice.getByTestId('close-dialog')).toBeVisible();
+  await alice.keyboard.press('Escape');
+
+  await alice.locator('body').click();
+  await alice.keyboard.press('?');
+  const help = alice.getByTestId('shortcuts-help');
+  await expect(help).toBeVisible();
+  await expect(help).toContainText('Alt+T');
+  await expect(help).toContainText('Transfer the open conversation');
+  await alice.keyboard.press('Escape');
+  await expect(help).toHaveCount(0);
+});

@@ -143,7 +143,7 @@ test('transfer to a skill group with a comment: an operator of that group gets t
   await expect(view.getByTestId('message').filter({ hasText: 'pass you to billing' })).toHaveCount(1);
   const transferred = view.getByTestId('entry-transferred');
   await expect(transferred).toHaveCount(1);
-  await expect(transferred).toContainText('Transferred by alice to billing');
+  await expect(transferred).toContainText('Transferred by Alice to billing');
   await expect(transferred).toContainText('Refund for invoice 77, already verified');
   // The entry sits between Alice's reply and Carol's assignment.
   const kinds = await view.getByTestId('message-log').locator('> li').evaluateAll((els) => els.map((e) => e.getAttribute('data-testid')));

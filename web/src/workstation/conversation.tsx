@@ -12,7 +12,7 @@ import type { Template } from './types';
 import { messageProblem } from './forms';
 import { ClientCard, CloseDialog, TemplatesPanel, TransferDialog } from './panels';
 import { describeError } from './strings';
-import { TabList, TabPanel, useApp, useNow } from './ui';
+import { SHORTCUT_EVENT, TabList, TabPanel, useApp, useNow } from './ui';
 import { enc } from './api';
 
 const SIDE_TABS = ['card', 'templates'] as const;
@@ -32,6 +32,15 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
   useEffect(() => {
     setDraftState(conv ? drafts.current.get(conv.id) ?? '' : '');
     setDialog(null);
+  }, [conv?.id]);
+  // Alt+T and Alt+C from anywhere on the desk (see SHORTCUTS in desk.tsx).
+  useEffect(() => {
+    const open = (e: Event) => {
+      const what = (e as CustomEvent<string>).detail;
+      if (conv && (what === 'transfer' || what === 'close')) setDialog(what);
+    };
+    window.addEventListener(SHORTCUT_EVENT, open);
+    return () => window.removeEventListener(SHORTCUT_EVENT, open);
   }, [conv?.id]);
 
   // Read marks: tell the visitor what we have seen.
@@ -283,9 +292,7 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
         maxLength={4000}
         placeholder={t('composer_placeholder')}
         value={draft}
-        role="combobox"
-        aria-expanded={slashShown.length > 0}
-        aria-controls={id + '-slash'}
+        aria-controls={slashShown.length ? id + '-slash' : undefined}
         aria-activedescendant={slashShown.length ? id + '-slash-' + Math.min(slashActive, slashShown.length - 1) : undefined}
         onInput={(e) => {
           const value = (e.currentTarget as HTMLTextAreaElement).value;

@@ -10,7 +10,7 @@ import { OperatorSession } from './operator-session';
 import { PRESENCES, type LoginInfo, type Presence } from './types';
 import { ConversationPane } from './conversation';
 import { describeError } from './strings';
-import { RECONNECT_NOW, useApp, useNow, useStore } from './ui';
+import { Dialog, RECONNECT_NOW, SHORTCUT_EVENT, useApp, useNow, useStore } from './ui';
 import { browserAlerts, type Alerts } from './alerts';
 
 /** A conversation transferred to this operator, shown until opened or dismissed. */
@@ -112,16 +112,41 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
     document.title = (n ? '(' + n + ') ' : '') + t('app_title');
   }, [state.offers.length, state.convs, t]);
 
-  // Keyboard: Alt+A accepts the oldest offer, Alt+D declines it.
+  // Keyboard (SHORTCUTS): Alt+A accepts the oldest offer, Alt+D declines it, Alt+↓/↑
+  // moves to the next or previous conversation, Alt+T transfers and Alt+C closes the open
+  // one, and "?" (outside a text field) or Alt+H shows them all.
+  const [help, setHelp] = useState(false);
   useEffect(() => {
     const onKey = (e: KeyboardEvent) => {
+      const typing = (e.target as HTMLElement | null)?.closest?.('input, textarea, select, [contenteditable="true"]');
+      if (!e.altKey && !e.ctrlKey && !e.metaKey && e.key === '?' && !typing) {
+        e.preventDefault();
+        setHelp((h) => !h);
+        return;
+      }
+      if (e.key === 'Escape') setHelp(false);
       if (!e.altKey || e.ctrlKey || e.metaKey) return;
-      const k = e.key.toLowerCase();
-      const first = session.store.get().offers[0];
-      if (!first || (k !== 'a' && k !== 'd' && e.code !== 'KeyA' && e.code !== 'KeyD')) return;
-      e.preventDefault();
-      const accept = k === 'a' || e.code === 'KeyA';
-      (accept ? session.accept(first.offer) : session.decline(first.offer)).catch((err) => notify(describeError(t, err.code, err.message), 'error'));
+      const k = e.code.startsWith('Key') ? e.code.slice(3).toLowerCase() : e.key.toLowerCase();
+      const s = session.store.get();
+      if (k === 'a' || k === 'd') {
+        const first = s.offers[0];
+        if (!first) return;
+        e.preventDefault();
+        (k === 'a' ? session.accept(first.offer) : session.decline(first.offer)).catch((err) => notify(describeError(t, err.code, err.message), 'error'));
+      } else if (e.key === 'ArrowDown' || e.key === 'ArrowUp') {
+        const list = sortedConvs(s);
+        if (!list.length) return;
+        e.preventDefault();
+        const at = list.findIndex((c) => c.id === s.selected);
+        const step = e.key === 'ArrowDown' ? 1 : list.length - 1;
+        session.select(list[at < 0 ? 0 : (at + step) % list.length].id);
+      } else if ((k === 't' || k === 'c') && s.selected != null) {
+        e.preventDefault();
+        window.dispatchEvent(new CustomEvent(SHORTCUT_EVENT, { detail: k === 't' ? 'transfer' : 'close' }));
+      } else if (k === 'h') {
+        e.preventDefault();
+        setHelp((h) => !h);
+      }
     };
     window.addEventListener('keydown', onKey);
     return () => window.removeEventListener('keydown', onKey);
@@ -159,7 +184,39 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
         <ConvList session={session} state={state} />
       </aside>
       <ConversationPane session={session} state={state} auth={props.auth} />
+      {help && <ShortcutsHelp onClose={() => setHelp(false)} />}
     </div>
+  );
+}
+
+/** Every desk shortcut, as the help overlay lists them. */
+export const SHORTCUTS: [string, string][] = [
+  ['Alt+A', 'shortcut_accept'],
+  ['Alt+D', 'shortcut_decline'],
+  ['Alt+↓ / Alt+↑', 'shortcut_next'],
+  ['Alt+T', 'shortcut_transfer'],
+  ['Alt+C', 'shortcut_close'],
+  ['/', 'shortcut_templates'],
+  ['? / Alt+H', 'shortcut_help'],
+];
+
+function ShortcutsHelp(props: { onClose: () => void }) {
+  const { t } = useApp();
+  return (
+    <Dialog title={t('shortcuts')} onClose={props.onClose}>
+      <table class="table" data-testid="shortcuts-help">
+        <tbody>
+          {SHORTCUTS.map(([keys, what]) => (
+            <tr key={keys}>
+              <th scope="row">
+                <kbd class="kbd">{keys}</kbd>
+              </th>
+              <td>{t(what as any)}</td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+    </Dialog>
   );
 }
 

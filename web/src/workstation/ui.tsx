@@ -191,3 +191,8 @@ export const RECONNECT_NOW = 'switchboard-reconnect-now';
 export function reconnectNow(): void {
   window.dispatchEvent(new Event(RECONNECT_NOW));
 }
+
+/** The window event desk shortcuts fire for the open conversation (detail: `transfer`
+ *  or `close`). */
+export const SHORTCUT_EVENT = 'switchboard-shortcut';
+
