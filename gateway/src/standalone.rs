@@ -60,6 +60,10 @@ const RESUME_WAIT: Duration = Duration::from_secs(5);
 const MAX_UPSTREAM_MESSAGE: usize = 16 * 1024 * 1024;
 /// Requests a socket's client may have unanswered at the gateway's count; past it the
 /// oldest are forgotten (and answered `unavailable` on a re-pin, as if never tracked).
+
+/// Requests a socket's client may have unanswered at once; past it (or past
+/// [`MAX_PENDING_BYTES`] of frames kept for a re-pin) new ones are refused with
+/// `rate_limited` until answers come.
 const MAX_PENDING: usize = 256;
 /// The client's headers a socket keeps to be opened again on another member.
 const REPIN_HEADERS: [&str; 6] = ["host", "origin", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version"];
@@ -573,6 +577,11 @@ impl Session for RelaySession {
         }
     }
 
+    fn on_reader_end(&mut self) {
+        // The relay holds the outbox's other sender: it must let go for the writer to end.
+        self.tx = None;
+    }
+
     fn on_end(&mut self) {
         self.tx = None;
     }
@@ -603,7 +612,7 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
     edge.up.relayed_sockets.fetch_add(1, Relaxed);
     edge.up.moved(None, Some(member));
     let mut counted = Counted(edge.up.clone(), member);
-    let mut track = Tracker::new(surface);
+    let mut track = Tracker::new(surface, &path);
     loop {
         let lost = loop {
             tokio::select! {
@@ -612,12 +621,14 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                         let _ = upstream.send(ServerOp::Close, &wire::close_payload(close::NORMAL, "")).await;
                         return;
                     }
-                    Some(text) => {
-                        track.outgoing(&text);
-                        if let Err(e) = upstream.send(ServerOp::Text, text.as_bytes()).await {
-                            break e;
+                    Some(text) => match track.outgoing(&text) {
+                        Ok(()) => {
+                            if let Err(e) = upstream.send(ServerOp::Text, text.as_bytes()).await {
+                                break e;
+                            }
                         }
-                    }
+                        Err(refusal) => out.json(refusal).await,
+                    },
                 },
                 frame = upstream.next() => match frame {
                     Ok(Inbound::Text(text)) => {
@@ -655,15 +666,13 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                 edge.up.moved(Some(member), Some(id));
                 member = id;
                 counted.1 = id;
+                // A resend that fails is left to the next re-pin; every answer is delivered.
+                let mut sending = true;
                 for action in replay {
                     match action {
                         Replay::Resend(text) => {
-                            if upstream
-                                .send(ServerOp::Text, text.as_bytes())
-                                .await
-                                .is_err()
-                            {
-                                break;
+                            if sending && upstream.send(ServerOp::Text, text.as_bytes()).await.is_err() {
+                                sending = false;
                             }
                         }
                         Replay::Answer(frame) => out.json(frame).await,
@@ -713,8 +722,15 @@ async fn repin(
     while Instant::now() < give_up {
         if let Some((id, addr)) = edge.up.choose(avoid) {
             let target = track.reconnect_path(path);
-            match open_socket(&edge.up, &addr, edge.listener, client, &target, headers).await {
-                Ok(Opened::Socket(mut socket)) => match track.resume(&mut socket).await {
+            // Each attempt within what is left of the patience: a member that is there but
+            // stuck must not hold the socket past it.
+            let left = give_up.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+            let opened = match tokio::time::timeout(left, open_socket(&edge.up, &addr, edge.listener, client, &target, headers)).await {
+                Ok(opened) => opened,
+                Err(_) => Err("the member did not answer in time".to_string()),
+            };
+            match opened {
+                Ok(Opened::Socket(mut socket)) => match tokio::time::timeout(left, track.resume(&mut socket)).await.unwrap_or_else(|_| Err("no answer to the resume in time".into())) {
                     Ok(()) => return Ok((socket, id, track.replay())),
                     Err(e) => {
                         tracing::debug!(member = id, error = %e, "resume on the new member failed; trying again");
@@ -754,76 +770,74 @@ async fn repin(
 /// A request the client sent that has had no answer yet.
 struct Pending {
     kind: String,
+    /// The request's own `ref` (operator frames), if it had one.
     reference: Option<Value>,
+    /// Its idempotency key (`send`), if it had one.
     key: Option<String>,
+    /// The frame, kept only for what a re-pin sends again (keyed `send`s and `close`s).
     text: String,
 }
+
+/// Bytes of frames a socket's unanswered requests may hold for a re-pin; past it (or
+/// past [`MAX_PENDING`] requests) new requests are refused until answers come.
+const MAX_PENDING_BYTES: usize = 256 * 1024;
 
 /// What a gateway must know of a socket's protocol to move it between members: where
 /// its stream is, and which requests are unanswered.
 struct Tracker {
     surface: Surface,
-    /// Client: the conversation's token (from `started` or the client's `resume`).
+    /// Client: the conversation's token (from `started`, or a `resume` the member accepted).
     token: Option<String>,
     /// The last `seq` delivered on the stream (client: conversation; operator: feed).
     last_seq: Option<u64>,
-    /// Client: the `last_seq` of a `resume` the client sent and that is not answered yet.
-    resume_asked: Option<u64>,
+    /// Operator: the `last_seq` the socket was opened with, until the first `hello`.
+    requested: Option<u64>,
+    /// Client: a `resume` the client sent that is not answered yet (its token and `last_seq`).
+    resume_asked: Option<(String, u64)>,
     pending: VecDeque<Pending>,
+    pending_bytes: usize,
 }
 
 impl Tracker {
-    fn new(surface: Surface) -> Self {
-        Tracker {
-            surface,
-            token: None,
-            last_seq: None,
-            resume_asked: None,
-            pending: VecDeque::new(),
-        }
+    fn new(surface: Surface, path: &str) -> Self {
+        let requested = path
+            .split_once('?')
+            .map(|(_, q)| q)
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|p| p.strip_prefix("last_seq=").and_then(|v| v.parse::<u64>().ok()));
+        Tracker { surface, token: None, last_seq: None, requested, resume_asked: None, pending: VecDeque::new(), pending_bytes: 0 }
     }
 
-    /// A frame the client sent, on its way to the member.
-    fn outgoing(&mut self, text: &str) {
+    /// A frame the client sent, on its way to the member. `Err` with an error frame for
+    /// the client when too many requests are unanswered: the frame is not relayed.
+    fn outgoing(&mut self, text: &str) -> Result<(), Value> {
         if self.surface == Surface::Supervisor {
-            return;
+            return Ok(());
         }
-        let Ok(frame) = serde_json::from_str::<Value>(text) else {
-            return;
-        };
-        let kind = frame
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
+        let Ok(frame) = serde_json::from_str::<Value>(text) else { return Ok(()) };
+        let kind = frame.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
         // No answer comes to these: nothing to wait for.
         if matches!(kind.as_str(), "typing" | "read" | "ping") {
-            return;
+            return Ok(());
+        }
+        let key = frame.get("key").and_then(Value::as_str).map(str::to_owned);
+        // A client's `ack` and errors name the key; an operator's name the `ref`.
+        let reference = if self.surface == Surface::Client { None } else { frame.get("ref").cloned() };
+        let keep = (kind == "send" && key.is_some()) || kind == "close";
+        let held = if keep { text.len() } else { 0 };
+        if self.pending.len() >= MAX_PENDING || self.pending_bytes + held > MAX_PENDING_BYTES {
+            let reference = reference.clone().or_else(|| key.clone().map(Value::String));
+            return Err(crate::frames::error("rate_limited", "too many requests without an answer yet; this one was not sent", reference.as_ref()));
         }
         if self.surface == Surface::Client && kind == "resume" {
             if let Some(token) = frame.get("token").and_then(Value::as_str) {
-                self.token = Some(token.to_owned());
-                self.resume_asked =
-                    Some(frame.get("last_seq").and_then(Value::as_u64).unwrap_or(0));
+                self.resume_asked = Some((token.to_owned(), frame.get("last_seq").and_then(Value::as_u64).unwrap_or(0)));
             }
         }
-        // The client's close and rate get no answer of their own; a `closed` or
-        // `rated` event (or an error) settles them.
-        let key = frame.get("key").and_then(Value::as_str).map(str::to_owned);
-        let reference = frame.get("ref").cloned().or_else(|| {
-            (self.surface == Surface::Client)
-                .then(|| key.clone().map(Value::String))
-                .flatten()
-        });
-        if self.pending.len() >= MAX_PENDING {
-            self.pending.pop_front();
-        }
-        self.pending.push_back(Pending {
-            kind,
-            reference,
-            key,
-            text: text.to_owned(),
-        });
+        self.pending_bytes += held;
+        self.pending.push_back(Pending { kind, reference, key, text: if keep { text.to_owned() } else { String::new() } });
+        Ok(())
     }
 
     /// A frame from the member; `false` when the client must not see it.
@@ -831,13 +845,8 @@ impl Tracker {
         if self.surface == Surface::Supervisor {
             return true;
         }
-        let Ok(frame) = serde_json::from_str::<Value>(text) else {
-            return true;
-        };
-        let kind = frame
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let Ok(frame) = serde_json::from_str::<Value>(text) else { return true };
+        let kind = frame.get("type").and_then(Value::as_str).unwrap_or_default();
         match kind {
             "event" => {
                 if let Some(seq) = frame.get("seq").and_then(Value::as_u64) {
@@ -856,40 +865,37 @@ impl Tracker {
                     }
                 }
             }
-            "hello" => self.last_seq = frame.get("seq").and_then(Value::as_u64),
+            "hello" => {
+                // Events after the point the socket asked for follow the hello (§3.2).
+                let newest = frame.get("seq").and_then(Value::as_u64);
+                self.last_seq = match (self.requested.take(), newest) {
+                    (Some(asked), Some(newest)) => Some(asked.min(newest)),
+                    (_, newest) => newest,
+                };
+            }
             "started" => {
-                self.token = frame
-                    .get("token")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
+                self.token = frame.get("token").and_then(Value::as_str).map(str::to_owned);
                 self.last_seq = Some(0);
                 self.settle(|p| p.kind == "start");
             }
             "resumed" => {
-                self.last_seq = self.resume_asked.take().or(Some(0));
+                if let Some((token, last_seq)) = self.resume_asked.take() {
+                    self.token = Some(token);
+                    self.last_seq = Some(last_seq);
+                }
                 self.settle(|p| p.kind == "resume");
             }
             "ack" | "ok" | "history" | "error" => {
-                let code = frame
-                    .get("code")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
+                let code = frame.get("code").and_then(Value::as_str).unwrap_or_default();
                 if kind == "error" && matches!(code, "resume_gap" | "unauthorized") {
                     return true;
                 }
-                // A client's `ack` names its key; every other answer its request's `ref`.
                 match frame.get("ref").or_else(|| frame.get("key")).cloned() {
-                    Some(reference) => self.settle(|p| p.reference.as_ref() == Some(&reference)),
+                    // Named by its `ref`, or by its key when it had no `ref`.
+                    Some(named) => self.settle(|p| p.reference.as_ref() == Some(&named) || (p.reference.is_none() && p.key.is_some() && p.key.as_deref() == named.as_str())),
                     // Requests are answered in the order they were sent: an answer
-                    // without `ref` is the oldest request's without one (a client's
-                    // close and rate are settled by their events, see above).
-                    None => {
-                        let client = self.surface == Surface::Client;
-                        self.settle(|p| {
-                            p.reference.is_none()
-                                && !(client && (p.kind == "close" || p.kind == "rate"))
-                        })
-                    }
+                    // without a name is the oldest unnamed request's.
+                    None => self.settle(|p| p.reference.is_none() && (p.key.is_none() || p.kind != "send")),
                 }
                 if kind == "error" && self.surface == Surface::Client && code != "unavailable" {
                     // A refused resume leaves the stream where it was.
@@ -904,7 +910,9 @@ impl Tracker {
     /// Drops the oldest pending request `matches` picks.
     fn settle(&mut self, matches: impl Fn(&Pending) -> bool) {
         if let Some(i) = self.pending.iter().position(matches) {
-            self.pending.remove(i);
+            if let Some(done) = self.pending.remove(i) {
+                self.pending_bytes = self.pending_bytes.saturating_sub(done.text.len());
+            }
         }
         // Most of a socket's life nothing is pending: hold no room for it then.
         if self.pending.is_empty() && self.pending.capacity() > 0 {
@@ -918,10 +926,7 @@ impl Tracker {
         match (self.surface, self.last_seq) {
             (Surface::Operator, Some(seq)) => {
                 let (base, query) = path.split_once('?').unwrap_or((path, ""));
-                let mut params: Vec<&str> = query
-                    .split('&')
-                    .filter(|p| !p.is_empty() && !p.starts_with("last_seq="))
-                    .collect();
+                let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty() && !p.starts_with("last_seq=")).collect();
                 let last = format!("last_seq={seq}");
                 params.push(&last);
                 format!("{base}?{}", params.join("&"))
@@ -938,14 +943,14 @@ impl Tracker {
             Surface::Supervisor => return Ok(()),
             Surface::Operator => "hello",
             Surface::Client => {
-                let Some(token) = self.token.clone() else {
-                    return Ok(());
+                // The client's own resume, if it is waiting for one; else where it was.
+                let (token, last_seq) = match (&self.resume_asked, &self.token) {
+                    (Some((token, last_seq)), _) => (token.clone(), *last_seq),
+                    (None, Some(token)) => (token.clone(), self.last_seq.unwrap_or(0)),
+                    (None, None) => return Ok(()),
                 };
-                let last_seq = self.resume_asked.or(self.last_seq).unwrap_or(0);
                 let frame = json!({"type": "resume", "token": token, "last_seq": last_seq});
-                socket
-                    .send(ServerOp::Text, frame.to_string().as_bytes())
-                    .await?;
+                socket.send(ServerOp::Text, frame.to_string().as_bytes()).await?;
                 "resumed"
             }
         };
@@ -953,12 +958,8 @@ impl Tracker {
             loop {
                 match socket.next().await? {
                     Inbound::Text(text) => {
-                        let frame: Value =
-                            serde_json::from_str(&text).map_err(|e| e.to_string())?;
-                        let kind = frame
-                            .get("type")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default();
+                        let frame: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                        let kind = frame.get("type").and_then(Value::as_str).unwrap_or_default();
                         if kind == expect {
                             return Ok(frame);
                         }
@@ -967,26 +968,19 @@ impl Tracker {
                         }
                     }
                     Inbound::Ping(payload) => socket.send(ServerOp::Pong, &payload).await?,
-                    Inbound::Close(code, reason) => {
-                        return Err(format!("closed {code:?} {reason}"))
-                    }
+                    Inbound::Close(code, reason) => return Err(format!("closed {code:?} {reason}")),
                     _ => {}
                 }
             }
         };
-        let frame = tokio::time::timeout(RESUME_WAIT, wait)
-            .await
-            .map_err(|_| "no answer to the resume".to_string())??;
-        if self.surface == Surface::Client && self.resume_asked.is_some() {
-            // The client asked for this `resumed` itself: hand it over.
-            self.last_seq = self.resume_asked;
-            self.pending.push_front(Pending {
-                kind: "__resumed".into(),
-                reference: None,
-                key: None,
-                text: frame.to_string(),
-            });
-            self.resume_asked = None;
+        let frame = tokio::time::timeout(RESUME_WAIT, wait).await.map_err(|_| "no answer to the resume".to_string())??;
+        if self.surface == Surface::Client {
+            if let Some((token, last_seq)) = self.resume_asked.take() {
+                // The client asked for this `resumed` itself: hand it over.
+                self.token = Some(token);
+                self.last_seq = Some(last_seq);
+                self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, text: frame.to_string() });
+            }
         }
         Ok(())
     }
@@ -1003,23 +997,23 @@ impl Tracker {
                     }
                 }
                 // The key makes a resend safe; closing twice is a no-op.
-                "send" if pending.key.is_some() => {
-                    actions.push(Replay::Resend(pending.text.clone()));
-                    keep.push_back(pending);
-                }
-                "close" => {
+                "send" | "close" if !pending.text.is_empty() => {
                     actions.push(Replay::Resend(pending.text.clone()));
                     keep.push_back(pending);
                 }
                 // Resumed above already.
                 "resume" => {}
-                _ => actions.push(Replay::Answer(crate::frames::error(
-                    "unavailable",
-                    "the node serving this socket stopped before answering; the request may or may not have taken effect",
-                    pending.reference.as_ref(),
-                ))),
+                _ => {
+                    let reference = pending.reference.clone().or_else(|| pending.key.clone().map(Value::String));
+                    actions.push(Replay::Answer(crate::frames::error(
+                        "unavailable",
+                        "the node serving this socket stopped before answering; the request may or may not have taken effect",
+                        reference.as_ref(),
+                    )))
+                }
             }
         }
+        self.pending_bytes = keep.iter().map(|p| p.text.len()).sum();
         self.pending = keep;
         actions
     }
@@ -1154,4 +1148,70 @@ pub async fn start(
         private_addr,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operator_socket_opened_with_last_seq_gets_the_replayed_events() {
+        let mut t = Tracker::new(Surface::Operator, "/ws/operator?token=T&last_seq=40");
+        assert!(t.incoming(r#"{"type":"hello","seq":44}"#));
+        for seq in 41..=45 {
+            assert!(t.incoming(&format!(r#"{{"type":"event","kind":"presence","seq":{seq}}}"#)), "event {seq} is delivered");
+        }
+        assert!(!t.incoming(r#"{"type":"event","kind":"presence","seq":45}"#), "a repeat is not");
+        assert_eq!(t.reconnect_path("/ws/operator?token=T&last_seq=40"), "/ws/operator?token=T&last_seq=45");
+    }
+
+    #[test]
+    fn a_refused_client_resume_leaves_the_socket_where_it_was() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        assert!(t.outgoing(r#"{"type":"start"}"#).is_ok());
+        t.incoming(r#"{"type":"started","token":"old","conversation":1}"#);
+        t.incoming(r#"{"type":"event","kind":"message","seq":3}"#);
+        assert!(t.outgoing(r#"{"type":"resume","token":"new","last_seq":99}"#).is_ok());
+        t.incoming(r#"{"type":"error","code":"invalid","message":"ahead"}"#);
+        assert_eq!((t.token.as_deref(), t.last_seq), (Some("old"), Some(3)));
+        assert!(t.pending.is_empty(), "the resume was answered");
+    }
+
+    #[test]
+    fn unanswered_requests_are_bounded_and_settled_by_their_answers() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        // A close refused without a `ref` is settled, not kept for a resend.
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        t.incoming(r#"{"type":"error","code":"no_conversation","message":"start first"}"#);
+        assert!(t.pending.is_empty());
+        // Keyed sends are kept (to resend) until their ack names the key.
+        for n in 0..MAX_PENDING {
+            assert!(t.outgoing(&format!(r#"{{"type":"send","key":"k{n}","text":"hi"}}"#)).is_ok());
+        }
+        let refused = t.outgoing(r#"{"type":"send","key":"one-too-many","text":"hi"}"#).expect_err("over the cap");
+        assert_eq!((refused["code"].as_str(), refused["ref"].as_str()), (Some("rate_limited"), Some("one-too-many")));
+        t.incoming(r#"{"type":"ack","key":"k7","seq":9,"duplicate":false}"#);
+        assert_eq!(t.pending.len(), MAX_PENDING - 1);
+        let replay = t.replay();
+        assert_eq!(replay.iter().filter(|r| matches!(r, Replay::Resend(_))).count(), MAX_PENDING - 1);
+        // Big frames count by bytes too.
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        let text = "x".repeat(16 * 1024);
+        let mut taken = 0;
+        while t.outgoing(&format!(r#"{{"type":"send","key":"b{taken}","text":"{text}"}}"#)).is_ok() {
+            taken += 1;
+        }
+        assert!(taken < 20 && t.pending_bytes <= MAX_PENDING_BYTES, "{taken} frames, {} bytes", t.pending_bytes);
+    }
+
+    #[test]
+    fn an_operator_send_without_ref_is_settled_by_its_ack() {
+        let mut t = Tracker::new(Surface::Operator, "/ws/operator?token=T");
+        assert!(t.outgoing(r#"{"type":"send","conversation":1,"key":"a-1","text":"hi"}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"accept","offer":5,"ref":7}"#).is_ok());
+        t.incoming(r#"{"type":"ok","ref":7}"#);
+        assert_eq!(t.pending.len(), 1, "a numeric ref settles only its own request");
+        t.incoming(r#"{"type":"ack","conversation":1,"key":"a-1","ref":"a-1","seq":5}"#);
+        assert!(t.pending.is_empty());
+    }
 }

@@ -288,6 +288,9 @@ pub trait Session: Send + 'static {
         async { Flow::Continue }
     }
     fn on_text(&mut self, text: &str, out: &Outbox) -> impl Future<Output = Flow> + Send;
+    /// Called once when the socket's reader has stopped, before waiting for the writer:
+    /// a session that hands the outbox to a task of its own lets that task go here.
+    fn on_reader_end(&mut self) {}
     /// Called once after the socket and its writer have stopped.
     fn on_end(&mut self) {}
 }
@@ -446,6 +449,7 @@ pub async fn drive<S: Session>(io: TokioIo<Upgraded>, mut session: S, limits: Li
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    session.on_reader_end();
     drop(outbox);
     if !writer_done {
         let _ = writer.await;
