@@ -262,7 +262,12 @@ impl Starting {
             Ok(Ok(false)) | Ok(Err(_)) => {
                 // The folder may be gone by the time anyone looks: say what it said.
                 let log = std::fs::read_to_string(data_dir.join("node.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+                // Its last words, without the backtrace frames that follow an error.
+                let words = log.lines().filter(|l| {
+                    let t = l.trim_start();
+                    !(t.starts_with("at ") || t.split_once(':').is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit())) || t.starts_with("Stack backtrace"))
+                });
+                let tail: Vec<&str> = words.collect::<Vec<_>>().into_iter().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
                 bail!("switchboard {subcommand} exited before it was ready; the end of its log:\n{}", tail.join("\n"))
             }
             Err(_) => bail!("switchboard {subcommand} not ready within 60 s"),

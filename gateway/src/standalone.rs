@@ -158,7 +158,10 @@ impl Upstreams {
         }
         let ready = map.members.iter().find(|(id, m)| usable(id, m) && m.ready);
         let any = || map.members.iter().find(|(id, m)| usable(id, m));
-        ready.or_else(any).map(|(id, m)| (*id, m.addr.clone()))
+        // Nobody answered a poll yet (the gateway just started, or every dial is under
+        // way): trying one costs at most a dial, answering 503 at once costs the request.
+        let untried = || map.members.iter().find(|(id, _)| Some(**id) != avoid);
+        ready.or_else(any).or_else(untried).map(|(id, m)| (*id, m.addr.clone()))
     }
 
     fn ready(&self) -> bool {
@@ -1108,9 +1111,14 @@ pub async fn start(
         public_listener.local_addr()?,
         private_listener.local_addr()?,
     );
-    // The first map before the first request: a gateway that starts with its members
-    // up serves at once.
+    // The first map before the first request: a gateway that starts with its members up
+    // serves at once. The first poll may only start the dials; a few more follow.
+    let first_map = tokio::time::Instant::now() + Duration::from_secs(5);
     up.poll().await;
+    while !up.ready() && tokio::time::Instant::now() < first_map {
+        tokio::time::sleep(POLL_EVERY).await;
+        up.poll().await;
+    }
     let poller = {
         let up = up.clone();
         let mut stop = stop.clone();

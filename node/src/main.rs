@@ -401,7 +401,19 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
     let (data_dir, node_id) = (options.data_dir.clone(), options.node_id);
     let node = server::start(options).await?;
     if args.demo {
-        demo::ensure(&node, &data_dir).await?;
+        // Its upserts are idempotent: one lost to a leader change at a cluster's start is
+        // asked again.
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match demo::ensure(&node, &data_dir).await {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() < until => {
+                    tracing::info!(error = %e, "loading the demo did not go through; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     } else if bootstraps {
         if let Some(path) = bootstrap::ensure_admin(&node, &data_dir, &args.admin_login).await? {
             println!("first start: created admin login '{}'; its password is in {}", args.admin_login, path.display());

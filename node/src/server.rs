@@ -993,11 +993,18 @@ std::fs::create_dir_all(&options.data_dir)?;
     let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor, leader_changes, peers: peers.clone(), copying: Arc::new(tokio::sync::Semaphore::new(FILES_COPIED_AT_ONCE)), router: router.clone(), barriers: Arc::default() });
     // The log before this replays under the rules it was decided with; from here on
     // this build's rules decide. A no-op when the shard already has them.
-    if shard.read().rules < switchboard_actors::core::RULES_VERSION {
-        backend
-            .submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION })
-            .await
-            .map_err(|e| anyhow::anyhow!("adopt routing rules {}: {e}", switchboard_actors::core::RULES_VERSION))?;
+    // Adopting is idempotent: an outcome lost to a leader change at start (members start
+    // together and may elect twice) is simply asked again, for up to a minute.
+    let adopt_until = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while shard.read().rules < switchboard_actors::core::RULES_VERSION {
+        match backend.submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }).await {
+            Ok(_) => break,
+            Err(e) if tokio::time::Instant::now() < adopt_until => {
+                info!(error = %e, "adopting the routing rules did not go through; asking again");
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            Err(e) => anyhow::bail!("adopt routing rules {}: {e}", switchboard_actors::core::RULES_VERSION),
+        }
     }
     let public = TcpListener::bind(options.public_addr).await.with_context(|| format!("bind public {}", options.public_addr))?;
     let private = TcpListener::bind(options.private_addr).await.with_context(|| format!("bind private {}", options.private_addr))?;
