@@ -161,6 +161,15 @@ pub fn gateway_name(n: u64) -> String {
     }
 }
 
+/// Writes `config` as TOML under `head` (each of its lines a comment), readable by the
+/// owner only: the files name the keys a member trusts.
+fn write_config<T: Serialize>(path: &Path, head: &str, config: &T) -> anyhow::Result<()> {
+    let mut text: String = head.lines().map(|l| format!("# {l}\n")).collect();
+    text.push_str(&toml::to_string(config).with_context(|| format!("write {}", path.display()))?);
+    switchboard_raft::files::write_private(path, text.as_bytes())?;
+    Ok(())
+}
+
 /// What `cluster init` lays out.
 pub struct InitPlan {
     pub dir: PathBuf,
@@ -230,12 +239,8 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
             members: members.clone(),
         };
         let path = plan.dir.join(format!("node-{i}.toml"));
-        let text = format!(
-            "# Switchboard node {i}: run it with `switchboard node --config {}`.\n# Relative paths are read from this file's folder. Fields: deploy/README.md.\n{}",
-            path.display(),
-            toml::to_string(&config).context("write the node configuration")?
-        );
-        switchboard_raft::files::write_private(&path, text.as_bytes())?;
+        let head = format!("Switchboard node {i}: run it with `switchboard node --config {}`.\nRelative paths are read from this file's folder. Fields: deploy/README.md.", path.display());
+        write_config(&path, &head, &config)?;
         written.push(path);
     }
     for g in 0..plan.gateways {
@@ -259,12 +264,11 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
             members: members.clone(),
         };
         let path = plan.dir.join(format!("{name}.toml"));
-        let text = format!(
-            "# Switchboard gateway {name}: run it with `switchboard gateway --config {}`.\n# Relative paths are read from this file's folder. Fields: deploy/gateway.example.toml.\n{}",
-            path.display(),
-            toml::to_string(&config).context("write the gateway configuration")?
+        let head = format!(
+            "Switchboard gateway {name}: run it with `switchboard gateway --config {}`.\nRelative paths are read from this file's folder. Fields: deploy/gateway.example.toml.",
+            path.display()
         );
-        switchboard_raft::files::write_private(&path, text.as_bytes())?;
+        write_config(&path, &head, &config)?;
         written.push(path);
     }
     Ok(written)
@@ -367,12 +371,11 @@ pub fn add_node(dir: &Path, host: Option<&str>) -> anyhow::Result<PathBuf> {
         members,
     };
     let path = dir.join(format!("node-{id}.toml"));
-    let text = format!(
-        "# Switchboard node {id}, added to a running cluster: run it with `switchboard node --config {}`;\n# on its first start it asks the members below to admit it. Fields: deploy/README.md.\n{}",
-        path.display(),
-        toml::to_string(&config).context("write the node configuration")?
+    let head = format!(
+        "Switchboard node {id}, added to a running cluster: run it with `switchboard node --config {}`;\non its first start it asks the members below to admit it. Fields: deploy/README.md.",
+        path.display()
     );
-    switchboard_raft::files::write_private(&path, text.as_bytes())?;
+    write_config(&path, &head, &config)?;
     Ok(path)
 }
 
