@@ -301,6 +301,29 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             }
             Ok((Reply::Done, events))
         }
+        Command::UpdateUser { login, role, operator: linked } => {
+            let Some(user) = state.users.get(login) else { return Err(Error::NotFound(format!("user {login}"))) };
+            if let Some(op) = linked {
+                operator(op)?;
+            }
+            let updated = UserRecord { login: login.clone(), password_hash: user.password_hash.clone(), role: *role, operator: linked.clone() };
+            Ok((Reply::Done, vec![Event::UserUpserted(updated)]))
+        }
+        Command::AddNote { conversation: conv_id, author, name, key, text } => {
+            check_key(key)?;
+            let conv = conversation(conv_id)?;
+            if let Some(seq) = conv.keys.get(key) {
+                return Ok((Reply::Message { seq: *seq, duplicate: true }, vec![]));
+            }
+            if text.trim().is_empty() {
+                return Err(Error::Invalid("a note needs text".into()));
+            }
+            check_message(state, *conv_id, text, &[])?;
+            Ok((
+                Reply::Message { seq: conv.last_seq() + 1, duplicate: false },
+                vec![Event::NoteAdded { conversation: *conv_id, author: author.clone(), name: name.clone(), key: key.clone(), text: text.clone() }],
+            ))
+        }
         Command::EndSessions { login } => {
             if !state.users.contains_key(login) {
                 return Err(Error::NotFound(format!("user {login}")));

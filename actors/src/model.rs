@@ -318,6 +318,22 @@ pub enum Command {
     PurgeExpired {
         as_of: Timestamp,
     },
+    /// Changes a user's role and linked operator and keeps their password (an admin's
+    /// edit that does not re-enter it).
+    UpdateUser {
+        login: String,
+        role: Role,
+        operator: Option<OperatorId>,
+    },
+    /// A staff member's internal note on a conversation, open or closed: in its history
+    /// for staff, never shown to the visitor. `key` makes a retry write it once.
+    AddNote {
+        conversation: ConversationId,
+        author: String,
+        name: String,
+        key: String,
+        text: String,
+    },
 }
 
 /// Who read a conversation.
@@ -527,5 +543,12 @@ pub enum Event {
     PassForgotten {
         conversation: ConversationId,
         operator: OperatorId,
+    },
+    NoteAdded {
+        conversation: ConversationId,
+        author: String,
+        name: String,
+        key: String,
+        text: String,
     },
 }

@@ -20,6 +20,9 @@
 //! | `a` conversation attachment | attachment record; `A` attachment -> conversation |
 //! | `v` len:u16 visitor conversation | empty: the visitor's conversations, oldest first |
 //! | `e` len:u16 channel closed_at conversation | empty: closed conversations by channel and close time (retention) |
+//! | `w` len:u16 operator !conversation | empty: the conversations an operator handled, newest first (the id's bits inverted) |
+//! | `j` conversation | when an open conversation was first answered |
+//! | `K` len:u16 group hour | the group's KPI counters for that hour ([`GroupKpi`]) |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
 //! of the record. A reader refuses a version it does not know (docs/formats.md).
@@ -30,7 +33,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::model::*;
-use crate::state::{Conversation, ConversationStatus, FeedEntry, FeedItem, HistoryEntry, HistoryItem, Operator, ShardState, SkillGroup, FEED_RETAINED};
+use crate::state::{Conversation, ConversationStatus, FeedEntry, FeedItem, GroupKpi, HistoryEntry, HistoryItem, Operator, ShardState, SkillGroup, FEED_RETAINED};
 
 /// The version byte every record value starts with.
 pub const RECORD_VERSION: u8 = 1;
@@ -164,6 +167,23 @@ pub mod key {
         let mut key = closed_prefix(channel);
         key.extend_from_slice(&at.0.to_be_bytes());
         key.extend_from_slice(&conversation.0.to_be_bytes());
+        key
+    }
+    pub fn handled_prefix(operator: &OperatorId) -> Vec<u8> {
+        with_name(b'w', &operator.0)
+    }
+    /// Newest first in key order: the conversation id's bits are inverted.
+    pub fn handled(operator: &OperatorId, conversation: ConversationId) -> Vec<u8> {
+        let mut key = handled_prefix(operator);
+        key.extend_from_slice(&(!conversation.0).to_be_bytes());
+        key
+    }
+    pub fn answered(conversation: ConversationId) -> Vec<u8> {
+        with_id(b'j', conversation.0, &[])
+    }
+    pub fn kpi(group: &SkillGroupId, hour: u64) -> Vec<u8> {
+        let mut key = with_name(b'K', &group.0);
+        key.extend_from_slice(&hour.to_be_bytes());
         key
     }
     pub fn attachment_index(id: &AttachmentId) -> Vec<u8> {
@@ -323,6 +343,21 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         put(key::attachment(attachment.conversation, &attachment.id), encode(attachment));
         put(key::attachment_index(&attachment.id), attachment.conversation.0.to_be_bytes().to_vec());
     }
+    for (operator, conversation) in &dirty.handled {
+        put(key::handled(operator, *conversation), Vec::new());
+    }
+    for id in &dirty.answered {
+        match state.answered_at.get(id) {
+            Some(at) => put(key::answered(*id), encode(at)),
+            None => removes.push(key::answered(*id)),
+        }
+    }
+    for (group, hour) in &dirty.kpis {
+        match state.kpis.get(group).and_then(|hours| hours.get(hour)) {
+            Some(kpi) => put(key::kpi(group, *hour), encode(&(group, *hour, kpi))),
+            None => removes.push(key::kpi(group, *hour)),
+        }
+    }
     if dirty.purge {
         removes.append(&mut state.expired_keys);
     }
@@ -381,7 +416,7 @@ pub fn load_conversation(store: &dyn Store, id: ConversationId, keys: bool) -> R
     if keys {
         for (_, entry) in all::<HistoryEntry>(store, &key::history_prefix(id))? {
             match entry.item {
-                HistoryItem::ClientMessage { key, .. } | HistoryItem::OperatorMessage { key, .. } => {
+                HistoryItem::ClientMessage { key, .. } | HistoryItem::OperatorMessage { key, .. } | HistoryItem::Note { key, .. } => {
                     conv.keys.insert(key, entry.seq);
                 }
                 _ => {}
@@ -401,7 +436,8 @@ fn named_conversations(command: &Command) -> Vec<ConversationId> {
         | Command::Transfer { conversation, .. }
         | Command::CloseByOperator { conversation, .. }
         | Command::Reassign { conversation, .. }
-        | Command::MarkRead { conversation, .. } => vec![*conversation],
+        | Command::MarkRead { conversation, .. }
+        | Command::AddNote { conversation, .. } => vec![*conversation],
         Command::StoreAttachment(attachment) => vec![attachment.conversation],
         _ => vec![],
     }
@@ -429,7 +465,7 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
             continue;
         }
         if !state.conversations.contains_key(&id) {
-            let keys = matches!(command, Command::PostClientMessage { .. } | Command::PostOperatorMessage { .. });
+            let keys = matches!(command, Command::PostClientMessage { .. } | Command::PostOperatorMessage { .. } | Command::AddNote { .. });
             if let Some(conv) = load_conversation(store, id, keys)? {
                 state.conversations.insert(id, conv);
             }
@@ -485,6 +521,7 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
         if let Some(visitor) = conv.visitor.id.as_ref() {
             state.expired_keys.push(key::visitor(visitor, id));
         }
+        state.expired_keys.extend(conv.handled_by.iter().map(|op| key::handled(op, id)));
     }
     state.expired_keys.push(key::conversation(id));
     state.expired_keys.push(key::open(id));
@@ -547,6 +584,20 @@ pub fn feed(store: &dyn Store, operator: &OperatorId, after: u64, limit: usize) 
     }
 }
 
+/// The conversations `operator` handled, newest first: up to `limit` ids after
+/// `before` (exclusive; `None` starts at the newest).
+pub fn handled_by(store: &dyn Store, operator: &OperatorId, before: Option<ConversationId>, limit: usize) -> Result<Vec<ConversationId>, Error> {
+    let prefix = key::handled_prefix(operator);
+    let after = before.map(|id| key::handled(operator, id));
+    Ok(store
+        .scan(&prefix, after.as_deref(), limit)
+        .map_err(store_err)?
+        .into_iter()
+        .filter_map(|(k, _)| <[u8; 8]>::try_from(&k[prefix.len()..]).ok())
+        .map(|id| ConversationId(!u64::from_be_bytes(id)))
+        .collect())
+}
+
 /// A visitor's most recent conversations, newest first, at most `limit`.
 pub fn conversations_of(store: &dyn Store, visitor: &str, limit: usize) -> Result<Vec<Conversation>, Error> {
     let prefix = key::visitor_prefix(visitor);
@@ -602,6 +653,13 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, offer) in all::<Offer>(store, b"x")? {
         state.offers.insert(offer.id, offer);
+    }
+    for (k, at) in all::<Timestamp>(store, b"j")? {
+        let id = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged answer-time key".into()))?;
+        state.answered_at.insert(ConversationId(u64::from_be_bytes(id)), at);
+    }
+    for (_, (group, hour, kpi)) in all::<(SkillGroupId, u64, GroupKpi)>(store, b"K")? {
+        state.kpis.entry(group).or_default().insert(hour, kpi);
     }
     let open = store.scan(b"q", None, usize::MAX).map_err(store_err)?;
     for (k, _) in open {

@@ -254,6 +254,11 @@ impl Shard {
         Ok(stored.into_iter().map(|c| state.conversations.get(&c.id).cloned().unwrap_or(c)).collect())
     }
 
+    /// The conversations an operator handled, newest first (see [`records::handled_by`]).
+    pub fn handled_by(&self, operator: &OperatorId, before: Option<ConversationId>, limit: usize) -> Result<Vec<ConversationId>, Error> {
+        records::handled_by(self.store()?.as_ref(), operator, before, limit)
+    }
+
     pub fn decision(&self, offer: OfferId) -> Result<Option<DecisionRecord>, Error> {
         records::decision(self.store()?.as_ref(), offer)
     }

@@ -67,9 +67,78 @@ pub struct ShardState {
     /// Conversations a purge deleted in the log entry being applied.
     #[serde(skip)]
     pub deleted: BTreeSet<ConversationId>,
+    /// Per skill group and hour (`at / 3,600,000`), what happened there: the floor's
+    /// KPIs for today sum the hours since the reader's midnight (records `K`). A group
+    /// keeps its last [`KPI_HOURS_KEPT`] hours.
+    #[serde(default)]
+    pub kpis: BTreeMap<SkillGroupId, BTreeMap<u64, GroupKpi>>,
+    /// When each open conversation was first answered (records `j`): its handle time
+    /// runs from there to its close.
+    #[serde(default)]
+    pub answered_at: BTreeMap<ConversationId, Timestamp>,
     /// What the events applied since the last write changed, to be written as records.
     #[serde(skip)]
     pub dirty: Dirty,
+}
+
+/// Hours of KPI counters a skill group keeps: today in any time zone, and the week
+/// before it.
+pub const KPI_HOURS_KEPT: u64 = 24 * 8;
+/// One hour in milliseconds: the KPI counters' bucket.
+pub const HOUR_MS: u64 = 3_600_000;
+
+impl GroupKpi {
+    pub fn add(&mut self, other: &GroupKpi) {
+        self.entered += other.entered;
+        self.answered += other.answered;
+        self.wait_ms += other.wait_ms;
+        self.answered_in_sla += other.answered_in_sla;
+        self.handled += other.handled;
+        self.timed += other.timed;
+        self.handle_ms += other.handle_ms;
+        self.abandoned += other.abandoned;
+        self.rated += other.rated;
+        self.rating_sum += other.rating_sum;
+    }
+}
+
+impl ShardState {
+    /// Each skill group's counters summed over the hours from `since_hour` on (every
+    /// group, with zeros where nothing happened).
+    pub fn kpis_since(&self, since_hour: u64) -> BTreeMap<SkillGroupId, GroupKpi> {
+        let mut out: BTreeMap<SkillGroupId, GroupKpi> = self.groups.keys().map(|g| (g.clone(), GroupKpi::default())).collect();
+        for (group, hours) in &self.kpis {
+            if let Some(sum) = out.get_mut(group) {
+                for kpi in hours.range(since_hour..).map(|(_, kpi)| kpi) {
+                    sum.add(kpi);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What happened in one skill group in one hour, counted as the entries applied, so
+/// every replica counts the same. Docs: workstation-api.md, `GET /api/kpis`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupKpi {
+    /// Conversations that started in the group.
+    pub entered: u64,
+    /// Conversations first answered (assigned) here, their total wait from the start, and
+    /// how many of them within the group's SLA.
+    pub answered: u64,
+    pub wait_ms: u64,
+    pub answered_in_sla: u64,
+    /// Answered conversations closed here; `timed` of them with a known answer time,
+    /// whose handle times (answer to close) add up to `handle_ms`.
+    pub handled: u64,
+    pub timed: u64,
+    pub handle_ms: u64,
+    /// Closed by the visitor before anyone answered.
+    pub abandoned: u64,
+    /// Ratings given and their sum (1-5 each).
+    pub rated: u64,
+    pub rating_sum: u64,
 }
 
 /// The records an applied command changed.
@@ -93,6 +162,11 @@ pub struct Dirty {
     pub feeds: BTreeSet<OperatorId>,
     pub decisions: Vec<DecisionRecord>,
     pub attachments: Vec<Attachment>,
+    /// KPI counters changed or dropped; conversations whose answer time was set or
+    /// cleared; (operator, conversation) pairs newly handled (records `w`).
+    pub kpis: BTreeSet<(SkillGroupId, u64)>,
+    pub answered: BTreeSet<ConversationId>,
+    pub handled: Vec<(OperatorId, ConversationId)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -275,6 +349,8 @@ pub enum HistoryItem {
     Transferred { from: OperatorId, to: TransferTarget, comment: String },
     Closed { by: Closer, resolution: String, tags: Vec<String> },
     Rated { score: u8, comment: String },
+    /// An internal note: staff read it, the visitor never does. `author` is a login.
+    Note { author: String, name: String, key: String, text: String },
 }
 
 /// The streams an applied event advanced, so the driver wakes exactly their readers.
@@ -298,6 +374,7 @@ impl ShardState {
     /// reference to something missing is skipped rather than trusted.
     pub fn apply(&mut self, event: &Event, at: Timestamp) -> Touched {
         self.mark(event);
+        self.tally(event, at);
         let mut touched = Touched::default();
         self.apply_event(event, at, &mut touched);
         // A touched stream may only have grown (a message, a mirrored feed entry): its
@@ -340,7 +417,7 @@ impl ShardState {
             }
             // A message changes the conversation's history and keys, written from
             // `pending` and `Dirty::keys`; its record is unchanged.
-            Event::ClientMessagePosted { .. } | Event::OperatorMessagePosted { .. } => {}
+            Event::ClientMessagePosted { .. } | Event::OperatorMessagePosted { .. } | Event::NoteAdded { .. } => {}
             Event::ConversationRated { conversation, .. }
             | Event::ReadMarked { conversation, .. }
             | Event::RoundRestarted { conversation }
@@ -463,6 +540,13 @@ impl ShardState {
                 }
                 touched.groups.insert(group.clone());
                 self.record(*conversation, at, HistoryItem::Queued { group: group.clone() }, touched);
+            }
+            Event::NoteAdded { conversation, author, name, key, text } => {
+                let item = HistoryItem::Note { author: author.clone(), name: name.clone(), key: key.clone(), text: text.clone() };
+                let seq = self.record(*conversation, at, item, touched);
+                if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
+                    conv.keys.insert(key.clone(), seq);
+                }
             }
             Event::ClientMessagePosted { conversation, key, text, attachments } => {
                 let item = HistoryItem::ClientMessage { key: key.clone(), text: text.clone(), attachments: attachments.clone() };
@@ -727,6 +811,83 @@ impl ShardState {
             }
         }
         Some(seq)
+    }
+
+    /// Counts an event into its group's KPI counters for the hour of `at`. Called
+    /// before the event is applied, so it sees the conversation as it was.
+    fn tally(&mut self, event: &Event, at: Timestamp) {
+        let hour = at.0 / HOUR_MS;
+        match event {
+            Event::ConversationQueued { conversation, group, .. } => {
+                // The first queueing, right after the start (its history holds only
+                // `started`); a transfer or requeue is not a new arrival.
+                if self.conversations.get(conversation).is_some_and(|c| c.last_seq == 1) {
+                    self.kpi(group, hour).entered += 1;
+                }
+            }
+            Event::ConversationAssigned { conversation, operator } => {
+                let Some(conv) = self.conversations.get(conversation) else { return };
+                if !conv.handled_by.contains(operator) {
+                    self.dirty.handled.push((operator.clone(), *conversation));
+                }
+                if !conv.handled_by.is_empty() || self.answered_at.contains_key(conversation) {
+                    return;
+                }
+                let (group, wait) = (conv.group.clone(), at.millis_since(conv.created_at));
+                let within = self.groups.get(&group).is_some_and(|g| wait <= g.config.sla_ms);
+                self.answered_at.insert(*conversation, at);
+                self.dirty.answered.insert(*conversation);
+                let kpi = self.kpi(&group, hour);
+                kpi.answered += 1;
+                kpi.wait_ms += wait;
+                kpi.answered_in_sla += u64::from(within);
+            }
+            Event::ConversationClosed { conversation, by, .. } => {
+                let Some(conv) = self.conversations.get(conversation) else { return };
+                if conv.status == ConversationStatus::Closed {
+                    return;
+                }
+                let (group, answered) = (conv.group.clone(), !conv.handled_by.is_empty());
+                let since = self.answered_at.remove(conversation);
+                if since.is_some() {
+                    self.dirty.answered.insert(*conversation);
+                }
+                let kpi = self.kpi(&group, hour);
+                match since {
+                    Some(since) => {
+                        kpi.handled += 1;
+                        kpi.timed += 1;
+                        kpi.handle_ms += at.millis_since(since);
+                    }
+                    // Answered before its answer time was kept (an older build).
+                    None if answered => kpi.handled += 1,
+                    None if *by == Closer::Client => kpi.abandoned += 1,
+                    None => {}
+                }
+            }
+            Event::ConversationRated { conversation, score, .. } => {
+                let Some(group) = self.conversations.get(conversation).map(|c| c.group.clone()) else { return };
+                let kpi = self.kpi(&group, hour);
+                kpi.rated += 1;
+                kpi.rating_sum += u64::from(*score);
+            }
+            _ => {}
+        }
+    }
+
+    /// The counters of `group` for `hour`, made on first use; a group's hours older
+    /// than [`KPI_HOURS_KEPT`] go when a new one starts.
+    fn kpi(&mut self, group: &SkillGroupId, hour: u64) -> &mut GroupKpi {
+        let hours = self.kpis.entry(group.clone()).or_default();
+        if !hours.contains_key(&hour) {
+            let oldest_kept = hour.saturating_sub(KPI_HOURS_KEPT - 1);
+            let kept = hours.split_off(&oldest_kept);
+            for old in std::mem::replace(hours, kept).into_keys() {
+                self.dirty.kpis.insert((group.clone(), old));
+            }
+        }
+        self.dirty.kpis.insert((group.clone(), hour));
+        hours.entry(hour).or_default()
     }
 
     /// Appends to a conversation's history only.

@@ -166,6 +166,7 @@ fn render(event: &Event) -> String {
         Event::ChannelRetentionSet { channel, days } => format!("{channel} keeps closed conversations {days} days"),
         Event::ConversationsDeleted { conversations } => format!("deleted {conversations:?}"),
         Event::PassForgotten { conversation, operator } => format!("{operator}'s pass on {conversation} forgotten"),
+        Event::NoteAdded { conversation, name, .. } => format!("{name} noted on {conversation}"),
     }
 }
 

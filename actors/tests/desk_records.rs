@@ -1,0 +1,152 @@
+//! What the workstation's second pass reads from the shard: internal notes (staff only,
+//! written once per key, also on a closed conversation), an admin's user edit that
+//! keeps the password, the conversations an operator handled (newest first, gone with
+//! their conversation), and each group's KPI counters, all rebuilt the same from the
+//! records.
+
+use switchboard_actors::model::*;
+use switchboard_actors::records::{self, MemStore};
+use switchboard_actors::state::{GroupKpi, HistoryItem, ShardState, HOUR_MS};
+use switchboard_actors::Error;
+
+fn run(state: &mut ShardState, store: &MemStore, at: u64, command: Command) -> Result<(switchboard_actors::core::Reply, Vec<Event>), Error> {
+    let (reply, outcome) = records::run(state, store, &Envelope::new(Timestamp(at), command))?;
+    Ok((reply, outcome.events))
+}
+
+fn ok(r: Result<(switchboard_actors::core::Reply, Vec<Event>), Error>) -> Vec<Event> {
+    r.expect("accepted").1
+}
+
+const T0: u64 = 100 * HOUR_MS;
+
+/// Group `g` (SLA 20 s) with operator `ann` online (capacity 3) and channel `web`.
+fn floor() -> (MemStore, ShardState) {
+    let store = MemStore::default();
+    let mut state = ShardState::default();
+    ok(run(&mut state, &store, T0, Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }));
+    ok(run(&mut state, &store, T0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "G".into(), policy: Policy::LongestIdle, offer_timeout_ms: 30_000, sla_ms: 20_000 })));
+    ok(run(&mut state, &store, T0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("ann"), name: "Ann".into(), capacity: 3, groups: vec![SkillGroupId::new("g")] })));
+    ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
+    (store, state)
+}
+
+fn start(state: &mut ShardState, store: &MemStore, at: u64) -> ConversationId {
+    let before = state.next_conversation;
+    ok(run(state, store, at, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }));
+    state.conversations.keys().copied().find(|id| id.0 >= before).expect("started")
+}
+
+/// Ann goes online at `at` and accepts whatever is offered to her.
+fn ann_takes_all(state: &mut ShardState, store: &MemStore, at: u64) {
+    ok(run(state, store, at, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }));
+    let offers: Vec<OfferId> = state.offers.keys().copied().collect();
+    for offer in offers {
+        ok(run(state, store, at, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+    }
+}
+
+#[test]
+fn kpis_count_answers_waits_handle_times_abandons_and_ratings_per_hour() {
+    let (store, mut state) = floor();
+    let quick = start(&mut state, &store, T0 + 1_000);
+    let slow = start(&mut state, &store, T0 + 2_000);
+    let gone = start(&mut state, &store, T0 + 3_000);
+    // The visitor of `gone` leaves before anyone answers: abandoned.
+    ok(run(&mut state, &store, T0 + 4_000, Command::CloseByClient { conversation: gone }));
+    // Ann answers both at T0 + 11 s: waits of 10 s (within the 20 s SLA) and 9 s.
+    ann_takes_all(&mut state, &store, T0 + 11_000);
+    assert_eq!(state.operators[&OperatorId::new("ann")].active.len(), 2);
+    // `slow` was started 2 s in; answered at 11 s. Close both later; one is rated 4.
+    ok(run(&mut state, &store, T0 + 71_000, Command::CloseByOperator { operator: OperatorId::new("ann"), conversation: quick, resolution: "done".into(), tags: vec![] }));
+    ok(run(&mut state, &store, T0 + 131_000, Command::CloseByClient { conversation: slow }));
+    ok(run(&mut state, &store, T0 + 132_000, Command::Rate { conversation: slow, score: 4, comment: String::new() }));
+
+    let expected = GroupKpi {
+        entered: 3,
+        answered: 2,
+        wait_ms: 10_000 + 9_000,
+        answered_in_sla: 2,
+        handled: 2,
+        timed: 2,
+        handle_ms: 60_000 + 120_000,
+        abandoned: 1,
+        rated: 1,
+        rating_sum: 4,
+    };
+    let g = SkillGroupId::new("g");
+    assert_eq!(state.kpis_since(T0 / HOUR_MS)[&g], expected);
+    assert_eq!(state.kpis_since(T0 / HOUR_MS + 1)[&g], GroupKpi::default(), "nothing happened in the next hour");
+    assert!(state.answered_at.is_empty(), "closed conversations keep no answer time");
+    // Every replica rebuilds the same counters from the records.
+    assert_eq!(records::load(&store).expect("load").kpis_since(0)[&g], expected);
+}
+
+#[test]
+fn an_answer_after_the_sla_counts_against_it_and_old_hours_go() {
+    let (store, mut state) = floor();
+    start(&mut state, &store, T0);
+    ann_takes_all(&mut state, &store, T0 + 25_000);
+    let g = SkillGroupId::new("g");
+    let kpi = &state.kpis_since(0)[&g];
+    assert_eq!((kpi.answered, kpi.answered_in_sla), (1, 0), "25 s is past the 20 s SLA");
+    // Eight days later a new hour starts: the first hour's counters are dropped, in
+    // memory and in the records.
+    let later = T0 + 8 * 24 * HOUR_MS;
+    start(&mut state, &store, later);
+    assert_eq!(state.kpis[&g].len(), 1, "{:?}", state.kpis[&g].keys().collect::<Vec<_>>());
+    assert_eq!(records::load(&store).expect("load").kpis[&g].len(), 1);
+}
+
+#[test]
+fn a_note_is_written_once_per_key_also_on_a_closed_conversation() {
+    let (store, mut state) = floor();
+    let id = start(&mut state, &store, T0);
+    ann_takes_all(&mut state, &store, T0 + 1_000);
+    ok(run(&mut state, &store, T0 + 2_000, Command::CloseByOperator { operator: OperatorId::new("ann"), conversation: id, resolution: String::new(), tags: vec![] }));
+    assert!(!state.conversations.contains_key(&id), "closed: it left the hot state");
+    let note = |key: &str, text: &str| Command::AddNote { conversation: id, author: "super".into(), name: "Sue".into(), key: key.into(), text: text.into() };
+    let (first, events) = run(&mut state, &store, T0 + 3_000, note("n-1", "Called back, resolved by phone")).expect("noted");
+    assert_eq!(events.len(), 1);
+    let (again, events) = run(&mut state, &store, T0 + 4_000, note("n-1", "Called back, resolved by phone")).expect("duplicate");
+    assert!(events.is_empty(), "a retry writes nothing");
+    let seq = |r: &switchboard_actors::core::Reply| match r {
+        switchboard_actors::core::Reply::Message { seq, duplicate } => (*seq, *duplicate),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(seq(&again), (seq(&first).0, true));
+    assert!(matches!(run(&mut state, &store, T0 + 5_000, note("n-2", "  ")), Err(Error::Invalid(_))), "an empty note is refused");
+    let history = records::history(&store, id, 0, 100).expect("history");
+    let notes: Vec<&HistoryItem> = history.iter().map(|e| &e.item).filter(|i| matches!(i, HistoryItem::Note { .. })).collect();
+    assert_eq!(notes, vec![&HistoryItem::Note { author: "super".into(), name: "Sue".into(), key: "n-1".into(), text: "Called back, resolved by phone".into() }]);
+}
+
+#[test]
+fn an_edit_without_a_password_keeps_it_and_ends_no_session() {
+    let (store, mut state) = floor();
+    let user = UserRecord { login: "ann".into(), password_hash: "$argon2id$kept".into(), role: Role::Operator, operator: Some(OperatorId::new("ann")) };
+    ok(run(&mut state, &store, T0, Command::UpsertUser(user)));
+    let events = ok(run(&mut state, &store, T0 + 1, Command::UpdateUser { login: "ann".into(), role: Role::Supervisor, operator: None }));
+    assert!(!events.iter().any(|e| matches!(e, Event::SessionsEnded { .. })), "{events:?}");
+    let stored = &records::load(&store).expect("load").users["ann"];
+    assert_eq!((stored.password_hash.as_str(), stored.role, stored.operator.clone()), ("$argon2id$kept", Role::Supervisor, None));
+    assert!(matches!(run(&mut state, &store, T0 + 2, Command::UpdateUser { login: "nobody".into(), role: Role::Admin, operator: None }), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn an_operators_handled_list_is_newest_first_and_follows_retention() {
+    let (store, mut state) = floor();
+    let ids: Vec<ConversationId> = (0..3).map(|i| start(&mut state, &store, T0 + i)).collect();
+    ann_takes_all(&mut state, &store, T0 + 10);
+    for id in &ids {
+        ok(run(&mut state, &store, T0 + 20, Command::CloseByOperator { operator: OperatorId::new("ann"), conversation: *id, resolution: String::new(), tags: vec![] }));
+    }
+    let ann = OperatorId::new("ann");
+    let newest_first: Vec<ConversationId> = ids.iter().rev().copied().collect();
+    assert_eq!(records::handled_by(&store, &ann, None, 10).expect("list"), newest_first);
+    assert_eq!(records::handled_by(&store, &ann, Some(ids[2]), 1).expect("page"), vec![ids[1]]);
+    // A one-day retention deletes them, and the list with them.
+    ok(run(&mut state, &store, T0 + 30, Command::SetChannelRetention { channel: ChannelId::new("web"), days: 1 }));
+    ok(run(&mut state, &store, T0 + 2 * 24 * HOUR_MS, Command::PurgeExpired { as_of: Timestamp(T0 + 2 * 24 * HOUR_MS) }));
+    assert_eq!(records::handled_by(&store, &ann, None, 10).expect("list"), vec![]);
+}
