@@ -51,6 +51,13 @@ pub const STAFF_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
 pub const CLIENT_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const VISITOR_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// `bytes` random bytes as lowercase hex.
+pub fn random_hex(bytes: usize) -> Result<String, GatewayError> {
+    let mut raw = vec![0u8; bytes];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).map_err(|_| GatewayError::Internal("no randomness".into()))?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// A fresh visitor id: `v-` and 16 URL-safe random characters.
 pub fn new_visitor_id() -> Result<String, GatewayError> {
     let mut bytes = [0u8; 12];

@@ -61,6 +61,7 @@ fn entry_text_bytes(item: &switchboard_actors::state::HistoryItem) -> usize {
         HistoryItem::ClientMessage { text, .. } | HistoryItem::OperatorMessage { text, .. } => text.len(),
         HistoryItem::Transferred { comment, .. } | HistoryItem::Rated { comment, .. } => comment.len(),
         HistoryItem::Closed { resolution, .. } => resolution.len(),
+        HistoryItem::Note { .. } => 0,
         HistoryItem::Started { .. } | HistoryItem::Queued { .. } | HistoryItem::Assigned { .. } => 0,
     }
 }
@@ -93,27 +94,32 @@ impl ClientSession {
         let mut last = after_seq;
         let pull = Box::new(move || {
             // One page at a time, by count and by text: the writer asks again once this
-            // one is written.
-            let page = match shard.history(conversation, last, ws::PAGE) {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::error!(conversation = conversation.0, error = %e, "history cannot be read");
-                    return vec![];
-                }
-            };
-            let mut text_bytes = 0;
-            let end = page
-                .iter()
-                .position(|e| {
-                    text_bytes += entry_text_bytes(&e.item);
-                    text_bytes > ws::PAGE_TEXT_BYTES
-                })
-                .map_or(page.len(), |over| over.max(1));
-            let page = &page[..end];
-            if let Some(newest) = page.last() {
+            // one is written. Staff-only entries (notes) are skipped; a page of nothing
+            // but those reads on, so an empty answer still means "caught up".
+            loop {
+                let page = match shard.history(conversation, last, ws::PAGE) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::error!(conversation = conversation.0, error = %e, "history cannot be read");
+                        return vec![];
+                    }
+                };
+                let mut text_bytes = 0;
+                let end = page
+                    .iter()
+                    .position(|e| {
+                        text_bytes += entry_text_bytes(&e.item);
+                        text_bytes > ws::PAGE_TEXT_BYTES
+                    })
+                    .map_or(page.len(), |over| over.max(1));
+                let page = &page[..end];
+                let Some(newest) = page.last() else { return vec![] };
                 last = newest.seq;
+                let frames: Vec<Value> = page.iter().filter(|e| frames::for_client(e)).map(frames::client_event).collect();
+                if !frames.is_empty() {
+                    return frames;
+                }
             }
-            page.iter().map(frames::client_event).collect()
         });
         let signals = Some(self.gw.signals.conversation(conversation));
         self.conversation = Some(conversation);

@@ -211,6 +211,17 @@ pub fn history_entry(entry: &HistoryEntry, audience: Audience) -> Value {
             v
         }
         HistoryItem::Rated { score, comment } => json!({"kind": "rated", "score": score, "comment": comment}),
+        // Never sent to a client (`for_client`); its text is for staff only.
+        HistoryItem::Note { author, name, key, text } => {
+            let mut v = json!({"kind": "note"});
+            if audience == Audience::Staff {
+                v["author"] = json!(author);
+                v["name"] = json!(name);
+                v["key"] = json!(key);
+                v["text"] = json!(text);
+            }
+            v
+        }
     };
     v["seq"] = json!(entry.seq);
     v["at"] = json!(entry.at.0);
@@ -224,6 +235,12 @@ fn attachment_list(attachments: &[Attachment]) -> Value {
             .map(|a| json!({"id": a.id.0, "name": a.name, "content_type": a.content_type, "size": a.size}))
             .collect(),
     )
+}
+
+/// Whether a client sees this entry at all: internal notes are for staff only, so a
+/// client's stream skips their `seq`.
+pub fn for_client(entry: &HistoryEntry) -> bool {
+    !matches!(entry.item, HistoryItem::Note { .. })
 }
 
 /// A client-stream event frame.

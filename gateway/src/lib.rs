@@ -16,6 +16,7 @@ pub mod auth;
 pub mod budget;
 pub mod client;
 mod client_ws;
+mod desk;
 pub mod frames;
 pub mod listener;
 pub mod metrics;

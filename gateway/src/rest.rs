@@ -47,6 +47,9 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/chaos/crash-actor", post(crash_actor))
         .route("/api/chaos/purge", post(purge_drill))
         .route("/api/conversations/{id}/reassign", post(reassign))
+        .route("/api/conversations/{id}/notes", post(crate::desk::add_note))
+        .route("/api/my/conversations", get(crate::desk::my_conversations))
+        .route("/api/kpis", get(crate::desk::kpis))
         .route("/api/templates", get(list_templates))
         .route("/api/templates/{id}", put(put_template).delete(delete_template))
         .route("/api/templates/{id}/favourite", put(set_favourite))
@@ -91,7 +94,7 @@ pub(crate) struct Staff {
 }
 
 impl Staff {
-    fn require(&self, role: Role) -> Result<(), GatewayError> {
+    pub(crate) fn require(&self, role: Role) -> Result<(), GatewayError> {
         if self.role >= role {
             Ok(())
         } else {
@@ -130,7 +133,7 @@ impl FromRequestParts<Arc<Gateway>> for Staff {
 }
 
 /// JSON bodies with a clear 400 on malformed input.
-pub(crate) struct Body<T>(T);
+pub(crate) struct Body<T>(pub(crate) T);
 
 impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<Arc<Gateway>> for Body<T> {
     type Rejection = GatewayError;
@@ -393,7 +396,8 @@ async fn put_channel(
 
 #[derive(Deserialize)]
 struct UserBody {
-    password: String,
+    #[serde(default)]
+    password: Option<String>,
     role: Role,
     #[serde(default)]
     operator: Option<String>,
@@ -406,12 +410,20 @@ async fn put_user(
     Body(body): Body<UserBody>,
 ) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
-    if body.password.chars().count() < 10 {
+    let operator = body.operator.filter(|op| !op.is_empty()).map(OperatorId::new);
+    // Without a password: an edit of an existing user that keeps theirs.
+    let Some(password) = body.password.filter(|p| !p.is_empty()) else {
+        if !gw.backend.shard().read().users.contains_key(&login) {
+            return Err(GatewayError::BadRequest(format!("user {login} does not exist: a new user needs a password")));
+        }
+        gw.submit(Command::UpdateUser { login: login.clone(), role: body.role, operator }).await?;
+        return Ok(Json(json!({"login": login, "role": body.role})));
+    };
+    if password.chars().count() < 10 {
         return Err(GatewayError::BadRequest("password must be at least 10 characters".into()));
     }
-    let password = body.password;
     let password_hash = gw.password_work(move || hash_password(&password)).await??;
-    let user = UserRecord { login: login.clone(), password_hash, role: body.role, operator: body.operator.map(OperatorId::new) };
+    let user = UserRecord { login: login.clone(), password_hash, role: body.role, operator };
     gw.submit(Command::UpsertUser(user)).await?;
     Ok(Json(json!({"login": login, "role": body.role})))
 }
@@ -450,7 +462,7 @@ pub(crate) fn check_read(staff: &Staff, state: &switchboard_actors::state::Shard
     }
 }
 
-fn conversation_id(raw: &str) -> Result<ConversationId, GatewayError> {
+pub(crate) fn conversation_id(raw: &str) -> Result<ConversationId, GatewayError> {
     raw.parse().map(ConversationId).map_err(|_| GatewayError::BadRequest(format!("conversation id {raw:?} is not a number")))
 }
 

@@ -5,6 +5,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -12,8 +14,8 @@ use fastwebsockets::upgrade::IncomingUpgrade;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_actors::actors::now_ms;
-use switchboard_actors::model::{Presence, Role};
-use switchboard_actors::shard::StreamKey;
+use switchboard_actors::model::{ConversationId, Presence, Role};
+use switchboard_actors::shard::{StreamKey, Wakeups};
 use switchboard_actors::state::{ConversationStatus, ShardState};
 
 use crate::auth::Subject;
@@ -46,7 +48,7 @@ pub(crate) async fn upgrade(
         }
         Err(refusal) => return refusal,
     };
-    let session = SupervisorSession { gw: gw.clone() };
+    let session = SupervisorSession { gw: gw.clone(), merger: None };
     ws::accept(
         gw,
         upgrade,
@@ -131,31 +133,116 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
 
 struct SupervisorSession {
     gw: Arc<Gateway>,
+    /// Merges the floor's and a watched conversation's wakeups while one is watched.
+    merger: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Deserialize)]
+struct Watch {
+    conversation: Option<u64>,
+}
+
+/// Wakes `tx` whenever the floor or the watched conversation changes. Ends with the
+/// floor's stream (the node is shutting down) or when the socket stops following; a
+/// conversation stream that ends leaves the floor's.
+async fn merge(mut floor: Wakeups, mut conversation: Wakeups, tx: watch::Sender<u64>) {
+    let mut conversation_open = true;
+    loop {
+        tokio::select! {
+            changed = floor.changed() => if changed.is_err() { return },
+            changed = conversation.changed(), if conversation_open => {
+                if changed.is_err() {
+                    conversation_open = false;
+                    continue;
+                }
+            }
+            _ = tx.closed() => return,
+        }
+        tx.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+impl SupervisorSession {
+    /// Follows the floor and, if `watched`, one conversation: a `watched` frame each time
+    /// its history grows, so an open inspector re-reads it at once.
+    async fn follow(&mut self, watched: Option<ConversationId>, out: &Outbox) -> Result<(), Value> {
+        let subscribe = |key| {
+            let gw = self.gw.clone();
+            async move { gw.backend.subscribe(key).await.map_err(|e| frames::error(e.code(), &e.to_string(), None)) }
+        };
+        let floor_wake = subscribe(StreamKey::Floor).await?;
+        let shard = self.gw.backend.shard();
+        let (wake, merger) = match watched {
+            None => (floor_wake, None),
+            Some(id) => {
+                if shard.conversation(id).map_err(|e| frames::error(e.code(), &e.to_string(), None))?.is_none() {
+                    return Err(frames::error("not_found", &format!("conversation {}", id.0), None));
+                }
+                let conversation_wake = subscribe(StreamKey::Conversation(id)).await?;
+                let (tx, rx) = watch::channel(0u64);
+                (rx, Some(tokio::spawn(merge(floor_wake, conversation_wake, tx))))
+            }
+        };
+        if let Some(old) = std::mem::replace(&mut self.merger, merger) {
+            old.abort();
+        }
+        let mut reported: Option<u64> = None;
+        let pull = Box::new(move || {
+            let mut frames = vec![floor(&shard.read(), now_ms())];
+            if let Some(id) = watched {
+                match shard.conversation(id) {
+                    Ok(Some(conv)) if reported != Some(conv.last_seq()) => {
+                        reported = Some(conv.last_seq());
+                        frames.push(json!({"type": "watched", "conversation": id.0, "last_seq": conv.last_seq()}));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(conversation = id.0, error = %e, "a watched conversation cannot be read"),
+                }
+            }
+            frames
+        });
+        out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL), paged: false }).await;
+        Ok(())
+    }
 }
 
 impl Session for SupervisorSession {
     async fn on_start(&mut self, out: &Outbox) -> Flow {
-        let wake = match self.gw.backend.subscribe(StreamKey::Floor).await {
-            Ok(wake) => wake,
-            Err(e) => {
-                out.error(e.code(), &e.to_string(), None).await;
-                return Flow::Close(ws::close::INTERNAL, "could not follow the floor".into());
-            }
-        };
-        let shard = self.gw.backend.shard();
-        let pull = Box::new(move || {
-            let state = shard.read();
-            vec![floor(&state, now_ms())]
-        });
-        out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL), paged: false }).await;
+        if let Err(error) = self.follow(None, out).await {
+            out.json(error).await;
+            return Flow::Close(ws::close::INTERNAL, "could not follow the floor".into());
+        }
         Flow::Continue
     }
 
     async fn on_text(&mut self, text: &str, out: &Outbox) -> Flow {
-        match parse::<Value>(text, &["ping"]) {
-            Ok(_) => out.json(json!({"type": "pong"})).await,
-            Err(error) => out.json(error).await,
+        let value = match parse::<Value>(text, &["ping", "watch"]) {
+            Ok(value) => value,
+            Err(error) => {
+                out.json(error).await;
+                return Flow::Continue;
+            }
+        };
+        if value["type"] == "ping" {
+            out.json(json!({"type": "pong"})).await;
+            return Flow::Continue;
+        }
+        let watch: Watch = match serde_json::from_value(value) {
+            Ok(watch) => watch,
+            Err(e) => {
+                out.json(frames::error("bad_frame", &format!("watch: {e}"), None)).await;
+                return Flow::Continue;
+            }
+        };
+        if let Err(error) = self.follow(watch.conversation.map(ConversationId), out).await {
+            out.json(error).await;
         }
         Flow::Continue
+    }
+
+    fn on_end(&mut self) {
+        if let Some(merger) = self.merger.take() {
+            merger.abort();
+        }
     }
 }

@@ -1,0 +1,195 @@
+//! The workstation's second pass against the real binary: internal notes that only
+//! staff see, an operator's own conversations with search, today's KPIs per group, a
+//! supervisor's socket that says at once when a watched conversation changes, and an
+//! admin's user edit that keeps the password.
+
+use serde_json::{json, Value};
+use switchboard_chaos_tests::{next_event, set_presence, Dev, WAIT};
+use switchboard_gateway::client::{http_json, WsClient};
+
+async fn dev() -> anyhow::Result<(tempfile::TempDir, Dev)> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    Ok((dir, dev))
+}
+
+/// Alice, online, takes a new conversation of `name`, who writes `text` first.
+/// Returns alice's socket, the client's, the conversation and the client's token.
+async fn alice_serves(dev: &Dev, name: &str, text: &str) -> anyhow::Result<(WsClient, WsClient, u64, String)> {
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (client, conversation, token) = dev.client(name).await?;
+    client.send(&json!({"type": "send", "key": "c-1", "text": text})).await?;
+    let offer = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "offer" && v["conversation"] == conversation).await?;
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "accept"})).await?;
+    next_event(&mut alice, "assigned").await?;
+    Ok((alice, client, conversation, token))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_note_reaches_staff_and_never_the_customer() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (mut alice, mut client, conversation, client_token) = alice_serves(&dev, "Ann", "My card was charged twice").await?;
+    let token = dev.login("alice").await?;
+    let note = json!({"text": "Checked the ledger: one charge is a hold", "key": "note-1"});
+    let (status, first) = dev.api("POST", &format!("/api/conversations/{conversation}/notes"), Some(&token), Some(note.clone())).await?;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["duplicate"], false);
+    // The holder sees it in their feed as a conversation entry.
+    let seen = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["kind"] == "note").await?;
+    assert_eq!(seen["entry"]["text"], "Checked the ledger: one charge is a hold");
+    assert_eq!(seen["entry"]["name"], "Alice");
+    // A retry with the key writes nothing new.
+    let (_, again) = dev.api("POST", &format!("/api/conversations/{conversation}/notes"), Some(&token), Some(note)).await?;
+    assert_eq!((again["seq"].clone(), again["duplicate"].clone()), (first["seq"].clone(), json!(true)));
+
+    // The customer's stream skips it: the next message arrives, the note never does,
+    // live or replayed from the start.
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "o-1", "text": "It is a hold; it drops off in 3 days."})).await?;
+    let reply = client.wait_for(WAIT, |v| v["type"] == "event" && (v["kind"] == "note" || v["from"] == "operator")).await?;
+    assert_eq!(reply["kind"], "message", "{reply}");
+    assert!(reply["seq"].as_u64() > first["seq"].as_u64());
+    let mut replay = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    let mut saw = Vec::new();
+    replay.send(&json!({"type": "resume", "token": client_token, "last_seq": 0})).await?;
+    loop {
+        let v = replay.wait_for(WAIT, |v| v["type"] == "event").await?;
+        saw.push(v["kind"].as_str().unwrap_or("").to_owned());
+        if v["from"] == "operator" {
+            break;
+        }
+    }
+    assert!(!saw.iter().any(|k| k == "note"), "{saw:?}");
+
+    // Staff reading the conversation see it; an operator who never had it may not add one.
+    let supervisor = dev.login("supervisor").await?;
+    let (_, doc) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    let notes: Vec<&Value> = doc["history"].as_array().into_iter().flatten().filter(|e| e["kind"] == "note").collect();
+    assert_eq!(notes.len(), 1, "{doc}");
+    assert_eq!(notes[0]["author"], "alice");
+    let bob = dev.login("bob").await?;
+    let (status, body) = dev.api("POST", &format!("/api/conversations/{conversation}/notes"), Some(&bob), Some(json!({"text": "peek"}))).await?;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = dev.api("POST", &format!("/api/conversations/{conversation}/notes"), Some(&token), Some(json!({"text": "   "}))).await?;
+    assert_eq!(status, 400, "{body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_finds_their_conversations_newest_first_and_by_text() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (mut alice, _ann, first, _) = alice_serves(&dev, "Ann", "The router blinks orange").await?;
+    alice.send(&json!({"type": "close", "conversation": first, "resolution": "solved", "ref": "close"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "close").await?;
+    let (_cy, second, _) = dev.client("Cy").await?;
+    let offer = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "offer" && v["conversation"] == second).await?;
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "a2"})).await?;
+    next_event(&mut alice, "assigned").await?;
+
+    let token = dev.login("alice").await?;
+    let (status, mine) = dev.api("GET", "/api/my/conversations", Some(&token), None).await?;
+    assert_eq!(status, 200, "{mine}");
+    let list = mine["conversations"].as_array().cloned().unwrap_or_default();
+    let ids: Vec<u64> = list.iter().filter_map(|c| c["conversation"].as_u64()).collect();
+    assert_eq!(ids, vec![second, first], "newest first");
+    assert_eq!(list[1]["state"], "closed");
+    assert_eq!(list[1]["preview"]["text"], "The router blinks orange");
+    assert_eq!(list[0]["mine"], true);
+
+    let (_, found) = dev.api("GET", "/api/my/conversations?q=ROUTER", Some(&token), None).await?;
+    let ids: Vec<u64> = found["conversations"].as_array().into_iter().flatten().filter_map(|c| c["conversation"].as_u64()).collect();
+    assert_eq!(ids, vec![first], "{found}");
+    let (_, by_name) = dev.api("GET", "/api/my/conversations?q=cy", Some(&token), None).await?;
+    assert_eq!(by_name["conversations"][0]["conversation"], second);
+    let (_, none) = dev.api("GET", "/api/my/conversations?q=nowhere-to-be-found", Some(&token), None).await?;
+    assert_eq!(none["conversations"], json!([]));
+    assert_eq!(none["next_before"], Value::Null, "everything was searched");
+
+    // Bob never handled them: his list is empty and he still may not read them.
+    let bob = dev.login("bob").await?;
+    assert_eq!(dev.api("GET", "/api/my/conversations", Some(&bob), None).await?.1["conversations"], json!([]));
+    let supervisor = dev.login("supervisor").await?;
+    let (status, body) = dev.api("GET", "/api/my/conversations", Some(&supervisor), None).await?;
+    assert_eq!(status, 400, "a login without an operator has no list: {body}");
+    let (status, _) = dev.api("GET", &format!("/api/my/conversations?q={}", "x".repeat(201)), Some(&token), None).await?;
+    assert_eq!(status, 400);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn todays_kpis_count_what_the_floor_did() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (mut alice, mut ann, conversation, _) = alice_serves(&dev, "Ann", "Hello").await?;
+    alice.send(&json!({"type": "close", "conversation": conversation, "resolution": "solved", "ref": "close"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "close").await?;
+    next_event(&mut ann, "closed").await?;
+    ann.send(&json!({"type": "rate", "score": 5, "comment": "quick"})).await?;
+    next_event(&mut ann, "rated").await?;
+    // Bea leaves before anyone answers... but alice is online with room: set her away.
+    set_presence(&mut alice, "away").await?;
+    let (bea, _, _) = dev.client("Bea").await?;
+    bea.send(&json!({"type": "close"})).await?;
+
+    let supervisor = dev.login("supervisor").await?;
+    let general = |v: &Value| v["groups"].as_array().and_then(|g| g.iter().find(|g| g["group"] == "general")).cloned().unwrap_or_default();
+    // An hour back rather than the default (midnight UTC), so a run across midnight
+    // counts the same.
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64 - 3_600_000;
+    let kpis = switchboard_chaos_tests::eventually(WAIT, std::time::Duration::from_millis(100), || async {
+        let (status, body) = dev.api("GET", &format!("/api/kpis?since={since}"), Some(&supervisor), None).await?;
+        anyhow::ensure!(status == 200, "{body}");
+        Ok((general(&body)["abandoned"] == 1).then_some(body))
+    })
+    .await?;
+    let g = general(&kpis);
+    assert_eq!((g["entered"].clone(), g["answered"].clone(), g["handled"].clone(), g["rated"].clone()), (json!(2), json!(1), json!(1), json!(1)), "{kpis}");
+    assert_eq!(g["csat"], 5.0);
+    assert_eq!(g["service_level"], 50, "one answered within the SLA, one abandoned: {g}");
+    assert!(g["avg_handle_ms"].as_u64().is_some() && g["avg_wait_ms"].as_u64().is_some(), "{g}");
+    assert_eq!(g["name"], "General questions", "the group's display name");
+
+    let alice_token = dev.login("alice").await?;
+    assert_eq!(dev.api("GET", "/api/kpis", Some(&alice_token), None).await?.0, 403);
+    let (status, body) = dev.api("GET", "/api/kpis?since=1", Some(&supervisor), None).await?;
+    assert_eq!(status, 400, "{body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_conversation_is_announced_as_it_changes() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (_ann_ws, conversation, _) = dev.client("Ann").await?;
+    let supervisor = dev.login("supervisor").await?;
+    let mut floor = WsClient::connect(&dev.private, &format!("/ws/supervisor?token={supervisor}"), None).await?;
+    floor.wait_for(WAIT, |v| v["type"] == "floor").await?;
+    floor.send(&json!({"type": "watch", "conversation": 999_999})).await?;
+    let refused = floor.wait_for(WAIT, |v| v["type"] == "error").await?;
+    assert_eq!(refused["code"], "not_found", "{refused}");
+    floor.send(&json!({"type": "watch", "conversation": conversation})).await?;
+    let first = floor.wait_for(WAIT, |v| v["type"] == "watched").await?;
+    assert_eq!(first["conversation"], conversation);
+    let before = first["last_seq"].as_u64().unwrap_or(0);
+    _ann_ws.send(&json!({"type": "send", "key": "c-1", "text": "Anyone there?"})).await?;
+    let next = floor.wait_for(WAIT, |v| v["type"] == "watched").await?;
+    assert_eq!(next["last_seq"].as_u64(), Some(before + 1), "{next}");
+    // Floor frames keep coming while a conversation is watched; `watch` with no
+    // conversation stops it.
+    floor.send(&json!({"type": "watch", "conversation": null})).await?;
+    floor.wait_for(WAIT, |v| v["type"] == "floor").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_edits_a_user_without_retyping_the_password() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    let (status, body) = dev.api("PUT", "/api/users/dora", Some(&admin), Some(json!({"role": "supervisor"}))).await?;
+    assert_eq!(status, 400, "a new user needs a password: {body}");
+    let (status, body) = dev.api("PUT", "/api/users/alice", Some(&admin), Some(json!({"role": "supervisor", "operator": "alice"}))).await?;
+    assert_eq!(status, 200, "{body}");
+    let password = dev.logins.get("alice").cloned().unwrap_or_default();
+    let (status, login) = http_json(&dev.private, "POST", "/api/login", None, Some(&json!({"login": "alice", "password": password}))).await?;
+    assert_eq!(status, 200, "the old password still works: {login}");
+    assert_eq!(login["role"], "supervisor");
+    Ok(())
+}

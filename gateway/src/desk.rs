@@ -1,0 +1,243 @@
+//! What the workstation's desk and floor read beyond the live streams: internal notes,
+//! the conversations an operator handled (with search), and each skill group's KPIs
+//! for today. Documented in docs/workstation-api.md and `/openapi.json`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use switchboard_actors::core::Reply;
+use switchboard_actors::model::{Command, ConversationId, Role};
+use switchboard_actors::state::{Conversation, ConversationStatus, GroupKpi, HistoryEntry, HistoryItem, HOUR_MS, KPI_HOURS_KEPT};
+
+use crate::rest::{conversation_id, readable, Body, Params, Staff};
+use crate::{Gateway, GatewayError};
+
+/// Conversations one page of `GET /api/my/conversations` holds at most.
+pub const MINE_PAGE_MAX: usize = 50;
+/// Conversations one search request looks at, newest first, before it answers with what
+/// it found and a cursor to look further back.
+pub const SEARCH_SCAN: usize = 200;
+/// History entries of each conversation a search reads.
+pub const SEARCH_ENTRIES: usize = 500;
+/// Longest search text, in characters.
+pub const SEARCH_MAX_CHARS: usize = 200;
+/// How far back `GET /api/kpis` may start, in days (within [`KPI_HOURS_KEPT`]).
+pub const KPI_DAYS_BACK: u64 = 7;
+const _: () = assert!(KPI_DAYS_BACK * 24 < KPI_HOURS_KEPT);
+/// Longest preview line, in characters.
+const PREVIEW_CHARS: usize = 160;
+
+#[derive(Deserialize)]
+pub(crate) struct NoteBody {
+    text: String,
+    #[serde(default)]
+    key: Option<String>,
+}
+
+/// `POST /api/conversations/{id}/notes`: staff who may read a conversation add a note
+/// to it that only staff see.
+pub(crate) async fn add_note(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Body(body): Body<NoteBody>) -> Result<Json<Value>, GatewayError> {
+    let conversation = conversation_id(&id)?;
+    if body.text.trim().is_empty() {
+        return Err(GatewayError::BadRequest("a note needs text".into()));
+    }
+    readable(&gw, &staff, conversation)?;
+    let name = {
+        let shard = gw.backend.shard();
+        let state = shard.read();
+        staff.operator.as_ref().and_then(|op| state.operators.get(op)).map_or_else(|| staff.login.clone(), |op| op.config.name.clone())
+    };
+    let key = match body.key {
+        Some(key) => key,
+        None => format!("note-{}", crate::auth::random_hex(12)?),
+    };
+    let reply = gw.submit(Command::AddNote { conversation, author: staff.login.clone(), name, key: key.clone(), text: body.text }).await?;
+    match reply {
+        Reply::Message { seq, duplicate } => Ok(Json(json!({"conversation": conversation.0, "key": key, "seq": seq, "duplicate": duplicate}))),
+        other => Err(GatewayError::Internal(format!("unexpected reply to a note: {other:?}"))),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct MineQuery {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    before: Option<u64>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `GET /api/my/conversations`: the conversations the caller's operator handled,
+/// newest first, each with a preview line; with `q`, only those whose number, customer
+/// name or attributes, or messages and notes contain it.
+pub(crate) async fn my_conversations(State(gw): State<Arc<Gateway>>, staff: Staff, Params(query): Params<MineQuery>) -> Result<Json<Value>, GatewayError> {
+    let Some(operator) = staff.operator.clone() else {
+        return Err(GatewayError::BadRequest("this login is linked to no operator: it has no conversations of its own".into()));
+    };
+    let limit = query.limit.unwrap_or(20).clamp(1, MINE_PAGE_MAX);
+    let needle = query.q.trim().to_lowercase();
+    if needle.chars().count() > SEARCH_MAX_CHARS {
+        return Err(GatewayError::BadRequest(format!("search text is at most {SEARCH_MAX_CHARS} characters")));
+    }
+    let shard = gw.backend.shard();
+    let budget = if needle.is_empty() { limit } else { SEARCH_SCAN };
+    let mut cursor = query.before.map(ConversationId);
+    let (mut found, mut scanned, mut exhausted) = (Vec::new(), 0usize, false);
+    'scan: while found.len() < limit && scanned < budget {
+        let ids = shard.handled_by(&operator, cursor, (budget - scanned).min(64))?;
+        if ids.is_empty() {
+            exhausted = true;
+            break;
+        }
+        for id in ids {
+            cursor = Some(id);
+            scanned += 1;
+            let Some(conv) = shard.conversation(id)? else { continue };
+            let recent = shard.history(id, conv.last_seq().saturating_sub(12), 12)?;
+            if !needle.is_empty() && !matches(&shard, &conv, &needle)? {
+                if scanned >= budget {
+                    break 'scan;
+                }
+                continue;
+            }
+            found.push(summary(&conv, &recent, &operator));
+            if found.len() >= limit || scanned >= budget {
+                break 'scan;
+            }
+        }
+    }
+    // Whether older ones remain: a page that ended exactly at the oldest says so on the
+    // next request (an empty page without a cursor).
+    let next = if exhausted { None } else { cursor.map(|c| c.0) };
+    Ok(Json(json!({"conversations": found, "scanned": scanned, "next_before": next})))
+}
+
+fn state_name(conv: &Conversation) -> &'static str {
+    match conv.status {
+        ConversationStatus::Queued { .. } => "queued",
+        ConversationStatus::Assigned { .. } => "assigned",
+        ConversationStatus::Closed => "closed",
+    }
+}
+
+fn preview_text(text: &str) -> String {
+    let line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    line.chars().take(PREVIEW_CHARS).collect()
+}
+
+/// One row of the desk's conversation lists.
+fn summary(conv: &Conversation, recent: &[HistoryEntry], me: &switchboard_actors::model::OperatorId) -> Value {
+    let preview = recent.iter().rev().find_map(|e| match &e.item {
+        HistoryItem::ClientMessage { text, attachments, .. } => Some(json!({"from": "client", "text": preview_text(text), "attachments": attachments.len(), "at": e.at.0})),
+        HistoryItem::OperatorMessage { name, text, attachments, .. } => {
+            Some(json!({"from": "operator", "name": name, "text": preview_text(text), "attachments": attachments.len(), "at": e.at.0}))
+        }
+        _ => None,
+    });
+    let closed_at = recent.iter().rev().find_map(|e| matches!(e.item, HistoryItem::Closed { .. }).then_some(e.at.0));
+    json!({
+        "conversation": conv.id.0, "state": state_name(conv), "channel": conv.channel.as_str(), "group": conv.group.as_str(),
+        "visitor": conv.visitor.name, "created_at": conv.created_at.0, "closed_at": closed_at,
+        "last_at": recent.last().map(|e| e.at.0), "last_seq": conv.last_seq(), "rated": conv.rated,
+        "mine": conv.assigned() == Some(me), "preview": preview,
+    })
+}
+
+/// Whether a conversation's number, customer or text contains `needle` (lower case).
+fn matches(shard: &switchboard_actors::shard::Shard, conv: &Conversation, needle: &str) -> Result<bool, GatewayError> {
+    let number = needle.trim_start_matches('#');
+    if !number.is_empty() && number.chars().all(|c| c.is_ascii_digit()) && conv.id.0.to_string() == number {
+        return Ok(true);
+    }
+    let has = |text: &str| text.to_lowercase().contains(needle);
+    if has(&conv.visitor.name) || conv.visitor.attributes.iter().any(|(k, v)| has(k) || has(v)) {
+        return Ok(true);
+    }
+    Ok(shard.history(conv.id, 0, SEARCH_ENTRIES)?.iter().any(|e| match &e.item {
+        HistoryItem::ClientMessage { text, attachments, .. } | HistoryItem::OperatorMessage { text, attachments, .. } => {
+            has(text) || attachments.iter().any(|a| has(&a.name))
+        }
+        HistoryItem::Note { text, .. } => has(text),
+        _ => false,
+    }))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct KpiQuery {
+    #[serde(default)]
+    since: Option<u64>,
+}
+
+/// `GET /api/kpis`: each skill group's figures from `since` (default: midnight UTC
+/// today; rounded down to the hour; at most 7 days back) until now.
+pub(crate) async fn kpis(State(gw): State<Arc<Gateway>>, staff: Staff, Params(query): Params<KpiQuery>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Supervisor)?;
+    let now = switchboard_actors::actors::now_ms().0;
+    let since = query.since.unwrap_or(now - now % (24 * HOUR_MS));
+    if since > now {
+        return Err(GatewayError::BadRequest("since is in the future".into()));
+    }
+    // Hours are kept for KPI_HOURS_KEPT (8 days): a week back is always whole.
+    let oldest = (now / HOUR_MS).saturating_sub(KPI_DAYS_BACK * 24) * HOUR_MS;
+    if since < oldest {
+        return Err(GatewayError::BadRequest(format!("since is at most 7 days back (the oldest accepted now is {oldest})")));
+    }
+    let hour = since / HOUR_MS;
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let groups: Vec<Value> = state
+        .kpis_since(hour)
+        .iter()
+        .map(|(group, kpi)| {
+            let name = state.groups.get(group).map_or(group.as_str(), |g| g.config.name.as_str());
+            kpi_json(group.as_str(), name, kpi)
+        })
+        .collect();
+    Ok(Json(json!({"since": hour * HOUR_MS, "at": now, "groups": groups})))
+}
+
+fn ratio(part: u64, whole: u64) -> Option<u64> {
+    (whole > 0).then(|| (part + whole / 2) / whole)
+}
+
+fn kpi_json(group: &str, name: &str, k: &GroupKpi) -> Value {
+    let offered_to_sla = k.answered + k.abandoned;
+    json!({
+        "group": group, "name": name,
+        "entered": k.entered, "answered": k.answered, "answered_in_sla": k.answered_in_sla, "abandoned": k.abandoned,
+        "handled": k.handled, "rated": k.rated,
+        "avg_wait_ms": ratio(k.wait_ms, k.answered),
+        "service_level": ratio(100 * k.answered_in_sla, offered_to_sla),
+        "avg_handle_ms": ratio(k.handle_ms, k.timed),
+        "csat": (k.rated > 0).then(|| (k.rating_sum as f64 * 10.0 / k.rated as f64).round() / 10.0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kpis_round_and_say_null_where_nothing_was_measured() {
+        let k = GroupKpi { answered: 3, wait_ms: 10_000, answered_in_sla: 2, abandoned: 1, handled: 2, timed: 2, handle_ms: 90_001, rated: 3, rating_sum: 13, ..Default::default() };
+        let v = kpi_json("g", "G", &k);
+        assert_eq!(v["avg_wait_ms"], 3333);
+        assert_eq!(v["service_level"], 50, "2 within the SLA of 3 answered and 1 abandoned");
+        assert_eq!(v["avg_handle_ms"], 45_001);
+        assert_eq!(v["csat"], 4.3);
+        let empty = kpi_json("g", "G", &GroupKpi::default());
+        for field in ["avg_wait_ms", "service_level", "avg_handle_ms", "csat"] {
+            assert!(empty[field].is_null(), "{field}: {empty}");
+        }
+    }
+
+    #[test]
+    fn a_preview_is_one_line_and_bounded() {
+        assert_eq!(preview_text("  Hello\n\nthere  friend "), "Hello there friend");
+        assert_eq!(preview_text(&"é".repeat(500)).chars().count(), PREVIEW_CHARS);
+    }
+}
