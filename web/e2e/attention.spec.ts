@@ -161,7 +161,8 @@ test('keyboard shortcuts: next conversation, transfer, close, and a help overlay
   await expect(alice.getByTestId('conv-item')).toHaveCount(2);
   const view = alice.getByTestId('conversation-view');
   const first = await view.getAttribute('data-conv');
-  await alice.locator('body').click();
+  // Focus out of any field (a click in the middle of the page may land on one).
+  await alice.evaluate(() => (document.activeElement as HTMLElement | null)?.blur());
   await alice.keyboard.press('Alt+ArrowDown');
   await expect(view).not.toHaveAttribute('data-conv', first ?? '');
   await alice.keyboard.press('Alt+ArrowDown');
@@ -175,7 +176,8 @@ test('keyboard shortcuts: next conversation, transfer, close, and a help overlay
   await expect(alice.getByTestId('close-dialog')).toBeVisible();
   await alice.keyboard.press('Escape');
 
-  await alice.locator('body').click();
+  // Focus out of any field (a click in the middle of the page may land on one).
+  await alice.evaluate(() => (document.activeElement as HTMLElement | null)?.blur());
   await alice.keyboard.press('?');
   const help = alice.getByTestId('shortcuts-help');
   await expect(help).toBeVisible();

@@ -158,7 +158,7 @@ test('admin manages groups, operators, users and shared templates', async ({ bro
   // A skill group
   await body.getByLabel('Id', { exact: true }).fill('vip');
   await body.getByLabel('Name', { exact: true }).fill('VIP customers');
-  await body.getByLabel('Offer timeout (ms)').fill('20000');
+  await body.getByLabel('Offer timeout (seconds)').fill('20');
   await body.getByRole('button', { name: 'Save' }).click();
   await expect(body.getByTestId('groups-table')).toContainText('VIP customers');
 
@@ -168,6 +168,8 @@ test('admin manages groups, operators, users and shared templates', async ({ bro
   await body.getByLabel('Name', { exact: true }).fill('Dave');
   await body.getByLabel('Capacity', { exact: true }).fill('4');
   await body.getByLabel('VIP customers').check();
+  // His login is made below, in the users section (the operator form could make it too).
+  await body.getByTestId('operator-with-login').uncheck();
   await body.getByRole('button', { name: 'Save' }).click();
   await expect(body.getByTestId('operators-admin-table')).toContainText('Dave');
 

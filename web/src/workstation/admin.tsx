@@ -64,6 +64,8 @@ function Groups() {
   const [form, setForm] = useState<SkillGroup>(blank);
   const [error, setError] = useState<string | null>(null);
   const [ok, setOk] = useState(false);
+  // An id names a group everywhere (operators, channels, history): fixed once saved.
+  const [editing, setEditing] = useState(false);
   return (
     <div class="admin-grid">
       <table class="table" data-testid="groups-table">
@@ -88,7 +90,7 @@ function Groups() {
               <td>{g.offer_timeout_ms / 1000} s</td>
               <td>{g.sla_ms != null ? g.sla_ms / 1000 + ' s' : '—'}</td>
               <td>
-                <button type="button" class="small-btn" aria-label={t('edit_x', { name: g.name })} onClick={() => (setForm(g), setOk(false))}>
+                <button type="button" class="small-btn" aria-label={t('edit_x', { name: g.name })} onClick={() => (setForm(g), setEditing(true), setOk(false))}>
                   {t('edit')}
                 </button>
               </td>
@@ -113,15 +115,16 @@ function Groups() {
             });
             setError(null);
             setOk(true);
+            setEditing(true);
             reload();
           } catch (err: any) {
             setError(describeError(t, err.code, err.message));
           }
         }}
       >
-        <h2>{list?.some((g) => g.id === form.id) ? t('edit_x', { name: form.id }) : t('new_group')}</h2>
-        <Field label={t('id')}>
-          <input value={form.id} required onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
+        <h2>{editing ? t('edit_x', { name: form.id }) : t('new_group')}</h2>
+        <Field label={t('id')} hint={editing ? t('id_fixed') : undefined}>
+          <input value={form.id} required readOnly={editing} data-testid="group-id" onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
         </Field>
         <Field label={t('name')}>
           <input value={form.name} required onInput={(e) => setForm({ ...form, name: (e.currentTarget as HTMLInputElement).value })} />
@@ -132,11 +135,25 @@ function Groups() {
             <option value="least_occupied">{t('policy_least_occupied')}</option>
           </select>
         </Field>
-        <Field label={t('offer_timeout_ms')}>
-          <input type="number" min={1000} step={1000} value={form.offer_timeout_ms} onInput={(e) => setForm({ ...form, offer_timeout_ms: Number((e.currentTarget as HTMLInputElement).value) })} />
+        <Field label={t('offer_timeout_s')}>
+          <input
+            type="number"
+            min={1}
+            step={1}
+            data-testid="group-offer-timeout"
+            value={form.offer_timeout_ms / 1000}
+            onInput={(e) => setForm({ ...form, offer_timeout_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
+          />
         </Field>
-        <Field label={t('sla_ms')}>
-          <input type="number" min={0} step={1000} value={form.sla_ms ?? 60000} onInput={(e) => setForm({ ...form, sla_ms: Number((e.currentTarget as HTMLInputElement).value) })} />
+        <Field label={t('sla_s')}>
+          <input
+            type="number"
+            min={0}
+            step={1}
+            data-testid="group-sla"
+            value={(form.sla_ms ?? 60000) / 1000}
+            onInput={(e) => setForm({ ...form, sla_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
+          />
         </Field>
         <ErrorText error={error} />
         <Saved ok={ok} />
@@ -144,7 +161,7 @@ function Groups() {
           <button type="submit" class="primary">
             {t('save')}
           </button>
-          <button type="button" onClick={() => (setForm(blank), setError(null), setOk(false))}>
+          <button type="button" onClick={() => (setForm(blank), setEditing(false), setError(null), setOk(false))}>
             {t('new')}
           </button>
         </div>
@@ -153,12 +170,22 @@ function Groups() {
   );
 }
 
+/** Group names by id, for tables (an unknown id shows as itself). */
+function groupNames(groups: SkillGroup[] | null, ids: string[]): string {
+  return ids.map((id) => groups?.find((g) => g.id === id)?.name ?? id).join(', ');
+}
+
 function Operators() {
   const { t, api } = useApp();
   const [list, reload, loadError] = useList<OperatorStatus>('/api/operators', 'operators');
   const [groups] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
   const blank = { id: '', name: '', capacity: 2, groups: [] as string[] };
   const [form, setForm] = useState(blank);
+  const [editing, setEditing] = useState(false);
+  // A new operator's login, made in the same step (role operator, linked to it).
+  const [withLogin, setWithLogin] = useState(true);
+  const [login, setLogin] = useState('');
+  const [password, setPassword] = useState('');
   const [error, setError] = useState<string | null>(null);
   const [ok, setOk] = useState(false);
   return (
@@ -177,13 +204,18 @@ function Operators() {
         </thead>
         <tbody>
           {list?.map((o) => (
-            <tr key={o.id}>
+            <tr key={o.id} data-testid="operator-admin-row" data-operator={o.id}>
               <td>{o.id}</td>
               <td>{o.name}</td>
               <td>{o.capacity}</td>
-              <td>{o.groups.join(', ')}</td>
+              <td data-testid="operator-groups">{groupNames(groups, o.groups)}</td>
               <td>
-                <button type="button" class="small-btn" aria-label={t('edit_x', { name: o.name })} onClick={() => (setForm({ id: o.id, name: o.name, capacity: o.capacity, groups: o.groups }), setOk(false))}>
+                <button
+                  type="button"
+                  class="small-btn"
+                  aria-label={t('edit_x', { name: o.name })}
+                  onClick={() => (setForm({ id: o.id, name: o.name, capacity: o.capacity, groups: o.groups }), setEditing(true), setError(null), setOk(false))}
+                >
                   {t('edit')}
                 </button>
               </td>
@@ -194,27 +226,36 @@ function Operators() {
       <ErrorText error={loadError} />
       <form
         class="stack admin-form"
+        data-testid="operator-form"
         onSubmit={async (e) => {
           e.preventDefault();
           setOk(false);
-          const p = idProblem(form.id) ?? capacityProblem(form.capacity);
+          const makeLogin = !editing && withLogin;
+          const loginName = login.trim() || form.id;
+          const p = idProblem(form.id) ?? capacityProblem(form.capacity) ?? (makeLogin ? idProblem(loginName) ?? passwordProblem(password) : null);
           if (p) return setError(t(('err_' + p) as any));
           try {
             await api.put('/api/operators/' + encodeURIComponent(form.id), { name: form.name, capacity: form.capacity, groups: form.groups });
+            if (makeLogin) {
+              await api.put('/api/users/' + encodeURIComponent(loginName), { password, role: 'operator', operator: form.id });
+              setPassword('');
+              setLogin('');
+            }
             setError(null);
             setOk(true);
+            setEditing(true);
             reload();
           } catch (err: any) {
             setError(describeError(t, err.code, err.message));
           }
         }}
       >
-        <h2>{list?.some((o) => o.id === form.id) ? t('edit_x', { name: form.id }) : t('new_operator')}</h2>
-        <Field label={t('id')}>
-          <input value={form.id} required onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
+        <h2>{editing ? t('edit_x', { name: form.id }) : t('new_operator')}</h2>
+        <Field label={t('id')} hint={editing ? t('id_fixed') : undefined}>
+          <input value={form.id} required readOnly={editing} data-testid="operator-id" onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
         </Field>
         <Field label={t('name')}>
-          <input value={form.name} required onInput={(e) => setForm({ ...form, name: (e.currentTarget as HTMLInputElement).value })} />
+          <input value={form.name} required data-testid="operator-name" onInput={(e) => setForm({ ...form, name: (e.currentTarget as HTMLInputElement).value })} />
         </Field>
         <Field label={t('capacity')}>
           <input type="number" min={1} max={100} value={form.capacity} onInput={(e) => setForm({ ...form, capacity: Number((e.currentTarget as HTMLInputElement).value) })} />
@@ -234,13 +275,32 @@ function Operators() {
             </label>
           ))}
         </fieldset>
+        {!editing && (
+          <fieldset class="stack">
+            <legend>{t('login')}</legend>
+            <label>
+              <input type="checkbox" data-testid="operator-with-login" checked={withLogin} onChange={(e) => setWithLogin((e.currentTarget as HTMLInputElement).checked)} />{' '}
+              {t('create_login')}
+            </label>
+            {withLogin && (
+              <>
+                <Field label={t('login')} hint={t('login_defaults_to_id')}>
+                  <input value={login} placeholder={form.id} autoComplete="off" data-testid="operator-login" onInput={(e) => setLogin((e.currentTarget as HTMLInputElement).value)} />
+                </Field>
+                <Field label={t('password')} hint={t('password_hint')}>
+                  <input type="password" value={password} autoComplete="new-password" data-testid="operator-password" onInput={(e) => setPassword((e.currentTarget as HTMLInputElement).value)} />
+                </Field>
+              </>
+            )}
+          </fieldset>
+        )}
         <ErrorText error={error} />
         <Saved ok={ok} />
         <div class="row">
-          <button type="submit" class="primary">
+          <button type="submit" class="primary" data-testid="operator-save">
             {t('save')}
           </button>
-          <button type="button" onClick={() => (setForm(blank), setError(null), setOk(false))}>
+          <button type="button" onClick={() => (setForm(blank), setEditing(false), setLogin(''), setPassword(''), setError(null), setOk(false))}>
             {t('new')}
           </button>
         </div>
@@ -252,7 +312,10 @@ function Operators() {
 function Users() {
   const { t, api } = useApp();
   const [users, reload, loadError] = useList<UserInfo>('/api/users', 'users');
-  const [operators] = useList<OperatorStatus>('/api/operators', 'operators');
+  const [operators, reloadOperators] = useList<OperatorStatus>('/api/operators', 'operators');
+  const [groups] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
+  // The linked operator's skill groups, editable here too (saved on the operator).
+  const [skills, setSkills] = useState<string[] | null>(null);
   const [login, setLogin] = useState('');
   const [password, setPassword] = useState('');
   const [role, setRole] = useState<Role>('operator');
@@ -261,6 +324,8 @@ function Users() {
   const [ok, setOk] = useState(false);
   const sorted = users ? [...users].sort((a, b) => (a.login < b.login ? -1 : a.login > b.login ? 1 : 0)) : null;
   const exists = !!users?.some((u) => u.login === login);
+  const linked = operators?.find((o) => o.id === operator);
+  const shownSkills = skills ?? linked?.groups ?? [];
   const operatorLabel = (id: string) => {
     const o = operators?.find((x) => x.id === id);
     return o ? o.name + ' (' + id + ')' : id;
@@ -289,7 +354,7 @@ function Users() {
                   type="button"
                   class="small-btn"
                   aria-label={t('edit_x', { name: u.login })}
-                  onClick={() => (setLogin(u.login), setRole(u.role), setOperator(u.operator ?? ''), setPassword(''), setError(null), setOk(false))}
+                  onClick={() => (setLogin(u.login), setRole(u.role), setOperator(u.operator ?? ''), setSkills(null), setPassword(''), setError(null), setOk(false))}
                 >
                   {t('edit')}
                 </button>
@@ -305,13 +370,21 @@ function Users() {
         onSubmit={async (e) => {
           e.preventDefault();
           setOk(false);
-          const p = idProblem(login) ?? passwordProblem(password);
+          // Editing an existing login: an empty password keeps the current one.
+          const p = idProblem(login) ?? (exists && !password ? null : passwordProblem(password));
           if (p) return setError(t(('err_' + p) as any));
           try {
-            await api.put('/api/users/' + encodeURIComponent(login), { password, role, operator: operator || null });
+            const body: Record<string, unknown> = { role, operator: operator || null };
+            if (password) body.password = password;
+            await api.put('/api/users/' + encodeURIComponent(login), body);
+            if (linked && skills && skills.join() !== linked.groups.join()) {
+              await api.put('/api/operators/' + encodeURIComponent(linked.id), { name: linked.name, capacity: linked.capacity, groups: skills });
+              reloadOperators();
+            }
             setError(null);
             setOk(true);
             setPassword('');
+            setSkills(null);
             reload();
           } catch (err: any) {
             setError(describeError(t, err.code, err.message));
@@ -320,11 +393,18 @@ function Users() {
       >
         <h2>{exists ? t('edit_x', { name: login }) : t('user_form_title')}</h2>
         <p class="muted small">{t('users_hint')}</p>
-        <Field label={t('login')}>
-          <input value={login} required autoComplete="off" onInput={(e) => setLogin((e.currentTarget as HTMLInputElement).value)} />
+        <Field label={t('login')} hint={exists ? t('id_fixed') : undefined}>
+          <input value={login} required readOnly={exists} autoComplete="off" data-testid="user-login" onInput={(e) => setLogin((e.currentTarget as HTMLInputElement).value)} />
         </Field>
-        <Field label={t('password')} hint={t('password_hint')}>
-          <input type="password" value={password} required autoComplete="new-password" onInput={(e) => setPassword((e.currentTarget as HTMLInputElement).value)} />
+        <Field label={t('password')} hint={exists ? t('password_keep_hint') : t('password_hint')}>
+          <input
+            type="password"
+            value={password}
+            required={!exists}
+            autoComplete="new-password"
+            data-testid="user-password"
+            onInput={(e) => setPassword((e.currentTarget as HTMLInputElement).value)}
+          />
         </Field>
         <Field label={t('role')}>
           <select value={role} onChange={(e) => setRole((e.currentTarget as HTMLSelectElement).value as Role)}>
@@ -334,7 +414,7 @@ function Users() {
           </select>
         </Field>
         <Field label={t('linked_operator')}>
-          <select value={operator} onChange={(e) => setOperator((e.currentTarget as HTMLSelectElement).value)}>
+          <select value={operator} data-testid="user-operator" onChange={(e) => (setOperator((e.currentTarget as HTMLSelectElement).value), setSkills(null))}>
             <option value="">{t('none')}</option>
             {operators?.map((o) => (
               <option key={o.id} value={o.id}>
@@ -343,13 +423,28 @@ function Users() {
             ))}
           </select>
         </Field>
+        {linked && (
+          <fieldset class="checks" data-testid="user-skills">
+            <legend>{t('skills_of', { name: linked.name })}</legend>
+            {groups?.map((g) => (
+              <label key={g.id}>
+                <input
+                  type="checkbox"
+                  checked={shownSkills.includes(g.id)}
+                  onChange={(e) => setSkills((e.currentTarget as HTMLInputElement).checked ? [...shownSkills, g.id] : shownSkills.filter((x) => x !== g.id))}
+                />{' '}
+                {g.name}
+              </label>
+            ))}
+          </fieldset>
+        )}
         <ErrorText error={error} />
         <Saved ok={ok} />
         <div class="row">
           <button type="submit" class="primary">
             {t('save')}
           </button>
-          <button type="button" onClick={() => (setLogin(''), setPassword(''), setRole('operator'), setOperator(''), setError(null), setOk(false))}>
+          <button type="button" onClick={() => (setLogin(''), setPassword(''), setRole('operator'), setOperator(''), setSkills(null), setError(null), setOk(false))}>
             {t('new')}
           </button>
         </div>
@@ -364,6 +459,7 @@ function Channels() {
   const [groups] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
   const blank: Channel = { id: '', kind: 'web', name: '', default_group: '' };
   const [form, setForm] = useState<Channel>(blank);
+  const [editing, setEditing] = useState(false);
   const [error, setError] = useState<string | null>(null);
   const [ok, setOk] = useState(false);
   return (
@@ -386,9 +482,9 @@ function Channels() {
               <td>{c.id}</td>
               <td>{c.kind}</td>
               <td>{c.name}</td>
-              <td>{c.default_group}</td>
+              <td data-testid="channel-group">{groupNames(groups, [c.default_group])}</td>
               <td>
-                <button type="button" class="small-btn" aria-label={t('edit_x', { name: c.name })} onClick={() => (setForm(c), setOk(false))}>
+                <button type="button" class="small-btn" aria-label={t('edit_x', { name: c.name })} onClick={() => (setForm(c), setEditing(true), setOk(false))}>
                   {t('edit')}
                 </button>
               </td>
@@ -408,15 +504,16 @@ function Channels() {
             await api.put('/api/channels/' + encodeURIComponent(form.id), { kind: form.kind, name: form.name, default_group: form.default_group });
             setError(null);
             setOk(true);
+            setEditing(true);
             reload();
           } catch (err: any) {
             setError(describeError(t, err.code, err.message));
           }
         }}
       >
-        <h2>{list?.some((c) => c.id === form.id) ? t('edit_x', { name: form.id }) : t('new_channel')}</h2>
-        <Field label={t('id')}>
-          <input value={form.id} required onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
+        <h2>{editing ? t('edit_x', { name: form.id }) : t('new_channel')}</h2>
+        <Field label={t('id')} hint={editing ? t('id_fixed') : undefined}>
+          <input value={form.id} required readOnly={editing} onInput={(e) => setForm({ ...form, id: (e.currentTarget as HTMLInputElement).value })} />
         </Field>
         <Field label={t('kind')}>
           <input value={form.kind} required list="channel-kinds" onInput={(e) => setForm({ ...form, kind: (e.currentTarget as HTMLInputElement).value })} />
@@ -446,7 +543,7 @@ function Channels() {
           <button type="submit" class="primary">
             {t('save')}
           </button>
-          <button type="button" onClick={() => (setForm(blank), setError(null), setOk(false))}>
+          <button type="button" onClick={() => (setForm(blank), setEditing(false), setError(null), setOk(false))}>
             {t('new')}
           </button>
         </div>

@@ -197,6 +197,8 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
     setSlashActive(0);
     input.current?.focus();
   };
+  // Internal note mode: what is written goes to staff only (POST …/notes), not the customer.
+  const [noteMode, setNoteMode] = useState(false);
   const [files, setFiles] = useState<Attachment[]>([]);
   const [uploading, setUploading] = useState(0);
   const [problem, setProblem] = useState<string | null>(null);
@@ -205,12 +207,32 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
   useEffect(() => {
     setFiles([]);
     setProblem(null);
+    setNoteMode(false);
     // Ready to type in the newly opened conversation, unless the operator is moving
     // through the conversation list from the keyboard (the list marks that).
     if ((document.activeElement as HTMLElement | null)?.dataset?.nav !== 'keys') input.current?.focus();
   }, [conv.id]);
 
+  const addNote = () => {
+    const text = draft.trim();
+    if (!text) return;
+    if (text.length > 4000) return setProblem(t('err_too_long'));
+    const key = 'note-' + Date.now().toString(36) + '-' + Math.random().toString(36).slice(2, 10);
+    const sent = draft;
+    setDraft('');
+    api.post('/api/conversations/' + conv.id + '/notes', { text, key }).then(
+      () => setProblem(null),
+      (e: any) => {
+        // Nothing is lost: the text comes back to the composer with the reason.
+        setDraft(sent);
+        setProblem(describeError(t, e.code, e.message));
+      },
+    );
+    input.current?.focus();
+  };
+
   const send = () => {
+    if (noteMode) return addNote();
     const p = messageProblem(draft, files.length);
     if (p) {
       setProblem(p === 'empty' ? null : t('err_too_long'));
@@ -263,7 +285,8 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
   const id = 'composer-' + conv.id;
   return (
     <form
-      class="composer"
+      class={'composer' + (noteMode ? ' composer-note' : '')}
+      data-mode={noteMode ? 'note' : 'reply'}
       onSubmit={(e) => {
         e.preventDefault();
         send();
@@ -290,7 +313,7 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
         data-testid="composer-input"
         rows={3}
         maxLength={4000}
-        placeholder={t('composer_placeholder')}
+        placeholder={noteMode ? t('note_placeholder') : t('composer_placeholder')}
         value={draft}
         aria-controls={slashShown.length ? id + '-slash' : undefined}
         aria-activedescendant={slashShown.length ? id + '-slash-' + Math.min(slashActive, slashShown.length - 1) : undefined}
@@ -299,7 +322,7 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
           setDraft(value);
           if (!value.startsWith('/')) setSlashClosed(false);
           setSlashActive(0);
-          session.typing(conv.id);
+          if (!noteMode) session.typing(conv.id);
         }}
         onKeyDown={(e) => {
           if (slashShown.length) {
@@ -364,7 +387,10 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
           tabIndex={-1}
           onChange={(e) => upload((e.currentTarget as HTMLInputElement).files)}
         />
-        <button type="button" class="ghost" onClick={() => fileInput.current?.click()}>
+        <label class="note-toggle">
+          <input type="checkbox" data-testid="note-mode" checked={noteMode} onChange={(e) => setNoteMode((e.currentTarget as HTMLInputElement).checked)} /> {t('note_mode')}
+        </label>
+        <button type="button" class="ghost" disabled={noteMode} onClick={() => fileInput.current?.click()}>
           <PaperclipIcon /> {t('attach')}
         </button>
         <button type="button" class="ghost" onClick={props.onTemplates}>
@@ -372,7 +398,7 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
         </button>
         <span class="muted small grow">{uploading ? t('uploading') : t('enter_to_send')}</span>
         <button type="submit" class="primary" data-testid="send-button" disabled={uploading > 0}>
-          {t('send')}
+          {noteMode ? t('add_note') : t('send')}
         </button>
       </div>
     </form>

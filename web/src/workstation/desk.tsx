@@ -1,13 +1,14 @@
 /** The operator desk: presence, offers, conversation list, conversation, side panels. */
 import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
-import { formatDuration } from '../shared/format';
+import { formatDuration, formatWhen } from '../shared/format';
 import { visibleRange, scrollToRow } from '../shared/virtual';
 import { listboxTarget } from '../shared/keys';
 import { ClockIcon, PaperclipIcon } from '../shared/icons';
 import type { LinkState } from '../shared/socket';
 import { offerSecondsLeft, offerWaitedMs, offerWindowMs, transferToMe, sortedConvs, totalUnread, type Conv, type OpState } from './operator-state';
 import { OperatorSession } from './operator-session';
-import { PRESENCES, type LoginInfo, type Presence } from './types';
+import { PRESENCES, type LoginInfo, type MyConversation, type Presence } from './types';
+import { Inspector } from './inspector';
 import { ConversationPane } from './conversation';
 import { describeError } from './strings';
 import { Dialog, RECONNECT_NOW, SHORTCUT_EVENT, useApp, useNow, useStore } from './ui';
@@ -182,6 +183,7 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
         ))}
         <Offers session={session} state={state} />
         <ConvList session={session} state={state} />
+        <MyHistory session={session} state={state} />
       </aside>
       <ConversationPane session={session} state={state} auth={props.auth} />
       {help && <ShortcutsHelp onClose={() => setHelp(false)} />}
@@ -488,7 +490,9 @@ export function ConvList(props: { session: OperatorSession; state: OpState }) {
 function ConvRow(props: { c: Conv; now: number; pos: number; size: number; selected: boolean; active: boolean; onSelect: () => void }) {
   const { t } = useApp();
   const { c, now } = props;
-  const last = c.entries[c.entries.length - 1];
+  // The newest message (a note or a system entry after it does not replace it).
+  let last = undefined as (typeof c.entries)[number] | undefined;
+  for (let i = c.entries.length - 1; i >= 0 && !last; i--) if (c.entries[i].kind === 'message') last = c.entries[i];
   const preview = last?.kind === 'message' ? last.text || (last.attachments?.length ? <PaperclipIcon /> : '') : '';
   return (
     <div
@@ -521,5 +525,104 @@ function ConvRow(props: { c: Conv; now: number; pos: number; size: number; selec
         )}
       </div>
     </div>
+  );
+}
+
+/**
+ * My conversations beyond the open ones: the recently closed ones, and a search over
+ * everything I handled (number, customer, text, notes). A closed one opens read-only,
+ * where a note can still be added; an open one of mine opens on the desk.
+ */
+function MyHistory(props: { session: OperatorSession; state: OpState }) {
+  const { t, api, lang } = useApp();
+  const [query, setQuery] = useState('');
+  const [asked, setAsked] = useState('');
+  const [rows, setRows] = useState<MyConversation[] | null>(null);
+  const [next, setNext] = useState<number | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const [open, setOpen] = useState<number | null>(null);
+  const load = (q: string, before: number | null) => {
+    const params = new URLSearchParams({ limit: '20' });
+    if (q) params.set('q', q);
+    if (before != null) params.set('before', String(before));
+    api
+      .get<{ conversations: MyConversation[]; next_before: number | null }>('/api/my/conversations?' + params)
+      .then((r) => {
+        setRows((old) => (before != null && old ? [...old, ...r.conversations] : r.conversations));
+        setNext(r.next_before);
+        setError(null);
+      })
+      .catch((e) => setError(describeError(t, e.code, e.message)));
+  };
+  // The recently closed list follows the desk: a conversation leaving it is news here.
+  const held = props.state.convs.size;
+  useEffect(() => {
+    if (!asked) load('', null);
+  }, [held, asked]);
+  const shown = rows ? (asked ? rows : rows.filter((r) => r.state === 'closed')) : null;
+  return (
+    <section class="panel history" aria-labelledby="hist-h">
+      <h2 id="hist-h" class="panel-title">
+        {asked ? t('search_results') : t('recently_closed')}
+      </h2>
+      <form
+        class="row"
+        role="search"
+        onSubmit={(e) => {
+          e.preventDefault();
+          const q = query.trim();
+          setAsked(q);
+          setRows(null);
+          load(q, null);
+        }}
+      >
+        <label class="sr-only" for="hist-q">
+          {t('search_mine')}
+        </label>
+        <input id="hist-q" type="search" class="grow" data-testid="history-search" placeholder={t('search_mine')} maxLength={200} value={query} onInput={(e) => {
+          const v = (e.currentTarget as HTMLInputElement).value;
+          setQuery(v);
+          if (!v.trim() && asked) setAsked('');
+        }} />
+        <button type="submit">{t('search')}</button>
+      </form>
+      {error && <p class="error small">{error}</p>}
+      {shown && !shown.length && <p class="empty small">{asked ? t('no_results') : t('none')}</p>}
+      <ul class="history-list" data-testid="history-list">
+        {shown?.map((r) => (
+          <li key={r.conversation}>
+            <button
+              type="button"
+              class="history-row"
+              data-testid="history-item"
+              data-conv={r.conversation}
+              data-state={r.state}
+              onClick={() => (r.mine && props.state.convs.has(r.conversation) ? props.session.select(r.conversation) : setOpen(r.conversation))}
+            >
+              <span class="conv-top">
+                <strong class="conv-name">{r.visitor || t('visitor')}</strong>
+                <span class="muted small">
+                  #{r.conversation} · {t(('state_' + r.state) as any)}
+                </span>
+              </span>
+              <span class="conv-bottom">
+                <span class="conv-preview">{r.preview ? r.preview.text || (r.preview.attachments ? '📎' : '') : ''}</span>
+                <span class="muted small">{formatWhen(r.closed_at ?? r.last_at ?? r.created_at, lang)}</span>
+              </span>
+            </button>
+          </li>
+        ))}
+      </ul>
+      {asked && next != null && (
+        <button type="button" class="ghost small" data-testid="history-more" onClick={() => load(asked, next)}>
+          {t('search_more')}
+        </button>
+      )}
+      {open != null && (
+        <Dialog title={t('conversation_read_only', { id: open })} testid="history-dialog" onClose={() => setOpen(null)}>
+          <Inspector id={open} canReassign={false} canNote={true} />
+        </Dialog>
+      )}
+    </section>
   );
 }

@@ -108,6 +108,17 @@ export function EntryView(props: {
       </li>
     );
   }
+  if (e.kind === 'note') {
+    return (
+      <li class="note" data-testid="entry-note" data-seq={e.seq}>
+        <span class="who">
+          {t('note_by', { name: e.name || e.author || '' })} <span class="note-tag">{t('internal')}</span>
+        </span>
+        <span class="text">{e.text}</span>
+        <span class="meta">{time}</span>
+      </li>
+    );
+  }
   let text = '';
   switch (e.kind) {
     case 'started':

@@ -15,6 +15,8 @@ export interface FloorFeedOptions {
   onFloor: (f: Floor) => void;
   onError?: (e: unknown) => void;
   onLink?: (s: LinkState) => void;
+  /** A watched conversation's history grew (the socket's `watched` frame). */
+  onWatched?: (conversation: number, lastSeq: number) => void;
   /** What the feed is doing: following the socket, or polling while it is down. */
   onMode?: (mode: 'socket' | 'poll') => void;
   create?: (url: string) => SocketLike;
@@ -29,6 +31,8 @@ export class FloorFeed {
   private polling = false;
   private stopped = false;
   mode: 'socket' | 'poll' | 'idle' = 'idle';
+  /** The conversation the socket is asked to watch (sent again on every connect). */
+  private watched: number | null = null;
 
   constructor(private readonly opts: FloorFeedOptions) {
     this.timers = opts.timers ?? realTimers;
@@ -40,6 +44,10 @@ export class FloorFeed {
       idleMs: 10000,
       pingTimeoutMs: 5000,
       onFrame: (f) => {
+        if (f?.type === 'watched' && typeof f.conversation === 'number' && typeof f.last_seq === 'number') {
+          if (f.conversation === this.watched) opts.onWatched?.(f.conversation, f.last_seq);
+          return;
+        }
         if (f?.type !== 'floor') return;
         this.link.markHealthy();
         this.setMode('socket');
@@ -50,8 +58,19 @@ export class FloorFeed {
         if (!this.stopped) this.setMode('poll');
         return true;
       },
+      onOpen: () => {
+        // A new socket knows nothing of the last one's watch.
+        if (this.watched != null) this.link.send({ type: 'watch', conversation: this.watched });
+      },
       onState: opts.onLink,
     });
+  }
+
+  /** Asks the socket to announce changes of `conversation` (null: none). */
+  watch(conversation: number | null): void {
+    if (conversation === this.watched) return;
+    this.watched = conversation;
+    this.link.send({ type: 'watch', conversation });
   }
 
   private setMode(mode: 'socket' | 'poll'): void {

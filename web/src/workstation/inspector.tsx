@@ -16,7 +16,18 @@ export const INSPECTOR_POLL_MS = 2000;
  * floor moved the conversation: offered, taken, reassigned, closed). Without `live` it is
  * read once, with a manual Refresh.
  */
-export function Inspector(props: { id: number; canReassign: boolean; live?: boolean; place?: string }) {
+export function Inspector(props: {
+  id: number;
+  canReassign: boolean;
+  /** Show the internal-note form (staff who may read it may add one). */
+  canNote?: boolean;
+  live?: boolean;
+  /** The conversation's newest seq as a socket announced it: re-read when it moves. */
+  pushed?: number;
+  /** Operators as the live floor shows them (presence, load), for the reassign form. */
+  operators?: ReassignOperator[];
+  place?: string;
+}) {
   const { t, api, lang } = useApp();
   const [doc, setDoc] = useState<ConversationDoc | null>(null);
   const [error, setError] = useState<string | null>(null);
@@ -56,6 +67,10 @@ export function Inspector(props: { id: number; canReassign: boolean; live?: bool
     }
     refresh();
   }, [props.place]);
+  // Announced over the socket: re-read unless what is shown is already that new.
+  useEffect(() => {
+    if (props.pushed != null && doc && props.pushed > doc.last_seq) refresh();
+  }, [props.pushed]);
   if (!doc) return error ? <ErrorText error={error} /> : <p class="muted">{t('loading')}</p>;
   const names = operatorNames(doc.history);
   return (
@@ -64,7 +79,11 @@ export function Inspector(props: { id: number; canReassign: boolean; live?: bool
         <h3 class="grow">
           {doc.visitor.name || t('visitor')} <span class="muted">#{doc.conversation}</span>
         </h3>
-        {props.live && <span class="muted small">{t('inspector_live')}</span>}
+        {(props.live || props.pushed != null) && (
+          <span class="muted small" data-testid="inspector-live" data-source={props.pushed != null && !props.live ? 'socket' : 'poll'}>
+            {t('inspector_live')}
+          </span>
+        )}
         <button type="button" class="ghost" data-testid="inspector-refresh" onClick={refresh}>
           {t('refresh')}
         </button>
@@ -90,8 +109,9 @@ export function Inspector(props: { id: number; canReassign: boolean; live?: bool
           <EntryView key={e.seq} e={e} visitor={doc.visitor.name} names={names} />
         ))}
       </ol>
+      {props.canNote && <NoteForm id={doc.conversation} onDone={refresh} />}
       <Decisions id={doc.conversation} version={version} />
-      {props.canReassign && doc.status.state !== 'closed' && <Reassign id={doc.conversation} onDone={refresh} />}
+      {props.canReassign && doc.status.state !== 'closed' && <Reassign id={doc.conversation} live={props.operators} onDone={refresh} />}
     </div>
   );
 }
@@ -154,16 +174,21 @@ function Decisions(props: { id: number; version: number }) {
   );
 }
 
-function Reassign(props: { id: number; onDone: () => void }) {
+/** What the reassign form needs of an operator. */
+export type ReassignOperator = Pick<OperatorStatus, 'id' | 'name' | 'presence' | 'load' | 'capacity'>;
+
+function Reassign(props: { id: number; live?: ReassignOperator[]; onDone: () => void }) {
   const { t, api, notify } = useApp();
   const [mode, setMode] = useState<'operator' | 'group'>('operator');
-  const [operators, setOperators] = useState<OperatorStatus[]>([]);
+  const [fetched, setOperators] = useState<ReassignOperator[]>([]);
+  // The floor's live list when there is one: who is online changes while the form is open.
+  const operators = props.live ?? fetched;
   const [groups, setGroups] = useState<SkillGroup[]>([]);
   const [target, setTarget] = useState('');
   const [comment, setComment] = useState('');
   const [error, setError] = useState<string | null>(null);
   useEffect(() => {
-    api.get<{ operators: OperatorStatus[] }>('/api/operators').then((r) => setOperators(r.operators)).catch(() => {});
+    if (!props.live) api.get<{ operators: OperatorStatus[] }>('/api/operators').then((r) => setOperators(r.operators)).catch(() => {});
     api.get<{ skill_groups: SkillGroup[] }>('/api/skill-groups').then((r) => setGroups(r.skill_groups)).catch(() => {});
   }, []);
   return (
@@ -178,7 +203,12 @@ function Reassign(props: { id: number; onDone: () => void }) {
           if (comment.trim()) body.comment = comment.trim();
           await api.post('/api/conversations/' + props.id + '/reassign', body);
           notify(t('reassigned'), 'info');
+          // Ready for the next one: the form starts over.
+          setTarget('');
+          setComment('');
+          setMode('operator');
           setError(null);
+          if (!props.live) api.get<{ operators: OperatorStatus[] }>('/api/operators').then((r) => setOperators(r.operators)).catch(() => {});
           props.onDone();
         } catch (err: any) {
           setError(describeError(t, err.code, err.message));
@@ -217,6 +247,44 @@ function Reassign(props: { id: number; onDone: () => void }) {
       <ErrorText error={error} />
       <button type="submit" class="primary" data-testid="reassign-submit">
         {t('reassign')}
+      </button>
+    </form>
+  );
+}
+
+/** Adds an internal note (staff only) to the conversation. */
+function NoteForm(props: { id: number; onDone: () => void }) {
+  const { t, api } = useApp();
+  const [text, setText] = useState('');
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<string | null>(null);
+  return (
+    <form
+      class="stack note-form"
+      data-testid="note-form"
+      onSubmit={async (e) => {
+        e.preventDefault();
+        if (!text.trim() || busy) return;
+        setBusy(true);
+        try {
+          const key = 'note-' + Date.now().toString(36) + '-' + Math.random().toString(36).slice(2, 10);
+          await api.post('/api/conversations/' + props.id + '/notes', { text: text.trim(), key });
+          setText('');
+          setError(null);
+          props.onDone();
+        } catch (err: any) {
+          setError(describeError(t, err.code, err.message));
+        } finally {
+          setBusy(false);
+        }
+      }}
+    >
+      <Field label={t('note_mode')}>
+        <textarea rows={2} maxLength={4000} data-testid="note-input" placeholder={t('note_placeholder')} value={text} onInput={(e) => setText((e.currentTarget as HTMLTextAreaElement).value)} />
+      </Field>
+      <ErrorText error={error} />
+      <button type="submit" data-testid="note-submit" disabled={busy || !text.trim()}>
+        {t('add_note')}
       </button>
     </form>
   );

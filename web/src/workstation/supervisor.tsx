@@ -1,10 +1,10 @@
 /** The supervisor's live floor: queues, operators, and an inspector for any conversation. */
-import { useEffect, useMemo, useState } from 'preact/hooks';
+import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { formatDuration } from '../shared/format';
 import { floorPlace, longestWaitNow, queuedWaitNow, slaPercent, totals, type Floor, type QueueRow } from './floor';
 import { FloorFeed } from './floor-feed';
 import { Inspector } from './inspector';
-import type { LoginInfo } from './types';
+import type { GroupKpis, LoginInfo } from './types';
 import { describeError } from './strings';
 import { Empty, RECONNECT_NOW, reconnectNow, useApp, useNow } from './ui';
 
@@ -17,6 +17,8 @@ export function FloorView(props: { auth: LoginInfo }) {
   const [linkOpen, setLinkOpen] = useState(false);
   const [open, setOpen] = useState<number | null>(null);
   const [lookup, setLookup] = useState('');
+  // The open conversation's newest seq as the socket announced it (`watched` frames).
+  const [pushed, setPushed] = useState<number | undefined>(undefined);
   const now = useNow(1000);
   const feed = useMemo(() => {
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
@@ -30,6 +32,7 @@ export function FloorView(props: { auth: LoginInfo }) {
         setUpdatedAt(Date.now());
       },
       onMode: setMode,
+      onWatched: (_id, seq) => setPushed(seq),
       onLink: (s) => setLinkOpen(s.status === 'open'),
       onError: (e: any) => {
         const text = describeError(t, e?.code, e?.message);
@@ -54,11 +57,15 @@ export function FloorView(props: { auth: LoginInfo }) {
       feed.stop();
     };
   }, [feed]);
+  useEffect(() => {
+    setPushed(undefined);
+    feed.watch(open);
+  }, [open, feed]);
   const sum = floor ? totals(floor) : null;
   // Live only while the socket is open, or polls keep succeeding (every 2 s) while it is not.
   const live = floor != null && (mode === 'socket' ? linkOpen : now - updatedAt < 6000);
   return (
-    <div class="floor" data-testid="floor">
+    <div class={'floor' + (open == null ? ' floor-wide' : '')} data-testid="floor" data-layout={open == null ? 'wide' : 'split'}>
       {floor && !live && (
         <div class="banner" role="alert" data-testid="floor-offline">
           {t('floor_offline', { time: new Date(updatedAt).toLocaleTimeString() })}{' '}
@@ -124,6 +131,7 @@ export function FloorView(props: { auth: LoginInfo }) {
           </table>
         )}
       </section>
+      <KpiPanel signature={sum ? [sum.waiting, sum.offered, sum.load, sum.online].join('/') : ''} />
       <section class="panel" aria-labelledby="ops-h">
         <h2 id="ops-h" class="panel-title">
           {t('operators')}
@@ -166,9 +174,16 @@ export function FloorView(props: { auth: LoginInfo }) {
         )}
       </section>
       <section class="panel inspector-panel" aria-labelledby="insp-h">
-        <h2 id="insp-h" class="panel-title">
-          {t('conversation')}
-        </h2>
+        <div class="row">
+          <h2 id="insp-h" class="panel-title grow">
+            {t('conversation')}
+          </h2>
+          {open != null && (
+            <button type="button" class="ghost" data-testid="inspector-close" onClick={() => setOpen(null)}>
+              {t('close_inspector')}
+            </button>
+          )}
+        </div>
         <form
           class="row"
           onSubmit={(e) => {
@@ -183,7 +198,13 @@ export function FloorView(props: { auth: LoginInfo }) {
           <input id="lookup" data-testid="lookup-input" inputMode="numeric" placeholder={t('open_conversation_id')} value={lookup} onInput={(e) => setLookup((e.currentTarget as HTMLInputElement).value)} />
           <button type="submit">{t('open')}</button>
         </form>
-        {open != null ? <Inspector key={open} id={open} canReassign={true} live={true} place={floorPlace(floor, open)} /> : <Empty>{t('inspector_hint')}</Empty>}
+        {open != null ? (
+          // Over the socket the floor announces each change of the open conversation;
+          // only while it is down does the inspector poll.
+          <Inspector key={open} id={open} canReassign={true} canNote={true} live={mode !== 'socket' || !linkOpen} pushed={pushed} place={floorPlace(floor, open)} operators={floor?.operators} />
+        ) : (
+          <Empty>{t('inspector_hint')}</Empty>
+        )}
       </section>
     </div>
   );
@@ -227,5 +248,93 @@ function QueuedList(props: { q: QueueRow; floor: Floor; now: number; open: numbe
       })}
       {more > 0 && <li class="muted small">{t('queued_more', { n: more })}</li>}
     </ul>
+  );
+}
+
+/** Local midnight today, in ms: "today" as the supervisor's clock has it. */
+export function localMidnight(now: number): number {
+  const d = new Date(now);
+  d.setHours(0, 0, 0, 0);
+  return d.getTime();
+}
+
+/** How often today's KPIs are read again while nothing on the floor moves. */
+const KPI_REFRESH_MS = 15000;
+/** The least time between two reads when the floor keeps moving. */
+const KPI_MIN_GAP_MS = 3000;
+
+/**
+ * Today's figures per group: handled, abandoned, average wait, service level, AHT, CSAT.
+ * Read at once, every KPI_REFRESH_MS, and when `signature` (what the floor shows:
+ * queued, offered, held, online) changes, at most once every KPI_MIN_GAP_MS: the
+ * figures move with answers, closes and ratings, which move the floor.
+ */
+function KpiPanel(props: { signature: string }) {
+  const { t, api } = useApp();
+  const [groups, setGroups] = useState<GroupKpis[] | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const lastRead = useRef(0);
+  const [tick, setTick] = useState(0);
+  useEffect(() => {
+    const every = setInterval(() => setTick((n) => n + 1), KPI_REFRESH_MS);
+    return () => clearInterval(every);
+  }, []);
+  useEffect(() => {
+    const wait = lastRead.current + KPI_MIN_GAP_MS - Date.now();
+    if (wait > 0) {
+      // Too soon after the last read: read once the gap has passed.
+      const later = setTimeout(() => setTick((n) => n + 1), wait);
+      return () => clearTimeout(later);
+    }
+    let live = true;
+    lastRead.current = Date.now();
+    api
+      .get<{ groups: GroupKpis[] }>('/api/kpis?since=' + localMidnight(Date.now()))
+      .then((r) => live && (setGroups(r.groups ?? []), setError(null)))
+      .catch((e) => live && setError(describeError(t, e.code, e.message)));
+    return () => {
+      live = false;
+    };
+  }, [props.signature, tick]);
+  const ms = (v: number | null) => (v == null ? '—' : formatDuration(v));
+  return (
+    <section class="panel kpis" aria-labelledby="kpi-h">
+      <h2 id="kpi-h" class="panel-title">
+        {t('kpis_today')}
+      </h2>
+      {error && <p class="error small">{error}</p>}
+      {!groups ? (
+        <p class="muted">{t('loading')}</p>
+      ) : (
+        <table class="table" data-testid="kpi-table">
+          <thead>
+            <tr>
+              <th scope="col">{t('group')}</th>
+              <th scope="col">{t('kpi_entered')}</th>
+              <th scope="col">{t('kpi_handled')}</th>
+              <th scope="col">{t('kpi_abandoned')}</th>
+              <th scope="col">{t('kpi_avg_wait')}</th>
+              <th scope="col">{t('kpi_service_level')}</th>
+              <th scope="col">{t('kpi_aht')}</th>
+              <th scope="col">{t('kpi_csat')}</th>
+            </tr>
+          </thead>
+          <tbody>
+            {groups.map((g) => (
+              <tr key={g.group} data-testid="kpi-row" data-group={g.group}>
+                <th scope="row">{g.name}</th>
+                <td>{g.entered}</td>
+                <td data-testid="kpi-handled">{g.handled}</td>
+                <td data-testid="kpi-abandoned">{g.abandoned}</td>
+                <td>{ms(g.avg_wait_ms)}</td>
+                <td data-testid="kpi-sl">{g.service_level == null ? '—' : g.service_level + '%'}</td>
+                <td>{ms(g.avg_handle_ms)}</td>
+                <td data-testid="kpi-csat">{g.csat == null ? '—' : g.csat.toFixed(1) + (g.rated ? ' (' + g.rated + ')' : '')}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+    </section>
   );
 }

@@ -6,7 +6,9 @@ export type Role = 'operator' | 'supervisor' | 'admin';
 
 /** A conversation history entry in the staff view (protocol.md §3.4). */
 export interface Entry {
-  kind: 'started' | 'queued' | 'message' | 'assigned' | 'transferred' | 'closed' | 'rated' | string;
+  kind: 'started' | 'queued' | 'message' | 'assigned' | 'transferred' | 'closed' | 'rated' | 'note' | string;
+  /** For `note`: the login of the staff member who wrote it. */
+  author?: string;
   seq: number;
   at: number;
   channel?: string;
@@ -172,4 +174,36 @@ export interface DecisionRecord {
   at: number;
   candidates: Candidate[];
   chosen: string;
+}
+
+/** A row of `GET /api/my/conversations`. */
+export interface MyConversation {
+  conversation: number;
+  state: 'queued' | 'assigned' | 'closed';
+  channel: string;
+  group: string;
+  visitor: string;
+  created_at: number;
+  closed_at: number | null;
+  last_at: number | null;
+  last_seq: number;
+  rated: boolean;
+  mine: boolean;
+  preview: { from: 'client' | 'operator'; name?: string; text: string; attachments: number; at: number } | null;
+}
+
+/** One group of `GET /api/kpis`. */
+export interface GroupKpis {
+  group: string;
+  name: string;
+  entered: number;
+  answered: number;
+  answered_in_sla: number;
+  abandoned: number;
+  handled: number;
+  rated: number;
+  avg_wait_ms: number | null;
+  service_level: number | null;
+  avg_handle_ms: number | null;
+  csat: number | null;
 }
