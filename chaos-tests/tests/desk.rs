@@ -193,3 +193,32 @@ async fn an_admin_edits_a_user_without_retyping_the_password() -> anyhow::Result
     assert_eq!(login["role"], "supervisor");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customers_earlier_conversations_are_searched_from_the_current_one() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let mut first = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    first.send(&json!({"type": "start", "name": "Ann"})).await?;
+    let started = first.wait_for(WAIT, |v| v["type"] == "started").await?;
+    let (old, visitor_token) = (started["conversation"].as_u64().unwrap_or(0), started["visitor_token"].as_str().unwrap_or_default().to_owned());
+    first.send(&json!({"type": "send", "key": "c-1", "text": "Invoice 4410 is wrong"})).await?;
+    first.wait_for(WAIT, |v| v["type"] == "ack").await?;
+    first.send(&json!({"type": "close"})).await?;
+    first.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "closed").await?;
+
+    let mut second = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    second.send(&json!({"type": "start", "name": "Ann", "visitor_token": visitor_token})).await?;
+    let now = second.wait_for(WAIT, |v| v["type"] == "started").await?["conversation"].as_u64().unwrap_or(0);
+    let supervisor = dev.login("supervisor").await?;
+    let ids = |v: &Value| v["conversations"].as_array().into_iter().flatten().filter_map(|c| c["conversation"].as_u64()).collect::<Vec<_>>();
+    let (status, all) = dev.api("GET", &format!("/api/conversations/{now}/earlier"), Some(&supervisor), None).await?;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(ids(&all), vec![old]);
+    assert_eq!(all["conversations"][0]["preview"]["text"], "Invoice 4410 is wrong");
+    assert_eq!(ids(&dev.api("GET", &format!("/api/conversations/{now}/earlier?q=invoice%204410"), Some(&supervisor), None).await?.1), vec![old]);
+    assert_eq!(ids(&dev.api("GET", &format!("/api/conversations/{now}/earlier?q=refund"), Some(&supervisor), None).await?.1), Vec::<u64>::new());
+    // An operator who never had either may not look.
+    let bob = dev.login("bob").await?;
+    assert_eq!(dev.api("GET", &format!("/api/conversations/{now}/earlier"), Some(&bob), None).await?.0, 403);
+    Ok(())
+}

@@ -116,6 +116,39 @@ pub(crate) async fn my_conversations(State(gw): State<Arc<Gateway>>, staff: Staf
     Ok(Json(json!({"conversations": found, "scanned": scanned, "next_before": next})))
 }
 
+/// Earlier conversations of a customer one search looks at.
+pub const EARLIER_SEARCH: usize = 50;
+
+#[derive(Deserialize)]
+pub(crate) struct EarlierQuery {
+    #[serde(default)]
+    q: String,
+}
+
+/// `GET /api/conversations/{id}/earlier`: the same customer's other conversations
+/// (newest first, at most 50), each with a preview line; with `q`, those whose number,
+/// messages or notes contain it. Whoever may read the conversation may ask.
+pub(crate) async fn earlier(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Params(query): Params<EarlierQuery>) -> Result<Json<Value>, GatewayError> {
+    let id = conversation_id(&id)?;
+    let conv = readable(&gw, &staff, id)?;
+    let needle = query.q.trim().to_lowercase();
+    if needle.chars().count() > SEARCH_MAX_CHARS {
+        return Err(GatewayError::BadRequest(format!("search text is at most {SEARCH_MAX_CHARS} characters")));
+    }
+    let shard = gw.backend.shard();
+    let Some(visitor) = conv.visitor.id.as_ref() else { return Ok(Json(json!({"conversations": []}))) };
+    let me = staff.operator.clone().unwrap_or_else(|| switchboard_actors::model::OperatorId::new(""));
+    let mut found = Vec::new();
+    for other in shard.conversations_of(visitor, EARLIER_SEARCH + 1)? {
+        if other.id == id || (!needle.is_empty() && !matches(&shard, &other, &needle)?) {
+            continue;
+        }
+        let recent = shard.history(other.id, other.last_seq().saturating_sub(12), 12)?;
+        found.push(summary(&other, &recent, &me));
+    }
+    Ok(Json(json!({"conversations": found})))
+}
+
 fn state_name(conv: &Conversation) -> &'static str {
     match conv.status {
         ConversationStatus::Queued { .. } => "queued",

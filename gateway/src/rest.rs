@@ -48,6 +48,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/chaos/purge", post(purge_drill))
         .route("/api/conversations/{id}/reassign", post(reassign))
         .route("/api/conversations/{id}/notes", post(crate::desk::add_note))
+        .route("/api/conversations/{id}/earlier", get(crate::desk::earlier))
         .route("/api/my/conversations", get(crate::desk::my_conversations))
         .route("/api/kpis", get(crate::desk::kpis))
         .route("/api/templates", get(list_templates))

@@ -76,6 +76,24 @@ test('an internal note stays with staff; a closed conversation is found again an
   await dialog.getByTestId('note-submit').click();
   await expect(dialog.getByTestId('entry-note')).toHaveCount(2);
   await shot(alice, '31-desk-closed-read-only');
+  await alice.keyboard.press('Escape');
+
+  // The customer comes back: the new conversation's card lists the old one, and a search
+  // over the customer's conversations finds it by what was said there.
+  await client.getByTestId('widget-star-5').check({ force: true });
+  await client.getByTestId('widget-rate-submit').click();
+  await client.getByTestId('widget-new-chat').click();
+  await widgetSay(client, 'Now a different question');
+  await alice.getByTestId('offer-accept').click();
+  const card = alice.getByTestId('client-card');
+  await expect(card.getByTestId('earlier-list').getByRole('button', { name: '#' + convId })).toBeVisible();
+  await card.getByTestId('earlier-search').fill('parcel 7731');
+  await card.getByTestId('earlier-search').press('Enter');
+  await expect(card.getByTestId('earlier-preview')).toContainText('It arrives tomorrow.');
+  await card.getByTestId('earlier-search').fill('mortgage');
+  await card.getByTestId('earlier-search').press('Enter');
+  await expect(card.getByTestId('earlier-list').getByRole('button')).toHaveCount(0);
+  await expect(card.getByText('Nothing found.')).toBeVisible();
 });
 
 test('the floor uses the full width, shows today per group, and its inspector follows the socket', async ({ browser, sb }) => {

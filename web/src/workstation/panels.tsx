@@ -4,7 +4,7 @@ import { formatDateTime } from '../shared/format';
 import type { Conv } from './operator-state';
 import type { OperatorSession } from './operator-session';
 import { byScope, fillPlaceholders, searchTemplates, templateId, validateTemplate, type PlaceholderValues, type TemplateScope } from './templates';
-import type { ConversationDoc, OperatorStatus, SkillGroup, Template } from './types';
+import type { ConversationDoc, MyConversation, OperatorStatus, SkillGroup, Template } from './types';
 import { parseTags, tagsProblem, MAX_TAGS } from './forms';
 import { describeError } from './strings';
 import { Dialog, Empty, ErrorText, Field, useApp } from './ui';
@@ -29,7 +29,23 @@ export function ClientCard(props: { conv: Conv }) {
     };
   }, [conv.id]);
   const attrs = Object.entries(Object.keys(conv.attributes).length ? conv.attributes : doc?.visitor.attributes ?? {});
-  const earlier = doc?.earlier ?? [];
+  // A search over this customer's earlier conversations (their text and notes).
+  const [query, setQuery] = useState('');
+  const [found, setFound] = useState<MyConversation[] | null>(null);
+  const search = (q: string) => {
+    if (!q.trim()) return setFound(null);
+    api
+      .get<{ conversations: MyConversation[] }>('/api/conversations/' + conv.id + '/earlier?q=' + encodeURIComponent(q.trim()))
+      .then((r) => setFound(r.conversations ?? []))
+      .catch((e) => setError(describeError(t, e.code, e.message)));
+  };
+  useEffect(() => {
+    setQuery('');
+    setFound(null);
+  }, [conv.id]);
+  const earlier = found
+    ? found.map((f) => ({ conversation: f.conversation, created_at: f.created_at, state: f.state, preview: f.preview?.text }))
+    : (doc?.earlier ?? []).map((e) => ({ ...e, preview: undefined as string | undefined }));
   return (
     <section class="card" data-testid="client-card" aria-label={t('client_card')}>
       <h3>{conv.visitor || doc?.visitor.name || t('visitor')}</h3>
@@ -50,8 +66,38 @@ export function ClientCard(props: { conv: Conv }) {
       </dl>
       <h4>{t('earlier_conversations')}</h4>
       <ErrorText error={error} />
-      {doc && !earlier.length && <Empty>{doc.earlier ? t('none') : t('earlier_unavailable')}</Empty>}
-      <ul class="plain">
+      {doc && (doc.earlier?.length ?? 0) > 0 && (
+        <form
+          class="row"
+          role="search"
+          onSubmit={(e) => {
+            e.preventDefault();
+            search(query);
+          }}
+        >
+          <label class="sr-only" for={'earlier-q-' + conv.id}>
+            {t('search_earlier')}
+          </label>
+          <input
+            id={'earlier-q-' + conv.id}
+            type="search"
+            class="grow"
+            data-testid="earlier-search"
+            maxLength={200}
+            placeholder={t('search_earlier')}
+            value={query}
+            onInput={(e) => {
+              const v = (e.currentTarget as HTMLInputElement).value;
+              setQuery(v);
+              if (!v.trim()) setFound(null);
+            }}
+          />
+          <button type="submit">{t('search')}</button>
+        </form>
+      )}
+      {found && !found.length && <Empty>{t('no_results')}</Empty>}
+      {doc && !found && !earlier.length && <Empty>{doc.earlier ? t('none') : t('earlier_unavailable')}</Empty>}
+      <ul class="plain" data-testid="earlier-list">
         {earlier.map((e) => (
           <li key={e.conversation}>
             <button type="button" class="link" onClick={() => setOpen(e.conversation)}>
@@ -60,12 +106,13 @@ export function ClientCard(props: { conv: Conv }) {
             <span class="muted small">
               {formatDateTime(e.created_at, lang)} · {t(('state_' + e.state) as any)}
             </span>
+            {e.preview && <span class="conv-preview block" data-testid="earlier-preview">{e.preview}</span>}
           </li>
         ))}
       </ul>
       {open != null && (
         <Dialog title={t('conversation_n', { id: open })} onClose={() => setOpen(null)}>
-          <Inspector id={open} canReassign={false} />
+          <Inspector id={open} canReassign={false} canNote={true} />
         </Dialog>
       )}
     </section>
