@@ -37,6 +37,8 @@ pub const STALLED_EXPIRY_MS: u64 = 2000;
 pub const MAX_TEXT_CHARS: usize = 4000;
 /// Longest reason an operator may give for declining an offer, in characters.
 pub const MAX_REASON_CHARS: usize = 500;
+/// Operators one node's socket report may name.
+pub const MAX_REPORTED_OPERATORS: usize = 100_000;
 /// Longest idempotency key, in bytes.
 pub const MAX_KEY_BYTES: usize = 128;
 /// History entries one conversation may hold; past it the client starts a new one.
@@ -323,6 +325,28 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 Reply::Message { seq: conv.last_seq() + 1, duplicate: false },
                 vec![Event::NoteAdded { conversation: *conv_id, author: author.clone(), name: name.clone(), key: key.clone(), text: text.clone() }],
             ))
+        }
+        Command::OperatorsConnected { node, operators } => {
+            if operators.len() > MAX_REPORTED_OPERATORS {
+                return Err(Error::Invalid(format!("a node reports at most {MAX_REPORTED_OPERATORS} operators")));
+            }
+            let known: Vec<OperatorId> = operators.iter().filter(|op| state.operators.contains_key(*op)).cloned().collect();
+            Ok((Reply::Done, vec![Event::OperatorsConnected { node: *node, operators: known }]))
+        }
+        Command::MarkAbsent { grace_ms, since } => {
+            let mut events = Vec::new();
+            for op_id in state.absent_operators(now, *grace_ms, *since) {
+                let Some(op) = state.operators.get(&op_id) else { continue };
+                for offer in &op.offers {
+                    events.push(Event::OfferWithdrawn {
+                        offer: *offer,
+                        reason: WithdrawReason::OperatorUnavailable,
+                        detail: "operator disconnected".into(),
+                    });
+                }
+                events.push(Event::WentAbsent { operator: op_id });
+            }
+            Ok((Reply::Done, events))
         }
         Command::EndSessions { login } => {
             if !state.users.contains_key(login) {

@@ -334,6 +334,20 @@ pub enum Command {
         key: String,
         text: String,
     },
+    /// The operators with a live operator socket on `node`, as that node counts them:
+    /// sent when the set changes and as a heartbeat every few seconds
+    /// ([`crate::state::SOCKET_LEASE_MS`] bounds how long one report counts).
+    OperatorsConnected {
+        node: u64,
+        operators: Vec<OperatorId>,
+    },
+    /// Sets away every online operator who has had no live socket for `grace_ms` as of
+    /// this entry, counting from no earlier than `since` (when the proposing leader
+    /// started watching), and withdraws their pending offers. Proposed by the leader.
+    MarkAbsent {
+        grace_ms: u64,
+        since: Timestamp,
+    },
 }
 
 /// Who read a conversation.
@@ -550,5 +564,14 @@ pub enum Event {
         name: String,
         key: String,
         text: String,
+    },
+    OperatorsConnected {
+        node: u64,
+        operators: Vec<OperatorId>,
+    },
+    /// The operator's last socket has been gone for the grace period: away, with that
+    /// reason, until they set a presence themselves.
+    WentAbsent {
+        operator: OperatorId,
     },
 }

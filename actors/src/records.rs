@@ -23,6 +23,9 @@
 //! | `w` len:u16 operator !conversation | empty: the conversations an operator handled, newest first (the id's bits inverted) |
 //! | `j` conversation | when an open conversation was first answered |
 //! | `K` len:u16 group hour | the group's KPI counters for that hour ([`GroupKpi`]) |
+//! | `p` node | the operators with a live socket on that node, as it last reported them |
+//! | `l` operator | when the operator was last reported with a live socket |
+//! | `z` operator | why the operator's presence was set for them (`disconnected`) |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
 //! of the record. A reader refuses a version it does not know (docs/formats.md).
@@ -33,7 +36,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::model::*;
-use crate::state::{Conversation, ConversationStatus, FeedEntry, FeedItem, GroupKpi, HistoryEntry, HistoryItem, Operator, ShardState, SkillGroup, FEED_RETAINED};
+use crate::state::{Conversation, ConversationStatus, FeedEntry, FeedItem, GroupKpi, HistoryEntry, HistoryItem, NodeSockets, Operator, ShardState, SkillGroup, FEED_RETAINED};
 
 /// The version byte every record value starts with.
 pub const RECORD_VERSION: u8 = 1;
@@ -185,6 +188,15 @@ pub mod key {
         let mut key = with_name(b'K', &group.0);
         key.extend_from_slice(&hour.to_be_bytes());
         key
+    }
+    pub fn node_sockets(node: u64) -> Vec<u8> {
+        with_id(b'p', node, &[])
+    }
+    pub fn last_seen(operator: &OperatorId) -> Vec<u8> {
+        with(b'l', operator.0.as_bytes())
+    }
+    pub fn presence_reason(operator: &OperatorId) -> Vec<u8> {
+        with(b'z', operator.0.as_bytes())
     }
     pub fn attachment_index(id: &AttachmentId) -> Vec<u8> {
         with(b'A', id.0.as_bytes())
@@ -356,6 +368,22 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         match state.kpis.get(group).and_then(|hours| hours.get(hour)) {
             Some(kpi) => put(key::kpi(group, *hour), encode(&(group, *hour, kpi))),
             None => removes.push(key::kpi(group, *hour)),
+        }
+    }
+    for node in &dirty.sockets {
+        if let Some(report) = state.sockets.get(node) {
+            put(key::node_sockets(*node), encode(report));
+        }
+    }
+    for operator in &dirty.last_seen {
+        if let Some(at) = state.last_seen.get(operator) {
+            put(key::last_seen(operator), encode(&(operator, *at)));
+        }
+    }
+    for operator in &dirty.presence_reasons {
+        match state.presence_reasons.get(operator) {
+            Some(reason) => put(key::presence_reason(operator), encode(&(operator, reason))),
+            None => removes.push(key::presence_reason(operator)),
         }
     }
     if dirty.purge {
@@ -657,6 +685,16 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     for (k, at) in all::<Timestamp>(store, b"j")? {
         let id = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged answer-time key".into()))?;
         state.answered_at.insert(ConversationId(u64::from_be_bytes(id)), at);
+    }
+    for (k, report) in all::<NodeSockets>(store, b"p")? {
+        let node = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged socket-report key".into()))?;
+        state.sockets.insert(u64::from_be_bytes(node), report);
+    }
+    for (_, (operator, at)) in all::<(OperatorId, Timestamp)>(store, b"l")? {
+        state.last_seen.insert(operator, at);
+    }
+    for (_, (operator, reason)) in all::<(OperatorId, String)>(store, b"z")? {
+        state.presence_reasons.insert(operator, reason);
     }
     for (_, (group, hour, kpi)) in all::<(SkillGroupId, u64, GroupKpi)>(store, b"K")? {
         state.kpis.entry(group).or_default().insert(hour, kpi);

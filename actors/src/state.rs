@@ -76,9 +76,58 @@ pub struct ShardState {
     /// runs from there to its close.
     #[serde(default)]
     pub answered_at: BTreeMap<ConversationId, Timestamp>,
+    /// Per node, the operators it last reported with a live socket, and when (records
+    /// `p`). A report older than [`SOCKET_LEASE_MS`] no longer counts.
+    #[serde(default)]
+    pub sockets: BTreeMap<u64, NodeSockets>,
+    /// When each operator was last reported with a live socket (records `l`).
+    #[serde(default)]
+    pub last_seen: BTreeMap<OperatorId, Timestamp>,
+    /// Why an operator's presence was set for them, while it stands (records `z`):
+    /// `disconnected`.
+    #[serde(default)]
+    pub presence_reasons: BTreeMap<OperatorId, String>,
     /// What the events applied since the last write changed, to be written as records.
     #[serde(skip)]
     pub dirty: Dirty,
+}
+
+/// How long a node's report of its operators' sockets counts: three of its heartbeats.
+/// A node that stopped reporting (it died) stops vouching for its operators after this.
+pub const SOCKET_LEASE_MS: u64 = 30_000;
+/// The reason an operator whose last socket went away was set away.
+pub const REASON_DISCONNECTED: &str = "disconnected";
+
+/// One node's last report of the operators with a live socket on it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSockets {
+    pub at: Timestamp,
+    pub operators: BTreeSet<OperatorId>,
+}
+
+impl ShardState {
+    /// Whether some node reported a live socket of `operator` within the lease, as of `now`.
+    pub fn connected(&self, operator: &OperatorId, now: Timestamp) -> bool {
+        self.sockets.values().any(|n| now.millis_since(n.at) <= SOCKET_LEASE_MS && n.operators.contains(operator))
+    }
+
+    /// The online operators who have had no live socket for `grace_ms` as of `now`,
+    /// counting from the latest of: their last report, the end of the lease of a report
+    /// that still names them (its node stopped reporting: their socket may have lived
+    /// until then), their going online, and `since`.
+    pub fn absent_operators(&self, now: Timestamp, grace_ms: u64, since: Timestamp) -> Vec<OperatorId> {
+        self.operators
+            .values()
+            .filter(|op| op.presence == Presence::Online && !self.connected(&op.config.id, now))
+            .filter(|op| {
+                let seen = self.last_seen.get(&op.config.id).copied().unwrap_or_default();
+                let vouched = self.sockets.values().filter(|n| n.operators.contains(&op.config.id)).map(|n| n.at.plus_ms(SOCKET_LEASE_MS)).max().unwrap_or_default();
+                let from = seen.max(vouched).max(op.presence_since).max(since);
+                now.millis_since(from) >= grace_ms
+            })
+            .map(|op| op.config.id.clone())
+            .collect()
+    }
 }
 
 /// Hours of KPI counters a skill group keeps: today in any time zone, and the week
@@ -166,6 +215,11 @@ pub struct Dirty {
     /// cleared; (operator, conversation) pairs newly handled (records `w`).
     pub kpis: BTreeSet<(SkillGroupId, u64)>,
     pub answered: BTreeSet<ConversationId>,
+    /// Nodes whose socket report changed; operators whose last-seen time or presence
+    /// reason changed.
+    pub sockets: BTreeSet<u64>,
+    pub last_seen: BTreeSet<OperatorId>,
+    pub presence_reasons: BTreeSet<OperatorId>,
     pub handled: Vec<(OperatorId, ConversationId)>,
 }
 
@@ -268,6 +322,11 @@ pub enum FeedItem {
         name: String,
         capacity: u32,
         groups: Vec<SkillGroupId>,
+    },
+    /// The operator's presence was set for them, with why (`disconnected`).
+    PresenceSet {
+        presence: Presence,
+        reason: String,
     },
 }
 
@@ -442,7 +501,9 @@ impl ShardState {
                     dirty.operators.insert(made.operator.clone());
                 }
             }
-            Event::PresenceChanged { operator, .. } | Event::FavouriteSet { operator, .. } => {
+            // Socket reports are written from `Dirty::sockets` and `Dirty::last_seen`.
+            Event::OperatorsConnected { .. } => {}
+            Event::PresenceChanged { operator, .. } | Event::FavouriteSet { operator, .. } | Event::WentAbsent { operator } => {
                 dirty.operators.insert(operator.clone());
             }
             Event::TemplateUpserted(template) => {
@@ -705,6 +766,33 @@ impl ShardState {
                     touched.operators.insert(operator.clone());
                     touched.groups.extend(op.config.groups.iter().cloned());
                 }
+                // Their own choice: no reason stands any more.
+                if self.presence_reasons.remove(operator).is_some() {
+                    self.dirty.presence_reasons.insert(operator.clone());
+                }
+            }
+            Event::WentAbsent { operator } => {
+                if let Some(op) = self.operators.get_mut(operator) {
+                    op.presence = Presence::Away;
+                    op.presence_since = at;
+                    op.feed.push(at, FeedItem::PresenceSet { presence: Presence::Away, reason: REASON_DISCONNECTED.to_owned() });
+                    touched.operators.insert(operator.clone());
+                    touched.groups.extend(op.config.groups.iter().cloned());
+                    self.presence_reasons.insert(operator.clone(), REASON_DISCONNECTED.to_owned());
+                    self.dirty.presence_reasons.insert(operator.clone());
+                }
+            }
+            Event::OperatorsConnected { node, operators } => {
+                let now: BTreeSet<OperatorId> = operators.iter().cloned().collect();
+                // Everyone this report or the node's last one names was connected until
+                // now: one whose socket closed since is last seen at this report.
+                let before = self.sockets.get(node).map(|n| n.operators.clone()).unwrap_or_default();
+                for operator in now.union(&before) {
+                    self.last_seen.insert(operator.clone(), at);
+                    self.dirty.last_seen.insert(operator.clone());
+                }
+                self.sockets.insert(*node, NodeSockets { at, operators: now });
+                self.dirty.sockets.insert(*node);
             }
             Event::ConversationReassigned { conversation, by, to, comment } => {
                 let item = HistoryItem::Transferred { from: OperatorId::new(by.clone()), to: to.clone(), comment: comment.clone() };

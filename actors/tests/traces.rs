@@ -167,6 +167,8 @@ fn render(event: &Event) -> String {
         Event::ConversationsDeleted { conversations } => format!("deleted {conversations:?}"),
         Event::PassForgotten { conversation, operator } => format!("{operator}'s pass on {conversation} forgotten"),
         Event::NoteAdded { conversation, name, .. } => format!("{name} noted on {conversation}"),
+        Event::OperatorsConnected { node, operators } => format!("node {node} holds sockets of {operators:?}"),
+        Event::WentAbsent { operator } => format!("{operator} away: disconnected"),
     }
 }
 

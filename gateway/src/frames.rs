@@ -269,6 +269,7 @@ pub fn operator_event(entry: &FeedEntry, history: Option<Vec<Value>>) -> Value {
         }),
         FeedItem::Released { conversation } => json!({"kind": "released", "conversation": conversation.0}),
         FeedItem::PresenceChanged { presence } => json!({"kind": "presence", "status": presence_name(*presence)}),
+        FeedItem::PresenceSet { presence, reason } => json!({"kind": "presence", "status": presence_name(*presence), "reason": reason}),
         FeedItem::Configured { name, capacity, groups } => json!({
             "kind": "configured", "name": name, "capacity": capacity, "groups": groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
         }),

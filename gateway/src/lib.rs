@@ -313,12 +313,73 @@ impl Signals {
     }
 }
 
+/// The operators with a live operator socket on this member, counted as sockets open
+/// and close: the node reports the set to the shard (`OperatorsConnected`) so that
+/// presence follows the person.
+pub struct OperatorSockets {
+    counts: Mutex<HashMap<OperatorId, usize>>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for OperatorSockets {
+    fn default() -> Self {
+        OperatorSockets { counts: Mutex::new(HashMap::new()), changed: tokio::sync::watch::Sender::new(0) }
+    }
+}
+
+impl OperatorSockets {
+    pub fn opened(&self, operator: &OperatorId) {
+        let first = {
+            let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            let n = counts.entry(operator.clone()).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    pub fn closed(&self, operator: &OperatorId) {
+        let last = {
+            let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            match counts.get_mut(operator) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    counts.remove(operator);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    /// The operators with at least one live socket, in order.
+    pub fn operators(&self) -> Vec<OperatorId> {
+        let mut list: Vec<OperatorId> = self.counts.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        list.sort();
+        list
+    }
+
+    /// Changes whenever an operator gets their first socket or loses their last.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
 pub struct Gateway {
     pub backend: Arc<dyn Backend>,
     pub tokens: TokenKey,
     pub metrics: Arc<metrics::Metrics>,
     pub throttle: auth::LoginThrottle,
     pub signals: Signals,
+    pub operator_sockets: OperatorSockets,
     pub blobs: attachments::BlobStore,
     pub config: GatewayConfig,
     pub usage: Usage,
@@ -343,6 +404,7 @@ impl Gateway {
             metrics: Arc::new(metrics::Metrics::default()),
             throttle: auth::LoginThrottle::default(),
             signals: Signals::default(),
+            operator_sockets: OperatorSockets::default(),
             blobs,
             config,
             usage: Usage::default(),

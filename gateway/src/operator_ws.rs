@@ -44,7 +44,7 @@ pub(crate) async fn upgrade(
         }
         Err(refusal) => return refusal,
     };
-    let session = OperatorSession { gw: gw.clone(), operator, resume_from: params.last_seq };
+    let session = OperatorSession { gw: gw.clone(), operator, resume_from: params.last_seq, counted: false };
     ws::accept(gw, upgrade, Surface::Operator, Some(staff), relayed.is_some(), session)
 }
 
@@ -52,6 +52,8 @@ struct OperatorSession {
     gw: Arc<Gateway>,
     operator: OperatorId,
     resume_from: Option<u64>,
+    /// Whether this socket is counted in `Gateway::operator_sockets`.
+    counted: bool,
 }
 
 pub(crate) const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "send", "typing", "read", "transfer", "close", "history", "ping"];
@@ -251,6 +253,8 @@ impl Session for OperatorSession {
                 "name": op.config.name,
                 "presence": frames::presence_str(op.presence),
                 "presence_since": op.presence_since.0,
+                // Why the presence was set for them (`disconnected`), if it was.
+                "presence_reason": state.presence_reasons.get(&op.config.id),
                 "capacity": op.config.capacity,
                 "groups": op.config.groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
                 "active": op.active.iter().map(|c| c.0).collect::<Vec<_>>(),
@@ -282,6 +286,9 @@ impl Session for OperatorSession {
             }
         }
         out.json(hello).await;
+        // From here the person is at the desk: counted until the socket ends.
+        self.gw.operator_sockets.opened(&self.operator);
+        self.counted = true;
         let operator = self.operator.clone();
         let mut last = start;
         let pull = Box::new(move || {
@@ -332,5 +339,8 @@ impl Session for OperatorSession {
 
     fn on_end(&mut self) {
         self.gw.signals.release_operator(&self.operator);
+        if std::mem::take(&mut self.counted) {
+            self.gw.operator_sockets.closed(&self.operator);
+        }
     }
 }

@@ -307,6 +307,7 @@ async fn list_operators(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<V
             json!({
                 "id": o.config.id, "name": o.config.name, "capacity": o.config.capacity, "groups": o.config.groups,
                 "presence": frames::presence_str(o.presence), "presence_since": o.presence_since.0,
+                "presence_reason": state.presence_reasons.get(&o.config.id),
                 "load": o.load(), "active": o.active.len(), "offers": o.offers.len(),
             })
         })

@@ -123,7 +123,8 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
         .map(|o| {
             json!({
                 "id": o.config.id, "name": o.config.name, "presence": frames::presence_str(o.presence),
-                "presence_since": o.presence_since.0, "load": o.load(), "capacity": o.config.capacity,
+                "presence_since": o.presence_since.0, "presence_reason": state.presence_reasons.get(&o.config.id),
+                "load": o.load(), "capacity": o.config.capacity,
                 "groups": o.config.groups, "active": o.active.iter().map(|c| c.0).collect::<Vec<_>>(),
             })
         })

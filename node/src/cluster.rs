@@ -39,6 +39,10 @@ pub struct NodeConfig {
     /// Seconds between retention purges on the leader.
     #[serde(default)]
     pub retention_check_s: Option<u64>,
+    /// Seconds an online operator may be without a live socket before they are set
+    /// away (`disconnected`); 30 when absent.
+    #[serde(default)]
+    pub presence_grace_s: Option<u64>,
     /// Whether `POST /api/chaos/*` drills are served (admin only).
     #[serde(default)]
     pub enable_chaos_drills: bool,
@@ -234,6 +238,7 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
             staff_origins: Vec::new(),
             snapshot_every: None,
             retention_check_s: None,
+            presence_grace_s: None,
             enable_chaos_drills: false,
             join: false,
             members: members.clone(),
@@ -366,6 +371,7 @@ pub fn add_node(dir: &Path, host: Option<&str>) -> anyhow::Result<PathBuf> {
         staff_origins: first.staff_origins.clone(),
         snapshot_every: first.snapshot_every,
         retention_check_s: first.retention_check_s,
+        presence_grace_s: first.presence_grace_s,
         enable_chaos_drills: first.enable_chaos_drills,
         join: true,
         members,

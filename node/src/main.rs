@@ -74,6 +74,11 @@ struct Listeners {
     /// retention (up to 500 each time), in seconds.
     #[arg(long, default_value_t = 60)]
     retention_check_s: u64,
+    /// Seconds an online operator may be without a live operator socket (a page
+    /// reload, a network blip) before they are set away with the reason `disconnected`
+    /// and their pending offers withdrawn. Applied by whichever node leads.
+    #[arg(long, default_value_t = 30)]
+    presence_grace_s: u64,
     #[command(flatten)]
     edge: EdgeArgs,
 }
@@ -312,6 +317,7 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
         staff_origins: listeners.staff_origins,
         snapshot_every: listeners.snapshot_every,
         retention_every: std::time::Duration::from_secs(listeners.retention_check_s.max(1)),
+        presence_grace: std::time::Duration::from_secs(listeners.presence_grace_s),
         budgets: switchboard_gateway::Budgets {
             starts_per_minute: edge.starts_per_minute,
             client_messages_per_minute: edge.client_messages_per_minute,
@@ -347,6 +353,9 @@ fn member_options(config: cluster::NodeConfig, listeners: Listeners, chaos_drill
     }
     if let Some(s) = config.retention_check_s {
         options.retention_every = std::time::Duration::from_secs(s.max(1));
+    }
+    if let Some(s) = config.presence_grace_s {
+        options.presence_grace = std::time::Duration::from_secs(s);
     }
     options.members = config.members.into_iter().map(|m| (m.id, m.raft_addr)).collect();
     options.certs_dir = Some(config.certs_dir);

@@ -12,7 +12,7 @@ use anyhow::Context;
 use ractor::ActorRef;
 use switchboard_actors::actors::{now_ms, ShardSupervisor, SupervisorArgs, SupervisorMsg};
 use switchboard_actors::core::Reply;
-use switchboard_actors::model::{AttachmentId, Command, Envelope, Presence};
+use switchboard_actors::model::{AttachmentId, Command, Envelope, OperatorId, Presence};
 use switchboard_actors::shard::{Proposer, Shard, StreamKey, Wakeups};
 use switchboard_gateway::listener::ConnectionLimits;
 use switchboard_gateway::{Backend, BoxFuture, Budgets, Gateway, GatewayConfig, Limits, TokenKey};
@@ -816,6 +816,9 @@ pub struct NodeOptions {
     pub snapshot_every: u64,
     /// Between retention purges on the leader.
     pub retention_every: Duration,
+    /// How long an online operator may be without a live socket before the leader sets
+    /// them away (`MarkAbsent`).
+    pub presence_grace: Duration,
     /// What one client address may use.
     pub budgets: Budgets,
     /// Bounds on every connection of both listeners.
@@ -1062,6 +1065,8 @@ std::fs::create_dir_all(&options.data_dir)?;
         }));
     }
     let retention = tokio::spawn(retention_timer(raft.clone(), proposer.clone(), options.node_id, options.retention_every));
+    let sockets = tokio::spawn(report_operator_sockets(gateway.clone(), options.node_id));
+    let absence = tokio::spawn(absence_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id, options.presence_grace));
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let listeners = vec![
         serve_http(public, switchboard_gateway::public_router(gateway.clone()), &gateway, options.connections, shutdown_rx.clone()),
@@ -1069,6 +1074,8 @@ std::fs::create_dir_all(&options.data_dir)?;
         rpc_server,
         leadership,
         retention,
+        sockets,
+        absence,
     ];
     info!(%public_addr, %private_addr, %raft_addr, "node started");
     Ok(RunningNode { raft, proposer, gateway, shard, public_addr, private_addr, endpoint, db, _lock: lock, listeners, shutdown })
@@ -1086,6 +1093,76 @@ async fn retention_timer(raft: Raft, proposer: RaftProposer, node_id: u64, every
         }
         if let Err(e) = proposer.submit(Command::PurgeExpired { as_of: now_ms() }).await {
             tracing::warn!(error = %e, "retention purge failed; retrying at the next tick");
+        }
+    }
+}
+
+/// Between two reports of this node's operator sockets when nothing changes: a
+/// heartbeat well inside `state::SOCKET_LEASE_MS`.
+const SOCKETS_HEARTBEAT: Duration = Duration::from_secs(10);
+/// How long a change waits for more before it is reported: a page reload (a socket
+/// closed, another opened) makes one report, or none.
+const SOCKETS_SETTLE: Duration = Duration::from_millis(250);
+
+/// Reports which operators have a live socket on this node (`OperatorsConnected`) when
+/// the set changes and every `SOCKETS_HEARTBEAT`, through the gateway (a follower
+/// forwards it to the leader).
+async fn report_operator_sockets(gateway: Arc<Gateway>, node_id: u64) {
+    let mut changed = gateway.operator_sockets.watch();
+    let mut last: Option<Vec<OperatorId>> = None;
+    let mut heartbeat = tokio::time::interval(SOCKETS_HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let beat = tokio::select! {
+            _ = heartbeat.tick() => true,
+            moved = changed.changed() => {
+                if moved.is_err() {
+                    return;
+                }
+                tokio::time::sleep(SOCKETS_SETTLE).await;
+                changed.borrow_and_update();
+                false
+            }
+        };
+        let operators = gateway.operator_sockets.operators();
+        // Nothing to say: no change, and no socket to vouch for on a heartbeat.
+        if last.as_ref() == Some(&operators) && (!beat || operators.is_empty()) {
+            continue;
+        }
+        if !gateway.backend.ready() {
+            last = None;
+            continue;
+        }
+        match gateway.submit(Command::OperatorsConnected { node: node_id, operators: operators.clone() }).await {
+            Ok(_) => last = Some(operators),
+            Err(e) => {
+                last = None;
+                tracing::debug!(error = %e, "reporting operator sockets failed; retrying at the next heartbeat");
+            }
+        }
+    }
+}
+
+/// On the leader, once a second, proposes `MarkAbsent` when an online operator has been
+/// without a live socket for `grace` (counted from no earlier than this node began to
+/// lead, so a new leader gives every desk the whole grace period to reconnect).
+async fn absence_timer(raft: Raft, proposer: RaftProposer, shard: Arc<Shard>, node_id: u64, grace: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let grace_ms = grace.as_millis() as u64;
+    let mut leading_since: Option<switchboard_actors::model::Timestamp> = None;
+    loop {
+        tick.tick().await;
+        if raft.metrics().borrow().current_leader != Some(node_id) {
+            leading_since = None;
+            continue;
+        }
+        let since = *leading_since.get_or_insert_with(now_ms);
+        if shard.read().absent_operators(now_ms(), grace_ms, since).is_empty() {
+            continue;
+        }
+        if let Err(e) = proposer.submit(Command::MarkAbsent { grace_ms, since }).await {
+            tracing::warn!(error = %e, "setting absent operators away failed; retrying in a second");
         }
     }
 }

@@ -269,6 +269,17 @@ describe('missed offers', () => {
     expect(s.awayAfterMiss).toBe(false);
   });
 
+  it('knows when the server set the operator away because no desk was connected, until they choose', () => {
+    const set = (seq: number, at: number): OpAction => ({ type: 'event', event: { type: 'event', kind: 'presence', seq, at, status: 'away', reason: 'disconnected' } as FeedEvent });
+    let s = run(initialOpState, { type: 'hello', hello: hello({ presence: 'away', presence_reason: 'disconnected' }), now: 0 });
+    expect(s.presenceReason).toBe('disconnected');
+    s = run(s, presence(11, 9_000, 'online'));
+    expect(s.presenceReason).toBe(null);
+    s = run(s, set(12, 20_000));
+    expect([s.presence, s.presenceReason]).toEqual(['away', 'disconnected']);
+    expect(s.awayAfterMiss).toBe(false);
+  });
+
   it('does not blame a missed offer for an away chosen later, or for one that did not set away', () => {
     // A stalled expiry leaves the operator online (rules 3); their own away later is theirs.
     let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, missed(11, 5_000), presence(12, 8_000, 'away'));

@@ -276,6 +276,15 @@ function PresenceBar(props: { session: OperatorSession; state: OpState; alerts: 
       <p class="muted small" data-testid="presence-current" data-presence={state.presence}>
         {t('in_status', { status: t(('presence_' + state.presence) as any), time: formatDuration(state.presenceSince ? now - state.presenceSince : 0) })}
       </p>
+      {state.presenceReason === 'disconnected' && state.presence === 'away' && !state.awayAfterMiss && (
+        // Set away by the server while no desk was connected: say so until they act.
+        <div class="missed" role="alert" data-testid="disconnected-banner">
+          <p>{t('notice_set_away_disconnected')}</p>
+          <button type="button" class="primary" data-testid="disconnected-go-online" onClick={() => set('online')}>
+            {t('go_online')}
+          </button>
+        </div>
+      )}
       {state.awayAfterMiss && state.presence === 'away' && (
         // Stays until the operator acts: a toast that fades would leave them away unknowingly.
         <div class="missed" role="alert" data-testid="missed-offer-banner">

@@ -37,6 +37,8 @@ export interface OperatorRow {
   name: string;
   presence: Presence;
   presence_since: number;
+  /** Why the presence was set for them (`disconnected`), or null. */
+  presence_reason: string | null;
   load: number;
   capacity: number;
   /** Conversation ids held, when the source lists them. */
@@ -98,6 +100,7 @@ export function normalizeOperators(raw: any[]): OperatorRow[] {
         name: String(o.name ?? o.id),
         presence: (o.presence ?? 'offline') as Presence,
         presence_since: num(o.presence_since),
+        presence_reason: typeof o.presence_reason === 'string' ? o.presence_reason : null,
         load: num(o.load),
         capacity: num(o.capacity, 1),
         active,

@@ -111,6 +111,9 @@ export interface OpState {
   /** An offer ran out unanswered here and the server set us away for it: the desk says
    *  so until the operator changes their status. */
   awayAfterMiss: boolean;
+  /** Why the server set our presence (`disconnected`: no desk was connected for the
+   *  grace period), until the operator sets one themselves. */
+  presenceReason: string | null;
   /** When the last offer ran out unanswered (its event's time), until the next presence event. */
   missedAt?: number;
 }
@@ -129,6 +132,7 @@ export const initialOpState: OpState = {
   needHistory: [],
   lastOfferAt: 0,
   awayAfterMiss: false,
+  presenceReason: null,
 };
 
 export type OpAction =
@@ -330,7 +334,14 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
       if (!ev.status) return s;
       // Away in the same entry as a missed offer (the same time): that is why.
       const missed = ev.status === 'away' && s.missedAt != null && ev.at === s.missedAt;
-      return { ...s, presence: ev.status, presenceSince: ev.at ?? s.presenceSince, awayAfterMiss: missed || (ev.status === 'away' && s.awayAfterMiss), missedAt: undefined };
+      return {
+        ...s,
+        presence: ev.status,
+        presenceSince: ev.at ?? s.presenceSince,
+        awayAfterMiss: missed || (ev.status === 'away' && s.awayAfterMiss),
+        presenceReason: ev.reason ?? null,
+        missedAt: undefined,
+      };
     }
     default:
       return s;
@@ -364,6 +375,7 @@ export function opReducer(s: OpState, a: OpAction): OpState {
         me,
         presence: h.presence,
         awayAfterMiss: h.presence === 'away' && s.awayAfterMiss,
+        presenceReason: h.presence_reason ?? null,
         presenceSince: h.presence_since ?? (s.presence === h.presence && s.presenceSince ? s.presenceSince : a.now),
       };
       if (s.feedSeq == null || h.seq < s.feedSeq) {

@@ -154,6 +154,12 @@ export function FloorView(props: { auth: LoginInfo }) {
                   <td data-testid="operator-presence" data-presence={o.presence}>
                     <span class={'dot dot-' + o.presence} aria-hidden="true" /> {t(('presence_' + o.presence) as any)}
                     {o.presence_since ? <span class="muted small"> · {formatDuration(now - o.presence_since)}</span> : null}
+                    {o.presence_reason && (
+                      <span class="muted small" data-testid="operator-presence-reason" data-reason={o.presence_reason}>
+                        {' '}
+                        · {o.presence_reason === 'disconnected' ? t('reason_disconnected') : o.presence_reason}
+                      </span>
+                    )}
                   </td>
                   <td>
                     <meter min={0} max={o.capacity} value={o.load} aria-label={t('load_of', { name: o.name })} /> {o.load}/{o.capacity}

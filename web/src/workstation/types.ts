@@ -59,6 +59,8 @@ export interface Hello {
   groups: string[];
   presence: Presence;
   presence_since?: number;
+  /** Why the presence was set for the operator (`disconnected`), if it was. */
+  presence_reason?: string | null;
   active: number[];
   /** Where the visitor and the operators have read each active conversation to. */
   read_marks?: { conversation: number; client_read_upto: number; operator_read_upto: number }[];
