@@ -412,15 +412,26 @@ impl EntityState {
         let Some(g) = shard.groups.get(group) else { return (None, None) };
         let (mut round, mut sla) = (None, None);
         let earliest = |next: &mut Option<Timestamp>, at: Timestamp| *next = Some(next.map_or(at, |n: Timestamp| n.min(at)));
+        let mut waiting = false;
         for (_, id) in &g.queue {
             let Some(conv) = shard.conversations.get(id) else { continue };
             let ConversationStatus::Queued { offer, .. } = conv.status else { continue };
+            waiting |= offer.is_none();
             if let Some(at) = new_round_at(g, conv).filter(|at| offer.is_none() && *at > self.rounds_asked_upto) {
                 earliest(&mut round, at);
             }
             let crossing = conv.created_at.plus_ms(g.config.sla_ms);
             if crossing > now {
                 earliest(&mut sla, crossing);
+            }
+        }
+        // An operator of the group whose wrap-up ends while a conversation waits: route
+        // then, as for a new round.
+        if waiting {
+            for (operator, until) in &shard.wrap_up {
+                if *until > self.rounds_asked_upto && shard.operators.get(operator).is_some_and(|op| op.config.groups.contains(group)) {
+                    earliest(&mut round, *until);
+                }
             }
         }
         (round, sla)

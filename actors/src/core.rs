@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::model::*;
-use crate::routing::{new_round_at, select_operator};
+use crate::routing::{new_round_at, queue_order, select_operator};
 use crate::state::{ConversationStatus, ShardState, Touched};
 
 /// The newest routing rules this build decides with. Rules 2: a missed offer sets the
@@ -26,7 +26,10 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// of waiting for its new round; and a change of an operator's name, capacity or groups
 /// is told on their feed; conversation numbers start at 1. A node proposes `AdoptRules`
 /// at start; earlier entries keep their rules.
-pub const RULES_VERSION: u32 = 4;
+/// Rules 5: a skill group's queue is offered in order of priority (its channel's, its
+/// visitor's attributes', plus ageing), then arrival; an operator in wrap-up after a
+/// close gets no offer until it ends.
+pub const RULES_VERSION: u32 = 5;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -159,7 +162,7 @@ fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, 
             return;
         }
         let mut made = None;
-        for (_, conv_id) in &group.queue {
+        for conv_id in &queue_order(state, group, now) {
             let Some(conv) = state.conversations.get(conv_id) else { continue };
             if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) {
                 continue;
@@ -245,6 +248,46 @@ fn check_tags(tags: &[String]) -> Result<(), Error> {
         return Err(Error::Invalid(format!("tags must be 1 to {MAX_TAG_CHARS} characters")));
     }
     Ok(())
+}
+
+/// The highest priority a channel or an attribute rule may give.
+pub const MAX_PRIORITY: u32 = 100;
+/// Attribute rules one group may have.
+pub const MAX_ATTRIBUTE_PRIORITIES: usize = 50;
+/// Longest wrap-up time, and the shortest ageing step, in milliseconds.
+pub const MAX_WRAP_UP_MS: u64 = 3_600_000;
+pub const MIN_AGEING_MS: u64 = 1_000;
+
+fn check_routing(routing: &GroupRouting) -> Result<(), Error> {
+    if routing.attribute_priorities.len() > MAX_ATTRIBUTE_PRIORITIES {
+        return Err(Error::Invalid(format!("at most {MAX_ATTRIBUTE_PRIORITIES} attribute priorities")));
+    }
+    for rule in &routing.attribute_priorities {
+        if rule.attribute.is_empty() || rule.attribute.len() > 64 || rule.value.len() > 256 {
+            return Err(Error::Invalid("an attribute priority needs an attribute of 1 to 64 bytes and a value of at most 256".into()));
+        }
+        if rule.priority > MAX_PRIORITY {
+            return Err(Error::Invalid(format!("a priority is 0 to {MAX_PRIORITY}")));
+        }
+    }
+    if routing.ageing_ms != 0 && routing.ageing_ms < MIN_AGEING_MS {
+        return Err(Error::Invalid(format!("ageing is 0 (none) or at least {MIN_AGEING_MS} ms per level")));
+    }
+    if routing.wrap_up_ms > MAX_WRAP_UP_MS {
+        return Err(Error::Invalid(format!("wrap-up is at most {MAX_WRAP_UP_MS} ms")));
+    }
+    Ok(())
+}
+
+/// From rules 5, the wrap-up its group gives the operator who held a conversation
+/// being closed.
+fn wrap_up_after(state: &ShardState, conv: &crate::state::Conversation, now: Timestamp) -> Option<Event> {
+    if state.rules < 5 {
+        return None;
+    }
+    let operator = conv.assigned()?;
+    let wrap_up = state.group_routing.get(&conv.group).map_or(0, |r| r.wrap_up_ms);
+    (wrap_up > 0).then(|| Event::WrapUpSet { operator: operator.clone(), until: Some(now.plus_ms(wrap_up)) })
 }
 
 fn check_key(key: &str) -> Result<(), Error> {
@@ -425,6 +468,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             }
             let mut events = withdraw_pending(state, conv_id, WithdrawReason::ConversationClosed);
             events.push(Event::ConversationClosed { conversation: *conv_id, by: Closer::Client, resolution: String::new(), tags: vec![] });
+            events.extend(wrap_up_after(state, conv, now));
             Ok((Reply::Done, events))
         }
         Command::Rate { conversation: conv_id, score, comment } => {
@@ -633,13 +677,34 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             check_tags(tags)?;
             Ok((
                 Reply::Done,
-                vec![Event::ConversationClosed {
-                    conversation: *conv_id,
-                    by: Closer::Operator,
-                    resolution: resolution.clone(),
-                    tags: tags.clone(),
-                }],
+                [Event::ConversationClosed { conversation: *conv_id, by: Closer::Operator, resolution: resolution.clone(), tags: tags.clone() }]
+                    .into_iter()
+                    .chain(wrap_up_after(state, conversation(conv_id)?, now))
+                    .collect(),
             ))
+        }
+        Command::SetGroupRouting { group, routing } => {
+            if !state.groups.contains_key(group) {
+                return Err(Error::NotFound(format!("skill group {group}")));
+            }
+            check_routing(routing)?;
+            Ok((Reply::Done, vec![Event::GroupRoutingSet { group: group.clone(), routing: routing.clone() }]))
+        }
+        Command::SetChannelPriority { channel, priority } => {
+            if !state.channels.contains_key(channel) {
+                return Err(Error::NotFound(format!("channel {channel}")));
+            }
+            if *priority > MAX_PRIORITY {
+                return Err(Error::Invalid(format!("a priority is 0 to {MAX_PRIORITY}")));
+            }
+            Ok((Reply::Done, vec![Event::ChannelPrioritySet { channel: channel.clone(), priority: *priority }]))
+        }
+        Command::EndWrapUp { operator: op_id } => {
+            operator(op_id)?;
+            if !state.wrap_up.get(op_id).is_some_and(|until| *until > now) {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::WrapUpSet { operator: op_id.clone(), until: None }]))
         }
         Command::Reassign { by, conversation: conv_id, target, comment } => {
             let conv = conversation(conv_id)?;

@@ -118,6 +118,28 @@ pub struct SkillGroupConfig {
     pub sla_ms: u64,
 }
 
+/// How a skill group orders its queue and paces its operators (rules 5), set apart from
+/// [`SkillGroupConfig`] so that configuration keeps its stored format.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRouting {
+    /// Priority a waiting conversation gets when its visitor has an attribute with a
+    /// value (the highest matching one counts), added to its channel's priority.
+    pub attribute_priorities: Vec<AttributePriority>,
+    /// A waiting conversation gains one priority level per `ageing_ms` waited (0: no
+    /// ageing), so nothing waits for ever behind a stream of higher priorities.
+    pub ageing_ms: u64,
+    /// After a conversation they held closes, an operator gets no offer for this long
+    /// (wrap-up); they may end it early.
+    pub wrap_up_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttributePriority {
+    pub attribute: String,
+    pub value: String,
+    pub priority: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperatorConfig {
     pub id: OperatorId,
@@ -348,6 +370,20 @@ pub enum Command {
         grace_ms: u64,
         since: Timestamp,
     },
+    /// A skill group's queue order and pacing (rules 5): priorities, ageing, wrap-up.
+    SetGroupRouting {
+        group: SkillGroupId,
+        routing: GroupRouting,
+    },
+    /// A channel's base priority (rules 5): its conversations start at this level.
+    SetChannelPriority {
+        channel: ChannelId,
+        priority: u32,
+    },
+    /// The operator is ready before their wrap-up time ran out.
+    EndWrapUp {
+        operator: OperatorId,
+    },
 }
 
 /// Who read a conversation.
@@ -573,5 +609,18 @@ pub enum Event {
     /// reason, until they set a presence themselves.
     WentAbsent {
         operator: OperatorId,
+    },
+    GroupRoutingSet {
+        group: SkillGroupId,
+        routing: GroupRouting,
+    },
+    ChannelPrioritySet {
+        channel: ChannelId,
+        priority: u32,
+    },
+    /// The operator gets no offer until `until` (wrap-up after a close); `None` ends it.
+    WrapUpSet {
+        operator: OperatorId,
+        until: Option<Timestamp>,
     },
 }

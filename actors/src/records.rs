@@ -26,6 +26,9 @@
 //! | `p` node | the operators with a live socket on that node, as it last reported them |
 //! | `l` operator | when the operator was last reported with a live socket |
 //! | `z` operator | why the operator's presence was set for them (`disconnected`) |
+//! | `y` group | the group's queue order and pacing ([`GroupRouting`]) |
+//! | `Y` channel | the channel's priority |
+//! | `W` operator | until when the operator is in wrap-up |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
 //! of the record. A reader refuses a version it does not know (docs/formats.md).
@@ -197,6 +200,15 @@ pub mod key {
     }
     pub fn presence_reason(operator: &OperatorId) -> Vec<u8> {
         with(b'z', operator.0.as_bytes())
+    }
+    pub fn group_routing(group: &SkillGroupId) -> Vec<u8> {
+        with(b'y', group.0.as_bytes())
+    }
+    pub fn channel_priority(channel: &ChannelId) -> Vec<u8> {
+        with(b'Y', channel.0.as_bytes())
+    }
+    pub fn wrap_up(operator: &OperatorId) -> Vec<u8> {
+        with(b'W', operator.0.as_bytes())
     }
     pub fn attachment_index(id: &AttachmentId) -> Vec<u8> {
         with(b'A', id.0.as_bytes())
@@ -384,6 +396,24 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         match state.presence_reasons.get(operator) {
             Some(reason) => put(key::presence_reason(operator), encode(&(operator, reason))),
             None => removes.push(key::presence_reason(operator)),
+        }
+    }
+    for group in &dirty.group_routing {
+        match state.group_routing.get(group) {
+            Some(routing) => put(key::group_routing(group), encode(&(group, routing))),
+            None => removes.push(key::group_routing(group)),
+        }
+    }
+    for channel in &dirty.channel_priority {
+        match state.channel_priority.get(channel) {
+            Some(priority) => put(key::channel_priority(channel), encode(&(channel, *priority))),
+            None => removes.push(key::channel_priority(channel)),
+        }
+    }
+    for operator in &dirty.wrap_up {
+        match state.wrap_up.get(operator) {
+            Some(until) => put(key::wrap_up(operator), encode(&(operator, *until))),
+            None => removes.push(key::wrap_up(operator)),
         }
     }
     if dirty.purge {
@@ -695,6 +725,15 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, (operator, reason)) in all::<(OperatorId, String)>(store, b"z")? {
         state.presence_reasons.insert(operator, reason);
+    }
+    for (_, (group, routing)) in all::<(SkillGroupId, GroupRouting)>(store, b"y")? {
+        state.group_routing.insert(group, routing);
+    }
+    for (_, (channel, priority)) in all::<(ChannelId, u32)>(store, b"Y")? {
+        state.channel_priority.insert(channel, priority);
+    }
+    for (_, (operator, until)) in all::<(OperatorId, Timestamp)>(store, b"W")? {
+        state.wrap_up.insert(operator, until);
     }
     for (_, (group, hour, kpi)) in all::<(SkillGroupId, u64, GroupKpi)>(store, b"K")? {
         state.kpis.entry(group).or_default().insert(hour, kpi);

@@ -22,7 +22,8 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
         .values()
         .filter(|op| op.config.groups.contains(&group.config.id))
         .map(|op| {
-            let excluded = exclusion(op, conversation, state.rules);
+            let wrapping_up = state.rules >= 5 && state.wrap_up.get(&op.config.id).is_some_and(|until| *until > now);
+            let excluded = exclusion(op, conversation, state.rules, wrapping_up);
             let score = match excluded {
                 None => Some(score(group.config.policy, op, now)),
                 Some(_) => None,
@@ -43,9 +44,10 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
 }
 
 /// Eligibility and capacity stages: why this operator cannot take the conversation, as a
-/// stable code (`offline`, `away`, `on_break`, `at_capacity`, `passed`). Capacity comes
-/// before passes, so `passed` always names an operator who could take it in a new round.
-fn exclusion(op: &Operator, conversation: &Conversation, rules: u32) -> Option<&'static str> {
+/// stable code (`offline`, `away`, `on_break`, `at_capacity`, `wrap_up`, `passed`).
+/// Capacity comes before passes, so `passed` always names an operator who could take it
+/// in a new round.
+fn exclusion(op: &Operator, conversation: &Conversation, rules: u32, wrapping_up: bool) -> Option<&'static str> {
     if op.presence != Presence::Online {
         return Some(match op.presence {
             Presence::Away => "away",
@@ -59,9 +61,50 @@ fn exclusion(op: &Operator, conversation: &Conversation, rules: u32) -> Option<&
     match (full, passed) {
         (true, true) if rules < 2 => Some("passed"),
         (true, _) => Some("at_capacity"),
+        (false, _) if wrapping_up => Some("wrap_up"),
         (false, true) => Some("passed"),
         (false, false) => None,
     }
+}
+
+/// Highest priority a conversation can reach (ageing included).
+pub const PRIORITY_CAP: u32 = 1000;
+
+/// A queued conversation's priority as of `now` (rules 5): its channel's, plus the
+/// highest of its group's attribute rules its visitor matches, plus one level per
+/// `ageing_ms` waited since it started. Higher is offered first.
+pub fn priority(state: &ShardState, group: &SkillGroup, conversation: &Conversation, now: Timestamp) -> u32 {
+    let channel = state.channel_priority.get(&conversation.channel).copied().unwrap_or(0);
+    let Some(routing) = state.group_routing.get(&group.config.id) else { return channel.min(PRIORITY_CAP) };
+    let attribute = routing
+        .attribute_priorities
+        .iter()
+        .filter(|rule| conversation.visitor.attributes.iter().any(|(k, v)| *k == rule.attribute && *v == rule.value))
+        .map(|rule| rule.priority)
+        .max()
+        .unwrap_or(0);
+    let aged = match routing.ageing_ms {
+        0 => 0,
+        step => (now.millis_since(conversation.created_at) / step).min(PRIORITY_CAP as u64) as u32,
+    };
+    channel.saturating_add(attribute).saturating_add(aged).min(PRIORITY_CAP)
+}
+
+/// The group's queued conversations in the order they are offered: before rules 5 (or
+/// when nothing in the group has a priority) by arrival (ticket); from rules 5 by
+/// priority, highest first, then arrival.
+pub fn queue_order(state: &ShardState, group: &SkillGroup, now: Timestamp) -> Vec<ConversationId> {
+    let arrival = || group.queue.iter().map(|(_, id)| *id).collect();
+    if state.rules < 5 || (state.channel_priority.is_empty() && !state.group_routing.contains_key(&group.config.id)) {
+        return arrival();
+    }
+    let mut ranked: Vec<(u32, u64, ConversationId)> = group
+        .queue
+        .iter()
+        .map(|(ticket, id)| (state.conversations.get(id).map_or(0, |c| priority(state, group, c, now)), *ticket, *id))
+        .collect();
+    ranked.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    ranked.into_iter().map(|(_, _, id)| id).collect()
 }
 
 /// When a conversation every available operator has passed on may start a new round of

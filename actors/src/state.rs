@@ -87,6 +87,15 @@ pub struct ShardState {
     /// `disconnected`.
     #[serde(default)]
     pub presence_reasons: BTreeMap<OperatorId, String>,
+    /// Per skill group, its queue order and pacing (rules 5; records `y`).
+    #[serde(default)]
+    pub group_routing: BTreeMap<SkillGroupId, GroupRouting>,
+    /// Per channel, the priority its conversations start at (rules 5; records `Y`).
+    #[serde(default)]
+    pub channel_priority: BTreeMap<ChannelId, u32>,
+    /// Operators in wrap-up, until when (records `W`).
+    #[serde(default)]
+    pub wrap_up: BTreeMap<OperatorId, Timestamp>,
     /// What the events applied since the last write changed, to be written as records.
     #[serde(skip)]
     pub dirty: Dirty,
@@ -220,6 +229,10 @@ pub struct Dirty {
     pub sockets: BTreeSet<u64>,
     pub last_seen: BTreeSet<OperatorId>,
     pub presence_reasons: BTreeSet<OperatorId>,
+    /// Routing settings of groups and channels changed; operators' wrap-up changed.
+    pub group_routing: BTreeSet<SkillGroupId>,
+    pub channel_priority: BTreeSet<ChannelId>,
+    pub wrap_up: BTreeSet<OperatorId>,
     pub handled: Vec<(OperatorId, ConversationId)>,
 }
 
@@ -327,6 +340,10 @@ pub enum FeedItem {
     PresenceSet {
         presence: Presence,
         reason: String,
+    },
+    /// Wrap-up after a close: no offer until `until`; `None`: it ended.
+    WrapUp {
+        until: Option<Timestamp>,
     },
 }
 
@@ -501,8 +518,12 @@ impl ShardState {
                     dirty.operators.insert(made.operator.clone());
                 }
             }
-            // Socket reports are written from `Dirty::sockets` and `Dirty::last_seen`.
-            Event::OperatorsConnected { .. } => {}
+            // Socket reports are written from `Dirty::sockets` and `Dirty::last_seen`,
+            // routing settings from their own dirty sets.
+            Event::OperatorsConnected { .. } | Event::GroupRoutingSet { .. } | Event::ChannelPrioritySet { .. } => {}
+            Event::WrapUpSet { operator, .. } => {
+                dirty.operators.insert(operator.clone());
+            }
             Event::PresenceChanged { operator, .. } | Event::FavouriteSet { operator, .. } | Event::WentAbsent { operator } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -780,6 +801,33 @@ impl ShardState {
                     touched.groups.extend(op.config.groups.iter().cloned());
                     self.presence_reasons.insert(operator.clone(), REASON_DISCONNECTED.to_owned());
                     self.dirty.presence_reasons.insert(operator.clone());
+                }
+            }
+            Event::GroupRoutingSet { group, routing } => {
+                self.group_routing.insert(group.clone(), routing.clone());
+                self.dirty.group_routing.insert(group.clone());
+                touched.groups.insert(group.clone());
+            }
+            Event::ChannelPrioritySet { channel, priority } => {
+                if *priority == 0 {
+                    self.channel_priority.remove(channel);
+                } else {
+                    self.channel_priority.insert(channel.clone(), *priority);
+                }
+                self.dirty.channel_priority.insert(channel.clone());
+                // Every group's order may change: it is read when routing.
+                touched.groups.extend(self.groups.keys().cloned());
+            }
+            Event::WrapUpSet { operator, until } => {
+                match until {
+                    Some(at) => self.wrap_up.insert(operator.clone(), *at),
+                    None => self.wrap_up.remove(operator),
+                };
+                self.dirty.wrap_up.insert(operator.clone());
+                if let Some(op) = self.operators.get_mut(operator) {
+                    op.feed.push(at, FeedItem::WrapUp { until: *until });
+                    touched.operators.insert(operator.clone());
+                    touched.groups.extend(op.config.groups.iter().cloned());
                 }
             }
             Event::OperatorsConnected { node, operators } => {

@@ -174,10 +174,10 @@ fn command() -> impl Strategy<Value = Command> {
     ]
     .boxed();
     let client = prop_oneof![
-        3 => (channel_id(), prop::option::of(group_id())).prop_map(|(channel, group)| Command::StartConversation {
+        3 => (channel_id(), prop::option::of(group_id()), any::<bool>()).prop_map(|(channel, group, vip)| Command::StartConversation {
             channel,
             group,
-            visitor: Visitor { id: None, name: "Visitor".into(), attributes: vec![] },
+            visitor: Visitor { id: None, name: "Visitor".into(), attributes: if vip { vec![("tier".into(), "vip".into())] } else { vec![] } },
         }),
         3 => (conversation(), key(), text(), attachment_ids()).prop_map(|(conversation, key, text, attachments)| Command::PostClientMessage {
             conversation,
@@ -233,7 +233,22 @@ fn command() -> impl Strategy<Value = Command> {
         select(vec![0u64, 1_000_000, 100_000_000_000]).prop_map(|at| Command::PurgeExpired { as_of: Timestamp(at) }),
     ]
     .boxed();
-    prop_oneof![1 => directory, 3 => client, 4 => operator]
+    // Rules 5: priorities, ageing and wrap-up edited while conversations flow.
+    let routing = prop_oneof![
+        (group_id(), select(vec![0u64, 500, 1_000, 10_000]), select(vec![0u64, 1_000, 30_000, 4_000_000]), select(vec![0u32, 5, 101]))
+            .prop_map(|(group, ageing_ms, wrap_up_ms, priority)| Command::SetGroupRouting {
+                group,
+                routing: GroupRouting {
+                    attribute_priorities: vec![AttributePriority { attribute: "tier".into(), value: "vip".into(), priority }],
+                    ageing_ms,
+                    wrap_up_ms,
+                },
+            }),
+        (channel_id(), select(vec![0u32, 3, 101])).prop_map(|(channel, priority)| Command::SetChannelPriority { channel, priority }),
+        operator_id().prop_map(|operator| Command::EndWrapUp { operator }),
+    ]
+    .boxed();
+    prop_oneof![1 => directory, 3 => client, 4 => operator, 1 => routing]
 }
 
 fn step() -> impl Strategy<Value = Step> {

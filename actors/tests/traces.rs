@@ -109,6 +109,38 @@ fn parse(line: &str) -> (Timestamp, Command) {
             target: if a(4) == "group" { TransferTarget::Group(SkillGroupId::new(a(5))) } else { TransferTarget::Operator(op(5)) },
             comment: a(6),
         },
+        // `vstart web key=value …`: a visitor with attributes.
+        "vstart" => Command::StartConversation {
+            channel: ChannelId::new(a(2)),
+            group: None,
+            visitor: Visitor {
+                id: None,
+                name: "Visitor".into(),
+                attributes: w[3..].iter().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+            },
+        },
+        // `routing sales ageing=10000 wrap=5000 attr=tier:vip:50 …`
+        "routing" => {
+            let mut routing = GroupRouting::default();
+            for setting in &w[3..] {
+                match setting.split_once('=') {
+                    Some(("ageing", ms)) => routing.ageing_ms = ms.parse().expect("ageing ms"),
+                    Some(("wrap", ms)) => routing.wrap_up_ms = ms.parse().expect("wrap-up ms"),
+                    Some(("attr", rule)) => {
+                        let parts: Vec<&str> = rule.split(':').collect();
+                        routing.attribute_priorities.push(AttributePriority {
+                            attribute: parts[0].into(),
+                            value: parts[1].into(),
+                            priority: parts[2].parse().expect("priority"),
+                        });
+                    }
+                    _ => panic!("unknown routing setting {setting:?}"),
+                }
+            }
+            Command::SetGroupRouting { group: SkillGroupId::new(a(2)), routing }
+        }
+        "channel-priority" => Command::SetChannelPriority { channel: ChannelId::new(a(2)), priority: a(3).parse().expect("priority") },
+        "ready" => Command::EndWrapUp { operator: op(2) },
         other => panic!("unknown fixture command {other:?} in {line:?}"),
     };
     (at, command)
@@ -169,6 +201,10 @@ fn render(event: &Event) -> String {
         Event::NoteAdded { conversation, name, .. } => format!("{name} noted on {conversation}"),
         Event::OperatorsConnected { node, operators } => format!("node {node} holds sockets of {operators:?}"),
         Event::WentAbsent { operator } => format!("{operator} away: disconnected"),
+        Event::GroupRoutingSet { group, routing } => format!("{group} routing: {routing:?}"),
+        Event::ChannelPrioritySet { channel, priority } => format!("{channel} priority {priority}"),
+        Event::WrapUpSet { operator, until: Some(until) } => format!("{operator} wraps up until @{}", until.0),
+        Event::WrapUpSet { operator, until: None } => format!("{operator} ready"),
     }
 }
 

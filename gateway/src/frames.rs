@@ -115,6 +115,11 @@ pub enum OperatorIn {
         #[serde(rename = "ref", default)]
         reference: Option<Value>,
     },
+    /// Ends the operator's wrap-up now.
+    Ready {
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
+    },
     History {
         conversation: u64,
         #[serde(rename = "ref", default)]
@@ -270,6 +275,7 @@ pub fn operator_event(entry: &FeedEntry, history: Option<Vec<Value>>) -> Value {
         FeedItem::Released { conversation } => json!({"kind": "released", "conversation": conversation.0}),
         FeedItem::PresenceChanged { presence } => json!({"kind": "presence", "status": presence_name(*presence)}),
         FeedItem::PresenceSet { presence, reason } => json!({"kind": "presence", "status": presence_name(*presence), "reason": reason}),
+        FeedItem::WrapUp { until } => json!({"kind": "wrap_up", "until": until.map(|t| t.0)}),
         FeedItem::Configured { name, capacity, groups } => json!({
             "kind": "configured", "name": name, "capacity": capacity, "groups": groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
         }),

@@ -56,7 +56,7 @@ struct OperatorSession {
     counted: bool,
 }
 
-pub(crate) const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "send", "typing", "read", "transfer", "close", "history", "ping"];
+pub(crate) const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "send", "typing", "read", "transfer", "close", "history", "ready", "ping"];
 
 /// Whether `operator` may read `conversation`: they hold it, held it, or are offered it,
 /// or it is an earlier conversation of a visitor they are serving now (the client card).
@@ -143,6 +143,10 @@ impl OperatorSession {
         match frame {
             OperatorIn::Presence { status, reference } => {
                 self.commit(Command::SetPresence { operator: me, presence: status }, reference.as_ref()).await?;
+                self.ok(out, reference.as_ref()).await;
+            }
+            OperatorIn::Ready { reference } => {
+                self.commit(Command::EndWrapUp { operator: me }, reference.as_ref()).await?;
                 self.ok(out, reference.as_ref()).await;
             }
             OperatorIn::Accept { offer, reference } => {
@@ -255,6 +259,8 @@ impl Session for OperatorSession {
                 "presence_since": op.presence_since.0,
                 // Why the presence was set for them (`disconnected`), if it was.
                 "presence_reason": state.presence_reasons.get(&op.config.id),
+                // No offer until then (wrap-up after a close); null when not wrapping up.
+                "wrap_up_until": state.wrap_up.get(&op.config.id).filter(|until| until.0 > switchboard_actors::actors::now_ms().0).map(|t| t.0),
                 "capacity": op.config.capacity,
                 "groups": op.config.groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
                 "active": op.active.iter().map(|c| c.0).collect::<Vec<_>>(),

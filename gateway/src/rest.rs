@@ -252,12 +252,36 @@ async fn me(staff: Staff) -> Json<Value> {
 async fn list_groups(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
     let shard = gw.backend.shard();
     let state = shard.read();
-    let groups: Vec<Value> = state.groups.values().map(|g| json!(g.config)).collect();
+    let groups: Vec<Value> = state.groups.values().map(|g| group_view(&state, &g.config)).collect();
     Json(json!({ "skill_groups": groups }))
+}
+
+/// A group's configuration with its routing settings (rules 5).
+fn group_view(state: &switchboard_actors::state::ShardState, config: &SkillGroupConfig) -> Value {
+    let mut view = json!(config);
+    view["routing"] = routing_json(&state.group_routing.get(&config.id).cloned().unwrap_or_default());
+    view
+}
+
+fn routing_json(r: &GroupRouting) -> Value {
+    json!({"attribute_priorities": r.attribute_priorities, "ageing_ms": r.ageing_ms, "wrap_up_ms": r.wrap_up_ms})
+}
+
+#[derive(Deserialize)]
+struct RoutingBody {
+    #[serde(default)]
+    attribute_priorities: Vec<AttributePriority>,
+    #[serde(default)]
+    ageing_ms: u64,
+    #[serde(default)]
+    wrap_up_ms: u64,
 }
 
 #[derive(Deserialize)]
 struct GroupBody {
+    /// Queue order and pacing; absent leaves them as they are.
+    #[serde(default)]
+    routing: Option<RoutingBody>,
     name: String,
     #[serde(default = "default_policy")]
     policy: Policy,
@@ -294,7 +318,13 @@ async fn put_group(
         sla_ms: body.sla_ms,
     };
     gw.submit(Command::UpsertSkillGroup(config.clone())).await?;
-    Ok(Json(json!(config)))
+    if let Some(r) = body.routing {
+        let routing = GroupRouting { attribute_priorities: r.attribute_priorities, ageing_ms: r.ageing_ms, wrap_up_ms: r.wrap_up_ms };
+        gw.submit(Command::SetGroupRouting { group: config.id.clone(), routing }).await?;
+    }
+    let shard = gw.backend.shard();
+    let view = group_view(&shard.read(), &config);
+    Ok(Json(view))
 }
 
 async fn list_operators(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
@@ -347,6 +377,7 @@ fn channel_view(state: &switchboard_actors::state::ShardState, config: &ChannelC
     let mut view = json!(config);
     view["public_groups"] = json!(state.channel_public_groups.get(&config.id).cloned().unwrap_or_default());
     view["retention_days"] = json!(state.channel_retention.get(&config.id).copied().unwrap_or(0));
+    view["priority"] = json!(state.channel_priority.get(&config.id).copied().unwrap_or(0));
     view
 }
 
@@ -375,6 +406,9 @@ struct ChannelBody {
     /// Days closed conversations are kept, then deleted (0: kept); absent leaves it.
     #[serde(default)]
     retention_days: Option<u32>,
+    /// The priority the channel's conversations start at (0-100); absent leaves it.
+    #[serde(default)]
+    priority: Option<u32>,
 }
 
 async fn put_channel(
@@ -392,6 +426,9 @@ async fn put_channel(
     }
     if let Some(days) = body.retention_days {
         gw.submit(Command::SetChannelRetention { channel: config.id.clone(), days }).await?;
+    }
+    if let Some(priority) = body.priority {
+        gw.submit(Command::SetChannelPriority { channel: config.id.clone(), priority }).await?;
     }
     Ok(Json(channel_json(&gw, &config)))
 }

@@ -71,7 +71,8 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
             let online: Vec<&switchboard_actors::state::Operator> =
                 state.operators.values().filter(|o| o.config.groups.contains(&g.config.id) && o.presence == Presence::Online).collect();
             let free: Vec<&switchboard_actors::state::Operator> = online.iter().copied().filter(|o| o.free_capacity() > 0).collect();
-            for (_, id) in &g.queue {
+            // In the order they are offered (rules 5: priority, then arrival).
+            for id in &switchboard_actors::routing::queue_order(state, g, now) {
                 let Some(conv) = state.conversations.get(id) else { continue };
                 let state_name = match conv.status {
                     ConversationStatus::Queued { offer: Some(_), .. } => {
@@ -85,7 +86,10 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
                 };
                 let waited = now.millis_since(conv.created_at);
                 if listed.len() < FLOOR_LISTED {
-                    let mut item = json!({"conversation": id.0, "state": state_name, "waiting_ms": waited, "visitor": conv.visitor.name});
+                    let mut item = json!({
+                        "conversation": id.0, "state": state_name, "waiting_ms": waited, "visitor": conv.visitor.name,
+                        "priority": switchboard_actors::routing::priority(state, g, conv, now),
+                    });
                     if state_name == "waiting" {
                         // Why nobody is offered it: what a supervisor acts on.
                         let why = if online.is_empty() {
@@ -124,6 +128,7 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
             json!({
                 "id": o.config.id, "name": o.config.name, "presence": frames::presence_str(o.presence),
                 "presence_since": o.presence_since.0, "presence_reason": state.presence_reasons.get(&o.config.id),
+                "wrap_up_until": state.wrap_up.get(&o.config.id).filter(|until| **until > now).map(|t| t.0),
                 "load": o.load(), "capacity": o.config.capacity,
                 "groups": o.config.groups, "active": o.active.iter().map(|c| c.0).collect::<Vec<_>>(),
             })

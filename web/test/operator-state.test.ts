@@ -280,6 +280,18 @@ describe('missed offers', () => {
     expect(s.awayAfterMiss).toBe(false);
   });
 
+  it('counts a wrap-up down on the server clock and forgets it when it ends', async () => {
+    const { wrapUpSecondsLeft } = await import('../src/workstation/operator-state');
+    // The browser's clock is 5 s behind the server's.
+    let s = run(initialOpState, { type: 'hello', hello: hello({ now: 105_000, wrap_up_until: 125_000 }), now: 100_000 });
+    expect(wrapUpSecondsLeft(s, 100_000)).toBe(20);
+    expect(wrapUpSecondsLeft(s, 119_500)).toBe(1);
+    expect(wrapUpSecondsLeft(s, 121_000)).toBe(0);
+    s = run(s, { type: 'event', event: { type: 'event', kind: 'wrap_up', seq: 11, at: 106_000, until: null } as FeedEvent });
+    expect(s.wrapUpUntil).toBe(null);
+    expect(wrapUpSecondsLeft(s, 100_000)).toBe(0);
+  });
+
   it('does not blame a missed offer for an away chosen later, or for one that did not set away', () => {
     // A stalled expiry leaves the operator online (rules 3); their own away later is theirs.
     let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, missed(11, 5_000), presence(12, 8_000, 'away'));

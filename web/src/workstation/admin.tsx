@@ -1,6 +1,6 @@
 /** Administration: skill groups, operators, users, channels, templates (PUT endpoints). */
 import { useEffect, useState } from 'preact/hooks';
-import type { Channel, OperatorStatus, Role, SkillGroup, UserInfo } from './types';
+import type { AttributePriority, Channel, GroupRouting, OperatorStatus, Role, SkillGroup, UserInfo } from './types';
 import { capacityProblem, idProblem, passwordProblem } from './forms';
 import { TemplatesPanel } from './panels';
 import { describeError } from './strings';
@@ -60,7 +60,7 @@ function Saved(props: { ok: boolean }) {
 function Groups() {
   const { t, api } = useApp();
   const [list, reload, loadError] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
-  const blank: SkillGroup = { id: '', name: '', policy: 'longest_idle', offer_timeout_ms: 30000, sla_ms: 60000 };
+  const blank: SkillGroup = { id: '', name: '', policy: 'longest_idle', offer_timeout_ms: 30000, sla_ms: 60000, routing: { attribute_priorities: [], ageing_ms: 0, wrap_up_ms: 0 } };
   const [form, setForm] = useState<SkillGroup>(blank);
   const [error, setError] = useState<string | null>(null);
   const [ok, setOk] = useState(false);
@@ -107,11 +107,13 @@ function Groups() {
           const p = idProblem(form.id);
           if (p) return setError(t(('err_' + p) as any));
           try {
+            const routing = form.routing ?? { attribute_priorities: [], ageing_ms: 0, wrap_up_ms: 0 };
             await api.put('/api/skill-groups/' + encodeURIComponent(form.id), {
               name: form.name,
               policy: form.policy,
               offer_timeout_ms: Number(form.offer_timeout_ms),
               sla_ms: Number(form.sla_ms ?? 60000),
+              routing: { ...routing, attribute_priorities: routing.attribute_priorities.filter((r) => r.attribute.trim()) },
             });
             setError(null);
             setOk(true);
@@ -155,6 +157,7 @@ function Groups() {
             onInput={(e) => setForm({ ...form, sla_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
           />
         </Field>
+        <RoutingFields routing={form.routing ?? blank.routing!} onChange={(routing) => setForm({ ...form, routing })} />
         <ErrorText error={error} />
         <Saved ok={ok} />
         <div class="row">
@@ -501,7 +504,12 @@ function Channels() {
           const p = idProblem(form.id);
           if (p) return setError(t(('err_' + p) as any));
           try {
-            await api.put('/api/channels/' + encodeURIComponent(form.id), { kind: form.kind, name: form.name, default_group: form.default_group });
+            await api.put('/api/channels/' + encodeURIComponent(form.id), {
+              kind: form.kind,
+              name: form.name,
+              default_group: form.default_group,
+              priority: Number(form.priority ?? 0),
+            });
             setError(null);
             setOk(true);
             setEditing(true);
@@ -527,6 +535,16 @@ function Channels() {
         <Field label={t('name')}>
           <input value={form.name} required onInput={(e) => setForm({ ...form, name: (e.currentTarget as HTMLInputElement).value })} />
         </Field>
+        <Field label={t('channel_priority')}>
+          <input
+            type="number"
+            min={0}
+            max={100}
+            data-testid="channel-priority"
+            value={form.priority ?? 0}
+            onInput={(e) => setForm({ ...form, priority: Number((e.currentTarget as HTMLInputElement).value) })}
+          />
+        </Field>
         <Field label={t('default_group')}>
           <select value={form.default_group} required onChange={(e) => setForm({ ...form, default_group: (e.currentTarget as HTMLSelectElement).value })}>
             <option value="">—</option>
@@ -549,5 +567,75 @@ function Channels() {
         </div>
       </form>
     </div>
+  );
+}
+
+/** A group's queue order and pacing: wrap-up, ageing, and priorities by attribute. */
+function RoutingFields(props: { routing: GroupRouting; onChange: (r: GroupRouting) => void }) {
+  const { t } = useApp();
+  const r = props.routing;
+  const rules = r.attribute_priorities;
+  const setRule = (i: number, patch: Partial<AttributePriority>) => props.onChange({ ...r, attribute_priorities: rules.map((x, j) => (j === i ? { ...x, ...patch } : x)) });
+  return (
+    <fieldset class="stack" data-testid="group-routing">
+      <legend>{t('routing_settings')}</legend>
+      <Field label={t('wrap_up_s')}>
+        <input
+          type="number"
+          min={0}
+          max={3600}
+          step={1}
+          data-testid="group-wrap-up"
+          value={r.wrap_up_ms / 1000}
+          onInput={(e) => props.onChange({ ...r, wrap_up_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
+        />
+      </Field>
+      <Field label={t('ageing_s')}>
+        <input
+          type="number"
+          min={0}
+          step={1}
+          data-testid="group-ageing"
+          value={r.ageing_ms / 1000}
+          onInput={(e) => props.onChange({ ...r, ageing_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
+        />
+      </Field>
+      <table class="table small rules-table">
+        <caption class="muted small">{t('attribute_priorities')}</caption>
+        <thead>
+          <tr>
+            <th scope="col">{t('attribute')}</th>
+            <th scope="col">{t('value')}</th>
+            <th scope="col">{t('priority')}</th>
+            <th scope="col">
+              <span class="sr-only">{t('remove_rule')}</span>
+            </th>
+          </tr>
+        </thead>
+        <tbody>
+          {rules.map((rule, i) => (
+            <tr key={i} data-testid="priority-rule">
+              <td>
+                <input aria-label={t('attribute')} value={rule.attribute} onInput={(e) => setRule(i, { attribute: (e.currentTarget as HTMLInputElement).value })} />
+              </td>
+              <td>
+                <input aria-label={t('value')} value={rule.value} onInput={(e) => setRule(i, { value: (e.currentTarget as HTMLInputElement).value })} />
+              </td>
+              <td>
+                <input aria-label={t('priority')} type="number" min={0} max={100} value={rule.priority} onInput={(e) => setRule(i, { priority: Number((e.currentTarget as HTMLInputElement).value) })} />
+              </td>
+              <td>
+                <button type="button" class="ghost small-btn" aria-label={t('remove_rule')} onClick={() => props.onChange({ ...r, attribute_priorities: rules.filter((_, j) => j !== i) })}>
+                  ×
+                </button>
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      <button type="button" class="small-btn" data-testid="add-priority-rule" onClick={() => props.onChange({ ...r, attribute_priorities: [...rules, { attribute: '', value: '', priority: 10 }] })}>
+        {t('add_rule')}
+      </button>
+    </fieldset>
   );
 }

@@ -5,7 +5,7 @@ import { visibleRange, scrollToRow } from '../shared/virtual';
 import { listboxTarget } from '../shared/keys';
 import { ClockIcon, PaperclipIcon } from '../shared/icons';
 import type { LinkState } from '../shared/socket';
-import { offerSecondsLeft, offerWaitedMs, offerWindowMs, transferToMe, sortedConvs, totalUnread, type Conv, type OpState } from './operator-state';
+import { offerSecondsLeft, offerWaitedMs, offerWindowMs, transferToMe, sortedConvs, totalUnread, wrapUpSecondsLeft, type Conv, type OpState } from './operator-state';
 import { OperatorSession } from './operator-session';
 import { PRESENCES, type LoginInfo, type MyConversation, type Presence } from './types';
 import { Inspector } from './inspector';
@@ -276,6 +276,15 @@ function PresenceBar(props: { session: OperatorSession; state: OpState; alerts: 
       <p class="muted small" data-testid="presence-current" data-presence={state.presence}>
         {t('in_status', { status: t(('presence_' + state.presence) as any), time: formatDuration(state.presenceSince ? now - state.presenceSince : 0) })}
       </p>
+      {wrapUpSecondsLeft(state, now) > 0 && (
+        // After a close: no offer until the wrap-up runs out or they say they are ready.
+        <div class="wrap-up" role="status" data-testid="wrap-up">
+          <span>{t('wrap_up_left', { time: formatDuration(wrapUpSecondsLeft(state, now) * 1000) })}</span>
+          <button type="button" class="primary small-btn" data-testid="wrap-up-ready" onClick={() => session.ready().catch((e) => notify(describeError(t, e.code, e.message), 'error'))}>
+            {t('ready')}
+          </button>
+        </div>
+      )}
       {state.presenceReason === 'disconnected' && state.presence === 'away' && !state.awayAfterMiss && (
         // Set away by the server while no desk was connected: say so until they act.
         <div class="missed" role="alert" data-testid="disconnected-banner">

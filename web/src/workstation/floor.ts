@@ -15,6 +15,8 @@ export interface QueuedConv {
    *  `everyone_passed` (then `next_round_at`), `routing`; absent when offered or unknown. */
   why?: string;
   next_round_at?: number;
+  /** Its priority now (rules 5; higher is offered first); 0 when none. */
+  priority: number;
 }
 
 export interface QueueRow {
@@ -39,6 +41,8 @@ export interface OperatorRow {
   presence_since: number;
   /** Why the presence was set for them (`disconnected`), or null. */
   presence_reason: string | null;
+  /** In wrap-up until then (server clock), or null. */
+  wrap_up_until: number | null;
   load: number;
   capacity: number;
   /** Conversation ids held, when the source lists them. */
@@ -72,6 +76,7 @@ function normalizeQueued(raw: unknown): QueuedConv[] {
       visitor: typeof c.visitor === 'string' ? c.visitor : '',
       why: typeof c.why === 'string' ? c.why : undefined,
       next_round_at: typeof c.next_round_at === 'number' ? c.next_round_at : undefined,
+      priority: num(c.priority),
     }));
 }
 
@@ -101,6 +106,7 @@ export function normalizeOperators(raw: any[]): OperatorRow[] {
         presence: (o.presence ?? 'offline') as Presence,
         presence_since: num(o.presence_since),
         presence_reason: typeof o.presence_reason === 'string' ? o.presence_reason : null,
+        wrap_up_until: typeof o.wrap_up_until === 'number' ? o.wrap_up_until : null,
         load: num(o.load),
         capacity: num(o.capacity, 1),
         active,

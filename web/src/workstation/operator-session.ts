@@ -263,6 +263,11 @@ export class OperatorSession {
 
   // ---- commands ----
 
+  /** Ends a wrap-up early: offers may come again at once. */
+  ready() {
+    return this.request({ type: 'ready' }, 'ready');
+  }
+
   setPresence(status: Presence) {
     return this.request({ type: 'presence', status }, 'presence');
   }

@@ -114,6 +114,10 @@ export interface OpState {
   /** Why the server set our presence (`disconnected`: no desk was connected for the
    *  grace period), until the operator sets one themselves. */
   presenceReason: string | null;
+  /** Wrap-up after a close: no offer until then (server clock, ms); null when not. */
+  wrapUpUntil: number | null;
+  /** The server's clock minus ours when the last hello came (for wrap-up countdowns). */
+  clockSkew: number;
   /** When the last offer ran out unanswered (its event's time), until the next presence event. */
   missedAt?: number;
 }
@@ -133,6 +137,8 @@ export const initialOpState: OpState = {
   lastOfferAt: 0,
   awayAfterMiss: false,
   presenceReason: null,
+  wrapUpUntil: null,
+  clockSkew: 0,
 };
 
 export type OpAction =
@@ -325,6 +331,8 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
         needHistory: s.needHistory.filter((x) => x !== id),
       };
     }
+    case 'wrap_up':
+      return { ...s, wrapUpUntil: typeof ev.until === 'number' ? ev.until : null };
     case 'configured': {
       if (!s.me) return s;
       const me: Me = { ...s.me, name: ev.name ?? s.me.name, capacity: ev.capacity ?? s.me.capacity, groups: ev.groups ?? s.me.groups };
@@ -376,6 +384,8 @@ export function opReducer(s: OpState, a: OpAction): OpState {
         presence: h.presence,
         awayAfterMiss: h.presence === 'away' && s.awayAfterMiss,
         presenceReason: h.presence_reason ?? null,
+        wrapUpUntil: h.wrap_up_until ?? null,
+        clockSkew: typeof h.now === 'number' ? h.now - a.now : s.clockSkew,
         presenceSince: h.presence_since ?? (s.presence === h.presence && s.presenceSince ? s.presenceSince : a.now),
       };
       if (s.feedSeq == null || h.seq < s.feedSeq) {
@@ -503,4 +513,10 @@ export function pendingOf(s: OpState, conversation: number): PendingMessage[] {
 /** Delivery state of one of our messages: sent (committed) or read by the visitor. */
 export function deliveryOf(c: Conv, e: Entry): 'read' | 'delivered' {
   return c.clientReadUpto >= e.seq ? 'read' : 'delivered';
+}
+
+/** Whole seconds of wrap-up left at local time `now` (0 when none or over). */
+export function wrapUpSecondsLeft(s: Pick<OpState, 'wrapUpUntil' | 'clockSkew'>, now: number): number {
+  if (s.wrapUpUntil == null) return 0;
+  return Math.max(0, Math.ceil((s.wrapUpUntil - (now + s.clockSkew)) / 1000));
 }

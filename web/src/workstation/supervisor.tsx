@@ -154,6 +154,12 @@ export function FloorView(props: { auth: LoginInfo }) {
                   <td data-testid="operator-presence" data-presence={o.presence}>
                     <span class={'dot dot-' + o.presence} aria-hidden="true" /> {t(('presence_' + o.presence) as any)}
                     {o.presence_since ? <span class="muted small"> · {formatDuration(now - o.presence_since)}</span> : null}
+                    {o.wrap_up_until != null && o.wrap_up_until - floor.at + floor.receivedAt > now && (
+                      <span class="muted small" data-testid="operator-wrap-up">
+                        {' '}
+                        · {t('wrap_up_short', { time: formatDuration(o.wrap_up_until - floor.at + floor.receivedAt - now) })}
+                      </span>
+                    )}
                     {o.presence_reason && (
                       <span class="muted small" data-testid="operator-presence-reason" data-reason={o.presence_reason}>
                         {' '}
@@ -240,6 +246,11 @@ function QueuedList(props: { q: QueueRow; floor: Floor; now: number; open: numbe
               onClick={() => props.onOpen(c.conversation)}
             >
               #{c.conversation} {visitor} <span class="muted small">{wait}</span>
+              {c.priority > 0 && (
+                <span class="prio" data-testid="queued-priority" title={t('priority')}>
+                  P{c.priority}
+                </span>
+              )}
               {c.state === 'offered' && <span class="sr-only">, {t('queued_offered')}</span>}
             </button>
             {c.state === 'waiting' && c.why && c.why !== 'routing' && (

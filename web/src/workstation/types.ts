@@ -61,6 +61,8 @@ export interface Hello {
   presence_since?: number;
   /** Why the presence was set for the operator (`disconnected`), if it was. */
   presence_reason?: string | null;
+  /** No offer until then (wrap-up after a close), ms since the epoch; null when not. */
+  wrap_up_until?: number | null;
   active: number[];
   /** Where the visitor and the operators have read each active conversation to. */
   read_marks?: { conversation: number; client_read_upto: number; operator_read_upto: number }[];
@@ -90,6 +92,8 @@ export interface FeedEvent {
   channel?: string;
   waiting_since?: number;
   preview?: string | null;
+  /** `wrap_up`: until when (null: it ended). */
+  until?: number | null;
   /** `configured`: the operator's new name, capacity and groups. */
   name?: string;
   capacity?: number;
@@ -110,6 +114,20 @@ export interface SkillGroup {
   policy: string;
   offer_timeout_ms: number;
   sla_ms?: number;
+  /** Queue order and pacing (rules 5). */
+  routing?: GroupRouting;
+}
+
+export interface AttributePriority {
+  attribute: string;
+  value: string;
+  priority: number;
+}
+
+export interface GroupRouting {
+  attribute_priorities: AttributePriority[];
+  ageing_ms: number;
+  wrap_up_ms: number;
 }
 
 export interface OperatorStatus {
@@ -136,6 +154,8 @@ export interface Channel {
   kind: string;
   name: string;
   default_group: string;
+  /** The priority its conversations start at (0-100). */
+  priority?: number;
 }
 
 export interface Template {

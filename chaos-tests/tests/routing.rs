@@ -1,0 +1,77 @@
+//! Rules 5 against the real binary: a group's routing settings over REST, a VIP
+//! offered before the queue ahead of them, the floor showing each waiting
+//! conversation's priority, and wrap-up after a close that `ready` ends early.
+
+use serde_json::{json, Value};
+use switchboard_chaos_tests::{next_event, set_presence, Dev, WAIT};
+use switchboard_gateway::client::WsClient;
+
+async fn start(dev: &Dev, name: &str, attributes: Value) -> anyhow::Result<(WsClient, u64)> {
+    let mut ws = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    ws.send(&json!({"type": "start", "name": name, "attributes": attributes})).await?;
+    let started = ws.wait_for(WAIT, |v| v["type"] == "started").await?;
+    Ok((ws, started["conversation"].as_u64().unwrap_or(0)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_is_offered_first_and_wrap_up_holds_the_next_offer_until_ready() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let admin = dev.login("admin").await?;
+    let routing = json!({"attribute_priorities": [{"attribute": "tier", "value": "vip", "priority": 10}], "ageing_ms": 0, "wrap_up_ms": 600_000});
+    let (status, group) = dev
+        .api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General questions", "offer_timeout_ms": 60_000, "routing": routing})))
+        .await?;
+    assert_eq!(status, 200, "{group}");
+    assert_eq!(group["routing"]["wrap_up_ms"], 600_000);
+    let (status, refused) = dev
+        .api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General questions", "routing": {"ageing_ms": 5}})))
+        .await?;
+    assert_eq!(status, 409, "an ageing step under a second is refused: {refused}");
+
+    let mut waiting = Vec::new();
+    for name in ["Ann", "Bea", "Cy"] {
+        waiting.push(start(&dev, name, json!({})).await?);
+    }
+    let (_vip, vip) = start(&dev, "Dana", json!({"tier": "vip"})).await?;
+    let supervisor = dev.login("supervisor").await?;
+    let mut floor = WsClient::connect(&dev.private, &format!("/ws/supervisor?token={supervisor}"), None).await?;
+    let frame = floor.wait_for(WAIT, |v| v["type"] == "floor").await?;
+    let listed: Vec<(u64, u64)> = frame["queues"]
+        .as_array()
+        .and_then(|q| q.iter().find(|g| g["group"] == "general"))
+        .and_then(|g| g["conversations"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| (c["conversation"].as_u64().unwrap_or(0), c["priority"].as_u64().unwrap_or(99)))
+        .collect();
+    assert_eq!(listed.first(), Some(&(vip, 10)), "the floor lists the queue in offer order: {listed:?}");
+
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let first = next_event(&mut alice, "offer").await?;
+    assert_eq!(first["conversation"], vip, "the VIP goes first though three arrived before");
+    alice.send(&json!({"type": "accept", "offer": first["offer"], "ref": "a"})).await?;
+    next_event(&mut alice, "assigned").await?;
+    let second = next_event(&mut alice, "offer").await?;
+    assert_eq!(second["conversation"], waiting[0].1, "then by arrival");
+    alice.send(&json!({"type": "accept", "offer": second["offer"], "ref": "a2"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "a2").await?;
+
+    // She is full. Closing one starts her wrap-up: no offer while it runs, though she
+    // has room again.
+    alice.send(&json!({"type": "close", "conversation": vip, "resolution": "solved", "ref": "c"})).await?;
+    let wrap = next_event(&mut alice, "wrap_up").await?;
+    assert!(wrap["until"].as_u64().is_some(), "{wrap}");
+    let early = alice.wait_for(std::time::Duration::from_millis(1500), |v| v["type"] == "event" && v["kind"] == "offer").await;
+    assert!(early.is_err(), "an offer during wrap-up: {early:?}");
+    let (_, hello) = dev.operator("alice").await?;
+    assert!(hello["wrap_up_until"].as_u64().is_some(), "{hello}");
+    // Ready: the next offer comes at once.
+    alice.send(&json!({"type": "ready", "ref": "r"})).await?;
+    let ended = next_event(&mut alice, "wrap_up").await?;
+    assert_eq!(ended["until"], Value::Null);
+    let next = next_event(&mut alice, "offer").await?;
+    assert_eq!(next["conversation"], waiting[1].1, "{next}");
+    Ok(())
+}
