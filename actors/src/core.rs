@@ -250,6 +250,9 @@ fn check_tags(tags: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Pause reasons an admin may configure, and the longest one, in characters.
+pub const MAX_PAUSE_REASONS: usize = 20;
+pub const MAX_PAUSE_REASON_CHARS: usize = 40;
 /// The highest priority a channel or an attribute rule may give.
 pub const MAX_PRIORITY: u32 = 100;
 /// Attribute rules one group may have.
@@ -698,6 +701,35 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 return Err(Error::Invalid(format!("a priority is 0 to {MAX_PRIORITY}")));
             }
             Ok((Reply::Done, vec![Event::ChannelPrioritySet { channel: channel.clone(), priority: *priority }]))
+        }
+        Command::SetPauseReasons { reasons } => {
+            if reasons.len() > MAX_PAUSE_REASONS {
+                return Err(Error::Invalid(format!("at most {MAX_PAUSE_REASONS} pause reasons")));
+            }
+            let mut seen = BTreeSet::new();
+            for reason in reasons {
+                let n = reason.chars().count();
+                if reason.trim().is_empty() || n > MAX_PAUSE_REASON_CHARS || !seen.insert(reason.as_str()) {
+                    return Err(Error::Invalid(format!("pause reasons are distinct, not blank, at most {MAX_PAUSE_REASON_CHARS} characters")));
+                }
+            }
+            Ok((Reply::Done, vec![Event::PauseReasonsSet { reasons: reasons.clone() }]))
+        }
+        Command::TakeBreak { operator: op_id, reason } => {
+            let op = operator(op_id)?;
+            if !state.pause_reasons.contains(reason) {
+                return Err(Error::Invalid(format!("{reason:?} is not a configured pause reason")));
+            }
+            if op.presence == Presence::Break && state.presence_reasons.get(op_id) == Some(reason) {
+                return Ok((Reply::Done, vec![]));
+            }
+            let mut events: Vec<Event> = op
+                .offers
+                .iter()
+                .map(|offer| Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::OperatorUnavailable, detail: "operator went break".into() })
+                .collect();
+            events.push(Event::BreakTaken { operator: op_id.clone(), reason: reason.clone() });
+            Ok((Reply::Done, events))
         }
         Command::EndWrapUp { operator: op_id } => {
             operator(op_id)?;

@@ -384,6 +384,15 @@ pub enum Command {
     EndWrapUp {
         operator: OperatorId,
     },
+    /// The reasons operators may give for a break (lunch, training, coaching …).
+    SetPauseReasons {
+        reasons: Vec<String>,
+    },
+    /// The operator goes on a break for one of the configured reasons.
+    TakeBreak {
+        operator: OperatorId,
+        reason: String,
+    },
 }
 
 /// Who read a conversation.
@@ -622,5 +631,13 @@ pub enum Event {
     WrapUpSet {
         operator: OperatorId,
         until: Option<Timestamp>,
+    },
+    PauseReasonsSet {
+        reasons: Vec<String>,
+    },
+    /// On a break, with its reason; counted per reason when it ends.
+    BreakTaken {
+        operator: OperatorId,
+        reason: String,
     },
 }

@@ -29,6 +29,8 @@
 //! | `y` group | the group's queue order and pacing ([`GroupRouting`]) |
 //! | `Y` channel | the channel's priority |
 //! | `W` operator | until when the operator is in wrap-up |
+//! | `B` | the configured pause reasons |
+//! | `P` len:u16 operator hour | the operator's time on break per reason, for breaks that ended in that hour |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
 //! of the record. A reader refuses a version it does not know (docs/formats.md).
@@ -209,6 +211,12 @@ pub mod key {
     }
     pub fn wrap_up(operator: &OperatorId) -> Vec<u8> {
         with(b'W', operator.0.as_bytes())
+    }
+    pub const PAUSE_REASONS: &[u8] = b"B";
+    pub fn pause_totals(operator: &OperatorId, hour: u64) -> Vec<u8> {
+        let mut key = with_name(b'P', &operator.0);
+        key.extend_from_slice(&hour.to_be_bytes());
+        key
     }
     pub fn attachment_index(id: &AttachmentId) -> Vec<u8> {
         with(b'A', id.0.as_bytes())
@@ -414,6 +422,15 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         match state.wrap_up.get(operator) {
             Some(until) => put(key::wrap_up(operator), encode(&(operator, *until))),
             None => removes.push(key::wrap_up(operator)),
+        }
+    }
+    if dirty.pause_reasons {
+        put(key::PAUSE_REASONS.to_vec(), encode(&state.pause_reasons));
+    }
+    for (operator, hour) in &dirty.pause_totals {
+        match state.pause_totals.get(operator).and_then(|hours| hours.get(hour)) {
+            Some(reasons) => put(key::pause_totals(operator, *hour), encode(&(operator, *hour, reasons))),
+            None => removes.push(key::pause_totals(operator, *hour)),
         }
     }
     if dirty.purge {
@@ -725,6 +742,12 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, (operator, reason)) in all::<(OperatorId, String)>(store, b"z")? {
         state.presence_reasons.insert(operator, reason);
+    }
+    if let Some(reasons) = get::<Vec<String>>(store, key::PAUSE_REASONS)? {
+        state.pause_reasons = reasons;
+    }
+    for (_, (operator, hour, reasons)) in all::<(OperatorId, u64, BTreeMap<String, u64>)>(store, b"P")? {
+        state.pause_totals.entry(operator).or_default().insert(hour, reasons);
     }
     for (_, (group, routing)) in all::<(SkillGroupId, GroupRouting)>(store, b"y")? {
         state.group_routing.insert(group, routing);

@@ -96,6 +96,13 @@ pub struct ShardState {
     /// Operators in wrap-up, until when (records `W`).
     #[serde(default)]
     pub wrap_up: BTreeMap<OperatorId, Timestamp>,
+    /// The reasons operators may give for a break (record `B`).
+    #[serde(default)]
+    pub pause_reasons: Vec<String>,
+    /// Per operator and hour (when a break ended), milliseconds on break per reason
+    /// (records `P`); the last [`KPI_HOURS_KEPT`] hours are kept.
+    #[serde(default)]
+    pub pause_totals: BTreeMap<OperatorId, BTreeMap<u64, BTreeMap<String, u64>>>,
     /// What the events applied since the last write changed, to be written as records.
     #[serde(skip)]
     pub dirty: Dirty,
@@ -233,6 +240,8 @@ pub struct Dirty {
     pub group_routing: BTreeSet<SkillGroupId>,
     pub channel_priority: BTreeSet<ChannelId>,
     pub wrap_up: BTreeSet<OperatorId>,
+    pub pause_reasons: bool,
+    pub pause_totals: BTreeSet<(OperatorId, u64)>,
     pub handled: Vec<(OperatorId, ConversationId)>,
 }
 
@@ -520,7 +529,10 @@ impl ShardState {
             }
             // Socket reports are written from `Dirty::sockets` and `Dirty::last_seen`,
             // routing settings from their own dirty sets.
-            Event::OperatorsConnected { .. } | Event::GroupRoutingSet { .. } | Event::ChannelPrioritySet { .. } => {}
+            Event::OperatorsConnected { .. } | Event::GroupRoutingSet { .. } | Event::ChannelPrioritySet { .. } | Event::PauseReasonsSet { .. } => {}
+            Event::BreakTaken { operator, .. } => {
+                dirty.operators.insert(operator.clone());
+            }
             Event::WrapUpSet { operator, .. } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -803,6 +815,21 @@ impl ShardState {
                     self.dirty.presence_reasons.insert(operator.clone());
                 }
             }
+            Event::PauseReasonsSet { reasons } => {
+                self.pause_reasons = reasons.clone();
+                self.dirty.pause_reasons = true;
+            }
+            Event::BreakTaken { operator, reason } => {
+                if let Some(op) = self.operators.get_mut(operator) {
+                    op.presence = Presence::Break;
+                    op.presence_since = at;
+                    op.feed.push(at, FeedItem::PresenceSet { presence: Presence::Break, reason: reason.clone() });
+                    touched.operators.insert(operator.clone());
+                    touched.groups.extend(op.config.groups.iter().cloned());
+                    self.presence_reasons.insert(operator.clone(), reason.clone());
+                    self.dirty.presence_reasons.insert(operator.clone());
+                }
+            }
             Event::GroupRoutingSet { group, routing } => {
                 self.group_routing.insert(group.clone(), routing.clone());
                 self.dirty.group_routing.insert(group.clone());
@@ -953,6 +980,10 @@ impl ShardState {
     /// before the event is applied, so it sees the conversation as it was.
     fn tally(&mut self, event: &Event, at: Timestamp) {
         let hour = at.0 / HOUR_MS;
+        // A break with a reason ends with any change of presence: count its time.
+        if let Event::PresenceChanged { operator, .. } | Event::WentAbsent { operator } | Event::BreakTaken { operator, .. } = event {
+            self.end_break(operator, at);
+        }
         match event {
             Event::ConversationQueued { conversation, group, .. } => {
                 // The first queueing, right after the start (its history holds only
@@ -1009,6 +1040,40 @@ impl ShardState {
             }
             _ => {}
         }
+    }
+
+    /// Adds the time of `operator`'s current break, if it has a reason, to that
+    /// reason's total for the hour it ends in.
+    fn end_break(&mut self, operator: &OperatorId, at: Timestamp) {
+        let Some(op) = self.operators.get(operator) else { return };
+        if op.presence != Presence::Break {
+            return;
+        }
+        let Some(reason) = self.presence_reasons.get(operator).cloned() else { return };
+        let spent = at.millis_since(op.presence_since);
+        let hour = at.0 / HOUR_MS;
+        let hours = self.pause_totals.entry(operator.clone()).or_default();
+        if !hours.contains_key(&hour) {
+            let kept = hours.split_off(&hour.saturating_sub(KPI_HOURS_KEPT - 1));
+            for old in std::mem::replace(hours, kept).into_keys() {
+                self.dirty.pause_totals.insert((operator.clone(), old));
+            }
+        }
+        *hours.entry(hour).or_default().entry(reason).or_default() += spent;
+        self.dirty.pause_totals.insert((operator.clone(), hour));
+    }
+
+    /// Each operator's time on break per reason from `since_hour` on.
+    pub fn pauses_since(&self, since_hour: u64) -> BTreeMap<OperatorId, BTreeMap<String, u64>> {
+        let mut out: BTreeMap<OperatorId, BTreeMap<String, u64>> = BTreeMap::new();
+        for (operator, hours) in &self.pause_totals {
+            for reasons in hours.range(since_hour..).map(|(_, r)| r) {
+                for (reason, ms) in reasons {
+                    *out.entry(operator.clone()).or_default().entry(reason.clone()).or_default() += ms;
+                }
+            }
+        }
+        out
     }
 
     /// The counters of `group` for `hour`, made on first use; a group's hours older

@@ -150,3 +150,22 @@ fn an_operators_handled_list_is_newest_first_and_follows_retention() {
     ok(run(&mut state, &store, T0 + 2 * 24 * HOUR_MS, Command::PurgeExpired { as_of: Timestamp(T0 + 2 * 24 * HOUR_MS) }));
     assert_eq!(records::handled_by(&store, &ann, None, 10).expect("list"), vec![]);
 }
+
+#[test]
+fn break_time_is_counted_per_reason_and_kept_as_records() {
+    let (store, mut state) = floor();
+    ok(run(&mut state, &store, T0, Command::SetPauseReasons { reasons: vec!["lunch".into(), "training".into()] }));
+    ok(run(&mut state, &store, T0, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }));
+    ok(run(&mut state, &store, T0 + 1_000, Command::TakeBreak { operator: OperatorId::new("ann"), reason: "lunch".into() }));
+    ok(run(&mut state, &store, T0 + 1_801_000, Command::TakeBreak { operator: OperatorId::new("ann"), reason: "training".into() }));
+    ok(run(&mut state, &store, T0 + 2_401_000, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }));
+    // A plain break (no reason) counts nowhere.
+    ok(run(&mut state, &store, T0 + 2_500_000, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Break }));
+    ok(run(&mut state, &store, T0 + 2_600_000, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }));
+    let expected: std::collections::BTreeMap<String, u64> = [("lunch".to_owned(), 1_800_000), ("training".to_owned(), 600_000)].into();
+    assert_eq!(state.pauses_since(0)[&OperatorId::new("ann")], expected);
+    let rebuilt = records::load(&store).expect("load");
+    assert_eq!(rebuilt.pauses_since(0)[&OperatorId::new("ann")], expected);
+    assert_eq!(rebuilt.pause_reasons, vec!["lunch".to_owned(), "training".to_owned()]);
+    assert!(!rebuilt.presence_reasons.contains_key(&OperatorId::new("ann")), "back online: no reason stands");
+}

@@ -141,6 +141,8 @@ fn parse(line: &str) -> (Timestamp, Command) {
         }
         "channel-priority" => Command::SetChannelPriority { channel: ChannelId::new(a(2)), priority: a(3).parse().expect("priority") },
         "ready" => Command::EndWrapUp { operator: op(2) },
+        "pause-reasons" => Command::SetPauseReasons { reasons: a(2).split(',').filter(|r| !r.is_empty()).map(str::to_owned).collect() },
+        "break" => Command::TakeBreak { operator: op(2), reason: a(3) },
         other => panic!("unknown fixture command {other:?} in {line:?}"),
     };
     (at, command)
@@ -205,6 +207,8 @@ fn render(event: &Event) -> String {
         Event::ChannelPrioritySet { channel, priority } => format!("{channel} priority {priority}"),
         Event::WrapUpSet { operator, until: Some(until) } => format!("{operator} wraps up until @{}", until.0),
         Event::WrapUpSet { operator, until: None } => format!("{operator} ready"),
+        Event::PauseReasonsSet { reasons } => format!("pause reasons {reasons:?}"),
+        Event::BreakTaken { operator, reason } => format!("{operator} on break: {reason}"),
     }
 }
 

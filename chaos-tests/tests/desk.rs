@@ -222,3 +222,37 @@ async fn a_customers_earlier_conversations_are_searched_from_the_current_one() -
     assert_eq!(dev.api("GET", &format!("/api/conversations/{now}/earlier"), Some(&bob), None).await?.0, 403);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaks_carry_a_configured_reason_that_the_floor_and_the_report_show() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    let (status, body) = dev.api("PUT", "/api/pause-reasons", Some(&admin), Some(json!({"reasons": ["lunch", "training"]}))).await?;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = dev.api("PUT", "/api/pause-reasons", Some(&admin), Some(json!({"reasons": ["", "x"]}))).await?;
+    assert_eq!(status, 409, "a blank reason is refused");
+
+    let (mut alice, hello) = dev.operator("alice").await?;
+    assert_eq!(hello["pause_reasons"], json!(["lunch", "training"]));
+    alice.send(&json!({"type": "presence", "status": "break", "reason": "smoking", "ref": "p1"})).await?;
+    assert_eq!(alice.wait_for(WAIT, |v| v["type"] == "error" && v["ref"] == "p1").await?["code"], "invalid");
+    alice.send(&json!({"type": "presence", "status": "online", "reason": "lunch", "ref": "p2"})).await?;
+    assert_eq!(alice.wait_for(WAIT, |v| v["type"] == "error" && v["ref"] == "p2").await?["code"], "bad_frame");
+    alice.send(&json!({"type": "presence", "status": "break", "reason": "lunch", "ref": "p3"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "p3").await?;
+    let event = next_event(&mut alice, "presence").await?;
+    assert_eq!((event["status"].clone(), event["reason"].clone()), (json!("break"), json!("lunch")));
+
+    let supervisor = dev.login("supervisor").await?;
+    let (_, operators) = dev.api("GET", "/api/operators", Some(&supervisor), None).await?;
+    let row = operators["operators"].as_array().and_then(|o| o.iter().find(|o| o["id"] == "alice").cloned()).unwrap_or_default();
+    assert_eq!((row["presence"].clone(), row["presence_reason"].clone()), (json!("break"), json!("lunch")));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64 - 3_600_000;
+    let (status, report) = dev.api("GET", &format!("/api/pauses?since={since}"), Some(&supervisor), None).await?;
+    assert_eq!(status, 200, "{report}");
+    let mine = report["operators"].as_array().and_then(|o| o.iter().find(|o| o["operator"] == "alice").cloned()).unwrap_or_default();
+    assert_eq!(mine["current"]["reason"], "lunch");
+    assert!(mine["reasons"]["lunch"].as_u64().is_some_and(|ms| ms >= 300), "{mine}");
+    Ok(())
+}

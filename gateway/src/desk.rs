@@ -274,3 +274,61 @@ mod tests {
         assert_eq!(preview_text(&"é".repeat(500)).chars().count(), PREVIEW_CHARS);
     }
 }
+
+/// `GET /api/pause-reasons` (any staff): the reasons a break may be taken for.
+pub(crate) async fn pause_reasons(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
+    let shard = gw.backend.shard();
+    let reasons = shard.read().pause_reasons.clone();
+    Json(json!({ "reasons": reasons }))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PauseReasonsBody {
+    reasons: Vec<String>,
+}
+
+/// `PUT /api/pause-reasons` (admin): replaces the list.
+pub(crate) async fn put_pause_reasons(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<PauseReasonsBody>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    gw.submit(Command::SetPauseReasons { reasons: body.reasons.clone() }).await?;
+    Ok(Json(json!({ "reasons": body.reasons })))
+}
+
+/// `GET /api/pauses?since=` (supervisor): each operator's time on break per reason
+/// since `since` (rounded down to the hour; default midnight UTC; at most 7 days back),
+/// a break still running counted up to now.
+pub(crate) async fn pauses(State(gw): State<Arc<Gateway>>, staff: Staff, Params(query): Params<KpiQuery>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Supervisor)?;
+    let now = switchboard_actors::actors::now_ms();
+    let since = query.since.unwrap_or(now.0 - now.0 % (24 * HOUR_MS));
+    if since > now.0 {
+        return Err(GatewayError::BadRequest("since is in the future".into()));
+    }
+    let oldest = (now.0 / HOUR_MS).saturating_sub(KPI_DAYS_BACK * 24) * HOUR_MS;
+    if since < oldest {
+        return Err(GatewayError::BadRequest(format!("since is at most 7 days back (the oldest accepted now is {oldest})")));
+    }
+    let hour = since / HOUR_MS;
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let mut totals = state.pauses_since(hour);
+    let operators: Vec<Value> = state
+        .operators
+        .values()
+        .map(|op| {
+            let id = &op.config.id;
+            let mut reasons = totals.remove(id).unwrap_or_default();
+            let current = match (op.presence, state.presence_reasons.get(id)) {
+                (switchboard_actors::model::Presence::Break, Some(reason)) => {
+                    // The running break, from the window's start at the earliest.
+                    let from = op.presence_since.0.max(hour * HOUR_MS);
+                    *reasons.entry(reason.clone()).or_default() += now.0.saturating_sub(from);
+                    json!({"reason": reason, "since": op.presence_since.0})
+                }
+                _ => Value::Null,
+            };
+            json!({"operator": id.as_str(), "name": op.config.name, "reasons": reasons, "current": current})
+        })
+        .collect();
+    Ok(Json(json!({"since": hour * HOUR_MS, "at": now.0, "operators": operators})))
+}

@@ -63,6 +63,9 @@ pub enum ClientIn {
 pub enum OperatorIn {
     Presence {
         status: Presence,
+        /// With `break`: one of the configured pause reasons.
+        #[serde(default)]
+        reason: Option<String>,
         #[serde(rename = "ref", default)]
         reference: Option<Value>,
     },

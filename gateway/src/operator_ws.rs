@@ -141,8 +141,13 @@ impl OperatorSession {
     async fn handle(&mut self, frame: OperatorIn, out: &Outbox) -> Result<(), Value> {
         let me = self.operator.clone();
         match frame {
-            OperatorIn::Presence { status, reference } => {
-                self.commit(Command::SetPresence { operator: me, presence: status }, reference.as_ref()).await?;
+            OperatorIn::Presence { status, reason, reference } => {
+                let command = match (status, reason) {
+                    (_, None) => Command::SetPresence { operator: me, presence: status },
+                    (switchboard_actors::model::Presence::Break, Some(reason)) => Command::TakeBreak { operator: me, reason },
+                    (_, Some(_)) => return Err(frames::error("bad_frame", "a reason goes only with the status break", reference.as_ref())),
+                };
+                self.commit(command, reference.as_ref()).await?;
                 self.ok(out, reference.as_ref()).await;
             }
             OperatorIn::Ready { reference } => {
@@ -259,6 +264,8 @@ impl Session for OperatorSession {
                 "presence_since": op.presence_since.0,
                 // Why the presence was set for them (`disconnected`), if it was.
                 "presence_reason": state.presence_reasons.get(&op.config.id),
+                // The reasons a break may be taken for (`presence` with `reason`).
+                "pause_reasons": state.pause_reasons,
                 // No offer until then (wrap-up after a close); null when not wrapping up.
                 "wrap_up_until": state.wrap_up.get(&op.config.id).filter(|until| until.0 > switchboard_actors::actors::now_ms().0).map(|t| t.0),
                 "capacity": op.config.capacity,

@@ -51,6 +51,8 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/conversations/{id}/earlier", get(crate::desk::earlier))
         .route("/api/my/conversations", get(crate::desk::my_conversations))
         .route("/api/kpis", get(crate::desk::kpis))
+        .route("/api/pause-reasons", get(crate::desk::pause_reasons).put(crate::desk::put_pause_reasons))
+        .route("/api/pauses", get(crate::desk::pauses))
         .route("/api/templates", get(list_templates))
         .route("/api/templates/{id}", put(put_template).delete(delete_template))
         .route("/api/templates/{id}/favourite", put(set_favourite))

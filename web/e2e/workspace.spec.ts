@@ -198,3 +198,30 @@ test('admin forms: an operator and their login in one step, edits without a pass
   await body.getByTestId('admin-tab-channels').click();
   await expect(body.getByTestId('channels-table').getByTestId('channel-group').first()).toHaveText('General questions');
 });
+
+test('a break is taken for a configured reason, which the floor shows and counts', async ({ browser, sb }) => {
+  const admin = await newPage(browser);
+  await signIn(admin, sb, 'admin');
+  await admin.getByTestId('nav-admin').click();
+  await admin.getByTestId('admin-tab-operators').click();
+  const form = admin.getByTestId('pause-reasons-form');
+  await form.getByTestId('pause-reasons-input').fill('Lunch\nTraining\n\nCoaching');
+  await form.getByTestId('pause-reasons-save').click();
+  await expect(form.getByRole('status')).toContainText('Saved');
+  await expect(form.getByTestId('pause-reasons-input')).toHaveValue('Lunch\nTraining\nCoaching');
+
+  const alice = await newPage(browser);
+  await signIn(alice, sb, 'alice');
+  await goOnline(alice);
+  await alice.getByTestId('presence-break').click();
+  await expect(alice.getByTestId('break-reason')).toHaveCount(3);
+  await alice.getByTestId('break-reason').filter({ hasText: 'Training' }).click();
+  await expect(alice.getByTestId('presence-current')).toHaveAttribute('data-presence', 'break');
+  await expect(alice.getByTestId('break-current')).toContainText('Training');
+
+  const sup = await newPage(browser);
+  await signIn(sup, sb, 'supervisor');
+  const row = sup.locator('[data-testid="operator-row"][data-operator="alice"]');
+  await expect(row.getByTestId('operator-presence-reason')).toContainText('Training');
+  await expect(sup.locator('[data-testid="pause-row"][data-operator="alice"]')).toContainText('Training');
+});

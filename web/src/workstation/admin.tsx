@@ -24,7 +24,12 @@ export function AdminView(props: { sections: Section[] }) {
       />
       <TabPanel id="admin" current={section} class="admin-body">
         {section === 'groups' && <Groups />}
-        {section === 'operators' && <Operators />}
+        {section === 'operators' && (
+          <>
+            <Operators />
+            <PauseReasons />
+          </>
+        )}
         {section === 'users' && <Users />}
         {section === 'channels' && <Channels />}
         {section === 'templates' && <TemplatesPanel values={null} canEditShared={true} />}
@@ -637,5 +642,51 @@ function RoutingFields(props: { routing: GroupRouting; onChange: (r: GroupRoutin
         {t('add_rule')}
       </button>
     </fieldset>
+  );
+}
+
+/** The reasons operators may give for a break. */
+function PauseReasons() {
+  const { t, api } = useApp();
+  const [text, setText] = useState<string | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const [ok, setOk] = useState(false);
+  useEffect(() => {
+    api
+      .get<{ reasons: string[] }>('/api/pause-reasons')
+      .then((r) => setText((r.reasons ?? []).join('\n')))
+      .catch((e) => setError(describeError(t, e.code, e.message)));
+  }, []);
+  return (
+    <form
+      class="stack admin-form pause-reasons"
+      data-testid="pause-reasons-form"
+      onSubmit={async (e) => {
+        e.preventDefault();
+        setOk(false);
+        const reasons = (text ?? '')
+          .split('\n')
+          .map((r) => r.trim())
+          .filter(Boolean);
+        try {
+          await api.put('/api/pause-reasons', { reasons });
+          setText(reasons.join('\n'));
+          setError(null);
+          setOk(true);
+        } catch (err: any) {
+          setError(describeError(t, err.code, err.message));
+        }
+      }}
+    >
+      <h2>{t('pause_reasons')}</h2>
+      <Field label={t('pause_reasons')} hint={t('pause_reasons_hint')}>
+        <textarea rows={4} data-testid="pause-reasons-input" value={text ?? ''} onInput={(e) => setText((e.currentTarget as HTMLTextAreaElement).value)} />
+      </Field>
+      <ErrorText error={error} />
+      <Saved ok={ok} />
+      <button type="submit" class="primary" data-testid="pause-reasons-save">
+        {t('save')}
+      </button>
+    </form>
   );
 }

@@ -227,6 +227,7 @@ function PresenceBar(props: { session: OperatorSession; state: OpState; alerts: 
   const now = useNow(1000);
   const { state, session, alerts } = props;
   const [muted, setMuted] = useState(alerts.muted);
+  const [choosing, setChoosing] = useState(false);
   const set = (p: Presence) => {
     // Going online is a click: the moment to ask for desktop notifications.
     if (p === 'online') alerts.askPermission();
@@ -266,15 +267,36 @@ function PresenceBar(props: { session: OperatorSession; state: OpState; alerts: 
             aria-pressed={state.presence === p}
             data-testid={'presence-' + p}
             disabled={!state.me}
-            onClick={() => set(p)}
+            aria-expanded={p === 'break' && state.pauseReasons.length ? choosing : undefined}
+            onClick={() => (p === 'break' && state.pauseReasons.length ? setChoosing(!choosing) : set(p))}
           >
             <span class={'dot dot-' + p} aria-hidden="true" />
             {t(('presence_' + p) as any)}
           </button>
         ))}
       </div>
+      {choosing && (
+        // A break is taken for one of the reasons the admin configured.
+        <div class="row wrap" role="group" aria-label={t('break_reason')} data-testid="break-reasons">
+          {state.pauseReasons.map((reason) => (
+            <button
+              type="button"
+              key={reason}
+              class="small-btn"
+              data-testid="break-reason"
+              onClick={() => {
+                setChoosing(false);
+                session.takeBreak(reason).catch((e) => notify(describeError(t, e.code, e.message), 'error'));
+              }}
+            >
+              {reason}
+            </button>
+          ))}
+        </div>
+      )}
       <p class="muted small" data-testid="presence-current" data-presence={state.presence}>
         {t('in_status', { status: t(('presence_' + state.presence) as any), time: formatDuration(state.presenceSince ? now - state.presenceSince : 0) })}
+        {state.presence === 'break' && state.presenceReason ? <span data-testid="break-current"> · {state.presenceReason}</span> : null}
       </p>
       {wrapUpSecondsLeft(state, now) > 0 && (
         // After a close: no offer until the wrap-up runs out or they say they are ready.

@@ -268,6 +268,11 @@ export class OperatorSession {
     return this.request({ type: 'ready' }, 'ready');
   }
 
+  /** A break for one of the configured reasons. */
+  takeBreak(reason: string) {
+    return this.request({ type: 'presence', status: 'break', reason }, 'presence');
+  }
+
   setPresence(status: Presence) {
     return this.request({ type: 'presence', status }, 'presence');
   }

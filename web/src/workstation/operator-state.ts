@@ -114,6 +114,8 @@ export interface OpState {
   /** Why the server set our presence (`disconnected`: no desk was connected for the
    *  grace period), until the operator sets one themselves. */
   presenceReason: string | null;
+  /** The configured pause reasons (from hello). */
+  pauseReasons: string[];
   /** Wrap-up after a close: no offer until then (server clock, ms); null when not. */
   wrapUpUntil: number | null;
   /** The server's clock minus ours when the last hello came (for wrap-up countdowns). */
@@ -139,6 +141,7 @@ export const initialOpState: OpState = {
   presenceReason: null,
   wrapUpUntil: null,
   clockSkew: 0,
+  pauseReasons: [],
 };
 
 export type OpAction =
@@ -385,6 +388,7 @@ export function opReducer(s: OpState, a: OpAction): OpState {
         awayAfterMiss: h.presence === 'away' && s.awayAfterMiss,
         presenceReason: h.presence_reason ?? null,
         wrapUpUntil: h.wrap_up_until ?? null,
+        pauseReasons: Array.isArray(h.pause_reasons) ? h.pause_reasons : [],
         clockSkew: typeof h.now === 'number' ? h.now - a.now : s.clockSkew,
         presenceSince: h.presence_since ?? (s.presence === h.presence && s.presenceSince ? s.presenceSince : a.now),
       };

@@ -289,6 +289,7 @@ const KPI_MIN_GAP_MS = 3000;
 function KpiPanel(props: { signature: string }) {
   const { t, api } = useApp();
   const [groups, setGroups] = useState<GroupKpis[] | null>(null);
+  const [pauses, setPauses] = useState<PauseRow[] | null>(null);
   const [error, setError] = useState<string | null>(null);
   const lastRead = useRef(0);
   const [tick, setTick] = useState(0);
@@ -305,10 +306,15 @@ function KpiPanel(props: { signature: string }) {
     }
     let live = true;
     lastRead.current = Date.now();
+    const since = localMidnight(Date.now());
     api
-      .get<{ groups: GroupKpis[] }>('/api/kpis?since=' + localMidnight(Date.now()))
+      .get<{ groups: GroupKpis[] }>('/api/kpis?since=' + since)
       .then((r) => live && (setGroups(r.groups ?? []), setError(null)))
       .catch((e) => live && setError(describeError(t, e.code, e.message)));
+    api
+      .get<{ operators: PauseRow[] }>('/api/pauses?since=' + since)
+      .then((r) => live && setPauses((r.operators ?? []).filter((o) => Object.keys(o.reasons ?? {}).length)))
+      .catch(() => {});
     return () => {
       live = false;
     };
@@ -352,6 +358,33 @@ function KpiPanel(props: { signature: string }) {
           </tbody>
         </table>
       )}
+      {pauses && pauses.length > 0 && (
+        <>
+          <h3 class="small">{t('breaks_today')}</h3>
+          <table class="table small" data-testid="pause-table">
+            <tbody>
+              {pauses.map((p) => (
+                <tr key={p.operator} data-testid="pause-row" data-operator={p.operator}>
+                  <th scope="row">{p.name}</th>
+                  <td>
+                    {Object.entries(p.reasons)
+                      .map(([reason, ms]) => reason + ' ' + formatDuration(ms))
+                      .join(' · ')}
+                  </td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </>
+      )}
     </section>
   );
+}
+
+/** One operator's time on break per reason today (`GET /api/pauses`). */
+interface PauseRow {
+  operator: string;
+  name: string;
+  reasons: Record<string, number>;
+  current: { reason: string; since: number } | null;
 }

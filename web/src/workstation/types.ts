@@ -63,6 +63,8 @@ export interface Hello {
   presence_reason?: string | null;
   /** No offer until then (wrap-up after a close), ms since the epoch; null when not. */
   wrap_up_until?: number | null;
+  /** The reasons a break may be taken for (empty: a plain break). */
+  pause_reasons?: string[];
   active: number[];
   /** Where the visitor and the operators have read each active conversation to. */
   read_marks?: { conversation: number; client_read_upto: number; operator_read_upto: number }[];
