@@ -440,12 +440,17 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             }
             // From rules 4 the first conversation is number 1, as people count.
             let conv = ConversationId(if state.rules >= 4 { state.next_conversation.max(1) } else { state.next_conversation });
+            // An emergency notice in force for the channel or the group is its first answer.
+            let notice = state.emergency_for(channel, &group).map(|e| Event::NoticeGiven { conversation: conv, text: e.message.clone() });
             Ok((
                 Reply::Started { conversation: conv },
-                vec![
+                [
                     Event::ConversationStarted { conversation: conv, channel: channel.clone(), visitor: visitor.clone() },
                     Event::ConversationQueued { conversation: conv, group, ticket: state.next_ticket },
-                ],
+                ]
+                .into_iter()
+                .chain(notice)
+                .collect(),
             ))
         }
         Command::PostClientMessage { conversation: conv_id, key, text, attachments } => {
@@ -730,6 +735,23 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 .collect();
             events.push(Event::BreakTaken { operator: op_id.clone(), reason: reason.clone() });
             Ok((Reply::Done, events))
+        }
+        Command::SetEmergency { target, message, by } => {
+            match target {
+                NoticeTarget::Channel(c) if !state.channels.contains_key(c) => return Err(Error::NotFound(format!("channel {c}"))),
+                NoticeTarget::Group(g) if !state.groups.contains_key(g) => return Err(Error::NotFound(format!("skill group {g}"))),
+                _ => {}
+            }
+            if let Some(text) = message {
+                if text.trim().is_empty() {
+                    return Err(Error::Invalid("an emergency notice needs text".into()));
+                }
+                check_text(text)?;
+            }
+            if message.is_none() && !state.emergencies.contains_key(target) {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::EmergencySet { target: target.clone(), message: message.clone(), by: by.clone() }]))
         }
         Command::EndWrapUp { operator: op_id } => {
             operator(op_id)?;

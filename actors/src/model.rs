@@ -133,6 +133,14 @@ pub struct GroupRouting {
     pub wrap_up_ms: u64,
 }
 
+/// What an emergency notice covers: every conversation of a channel, or of a group.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeTarget {
+    Channel(ChannelId),
+    Group(SkillGroupId),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttributePriority {
     pub attribute: String,
@@ -393,6 +401,14 @@ pub enum Command {
         operator: OperatorId,
         reason: String,
     },
+    /// Switches a channel or group into emergency mode with `message` (an outage notice
+    /// every new customer there gets at once), or out of it with `None`. `by` is the
+    /// supervisor's login; both land in the audit trail.
+    SetEmergency {
+        target: NoticeTarget,
+        message: Option<String>,
+        by: String,
+    },
 }
 
 /// Who read a conversation.
@@ -639,5 +655,15 @@ pub enum Event {
     BreakTaken {
         operator: OperatorId,
         reason: String,
+    },
+    EmergencySet {
+        target: NoticeTarget,
+        message: Option<String>,
+        by: String,
+    },
+    /// A new conversation was told the emergency notice in force for it.
+    NoticeGiven {
+        conversation: ConversationId,
+        text: String,
     },
 }

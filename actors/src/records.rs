@@ -30,6 +30,8 @@
 //! | `Y` channel | the channel's priority |
 //! | `W` operator | until when the operator is in wrap-up |
 //! | `B` | the configured pause reasons |
+//! | `E` kind name | an emergency notice in force (kind `c` channel, `g` group) |
+//! | `Z` !n | audit trail entry number n, newest first (the number's bits inverted) |
 //! | `P` len:u16 operator hour | the operator's time on break per reason, for breaks that ended in that hour |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
@@ -41,7 +43,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::model::*;
-use crate::state::{Conversation, ConversationStatus, FeedEntry, FeedItem, GroupKpi, HistoryEntry, HistoryItem, NodeSockets, Operator, ShardState, SkillGroup, FEED_RETAINED};
+use crate::state::{AuditEntry, Conversation, ConversationStatus, Emergency, FeedEntry, FeedItem, GroupKpi, HistoryEntry, HistoryItem, NodeSockets, Operator, ShardState, SkillGroup, FEED_RETAINED};
 
 /// The version byte every record value starts with.
 pub const RECORD_VERSION: u8 = 1;
@@ -213,6 +215,15 @@ pub mod key {
         with(b'W', operator.0.as_bytes())
     }
     pub const PAUSE_REASONS: &[u8] = b"B";
+    pub fn emergency(target: &NoticeTarget) -> Vec<u8> {
+        match target {
+            NoticeTarget::Channel(c) => with(b'E', &[b"c", c.0.as_bytes()].concat()),
+            NoticeTarget::Group(g) => with(b'E', &[b"g", g.0.as_bytes()].concat()),
+        }
+    }
+    pub fn audit(n: u64) -> Vec<u8> {
+        with_id(b'Z', !n, &[])
+    }
     pub fn pause_totals(operator: &OperatorId, hour: u64) -> Vec<u8> {
         let mut key = with_name(b'P', &operator.0);
         key.extend_from_slice(&hour.to_be_bytes());
@@ -423,6 +434,15 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
             Some(until) => put(key::wrap_up(operator), encode(&(operator, *until))),
             None => removes.push(key::wrap_up(operator)),
         }
+    }
+    for target in &dirty.emergencies {
+        match state.emergencies.get(target) {
+            Some(e) => put(key::emergency(target), encode(&(target, e))),
+            None => removes.push(key::emergency(target)),
+        }
+    }
+    for (n, entry) in &dirty.audit {
+        put(key::audit(*n), encode(entry));
     }
     if dirty.pause_reasons {
         put(key::PAUSE_REASONS.to_vec(), encode(&state.pause_reasons));
@@ -673,6 +693,19 @@ pub fn handled_by(store: &dyn Store, operator: &OperatorId, before: Option<Conve
         .collect())
 }
 
+/// The newest audit trail entries, newest first, at most `limit`, with their numbers.
+pub fn audit(store: &dyn Store, limit: usize) -> Result<Vec<(u64, AuditEntry)>, Error> {
+    store
+        .scan(b"Z", None, limit)
+        .map_err(store_err)?
+        .into_iter()
+        .map(|(k, v)| {
+            let n = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged audit key".into()))?;
+            Ok((!u64::from_be_bytes(n), decode(&v)?))
+        })
+        .collect()
+}
+
 /// A visitor's most recent conversations, newest first, at most `limit`.
 pub fn conversations_of(store: &dyn Store, visitor: &str, limit: usize) -> Result<Vec<Conversation>, Error> {
     let prefix = key::visitor_prefix(visitor);
@@ -742,6 +775,14 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, (operator, reason)) in all::<(OperatorId, String)>(store, b"z")? {
         state.presence_reasons.insert(operator, reason);
+    }
+    for (_, (target, emergency)) in all::<(NoticeTarget, Emergency)>(store, b"E")? {
+        state.emergencies.insert(target, emergency);
+    }
+    // The newest audit entry is the first key under `Z` (numbers inverted).
+    if let Some((k, _)) = store.scan(b"Z", None, 1).map_err(store_err)?.into_iter().next() {
+        let n = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged audit key".into()))?;
+        state.audit_next = !u64::from_be_bytes(n) + 1;
     }
     if let Some(reasons) = get::<Vec<String>>(store, key::PAUSE_REASONS)? {
         state.pause_reasons = reasons;

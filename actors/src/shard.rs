@@ -259,6 +259,11 @@ impl Shard {
         records::handled_by(self.store()?.as_ref(), operator, before, limit)
     }
 
+    /// The newest audit trail entries, newest first.
+    pub fn audit(&self, limit: usize) -> Result<Vec<(u64, crate::state::AuditEntry)>, Error> {
+        records::audit(self.store()?.as_ref(), limit)
+    }
+
     pub fn decision(&self, offer: OfferId) -> Result<Option<DecisionRecord>, Error> {
         records::decision(self.store()?.as_ref(), offer)
     }

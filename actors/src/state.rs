@@ -99,6 +99,12 @@ pub struct ShardState {
     /// The reasons operators may give for a break (record `B`).
     #[serde(default)]
     pub pause_reasons: Vec<String>,
+    /// Emergency notices in force (records `E`).
+    #[serde(default)]
+    pub emergencies: BTreeMap<NoticeTarget, Emergency>,
+    /// The number the next audit trail entry gets (records `Z`).
+    #[serde(default)]
+    pub audit_next: u64,
     /// Per operator and hour (when a break ended), milliseconds on break per reason
     /// (records `P`); the last [`KPI_HOURS_KEPT`] hours are kept.
     #[serde(default)]
@@ -113,6 +119,40 @@ pub struct ShardState {
 pub const SOCKET_LEASE_MS: u64 = 30_000;
 /// The reason an operator whose last socket went away was set away.
 pub const REASON_DISCONNECTED: &str = "disconnected";
+
+/// An emergency notice in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Emergency {
+    pub message: String,
+    pub by: String,
+    pub since: Timestamp,
+}
+
+/// One entry of the audit trail: who did what, when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: Timestamp,
+    pub by: String,
+    /// A stable code: `emergency_on`, `emergency_off`.
+    pub action: String,
+    /// What it was about (`channel:web`, `group:billing`).
+    pub target: String,
+    pub detail: String,
+}
+
+impl ShardState {
+    /// The emergency notice a new conversation of `channel` in `group` gets: the
+    /// channel's, else the group's.
+    pub fn emergency_for(&self, channel: &ChannelId, group: &SkillGroupId) -> Option<&Emergency> {
+        self.emergencies.get(&NoticeTarget::Channel(channel.clone())).or_else(|| self.emergencies.get(&NoticeTarget::Group(group.clone())))
+    }
+
+    fn audit(&mut self, entry: AuditEntry) {
+        let n = self.audit_next;
+        self.audit_next += 1;
+        self.dirty.audit.push((n, entry));
+    }
+}
 
 /// One node's last report of the operators with a live socket on it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,6 +282,9 @@ pub struct Dirty {
     pub wrap_up: BTreeSet<OperatorId>,
     pub pause_reasons: bool,
     pub pause_totals: BTreeSet<(OperatorId, u64)>,
+    pub emergencies: BTreeSet<NoticeTarget>,
+    /// Audit trail entries to write, with their numbers.
+    pub audit: Vec<(u64, AuditEntry)>,
     pub handled: Vec<(OperatorId, ConversationId)>,
 }
 
@@ -436,6 +479,8 @@ pub enum HistoryItem {
     Rated { score: u8, comment: String },
     /// An internal note: staff read it, the visitor never does. `author` is a login.
     Note { author: String, name: String, key: String, text: String },
+    /// An emergency notice in force when the conversation started: everyone reads it.
+    Notice { text: String },
 }
 
 /// The streams an applied event advanced, so the driver wakes exactly their readers.
@@ -529,7 +574,12 @@ impl ShardState {
             }
             // Socket reports are written from `Dirty::sockets` and `Dirty::last_seen`,
             // routing settings from their own dirty sets.
-            Event::OperatorsConnected { .. } | Event::GroupRoutingSet { .. } | Event::ChannelPrioritySet { .. } | Event::PauseReasonsSet { .. } => {}
+            Event::OperatorsConnected { .. }
+            | Event::GroupRoutingSet { .. }
+            | Event::ChannelPrioritySet { .. }
+            | Event::PauseReasonsSet { .. }
+            | Event::EmergencySet { .. }
+            | Event::NoticeGiven { .. } => {}
             Event::BreakTaken { operator, .. } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -814,6 +864,28 @@ impl ShardState {
                     self.presence_reasons.insert(operator.clone(), REASON_DISCONNECTED.to_owned());
                     self.dirty.presence_reasons.insert(operator.clone());
                 }
+            }
+            Event::EmergencySet { target, message, by } => {
+                let name = match target {
+                    NoticeTarget::Channel(c) => format!("channel:{c}"),
+                    NoticeTarget::Group(g) => format!("group:{g}"),
+                };
+                match message {
+                    Some(text) => {
+                        self.emergencies.insert(target.clone(), Emergency { message: text.clone(), by: by.clone(), since: at });
+                        self.audit(AuditEntry { at, by: by.clone(), action: "emergency_on".into(), target: name, detail: text.clone() });
+                    }
+                    None => {
+                        self.emergencies.remove(target);
+                        self.audit(AuditEntry { at, by: by.clone(), action: "emergency_off".into(), target: name, detail: String::new() });
+                    }
+                }
+                self.dirty.emergencies.insert(target.clone());
+                // The floor shows what is in force.
+                touched.groups.extend(self.groups.keys().cloned());
+            }
+            Event::NoticeGiven { conversation, text } => {
+                self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);
             }
             Event::PauseReasonsSet { reasons } => {
                 self.pause_reasons = reasons.clone();

@@ -169,3 +169,24 @@ fn break_time_is_counted_per_reason_and_kept_as_records() {
     assert_eq!(rebuilt.pause_reasons, vec!["lunch".to_owned(), "training".to_owned()]);
     assert!(!rebuilt.presence_reasons.contains_key(&OperatorId::new("ann")), "back online: no reason stands");
 }
+
+#[test]
+fn an_emergency_and_its_audit_trail_survive_a_restart() {
+    let (store, mut state) = floor();
+    let web = NoticeTarget::Channel(ChannelId::new("web"));
+    ok(run(&mut state, &store, T0, Command::SetEmergency { target: web.clone(), message: Some("Outage".into()), by: "sue".into() }));
+    let id = start(&mut state, &store, T0 + 1);
+    let history = records::history(&store, id, 0, 10).expect("history");
+    assert!(history.iter().any(|e| e.item == HistoryItem::Notice { text: "Outage".into() }), "{history:?}");
+    let rebuilt = records::load(&store).expect("load");
+    assert_eq!(rebuilt.emergencies[&web].message, "Outage");
+    ok(run(&mut state, &store, T0 + 2, Command::SetEmergency { target: web.clone(), message: None, by: "sue".into() }));
+    let trail = records::audit(&store, 10).expect("audit");
+    let actions: Vec<(u64, &str)> = trail.iter().map(|(n, e)| (*n, e.action.as_str())).collect();
+    assert_eq!(actions, vec![(1, "emergency_off"), (0, "emergency_on")], "newest first");
+    assert_eq!(trail[1].1.by, "sue");
+    // A restarted replica numbers the next entry after the last one.
+    let rebuilt = records::load(&store).expect("load");
+    assert!(rebuilt.emergencies.is_empty());
+    assert_eq!(rebuilt.audit_next, 2);
+}

@@ -143,6 +143,12 @@ fn parse(line: &str) -> (Timestamp, Command) {
         "ready" => Command::EndWrapUp { operator: op(2) },
         "pause-reasons" => Command::SetPauseReasons { reasons: a(2).split(',').filter(|r| !r.is_empty()).map(str::to_owned).collect() },
         "break" => Command::TakeBreak { operator: op(2), reason: a(3) },
+        // `emergency channel web "text"`, `emergency group sales` (off)
+        "emergency" => Command::SetEmergency {
+            target: if a(2) == "channel" { NoticeTarget::Channel(ChannelId::new(a(3))) } else { NoticeTarget::Group(SkillGroupId::new(a(3))) },
+            message: w.get(4).cloned(),
+            by: "sup".into(),
+        },
         other => panic!("unknown fixture command {other:?} in {line:?}"),
     };
     (at, command)
@@ -209,6 +215,9 @@ fn render(event: &Event) -> String {
         Event::WrapUpSet { operator, until: None } => format!("{operator} ready"),
         Event::PauseReasonsSet { reasons } => format!("pause reasons {reasons:?}"),
         Event::BreakTaken { operator, reason } => format!("{operator} on break: {reason}"),
+        Event::EmergencySet { target, message: Some(text), by } => format!("emergency on {target:?} by {by}: {text}"),
+        Event::EmergencySet { target, message: None, by } => format!("emergency off {target:?} by {by}"),
+        Event::NoticeGiven { conversation, text } => format!("{conversation} told: {text}"),
     }
 }
 

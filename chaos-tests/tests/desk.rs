@@ -256,3 +256,41 @@ async fn breaks_carry_a_configured_reason_that_the_floor_and_the_report_show() -
     assert!(mine["reasons"]["lunch"].as_u64().is_some_and(|ms| ms >= 300), "{mine}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emergency_notice_reaches_new_customers_at_once_and_is_audited() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let notice = |dev: &Dev| {
+        let addr = dev.public.clone();
+        async move { anyhow::Ok(http_json(&addr, "GET", "/notice?channel=web", None, None).await?) }
+    };
+    assert_eq!(notice(&dev).await?.1["notice"], Value::Null);
+    let supervisor = dev.login("supervisor").await?;
+    let on = json!({"channel": "web", "message": "Card payments are down since 10:00; we are fixing it."});
+    let (status, body) = dev.api("PUT", "/api/emergencies", Some(&supervisor), Some(on)).await?;
+    assert_eq!(status, 200, "{body}");
+    // Before writing anything, the widget can show it; a new conversation gets it first.
+    assert_eq!(notice(&dev).await?.1["notice"], "Card payments are down since 10:00; we are fixing it.");
+    let (mut client, _, _) = dev.client("Ann").await?;
+    let told = next_event(&mut client, "notice").await?;
+    assert_eq!(told["text"], "Card payments are down since 10:00; we are fixing it.");
+    // The floor shows what is in force; an operator may not switch it.
+    let mut floor = WsClient::connect(&dev.private, &format!("/ws/supervisor?token={supervisor}"), None).await?;
+    let frame = floor.wait_for(WAIT, |v| v["type"] == "floor").await?;
+    assert_eq!(frame["emergencies"][0]["channel"], "web");
+    let alice = dev.login("alice").await?;
+    assert_eq!(dev.api("PUT", "/api/emergencies", Some(&alice), Some(json!({"channel": "web", "message": null}))).await?.0, 403);
+    // Off in one action; both are in the audit trail.
+    let (status, _) = dev.api("PUT", "/api/emergencies", Some(&supervisor), Some(json!({"channel": "web", "message": null}))).await?;
+    assert_eq!(status, 200);
+    assert_eq!(notice(&dev).await?.1["notice"], Value::Null);
+    let admin = dev.login("admin").await?;
+    let (_, trail) = dev.api("GET", "/api/audit", Some(&admin), None).await?;
+    let actions: Vec<&str> = trail["entries"].as_array().into_iter().flatten().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, vec!["emergency_off", "emergency_on"], "{trail}");
+    assert_eq!(trail["entries"][1]["by"], "supervisor");
+    assert_eq!(dev.api("GET", "/api/audit", Some(&supervisor), None).await?.0, 403);
+    let (status, _) = dev.api("PUT", "/api/emergencies", Some(&supervisor), Some(json!({"channel": "web", "group": "general", "message": "x"}))).await?;
+    assert_eq!(status, 400);
+    Ok(())
+}

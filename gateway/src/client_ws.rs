@@ -62,6 +62,7 @@ fn entry_text_bytes(item: &switchboard_actors::state::HistoryItem) -> usize {
         HistoryItem::Transferred { comment, .. } | HistoryItem::Rated { comment, .. } => comment.len(),
         HistoryItem::Closed { resolution, .. } => resolution.len(),
         HistoryItem::Note { .. } => 0,
+        HistoryItem::Notice { text } => text.len(),
         HistoryItem::Started { .. } | HistoryItem::Queued { .. } | HistoryItem::Assigned { .. } => 0,
     }
 }

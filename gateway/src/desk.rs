@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
-use switchboard_actors::model::{Command, ConversationId, Role};
+use switchboard_actors::model::{ChannelId, Command, ConversationId, NoticeTarget, Role, SkillGroupId};
 use switchboard_actors::state::{Conversation, ConversationStatus, GroupKpi, HistoryEntry, HistoryItem, HOUR_MS, KPI_HOURS_KEPT};
 
 use crate::rest::{conversation_id, readable, Body, Params, Staff};
@@ -331,4 +331,92 @@ pub(crate) async fn pauses(State(gw): State<Arc<Gateway>>, staff: Staff, Params(
         })
         .collect();
     Ok(Json(json!({"since": hour * HOUR_MS, "at": now.0, "operators": operators})))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct NoticeQuery {
+    #[serde(default)]
+    channel: Option<String>,
+}
+
+/// `GET /notice?channel=` (public listener, no token): the emergency notice in force for
+/// new conversations of the channel (default: the web channel) in its default group, so
+/// the widget shows it before the customer writes. `{"notice":null}` when none.
+pub(crate) async fn public_notice(State(gw): State<Arc<Gateway>>, Params(query): Params<NoticeQuery>) -> Result<Json<Value>, GatewayError> {
+    let channel = ChannelId::new(query.channel.unwrap_or_else(|| gw.config.web_channel.clone()));
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let config = state.channels.get(&channel).ok_or_else(|| GatewayError::NotFound(format!("channel {channel}")))?;
+    let notice = state.emergency_for(&channel, &config.default_group);
+    Ok(Json(json!({"notice": notice.map(|e| &e.message), "since": notice.map(|e| e.since.0)})))
+}
+
+fn target_json(target: &NoticeTarget) -> Value {
+    match target {
+        NoticeTarget::Channel(c) => json!({"channel": c.as_str()}),
+        NoticeTarget::Group(g) => json!({"group": g.as_str()}),
+    }
+}
+
+/// `GET /api/emergencies` (any staff): the notices in force.
+pub(crate) async fn emergencies(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let list: Vec<Value> = state
+        .emergencies
+        .iter()
+        .map(|(target, e)| {
+            let mut v = target_json(target);
+            v["message"] = json!(e.message);
+            v["by"] = json!(e.by);
+            v["since"] = json!(e.since.0);
+            v
+        })
+        .collect();
+    Json(json!({ "emergencies": list }))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct EmergencyBody {
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
+    /// The notice; `null` switches the emergency off.
+    message: Option<String>,
+}
+
+/// `PUT /api/emergencies` (supervisor): switches a channel or group into emergency mode
+/// with a message, or out of it with `"message": null`.
+pub(crate) async fn put_emergency(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<EmergencyBody>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Supervisor)?;
+    let target = match (body.channel, body.group) {
+        (Some(c), None) => NoticeTarget::Channel(ChannelId::new(c)),
+        (None, Some(g)) => NoticeTarget::Group(SkillGroupId::new(g)),
+        _ => return Err(GatewayError::BadRequest("give exactly one of channel and group".into())),
+    };
+    gw.submit(Command::SetEmergency { target: target.clone(), message: body.message.clone(), by: staff.login.clone() }).await?;
+    let mut v = target_json(&target);
+    v["message"] = json!(body.message);
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct AuditQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `GET /api/audit?limit=` (admin): the newest audit trail entries, newest first.
+pub(crate) async fn audit(State(gw): State<Arc<Gateway>>, staff: Staff, Params(query): Params<AuditQuery>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let entries: Vec<Value> = gw
+        .backend
+        .shard()
+        .audit(limit)?
+        .into_iter()
+        .map(|(n, e)| json!({"n": n, "at": e.at.0, "by": e.by, "action": e.action, "target": e.target, "detail": e.detail}))
+        .collect();
+    Ok(Json(json!({ "entries": entries })))
 }

@@ -219,6 +219,7 @@ pub fn history_entry(entry: &HistoryEntry, audience: Audience) -> Value {
             v
         }
         HistoryItem::Rated { score, comment } => json!({"kind": "rated", "score": score, "comment": comment}),
+        HistoryItem::Notice { text } => json!({"kind": "notice", "text": text}),
         // Never sent to a client (`for_client`); its text is for staff only.
         HistoryItem::Note { author, name, key, text } => {
             let mut v = json!({"kind": "note"});

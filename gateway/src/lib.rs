@@ -569,6 +569,7 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
             axum::routing::post(attachments::client_upload),
         )
         .route("/attachments/{id}", get(attachments::client_download))
+        .route("/notice", get(desk::public_notice))
         .layer(axum::middleware::from_fn_with_state(gw.clone(), attachments::cors));
     assets::public()
         .route("/ws/client", get(client_ws::upgrade))

@@ -53,6 +53,8 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/kpis", get(crate::desk::kpis))
         .route("/api/pause-reasons", get(crate::desk::pause_reasons).put(crate::desk::put_pause_reasons))
         .route("/api/pauses", get(crate::desk::pauses))
+        .route("/api/emergencies", get(crate::desk::emergencies).put(crate::desk::put_emergency))
+        .route("/api/audit", get(crate::desk::audit))
         .route("/api/templates", get(list_templates))
         .route("/api/templates/{id}", put(put_template).delete(delete_template))
         .route("/api/templates/{id}/favourite", put(set_favourite))

@@ -134,7 +134,19 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
             })
         })
         .collect();
-    json!({"type": "floor", "at": now.0, "queues": queues, "operators": operators})
+    // Emergency notices in force, so every supervisor sees what customers are told.
+    let emergencies: Vec<Value> = state
+        .emergencies
+        .iter()
+        .map(|(target, e)| {
+            let (kind, id) = match target {
+                switchboard_actors::model::NoticeTarget::Channel(c) => ("channel", c.as_str()),
+                switchboard_actors::model::NoticeTarget::Group(g) => ("group", g.as_str()),
+            };
+            json!({kind: id, "message": e.message, "by": e.by, "since": e.since.0})
+        })
+        .collect();
+    json!({"type": "floor", "at": now.0, "queues": queues, "operators": operators, "emergencies": emergencies})
 }
 
 struct SupervisorSession {

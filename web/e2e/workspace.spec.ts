@@ -225,3 +225,27 @@ test('a break is taken for a configured reason, which the floor shows and counts
   await expect(row.getByTestId('operator-presence-reason')).toContainText('Training');
   await expect(sup.locator('[data-testid="pause-row"][data-operator="alice"]')).toContainText('Training');
 });
+
+test('an emergency notice from the floor: the widget shows it before the customer writes, then it is switched off', async ({ browser, sb }) => {
+  const sup = await newPage(browser);
+  await signIn(sup, sb, 'supervisor');
+  const panel = sup.getByTestId('emergency-panel');
+  await panel.getByTestId('emergency-target').selectOption('channel:web');
+  await panel.getByTestId('emergency-message').fill('Card payments are down; we are fixing it.');
+  await panel.getByTestId('emergency-on').click();
+  await expect(panel.getByTestId('emergency-active')).toContainText('Card payments are down');
+
+  const client = await newPage(browser);
+  await openWidget(client, sb);
+  await expect(client.getByTestId('widget-emergency')).toContainText('Card payments are down');
+  await widgetSay(client, 'Is my card blocked?');
+  await expect(client.getByTestId('widget-entry-notice')).toContainText('Card payments are down');
+  await shot(client, '33-widget-emergency');
+
+  await panel.getByTestId('emergency-off').click();
+  await expect(panel.getByTestId('emergency-active')).toHaveCount(0);
+  const later = await newPage(browser);
+  await openWidget(later, sb);
+  await expect(later.getByTestId('widget-input')).toBeVisible();
+  await expect(later.getByTestId('widget-emergency')).toHaveCount(0);
+});

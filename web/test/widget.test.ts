@@ -224,6 +224,17 @@ describe('WidgetSession', () => {
     expect(f.last.ofType('read')).toEqual([{ type: 'read', upto: 4, ref: 'read' }]);
   });
 
+  it('reads the emergency notice of its channel, and says nothing when it cannot', async () => {
+    const f = socketFactory();
+    const answers = [new Response(JSON.stringify({ notice: 'Payments are down', since: 1 })), new Response(JSON.stringify({ notice: null })), new Response('', { status: 404 })];
+    const fetcher = vi.fn(async () => answers.shift()!);
+    const w = new WidgetSession({ origin: 'https://c.example', storage: new MemoryStorage(), create: f.create, timers: new FakeTimers(), fetcher, channel: 'shop web' });
+    await expect(w.emergencyNotice()).resolves.toBe('Payments are down');
+    expect((fetcher.mock.calls[0] as unknown as [string])[0]).toBe('https://c.example/notice?channel=shop%20web');
+    await expect(w.emergencyNotice()).resolves.toBe(null);
+    await expect(w.emergencyNotice()).resolves.toBe(null);
+  });
+
   it('uploads with the client token and the file type', async () => {
     const fetcher = vi.fn(async () => new Response(JSON.stringify({ id: 'a1', name: 'p.png', content_type: 'image/png', size: 3 }), { status: 201 }));
     const f = socketFactory();

@@ -173,6 +173,15 @@ function Panel(props: {
     const el = log.current;
     if (el) el.scrollTop = el.scrollHeight;
   }, [state.events.length, state.pending.length]);
+  // An outage notice in force: shown before the customer writes (re-read on opening).
+  const [emergency, setEmergency] = useState<string | null>(null);
+  useEffect(() => {
+    let live = true;
+    session.emergencyNotice().then((n) => live && setEmergency(n));
+    return () => {
+      live = false;
+    };
+  }, []);
   const typing = state.operatorTypingUntil > Date.now();
   const active = !!state.token && !state.closed;
   const reconnecting = !!props.link && (props.link.status === 'reconnecting' || (props.link.status === 'connecting' && props.link.attempt > 0));
@@ -208,6 +217,11 @@ function Panel(props: {
           –
         </button>
       </div>
+      {emergency && (
+        <div class="sbw-banner sbw-emergency" role="alert" data-testid="widget-emergency">
+          {emergency}
+        </div>
+      )}
       {reconnecting && (
         <div class="sbw-banner" role="status" data-testid="widget-reconnecting">
           {t('reconnecting')}
@@ -310,6 +324,9 @@ function EventView(props: { e: ClientEvent; t: T; lang: Lang; session: WidgetSes
       break;
     case 'rated':
       text = t('rated', { score: e.score ?? 0 });
+      break;
+    case 'notice':
+      text = e.text ?? '';
       break;
     default:
       return null;

@@ -316,6 +316,20 @@ export class WidgetSession {
     this.lastReadSent = 0;
   }
 
+  /** The emergency notice in force for new conversations of this widget's channel (an
+   *  outage notice), shown before the customer writes; null when none or unreachable. */
+  async emergencyNotice(): Promise<string | null> {
+    const fetcher = this.opts.fetcher ?? ((u: string, i?: RequestInit) => fetch(u, i));
+    try {
+      const res = await fetcher(this.opts.origin + '/notice' + (this.opts.channel ? '?channel=' + encodeURIComponent(this.opts.channel) : ''));
+      if (!res.ok) return null;
+      const body = await res.json();
+      return typeof body?.notice === 'string' ? body.notice : null;
+    } catch {
+      return null;
+    }
+  }
+
   async upload(file: Blob & { name: string }): Promise<Attachment> {
     await this.ensureStarted();
     const url = this.opts.origin + '/attachments?token=' + encodeURIComponent(this.state.token!) + '&name=' + encodeURIComponent(file.name);

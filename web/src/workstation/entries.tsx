@@ -142,6 +142,9 @@ export function EntryView(props: {
     case 'rated':
       text = t('entry_rated', { score: e.score ?? 0 }) + (e.comment ? ' — «' + e.comment + '»' : '');
       break;
+    case 'notice':
+      text = t('entry_notice', { text: e.text ?? '' });
+      break;
     default:
       text = e.kind;
   }

@@ -51,6 +51,15 @@ export interface OperatorRow {
   groups: string[];
 }
 
+/** An emergency notice in force (`floor.emergencies`). */
+export interface EmergencyRow {
+  channel?: string;
+  group?: string;
+  message: string;
+  by: string;
+  since: number;
+}
+
 export interface Floor {
   /** Snapshot time as the source stamped it. */
   at: number;
@@ -59,6 +68,8 @@ export interface Floor {
   source: 'socket' | 'poll';
   queues: QueueRow[];
   operators: OperatorRow[];
+  /** Notices in force; null when the source does not say (polling). */
+  emergencies: EmergencyRow[] | null;
 }
 
 function num(v: unknown, d = 0): number {
@@ -118,11 +129,16 @@ export function normalizeOperators(raw: any[]): OperatorRow[] {
 }
 
 export function floorFromFrame(f: any, now: number): Floor {
-  return { at: num(f.at, now), receivedAt: now, source: 'socket', queues: normalizeQueues(f.queues), operators: normalizeOperators(f.operators) };
+  const emergencies = Array.isArray(f.emergencies)
+    ? f.emergencies
+        .filter((e: any) => e && typeof e.message === 'string')
+        .map((e: any) => ({ channel: e.channel, group: e.group, message: e.message, by: String(e.by ?? ''), since: num(e.since) }))
+    : null;
+  return { at: num(f.at, now), receivedAt: now, source: 'socket', queues: normalizeQueues(f.queues), operators: normalizeOperators(f.operators), emergencies };
 }
 
 export function floorFromRest(queues: any, operators: any, now: number): Floor {
-  return { at: now, receivedAt: now, source: 'poll', queues: normalizeQueues(queues?.queues), operators: normalizeOperators(operators?.operators) };
+  return { at: now, receivedAt: now, source: 'poll', queues: normalizeQueues(queues?.queues), operators: normalizeOperators(operators?.operators), emergencies: null };
 }
 
 /** SLA share in percent for the queue, or null when the server does not report an SLA. */

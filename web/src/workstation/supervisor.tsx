@@ -1,7 +1,7 @@
 /** The supervisor's live floor: queues, operators, and an inspector for any conversation. */
 import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { formatDuration } from '../shared/format';
-import { floorPlace, longestWaitNow, queuedWaitNow, slaPercent, totals, type Floor, type QueueRow } from './floor';
+import { floorPlace, longestWaitNow, queuedWaitNow, slaPercent, totals, type EmergencyRow, type Floor, type QueueRow } from './floor';
 import { FloorFeed } from './floor-feed';
 import { Inspector } from './inspector';
 import type { GroupKpis, LoginInfo } from './types';
@@ -131,6 +131,7 @@ export function FloorView(props: { auth: LoginInfo }) {
           </table>
         )}
       </section>
+      <EmergencyPanel active={floor?.emergencies ?? null} queues={floor?.queues ?? []} />
       <KpiPanel signature={sum ? [sum.waiting, sum.offered, sum.load, sum.online].join('/') : ''} />
       <section class="panel" aria-labelledby="ops-h">
         <h2 id="ops-h" class="panel-title">
@@ -387,4 +388,83 @@ interface PauseRow {
   name: string;
   reasons: Record<string, number>;
   current: { reason: string; since: number } | null;
+}
+
+/**
+ * Emergency notices: what new customers of a channel or group are told at once (an
+ * outage), switched on with a message and off in one action; both are audited.
+ */
+function EmergencyPanel(props: { active: EmergencyRow[] | null; queues: QueueRow[] }) {
+  const { t, api, notify, lang } = useApp();
+  const [channels, setChannels] = useState<{ id: string; name: string }[]>([]);
+  const [target, setTarget] = useState('');
+  const [message, setMessage] = useState('');
+  const [error, setError] = useState<string | null>(null);
+  useEffect(() => {
+    api.get<{ channels: { id: string; name: string }[] }>('/api/channels').then((r) => setChannels(r.channels ?? [])).catch(() => {});
+  }, []);
+  const put = async (body: Record<string, unknown>) => {
+    try {
+      await api.put('/api/emergencies', body);
+      setError(null);
+      return true;
+    } catch (e: any) {
+      setError(describeError(t, e.code, e.message));
+      return false;
+    }
+  };
+  const label = (e: EmergencyRow) => (e.channel ? t('channel') + ' ' + (channels.find((c) => c.id === e.channel)?.name ?? e.channel) : t('group') + ' ' + (props.queues.find((q) => q.group === e.group)?.name ?? e.group));
+  return (
+    <section class="panel emergencies" aria-labelledby="emg-h" data-testid="emergency-panel">
+      <h2 id="emg-h" class="panel-title">
+        {t('emergency_notices')}
+      </h2>
+      {props.active?.map((e) => (
+        <div key={(e.channel ?? '') + '/' + (e.group ?? '')} class="banner emergency" role="status" data-testid="emergency-active" data-channel={e.channel} data-group={e.group}>
+          <p>
+            <strong>{label(e)}:</strong> {e.message}{' '}
+            <span class="muted small">{t('emergency_by', { by: e.by, at: new Date(e.since).toLocaleTimeString(lang) })}</span>
+          </p>
+          <button type="button" class="danger small-btn" data-testid="emergency-off" onClick={() => put(e.channel ? { channel: e.channel, message: null } : { group: e.group, message: null }).then((ok) => ok && notify(t('emergency_switched_off'), 'info'))}>
+            {t('switch_off')}
+          </button>
+        </div>
+      ))}
+      <form
+        class="row wrap"
+        data-testid="emergency-form"
+        onSubmit={async (e) => {
+          e.preventDefault();
+          if (!target || !message.trim()) return setError(t('err_emergency_form'));
+          const [kind, id] = target.split(':');
+          if (await put({ [kind]: id, message: message.trim() })) setMessage('');
+        }}
+      >
+        <label class="sr-only" for="emg-target">
+          {t('emergency_target')}
+        </label>
+        <select id="emg-target" data-testid="emergency-target" value={target} onChange={(e) => setTarget((e.currentTarget as HTMLSelectElement).value)}>
+          <option value="">{t('emergency_target')}</option>
+          {channels.map((c) => (
+            <option key={'c' + c.id} value={'channel:' + c.id}>
+              {t('channel')}: {c.name}
+            </option>
+          ))}
+          {props.queues.map((q) => (
+            <option key={'g' + q.group} value={'group:' + q.group}>
+              {t('group')}: {q.name}
+            </option>
+          ))}
+        </select>
+        <label class="sr-only" for="emg-message">
+          {t('emergency_message')}
+        </label>
+        <input id="emg-message" class="grow" data-testid="emergency-message" maxLength={4000} placeholder={t('emergency_message')} value={message} onInput={(e) => setMessage((e.currentTarget as HTMLInputElement).value)} />
+        <button type="submit" class="danger" data-testid="emergency-on">
+          {t('switch_on')}
+        </button>
+      </form>
+      {error && <p class="error small">{error}</p>}
+    </section>
+  );
 }
