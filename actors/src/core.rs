@@ -434,6 +434,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
         }
         Command::StartConversation { channel, group, visitor } => {
             let channel_config = state.channels.get(channel).ok_or(Error::NotFound(format!("channel {channel}")))?;
+            crate::access::check(state, channel, crate::access::Customer { ip: None, visitor: visitor.id.as_deref() }).map_err(Error::Blocked)?;
             let group = group.clone().unwrap_or_else(|| channel_config.default_group.clone());
             if !state.groups.contains_key(&group) {
                 return Err(Error::NotFound(format!("skill group {group}")));
@@ -462,6 +463,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             if conv.status == ConversationStatus::Closed {
                 return Err(Error::Closed(*conv_id));
             }
+            crate::access::check(state, &conv.channel, crate::access::Customer { ip: None, visitor: conv.visitor.id.as_deref() }).map_err(Error::Blocked)?;
             let attachments = check_message(state, *conv_id, text, attachments)?;
             let seq = conv.last_seq() + 1;
             Ok((
@@ -735,6 +737,30 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 .collect();
             events.push(Event::BreakTaken { operator: op_id.clone(), reason: reason.clone() });
             Ok((Reply::Done, events))
+        }
+        Command::SetAccessRule { rule, note, by } => {
+            if let Some(c) = &rule.channel {
+                if !state.channels.contains_key(c) {
+                    return Err(Error::NotFound(format!("channel {c}")));
+                }
+            }
+            crate::access::validate(rule, note.as_ref()).map_err(Error::Invalid)?;
+            match note {
+                Some(_) if !state.access_rules.contains_key(rule) && state.access_rules.len() >= crate::access::MAX_RULES => {
+                    Err(Error::Invalid(format!("at most {} access rules", crate::access::MAX_RULES)))
+                }
+                None if !state.access_rules.contains_key(rule) => Ok((Reply::Done, vec![])),
+                _ => Ok((Reply::Done, vec![Event::AccessRuleSet { rule: rule.clone(), note: note.clone(), by: by.clone() }])),
+            }
+        }
+        Command::SetChannelAccess { channel, allow_only, message, by } => {
+            if !state.channels.contains_key(channel) {
+                return Err(Error::NotFound(format!("channel {channel}")));
+            }
+            if message.chars().count() > MAX_TEXT_CHARS {
+                return Err(Error::TooLong { limit: MAX_TEXT_CHARS, actual: message.chars().count() });
+            }
+            Ok((Reply::Done, vec![Event::ChannelAccessSet { channel: channel.clone(), allow_only: *allow_only, message: message.clone(), by: by.clone() }]))
         }
         Command::SetEmergency { target, message, by } => {
             match target {

@@ -26,6 +26,10 @@ pub enum Error {
     CapacityExceeded(OperatorId),
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The customer may not start or write here (a block or allow list); the text is
+    /// what they are told.
+    #[error("{0}")]
+    Blocked(String),
     #[error("actor failure: {0}")]
     Actor(String),
     #[error("could not commit: {0}")]
@@ -54,6 +58,7 @@ impl Error {
             Error::NotDue(_) => "not_due",
             Error::CapacityExceeded(_) => "capacity_exceeded",
             Error::Unavailable(_) => "unavailable",
+            Error::Blocked(_) => "blocked",
             Error::Actor(_) => "internal",
             Error::Commit(_) => "unavailable",
             Error::Storage(_) => "internal",

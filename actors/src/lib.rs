@@ -10,6 +10,7 @@
 //! Deliberately left out: networking, storage and clocks in the core. Time enters only
 //! as the timestamp a proposer writes into each log entry.
 
+pub mod access;
 pub mod actors;
 pub mod core;
 pub mod error;

@@ -141,6 +141,32 @@ pub enum NoticeTarget {
     Group(SkillGroupId),
 }
 
+/// Which list a rule is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessList {
+    Block,
+    Allow,
+}
+
+/// What a rule matches: an IP address or CIDR range (checked by the gateway, which
+/// sees addresses), or a verified visitor id (also checked by the core).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessKind {
+    Ip,
+    Visitor,
+}
+
+/// One entry of a block or allow list, for one channel or (`None`) every channel.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AccessRule {
+    pub list: AccessList,
+    pub channel: Option<ChannelId>,
+    pub kind: AccessKind,
+    pub value: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttributePriority {
     pub attribute: String,
@@ -409,6 +435,20 @@ pub enum Command {
         message: Option<String>,
         by: String,
     },
+    /// Adds a block or allow rule with a note (`Some`), or removes it (`None`).
+    SetAccessRule {
+        rule: AccessRule,
+        note: Option<String>,
+        by: String,
+    },
+    /// Whether only the channel's allow list may start conversations there, and what a
+    /// refused customer is told (empty: the default text).
+    SetChannelAccess {
+        channel: ChannelId,
+        allow_only: bool,
+        message: String,
+        by: String,
+    },
 }
 
 /// Who read a conversation.
@@ -665,5 +705,16 @@ pub enum Event {
     NoticeGiven {
         conversation: ConversationId,
         text: String,
+    },
+    AccessRuleSet {
+        rule: AccessRule,
+        note: Option<String>,
+        by: String,
+    },
+    ChannelAccessSet {
+        channel: ChannelId,
+        allow_only: bool,
+        message: String,
+        by: String,
     },
 }

@@ -32,6 +32,8 @@
 //! | `B` | the configured pause reasons |
 //! | `E` kind name | an emergency notice in force (kind `c` channel, `g` group) |
 //! | `Z` !n | audit trail entry number n, newest first (the number's bits inverted) |
+//! | `R` rule | a block or allow rule (the key holds the rule's bincode) with its note |
+//! | `S` channel | a channel's access mode (allow list only, refusal text) |
 //! | `P` len:u16 operator hour | the operator's time on break per reason, for breaks that ended in that hour |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
@@ -220,6 +222,12 @@ pub mod key {
             NoticeTarget::Channel(c) => with(b'E', &[b"c", c.0.as_bytes()].concat()),
             NoticeTarget::Group(g) => with(b'E', &[b"g", g.0.as_bytes()].concat()),
         }
+    }
+    pub fn access_rule(rule: &AccessRule) -> Vec<u8> {
+        with(b'R', &super::encode(rule))
+    }
+    pub fn channel_access(channel: &ChannelId) -> Vec<u8> {
+        with(b'S', channel.0.as_bytes())
     }
     pub fn audit(n: u64) -> Vec<u8> {
         with_id(b'Z', !n, &[])
@@ -443,6 +451,17 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
     }
     for (n, entry) in &dirty.audit {
         put(key::audit(*n), encode(entry));
+    }
+    for rule in &dirty.access_rules {
+        match state.access_rules.get(rule) {
+            Some(note) => put(key::access_rule(rule), encode(&(rule, note))),
+            None => removes.push(key::access_rule(rule)),
+        }
+    }
+    for channel in &dirty.channel_access {
+        if let Some(mode) = state.channel_access.get(channel) {
+            put(key::channel_access(channel), encode(&(channel, mode)));
+        }
     }
     if dirty.pause_reasons {
         put(key::PAUSE_REASONS.to_vec(), encode(&state.pause_reasons));
@@ -775,6 +794,12 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, (operator, reason)) in all::<(OperatorId, String)>(store, b"z")? {
         state.presence_reasons.insert(operator, reason);
+    }
+    for (_, (rule, note)) in all::<(AccessRule, crate::access::RuleNote)>(store, b"R")? {
+        state.access_rules.insert(rule, note);
+    }
+    for (_, (channel, mode)) in all::<(ChannelId, crate::access::ChannelAccess)>(store, b"S")? {
+        state.channel_access.insert(channel, mode);
     }
     for (_, (target, emergency)) in all::<(NoticeTarget, Emergency)>(store, b"E")? {
         state.emergencies.insert(target, emergency);

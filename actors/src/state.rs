@@ -105,6 +105,12 @@ pub struct ShardState {
     /// The number the next audit trail entry gets (records `Z`).
     #[serde(default)]
     pub audit_next: u64,
+    /// Block and allow rules (records `R`).
+    #[serde(default, with = "rule_map")]
+    pub access_rules: BTreeMap<AccessRule, crate::access::RuleNote>,
+    /// Channels' access modes (records `S`).
+    #[serde(default)]
+    pub channel_access: BTreeMap<ChannelId, crate::access::ChannelAccess>,
     /// Per operator and hour (when a break ended), milliseconds on break per reason
     /// (records `P`); the last [`KPI_HOURS_KEPT`] hours are kept.
     #[serde(default)]
@@ -119,6 +125,24 @@ pub struct ShardState {
 pub const SOCKET_LEASE_MS: u64 = 30_000;
 /// The reason an operator whose last socket went away was set away.
 pub const REASON_DISCONNECTED: &str = "disconnected";
+
+/// JSON maps need string keys: the rules are kept as a list of pairs there.
+mod rule_map {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::access::RuleNote;
+    use crate::model::AccessRule;
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<AccessRule, RuleNote>, s: S) -> Result<S::Ok, S::Error> {
+        map.iter().collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<AccessRule, RuleNote>, D::Error> {
+        Ok(Vec::<(AccessRule, RuleNote)>::deserialize(d)?.into_iter().collect())
+    }
+}
 
 /// An emergency notice in force.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +307,8 @@ pub struct Dirty {
     pub pause_reasons: bool,
     pub pause_totals: BTreeSet<(OperatorId, u64)>,
     pub emergencies: BTreeSet<NoticeTarget>,
+    pub access_rules: BTreeSet<AccessRule>,
+    pub channel_access: BTreeSet<ChannelId>,
     /// Audit trail entries to write, with their numbers.
     pub audit: Vec<(u64, AuditEntry)>,
     pub handled: Vec<(OperatorId, ConversationId)>,
@@ -579,7 +605,9 @@ impl ShardState {
             | Event::ChannelPrioritySet { .. }
             | Event::PauseReasonsSet { .. }
             | Event::EmergencySet { .. }
-            | Event::NoticeGiven { .. } => {}
+            | Event::NoticeGiven { .. }
+            | Event::AccessRuleSet { .. }
+            | Event::ChannelAccessSet { .. } => {}
             Event::BreakTaken { operator, .. } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -883,6 +911,31 @@ impl ShardState {
                 self.dirty.emergencies.insert(target.clone());
                 // The floor shows what is in force.
                 touched.groups.extend(self.groups.keys().cloned());
+            }
+            Event::AccessRuleSet { rule, note, by } => {
+                let target = format!(
+                    "{}:{}:{}",
+                    if rule.list == AccessList::Block { "block" } else { "allow" },
+                    rule.channel.as_ref().map_or("*", |c| c.as_str()),
+                    rule.value
+                );
+                match note {
+                    Some(text) => {
+                        self.access_rules.insert(rule.clone(), crate::access::RuleNote { note: text.clone(), by: by.clone(), since: at });
+                        self.audit(AuditEntry { at, by: by.clone(), action: "access_rule_added".into(), target, detail: text.clone() });
+                    }
+                    None => {
+                        self.access_rules.remove(rule);
+                        self.audit(AuditEntry { at, by: by.clone(), action: "access_rule_removed".into(), target, detail: String::new() });
+                    }
+                }
+                self.dirty.access_rules.insert(rule.clone());
+            }
+            Event::ChannelAccessSet { channel, allow_only, message, by } => {
+                self.channel_access.insert(channel.clone(), crate::access::ChannelAccess { allow_only: *allow_only, message: message.clone() });
+                self.dirty.channel_access.insert(channel.clone());
+                let detail = format!("allow_only={allow_only}");
+                self.audit(AuditEntry { at, by: by.clone(), action: "channel_access".into(), target: format!("channel:{channel}"), detail });
             }
             Event::NoticeGiven { conversation, text } => {
                 self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);

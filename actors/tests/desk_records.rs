@@ -190,3 +190,27 @@ fn an_emergency_and_its_audit_trail_survive_a_restart() {
     assert!(rebuilt.emergencies.is_empty());
     assert_eq!(rebuilt.audit_next, 2);
 }
+
+#[test]
+fn a_blocked_visitor_starts_and_writes_nothing_until_unblocked() {
+    let (store, mut state) = floor();
+    let visitor = Visitor { id: Some("v-mallory".into()), name: "M".into(), attributes: vec![] };
+    let before = state.next_conversation;
+    ok(run(&mut state, &store, T0, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: visitor.clone() }));
+    let id = state.conversations.keys().copied().find(|c| c.0 >= before).expect("started");
+    let rule = AccessRule { list: AccessList::Block, channel: None, kind: AccessKind::Visitor, value: "v-mallory".into() };
+    ok(run(&mut state, &store, T0 + 1, Command::SetAccessRule { rule: rule.clone(), note: Some("abuse".into()), by: "sue".into() }));
+    let start = || Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: visitor.clone() };
+    assert!(matches!(run(&mut state, &store, T0 + 2, start()), Err(Error::Blocked(_))));
+    let say = Command::PostClientMessage { conversation: id, key: "k".into(), text: "hi".into(), attachments: vec![] };
+    assert!(matches!(run(&mut state, &store, T0 + 3, say.clone()), Err(Error::Blocked(_))));
+    // Someone else is not affected; an address rule the core cannot see refuses nobody.
+    let ip_rule = AccessRule { list: AccessList::Block, channel: None, kind: AccessKind::Ip, value: "0.0.0.0/0".into() };
+    ok(run(&mut state, &store, T0 + 4, Command::SetAccessRule { rule: ip_rule, note: Some("all".into()), by: "sue".into() }));
+    ok(run(&mut state, &store, T0 + 5, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }));
+    assert_eq!(records::load(&store).expect("load").access_rules.len(), 2, "kept as records");
+    ok(run(&mut state, &store, T0 + 6, Command::SetAccessRule { rule, note: None, by: "sue".into() }));
+    ok(run(&mut state, &store, T0 + 7, say));
+    let bad = AccessRule { list: AccessList::Block, channel: None, kind: AccessKind::Ip, value: "300.1.1.1".into() };
+    assert!(matches!(run(&mut state, &store, T0 + 8, Command::SetAccessRule { rule: bad, note: Some("x".into()), by: "sue".into() }), Err(Error::Invalid(_))));
+}

@@ -218,6 +218,8 @@ fn render(event: &Event) -> String {
         Event::EmergencySet { target, message: Some(text), by } => format!("emergency on {target:?} by {by}: {text}"),
         Event::EmergencySet { target, message: None, by } => format!("emergency off {target:?} by {by}"),
         Event::NoticeGiven { conversation, text } => format!("{conversation} told: {text}"),
+        Event::AccessRuleSet { rule, note, .. } => format!("access {rule:?}: {note:?}"),
+        Event::ChannelAccessSet { channel, allow_only, .. } => format!("{channel} allow_only={allow_only}"),
     }
 }
 

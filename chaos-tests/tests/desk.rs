@@ -294,3 +294,59 @@ async fn an_emergency_notice_reaches_new_customers_at_once_and_is_audited() -> a
     assert_eq!(status, 400);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_customer_starts_nothing_and_an_allow_list_keeps_others_out() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let supervisor = dev.login("supervisor").await?;
+    // A customer writes; the supervisor blocks them by their verified visitor id.
+    let mut first = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    first.send(&json!({"type": "start", "name": "Mallory"})).await?;
+    let started = first.wait_for(WAIT, |v| v["type"] == "started").await?;
+    let conversation = started["conversation"].as_u64().unwrap_or(0);
+    let visitor_token = started["visitor_token"].as_str().unwrap_or_default().to_owned();
+    let (_, doc) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    let visitor = doc["visitor"]["id"].as_str().unwrap_or_default().to_owned();
+    assert!(visitor.starts_with("v-"), "{doc}");
+    let block = json!({"list": "block", "kind": "visitor", "value": visitor, "note": "abusive"});
+    let (status, body) = dev.api("PUT", "/api/access/rules", Some(&supervisor), Some(block)).await?;
+    assert_eq!(status, 200, "{body}");
+    // Their open conversation takes nothing more, and a new one is refused, with the text.
+    first.send(&json!({"type": "send", "key": "m-1", "text": "still here"})).await?;
+    let refused = first.wait_for(WAIT, |v| v["type"] == "error").await?;
+    assert_eq!(refused["code"], "blocked", "{refused}");
+    let mut again = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    again.send(&json!({"type": "start", "name": "Mallory", "visitor_token": visitor_token})).await?;
+    let refused = again.wait_for(WAIT, |v| v["type"] == "error" || v["type"] == "started").await?;
+    assert_eq!(refused["code"], "blocked", "{refused}");
+    assert!(refused["message"].as_str().is_some_and(|m| m.contains("not available")), "{refused}");
+
+    // Address rules are checked by the gateway; a malformed range never gets that far.
+    let (status, body) = dev.api("PUT", "/api/access/rules", Some(&supervisor), Some(json!({"list": "block", "kind": "ip", "value": "10.0.0.0/33", "note": "x"}))).await?;
+    assert_eq!(status, 409, "a malformed range is refused: {body}");
+    let admin = dev.login("admin").await?;
+    // Allow-only with an allow list that does not hold 127.0.0.1: everyone here is out,
+    // told the channel's text; allowing 127.0.0.0/8 lets them in.
+    let (status, body) = dev
+        .api("PUT", "/api/channels/web", Some(&admin), Some(json!({"kind": "web", "name": "Web chat", "default_group": "general", "allow_only": true, "blocked_message": "Staff only today."})))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["allow_only"], true);
+    let mut outsider = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    outsider.send(&json!({"type": "start", "name": "Ann"})).await?;
+    let refused = outsider.wait_for(WAIT, |v| v["type"] == "error" || v["type"] == "started").await?;
+    assert_eq!((refused["code"].clone(), refused["message"].clone()), (json!("blocked"), json!("Staff only today.")));
+    let allow = json!({"list": "allow", "channel": "web", "kind": "ip", "value": "127.0.0.0/8", "note": "office"});
+    assert_eq!(dev.api("PUT", "/api/access/rules", Some(&supervisor), Some(allow)).await?.0, 200);
+    outsider.send(&json!({"type": "start", "name": "Ann"})).await?;
+    outsider.wait_for(WAIT, |v| v["type"] == "started").await?;
+
+    let (_, listed) = dev.api("GET", "/api/access", Some(&supervisor), None).await?;
+    assert_eq!(listed["rules"].as_array().map(Vec::len), Some(2), "{listed}");
+    let alice = dev.login("alice").await?;
+    assert_eq!(dev.api("GET", "/api/access", Some(&alice), None).await?.0, 403);
+    let (_, trail) = dev.api("GET", "/api/audit", Some(&admin), None).await?;
+    let actions: Vec<&str> = trail["entries"].as_array().into_iter().flatten().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, vec!["access_rule_added", "channel_access", "access_rule_added"], "{trail}");
+    Ok(())
+}

@@ -43,7 +43,7 @@ pub(crate) async fn upgrade(
             return crate::GatewayError::Budget("too many open chat sockets from your address").into_response();
         }
     };
-    let session = ClientSession { gw: gw.clone(), conversation: None, peer: address, _slot: slot };
+    let session = ClientSession { gw: gw.clone(), conversation: None, peer: address, ip: peer.ip(), _slot: slot };
     ws::accept(gw, upgrade, Surface::Client, None, relayed.is_some(), session)
 }
 
@@ -51,7 +51,20 @@ struct ClientSession {
     gw: Arc<Gateway>,
     conversation: Option<ConversationId>,
     peer: std::net::IpAddr,
+    /// The client's own address (`peer` is its budget's), for block and allow lists.
+    ip: std::net::IpAddr,
     _slot: crate::budget::Slot,
+}
+
+impl ClientSession {
+    /// `blocked` with what the customer is told, when a block or allow list keeps them
+    /// out of `channel`: nothing is written for them.
+    fn admitted(&self, channel: &ChannelId, visitor: Option<&str>) -> Result<(), Value> {
+        let shard = self.gw.backend.shard();
+        let state = shard.read();
+        switchboard_actors::access::check(&state, channel, switchboard_actors::access::Customer { ip: Some(self.ip), visitor })
+            .map_err(|message| frames::error("blocked", &message, None))
+    }
 }
 
 /// The free text an entry carries, which is what makes a history entry large.
@@ -235,6 +248,7 @@ impl ClientSession {
                 let channel = ChannelId::new(channel.unwrap_or_else(|| self.gw.config.web_channel.clone()));
                 let group = group.map(SkillGroupId::new);
                 self.check_public_start(&channel, group.as_ref())?;
+                self.admitted(&channel, Some(&visitor))?;
                 let command = Command::StartConversation {
                     channel,
                     group,

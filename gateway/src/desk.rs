@@ -420,3 +420,41 @@ pub(crate) async fn audit(State(gw): State<Arc<Gateway>>, staff: Staff, Params(q
         .collect();
     Ok(Json(json!({ "entries": entries })))
 }
+
+/// `GET /api/access` (supervisor): block and allow rules and channels' access modes.
+pub(crate) async fn access(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Supervisor)?;
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let rules: Vec<Value> = state
+        .access_rules
+        .iter()
+        .map(|(r, n)| json!({"list": r.list, "channel": r.channel, "kind": r.kind, "value": r.value, "note": n.note, "by": n.by, "since": n.since.0}))
+        .collect();
+    let channels: Vec<Value> = state
+        .channel_access
+        .iter()
+        .map(|(c, m)| json!({"channel": c.as_str(), "allow_only": m.allow_only, "message": m.message}))
+        .collect();
+    Ok(Json(json!({"rules": rules, "channels": channels, "default_message": switchboard_actors::access::DEFAULT_BLOCKED_MESSAGE})))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct AccessRuleBody {
+    list: switchboard_actors::model::AccessList,
+    #[serde(default)]
+    channel: Option<String>,
+    kind: switchboard_actors::model::AccessKind,
+    value: String,
+    /// Why; `null` removes the rule.
+    note: Option<String>,
+}
+
+/// `PUT /api/access/rules` (supervisor): adds a block or allow rule with a note, or
+/// removes it with `"note": null`.
+pub(crate) async fn put_access_rule(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<AccessRuleBody>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Supervisor)?;
+    let rule = switchboard_actors::model::AccessRule { list: body.list, channel: body.channel.map(ChannelId::new), kind: body.kind, value: body.value.trim().to_owned() };
+    gw.submit(Command::SetAccessRule { rule: rule.clone(), note: body.note.clone(), by: staff.login.clone() }).await?;
+    Ok(Json(json!({"list": rule.list, "channel": rule.channel, "kind": rule.kind, "value": rule.value, "note": body.note})))
+}

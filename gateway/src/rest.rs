@@ -55,6 +55,8 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/pauses", get(crate::desk::pauses))
         .route("/api/emergencies", get(crate::desk::emergencies).put(crate::desk::put_emergency))
         .route("/api/audit", get(crate::desk::audit))
+        .route("/api/access", get(crate::desk::access))
+        .route("/api/access/rules", put(crate::desk::put_access_rule))
         .route("/api/templates", get(list_templates))
         .route("/api/templates/{id}", put(put_template).delete(delete_template))
         .route("/api/templates/{id}/favourite", put(set_favourite))
@@ -382,6 +384,9 @@ fn channel_view(state: &switchboard_actors::state::ShardState, config: &ChannelC
     view["public_groups"] = json!(state.channel_public_groups.get(&config.id).cloned().unwrap_or_default());
     view["retention_days"] = json!(state.channel_retention.get(&config.id).copied().unwrap_or(0));
     view["priority"] = json!(state.channel_priority.get(&config.id).copied().unwrap_or(0));
+    let access = state.channel_access.get(&config.id).cloned().unwrap_or_default();
+    view["allow_only"] = json!(access.allow_only);
+    view["blocked_message"] = json!(access.message);
     view
 }
 
@@ -413,6 +418,12 @@ struct ChannelBody {
     /// The priority the channel's conversations start at (0-100); absent leaves it.
     #[serde(default)]
     priority: Option<u32>,
+    /// Only the allow list may start here; absent leaves it.
+    #[serde(default)]
+    allow_only: Option<bool>,
+    /// What a refused customer is told (empty: the default); absent leaves it.
+    #[serde(default)]
+    blocked_message: Option<String>,
 }
 
 async fn put_channel(
@@ -433,6 +444,16 @@ async fn put_channel(
     }
     if let Some(priority) = body.priority {
         gw.submit(Command::SetChannelPriority { channel: config.id.clone(), priority }).await?;
+    }
+    if body.allow_only.is_some() || body.blocked_message.is_some() {
+        let current = gw.backend.shard().read().channel_access.get(&config.id).cloned().unwrap_or_default();
+        gw.submit(Command::SetChannelAccess {
+            channel: config.id.clone(),
+            allow_only: body.allow_only.unwrap_or(current.allow_only),
+            message: body.blocked_message.unwrap_or(current.message),
+            by: staff.login.clone(),
+        })
+        .await?;
     }
     Ok(Json(channel_json(&gw, &config)))
 }
@@ -525,7 +546,7 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
         "conversation": id.0,
         "channel": conv.channel,
         "group": conv.group,
-        "visitor": {"name": conv.visitor.name, "attributes": conv.visitor.attributes.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()},
+        "visitor": {"id": conv.visitor.id, "name": conv.visitor.name, "attributes": conv.visitor.attributes.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()},
         "status": status,
         "created_at": conv.created_at.0,
         "last_seq": conv.last_seq(),

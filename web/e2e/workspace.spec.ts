@@ -249,3 +249,32 @@ test('an emergency notice from the floor: the widget shows it before the custome
   await expect(later.getByTestId('widget-input')).toBeVisible();
   await expect(later.getByTestId('widget-emergency')).toHaveCount(0);
 });
+
+test('an address range on the block list keeps the widget out with the channel\'s text, until the rule is removed', async ({ browser, sb }) => {
+  const admin = await newPage(browser);
+  await signIn(admin, sb, 'admin');
+  await admin.getByTestId('nav-admin').click();
+  await admin.getByTestId('admin-tab-channels').click();
+  const body = admin.getByTestId('admin');
+  await body.getByRole('button', { name: /^Edit / }).first().click();
+  await body.getByTestId('channel-blocked-message').fill('Please call us at 0800 000 000.');
+  await body.getByRole('button', { name: 'Save' }).first().click();
+  await expect(body.getByRole('status').first()).toContainText('Saved');
+  const rules = body.getByTestId('access-rules');
+  await rules.getByTestId('access-value').fill('127.0.0.0/8');
+  await rules.getByTestId('access-note').fill('test lab');
+  await rules.getByTestId('access-add').click();
+  await expect(rules.getByTestId('access-rule')).toHaveCount(1);
+
+  const client = await newPage(browser);
+  await openWidget(client, sb);
+  await client.getByTestId('widget-input').fill('Hello?');
+  await client.getByTestId('widget-input').press('Enter');
+  await expect(client.getByText('Please call us at 0800 000 000.')).toBeVisible();
+
+  await rules.getByTestId('access-remove').click();
+  await expect(rules.getByTestId('access-rule')).toHaveCount(0);
+  const later = await newPage(browser);
+  await openWidget(later, sb);
+  await widgetSay(later, 'Hello again');
+});

@@ -66,8 +66,10 @@ export function WidgetApp(props: { session: WidgetSession; langHint?: string; op
 
   useEffect(() => {
     session.onLink = setLink;
-    session.onNotice = (code: string) => {
+    session.onNotice = (code: string, message?: string) => {
       const key = ('err_' + code) as WKey;
+      // A block or allow list: the text the contact center chose for it.
+      if (code === 'blocked' && message) return setNotice(message);
       setNotice(code === 'session_lost' ? t('session_lost') : key in WIDGET_DICTS.en ? t(key) : t('err_generic'));
     };
   }, [session, t]);

@@ -28,7 +28,7 @@ export interface WidgetSessionOptions {
   timers?: Timers;
   backoff?: Backoff;
   fetcher?: (url: string, init?: RequestInit) => Promise<Response>;
-  onNotice?: (code: string) => void;
+  onNotice?: (code: string, message?: string) => void;
   onLink?: (s: LinkState) => void;
   /** Extra attributes for start (page URL, language). */
   attributes?: () => Record<string, string>;
@@ -67,7 +67,7 @@ export class WidgetSession {
   readMarksSupported = true;
   /** Listeners the UI sets: connection state, and notices (error codes, `session_lost`). */
   onLink: ((s: LinkState) => void) | undefined;
-  onNotice: ((code: string) => void) | undefined;
+  onNotice: ((code: string, message?: string) => void) | undefined;
   linkState: LinkState;
 
   constructor(private readonly opts: WidgetSessionOptions) {
@@ -212,10 +212,10 @@ export class WidgetSession {
     }
     if (ref && this.state.pending.some((p) => p.key === ref)) {
       this.store.dispatch({ type: 'sendFailed', key: ref, error: f.code });
-      this.onNotice?.(f.code);
+      this.onNotice?.(f.code, f.message);
       return;
     }
-    this.onNotice?.(f.code);
+    this.onNotice?.(f.code, f.message);
   }
 
   private frameFor(p: { key: string; text: string; attachments: Attachment[] }) {

@@ -1,6 +1,6 @@
 /** Administration: skill groups, operators, users, channels, templates (PUT endpoints). */
 import { useEffect, useState } from 'preact/hooks';
-import type { AttributePriority, Channel, GroupRouting, OperatorStatus, Role, SkillGroup, UserInfo } from './types';
+import type { AccessRuleRow, AttributePriority, Channel, GroupRouting, OperatorStatus, Role, SkillGroup, UserInfo } from './types';
 import { capacityProblem, idProblem, passwordProblem } from './forms';
 import { TemplatesPanel } from './panels';
 import { describeError } from './strings';
@@ -31,7 +31,12 @@ export function AdminView(props: { sections: Section[] }) {
           </>
         )}
         {section === 'users' && <Users />}
-        {section === 'channels' && <Channels />}
+        {section === 'channels' && (
+          <>
+            <Channels />
+            <AccessRules />
+          </>
+        )}
         {section === 'templates' && <TemplatesPanel values={null} canEditShared={true} />}
       </TabPanel>
     </div>
@@ -514,6 +519,8 @@ function Channels() {
               name: form.name,
               default_group: form.default_group,
               priority: Number(form.priority ?? 0),
+              allow_only: !!form.allow_only,
+              blocked_message: form.blocked_message ?? '',
             });
             setError(null);
             setOk(true);
@@ -539,6 +546,13 @@ function Channels() {
         </datalist>
         <Field label={t('name')}>
           <input value={form.name} required onInput={(e) => setForm({ ...form, name: (e.currentTarget as HTMLInputElement).value })} />
+        </Field>
+        <label>
+          <input type="checkbox" data-testid="channel-allow-only" checked={!!form.allow_only} onChange={(e) => setForm({ ...form, allow_only: (e.currentTarget as HTMLInputElement).checked })} />{' '}
+          {t('allow_only')}
+        </label>
+        <Field label={t('blocked_message')}>
+          <input maxLength={4000} data-testid="channel-blocked-message" value={form.blocked_message ?? ''} onInput={(e) => setForm({ ...form, blocked_message: (e.currentTarget as HTMLInputElement).value })} />
         </Field>
         <Field label={t('channel_priority')}>
           <input
@@ -688,5 +702,97 @@ function PauseReasons() {
         {t('save')}
       </button>
     </form>
+  );
+}
+
+/** Block and allow rules: by address or range, or by verified visitor id. */
+function AccessRules() {
+  const { t, api } = useApp();
+  const [rules, reload, loadError] = useList<AccessRuleRow>('/api/access', 'rules');
+  const [channels] = useList<Channel>('/api/channels', 'channels');
+  const blank = { list: 'block' as 'block' | 'allow', channel: '', kind: 'ip' as 'ip' | 'visitor', value: '', note: '' };
+  const [form, setForm] = useState(blank);
+  const [error, setError] = useState<string | null>(null);
+  const put = async (body: Record<string, unknown>) => {
+    try {
+      await api.put('/api/access/rules', body);
+      setError(null);
+      reload();
+      return true;
+    } catch (e: any) {
+      setError(describeError(t, e.code, e.message));
+      return false;
+    }
+  };
+  return (
+    <section class="stack access" data-testid="access-rules">
+      <h2>{t('access_rules')}</h2>
+      <table class="table small">
+        <thead>
+          <tr>
+            <th scope="col">{t('access_list')}</th>
+            <th scope="col">{t('channel')}</th>
+            <th scope="col">{t('access_value')}</th>
+            <th scope="col">{t('access_note')}</th>
+            <th scope="col">
+              <span class="sr-only">{t('remove_rule')}</span>
+            </th>
+          </tr>
+        </thead>
+        <tbody>
+          {rules?.map((r) => (
+            <tr key={r.list + r.channel + r.kind + r.value} data-testid="access-rule" data-value={r.value}>
+              <td>{t(r.list === 'block' ? 'access_block' : 'access_allow')}</td>
+              <td>{r.channel ?? t('all_channels')}</td>
+              <td>
+                {r.kind === 'ip' ? t('access_ip') : t('access_visitor')}: <code>{r.value}</code>
+              </td>
+              <td>
+                {r.note} <span class="muted small">({r.by})</span>
+              </td>
+              <td>
+                <button type="button" class="ghost small-btn" aria-label={t('remove_rule')} data-testid="access-remove" onClick={() => put({ list: r.list, channel: r.channel, kind: r.kind, value: r.value, note: null })}>
+                  ×
+                </button>
+              </td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      <ErrorText error={loadError} />
+      <form
+        class="row wrap"
+        data-testid="access-form"
+        onSubmit={async (e) => {
+          e.preventDefault();
+          if (!form.value.trim()) return;
+          const ok = await put({ list: form.list, channel: form.channel || null, kind: form.kind, value: form.value.trim(), note: form.note });
+          if (ok) setForm(blank);
+        }}
+      >
+        <select aria-label={t('access_list')} value={form.list} onChange={(e) => setForm({ ...form, list: (e.currentTarget as HTMLSelectElement).value as 'block' | 'allow' })}>
+          <option value="block">{t('access_block')}</option>
+          <option value="allow">{t('access_allow')}</option>
+        </select>
+        <select aria-label={t('channel')} value={form.channel} onChange={(e) => setForm({ ...form, channel: (e.currentTarget as HTMLSelectElement).value })}>
+          <option value="">{t('all_channels')}</option>
+          {channels?.map((c) => (
+            <option key={c.id} value={c.id}>
+              {c.name}
+            </option>
+          ))}
+        </select>
+        <select aria-label={t('access_kind')} value={form.kind} onChange={(e) => setForm({ ...form, kind: (e.currentTarget as HTMLSelectElement).value as 'ip' | 'visitor' })}>
+          <option value="ip">{t('access_ip')}</option>
+          <option value="visitor">{t('access_visitor')}</option>
+        </select>
+        <input aria-label={t('access_value')} data-testid="access-value" placeholder={form.kind === 'ip' ? '203.0.113.0/24' : 'v-…'} value={form.value} onInput={(e) => setForm({ ...form, value: (e.currentTarget as HTMLInputElement).value })} />
+        <input aria-label={t('access_note')} data-testid="access-note" placeholder={t('access_note')} maxLength={500} value={form.note} onInput={(e) => setForm({ ...form, note: (e.currentTarget as HTMLInputElement).value })} />
+        <button type="submit" class="primary" data-testid="access-add">
+          {t('add_rule')}
+        </button>
+      </form>
+      <ErrorText error={error} />
+    </section>
   );
 }

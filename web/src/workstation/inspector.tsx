@@ -110,6 +110,7 @@ export function Inspector(props: {
         ))}
       </ol>
       {props.canNote && <NoteForm id={doc.conversation} onDone={refresh} />}
+      {props.canReassign && doc.visitor.id && <BlockCustomer visitor={doc.visitor.id} />}
       <Decisions id={doc.conversation} version={version} />
       {props.canReassign && doc.status.state !== 'closed' && <Reassign id={doc.conversation} live={props.operators} onDone={refresh} />}
     </div>
@@ -287,5 +288,33 @@ function NoteForm(props: { id: number; onDone: () => void }) {
         {t('add_note')}
       </button>
     </form>
+  );
+}
+
+/** Blocks the conversation's (verified) visitor on every channel, with a note. */
+function BlockCustomer(props: { visitor: string }) {
+  const { t, api, notify } = useApp();
+  const [error, setError] = useState<string | null>(null);
+  return (
+    <div class="row block-customer">
+      <button
+        type="button"
+        class="danger small-btn"
+        data-testid="block-customer"
+        onClick={async () => {
+          const note = window.prompt(t('access_note')) ?? '';
+          try {
+            await api.put('/api/access/rules', { list: 'block', kind: 'visitor', value: props.visitor, note });
+            notify(t('customer_blocked'), 'info');
+            setError(null);
+          } catch (e: any) {
+            setError(describeError(t, e.code, e.message));
+          }
+        }}
+      >
+        {t('block_customer')}
+      </button>
+      <ErrorText error={error} />
+    </div>
   );
 }

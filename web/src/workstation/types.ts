@@ -158,6 +158,20 @@ export interface Channel {
   default_group: string;
   /** The priority its conversations start at (0-100). */
   priority?: number;
+  /** Only the allow list may start here, and what a refused customer is told. */
+  allow_only?: boolean;
+  blocked_message?: string;
+}
+
+/** A block or allow rule (`GET /api/access`). */
+export interface AccessRuleRow {
+  list: 'block' | 'allow';
+  channel: string | null;
+  kind: 'ip' | 'visitor';
+  value: string;
+  note: string;
+  by: string;
+  since: number;
 }
 
 export interface Template {
@@ -173,7 +187,7 @@ export interface ConversationDoc {
   conversation: number;
   channel: string;
   group: string;
-  visitor: { name: string; attributes: Record<string, string> };
+  visitor: { id?: string | null; name: string; attributes: Record<string, string> };
   status: { state: string; operator?: string };
   created_at: number;
   last_seq: number;
