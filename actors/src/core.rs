@@ -260,6 +260,8 @@ pub const MAX_ATTRIBUTE_PRIORITIES: usize = 50;
 /// Longest wrap-up time, and the shortest ageing step, in milliseconds.
 pub const MAX_WRAP_UP_MS: u64 = 3_600_000;
 pub const MIN_AGEING_MS: u64 = 1_000;
+/// Longest sticky time: a customer returning later than this is routed as new.
+pub const MAX_STICKY_MS: u64 = 30 * 24 * 3_600_000;
 
 fn check_routing(routing: &GroupRouting) -> Result<(), Error> {
     if routing.attribute_priorities.len() > MAX_ATTRIBUTE_PRIORITIES {
@@ -278,6 +280,9 @@ fn check_routing(routing: &GroupRouting) -> Result<(), Error> {
     }
     if routing.wrap_up_ms > MAX_WRAP_UP_MS {
         return Err(Error::Invalid(format!("wrap-up is at most {MAX_WRAP_UP_MS} ms")));
+    }
+    if routing.sticky_ms > MAX_STICKY_MS {
+        return Err(Error::Invalid(format!("sticky time is at most {MAX_STICKY_MS} ms (30 days)")));
     }
     Ok(())
 }
@@ -443,6 +448,20 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             let conv = ConversationId(if state.rules >= 4 { state.next_conversation.max(1) } else { state.next_conversation });
             // An emergency notice in force for the channel or the group is its first answer.
             let notice = state.emergency_for(channel, &group).map(|e| Event::NoticeGiven { conversation: conv, text: e.message.clone() });
+            // Rules 5: a returning customer goes first to whoever served them last, if
+            // they came back within the group's sticky time.
+            let sticky_ms = state.group_routing.get(&group).map_or(0, |r| r.sticky_ms);
+            let sticky = match &state.returning {
+                Some((operator, closed_at))
+                    if state.rules >= 5
+                        && sticky_ms > 0
+                        && now.millis_since(*closed_at) <= sticky_ms
+                        && state.operators.get(operator).is_some_and(|op| op.config.groups.contains(&group)) =>
+                {
+                    Some(Event::StickySet { conversation: conv, operator: operator.clone() })
+                }
+                _ => None,
+            };
             Ok((
                 Reply::Started { conversation: conv },
                 [
@@ -450,6 +469,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                     Event::ConversationQueued { conversation: conv, group, ticket: state.next_ticket },
                 ]
                 .into_iter()
+                .chain(sticky)
                 .chain(notice)
                 .collect(),
             ))

@@ -131,6 +131,12 @@ pub struct GroupRouting {
     /// After a conversation they held closes, an operator gets no offer for this long
     /// (wrap-up); they may end it early.
     pub wrap_up_ms: u64,
+    /// A returning customer (verified visitor) whose last conversation closed less than
+    /// this long ago is offered first to the operator who served it, when that operator
+    /// can take it (online, in the group, with room, not in wrap-up, not passed); 0: no
+    /// sticky routing.
+    #[serde(default)]
+    pub sticky_ms: u64,
 }
 
 /// What an emergency notice covers: every conversation of a channel, or of a group.
@@ -687,6 +693,12 @@ pub enum Event {
     WrapUpSet {
         operator: OperatorId,
         until: Option<Timestamp>,
+    },
+    /// A returning customer's new conversation is offered first to `operator`, who
+    /// served their last one (rules 5, sticky routing).
+    StickySet {
+        conversation: ConversationId,
+        operator: OperatorId,
     },
     PauseReasonsSet {
         reasons: Vec<String>,

@@ -34,6 +34,8 @@
 //! | `Z` !n | audit trail entry number n, newest first (the number's bits inverted) |
 //! | `R` rule | a block or allow rule (the key holds the rule's bincode) with its note |
 //! | `S` channel | a channel's access mode (allow list only, refusal text) |
+//! | `X` conversation | the operator a returning customer's queued conversation is offered first |
+//! | `V` visitor | who served the visitor's last closed conversation, and when it closed |
 //! | `P` len:u16 operator hour | the operator's time on break per reason, for breaks that ended in that hour |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
@@ -228,6 +230,12 @@ pub mod key {
     }
     pub fn channel_access(channel: &ChannelId) -> Vec<u8> {
         with(b'S', channel.0.as_bytes())
+    }
+    pub fn sticky(conversation: ConversationId) -> Vec<u8> {
+        with_id(b'X', conversation.0, &[])
+    }
+    pub fn last_served(visitor: &str) -> Vec<u8> {
+        with(b'V', visitor.as_bytes())
     }
     pub fn audit(n: u64) -> Vec<u8> {
         with_id(b'Z', !n, &[])
@@ -452,6 +460,15 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
     for (n, entry) in &dirty.audit {
         put(key::audit(*n), encode(entry));
     }
+    for id in &dirty.sticky {
+        match state.sticky.get(id) {
+            Some(operator) => put(key::sticky(*id), encode(operator)),
+            None => removes.push(key::sticky(*id)),
+        }
+    }
+    for (visitor, served) in &dirty.last_served {
+        put(key::last_served(visitor), encode(served));
+    }
     for rule in &dirty.access_rules {
         match state.access_rules.get(rule) {
             Some(note) => put(key::access_rule(rule), encode(&(rule, note))),
@@ -481,6 +498,7 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
 
 /// Clears what one command's purge loaded (its writes are taken).
 pub fn end_command(state: &mut ShardState) {
+    state.returning = None;
     state.expired.clear();
     state.expired_keys.clear();
     state.expired_attachments.clear();
@@ -592,6 +610,13 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
     }
     if let Command::PurgeExpired { as_of } = command {
         find_expired(state, store, *as_of)?;
+    }
+    if let Command::StartConversation { visitor: Visitor { id: Some(visitor), .. }, .. } = command {
+        // A close earlier in this entry is not in the records yet.
+        state.returning = match state.dirty.last_served.get(visitor) {
+            Some(served) => Some(served.clone()),
+            None => get::<(OperatorId, Timestamp)>(store, &key::last_served(visitor))?,
+        };
     }
     if let Command::StoreAttachment(attachment) = command {
         if let Some(found) = find_attachment(store, &attachment.id)? {
@@ -794,6 +819,10 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, (operator, reason)) in all::<(OperatorId, String)>(store, b"z")? {
         state.presence_reasons.insert(operator, reason);
+    }
+    for (k, operator) in all::<OperatorId>(store, b"X")? {
+        let id = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged sticky key".into()))?;
+        state.sticky.insert(ConversationId(u64::from_be_bytes(id)), operator);
     }
     for (_, (rule, note)) in all::<(AccessRule, crate::access::RuleNote)>(store, b"R")? {
         state.access_rules.insert(rule, note);

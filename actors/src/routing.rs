@@ -39,7 +39,9 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
         .collect();
     // Best first; equal scores fall back to the id so every replica picks the same one.
     candidates.sort_by(|a, b| b.score.cmp(&a.score).then_with(|| a.operator.cmp(&b.operator)));
-    let chosen = candidates.iter().find(|c| c.score.is_some()).map(|c| c.operator.clone());
+    // Rules 5: a returning customer's last operator, when they can take it, comes first.
+    let sticky = state.sticky.get(&conversation.id).filter(|op| candidates.iter().any(|c| &c.operator == *op && c.score.is_some()));
+    let chosen = sticky.cloned().or_else(|| candidates.iter().find(|c| c.score.is_some()).map(|c| c.operator.clone()));
     Selection { chosen, candidates }
 }
 

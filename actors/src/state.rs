@@ -111,6 +111,14 @@ pub struct ShardState {
     /// Channels' access modes (records `S`).
     #[serde(default)]
     pub channel_access: BTreeMap<ChannelId, crate::access::ChannelAccess>,
+    /// Queued conversations of returning customers and the operator who served their
+    /// last one, offered it first (sticky routing; records `X`).
+    #[serde(default)]
+    pub sticky: BTreeMap<ConversationId, OperatorId>,
+    /// For a `StartConversation` being applied: who served the visitor's last
+    /// conversation and when it closed (read from records `V` before it).
+    #[serde(skip)]
+    pub returning: Option<(OperatorId, Timestamp)>,
     /// Per operator and hour (when a break ended), milliseconds on break per reason
     /// (records `P`); the last [`KPI_HOURS_KEPT`] hours are kept.
     #[serde(default)]
@@ -309,6 +317,10 @@ pub struct Dirty {
     pub emergencies: BTreeSet<NoticeTarget>,
     pub access_rules: BTreeSet<AccessRule>,
     pub channel_access: BTreeSet<ChannelId>,
+    pub sticky: BTreeSet<ConversationId>,
+    /// Per visitor, who served the conversation that just closed and when (records
+    /// `V`); also read by a later command of the same entry.
+    pub last_served: BTreeMap<String, (OperatorId, Timestamp)>,
     /// Audit trail entries to write, with their numbers.
     pub audit: Vec<(u64, AuditEntry)>,
     pub handled: Vec<(OperatorId, ConversationId)>,
@@ -607,7 +619,8 @@ impl ShardState {
             | Event::EmergencySet { .. }
             | Event::NoticeGiven { .. }
             | Event::AccessRuleSet { .. }
-            | Event::ChannelAccessSet { .. } => {}
+            | Event::ChannelAccessSet { .. }
+            | Event::StickySet { .. } => {}
             Event::BreakTaken { operator, .. } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -940,6 +953,10 @@ impl ShardState {
             Event::NoticeGiven { conversation, text } => {
                 self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);
             }
+            Event::StickySet { conversation, operator } => {
+                self.sticky.insert(*conversation, operator.clone());
+                self.dirty.sticky.insert(*conversation);
+            }
             Event::PauseReasonsSet { reasons } => {
                 self.pause_reasons = reasons.clone();
                 self.dirty.pause_reasons = true;
@@ -1108,6 +1125,20 @@ impl ShardState {
         // A break with a reason ends with any change of presence: count its time.
         if let Event::PresenceChanged { operator, .. } | Event::WentAbsent { operator } | Event::BreakTaken { operator, .. } = event {
             self.end_break(operator, at);
+        }
+        // Sticky routing: a conversation leaving the queue drops its preference; one
+        // closing while held remembers who served its (verified) visitor.
+        if let Event::ConversationAssigned { conversation, .. } | Event::ConversationClosed { conversation, .. } = event {
+            if self.sticky.remove(conversation).is_some() {
+                self.dirty.sticky.insert(*conversation);
+            }
+        }
+        if let Event::ConversationClosed { conversation, .. } = event {
+            if let Some(conv) = self.conversations.get(conversation) {
+                if let (Some(visitor), Some(holder)) = (conv.visitor.id.clone(), conv.assigned().cloned()) {
+                    self.dirty.last_served.insert(visitor, (holder, at));
+                }
+            }
         }
         match event {
             Event::ConversationQueued { conversation, group, .. } => {

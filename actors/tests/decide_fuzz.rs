@@ -174,11 +174,16 @@ fn command() -> impl Strategy<Value = Command> {
     ]
     .boxed();
     let client = prop_oneof![
-        3 => (channel_id(), prop::option::of(group_id()), any::<bool>()).prop_map(|(channel, group, vip)| Command::StartConversation {
-            channel,
-            group,
-            visitor: Visitor { id: None, name: "Visitor".into(), attributes: if vip { vec![("tier".into(), "vip".into())] } else { vec![] } },
-        }),
+        3 => (channel_id(), prop::option::of(group_id()), any::<bool>(), prop::option::of(select(vec!["v-0", "v-1"])))
+            .prop_map(|(channel, group, vip, id)| Command::StartConversation {
+                channel,
+                group,
+                visitor: Visitor {
+                    id: id.map(str::to_owned),
+                    name: "Visitor".into(),
+                    attributes: if vip { vec![("tier".into(), "vip".into())] } else { vec![] },
+                },
+            }),
         3 => (conversation(), key(), text(), attachment_ids()).prop_map(|(conversation, key, text, attachments)| Command::PostClientMessage {
             conversation,
             key,
@@ -235,13 +240,20 @@ fn command() -> impl Strategy<Value = Command> {
     .boxed();
     // Rules 5: priorities, ageing and wrap-up edited while conversations flow.
     let routing = prop_oneof![
-        (group_id(), select(vec![0u64, 500, 1_000, 10_000]), select(vec![0u64, 1_000, 30_000, 4_000_000]), select(vec![0u32, 5, 101]))
-            .prop_map(|(group, ageing_ms, wrap_up_ms, priority)| Command::SetGroupRouting {
+        (
+            group_id(),
+            select(vec![0u64, 500, 1_000, 10_000]),
+            select(vec![0u64, 1_000, 30_000, 4_000_000]),
+            select(vec![0u32, 5, 101]),
+            select(vec![0u64, 3_600_000, 100 * 24 * 3_600_000])
+        )
+            .prop_map(|(group, ageing_ms, wrap_up_ms, priority, sticky_ms)| Command::SetGroupRouting {
                 group,
                 routing: GroupRouting {
                     attribute_priorities: vec![AttributePriority { attribute: "tier".into(), value: "vip".into(), priority }],
                     ageing_ms,
                     wrap_up_ms,
+                    sticky_ms,
                 },
             }),
         (channel_id(), select(vec![0u32, 3, 101])).prop_map(|(channel, priority)| Command::SetChannelPriority { channel, priority }),

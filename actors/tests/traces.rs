@@ -109,12 +109,12 @@ fn parse(line: &str) -> (Timestamp, Command) {
             target: if a(4) == "group" { TransferTarget::Group(SkillGroupId::new(a(5))) } else { TransferTarget::Operator(op(5)) },
             comment: a(6),
         },
-        // `vstart web key=value …`: a visitor with attributes.
+        // `vstart web key=value …`: a visitor with attributes; `id=…` is their verified id.
         "vstart" => Command::StartConversation {
             channel: ChannelId::new(a(2)),
             group: None,
             visitor: Visitor {
-                id: None,
+                id: w[3..].iter().find_map(|kv| kv.strip_prefix("id=")).map(str::to_owned),
                 name: "Visitor".into(),
                 attributes: w[3..].iter().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
             },
@@ -126,6 +126,7 @@ fn parse(line: &str) -> (Timestamp, Command) {
                 match setting.split_once('=') {
                     Some(("ageing", ms)) => routing.ageing_ms = ms.parse().expect("ageing ms"),
                     Some(("wrap", ms)) => routing.wrap_up_ms = ms.parse().expect("wrap-up ms"),
+                    Some(("sticky", ms)) => routing.sticky_ms = ms.parse().expect("sticky ms"),
                     Some(("attr", rule)) => {
                         let parts: Vec<&str> = rule.split(':').collect();
                         routing.attribute_priorities.push(AttributePriority {
@@ -213,6 +214,7 @@ fn render(event: &Event) -> String {
         Event::ChannelPrioritySet { channel, priority } => format!("{channel} priority {priority}"),
         Event::WrapUpSet { operator, until: Some(until) } => format!("{operator} wraps up until @{}", until.0),
         Event::WrapUpSet { operator, until: None } => format!("{operator} ready"),
+        Event::StickySet { conversation, operator } => format!("{conversation} goes to {operator} first (served them last)"),
         Event::PauseReasonsSet { reasons } => format!("pause reasons {reasons:?}"),
         Event::BreakTaken { operator, reason } => format!("{operator} on break: {reason}"),
         Event::EmergencySet { target, message: Some(text), by } => format!("emergency on {target:?} by {by}: {text}"),

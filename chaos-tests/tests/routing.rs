@@ -75,3 +75,40 @@ async fn a_vip_is_offered_first_and_wrap_up_holds_the_next_offer_until_ready() -
     assert_eq!(next["conversation"], waiting[1].1, "{next}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_customer_goes_first_to_the_operator_who_served_them() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let admin = dev.login("admin").await?;
+    let routing = json!({"sticky_ms": 3_600_000});
+    let (status, body) = dev.api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General questions", "routing": routing}))).await?;
+    assert_eq!(status, 200, "{body}");
+    // Bob is online first (longest idle), then alice.
+    let (mut bob, _) = dev.operator("bob").await?;
+    set_presence(&mut bob, "online").await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let mut dana = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    dana.send(&json!({"type": "start", "name": "Dana"})).await?;
+    let started = dana.wait_for(WAIT, |v| v["type"] == "started").await?;
+    let (first, token) = (started["conversation"].as_u64().unwrap_or(0), started["visitor_token"].as_str().unwrap_or_default().to_owned());
+    let offer = bob.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "offer" && v["conversation"] == first).await?;
+    bob.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "a"})).await?;
+    bob.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "a").await?;
+    bob.send(&json!({"type": "close", "conversation": first, "ref": "c"})).await?;
+    bob.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "c").await?;
+    // Alice has now idled longest; Dana comes back with her visitor token: bob first.
+    let mut back = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    back.send(&json!({"type": "start", "name": "Dana", "visitor_token": token})).await?;
+    let second = back.wait_for(WAIT, |v| v["type"] == "started").await?["conversation"].as_u64().unwrap_or(0);
+    let offer = bob.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "offer" && v["conversation"] == second).await?;
+    assert_eq!(offer["conversation"], second);
+    let elsewhere = alice.wait_for(std::time::Duration::from_millis(500), |v| v["type"] == "event" && v["kind"] == "offer").await;
+    assert!(elsewhere.is_err(), "alice was not offered it: {elsewhere:?}");
+    // A new customer gets the normal rule: alice, longest idle.
+    let (_eve, third) = start(&dev, "Eve", json!({})).await?;
+    let offer = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "offer").await?;
+    assert_eq!(offer["conversation"], third);
+    Ok(())
+}

@@ -270,7 +270,7 @@ fn group_view(state: &switchboard_actors::state::ShardState, config: &SkillGroup
 }
 
 fn routing_json(r: &GroupRouting) -> Value {
-    json!({"attribute_priorities": r.attribute_priorities, "ageing_ms": r.ageing_ms, "wrap_up_ms": r.wrap_up_ms})
+    json!({"attribute_priorities": r.attribute_priorities, "ageing_ms": r.ageing_ms, "wrap_up_ms": r.wrap_up_ms, "sticky_ms": r.sticky_ms})
 }
 
 #[derive(Deserialize)]
@@ -281,6 +281,8 @@ struct RoutingBody {
     ageing_ms: u64,
     #[serde(default)]
     wrap_up_ms: u64,
+    #[serde(default)]
+    sticky_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -325,7 +327,7 @@ async fn put_group(
     };
     gw.submit(Command::UpsertSkillGroup(config.clone())).await?;
     if let Some(r) = body.routing {
-        let routing = GroupRouting { attribute_priorities: r.attribute_priorities, ageing_ms: r.ageing_ms, wrap_up_ms: r.wrap_up_ms };
+        let routing = GroupRouting { attribute_priorities: r.attribute_priorities, ageing_ms: r.ageing_ms, wrap_up_ms: r.wrap_up_ms, sticky_ms: r.sticky_ms };
         gw.submit(Command::SetGroupRouting { group: config.id.clone(), routing }).await?;
     }
     let shard = gw.backend.shard();

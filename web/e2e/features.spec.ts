@@ -170,7 +170,7 @@ test('admin manages groups, operators, users and shared templates', async ({ bro
   await body.getByLabel('VIP customers').check();
   // His login is made below, in the users section (the operator form could make it too).
   await body.getByTestId('operator-with-login').uncheck();
-  await body.getByRole('button', { name: 'Save' }).click();
+  await body.getByTestId('operator-save').click();
   await expect(body.getByTestId('operators-admin-table')).toContainText('Dave');
 
   // The existing logins are listed; a login for him

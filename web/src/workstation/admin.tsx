@@ -70,7 +70,7 @@ function Saved(props: { ok: boolean }) {
 function Groups() {
   const { t, api } = useApp();
   const [list, reload, loadError] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
-  const blank: SkillGroup = { id: '', name: '', policy: 'longest_idle', offer_timeout_ms: 30000, sla_ms: 60000, routing: { attribute_priorities: [], ageing_ms: 0, wrap_up_ms: 0 } };
+  const blank: SkillGroup = { id: '', name: '', policy: 'longest_idle', offer_timeout_ms: 30000, sla_ms: 60000, routing: { attribute_priorities: [], ageing_ms: 0, wrap_up_ms: 0, sticky_ms: 0 } };
   const [form, setForm] = useState<SkillGroup>(blank);
   const [error, setError] = useState<string | null>(null);
   const [ok, setOk] = useState(false);
@@ -607,6 +607,17 @@ function RoutingFields(props: { routing: GroupRouting; onChange: (r: GroupRoutin
           data-testid="group-wrap-up"
           value={r.wrap_up_ms / 1000}
           onInput={(e) => props.onChange({ ...r, wrap_up_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
+        />
+      </Field>
+      <Field label={t('sticky_h')}>
+        <input
+          type="number"
+          min={0}
+          max={720}
+          step={1}
+          data-testid="group-sticky"
+          value={(r.sticky_ms ?? 0) / 3_600_000}
+          onInput={(e) => props.onChange({ ...r, sticky_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 3_600_000) })}
         />
       </Field>
       <Field label={t('ageing_s')}>

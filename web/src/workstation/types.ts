@@ -130,6 +130,8 @@ export interface GroupRouting {
   attribute_priorities: AttributePriority[];
   ageing_ms: number;
   wrap_up_ms: number;
+  /** A returning customer goes first to their last operator within this time. */
+  sticky_ms?: number;
 }
 
 export interface OperatorStatus {
