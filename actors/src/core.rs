@@ -281,6 +281,12 @@ fn check_routing(routing: &GroupRouting) -> Result<(), Error> {
     if routing.wrap_up_ms > MAX_WRAP_UP_MS {
         return Err(Error::Invalid(format!("wrap-up is at most {MAX_WRAP_UP_MS} ms")));
     }
+    if routing.inactivity_message.chars().count() > MAX_TEXT_CHARS {
+        return Err(Error::TooLong { limit: MAX_TEXT_CHARS, actual: routing.inactivity_message.chars().count() });
+    }
+    if routing.inactivity_close_ms > 0 && routing.inactivity_remind_ms >= routing.inactivity_close_ms {
+        return Err(Error::Invalid("the inactivity reminder must come before the closing".into()));
+    }
     if routing.sticky_ms > MAX_STICKY_MS {
         return Err(Error::Invalid(format!("sticky time is at most {MAX_STICKY_MS} ms (30 days)")));
     }
@@ -756,6 +762,20 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 .map(|offer| Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::OperatorUnavailable, detail: "operator went break".into() })
                 .collect();
             events.push(Event::BreakTaken { operator: op_id.clone(), reason: reason.clone() });
+            Ok((Reply::Done, events))
+        }
+        Command::SweepInactive => {
+            let mut events = Vec::new();
+            for (id, step) in state.inactive(now) {
+                let Some(conv) = state.conversations.get(&id) else { continue };
+                match step {
+                    crate::state::InactivityStep::Remind(text) => events.push(Event::CustomerReminded { conversation: id, text }),
+                    crate::state::InactivityStep::Close => {
+                        events.push(Event::ConversationClosed { conversation: id, by: Closer::System, resolution: "inactive".into(), tags: vec![] });
+                        events.extend(wrap_up_after(state, conv, now));
+                    }
+                }
+            }
             Ok((Reply::Done, events))
         }
         Command::SetAccessRule { rule, note, by } => {

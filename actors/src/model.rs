@@ -137,6 +137,17 @@ pub struct GroupRouting {
     /// sticky routing.
     #[serde(default)]
     pub sticky_ms: u64,
+    /// When the operator wrote last and the customer has said nothing for this long, the
+    /// customer is reminded with `inactivity_message` (0: never).
+    #[serde(default)]
+    pub inactivity_remind_ms: u64,
+    /// ... and after this long the conversation is closed, by `system`, with the
+    /// resolution `inactive` (0: never).
+    #[serde(default)]
+    pub inactivity_close_ms: u64,
+    /// The reminder's text; empty: a default one.
+    #[serde(default)]
+    pub inactivity_message: String,
 }
 
 /// What an emergency notice covers: every conversation of a channel, or of a group.
@@ -248,6 +259,8 @@ pub enum TransferTarget {
 pub enum Closer {
     Client,
     Operator,
+    /// The server, after the customer stopped answering (rules 5, inactivity).
+    System,
 }
 
 /// Why an offer stopped being pending without being accepted.
@@ -455,6 +468,10 @@ pub enum Command {
         message: String,
         by: String,
     },
+    /// Reminds the customers who stopped answering and closes the conversations whose
+    /// customer has been silent too long, per their group's inactivity times, as of
+    /// this entry. Proposed by the leader's timer.
+    SweepInactive,
 }
 
 /// Who read a conversation.
@@ -699,6 +716,11 @@ pub enum Event {
     StickySet {
         conversation: ConversationId,
         operator: OperatorId,
+    },
+    /// The customer, silent since the operator's last message, was reminded.
+    CustomerReminded {
+        conversation: ConversationId,
+        text: String,
     },
     PauseReasonsSet {
         reasons: Vec<String>,

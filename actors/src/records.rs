@@ -36,6 +36,7 @@
 //! | `S` channel | a channel's access mode (allow list only, refusal text) |
 //! | `X` conversation | the operator a returning customer's queued conversation is offered first |
 //! | `V` visitor | who served the visitor's last closed conversation, and when it closed |
+//! | `T` conversation | when each side of an open conversation wrote last ([`Activity`]) |
 //! | `P` len:u16 operator hour | the operator's time on break per reason, for breaks that ended in that hour |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
@@ -47,7 +48,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::model::*;
-use crate::state::{AuditEntry, Conversation, ConversationStatus, Emergency, FeedEntry, FeedItem, GroupKpi, HistoryEntry, HistoryItem, NodeSockets, Operator, ShardState, SkillGroup, FEED_RETAINED};
+use crate::state::{Activity, AuditEntry, Conversation, ConversationStatus, Emergency, FeedEntry, FeedItem, GroupKpi, HistoryEntry, HistoryItem, NodeSockets, Operator, ShardState, SkillGroup, FEED_RETAINED};
 
 /// The version byte every record value starts with.
 pub const RECORD_VERSION: u8 = 1;
@@ -233,6 +234,9 @@ pub mod key {
     }
     pub fn sticky(conversation: ConversationId) -> Vec<u8> {
         with_id(b'X', conversation.0, &[])
+    }
+    pub fn activity(conversation: ConversationId) -> Vec<u8> {
+        with_id(b'T', conversation.0, &[])
     }
     pub fn last_served(visitor: &str) -> Vec<u8> {
         with(b'V', visitor.as_bytes())
@@ -464,6 +468,12 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         match state.sticky.get(id) {
             Some(operator) => put(key::sticky(*id), encode(operator)),
             None => removes.push(key::sticky(*id)),
+        }
+    }
+    for id in &dirty.activity {
+        match state.activity.get(id) {
+            Some(act) => put(key::activity(*id), encode(act)),
+            None => removes.push(key::activity(*id)),
         }
     }
     for (visitor, served) in &dirty.last_served {
@@ -819,6 +829,10 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, (operator, reason)) in all::<(OperatorId, String)>(store, b"z")? {
         state.presence_reasons.insert(operator, reason);
+    }
+    for (k, act) in all::<Activity>(store, b"T")? {
+        let id = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged activity key".into()))?;
+        state.activity.insert(ConversationId(u64::from_be_bytes(id)), act);
     }
     for (k, operator) in all::<OperatorId>(store, b"X")? {
         let id = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged sticky key".into()))?;

@@ -115,6 +115,10 @@ pub struct ShardState {
     /// last one, offered it first (sticky routing; records `X`).
     #[serde(default)]
     pub sticky: BTreeMap<ConversationId, OperatorId>,
+    /// Per open conversation with messages, when each side wrote last and whether its
+    /// silent customer was reminded (records `T`).
+    #[serde(default)]
+    pub activity: BTreeMap<ConversationId, Activity>,
     /// For a `StartConversation` being applied: who served the visitor's last
     /// conversation and when it closed (read from records `V` before it).
     #[serde(skip)]
@@ -149,6 +153,60 @@ mod rule_map {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<AccessRule, RuleNote>, D::Error> {
         Ok(Vec::<(AccessRule, RuleNote)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+/// When each side of an open conversation wrote last.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    pub client_at: Timestamp,
+    pub operator_at: Timestamp,
+    /// The customer was reminded since their last message.
+    pub reminded: bool,
+}
+
+/// The reminder a silent customer gets when their group sets no text of its own.
+pub const DEFAULT_INACTIVITY_MESSAGE: &str = "Are you still there? This chat will close soon if we do not hear from you.";
+/// Conversations one `SweepInactive` entry closes or reminds at most.
+pub const SWEEP_BATCH: usize = 500;
+
+/// What a sweep does to a conversation whose customer went silent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InactivityStep {
+    Remind(String),
+    Close,
+}
+
+impl ShardState {
+    /// The assigned conversations whose customer has been silent since the operator's
+    /// last message for their group's reminder or closing time, as of `now` (rules 5),
+    /// at most [`SWEEP_BATCH`].
+    pub fn inactive(&self, now: Timestamp) -> Vec<(ConversationId, InactivityStep)> {
+        if self.rules < 5 {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (id, act) in &self.activity {
+            if out.len() >= SWEEP_BATCH {
+                break;
+            }
+            let Some(conv) = self.conversations.get(id) else { continue };
+            if conv.assigned().is_none() || act.operator_at <= act.client_at {
+                continue;
+            }
+            let Some(routing) = self.group_routing.get(&conv.group) else { continue };
+            let silent = now.millis_since(act.operator_at);
+            // A customer is always reminded before their conversation closes, even when
+            // a late sweep finds both times passed.
+            let remind = routing.inactivity_remind_ms > 0;
+            if remind && !act.reminded && silent >= routing.inactivity_remind_ms {
+                let text = routing.inactivity_message.trim();
+                out.push((*id, InactivityStep::Remind(if text.is_empty() { DEFAULT_INACTIVITY_MESSAGE.to_owned() } else { text.to_owned() })));
+            } else if routing.inactivity_close_ms > 0 && silent >= routing.inactivity_close_ms && (!remind || act.reminded) {
+                out.push((*id, InactivityStep::Close));
+            }
+        }
+        out
     }
 }
 
@@ -318,6 +376,7 @@ pub struct Dirty {
     pub access_rules: BTreeSet<AccessRule>,
     pub channel_access: BTreeSet<ChannelId>,
     pub sticky: BTreeSet<ConversationId>,
+    pub activity: BTreeSet<ConversationId>,
     /// Per visitor, who served the conversation that just closed and when (records
     /// `V`); also read by a later command of the same entry.
     pub last_served: BTreeMap<String, (OperatorId, Timestamp)>,
@@ -620,7 +679,8 @@ impl ShardState {
             | Event::NoticeGiven { .. }
             | Event::AccessRuleSet { .. }
             | Event::ChannelAccessSet { .. }
-            | Event::StickySet { .. } => {}
+            | Event::StickySet { .. }
+            | Event::CustomerReminded { .. } => {}
             Event::BreakTaken { operator, .. } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -953,6 +1013,9 @@ impl ShardState {
             Event::NoticeGiven { conversation, text } => {
                 self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);
             }
+            Event::CustomerReminded { conversation, text } => {
+                self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);
+            }
             Event::StickySet { conversation, operator } => {
                 self.sticky.insert(*conversation, operator.clone());
                 self.dirty.sticky.insert(*conversation);
@@ -1079,6 +1142,8 @@ impl ShardState {
                     let mark = match by {
                         Closer::Client => &mut conv.client_read_upto,
                         Closer::Operator => &mut conv.operator_read_upto,
+                        // Nobody reads for the system.
+                        Closer::System => return,
                     };
                     *mark = (*mark).max(*upto);
                 }
@@ -1132,6 +1197,30 @@ impl ShardState {
             if self.sticky.remove(conversation).is_some() {
                 self.dirty.sticky.insert(*conversation);
             }
+        }
+        match event {
+            Event::ClientMessagePosted { conversation, .. } => {
+                let act = self.activity.entry(*conversation).or_default();
+                act.client_at = at;
+                act.reminded = false;
+                self.dirty.activity.insert(*conversation);
+            }
+            Event::OperatorMessagePosted { conversation, .. } => {
+                self.activity.entry(*conversation).or_default().operator_at = at;
+                self.dirty.activity.insert(*conversation);
+            }
+            Event::CustomerReminded { conversation, .. } => {
+                if let Some(act) = self.activity.get_mut(conversation) {
+                    act.reminded = true;
+                    self.dirty.activity.insert(*conversation);
+                }
+            }
+            Event::ConversationClosed { conversation, .. } => {
+                if self.activity.remove(conversation).is_some() {
+                    self.dirty.activity.insert(*conversation);
+                }
+            }
+            _ => {}
         }
         if let Event::ConversationClosed { conversation, .. } = event {
             if let Some(conv) = self.conversations.get(conversation) {

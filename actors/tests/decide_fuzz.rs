@@ -254,8 +254,12 @@ fn command() -> impl Strategy<Value = Command> {
                     ageing_ms,
                     wrap_up_ms,
                     sticky_ms,
+                    inactivity_remind_ms: wrap_up_ms / 2,
+                    inactivity_close_ms: wrap_up_ms,
+                    inactivity_message: String::new(),
                 },
             }),
+        Just(Command::SweepInactive),
         (channel_id(), select(vec![0u32, 3, 101])).prop_map(|(channel, priority)| Command::SetChannelPriority { channel, priority }),
         operator_id().prop_map(|operator| Command::EndWrapUp { operator }),
     ]

@@ -127,6 +127,8 @@ fn parse(line: &str) -> (Timestamp, Command) {
                     Some(("ageing", ms)) => routing.ageing_ms = ms.parse().expect("ageing ms"),
                     Some(("wrap", ms)) => routing.wrap_up_ms = ms.parse().expect("wrap-up ms"),
                     Some(("sticky", ms)) => routing.sticky_ms = ms.parse().expect("sticky ms"),
+                    Some(("remind", ms)) => routing.inactivity_remind_ms = ms.parse().expect("remind ms"),
+                    Some(("inactive", ms)) => routing.inactivity_close_ms = ms.parse().expect("inactive ms"),
                     Some(("attr", rule)) => {
                         let parts: Vec<&str> = rule.split(':').collect();
                         routing.attribute_priorities.push(AttributePriority {
@@ -142,6 +144,7 @@ fn parse(line: &str) -> (Timestamp, Command) {
         }
         "channel-priority" => Command::SetChannelPriority { channel: ChannelId::new(a(2)), priority: a(3).parse().expect("priority") },
         "ready" => Command::EndWrapUp { operator: op(2) },
+        "sweep" => Command::SweepInactive,
         "pause-reasons" => Command::SetPauseReasons { reasons: a(2).split(',').filter(|r| !r.is_empty()).map(str::to_owned).collect() },
         "break" => Command::TakeBreak { operator: op(2), reason: a(3) },
         // `emergency channel web "text"`, `emergency group sales` (off)
@@ -215,6 +218,7 @@ fn render(event: &Event) -> String {
         Event::WrapUpSet { operator, until: Some(until) } => format!("{operator} wraps up until @{}", until.0),
         Event::WrapUpSet { operator, until: None } => format!("{operator} ready"),
         Event::StickySet { conversation, operator } => format!("{conversation} goes to {operator} first (served them last)"),
+        Event::CustomerReminded { conversation, text } => format!("{conversation} reminded: {text}"),
         Event::PauseReasonsSet { reasons } => format!("pause reasons {reasons:?}"),
         Event::BreakTaken { operator, reason } => format!("{operator} on break: {reason}"),
         Event::EmergencySet { target, message: Some(text), by } => format!("emergency on {target:?} by {by}: {text}"),

@@ -112,3 +112,32 @@ async fn a_returning_customer_goes_first_to_the_operator_who_served_them() -> an
     assert_eq!(offer["conversation"], third);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_customer_is_reminded_then_the_conversation_closes_as_inactive() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let admin = dev.login("admin").await?;
+    let routing = json!({"inactivity_remind_ms": 1000, "inactivity_close_ms": 3000, "inactivity_message": "Still with us?"});
+    let (status, body) = dev.api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General questions", "routing": routing}))).await?;
+    assert_eq!(status, 200, "{body}");
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (mut ann, conversation) = start(&dev, "Ann", json!({})).await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "a"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "a").await?;
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "o-1", "text": "How can I help?"})).await?;
+    // The leader looks once a second: the reminder after about 1 s, the close after 3.
+    let long = std::time::Duration::from_secs(15);
+    let reminded = ann.wait_for(long, |v| v["type"] == "event" && v["kind"] == "notice").await?;
+    assert_eq!(reminded["text"], "Still with us?");
+    let closed = ann.wait_for(long, |v| v["type"] == "event" && v["kind"] == "closed").await?;
+    assert_eq!(closed["by"], "system");
+    assert!(closed["at"].as_u64() >= reminded["at"].as_u64().map(|t| t + 1500), "closed after the reminder: {closed} {reminded}");
+    let supervisor = dev.login("supervisor").await?;
+    let (_, doc) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    let last = doc["history"].as_array().and_then(|h| h.iter().rev().find(|e| e["kind"] == "closed").cloned()).unwrap_or_default();
+    assert_eq!(last["resolution"], "inactive", "the reports tell it apart: {last}");
+    Ok(())
+}

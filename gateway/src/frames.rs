@@ -210,6 +210,7 @@ pub fn history_entry(entry: &HistoryEntry, audience: Audience) -> Value {
             let by = match by {
                 Closer::Client => "client",
                 Closer::Operator => "operator",
+                Closer::System => "system",
             };
             let mut v = json!({"kind": "closed", "by": by});
             if audience == Audience::Staff {

@@ -270,7 +270,10 @@ fn group_view(state: &switchboard_actors::state::ShardState, config: &SkillGroup
 }
 
 fn routing_json(r: &GroupRouting) -> Value {
-    json!({"attribute_priorities": r.attribute_priorities, "ageing_ms": r.ageing_ms, "wrap_up_ms": r.wrap_up_ms, "sticky_ms": r.sticky_ms})
+    json!({
+        "attribute_priorities": r.attribute_priorities, "ageing_ms": r.ageing_ms, "wrap_up_ms": r.wrap_up_ms, "sticky_ms": r.sticky_ms,
+        "inactivity_remind_ms": r.inactivity_remind_ms, "inactivity_close_ms": r.inactivity_close_ms, "inactivity_message": r.inactivity_message,
+    })
 }
 
 #[derive(Deserialize)]
@@ -283,6 +286,12 @@ struct RoutingBody {
     wrap_up_ms: u64,
     #[serde(default)]
     sticky_ms: u64,
+    #[serde(default)]
+    inactivity_remind_ms: u64,
+    #[serde(default)]
+    inactivity_close_ms: u64,
+    #[serde(default)]
+    inactivity_message: String,
 }
 
 #[derive(Deserialize)]
@@ -327,7 +336,15 @@ async fn put_group(
     };
     gw.submit(Command::UpsertSkillGroup(config.clone())).await?;
     if let Some(r) = body.routing {
-        let routing = GroupRouting { attribute_priorities: r.attribute_priorities, ageing_ms: r.ageing_ms, wrap_up_ms: r.wrap_up_ms, sticky_ms: r.sticky_ms };
+        let routing = GroupRouting {
+            attribute_priorities: r.attribute_priorities,
+            ageing_ms: r.ageing_ms,
+            wrap_up_ms: r.wrap_up_ms,
+            sticky_ms: r.sticky_ms,
+            inactivity_remind_ms: r.inactivity_remind_ms,
+            inactivity_close_ms: r.inactivity_close_ms,
+            inactivity_message: r.inactivity_message,
+        };
         gw.submit(Command::SetGroupRouting { group: config.id.clone(), routing }).await?;
     }
     let shard = gw.backend.shard();

@@ -1067,6 +1067,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     let retention = tokio::spawn(retention_timer(raft.clone(), proposer.clone(), options.node_id, options.retention_every));
     let sockets = tokio::spawn(report_operator_sockets(gateway.clone(), options.node_id));
     let absence = tokio::spawn(absence_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id, options.presence_grace));
+    let inactivity = tokio::spawn(inactivity_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id));
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let listeners = vec![
         serve_http(public, switchboard_gateway::public_router(gateway.clone()), &gateway, options.connections, shutdown_rx.clone()),
@@ -1076,6 +1077,7 @@ std::fs::create_dir_all(&options.data_dir)?;
         retention,
         sockets,
         absence,
+        inactivity,
     ];
     info!(%public_addr, %private_addr, %raft_addr, "node started");
     Ok(RunningNode { raft, proposer, gateway, shard, public_addr, private_addr, endpoint, db, _lock: lock, listeners, shutdown })
@@ -1163,6 +1165,22 @@ async fn absence_timer(raft: Raft, proposer: RaftProposer, shard: Arc<Shard>, no
         }
         if let Err(e) = proposer.submit(Command::MarkAbsent { grace_ms, since }).await {
             tracing::warn!(error = %e, "setting absent operators away failed; retrying in a second");
+        }
+    }
+}
+
+/// On the leader, once a second, proposes `SweepInactive` when a silent customer is due
+/// a reminder or a closing (their group's inactivity times, rules 5).
+async fn inactivity_timer(raft: Raft, proposer: RaftProposer, shard: Arc<Shard>, node_id: u64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if raft.metrics().borrow().current_leader != Some(node_id) || shard.read().inactive(now_ms()).is_empty() {
+            continue;
+        }
+        if let Err(e) = proposer.submit(Command::SweepInactive).await {
+            tracing::warn!(error = %e, "the inactivity sweep failed; retrying at the next tick");
         }
     }
 }

@@ -322,7 +322,7 @@ function EventView(props: { e: ClientEvent; t: T; lang: Lang; session: WidgetSes
       text = t('transferred');
       break;
     case 'closed':
-      text = e.by === 'client' ? t('closed_by_client') : t('closed_by_operator');
+      text = e.by === 'client' ? t('closed_by_client') : e.by === 'system' ? t('closed_by_system') : t('closed_by_operator');
       break;
     case 'rated':
       text = t('rated', { score: e.score ?? 0 });

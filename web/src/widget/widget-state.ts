@@ -17,7 +17,7 @@ export interface ClientEvent {
   text?: string;
   channel?: string;
   group?: string;
-  by?: 'client' | 'operator';
+  by?: 'client' | 'operator' | 'system';
   score?: number;
   comment?: string;
   attachments?: Attachment[];

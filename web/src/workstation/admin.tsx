@@ -620,6 +620,29 @@ function RoutingFields(props: { routing: GroupRouting; onChange: (r: GroupRoutin
           onInput={(e) => props.onChange({ ...r, sticky_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 3_600_000) })}
         />
       </Field>
+      <Field label={t('remind_s')}>
+        <input
+          type="number"
+          min={0}
+          step={1}
+          data-testid="group-remind"
+          value={(r.inactivity_remind_ms ?? 0) / 1000}
+          onInput={(e) => props.onChange({ ...r, inactivity_remind_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
+        />
+      </Field>
+      <Field label={t('inactive_s')}>
+        <input
+          type="number"
+          min={0}
+          step={1}
+          data-testid="group-inactive"
+          value={(r.inactivity_close_ms ?? 0) / 1000}
+          onInput={(e) => props.onChange({ ...r, inactivity_close_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
+        />
+      </Field>
+      <Field label={t('inactivity_message')}>
+        <input maxLength={4000} data-testid="group-inactivity-message" value={r.inactivity_message ?? ''} onInput={(e) => props.onChange({ ...r, inactivity_message: (e.currentTarget as HTMLInputElement).value })} />
+      </Field>
       <Field label={t('ageing_s')}>
         <input
           type="number"

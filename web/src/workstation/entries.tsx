@@ -135,7 +135,7 @@ export function EntryView(props: {
       break;
     case 'closed':
       text =
-        t(e.by === 'client' ? 'entry_closed_client' : 'entry_closed_operator') +
+        t(e.by === 'client' ? 'entry_closed_client' : e.by === 'system' ? 'entry_closed_system' : 'entry_closed_operator') +
         (e.resolution ? ' · ' + t('resolution') + ': ' + e.resolution : '') +
         (e.tags?.length ? ' · ' + e.tags.map((x) => '#' + x).join(' ') : '');
       break;

@@ -132,6 +132,10 @@ export interface GroupRouting {
   wrap_up_ms: number;
   /** A returning customer goes first to their last operator within this time. */
   sticky_ms?: number;
+  /** A silent customer is reminded, then their conversation closed, after these. */
+  inactivity_remind_ms?: number;
+  inactivity_close_ms?: number;
+  inactivity_message?: string;
 }
 
 export interface OperatorStatus {
