@@ -153,16 +153,28 @@ fn commit(state: &mut ShardState, event: Event, now: Timestamp, outcome: &mut Ou
 
 /// Offers queued conversations of `group`, head first, while operators have room.
 fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, outcome: &mut Outcome) {
+    // The order is a function of the queue and the time, fixed for this call: computed
+    // once, not for every offer it makes (an offer only takes its conversation out of the
+    // running, which the loop skips).
+    let order = match state.groups.get(group_id) {
+        Some(group) => queue_order(state, group, now),
+        None => return,
+    };
     loop {
         let Some(group) = state.groups.get(group_id) else { return };
+        // Nobody who could take anything: an operator in wrap-up (rules 5) has room but
+        // takes nothing, so the queue is not walked for them.
         let any_free = state.operators.values().any(|op| {
-            op.presence == Presence::Online && op.free_capacity() > 0 && op.config.groups.contains(group_id)
+            op.presence == Presence::Online
+                && op.free_capacity() > 0
+                && op.config.groups.contains(group_id)
+                && !(state.rules >= 5 && state.wrap_up.get(&op.config.id).is_some_and(|until| *until > now))
         });
         if !any_free {
             return;
         }
         let mut made = None;
-        for conv_id in &queue_order(state, group, now) {
+        for conv_id in &order {
             let Some(conv) = state.conversations.get(conv_id) else { continue };
             if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) {
                 continue;
@@ -263,7 +275,7 @@ pub const MIN_AGEING_MS: u64 = 1_000;
 /// Longest sticky time: a customer returning later than this is routed as new.
 pub const MAX_STICKY_MS: u64 = 30 * 24 * 3_600_000;
 
-fn check_routing(routing: &GroupRouting) -> Result<(), Error> {
+pub fn check_routing(routing: &GroupRouting) -> Result<(), Error> {
     if routing.attribute_priorities.len() > MAX_ATTRIBUTE_PRIORITIES {
         return Err(Error::Invalid(format!("at most {MAX_ATTRIBUTE_PRIORITIES} attribute priorities")));
     }
@@ -799,6 +811,10 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             }
             if message.chars().count() > MAX_TEXT_CHARS {
                 return Err(Error::TooLong { limit: MAX_TEXT_CHARS, actual: message.chars().count() });
+            }
+            let current = state.channel_access.get(channel).cloned().unwrap_or_default();
+            if current.allow_only == *allow_only && current.message == *message {
+                return Ok((Reply::Done, vec![]));
             }
             Ok((Reply::Done, vec![Event::ChannelAccessSet { channel: channel.clone(), allow_only: *allow_only, message: message.clone(), by: by.clone() }]))
         }

@@ -35,7 +35,7 @@
 //! | `R` rule | a block or allow rule (the key holds the rule's bincode) with its note |
 //! | `S` channel | a channel's access mode (allow list only, refusal text) |
 //! | `X` conversation | the operator a returning customer's queued conversation is offered first |
-//! | `V` visitor | who served the visitor's last closed conversation, and when it closed |
+//! | `V` visitor | who served the visitor's last closed conversation, when it closed, and which it was (deleted with it) |
 //! | `T` conversation | when each side of an open conversation wrote last ([`Activity`]) |
 //! | `P` len:u16 operator hour | the operator's time on break per reason, for breaks that ended in that hour |
 //!
@@ -530,6 +530,7 @@ pub fn evict(state: &mut ShardState, candidates: &[ConversationId]) {
     }
     state.attachments.clear();
     state.deleted.clear();
+    state.served_in_entry.clear();
 }
 
 /// The conversations a command may leave closed in memory: those it names, plus those
@@ -623,10 +624,11 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
     }
     if let Command::StartConversation { visitor: Visitor { id: Some(visitor), .. }, .. } = command {
         // A close earlier in this entry is not in the records yet.
-        state.returning = match state.dirty.last_served.get(visitor) {
+        let served = match state.served_in_entry.get(visitor) {
             Some(served) => Some(served.clone()),
-            None => get::<(OperatorId, Timestamp)>(store, &key::last_served(visitor))?,
+            None => get::<(OperatorId, Timestamp, ConversationId)>(store, &key::last_served(visitor))?,
         };
+        state.returning = served.map(|(operator, at, _)| (operator, at));
     }
     if let Command::StoreAttachment(attachment) = command {
         if let Some(found) = find_attachment(store, &attachment.id)? {
@@ -671,6 +673,12 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
             state.expired_keys.push(key::visitor(visitor, id));
         }
         state.expired_keys.extend(conv.handled_by.iter().map(|op| key::handled(op, id)));
+        // Who served the visitor last goes with that conversation (sticky routing forgets).
+        if let Some(visitor) = conv.visitor.id.as_ref() {
+            if get::<(OperatorId, Timestamp, ConversationId)>(store, &key::last_served(visitor))?.is_some_and(|(_, _, c)| c == id) {
+                state.expired_keys.push(key::last_served(visitor));
+            }
+        }
     }
     state.expired_keys.push(key::conversation(id));
     state.expired_keys.push(key::open(id));

@@ -123,6 +123,11 @@ pub struct ShardState {
     /// conversation and when it closed (read from records `V` before it).
     #[serde(skip)]
     pub returning: Option<(OperatorId, Timestamp)>,
+    /// Who served each visitor whose conversation closed in the log entry being
+    /// applied: the records `V` hold it only once the entry is written, and a later
+    /// command of the same entry must see it.
+    #[serde(skip)]
+    pub served_in_entry: BTreeMap<String, (OperatorId, Timestamp, ConversationId)>,
     /// Per operator and hour (when a break ended), milliseconds on break per reason
     /// (records `P`); the last [`KPI_HOURS_KEPT`] hours are kept.
     #[serde(default)]
@@ -377,9 +382,9 @@ pub struct Dirty {
     pub channel_access: BTreeSet<ChannelId>,
     pub sticky: BTreeSet<ConversationId>,
     pub activity: BTreeSet<ConversationId>,
-    /// Per visitor, who served the conversation that just closed and when (records
-    /// `V`); also read by a later command of the same entry.
-    pub last_served: BTreeMap<String, (OperatorId, Timestamp)>,
+    /// Per visitor, who served the conversation that just closed, when, and which one
+    /// it was (records `V`).
+    pub last_served: BTreeMap<String, (OperatorId, Timestamp, ConversationId)>,
     /// Audit trail entries to write, with their numbers.
     pub audit: Vec<(u64, AuditEntry)>,
     pub handled: Vec<(OperatorId, ConversationId)>,
@@ -1225,7 +1230,8 @@ impl ShardState {
         if let Event::ConversationClosed { conversation, .. } = event {
             if let Some(conv) = self.conversations.get(conversation) {
                 if let (Some(visitor), Some(holder)) = (conv.visitor.id.clone(), conv.assigned().cloned()) {
-                    self.dirty.last_served.insert(visitor, (holder, at));
+                    self.dirty.last_served.insert(visitor.clone(), (holder.clone(), at, *conversation));
+                    self.served_in_entry.insert(visitor, (holder, at, *conversation));
                 }
             }
         }

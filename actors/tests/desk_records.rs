@@ -214,3 +214,22 @@ fn a_blocked_visitor_starts_and_writes_nothing_until_unblocked() {
     let bad = AccessRule { list: AccessList::Block, channel: None, kind: AccessKind::Ip, value: "300.1.1.1".into() };
     assert!(matches!(run(&mut state, &store, T0 + 8, Command::SetAccessRule { rule: bad, note: Some("x".into()), by: "sue".into() }), Err(Error::Invalid(_))));
 }
+
+#[test]
+fn who_served_a_visitor_last_goes_with_the_conversation_when_retention_deletes_it() {
+    let (store, mut state) = floor();
+    let visitor = Visitor { id: Some("v-dana".into()), name: "D".into(), attributes: vec![] };
+    let before = state.next_conversation;
+    ok(run(&mut state, &store, T0, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor }));
+    let id = state.conversations.keys().copied().find(|c| c.0 >= before).expect("started");
+    ann_takes_all(&mut state, &store, T0 + 10);
+    ok(run(&mut state, &store, T0 + 20, Command::CloseByOperator { operator: OperatorId::new("ann"), conversation: id, resolution: String::new(), tags: vec![] }));
+    let last_served = |store: &MemStore| {
+        use switchboard_actors::records::Store;
+        store.get(&records::key::last_served("v-dana")).expect("read").is_some()
+    };
+    assert!(last_served(&store), "kept for sticky routing");
+    ok(run(&mut state, &store, T0 + 30, Command::SetChannelRetention { channel: ChannelId::new("web"), days: 1 }));
+    ok(run(&mut state, &store, T0 + 2 * 24 * HOUR_MS, Command::PurgeExpired { as_of: Timestamp(T0 + 2 * 24 * HOUR_MS) }));
+    assert!(!last_served(&store), "deleted with the conversation it names");
+}

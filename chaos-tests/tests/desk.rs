@@ -292,6 +292,10 @@ async fn an_emergency_notice_reaches_new_customers_at_once_and_is_audited() -> a
     assert_eq!(dev.api("GET", "/api/audit", Some(&supervisor), None).await?.0, 403);
     let (status, _) = dev.api("PUT", "/api/emergencies", Some(&supervisor), Some(json!({"channel": "web", "group": "general", "message": "x"}))).await?;
     assert_eq!(status, 400);
+    let (status, _) = dev.api("PUT", "/api/emergencies", Some(&supervisor), Some(json!({"channel": "web"}))).await?;
+    assert_eq!(status, 400, "a missing message is not taken for \"switch it off\"");
+    let (status, _) = dev.api("PUT", "/api/access/rules", Some(&supervisor), Some(json!({"list": "block", "kind": "visitor", "value": "v-x"}))).await?;
+    assert_eq!(status, 400, "a missing note is not taken for \"remove it\"");
     Ok(())
 }
 

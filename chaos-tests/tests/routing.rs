@@ -28,6 +28,9 @@ async fn a_vip_is_offered_first_and_wrap_up_holds_the_next_offer_until_ready() -
         .api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General questions", "routing": {"ageing_ms": 5}})))
         .await?;
     assert_eq!(status, 409, "an ageing step under a second is refused: {refused}");
+    let (_, groups) = dev.api("GET", "/api/skill-groups", Some(&admin), None).await?;
+    let general = groups["skill_groups"].as_array().and_then(|g| g.iter().find(|g| g["id"] == "general").cloned()).unwrap_or_default();
+    assert_eq!(general["offer_timeout_ms"], 60_000, "the refused request changed nothing: {general}");
 
     let mut waiting = Vec::new();
     for name in ["Ann", "Bea", "Cy"] {

@@ -376,28 +376,38 @@ pub(crate) async fn emergencies(State(gw): State<Arc<Gateway>>, _staff: Staff) -
     Json(json!({ "emergencies": list }))
 }
 
+/// A field that must be given, possibly as `null`: absent is `None`, `null` is
+/// `Some(None)`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Ok(Some(Option::<String>::deserialize(d)?))
+}
+
 #[derive(Deserialize)]
 pub(crate) struct EmergencyBody {
     #[serde(default)]
     channel: Option<String>,
     #[serde(default)]
     group: Option<String>,
-    /// The notice; `null` switches the emergency off.
-    message: Option<String>,
+    /// The notice; `null` switches the emergency off; required.
+    #[serde(default, deserialize_with = "present")]
+    message: Option<Option<String>>,
 }
 
 /// `PUT /api/emergencies` (supervisor): switches a channel or group into emergency mode
 /// with a message, or out of it with `"message": null`.
 pub(crate) async fn put_emergency(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<EmergencyBody>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
+    let Some(message) = body.message else {
+        return Err(GatewayError::BadRequest("message is required: the notice, or null to switch it off".into()));
+    };
     let target = match (body.channel, body.group) {
         (Some(c), None) => NoticeTarget::Channel(ChannelId::new(c)),
         (None, Some(g)) => NoticeTarget::Group(SkillGroupId::new(g)),
         _ => return Err(GatewayError::BadRequest("give exactly one of channel and group".into())),
     };
-    gw.submit(Command::SetEmergency { target: target.clone(), message: body.message.clone(), by: staff.login.clone() }).await?;
+    gw.submit(Command::SetEmergency { target: target.clone(), message: message.clone(), by: staff.login.clone() }).await?;
     let mut v = target_json(&target);
-    v["message"] = json!(body.message);
+    v["message"] = json!(message);
     Ok(Json(v))
 }
 
@@ -446,15 +456,19 @@ pub(crate) struct AccessRuleBody {
     channel: Option<String>,
     kind: switchboard_actors::model::AccessKind,
     value: String,
-    /// Why; `null` removes the rule.
-    note: Option<String>,
+    /// Why; `null` removes the rule; required.
+    #[serde(default, deserialize_with = "present")]
+    note: Option<Option<String>>,
 }
 
 /// `PUT /api/access/rules` (supervisor): adds a block or allow rule with a note, or
 /// removes it with `"note": null`.
 pub(crate) async fn put_access_rule(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<AccessRuleBody>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
+    let Some(note) = body.note else {
+        return Err(GatewayError::BadRequest("note is required: a text (possibly empty) adds the rule, null removes it".into()));
+    };
     let rule = switchboard_actors::model::AccessRule { list: body.list, channel: body.channel.map(ChannelId::new), kind: body.kind, value: body.value.trim().to_owned() };
-    gw.submit(Command::SetAccessRule { rule: rule.clone(), note: body.note.clone(), by: staff.login.clone() }).await?;
-    Ok(Json(json!({"list": rule.list, "channel": rule.channel, "kind": rule.kind, "value": rule.value, "note": body.note})))
+    gw.submit(Command::SetAccessRule { rule: rule.clone(), note: note.clone(), by: staff.login.clone() }).await?;
+    Ok(Json(json!({"list": rule.list, "channel": rule.channel, "kind": rule.kind, "value": rule.value, "note": note})))
 }

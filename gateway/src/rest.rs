@@ -327,6 +327,19 @@ async fn put_group(
     Body(body): Body<GroupBody>,
 ) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
+    // Checked before anything is written: a refused routing leaves the group as it was.
+    let routing = body.routing.map(|r| GroupRouting {
+        attribute_priorities: r.attribute_priorities,
+        ageing_ms: r.ageing_ms,
+        wrap_up_ms: r.wrap_up_ms,
+        sticky_ms: r.sticky_ms,
+        inactivity_remind_ms: r.inactivity_remind_ms,
+        inactivity_close_ms: r.inactivity_close_ms,
+        inactivity_message: r.inactivity_message,
+    });
+    if let Some(r) = &routing {
+        switchboard_actors::core::check_routing(r)?;
+    }
     let config = SkillGroupConfig {
         id: SkillGroupId::new(id),
         name: body.name,
@@ -335,16 +348,7 @@ async fn put_group(
         sla_ms: body.sla_ms,
     };
     gw.submit(Command::UpsertSkillGroup(config.clone())).await?;
-    if let Some(r) = body.routing {
-        let routing = GroupRouting {
-            attribute_priorities: r.attribute_priorities,
-            ageing_ms: r.ageing_ms,
-            wrap_up_ms: r.wrap_up_ms,
-            sticky_ms: r.sticky_ms,
-            inactivity_remind_ms: r.inactivity_remind_ms,
-            inactivity_close_ms: r.inactivity_close_ms,
-            inactivity_message: r.inactivity_message,
-        };
+    if let Some(routing) = routing {
         gw.submit(Command::SetGroupRouting { group: config.id.clone(), routing }).await?;
     }
     let shard = gw.backend.shard();
@@ -452,6 +456,15 @@ async fn put_channel(
     Body(body): Body<ChannelBody>,
 ) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
+    // Checked before anything is written, so a refused field changes nothing.
+    if body.priority.is_some_and(|p| p > switchboard_actors::core::MAX_PRIORITY) {
+        return Err(GatewayError::Core(switchboard_actors::Error::Invalid(format!("a priority is 0 to {}", switchboard_actors::core::MAX_PRIORITY))));
+    }
+    if let Some(m) = &body.blocked_message {
+        if m.chars().count() > switchboard_actors::core::MAX_TEXT_CHARS {
+            return Err(GatewayError::Core(switchboard_actors::Error::TooLong { limit: switchboard_actors::core::MAX_TEXT_CHARS, actual: m.chars().count() }));
+        }
+    }
     let config = ChannelConfig { id: ChannelId::new(id), kind: body.kind, name: body.name, default_group: SkillGroupId::new(body.default_group) };
     gw.submit(Command::UpsertChannel(config.clone())).await?;
     if let Some(groups) = body.public_groups {

@@ -336,7 +336,10 @@ function Users() {
   const [error, setError] = useState<string | null>(null);
   const [ok, setOk] = useState(false);
   const sorted = users ? [...users].sort((a, b) => (a.login < b.login ? -1 : a.login > b.login ? 1 : 0)) : null;
-  const exists = !!users?.some((u) => u.login === login);
+  // Editing one from the table (its login fixed), not typing a new login that happens
+  // to start like an existing one.
+  const [editingUser, setEditingUser] = useState(false);
+  const exists = editingUser && !!users?.some((u) => u.login === login);
   const linked = operators?.find((o) => o.id === operator);
   const shownSkills = skills ?? linked?.groups ?? [];
   const operatorLabel = (id: string) => {
@@ -367,7 +370,7 @@ function Users() {
                   type="button"
                   class="small-btn"
                   aria-label={t('edit_x', { name: u.login })}
-                  onClick={() => (setLogin(u.login), setRole(u.role), setOperator(u.operator ?? ''), setSkills(null), setPassword(''), setError(null), setOk(false))}
+                  onClick={() => (setLogin(u.login), setEditingUser(true), setRole(u.role), setOperator(u.operator ?? ''), setSkills(null), setPassword(''), setError(null), setOk(false))}
                 >
                   {t('edit')}
                 </button>
@@ -457,7 +460,7 @@ function Users() {
           <button type="submit" class="primary">
             {t('save')}
           </button>
-          <button type="button" onClick={() => (setLogin(''), setPassword(''), setRole('operator'), setOperator(''), setSkills(null), setError(null), setOk(false))}>
+          <button type="button" onClick={() => (setLogin(''), setEditingUser(false), setPassword(''), setRole('operator'), setOperator(''), setSkills(null), setError(null), setOk(false))}>
             {t('new')}
           </button>
         </div>

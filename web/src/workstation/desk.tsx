@@ -581,18 +581,22 @@ function MyHistory(props: { session: OperatorSession; state: OpState }) {
   const [next, setNext] = useState<number | null>(null);
   const [error, setError] = useState<string | null>(null);
   const [open, setOpen] = useState<number | null>(null);
+  // Only the newest request's answer counts: an older one arriving late is dropped.
+  const latest = useRef(0);
   const load = (q: string, before: number | null) => {
+    const ticket = ++latest.current;
     const params = new URLSearchParams({ limit: '20' });
     if (q) params.set('q', q);
     if (before != null) params.set('before', String(before));
     api
       .get<{ conversations: MyConversation[]; next_before: number | null }>('/api/my/conversations?' + params)
       .then((r) => {
+        if (ticket !== latest.current) return;
         setRows((old) => (before != null && old ? [...old, ...r.conversations] : r.conversations));
         setNext(r.next_before);
         setError(null);
       })
-      .catch((e) => setError(describeError(t, e.code, e.message)));
+      .catch((e) => ticket === latest.current && setError(describeError(t, e.code, e.message)));
   };
   // The recently closed list follows the desk: a conversation leaving it is news here.
   const held = props.state.convs.size;

@@ -302,7 +302,9 @@ function BlockCustomer(props: { visitor: string }) {
         class="danger small-btn"
         data-testid="block-customer"
         onClick={async () => {
-          const note = window.prompt(t('access_note')) ?? '';
+          const note = window.prompt(t('access_note'));
+          // Cancelled: nothing is blocked.
+          if (note === null) return;
           try {
             await api.put('/api/access/rules', { list: 'block', kind: 'visitor', value: props.visitor, note });
             notify(t('customer_blocked'), 'info');

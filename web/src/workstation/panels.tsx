@@ -1,5 +1,5 @@
 /** Side panels and dialogs of the desk: client card, templates, transfer, close. */
-import { useEffect, useMemo, useState } from 'preact/hooks';
+import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { formatDateTime } from '../shared/format';
 import type { Conv } from './operator-state';
 import type { OperatorSession } from './operator-session';
@@ -32,16 +32,22 @@ export function ClientCard(props: { conv: Conv }) {
   // A search over this customer's earlier conversations (their text and notes).
   const [query, setQuery] = useState('');
   const [found, setFound] = useState<MyConversation[] | null>(null);
+  // Replies that come back after the card moved on (another conversation, another
+  // search) are dropped.
+  const asked = useRef('');
   const search = (q: string) => {
     if (!q.trim()) return setFound(null);
+    const tag = conv.id + ' ' + q.trim();
+    asked.current = tag;
     api
       .get<{ conversations: MyConversation[] }>('/api/conversations/' + conv.id + '/earlier?q=' + encodeURIComponent(q.trim()))
-      .then((r) => setFound(r.conversations ?? []))
-      .catch((e) => setError(describeError(t, e.code, e.message)));
+      .then((r) => asked.current === tag && setFound(r.conversations ?? []))
+      .catch((e) => asked.current === tag && setError(describeError(t, e.code, e.message)));
   };
   useEffect(() => {
     setQuery('');
     setFound(null);
+    asked.current = '';
   }, [conv.id]);
   const earlier = found
     ? found.map((f) => ({ conversation: f.conversation, created_at: f.created_at, state: f.state, preview: f.preview?.text }))
