@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// does, and connect every client and operator to it instead of to the nodes.
     #[arg(long)]
     pub(crate) gateway: bool,
+    /// The routing core alone at issue 10's scale (1,000 operators in 50 groups, all
+    /// full, 10,000 queued with priorities): this many freed-slot cycles, timed.
+    #[arg(long)]
+    pub(crate) routing: Option<usize>,
 }
 
 struct Child {
@@ -449,6 +453,9 @@ pub(crate) async fn start_clients(publics: &[String], n: usize) -> anyhow::Resul
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(cycles) = args.routing {
+        return tokio::task::spawn_blocking(move || crate::bench_routing::run(cycles.max(1))).await?;
+    }
     if args.nodes > 1 {
         return crate::bench_cluster::run(args).await;
     }
