@@ -144,3 +144,28 @@ async fn a_silent_customer_is_reminded_then_the_conversation_closes_as_inactive(
     assert_eq!(last["resolution"], "inactive", "the reports tell it apart: {last}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_says_who_would_get_a_conversation_and_why_not_the_others() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let admin = dev.login("admin").await?;
+    let routing = json!({"attribute_priorities": [{"attribute": "tier", "value": "vip", "priority": 10}]});
+    dev.api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General questions", "routing": routing}))).await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let supervisor = dev.login("supervisor").await?;
+    let ask = json!({"group": "general", "attributes": {"tier": "vip"}});
+    let (status, preview) = dev.api("POST", "/api/routing/preview", Some(&supervisor), Some(ask.clone())).await?;
+    assert_eq!(status, 200, "{preview}");
+    assert_eq!((preview["priority"].clone(), preview["chosen"].clone(), preview["ahead"].clone()), (json!(10), json!("alice"), json!(0)), "{preview}");
+    let bob = preview["candidates"].as_array().and_then(|c| c.iter().find(|c| c["operator"] == "bob").cloned()).unwrap_or_default();
+    assert_eq!(bob["excluded"], "offline", "{preview}");
+    // Nothing was written: no conversation exists, and an operator may not ask.
+    let (_, queues) = dev.api("GET", "/api/queues", Some(&supervisor), None).await?;
+    assert!(queues["queues"].as_array().into_iter().flatten().all(|q| q["waiting"] == 0 && q["offered"] == 0), "{queues}");
+    let alice_token = dev.login("alice").await?;
+    assert_eq!(dev.api("POST", "/api/routing/preview", Some(&alice_token), Some(ask)).await?.0, 403);
+    assert_eq!(dev.api("POST", "/api/routing/preview", Some(&supervisor), Some(json!({"group": "nope"}))).await?.0, 404);
+    Ok(())
+}

@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
-use switchboard_actors::model::{ChannelId, Command, ConversationId, NoticeTarget, Role, SkillGroupId};
+use switchboard_actors::model::{ChannelId, Command, ConversationId, NoticeTarget, OperatorId, Role, SkillGroupId};
 use switchboard_actors::state::{Conversation, ConversationStatus, GroupKpi, HistoryEntry, HistoryItem, HOUR_MS, KPI_HOURS_KEPT};
 
 use crate::rest::{conversation_id, readable, Body, Params, Staff};
@@ -471,4 +471,73 @@ pub(crate) async fn put_access_rule(State(gw): State<Arc<Gateway>>, staff: Staff
     let rule = switchboard_actors::model::AccessRule { list: body.list, channel: body.channel.map(ChannelId::new), kind: body.kind, value: body.value.trim().to_owned() };
     gw.submit(Command::SetAccessRule { rule: rule.clone(), note: note.clone(), by: staff.login.clone() }).await?;
     Ok(Json(json!({"list": rule.list, "channel": rule.channel, "kind": rule.kind, "value": rule.value, "note": note})))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PreviewBody {
+    group: String,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    attributes: std::collections::BTreeMap<String, String>,
+}
+
+/// `POST /api/routing/preview` (supervisor): what would happen to a conversation
+/// arriving now in `group` (on `channel`, from a visitor with `attributes`): its
+/// priority, and for every operator of the group whether they could take it and why
+/// not, in the order the selector would try them. Nothing is written.
+pub(crate) async fn routing_preview(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<PreviewBody>) -> Result<Json<Value>, GatewayError> {
+    use switchboard_actors::model::{Timestamp, Visitor};
+    use switchboard_actors::state::Conversation;
+    staff.require(Role::Supervisor)?;
+    if body.attributes.len() > 20 {
+        return Err(GatewayError::BadRequest("at most 20 attributes".into()));
+    }
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    let group_id = SkillGroupId::new(body.group);
+    let group = state.groups.get(&group_id).ok_or_else(|| GatewayError::NotFound(format!("skill group {group_id}")))?;
+    let channel = match body.channel {
+        Some(c) => ChannelId::new(c),
+        None => state.channels.values().find(|c| c.default_group == group_id).map_or_else(|| ChannelId::new(gw.config.web_channel.clone()), |c| c.id.clone()),
+    };
+    let now = switchboard_actors::actors::now_ms();
+    let sample = Conversation {
+        id: ConversationId(u64::MAX),
+        channel: channel.clone(),
+        visitor: Visitor { id: None, name: "preview".into(), attributes: body.attributes.into_iter().collect() },
+        group: group_id.clone(),
+        status: switchboard_actors::state::ConversationStatus::Queued { ticket: u64::MAX, offer: None },
+        created_at: Timestamp(now.0),
+        last_seq: 0,
+        rated: false,
+        pending: vec![],
+        keys: Default::default(),
+        passed_by: Default::default(),
+        last_pass: None,
+        client_read_upto: 0,
+        operator_read_upto: 0,
+        decisions: vec![],
+        handled_by: Default::default(),
+    };
+    let priority = switchboard_actors::routing::priority(&state, group, &sample, now);
+    let ahead = switchboard_actors::routing::queue_order(&state, group, now)
+        .iter()
+        .filter_map(|id| state.conversations.get(id))
+        .filter(|c| switchboard_actors::routing::priority(&state, group, c, now) >= priority)
+        .count();
+    let selection = switchboard_actors::routing::select_operator(&state, group, &sample, now);
+    let candidates: Vec<Value> = selection
+        .candidates
+        .iter()
+        .map(|c| {
+            let name = state.operators.get(&OperatorId::new(c.operator.as_str())).map_or(c.operator.as_str(), |o| o.config.name.as_str());
+            json!({"operator": c.operator.as_str(), "name": name, "load": c.load, "capacity": c.capacity, "score": c.score, "excluded": c.excluded})
+        })
+        .collect();
+    Ok(Json(json!({
+        "group": group_id.as_str(), "channel": channel.as_str(), "priority": priority, "ahead": ahead,
+        "chosen": selection.chosen.as_ref().map(|o| o.as_str()),
+        "candidates": candidates,
+    })))
 }

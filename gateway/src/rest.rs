@@ -56,6 +56,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/emergencies", get(crate::desk::emergencies).put(crate::desk::put_emergency))
         .route("/api/audit", get(crate::desk::audit))
         .route("/api/access", get(crate::desk::access))
+        .route("/api/routing/preview", post(crate::desk::routing_preview))
         .route("/api/access/rules", put(crate::desk::put_access_rule))
         .route("/api/templates", get(list_templates))
         .route("/api/templates/{id}", put(put_template).delete(delete_template))

@@ -20,6 +20,13 @@ test('routing settings: a VIP heads the queue with its priority shown; wrap-up h
   await rule.getByLabel('Priority').fill('20');
   await body.getByRole('button', { name: 'Save' }).click();
   await expect(body.getByRole('status')).toContainText('Saved');
+  // What would happen to a VIP now: priority 20, and nobody online to take it.
+  const preview = body.getByTestId('routing-preview');
+  await preview.getByTestId('preview-group').selectOption('general');
+  await preview.getByTestId('preview-attributes').fill('tier=vip');
+  await preview.getByTestId('preview-run').click();
+  await expect(preview.getByTestId('preview-result')).toContainText('Priority 20');
+  await expect(preview.locator('[data-testid="preview-candidate"][data-operator="alice"]')).toContainText('offline');
 
   // Two visitors wait; a third, a VIP (its site passes the attribute), comes last.
   for (const text of ['first in line', 'second in line']) {

@@ -3,7 +3,7 @@ import { useEffect, useState } from 'preact/hooks';
 import type { AccessRuleRow, AttributePriority, Channel, GroupRouting, OperatorStatus, Role, SkillGroup, UserInfo } from './types';
 import { capacityProblem, idProblem, passwordProblem } from './forms';
 import { TemplatesPanel } from './panels';
-import { describeError } from './strings';
+import { describeError, exclusionText } from './strings';
 import { ErrorText, Field, TabList, TabPanel, useApp } from './ui';
 
 type Section = 'groups' | 'operators' | 'users' | 'channels' | 'templates';
@@ -23,7 +23,12 @@ export function AdminView(props: { sections: Section[] }) {
         testid={(s) => 'admin-tab-' + s}
       />
       <TabPanel id="admin" current={section} class="admin-body">
-        {section === 'groups' && <Groups />}
+        {section === 'groups' && (
+          <>
+            <Groups />
+            <RoutingPreview />
+          </>
+        )}
         {section === 'operators' && (
           <>
             <Operators />
@@ -831,5 +836,84 @@ function AccessRules() {
       </form>
       <ErrorText error={error} />
     </section>
+  );
+}
+
+interface PreviewCandidate {
+  operator: string;
+  name: string;
+  load: number;
+  capacity: number;
+  score: number | null;
+  excluded: string | null;
+}
+
+/** "What would happen": for a sample conversation, who could take it and why not. */
+function RoutingPreview() {
+  const { t, api } = useApp();
+  const [groups] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
+  const [group, setGroup] = useState('');
+  const [attributes, setAttributes] = useState('');
+  const [result, setResult] = useState<{ priority: number; ahead: number; chosen: string | null; candidates: PreviewCandidate[] } | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  return (
+    <form
+      class="stack admin-form routing-preview"
+      data-testid="routing-preview"
+      onSubmit={async (e) => {
+        e.preventDefault();
+        const chosenGroup = group || groups?.[0]?.id;
+        if (!chosenGroup) return;
+        const attrs: Record<string, string> = {};
+        for (const line of attributes.split('\n')) {
+          const at = line.indexOf('=');
+          if (at > 0) attrs[line.slice(0, at).trim()] = line.slice(at + 1).trim();
+        }
+        try {
+          setResult(await api.post('/api/routing/preview', { group: chosenGroup, attributes: attrs }));
+          setError(null);
+        } catch (err: any) {
+          setError(describeError(t, err.code, err.message));
+        }
+      }}
+    >
+      <h2>{t('routing_preview')}</h2>
+      <p class="muted small">{t('routing_preview_hint')}</p>
+      <Field label={t('group')}>
+        <select value={group} data-testid="preview-group" onChange={(e) => setGroup((e.currentTarget as HTMLSelectElement).value)}>
+          {groups?.map((g) => (
+            <option key={g.id} value={g.id}>
+              {g.name}
+            </option>
+          ))}
+        </select>
+      </Field>
+      <Field label={t('attribute_priorities')}>
+        <textarea rows={2} data-testid="preview-attributes" placeholder="tier=vip" value={attributes} onInput={(e) => setAttributes((e.currentTarget as HTMLTextAreaElement).value)} />
+      </Field>
+      <button type="submit" data-testid="preview-run">
+        {t('preview')}
+      </button>
+      <ErrorText error={error} />
+      {result && (
+        <div data-testid="preview-result">
+          <p class="small">{t('preview_result', { priority: result.priority, ahead: result.ahead })}</p>
+          {!result.chosen && <p class="small">{t('preview_nobody')}</p>}
+          <table class="table small">
+            <tbody>
+              {result.candidates.map((c) => (
+                <tr key={c.operator} data-testid="preview-candidate" data-operator={c.operator} class={c.operator === result.chosen ? 'chosen' : c.excluded ? 'excluded' : ''}>
+                  <th scope="row">{c.name}</th>
+                  <td>
+                    {c.load}/{c.capacity}
+                  </td>
+                  <td>{c.operator === result.chosen ? '✓ ' + t('preview_chosen') : c.excluded ? exclusionText(t, c.excluded) : c.score}</td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </div>
+      )}
+    </form>
   );
 }
