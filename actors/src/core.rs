@@ -776,6 +776,13 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             events.push(Event::BreakTaken { operator: op_id.clone(), reason: reason.clone() });
             Ok((Reply::Done, events))
         }
+        Command::SetOperatorChannels { operator: op_id, limits } => {
+            operator(op_id)?;
+            if limits.per_kind.len() > 20 || limits.only.len() > 20 || limits.per_kind.iter().map(|(k, _)| k).chain(&limits.only).any(|k| k.is_empty() || k.len() > 32) {
+                return Err(Error::Invalid("at most 20 channel kinds of 1 to 32 bytes each".into()));
+            }
+            Ok((Reply::Done, vec![Event::OperatorChannelsSet { operator: op_id.clone(), limits: limits.clone() }]))
+        }
         Command::SweepInactive => {
             let mut events = Vec::new();
             for (id, step) in state.inactive(now) {

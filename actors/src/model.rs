@@ -472,6 +472,23 @@ pub enum Command {
     /// customer has been silent too long, per their group's inactivity times, as of
     /// this entry. Proposed by the leader's timer.
     SweepInactive,
+    /// Per channel kind (`web`, `email`…), how many conversations of that kind the
+    /// operator may hold at once (offers included), within their overall capacity; and
+    /// the kinds they take at all (empty: every kind). Rules 5.
+    SetOperatorChannels {
+        operator: OperatorId,
+        limits: ChannelLimits,
+    },
+}
+
+/// An operator's per-channel-kind limits (rules 5).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelLimits {
+    /// At most this many conversations of a kind at once; a kind absent here is bounded
+    /// by the overall capacity only.
+    pub per_kind: Vec<(String, u32)>,
+    /// The kinds the operator takes; empty: every kind.
+    pub only: Vec<String>,
 }
 
 /// Who read a conversation.
@@ -721,6 +738,10 @@ pub enum Event {
     CustomerReminded {
         conversation: ConversationId,
         text: String,
+    },
+    OperatorChannelsSet {
+        operator: OperatorId,
+        limits: ChannelLimits,
     },
     PauseReasonsSet {
         reasons: Vec<String>,

@@ -37,6 +37,7 @@
 //! | `X` conversation | the operator a returning customer's queued conversation is offered first |
 //! | `V` visitor | who served the visitor's last closed conversation, when it closed, and which it was (deleted with it) |
 //! | `T` conversation | when each side of an open conversation wrote last ([`Activity`]) |
+//! | `L` operator | the operator's per-channel-kind limits |
 //! | `P` len:u16 operator hour | the operator's time on break per reason, for breaks that ended in that hour |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
@@ -234,6 +235,9 @@ pub mod key {
     }
     pub fn sticky(conversation: ConversationId) -> Vec<u8> {
         with_id(b'X', conversation.0, &[])
+    }
+    pub fn channel_limits(operator: &OperatorId) -> Vec<u8> {
+        with(b'L', operator.0.as_bytes())
     }
     pub fn activity(conversation: ConversationId) -> Vec<u8> {
         with_id(b'T', conversation.0, &[])
@@ -468,6 +472,12 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         match state.sticky.get(id) {
             Some(operator) => put(key::sticky(*id), encode(operator)),
             None => removes.push(key::sticky(*id)),
+        }
+    }
+    for operator in &dirty.channel_limits {
+        match state.channel_limits.get(operator) {
+            Some(limits) => put(key::channel_limits(operator), encode(&(operator, limits))),
+            None => removes.push(key::channel_limits(operator)),
         }
     }
     for id in &dirty.activity {
@@ -837,6 +847,9 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, (operator, reason)) in all::<(OperatorId, String)>(store, b"z")? {
         state.presence_reasons.insert(operator, reason);
+    }
+    for (_, (operator, limits)) in all::<(OperatorId, ChannelLimits)>(store, b"L")? {
+        state.channel_limits.insert(operator, limits);
     }
     for (k, act) in all::<Activity>(store, b"T")? {
         let id = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged activity key".into()))?;

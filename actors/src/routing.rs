@@ -23,7 +23,11 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
         .filter(|op| op.config.groups.contains(&group.config.id))
         .map(|op| {
             let wrapping_up = state.rules >= 5 && state.wrap_up.get(&op.config.id).is_some_and(|until| *until > now);
-            let excluded = exclusion(op, conversation, state.rules, wrapping_up);
+            // Channel limits come after the overall capacity and before passes.
+            let excluded = match exclusion(op, conversation, state.rules, wrapping_up) {
+                None | Some("passed") => state.channel_exclusion(op, &conversation.channel).or(exclusion(op, conversation, state.rules, wrapping_up)),
+                other => other,
+            };
             let score = match excluded {
                 None => Some(score(group.config.policy, op, now)),
                 Some(_) => None,

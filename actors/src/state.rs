@@ -119,6 +119,9 @@ pub struct ShardState {
     /// silent customer was reminded (records `T`).
     #[serde(default)]
     pub activity: BTreeMap<ConversationId, Activity>,
+    /// Operators' per-channel-kind limits (rules 5; records `L`).
+    #[serde(default)]
+    pub channel_limits: BTreeMap<OperatorId, ChannelLimits>,
     /// For a `StartConversation` being applied: who served the visitor's last
     /// conversation and when it closed (read from records `V` before it).
     #[serde(skip)]
@@ -183,6 +186,25 @@ pub enum InactivityStep {
 }
 
 impl ShardState {
+    /// Why `operator` may not take a conversation of `channel` now, by their channel
+    /// limits (rules 5): `channel_not_taken` (a kind they do not take) or
+    /// `channel_full` (as many of that kind as they may hold, offers included).
+    pub fn channel_exclusion(&self, operator: &Operator, channel: &ChannelId) -> Option<&'static str> {
+        if self.rules < 5 {
+            return None;
+        }
+        let limits = self.channel_limits.get(&operator.config.id)?;
+        let kind = self.channels.get(channel).map_or("", |c| c.kind.as_str());
+        if !limits.only.is_empty() && !limits.only.iter().any(|k| k == kind) {
+            return Some("channel_not_taken");
+        }
+        let (_, max) = limits.per_kind.iter().find(|(k, _)| k == kind)?;
+        let kind_of = |id: &ConversationId| self.conversations.get(id).and_then(|c| self.channels.get(&c.channel)).map(|c| c.kind.as_str());
+        let offered = operator.offers.iter().filter_map(|o| self.offers.get(o)).map(|o| o.conversation);
+        let held = operator.active.iter().copied().chain(offered).filter(|id| kind_of(id) == Some(kind)).count();
+        (held as u32 >= *max).then_some("channel_full")
+    }
+
     /// The assigned conversations whose customer has been silent since the operator's
     /// last message for their group's reminder or closing time, as of `now` (rules 5),
     /// at most [`SWEEP_BATCH`].
@@ -382,6 +404,7 @@ pub struct Dirty {
     pub channel_access: BTreeSet<ChannelId>,
     pub sticky: BTreeSet<ConversationId>,
     pub activity: BTreeSet<ConversationId>,
+    pub channel_limits: BTreeSet<OperatorId>,
     /// Per visitor, who served the conversation that just closed, when, and which one
     /// it was (records `V`).
     pub last_served: BTreeMap<String, (OperatorId, Timestamp, ConversationId)>,
@@ -685,7 +708,8 @@ impl ShardState {
             | Event::AccessRuleSet { .. }
             | Event::ChannelAccessSet { .. }
             | Event::StickySet { .. }
-            | Event::CustomerReminded { .. } => {}
+            | Event::CustomerReminded { .. }
+            | Event::OperatorChannelsSet { .. } => {}
             Event::BreakTaken { operator, .. } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -1017,6 +1041,17 @@ impl ShardState {
             }
             Event::NoticeGiven { conversation, text } => {
                 self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);
+            }
+            Event::OperatorChannelsSet { operator, limits } => {
+                if limits.per_kind.is_empty() && limits.only.is_empty() {
+                    self.channel_limits.remove(operator);
+                } else {
+                    self.channel_limits.insert(operator.clone(), limits.clone());
+                }
+                self.dirty.channel_limits.insert(operator.clone());
+                if let Some(op) = self.operators.get(operator) {
+                    touched.groups.extend(op.config.groups.iter().cloned());
+                }
             }
             Event::CustomerReminded { conversation, text } => {
                 self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);

@@ -260,6 +260,10 @@ fn command() -> impl Strategy<Value = Command> {
                 },
             }),
         Just(Command::SweepInactive),
+        (operator_id(), select(vec![0u32, 1, 2]), any::<bool>()).prop_map(|(operator, max, only_web)| Command::SetOperatorChannels {
+            operator,
+            limits: ChannelLimits { per_kind: vec![("web".into(), max)], only: if only_web { vec!["web".into()] } else { vec![] } },
+        }),
         (channel_id(), select(vec![0u32, 3, 101])).prop_map(|(channel, priority)| Command::SetChannelPriority { channel, priority }),
         operator_id().prop_map(|operator| Command::EndWrapUp { operator }),
     ]

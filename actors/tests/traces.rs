@@ -145,6 +145,20 @@ fn parse(line: &str) -> (Timestamp, Command) {
         "channel-priority" => Command::SetChannelPriority { channel: ChannelId::new(a(2)), priority: a(3).parse().expect("priority") },
         "ready" => Command::EndWrapUp { operator: op(2) },
         "sweep" => Command::SweepInactive,
+        // `channels ann email=1 only=web,email`
+        "channels" => {
+            let mut limits = ChannelLimits::default();
+            for setting in &w[3..] {
+                match setting.split_once('=') {
+                    Some(("only", kinds)) => limits.only = kinds.split(',').map(str::to_owned).collect(),
+                    Some((kind, n)) => limits.per_kind.push((kind.to_owned(), n.parse().expect("limit"))),
+                    None => panic!("channel setting {setting:?}"),
+                }
+            }
+            Command::SetOperatorChannels { operator: op(2), limits }
+        }
+        // `kchannel mail email sales`: a channel of another kind
+        "kchannel" => Command::UpsertChannel(ChannelConfig { id: ChannelId::new(a(2)), kind: a(3), name: a(2), default_group: SkillGroupId::new(a(4)) }),
         "pause-reasons" => Command::SetPauseReasons { reasons: a(2).split(',').filter(|r| !r.is_empty()).map(str::to_owned).collect() },
         "break" => Command::TakeBreak { operator: op(2), reason: a(3) },
         // `emergency channel web "text"`, `emergency group sales` (off)
@@ -219,6 +233,7 @@ fn render(event: &Event) -> String {
         Event::WrapUpSet { operator, until: None } => format!("{operator} ready"),
         Event::StickySet { conversation, operator } => format!("{conversation} goes to {operator} first (served them last)"),
         Event::CustomerReminded { conversation, text } => format!("{conversation} reminded: {text}"),
+        Event::OperatorChannelsSet { operator, limits } => format!("{operator} channels {limits:?}"),
         Event::PauseReasonsSet { reasons } => format!("pause reasons {reasons:?}"),
         Event::BreakTaken { operator, reason } => format!("{operator} on break: {reason}"),
         Event::EmergencySet { target, message: Some(text), by } => format!("emergency on {target:?} by {by}: {text}"),

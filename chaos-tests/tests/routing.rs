@@ -169,3 +169,35 @@ async fn a_preview_says_who_would_get_a_conversation_and_why_not_the_others() ->
     assert_eq!(dev.api("POST", "/api/routing/preview", Some(&supervisor), Some(json!({"group": "nope"}))).await?.0, 404);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_channel_limit_holds_a_conversation_back_until_it_is_raised() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let admin = dev.login("admin").await?;
+    let limit = |n: u32| json!({"name": "Alice", "capacity": 3, "groups": ["general"], "channel_limits": {"web": n}});
+    let (status, body) = dev.api("PUT", "/api/operators/alice", Some(&admin), Some(limit(1))).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["channel_limits"]["web"], 1);
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (_a, first) = start(&dev, "Ann", json!({})).await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer["conversation"], first);
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "a"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "a").await?;
+    // One web conversation is all she may hold, though her capacity is 3: the next waits.
+    let (_b, second) = start(&dev, "Bea", json!({})).await?;
+    let early = alice.wait_for(std::time::Duration::from_millis(1000), |v| v["type"] == "event" && v["kind"] == "offer").await;
+    assert!(early.is_err(), "a second web conversation went to alice: {early:?}");
+    let supervisor = dev.login("supervisor").await?;
+    let (status, preview) = dev.api("POST", "/api/routing/preview", Some(&supervisor), Some(json!({"group": "general"}))).await?;
+    assert_eq!(status, 200);
+    let row = preview["candidates"].as_array().and_then(|c| c.iter().find(|c| c["operator"] == "alice").cloned()).unwrap_or_default();
+    assert_eq!(row["excluded"], "channel_full", "{preview}");
+    // Raised to two: the waiting one is hers at once.
+    dev.api("PUT", "/api/operators/alice", Some(&admin), Some(limit(2))).await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer["conversation"], second);
+    Ok(())
+}

@@ -369,6 +369,8 @@ async fn list_operators(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<V
                 "presence": frames::presence_str(o.presence), "presence_since": o.presence_since.0,
                 "presence_reason": state.presence_reasons.get(&o.config.id),
                 "load": o.load(), "active": o.active.len(), "offers": o.offers.len(),
+                "channel_limits": state.channel_limits.get(&o.config.id).map(|l| l.per_kind.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()).unwrap_or_default(),
+                "channels": state.channel_limits.get(&o.config.id).map(|l| l.only.clone()).unwrap_or_default(),
             })
         })
         .collect();
@@ -380,6 +382,12 @@ struct OperatorBody {
     name: String,
     capacity: u32,
     groups: Vec<String>,
+    /// Per channel kind, at most this many at once (rules 5); absent leaves them.
+    #[serde(default)]
+    channel_limits: Option<std::collections::BTreeMap<String, u32>>,
+    /// The channel kinds the operator takes (empty: all); absent leaves them.
+    #[serde(default)]
+    channels: Option<Vec<String>>,
 }
 
 async fn put_operator(
@@ -398,8 +406,28 @@ async fn put_operator(
         capacity: body.capacity,
         groups: body.groups.into_iter().map(SkillGroupId::new).collect(),
     };
+    let limits = if body.channel_limits.is_some() || body.channels.is_some() {
+        let current = gw.backend.shard().read().channel_limits.get(&config.id).cloned().unwrap_or_default();
+        let limits = ChannelLimits {
+            per_kind: body.channel_limits.map_or(current.per_kind, |m| m.into_iter().collect()),
+            only: body.channels.unwrap_or(current.only),
+        };
+        if limits.per_kind.len() > 20 || limits.only.len() > 20 || limits.per_kind.iter().map(|(k, _)| k).chain(&limits.only).any(|k| k.is_empty() || k.len() > 32) {
+            return Err(GatewayError::BadRequest("at most 20 channel kinds of 1 to 32 bytes each".into()));
+        }
+        Some(limits)
+    } else {
+        None
+    };
     gw.submit(Command::UpsertOperator(config.clone())).await?;
-    Ok(Json(json!(config)))
+    if let Some(limits) = limits {
+        gw.submit(Command::SetOperatorChannels { operator: config.id.clone(), limits }).await?;
+    }
+    let mut view = json!(config);
+    let limits = gw.backend.shard().read().channel_limits.get(&config.id).cloned().unwrap_or_default();
+    view["channel_limits"] = json!(limits.per_kind.iter().cloned().collect::<std::collections::BTreeMap<_, _>>());
+    view["channels"] = json!(limits.only);
+    Ok(Json(view))
 }
 
 /// A channel as REST shows it: its configuration and the groups its widget offers.

@@ -197,7 +197,7 @@ function Operators() {
   const { t, api } = useApp();
   const [list, reload, loadError] = useList<OperatorStatus>('/api/operators', 'operators');
   const [groups] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
-  const blank = { id: '', name: '', capacity: 2, groups: [] as string[] };
+  const blank = { id: '', name: '', capacity: 2, groups: [] as string[], limits: '', only: '' };
   const [form, setForm] = useState(blank);
   const [editing, setEditing] = useState(false);
   // A new operator's login, made in the same step (role operator, linked to it).
@@ -232,7 +232,21 @@ function Operators() {
                   type="button"
                   class="small-btn"
                   aria-label={t('edit_x', { name: o.name })}
-                  onClick={() => (setForm({ id: o.id, name: o.name, capacity: o.capacity, groups: o.groups }), setEditing(true), setError(null), setOk(false))}
+                  onClick={() => (
+                    setForm({
+                      id: o.id,
+                      name: o.name,
+                      capacity: o.capacity,
+                      groups: o.groups,
+                      limits: Object.entries(o.channel_limits ?? {})
+                        .map(([k, n]) => k + '=' + n)
+                        .join(', '),
+                      only: (o.channels ?? []).join(', '),
+                    }),
+                    setEditing(true),
+                    setError(null),
+                    setOk(false)
+                  )}
                 >
                   {t('edit')}
                 </button>
@@ -253,7 +267,16 @@ function Operators() {
           const p = idProblem(form.id) ?? capacityProblem(form.capacity) ?? (makeLogin ? idProblem(loginName) ?? passwordProblem(password) : null);
           if (p) return setError(t(('err_' + p) as any));
           try {
-            await api.put('/api/operators/' + encodeURIComponent(form.id), { name: form.name, capacity: form.capacity, groups: form.groups });
+            const channel_limits: Record<string, number> = {};
+            for (const part of form.limits.split(',')) {
+              const [kind, n] = part.split('=').map((x) => x.trim());
+              if (kind && n !== undefined && n !== '') channel_limits[kind] = Number(n);
+            }
+            const channels = form.only
+              .split(',')
+              .map((x) => x.trim())
+              .filter(Boolean);
+            await api.put('/api/operators/' + encodeURIComponent(form.id), { name: form.name, capacity: form.capacity, groups: form.groups, channel_limits, channels });
             if (makeLogin) {
               await api.put('/api/users/' + encodeURIComponent(loginName), { password, role: 'operator', operator: form.id });
               setPassword('');
@@ -277,6 +300,12 @@ function Operators() {
         </Field>
         <Field label={t('capacity')}>
           <input type="number" min={1} max={100} value={form.capacity} onInput={(e) => setForm({ ...form, capacity: Number((e.currentTarget as HTMLInputElement).value) })} />
+        </Field>
+        <Field label={t('channel_limits')}>
+          <input data-testid="operator-channel-limits" value={form.limits} placeholder="email=1" onInput={(e) => setForm({ ...form, limits: (e.currentTarget as HTMLInputElement).value })} />
+        </Field>
+        <Field label={t('channel_only')}>
+          <input data-testid="operator-channel-only" value={form.only} placeholder="web, email" onInput={(e) => setForm({ ...form, only: (e.currentTarget as HTMLInputElement).value })} />
         </Field>
         <fieldset class="checks">
           <legend>{t('skills')}</legend>

@@ -201,6 +201,10 @@ const en = {
   excl_passed: 'already passed on this conversation',
   excl_full: 'at capacity',
   excl_wrap_up: 'in wrap-up after a close',
+  excl_channel_full: 'holds as many of this channel kind as allowed',
+  excl_channel_not_taken: 'does not take this channel kind',
+  channel_limits: 'Per channel kind, at most (e.g. email=1, web=3)',
+  channel_only: 'Takes only these channel kinds (empty: all)',
   routing_preview: 'What would happen',
   routing_preview_hint: 'A conversation arriving now in this group from a customer with these attributes (one key=value per line).',
   preview: 'Preview',
@@ -534,6 +538,10 @@ const ru: Record<Key, Phrase> = {
   excl_passed: 'уже отказался от этого диалога',
   excl_full: 'нет свободных мест',
   excl_wrap_up: 'постобработка после закрытия',
+  excl_channel_full: 'достигнут предел по этому типу канала',
+  excl_channel_not_taken: 'не работает с этим типом канала',
+  channel_limits: 'По типу канала не больше (например, email=1, web=3)',
+  channel_only: 'Работает только с типами каналов (пусто: со всеми)',
   routing_preview: 'Что будет',
   routing_preview_hint: 'Обращение, пришедшее сейчас в эту группу от клиента с такими атрибутами (по одному key=value в строке).',
   preview: 'Проверить',
@@ -682,6 +690,8 @@ const EXCLUSIONS: Record<string, Key> = {
   passed: 'excl_passed',
   at_capacity: 'excl_full',
   wrap_up: 'excl_wrap_up',
+  channel_full: 'excl_channel_full',
+  channel_not_taken: 'excl_channel_not_taken',
 };
 
 /** Translates an exclusion code; an unknown one (a newer server) is shown as it came. */

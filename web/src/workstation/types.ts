@@ -148,6 +148,9 @@ export interface OperatorStatus {
   load: number;
   active: number | number[];
   offers?: number;
+  /** Per channel kind limits and the kinds taken (rules 5). */
+  channel_limits?: Record<string, number>;
+  channels?: string[];
 }
 
 /** A login as GET /api/users lists it (admins only; no password hashes). */
