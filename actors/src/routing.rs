@@ -166,24 +166,8 @@ mod tests {
             config: SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy, offer_timeout_ms: 1000, sla_ms: 60_000 },
             queue: BTreeSet::new(),
         };
-        let conv = Conversation {
-            id: ConversationId(100),
-            channel: ChannelId::new("web"),
-            visitor: Visitor::default(),
-            group: SkillGroupId::new("g"),
-            status: crate::state::ConversationStatus::Queued { ticket: 0, offer: None },
-            created_at: Timestamp(0),
-            last_seq: 0,
-            rated: false,
-            pending: vec![],
-            keys: Default::default(),
-            passed_by: Default::default(),
-            last_pass: None,
-            client_read_upto: 0,
-            operator_read_upto: 0,
-            decisions: vec![],
-            handled_by: Default::default(),
-        };
+        let queued = crate::state::ConversationStatus::Queued { ticket: 0, offer: None };
+        let conv = Conversation::new(ConversationId(100), ChannelId::new("web"), Visitor::default(), SkillGroupId::new("g"), queued, Timestamp(0));
         (state, group, conv)
     }
 

@@ -566,6 +566,28 @@ pub struct Conversation {
 }
 
 impl Conversation {
+    /// A conversation with no history yet.
+    pub fn new(id: ConversationId, channel: ChannelId, visitor: Visitor, group: SkillGroupId, status: ConversationStatus, created_at: Timestamp) -> Self {
+        Conversation {
+            id,
+            channel,
+            visitor,
+            group,
+            status,
+            created_at,
+            last_seq: 0,
+            rated: false,
+            pending: Vec::new(),
+            keys: BTreeMap::new(),
+            passed_by: BTreeSet::new(),
+            last_pass: None,
+            client_read_upto: 0,
+            operator_read_upto: 0,
+            decisions: Vec::new(),
+            handled_by: BTreeSet::new(),
+        }
+    }
+
     pub fn last_seq(&self) -> u64 {
         self.last_seq
     }
@@ -780,27 +802,9 @@ impl ShardState {
                     .get(channel)
                     .map(|c| c.default_group.clone())
                     .unwrap_or_else(|| SkillGroupId::new(""));
-                self.conversations.insert(
-                    *conversation,
-                    Conversation {
-                        id: *conversation,
-                        channel: channel.clone(),
-                        visitor: visitor.clone(),
-                        group,
-                        status: ConversationStatus::Closed,
-                        created_at: at,
-                        last_seq: 0,
-                        rated: false,
-                        pending: Vec::new(),
-                        keys: BTreeMap::new(),
-                        passed_by: BTreeSet::new(),
-                        last_pass: None,
-                        client_read_upto: 0,
-                        operator_read_upto: 0,
-                        decisions: Vec::new(),
-                        handled_by: BTreeSet::new(),
-                    },
-                );
+                // Closed until the `ConversationQueued` that follows it in the same entry.
+                let conv = Conversation::new(*conversation, channel.clone(), visitor.clone(), group, ConversationStatus::Closed, at);
+                self.conversations.insert(*conversation, conv);
                 self.record(*conversation, at, HistoryItem::Started { channel: channel.clone(), visitor: visitor.clone() }, touched);
             }
             Event::ConversationQueued { conversation, group, ticket } => {

@@ -502,24 +502,9 @@ pub(crate) async fn routing_preview(State(gw): State<Arc<Gateway>>, staff: Staff
         None => state.channels.values().find(|c| c.default_group == group_id).map_or_else(|| ChannelId::new(gw.config.web_channel.clone()), |c| c.id.clone()),
     };
     let now = switchboard_actors::actors::now_ms();
-    let sample = Conversation {
-        id: ConversationId(u64::MAX),
-        channel: channel.clone(),
-        visitor: Visitor { id: None, name: "preview".into(), attributes: body.attributes.into_iter().collect() },
-        group: group_id.clone(),
-        status: switchboard_actors::state::ConversationStatus::Queued { ticket: u64::MAX, offer: None },
-        created_at: Timestamp(now.0),
-        last_seq: 0,
-        rated: false,
-        pending: vec![],
-        keys: Default::default(),
-        passed_by: Default::default(),
-        last_pass: None,
-        client_read_upto: 0,
-        operator_read_upto: 0,
-        decisions: vec![],
-        handled_by: Default::default(),
-    };
+    let visitor = Visitor { id: None, name: "preview".into(), attributes: body.attributes.into_iter().collect() };
+    let queued = switchboard_actors::state::ConversationStatus::Queued { ticket: u64::MAX, offer: None };
+    let sample = Conversation::new(ConversationId(u64::MAX), channel.clone(), visitor, group_id.clone(), queued, Timestamp(now.0));
     let priority = switchboard_actors::routing::priority(&state, group, &sample, now);
     let ahead = switchboard_actors::routing::queue_order(&state, group, now)
         .iter()
