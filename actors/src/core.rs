@@ -275,7 +275,24 @@ pub const MIN_AGEING_MS: u64 = 1_000;
 /// Longest sticky time: a customer returning later than this is routed as new.
 pub const MAX_STICKY_MS: u64 = 30 * 24 * 3_600_000;
 
+/// Skills: at most 20, names of 1 to 32 bytes, levels 1 to 5.
+fn check_skills<'a>(skills: impl Iterator<Item = (&'a str, u8)>) -> Result<(), Error> {
+    let mut n = 0;
+    for (name, level) in skills {
+        n += 1;
+        if n > 20 || name.is_empty() || name.len() > 32 || !(1..=5).contains(&level) {
+            return Err(Error::Invalid("at most 20 skills, names of 1 to 32 bytes, levels 1 to 5".into()));
+        }
+    }
+    Ok(())
+}
+
 pub fn check_routing(routing: &GroupRouting) -> Result<(), Error> {
+    check_skills(routing.required_skills.iter().map(|(n, l)| (n.as_str(), *l)))?;
+    check_skills(routing.skill_rules.iter().map(|r| (r.skill.as_str(), r.level)))?;
+    if routing.skill_rules.iter().any(|r| r.attribute.is_empty() || r.attribute.len() > 64 || r.value.len() > 256) {
+        return Err(Error::Invalid("a skill rule needs an attribute of 1 to 64 bytes and a value of at most 256".into()));
+    }
     if routing.attribute_priorities.len() > MAX_ATTRIBUTE_PRIORITIES {
         return Err(Error::Invalid(format!("at most {MAX_ATTRIBUTE_PRIORITIES} attribute priorities")));
     }
@@ -775,6 +792,11 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 .collect();
             events.push(Event::BreakTaken { operator: op_id.clone(), reason: reason.clone() });
             Ok((Reply::Done, events))
+        }
+        Command::SetOperatorSkills { operator: op_id, skills } => {
+            operator(op_id)?;
+            check_skills(skills.iter().map(|(name, level)| (name.as_str(), *level)))?;
+            Ok((Reply::Done, vec![Event::OperatorSkillsSet { operator: op_id.clone(), skills: skills.clone() }]))
         }
         Command::SetOperatorChannels { operator: op_id, limits } => {
             operator(op_id)?;

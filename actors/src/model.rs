@@ -148,6 +148,22 @@ pub struct GroupRouting {
     /// The reminder's text; empty: a default one.
     #[serde(default)]
     pub inactivity_message: String,
+    /// Skills (name, minimum level 1-5) every conversation of the group needs.
+    #[serde(default)]
+    pub required_skills: Vec<(String, u8)>,
+    /// Skills a conversation needs when its visitor has an attribute with a value
+    /// (`language` = `ru` needs `ru` at level 3, …).
+    #[serde(default)]
+    pub skill_rules: Vec<SkillRule>,
+}
+
+/// A skill a conversation needs when its visitor has `attribute` = `value`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkillRule {
+    pub attribute: String,
+    pub value: String,
+    pub skill: String,
+    pub level: u8,
 }
 
 /// What an emergency notice covers: every conversation of a channel, or of a group.
@@ -479,6 +495,11 @@ pub enum Command {
         operator: OperatorId,
         limits: ChannelLimits,
     },
+    /// An operator's skills with their levels (1-5), for skill-based routing (rules 5).
+    SetOperatorSkills {
+        operator: OperatorId,
+        skills: Vec<(String, u8)>,
+    },
 }
 
 /// An operator's per-channel-kind limits (rules 5).
@@ -742,6 +763,10 @@ pub enum Event {
     OperatorChannelsSet {
         operator: OperatorId,
         limits: ChannelLimits,
+    },
+    OperatorSkillsSet {
+        operator: OperatorId,
+        skills: Vec<(String, u8)>,
     },
     PauseReasonsSet {
         reasons: Vec<String>,

@@ -38,6 +38,7 @@
 //! | `V` visitor | who served the visitor's last closed conversation, when it closed, and which it was (deleted with it) |
 //! | `T` conversation | when each side of an open conversation wrote last ([`Activity`]) |
 //! | `L` operator | the operator's per-channel-kind limits |
+//! | `J` operator | the operator's skills and levels |
 //! | `P` len:u16 operator hour | the operator's time on break per reason, for breaks that ended in that hour |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
@@ -235,6 +236,9 @@ pub mod key {
     }
     pub fn sticky(conversation: ConversationId) -> Vec<u8> {
         with_id(b'X', conversation.0, &[])
+    }
+    pub fn operator_skills(operator: &OperatorId) -> Vec<u8> {
+        with(b'J', operator.0.as_bytes())
     }
     pub fn channel_limits(operator: &OperatorId) -> Vec<u8> {
         with(b'L', operator.0.as_bytes())
@@ -472,6 +476,12 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         match state.sticky.get(id) {
             Some(operator) => put(key::sticky(*id), encode(operator)),
             None => removes.push(key::sticky(*id)),
+        }
+    }
+    for operator in &dirty.operator_skills {
+        match state.operator_skills.get(operator) {
+            Some(skills) => put(key::operator_skills(operator), encode(&(operator, skills))),
+            None => removes.push(key::operator_skills(operator)),
         }
     }
     for operator in &dirty.channel_limits {
@@ -847,6 +857,9 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, (operator, reason)) in all::<(OperatorId, String)>(store, b"z")? {
         state.presence_reasons.insert(operator, reason);
+    }
+    for (_, (operator, skills)) in all::<(OperatorId, BTreeMap<String, u8>)>(store, b"J")? {
+        state.operator_skills.insert(operator, skills);
     }
     for (_, (operator, limits)) in all::<(OperatorId, ChannelLimits)>(store, b"L")? {
         state.channel_limits.insert(operator, limits);

@@ -16,7 +16,32 @@ pub struct Selection {
 }
 
 /// Scores every operator of the group for `conversation` under the group's policy.
+/// Scores of a better skill match outrank any tie-breaker score.
+const SKILL_WEIGHT: i64 = 10_000_000_000_000_000;
+
+/// The skills (name, minimum level) a conversation of `group` needs (rules 5): the
+/// group's, plus those of the group's skill rules its visitor matches; the highest
+/// level wins where several name one skill.
+pub fn requirements(state: &ShardState, group: &SkillGroup, conversation: &Conversation) -> Vec<(String, u8)> {
+    if state.rules < 5 {
+        return Vec::new();
+    }
+    let Some(routing) = state.group_routing.get(&group.config.id) else { return Vec::new() };
+    let mut needs: std::collections::BTreeMap<String, u8> = std::collections::BTreeMap::new();
+    let rules = routing
+        .skill_rules
+        .iter()
+        .filter(|r| conversation.visitor.attributes.iter().any(|(k, v)| *k == r.attribute && *v == r.value))
+        .map(|r| (&r.skill, r.level));
+    for (skill, level) in routing.required_skills.iter().map(|(s, l)| (s, *l)).chain(rules) {
+        let at = needs.entry(skill.clone()).or_insert(0);
+        *at = (*at).max(level);
+    }
+    needs.into_iter().collect()
+}
+
 pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Conversation, now: Timestamp) -> Selection {
+    let needs = requirements(state, group, conversation);
     let mut candidates: Vec<Candidate> = state
         .operators
         .values()
@@ -24,11 +49,23 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
         .map(|op| {
             let wrapping_up = state.rules >= 5 && state.wrap_up.get(&op.config.id).is_some_and(|until| *until > now);
             // Channel limits come after the overall capacity and before passes.
+            let skills = state.operator_skills.get(&op.config.id);
+            let missing = needs.iter().any(|(skill, min)| skills.and_then(|s| s.get(skill)).is_none_or(|level| level < min));
+            // Channel limits and skills come after the overall capacity, before passes.
             let excluded = match exclusion(op, conversation, state.rules, wrapping_up) {
-                None | Some("passed") => state.channel_exclusion(op, &conversation.channel).or(exclusion(op, conversation, state.rules, wrapping_up)),
+                None | Some("passed") => state
+                    .channel_exclusion(op, &conversation.channel)
+                    .or(missing.then_some("skill_missing"))
+                    .or(exclusion(op, conversation, state.rules, wrapping_up)),
                 other => other,
             };
             let score = match excluded {
+                // The best match first (the sum of their levels in the skills it needs),
+                // then the group's tie-breaker.
+                None if !needs.is_empty() => {
+                    let matched: i64 = needs.iter().map(|(skill, _)| i64::from(skills.and_then(|s| s.get(skill)).copied().unwrap_or(0))).sum();
+                    Some(matched * SKILL_WEIGHT + score(group.config.policy, op, now).min(SKILL_WEIGHT - 1))
+                }
                 None => Some(score(group.config.policy, op, now)),
                 Some(_) => None,
             };

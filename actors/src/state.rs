@@ -122,6 +122,9 @@ pub struct ShardState {
     /// Operators' per-channel-kind limits (rules 5; records `L`).
     #[serde(default)]
     pub channel_limits: BTreeMap<OperatorId, ChannelLimits>,
+    /// Operators' skills and levels (rules 5; records `J`).
+    #[serde(default)]
+    pub operator_skills: BTreeMap<OperatorId, BTreeMap<String, u8>>,
     /// For a `StartConversation` being applied: who served the visitor's last
     /// conversation and when it closed (read from records `V` before it).
     #[serde(skip)]
@@ -405,6 +408,7 @@ pub struct Dirty {
     pub sticky: BTreeSet<ConversationId>,
     pub activity: BTreeSet<ConversationId>,
     pub channel_limits: BTreeSet<OperatorId>,
+    pub operator_skills: BTreeSet<OperatorId>,
     /// Per visitor, who served the conversation that just closed, when, and which one
     /// it was (records `V`).
     pub last_served: BTreeMap<String, (OperatorId, Timestamp, ConversationId)>,
@@ -731,7 +735,8 @@ impl ShardState {
             | Event::ChannelAccessSet { .. }
             | Event::StickySet { .. }
             | Event::CustomerReminded { .. }
-            | Event::OperatorChannelsSet { .. } => {}
+            | Event::OperatorChannelsSet { .. }
+            | Event::OperatorSkillsSet { .. } => {}
             Event::BreakTaken { operator, .. } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -1045,6 +1050,17 @@ impl ShardState {
             }
             Event::NoticeGiven { conversation, text } => {
                 self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);
+            }
+            Event::OperatorSkillsSet { operator, skills } => {
+                if skills.is_empty() {
+                    self.operator_skills.remove(operator);
+                } else {
+                    self.operator_skills.insert(operator.clone(), skills.iter().cloned().collect());
+                }
+                self.dirty.operator_skills.insert(operator.clone());
+                if let Some(op) = self.operators.get(operator) {
+                    touched.groups.extend(op.config.groups.iter().cloned());
+                }
             }
             Event::OperatorChannelsSet { operator, limits } => {
                 if limits.per_kind.is_empty() && limits.only.is_empty() {

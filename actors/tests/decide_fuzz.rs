@@ -257,9 +257,15 @@ fn command() -> impl Strategy<Value = Command> {
                     inactivity_remind_ms: wrap_up_ms / 2,
                     inactivity_close_ms: wrap_up_ms,
                     inactivity_message: String::new(),
+                    required_skills: if priority == 5 { vec![("billing".into(), 3)] } else { vec![] },
+                    skill_rules: vec![],
                 },
             }),
         Just(Command::SweepInactive),
+        (operator_id(), select(vec![0u8, 1, 3, 5, 6])).prop_map(|(operator, level)| Command::SetOperatorSkills {
+            operator,
+            skills: if level == 0 { vec![] } else { vec![("billing".into(), level)] },
+        }),
         (operator_id(), select(vec![0u32, 1, 2]), any::<bool>()).prop_map(|(operator, max, only_web)| Command::SetOperatorChannels {
             operator,
             limits: ChannelLimits { per_kind: vec![("web".into(), max)], only: if only_web { vec!["web".into()] } else { vec![] } },

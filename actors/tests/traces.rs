@@ -129,6 +129,16 @@ fn parse(line: &str) -> (Timestamp, Command) {
                     Some(("sticky", ms)) => routing.sticky_ms = ms.parse().expect("sticky ms"),
                     Some(("remind", ms)) => routing.inactivity_remind_ms = ms.parse().expect("remind ms"),
                     Some(("inactive", ms)) => routing.inactivity_close_ms = ms.parse().expect("inactive ms"),
+                    // `needs=billing:3`
+                    Some(("needs", need)) => {
+                        let (skill, level) = need.split_once(':').expect("skill:level");
+                        routing.required_skills.push((skill.into(), level.parse().expect("level")));
+                    }
+                    // `skillrule=language:ru:ru:3`
+                    Some(("skillrule", rule)) => {
+                        let parts: Vec<&str> = rule.split(':').collect();
+                        routing.skill_rules.push(SkillRule { attribute: parts[0].into(), value: parts[1].into(), skill: parts[2].into(), level: parts[3].parse().expect("level") });
+                    }
                     Some(("attr", rule)) => {
                         let parts: Vec<&str> = rule.split(':').collect();
                         routing.attribute_priorities.push(AttributePriority {
@@ -145,6 +155,11 @@ fn parse(line: &str) -> (Timestamp, Command) {
         "channel-priority" => Command::SetChannelPriority { channel: ChannelId::new(a(2)), priority: a(3).parse().expect("priority") },
         "ready" => Command::EndWrapUp { operator: op(2) },
         "sweep" => Command::SweepInactive,
+        // `skills ann billing=4 ru=2`
+        "skills" => Command::SetOperatorSkills {
+            operator: op(2),
+            skills: w[3..].iter().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.parse().expect("level"))).collect(),
+        },
         // `channels ann email=1 only=web,email`
         "channels" => {
             let mut limits = ChannelLimits::default();
@@ -234,6 +249,7 @@ fn render(event: &Event) -> String {
         Event::StickySet { conversation, operator } => format!("{conversation} goes to {operator} first (served them last)"),
         Event::CustomerReminded { conversation, text } => format!("{conversation} reminded: {text}"),
         Event::OperatorChannelsSet { operator, limits } => format!("{operator} channels {limits:?}"),
+        Event::OperatorSkillsSet { operator, skills } => format!("{operator} skills {skills:?}"),
         Event::PauseReasonsSet { reasons } => format!("pause reasons {reasons:?}"),
         Event::BreakTaken { operator, reason } => format!("{operator} on break: {reason}"),
         Event::EmergencySet { target, message: Some(text), by } => format!("emergency on {target:?} by {by}: {text}"),

@@ -201,3 +201,36 @@ async fn a_per_channel_limit_holds_a_conversation_back_until_it_is_raised() -> a
     assert_eq!(offer["conversation"], second);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_needing_a_skill_goes_to_the_best_match_and_never_to_someone_without_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let admin = dev.login("admin").await?;
+    let routing = json!({"required_skills": {"billing": 3}, "skill_rules": [{"attribute": "language", "value": "ru", "skill": "ru", "level": 3}]});
+    let (status, body) = dev.api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General questions", "routing": routing}))).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["routing"]["required_skills"]["billing"], 3);
+    for (id, name, skills) in [("alice", "Alice", json!({"billing": 3})), ("bob", "Bob", json!({"billing": 5, "ru": 4}))] {
+        let (status, body) = dev.api("PUT", &format!("/api/operators/{id}"), Some(&admin), Some(json!({"name": name, "capacity": 2, "groups": ["general"], "skills": skills}))).await?;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, _) = dev.api("PUT", "/api/operators/carol", Some(&admin), Some(json!({"name": "Carol", "capacity": 2, "groups": ["general"], "skills": {"billing": 6}}))).await?;
+    assert_eq!(status, 400, "a level over 5 is refused");
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    // Only alice is online: a Russian speaker needs ru, which she lacks: it waits.
+    let (_ru, russian) = start(&dev, "Ivan", json!({"language": "ru"})).await?;
+    let early = alice.wait_for(std::time::Duration::from_millis(800), |v| v["type"] == "event" && v["kind"] == "offer").await;
+    assert!(early.is_err(), "offered to someone without the skill: {early:?}");
+    let supervisor = dev.login("supervisor").await?;
+    let (_, preview) = dev.api("POST", "/api/routing/preview", Some(&supervisor), Some(json!({"group": "general", "attributes": {"language": "ru"}}))).await?;
+    let row = preview["candidates"].as_array().and_then(|c| c.iter().find(|c| c["operator"] == "alice").cloned()).unwrap_or_default();
+    assert_eq!(row["excluded"], "skill_missing", "{preview}");
+    // Bob, who has it, comes online: it is his.
+    let (mut bob, _) = dev.operator("bob").await?;
+    set_presence(&mut bob, "online").await?;
+    let offer = next_event(&mut bob, "offer").await?;
+    assert_eq!(offer["conversation"], russian);
+    Ok(())
+}

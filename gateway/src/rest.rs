@@ -274,6 +274,7 @@ fn routing_json(r: &GroupRouting) -> Value {
     json!({
         "attribute_priorities": r.attribute_priorities, "ageing_ms": r.ageing_ms, "wrap_up_ms": r.wrap_up_ms, "sticky_ms": r.sticky_ms,
         "inactivity_remind_ms": r.inactivity_remind_ms, "inactivity_close_ms": r.inactivity_close_ms, "inactivity_message": r.inactivity_message,
+        "required_skills": r.required_skills.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(), "skill_rules": r.skill_rules,
     })
 }
 
@@ -293,6 +294,10 @@ struct RoutingBody {
     inactivity_close_ms: u64,
     #[serde(default)]
     inactivity_message: String,
+    #[serde(default)]
+    required_skills: std::collections::BTreeMap<String, u8>,
+    #[serde(default)]
+    skill_rules: Vec<SkillRule>,
 }
 
 #[derive(Deserialize)]
@@ -337,6 +342,8 @@ async fn put_group(
         inactivity_remind_ms: r.inactivity_remind_ms,
         inactivity_close_ms: r.inactivity_close_ms,
         inactivity_message: r.inactivity_message,
+        required_skills: r.required_skills.into_iter().collect(),
+        skill_rules: r.skill_rules,
     });
     if let Some(r) = &routing {
         switchboard_actors::core::check_routing(r)?;
@@ -371,6 +378,7 @@ async fn list_operators(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<V
                 "load": o.load(), "active": o.active.len(), "offers": o.offers.len(),
                 "channel_limits": state.channel_limits.get(&o.config.id).map(|l| l.per_kind.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()).unwrap_or_default(),
                 "channels": state.channel_limits.get(&o.config.id).map(|l| l.only.clone()).unwrap_or_default(),
+                "skills": state.operator_skills.get(&o.config.id).cloned().unwrap_or_default(),
             })
         })
         .collect();
@@ -388,6 +396,9 @@ struct OperatorBody {
     /// The channel kinds the operator takes (empty: all); absent leaves them.
     #[serde(default)]
     channels: Option<Vec<String>>,
+    /// Skills and levels (1-5); absent leaves them.
+    #[serde(default)]
+    skills: Option<std::collections::BTreeMap<String, u8>>,
 }
 
 async fn put_operator(
@@ -419,14 +430,23 @@ async fn put_operator(
     } else {
         None
     };
+    if let Some(skills) = &body.skills {
+        if skills.len() > 20 || skills.iter().any(|(k, l)| k.is_empty() || k.len() > 32 || !(1..=5).contains(l)) {
+            return Err(GatewayError::BadRequest("at most 20 skills, names of 1 to 32 bytes, levels 1 to 5".into()));
+        }
+    }
     gw.submit(Command::UpsertOperator(config.clone())).await?;
     if let Some(limits) = limits {
         gw.submit(Command::SetOperatorChannels { operator: config.id.clone(), limits }).await?;
+    }
+    if let Some(skills) = body.skills {
+        gw.submit(Command::SetOperatorSkills { operator: config.id.clone(), skills: skills.into_iter().collect() }).await?;
     }
     let mut view = json!(config);
     let limits = gw.backend.shard().read().channel_limits.get(&config.id).cloned().unwrap_or_default();
     view["channel_limits"] = json!(limits.per_kind.iter().cloned().collect::<std::collections::BTreeMap<_, _>>());
     view["channels"] = json!(limits.only);
+    view["skills"] = json!(gw.backend.shard().read().operator_skills.get(&config.id).cloned().unwrap_or_default());
     Ok(Json(view))
 }
 

@@ -188,6 +188,22 @@ function Groups() {
   );
 }
 
+/** `billing=4, ru=3` as a map (entries without a number are left out). */
+function parsePairs(text: string): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const part of text.split(',')) {
+    const [k, v] = part.split('=').map((x) => x.trim());
+    if (k && v !== undefined && v !== '' && Number.isFinite(Number(v))) out[k] = Number(v);
+  }
+  return out;
+}
+
+function showPairs(map: Record<string, number> | undefined): string {
+  return Object.entries(map ?? {})
+    .map(([k, n]) => k + '=' + n)
+    .join(', ');
+}
+
 /** Group names by id, for tables (an unknown id shows as itself). */
 function groupNames(groups: SkillGroup[] | null, ids: string[]): string {
   return ids.map((id) => groups?.find((g) => g.id === id)?.name ?? id).join(', ');
@@ -197,7 +213,7 @@ function Operators() {
   const { t, api } = useApp();
   const [list, reload, loadError] = useList<OperatorStatus>('/api/operators', 'operators');
   const [groups] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
-  const blank = { id: '', name: '', capacity: 2, groups: [] as string[], limits: '', only: '' };
+  const blank = { id: '', name: '', capacity: 2, groups: [] as string[], limits: '', only: '', skills: '' };
   const [form, setForm] = useState(blank);
   const [editing, setEditing] = useState(false);
   // A new operator's login, made in the same step (role operator, linked to it).
@@ -242,6 +258,7 @@ function Operators() {
                         .map(([k, n]) => k + '=' + n)
                         .join(', '),
                       only: (o.channels ?? []).join(', '),
+                      skills: showPairs(o.skills),
                     }),
                     setEditing(true),
                     setError(null),
@@ -276,7 +293,14 @@ function Operators() {
               .split(',')
               .map((x) => x.trim())
               .filter(Boolean);
-            await api.put('/api/operators/' + encodeURIComponent(form.id), { name: form.name, capacity: form.capacity, groups: form.groups, channel_limits, channels });
+            await api.put('/api/operators/' + encodeURIComponent(form.id), {
+              name: form.name,
+              capacity: form.capacity,
+              groups: form.groups,
+              channel_limits,
+              channels,
+              skills: parsePairs(form.skills),
+            });
             if (makeLogin) {
               await api.put('/api/users/' + encodeURIComponent(loginName), { password, role: 'operator', operator: form.id });
               setPassword('');
@@ -300,6 +324,9 @@ function Operators() {
         </Field>
         <Field label={t('capacity')}>
           <input type="number" min={1} max={100} value={form.capacity} onInput={(e) => setForm({ ...form, capacity: Number((e.currentTarget as HTMLInputElement).value) })} />
+        </Field>
+        <Field label={t('operator_skills')}>
+          <input data-testid="operator-skills" value={form.skills} placeholder="billing=4" onInput={(e) => setForm({ ...form, skills: (e.currentTarget as HTMLInputElement).value })} />
         </Field>
         <Field label={t('channel_limits')}>
           <input data-testid="operator-channel-limits" value={form.limits} placeholder="email=1" onInput={(e) => setForm({ ...form, limits: (e.currentTarget as HTMLInputElement).value })} />
@@ -655,6 +682,15 @@ function RoutingFields(props: { routing: GroupRouting; onChange: (r: GroupRoutin
           data-testid="group-sticky"
           value={(r.sticky_ms ?? 0) / 3_600_000}
           onInput={(e) => props.onChange({ ...r, sticky_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 3_600_000) })}
+        />
+      </Field>
+      <Field label={t('required_skills')}>
+        <input
+          data-testid="group-required-skills"
+          defaultValue={showPairs(r.required_skills)}
+          key={showPairs(r.required_skills)}
+          placeholder="billing=3"
+          onChange={(e) => props.onChange({ ...r, required_skills: parsePairs((e.currentTarget as HTMLInputElement).value) })}
         />
       </Field>
       <Field label={t('remind_s')}>

@@ -203,6 +203,9 @@ const en = {
   excl_wrap_up: 'in wrap-up after a close',
   excl_channel_full: 'holds as many of this channel kind as allowed',
   excl_channel_not_taken: 'does not take this channel kind',
+  excl_skill_missing: 'lacks a skill it needs',
+  operator_skills: 'Skills with levels 1-5 (e.g. billing=4, ru=3)',
+  required_skills: 'Skills every conversation needs (e.g. billing=3)',
   channel_limits: 'Per channel kind, at most (e.g. email=1, web=3)',
   channel_only: 'Takes only these channel kinds (empty: all)',
   routing_preview: 'What would happen',
@@ -540,6 +543,9 @@ const ru: Record<Key, Phrase> = {
   excl_wrap_up: 'постобработка после закрытия',
   excl_channel_full: 'достигнут предел по этому типу канала',
   excl_channel_not_taken: 'не работает с этим типом канала',
+  excl_skill_missing: 'нет нужного навыка',
+  operator_skills: 'Навыки с уровнями 1-5 (например, billing=4, ru=3)',
+  required_skills: 'Навыки, нужные каждому обращению (например, billing=3)',
   channel_limits: 'По типу канала не больше (например, email=1, web=3)',
   channel_only: 'Работает только с типами каналов (пусто: со всеми)',
   routing_preview: 'Что будет',
@@ -692,6 +698,7 @@ const EXCLUSIONS: Record<string, Key> = {
   wrap_up: 'excl_wrap_up',
   channel_full: 'excl_channel_full',
   channel_not_taken: 'excl_channel_not_taken',
+  skill_missing: 'excl_skill_missing',
 };
 
 /** Translates an exclusion code; an unknown one (a newer server) is shown as it came. */

@@ -136,6 +136,7 @@ export interface GroupRouting {
   inactivity_remind_ms?: number;
   inactivity_close_ms?: number;
   inactivity_message?: string;
+  required_skills?: Record<string, number>;
 }
 
 export interface OperatorStatus {
@@ -151,6 +152,7 @@ export interface OperatorStatus {
   /** Per channel kind limits and the kinds taken (rules 5). */
   channel_limits?: Record<string, number>;
   channels?: string[];
+  skills?: Record<string, number>;
 }
 
 /** A login as GET /api/users lists it (admins only; no password hashes). */
