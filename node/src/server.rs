@@ -1176,7 +1176,10 @@ async fn inactivity_timer(raft: Raft, proposer: RaftProposer, shard: Arc<Shard>,
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if raft.metrics().borrow().current_leader != Some(node_id) || shard.read().inactive(now_ms()).is_empty() {
+        // The metrics' borrow ends with this statement: it is a lock, never held while
+        // the shard's is taken.
+        let leading = raft.metrics().borrow().current_leader == Some(node_id);
+        if !leading || shard.read().inactive(now_ms()).is_empty() {
             continue;
         }
         if let Err(e) = proposer.submit(Command::SweepInactive).await {
