@@ -775,7 +775,8 @@ function PauseReasons() {
   useEffect(() => {
     api
       .get<{ reasons: string[] }>('/api/pause-reasons')
-      .then((r) => setText((r.reasons ?? []).join('\n')))
+      // A late answer never overwrites what the admin has typed meanwhile.
+      .then((r) => setText((current) => current ?? (r.reasons ?? []).join('\n')))
       .catch((e) => setError(describeError(t, e.code, e.message)));
   }, []);
   return (
