@@ -525,9 +525,18 @@ async fn a_login_on_a_lagging_node_sees_what_another_node_wrote() -> anyhow::Res
         let node = cluster.node(writer);
         let admin = admin.clone();
         async move {
-            let (status, body) = node.api("PUT", &format!("/api/users/{login}"), Some(&admin), Some(json!({"password": password, "role": "supervisor"}))).await?;
-            anyhow::ensure!(status == 200, "{body}");
-            anyhow::Ok(())
+            // A leader change under the writes answers `unavailable` (outcome unknown):
+            // the protocol's answer is to send it again, which an upsert allows.
+            let body = json!({"password": password, "role": "supervisor"});
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let (status, answer) = node.api("PUT", &format!("/api/users/{login}"), Some(&admin), Some(body.clone())).await?;
+                if status == 200 {
+                    return anyhow::Ok(());
+                }
+                anyhow::ensure!(status == 503 && answer["code"] == "unavailable" && tokio::time::Instant::now() < deadline, "{status} {answer}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
     };
     let login = |login: &'static str, password: &'static str| {
