@@ -210,16 +210,7 @@ pub(crate) struct KpiQuery {
 pub(crate) async fn kpis(State(gw): State<Arc<Gateway>>, staff: Staff, Params(query): Params<KpiQuery>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
     let now = switchboard_actors::actors::now_ms().0;
-    let since = query.since.unwrap_or(now - now % (24 * HOUR_MS));
-    if since > now {
-        return Err(GatewayError::BadRequest("since is in the future".into()));
-    }
-    // Hours are kept for KPI_HOURS_KEPT (8 days): a week back is always whole.
-    let oldest = (now / HOUR_MS).saturating_sub(KPI_DAYS_BACK * 24) * HOUR_MS;
-    if since < oldest {
-        return Err(GatewayError::BadRequest(format!("since is at most 7 days back (the oldest accepted now is {oldest})")));
-    }
-    let hour = since / HOUR_MS;
+    let hour = window_start(query.since, now)?;
     let shard = gw.backend.shard();
     let state = shard.read();
     let groups: Vec<Value> = state
@@ -231,6 +222,21 @@ pub(crate) async fn kpis(State(gw): State<Arc<Gateway>>, staff: Staff, Params(qu
         })
         .collect();
     Ok(Json(json!({"since": hour * HOUR_MS, "at": now, "groups": groups})))
+}
+
+/// The first hour of a `since` window (`GET /api/kpis`, `/api/pauses`): default
+/// midnight UTC today; not in the future; at most [`KPI_DAYS_BACK`] days back, which
+/// the hourly counters (kept for [`KPI_HOURS_KEPT`]) always hold whole.
+fn window_start(since: Option<u64>, now: u64) -> Result<u64, GatewayError> {
+    let since = since.unwrap_or(now - now % (24 * HOUR_MS));
+    if since > now {
+        return Err(GatewayError::BadRequest("since is in the future".into()));
+    }
+    let oldest = (now / HOUR_MS).saturating_sub(KPI_DAYS_BACK * 24) * HOUR_MS;
+    if since < oldest {
+        return Err(GatewayError::BadRequest(format!("since is at most 7 days back (the oldest accepted now is {oldest})")));
+    }
+    Ok(since / HOUR_MS)
 }
 
 fn ratio(part: u64, whole: u64) -> Option<u64> {
@@ -300,15 +306,7 @@ pub(crate) async fn put_pause_reasons(State(gw): State<Arc<Gateway>>, staff: Sta
 pub(crate) async fn pauses(State(gw): State<Arc<Gateway>>, staff: Staff, Params(query): Params<KpiQuery>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
     let now = switchboard_actors::actors::now_ms();
-    let since = query.since.unwrap_or(now.0 - now.0 % (24 * HOUR_MS));
-    if since > now.0 {
-        return Err(GatewayError::BadRequest("since is in the future".into()));
-    }
-    let oldest = (now.0 / HOUR_MS).saturating_sub(KPI_DAYS_BACK * 24) * HOUR_MS;
-    if since < oldest {
-        return Err(GatewayError::BadRequest(format!("since is at most 7 days back (the oldest accepted now is {oldest})")));
-    }
-    let hour = since / HOUR_MS;
+    let hour = window_start(query.since, now.0)?;
     let shard = gw.backend.shard();
     let state = shard.read();
     let mut totals = state.pauses_since(hour);

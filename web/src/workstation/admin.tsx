@@ -653,6 +653,23 @@ function Channels() {
   );
 }
 
+/** A duration in milliseconds, entered in `unit`s (seconds, hours), whole ones. */
+function MsField(props: { label: string; testid: string; unit: number; max?: number; ms: number; onChange: (ms: number) => void }) {
+  return (
+    <Field label={props.label}>
+      <input
+        type="number"
+        min={0}
+        max={props.max}
+        step={1}
+        data-testid={props.testid}
+        value={props.ms / props.unit}
+        onInput={(e) => props.onChange(Math.round(Number((e.currentTarget as HTMLInputElement).value) * props.unit))}
+      />
+    </Field>
+  );
+}
+
 /** A group's queue order and pacing: wrap-up, ageing, and priorities by attribute. */
 function RoutingFields(props: { routing: GroupRouting; onChange: (r: GroupRouting) => void }) {
   const { t } = useApp();
@@ -662,28 +679,8 @@ function RoutingFields(props: { routing: GroupRouting; onChange: (r: GroupRoutin
   return (
     <fieldset class="stack" data-testid="group-routing">
       <legend>{t('routing_settings')}</legend>
-      <Field label={t('wrap_up_s')}>
-        <input
-          type="number"
-          min={0}
-          max={3600}
-          step={1}
-          data-testid="group-wrap-up"
-          value={r.wrap_up_ms / 1000}
-          onInput={(e) => props.onChange({ ...r, wrap_up_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
-        />
-      </Field>
-      <Field label={t('sticky_h')}>
-        <input
-          type="number"
-          min={0}
-          max={720}
-          step={1}
-          data-testid="group-sticky"
-          value={(r.sticky_ms ?? 0) / 3_600_000}
-          onInput={(e) => props.onChange({ ...r, sticky_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 3_600_000) })}
-        />
-      </Field>
+      <MsField label={t('wrap_up_s')} testid="group-wrap-up" unit={1000} max={3600} ms={r.wrap_up_ms ?? 0} onChange={(wrap_up_ms) => props.onChange({ ...r, wrap_up_ms })} />
+      <MsField label={t('sticky_h')} testid="group-sticky" unit={3_600_000} max={720} ms={r.sticky_ms ?? 0} onChange={(sticky_ms) => props.onChange({ ...r, sticky_ms })} />
       <Field label={t('required_skills')}>
         <input
           data-testid="group-required-skills"
@@ -693,39 +690,12 @@ function RoutingFields(props: { routing: GroupRouting; onChange: (r: GroupRoutin
           onChange={(e) => props.onChange({ ...r, required_skills: parsePairs((e.currentTarget as HTMLInputElement).value) })}
         />
       </Field>
-      <Field label={t('remind_s')}>
-        <input
-          type="number"
-          min={0}
-          step={1}
-          data-testid="group-remind"
-          value={(r.inactivity_remind_ms ?? 0) / 1000}
-          onInput={(e) => props.onChange({ ...r, inactivity_remind_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
-        />
-      </Field>
-      <Field label={t('inactive_s')}>
-        <input
-          type="number"
-          min={0}
-          step={1}
-          data-testid="group-inactive"
-          value={(r.inactivity_close_ms ?? 0) / 1000}
-          onInput={(e) => props.onChange({ ...r, inactivity_close_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
-        />
-      </Field>
+      <MsField label={t('remind_s')} testid="group-remind" unit={1000} ms={r.inactivity_remind_ms ?? 0} onChange={(inactivity_remind_ms) => props.onChange({ ...r, inactivity_remind_ms })} />
+      <MsField label={t('inactive_s')} testid="group-inactive" unit={1000} ms={r.inactivity_close_ms ?? 0} onChange={(inactivity_close_ms) => props.onChange({ ...r, inactivity_close_ms })} />
       <Field label={t('inactivity_message')}>
         <input maxLength={4000} data-testid="group-inactivity-message" value={r.inactivity_message ?? ''} onInput={(e) => props.onChange({ ...r, inactivity_message: (e.currentTarget as HTMLInputElement).value })} />
       </Field>
-      <Field label={t('ageing_s')}>
-        <input
-          type="number"
-          min={0}
-          step={1}
-          data-testid="group-ageing"
-          value={r.ageing_ms / 1000}
-          onInput={(e) => props.onChange({ ...r, ageing_ms: Math.round(Number((e.currentTarget as HTMLInputElement).value) * 1000) })}
-        />
-      </Field>
+      <MsField label={t('ageing_s')} testid="group-ageing" unit={1000} ms={r.ageing_ms ?? 0} onChange={(ageing_ms) => props.onChange({ ...r, ageing_ms })} />
       <table class="table small rules-table">
         <caption class="muted small">{t('attribute_priorities')}</caption>
         <thead>

@@ -1,4 +1,5 @@
 /** The open conversation: header and actions, history, typing, composer, side panels. */
+import { uid } from '../shared/ids';
 import { useEffect, useRef, useState } from 'preact/hooks';
 import { ACCEPT_ATTRIBUTE, checkAttachment, contentTypeOf, MAX_ATTACHMENTS_PER_MESSAGE, type Attachment } from '../shared/files';
 import { formatDuration } from '../shared/format';
@@ -217,7 +218,7 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
     const text = draft.trim();
     if (!text) return;
     if (text.length > 4000) return setProblem(t('err_too_long'));
-    const key = 'note-' + Date.now().toString(36) + '-' + Math.random().toString(36).slice(2, 10);
+    const key = 'note-' + uid();
     const sent = draft;
     setDraft('');
     api.post('/api/conversations/' + conv.id + '/notes', { text, key }).then(

@@ -1,4 +1,5 @@
 /** Read-only view of any conversation, its routing decisions, and (supervisors) reassignment. */
+import { uid } from '../shared/ids';
 import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { formatDateTime } from '../shared/format';
 import type { ConversationDoc, DecisionRecord, OperatorStatus, SkillGroup } from './types';
@@ -268,7 +269,7 @@ function NoteForm(props: { id: number; onDone: () => void }) {
         if (!text.trim() || busy) return;
         setBusy(true);
         try {
-          const key = 'note-' + Date.now().toString(36) + '-' + Math.random().toString(36).slice(2, 10);
+          const key = 'note-' + uid();
           await api.post('/api/conversations/' + props.id + '/notes', { text: text.trim(), key });
           setText('');
           setError(null);
