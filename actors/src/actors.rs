@@ -366,6 +366,9 @@ pub struct EntityState {
     timers: BTreeMap<OfferId, Timer>,
     /// A skill group's one queue timer, at its next deadline.
     queue_timer: Option<(Timestamp, Timer)>,
+    /// The round deadline the queue timer was armed for, if it was one: a routing step
+    /// or an opening is past once reached, so it is not found again when the timer fires.
+    round_armed: Option<Timestamp>,
     /// New-round deadlines up to here were already asked for; if no operator could take
     /// the conversation then, the next change to the group routes it instead.
     rounds_asked_upto: Timestamp,
@@ -425,6 +428,27 @@ impl EntityState {
                 earliest(&mut sla, crossing);
             }
         }
+        // Rules 6: a waiting conversation reaching its next routing step, and a closed
+        // group opening with conversations waiting, route then, as for a new round.
+        for (_, id) in &g.queue {
+            let Some(conv) = shard.conversations.get(id) else { continue };
+            if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) {
+                continue;
+            }
+            if let Some(at) = crate::routing::next_step_at(&shard, g, conv, now).filter(|at| *at > self.rounds_asked_upto) {
+                earliest(&mut round, at);
+            }
+        }
+        if waiting && shard.group_closed(group, now) {
+            if let Some(hours) = shard.group_hours.get(group) {
+                // A schedule that does not open within the look-ahead is looked at again
+                // in an hour.
+                let opens = crate::hours::next_change(hours, now).unwrap_or(now.plus_ms(3_600_000));
+                if opens > self.rounds_asked_upto {
+                    earliest(&mut round, opens);
+                }
+            }
+        }
         // An operator of the group whose wrap-up ends while a conversation waits: route
         // then, as for a new round.
         if waiting {
@@ -450,6 +474,7 @@ impl EntityState {
             }
             return;
         };
+        self.round_armed = round.filter(|r| *r == deadline);
         if self.queue_timer.as_ref().is_some_and(|(armed, _)| *armed == deadline) {
             return;
         }
@@ -464,7 +489,8 @@ impl EntityState {
         self.queue_timer = None;
         let StreamKey::Group(group) = &self.key else { return };
         let now = now_ms();
-        if self.queue_deadlines(group, now).0.is_some_and(|round| round <= now) {
+        let armed = self.round_armed.take().is_some_and(|round| round <= now);
+        if armed || self.queue_deadlines(group, now).0.is_some_and(|round| round <= now) {
             let asked_before = self.rounds_asked_upto;
             self.rounds_asked_upto = now;
             let proposer = self.proposer.clone();
@@ -499,6 +525,7 @@ impl Actor for EntityActor {
             arm_timers: args.arm_timers,
             timers: BTreeMap::new(),
             queue_timer: None,
+            round_armed: None,
             rounds_asked_upto: Timestamp(0),
             idle_checks: 0,
             closing_check: false,

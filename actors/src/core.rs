@@ -29,12 +29,22 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// Rules 5: a skill group's queue is offered in order of priority (its channel's, its
 /// visitor's attributes', plus ageing), then arrival; an operator in wrap-up after a
 /// close gets no offer until it ends.
-pub const RULES_VERSION: u32 = 5;
+/// Rules 6: routing steps relax a group's skill requirements and add overflow groups
+/// over waiting time (the decision record names the step); opening hours pause a
+/// group's offers and answer conversations arriving while it is closed; channel kinds
+/// carry weights against operators' capacity.
+pub const RULES_VERSION: u32 = 6;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
 /// running leader, so a late one was the cluster's stall, not the operator's absence.
 pub const STALLED_EXPIRY_MS: u64 = 2000;
+
+/// The resolution of a conversation answered and closed outside its group's hours.
+pub const AFTER_HOURS: &str = "after_hours";
+/// Routing steps a group may have, and the heaviest channel weight.
+pub const MAX_STEPS: usize = 10;
+pub const MAX_WEIGHT: u32 = 100;
 
 /// Longest message text the core accepts, in characters.
 pub const MAX_TEXT_CHARS: usize = 4000;
@@ -99,6 +109,17 @@ pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Out
     if let Command::RouteQueue { group } = &envelope.command {
         dirty.insert(group.clone());
     }
+    // Rules 6: a group whose steps overflow into a touched group may now find room
+    // with that group's operators.
+    if state.rules >= 6 {
+        let overflowing: Vec<SkillGroupId> = state
+            .group_steps
+            .iter()
+            .filter(|(_, steps)| steps.iter().any(|s| s.overflow.iter().any(|g| dirty.contains(g))))
+            .map(|(g, _)| g.clone())
+            .collect();
+        dirty.extend(overflowing);
+    }
     for group in dirty {
         route_group(state, &group, now, &mut outcome);
     }
@@ -153,6 +174,10 @@ fn commit(state: &mut ShardState, event: Event, now: Timestamp, outcome: &mut Ou
 
 /// Offers queued conversations of `group`, head first, while operators have room.
 fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, outcome: &mut Outcome) {
+    // Rules 6: a group outside its opening hours makes no offers; its queue waits.
+    if state.group_closed(group_id, now) {
+        return;
+    }
     // The order is a function of the queue and the time, fixed for this call: computed
     // once, not for every offer it makes (an offer only takes its conversation out of the
     // running, which the loop skips).
@@ -160,20 +185,26 @@ fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, 
         Some(group) => queue_order(state, group, now),
         None => return,
     };
+    // Whose room is worth walking the queue for: the group's operators, and from rules 6
+    // those of the groups its steps overflow into.
+    let mut pool: BTreeSet<SkillGroupId> = BTreeSet::from([group_id.clone()]);
+    if state.rules >= 6 {
+        pool.extend(state.group_steps.get(group_id).into_iter().flatten().flat_map(|s| s.overflow.iter().cloned()));
+    }
     loop {
         let Some(group) = state.groups.get(group_id) else { return };
         // Nobody who could take anything: an operator in wrap-up (rules 5) has room but
         // takes nothing, so the queue is not walked for them.
         let any_free = state.operators.values().any(|op| {
             op.presence == Presence::Online
-                && op.free_capacity() > 0
-                && op.config.groups.contains(group_id)
+                && state.has_any_room(op)
+                && op.config.groups.iter().any(|g| pool.contains(g))
                 && !(state.rules >= 5 && state.wrap_up.get(&op.config.id).is_some_and(|until| *until > now))
         });
         if !any_free {
             return;
         }
-        let mut made = None;
+        let mut made = Vec::new();
         for conv_id in &order {
             let Some(conv) = state.conversations.get(conv_id) else { continue };
             if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) {
@@ -185,7 +216,7 @@ fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, 
                 // leave it waiting for an operator who has not seen it yet (I4).
                 let someone_passed_is_free = selection.candidates.iter().any(|c| c.excluded.as_deref() == Some("passed"));
                 if someone_passed_is_free && new_round_at(group, conv).is_some_and(|at| now >= at) {
-                    made = Some(Event::RoundRestarted { conversation: *conv_id });
+                    made.push(Event::RoundRestarted { conversation: *conv_id });
                     break;
                 }
             }
@@ -209,13 +240,19 @@ fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, 
                     candidates: selection.candidates,
                     chosen,
                 };
-                made = Some(Event::OfferMade { offer, decision });
+                made.push(Event::OfferMade { offer, decision });
+                // Rules 6: the decision record names the step whose target matched.
+                if state.rules >= 6 && state.group_steps.contains_key(group_id) {
+                    made.push(Event::OfferStep { offer: id, step: selection.step });
+                }
                 break;
             }
         }
-        match made {
-            Some(event) => commit(state, event, now, outcome),
-            None => return,
+        if made.is_empty() {
+            return;
+        }
+        for event in made {
+            commit(state, event, now, outcome);
         }
     }
 }
@@ -318,6 +355,51 @@ pub fn check_routing(routing: &GroupRouting) -> Result<(), Error> {
     }
     if routing.sticky_ms > MAX_STICKY_MS {
         return Err(Error::Invalid(format!("sticky time is at most {MAX_STICKY_MS} ms (30 days)")));
+    }
+    Ok(())
+}
+
+/// Settings that change routing are refused before the rules that read them are in
+/// force, so a log never holds a setting its replay ignores.
+fn rules_at_least(state: &ShardState, version: u32) -> Result<(), Error> {
+    if state.rules < version {
+        return Err(Error::Invalid(format!("this needs routing rules {version}; the cluster still decides with {}", state.rules)));
+    }
+    Ok(())
+}
+
+/// Steps: at most [`MAX_STEPS`], each later than the last, with valid skills, a level
+/// cap of 0-5 and overflow groups that exist.
+pub fn check_steps(steps: &[RoutingStep], group_exists: &dyn Fn(&SkillGroupId) -> bool) -> Result<(), Error> {
+    if steps.len() > MAX_STEPS {
+        return Err(Error::Invalid(format!("at most {MAX_STEPS} routing steps")));
+    }
+    let mut last = 0;
+    for step in steps {
+        if step.after_ms <= last {
+            return Err(Error::Invalid("each routing step starts later than the one before it, after more than 0 ms".into()));
+        }
+        last = step.after_ms;
+        if let Some(skills) = &step.skills {
+            check_skills(skills.iter().map(|(n, l)| (n.as_str(), *l)))?;
+        }
+        if step.max_level > 5 {
+            return Err(Error::Invalid("a step's level cap is 0 (none) to 5".into()));
+        }
+        if step.overflow.len() > 20 {
+            return Err(Error::Invalid("at most 20 overflow groups per step".into()));
+        }
+        if let Some(missing) = step.overflow.iter().find(|g| !group_exists(g)) {
+            return Err(Error::NotFound(format!("skill group {missing}")));
+        }
+    }
+    Ok(())
+}
+
+/// Weights: at most 50 kinds of 1 to 32 bytes, each weighing 1 to [`MAX_WEIGHT`].
+pub fn check_weights(weights: &[(String, u32)]) -> Result<(), Error> {
+    if weights.len() > 50 || weights.iter().any(|(k, w)| k.is_empty() || k.len() > 32 || !(1..=MAX_WEIGHT).contains(w)) {
+        return Err(Error::Invalid(format!("at most 50 channel kinds of 1 to 32 bytes, weights 1 to {MAX_WEIGHT}")));
     }
     Ok(())
 }
@@ -483,6 +565,26 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             let conv = ConversationId(if state.rules >= 4 { state.next_conversation.max(1) } else { state.next_conversation });
             // An emergency notice in force for the channel or the group is its first answer.
             let notice = state.emergency_for(channel, &group).map(|e| Event::NoticeGiven { conversation: conv, text: e.message.clone() });
+            // Rules 6: outside the group's opening hours, its configured answer.
+            let mut after_hours = Vec::new();
+            let mut group = group;
+            if state.group_closed(&group, now) {
+                if let Some(hours) = state.group_hours.get(&group) {
+                    if !hours.message.trim().is_empty() {
+                        after_hours.push(Event::NoticeGiven { conversation: conv, text: hours.message.clone() });
+                    }
+                    match &hours.closed_action {
+                        ClosedAction::Reply => after_hours.push(Event::ConversationClosed {
+                            conversation: conv,
+                            by: Closer::System,
+                            resolution: AFTER_HOURS.into(),
+                            tags: vec![],
+                        }),
+                        ClosedAction::Transfer(to) if state.groups.contains_key(to) => group = to.clone(),
+                        ClosedAction::Transfer(_) | ClosedAction::Wait => {}
+                    }
+                }
+            }
             // Rules 5: a returning customer goes first to whoever served them last, if
             // they came back within the group's sticky time.
             let sticky_ms = state.group_routing.get(&group).map_or(0, |r| r.sticky_ms);
@@ -506,6 +608,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 .into_iter()
                 .chain(sticky)
                 .chain(notice)
+                .chain(after_hours)
                 .collect(),
             ))
         }
@@ -712,7 +815,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                     if to_op.presence == Presence::Offline {
                         return Err(Error::Unavailable(format!("operator {to} is offline")));
                     }
-                    if to_op.free_capacity() == 0 {
+                    if !state.has_room(to_op, &conversation(conv_id)?.channel) {
                         return Err(Error::CapacityExceeded(to.clone()));
                     }
                     Ok((
@@ -754,6 +857,29 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             }
             check_routing(routing)?;
             Ok((Reply::Done, vec![Event::GroupRoutingSet { group: group.clone(), routing: routing.clone() }]))
+        }
+        Command::SetGroupSteps { group, steps } => {
+            rules_at_least(state, 6)?;
+            if !state.groups.contains_key(group) {
+                return Err(Error::NotFound(format!("skill group {group}")));
+            }
+            check_steps(steps, &|g| state.groups.contains_key(g))?;
+            Ok((Reply::Done, vec![Event::GroupStepsSet { group: group.clone(), steps: steps.clone() }]))
+        }
+        Command::SetGroupHours { group, hours } => {
+            rules_at_least(state, 6)?;
+            if !state.groups.contains_key(group) {
+                return Err(Error::NotFound(format!("skill group {group}")));
+            }
+            if let Some(h) = hours {
+                crate::hours::check(h, group, &|g| state.groups.contains_key(g))?;
+            }
+            Ok((Reply::Done, vec![Event::GroupHoursSet { group: group.clone(), hours: hours.clone() }]))
+        }
+        Command::SetChannelWeights { weights } => {
+            rules_at_least(state, 6)?;
+            check_weights(weights)?;
+            Ok((Reply::Done, vec![Event::ChannelWeightsSet { weights: weights.clone() }]))
         }
         Command::SetChannelPriority { channel, priority } => {
             if !state.channels.contains_key(channel) {
@@ -889,7 +1015,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                     if to_op.presence == Presence::Offline {
                         return Err(Error::Unavailable(format!("operator {to} is offline")));
                     }
-                    if to_op.free_capacity() == 0 {
+                    if !state.has_room(to_op, &conversation(conv_id)?.channel) {
                         return Err(Error::CapacityExceeded(to.clone()));
                     }
                     Event::ConversationAssigned { conversation: *conv_id, operator: to.clone() }

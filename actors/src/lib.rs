@@ -14,6 +14,7 @@ pub mod access;
 pub mod actors;
 pub mod core;
 pub mod error;
+pub mod hours;
 pub mod model;
 pub mod records;
 pub mod routing;

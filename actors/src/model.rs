@@ -166,6 +166,58 @@ pub struct SkillRule {
     pub level: u8,
 }
 
+/// One step of a group's routing rule (rules 6): from `after_ms` waited in the group's
+/// queue on, a conversation is routed to this step's target instead of the previous
+/// one's. Step 0 is implicit: the group's own requirements from arrival; configured
+/// steps are numbered from 1, each wider than the last (for example level 4+, after
+/// 30 s level 2+, after 90 s the overflow group too).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingStep {
+    /// Waited in the group's queue, in milliseconds, before this step applies (> 0,
+    /// strictly increasing from step to step).
+    pub after_ms: u64,
+    /// The skills (name, minimum level) needed at this step, replacing the group's
+    /// required skills; `None` keeps them. The group's attribute skill rules still apply.
+    pub skills: Option<Vec<(String, u8)>>,
+    /// Caps every level needed at this step (required skills and attribute rules) at
+    /// this value, 1-5; 0: no cap.
+    pub max_level: u8,
+    /// Other groups whose operators may also take the conversation at this step
+    /// (overflow); it keeps its place in this group's queue.
+    pub overflow: Vec<SkillGroupId>,
+}
+
+/// What a conversation arriving while its group is closed gets (rules 6).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClosedAction {
+    /// It is told the message and closed by `system` with the resolution `after_hours`.
+    Reply,
+    /// It is told the message (if any) and waits in the queue: the group makes no
+    /// offers until it opens.
+    Wait,
+    /// It is told the message (if any) and queued in this other group instead.
+    Transfer(SkillGroupId),
+}
+
+/// A group's opening hours (rules 6): a weekly schedule in a time zone, with holidays
+/// that replace a date's hours. While closed the group makes no offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpeningHours {
+    /// An IANA time zone name (`Europe/Moscow`), resolved with the tz database this
+    /// build carries (docs/adr/0002).
+    pub time_zone: String,
+    /// Open intervals: day of the week (0 Monday .. 6 Sunday), opening and closing
+    /// minute of the local day (closing up to 1440, after opening).
+    pub weekly: Vec<(u8, u16, u16)>,
+    /// Dates (`YYYY-MM-DD`, local) whose hours replace the weekly ones: no intervals
+    /// means closed all day.
+    pub holidays: Vec<(String, Vec<(u16, u16)>)>,
+    pub closed_action: ClosedAction,
+    /// What a customer is told outside hours (the widget shows it before they write).
+    pub message: String,
+}
+
 /// What an emergency notice covers: every conversation of a channel, or of a group.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -500,6 +552,21 @@ pub enum Command {
         operator: OperatorId,
         skills: Vec<(String, u8)>,
     },
+    /// A group's routing steps (rules 6): relaxation and overflow over waiting time.
+    SetGroupSteps {
+        group: SkillGroupId,
+        steps: Vec<RoutingStep>,
+    },
+    /// A group's opening hours (rules 6), or none (`None`: always open).
+    SetGroupHours {
+        group: SkillGroupId,
+        hours: Option<OpeningHours>,
+    },
+    /// How much of an operator's capacity a conversation of each channel kind takes
+    /// (rules 6); a kind not listed weighs 1.
+    SetChannelWeights {
+        weights: Vec<(String, u32)>,
+    },
 }
 
 /// An operator's per-channel-kind limits (rules 5).
@@ -796,5 +863,22 @@ pub enum Event {
         allow_only: bool,
         message: String,
         by: String,
+    },
+    GroupStepsSet {
+        group: SkillGroupId,
+        steps: Vec<RoutingStep>,
+    },
+    GroupHoursSet {
+        group: SkillGroupId,
+        hours: Option<OpeningHours>,
+    },
+    ChannelWeightsSet {
+        weights: Vec<(String, u32)>,
+    },
+    /// The routing step whose target an offer was made under (rules 6, groups with
+    /// steps): part of the offer's decision record.
+    OfferStep {
+        offer: OfferId,
+        step: u32,
     },
 }

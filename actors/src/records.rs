@@ -40,6 +40,11 @@
 //! | `L` operator | the operator's per-channel-kind limits |
 //! | `J` operator | the operator's skills and levels |
 //! | `P` len:u16 operator hour | the operator's time on break per reason, for breaks that ended in that hour |
+//! | `G` group | the group's routing steps ([`RoutingStep`], rules 6) |
+//! | `H` group | the group's opening hours ([`OpeningHours`], rules 6) |
+//! | `N` | the channel kinds' weights against capacity (rules 6) |
+//! | `Q` conversation | when a queued conversation entered its group's queue (rules 6) |
+//! | `O` offer | the routing step an offer was made under (rules 6; deleted with its decision record) |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
 //! of the record. A reader refuses a version it does not know (docs/formats.md).
@@ -214,6 +219,19 @@ pub mod key {
     }
     pub fn group_routing(group: &SkillGroupId) -> Vec<u8> {
         with(b'y', group.0.as_bytes())
+    }
+    pub fn group_steps(group: &SkillGroupId) -> Vec<u8> {
+        with(b'G', group.0.as_bytes())
+    }
+    pub fn group_hours(group: &SkillGroupId) -> Vec<u8> {
+        with(b'H', group.0.as_bytes())
+    }
+    pub const CHANNEL_WEIGHTS: &[u8] = b"N";
+    pub fn queued_since(conversation: ConversationId) -> Vec<u8> {
+        with_id(b'Q', conversation.0, &[])
+    }
+    pub fn offer_step(offer: OfferId) -> Vec<u8> {
+        with_id(b'O', offer.0, &[])
     }
     pub fn channel_priority(channel: &ChannelId) -> Vec<u8> {
         with(b'Y', channel.0.as_bytes())
@@ -450,6 +468,30 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
             Some(routing) => put(key::group_routing(group), encode(&(group, routing))),
             None => removes.push(key::group_routing(group)),
         }
+    }
+    for group in &dirty.group_steps {
+        match state.group_steps.get(group) {
+            Some(steps) => put(key::group_steps(group), encode(&(group, steps))),
+            None => removes.push(key::group_steps(group)),
+        }
+    }
+    for group in &dirty.group_hours {
+        match state.group_hours.get(group) {
+            Some(hours) => put(key::group_hours(group), encode(&(group, hours))),
+            None => removes.push(key::group_hours(group)),
+        }
+    }
+    if dirty.channel_weights {
+        put(key::CHANNEL_WEIGHTS.to_vec(), encode(&state.channel_weights));
+    }
+    for id in &dirty.queued_since {
+        match state.queued_since.get(id) {
+            Some(at) => put(key::queued_since(*id), encode(at)),
+            None => removes.push(key::queued_since(*id)),
+        }
+    }
+    for (offer, step) in &dirty.offer_steps {
+        put(key::offer_step(*offer), encode(step));
     }
     for channel in &dirty.channel_priority {
         match state.channel_priority.get(channel) {
@@ -689,6 +731,7 @@ fn find_expired(state: &mut ShardState, store: &dyn Store, as_of: Timestamp) -> 
 fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: ConversationId) -> Result<(), Error> {
     if let Some(conv) = get::<Conversation>(store, &key::conversation(id))? {
         state.expired_keys.extend(conv.decisions.iter().map(|offer| key::decision(*offer)));
+        state.expired_keys.extend(conv.decisions.iter().map(|offer| key::offer_step(*offer)));
         if let Some(visitor) = conv.visitor.id.as_ref() {
             state.expired_keys.push(key::visitor(visitor, id));
         }
@@ -809,6 +852,11 @@ pub fn decision(store: &dyn Store, offer: OfferId) -> Result<Option<DecisionReco
     get(store, &key::decision(offer))
 }
 
+/// The routing step an offer was made under, when its group had steps (rules 6).
+pub fn offer_step(store: &dyn Store, offer: OfferId) -> Result<Option<u32>, Error> {
+    get(store, &key::offer_step(offer))
+}
+
 /// The hot state, rebuilt from the records.
 pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     let mut state = ShardState::default();
@@ -894,6 +942,19 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, (group, routing)) in all::<(SkillGroupId, GroupRouting)>(store, b"y")? {
         state.group_routing.insert(group, routing);
+    }
+    for (_, (group, steps)) in all::<(SkillGroupId, Vec<RoutingStep>)>(store, b"G")? {
+        state.group_steps.insert(group, steps);
+    }
+    for (_, (group, hours)) in all::<(SkillGroupId, OpeningHours)>(store, b"H")? {
+        state.group_hours.insert(group, hours);
+    }
+    if let Some(weights) = get::<BTreeMap<String, u32>>(store, key::CHANNEL_WEIGHTS)? {
+        state.channel_weights = weights;
+    }
+    for (k, at) in all::<Timestamp>(store, b"Q")? {
+        let id = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged queue-time key".into()))?;
+        state.queued_since.insert(ConversationId(u64::from_be_bytes(id)), at);
     }
     for (_, (channel, priority)) in all::<(ChannelId, u32)>(store, b"Y")? {
         state.channel_priority.insert(channel, priority);

@@ -13,50 +13,108 @@ use crate::state::{Conversation, Operator, ShardState, SkillGroup};
 pub struct Selection {
     pub chosen: Option<OperatorId>,
     pub candidates: Vec<Candidate>,
+    /// The routing step whose target was applied (rules 6; 0 without steps).
+    pub step: u32,
 }
 
 /// Scores every operator of the group for `conversation` under the group's policy.
 /// Scores of a better skill match outrank any tie-breaker score.
 const SKILL_WEIGHT: i64 = 10_000_000_000_000_000;
 
+/// The routing step a queued conversation is at as of `now` (rules 6): how many of its
+/// group's steps it has waited into since it entered the queue; 0 before the first or
+/// when the group has none.
+pub fn step_at(state: &ShardState, group: &SkillGroup, conversation: &Conversation, now: Timestamp) -> u32 {
+    let Some(steps) = steps_of(state, group) else { return 0 };
+    let waited = now.millis_since(queued_since(state, conversation));
+    steps.iter().take_while(|s| s.after_ms <= waited).count() as u32
+}
+
+/// When a queued conversation reaches its next routing step, if it has one to reach.
+pub fn next_step_at(state: &ShardState, group: &SkillGroup, conversation: &Conversation, now: Timestamp) -> Option<Timestamp> {
+    let steps = steps_of(state, group)?;
+    let next = steps.get(step_at(state, group, conversation, now) as usize)?;
+    Some(queued_since(state, conversation).plus_ms(next.after_ms))
+}
+
+fn steps_of<'a>(state: &'a ShardState, group: &SkillGroup) -> Option<&'a Vec<RoutingStep>> {
+    if state.rules < 6 {
+        return None;
+    }
+    state.group_steps.get(&group.config.id)
+}
+
+fn queued_since(state: &ShardState, conversation: &Conversation) -> Timestamp {
+    state.queued_since.get(&conversation.id).copied().unwrap_or(conversation.created_at)
+}
+
+/// The groups whose operators may take a conversation of `group` at `step`: the group
+/// itself, then its overflow groups there (rules 6).
+pub fn step_groups(state: &ShardState, group: &SkillGroup, step: u32) -> Vec<SkillGroupId> {
+    let mut groups = vec![group.config.id.clone()];
+    if let Some(s) = steps_of(state, group).and_then(|steps| steps.get((step as usize).checked_sub(1)?)) {
+        groups.extend(s.overflow.iter().filter(|g| **g != group.config.id).cloned());
+    }
+    groups
+}
+
 /// The skills (name, minimum level) a conversation of `group` needs (rules 5): the
 /// group's, plus those of the group's skill rules its visitor matches; the highest
-/// level wins where several name one skill.
+/// level wins where several name one skill. From rules 6 a routing step past 0 may
+/// replace the group's own skills and cap every level.
 pub fn requirements(state: &ShardState, group: &SkillGroup, conversation: &Conversation) -> Vec<(String, u8)> {
+    requirements_at(state, group, conversation, 0)
+}
+
+pub fn requirements_at(state: &ShardState, group: &SkillGroup, conversation: &Conversation, step: u32) -> Vec<(String, u8)> {
     if state.rules < 5 {
         return Vec::new();
     }
-    let Some(routing) = state.group_routing.get(&group.config.id) else { return Vec::new() };
+    let step = steps_of(state, group).and_then(|steps| steps.get((step as usize).checked_sub(1)?));
+    let routing = state.group_routing.get(&group.config.id);
+    let base: Vec<(String, u8)> = match (step.and_then(|s| s.skills.as_ref()), routing) {
+        (Some(skills), _) => skills.clone(),
+        (None, Some(r)) => r.required_skills.clone(),
+        (None, None) => Vec::new(),
+    };
     let mut needs: std::collections::BTreeMap<String, u8> = std::collections::BTreeMap::new();
     let rules = routing
-        .skill_rules
-        .iter()
+        .into_iter()
+        .flat_map(|r| r.skill_rules.iter())
         .filter(|r| conversation.visitor.attributes.iter().any(|(k, v)| *k == r.attribute && *v == r.value))
-        .map(|r| (&r.skill, r.level));
-    for (skill, level) in routing.required_skills.iter().map(|(s, l)| (s, *l)).chain(rules) {
-        let at = needs.entry(skill.clone()).or_insert(0);
+        .map(|r| (r.skill.clone(), r.level));
+    for (skill, level) in base.into_iter().chain(rules) {
+        let at = needs.entry(skill).or_insert(0);
         *at = (*at).max(level);
     }
-    needs.into_iter().collect()
+    let cap = step.map_or(0, |s| s.max_level);
+    needs.into_iter().map(|(skill, level)| (skill, if cap > 0 { level.min(cap) } else { level })).collect()
 }
 
 pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Conversation, now: Timestamp) -> Selection {
-    let needs = requirements(state, group, conversation);
+    select_at_step(state, group, conversation, now, step_at(state, group, conversation, now))
+}
+
+/// Selection as it would be at routing `step`: the step's skills, and the operators of
+/// the group and of the step's overflow groups.
+pub fn select_at_step(state: &ShardState, group: &SkillGroup, conversation: &Conversation, now: Timestamp, step: u32) -> Selection {
+    let needs = requirements_at(state, group, conversation, step);
+    let groups = step_groups(state, group, step);
     let mut candidates: Vec<Candidate> = state
         .operators
         .values()
-        .filter(|op| op.config.groups.contains(&group.config.id))
+        .filter(|op| groups.iter().any(|g| op.config.groups.contains(g)))
         .map(|op| {
             let wrapping_up = state.rules >= 5 && state.wrap_up.get(&op.config.id).is_some_and(|until| *until > now);
-            // Channel limits come after the overall capacity and before passes.
+            let full = !state.has_room(op, &conversation.channel);
             let skills = state.operator_skills.get(&op.config.id);
             let missing = needs.iter().any(|(skill, min)| skills.and_then(|s| s.get(skill)).is_none_or(|level| level < min));
             // Channel limits and skills come after the overall capacity, before passes.
-            let excluded = match exclusion(op, conversation, state.rules, wrapping_up) {
+            let excluded = match exclusion(op, conversation, state.rules, wrapping_up, full) {
                 None | Some("passed") => state
                     .channel_exclusion(op, &conversation.channel)
                     .or(missing.then_some("skill_missing"))
-                    .or(exclusion(op, conversation, state.rules, wrapping_up)),
+                    .or(exclusion(op, conversation, state.rules, wrapping_up, full)),
                 other => other,
             };
             let score = match excluded {
@@ -64,14 +122,14 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
                 // then the group's tie-breaker.
                 None if !needs.is_empty() => {
                     let matched: i64 = needs.iter().map(|(skill, _)| i64::from(skills.and_then(|s| s.get(skill)).copied().unwrap_or(0))).sum();
-                    Some(matched * SKILL_WEIGHT + score(group.config.policy, op, now).min(SKILL_WEIGHT - 1))
+                    Some(matched * SKILL_WEIGHT + score(state, group.config.policy, op, now).min(SKILL_WEIGHT - 1))
                 }
-                None => Some(score(group.config.policy, op, now)),
+                None => Some(score(state, group.config.policy, op, now)),
                 Some(_) => None,
             };
             Candidate {
                 operator: op.config.id.clone(),
-                load: op.load(),
+                load: state.load_of(op),
                 capacity: op.config.capacity,
                 excluded: excluded.map(str::to_owned),
                 score,
@@ -83,14 +141,14 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
     // Rules 5: a returning customer's last operator, when they can take it, comes first.
     let sticky = state.sticky.get(&conversation.id).filter(|op| candidates.iter().any(|c| &c.operator == *op && c.score.is_some()));
     let chosen = sticky.cloned().or_else(|| candidates.iter().find(|c| c.score.is_some()).map(|c| c.operator.clone()));
-    Selection { chosen, candidates }
+    Selection { chosen, candidates, step }
 }
 
 /// Eligibility and capacity stages: why this operator cannot take the conversation, as a
 /// stable code (`offline`, `away`, `on_break`, `at_capacity`, `wrap_up`, `passed`).
 /// Capacity comes before passes, so `passed` always names an operator who could take it
 /// in a new round.
-fn exclusion(op: &Operator, conversation: &Conversation, rules: u32, wrapping_up: bool) -> Option<&'static str> {
+fn exclusion(op: &Operator, conversation: &Conversation, rules: u32, wrapping_up: bool, full: bool) -> Option<&'static str> {
     if op.presence != Presence::Online {
         return Some(match op.presence {
             Presence::Away => "away",
@@ -98,7 +156,6 @@ fn exclusion(op: &Operator, conversation: &Conversation, rules: u32, wrapping_up
             _ => "offline",
         });
     }
-    let full = op.free_capacity() == 0;
     let passed = conversation.passed_by.contains(&op.config.id);
     // The first rules reported a pass before capacity; decision records replay as made.
     match (full, passed) {
@@ -162,14 +219,15 @@ pub fn new_round_at(group: &SkillGroup, conversation: &Conversation) -> Option<T
 }
 
 /// Selector stage. Scores are integers so that replicas never disagree on rounding.
-fn score(policy: Policy, op: &Operator, now: Timestamp) -> i64 {
+fn score(state: &ShardState, policy: Policy, op: &Operator, now: Timestamp) -> i64 {
     let idle_ms = now.millis_since(op.idle_since).min(i64::MAX as u64 / 4) as i64;
     match policy {
         Policy::LongestIdle => idle_ms,
         Policy::LeastOccupied => {
             // Free share in per-mille dominates; idle time breaks ties within it.
             let capacity = op.config.capacity.max(1) as i64;
-            let free_permille = (op.free_capacity() as i64 * 1000) / capacity;
+            let free = op.config.capacity.saturating_sub(state.load_of(op));
+            let free_permille = (free as i64 * 1000) / capacity;
             free_permille * 1_000_000_000_000 + idle_ms.min(999_999_999_999)
         }
     }

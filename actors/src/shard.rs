@@ -268,6 +268,11 @@ impl Shard {
         records::decision(self.store()?.as_ref(), offer)
     }
 
+    /// The routing step an offer was made under (rules 6, groups with steps).
+    pub fn offer_step(&self, offer: OfferId) -> Result<Option<u32>, Error> {
+        records::offer_step(self.store()?.as_ref(), offer)
+    }
+
     pub fn attachment(&self, id: &AttachmentId) -> Result<Option<Attachment>, Error> {
         records::find_attachment(self.store()?.as_ref(), id)
     }

@@ -138,6 +138,20 @@ pub struct ShardState {
     /// (records `P`); the last [`KPI_HOURS_KEPT`] hours are kept.
     #[serde(default)]
     pub pause_totals: BTreeMap<OperatorId, BTreeMap<u64, BTreeMap<String, u64>>>,
+    /// Per skill group, its routing steps over waiting time (rules 6; records `G`).
+    #[serde(default)]
+    pub group_steps: BTreeMap<SkillGroupId, Vec<RoutingStep>>,
+    /// Per skill group, its opening hours (rules 6; records `H`).
+    #[serde(default)]
+    pub group_hours: BTreeMap<SkillGroupId, OpeningHours>,
+    /// Per channel kind, the share of capacity one conversation of it takes (rules 6;
+    /// record `N`); a kind not listed weighs 1.
+    #[serde(default)]
+    pub channel_weights: BTreeMap<String, u32>,
+    /// When each queued conversation entered its group's queue (rules 6; records `Q`):
+    /// its routing step counts from here.
+    #[serde(default)]
+    pub queued_since: BTreeMap<ConversationId, Timestamp>,
     /// What the events applied since the last write changed, to be written as records.
     #[serde(skip)]
     pub dirty: Dirty,
@@ -189,6 +203,41 @@ pub enum InactivityStep {
 }
 
 impl ShardState {
+    /// The share of an operator's capacity a conversation takes: its channel kind's
+    /// weight from rules 6, else 1.
+    pub fn weight_of(&self, channel: &ChannelId) -> u32 {
+        if self.rules < 6 || self.channel_weights.is_empty() {
+            return 1;
+        }
+        self.channels.get(channel).and_then(|c| self.channel_weights.get(&c.kind)).copied().unwrap_or(1)
+    }
+
+    /// What counts against an operator's capacity: their conversations and pending
+    /// offers, each by its weight (rules 6; 1 each before, or with no weights set).
+    pub fn load_of(&self, op: &Operator) -> u32 {
+        if self.rules < 6 || self.channel_weights.is_empty() {
+            return op.load();
+        }
+        let weight = |id: &ConversationId| self.conversations.get(id).map_or(1, |c| self.weight_of(&c.channel));
+        let offered = op.offers.iter().filter_map(|o| self.offers.get(o)).map(|o| o.conversation);
+        op.active.iter().copied().chain(offered).map(|id| weight(&id)).sum()
+    }
+
+    /// Whether a conversation of `channel` fits in what the operator has free.
+    pub fn has_room(&self, op: &Operator, channel: &ChannelId) -> bool {
+        self.load_of(op).saturating_add(self.weight_of(channel)) <= op.config.capacity
+    }
+
+    /// Whether the operator has room for a conversation of any kind (weight 1 at least).
+    pub fn has_any_room(&self, op: &Operator) -> bool {
+        self.load_of(op) < op.config.capacity
+    }
+
+    /// Whether the group's opening hours (rules 6) say it is closed at `at`.
+    pub fn group_closed(&self, group: &SkillGroupId, at: Timestamp) -> bool {
+        self.rules >= 6 && self.group_hours.get(group).is_some_and(|h| !crate::hours::is_open(h, at))
+    }
+
     /// Why `operator` may not take a conversation of `channel` now, by their channel
     /// limits (rules 5): `channel_not_taken` (a kind they do not take) or
     /// `channel_full` (as many of that kind as they may hold, offers included).
@@ -409,6 +458,12 @@ pub struct Dirty {
     pub activity: BTreeSet<ConversationId>,
     pub channel_limits: BTreeSet<OperatorId>,
     pub operator_skills: BTreeSet<OperatorId>,
+    pub group_steps: BTreeSet<SkillGroupId>,
+    pub group_hours: BTreeSet<SkillGroupId>,
+    pub channel_weights: bool,
+    pub queued_since: BTreeSet<ConversationId>,
+    /// The routing step each offer of this entry was made under (records `O`).
+    pub offer_steps: Vec<(OfferId, u32)>,
     /// Per visitor, who served the conversation that just closed, when, and which one
     /// it was (records `V`).
     pub last_served: BTreeMap<String, (OperatorId, Timestamp, ConversationId)>,
@@ -736,7 +791,11 @@ impl ShardState {
             | Event::StickySet { .. }
             | Event::CustomerReminded { .. }
             | Event::OperatorChannelsSet { .. }
-            | Event::OperatorSkillsSet { .. } => {}
+            | Event::OperatorSkillsSet { .. }
+            | Event::GroupStepsSet { .. }
+            | Event::GroupHoursSet { .. }
+            | Event::ChannelWeightsSet { .. }
+            | Event::OfferStep { .. } => {}
             Event::BreakTaken { operator, .. } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -822,6 +881,10 @@ impl ShardState {
                     g.queue.insert((*ticket, *conversation));
                 }
                 touched.groups.insert(group.clone());
+                if self.rules >= 6 {
+                    self.queued_since.insert(*conversation, at);
+                    self.dirty.queued_since.insert(*conversation);
+                }
                 self.record(*conversation, at, HistoryItem::Queued { group: group.clone() }, touched);
             }
             Event::NoteAdded { conversation, author, name, key, text } => {
@@ -1100,6 +1163,31 @@ impl ShardState {
                 self.dirty.group_routing.insert(group.clone());
                 touched.groups.insert(group.clone());
             }
+            Event::GroupStepsSet { group, steps } => {
+                if steps.is_empty() {
+                    self.group_steps.remove(group);
+                } else {
+                    self.group_steps.insert(group.clone(), steps.clone());
+                }
+                self.dirty.group_steps.insert(group.clone());
+                touched.groups.insert(group.clone());
+            }
+            Event::GroupHoursSet { group, hours } => {
+                match hours {
+                    Some(h) => self.group_hours.insert(group.clone(), h.clone()),
+                    None => self.group_hours.remove(group),
+                };
+                self.dirty.group_hours.insert(group.clone());
+                touched.groups.insert(group.clone());
+            }
+            Event::ChannelWeightsSet { weights } => {
+                self.channel_weights = weights.iter().filter(|(_, w)| *w != 1).cloned().collect();
+                self.dirty.channel_weights = true;
+                touched.groups.extend(self.groups.keys().cloned());
+            }
+            Event::OfferStep { offer, step } => {
+                self.dirty.offer_steps.push((*offer, *step));
+            }
             Event::ChannelPrioritySet { channel, priority } => {
                 if *priority == 0 {
                     self.channel_priority.remove(channel);
@@ -1256,6 +1344,9 @@ impl ShardState {
         if let Event::ConversationAssigned { conversation, .. } | Event::ConversationClosed { conversation, .. } = event {
             if self.sticky.remove(conversation).is_some() {
                 self.dirty.sticky.insert(*conversation);
+            }
+            if self.queued_since.remove(conversation).is_some() {
+                self.dirty.queued_since.insert(*conversation);
             }
         }
         match event {

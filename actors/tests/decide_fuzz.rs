@@ -272,6 +272,36 @@ fn command() -> impl Strategy<Value = Command> {
         }),
         (channel_id(), select(vec![0u32, 3, 101])).prop_map(|(channel, priority)| Command::SetChannelPriority { channel, priority }),
         operator_id().prop_map(|operator| Command::EndWrapUp { operator }),
+        // Rules 6: steps, opening hours and channel weights edited while conversations flow.
+        (group_id(), select(vec![0u64, 300, 5_000]), select(vec![0u8, 1, 6]), any::<bool>()).prop_map(|(group, after_ms, max_level, overflow)| {
+            Command::SetGroupSteps {
+                group,
+                steps: if after_ms == 0 {
+                    vec![]
+                } else {
+                    vec![
+                        RoutingStep { after_ms, skills: None, max_level, overflow: vec![] },
+                        RoutingStep { after_ms: after_ms * 2, skills: Some(vec![]), max_level: 0, overflow: if overflow { vec![SkillGroupId::new("g1")] } else { vec![] } },
+                    ]
+                },
+            }
+        }),
+        (group_id(), select(vec![0u16, 1, 600]), select(vec![0u8, 1, 2])).prop_map(|(group, open, action)| Command::SetGroupHours {
+            group,
+            hours: (open != 0).then(|| OpeningHours {
+                time_zone: "UTC".into(),
+                // The fuzz clock runs in the first hours of 1970-01-01, a Thursday.
+                weekly: vec![(3, open, open + 1)],
+                holidays: vec![],
+                closed_action: match action {
+                    0 => ClosedAction::Wait,
+                    1 => ClosedAction::Reply,
+                    _ => ClosedAction::Transfer(SkillGroupId::new("g1")),
+                },
+                message: "closed".into(),
+            }),
+        }),
+        select(vec![0u32, 1, 2, 3]).prop_map(|w| Command::SetChannelWeights { weights: if w == 0 { vec![] } else { vec![("web".into(), w)] } }),
     ]
     .boxed();
     prop_oneof![1 => directory, 3 => client, 4 => operator, 1 => routing]

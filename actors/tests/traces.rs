@@ -182,6 +182,79 @@ fn parse(line: &str) -> (Timestamp, Command) {
             message: w.get(4).cloned(),
             by: "sup".into(),
         },
+        // `steps sales 30000;max=2 90000;skills=;overflow=support`: each word one step,
+        // `skills=billing/2+ru/1` (empty: none), `max=N`, `overflow=a,b`.
+        "steps" => Command::SetGroupSteps {
+            group: SkillGroupId::new(a(2)),
+            steps: w[3..]
+                .iter()
+                .map(|word| {
+                    let mut parts = word.split(';');
+                    let mut step = RoutingStep { after_ms: parts.next().expect("after ms").parse().expect("after ms"), skills: None, max_level: 0, overflow: vec![] };
+                    for part in parts {
+                        match part.split_once('=') {
+                            Some(("max", n)) => step.max_level = n.parse().expect("max level"),
+                            Some(("overflow", groups)) => step.overflow = groups.split(',').map(SkillGroupId::new).collect(),
+                            Some(("skills", list)) => {
+                                step.skills = Some(
+                                    list.split('+')
+                                        .filter(|s| !s.is_empty())
+                                        .map(|s| {
+                                            let (name, level) = s.split_once('/').expect("skill/level");
+                                            (name.to_owned(), level.parse().expect("level"))
+                                        })
+                                        .collect(),
+                                )
+                            }
+                            _ => panic!("step setting {part:?}"),
+                        }
+                    }
+                    step
+                })
+                .collect(),
+        },
+        // `hours sales UTC wait "text" thu=00:01-00:03 holiday=1970-01-02 holiday=1970-01-03=00:10-00:20`,
+        // `transfer:support` as the action; `hours sales off` removes them.
+        "hours" if a(3) == "off" => Command::SetGroupHours { group: SkillGroupId::new(a(2)), hours: None },
+        "hours" => {
+            let minute = |t: &str| -> u16 {
+                let (h, m) = t.split_once(':').expect("HH:MM");
+                h.parse::<u16>().expect("hour") * 60 + m.parse::<u16>().expect("minute")
+            };
+            let interval = |t: &str| -> (u16, u16) {
+                let (o, c) = t.split_once('-').expect("HH:MM-HH:MM");
+                (minute(o), minute(c))
+            };
+            let days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+            let mut hours = OpeningHours {
+                time_zone: a(3),
+                weekly: vec![],
+                holidays: vec![],
+                closed_action: match a(4).as_str() {
+                    "reply" => ClosedAction::Reply,
+                    "wait" => ClosedAction::Wait,
+                    t => ClosedAction::Transfer(SkillGroupId::new(t.strip_prefix("transfer:").expect("reply, wait or transfer:group"))),
+                },
+                message: a(5),
+            };
+            for setting in &w[6..] {
+                let (name, value) = setting.split_once('=').expect("day=HH:MM-HH:MM");
+                if name == "holiday" {
+                    match value.split_once('=') {
+                        Some((date, i)) => hours.holidays.push((date.to_owned(), vec![interval(i)])),
+                        None => hours.holidays.push((value.to_owned(), vec![])),
+                    }
+                } else {
+                    let (o, c) = interval(value);
+                    hours.weekly.push((days.iter().position(|d| *d == name).expect("day") as u8, o, c));
+                }
+            }
+            Command::SetGroupHours { group: SkillGroupId::new(a(2)), hours: Some(hours) }
+        }
+        // `weights email=2 voice=3`
+        "weights" => Command::SetChannelWeights {
+            weights: w[2..].iter().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.parse().expect("weight"))).collect(),
+        },
         other => panic!("unknown fixture command {other:?} in {line:?}"),
     };
     (at, command)
@@ -257,6 +330,11 @@ fn render(event: &Event) -> String {
         Event::NoticeGiven { conversation, text } => format!("{conversation} told: {text}"),
         Event::AccessRuleSet { rule, note, .. } => format!("access {rule:?}: {note:?}"),
         Event::ChannelAccessSet { channel, allow_only, .. } => format!("{channel} allow_only={allow_only}"),
+        Event::GroupStepsSet { group, steps } => format!("{group} steps {steps:?}"),
+        Event::GroupHoursSet { group, hours: Some(h) } => format!("{group} hours in {} ({:?}): {:?} holidays {:?}", h.time_zone, h.closed_action, h.weekly, h.holidays),
+        Event::GroupHoursSet { group, hours: None } => format!("{group} always open"),
+        Event::ChannelWeightsSet { weights } => format!("weights {weights:?}"),
+        Event::OfferStep { offer, step } => format!("{offer} made at step {step}"),
     }
 }
 
@@ -292,7 +370,7 @@ fn run(fixture: &str) -> String {
     }
     // Invariants I2 and I3 after every fixture.
     for op in state.operators.values() {
-        assert!(op.load() <= op.config.capacity, "{} over capacity", op.config.id);
+        assert!(state.load_of(op) <= op.config.capacity, "{} over capacity", op.config.id);
     }
     let mut holders = std::collections::BTreeMap::new();
     for op in state.operators.values() {

@@ -346,7 +346,21 @@ pub(crate) async fn public_notice(State(gw): State<Arc<Gateway>>, Params(query):
     let state = shard.read();
     let config = state.channels.get(&channel).ok_or_else(|| GatewayError::NotFound(format!("channel {channel}")))?;
     let notice = state.emergency_for(&channel, &config.default_group);
-    Ok(Json(json!({"notice": notice.map(|e| &e.message), "since": notice.map(|e| e.since.0)})))
+    // Rules 6: outside the default group's opening hours, what a new customer is told.
+    let now = switchboard_actors::actors::now_ms();
+    let closed = match state.group_hours.get(&config.default_group) {
+        Some(h) if state.group_closed(&config.default_group, now) => json!({
+            "message": h.message,
+            "opens_at": switchboard_actors::hours::next_change(h, now).map(|t| t.0),
+            "action": match h.closed_action {
+                switchboard_actors::model::ClosedAction::Reply => "reply",
+                switchboard_actors::model::ClosedAction::Wait => "wait",
+                switchboard_actors::model::ClosedAction::Transfer(_) => "transfer",
+            },
+        }),
+        _ => Value::Null,
+    };
+    Ok(Json(json!({"notice": notice.map(|e| &e.message), "since": notice.map(|e| e.since.0), "closed": closed})))
 }
 
 fn target_json(target: &NoticeTarget) -> Value {
@@ -510,17 +524,31 @@ pub(crate) async fn routing_preview(State(gw): State<Arc<Gateway>>, staff: Staff
         .filter(|c| switchboard_actors::routing::priority(&state, group, c, now) >= priority)
         .count();
     let selection = switchboard_actors::routing::select_operator(&state, group, &sample, now);
-    let candidates: Vec<Value> = selection
-        .candidates
+    let listed = |selection: &switchboard_actors::routing::Selection| -> Vec<Value> {
+        selection
+            .candidates
+            .iter()
+            .map(|c| {
+                let name = state.operators.get(&OperatorId::new(c.operator.as_str())).map_or(c.operator.as_str(), |o| o.config.name.as_str());
+                json!({"operator": c.operator.as_str(), "name": name, "load": c.load, "capacity": c.capacity, "score": c.score, "excluded": c.excluded})
+            })
+            .collect()
+    };
+    // Rules 6: every routing step, as the sample would meet it once it has waited there.
+    let step_afters: Vec<u64> = std::iter::once(0).chain(state.group_steps.get(&group_id).into_iter().flatten().map(|s| s.after_ms)).collect();
+    let steps: Vec<Value> = step_afters
         .iter()
-        .map(|c| {
-            let name = state.operators.get(&OperatorId::new(c.operator.as_str())).map_or(c.operator.as_str(), |o| o.config.name.as_str());
-            json!({"operator": c.operator.as_str(), "name": name, "load": c.load, "capacity": c.capacity, "score": c.score, "excluded": c.excluded})
+        .enumerate()
+        .map(|(i, after)| {
+            let at_step = switchboard_actors::routing::select_at_step(&state, group, &sample, now, i as u32);
+            json!({"step": i, "after_ms": after, "chosen": at_step.chosen.as_ref().map(|o| o.as_str()), "candidates": listed(&at_step)})
         })
         .collect();
     Ok(Json(json!({
         "group": group_id.as_str(), "channel": channel.as_str(), "priority": priority, "ahead": ahead,
         "chosen": selection.chosen.as_ref().map(|o| o.as_str()),
-        "candidates": candidates,
+        "candidates": listed(&selection),
+        "step": selection.step, "steps": steps,
+        "open": !state.group_closed(&group_id, now),
     })))
 }

@@ -23,6 +23,7 @@ pub mod metrics;
 mod operator_ws;
 pub mod relay;
 mod rest;
+mod rules;
 pub mod standalone;
 mod supervisor_ws;
 pub mod wire;

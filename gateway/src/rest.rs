@@ -57,6 +57,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/audit", get(crate::desk::audit))
         .route("/api/access", get(crate::desk::access))
         .route("/api/routing/preview", post(crate::desk::routing_preview))
+        .route("/api/routing/weights", get(crate::rules::weights).put(crate::rules::put_weights))
         .route("/api/access/rules", put(crate::desk::put_access_rule))
         .route("/api/templates", get(list_templates))
         .route("/api/templates/{id}", put(put_template).delete(delete_template))
@@ -267,6 +268,8 @@ async fn list_groups(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Valu
 fn group_view(state: &switchboard_actors::state::ShardState, config: &SkillGroupConfig) -> Value {
     let mut view = json!(config);
     view["routing"] = routing_json(&state.group_routing.get(&config.id).cloned().unwrap_or_default());
+    view["steps"] = json!(state.group_steps.get(&config.id).map(|steps| steps.iter().map(crate::rules::step_json).collect::<Vec<_>>()).unwrap_or_default());
+    view["hours"] = state.group_hours.get(&config.id).map_or(Value::Null, |h| crate::rules::hours_json(h, switchboard_actors::actors::now_ms()));
     view
 }
 
@@ -305,6 +308,12 @@ struct GroupBody {
     /// Queue order and pacing; absent leaves them as they are.
     #[serde(default)]
     routing: Option<RoutingBody>,
+    /// Routing steps (rules 6); absent leaves them, `[]` clears them.
+    #[serde(default)]
+    steps: Option<Vec<crate::rules::StepBody>>,
+    /// Opening hours (rules 6); absent leaves them, `null` removes them.
+    #[serde(default, deserialize_with = "crate::rules::present_hours")]
+    hours: Option<Option<crate::rules::HoursBody>>,
     name: String,
     #[serde(default = "default_policy")]
     policy: Policy,
@@ -348,6 +357,25 @@ async fn put_group(
     if let Some(r) = &routing {
         switchboard_actors::core::check_routing(r)?;
     }
+    let group_id = SkillGroupId::new(id.clone());
+    let steps = body.steps.map(|steps| steps.into_iter().map(crate::rules::StepBody::into_step).collect::<Vec<_>>());
+    let hours = match body.hours {
+        Some(Some(h)) => Some(Some(h.into_hours()?)),
+        Some(None) => Some(None),
+        None => None,
+    };
+    {
+        let shard = gw.backend.shard();
+        let state = shard.read();
+        // The group itself may be new: it exists by the time these are applied.
+        let exists = |g: &SkillGroupId| *g == group_id || state.groups.contains_key(g);
+        if let Some(steps) = &steps {
+            switchboard_actors::core::check_steps(steps, &exists)?;
+        }
+        if let Some(Some(h)) = &hours {
+            switchboard_actors::hours::check(h, &group_id, &|g| state.groups.contains_key(g))?;
+        }
+    }
     let config = SkillGroupConfig {
         id: SkillGroupId::new(id),
         name: body.name,
@@ -358,6 +386,12 @@ async fn put_group(
     gw.submit(Command::UpsertSkillGroup(config.clone())).await?;
     if let Some(routing) = routing {
         gw.submit(Command::SetGroupRouting { group: config.id.clone(), routing }).await?;
+    }
+    if let Some(steps) = steps {
+        gw.submit(Command::SetGroupSteps { group: config.id.clone(), steps }).await?;
+    }
+    if let Some(hours) = hours {
+        gw.submit(Command::SetGroupHours { group: config.id.clone(), hours }).await?;
     }
     let shard = gw.backend.shard();
     let view = group_view(&shard.read(), &config);
@@ -375,7 +409,7 @@ async fn list_operators(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<V
                 "id": o.config.id, "name": o.config.name, "capacity": o.config.capacity, "groups": o.config.groups,
                 "presence": frames::presence_str(o.presence), "presence_since": o.presence_since.0,
                 "presence_reason": state.presence_reasons.get(&o.config.id),
-                "load": o.load(), "active": o.active.len(), "offers": o.offers.len(),
+                "load": state.load_of(o), "active": o.active.len(), "offers": o.offers.len(),
                 "channel_limits": state.channel_limits.get(&o.config.id).map(|l| l.per_kind.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()).unwrap_or_default(),
                 "channels": state.channel_limits.get(&o.config.id).map(|l| l.only.clone()).unwrap_or_default(),
                 "skills": state.operator_skills.get(&o.config.id).cloned().unwrap_or_default(),
@@ -645,7 +679,11 @@ async fn decisions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<
     let mut records: Vec<Value> = Vec::new();
     for offer in &conv.decisions {
         if let Some(decision) = shard.decision(*offer)? {
-            records.push(json!(decision));
+            let mut record = json!(decision);
+            if let Some(step) = shard.offer_step(*offer)? {
+                record["step"] = json!(step);
+            }
+            records.push(record);
         }
     }
     Ok(Json(json!({"conversation": id.0, "decisions": records})))

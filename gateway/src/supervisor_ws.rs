@@ -70,7 +70,7 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
             // Who could take a conversation of this group right now.
             let online: Vec<&switchboard_actors::state::Operator> =
                 state.operators.values().filter(|o| o.config.groups.contains(&g.config.id) && o.presence == Presence::Online).collect();
-            let free: Vec<&switchboard_actors::state::Operator> = online.iter().copied().filter(|o| o.free_capacity() > 0).collect();
+            let free: Vec<&switchboard_actors::state::Operator> = online.iter().copied().filter(|o| state.has_any_room(o)).collect();
             // In the order they are offered (rules 5: priority, then arrival).
             for id in &switchboard_actors::routing::queue_order(state, g, now) {
                 let Some(conv) = state.conversations.get(id) else { continue };
@@ -90,9 +90,16 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
                         "conversation": id.0, "state": state_name, "waiting_ms": waited, "visitor": conv.visitor.name,
                         "priority": switchboard_actors::routing::priority(state, g, conv, now),
                     });
+                    // Rules 6: the routing step it is at, and when it reaches the next.
+                    if state.rules >= 6 && state.group_steps.contains_key(&g.config.id) {
+                        item["step"] = json!(switchboard_actors::routing::step_at(state, g, conv, now));
+                        item["next_step_at"] = json!(switchboard_actors::routing::next_step_at(state, g, conv, now).map(|t| t.0));
+                    }
                     if state_name == "waiting" {
                         // Why nobody is offered it: what a supervisor acts on.
-                        let why = if online.is_empty() {
+                        let why = if state.group_closed(&g.config.id, now) {
+                            "closed"
+                        } else if online.is_empty() {
                             "nobody_online"
                         } else if free.is_empty() {
                             "everyone_full"
@@ -113,12 +120,17 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
                     within += 1;
                 }
             }
-            json!({
+            let mut queue = json!({
                 "available": free.len(),
                 "group": g.config.id, "name": g.config.name, "waiting": waiting, "offered": offered,
                 "longest_wait_ms": longest, "sla_ms": g.config.sla_ms, "within_sla": within,
                 "conversations": listed,
-            })
+            });
+            // Rules 6: whether the group is open, and when that changes.
+            if let Some(h) = state.group_hours.get(&g.config.id).filter(|_| state.rules >= 6) {
+                queue["hours"] = json!({"open": !state.group_closed(&g.config.id, now), "next_change_at": switchboard_actors::hours::next_change(h, now).map(|t| t.0)});
+            }
+            queue
         })
         .collect();
     let operators: Vec<Value> = state
@@ -129,7 +141,7 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
                 "id": o.config.id, "name": o.config.name, "presence": frames::presence_str(o.presence),
                 "presence_since": o.presence_since.0, "presence_reason": state.presence_reasons.get(&o.config.id),
                 "wrap_up_until": state.wrap_up.get(&o.config.id).filter(|until| **until > now).map(|t| t.0),
-                "load": o.load(), "capacity": o.config.capacity,
+                "load": state.load_of(o), "capacity": o.config.capacity,
                 "groups": o.config.groups, "active": o.active.iter().map(|c| c.0).collect::<Vec<_>>(),
             })
         })
