@@ -1,6 +1,6 @@
 import { describe, expect, it, vi } from 'vitest';
 import { listboxTarget, tablistTarget } from '../src/shared/keys';
-import { floorFromFrame, floorFromRest, floorPlace, queuedWaitNow } from '../src/workstation/floor';
+import { floorFromFrame, floorFromRest, floorPlace, queuedWaitNow, untilNow } from '../src/workstation/floor';
 import { Poller } from '../src/workstation/poller';
 import { FakeTimers } from './fakes';
 
@@ -102,6 +102,46 @@ describe('queued conversations on the floor', () => {
     ]);
     // An older server says nothing: nothing is made up.
     expect(f.queues.find((q) => q.group === 'billing')!.available).toBeNull();
+  });
+  it('carry the relaxation step and the next one, and the group\'s working hours', () => {
+    const f = floorFromFrame(
+      {
+        at: 1000,
+        queues: [
+          {
+            group: 'general',
+            name: 'General',
+            waiting: 2,
+            offered: 0,
+            longest_wait_ms: 9000,
+            hours: { open: false, next_change_at: 61000 },
+            conversations: [
+              { conversation: 3, state: 'waiting', waiting_ms: 9000, visitor: 'Ann', step: 1, next_step_at: 21000 },
+              { conversation: 4, state: 'waiting', waiting_ms: 100, visitor: 'Bea', step: 2, next_step_at: null },
+              { conversation: 5, state: 'waiting', waiting_ms: 50, visitor: 'Cy' },
+            ],
+          },
+          { group: 'billing', name: 'Billing', waiting: 0, offered: 0, longest_wait_ms: 0, hours: { open: true } },
+          { group: 'tech', name: 'Tech', waiting: 0, offered: 0, longest_wait_ms: 0, hours: { next_change_at: 5 } },
+        ],
+        operators: [],
+      },
+      5000,
+    );
+    const general = f.queues.find((q) => q.group === 'general')!;
+    expect(general.conversations.map((c) => [c.step, c.next_step_at])).toEqual([
+      [1, 21000],
+      [2, null],
+      [undefined, undefined],
+    ]);
+    expect(general.hours).toEqual({ open: false, next_change_at: 61000 });
+    expect(f.queues.find((q) => q.group === 'billing')!.hours).toEqual({ open: true, next_change_at: null });
+    // Malformed (no open flag): no badge rather than a guess.
+    expect(f.queues.find((q) => q.group === 'tech')!.hours).toBeNull();
+    // Countdowns by the local clock: the snapshot (server 1000) arrived at local 5000.
+    expect(untilNow(21000, f, 5000)).toBe(20000);
+    expect(untilNow(21000, f, 15000)).toBe(10000);
+    expect(untilNow(21000, f, 99000)).toBe(0);
   });
   it('give each conversation a place that changes when the floor moves it', () => {
     const f = floorFromFrame(frame, 5000);

@@ -1,7 +1,7 @@
 import { describe, expect, it, vi } from 'vitest';
 import { Backoff } from '../src/shared/backoff';
 import { deserialize, emptyWidgetState, lastOperatorSeq, serialize, unreadFromOperator, widgetReducer, MAX_CACHED_EVENTS, type ClientEvent, type WidgetAction, type WidgetState } from '../src/widget/widget-state';
-import { SESSION_KEY, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
+import { parseNotices, SESSION_KEY, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
 import { FakeTimers, MemoryStorage, socketFactory } from './fakes';
 
 const run = (s: WidgetState, ...a: WidgetAction[]) => a.reduce(widgetReducer, s);
@@ -233,6 +233,34 @@ describe('WidgetSession', () => {
     expect((fetcher.mock.calls[0] as unknown as [string])[0]).toBe('https://c.example/notice?channel=shop%20web');
     await expect(w.emergencyNotice()).resolves.toBe(null);
     await expect(w.emergencyNotice()).resolves.toBe(null);
+  });
+
+  it('reads the closed notice outside working hours along with the emergency notice', async () => {
+    const f = socketFactory();
+    const closed = { message: 'We open at 9.', opens_at: 1_800_000_000_000, action: 'reply' };
+    const answers = [
+      new Response(JSON.stringify({ notice: 'Payments are down', closed })),
+      new Response(JSON.stringify({ notice: null, closed: null })),
+      new Response(JSON.stringify({ notice: 'Old server' })),
+      new Response('', { status: 500 }),
+      new Response(JSON.stringify({ notice: null, closed })),
+    ];
+    const fetcher = vi.fn(async () => answers.shift()!);
+    const w = new WidgetSession({ origin: 'https://c.example', storage: new MemoryStorage(), create: f.create, timers: new FakeTimers(), fetcher });
+    await expect(w.notices()).resolves.toEqual({ emergency: 'Payments are down', closed });
+    expect((fetcher.mock.calls[0] as unknown as [string])[0]).toBe('https://c.example/notice');
+    await expect(w.notices()).resolves.toEqual({ emergency: null, closed: null });
+    await expect(w.notices()).resolves.toEqual({ emergency: 'Old server', closed: null });
+    await expect(w.notices()).resolves.toEqual({ emergency: null, closed: null });
+    // The emergency-only reader still answers as before.
+    await expect(w.emergencyNotice()).resolves.toBe(null);
+  });
+
+  it('parses a closed notice tolerantly', () => {
+    expect(parseNotices({ closed: { message: 'Closed', opens_at: null, action: 'wait' } })).toEqual({ emergency: null, closed: { message: 'Closed', opens_at: null, action: 'wait' } });
+    expect(parseNotices({ closed: {} })).toEqual({ emergency: null, closed: { message: '', opens_at: null, action: 'reply' } });
+    expect(parseNotices(null)).toEqual({ emergency: null, closed: null });
+    expect(parseNotices({ notice: 5, closed: 'yes' })).toEqual({ emergency: null, closed: null });
   });
 
   it('uploads with the client token and the file type', async () => {

@@ -2,12 +2,12 @@
 import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { detectLang, storedLang, storeLang, translator, LANGS, type Lang } from '../shared/i18n';
 import { ACCEPT_ATTRIBUTE, checkAttachment, formatBytes, isImage, MAX_ATTACHMENTS_PER_MESSAGE, type Attachment } from '../shared/files';
-import { formatClock } from '../shared/format';
+import { formatClock, formatWhen } from '../shared/format';
 import { PaperclipIcon } from '../shared/icons';
 import type { LinkState } from '../shared/socket';
 import { WIDGET_DICTS, type WKey } from './strings';
 import { lastOperatorSeq, type ClientEvent, type PendingSend, type WidgetState } from './widget-state';
-import type { WidgetSession } from './widget-session';
+import type { ClosedNotice, WidgetSession } from './widget-session';
 
 const OPEN_KEY = 'switchboard.widget.open';
 const SEEN_KEY = 'switchboard.widget.seen';
@@ -175,11 +175,13 @@ function Panel(props: {
     const el = log.current;
     if (el) el.scrollTop = el.scrollHeight;
   }, [state.events.length, state.pending.length]);
-  // An outage notice in force: shown before the customer writes (re-read on opening).
+  // An outage notice in force, and the closed notice outside working hours: shown before
+  // the customer writes (re-read on opening).
   const [emergency, setEmergency] = useState<string | null>(null);
+  const [closed, setClosed] = useState<ClosedNotice | null>(null);
   useEffect(() => {
     let live = true;
-    session.emergencyNotice().then((n) => live && setEmergency(n));
+    session.notices().then((n) => live && (setEmergency(n.emergency), setClosed(n.closed)));
     return () => {
       live = false;
     };
@@ -222,6 +224,13 @@ function Panel(props: {
       {emergency && (
         <div class="sbw-banner sbw-emergency" role="alert" data-testid="widget-emergency">
           {emergency}
+        </div>
+      )}
+      {closed && (
+        <div class="sbw-banner sbw-closed" role="status" data-testid="widget-closed" data-action={closed.action}>
+          {closed.message || t('closed_default')}
+          {closed.opens_at != null && <span class="sbw-closed-more"> {t('closed_opens_at', { time: formatWhen(closed.opens_at, props.lang) })}</span>}
+          {closed.action === 'wait' && <span class="sbw-closed-more"> {t('closed_wait')}</span>}
         </div>
       )}
       {reconnecting && (

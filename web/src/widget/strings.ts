@@ -54,6 +54,9 @@ const en = {
   err_generic: 'Something went wrong. Please try again.',
   err_upload: 'Could not upload the file.',
   unread: { one: '{n} new message', few: '{n} new messages', many: '{n} new messages', other: '{n} new messages' },
+  closed_default: 'We are closed right now.',
+  closed_opens_at: 'We open again at {time}.',
+  closed_wait: 'You can write now: an operator will answer once we open.',
 };
 
 export type WKey = keyof typeof en;
@@ -111,6 +114,9 @@ const ru: Record<WKey, Phrase> = {
   err_generic: 'Что-то пошло не так. Попробуйте ещё раз.',
   err_upload: 'Не удалось загрузить файл.',
   unread: { one: '{n} новое сообщение', few: '{n} новых сообщения', many: '{n} новых сообщений', other: '{n} нового сообщения' },
+  closed_default: 'Сейчас мы не работаем.',
+  closed_opens_at: 'Снова работаем с {time}.',
+  closed_wait: 'Можно написать сейчас: оператор ответит, когда мы откроемся.',
 };
 
 export const WIDGET_DICTS: Record<Lang, Record<WKey, Phrase>> = { en, ru };

@@ -35,6 +35,38 @@ export interface WidgetSessionOptions {
   channel?: string;
 }
 
+/** Outside the group's working hours: what the customer is told, when it opens again
+ *  (ms since the epoch; null: not known), and what happens to what they write (`reply`:
+ *  the message is the answer and the chat closes, `wait`, `transfer`). */
+export interface ClosedNotice {
+  message: string;
+  opens_at: number | null;
+  action: string;
+}
+
+export interface Notices {
+  emergency: string | null;
+  closed: ClosedNotice | null;
+}
+
+const NO_NOTICES: Notices = { emergency: null, closed: null };
+
+/** `GET /notice`'s body; an older server has no `closed`, a malformed part is ignored. */
+export function parseNotices(body: any): Notices {
+  const c = body?.closed;
+  return {
+    emergency: typeof body?.notice === 'string' ? body.notice : null,
+    closed:
+      c && typeof c === 'object'
+        ? {
+            message: typeof c.message === 'string' ? c.message : '',
+            opens_at: typeof c.opens_at === 'number' ? c.opens_at : null,
+            action: typeof c.action === 'string' ? c.action : 'reply',
+          }
+        : null,
+  };
+}
+
 function safeStorage(storage: KV | null | undefined): KV | null {
   if (!storage) return null;
   try {
@@ -316,18 +348,23 @@ export class WidgetSession {
     this.lastReadSent = 0;
   }
 
-  /** The emergency notice in force for new conversations of this widget's channel (an
-   *  outage notice), shown before the customer writes; null when none or unreachable. */
-  async emergencyNotice(): Promise<string | null> {
+  /** What a customer is told before writing: the emergency notice in force for this
+   *  widget's channel (an outage), and, outside its group's working hours, the closed
+   *  notice. Both null when none or unreachable. */
+  async notices(): Promise<Notices> {
     const fetcher = this.opts.fetcher ?? ((u: string, i?: RequestInit) => fetch(u, i));
     try {
       const res = await fetcher(this.opts.origin + '/notice' + (this.opts.channel ? '?channel=' + encodeURIComponent(this.opts.channel) : ''));
-      if (!res.ok) return null;
-      const body = await res.json();
-      return typeof body?.notice === 'string' ? body.notice : null;
+      if (!res.ok) return NO_NOTICES;
+      return parseNotices(await res.json());
     } catch {
-      return null;
+      return NO_NOTICES;
     }
+  }
+
+  /** The emergency notice alone (see notices()); null when none or unreachable. */
+  async emergencyNotice(): Promise<string | null> {
+    return (await this.notices()).emergency;
   }
 
   async upload(file: Blob & { name: string }): Promise<Attachment> {

@@ -1,7 +1,9 @@
 /** Administration: skill groups, operators, users, channels, templates (PUT endpoints). */
 import { useEffect, useState } from 'preact/hooks';
-import type { AccessRuleRow, AttributePriority, Channel, GroupRouting, OperatorStatus, Role, SkillGroup, UserInfo } from './types';
-import { capacityProblem, idProblem, passwordProblem } from './forms';
+import { formatDuration, formatWhen } from '../shared/format';
+import type { AccessRuleRow, AttributePriority, Channel, ClosedAction, GroupHours, GroupRouting, OperatorStatus, Role, SkillGroup, UserInfo } from './types';
+import { capacityProblem, idProblem, parsePairs, passwordProblem, showPairs } from './forms';
+import { CLOSED_ACTIONS, hoursDraft, hoursFromDraft, MAX_STEPS, nextStep, parseWeights, stepDrafts, stepsFromDrafts, type HoursDraft, type StepDraft } from './rules';
 import { TemplatesPanel } from './panels';
 import { describeError, exclusionText } from './strings';
 import { ErrorText, Field, TabList, TabPanel, useApp } from './ui';
@@ -32,6 +34,7 @@ export function AdminView(props: { sections: Section[] }) {
         {section === 'operators' && (
           <>
             <Operators />
+            <ChannelWeights />
             <PauseReasons />
           </>
         )}
@@ -77,10 +80,21 @@ function Groups() {
   const [list, reload, loadError] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
   const blank: SkillGroup = { id: '', name: '', policy: 'longest_idle', offer_timeout_ms: 30000, sla_ms: 60000, routing: { attribute_priorities: [], ageing_ms: 0, wrap_up_ms: 0, sticky_ms: 0 } };
   const [form, setForm] = useState<SkillGroup>(blank);
+  // Steps and hours as typed; turned into JSON (and checked) on save.
+  const [steps, setSteps] = useState<StepDraft[]>([]);
+  const [hours, setHours] = useState<HoursDraft>(() => hoursDraft(null, localZone()));
   const [error, setError] = useState<string | null>(null);
   const [ok, setOk] = useState(false);
   // An id names a group everywhere (operators, channels, history): fixed once saved.
   const [editing, setEditing] = useState(false);
+  const edit = (g: SkillGroup | null) => {
+    setForm(g ?? blank);
+    setSteps(stepDrafts(g?.steps));
+    setHours(hoursDraft(g?.hours, localZone()));
+    setEditing(!!g);
+    setError(null);
+    setOk(false);
+  };
   return (
     <div class="admin-grid">
       <table class="table" data-testid="groups-table">
@@ -105,7 +119,7 @@ function Groups() {
               <td>{g.offer_timeout_ms / 1000} s</td>
               <td>{g.sla_ms != null ? g.sla_ms / 1000 + ' s' : '—'}</td>
               <td>
-                <button type="button" class="small-btn" aria-label={t('edit_x', { name: g.name })} onClick={() => (setForm(g), setEditing(true), setOk(false))}>
+                <button type="button" class="small-btn" aria-label={t('edit_x', { name: g.name })} onClick={() => edit(g)}>
                   {t('edit')}
                 </button>
               </td>
@@ -121,21 +135,29 @@ function Groups() {
           setOk(false);
           const p = idProblem(form.id);
           if (p) return setError(t(('err_' + p) as any));
+          const stepsJson = stepsFromDrafts(steps);
+          if ('problem' in stepsJson) return setError(t(('err_' + stepsJson.problem) as any, { n: stepsJson.step ?? MAX_STEPS }));
+          const hoursJson = hoursFromDraft(hours);
+          if ('problem' in hoursJson) return setError(t(('err_' + hoursJson.problem) as any, { n: hoursJson.line ?? 0 }));
           try {
             const routing = form.routing ?? { attribute_priorities: [], ageing_ms: 0, wrap_up_ms: 0 };
-            await api.put('/api/skill-groups/' + encodeURIComponent(form.id), {
+            const saved = await api.put<SkillGroup>('/api/skill-groups/' + encodeURIComponent(form.id), {
               name: form.name,
               policy: form.policy,
               offer_timeout_ms: Number(form.offer_timeout_ms),
               sla_ms: Number(form.sla_ms ?? 60000),
               routing: { ...routing, attribute_priorities: routing.attribute_priorities.filter((r) => r.attribute.trim()) },
+              steps: stepsJson.value,
+              hours: hoursJson.value,
             });
+            // The server's view: open now or not, and until when.
+            setForm({ ...form, hours: saved?.hours ?? hoursJson.value });
             setError(null);
             setOk(true);
             setEditing(true);
             reload();
           } catch (err: any) {
-            setError(describeError(t, err.code, err.message));
+            setError(refusal(t, err));
           }
         }}
       >
@@ -173,35 +195,21 @@ function Groups() {
           />
         </Field>
         <RoutingFields routing={form.routing ?? blank.routing!} onChange={(routing) => setForm({ ...form, routing })} />
+        <StepsFields steps={steps} groups={(list ?? []).filter((g) => g.id !== form.id)} onChange={setSteps} />
+        <HoursFields hours={hours} status={form.hours} groups={(list ?? []).filter((g) => g.id !== form.id)} onChange={setHours} />
         <ErrorText error={error} />
         <Saved ok={ok} />
         <div class="row">
           <button type="submit" class="primary">
             {t('save')}
           </button>
-          <button type="button" onClick={() => (setForm(blank), setEditing(false), setError(null), setOk(false))}>
+          <button type="button" onClick={() => edit(null)}>
             {t('new')}
           </button>
         </div>
       </form>
     </div>
   );
-}
-
-/** `billing=4, ru=3` as a map (entries without a number are left out). */
-function parsePairs(text: string): Record<string, number> {
-  const out: Record<string, number> = {};
-  for (const part of text.split(',')) {
-    const [k, v] = part.split('=').map((x) => x.trim());
-    if (k && v !== undefined && v !== '' && Number.isFinite(Number(v))) out[k] = Number(v);
-  }
-  return out;
-}
-
-function showPairs(map: Record<string, number> | undefined): string {
-  return Object.entries(map ?? {})
-    .map(([k, n]) => k + '=' + n)
-    .join(', ');
 }
 
 /** Group names by id, for tables (an unknown id shows as itself). */
@@ -254,9 +262,7 @@ function Operators() {
                       name: o.name,
                       capacity: o.capacity,
                       groups: o.groups,
-                      limits: Object.entries(o.channel_limits ?? {})
-                        .map(([k, n]) => k + '=' + n)
-                        .join(', '),
+                      limits: showPairs(o.channel_limits),
                       only: (o.channels ?? []).join(', '),
                       skills: showPairs(o.skills),
                     }),
@@ -736,6 +742,196 @@ function RoutingFields(props: { routing: GroupRouting; onChange: (r: GroupRoutin
   );
 }
 
+/** The browser's time zone: what a new group's working hours start in. */
+function localZone(): string {
+  try {
+    return Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
+  } catch {
+    return 'UTC';
+  }
+}
+
+/** A refused save: the server's own reason when it gave one (a 400 `bad_request`, or the
+ *  core's `invalid`: it names what is wrong), else the translated code. */
+function refusal(t: ReturnType<typeof useApp>['t'], err: any): string {
+  if (err?.message && ['bad_request', 'invalid', 'http_400'].includes(err.code)) return t('err_rejected_reason', { reason: err.message });
+  return describeError(t, err?.code, err?.message);
+}
+
+/** Checkboxes for other groups (overflow targets). */
+function GroupChecks(props: { legend: string; groups: SkillGroup[]; value: string[]; onChange: (ids: string[]) => void }) {
+  return (
+    <fieldset class="checks">
+      <legend>{props.legend}</legend>
+      {props.groups.map((g) => (
+        <label key={g.id}>
+          <input
+            type="checkbox"
+            checked={props.value.includes(g.id)}
+            onChange={(e) => props.onChange((e.currentTarget as HTMLInputElement).checked ? [...props.value, g.id] : props.value.filter((x) => x !== g.id))}
+          />{' '}
+          {g.name}
+        </label>
+      ))}
+    </fieldset>
+  );
+}
+
+/**
+ * Relaxation steps: while a conversation waits, from each step's time on it needs other
+ * skills (or lower levels), and operators of overflow groups may take it too. Step 0 is
+ * the group's own skills, from arrival.
+ */
+function StepsFields(props: { steps: StepDraft[]; groups: SkillGroup[]; onChange: (s: StepDraft[]) => void }) {
+  const { t } = useApp();
+  const { steps } = props;
+  const set = (i: number, patch: Partial<StepDraft>) => props.onChange(steps.map((x, j) => (j === i ? { ...x, ...patch } : x)));
+  return (
+    <fieldset class="stack" data-testid="group-steps">
+      <legend>{t('relaxation_steps')}</legend>
+      <p class="hint">{t('relaxation_steps_hint')}</p>
+      {steps.map((s, i) => (
+        <fieldset key={i} class="stack step" data-testid="group-step">
+          <legend>{t('step_n', { n: i + 1 })}</legend>
+          <MsField label={t('step_after_s')} testid="step-after" unit={1000} ms={s.after_ms} onChange={(after_ms) => set(i, { after_ms })} />
+          <Field label={t('step_skills')} hint={t('step_skills_hint')}>
+            <input data-testid="step-skills" value={s.skills} placeholder="billing=2" onInput={(e) => set(i, { skills: (e.currentTarget as HTMLInputElement).value })} />
+          </Field>
+          <Field label={t('step_max_level')}>
+            <select data-testid="step-max-level" value={String(s.max_level)} onChange={(e) => set(i, { max_level: Number((e.currentTarget as HTMLSelectElement).value) })}>
+              <option value="0">{t('no_cap')}</option>
+              {[1, 2, 3, 4, 5].map((n) => (
+                <option key={n} value={String(n)}>
+                  {n}
+                </option>
+              ))}
+            </select>
+          </Field>
+          {props.groups.length > 0 && <GroupChecks legend={t('step_overflow')} groups={props.groups} value={s.overflow} onChange={(overflow) => set(i, { overflow })} />}
+          <button type="button" class="ghost small-btn" data-testid="remove-step" onClick={() => props.onChange(steps.filter((_, j) => j !== i))}>
+            {t('remove_step', { n: i + 1 })}
+          </button>
+        </fieldset>
+      ))}
+      <button type="button" class="small-btn" data-testid="add-step" disabled={steps.length >= MAX_STEPS} onClick={() => props.onChange([...steps, nextStep(steps)])}>
+        {t('add_step')}
+      </button>
+    </fieldset>
+  );
+}
+
+/** "Open now · closes at 18:00" as the server computed it for the saved hours. */
+function HoursStatus(props: { hours: GroupHours }) {
+  const { t, lang } = useApp();
+  const { open_now, next_change_at } = props.hours;
+  if (open_now == null) return null;
+  const when = next_change_at != null ? formatWhen(next_change_at, lang) : null;
+  return (
+    <p class="small" data-testid="hours-status" data-open={String(open_now)}>
+      {open_now ? (when ? t('hours_open_until', { time: when }) : t('hours_open')) : when ? t('hours_closed_until', { time: when }) : t('hours_closed')}
+    </p>
+  );
+}
+
+/** Working hours: a weekly schedule and special days in a time zone, and what happens to
+ *  a conversation that arrives outside them. */
+function HoursFields(props: { hours: HoursDraft; status: GroupHours | null | undefined; groups: SkillGroup[]; onChange: (h: HoursDraft) => void }) {
+  const { t } = useApp();
+  const h = props.hours;
+  const set = (patch: Partial<HoursDraft>) => props.onChange({ ...h, ...patch });
+  return (
+    <fieldset class="stack" data-testid="group-hours">
+      <legend>{t('working_hours')}</legend>
+      <label>
+        <input type="checkbox" data-testid="hours-on" checked={h.on} onChange={(e) => set({ on: (e.currentTarget as HTMLInputElement).checked })} /> {t('hours_on')}
+      </label>
+      {props.status && <HoursStatus hours={props.status} />}
+      {h.on && (
+        <>
+          <Field label={t('time_zone')}>
+            <input data-testid="hours-zone" value={h.time_zone} placeholder="Europe/Moscow" onInput={(e) => set({ time_zone: (e.currentTarget as HTMLInputElement).value })} />
+          </Field>
+          <Field label={t('weekly_hours')} hint={t('weekly_hours_hint')}>
+            <textarea rows={3} data-testid="hours-weekly" value={h.weekly} placeholder="mon-fri 09:00-18:00" onInput={(e) => set({ weekly: (e.currentTarget as HTMLTextAreaElement).value })} />
+          </Field>
+          <Field label={t('holidays')} hint={t('holidays_hint')}>
+            <textarea rows={2} data-testid="hours-holidays" value={h.holidays} placeholder="2026-12-31 10:00-14:00" onInput={(e) => set({ holidays: (e.currentTarget as HTMLTextAreaElement).value })} />
+          </Field>
+          <Field label={t('closed_action')}>
+            <select data-testid="hours-action" value={h.closed_action} onChange={(e) => set({ closed_action: (e.currentTarget as HTMLSelectElement).value as ClosedAction })}>
+              {CLOSED_ACTIONS.map((a) => (
+                <option key={a} value={a}>
+                  {t(('closed_action_' + a) as any)}
+                </option>
+              ))}
+            </select>
+          </Field>
+          {h.closed_action === 'transfer' && (
+            <Field label={t('closed_transfer_to')}>
+              <select data-testid="hours-transfer-to" value={h.transfer_to} onChange={(e) => set({ transfer_to: (e.currentTarget as HTMLSelectElement).value })}>
+                <option value="">—</option>
+                {props.groups.map((g) => (
+                  <option key={g.id} value={g.id}>
+                    {g.name}
+                  </option>
+                ))}
+              </select>
+            </Field>
+          )}
+          <Field label={t('closed_message')}>
+            <input maxLength={4000} data-testid="hours-message" value={h.message} onInput={(e) => set({ message: (e.currentTarget as HTMLInputElement).value })} />
+          </Field>
+        </>
+      )}
+    </fieldset>
+  );
+}
+
+/** What one conversation of a channel kind costs of an operator's capacity. */
+function ChannelWeights() {
+  const { t, api } = useApp();
+  const [text, setText] = useState<string | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const [ok, setOk] = useState(false);
+  useEffect(() => {
+    api
+      .get<{ weights: Record<string, number> }>('/api/routing/weights')
+      // A late answer never overwrites what the admin has typed meanwhile.
+      .then((r) => setText((current) => current ?? showPairs(r.weights)))
+      .catch((e) => setError(describeError(t, e.code, e.message)));
+  }, []);
+  return (
+    <form
+      class="stack admin-form channel-weights"
+      data-testid="channel-weights-form"
+      onSubmit={async (e) => {
+        e.preventDefault();
+        setOk(false);
+        const weights = parseWeights(text ?? '');
+        if (!weights) return setError(t('err_weights'));
+        try {
+          const r = await api.put<{ weights: Record<string, number> }>('/api/routing/weights', { weights });
+          setText(showPairs(r?.weights ?? weights));
+          setError(null);
+          setOk(true);
+        } catch (err: any) {
+          setError(refusal(t, err));
+        }
+      }}
+    >
+      <h2>{t('channel_weights')}</h2>
+      <Field label={t('channel_weights_label')} hint={t('channel_weights_hint')}>
+        <input data-testid="channel-weights" value={text ?? ''} placeholder="email=2" onInput={(e) => setText((e.currentTarget as HTMLInputElement).value)} />
+      </Field>
+      <ErrorText error={error} />
+      <Saved ok={ok} />
+      <button type="submit" class="primary" data-testid="channel-weights-save">
+        {t('save')}
+      </button>
+    </form>
+  );
+}
+
 /** The reasons operators may give for a break. */
 function PauseReasons() {
   const { t, api } = useApp();
@@ -884,14 +1080,40 @@ interface PreviewCandidate {
   excluded: string | null;
 }
 
+/** Who could take the conversation at one relaxation step (0: on arrival). */
+interface PreviewStep {
+  step: number;
+  after_ms: number;
+  chosen: string | null;
+  candidates: PreviewCandidate[];
+}
+
+interface PreviewResult {
+  priority: number;
+  ahead: number;
+  chosen: string | null;
+  candidates: PreviewCandidate[];
+  /** The step a conversation arriving now is at, and every step (older servers: absent). */
+  step?: number;
+  steps?: PreviewStep[];
+  /** False when the group's working hours say closed now. */
+  open?: boolean;
+}
+
+/** The steps to show: the server's, or (an older server) the one it answered for. */
+function previewSteps(r: PreviewResult): PreviewStep[] {
+  return r.steps?.length ? r.steps : [{ step: 0, after_ms: 0, chosen: r.chosen, candidates: r.candidates }];
+}
+
 /** "What would happen": for a sample conversation, who could take it and why not. */
 function RoutingPreview() {
   const { t, api } = useApp();
   const [groups] = useList<SkillGroup>('/api/skill-groups', 'skill_groups');
   const [group, setGroup] = useState('');
   const [attributes, setAttributes] = useState('');
-  const [result, setResult] = useState<{ priority: number; ahead: number; chosen: string | null; candidates: PreviewCandidate[] } | null>(null);
+  const [result, setResult] = useState<PreviewResult | null>(null);
   const [error, setError] = useState<string | null>(null);
+  const steps = result ? previewSteps(result) : [];
   return (
     <form
       class="stack admin-form routing-preview"
@@ -934,20 +1156,35 @@ function RoutingPreview() {
       {result && (
         <div data-testid="preview-result">
           <p class="small">{t('preview_result', { priority: result.priority, ahead: result.ahead })}</p>
-          {!result.chosen && <p class="small">{t('preview_nobody')}</p>}
-          <table class="table small">
-            <tbody>
-              {result.candidates.map((c) => (
-                <tr key={c.operator} data-testid="preview-candidate" data-operator={c.operator} class={c.operator === result.chosen ? 'chosen' : c.excluded ? 'excluded' : ''}>
-                  <th scope="row">{c.name}</th>
-                  <td>
-                    {c.load}/{c.capacity}
-                  </td>
-                  <td>{c.operator === result.chosen ? '✓ ' + t('preview_chosen') : c.excluded ? exclusionText(t, c.excluded) : c.score}</td>
-                </tr>
-              ))}
-            </tbody>
-          </table>
+          {result.open === false && (
+            <p class="small" data-testid="preview-closed">
+              <strong>{t('preview_closed')}</strong>
+            </p>
+          )}
+          {steps.map((s) => (
+            <section key={s.step} class="preview-step" data-testid="preview-step" data-step={s.step}>
+              {steps.length > 1 && (
+                <h3 class="small">
+                  {s.step === 0 ? t('preview_step_arrival') : t('preview_step_after', { n: s.step, time: formatDuration(s.after_ms) })}
+                  {s.step === (result.step ?? 0) && <span class="muted"> · {t('preview_step_now')}</span>}
+                </h3>
+              )}
+              {!s.chosen && <p class="small">{s.step === (result.step ?? 0) ? t('preview_nobody') : t('preview_step_nobody')}</p>}
+              <table class="table small">
+                <tbody>
+                  {s.candidates.map((c) => (
+                    <tr key={c.operator} data-testid="preview-candidate" data-operator={c.operator} class={c.operator === s.chosen ? 'chosen' : c.excluded ? 'excluded' : ''}>
+                      <th scope="row">{c.name}</th>
+                      <td>
+                        {c.load}/{c.capacity}
+                      </td>
+                      <td>{c.operator === s.chosen ? '✓ ' + t('preview_chosen') : c.excluded ? exclusionText(t, c.excluded) : c.score}</td>
+                    </tr>
+                  ))}
+                </tbody>
+              </table>
+            </section>
+          ))}
         </div>
       )}
     </form>

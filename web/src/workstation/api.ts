@@ -46,7 +46,9 @@ export class Api {
     }
     if (!res.ok) {
       const code = data?.code ?? (res.status === 404 ? 'not_found' : res.status === 413 ? 'too_large' : res.status === 415 ? 'unsupported_type' : 'http_' + res.status);
-      throw new ApiError(res.status, code, data?.message ?? (text || res.statusText));
+      // `{"code", "message"}`, or `{"error": "..."}` (a bare reason) from some endpoints.
+      const message = typeof data?.message === 'string' ? data.message : typeof data?.error === 'string' ? data.error : text || res.statusText;
+      throw new ApiError(res.status, code, message);
     }
     return data as T;
   }

@@ -11,12 +11,23 @@ export interface QueuedConv {
   state: 'waiting' | 'offered';
   waiting_ms: number;
   visitor: string;
-  /** Why a waiting conversation is not offered: `nobody_online`, `everyone_full`,
-   *  `everyone_passed` (then `next_round_at`), `routing`; absent when offered or unknown. */
+  /** Why a waiting conversation is not offered: `closed` (working hours), `nobody_online`,
+   *  `everyone_full`, `everyone_passed` (then `next_round_at`), `routing`; absent when
+   *  offered or unknown. */
   why?: string;
   next_round_at?: number;
   /** Its priority now (rules 5; higher is offered first); 0 when none. */
   priority: number;
+  /** The relaxation step it is at, and when the next one starts (server clock; null:
+   *  the last step); absent when its group has no steps. */
+  step?: number;
+  next_step_at?: number | null;
+}
+
+/** A group's working hours as the floor reports them: open now, and until when. */
+export interface QueueHours {
+  open: boolean;
+  next_change_at: number | null;
 }
 
 export interface QueueRow {
@@ -32,6 +43,8 @@ export interface QueueRow {
   available: number | null;
   /** Queued conversations in queue order; empty when the source does not list them. */
   conversations: QueuedConv[];
+  /** Working hours; null when the group has none (or the source does not say). */
+  hours: QueueHours | null;
 }
 
 export interface OperatorRow {
@@ -88,6 +101,8 @@ function normalizeQueued(raw: unknown): QueuedConv[] {
       why: typeof c.why === 'string' ? c.why : undefined,
       next_round_at: typeof c.next_round_at === 'number' ? c.next_round_at : undefined,
       priority: num(c.priority),
+      step: typeof c.step === 'number' ? c.step : undefined,
+      next_step_at: typeof c.next_step_at === 'number' ? c.next_step_at : c.next_step_at === null ? null : undefined,
     }));
 }
 
@@ -103,6 +118,7 @@ export function normalizeQueues(raw: any[]): QueueRow[] {
       within_sla: typeof q.within_sla === 'number' ? q.within_sla : null,
       available: typeof q.available === 'number' ? q.available : null,
       conversations: normalizeQueued(q.conversations),
+      hours: q.hours && typeof q.hours.open === 'boolean' ? { open: q.hours.open, next_change_at: typeof q.hours.next_change_at === 'number' ? q.hours.next_change_at : null } : null,
     }))
     .sort((a, b) => (a.group < b.group ? -1 : a.group > b.group ? 1 : 0));
 }
@@ -166,6 +182,12 @@ export function totals(floor: Floor) {
   const load = floor.operators.reduce((n, o) => n + o.load, 0);
   const capacity = floor.operators.filter((o) => o.presence === 'online').reduce((n, o) => n + o.capacity, 0);
   return { waiting, offered, online, load, capacity };
+}
+
+/** Time left until a moment of the server's clock, as of `now` (the snapshot's skew
+ *  removed); never negative. */
+export function untilNow(at: number, floor: Floor, now: number): number {
+  return Math.max(0, at - floor.at + floor.receivedAt - now);
 }
 
 /** How long a queued conversation has waited as of `now`, extrapolated from the snapshot. */

@@ -40,3 +40,37 @@ export function capacityProblem(n: number): 'capacity_range' | null {
 export function passwordProblem(p: string): 'password_short' | null {
   return [...p].length >= 10 ? null : 'password_short';
 }
+
+/** `billing=4, ru=3` as a map (entries without a number are left out). */
+export function parsePairs(text: string): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const part of text.split(',')) {
+    const [k, v] = part.split('=').map((x) => x.trim());
+    if (k && v !== undefined && v !== '' && Number.isFinite(Number(v))) out[k] = Number(v);
+  }
+  return out;
+}
+
+/** Like parsePairs, but null when any non-empty part is not `key=whole number` in
+ *  [min, max]: for settings where a silently dropped entry would mislead. */
+export function parsePairsStrict(text: string, min: number, max: number): Record<string, number> | null {
+  const parts = text
+    .split(',')
+    .map((x) => x.trim())
+    .filter(Boolean);
+  const out: Record<string, number> = {};
+  for (const part of parts) {
+    const m = /^([^=\s][^=]*?)\s*=\s*(\d+)$/.exec(part);
+    if (!m) return null;
+    const n = Number(m[2]);
+    if (!Number.isInteger(n) || n < min || n > max) return null;
+    out[m[1]] = n;
+  }
+  return out;
+}
+
+export function showPairs(map: Record<string, number> | undefined | null): string {
+  return Object.entries(map ?? {})
+    .map(([k, n]) => k + '=' + n)
+    .join(', ');
+}

@@ -142,6 +142,12 @@ function Decisions(props: { id: number; version: number }) {
           <p class="small">
             {t('decision_line', { at: formatDateTime(d.at, lang), group: d.group, policy: t(('policy_' + d.policy) as any), chosen: d.chosen })}{' '}
             <span class="muted">v{d.policy_version}</span>
+            {d.step != null && (
+              <span class="muted" data-testid="decision-step" data-step={d.step}>
+                {' '}
+                · {t('step_short', { n: d.step })}
+              </span>
+            )}
           </p>
           <table class="table small">
             <thead>

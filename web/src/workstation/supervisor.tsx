@@ -1,7 +1,7 @@
 /** The supervisor's live floor: queues, operators, and an inspector for any conversation. */
 import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
-import { formatDuration } from '../shared/format';
-import { floorPlace, longestWaitNow, queuedWaitNow, slaPercent, totals, type EmergencyRow, type Floor, type QueueRow } from './floor';
+import { formatDuration, formatWhen } from '../shared/format';
+import { floorPlace, longestWaitNow, queuedWaitNow, slaPercent, totals, untilNow, type EmergencyRow, type Floor, type QueueRow } from './floor';
 import { FloorFeed } from './floor-feed';
 import { Inspector } from './inspector';
 import type { GroupKpis, LoginInfo } from './types';
@@ -111,7 +111,10 @@ export function FloorView(props: { auth: LoginInfo }) {
                 const wait = longestWaitNow(q, floor, now);
                 return (
                   <tr key={q.group} data-testid="queue-row" data-group={q.group}>
-                    <th scope="row">{q.name}</th>
+                    <th scope="row">
+                      {q.name}
+                      {q.hours && <HoursBadge hours={q.hours} floor={floor} now={now} />}
+                    </th>
                     <td data-testid="queue-waiting" class={q.waiting ? 'hot' : ''}>
                       {q.waiting}
                     </td>
@@ -252,6 +255,17 @@ function QueuedList(props: { q: QueueRow; floor: Floor; now: number; open: numbe
                   P{c.priority}
                 </span>
               )}
+              {c.step != null && (
+                <span class="step-chip" data-testid="queued-step" data-step={c.step}>
+                  {t('step_short', { n: c.step })}
+                  {c.next_step_at != null && (
+                    <span class="muted" data-testid="queued-next-step">
+                      {' '}
+                      · {t('next_step_in', { time: formatDuration(untilNow(c.next_step_at, props.floor, props.now)) })}
+                    </span>
+                  )}
+                </span>
+              )}
               {c.state === 'offered' && <span class="sr-only">, {t('queued_offered')}</span>}
             </button>
             {c.state === 'waiting' && c.why && c.why !== 'routing' && (
@@ -266,6 +280,19 @@ function QueuedList(props: { q: QueueRow; floor: Floor; now: number; open: numbe
       })}
       {more > 0 && <li class="muted small">{t('queued_more', { n: more })}</li>}
     </ul>
+  );
+}
+
+/** A group's working hours on the floor: "open", or "closed until 09:00". */
+function HoursBadge(props: { hours: NonNullable<QueueRow['hours']>; floor: Floor; now: number }) {
+  const { t, lang } = useApp();
+  const { open, next_change_at } = props.hours;
+  // The moment by this browser's clock (the snapshot's skew removed).
+  const until = next_change_at != null ? props.now + untilNow(next_change_at, props.floor, props.now) : null;
+  return (
+    <span class={'hours-badge ' + (open ? 'is-open' : 'is-closed')} data-testid="queue-hours" data-open={String(open)}>
+      {open ? t('queue_open') : until != null ? t('queue_closed_until', { time: formatWhen(until, lang, props.now) }) : t('queue_closed')}
+    </span>
   );
 }
 

@@ -118,6 +118,50 @@ export interface SkillGroup {
   sla_ms?: number;
   /** Queue order and pacing (rules 5). */
   routing?: GroupRouting;
+  /** Relaxation steps 1..n (step 0, the group's own skills from arrival, is implicit). */
+  steps?: RelaxationStep[];
+  /** Working hours; null or absent: always open. */
+  hours?: GroupHours | null;
+}
+
+/** From `after_ms` of waiting on, what a conversation of the group needs. */
+export interface RelaxationStep {
+  after_ms: number;
+  /** Replaces the group's required skills from this step on; null keeps them. */
+  skills: Record<string, number> | null;
+  /** Caps every required level at this (0: no cap). */
+  max_level: number;
+  /** Other groups whose operators may also take it from this step on. */
+  overflow: string[];
+}
+
+export type Weekday = 'mon' | 'tue' | 'wed' | 'thu' | 'fri' | 'sat' | 'sun';
+export type ClosedAction = 'reply' | 'wait' | 'transfer';
+
+/** Open from `open` to `close` ("09:00", "24:00") on a weekday. */
+export interface HoursRange {
+  day: Weekday;
+  open: string;
+  close: string;
+}
+
+/** A date with its own hours; without open and close, closed all day. */
+export interface Holiday {
+  date: string;
+  open?: string;
+  close?: string;
+}
+
+export interface GroupHours {
+  time_zone: string;
+  weekly: HoursRange[];
+  holidays: Holiday[];
+  closed_action: ClosedAction;
+  transfer_to: string | null;
+  message: string;
+  /** Computed by the server (read-only): open now, and when that changes next. */
+  open_now?: boolean;
+  next_change_at?: number | null;
 }
 
 export interface AttributePriority {
@@ -223,6 +267,8 @@ export interface DecisionRecord {
   at: number;
   candidates: Candidate[];
   chosen: string;
+  /** The relaxation step the conversation was at (groups with steps). */
+  step?: number;
 }
 
 /** A row of `GET /api/my/conversations`. */
