@@ -359,6 +359,19 @@ pub fn check_routing(routing: &GroupRouting) -> Result<(), Error> {
     Ok(())
 }
 
+/// From rules 6, an operator's channel limits hold for a conversation handed to them
+/// directly (a transfer or a supervisor's reassignment), as they do for offers.
+fn channel_room(state: &ShardState, to: &crate::state::Operator, channel: &ChannelId) -> Result<(), Error> {
+    if state.rules < 6 {
+        return Ok(());
+    }
+    match state.channel_exclusion(to, channel) {
+        Some("channel_not_taken") => Err(Error::Invalid(format!("operator {} does not take conversations of this channel's kind", to.config.id))),
+        Some(_) => Err(Error::CapacityExceeded(to.config.id.clone())),
+        None => Ok(()),
+    }
+}
+
 /// Settings that change routing are refused before the rules that read them are in
 /// force, so a log never holds a setting its replay ignores.
 fn rules_at_least(state: &ShardState, version: u32) -> Result<(), Error> {
@@ -818,6 +831,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                     if !state.has_room(to_op, &conversation(conv_id)?.channel) {
                         return Err(Error::CapacityExceeded(to.clone()));
                     }
+                    channel_room(state, to_op, &conversation(conv_id)?.channel)?;
                     Ok((
                         Reply::Done,
                         vec![transferred, Event::ConversationAssigned { conversation: *conv_id, operator: to.clone() }],
@@ -1018,6 +1032,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                     if !state.has_room(to_op, &conversation(conv_id)?.channel) {
                         return Err(Error::CapacityExceeded(to.clone()));
                     }
+                    channel_room(state, to_op, &conversation(conv_id)?.channel)?;
                     Event::ConversationAssigned { conversation: *conv_id, operator: to.clone() }
                 }
                 TransferTarget::Group(group) => {

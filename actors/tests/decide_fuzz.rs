@@ -425,6 +425,19 @@ fn resolve(state: &ShardState, step: &Step) -> Command {
     }
 }
 
+/// Per operator and channel kind, the conversations held and offered.
+fn kind_counts(state: &ShardState) -> BTreeMap<(OperatorId, String), u32> {
+    let mut counts = BTreeMap::new();
+    for op in state.operators.values() {
+        let offered = op.offers.iter().filter_map(|o| state.offers.get(o)).map(|o| o.conversation);
+        for id in op.active.iter().copied().chain(offered) {
+            let kind = state.conversations.get(&id).and_then(|c| state.channels.get(&c.channel)).map_or(String::new(), |c| c.kind.clone());
+            *counts.entry((op.config.id.clone(), kind)).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
 fn json(state: &ShardState) -> String {
     serde_json::to_string(state).expect("a shard state serializes")
 }
@@ -434,6 +447,8 @@ fn json(state: &ShardState) -> String {
 fn apply_checked(state: &mut ShardState, store: &MemStore, entry: &Envelope) -> Result<Reply, Error> {
     let before = json(state);
     let loads_before: BTreeMap<OperatorId, u32> = state.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect();
+    let weighted_before: BTreeMap<OperatorId, u32> = state.operators.iter().map(|(id, op)| (id.clone(), state.load_of(op))).collect();
+    let kinds_before = kind_counts(state);
     // The node answers early only from the hot state; otherwise the commit decides.
     let early = !records::needs_records(state, &entry.command);
     let answered = precheck(state, &entry.command, entry.at);
@@ -475,6 +490,38 @@ fn apply_checked(state: &mut ShardState, store: &MemStore, entry: &Envelope) -> 
         Ok(_) => {}
     }
     check_invariants(state, store, &loads_before);
+    // Rules 6 and 5: the weighted load and each channel kind's count only grow within the
+    // operator's capacity and limits (lowering those, or raising a weight, may leave
+    // someone above them; then nothing more is added).
+    let reweighed = matches!(entry.command, Command::SetChannelWeights { .. });
+    for (id, op) in state.operators.iter().filter(|_| !reweighed) {
+        let (before, after) = (weighted_before.get(id).copied().unwrap_or(0), state.load_of(op));
+        assert!(after <= op.config.capacity.max(before), "{id}: weighted load {after} grew past capacity {} (was {before})", op.config.capacity);
+    }
+    for ((op, kind), n) in kind_counts(state).into_iter().filter(|_| state.rules >= 5) {
+        let limit = state.channel_limits.get(&op).and_then(|l| l.per_kind.iter().find(|(k, _)| *k == kind).map(|(_, m)| *m));
+        let before = kinds_before.get(&(op.clone(), kind.clone())).copied().unwrap_or(0);
+        if let Some(limit) = limit {
+            assert!(n <= limit.max(before), "{op}: {n} conversations of kind {kind} grew past its limit {limit} (was {before})");
+        }
+    }
+    // Within one round: the groups this entry routed are left with nothing more to offer
+    // at its time; routing them again makes no offer and starts no round.
+    if let Ok((_, outcome)) = &committed {
+        let mut again = state.clone();
+        let at = switchboard_actors::core::entry_time(state, entry.at);
+        let mut routed = outcome.touched.groups.clone();
+        if let Command::RouteQueue { group } = &entry.command {
+            routed.insert(group.clone());
+        }
+        for group in routed.into_iter().filter(|g| state.groups.contains_key(g)) {
+            let reroute = Envelope::new(at, Command::RouteQueue { group: group.clone() });
+            if let Ok((_, more)) = switchboard_actors::core::handle(&mut again, &reroute) {
+                let offered: Vec<&Event> = more.events.iter().filter(|e| matches!(e, Event::OfferMade { .. } | Event::RoundRestarted { .. })).collect();
+                assert!(offered.is_empty(), "{group} was routed by {:?} but could still offer at once: {offered:?}", entry.command);
+            }
+        }
+    }
     committed.map(|(reply, _)| reply)
 }
 

@@ -349,22 +349,34 @@ fn run(fixture: &str) -> String {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (at, command) = parse(line);
+        // `@100 x100 start web`: the command a hundred times; the first and last are traced.
+        let (times, command_line) = match line.split_once(' ').and_then(|(at, rest)| rest.strip_prefix('x').and_then(|r| r.split_once(' ')).map(|(n, c)| (at, n, c))) {
+            Some((at, n, rest)) if n.chars().all(|c| c.is_ascii_digit()) => (n.parse::<usize>().expect("repeat count"), format!("{at} {rest}")),
+            _ => (1, line.to_owned()),
+        };
         let _ = writeln!(trace, "> {line}");
-        match switchboard_actors::records::run(&mut state, &store, &Envelope::new(at, command)) {
-            Ok((reply, outcome)) => {
-                for event in &outcome.events {
-                    let rendered = render(event);
-                    if rendered != "config" {
-                        let _ = writeln!(trace, "  {rendered}");
+        for i in 0..times {
+            let (at, command) = parse(&command_line);
+            let shown = i == 0 || i + 1 == times;
+            if times > 2 && i + 1 == times {
+                let _ = writeln!(trace, "  … {} more like it, then:", times - 2);
+            }
+            match switchboard_actors::records::run(&mut state, &store, &Envelope::new(at, command)) {
+                Ok((reply, outcome)) if shown => {
+                    for event in &outcome.events {
+                        let rendered = render(event);
+                        if rendered != "config" {
+                            let _ = writeln!(trace, "  {rendered}");
+                        }
+                    }
+                    if let Reply::Message { duplicate: true, seq } = reply {
+                        let _ = writeln!(trace, "  duplicate of #{seq}");
                     }
                 }
-                if let Reply::Message { duplicate: true, seq } = reply {
-                    let _ = writeln!(trace, "  duplicate of #{seq}");
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = writeln!(trace, "  refused: {e}");
                 }
-            }
-            Err(e) => {
-                let _ = writeln!(trace, "  refused: {e}");
             }
         }
     }
