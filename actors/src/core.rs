@@ -110,18 +110,20 @@ pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Out
         dirty.insert(group.clone());
     }
     // Rules 6: a group whose steps overflow into a touched group may now find room
-    // with that group's operators.
-    if state.rules >= 6 {
-        let overflowing: Vec<SkillGroupId> = state
+    // with that group's operators; it is routed after the touched groups, whose own
+    // queues come first.
+    let overflowing: Vec<SkillGroupId> = if state.rules >= 6 {
+        state
             .group_steps
             .iter()
-            .filter(|(_, steps)| steps.iter().any(|s| s.overflow.iter().any(|g| dirty.contains(g))))
+            .filter(|(g, steps)| !dirty.contains(*g) && steps.iter().any(|s| s.overflow.iter().any(|o| dirty.contains(o))))
             .map(|(g, _)| g.clone())
-            .collect();
-        dirty.extend(overflowing);
-    }
-    for group in dirty {
-        route_group(state, &group, now, &mut outcome);
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for group in dirty.iter().chain(&overflowing) {
+        route_group(state, group, now, &mut outcome);
     }
     Ok((reply, outcome))
 }
@@ -178,36 +180,60 @@ fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, 
     if state.group_closed(group_id, now) {
         return;
     }
-    // The order is a function of the queue and the time, fixed for this call: computed
-    // once, not for every offer it makes (an offer only takes its conversation out of the
-    // running, which the loop skips).
-    let order = match state.groups.get(group_id) {
-        Some(group) => queue_order(state, group, now),
-        None => return,
-    };
     // Whose room is worth walking the queue for: the group's operators, and from rules 6
     // those of the groups its steps overflow into.
-    let mut pool: BTreeSet<SkillGroupId> = BTreeSet::from([group_id.clone()]);
+    let mut pool: Vec<SkillGroupId> = vec![group_id.clone()];
     if state.rules >= 6 {
-        pool.extend(state.group_steps.get(group_id).into_iter().flatten().flat_map(|s| s.overflow.iter().cloned()));
+        for overflow in state.group_steps.get(group_id).into_iter().flatten().flat_map(|s| s.overflow.iter()) {
+            if !pool.contains(overflow) {
+                pool.push(overflow.clone());
+            }
+        }
     }
+    // The order is a function of the queue and the time, fixed for this call: computed
+    // once, not for every offer it makes (an offer only takes its conversation out of the
+    // running, which the loop skips), and only once someone is free.
+    let mut order: Option<Vec<ConversationId>> = None;
     loop {
         let Some(group) = state.groups.get(group_id) else { return };
         // Nobody who could take anything: an operator in wrap-up (rules 5) has room but
         // takes nothing, so the queue is not walked for them.
-        let any_free = state.operators.values().any(|op| {
-            op.presence == Presence::Online
-                && state.has_any_room(op)
+        // The groups of the pool with someone free in them. Cheapest tests first: a count
+        // at capacity is full whatever the weights (each is at least 1); the weighed load
+        // is a sum over the operator's conversations.
+        let mut free_groups: Vec<&SkillGroupId> = Vec::new();
+        for op in state.operators.values() {
+            let free = op.presence == Presence::Online
+                && op.free_capacity() > 0
                 && op.config.groups.iter().any(|g| pool.contains(g))
                 && !(state.rules >= 5 && state.wrap_up.get(&op.config.id).is_some_and(|until| *until > now))
-        });
-        if !any_free {
+                && state.has_any_room(op);
+            if free {
+                for g in op.config.groups.iter().filter(|g| pool.contains(*g)) {
+                    if !free_groups.contains(&g) {
+                        free_groups.push(g);
+                    }
+                }
+                // Every group of the pool has someone free: nothing more to learn.
+                if free_groups.len() == pool.len() {
+                    break;
+                }
+            }
+        }
+        if free_groups.is_empty() {
             return;
         }
+        let stepped = state.rules >= 6 && state.group_steps.contains_key(group_id);
+        let order = order.get_or_insert_with(|| queue_order(state, group, now));
         let mut made = Vec::new();
-        for conv_id in &order {
+        for conv_id in order.iter() {
             let Some(conv) = state.conversations.get(conv_id) else { continue };
             if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) {
+                continue;
+            }
+            // Rules 6: a conversation whose step reaches no group with someone free is
+            // passed over without scoring anyone (it could get no offer and no new round).
+            if stepped && !crate::routing::step_groups(state, group, crate::routing::step_at(state, group, conv, now)).iter().any(|g| free_groups.contains(g)) {
                 continue;
             }
             let selection = select_operator(state, group, conv, now);

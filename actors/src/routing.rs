@@ -50,10 +50,10 @@ fn queued_since(state: &ShardState, conversation: &Conversation) -> Timestamp {
 
 /// The groups whose operators may take a conversation of `group` at `step`: the group
 /// itself, then its overflow groups there (rules 6).
-pub fn step_groups(state: &ShardState, group: &SkillGroup, step: u32) -> Vec<SkillGroupId> {
-    let mut groups = vec![group.config.id.clone()];
+pub fn step_groups<'a>(state: &'a ShardState, group: &'a SkillGroup, step: u32) -> Vec<&'a SkillGroupId> {
+    let mut groups = vec![&group.config.id];
     if let Some(s) = steps_of(state, group).and_then(|steps| steps.get((step as usize).checked_sub(1)?)) {
-        groups.extend(s.overflow.iter().filter(|g| **g != group.config.id).cloned());
+        groups.extend(s.overflow.iter().filter(|g| **g != group.config.id));
     }
     groups
 }
@@ -100,13 +100,15 @@ pub fn select_operator(state: &ShardState, group: &SkillGroup, conversation: &Co
 pub fn select_at_step(state: &ShardState, group: &SkillGroup, conversation: &Conversation, now: Timestamp, step: u32) -> Selection {
     let needs = requirements_at(state, group, conversation, step);
     let groups = step_groups(state, group, step);
+    let weight = state.weight_of(&conversation.channel);
     let mut candidates: Vec<Candidate> = state
         .operators
         .values()
         .filter(|op| groups.iter().any(|g| op.config.groups.contains(g)))
         .map(|op| {
             let wrapping_up = state.rules >= 5 && state.wrap_up.get(&op.config.id).is_some_and(|until| *until > now);
-            let full = !state.has_room(op, &conversation.channel);
+            let load = state.load_of(op);
+            let full = load.saturating_add(weight) > op.config.capacity;
             let skills = state.operator_skills.get(&op.config.id);
             let missing = needs.iter().any(|(skill, min)| skills.and_then(|s| s.get(skill)).is_none_or(|level| level < min));
             // Channel limits and skills come after the overall capacity, before passes.
@@ -129,7 +131,7 @@ pub fn select_at_step(state: &ShardState, group: &SkillGroup, conversation: &Con
             };
             Candidate {
                 operator: op.config.id.clone(),
-                load: state.load_of(op),
+                load,
                 capacity: op.config.capacity,
                 excluded: excluded.map(str::to_owned),
                 score,
@@ -174,8 +176,13 @@ pub const PRIORITY_CAP: u32 = 1000;
 /// highest of its group's attribute rules its visitor matches, plus one level per
 /// `ageing_ms` waited since it started. Higher is offered first.
 pub fn priority(state: &ShardState, group: &SkillGroup, conversation: &Conversation, now: Timestamp) -> u32 {
-    let channel = state.channel_priority.get(&conversation.channel).copied().unwrap_or(0);
-    let Some(routing) = state.group_routing.get(&group.config.id) else { return channel.min(PRIORITY_CAP) };
+    priority_in(state, state.group_routing.get(&group.config.id), conversation, now)
+}
+
+/// [`priority`] with the group's routing settings already looked up.
+fn priority_in(state: &ShardState, routing: Option<&GroupRouting>, conversation: &Conversation, now: Timestamp) -> u32 {
+    let channel = if state.channel_priority.is_empty() { 0 } else { state.channel_priority.get(&conversation.channel).copied().unwrap_or(0) };
+    let Some(routing) = routing else { return channel.min(PRIORITY_CAP) };
     let attribute = routing
         .attribute_priorities
         .iter()
@@ -198,10 +205,11 @@ pub fn queue_order(state: &ShardState, group: &SkillGroup, now: Timestamp) -> Ve
     if state.rules < 5 || (state.channel_priority.is_empty() && !state.group_routing.contains_key(&group.config.id)) {
         return arrival();
     }
+    let routing = state.group_routing.get(&group.config.id);
     let mut ranked: Vec<(u32, u64, ConversationId)> = group
         .queue
         .iter()
-        .map(|(ticket, id)| (state.conversations.get(id).map_or(0, |c| priority(state, group, c, now)), *ticket, *id))
+        .map(|(ticket, id)| (state.conversations.get(id).map_or(0, |c| priority_in(state, routing, c, now)), *ticket, *id))
         .collect();
     ranked.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     ranked.into_iter().map(|(_, _, id)| id).collect()

@@ -1,6 +1,10 @@
 //! `switchboard bench --routing`: the routing core alone, at the scale of issue 10's
 //! budget: 1,000 online operators in 50 skill groups, every one of them full, and
-//! 10,000 queued conversations with priorities (a VIP attribute rule and ageing). Each
+//! 10,000 queued conversations with priorities (a VIP attribute rule and ageing), with
+//! the rules of rules 6 switched on: every operator has a skill level the groups
+//! require (the best match ranks first), each group has a relaxation step with an
+//! overflow group and round-the-clock opening hours in a time zone (checked on every
+//! routing pass), and channel weights are set (loads are weighed). Each
 //! cycle frees one slot (an operator closes a conversation), which must turn into an
 //! offer, and the operator accepts it. It measures what the core spends deciding (the
 //! close and the offer it makes, then the accept), on the same code path a node applies
@@ -42,6 +46,7 @@ pub fn run(cycles: usize) -> anyhow::Result<()> {
         ageing_ms: 60_000,
         ..GroupRouting::default()
     };
+    let routing = GroupRouting { required_skills: vec![("billing".into(), 2)], ..routing };
     for g in 0..GROUPS {
         let group = SkillGroupId::new(format!("g{g}"));
         let config = SkillGroupConfig { id: group.clone(), name: group.0.clone(), policy: Policy::LongestIdle, offer_timeout_ms: 600_000, sla_ms: 60_000 };
@@ -49,9 +54,27 @@ pub fn run(cycles: usize) -> anyhow::Result<()> {
         run_one(&mut state, &store, at, Command::SetGroupRouting { group: group.clone(), routing: routing.clone() })?;
         run_one(&mut state, &store, at, Command::UpsertChannel(ChannelConfig { id: ChannelId::new(format!("c{g}")), kind: "web".into(), name: "c".into(), default_group: group }))?;
     }
+    // Rules 6 on every group: a step after ten minutes that relaxes the level and
+    // overflows into the next group, and opening hours of every day, all day, in Moscow.
+    let hours = OpeningHours {
+        time_zone: "Europe/Moscow".into(),
+        weekly: (0..7).map(|d| (d, 0, 1440)).collect(),
+        holidays: vec![],
+        closed_action: ClosedAction::Wait,
+        message: String::new(),
+    };
+    for g in 0..GROUPS {
+        let group = SkillGroupId::new(format!("g{g}"));
+        let step = RoutingStep { after_ms: 600_000, skills: None, max_level: 1, overflow: vec![SkillGroupId::new(format!("g{}", (g + 1) % GROUPS))] };
+        run_one(&mut state, &store, at, Command::SetGroupSteps { group: group.clone(), steps: vec![step] })?;
+        run_one(&mut state, &store, at, Command::SetGroupHours { group, hours: Some(hours.clone()) })?;
+    }
+    run_one(&mut state, &store, at, Command::SetChannelWeights { weights: vec![("email".into(), 2)] })?;
     for o in 0..GROUPS * OPERATORS_PER_GROUP {
         let groups = vec![SkillGroupId::new(format!("g{}", o % GROUPS))];
         run_one(&mut state, &store, at, Command::UpsertOperator(OperatorConfig { id: OperatorId::new(format!("op{o}")), name: format!("Op {o}"), capacity: CAPACITY, groups }))?;
+        let level = 2 + (o % 4) as u8;
+        run_one(&mut state, &store, at, Command::SetOperatorSkills { operator: OperatorId::new(format!("op{o}")), skills: vec![("billing".into(), level)] })?;
         run_one(&mut state, &store, at, Command::SetPresence { operator: OperatorId::new(format!("op{o}")), presence: Presence::Online })?;
     }
     let started = Instant::now();
