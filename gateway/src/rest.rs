@@ -364,9 +364,15 @@ async fn put_group(
         Some(None) => Some(None),
         None => None,
     };
-    {
+    let (steps, hours) = {
         let shard = gw.backend.shard();
         let state = shard.read();
+        // What is as it was is not written again (the admin form sends everything).
+        let steps = steps.filter(|s| state.group_steps.get(&group_id).map_or(!s.is_empty(), |now| now != s));
+        let hours = hours.filter(|h| h.as_ref() != state.group_hours.get(&group_id));
+        if (steps.is_some() || hours.is_some()) && state.rules < 6 {
+            return Err(switchboard_actors::Error::Invalid(format!("steps and hours need routing rules 6; the cluster still decides with {}", state.rules)).into());
+        }
         // The group itself may be new: it exists by the time these are applied.
         let exists = |g: &SkillGroupId| *g == group_id || state.groups.contains_key(g);
         if let Some(steps) = &steps {
@@ -375,7 +381,8 @@ async fn put_group(
         if let Some(Some(h)) = &hours {
             switchboard_actors::hours::check(h, &group_id, &|g| state.groups.contains_key(g))?;
         }
-    }
+        (steps, hours)
+    };
     let config = SkillGroupConfig {
         id: SkillGroupId::new(id),
         name: body.name,

@@ -77,6 +77,7 @@ enum ActionBody {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct HoursBody {
     time_zone: String,
     #[serde(default)]

@@ -71,6 +71,7 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
             let online: Vec<&switchboard_actors::state::Operator> =
                 state.operators.values().filter(|o| o.config.groups.contains(&g.config.id) && o.presence == Presence::Online).collect();
             let free: Vec<&switchboard_actors::state::Operator> = online.iter().copied().filter(|o| state.has_any_room(o)).collect();
+            let closed = state.group_closed(&g.config.id, now);
             // In the order they are offered (rules 5: priority, then arrival).
             for id in &switchboard_actors::routing::queue_order(state, g, now) {
                 let Some(conv) = state.conversations.get(id) else { continue };
@@ -97,7 +98,7 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
                     }
                     if state_name == "waiting" {
                         // Why nobody is offered it: what a supervisor acts on.
-                        let why = if state.group_closed(&g.config.id, now) {
+                        let why = if closed {
                             "closed"
                         } else if online.is_empty() {
                             "nobody_online"
@@ -128,7 +129,7 @@ pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestam
             });
             // Rules 6: whether the group is open, and when that changes.
             if let Some(h) = state.group_hours.get(&g.config.id).filter(|_| state.rules >= 6) {
-                queue["hours"] = json!({"open": !state.group_closed(&g.config.id, now), "next_change_at": switchboard_actors::hours::next_change(h, now).map(|t| t.0)});
+                queue["hours"] = json!({"open": !closed, "next_change_at": switchboard_actors::hours::next_change(h, now).map(|t| t.0)});
             }
             queue
         })
