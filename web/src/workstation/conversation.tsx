@@ -1,6 +1,6 @@
 /** The open conversation: header and actions, history, typing, composer, side panels. */
 import { uid } from '../shared/ids';
-import { useEffect, useRef, useState } from 'preact/hooks';
+import { useEffect, useLayoutEffect, useRef, useState } from 'preact/hooks';
 import { ACCEPT_ATTRIBUTE, checkAttachment, contentTypeOf, MAX_ATTACHMENTS_PER_MESSAGE, type Attachment } from '../shared/files';
 import { formatDuration } from '../shared/format';
 import { PaperclipIcon } from '../shared/icons';
@@ -30,12 +30,15 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
     if (conv) drafts.current.set(conv.id, v);
     setDraftState(v);
   };
-  useEffect(() => {
+  // Layout effects: they run as the new conversation is committed, before the next key
+  // press can be handled, so a shortcut right after switching is never undone by the
+  // reset or sent to the previous conversation's listener.
+  useLayoutEffect(() => {
     setDraftState(conv ? drafts.current.get(conv.id) ?? '' : '');
     setDialog(null);
   }, [conv?.id]);
   // Alt+T and Alt+C from anywhere on the desk (see SHORTCUTS in desk.tsx).
-  useEffect(() => {
+  useLayoutEffect(() => {
     const open = (e: Event) => {
       const what = (e as CustomEvent<string>).detail;
       if (conv && (what === 'transfer' || what === 'close')) setDialog(what);
