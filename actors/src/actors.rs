@@ -565,6 +565,7 @@ impl Actor for EntityActor {
     async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
             EntityMsg::Wake => {
+                state.idle_checks = 0;
                 state.stream.send_modify(|v| *v += 1);
                 state.arm_queue(&myself);
                 state.check_when_closed(&myself);
@@ -602,7 +603,12 @@ impl Actor for EntityActor {
             EntityMsg::PassivateCheck => {
                 state.closing_check = false;
                 let closed = state.closed_conversation();
-                if state.stream.receiver_count() == 0 && state.timers.is_empty() && state.queue_timer.is_none() {
+                // A conversation's actor arms no timers: it only relays wake-ups, and the
+                // supervisor's stream reaches the sockets that follow it without it. So
+                // one that went quiet stops even while followed (an idle session then
+                // costs no actor); the next subscriber starts it again.
+                let relay_only = matches!(state.key, StreamKey::Conversation(_));
+                if (relay_only || state.stream.receiver_count() == 0) && state.timers.is_empty() && state.queue_timer.is_none() {
                     state.idle_checks += 1;
                     // A closed conversation has nothing to wait for: it goes at once.
                     if state.idle_checks >= 2 || closed {

@@ -285,6 +285,12 @@ async fn restart_time(args: &BenchArgs, data_dir: &std::path::Path) -> anyhow::R
 
 /// The node's own mean time from receiving a command to its commit and apply, from
 /// `/metrics`: what the node spends, apart from the sockets on either side.
+/// The node's running entity actors, from its metrics.
+async fn active_actors(private: &str) -> Option<u64> {
+    let (_, metrics) = http_json(private, "GET", "/metrics", None, None).await.ok()?;
+    metrics.as_str()?.lines().find_map(|l| l.strip_prefix("switchboard_actors_active ")?.trim().parse().ok())
+}
+
 pub(crate) async fn print_commit_time(private: &str) {
     let Ok((_, metrics)) = http_json(private, "GET", "/metrics", None, None).await else { return };
     let text = metrics.as_str().unwrap_or_default();
@@ -599,7 +605,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let after = rss_kib(pid).unwrap_or(0);
         let per = (after.saturating_sub(before) as f64) / args.idle_sessions as f64;
         println!("\nidle client sessions (started conversation, following its stream)");
-        println!("  {} sessions: node RSS {} KiB -> {} KiB, {:.1} KiB per session (includes the conversation's state)", args.idle_sessions, before, after, per);
+        println!(
+            "  {} sessions: node RSS {} KiB -> {} KiB, {:.1} KiB per session (includes the conversation's state); actors running: {}",
+            args.idle_sessions,
+            before,
+            after,
+            per,
+            active_actors(&child.private).await.unwrap_or(0)
+        );
+        // Settled: a quiet conversation's actor stops after two idle checks (30 s apart)
+        // even while its socket follows it; the socket stays open.
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        let settled = rss_kib(pid).unwrap_or(0);
+        let per = (settled.saturating_sub(before) as f64) / args.idle_sessions as f64;
+        println!("  after 70 s idle: node RSS {settled} KiB, {per:.1} KiB per session; actors running: {}", active_actors(&child.private).await.unwrap_or(0));
         drop(idle);
     }
     for task in operator_tasks.into_iter().chain(reader_tasks) {
