@@ -65,13 +65,18 @@ pub struct BenchArgs {
     /// full, 10,000 queued with priorities): this many freed-slot cycles, timed.
     #[arg(long)]
     pub(crate) routing: Option<usize>,
+    /// The same scale through a real node and real sockets: this many freed slots, each
+    /// timed from an operator's close to the next offer on their socket (`--operators`
+    /// defaults to 1,000 and `--clients`, the customers waiting, to 10,000 here).
+    #[arg(long)]
+    pub(crate) routing_live: Option<usize>,
 }
 
-struct Child {
+pub(crate) struct Child {
     process: tokio::process::Child,
-    public: String,
-    private: String,
-    logins: HashMap<String, String>,
+    pub(crate) public: String,
+    pub(crate) private: String,
+    pub(crate) logins: HashMap<String, String>,
     data_dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
@@ -93,7 +98,7 @@ pub(crate) const OPEN_BUDGETS: &[&str] = &[
     "1000000",
 ];
 
-async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
+pub(crate) async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
     let (dir, data_dir) = match &args.data_dir {
         Some(d) => (None, d.clone()),
         None => {
@@ -461,6 +466,9 @@ pub(crate) async fn start_clients(publics: &[String], n: usize) -> anyhow::Resul
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(cycles) = args.routing {
         return tokio::task::spawn_blocking(move || crate::bench_routing::run(cycles.max(1))).await?;
+    }
+    if let Some(cycles) = args.routing_live {
+        return crate::bench_live::run(args, cycles.max(1)).await;
     }
     if args.nodes > 1 {
         return crate::bench_cluster::run(args).await;

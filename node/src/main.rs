@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_live;
 mod bench_routing;
 mod bootstrap;
 mod cluster;
