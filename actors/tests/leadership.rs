@@ -4,6 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+use common::commit;
+
 use switchboard_actors::actors::{subscribe, ShardSupervisor, SupervisorArgs, SupervisorMsg};
 use switchboard_actors::model::*;
 use switchboard_actors::records::MemStore;
@@ -18,16 +21,6 @@ impl Proposer for NothingProposed {
     fn propose(&self, command: Command) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<switchboard_actors::core::Reply, Error>> + Send>> {
         Box::pin(async move { Err(Error::Commit(format!("this test proposes nothing, got {command:?}"))) })
     }
-}
-
-/// Applies one entry of one command as the state machine does: apply, write the
-/// records, end the entry, publish (which notifies the supervisor).
-fn commit(shard: &Shard, store: &MemStore, at: u64, command: Command) {
-    let mut writes = Vec::new();
-    shard.apply(&Envelope::new(Timestamp(at), command), &mut writes).expect("accepted");
-    store.write(writes);
-    shard.end_entry();
-    shard.published();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod common;
+use common::commit;
+
 use switchboard_actors::actors::{now_ms, ShardSupervisor, SupervisorArgs};
 use switchboard_actors::core::Reply;
 use switchboard_actors::model::*;
@@ -23,14 +26,6 @@ impl Proposer for Recorder {
         }
         Box::pin(async move { Ok(Reply::Done) })
     }
-}
-
-fn commit(shard: &Shard, store: &MemStore, at: u64, command: Command) {
-    let mut writes = Vec::new();
-    shard.apply(&Envelope::new(Timestamp(at), command), &mut writes).expect("accepted");
-    store.write(writes);
-    shard.end_entry();
-    shard.published();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

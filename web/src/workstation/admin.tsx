@@ -887,31 +887,43 @@ function HoursFields(props: { hours: HoursDraft; status: GroupHours | null | und
   );
 }
 
-/** What one conversation of a channel kind costs of an operator's capacity. */
-function ChannelWeights() {
-  const { t, api } = useApp();
+/** One setting edited as text: read once (a late answer never overwrites what the
+ *  admin typed meanwhile), parsed on save (`null`: the message to show), written, and
+ *  shown back as the server keeps it. */
+function TextSetting(props: {
+  name: string;
+  title: string;
+  /** The field's label when it differs from the title. */
+  label?: string;
+  hint: string;
+  multiline?: boolean;
+  placeholder?: string;
+  load: () => Promise<string>;
+  save: (text: string) => Promise<string | null>;
+  invalid: () => string;
+}) {
+  const { t } = useApp();
   const [text, setText] = useState<string | null>(null);
   const [error, setError] = useState<string | null>(null);
   const [ok, setOk] = useState(false);
   useEffect(() => {
-    api
-      .get<{ weights: Record<string, number> }>('/api/routing/weights')
-      // A late answer never overwrites what the admin has typed meanwhile.
-      .then((r) => setText((current) => current ?? showPairs(r.weights)))
+    props
+      .load()
+      .then((loaded) => setText((current) => current ?? loaded))
       .catch((e) => setError(describeError(t, e.code, e.message)));
   }, []);
+  const onInput = (e: Event) => setText((e.currentTarget as HTMLInputElement | HTMLTextAreaElement).value);
   return (
     <form
-      class="stack admin-form channel-weights"
-      data-testid="channel-weights-form"
+      class={'stack admin-form ' + props.name}
+      data-testid={props.name + '-form'}
       onSubmit={async (e) => {
         e.preventDefault();
         setOk(false);
-        const weights = parseWeights(text ?? '');
-        if (!weights) return setError(t('err_weights'));
         try {
-          const r = await api.put<{ weights: Record<string, number> }>('/api/routing/weights', { weights });
-          setText(showPairs(r?.weights ?? weights));
+          const saved = await props.save(text ?? '');
+          if (saved === null) return setError(props.invalid());
+          setText(saved);
           setError(null);
           setOk(true);
         } catch (err: any) {
@@ -919,63 +931,66 @@ function ChannelWeights() {
         }
       }}
     >
-      <h2>{t('channel_weights')}</h2>
-      <Field label={t('channel_weights_label')} hint={t('channel_weights_hint')}>
-        <input data-testid="channel-weights" value={text ?? ''} placeholder="email=2" onInput={(e) => setText((e.currentTarget as HTMLInputElement).value)} />
+      <h2>{props.title}</h2>
+      <Field label={props.label ?? props.title} hint={props.hint}>
+        {props.multiline ? (
+          <textarea rows={4} data-testid={props.name + '-input'} value={text ?? ''} onInput={onInput} />
+        ) : (
+          <input data-testid={props.name + '-input'} value={text ?? ''} placeholder={props.placeholder} onInput={onInput} />
+        )}
       </Field>
       <ErrorText error={error} />
       <Saved ok={ok} />
-      <button type="submit" class="primary" data-testid="channel-weights-save">
+      <button type="submit" class="primary" data-testid={props.name + '-save'}>
         {t('save')}
       </button>
     </form>
   );
 }
 
+/** What one conversation of a channel kind costs of an operator's capacity. */
+function ChannelWeights() {
+  const { t, api } = useApp();
+  type Weights = { weights: Record<string, number> };
+  return (
+    <TextSetting
+      name="channel-weights"
+      title={t('channel_weights')}
+      label={t('channel_weights_label')}
+      hint={t('channel_weights_hint')}
+      placeholder="email=2"
+      load={async () => showPairs((await api.get<Weights>('/api/routing/weights')).weights)}
+      save={async (text) => {
+        const weights = parseWeights(text);
+        if (!weights) return null;
+        const r = await api.put<Weights>('/api/routing/weights', { weights });
+        return showPairs(r?.weights ?? weights);
+      }}
+      invalid={() => t('err_weights')}
+    />
+  );
+}
+
 /** The reasons operators may give for a break. */
 function PauseReasons() {
   const { t, api } = useApp();
-  const [text, setText] = useState<string | null>(null);
-  const [error, setError] = useState<string | null>(null);
-  const [ok, setOk] = useState(false);
-  useEffect(() => {
-    api
-      .get<{ reasons: string[] }>('/api/pause-reasons')
-      // A late answer never overwrites what the admin has typed meanwhile.
-      .then((r) => setText((current) => current ?? (r.reasons ?? []).join('\n')))
-      .catch((e) => setError(describeError(t, e.code, e.message)));
-  }, []);
   return (
-    <form
-      class="stack admin-form pause-reasons"
-      data-testid="pause-reasons-form"
-      onSubmit={async (e) => {
-        e.preventDefault();
-        setOk(false);
-        const reasons = (text ?? '')
+    <TextSetting
+      name="pause-reasons"
+      title={t('pause_reasons')}
+      hint={t('pause_reasons_hint')}
+      multiline
+      load={async () => ((await api.get<{ reasons: string[] }>('/api/pause-reasons')).reasons ?? []).join('\n')}
+      save={async (text) => {
+        const reasons = text
           .split('\n')
           .map((r) => r.trim())
           .filter(Boolean);
-        try {
-          await api.put('/api/pause-reasons', { reasons });
-          setText(reasons.join('\n'));
-          setError(null);
-          setOk(true);
-        } catch (err: any) {
-          setError(describeError(t, err.code, err.message));
-        }
+        await api.put('/api/pause-reasons', { reasons });
+        return reasons.join('\n');
       }}
-    >
-      <h2>{t('pause_reasons')}</h2>
-      <Field label={t('pause_reasons')} hint={t('pause_reasons_hint')}>
-        <textarea rows={4} data-testid="pause-reasons-input" value={text ?? ''} onInput={(e) => setText((e.currentTarget as HTMLTextAreaElement).value)} />
-      </Field>
-      <ErrorText error={error} />
-      <Saved ok={ok} />
-      <button type="submit" class="primary" data-testid="pause-reasons-save">
-        {t('save')}
-      </button>
-    </form>
+      invalid={() => ''}
+    />
   );
 }
 
