@@ -6,7 +6,7 @@ import { capacityProblem, idProblem, parsePairs, passwordProblem, showPairs } fr
 import { CLOSED_ACTIONS, hoursDraft, hoursFromDraft, MAX_STEPS, nextStep, parseWeights, stepDrafts, stepsFromDrafts, type HoursDraft, type StepDraft } from './rules';
 import { TemplatesPanel } from './panels';
 import { describeError, exclusionText } from './strings';
-import { ErrorText, Field, TabList, TabPanel, useApp } from './ui';
+import { ErrorText, Field, GroupOptions, TabList, TabPanel, useApp } from './ui';
 
 type Section = 'groups' | 'operators' | 'users' | 'channels' | 'templates';
 
@@ -637,11 +637,7 @@ function Channels() {
         <Field label={t('default_group')}>
           <select value={form.default_group} required onChange={(e) => setForm({ ...form, default_group: (e.currentTarget as HTMLSelectElement).value })}>
             <option value="">—</option>
-            {groups?.map((g) => (
-              <option key={g.id} value={g.id}>
-                {g.name}
-              </option>
-            ))}
+            <GroupOptions groups={groups} />
           </select>
         </Field>
         <ErrorText error={error} />
@@ -870,11 +866,7 @@ function HoursFields(props: { hours: HoursDraft; status: GroupHours | null | und
             <Field label={t('closed_transfer_to')}>
               <select data-testid="hours-transfer-to" value={h.transfer_to} onChange={(e) => set({ transfer_to: (e.currentTarget as HTMLSelectElement).value })}>
                 <option value="">—</option>
-                {props.groups.map((g) => (
-                  <option key={g.id} value={g.id}>
-                    {g.name}
-                  </option>
-                ))}
+                <GroupOptions groups={props.groups} />
               </select>
             </Field>
           )}
@@ -1154,11 +1146,7 @@ function RoutingPreview() {
       <p class="muted small">{t('routing_preview_hint')}</p>
       <Field label={t('group')}>
         <select value={group} data-testid="preview-group" onChange={(e) => setGroup((e.currentTarget as HTMLSelectElement).value)}>
-          {groups?.map((g) => (
-            <option key={g.id} value={g.id}>
-              {g.name}
-            </option>
-          ))}
+          <GroupOptions groups={groups} />
         </select>
       </Field>
       <Field label={t('attribute_priorities')}>

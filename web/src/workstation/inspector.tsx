@@ -6,7 +6,7 @@ import type { ConversationDoc, DecisionRecord, OperatorStatus, SkillGroup } from
 import { EntryView, operatorNames } from './entries';
 import { Poller } from './poller';
 import { describeError, exclusionText } from './strings';
-import { Empty, ErrorText, Field, useApp } from './ui';
+import { Empty, ErrorText, Field, GroupOptions, useApp } from './ui';
 
 /** How often an open inspector re-reads its conversation (messages do not reach the floor). */
 export const INSPECTOR_POLL_MS = 2000;
@@ -242,11 +242,7 @@ function Reassign(props: { id: number; live?: ReassignOperator[]; onDone: () => 
                   {o.name} — {t(('presence_' + o.presence) as any)}, {o.load}/{o.capacity}
                 </option>
               ))
-            : groups.map((g) => (
-                <option key={g.id} value={g.id}>
-                  {g.name}
-                </option>
-              ))}
+            : <GroupOptions groups={groups} />}
         </select>
       </Field>
       <Field label={t('comment')}>

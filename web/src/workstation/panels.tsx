@@ -7,7 +7,7 @@ import { byScope, fillPlaceholders, searchTemplates, templateId, validateTemplat
 import type { ConversationDoc, MyConversation, OperatorStatus, SkillGroup, Template } from './types';
 import { parseTags, tagsProblem, MAX_TAGS } from './forms';
 import { describeError } from './strings';
-import { Dialog, Empty, ErrorText, Field, useApp } from './ui';
+import { Dialog, Empty, ErrorText, Field, GroupOptions, useApp } from './ui';
 import { Inspector } from './inspector';
 
 export function ClientCard(props: { conv: Conv }) {
@@ -279,11 +279,7 @@ export function TemplateForm(props: { initialText: string; shared: boolean; exis
         <Field label={t('group')}>
           <select value={group} required onChange={(e) => setGroup((e.currentTarget as HTMLSelectElement).value)}>
             <option value="">—</option>
-            {groups.map((g) => (
-              <option key={g.id} value={g.id}>
-                {g.name}
-              </option>
-            ))}
+            <GroupOptions groups={groups} />
           </select>
         </Field>
       )}
@@ -350,11 +346,7 @@ export function TransferDialog(props: { session: OperatorSession; conv: Conv; me
                     {o.name} — {t(('presence_' + o.presence) as any)}, {o.load}/{o.capacity}
                   </option>
                 ))
-              : groups.map((g) => (
-                  <option key={g.id} value={g.id}>
-                    {g.name}
-                  </option>
-                ))}
+              : <GroupOptions groups={groups} />}
           </select>
         </Field>
         <Field label={t('comment')}>

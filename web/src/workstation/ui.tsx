@@ -109,6 +109,19 @@ export function Field(props: { label: string; children: ComponentChildren; hint?
   );
 }
 
+/** One `<option>` per skill group, by id, showing its name. */
+export function GroupOptions(props: { groups: { id: string; name: string }[] | null | undefined }) {
+  return (
+    <>
+      {props.groups?.map((g) => (
+        <option key={g.id} value={g.id}>
+          {g.name}
+        </option>
+      ))}
+    </>
+  );
+}
+
 export function ErrorText(props: { error: string | null | undefined }) {
   if (!props.error) return null;
   return (
