@@ -62,10 +62,6 @@ pub fn step_groups<'a>(state: &'a ShardState, group: &'a SkillGroup, step: u32) 
 /// group's, plus those of the group's skill rules its visitor matches; the highest
 /// level wins where several name one skill. From rules 6 a routing step past 0 may
 /// replace the group's own skills and cap every level.
-pub fn requirements(state: &ShardState, group: &SkillGroup, conversation: &Conversation) -> Vec<(String, u8)> {
-    requirements_at(state, group, conversation, 0)
-}
-
 pub fn requirements_at(state: &ShardState, group: &SkillGroup, conversation: &Conversation, step: u32) -> Vec<(String, u8)> {
     if state.rules < 5 {
         return Vec::new();
