@@ -157,15 +157,20 @@ async fn sockets_through_a_gateway_stay_open_when_their_member_is_killed() -> an
     let mut cluster = Cluster::start(dir.path(), 3).await?;
     let gateway = cluster.start_gateway(0).await?;
     let staff_gateway = cluster.start_gateway(1).await?;
-    let leader = cluster.leader().await?;
-    // Gateways pin new sockets to the leader: the member about to be killed.
-    for g in [&gateway, &staff_gateway] {
-        eventually(WAIT, Duration::from_millis(100), || async {
+    // Gateways pin new sockets to the leader: the member about to be killed. On a busy
+    // machine the leadership can move while the cluster starts, so the leader is read
+    // again until the members and both gateways name the same one.
+    let leader = eventually(Duration::from_secs(30), Duration::from_millis(100), || async {
+        let leader = cluster.leader().await?;
+        for g in [&gateway, &staff_gateway] {
             let (_, view) = g.api("GET", "/api/gateway", None, None).await?;
-            Ok((view["leader"].as_u64() == Some(leader as u64)).then_some(()))
-        })
-        .await?;
-    }
+            if view["leader"].as_u64() != Some(leader as u64) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(leader))
+    })
+    .await?;
 
     let acked: Acked = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
