@@ -77,7 +77,29 @@ pub enum Reply {
     /// The message is history entry `seq`; `duplicate` when the key was seen before and
     /// nothing new was written.
     Message { seq: u64, duplicate: bool },
+    /// A channel's inbound message is in `conversation`; `duplicate` when its provider
+    /// message id was taken before and nothing new was written.
+    Inbound { conversation: ConversationId, duplicate: bool },
 }
+
+/// The idempotency key of a channel's inbound message: the channel, the sender and the
+/// provider's id for the message (some providers number messages per chat), kept within
+/// [`MAX_KEY_BYTES`] (a longer one is hashed, staying unique per message).
+pub fn inbound_key(channel: &ChannelId, sender: &str, provider_message_id: &str) -> String {
+    let key = format!("{}:{}:{}", channel.as_str(), sender, provider_message_id);
+    if key.len() <= MAX_KEY_BYTES {
+        key
+    } else {
+        let hash = |bytes: &[u8], seed: u64| bytes.iter().fold(seed, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3));
+        let rest = format!("{sender}\u{0}{provider_message_id}");
+        format!("{}:h{:016x}{:016x}", channel.as_str(), hash(rest.as_bytes(), 0xcbf29ce484222325), hash(rest.as_bytes(), 0x84222325cbf29ce4))
+    }
+}
+
+/// Longest sender id and sender name a channel's inbound message may carry.
+pub const MAX_SENDER_BYTES: usize = 200;
+/// Outbox entries one `DeliveriesAttempted` or `DeliveryResults` may name.
+pub const MAX_DELIVERY_BATCH: usize = 1000;
 
 /// Timers the driver arms or drops after applying.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -594,62 +616,112 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             Ok((Reply::Done, vec![Event::ChannelPublicGroupsSet { channel: channel.clone(), groups }]))
         }
         Command::StartConversation { channel, group, visitor } => {
-            let channel_config = state.channels.get(channel).ok_or(Error::NotFound(format!("channel {channel}")))?;
-            crate::access::check(state, channel, crate::access::Customer { ip: None, visitor: visitor.id.as_deref() }).map_err(Error::Blocked)?;
-            let group = group.clone().unwrap_or_else(|| channel_config.default_group.clone());
-            if !state.groups.contains_key(&group) {
-                return Err(Error::NotFound(format!("skill group {group}")));
+            let (conv, events) = start_conversation(state, channel, group.as_ref(), visitor, now)?;
+            Ok((Reply::Started { conversation: conv }, events))
+        }
+        Command::ChannelInbound { channel, sender, sender_name, provider_message_id, text } => {
+            if !state.channel_adapters.contains_key(channel) {
+                return Err(Error::Invalid(format!("channel {channel} has no adapter: connect it before it takes messages")));
             }
-            // From rules 4 the first conversation is number 1, as people count.
-            let conv = ConversationId(if state.rules >= 4 { state.next_conversation.max(1) } else { state.next_conversation });
-            // An emergency notice in force for the channel or the group is its first answer.
-            let notice = state.emergency_for(channel, &group).map(|e| Event::NoticeGiven { conversation: conv, text: e.message.clone() });
-            // Rules 6: outside the group's opening hours, its configured answer.
-            let mut after_hours = Vec::new();
-            let mut group = group;
-            if state.group_closed(&group, now) {
-                if let Some(hours) = state.group_hours.get(&group) {
-                    if !hours.message.trim().is_empty() {
-                        after_hours.push(Event::NoticeGiven { conversation: conv, text: hours.message.clone() });
-                    }
-                    match &hours.closed_action {
-                        ClosedAction::Reply => after_hours.push(Event::ConversationClosed {
-                            conversation: conv,
-                            by: Closer::System,
-                            resolution: AFTER_HOURS.into(),
-                            tags: vec![],
-                        }),
-                        ClosedAction::Transfer(to) if state.groups.contains_key(to) => group = to.clone(),
-                        ClosedAction::Transfer(_) | ClosedAction::Wait => {}
-                    }
+            if sender.is_empty() || sender.len() > MAX_SENDER_BYTES || sender_name.len() > MAX_SENDER_BYTES {
+                return Err(Error::Invalid(format!("the sender id must be 1-{MAX_SENDER_BYTES} bytes, the name at most {MAX_SENDER_BYTES}")));
+            }
+            if provider_message_id.is_empty() {
+                return Err(Error::Invalid("the provider message id is empty".into()));
+            }
+            let key = inbound_key(channel, sender, provider_message_id);
+            if let Some(conversation) = state.inbound_seen {
+                return Ok((Reply::Inbound { conversation, duplicate: true }, vec![]));
+            }
+            let visitor_id = format!("{channel}:{sender}");
+            let open = state.open_senders.get(&(channel.clone(), visitor_id.clone())).copied();
+            if let Some(conv_id) = open {
+                let conv = conversation(&conv_id)?;
+                if conv.keys.contains_key(&key) {
+                    return Ok((Reply::Inbound { conversation: conv_id, duplicate: true }, vec![]));
+                }
+                crate::access::check(state, channel, crate::access::Customer { ip: None, visitor: Some(&visitor_id) }).map_err(Error::Blocked)?;
+                check_message(state, conv_id, text, &[])?;
+                return Ok((
+                    Reply::Inbound { conversation: conv_id, duplicate: false },
+                    vec![
+                        Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: text.clone(), attachments: vec![] },
+                        Event::InboundTaken { conversation: conv_id, key },
+                    ],
+                ));
+            }
+            check_text(text)?;
+            let visitor = Visitor { id: Some(visitor_id), name: sender_name.clone(), attributes: vec![] };
+            let (conv_id, mut events) = start_conversation(state, channel, None, &visitor, now)?;
+            events.push(Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: text.clone(), attachments: vec![] });
+            events.push(Event::InboundTaken { conversation: conv_id, key });
+            Ok((Reply::Inbound { conversation: conv_id, duplicate: false }, events))
+        }
+        Command::SetChannelAdapter { channel, adapter } => {
+            if !state.channels.contains_key(channel) {
+                return Err(Error::NotFound(format!("channel {channel}")));
+            }
+            if let Some(adapter) = adapter {
+                check_adapter(adapter)?;
+            }
+            if state.channel_adapters.get(channel) == adapter.as_ref() {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::ChannelAdapterSet { channel: channel.clone(), adapter: adapter.clone() }]))
+        }
+        Command::DeliveriesAttempted { node, items } => {
+            if items.len() > MAX_DELIVERY_BATCH {
+                return Err(Error::Invalid(format!("at most {MAX_DELIVERY_BATCH} outbox entries per batch")));
+            }
+            let mut seen = BTreeSet::new();
+            let due: Vec<(ConversationId, u64)> = items
+                .iter()
+                .filter(|k| seen.insert(**k) && state.outbox.get(k).is_some_and(|d| d.status == crate::state::DeliveryStatus::Pending))
+                .copied()
+                .collect();
+            if due.is_empty() {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::DeliveriesAttempted { node: *node, items: due }]))
+        }
+        Command::DeliveryResults { results } => {
+            if results.len() > MAX_DELIVERY_BATCH {
+                return Err(Error::Invalid(format!("at most {MAX_DELIVERY_BATCH} outbox entries per batch")));
+            }
+            for r in results {
+                let reason = match &r.outcome {
+                    DeliveryOutcome::Retry { reason, .. } | DeliveryOutcome::Failed { reason } => reason.as_str(),
+                    DeliveryOutcome::Sent { provider_id } => provider_id.as_str(),
+                    _ => "",
+                };
+                if reason.len() > MAX_REASON_CHARS * 4 {
+                    return Err(Error::TooLong { limit: MAX_REASON_CHARS * 4, actual: reason.len() });
                 }
             }
-            // Rules 5: a returning customer goes first to whoever served them last, if
-            // they came back within the group's sticky time.
-            let sticky_ms = state.group_routing.get(&group).map_or(0, |r| r.sticky_ms);
-            let sticky = match &state.returning {
-                Some((operator, closed_at))
-                    if state.rules >= 5
-                        && sticky_ms > 0
-                        && now.millis_since(*closed_at) <= sticky_ms
-                        && state.operators.get(operator).is_some_and(|op| op.config.groups.contains(&group)) =>
-                {
-                    Some(Event::StickySet { conversation: conv, operator: operator.clone() })
-                }
-                _ => None,
-            };
-            Ok((
-                Reply::Started { conversation: conv },
-                [
-                    Event::ConversationStarted { conversation: conv, channel: channel.clone(), visitor: visitor.clone() },
-                    Event::ConversationQueued { conversation: conv, group, ticket: state.next_ticket },
-                ]
-                .into_iter()
-                .chain(sticky)
-                .chain(notice)
-                .chain(after_hours)
-                .collect(),
-            ))
+            // Results for entries that are gone (purged) or already final in a way the
+            // result cannot change are dropped; receipts apply to sent entries.
+            let known: Vec<DeliveryResult> = results
+                .iter()
+                .filter(|r| {
+                    let Some(d) = state.delivery(&(r.conversation, r.seq)) else { return false };
+                    match r.outcome {
+                        DeliveryOutcome::Delivered | DeliveryOutcome::Read => !d.status.dead(),
+                        _ => matches!(d.status, crate::state::DeliveryStatus::Attempting { .. }),
+                    }
+                })
+                .cloned()
+                .collect();
+            if known.is_empty() {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::DeliveryResults { results: known }]))
+        }
+        Command::RetryDelivery { conversation: conv_id, seq, by } => {
+            let d = state.delivery(&(*conv_id, *seq)).ok_or(Error::NotFound(format!("outbox entry {conv_id}/{seq}")))?;
+            if !d.status.dead() {
+                return Err(Error::Invalid(format!("outbox entry {conv_id}/{seq} is {}, not failed: only a dead letter is sent again", d.status.name())));
+            }
+            Ok((Reply::Done, vec![Event::DeliveryRetried { conversation: *conv_id, seq: *seq, by: by.clone() }]))
         }
         Command::PostClientMessage { conversation: conv_id, key, text, attachments } => {
             check_key(key)?;
@@ -1130,6 +1202,100 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
         }
     }
 }
+
+/// The events that start a conversation of `visitor` on `channel` in `group` (the
+/// channel's default group when `None`), with its number.
+fn start_conversation(state: &ShardState, channel: &ChannelId, group: Option<&SkillGroupId>, visitor: &Visitor, now: Timestamp) -> Result<(ConversationId, Vec<Event>), Error> {
+    let channel_config = state.channels.get(channel).ok_or(Error::NotFound(format!("channel {channel}")))?;
+    crate::access::check(state, channel, crate::access::Customer { ip: None, visitor: visitor.id.as_deref() }).map_err(Error::Blocked)?;
+    let group = group.cloned().unwrap_or_else(|| channel_config.default_group.clone());
+    if !state.groups.contains_key(&group) {
+        return Err(Error::NotFound(format!("skill group {group}")));
+    }
+    // From rules 4 the first conversation is number 1, as people count.
+    let conv = ConversationId(if state.rules >= 4 { state.next_conversation.max(1) } else { state.next_conversation });
+    // An emergency notice in force for the channel or the group is its first answer.
+    let notice = state.emergency_for(channel, &group).map(|e| Event::NoticeGiven { conversation: conv, text: e.message.clone() });
+    // Rules 6: outside the group's opening hours, its configured answer.
+    let mut after_hours = Vec::new();
+    let mut group = group;
+    if state.group_closed(&group, now) {
+        if let Some(hours) = state.group_hours.get(&group) {
+            if !hours.message.trim().is_empty() {
+                after_hours.push(Event::NoticeGiven { conversation: conv, text: hours.message.clone() });
+            }
+            match &hours.closed_action {
+                ClosedAction::Reply => after_hours.push(Event::ConversationClosed {
+                    conversation: conv,
+                    by: Closer::System,
+                    resolution: AFTER_HOURS.into(),
+                    tags: vec![],
+                }),
+                ClosedAction::Transfer(to) if state.groups.contains_key(to) => group = to.clone(),
+                ClosedAction::Transfer(_) | ClosedAction::Wait => {}
+            }
+        }
+    }
+    // Rules 5: a returning customer goes first to whoever served them last, if
+    // they came back within the group's sticky time.
+    let sticky_ms = state.group_routing.get(&group).map_or(0, |r| r.sticky_ms);
+    let sticky = match &state.returning {
+        Some((operator, closed_at))
+            if state.rules >= 5
+                && sticky_ms > 0
+                && now.millis_since(*closed_at) <= sticky_ms
+                && state.operators.get(operator).is_some_and(|op| op.config.groups.contains(&group)) =>
+        {
+            Some(Event::StickySet { conversation: conv, operator: operator.clone() })
+        }
+        _ => None,
+    };
+    Ok((
+        conv,
+        [
+            Event::ConversationStarted { conversation: conv, channel: channel.clone(), visitor: visitor.clone() },
+            Event::ConversationQueued { conversation: conv, group, ticket: state.next_ticket },
+        ]
+        .into_iter()
+        .chain(sticky)
+        .chain(notice)
+        .chain(after_hours)
+        .collect(),
+    ))
+}
+
+/// What a channel adapter's settings must hold.
+fn check_adapter(adapter: &AdapterConfig) -> Result<(), Error> {
+    let url = |name: &str, url: &str| {
+        let ok = (url.starts_with("https://") || url.starts_with("http://")) && url.len() <= 500 && !url.chars().any(char::is_whitespace);
+        if ok { Ok(()) } else { Err(Error::Invalid(format!("{name} must be an http:// or https:// URL of at most 500 characters"))) }
+    };
+    let secret = |name: &str, value: &str, min: usize| {
+        if value.len() < min || value.len() > 256 || !value.bytes().all(|b| b.is_ascii_graphic()) {
+            Err(Error::Invalid(format!("{name} must be {min}-256 printable characters")))
+        } else {
+            Ok(())
+        }
+    };
+    match adapter {
+        AdapterConfig::Telegram { bot_token, secret: webhook_secret, api_base } => {
+            secret("bot_token", bot_token, 1)?;
+            // Telegram allows 1-256 characters A-Z, a-z, 0-9, _ and - in a webhook secret.
+            if webhook_secret.len() < 16 || webhook_secret.len() > 256 || !webhook_secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                return Err(Error::Invalid("the webhook secret must be 16-256 characters of A-Z, a-z, 0-9, _ and -".into()));
+            }
+            url("api_base", api_base)
+        }
+        AdapterConfig::Api { token_sha256, outbound_url, signing_secret } => {
+            if token_sha256.len() != 64 || !token_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Error::Invalid("token_sha256 must be 64 hex digits".into()));
+            }
+            secret("signing_secret", signing_secret, 16)?;
+            if outbound_url.is_empty() { Ok(()) } else { url("outbound_url", outbound_url) }
+        }
+    }
+}
+
 
 /// Whether a conversation can take one more file of `size` bytes. The gateway asks
 /// before it writes the bytes; the commit asks again.

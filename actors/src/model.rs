@@ -567,6 +567,92 @@ pub enum Command {
     SetChannelWeights {
         weights: Vec<(String, u32)>,
     },
+    /// Connects a channel to its provider (ADR 0009), or disconnects it (`None`): its
+    /// customers' messages then come in through [`Command::ChannelInbound`] and what
+    /// staff and the system tell them goes out through the channel's outbox.
+    SetChannelAdapter {
+        channel: ChannelId,
+        adapter: Option<AdapterConfig>,
+    },
+    /// A customer's message as a channel's provider delivered it. `provider_message_id`
+    /// makes a redelivery harmless: it is written once. The sender's open conversation
+    /// on the channel gets it; without one, a new conversation starts.
+    ChannelInbound {
+        channel: ChannelId,
+        sender: String,
+        sender_name: String,
+        provider_message_id: String,
+        text: String,
+    },
+    /// The outbox worker on `node` is about to hand these entries to their provider.
+    DeliveriesAttempted {
+        node: u64,
+        items: Vec<(ConversationId, u64)>,
+    },
+    /// What providers answered for outbox entries, and receipts they reported later.
+    DeliveryResults {
+        results: Vec<DeliveryResult>,
+    },
+    /// A supervisor sends a failed (dead-lettered) outbox entry again.
+    RetryDelivery {
+        conversation: ConversationId,
+        seq: u64,
+        by: String,
+    },
+}
+
+/// How a channel reaches its provider (ADR 0009). Secrets stay in the replicated
+/// state (every node may run the outbox); the REST API never shows them in full.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdapterConfig {
+    /// Telegram Bot API: webhooks carry `secret` in `X-Telegram-Bot-Api-Secret-Token`;
+    /// replies go to `{api_base}/bot{bot_token}/sendMessage`.
+    Telegram { bot_token: String, secret: String, api_base: String },
+    /// The open Channel API (docs/channel-api.md): an adapter pushes inbound messages
+    /// with a bearer token whose SHA-256 is `token_sha256` (hex), and receives outbound
+    /// ones at `outbound_url`, signed with HMAC-SHA256 under `signing_secret`.
+    Api { token_sha256: String, outbound_url: String, signing_secret: String },
+}
+
+impl AdapterConfig {
+    /// The adapter's kind as the API names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AdapterConfig::Telegram { .. } => "telegram",
+            AdapterConfig::Api { .. } => "api",
+        }
+    }
+
+    /// Whether sending an entry again after an attempt whose outcome is unknown can
+    /// deliver it twice. The Channel API passes a delivery id the adapter deduplicates
+    /// on; Telegram's sendMessage has no idempotency key.
+    pub fn resend_is_safe(&self) -> bool {
+        matches!(self, AdapterConfig::Api { .. })
+    }
+}
+
+/// One outcome for one outbox entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryResult {
+    pub conversation: ConversationId,
+    pub seq: u64,
+    pub outcome: DeliveryOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeliveryOutcome {
+    /// The provider accepted it, under its own id for the message.
+    Sent { provider_id: String },
+    /// A failure that may heal (rate limit, 5xx, network): try again at `retry_at`.
+    Retry { reason: String, retry_at: Timestamp },
+    /// A failure that will not heal, or too many attempts: dead-lettered.
+    Failed { reason: String },
+    /// An attempt by an earlier leader whose outcome nobody knows, on a provider where
+    /// sending again could deliver it twice: dead-lettered for a person to decide.
+    Unknown,
+    /// Receipts the provider reported.
+    Delivered,
+    Read,
 }
 
 /// An operator's per-channel-kind limits (rules 5).
@@ -880,5 +966,27 @@ pub enum Event {
     OfferStep {
         offer: OfferId,
         step: u32,
+    },
+    ChannelAdapterSet {
+        channel: ChannelId,
+        adapter: Option<AdapterConfig>,
+    },
+    /// A channel's inbound message with this key (`channel:provider id`) is in the
+    /// conversation: a redelivery finds it (records `I`).
+    InboundTaken {
+        conversation: ConversationId,
+        key: String,
+    },
+    DeliveriesAttempted {
+        node: u64,
+        items: Vec<(ConversationId, u64)>,
+    },
+    DeliveryResults {
+        results: Vec<DeliveryResult>,
+    },
+    DeliveryRetried {
+        conversation: ConversationId,
+        seq: u64,
+        by: String,
     },
 }

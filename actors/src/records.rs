@@ -45,6 +45,11 @@
 //! | `N` | the channel kinds' weights against capacity (rules 6) |
 //! | `Q` conversation | when a queued conversation entered its group's queue (rules 6) |
 //! | `O` offer | the routing step an offer was made under (rules 6; deleted with its decision record) |
+//! | `C` channel | how the channel reaches its provider ([`AdapterConfig`], ADR 0009) |
+//! | `I` inbound key | the conversation a channel's inbound message (`channel:provider id`) went to (deleted with it) |
+//! | `U` conversation seq | an outbox entry still to be sent or being sent ([`Delivery`]) |
+//! | `M` conversation seq | an outbox entry once sent, delivered, read or dead-lettered |
+//! | `D` conversation seq | empty: the outbox entry is dead-lettered (failed or unknown) |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
 //! of the record. A reader refuses a version it does not know (docs/formats.md).
@@ -55,7 +60,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::model::*;
-use crate::state::{Activity, AuditEntry, Conversation, ConversationStatus, Emergency, FeedEntry, FeedItem, GroupKpi, HistoryEntry, HistoryItem, NodeSockets, Operator, ShardState, SkillGroup, FEED_RETAINED};
+use crate::state::{Activity, AuditEntry, Conversation, ConversationStatus, Delivery, Emergency, FeedEntry, FeedItem, GroupKpi, HistoryEntry, HistoryItem, NodeSockets, Operator, ShardState, SkillGroup, FEED_RETAINED};
 
 /// The version byte every record value starts with.
 pub const RECORD_VERSION: u8 = 1;
@@ -277,6 +282,16 @@ pub mod key {
     }
     pub fn attachment_index(id: &AttachmentId) -> Vec<u8> {
         with(b'A', id.0.as_bytes())
+    }
+    pub fn channel_adapter(channel: &ChannelId) -> Vec<u8> {
+        with(b'C', channel.0.as_bytes())
+    }
+    pub fn inbound(key: &str) -> Vec<u8> {
+        with(b'I', key.as_bytes())
+    }
+    /// `tag` `U` (open), `M` (final) or `D` (dead letter), then the conversation and seq.
+    pub fn delivery(tag: u8, conversation: ConversationId, seq: u64) -> Vec<u8> {
+        with_id(tag, conversation.0, &seq.to_be_bytes())
     }
 }
 
@@ -561,6 +576,26 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
             None => removes.push(key::pause_totals(operator, *hour)),
         }
     }
+    for channel in &dirty.channel_adapters {
+        match state.channel_adapters.get(channel) {
+            Some(adapter) => put(key::channel_adapter(channel), encode(&(channel, adapter))),
+            None => removes.push(key::channel_adapter(channel)),
+        }
+    }
+    for (inbound, conversation) in &dirty.inbound {
+        put(key::inbound(inbound), encode(conversation));
+    }
+    for ((conversation, seq), delivery) in &dirty.deliveries {
+        let (open, dead) = (delivery.status.open(), delivery.status.dead());
+        let (here, gone) = if open { (b'U', b'M') } else { (b'M', b'U') };
+        put(key::delivery(here, *conversation, *seq), encode(delivery));
+        removes.push(key::delivery(gone, *conversation, *seq));
+        if dead {
+            put(key::delivery(b'D', *conversation, *seq), encode(&()));
+        } else {
+            removes.push(key::delivery(b'D', *conversation, *seq));
+        }
+    }
     if dirty.purge {
         removes.append(&mut state.expired_keys);
     }
@@ -571,6 +606,7 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
 /// Clears what one command's purge loaded (its writes are taken).
 pub fn end_command(state: &mut ShardState) {
     state.returning = None;
+    state.inbound_seen = None;
     state.expired.clear();
     state.expired_keys.clear();
     state.expired_attachments.clear();
@@ -593,6 +629,8 @@ pub fn evict(state: &mut ShardState, candidates: &[ConversationId]) {
     state.attachments.clear();
     state.deleted.clear();
     state.served_in_entry.clear();
+    state.inbound_in_entry.clear();
+    state.cold_deliveries.clear();
 }
 
 /// The conversations a command may leave closed in memory: those it names, plus those
@@ -655,7 +693,9 @@ pub fn needs_records(state: &ShardState, command: &Command) -> bool {
     let cold = named_conversations(command).iter().any(|id| !state.conversations.contains_key(id));
     let files = match command {
         Command::PostClientMessage { attachments, .. } | Command::PostOperatorMessage { attachments, .. } => !attachments.is_empty(),
-        Command::StoreAttachment(_) | Command::PurgeExpired { .. } => true,
+        Command::StoreAttachment(_) | Command::PurgeExpired { .. } | Command::ChannelInbound { .. } => true,
+        Command::RetryDelivery { conversation, seq, .. } => !state.outbox.contains_key(&(*conversation, *seq)),
+        Command::DeliveryResults { results } => results.iter().any(|r| !state.outbox.contains_key(&(r.conversation, r.seq))),
         _ => false,
     };
     cold || files
@@ -691,6 +731,31 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
             None => get::<(OperatorId, Timestamp, ConversationId)>(store, &key::last_served(visitor))?,
         };
         state.returning = served.map(|(operator, at, _)| (operator, at));
+    }
+    if let Command::ChannelInbound { channel, sender, provider_message_id, .. } = command {
+        let key = crate::core::inbound_key(channel, sender, provider_message_id);
+        state.inbound_seen = match state.inbound_in_entry.get(&key) {
+            Some(conversation) => Some(*conversation),
+            None => get::<ConversationId>(store, &key::inbound(&key))?,
+        };
+    }
+    let named: Vec<(ConversationId, u64)> = match command {
+        Command::RetryDelivery { conversation, seq, .. } => vec![(*conversation, *seq)],
+        Command::DeliveryResults { results } => results.iter().map(|r| (r.conversation, r.seq)).collect(),
+        _ => Vec::new(),
+    };
+    for k in named {
+        if state.outbox.contains_key(&k) || state.cold_deliveries.contains_key(&k) {
+            continue;
+        }
+        // Changed earlier in this entry: the records still hold the state before it.
+        let found = match state.dirty.deliveries.get(&k) {
+            Some(d) => Some(d.clone()),
+            None => get::<Delivery>(store, &key::delivery(b'M', k.0, k.1))?,
+        };
+        if let Some(d) = found {
+            state.cold_deliveries.insert(k, d);
+        }
     }
     if let Command::StoreAttachment(attachment) = command {
         if let Some(found) = find_attachment(store, &attachment.id)? {
@@ -745,6 +810,7 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
     }
     state.expired_keys.push(key::conversation(id));
     state.expired_keys.push(key::open(id));
+    let channel = get::<Conversation>(store, &key::conversation(id))?.map(|c| c.channel);
     for prefix in [key::history_prefix(id), key::attachments_prefix(id)] {
         for (k, v) in scan_all(store, &prefix)? {
             if k.first() == Some(&b'a') {
@@ -752,6 +818,21 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
                 state.expired_keys.push(key::attachment_index(&attachment.id));
                 state.expired_attachments.push(attachment.id);
             }
+            // A channel's inbound message remembers its provider id as long as it is kept.
+            if k.first() == Some(&b'h') {
+                if let (Some(channel), Ok(entry)) = (channel.as_ref(), decode::<HistoryEntry>(&v)) {
+                    if let HistoryItem::ClientMessage { key: message_key, .. } = &entry.item {
+                        if message_key.strip_prefix(channel.as_str()).is_some_and(|rest| rest.starts_with(':')) {
+                            state.expired_keys.push(key::inbound(message_key));
+                        }
+                    }
+                }
+            }
+            state.expired_keys.push(k);
+        }
+    }
+    for tag in [b'U', b'M', b'D'] {
+        for (k, _) in scan_all(store, &with_conversation(tag, id))? {
             state.expired_keys.push(k);
         }
     }
@@ -850,6 +931,46 @@ pub fn conversations_of(store: &dyn Store, visitor: &str, limit: usize) -> Resul
 
 pub fn decision(store: &dyn Store, offer: OfferId) -> Result<Option<DecisionRecord>, Error> {
     get(store, &key::decision(offer))
+}
+
+fn delivery_key(k: &[u8]) -> Option<(ConversationId, u64)> {
+    let id = <[u8; 8]>::try_from(k.get(1..9)?).ok()?;
+    let seq = <[u8; 8]>::try_from(k.get(9..17)?).ok()?;
+    Some((ConversationId(u64::from_be_bytes(id)), u64::from_be_bytes(seq)))
+}
+
+/// An outbox entry as the records hold it: still to be sent (`U`) or final (`M`).
+pub fn delivery(store: &dyn Store, conversation: ConversationId, seq: u64) -> Result<Option<Delivery>, Error> {
+    match get(store, &key::delivery(b'U', conversation, seq))? {
+        Some(d) => Ok(Some(d)),
+        None => get(store, &key::delivery(b'M', conversation, seq)),
+    }
+}
+
+/// The outbox entries of a conversation, by history seq.
+pub fn deliveries_of(store: &dyn Store, conversation: ConversationId) -> Result<Vec<(u64, Delivery)>, Error> {
+    let mut out = Vec::new();
+    for tag in [b'U', b'M'] {
+        for (k, d) in all::<Delivery>(store, &with_conversation(tag, conversation))? {
+            if let Some((_, seq)) = delivery_key(&k) {
+                out.push((seq, d));
+            }
+        }
+    }
+    out.sort_by_key(|(seq, _)| *seq);
+    Ok(out)
+}
+
+/// Dead-lettered outbox entries, oldest conversation first, at most `limit`.
+pub fn dead_letters(store: &dyn Store, limit: usize) -> Result<Vec<(ConversationId, u64, Delivery)>, Error> {
+    let mut out = Vec::new();
+    for (k, _) in store.scan(b"D", None, limit).map_err(store_err)? {
+        let Some((conversation, seq)) = delivery_key(&k) else { continue };
+        if let Some(d) = get::<Delivery>(store, &key::delivery(b'M', conversation, seq))? {
+            out.push((conversation, seq, d));
+        }
+    }
+    Ok(out)
 }
 
 /// The routing step an offer was made under, when its group had steps (rules 6).
@@ -975,9 +1096,25 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
                 group.queue.insert((ticket, id));
             }
         }
+        if let Some(visitor) = &conv.visitor.id {
+            state.open_senders.insert((conv.channel.clone(), visitor.clone()), id);
+        }
         state.conversations.insert(id, conv);
     }
+    for (_, (channel, adapter)) in all::<(ChannelId, AdapterConfig)>(store, b"C")? {
+        state.channel_adapters.insert(channel, adapter);
+    }
+    for (k, delivery) in all::<Delivery>(store, b"U")? {
+        let entry = delivery_key(&k).ok_or_else(|| Error::Storage("a damaged outbox key".into()))?;
+        state.outbox.insert(entry, delivery);
+    }
     Ok(state)
+}
+
+fn with_conversation(tag: u8, id: ConversationId) -> Vec<u8> {
+    let mut key = vec![tag];
+    key.extend_from_slice(&id.0.to_be_bytes());
+    key
 }
 
 /// The snapshot format of builds that kept the whole state in memory (JSON).

@@ -152,9 +152,141 @@ pub struct ShardState {
     /// its routing step counts from here.
     #[serde(default)]
     pub queued_since: BTreeMap<ConversationId, Timestamp>,
+    /// Per channel, how it reaches its provider (ADR 0009; records `C`).
+    #[serde(default)]
+    pub channel_adapters: BTreeMap<ChannelId, AdapterConfig>,
+    /// Open conversations by channel and visitor id: where the next inbound message of
+    /// a channel's sender goes. Rebuilt at load from the open conversations.
+    #[serde(skip)]
+    pub open_senders: BTreeMap<(ChannelId, String), ConversationId>,
+    /// Outbox entries still to be sent or being sent (records `U`); final ones are
+    /// records `M` only.
+    #[serde(default)]
+    pub outbox: BTreeMap<(ConversationId, u64), Delivery>,
+    /// For a command being applied: final outbox entries it names, read from the
+    /// records before it (a receipt, a retry) and dropped after the entry.
+    #[serde(skip)]
+    pub cold_deliveries: BTreeMap<(ConversationId, u64), Delivery>,
+    /// For a `ChannelInbound` being applied: the conversation its provider message id
+    /// already went to (records `I`), read before it; and the keys taken earlier in the
+    /// same log entry, not written yet.
+    #[serde(skip)]
+    pub inbound_seen: Option<ConversationId>,
+    #[serde(skip)]
+    pub inbound_in_entry: BTreeMap<String, ConversationId>,
     /// What the events applied since the last write changed, to be written as records.
     #[serde(skip)]
     pub dirty: Dirty,
+}
+
+/// Attempts an outbox entry gets before it is dead-lettered.
+pub const MAX_DELIVERY_ATTEMPTS: u32 = 20;
+
+/// Where one outbox entry (a history entry the customer is to receive on a messenger)
+/// stands. Docs: docs/channel-api.md, "Delivery statuses".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub channel: ChannelId,
+    /// The customer's id at the provider (chat id, phone, address).
+    pub recipient: String,
+    pub status: DeliveryStatus,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When a pending entry may be sent (again).
+    pub next_at: Timestamp,
+    /// The provider's id for the sent message.
+    pub provider_id: Option<String>,
+    /// Why the last attempt failed, or why it is dead-lettered.
+    pub reason: String,
+    pub queued_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    Pending,
+    /// Handed to the provider by the outbox worker on that node; no answer committed.
+    Attempting { node: u64 },
+    Sent,
+    Delivered,
+    Read,
+    /// Dead-lettered: a failure that will not heal, or too many attempts.
+    Failed,
+    /// Dead-lettered: an earlier leader's attempt whose outcome nobody knows.
+    Unknown,
+}
+
+impl DeliveryStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Attempting { .. } => "sending",
+            DeliveryStatus::Sent => "sent",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Read => "read",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Unknown => "unknown",
+        }
+    }
+
+    /// Still the outbox worker's: not sent, not dead-lettered.
+    pub fn open(self) -> bool {
+        matches!(self, DeliveryStatus::Pending | DeliveryStatus::Attempting { .. })
+    }
+
+    pub fn dead(self) -> bool {
+        matches!(self, DeliveryStatus::Failed | DeliveryStatus::Unknown)
+    }
+}
+
+impl ShardState {
+    /// An outbox entry, hot or read for the command being applied.
+    pub fn delivery(&self, key: &(ConversationId, u64)) -> Option<&Delivery> {
+        self.outbox.get(key).or_else(|| self.cold_deliveries.get(key))
+    }
+
+    /// The customer's id at the provider, for a conversation a channel adapter started
+    /// (its visitor id is `channel:sender`).
+    pub fn recipient_of(conv: &Conversation) -> Option<&str> {
+        conv.visitor.id.as_deref()?.strip_prefix(conv.channel.as_str())?.strip_prefix(':')
+    }
+
+    /// Queues what a customer on a messenger is to receive: history entry `seq` of a
+    /// conversation whose channel has an adapter.
+    fn enqueue_delivery(&mut self, conversation: ConversationId, seq: Option<u64>, at: Timestamp) {
+        let (Some(seq), Some(conv)) = (seq, self.conversations.get(&conversation)) else { return };
+        if !self.channel_adapters.contains_key(&conv.channel) {
+            return;
+        }
+        let Some(recipient) = Self::recipient_of(conv) else { return };
+        let delivery = Delivery {
+            channel: conv.channel.clone(),
+            recipient: recipient.to_owned(),
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            next_at: at,
+            provider_id: None,
+            reason: String::new(),
+            queued_at: at,
+            updated_at: at,
+        };
+        self.dirty.deliveries.insert((conversation, seq), delivery.clone());
+        self.outbox.insert((conversation, seq), delivery);
+    }
+
+    /// Changes an outbox entry and notes it for writing; a final one leaves the hot
+    /// outbox.
+    fn update_delivery(&mut self, key: (ConversationId, u64), change: impl FnOnce(&mut Delivery)) {
+        let Some(mut delivery) = self.outbox.remove(&key).or_else(|| self.cold_deliveries.remove(&key)) else { return };
+        change(&mut delivery);
+        if delivery.status.open() {
+            self.outbox.insert(key, delivery.clone());
+        } else {
+            self.cold_deliveries.insert(key, delivery.clone());
+        }
+        self.dirty.deliveries.insert(key, delivery);
+    }
 }
 
 /// How long a node's report of its operators' sockets counts: three of its heartbeats.
@@ -462,6 +594,10 @@ pub struct Dirty {
     pub group_hours: BTreeSet<SkillGroupId>,
     pub channel_weights: bool,
     pub queued_since: BTreeSet<ConversationId>,
+    pub channel_adapters: BTreeSet<ChannelId>,
+    /// Inbound keys taken (records `I`), and outbox entries changed (records `U`, `M`, `D`).
+    pub inbound: Vec<(String, ConversationId)>,
+    pub deliveries: BTreeMap<(ConversationId, u64), Delivery>,
     /// The routing step each offer of this entry was made under (records `O`).
     pub offer_steps: Vec<(OfferId, u32)>,
     /// Per visitor, who served the conversation that just closed, when, and which one
@@ -795,7 +931,12 @@ impl ShardState {
             | Event::GroupStepsSet { .. }
             | Event::GroupHoursSet { .. }
             | Event::ChannelWeightsSet { .. }
-            | Event::OfferStep { .. } => {}
+            | Event::OfferStep { .. }
+            | Event::ChannelAdapterSet { .. }
+            | Event::InboundTaken { .. }
+            | Event::DeliveriesAttempted { .. }
+            | Event::DeliveryResults { .. }
+            | Event::DeliveryRetried { .. } => {}
             Event::BreakTaken { operator, .. } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -869,6 +1010,9 @@ impl ShardState {
                 // Closed until the `ConversationQueued` that follows it in the same entry.
                 let conv = Conversation::new(*conversation, channel.clone(), visitor.clone(), group, ConversationStatus::Closed, at);
                 self.conversations.insert(*conversation, conv);
+                if let Some(id) = &visitor.id {
+                    self.open_senders.insert((channel.clone(), id.clone()), *conversation);
+                }
                 self.record(*conversation, at, HistoryItem::Started { channel: channel.clone(), visitor: visitor.clone() }, touched);
             }
             Event::ConversationQueued { conversation, group, ticket } => {
@@ -914,6 +1058,7 @@ impl ShardState {
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     conv.keys.insert(key.clone(), seq);
                 }
+                self.enqueue_delivery(*conversation, seq, at);
             }
             // Its decision record is noted by `mark` and written as a record, never held
             // in memory.
@@ -1023,6 +1168,14 @@ impl ShardState {
             Event::ConversationClosed { conversation, by, resolution, tags } => {
                 let item = HistoryItem::Closed { by: *by, resolution: resolution.clone(), tags: tags.clone() };
                 self.record(*conversation, at, item, touched);
+                if let Some(conv) = self.conversations.get(conversation) {
+                    if let Some(id) = &conv.visitor.id {
+                        let sender = (conv.channel.clone(), id.clone());
+                        if self.open_senders.get(&sender) == Some(conversation) {
+                            self.open_senders.remove(&sender);
+                        }
+                    }
+                }
                 let previous = self
                     .conversations
                     .get_mut(conversation)
@@ -1117,7 +1270,8 @@ impl ShardState {
                 self.audit(AuditEntry { at, by: by.clone(), action: "channel_access".into(), target: format!("channel:{channel}"), detail });
             }
             Event::NoticeGiven { conversation, text } => {
-                self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);
+                let seq = self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);
+                self.enqueue_delivery(*conversation, seq, at);
             }
             Event::OperatorSkillsSet { operator, skills } => {
                 if skills.is_empty() {
@@ -1142,7 +1296,8 @@ impl ShardState {
                 }
             }
             Event::CustomerReminded { conversation, text } => {
-                self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);
+                let seq = self.record(*conversation, at, HistoryItem::Notice { text: text.clone() }, touched);
+                self.enqueue_delivery(*conversation, seq, at);
             }
             Event::StickySet { conversation, operator } => {
                 self.sticky.insert(*conversation, operator.clone());
@@ -1281,7 +1436,76 @@ impl ShardState {
                 for id in conversations {
                     self.conversations.remove(id);
                     self.deleted.insert(*id);
+                    let keys: Vec<(ConversationId, u64)> = self.outbox.range((*id, 0)..=(*id, u64::MAX)).map(|(k, _)| *k).collect();
+                    for k in keys {
+                        self.outbox.remove(&k);
+                    }
                 }
+            }
+            Event::ChannelAdapterSet { channel, adapter } => {
+                match adapter {
+                    Some(a) => self.channel_adapters.insert(channel.clone(), a.clone()),
+                    None => self.channel_adapters.remove(channel),
+                };
+                self.dirty.channel_adapters.insert(channel.clone());
+            }
+            Event::InboundTaken { conversation, key } => {
+                self.inbound_in_entry.insert(key.clone(), *conversation);
+                self.dirty.inbound.push((key.clone(), *conversation));
+            }
+            Event::DeliveriesAttempted { node, items } => {
+                for key in items {
+                    self.update_delivery(*key, |d| {
+                        d.status = DeliveryStatus::Attempting { node: *node };
+                        d.attempts += 1;
+                        d.updated_at = at;
+                    });
+                }
+            }
+            Event::DeliveryResults { results } => {
+                for r in results {
+                    self.update_delivery((r.conversation, r.seq), |d| {
+                        d.updated_at = at;
+                        match &r.outcome {
+                            DeliveryOutcome::Sent { provider_id } => {
+                                // A receipt may have overtaken the send's answer.
+                                if d.status.open() {
+                                    d.status = DeliveryStatus::Sent;
+                                }
+                                d.provider_id = Some(provider_id.clone());
+                                d.reason.clear();
+                            }
+                            DeliveryOutcome::Retry { reason, retry_at } => {
+                                d.status = DeliveryStatus::Pending;
+                                d.next_at = *retry_at;
+                                d.reason = reason.clone();
+                            }
+                            DeliveryOutcome::Failed { reason } => {
+                                d.status = DeliveryStatus::Failed;
+                                d.reason = reason.clone();
+                            }
+                            DeliveryOutcome::Unknown => {
+                                d.status = DeliveryStatus::Unknown;
+                                d.reason = "the node sending it stopped before the provider answered".into();
+                            }
+                            DeliveryOutcome::Delivered => {
+                                if d.status != DeliveryStatus::Read {
+                                    d.status = DeliveryStatus::Delivered;
+                                }
+                            }
+                            DeliveryOutcome::Read => d.status = DeliveryStatus::Read,
+                        }
+                    });
+                }
+            }
+            Event::DeliveryRetried { conversation, seq, .. } => {
+                self.update_delivery((*conversation, *seq), |d| {
+                    d.status = DeliveryStatus::Pending;
+                    d.attempts = 0;
+                    d.next_at = at;
+                    d.reason.clear();
+                    d.updated_at = at;
+                });
             }
             Event::ChannelPublicGroupsSet { channel, groups } => {
                 if groups.is_empty() {

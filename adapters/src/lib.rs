@@ -38,13 +38,7 @@ pub struct Inbound {
 impl Inbound {
     /// The idempotency key the core deduplicates on: stable across provider retries.
     pub fn idempotency_key(&self) -> String {
-        let key = format!("{}:{}", self.channel.as_str(), self.provider_message_id);
-        if key.len() <= MAX_KEY_BYTES {
-            key
-        } else {
-            // Keep the key within the core's limit while staying unique per message.
-            format!("{}:h{:016x}", self.channel.as_str(), fnv1a(self.provider_message_id.as_bytes()))
-        }
+        switchboard_actors::core::inbound_key(&self.channel, &self.sender, &self.provider_message_id)
     }
 
     /// Checks what the core would refuse, so an adapter can answer its provider early.
@@ -61,10 +55,6 @@ impl Inbound {
         }
         Ok(())
     }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
 }
 
 /// Text an operator sent, to be delivered by a channel.

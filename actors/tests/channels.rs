@@ -1,0 +1,185 @@
+//! A messenger channel in the core (ADR 0009): an inbound message delivered three times
+//! makes one message, the sender's next message joins their open conversation and one
+//! after the close starts a new one; what staff write goes to the outbox, whose entries
+//! move through attempts, retries, sends, receipts and dead letters the same after a
+//! restart (rebuilt from the records).
+
+use switchboard_actors::core::{inbound_key, Reply};
+use switchboard_actors::model::*;
+use switchboard_actors::records::{self, MemStore};
+use switchboard_actors::state::{DeliveryStatus, HistoryItem, ShardState};
+use switchboard_actors::Error;
+
+fn run(state: &mut ShardState, store: &MemStore, at: u64, command: Command) -> Result<(Reply, Vec<Event>), Error> {
+    let (reply, outcome) = records::run(state, store, &Envelope::new(Timestamp(at), command))?;
+    Ok((reply, outcome.events))
+}
+
+fn ok(r: Result<(Reply, Vec<Event>), Error>) -> (Reply, Vec<Event>) {
+    r.expect("accepted")
+}
+
+const T0: u64 = 1_000_000;
+
+fn tg() -> ChannelId {
+    ChannelId::new("tg")
+}
+
+/// Group `g`, operator `ann` online (capacity 2), channel `tg` with a Telegram adapter.
+fn setup() -> (MemStore, ShardState) {
+    let store = MemStore::default();
+    let mut state = ShardState::default();
+    ok(run(&mut state, &store, T0, Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }));
+    ok(run(&mut state, &store, T0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "G".into(), policy: Policy::LongestIdle, offer_timeout_ms: 30_000, sla_ms: 20_000 })));
+    ok(run(&mut state, &store, T0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("ann"), name: "Ann".into(), capacity: 2, groups: vec![SkillGroupId::new("g")] })));
+    ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: tg(), kind: "telegram".into(), name: "Telegram".into(), default_group: SkillGroupId::new("g") })));
+    ok(run(&mut state, &store, T0, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }));
+    (store, state)
+}
+
+fn connect(state: &mut ShardState, store: &MemStore) {
+    let adapter = AdapterConfig::Telegram { bot_token: "123:abc".into(), secret: "s".repeat(20), api_base: "http://127.0.0.1:9".into() };
+    ok(run(state, store, T0, Command::SetChannelAdapter { channel: tg(), adapter: Some(adapter) }));
+}
+
+fn inbound(sender: &str, id: &str, text: &str) -> Command {
+    Command::ChannelInbound { channel: tg(), sender: sender.into(), sender_name: "Dana".into(), provider_message_id: id.into(), text: text.into() }
+}
+
+fn conversation_of(reply: &Reply) -> ConversationId {
+    match reply {
+        Reply::Inbound { conversation, .. } => *conversation,
+        other => panic!("not an inbound reply: {other:?}"),
+    }
+}
+
+fn client_texts(store: &MemStore, state: &mut ShardState, id: ConversationId) -> Vec<String> {
+    let _ = state;
+    records::history(store, id, 0, 1000)
+        .expect("history")
+        .into_iter()
+        .filter_map(|e| match e.item {
+            HistoryItem::ClientMessage { text, .. } => Some(text),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_channel_without_an_adapter_takes_no_inbound_message() {
+    let (store, mut state) = setup();
+    let refused = run(&mut state, &store, T0 + 1, inbound("42", "m1", "hello"));
+    assert!(matches!(refused, Err(Error::Invalid(_))), "{refused:?}");
+    assert!(state.conversations.is_empty());
+}
+
+#[test]
+fn a_redelivered_message_is_written_once_even_after_its_conversation_closed() {
+    let (store, mut state) = setup();
+    connect(&mut state, &store);
+    let (reply, events) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+    let conv = conversation_of(&reply);
+    assert!(matches!(reply, Reply::Inbound { duplicate: false, .. }));
+    assert!(events.iter().any(|e| matches!(e, Event::ConversationStarted { .. })));
+    // The provider retries twice: nothing more is written.
+    for at in [T0 + 20, T0 + 30] {
+        let (reply, events) = ok(run(&mut state, &store, at, inbound("42", "m1", "hello")));
+        assert_eq!(reply, Reply::Inbound { conversation: conv, duplicate: true });
+        assert!(events.is_empty());
+    }
+    // The sender's next message joins the open conversation.
+    let (reply, _) = ok(run(&mut state, &store, T0 + 40, inbound("42", "m2", "still there?")));
+    assert_eq!(conversation_of(&reply), conv);
+    // Another sender gets their own.
+    let (other, _) = ok(run(&mut state, &store, T0 + 50, inbound("43", "m1", "hi")));
+    assert_ne!(conversation_of(&other), conv);
+    assert_eq!(client_texts(&store, &mut state, conv), vec!["hello", "still there?"]);
+
+    // Closed: a late redelivery of m1 is still the duplicate it is; a new message
+    // starts a new conversation, also after a restart.
+    let offer = *state.offers.keys().next().expect("offered");
+    ok(run(&mut state, &store, T0 + 60, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+    ok(run(&mut state, &store, T0 + 70, Command::CloseByOperator { operator: OperatorId::new("ann"), conversation: conv, resolution: String::new(), tags: vec![] }));
+    let mut state = records::load(&store).expect("reload");
+    let (reply, events) = ok(run(&mut state, &store, T0 + 80, inbound("42", "m1", "hello")));
+    assert_eq!(reply, Reply::Inbound { conversation: conv, duplicate: true });
+    assert!(events.is_empty());
+    let (reply, _) = ok(run(&mut state, &store, T0 + 90, inbound("42", "m3", "one more thing")));
+    let again = conversation_of(&reply);
+    assert_ne!(again, conv);
+    // The index of open senders was rebuilt from the records: 43's message joins theirs.
+    let (reply, _) = ok(run(&mut state, &store, T0 + 100, inbound("43", "m2", "hello?")));
+    assert_eq!(conversation_of(&reply), conversation_of(&other));
+    assert_eq!(inbound_key(&tg(), "42", "m1"), "tg:42:m1");
+    assert!(inbound_key(&tg(), "42", &"x".repeat(300)).len() <= switchboard_actors::core::MAX_KEY_BYTES);
+}
+
+#[test]
+fn the_outbox_carries_staff_messages_through_retries_sends_receipts_and_dead_letters() {
+    let (store, mut state) = setup();
+    connect(&mut state, &store);
+    let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+    let conv = conversation_of(&reply);
+    let offer = *state.offers.keys().next().expect("offered");
+    ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+    let (reply, _) = ok(run(&mut state, &store, T0 + 30, Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "k1".into(), text: "Hi Dana".into(), attachments: vec![] }));
+    let Reply::Message { seq, .. } = reply else { panic!("{reply:?}") };
+    let entry = (conv, seq);
+    let d = state.outbox.get(&entry).expect("queued for the provider").clone();
+    assert_eq!((d.status, d.recipient.as_str(), d.attempts), (DeliveryStatus::Pending, "42", 0));
+
+    // Attempted, answered 429: pending again with its retry time; after a restart too.
+    ok(run(&mut state, &store, T0 + 40, Command::DeliveriesAttempted { node: 1, items: vec![entry, entry] }));
+    assert_eq!(state.outbox[&entry].status, DeliveryStatus::Attempting { node: 1 });
+    let retry = DeliveryOutcome::Retry { reason: "429 Too Many Requests".into(), retry_at: Timestamp(T0 + 5_040) };
+    ok(run(&mut state, &store, T0 + 50, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: retry }] }));
+    let mut state = records::load(&store).expect("reload");
+    let d = &state.outbox[&entry];
+    assert_eq!((d.status, d.attempts, d.next_at), (DeliveryStatus::Pending, 1, Timestamp(T0 + 5_040)));
+    // A result for an entry nobody is attempting changes nothing.
+    let (_, events) = ok(run(&mut state, &store, T0 + 60, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: DeliveryOutcome::Sent { provider_id: "x".into() } }] }));
+    assert!(events.is_empty());
+
+    // Sent, then delivered and read: it leaves the hot outbox, its record keeps the status.
+    ok(run(&mut state, &store, T0 + 5_100, Command::DeliveriesAttempted { node: 1, items: vec![entry] }));
+    ok(run(&mut state, &store, T0 + 5_200, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: DeliveryOutcome::Sent { provider_id: "777".into() } }] }));
+    assert!(state.outbox.is_empty());
+    ok(run(&mut state, &store, T0 + 5_300, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: DeliveryOutcome::Read }] }));
+    // A late "delivered" does not undo "read".
+    ok(run(&mut state, &store, T0 + 5_400, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: DeliveryOutcome::Delivered }] }));
+    let d = records::delivery(&store, conv, seq).expect("read").expect("kept");
+    assert_eq!((d.status, d.provider_id.as_deref(), d.attempts), (DeliveryStatus::Read, Some("777"), 2));
+    assert!(records::dead_letters(&store, 10).expect("listed").is_empty());
+
+    // A second message fails for good: dead-lettered, listed, retried by a supervisor.
+    let (reply, _) = ok(run(&mut state, &store, T0 + 6_000, Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "k2".into(), text: "Anything else?".into(), attachments: vec![] }));
+    let Reply::Message { seq: seq2, .. } = reply else { panic!("{reply:?}") };
+    let refused = run(&mut state, &store, T0 + 6_050, Command::RetryDelivery { conversation: conv, seq: seq2, by: "sue".into() });
+    assert!(matches!(refused, Err(Error::Invalid(_))), "only a dead letter is retried: {refused:?}");
+    ok(run(&mut state, &store, T0 + 6_100, Command::DeliveriesAttempted { node: 2, items: vec![(conv, seq2)] }));
+    ok(run(&mut state, &store, T0 + 6_200, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq: seq2, outcome: DeliveryOutcome::Failed { reason: "400 chat not found".into() } }] }));
+    let dead = records::dead_letters(&store, 10).expect("listed");
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].0, dead[0].1, dead[0].2.status), (conv, seq2, DeliveryStatus::Failed));
+    let mut state = records::load(&store).expect("reload");
+    assert!(state.outbox.is_empty());
+    ok(run(&mut state, &store, T0 + 7_000, Command::RetryDelivery { conversation: conv, seq: seq2, by: "sue".into() }));
+    let d = &state.outbox[&(conv, seq2)];
+    assert_eq!((d.status, d.attempts), (DeliveryStatus::Pending, 0));
+    assert!(records::dead_letters(&store, 10).expect("listed").is_empty());
+}
+
+#[test]
+fn notices_go_out_too_and_web_conversations_have_no_outbox() {
+    let (store, mut state) = setup();
+    connect(&mut state, &store);
+    ok(run(&mut state, &store, T0, Command::SetEmergency { target: NoticeTarget::Channel(tg()), message: Some("We are down".into()), by: "sue".into() }));
+    let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+    let conv = conversation_of(&reply);
+    assert_eq!(state.outbox.keys().filter(|(c, _)| *c == conv).count(), 1, "the emergency notice is sent to the customer");
+
+    ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
+    let (reply, _) = ok(run(&mut state, &store, T0 + 20, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }));
+    let Reply::Started { conversation: web } = reply else { panic!() };
+    assert!(state.outbox.keys().all(|(c, _)| *c != web));
+}
