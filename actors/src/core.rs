@@ -704,9 +704,12 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 .iter()
                 .filter(|r| {
                     let Some(d) = state.delivery(&(r.conversation, r.seq)) else { return false };
+                    use crate::state::DeliveryStatus as S;
                     match r.outcome {
                         DeliveryOutcome::Delivered | DeliveryOutcome::Read => !d.status.dead(),
-                        _ => matches!(d.status, crate::state::DeliveryStatus::Attempting { .. }),
+                        // A provider may report a failure after it accepted the message.
+                        DeliveryOutcome::Failed { .. } => matches!(d.status, S::Attempting { .. } | S::Sent | S::Delivered),
+                        _ => matches!(d.status, S::Attempting { .. }),
                     }
                 })
                 .cloned()
@@ -1291,7 +1294,7 @@ fn check_adapter(adapter: &AdapterConfig) -> Result<(), Error> {
                 return Err(Error::Invalid("token_sha256 must be 64 hex digits".into()));
             }
             secret("signing_secret", signing_secret, 16)?;
-            if outbound_url.is_empty() { Ok(()) } else { url("outbound_url", outbound_url) }
+            url("outbound_url", outbound_url)
         }
     }
 }

@@ -1,16 +1,22 @@
-//! Channels: how conversations enter and leave Switchboard.
+//! Channels: how conversations enter and leave Switchboard through a provider (ADR 0009).
 //!
-//! A [`Channel`] adapter turns a provider's inbound payload into a normalised
-//! [`Inbound`] message (carrying the provider's own message id, which makes redelivery
-//! by the provider harmless) and sends outbound text. The web chat is built into the
-//! gateway; messenger, email and open-API adapters implement this trait.
-//!
-//! Deliberately left out here: HTTP servers and clients. An adapter receives bytes the
-//! gateway already accepted and returns what to send; the outbox worker that retries
-//! outbound delivery lives with the node.
+//! An adapter turns a provider's webhook into a normalised [`Inbound`] message carrying
+//! the provider's own message id (which makes a redelivery harmless), and sends what
+//! the outbox worker hands it ([`Outgoing`]) through the provider's send endpoint,
+//! saying whether a failure may heal ([`SendOutcome`]). Built in: Telegram
+//! ([`telegram`]) and the open Channel API ([`api`]), whose adapters run outside
+//! Switchboard in any language. The web chat is built into the gateway.
+
+pub mod api;
+pub mod http;
+pub mod telegram;
+
+use std::time::Duration;
+
+use switchboard_actors::model::{AdapterConfig, ConversationId};
 
 use serde::{Deserialize, Serialize};
-use switchboard_actors::core::{MAX_KEY_BYTES, MAX_TEXT_CHARS};
+use switchboard_actors::core::MAX_TEXT_CHARS;
 use switchboard_actors::model::ChannelId;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -21,6 +27,8 @@ pub enum AdapterError {
     TooLong { limit: usize, actual: usize },
     #[error("provider refused delivery: {0}")]
     Refused(String),
+    #[error("provider unreachable: {0}")]
+    Unreachable(String),
 }
 
 /// A message from a customer, as every channel reports it.
@@ -57,28 +65,71 @@ impl Inbound {
     }
 }
 
-/// Text an operator sent, to be delivered by a channel.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Outbound {
+/// One outbox entry handed to an adapter: history entry `seq` of `conversation`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
     pub channel: ChannelId,
+    pub conversation: ConversationId,
+    pub seq: u64,
+    /// The customer's id at the provider.
     pub recipient: String,
     pub text: String,
+    /// `message` (an operator wrote it) or `notice` (an automatic answer).
+    pub kind: &'static str,
+    /// The operator's display name, for `message`.
+    pub author: String,
 }
 
-/// What a provider returned for a delivered message.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Receipt {
-    pub provider_message_id: String,
+impl Outgoing {
+    /// The id a provider or an adapter deduplicates this entry on.
+    pub fn delivery_id(&self) -> String {
+        format!("{}:{}", self.conversation.0, self.seq)
+    }
 }
 
-/// One kind of channel (telegram, whatsapp, email…).
-pub trait Channel: Send + Sync + 'static {
-    /// The kind name used in channel configuration.
-    fn kind(&self) -> &'static str;
-    /// Parses a provider's inbound webhook body.
-    fn parse_inbound(&self, channel: &ChannelId, body: &[u8]) -> Result<Inbound, AdapterError>;
-    /// Sends one outbound message.
-    fn send(&self, message: &Outbound) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Receipt, AdapterError>> + Send + '_>>;
+/// What became of one attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Accepted, under the provider's id for the message.
+    Sent { provider_id: String },
+    /// May heal (rate limit, 5xx, network): try again, no sooner than `after` when the
+    /// provider said so.
+    Retry { reason: String, after: Option<Duration> },
+    /// Will not heal (the provider refused the message itself).
+    Failed { reason: String },
+}
+
+/// Hands one entry to its channel's provider.
+pub async fn send(client: &http::Client, adapter: &AdapterConfig, message: &Outgoing) -> SendOutcome {
+    match adapter {
+        AdapterConfig::Telegram { bot_token, api_base, .. } => telegram::send(client, api_base, bot_token, message).await,
+        AdapterConfig::Api { outbound_url, signing_secret, .. } => api::send(client, outbound_url, signing_secret, message).await,
+    }
+}
+
+/// How an HTTP answer without a usable body is read: 429 and 5xx may heal, other 4xx
+/// will not.
+pub(crate) fn by_status(status: u16, reason: String, after: Option<Duration>) -> SendOutcome {
+    if status == 429 || status >= 500 || status == 408 {
+        SendOutcome::Retry { reason, after }
+    } else {
+        SendOutcome::Failed { reason }
+    }
+}
+
+/// Constant-time equality of two secrets (their lengths are not secret).
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Text cut to at most `max` characters, for reasons kept in the log.
+pub(crate) fn clip(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
 }
 
 #[cfg(test)]
@@ -101,7 +152,7 @@ mod tests {
         assert_ne!(inbound("1001", "hi").idempotency_key(), inbound("1002", "hi").idempotency_key());
         let long = "x".repeat(500);
         let key = inbound(&long, "hi").idempotency_key();
-        assert!(key.len() <= MAX_KEY_BYTES, "{key}");
+        assert!(key.len() <= switchboard_actors::core::MAX_KEY_BYTES, "{key}");
         assert_ne!(key, inbound(&"y".repeat(500), "hi").idempotency_key());
     }
 

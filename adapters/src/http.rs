@@ -1,0 +1,210 @@
+//! A small HTTP/1.1 client for providers' send endpoints: keep-alive connections pooled
+//! per origin, TLS through rustls with the `ring` provider and the Mozilla roots
+//! (webpki-roots, compiled in), a deadline on every request and a cap on what a
+//! response body may make us hold.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+
+use crate::AdapterError;
+
+/// Largest provider answer read; a bigger one is a failed attempt.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// Idle connections kept per origin.
+const IDLE_PER_ORIGIN: usize = 64;
+
+/// A parsed `http://` or `https://` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Url {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+}
+
+impl Url {
+    pub fn parse(url: &str) -> Result<Url, AdapterError> {
+        let bad = || AdapterError::Malformed(format!("not an http(s) URL: {url}"));
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err(bad());
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let end = v6.find(']').ok_or_else(bad)?;
+            let port = match &v6[end + 1..] {
+                "" => default_port,
+                p => p.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(bad)?,
+            };
+            (v6[..end].to_owned(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), p.parse().map_err(|_| bad())?),
+                None => (authority.to_owned(), default_port),
+            }
+        };
+        if host.is_empty() || authority.contains('@') {
+            return Err(bad());
+        }
+        Ok(Url { tls, host, port, path: path.to_owned() })
+    }
+
+    fn origin(&self) -> String {
+        format!("{}://{}:{}", if self.tls { "https" } else { "http" }, self.host, self.port)
+    }
+
+    fn host_header(&self) -> String {
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        match (self.tls, self.port) {
+            (true, 443) | (false, 80) => host,
+            _ => format!("{host}:{}", self.port),
+        }
+    }
+}
+
+/// A provider's answer.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    tls: tokio_rustls::TlsConnector,
+    idle: Arc<Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>>,
+    timeout: Duration,
+}
+
+impl Client {
+    /// A client whose every request (connect, send, read the answer) ends within `timeout`.
+    pub fn new(timeout: Duration) -> Result<Client, AdapterError> {
+        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| AdapterError::Malformed(format!("TLS setup: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Client { tls: tokio_rustls::TlsConnector::from(Arc::new(config)), idle: Arc::default(), timeout })
+    }
+
+    /// POSTs `body` to `url` with `headers` (and `Content-Type: application/json`).
+    pub async fn post_json(&self, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
+        let url = Url::parse(url)?;
+        match tokio::time::timeout(self.timeout, self.post(&url, headers, body)).await {
+            Ok(result) => result,
+            Err(_) => Err(AdapterError::Unreachable(format!("no answer from {} within {} ms", url.origin(), self.timeout.as_millis()))),
+        }
+    }
+
+    async fn post(&self, url: &Url, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
+        let origin = url.origin();
+        let mut sender = match self.take_idle(&origin) {
+            Some(sender) => sender,
+            None => self.connect(url).await?,
+        };
+        let mut request = hyper::Request::post(url.path.as_str())
+            .header(hyper::header::HOST, url.host_header())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::USER_AGENT, concat!("switchboard/", env!("CARGO_PKG_VERSION")));
+        for (name, value) in headers {
+            request = request.header(*name, value.as_str());
+        }
+        let request = request.body(Full::new(Bytes::from(body))).map_err(|e| AdapterError::Malformed(format!("request: {e}")))?;
+        let response = sender.send_request(request).await.map_err(|e| AdapterError::Unreachable(format!("{origin}: {e}")))?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned())))
+            .collect();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| AdapterError::Unreachable(format!("{origin}: reading the answer: {e}")))?
+            .to_bytes();
+        self.put_idle(origin, sender);
+        Ok(Response { status, headers, body })
+    }
+
+    fn take_idle(&self, origin: &str) -> Option<SendRequest<Full<Bytes>>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(origin)?;
+        while let Some(sender) = list.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, origin: String, sender: SendRequest<Full<Bytes>>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(origin).or_default();
+        if list.len() < IDLE_PER_ORIGIN {
+            list.push(sender);
+        }
+    }
+
+    async fn connect(&self, url: &Url) -> Result<SendRequest<Full<Bytes>>, AdapterError> {
+        let origin = url.origin();
+        let tcp = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .map_err(|e| AdapterError::Unreachable(format!("{origin}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        if url.tls {
+            let name = rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|e| AdapterError::Malformed(format!("{origin}: {e}")))?;
+            let tls = self.tls.connect(name, tcp).await.map_err(|e| AdapterError::Unreachable(format!("{origin}: TLS: {e}")))?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| AdapterError::Unreachable(format!("{origin}: {e}")))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(sender)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| AdapterError::Unreachable(format!("{origin}: {e}")))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(sender)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Url;
+
+    #[test]
+    fn urls_parse_with_their_ports_and_paths() {
+        assert_eq!(Url::parse("https://api.telegram.org/bot1:x/sendMessage").unwrap(), Url { tls: true, host: "api.telegram.org".into(), port: 443, path: "/bot1:x/sendMessage".into() });
+        assert_eq!(Url::parse("http://127.0.0.1:8080").unwrap(), Url { tls: false, host: "127.0.0.1".into(), port: 8080, path: "/".into() });
+        assert_eq!(Url::parse("http://[::1]:9/x?y=1").unwrap().host, "::1");
+        for bad in ["ftp://x", "http://", "http://u:p@host/", "http://h:notaport/"] {
+            assert!(Url::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Telegram Bot API: webhooks in, `sendMessage` out (https://core.telegram.org/bots/api).
+//!
+//! - A webhook set with `secret_token` carries it in the `X-Telegram-Bot-Api-Secret-Token`
+//!   header of every delivery; a delivery without it, or with another, is forged.
+//! - Telegram retries a webhook it did not see answered with 2xx; `message_id` is unique
+//!   per chat, so the inbound key (channel, chat id, message id) makes a retry harmless.
+//! - `sendMessage` has no idempotency key: an attempt whose answer was lost cannot be
+//!   repeated without risking a duplicate, so the outbox dead-letters it as `unknown`
+//!   instead of resending (ADR 0009).
+//! - Bots get no delivery or read receipts: a sent message stays `sent`.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{by_status, clip, http, same_secret, AdapterError, Outgoing, SendOutcome};
+
+/// The header Telegram puts the webhook's secret in.
+pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
+/// The longest text `sendMessage` takes, in characters.
+pub const MAX_TEXT: usize = 4096;
+/// Telegram's documented pace for a bot: about 30 messages a second overall.
+pub const MESSAGES_PER_SECOND: u32 = 30;
+
+/// Whether a webhook delivery carries the channel's secret.
+pub fn verify(expected: &str, header: Option<&[u8]>) -> bool {
+    header.is_some_and(|got| same_secret(got, expected.as_bytes()))
+}
+
+#[derive(Deserialize)]
+struct Update {
+    #[allow(dead_code)]
+    update_id: i64,
+    #[serde(default)]
+    message: Option<Message>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    message_id: i64,
+    chat: Chat,
+    #[serde(default)]
+    from: Option<User>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    caption: Option<String>,
+    #[serde(default)]
+    photo: Option<serde_json::Value>,
+    #[serde(default)]
+    document: Option<Document>,
+    #[serde(default)]
+    sticker: Option<Sticker>,
+    #[serde(default)]
+    location: Option<Location>,
+    #[serde(default)]
+    contact: Option<Contact>,
+    #[serde(default)]
+    voice: Option<serde_json::Value>,
+    #[serde(default)]
+    video: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Chat {
+    id: i64,
+}
+
+#[derive(Deserialize)]
+struct User {
+    #[serde(default)]
+    first_name: String,
+    #[serde(default)]
+    last_name: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Document {
+    #[serde(default)]
+    file_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Sticker {
+    #[serde(default)]
+    emoji: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Location {
+    latitude: f64,
+    longitude: f64,
+}
+
+#[derive(Deserialize)]
+struct Contact {
+    phone_number: String,
+    #[serde(default)]
+    first_name: String,
+}
+
+/// A customer's message from an update, or `None` for an update that carries none
+/// (an edit, a button press, a channel post): those are answered 200 and dropped.
+/// What is not text becomes a labelled line the operator can read.
+pub fn parse(body: &[u8]) -> Result<Option<(String, String, String, String)>, AdapterError> {
+    let update: Update = serde_json::from_slice(body).map_err(|e| AdapterError::Malformed(format!("not a Telegram update: {e}")))?;
+    let Some(m) = update.message else { return Ok(None) };
+    let caption = m.caption.clone().map(|c| format!(": {c}")).unwrap_or_default();
+    let text = if let Some(text) = m.text {
+        text
+    } else if m.photo.is_some() {
+        format!("[photo{caption}]")
+    } else if let Some(d) = m.document {
+        format!("[file {}{caption}]", d.file_name.unwrap_or_default())
+    } else if let Some(s) = m.sticker {
+        format!("[sticker {}]", s.emoji.unwrap_or_default())
+    } else if let Some(l) = m.location {
+        format!("[location {:.6}, {:.6}]", l.latitude, l.longitude)
+    } else if let Some(c) = m.contact {
+        format!("[contact {} {}]", c.first_name, c.phone_number)
+    } else if m.voice.is_some() {
+        "[voice message]".to_owned()
+    } else if m.video.is_some() {
+        format!("[video{caption}]")
+    } else {
+        "[a message of a kind this channel does not show]".to_owned()
+    };
+    let name = match m.from {
+        Some(u) => {
+            let full = [Some(u.first_name), u.last_name].into_iter().flatten().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+            if full.is_empty() { u.username.unwrap_or_default() } else { full }
+        }
+        None => String::new(),
+    };
+    Ok(Some((m.chat.id.to_string(), clip(&name, 200), m.message_id.to_string(), clip(&text, switchboard_actors::core::MAX_TEXT_CHARS))))
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    ok: bool,
+    #[serde(default)]
+    result: Option<SentMessage>,
+    #[serde(default)]
+    error_code: Option<u16>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters: Option<Parameters>,
+}
+
+#[derive(Deserialize)]
+struct SentMessage {
+    message_id: i64,
+}
+
+#[derive(Deserialize)]
+struct Parameters {
+    #[serde(default)]
+    retry_after: Option<u64>,
+}
+
+/// Sends one entry with `sendMessage`.
+pub async fn send(client: &http::Client, api_base: &str, bot_token: &str, message: &Outgoing) -> SendOutcome {
+    let url = format!("{}/bot{}/sendMessage", api_base.trim_end_matches('/'), bot_token);
+    // A numeric chat id is sent as a number, as the API documents it.
+    let chat_id = match message.recipient.parse::<i64>() {
+        Ok(id) => json!(id),
+        Err(_) => json!(message.recipient),
+    };
+    let text: String = message.text.chars().take(MAX_TEXT).collect();
+    let body = json!({"chat_id": chat_id, "text": text}).to_string().into_bytes();
+    let response = match client.post_json(&url, &[], body).await {
+        Ok(r) => r,
+        Err(e) => return SendOutcome::Retry { reason: e.to_string(), after: None },
+    };
+    match serde_json::from_slice::<Answer>(&response.body) {
+        Ok(Answer { ok: true, result: Some(sent), .. }) => SendOutcome::Sent { provider_id: sent.message_id.to_string() },
+        Ok(answer) => {
+            let code = answer.error_code.unwrap_or(response.status);
+            let reason = clip(&format!("{code} {}", answer.description.unwrap_or_default()), 500);
+            let after = answer.parameters.and_then(|p| p.retry_after).map(Duration::from_secs);
+            by_status(code, reason, after)
+        }
+        Err(_) => by_status(response.status, format!("{} with an answer that is not the Bot API's", response.status), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_give_the_chat_the_sender_and_a_readable_text() {
+        let text = br#"{"update_id":1,"message":{"message_id":7,"date":1,"chat":{"id":42,"type":"private"},"from":{"id":42,"is_bot":false,"first_name":"Dana","last_name":"K"},"text":"hello"}}"#;
+        assert_eq!(parse(text).unwrap(), Some(("42".into(), "Dana K".into(), "7".into(), "hello".into())));
+        let photo = br#"{"update_id":2,"message":{"message_id":8,"date":1,"chat":{"id":-5,"type":"group"},"photo":[{"file_id":"a","width":1,"height":1}],"caption":"receipt"}}"#;
+        assert_eq!(parse(photo).unwrap().unwrap().3, "[photo: receipt]");
+        let location = br#"{"update_id":3,"message":{"message_id":9,"date":1,"chat":{"id":1},"location":{"latitude":55.75,"longitude":37.62}}}"#;
+        assert_eq!(parse(location).unwrap().unwrap().3, "[location 55.750000, 37.620000]");
+        let edit = br#"{"update_id":4,"edited_message":{"message_id":7,"date":1,"chat":{"id":42},"text":"hello!"}}"#;
+        assert_eq!(parse(edit).unwrap(), None);
+        assert!(parse(b"{not json").is_err());
+        assert!(parse(br#"{"update_id":5,"message":{"chat":{"id":1}}}"#).is_err(), "a message without its id");
+    }
+
+    #[test]
+    fn the_secret_must_match_exactly() {
+        assert!(verify("s3cret-token-0123", Some(b"s3cret-token-0123")));
+        assert!(!verify("s3cret-token-0123", Some(b"s3cret-token-0124")));
+        assert!(!verify("s3cret-token-0123", Some(b"s3cret")));
+        assert!(!verify("s3cret-token-0123", None));
+    }
+}
