@@ -709,6 +709,8 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                         DeliveryOutcome::Delivered | DeliveryOutcome::Read => !d.status.dead(),
                         // A provider may report a failure after it accepted the message.
                         DeliveryOutcome::Failed { .. } => matches!(d.status, S::Attempting { .. } | S::Sent | S::Delivered),
+                        // A late answer to an attempt settled as unknown says what happened.
+                        DeliveryOutcome::Sent { .. } => matches!(d.status, S::Attempting { .. } | S::Unknown),
                         _ => matches!(d.status, S::Attempting { .. }),
                     }
                 })

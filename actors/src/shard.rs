@@ -269,6 +269,23 @@ impl Shard {
     }
 
     /// The routing step an offer was made under (rules 6, groups with steps).
+    /// The outbox entries of a conversation (hot ones as they are now), by history seq.
+    pub fn deliveries_of(&self, id: ConversationId) -> Result<Vec<(u64, crate::state::Delivery)>, Error> {
+        let mut out = records::deliveries_of(self.store()?.as_ref(), id)?;
+        let state = self.read();
+        for (seq, d) in out.iter_mut() {
+            if let Some(hot) = state.outbox.get(&(id, *seq)) {
+                *d = hot.clone();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Dead-lettered outbox entries, at most `limit`.
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<(ConversationId, u64, crate::state::Delivery)>, Error> {
+        records::dead_letters(self.store()?.as_ref(), limit)
+    }
+
     pub fn offer_step(&self, offer: OfferId) -> Result<Option<u32>, Error> {
         records::offer_step(self.store()?.as_ref(), offer)
     }

@@ -1469,7 +1469,7 @@ impl ShardState {
                         match &r.outcome {
                             DeliveryOutcome::Sent { provider_id } => {
                                 // A receipt may have overtaken the send's answer.
-                                if d.status.open() {
+                                if d.status.open() || d.status == DeliveryStatus::Unknown {
                                     d.status = DeliveryStatus::Sent;
                                 }
                                 d.provider_id = Some(provider_id.clone());

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use switchboard_gateway::client::{http_json, WsClient};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+pub mod fake_provider;
 pub mod netns;
 
 pub const WAIT: Duration = Duration::from_secs(10);

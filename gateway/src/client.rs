@@ -215,6 +215,13 @@ pub async fn http_json(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> Result<(u16, Value), ClientError> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.as_deref().map(|a| ("authorization", a)).into_iter().collect();
+    http_json_with(addr, method, path, &headers, body).await
+}
+
+/// [`http_json`] with headers of the caller's choosing.
+pub async fn http_json_with(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&Value>) -> Result<(u16, Value), ClientError> {
     use http_body_util::{BodyExt, Full};
     let stream = TcpStream::connect(addr).await.map_err(|e| ClientError::Connect(e.to_string()))?;
     // A small request written right after another must not wait for a delayed ack.
@@ -224,8 +231,8 @@ pub async fn http_json(
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     tokio::spawn(connection);
     let mut request = Request::builder().method(method).uri(path).header(HOST, addr);
-    if let Some(token) = token {
-        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let payload = match body {
         Some(v) => {

@@ -14,6 +14,7 @@ mod assets;
 pub mod attachments;
 pub mod auth;
 pub mod budget;
+mod channels;
 pub mod client;
 mod client_ws;
 mod desk;
@@ -572,9 +573,14 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
         .route("/attachments/{id}", get(attachments::client_download))
         .route("/notice", get(desk::public_notice))
         .layer(axum::middleware::from_fn_with_state(gw.clone(), attachments::cors));
+    // Providers' webhooks: small JSON bodies, never from a browser.
+    let hooks = Router::new()
+        .route("/hooks/telegram/{channel}", axum::routing::post(channels::telegram_hook))
+        .layer(axum::extract::DefaultBodyLimit::max(rest::MAX_JSON_BODY));
     assets::public()
         .route("/ws/client", get(client_ws::upgrade))
         .merge(files)
+        .merge(hooks)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(axum::middleware::from_fn_with_state(gw.clone(), deadline))

@@ -38,6 +38,11 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/operators/{id}", put(put_operator))
         .route("/api/channels", get(list_channels))
         .route("/api/channels/{id}", put(put_channel))
+        .route("/api/channels/{id}/adapter", get(crate::channels::get_adapter).put(crate::channels::put_adapter).delete(crate::channels::delete_adapter))
+        .route("/api/channel-api/{channel}/messages", post(crate::channels::api_inbound))
+        .route("/api/channel-api/{channel}/statuses", post(crate::channels::api_status))
+        .route("/api/deliveries", get(crate::channels::dead_letters))
+        .route("/api/deliveries/{conversation}/{seq}/retry", post(crate::channels::retry))
         .route("/api/users", get(list_users))
         .route("/api/users/{login}", put(put_user))
         .route("/api/users/{login}/end-sessions", post(end_sessions))
@@ -500,6 +505,7 @@ fn channel_view(state: &switchboard_actors::state::ShardState, config: &ChannelC
     let access = state.channel_access.get(&config.id).cloned().unwrap_or_default();
     view["allow_only"] = json!(access.allow_only);
     view["blocked_message"] = json!(access.message);
+    view["adapter"] = json!(state.channel_adapters.get(&config.id).map(|a| a.kind()));
     view
 }
 
@@ -676,6 +682,7 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
         "operator_read_upto": conv.operator_read_upto,
         "history": history.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect::<Vec<_>>(),
         "earlier": earlier,
+        "deliveries": shard.deliveries_of(id)?.iter().map(|(seq, d)| crate::channels::delivery_json(id, *seq, d)).collect::<Vec<_>>(),
     })))
 }
 

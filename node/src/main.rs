@@ -7,6 +7,7 @@ mod bench_routing;
 mod bootstrap;
 mod cluster;
 mod demo;
+mod outbox;
 mod server;
 
 use std::net::SocketAddr;

@@ -730,6 +730,16 @@ impl Backend for NodeBackend {
         let snapshot = m.snapshot.map(|l| l.index).unwrap_or(0);
         let _ = writeln!(out, "# HELP switchboard_raft_snapshot_index Last entry included in the newest snapshot.\n# TYPE switchboard_raft_snapshot_index gauge");
         let _ = writeln!(out, "switchboard_raft_snapshot_index{{group=\"{SHARD_GROUP}\"}} {snapshot}");
+        {
+            let outbox = &crate::outbox::METRICS;
+            let pending = self.shard.read().outbox.len();
+            let _ = writeln!(out, "# HELP switchboard_outbox_entries Outbox entries not sent yet (pending or being sent).\n# TYPE switchboard_outbox_entries gauge");
+            let _ = writeln!(out, "switchboard_outbox_entries {pending}");
+            let _ = writeln!(out, "# HELP switchboard_outbox_attempts_total Outcomes of this node's provider calls, by outcome.\n# TYPE switchboard_outbox_attempts_total counter");
+            for (outcome, counter) in [("sent", &outbox.sent), ("retry", &outbox.retried), ("failed", &outbox.failed), ("unknown", &outbox.unknown)] {
+                let _ = writeln!(out, "switchboard_outbox_attempts_total{{outcome=\"{outcome}\"}} {}", counter.load(std::sync::atomic::Ordering::Relaxed));
+            }
+        }
         let membership = m.membership_config.membership();
         let _ = writeln!(out, "# HELP switchboard_raft_voters Voting members of the group, as this node knows them.\n# TYPE switchboard_raft_voters gauge");
         let _ = writeln!(out, "switchboard_raft_voters{{group=\"{SHARD_GROUP}\"}} {}", membership.voter_ids().count());
@@ -1068,6 +1078,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     let sockets = tokio::spawn(report_operator_sockets(gateway.clone(), options.node_id));
     let absence = tokio::spawn(absence_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id, options.presence_grace));
     let inactivity = tokio::spawn(inactivity_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id));
+    let outbox = tokio::spawn(crate::outbox::run(raft.clone(), Arc::new(proposer.clone()), shard.clone(), options.node_id));
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let listeners = vec![
         serve_http(public, switchboard_gateway::public_router(gateway.clone()), &gateway, options.connections, shutdown_rx.clone()),
@@ -1078,6 +1089,7 @@ std::fs::create_dir_all(&options.data_dir)?;
         sockets,
         absence,
         inactivity,
+        outbox,
     ];
     info!(%public_addr, %private_addr, %raft_addr, "node started");
     Ok(RunningNode { raft, proposer, gateway, shard, public_addr, private_addr, endpoint, db, _lock: lock, listeners, shutdown })

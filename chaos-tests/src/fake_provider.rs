@@ -1,0 +1,203 @@
+//! Local stand-ins for messenger providers, speaking their public HTTP contracts as
+//! documented, for tests and the bench. Nothing here reaches the internet.
+//!
+//! [`FakeTelegram`] serves the Bot API's `sendMessage`
+//! (`POST /bot<token>/sendMessage`, JSON `chat_id` and `text`), answering
+//! `{"ok":true,"result":{"message_id":N,…}}`, or, while a failure is scripted, the API's
+//! error shape: `{"ok":false,"error_code":429,"description":"Too Many Requests: retry
+//! after S","parameters":{"retry_after":S}}` or a 500. It refuses a wrong token with
+//! 401 `Unauthorized` as the API does, and keeps every message it accepted.
+//!
+//! [`FakeAdapter`] is an adapter of the open Channel API's outbound half: it checks the
+//! signature, deduplicates on the delivery id, and keeps what it received.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+/// One scripted answer instead of a success.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// 429 with `retry_after` seconds.
+    TooMany(u64),
+    /// 500 Internal Server Error.
+    ServerError,
+}
+
+#[derive(Default)]
+struct TelegramState {
+    token: String,
+    faults: VecDeque<Fault>,
+    /// Accepted messages: (chat_id as sent, text, message_id).
+    sent: Vec<(Value, String, i64)>,
+    /// Every call, accepted or not, with the time it came.
+    calls: Vec<std::time::Instant>,
+    next_id: i64,
+}
+
+#[derive(Clone)]
+pub struct FakeTelegram {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<TelegramState>>,
+    _stop: Arc<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl FakeTelegram {
+    /// Serves on a free loopback port; `token` is the only bot token it accepts.
+    pub async fn start(token: &str) -> anyhow::Result<FakeTelegram> {
+        let state = Arc::new(Mutex::new(TelegramState { token: token.to_owned(), next_id: 1000, ..Default::default() }));
+        let app = Router::new().route("/{bot}/sendMessage", post(send_message)).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(FakeTelegram { addr, state, _stop: Arc::new(stop) })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The next calls get these answers, in order, before successes resume.
+    pub fn script(&self, faults: &[Fault]) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).faults.extend(faults.iter().copied());
+    }
+
+    /// Accepted messages: (chat_id, text).
+    pub fn sent(&self) -> Vec<(Value, String)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).sent.iter().map(|(c, t, _)| (c.clone(), t.clone())).collect()
+    }
+
+    pub fn calls(&self) -> Vec<std::time::Instant> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).calls.clone()
+    }
+}
+
+async fn send_message(State(state): State<Arc<Mutex<TelegramState>>>, Path(bot): Path<String>, body: axum::body::Bytes) -> Response {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    s.calls.push(std::time::Instant::now());
+    if bot.strip_prefix("bot") != Some(s.token.as_str()) {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"ok": false, "error_code": 401, "description": "Unauthorized"}))).into_response();
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: can't parse JSON"}))).into_response();
+    };
+    let (Some(chat_id), Some(text)) = (request.get("chat_id").cloned(), request.get("text").and_then(Value::as_str)) else {
+        return (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: chat_id and text are required"}))).into_response();
+    };
+    if text.is_empty() {
+        return (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: message text is empty"}))).into_response();
+    }
+    match s.faults.pop_front() {
+        Some(Fault::TooMany(after)) => {
+            let body = json!({"ok": false, "error_code": 429, "description": format!("Too Many Requests: retry after {after}"), "parameters": {"retry_after": after}});
+            return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+        }
+        Some(Fault::ServerError) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"ok": false, "error_code": 500, "description": "Internal Server Error"}))).into_response();
+        }
+        None => {}
+    }
+    s.next_id += 1;
+    let id = s.next_id;
+    s.sent.push((chat_id.clone(), text.to_owned(), id));
+    Json(json!({"ok": true, "result": {"message_id": id, "date": 0, "chat": {"id": chat_id, "type": "private"}, "text": text}})).into_response()
+}
+
+#[derive(Default)]
+struct AdapterState {
+    secret: String,
+    seen: HashSet<String>,
+    received: Vec<Value>,
+    duplicates: u64,
+    bad_signatures: u64,
+}
+
+/// An adapter's outbound endpoint for the Channel API.
+#[derive(Clone)]
+pub struct FakeAdapter {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<AdapterState>>,
+    _stop: Arc<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl FakeAdapter {
+    pub async fn start() -> anyhow::Result<FakeAdapter> {
+        let state = Arc::new(Mutex::new(AdapterState::default()));
+        let app = Router::new().route("/outbound", post(outbound)).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(FakeAdapter { addr, state, _stop: Arc::new(stop) })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/outbound", self.addr)
+    }
+
+    /// The signing secret the channel's settings answered with.
+    pub fn set_secret(&self, secret: &str) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).secret = secret.to_owned();
+    }
+
+    pub fn received(&self) -> Vec<Value> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).received.clone()
+    }
+
+    /// (duplicates dropped, bad signatures refused).
+    pub fn refused(&self) -> (u64, u64) {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (s.duplicates, s.bad_signatures)
+    }
+}
+
+async fn outbound(State(state): State<Arc<Mutex<AdapterState>>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let signature = headers.get("x-switchboard-signature").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let t = signature.split(',').find_map(|p| p.strip_prefix("t=")).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+    if s.secret.is_empty() || signature != switchboard_adapters_signature(&s.secret, t, &body) {
+        s.bad_signatures += 1;
+        return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
+    }
+    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "not JSON").into_response();
+    };
+    let id = value["delivery_id"].as_str().unwrap_or_default().to_owned();
+    if !s.seen.insert(id.clone()) {
+        s.duplicates += 1;
+    } else {
+        s.received.push(value);
+    }
+    Json(json!({"provider_message_id": format!("fake-{id}")})).into_response()
+}
+
+/// The Channel API's signature, computed here independently of the server's code:
+/// `t=<t>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+fn switchboard_adapters_signature(secret: &str, t: u64, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut signed = t.to_string().into_bytes();
+    signed.push(b'.');
+    signed.extend_from_slice(body);
+    let tag = ring::hmac::sign(&key, &signed);
+    format!("t={t},v1={}", tag.as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>())
+}

@@ -1,0 +1,165 @@
+//! Messenger channels against the real binary and local fake providers (ADR 0009):
+//! a Telegram webhook delivered three times makes one message, a forged one writes
+//! nothing, the operator's reply reaches the fake Bot API through 429 and 500 answers
+//! exactly once; an adapter of the open Channel API runs a conversation end to end with
+//! signed outbound deliveries and receipts; a node killed in the middle of a send
+//! neither loses the message nor sends it twice.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchboard_chaos_tests::fake_provider::{Fault, FakeAdapter, FakeTelegram};
+use switchboard_chaos_tests::{eventually, next_event, set_presence, Dev, WAIT};
+use switchboard_gateway::client::{http_json_with, WsClient};
+
+const BOT_TOKEN: &str = "123456:test-token";
+const SECRET: &str = "webhook_secret_0123456789";
+
+async fn dev() -> anyhow::Result<(tempfile::TempDir, Dev)> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    Ok((dir, dev))
+}
+
+fn update(update_id: u64, chat: i64, message_id: u64, text: &str) -> Value {
+    json!({"update_id": update_id, "message": {"message_id": message_id, "date": 1_700_000_000, "chat": {"id": chat, "type": "private"}, "from": {"id": chat, "is_bot": false, "first_name": "Dana"}, "text": text}})
+}
+
+async fn hook(dev: &Dev, secret: Option<&str>, body: &Value) -> anyhow::Result<(u16, Value)> {
+    let headers: Vec<(&str, &str)> = secret.map(|s| ("x-telegram-bot-api-secret-token", s)).into_iter().collect();
+    Ok(http_json_with(&dev.public, "POST", "/hooks/telegram/tg", &headers, Some(body)).await?)
+}
+
+/// Channel `tg` (Telegram, into `general`) connected to `fake`.
+async fn telegram_channel(dev: &Dev, admin: &str, fake: &FakeTelegram) -> anyhow::Result<()> {
+    let (status, body) = dev.api("PUT", "/api/channels/tg", Some(admin), Some(json!({"kind": "telegram", "name": "Telegram", "default_group": "general"}))).await?;
+    assert_eq!(status, 200, "{body}");
+    let settings = json!({"kind": "telegram", "bot_token": BOT_TOKEN, "secret": SECRET, "api_base": fake.base_url()});
+    let (status, body) = dev.api("PUT", "/api/channels/tg/adapter", Some(admin), Some(settings)).await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.to_string().contains(BOT_TOKEN) && !body.to_string().contains(SECRET), "secrets are never shown back: {body}");
+    assert_eq!(body["webhook_path"], "/hooks/telegram/tg");
+    Ok(())
+}
+
+async fn accept_offer(ws: &mut WsClient) -> anyhow::Result<u64> {
+    let offer = next_event(ws, "offer").await?;
+    ws.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "accept"})).await?;
+    ws.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "accept").await?;
+    offer["conversation"].as_u64().ok_or_else(|| anyhow::anyhow!("offer without a conversation: {offer}"))
+}
+
+async fn deliveries(dev: &Dev, token: &str, conversation: u64) -> anyhow::Result<Vec<Value>> {
+    let (status, conv) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(token), None).await?;
+    anyhow::ensure!(status == 200, "{conv}");
+    Ok(conv["deliveries"].as_array().cloned().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_telegram_conversation_goes_both_ways_once_through_redeliveries_and_provider_errors() -> anyhow::Result<()> {
+    let fake = FakeTelegram::start(BOT_TOKEN).await?;
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    telegram_channel(&dev, &admin, &fake).await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+
+    // Forged: no secret, a wrong one. 401, and nothing is written.
+    let first = update(1, 4242, 7, "hello, my card is blocked");
+    assert_eq!(hook(&dev, None, &first).await?.0, 401);
+    assert_eq!(hook(&dev, Some("webhook_secret_0123456780"), &first).await?.0, 401);
+    // Delivered three times (Telegram retries what it did not see answered): one message.
+    let (status, taken) = hook(&dev, Some(SECRET), &first).await?;
+    assert_eq!((status, taken["duplicate"].clone()), (200, json!(false)), "{taken}");
+    for _ in 0..2 {
+        let (status, again) = hook(&dev, Some(SECRET), &first).await?;
+        assert_eq!(status, 200);
+        assert_eq!((again["conversation"].clone(), again["duplicate"].clone()), (taken["conversation"].clone(), json!(true)));
+    }
+    // An update without a customer message (an edit) is answered and dropped.
+    let edit = json!({"update_id": 2, "edited_message": {"message_id": 7, "date": 1, "chat": {"id": 4242}, "text": "edited"}});
+    assert_eq!(hook(&dev, Some(SECRET), &edit).await?.0, 200);
+
+    let conversation = accept_offer(&mut alice).await?;
+    assert_eq!(json!(conversation), taken["conversation"]);
+    let supervisor = dev.login("supervisor").await?;
+    let (_, conv) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    let client_messages: Vec<&Value> = conv["history"].as_array().into_iter().flatten().filter(|e| e["kind"] == "message" && e["from"] == "client").collect();
+    assert_eq!(client_messages.len(), 1, "one message for three deliveries: {conv}");
+    assert_eq!(conv["channel"], "tg");
+    assert_eq!(conv["visitor"]["id"], "tg:4242");
+    assert_eq!(conv["visitor"]["name"], "Dana");
+
+    // The provider answers 429 (retry after 1 s), then 500, then takes it: sent once.
+    fake.script(&[Fault::TooMany(1), Fault::ServerError]);
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "r1", "text": "Hello Dana, let me check.", "ref": "r1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "r1").await?;
+    let sent = eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
+        let d = deliveries(&dev, &supervisor, conversation).await?;
+        Ok(d.first().filter(|d| d["status"] == "sent").cloned())
+    })
+    .await?;
+    assert_eq!(sent["attempts"], 3, "{sent}");
+    assert_eq!(fake.sent(), vec![(json!(4242), "Hello Dana, let me check.".to_owned())]);
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 3);
+    assert!(calls[1].duration_since(calls[0]) >= Duration::from_millis(950), "the retry waited the provider's retry_after");
+
+    // The customer answers in the same conversation.
+    let (_, next) = hook(&dev, Some(SECRET), &update(3, 4242, 8, "thanks")).await?;
+    assert_eq!(next["conversation"], json!(conversation));
+    let event = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "thanks").await?;
+    assert_eq!(event["conversation"], json!(conversation));
+    // Nothing is dead-lettered.
+    let (_, dead) = dev.api("GET", "/api/deliveries", Some(&supervisor), None).await?;
+    assert_eq!(dead["deliveries"], json!([]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_of_the_channel_api_runs_a_conversation_with_signed_deliveries_and_receipts() -> anyhow::Result<()> {
+    let adapter = FakeAdapter::start().await?;
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    let (status, _) = dev.api("PUT", "/api/channels/viber-gw", Some(&admin), Some(json!({"kind": "viber", "name": "Viber", "default_group": "general"}))).await?;
+    assert_eq!(status, 200);
+    let (status, settings) = dev.api("PUT", "/api/channels/viber-gw/adapter", Some(&admin), Some(json!({"kind": "api", "outbound_url": adapter.url()}))).await?;
+    assert_eq!(status, 200, "{settings}");
+    let token = settings["token"].as_str().unwrap_or_default().to_owned();
+    adapter.set_secret(settings["signing_secret"].as_str().unwrap_or_default());
+    let (_, shown) = dev.api("GET", "/api/channels/viber-gw/adapter", Some(&admin), None).await?;
+    assert!(!shown.to_string().contains(&token), "the token is shown once: {shown}");
+
+    let message = json!({"sender": "+15550001", "sender_name": "Eve", "message_id": "v-1", "text": "Is my parcel lost?"});
+    let path = "/api/channel-api/viber-gw/messages";
+    assert_eq!(dev.api("POST", path, Some("not-the-token"), Some(message.clone())).await?.0, 401);
+    assert_eq!(dev.api("POST", path, None, Some(message.clone())).await?.0, 401);
+    let (status, taken) = dev.api("POST", path, Some(&token), Some(message.clone())).await?;
+    assert_eq!((status, taken["duplicate"].clone()), (200, json!(false)), "{taken}");
+    let (_, again) = dev.api("POST", path, Some(&token), Some(message)).await?;
+    assert_eq!(again["duplicate"], true);
+
+    let (mut bob, _) = dev.operator("bob").await?;
+    set_presence(&mut bob, "online").await?;
+    let conversation = accept_offer(&mut bob).await?;
+    bob.send(&json!({"type": "send", "conversation": conversation, "key": "b1", "text": "It is on its way.", "ref": "b1"})).await?;
+    bob.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "b1").await?;
+    let received = eventually(WAIT, Duration::from_millis(50), || async { Ok(adapter.received().first().cloned()) }).await?;
+    assert_eq!(received["recipient"], "+15550001");
+    assert_eq!(received["text"], "It is on its way.");
+    assert_eq!(received["kind"], "message");
+    assert_eq!(received["conversation"], json!(conversation));
+    let seq = received["seq"].as_u64().unwrap_or_default();
+
+    // Receipts: delivered, then read. A token cannot touch another channel's entries.
+    let statuses = json!([{"conversation": conversation, "seq": seq, "status": "delivered"}, {"conversation": conversation, "seq": seq, "status": "read"}]);
+    assert_eq!(dev.api("POST", "/api/channel-api/viber-gw/statuses", Some("nope"), Some(statuses.clone())).await?.0, 401);
+    let (status, body) = dev.api("POST", "/api/channel-api/viber-gw/statuses", Some(&token), Some(statuses)).await?;
+    assert_eq!(status, 204, "{body}");
+    let supervisor = dev.login("supervisor").await?;
+    let d = deliveries(&dev, &supervisor, conversation).await?;
+    assert_eq!(d[0]["status"], "read", "{d:?}");
+    assert_eq!(d[0]["provider_id"], format!("fake-{conversation}:{seq}"));
+    assert_eq!(adapter.refused(), (0, 0));
+    Ok(())
+}

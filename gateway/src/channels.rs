@@ -1,0 +1,282 @@
+//! Messenger channels at the edge (ADR 0009, docs/channel-api.md):
+//!
+//! - provider webhooks on the public listener, under `/hooks/`: the provider's secret is
+//!   checked before the body is read as anything, and the provider is answered only once
+//!   the message is committed (5xx when it could not be, so the provider retries);
+//! - the open Channel API on the private listener, under `/api/channel-api/{channel}/`,
+//!   for adapters in any language, with the channel's bearer token;
+//! - the admin's adapter settings (`/api/channels/{id}/adapter`: secrets never shown back
+//!   in full) and the supervisors' dead-letter list (`/api/deliveries`).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use switchboard_actors::core::Reply;
+use switchboard_actors::model::{AdapterConfig, ChannelId, Command, ConversationId, DeliveryOutcome, DeliveryResult, Role};
+use switchboard_actors::state::Delivery;
+use switchboard_adapters::{api, telegram};
+
+use crate::rest::{Body, Params, Staff};
+use crate::{Gateway, GatewayError};
+
+fn adapter_of(gw: &Gateway, channel: &ChannelId) -> Option<AdapterConfig> {
+    gw.backend.shard().read().channel_adapters.get(channel).cloned()
+}
+
+/// `POST /hooks/telegram/{channel}`: a Telegram webhook delivery.
+pub async fn telegram_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+    let channel = ChannelId::new(channel);
+    let Some(AdapterConfig::Telegram { secret, .. }) = adapter_of(&gw, &channel) else {
+        return Err(GatewayError::NotFound(format!("no Telegram channel {channel}")));
+    };
+    if !telegram::verify(&secret, headers.get(telegram::SECRET_HEADER).map(|v| v.as_bytes())) {
+        tracing::warn!(%channel, "a Telegram webhook without the channel's secret was refused");
+        return Err(GatewayError::Unauthorized("the webhook secret does not match"));
+    }
+    let Some((sender, sender_name, message_id, text)) = telegram::parse(&body).map_err(|e| GatewayError::BadRequest(e.to_string()))? else {
+        return Ok(Json(json!({"ok": true, "ignored": "the update carries no customer message"})).into_response());
+    };
+    take_inbound(&gw, Command::ChannelInbound { channel, sender, sender_name, provider_message_id: message_id, text }).await
+}
+
+/// Commits an inbound message and answers its provider: 200 once committed (or when a
+/// retry could never succeed: a blocked sender, an empty text), 503 when the commit
+/// failed, so that the provider delivers it again.
+async fn take_inbound(gw: &Gateway, command: Command) -> Result<Response, GatewayError> {
+    let channel = match &command {
+        Command::ChannelInbound { channel, .. } => channel.clone(),
+        _ => ChannelId::new(""),
+    };
+    match gw.submit(command).await {
+        Ok(Reply::Inbound { conversation, duplicate }) => Ok(Json(json!({"ok": true, "conversation": conversation.0, "duplicate": duplicate})).into_response()),
+        Ok(_) => Ok(Json(json!({"ok": true})).into_response()),
+        Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) | switchboard_actors::Error::Unavailable(_) | switchboard_actors::Error::Storage(_))) => {
+            tracing::warn!(%channel, error = %e, "an inbound message could not be committed; the provider is asked to retry");
+            Err(GatewayError::Core(e))
+        }
+        Err(e) => {
+            tracing::info!(%channel, error = %e, "an inbound message was dropped");
+            Ok(Json(json!({"ok": true, "dropped": e.code(), "message": e.to_string()})).into_response())
+        }
+    }
+}
+
+/// The Channel API's bearer token, checked against the channel's digest.
+fn api_channel(gw: &Gateway, channel: &str, headers: &HeaderMap) -> Result<ChannelId, GatewayError> {
+    let channel = ChannelId::new(channel);
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(GatewayError::Unauthorized("send the channel token as Authorization: Bearer <token>"))?;
+    match adapter_of(gw, &channel) {
+        Some(AdapterConfig::Api { token_sha256, .. }) if api::token_matches(&token_sha256, token) => Ok(channel),
+        _ => Err(GatewayError::Unauthorized("the channel token does not match this channel")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundBody {
+    sender: String,
+    #[serde(default)]
+    sender_name: String,
+    message_id: String,
+    text: String,
+}
+
+/// `POST /api/channel-api/{channel}/messages`: an adapter pushes a customer's message.
+pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, Body(body): Body<InboundBody>) -> Result<Response, GatewayError> {
+    let channel = api_channel(&gw, &channel, &headers)?;
+    let command = Command::ChannelInbound { channel, sender: body.sender, sender_name: body.sender_name, provider_message_id: body.message_id, text: body.text };
+    // An adapter gets the real answer: 409 with the reason for what can never be taken.
+    match gw.submit(command).await? {
+        Reply::Inbound { conversation, duplicate } => Ok(Json(json!({"conversation": conversation.0, "duplicate": duplicate})).into_response()),
+        _ => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum StatusName {
+    Delivered,
+    Read,
+    Failed,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusBody {
+    conversation: u64,
+    seq: u64,
+    status: StatusName,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /api/channel-api/{channel}/statuses`: receipts the adapter's provider reported.
+pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, Body(body): Body<Vec<StatusBody>>) -> Result<Response, GatewayError> {
+    let channel = api_channel(&gw, &channel, &headers)?;
+    if body.len() > switchboard_actors::core::MAX_DELIVERY_BATCH {
+        return Err(GatewayError::BadRequest(format!("at most {} statuses at once", switchboard_actors::core::MAX_DELIVERY_BATCH)));
+    }
+    let results: Vec<DeliveryResult> = {
+        let shard = gw.backend.shard();
+        let mut results = Vec::new();
+        for s in body {
+            let conversation = ConversationId(s.conversation);
+            // Only this channel's entries: a token cannot touch another channel's outbox.
+            let ours = shard.conversation(conversation)?.is_some_and(|c| c.channel == channel);
+            if !ours {
+                return Err(GatewayError::NotFound(format!("conversation {} on channel {channel}", s.conversation)));
+            }
+            let outcome = match s.status {
+                StatusName::Delivered => DeliveryOutcome::Delivered,
+                StatusName::Read => DeliveryOutcome::Read,
+                StatusName::Failed => DeliveryOutcome::Failed { reason: s.reason.chars().take(500).collect() },
+            };
+            results.push(DeliveryResult { conversation, seq: s.seq, outcome });
+        }
+        results
+    };
+    gw.submit(Command::DeliveryResults { results }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A secret shown back: its first and last two characters.
+fn masked(secret: &str) -> String {
+    let chars: Vec<char> = secret.chars().collect();
+    if chars.len() <= 8 {
+        "••••".to_owned()
+    } else {
+        format!("{}…{}", chars[..2].iter().collect::<String>(), chars[chars.len() - 2..].iter().collect::<String>())
+    }
+}
+
+pub(crate) fn adapter_json(channel: &ChannelId, adapter: &AdapterConfig) -> Value {
+    match adapter {
+        AdapterConfig::Telegram { bot_token, secret, api_base } => json!({
+            "kind": "telegram",
+            "bot_token": masked(bot_token),
+            "secret": masked(secret),
+            "api_base": api_base,
+            "webhook_path": format!("/hooks/telegram/{channel}"),
+        }),
+        AdapterConfig::Api { outbound_url, .. } => json!({
+            "kind": "api",
+            "outbound_url": outbound_url,
+            "token": "••••",
+            "signing_secret": "••••",
+            "inbound_path": format!("/api/channel-api/{channel}/messages"),
+        }),
+    }
+}
+
+/// `GET /api/channels/{id}/adapter` (admin).
+pub async fn get_adapter(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    let channel = ChannelId::new(id);
+    match adapter_of(&gw, &channel) {
+        Some(adapter) => Ok(Json(adapter_json(&channel, &adapter))),
+        None => Err(GatewayError::NotFound(format!("channel {channel} has no adapter"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdapterBody {
+    Telegram {
+        bot_token: String,
+        secret: String,
+        #[serde(default = "telegram_api")]
+        api_base: String,
+    },
+    Api {
+        outbound_url: String,
+    },
+}
+
+fn telegram_api() -> String {
+    "https://api.telegram.org".to_owned()
+}
+
+fn random_secret() -> Result<String, GatewayError> {
+    use base64::Engine as _;
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| GatewayError::Internal("no randomness".into()))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// `PUT /api/channels/{id}/adapter` (admin). For the Channel API a new token and
+/// signing secret are made and shown in this answer only.
+pub async fn put_adapter(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Body(body): Body<AdapterBody>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    let channel = ChannelId::new(id);
+    let (adapter, shown) = match body {
+        AdapterBody::Telegram { bot_token, secret, api_base } => (AdapterConfig::Telegram { bot_token, secret, api_base }, None),
+        AdapterBody::Api { outbound_url } => {
+            let (token, signing_secret) = (random_secret()?, random_secret()?);
+            let adapter = AdapterConfig::Api { token_sha256: api::token_digest(&token), outbound_url, signing_secret: signing_secret.clone() };
+            (adapter, Some((token, signing_secret)))
+        }
+    };
+    gw.submit(Command::SetChannelAdapter { channel: channel.clone(), adapter: Some(adapter.clone()) }).await?;
+    let mut view = adapter_json(&channel, &adapter);
+    if let Some((token, signing_secret)) = shown {
+        view["token"] = json!(token);
+        view["signing_secret"] = json!(signing_secret);
+    }
+    Ok(Json(view))
+}
+
+/// `DELETE /api/channels/{id}/adapter` (admin): the channel takes no more inbound
+/// messages; its outbox stops with it.
+pub async fn delete_adapter(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Response, GatewayError> {
+    staff.require(Role::Admin)?;
+    gw.submit(Command::SetChannelAdapter { channel: ChannelId::new(id), adapter: None }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(crate) fn delivery_json(conversation: ConversationId, seq: u64, d: &Delivery) -> Value {
+    json!({
+        "conversation": conversation.0,
+        "seq": seq,
+        "channel": d.channel,
+        "recipient": d.recipient,
+        "status": d.status.name(),
+        "attempts": d.attempts,
+        "provider_id": d.provider_id,
+        "reason": d.reason,
+        "queued_at": d.queued_at.0,
+        "updated_at": d.updated_at.0,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadParams {
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `GET /api/deliveries` (supervisor): the dead letters.
+pub async fn dead_letters(State(gw): State<Arc<Gateway>>, staff: Staff, Params(params): Params<DeadParams>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Supervisor)?;
+    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
+    let dead = gw.backend.shard().dead_letters(limit)?;
+    Ok(Json(json!({"deliveries": dead.iter().map(|(c, seq, d)| delivery_json(*c, *seq, d)).collect::<Vec<_>>()})))
+}
+
+/// `POST /api/deliveries/{conversation}/{seq}/retry` (supervisor).
+pub async fn retry(State(gw): State<Arc<Gateway>>, staff: Staff, Path((conversation, seq)): Path<(u64, u64)>) -> Result<Response, GatewayError> {
+    staff.require(Role::Supervisor)?;
+    gw.submit(Command::RetryDelivery { conversation: ConversationId(conversation), seq, by: staff.login.clone() }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

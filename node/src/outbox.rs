@@ -1,0 +1,260 @@
+//! The outbox worker (ADR 0009): on the shard's leader, hands committed outbox entries
+//! to their channel's provider and commits what became of them.
+//!
+//! - An entry is marked attempted (`DeliveriesAttempted`, committed) before it is sent,
+//!   so a leader that takes over knows which sends may have happened.
+//! - Outcomes are committed in batches (`DeliveryResults`): sent with the provider's id,
+//!   a retry time, or a dead letter.
+//! - Retries back off from 1 s, doubling, to 5 min, no sooner than a provider's
+//!   `retry_after`; after [`switchboard_actors::state::MAX_DELIVERY_ATTEMPTS`] attempts
+//!   or [`GIVE_UP_AFTER_MS`] the entry is dead-lettered as failed.
+//! - Each channel is paced by its provider's documented rate (a token bucket), and at
+//!   most [`IN_FLIGHT`] sends run at once on a node.
+//! - An attempt by another leader (or before this node's restart) with no outcome is
+//!   resent at once where the provider deduplicates (the Channel API's delivery id);
+//!   elsewhere (Telegram), once [`ORPHAN_AFTER_MS`] passed without an outcome, it is
+//!   dead-lettered as `unknown` rather than risk sending it twice.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchboard_actors::actors::now_ms;
+use switchboard_actors::model::{AdapterConfig, ChannelId, Command, ConversationId, DeliveryOutcome, DeliveryResult, Timestamp};
+use switchboard_actors::shard::{Proposer, Shard};
+use switchboard_actors::state::{DeliveryStatus, HistoryItem, MAX_DELIVERY_ATTEMPTS};
+use switchboard_adapters::{http, Outgoing, SendOutcome};
+use switchboard_raft::Raft;
+
+/// Sends running at once on one node.
+pub const IN_FLIGHT: usize = 512;
+/// A provider call that has not answered within this is a failed attempt.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// An attempt with no outcome this long after it was committed is an orphan.
+pub const ORPHAN_AFTER_MS: u64 = 15_000;
+/// An entry still failing this long after it was queued is dead-lettered.
+pub const GIVE_UP_AFTER_MS: u64 = 24 * 3600 * 1000;
+const FIRST_BACKOFF_MS: u64 = 1000;
+const MAX_BACKOFF_MS: u64 = 300_000;
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct OutboxMetrics {
+    pub sent: AtomicU64,
+    pub retried: AtomicU64,
+    pub failed: AtomicU64,
+    pub unknown: AtomicU64,
+}
+
+pub static METRICS: OutboxMetrics = OutboxMetrics { sent: AtomicU64::new(0), retried: AtomicU64::new(0), failed: AtomicU64::new(0), unknown: AtomicU64::new(0) };
+
+/// Messages a second a channel's provider takes from one sender.
+fn rate_of(adapter: &AdapterConfig) -> f64 {
+    match adapter {
+        AdapterConfig::Telegram { .. } => f64::from(switchboard_adapters::telegram::MESSAGES_PER_SECOND),
+        // An adapter of our own API answers as fast as it can; 429 slows us down.
+        AdapterConfig::Api { .. } => 10_000.0,
+    }
+}
+
+/// The wait before attempt `attempts + 1`.
+pub fn backoff_ms(attempts: u32) -> u64 {
+    FIRST_BACKOFF_MS.saturating_mul(1u64 << attempts.saturating_sub(1).min(20)).min(MAX_BACKOFF_MS)
+}
+
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+type Key = (ConversationId, u64);
+
+pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, node_id: u64) {
+    let client = match http::Client::new(SEND_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "the outbox cannot send: no HTTP client");
+            return;
+        }
+    };
+    let in_flight: Arc<Mutex<HashSet<Key>>> = Arc::default();
+    let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel::<DeliveryResult>();
+    tokio::spawn(commit_results(proposer.clone(), results_rx, in_flight.clone()));
+    let mut buckets: BTreeMap<ChannelId, Bucket> = BTreeMap::new();
+    let mut idle_rounds = 0u32;
+    loop {
+        // Busy: look again soon; idle: a few times a second.
+        tokio::time::sleep(Duration::from_millis(if idle_rounds == 0 { 5 } else { 50 })).await;
+        let leading = raft.metrics().borrow().current_leader == Some(node_id);
+        if !leading {
+            idle_rounds += 1;
+            continue;
+        }
+        let now = now_ms();
+        let (orphans, due) = {
+            let state = shard.read();
+            if state.outbox.is_empty() {
+                idle_rounds += 1;
+                continue;
+            }
+            let flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let room = IN_FLIGHT.saturating_sub(flying.len());
+            let mut orphans = Vec::new();
+            let mut due: Vec<(Key, ChannelId)> = Vec::new();
+            for (key, d) in &state.outbox {
+                if flying.contains(key) {
+                    continue;
+                }
+                match d.status {
+                    DeliveryStatus::Attempting { .. } => {
+                        let safe = state.channel_adapters.get(&d.channel).is_some_and(AdapterConfig::resend_is_safe);
+                        if safe {
+                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
+                        } else if now.millis_since(d.updated_at) >= ORPHAN_AFTER_MS {
+                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, outcome: DeliveryOutcome::Unknown });
+                        }
+                    }
+                    DeliveryStatus::Pending if d.next_at <= now && due.len() < room => due.push((*key, d.channel.clone())),
+                    _ => {}
+                }
+            }
+            (orphans, due)
+        };
+        if !orphans.is_empty() {
+            let n = orphans.len();
+            if let Err(e) = proposer.propose(Command::DeliveryResults { results: orphans.into_iter().take(switchboard_actors::core::MAX_DELIVERY_BATCH).collect() }).await {
+                tracing::warn!(error = %e, "settling {n} orphaned outbox attempts failed; trying again");
+            }
+        }
+        // Pace each channel by its provider's rate.
+        let mut paced = Vec::new();
+        {
+            let state = shard.read();
+            let instant = std::time::Instant::now();
+            for (key, channel) in due {
+                let Some(adapter) = state.channel_adapters.get(&channel) else { continue };
+                let rate = rate_of(adapter);
+                let bucket = buckets.entry(channel).or_insert(Bucket { tokens: rate.min(50.0), at: instant });
+                bucket.tokens = (bucket.tokens + instant.duration_since(bucket.at).as_secs_f64() * rate).min(rate.max(1.0));
+                bucket.at = instant;
+                if bucket.tokens >= 1.0 {
+                    bucket.tokens -= 1.0;
+                    paced.push(key);
+                }
+                if paced.len() >= switchboard_actors::core::MAX_DELIVERY_BATCH {
+                    break;
+                }
+            }
+        }
+        if paced.is_empty() {
+            idle_rounds += 1;
+            continue;
+        }
+        idle_rounds = 0;
+        in_flight.lock().unwrap_or_else(|p| p.into_inner()).extend(paced.iter().copied());
+        if let Err(e) = proposer.propose(Command::DeliveriesAttempted { node: node_id, items: paced.clone() }).await {
+            tracing::warn!(error = %e, "marking {} outbox entries attempted failed; they wait", paced.len());
+            let mut flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            for key in &paced {
+                flying.remove(key);
+            }
+            continue;
+        }
+        for key in paced {
+            let (client, shard, results) = (client.clone(), shard.clone(), results_tx.clone());
+            tokio::spawn(async move {
+                let outcome = attempt(&client, &shard, key).await;
+                let _ = results.send(DeliveryResult { conversation: key.0, seq: key.1, outcome });
+            });
+        }
+    }
+}
+
+/// Sends one attempted entry and turns the provider's answer into its outcome.
+async fn attempt(client: &http::Client, shard: &Shard, key: Key) -> DeliveryOutcome {
+    let (adapter, delivery) = {
+        let state = shard.read();
+        let Some(d) = state.outbox.get(&key).cloned() else {
+            return DeliveryOutcome::Failed { reason: "the outbox entry is gone".into() };
+        };
+        let Some(adapter) = state.channel_adapters.get(&d.channel).cloned() else {
+            return DeliveryOutcome::Failed { reason: format!("channel {} has no adapter any more", d.channel) };
+        };
+        (adapter, d)
+    };
+    let entry = match shard.history(key.0, key.1.saturating_sub(1), 1) {
+        Ok(entries) => entries.into_iter().find(|e| e.seq == key.1),
+        Err(e) => return DeliveryOutcome::Retry { reason: format!("reading the message: {e}"), retry_at: now_ms().plus_ms(backoff_ms(delivery.attempts)) },
+    };
+    let (kind, author, text) = match entry.map(|e| e.item) {
+        Some(HistoryItem::OperatorMessage { name, text, attachments, .. }) => {
+            let files: Vec<String> = attachments.iter().map(|a| format!("[file {}]", a.name)).collect();
+            let text = [text].into_iter().chain(files).filter(|t| !t.is_empty()).collect::<Vec<_>>().join("\n");
+            ("message", name, text)
+        }
+        Some(HistoryItem::Notice { text }) => ("notice", String::new(), text),
+        _ => return DeliveryOutcome::Failed { reason: "the history entry is not a message for the customer".into() },
+    };
+    let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind, author };
+    let now = now_ms();
+    match switchboard_adapters::send(client, &adapter, &message).await {
+        SendOutcome::Sent { provider_id } => DeliveryOutcome::Sent { provider_id },
+        SendOutcome::Failed { reason } => DeliveryOutcome::Failed { reason },
+        SendOutcome::Retry { reason, after } => retry_or_give_up(&delivery, now, reason, after),
+    }
+}
+
+/// A failure that may heal: retried after the backoff (or the provider's wait), unless
+/// the entry ran out of attempts or time.
+pub fn retry_or_give_up(delivery: &switchboard_actors::state::Delivery, now: Timestamp, reason: String, after: Option<Duration>) -> DeliveryOutcome {
+    // `attempts` counts the attempt that just failed.
+    if delivery.attempts >= MAX_DELIVERY_ATTEMPTS || now.millis_since(delivery.queued_at) >= GIVE_UP_AFTER_MS {
+        return DeliveryOutcome::Failed { reason: format!("gave up after {} attempts: {reason}", delivery.attempts) };
+    }
+    let wait = backoff_ms(delivery.attempts).max(after.map_or(0, |a| a.as_millis() as u64));
+    DeliveryOutcome::Retry { reason, retry_at: now.plus_ms(wait) }
+}
+
+/// Commits outcomes in batches as they come, then lets their entries be picked again.
+async fn commit_results(proposer: Arc<dyn Proposer>, mut results: tokio::sync::mpsc::UnboundedReceiver<DeliveryResult>, in_flight: Arc<Mutex<HashSet<Key>>>) {
+    while let Some(first) = results.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < switchboard_actors::core::MAX_DELIVERY_BATCH {
+            match results.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        for r in &batch {
+            let counter = match r.outcome {
+                DeliveryOutcome::Sent { .. } => &METRICS.sent,
+                DeliveryOutcome::Retry { .. } => &METRICS.retried,
+                DeliveryOutcome::Failed { .. } => &METRICS.failed,
+                _ => &METRICS.unknown,
+            };
+            counter.fetch_add(1, Relaxed);
+        }
+        let keys: Vec<Key> = batch.iter().map(|r| (r.conversation, r.seq)).collect();
+        // Kept as attempted when the commit fails: the next leader settles them.
+        if let Err(e) = proposer.propose(Command::DeliveryResults { results: batch }).await {
+            tracing::warn!(error = %e, "committing {} delivery outcomes failed; the next leader settles them", keys.len());
+        }
+        let mut flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            flying.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_a_second_to_five_minutes() {
+        assert_eq!([1, 2, 3, 4].map(backoff_ms), [1000, 2000, 4000, 8000]);
+        assert_eq!(backoff_ms(10), MAX_BACKOFF_MS);
+        assert_eq!(backoff_ms(60), MAX_BACKOFF_MS);
+    }
+}
