@@ -29,6 +29,9 @@ pub enum Fault {
     TooMany(u64),
     /// 500 Internal Server Error.
     ServerError,
+    /// The message is taken (the customer gets it) but the answer comes only after
+    /// this long: a sender killed meanwhile never learns what happened.
+    Hang(std::time::Duration),
 }
 
 #[derive(Default)]
@@ -87,34 +90,44 @@ impl FakeTelegram {
 }
 
 async fn send_message(State(state): State<Arc<Mutex<TelegramState>>>, Path(bot): Path<String>, body: axum::body::Bytes) -> Response {
+    let (answer, hang) = answer_send(&state, &bot, &body);
+    if let Some(hang) = hang {
+        tokio::time::sleep(hang).await;
+    }
+    answer
+}
+
+fn answer_send(state: &Mutex<TelegramState>, bot: &str, body: &[u8]) -> (Response, Option<std::time::Duration>) {
     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     s.calls.push(std::time::Instant::now());
     if bot.strip_prefix("bot") != Some(s.token.as_str()) {
-        return (StatusCode::UNAUTHORIZED, Json(json!({"ok": false, "error_code": 401, "description": "Unauthorized"}))).into_response();
+        return ((StatusCode::UNAUTHORIZED, Json(json!({"ok": false, "error_code": 401, "description": "Unauthorized"}))).into_response(), None);
     }
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: can't parse JSON"}))).into_response();
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
+        return ((StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: can't parse JSON"}))).into_response(), None);
     };
     let (Some(chat_id), Some(text)) = (request.get("chat_id").cloned(), request.get("text").and_then(Value::as_str)) else {
-        return (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: chat_id and text are required"}))).into_response();
+        return ((StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: chat_id and text are required"}))).into_response(), None);
     };
     if text.is_empty() {
-        return (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: message text is empty"}))).into_response();
+        return ((StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: message text is empty"}))).into_response(), None);
     }
+    let mut hang = None;
     match s.faults.pop_front() {
         Some(Fault::TooMany(after)) => {
             let body = json!({"ok": false, "error_code": 429, "description": format!("Too Many Requests: retry after {after}"), "parameters": {"retry_after": after}});
-            return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+            return ((StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response(), None);
         }
         Some(Fault::ServerError) => {
-            return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"ok": false, "error_code": 500, "description": "Internal Server Error"}))).into_response();
+            return ((StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"ok": false, "error_code": 500, "description": "Internal Server Error"}))).into_response(), None);
         }
+        Some(Fault::Hang(d)) => hang = Some(d),
         None => {}
     }
     s.next_id += 1;
     let id = s.next_id;
     s.sent.push((chat_id.clone(), text.to_owned(), id));
-    Json(json!({"ok": true, "result": {"message_id": id, "date": 0, "chat": {"id": chat_id, "type": "private"}, "text": text}})).into_response()
+    (Json(json!({"ok": true, "result": {"message_id": id, "date": 0, "chat": {"id": chat_id, "type": "private"}, "text": text}})).into_response(), hang)
 }
 
 #[derive(Default)]
@@ -124,6 +137,8 @@ struct AdapterState {
     received: Vec<Value>,
     duplicates: u64,
     bad_signatures: u64,
+    /// The next delivery is taken but answered only after this long.
+    hang_next: Option<std::time::Duration>,
 }
 
 /// An adapter's outbound endpoint for the Channel API.
@@ -164,6 +179,11 @@ impl FakeAdapter {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).received.clone()
     }
 
+    /// The next delivery is taken, and answered only after `d`.
+    pub fn hang_next(&self, d: std::time::Duration) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).hang_next = Some(d);
+    }
+
     /// (duplicates dropped, bad signatures refused).
     pub fn refused(&self) -> (u64, u64) {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -172,14 +192,25 @@ impl FakeAdapter {
 }
 
 async fn outbound(State(state): State<Arc<Mutex<AdapterState>>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let (answer, hang) = {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        let answer = take_outbound(&mut s, &headers, &body);
+        (answer, s.hang_next.take())
+    };
+    if let Some(hang) = hang {
+        tokio::time::sleep(hang).await;
+    }
+    answer
+}
+
+fn take_outbound(s: &mut AdapterState, headers: &HeaderMap, body: &[u8]) -> Response {
     let signature = headers.get("x-switchboard-signature").and_then(|v| v.to_str().ok()).unwrap_or_default();
     let t = signature.split(',').find_map(|p| p.strip_prefix("t=")).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
-    if s.secret.is_empty() || signature != switchboard_adapters_signature(&s.secret, t, &body) {
+    if s.secret.is_empty() || signature != switchboard_adapters_signature(&s.secret, t, body) {
         s.bad_signatures += 1;
         return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
     }
-    let Ok(value) = serde_json::from_slice::<Value>(&body) else {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
         return (StatusCode::BAD_REQUEST, "not JSON").into_response();
     };
     let id = value["delivery_id"].as_str().unwrap_or_default().to_owned();

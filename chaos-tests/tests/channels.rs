@@ -163,3 +163,134 @@ async fn an_adapter_of_the_channel_api_runs_a_conversation_with_signed_deliverie
     assert_eq!(adapter.refused(), (0, 0));
     Ok(())
 }
+
+/// The example adapter in `adapters/examples/python`, written from docs/channel-api.md,
+/// carries a conversation both ways and reports the receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_adapter_runs_a_conversation_end_to_end() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let (status, _) = dev.api("PUT", "/api/channels/toy", Some(&admin), Some(json!({"kind": "toy", "name": "Toy messenger", "default_group": "general"}))).await?;
+    assert_eq!(status, 200);
+    let (status, settings) = dev.api("PUT", "/api/channels/toy/adapter", Some(&admin), Some(json!({"kind": "api", "outbound_url": format!("http://{listen}/outbound")}))).await?;
+    assert_eq!(status, 200, "{settings}");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../adapters/examples/python/adapter.py");
+    let mut adapter = tokio::process::Command::new("python3")
+        .arg(&script)
+        .env("SWITCHBOARD_URL", format!("http://{}", dev.private))
+        .env("SWITCHBOARD_CHANNEL", "toy")
+        .env("SWITCHBOARD_TOKEN", settings["token"].as_str().unwrap_or_default())
+        .env("SWITCHBOARD_SECRET", settings["signing_secret"].as_str().unwrap_or_default())
+        .env("ADAPTER_LISTEN", &listen)
+        .kill_on_drop(true)
+        .spawn()?;
+    eventually(WAIT, Duration::from_millis(100), || async {
+        Ok(switchboard_gateway::client::http_json(&listen, "GET", "/healthz", None, None).await.ok().filter(|(s, _)| *s == 200))
+    })
+    .await?;
+
+    // The toy messenger delivers a message twice: one message in Switchboard.
+    let incoming = json!({"from": "u-77", "name": "Fay", "id": "m-1", "text": "Where is my order?"});
+    let (status, first) = switchboard_gateway::client::http_json(&listen, "POST", "/incoming", None, Some(&incoming)).await?;
+    assert_eq!(status, 200, "{first}");
+    let (_, second) = switchboard_gateway::client::http_json(&listen, "POST", "/incoming", None, Some(&incoming)).await?;
+    assert_eq!(first["conversation"], second["conversation"]);
+
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let conversation = accept_offer(&mut alice).await?;
+    assert_eq!(json!(conversation), first["conversation"]);
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "a1", "text": "It ships today.", "ref": "a1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "a1").await?;
+    let sent = eventually(WAIT, Duration::from_millis(100), || async {
+        let (_, sent) = switchboard_gateway::client::http_json(&listen, "GET", "/sent", None, None).await?;
+        Ok(sent.as_array().filter(|s| !s.is_empty()).cloned())
+    })
+    .await?;
+    assert_eq!(sent, vec![json!({"to": "u-77", "text": "It ships today.", "kind": "message"})]);
+    let supervisor = dev.login("supervisor").await?;
+    eventually(WAIT, Duration::from_millis(100), || async {
+        let d = deliveries(&dev, &supervisor, conversation).await?;
+        Ok(d.first().filter(|d| d["status"] == "delivered").cloned())
+    })
+    .await?;
+    let (_, conv) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    let texts: Vec<&str> = conv["history"].as_array().into_iter().flatten().filter(|e| e["from"] == "client").filter_map(|e| e["text"].as_str()).collect();
+    assert_eq!(texts, vec!["Where is my order?"]);
+    adapter.kill().await?;
+    Ok(())
+}
+
+/// `kill -9` while the provider holds a send: Telegram's sendMessage has no idempotency
+/// key, so the new process does not send again; it dead-letters the message as
+/// `unknown` for a supervisor, whose retry sends it. The Channel API's delivery id makes
+/// a resend safe: there it is resent at once and the adapter drops the duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_send_neither_loses_nor_repeats_a_message() -> anyhow::Result<()> {
+    let fake = FakeTelegram::start(BOT_TOKEN).await?;
+    let adapter = FakeAdapter::start().await?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data).await?;
+    let admin = dev.login("admin").await?;
+    telegram_channel(&dev, &admin, &fake).await?;
+    dev.api("PUT", "/api/channels/api", Some(&admin), Some(json!({"kind": "api", "name": "API", "default_group": "general"}))).await?;
+    let (_, settings) = dev.api("PUT", "/api/channels/api/adapter", Some(&admin), Some(json!({"kind": "api", "outbound_url": adapter.url()}))).await?;
+    adapter.set_secret(settings["signing_secret"].as_str().unwrap_or_default());
+    let token = settings["token"].as_str().unwrap_or_default().to_owned();
+
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    hook(&dev, Some(SECRET), &update(1, 31, 1, "hi from telegram")).await?;
+    let on_telegram = accept_offer(&mut alice).await?;
+    dev.api("POST", "/api/channel-api/api/messages", Some(&token), Some(json!({"sender": "s1", "message_id": "1", "text": "hi from the api"}))).await?;
+    let on_api = accept_offer(&mut alice).await?;
+
+    fake.script(&[Fault::Hang(Duration::from_secs(60))]);
+    adapter.hang_next(Duration::from_secs(60));
+    for (conversation, key) in [(on_telegram, "t1"), (on_api, "p1")] {
+        alice.send(&json!({"type": "send", "conversation": conversation, "key": key, "text": format!("answer {key}"), "ref": key})).await?;
+        alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == key).await?;
+    }
+    // Both providers hold the message; the node dies before either answers.
+    eventually(WAIT, Duration::from_millis(20), || async { Ok((fake.sent().len() == 1 && adapter.received().len() == 1).then_some(())) }).await?;
+    dev.kill9().await?;
+    let dev = Dev::start(&data).await?;
+    let supervisor = dev.login("supervisor").await?;
+
+    // The API entry is resent at once and deduplicated by the adapter.
+    let sent = eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
+        Ok(deliveries(&dev, &supervisor, on_api).await?.into_iter().find(|d| d["status"] == "sent"))
+    })
+    .await?;
+    assert_eq!(sent["attempts"], 2, "{sent}");
+    assert_eq!(adapter.received().len(), 1);
+    assert_eq!(adapter.refused().0, 1, "the adapter saw the resend and dropped it");
+
+    // The Telegram entry waits out the orphan time, then is dead-lettered, not resent.
+    let unknown = eventually(Duration::from_secs(40), Duration::from_millis(200), || async {
+        Ok(deliveries(&dev, &supervisor, on_telegram).await?.into_iter().find(|d| d["status"] == "unknown"))
+    })
+    .await?;
+    assert_eq!(fake.sent().len(), 1, "sent once, never twice");
+    let (_, dead) = dev.api("GET", "/api/deliveries", Some(&supervisor), None).await?;
+    assert_eq!(dead["deliveries"].as_array().map(Vec::len), Some(1), "{dead}");
+    assert_eq!(dead["deliveries"][0]["conversation"], json!(on_telegram));
+    // A supervisor who checked with the customer sends it again.
+    let seq = unknown["seq"].as_u64().unwrap_or_default();
+    let (status, body) = dev.api("POST", &format!("/api/deliveries/{on_telegram}/{seq}/retry"), Some(&supervisor), None).await?;
+    assert_eq!(status, 204, "{body}");
+    eventually(WAIT, Duration::from_millis(100), || async {
+        Ok(deliveries(&dev, &supervisor, on_telegram).await?.into_iter().find(|d| d["status"] == "sent"))
+    })
+    .await?;
+    assert_eq!(fake.sent().len(), 2);
+    let (status, _) = dev.api("POST", &format!("/api/deliveries/{on_telegram}/{seq}/retry"), Some(&supervisor), None).await?;
+    assert_eq!(status, 409, "only a dead letter is sent again");
+    Ok(())
+}
