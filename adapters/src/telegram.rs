@@ -135,7 +135,16 @@ pub fn parse(body: &[u8]) -> Result<Option<(String, String, String, String)>, Ad
         }
         None => String::new(),
     };
-    Ok(Some((m.chat.id.to_string(), clip(&name, 200), m.message_id.to_string(), clip(&text, switchboard_actors::core::MAX_TEXT_CHARS))))
+    Ok(Some((m.chat.id.to_string(), clip_bytes(&name, switchboard_actors::core::MAX_SENDER_BYTES), m.message_id.to_string(), clip(&text, switchboard_actors::core::MAX_TEXT_CHARS))))
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn clip_bytes(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 #[derive(Deserialize)]
@@ -202,6 +211,9 @@ mod tests {
         assert_eq!(parse(location).unwrap().unwrap().3, "[location 55.750000, 37.620000]");
         let edit = br#"{"update_id":4,"edited_message":{"message_id":7,"date":1,"chat":{"id":42},"text":"hello!"}}"#;
         assert_eq!(parse(edit).unwrap(), None);
+        let long_name = format!(r#"{{"update_id":6,"message":{{"message_id":1,"chat":{{"id":1}},"from":{{"first_name":"{}"}},"text":"x"}}}}"#, "Я".repeat(150));
+        let name = parse(long_name.as_bytes()).unwrap().unwrap().1;
+        assert!(name.len() <= switchboard_actors::core::MAX_SENDER_BYTES && name.starts_with('Я'), "a long name is cut to what the core takes");
         assert!(parse(b"{not json").is_err());
         assert!(parse(br#"{"update_id":5,"message":{"chat":{"id":1}}}"#).is_err(), "a message without its id");
     }

@@ -56,9 +56,9 @@ async fn take_inbound(gw: &Gateway, command: Command) -> Result<Response, Gatewa
     match gw.submit(command).await {
         Ok(Reply::Inbound { conversation, duplicate }) => Ok(Json(json!({"ok": true, "conversation": conversation.0, "duplicate": duplicate})).into_response()),
         Ok(_) => Ok(Json(json!({"ok": true})).into_response()),
-        Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) | switchboard_actors::Error::Unavailable(_) | switchboard_actors::Error::Storage(_))) => {
+        Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) | switchboard_actors::Error::Storage(_))) => {
             tracing::warn!(%channel, error = %e, "an inbound message could not be committed; the provider is asked to retry");
-            Err(GatewayError::Core(e))
+            Err(GatewayError::Busy("the message could not be committed; deliver it again"))
         }
         Err(e) => {
             tracing::info!(%channel, error = %e, "an inbound message was dropped");
