@@ -275,6 +275,17 @@ impl ShardState {
         self.outbox.insert((conversation, seq), delivery);
     }
 
+    /// Tells the operator holding the conversation where its outbox entry stands.
+    fn tell_delivery(&mut self, key: (ConversationId, u64), at: Timestamp, touched: &mut Touched) {
+        let Some(d) = self.delivery(&key) else { return };
+        let item = FeedItem::Delivery { conversation: key.0, seq: key.1, status: d.status.name().to_owned(), reason: d.reason.clone() };
+        let Some(operator) = self.conversations.get(&key.0).and_then(|c| c.assigned().cloned()) else { return };
+        if let Some(op) = self.operators.get_mut(&operator) {
+            op.feed.push(at, item);
+            touched.operators.insert(operator);
+        }
+    }
+
     /// Changes an outbox entry and notes it for writing; a final one leaves the hot
     /// outbox.
     fn update_delivery(&mut self, key: (ConversationId, u64), change: impl FnOnce(&mut Delivery)) {
@@ -716,6 +727,14 @@ pub enum FeedItem {
     /// Wrap-up after a close: no offer until `until`; `None`: it ended.
     WrapUp {
         until: Option<Timestamp>,
+    },
+    /// What became of a message to a messenger customer (ADR 0009): history entry `seq`
+    /// is now `status` ([`DeliveryStatus::name`]), with the reason of a failure.
+    Delivery {
+        conversation: ConversationId,
+        seq: u64,
+        status: String,
+        reason: String,
     },
 }
 
@@ -1454,6 +1473,7 @@ impl ShardState {
                 self.dirty.inbound.push((key.clone(), *conversation));
             }
             Event::DeliveriesAttempted { node, items } => {
+                // Not told on the feed: "sending" lasts milliseconds; its outcome is told.
                 for key in items {
                     self.update_delivery(*key, |d| {
                         d.status = DeliveryStatus::Attempting { node: *node };
@@ -1496,6 +1516,7 @@ impl ShardState {
                             DeliveryOutcome::Read => d.status = DeliveryStatus::Read,
                         }
                     });
+                    self.tell_delivery((r.conversation, r.seq), at, touched);
                 }
             }
             Event::DeliveryRetried { conversation, seq, .. } => {
@@ -1506,6 +1527,7 @@ impl ShardState {
                     d.reason.clear();
                     d.updated_at = at;
                 });
+                self.tell_delivery((*conversation, *seq), at, touched);
             }
             Event::ChannelPublicGroupsSet { channel, groups } => {
                 if groups.is_empty() {

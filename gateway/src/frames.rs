@@ -284,6 +284,9 @@ pub fn operator_event(entry: &FeedEntry, history: Option<Vec<Value>>) -> Value {
         FeedItem::Configured { name, capacity, groups } => json!({
             "kind": "configured", "name": name, "capacity": capacity, "groups": groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
         }),
+        FeedItem::Delivery { conversation, seq, status, reason } => json!({
+            "kind": "delivery", "conversation": conversation.0, "entry_seq": seq, "status": status, "reason": reason,
+        }),
     };
     v["type"] = json!("event");
     v["seq"] = json!(entry.seq);
