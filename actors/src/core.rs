@@ -706,7 +706,9 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                     let Some(d) = state.delivery(&(r.conversation, r.seq)) else { return false };
                     use crate::state::DeliveryStatus as S;
                     match r.outcome {
-                        DeliveryOutcome::Delivered | DeliveryOutcome::Read => !d.status.dead(),
+                        // Receipts are for what was sent: one racing ahead of its send's
+                        // answer, or naming an unsent entry, is dropped.
+                        DeliveryOutcome::Delivered | DeliveryOutcome::Read => matches!(d.status, S::Sent | S::Delivered | S::Read),
                         // A provider may report a failure after it accepted the message.
                         DeliveryOutcome::Failed { .. } => matches!(d.status, S::Attempting { .. } | S::Sent | S::Delivered),
                         // A late answer to an attempt settled as unknown says what happened.
@@ -725,6 +727,9 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             let d = state.delivery(&(*conv_id, *seq)).ok_or(Error::NotFound(format!("outbox entry {conv_id}/{seq}")))?;
             if !d.status.dead() {
                 return Err(Error::Invalid(format!("outbox entry {conv_id}/{seq} is {}, not failed: only a dead letter is sent again", d.status.name())));
+            }
+            if !state.channel_adapters.contains_key(&d.channel) {
+                return Err(Error::Invalid(format!("channel {} has no adapter: connect it before sending again", d.channel)));
             }
             Ok((Reply::Done, vec![Event::DeliveryRetried { conversation: *conv_id, seq: *seq, by: by.clone() }]))
         }

@@ -1467,6 +1467,19 @@ impl ShardState {
                     None => self.channel_adapters.remove(channel),
                 };
                 self.dirty.channel_adapters.insert(channel.clone());
+                // Disconnected: what it still had to send is dead-lettered, for a
+                // supervisor to send again once it is connected.
+                if adapter.is_none() {
+                    let stranded: Vec<(ConversationId, u64)> = self.outbox.iter().filter(|(_, d)| &d.channel == channel).map(|(k, _)| *k).collect();
+                    for key in stranded {
+                        self.update_delivery(key, |d| {
+                            d.status = DeliveryStatus::Failed;
+                            d.reason = "the channel was disconnected from its provider".into();
+                            d.updated_at = at;
+                        });
+                        self.tell_delivery(key, at, touched);
+                    }
+                }
             }
             Event::InboundTaken { conversation, key } => {
                 self.inbound_in_entry.insert(key.clone(), *conversation);

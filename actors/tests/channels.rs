@@ -183,3 +183,29 @@ fn notices_go_out_too_and_web_conversations_have_no_outbox() {
     let Reply::Started { conversation: web } = reply else { panic!() };
     assert!(state.outbox.keys().all(|(c, _)| *c != web));
 }
+
+#[test]
+fn disconnecting_a_channel_dead_letters_what_it_had_to_send() {
+    let (store, mut state) = setup();
+    connect(&mut state, &store);
+    let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+    let conv = conversation_of(&reply);
+    let offer = *state.offers.keys().next().expect("offered");
+    ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+    let (reply, _) = ok(run(&mut state, &store, T0 + 30, Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "k1".into(), text: "Hi".into(), attachments: vec![] }));
+    let Reply::Message { seq, .. } = reply else { panic!("{reply:?}") };
+    // A receipt for an entry not sent yet is dropped: it does not take it out of the outbox.
+    let (_, events) = ok(run(&mut state, &store, T0 + 35, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: DeliveryOutcome::Read }] }));
+    assert!(events.is_empty());
+    assert_eq!(state.outbox[&(conv, seq)].status, DeliveryStatus::Pending);
+
+    ok(run(&mut state, &store, T0 + 40, Command::SetChannelAdapter { channel: tg(), adapter: None }));
+    assert!(state.outbox.is_empty());
+    let dead = records::dead_letters(&store, 10).expect("listed");
+    assert_eq!((dead.len(), dead[0].2.status), (1, DeliveryStatus::Failed));
+    let refused = run(&mut state, &store, T0 + 50, Command::RetryDelivery { conversation: conv, seq, by: "sue".into() });
+    assert!(matches!(refused, Err(Error::Invalid(_))), "no adapter to send it with: {refused:?}");
+    connect(&mut state, &store);
+    ok(run(&mut state, &store, T0 + 60, Command::RetryDelivery { conversation: conv, seq, by: "sue".into() }));
+    assert_eq!(state.outbox[&(conv, seq)].status, DeliveryStatus::Pending);
+}

@@ -23,6 +23,7 @@ use switchboard_actors::state::Delivery;
 use switchboard_adapters::{api, telegram};
 
 use crate::rest::{Body, Params, Staff};
+
 use crate::{Gateway, GatewayError};
 
 fn adapter_of(gw: &Gateway, channel: &ChannelId) -> Option<AdapterConfig> {
@@ -81,6 +82,11 @@ fn api_channel(gw: &Gateway, channel: &str, headers: &HeaderMap) -> Result<Chann
     }
 }
 
+/// A JSON body, with the reason it is not one as a 400.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, GatewayError> {
+    serde_json::from_slice(body).map_err(|e| GatewayError::BadRequest(format!("the body is not what this call takes: {e}")))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboundBody {
@@ -92,14 +98,17 @@ pub struct InboundBody {
 }
 
 /// `POST /api/channel-api/{channel}/messages`: an adapter pushes a customer's message.
-pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, Body(body): Body<InboundBody>) -> Result<Response, GatewayError> {
+pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+    // The token is checked before the body is parsed.
     let channel = api_channel(&gw, &channel, &headers)?;
+    let body: InboundBody = parse(&body)?;
     let command = Command::ChannelInbound { channel, sender: body.sender, sender_name: body.sender_name, provider_message_id: body.message_id, text: body.text };
     // An adapter gets the real answer: 409 with the reason for what can never be taken.
-    match gw.submit(command).await? {
-        Reply::Inbound { conversation, duplicate } => Ok(Json(json!({"conversation": conversation.0, "duplicate": duplicate})).into_response()),
-        _ => Ok(StatusCode::NO_CONTENT.into_response()),
-    }
+    let (conversation, duplicate) = match gw.submit(command).await? {
+        Reply::Inbound { conversation, duplicate } => (conversation.0, duplicate),
+        other => return Err(GatewayError::Internal(format!("an inbound message was answered {other:?}"))),
+    };
+    Ok(Json(json!({"conversation": conversation, "duplicate": duplicate})).into_response())
 }
 
 #[derive(Deserialize)]
@@ -121,8 +130,9 @@ pub struct StatusBody {
 }
 
 /// `POST /api/channel-api/{channel}/statuses`: receipts the adapter's provider reported.
-pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, Body(body): Body<Vec<StatusBody>>) -> Result<Response, GatewayError> {
+pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
     let channel = api_channel(&gw, &channel, &headers)?;
+    let body: Vec<StatusBody> = parse(&body)?;
     if body.len() > switchboard_actors::core::MAX_DELIVERY_BATCH {
         return Err(GatewayError::BadRequest(format!("at most {} statuses at once", switchboard_actors::core::MAX_DELIVERY_BATCH)));
     }
@@ -275,8 +285,10 @@ pub async fn dead_letters(State(gw): State<Arc<Gateway>>, staff: Staff, Params(p
 }
 
 /// `POST /api/deliveries/{conversation}/{seq}/retry` (supervisor).
-pub async fn retry(State(gw): State<Arc<Gateway>>, staff: Staff, Path((conversation, seq)): Path<(u64, u64)>) -> Result<Response, GatewayError> {
+pub async fn retry(State(gw): State<Arc<Gateway>>, staff: Staff, Path((conversation, seq)): Path<(String, String)>) -> Result<Response, GatewayError> {
     staff.require(Role::Supervisor)?;
-    gw.submit(Command::RetryDelivery { conversation: ConversationId(conversation), seq, by: staff.login.clone() }).await?;
+    let conversation = crate::rest::conversation_id(&conversation)?;
+    let seq: u64 = seq.parse().map_err(|_| GatewayError::BadRequest(format!("entry number {seq:?} is not a number")))?;
+    gw.submit(Command::RetryDelivery { conversation, seq, by: staff.login.clone() }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -142,6 +142,8 @@ impl GatewayError {
                 let status = match e {
                     switchboard_actors::Error::NotFound(_) => StatusCode::NOT_FOUND,
                     switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    // A record that cannot be read or written is the server's fault.
+                    switchboard_actors::Error::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
                     _ => StatusCode::CONFLICT,
                 };
                 (status, e.code())

@@ -70,6 +70,15 @@ pub struct BenchArgs {
     /// defaults to 1,000 and `--clients`, the customers waiting, to 10,000 here).
     #[arg(long)]
     pub(crate) routing_live: Option<usize>,
+    /// Messenger channels (issue 11's budgets): this many seconds of Telegram webhooks
+    /// at `--rate` (default here 1,000/s), each timed to the operator's socket, then as
+    /// many seconds of operators' replies at `--outbound-rate`, each timed from its
+    /// commit to a fake Channel API adapter.
+    #[arg(long)]
+    pub(crate) channels: Option<u64>,
+    /// Operators' replies a second in `--channels`.
+    #[arg(long, default_value_t = 2500)]
+    pub(crate) outbound_rate: u32,
 }
 
 pub(crate) struct Child {
@@ -469,6 +478,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(cycles) = args.routing_live {
         return crate::bench_live::run(args, cycles.max(1)).await;
+    }
+    if let Some(seconds) = args.channels {
+        let outbound = args.outbound_rate;
+        return crate::bench_channels::run(args, seconds, outbound).await;
     }
     if args.nodes > 1 {
         return crate::bench_cluster::run(args).await;

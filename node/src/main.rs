@@ -1,6 +1,7 @@
 //! `switchboard`: run a node, a local dev cluster, make certificates, or load-test.
 
 mod bench;
+mod bench_channels;
 mod bench_cluster;
 mod bench_live;
 mod bench_routing;
