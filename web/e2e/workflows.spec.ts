@@ -236,7 +236,9 @@ shopTest('the admin creates a channel with a default group; a visitor on it is q
   await expect(body.getByRole('status')).toContainText('Saved');
   const row = table.locator('tr').filter({ hasText: 'Shop chat' });
   await expect(row).toHaveCount(1);
-  await expect(row.locator('td')).toHaveText(['shop', 'web', 'Shop chat', 'Technical support', /Edit/]);
+  await expect(row.locator('td')).toHaveText(['shop', 'web', 'Shop chat', 'Technical support', '—', /Edit/]);
+  // A web chat channel has no adapter to connect.
+  await expect(body.getByTestId('channel-adapter')).toHaveCount(0);
   await shot(admin, '28-admin-channels');
   // It is stored, not only shown: it is still there after a reload.
   await admin.reload();

@@ -1,6 +1,19 @@
 import { describe, expect, it } from 'vitest';
-import { initialOpState, opReducer, sortedConvs, totalUnread, pendingOf, deliveryOf, waitingSinceOf, countUnread, type OpAction, type OpState } from '../src/workstation/operator-state';
-import type { Entry, FeedEvent, Hello } from '../src/workstation/types';
+import {
+  initialOpState,
+  opReducer,
+  sortedConvs,
+  totalUnread,
+  pendingOf,
+  deliveryOf,
+  isMessenger,
+  outboxMark,
+  waitingSinceOf,
+  countUnread,
+  type OpAction,
+  type OpState,
+} from '../src/workstation/operator-state';
+import type { Channel, Delivery, Entry, FeedEvent, Hello } from '../src/workstation/types';
 
 const hello = (over: Partial<Hello> = {}): Hello => ({
   type: 'hello',
@@ -131,9 +144,12 @@ describe('operator state', () => {
     s = run(s, ev(12, 'conversation', { conversation: 7, entry: opMsg(3, 'op-a') }));
     expect(s.convs.get(7)!.entries.map((e) => e.seq)).toEqual([1, 2, 3]);
     const c = s.convs.get(7)!;
-    expect(deliveryOf(c, c.entries[2])).toBe('delivered');
+    expect(deliveryOf(c, c.entries[2])).toMatchObject({ state: 'delivered', glyph: '✓', label: 'delivery_delivered' });
     s = run(s, { type: 'read', conversation: 7, by: 'client', upto: 3 });
-    expect(deliveryOf(s.convs.get(7)!, c.entries[2])).toBe('read');
+    expect(deliveryOf(s.convs.get(7)!, c.entries[2])).toMatchObject({ state: 'read', glyph: '✓✓', label: 'delivery_read' });
+    // The web chat marks no notice, and has no outbox status.
+    expect(deliveryOf(c, { kind: 'notice', seq: 4, at: 4, text: 'We are closed' })).toBeUndefined();
+    expect(deliveryOf(c, c.entries[2])?.status).toBeUndefined();
     // stale or operator read marks are ignored
     expect(run(s, { type: 'read', conversation: 7, by: 'client', upto: 2 })).toBe(s);
     expect(run(s, { type: 'read', conversation: 7, by: 'operator', upto: 9 })).toBe(s);
@@ -364,5 +380,110 @@ describe('alerts', () => {
     expect(new Alerts(env).muted).toBe(true);
     a.askPermission();
     expect(requests).toHaveLength(1);
+  });
+});
+
+describe('messenger deliveries', () => {
+  const tgStarted: Entry = { kind: 'started', seq: 1, at: 1, channel: 'tg', visitor: { name: 'Fay', attributes: {} } };
+  const notice: Entry = { kind: 'notice', seq: 3, at: 300, text: 'Card payments are down' };
+  const delivery = (seq: number, status: Delivery['status'], updated_at: number, reason = ''): Delivery => ({
+    conversation: 7,
+    seq,
+    channel: 'tg',
+    recipient: '4242',
+    status,
+    attempts: 1,
+    provider_id: null,
+    reason,
+    queued_at: 100,
+    updated_at,
+  });
+  const told = (feedSeq: number, entrySeq: number, status: string, reason = '') =>
+    ev(feedSeq, 'delivery', { conversation: 7, entry_seq: entrySeq, status: status as FeedEvent['status'], reason });
+  const held = () => run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [tgStarted, queued, clientMsg(3), notice, opMsg(4), opMsg(5)]));
+
+  it('takes statuses from the conversation view and from feed events, by entry seq', () => {
+    let s = held();
+    s = run(s, { type: 'deliveries', conversation: 7, deliveries: [delivery(3, 'sent', 500), delivery(4, 'delivered', 600)] });
+    expect(s.convs.get(7)!.outbox).toEqual({ 3: { status: 'sent', reason: '', at: 500 }, 4: { status: 'delivered', reason: '', at: 600 } });
+    // The event's `seq` is the feed's; the entry is `entry_seq`.
+    s = run(s, told(12, 4, 'read'));
+    expect(s.feedSeq).toBe(12);
+    expect(s.convs.get(7)!.outbox[4]).toEqual({ status: 'read', reason: '', at: 1012 });
+    expect(s.convs.get(7)!.outbox[12]).toBeUndefined();
+  });
+
+  it('keeps the newer status when the conversation view arrives after a feed event', () => {
+    let s = run(held(), told(12, 5, 'read'));
+    const before = s;
+    // Read before the event was committed: older, so it changes nothing.
+    s = run(s, { type: 'deliveries', conversation: 7, deliveries: [delivery(5, 'sent', 900)] });
+    expect(s).toBe(before);
+    expect(s.convs.get(7)!.outbox[5].status).toBe('read');
+    // The same report again is no change either.
+    expect(run(s, { type: 'deliveries', conversation: 7, deliveries: [delivery(5, 'read', 1012)] })).toBe(s);
+  });
+
+  it('ignores events for conversations not held, and events without an entry seq', () => {
+    const s = held();
+    expect(run(s, ev(12, 'delivery', { conversation: 8, entry_seq: 4, status: 'sent' })).convs).toBe(s.convs);
+    expect(run(s, ev(12, 'delivery', { conversation: 7, status: 'sent' })).convs).toBe(s.convs);
+    expect(run(s, { type: 'deliveries', conversation: 8, deliveries: [delivery(4, 'sent', 1)] })).toBe(s);
+  });
+
+  it('marks our messages and the notices the outbox sent', () => {
+    let s = run(held(), { type: 'deliveries', conversation: 7, deliveries: [delivery(3, 'failed', 500, 'Forbidden: bot was blocked by the user')] });
+    const c = () => s.convs.get(7)!;
+    const msg = (seq: number) => c().entries.find((e) => e.seq === seq)!;
+    // Nothing told yet about a message: on its way.
+    expect(deliveryOf(c(), msg(4), true)).toMatchObject({ state: 'sending', glyph: '…', label: 'delivery_sending' });
+    // A notice the outbox holds is marked, with its reason on screen.
+    expect(deliveryOf(c(), notice, true)).toEqual({
+      state: 'failed',
+      glyph: '⚠',
+      label: 'delivery_undelivered',
+      status: 'failed',
+      reason: 'Forbidden: bot was blocked by the user',
+      detail: 'Forbidden: bot was blocked by the user',
+      loud: true,
+    });
+    s = run(s, told(12, 4, 'sent'), told(13, 5, 'pending', 'HTTP 503'));
+    expect(deliveryOf(c(), msg(4), true)).toMatchObject({ state: 'sent', glyph: '✓', label: 'delivery_sent', status: 'sent' });
+    expect(deliveryOf(c(), msg(5), true)).toMatchObject({ state: 'retrying', label: 'delivery_retrying', reason: 'HTTP 503', loud: true });
+    expect(deliveryOf(c(), msg(5), true)?.detail).toBeUndefined();
+    s = run(s, told(14, 4, 'delivered'));
+    expect(deliveryOf(c(), msg(4), true)).toMatchObject({ state: 'delivered', glyph: '✓✓' });
+    s = run(s, told(15, 4, 'read'), told(16, 5, 'unknown', 'the node stopped before the provider answered'));
+    expect(deliveryOf(c(), msg(4), true)).toMatchObject({ state: 'read', glyph: '✓✓', label: 'delivery_read' });
+    expect(deliveryOf(c(), msg(5), true)).toMatchObject({ state: 'unknown', label: 'delivery_unknown', loud: true });
+    // A notice the outbox does not hold has no mark.
+    expect(deliveryOf(c(), { ...notice, seq: 9 }, true)).toBeUndefined();
+  });
+
+  it('labels every outbox status, and a status from a newer server as on its way', () => {
+    expect(outboxMark(undefined).state).toBe('sending');
+    expect(outboxMark({ status: 'pending', reason: '', at: 1 }).state).toBe('sending');
+    expect(outboxMark({ status: 'sending', reason: '', at: 1 }).state).toBe('sending');
+    expect(outboxMark({ status: 'sent', reason: '', at: 1 }).loud).toBeUndefined();
+    expect(outboxMark({ status: 'bounced' as any, reason: '', at: 1 })).toMatchObject({ state: 'sending', status: 'bounced' });
+  });
+
+  it('tells messenger channels from the web chat', () => {
+    const channels: Channel[] = [
+      { id: 'web', kind: 'web', name: 'Web chat', default_group: 'general', adapter: null },
+      { id: 'shop', kind: 'web', name: 'Shop chat', default_group: 'tech' },
+      { id: 'tg', kind: 'telegram', name: 'Telegram', default_group: 'general', adapter: 'telegram' },
+      { id: 'toy', kind: 'toy', name: 'Toy', default_group: 'general', adapter: null },
+    ];
+    expect(['web', 'shop', 'tg', 'toy', 'new'].map((id) => isMessenger(channels, id))).toEqual([false, false, true, true, false]);
+    expect(isMessenger(null, 'tg')).toBe(false);
+  });
+
+  it('forgets the statuses with the conversation', () => {
+    let s = run(held(), told(12, 4, 'sent'));
+    s = run(s, ev(13, 'released', { conversation: 7 }));
+    expect(s.convs.has(7)).toBe(false);
+    s = run(s, assigned(14, 7, [tgStarted, queued, clientMsg(3), notice, opMsg(4)]));
+    expect(s.convs.get(7)!.outbox).toEqual({});
   });
 });

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { byScope, fillPlaceholders, normalize, searchTemplates, templateId, unfilledPlaceholders, validateTemplate } from '../src/workstation/templates';
-import { capacityProblem, idProblem, messageProblem, parseTags, passwordProblem, tagsProblem } from '../src/workstation/forms';
+import { adapterBody, blankAdapter, capacityProblem, idProblem, messageProblem, parseTags, passwordProblem, tagsProblem, urlProblem } from '../src/workstation/forms';
 import { floorFromRest, longestWaitNow, slaPercent, totals, floorFromFrame } from '../src/workstation/floor';
 import { tabsFor } from '../src/workstation/app';
 import type { Template } from '../src/workstation/types';
@@ -89,6 +89,34 @@ describe('forms', () => {
     expect(tabsFor('supervisor', null)).toEqual(['floor', 'templates']);
     expect(tabsFor('admin', null)).toEqual(['floor', 'templates', 'admin']);
     expect(tabsFor('supervisor', 'carol')).toEqual(['desk', 'floor', 'templates']);
+  });
+});
+
+describe('adapter form', () => {
+  const telegram = { ...blankAdapter('telegram'), bot_token: ' 123:ABC ', secret: 'A-secret_of_16ch' };
+  it('builds a Telegram body, the API address only when given', () => {
+    expect(adapterBody(telegram)).toEqual({ body: { kind: 'telegram', bot_token: '123:ABC', secret: 'A-secret_of_16ch' } });
+    expect(adapterBody({ ...telegram, api_base: ' http://127.0.0.1:9/bot ' })).toEqual({
+      body: { kind: 'telegram', bot_token: '123:ABC', secret: 'A-secret_of_16ch', api_base: 'http://127.0.0.1:9/bot' },
+    });
+  });
+  it('checks the bot token, the webhook secret and addresses', () => {
+    expect(adapterBody({ ...telegram, bot_token: '  ' })).toEqual({ problem: 'bot_token_required' });
+    expect(adapterBody({ ...telegram, secret: 'short-secret' })).toEqual({ problem: 'secret_invalid' });
+    expect(adapterBody({ ...telegram, secret: 'sixteen chars ok' })).toEqual({ problem: 'secret_invalid' });
+    expect(adapterBody({ ...telegram, secret: 'x'.repeat(257) })).toEqual({ problem: 'secret_invalid' });
+    expect(adapterBody({ ...telegram, secret: 'x'.repeat(256) })).toHaveProperty('body');
+    expect(adapterBody({ ...telegram, api_base: 'api.telegram.org' })).toEqual({ problem: 'url_invalid' });
+    expect(urlProblem('https://adapter.example/outbound')).toBeNull();
+    expect(urlProblem('https://adapter.example/out bound')).toBe('url_invalid');
+    expect(urlProblem('ftp://adapter.example/')).toBe('url_invalid');
+    expect(urlProblem('https://a.example/' + 'x'.repeat(482))).toBeNull();
+    expect(urlProblem('https://a.example/' + 'x'.repeat(483))).toBe('url_invalid');
+  });
+  it('builds a Channel API body from the outbound URL alone', () => {
+    const api = { ...blankAdapter('api'), bot_token: 'left over', outbound_url: ' https://adapter.example/outbound ' };
+    expect(adapterBody(api)).toEqual({ body: { kind: 'api', outbound_url: 'https://adapter.example/outbound' } });
+    expect(adapterBody({ ...api, outbound_url: '' })).toEqual({ problem: 'url_invalid' });
   });
 });
 

@@ -1,11 +1,11 @@
 /** Administration: skill groups, operators, users, channels, templates (PUT endpoints). */
 import { useEffect, useState } from 'preact/hooks';
 import { formatDuration, formatWhen } from '../shared/format';
-import type { AccessRuleRow, AttributePriority, Channel, ClosedAction, GroupHours, GroupRouting, OperatorStatus, Role, SkillGroup, UserInfo } from './types';
-import { capacityProblem, idProblem, parsePairs, passwordProblem, showPairs } from './forms';
+import type { AccessRuleRow, AdapterView, AttributePriority, Channel, ClosedAction, GroupHours, GroupRouting, OperatorStatus, Role, SkillGroup, UserInfo } from './types';
+import { adapterBody, blankAdapter, capacityProblem, idProblem, parsePairs, passwordProblem, showPairs, type AdapterDraft } from './forms';
 import { CLOSED_ACTIONS, hoursDraft, hoursFromDraft, MAX_STEPS, nextStep, parseWeights, stepDrafts, stepsFromDrafts, type HoursDraft, type StepDraft } from './rules';
 import { TemplatesPanel } from './panels';
-import { describeError, exclusionText } from './strings';
+import { describeError, exclusionText, refusal } from './strings';
 import { ErrorText, Field, GroupOptions, TabList, TabPanel, useApp } from './ui';
 
 type Section = 'groups' | 'operators' | 'users' | 'channels' | 'templates';
@@ -543,6 +543,8 @@ function Channels() {
   const blank: Channel = { id: '', kind: 'web', name: '', default_group: '' };
   const [form, setForm] = useState<Channel>(blank);
   const [editing, setEditing] = useState(false);
+  // The channel being edited as the server keeps it: a messenger one can have an adapter.
+  const saved = editing ? list?.find((c) => c.id === form.id) : undefined;
   const [error, setError] = useState<string | null>(null);
   const [ok, setOk] = useState(false);
   return (
@@ -554,6 +556,7 @@ function Channels() {
             <th scope="col">{t('kind')}</th>
             <th scope="col">{t('name')}</th>
             <th scope="col">{t('default_group')}</th>
+            <th scope="col">{t('adapter')}</th>
             <th scope="col">
               <span class="sr-only">{t('edit')}</span>
             </th>
@@ -561,11 +564,12 @@ function Channels() {
         </thead>
         <tbody>
           {list?.map((c) => (
-            <tr key={c.id}>
+            <tr key={c.id} data-testid="channel-row" data-channel={c.id}>
               <td>{c.id}</td>
               <td>{c.kind}</td>
               <td>{c.name}</td>
               <td data-testid="channel-group">{groupNames(groups, [c.default_group])}</td>
+              <td data-testid="channel-adapter-kind">{c.adapter ? t(('adapter_' + c.adapter) as any) : '—'}</td>
               <td>
                 <button type="button" class="small-btn" aria-label={t('edit_x', { name: c.name })} onClick={() => (setForm(c), setEditing(true), setOk(false))}>
                   {t('edit')}
@@ -651,7 +655,174 @@ function Channels() {
           </button>
         </div>
       </form>
+      {saved && saved.kind !== 'web' && <ChannelAdapter key={saved.id} channel={saved} onChange={reload} />}
     </div>
+  );
+}
+
+/**
+ * A messenger channel's adapter: what it is now (secrets masked by the server), and a
+ * form to connect one, replace it or disconnect it. A Channel API token and signing
+ * secret exist in full only in the answer that made them: they are shown that once.
+ */
+function ChannelAdapter(props: { channel: Channel; onChange: () => void }) {
+  const { t, api } = useApp();
+  const { channel } = props;
+  const path = '/api/channels/' + encodeURIComponent(channel.id) + '/adapter';
+  // undefined: being read; null: none.
+  const [current, setCurrent] = useState<AdapterView | null | undefined>(undefined);
+  const [draft, setDraft] = useState<AdapterDraft>(() => blankAdapter(channel.adapter ?? (channel.kind === 'telegram' ? 'telegram' : 'api')));
+  // The form starts from the adapter there is, but for its secrets (masked by the server).
+  const show = (view: AdapterView | null) => {
+    setCurrent(view);
+    if (view) setDraft({ ...blankAdapter(view.kind), api_base: view.api_base ?? '', outbound_url: view.outbound_url ?? '' });
+  };
+  const [secrets, setSecrets] = useState<{ token: string; signing_secret: string } | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const [done, setDone] = useState<string | null>(null);
+  useEffect(() => {
+    api.get<AdapterView>(path).then(show, (e) => (e.status === 404 ? show(null) : setError(describeError(t, e.code, e.message))));
+  }, [path]);
+  const set = (patch: Partial<AdapterDraft>) => setDraft({ ...draft, ...patch });
+  const changed = (text: string) => {
+    setError(null);
+    setDone(text);
+    props.onChange();
+  };
+  return (
+    <section class="stack admin-form adapter" data-testid="channel-adapter" aria-labelledby="adapter-h">
+      <h2 id="adapter-h">{t('adapter_of', { name: channel.name })}</h2>
+      {current === undefined ? <p class="muted">{t('loading')}</p> : current === null ? <p class="muted small">{t('adapter_none_yet')}</p> : <AdapterSummary view={current} />}
+      {secrets && (
+        <div class="secrets-once stack" role="alert" data-testid="adapter-secrets">
+          <p>
+            <strong>{t('secrets_once')}</strong>
+          </p>
+          <Field label={t('channel_token')}>
+            <input readOnly value={secrets.token} data-testid="adapter-token" onFocus={(e) => (e.currentTarget as HTMLInputElement).select()} />
+          </Field>
+          <Field label={t('signing_secret')}>
+            <input readOnly value={secrets.signing_secret} data-testid="adapter-signing-secret" onFocus={(e) => (e.currentTarget as HTMLInputElement).select()} />
+          </Field>
+          <button type="button" data-testid="adapter-secrets-done" onClick={() => setSecrets(null)}>
+            {t('secrets_copied')}
+          </button>
+        </div>
+      )}
+      <form
+        class="stack"
+        data-testid="adapter-form"
+        onSubmit={async (e) => {
+          e.preventDefault();
+          setDone(null);
+          const r = adapterBody(draft);
+          if ('problem' in r) return setError(t(('err_' + r.problem) as any));
+          try {
+            const { token, signing_secret, ...view } = await api.put<AdapterView>(path, r.body);
+            setSecrets(view.kind === 'api' && token && signing_secret ? { token, signing_secret } : null);
+            // What was typed as a secret (a bot token) does not stay on screen.
+            show(view);
+            changed(t('adapter_connected'));
+          } catch (err: any) {
+            setError(refusal(t, err));
+          }
+        }}
+      >
+        <Field label={t('adapter_kind')}>
+          <select value={draft.kind} data-testid="adapter-kind" onChange={(e) => set({ kind: (e.currentTarget as HTMLSelectElement).value as AdapterDraft['kind'] })}>
+            <option value="telegram">{t('adapter_telegram')}</option>
+            <option value="api">{t('adapter_api')}</option>
+          </select>
+        </Field>
+        {draft.kind === 'telegram' ? (
+          <>
+            <Field label={t('bot_token')} hint={t('bot_token_hint')}>
+              <input value={draft.bot_token} autoComplete="off" spellcheck={false} data-testid="adapter-bot-token" onInput={(e) => set({ bot_token: (e.currentTarget as HTMLInputElement).value })} />
+            </Field>
+            <Field label={t('webhook_secret')} hint={t('webhook_secret_hint')}>
+              <input value={draft.secret} autoComplete="off" spellcheck={false} data-testid="adapter-secret" onInput={(e) => set({ secret: (e.currentTarget as HTMLInputElement).value })} />
+            </Field>
+            <Field label={t('api_base')} hint={t('api_base_hint')}>
+              <input value={draft.api_base} inputMode="url" placeholder="https://api.telegram.org" data-testid="adapter-api-base" onInput={(e) => set({ api_base: (e.currentTarget as HTMLInputElement).value })} />
+            </Field>
+          </>
+        ) : (
+          <Field label={t('outbound_url')} hint={t('outbound_url_hint') + ' ' + t('adapter_api_hint')}>
+            <input value={draft.outbound_url} inputMode="url" placeholder="https://adapter.example/outbound" data-testid="adapter-outbound-url" onInput={(e) => set({ outbound_url: (e.currentTarget as HTMLInputElement).value })} />
+          </Field>
+        )}
+        <ErrorText error={error} />
+        {done && (
+          <p class="ok small" role="status">
+            {done}
+          </p>
+        )}
+        <div class="row">
+          <button type="submit" class="primary" data-testid="adapter-connect">
+            {current ? t('adapter_replace') : t('adapter_connect')}
+          </button>
+          {current && (
+            <button
+              type="button"
+              class="danger"
+              data-testid="adapter-disconnect"
+              onClick={async () => {
+                if (!confirm(t('confirm_disconnect', { name: channel.name }))) return;
+                try {
+                  await api.del(path);
+                  show(null);
+                  setSecrets(null);
+                  changed(t('adapter_disconnected'));
+                } catch (err: any) {
+                  setError(refusal(t, err));
+                }
+              }}
+            >
+              {t('adapter_disconnect')}
+            </button>
+          )}
+        </div>
+      </form>
+    </section>
+  );
+}
+
+/** An adapter's settings as the server shows them (secrets masked), and where the
+ *  provider or the adapter reaches Switchboard. */
+function AdapterSummary(props: { view: AdapterView }) {
+  const { t } = useApp();
+  const v = props.view;
+  return (
+    <>
+      <dl class="kv" data-testid="adapter-current" data-kind={v.kind}>
+        <dt>{t('adapter')}</dt>
+        <dd>{t(('adapter_' + v.kind) as any)}</dd>
+        {v.kind === 'telegram' ? (
+          <>
+            <dt>{t('bot_token')}</dt>
+            <dd>{v.bot_token}</dd>
+            <dt>{t('webhook_secret')}</dt>
+            <dd>{v.secret}</dd>
+            <dt>{t('api_base')}</dt>
+            <dd>{v.api_base}</dd>
+            <dt>{t('webhook_path')}</dt>
+            <dd>
+              <code data-testid="adapter-webhook-path">{v.webhook_path}</code>
+            </dd>
+          </>
+        ) : (
+          <>
+            <dt>{t('outbound_url')}</dt>
+            <dd>{v.outbound_url}</dd>
+            <dt>{t('inbound_path')}</dt>
+            <dd>
+              <code>{v.inbound_path}</code>
+            </dd>
+          </>
+        )}
+      </dl>
+      {v.kind === 'telegram' && <p class="hint">{t('webhook_hint')}</p>}
+    </>
   );
 }
 
@@ -745,13 +916,6 @@ function localZone(): string {
   } catch {
     return 'UTC';
   }
-}
-
-/** A refused save: the server's own reason when it gave one (a 400 `bad_request`, or the
- *  core's `invalid`: it names what is wrong), else the translated code. */
-function refusal(t: ReturnType<typeof useApp>['t'], err: any): string {
-  if (err?.message && ['bad_request', 'invalid', 'http_400'].includes(err.code)) return t('err_rejected_reason', { reason: err.message });
-  return describeError(t, err?.code, err?.message);
 }
 
 /** Checkboxes for other groups (overflow targets). */

@@ -4,9 +4,9 @@ import { useEffect, useLayoutEffect, useRef, useState } from 'preact/hooks';
 import { ACCEPT_ATTRIBUTE, checkAttachment, contentTypeOf, MAX_ATTACHMENTS_PER_MESSAGE, type Attachment } from '../shared/files';
 import { formatDuration } from '../shared/format';
 import { PaperclipIcon } from '../shared/icons';
-import { deliveryOf, pendingOf, type Conv, type OpState } from './operator-state';
+import { deliveryOf, isMessenger, pendingOf, type Conv, type OpState } from './operator-state';
 import type { OperatorSession } from './operator-session';
-import type { LoginInfo } from './types';
+import type { Channel, ConversationDoc, LoginInfo } from './types';
 import { EntryView, operatorNames } from './entries';
 import { fillPlaceholders, searchTemplates, unfilledPlaceholders } from './templates';
 import type { Template } from './types';
@@ -18,10 +18,43 @@ import { enc } from './api';
 
 const SIDE_TABS = ['card', 'templates'] as const;
 
-export function ConversationPane(props: { session: OperatorSession; state: OpState; auth: LoginInfo }) {
+/**
+ * The open conversation as REST shows it, read once each time one is opened: for the
+ * client card, the customer's id on a messenger, and what the outbox made of the
+ * messages so far (the feed's `delivery` events carry on from there).
+ */
+function useConversationDoc(session: OperatorSession, id: number | undefined): { doc: ConversationDoc | null; error: string | null } {
+  const { t, api } = useApp();
+  const [doc, setDoc] = useState<ConversationDoc | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  useEffect(() => {
+    setDoc(null);
+    setError(null);
+    if (id == null) return;
+    let live = true;
+    api.get<ConversationDoc>('/api/conversations/' + id).then(
+      (d) => {
+        if (!live) return;
+        setDoc(d);
+        session.setDeliveries(id, d.deliveries ?? []);
+      },
+      (e) => live && setError(describeError(t, e.code, e.message)),
+    );
+    return () => {
+      live = false;
+    };
+  }, [id]);
+  return { doc: doc?.conversation === id ? doc : null, error };
+}
+
+/** `channels`: the channels as the desk read them (null until then), to tell a
+ *  messenger conversation from the web chat and name its channel. */
+export function ConversationPane(props: { session: OperatorSession; state: OpState; auth: LoginInfo; channels: Channel[] | null }) {
   const { t } = useApp();
   const { state, session } = props;
   const conv = state.selected != null ? state.convs.get(state.selected) : undefined;
+  const { doc, error: docError } = useConversationDoc(session, conv?.id);
+  const messenger = !!conv && isMessenger(props.channels, conv.channel);
   const [side, setSide] = useState<'card' | 'templates'>('card');
   const [dialog, setDialog] = useState<'transfer' | 'close' | null>(null);
   const drafts = useRef(new Map<number, string>());
@@ -63,8 +96,14 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
   return (
     <>
       <section class="pane" data-testid="conversation-view" data-conv={conv.id} aria-labelledby="conv-title">
-        <ConvHeader conv={conv} onTransfer={() => setDialog('transfer')} onClose={() => setDialog('close')} />
-        <History conv={conv} state={state} />
+        <ConvHeader
+          conv={conv}
+          channel={messenger ? props.channels?.find((c) => c.id === conv.channel)?.name ?? conv.channel : null}
+          identity={doc?.visitor.id ?? null}
+          onTransfer={() => setDialog('transfer')}
+          onClose={() => setDialog('close')}
+        />
+        <History conv={conv} state={state} messenger={messenger} />
         <Composer session={session} conv={conv} draft={draft} setDraft={setDraft} onTemplates={() => setSide('templates')} operatorName={state.me?.name} />
       </section>
       <aside class="pane-side" aria-label={t('details')}>
@@ -79,7 +118,7 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
         />
         <TabPanel id="side" current={side}>
           {side === 'card' ? (
-            <ClientCard conv={conv} />
+            <ClientCard conv={conv} doc={doc} docError={docError} />
           ) : (
             <TemplatesPanel
               values={{ clientName: conv.visitor, operatorName: state.me?.name, conversationId: conv.id }}
@@ -96,7 +135,9 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
   );
 }
 
-function ConvHeader(props: { conv: Conv; onTransfer: () => void; onClose: () => void }) {
+/** `channel`: a messenger conversation's channel name (null: the web chat), shown with
+ *  the customer's `identity` there (`<channel>:<sender>`) once it is known. */
+function ConvHeader(props: { conv: Conv; channel: string | null; identity: string | null; onTransfer: () => void; onClose: () => void }) {
   const { t } = useApp();
   const now = useNow(1000);
   const { conv } = props;
@@ -107,7 +148,13 @@ function ConvHeader(props: { conv: Conv; onTransfer: () => void; onClose: () => 
           {conv.visitor || t('visitor')} <span class="muted">#{conv.id}</span>
         </h2>
         <p class="muted small">
-          {[conv.channel, conv.group].filter(Boolean).join(' · ')}
+          {props.channel != null && (
+            <span class="channel-badge" data-testid="channel-badge" title={t('channel_identity')}>
+              <span class="sr-only">{t('channel')}: </span>
+              {props.identity ? props.channel + ' · ' + props.identity : props.channel}
+            </span>
+          )}
+          {[props.channel == null ? conv.channel : '', conv.group].filter(Boolean).join(' · ')}
           {conv.waitingSince != null && <span class="wait"> · {t('waiting_for', { time: formatDuration(now - conv.waitingSince) })}</span>}
         </p>
       </div>
@@ -123,7 +170,7 @@ function ConvHeader(props: { conv: Conv; onTransfer: () => void; onClose: () => 
   );
 }
 
-function History(props: { conv: Conv; state: OpState }) {
+function History(props: { conv: Conv; state: OpState; messenger: boolean }) {
   const { t } = useApp();
   const now = useNow(1000);
   const { conv, state } = props;
@@ -154,7 +201,8 @@ function History(props: { conv: Conv; state: OpState }) {
         {!conv.loaded && !conv.entries.length && <li class="sys">{t('loading')}</li>}
         {conv.entries.map((e) => {
           const mine = e.kind === 'message' && e.from === 'operator' && e.operator === me;
-          return <EntryView key={e.seq} e={e} mine={mine} delivery={mine ? deliveryOf(conv, e) : undefined} operatorId={me} visitor={conv.visitor} names={names} />;
+          const delivery = mine || e.kind === 'notice' ? deliveryOf(conv, e, props.messenger) : undefined;
+          return <EntryView key={e.seq} e={e} mine={mine} delivery={delivery} operatorId={me} visitor={conv.visitor} names={names} />;
         })}
         {pending.map((p) => (
           <li key={p.key} class={'msg msg-mine pending' + (p.state === 'failed' ? ' failed' : '')} data-testid="message-pending">

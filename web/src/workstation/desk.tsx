@@ -7,7 +7,7 @@ import { ClockIcon, PaperclipIcon } from '../shared/icons';
 import type { LinkState } from '../shared/socket';
 import { offerSecondsLeft, offerWaitedMs, offerWindowMs, transferToMe, sortedConvs, totalUnread, wrapUpSecondsLeft, type Conv, type OpState } from './operator-state';
 import { OperatorSession } from './operator-session';
-import { PRESENCES, type LoginInfo, type MyConversation, type Presence } from './types';
+import { PRESENCES, type Channel, type LoginInfo, type MyConversation, type Presence } from './types';
 import { Inspector } from './inspector';
 import { ConversationPane } from './conversation';
 import { describeError } from './strings';
@@ -69,6 +69,7 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
 
   const state = useStore(session.store);
   const alerts = useMemo(() => browserAlerts(), []);
+  const channels = useChannels(state);
   const [transfers, setTransfers] = useState<TransferIn[]>([]);
 
   // New offers ring and, in the background, notify. Offers of a snapshot (a reload, a
@@ -185,10 +186,30 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
         <ConvList session={session} state={state} />
         <MyHistory session={session} state={state} />
       </aside>
-      <ConversationPane session={session} state={state} auth={props.auth} />
+      <ConversationPane session={session} state={state} auth={props.auth} channels={channels} />
       {help && <ShortcutsHelp onClose={() => setHelp(false)} />}
     </div>
   );
+}
+
+/**
+ * The channels (their names, and which are messengers), read when the desk starts and
+ * again when a conversation comes from a channel not among them (one made since): once
+ * per such set of channels, so one that stays unknown costs no more requests.
+ */
+function useChannels(state: OpState): Channel[] | null {
+  const { api } = useApp();
+  const [channels, setChannels] = useState<Channel[] | null>(null);
+  const missing = channels
+    ? [...new Set([...state.convs.values()].map((c) => c.channel).filter((id) => id && !channels.some((x) => x.id === id)))].sort().join(' ')
+    : '';
+  useEffect(() => {
+    api
+      .get<{ channels: Channel[] }>('/api/channels')
+      .then((r) => setChannels(r.channels ?? []))
+      .catch(() => setChannels((known) => known ?? []));
+  }, [missing]);
+  return channels;
 }
 
 /** Every desk shortcut, as the help overlay lists them. */

@@ -3,6 +3,7 @@ import { useEffect, useState } from 'preact/hooks';
 import { formatBytes, isImage, type Attachment } from '../shared/files';
 import { formatWhen } from '../shared/format';
 import { PaperclipIcon } from '../shared/icons';
+import type { DeliveryMark } from './operator-state';
 import type { Entry } from './types';
 import { useApp } from './ui';
 
@@ -65,10 +66,38 @@ export function operatorNames(entries: readonly Entry[]): Record<string, string>
   return names;
 }
 
+/** The mark next to an entry of ours (see deliveryOf): a glyph with its words for screen
+ *  readers, or, when something is wrong, the words on screen. */
+function DeliveryView(props: { mark: DeliveryMark }) {
+  const { t } = useApp();
+  const { mark } = props;
+  const label = t(mark.label);
+  return (
+    <span
+      class={'delivery delivery-' + mark.state + (mark.status ? ' delivery-out' : '')}
+      data-testid="delivery"
+      data-status={mark.status}
+      title={mark.reason ? label + ': ' + mark.reason : label}
+    >
+      {mark.loud ? (
+        <>
+          <span aria-hidden="true">{mark.glyph}</span>
+          <span class="delivery-text"> {mark.detail ? label + ': ' + mark.detail : label}</span>
+        </>
+      ) : (
+        <>
+          {mark.glyph}
+          <span class="sr-only"> {label}</span>
+        </>
+      )}
+    </span>
+  );
+}
+
 export function EntryView(props: {
   e: Entry;
   mine?: boolean;
-  delivery?: 'sending' | 'failed' | 'delivered' | 'read';
+  delivery?: DeliveryMark;
   operatorId?: string;
   /** The customer's name, shown on their messages (else "Visitor"). */
   visitor?: string;
@@ -98,12 +127,7 @@ export function EntryView(props: {
         ) : null}
         <span class="meta">
           {time}
-          {props.delivery && (
-            <span class={'delivery delivery-' + props.delivery} data-testid="delivery" title={t(('delivery_' + props.delivery) as any)}>
-              {props.delivery === 'read' ? '✓✓' : props.delivery === 'delivered' ? '✓' : props.delivery === 'failed' ? '!' : '…'}
-              <span class="sr-only"> {t(('delivery_' + props.delivery) as any)}</span>
-            </span>
-          )}
+          {props.delivery && <DeliveryView mark={props.delivery} />}
         </span>
       </li>
     );
@@ -151,6 +175,7 @@ export function EntryView(props: {
   return (
     <li class={'sys sys-' + e.kind} data-testid={'entry-' + e.kind} data-seq={e.seq}>
       <span>{text}</span> {time}
+      {props.delivery && <DeliveryView mark={props.delivery} />}
     </li>
   );
 }

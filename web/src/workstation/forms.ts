@@ -1,4 +1,5 @@
 /** Parsing and validation for the desk's forms (pure, unit-tested). */
+import type { AdapterKind } from './types';
 export const MAX_TAGS = 10;
 export const MAX_TAG_LENGTH = 40;
 export const MAX_TEXT = 4000;
@@ -73,4 +74,47 @@ export function showPairs(map: Record<string, number> | undefined | null): strin
   return Object.entries(map ?? {})
     .map(([k, n]) => k + '=' + n)
     .join(', ');
+}
+
+/** An adapter being connected, as typed (`PUT /api/channels/{id}/adapter`). */
+export interface AdapterDraft {
+  kind: AdapterKind;
+  bot_token: string;
+  secret: string;
+  /** Telegram's Bot API address; empty: the server's default. */
+  api_base: string;
+  outbound_url: string;
+}
+
+export function blankAdapter(kind: AdapterKind): AdapterDraft {
+  return { kind, bot_token: '', secret: '', api_base: '', outbound_url: '' };
+}
+
+/** What Telegram takes as a webhook's secret_token (and the server as `secret`). */
+export const WEBHOOK_SECRET = /^[A-Za-z0-9_-]{16,256}$/;
+
+/** An http(s) address the server takes: at most 500 characters, no whitespace. */
+export function urlProblem(url: string): 'url_invalid' | null {
+  return /^https?:\/\/\S+$/.test(url) && url.length <= 500 ? null : 'url_invalid';
+}
+
+/** The body of the adapter's PUT, or what to fix first. The server checks again (and
+ *  more: the bot token's characters); its reason is shown then. */
+export function adapterBody(d: AdapterDraft): { body: Record<string, string> } | { problem: 'bot_token_required' | 'secret_invalid' | 'url_invalid' } {
+  if (d.kind === 'api') {
+    const url = d.outbound_url.trim();
+    const p = urlProblem(url);
+    return p ? { problem: p } : { body: { kind: 'api', outbound_url: url } };
+  }
+  const bot_token = d.bot_token.trim();
+  if (!bot_token) return { problem: 'bot_token_required' };
+  if (!WEBHOOK_SECRET.test(d.secret)) return { problem: 'secret_invalid' };
+  const body: Record<string, string> = { kind: 'telegram', bot_token, secret: d.secret };
+  const base = d.api_base.trim();
+  if (base) {
+    const p = urlProblem(base);
+    if (p) return { problem: p };
+    body.api_base = base;
+  }
+  return { body };
 }

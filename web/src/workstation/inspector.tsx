@@ -1,12 +1,11 @@
 /** Read-only view of any conversation, its routing decisions, and (supervisors) reassignment. */
 import { uid } from '../shared/ids';
-import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
+import { useEffect, useRef, useState } from 'preact/hooks';
 import { formatDateTime } from '../shared/format';
 import type { ConversationDoc, DecisionRecord, OperatorStatus, SkillGroup } from './types';
 import { EntryView, operatorNames } from './entries';
-import { Poller } from './poller';
 import { describeError, exclusionText } from './strings';
-import { Empty, ErrorText, Field, GroupOptions, useApp } from './ui';
+import { Empty, ErrorText, Field, GroupOptions, useApp, usePoller } from './ui';
 
 /** How often an open inspector re-reads its conversation (messages do not reach the floor). */
 export const INSPECTOR_POLL_MS = 2000;
@@ -34,28 +33,21 @@ export function Inspector(props: {
   const [error, setError] = useState<string | null>(null);
   // Bumped on every change the floor reports and on Refresh: the decisions re-read on it.
   const [version, setVersion] = useState(0);
-  const poller = useMemo(() => {
-    const p: Poller = new Poller({
-      intervalMs: props.live ? INSPECTOR_POLL_MS : 0,
-      active: () => document.visibilityState === 'visible',
-      fetch: () =>
-        api.get<ConversationDoc>('/api/conversations/' + props.id).then(
-          (d) => {
-            if (!p.running) return; // closed meanwhile
-            setDoc(d);
-            setError(null);
-          },
-          (e) => {
-            if (p.running) setError(describeError(t, e.code, e.message));
-          },
-        ),
-    });
-    return p;
-  }, [props.id, props.live]);
-  useEffect(() => {
-    poller.start();
-    return () => poller.stop();
-  }, [poller]);
+  const poller = usePoller(
+    (running) =>
+      api.get<ConversationDoc>('/api/conversations/' + props.id).then(
+        (d) => {
+          if (!running()) return; // closed meanwhile
+          setDoc(d);
+          setError(null);
+        },
+        (e) => {
+          if (running()) setError(describeError(t, e.code, e.message));
+        },
+      ),
+    props.live ? INSPECTOR_POLL_MS : 0,
+    [props.id, props.live],
+  );
   const refresh = () => {
     poller.kick();
     setVersion((v) => v + 1);

@@ -10,7 +10,7 @@ import { ReconnectingSocket, type LinkState, type SocketLike, type Timers, realT
 import type { Attachment } from '../shared/files';
 import { createStore, type Store } from '../shared/store';
 import { initialOpState, opReducer, type OpAction, type OpState } from './operator-state';
-import type { Presence } from './types';
+import type { Delivery, Presence } from './types';
 
 export interface OperatorSessionOptions {
   /** Base for the socket URL, e.g. ws://host:port */
@@ -336,6 +336,12 @@ export class OperatorSession {
     if (resolution) frame.resolution = resolution;
     if (tags.length) frame.tags = tags;
     return this.request(frame, 'close');
+  }
+
+  /** Outbox statuses read over REST (`deliveries` of GET /api/conversations/{id}); the
+   *  feed's `delivery` events keep them current from then on. */
+  setDeliveries(conversation: number, deliveries: Delivery[]): void {
+    if (deliveries.length) this.dispatch({ type: 'deliveries', conversation, deliveries });
   }
 
   select(conversation: number | null): void {

@@ -7,7 +7,8 @@
  */
 import { mergeBySeq, lastSeq } from '../shared/seq';
 import type { Attachment } from '../shared/files';
-import type { Entry, FeedEvent, Hello, Offer, Presence } from './types';
+import type { Key } from './strings';
+import type { Channel, Delivery, DeliveryStatus, Entry, FeedEvent, Hello, Offer, Presence } from './types';
 
 /** Milliseconds left to answer an offer. Counted on the local clock from what was left
  *  by the server's clock when the offer arrived, so a browser clock that is off from the
@@ -71,6 +72,16 @@ export interface Conv {
   waitingSince: number | null;
   lastAt: number;
   assignedAt: number;
+  /** Messenger conversations: what became of each entry sent to the customer, by seq. */
+  outbox: Readonly<Record<number, Outbox>>;
+}
+
+/** An outbox entry's status as last told (a feed event or the conversation's REST view),
+ *  with when it was (server clock): an older report never overwrites a newer one. */
+export interface Outbox {
+  status: DeliveryStatus;
+  reason: string;
+  at: number;
 }
 
 export interface PendingMessage {
@@ -158,6 +169,8 @@ export type OpAction =
   | { type: 'sendFailed'; key: string; error: string }
   | { type: 'discard'; key: string }
   | { type: 'historyRequested'; conversation: number }
+  /** The outbox entries of `GET /api/conversations/{id}` (statuses when it was opened). */
+  | { type: 'deliveries'; conversation: number; deliveries: Delivery[] }
   | { type: 'reset' };
 
 export function emptyConv(id: number): Conv {
@@ -176,6 +189,7 @@ export function emptyConv(id: number): Conv {
     waitingSince: null,
     lastAt: 0,
     assignedAt: 0,
+    outbox: {},
   };
 }
 
@@ -226,6 +240,19 @@ export function withEntries(c: Conv, incoming: readonly Entry[], seen: boolean):
   if (seen) next.seenSeq = lastSeq(entries);
   next.unread = countUnread(entries, next.seenSeq);
   return next;
+}
+
+/** Records outbox statuses of a conversation; of two reports on one entry the later
+ *  one counts (a status read over REST may arrive after a newer feed event). */
+export function withOutbox(c: Conv, reports: readonly ({ seq: number } & Outbox)[]): Conv {
+  let outbox: Record<number, Outbox> | null = null;
+  for (const { seq, status, reason, at } of reports) {
+    const known = (outbox ?? c.outbox)[seq];
+    if (known && (known.at > at || (known.at === at && known.status === status && known.reason === reason))) continue;
+    outbox = outbox ?? { ...c.outbox };
+    outbox[seq] = { status, reason, at };
+  }
+  return outbox ? { ...c, outbox } : c;
 }
 
 function setConv(s: OpState, c: Conv): OpState {
@@ -334,6 +361,12 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
         needHistory: s.needHistory.filter((x) => x !== id),
       };
     }
+    case 'delivery': {
+      const c = ev.conversation != null ? s.convs.get(ev.conversation) : undefined;
+      if (!c || typeof ev.entry_seq !== 'number' || !ev.status) return s;
+      const next = withOutbox(c, [{ seq: ev.entry_seq, status: ev.status as DeliveryStatus, reason: ev.reason ?? '', at: ev.at }]);
+      return next === c ? s : setConv(s, next);
+    }
     case 'wrap_up':
       return { ...s, wrapUpUntil: typeof ev.until === 'number' ? ev.until : null };
     case 'configured': {
@@ -347,7 +380,7 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
       const missed = ev.status === 'away' && s.missedAt != null && ev.at === s.missedAt;
       return {
         ...s,
-        presence: ev.status,
+        presence: ev.status as Presence,
         presenceSince: ev.at ?? s.presenceSince,
         awayAfterMiss: missed || (ev.status === 'away' && s.awayAfterMiss),
         presenceReason: ev.reason ?? null,
@@ -430,6 +463,15 @@ export function opReducer(s: OpState, a: OpAction): OpState {
     }
     case 'historyRequested':
       return { ...s, needHistory: s.needHistory.filter((x) => x !== a.conversation) };
+    case 'deliveries': {
+      const c = s.convs.get(a.conversation);
+      if (!c) return s;
+      const next = withOutbox(
+        c,
+        a.deliveries.map((d) => ({ seq: d.seq, status: d.status, reason: d.reason ?? '', at: d.updated_at })),
+      );
+      return next === c ? s : setConv(s, next);
+    }
     case 'typing': {
       const c = s.convs.get(a.conversation);
       if (!c) return s;
@@ -514,9 +556,59 @@ export function pendingOf(s: OpState, conversation: number): PendingMessage[] {
     .sort((a, b) => a.at - b.at);
 }
 
-/** Delivery state of one of our messages: sent (committed) or read by the visitor. */
-export function deliveryOf(c: Conv, e: Entry): 'read' | 'delivered' {
-  return c.clientReadUpto >= e.seq ? 'read' : 'delivered';
+/** The mark next to one of our entries: `state` names its style (`delivery-<state>`),
+ *  `label` says it in words; `loud` marks show the words (and `detail`) on screen, not
+ *  only to screen readers and in the tooltip. */
+export interface DeliveryMark {
+  state: 'sending' | 'sent' | 'delivered' | 'read' | 'retrying' | 'failed' | 'unknown';
+  glyph: string;
+  label: Key;
+  /** The outbox status it stands for (messenger conversations only). */
+  status?: DeliveryStatus;
+  /** Why it failed or is retried, as the server said (in the tooltip). */
+  reason?: string;
+  loud?: boolean;
+  /** What a loud mark shows after its label: why it was not delivered. */
+  detail?: string;
+}
+
+const OUTBOX_MARKS: Record<DeliveryStatus, DeliveryMark> = {
+  pending: { state: 'sending', glyph: '…', label: 'delivery_sending' },
+  sending: { state: 'sending', glyph: '…', label: 'delivery_sending' },
+  sent: { state: 'sent', glyph: '✓', label: 'delivery_sent' },
+  delivered: { state: 'delivered', glyph: '✓✓', label: 'delivery_delivered' },
+  read: { state: 'read', glyph: '✓✓', label: 'delivery_read' },
+  failed: { state: 'failed', glyph: '⚠', label: 'delivery_undelivered', loud: true },
+  unknown: { state: 'unknown', glyph: '?', label: 'delivery_unknown', loud: true },
+};
+
+/** The mark for an outbox status: a pending entry with a reason failed once and is
+ *  being retried; a status this desk does not know is shown as still on its way. */
+export function outboxMark(o: Outbox | undefined): DeliveryMark {
+  if (!o) return OUTBOX_MARKS.pending;
+  if (o.status === 'pending' && o.reason) return { state: 'retrying', glyph: '↻', label: 'delivery_retrying', status: o.status, reason: o.reason, loud: true };
+  const mark = OUTBOX_MARKS[o.status] ?? OUTBOX_MARKS.pending;
+  const reason = o.reason || undefined;
+  return { ...mark, status: o.status, reason, detail: o.status === 'failed' ? reason : undefined };
+}
+
+/**
+ * The mark next to an entry of ours. In the web chat, our messages: written (✓) or read
+ * by the visitor (✓✓). In a messenger conversation, what the outbox made of our messages
+ * (on their way until the first status comes) and of automatic notices it sent; nothing
+ * for a notice the outbox does not hold.
+ */
+export function deliveryOf(c: Conv, e: Entry, messenger = false): DeliveryMark | undefined {
+  if (messenger) return e.kind === 'message' || c.outbox[e.seq] ? outboxMark(c.outbox[e.seq]) : undefined;
+  if (e.kind !== 'message') return undefined;
+  return c.clientReadUpto >= e.seq ? { state: 'read', glyph: '✓✓', label: 'delivery_read' } : { state: 'delivered', glyph: '✓', label: 'delivery_delivered' };
+}
+
+/** Whether a channel's conversations go out through an adapter (a messenger) rather
+ *  than the web chat: a channel this desk does not know counts as the web chat. */
+export function isMessenger(channels: readonly Channel[] | null, id: string): boolean {
+  const c = channels?.find((x) => x.id === id);
+  return !!c && (c.adapter != null || c.kind !== 'web');
 }
 
 /** Whole seconds of wrap-up left at local time `now` (0 when none or over). */

@@ -10,24 +10,12 @@ import { describeError } from './strings';
 import { Dialog, Empty, ErrorText, Field, GroupOptions, useApp } from './ui';
 import { Inspector } from './inspector';
 
-export function ClientCard(props: { conv: Conv }) {
+/** `doc`: the conversation as REST shows it (read by the pane once it is opened). */
+export function ClientCard(props: { conv: Conv; doc: ConversationDoc | null; docError: string | null }) {
   const { t, api, lang } = useApp();
-  const { conv } = props;
-  const [doc, setDoc] = useState<ConversationDoc | null>(null);
+  const { conv, doc } = props;
   const [error, setError] = useState<string | null>(null);
   const [open, setOpen] = useState<number | null>(null);
-  useEffect(() => {
-    let live = true;
-    setDoc(null);
-    setError(null);
-    api
-      .get<ConversationDoc>('/api/conversations/' + conv.id)
-      .then((d) => live && setDoc(d))
-      .catch((e) => live && setError(describeError(t, e.code, e.message)));
-    return () => {
-      live = false;
-    };
-  }, [conv.id]);
   const attrs = Object.entries(Object.keys(conv.attributes).length ? conv.attributes : doc?.visitor.attributes ?? {});
   // A search over this customer's earlier conversations (their text and notes).
   const [query, setQuery] = useState('');
@@ -47,6 +35,7 @@ export function ClientCard(props: { conv: Conv }) {
   useEffect(() => {
     setQuery('');
     setFound(null);
+    setError(null);
     asked.current = '';
   }, [conv.id]);
   const earlier = found
@@ -71,7 +60,7 @@ export function ClientCard(props: { conv: Conv }) {
         {attrs.map(([k, v]) => [<dt key={'k' + k}>{k}</dt>, <dd key={'v' + k}>{v}</dd>])}
       </dl>
       <h4>{t('earlier_conversations')}</h4>
-      <ErrorText error={error} />
+      <ErrorText error={error ?? props.docError} />
       {doc && (doc.earlier?.length ?? 0) > 0 && (
         <form
           class="row"

@@ -4,9 +4,9 @@ import { formatDuration, formatWhen } from '../shared/format';
 import { floorPlace, longestWaitNow, queuedWaitNow, slaPercent, totals, untilNow, type EmergencyRow, type Floor, type QueueRow } from './floor';
 import { FloorFeed } from './floor-feed';
 import { Inspector } from './inspector';
-import type { GroupKpis, LoginInfo } from './types';
-import { describeError } from './strings';
-import { Empty, RECONNECT_NOW, reconnectNow, useApp, useNow } from './ui';
+import type { Delivery, GroupKpis, LoginInfo } from './types';
+import { describeError, refusal } from './strings';
+import { Empty, RECONNECT_NOW, reconnectNow, useApp, useNow, usePoller } from './ui';
 
 export function FloorView(props: { auth: LoginInfo }) {
   const { t, api, notify } = useApp();
@@ -136,6 +136,7 @@ export function FloorView(props: { auth: LoginInfo }) {
       </section>
       <EmergencyPanel active={floor?.emergencies ?? null} queues={floor?.queues ?? []} />
       <KpiPanel signature={sum ? [sum.waiting, sum.offered, sum.load, sum.online].join('/') : ''} />
+      <DeadLetters onOpen={setOpen} />
       <section class="panel" aria-labelledby="ops-h">
         <h2 id="ops-h" class="panel-title">
           {t('operators')}
@@ -492,6 +493,108 @@ function EmergencyPanel(props: { active: EmergencyRow[] | null; queues: QueueRow
         </button>
       </form>
       {error && <p class="error small">{error}</p>}
+    </section>
+  );
+}
+
+/** How often the failed deliveries are read again while the floor is on screen. */
+export const DEAD_LETTERS_POLL_MS = 30000;
+
+/**
+ * Failed deliveries: messages to messenger customers that were refused for good, ran out
+ * of attempts, or may or may not have arrived (`unknown`). Each can be sent again; each
+ * conversation opens in the inspector.
+ */
+function DeadLetters(props: { onOpen: (id: number) => void }) {
+  const { t, api, lang, notify } = useApp();
+  const [list, setList] = useState<Delivery[] | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const [busy, setBusy] = useState<string | null>(null);
+  const poller = usePoller(
+    (running) =>
+      api.get<{ deliveries: Delivery[] }>('/api/deliveries?limit=100').then(
+        (r) => running() && (setList(r.deliveries ?? []), setError(null)),
+        (e) => running() && setError(describeError(t, e.code, e.message)),
+      ),
+    DEAD_LETTERS_POLL_MS,
+    [],
+  );
+  const retry = async (d: Delivery) => {
+    const key = d.conversation + '/' + d.seq;
+    setBusy(key);
+    try {
+      await api.post('/api/deliveries/' + d.conversation + '/' + d.seq + '/retry', undefined);
+      notify(t('sent_again'), 'info');
+      setError(null);
+    } catch (e: any) {
+      // Sent again from elsewhere meanwhile, say: the server says why.
+      setError(refusal(t, e));
+    } finally {
+      setBusy(null);
+      poller.kick();
+    }
+  };
+  return (
+    <section class="panel dead-letters" aria-labelledby="dead-h" data-testid="dead-letters">
+      <h2 id="dead-h" class="panel-title">
+        {t('dead_letters')} {list?.length ? <span class="badge">{list.length}</span> : null}
+      </h2>
+      {error && (
+        <p class="error small" role="alert">
+          {error}
+        </p>
+      )}
+      {!list ? (
+        !error && <p class="muted">{t('loading')}</p>
+      ) : !list.length ? (
+        <Empty>{t('dead_letters_none')}</Empty>
+      ) : (
+        <table class="table small" data-testid="dead-letters-table">
+          <thead>
+            <tr>
+              <th scope="col">{t('conversation')}</th>
+              <th scope="col">{t('channel')}</th>
+              <th scope="col">{t('recipient')}</th>
+              <th scope="col">{t('status')}</th>
+              <th scope="col">{t('reason')}</th>
+              <th scope="col">{t('attempts')}</th>
+              <th scope="col">{t('updated')}</th>
+              <th scope="col">
+                <span class="sr-only">{t('send_again')}</span>
+              </th>
+            </tr>
+          </thead>
+          <tbody>
+            {list.map((d) => (
+              <tr key={d.conversation + '/' + d.seq} data-testid="dead-letter" data-conv={d.conversation} data-seq={d.seq} data-status={d.status}>
+                <th scope="row">
+                  <button type="button" class="link" onClick={() => props.onOpen(d.conversation)}>
+                    #{d.conversation}
+                  </button>
+                </th>
+                <td>{d.channel}</td>
+                <td>{d.recipient}</td>
+                <td>{d.status === 'unknown' ? t('dead_unknown') : d.status === 'failed' ? t('dead_failed') : d.status}</td>
+                <td data-testid="dead-letter-reason">{d.reason || '—'}</td>
+                <td>{d.attempts}</td>
+                <td>{formatWhen(d.updated_at, lang)}</td>
+                <td>
+                  <button
+                    type="button"
+                    class="small-btn"
+                    data-testid="dead-letter-retry"
+                    aria-label={t('send_again_x', { id: d.conversation, seq: d.seq })}
+                    disabled={busy === d.conversation + '/' + d.seq}
+                    onClick={() => retry(d)}
+                  >
+                    {t('send_again')}
+                  </button>
+                </td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
     </section>
   );
 }

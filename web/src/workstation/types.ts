@@ -89,7 +89,10 @@ export interface FeedEvent {
   history_upto?: number;
   history?: Entry[];
   entry?: Entry;
-  status?: Presence;
+  /** `presence`: the new presence; `delivery`: the outbox entry's new status. */
+  status?: Presence | DeliveryStatus;
+  /** `delivery`: the conversation's history entry whose status changed. */
+  entry_seq?: number;
   /** `offer`: the conversation's channel, start and first message. */
   channel?: string;
   waiting_since?: number;
@@ -216,6 +219,41 @@ export interface Channel {
   /** Only the allow list may start here, and what a refused customer is told. */
   allow_only?: boolean;
   blocked_message?: string;
+  /** How the channel reaches its provider; null: no adapter (the web chat). */
+  adapter?: AdapterKind | null;
+}
+
+export type AdapterKind = 'telegram' | 'api';
+
+/** A channel's adapter as `GET/PUT /api/channels/{id}/adapter` shows it: secrets masked,
+ *  except `token` and `signing_secret` in the answer of the PUT that made them. */
+export interface AdapterView {
+  kind: AdapterKind;
+  bot_token?: string;
+  secret?: string;
+  api_base?: string;
+  webhook_path?: string;
+  outbound_url?: string;
+  token?: string;
+  signing_secret?: string;
+  inbound_path?: string;
+}
+
+/** An outbox entry's status (docs/channel-api.md); `failed` and `unknown` are dead letters. */
+export type DeliveryStatus = 'pending' | 'sending' | 'sent' | 'delivered' | 'read' | 'failed' | 'unknown';
+
+/** One outbox entry: history entry `seq` of a messenger conversation, to its customer. */
+export interface Delivery {
+  conversation: number;
+  seq: number;
+  channel: string;
+  recipient: string;
+  status: DeliveryStatus;
+  attempts: number;
+  provider_id: string | null;
+  reason: string;
+  queued_at: number;
+  updated_at: number;
 }
 
 /** A block or allow rule (`GET /api/access`). */
@@ -248,6 +286,8 @@ export interface ConversationDoc {
   last_seq: number;
   history: Entry[];
   earlier?: { conversation: number; created_at: number; state: string }[];
+  /** The outbox entries (messenger conversations; empty for the web chat). */
+  deliveries?: Delivery[];
 }
 
 export interface Candidate {

@@ -6,6 +6,7 @@ import { tablistTarget } from '../shared/keys';
 import type { Store } from '../shared/store';
 import type { Key } from './strings';
 import type { Api } from './api';
+import { Poller } from './poller';
 
 export interface Ctx {
   lang: Lang;
@@ -41,6 +42,23 @@ export function useStore<S>(store: Store<S, any>): S {
     };
   }, [store]);
   return state;
+}
+
+/**
+ * Re-reads something while the component is on screen (a Poller: every `intervalMs`,
+ * never two at once, no ticks while the tab is hidden), made again when `deps` change.
+ * `fetch` is told whether the poller still runs when its answer comes (else drop it).
+ */
+export function usePoller(fetch: (running: () => boolean) => Promise<unknown>, intervalMs: number, deps: unknown[]): Poller {
+  const poller = useMemo(() => {
+    const p: Poller = new Poller({ intervalMs, active: () => document.visibilityState === 'visible', fetch: () => fetch(() => p.running) });
+    return p;
+  }, deps);
+  useEffect(() => {
+    poller.start();
+    return () => poller.stop();
+  }, [poller]);
+  return poller;
 }
 
 /** Re-renders every `ms` milliseconds and returns the current time. */

@@ -1,0 +1,250 @@
+/**
+ * Messenger channels in the browser (issue "Channels", items 2, 7 and 8). A customer
+ * writes through the Channel API (a fake adapter stands in for the provider); the
+ * operator sees the conversation's channel and the customer's id there, replies, and
+ * follows the reply's delivery status as the adapter reports it, live and after a
+ * reload; a reply the provider could not deliver is listed on the supervisor's floor and
+ * sent again from there. The admin connects, replaces and disconnects adapters.
+ */
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { Page } from '@playwright/test';
+import { test as base, expect, newPage, signIn, goOnline, shot } from './fixtures';
+import type { Server } from './harness';
+
+/** A Channel API adapter that takes everything: 200 with a provider id to any request,
+ *  keeping the bodies it was sent. */
+interface FakeAdapter {
+  url: string;
+  received: any[];
+}
+
+const test = base.extend<{ adapter: FakeAdapter }>({
+  adapter: async ({}, use) => {
+    const received: any[] = [];
+    const server = http.createServer((req, res) => {
+      let body = '';
+      req.on('data', (chunk) => (body += chunk));
+      req.on('end', () => {
+        if (req.method === 'POST') received.push(JSON.parse(body));
+        res.writeHead(200, { 'Content-Type': 'application/json' });
+        res.end(JSON.stringify({ provider_message_id: 'toy-1' }));
+      });
+    });
+    await new Promise<void>((ok) => server.listen(0, '127.0.0.1', () => ok()));
+    await use({ url: 'http://127.0.0.1:' + (server.address() as AddressInfo).port + '/outbound', received });
+    server.closeAllConnections();
+    await new Promise((ok) => server.close(ok));
+  },
+});
+
+/** A REST call on the server's private listener, with a staff or channel token. */
+async function rest(sb: Server, method: string, path: string, token: string | null, body?: unknown): Promise<{ status: number; body: any }> {
+  const headers: Record<string, string> = {};
+  if (token) headers.Authorization = 'Bearer ' + token;
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const r = await fetch(sb.realPrivate + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : null };
+}
+
+async function staffToken(sb: Server, login: string): Promise<string> {
+  const r = await rest(sb, 'POST', '/api/login', null, { login, password: sb.logins[login] });
+  expect(r.status).toBe(200);
+  return r.body.token;
+}
+
+/** Channel `toy` (Channel API, default group general) pointed at the fake adapter; the
+ *  channel token for the adapter's calls. */
+async function toyChannel(sb: Server, adapter: FakeAdapter): Promise<string> {
+  const admin = await staffToken(sb, 'admin');
+  expect((await rest(sb, 'PUT', '/api/channels/toy', admin, { kind: 'toy', name: 'Toy', default_group: 'general' })).status).toBe(200);
+  const put = await rest(sb, 'PUT', '/api/channels/toy/adapter', admin, { kind: 'api', outbound_url: adapter.url });
+  expect(put.status).toBe(200);
+  expect(put.body.token).toMatch(/^[A-Za-z0-9_-]{43}$/);
+  return put.body.token;
+}
+
+/** Errors thrown in the page, to be none. */
+function pageErrors(page: Page): string[] {
+  const errors: string[] = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  return errors;
+}
+
+test('a Channel API customer: the operator sees the channel, replies and sees the reply read; a failed reply is sent again from the floor', async ({ browser, sb, adapter }) => {
+  // The floor first: nothing has failed yet.
+  const sup = await newPage(browser);
+  const supErrors = pageErrors(sup);
+  await signIn(sup, sb, 'supervisor');
+  const dead = sup.getByTestId('dead-letters');
+  await expect(dead.getByRole('heading', { name: 'Failed deliveries' })).toBeVisible();
+  await expect(dead).toContainText('No failed deliveries.');
+  await expect(dead.getByTestId('dead-letter')).toHaveCount(0);
+  await expect(dead.locator('.error')).toHaveCount(0);
+
+  // Alice's desk is open before the channel exists: it learns of it with the conversation.
+  const alice = await newPage(browser);
+  const aliceErrors = pageErrors(alice);
+  await signIn(alice, sb, 'alice');
+  await goOnline(alice);
+  const token = await toyChannel(sb, adapter);
+
+  const pushed = await rest(sb, 'POST', '/api/channel-api/toy/messages', token, { sender: 'u1', sender_name: 'Fay', message_id: 'm1', text: 'Where is my order?' });
+  expect(pushed.status).toBe(200);
+  expect(pushed.body.duplicate).toBe(false);
+  const conv = pushed.body.conversation as number;
+
+  const offer = alice.getByTestId('offer');
+  await expect(offer).toHaveAttribute('data-conversation', String(conv));
+  await expect(offer.getByTestId('offer-channel')).toHaveText('toy');
+  await offer.getByTestId('offer-accept').click();
+  const view = alice.getByTestId('conversation-view');
+  await expect(view).toHaveAttribute('data-conv', String(conv));
+  await expect(view.getByTestId('conversation-title')).toContainText('Fay');
+  const question = view.getByTestId('message').filter({ hasText: 'Where is my order?' });
+  await expect(question).toHaveCount(1);
+  // The channel by its name, and the customer's identity there.
+  await expect(view.getByTestId('channel-badge')).toHaveText('Channel: Toy · toy:u1');
+  await expect(question.getByTestId('delivery')).toHaveCount(0);
+
+  await alice.getByTestId('composer-input').fill('It ships today.');
+  await alice.getByTestId('composer-input').press('Enter');
+  const reply = view.getByTestId('message').filter({ hasText: 'It ships today.' });
+  const replyMark = reply.getByTestId('delivery');
+  await expect.poll(() => adapter.received.length).toBe(1);
+  const out = adapter.received[0];
+  expect(out).toMatchObject({ channel: 'toy', conversation: conv, recipient: 'u1', kind: 'message', author: 'Alice', text: 'It ships today.' });
+  expect(out.delivery_id).toBe(conv + ':' + out.seq);
+  await expect(reply).toHaveAttribute('data-seq', String(out.seq));
+  // The adapter took it: sent (✓).
+  await expect(replyMark).toHaveAttribute('data-status', 'sent');
+  await expect(replyMark).toHaveText('✓ Sent');
+
+  // The customer read it.
+  const read = await rest(sb, 'POST', '/api/channel-api/toy/statuses', token, [{ conversation: out.conversation, seq: out.seq, status: 'read' }]);
+  expect(read.status).toBe(204);
+  await expect(replyMark).toHaveAttribute('data-status', 'read');
+  await expect(replyMark).toHaveClass(/delivery-read/);
+  await expect(replyMark).toHaveText('✓✓ Read');
+  await shot(alice, '60-channel-desk-read');
+
+  // A second reply the provider could not deliver: the reason is on screen.
+  await alice.getByTestId('composer-input').fill('Here is the tracking link.');
+  await alice.getByTestId('composer-input').press('Enter');
+  await expect.poll(() => adapter.received.length).toBe(2);
+  const second = adapter.received[1];
+  const secondMark = view.getByTestId('message').filter({ hasText: 'tracking link' }).getByTestId('delivery');
+  await expect(secondMark).toHaveAttribute('data-status', 'sent');
+  const failed = await rest(sb, 'POST', '/api/channel-api/toy/statuses', token, [{ conversation: conv, seq: second.seq, status: 'failed', reason: 'the customer left the messenger' }]);
+  expect(failed.status).toBe(204);
+  await expect(secondMark).toHaveAttribute('data-status', 'failed');
+  await expect(secondMark).toBeVisible();
+  await expect(secondMark).toHaveText('⚠ Not delivered: the customer left the messenger');
+  await shot(alice, '61-channel-desk-failed');
+
+  // After a reload the statuses come from the conversation itself.
+  await alice.reload();
+  await alice.locator(`[data-testid="conv-item"][data-conv="${conv}"]`).click();
+  await expect(view.getByTestId('channel-badge')).toHaveText('Channel: Toy · toy:u1');
+  await expect(replyMark).toHaveAttribute('data-status', 'read');
+  await expect(secondMark).toHaveAttribute('data-status', 'failed');
+
+  // The floor lists the dead letter; sent again, the adapter gets it once more.
+  await sup.reload();
+  const row = dead.locator(`[data-testid="dead-letter"][data-conv="${conv}"][data-seq="${second.seq}"]`);
+  await expect(row).toContainText('toy');
+  await expect(row).toContainText('u1');
+  await expect(row).toContainText('Failed');
+  await expect(row.getByTestId('dead-letter-reason')).toHaveText('the customer left the messenger');
+  await shot(sup, '62-floor-failed-deliveries');
+  await row.getByRole('button', { name: `Send again: entry ${second.seq} of conversation #${conv}` }).click();
+  await expect(dead.getByTestId('dead-letter')).toHaveCount(0);
+  await expect(dead).toContainText('No failed deliveries.');
+  await expect.poll(() => adapter.received.length).toBe(3);
+  expect(adapter.received[2]).toMatchObject({ delivery_id: conv + ':' + second.seq, text: 'Here is the tracking link.' });
+  await expect(secondMark).toHaveAttribute('data-status', 'sent');
+
+  expect(supErrors).toEqual([]);
+  expect(aliceErrors).toEqual([]);
+});
+
+test('the admin connects a Channel API adapter (its secrets shown once), refused and accepted Telegram settings, and disconnects', async ({ browser, sb, adapter }) => {
+  const token = await toyChannel(sb, adapter);
+  const admin = await newPage(browser);
+  const errors = pageErrors(admin);
+  await signIn(admin, sb, 'admin');
+  await admin.getByTestId('nav-admin').click();
+  const body = admin.getByTestId('admin');
+  await body.getByTestId('admin-tab-channels').click();
+  const toyRow = body.locator('[data-testid="channel-row"][data-channel="toy"]');
+  await expect(toyRow.getByTestId('channel-adapter-kind')).toHaveText('Channel API');
+  await expect(body.locator('[data-testid="channel-row"][data-channel="web"]').getByTestId('channel-adapter-kind')).toHaveText('—');
+  // The web chat has no adapter to set.
+  await body.getByRole('button', { name: 'Edit Web chat' }).click();
+  await expect(body.getByTestId('channel-adapter')).toHaveCount(0);
+
+  await toyRow.getByRole('button', { name: 'Edit Toy' }).click();
+  const section = body.getByTestId('channel-adapter');
+  await expect(section.getByRole('heading', { name: 'Adapter of Toy' })).toBeVisible();
+  const current = section.getByTestId('adapter-current');
+  await expect(current).toHaveAttribute('data-kind', 'api');
+  await expect(current).toContainText(adapter.url);
+  await expect(current).toContainText('/api/channel-api/toy/messages');
+
+  // Telegram: the secret is checked here; what only the server checks comes back in its words.
+  await section.getByLabel('Adapter kind').selectOption('telegram');
+  await section.getByLabel('Bot token').fill('токен');
+  await section.getByLabel('Webhook secret').fill('too-short');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('alert')).toHaveText('The webhook secret must be 16-256 characters of A-Z, a-z, 0-9, _ and -.');
+  await section.getByLabel('Webhook secret').fill('a-secret_of-20-chars');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('alert')).toContainText('The server refused this: ');
+  await expect(section.getByRole('alert')).toContainText('bot_token');
+  await expect(current).toHaveAttribute('data-kind', 'api');
+
+  await section.getByLabel('Bot token').fill('123456:ABCdef');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('status')).toHaveText('Connected.');
+  await expect(current).toHaveAttribute('data-kind', 'telegram');
+  await expect(section.getByTestId('adapter-webhook-path')).toHaveText('/hooks/telegram/toy');
+  await expect(section).toContainText('set it with setWebhook and the same secret');
+  await expect(current).not.toContainText('123456:ABCdef');
+  await expect(section.getByLabel('Bot token')).toHaveValue('');
+  await expect(toyRow.getByTestId('channel-adapter-kind')).toHaveText('Telegram');
+  // The Channel API's token stopped working with it.
+  expect((await rest(sb, 'POST', '/api/channel-api/toy/messages', token, { sender: 'u2', message_id: 'm1', text: 'Hello?' })).status).toBe(401);
+
+  // Back to the Channel API: a new token and signing secret, shown this once.
+  await section.getByLabel('Adapter kind').selectOption('api');
+  await section.getByLabel('Outbound URL').fill(adapter.url);
+  await section.getByRole('button', { name: 'Replace' }).click();
+  const secrets = section.getByTestId('adapter-secrets');
+  await expect(secrets).toContainText('Copy these now: they will not be shown again.');
+  const newToken = await secrets.getByLabel('Channel token').inputValue();
+  expect(newToken).toMatch(/^[A-Za-z0-9_-]{43}$/);
+  expect(await secrets.getByLabel('Signing secret').inputValue()).toMatch(/^[A-Za-z0-9_-]{43}$/);
+  await expect(current).toHaveAttribute('data-kind', 'api');
+  await shot(admin, '63-admin-adapter-secrets');
+  expect((await rest(sb, 'POST', '/api/channel-api/toy/messages', newToken, { sender: 'u2', message_id: 'm1', text: 'Hello?' })).status).toBe(200);
+  await secrets.getByRole('button', { name: 'I have copied them' }).click();
+  await expect(secrets).toHaveCount(0);
+  // Read again, the adapter is there and its secrets are not.
+  await admin.reload();
+  await admin.getByTestId('nav-admin').click();
+  await body.getByTestId('admin-tab-channels').click();
+  await toyRow.getByRole('button', { name: 'Edit Toy' }).click();
+  await expect(current).toContainText(adapter.url);
+  await expect(section.getByLabel('Outbound URL')).toHaveValue(adapter.url);
+  await expect(section).not.toContainText(newToken);
+  await expect(section.getByTestId('adapter-secrets')).toHaveCount(0);
+
+  admin.once('dialog', (d) => void d.accept());
+  await section.getByRole('button', { name: 'Disconnect' }).click();
+  await expect(section.getByRole('status')).toHaveText('Disconnected.');
+  await expect(section).toContainText('No adapter: the channel takes no messages yet.');
+  await expect(toyRow.getByTestId('channel-adapter-kind')).toHaveText('—');
+  expect((await rest(sb, 'POST', '/api/channel-api/toy/messages', newToken, { sender: 'u2', message_id: 'm2', text: 'Hello?' })).status).toBe(401);
+  expect(errors).toEqual([]);
+});
