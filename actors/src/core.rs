@@ -1296,6 +1296,15 @@ fn check_adapter(adapter: &AdapterConfig) -> Result<(), Error> {
             }
             url("api_base", api_base)
         }
+        AdapterConfig::WhatsApp { access_token, app_secret, verify_token, phone_number_id, api_base } => {
+            secret("access_token", access_token, 1)?;
+            secret("app_secret", app_secret, 1)?;
+            secret("verify_token", verify_token, 1)?;
+            if phone_number_id.is_empty() || phone_number_id.len() > 32 || !phone_number_id.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Error::Invalid("phone_number_id must be 1-32 digits".into()));
+            }
+            url("api_base", api_base)
+        }
         AdapterConfig::Api { token_sha256, outbound_url, signing_secret } => {
             if token_sha256.len() != 64 || !token_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(Error::Invalid("token_sha256 must be 64 hex digits".into()));

@@ -612,6 +612,10 @@ pub enum AdapterConfig {
     /// with a bearer token whose SHA-256 is `token_sha256` (hex), and receives outbound
     /// ones at `outbound_url`, signed with HMAC-SHA256 under `signing_secret`.
     Api { token_sha256: String, outbound_url: String, signing_secret: String },
+    /// WhatsApp Cloud API: webhooks signed with `app_secret` (`X-Hub-Signature-256`),
+    /// verified once with `verify_token`; replies go to
+    /// `{api_base}/{phone_number_id}/messages` with `access_token`.
+    WhatsApp { access_token: String, app_secret: String, verify_token: String, phone_number_id: String, api_base: String },
 }
 
 impl AdapterConfig {
@@ -620,6 +624,7 @@ impl AdapterConfig {
         match self {
             AdapterConfig::Telegram { .. } => "telegram",
             AdapterConfig::Api { .. } => "api",
+            AdapterConfig::WhatsApp { .. } => "whatsapp",
         }
     }
 

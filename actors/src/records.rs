@@ -50,6 +50,7 @@
 //! | `U` conversation seq | an outbox entry still to be sent or being sent ([`Delivery`]) |
 //! | `M` conversation seq | an outbox entry once sent, delivered, read or dead-lettered |
 //! | `D` conversation seq | empty: the outbox entry is dead-lettered (failed or unknown) |
+//! | `F` len:u16 channel provider id | the sent outbox entry (conversation, seq) the provider knows by that id (deleted with it) |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
 //! of the record. A reader refuses a version it does not know (docs/formats.md).
@@ -288,6 +289,11 @@ pub mod key {
     }
     pub fn inbound(key: &str) -> Vec<u8> {
         with(b'I', key.as_bytes())
+    }
+    pub fn provider_id(channel: &ChannelId, id: &str) -> Vec<u8> {
+        let mut key = with_name(b'F', &channel.0);
+        key.extend_from_slice(id.as_bytes());
+        key
     }
     /// `tag` `U` (open), `M` (final) or `D` (dead letter), then the conversation and seq.
     pub fn delivery(tag: u8, conversation: ConversationId, seq: u64) -> Vec<u8> {
@@ -585,6 +591,9 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
     for (inbound, conversation) in &dirty.inbound {
         put(key::inbound(inbound), encode(conversation));
     }
+    for (channel, id, conversation, seq) in &dirty.provider_ids {
+        put(key::provider_id(channel, id), encode(&(conversation, seq)));
+    }
     for ((conversation, seq), delivery) in &dirty.deliveries {
         let (open, dead) = (delivery.status.open(), delivery.status.dead());
         let (here, gone) = if open { (b'U', b'M') } else { (b'M', b'U') };
@@ -832,7 +841,12 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
         }
     }
     for tag in [b'U', b'M', b'D'] {
-        for (k, _) in scan_all(store, &with_conversation(tag, id))? {
+        for (k, v) in scan_all(store, &with_conversation(tag, id))? {
+            if tag == b'M' {
+                if let Ok(Delivery { channel, provider_id: Some(pid), .. }) = decode::<Delivery>(&v) {
+                    state.expired_keys.push(key::provider_id(&channel, &pid));
+                }
+            }
             state.expired_keys.push(k);
         }
     }
@@ -959,6 +973,11 @@ pub fn deliveries_of(store: &dyn Store, conversation: ConversationId) -> Result<
     }
     out.sort_by_key(|(seq, _)| *seq);
     Ok(out)
+}
+
+/// The sent outbox entry a channel's provider knows by `id`.
+pub fn by_provider_id(store: &dyn Store, channel: &ChannelId, id: &str) -> Result<Option<(ConversationId, u64)>, Error> {
+    get(store, &key::provider_id(channel, id))
 }
 
 /// Dead-lettered outbox entries, oldest conversation first, at most `limit`.

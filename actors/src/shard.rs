@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::actors::SupervisorMsg;
 use crate::core::{handle, Effect, Reply};
 use crate::error::Error;
-use crate::model::{Attachment, AttachmentId, ConversationId, DecisionRecord, Envelope, OfferId, OperatorId, SkillGroupId};
+use crate::model::{Attachment, AttachmentId, ChannelId, ConversationId, DecisionRecord, Envelope, OfferId, OperatorId, SkillGroupId};
 use crate::records::{self, Store, Writes};
 use crate::state::{Conversation, FeedEntry, HistoryEntry, ShardState, Touched};
 
@@ -279,6 +279,11 @@ impl Shard {
             }
         }
         Ok(out)
+    }
+
+    /// The sent outbox entry a channel's provider knows by `id` (for its receipts).
+    pub fn by_provider_id(&self, channel: &ChannelId, id: &str) -> Result<Option<(ConversationId, u64)>, Error> {
+        records::by_provider_id(self.store()?.as_ref(), channel, id)
     }
 
     /// Dead-lettered outbox entries, at most `limit`.

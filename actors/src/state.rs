@@ -609,6 +609,9 @@ pub struct Dirty {
     /// Inbound keys taken (records `I`), and outbox entries changed (records `U`, `M`, `D`).
     pub inbound: Vec<(String, ConversationId)>,
     pub deliveries: BTreeMap<(ConversationId, u64), Delivery>,
+    /// Sent entries by the provider's id for them, for receipts that name only that
+    /// (records `F`): (channel, provider id, conversation, seq).
+    pub provider_ids: Vec<(ChannelId, String, ConversationId, u64)>,
     /// The routing step each offer of this entry was made under (records `O`).
     pub offer_steps: Vec<(OfferId, u32)>,
     /// Per visitor, who served the conversation that just closed, when, and which one
@@ -1497,11 +1500,15 @@ impl ShardState {
             }
             Event::DeliveryResults { results } => {
                 for r in results {
+                    if let DeliveryOutcome::Sent { provider_id } = &r.outcome {
+                        if let Some(d) = self.delivery(&(r.conversation, r.seq)) {
+                            self.dirty.provider_ids.push((d.channel.clone(), provider_id.clone(), r.conversation, r.seq));
+                        }
+                    }
                     self.update_delivery((r.conversation, r.seq), |d| {
                         d.updated_at = at;
                         match &r.outcome {
                             DeliveryOutcome::Sent { provider_id } => {
-                                // A receipt may have overtaken the send's answer.
                                 if d.status.open() || d.status == DeliveryStatus::Unknown {
                                     d.status = DeliveryStatus::Sent;
                                 }

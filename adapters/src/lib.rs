@@ -10,6 +10,7 @@
 pub mod api;
 pub mod http;
 pub mod telegram;
+pub mod whatsapp;
 
 use std::time::Duration;
 
@@ -104,6 +105,7 @@ pub async fn send(client: &http::Client, adapter: &AdapterConfig, message: &Outg
     match adapter {
         AdapterConfig::Telegram { bot_token, api_base, .. } => telegram::send(client, api_base, bot_token, message).await,
         AdapterConfig::Api { outbound_url, signing_secret, .. } => api::send(client, outbound_url, signing_secret, message).await,
+        AdapterConfig::WhatsApp { access_token, phone_number_id, api_base, .. } => whatsapp::send(client, api_base, phone_number_id, access_token, message).await,
     }
 }
 
@@ -125,6 +127,15 @@ pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
 /// Lowercase hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+pub(crate) fn clip_bytes(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// Text cut to at most `max` characters, for reasons kept in the log.

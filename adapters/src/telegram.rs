@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{by_status, clip, http, same_secret, AdapterError, Outgoing, SendOutcome};
+use crate::{by_status, clip, clip_bytes, http, same_secret, AdapterError, Outgoing, SendOutcome};
 
 /// The header Telegram puts the webhook's secret in.
 pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
@@ -136,15 +136,6 @@ pub fn parse(body: &[u8]) -> Result<Option<(String, String, String, String)>, Ad
         None => String::new(),
     };
     Ok(Some((m.chat.id.to_string(), clip_bytes(&name, switchboard_actors::core::MAX_SENDER_BYTES), m.message_id.to_string(), clip(&text, switchboard_actors::core::MAX_TEXT_CHARS))))
-}
-
-/// At most `max` bytes of `text`, cut at a character boundary.
-fn clip_bytes(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
 }
 
 #[derive(Deserialize)]

@@ -8,6 +8,9 @@
 //! after S","parameters":{"retry_after":S}}` or a 500. It refuses a wrong token with
 //! 401 `Unauthorized` as the API does, and keeps every message it accepted.
 //!
+//! [`FakeWhatsApp`] serves WhatsApp Cloud API's send endpoint; [`meta_signature`] signs
+//! webhooks as Meta does.
+//!
 //! [`FakeAdapter`] is an adapter of the open Channel API's outbound half: it checks the
 //! signature, deduplicates on the delivery id, and keeps what it received.
 
@@ -231,4 +234,94 @@ fn switchboard_adapters_signature(secret: &str, t: u64, body: &[u8]) -> String {
     signed.extend_from_slice(body);
     let tag = ring::hmac::sign(&key, &signed);
     format!("t={t},v1={}", tag.as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+#[derive(Default)]
+struct WhatsAppState {
+    token: String,
+    faults: VecDeque<Fault>,
+    /// Accepted messages: (to, text, wamid).
+    sent: Vec<(String, String, String)>,
+    next_id: u64,
+}
+
+/// WhatsApp Cloud API's send endpoint, `POST /<version>/<phone number id>/messages`
+/// with a bearer access token, answering `{"messaging_product":"whatsapp","contacts":
+/// […],"messages":[{"id":"wamid.…"}]}`, or the Graph API's error shape
+/// `{"error":{"message","type","code","fbtrace_id"}}`: code 130429 (throughput limit)
+/// with HTTP 429 for [`Fault::TooMany`], code 1 with HTTP 500 for
+/// [`Fault::ServerError`], 190 with 401 for a wrong token.
+#[derive(Clone)]
+pub struct FakeWhatsApp {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<WhatsAppState>>,
+    _stop: Arc<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl FakeWhatsApp {
+    pub async fn start(token: &str) -> anyhow::Result<FakeWhatsApp> {
+        let state = Arc::new(Mutex::new(WhatsAppState { token: token.to_owned(), ..Default::default() }));
+        let app = Router::new().route("/{version}/{phone}/messages", post(whatsapp_send)).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(FakeWhatsApp { addr, state, _stop: Arc::new(stop) })
+    }
+
+    /// The `api_base` to configure: this server and a Graph API version.
+    pub fn api_base(&self) -> String {
+        format!("http://{}/v21.0", self.addr)
+    }
+
+    pub fn script(&self, faults: &[Fault]) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).faults.extend(faults.iter().copied());
+    }
+
+    /// Accepted messages: (to, text, wamid).
+    pub fn sent(&self) -> Vec<(String, String, String)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).sent.clone()
+    }
+}
+
+fn graph_error(status: StatusCode, code: i64, message: &str) -> Response {
+    (status, Json(json!({"error": {"message": message, "type": "OAuthException", "code": code, "fbtrace_id": "AbCdEf"}}))).into_response()
+}
+
+async fn whatsapp_send(State(state): State<Arc<Mutex<WhatsAppState>>>, Path((_version, _phone)): Path<(String, String)>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
+    if bearer != s.token {
+        return graph_error(StatusCode::UNAUTHORIZED, 190, "Invalid OAuth access token.");
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
+    };
+    let (Some(to), Some(text)) = (request["to"].as_str(), request["text"]["body"].as_str()) else {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
+    };
+    if request["messaging_product"] != "whatsapp" || request["type"] != "text" {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
+    }
+    match s.faults.pop_front() {
+        Some(Fault::TooMany(_)) => return graph_error(StatusCode::TOO_MANY_REQUESTS, 130429, "(#130429) Rate limit hit"),
+        Some(Fault::ServerError) => return graph_error(StatusCode::INTERNAL_SERVER_ERROR, 1, "An unknown error occurred"),
+        Some(Fault::Hang(_)) | None => {}
+    }
+    s.next_id += 1;
+    let id = format!("wamid.FAKE{}", s.next_id);
+    s.sent.push((to.to_owned(), text.to_owned(), id.clone()));
+    Json(json!({"messaging_product": "whatsapp", "contacts": [{"input": to, "wa_id": to}], "messages": [{"id": id}]})).into_response()
+}
+
+/// Signs a WhatsApp webhook body as Meta does: `sha256=<hex HMAC-SHA256(app secret, body)>`.
+pub fn meta_signature(app_secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, app_secret.as_bytes());
+    format!("sha256={}", ring::hmac::sign(&key, body).as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>())
 }

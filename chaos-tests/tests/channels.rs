@@ -294,3 +294,72 @@ async fn a_node_killed_mid_send_neither_loses_nor_repeats_a_message() -> anyhow:
     assert_eq!(status, 409, "only a dead letter is sent again");
     Ok(())
 }
+
+/// WhatsApp Cloud API: Meta's subscription check, signed deliveries (a bad signature
+/// writes nothing, a redelivery makes one message), the reply through a rate limit and a
+/// 500 exactly once, and the delivered and read statuses of Meta's later webhooks shown
+/// to the operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whatsapp_conversation_with_signed_webhooks_and_receipts() -> anyhow::Result<()> {
+    use switchboard_chaos_tests::fake_provider::{meta_signature, FakeWhatsApp};
+    const APP_SECRET: &str = "meta-app-secret";
+    let fake = FakeWhatsApp::start("EAAG-access").await?;
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    dev.api("PUT", "/api/channels/wa", Some(&admin), Some(json!({"kind": "whatsapp", "name": "WhatsApp", "default_group": "general"}))).await?;
+    let settings = json!({"kind": "whatsapp", "access_token": "EAAG-access", "app_secret": APP_SECRET, "verify_token": "verify-me", "phone_number_id": "1098765432", "api_base": fake.api_base()});
+    let (status, shown) = dev.api("PUT", "/api/channels/wa/adapter", Some(&admin), Some(settings)).await?;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["webhook_path"], "/hooks/whatsapp/wa");
+    assert!(!shown.to_string().contains("EAAG-access") && !shown.to_string().contains(APP_SECRET));
+
+    // Meta's subscription check.
+    let (status, challenge) = http_json_with(&dev.public, "GET", "/hooks/whatsapp/wa?hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=1158201444", &[], None).await?;
+    assert_eq!((status, challenge), (200, json!(1158201444)));
+    let (status, _) = http_json_with(&dev.public, "GET", "/hooks/whatsapp/wa?hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=1", &[], None).await?;
+    assert_eq!(status, 403);
+
+    let hook = |body: Value, secret: &'static str| {
+        let public = dev.public.clone();
+        async move {
+            let raw = body.to_string();
+            let signature = meta_signature(secret, raw.as_bytes());
+            let headers = [("x-hub-signature-256", signature.as_str())];
+            anyhow::Ok(http_json_with(&public, "POST", "/hooks/whatsapp/wa", &headers, Some(&body)).await?)
+        }
+    };
+    let message = |id: &str, text: &str| json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"messaging_product": "whatsapp", "metadata": {"phone_number_id": "1098765432"}, "contacts": [{"profile": {"name": "Ana"}, "wa_id": "4915112345"}], "messages": [{"from": "4915112345", "id": id, "timestamp": "1700000000", "type": "text", "text": {"body": text}}]}}]}]});
+    assert_eq!(hook(message("wamid.IN1", "hola"), "not-the-secret").await?.0, 401);
+    let (status, first) = hook(message("wamid.IN1", "hola"), APP_SECRET).await?;
+    assert_eq!(status, 200, "{first}");
+    let (_, again) = hook(message("wamid.IN1", "hola"), APP_SECRET).await?;
+    assert_eq!(again["messages"][0]["duplicate"], true, "{again}");
+
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let conversation = accept_offer(&mut alice).await?;
+    assert_eq!(json!(conversation), first["messages"][0]["conversation"]);
+    fake.script(&[Fault::TooMany(0), Fault::ServerError]);
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "w1", "text": "¡Hola Ana!", "ref": "w1"})).await?;
+    let ack = alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "w1").await?;
+    let seq = ack["seq"].clone();
+    let sent = eventually(Duration::from_secs(20), Duration::from_millis(100), || async { Ok(fake.sent().first().cloned()) }).await?;
+    assert_eq!((sent.0.as_str(), sent.1.as_str()), ("4915112345", "¡Hola Ana!"));
+    let supervisor = dev.login("supervisor").await?;
+    eventually(WAIT, Duration::from_millis(100), || async {
+        Ok(deliveries(&dev, &supervisor, conversation).await?.into_iter().find(|d| d["status"] == "sent" && d["provider_id"] == sent.2.as_str()))
+    })
+    .await?;
+
+    // Meta reports the message delivered, then read; the operator sees both.
+    for status_name in ["delivered", "read"] {
+        let receipt = json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"messaging_product": "whatsapp", "metadata": {"phone_number_id": "1098765432"}, "statuses": [{"id": sent.2, "status": status_name, "timestamp": "1700000100", "recipient_id": "4915112345"}]}}]}]});
+        let (status, body) = hook(receipt, APP_SECRET).await?;
+        assert_eq!((status, body["statuses"].clone()), (200, json!(1)), "{body}");
+        let event = alice.wait_for(WAIT, |v| v["kind"] == "delivery" && v["status"] == status_name).await?;
+        assert_eq!((event["conversation"].clone(), event["entry_seq"].clone()), (json!(conversation), seq.clone()));
+    }
+    assert_eq!(deliveries(&dev, &supervisor, conversation).await?[0]["status"], "read");
+    assert_eq!(fake.sent().len(), 1, "sent once through the rate limit and the 500");
+    Ok(())
+}

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
 use switchboard_actors::model::{AdapterConfig, ChannelId, Command, ConversationId, DeliveryOutcome, DeliveryResult, Role};
 use switchboard_actors::state::Delivery;
-use switchboard_adapters::{api, telegram};
+use switchboard_adapters::{api, telegram, whatsapp};
 
 use crate::rest::{Body, Params, Staff};
 
@@ -43,27 +43,94 @@ pub async fn telegram_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
     let Some((sender, sender_name, message_id, text)) = telegram::parse(&body).map_err(|e| GatewayError::BadRequest(e.to_string()))? else {
         return Ok(Json(json!({"ok": true, "ignored": "the update carries no customer message"})).into_response());
     };
-    take_inbound(&gw, Command::ChannelInbound { channel, sender, sender_name, provider_message_id: message_id, text }).await
+    Ok(Json(take_inbound(&gw, Command::ChannelInbound { channel, sender, sender_name, provider_message_id: message_id, text }).await?).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct Subscribe {
+    #[serde(rename = "hub.mode", default)]
+    mode: String,
+    #[serde(rename = "hub.verify_token", default)]
+    verify_token: String,
+    #[serde(rename = "hub.challenge", default)]
+    challenge: String,
+}
+
+/// `GET /hooks/whatsapp/{channel}`: Meta's subscription check; the challenge is echoed
+/// when the verify token is the channel's.
+pub async fn whatsapp_subscribe(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, Params(q): Params<Subscribe>) -> Result<Response, GatewayError> {
+    let channel = ChannelId::new(channel);
+    let Some(AdapterConfig::WhatsApp { verify_token, .. }) = adapter_of(&gw, &channel) else {
+        return Err(GatewayError::NotFound(format!("no WhatsApp channel {channel}")));
+    };
+    if q.mode != "subscribe" || !switchboard_adapters::same_secret(q.verify_token.as_bytes(), verify_token.as_bytes()) || q.challenge.len() > 200 {
+        return Err(GatewayError::Forbidden("the verify token does not match"));
+    }
+    Ok(q.challenge.into_response())
+}
+
+/// `POST /hooks/whatsapp/{channel}`: a signed delivery of messages and statuses. Answered
+/// 200 once everything in it is committed, 503 if something could not be (Meta
+/// delivers it all again; what was committed is not written twice).
+pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+    let channel = ChannelId::new(channel);
+    let Some(AdapterConfig::WhatsApp { app_secret, .. }) = adapter_of(&gw, &channel) else {
+        return Err(GatewayError::NotFound(format!("no WhatsApp channel {channel}")));
+    };
+    if !whatsapp::verify(&app_secret, headers.get(whatsapp::SIGNATURE_HEADER).map(|v| v.as_bytes()), &body) {
+        tracing::warn!(%channel, "a WhatsApp webhook with a bad signature was refused");
+        return Err(GatewayError::Unauthorized("the signature does not match"));
+    }
+    let items = whatsapp::parse(&body).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    let mut taken = Vec::new();
+    let mut receipts = Vec::new();
+    for item in items {
+        match item {
+            whatsapp::Item::Message { from, name, id, text } => {
+                let answer = take_inbound(&gw, Command::ChannelInbound { channel: channel.clone(), sender: from, sender_name: name, provider_message_id: id, text }).await?;
+                taken.push(answer);
+            }
+            whatsapp::Item::Status { id, status, reason } => {
+                let outcome = match status.as_str() {
+                    "delivered" => DeliveryOutcome::Delivered,
+                    "read" => DeliveryOutcome::Read,
+                    "failed" => DeliveryOutcome::Failed { reason },
+                    // `sent` is known from the send's own answer.
+                    _ => continue,
+                };
+                // A receipt for a message whose send is not committed yet is dropped.
+                if let Some((conversation, seq)) = gw.backend.shard().by_provider_id(&channel, &id)? {
+                    receipts.push(DeliveryResult { conversation, seq, outcome });
+                }
+            }
+        }
+    }
+    if !receipts.is_empty() {
+        for chunk in receipts.chunks(switchboard_actors::core::MAX_DELIVERY_BATCH) {
+            gw.submit(Command::DeliveryResults { results: chunk.to_vec() }).await.map_err(|_| GatewayError::Busy("the statuses could not be committed; deliver them again"))?;
+        }
+    }
+    Ok(Json(json!({"ok": true, "messages": taken, "statuses": receipts.len()})).into_response())
 }
 
 /// Commits an inbound message and answers its provider: 200 once committed (or when a
 /// retry could never succeed: a blocked sender, an empty text), 503 when the commit
 /// failed, so that the provider delivers it again.
-async fn take_inbound(gw: &Gateway, command: Command) -> Result<Response, GatewayError> {
+async fn take_inbound(gw: &Gateway, command: Command) -> Result<Value, GatewayError> {
     let channel = match &command {
         Command::ChannelInbound { channel, .. } => channel.clone(),
         _ => ChannelId::new(""),
     };
     match gw.submit(command).await {
-        Ok(Reply::Inbound { conversation, duplicate }) => Ok(Json(json!({"ok": true, "conversation": conversation.0, "duplicate": duplicate})).into_response()),
-        Ok(_) => Ok(Json(json!({"ok": true})).into_response()),
+        Ok(Reply::Inbound { conversation, duplicate }) => Ok(json!({"ok": true, "conversation": conversation.0, "duplicate": duplicate})),
+        Ok(_) => Ok(json!({"ok": true})),
         Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) | switchboard_actors::Error::Storage(_))) => {
             tracing::warn!(%channel, error = %e, "an inbound message could not be committed; the provider is asked to retry");
             Err(GatewayError::Busy("the message could not be committed; deliver it again"))
         }
         Err(e) => {
             tracing::info!(%channel, error = %e, "an inbound message was dropped");
-            Ok(Json(json!({"ok": true, "dropped": e.code(), "message": e.to_string()})).into_response())
+            Ok(json!({"ok": true, "dropped": e.code(), "message": e.to_string()}))
         }
     }
 }
@@ -178,6 +245,15 @@ pub(crate) fn adapter_json(channel: &ChannelId, adapter: &AdapterConfig) -> Valu
             "api_base": api_base,
             "webhook_path": format!("/hooks/telegram/{channel}"),
         }),
+        AdapterConfig::WhatsApp { access_token, app_secret, verify_token, phone_number_id, api_base } => json!({
+            "kind": "whatsapp",
+            "access_token": masked(access_token),
+            "app_secret": masked(app_secret),
+            "verify_token": masked(verify_token),
+            "phone_number_id": phone_number_id,
+            "api_base": api_base,
+            "webhook_path": format!("/hooks/whatsapp/{channel}"),
+        }),
         AdapterConfig::Api { outbound_url, .. } => json!({
             "kind": "api",
             "outbound_url": outbound_url,
@@ -210,6 +286,19 @@ pub enum AdapterBody {
     Api {
         outbound_url: String,
     },
+    #[serde(rename = "whatsapp")]
+    WhatsApp {
+        access_token: String,
+        app_secret: String,
+        verify_token: String,
+        phone_number_id: String,
+        #[serde(default = "graph_api")]
+        api_base: String,
+    },
+}
+
+fn graph_api() -> String {
+    "https://graph.facebook.com/v21.0".to_owned()
 }
 
 fn telegram_api() -> String {
@@ -231,6 +320,9 @@ pub async fn put_adapter(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id):
     let channel = ChannelId::new(id);
     let (adapter, shown) = match body {
         AdapterBody::Telegram { bot_token, secret, api_base } => (AdapterConfig::Telegram { bot_token, secret, api_base }, None),
+        AdapterBody::WhatsApp { access_token, app_secret, verify_token, phone_number_id, api_base } => {
+            (AdapterConfig::WhatsApp { access_token, app_secret, verify_token, phone_number_id, api_base }, None)
+        }
         AdapterBody::Api { outbound_url } => {
             let (token, signing_secret) = (random_secret()?, random_secret()?);
             let adapter = AdapterConfig::Api { token_sha256: api::token_digest(&token), outbound_url, signing_secret: signing_secret.clone() };

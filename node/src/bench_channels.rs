@@ -181,6 +181,9 @@ pub async fn run(args: BenchArgs, seconds: u64, outbound_rate: u32) -> anyhow::R
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let (_, metrics) = http_json(&child.private, "GET", "/metrics", None, None).await?;
+    let attempts: Vec<&str> = metrics.as_str().map(|m| m.lines().filter(|l| l.starts_with("switchboard_outbox_attempts_total{")).collect()).unwrap_or_default();
+    println!("outbox: {}", attempts.join(", "));
     let t = times.lock().unwrap_or_else(|p| p.into_inner());
     let mut latencies: Vec<Duration> = t.received.iter().filter_map(|(n, got)| t.acked.get(n).map(|acked| got.saturating_duration_since(*acked))).collect();
     latencies.sort();

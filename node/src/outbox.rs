@@ -55,6 +55,7 @@ fn rate_of(adapter: &AdapterConfig) -> f64 {
         AdapterConfig::Telegram { .. } => f64::from(switchboard_adapters::telegram::MESSAGES_PER_SECOND),
         // An adapter of our own API answers as fast as it can; 429 slows us down.
         AdapterConfig::Api { .. } => 10_000.0,
+        AdapterConfig::WhatsApp { .. } => f64::from(switchboard_adapters::whatsapp::MESSAGES_PER_SECOND),
     }
 }
 
@@ -152,22 +153,27 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             continue;
         }
         idle_rounds = 0;
+        // The batch is marked attempted and sent by a task of its own, so the next
+        // batch is picked while this one commits (the in-flight set keeps them apart).
         in_flight.lock().unwrap_or_else(|p| p.into_inner()).extend(paced.iter().copied());
-        if let Err(e) = proposer.propose(Command::DeliveriesAttempted { node: node_id, items: paced.clone() }).await {
-            tracing::warn!(error = %e, "marking {} outbox entries attempted failed; they wait", paced.len());
-            let mut flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            for key in &paced {
-                flying.remove(key);
+        let (proposer, in_flight, client, shard, results) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = proposer.propose(Command::DeliveriesAttempted { node: node_id, items: paced.clone() }).await {
+                tracing::warn!(error = %e, "marking {} outbox entries attempted failed; they wait", paced.len());
+                let mut flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                for key in &paced {
+                    flying.remove(key);
+                }
+                return;
             }
-            continue;
-        }
-        for key in paced {
-            let (client, shard, results) = (client.clone(), shard.clone(), results_tx.clone());
-            tokio::spawn(async move {
-                let outcome = attempt(&client, &shard, key).await;
-                let _ = results.send(DeliveryResult { conversation: key.0, seq: key.1, outcome });
-            });
-        }
+            for key in paced {
+                let (client, shard, results) = (client.clone(), shard.clone(), results.clone());
+                tokio::spawn(async move {
+                    let outcome = attempt(&client, &shard, key).await;
+                    let _ = results.send(DeliveryResult { conversation: key.0, seq: key.1, outcome });
+                });
+            }
+        });
     }
 }
 

@@ -1,0 +1,280 @@
+//! WhatsApp Cloud API (Meta's Graph API for WhatsApp Business).
+//!
+//! - Subscribing a webhook: Meta calls `GET` with `hub.mode=subscribe`,
+//!   `hub.verify_token` and `hub.challenge`; the answer is the challenge when the token
+//!   is the channel's.
+//! - Every delivery is signed: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw
+//!   body keyed with the app secret>`. Meta retries a delivery it did not see answered
+//!   with 200; a message's `wamid` is unique, so a retry is harmless.
+//! - A delivery carries customers' `messages` and the `statuses` (sent, delivered,
+//!   read, failed) of what the business sent, by `wamid`.
+//! - Sending: `POST {api_base}/{phone_number_id}/messages`, bearer access token, JSON
+//!   `{"messaging_product":"whatsapp","to":…,"type":"text","text":{"body":…}}`; the
+//!   answer names the new message's `wamid`. There is no idempotency key: a send whose
+//!   answer was lost is not repeated (ADR 0009).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{by_status, clip, hex, http, same_secret, AdapterError, Outgoing, SendOutcome};
+
+pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
+/// The longest text body WhatsApp takes, in characters.
+pub const MAX_TEXT: usize = 4096;
+/// A pace well inside Cloud API's default throughput (80 messages a second a number).
+pub const MESSAGES_PER_SECOND: u32 = 60;
+/// Graph API error codes that mean "slow down", not "never".
+const RATE_LIMITED: [i64; 6] = [4, 80007, 130429, 131048, 131056, 133016];
+
+/// Whether `header` is the app secret's signature of `body`.
+pub fn verify(app_secret: &str, header: Option<&[u8]>, body: &[u8]) -> bool {
+    let Some(given) = header.and_then(|h| h.strip_prefix(b"sha256=")) else { return false };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, app_secret.as_bytes());
+    let expected = hex(ring::hmac::sign(&key, body).as_ref());
+    same_secret(expected.as_bytes(), &given.to_ascii_lowercase())
+}
+
+/// What one webhook delivery holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// A customer's message: sender (`wa_id`), their profile name, `wamid`, readable text.
+    Message { from: String, name: String, id: String, text: String },
+    /// What became of a message the business sent.
+    Status { id: String, status: String, reason: String },
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    #[serde(default)]
+    entry: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    #[serde(default)]
+    changes: Vec<Change>,
+}
+
+#[derive(Deserialize)]
+struct Change {
+    #[serde(default)]
+    field: String,
+    #[serde(default)]
+    value: Value,
+}
+
+#[derive(Deserialize, Default)]
+struct Value {
+    #[serde(default)]
+    contacts: Vec<Contact>,
+    #[serde(default)]
+    messages: Vec<Message>,
+    #[serde(default)]
+    statuses: Vec<Status>,
+}
+
+#[derive(Deserialize)]
+struct Contact {
+    #[serde(default)]
+    wa_id: String,
+    #[serde(default)]
+    profile: Option<Profile>,
+}
+
+#[derive(Deserialize)]
+struct Profile {
+    #[serde(default)]
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    from: String,
+    id: String,
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    text: Option<Body>,
+    #[serde(default)]
+    image: Option<Media>,
+    #[serde(default)]
+    document: Option<Media>,
+    #[serde(default)]
+    video: Option<Media>,
+    #[serde(default)]
+    location: Option<Location>,
+    #[serde(default)]
+    button: Option<Button>,
+    #[serde(default)]
+    interactive: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Body {
+    body: String,
+}
+
+#[derive(Deserialize)]
+struct Media {
+    #[serde(default)]
+    caption: Option<String>,
+    #[serde(default)]
+    filename: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Location {
+    latitude: f64,
+    longitude: f64,
+}
+
+#[derive(Deserialize)]
+struct Button {
+    #[serde(default)]
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct Status {
+    id: String,
+    status: String,
+    #[serde(default)]
+    errors: Vec<ErrorDetail>,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(default)]
+    code: i64,
+    #[serde(default)]
+    title: String,
+}
+
+/// The messages and statuses of a delivery, in order. Changes other than `messages`
+/// (templates, account updates) are left out.
+pub fn parse(body: &[u8]) -> Result<Vec<Item>, AdapterError> {
+    let payload: Payload = serde_json::from_slice(body).map_err(|e| AdapterError::Malformed(format!("not a WhatsApp webhook: {e}")))?;
+    let mut items = Vec::new();
+    for change in payload.entry.into_iter().flat_map(|e| e.changes) {
+        if change.field != "messages" {
+            continue;
+        }
+        let value = change.value;
+        for m in value.messages {
+            let name = value.contacts.iter().find(|c| c.wa_id == m.from).and_then(|c| c.profile.as_ref()).map(|p| p.name.clone()).unwrap_or_default();
+            let caption = |media: &Option<Media>| media.as_ref().and_then(|m| m.caption.clone()).map(|c| format!(": {c}")).unwrap_or_default();
+            let text = match m.kind.as_str() {
+                "text" => m.text.as_ref().map(|t| t.body.clone()).unwrap_or_default(),
+                "image" => format!("[photo{}]", caption(&m.image)),
+                "document" => format!("[file {}{}]", m.document.as_ref().and_then(|d| d.filename.clone()).unwrap_or_default(), caption(&m.document)),
+                "video" => format!("[video{}]", caption(&m.video)),
+                "audio" => "[voice message]".to_owned(),
+                "sticker" => "[sticker]".to_owned(),
+                "location" => m.location.as_ref().map(|l| format!("[location {:.6}, {:.6}]", l.latitude, l.longitude)).unwrap_or_default(),
+                "contacts" => "[contact]".to_owned(),
+                "button" => m.button.as_ref().map(|b| b.text.clone()).unwrap_or_default(),
+                "interactive" => m
+                    .interactive
+                    .as_ref()
+                    .and_then(|i| i.get("button_reply").or_else(|| i.get("list_reply")))
+                    .and_then(|r| r.get("title"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_owned)
+                    .unwrap_or_default(),
+                _ => "[a message of a kind this channel does not show]".to_owned(),
+            };
+            items.push(Item::Message { from: m.from, name: crate::clip_bytes(&name, switchboard_actors::core::MAX_SENDER_BYTES), id: m.id, text: clip(&text, switchboard_actors::core::MAX_TEXT_CHARS) });
+        }
+        for s in value.statuses {
+            let reason = s.errors.first().map(|e| clip(&format!("{} {}", e.code, e.title), 500)).unwrap_or_default();
+            items.push(Item::Status { id: s.id, status: s.status, reason });
+        }
+    }
+    Ok(items)
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    messages: Vec<Sent>,
+    #[serde(default)]
+    error: Option<GraphError>,
+}
+
+#[derive(Deserialize)]
+struct Sent {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct GraphError {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    code: i64,
+}
+
+/// Sends one entry as a text message.
+pub async fn send(client: &http::Client, api_base: &str, phone_number_id: &str, access_token: &str, message: &Outgoing) -> SendOutcome {
+    let url = format!("{}/{}/messages", api_base.trim_end_matches('/'), phone_number_id);
+    let text: String = message.text.chars().take(MAX_TEXT).collect();
+    let body = json!({"messaging_product": "whatsapp", "recipient_type": "individual", "to": message.recipient, "type": "text", "text": {"preview_url": false, "body": text}});
+    let headers = [("authorization", format!("Bearer {access_token}"))];
+    let response = match client.post_json(&url, &headers, body.to_string().into_bytes()).await {
+        Ok(r) => r,
+        Err(e) => return SendOutcome::Retry { reason: e.to_string(), after: None },
+    };
+    let after = response.header("retry-after").and_then(|s| s.trim().parse::<u64>().ok()).map(Duration::from_secs);
+    match serde_json::from_slice::<Answer>(&response.body) {
+        Ok(Answer { messages, error: None }) if (200..300).contains(&response.status) && !messages.is_empty() => {
+            SendOutcome::Sent { provider_id: messages.into_iter().next().map(|m| m.id).unwrap_or_default() }
+        }
+        Ok(Answer { error: Some(e), .. }) => {
+            let reason = clip(&format!("{} (#{}) {}", response.status, e.code, e.message), 500);
+            if RATE_LIMITED.contains(&e.code) {
+                SendOutcome::Retry { reason, after }
+            } else {
+                by_status(response.status, reason, after)
+            }
+        }
+        _ => by_status(response.status, format!("{} with an answer that is not the Graph API's", response.status), after),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_checked_against_the_raw_body() {
+        let body = br#"{"object":"whatsapp_business_account"}"#;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"app-secret");
+        let header = format!("sha256={}", hex(ring::hmac::sign(&key, body).as_ref()));
+        assert!(verify("app-secret", Some(header.as_bytes()), body));
+        assert!(verify("app-secret", Some(header.to_uppercase().replace("SHA256=", "sha256=").as_bytes()), body));
+        assert!(!verify("other", Some(header.as_bytes()), body));
+        assert!(!verify("app-secret", Some(header.as_bytes()), b"{}"));
+        assert!(!verify("app-secret", None, body));
+    }
+
+    #[test]
+    fn deliveries_give_messages_and_statuses() {
+        let body = br#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"messages","value":{"messaging_product":"whatsapp","metadata":{"phone_number_id":"555"},
+            "contacts":[{"profile":{"name":"Ana"},"wa_id":"4915112345"}],
+            "messages":[{"from":"4915112345","id":"wamid.A","timestamp":"1","type":"text","text":{"body":"hola"}},
+                        {"from":"4915112345","id":"wamid.B","timestamp":"2","type":"image","image":{"id":"m","caption":"receipt"}}],
+            "statuses":[{"id":"wamid.OUT","status":"failed","timestamp":"3","recipient_id":"4915112345","errors":[{"code":131026,"title":"Message undeliverable"}]}]}}]}]}"#;
+        assert_eq!(
+            parse(body).unwrap(),
+            vec![
+                Item::Message { from: "4915112345".into(), name: "Ana".into(), id: "wamid.A".into(), text: "hola".into() },
+                Item::Message { from: "4915112345".into(), name: "Ana".into(), id: "wamid.B".into(), text: "[photo: receipt]".into() },
+                Item::Status { id: "wamid.OUT".into(), status: "failed".into(), reason: "131026 Message undeliverable".into() },
+            ]
+        );
+        assert!(parse(b"not json").is_err());
+        assert_eq!(parse(br#"{"entry":[{"changes":[{"field":"account_update","value":{}}]}]}"#).unwrap(), vec![]);
+    }
+}
