@@ -169,7 +169,7 @@ test('a Channel API customer: the operator sees the channel, replies and sees th
   expect(aliceErrors).toEqual([]);
 });
 
-test('the admin connects a Channel API adapter (its secrets shown once), refused and accepted Telegram settings, and disconnects', async ({ browser, sb, adapter }) => {
+test('the admin connects a Channel API adapter (its secrets shown once), refused and accepted Telegram and WhatsApp settings, and disconnects', async ({ browser, sb, adapter }) => {
   const token = await toyChannel(sb, adapter);
   const admin = await newPage(browser);
   const errors = pageErrors(admin);
@@ -215,6 +215,43 @@ test('the admin connects a Channel API adapter (its secrets shown once), refused
   await expect(toyRow.getByTestId('channel-adapter-kind')).toHaveText('Telegram');
   // The Channel API's token stopped working with it.
   expect((await rest(sb, 'POST', '/api/channel-api/toy/messages', token, { sender: 'u2', message_id: 'm1', text: 'Hello?' })).status).toBe(401);
+
+
+  // WhatsApp: the phone number id and the secrets are checked here; the Telegram API
+  // address does not carry over.
+  await section.getByLabel('Adapter kind').selectOption('whatsapp');
+  await expect(section.getByLabel('Bot token')).toHaveCount(0);
+  await expect(section.getByLabel('Graph API address (optional)')).toHaveValue('');
+  await section.getByLabel('Access token').fill('EAAG-test-token');
+  await section.getByLabel('App secret').fill('app-secret-123');
+  await section.getByLabel('Verify token').fill('verify 123');
+  await section.getByLabel('Phone number ID').fill('+1 098765432');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('alert')).toHaveText('The verify token must be 1-256 printable characters without spaces.');
+  await section.getByLabel('Verify token').fill('verify-123');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('alert')).toHaveText('The phone number ID must be 1-32 digits.');
+  await expect(current).toHaveAttribute('data-kind', 'telegram');
+  await section.getByLabel('Phone number ID').fill('1098765432');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('status')).toHaveText('Connected.');
+  await expect(current).toHaveAttribute('data-kind', 'whatsapp');
+  await expect(section.getByTestId('adapter-webhook-path')).toHaveText('/hooks/whatsapp/toy');
+  await expect(section).toContainText("In Meta's app dashboard set the callback URL to <public address>/hooks/whatsapp/toy and the same verify token; subscribe to the messages field.");
+  await expect(current.getByTestId('adapter-current-access-token')).toHaveText('EA…en');
+  await expect(current.getByTestId('adapter-current-app-secret')).toHaveText('ap…23');
+  await expect(current.getByTestId('adapter-current-phone-number-id')).toHaveText('1098765432');
+  await expect(current.getByTestId('adapter-current-api-base')).toHaveText('https://graph.facebook.com/v21.0');
+  await expect(section).not.toContainText('EAAG-test-token');
+  await expect(section.getByLabel('Access token')).toHaveValue('');
+  await expect(section.getByLabel('Verify token')).toHaveValue('');
+  await expect(section.getByLabel('Phone number ID')).toHaveValue('1098765432');
+  await expect(toyRow.getByTestId('channel-adapter-kind')).toHaveText('WhatsApp');
+  await current.scrollIntoViewIfNeeded();
+  await shot(admin, '64-admin-adapter-whatsapp');
+  // Meta's subscription check passes with the verify token typed.
+  const check = await fetch(sb.realPublic + '/hooks/whatsapp/toy?hub.mode=subscribe&hub.verify_token=verify-123&hub.challenge=ch-42');
+  expect([check.status, await check.text()]).toEqual([200, 'ch-42']);
 
   // Back to the Channel API: a new token and signing secret, shown this once.
   await section.getByLabel('Adapter kind').selectOption('api');

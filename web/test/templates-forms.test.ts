@@ -118,6 +118,47 @@ describe('adapter form', () => {
     expect(adapterBody(api)).toEqual({ body: { kind: 'api', outbound_url: 'https://adapter.example/outbound' } });
     expect(adapterBody({ ...api, outbound_url: '' })).toEqual({ problem: 'url_invalid' });
   });
+  const whatsapp = {
+    ...blankAdapter('whatsapp'),
+    bot_token: 'left over',
+    access_token: ' EAAG-test-token ',
+    app_secret: 'app-secret-123',
+    verify_token: 'verify-123',
+    phone_number_id: ' 1098765432 ',
+  };
+  const whatsappBody = { kind: 'whatsapp', access_token: 'EAAG-test-token', app_secret: 'app-secret-123', verify_token: 'verify-123', phone_number_id: '1098765432' };
+  it('builds a WhatsApp body, the Graph API address only when given', () => {
+    expect(adapterBody(whatsapp)).toEqual({ body: whatsappBody });
+    expect(adapterBody({ ...whatsapp, api_base: ' http://127.0.0.1:9/graph ' })).toEqual({ body: { ...whatsappBody, api_base: 'http://127.0.0.1:9/graph' } });
+    expect(adapterBody({ ...whatsapp, api_base: 'graph.facebook.com' })).toEqual({ problem: 'url_invalid' });
+  });
+  it('checks the WhatsApp secrets: 1-256 printable characters without spaces', () => {
+    for (const field of ['access_token', 'app_secret', 'verify_token'] as const) {
+      const problem = { problem: field + '_invalid' };
+      expect(adapterBody({ ...whatsapp, [field]: '' })).toEqual(problem);
+      expect(adapterBody({ ...whatsapp, [field]: '   ' })).toEqual(problem);
+      expect(adapterBody({ ...whatsapp, [field]: 'two words' })).toEqual(problem);
+      expect(adapterBody({ ...whatsapp, [field]: 'tab\there' })).toEqual(problem);
+      expect(adapterBody({ ...whatsapp, [field]: 'токен' })).toEqual(problem);
+      expect(adapterBody({ ...whatsapp, [field]: 'x'.repeat(257) })).toEqual(problem);
+      expect(adapterBody({ ...whatsapp, [field]: 'x'.repeat(256) })).toHaveProperty('body');
+      expect(adapterBody({ ...whatsapp, [field]: 'x' })).toHaveProperty('body');
+      expect(adapterBody({ ...whatsapp, [field]: '!#$%&()*+,-./:;<=>?@[]^_`{|}~"\'\\' })).toHaveProperty('body');
+    }
+    // The first to fix is named first.
+    expect(adapterBody({ ...whatsapp, access_token: '', verify_token: '' })).toEqual({ problem: 'access_token_invalid' });
+  });
+  it('checks the WhatsApp phone number id: 1-32 digits', () => {
+    const problem = { problem: 'phone_number_id_invalid' };
+    expect(adapterBody({ ...whatsapp, phone_number_id: '' })).toEqual(problem);
+    expect(adapterBody({ ...whatsapp, phone_number_id: '+15550001234' })).toEqual(problem);
+    expect(adapterBody({ ...whatsapp, phone_number_id: '1098 765432' })).toEqual(problem);
+    expect(adapterBody({ ...whatsapp, phone_number_id: '12a' })).toEqual(problem);
+    expect(adapterBody({ ...whatsapp, phone_number_id: '١٢٣' })).toEqual(problem);
+    expect(adapterBody({ ...whatsapp, phone_number_id: '1'.repeat(33) })).toEqual(problem);
+    expect(adapterBody({ ...whatsapp, phone_number_id: '1'.repeat(32) })).toHaveProperty('body');
+    expect(adapterBody({ ...whatsapp, phone_number_id: '7' })).toHaveProperty('body');
+  });
 });
 
 describe('floor', () => {

@@ -1,11 +1,12 @@
 /** Administration: skill groups, operators, users, channels, templates (PUT endpoints). */
+import { Fragment } from 'preact';
 import { useEffect, useState } from 'preact/hooks';
 import { formatDuration, formatWhen } from '../shared/format';
-import type { AccessRuleRow, AdapterView, AttributePriority, Channel, ClosedAction, GroupHours, GroupRouting, OperatorStatus, Role, SkillGroup, UserInfo } from './types';
+import { ADAPTER_KINDS, type AccessRuleRow, type AdapterKind, type AdapterView, type AttributePriority, type Channel, type ClosedAction, type GroupHours, type GroupRouting, type OperatorStatus, type Role, type SkillGroup, type UserInfo } from './types';
 import { adapterBody, blankAdapter, capacityProblem, idProblem, parsePairs, passwordProblem, showPairs, type AdapterDraft } from './forms';
 import { CLOSED_ACTIONS, hoursDraft, hoursFromDraft, MAX_STEPS, nextStep, parseWeights, stepDrafts, stepsFromDrafts, type HoursDraft, type StepDraft } from './rules';
 import { TemplatesPanel } from './panels';
-import { describeError, exclusionText, refusal } from './strings';
+import { describeError, exclusionText, refusal, type Key } from './strings';
 import { ErrorText, Field, GroupOptions, TabList, TabPanel, useApp } from './ui';
 
 type Section = 'groups' | 'operators' | 'users' | 'channels' | 'templates';
@@ -569,7 +570,7 @@ function Channels() {
               <td>{c.kind}</td>
               <td>{c.name}</td>
               <td data-testid="channel-group">{groupNames(groups, [c.default_group])}</td>
-              <td data-testid="channel-adapter-kind">{c.adapter ? t(('adapter_' + c.adapter) as any) : '—'}</td>
+              <td data-testid="channel-adapter-kind">{c.adapter ? t(('adapter_' + c.adapter) as Key) : '—'}</td>
               <td>
                 <button type="button" class="small-btn" aria-label={t('edit_x', { name: c.name })} onClick={() => (setForm(c), setEditing(true), setOk(false))}>
                   {t('edit')}
@@ -615,6 +616,7 @@ function Channels() {
         <datalist id="channel-kinds">
           <option value="web" />
           <option value="telegram" />
+          <option value="whatsapp" />
           <option value="email" />
           <option value="api" />
         </datalist>
@@ -660,6 +662,42 @@ function Channels() {
   );
 }
 
+/** One of an adapter's settings: the draft's field (and the view's, masked when a
+ *  secret), its label and hints, and for a setting that is not a secret what the form
+ *  starts from once saved. */
+interface AdapterSetting {
+  field: Exclude<keyof AdapterDraft & keyof AdapterView, 'kind'>;
+  label: Key;
+  hints: Key[];
+  secret?: boolean;
+  placeholder?: string;
+  inputMode?: 'url' | 'numeric';
+}
+
+/** What each adapter kind is set with, in the order shown. */
+const ADAPTER_SETTINGS: Record<AdapterKind, AdapterSetting[]> = {
+  telegram: [
+    { field: 'bot_token', label: 'bot_token', hints: ['bot_token_hint'], secret: true },
+    { field: 'secret', label: 'webhook_secret', hints: ['webhook_secret_hint'], secret: true },
+    { field: 'api_base', label: 'api_base', hints: ['api_base_hint'], placeholder: 'https://api.telegram.org', inputMode: 'url' },
+  ],
+  whatsapp: [
+    { field: 'access_token', label: 'access_token', hints: ['access_token_hint'], secret: true },
+    { field: 'app_secret', label: 'app_secret', hints: ['app_secret_hint'], secret: true },
+    { field: 'verify_token', label: 'verify_token', hints: ['verify_token_hint'], secret: true },
+    { field: 'phone_number_id', label: 'phone_number_id', hints: ['phone_number_id_hint'], inputMode: 'numeric' },
+    { field: 'api_base', label: 'graph_api_base', hints: ['graph_api_base_hint'], placeholder: 'https://graph.facebook.com/v21.0', inputMode: 'url' },
+  ],
+  api: [{ field: 'outbound_url', label: 'outbound_url', hints: ['outbound_url_hint', 'adapter_api_hint'], placeholder: 'https://adapter.example/outbound', inputMode: 'url' }],
+};
+
+/** The form for a saved adapter: its settings but for the secrets (masked by the server). */
+function draftOf(view: AdapterView): AdapterDraft {
+  const draft = blankAdapter(view.kind);
+  for (const s of ADAPTER_SETTINGS[view.kind]) if (!s.secret) draft[s.field] = view[s.field] ?? '';
+  return draft;
+}
+
 /**
  * A messenger channel's adapter: what it is now (secrets masked by the server), and a
  * form to connect one, replace it or disconnect it. A Channel API token and signing
@@ -671,11 +709,11 @@ function ChannelAdapter(props: { channel: Channel; onChange: () => void }) {
   const path = '/api/channels/' + encodeURIComponent(channel.id) + '/adapter';
   // undefined: being read; null: none.
   const [current, setCurrent] = useState<AdapterView | null | undefined>(undefined);
-  const [draft, setDraft] = useState<AdapterDraft>(() => blankAdapter(channel.adapter ?? (channel.kind === 'telegram' ? 'telegram' : 'api')));
+  const [draft, setDraft] = useState<AdapterDraft>(() => blankAdapter(channel.adapter ?? ADAPTER_KINDS.find((k) => k === channel.kind) ?? 'api'));
   // The form starts from the adapter there is, but for its secrets (masked by the server).
   const show = (view: AdapterView | null) => {
     setCurrent(view);
-    if (view) setDraft({ ...blankAdapter(view.kind), api_base: view.api_base ?? '', outbound_url: view.outbound_url ?? '' });
+    if (view) setDraft(draftOf(view));
   };
   const [secrets, setSecrets] = useState<{ token: string; signing_secret: string } | null>(null);
   const [error, setError] = useState<string | null>(null);
@@ -729,28 +767,35 @@ function ChannelAdapter(props: { channel: Channel; onChange: () => void }) {
         }}
       >
         <Field label={t('adapter_kind')}>
-          <select value={draft.kind} data-testid="adapter-kind" onChange={(e) => set({ kind: (e.currentTarget as HTMLSelectElement).value as AdapterDraft['kind'] })}>
-            <option value="telegram">{t('adapter_telegram')}</option>
-            <option value="api">{t('adapter_api')}</option>
+          <select
+            value={draft.kind}
+            data-testid="adapter-kind"
+            onChange={(e) => {
+              const kind = (e.currentTarget as HTMLSelectElement).value as AdapterKind;
+              // An API address is one provider's: it does not carry over to another.
+              set({ kind, api_base: kind === current?.kind ? (current.api_base ?? '') : '' });
+            }}
+          >
+            {ADAPTER_KINDS.map((k) => (
+              <option key={k} value={k}>
+                {t(('adapter_' + k) as Key)}
+              </option>
+            ))}
           </select>
         </Field>
-        {draft.kind === 'telegram' ? (
-          <>
-            <Field label={t('bot_token')} hint={t('bot_token_hint')}>
-              <input value={draft.bot_token} autoComplete="off" spellcheck={false} data-testid="adapter-bot-token" onInput={(e) => set({ bot_token: (e.currentTarget as HTMLInputElement).value })} />
-            </Field>
-            <Field label={t('webhook_secret')} hint={t('webhook_secret_hint')}>
-              <input value={draft.secret} autoComplete="off" spellcheck={false} data-testid="adapter-secret" onInput={(e) => set({ secret: (e.currentTarget as HTMLInputElement).value })} />
-            </Field>
-            <Field label={t('api_base')} hint={t('api_base_hint')}>
-              <input value={draft.api_base} inputMode="url" placeholder="https://api.telegram.org" data-testid="adapter-api-base" onInput={(e) => set({ api_base: (e.currentTarget as HTMLInputElement).value })} />
-            </Field>
-          </>
-        ) : (
-          <Field label={t('outbound_url')} hint={t('outbound_url_hint') + ' ' + t('adapter_api_hint')}>
-            <input value={draft.outbound_url} inputMode="url" placeholder="https://adapter.example/outbound" data-testid="adapter-outbound-url" onInput={(e) => set({ outbound_url: (e.currentTarget as HTMLInputElement).value })} />
+        {ADAPTER_SETTINGS[draft.kind].map((s) => (
+          <Field key={draft.kind + ':' + s.field} label={t(s.label)} hint={s.hints.map((h) => t(h)).join(' ')}>
+            <input
+              value={draft[s.field]}
+              autoComplete="off"
+              spellcheck={false}
+              inputMode={s.inputMode}
+              placeholder={s.placeholder}
+              data-testid={'adapter-' + s.field.replace(/_/g, '-')}
+              onInput={(e) => set({ [s.field]: (e.currentTarget as HTMLInputElement).value })}
+            />
           </Field>
-        )}
+        ))}
         <ErrorText error={error} />
         {done && (
           <p class="ok small" role="status">
@@ -796,32 +841,20 @@ function AdapterSummary(props: { view: AdapterView }) {
     <>
       <dl class="kv" data-testid="adapter-current" data-kind={v.kind}>
         <dt>{t('adapter')}</dt>
-        <dd>{t(('adapter_' + v.kind) as any)}</dd>
-        {v.kind === 'telegram' ? (
-          <>
-            <dt>{t('bot_token')}</dt>
-            <dd>{v.bot_token}</dd>
-            <dt>{t('webhook_secret')}</dt>
-            <dd>{v.secret}</dd>
-            <dt>{t('api_base')}</dt>
-            <dd>{v.api_base}</dd>
-            <dt>{t('webhook_path')}</dt>
-            <dd>
-              <code data-testid="adapter-webhook-path">{v.webhook_path}</code>
-            </dd>
-          </>
-        ) : (
-          <>
-            <dt>{t('outbound_url')}</dt>
-            <dd>{v.outbound_url}</dd>
-            <dt>{t('inbound_path')}</dt>
-            <dd>
-              <code>{v.inbound_path}</code>
-            </dd>
-          </>
-        )}
+        <dd>{t(('adapter_' + v.kind) as Key)}</dd>
+        {ADAPTER_SETTINGS[v.kind].map((s) => (
+          <Fragment key={s.field}>
+            <dt>{t(s.label)}</dt>
+            <dd data-testid={'adapter-current-' + s.field.replace(/_/g, '-')}>{v[s.field]}</dd>
+          </Fragment>
+        ))}
+        <dt>{t(v.kind === 'api' ? 'inbound_path' : 'webhook_path')}</dt>
+        <dd>
+          <code data-testid={v.kind === 'api' ? 'adapter-inbound-path' : 'adapter-webhook-path'}>{v.kind === 'api' ? v.inbound_path : v.webhook_path}</code>
+        </dd>
       </dl>
       {v.kind === 'telegram' && <p class="hint">{t('webhook_hint')}</p>}
+      {v.kind === 'whatsapp' && <p class="hint">{t('whatsapp_webhook_hint', { path: v.webhook_path ?? '' })}</p>}
     </>
   );
 }

@@ -81,17 +81,39 @@ export interface AdapterDraft {
   kind: AdapterKind;
   bot_token: string;
   secret: string;
-  /** Telegram's Bot API address; empty: the server's default. */
+  /** WhatsApp Cloud API: Meta's access token, the app secret (webhook signatures), the
+   *  verify token (the subscription check) and the sending phone number's id. */
+  access_token: string;
+  app_secret: string;
+  verify_token: string;
+  phone_number_id: string;
+  /** Telegram's Bot API or Meta's Graph API address; empty: the server's default. */
   api_base: string;
   outbound_url: string;
 }
 
 export function blankAdapter(kind: AdapterKind): AdapterDraft {
-  return { kind, bot_token: '', secret: '', api_base: '', outbound_url: '' };
+  return { kind, bot_token: '', secret: '', access_token: '', app_secret: '', verify_token: '', phone_number_id: '', api_base: '', outbound_url: '' };
 }
 
 /** What Telegram takes as a webhook's secret_token (and the server as `secret`). */
 export const WEBHOOK_SECRET = /^[A-Za-z0-9_-]{16,256}$/;
+
+/** What the server takes as a WhatsApp secret: 1-256 printable characters, no spaces. */
+export const PRINTABLE_SECRET = /^[\x21-\x7e]{1,256}$/;
+
+/** A WhatsApp phone number id (not the number itself): 1-32 digits. */
+export const PHONE_NUMBER_ID = /^[0-9]{1,32}$/;
+
+/** The WhatsApp settings that are secrets, checked in this order. */
+const WHATSAPP_SECRETS = ['access_token', 'app_secret', 'verify_token'] as const;
+
+export type AdapterProblem =
+  | 'bot_token_required'
+  | 'secret_invalid'
+  | 'url_invalid'
+  | `${(typeof WHATSAPP_SECRETS)[number]}_invalid`
+  | 'phone_number_id_invalid';
 
 /** An http(s) address the server takes: at most 500 characters, no whitespace. */
 export function urlProblem(url: string): 'url_invalid' | null {
@@ -100,16 +122,30 @@ export function urlProblem(url: string): 'url_invalid' | null {
 
 /** The body of the adapter's PUT, or what to fix first. The server checks again (and
  *  more: the bot token's characters); its reason is shown then. */
-export function adapterBody(d: AdapterDraft): { body: Record<string, string> } | { problem: 'bot_token_required' | 'secret_invalid' | 'url_invalid' } {
+export function adapterBody(d: AdapterDraft): { body: Record<string, string> } | { problem: AdapterProblem } {
   if (d.kind === 'api') {
     const url = d.outbound_url.trim();
     const p = urlProblem(url);
     return p ? { problem: p } : { body: { kind: 'api', outbound_url: url } };
   }
-  const bot_token = d.bot_token.trim();
-  if (!bot_token) return { problem: 'bot_token_required' };
-  if (!WEBHOOK_SECRET.test(d.secret)) return { problem: 'secret_invalid' };
-  const body: Record<string, string> = { kind: 'telegram', bot_token, secret: d.secret };
+  let body: Record<string, string>;
+  if (d.kind === 'whatsapp') {
+    body = { kind: 'whatsapp' };
+    for (const field of WHATSAPP_SECRETS) {
+      const value = d[field].trim();
+      if (!PRINTABLE_SECRET.test(value)) return { problem: `${field}_invalid` };
+      body[field] = value;
+    }
+    const phone_number_id = d.phone_number_id.trim();
+    if (!PHONE_NUMBER_ID.test(phone_number_id)) return { problem: 'phone_number_id_invalid' };
+    body.phone_number_id = phone_number_id;
+  } else {
+    const bot_token = d.bot_token.trim();
+    if (!bot_token) return { problem: 'bot_token_required' };
+    if (!WEBHOOK_SECRET.test(d.secret)) return { problem: 'secret_invalid' };
+    body = { kind: 'telegram', bot_token, secret: d.secret };
+  }
+  // Telegram and WhatsApp: the provider's API address, when not the default.
   const base = d.api_base.trim();
   if (base) {
     const p = urlProblem(base);

@@ -223,7 +223,10 @@ export interface Channel {
   adapter?: AdapterKind | null;
 }
 
-export type AdapterKind = 'telegram' | 'api';
+export type AdapterKind = 'telegram' | 'whatsapp' | 'api';
+
+/** The adapter kinds the admin can connect, in the order offered. */
+export const ADAPTER_KINDS: readonly AdapterKind[] = ['telegram', 'whatsapp', 'api'];
 
 /** A channel's adapter as `GET/PUT /api/channels/{id}/adapter` shows it: secrets masked,
  *  except `token` and `signing_secret` in the answer of the PUT that made them. */
@@ -231,6 +234,10 @@ export interface AdapterView {
   kind: AdapterKind;
   bot_token?: string;
   secret?: string;
+  access_token?: string;
+  app_secret?: string;
+  verify_token?: string;
+  phone_number_id?: string;
   api_base?: string;
   webhook_path?: string;
   outbound_url?: string;
