@@ -669,6 +669,24 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             }
             Ok((Reply::Done, vec![Event::ChannelAdapterSet { channel: channel.clone(), adapter: adapter.clone() }]))
         }
+        Command::SetChannelIdentity { channel, key } => {
+            if !state.channels.contains_key(channel) {
+                return Err(Error::NotFound(format!("channel {channel}")));
+            }
+            match key {
+                Some(IdentityKey::Hs256 { secret }) if secret.len() < 32 || secret.len() > 512 => {
+                    return Err(Error::Invalid("an HS256 secret must be 32-512 bytes".into()));
+                }
+                Some(IdentityKey::Rs256 { public_key_pem }) if !public_key_pem.contains("-----BEGIN PUBLIC KEY-----") || public_key_pem.len() > 4096 => {
+                    return Err(Error::Invalid("an RS256 key must be a PEM public key (-----BEGIN PUBLIC KEY-----) of at most 4096 bytes".into()));
+                }
+                _ => {}
+            }
+            if state.channel_identity.get(channel) == key.as_ref() {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::ChannelIdentitySet { channel: channel.clone(), key: key.clone() }]))
+        }
         Command::DeliveriesAttempted { node, items } => {
             if items.len() > MAX_DELIVERY_BATCH {
                 return Err(Error::Invalid(format!("at most {MAX_DELIVERY_BATCH} outbox entries per batch")));

@@ -599,6 +599,28 @@ pub enum Command {
         seq: u64,
         by: String,
     },
+    /// The key a channel's site or app signs its customers' identities with, or none.
+    SetChannelIdentity {
+        channel: ChannelId,
+        key: Option<IdentityKey>,
+    },
+}
+
+/// How a channel verifies the customer identity its site or app passes (a JWT): with a
+/// shared secret (`Hs256`) or the site's RSA public key (`Rs256`, PEM, SubjectPublicKeyInfo).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IdentityKey {
+    Hs256 { secret: String },
+    Rs256 { public_key_pem: String },
+}
+
+impl IdentityKey {
+    pub fn alg(&self) -> &'static str {
+        match self {
+            IdentityKey::Hs256 { .. } => "HS256",
+            IdentityKey::Rs256 { .. } => "RS256",
+        }
+    }
 }
 
 /// How a channel reaches its provider (ADR 0009). Secrets stay in the replicated
@@ -993,5 +1015,9 @@ pub enum Event {
         conversation: ConversationId,
         seq: u64,
         by: String,
+    },
+    ChannelIdentitySet {
+        channel: ChannelId,
+        key: Option<IdentityKey>,
     },
 }

@@ -46,6 +46,7 @@
 //! | `Q` conversation | when a queued conversation entered its group's queue (rules 6) |
 //! | `O` offer | the routing step an offer was made under (rules 6; deleted with its decision record) |
 //! | `C` channel | how the channel reaches its provider ([`AdapterConfig`], ADR 0009) |
+//! | `b` channel | the key the channel's customer identities are signed with ([`IdentityKey`]) |
 //! | `I` inbound key | the conversation a channel's inbound message (`channel:provider id`) went to (deleted with it) |
 //! | `U` conversation seq | an outbox entry still to be sent or being sent ([`Delivery`]) |
 //! | `M` conversation seq | an outbox entry once sent, delivered, read or dead-lettered |
@@ -286,6 +287,9 @@ pub mod key {
     }
     pub fn channel_adapter(channel: &ChannelId) -> Vec<u8> {
         with(b'C', channel.0.as_bytes())
+    }
+    pub fn channel_identity(channel: &ChannelId) -> Vec<u8> {
+        with(b'b', channel.0.as_bytes())
     }
     pub fn inbound(key: &str) -> Vec<u8> {
         with(b'I', key.as_bytes())
@@ -586,6 +590,12 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         match state.channel_adapters.get(channel) {
             Some(adapter) => put(key::channel_adapter(channel), encode(&(channel, adapter))),
             None => removes.push(key::channel_adapter(channel)),
+        }
+    }
+    for channel in &dirty.channel_identity {
+        match state.channel_identity.get(channel) {
+            Some(k) => put(key::channel_identity(channel), encode(&(channel, k))),
+            None => removes.push(key::channel_identity(channel)),
         }
     }
     for (inbound, conversation) in &dirty.inbound {
@@ -1122,6 +1132,9 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, (channel, adapter)) in all::<(ChannelId, AdapterConfig)>(store, b"C")? {
         state.channel_adapters.insert(channel, adapter);
+    }
+    for (_, (channel, k)) in all::<(ChannelId, IdentityKey)>(store, b"b")? {
+        state.channel_identity.insert(channel, k);
     }
     for (k, delivery) in all::<Delivery>(store, b"U")? {
         let entry = delivery_key(&k).ok_or_else(|| Error::Storage("a damaged outbox key".into()))?;

@@ -155,6 +155,9 @@ pub struct ShardState {
     /// Per channel, how it reaches its provider (ADR 0009; records `C`).
     #[serde(default)]
     pub channel_adapters: BTreeMap<ChannelId, AdapterConfig>,
+    /// Per channel, the key its customers' identities are signed with (records `b`).
+    #[serde(default)]
+    pub channel_identity: BTreeMap<ChannelId, IdentityKey>,
     /// Open conversations by channel and visitor id: where the next inbound message of
     /// a channel's sender goes. Rebuilt at load from the open conversations.
     #[serde(skip)]
@@ -606,6 +609,7 @@ pub struct Dirty {
     pub channel_weights: bool,
     pub queued_since: BTreeSet<ConversationId>,
     pub channel_adapters: BTreeSet<ChannelId>,
+    pub channel_identity: BTreeSet<ChannelId>,
     /// Inbound keys taken (records `I`), and outbox entries changed (records `U`, `M`, `D`).
     pub inbound: Vec<(String, ConversationId)>,
     pub deliveries: BTreeMap<(ConversationId, u64), Delivery>,
@@ -958,7 +962,8 @@ impl ShardState {
             | Event::InboundTaken { .. }
             | Event::DeliveriesAttempted { .. }
             | Event::DeliveryResults { .. }
-            | Event::DeliveryRetried { .. } => {}
+            | Event::DeliveryRetried { .. }
+            | Event::ChannelIdentitySet { .. } => {}
             Event::BreakTaken { operator, .. } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -1483,6 +1488,13 @@ impl ShardState {
                         self.tell_delivery(key, at, touched);
                     }
                 }
+            }
+            Event::ChannelIdentitySet { channel, key } => {
+                match key {
+                    Some(k) => self.channel_identity.insert(channel.clone(), k.clone()),
+                    None => self.channel_identity.remove(channel),
+                };
+                self.dirty.channel_identity.insert(channel.clone());
             }
             Event::InboundTaken { conversation, key } => {
                 self.inbound_in_entry.insert(key.clone(), *conversation);

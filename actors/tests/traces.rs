@@ -340,6 +340,7 @@ fn render(event: &Event) -> String {
         Event::DeliveriesAttempted { node, items } => format!("node {node} sends {items:?}"),
         Event::DeliveryResults { results } => format!("delivery results {results:?}"),
         Event::DeliveryRetried { conversation, seq, by } => format!("{conversation}/{seq} sent again by {by}"),
+        Event::ChannelIdentitySet { channel, key } => format!("{channel} identities {:?}", key.as_ref().map(|k| k.alg())),
     }
 }
 

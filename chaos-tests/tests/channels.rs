@@ -363,3 +363,64 @@ async fn a_whatsapp_conversation_with_signed_webhooks_and_receipts() -> anyhow::
     assert_eq!(fake.sent().len(), 1, "sent once through the rate limit and the 500");
     Ok(())
 }
+
+fn hs256_token(secret: &str, claims: &Value) -> String {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let signed = format!("{}.{}", b64(br#"{"alg":"HS256","typ":"JWT"}"#), b64(claims.to_string().as_bytes()));
+    let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes()), signed.as_bytes());
+    format!("{signed}.{}", b64(tag.as_ref()))
+}
+
+/// Identified customers: a site signs its customer's id; the conversation's visitor is
+/// that customer on every channel sharing the key, so staff see their earlier
+/// conversations there; a forged identity is ignored and shown as unverified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_customer_identity_links_conversations_across_channels_and_a_forged_one_is_unverified() -> anyhow::Result<()> {
+    const KEY: &str = "the-site-and-switchboard-share-this-secret";
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    let (status, _) = dev.api("PUT", "/api/channels/app", Some(&admin), Some(json!({"kind": "web", "name": "Mobile app", "default_group": "general"}))).await?;
+    assert_eq!(status, 200);
+    for channel in ["web", "app"] {
+        let (status, shown) = dev.api("PUT", &format!("/api/channels/{channel}/identity"), Some(&admin), Some(json!({"alg": "HS256", "secret": KEY}))).await?;
+        assert_eq!(status, 200, "{shown}");
+        assert!(!shown.to_string().contains(KEY), "the secret is not shown back: {shown}");
+    }
+    let (status, _) = dev.api("PUT", "/api/channels/app/identity", Some(&admin), Some(json!({"alg": "HS256", "secret": "short"}))).await?;
+    assert_eq!(status, 409);
+    let (status, _) = dev.api("PUT", "/api/channels/app/identity", Some(&admin), Some(json!({"alg": "RS256", "public_key": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"}))).await?;
+    assert_eq!(status, 409, "a public key that is not one is refused");
+
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 600;
+    let start = |channel: &'static str, identity: String| {
+        let public = dev.public.clone();
+        async move {
+            let mut ws = WsClient::connect(&public, "/ws/client", None).await?;
+            ws.send(&json!({"type": "start", "channel": channel, "name": "Dana", "identity": identity})).await?;
+            let started = ws.wait_for(WAIT, |v| v["type"] == "started").await?;
+            anyhow::Ok((ws, started["conversation"].as_u64().unwrap_or_default()))
+        }
+    };
+    let supervisor = dev.login("supervisor").await?;
+    let view = |conversation: u64| {
+        let (dev, supervisor) = (&dev, supervisor.clone());
+        async move { anyhow::Ok(dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?.1) }
+    };
+    let (_site, on_site) = start("web", hs256_token(KEY, &json!({"sub": "cust-42", "exp": exp}))).await?;
+    let (_app, in_app) = start("app", hs256_token(KEY, &json!({"sub": "cust-42", "exp": exp}))).await?;
+    let conv = view(in_app).await?;
+    assert_eq!(conv["visitor"]["id"], "customer:cust-42", "{conv}");
+    assert_eq!(conv["visitor"]["attributes"]["identity"], "verified");
+    let earlier: Vec<u64> = conv["earlier"].as_array().into_iter().flatten().filter_map(|e| e["conversation"].as_u64()).collect();
+    assert_eq!(earlier, vec![on_site], "the customer's conversation on the site is listed in the app's");
+
+    let (_forged, forged) = start("app", hs256_token("an-attacker-guessing-at-the-secret-key", &json!({"sub": "cust-42", "exp": exp}))).await?;
+    let conv = view(forged).await?;
+    assert_ne!(conv["visitor"]["id"], "customer:cust-42");
+    assert!(conv["visitor"]["attributes"]["identity"].as_str().is_some_and(|s| s.starts_with("unverified")), "{conv}");
+    assert_eq!(conv["earlier"], json!([]));
+    let (_expired, expired) = start("web", hs256_token(KEY, &json!({"sub": "cust-42", "exp": 1_000}))).await?;
+    assert_eq!(view(expired).await?["visitor"]["attributes"]["identity"], "unverified: it expired");
+    Ok(())
+}

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use switchboard_actors::core::Reply;
-use switchboard_actors::model::{AdapterConfig, ChannelId, Command, ConversationId, DeliveryOutcome, DeliveryResult, Role};
+use switchboard_actors::model::{AdapterConfig, ChannelId, Command, ConversationId, DeliveryOutcome, DeliveryResult, IdentityKey, Role};
 use switchboard_actors::state::Delivery;
 use switchboard_adapters::{api, telegram, whatsapp};
 
@@ -382,5 +382,56 @@ pub async fn retry(State(gw): State<Arc<Gateway>>, staff: Staff, Path((conversat
     let conversation = crate::rest::conversation_id(&conversation)?;
     let seq: u64 = seq.parse().map_err(|_| GatewayError::BadRequest(format!("entry number {seq:?} is not a number")))?;
     gw.submit(Command::RetryDelivery { conversation, seq, by: staff.login.clone() }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "alg", deny_unknown_fields)]
+pub enum IdentityBody {
+    #[serde(rename = "HS256")]
+    Hs256 { secret: String },
+    #[serde(rename = "RS256")]
+    Rs256 { public_key: String },
+}
+
+fn identity_json(channel: &ChannelId, key: &IdentityKey) -> Value {
+    match key {
+        IdentityKey::Hs256 { secret } => json!({"channel": channel, "alg": "HS256", "secret": masked(secret)}),
+        IdentityKey::Rs256 { public_key_pem } => json!({"channel": channel, "alg": "RS256", "public_key": public_key_pem}),
+    }
+}
+
+/// `GET /api/channels/{id}/identity` (admin): how the channel verifies customers'
+/// identities (the secret masked; a public key is not secret).
+pub async fn get_identity(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    let channel = ChannelId::new(id);
+    let key = gw.backend.shard().read().channel_identity.get(&channel).cloned();
+    match key {
+        Some(key) => Ok(Json(identity_json(&channel, &key))),
+        None => Err(GatewayError::NotFound(format!("channel {channel} verifies no identities"))),
+    }
+}
+
+/// `PUT /api/channels/{id}/identity` (admin).
+pub async fn put_identity(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Body(body): Body<IdentityBody>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    let channel = ChannelId::new(id);
+    let key = match body {
+        IdentityBody::Hs256 { secret } => IdentityKey::Hs256 { secret },
+        IdentityBody::Rs256 { public_key } => {
+            // Parsed now, so a key that could never verify anything is refused at once.
+            crate::identity::rsa_public_key(&public_key).map_err(|e| GatewayError::Core(switchboard_actors::Error::Invalid(e)))?;
+            IdentityKey::Rs256 { public_key_pem: public_key }
+        }
+    };
+    gw.submit(Command::SetChannelIdentity { channel: channel.clone(), key: Some(key.clone()) }).await?;
+    Ok(Json(identity_json(&channel, &key)))
+}
+
+/// `DELETE /api/channels/{id}/identity` (admin): identities are no longer verified.
+pub async fn delete_identity(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Response, GatewayError> {
+    staff.require(Role::Admin)?;
+    gw.submit(Command::SetChannelIdentity { channel: ChannelId::new(id), key: None }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

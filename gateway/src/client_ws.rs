@@ -213,7 +213,7 @@ impl ClientSession {
 
     async fn handle(&mut self, frame: ClientIn, out: &Outbox) -> Result<Flow, Value> {
         match frame {
-            ClientIn::Start { channel, group, name, attributes, visitor_id, visitor_token } => {
+            ClientIn::Start { channel, group, name, attributes, visitor_id, visitor_token, identity } => {
                 if self.conversation.is_some() {
                     return Err(frames::error("already_started", "this socket already follows a conversation", None));
                 }
@@ -241,11 +241,28 @@ impl ClientSession {
                 }
                 // A returning visitor proves who they are with the token we signed; a
                 // missing, forged or expired one just makes a new visitor.
-                let visitor = match visitor_token.as_deref().map(|t| self.gw.tokens.verify(t)) {
+                let mut visitor = match visitor_token.as_deref().map(|t| self.gw.tokens.verify(t)) {
                     Some(Ok(Subject::Visitor { visitor })) => visitor,
                     _ => new_visitor_id().map_err(|e| frames::error("internal", &e.to_string(), None))?,
                 };
                 let channel = ChannelId::new(channel.unwrap_or_else(|| self.gw.config.web_channel.clone()));
+                // An identity the site signed with the channel's key makes the visitor that
+                // customer; any other is ignored and shown to staff as unverified.
+                if let Some(token) = identity {
+                    let key = self.gw.backend.shard().read().channel_identity.get(&channel).cloned();
+                    let now = switchboard_actors::actors::now_ms().0 / 1000;
+                    let checked = match key {
+                        Some(key) => crate::identity::verify(&token, &key, now),
+                        None => Err("the channel verifies no identities".to_owned()),
+                    };
+                    match checked {
+                        Ok(customer) => {
+                            visitor = format!("customer:{customer}");
+                            attributes.push(("identity".into(), "verified".into()));
+                        }
+                        Err(why) => attributes.push(("identity".into(), format!("unverified: {why}"))),
+                    }
+                }
                 let group = group.map(SkillGroupId::new);
                 self.check_public_start(&channel, group.as_ref())?;
                 self.admitted(&channel, Some(&visitor))?;
@@ -412,7 +429,7 @@ mod tests {
             ]
         });
         let names = proptest::sample::select(vec![
-            "channel", "group", "name", "attributes", "visitor_id", "visitor_token", "token", "last_seq", "key", "text",
+            "channel", "group", "name", "attributes", "visitor_id", "visitor_token", "identity", "token", "last_seq", "key", "text",
             "attachments", "upto", "score", "comment", "ref", "status", "offer", "reason", "conversation", "target",
             "resolution", "tags", "before",
         ]);

@@ -32,6 +32,9 @@ pub enum ClientIn {
         /// The signed visitor token from an earlier `started`: links conversations.
         #[serde(default)]
         visitor_token: Option<String>,
+        /// The customer's identity as the site signed it (a JWT; `identity.rs`).
+        #[serde(default)]
+        identity: Option<String>,
     },
     Resume {
         token: String,

@@ -18,6 +18,7 @@ mod channels;
 pub mod client;
 mod client_ws;
 mod desk;
+pub mod identity;
 pub mod frames;
 pub mod listener;
 pub mod metrics;

@@ -39,6 +39,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/channels", get(list_channels))
         .route("/api/channels/{id}", put(put_channel))
         .route("/api/channels/{id}/adapter", get(crate::channels::get_adapter).put(crate::channels::put_adapter).delete(crate::channels::delete_adapter))
+        .route("/api/channels/{id}/identity", get(crate::channels::get_identity).put(crate::channels::put_identity).delete(crate::channels::delete_identity))
         .route("/api/channel-api/{channel}/messages", post(crate::channels::api_inbound))
         .route("/api/channel-api/{channel}/statuses", post(crate::channels::api_status))
         .route("/api/deliveries", get(crate::channels::dead_letters))
