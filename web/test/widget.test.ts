@@ -110,6 +110,49 @@ describe('WidgetSession', () => {
     expect(widget(storage).w.storedName()).toBe('Dana');
   });
 
+  it('sends the identity the site gave in start only, never in resume, and never stores it', () => {
+    const storage = new MemoryStorage();
+    const jwt = 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjdXN0LTQyIn0.c2ln';
+    const f = socketFactory();
+    const timers = new FakeTimers();
+    const w = new WidgetSession({ origin: 'https://chat.example.com', storage, create: f.create, timers, backoff: new Backoff({ base: 1000, random: () => 0 }), attributes: () => ({ page: 'https://shop/x' }), identity: jwt });
+    w.send('Hi');
+    f.last.open();
+    expect(f.last.sent[0]).toEqual({ type: 'start', identity: jwt, attributes: { page: 'https://shop/x' } });
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok', visitor_token: 'v1.visitor.mac', protocol: 1 });
+    // A reconnect resumes the conversation without it.
+    f.last.drop();
+    timers.advance(60_000);
+    expect(f.sockets).toHaveLength(2);
+    f.last.open();
+    expect(f.last.sent[0]).toEqual({ type: 'resume', token: 'tok', last_seq: 0 });
+    expect(f.sockets.flatMap((s) => s.sent).filter((x) => 'identity' in x).map((x) => x.type)).toEqual(['start']);
+    expect([...storage.map.values()].some((v) => v.includes(jwt))).toBe(false);
+  });
+
+  it('has no identity in start unless the site set one; identify() sets it for the next start', () => {
+    const { w, f } = widget();
+    w.send('Hi');
+    f.last.open();
+    expect(f.last.sent[0]).toEqual({ type: 'start', attributes: { page: 'https://shop/x' } });
+    expect('identity' in f.last.sent[0]).toBe(false);
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
+    // The customer logs in on the site; the finished conversation is left for a new one.
+    w.identify('  a.b.c  ');
+    w.newConversation();
+    w.send('Logged in now');
+    f.last.open();
+    expect(f.last.sent[0]).toMatchObject({ type: 'start', identity: 'a.b.c' });
+    f.last.frame({ type: 'started', conversation: 18, token: 'tok2', protocol: 1 });
+    // …and logs out: the next start has none.
+    w.identify(null);
+    w.newConversation();
+    w.send('Logged out');
+    f.last.open();
+    expect(f.last.sent[0].type).toBe('start');
+    expect('identity' in f.last.sent[0]).toBe(false);
+  });
+
   it('drops a made-up visitor id left by an older widget', () => {
     const storage = new MemoryStorage();
     storage.setItem(VISITOR_KEY, 'v-1234');

@@ -2,7 +2,17 @@
  * Switchboard chat widget. Embed with one tag:
  *   <script src="https://chat.example.com/widget.js" async></script>
  * The server origin is taken from this script's own src. Optional attributes on the tag:
- * data-lang="en|ru", data-channel="web", data-open="true".
+ * data-lang="en|ru", data-channel="web", data-open="true",
+ * data-identity="<jwt>": the logged-in customer's identity, a JWT the site signed with the
+ *   key an admin set on the channel (PUT /api/channels/{id}/identity; HS256 or RS256, a
+ *   `sub` and an `exp`). Sent as `identity` in the `start` frame of the next conversation
+ *   (never in `resume`); when it verifies, staff see the visitor as `customer:<sub>`.
+ * JS API (the script's global, once it has run):
+ *   SwitchboardWidget.identify(jwt)   sets that token for the next conversation start, e.g.
+ *                                     after the customer logged in on a loaded page;
+ *   SwitchboardWidget.identify(null)  forgets it (the customer logged out).
+ * The token is the site's credential: the widget keeps it in memory only, never in
+ * localStorage or sessionStorage. A conversation already started keeps its visitor.
  */
 import { render } from 'preact';
 import css from './widget.css?inline';
@@ -12,6 +22,8 @@ import { WidgetSession } from './widget-session';
 declare global {
   interface Window {
     __switchboardWidget?: { session: WidgetSession; host: HTMLElement };
+    /** This module's exports (the IIFE's global, vite.widget.config.ts `name`). */
+    SwitchboardWidget?: { identify(token: string | null): void };
   }
 }
 
@@ -23,6 +35,18 @@ function findScript(): HTMLScriptElement | null {
 }
 
 const script = findScript();
+
+/** The site's identity token for its customer, until the widget is mounted (then the
+ *  session holds it). Memory only. */
+let identity: string | null = script?.dataset.identity || null;
+
+/** Sets the customer's identity token (a JWT the site signed) for the next conversation
+ *  start; null or '' forgets it. Exposed as `SwitchboardWidget.identify`. */
+export function identify(token: string | null): void {
+  identity = typeof token === 'string' && token.trim() ? token.trim() : null;
+  // The mounted widget (possibly from another copy of this script on the page).
+  window.__switchboardWidget?.session.identify(identity);
+}
 
 function localStore(): Storage | null {
   try {
@@ -51,6 +75,7 @@ function mount(): void {
     origin,
     storage: localStore(),
     channel: script?.dataset.channel || undefined,
+    identity,
     attributes: () => {
       const a: Record<string, string> = {};
       a.page = location.href.slice(0, 200);

@@ -14,6 +14,12 @@ export const VISITOR_KEY = 'switchboard.widget.visitor';
 /** The name the visitor gave last time: offered again on their next conversation. */
 export const NAME_KEY = 'switchboard.widget.name';
 
+/** A usable identity token: a non-empty string (trimmed), else null. One the server
+ *  cannot verify is still passed on, so staff see why (`identity: "unverified: …"`). */
+function identityToken(token: unknown): string | null {
+  return typeof token === 'string' && token.trim() ? token.trim() : null;
+}
+
 export interface KV {
   getItem(k: string): string | null;
   setItem(k: string, v: string): void;
@@ -33,6 +39,9 @@ export interface WidgetSessionOptions {
   /** Extra attributes for start (page URL, language). */
   attributes?: () => Record<string, string>;
   channel?: string;
+  /** The customer's identity as the embedding site signed it (a JWT), sent as `identity`
+   *  in the next `start` (see identify()). */
+  identity?: string | null;
 }
 
 /** Outside the group's working hours: what the customer is told, when it opens again
@@ -89,6 +98,8 @@ export class WidgetSession {
   private timers: Timers;
   private wantStart = false;
   private visitorName = '';
+  /** The site's credential for its customer: kept in memory only, never in storage. */
+  private identity: string | null;
   private resuming = false;
   private lastTypingSent = 0;
   private lastReadSent = 0;
@@ -107,6 +118,7 @@ export class WidgetSession {
     this.onNotice = opts.onNotice;
     this.storage = safeStorage(opts.storage);
     this.timers = opts.timers ?? realTimers;
+    this.identity = identityToken(opts.identity);
     // Only a server-signed token is kept: an id the browser made up proves nothing.
     const stored = this.read(VISITOR_KEY);
     this.visitorToken = stored && stored.startsWith('v1.') && stored.length <= 2048 ? stored : null;
@@ -171,6 +183,7 @@ export class WidgetSession {
       if (this.visitorToken) frame.visitor_token = this.visitorToken;
       if (this.opts.channel) frame.channel = this.opts.channel;
       if (this.visitorName) frame.name = this.visitorName;
+      if (this.identity) frame.identity = this.identity;
       const attrs = this.opts.attributes?.();
       if (attrs && Object.keys(attrs).length) frame.attributes = attrs;
       this.link.send(frame);
@@ -263,6 +276,20 @@ export class WidgetSession {
 
   setName(name: string): void {
     this.visitorName = name.trim().slice(0, 100);
+  }
+
+  /** Sets (or, with null or '', clears) the customer's identity token the site signed;
+   *  it goes in the next `start` only (a conversation already started keeps its visitor;
+   *  `resume` never carries it). Held in memory, never written to storage. Clearing it
+   *  (the customer logged out) also forgets the visitor token this browser kept, which
+   *  a verified start tied to that customer: the next chat is anonymous. */
+  identify(token: string | null | undefined): void {
+    const had = this.identity;
+    this.identity = identityToken(token);
+    if (had && !this.identity) {
+      this.visitorToken = null;
+      this.write(VISITOR_KEY, null);
+    }
   }
 
   /** The name this visitor gave on an earlier conversation in this browser, if any. */
