@@ -33,7 +33,9 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// over waiting time (the decision record names the step); opening hours pause a
 /// group's offers and answer conversations arriving while it is closed; channel kinds
 /// carry weights against operators' capacity.
-pub const RULES_VERSION: u32 = 6;
+/// Rules 7: a channel with a bot gives its new conversations to the bot, which holds
+/// them out of every queue until it hands them off.
+pub const RULES_VERSION: u32 = 7;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -98,6 +100,13 @@ pub fn inbound_key(channel: &ChannelId, sender: &str, provider_message_id: &str)
 
 /// Longest sender id and sender name a channel's inbound message may carry.
 pub const MAX_SENDER_BYTES: usize = 200;
+/// Quick replies one bot message may offer, and their length in characters.
+pub const MAX_BUTTONS: usize = 10;
+pub const MAX_BUTTON_CHARS: usize = 64;
+/// Items of context a bot's handoff may carry.
+pub const MAX_CONTEXT_ITEMS: usize = 20;
+/// The resolution of a conversation the bot closed without one of its own.
+pub const BOT_RESOLVED: &str = "bot";
 /// Outbox entries one `DeliveriesAttempted` or `DeliveryResults` may name.
 pub const MAX_DELIVERY_BATCH: usize = 1000;
 
@@ -668,6 +677,63 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 return Ok((Reply::Done, vec![]));
             }
             Ok((Reply::Done, vec![Event::ChannelAdapterSet { channel: channel.clone(), adapter: adapter.clone() }]))
+        }
+        Command::SetChannelBot { channel, bot } => {
+            rules_at_least(state, 7)?;
+            if !state.channels.contains_key(channel) {
+                return Err(Error::NotFound(format!("channel {channel}")));
+            }
+            if let Some(bot) = bot {
+                check_adapter(&AdapterConfig::Api { token_sha256: bot.token_sha256.clone(), outbound_url: bot.url.clone(), signing_secret: bot.signing_secret.clone() })?;
+            }
+            if state.channel_bots.get(channel) == bot.as_ref() {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::ChannelBotSet { channel: channel.clone(), bot: bot.clone() }]))
+        }
+        Command::BotReply { channel, conversation: conv_id, key, text, buttons } => {
+            check_key(key)?;
+            let conv = with_bot(state, channel, conv_id)?;
+            if let Some(seq) = conv.keys.get(key) {
+                return Ok((Reply::Message { seq: *seq, duplicate: true }, vec![]));
+            }
+            check_text(text)?;
+            if buttons.len() > MAX_BUTTONS || buttons.iter().any(|b| b.trim().is_empty() || b.chars().count() > MAX_BUTTON_CHARS) {
+                return Err(Error::Invalid(format!("at most {MAX_BUTTONS} buttons of 1-{MAX_BUTTON_CHARS} characters")));
+            }
+            check_message(state, *conv_id, text, &[])?;
+            Ok((
+                Reply::Message { seq: conv.last_seq() + 1, duplicate: false },
+                vec![Event::BotMessagePosted { conversation: *conv_id, key: key.clone(), text: text.clone(), buttons: buttons.clone() }],
+            ))
+        }
+        Command::Handoff { channel, conversation: conv_id, group, reason, context } => {
+            let conv = with_bot(state, channel, conv_id)?;
+            let group = group.clone().unwrap_or_else(|| conv.group.clone());
+            if !state.groups.contains_key(&group) {
+                return Err(Error::NotFound(format!("skill group {group}")));
+            }
+            if reason.chars().count() > MAX_REASON_CHARS {
+                return Err(Error::TooLong { limit: MAX_REASON_CHARS, actual: reason.chars().count() });
+            }
+            if context.len() > MAX_CONTEXT_ITEMS || context.iter().any(|(k, v)| k.is_empty() || k.chars().count() > 64 || v.chars().count() > MAX_REASON_CHARS) {
+                return Err(Error::Invalid(format!("at most {MAX_CONTEXT_ITEMS} context items, names of 1-64 characters, values of at most {MAX_REASON_CHARS}")));
+            }
+            Ok((
+                Reply::Done,
+                vec![
+                    Event::HandedOff { conversation: *conv_id, group: group.clone(), reason: reason.clone(), context: context.clone() },
+                    Event::ConversationQueued { conversation: *conv_id, group, ticket: state.next_ticket },
+                ],
+            ))
+        }
+        Command::CloseByBot { channel, conversation: conv_id, resolution } => {
+            with_bot(state, channel, conv_id)?;
+            if resolution.chars().count() > MAX_TAG_CHARS {
+                return Err(Error::TooLong { limit: MAX_TAG_CHARS, actual: resolution.chars().count() });
+            }
+            let resolution = if resolution.is_empty() { BOT_RESOLVED.to_owned() } else { resolution.clone() };
+            Ok((Reply::Done, vec![Event::ConversationClosed { conversation: *conv_id, by: Closer::System, resolution, tags: vec![] }]))
         }
         Command::SetChannelIdentity { channel, key } => {
             if !state.channels.contains_key(channel) {
@@ -1278,18 +1344,31 @@ fn start_conversation(state: &ShardState, channel: &ChannelId, group: Option<&Sk
         }
         _ => None,
     };
+    // Rules 7: a channel's bot takes its new conversations, at any hour; the group's
+    // hours apply when the bot hands one off.
+    let (placed, after_hours) = if state.rules >= 7 && state.channel_bots.contains_key(channel) {
+        (Event::BotTook { conversation: conv, group }, Vec::new())
+    } else {
+        (Event::ConversationQueued { conversation: conv, group, ticket: state.next_ticket }, after_hours)
+    };
     Ok((
         conv,
-        [
-            Event::ConversationStarted { conversation: conv, channel: channel.clone(), visitor: visitor.clone() },
-            Event::ConversationQueued { conversation: conv, group, ticket: state.next_ticket },
-        ]
-        .into_iter()
-        .chain(sticky)
-        .chain(notice)
-        .chain(after_hours)
-        .collect(),
+        [Event::ConversationStarted { conversation: conv, channel: channel.clone(), visitor: visitor.clone() }, placed]
+            .into_iter()
+            .chain(sticky)
+            .chain(notice)
+            .chain(after_hours)
+            .collect(),
     ))
+}
+
+/// A conversation the bot of `channel` holds now.
+fn with_bot<'a>(state: &'a ShardState, channel: &ChannelId, conv_id: &ConversationId) -> Result<&'a crate::state::Conversation, Error> {
+    let conv = state.conversations.get(conv_id).filter(|c| &c.channel == channel).ok_or(Error::NotFound(format!("conversation {conv_id} on channel {channel}")))?;
+    if conv.status != ConversationStatus::WithBot {
+        return Err(Error::Invalid(format!("conversation {conv_id} is not with the bot any more")));
+    }
+    Ok(conv)
 }
 
 /// What a channel adapter's settings must hold.

@@ -604,6 +604,45 @@ pub enum Command {
         channel: ChannelId,
         key: Option<IdentityKey>,
     },
+    /// Puts a bot before the channel's operators (rules 7), or takes it away (`None`):
+    /// new conversations there go to the bot, which answers and hands over.
+    SetChannelBot {
+        channel: ChannelId,
+        bot: Option<BotConfig>,
+    },
+    /// The channel's bot answers in a conversation it holds; `buttons` are quick
+    /// replies the customer may tap.
+    BotReply {
+        channel: ChannelId,
+        conversation: ConversationId,
+        key: String,
+        text: String,
+        buttons: Vec<String>,
+    },
+    /// The bot hands the conversation to a skill group (its own group when `None`), with
+    /// why and what it learned, which the operator reads.
+    Handoff {
+        channel: ChannelId,
+        conversation: ConversationId,
+        group: Option<SkillGroupId>,
+        reason: String,
+        context: Vec<(String, String)>,
+    },
+    /// The bot resolved the conversation itself.
+    CloseByBot {
+        channel: ChannelId,
+        conversation: ConversationId,
+        resolution: String,
+    },
+}
+
+/// A channel's bot (docs/channel-api.md, "Bots"): where its events go, signed with
+/// `signing_secret`, and the SHA-256 (hex) of the token it calls the Bot API with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BotConfig {
+    pub url: String,
+    pub token_sha256: String,
+    pub signing_secret: String,
 }
 
 /// How a channel verifies the customer identity its site or app passes (a JWT): with a
@@ -1019,5 +1058,27 @@ pub enum Event {
     ChannelIdentitySet {
         channel: ChannelId,
         key: Option<IdentityKey>,
+    },
+    ChannelBotSet {
+        channel: ChannelId,
+        bot: Option<BotConfig>,
+    },
+    /// The channel's bot holds the new conversation (rules 7): it is in no queue and on
+    /// no operator's capacity until it is handed off.
+    BotTook {
+        conversation: ConversationId,
+        group: SkillGroupId,
+    },
+    BotMessagePosted {
+        conversation: ConversationId,
+        key: String,
+        text: String,
+        buttons: Vec<String>,
+    },
+    HandedOff {
+        conversation: ConversationId,
+        group: SkillGroupId,
+        reason: String,
+        context: Vec<(String, String)>,
     },
 }

@@ -47,6 +47,7 @@
 //! | `O` offer | the routing step an offer was made under (rules 6; deleted with its decision record) |
 //! | `C` channel | how the channel reaches its provider ([`AdapterConfig`], ADR 0009) |
 //! | `b` channel | the key the channel's customer identities are signed with ([`IdentityKey`]) |
+//! | `r` channel | the channel's bot ([`BotConfig`], rules 7) |
 //! | `I` inbound key | the conversation a channel's inbound message (`channel:provider id`) went to (deleted with it) |
 //! | `U` conversation seq | an outbox entry still to be sent or being sent ([`Delivery`]) |
 //! | `M` conversation seq | an outbox entry once sent, delivered, read or dead-lettered |
@@ -287,6 +288,9 @@ pub mod key {
     }
     pub fn channel_adapter(channel: &ChannelId) -> Vec<u8> {
         with(b'C', channel.0.as_bytes())
+    }
+    pub fn channel_bot(channel: &ChannelId) -> Vec<u8> {
+        with(b'r', channel.0.as_bytes())
     }
     pub fn channel_identity(channel: &ChannelId) -> Vec<u8> {
         with(b'b', channel.0.as_bytes())
@@ -592,6 +596,12 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
             None => removes.push(key::channel_adapter(channel)),
         }
     }
+    for channel in &dirty.channel_bots {
+        match state.channel_bots.get(channel) {
+            Some(b) => put(key::channel_bot(channel), encode(&(channel, b))),
+            None => removes.push(key::channel_bot(channel)),
+        }
+    }
     for channel in &dirty.channel_identity {
         match state.channel_identity.get(channel) {
             Some(k) => put(key::channel_identity(channel), encode(&(channel, k))),
@@ -699,7 +709,10 @@ fn named_conversations(command: &Command) -> Vec<ConversationId> {
         | Command::CloseByOperator { conversation, .. }
         | Command::Reassign { conversation, .. }
         | Command::MarkRead { conversation, .. }
-        | Command::AddNote { conversation, .. } => vec![*conversation],
+        | Command::AddNote { conversation, .. }
+        | Command::BotReply { conversation, .. }
+        | Command::Handoff { conversation, .. }
+        | Command::CloseByBot { conversation, .. } => vec![*conversation],
         Command::StoreAttachment(attachment) => vec![attachment.conversation],
         _ => vec![],
     }
@@ -1132,6 +1145,9 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     }
     for (_, (channel, adapter)) in all::<(ChannelId, AdapterConfig)>(store, b"C")? {
         state.channel_adapters.insert(channel, adapter);
+    }
+    for (_, (channel, b)) in all::<(ChannelId, BotConfig)>(store, b"r")? {
+        state.channel_bots.insert(channel, b);
     }
     for (_, (channel, k)) in all::<(ChannelId, IdentityKey)>(store, b"b")? {
         state.channel_identity.insert(channel, k);

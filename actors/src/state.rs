@@ -155,6 +155,9 @@ pub struct ShardState {
     /// Per channel, how it reaches its provider (ADR 0009; records `C`).
     #[serde(default)]
     pub channel_adapters: BTreeMap<ChannelId, AdapterConfig>,
+    /// Per channel, the bot before its operators (rules 7; records `r`).
+    #[serde(default)]
+    pub channel_bots: BTreeMap<ChannelId, BotConfig>,
     /// Per channel, the key its customers' identities are signed with (records `b`).
     #[serde(default)]
     pub channel_identity: BTreeMap<ChannelId, IdentityKey>,
@@ -203,6 +206,8 @@ pub struct Delivery {
     pub reason: String,
     pub queued_at: Timestamp,
     pub updated_at: Timestamp,
+    /// For the channel's bot (what the customer wrote), not for the customer.
+    pub to_bot: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,9 +268,25 @@ impl ShardState {
             return;
         }
         let Some(recipient) = Self::recipient_of(conv) else { return };
+        let recipient = recipient.to_owned();
+        self.queue_delivery(conversation, seq, recipient, false, at);
+    }
+
+    /// Queues history entry `seq` for the bot holding the conversation (rules 7).
+    fn enqueue_for_bot(&mut self, conversation: ConversationId, seq: Option<u64>, at: Timestamp) {
+        let (Some(seq), Some(conv)) = (seq, self.conversations.get(&conversation)) else { return };
+        if conv.status != ConversationStatus::WithBot || !self.channel_bots.contains_key(&conv.channel) {
+            return;
+        }
+        self.queue_delivery(conversation, seq, "bot".to_owned(), true, at);
+    }
+
+    fn queue_delivery(&mut self, conversation: ConversationId, seq: u64, recipient: String, to_bot: bool, at: Timestamp) {
+        let Some(conv) = self.conversations.get(&conversation) else { return };
         let delivery = Delivery {
             channel: conv.channel.clone(),
-            recipient: recipient.to_owned(),
+            recipient,
+            to_bot,
             status: DeliveryStatus::Pending,
             attempts: 0,
             next_at: at,
@@ -610,6 +631,7 @@ pub struct Dirty {
     pub queued_since: BTreeSet<ConversationId>,
     pub channel_adapters: BTreeSet<ChannelId>,
     pub channel_identity: BTreeSet<ChannelId>,
+    pub channel_bots: BTreeSet<ChannelId>,
     /// Inbound keys taken (records `I`), and outbox entries changed (records `U`, `M`, `D`).
     pub inbound: Vec<(String, ConversationId)>,
     pub deliveries: BTreeMap<(ConversationId, u64), Delivery>,
@@ -826,6 +848,8 @@ pub enum ConversationStatus {
     Queued { ticket: u64, offer: Option<OfferId> },
     Assigned { operator: OperatorId },
     Closed,
+    /// Held by the channel's bot (rules 7) until it hands the conversation off.
+    WithBot,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -849,6 +873,12 @@ pub enum HistoryItem {
     Note { author: String, name: String, key: String, text: String },
     /// An emergency notice in force when the conversation started: everyone reads it.
     Notice { text: String },
+    /// The channel's bot took the conversation (rules 7).
+    WithBot,
+    /// The bot's answer, with quick replies.
+    BotMessage { key: String, text: String, buttons: Vec<String> },
+    /// The bot handed the conversation to a group, with why and what it learned.
+    Handoff { group: SkillGroupId, reason: String, context: Vec<(String, String)> },
 }
 
 /// The streams an applied event advanced, so the driver wakes exactly their readers.
@@ -963,7 +993,13 @@ impl ShardState {
             | Event::DeliveriesAttempted { .. }
             | Event::DeliveryResults { .. }
             | Event::DeliveryRetried { .. }
-            | Event::ChannelIdentitySet { .. } => {}
+            | Event::ChannelIdentitySet { .. }
+            | Event::ChannelBotSet { .. }
+            | Event::BotMessagePosted { .. }
+            | Event::HandedOff { .. } => {}
+            Event::BotTook { conversation, .. } => {
+                dirty.conversations.insert(*conversation);
+            }
             Event::BreakTaken { operator, .. } => {
                 dirty.operators.insert(operator.clone());
             }
@@ -1071,6 +1107,7 @@ impl ShardState {
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     conv.keys.insert(key.clone(), seq);
                 }
+                self.enqueue_for_bot(*conversation, seq, at);
             }
             Event::OperatorMessagePosted { conversation, operator, key, text, attachments } => {
                 let name = self.operator_name(operator);
@@ -1488,6 +1525,33 @@ impl ShardState {
                         self.tell_delivery(key, at, touched);
                     }
                 }
+            }
+            Event::ChannelBotSet { channel, bot } => {
+                match bot {
+                    Some(b) => self.channel_bots.insert(channel.clone(), b.clone()),
+                    None => self.channel_bots.remove(channel),
+                };
+                self.dirty.channel_bots.insert(channel.clone());
+            }
+            Event::BotTook { conversation, group } => {
+                if let Some(conv) = self.conversations.get_mut(conversation) {
+                    conv.group = group.clone();
+                    conv.status = ConversationStatus::WithBot;
+                }
+                let seq = self.record(*conversation, at, HistoryItem::WithBot, touched);
+                self.enqueue_for_bot(*conversation, seq, at);
+            }
+            Event::BotMessagePosted { conversation, key, text, buttons } => {
+                let item = HistoryItem::BotMessage { key: key.clone(), text: text.clone(), buttons: buttons.clone() };
+                let seq = self.record(*conversation, at, item, touched);
+                if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
+                    conv.keys.insert(key.clone(), seq);
+                }
+                self.enqueue_delivery(*conversation, seq, at);
+            }
+            Event::HandedOff { conversation, group, reason, context } => {
+                let item = HistoryItem::Handoff { group: group.clone(), reason: reason.clone(), context: context.clone() };
+                self.record(*conversation, at, item, touched);
             }
             Event::ChannelIdentitySet { channel, key } => {
                 match key {

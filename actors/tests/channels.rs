@@ -209,3 +209,52 @@ fn disconnecting_a_channel_dead_letters_what_it_had_to_send() {
     ok(run(&mut state, &store, T0 + 60, Command::RetryDelivery { conversation: conv, seq, by: "sue".into() }));
     assert_eq!(state.outbox[&(conv, seq)].status, DeliveryStatus::Pending);
 }
+
+fn bot() -> BotConfig {
+    BotConfig { url: "http://127.0.0.1:9/events".into(), token_sha256: "a".repeat(64), signing_secret: "s".repeat(20) }
+}
+
+#[test]
+fn a_bot_holds_new_conversations_out_of_queues_and_capacity_until_it_hands_them_off() {
+    let (store, mut state) = setup();
+    ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
+    // Rules 6 have no bots: the setting is refused until the node adopts rules 7.
+    let mut old = ShardState::default();
+    let old_store = MemStore::default();
+    ok(run(&mut old, &old_store, T0, Command::AdoptRules { version: 6 }));
+    ok(run(&mut old, &old_store, T0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "G".into(), policy: Policy::LongestIdle, offer_timeout_ms: 30_000, sla_ms: 20_000 })));
+    ok(run(&mut old, &old_store, T0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
+    assert!(run(&mut old, &old_store, T0, Command::SetChannelBot { channel: ChannelId::new("web"), bot: Some(bot()) }).is_err());
+
+    ok(run(&mut state, &store, T0, Command::SetChannelBot { channel: ChannelId::new("web"), bot: Some(bot()) }));
+    let (reply, events) = ok(run(&mut state, &store, T0 + 10, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }));
+    let Reply::Started { conversation: conv } = reply else { panic!("{reply:?}") };
+    assert!(events.iter().any(|e| matches!(e, Event::BotTook { .. })) && !events.iter().any(|e| matches!(e, Event::ConversationQueued { .. } | Event::OfferMade { .. })), "{events:?}");
+    assert!(state.offers.is_empty() && state.groups[&SkillGroupId::new("g")].queue.is_empty());
+    // The bot is told: its started event and the customer's message are in the outbox for it.
+    ok(run(&mut state, &store, T0 + 20, Command::PostClientMessage { conversation: conv, key: "c1".into(), text: "hi".into(), attachments: vec![] }));
+    assert_eq!(state.outbox.values().filter(|d| d.to_bot).count(), 2);
+    let web = ChannelId::new("web");
+    let (reply, _) = ok(run(&mut state, &store, T0 + 30, Command::BotReply { channel: web.clone(), conversation: conv, key: "b1".into(), text: "Hello!".into(), buttons: vec!["Talk to a person".into()] }));
+    assert!(matches!(reply, Reply::Message { duplicate: false, .. }));
+    let (reply, events) = ok(run(&mut state, &store, T0 + 31, Command::BotReply { channel: web.clone(), conversation: conv, key: "b1".into(), text: "Hello!".into(), buttons: vec![] }));
+    assert!(matches!(reply, Reply::Message { duplicate: true, .. }) && events.is_empty());
+    // The wrong channel's bot cannot touch it; too many buttons are refused.
+    assert!(matches!(run(&mut state, &store, T0 + 32, Command::BotReply { channel: tg(), conversation: conv, key: "b2".into(), text: "x".into(), buttons: vec![] }), Err(Error::NotFound(_))));
+    assert!(matches!(run(&mut state, &store, T0 + 33, Command::BotReply { channel: web.clone(), conversation: conv, key: "b3".into(), text: "x".into(), buttons: vec!["b".into(); 11] }), Err(Error::Invalid(_))));
+
+    ok(run(&mut state, &store, T0 + 40, Command::Handoff { channel: web.clone(), conversation: conv, group: None, reason: "asked for a person".into(), context: vec![("order".into(), "A-17".into())] }));
+    let offer = state.offers.values().next().expect("offered once handed off").clone();
+    assert_eq!((offer.conversation, offer.operator.as_str()), (conv, "ann"));
+    let history = records::history(&store, conv, 0, 100).expect("history");
+    assert!(history.iter().any(|e| matches!(&e.item, HistoryItem::Handoff { reason, context, .. } if reason == "asked for a person" && context.len() == 1)));
+    // Handed off: the bot may no longer write or close.
+    assert!(matches!(run(&mut state, &store, T0 + 50, Command::CloseByBot { channel: web.clone(), conversation: conv, resolution: String::new() }), Err(Error::Invalid(_))));
+
+    // A second conversation the bot resolves itself.
+    let (reply, _) = ok(run(&mut state, &store, T0 + 60, Command::StartConversation { channel: web.clone(), group: None, visitor: Visitor::default() }));
+    let Reply::Started { conversation: second } = reply else { panic!() };
+    ok(run(&mut state, &store, T0 + 70, Command::CloseByBot { channel: web, conversation: second, resolution: String::new() }));
+    let closed = records::history(&store, second, 0, 100).expect("history");
+    assert!(closed.iter().any(|e| matches!(&e.item, HistoryItem::Closed { resolution, .. } if resolution == "bot")));
+}

@@ -341,6 +341,10 @@ fn render(event: &Event) -> String {
         Event::DeliveryResults { results } => format!("delivery results {results:?}"),
         Event::DeliveryRetried { conversation, seq, by } => format!("{conversation}/{seq} sent again by {by}"),
         Event::ChannelIdentitySet { channel, key } => format!("{channel} identities {:?}", key.as_ref().map(|k| k.alg())),
+        Event::ChannelBotSet { channel, bot } => format!("{channel} bot {:?}", bot.as_ref().map(|b| b.url.as_str())),
+        Event::BotTook { conversation, group } => format!("bot holds {conversation} (for {group})"),
+        Event::BotMessagePosted { conversation, text, buttons, .. } => format!("bot says in {conversation}: {text} {buttons:?}"),
+        Event::HandedOff { conversation, group, reason, context } => format!("bot hands {conversation} to {group}: {reason} {context:?}"),
     }
 }
 

@@ -33,6 +33,35 @@ pub fn token_matches(digest: &str, token: &str) -> bool {
     same_secret(token_digest(token).as_bytes(), digest.to_ascii_lowercase().as_bytes())
 }
 
+/// What the channel's bot is told: a conversation it now holds (`started`), or what the
+/// customer wrote in it (`message`). Docs: docs/channel-api.md, "Bots".
+pub struct BotEvent<'a> {
+    pub delivery_id: String,
+    pub channel: &'a str,
+    pub conversation: u64,
+    pub seq: u64,
+    pub event: &'static str,
+    pub customer_id: &'a str,
+    pub customer_name: &'a str,
+    pub text: &'a str,
+}
+
+/// POSTs one event to the bot, signed as outbound deliveries are.
+pub async fn send_to_bot(client: &http::Client, url: &str, signing_secret: &str, event: &BotEvent<'_>) -> SendOutcome {
+    let body = json!({
+        "delivery_id": event.delivery_id,
+        "channel": event.channel,
+        "conversation": event.conversation,
+        "seq": event.seq,
+        "event": event.event,
+        "customer": {"id": event.customer_id, "name": event.customer_name},
+        "text": event.text,
+    })
+    .to_string()
+    .into_bytes();
+    post_signed(client, url, signing_secret, &event.delivery_id, body).await
+}
+
 #[derive(Deserialize)]
 struct Accepted {
     #[serde(default)]
@@ -50,18 +79,23 @@ pub async fn send(client: &http::Client, outbound_url: &str, signing_secret: &st
         "kind": message.kind,
         "author": message.author,
         "text": message.text,
+        "buttons": message.buttons,
     })
     .to_string()
     .into_bytes();
+    post_signed(client, outbound_url, signing_secret, &message.delivery_id(), body).await
+}
+
+async fn post_signed(client: &http::Client, url: &str, signing_secret: &str, delivery_id: &str, body: Vec<u8>) -> SendOutcome {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let headers = [(SIGNATURE_HEADER, signature(signing_secret, now, &body)), (DELIVERY_HEADER, message.delivery_id())];
-    let response = match client.post_json(outbound_url, &headers, body).await {
+    let headers = [(SIGNATURE_HEADER, signature(signing_secret, now, &body)), (DELIVERY_HEADER, delivery_id.to_owned())];
+    let response = match client.post_json(url, &headers, body).await {
         Ok(r) => r,
         Err(e) => return SendOutcome::Retry { reason: e.to_string(), after: None },
     };
     if (200..300).contains(&response.status) {
         let id = serde_json::from_slice::<Accepted>(&response.body).ok().and_then(|a| a.provider_message_id).filter(|id| !id.is_empty() && id.len() <= 200);
-        return SendOutcome::Sent { provider_id: id.unwrap_or_else(|| message.delivery_id()) };
+        return SendOutcome::Sent { provider_id: id.unwrap_or_else(|| delivery_id.to_owned()) };
     }
     let after = response.header("retry-after").and_then(|s| s.trim().parse::<u64>().ok()).map(Duration::from_secs);
     let text = String::from_utf8_lossy(&response.body);

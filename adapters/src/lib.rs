@@ -77,8 +77,10 @@ pub struct Outgoing {
     pub text: String,
     /// `message` (an operator wrote it) or `notice` (an automatic answer).
     pub kind: &'static str,
-    /// The operator's display name, for `message`.
+    /// The operator's display name, for `message` (`Bot` for the channel's bot).
     pub author: String,
+    /// Quick replies the customer may tap (a bot's message), where the channel has them.
+    pub buttons: Vec<String>,
 }
 
 impl Outgoing {

@@ -171,7 +171,13 @@ pub async fn send(client: &http::Client, api_base: &str, bot_token: &str, messag
         Err(_) => json!(message.recipient),
     };
     let text: String = message.text.chars().take(MAX_TEXT).collect();
-    let body = json!({"chat_id": chat_id, "text": text}).to_string().into_bytes();
+    let mut body = json!({"chat_id": chat_id, "text": text});
+    // A bot's quick replies become a one-time reply keyboard: a tap sends its text.
+    if !message.buttons.is_empty() {
+        let rows: Vec<Vec<serde_json::Value>> = message.buttons.iter().map(|b| vec![json!({"text": b})]).collect();
+        body["reply_markup"] = json!({"keyboard": rows, "one_time_keyboard": true, "resize_keyboard": true});
+    }
+    let body = body.to_string().into_bytes();
     let response = match client.post_json(&url, &[], body).await {
         Ok(r) => r,
         Err(e) => return SendOutcome::Retry { reason: e.to_string(), after: None },

@@ -219,7 +219,13 @@ struct GraphError {
 /// Sends one entry as a text message.
 pub async fn send(client: &http::Client, api_base: &str, phone_number_id: &str, access_token: &str, message: &Outgoing) -> SendOutcome {
     let url = format!("{}/{}/messages", api_base.trim_end_matches('/'), phone_number_id);
-    let text: String = message.text.chars().take(MAX_TEXT).collect();
+    // Quick replies are offered as numbered lines: interactive buttons take at most 3
+    // titles of 20 characters, which a bot's replies need not fit.
+    let mut text = message.text.clone();
+    for (i, b) in message.buttons.iter().enumerate() {
+        text.push_str(&format!("\n{}. {b}", i + 1));
+    }
+    let text: String = text.chars().take(MAX_TEXT).collect();
     let body = json!({"messaging_product": "whatsapp", "recipient_type": "individual", "to": message.recipient, "type": "text", "text": {"preview_url": false, "body": text}});
     let headers = [("authorization", format!("Bearer {access_token}"))];
     let response = match client.post_json(&url, &headers, body.to_string().into_bytes()).await {

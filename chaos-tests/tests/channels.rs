@@ -424,3 +424,71 @@ async fn a_signed_customer_identity_links_conversations_across_channels_and_a_fo
     assert_eq!(view(expired).await?["visitor"]["attributes"]["identity"], "unverified: it expired");
     Ok(())
 }
+
+/// A bot before the operators (rules 7): the reference echo bot in
+/// `adapters/examples/python` greets a web chat customer with a quick reply, echoes,
+/// and hands off when asked for a person; no operator is offered the conversation or
+/// charged for it until then, and the operator who takes it reads the bot's reason and
+/// context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_answers_first_then_hands_off_with_its_context() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let listen = format!("127.0.0.1:{port}");
+    let (status, bot) = dev.api("PUT", "/api/channels/web/bot", Some(&admin), Some(json!({"url": format!("http://{listen}/events")}))).await?;
+    assert_eq!(status, 200, "{bot}");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../adapters/examples/python/echo_bot.py");
+    let mut process = tokio::process::Command::new("python3")
+        .arg(&script)
+        .env("SWITCHBOARD_URL", format!("http://{}", dev.private))
+        .env("SWITCHBOARD_CHANNEL", "web")
+        .env("BOT_TOKEN", bot["token"].as_str().unwrap_or_default())
+        .env("BOT_SECRET", bot["signing_secret"].as_str().unwrap_or_default())
+        .env("BOT_LISTEN", &listen)
+        .kill_on_drop(true)
+        .spawn()?;
+    eventually(WAIT, Duration::from_millis(100), || async {
+        Ok(switchboard_gateway::client::http_json(&listen, "GET", "/healthz", None, None).await.ok().filter(|(s, _)| *s == 200))
+    })
+    .await?;
+    // A wrong token gets nothing done.
+    let (status, _) = dev.api("POST", "/api/bot/web/messages", Some("forged"), Some(json!({"conversation": 1, "key": "x", "text": "hi"}))).await?;
+    assert_eq!(status, 401);
+
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (mut client, conversation, _) = dev.client("Gus").await?;
+    let greeting = client.wait_for(WAIT, |v| v["type"] == "event" && v["from"] == "bot").await?;
+    assert!(greeting["text"].as_str().is_some_and(|t| t.starts_with("Hello Gus")), "{greeting}");
+    assert_eq!(greeting["buttons"], json!(["Talk to a person"]));
+    client.send(&json!({"type": "send", "key": "c1", "text": "where is my order"})).await?;
+    let echo = client.wait_for(WAIT, |v| v["type"] == "event" && v["from"] == "bot" && v["text"] == "You said: where is my order").await?;
+    assert_eq!(echo["buttons"], json!(["Talk to a person"]));
+    // While the bot holds it: no offer, and nobody's capacity is used.
+    assert!(alice.wait_for(Duration::from_millis(500), |v| v["kind"] == "offer").await.is_err(), "no operator is offered a conversation the bot holds");
+    let supervisor = dev.login("supervisor").await?;
+    let (_, operators) = dev.api("GET", "/api/operators", Some(&supervisor), None).await?;
+    let alice_row = operators["operators"].as_array().and_then(|o| o.iter().find(|o| o["id"] == "alice").cloned()).unwrap_or_default();
+    assert_eq!(alice_row["active"], 0, "{alice_row}");
+    let (_, conv) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    assert_eq!(conv["status"]["state"], "with_bot", "{conv}");
+
+    // The customer taps the quick reply: the bot hands off; Alice is offered it and reads why.
+    client.send(&json!({"type": "send", "key": "c2", "text": "Talk to a person"})).await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer["conversation"], conversation);
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "accept"})).await?;
+    let assigned = alice.wait_for(WAIT, |v| v["kind"] == "assigned").await?;
+    let handoff = assigned["history"].as_array().and_then(|h| h.iter().find(|e| e["kind"] == "handoff").cloned()).unwrap_or_default();
+    assert_eq!(handoff["reason"], "the customer asked for a person", "{assigned}");
+    assert_eq!(handoff["context"], json!({"asked_with": "Talk to a person", "messages": "2"}));
+    assert_eq!(handoff["group"], "general");
+    let bot_lines = assigned["history"].as_array().into_iter().flatten().filter(|e| e["from"] == "bot").count();
+    assert_eq!(bot_lines, 2, "the operator sees the bot's answers too");
+    // The bot may not write in a conversation it no longer holds.
+    let (status, refused) = dev.api("POST", "/api/bot/web/messages", bot["token"].as_str(), Some(json!({"conversation": conversation, "key": "late", "text": "still me"}))).await?;
+    assert_eq!(status, 409, "{refused}");
+    process.kill().await?;
+    Ok(())
+}

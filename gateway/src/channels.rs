@@ -435,3 +435,118 @@ pub async fn delete_identity(State(gw): State<Arc<Gateway>>, staff: Staff, Path(
     gw.submit(Command::SetChannelIdentity { channel: ChannelId::new(id), key: None }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
+
+/// The bot's bearer token, checked against the channel's bot.
+fn bot_channel(gw: &Gateway, channel: &str, headers: &HeaderMap) -> Result<ChannelId, GatewayError> {
+    let channel = ChannelId::new(channel);
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(GatewayError::Unauthorized("send the bot token as Authorization: Bearer <token>"))?;
+    let digest = gw.backend.shard().read().channel_bots.get(&channel).map(|b| b.token_sha256.clone());
+    match digest {
+        Some(digest) if api::token_matches(&digest, token) => Ok(channel),
+        _ => Err(GatewayError::Unauthorized("the bot token does not match this channel's bot")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotBody {
+    url: String,
+}
+
+fn bot_json(channel: &ChannelId, bot: &switchboard_actors::model::BotConfig) -> Value {
+    json!({"channel": channel, "url": bot.url, "token": "••••", "signing_secret": "••••", "api_path": format!("/api/bot/{channel}/")})
+}
+
+/// `GET /api/channels/{id}/bot` (admin).
+pub async fn get_bot(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    let channel = ChannelId::new(id);
+    let bot = gw.backend.shard().read().channel_bots.get(&channel).cloned();
+    match bot {
+        Some(bot) => Ok(Json(bot_json(&channel, &bot))),
+        None => Err(GatewayError::NotFound(format!("channel {channel} has no bot"))),
+    }
+}
+
+/// `PUT /api/channels/{id}/bot` (admin): a new token and signing secret, shown once.
+pub async fn put_bot(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Body(body): Body<BotBody>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    let channel = ChannelId::new(id);
+    let (token, signing_secret) = (random_secret()?, random_secret()?);
+    let bot = switchboard_actors::model::BotConfig { url: body.url, token_sha256: api::token_digest(&token), signing_secret: signing_secret.clone() };
+    gw.submit(Command::SetChannelBot { channel: channel.clone(), bot: Some(bot.clone()) }).await?;
+    let mut view = bot_json(&channel, &bot);
+    view["token"] = json!(token);
+    view["signing_secret"] = json!(signing_secret);
+    Ok(Json(view))
+}
+
+/// `DELETE /api/channels/{id}/bot` (admin): new conversations go to the queue again; those
+/// the bot holds stay with it until it hands them off or they close.
+pub async fn delete_bot(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Response, GatewayError> {
+    staff.require(Role::Admin)?;
+    gw.submit(Command::SetChannelBot { channel: ChannelId::new(id), bot: None }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotMessageBody {
+    conversation: u64,
+    key: String,
+    text: String,
+    #[serde(default)]
+    buttons: Vec<String>,
+}
+
+/// `POST /api/bot/{channel}/messages`: the bot answers.
+pub async fn bot_message(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Json<Value>, GatewayError> {
+    let channel = bot_channel(&gw, &channel, &headers)?;
+    let body: BotMessageBody = parse(&body)?;
+    let command = Command::BotReply { channel, conversation: ConversationId(body.conversation), key: body.key, text: body.text, buttons: body.buttons };
+    match gw.submit(command).await? {
+        Reply::Message { seq, duplicate } => Ok(Json(json!({"seq": seq, "duplicate": duplicate}))),
+        other => Err(GatewayError::Internal(format!("a bot message was answered {other:?}"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffBody {
+    conversation: u64,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    context: std::collections::BTreeMap<String, String>,
+}
+
+/// `POST /api/bot/{channel}/handoff`: the bot hands the conversation to a skill group.
+pub async fn bot_handoff(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+    let channel = bot_channel(&gw, &channel, &headers)?;
+    let body: HandoffBody = parse(&body)?;
+    let group = body.group.map(switchboard_actors::model::SkillGroupId::new);
+    gw.submit(Command::Handoff { channel, conversation: ConversationId(body.conversation), group, reason: body.reason, context: body.context.into_iter().collect() }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotCloseBody {
+    conversation: u64,
+    #[serde(default)]
+    resolution: String,
+}
+
+/// `POST /api/bot/{channel}/close`: the bot resolved the conversation itself.
+pub async fn bot_close(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+    let channel = bot_channel(&gw, &channel, &headers)?;
+    let body: BotCloseBody = parse(&body)?;
+    gw.submit(Command::CloseByBot { channel, conversation: ConversationId(body.conversation), resolution: body.resolution }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

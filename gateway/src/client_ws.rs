@@ -76,7 +76,9 @@ fn entry_text_bytes(item: &switchboard_actors::state::HistoryItem) -> usize {
         HistoryItem::Closed { resolution, .. } => resolution.len(),
         HistoryItem::Note { .. } => 0,
         HistoryItem::Notice { text } => text.len(),
-        HistoryItem::Started { .. } | HistoryItem::Queued { .. } | HistoryItem::Assigned { .. } => 0,
+        HistoryItem::BotMessage { text, buttons, .. } => text.len() + buttons.iter().map(String::len).sum::<usize>(),
+        HistoryItem::Handoff { reason, context, .. } => reason.len() + context.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
+        HistoryItem::Started { .. } | HistoryItem::Queued { .. } | HistoryItem::Assigned { .. } | HistoryItem::WithBot => 0,
     }
 }
 

@@ -154,6 +154,7 @@ fn state_name(conv: &Conversation) -> &'static str {
         ConversationStatus::Queued { .. } => "queued",
         ConversationStatus::Assigned { .. } => "assigned",
         ConversationStatus::Closed => "closed",
+        ConversationStatus::WithBot => "with_bot",
     }
 }
 

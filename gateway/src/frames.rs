@@ -224,6 +224,23 @@ pub fn history_entry(entry: &HistoryEntry, audience: Audience) -> Value {
         }
         HistoryItem::Rated { score, comment } => json!({"kind": "rated", "score": score, "comment": comment}),
         HistoryItem::Notice { text } => json!({"kind": "notice", "text": text}),
+        HistoryItem::WithBot => json!({"kind": "with_bot"}),
+        HistoryItem::BotMessage { key, text, buttons } => {
+            let mut v = json!({"kind": "message", "from": "bot", "text": text, "buttons": buttons, "attachments": []});
+            if audience == Audience::Staff {
+                v["key"] = json!(key);
+            }
+            v
+        }
+        HistoryItem::Handoff { group, reason, context } => {
+            let mut v = json!({"kind": "handoff"});
+            if audience == Audience::Staff {
+                v["group"] = json!(group.as_str());
+                v["reason"] = json!(reason);
+                v["context"] = json!(context.iter().cloned().collect::<BTreeMap<_, _>>());
+            }
+            v
+        }
         // Never sent to a client (`for_client`); its text is for staff only.
         HistoryItem::Note { author, name, key, text } => {
             let mut v = json!({"kind": "note"});

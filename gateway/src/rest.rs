@@ -39,6 +39,10 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/channels", get(list_channels))
         .route("/api/channels/{id}", put(put_channel))
         .route("/api/channels/{id}/adapter", get(crate::channels::get_adapter).put(crate::channels::put_adapter).delete(crate::channels::delete_adapter))
+        .route("/api/channels/{id}/bot", get(crate::channels::get_bot).put(crate::channels::put_bot).delete(crate::channels::delete_bot))
+        .route("/api/bot/{channel}/messages", post(crate::channels::bot_message))
+        .route("/api/bot/{channel}/handoff", post(crate::channels::bot_handoff))
+        .route("/api/bot/{channel}/close", post(crate::channels::bot_close))
         .route("/api/channels/{id}/identity", get(crate::channels::get_identity).put(crate::channels::put_identity).delete(crate::channels::delete_identity))
         .route("/api/channel-api/{channel}/messages", post(crate::channels::api_inbound))
         .route("/api/channel-api/{channel}/statuses", post(crate::channels::api_status))
@@ -670,6 +674,7 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
         switchboard_actors::state::ConversationStatus::Queued { .. } => json!({"state": "queued"}),
         switchboard_actors::state::ConversationStatus::Assigned { operator } => json!({"state": "assigned", "operator": operator}),
         switchboard_actors::state::ConversationStatus::Closed => json!({"state": "closed"}),
+        switchboard_actors::state::ConversationStatus::WithBot => json!({"state": "with_bot"}),
     };
     Ok(Json(json!({
         "conversation": id.0,
@@ -766,6 +771,7 @@ fn earlier(shard: &switchboard_actors::shard::Shard, conv: &switchboard_actors::
                 switchboard_actors::state::ConversationStatus::Queued { .. } => "queued",
                 switchboard_actors::state::ConversationStatus::Assigned { .. } => "assigned",
                 switchboard_actors::state::ConversationStatus::Closed => "closed",
+                switchboard_actors::state::ConversationStatus::WithBot => "with_bot",
             };
             json!({"conversation": c.id.0, "created_at": c.created_at.0, "state": state})
         })

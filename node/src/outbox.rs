@@ -59,6 +59,9 @@ fn rate_of(adapter: &AdapterConfig) -> f64 {
     }
 }
 
+/// A channel's bot is our own API's client: paced as the Channel API is.
+const BOT_RATE: f64 = 10_000.0;
+
 /// The wait before attempt `attempts + 1`.
 pub fn backoff_ms(attempts: u32) -> u64 {
     FIRST_BACKOFF_MS.saturating_mul(1u64 << attempts.saturating_sub(1).min(20)).min(MAX_BACKOFF_MS)
@@ -82,7 +85,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
     let in_flight: Arc<Mutex<HashSet<Key>>> = Arc::default();
     let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel::<DeliveryResult>();
     tokio::spawn(commit_results(proposer.clone(), results_rx, in_flight.clone()));
-    let mut buckets: BTreeMap<ChannelId, Bucket> = BTreeMap::new();
+    let mut buckets: BTreeMap<(ChannelId, bool), Bucket> = BTreeMap::new();
     let mut idle_rounds = 0u32;
     loop {
         // Busy: look again soon; idle: a few times a second.
@@ -102,21 +105,22 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             let flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
             let room = IN_FLIGHT.saturating_sub(flying.len());
             let mut orphans = Vec::new();
-            let mut due: Vec<(Key, ChannelId)> = Vec::new();
+            let mut due: Vec<(Key, ChannelId, bool)> = Vec::new();
             for (key, d) in &state.outbox {
                 if flying.contains(key) {
                     continue;
                 }
                 match d.status {
                     DeliveryStatus::Attempting { .. } => {
-                        let safe = state.channel_adapters.get(&d.channel).is_some_and(AdapterConfig::resend_is_safe);
+                        // The bot's events carry a delivery id, as the Channel API's do.
+                        let safe = d.to_bot || state.channel_adapters.get(&d.channel).is_some_and(AdapterConfig::resend_is_safe);
                         if safe {
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
                         } else if now.millis_since(d.updated_at) >= ORPHAN_AFTER_MS {
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, outcome: DeliveryOutcome::Unknown });
                         }
                     }
-                    DeliveryStatus::Pending if d.next_at <= now && due.len() < room => due.push((*key, d.channel.clone())),
+                    DeliveryStatus::Pending if d.next_at <= now && due.len() < room => due.push((*key, d.channel.clone(), d.to_bot)),
                     _ => {}
                 }
             }
@@ -133,10 +137,13 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         {
             let state = shard.read();
             let instant = std::time::Instant::now();
-            for (key, channel) in due {
-                let Some(adapter) = state.channel_adapters.get(&channel) else { continue };
-                let rate = rate_of(adapter);
-                let bucket = buckets.entry(channel).or_insert(Bucket { tokens: rate.min(50.0), at: instant });
+            for (key, channel, to_bot) in due {
+                let rate = match (to_bot, state.channel_adapters.get(&channel)) {
+                    (true, _) => BOT_RATE,
+                    (false, Some(adapter)) => rate_of(adapter),
+                    (false, None) => continue,
+                };
+                let bucket = buckets.entry((channel, to_bot)).or_insert(Bucket { tokens: rate.min(50.0), at: instant });
                 bucket.tokens = (bucket.tokens + instant.duration_since(bucket.at).as_secs_f64() * rate).min(rate.max(1.0));
                 bucket.at = instant;
                 if bucket.tokens >= 1.0 {
@@ -179,6 +186,24 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
 
 /// Sends one attempted entry and turns the provider's answer into its outcome.
 async fn attempt(client: &http::Client, shard: &Shard, key: Key) -> DeliveryOutcome {
+    let for_bot = {
+        let state = shard.read();
+        match state.outbox.get(&key) {
+            Some(d) if d.to_bot => match state.channel_bots.get(&d.channel) {
+                Some(bot) => {
+                    let customer = state.conversations.get(&key.0).map(|c| (c.visitor.id.clone().unwrap_or_default(), c.visitor.name.clone())).unwrap_or_default();
+                    Some(Ok((d.clone(), bot.clone(), customer)))
+                }
+                None => Some(Err(format!("channel {} has no bot any more", d.channel))),
+            },
+            _ => None,
+        }
+    };
+    match for_bot {
+        Some(Ok((d, bot, (customer_id, customer_name)))) => return to_bot(client, shard, key, &d, &bot, &customer_id, &customer_name).await,
+        Some(Err(reason)) => return DeliveryOutcome::Failed { reason },
+        None => {}
+    }
     let (adapter, delivery) = {
         let state = shard.read();
         let Some(d) = state.outbox.get(&key).cloned() else {
@@ -200,15 +225,49 @@ async fn attempt(client: &http::Client, shard: &Shard, key: Key) -> DeliveryOutc
             ("message", name, text)
         }
         Some(HistoryItem::Notice { text }) => ("notice", String::new(), text),
+        Some(HistoryItem::BotMessage { text, buttons, .. }) => {
+            let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind: "message", author: "Bot".into(), buttons };
+            return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
+        }
         _ => return DeliveryOutcome::Failed { reason: "the history entry is not a message for the customer".into() },
     };
-    let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind, author };
-    let now = now_ms();
-    match switchboard_adapters::send(client, &adapter, &message).await {
+    let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind, author, buttons: Vec::new() };
+    outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery)
+}
+
+fn outcome_of(sent: SendOutcome, delivery: &switchboard_actors::state::Delivery) -> DeliveryOutcome {
+    match sent {
         SendOutcome::Sent { provider_id } => DeliveryOutcome::Sent { provider_id },
         SendOutcome::Failed { reason } => DeliveryOutcome::Failed { reason },
-        SendOutcome::Retry { reason, after } => retry_or_give_up(&delivery, now, reason, after),
+        SendOutcome::Retry { reason, after } => retry_or_give_up(delivery, now_ms(), reason, after),
     }
+}
+
+/// Tells the channel's bot what happened in a conversation it holds.
+async fn to_bot(client: &http::Client, shard: &Shard, key: Key, delivery: &switchboard_actors::state::Delivery, bot: &switchboard_actors::model::BotConfig, customer_id: &str, customer_name: &str) -> DeliveryOutcome {
+    let entry = match shard.history(key.0, key.1.saturating_sub(1), 1) {
+        Ok(entries) => entries.into_iter().find(|e| e.seq == key.1),
+        Err(e) => return DeliveryOutcome::Retry { reason: format!("reading the entry: {e}"), retry_at: now_ms().plus_ms(backoff_ms(delivery.attempts)) },
+    };
+    let (event, text) = match entry.map(|e| e.item) {
+        Some(HistoryItem::WithBot) => ("started", String::new()),
+        Some(HistoryItem::ClientMessage { text, attachments, .. }) => {
+            let files: Vec<String> = attachments.iter().map(|a| format!("[file {}]", a.name)).collect();
+            ("message", [text].into_iter().chain(files).filter(|t| !t.is_empty()).collect::<Vec<_>>().join("\n"))
+        }
+        _ => return DeliveryOutcome::Failed { reason: "the history entry is not an event for the bot".into() },
+    };
+    let event = switchboard_adapters::api::BotEvent {
+        delivery_id: format!("{}:{}", key.0 .0, key.1),
+        channel: delivery.channel.as_str(),
+        conversation: key.0 .0,
+        seq: key.1,
+        event,
+        customer_id,
+        customer_name,
+        text: &text,
+    };
+    outcome_of(switchboard_adapters::api::send_to_bot(client, &bot.url, &bot.signing_secret, &event).await, delivery)
 }
 
 /// A failure that may heal: retried after the backoff (or the provider's wait), unless
