@@ -105,6 +105,8 @@ pub const MAX_BUTTONS: usize = 10;
 pub const MAX_BUTTON_CHARS: usize = 64;
 /// Items of context a bot's handoff may carry.
 pub const MAX_CONTEXT_ITEMS: usize = 20;
+/// Why the conversations a bot held were handed off when it was taken off its channel.
+pub const BOT_REMOVED: &str = "the bot was taken off the channel";
 /// The resolution of a conversation the bot closed without one of its own.
 pub const BOT_RESOLVED: &str = "bot";
 /// Outbox entries one `DeliveriesAttempted` or `DeliveryResults` may name.
@@ -689,7 +691,17 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             if state.channel_bots.get(channel) == bot.as_ref() {
                 return Ok((Reply::Done, vec![]));
             }
-            Ok((Reply::Done, vec![Event::ChannelBotSet { channel: channel.clone(), bot: bot.clone() }]))
+            let mut events = vec![Event::ChannelBotSet { channel: channel.clone(), bot: bot.clone() }];
+            // Taken away: what the bot held goes to its groups' queues, as a handoff.
+            if bot.is_none() {
+                let mut ticket = state.next_ticket;
+                for conv in state.conversations.values().filter(|c| &c.channel == channel && c.status == ConversationStatus::WithBot) {
+                    events.push(Event::HandedOff { conversation: conv.id, group: conv.group.clone(), reason: BOT_REMOVED.into(), context: vec![] });
+                    events.push(Event::ConversationQueued { conversation: conv.id, group: conv.group.clone(), ticket });
+                    ticket += 1;
+                }
+            }
+            Ok((Reply::Done, events))
         }
         Command::BotReply { channel, conversation: conv_id, key, text, buttons } => {
             check_key(key)?;

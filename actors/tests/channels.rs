@@ -258,3 +258,17 @@ fn a_bot_holds_new_conversations_out_of_queues_and_capacity_until_it_hands_them_
     let closed = records::history(&store, second, 0, 100).expect("history");
     assert!(closed.iter().any(|e| matches!(&e.item, HistoryItem::Closed { resolution, .. } if resolution == "bot")));
 }
+
+#[test]
+fn taking_a_bot_away_hands_off_what_it_held() {
+    let (store, mut state) = setup();
+    ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
+    ok(run(&mut state, &store, T0, Command::SetChannelBot { channel: ChannelId::new("web"), bot: Some(bot()) }));
+    for at in [T0 + 1, T0 + 2] {
+        ok(run(&mut state, &store, at, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }));
+    }
+    assert!(state.offers.is_empty());
+    ok(run(&mut state, &store, T0 + 10, Command::SetChannelBot { channel: ChannelId::new("web"), bot: None }));
+    assert_eq!(state.offers.len(), 2, "both are queued and offered to ann (capacity 2)");
+    assert_eq!(state.conversations.values().filter(|c| matches!(c.status, switchboard_actors::state::ConversationStatus::WithBot)).count(), 0);
+}
