@@ -170,6 +170,7 @@ fn summary(conv: &Conversation, recent: &[HistoryEntry], me: &switchboard_actors
         HistoryItem::OperatorMessage { name, text, attachments, .. } => {
             Some(json!({"from": "operator", "name": name, "text": preview_text(text), "attachments": attachments.len(), "at": e.at.0}))
         }
+        HistoryItem::BotMessage { text, .. } => Some(json!({"from": "bot", "text": preview_text(text), "attachments": 0, "at": e.at.0})),
         _ => None,
     });
     let closed_at = recent.iter().rev().find_map(|e| matches!(e.item, HistoryItem::Closed { .. }).then_some(e.at.0));
