@@ -1414,6 +1414,17 @@ fn check_adapter(adapter: &AdapterConfig) -> Result<(), Error> {
             }
             url("api_base", api_base)
         }
+        AdapterConfig::Vk { access_token, secret: callback_secret, confirmation, group_id, api_base } => {
+            secret("access_token", access_token, 1)?;
+            secret("secret", callback_secret, 1)?;
+            if confirmation.is_empty() || confirmation.len() > 64 || !confirmation.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(Error::Invalid("confirmation must be 1-64 letters and digits".into()));
+            }
+            if group_id.is_empty() || group_id.len() > 20 || !group_id.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Error::Invalid("group_id must be 1-20 digits".into()));
+            }
+            url("api_base", api_base)
+        }
         AdapterConfig::Api { token_sha256, outbound_url, signing_secret } => {
             if token_sha256.len() != 64 || !token_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(Error::Invalid("token_sha256 must be 64 hex digits".into()));

@@ -677,6 +677,9 @@ pub enum AdapterConfig {
     /// verified once with `verify_token`; replies go to
     /// `{api_base}/{phone_number_id}/messages` with `access_token`.
     WhatsApp { access_token: String, app_secret: String, verify_token: String, phone_number_id: String, api_base: String },
+    /// VK community (Callback API): events carry `secret`; the server is confirmed by
+    /// answering `confirmation` for `group_id`; replies go through `messages.send`.
+    Vk { access_token: String, secret: String, confirmation: String, group_id: String, api_base: String },
 }
 
 impl AdapterConfig {
@@ -686,6 +689,7 @@ impl AdapterConfig {
             AdapterConfig::Telegram { .. } => "telegram",
             AdapterConfig::Api { .. } => "api",
             AdapterConfig::WhatsApp { .. } => "whatsapp",
+            AdapterConfig::Vk { .. } => "vk",
         }
     }
 
@@ -693,7 +697,8 @@ impl AdapterConfig {
     /// deliver it twice. The Channel API passes a delivery id the adapter deduplicates
     /// on; Telegram's sendMessage has no idempotency key.
     pub fn resend_is_safe(&self) -> bool {
-        matches!(self, AdapterConfig::Api { .. })
+        // VK drops a message whose random_id it has seen (derived from the entry).
+        matches!(self, AdapterConfig::Api { .. } | AdapterConfig::Vk { .. })
     }
 }
 

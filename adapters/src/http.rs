@@ -111,14 +111,24 @@ impl Client {
 
     /// POSTs `body` to `url` with `headers` (and `Content-Type: application/json`).
     pub async fn post_json(&self, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
+        self.post_as(url, "application/json", headers, body).await
+    }
+
+    /// POSTs `application/x-www-form-urlencoded` fields.
+    pub async fn post_form(&self, url: &str, fields: &[(&str, &str)]) -> Result<Response, AdapterError> {
+        let body = fields.iter().map(|(k, v)| format!("{}={}", form_escape(k), form_escape(v))).collect::<Vec<_>>().join("&");
+        self.post_as(url, "application/x-www-form-urlencoded", &[], body.into_bytes()).await
+    }
+
+    async fn post_as(&self, url: &str, content_type: &'static str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
         let url = Url::parse(url)?;
-        match tokio::time::timeout(self.timeout, self.post(&url, headers, body)).await {
+        match tokio::time::timeout(self.timeout, self.post(&url, content_type, headers, body)).await {
             Ok(result) => result,
             Err(_) => Err(AdapterError::Unreachable(format!("no answer from {} within {} ms", url.origin(), self.timeout.as_millis()))),
         }
     }
 
-    async fn post(&self, url: &Url, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
+    async fn post(&self, url: &Url, content_type: &'static str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
         let origin = url.origin();
         let mut sender = match self.take_idle(&origin) {
             Some(sender) => sender,
@@ -126,7 +136,7 @@ impl Client {
         };
         let mut request = hyper::Request::post(url.path.as_str())
             .header(hyper::header::HOST, url.host_header())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::CONTENT_TYPE, content_type)
             .header(hyper::header::USER_AGENT, concat!("switchboard/", env!("CARGO_PKG_VERSION")));
         for (name, value) in headers {
             request = request.header(*name, value.as_str());
@@ -194,9 +204,24 @@ impl Client {
     }
 }
 
+/// Percent-encodes a form field (RFC 3986 unreserved characters stay).
+pub fn form_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::Url;
+
+    #[test]
+    fn form_fields_are_percent_encoded() {
+        assert_eq!(super::form_escape("Привет, a+b=c&d"), "%D0%9F%D1%80%D0%B8%D0%B2%D0%B5%D1%82%2C%20a%2Bb%3Dc%26d");
+    }
 
     #[test]
     fn urls_parse_with_their_ports_and_paths() {

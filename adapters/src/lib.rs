@@ -10,6 +10,7 @@
 pub mod api;
 pub mod http;
 pub mod telegram;
+pub mod vk;
 pub mod whatsapp;
 
 use std::time::Duration;
@@ -108,6 +109,7 @@ pub async fn send(client: &http::Client, adapter: &AdapterConfig, message: &Outg
         AdapterConfig::Telegram { bot_token, api_base, .. } => telegram::send(client, api_base, bot_token, message).await,
         AdapterConfig::Api { outbound_url, signing_secret, .. } => api::send(client, outbound_url, signing_secret, message).await,
         AdapterConfig::WhatsApp { access_token, phone_number_id, api_base, .. } => whatsapp::send(client, api_base, phone_number_id, access_token, message).await,
+        AdapterConfig::Vk { access_token, api_base, .. } => vk::send(client, api_base, access_token, message).await,
     }
 }
 

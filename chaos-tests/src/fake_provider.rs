@@ -325,3 +325,118 @@ pub fn meta_signature(app_secret: &str, body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, app_secret.as_bytes());
     format!("sha256={}", ring::hmac::sign(&key, body).as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
+
+#[derive(Default)]
+struct VkState {
+    token: String,
+    /// Accepted messages: (peer_id, message, random_id, VK's message id).
+    sent: Vec<(String, String, String, i64)>,
+    calls: u64,
+    hang_next: Option<std::time::Duration>,
+}
+
+/// VK's `POST /method/messages.send` (form fields `access_token`, `v`, `peer_id`,
+/// `message`, `random_id`), answering `{"response": <message id>}` or VK's error shape
+/// `{"error":{"error_code","error_msg","request_params"}}` (5 for a wrong token). As VK
+/// does, a `random_id` it has seen is not sent again: the first message's id is
+/// answered.
+#[derive(Clone)]
+pub struct FakeVk {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<VkState>>,
+    _stop: Arc<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl FakeVk {
+    pub async fn start(token: &str) -> anyhow::Result<FakeVk> {
+        let state = Arc::new(Mutex::new(VkState { token: token.to_owned(), ..Default::default() }));
+        let app = Router::new().route("/method/messages.send", post(vk_send)).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(FakeVk { addr, state, _stop: Arc::new(stop) })
+    }
+
+    pub fn api_base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The next call is taken, and answered only after `d`.
+    pub fn hang_next(&self, d: std::time::Duration) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).hang_next = Some(d);
+    }
+
+    /// Messages the community's customers got: (peer_id, text).
+    pub fn sent(&self) -> Vec<(String, String)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).sent.iter().map(|(p, m, _, _)| (p.clone(), m.clone())).collect()
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).calls
+    }
+}
+
+fn form_fields(body: &[u8]) -> std::collections::HashMap<String, String> {
+    fn unescape(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                    match hex {
+                        Some(b) => {
+                            out.push(b);
+                            i += 3;
+                            continue;
+                        }
+                        None => out.push(b'%'),
+                    }
+                }
+                b'+' => out.push(b' '),
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    String::from_utf8_lossy(body).split('&').filter_map(|pair| pair.split_once('=')).map(|(k, v)| (unescape(k), unescape(v))).collect()
+}
+
+async fn vk_send(State(state): State<Arc<Mutex<VkState>>>, body: axum::body::Bytes) -> Response {
+    let fields = form_fields(&body);
+    let (answer, hang) = {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        s.calls += 1;
+        let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
+        if get("access_token") != s.token {
+            let answer = Json(json!({"error": {"error_code": 5, "error_msg": "User authorization failed: invalid access_token (4).", "request_params": []}})).into_response();
+            (answer, None)
+        } else if get("peer_id").is_empty() || get("message").is_empty() || get("random_id").is_empty() {
+            (Json(json!({"error": {"error_code": 100, "error_msg": "One of the parameters specified was missing or invalid", "request_params": []}})).into_response(), None)
+        } else {
+            let random_id = get("random_id");
+            let id = match s.sent.iter().find(|(_, _, r, _)| *r == random_id) {
+                Some((_, _, _, id)) => *id,
+                None => {
+                    let id = 700 + s.sent.len() as i64;
+                    s.sent.push((get("peer_id"), get("message"), random_id, id));
+                    id
+                }
+            };
+            (Json(json!({"response": id})).into_response(), s.hang_next.take())
+        }
+    };
+    if let Some(hang) = hang {
+        tokio::time::sleep(hang).await;
+    }
+    answer
+}

@@ -492,3 +492,54 @@ async fn a_bot_answers_first_then_hands_off_with_its_context() -> anyhow::Result
     process.kill().await?;
     Ok(())
 }
+
+/// VK: the Callback API's confirmation, the secret in each event, one message for a
+/// retried event; and `messages.send`'s `random_id`, which makes a resend after
+/// `kill -9` safe: the send is repeated and the customer still gets one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vk_conversation_is_confirmed_deduplicated_and_resent_safely_after_a_kill() -> anyhow::Result<()> {
+    use switchboard_chaos_tests::fake_provider::FakeVk;
+    let fake = FakeVk::start("vk1.a.token").await?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data).await?;
+    let admin = dev.login("admin").await?;
+    dev.api("PUT", "/api/channels/vk", Some(&admin), Some(json!({"kind": "vk", "name": "VK", "default_group": "general"}))).await?;
+    let settings = json!({"kind": "vk", "access_token": "vk1.a.token", "secret": "callback-secret", "confirmation": "a1b2c3d4", "group_id": "77", "api_base": fake.api_base()});
+    let (status, shown) = dev.api("PUT", "/api/channels/vk/adapter", Some(&admin), Some(settings)).await?;
+    assert_eq!(status, 200, "{shown}");
+    let hook = |body: Value| {
+        let public = dev.public.clone();
+        async move { anyhow::Ok(http_json_with(&public, "POST", "/hooks/vk/vk", &[], Some(&body)).await?) }
+    };
+    assert_eq!(hook(json!({"type": "confirmation", "group_id": 77})).await?, (200, json!("a1b2c3d4")));
+    assert_eq!(hook(json!({"type": "confirmation", "group_id": 78})).await?.0, 403);
+    let message = |secret: &str| json!({"type": "message_new", "group_id": 77, "event_id": "ev1", "v": "5.199", "secret": secret, "object": {"message": {"id": 501, "date": 1, "from_id": 9001, "peer_id": 9001, "text": "privet"}, "client_info": {}}});
+    assert_eq!(hook(message("wrong")).await?.0, 401);
+    for _ in 0..3 {
+        assert_eq!(hook(message("callback-secret")).await?, (200, json!("ok")));
+    }
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let conversation = accept_offer(&mut alice).await?;
+    let supervisor = dev.login("supervisor").await?;
+    let (_, conv) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    assert_eq!(conv["history"].as_array().into_iter().flatten().filter(|e| e["from"] == "client").count(), 1, "{conv}");
+
+    // VK takes the message but the node dies before the answer comes.
+    fake.hang_next(Duration::from_secs(60));
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "v1", "text": "Здравствуйте!", "ref": "v1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "v1").await?;
+    eventually(WAIT, Duration::from_millis(20), || async { Ok((fake.calls() == 1).then_some(())) }).await?;
+    dev.kill9().await?;
+    let dev = Dev::start(&data).await?;
+    let supervisor = dev.login("supervisor").await?;
+    let sent = eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
+        Ok(deliveries(&dev, &supervisor, conversation).await?.into_iter().find(|d| d["status"] == "sent"))
+    })
+    .await?;
+    assert_eq!(sent["attempts"], 2, "sent again after the kill: {sent}");
+    assert_eq!(fake.calls(), 2);
+    assert_eq!(fake.sent(), vec![("9001".to_owned(), "Здравствуйте!".to_owned())], "VK delivered it once: the random_id was the same");
+    Ok(())
+}

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
 use switchboard_actors::model::{AdapterConfig, ChannelId, Command, ConversationId, DeliveryOutcome, DeliveryResult, IdentityKey, Role};
 use switchboard_actors::state::Delivery;
-use switchboard_adapters::{api, telegram, whatsapp};
+use switchboard_adapters::{api, telegram, vk, whatsapp};
 
 use crate::rest::{Body, Params, Staff};
 
@@ -111,6 +111,31 @@ pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
         }
     }
     Ok(Json(json!({"ok": true, "messages": taken, "statuses": receipts.len()})).into_response())
+}
+
+/// `POST /hooks/vk/{channel}`: a VK Callback API event. VK wants the plain text `ok`
+/// once it is committed (it retries anything else), and the confirmation string when it
+/// checks the server.
+pub async fn vk_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+    let channel = ChannelId::new(channel);
+    let Some(AdapterConfig::Vk { secret, confirmation, group_id, .. }) = adapter_of(&gw, &channel) else {
+        return Err(GatewayError::NotFound(format!("no VK channel {channel}")));
+    };
+    match vk::parse(&body, &secret) {
+        Ok(vk::Event::Confirmation { group_id: asked }) if asked.to_string() == group_id => Ok(confirmation.into_response()),
+        Ok(vk::Event::Confirmation { .. }) => Err(GatewayError::Forbidden("that is not this channel's community")),
+        Ok(vk::Event::Other) => Ok("ok".into_response()),
+        Ok(vk::Event::Message { from, id, text }) => {
+            let answer = take_inbound(&gw, Command::ChannelInbound { channel, sender: from, sender_name: String::new(), provider_message_id: id, text }).await?;
+            tracing::debug!(%answer, "a VK message was taken");
+            Ok("ok".into_response())
+        }
+        Err(switchboard_adapters::AdapterError::Refused(why)) => {
+            tracing::warn!(%channel, "a VK callback was refused: {why}");
+            Err(GatewayError::Unauthorized("the callback's secret does not match"))
+        }
+        Err(e) => Err(GatewayError::BadRequest(e.to_string())),
+    }
 }
 
 /// Commits an inbound message and answers its provider: 200 once committed (or when a
@@ -254,6 +279,15 @@ pub(crate) fn adapter_json(channel: &ChannelId, adapter: &AdapterConfig) -> Valu
             "api_base": api_base,
             "webhook_path": format!("/hooks/whatsapp/{channel}"),
         }),
+        AdapterConfig::Vk { access_token, secret, confirmation, group_id, api_base } => json!({
+            "kind": "vk",
+            "access_token": masked(access_token),
+            "secret": masked(secret),
+            "confirmation": confirmation,
+            "group_id": group_id,
+            "api_base": api_base,
+            "webhook_path": format!("/hooks/vk/{channel}"),
+        }),
         AdapterConfig::Api { outbound_url, .. } => json!({
             "kind": "api",
             "outbound_url": outbound_url,
@@ -286,6 +320,14 @@ pub enum AdapterBody {
     Api {
         outbound_url: String,
     },
+    Vk {
+        access_token: String,
+        secret: String,
+        confirmation: String,
+        group_id: String,
+        #[serde(default = "vk_api")]
+        api_base: String,
+    },
     #[serde(rename = "whatsapp")]
     WhatsApp {
         access_token: String,
@@ -295,6 +337,10 @@ pub enum AdapterBody {
         #[serde(default = "graph_api")]
         api_base: String,
     },
+}
+
+fn vk_api() -> String {
+    "https://api.vk.com".to_owned()
 }
 
 fn graph_api() -> String {
@@ -323,6 +369,7 @@ pub async fn put_adapter(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id):
         AdapterBody::WhatsApp { access_token, app_secret, verify_token, phone_number_id, api_base } => {
             (AdapterConfig::WhatsApp { access_token, app_secret, verify_token, phone_number_id, api_base }, None)
         }
+        AdapterBody::Vk { access_token, secret, confirmation, group_id, api_base } => (AdapterConfig::Vk { access_token, secret, confirmation, group_id, api_base }, None),
         AdapterBody::Api { outbound_url } => {
             let (token, signing_secret) = (random_secret()?, random_secret()?);
             let adapter = AdapterConfig::Api { token_sha256: api::token_digest(&token), outbound_url, signing_secret: signing_secret.clone() };

@@ -580,6 +580,7 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
     let hooks = Router::new()
         .route("/hooks/telegram/{channel}", axum::routing::post(channels::telegram_hook))
         .route("/hooks/whatsapp/{channel}", get(channels::whatsapp_subscribe).post(channels::whatsapp_hook))
+        .route("/hooks/vk/{channel}", axum::routing::post(channels::vk_hook))
         .layer(axum::extract::DefaultBodyLimit::max(rest::MAX_JSON_BODY));
     assets::public()
         .route("/ws/client", get(client_ws::upgrade))

@@ -56,6 +56,7 @@ fn rate_of(adapter: &AdapterConfig) -> f64 {
         // An adapter of our own API answers as fast as it can; 429 slows us down.
         AdapterConfig::Api { .. } => 10_000.0,
         AdapterConfig::WhatsApp { .. } => f64::from(switchboard_adapters::whatsapp::MESSAGES_PER_SECOND),
+        AdapterConfig::Vk { .. } => f64::from(switchboard_adapters::vk::MESSAGES_PER_SECOND),
     }
 }
 

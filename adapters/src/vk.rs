@@ -1,0 +1,183 @@
+//! VK communities: the Callback API in, `messages.send` out (dev.vk.com).
+//!
+//! - Connecting a server: VK POSTs `{"type":"confirmation","group_id":…}` and expects the
+//!   community's confirmation string as the plain-text answer.
+//! - Every other event carries the community's `secret` in its body; VK retries an event
+//!   that was not answered with the plain text `ok`. A new message is `message_new`
+//!   with `object.message` (`id`, `from_id`, `peer_id`, `text`, `attachments`).
+//! - Sending: `messages.send` (form fields `access_token`, `v`, `peer_id`, `message`,
+//!   `random_id`). VK does not send a second message with a `random_id` it has seen from
+//!   the community, so the outbox resends safely after a lost answer: the delivery's
+//!   `random_id` is derived from its conversation and entry number.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::{by_status, clip, http, same_secret, AdapterError, Outgoing, SendOutcome};
+
+/// The API version requests name.
+pub const API_VERSION: &str = "5.199";
+/// VK's limit for a community's messages: 20 a second.
+pub const MESSAGES_PER_SECOND: u32 = 20;
+/// The longest message text, in characters.
+pub const MAX_TEXT: usize = 4096;
+/// Error codes that mean "later": too many requests, flood control, an internal error.
+const RETRY_CODES: [i64; 4] = [6, 9, 10, 29];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// VK checks the server: answer with the confirmation string if `group_id` is ours.
+    Confirmation { group_id: i64 },
+    /// A customer's message: sender (`from_id`), message id, readable text.
+    Message { from: String, id: String, text: String },
+    /// Anything else (typing, reads, joins): answered `ok` and dropped.
+    Other,
+}
+
+#[derive(Deserialize)]
+struct Callback {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    group_id: i64,
+    #[serde(default)]
+    secret: Option<String>,
+    #[serde(default)]
+    object: Option<Object>,
+}
+
+#[derive(Deserialize)]
+struct Object {
+    #[serde(default)]
+    message: Option<Message>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    id: i64,
+    from_id: i64,
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    attachments: Vec<Attachment>,
+    #[serde(default)]
+    geo: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Attachment {
+    #[serde(rename = "type", default)]
+    kind: String,
+}
+
+/// An event, once its secret is checked (a confirmation carries none).
+pub fn parse(body: &[u8], secret: &str) -> Result<Event, AdapterError> {
+    let callback: Callback = serde_json::from_slice(body).map_err(|e| AdapterError::Malformed(format!("not a VK callback: {e}")))?;
+    if callback.kind == "confirmation" {
+        return Ok(Event::Confirmation { group_id: callback.group_id });
+    }
+    if !callback.secret.as_deref().is_some_and(|s| same_secret(s.as_bytes(), secret.as_bytes())) {
+        return Err(AdapterError::Refused("the callback's secret does not match".into()));
+    }
+    if callback.kind != "message_new" {
+        return Ok(Event::Other);
+    }
+    let Some(m) = callback.object.and_then(|o| o.message) else {
+        return Err(AdapterError::Malformed("message_new without object.message".into()));
+    };
+    let mut lines: Vec<String> = Vec::new();
+    if !m.text.is_empty() {
+        lines.push(m.text);
+    }
+    for a in &m.attachments {
+        lines.push(match a.kind.as_str() {
+            "photo" => "[photo]".to_owned(),
+            "doc" => "[file]".to_owned(),
+            "sticker" => "[sticker]".to_owned(),
+            "audio_message" => "[voice message]".to_owned(),
+            "video" => "[video]".to_owned(),
+            other => format!("[{other}]"),
+        });
+    }
+    if m.geo.is_some() {
+        lines.push("[location]".to_owned());
+    }
+    let text = if lines.is_empty() { "[a message of a kind this channel does not show]".to_owned() } else { lines.join("\n") };
+    Ok(Event::Message { from: m.from_id.to_string(), id: m.id.to_string(), text: clip(&text, switchboard_actors::core::MAX_TEXT_CHARS) })
+}
+
+/// The `random_id` of an entry: the same on every attempt, spread over VK's int32 range.
+pub fn random_id(message: &Outgoing) -> i32 {
+    let h = format!("{}:{}:{}", message.channel, message.conversation.0, message.seq)
+        .bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    // Positive and non-zero: VK reads 0 as "no random_id".
+    ((h % (i32::MAX as u64 - 1)) + 1) as i32
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    response: Option<serde_json::Value>,
+    #[serde(default)]
+    error: Option<VkError>,
+}
+
+#[derive(Deserialize)]
+struct VkError {
+    error_code: i64,
+    #[serde(default)]
+    error_msg: String,
+}
+
+/// Sends one entry with `messages.send`.
+pub async fn send(client: &http::Client, api_base: &str, access_token: &str, message: &Outgoing) -> SendOutcome {
+    let url = format!("{}/method/messages.send", api_base.trim_end_matches('/'));
+    let mut text = message.text.clone();
+    for (i, b) in message.buttons.iter().enumerate() {
+        text.push_str(&format!("\n{}. {b}", i + 1));
+    }
+    let text: String = text.chars().take(MAX_TEXT).collect();
+    let random = random_id(message).to_string();
+    let fields = [("access_token", access_token), ("v", API_VERSION), ("peer_id", message.recipient.as_str()), ("random_id", random.as_str()), ("message", text.as_str())];
+    let response = match client.post_form(&url, &fields).await {
+        Ok(r) => r,
+        Err(e) => return SendOutcome::Retry { reason: e.to_string(), after: None },
+    };
+    match serde_json::from_slice::<Answer>(&response.body) {
+        Ok(Answer { response: Some(id), error: None }) => SendOutcome::Sent { provider_id: id.to_string() },
+        Ok(Answer { error: Some(e), .. }) => {
+            let reason = clip(&format!("VK error {}: {}", e.error_code, e.error_msg), 500);
+            if RETRY_CODES.contains(&e.error_code) {
+                SendOutcome::Retry { reason, after: (e.error_code == 9).then_some(Duration::from_secs(10)) }
+            } else {
+                SendOutcome::Failed { reason }
+            }
+        }
+        _ => by_status(response.status, format!("{} with an answer that is not VK's", response.status), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callbacks_are_confirmations_checked_messages_or_ignored() {
+        assert_eq!(parse(br#"{"type":"confirmation","group_id":77}"#, "s").unwrap(), Event::Confirmation { group_id: 77 });
+        let new = br#"{"type":"message_new","group_id":77,"event_id":"e1","v":"5.199","secret":"s3","object":{"message":{"id":501,"date":1,"from_id":9001,"peer_id":9001,"text":"privet","attachments":[{"type":"photo"}]},"client_info":{}}}"#;
+        assert_eq!(parse(new, "s3").unwrap(), Event::Message { from: "9001".into(), id: "501".into(), text: "privet\n[photo]".into() });
+        assert!(matches!(parse(new, "other"), Err(AdapterError::Refused(_))));
+        assert_eq!(parse(br#"{"type":"message_typing_state","group_id":77,"secret":"s3","object":{}}"#, "s3").unwrap(), Event::Other);
+        assert!(parse(br#"{"type":"message_new","secret":"s3","object":{}}"#, "s3").is_err());
+    }
+
+    #[test]
+    fn a_random_id_is_stable_per_entry_and_never_zero() {
+        let m = |seq| Outgoing { channel: switchboard_actors::model::ChannelId::new("vk"), conversation: switchboard_actors::model::ConversationId(4), seq, recipient: "9001".into(), text: "x".into(), kind: "message", author: String::new(), buttons: vec![] };
+        assert_eq!(random_id(&m(5)), random_id(&m(5)));
+        assert_ne!(random_id(&m(5)), random_id(&m(6)));
+        assert!(random_id(&m(5)) > 0);
+    }
+}
