@@ -1414,6 +1414,12 @@ fn check_adapter(adapter: &AdapterConfig) -> Result<(), Error> {
             }
             url("api_base", api_base)
         }
+        AdapterConfig::Messenger { page_token, app_secret, verify_token, api_base } => {
+            secret("page_token", page_token, 1)?;
+            secret("app_secret", app_secret, 1)?;
+            secret("verify_token", verify_token, 1)?;
+            url("api_base", api_base)
+        }
         AdapterConfig::Vk { access_token, secret: callback_secret, confirmation, group_id, api_base } => {
             secret("access_token", access_token, 1)?;
             secret("secret", callback_secret, 1)?;

@@ -680,6 +680,9 @@ pub enum AdapterConfig {
     /// VK community (Callback API): events carry `secret`; the server is confirmed by
     /// answering `confirmation` for `group_id`; replies go through `messages.send`.
     Vk { access_token: String, secret: String, confirmation: String, group_id: String, api_base: String },
+    /// Facebook Messenger (a page): webhooks signed with `app_secret`, verified with
+    /// `verify_token`; replies through the Send API with `page_token`.
+    Messenger { page_token: String, app_secret: String, verify_token: String, api_base: String },
 }
 
 impl AdapterConfig {
@@ -690,6 +693,7 @@ impl AdapterConfig {
             AdapterConfig::Api { .. } => "api",
             AdapterConfig::WhatsApp { .. } => "whatsapp",
             AdapterConfig::Vk { .. } => "vk",
+            AdapterConfig::Messenger { .. } => "messenger",
         }
     }
 

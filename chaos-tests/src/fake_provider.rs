@@ -440,3 +440,63 @@ async fn vk_send(State(state): State<Arc<Mutex<VkState>>>, body: axum::body::Byt
     }
     answer
 }
+
+#[derive(Default)]
+struct MessengerState {
+    token: String,
+    /// Accepted messages: (recipient PSID, text, mid).
+    sent: Vec<(String, String, String)>,
+}
+
+/// The Send API, `POST /<version>/me/messages?access_token=…`, answering
+/// `{"recipient_id","message_id"}`, or the Graph API's error shape (190 with 400 for a
+/// wrong page token).
+#[derive(Clone)]
+pub struct FakeMessenger {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<MessengerState>>,
+    _stop: Arc<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl FakeMessenger {
+    pub async fn start(token: &str) -> anyhow::Result<FakeMessenger> {
+        let state = Arc::new(Mutex::new(MessengerState { token: token.to_owned(), ..Default::default() }));
+        let app = Router::new().route("/{version}/me/messages", post(messenger_send)).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(FakeMessenger { addr, state, _stop: Arc::new(stop) })
+    }
+
+    pub fn api_base(&self) -> String {
+        format!("http://{}/v21.0", self.addr)
+    }
+
+    pub fn sent(&self) -> Vec<(String, String, String)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).sent.clone()
+    }
+}
+
+async fn messenger_send(State(state): State<Arc<Mutex<MessengerState>>>, axum::extract::RawQuery(query): axum::extract::RawQuery, body: axum::body::Bytes) -> Response {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let token = form_fields(query.unwrap_or_default().as_bytes()).remove("access_token").unwrap_or_default();
+    if token != s.token {
+        return graph_error(StatusCode::BAD_REQUEST, 190, "Invalid OAuth access token.");
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
+    };
+    let (Some(to), Some(text)) = (request["recipient"]["id"].as_str(), request["message"]["text"].as_str()) else {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
+    };
+    let mid = format!("m_FAKE{}", s.sent.len() + 1);
+    s.sent.push((to.to_owned(), text.to_owned(), mid.clone()));
+    Json(json!({"recipient_id": to, "message_id": mid})).into_response()
+}

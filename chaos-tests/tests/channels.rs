@@ -543,3 +543,54 @@ async fn a_vk_conversation_is_confirmed_deduplicated_and_resent_safely_after_a_k
     assert_eq!(fake.sent(), vec![("9001".to_owned(), "Здравствуйте!".to_owned())], "VK delivered it once: the random_id was the same");
     Ok(())
 }
+
+/// Facebook Messenger: Meta's subscription check and signature, one message for a
+/// redelivery, the page's echo of its own message dropped, the reply through the Send
+/// API, and its delivery receipt by `mid`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_messenger_conversation_with_signed_webhooks_and_delivery_receipts() -> anyhow::Result<()> {
+    use switchboard_chaos_tests::fake_provider::{meta_signature, FakeMessenger};
+    const APP_SECRET: &str = "page-app-secret";
+    let fake = FakeMessenger::start("EAAB-page").await?;
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    dev.api("PUT", "/api/channels/fb", Some(&admin), Some(json!({"kind": "messenger", "name": "Facebook", "default_group": "general"}))).await?;
+    let settings = json!({"kind": "messenger", "page_token": "EAAB-page", "app_secret": APP_SECRET, "verify_token": "verify-fb", "api_base": fake.api_base()});
+    let (status, shown) = dev.api("PUT", "/api/channels/fb/adapter", Some(&admin), Some(settings)).await?;
+    assert_eq!((status, shown["webhook_path"].clone()), (200, json!("/hooks/messenger/fb")), "{shown}");
+    let (status, challenge) = http_json_with(&dev.public, "GET", "/hooks/messenger/fb?hub.mode=subscribe&hub.verify_token=verify-fb&hub.challenge=42", &[], None).await?;
+    assert_eq!((status, challenge), (200, json!(42)));
+
+    let hook = |body: Value, secret: &'static str| {
+        let public = dev.public.clone();
+        async move {
+            let raw = body.to_string();
+            let signature = meta_signature(secret, raw.as_bytes());
+            anyhow::Ok(http_json_with(&public, "POST", "/hooks/messenger/fb", &[("x-hub-signature-256", signature.as_str())], Some(&body)).await?)
+        }
+    };
+    let page = |events: Value| json!({"object": "page", "entry": [{"id": "PAGE", "time": 1, "messaging": events}]});
+    let hello = page(json!([{"sender": {"id": "PSID9"}, "recipient": {"id": "PAGE"}, "timestamp": 1, "message": {"mid": "m_in1", "text": "hello page"}}]));
+    assert_eq!(hook(hello.clone(), "wrong").await?.0, 401);
+    let (status, first) = hook(hello.clone(), APP_SECRET).await?;
+    assert_eq!(status, 200, "{first}");
+    let (_, again) = hook(hello, APP_SECRET).await?;
+    assert_eq!(again["messages"][0]["duplicate"], true);
+    let echo = page(json!([{"sender": {"id": "PAGE"}, "recipient": {"id": "PSID9"}, "timestamp": 2, "message": {"mid": "m_echo", "text": "from the page", "is_echo": true}}]));
+    assert_eq!(hook(echo, APP_SECRET).await?.1["messages"], json!([]), "the page's own echo is not a customer message");
+
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let conversation = accept_offer(&mut alice).await?;
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "f1", "text": "Hi, how can I help?", "ref": "f1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "f1").await?;
+    let sent = eventually(WAIT, Duration::from_millis(100), || async { Ok(fake.sent().first().cloned()) }).await?;
+    assert_eq!((sent.0.as_str(), sent.1.as_str()), ("PSID9", "Hi, how can I help?"));
+    let supervisor = dev.login("supervisor").await?;
+    eventually(WAIT, Duration::from_millis(100), || async { Ok(deliveries(&dev, &supervisor, conversation).await?.into_iter().find(|d| d["status"] == "sent")) }).await?;
+    let receipt = page(json!([{"sender": {"id": "PSID9"}, "recipient": {"id": "PAGE"}, "delivery": {"mids": [sent.2], "watermark": 3}}]));
+    let (status, body) = hook(receipt, APP_SECRET).await?;
+    assert_eq!((status, body["statuses"].clone()), (200, json!(1)), "{body}");
+    alice.wait_for(WAIT, |v| v["kind"] == "delivery" && v["status"] == "delivered").await?;
+    Ok(())
+}

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
 use switchboard_actors::model::{AdapterConfig, ChannelId, Command, ConversationId, DeliveryOutcome, DeliveryResult, IdentityKey, Role};
 use switchboard_actors::state::Delivery;
-use switchboard_adapters::{api, telegram, vk, whatsapp};
+use switchboard_adapters::{api, messenger, telegram, vk, whatsapp};
 
 use crate::rest::{Body, Params, Staff};
 
@@ -56,12 +56,13 @@ pub struct Subscribe {
     challenge: String,
 }
 
-/// `GET /hooks/whatsapp/{channel}`: Meta's subscription check; the challenge is echoed
-/// when the verify token is the channel's.
-pub async fn whatsapp_subscribe(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, Params(q): Params<Subscribe>) -> Result<Response, GatewayError> {
+/// `GET /hooks/whatsapp/{channel}` and `GET /hooks/messenger/{channel}`: Meta's
+/// subscription check; the challenge is echoed when the verify token is the channel's.
+pub async fn meta_subscribe(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, Params(q): Params<Subscribe>) -> Result<Response, GatewayError> {
     let channel = ChannelId::new(channel);
-    let Some(AdapterConfig::WhatsApp { verify_token, .. }) = adapter_of(&gw, &channel) else {
-        return Err(GatewayError::NotFound(format!("no WhatsApp channel {channel}")));
+    let verify_token = match adapter_of(&gw, &channel) {
+        Some(AdapterConfig::WhatsApp { verify_token, .. } | AdapterConfig::Messenger { verify_token, .. }) => verify_token,
+        _ => return Err(GatewayError::NotFound(format!("no WhatsApp or Messenger channel {channel}"))),
     };
     if q.mode != "subscribe" || !switchboard_adapters::same_secret(q.verify_token.as_bytes(), verify_token.as_bytes()) || q.challenge.len() > 200 {
         return Err(GatewayError::Forbidden("the verify token does not match"));
@@ -105,11 +106,7 @@ pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
             }
         }
     }
-    if !receipts.is_empty() {
-        for chunk in receipts.chunks(switchboard_actors::core::MAX_DELIVERY_BATCH) {
-            gw.submit(Command::DeliveryResults { results: chunk.to_vec() }).await.map_err(|_| GatewayError::Busy("the statuses could not be committed; deliver them again"))?;
-        }
-    }
+    commit_receipts(&gw, &receipts).await?;
     Ok(Json(json!({"ok": true, "messages": taken, "statuses": receipts.len()})).into_response())
 }
 
@@ -136,6 +133,44 @@ pub async fn vk_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>
         }
         Err(e) => Err(GatewayError::BadRequest(e.to_string())),
     }
+}
+
+/// `POST /hooks/messenger/{channel}`: a signed page delivery of messages and delivery
+/// receipts; answered as WhatsApp's are.
+pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+    let channel = ChannelId::new(channel);
+    let Some(AdapterConfig::Messenger { app_secret, .. }) = adapter_of(&gw, &channel) else {
+        return Err(GatewayError::NotFound(format!("no Messenger channel {channel}")));
+    };
+    if !whatsapp::verify(&app_secret, headers.get(whatsapp::SIGNATURE_HEADER).map(|v| v.as_bytes()), &body) {
+        tracing::warn!(%channel, "a Messenger webhook with a bad signature was refused");
+        return Err(GatewayError::Unauthorized("the signature does not match"));
+    }
+    let mut taken = Vec::new();
+    let mut receipts = Vec::new();
+    for item in messenger::parse(&body).map_err(|e| GatewayError::BadRequest(e.to_string()))? {
+        match item {
+            messenger::Item::Message { from, id, text } => {
+                taken.push(take_inbound(&gw, Command::ChannelInbound { channel: channel.clone(), sender: from, sender_name: String::new(), provider_message_id: id, text }).await?);
+            }
+            messenger::Item::Delivered { ids } => {
+                for id in ids {
+                    if let Some((conversation, seq)) = gw.backend.shard().by_provider_id(&channel, &id)? {
+                        receipts.push(DeliveryResult { conversation, seq, outcome: DeliveryOutcome::Delivered });
+                    }
+                }
+            }
+        }
+    }
+    commit_receipts(&gw, &receipts).await?;
+    Ok(Json(json!({"ok": true, "messages": taken, "statuses": receipts.len()})).into_response())
+}
+
+async fn commit_receipts(gw: &Gateway, receipts: &[DeliveryResult]) -> Result<(), GatewayError> {
+    for chunk in receipts.chunks(switchboard_actors::core::MAX_DELIVERY_BATCH) {
+        gw.submit(Command::DeliveryResults { results: chunk.to_vec() }).await.map_err(|_| GatewayError::Busy("the statuses could not be committed; deliver them again"))?;
+    }
+    Ok(())
 }
 
 /// Commits an inbound message and answers its provider: 200 once committed (or when a
@@ -288,6 +323,14 @@ pub(crate) fn adapter_json(channel: &ChannelId, adapter: &AdapterConfig) -> Valu
             "api_base": api_base,
             "webhook_path": format!("/hooks/vk/{channel}"),
         }),
+        AdapterConfig::Messenger { page_token, app_secret, verify_token, api_base } => json!({
+            "kind": "messenger",
+            "page_token": masked(page_token),
+            "app_secret": masked(app_secret),
+            "verify_token": masked(verify_token),
+            "api_base": api_base,
+            "webhook_path": format!("/hooks/messenger/{channel}"),
+        }),
         AdapterConfig::Api { outbound_url, .. } => json!({
             "kind": "api",
             "outbound_url": outbound_url,
@@ -319,6 +362,13 @@ pub enum AdapterBody {
     },
     Api {
         outbound_url: String,
+    },
+    Messenger {
+        page_token: String,
+        app_secret: String,
+        verify_token: String,
+        #[serde(default = "graph_api")]
+        api_base: String,
     },
     Vk {
         access_token: String,
@@ -369,6 +419,7 @@ pub async fn put_adapter(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id):
         AdapterBody::WhatsApp { access_token, app_secret, verify_token, phone_number_id, api_base } => {
             (AdapterConfig::WhatsApp { access_token, app_secret, verify_token, phone_number_id, api_base }, None)
         }
+        AdapterBody::Messenger { page_token, app_secret, verify_token, api_base } => (AdapterConfig::Messenger { page_token, app_secret, verify_token, api_base }, None),
         AdapterBody::Vk { access_token, secret, confirmation, group_id, api_base } => (AdapterConfig::Vk { access_token, secret, confirmation, group_id, api_base }, None),
         AdapterBody::Api { outbound_url } => {
             let (token, signing_secret) = (random_secret()?, random_secret()?);

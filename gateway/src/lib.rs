@@ -579,7 +579,8 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
     // Providers' webhooks: small JSON bodies, never from a browser.
     let hooks = Router::new()
         .route("/hooks/telegram/{channel}", axum::routing::post(channels::telegram_hook))
-        .route("/hooks/whatsapp/{channel}", get(channels::whatsapp_subscribe).post(channels::whatsapp_hook))
+        .route("/hooks/whatsapp/{channel}", get(channels::meta_subscribe).post(channels::whatsapp_hook))
+        .route("/hooks/messenger/{channel}", get(channels::meta_subscribe).post(channels::messenger_hook))
         .route("/hooks/vk/{channel}", axum::routing::post(channels::vk_hook))
         .layer(axum::extract::DefaultBodyLimit::max(rest::MAX_JSON_BODY));
     assets::public()

@@ -57,6 +57,7 @@ fn rate_of(adapter: &AdapterConfig) -> f64 {
         AdapterConfig::Api { .. } => 10_000.0,
         AdapterConfig::WhatsApp { .. } => f64::from(switchboard_adapters::whatsapp::MESSAGES_PER_SECOND),
         AdapterConfig::Vk { .. } => f64::from(switchboard_adapters::vk::MESSAGES_PER_SECOND),
+        AdapterConfig::Messenger { .. } => f64::from(switchboard_adapters::messenger::MESSAGES_PER_SECOND),
     }
 }
 
