@@ -1,23 +1,5 @@
 /** Automated accessibility checks (axe-core) on the main screens, widget included. */
-import { createRequire } from 'node:module';
-import { readFileSync } from 'node:fs';
-import type { Page } from '@playwright/test';
-import { test, expect, newPage, signIn, goOnline, openWidget, widgetSay } from './fixtures';
-
-const require = createRequire(import.meta.url);
-const AXE = readFileSync(require.resolve('axe-core/axe.min.js'), 'utf8');
-
-async function audit(page: Page, name: string): Promise<string[]> {
-  // Evaluated through the devtools protocol: the pages' Content-Security-Policy (rightly)
-  // refuses an inline <script> tag.
-  await page.evaluate(AXE);
-  const result = await page.evaluate(async () => {
-    const axe = (window as any).axe;
-    const r = await axe.run(document, { resultTypes: ['violations'] });
-    return r.violations.map((v: any) => ({ id: v.id, impact: v.impact, nodes: v.nodes.map((n: any) => n.target.join(' ')).slice(0, 5) }));
-  });
-  return result.map((v: any) => `${name}: ${v.id} (${v.impact}) at ${v.nodes.join(' | ')}`);
-}
+import { test, expect, newPage, signIn, goOnline, openWidget, widgetSay, audit } from './fixtures';
 
 test('main screens have no axe violations', async ({ browser, sb }) => {
   const problems: string[] = [];

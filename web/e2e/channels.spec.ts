@@ -8,8 +8,7 @@
  */
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import type { Page } from '@playwright/test';
-import { test as base, expect, newPage, signIn, goOnline, shot } from './fixtures';
+import { test as base, expect, newPage, signIn, goOnline, shot, rest, staffToken, pageErrors } from './fixtures';
 import type { Server } from './harness';
 
 /** A Channel API adapter that takes everything: 200 with a provider id to any request,
@@ -38,22 +37,6 @@ const test = base.extend<{ adapter: FakeAdapter }>({
   },
 });
 
-/** A REST call on the server's private listener, with a staff or channel token. */
-async function rest(sb: Server, method: string, path: string, token: string | null, body?: unknown): Promise<{ status: number; body: any }> {
-  const headers: Record<string, string> = {};
-  if (token) headers.Authorization = 'Bearer ' + token;
-  if (body !== undefined) headers['Content-Type'] = 'application/json';
-  const r = await fetch(sb.realPrivate + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  const text = await r.text();
-  return { status: r.status, body: text ? JSON.parse(text) : null };
-}
-
-async function staffToken(sb: Server, login: string): Promise<string> {
-  const r = await rest(sb, 'POST', '/api/login', null, { login, password: sb.logins[login] });
-  expect(r.status).toBe(200);
-  return r.body.token;
-}
-
 /** Channel `toy` (Channel API, default group general) pointed at the fake adapter; the
  *  channel token for the adapter's calls. */
 async function toyChannel(sb: Server, adapter: FakeAdapter): Promise<string> {
@@ -63,13 +46,6 @@ async function toyChannel(sb: Server, adapter: FakeAdapter): Promise<string> {
   expect(put.status).toBe(200);
   expect(put.body.token).toMatch(/^[A-Za-z0-9_-]{43}$/);
   return put.body.token;
-}
-
-/** Errors thrown in the page, to be none. */
-function pageErrors(page: Page): string[] {
-  const errors: string[] = [];
-  page.on('pageerror', (e) => errors.push(e.message));
-  return errors;
 }
 
 test('a Channel API customer: the operator sees the channel, replies and sees the reply read; a failed reply is sent again from the floor', async ({ browser, sb, adapter }) => {

@@ -4,7 +4,7 @@ import { createHmac, randomBytes } from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { test as base } from '@playwright/test';
-import { expect, newPage, signIn, goOnline, shot } from './fixtures';
+import { expect, newPage, signIn, goOnline, shot, rest, staffToken } from './fixtures';
 import { startServer, type Server } from './harness';
 
 // The "shop" is another origin (another port) on loopback: a public test host would be
@@ -67,22 +67,6 @@ test('a site on another origin embeds the widget with one script tag', async ({ 
   expect(stored).toEqual(expect.arrayContaining(['switchboard.widget.session', 'switchboard.widget.visitor']));
   await shot(page, '20-widget-on-another-site');
 });
-
-/** A REST call on the server's real private listener, with a staff token. */
-async function rest(sb: Server, method: string, path: string, token: string | null, body?: unknown): Promise<{ status: number; body: any }> {
-  const headers: Record<string, string> = {};
-  if (token) headers.Authorization = 'Bearer ' + token;
-  if (body !== undefined) headers['Content-Type'] = 'application/json';
-  const r = await fetch(sb.realPrivate + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  const text = await r.text();
-  return { status: r.status, body: text ? JSON.parse(text) : null };
-}
-
-async function staffToken(sb: Server, login: string): Promise<string> {
-  const r = await rest(sb, 'POST', '/api/login', null, { login, password: sb.logins[login] });
-  expect(r.status).toBe(200);
-  return r.body.token;
-}
 
 const b64url = (b: Buffer | string) => Buffer.from(b).toString('base64url'); // no padding
 

@@ -1,5 +1,6 @@
 import { test as base, expect, type Browser, type Page } from '@playwright/test';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { resolve } from 'node:path';
 import { startServer, WEB_ROOT, type Server } from './harness';
 
@@ -56,4 +57,43 @@ export async function widgetSay(page: Page, text: string): Promise<void> {
 
 export async function shot(page: Page, name: string): Promise<void> {
   await page.screenshot({ path: resolve(SHOTS, name + '.png') });
+}
+
+const AXE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
+
+/** The page's axe-core violations, one line each (none: an empty list). */
+export async function audit(page: Page, name: string): Promise<string[]> {
+  // Evaluated through the devtools protocol: the pages' Content-Security-Policy (rightly)
+  // refuses an inline <script> tag.
+  await page.evaluate(AXE);
+  const result = await page.evaluate(async () => {
+    const axe = (window as any).axe;
+    const r = await axe.run(document, { resultTypes: ['violations'] });
+    return r.violations.map((v: any) => ({ id: v.id, impact: v.impact, nodes: v.nodes.map((n: any) => n.target.join(' ')).slice(0, 5) }));
+  });
+  return result.map((v: any) => `${name}: ${v.id} (${v.impact}) at ${v.nodes.join(' | ')}`);
+}
+
+/** A REST call on the server's real private listener, with a staff or channel token. */
+export async function rest(sb: Server, method: string, path: string, token: string | null, body?: unknown): Promise<{ status: number; body: any }> {
+  const headers: Record<string, string> = {};
+  if (token) headers.Authorization = 'Bearer ' + token;
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const r = await fetch(sb.realPrivate + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : null };
+}
+
+/** A staff login's token, signed in over REST. */
+export async function staffToken(sb: Server, login: string): Promise<string> {
+  const r = await rest(sb, 'POST', '/api/login', null, { login, password: sb.logins[login] });
+  expect(r.status).toBe(200);
+  return r.body.token;
+}
+
+/** Errors thrown in the page, to be none. */
+export function pageErrors(page: Page): string[] {
+  const errors: string[] = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  return errors;
 }

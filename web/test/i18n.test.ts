@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { detectLang, interpolate, translator, storedLang, storeLang, LANG_STORAGE_KEY, type Phrase } from '../src/shared/i18n';
-import { DICTS, describeError, exclusionText } from '../src/workstation/strings';
+import { DICTS, describeError, exclusionText, stateText } from '../src/workstation/strings';
 import { WIDGET_DICTS } from '../src/widget/strings';
 import { MemoryStorage } from './fakes';
 
@@ -63,6 +63,14 @@ describe('translator', () => {
     expect(exclusionText(t, 'at_capacity')).toBe('at capacity');
     expect(exclusionText(translator(DICTS, 'ru'), 'on_break')).toBe('на перерыве');
     expect(exclusionText(t, 'something new')).toBe('something new');
+  });
+  it('names conversation states, a bot\'s included, and shows an unknown one as it came', () => {
+    const t = translator(DICTS, 'en');
+    expect(stateText(t, 'with_bot')).toBe('With the bot');
+    expect(stateText(translator(DICTS, 'ru'), 'with_bot')).toBe('У бота');
+    expect(stateText(t, 'queued')).toBe('Queued');
+    expect(stateText(t, 'parked')).toBe('parked');
+    expect(stateText(t, 'constructor')).toBe('constructor');
   });
   it('matches exclusions by their stable code, not by words in them', () => {
     const t = translator(DICTS, 'en');

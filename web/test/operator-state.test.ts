@@ -124,6 +124,16 @@ describe('operator state', () => {
     expect(countUnread([...entries, opMsg(4), clientMsg(5)], 3)).toBe(1);
   });
 
+  it('counts the wait after a handoff from the bot\'s last answer, not the first message', () => {
+    const botMsg = (seq: number): Entry => ({ kind: 'message', seq, at: seq * 100, from: 'bot', key: 'b' + seq, text: 'Hello!', buttons: ['Talk to a person'], attachments: [] });
+    const handoff: Entry = { kind: 'handoff', seq: 6, at: 600, group: 'general', reason: 'the customer asked for a person', context: { messages: '1' } };
+    const entries = [started, { kind: 'with_bot', seq: 2, at: 200 }, clientMsg(3), botMsg(4), clientMsg(5, 'Talk to a person'), handoff, { ...queued, seq: 7, at: 700 }];
+    expect(waitingSinceOf(entries)).toBe(500);
+    expect(waitingSinceOf(entries.slice(0, 4))).toBeNull();
+    // The bot's answers are not the customer's: nothing unread in them.
+    expect(countUnread(entries, 0)).toBe(2);
+  });
+
   it('sorts waiting conversations first, longest wait first', () => {
     let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 });
     s = run(s, assigned(11, 1, [started, assignedEntry(2), opMsg(3, 'x', 900)]));

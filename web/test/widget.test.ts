@@ -1,6 +1,6 @@
 import { describe, expect, it, vi } from 'vitest';
 import { Backoff } from '../src/shared/backoff';
-import { deserialize, emptyWidgetState, lastOperatorSeq, serialize, unreadFromOperator, widgetReducer, MAX_CACHED_EVENTS, type ClientEvent, type WidgetAction, type WidgetState } from '../src/widget/widget-state';
+import { deserialize, emptyWidgetState, lastOperatorSeq, quickReplies, serialize, unreadFromOperator, widgetReducer, withBot, MAX_CACHED_EVENTS, type ClientEvent, type WidgetAction, type WidgetState } from '../src/widget/widget-state';
 import { parseNotices, SESSION_KEY, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
 import { FakeTimers, MemoryStorage, socketFactory } from './fakes';
 
@@ -60,6 +60,48 @@ describe('widget state', () => {
     expect(back.events.map((e) => e.seq)).toEqual([1, 2, 3]);
     expect(back.pending.map((p) => p.key)).toEqual(['p']);
     expect(serialize(emptyWidgetState)).toBeNull();
+  });
+
+  it('shows the quick replies of the newest bot message only, until something answers it', () => {
+    const person = ['Talk to a person'];
+    const bot = (seq: number, buttons: string[] = person) => ev(seq, 'message', { from: 'bot', text: 'Hello!', buttons });
+    let s = run(emptyWidgetState, { type: 'started', token: 'tok', conversation: 17 }, ev(1, 'started', { channel: 'web' }), ev(2, 'with_bot'));
+    expect(withBot(s)).toBe(true);
+    expect(quickReplies(s)).toBeNull();
+    s = run(s, bot(3, ['Talk to a person', 'Track my order']));
+    expect(quickReplies(s)).toEqual({ seq: 3, buttons: ['Talk to a person', 'Track my order'] });
+    // A newer bot message takes over: only its buttons, under it.
+    s = run(s, ev(4, 'message', { from: 'client', key: 'c1', text: 'where is my order' }));
+    expect(quickReplies(s)).toBeNull();
+    s = run(s, bot(5));
+    expect(quickReplies(s)).toEqual({ seq: 5, buttons: person });
+    // Entries that answer nothing leave them; one without buttons has none.
+    expect(quickReplies(run(s, ev(6, 'notice', { text: 'We are busy' })))?.seq).toBe(5);
+    expect(quickReplies(run(s, bot(6, [])))).toBeNull();
+    // Tapped (or typed): the message being sent hides them at once, its event after it.
+    const tapped = run(s, { type: 'queue', message: { key: 'c2', text: 'Talk to a person', attachments: [], at: 1, state: 'sending' } });
+    expect(quickReplies(tapped)).toBeNull();
+    s = run(tapped, ev(6, 'message', { from: 'client', key: 'c2', text: 'Talk to a person' }));
+    expect(s.pending).toEqual([]);
+    expect(quickReplies(s)).toBeNull();
+    // Handed over: the conversation waits for a person, and the bot's buttons are gone.
+    const handed = run(s, bot(7), ev(8, 'handoff'));
+    expect(quickReplies(handed)).toBeNull();
+    expect(withBot(handed)).toBe(false);
+    expect(withBot(run(handed, ev(9, 'queued', { group: 'general' }), ev(10, 'assigned', { name: 'Alice' })))).toBe(false);
+    // Closed by the bot: neither.
+    const closed = run(s, bot(7), ev(8, 'closed', { by: 'system' }));
+    expect(quickReplies(closed)).toBeNull();
+    expect(withBot(closed)).toBe(false);
+    // A conversation without a bot never had one.
+    expect(withBot(startedState())).toBe(false);
+  });
+
+  it('keeps bot messages and their buttons through storage', () => {
+    const s = run(startedState(), ev(3, 'with_bot'), ev(4, 'message', { from: 'bot', text: 'Hi', buttons: ['Talk to a person'] }));
+    const back = deserialize(serialize(s));
+    expect(quickReplies(back)).toEqual({ seq: 4, buttons: ['Talk to a person'] });
+    expect(withBot(back)).toBe(true);
   });
 
   it('distrusts a cache that does not reach lastSeq, and garbage', () => {

@@ -6,7 +6,7 @@ import { formatClock, formatWhen } from '../shared/format';
 import { PaperclipIcon } from '../shared/icons';
 import type { LinkState } from '../shared/socket';
 import { WIDGET_DICTS, type WKey } from './strings';
-import { lastOperatorSeq, type ClientEvent, type PendingSend, type WidgetState } from './widget-state';
+import { lastOperatorSeq, quickReplies, withBot, type ClientEvent, type PendingSend, type WidgetState } from './widget-state';
 import type { ClosedNotice, WidgetSession } from './widget-session';
 
 const OPEN_KEY = 'switchboard.widget.open';
@@ -187,6 +187,13 @@ function Panel(props: {
     };
   }, []);
   const typing = state.operatorTypingUntil > Date.now();
+  const replies = quickReplies(state);
+  // A quick reply is sent like a typed message; its buttons go, so the focus goes to the
+  // message box rather than being lost.
+  const reply = (text: string) => {
+    session.send(text);
+    panel.current?.querySelector<HTMLElement>('textarea')?.focus();
+  };
   const active = !!state.token && !state.closed;
   const reconnecting = !!props.link && (props.link.status === 'reconnecting' || (props.link.status === 'connecting' && props.link.attempt > 0));
   return (
@@ -204,7 +211,7 @@ function Panel(props: {
         <div class="sbw-head-text">
           <strong>{t('title')}</strong>
           <span class="sbw-sub" data-testid="widget-status">
-            {state.closed ? '' : state.operatorName ? t('with_operator', { name: state.operatorName }) : state.token ? t('waiting') : ''}
+            {state.closed ? '' : state.operatorName ? t('with_operator', { name: state.operatorName }) : withBot(state) ? t('with_bot') : state.token ? t('waiting') : ''}
           </span>
         </div>
         <label class="sbw-lang">
@@ -249,7 +256,7 @@ function Panel(props: {
       <ol ref={log} class="sbw-log" aria-live="polite" aria-label={t('title')} data-testid="widget-log" tabIndex={0}>
         {!state.token && !state.pending.length && <li class="sbw-intro">{t('intro')}</li>}
         {state.events.map((e) => (
-          <EventView key={e.seq} e={e} t={t} lang={props.lang} session={session} readUpto={state.operatorReadUpto} />
+          <EventView key={e.seq} e={e} t={t} lang={props.lang} session={session} readUpto={state.operatorReadUpto} replies={replies?.seq === e.seq ? replies.buttons : undefined} onReply={reply} />
         ))}
         {state.pending.map((p) => (
           <PendingView key={p.key} p={p} t={t} session={session} readUpto={state.operatorReadUpto} />
@@ -295,14 +302,23 @@ function AttachmentLink(props: { a: Attachment; session: WidgetSession }) {
   );
 }
 
-function EventView(props: { e: ClientEvent; t: T; lang: Lang; session: WidgetSession; readUpto: number }) {
+function EventView(props: {
+  e: ClientEvent;
+  t: T;
+  lang: Lang;
+  session: WidgetSession;
+  readUpto: number;
+  /** The quick replies shown under this (the newest bot) message. */
+  replies?: string[];
+  onReply: (text: string) => void;
+}) {
   const { e, t } = props;
   const time = <time dateTime={new Date(e.at).toISOString()}>{formatClock(e.at, props.lang)}</time>;
   if (e.kind === 'message') {
     const mine = e.from === 'client';
     return (
-      <li class={'sbw-msg ' + (mine ? 'sbw-mine' : 'sbw-theirs')} data-testid="widget-message" data-seq={e.seq} data-from={e.from}>
-        {!mine && <span class="sbw-who">{e.name || t('operator')}</span>}
+      <li class={'sbw-msg ' + (mine ? 'sbw-mine' : e.from === 'bot' ? 'sbw-theirs sbw-bot' : 'sbw-theirs')} data-testid="widget-message" data-seq={e.seq} data-from={e.from}>
+        {!mine && <span class="sbw-who">{e.from === 'bot' ? t('assistant') : e.name || t('operator')}</span>}
         {e.text && <span class="sbw-text">{e.text}</span>}
         {e.attachments?.map((a) => <AttachmentLink key={a.id} a={a} session={props.session} />)}
         <span class="sbw-meta">
@@ -313,6 +329,15 @@ function EventView(props: { e: ClientEvent; t: T; lang: Lang; session: WidgetSes
             </span>
           )}
         </span>
+        {props.replies && (
+          <div class="sbw-quick" role="group" aria-label={t('quick_replies')} data-testid="widget-quick-replies">
+            {props.replies.map((b) => (
+              <button key={b} type="button" class="sbw-quick-btn" data-testid="widget-quick-reply" onClick={() => props.onReply(b)}>
+                {b}
+              </button>
+            ))}
+          </div>
+        )}
       </li>
     );
   }
@@ -323,6 +348,9 @@ function EventView(props: { e: ClientEvent; t: T; lang: Lang; session: WidgetSes
       break;
     case 'queued':
       text = t('queued');
+      break;
+    case 'handoff':
+      text = t('handoff');
       break;
     case 'assigned':
       text = t('assigned', { name: e.name || t('operator') });

@@ -8,10 +8,10 @@ import type { Attachment } from '../shared/files';
 
 export interface ClientEvent {
   type?: 'event';
-  kind: 'started' | 'queued' | 'message' | 'assigned' | 'transferred' | 'closed' | 'rated' | string;
+  kind: 'started' | 'queued' | 'with_bot' | 'message' | 'handoff' | 'assigned' | 'transferred' | 'closed' | 'rated' | string;
   seq: number;
   at: number;
-  from?: 'client' | 'operator';
+  from?: 'client' | 'operator' | 'bot';
   key?: string;
   name?: string;
   text?: string;
@@ -21,6 +21,8 @@ export interface ClientEvent {
   score?: number;
   comment?: string;
   attachments?: Attachment[];
+  /** A bot message's quick replies (see quickReplies). */
+  buttons?: string[];
 }
 
 export interface PendingSend {
@@ -141,6 +143,37 @@ export function lastOperatorSeq(s: WidgetState): number {
     if (e.kind === 'message' && e.from === 'operator') return e.seq;
   }
   return 0;
+}
+
+/** Whether the channel's bot holds the conversation: it took it (`with_bot`) and has not
+ *  handed it to a person yet (`handoff`, then `queued`, `assigned`) or closed it. */
+export function withBot(s: WidgetState): boolean {
+  for (let i = s.events.length - 1; i >= 0; i--) {
+    switch (s.events[i].kind) {
+      case 'with_bot':
+        return !s.closed;
+      case 'handoff':
+      case 'queued':
+      case 'assigned':
+      case 'transferred':
+      case 'closed':
+        return false;
+    }
+  }
+  return false;
+}
+
+/** The quick replies to show: those of the newest bot message, as long as nothing
+ *  answered it yet (a customer or operator message, sent or still being sent), the bot
+ *  did not hand the conversation over, and it is not closed. Null when there are none. */
+export function quickReplies(s: WidgetState): { seq: number; buttons: string[] } | null {
+  if (s.closed || s.pending.length) return null;
+  for (let i = s.events.length - 1; i >= 0; i--) {
+    const e = s.events[i];
+    if (e.kind === 'message') return e.from === 'bot' && Array.isArray(e.buttons) && e.buttons.length ? { seq: e.seq, buttons: e.buttons } : null;
+    if (e.kind === 'handoff' || e.kind === 'closed') return null;
+  }
+  return null;
 }
 
 /** Operator messages newer than `readUpto` (for an unread badge on the closed widget). */

@@ -3,7 +3,7 @@ import { Fragment } from 'preact';
 import { useEffect, useState } from 'preact/hooks';
 import { formatDuration, formatWhen } from '../shared/format';
 import { ADAPTER_KINDS, type AccessRuleRow, type AdapterKind, type AdapterView, type AttributePriority, type Channel, type ClosedAction, type GroupHours, type GroupRouting, type OperatorStatus, type Role, type SkillGroup, type UserInfo } from './types';
-import { adapterBody, blankAdapter, capacityProblem, idProblem, parsePairs, passwordProblem, showPairs, type AdapterDraft } from './forms';
+import { adapterBody, blankAdapter, capacityProblem, idProblem, parsePairs, passwordProblem, showPairs, urlProblem, type AdapterDraft } from './forms';
 import { CLOSED_ACTIONS, hoursDraft, hoursFromDraft, MAX_STEPS, nextStep, parseWeights, stepDrafts, stepsFromDrafts, type HoursDraft, type StepDraft } from './rules';
 import { TemplatesPanel } from './panels';
 import { describeError, exclusionText, refusal, type Key } from './strings';
@@ -67,11 +67,12 @@ function useList<T>(path: string, key: string): [T[] | null, () => void, string 
   return [list, load, error];
 }
 
-function Saved(props: { ok: boolean }) {
+/** "Saved." (or `text`, what was done) once a change went through. */
+function Saved(props: { ok: boolean; text?: string | null }) {
   const { t } = useApp();
   return props.ok ? (
     <p class="ok small" role="status">
-      {t('saved')}
+      {props.text ?? t('saved')}
     </p>
   ) : null;
 }
@@ -658,6 +659,7 @@ function Channels() {
         </div>
       </form>
       {saved && saved.kind !== 'web' && <ChannelAdapter key={saved.id} channel={saved} onChange={reload} />}
+      {saved && <ChannelBot key={'bot:' + saved.id} channel={saved} />}
     </div>
   );
 }
@@ -698,6 +700,73 @@ function draftOf(view: AdapterView): AdapterDraft {
   return draft;
 }
 
+/** A token and signing secret, in full only in the answer that made them: shown that once. */
+interface Secrets {
+  token: string;
+  signing_secret: string;
+}
+
+/**
+ * What a channel's adapter and bot sections share: the setting as the server keeps it at
+ * `path` (undefined while it is read, null when there is none), the secrets a PUT just
+ * made (shown once), what went wrong or was done last, and taking the setting away.
+ */
+function useChannelSetting<T>(path: string, onShow?: (view: T | null) => void, onChange?: () => void) {
+  const { t, api } = useApp();
+  const [current, setCurrent] = useState<T | null | undefined>(undefined);
+  const [secrets, setSecrets] = useState<Secrets | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const [done, setDone] = useState<string | null>(null);
+  const show = (view: T | null) => {
+    setCurrent(view);
+    onShow?.(view);
+  };
+  useEffect(() => {
+    api.get<T>(path).then(show, (e) => (e.status === 404 ? show(null) : setError(describeError(t, e.code, e.message))));
+  }, [path]);
+  const changed = (text: string) => {
+    setError(null);
+    setDone(text);
+    onChange?.();
+  };
+  const fail = (err: any) => setError(refusal(t, err));
+  /** DELETE after the admin confirmed `question`; `text` says it was done. */
+  const remove = async (question: string, text: string) => {
+    if (!confirm(question)) return;
+    try {
+      await api.del(path);
+      show(null);
+      setSecrets(null);
+      changed(text);
+    } catch (err: any) {
+      fail(err);
+    }
+  };
+  return { current, show, secrets, setSecrets, error, setError, done, setDone, changed, fail, remove };
+}
+
+/** The secrets a PUT just made, with the "copy now" note, until the admin says they have them. */
+function SecretsOnce(props: { secrets: Secrets; tokenLabel: string; testid: string; onDone: () => void }) {
+  const { t } = useApp();
+  const select = (e: Event) => (e.currentTarget as HTMLInputElement).select();
+  return (
+    <div class="secrets-once stack" role="alert" data-testid={props.testid + '-secrets'}>
+      <p>
+        <strong>{t('secrets_once')}</strong>
+      </p>
+      <Field label={props.tokenLabel}>
+        <input readOnly value={props.secrets.token} data-testid={props.testid + '-token'} onFocus={select} />
+      </Field>
+      <Field label={t('signing_secret')}>
+        <input readOnly value={props.secrets.signing_secret} data-testid={props.testid + '-signing-secret'} onFocus={select} />
+      </Field>
+      <button type="button" data-testid={props.testid + '-secrets-done'} onClick={props.onDone}>
+        {t('secrets_copied')}
+      </button>
+    </div>
+  );
+}
+
 /**
  * A messenger channel's adapter: what it is now (secrets masked by the server), and a
  * form to connect one, replace it or disconnect it. A Channel API token and signing
@@ -707,62 +776,32 @@ function ChannelAdapter(props: { channel: Channel; onChange: () => void }) {
   const { t, api } = useApp();
   const { channel } = props;
   const path = '/api/channels/' + encodeURIComponent(channel.id) + '/adapter';
-  // undefined: being read; null: none.
-  const [current, setCurrent] = useState<AdapterView | null | undefined>(undefined);
   const [draft, setDraft] = useState<AdapterDraft>(() => blankAdapter(channel.adapter ?? ADAPTER_KINDS.find((k) => k === channel.kind) ?? 'api'));
   // The form starts from the adapter there is, but for its secrets (masked by the server).
-  const show = (view: AdapterView | null) => {
-    setCurrent(view);
-    if (view) setDraft(draftOf(view));
-  };
-  const [secrets, setSecrets] = useState<{ token: string; signing_secret: string } | null>(null);
-  const [error, setError] = useState<string | null>(null);
-  const [done, setDone] = useState<string | null>(null);
-  useEffect(() => {
-    api.get<AdapterView>(path).then(show, (e) => (e.status === 404 ? show(null) : setError(describeError(t, e.code, e.message))));
-  }, [path]);
+  const setting = useChannelSetting<AdapterView>(path, (view) => view && setDraft(draftOf(view)), props.onChange);
+  const { current, show, secrets, setSecrets } = setting;
   const set = (patch: Partial<AdapterDraft>) => setDraft({ ...draft, ...patch });
-  const changed = (text: string) => {
-    setError(null);
-    setDone(text);
-    props.onChange();
-  };
   return (
     <section class="stack admin-form adapter" data-testid="channel-adapter" aria-labelledby="adapter-h">
       <h2 id="adapter-h">{t('adapter_of', { name: channel.name })}</h2>
       {current === undefined ? <p class="muted">{t('loading')}</p> : current === null ? <p class="muted small">{t('adapter_none_yet')}</p> : <AdapterSummary view={current} />}
-      {secrets && (
-        <div class="secrets-once stack" role="alert" data-testid="adapter-secrets">
-          <p>
-            <strong>{t('secrets_once')}</strong>
-          </p>
-          <Field label={t('channel_token')}>
-            <input readOnly value={secrets.token} data-testid="adapter-token" onFocus={(e) => (e.currentTarget as HTMLInputElement).select()} />
-          </Field>
-          <Field label={t('signing_secret')}>
-            <input readOnly value={secrets.signing_secret} data-testid="adapter-signing-secret" onFocus={(e) => (e.currentTarget as HTMLInputElement).select()} />
-          </Field>
-          <button type="button" data-testid="adapter-secrets-done" onClick={() => setSecrets(null)}>
-            {t('secrets_copied')}
-          </button>
-        </div>
-      )}
+      {secrets && <SecretsOnce secrets={secrets} tokenLabel={t('channel_token')} testid="adapter" onDone={() => setSecrets(null)} />}
       <form
         class="stack"
         data-testid="adapter-form"
         onSubmit={async (e) => {
           e.preventDefault();
-          setDone(null);
+          setting.setDone(null);
           const r = adapterBody(draft);
-          if ('problem' in r) return setError(t(('err_' + r.problem) as any));
+          if ('problem' in r) return setting.setError(t(('err_' + r.problem) as any));
           try {
             const { token, signing_secret, ...view } = await api.put<AdapterView>(path, r.body);
             setSecrets(view.kind === 'api' && token && signing_secret ? { token, signing_secret } : null);
             // What was typed as a secret (a bot token) does not stay on screen.
             show(view);
-            changed(t('adapter_connected'));
+            setting.changed(t('adapter_connected'));
           } catch (err: any) {
-            setError(refusal(t, err));
+            setting.fail(err);
           }
         }}
       >
@@ -796,12 +835,8 @@ function ChannelAdapter(props: { channel: Channel; onChange: () => void }) {
             />
           </Field>
         ))}
-        <ErrorText error={error} />
-        {done && (
-          <p class="ok small" role="status">
-            {done}
-          </p>
-        )}
+        <ErrorText error={setting.error} />
+        <Saved ok={!!setting.done} text={setting.done} />
         <div class="row">
           <button type="submit" class="primary" data-testid="adapter-connect">
             {current ? t('adapter_replace') : t('adapter_connect')}
@@ -811,19 +846,98 @@ function ChannelAdapter(props: { channel: Channel; onChange: () => void }) {
               type="button"
               class="danger"
               data-testid="adapter-disconnect"
-              onClick={async () => {
-                if (!confirm(t('confirm_disconnect', { name: channel.name }))) return;
-                try {
-                  await api.del(path);
-                  show(null);
-                  setSecrets(null);
-                  changed(t('adapter_disconnected'));
-                } catch (err: any) {
-                  setError(refusal(t, err));
-                }
-              }}
+              onClick={() => setting.remove(t('confirm_disconnect', { name: channel.name }), t('adapter_disconnected'))}
             >
               {t('adapter_disconnect')}
+            </button>
+          )}
+        </div>
+      </form>
+    </section>
+  );
+}
+
+/** A channel's bot as `GET/PUT /api/channels/{id}/bot` shows it (the token and signing
+ *  secret masked, but in the answer of the PUT that made them). */
+interface BotView {
+  channel: string;
+  url: string;
+  token?: string;
+  signing_secret?: string;
+  api_path: string;
+}
+
+/**
+ * A channel's bot, which answers its customers before any operator (routing rules 7):
+ * its URL now, a form to set or replace it (a new bot token and signing secret, shown
+ * once), and removing it.
+ */
+function ChannelBot(props: { channel: Channel }) {
+  const { t, api } = useApp();
+  const { channel } = props;
+  const path = '/api/channels/' + encodeURIComponent(channel.id) + '/bot';
+  const [url, setUrl] = useState('');
+  const setting = useChannelSetting<BotView>(path, (view) => setUrl(view?.url ?? ''));
+  const { current, secrets, setSecrets } = setting;
+  return (
+    <section class="stack admin-form adapter" data-testid="channel-bot" aria-labelledby="bot-h">
+      <h2 id="bot-h">{t('bot_of', { name: channel.name })}</h2>
+      {current === undefined ? (
+        <p class="muted">{t('loading')}</p>
+      ) : current === null ? (
+        <p class="muted small" data-testid="bot-none">
+          {t('bot_none')}
+        </p>
+      ) : (
+        <dl class="kv" data-testid="bot-current">
+          <dt>{t('bot_url')}</dt>
+          <dd data-testid="bot-current-url">{current.url}</dd>
+          <dt>{t('bot_api_path')}</dt>
+          <dd>
+            <code data-testid="bot-api-path">{current.api_path}</code>
+          </dd>
+        </dl>
+      )}
+      {secrets && <SecretsOnce secrets={secrets} tokenLabel={t('bot_token')} testid="bot" onDone={() => setSecrets(null)} />}
+      <form
+        class="stack"
+        data-testid="bot-form"
+        onSubmit={async (e) => {
+          e.preventDefault();
+          setting.setDone(null);
+          const u = url.trim();
+          const p = urlProblem(u);
+          if (p) return setting.setError(t(('err_' + p) as Key));
+          try {
+            const { token, signing_secret, ...view } = await api.put<BotView>(path, { url: u });
+            setSecrets(token && signing_secret ? { token, signing_secret } : null);
+            setting.show(view);
+            setting.changed(t('bot_saved'));
+          } catch (err: any) {
+            setting.fail(err);
+          }
+        }}
+      >
+        <Field label={t('bot_url')} hint={t('bot_url_hint') + ' ' + t('bot_set_hint')}>
+          <input
+            value={url}
+            autoComplete="off"
+            spellcheck={false}
+            inputMode="url"
+            placeholder="https://bot.example/events"
+            data-testid="bot-url"
+            onInput={(e) => setUrl((e.currentTarget as HTMLInputElement).value)}
+          />
+        </Field>
+        <ErrorText error={setting.error} />
+        <Saved ok={!!setting.done} text={setting.done} />
+        <div class="row">
+          <button type="submit" class="primary" data-testid="bot-set">
+            {current ? t('adapter_replace') : t('bot_set')}
+          </button>
+          {current && (
+            <button type="button" class="danger" data-testid="bot-remove" onClick={() => setting.remove(t('confirm_remove_bot', { name: channel.name }), t('bot_removed'))}>
+              {t('bot_remove')}
             </button>
           )}
         </div>

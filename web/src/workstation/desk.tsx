@@ -10,7 +10,7 @@ import { OperatorSession } from './operator-session';
 import { PRESENCES, type Channel, type LoginInfo, type MyConversation, type Presence } from './types';
 import { Inspector } from './inspector';
 import { ConversationPane } from './conversation';
-import { describeError } from './strings';
+import { describeError, stateText } from './strings';
 import { Dialog, RECONNECT_NOW, SHORTCUT_EVENT, useApp, useNow, useStore } from './ui';
 import { browserAlerts, type Alerts } from './alerts';
 
@@ -667,7 +667,7 @@ function MyHistory(props: { session: OperatorSession; state: OpState }) {
               <span class="conv-top">
                 <strong class="conv-name">{r.visitor || t('visitor')}</strong>
                 <span class="muted small">
-                  #{r.conversation} · {t(('state_' + r.state) as any)}
+                  #{r.conversation} · {stateText(t, r.state)}
                 </span>
               </span>
               <span class="conv-bottom">

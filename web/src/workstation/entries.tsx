@@ -1,4 +1,5 @@
 /** Rendering of staff history entries and attachments (shared by the desk and the inspector). */
+import { Fragment } from 'preact';
 import { useEffect, useState } from 'preact/hooks';
 import { formatBytes, isImage, type Attachment } from '../shared/files';
 import { formatWhen } from '../shared/format';
@@ -113,11 +114,18 @@ export function EntryView(props: {
     </time>
   );
   if (e.kind === 'message') {
-    const who = e.from === 'client' ? 'client' : props.mine || (props.operatorId && e.operator === props.operatorId) ? 'mine' : 'operator';
+    const who = e.from === 'client' || e.from === 'bot' ? e.from : props.mine || (props.operatorId && e.operator === props.operatorId) ? 'mine' : 'operator';
     return (
       <li class={'msg msg-' + who} data-testid="message" data-seq={e.seq} data-from={e.from}>
-        <span class="who">{e.from === 'client' ? props.visitor || t('visitor') : e.name || e.operator || t('operator')}</span>
+        <span class="who">{e.from === 'client' ? props.visitor || t('visitor') : e.from === 'bot' ? t('bot') : e.name || e.operator || t('operator')}</span>
         {e.text ? <span class="text">{e.text}</span> : null}
+        {e.buttons?.length ? (
+          <ul class="bot-buttons" aria-label={t('bot_buttons')} data-testid="bot-buttons">
+            {e.buttons.map((b) => (
+              <li key={b}>{b}</li>
+            ))}
+          </ul>
+        ) : null}
         {e.attachments?.length ? (
           <span class="atts">
             {e.attachments.map((a) => (
@@ -143,6 +151,30 @@ export function EntryView(props: {
       </li>
     );
   }
+  if (e.kind === 'handoff') {
+    const context = Object.entries(e.context ?? {});
+    return (
+      <li class="handoff" data-testid="entry-handoff" data-seq={e.seq}>
+        <strong class="handoff-title" data-testid="handoff-title">
+          {e.reason ? t('entry_handoff_reason', { group: e.group ?? '', reason: e.reason }) : t('entry_handoff', { group: e.group ?? '' })}
+        </strong>
+        {context.length > 0 && (
+          <>
+            <span class="small muted">{t('handoff_context')}</span>
+            <dl class="kv handoff-context" data-testid="handoff-context">
+              {context.map(([k, v]) => (
+                <Fragment key={k}>
+                  <dt>{k}</dt>
+                  <dd>{v}</dd>
+                </Fragment>
+              ))}
+            </dl>
+          </>
+        )}
+        <span class="meta">{time}</span>
+      </li>
+    );
+  }
   let text = '';
   switch (e.kind) {
     case 'started':
@@ -150,6 +182,9 @@ export function EntryView(props: {
       break;
     case 'queued':
       text = t('entry_queued', { group: e.group ?? '' });
+      break;
+    case 'with_bot':
+      text = t('entry_with_bot');
       break;
     case 'assigned':
       text = t('entry_assigned', { name: e.name || e.operator || '' });

@@ -4,7 +4,7 @@ import { useEffect, useRef, useState } from 'preact/hooks';
 import { formatDateTime } from '../shared/format';
 import type { ConversationDoc, DecisionRecord, OperatorStatus, SkillGroup } from './types';
 import { EntryView, operatorNames } from './entries';
-import { describeError, exclusionText } from './strings';
+import { describeError, exclusionText, stateText } from './strings';
 import { Empty, ErrorText, Field, GroupOptions, useApp, usePoller } from './ui';
 
 /** How often an open inspector re-reads its conversation (messages do not reach the floor). */
@@ -85,7 +85,7 @@ export function Inspector(props: {
       <dl class="kv">
         <dt>{t('state')}</dt>
         <dd data-testid="inspector-state">
-          {t(('state_' + doc.status.state) as any)}
+          {stateText(t, doc.status.state)}
           {doc.status.operator ? ' · ' + doc.status.operator : ''}
         </dd>
         <dt>{t('channel')}</dt>

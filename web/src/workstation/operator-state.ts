@@ -193,13 +193,14 @@ export function emptyConv(id: number): Conv {
   };
 }
 
-/** When the visitor started waiting: the first client message after the last operator message. */
+/** When the visitor started waiting: the first client message after the last answer (an
+ *  operator's, or the bot's before it handed the conversation over). */
 export function waitingSinceOf(entries: readonly Entry[]): number | null {
   let since: number | null = null;
   for (let i = entries.length - 1; i >= 0; i--) {
     const e = entries[i];
     if (e.kind !== 'message') continue;
-    if (e.from === 'operator') break;
+    if (e.from === 'operator' || e.from === 'bot') break;
     if (e.from === 'client') since = e.at;
   }
   return since;

@@ -6,7 +6,7 @@ import type { OperatorSession } from './operator-session';
 import { byScope, fillPlaceholders, searchTemplates, templateId, validateTemplate, type PlaceholderValues, type TemplateScope } from './templates';
 import type { ConversationDoc, MyConversation, OperatorStatus, SkillGroup, Template } from './types';
 import { parseTags, tagsProblem, MAX_TAGS } from './forms';
-import { describeError } from './strings';
+import { describeError, stateText } from './strings';
 import { Dialog, Empty, ErrorText, Field, GroupOptions, useApp } from './ui';
 import { Inspector } from './inspector';
 
@@ -99,7 +99,7 @@ export function ClientCard(props: { conv: Conv; doc: ConversationDoc | null; doc
               #{e.conversation}
             </button>{' '}
             <span class="muted small">
-              {formatDateTime(e.created_at, lang)} · {t(('state_' + e.state) as any)}
+              {formatDateTime(e.created_at, lang)} · {stateText(t, e.state)}
             </span>
             {e.preview && <span class="conv-preview block" data-testid="earlier-preview">{e.preview}</span>}
           </li>

@@ -115,6 +115,12 @@ const en = {
   entry_closed_operator: 'Closed by the operator',
   entry_closed_system: 'Closed: the customer stopped answering',
   entry_rated: 'Rated {score}/5',
+  entry_with_bot: 'The bot took the conversation',
+  entry_handoff: 'Bot handed over to {group}',
+  entry_handoff_reason: 'Bot handed over to {group}: {reason}',
+  handoff_context: 'What the bot learned',
+  bot: 'Bot',
+  bot_buttons: 'Quick replies offered',
   channel: 'Channel',
   group: 'Group',
   started_at: 'Started',
@@ -125,6 +131,7 @@ const en = {
   state_offered: 'Offered',
   state_assigned: 'Assigned',
   state_closed: 'Closed',
+  state_with_bot: 'With the bot',
   search_templates: 'Search templates',
   scope_all: 'All',
   scope_favourites: 'Favourites',
@@ -446,6 +453,17 @@ const en = {
   signing_secret: 'Signing secret',
   secrets_once: 'Copy these now: they will not be shown again.',
   secrets_copied: 'I have copied them',
+  bot_of: 'Bot of {name}',
+  bot_none: 'No bot: new conversations go straight to the queue.',
+  bot_url: 'Bot URL',
+  bot_url_hint: 'Switchboard POSTs each new conversation and what its customer writes there, signed; the bot answers through the Bot API until it hands over to a person.',
+  bot_set_hint: 'Setting it makes a new bot token and signing secret; any earlier ones stop working.',
+  bot_api_path: 'Bot API path',
+  bot_set: 'Set bot',
+  bot_remove: 'Remove bot',
+  bot_saved: 'Bot set.',
+  bot_removed: 'Bot removed.',
+  confirm_remove_bot: 'Remove the bot of “{name}”? New conversations go straight to the queue, and those it holds are handed to their groups now.',
   err_bot_token_required: 'Enter the bot token.',
   err_secret_invalid: 'The webhook secret must be 16-256 characters of A-Z, a-z, 0-9, _ and -.',
   err_url_invalid: 'Enter an http:// or https:// address of at most 500 characters, without spaces.',
@@ -571,6 +589,12 @@ const ru: Record<Key, Phrase> = {
   entry_closed_system: 'Закрыт: клиент перестал отвечать',
   entry_closed_operator: 'Оператор завершил диалог',
   entry_rated: 'Оценка {score}/5',
+  entry_with_bot: 'Диалог принял бот',
+  entry_handoff: 'Бот передал диалог в {group}',
+  entry_handoff_reason: 'Бот передал диалог в {group}: {reason}',
+  handoff_context: 'Что узнал бот',
+  bot: 'Бот',
+  bot_buttons: 'Предложенные быстрые ответы',
   channel: 'Канал',
   group: 'Группа',
   started_at: 'Начат',
@@ -581,6 +605,7 @@ const ru: Record<Key, Phrase> = {
   state_offered: 'Предложен',
   state_assigned: 'Назначен',
   state_closed: 'Завершён',
+  state_with_bot: 'У бота',
   search_templates: 'Поиск шаблонов',
   scope_all: 'Все',
   scope_favourites: 'Избранные',
@@ -902,6 +927,17 @@ const ru: Record<Key, Phrase> = {
   signing_secret: 'Ключ подписи',
   secrets_once: 'Скопируйте их сейчас: больше они показаны не будут.',
   secrets_copied: 'Я их скопировал',
+  bot_of: 'Бот канала {name}',
+  bot_none: 'Бота нет: новые диалоги сразу попадают в очередь.',
+  bot_url: 'Адрес бота',
+  bot_url_hint: 'Туда Switchboard с подписью отправляет (POST) каждый новый диалог и то, что пишет клиент; бот отвечает через Bot API, пока не передаст диалог сотруднику.',
+  bot_set_hint: 'При подключении создаются новые токен бота и ключ подписи; прежние перестают действовать.',
+  bot_api_path: 'Путь Bot API',
+  bot_set: 'Подключить бота',
+  bot_remove: 'Убрать бота',
+  bot_saved: 'Бот подключён.',
+  bot_removed: 'Бот убран.',
+  confirm_remove_bot: 'Убрать бота канала «{name}»? Новые диалоги сразу пойдут в очередь, а те, что у него, сейчас же передаются в их группы.',
   err_bot_token_required: 'Введите токен бота.',
   err_secret_invalid: 'Секрет вебхука: 16-256 символов из A-Z, a-z, 0-9, _ и -.',
   err_url_invalid: 'Введите адрес http:// или https:// не длиннее 500 символов, без пробелов.',
@@ -925,6 +961,13 @@ export function describeError(t: Translate<Key>, code: string | undefined, messa
 export function refusal(t: Translate<Key>, err: any): string {
   if (err?.message && ['bad_request', 'invalid', 'http_400'].includes(err.code)) return t('err_rejected_reason', { reason: err.message });
   return describeError(t, err?.code, err?.message);
+}
+
+/** A conversation state's name (`with_bot`, `queued`, …); an unknown one (a newer
+ *  server) is shown as it came. */
+export function stateText(t: Translate<Key>, state: string): string {
+  const key = ('state_' + state) as Key;
+  return Object.prototype.hasOwnProperty.call(en, key) ? t(key) : state;
 }
 
 /** The router's stable exclusion codes (decision records, `candidates[].excluded`). */

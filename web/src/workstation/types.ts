@@ -6,7 +6,7 @@ export type Role = 'operator' | 'supervisor' | 'admin';
 
 /** A conversation history entry in the staff view (protocol.md §3.4). */
 export interface Entry {
-  kind: 'started' | 'queued' | 'message' | 'assigned' | 'transferred' | 'closed' | 'rated' | 'note' | string;
+  kind: 'started' | 'queued' | 'with_bot' | 'message' | 'handoff' | 'assigned' | 'transferred' | 'closed' | 'rated' | 'note' | string;
   /** For `note`: the login of the staff member who wrote it. */
   author?: string;
   seq: number;
@@ -27,6 +27,12 @@ export interface Entry {
   tags?: string[];
   score?: number;
   attachments?: Attachment[];
+  /** A bot message's quick replies. */
+  buttons?: string[];
+  /** `handoff`: why the bot handed the conversation over (`group`: to whom), and what it
+   *  learned (name → value). */
+  reason?: string;
+  context?: Record<string, string>;
 }
 
 export interface Offer {
@@ -321,7 +327,7 @@ export interface DecisionRecord {
 /** A row of `GET /api/my/conversations`. */
 export interface MyConversation {
   conversation: number;
-  state: 'queued' | 'assigned' | 'closed';
+  state: 'with_bot' | 'queued' | 'assigned' | 'closed';
   channel: string;
   group: string;
   visitor: string;
@@ -331,7 +337,7 @@ export interface MyConversation {
   last_seq: number;
   rated: boolean;
   mine: boolean;
-  preview: { from: 'client' | 'operator'; name?: string; text: string; attachments: number; at: number } | null;
+  preview: { from: 'client' | 'operator' | 'bot'; name?: string; text: string; attachments: number; at: number } | null;
 }
 
 /** One group of `GET /api/kpis`. */
