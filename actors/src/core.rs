@@ -1414,6 +1414,13 @@ fn check_adapter(adapter: &AdapterConfig) -> Result<(), Error> {
             }
             url("api_base", api_base)
         }
+        AdapterConfig::Viber { auth_token, sender_name, api_base } => {
+            secret("auth_token", auth_token, 1)?;
+            if sender_name.trim().is_empty() || sender_name.chars().count() > 28 {
+                return Err(Error::Invalid("sender_name must be 1-28 characters (Viber's limit)".into()));
+            }
+            url("api_base", api_base)
+        }
         AdapterConfig::Messenger { page_token, app_secret, verify_token, api_base } => {
             secret("page_token", page_token, 1)?;
             secret("app_secret", app_secret, 1)?;

@@ -683,6 +683,9 @@ pub enum AdapterConfig {
     /// Facebook Messenger (a page): webhooks signed with `app_secret`, verified with
     /// `verify_token`; replies through the Send API with `page_token`.
     Messenger { page_token: String, app_secret: String, verify_token: String, api_base: String },
+    /// Viber bot: callbacks signed with `auth_token`; replies through `send_message` as
+    /// `sender_name`.
+    Viber { auth_token: String, sender_name: String, api_base: String },
 }
 
 impl AdapterConfig {
@@ -694,6 +697,7 @@ impl AdapterConfig {
             AdapterConfig::WhatsApp { .. } => "whatsapp",
             AdapterConfig::Vk { .. } => "vk",
             AdapterConfig::Messenger { .. } => "messenger",
+            AdapterConfig::Viber { .. } => "viber",
         }
     }
 

@@ -11,6 +11,7 @@ pub mod api;
 pub mod http;
 pub mod messenger;
 pub mod telegram;
+pub mod viber;
 pub mod vk;
 pub mod whatsapp;
 
@@ -112,6 +113,7 @@ pub async fn send(client: &http::Client, adapter: &AdapterConfig, message: &Outg
         AdapterConfig::WhatsApp { access_token, phone_number_id, api_base, .. } => whatsapp::send(client, api_base, phone_number_id, access_token, message).await,
         AdapterConfig::Vk { access_token, api_base, .. } => vk::send(client, api_base, access_token, message).await,
         AdapterConfig::Messenger { page_token, api_base, .. } => messenger::send(client, api_base, page_token, message).await,
+        AdapterConfig::Viber { auth_token, sender_name, api_base } => viber::send(client, api_base, auth_token, sender_name, message).await,
     }
 }
 

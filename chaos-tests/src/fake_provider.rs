@@ -500,3 +500,68 @@ async fn messenger_send(State(state): State<Arc<Mutex<MessengerState>>>, axum::e
     s.sent.push((to.to_owned(), text.to_owned(), mid.clone()));
     Json(json!({"recipient_id": to, "message_id": mid})).into_response()
 }
+
+#[derive(Default)]
+struct ViberState {
+    token: String,
+    /// Accepted messages: (receiver, text, message_token).
+    sent: Vec<(String, String, u64)>,
+}
+
+/// Viber's `POST /pa/send_message` with `X-Viber-Auth-Token`, answering
+/// `{"status":0,"status_message":"ok","message_token":N,"chat_hostname":…}`, or status 2
+/// `invalidAuthToken` for a wrong token.
+#[derive(Clone)]
+pub struct FakeViber {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<ViberState>>,
+    _stop: Arc<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl FakeViber {
+    pub async fn start(token: &str) -> anyhow::Result<FakeViber> {
+        let state = Arc::new(Mutex::new(ViberState { token: token.to_owned(), ..Default::default() }));
+        let app = Router::new().route("/pa/send_message", post(viber_send)).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(FakeViber { addr, state, _stop: Arc::new(stop) })
+    }
+
+    pub fn api_base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn sent(&self) -> Vec<(String, String, u64)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).sent.clone()
+    }
+}
+
+async fn viber_send(State(state): State<Arc<Mutex<ViberState>>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    if headers.get("x-viber-auth-token").and_then(|v| v.to_str().ok()) != Some(s.token.as_str()) {
+        return Json(json!({"status": 2, "status_message": "invalidAuthToken"})).into_response();
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return Json(json!({"status": 3, "status_message": "badData"})).into_response();
+    };
+    let (Some(receiver), Some(text), Some(_name)) = (request["receiver"].as_str(), request["text"].as_str(), request["sender"]["name"].as_str()) else {
+        return Json(json!({"status": 3, "status_message": "badData"})).into_response();
+    };
+    let token = 5_741_311_803_571_721_000 + s.sent.len() as u64;
+    s.sent.push((receiver.to_owned(), text.to_owned(), token));
+    Json(json!({"status": 0, "status_message": "ok", "message_token": token, "chat_hostname": "SN-CHAT-05_"})).into_response()
+}
+
+/// Signs a Viber callback body: hex HMAC-SHA256 keyed with the bot's auth token.
+pub fn viber_signature(auth_token: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, auth_token.as_bytes());
+    ring::hmac::sign(&key, body).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -594,3 +594,50 @@ async fn a_messenger_conversation_with_signed_webhooks_and_delivery_receipts() -
     alice.wait_for(WAIT, |v| v["kind"] == "delivery" && v["status"] == "delivered").await?;
     Ok(())
 }
+
+/// Viber: signed callbacks (a bad signature writes nothing), one message for a retried
+/// callback, the reply through send_message, and its delivered and seen receipts by
+/// message_token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viber_conversation_with_signed_callbacks_and_receipts() -> anyhow::Result<()> {
+    use switchboard_chaos_tests::fake_provider::{viber_signature, FakeViber};
+    const AUTH: &str = "445da6az1s345z78-dazcczb2542zv51a-e0vc5fva17480im9";
+    let fake = FakeViber::start(AUTH).await?;
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    dev.api("PUT", "/api/channels/viber", Some(&admin), Some(json!({"kind": "viber", "name": "Viber", "default_group": "general"}))).await?;
+    let settings = json!({"kind": "viber", "auth_token": AUTH, "sender_name": "Acme Support", "api_base": fake.api_base()});
+    let (status, shown) = dev.api("PUT", "/api/channels/viber/adapter", Some(&admin), Some(settings)).await?;
+    assert_eq!((status, shown["webhook_path"].clone()), (200, json!("/hooks/viber/viber")), "{shown}");
+    let hook = |body: Value, key: &'static str| {
+        let public = dev.public.clone();
+        async move {
+            let raw = body.to_string();
+            let signature = viber_signature(key, raw.as_bytes());
+            anyhow::Ok(http_json_with(&public, "POST", "/hooks/viber/viber", &[("x-viber-content-signature", signature.as_str())], Some(&body)).await?)
+        }
+    };
+    // Viber checks the webhook with a `webhook` event when it is set.
+    assert_eq!(hook(json!({"event": "webhook", "timestamp": 1, "message_token": 1}), AUTH).await?.0, 200);
+    let message = json!({"event": "message", "timestamp": 1457764197627u64, "message_token": 4912661846655238145u64, "sender": {"id": "01234567890A=", "name": "John McClane", "api_version": 1}, "message": {"type": "text", "text": "Yippee-ki-yay"}});
+    assert_eq!(hook(message.clone(), "not-the-auth-token").await?.0, 401);
+    let (_, first) = hook(message.clone(), AUTH).await?;
+    let (_, again) = hook(message, AUTH).await?;
+    assert_eq!((first["duplicate"].clone(), again["duplicate"].clone()), (json!(false), json!(true)), "{first} {again}");
+
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let conversation = accept_offer(&mut alice).await?;
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "v1", "text": "Welcome to the party, pal", "ref": "v1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "v1").await?;
+    let sent = eventually(WAIT, Duration::from_millis(100), || async { Ok(fake.sent().first().cloned()) }).await?;
+    assert_eq!((sent.0.as_str(), sent.1.as_str()), ("01234567890A=", "Welcome to the party, pal"));
+    let supervisor = dev.login("supervisor").await?;
+    eventually(WAIT, Duration::from_millis(100), || async { Ok(deliveries(&dev, &supervisor, conversation).await?.into_iter().find(|d| d["status"] == "sent")) }).await?;
+    for (event, status_name) in [("delivered", "delivered"), ("seen", "read")] {
+        let (status, body) = hook(json!({"event": event, "timestamp": 2, "message_token": sent.2, "user_id": "01234567890A="}), AUTH).await?;
+        assert_eq!((status, body["statuses"].clone()), (200, json!(1)), "{body}");
+        alice.wait_for(WAIT, |v| v["kind"] == "delivery" && v["status"] == status_name).await?;
+    }
+    Ok(())
+}

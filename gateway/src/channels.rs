@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
 use switchboard_actors::model::{AdapterConfig, ChannelId, Command, ConversationId, DeliveryOutcome, DeliveryResult, IdentityKey, Role};
 use switchboard_actors::state::Delivery;
-use switchboard_adapters::{api, messenger, telegram, vk, whatsapp};
+use switchboard_adapters::{api, messenger, telegram, viber, vk, whatsapp};
 
 use crate::rest::{Body, Params, Staff};
 
@@ -164,6 +164,36 @@ pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<
     }
     commit_receipts(&gw, &receipts).await?;
     Ok(Json(json!({"ok": true, "messages": taken, "statuses": receipts.len()})).into_response())
+}
+
+/// `POST /hooks/viber/{channel}`: a signed Viber callback: a customer's message, a
+/// receipt, or an event that is answered and dropped.
+pub async fn viber_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+    let channel = ChannelId::new(channel);
+    let Some(AdapterConfig::Viber { auth_token, .. }) = adapter_of(&gw, &channel) else {
+        return Err(GatewayError::NotFound(format!("no Viber channel {channel}")));
+    };
+    if !viber::verify(&auth_token, headers.get(viber::SIGNATURE_HEADER).map(|v| v.as_bytes()), &body) {
+        tracing::warn!(%channel, "a Viber callback with a bad signature was refused");
+        return Err(GatewayError::Unauthorized("the signature does not match"));
+    }
+    match viber::parse(&body).map_err(|e| GatewayError::BadRequest(e.to_string()))? {
+        viber::Item::Message { from, name, id, text } => {
+            Ok(Json(take_inbound(&gw, Command::ChannelInbound { channel, sender: from, sender_name: name, provider_message_id: id, text }).await?).into_response())
+        }
+        viber::Item::Receipt { id, status, reason } => {
+            let outcome = match status {
+                "delivered" => DeliveryOutcome::Delivered,
+                "read" => DeliveryOutcome::Read,
+                _ => DeliveryOutcome::Failed { reason },
+            };
+            let found = gw.backend.shard().by_provider_id(&channel, &id)?;
+            let receipts: Vec<DeliveryResult> = found.map(|(conversation, seq)| DeliveryResult { conversation, seq, outcome }).into_iter().collect();
+            commit_receipts(&gw, &receipts).await?;
+            Ok(Json(json!({"ok": true, "statuses": receipts.len()})).into_response())
+        }
+        viber::Item::Other => Ok(Json(json!({"ok": true})).into_response()),
+    }
 }
 
 async fn commit_receipts(gw: &Gateway, receipts: &[DeliveryResult]) -> Result<(), GatewayError> {
@@ -323,6 +353,13 @@ pub(crate) fn adapter_json(channel: &ChannelId, adapter: &AdapterConfig) -> Valu
             "api_base": api_base,
             "webhook_path": format!("/hooks/vk/{channel}"),
         }),
+        AdapterConfig::Viber { auth_token, sender_name, api_base } => json!({
+            "kind": "viber",
+            "auth_token": masked(auth_token),
+            "sender_name": sender_name,
+            "api_base": api_base,
+            "webhook_path": format!("/hooks/viber/{channel}"),
+        }),
         AdapterConfig::Messenger { page_token, app_secret, verify_token, api_base } => json!({
             "kind": "messenger",
             "page_token": masked(page_token),
@@ -363,6 +400,12 @@ pub enum AdapterBody {
     Api {
         outbound_url: String,
     },
+    Viber {
+        auth_token: String,
+        sender_name: String,
+        #[serde(default = "viber_api")]
+        api_base: String,
+    },
     Messenger {
         page_token: String,
         app_secret: String,
@@ -387,6 +430,10 @@ pub enum AdapterBody {
         #[serde(default = "graph_api")]
         api_base: String,
     },
+}
+
+fn viber_api() -> String {
+    "https://chatapi.viber.com".to_owned()
 }
 
 fn vk_api() -> String {
@@ -419,6 +466,7 @@ pub async fn put_adapter(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id):
         AdapterBody::WhatsApp { access_token, app_secret, verify_token, phone_number_id, api_base } => {
             (AdapterConfig::WhatsApp { access_token, app_secret, verify_token, phone_number_id, api_base }, None)
         }
+        AdapterBody::Viber { auth_token, sender_name, api_base } => (AdapterConfig::Viber { auth_token, sender_name, api_base }, None),
         AdapterBody::Messenger { page_token, app_secret, verify_token, api_base } => (AdapterConfig::Messenger { page_token, app_secret, verify_token, api_base }, None),
         AdapterBody::Vk { access_token, secret, confirmation, group_id, api_base } => (AdapterConfig::Vk { access_token, secret, confirmation, group_id, api_base }, None),
         AdapterBody::Api { outbound_url } => {

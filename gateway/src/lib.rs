@@ -582,6 +582,7 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
         .route("/hooks/whatsapp/{channel}", get(channels::meta_subscribe).post(channels::whatsapp_hook))
         .route("/hooks/messenger/{channel}", get(channels::meta_subscribe).post(channels::messenger_hook))
         .route("/hooks/vk/{channel}", axum::routing::post(channels::vk_hook))
+        .route("/hooks/viber/{channel}", axum::routing::post(channels::viber_hook))
         .layer(axum::extract::DefaultBodyLimit::max(rest::MAX_JSON_BODY));
     assets::public()
         .route("/ws/client", get(client_ws::upgrade))

@@ -58,6 +58,7 @@ fn rate_of(adapter: &AdapterConfig) -> f64 {
         AdapterConfig::WhatsApp { .. } => f64::from(switchboard_adapters::whatsapp::MESSAGES_PER_SECOND),
         AdapterConfig::Vk { .. } => f64::from(switchboard_adapters::vk::MESSAGES_PER_SECOND),
         AdapterConfig::Messenger { .. } => f64::from(switchboard_adapters::messenger::MESSAGES_PER_SECOND),
+        AdapterConfig::Viber { .. } => f64::from(switchboard_adapters::viber::MESSAGES_PER_SECOND),
     }
 }
 
