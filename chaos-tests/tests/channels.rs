@@ -63,6 +63,13 @@ async fn a_telegram_conversation_goes_both_ways_once_through_redeliveries_and_pr
     telegram_channel(&dev, &admin, &fake).await?;
     let (mut alice, _) = dev.operator("alice").await?;
     set_presence(&mut alice, "online").await?;
+    // The admin's test message goes straight to the provider, outside any conversation.
+    let (status, tested) = dev.api("POST", "/api/channels/tg/test", Some(&admin), Some(json!({"recipient": "4242", "text": "Switchboard test"}))).await?;
+    assert_eq!((status, tested["ok"].clone()), (200, json!(true)), "{tested}");
+    assert_eq!(fake.sent(), vec![(json!(4242), "Switchboard test".to_owned())]);
+    fake.script(&[Fault::TooMany(1)]);
+    let (_, refused) = dev.api("POST", "/api/channels/tg/test", Some(&admin), Some(json!({"recipient": "4242", "text": "again"}))).await?;
+    assert!(refused["reason"].as_str().is_some_and(|r| r.starts_with("429")), "the provider's answer is shown: {refused}");
 
     // Forged: no secret, a wrong one. 401, and nothing is written.
     let first = update(1, 4242, 7, "hello, my card is blocked");
@@ -100,8 +107,8 @@ async fn a_telegram_conversation_goes_both_ways_once_through_redeliveries_and_pr
     })
     .await?;
     assert_eq!(sent["attempts"], 3, "{sent}");
-    assert_eq!(fake.sent(), vec![(json!(4242), "Hello Dana, let me check.".to_owned())]);
-    let calls = fake.calls();
+    assert_eq!(fake.sent()[1..], [(json!(4242), "Hello Dana, let me check.".to_owned())]);
+    let calls = &fake.calls()[2..];
     assert_eq!(calls.len(), 3);
     assert!(calls[1].duration_since(calls[0]) >= Duration::from_millis(950), "the retry waited the provider's retry_after");
 

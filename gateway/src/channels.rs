@@ -696,3 +696,43 @@ pub async fn bot_close(State(gw): State<Arc<Gateway>>, Path(channel): Path<Strin
     gw.submit(Command::CloseByBot { channel, conversation: ConversationId(body.conversation), resolution: body.resolution }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestBody {
+    recipient: String,
+    text: String,
+}
+
+/// `POST /api/channels/{id}/test` (admin): sends one message through the channel's
+/// adapter now, outside any conversation and the outbox, and says what the provider
+/// answered: the check an admin makes after entering the credentials.
+pub async fn test_message(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Body(body): Body<TestBody>) -> Result<Json<Value>, GatewayError> {
+    staff.require(Role::Admin)?;
+    let channel = ChannelId::new(id);
+    let adapter = adapter_of(&gw, &channel).ok_or_else(|| GatewayError::NotFound(format!("channel {channel} has no adapter")))?;
+    if body.recipient.is_empty() || body.recipient.len() > switchboard_actors::core::MAX_SENDER_BYTES {
+        return Err(GatewayError::BadRequest(format!("recipient must be 1-{} bytes", switchboard_actors::core::MAX_SENDER_BYTES)));
+    }
+    let chars = body.text.chars().count();
+    if body.text.trim().is_empty() || chars > switchboard_actors::core::MAX_TEXT_CHARS {
+        return Err(GatewayError::BadRequest(format!("text must be 1-{} characters", switchboard_actors::core::MAX_TEXT_CHARS)));
+    }
+    let client = switchboard_adapters::http::Client::new(std::time::Duration::from_secs(10)).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    let message = switchboard_adapters::Outgoing {
+        channel: channel.clone(),
+        conversation: ConversationId(0),
+        seq: 0,
+        recipient: body.recipient,
+        text: body.text,
+        kind: "notice",
+        author: String::new(),
+        buttons: Vec::new(),
+    };
+    let answer = match switchboard_adapters::send(&client, &adapter, &message).await {
+        switchboard_adapters::SendOutcome::Sent { provider_id } => json!({"ok": true, "provider_id": provider_id}),
+        switchboard_adapters::SendOutcome::Retry { reason, .. } | switchboard_adapters::SendOutcome::Failed { reason } => json!({"ok": false, "reason": reason}),
+    };
+    tracing::info!(%channel, by = %staff.login, ok = %answer["ok"], "an admin sent a test message");
+    Ok(Json(answer))
+}

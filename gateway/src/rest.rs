@@ -39,6 +39,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/channels", get(list_channels))
         .route("/api/channels/{id}", put(put_channel))
         .route("/api/channels/{id}/adapter", get(crate::channels::get_adapter).put(crate::channels::put_adapter).delete(crate::channels::delete_adapter))
+        .route("/api/channels/{id}/test", post(crate::channels::test_message))
         .route("/api/channels/{id}/bot", get(crate::channels::get_bot).put(crate::channels::put_bot).delete(crate::channels::delete_bot))
         .route("/api/bot/{channel}/messages", post(crate::channels::bot_message))
         .route("/api/bot/{channel}/handoff", post(crate::channels::bot_handoff))
