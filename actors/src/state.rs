@@ -167,7 +167,7 @@ pub struct ShardState {
     pub open_senders: BTreeMap<(ChannelId, String), ConversationId>,
     /// Outbox entries still to be sent or being sent (records `U`); final ones are
     /// records `M` only.
-    #[serde(default)]
+    #[serde(default, with = "pair_map")]
     pub outbox: BTreeMap<(ConversationId, u64), Delivery>,
     /// For a command being applied: final outbox entries it names, read from the
     /// records before it (a receipt, a retry) and dropped after the entry.
@@ -329,6 +329,21 @@ impl ShardState {
 pub const SOCKET_LEASE_MS: u64 = 30_000;
 /// The reason an operator whose last socket went away was set away.
 pub const REASON_DISCONNECTED: &str = "disconnected";
+
+/// JSON maps need string keys: a map keyed by a tuple is a list of pairs there.
+mod pair_map {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(map: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+        map.iter().collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<K, V>, D::Error> {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
 
 /// JSON maps need string keys: the rules are kept as a list of pairs there.
 mod rule_map {

@@ -184,6 +184,42 @@ fn command() -> impl Strategy<Value = Command> {
                     attributes: if vip { vec![("tier".into(), "vip".into())] } else { vec![] },
                 },
             }),
+        // Channels, bots and the outbox (issue 11).
+        1 => (channel_id(), select(vec!["s0", "s1", ""]), select(vec!["m0", "m1", "m2"]), text()).prop_map(|(channel, sender, id, text)| Command::ChannelInbound {
+            channel,
+            sender: sender.into(),
+            sender_name: "Customer".into(),
+            provider_message_id: id.into(),
+            text,
+        }),
+        1 => (channel_id(), conversation(), key(), text(), 0..12usize).prop_map(|(channel, conversation, key, text, buttons)| Command::BotReply {
+            channel,
+            conversation,
+            key,
+            text,
+            buttons: vec!["Talk to a person".into(); buttons],
+        }),
+        1 => (channel_id(), conversation(), prop::option::of(group_id()), text()).prop_map(|(channel, conversation, group, reason)| Command::Handoff {
+            channel,
+            conversation,
+            group,
+            reason,
+            context: vec![("k".into(), "v".into())],
+        }),
+        1 => (channel_id(), conversation()).prop_map(|(channel, conversation)| Command::CloseByBot { channel, conversation, resolution: String::new() }),
+        1 => (conversation(), 0..12u64).prop_map(|(conversation, seq)| Command::DeliveriesAttempted { node: 1, items: vec![(conversation, seq)] }),
+        1 => (conversation(), 0..12u64, 0..4u8).prop_map(|(conversation, seq, o)| Command::DeliveryResults {
+            results: vec![DeliveryResult {
+                conversation,
+                seq,
+                outcome: match o {
+                    0 => DeliveryOutcome::Sent { provider_id: "p".into() },
+                    1 => DeliveryOutcome::Failed { reason: "no".into() },
+                    2 => DeliveryOutcome::Read,
+                    _ => DeliveryOutcome::Unknown,
+                },
+            }],
+        }),
         3 => (conversation(), key(), text(), attachment_ids()).prop_map(|(conversation, key, text, attachments)| Command::PostClientMessage {
             conversation,
             key,
@@ -302,6 +338,14 @@ fn command() -> impl Strategy<Value = Command> {
             }),
         }),
         select(vec![0u32, 1, 2, 3]).prop_map(|w| Command::SetChannelWeights { weights: if w == 0 { vec![] } else { vec![("web".into(), w)] } }),
+        (channel_id(), any::<bool>()).prop_map(|(channel, on)| Command::SetChannelBot {
+            channel,
+            bot: on.then(|| BotConfig { url: "http://127.0.0.1:9/bot".into(), token_sha256: "a".repeat(64), signing_secret: "s".repeat(20) }),
+        }),
+        (channel_id(), any::<bool>()).prop_map(|(channel, on)| Command::SetChannelAdapter {
+            channel,
+            adapter: on.then(|| AdapterConfig::Api { token_sha256: "a".repeat(64), outbound_url: "http://127.0.0.1:9/out".into(), signing_secret: "s".repeat(20) }),
+        }),
     ]
     .boxed();
     prop_oneof![1 => directory, 3 => client, 4 => operator, 1 => routing]
