@@ -145,7 +145,7 @@ test('a Channel API customer: the operator sees the channel, replies and sees th
   expect(aliceErrors).toEqual([]);
 });
 
-test('the admin connects a Channel API adapter (its secrets shown once), refused and accepted Telegram and WhatsApp settings, and disconnects', async ({ browser, sb, adapter }) => {
+test('the admin connects a Channel API adapter (its secrets shown once), refused and accepted Telegram, WhatsApp, Messenger, Viber and VK settings, and disconnects', async ({ browser, sb, adapter }) => {
   const token = await toyChannel(sb, adapter);
   const admin = await newPage(browser);
   const errors = pageErrors(admin);
@@ -228,6 +228,82 @@ test('the admin connects a Channel API adapter (its secrets shown once), refused
   // Meta's subscription check passes with the verify token typed.
   const check = await fetch(sb.realPublic + '/hooks/whatsapp/toy?hub.mode=subscribe&hub.verify_token=verify-123&hub.challenge=ch-42');
   expect([check.status, await check.text()]).toEqual([200, 'ch-42']);
+
+  // Facebook Messenger: the page token and Meta's two secrets, masked once saved.
+  await section.getByLabel('Adapter kind').selectOption('messenger');
+  await expect(section.getByLabel('Phone number ID')).toHaveCount(0);
+  await section.getByLabel('Page access token').fill('EAAB page token');
+  await section.getByLabel('App secret').fill('fb-app-secret');
+  await section.getByLabel('Verify token').fill('fb-verify-1');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('alert')).toHaveText('The page access token must be 1-256 printable characters without spaces.');
+  await section.getByLabel('Page access token').fill('EAAB-page-token');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('status')).toHaveText('Connected.');
+  await expect(current).toHaveAttribute('data-kind', 'messenger');
+  await expect(section.getByTestId('adapter-webhook-path')).toHaveText('/hooks/messenger/toy');
+  await expect(section.getByTestId('adapter-webhook-hint')).toHaveText(
+    "In Meta's app dashboard set the page's callback URL to <public address>/hooks/messenger/toy and the same verify token; subscribe to the messages and message_deliveries fields.",
+  );
+  await expect(current.getByTestId('adapter-current-page-token')).toHaveText('EA…en');
+  await expect(current.getByTestId('adapter-current-app-secret')).toHaveText('fb…et');
+  await expect(section).not.toContainText('EAAB-page-token');
+  await expect(section.getByLabel('Page access token')).toHaveValue('');
+  await expect(toyRow.getByTestId('channel-adapter-kind')).toHaveText('Facebook Messenger');
+  const fbCheck = await fetch(sb.realPublic + '/hooks/messenger/toy?hub.mode=subscribe&hub.verify_token=fb-verify-1&hub.challenge=fb-7');
+  expect([fbCheck.status, await fbCheck.text()]).toEqual([200, 'fb-7']);
+
+  // Viber: the auth token and the name replies are sent under (at most 28 characters).
+  await section.getByLabel('Adapter kind').selectOption('viber');
+  await expect(section.getByLabel('Viber API address (optional)')).toHaveValue('');
+  await section.getByLabel('Auth token').fill('4453b6ac-viber-token');
+  await section.getByLabel('Sender name').fill('Acme Support and Friends Ltd.');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('alert')).toHaveText('The sender name must be 1-28 characters.');
+  await expect(current).toHaveAttribute('data-kind', 'messenger');
+  await section.getByLabel('Sender name').fill('Acme Support');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('status')).toHaveText('Connected.');
+  await expect(current).toHaveAttribute('data-kind', 'viber');
+  await expect(section.getByTestId('adapter-webhook-path')).toHaveText('/hooks/viber/toy');
+  await expect(section.getByTestId('adapter-webhook-hint')).toHaveText("Set it with Viber's set_webhook: <public address>/hooks/viber/toy");
+  await expect(current.getByTestId('adapter-current-auth-token')).toHaveText('44…en');
+  await expect(current.getByTestId('adapter-current-sender-name')).toHaveText('Acme Support');
+  await expect(current.getByTestId('adapter-current-api-base')).toHaveText('https://chatapi.viber.com');
+  await expect(section).not.toContainText('4453b6ac-viber-token');
+  await expect(section.getByLabel('Auth token')).toHaveValue('');
+  await expect(section.getByLabel('Sender name')).toHaveValue('Acme Support');
+  await expect(toyRow.getByTestId('channel-adapter-kind')).toHaveText('Viber');
+
+  // VK: the community's token and secret key, its confirmation string and id.
+  await section.getByLabel('Adapter kind').selectOption('vk');
+  await section.getByLabel('Community access token').fill('vk1.a.community-token');
+  await section.getByLabel('Secret key').fill('callback-secret');
+  await section.getByLabel('Confirmation string').fill('a1b2-c3d4');
+  await section.getByLabel('Community ID').fill('229876543');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('alert')).toHaveText('The confirmation string must be 1-64 letters and digits.');
+  await section.getByLabel('Confirmation string').fill('a1b2c3d4');
+  await section.getByRole('button', { name: 'Replace' }).click();
+  await expect(section.getByRole('status')).toHaveText('Connected.');
+  await expect(current).toHaveAttribute('data-kind', 'vk');
+  await expect(section.getByTestId('adapter-webhook-path')).toHaveText('/hooks/vk/toy');
+  await expect(section.getByTestId('adapter-webhook-hint')).toHaveText(
+    "In the community's Callback API settings, set the server address to <public address>/hooks/vk/toy and confirm it.",
+  );
+  await expect(current.getByTestId('adapter-current-access-token')).toHaveText('vk…en');
+  await expect(current.getByTestId('adapter-current-secret')).toHaveText('ca…et');
+  await expect(current.getByTestId('adapter-current-confirmation')).toHaveText('a1b2c3d4');
+  await expect(current.getByTestId('adapter-current-group-id')).toHaveText('229876543');
+  await expect(section).not.toContainText('callback-secret');
+  await expect(section.getByLabel('Secret key')).toHaveValue('');
+  await expect(section.getByLabel('Community ID')).toHaveValue('229876543');
+  await expect(toyRow.getByTestId('channel-adapter-kind')).toHaveText('VK');
+  await current.scrollIntoViewIfNeeded();
+  await shot(admin, '65-admin-adapter-vk');
+  // VK's server check gets the confirmation string typed.
+  const vkCheck = await fetch(sb.realPublic + '/hooks/vk/toy', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ type: 'confirmation', group_id: 229876543 }) });
+  expect([vkCheck.status, await vkCheck.text()]).toEqual([200, 'a1b2c3d4']);
 
   // Back to the Channel API: a new token and signing secret, shown this once.
   await section.getByLabel('Adapter kind').selectOption('api');

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { byScope, fillPlaceholders, normalize, searchTemplates, templateId, unfilledPlaceholders, validateTemplate } from '../src/workstation/templates';
-import { adapterBody, blankAdapter, capacityProblem, idProblem, messageProblem, parseTags, passwordProblem, tagsProblem, urlProblem } from '../src/workstation/forms';
+import { adapterBody, blankAdapter, capacityProblem, idProblem, messageProblem, parseTags, passwordProblem, tagsProblem, urlProblem, type AdapterDraft } from '../src/workstation/forms';
+import { DICTS } from '../src/workstation/strings';
 import { floorFromRest, longestWaitNow, slaPercent, totals, floorFromFrame } from '../src/workstation/floor';
 import { tabsFor } from '../src/workstation/app';
 import type { Template } from '../src/workstation/types';
@@ -92,6 +93,15 @@ describe('forms', () => {
   });
 });
 
+/** A secret of `field` in `draft` must be 1-256 printable ASCII characters without
+ *  spaces (trimmed), `problem` named otherwise. */
+function expectPrintableSecret(draft: AdapterDraft, field: keyof AdapterDraft, problem: string) {
+  const with_ = (value: string) => adapterBody({ ...draft, [field]: value });
+  for (const bad of ['', '   ', 'two words', 'tab\there', 'токен', 'x'.repeat(257)]) expect(with_(bad), `${field} = ${JSON.stringify(bad)}`).toEqual({ problem });
+  for (const good of ['x', 'x'.repeat(256), '!#$%&()*+,-./:;<=>?@[]^_`{|}~"\'\\']) expect(with_(good), `${field} = ${JSON.stringify(good)}`).toHaveProperty(['body', field], good);
+  expect(with_('  padded  ')).toHaveProperty(['body', field], 'padded');
+}
+
 describe('adapter form', () => {
   const telegram = { ...blankAdapter('telegram'), bot_token: ' 123:ABC ', secret: 'A-secret_of_16ch' };
   it('builds a Telegram body, the API address only when given', () => {
@@ -133,18 +143,7 @@ describe('adapter form', () => {
     expect(adapterBody({ ...whatsapp, api_base: 'graph.facebook.com' })).toEqual({ problem: 'url_invalid' });
   });
   it('checks the WhatsApp secrets: 1-256 printable characters without spaces', () => {
-    for (const field of ['access_token', 'app_secret', 'verify_token'] as const) {
-      const problem = { problem: field + '_invalid' };
-      expect(adapterBody({ ...whatsapp, [field]: '' })).toEqual(problem);
-      expect(adapterBody({ ...whatsapp, [field]: '   ' })).toEqual(problem);
-      expect(adapterBody({ ...whatsapp, [field]: 'two words' })).toEqual(problem);
-      expect(adapterBody({ ...whatsapp, [field]: 'tab\there' })).toEqual(problem);
-      expect(adapterBody({ ...whatsapp, [field]: 'токен' })).toEqual(problem);
-      expect(adapterBody({ ...whatsapp, [field]: 'x'.repeat(257) })).toEqual(problem);
-      expect(adapterBody({ ...whatsapp, [field]: 'x'.repeat(256) })).toHaveProperty('body');
-      expect(adapterBody({ ...whatsapp, [field]: 'x' })).toHaveProperty('body');
-      expect(adapterBody({ ...whatsapp, [field]: '!#$%&()*+,-./:;<=>?@[]^_`{|}~"\'\\' })).toHaveProperty('body');
-    }
+    for (const field of ['access_token', 'app_secret', 'verify_token'] as const) expectPrintableSecret(whatsapp, field, field + '_invalid');
     // The first to fix is named first.
     expect(adapterBody({ ...whatsapp, access_token: '', verify_token: '' })).toEqual({ problem: 'access_token_invalid' });
   });
@@ -158,6 +157,73 @@ describe('adapter form', () => {
     expect(adapterBody({ ...whatsapp, phone_number_id: '1'.repeat(33) })).toEqual(problem);
     expect(adapterBody({ ...whatsapp, phone_number_id: '1'.repeat(32) })).toHaveProperty('body');
     expect(adapterBody({ ...whatsapp, phone_number_id: '7' })).toHaveProperty('body');
+  });
+
+  const messenger = { ...blankAdapter('messenger'), phone_number_id: '123', page_token: ' EAAB-page-token ', app_secret: 'app-secret-456', verify_token: 'verify-456' };
+  const messengerBody = { kind: 'messenger', page_token: 'EAAB-page-token', app_secret: 'app-secret-456', verify_token: 'verify-456' };
+  it('builds a Messenger body from its three secrets, the Graph API address only when given', () => {
+    expect(adapterBody(messenger)).toEqual({ body: messengerBody });
+    expect(adapterBody({ ...messenger, api_base: ' http://127.0.0.1:9/graph ' })).toEqual({ body: { ...messengerBody, api_base: 'http://127.0.0.1:9/graph' } });
+    expect(adapterBody({ ...messenger, api_base: 'graph.facebook.com' })).toEqual({ problem: 'url_invalid' });
+  });
+  it('checks the Messenger secrets, the first to fix first', () => {
+    for (const field of ['page_token', 'app_secret', 'verify_token'] as const) expectPrintableSecret(messenger, field, field + '_invalid');
+    expect(adapterBody({ ...messenger, page_token: '', app_secret: '' })).toEqual({ problem: 'page_token_invalid' });
+    expect(adapterBody({ ...messenger, app_secret: 'a b', verify_token: '' })).toEqual({ problem: 'app_secret_invalid' });
+  });
+
+  const viber = { ...blankAdapter('viber'), bot_token: 'left over', auth_token: ' 4453b6ac-viber ', sender_name: '  Acme Support ' };
+  const viberBody = { kind: 'viber', auth_token: '4453b6ac-viber', sender_name: 'Acme Support' };
+  it('builds a Viber body, the Viber API address only when given', () => {
+    expect(adapterBody(viber)).toEqual({ body: viberBody });
+    expect(adapterBody({ ...viber, api_base: ' http://127.0.0.1:9/viber ' })).toEqual({ body: { ...viberBody, api_base: 'http://127.0.0.1:9/viber' } });
+    expect(adapterBody({ ...viber, api_base: 'chatapi.viber.com' })).toEqual({ problem: 'url_invalid' });
+  });
+  it('checks the Viber auth token and the sender name: 1-28 characters', () => {
+    expectPrintableSecret(viber, 'auth_token', 'auth_token_invalid');
+    const problem = { problem: 'sender_name_invalid' };
+    expect(adapterBody({ ...viber, sender_name: '' })).toEqual(problem);
+    expect(adapterBody({ ...viber, sender_name: '   ' })).toEqual(problem);
+    expect(adapterBody({ ...viber, sender_name: 'x'.repeat(29) })).toEqual(problem);
+    expect(adapterBody({ ...viber, sender_name: ' ' + 'x'.repeat(28) + ' ' })).toHaveProperty(['body', 'sender_name'], 'x'.repeat(28));
+    // Characters, not UTF-16 units; spaces and any script inside the name.
+    expect(adapterBody({ ...viber, sender_name: '😀'.repeat(28) })).toHaveProperty(['body', 'sender_name'], '😀'.repeat(28));
+    expect(adapterBody({ ...viber, sender_name: '😀'.repeat(29) })).toEqual(problem);
+    expect(adapterBody({ ...viber, sender_name: 'Поддержка Acme' })).toHaveProperty(['body', 'sender_name'], 'Поддержка Acme');
+    expect(adapterBody({ ...viber, auth_token: '', sender_name: '' })).toEqual({ problem: 'auth_token_invalid' });
+  });
+
+  const vk = { ...blankAdapter('vk'), app_secret: 'left over', access_token: ' vk1.a.token ', secret: ' s3cret ', confirmation: ' a1b2c3d4 ', group_id: ' 229876543 ' };
+  const vkBody = { kind: 'vk', access_token: 'vk1.a.token', secret: 's3cret', confirmation: 'a1b2c3d4', group_id: '229876543' };
+  it('builds a VK body, the VK API address only when given', () => {
+    expect(adapterBody(vk)).toEqual({ body: vkBody });
+    expect(adapterBody({ ...vk, api_base: ' http://127.0.0.1:9/vk ' })).toEqual({ body: { ...vkBody, api_base: 'http://127.0.0.1:9/vk' } });
+    expect(adapterBody({ ...vk, api_base: 'api.vk.com' })).toEqual({ problem: 'url_invalid' });
+  });
+  it("checks the VK secrets (not by Telegram's webhook secret rule), the confirmation string and the community id", () => {
+    expectPrintableSecret(vk, 'access_token', 'access_token_invalid');
+    expectPrintableSecret(vk, 'secret', 'vk_secret_invalid');
+    const confirmation = { problem: 'confirmation_invalid' };
+    for (const bad of ['', '  ', 'a1b2-c3', 'a1 b2', 'подтв', 'ä1', 'x'.repeat(65)]) expect(adapterBody({ ...vk, confirmation: bad }), bad).toEqual(confirmation);
+    for (const good of ['a', '7', 'AbC123', 'x'.repeat(64)]) expect(adapterBody({ ...vk, confirmation: good })).toHaveProperty(['body', 'confirmation'], good);
+    const group = { problem: 'group_id_invalid' };
+    for (const bad of ['', '-229876543', 'club229876543', '229 876', '١٢٣', '1'.repeat(21)]) expect(adapterBody({ ...vk, group_id: bad }), bad).toEqual(group);
+    for (const good of ['1', '1'.repeat(20)]) expect(adapterBody({ ...vk, group_id: good })).toHaveProperty(['body', 'group_id'], good);
+    expect(adapterBody({ ...vk, secret: '', confirmation: '', group_id: '' })).toEqual({ problem: 'vk_secret_invalid' });
+    expect(adapterBody({ ...vk, confirmation: '-', group_id: '' })).toEqual({ problem: 'confirmation_invalid' });
+  });
+  it('says every problem in English and Russian', () => {
+    // Each setting of each kind spoilt in turn (301 characters with spaces), and each kind left blank.
+    const problems = new Set<string>();
+    for (const d of [telegram, whatsapp, messenger, viber, vk, blankAdapter('api')]) {
+      const spoilt = (Object.keys(d) as (keyof AdapterDraft)[]).filter((f) => f !== 'kind').map((f) => ({ ...d, [f]: ' ' + 'x y'.repeat(100) }));
+      for (const r of [...spoilt, blankAdapter(d.kind)].map(adapterBody)) if ('problem' in r) problems.add(r.problem);
+    }
+    expect(problems.size).toBe(13);
+    for (const p of problems) {
+      expect(DICTS.en, p).toHaveProperty('err_' + p);
+      expect(DICTS.ru, p).toHaveProperty('err_' + p);
+    }
   });
 });
 

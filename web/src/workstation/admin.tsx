@@ -618,6 +618,9 @@ function Channels() {
           <option value="web" />
           <option value="telegram" />
           <option value="whatsapp" />
+          <option value="messenger" />
+          <option value="viber" />
+          <option value="vk" />
           <option value="email" />
           <option value="api" />
         </datalist>
@@ -690,7 +693,34 @@ const ADAPTER_SETTINGS: Record<AdapterKind, AdapterSetting[]> = {
     { field: 'phone_number_id', label: 'phone_number_id', hints: ['phone_number_id_hint'], inputMode: 'numeric' },
     { field: 'api_base', label: 'graph_api_base', hints: ['graph_api_base_hint'], placeholder: 'https://graph.facebook.com/v21.0', inputMode: 'url' },
   ],
+  messenger: [
+    { field: 'page_token', label: 'page_token', hints: ['page_token_hint'], secret: true },
+    { field: 'app_secret', label: 'app_secret', hints: ['app_secret_hint'], secret: true },
+    { field: 'verify_token', label: 'verify_token', hints: ['verify_token_hint'], secret: true },
+    { field: 'api_base', label: 'graph_api_base', hints: ['graph_api_base_hint'], placeholder: 'https://graph.facebook.com/v21.0', inputMode: 'url' },
+  ],
+  viber: [
+    { field: 'auth_token', label: 'auth_token', hints: ['auth_token_hint'], secret: true },
+    { field: 'sender_name', label: 'sender_name', hints: ['sender_name_hint'] },
+    { field: 'api_base', label: 'viber_api_base', hints: ['viber_api_base_hint'], placeholder: 'https://chatapi.viber.com', inputMode: 'url' },
+  ],
+  vk: [
+    { field: 'access_token', label: 'vk_access_token', hints: ['vk_access_token_hint'], secret: true },
+    { field: 'secret', label: 'vk_secret', hints: ['vk_secret_hint'], secret: true },
+    { field: 'confirmation', label: 'confirmation', hints: ['confirmation_hint'] },
+    { field: 'group_id', label: 'group_id', hints: ['group_id_hint'], inputMode: 'numeric' },
+    { field: 'api_base', label: 'vk_api_base', hints: ['vk_api_base_hint'], placeholder: 'https://api.vk.com', inputMode: 'url' },
+  ],
   api: [{ field: 'outbound_url', label: 'outbound_url', hints: ['outbound_url_hint', 'adapter_api_hint'], placeholder: 'https://adapter.example/outbound', inputMode: 'url' }],
+};
+
+/** How to point each messenger at its webhook path (`{path}`), once connected. */
+const WEBHOOK_HINTS: Record<Exclude<AdapterKind, 'api'>, Key> = {
+  telegram: 'webhook_hint',
+  whatsapp: 'whatsapp_webhook_hint',
+  messenger: 'messenger_webhook_hint',
+  viber: 'viber_webhook_hint',
+  vk: 'vk_webhook_hint',
 };
 
 /** The form for a saved adapter: its settings but for the secrets (masked by the server). */
@@ -967,8 +997,11 @@ function AdapterSummary(props: { view: AdapterView }) {
           <code data-testid={v.kind === 'api' ? 'adapter-inbound-path' : 'adapter-webhook-path'}>{v.kind === 'api' ? v.inbound_path : v.webhook_path}</code>
         </dd>
       </dl>
-      {v.kind === 'telegram' && <p class="hint">{t('webhook_hint')}</p>}
-      {v.kind === 'whatsapp' && <p class="hint">{t('whatsapp_webhook_hint', { path: v.webhook_path ?? '' })}</p>}
+      {v.kind !== 'api' && (
+        <p class="hint" data-testid="adapter-webhook-hint">
+          {t(WEBHOOK_HINTS[v.kind], { path: v.webhook_path ?? '' })}
+        </p>
+      )}
     </>
   );
 }

@@ -76,44 +76,126 @@ export function showPairs(map: Record<string, number> | undefined | null): strin
     .join(', ');
 }
 
-/** An adapter being connected, as typed (`PUT /api/channels/{id}/adapter`). */
+/** An adapter being connected, as typed (`PUT /api/channels/{id}/adapter`): every
+ *  kind's settings, of which the kind chosen uses some. */
 export interface AdapterDraft {
   kind: AdapterKind;
+  /** Telegram: the bot token and the webhook secret (VK: the callback secret key). */
   bot_token: string;
   secret: string;
-  /** WhatsApp Cloud API: Meta's access token, the app secret (webhook signatures), the
-   *  verify token (the subscription check) and the sending phone number's id. */
+  /** WhatsApp Cloud API and Messenger: Meta's app secret (webhook signatures) and the
+   *  verify token (the subscription check); WhatsApp and VK: the access token. */
   access_token: string;
   app_secret: string;
   verify_token: string;
+  /** WhatsApp: the sending phone number's id. */
   phone_number_id: string;
-  /** Telegram's Bot API or Meta's Graph API address; empty: the server's default. */
+  /** Messenger: the page access token. */
+  page_token: string;
+  /** Viber: the bot's auth token (it also signs the callbacks) and the name replies are
+   *  sent under. */
+  auth_token: string;
+  sender_name: string;
+  /** VK: the Callback API's confirmation string and the community's id. */
+  confirmation: string;
+  group_id: string;
+  /** The provider's API address; empty: the server's default. */
   api_base: string;
   outbound_url: string;
 }
 
 export function blankAdapter(kind: AdapterKind): AdapterDraft {
-  return { kind, bot_token: '', secret: '', access_token: '', app_secret: '', verify_token: '', phone_number_id: '', api_base: '', outbound_url: '' };
+  return {
+    kind,
+    bot_token: '',
+    secret: '',
+    access_token: '',
+    app_secret: '',
+    verify_token: '',
+    phone_number_id: '',
+    page_token: '',
+    auth_token: '',
+    sender_name: '',
+    confirmation: '',
+    group_id: '',
+    api_base: '',
+    outbound_url: '',
+  };
 }
 
 /** What Telegram takes as a webhook's secret_token (and the server as `secret`). */
 export const WEBHOOK_SECRET = /^[A-Za-z0-9_-]{16,256}$/;
 
-/** What the server takes as a WhatsApp secret: 1-256 printable characters, no spaces. */
+/** What the server takes as a messenger's secret (a token, an app secret, a verify
+ *  token): 1-256 printable ASCII characters, no spaces. */
 export const PRINTABLE_SECRET = /^[\x21-\x7e]{1,256}$/;
 
 /** A WhatsApp phone number id (not the number itself): 1-32 digits. */
 export const PHONE_NUMBER_ID = /^[0-9]{1,32}$/;
 
-/** The WhatsApp settings that are secrets, checked in this order. */
-const WHATSAPP_SECRETS = ['access_token', 'app_secret', 'verify_token'] as const;
+/** A VK Callback API confirmation string: 1-64 letters and digits. */
+export const VK_CONFIRMATION = /^[A-Za-z0-9]{1,64}$/;
+
+/** A VK community id: 1-20 digits. */
+export const VK_GROUP_ID = /^[0-9]{1,20}$/;
+
+/** Viber's limit on the name replies are sent under, in characters. */
+export const MAX_SENDER_NAME = 28;
 
 export type AdapterProblem =
   | 'bot_token_required'
   | 'secret_invalid'
   | 'url_invalid'
-  | `${(typeof WHATSAPP_SECRETS)[number]}_invalid`
-  | 'phone_number_id_invalid';
+  | 'access_token_invalid'
+  | 'app_secret_invalid'
+  | 'verify_token_invalid'
+  | 'phone_number_id_invalid'
+  | 'page_token_invalid'
+  | 'auth_token_invalid'
+  | 'sender_name_invalid'
+  | 'vk_secret_invalid'
+  | 'confirmation_invalid'
+  | 'group_id_invalid';
+
+/** A messenger adapter's setting in the PUT's body: the draft's field, whether it is
+ *  trimmed first, what it must be, and the problem named when it is not. */
+interface AdapterRule {
+  field: Exclude<keyof AdapterDraft, 'kind' | 'api_base' | 'outbound_url'>;
+  trim: boolean;
+  ok: (value: string) => boolean;
+  problem: AdapterProblem;
+}
+
+const secretRule = (field: AdapterRule['field'], problem: AdapterProblem): AdapterRule => ({ field, trim: true, ok: (v) => PRINTABLE_SECRET.test(v), problem });
+const patternRule = (field: AdapterRule['field'], pattern: RegExp, problem: AdapterProblem): AdapterRule => ({ field, trim: true, ok: (v) => pattern.test(v), problem });
+
+/** What each messenger adapter is set with (besides its optional API address), checked
+ *  in this order: the first to fix is named. */
+const ADAPTER_RULES: Record<Exclude<AdapterKind, 'api'>, AdapterRule[]> = {
+  telegram: [
+    // The server checks the token's characters; its reason is shown then.
+    { field: 'bot_token', trim: true, ok: (v) => v !== '', problem: 'bot_token_required' },
+    { field: 'secret', trim: false, ok: (v) => WEBHOOK_SECRET.test(v), problem: 'secret_invalid' },
+  ],
+  whatsapp: [
+    secretRule('access_token', 'access_token_invalid'),
+    secretRule('app_secret', 'app_secret_invalid'),
+    secretRule('verify_token', 'verify_token_invalid'),
+    patternRule('phone_number_id', PHONE_NUMBER_ID, 'phone_number_id_invalid'),
+  ],
+  messenger: [secretRule('page_token', 'page_token_invalid'), secretRule('app_secret', 'app_secret_invalid'), secretRule('verify_token', 'verify_token_invalid')],
+  viber: [
+    secretRule('auth_token', 'auth_token_invalid'),
+    // Characters (code points), as the server counts them, not UTF-16 units.
+    { field: 'sender_name', trim: true, ok: (v) => v !== '' && [...v].length <= MAX_SENDER_NAME, problem: 'sender_name_invalid' },
+  ],
+  vk: [
+    secretRule('access_token', 'access_token_invalid'),
+    secretRule('secret', 'vk_secret_invalid'),
+    patternRule('confirmation', VK_CONFIRMATION, 'confirmation_invalid'),
+    patternRule('group_id', VK_GROUP_ID, 'group_id_invalid'),
+  ],
+};
 
 /** An http(s) address the server takes: at most 500 characters, no whitespace. */
 export function urlProblem(url: string): 'url_invalid' | null {
@@ -128,24 +210,13 @@ export function adapterBody(d: AdapterDraft): { body: Record<string, string> } |
     const p = urlProblem(url);
     return p ? { problem: p } : { body: { kind: 'api', outbound_url: url } };
   }
-  let body: Record<string, string>;
-  if (d.kind === 'whatsapp') {
-    body = { kind: 'whatsapp' };
-    for (const field of WHATSAPP_SECRETS) {
-      const value = d[field].trim();
-      if (!PRINTABLE_SECRET.test(value)) return { problem: `${field}_invalid` };
-      body[field] = value;
-    }
-    const phone_number_id = d.phone_number_id.trim();
-    if (!PHONE_NUMBER_ID.test(phone_number_id)) return { problem: 'phone_number_id_invalid' };
-    body.phone_number_id = phone_number_id;
-  } else {
-    const bot_token = d.bot_token.trim();
-    if (!bot_token) return { problem: 'bot_token_required' };
-    if (!WEBHOOK_SECRET.test(d.secret)) return { problem: 'secret_invalid' };
-    body = { kind: 'telegram', bot_token, secret: d.secret };
+  const body: Record<string, string> = { kind: d.kind };
+  for (const rule of ADAPTER_RULES[d.kind]) {
+    const value = rule.trim ? d[rule.field].trim() : d[rule.field];
+    if (!rule.ok(value)) return { problem: rule.problem };
+    body[rule.field] = value;
   }
-  // Telegram and WhatsApp: the provider's API address, when not the default.
+  // The provider's API address, when not the default.
   const base = d.api_base.trim();
   if (base) {
     const p = urlProblem(base);

@@ -229,10 +229,10 @@ export interface Channel {
   adapter?: AdapterKind | null;
 }
 
-export type AdapterKind = 'telegram' | 'whatsapp' | 'api';
+export type AdapterKind = 'telegram' | 'whatsapp' | 'messenger' | 'viber' | 'vk' | 'api';
 
 /** The adapter kinds the admin can connect, in the order offered. */
-export const ADAPTER_KINDS: readonly AdapterKind[] = ['telegram', 'whatsapp', 'api'];
+export const ADAPTER_KINDS: readonly AdapterKind[] = ['telegram', 'whatsapp', 'messenger', 'viber', 'vk', 'api'];
 
 /** A channel's adapter as `GET/PUT /api/channels/{id}/adapter` shows it: secrets masked,
  *  except `token` and `signing_secret` in the answer of the PUT that made them. */
@@ -244,6 +244,11 @@ export interface AdapterView {
   app_secret?: string;
   verify_token?: string;
   phone_number_id?: string;
+  page_token?: string;
+  auth_token?: string;
+  sender_name?: string;
+  confirmation?: string;
+  group_id?: string;
   api_base?: string;
   webhook_path?: string;
   outbound_url?: string;
