@@ -348,6 +348,20 @@ fn check_message(state: &ShardState, conversation: ConversationId, text: &str, a
         .collect()
 }
 
+/// What a messenger conversation's provider cannot carry is refused before it is
+/// written, with why, rather than cut or dropped on the way: files (messengers get text
+/// only for now) and text over the provider's limit.
+fn check_carried(state: &ShardState, conv: &crate::state::Conversation, text: &str, attachments: &[Attachment]) -> Result<(), Error> {
+    let Some(adapter) = state.channel_adapters.get(&conv.channel) else { return Ok(()) };
+    if !attachments.is_empty() {
+        return Err(Error::Invalid(format!("files cannot be sent to a {} customer yet: send the text, or a link", adapter.kind())));
+    }
+    match adapter.max_text_chars() {
+        Some(limit) if text.chars().count() > limit => Err(Error::TooLong { limit, actual: text.chars().count() }),
+        _ => Ok(()),
+    }
+}
+
 fn check_tags(tags: &[String]) -> Result<(), Error> {
     if tags.len() > MAX_TAGS {
         return Err(Error::Invalid(format!("at most {MAX_TAGS} tags")));
@@ -714,6 +728,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 return Err(Error::Invalid(format!("at most {MAX_BUTTONS} buttons of 1-{MAX_BUTTON_CHARS} characters")));
             }
             check_message(state, *conv_id, text, &[])?;
+            check_carried(state, conv, text, &[])?;
             Ok((
                 Reply::Message { seq: conv.last_seq() + 1, duplicate: false },
                 vec![Event::BotMessagePosted { conversation: *conv_id, key: key.clone(), text: text.clone(), buttons: buttons.clone() }],
@@ -1001,6 +1016,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             }
             held_by(conv_id, op_id)?;
             let attachments = check_message(state, *conv_id, text, attachments)?;
+            check_carried(state, conv, text, &attachments)?;
             Ok((
                 Reply::Message { seq: conv.last_seq() + 1, duplicate: false },
                 vec![Event::OperatorMessagePosted {

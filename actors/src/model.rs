@@ -701,6 +701,15 @@ impl AdapterConfig {
         }
     }
 
+    /// The longest text the provider takes in one message, in characters, when it is
+    /// below what the core takes anyway.
+    pub fn max_text_chars(&self) -> Option<usize> {
+        match self {
+            AdapterConfig::Messenger { .. } => Some(2000),
+            _ => None,
+        }
+    }
+
     /// Whether sending an entry again after an attempt whose outcome is unknown can
     /// deliver it twice. The Channel API passes a delivery id the adapter deduplicates
     /// on; Telegram's sendMessage has no idempotency key.

@@ -272,3 +272,20 @@ fn taking_a_bot_away_hands_off_what_it_held() {
     assert_eq!(state.offers.len(), 2, "both are queued and offered to ann (capacity 2)");
     assert_eq!(state.conversations.values().filter(|c| matches!(c.status, switchboard_actors::state::ConversationStatus::WithBot)).count(), 0);
 }
+
+#[test]
+fn what_a_messenger_cannot_carry_is_refused_before_it_is_written() {
+    let (store, mut state) = setup();
+    let adapter = AdapterConfig::Messenger { page_token: "p".into(), app_secret: "a".into(), verify_token: "v".into(), api_base: "http://127.0.0.1:9".into() };
+    ok(run(&mut state, &store, T0, Command::SetChannelAdapter { channel: tg(), adapter: Some(adapter) }));
+    let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+    let conv = conversation_of(&reply);
+    let offer = *state.offers.keys().next().expect("offered");
+    ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+    let say = |text: String| Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: format!("k{}", text.len()), text, attachments: vec![] };
+    assert_eq!(run(&mut state, &store, T0 + 30, say("x".repeat(2001))).err(), Some(Error::TooLong { limit: 2000, actual: 2001 }));
+    ok(run(&mut state, &store, T0 + 31, say("x".repeat(2000))));
+    ok(run(&mut state, &store, T0 + 32, Command::StoreAttachment(Attachment { id: AttachmentId("f1".into()), conversation: conv, name: "a.pdf".into(), content_type: "application/pdf".into(), size: 10, sha256: "0".repeat(64), uploaded_by: "ann".into() })));
+    let with_file = Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "kf".into(), text: "see file".into(), attachments: vec![AttachmentId("f1".into())] };
+    assert!(matches!(run(&mut state, &store, T0 + 33, with_file), Err(Error::Invalid(m)) if m.contains("files cannot be sent")));
+}
