@@ -4,8 +4,11 @@
  * operator sees the conversation's channel and the customer's id there, replies, and
  * follows the reply's delivery status as the adapter reports it, live and after a
  * reload; a reply the provider could not deliver is listed on the supervisor's floor and
- * sent again from there. The admin connects, replaces and disconnects adapters.
+ * sent again from there. The admin connects, replaces and disconnects adapters, and sends
+ * a test message through one. The composer refuses what a messenger cannot carry (files;
+ * over 2000 characters to Facebook Messenger) before sending.
  */
+import crypto from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { test as base, expect, newPage, signIn, goOnline, shot, rest, staffToken, pageErrors } from './fixtures';
@@ -83,6 +86,14 @@ test('a Channel API customer: the operator sees the channel, replies and sees th
   // The channel by its name, and the customer's identity there.
   await expect(view.getByTestId('channel-badge')).toHaveText('Channel: Toy · toy:u1');
   await expect(question.getByTestId('delivery')).toHaveCount(0);
+  // Files are not carried to messengers yet: the attach button is off and says why, and
+  // no counter shows (the Channel API takes the full 4000 characters).
+  const attach = view.getByTestId('attach-button');
+  await expect(attach).toBeDisabled();
+  await expect(attach).toHaveAccessibleDescription('Files cannot be sent to this channel yet');
+  await expect(attach).toHaveAttribute('title', 'Files cannot be sent to this channel yet');
+  await expect(view.getByTestId('attach-unavailable')).toBeVisible();
+  await expect(view.getByTestId('char-count')).toHaveCount(0);
 
   await alice.getByTestId('composer-input').fill('It ships today.');
   await alice.getByTestId('composer-input').press('Enter');
@@ -167,6 +178,20 @@ test('the admin connects a Channel API adapter (its secrets shown once), refused
   await expect(current).toHaveAttribute('data-kind', 'api');
   await expect(current).toContainText(adapter.url);
   await expect(current).toContainText('/api/channel-api/toy/messages');
+
+  // A test message through it: the adapter gets a notice, and the provider's id is shown.
+  const probe = section.getByTestId('adapter-test');
+  await expect(probe.getByRole('heading', { name: 'Send a test message' })).toBeVisible();
+  await probe.getByRole('button', { name: 'Send test message' }).click();
+  await expect(probe.getByRole('alert')).toHaveText('The recipient must be 1-200 bytes.');
+  expect(adapter.received).toHaveLength(0);
+  await probe.getByLabel('Recipient').fill('u9');
+  await probe.getByLabel('Text', { exact: true }).fill('Is this thing on?');
+  await probe.getByRole('button', { name: 'Send test message' }).click();
+  await expect(probe.getByRole('status')).toHaveText('Sent (provider id toy-1).');
+  await expect(probe.getByRole('alert')).toHaveCount(0);
+  expect(adapter.received).toHaveLength(1);
+  expect(adapter.received[0]).toMatchObject({ channel: 'toy', recipient: 'u9', kind: 'notice', text: 'Is this thing on?' });
 
   // Telegram: the secret is checked here; what only the server checks comes back in its words.
   await section.getByLabel('Adapter kind').selectOption('telegram');
@@ -333,7 +358,50 @@ test('the admin connects a Channel API adapter (its secrets shown once), refused
   await section.getByRole('button', { name: 'Disconnect' }).click();
   await expect(section.getByRole('status')).toHaveText('Disconnected.');
   await expect(section).toContainText('No adapter: the channel takes no messages yet.');
+  await expect(section.getByTestId('adapter-test')).toHaveCount(0);
   await expect(toyRow.getByTestId('channel-adapter-kind')).toHaveText('—');
   expect((await rest(sb, 'POST', '/api/channel-api/toy/messages', newToken, { sender: 'u2', message_id: 'm2', text: 'Hello?' })).status).toBe(401);
+  expect(errors).toEqual([]);
+});
+
+test('a Facebook Messenger customer: the composer counts toward 2000 characters and sends no more, nor files', async ({ browser, sb, adapter }) => {
+  const admin = await staffToken(sb, 'admin');
+  expect((await rest(sb, 'PUT', '/api/channels/fb', admin, { kind: 'messenger', name: 'Facebook', default_group: 'general' })).status).toBe(200);
+  // The Graph API stands in at the fake adapter: nothing is to reach it.
+  const graph = adapter.url.replace(/\/outbound$/, '/v21.0');
+  expect((await rest(sb, 'PUT', '/api/channels/fb/adapter', admin, { kind: 'messenger', page_token: 'page-token', app_secret: 'fb-app-secret', verify_token: 'fb-verify', api_base: graph })).status).toBe(200);
+  const alice = await newPage(browser);
+  const errors = pageErrors(alice);
+  await signIn(alice, sb, 'alice');
+  await goOnline(alice);
+  const body = JSON.stringify({ object: 'page', entry: [{ id: 'page-1', time: Date.now(), messaging: [{ sender: { id: 'psid-7' }, recipient: { id: 'page-1' }, timestamp: Date.now(), message: { mid: 'mid-1', text: 'Hello there' } }] }] });
+  const hook = await fetch(sb.realPublic + '/hooks/messenger/fb', {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', 'X-Hub-Signature-256': 'sha256=' + crypto.createHmac('sha256', 'fb-app-secret').update(body).digest('hex') },
+    body,
+  });
+  expect(hook.status).toBe(200);
+  await alice.getByTestId('offer').getByTestId('offer-accept').click();
+  const view = alice.getByTestId('conversation-view');
+  await expect(view.getByTestId('channel-badge')).toHaveText('Channel: Facebook · fb:psid-7');
+  await expect(view.getByTestId('attach-button')).toBeDisabled();
+  await expect(view.getByTestId('attach-unavailable')).toHaveText('Files cannot be sent to this channel yet');
+
+  const input = alice.getByTestId('composer-input');
+  const count = view.getByTestId('char-count');
+  await input.fill('x'.repeat(1799));
+  await expect(count).toHaveCount(0);
+  await input.fill('x'.repeat(1950));
+  await expect(count).toHaveText('1950 of 2000 characters');
+  await expect(input).toHaveAccessibleDescription('1950 of 2000 characters');
+  await input.fill('x'.repeat(2001));
+  await expect(count).toHaveAttribute('data-over', 'true');
+  await input.press('Enter');
+  await expect(view.getByTestId('composer-problem')).toHaveText('Too long for Facebook Messenger: at most 2000 characters, this is 2001.');
+  // Nothing was sent: the text stays to be shortened.
+  await expect(input).toHaveValue('x'.repeat(2001));
+  await expect(view.getByTestId('message').filter({ hasText: 'xxxx' })).toHaveCount(0);
+  await shot(alice, '66-channel-messenger-too-long');
+  expect(adapter.received).toEqual([]);
   expect(errors).toEqual([]);
 });

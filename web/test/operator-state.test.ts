@@ -7,6 +7,7 @@ import {
   pendingOf,
   deliveryOf,
   isMessenger,
+  adapterOf,
   outboxMark,
   waitingSinceOf,
   countUnread,
@@ -487,6 +488,10 @@ describe('messenger deliveries', () => {
     ];
     expect(['web', 'shop', 'tg', 'toy', 'new'].map((id) => isMessenger(channels, id))).toEqual([false, false, true, true, false]);
     expect(isMessenger(null, 'tg')).toBe(false);
+    // What the composer holds a message to: the channel's adapter, none for the web chat
+    // and for a channel the desk does not know (yet).
+    expect(['web', 'shop', 'tg', 'toy', 'new'].map((id) => adapterOf(channels, id))).toEqual([null, null, 'telegram', null, null]);
+    expect(adapterOf(null, 'tg')).toBeNull();
   });
 
   it('forgets the statuses with the conversation', () => {

@@ -1,7 +1,22 @@
 import { describe, expect, it } from 'vitest';
 import { byScope, fillPlaceholders, normalize, searchTemplates, templateId, unfilledPlaceholders, validateTemplate } from '../src/workstation/templates';
-import { adapterBody, blankAdapter, capacityProblem, idProblem, messageProblem, parseTags, passwordProblem, tagsProblem, urlProblem, type AdapterDraft } from '../src/workstation/forms';
-import { DICTS } from '../src/workstation/strings';
+import {
+  adapterBody,
+  blankAdapter,
+  capacityProblem,
+  carried,
+  idProblem,
+  messageProblem,
+  parseTags,
+  passwordProblem,
+  tagsProblem,
+  testMessageProblem,
+  textCounter,
+  urlProblem,
+  type AdapterDraft,
+} from '../src/workstation/forms';
+import { DICTS, messageProblemText } from '../src/workstation/strings';
+import { translator } from '../src/shared/i18n';
 import { floorFromRest, longestWaitNow, slaPercent, totals, floorFromFrame } from '../src/workstation/floor';
 import { tabsFor } from '../src/workstation/app';
 import type { Template } from '../src/workstation/types';
@@ -84,6 +99,54 @@ describe('forms', () => {
     expect(capacityProblem(3)).toBeNull();
     expect(passwordProblem('short')).toBe('password_short');
     expect(passwordProblem('long enough!')).toBeNull();
+  });
+  it("holds a messenger conversation's messages to what its provider carries", () => {
+    // The web chat: files, and 4000 characters.
+    expect(carried(null)).toEqual({ maxText: 4000, files: true });
+    expect(messageProblem('', 1, null)).toBeNull();
+    expect(messageProblem('x'.repeat(4000), 0, null)).toBeNull();
+    // Any adapter: no files yet, with or without text.
+    for (const kind of ['telegram', 'whatsapp', 'viber', 'vk', 'api', 'messenger'] as const) {
+      expect(carried(kind).files).toBe(false);
+      expect(messageProblem('', 1, kind)).toBe('files_not_carried');
+      expect(messageProblem('see the file', 2, kind)).toBe('files_not_carried');
+      expect(messageProblem('  ', 0, kind)).toBe('empty');
+    }
+    // Facebook Messenger: 2000 characters (code points, of the trimmed text); the others 4000.
+    expect(carried('messenger').maxText).toBe(2000);
+    expect(carried('telegram').maxText).toBe(4000);
+    expect(messageProblem('x'.repeat(2000), 0, 'messenger')).toBeNull();
+    expect(messageProblem(' ' + 'x'.repeat(2000) + '\n', 0, 'messenger')).toBeNull();
+    expect(messageProblem('😀'.repeat(2000), 0, 'messenger')).toBeNull();
+    expect(messageProblem('x'.repeat(2001), 0, 'messenger')).toBe('too_long');
+    expect(messageProblem('x'.repeat(2001), 0, 'telegram')).toBeNull();
+    expect(messageProblem('x'.repeat(4001), 0, 'telegram')).toBe('too_long');
+  });
+  it('counts characters near a provider limit only', () => {
+    expect(textCounter('x'.repeat(3990), null)).toBeNull();
+    expect(textCounter('x'.repeat(3990), 'telegram')).toBeNull();
+    expect(textCounter('x'.repeat(1799), 'messenger')).toBeNull();
+    expect(textCounter('x'.repeat(1800), 'messenger')).toEqual({ length: 1800, limit: 2000, over: false });
+    expect(textCounter('x'.repeat(2000), 'messenger')).toEqual({ length: 2000, limit: 2000, over: false });
+    expect(textCounter('😀'.repeat(2001), 'messenger')).toEqual({ length: 2001, limit: 2000, over: true });
+  });
+  it('says why a message cannot be sent', () => {
+    const en = translator(DICTS, 'en');
+    expect(messageProblemText(en, 'empty', '', 'messenger')).toBeNull();
+    expect(messageProblemText(en, 'files_not_carried', '', 'telegram')).toBe('Files cannot be sent to this channel yet');
+    expect(messageProblemText(en, 'too_long', 'x'.repeat(2150), 'messenger')).toBe('Too long for Facebook Messenger: at most 2000 characters, this is 2150.');
+    expect(messageProblemText(en, 'too_long', 'x'.repeat(4001), null)).toBe('Too long (at most 4000 characters).');
+    expect(messageProblemText(translator(DICTS, 'ru'), 'too_long', 'x'.repeat(2001), 'messenger')).toBe('Слишком длинно для Facebook Messenger: не больше 2000 символов, здесь 2001.');
+  });
+  it('checks a test message', () => {
+    expect(testMessageProblem('', 'Hello', 'api')).toBe('recipient_invalid');
+    expect(testMessageProblem('   ', 'Hello', 'api')).toBe('recipient_invalid');
+    expect(testMessageProblem('я'.repeat(101), 'Hello', 'api')).toBe('recipient_invalid'); // 202 bytes
+    expect(testMessageProblem('я'.repeat(100), 'Hello', 'api')).toBeNull();
+    expect(testMessageProblem('4242', ' ', 'telegram')).toBe('empty');
+    expect(testMessageProblem('4242', 'x'.repeat(4001), 'telegram')).toBe('too_long');
+    expect(testMessageProblem('4242', 'x'.repeat(2001), 'messenger')).toBe('too_long');
+    expect(testMessageProblem('4242', 'x'.repeat(2001), 'viber')).toBeNull();
   });
   it('shows sections by role', () => {
     expect(tabsFor('operator', 'alice')).toEqual(['desk']);

@@ -3,10 +3,10 @@ import { Fragment } from 'preact';
 import { useEffect, useState } from 'preact/hooks';
 import { formatDuration, formatWhen } from '../shared/format';
 import { ADAPTER_KINDS, type AccessRuleRow, type AdapterKind, type AdapterView, type AttributePriority, type Channel, type ClosedAction, type GroupHours, type GroupRouting, type OperatorStatus, type Role, type SkillGroup, type UserInfo } from './types';
-import { adapterBody, blankAdapter, capacityProblem, idProblem, parsePairs, passwordProblem, showPairs, urlProblem, type AdapterDraft } from './forms';
+import { adapterBody, blankAdapter, capacityProblem, idProblem, parsePairs, passwordProblem, showPairs, testMessageProblem, urlProblem, type AdapterDraft } from './forms';
 import { CLOSED_ACTIONS, hoursDraft, hoursFromDraft, MAX_STEPS, nextStep, parseWeights, stepDrafts, stepsFromDrafts, type HoursDraft, type StepDraft } from './rules';
 import { TemplatesPanel } from './panels';
-import { describeError, exclusionText, refusal, type Key } from './strings';
+import { describeError, exclusionText, messageProblemText, refusal, type Key } from './strings';
 import { ErrorText, Field, GroupOptions, TabList, TabPanel, useApp } from './ui';
 
 type Section = 'groups' | 'operators' | 'users' | 'channels' | 'templates';
@@ -883,7 +883,73 @@ function ChannelAdapter(props: { channel: Channel; onChange: () => void }) {
           )}
         </div>
       </form>
+      {current && <AdapterTest channel={channel} view={current} />}
     </section>
+  );
+}
+
+/** How the last test message went (what to show, translated), through the adapter `view`. */
+interface TestOutcome {
+  view: AdapterView;
+  sent?: string;
+  problem?: string;
+}
+
+/**
+ * A test message through the channel's adapter (`POST /api/channels/{id}/test`): sent at
+ * once, outside any conversation, to a recipient at the provider, with what the provider
+ * answered. An outcome is about the adapter it went through: once that is replaced it is
+ * no longer shown.
+ */
+function AdapterTest(props: { channel: Channel; view: AdapterView }) {
+  const { t, api } = useApp();
+  const { view } = props;
+  const [recipient, setRecipient] = useState('');
+  const [text, setText] = useState(() => t('test_text_default'));
+  const [outcome, setOutcome] = useState<TestOutcome | null>(null);
+  const [busy, setBusy] = useState(false);
+  const shown = outcome?.view === view ? outcome : null;
+  return (
+    <form
+      class="stack adapter-test"
+      data-testid="adapter-test"
+      aria-labelledby="adapter-test-h"
+      onSubmit={async (e) => {
+        e.preventDefault();
+        setOutcome(null);
+        const p = testMessageProblem(recipient, text, view.kind);
+        if (p) return setOutcome({ view, problem: p === 'recipient_invalid' ? t('err_recipient_invalid') : messageProblemText(t, p, text, view.kind) ?? t('err_text_required') });
+        setBusy(true);
+        try {
+          const r = await api.post<{ ok: boolean; provider_id?: string; reason?: string }>('/api/channels/' + encodeURIComponent(props.channel.id) + '/test', {
+            recipient: recipient.trim(),
+            text: text.trim(),
+          });
+          setOutcome(r.ok ? { view, sent: t('test_sent', { id: r.provider_id ?? '' }) } : { view, problem: t('test_refused', { reason: r.reason ?? '' }) });
+        } catch (err: any) {
+          // 400 (the recipient or the text) and 404 (no adapter any more) say why.
+          setOutcome({ view, problem: (err.status === 400 || err.status === 404) && err.message ? err.message : describeError(t, err.code, err.message) });
+        } finally {
+          setBusy(false);
+        }
+      }}
+    >
+      <h3 id="adapter-test-h">{t('test_message')}</h3>
+      <p class="hint">{t('test_message_hint')}</p>
+      <Field label={t('test_recipient')} hint={t('test_recipient_hint')}>
+        <input value={recipient} autoComplete="off" spellcheck={false} data-testid="adapter-test-recipient" onInput={(e) => setRecipient((e.currentTarget as HTMLInputElement).value)} />
+      </Field>
+      <Field label={t('test_text')}>
+        <textarea rows={2} maxLength={4000} value={text} data-testid="adapter-test-text" onInput={(e) => setText((e.currentTarget as HTMLTextAreaElement).value)} />
+      </Field>
+      <ErrorText error={shown?.problem} />
+      <Saved ok={shown?.sent != null} text={shown?.sent} />
+      <div class="row">
+        <button type="submit" data-testid="adapter-test-send" disabled={busy}>
+          {t('test_send')}
+        </button>
+      </div>
+    </form>
   );
 }
 

@@ -4,15 +4,15 @@ import { useEffect, useLayoutEffect, useRef, useState } from 'preact/hooks';
 import { ACCEPT_ATTRIBUTE, checkAttachment, contentTypeOf, MAX_ATTACHMENTS_PER_MESSAGE, type Attachment } from '../shared/files';
 import { formatDuration } from '../shared/format';
 import { PaperclipIcon } from '../shared/icons';
-import { deliveryOf, isMessenger, pendingOf, type Conv, type OpState } from './operator-state';
+import { adapterOf, deliveryOf, isMessenger, pendingOf, type Conv, type OpState } from './operator-state';
 import type { OperatorSession } from './operator-session';
-import type { Channel, ConversationDoc, LoginInfo } from './types';
+import type { AdapterKind, Channel, ConversationDoc, LoginInfo } from './types';
 import { EntryView, operatorNames } from './entries';
 import { fillPlaceholders, searchTemplates, unfilledPlaceholders } from './templates';
 import type { Template } from './types';
-import { messageProblem } from './forms';
+import { carried, messageProblem, textCounter } from './forms';
 import { ClientCard, CloseDialog, TemplatesPanel, TransferDialog } from './panels';
-import { describeError } from './strings';
+import { describeError, messageProblemText } from './strings';
 import { SHORTCUT_EVENT, TabList, TabPanel, useApp, useNow } from './ui';
 import { enc } from './api';
 
@@ -104,7 +104,15 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
           onClose={() => setDialog('close')}
         />
         <History conv={conv} state={state} messenger={messenger} />
-        <Composer session={session} conv={conv} draft={draft} setDraft={setDraft} onTemplates={() => setSide('templates')} operatorName={state.me?.name} />
+        <Composer
+          session={session}
+          conv={conv}
+          adapter={adapterOf(props.channels, conv.channel)}
+          draft={draft}
+          setDraft={setDraft}
+          onTemplates={() => setSide('templates')}
+          operatorName={state.me?.name}
+        />
       </section>
       <aside class="pane-side" aria-label={t('details')}>
         <TabList
@@ -226,9 +234,21 @@ function History(props: { conv: Conv; state: OpState; messenger: boolean }) {
   );
 }
 
-function Composer(props: { session: OperatorSession; conv: Conv; draft: string; setDraft: (v: string) => void; onTemplates: () => void; operatorName?: string }) {
+/** `adapter`: the adapter of the conversation's channel (null: the web chat): a messenger
+ *  customer gets no files yet, and Messenger at most 2000 characters; the composer says
+ *  so before sending rather than have the server refuse it. */
+function Composer(props: {
+  session: OperatorSession;
+  conv: Conv;
+  adapter: AdapterKind | null;
+  draft: string;
+  setDraft: (v: string) => void;
+  onTemplates: () => void;
+  operatorName?: string;
+}) {
   const { t, api } = useApp();
-  const { session, conv, draft, setDraft } = props;
+  const { session, conv, draft, setDraft, adapter } = props;
+  const filesCarried = carried(adapter).files;
   // Canned responses: "/" at the start of the composer lists the templates matching what
   // follows; arrows move, Enter or Tab inserts, Escape closes.
   const [templates, setTemplates] = useState<Template[] | null>(null);
@@ -285,9 +305,9 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
 
   const send = () => {
     if (noteMode) return addNote();
-    const p = messageProblem(draft, files.length);
+    const p = messageProblem(draft, files.length, adapter);
     if (p) {
-      setProblem(p === 'empty' ? null : t('err_too_long'));
+      setProblem(messageProblemText(t, p, draft, adapter));
       return;
     }
     const unfilled = unfilledPlaceholders(draft);
@@ -303,7 +323,7 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
   };
 
   const upload = async (list: FileList | null) => {
-    if (!list) return;
+    if (!list || !filesCarried) return;
     // The alert speaks about the latest selection only.
     setProblem(null);
     for (const f of Array.from(list)) {
@@ -335,6 +355,8 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
   };
 
   const id = 'composer-' + conv.id;
+  // Notes stay with the staff: only replies are held to the provider's limit.
+  const counter = noteMode ? null : textCounter(draft, adapter);
   return (
     <form
       class={'composer' + (noteMode ? ' composer-note' : '')}
@@ -367,6 +389,7 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
         maxLength={4000}
         placeholder={noteMode ? t('note_placeholder') : t('composer_placeholder')}
         value={draft}
+        aria-describedby={counter ? id + '-count' : undefined}
         aria-controls={slashShown.length ? id + '-slash' : undefined}
         aria-activedescendant={slashShown.length ? id + '-slash-' + Math.min(slashActive, slashShown.length - 1) : undefined}
         onInput={(e) => {
@@ -421,6 +444,11 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
           ))}
         </ul>
       )}
+      {counter && (
+        <p class={'char-count small' + (counter.over ? ' error' : ' muted')} id={id + '-count'} data-testid="char-count" data-over={String(counter.over)}>
+          {t('char_count', { n: counter.length, limit: counter.limit })}
+        </p>
+      )}
       {problem && (
         <p class="error small" role="alert" data-testid="composer-problem">
           {problem}
@@ -436,13 +464,25 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
           accept={ACCEPT_ATTRIBUTE}
           data-testid="attach-input"
           aria-label={t('attach')}
+          disabled={!filesCarried}
           tabIndex={-1}
           onChange={(e) => upload((e.currentTarget as HTMLInputElement).files)}
         />
         <label class="note-toggle">
           <input type="checkbox" data-testid="note-mode" checked={noteMode} onChange={(e) => setNoteMode((e.currentTarget as HTMLInputElement).checked)} /> {t('note_mode')}
         </label>
-        <button type="button" class="ghost" disabled={noteMode} onClick={() => fileInput.current?.click()}>
+        {/* Off in a messenger conversation with aria-disabled rather than disabled: it stays
+            focusable, so its explanation is heard and its tooltip shown. */}
+        <button
+          type="button"
+          class="ghost"
+          data-testid="attach-button"
+          disabled={noteMode}
+          aria-disabled={filesCarried ? undefined : 'true'}
+          aria-describedby={filesCarried ? undefined : id + '-no-files'}
+          title={filesCarried ? undefined : t('files_not_carried')}
+          onClick={() => filesCarried && fileInput.current?.click()}
+        >
           <PaperclipIcon /> {t('attach')}
         </button>
         <button type="button" class="ghost" onClick={props.onTemplates}>
@@ -453,6 +493,11 @@ function Composer(props: { session: OperatorSession; conv: Conv; draft: string; 
           {noteMode ? t('add_note') : t('send')}
         </button>
       </div>
+      {!filesCarried && (
+        <p class="muted small composer-note-line" id={id + '-no-files'} data-testid="attach-unavailable">
+          <PaperclipIcon /> {t('files_not_carried')}
+        </p>
+      )}
     </form>
   );
 }

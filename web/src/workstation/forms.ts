@@ -20,11 +20,56 @@ export function tagsProblem(tags: string[]): 'too_many_tags' | 'tag_too_long' | 
   return null;
 }
 
-/** Text that may be sent: not blank (unless there are attachments), at most 4000 characters. */
-export function messageProblem(text: string, attachments: number): 'empty' | 'too_long' | null {
+/** The providers that take less text than MAX_TEXT, by adapter kind, in characters
+ *  (docs/channel-api.md: Messenger 2000; the others take at least 4000). */
+export const PROVIDER_TEXT_LIMITS: Partial<Record<AdapterKind, number>> = { messenger: 2000 };
+
+/** The counter shows from this many characters before a provider's own limit. */
+export const COUNTER_MARGIN = 200;
+
+/** What a conversation's customer can be sent, by its channel's adapter (null: the web
+ *  chat): the longest text in characters, and whether files (messengers get text only
+ *  for now; the server refuses files there with `invalid`). */
+export function carried(adapter: AdapterKind | null | undefined): { maxText: number; files: boolean } {
+  return { maxText: (adapter && PROVIDER_TEXT_LIMITS[adapter]) || MAX_TEXT, files: adapter == null };
+}
+
+/** Characters as the server counts them (code points, not UTF-16 units), of the text
+ *  as it is sent (trimmed). */
+export function textLength(text: string): number {
+  return [...text.trim()].length;
+}
+
+export type MessageProblem = 'empty' | 'too_long' | 'files_not_carried';
+
+/** Text that may be sent through `adapter` (null: the web chat): not blank (unless
+ *  there are attachments), no files to a messenger, at most what its provider takes. */
+export function messageProblem(text: string, attachments: number, adapter: AdapterKind | null = null): MessageProblem | null {
   if (!text.trim() && !attachments) return 'empty';
-  if ([...text].length > MAX_TEXT) return 'too_long';
+  const can = carried(adapter);
+  if (attachments && !can.files) return 'files_not_carried';
+  if (textLength(text) > can.maxText) return 'too_long';
   return null;
+}
+
+/** The composer's character count, shown only within COUNTER_MARGIN of a provider's own
+ *  limit (null otherwise: the web chat, and providers taking MAX_TEXT). */
+export function textCounter(text: string, adapter: AdapterKind | null): { length: number; limit: number; over: boolean } | null {
+  const limit = carried(adapter).maxText;
+  const length = textLength(text);
+  if (limit >= MAX_TEXT || length < limit - COUNTER_MARGIN) return null;
+  return { length, limit, over: length > limit };
+}
+
+/** The longest recipient `POST /api/channels/{id}/test` takes, in UTF-8 bytes. */
+export const MAX_RECIPIENT_BYTES = 200;
+
+/** A test message through a channel's adapter: a recipient of 1-200 bytes and a text the
+ *  provider takes. */
+export function testMessageProblem(recipient: string, text: string, adapter: AdapterKind): 'recipient_invalid' | MessageProblem | null {
+  const bytes = new TextEncoder().encode(recipient.trim()).length;
+  if (bytes < 1 || bytes > MAX_RECIPIENT_BYTES) return 'recipient_invalid';
+  return messageProblem(text, 0, adapter);
 }
 
 /** Ids for skill groups, operators, channels and logins: letters, digits, '.', '_' and '-'. */

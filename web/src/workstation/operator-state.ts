@@ -8,7 +8,7 @@
 import { mergeBySeq, lastSeq } from '../shared/seq';
 import type { Attachment } from '../shared/files';
 import type { Key } from './strings';
-import type { Channel, Delivery, DeliveryStatus, Entry, FeedEvent, Hello, Offer, Presence } from './types';
+import type { AdapterKind, Channel, Delivery, DeliveryStatus, Entry, FeedEvent, Hello, Offer, Presence } from './types';
 
 /** Milliseconds left to answer an offer. Counted on the local clock from what was left
  *  by the server's clock when the offer arrived, so a browser clock that is off from the
@@ -610,6 +610,12 @@ export function deliveryOf(c: Conv, e: Entry, messenger = false): DeliveryMark |
 export function isMessenger(channels: readonly Channel[] | null, id: string): boolean {
   const c = channels?.find((x) => x.id === id);
   return !!c && (c.adapter != null || c.kind !== 'web');
+}
+
+/** The adapter a channel's conversations go out through (null: none, the web chat, or a
+ *  channel this desk does not know): what its customers can be sent depends on it. */
+export function adapterOf(channels: readonly Channel[] | null, id: string): AdapterKind | null {
+  return channels?.find((x) => x.id === id)?.adapter ?? null;
 }
 
 /** Whole seconds of wrap-up left at local time `now` (0 when none or over). */

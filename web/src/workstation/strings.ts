@@ -1,5 +1,7 @@
 /** Every workstation string, in English and Russian. */
 import type { Lang, Phrase, Translate } from '../shared/i18n';
+import { carried, MAX_TEXT, textLength, type MessageProblem } from './forms';
+import type { AdapterKind } from './types';
 
 const en = {
   app_title: 'Switchboard',
@@ -98,6 +100,8 @@ const en = {
   enter_to_send: 'Enter to send, Shift+Enter for a new line',
   send: 'Send',
   attach: 'Attach',
+  files_not_carried: 'Files cannot be sent to this channel yet',
+  char_count: '{n} of {limit} characters',
   attachments: 'Attachments',
   remove_attachment: 'Remove {name}',
   uploading: 'Uploading…',
@@ -250,6 +254,7 @@ const en = {
   err_capacity_range: 'Capacity must be between 1 and 100.',
   err_password_short: 'The password needs at least 10 characters.',
   err_too_long: 'Too long (at most 4000 characters).',
+  err_too_long_for: 'Too long for {name}: at most {limit} characters, this is {n}.',
   err_empty: 'The file is empty',
   err_too_large: 'The file is larger than 5 MB',
   err_unsupported_type: 'This file type is not allowed',
@@ -428,6 +433,16 @@ const en = {
   adapter_disconnect: 'Disconnect',
   adapter_connected: 'Connected.',
   adapter_disconnected: 'Disconnected.',
+  test_message: 'Send a test message',
+  test_message_hint: 'Sends one message through this adapter now, outside any conversation, and shows what the provider answered.',
+  test_recipient: 'Recipient',
+  test_recipient_hint: "The customer's id at the provider: a chat id, a phone number, a user id.",
+  test_text: 'Text',
+  test_text_default: 'Switchboard test',
+  test_send: 'Send test message',
+  test_sent: 'Sent (provider id {id}).',
+  test_refused: 'The provider refused: {reason}',
+  err_recipient_invalid: 'The recipient must be 1-200 bytes.',
   adapter_api_hint: 'Connecting makes a new channel token and signing secret; any earlier ones stop working.',
   confirm_disconnect: 'Disconnect the adapter of “{name}”? The channel takes no more messages and sends nothing until one is connected again.',
   bot_token: 'Bot token',
@@ -602,6 +617,8 @@ const ru: Record<Key, Phrase> = {
   enter_to_send: 'Enter — отправить, Shift+Enter — новая строка',
   send: 'Отправить',
   attach: 'Файл',
+  files_not_carried: 'В этот канал пока нельзя отправлять файлы',
+  char_count: '{n} из {limit} символов',
   attachments: 'Вложения',
   remove_attachment: 'Убрать {name}',
   uploading: 'Загрузка…',
@@ -754,6 +771,7 @@ const ru: Record<Key, Phrase> = {
   err_capacity_range: 'Вместимость — от 1 до 100.',
   err_password_short: 'Пароль должен быть не короче 10 символов.',
   err_too_long: 'Слишком длинно (не больше 4000 символов).',
+  err_too_long_for: 'Слишком длинно для {name}: не больше {limit} символов, здесь {n}.',
   err_empty: 'Файл пустой',
   err_too_large: 'Файл больше 5 МБ',
   err_unsupported_type: 'Такой тип файла не разрешён',
@@ -932,6 +950,16 @@ const ru: Record<Key, Phrase> = {
   adapter_disconnect: 'Отключить',
   adapter_connected: 'Подключено.',
   adapter_disconnected: 'Отключено.',
+  test_message: 'Отправить проверочное сообщение',
+  test_message_hint: 'Отправляет одно сообщение через этот адаптер сразу, вне диалогов, и показывает ответ провайдера.',
+  test_recipient: 'Получатель',
+  test_recipient_hint: 'Идентификатор клиента у провайдера: id чата, номер телефона, id пользователя.',
+  test_text: 'Текст',
+  test_text_default: 'Проверка Switchboard',
+  test_send: 'Отправить проверку',
+  test_sent: 'Отправлено (id у провайдера {id}).',
+  test_refused: 'Провайдер отказал: {reason}',
+  err_recipient_invalid: 'Получатель: 1-200 байт.',
   adapter_api_hint: 'При подключении создаются новые токен канала и ключ подписи; прежние перестают действовать.',
   confirm_disconnect: 'Отключить адаптер канала «{name}»? Канал перестанет принимать и отправлять сообщения, пока адаптер не подключат снова.',
   bot_token: 'Токен бота',
@@ -1014,6 +1042,15 @@ export function describeError(t: Translate<Key>, code: string | undefined, messa
   const key = ('err_' + (code ?? '')) as Key;
   if (code && key in en) return t(key);
   return message || code || t('err_internal');
+}
+
+/** What to tell the author of a message `messageProblem` refused (null for an empty
+ *  one: nothing to say), `adapter` being the channel's (null: the web chat). */
+export function messageProblemText(t: Translate<Key>, problem: MessageProblem, text: string, adapter: AdapterKind | null): string | null {
+  if (problem === 'empty') return null;
+  if (problem === 'files_not_carried') return t('files_not_carried');
+  const limit = carried(adapter).maxText;
+  return adapter && limit < MAX_TEXT ? t('err_too_long_for', { name: t(('adapter_' + adapter) as Key), limit, n: textLength(text) }) : t('err_too_long');
 }
 
 /** A refused change: the server's own reason when it gave one (a 400 `bad_request`, or
