@@ -82,13 +82,16 @@ pub enum Reply {
     /// A channel's inbound message is in `conversation`; `duplicate` when its provider
     /// message id was taken before and nothing new was written.
     Inbound { conversation: ConversationId, duplicate: bool },
+    /// The outbox entries a `DeliveriesAttempted` marked: the proposer sends only these.
+    Attempted { items: Vec<(ConversationId, u64)> },
 }
 
 /// The idempotency key of a channel's inbound message: the channel, the sender and the
 /// provider's id for the message (some providers number messages per chat), kept within
 /// [`MAX_KEY_BYTES`] (a longer one is hashed, staying unique per message).
 pub fn inbound_key(channel: &ChannelId, sender: &str, provider_message_id: &str) -> String {
-    let key = format!("{}:{}:{}", channel.as_str(), sender, provider_message_id);
+    // The sender's length keeps "a:b"+"c" and "a"+"b:c" apart.
+    let key = format!("{}:{}:{}:{}", channel.as_str(), sender.len(), sender, provider_message_id);
     if key.len() <= MAX_KEY_BYTES {
         key
     } else {
@@ -678,8 +681,13 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             check_text(text)?;
             let visitor = Visitor { id: Some(visitor_id), name: sender_name.clone(), attributes: vec![] };
             let (conv_id, mut events) = start_conversation(state, channel, None, &visitor, now)?;
-            events.push(Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: text.clone(), attachments: vec![] });
-            events.push(Event::InboundTaken { conversation: conv_id, key });
+            // Right after it is placed (queued or with the bot), before any notice and an
+            // after-hours close: the customer's message is part of the open conversation.
+            let at = events.len().min(2);
+            events.splice(at..at, [
+                Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: text.clone(), attachments: vec![] },
+                Event::InboundTaken { conversation: conv_id, key },
+            ]);
             Ok((Reply::Inbound { conversation: conv_id, duplicate: false }, events))
         }
         Command::SetChannelAdapter { channel, adapter } => {
@@ -791,24 +799,36 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 .copied()
                 .collect();
             if due.is_empty() {
-                return Ok((Reply::Done, vec![]));
+                return Ok((Reply::Attempted { items: vec![] }, vec![]));
             }
-            Ok((Reply::Done, vec![Event::DeliveriesAttempted { node: *node, items: due }]))
+            Ok((Reply::Attempted { items: due.clone() }, vec![Event::DeliveriesAttempted { node: *node, items: due }]))
         }
         Command::DeliveryResults { results } => {
             if results.len() > MAX_DELIVERY_BATCH {
                 return Err(Error::Invalid(format!("at most {MAX_DELIVERY_BATCH} outbox entries per batch")));
             }
-            for r in results {
-                let reason = match &r.outcome {
-                    DeliveryOutcome::Retry { reason, .. } | DeliveryOutcome::Failed { reason } => reason.as_str(),
-                    DeliveryOutcome::Sent { provider_id } => provider_id.as_str(),
-                    _ => "",
-                };
-                if reason.len() > MAX_REASON_CHARS * 4 {
-                    return Err(Error::TooLong { limit: MAX_REASON_CHARS * 4, actual: reason.len() });
+            // A reason or provider id past the limit is cut (at a character boundary), not
+            // a reason to lose the batch's other outcomes.
+            let clip = |text: &str| -> String {
+                let mut end = text.len().min(MAX_REASON_CHARS * 4);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
                 }
-            }
+                text[..end].to_owned()
+            };
+            let results: Vec<DeliveryResult> = results
+                .iter()
+                .map(|r| {
+                    let outcome = match &r.outcome {
+                        DeliveryOutcome::Retry { reason, retry_at } => DeliveryOutcome::Retry { reason: clip(reason), retry_at: *retry_at },
+                        DeliveryOutcome::Failed { reason } => DeliveryOutcome::Failed { reason: clip(reason) },
+                        DeliveryOutcome::Sent { provider_id } => DeliveryOutcome::Sent { provider_id: clip(provider_id) },
+                        other => other.clone(),
+                    };
+                    DeliveryResult { conversation: r.conversation, seq: r.seq, node: r.node, outcome }
+                })
+                .collect();
+            let results = &results;
             // Results for entries that are gone (purged) or already final in a way the
             // result cannot change are dropped; receipts apply to sent entries.
             let known: Vec<DeliveryResult> = results
@@ -816,6 +836,11 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
                 .filter(|r| {
                     let Some(d) = state.delivery(&(r.conversation, r.seq)) else { return false };
                     use crate::state::DeliveryStatus as S;
+                    // A worker's answer counts only for its own attempt: a node that lost
+                    // the leadership may answer late for an entry another node now sends.
+                    if r.node != 0 && matches!(d.status, S::Attempting { node } if node != r.node) {
+                        return false;
+                    }
                     match r.outcome {
                         // Receipts are for what was sent: one racing ahead of its send's
                         // answer, or naming an unsent entry, is dropped.
@@ -839,8 +864,9 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             if !d.status.dead() {
                 return Err(Error::Invalid(format!("outbox entry {conv_id}/{seq} is {}, not failed: only a dead letter is sent again", d.status.name())));
             }
-            if !state.channel_adapters.contains_key(&d.channel) {
-                return Err(Error::Invalid(format!("channel {} has no adapter: connect it before sending again", d.channel)));
+            let connected = if d.to_bot { state.channel_bots.contains_key(&d.channel) } else { state.channel_adapters.contains_key(&d.channel) };
+            if !connected {
+                return Err(Error::Invalid(format!("channel {} has no {}: connect it before sending again", d.channel, if d.to_bot { "bot" } else { "adapter" })));
             }
             Ok((Reply::Done, vec![Event::DeliveryRetried { conversation: *conv_id, seq: *seq, by: by.clone() }]))
         }

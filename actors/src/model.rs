@@ -724,6 +724,9 @@ impl AdapterConfig {
 pub struct DeliveryResult {
     pub conversation: ConversationId,
     pub seq: u64,
+    /// The node whose attempt this answers (its outbox worker), or 0 for a receipt,
+    /// a status an adapter reported, or a new leader settling an orphaned attempt.
+    pub node: u64,
     pub outcome: DeliveryOutcome,
 }
 

@@ -611,10 +611,21 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
     for (inbound, conversation) in &dirty.inbound {
         put(key::inbound(inbound), encode(conversation));
     }
+    // A conversation a purge deletes in this entry keeps none of what earlier commands
+    // of the entry wrote for its outbox.
+    let purged = |c: &ConversationId| dirty.purge && (state.expired.contains(c) || state.deleted.contains(c));
+    for (channel, id) in &dirty.provider_ids_gone {
+        removes.push(key::provider_id(channel, id));
+    }
     for (channel, id, conversation, seq) in &dirty.provider_ids {
-        put(key::provider_id(channel, id), encode(&(conversation, seq)));
+        if !purged(conversation) {
+            put(key::provider_id(channel, id), encode(&(conversation, seq)));
+        }
     }
     for ((conversation, seq), delivery) in &dirty.deliveries {
+        if purged(conversation) {
+            continue;
+        }
         let (open, dead) = (delivery.status.open(), delivery.status.dead());
         let (here, gone) = if open { (b'U', b'M') } else { (b'M', b'U') };
         put(key::delivery(here, *conversation, *seq), encode(delivery));
@@ -688,7 +699,7 @@ pub fn load_conversation(store: &dyn Store, id: ConversationId, keys: bool) -> R
     if keys {
         for (_, entry) in all::<HistoryEntry>(store, &key::history_prefix(id))? {
             match entry.item {
-                HistoryItem::ClientMessage { key, .. } | HistoryItem::OperatorMessage { key, .. } | HistoryItem::Note { key, .. } => {
+                HistoryItem::ClientMessage { key, .. } | HistoryItem::OperatorMessage { key, .. } | HistoryItem::Note { key, .. } | HistoryItem::BotMessage { key, .. } => {
                     conv.keys.insert(key, entry.seq);
                 }
                 _ => {}
@@ -777,7 +788,7 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
         _ => Vec::new(),
     };
     for k in named {
-        if state.outbox.contains_key(&k) || state.cold_deliveries.contains_key(&k) {
+        if state.outbox.contains_key(&k) || state.cold_deliveries.contains_key(&k) || state.deleted.contains(&k.0) {
             continue;
         }
         // Changed earlier in this entry: the records still hold the state before it.

@@ -278,6 +278,8 @@ impl Shard {
                 *d = hot.clone();
             }
         }
+        // What the bot was told is not a delivery to the customer.
+        out.retain(|(_, d)| !d.to_bot);
         Ok(out)
     }
 

@@ -301,7 +301,7 @@ impl ShardState {
 
     /// Tells the operator holding the conversation where its outbox entry stands.
     fn tell_delivery(&mut self, key: (ConversationId, u64), at: Timestamp, touched: &mut Touched) {
-        let Some(d) = self.delivery(&key) else { return };
+        let Some(d) = self.delivery(&key).filter(|d| !d.to_bot) else { return };
         let item = FeedItem::Delivery { conversation: key.0, seq: key.1, status: d.status.name().to_owned(), reason: d.reason.clone() };
         let Some(operator) = self.conversations.get(&key.0).and_then(|c| c.assigned().cloned()) else { return };
         if let Some(op) = self.operators.get_mut(&operator) {
@@ -653,6 +653,8 @@ pub struct Dirty {
     /// Sent entries by the provider's id for them, for receipts that name only that
     /// (records `F`): (channel, provider id, conversation, seq).
     pub provider_ids: Vec<(ChannelId, String, ConversationId, u64)>,
+    /// Provider ids no longer naming an entry (it was sent again under a new one).
+    pub provider_ids_gone: Vec<(ChannelId, String)>,
     /// The routing step each offer of this entry was made under (records `O`).
     pub offer_steps: Vec<(OfferId, u32)>,
     /// Per visitor, who served the conversation that just closed, when, and which one
@@ -1515,9 +1517,10 @@ impl ShardState {
                 for id in conversations {
                     self.conversations.remove(id);
                     self.deleted.insert(*id);
-                    let keys: Vec<(ConversationId, u64)> = self.outbox.range((*id, 0)..=(*id, u64::MAX)).map(|(k, _)| *k).collect();
+                    let keys: Vec<(ConversationId, u64)> = self.outbox.range((*id, 0)..=(*id, u64::MAX)).chain(self.cold_deliveries.range((*id, 0)..=(*id, u64::MAX))).map(|(k, _)| *k).collect();
                     for k in keys {
                         self.outbox.remove(&k);
+                        self.cold_deliveries.remove(&k);
                     }
                 }
             }
@@ -1530,7 +1533,7 @@ impl ShardState {
                 // Disconnected: what it still had to send is dead-lettered, for a
                 // supervisor to send again once it is connected.
                 if adapter.is_none() {
-                    let stranded: Vec<(ConversationId, u64)> = self.outbox.iter().filter(|(_, d)| &d.channel == channel).map(|(k, _)| *k).collect();
+                    let stranded: Vec<(ConversationId, u64)> = self.outbox.iter().filter(|(_, d)| &d.channel == channel && !d.to_bot).map(|(k, _)| *k).collect();
                     for key in stranded {
                         self.update_delivery(key, |d| {
                             d.status = DeliveryStatus::Failed;
@@ -1593,7 +1596,11 @@ impl ShardState {
                 for r in results {
                     if let DeliveryOutcome::Sent { provider_id } = &r.outcome {
                         if let Some(d) = self.delivery(&(r.conversation, r.seq)) {
-                            self.dirty.provider_ids.push((d.channel.clone(), provider_id.clone(), r.conversation, r.seq));
+                            let (channel, old) = (d.channel.clone(), d.provider_id.clone());
+                            if let Some(old) = old.filter(|old| old != provider_id) {
+                                self.dirty.provider_ids_gone.push((channel.clone(), old));
+                            }
+                            self.dirty.provider_ids.push((channel, provider_id.clone(), r.conversation, r.seq));
                         }
                     }
                     self.update_delivery((r.conversation, r.seq), |d| {
@@ -1634,6 +1641,7 @@ impl ShardState {
                 self.update_delivery((*conversation, *seq), |d| {
                     d.status = DeliveryStatus::Pending;
                     d.attempts = 0;
+                    d.queued_at = at;
                     d.next_at = at;
                     d.reason.clear();
                     d.updated_at = at;

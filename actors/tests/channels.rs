@@ -110,7 +110,8 @@ fn a_redelivered_message_is_written_once_even_after_its_conversation_closed() {
     // The index of open senders was rebuilt from the records: 43's message joins theirs.
     let (reply, _) = ok(run(&mut state, &store, T0 + 100, inbound("43", "m2", "hello?")));
     assert_eq!(conversation_of(&reply), conversation_of(&other));
-    assert_eq!(inbound_key(&tg(), "42", "m1"), "tg:42:m1");
+    assert_eq!(inbound_key(&tg(), "42", "m1"), "tg:2:42:m1");
+    assert_ne!(inbound_key(&tg(), "a:b", "c"), inbound_key(&tg(), "a", "b:c"), "a colon in the sender cannot make two messages one");
     assert!(inbound_key(&tg(), "42", &"x".repeat(300)).len() <= switchboard_actors::core::MAX_KEY_BYTES);
 }
 
@@ -288,4 +289,21 @@ fn what_a_messenger_cannot_carry_is_refused_before_it_is_written() {
     ok(run(&mut state, &store, T0 + 32, Command::StoreAttachment(Attachment { id: AttachmentId("f1".into()), conversation: conv, name: "a.pdf".into(), content_type: "application/pdf".into(), size: 10, sha256: "0".repeat(64), uploaded_by: "ann".into() })));
     let with_file = Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "kf".into(), text: "see file".into(), attachments: vec![AttachmentId("f1".into())] };
     assert!(matches!(run(&mut state, &store, T0 + 33, with_file), Err(Error::Invalid(m)) if m.contains("files cannot be sent")));
+}
+
+#[test]
+fn a_bots_repeated_key_is_a_duplicate_after_a_restart_too() {
+    let (store, mut state) = setup();
+    let web = ChannelId::new("web");
+    ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: web.clone(), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
+    ok(run(&mut state, &store, T0, Command::SetChannelBot { channel: web.clone(), bot: Some(bot()) }));
+    let (reply, _) = ok(run(&mut state, &store, T0 + 1, Command::StartConversation { channel: web.clone(), group: None, visitor: Visitor::default() }));
+    let Reply::Started { conversation } = reply else { panic!() };
+    let say = || Command::BotReply { channel: ChannelId::new("web"), conversation, key: "b1".into(), text: "Hello!".into(), buttons: vec![] };
+    let (first, _) = ok(run(&mut state, &store, T0 + 2, say()));
+    // Every replica decides the retry alike, also one that restarted from its records.
+    let mut restarted = records::load(&store).expect("reload");
+    let (again, events) = ok(run(&mut restarted, &store, T0 + 3, say()));
+    let (Reply::Message { seq: a, .. }, Reply::Message { seq: b, duplicate: true }) = (first, again) else { panic!("a duplicate after the restart") };
+    assert_eq!((a, events.len()), (b, 0));
 }

@@ -31,7 +31,8 @@ pub struct Url {
 
 impl Url {
     pub fn parse(url: &str) -> Result<Url, AdapterError> {
-        let bad = || AdapterError::Malformed(format!("not an http(s) URL: {url}"));
+        // The URL is not repeated: it may hold a token (Telegram's path, a query).
+        let bad = || AdapterError::Malformed("the provider's address is not an http(s) URL with a valid host and port".to_owned());
         let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
             (true, rest)
         } else if let Some(rest) = url.strip_prefix("http://") {
@@ -130,7 +131,13 @@ impl Client {
 
     async fn post(&self, url: &Url, content_type: &'static str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
         let origin = url.origin();
-        let mut sender = match self.take_idle(&origin) {
+        // A pooled connection must be ready for a request (its last answer read to the
+        // end, the connection not closing); otherwise a new one is made.
+        let pooled = match self.take_idle(&origin) {
+            Some(mut sender) => sender.ready().await.is_ok().then_some(sender),
+            None => None,
+        };
+        let mut sender = match pooled {
             Some(sender) => sender,
             None => self.connect(url).await?,
         };

@@ -417,14 +417,20 @@ async fn a_signed_customer_identity_links_conversations_across_channels_and_a_fo
     let (_site, on_site) = start("web", hs256_token(KEY, &json!({"sub": "cust-42", "exp": exp}))).await?;
     let (_app, in_app) = start("app", hs256_token(KEY, &json!({"sub": "cust-42", "exp": exp}))).await?;
     let conv = view(in_app).await?;
-    assert_eq!(conv["visitor"]["id"], "customer:cust-42", "{conv}");
+    let customer = conv["visitor"]["id"].as_str().unwrap_or_default().to_owned();
+    assert!(customer.starts_with("customer:") && customer.ends_with(":cust-42") && customer.len() == "customer:".len() + 8 + ":cust-42".len(), "{conv}");
     assert_eq!(conv["visitor"]["attributes"]["identity"], "verified");
     let earlier: Vec<u64> = conv["earlier"].as_array().into_iter().flatten().filter_map(|e| e["conversation"].as_u64()).collect();
     assert_eq!(earlier, vec![on_site], "the customer's conversation on the site is listed in the app's");
 
     let (_forged, forged) = start("app", hs256_token("an-attacker-guessing-at-the-secret-key", &json!({"sub": "cust-42", "exp": exp}))).await?;
     let conv = view(forged).await?;
-    assert_ne!(conv["visitor"]["id"], "customer:cust-42");
+    assert_ne!(conv["visitor"]["id"], customer.as_str());
+    // The attribute only the server sets cannot come from a client.
+    let mut spoof = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    spoof.send(&json!({"type": "start", "name": "Mallory", "attributes": {"identity": "verified"}})).await?;
+    let refused = spoof.wait_for(WAIT, |v| v["type"] == "error").await?;
+    assert_eq!(refused["code"], "invalid", "{refused}");
     assert!(conv["visitor"]["attributes"]["identity"].as_str().is_some_and(|s| s.starts_with("unverified")), "{conv}");
     assert_eq!(conv["earlier"], json!([]));
     let (_expired, expired) = start("web", hs256_token(KEY, &json!({"sub": "cust-42", "exp": 1_000}))).await?;

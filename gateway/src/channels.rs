@@ -101,7 +101,7 @@ pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
                 };
                 // A receipt for a message whose send is not committed yet is dropped.
                 if let Some((conversation, seq)) = gw.backend.shard().by_provider_id(&channel, &id)? {
-                    receipts.push(DeliveryResult { conversation, seq, outcome });
+                    receipts.push(DeliveryResult { conversation, seq, node: 0, outcome });
                 }
             }
         }
@@ -156,7 +156,7 @@ pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<
             messenger::Item::Delivered { ids } => {
                 for id in ids {
                     if let Some((conversation, seq)) = gw.backend.shard().by_provider_id(&channel, &id)? {
-                        receipts.push(DeliveryResult { conversation, seq, outcome: DeliveryOutcome::Delivered });
+                        receipts.push(DeliveryResult { conversation, seq, node: 0, outcome: DeliveryOutcome::Delivered });
                     }
                 }
             }
@@ -188,7 +188,7 @@ pub async fn viber_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
                 _ => DeliveryOutcome::Failed { reason },
             };
             let found = gw.backend.shard().by_provider_id(&channel, &id)?;
-            let receipts: Vec<DeliveryResult> = found.map(|(conversation, seq)| DeliveryResult { conversation, seq, outcome }).into_iter().collect();
+            let receipts: Vec<DeliveryResult> = found.map(|(conversation, seq)| DeliveryResult { conversation, seq, node: 0, outcome }).into_iter().collect();
             commit_receipts(&gw, &receipts).await?;
             Ok(Json(json!({"ok": true, "statuses": receipts.len()})).into_response())
         }
@@ -308,7 +308,7 @@ pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
                 StatusName::Read => DeliveryOutcome::Read,
                 StatusName::Failed => DeliveryOutcome::Failed { reason: s.reason.chars().take(500).collect() },
             };
-            results.push(DeliveryResult { conversation, seq: s.seq, outcome });
+            results.push(DeliveryResult { conversation, seq: s.seq, node: 0, outcome });
         }
         results
     };
@@ -631,8 +631,8 @@ pub async fn put_bot(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pat
     Ok(Json(view))
 }
 
-/// `DELETE /api/channels/{id}/bot` (admin): new conversations go to the queue again; those
-/// the bot holds stay with it until it hands them off or they close.
+/// `DELETE /api/channels/{id}/bot` (admin): new conversations go to the queue again, and
+/// those the bot held are handed off to their groups.
 pub async fn delete_bot(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Response, GatewayError> {
     staff.require(Role::Admin)?;
     gw.submit(Command::SetChannelBot { channel: ChannelId::new(id), bot: None }).await?;
@@ -721,8 +721,9 @@ pub async fn test_message(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id)
     let client = switchboard_adapters::http::Client::new(std::time::Duration::from_secs(10)).map_err(|e| GatewayError::Internal(e.to_string()))?;
     let message = switchboard_adapters::Outgoing {
         channel: channel.clone(),
+        // Each test its own delivery id (and VK random_id), so none is taken for a repeat.
         conversation: ConversationId(0),
-        seq: 0,
+        seq: switchboard_actors::actors::now_ms().0,
         recipient: body.recipient,
         text: body.text,
         kind: "notice",

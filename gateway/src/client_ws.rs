@@ -96,6 +96,9 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(text: &str, known: &[&str]) 
     }
 }
 
+/// Attribute names only the server sets on a conversation's visitor.
+const RESERVED_ATTRIBUTES: &[&str] = &["identity", "claimed_visitor_id"];
+
 const CLIENT_TYPES: &[&str] = &["start", "resume", "send", "typing", "read", "close", "rate", "ping"];
 
 impl ClientSession {
@@ -236,6 +239,11 @@ impl ClientSession {
                 if visitor_id.as_ref().is_some_and(|v| v.is_empty() || v.chars().count() > 64) {
                     return Err(frames::error("invalid", "visitor_id must be 1 to 64 characters", None));
                 }
+                // Names the server sets itself cannot come from the client: a client's
+                // "identity": "verified" would show staff a verification that never was.
+                if let Some(name) = attributes.keys().find(|k| RESERVED_ATTRIBUTES.contains(&k.as_str())) {
+                    return Err(frames::error("invalid", &format!("the attribute {name:?} is set by the server"), None));
+                }
                 let mut attributes: Vec<(String, String)> = attributes.into_iter().collect();
                 if let Some(claimed) = visitor_id {
                     // Anyone can type any id: it is shown, never used to link conversations.
@@ -259,10 +267,10 @@ impl ClientSession {
                     };
                     match checked {
                         Ok(customer) => {
-                            visitor = format!("customer:{customer}");
+                            visitor = customer;
                             attributes.push(("identity".into(), "verified".into()));
                         }
-                        Err(why) => attributes.push(("identity".into(), format!("unverified: {why}"))),
+                        Err(why) => attributes.push(("identity".into(), format!("unverified: {}", why.chars().take(200).collect::<String>()))),
                     }
                 }
                 let group = group.map(SkillGroupId::new);

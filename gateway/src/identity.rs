@@ -1,7 +1,7 @@
 //! Identified customers: a site or app passes its customer's identity as a JWT signed
 //! with its own key (HS256 with a shared secret, or RS256 with its RSA key, whose public
 //! half the channel keeps). A verified identity becomes the conversation's visitor id
-//! (`customer:<sub>`), which links the customer's conversations across the channels
+//! (`customer:<key id>:<sub>`), which links the customer's conversations across the channels
 //! that share the key; anything else is ignored and shown to staff as unverified.
 //! Docs: protocol.md (`start.identity`), workstation-api.md (`/api/channels/{id}/identity`).
 
@@ -15,6 +15,9 @@ pub const MAX_TOKEN_BYTES: usize = 4096;
 pub const MAX_SUBJECT_CHARS: usize = 64;
 /// Clock difference tolerated on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECS: u64 = 60;
+/// The longest an identity may be valid from now: a token is a login, not a
+/// standing credential.
+pub const MAX_LIFETIME_SECS: u64 = 24 * 3600;
 
 #[derive(Deserialize)]
 struct Header {
@@ -33,8 +36,23 @@ fn b64(part: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).map_err(|_| "it is not base64url".to_owned())
 }
 
-/// The customer id a token proves, or why it proves nothing.
+/// The visitor id a token proves (`customer:<key>:<sub>`, where `<key>` names the key
+/// that verified it, so only channels sharing that key share the customer), or why it
+/// proves nothing.
 pub fn verify(token: &str, key: &IdentityKey, now_secs: u64) -> Result<String, String> {
+    verify_subject(token, key, now_secs).map(|sub| format!("customer:{}:{sub}", key_id(key)))
+}
+
+/// A short, stable name of a key: the first 8 hex digits of its SHA-256.
+pub fn key_id(key: &IdentityKey) -> String {
+    let material = match key {
+        IdentityKey::Hs256 { secret } => format!("hs256:{secret}"),
+        IdentityKey::Rs256 { public_key_pem } => format!("rs256:{}", public_key_pem.split_whitespace().collect::<String>()),
+    };
+    switchboard_adapters::hex(&ring::digest::digest(&ring::digest::SHA256, material.as_bytes()).as_ref()[..4])
+}
+
+fn verify_subject(token: &str, key: &IdentityKey, now_secs: u64) -> Result<String, String> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(format!("the token is longer than {MAX_TOKEN_BYTES} bytes"));
     }
@@ -44,7 +62,7 @@ pub fn verify(token: &str, key: &IdentityKey, now_secs: u64) -> Result<String, S
     };
     let head: Header = serde_json::from_slice(&b64(header)?).map_err(|_| "its header is not JSON with alg".to_owned())?;
     if head.alg != key.alg() {
-        return Err(format!("it is signed with {}, the channel takes {}", head.alg, key.alg()));
+        return Err(format!("it is signed with {}, the channel takes {}", head.alg.chars().take(16).collect::<String>(), key.alg()));
     }
     let signed = &token[..header.len() + 1 + payload.len()];
     let signature = b64(signature)?;
@@ -64,6 +82,9 @@ pub fn verify(token: &str, key: &IdentityKey, now_secs: u64) -> Result<String, S
     let Some(exp) = claims.exp else { return Err("it has no exp".into()) };
     if exp + (LEEWAY_SECS as f64) < now_secs as f64 {
         return Err("it expired".into());
+    }
+    if exp > (now_secs + MAX_LIFETIME_SECS + LEEWAY_SECS) as f64 {
+        return Err("its exp is more than 24 hours away".into());
     }
     if claims.nbf.is_some_and(|nbf| nbf > (now_secs + LEEWAY_SECS) as f64) {
         return Err("it is not valid yet (nbf)".into());
@@ -106,7 +127,7 @@ pub fn rsa_public_key(pem: &str) -> Result<Vec<u8>, String> {
     let (_, fields, _) = tlv(key).ok_or_else(bad)?;
     let (_, modulus, _) = tlv(fields).ok_or_else(bad)?;
     let modulus = modulus.iter().position(|b| *b != 0).map_or(&[][..], |i| &modulus[i..]);
-    let bits = modulus.len() * 8 - modulus.first().map_or(8, |b| b.leading_zeros() as usize);
+    let bits = (modulus.len() * 8).saturating_sub(modulus.first().map_or(0, |b| b.leading_zeros() as usize));
     if !(2048..=8192).contains(&bits) {
         return Err(format!("the RSA key has {bits} bits; 2048 to 8192 are taken"));
     }
@@ -150,7 +171,12 @@ mod tests {
         let key = IdentityKey::Hs256 { secret: SECRET.into() };
         let now = 1_800_000_000;
         let good = hs256(SECRET, r#"{"alg":"HS256","typ":"JWT"}"#, r#"{"sub":"cust-42","exp":1800000600}"#);
-        assert_eq!(verify(&good, &key, now), Ok("cust-42".into()));
+        assert_eq!(verify_subject(&good, &key, now), Ok("cust-42".into()));
+        assert_eq!(verify(&good, &key, now), Ok(format!("customer:{}:cust-42", key_id(&key))));
+        let other = IdentityKey::Hs256 { secret: "another-secret-of-at-least-32-bytes!!".into() };
+        assert_ne!(key_id(&key), key_id(&other), "another key's customer 42 is another customer");
+        let forever = hs256(SECRET, r#"{"alg":"HS256"}"#, r#"{"sub":"cust-42","exp":1900000000}"#);
+        assert!(verify(&forever, &key, now).unwrap_err().contains("24 hours"));
         let forged = hs256("another-secret-of-at-least-32-bytes!!", r#"{"alg":"HS256"}"#, r#"{"sub":"cust-42","exp":1800000600}"#);
         assert!(verify(&forged, &key, now).unwrap_err().contains("signature"));
         let none = format!("{}.{}.", b64u(br#"{"alg":"none"}"#), b64u(br#"{"sub":"cust-42","exp":1800000600}"#));
@@ -182,7 +208,7 @@ mod tests {
         pair.sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), signed.as_bytes(), &mut signature).expect("signed");
         let token = format!("{signed}.{}", b64u(&signature));
         let key = IdentityKey::Rs256 { public_key_pem: public.into() };
-        assert_eq!(verify(&token, &key, 1_800_000_000), Ok("cust-7".into()));
+        assert_eq!(verify_subject(&token, &key, 1_800_000_000), Ok("cust-7".into()));
         // An HS256 token "signed" with the public key as a secret is refused (alg confusion).
         let confused = hs256(public, r#"{"alg":"HS256"}"#, r#"{"sub":"cust-7","exp":1800000600}"#);
         assert!(verify(&confused, &key, 1_800_000_000).unwrap_err().contains("RS256"));

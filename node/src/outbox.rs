@@ -99,63 +99,69 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             continue;
         }
         let now = now_ms();
-        let (orphans, due) = {
+        let instant = std::time::Instant::now();
+        let (orphans, paced) = {
             let state = shard.read();
             if state.outbox.is_empty() {
                 idle_rounds += 1;
                 continue;
             }
             let flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            let room = IN_FLIGHT.saturating_sub(flying.len());
+            let room = IN_FLIGHT.saturating_sub(flying.len()).min(switchboard_actors::core::MAX_DELIVERY_BATCH);
             let mut orphans = Vec::new();
-            let mut due: Vec<(Key, ChannelId, bool)> = Vec::new();
+            let mut paced: Vec<Key> = Vec::new();
+            // Per conversation, one entry at a time and in order: an entry waits while an
+            // earlier one of its conversation is being sent or waits for its retry.
+            let mut blocked: Option<ConversationId> = None;
             for (key, d) in &state.outbox {
+                if blocked == Some(key.0) {
+                    continue;
+                }
                 if flying.contains(key) {
+                    blocked = Some(key.0);
                     continue;
                 }
                 match d.status {
                     DeliveryStatus::Attempting { .. } => {
+                        blocked = Some(key.0);
                         // The bot's events carry a delivery id, as the Channel API's do.
                         let safe = d.to_bot || state.channel_adapters.get(&d.channel).is_some_and(AdapterConfig::resend_is_safe);
                         if safe {
-                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
+                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
                         } else if now.millis_since(d.updated_at) >= ORPHAN_AFTER_MS {
-                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, outcome: DeliveryOutcome::Unknown });
+                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
                         }
                     }
-                    DeliveryStatus::Pending if d.next_at <= now && due.len() < room => due.push((*key, d.channel.clone(), d.to_bot)),
+                    DeliveryStatus::Pending if d.next_at > now => blocked = Some(key.0),
+                    DeliveryStatus::Pending if paced.len() < room => {
+                        blocked = Some(key.0);
+                        // Paced per channel: a channel out of tokens is skipped, so one
+                        // slow provider's backlog does not hold up the others.
+                        let rate = match (d.to_bot, state.channel_adapters.get(&d.channel)) {
+                            (true, _) => BOT_RATE,
+                            (false, Some(adapter)) => rate_of(adapter),
+                            (false, None) => continue,
+                        };
+                        let bucket = buckets.entry((d.channel.clone(), d.to_bot)).or_insert(Bucket { tokens: rate.min(50.0), at: instant });
+                        bucket.tokens = (bucket.tokens + instant.duration_since(bucket.at).as_secs_f64() * rate).min(rate.max(1.0));
+                        bucket.at = instant;
+                        if bucket.tokens >= 1.0 {
+                            bucket.tokens -= 1.0;
+                            paced.push(*key);
+                        }
+                    }
                     _ => {}
                 }
+                if orphans.len() >= switchboard_actors::core::MAX_DELIVERY_BATCH {
+                    break;
+                }
             }
-            (orphans, due)
+            (orphans, paced)
         };
         if !orphans.is_empty() {
             let n = orphans.len();
-            if let Err(e) = proposer.propose(Command::DeliveryResults { results: orphans.into_iter().take(switchboard_actors::core::MAX_DELIVERY_BATCH).collect() }).await {
+            if let Err(e) = proposer.propose(Command::DeliveryResults { results: orphans }).await {
                 tracing::warn!(error = %e, "settling {n} orphaned outbox attempts failed; trying again");
-            }
-        }
-        // Pace each channel by its provider's rate.
-        let mut paced = Vec::new();
-        {
-            let state = shard.read();
-            let instant = std::time::Instant::now();
-            for (key, channel, to_bot) in due {
-                let rate = match (to_bot, state.channel_adapters.get(&channel)) {
-                    (true, _) => BOT_RATE,
-                    (false, Some(adapter)) => rate_of(adapter),
-                    (false, None) => continue,
-                };
-                let bucket = buckets.entry((channel, to_bot)).or_insert(Bucket { tokens: rate.min(50.0), at: instant });
-                bucket.tokens = (bucket.tokens + instant.duration_since(bucket.at).as_secs_f64() * rate).min(rate.max(1.0));
-                bucket.at = instant;
-                if bucket.tokens >= 1.0 {
-                    bucket.tokens -= 1.0;
-                    paced.push(key);
-                }
-                if paced.len() >= switchboard_actors::core::MAX_DELIVERY_BATCH {
-                    break;
-                }
             }
         }
         if paced.is_empty() {
@@ -168,19 +174,30 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         in_flight.lock().unwrap_or_else(|p| p.into_inner()).extend(paced.iter().copied());
         let (proposer, in_flight, client, shard, results) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone());
         tokio::spawn(async move {
-            if let Err(e) = proposer.propose(Command::DeliveriesAttempted { node: node_id, items: paced.clone() }).await {
-                tracing::warn!(error = %e, "marking {} outbox entries attempted failed; they wait", paced.len());
+            // Only what this entry marked is sent: an entry another node marked first
+            // (a leadership change) is left to it.
+            let marked = match proposer.propose(Command::DeliveriesAttempted { node: node_id, items: paced.clone() }).await {
+                Ok(switchboard_actors::core::Reply::Attempted { items }) => items,
+                Ok(other) => {
+                    tracing::warn!(?other, "marking outbox entries attempted was answered unexpectedly");
+                    Vec::new()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "marking {} outbox entries attempted failed; they wait", paced.len());
+                    Vec::new()
+                }
+            };
+            {
                 let mut flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-                for key in &paced {
+                for key in paced.iter().filter(|k| !marked.contains(k)) {
                     flying.remove(key);
                 }
-                return;
             }
-            for key in paced {
+            for key in marked {
                 let (client, shard, results) = (client.clone(), shard.clone(), results.clone());
                 tokio::spawn(async move {
-                    let outcome = attempt(&client, &shard, key).await;
-                    let _ = results.send(DeliveryResult { conversation: key.0, seq: key.1, outcome });
+                    let outcome = attempt(&client, &shard, key, node_id).await;
+                    let _ = results.send(DeliveryResult { conversation: key.0, seq: key.1, node: node_id, outcome });
                 });
             }
         });
@@ -188,10 +205,12 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
 }
 
 /// Sends one attempted entry and turns the provider's answer into its outcome.
-async fn attempt(client: &http::Client, shard: &Shard, key: Key) -> DeliveryOutcome {
+async fn attempt(client: &http::Client, shard: &Shard, key: Key, node_id: u64) -> DeliveryOutcome {
     let for_bot = {
         let state = shard.read();
         match state.outbox.get(&key) {
+            // Marked by another node since: not ours to send (our answer will be dropped).
+            Some(d) if d.status != (DeliveryStatus::Attempting { node: node_id }) => Some(Err("the entry is being sent by another node".to_owned())),
             Some(d) if d.to_bot => match state.channel_bots.get(&d.channel) {
                 Some(bot) => {
                     let customer = state.conversations.get(&key.0).map(|c| (c.visitor.id.clone().unwrap_or_default(), c.visitor.name.clone())).unwrap_or_default();
@@ -277,10 +296,13 @@ async fn to_bot(client: &http::Client, shard: &Shard, key: Key, delivery: &switc
 /// the entry ran out of attempts or time.
 pub fn retry_or_give_up(delivery: &switchboard_actors::state::Delivery, now: Timestamp, reason: String, after: Option<Duration>) -> DeliveryOutcome {
     // `attempts` counts the attempt that just failed.
-    if delivery.attempts >= MAX_DELIVERY_ATTEMPTS || now.millis_since(delivery.queued_at) >= GIVE_UP_AFTER_MS {
+    let give_up_at = delivery.queued_at.plus_ms(GIVE_UP_AFTER_MS);
+    let wait = backoff_ms(delivery.attempts).max(after.map_or(0, |a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)));
+    // A provider's wait past the give-up time is as good as a refusal.
+    if delivery.attempts >= MAX_DELIVERY_ATTEMPTS || now.plus_ms(wait) >= give_up_at {
+        let reason: String = reason.chars().take(400).collect();
         return DeliveryOutcome::Failed { reason: format!("gave up after {} attempts: {reason}", delivery.attempts) };
     }
-    let wait = backoff_ms(delivery.attempts).max(after.map_or(0, |a| a.as_millis() as u64));
     DeliveryOutcome::Retry { reason, retry_at: now.plus_ms(wait) }
 }
 
@@ -304,9 +326,14 @@ async fn commit_results(proposer: Arc<dyn Proposer>, mut results: tokio::sync::m
             counter.fetch_add(1, Relaxed);
         }
         let keys: Vec<Key> = batch.iter().map(|r| (r.conversation, r.seq)).collect();
-        // Kept as attempted when the commit fails: the next leader settles them.
-        if let Err(e) = proposer.propose(Command::DeliveryResults { results: batch }).await {
-            tracing::warn!(error = %e, "committing {} delivery outcomes failed; the next leader settles them", keys.len());
+        // Tried a few times (a leader change takes a moment); if it still fails, the
+        // entries stay attempted and the next leader settles them.
+        for attempt in 1..=5u64 {
+            match proposer.propose(Command::DeliveryResults { results: batch.clone() }).await {
+                Ok(_) => break,
+                Err(e) if attempt == 5 => tracing::warn!(error = %e, "committing {} delivery outcomes failed; the next leader settles them", keys.len()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200 * attempt)).await,
+            }
         }
         let mut flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
         for key in keys {

@@ -6,7 +6,7 @@
  * data-identity="<jwt>": the logged-in customer's identity, a JWT the site signed with the
  *   key an admin set on the channel (PUT /api/channels/{id}/identity; HS256 or RS256, a
  *   `sub` and an `exp`). Sent as `identity` in the `start` frame of the next conversation
- *   (never in `resume`); when it verifies, staff see the visitor as `customer:<sub>`.
+ *   (never in `resume`); when it verifies, staff see the visitor as `customer:<key id>:<sub>`.
  * JS API (the script's global, once it has run):
  *   SwitchboardWidget.identify(jwt)   sets that token for the next conversation start, e.g.
  *                                     after the customer logged in on a loaded page;
