@@ -133,21 +133,21 @@ fn the_outbox_carries_staff_messages_through_retries_sends_receipts_and_dead_let
     ok(run(&mut state, &store, T0 + 40, Command::DeliveriesAttempted { node: 1, items: vec![entry, entry] }));
     assert_eq!(state.outbox[&entry].status, DeliveryStatus::Attempting { node: 1 });
     let retry = DeliveryOutcome::Retry { reason: "429 Too Many Requests".into(), retry_at: Timestamp(T0 + 5_040) };
-    ok(run(&mut state, &store, T0 + 50, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: retry }] }));
+    ok(run(&mut state, &store, T0 + 50, Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq, outcome: retry }] }));
     let mut state = records::load(&store).expect("reload");
     let d = &state.outbox[&entry];
     assert_eq!((d.status, d.attempts, d.next_at), (DeliveryStatus::Pending, 1, Timestamp(T0 + 5_040)));
     // A result for an entry nobody is attempting changes nothing.
-    let (_, events) = ok(run(&mut state, &store, T0 + 60, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: DeliveryOutcome::Sent { provider_id: "x".into() } }] }));
+    let (_, events) = ok(run(&mut state, &store, T0 + 60, Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq, outcome: DeliveryOutcome::Sent { provider_id: "x".into() } }] }));
     assert!(events.is_empty());
 
     // Sent, then delivered and read: it leaves the hot outbox, its record keeps the status.
     ok(run(&mut state, &store, T0 + 5_100, Command::DeliveriesAttempted { node: 1, items: vec![entry] }));
-    ok(run(&mut state, &store, T0 + 5_200, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: DeliveryOutcome::Sent { provider_id: "777".into() } }] }));
+    ok(run(&mut state, &store, T0 + 5_200, Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq, outcome: DeliveryOutcome::Sent { provider_id: "777".into() } }] }));
     assert!(state.outbox.is_empty());
-    ok(run(&mut state, &store, T0 + 5_300, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: DeliveryOutcome::Read }] }));
+    ok(run(&mut state, &store, T0 + 5_300, Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq, outcome: DeliveryOutcome::Read }] }));
     // A late "delivered" does not undo "read".
-    ok(run(&mut state, &store, T0 + 5_400, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: DeliveryOutcome::Delivered }] }));
+    ok(run(&mut state, &store, T0 + 5_400, Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq, outcome: DeliveryOutcome::Delivered }] }));
     let d = records::delivery(&store, conv, seq).expect("read").expect("kept");
     assert_eq!((d.status, d.provider_id.as_deref(), d.attempts), (DeliveryStatus::Read, Some("777"), 2));
     assert!(records::dead_letters(&store, 10).expect("listed").is_empty());
@@ -158,7 +158,7 @@ fn the_outbox_carries_staff_messages_through_retries_sends_receipts_and_dead_let
     let refused = run(&mut state, &store, T0 + 6_050, Command::RetryDelivery { conversation: conv, seq: seq2, by: "sue".into() });
     assert!(matches!(refused, Err(Error::Invalid(_))), "only a dead letter is retried: {refused:?}");
     ok(run(&mut state, &store, T0 + 6_100, Command::DeliveriesAttempted { node: 2, items: vec![(conv, seq2)] }));
-    ok(run(&mut state, &store, T0 + 6_200, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq: seq2, outcome: DeliveryOutcome::Failed { reason: "400 chat not found".into() } }] }));
+    ok(run(&mut state, &store, T0 + 6_200, Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq: seq2, outcome: DeliveryOutcome::Failed { reason: "400 chat not found".into() } }] }));
     let dead = records::dead_letters(&store, 10).expect("listed");
     assert_eq!(dead.len(), 1);
     assert_eq!((dead[0].0, dead[0].1, dead[0].2.status), (conv, seq2, DeliveryStatus::Failed));
@@ -196,7 +196,7 @@ fn disconnecting_a_channel_dead_letters_what_it_had_to_send() {
     let (reply, _) = ok(run(&mut state, &store, T0 + 30, Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "k1".into(), text: "Hi".into(), attachments: vec![] }));
     let Reply::Message { seq, .. } = reply else { panic!("{reply:?}") };
     // A receipt for an entry not sent yet is dropped: it does not take it out of the outbox.
-    let (_, events) = ok(run(&mut state, &store, T0 + 35, Command::DeliveryResults { results: vec![DeliveryResult { conversation: conv, seq, outcome: DeliveryOutcome::Read }] }));
+    let (_, events) = ok(run(&mut state, &store, T0 + 35, Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq, outcome: DeliveryOutcome::Read }] }));
     assert!(events.is_empty());
     assert_eq!(state.outbox[&(conv, seq)].status, DeliveryStatus::Pending);
 

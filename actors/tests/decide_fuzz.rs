@@ -212,6 +212,7 @@ fn command() -> impl Strategy<Value = Command> {
             results: vec![DeliveryResult {
                 conversation,
                 seq,
+                node: 0,
                 outcome: match o {
                     0 => DeliveryOutcome::Sent { provider_id: "p".into() },
                     1 => DeliveryOutcome::Failed { reason: "no".into() },
