@@ -1624,7 +1624,7 @@ impl ShardState {
                             }
                             DeliveryOutcome::Unknown => {
                                 d.status = DeliveryStatus::Unknown;
-                                d.reason = "the node sending it stopped before the provider answered".into();
+                                d.reason = "the provider's answer never came (its node stopped, or no answer in time); not sent again".into();
                             }
                             DeliveryOutcome::Delivered => {
                                 if d.status != DeliveryStatus::Read {

@@ -91,7 +91,7 @@ async fn post_signed(client: &http::Client, url: &str, signing_secret: &str, del
     let headers = [(SIGNATURE_HEADER, signature(signing_secret, now, &body)), (DELIVERY_HEADER, delivery_id.to_owned())];
     let response = match client.post_json(url, &headers, body).await {
         Ok(r) => r,
-        Err(e) => return SendOutcome::Retry { reason: e.to_string(), after: None },
+        Err(e) => return crate::transport(e, true),
     };
     if (200..300).contains(&response.status) {
         let id = serde_json::from_slice::<Accepted>(&response.body).ok().and_then(|a| a.provider_message_id).filter(|id| !id.is_empty() && id.len() <= 200);

@@ -121,26 +121,38 @@ impl Client {
         self.post_as(url, "application/x-www-form-urlencoded", &[], body.into_bytes()).await
     }
 
+    /// Errors before the request could be written are [`AdapterError::Unreachable`] (the
+    /// provider got nothing); from the moment it may have been written they are
+    /// [`AdapterError::NoAnswer`] (the provider may have acted on it).
     async fn post_as(&self, url: &str, content_type: &'static str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
         let url = Url::parse(url)?;
-        match tokio::time::timeout(self.timeout, self.post(&url, content_type, headers, body)).await {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let origin = url.origin();
+        let sender = match tokio::time::timeout_at(deadline, self.sender(&url)).await {
+            Ok(sender) => sender?,
+            Err(_) => return Err(AdapterError::Unreachable(format!("no connection to {origin} within {} ms", self.timeout.as_millis()))),
+        };
+        match tokio::time::timeout_at(deadline, self.post(&url, sender, content_type, headers, body)).await {
             Ok(result) => result,
-            Err(_) => Err(AdapterError::Unreachable(format!("no answer from {} within {} ms", url.origin(), self.timeout.as_millis()))),
+            Err(_) => Err(AdapterError::NoAnswer(format!("no answer from {origin} within {} ms", self.timeout.as_millis()))),
         }
     }
 
-    async fn post(&self, url: &Url, content_type: &'static str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
-        let origin = url.origin();
-        // A pooled connection must be ready for a request (its last answer read to the
-        // end, the connection not closing); otherwise a new one is made.
-        let pooled = match self.take_idle(&origin) {
+    /// A connection ready for a request: a pooled one whose last answer was read to the
+    /// end, or a new one.
+    async fn sender(&self, url: &Url) -> Result<SendRequest<Full<Bytes>>, AdapterError> {
+        let pooled = match self.take_idle(&url.origin()) {
             Some(mut sender) => sender.ready().await.is_ok().then_some(sender),
             None => None,
         };
-        let mut sender = match pooled {
-            Some(sender) => sender,
-            None => self.connect(url).await?,
-        };
+        match pooled {
+            Some(sender) => Ok(sender),
+            None => self.connect(url).await,
+        }
+    }
+
+    async fn post(&self, url: &Url, mut sender: SendRequest<Full<Bytes>>, content_type: &'static str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
+        let origin = url.origin();
         let mut request = hyper::Request::post(url.path.as_str())
             .header(hyper::header::HOST, url.host_header())
             .header(hyper::header::CONTENT_TYPE, content_type)
@@ -149,7 +161,7 @@ impl Client {
             request = request.header(*name, value.as_str());
         }
         let request = request.body(Full::new(Bytes::from(body))).map_err(|e| AdapterError::Malformed(format!("request: {e}")))?;
-        let response = sender.send_request(request).await.map_err(|e| AdapterError::Unreachable(format!("{origin}: {e}")))?;
+        let response = sender.send_request(request).await.map_err(|e| AdapterError::NoAnswer(format!("{origin}: {e}")))?;
         let status = response.status().as_u16();
         let headers = response
             .headers()
@@ -159,7 +171,7 @@ impl Client {
         let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
-            .map_err(|e| AdapterError::Unreachable(format!("{origin}: reading the answer: {e}")))?
+            .map_err(|e| AdapterError::NoAnswer(format!("{origin}: reading the answer: {e}")))?
             .to_bytes();
         self.put_idle(origin, sender);
         Ok(Response { status, headers, body })

@@ -33,6 +33,9 @@ pub enum AdapterError {
     Refused(String),
     #[error("provider unreachable: {0}")]
     Unreachable(String),
+    /// The request may have reached the provider, but no answer came back.
+    #[error("no answer from the provider: {0}")]
+    NoAnswer(String),
 }
 
 /// A message from a customer, as every channel reports it.
@@ -103,6 +106,18 @@ pub enum SendOutcome {
     Retry { reason: String, after: Option<Duration> },
     /// Will not heal (the provider refused the message itself).
     Failed { reason: String },
+    /// The request may have reached a provider that cannot tell a repeat from a new
+    /// message, and no answer came: sending again could deliver it twice.
+    Unknown { reason: String },
+}
+
+/// What a transport error means for a provider: nothing reached it (try again), or it
+/// may have (try again only where the provider deduplicates).
+pub(crate) fn transport(error: AdapterError, resend_is_safe: bool) -> SendOutcome {
+    match error {
+        AdapterError::NoAnswer(reason) if !resend_is_safe => SendOutcome::Unknown { reason },
+        e => SendOutcome::Retry { reason: e.to_string(), after: None },
+    }
 }
 
 /// Hands one entry to its channel's provider.

@@ -141,7 +141,7 @@ pub async fn send(client: &http::Client, api_base: &str, page_token: &str, messa
     }
     let response = match client.post_json(&url, &[], body.to_string().into_bytes()).await {
         Ok(r) => r,
-        Err(e) => return SendOutcome::Retry { reason: e.to_string(), after: None },
+        Err(e) => return crate::transport(e, false),
     };
     match serde_json::from_slice::<Answer>(&response.body) {
         Ok(Answer { message_id: Some(id), error: None }) if (200..300).contains(&response.status) => SendOutcome::Sent { provider_id: id },

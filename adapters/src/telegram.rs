@@ -180,7 +180,7 @@ pub async fn send(client: &http::Client, api_base: &str, bot_token: &str, messag
     let body = body.to_string().into_bytes();
     let response = match client.post_json(&url, &[], body).await {
         Ok(r) => r,
-        Err(e) => return SendOutcome::Retry { reason: e.to_string(), after: None },
+        Err(e) => return crate::transport(e, false),
     };
     match serde_json::from_slice::<Answer>(&response.body) {
         Ok(Answer { ok: true, result: Some(sent), .. }) => SendOutcome::Sent { provider_id: sent.message_id.to_string() },

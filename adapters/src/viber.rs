@@ -124,7 +124,7 @@ pub async fn send(client: &http::Client, api_base: &str, auth_token: &str, sende
     let headers = [("x-viber-auth-token", auth_token.to_owned())];
     let response = match client.post_json(&url, &headers, body.to_string().into_bytes()).await {
         Ok(r) => r,
-        Err(e) => return SendOutcome::Retry { reason: e.to_string(), after: None },
+        Err(e) => return crate::transport(e, false),
     };
     match serde_json::from_slice::<Answer>(&response.body) {
         Ok(Answer { status: 0, message_token: Some(t), .. }) => SendOutcome::Sent { provider_id: token(Some(t)).unwrap_or_default() },

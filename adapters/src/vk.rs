@@ -143,7 +143,7 @@ pub async fn send(client: &http::Client, api_base: &str, access_token: &str, mes
     let fields = [("access_token", access_token), ("v", API_VERSION), ("peer_id", message.recipient.as_str()), ("random_id", random.as_str()), ("message", text.as_str())];
     let response = match client.post_form(&url, &fields).await {
         Ok(r) => r,
-        Err(e) => return SendOutcome::Retry { reason: e.to_string(), after: None },
+        Err(e) => return crate::transport(e, true),
     };
     match serde_json::from_slice::<Answer>(&response.body) {
         Ok(Answer { response: Some(id), error: None }) => SendOutcome::Sent { provider_id: id.to_string() },

@@ -230,7 +230,7 @@ pub async fn send(client: &http::Client, api_base: &str, phone_number_id: &str, 
     let headers = [("authorization", format!("Bearer {access_token}"))];
     let response = match client.post_json(&url, &headers, body.to_string().into_bytes()).await {
         Ok(r) => r,
-        Err(e) => return SendOutcome::Retry { reason: e.to_string(), after: None },
+        Err(e) => return crate::transport(e, false),
     };
     let after = response.header("retry-after").and_then(|s| s.trim().parse::<u64>().ok()).map(Duration::from_secs);
     match serde_json::from_slice::<Answer>(&response.body) {

@@ -654,3 +654,32 @@ async fn a_viber_conversation_with_signed_callbacks_and_receipts() -> anyhow::Re
     }
     Ok(())
 }
+
+/// A provider that takes a message and never answers: Telegram cannot tell a repeat from
+/// a new message, so after the 10 s the outbox waits the message is `unknown` (a dead
+/// letter for a person), not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_that_is_never_answered_is_not_repeated_on_a_provider_without_idempotency() -> anyhow::Result<()> {
+    let fake = FakeTelegram::start(BOT_TOKEN).await?;
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    telegram_channel(&dev, &admin, &fake).await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    hook(&dev, Some(SECRET), &update(1, 77, 1, "hello")).await?;
+    let conversation = accept_offer(&mut alice).await?;
+    fake.script(&[Fault::Hang(Duration::from_secs(30))]);
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "h1", "text": "are you there?", "ref": "h1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "h1").await?;
+    let supervisor = dev.login("supervisor").await?;
+    let unknown = eventually(Duration::from_secs(25), Duration::from_millis(200), || async {
+        Ok(deliveries(&dev, &supervisor, conversation).await?.into_iter().find(|d| d["status"] == "unknown"))
+    })
+    .await?;
+    assert_eq!(unknown["attempts"], 1, "{unknown}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fake.calls().len(), 1, "the provider was called once");
+    let (_, dead) = dev.api("GET", "/api/deliveries", Some(&supervisor), None).await?;
+    assert_eq!(dead["deliveries"].as_array().map(Vec::len), Some(1));
+    Ok(())
+}

@@ -732,7 +732,7 @@ pub async fn test_message(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id)
     };
     let answer = match switchboard_adapters::send(&client, &adapter, &message).await {
         switchboard_adapters::SendOutcome::Sent { provider_id } => json!({"ok": true, "provider_id": provider_id}),
-        switchboard_adapters::SendOutcome::Retry { reason, .. } | switchboard_adapters::SendOutcome::Failed { reason } => json!({"ok": false, "reason": reason}),
+        switchboard_adapters::SendOutcome::Retry { reason, .. } | switchboard_adapters::SendOutcome::Failed { reason } | switchboard_adapters::SendOutcome::Unknown { reason } => json!({"ok": false, "reason": reason}),
     };
     tracing::info!(%channel, by = %staff.login, ok = %answer["ok"], "an admin sent a test message");
     Ok(Json(answer))

@@ -261,6 +261,11 @@ fn outcome_of(sent: SendOutcome, delivery: &switchboard_actors::state::Delivery)
     match sent {
         SendOutcome::Sent { provider_id } => DeliveryOutcome::Sent { provider_id },
         SendOutcome::Failed { reason } => DeliveryOutcome::Failed { reason },
+        // Dead-lettered as unknown, with why: a person decides whether to send it again.
+        SendOutcome::Unknown { reason } => {
+            tracing::warn!(%reason, "a provider may have taken a message without answering; it is not sent again");
+            DeliveryOutcome::Unknown
+        }
         SendOutcome::Retry { reason, after } => retry_or_give_up(delivery, now_ms(), reason, after),
     }
 }
