@@ -25,6 +25,22 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+/// Serves `app` on a free loopback port until the returned sender is dropped (with the
+/// fake that holds it).
+async fn serve(app: Router) -> anyhow::Result<(SocketAddr, Arc<tokio::sync::oneshot::Sender<()>>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Ok((addr, Arc::new(stop)))
+}
+
 /// One scripted answer instead of a success.
 #[derive(Clone, Copy, Debug)]
 pub enum Fault {
@@ -60,17 +76,8 @@ impl FakeTelegram {
     pub async fn start(token: &str) -> anyhow::Result<FakeTelegram> {
         let state = Arc::new(Mutex::new(TelegramState { token: token.to_owned(), next_id: 1000, ..Default::default() }));
         let app = Router::new().route("/{bot}/sendMessage", post(send_message)).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Ok(FakeTelegram { addr, state, _stop: Arc::new(stop) })
+        let (addr, stop) = serve(app).await?;
+        Ok(FakeTelegram { addr, state, _stop: stop })
     }
 
     pub fn base_url(&self) -> String {
@@ -156,17 +163,8 @@ impl FakeAdapter {
     pub async fn start() -> anyhow::Result<FakeAdapter> {
         let state = Arc::new(Mutex::new(AdapterState::default()));
         let app = Router::new().route("/outbound", post(outbound)).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Ok(FakeAdapter { addr, state, _stop: Arc::new(stop) })
+        let (addr, stop) = serve(app).await?;
+        Ok(FakeAdapter { addr, state, _stop: stop })
     }
 
     pub fn url(&self) -> String {
@@ -262,17 +260,8 @@ impl FakeWhatsApp {
     pub async fn start(token: &str) -> anyhow::Result<FakeWhatsApp> {
         let state = Arc::new(Mutex::new(WhatsAppState { token: token.to_owned(), ..Default::default() }));
         let app = Router::new().route("/{version}/{phone}/messages", post(whatsapp_send)).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Ok(FakeWhatsApp { addr, state, _stop: Arc::new(stop) })
+        let (addr, stop) = serve(app).await?;
+        Ok(FakeWhatsApp { addr, state, _stop: stop })
     }
 
     /// The `api_base` to configure: this server and a Graph API version.
@@ -351,17 +340,8 @@ impl FakeVk {
     pub async fn start(token: &str) -> anyhow::Result<FakeVk> {
         let state = Arc::new(Mutex::new(VkState { token: token.to_owned(), ..Default::default() }));
         let app = Router::new().route("/method/messages.send", post(vk_send)).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Ok(FakeVk { addr, state, _stop: Arc::new(stop) })
+        let (addr, stop) = serve(app).await?;
+        Ok(FakeVk { addr, state, _stop: stop })
     }
 
     pub fn api_base(&self) -> String {
@@ -462,17 +442,8 @@ impl FakeMessenger {
     pub async fn start(token: &str) -> anyhow::Result<FakeMessenger> {
         let state = Arc::new(Mutex::new(MessengerState { token: token.to_owned(), ..Default::default() }));
         let app = Router::new().route("/{version}/me/messages", post(messenger_send)).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Ok(FakeMessenger { addr, state, _stop: Arc::new(stop) })
+        let (addr, stop) = serve(app).await?;
+        Ok(FakeMessenger { addr, state, _stop: stop })
     }
 
     pub fn api_base(&self) -> String {
@@ -522,17 +493,8 @@ impl FakeViber {
     pub async fn start(token: &str) -> anyhow::Result<FakeViber> {
         let state = Arc::new(Mutex::new(ViberState { token: token.to_owned(), ..Default::default() }));
         let app = Router::new().route("/pa/send_message", post(viber_send)).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        Ok(FakeViber { addr, state, _stop: Arc::new(stop) })
+        let (addr, stop) = serve(app).await?;
+        Ok(FakeViber { addr, state, _stop: stop })
     }
 
     pub fn api_base(&self) -> String {

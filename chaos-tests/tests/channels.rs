@@ -49,6 +49,23 @@ async fn accept_offer(ws: &mut WsClient) -> anyhow::Result<u64> {
     offer["conversation"].as_u64().ok_or_else(|| anyhow::anyhow!("offer without a conversation: {offer}"))
 }
 
+/// Starts one of `adapters/examples/python/` with `env` and waits until it answers
+/// `/healthz` on `listen`; it is killed when dropped.
+async fn python_example(script: &str, env: &[(&str, String)], listen: &str) -> anyhow::Result<tokio::process::Child> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../adapters/examples/python").join(script);
+    let mut command = tokio::process::Command::new("python3");
+    command.arg(&path).kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let child = command.spawn()?;
+    eventually(WAIT, Duration::from_millis(100), || async {
+        Ok(switchboard_gateway::client::http_json(listen, "GET", "/healthz", None, None).await.ok().filter(|(s, _)| *s == 200))
+    })
+    .await?;
+    Ok(child)
+}
+
 async fn deliveries(dev: &Dev, token: &str, conversation: u64) -> anyhow::Result<Vec<Value>> {
     let (status, conv) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(token), None).await?;
     anyhow::ensure!(status == 200, "{conv}");
@@ -186,19 +203,17 @@ async fn the_python_example_adapter_runs_a_conversation_end_to_end() -> anyhow::
     assert_eq!(status, 200);
     let (status, settings) = dev.api("PUT", "/api/channels/toy/adapter", Some(&admin), Some(json!({"kind": "api", "outbound_url": format!("http://{listen}/outbound")}))).await?;
     assert_eq!(status, 200, "{settings}");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../adapters/examples/python/adapter.py");
-    let mut adapter = tokio::process::Command::new("python3")
-        .arg(&script)
-        .env("SWITCHBOARD_URL", format!("http://{}", dev.private))
-        .env("SWITCHBOARD_CHANNEL", "toy")
-        .env("SWITCHBOARD_TOKEN", settings["token"].as_str().unwrap_or_default())
-        .env("SWITCHBOARD_SECRET", settings["signing_secret"].as_str().unwrap_or_default())
-        .env("ADAPTER_LISTEN", &listen)
-        .kill_on_drop(true)
-        .spawn()?;
-    eventually(WAIT, Duration::from_millis(100), || async {
-        Ok(switchboard_gateway::client::http_json(&listen, "GET", "/healthz", None, None).await.ok().filter(|(s, _)| *s == 200))
-    })
+    let mut adapter = python_example(
+        "adapter.py",
+        &[
+            ("SWITCHBOARD_URL", format!("http://{}", dev.private)),
+            ("SWITCHBOARD_CHANNEL", "toy".into()),
+            ("SWITCHBOARD_TOKEN", settings["token"].as_str().unwrap_or_default().into()),
+            ("SWITCHBOARD_SECRET", settings["signing_secret"].as_str().unwrap_or_default().into()),
+            ("ADAPTER_LISTEN", listen.clone()),
+        ],
+        &listen,
+    )
     .await?;
 
     // The toy messenger delivers a message twice: one message in Switchboard.
@@ -451,19 +466,17 @@ async fn a_bot_answers_first_then_hands_off_with_its_context() -> anyhow::Result
     let listen = format!("127.0.0.1:{port}");
     let (status, bot) = dev.api("PUT", "/api/channels/web/bot", Some(&admin), Some(json!({"url": format!("http://{listen}/events")}))).await?;
     assert_eq!(status, 200, "{bot}");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../adapters/examples/python/echo_bot.py");
-    let mut process = tokio::process::Command::new("python3")
-        .arg(&script)
-        .env("SWITCHBOARD_URL", format!("http://{}", dev.private))
-        .env("SWITCHBOARD_CHANNEL", "web")
-        .env("BOT_TOKEN", bot["token"].as_str().unwrap_or_default())
-        .env("BOT_SECRET", bot["signing_secret"].as_str().unwrap_or_default())
-        .env("BOT_LISTEN", &listen)
-        .kill_on_drop(true)
-        .spawn()?;
-    eventually(WAIT, Duration::from_millis(100), || async {
-        Ok(switchboard_gateway::client::http_json(&listen, "GET", "/healthz", None, None).await.ok().filter(|(s, _)| *s == 200))
-    })
+    let mut process = python_example(
+        "echo_bot.py",
+        &[
+            ("SWITCHBOARD_URL", format!("http://{}", dev.private)),
+            ("SWITCHBOARD_CHANNEL", "web".into()),
+            ("BOT_TOKEN", bot["token"].as_str().unwrap_or_default().into()),
+            ("BOT_SECRET", bot["signing_secret"].as_str().unwrap_or_default().into()),
+            ("BOT_LISTEN", listen.clone()),
+        ],
+        &listen,
+    )
     .await?;
     // A wrong token gets nothing done.
     let (status, _) = dev.api("POST", "/api/bot/web/messages", Some("forged"), Some(json!({"conversation": 1, "key": "x", "text": "hi"}))).await?;
