@@ -356,7 +356,7 @@ fn check_message(state: &ShardState, conversation: ConversationId, text: &str, a
 /// only for now) and text over the provider's limit.
 fn check_carried(state: &ShardState, conv: &crate::state::Conversation, text: &str, attachments: &[Attachment]) -> Result<(), Error> {
     let Some(adapter) = state.channel_adapters.get(&conv.channel) else { return Ok(()) };
-    if !attachments.is_empty() {
+    if !attachments.is_empty() && !adapter.carries_files() {
         return Err(Error::Invalid(format!("files cannot be sent to a {} customer yet: send the text, or a link", adapter.kind())));
     }
     match adapter.max_text_chars() {
@@ -648,47 +648,10 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             Ok((Reply::Started { conversation: conv }, events))
         }
         Command::ChannelInbound { channel, sender, sender_name, provider_message_id, text } => {
-            if !state.channel_adapters.contains_key(channel) {
-                return Err(Error::Invalid(format!("channel {channel} has no adapter: connect it before it takes messages")));
-            }
-            if sender.is_empty() || sender.len() > MAX_SENDER_BYTES || sender_name.len() > MAX_SENDER_BYTES {
-                return Err(Error::Invalid(format!("the sender id must be 1-{MAX_SENDER_BYTES} bytes, the name at most {MAX_SENDER_BYTES}")));
-            }
-            if provider_message_id.is_empty() {
-                return Err(Error::Invalid("the provider message id is empty".into()));
-            }
-            let key = inbound_key(channel, sender, provider_message_id);
-            if let Some(conversation) = state.inbound_seen {
-                return Ok((Reply::Inbound { conversation, duplicate: true }, vec![]));
-            }
-            let visitor_id = format!("{channel}:{sender}");
-            let open = state.open_senders.get(&(channel.clone(), visitor_id.clone())).copied();
-            if let Some(conv_id) = open {
-                let conv = conversation(&conv_id)?;
-                if conv.keys.contains_key(&key) {
-                    return Ok((Reply::Inbound { conversation: conv_id, duplicate: true }, vec![]));
-                }
-                crate::access::check(state, channel, crate::access::Customer { ip: None, visitor: Some(&visitor_id) }).map_err(Error::Blocked)?;
-                check_message(state, conv_id, text, &[])?;
-                return Ok((
-                    Reply::Inbound { conversation: conv_id, duplicate: false },
-                    vec![
-                        Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: text.clone(), attachments: vec![] },
-                        Event::InboundTaken { conversation: conv_id, key },
-                    ],
-                ));
-            }
-            check_text(text)?;
-            let visitor = Visitor { id: Some(visitor_id), name: sender_name.clone(), attributes: vec![] };
-            let (conv_id, mut events) = start_conversation(state, channel, None, &visitor, now)?;
-            // Right after it is placed (queued or with the bot), before any notice and an
-            // after-hours close: the customer's message is part of the open conversation.
-            let at = events.len().min(2);
-            events.splice(at..at, [
-                Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: text.clone(), attachments: vec![] },
-                Event::InboundTaken { conversation: conv_id, key },
-            ]);
-            Ok((Reply::Inbound { conversation: conv_id, duplicate: false }, events))
+            channel_inbound(state, now, Inbound { channel, sender, sender_name, provider_message_id, text, files: &[], thread: None, attributes: &[] })
+        }
+        Command::ChannelInboundRich { channel, sender, sender_name, provider_message_id, text, files, thread, attributes } => {
+            channel_inbound(state, now, Inbound { channel, sender, sender_name, provider_message_id, text, files, thread: *thread, attributes })
         }
         Command::SetChannelAdapter { channel, adapter } => {
             if !state.channels.contains_key(channel) {
@@ -696,6 +659,12 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             }
             if let Some(adapter) = adapter {
                 check_adapter(adapter)?;
+            }
+            // Mail for an address goes to one channel.
+            if let Some(AdapterConfig::Email { address, .. }) = adapter {
+                if state.channel_adapters.iter().any(|(c, a)| c != channel && matches!(a, AdapterConfig::Email { address: other, .. } if other == address)) {
+                    return Err(Error::Invalid(format!("{address} is the address of another channel")));
+                }
             }
             if state.channel_adapters.get(channel) == adapter.as_ref() {
                 return Ok((Reply::Done, vec![]));
@@ -1426,6 +1395,20 @@ fn with_bot<'a>(state: &'a ShardState, channel: &ChannelId, conv_id: &Conversati
 }
 
 /// What a channel adapter's settings must hold.
+/// An address mail can be sent to and from: `local@domain`, printable ASCII without
+/// spaces, angle brackets or quotes, at most 254 characters.
+pub fn is_email_address(address: &str) -> bool {
+    let Some((local, domain)) = address.rsplit_once('@') else { return false };
+    address.len() <= 254
+        && !local.is_empty()
+        && local.len() <= 64
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && domain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && local.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'<' | b'>' | b'"' | b'@' | b'(' | b')' | b',' | b';' | b':' | b'\\' | b'[' | b']'))
+}
+
 fn check_adapter(adapter: &AdapterConfig) -> Result<(), Error> {
     let url = |name: &str, url: &str| {
         let ok = (url.starts_with("https://") || url.starts_with("http://")) && url.len() <= 500 && !url.chars().any(char::is_whitespace);
@@ -1480,6 +1463,28 @@ fn check_adapter(adapter: &AdapterConfig) -> Result<(), Error> {
             }
             url("api_base", api_base)
         }
+        AdapterConfig::Email { address, display_name, smtp_host, smtp_port, smtp_security, smtp_username, smtp_password, thread_secret } => {
+            if !is_email_address(address) {
+                return Err(Error::Invalid("address must be an email address (local@domain, ASCII, at most 254 characters)".into()));
+            }
+            if display_name.chars().count() > 64 || display_name.chars().any(char::is_control) {
+                return Err(Error::Invalid("display_name must be at most 64 characters, none of them control characters".into()));
+            }
+            if smtp_host.is_empty() || smtp_host.len() > 253 || !smtp_host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b':') {
+                return Err(Error::Invalid("smtp_host must be a host name or an IP address".into()));
+            }
+            if *smtp_port == 0 {
+                return Err(Error::Invalid("smtp_port must be 1-65535".into()));
+            }
+            if !matches!(smtp_security.as_str(), "tls" | "starttls" | "none") {
+                return Err(Error::Invalid("smtp_security must be tls, starttls or none".into()));
+            }
+            if !smtp_username.is_empty() {
+                secret("smtp_username", smtp_username, 1)?;
+                secret("smtp_password", smtp_password, 1)?;
+            }
+            secret("thread_secret", thread_secret, 16)
+        }
         AdapterConfig::Api { token_sha256, outbound_url, signing_secret } => {
             if token_sha256.len() != 64 || !token_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(Error::Invalid("token_sha256 must be 64 hex digits".into()));
@@ -1490,6 +1495,119 @@ fn check_adapter(adapter: &AdapterConfig) -> Result<(), Error> {
     }
 }
 
+
+/// A customer's message as a channel delivered it ([`Command::ChannelInbound`] and
+/// [`Command::ChannelInboundRich`]).
+struct Inbound<'a> {
+    channel: &'a ChannelId,
+    sender: &'a str,
+    sender_name: &'a str,
+    provider_message_id: &'a str,
+    text: &'a str,
+    files: &'a [InboundFile],
+    thread: Option<ConversationId>,
+    attributes: &'a [(String, String)],
+}
+
+/// The conversation a channel message goes to, if one is open: the one it answers
+/// (`thread`) when that is open on the same channel, else its sender's.
+pub fn inbound_target(state: &ShardState, channel: &ChannelId, sender: &str, thread: Option<ConversationId>) -> Option<ConversationId> {
+    let answered = thread.filter(|id| state.conversations.get(id).is_some_and(|c| &c.channel == channel && c.status != ConversationStatus::Closed));
+    answered.or_else(|| state.open_senders.get(&(channel.clone(), format!("{channel}:{sender}"))).copied())
+}
+
+fn channel_inbound(state: &ShardState, now: Timestamp, m: Inbound<'_>) -> Result<(Reply, Vec<Event>), Error> {
+    let channel = m.channel;
+    if !state.channel_adapters.contains_key(channel) {
+        return Err(Error::Invalid(format!("channel {channel} has no adapter: connect it before it takes messages")));
+    }
+    if m.sender.is_empty() || m.sender.len() > MAX_SENDER_BYTES || m.sender_name.len() > MAX_SENDER_BYTES {
+        return Err(Error::Invalid(format!("the sender id must be 1-{MAX_SENDER_BYTES} bytes, the name at most {MAX_SENDER_BYTES}")));
+    }
+    if m.provider_message_id.is_empty() {
+        return Err(Error::Invalid("the provider message id is empty".into()));
+    }
+    if m.files.len() > MAX_ATTACHMENTS_PER_MESSAGE {
+        return Err(Error::Invalid(format!("at most {MAX_ATTACHMENTS_PER_MESSAGE} attachments per message")));
+    }
+    let key = inbound_key(channel, m.sender, m.provider_message_id);
+    if let Some(conversation) = state.inbound_seen {
+        return Ok((Reply::Inbound { conversation, duplicate: true }, vec![]));
+    }
+    if m.files.is_empty() || !m.text.is_empty() {
+        check_text(m.text)?;
+    }
+    let mut total = 0u64;
+    for (i, file) in m.files.iter().enumerate() {
+        if file.size == 0 || state.attachments.contains_key(&file.id) || m.files[..i].iter().any(|f| f.id == file.id) {
+            return Err(Error::Invalid(format!("attachment {} is empty or exists", file.id.0)));
+        }
+        total = total.saturating_add(file.size);
+    }
+    let visitor_id = format!("{channel}:{}", m.sender);
+    let files = |conversation: ConversationId| -> Vec<Attachment> {
+        m.files
+            .iter()
+            .map(|f| Attachment {
+                id: f.id.clone(),
+                conversation,
+                name: f.name.clone(),
+                content_type: f.content_type.clone(),
+                size: f.size,
+                sha256: f.sha256.clone(),
+                uploaded_by: "client".into(),
+            })
+            .collect()
+    };
+    let stored = |conversation: ConversationId| -> Vec<Event> { files(conversation).into_iter().map(Event::AttachmentStored).collect() };
+    if let Some(conv_id) = inbound_target(state, channel, m.sender, m.thread) {
+        let conv = state.conversations.get(&conv_id).ok_or(Error::NotFound(format!("conversation {conv_id}")))?;
+        if conv.keys.contains_key(&key) {
+            return Ok((Reply::Inbound { conversation: conv_id, duplicate: true }, vec![]));
+        }
+        crate::access::check(state, channel, crate::access::Customer { ip: None, visitor: Some(&visitor_id) }).map_err(Error::Blocked)?;
+        check_message(state, conv_id, if m.files.is_empty() { m.text } else { "-" }, &[])?;
+        if !m.files.is_empty() {
+            attachment_room_for(state, conv_id, m.files.len(), total)?;
+        }
+        let mut events = stored(conv_id);
+        events.push(Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: m.text.to_owned(), attachments: files(conv_id) });
+        events.push(Event::InboundTaken { conversation: conv_id, key });
+        return Ok((Reply::Inbound { conversation: conv_id, duplicate: false }, events));
+    }
+    if m.files.len() > MAX_ATTACHMENTS_PER_CONVERSATION || total > MAX_ATTACHMENT_BYTES_PER_CONVERSATION {
+        return Err(Error::Invalid("the files are more than a conversation holds".into()));
+    }
+    if m.attributes.len() > 20 || m.attributes.iter().any(|(k, v)| k.is_empty() || k.len() > 64 || v.chars().count() > 512) {
+        return Err(Error::Invalid("at most 20 attributes, names of 1-64 bytes, values of at most 512 characters".into()));
+    }
+    let visitor = Visitor { id: Some(visitor_id), name: m.sender_name.to_owned(), attributes: m.attributes.to_vec() };
+    let (conv_id, mut events) = start_conversation(state, channel, None, &visitor, now)?;
+    // Right after it is placed (queued or with the bot), before any notice and an
+    // after-hours close: the customer's message is part of the open conversation.
+    let at = events.len().min(2);
+    let mut message = stored(conv_id);
+    message.push(Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: m.text.to_owned(), attachments: files(conv_id) });
+    message.push(Event::InboundTaken { conversation: conv_id, key });
+    events.splice(at..at, message);
+    Ok((Reply::Inbound { conversation: conv_id, duplicate: false }, events))
+}
+
+/// Whether a conversation can take `count` more files of `bytes` in all.
+fn attachment_room_for(state: &ShardState, conversation: ConversationId, count: usize, bytes: u64) -> Result<(), Error> {
+    let (have, have_bytes) = state
+        .attachments
+        .values()
+        .filter(|a| a.conversation == conversation)
+        .fold((0usize, 0u64), |(n, total), a| (n + 1, total.saturating_add(a.size)));
+    if have + count > MAX_ATTACHMENTS_PER_CONVERSATION || have_bytes.saturating_add(bytes) > MAX_ATTACHMENT_BYTES_PER_CONVERSATION {
+        return Err(Error::Invalid(format!(
+            "a conversation holds at most {MAX_ATTACHMENTS_PER_CONVERSATION} files and {} MiB",
+            MAX_ATTACHMENT_BYTES_PER_CONVERSATION / (1024 * 1024)
+        )));
+    }
+    Ok(())
+}
 
 /// Whether a conversation can take one more file of `size` bytes. The gateway asks
 /// before it writes the bytes; the commit asks again.

@@ -634,6 +634,31 @@ pub enum Command {
         conversation: ConversationId,
         resolution: String,
     },
+    /// A customer's message with what [`Command::ChannelInbound`] cannot carry: files
+    /// already in the blob store, the conversation it answers when the channel can say so
+    /// (an email whose `References` name one of our messages), and attributes for a
+    /// conversation it starts (an email's subject and Message-ID).
+    ChannelInboundRich {
+        channel: ChannelId,
+        sender: String,
+        sender_name: String,
+        provider_message_id: String,
+        text: String,
+        files: Vec<InboundFile>,
+        thread: Option<ConversationId>,
+        attributes: Vec<(String, String)>,
+    },
+}
+
+/// A file a customer sent through a channel, stored in the blob store before the
+/// message is proposed; it becomes an [`Attachment`] of the message's conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundFile {
+    pub id: AttachmentId,
+    pub name: String,
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 /// A channel's bot (docs/channel-api.md, "Bots"): where its events go, signed with
@@ -686,6 +711,21 @@ pub enum AdapterConfig {
     /// Viber bot: callbacks signed with `auth_token`; replies through `send_message` as
     /// `sender_name`.
     Viber { auth_token: String, sender_name: String, api_base: String },
+    /// Email: mail for `address` comes in through the node's SMTP listener; replies go
+    /// out through the relay at `smtp_host:smtp_port` (`smtp_security`: `tls`,
+    /// `starttls` or `none`), signed in with `smtp_username`/`smtp_password` when the
+    /// username is set. Our Message-IDs carry a tag made with `thread_secret`, so a reply
+    /// that names one finds its conversation and a forged one does not.
+    Email {
+        address: String,
+        display_name: String,
+        smtp_host: String,
+        smtp_port: u16,
+        smtp_security: String,
+        smtp_username: String,
+        smtp_password: String,
+        thread_secret: String,
+    },
 }
 
 impl AdapterConfig {
@@ -698,6 +738,7 @@ impl AdapterConfig {
             AdapterConfig::Vk { .. } => "vk",
             AdapterConfig::Messenger { .. } => "messenger",
             AdapterConfig::Viber { .. } => "viber",
+            AdapterConfig::Email { .. } => "email",
         }
     }
 
@@ -708,6 +749,11 @@ impl AdapterConfig {
             AdapterConfig::Messenger { .. } => Some(2000),
             _ => None,
         }
+    }
+
+    /// Whether the channel carries files both ways (they go out with the message).
+    pub fn carries_files(&self) -> bool {
+        matches!(self, AdapterConfig::Email { .. })
     }
 
     /// Whether sending an entry again after an attempt whose outcome is unknown can

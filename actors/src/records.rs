@@ -736,7 +736,7 @@ pub fn needs_records(state: &ShardState, command: &Command) -> bool {
     let cold = named_conversations(command).iter().any(|id| !state.conversations.contains_key(id));
     let files = match command {
         Command::PostClientMessage { attachments, .. } | Command::PostOperatorMessage { attachments, .. } => !attachments.is_empty(),
-        Command::StoreAttachment(_) | Command::PurgeExpired { .. } | Command::ChannelInbound { .. } => true,
+        Command::StoreAttachment(_) | Command::PurgeExpired { .. } | Command::ChannelInbound { .. } | Command::ChannelInboundRich { .. } => true,
         Command::RetryDelivery { conversation, seq, .. } => !state.outbox.contains_key(&(*conversation, *seq)),
         Command::DeliveryResults { results } => results.iter().any(|r| !state.outbox.contains_key(&(r.conversation, r.seq))),
         _ => false,
@@ -775,7 +775,17 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
         };
         state.returning = served.map(|(operator, at, _)| (operator, at));
     }
-    if let Command::ChannelInbound { channel, sender, provider_message_id, .. } = command {
+    if let Command::ChannelInboundRich { channel, sender, files, thread, .. } = command {
+        // The files a message adds count against its conversation's room.
+        if !files.is_empty() {
+            if let Some(target) = crate::core::inbound_target(state, channel, sender, *thread) {
+                for (_, attachment) in all::<Attachment>(store, &key::attachments_prefix(target))? {
+                    state.attachments.insert(attachment.id.clone(), attachment);
+                }
+            }
+        }
+    }
+    if let Command::ChannelInbound { channel, sender, provider_message_id, .. } | Command::ChannelInboundRich { channel, sender, provider_message_id, .. } = command {
         let key = crate::core::inbound_key(channel, sender, provider_message_id);
         state.inbound_seen = match state.inbound_in_entry.get(&key) {
             Some(conversation) => Some(*conversation),

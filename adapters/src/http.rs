@@ -110,6 +110,16 @@ impl Client {
         Ok(Client { tls: tokio_rustls::TlsConnector::from(Arc::new(config)), idle: Arc::default(), timeout })
     }
 
+    /// The TLS connector (the web's roots), for protocols other than HTTP (SMTP).
+    pub fn tls(&self) -> tokio_rustls::TlsConnector {
+        self.tls.clone()
+    }
+
+    /// How long one request (or one SMTP session) may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// POSTs `body` to `url` with `headers` (and `Content-Type: application/json`).
     pub async fn post_json(&self, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
         self.post_as(url, "application/json", headers, body).await

@@ -8,6 +8,7 @@
 //! Switchboard in any language. The web chat is built into the gateway.
 
 pub mod api;
+pub mod email;
 pub mod http;
 pub mod messenger;
 pub mod telegram;
@@ -87,6 +88,20 @@ pub struct Outgoing {
     pub author: String,
     /// Quick replies the customer may tap (a bot's message), where the channel has them.
     pub buttons: Vec<String>,
+    /// The message's files, read from the blob store, for channels that carry files.
+    pub files: Vec<email::MailFile>,
+    /// For email: the thread the reply continues.
+    pub thread: Option<MailThread>,
+}
+
+/// Where an email reply belongs: the customer's subject and the ids it answers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MailThread {
+    pub subject: String,
+    /// The customer's latest Message-ID.
+    pub in_reply_to: Option<String>,
+    /// The thread's first Message-ID, then the one answered.
+    pub references: Vec<String>,
 }
 
 impl Outgoing {
@@ -129,6 +144,10 @@ pub async fn send(client: &http::Client, adapter: &AdapterConfig, message: &Outg
         AdapterConfig::Vk { access_token, api_base, .. } => vk::send(client, api_base, access_token, message).await,
         AdapterConfig::Messenger { page_token, api_base, .. } => messenger::send(client, api_base, page_token, message).await,
         AdapterConfig::Viber { auth_token, sender_name, api_base } => viber::send(client, api_base, auth_token, sender_name, message).await,
+        AdapterConfig::Email { address, display_name, smtp_host, smtp_port, smtp_security, smtp_username, smtp_password, thread_secret } => {
+            let relay = email::Relay { host: smtp_host, port: *smtp_port, security: smtp_security, username: smtp_username, password: smtp_password };
+            email::send(client, &relay, address, display_name, thread_secret, message).await
+        }
     }
 }
 

@@ -324,6 +324,19 @@ impl<'a> Sniffer<'a> {
     }
 }
 
+/// Whether a whole file (one that came in a mail) is of its declared type, as an
+/// upload is checked.
+pub(crate) fn bytes_match_type(content_type: &str, bytes: &[u8]) -> bool {
+    let mut sniff = Sniffer::new(content_type);
+    sniff.feed(bytes).is_ok() && sniff.finish().is_ok()
+}
+
+/// A file name made safe to show and to save: no path, no control or bidi characters,
+/// an extension of its type.
+pub(crate) fn safe_name(name: &str, content_type: &str) -> String {
+    clean_name(name, content_type)
+}
+
 /// Whether a file's first bytes fit its declared type.
 fn signature_matches(content_type: &str, head: &[u8]) -> bool {
     match content_type {
@@ -549,6 +562,22 @@ async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayE
         }
     }
     gw.blobs.get(&attachment.id).await
+}
+
+/// A file's bytes for the outbox (files are at most `MAX_ATTACHMENT_BYTES`), fetched
+/// from another member when this one does not hold it; `None` when none does.
+pub async fn file_bytes(gw: &Gateway, attachment: &Attachment) -> Option<Vec<u8>> {
+    if let Ok(Some(bytes)) = gw.blobs.read_all(&attachment.id).await {
+        return Some(bytes);
+    }
+    let bytes = gw.backend.fetch_file(attachment.id.0.clone()).await?;
+    let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    if digest != attachment.sha256 {
+        tracing::warn!(attachment = %attachment.id.0, "a member sent a file that does not match its record; not kept");
+        return None;
+    }
+    let _ = gw.blobs.put_bytes(&attachment.id, &bytes).await;
+    Some(bytes)
 }
 
 /// `GET /api/attachments/{id}` on the private listener.

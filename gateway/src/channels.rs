@@ -368,6 +368,16 @@ pub(crate) fn adapter_json(channel: &ChannelId, adapter: &AdapterConfig) -> Valu
             "api_base": api_base,
             "webhook_path": format!("/hooks/messenger/{channel}"),
         }),
+        AdapterConfig::Email { address, display_name, smtp_host, smtp_port, smtp_security, smtp_username, smtp_password, .. } => json!({
+            "kind": "email",
+            "address": address,
+            "display_name": display_name,
+            "smtp_host": smtp_host,
+            "smtp_port": smtp_port,
+            "smtp_security": smtp_security,
+            "smtp_username": smtp_username,
+            "smtp_password": if smtp_password.is_empty() { String::new() } else { masked(smtp_password) },
+        }),
         AdapterConfig::Api { outbound_url, .. } => json!({
             "kind": "api",
             "outbound_url": outbound_url,
@@ -421,6 +431,20 @@ pub enum AdapterBody {
         #[serde(default = "vk_api")]
         api_base: String,
     },
+    Email {
+        address: String,
+        #[serde(default)]
+        display_name: String,
+        smtp_host: String,
+        #[serde(default = "submission_port")]
+        smtp_port: u16,
+        #[serde(default = "starttls")]
+        smtp_security: String,
+        #[serde(default)]
+        smtp_username: String,
+        #[serde(default)]
+        smtp_password: String,
+    },
     #[serde(rename = "whatsapp")]
     WhatsApp {
         access_token: String,
@@ -430,6 +454,14 @@ pub enum AdapterBody {
         #[serde(default = "graph_api")]
         api_base: String,
     },
+}
+
+fn submission_port() -> u16 {
+    587
+}
+
+fn starttls() -> String {
+    "starttls".to_owned()
 }
 
 fn viber_api() -> String {
@@ -469,6 +501,16 @@ pub async fn put_adapter(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id):
         AdapterBody::Viber { auth_token, sender_name, api_base } => (AdapterConfig::Viber { auth_token, sender_name, api_base }, None),
         AdapterBody::Messenger { page_token, app_secret, verify_token, api_base } => (AdapterConfig::Messenger { page_token, app_secret, verify_token, api_base }, None),
         AdapterBody::Vk { access_token, secret, confirmation, group_id, api_base } => (AdapterConfig::Vk { access_token, secret, confirmation, group_id, api_base }, None),
+        AdapterBody::Email { address, display_name, smtp_host, smtp_port, smtp_security, smtp_username, smtp_password } => {
+            // A channel that had email keeps its thread secret: customers' answers to
+            // earlier replies still find their conversations.
+            let thread_secret = match adapter_of(&gw, &channel) {
+                Some(AdapterConfig::Email { thread_secret, .. }) => thread_secret,
+                _ => random_secret()?,
+            };
+            let address = address.trim().to_ascii_lowercase();
+            (AdapterConfig::Email { address, display_name, smtp_host, smtp_port, smtp_security, smtp_username, smtp_password, thread_secret }, None)
+        }
         AdapterBody::Api { outbound_url } => {
             let (token, signing_secret) = (random_secret()?, random_secret()?);
             let adapter = AdapterConfig::Api { token_sha256: api::token_digest(&token), outbound_url, signing_secret: signing_secret.clone() };
@@ -729,6 +771,8 @@ pub async fn test_message(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id)
         kind: "notice",
         author: String::new(),
         buttons: Vec::new(),
+        files: Vec::new(),
+        thread: Some(switchboard_adapters::MailThread { subject: "Switchboard test message".into(), ..Default::default() }),
     };
     let answer = match switchboard_adapters::send(&client, &adapter, &message).await {
         switchboard_adapters::SendOutcome::Sent { provider_id } => json!({"ok": true, "provider_id": provider_id}),

@@ -26,6 +26,7 @@ mod operator_ws;
 pub mod relay;
 mod rest;
 mod rules;
+pub mod smtp;
 pub mod standalone;
 mod supervisor_ws;
 pub mod wire;

@@ -23,6 +23,9 @@ pub struct NodeConfig {
     /// QUIC listener for Raft traffic and forwarded commands; the other members dial
     /// the address given for this node in `members`.
     pub raft_addr: SocketAddr,
+    /// SMTP listener for email channels' inbound mail; none when absent.
+    #[serde(default)]
+    pub smtp_addr: Option<SocketAddr>,
     /// Folder with the cluster CA's `ca.pem` and this node's `node-<id>.pem` and `.key`.
     pub certs_dir: PathBuf,
     /// The token key every node of the cluster shares (32 bytes or more).
@@ -232,6 +235,7 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
             public_addr: addr(host(i), port(plan.public_port, i)?)?,
             private_addr: addr(host(i), port(plan.private_port, i)?)?,
             raft_addr: addr(host(i), port(plan.raft_port, i)?)?,
+            smtp_addr: None,
             certs_dir: PathBuf::from("certs"),
             token_key: PathBuf::from("token.key"),
             client_origins: Vec::new(),
@@ -365,6 +369,10 @@ pub fn add_node(dir: &Path, host: Option<&str>) -> anyhow::Result<PathBuf> {
         public_addr: shift(first.public_addr)?,
         private_addr: shift(first.private_addr)?,
         raft_addr,
+        smtp_addr: match first.smtp_addr {
+            Some(a) => Some(shift(a)?),
+            None => None,
+        },
         certs_dir: first.certs_dir.clone(),
         token_key: first.token_key.clone(),
         client_origins: first.client_origins.clone(),

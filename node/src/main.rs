@@ -65,6 +65,9 @@ struct Listeners {
     /// QUIC listener for Raft traffic between nodes (mutual TLS).
     #[arg(long, default_value = "127.0.0.1:0")]
     raft_addr: SocketAddr,
+    /// SMTP listener taking email channels' inbound mail (off when not given).
+    #[arg(long)]
+    smtp_addr: Option<SocketAddr>,
     /// Extra origins allowed to open the client WebSocket (a site embedding the chat).
     #[arg(long = "client-origin")]
     client_origins: Vec<String>,
@@ -317,6 +320,7 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
         raft_addr: listeners.raft_addr,
         public_addr: listeners.public_addr,
         private_addr: listeners.private_addr,
+        smtp_addr: listeners.smtp_addr,
         client_origins: listeners.client_origins,
         staff_origins: listeners.staff_origins,
         snapshot_every: listeners.snapshot_every,
@@ -349,6 +353,9 @@ fn member_options(config: cluster::NodeConfig, listeners: Listeners, chaos_drill
     options.public_addr = config.public_addr;
     options.private_addr = config.private_addr;
     options.raft_addr = config.raft_addr;
+    if config.smtp_addr.is_some() {
+        options.smtp_addr = config.smtp_addr;
+    }
     // The file's origins and the flags' together.
     options.client_origins.extend(config.client_origins);
     options.staff_origins.extend(config.staff_origins);
@@ -382,6 +389,9 @@ async fn run_until_signal(node: server::RunningNode) -> anyhow::Result<()> {
 fn print_listeners(node: &server::RunningNode) {
     println!("public listener: http://{}  (demo site with the chat widget at /, /widget.js, client socket at /ws/client)", node.public_addr);
     println!("private listener: http://{}  (workstation at /, REST at /api, /metrics, /openapi.json, operator and supervisor sockets at /ws/operator, /ws/supervisor)", node.private_addr);
+    if let Some(smtp) = node.smtp_addr {
+        println!("smtp listener: smtp://{smtp}  (inbound mail for email channels' addresses)");
+    }
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {

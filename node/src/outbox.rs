@@ -59,6 +59,7 @@ fn rate_of(adapter: &AdapterConfig) -> f64 {
         AdapterConfig::Vk { .. } => f64::from(switchboard_adapters::vk::MESSAGES_PER_SECOND),
         AdapterConfig::Messenger { .. } => f64::from(switchboard_adapters::messenger::MESSAGES_PER_SECOND),
         AdapterConfig::Viber { .. } => f64::from(switchboard_adapters::viber::MESSAGES_PER_SECOND),
+        AdapterConfig::Email { .. } => f64::from(switchboard_adapters::email::MESSAGES_PER_SECOND),
     }
 }
 
@@ -77,7 +78,7 @@ struct Bucket {
 
 type Key = (ConversationId, u64);
 
-pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, node_id: u64) {
+pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, node_id: u64, gateway: Arc<switchboard_gateway::Gateway>) {
     let client = match http::Client::new(SEND_TIMEOUT) {
         Ok(c) => c,
         Err(e) => {
@@ -172,7 +173,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         // The batch is marked attempted and sent by a task of its own, so the next
         // batch is picked while this one commits (the in-flight set keeps them apart).
         in_flight.lock().unwrap_or_else(|p| p.into_inner()).extend(paced.iter().copied());
-        let (proposer, in_flight, client, shard, results) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone());
+        let (proposer, in_flight, client, shard, results, gateway) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone(), gateway.clone());
         tokio::spawn(async move {
             // Only what this entry marked is sent: an entry another node marked first
             // (a leadership change) is left to it.
@@ -194,9 +195,9 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                 }
             }
             for key in marked {
-                let (client, shard, results) = (client.clone(), shard.clone(), results.clone());
+                let (client, shard, results, gateway) = (client.clone(), shard.clone(), results.clone(), gateway.clone());
                 tokio::spawn(async move {
-                    let outcome = attempt(&client, &shard, key, node_id).await;
+                    let outcome = attempt(&client, &shard, &gateway, key, node_id).await;
                     let _ = results.send(DeliveryResult { conversation: key.0, seq: key.1, node: node_id, outcome });
                 });
             }
@@ -205,7 +206,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
 }
 
 /// Sends one attempted entry and turns the provider's answer into its outcome.
-async fn attempt(client: &http::Client, shard: &Shard, key: Key, node_id: u64) -> DeliveryOutcome {
+async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gateway::Gateway, key: Key, node_id: u64) -> DeliveryOutcome {
     let for_bot = {
         let state = shard.read();
         match state.outbox.get(&key) {
@@ -240,21 +241,66 @@ async fn attempt(client: &http::Client, shard: &Shard, key: Key, node_id: u64) -
         Ok(entries) => entries.into_iter().find(|e| e.seq == key.1),
         Err(e) => return DeliveryOutcome::Retry { reason: format!("reading the message: {e}"), retry_at: now_ms().plus_ms(backoff_ms(delivery.attempts)) },
     };
-    let (kind, author, text) = match entry.map(|e| e.item) {
+    let carries_files = adapter.carries_files();
+    let (kind, author, text, attachments) = match entry.map(|e| e.item) {
+        Some(HistoryItem::OperatorMessage { name, text, attachments, .. }) if carries_files => ("message", name, text, attachments),
         Some(HistoryItem::OperatorMessage { name, text, attachments, .. }) => {
             let files: Vec<String> = attachments.iter().map(|a| format!("[file {}]", a.name)).collect();
             let text = [text].into_iter().chain(files).filter(|t| !t.is_empty()).collect::<Vec<_>>().join("\n");
-            ("message", name, text)
+            ("message", name, text, Vec::new())
         }
-        Some(HistoryItem::Notice { text }) => ("notice", String::new(), text),
+        Some(HistoryItem::Notice { text }) => ("notice", String::new(), text, Vec::new()),
         Some(HistoryItem::BotMessage { text, buttons, .. }) => {
-            let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind: "message", author: "Bot".into(), buttons };
+            let thread = mail_thread(shard, &adapter, key);
+            let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind: "message", author: "Bot".into(), buttons, files: Vec::new(), thread };
             return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
         }
         _ => return DeliveryOutcome::Failed { reason: "the history entry is not a message for the customer".into() },
     };
-    let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind, author, buttons: Vec::new() };
+    let mut files = Vec::new();
+    for attachment in &attachments {
+        match switchboard_gateway::attachments::file_bytes(gateway, attachment).await {
+            Some(bytes) => files.push(switchboard_adapters::email::MailFile { name: attachment.name.clone(), content_type: attachment.content_type.clone(), bytes }),
+            // Held by a member that is down: it may be back by the next attempt.
+            None => return retry_or_give_up(&delivery, now_ms(), format!("file {} is on no reachable member", attachment.name), None),
+        }
+    }
+    let thread = mail_thread(shard, &adapter, key);
+    let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind, author, buttons: Vec::new(), files, thread };
     outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery)
+}
+
+/// For an email conversation: its subject and the customer's Message-IDs its reply
+/// answers (the attributes its first mail set, and the latest mail before the reply).
+fn mail_thread(shard: &Shard, adapter: &AdapterConfig, key: Key) -> Option<switchboard_adapters::MailThread> {
+    if !matches!(adapter, AdapterConfig::Email { .. }) {
+        return None;
+    }
+    let (channel, sender, attributes) = {
+        let state = shard.read();
+        let conv = state.conversations.get(&key.0)?;
+        let visitor = conv.visitor.id.clone().unwrap_or_default();
+        let sender = visitor.strip_prefix(&format!("{}:", conv.channel)).unwrap_or_default().to_owned();
+        (conv.channel.clone(), sender, conv.visitor.attributes.clone())
+    };
+    let attribute = |name: &str| attributes.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let root = attribute(switchboard_adapters::email::ATTR_MESSAGE_ID);
+    // The customer's latest mail before this reply: its key names its Message-ID.
+    let prefix = format!("{}:{}:{}:", channel.as_str(), sender.len(), sender);
+    let latest = shard
+        .history(key.0, key.1.saturating_sub(50), 50)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.seq < key.1)
+        .filter_map(|e| match e.item {
+            HistoryItem::ClientMessage { key, .. } => key.strip_prefix(&prefix).map(str::to_owned),
+            _ => None,
+        })
+        .filter(|id| !id.starts_with("sha256:"))
+        .next_back();
+    let in_reply_to = latest.clone().or_else(|| root.clone());
+    let references: Vec<String> = root.into_iter().chain(latest).collect();
+    Some(switchboard_adapters::MailThread { subject: attribute(switchboard_adapters::email::ATTR_SUBJECT).unwrap_or_default(), in_reply_to, references })
 }
 
 fn outcome_of(sent: SendOutcome, delivery: &switchboard_actors::state::Delivery) -> DeliveryOutcome {

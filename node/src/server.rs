@@ -820,6 +820,8 @@ pub struct NodeOptions {
     pub raft_addr: SocketAddr,
     pub public_addr: SocketAddr,
     pub private_addr: SocketAddr,
+    /// SMTP listener for email channels' inbound mail (none: no email comes in).
+    pub smtp_addr: Option<SocketAddr>,
     pub client_origins: Vec<String>,
     pub staff_origins: Vec<String>,
     /// Raft entries between snapshots.
@@ -862,6 +864,7 @@ pub struct RunningNode {
     pub shard: Arc<Shard>,
     pub public_addr: SocketAddr,
     pub private_addr: SocketAddr,
+    pub smtp_addr: Option<SocketAddr>,
     endpoint: quinn::Endpoint,
     db: fjall::Keyspace,
     /// Held while the node runs: one process per data folder.
@@ -1078,11 +1081,19 @@ std::fs::create_dir_all(&options.data_dir)?;
     let sockets = tokio::spawn(report_operator_sockets(gateway.clone(), options.node_id));
     let absence = tokio::spawn(absence_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id, options.presence_grace));
     let inactivity = tokio::spawn(inactivity_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id));
-    let outbox = tokio::spawn(crate::outbox::run(raft.clone(), Arc::new(proposer.clone()), shard.clone(), options.node_id));
+    let outbox = tokio::spawn(crate::outbox::run(raft.clone(), Arc::new(proposer.clone()), shard.clone(), options.node_id, gateway.clone()));
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
-    let listeners = vec![
+    let smtp = match options.smtp_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind SMTP {addr}"))?),
+        None => None,
+    };
+    let smtp_addr = match &smtp {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let mut listeners = vec![
         serve_http(public, switchboard_gateway::public_router(gateway.clone()), &gateway, options.connections, shutdown_rx.clone()),
-        serve_http(private, switchboard_gateway::private_router(gateway.clone()), &gateway, options.connections, shutdown_rx),
+        serve_http(private, switchboard_gateway::private_router(gateway.clone()), &gateway, options.connections, shutdown_rx.clone()),
         rpc_server,
         leadership,
         retention,
@@ -1091,8 +1102,11 @@ std::fs::create_dir_all(&options.data_dir)?;
         inactivity,
         outbox,
     ];
-    info!(%public_addr, %private_addr, %raft_addr, "node started");
-    Ok(RunningNode { raft, proposer, gateway, shard, public_addr, private_addr, endpoint, db, _lock: lock, listeners, shutdown })
+    if let Some(smtp) = smtp {
+        listeners.push(tokio::spawn(switchboard_gateway::smtp::serve(smtp, gateway.clone(), switchboard_gateway::smtp::SmtpLimits::default(), shutdown_rx)));
+    }
+    info!(%public_addr, %private_addr, %raft_addr, ?smtp_addr, "node started");
+    Ok(RunningNode { raft, proposer, gateway, shard, public_addr, private_addr, smtp_addr, endpoint, db, _lock: lock, listeners, shutdown })
 }
 
 /// On the leader, proposes `PurgeExpired` as of now every `every`: each deletes up to

@@ -1,0 +1,576 @@
+//! Email (ADR 0009, "Email"): mail comes in through the node's SMTP listener (the
+//! gateway's `smtp` module parses it with [`parse`]); replies go out through the
+//! channel's SMTP relay ([`deliver`]), composed by [`compose`].
+//!
+//! Threading: each reply's Message-ID is `sb.{conversation}.{seq}.{tag}@{domain}`,
+//! the tag an HMAC of the conversation and sequence number under the channel's
+//! `thread_secret` ([`message_id`]). A customer's answer names it in `In-Reply-To` or
+//! `References`; [`thread_of`] finds the conversation again, and a forged id (any other
+//! tag) names none. Replies carry `In-Reply-To` the customer's latest message and
+//! `References` the thread's first one, so mail clients keep the thread together.
+//!
+//! SMTP has no idempotency key: a reply whose final `.` got no answer is `unknown`, not
+//! sent again (the relay may have queued it).
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use mail_parser::{MessageParser, MimeHeaders};
+use switchboard_actors::model::ConversationId;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::{clip, hex, AdapterError, SendOutcome};
+
+/// The conversation attributes an email's first mail sets: its subject and Message-ID.
+pub const ATTR_SUBJECT: &str = "email.subject";
+pub const ATTR_MESSAGE_ID: &str = "email.message_id";
+
+/// Replies a second one channel hands its relay (relays commonly throttle senders).
+pub const MESSAGES_PER_SECOND: u32 = 10;
+/// Longest subject kept, in characters.
+pub const MAX_SUBJECT_CHARS: usize = 200;
+/// Longest SMTP reply read from a relay, in bytes.
+const MAX_REPLY_BYTES: usize = 16 * 1024;
+/// Message-IDs a mail's `In-Reply-To` and `References` may name that are looked at.
+const MAX_REFERENCES: usize = 50;
+
+/// A customer's mail as it matters to a conversation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mail {
+    /// Where answers go: `Reply-To` when given, else `From`; lowercase.
+    pub from: String,
+    pub from_name: String,
+    pub subject: String,
+    /// The mail's Message-ID without angle brackets, or `sha256:<hex>` of the whole
+    /// mail when it has none (a relay's retry sends the same bytes).
+    pub message_id: String,
+    /// The ids `In-Reply-To` and `References` name, in order.
+    pub references: Vec<String>,
+    /// The text without the quoted earlier mail under it.
+    pub text: String,
+    pub files: Vec<MailFile>,
+}
+
+/// A file attached to a mail, either way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MailFile {
+    pub name: String,
+    /// The MIME type, lowercase, without parameters.
+    pub content_type: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads a mail (RFC 5322 with MIME): sender, subject, ids, text and files. A mail
+/// with no usable sender address is refused.
+pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
+    let message = MessageParser::default().parse(raw).ok_or_else(|| AdapterError::Malformed("not a mail message".into()))?;
+    let reply_to = message.reply_to().and_then(|a| a.first()).and_then(|a| a.address.as_deref().map(str::to_owned));
+    let from = message.from().and_then(|a| a.first());
+    let from_name = from.and_then(|a| a.name.as_deref()).unwrap_or("").trim().to_owned();
+    let address = reply_to
+        .or_else(|| from.and_then(|a| a.address.as_deref().map(str::to_owned)))
+        .map(|a| a.trim().to_ascii_lowercase())
+        .filter(|a| switchboard_actors::core::is_email_address(a))
+        .ok_or_else(|| AdapterError::Malformed("the mail has no usable From or Reply-To address".into()))?;
+    let subject = clip(message.subject().unwrap_or("").trim(), MAX_SUBJECT_CHARS);
+    let message_id = match message.message_id().map(str::trim).filter(|id| !id.is_empty() && id.len() <= 250) {
+        Some(id) => id.to_owned(),
+        None => format!("sha256:{}", hex(ring::digest::digest(&ring::digest::SHA256, raw).as_ref())),
+    };
+    let mut references = Vec::new();
+    for header in [message.in_reply_to(), message.references()] {
+        if let Some(list) = header.as_text_list() {
+            references.extend(list.iter().map(|id| id.trim().to_owned()));
+        } else if let Some(id) = header.as_text() {
+            references.push(id.trim().to_owned());
+        }
+    }
+    references.retain(|id| !id.is_empty() && id.len() <= 250);
+    references.truncate(MAX_REFERENCES);
+    let text = strip_quoted(&message.body_text(0).unwrap_or_default().replace("\r\n", "\n"));
+    let files = message
+        .attachments()
+        .map(|part| {
+            let content_type = part
+                .content_type()
+                .map(|ct| match ct.subtype() {
+                    Some(sub) => format!("{}/{}", ct.ctype(), sub),
+                    None => ct.ctype().to_owned(),
+                })
+                .unwrap_or_else(|| "application/octet-stream".into())
+                .to_ascii_lowercase();
+            let name = part.attachment_name().map(str::trim).filter(|n| !n.is_empty()).unwrap_or("attachment").to_owned();
+            MailFile { name, content_type, bytes: part.contents().to_vec() }
+        })
+        .collect();
+    Ok(Mail { from: address, from_name, subject, message_id, references, text, files })
+}
+
+/// The text of a reply without the earlier mail its client quoted under it: a trailing
+/// block of `>` lines with the attribution line before it ("On … wrote:"), or all from
+/// Outlook's "-----Original Message-----" or underscore rule. Text that is only a
+/// quote is kept whole.
+pub fn strip_quoted(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut end = lines
+        .iter()
+        .position(|l| {
+            let t = l.trim();
+            t.eq_ignore_ascii_case("-----Original Message-----") || (t.len() >= 20 && t.bytes().all(|b| b == b'_'))
+        })
+        .unwrap_or(lines.len());
+    let mut start_of_quote = end;
+    while start_of_quote > 0 && (lines[start_of_quote - 1].trim().is_empty() || lines[start_of_quote - 1].trim_start().starts_with('>')) {
+        start_of_quote -= 1;
+    }
+    if lines[start_of_quote..end].iter().any(|l| l.trim_start().starts_with('>')) {
+        end = start_of_quote;
+        while end > 0 && lines[end - 1].trim().is_empty() {
+            end -= 1;
+        }
+        if end > 0 && lines[end - 1].trim_end().ends_with(':') {
+            end -= 1;
+            // An attribution wrapped over two lines: "On Tue, … Ann <ann@example.com>" / "wrote:".
+            if end > 0 && lines[end].trim().split_whitespace().count() <= 2 && !lines[end - 1].trim().is_empty() {
+                end -= 1;
+            }
+        }
+    }
+    let kept = lines[..end].join("\n").trim().to_owned();
+    if kept.is_empty() { text.trim().to_owned() } else { kept }
+}
+
+fn tag(secret: &str, conversation: ConversationId, seq: u64) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mac = ring::hmac::sign(&key, format!("{}.{seq}", conversation.0).as_bytes());
+    hex(&mac.as_ref()[..10])
+}
+
+/// Our Message-ID for history entry `seq` of `conversation` (without angle brackets).
+pub fn message_id(conversation: ConversationId, seq: u64, secret: &str, domain: &str) -> String {
+    format!("sb.{}.{seq}.{}@{domain}", conversation.0, tag(secret, conversation, seq))
+}
+
+/// The conversation one of our Message-IDs among `references` belongs to, checked
+/// against its tag; the last one named wins (the message answered).
+pub fn thread_of(references: &[String], secret: &str) -> Option<ConversationId> {
+    references.iter().rev().find_map(|id| {
+        let local = id.strip_prefix("sb.")?.split('@').next()?;
+        let mut parts = local.split('.');
+        let conversation = ConversationId(parts.next()?.parse().ok()?);
+        let seq: u64 = parts.next()?.parse().ok()?;
+        let given = parts.next()?;
+        (parts.next().is_none() && crate::same_secret(given.as_bytes(), tag(secret, conversation, seq).as_bytes())).then_some(conversation)
+    })
+}
+
+/// A reply to a customer, as [`compose`] writes it.
+pub struct Reply<'a> {
+    pub from: &'a str,
+    pub from_name: &'a str,
+    pub to: &'a str,
+    pub subject: &'a str,
+    /// Without angle brackets.
+    pub message_id: &'a str,
+    pub in_reply_to: Option<&'a str>,
+    pub references: &'a [String],
+    pub text: &'a str,
+    pub files: &'a [MailFile],
+    /// Milliseconds since the Unix epoch.
+    pub date_ms: u64,
+}
+
+/// The reply as an RFC 5322 message with CRLF line ends: text as UTF-8 in base64 and
+/// each file as a base64 attachment (multipart/mixed when there are files).
+pub fn compose(reply: &Reply<'_>) -> Vec<u8> {
+    let mut out = String::new();
+    let mut header = |name: &str, value: &str| {
+        out.push_str(name);
+        out.push_str(": ");
+        out.push_str(value);
+        out.push_str("\r\n");
+    };
+    header("Date", &rfc5322_date(reply.date_ms));
+    header("From", &mailbox(reply.from_name, reply.from));
+    header("To", &format!("<{}>", reply.to));
+    header("Subject", &encode_words(reply.subject));
+    header("Message-ID", &format!("<{}>", reply.message_id));
+    if let Some(id) = reply.in_reply_to {
+        header("In-Reply-To", &format!("<{id}>"));
+    }
+    if !reply.references.is_empty() {
+        header("References", &reply.references.iter().map(|id| format!("<{id}>")).collect::<Vec<_>>().join("\r\n "));
+    }
+    header("MIME-Version", "1.0");
+    header("Auto-Submitted", "no");
+    let text_part = format!("Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n{}", base64_lines(reply.text.as_bytes()));
+    if reply.files.is_empty() {
+        out.push_str(&text_part);
+        return out.into_bytes();
+    }
+    let boundary = format!("sb-{}", hex(&ring::digest::digest(&ring::digest::SHA256, reply.message_id.as_bytes()).as_ref()[..12]));
+    out.push_str(&format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\r\n\r\n"));
+    out.push_str(&format!("--{boundary}\r\n{text_part}"));
+    for file in reply.files {
+        let ascii = file.name.chars().all(|c| c.is_ascii_graphic() || c == ' ') && !file.name.contains(['"', '\\']);
+        let name = if ascii { format!("filename=\"{}\"", file.name) } else { format!("filename*=UTF-8''{}", percent(&file.name)) };
+        out.push_str(&format!(
+            "--{boundary}\r\nContent-Type: {}\r\nContent-Disposition: attachment; {name}\r\nContent-Transfer-Encoding: base64\r\n\r\n{}",
+            file.content_type,
+            base64_lines(&file.bytes)
+        ));
+    }
+    out.push_str(&format!("--{boundary}--\r\n"));
+    out.into_bytes()
+}
+
+fn base64_lines(bytes: &[u8]) -> String {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+    let mut out = String::with_capacity(encoded.len() + encoded.len() / 76 * 2 + 2);
+    for chunk in encoded.as_bytes().chunks(76) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push_str("\r\n");
+    }
+    out
+}
+
+fn percent(text: &str) -> String {
+    text.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+/// `Name <address>`, the name quoted or as encoded words when it is not plain ASCII.
+fn mailbox(name: &str, address: &str) -> String {
+    let name: String = name.chars().filter(|c| !c.is_control()).collect();
+    if name.is_empty() {
+        format!("<{address}>")
+    } else if name.is_ascii() {
+        format!("\"{}\" <{address}>", name.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        format!("{} <{address}>", encode_words(&name))
+    }
+}
+
+/// Header text as RFC 2047 encoded words (UTF-8, base64) when it is not plain ASCII,
+/// each word under 76 characters, folded.
+fn encode_words(text: &str) -> String {
+    let text: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if text.bytes().all(|b| (32..127).contains(&b)) {
+        return text;
+    }
+    let mut words = Vec::new();
+    let mut chunk = String::new();
+    for c in text.chars() {
+        if chunk.len() + c.len_utf8() > 45 {
+            words.push(std::mem::take(&mut chunk));
+        }
+        chunk.push(c);
+    }
+    words.push(chunk);
+    words.iter().map(|w| format!("=?UTF-8?B?{}?=", base64::engine::general_purpose::STANDARD.encode(w))).collect::<Vec<_>>().join("\r\n ")
+}
+
+/// An RFC 5322 date in UTC: `Thu, 03 Dec 2026 09:56:22 +0000`.
+pub fn rfc5322_date(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let (h, m, s) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    // Days since 1970-01-01 to a civil date (the proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let weekday = WEEKDAYS[days.rem_euclid(7) as usize];
+    format!("{weekday}, {day:02} {} {year} {h:02}:{m:02}:{s:02} +0000", MONTHS[(month - 1) as usize])
+}
+
+/// Where a channel's replies are handed over.
+pub struct Relay<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    /// `tls` (TLS from the first byte), `starttls` (required) or `none`.
+    pub security: &'a str,
+    pub username: &'a str,
+    pub password: &'a str,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+struct Session {
+    io: Box<dyn Io>,
+    buf: Vec<u8>,
+}
+
+/// Why a session ended without the relay taking the mail.
+struct Stop {
+    /// The final `.` was written: the relay may hold the mail.
+    after_data: bool,
+    /// A 5xx answer: the relay refused for good.
+    permanent: bool,
+    reason: String,
+}
+
+impl Session {
+    /// One reply (all its lines): its code and its text.
+    async fn reply(&mut self, after_data: bool) -> Result<(u16, String), Stop> {
+        let mut text = String::new();
+        loop {
+            let line = loop {
+                if let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = self.buf.drain(..=at).collect();
+                    break String::from_utf8_lossy(&line).trim_end().to_owned();
+                }
+                if self.buf.len() > MAX_REPLY_BYTES {
+                    return Err(Stop { after_data, permanent: false, reason: "the relay's answer is too long".into() });
+                }
+                let mut chunk = [0u8; 2048];
+                match self.io.read(&mut chunk).await {
+                    Ok(0) => return Err(Stop { after_data, permanent: false, reason: "the relay closed the connection".into() }),
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    Err(e) => return Err(Stop { after_data, permanent: false, reason: format!("reading from the relay: {e}") }),
+                }
+            };
+            let code = line.get(..3).and_then(|c| c.parse::<u16>().ok()).ok_or_else(|| Stop { after_data, permanent: false, reason: format!("not an SMTP answer: {}", clip(&line, 80)) })?;
+            text.push_str(line.get(4..).unwrap_or("").trim());
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok((code, text));
+            }
+            text.push('\n');
+            if text.len() > MAX_REPLY_BYTES {
+                return Err(Stop { after_data, permanent: false, reason: "the relay's answer is too long".into() });
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8], after_data: bool) -> Result<(), Stop> {
+        self.io.write_all(bytes).await.map_err(|e| Stop { after_data, permanent: false, reason: format!("writing to the relay: {e}") })?;
+        self.io.flush().await.map_err(|e| Stop { after_data, permanent: false, reason: format!("writing to the relay: {e}") })
+    }
+
+    /// Sends a command line and wants an answer with code `want` (any 2xx for 250).
+    async fn command(&mut self, line: &str, want: u16, what: &str) -> Result<String, Stop> {
+        self.send(format!("{line}\r\n").as_bytes(), false).await?;
+        let (code, text) = self.reply(false).await?;
+        if code == want || (want == 250 && (200..300).contains(&code)) {
+            return Ok(text);
+        }
+        Err(Stop { after_data: false, permanent: code >= 500, reason: format!("{what}: {code} {}", clip(&text, 300)) })
+    }
+}
+
+/// Hands one mail to the relay: `MAIL FROM`, `RCPT TO`, `DATA`. Within `timeout`
+/// altogether; a session broken before the final `.` delivered nothing and is retried.
+pub async fn deliver(tls: &tokio_rustls::TlsConnector, timeout: Duration, relay: &Relay<'_>, from: &str, to: &str, data: &[u8]) -> SendOutcome {
+    let outcome = tokio::time::timeout(timeout, session(tls, relay, from, to, data)).await;
+    let stop = match outcome {
+        Ok(Ok(_)) => return SendOutcome::Sent { provider_id: String::new() },
+        Ok(Err(stop)) => stop,
+        Err(_) => return SendOutcome::Retry { reason: format!("the relay did not finish within {} s", timeout.as_secs()), after: None },
+    };
+    match stop {
+        Stop { after_data: true, reason, .. } => SendOutcome::Unknown { reason },
+        Stop { permanent: true, reason, .. } => SendOutcome::Failed { reason },
+        Stop { reason, .. } => SendOutcome::Retry { reason, after: None },
+    }
+}
+
+async fn session(tls: &tokio_rustls::TlsConnector, relay: &Relay<'_>, from: &str, to: &str, data: &[u8]) -> Result<(), Stop> {
+    let fail = |reason: String| Stop { after_data: false, permanent: false, reason };
+    let tcp = tokio::net::TcpStream::connect((relay.host, relay.port)).await.map_err(|e| fail(format!("connecting to {}:{}: {e}", relay.host, relay.port)))?;
+    let _ = tcp.set_nodelay(true);
+    let server_name = rustls::pki_types::ServerName::try_from(relay.host.to_owned()).map_err(|e| Stop { after_data: false, permanent: true, reason: format!("{}: {e}", relay.host) })?;
+    let io: Box<dyn Io> = if relay.security == "tls" {
+        Box::new(tls.connect(server_name.clone(), tcp).await.map_err(|e| fail(format!("TLS with {}: {e}", relay.host)))?)
+    } else {
+        Box::new(tcp)
+    };
+    let mut s = Session { io, buf: Vec::new() };
+    let (code, text) = s.reply(false).await?;
+    if code != 220 {
+        return Err(Stop { after_data: false, permanent: code >= 500, reason: format!("greeting: {code} {}", clip(&text, 300)) });
+    }
+    let helo = from.rsplit_once('@').map_or("localhost", |(_, d)| d).to_owned();
+    let mut features = s.command(&format!("EHLO {helo}"), 250, "EHLO").await?;
+    if relay.security == "starttls" {
+        if !features.lines().any(|l| l.trim().eq_ignore_ascii_case("STARTTLS")) {
+            return Err(fail(format!("{} does not offer STARTTLS", relay.host)));
+        }
+        s.command("STARTTLS", 220, "STARTTLS").await?;
+        // Nothing the relay sent before the handshake counts after it.
+        s.buf.clear();
+        let io = std::mem::replace(&mut s.io, Box::new(tokio::io::duplex(1).0));
+        s.io = Box::new(tls.connect(server_name, io).await.map_err(|e| fail(format!("TLS with {}: {e}", relay.host)))?);
+        features = s.command(&format!("EHLO {helo}"), 250, "EHLO").await?;
+    }
+    if !relay.username.is_empty() {
+        let _ = features;
+        let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0{}\0{}", relay.username, relay.password));
+        s.send(format!("AUTH PLAIN {plain}\r\n").as_bytes(), false).await?;
+        let (code, text) = s.reply(false).await?;
+        if code != 235 {
+            // 535: the credentials are wrong, which no retry mends.
+            return Err(Stop { after_data: false, permanent: code >= 500, reason: format!("AUTH: {code} {}", clip(&text, 300)) });
+        }
+    }
+    s.command(&format!("MAIL FROM:<{from}>"), 250, "MAIL FROM").await?;
+    s.command(&format!("RCPT TO:<{to}>"), 250, "RCPT TO").await?;
+    s.command("DATA", 354, "DATA").await?;
+    s.send(&dot_stuffed(data), false).await?;
+    // From here the relay may hold the mail whatever happens to the connection.
+    s.send(b".\r\n", true).await?;
+    let (code, text) = s.reply(true).await?;
+    if !(200..300).contains(&code) {
+        return Err(Stop { after_data: false, permanent: code >= 500, reason: format!("the relay refused the mail: {code} {}", clip(&text, 300)) });
+    }
+    let _ = s.send(b"QUIT\r\n", true).await;
+    Ok(())
+}
+
+/// The mail with CRLF line ends, each line that starts with `.` doubled (RFC 5321
+/// 4.5.2), ending in CRLF.
+fn dot_stuffed(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    for line in data.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    // `split` yields an empty last piece after a final newline: one CRLF too many.
+    if data.ends_with(b"\n") {
+        out.truncate(out.len() - 2);
+    }
+    out
+}
+
+/// Sends one outbox entry as a reply mail; the provider id is its Message-ID.
+pub async fn send(client: &crate::http::Client, relay: &Relay<'_>, from: &str, from_name: &str, thread_secret: &str, message: &crate::Outgoing) -> SendOutcome {
+    if !switchboard_actors::core::is_email_address(&message.recipient) {
+        return SendOutcome::Failed { reason: format!("{} is not an email address", clip(&message.recipient, 80)) };
+    }
+    let id = message_id(message.conversation, message.seq, thread_secret, domain_of(from));
+    let thread = message.thread.clone().unwrap_or_default();
+    let mut references = thread.references.clone();
+    references.dedup();
+    let data = compose(&Reply {
+        from,
+        from_name,
+        to: &message.recipient,
+        subject: &if thread.in_reply_to.is_some() { reply_subject(&thread.subject) } else { thread.subject.clone() },
+        message_id: &id,
+        in_reply_to: thread.in_reply_to.as_deref(),
+        references: &references,
+        text: &message.text,
+        files: &message.files,
+        date_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+    });
+    match deliver(&client.tls(), client.timeout(), relay, from, &message.recipient, &data).await {
+        SendOutcome::Sent { .. } => SendOutcome::Sent { provider_id: id },
+        other => other,
+    }
+}
+
+/// An address's domain, for Message-IDs.
+pub fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map_or("localhost", |(_, d)| d)
+}
+
+/// A subject for replies: the customer's with one `Re: `.
+pub fn reply_subject(subject: &str) -> String {
+    let trimmed = subject.trim();
+    let bare = trimmed.get(..3).filter(|p| p.eq_ignore_ascii_case("re:")).map_or(trimmed, |_| trimmed[3..].trim_start());
+    if bare.is_empty() { "Re: your message".into() } else { format!("Re: {bare}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_names_its_conversation_and_a_forged_tag_names_none() {
+        let id = message_id(ConversationId(42), 7, "0123456789abcdef", "support.example.com");
+        assert!(id.starts_with("sb.42.7.") && id.ends_with("@support.example.com"), "{id}");
+        assert_eq!(thread_of(&["other@x".into(), id.clone()], "0123456789abcdef"), Some(ConversationId(42)));
+        assert_eq!(thread_of(&[id.clone()], "another-secret-16"), None);
+        let forged = id.replace("sb.42.", "sb.43.");
+        assert_eq!(thread_of(&[forged], "0123456789abcdef"), None);
+    }
+
+    #[test]
+    fn quoted_mail_under_a_reply_is_dropped() {
+        let text = "Yes, order 1234.\n\nOn Tue, 1 Dec 2026 at 10:00, Support <support@example.com>\nwrote:\n> Which order?\n>\n> -- \n> Support\n";
+        assert_eq!(strip_quoted(text), "Yes, order 1234.");
+        assert_eq!(strip_quoted("Thanks!\n\n-----Original Message-----\nFrom: Support\nHello"), "Thanks!");
+        assert_eq!(strip_quoted("> only a quote"), "> only a quote");
+        assert_eq!(strip_quoted("Line one\n> inline quote\nmy answer"), "Line one\n> inline quote\nmy answer");
+    }
+
+    #[test]
+    fn a_mail_is_read_with_its_encoded_subject_files_and_ids() {
+        let raw = concat!(
+            "From: =?UTF-8?B?0JDQvdC90LA=?= <Anna@Example.COM>\r\n",
+            "To: support@example.com\r\n",
+            "Subject: =?KOI8-R?B?08/Sz8vB?= 1\r\n",
+            "Message-ID: <abc@mail.example.com>\r\n",
+            "In-Reply-To: <sb.1.2.x@example.com>\r\n",
+            "References: <root@mail.example.com> <sb.1.2.x@example.com>\r\n",
+            "MIME-Version: 1.0\r\n",
+            "Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n",
+            "--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello there\r\n> old\r\n",
+            "--b\r\nContent-Type: image/png\r\nContent-Disposition: attachment; filename=\"a.png\"\r\nContent-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo=\r\n",
+            "--b--\r\n"
+        );
+        let mail = parse(raw.as_bytes()).expect("parsed");
+        assert_eq!(mail.from, "anna@example.com");
+        assert_eq!(mail.from_name, "Анна");
+        assert_eq!(mail.subject, "сорока 1");
+        assert_eq!(mail.message_id, "abc@mail.example.com");
+        assert_eq!(mail.references, vec!["sb.1.2.x@example.com", "root@mail.example.com", "sb.1.2.x@example.com"]);
+        assert_eq!(mail.text, "Hello there");
+        assert_eq!(mail.files.len(), 1);
+        assert_eq!((mail.files[0].name.as_str(), mail.files[0].content_type.as_str()), ("a.png", "image/png"));
+        assert_eq!(mail.files[0].bytes, b"\x89PNG\r\n\x1a\n");
+        assert!(matches!(parse(b"Subject: x\r\n\r\nno sender"), Err(AdapterError::Malformed(_))));
+    }
+
+    #[test]
+    fn a_composed_reply_reads_back_with_its_thread_and_files() {
+        let files = vec![MailFile { name: "счёт.pdf".into(), content_type: "application/pdf".into(), bytes: b"%PDF-1.4 test".to_vec() }];
+        let refs = vec!["root@mail.example.com".to_owned()];
+        let raw = compose(&Reply {
+            from: "support@example.com",
+            from_name: "Служба поддержки",
+            to: "anna@example.com",
+            subject: &reply_subject("Re: Заказ 1234"),
+            message_id: "sb.1.5.abc@example.com",
+            in_reply_to: Some("abc@mail.example.com"),
+            references: &refs,
+            text: ".a line with a dot\nЗдравствуйте!",
+            files: &files,
+            date_ms: 1_796_291_782_000,
+        });
+        let text = String::from_utf8(raw.clone()).expect("ascii");
+        assert!(text.contains("Date: Thu, 03 Dec 2026 09:56:22 +0000\r\n"), "{text}");
+        let back = MessageParser::default().parse(&raw).expect("parses");
+        assert_eq!(back.subject(), Some("Re: Заказ 1234"));
+        assert_eq!(back.message_id(), Some("sb.1.5.abc@example.com"));
+        assert_eq!(back.in_reply_to().as_text(), Some("abc@mail.example.com"));
+        assert_eq!(back.body_text(0).as_deref().map(str::trim_end), Some(".a line with a dot\nЗдравствуйте!"));
+        let file = back.attachments().next().expect("a file");
+        assert_eq!(file.attachment_name(), Some("счёт.pdf"));
+        assert_eq!(file.contents(), b"%PDF-1.4 test");
+        assert_eq!(back.from().and_then(|a| a.first()).and_then(|a| a.name.as_deref()), Some("Служба поддержки"));
+        assert!(dot_stuffed(b"a\r\n.b\n").starts_with(b"a\r\n..b\r\n"));
+    }
+}

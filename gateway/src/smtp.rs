@@ -1,0 +1,520 @@
+//! The SMTP listener (docs/channels.md, "Email"): mail for an email channel's address
+//! becomes that channel's inbound message, with its files.
+//!
+//! It takes mail for the channels' addresses only (it relays nothing) and answers `250`
+//! to the end of `DATA` only once the message is committed; a failed commit answers
+//! `451`, so the sending server delivers it again, and the Message-ID makes that
+//! harmless. It is meant to sit behind the company's mail server, which does TLS, spam
+//! filtering and sender checks: it offers neither STARTTLS nor AUTH.
+//!
+//! What an anonymous peer can cost is bounded ([`SmtpLimits`]): connections in all and
+//! per address, a command line's length, the time for each command and for a whole
+//! session, the size of a mail, recipients per mail, and mails being read at once.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchboard_actors::core::{Reply, MAX_ATTACHMENTS_PER_MESSAGE, MAX_TEXT_CHARS};
+use switchboard_actors::model::{AdapterConfig, AttachmentId, ChannelId, Command, InboundFile};
+use switchboard_adapters::email;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::attachments::{bytes_match_type, safe_name, ALLOWED_TYPES, MAX_ATTACHMENT_BYTES};
+use crate::Gateway;
+
+/// What one SMTP peer may use (docs/security.md, "SMTP listener").
+#[derive(Clone, Copy, Debug)]
+pub struct SmtpLimits {
+    pub max_connections: usize,
+    pub per_address: usize,
+    /// Largest mail, as sent (MIME encoding included), in bytes.
+    pub max_message_bytes: usize,
+    pub max_recipients: usize,
+    /// Mails being read or taken in at once; a peer past this waits for a slot.
+    pub data_slots: usize,
+    /// Time for each command line, and for the whole `DATA` body.
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    /// A whole connection.
+    pub session_timeout: Duration,
+}
+
+impl Default for SmtpLimits {
+    fn default() -> Self {
+        SmtpLimits {
+            max_connections: 64,
+            per_address: 8,
+            max_message_bytes: 10 * 1024 * 1024,
+            max_recipients: 10,
+            data_slots: 4,
+            command_timeout: Duration::from_secs(60),
+            data_timeout: Duration::from_secs(300),
+            session_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Longest command line, CRLF included (RFC 5321 4.5.3.1.4).
+const MAX_COMMAND_LINE: usize = 512;
+/// Bad commands before the connection is closed.
+const MAX_ERRORS: u32 = 10;
+
+struct Shared {
+    gw: Arc<Gateway>,
+    limits: SmtpLimits,
+    connections: Arc<tokio::sync::Semaphore>,
+    data: Arc<tokio::sync::Semaphore>,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Serves SMTP on `listener` until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, limits: SmtpLimits, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let shared = Arc::new(Shared {
+        gw,
+        limits,
+        connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
+        data: Arc::new(tokio::sync::Semaphore::new(limits.data_slots)),
+        per_address: Mutex::default(),
+    });
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SMTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move { connection(shared, stream, peer).await });
+    }
+}
+
+/// Releases a peer's connection count when its session ends.
+struct Counted<'a>(&'a Shared, IpAddr);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let mut map = self.0.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
+
+async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    let Ok(_permit) = shared.connections.clone().try_acquire_owned() else {
+        let _ = stream.write_all(b"421 4.3.2 Too many connections, try again later\r\n").await;
+        return;
+    };
+    let admitted = {
+        let mut map = shared.per_address.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(peer.ip()).or_default();
+        if *n >= shared.limits.per_address {
+            false
+        } else {
+            *n += 1;
+            true
+        }
+    };
+    if !admitted {
+        let _ = stream.write_all(b"421 4.7.0 Too many connections from your address\r\n").await;
+        return;
+    }
+    let _counted = Counted(&shared, peer.ip());
+    let mut session = Session { shared: &shared, stream, buf: Vec::new(), helo: false, rcpts: Vec::new(), mail: false, errors: 0 };
+    match tokio::time::timeout(shared.limits.session_timeout, session.run()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(reason)) => tracing::debug!(%peer, %reason, "SMTP session ended"),
+        Err(_) => {
+            let _ = session.stream.write_all(b"421 4.4.2 Session too long, closing\r\n").await;
+        }
+    }
+}
+
+struct Session<'a> {
+    shared: &'a Shared,
+    stream: TcpStream,
+    buf: Vec<u8>,
+    helo: bool,
+    mail: bool,
+    /// The channels the mail is for, by recipient.
+    rcpts: Vec<ChannelId>,
+    errors: u32,
+}
+
+enum Line {
+    Ok(String),
+    TooLong,
+}
+
+impl Session<'_> {
+    async fn say(&mut self, reply: &str) -> Result<(), String> {
+        self.stream.write_all(reply.as_bytes()).await.map_err(|e| e.to_string())?;
+        self.stream.write_all(b"\r\n").await.map_err(|e| e.to_string())
+    }
+
+    /// Reads more bytes into the buffer within `until`; false at the end of the stream.
+    async fn fill(&mut self, until: tokio::time::Instant) -> Result<bool, String> {
+        let mut chunk = [0u8; 8192];
+        match tokio::time::timeout_at(until, self.stream.read(&mut chunk)).await {
+            Ok(Ok(0)) => Ok(false),
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(true)
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timeout".into()),
+        }
+    }
+
+    async fn command_line(&mut self) -> Result<Option<Line>, String> {
+        let until = tokio::time::Instant::now() + self.shared.limits.command_timeout;
+        loop {
+            if let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=at).collect();
+                if line.len() > MAX_COMMAND_LINE {
+                    return Ok(Some(Line::TooLong));
+                }
+                return Ok(Some(Line::Ok(String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_owned())));
+            }
+            if self.buf.len() > MAX_COMMAND_LINE {
+                // Discard up to the line's end, then say so.
+                self.buf.clear();
+                loop {
+                    if !self.fill(until).await? {
+                        return Ok(None);
+                    }
+                    if let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
+                        self.buf.drain(..=at);
+                        return Ok(Some(Line::TooLong));
+                    }
+                    self.buf.clear();
+                }
+            }
+            match self.fill(until).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(None),
+                Err(e) if e == "timeout" => {
+                    let _ = self.say("421 4.4.2 Timeout, closing").await;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), String> {
+        self.say("220 switchboard ESMTP ready").await?;
+        loop {
+            let line = match self.command_line().await? {
+                None => return Ok(()),
+                Some(Line::TooLong) => {
+                    self.refuse("500 5.5.2 Line too long").await?;
+                    continue;
+                }
+                Some(Line::Ok(line)) => line,
+            };
+            let (verb, arg) = match line.split_once(' ') {
+                Some((v, a)) => (v.to_ascii_uppercase(), a.trim().to_owned()),
+                None => (line.trim().to_ascii_uppercase(), String::new()),
+            };
+            match verb.as_str() {
+                "EHLO" => {
+                    self.reset();
+                    self.helo = true;
+                    let size = self.shared.limits.max_message_bytes;
+                    self.say(&format!("250-switchboard\r\n250-SIZE {size}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES")).await?;
+                }
+                "HELO" => {
+                    self.reset();
+                    self.helo = true;
+                    self.say("250 switchboard").await?;
+                }
+                "MAIL" => self.mail_from(&arg).await?,
+                "RCPT" => self.rcpt_to(&arg).await?,
+                "DATA" => self.data().await?,
+                "RSET" => {
+                    self.reset();
+                    self.say("250 2.0.0 OK").await?;
+                }
+                "NOOP" => self.say("250 2.0.0 OK").await?,
+                "VRFY" => self.say("252 2.5.0 Cannot verify, send the mail").await?,
+                "QUIT" => {
+                    self.say("221 2.0.0 Bye").await?;
+                    return Ok(());
+                }
+                "STARTTLS" | "AUTH" => self.refuse("502 5.5.1 Not offered here").await?,
+                _ => self.refuse("500 5.5.1 Unknown command").await?,
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.mail = false;
+        self.rcpts.clear();
+    }
+
+    /// A refusal that counts towards closing the connection.
+    async fn refuse(&mut self, reply: &str) -> Result<(), String> {
+        self.errors += 1;
+        if self.errors > MAX_ERRORS {
+            self.say("421 4.7.0 Too many errors, closing").await?;
+            return Err("too many errors".into());
+        }
+        self.say(reply).await
+    }
+
+    async fn mail_from(&mut self, arg: &str) -> Result<(), String> {
+        if !self.helo {
+            return self.refuse("503 5.5.1 Say EHLO first").await;
+        }
+        if self.mail {
+            return self.refuse("503 5.5.1 A mail is already started").await;
+        }
+        let upper = arg.to_ascii_uppercase();
+        if !upper.starts_with("FROM:") {
+            return self.refuse("501 5.5.4 Syntax: MAIL FROM:<address>").await;
+        }
+        let declared = upper.split_whitespace().find_map(|p| p.strip_prefix("SIZE=")).and_then(|n| n.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > self.shared.limits.max_message_bytes) {
+            return self.refuse("552 5.3.4 The mail is larger than this server takes").await;
+        }
+        self.mail = true;
+        self.say("250 2.1.0 OK").await
+    }
+
+    async fn rcpt_to(&mut self, arg: &str) -> Result<(), String> {
+        if !self.mail {
+            return self.refuse("503 5.5.1 Say MAIL first").await;
+        }
+        if self.rcpts.len() >= self.shared.limits.max_recipients {
+            return self.say("452 4.5.3 Too many recipients").await;
+        }
+        let Some(address) = arg.get(..3).filter(|p| p.eq_ignore_ascii_case("to:")).and_then(|_| path(&arg[3..])) else {
+            return self.refuse("501 5.5.4 Syntax: RCPT TO:<address>").await;
+        };
+        let address = address.to_ascii_lowercase();
+        let channel = {
+            let shard = self.shared.gw.backend.shard();
+            let state = shard.read();
+            state.channel_adapters.iter().find(|(_, a)| matches!(a, AdapterConfig::Email { address: ours, .. } if *ours == address)).map(|(c, _)| c.clone())
+        };
+        match channel {
+            Some(channel) => {
+                if !self.rcpts.contains(&channel) {
+                    self.rcpts.push(channel);
+                }
+                self.say("250 2.1.5 OK").await
+            }
+            None => self.refuse("550 5.1.1 No such mailbox here").await,
+        }
+    }
+
+    async fn data(&mut self) -> Result<(), String> {
+        if self.rcpts.is_empty() {
+            return self.refuse("503 5.5.1 Say RCPT first").await;
+        }
+        // Mails read at once are bounded; a peer past that waits its turn, within the
+        // command timeout.
+        let slot = match tokio::time::timeout(self.shared.limits.command_timeout, self.shared.data.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => slot,
+            _ => return self.say("451 4.3.2 Busy, try again later").await,
+        };
+        self.say("354 End data with <CR><LF>.<CR><LF>").await?;
+        let raw = match self.read_data().await? {
+            Some(raw) => raw,
+            None => {
+                self.reset();
+                return self.say("552 5.3.4 The mail is larger than this server takes").await;
+            }
+        };
+        let channels = std::mem::take(&mut self.rcpts);
+        self.reset();
+        let reply = take_mail(&self.shared.gw, &channels, raw).await;
+        drop(slot);
+        self.say(&reply).await
+    }
+
+    /// The mail up to the lone `.` line, unstuffed; `None` when it was larger than the
+    /// limit (read to its end and dropped, so the session stays in step).
+    async fn read_data(&mut self) -> Result<Option<Vec<u8>>, String> {
+        let until = tokio::time::Instant::now() + self.shared.limits.data_timeout;
+        let max = self.shared.limits.max_message_bytes;
+        let mut mail = Vec::new();
+        let mut too_large = false;
+        loop {
+            while let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=at).collect();
+                let bare = line.strip_suffix(b"\n").map(|l| l.strip_suffix(b"\r").unwrap_or(l)).unwrap_or(&line);
+                if bare == b"." {
+                    return Ok((!too_large).then_some(mail));
+                }
+                if too_large {
+                    continue;
+                }
+                let unstuffed = bare.strip_prefix(b".").unwrap_or(bare);
+                if mail.len() + unstuffed.len() + 2 > max {
+                    too_large = true;
+                    mail = Vec::new();
+                    continue;
+                }
+                mail.extend_from_slice(unstuffed);
+                mail.extend_from_slice(b"\r\n");
+            }
+            // A line with no end yet: bounded by what a mail may be.
+            if self.buf.len() > max {
+                too_large = true;
+                mail = Vec::new();
+                self.buf.clear();
+            }
+            match self.fill(until).await {
+                Ok(true) => {}
+                Ok(false) => return Err("the peer closed during DATA".into()),
+                Err(e) => {
+                    let _ = self.say("421 4.4.2 Timeout during DATA, closing").await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// The address in `<…>` (parameters after it ignored); `<>` is none.
+fn path(arg: &str) -> Option<String> {
+    let arg = arg.trim();
+    let inner = arg.strip_prefix('<')?.split('>').next()?;
+    // A source route (`<@a,@b:user@c>`) names the mailbox after its colon.
+    let mailbox = inner.rsplit(':').next()?;
+    switchboard_actors::core::is_email_address(&mailbox.to_ascii_lowercase()).then(|| mailbox.to_owned())
+}
+
+/// Commits a mail to each channel it is for and says how it went, as an SMTP reply.
+async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>) -> String {
+    let parsed = match tokio::task::spawn_blocking(move || email::parse(&raw)).await {
+        Ok(Ok(mail)) => mail,
+        Ok(Err(e)) => return format!("550 5.6.0 {e}"),
+        Err(_) => return "451 4.3.0 Could not read the mail, try again".into(),
+    };
+    let mut conversations = Vec::new();
+    for channel in channels {
+        match take_for(gw, channel, &parsed).await {
+            Ok(conversation) => conversations.push(conversation.to_string()),
+            Err(reply) => return reply,
+        }
+    }
+    format!("250 2.0.0 Taken in conversation {}", conversations.join(", "))
+}
+
+/// A mail as one channel's inbound message: its text (with what could not be kept
+/// named in it), its files, the conversation it answers and, for a new conversation,
+/// its subject and Message-ID as attributes.
+async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Result<u64, String> {
+    let Some(AdapterConfig::Email { thread_secret, .. }) = gw.backend.shard().read().channel_adapters.get(channel).cloned() else {
+        return Err("451 4.3.0 The channel changed, try again".into());
+    };
+    let mut text = if mail.text.trim().is_empty() { mail.subject.clone() } else { mail.text.clone() };
+    let mut files = Vec::new();
+    let mut not_kept = Vec::new();
+    let mut kept: Vec<(String, String, &[u8])> = Vec::new();
+    for file in &mail.files {
+        let why = if !ALLOWED_TYPES.contains(&file.content_type.as_str()) {
+            Some("this type is not taken")
+        } else if file.bytes.len() > MAX_ATTACHMENT_BYTES {
+            Some("larger than a file may be")
+        } else if file.bytes.is_empty() || !bytes_match_type(&file.content_type, &file.bytes) {
+            Some("its content is not of its type")
+        } else if kept.len() >= MAX_ATTACHMENTS_PER_MESSAGE {
+            Some("too many files in one mail")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => not_kept.push(format!("[file not kept: {} ({}), {why}]", safe_name(&file.name, &file.content_type), file.content_type)),
+            None => kept.push((safe_name(&file.name, &file.content_type), file.content_type.clone(), &file.bytes)),
+        }
+    }
+    // Text over the core's limit goes whole into a file, the message shows its start.
+    let note_room = not_kept.iter().map(|l| l.chars().count() + 1).sum::<usize>().min(1000);
+    let room = MAX_TEXT_CHARS - 100 - note_room;
+    let long_text;
+    if text.chars().count() > room {
+        long_text = text.clone().into_bytes();
+        text = format!("{}…\n[the whole text is in message.txt]", text.chars().take(room).collect::<String>());
+        if kept.len() >= MAX_ATTACHMENTS_PER_MESSAGE {
+            kept.pop();
+            not_kept.push("[file not kept: too many files in one mail]".into());
+        }
+        kept.push(("message.txt".into(), "text/plain".into(), &long_text));
+    }
+    for line in not_kept.iter().take(10) {
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(line);
+    }
+    if text.trim().is_empty() && kept.is_empty() {
+        text = "(an empty mail)".into();
+    }
+    for (i, (name, content_type, bytes)) in kept.into_iter().enumerate() {
+        // Named by the mail and its place in it: a redelivery writes the same file.
+        let digest = ring::digest::digest(&ring::digest::SHA256, format!("mail\0{channel}\0{}\0{i}", mail.message_id).as_bytes());
+        let id = AttachmentId(switchboard_adapters::hex(&digest.as_ref()[..16]));
+        if let Err(e) = gw.blobs.put_bytes(&id, bytes).await {
+            tracing::warn!(error = %e, "a mail's file could not be stored");
+            return Err("451 4.3.0 Could not store a file, try again".into());
+        }
+        let sha256 = switchboard_adapters::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+        files.push(InboundFile { id, name, content_type, size: bytes.len() as u64, sha256 });
+    }
+    let mut attributes = vec![(email::ATTR_SUBJECT.to_owned(), mail.subject.clone())];
+    if !mail.message_id.starts_with("sha256:") {
+        attributes.push((email::ATTR_MESSAGE_ID.to_owned(), mail.message_id.clone()));
+    }
+    let command = Command::ChannelInboundRich {
+        channel: channel.clone(),
+        sender: mail.from.clone(),
+        sender_name: mail.from_name.chars().take(100).collect(),
+        provider_message_id: mail.message_id.clone(),
+        text,
+        files,
+        thread: email::thread_of(&mail.references, &thread_secret),
+        attributes,
+    };
+    match gw.submit(command).await {
+        Ok(Reply::Inbound { conversation, .. }) => Ok(conversation.0),
+        Ok(_) => Ok(0),
+        Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) | switchboard_actors::Error::Storage(_))) => {
+            tracing::warn!(%channel, error = %e, "a mail could not be committed; the sender is asked to retry");
+            Err("451 4.3.0 Not committed, try again later".into())
+        }
+        Err(switchboard_actors::Error::Blocked(_)) => Err("550 5.7.1 The sender is blocked".into()),
+        Err(e) => {
+            tracing::info!(%channel, error = %e, "a mail was refused");
+            Err(format!("554 5.6.0 {}", e.to_string().replace(['\r', '\n'], " ").chars().take(200).collect::<String>()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_read_with_parameters_and_source_routes() {
+        assert_eq!(path("<Support@Example.com> SIZE=100").as_deref(), Some("Support@Example.com"));
+        assert_eq!(path("<@relay.example:support@example.com>").as_deref(), Some("support@example.com"));
+        assert_eq!(path("<>"), None);
+        assert_eq!(path("support@example.com"), None);
+    }
+}
