@@ -527,3 +527,134 @@ pub fn viber_signature(auth_token: &str, body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, auth_token.as_bytes());
     ring::hmac::sign(&key, body).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A mail relay for email channels' replies: it speaks the server side of SMTP
+/// (RFC 5321: `EHLO`, `AUTH PLAIN`, `MAIL`, `RCPT`, `DATA` with dot-stuffing, `QUIT`),
+/// keeps each mail it took, and answers the end of `DATA` with scripted replies
+/// (`451`, `554`) while there are any, as a real relay does when it defers or refuses.
+pub struct FakeRelay {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<RelayState>>,
+    _stop: Arc<tokio::sync::oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    credentials: Option<(String, String)>,
+    /// Replies to the end of `DATA` instead of `250`, in order.
+    data_replies: VecDeque<String>,
+    /// (MAIL FROM, RCPT TO, the mail as sent, unstuffed).
+    mails: Vec<(String, String, Vec<u8>)>,
+    /// Ends of `DATA` seen, taken or not.
+    attempts: u64,
+}
+
+impl FakeRelay {
+    /// A relay that takes mail from anyone, or only after `AUTH PLAIN` with `credentials`.
+    pub async fn start(credentials: Option<(&str, &str)>) -> anyhow::Result<FakeRelay> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(RelayState { credentials: credentials.map(|(u, p)| (u.to_owned(), p.to_owned())), ..Default::default() }));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let shared = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let state = shared.clone();
+                        tokio::spawn(async move {
+                            let _ = relay_session(stream, state).await;
+                        });
+                    }
+                    _ = &mut stopped => return,
+                }
+            }
+        });
+        Ok(FakeRelay { addr, state, _stop: Arc::new(stop) })
+    }
+
+    /// Answers the next ends of `DATA` with these replies (`"451 4.3.0 try later"`).
+    pub fn script(&self, replies: &[&str]) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).data_replies.extend(replies.iter().map(|r| (*r).to_owned()));
+    }
+
+    /// The mails taken: (MAIL FROM, RCPT TO, the mail).
+    pub fn mails(&self) -> Vec<(String, String, Vec<u8>)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).mails.clone()
+    }
+
+    pub fn attempts(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).attempts
+    }
+}
+
+async fn relay_session(stream: tokio::net::TcpStream, state: Arc<Mutex<RelayState>>) -> std::io::Result<()> {
+    use base64::Engine as _;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read);
+    write.write_all(b"220 fake-relay ESMTP\r\n").await?;
+    let needs_auth = state.lock().unwrap_or_else(|p| p.into_inner()).credentials.is_some();
+    let (mut authed, mut from, mut to) = (!needs_auth, String::new(), String::new());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let command = line.trim_end().to_owned();
+        let upper = command.to_ascii_uppercase();
+        let reply: String = if upper.starts_with("EHLO") {
+            "250-fake-relay\r\n250-AUTH PLAIN\r\n250 8BITMIME".into()
+        } else if let Some(plain) = command.strip_prefix("AUTH PLAIN ") {
+            let decoded = base64::engine::general_purpose::STANDARD.decode(plain.trim()).unwrap_or_default();
+            let parts: Vec<String> = decoded.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+            let expected = state.lock().unwrap_or_else(|p| p.into_inner()).credentials.clone();
+            if parts.len() == 3 && expected == Some((parts[1].clone(), parts[2].clone())) {
+                authed = true;
+                "235 2.7.0 Authentication successful".into()
+            } else {
+                "535 5.7.8 Authentication credentials invalid".into()
+            }
+        } else if upper.starts_with("MAIL FROM:") {
+            if authed {
+                from = command[10..].trim().trim_matches(['<', '>']).to_owned();
+                "250 2.1.0 OK".into()
+            } else {
+                "530 5.7.0 Authentication required".into()
+            }
+        } else if upper.starts_with("RCPT TO:") {
+            to = command[8..].trim().trim_matches(['<', '>']).to_owned();
+            "250 2.1.5 OK".into()
+        } else if upper == "DATA" {
+            write.write_all(b"354 go ahead\r\n").await?;
+            let mut mail = Vec::new();
+            loop {
+                let mut data = String::new();
+                if lines.read_line(&mut data).await? == 0 {
+                    return Ok(());
+                }
+                if data == ".\r\n" {
+                    break;
+                }
+                mail.extend_from_slice(data.strip_prefix('.').unwrap_or(&data).as_bytes());
+            }
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            s.attempts += 1;
+            match s.data_replies.pop_front() {
+                Some(scripted) => scripted,
+                None => {
+                    s.mails.push((from.clone(), to.clone(), mail));
+                    "250 2.0.0 queued".into()
+                }
+            }
+        } else if upper == "QUIT" {
+            write.write_all(b"221 2.0.0 bye\r\n").await?;
+            return Ok(());
+        } else {
+            "502 5.5.1 not here".into()
+        };
+        write.write_all(format!("{reply}\r\n").as_bytes()).await?;
+    }
+}

@@ -39,6 +39,8 @@ pub struct Dev {
     child: tokio::process::Child,
     pub public: String,
     pub private: String,
+    /// The SMTP listener, when it was started with `--smtp-addr`.
+    pub smtp: Option<String>,
     pub data_dir: PathBuf,
     pub logins: HashMap<String, String>,
 }
@@ -243,7 +245,7 @@ impl Starting {
     /// Waits (at most 60 s) for the `ready` line and returns the running node.
     pub async fn ready(self) -> anyhow::Result<Dev> {
         let Starting { child, mut lines, subcommand, data_dir } = self;
-        let (mut public, mut private) = (None, None);
+        let (mut public, mut private, mut smtp) = (None, None, None);
         let ready = async {
             while let Some(line) = lines.next_line().await? {
                 if let Some(rest) = line.strip_prefix("public listener: http://") {
@@ -251,6 +253,9 @@ impl Starting {
                 }
                 if let Some(rest) = line.strip_prefix("private listener: http://") {
                     private = rest.split_whitespace().next().map(str::to_owned);
+                }
+                if let Some(rest) = line.strip_prefix("smtp listener: smtp://") {
+                    smtp = rest.split_whitespace().next().map(str::to_owned);
                 }
                 if line == "ready" {
                     return Ok::<bool, std::io::Error>(true);
@@ -290,6 +295,7 @@ impl Starting {
             child,
             public: public.ok_or_else(|| anyhow!("no public listener printed"))?,
             private: private.ok_or_else(|| anyhow!("no private listener printed"))?,
+            smtp,
             data_dir,
             logins,
         })

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use switchboard_chaos_tests::fake_provider::{Fault, FakeAdapter, FakeTelegram};
+use switchboard_chaos_tests::fake_provider::{Fault, FakeAdapter, FakeRelay, FakeTelegram};
 use switchboard_chaos_tests::{eventually, next_event, set_presence, Dev, WAIT};
 use switchboard_gateway::client::{http_json_with, WsClient};
 
@@ -694,5 +694,116 @@ async fn a_send_that_is_never_answered_is_not_repeated_on_a_provider_without_ide
     assert_eq!(fake.calls().len(), 1, "the provider was called once");
     let (_, dead) = dev.api("GET", "/api/deliveries", Some(&supervisor), None).await?;
     assert_eq!(dead["deliveries"].as_array().map(Vec::len), Some(1));
+    Ok(())
+}
+
+/// Sends `raw` to the node's SMTP listener as `from` to `to`, as a mail server would.
+async fn mail_to(dev: &Dev, from: &str, to: &str, raw: &str) -> anyhow::Result<switchboard_adapters::SendOutcome> {
+    let smtp = dev.smtp.clone().ok_or_else(|| anyhow::anyhow!("no SMTP listener printed"))?;
+    let (host, port) = smtp.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("{smtp}"))?;
+    let client = switchboard_adapters::http::Client::new(Duration::from_secs(10))?;
+    let relay = switchboard_adapters::email::Relay { host, port: port.parse()?, security: "none", username: "", password: "" };
+    Ok(switchboard_adapters::email::deliver(&client.tls(), Duration::from_secs(10), &relay, from, to, raw.replace('\n', "\r\n").as_bytes()).await)
+}
+
+async fn upload(addr: &str, path: &str, bearer: &str, content_type: &str, body: Vec<u8>) -> anyhow::Result<(u16, Value)> {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::builder().method("POST").uri(path).header("host", addr).header("content-type", content_type).header("authorization", format!("Bearer {bearer}"));
+    let response = sender.send_request(request.body(Full::new(bytes::Bytes::from(body)))?).await?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_conversation_keeps_its_thread_and_files_both_ways_through_a_deferring_relay() -> anyhow::Result<()> {
+    let relay = FakeRelay::start(Some(("switchboard", "relay-password"))).await?;
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &dir.path().join("data"), &["--smtp-addr", "127.0.0.1:0"]).await?;
+    let admin = dev.login("admin").await?;
+    let (status, body) = dev.api("PUT", "/api/channels/mail", Some(&admin), Some(json!({"kind": "email", "name": "Email", "default_group": "general"}))).await?;
+    assert_eq!(status, 200, "{body}");
+    let settings = json!({
+        "kind": "email", "address": "Support@Example.com", "display_name": "Example Support",
+        "smtp_host": "127.0.0.1", "smtp_port": relay.addr.port(), "smtp_security": "none",
+        "smtp_username": "switchboard", "smtp_password": "relay-password",
+    });
+    let (status, body) = dev.api("PUT", "/api/channels/mail/adapter", Some(&admin), Some(settings)).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["address"], "support@example.com");
+    assert!(!body.to_string().contains("relay-password"), "the relay password is never shown back: {body}");
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+
+    // Mail for an address no channel has is refused at RCPT: the listener relays nothing.
+    let refused = mail_to(&dev, "anna@example.org", "nobody@example.com", "Subject: x\n\nhello\n").await?;
+    assert!(matches!(&refused, switchboard_adapters::SendOutcome::Failed { reason } if reason.contains("550")), "{refused:?}");
+
+    // A mail with a picture and a program; the sending server delivers it three times.
+    let png = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [b"\x89PNG\r\n\x1a\n".as_slice(), &[7u8; 32]].concat());
+    let first = format!(
+        "From: Anna Petrova <anna@example.org>\nTo: support@example.com\nSubject: Card blocked\nMessage-ID: <m1@example.org>\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"b1\"\n\n--b1\nContent-Type: text/plain; charset=utf-8\n\nMy card is blocked.\n.A line that starts with a dot.\n--b1\nContent-Type: image/png\nContent-Disposition: attachment; filename=\"card.png\"\nContent-Transfer-Encoding: base64\n\n{png}\n--b1\nContent-Type: application/x-msdownload\nContent-Disposition: attachment; filename=\"fix.exe\"\nContent-Transfer-Encoding: base64\n\nTVqQAAMAAAAEAAAA\n--b1--\n"
+    );
+    for _ in 0..3 {
+        let taken = mail_to(&dev, "anna@example.org", "support@example.com", &first).await?;
+        assert!(matches!(taken, switchboard_adapters::SendOutcome::Sent { .. }), "{taken:?}");
+    }
+    let conversation = accept_offer(&mut alice).await?;
+    let supervisor = dev.login("supervisor").await?;
+    let (_, conv) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    let messages: Vec<&Value> = conv["history"].as_array().into_iter().flatten().filter(|e| e["kind"] == "message" && e["from"] == "client").collect();
+    assert_eq!(messages.len(), 1, "one message for three deliveries: {conv}");
+    let text = messages[0]["text"].as_str().unwrap_or_default();
+    assert!(text.starts_with("My card is blocked.\n.A line that starts with a dot."), "{text}");
+    assert!(text.contains("[file not kept: fix.exe (application/x-msdownload), this type is not taken]"), "{text}");
+    assert_eq!(messages[0]["attachments"].as_array().map(Vec::len), Some(1), "{conv}");
+    assert_eq!(messages[0]["attachments"][0]["name"], "card.png");
+    assert_eq!(conv["visitor"]["id"], "mail:anna@example.org");
+    assert_eq!(conv["visitor"]["name"], "Anna Petrova");
+    let attributes = conv["visitor"]["attributes"].to_string();
+    assert!(attributes.contains("Card blocked") && attributes.contains("m1@example.org"), "{attributes}");
+
+    // The operator answers with a file; the relay defers once, then takes it.
+    relay.script(&["451 4.3.0 Try again later"]);
+    let alice_token = dev.login("alice").await?;
+    let (status, file) = upload(&dev.private, &format!("/api/attachments?conversation={conversation}&name=unblock.pdf"), &alice_token, "application/pdf", b"%PDF-1.4 how to unblock".to_vec()).await?;
+    assert_eq!(status, 201, "{file}");
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "r1", "text": "Hello Anna, the steps are attached.", "attachments": [file["id"]], "ref": "r1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "r1").await?;
+    let sent = eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
+        let d = deliveries(&dev, &supervisor, conversation).await?;
+        Ok(d.first().filter(|d| d["status"] == "sent").cloned())
+    })
+    .await?;
+    assert_eq!(sent["attempts"], 2, "{sent}");
+    assert_eq!(relay.attempts(), 2);
+    let mails = relay.mails();
+    assert_eq!(mails.len(), 1, "taken once");
+    let (from, to, raw) = &mails[0];
+    assert_eq!((from.as_str(), to.as_str()), ("support@example.com", "anna@example.org"));
+    let reply = switchboard_adapters::email::parse(raw)?;
+    assert_eq!(reply.subject, "Re: Card blocked");
+    assert_eq!(reply.references, vec!["m1@example.org", "m1@example.org"], "In-Reply-To and References name the customer's mail");
+    assert_eq!(reply.text, "Hello Anna, the steps are attached.");
+    assert_eq!(reply.files.len(), 1);
+    assert_eq!((reply.files[0].name.as_str(), reply.files[0].bytes.as_slice()), ("unblock.pdf", b"%PDF-1.4 how to unblock".as_slice()));
+    assert_eq!(sent["provider_id"], json!(reply.message_id));
+    let ours = reply.message_id.clone();
+    assert!(ours.starts_with(&format!("sb.{conversation}.")) && ours.ends_with("@example.com"), "{ours}");
+
+    // Anna answers from her work address, in the thread: the same conversation.
+    let answer = format!("From: Anna <anna.work@example.org>\nSubject: Re: Card blocked\nMessage-ID: <m2@example.org>\nIn-Reply-To: <{ours}>\nReferences: <m1@example.org> <{ours}>\n\nIt worked, thank you!\n\nOn Thu, Example Support wrote:\n> Hello Anna, the steps are attached.\n");
+    assert!(matches!(mail_to(&dev, "anna.work@example.org", "support@example.com", &answer).await?, switchboard_adapters::SendOutcome::Sent { .. }));
+    let event = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["from"] == "client" && v["entry"]["text"] == "It worked, thank you!").await?;
+    assert_eq!(event["conversation"], json!(conversation), "the quoted mail is dropped and the thread finds the conversation");
+
+    // A forged reference (a made-up tag) finds nothing: a new conversation.
+    let forged = format!("From: <mallory@example.net>\nSubject: Re: Card blocked\nMessage-ID: <m3@example.net>\nIn-Reply-To: <sb.{conversation}.2.00000000000000000000@example.com>\n\nlet me in\n");
+    assert!(matches!(mail_to(&dev, "mallory@example.net", "support@example.com", &forged).await?, switchboard_adapters::SendOutcome::Sent { .. }));
+    let (_, conv) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    assert!(!conv.to_string().contains("let me in"), "{conv}");
     Ok(())
 }
