@@ -307,3 +307,93 @@ fn a_bots_repeated_key_is_a_duplicate_after_a_restart_too() {
     let (Reply::Message { seq: a, .. }, Reply::Message { seq: b, duplicate: true }) = (first, again) else { panic!("a duplicate after the restart") };
     assert_eq!((a, events.len()), (b, 0));
 }
+
+fn mail() -> ChannelId {
+    ChannelId::new("mail")
+}
+
+fn connect_mail(state: &mut ShardState, store: &MemStore) {
+    ok(run(state, store, T0, Command::UpsertChannel(ChannelConfig { id: mail(), kind: "email".into(), name: "Email".into(), default_group: SkillGroupId::new("g") })));
+    let adapter = AdapterConfig::Email {
+        address: "support@example.com".into(),
+        display_name: "Support".into(),
+        smtp_host: "127.0.0.1".into(),
+        smtp_port: 2525,
+        smtp_security: "none".into(),
+        smtp_username: String::new(),
+        smtp_password: String::new(),
+        thread_secret: "t".repeat(32),
+    };
+    ok(run(state, store, T0, Command::SetChannelAdapter { channel: mail(), adapter: Some(adapter) }));
+}
+
+fn file(n: u8, size: u64) -> InboundFile {
+    InboundFile { id: AttachmentId(format!("{n:032x}")), name: format!("f{n}.png"), content_type: "image/png".into(), size, sha256: "0".repeat(64) }
+}
+
+fn rich(sender: &str, id: &str, text: &str, files: Vec<InboundFile>, thread: Option<ConversationId>) -> Command {
+    Command::ChannelInboundRich {
+        channel: mail(),
+        sender: sender.into(),
+        sender_name: "Anna".into(),
+        provider_message_id: id.into(),
+        text: text.into(),
+        files,
+        thread,
+        attributes: vec![("email.subject".into(), "Card blocked".into())],
+    }
+}
+
+#[test]
+fn a_mail_brings_its_files_and_an_answer_in_its_thread_finds_its_conversation_from_another_address() {
+    let (store, mut state) = setup();
+    connect(&mut state, &store);
+    connect_mail(&mut state, &store);
+    // A second channel may not take the same address.
+    let mut twin = state.channel_adapters[&mail()].clone();
+    if let AdapterConfig::Email { thread_secret, .. } = &mut twin {
+        *thread_secret = "u".repeat(32);
+    }
+    ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("mail2"), kind: "email".into(), name: "E2".into(), default_group: SkillGroupId::new("g") })));
+    let taken = run(&mut state, &store, T0, Command::SetChannelAdapter { channel: ChannelId::new("mail2"), adapter: Some(twin) });
+    assert!(matches!(taken, Err(Error::Invalid(ref m)) if m.contains("another channel")), "{taken:?}");
+
+    // Files only, no text: one message with both files, and the subject as an attribute.
+    let (reply, _) = ok(run(&mut state, &store, T0 + 10, rich("anna@example.org", "m1@x", "", vec![file(1, 100), file(2, 200)], None)));
+    let conv = conversation_of(&reply);
+    assert_eq!(state.conversations[&conv].visitor.attributes, vec![("email.subject".to_owned(), "Card blocked".to_owned())]);
+    let history = records::history(&store, conv, 0, 100).expect("history");
+    let files: Vec<String> = history
+        .iter()
+        .find_map(|e| match &e.item {
+            HistoryItem::ClientMessage { attachments, .. } => Some(attachments.iter().map(|a| a.name.clone()).collect()),
+            _ => None,
+        })
+        .expect("a client message");
+    assert_eq!(files, vec!["f1.png", "f2.png"]);
+    // Redelivered: nothing, and the same files are not stored twice.
+    let (again, events) = ok(run(&mut state, &store, T0 + 20, rich("anna@example.org", "m1@x", "", vec![file(1, 100), file(2, 200)], None)));
+    assert_eq!(again, Reply::Inbound { conversation: conv, duplicate: true });
+    assert!(events.is_empty());
+    // From another address, naming the conversation: it joins it (after a restart too).
+    let mut state = records::load(&store).expect("reload");
+    let (reply, _) = ok(run(&mut state, &store, T0 + 30, rich("anna.work@example.org", "m2@x", "from work", vec![file(3, 10)], Some(conv))));
+    assert_eq!(conversation_of(&reply), conv);
+    // Without it, that address starts its own.
+    let (reply, _) = ok(run(&mut state, &store, T0 + 40, rich("anna.home@example.org", "m3@x", "from home", vec![], None)));
+    assert_ne!(conversation_of(&reply), conv);
+    // A thread naming a conversation of another channel is ignored.
+    let (web, _) = ok(run(&mut state, &store, T0 + 50, inbound("42", "t1", "telegram")));
+    let (reply, _) = ok(run(&mut state, &store, T0 + 60, rich("eve@example.org", "m4@x", "hijack", vec![], Some(conversation_of(&web)))));
+    assert_ne!(conversation_of(&reply), conversation_of(&web));
+    // An id already stored, an empty file, too many files: refused, nothing written.
+    for files in [vec![file(1, 5)], vec![file(9, 0)], (10..16).map(|n| file(n, 1)).collect()] {
+        let refused = run(&mut state, &store, T0 + 70, rich("anna@example.org", "m5@x", "x", files, None));
+        assert!(matches!(refused, Err(Error::Invalid(_))), "{refused:?}");
+    }
+    // Over the conversation's room (100 MiB of files).
+    let big: Vec<InboundFile> = (20..25).map(|n| file(n, 25 * 1024 * 1024)).collect();
+    let refused = run(&mut state, &store, T0 + 80, rich("anna@example.org", "m6@x", "big", big, None));
+    assert!(matches!(refused, Err(Error::Invalid(ref m)) if m.contains("MiB")), "{refused:?}");
+    assert_eq!(client_texts(&store, &mut state, conv), vec!["", "from work"]);
+}

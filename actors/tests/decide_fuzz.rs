@@ -192,6 +192,17 @@ fn command() -> impl Strategy<Value = Command> {
             provider_message_id: id.into(),
             text,
         }),
+        1 => (channel_id(), select(vec!["s0", "s2"]), select(vec!["m0", "m3"]), text(), 0..3u8, prop::option::of(conversation())).prop_map(|(channel, sender, id, text, files, thread)| Command::ChannelInboundRich {
+            channel,
+            sender: sender.into(),
+            sender_name: "Customer".into(),
+            provider_message_id: id.into(),
+            text,
+            // Ids per message and place: a redelivery carries the same ones.
+            files: (0..files).map(|n| InboundFile { id: AttachmentId(format!("{:030x}{n:02x}", id.len() * 7 + sender.len())), name: format!("f{n}.png"), content_type: "image/png".into(), size: 1024 * u64::from(n), sha256: "0".repeat(64) }).collect(),
+            thread,
+            attributes: vec![("email.subject".into(), "Hello".into())],
+        }),
         1 => (channel_id(), conversation(), key(), text(), 0..12usize).prop_map(|(channel, conversation, key, text, buttons)| Command::BotReply {
             channel,
             conversation,
