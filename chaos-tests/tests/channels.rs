@@ -807,3 +807,30 @@ async fn an_email_conversation_keeps_its_thread_and_files_both_ways_through_a_de
     assert!(!conv.to_string().contains("let me in"), "{conv}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_keeps_forging_webhooks_is_cut_off_before_its_bodies_are_read() -> anyhow::Result<()> {
+    let fake = FakeTelegram::start(BOT_TOKEN).await?;
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &dir.path().join("data"), &["--bad-hooks-per-minute", "5"]).await?;
+    let admin = dev.login("admin").await?;
+    telegram_channel(&dev, &admin, &fake).await?;
+    // A body over the webhook limit is refused in the API's error shape.
+    let huge = json!({"update_id": 1, "padding": "x".repeat(70 * 1024)});
+    let (status, body) = hook(&dev, Some(SECRET), &huge).await?;
+    assert_eq!((status, body["code"].clone()), (413, json!("too_large")), "{body}");
+    // Five wrong secrets are answered 401; then the address is refused unread, the
+    // right secret included, and nothing is written.
+    for n in 0..5 {
+        let (status, _) = hook(&dev, Some("webhook_secret_0123456780"), &update(n, 4242, n, "forged")).await?;
+        assert_eq!(status, 401);
+    }
+    let (status, body) = hook(&dev, Some(SECRET), &update(9, 4242, 9, "real")).await?;
+    assert_eq!((status, body["code"].clone()), (429, json!("rate_limited")), "{body}");
+    let supervisor = dev.login("supervisor").await?;
+    for id in 1..=5 {
+        let (_, conversation) = dev.api("GET", &format!("/api/conversations/{id}"), Some(&supervisor), None).await?;
+        assert_ne!(conversation["visitor"]["id"], "tg:4242", "{conversation}");
+    }
+    Ok(())
+}

@@ -67,6 +67,19 @@ impl<K: std::hash::Hash + Eq> Buckets<K> {
     }
 }
 
+impl<K: std::hash::Hash + Eq> Buckets<K> {
+    /// Whether `key`'s bucket holds a whole token now (nothing is taken).
+    pub fn has(&self, key: &K, capacity: f64) -> bool {
+        let capacity = capacity.max(1.0);
+        let rate = capacity / self.period.as_secs_f64();
+        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        match buckets.get(key) {
+            Some((tokens, since)) => tokens + since.elapsed().as_secs_f64() * rate >= 1.0,
+            None => true,
+        }
+    }
+}
+
 /// Why a slot was not given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {

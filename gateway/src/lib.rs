@@ -200,6 +200,9 @@ pub struct Budgets {
     pub uploads_per_address: u32,
     /// Uploads in progress on the node.
     pub uploads: u32,
+    /// Provider webhook calls whose proof (secret, signature) is wrong that one address
+    /// may make per minute; past that its webhook calls get `429` unread.
+    pub bad_hooks_per_minute: u32,
 }
 
 impl Default for Budgets {
@@ -212,6 +215,7 @@ impl Default for Budgets {
             upload_bytes_per_hour: 100 * 1024 * 1024,
             uploads_per_address: 4,
             uploads: 32,
+            bad_hooks_per_minute: 30,
         }
     }
 }
@@ -224,6 +228,8 @@ pub struct Usage {
     pub upload_bytes: budget::Buckets,
     pub client_sockets: Arc<budget::Slots>,
     pub uploads: Arc<budget::Slots>,
+    /// Webhook calls with a wrong proof, per address.
+    pub bad_hooks: budget::Buckets,
 }
 
 impl Default for Usage {
@@ -235,6 +241,7 @@ impl Default for Usage {
             upload_bytes: budget::Buckets::new(Duration::from_secs(3600)),
             client_sockets: budget::Slots::new(),
             uploads: budget::Slots::new(),
+            bad_hooks: budget::Buckets::new(Duration::from_secs(60)),
         }
     }
 }
@@ -567,6 +574,34 @@ async fn security_headers(surface: Surface, request: axum::extract::Request, nex
 }
 
 
+/// In front of the providers' webhooks: an address that keeps sending a wrong proof
+/// (`401`, `403`) is refused with `429` before its body is read, for a minute's worth
+/// of its budget; a body over the limit is answered in the API's error shape.
+async fn hook_guard(
+    axum::extract::State(gw): axum::extract::State<Arc<Gateway>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let address = budget::client_address(peer.ip());
+    let allowed = f64::from(gw.config.budgets.bad_hooks_per_minute);
+    if !gw.usage.bad_hooks.has(&address, allowed) {
+        gw.metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return GatewayError::Budget("too many webhook calls with a wrong secret or signature from this address; wait a minute").into_response();
+    }
+    let response = next.run(request).await;
+    match response.status() {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            gw.usage.bad_hooks.take(address, 1.0, allowed);
+        }
+        StatusCode::PAYLOAD_TOO_LARGE if !response.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json")) => {
+            return GatewayError::BodyTooLarge(rest::MAX_JSON_BODY).into_response();
+        }
+        _ => {}
+    }
+    response
+}
+
 /// The public surface: web chat page and client WebSocket.
 pub fn public_router(gw: Arc<Gateway>) -> Router {
     let files = Router::new()
@@ -584,7 +619,8 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
         .route("/hooks/messenger/{channel}", get(channels::meta_subscribe).post(channels::messenger_hook))
         .route("/hooks/vk/{channel}", axum::routing::post(channels::vk_hook))
         .route("/hooks/viber/{channel}", axum::routing::post(channels::viber_hook))
-        .layer(axum::extract::DefaultBodyLimit::max(rest::MAX_JSON_BODY));
+        .layer(axum::extract::DefaultBodyLimit::max(rest::MAX_JSON_BODY))
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), hook_guard));
     assets::public()
         .route("/ws/client", get(client_ws::upgrade))
         .merge(files)

@@ -115,6 +115,10 @@ struct EdgeArgs {
     /// Uploads in progress on the node.
     #[arg(long, default_value_t = 32)]
     uploads: u32,
+    /// Provider webhook calls with a wrong secret or signature one address may make per
+    /// minute; past that its webhook calls get 429 before their body is read.
+    #[arg(long, default_value_t = 30)]
+    bad_hooks_per_minute: u32,
     /// Open TCP connections per listener.
     #[arg(long, default_value_t = 10_000)]
     max_connections: u32,
@@ -334,6 +338,7 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
             upload_bytes_per_hour: edge.upload_bytes_per_hour,
             uploads_per_address: edge.uploads_per_address,
             uploads: edge.uploads,
+            bad_hooks_per_minute: edge.bad_hooks_per_minute,
         },
         connections: edge.connection_limits(),
         request_timeout: ms(edge.request_timeout_ms),
