@@ -50,6 +50,9 @@ pub struct Shard {
     on_deleted_attachments: OnceLock<Box<dyn Fn(Vec<AttachmentId>) + Send + Sync>>,
     /// Entity actors running now (kept by the supervisor), for `/metrics`.
     active_actors: std::sync::atomic::AtomicUsize,
+    /// Commands applied since start: a reader that saw this number saw every change
+    /// made before it (the outbox worker looks again only when it moved).
+    applied: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Shard {
@@ -70,7 +73,13 @@ impl Shard {
             deleted_attachments: Mutex::new(Vec::new()),
             on_deleted_attachments: OnceLock::new(),
             active_actors: std::sync::atomic::AtomicUsize::new(0),
+            applied: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Commands applied since start (see the field).
+    pub fn applied_count(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Entity actors (conversations, operators, skill groups) running now.
@@ -105,8 +114,11 @@ impl Shard {
             Ok(store) => store,
             Err(e) => stop(&format!("applying the entry stamped {}: {e}", envelope.at.0)),
         };
+        // Counted before the change is made, under the same lock a reader takes: a
+        // reader that saw the new state also sees the new count, or looks again later.
         let result = {
             let mut state = stop_if_poisoned(self.state.write());
+            self.applied.fetch_add(1, std::sync::atomic::Ordering::Release);
             if let Err(e) = records::prefetch(&mut state, store.as_ref(), &envelope.command) {
                 stop(&format!("applying the entry stamped {}: {e}", envelope.at.0));
             }

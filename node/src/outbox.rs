@@ -91,15 +91,30 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
     tokio::spawn(commit_results(proposer.clone(), results_rx, in_flight.clone()));
     let mut buckets: BTreeMap<(ChannelId, bool), Bucket> = BTreeMap::new();
     let mut idle_rounds = 0u32;
+    // What the last look saw: the shard's applied count and when an entry it skipped
+    // comes due. Nothing changed and nothing due: no need to look (a provider down for
+    // hours leaves thousands of entries waiting for their retry time).
+    let mut seen: Option<u64> = None;
+    let mut next_look: Option<Timestamp> = None;
     loop {
         // Busy: look again soon; idle: a few times a second.
         tokio::time::sleep(Duration::from_millis(if idle_rounds == 0 { 5 } else { 50 })).await;
         let leading = raft.metrics().borrow().current_leader == Some(node_id);
         if !leading {
             idle_rounds += 1;
+            seen = None;
             continue;
         }
         let now = now_ms();
+        let version = shard.applied_count();
+        let flying_now = !in_flight.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+        if !flying_now && seen == Some(version) && next_look.is_none_or(|at| now < at) {
+            idle_rounds += 1;
+            continue;
+        }
+        seen = Some(version);
+        next_look = None;
+        let mut due = |at: Timestamp| next_look = Some(next_look.map_or(at, |n: Timestamp| n.min(at)));
         let instant = std::time::Instant::now();
         let (orphans, paced) = {
             let state = shard.read();
@@ -131,10 +146,16 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
                         } else if now.millis_since(d.updated_at) >= ORPHAN_AFTER_MS {
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
+                        } else {
+                            due(d.updated_at.plus_ms(ORPHAN_AFTER_MS));
                         }
                     }
-                    DeliveryStatus::Pending if d.next_at > now => blocked = Some(key.0),
-                    DeliveryStatus::Pending if paced.len() < room => {
+                    DeliveryStatus::Pending if d.next_at > now => {
+                        blocked = Some(key.0);
+                        due(d.next_at);
+                    }
+                    DeliveryStatus::Pending if paced.len() >= room => due(now.plus_ms(5)),
+                    DeliveryStatus::Pending => {
                         blocked = Some(key.0);
                         // Paced per channel: a channel out of tokens is skipped, so one
                         // slow provider's backlog does not hold up the others.
@@ -149,6 +170,9 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                         if bucket.tokens >= 1.0 {
                             bucket.tokens -= 1.0;
                             paced.push(*key);
+                        } else {
+                            // Back when the bucket has a token again.
+                            due(now.plus_ms(((1.0 - bucket.tokens) / rate * 1000.0).ceil().max(1.0) as u64));
                         }
                     }
                     _ => {}
