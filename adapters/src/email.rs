@@ -29,6 +29,8 @@ pub const ATTR_MESSAGE_ID: &str = "email.message_id";
 pub const MESSAGES_PER_SECOND: u32 = 10;
 /// Longest subject kept, in characters.
 pub const MAX_SUBJECT_CHARS: usize = 200;
+/// Time for one whole SMTP session with the relay (a reply may carry 25 MiB of files).
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest SMTP reply read from a relay, in bytes.
 const MAX_REPLY_BYTES: usize = 16 * 1024;
 /// Message-IDs a mail's `In-Reply-To` and `References` may name that are looked at.
@@ -370,10 +372,15 @@ impl Session {
 /// Hands one mail to the relay: `MAIL FROM`, `RCPT TO`, `DATA`. Within `timeout`
 /// altogether; a session broken before the final `.` delivered nothing and is retried.
 pub async fn deliver(tls: &tokio_rustls::TlsConnector, timeout: Duration, relay: &Relay<'_>, from: &str, to: &str, data: &[u8]) -> SendOutcome {
-    let outcome = tokio::time::timeout(timeout, session(tls, relay, from, to, data)).await;
+    let dot_sent = std::sync::atomic::AtomicBool::new(false);
+    let outcome = tokio::time::timeout(timeout, session(tls, relay, from, to, data, &dot_sent)).await;
     let stop = match outcome {
         Ok(Ok(_)) => return SendOutcome::Sent { provider_id: String::new() },
         Ok(Err(stop)) => stop,
+        // Out of time after the final `.`: the relay may hold the mail.
+        Err(_) if dot_sent.load(std::sync::atomic::Ordering::Acquire) => {
+            return SendOutcome::Unknown { reason: format!("the relay did not answer the end of the mail within {} s", timeout.as_secs()) }
+        }
         Err(_) => return SendOutcome::Retry { reason: format!("the relay did not finish within {} s", timeout.as_secs()), after: None },
     };
     match stop {
@@ -383,7 +390,7 @@ pub async fn deliver(tls: &tokio_rustls::TlsConnector, timeout: Duration, relay:
     }
 }
 
-async fn session(tls: &tokio_rustls::TlsConnector, relay: &Relay<'_>, from: &str, to: &str, data: &[u8]) -> Result<(), Stop> {
+async fn session(tls: &tokio_rustls::TlsConnector, relay: &Relay<'_>, from: &str, to: &str, data: &[u8], dot_sent: &std::sync::atomic::AtomicBool) -> Result<(), Stop> {
     let fail = |reason: String| Stop { after_data: false, permanent: false, reason };
     let tcp = tokio::net::TcpStream::connect((relay.host, relay.port)).await.map_err(|e| fail(format!("connecting to {}:{}: {e}", relay.host, relay.port)))?;
     let _ = tcp.set_nodelay(true);
@@ -402,7 +409,8 @@ async fn session(tls: &tokio_rustls::TlsConnector, relay: &Relay<'_>, from: &str
     let mut features = s.command(&format!("EHLO {helo}"), 250, "EHLO").await?;
     if relay.security == "starttls" {
         if !features.lines().any(|l| l.trim().eq_ignore_ascii_case("STARTTLS")) {
-            return Err(fail(format!("{} does not offer STARTTLS", relay.host)));
+            // A relay that does not offer it is set up differently: no retry mends that.
+            return Err(Stop { after_data: false, permanent: true, reason: format!("{} does not offer STARTTLS", relay.host) });
         }
         s.command("STARTTLS", 220, "STARTTLS").await?;
         // Nothing the relay sent before the handshake counts after it.
@@ -426,6 +434,7 @@ async fn session(tls: &tokio_rustls::TlsConnector, relay: &Relay<'_>, from: &str
     s.command("DATA", 354, "DATA").await?;
     s.send(&dot_stuffed(data), false).await?;
     // From here the relay may hold the mail whatever happens to the connection.
+    dot_sent.store(true, std::sync::atomic::Ordering::Release);
     s.send(b".\r\n", true).await?;
     let (code, text) = s.reply(true).await?;
     if !(200..300).contains(&code) {
@@ -475,7 +484,7 @@ pub async fn send(client: &crate::http::Client, relay: &Relay<'_>, from: &str, f
         files: &message.files,
         date_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
     });
-    match deliver(&client.tls(), client.timeout(), relay, from, &message.recipient, &data).await {
+    match deliver(&client.tls(), SESSION_TIMEOUT, relay, from, &message.recipient, &data).await {
         SendOutcome::Sent { .. } => SendOutcome::Sent { provider_id: id },
         other => other,
     }

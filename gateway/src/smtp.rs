@@ -1,4 +1,4 @@
-//! The SMTP listener (docs/channels.md, "Email"): mail for an email channel's address
+//! The SMTP listener (docs/channel-api.md, "Email"): mail for an email channel's address
 //! becomes that channel's inbound message, with its files.
 //!
 //! It takes mail for the channels' addresses only (it relays nothing) and answers `250`
@@ -335,10 +335,13 @@ impl Session<'_> {
         let raw = match self.read_data().await? {
             Some(raw) => raw,
             None => {
+                self.buf.shrink_to(MAX_COMMAND_LINE * 16);
                 self.reset();
                 return self.say("552 5.3.4 The mail is larger than this server takes").await;
             }
         };
+        // What a long line made the buffer hold is given back with the mail's slot.
+        self.buf.shrink_to(MAX_COMMAND_LINE * 16);
         let channels = std::mem::take(&mut self.rcpts);
         self.reset();
         let reply = take_mail(&self.shared.gw, &channels, raw).await;
@@ -376,7 +379,7 @@ impl Session<'_> {
             if self.buf.len() > max {
                 too_large = true;
                 mail = Vec::new();
-                self.buf.clear();
+                self.buf = Vec::new();
             }
             match self.fill(until).await {
                 Ok(true) => {}
@@ -449,7 +452,12 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     let room = MAX_TEXT_CHARS - 100 - note_room;
     let long_text;
     if text.chars().count() > room {
-        long_text = text.clone().into_bytes();
+        // The whole text, up to what a file may be.
+        let mut end = text.len().min(MAX_ATTACHMENT_BYTES);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        long_text = text[..end].as_bytes().to_vec();
         text = format!("{}…\n[the whole text is in message.txt]", text.chars().take(room).collect::<String>());
         if kept.len() >= MAX_ATTACHMENTS_PER_MESSAGE {
             kept.pop();
@@ -474,6 +482,11 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
             tracing::warn!(error = %e, "a mail's file could not be stored");
             return Err("451 4.3.0 Could not store a file, try again".into());
         }
+        // On a majority of the cluster before the record that promises it, as uploads are.
+        if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone()).await {
+            tracing::warn!(error = %e, "a mail's file could not be copied to enough members");
+            return Err("451 4.3.0 Could not store a file, try again".into());
+        }
         let sha256 = switchboard_adapters::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
         files.push(InboundFile { id, name, content_type, size: bytes.len() as u64, sha256 });
     }
@@ -484,7 +497,13 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     let command = Command::ChannelInboundRich {
         channel: channel.clone(),
         sender: mail.from.clone(),
-        sender_name: mail.from_name.chars().take(100).collect(),
+        sender_name: {
+            let mut end = mail.from_name.len().min(switchboard_actors::core::MAX_SENDER_BYTES);
+            while !mail.from_name.is_char_boundary(end) {
+                end -= 1;
+            }
+            mail.from_name[..end].to_owned()
+        },
         provider_message_id: mail.message_id.clone(),
         text,
         files,
