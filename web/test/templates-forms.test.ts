@@ -6,6 +6,7 @@ import {
   capacityProblem,
   carried,
   idProblem,
+  isEmailAddress,
   messageProblem,
   parseTags,
   passwordProblem,
@@ -105,13 +106,19 @@ describe('forms', () => {
     expect(carried(null)).toEqual({ maxText: 4000, files: true });
     expect(messageProblem('', 1, null)).toBeNull();
     expect(messageProblem('x'.repeat(4000), 0, null)).toBeNull();
-    // Any adapter: no files yet, with or without text.
+    // Any adapter but email: no files yet, with or without text.
     for (const kind of ['telegram', 'whatsapp', 'viber', 'vk', 'api', 'messenger'] as const) {
       expect(carried(kind).files).toBe(false);
       expect(messageProblem('', 1, kind)).toBe('files_not_carried');
       expect(messageProblem('see the file', 2, kind)).toBe('files_not_carried');
       expect(messageProblem('  ', 0, kind)).toBe('empty');
     }
+    // Email: files as attachments, with or without text, and 4000 characters.
+    expect(carried('email')).toEqual({ maxText: 4000, files: true });
+    expect(messageProblem('', 1, 'email')).toBeNull();
+    expect(messageProblem('see the file', 2, 'email')).toBeNull();
+    expect(messageProblem('  ', 0, 'email')).toBe('empty');
+    expect(messageProblem('x'.repeat(4001), 1, 'email')).toBe('too_long');
     // Facebook Messenger: 2000 characters (code points, of the trimmed text); the others 4000.
     expect(carried('messenger').maxText).toBe(2000);
     expect(carried('telegram').maxText).toBe(4000);
@@ -147,6 +154,36 @@ describe('forms', () => {
     expect(testMessageProblem('4242', 'x'.repeat(4001), 'telegram')).toBe('too_long');
     expect(testMessageProblem('4242', 'x'.repeat(2001), 'messenger')).toBe('too_long');
     expect(testMessageProblem('4242', 'x'.repeat(2001), 'viber')).toBeNull();
+    // Through email, to an email address only.
+    expect(testMessageProblem('4242', 'Hello', 'email')).toBe('recipient_not_email');
+    expect(testMessageProblem(' dana@example.com ', 'Hello', 'email')).toBeNull();
+    expect(testMessageProblem('dana@example.com', ' ', 'email')).toBe('empty');
+    expect(testMessageProblem('', 'Hello', 'email')).toBe('recipient_invalid');
+    expect(testMessageProblem('dana@example.com', 'Hello', 'telegram')).toBeNull();
+  });
+  it('tells an email address as the server does', () => {
+    for (const good of ['dana@example.com', 'Dana.Lee+help@mail.example.co.uk', "o'neil_1@ex-ample.org", 'x'.repeat(64) + '@example.com', 'a@b.c'])
+      expect(isEmailAddress(good), good).toBe(true);
+    for (const bad of [
+      '',
+      'dana',
+      'dana@',
+      '@example.com',
+      'dana@example',
+      'dana@.example.com',
+      'dana@example.com.',
+      'dana lee@example.com',
+      'dana@exa mple.com',
+      'dana@exam_ple.com',
+      'a@b@example.com',
+      '<dana@example.com>',
+      'dana;x@example.com',
+      'дана@example.com',
+      'dana@пример.рф',
+      'x'.repeat(65) + '@example.com',
+      'a@' + 'b'.repeat(250) + '.com',
+    ])
+      expect(isEmailAddress(bad), bad).toBe(false);
   });
   it('shows sections by role', () => {
     expect(tabsFor('operator', 'alice')).toEqual(['desk']);
@@ -275,14 +312,75 @@ describe('adapter form', () => {
     expect(adapterBody({ ...vk, secret: '', confirmation: '', group_id: '' })).toEqual({ problem: 'vk_secret_invalid' });
     expect(adapterBody({ ...vk, confirmation: '-', group_id: '' })).toEqual({ problem: 'confirmation_invalid' });
   });
+  const email = {
+    ...blankAdapter('email'),
+    bot_token: 'left over',
+    address: ' support@acme.example ',
+    display_name: ' Acme Support ',
+    smtp_host: ' smtp.acme.example ',
+    smtp_port: ' 465 ',
+    smtp_security: 'tls',
+    smtp_username: ' switchboard ',
+    smtp_password: ' relay-password ',
+  };
+  const emailBody = {
+    kind: 'email',
+    address: 'support@acme.example',
+    display_name: 'Acme Support',
+    smtp_host: 'smtp.acme.example',
+    smtp_port: 465,
+    smtp_security: 'tls',
+    smtp_username: 'switchboard',
+    smtp_password: 'relay-password',
+  };
+  it('builds an email body: the port a number, the optional settings only when given', () => {
+    expect(adapterBody(email)).toEqual({ body: emailBody });
+    // A new email adapter starts at STARTTLS; the port left empty is the server's 587.
+    const minimal = { ...blankAdapter('email'), address: 'support@acme.example', smtp_host: '10.0.0.25' };
+    expect(adapterBody(minimal)).toEqual({ body: { kind: 'email', address: 'support@acme.example', smtp_host: '10.0.0.25', smtp_security: 'starttls' } });
+    expect(adapterBody({ ...minimal, smtp_port: '587', smtp_security: 'none' })).toEqual({
+      body: { kind: 'email', address: 'support@acme.example', smtp_host: '10.0.0.25', smtp_port: 587, smtp_security: 'none' },
+    });
+    expect(adapterBody({ ...minimal, smtp_host: '::1' })).toHaveProperty(['body', 'smtp_host'], '::1');
+  });
+  it('checks the email address, the From name, the relay and its port and security', () => {
+    for (const bad of ['', '  ', 'support', 'support@acme', 'sup port@acme.example', 'поддержка@acme.example'])
+      expect(adapterBody({ ...email, address: bad }), bad).toEqual({ problem: 'address_invalid' });
+    const name = { problem: 'display_name_invalid' };
+    expect(adapterBody({ ...email, display_name: 'x'.repeat(65) })).toEqual(name);
+    expect(adapterBody({ ...email, display_name: 'Acme\nSupport' })).toEqual(name);
+    expect(adapterBody({ ...email, display_name: '😀'.repeat(64) })).toHaveProperty(['body', 'display_name'], '😀'.repeat(64));
+    expect(adapterBody({ ...email, display_name: 'Поддержка Acme' })).toHaveProperty(['body', 'display_name'], 'Поддержка Acme');
+    expect(adapterBody({ ...email, display_name: '   ' })).not.toHaveProperty(['body', 'display_name']);
+    for (const bad of ['', 'smtp acme.example', 'smtp_acme.example', 'smtp://acme.example', 'x'.repeat(254)])
+      expect(adapterBody({ ...email, smtp_host: bad }), bad).toEqual({ problem: 'smtp_host_invalid' });
+    for (const bad of ['0', '65536', '-25', '25.0', '1e3', 'smtp', '587 '.repeat(2)])
+      expect(adapterBody({ ...email, smtp_port: bad }), bad).toEqual({ problem: 'smtp_port_invalid' });
+    for (const good of ['1', '25', '65535']) expect(adapterBody({ ...email, smtp_port: good })).toHaveProperty(['body', 'smtp_port'], Number(good));
+    expect(adapterBody({ ...email, smtp_port: '' })).not.toHaveProperty(['body', 'smtp_port']);
+    expect(adapterBody({ ...email, smtp_security: 'ssl' })).toEqual({ problem: 'smtp_security_invalid' });
+    expect(adapterBody({ ...email, address: '', smtp_host: '' })).toEqual({ problem: 'address_invalid' });
+  });
+  it('signs in to the relay with a user name and its password typed again, or not at all', () => {
+    expectPrintableSecret(email, 'smtp_username', 'smtp_username_invalid');
+    expectPrintableSecret(email, 'smtp_password', 'smtp_password_invalid');
+    // The password is shown masked: left empty with a user name it would be dropped.
+    expect(adapterBody({ ...email, smtp_password: '' })).toEqual({ problem: 'smtp_password_invalid' });
+    // Without a user name: neither is sent; a password alone is refused, not dropped.
+    const anonymous = adapterBody({ ...email, smtp_username: ' ', smtp_password: '' });
+    expect(anonymous).toHaveProperty('body');
+    expect(anonymous).not.toHaveProperty(['body', 'smtp_username']);
+    expect(anonymous).not.toHaveProperty(['body', 'smtp_password']);
+    expect(adapterBody({ ...email, smtp_username: '', smtp_password: 'relay-password' })).toEqual({ problem: 'smtp_username_invalid' });
+  });
   it('says every problem in English and Russian', () => {
     // Each setting of each kind spoilt in turn (301 characters with spaces), and each kind left blank.
     const problems = new Set<string>();
-    for (const d of [telegram, whatsapp, messenger, viber, vk, blankAdapter('api')]) {
+    for (const d of [telegram, whatsapp, messenger, viber, vk, email, blankAdapter('api')]) {
       const spoilt = (Object.keys(d) as (keyof AdapterDraft)[]).filter((f) => f !== 'kind').map((f) => ({ ...d, [f]: ' ' + 'x y'.repeat(100) }));
       for (const r of [...spoilt, blankAdapter(d.kind)].map(adapterBody)) if ('problem' in r) problems.add(r.problem);
     }
-    expect(problems.size).toBe(13);
+    expect(problems.size).toBe(20);
     for (const p of problems) {
       expect(DICTS.en, p).toHaveProperty('err_' + p);
       expect(DICTS.ru, p).toHaveProperty('err_' + p);

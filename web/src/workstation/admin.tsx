@@ -2,7 +2,8 @@
 import { Fragment } from 'preact';
 import { useEffect, useState } from 'preact/hooks';
 import { formatDuration, formatWhen } from '../shared/format';
-import { ADAPTER_KINDS, type AccessRuleRow, type AdapterKind, type AdapterView, type AttributePriority, type Channel, type ClosedAction, type GroupHours, type GroupRouting, type OperatorStatus, type Role, type SkillGroup, type UserInfo } from './types';
+import type { Translate } from '../shared/i18n';
+import { ADAPTER_KINDS, SMTP_SECURITIES, type AccessRuleRow, type AdapterKind, type AdapterView, type AttributePriority, type Channel, type ClosedAction, type GroupHours, type GroupRouting, type OperatorStatus, type Role, type SkillGroup, type UserInfo } from './types';
 import { adapterBody, blankAdapter, capacityProblem, idProblem, parsePairs, passwordProblem, showPairs, testMessageProblem, urlProblem, type AdapterDraft } from './forms';
 import { CLOSED_ACTIONS, hoursDraft, hoursFromDraft, MAX_STEPS, nextStep, parseWeights, stepDrafts, stepsFromDrafts, type HoursDraft, type StepDraft } from './rules';
 import { TemplatesPanel } from './panels';
@@ -669,14 +670,16 @@ function Channels() {
 
 /** One of an adapter's settings: the draft's field (and the view's, masked when a
  *  secret), its label and hints, and for a setting that is not a secret what the form
- *  starts from once saved. */
+ *  starts from once saved. `options`: chosen from these (each labelled `{label}_{option}`)
+ *  rather than typed. */
 interface AdapterSetting {
   field: Exclude<keyof AdapterDraft & keyof AdapterView, 'kind'>;
   label: Key;
   hints: Key[];
   secret?: boolean;
   placeholder?: string;
-  inputMode?: 'url' | 'numeric';
+  inputMode?: 'url' | 'numeric' | 'email';
+  options?: readonly string[];
 }
 
 /** What each adapter kind is set with, in the order shown. */
@@ -711,11 +714,21 @@ const ADAPTER_SETTINGS: Record<AdapterKind, AdapterSetting[]> = {
     { field: 'group_id', label: 'group_id', hints: ['group_id_hint'], inputMode: 'numeric' },
     { field: 'api_base', label: 'vk_api_base', hints: ['vk_api_base_hint'], placeholder: 'https://api.vk.com', inputMode: 'url' },
   ],
+  email: [
+    { field: 'address', label: 'email_address', hints: ['email_address_hint'], placeholder: 'support@example.com', inputMode: 'email' },
+    { field: 'display_name', label: 'display_name', hints: ['display_name_hint'] },
+    { field: 'smtp_host', label: 'smtp_host', hints: ['smtp_host_hint'], placeholder: 'smtp.example.com', inputMode: 'url' },
+    { field: 'smtp_port', label: 'smtp_port', hints: ['smtp_port_hint'], placeholder: '587', inputMode: 'numeric' },
+    { field: 'smtp_security', label: 'smtp_security', hints: ['smtp_security_hint'], options: SMTP_SECURITIES },
+    { field: 'smtp_username', label: 'smtp_username', hints: ['smtp_username_hint'] },
+    { field: 'smtp_password', label: 'smtp_password', hints: ['smtp_password_hint'], secret: true },
+  ],
   api: [{ field: 'outbound_url', label: 'outbound_url', hints: ['outbound_url_hint', 'adapter_api_hint'], placeholder: 'https://adapter.example/outbound', inputMode: 'url' }],
 };
 
-/** How to point each messenger at its webhook path (`{path}`), once connected. */
-const WEBHOOK_HINTS: Record<Exclude<AdapterKind, 'api'>, Key> = {
+/** How to point each messenger at its webhook path (`{path}`), once connected (email
+ *  has none: its mail comes in through the node's SMTP listener). */
+const WEBHOOK_HINTS: Record<Exclude<AdapterKind, 'api' | 'email'>, Key> = {
   telegram: 'webhook_hint',
   whatsapp: 'whatsapp_webhook_hint',
   messenger: 'messenger_webhook_hint',
@@ -723,10 +736,17 @@ const WEBHOOK_HINTS: Record<Exclude<AdapterKind, 'api'>, Key> = {
   vk: 'vk_webhook_hint',
 };
 
+/** A saved setting as the summary shows it: a choice by its name (an unknown one, from a
+ *  newer server, as it came), an optional one left empty as a dash. */
+function settingText(t: Translate<Key>, s: AdapterSetting, value: string | number | undefined): string {
+  if (value == null || value === '') return '—';
+  return s.options?.includes(String(value)) ? t((s.label + '_' + value) as Key) : String(value);
+}
+
 /** The form for a saved adapter: its settings but for the secrets (masked by the server). */
 function draftOf(view: AdapterView): AdapterDraft {
   const draft = blankAdapter(view.kind);
-  for (const s of ADAPTER_SETTINGS[view.kind]) if (!s.secret) draft[s.field] = view[s.field] ?? '';
+  for (const s of ADAPTER_SETTINGS[view.kind]) if (!s.secret) draft[s.field] = String(view[s.field] ?? '');
   return draft;
 }
 
@@ -854,15 +874,25 @@ function ChannelAdapter(props: { channel: Channel; onChange: () => void }) {
         </Field>
         {ADAPTER_SETTINGS[draft.kind].map((s) => (
           <Field key={draft.kind + ':' + s.field} label={t(s.label)} hint={s.hints.map((h) => t(h)).join(' ')}>
-            <input
-              value={draft[s.field]}
-              autoComplete="off"
-              spellcheck={false}
-              inputMode={s.inputMode}
-              placeholder={s.placeholder}
-              data-testid={'adapter-' + s.field.replace(/_/g, '-')}
-              onInput={(e) => set({ [s.field]: (e.currentTarget as HTMLInputElement).value })}
-            />
+            {s.options ? (
+              <select value={draft[s.field]} data-testid={'adapter-' + s.field.replace(/_/g, '-')} onChange={(e) => set({ [s.field]: (e.currentTarget as HTMLSelectElement).value })}>
+                {s.options.map((o) => (
+                  <option key={o} value={o}>
+                    {t((s.label + '_' + o) as Key)}
+                  </option>
+                ))}
+              </select>
+            ) : (
+              <input
+                value={draft[s.field]}
+                autoComplete="off"
+                spellcheck={false}
+                inputMode={s.inputMode}
+                placeholder={s.placeholder}
+                data-testid={'adapter-' + s.field.replace(/_/g, '-')}
+                onInput={(e) => set({ [s.field]: (e.currentTarget as HTMLInputElement).value })}
+              />
+            )}
           </Field>
         ))}
         <ErrorText error={setting.error} />
@@ -918,7 +948,7 @@ function AdapterTest(props: { channel: Channel; view: AdapterView }) {
         e.preventDefault();
         setOutcome(null);
         const p = testMessageProblem(recipient, text, view.kind);
-        if (p) return setOutcome({ view, problem: p === 'recipient_invalid' ? t('err_recipient_invalid') : messageProblemText(t, p, text, view.kind) ?? t('err_text_required') });
+        if (p) return setOutcome({ view, problem: p === 'recipient_invalid' || p === 'recipient_not_email' ? t(('err_' + p) as Key) : messageProblemText(t, p, text, view.kind) ?? t('err_text_required') });
         setBusy(true);
         try {
           const r = await api.post<{ ok: boolean; provider_id?: string; reason?: string }>('/api/channels/' + encodeURIComponent(props.channel.id) + '/test', {
@@ -936,8 +966,16 @@ function AdapterTest(props: { channel: Channel; view: AdapterView }) {
     >
       <h3 id="adapter-test-h">{t('test_message')}</h3>
       <p class="hint">{t('test_message_hint')}</p>
-      <Field label={t('test_recipient')} hint={t('test_recipient_hint')}>
-        <input value={recipient} autoComplete="off" spellcheck={false} data-testid="adapter-test-recipient" onInput={(e) => setRecipient((e.currentTarget as HTMLInputElement).value)} />
+      <Field label={t('test_recipient')} hint={t(view.kind === 'email' ? 'test_recipient_hint_email' : 'test_recipient_hint')}>
+        <input
+          value={recipient}
+          autoComplete="off"
+          spellcheck={false}
+          inputMode={view.kind === 'email' ? 'email' : undefined}
+          placeholder={view.kind === 'email' ? 'customer@example.com' : undefined}
+          data-testid="adapter-test-recipient"
+          onInput={(e) => setRecipient((e.currentTarget as HTMLInputElement).value)}
+        />
       </Field>
       <Field label={t('test_text')}>
         <textarea rows={2} maxLength={4000} value={text} data-testid="adapter-test-text" onInput={(e) => setText((e.currentTarget as HTMLTextAreaElement).value)} />
@@ -1055,18 +1093,28 @@ function AdapterSummary(props: { view: AdapterView }) {
         {ADAPTER_SETTINGS[v.kind].map((s) => (
           <Fragment key={s.field}>
             <dt>{t(s.label)}</dt>
-            <dd data-testid={'adapter-current-' + s.field.replace(/_/g, '-')}>{v[s.field]}</dd>
+            <dd data-testid={'adapter-current-' + s.field.replace(/_/g, '-')}>{settingText(t, s, v[s.field])}</dd>
           </Fragment>
         ))}
-        <dt>{t(v.kind === 'api' ? 'inbound_path' : 'webhook_path')}</dt>
-        <dd>
-          <code data-testid={v.kind === 'api' ? 'adapter-inbound-path' : 'adapter-webhook-path'}>{v.kind === 'api' ? v.inbound_path : v.webhook_path}</code>
-        </dd>
+        {v.kind !== 'email' && (
+          <>
+            <dt>{t(v.kind === 'api' ? 'inbound_path' : 'webhook_path')}</dt>
+            <dd>
+              <code data-testid={v.kind === 'api' ? 'adapter-inbound-path' : 'adapter-webhook-path'}>{v.kind === 'api' ? v.inbound_path : v.webhook_path}</code>
+            </dd>
+          </>
+        )}
       </dl>
-      {v.kind !== 'api' && (
-        <p class="hint" data-testid="adapter-webhook-hint">
-          {t(WEBHOOK_HINTS[v.kind], { path: v.webhook_path ?? '' })}
+      {v.kind === 'email' ? (
+        <p class="hint" data-testid="adapter-inbound-hint">
+          {t('email_inbound_hint', { address: v.address ?? '' })}
         </p>
+      ) : (
+        v.kind !== 'api' && (
+          <p class="hint" data-testid="adapter-webhook-hint">
+            {t(WEBHOOK_HINTS[v.kind], { path: v.webhook_path ?? '' })}
+          </p>
+        )
       )}
     </>
   );

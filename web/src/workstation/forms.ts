@@ -1,5 +1,5 @@
 /** Parsing and validation for the desk's forms (pure, unit-tested). */
-import type { AdapterKind } from './types';
+import { SMTP_SECURITIES, type AdapterKind } from './types';
 export const MAX_TAGS = 10;
 export const MAX_TAG_LENGTH = 40;
 export const MAX_TEXT = 4000;
@@ -27,11 +27,15 @@ export const PROVIDER_TEXT_LIMITS: Partial<Record<AdapterKind, number>> = { mess
 /** The counter shows from this many characters before a provider's own limit. */
 export const COUNTER_MARGIN = 200;
 
+/** The adapters whose customers are sent files too (email: as attachments); the
+ *  messengers and the Channel API get text only for now. */
+export const FILES_CARRIED: readonly AdapterKind[] = ['email'];
+
 /** What a conversation's customer can be sent, by its channel's adapter (null: the web
- *  chat): the longest text in characters, and whether files (messengers get text only
- *  for now; the server refuses files there with `invalid`). */
+ *  chat): the longest text in characters, and whether files (the server refuses them
+ *  with `invalid` where they are not carried). */
 export function carried(adapter: AdapterKind | null | undefined): { maxText: number; files: boolean } {
-  return { maxText: (adapter && PROVIDER_TEXT_LIMITS[adapter]) || MAX_TEXT, files: adapter == null };
+  return { maxText: (adapter && PROVIDER_TEXT_LIMITS[adapter]) || MAX_TEXT, files: adapter == null || FILES_CARRIED.includes(adapter) };
 }
 
 /** Characters as the server counts them (code points, not UTF-16 units), of the text
@@ -64,12 +68,31 @@ export function textCounter(text: string, adapter: AdapterKind | null): { length
 /** The longest recipient `POST /api/channels/{id}/test` takes, in UTF-8 bytes. */
 export const MAX_RECIPIENT_BYTES = 200;
 
-/** A test message through a channel's adapter: a recipient of 1-200 bytes and a text the
- *  provider takes. */
-export function testMessageProblem(recipient: string, text: string, adapter: AdapterKind): 'recipient_invalid' | MessageProblem | null {
+/** A test message through a channel's adapter: a recipient of 1-200 bytes (through
+ *  email, an email address) and a text the provider takes. */
+export function testMessageProblem(recipient: string, text: string, adapter: AdapterKind): 'recipient_invalid' | 'recipient_not_email' | MessageProblem | null {
   const bytes = new TextEncoder().encode(recipient.trim()).length;
   if (bytes < 1 || bytes > MAX_RECIPIENT_BYTES) return 'recipient_invalid';
+  if (adapter === 'email' && !isEmailAddress(recipient.trim())) return 'recipient_not_email';
   return messageProblem(text, 0, adapter);
+}
+
+/** An email address as the server takes one (a channel's mailbox, a customer's):
+ *  `local@domain`, ASCII, at most 254 characters, the local part at most 64 without
+ *  spaces or specials, the domain of letters, digits, dots and hyphens with a dot inside. */
+export function isEmailAddress(address: string): boolean {
+  const at = address.lastIndexOf('@');
+  if (at < 0 || address.length > 254) return false;
+  const local = address.slice(0, at);
+  const domain = address.slice(at + 1);
+  return (
+    /^[\x21-\x7e]{1,64}$/.test(local) &&
+    !/[<>"@(),;:\\[\]]/.test(local) &&
+    /^[A-Za-z0-9.-]+$/.test(domain) &&
+    domain.includes('.') &&
+    !domain.startsWith('.') &&
+    !domain.endsWith('.')
+  );
 }
 
 /** Ids for skill groups, operators, channels and logins: letters, digits, '.', '_' and '-'. */
@@ -144,6 +167,16 @@ export interface AdapterDraft {
   /** VK: the Callback API's confirmation string and the community's id. */
   confirmation: string;
   group_id: string;
+  /** Email: the support mailbox and the From name of replies; the SMTP relay they go
+   *  out through (the port empty: 587; `smtp_security` one of SMTP_SECURITIES), signed
+   *  in to when a user name is given. */
+  address: string;
+  display_name: string;
+  smtp_host: string;
+  smtp_port: string;
+  smtp_security: string;
+  smtp_username: string;
+  smtp_password: string;
   /** The provider's API address; empty: the server's default. */
   api_base: string;
   outbound_url: string;
@@ -163,6 +196,13 @@ export function blankAdapter(kind: AdapterKind): AdapterDraft {
     sender_name: '',
     confirmation: '',
     group_id: '',
+    address: '',
+    display_name: '',
+    smtp_host: '',
+    smtp_port: '',
+    smtp_security: 'starttls',
+    smtp_username: '',
+    smtp_password: '',
     api_base: '',
     outbound_url: '',
   };
@@ -187,6 +227,12 @@ export const VK_GROUP_ID = /^[0-9]{1,20}$/;
 /** Viber's limit on the name replies are sent under, in characters. */
 export const MAX_SENDER_NAME = 28;
 
+/** The longest From name of an email channel's replies, in characters. */
+export const MAX_DISPLAY_NAME = 64;
+
+/** An SMTP relay's host: a name or an IP address (v6 too), at most 253 characters. */
+export const SMTP_HOST = /^[A-Za-z0-9.:-]{1,253}$/;
+
 export type AdapterProblem =
   | 'bot_token_required'
   | 'secret_invalid'
@@ -200,7 +246,14 @@ export type AdapterProblem =
   | 'sender_name_invalid'
   | 'vk_secret_invalid'
   | 'confirmation_invalid'
-  | 'group_id_invalid';
+  | 'group_id_invalid'
+  | 'address_invalid'
+  | 'display_name_invalid'
+  | 'smtp_host_invalid'
+  | 'smtp_port_invalid'
+  | 'smtp_security_invalid'
+  | 'smtp_username_invalid'
+  | 'smtp_password_invalid';
 
 /** A messenger adapter's setting in the PUT's body: the draft's field, whether it is
  *  trimmed first, what it must be, and the problem named when it is not. */
@@ -216,7 +269,7 @@ const patternRule = (field: AdapterRule['field'], pattern: RegExp, problem: Adap
 
 /** What each messenger adapter is set with (besides its optional API address), checked
  *  in this order: the first to fix is named. */
-const ADAPTER_RULES: Record<Exclude<AdapterKind, 'api'>, AdapterRule[]> = {
+const ADAPTER_RULES: Record<Exclude<AdapterKind, 'api' | 'email'>, AdapterRule[]> = {
   telegram: [
     // The server checks the token's characters; its reason is shown then.
     { field: 'bot_token', trim: true, ok: (v) => v !== '', problem: 'bot_token_required' },
@@ -249,12 +302,13 @@ export function urlProblem(url: string): 'url_invalid' | null {
 
 /** The body of the adapter's PUT, or what to fix first. The server checks again (and
  *  more: the bot token's characters); its reason is shown then. */
-export function adapterBody(d: AdapterDraft): { body: Record<string, string> } | { problem: AdapterProblem } {
+export function adapterBody(d: AdapterDraft): { body: Record<string, string | number> } | { problem: AdapterProblem } {
   if (d.kind === 'api') {
     const url = d.outbound_url.trim();
     const p = urlProblem(url);
     return p ? { problem: p } : { body: { kind: 'api', outbound_url: url } };
   }
+  if (d.kind === 'email') return emailBody(d);
   const body: Record<string, string> = { kind: d.kind };
   for (const rule of ADAPTER_RULES[d.kind]) {
     const value = rule.trim ? d[rule.field].trim() : d[rule.field];
@@ -268,5 +322,34 @@ export function adapterBody(d: AdapterDraft): { body: Record<string, string> } |
     if (p) return { problem: p };
     body.api_base = base;
   }
+  return { body };
+}
+
+/** An email adapter's body, checked in the form's order. The optional settings go only
+ *  when given (the server's defaults otherwise: no From name, port 587). A user name
+ *  signs in to the relay and needs its password, typed again like every secret shown
+ *  masked: the PUT replaces the whole adapter. A password without a user name is
+ *  refused rather than dropped unsaid. */
+function emailBody(d: AdapterDraft): { body: Record<string, string | number> } | { problem: AdapterProblem } {
+  const address = d.address.trim();
+  if (!isEmailAddress(address)) return { problem: 'address_invalid' };
+  // Characters (code points), as the server counts them; no control characters.
+  const displayName = d.display_name.trim();
+  if ([...displayName].length > MAX_DISPLAY_NAME || /\p{Cc}/u.test(displayName)) return { problem: 'display_name_invalid' };
+  const host = d.smtp_host.trim();
+  if (!SMTP_HOST.test(host)) return { problem: 'smtp_host_invalid' };
+  const port = d.smtp_port.trim();
+  if (port && !(/^[0-9]{1,5}$/.test(port) && Number(port) >= 1 && Number(port) <= 65535)) return { problem: 'smtp_port_invalid' };
+  if (!(SMTP_SECURITIES as readonly string[]).includes(d.smtp_security)) return { problem: 'smtp_security_invalid' };
+  const username = d.smtp_username.trim();
+  const password = d.smtp_password.trim();
+  if ((username || password) && !PRINTABLE_SECRET.test(username)) return { problem: 'smtp_username_invalid' };
+  if (username && !PRINTABLE_SECRET.test(password)) return { problem: 'smtp_password_invalid' };
+  const body: Record<string, string | number> = { kind: 'email', address };
+  if (displayName) body.display_name = displayName;
+  body.smtp_host = host;
+  if (port) body.smtp_port = Number(port);
+  body.smtp_security = d.smtp_security;
+  if (username) Object.assign(body, { smtp_username: username, smtp_password: password });
   return { body };
 }

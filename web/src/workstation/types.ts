@@ -229,10 +229,16 @@ export interface Channel {
   adapter?: AdapterKind | null;
 }
 
-export type AdapterKind = 'telegram' | 'whatsapp' | 'messenger' | 'viber' | 'vk' | 'api';
+export type AdapterKind = 'telegram' | 'whatsapp' | 'messenger' | 'viber' | 'vk' | 'email' | 'api';
 
 /** The adapter kinds the admin can connect, in the order offered. */
-export const ADAPTER_KINDS: readonly AdapterKind[] = ['telegram', 'whatsapp', 'messenger', 'viber', 'vk', 'api'];
+export const ADAPTER_KINDS: readonly AdapterKind[] = ['telegram', 'whatsapp', 'messenger', 'viber', 'vk', 'email', 'api'];
+
+/** How an email channel's replies reach its SMTP relay: STARTTLS on a plain connection
+ *  (the default, port 587), TLS from the start (465), or neither (a relay on the LAN). */
+export type SmtpSecurity = 'starttls' | 'tls' | 'none';
+
+export const SMTP_SECURITIES: readonly SmtpSecurity[] = ['starttls', 'tls', 'none'];
 
 /** A channel's adapter as `GET/PUT /api/channels/{id}/adapter` shows it: secrets masked,
  *  except `token` and `signing_secret` in the answer of the PUT that made them. */
@@ -255,6 +261,16 @@ export interface AdapterView {
   token?: string;
   signing_secret?: string;
   inbound_path?: string;
+  /** Email: the support mailbox (its mail comes in through the node's SMTP listener),
+   *  the From name of replies, and the relay they go out through (the password masked,
+   *  "" when there is none). */
+  address?: string;
+  display_name?: string;
+  smtp_host?: string;
+  smtp_port?: number;
+  smtp_security?: SmtpSecurity;
+  smtp_username?: string;
+  smtp_password?: string;
 }
 
 /** An outbox entry's status (docs/channel-api.md); `failed` and `unknown` are dead letters. */
