@@ -135,6 +135,16 @@ impl Client {
     /// provider got nothing); from the moment it may have been written they are
     /// [`AdapterError::NoAnswer`] (the provider may have acted on it).
     async fn post_as(&self, url: &str, content_type: &'static str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
+        self.call(url, Some(content_type), headers, body, MAX_RESPONSE_BYTES).await
+    }
+
+    /// GETs `url` (a file a customer sent), reading at most `max` bytes of its body.
+    pub async fn get(&self, url: &str, headers: &[(&str, String)], max: usize) -> Result<Response, AdapterError> {
+        self.call(url, None, headers, Vec::new(), max).await
+    }
+
+    /// A POST with a body of `content_type`, or a GET without one.
+    async fn call(&self, url: &str, content_type: Option<&'static str>, headers: &[(&str, String)], body: Vec<u8>, max: usize) -> Result<Response, AdapterError> {
         let url = Url::parse(url)?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         let origin = url.origin();
@@ -142,7 +152,7 @@ impl Client {
             Ok(sender) => sender?,
             Err(_) => return Err(AdapterError::Unreachable(format!("no connection to {origin} within {} ms", self.timeout.as_millis()))),
         };
-        match tokio::time::timeout_at(deadline, self.post(&url, sender, content_type, headers, body)).await {
+        match tokio::time::timeout_at(deadline, self.post(&url, sender, content_type, headers, body, max)).await {
             Ok(result) => result,
             Err(_) => Err(AdapterError::NoAnswer(format!("no answer from {origin} within {} ms", self.timeout.as_millis()))),
         }
@@ -161,12 +171,14 @@ impl Client {
         }
     }
 
-    async fn post(&self, url: &Url, mut sender: SendRequest<Full<Bytes>>, content_type: &'static str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
+    async fn post(&self, url: &Url, mut sender: SendRequest<Full<Bytes>>, content_type: Option<&'static str>, headers: &[(&str, String)], body: Vec<u8>, max: usize) -> Result<Response, AdapterError> {
         let origin = url.origin();
-        let mut request = hyper::Request::post(url.path.as_str())
-            .header(hyper::header::HOST, url.host_header())
-            .header(hyper::header::CONTENT_TYPE, content_type)
-            .header(hyper::header::USER_AGENT, concat!("switchboard/", env!("CARGO_PKG_VERSION")));
+        let mut request = match content_type {
+            Some(content_type) => hyper::Request::post(url.path.as_str()).header(hyper::header::CONTENT_TYPE, content_type),
+            None => hyper::Request::get(url.path.as_str()),
+        }
+        .header(hyper::header::HOST, url.host_header())
+        .header(hyper::header::USER_AGENT, concat!("switchboard/", env!("CARGO_PKG_VERSION")));
         for (name, value) in headers {
             request = request.header(*name, value.as_str());
         }
@@ -178,7 +190,7 @@ impl Client {
             .iter()
             .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned())))
             .collect();
-        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+        let body = Limited::new(response.into_body(), max)
             .collect()
             .await
             .map_err(|e| AdapterError::NoAnswer(format!("{origin}: reading the answer: {e}")))?

@@ -73,6 +73,71 @@ impl Inbound {
     }
 }
 
+/// A file a customer sent that the provider keeps: fetched ([`fetch_media`]) before the
+/// message is committed, and shown as its labelled line when it cannot be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Media {
+    /// The message's text when its file is kept (the caption, maybe empty).
+    pub caption: String,
+    pub name: String,
+    /// The type the provider gives before the download, if it gives one.
+    pub content_type: Option<String>,
+    /// The size the provider gives, if it gives one.
+    pub size: Option<u64>,
+    pub source: MediaSource,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MediaSource {
+    /// A URL in the webhook (Messenger, Viber).
+    Url(String),
+    /// A Telegram `file_id`, resolved with `getFile`.
+    Telegram(String),
+    /// A WhatsApp media id, resolved with `GET /{media id}` (its URL needs the token).
+    WhatsApp(String),
+}
+
+/// Largest file fetched from a provider (the largest attachment the core keeps).
+pub const MAX_MEDIA_BYTES: usize = 5 * 1024 * 1024;
+
+/// Downloads a customer's file from the channel's provider: its bytes and its type
+/// (the provider's, else the download's `Content-Type`). A URL in a webhook must be
+/// `https://` unless the channel's own API base is `http://` (a local test provider).
+pub async fn fetch_media(client: &http::Client, adapter: &AdapterConfig, media: &Media) -> Result<(Vec<u8>, String), AdapterError> {
+    if media.size.is_some_and(|n| n > MAX_MEDIA_BYTES as u64) {
+        return Err(AdapterError::TooLong { limit: MAX_MEDIA_BYTES, actual: media.size.unwrap_or_default() as usize });
+    }
+    let (url, headers, content_type) = match (&media.source, adapter) {
+        (MediaSource::Telegram(file_id), AdapterConfig::Telegram { bot_token, api_base, .. }) => {
+            let (path, size) = telegram::file_path(client, api_base, bot_token, file_id).await?;
+            if size.is_some_and(|n| n > MAX_MEDIA_BYTES as u64) {
+                return Err(AdapterError::TooLong { limit: MAX_MEDIA_BYTES, actual: size.unwrap_or_default() as usize });
+            }
+            (format!("{}/file/bot{bot_token}/{path}", api_base.trim_end_matches('/')), Vec::new(), media.content_type.clone())
+        }
+        (MediaSource::WhatsApp(id), AdapterConfig::WhatsApp { access_token, api_base, .. }) => {
+            let (url, mime) = whatsapp::media_url(client, api_base, access_token, id).await?;
+            (url, vec![("authorization", format!("Bearer {access_token}"))], mime.or_else(|| media.content_type.clone()))
+        }
+        (MediaSource::Url(url), AdapterConfig::Messenger { api_base, .. } | AdapterConfig::Viber { api_base, .. }) => {
+            if !(url.starts_with("https://") || (api_base.starts_with("http://") && url.starts_with("http://"))) {
+                return Err(AdapterError::Malformed("a media URL that is not https".into()));
+            }
+            (url.clone(), Vec::new(), media.content_type.clone())
+        }
+        _ => return Err(AdapterError::Malformed("the file is not from this channel's provider".into())),
+    };
+    let response = client.get(&url, &headers, MAX_MEDIA_BYTES).await?;
+    if response.status != 200 {
+        return Err(AdapterError::Refused(format!("the provider answered {} for the file", response.status)));
+    }
+    let content_type = content_type
+        .or_else(|| response.header("content-type").map(str::to_owned))
+        .map(|t| t.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+        .unwrap_or_else(|| "application/octet-stream".into());
+    Ok((response.body.to_vec(), content_type))
+}
+
 /// One outbox entry handed to an adapter: history entry `seq` of `conversation`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outgoing {

@@ -74,6 +74,35 @@ struct Message {
 struct Attachment {
     #[serde(rename = "type", default)]
     kind: String,
+    #[serde(default)]
+    payload: Option<AttachmentPayload>,
+}
+
+#[derive(Deserialize)]
+struct AttachmentPayload {
+    #[serde(default)]
+    url: Option<String>,
+}
+
+/// The images and files each message of a delivery carries, to fetch from their URLs:
+/// by message id, in order.
+pub fn media(body: &[u8]) -> Vec<(String, crate::Media)> {
+    let Ok(payload) = serde_json::from_slice::<Payload>(body) else { return Vec::new() };
+    let mut found = Vec::new();
+    for m in payload.entry.into_iter().flat_map(|e| e.messaging).filter_map(|e| e.message).filter(|m| !m.is_echo) {
+        let caption = m.text.clone().unwrap_or_default();
+        for a in m.attachments {
+            let name = match a.kind.as_str() {
+                "image" => "photo",
+                "file" => "file",
+                _ => continue,
+            };
+            if let Some(url) = a.payload.and_then(|p| p.url) {
+                found.push((m.mid.clone(), crate::Media { caption: caption.clone(), name: name.into(), content_type: None, size: None, source: crate::MediaSource::Url(url) }));
+            }
+        }
+    }
+    found
 }
 
 #[derive(Deserialize)]

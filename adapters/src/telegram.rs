@@ -139,6 +139,78 @@ pub fn parse(body: &[u8]) -> Result<Option<(String, String, String, String)>, Ad
 }
 
 #[derive(Deserialize)]
+struct MediaUpdate {
+    #[serde(default)]
+    message: Option<MediaMessage>,
+}
+
+#[derive(Deserialize)]
+struct MediaMessage {
+    #[serde(default)]
+    caption: Option<String>,
+    #[serde(default)]
+    photo: Vec<FileRef>,
+    #[serde(default)]
+    document: Option<FileRef>,
+}
+
+#[derive(Deserialize)]
+struct FileRef {
+    file_id: String,
+    #[serde(default)]
+    file_size: Option<u64>,
+    #[serde(default)]
+    file_name: Option<String>,
+    #[serde(default)]
+    mime_type: Option<String>,
+}
+
+/// The photo (its largest size) or document an update's message carries, to fetch.
+pub fn media(body: &[u8]) -> Vec<crate::Media> {
+    let Ok(MediaUpdate { message: Some(m) }) = serde_json::from_slice::<MediaUpdate>(body) else { return Vec::new() };
+    let caption = m.caption.unwrap_or_default();
+    let (file, name, content_type) = if let Some(photo) = m.photo.into_iter().last() {
+        // Telegram sends photos as JPEG.
+        (photo, "photo.jpg".to_owned(), Some("image/jpeg".to_owned()))
+    } else if let Some(doc) = m.document {
+        let name = doc.file_name.clone().unwrap_or_else(|| "file".into());
+        let content_type = doc.mime_type.clone();
+        (doc, name, content_type)
+    } else {
+        return Vec::new();
+    };
+    vec![crate::Media { caption, name, content_type, size: file.file_size, source: crate::MediaSource::Telegram(file.file_id) }]
+}
+
+#[derive(Deserialize)]
+struct FileAnswer {
+    ok: bool,
+    #[serde(default)]
+    result: Option<FileResult>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct FileResult {
+    #[serde(default)]
+    file_path: Option<String>,
+    #[serde(default)]
+    file_size: Option<u64>,
+}
+
+/// `getFile`: where a file can be downloaded (`{api_base}/file/bot<token>/<path>`).
+pub async fn file_path(client: &http::Client, api_base: &str, bot_token: &str, file_id: &str) -> Result<(String, Option<u64>), AdapterError> {
+    let url = format!("{}/bot{bot_token}/getFile", api_base.trim_end_matches('/'));
+    let response = client.post_json(&url, &[], json!({"file_id": file_id}).to_string().into_bytes()).await?;
+    let answer: FileAnswer = serde_json::from_slice(&response.body).map_err(|_| AdapterError::Refused(format!("getFile answered {}", response.status)))?;
+    match (answer.ok, answer.result) {
+        (true, Some(FileResult { file_path: Some(path), file_size })) if !path.contains("..") => Ok((path, file_size)),
+        _ => Err(AdapterError::Refused(format!("getFile: {}", clip(&answer.description.unwrap_or_default(), 200)))),
+    }
+}
+
+#[derive(Deserialize)]
 struct Answer {
     ok: bool,
     #[serde(default)]

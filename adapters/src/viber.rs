@@ -66,6 +66,23 @@ struct Message {
     text: Option<String>,
     #[serde(default)]
     file_name: Option<String>,
+    #[serde(default)]
+    media: Option<String>,
+    #[serde(default)]
+    size: Option<u64>,
+}
+
+/// The picture or file a message callback carries, to fetch from its URL.
+pub fn media(body: &[u8]) -> Vec<crate::Media> {
+    let Ok(Callback { event, message: Some(m), .. }) = serde_json::from_slice::<Callback>(body) else { return Vec::new() };
+    let (Some(url), true) = (m.media, event == "message") else { return Vec::new() };
+    let (name, caption, content_type) = match m.kind.as_str() {
+        // Viber sends pictures as JPEG.
+        "picture" => ("photo.jpg".to_owned(), m.text.unwrap_or_default(), Some("image/jpeg".to_owned())),
+        "file" => (m.file_name.unwrap_or_else(|| "file".into()), String::new(), None),
+        _ => return Vec::new(),
+    };
+    vec![crate::Media { caption, name, content_type, size: m.size, source: crate::MediaSource::Url(url) }]
 }
 
 fn token(value: Option<serde_json::Value>) -> Result<String, AdapterError> {

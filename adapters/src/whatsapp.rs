@@ -122,6 +122,58 @@ struct Media {
     caption: Option<String>,
     #[serde(default)]
     filename: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    mime_type: Option<String>,
+}
+
+/// The image or document each message of a delivery carries, to fetch: by message id.
+pub fn media(body: &[u8]) -> Vec<(String, crate::Media)> {
+    let Ok(payload) = serde_json::from_slice::<Payload>(body) else { return Vec::new() };
+    let mut found = Vec::new();
+    for change in payload.entry.into_iter().flat_map(|e| e.changes) {
+        for m in change.value.messages {
+            let (file, name) = match m.kind.as_str() {
+                "image" => (m.image, "photo".to_owned()),
+                "document" => {
+                    let name = m.document.as_ref().and_then(|d| d.filename.clone()).unwrap_or_else(|| "file".into());
+                    (m.document, name)
+                }
+                _ => continue,
+            };
+            if let Some(Media { caption, id: Some(media_id), mime_type, .. }) = file {
+                found.push((m.id, crate::Media { caption: caption.unwrap_or_default(), name, content_type: mime_type, size: None, source: crate::MediaSource::WhatsApp(media_id) }));
+            }
+        }
+    }
+    found
+}
+
+#[derive(Deserialize)]
+struct MediaInfo {
+    url: String,
+    #[serde(default)]
+    mime_type: Option<String>,
+    #[serde(default)]
+    file_size: Option<u64>,
+}
+
+/// `GET /{media id}`: the media's download URL (fetched with the same token) and type.
+pub async fn media_url(client: &http::Client, api_base: &str, access_token: &str, media_id: &str) -> Result<(String, Option<String>), AdapterError> {
+    if media_id.is_empty() || !media_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') {
+        return Err(AdapterError::Malformed("not a media id".into()));
+    }
+    let url = format!("{}/{media_id}", api_base.trim_end_matches('/'));
+    let response = client.get(&url, &[("authorization", format!("Bearer {access_token}"))], http::MAX_RESPONSE_BYTES).await?;
+    if response.status != 200 {
+        return Err(AdapterError::Refused(format!("the media lookup answered {}", response.status)));
+    }
+    let info: MediaInfo = serde_json::from_slice(&response.body).map_err(|e| AdapterError::Malformed(format!("the media lookup: {e}")))?;
+    if info.file_size.is_some_and(|n| n > crate::MAX_MEDIA_BYTES as u64) {
+        return Err(AdapterError::TooLong { limit: crate::MAX_MEDIA_BYTES, actual: info.file_size.unwrap_or_default() as usize });
+    }
+    Ok((info.url, info.mime_type))
 }
 
 #[derive(Deserialize)]

@@ -56,6 +56,8 @@ pub enum Fault {
 #[derive(Default)]
 struct TelegramState {
     token: String,
+    /// Files customers sent, by file_id: (file_path, bytes).
+    files: std::collections::HashMap<String, (String, Vec<u8>)>,
     faults: VecDeque<Fault>,
     /// Accepted messages: (chat_id as sent, text, message_id).
     sent: Vec<(Value, String, i64)>,
@@ -75,9 +77,19 @@ impl FakeTelegram {
     /// Serves on a free loopback port; `token` is the only bot token it accepts.
     pub async fn start(token: &str) -> anyhow::Result<FakeTelegram> {
         let state = Arc::new(Mutex::new(TelegramState { token: token.to_owned(), next_id: 1000, ..Default::default() }));
-        let app = Router::new().route("/{bot}/sendMessage", post(send_message)).with_state(state.clone());
+        let app = Router::new()
+            .route("/{bot}/sendMessage", post(send_message))
+            .route("/{bot}/getFile", post(telegram_get_file))
+            .route("/file/{bot}/{*path}", axum::routing::get(telegram_file))
+            .with_state(state.clone());
         let (addr, stop) = serve(app).await?;
         Ok(FakeTelegram { addr, state, _stop: stop })
+    }
+
+    /// A file a customer sent, for `getFile` and the download that follows.
+    pub fn add_file(&self, file_id: &str, bytes: &[u8]) {
+        let path = format!("documents/{file_id}");
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).files.insert(file_id.to_owned(), (path, bytes.to_vec()));
     }
 
     pub fn base_url(&self) -> String {
@@ -96,6 +108,32 @@ impl FakeTelegram {
 
     pub fn calls(&self) -> Vec<std::time::Instant> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).calls.clone()
+    }
+}
+
+/// `getFile`: `{"ok":true,"result":{"file_id","file_size","file_path"}}`, or 400 with
+/// `Bad Request: invalid file_id`.
+async fn telegram_get_file(State(state): State<Arc<Mutex<TelegramState>>>, Path(bot): Path<String>, body: axum::body::Bytes) -> Response {
+    let s = state.lock().unwrap_or_else(|p| p.into_inner());
+    if bot.strip_prefix("bot") != Some(s.token.as_str()) {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"ok": false, "error_code": 401, "description": "Unauthorized"}))).into_response();
+    }
+    let file_id = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["file_id"].as_str().map(str::to_owned)).unwrap_or_default();
+    match s.files.get(&file_id) {
+        Some((path, bytes)) => Json(json!({"ok": true, "result": {"file_id": file_id, "file_unique_id": "u", "file_size": bytes.len(), "file_path": path}})).into_response(),
+        None => (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: invalid file_id"}))).into_response(),
+    }
+}
+
+/// `GET /file/bot<token>/<file_path>`: the file's bytes.
+async fn telegram_file(State(state): State<Arc<Mutex<TelegramState>>>, Path((bot, path)): Path<(String, String)>) -> Response {
+    let s = state.lock().unwrap_or_else(|p| p.into_inner());
+    if bot.strip_prefix("bot") != Some(s.token.as_str()) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match s.files.values().find(|(p, _)| *p == path) {
+        Some((_, bytes)) => bytes.clone().into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
     }
 }
 
@@ -241,6 +279,9 @@ struct WhatsAppState {
     /// Accepted messages: (to, text, wamid).
     sent: Vec<(String, String, String)>,
     next_id: u64,
+    /// Media customers sent, by media id: (MIME type, bytes).
+    media: std::collections::HashMap<String, (String, Vec<u8>)>,
+    addr: Option<SocketAddr>,
 }
 
 /// WhatsApp Cloud API's send endpoint, `POST /<version>/<phone number id>/messages`
@@ -259,9 +300,20 @@ pub struct FakeWhatsApp {
 impl FakeWhatsApp {
     pub async fn start(token: &str) -> anyhow::Result<FakeWhatsApp> {
         let state = Arc::new(Mutex::new(WhatsAppState { token: token.to_owned(), ..Default::default() }));
-        let app = Router::new().route("/{version}/{phone}/messages", post(whatsapp_send)).with_state(state.clone());
+        let app = Router::new()
+            .route("/{version}/{phone}/messages", post(whatsapp_send))
+            .route("/{version}/{media}", axum::routing::get(whatsapp_media_info))
+            .route("/download/{media}", axum::routing::get(whatsapp_media_download))
+            .with_state(state.clone());
         let (addr, stop) = serve(app).await?;
+        state.lock().unwrap_or_else(|p| p.into_inner()).addr = Some(addr);
         Ok(FakeWhatsApp { addr, state, _stop: stop })
+    }
+
+    /// Media a customer sent: `GET /<version>/<id>` describes it, its URL serves it,
+    /// both with the access token.
+    pub fn add_media(&self, id: &str, mime_type: &str, bytes: &[u8]) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).media.insert(id.to_owned(), (mime_type.to_owned(), bytes.to_vec()));
     }
 
     /// The `api_base` to configure: this server and a Graph API version.
@@ -276,6 +328,30 @@ impl FakeWhatsApp {
     /// Accepted messages: (to, text, wamid).
     pub fn sent(&self) -> Vec<(String, String, String)> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).sent.clone()
+    }
+}
+
+async fn whatsapp_media_info(State(state): State<Arc<Mutex<WhatsAppState>>>, Path((_version, id)): Path<(String, String)>, headers: HeaderMap) -> Response {
+    let s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
+    if bearer != s.token {
+        return graph_error(StatusCode::UNAUTHORIZED, 190, "Invalid OAuth access token.");
+    }
+    match (s.media.get(&id), s.addr) {
+        (Some((mime, bytes)), Some(addr)) => Json(json!({"messaging_product": "whatsapp", "url": format!("http://{addr}/download/{id}"), "mime_type": mime, "sha256": "x", "file_size": bytes.len(), "id": id})).into_response(),
+        _ => graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter"),
+    }
+}
+
+async fn whatsapp_media_download(State(state): State<Arc<Mutex<WhatsAppState>>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
+    if bearer != s.token {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match s.media.get(&id) {
+        Some((mime, bytes)) => ([(axum::http::header::CONTENT_TYPE, mime.clone())], bytes.clone()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
     }
 }
 
@@ -426,6 +502,8 @@ struct MessengerState {
     token: String,
     /// Accepted messages: (recipient PSID, text, mid).
     sent: Vec<(String, String, String)>,
+    /// Files served as a CDN does: (content type, bytes) by name.
+    cdn: std::collections::HashMap<String, (String, Vec<u8>)>,
 }
 
 /// The Send API, `POST /<version>/me/messages?access_token=…`, answering
@@ -441,9 +519,18 @@ pub struct FakeMessenger {
 impl FakeMessenger {
     pub async fn start(token: &str) -> anyhow::Result<FakeMessenger> {
         let state = Arc::new(Mutex::new(MessengerState { token: token.to_owned(), ..Default::default() }));
-        let app = Router::new().route("/{version}/me/messages", post(messenger_send)).with_state(state.clone());
+        let app = Router::new()
+            .route("/{version}/me/messages", post(messenger_send))
+            .route("/cdn/{name}", axum::routing::get(messenger_cdn))
+            .with_state(state.clone());
         let (addr, stop) = serve(app).await?;
         Ok(FakeMessenger { addr, state, _stop: stop })
+    }
+
+    /// Serves a file a customer sent at the URL returned (the webhook carries it).
+    pub fn add_file(&self, name: &str, content_type: &str, bytes: &[u8]) -> String {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).cdn.insert(name.to_owned(), (content_type.to_owned(), bytes.to_vec()));
+        format!("http://{}/cdn/{name}", self.addr)
     }
 
     pub fn api_base(&self) -> String {
@@ -452,6 +539,13 @@ impl FakeMessenger {
 
     pub fn sent(&self) -> Vec<(String, String, String)> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).sent.clone()
+    }
+}
+
+async fn messenger_cdn(State(state): State<Arc<Mutex<MessengerState>>>, Path(name): Path<String>) -> Response {
+    match state.lock().unwrap_or_else(|p| p.into_inner()).cdn.get(&name) {
+        Some((content_type, bytes)) => ([(axum::http::header::CONTENT_TYPE, content_type.clone())], bytes.clone()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
     }
 }
 

@@ -129,6 +129,19 @@ async fn a_telegram_conversation_goes_both_ways_once_through_redeliveries_and_pr
     assert_eq!(calls.len(), 3);
     assert!(calls[1].duration_since(calls[0]) >= Duration::from_millis(950), "the retry waited the provider's retry_after");
 
+    // A photo: its largest size is fetched with getFile and kept, the caption its text.
+    let jpeg = [[0xFFu8, 0xD8, 0xFF, 0xE0].as_slice(), &[0u8; 60]].concat();
+    fake.add_file("PHOTO-LARGE", &jpeg);
+    let photo = json!({"update_id": 4, "message": {"message_id": 9, "date": 1_700_000_001, "chat": {"id": 4242, "type": "private"}, "from": {"id": 4242, "is_bot": false, "first_name": "Dana"}, "caption": "the card",
+        "photo": [{"file_id": "PHOTO-SMALL", "file_unique_id": "s", "width": 90, "height": 90, "file_size": 10}, {"file_id": "PHOTO-LARGE", "file_unique_id": "l", "width": 800, "height": 600, "file_size": 64}]}});
+    assert_eq!(hook(&dev, Some(SECRET), &photo).await?.0, 200);
+    let event = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "the card").await?;
+    assert_eq!((event["entry"]["attachments"][0]["name"].clone(), event["entry"]["attachments"][0]["size"].clone()), (json!("photo.jpg"), json!(64)), "{event}");
+    // A document Telegram no longer has: the message is taken as its labelled line.
+    let lost = json!({"update_id": 5, "message": {"message_id": 10, "date": 1_700_000_002, "chat": {"id": 4242, "type": "private"}, "document": {"file_id": "GONE", "file_unique_id": "g", "file_name": "contract.pdf", "mime_type": "application/pdf"}}});
+    assert_eq!(hook(&dev, Some(SECRET), &lost).await?.0, 200);
+    alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "[file contract.pdf]").await?;
+
     // The customer answers in the same conversation.
     let (_, next) = hook(&dev, Some(SECRET), &update(3, 4242, 8, "thanks")).await?;
     assert_eq!(next["conversation"], json!(conversation));
@@ -361,6 +374,18 @@ async fn a_whatsapp_conversation_with_signed_webhooks_and_receipts() -> anyhow::
     set_presence(&mut alice, "online").await?;
     let conversation = accept_offer(&mut alice).await?;
     assert_eq!(json!(conversation), first["messages"][0]["conversation"]);
+    // A document is fetched with the token and kept as the message's file, its caption
+    // the text; an image the provider no longer has stays a labelled line.
+    fake.add_media("MEDIA1", "application/pdf", b"%PDF-1.4 statement");
+    let files = json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"messaging_product": "whatsapp", "metadata": {"phone_number_id": "1098765432"}, "contacts": [{"profile": {"name": "Ana"}, "wa_id": "4915112345"}], "messages": [
+        {"from": "4915112345", "id": "wamid.DOC", "timestamp": "1700000001", "type": "document", "document": {"id": "MEDIA1", "mime_type": "application/pdf", "filename": "statement.pdf", "caption": "my statement"}},
+        {"from": "4915112345", "id": "wamid.IMG", "timestamp": "1700000002", "type": "image", "image": {"id": "GONE", "mime_type": "image/jpeg", "caption": "lost"}}]}}]}]});
+    let (status, body) = hook(files, APP_SECRET).await?;
+    assert_eq!(status, 200, "{body}");
+    let doc = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "my statement").await?;
+    assert_eq!(doc["entry"]["attachments"][0]["name"], "statement.pdf", "{doc}");
+    assert_eq!(doc["entry"]["attachments"][0]["content_type"], "application/pdf", "{doc}");
+    alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "[photo: lost]").await?;
     fake.script(&[Fault::TooMany(0), Fault::ServerError]);
     alice.send(&json!({"type": "send", "conversation": conversation, "key": "w1", "text": "¡Hola Ana!", "ref": "w1"})).await?;
     let ack = alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "w1").await?;
@@ -618,6 +643,17 @@ async fn a_messenger_conversation_with_signed_webhooks_and_delivery_receipts() -
     let (status, body) = hook(receipt, APP_SECRET).await?;
     assert_eq!((status, body["statuses"].clone()), (200, json!(1)), "{body}");
     alice.wait_for(WAIT, |v| v["kind"] == "delivery" && v["status"] == "delivered").await?;
+    // A picture the customer sends comes from the URL in the webhook and is kept.
+    let png = [b"\x89PNG\r\n\x1a\n".as_slice(), &[1u8; 40]].concat();
+    let url = fake.add_file("card", "image/png", &png);
+    let picture = page(json!([{"sender": {"id": "PSID9"}, "recipient": {"id": "PAGE"}, "timestamp": 4, "message": {"mid": "m_pic", "attachments": [{"type": "image", "payload": {"url": url}}]}}]));
+    assert_eq!(hook(picture, APP_SECRET).await?.0, 200);
+    let event = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["from"] == "client" && v["entry"]["attachments"][0]["name"] == "photo.png").await?;
+    assert_eq!((event["entry"]["text"].clone(), event["entry"]["attachments"][0]["content_type"].clone()), (json!(""), json!("image/png")), "{event}");
+    let staff = dev.login("alice").await?;
+    let id = event["entry"]["attachments"][0]["id"].as_str().unwrap_or_default().to_owned();
+    let (status, _) = http_json_with(&dev.private, "GET", &format!("/api/attachments/{id}"), &[("authorization", format!("Bearer {staff}").as_str())], None).await?;
+    assert_eq!(status, 200, "the operator opens the picture");
     Ok(())
 }
 

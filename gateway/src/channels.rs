@@ -43,7 +43,8 @@ pub async fn telegram_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
     let Some((sender, sender_name, message_id, text)) = telegram::parse(&body).map_err(|e| GatewayError::BadRequest(e.to_string()))? else {
         return Ok(Json(json!({"ok": true, "ignored": "the update carries no customer message"})).into_response());
     };
-    Ok(Json(take_inbound(&gw, Command::ChannelInbound { channel, sender, sender_name, provider_message_id: message_id, text }).await?).into_response())
+    let inbound = Inbound { sender, sender_name, message_id, text, media: telegram::media(&body) };
+    Ok(Json(take_message(&gw, &channel, inbound).await?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -83,13 +84,14 @@ pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
         return Err(GatewayError::Unauthorized("the signature does not match"));
     }
     let items = whatsapp::parse(&body).map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    let mut media = whatsapp::media(&body);
     let mut taken = Vec::new();
     let mut receipts = Vec::new();
     for item in items {
         match item {
             whatsapp::Item::Message { from, name, id, text } => {
-                let answer = take_inbound(&gw, Command::ChannelInbound { channel: channel.clone(), sender: from, sender_name: name, provider_message_id: id, text }).await?;
-                taken.push(answer);
+                let files = take_media_of(&mut media, &id);
+                taken.push(take_message(&gw, &channel, Inbound { sender: from, sender_name: name, message_id: id, text, media: files }).await?);
             }
             whatsapp::Item::Status { id, status, reason } => {
                 let outcome = match status.as_str() {
@@ -148,10 +150,12 @@ pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<
     }
     let mut taken = Vec::new();
     let mut receipts = Vec::new();
+    let mut media = messenger::media(&body);
     for item in messenger::parse(&body).map_err(|e| GatewayError::BadRequest(e.to_string()))? {
         match item {
             messenger::Item::Message { from, id, text } => {
-                taken.push(take_inbound(&gw, Command::ChannelInbound { channel: channel.clone(), sender: from, sender_name: String::new(), provider_message_id: id, text }).await?);
+                let files = take_media_of(&mut media, &id);
+                taken.push(take_message(&gw, &channel, Inbound { sender: from, sender_name: String::new(), message_id: id, text, media: files }).await?);
             }
             messenger::Item::Delivered { ids } => {
                 for id in ids {
@@ -179,7 +183,8 @@ pub async fn viber_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
     }
     match viber::parse(&body).map_err(|e| GatewayError::BadRequest(e.to_string()))? {
         viber::Item::Message { from, name, id, text } => {
-            Ok(Json(take_inbound(&gw, Command::ChannelInbound { channel, sender: from, sender_name: name, provider_message_id: id, text }).await?).into_response())
+            let inbound = Inbound { sender: from, sender_name: name, message_id: id, text, media: viber::media(&body) };
+            Ok(Json(take_message(&gw, &channel, inbound).await?).into_response())
         }
         viber::Item::Receipt { id, status, reason } => {
             let outcome = match status {
@@ -203,12 +208,108 @@ async fn commit_receipts(gw: &Gateway, receipts: &[DeliveryResult]) -> Result<()
     Ok(())
 }
 
+/// A customer's message from a provider's webhook, with the files it carries.
+struct Inbound {
+    sender: String,
+    sender_name: String,
+    message_id: String,
+    /// The message as labelled lines (`[photo: caption]`), as it is shown when its
+    /// files cannot be fetched.
+    text: String,
+    media: Vec<switchboard_adapters::Media>,
+}
+
+/// The media of message `id`, taken out of a delivery's list.
+fn take_media_of(media: &mut Vec<(String, switchboard_adapters::Media)>, id: &str) -> Vec<switchboard_adapters::Media> {
+    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(media).into_iter().partition(|(of, _)| of == id);
+    *media = rest;
+    mine.into_iter().map(|(_, m)| m).collect()
+}
+
+/// One client for fetching customers' files from providers.
+fn media_client() -> Result<&'static switchboard_adapters::http::Client, GatewayError> {
+    static CLIENT: std::sync::OnceLock<switchboard_adapters::http::Client> = std::sync::OnceLock::new();
+    if let Some(client) = CLIENT.get() {
+        return Ok(client);
+    }
+    let client = switchboard_adapters::http::Client::new(MEDIA_TIMEOUT).map_err(|e| GatewayError::Internal(e.to_string()))?;
+    Ok(CLIENT.get_or_init(|| client))
+}
+
+/// Time to fetch one file a customer sent.
+const MEDIA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Commits a customer's message with the files it carries, fetched from the provider
+/// and checked as uploads are (type, content, size); a file that cannot be fetched or
+/// kept stays a labelled line in the text, and the message is taken all the same.
+async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<Value, GatewayError> {
+    if m.media.is_empty() {
+        return take_inbound(gw, Command::ChannelInbound { channel: channel.clone(), sender: m.sender, sender_name: m.sender_name, provider_message_id: m.message_id, text: m.text }).await;
+    }
+    let Some(adapter) = adapter_of(gw, channel) else {
+        return Err(GatewayError::NotFound(format!("channel {channel} has no adapter")));
+    };
+    // A redelivery of a message already taken: no need to fetch its files again.
+    let key = switchboard_actors::core::inbound_key(channel, &m.sender, &m.message_id);
+    let seen = {
+        let shard = gw.backend.shard();
+        let state = shard.read();
+        let open = state.open_senders.get(&(channel.clone(), format!("{channel}:{}", m.sender)));
+        open.and_then(|id| state.conversations.get(id)).is_some_and(|c| c.keys.contains_key(&key))
+    };
+    if seen {
+        return take_inbound(gw, Command::ChannelInbound { channel: channel.clone(), sender: m.sender, sender_name: m.sender_name, provider_message_id: m.message_id, text: m.text }).await;
+    }
+    let client = media_client()?;
+    let mut files = Vec::new();
+    let mut caption = String::new();
+    for (i, media) in m.media.iter().take(switchboard_actors::core::MAX_ATTACHMENTS_PER_MESSAGE).enumerate() {
+        let fetched = switchboard_adapters::fetch_media(client, &adapter, media).await;
+        let (bytes, content_type) = match fetched {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "a customer's file could not be fetched; its message shows it as a line");
+                continue;
+            }
+        };
+        if !crate::attachments::ALLOWED_TYPES.contains(&content_type.as_str()) || !crate::attachments::bytes_match_type(&content_type, &bytes) {
+            tracing::info!(%channel, %content_type, "a customer's file of a type not kept; its message shows it as a line");
+            continue;
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, format!("media\0{key}\0{i}").as_bytes());
+        let id = switchboard_actors::model::AttachmentId(switchboard_adapters::hex(&digest.as_ref()[..16]));
+        gw.blobs.put_bytes(&id, &bytes).await?;
+        // On a majority of the cluster before the record that promises it, as uploads are.
+        if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone()).await {
+            tracing::warn!(%channel, error = %e, "a customer's file could not be copied to enough members; the provider is asked to retry");
+            return Err(GatewayError::Busy("the message's file could not be stored; deliver it again"));
+        }
+        let sha256 = switchboard_adapters::hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+        let name = crate::attachments::safe_name(&media.name, &content_type);
+        files.push(switchboard_actors::model::InboundFile { id, name, content_type, size: bytes.len() as u64, sha256 });
+        caption = media.caption.clone();
+    }
+    // Everything fetched: the caption is the text; else the labelled lines say it all.
+    let text = if files.len() == m.media.len() { caption } else { m.text };
+    let command = Command::ChannelInboundRich {
+        channel: channel.clone(),
+        sender: m.sender,
+        sender_name: m.sender_name,
+        provider_message_id: m.message_id,
+        text,
+        files,
+        thread: None,
+        attributes: Vec::new(),
+    };
+    take_inbound(gw, command).await
+}
+
 /// Commits an inbound message and answers its provider: 200 once committed (or when a
 /// retry could never succeed: a blocked sender, an empty text), 503 when the commit
 /// failed, so that the provider delivers it again.
 async fn take_inbound(gw: &Gateway, command: Command) -> Result<Value, GatewayError> {
     let channel = match &command {
-        Command::ChannelInbound { channel, .. } => channel.clone(),
+        Command::ChannelInbound { channel, .. } | Command::ChannelInboundRich { channel, .. } => channel.clone(),
         _ => ChannelId::new(""),
     };
     match gw.submit(command).await {
