@@ -35,7 +35,7 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// carry weights against operators' capacity.
 /// Rules 7: a channel with a bot gives its new conversations to the bot, which holds
 /// them out of every queue until it hands them off.
-pub const RULES_VERSION: u32 = 7;
+pub const RULES_VERSION: u32 = 8;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -356,8 +356,16 @@ fn check_message(state: &ShardState, conversation: ConversationId, text: &str, a
 /// only for now) and text over the provider's limit.
 fn check_carried(state: &ShardState, conv: &crate::state::Conversation, text: &str, attachments: &[Attachment]) -> Result<(), Error> {
     let Some(adapter) = state.channel_adapters.get(&conv.channel) else { return Ok(()) };
-    if !attachments.is_empty() && !adapter.carries_files() {
-        return Err(Error::Invalid(format!("files cannot be sent to a {} customer yet: send the text, or a link", adapter.kind())));
+    if !attachments.is_empty() {
+        if !adapter.carries_files(state.rules) {
+            return Err(Error::Invalid(format!("files cannot be sent to a {} customer yet: send the text, or a link", adapter.kind())));
+        }
+        if let Some(max) = adapter.max_files().filter(|max| attachments.len() > *max) {
+            return Err(Error::Invalid(format!("a {} message carries at most {max} file: send the others in messages of their own", adapter.kind())));
+        }
+        if let Some(limit) = adapter.max_caption_chars().filter(|limit| text.chars().count() > *limit) {
+            return Err(Error::TooLong { limit, actual: text.chars().count() });
+        }
     }
     match adapter.max_text_chars() {
         Some(limit) if text.chars().count() > limit => Err(Error::TooLong { limit, actual: text.chars().count() }),

@@ -751,9 +751,32 @@ impl AdapterConfig {
         }
     }
 
-    /// Whether the channel carries files both ways (they go out with the message).
-    pub fn carries_files(&self) -> bool {
-        matches!(self, AdapterConfig::Email { .. })
+    /// Whether staff's files go out to the channel's customers under `rules`: email
+    /// always; Telegram and WhatsApp from rules 8 (before, such a message was refused,
+    /// and a replayed log must decide as it did).
+    pub fn carries_files(&self, rules: u32) -> bool {
+        match self {
+            AdapterConfig::Email { .. } => true,
+            AdapterConfig::Telegram { .. } | AdapterConfig::WhatsApp { .. } => rules >= 8,
+            _ => false,
+        }
+    }
+
+    /// Files one message may carry, when the provider sends fewer than the core takes
+    /// as one message (WhatsApp: one file per message).
+    pub fn max_files(&self) -> Option<usize> {
+        match self {
+            AdapterConfig::WhatsApp { .. } => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The longest text that goes with files, as their caption, in characters.
+    pub fn max_caption_chars(&self) -> Option<usize> {
+        match self {
+            AdapterConfig::Telegram { .. } | AdapterConfig::WhatsApp { .. } => Some(1024),
+            _ => None,
+        }
     }
 
     /// Whether sending an entry again after an attempt whose outcome is unknown can

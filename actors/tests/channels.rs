@@ -397,3 +397,42 @@ fn a_mail_brings_its_files_and_an_answer_in_its_thread_finds_its_conversation_fr
     assert!(matches!(refused, Err(Error::Invalid(ref m)) if m.contains("MiB")), "{refused:?}");
     assert_eq!(client_texts(&store, &mut state, conv), vec!["", "from work"]);
 }
+
+#[test]
+fn files_go_to_telegram_customers_from_rules_8_with_the_text_as_a_caption() {
+    let store = MemStore::default();
+    let mut state = ShardState::default();
+    ok(run(&mut state, &store, T0, Command::AdoptRules { version: 7 }));
+    ok(run(&mut state, &store, T0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "G".into(), policy: Policy::LongestIdle, offer_timeout_ms: 30_000, sla_ms: 20_000 })));
+    ok(run(&mut state, &store, T0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("ann"), name: "Ann".into(), capacity: 2, groups: vec![SkillGroupId::new("g")] })));
+    ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: tg(), kind: "telegram".into(), name: "Telegram".into(), default_group: SkillGroupId::new("g") })));
+    ok(run(&mut state, &store, T0, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }));
+    connect(&mut state, &store);
+    let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+    let conv = conversation_of(&reply);
+    let offer = *state.offers.keys().next().expect("offered");
+    ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+    for n in 1..=2 {
+        let file = Attachment { id: AttachmentId(format!("f{n}")), conversation: conv, name: format!("{n}.pdf"), content_type: "application/pdf".into(), size: 10, sha256: "0".repeat(64), uploaded_by: "ann".into() };
+        ok(run(&mut state, &store, T0 + 30, Command::StoreAttachment(file)));
+    }
+    let send = |key: &str, text: String, files: &[&str]| Command::PostOperatorMessage {
+        operator: OperatorId::new("ann"),
+        conversation: conv,
+        key: key.into(),
+        text,
+        attachments: files.iter().map(|f| AttachmentId((*f).into())).collect(),
+    };
+    // Rules 7: refused, as a replayed log decided it.
+    assert!(matches!(run(&mut state, &store, T0 + 40, send("a", "see".into(), &["f1"])), Err(Error::Invalid(m)) if m.contains("files cannot be sent")));
+    ok(run(&mut state, &store, T0 + 50, Command::AdoptRules { version: 8 }));
+    // Rules 8: sent, the text a caption of at most 1024 characters.
+    assert_eq!(run(&mut state, &store, T0 + 60, send("b", "x".repeat(1025), &["f1"])).err(), Some(Error::TooLong { limit: 1024, actual: 1025 }));
+    ok(run(&mut state, &store, T0 + 70, send("c", "see both".into(), &["f1", "f2"])));
+    assert!(state.outbox.keys().any(|(c, _)| *c == conv), "the message with its files is in the outbox");
+    // WhatsApp carries one file per message.
+    let whatsapp = AdapterConfig::WhatsApp { access_token: "t".into(), app_secret: "a".into(), verify_token: "v".into(), phone_number_id: "1".into(), api_base: "http://127.0.0.1:9".into() };
+    ok(run(&mut state, &store, T0 + 80, Command::SetChannelAdapter { channel: tg(), adapter: Some(whatsapp) }));
+    assert!(matches!(run(&mut state, &store, T0 + 90, send("d", "two".into(), &["f1", "f2"])), Err(Error::Invalid(m)) if m.contains("at most 1 file")));
+    ok(run(&mut state, &store, T0 + 100, send("e", "one".into(), &["f2"])));
+}

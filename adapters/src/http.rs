@@ -77,6 +77,13 @@ impl Url {
     }
 }
 
+/// One part of a `multipart/form-data` body: a field, or a file (name and type).
+pub struct Part<'a> {
+    pub name: &'a str,
+    pub file: Option<(&'a str, &'a str)>,
+    pub bytes: &'a [u8],
+}
+
 /// A provider's answer.
 #[derive(Clone, Debug)]
 pub struct Response {
@@ -134,8 +141,29 @@ impl Client {
     /// Errors before the request could be written are [`AdapterError::Unreachable`] (the
     /// provider got nothing); from the moment it may have been written they are
     /// [`AdapterError::NoAnswer`] (the provider may have acted on it).
-    async fn post_as(&self, url: &str, content_type: &'static str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
+    async fn post_as(&self, url: &str, content_type: &str, headers: &[(&str, String)], body: Vec<u8>) -> Result<Response, AdapterError> {
         self.call(url, Some(content_type), headers, body, MAX_RESPONSE_BYTES).await
+    }
+
+    /// POSTs `multipart/form-data` (RFC 7578): fields, and files with their names and
+    /// types.
+    pub async fn post_multipart(&self, url: &str, headers: &[(&str, String)], parts: &[Part<'_>]) -> Result<Response, AdapterError> {
+        let mut raw = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).map_err(|_| AdapterError::Malformed("no randomness".into()))?;
+        let boundary = format!("switchboard-{}", crate::hex(&raw));
+        let mut body = Vec::new();
+        for part in parts {
+            body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"", part.name).as_bytes());
+            if let Some((filename, content_type)) = part.file {
+                let filename: String = filename.chars().filter(|c| !c.is_control() && *c != '"' && *c != '\\').collect();
+                body.extend_from_slice(format!("; filename=\"{filename}\"\r\nContent-Type: {content_type}").as_bytes());
+            }
+            body.extend_from_slice(b"\r\n\r\n");
+            body.extend_from_slice(part.bytes);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        self.post_as(url, &format!("multipart/form-data; boundary={boundary}"), headers, body).await
     }
 
     /// GETs `url` (a file a customer sent), reading at most `max` bytes of its body.
@@ -144,7 +172,7 @@ impl Client {
     }
 
     /// A POST with a body of `content_type`, or a GET without one.
-    async fn call(&self, url: &str, content_type: Option<&'static str>, headers: &[(&str, String)], body: Vec<u8>, max: usize) -> Result<Response, AdapterError> {
+    async fn call(&self, url: &str, content_type: Option<&str>, headers: &[(&str, String)], body: Vec<u8>, max: usize) -> Result<Response, AdapterError> {
         let url = Url::parse(url)?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         let origin = url.origin();
@@ -171,7 +199,7 @@ impl Client {
         }
     }
 
-    async fn post(&self, url: &Url, mut sender: SendRequest<Full<Bytes>>, content_type: Option<&'static str>, headers: &[(&str, String)], body: Vec<u8>, max: usize) -> Result<Response, AdapterError> {
+    async fn post(&self, url: &Url, mut sender: SendRequest<Full<Bytes>>, content_type: Option<&str>, headers: &[(&str, String)], body: Vec<u8>, max: usize) -> Result<Response, AdapterError> {
         let origin = url.origin();
         let mut request = match content_type {
             Some(content_type) => hyper::Request::post(url.path.as_str()).header(hyper::header::CONTENT_TYPE, content_type),

@@ -20,6 +20,8 @@ use crate::{by_status, clip, clip_bytes, http, same_secret, AdapterError, Outgoi
 pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
 /// The longest text `sendMessage` takes, in characters.
 pub const MAX_TEXT: usize = 4096;
+/// The longest caption of a photo, a document or an album, in characters.
+pub const MAX_CAPTION: usize = 1024;
 /// Telegram's documented pace for a bot: about 30 messages a second overall.
 pub const MESSAGES_PER_SECOND: u32 = 30;
 
@@ -214,18 +216,13 @@ pub async fn file_path(client: &http::Client, api_base: &str, bot_token: &str, f
 struct Answer {
     ok: bool,
     #[serde(default)]
-    result: Option<SentMessage>,
+    result: Option<serde_json::Value>,
     #[serde(default)]
     error_code: Option<u16>,
     #[serde(default)]
     description: Option<String>,
     #[serde(default)]
     parameters: Option<Parameters>,
-}
-
-#[derive(Deserialize)]
-struct SentMessage {
-    message_id: i64,
 }
 
 #[derive(Deserialize)]
@@ -249,13 +246,62 @@ pub async fn send(client: &http::Client, api_base: &str, bot_token: &str, messag
         let rows: Vec<Vec<serde_json::Value>> = message.buttons.iter().map(|b| vec![json!({"text": b})]).collect();
         body["reply_markup"] = json!({"keyboard": rows, "one_time_keyboard": true, "resize_keyboard": true});
     }
+    if !message.files.is_empty() {
+        return send_files(client, api_base, bot_token, &chat_id.to_string(), message).await;
+    }
     let body = body.to_string().into_bytes();
     let response = match client.post_json(&url, &[], body).await {
         Ok(r) => r,
         Err(e) => return crate::transport(e, false),
     };
+    outcome(&response)
+}
+
+/// A message with files: one call, so that it is sent whole or not at all. One file
+/// goes with `sendPhoto` (JPEG, PNG) or `sendDocument`; several as one album with
+/// `sendMediaGroup` (all photos, or else all documents). The text is the caption.
+async fn send_files(client: &http::Client, api_base: &str, bot_token: &str, chat_id: &str, message: &Outgoing) -> SendOutcome {
+    let caption: String = message.text.chars().take(MAX_CAPTION).collect();
+    let photos = message.files.iter().all(|f| matches!(f.content_type.as_str(), "image/jpeg" | "image/png"));
+    let mut parts = vec![http::Part { name: "chat_id", file: None, bytes: chat_id.as_bytes() }];
+    let method;
+    let media;
+    let names: Vec<String> = (0..message.files.len()).map(|i| format!("file{i}")).collect();
+    if let [file] = message.files.as_slice() {
+        let field = if photos { "photo" } else { "document" };
+        method = if photos { "sendPhoto" } else { "sendDocument" };
+        if !caption.is_empty() {
+            parts.push(http::Part { name: "caption", file: None, bytes: caption.as_bytes() });
+        }
+        parts.push(http::Part { name: field, file: Some((&file.name, &file.content_type)), bytes: &file.bytes });
+    } else {
+        method = "sendMediaGroup";
+        let kind = if photos { "photo" } else { "document" };
+        let items: Vec<serde_json::Value> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| if i == 0 && !caption.is_empty() { json!({"type": kind, "media": format!("attach://{name}"), "caption": caption}) } else { json!({"type": kind, "media": format!("attach://{name}")}) })
+            .collect();
+        media = serde_json::Value::Array(items).to_string();
+        parts.push(http::Part { name: "media", file: None, bytes: media.as_bytes() });
+        for (file, name) in message.files.iter().zip(&names) {
+            parts.push(http::Part { name, file: Some((&file.name, &file.content_type)), bytes: &file.bytes });
+        }
+    }
+    let url = format!("{}/bot{}/{method}", api_base.trim_end_matches('/'), bot_token);
+    match client.post_multipart(&url, &[], &parts).await {
+        Ok(response) => outcome(&response),
+        Err(e) => crate::transport(e, false),
+    }
+}
+
+/// What the Bot API's answer to a send means; an album's id is its first message's.
+fn outcome(response: &http::Response) -> SendOutcome {
     match serde_json::from_slice::<Answer>(&response.body) {
-        Ok(Answer { ok: true, result: Some(sent), .. }) => SendOutcome::Sent { provider_id: sent.message_id.to_string() },
+        Ok(Answer { ok: true, result: Some(sent), .. }) => match sent.get("message_id").or_else(|| sent.get(0).and_then(|m| m.get("message_id"))) {
+            Some(id) => SendOutcome::Sent { provider_id: id.to_string() },
+            None => SendOutcome::Unknown { reason: "the Bot API took the message without its id".into() },
+        },
         Ok(answer) => {
             let code = answer.error_code.unwrap_or(response.status);
             let reason = clip(&format!("{code} {}", answer.description.unwrap_or_default()), 500);

@@ -23,6 +23,8 @@ use crate::{by_status, clip, hex, http, same_secret, AdapterError, Outgoing, Sen
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 /// The longest text body WhatsApp takes, in characters.
 pub const MAX_TEXT: usize = 4096;
+/// The longest caption of an image or a document, in characters.
+pub const MAX_CAPTION: usize = 1024;
 /// A pace well inside Cloud API's default throughput (80 messages a second a number).
 pub const MESSAGES_PER_SECOND: u32 = 60;
 /// Graph API error codes that mean "slow down", not "never".
@@ -278,12 +280,60 @@ pub async fn send(client: &http::Client, api_base: &str, phone_number_id: &str, 
         text.push_str(&format!("\n{}. {b}", i + 1));
     }
     let text: String = text.chars().take(MAX_TEXT).collect();
-    let body = json!({"messaging_product": "whatsapp", "recipient_type": "individual", "to": message.recipient, "type": "text", "text": {"preview_url": false, "body": text}});
     let headers = [("authorization", format!("Bearer {access_token}"))];
+    let body = match message.files.as_slice() {
+        [] => json!({"messaging_product": "whatsapp", "recipient_type": "individual", "to": message.recipient, "type": "text", "text": {"preview_url": false, "body": text}}),
+        // One file (the core takes no more for WhatsApp), uploaded first: an upload
+        // shows the customer nothing, so it may be repeated; the text is its caption.
+        [file, ..] => {
+            let media_id = match upload(client, api_base, phone_number_id, &headers, file).await {
+                Ok(id) => id,
+                Err(outcome) => return outcome,
+            };
+            let caption: String = message.text.chars().take(MAX_CAPTION).collect();
+            if matches!(file.content_type.as_str(), "image/jpeg" | "image/png") {
+                json!({"messaging_product": "whatsapp", "recipient_type": "individual", "to": message.recipient, "type": "image", "image": {"id": media_id, "caption": caption}})
+            } else {
+                json!({"messaging_product": "whatsapp", "recipient_type": "individual", "to": message.recipient, "type": "document", "document": {"id": media_id, "caption": caption, "filename": file.name}})
+            }
+        }
+    };
     let response = match client.post_json(&url, &headers, body.to_string().into_bytes()).await {
         Ok(r) => r,
         Err(e) => return crate::transport(e, false),
     };
+    outcome(&response)
+}
+
+#[derive(Deserialize)]
+struct Uploaded {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    error: Option<GraphError>,
+}
+
+/// `POST /{phone number id}/media`: the file's media id, or what to do with the entry.
+async fn upload(client: &http::Client, api_base: &str, phone_number_id: &str, headers: &[(&str, String); 1], file: &crate::email::MailFile) -> Result<String, SendOutcome> {
+    let url = format!("{}/{}/media", api_base.trim_end_matches('/'), phone_number_id);
+    let parts = [
+        http::Part { name: "messaging_product", file: None, bytes: b"whatsapp" },
+        http::Part { name: "type", file: None, bytes: file.content_type.as_bytes() },
+        http::Part { name: "file", file: Some((&file.name, &file.content_type)), bytes: &file.bytes },
+    ];
+    let response = client.post_multipart(&url, headers, &parts).await.map_err(|e| crate::transport(e, true))?;
+    match serde_json::from_slice::<Uploaded>(&response.body) {
+        Ok(Uploaded { id: Some(id), .. }) if (200..300).contains(&response.status) => Ok(id),
+        Ok(Uploaded { error: Some(e), .. }) => {
+            let reason = clip(&format!("uploading the file: {} (#{}) {}", response.status, e.code, e.message), 500);
+            Err(if RATE_LIMITED.contains(&e.code) { SendOutcome::Retry { reason, after: None } } else { by_status(response.status, reason, None) })
+        }
+        _ => Err(by_status(response.status, format!("uploading the file: {} with an answer that is not the Graph API's", response.status), None)),
+    }
+}
+
+/// What the Graph API's answer to a send means.
+fn outcome(response: &http::Response) -> SendOutcome {
     let after = response.header("retry-after").and_then(|s| s.trim().parse::<u64>().ok()).map(Duration::from_secs);
     match serde_json::from_slice::<Answer>(&response.body) {
         Ok(Answer { messages, error: None }) if (200..300).contains(&response.status) && !messages.is_empty() => {

@@ -41,6 +41,35 @@ async fn serve(app: Router) -> anyhow::Result<(SocketAddr, Arc<tokio::sync::ones
     Ok((addr, Arc::new(stop)))
 }
 
+/// The parts of a `multipart/form-data` body: (field name, file name, bytes).
+pub fn multipart(headers: &HeaderMap, body: &[u8]) -> Option<Vec<(String, Option<String>, Vec<u8>)>> {
+    let content_type = headers.get("content-type")?.to_str().ok()?;
+    let boundary = content_type.split("boundary=").nth(1)?.trim_matches('"');
+    let delimiter = format!("\r\n--{boundary}");
+    // The body starts with the delimiter without its CRLF.
+    let mut rest = [b"\r\n".as_slice(), body].concat();
+    let mut parts = Vec::new();
+    loop {
+        let at = find(&rest, delimiter.as_bytes())?;
+        rest.drain(..at + delimiter.len());
+        if rest.starts_with(b"--") {
+            return Some(parts);
+        }
+        let head_end = find(&rest, b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&rest[..head_end]).into_owned();
+        rest.drain(..head_end + 4);
+        let end = find(&rest, delimiter.as_bytes())?;
+        let disposition = head.lines().find(|l| l.to_ascii_lowercase().starts_with("content-disposition:")).unwrap_or_default().to_owned();
+        let param = |key: &str| disposition.split(';').map(str::trim).find_map(|p| p.strip_prefix(key)).map(|v| v.trim_matches('"').to_owned());
+        let name = param("name=")?;
+        parts.push((name, param("filename="), rest[..end].to_vec()));
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 /// One scripted answer instead of a success.
 #[derive(Clone, Copy, Debug)]
 pub enum Fault {
@@ -58,6 +87,8 @@ struct TelegramState {
     token: String,
     /// Files customers sent, by file_id: (file_path, bytes).
     files: std::collections::HashMap<String, (String, Vec<u8>)>,
+    /// Messages with files accepted: (method, chat_id, caption, [(file name, bytes)]).
+    sent_files: Vec<(String, String, String, Vec<(String, Vec<u8>)>)>,
     faults: VecDeque<Fault>,
     /// Accepted messages: (chat_id as sent, text, message_id).
     sent: Vec<(Value, String, i64)>,
@@ -80,10 +111,18 @@ impl FakeTelegram {
         let app = Router::new()
             .route("/{bot}/sendMessage", post(send_message))
             .route("/{bot}/getFile", post(telegram_get_file))
+            .route("/{bot}/sendPhoto", post(telegram_send_files))
+            .route("/{bot}/sendDocument", post(telegram_send_files))
+            .route("/{bot}/sendMediaGroup", post(telegram_send_files))
             .route("/file/{bot}/{*path}", axum::routing::get(telegram_file))
             .with_state(state.clone());
         let (addr, stop) = serve(app).await?;
         Ok(FakeTelegram { addr, state, _stop: stop })
+    }
+
+    /// Messages with files it accepted: (method, chat_id, caption, [(file name, bytes)]).
+    pub fn sent_files(&self) -> Vec<(String, String, String, Vec<(String, Vec<u8>)>)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).sent_files.clone()
     }
 
     /// A file a customer sent, for `getFile` and the download that follows.
@@ -123,6 +162,46 @@ async fn telegram_get_file(State(state): State<Arc<Mutex<TelegramState>>>, Path(
         Some((path, bytes)) => Json(json!({"ok": true, "result": {"file_id": file_id, "file_unique_id": "u", "file_size": bytes.len(), "file_path": path}})).into_response(),
         None => (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: invalid file_id"}))).into_response(),
     }
+}
+
+/// `sendPhoto`, `sendDocument` (a `photo` or `document` file part and a `caption`) and
+/// `sendMediaGroup` (a `media` JSON array naming `attach://<part>` files, the first
+/// with the caption), as `multipart/form-data`.
+async fn telegram_send_files(State(state): State<Arc<Mutex<TelegramState>>>, Path(bot): Path<String>, uri: axum::http::Uri, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    if bot.strip_prefix("bot") != Some(s.token.as_str()) {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"ok": false, "error_code": 401, "description": "Unauthorized"}))).into_response();
+    }
+    let bad = |d: &str| (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": format!("Bad Request: {d}")}))).into_response();
+    let Some(parts) = multipart(&headers, &body) else { return bad("not multipart/form-data") };
+    let field = |name: &str| parts.iter().find(|(n, _, _)| n == name).map(|(_, f, b)| (f.clone(), b.clone()));
+    let method = uri.path().rsplit('/').next().unwrap_or_default().to_owned();
+    let Some((_, chat_id)) = field("chat_id") else { return bad("chat_id is required") };
+    let chat_id = String::from_utf8_lossy(&chat_id).into_owned();
+    let (caption, files) = if method == "sendMediaGroup" {
+        let Some(media) = field("media").and_then(|(_, b)| serde_json::from_slice::<Vec<Value>>(&b).ok()) else { return bad("media is required") };
+        let mut files = Vec::new();
+        for item in &media {
+            let Some(file) = item["media"].as_str().and_then(|m| m.strip_prefix("attach://")).and_then(|n| field(n)) else { return bad("a media item names no attached file") };
+            files.push((file.0.unwrap_or_default(), file.1));
+        }
+        if !(2..=10).contains(&files.len()) {
+            return bad("an album has 2-10 items");
+        }
+        (media[0]["caption"].as_str().unwrap_or_default().to_owned(), files)
+    } else {
+        let part = if method == "sendPhoto" { "photo" } else { "document" };
+        let Some((name, bytes)) = field(part) else { return bad(&format!("{part} is required")) };
+        let caption = field("caption").map(|(_, b)| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        (caption, vec![(name.unwrap_or_default(), bytes)])
+    };
+    if caption.chars().count() > 1024 {
+        return bad("message caption is too long");
+    }
+    s.next_id += 1;
+    let id = s.next_id;
+    s.sent_files.push((method, chat_id, caption, files));
+    Json(json!({"ok": true, "result": {"message_id": id, "date": 0, "chat": {"id": 0, "type": "private"}}})).into_response()
 }
 
 /// `GET /file/bot<token>/<file_path>`: the file's bytes.
@@ -282,6 +361,10 @@ struct WhatsAppState {
     /// Media customers sent, by media id: (MIME type, bytes).
     media: std::collections::HashMap<String, (String, Vec<u8>)>,
     addr: Option<SocketAddr>,
+    /// Files uploaded with `POST /<phone>/media`, by the id given: (file name, bytes).
+    uploads: std::collections::HashMap<String, (String, Vec<u8>)>,
+    /// Messages with a file accepted: (to, type, caption, file name, bytes).
+    sent_files: Vec<(String, String, String, String, Vec<u8>)>,
 }
 
 /// WhatsApp Cloud API's send endpoint, `POST /<version>/<phone number id>/messages`
@@ -302,12 +385,18 @@ impl FakeWhatsApp {
         let state = Arc::new(Mutex::new(WhatsAppState { token: token.to_owned(), ..Default::default() }));
         let app = Router::new()
             .route("/{version}/{phone}/messages", post(whatsapp_send))
+            .route("/{version}/{phone}/media", post(whatsapp_upload))
             .route("/{version}/{media}", axum::routing::get(whatsapp_media_info))
             .route("/download/{media}", axum::routing::get(whatsapp_media_download))
             .with_state(state.clone());
         let (addr, stop) = serve(app).await?;
         state.lock().unwrap_or_else(|p| p.into_inner()).addr = Some(addr);
         Ok(FakeWhatsApp { addr, state, _stop: stop })
+    }
+
+    /// Messages with a file it accepted: (to, type, caption, file name, bytes).
+    pub fn sent_files(&self) -> Vec<(String, String, String, String, Vec<u8>)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).sent_files.clone()
     }
 
     /// Media a customer sent: `GET /<version>/<id>` describes it, its URL serves it,
@@ -329,6 +418,24 @@ impl FakeWhatsApp {
     pub fn sent(&self) -> Vec<(String, String, String)> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).sent.clone()
     }
+}
+
+/// `POST /<version>/<phone number id>/media`: `messaging_product`, `type` and a `file`
+/// part, answering `{"id": …}`.
+async fn whatsapp_upload(State(state): State<Arc<Mutex<WhatsAppState>>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
+    if bearer != s.token {
+        return graph_error(StatusCode::UNAUTHORIZED, 190, "Invalid OAuth access token.");
+    }
+    let Some(parts) = multipart(&headers, &body) else { return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter") };
+    let product = parts.iter().any(|(n, _, b)| n == "messaging_product" && b == b"whatsapp");
+    let file = parts.into_iter().find(|(n, _, _)| n == "file");
+    let (true, Some((_, name, bytes))) = (product, file) else { return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter") };
+    s.next_id += 1;
+    let id = format!("UPLOADED{}", s.next_id);
+    s.uploads.insert(id.clone(), (name.unwrap_or_default(), bytes));
+    Json(json!({"id": id})).into_response()
 }
 
 async fn whatsapp_media_info(State(state): State<Arc<Mutex<WhatsAppState>>>, Path((_version, id)): Path<(String, String)>, headers: HeaderMap) -> Response {
@@ -368,10 +475,25 @@ async fn whatsapp_send(State(state): State<Arc<Mutex<WhatsAppState>>>, Path((_ve
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
     };
+    if request["messaging_product"] != "whatsapp" {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
+    }
+    let kind = request["type"].as_str().unwrap_or_default().to_owned();
+    if kind == "image" || kind == "document" {
+        let media = &request[kind.as_str()];
+        let (Some(to), Some((name, bytes))) = (request["to"].as_str(), media["id"].as_str().and_then(|id| s.uploads.get(id)).cloned()) else {
+            return graph_error(StatusCode::BAD_REQUEST, 131053, "Media upload error");
+        };
+        s.next_id += 1;
+        let id = format!("wamid.FAKE{}", s.next_id);
+        let caption = media["caption"].as_str().unwrap_or_default().to_owned();
+        s.sent_files.push((to.to_owned(), kind, caption, media["filename"].as_str().map(str::to_owned).unwrap_or(name), bytes));
+        return Json(json!({"messaging_product": "whatsapp", "contacts": [{"input": to, "wa_id": to}], "messages": [{"id": id}]})).into_response();
+    }
     let (Some(to), Some(text)) = (request["to"].as_str(), request["text"]["body"].as_str()) else {
         return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
     };
-    if request["messaging_product"] != "whatsapp" || request["type"] != "text" {
+    if kind != "text" {
         return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
     }
     match s.faults.pop_front() {

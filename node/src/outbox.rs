@@ -251,7 +251,7 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         Some(Err(reason)) => return DeliveryOutcome::Failed { reason },
         None => {}
     }
-    let (adapter, delivery) = {
+    let (adapter, delivery, rules) = {
         let state = shard.read();
         let Some(d) = state.outbox.get(&key).cloned() else {
             return DeliveryOutcome::Failed { reason: "the outbox entry is gone".into() };
@@ -259,13 +259,13 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         let Some(adapter) = state.channel_adapters.get(&d.channel).cloned() else {
             return DeliveryOutcome::Failed { reason: format!("channel {} has no adapter any more", d.channel) };
         };
-        (adapter, d)
+        (adapter, d, state.rules)
     };
     let entry = match shard.history(key.0, key.1.saturating_sub(1), 1) {
         Ok(entries) => entries.into_iter().find(|e| e.seq == key.1),
         Err(e) => return DeliveryOutcome::Retry { reason: format!("reading the message: {e}"), retry_at: now_ms().plus_ms(backoff_ms(delivery.attempts)) },
     };
-    let carries_files = adapter.carries_files();
+    let carries_files = adapter.carries_files(rules);
     let (kind, author, text, attachments) = match entry.map(|e| e.item) {
         Some(HistoryItem::OperatorMessage { name, text, attachments, .. }) if carries_files => ("message", name, text, attachments),
         Some(HistoryItem::OperatorMessage { name, text, attachments, .. }) => {
