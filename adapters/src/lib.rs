@@ -89,7 +89,7 @@ pub struct Media {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MediaSource {
-    /// A URL in the webhook (Messenger, Viber).
+    /// A URL in the webhook (Messenger, Viber, VK).
     Url(String),
     /// A Telegram `file_id`, resolved with `getFile`.
     Telegram(String),
@@ -119,7 +119,7 @@ pub async fn fetch_media(client: &http::Client, adapter: &AdapterConfig, media: 
             let (url, mime) = whatsapp::media_url(client, api_base, access_token, id).await?;
             (url, vec![("authorization", format!("Bearer {access_token}"))], mime.or_else(|| media.content_type.clone()))
         }
-        (MediaSource::Url(url), AdapterConfig::Messenger { api_base, .. } | AdapterConfig::Viber { api_base, .. }) => {
+        (MediaSource::Url(url), AdapterConfig::Messenger { api_base, .. } | AdapterConfig::Viber { api_base, .. } | AdapterConfig::Vk { api_base, .. }) => {
             if !(url.starts_with("https://") || (api_base.starts_with("http://") && url.starts_with("http://"))) {
                 return Err(AdapterError::Malformed("a media URL that is not https".into()));
             }

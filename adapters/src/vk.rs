@@ -69,6 +69,54 @@ struct Message {
 struct Attachment {
     #[serde(rename = "type", default)]
     kind: String,
+    #[serde(default)]
+    photo: Option<Photo>,
+    #[serde(default)]
+    doc: Option<Doc>,
+}
+
+#[derive(Deserialize)]
+struct Photo {
+    #[serde(default)]
+    sizes: Vec<PhotoSize>,
+}
+
+#[derive(Deserialize)]
+struct PhotoSize {
+    url: String,
+    #[serde(default)]
+    width: u64,
+    #[serde(default)]
+    height: u64,
+}
+
+#[derive(Deserialize)]
+struct Doc {
+    #[serde(default)]
+    title: String,
+    url: String,
+    #[serde(default)]
+    size: Option<u64>,
+}
+
+/// The photos (their largest size) and documents a `message_new` carries, to fetch
+/// from their URLs; the secret is checked by [`parse`] first.
+pub fn media(body: &[u8]) -> Vec<crate::Media> {
+    let Ok(Callback { object: Some(Object { message: Some(m) }), .. }) = serde_json::from_slice::<Callback>(body) else { return Vec::new() };
+    m.attachments
+        .into_iter()
+        .filter_map(|a| match (a.kind.as_str(), a.photo, a.doc) {
+            ("photo", Some(photo), _) => photo.sizes.into_iter().max_by_key(|s| s.width * s.height).map(|largest| crate::Media {
+                caption: m.text.clone(),
+                name: "photo.jpg".into(),
+                content_type: Some("image/jpeg".into()),
+                size: None,
+                source: crate::MediaSource::Url(largest.url),
+            }),
+            ("doc", _, Some(doc)) => Some(crate::Media { caption: m.text.clone(), name: doc.title, content_type: None, size: doc.size, source: crate::MediaSource::Url(doc.url) }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// An event, once its secret is checked (a confirmation carries none).

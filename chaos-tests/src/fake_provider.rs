@@ -520,6 +520,8 @@ struct VkState {
     sent: Vec<(String, String, String, i64)>,
     calls: u64,
     hang_next: Option<std::time::Duration>,
+    /// Files served as VK's storage does: (content type, bytes) by name.
+    cdn: std::collections::HashMap<String, (String, Vec<u8>)>,
 }
 
 /// VK's `POST /method/messages.send` (form fields `access_token`, `v`, `peer_id`,
@@ -537,9 +539,18 @@ pub struct FakeVk {
 impl FakeVk {
     pub async fn start(token: &str) -> anyhow::Result<FakeVk> {
         let state = Arc::new(Mutex::new(VkState { token: token.to_owned(), ..Default::default() }));
-        let app = Router::new().route("/method/messages.send", post(vk_send)).with_state(state.clone());
+        let app = Router::new()
+            .route("/method/messages.send", post(vk_send))
+            .route("/cdn/{name}", axum::routing::get(vk_cdn))
+            .with_state(state.clone());
         let (addr, stop) = serve(app).await?;
         Ok(FakeVk { addr, state, _stop: stop })
+    }
+
+    /// Serves a file a customer sent at the URL returned (the callback carries it).
+    pub fn add_file(&self, name: &str, content_type: &str, bytes: &[u8]) -> String {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).cdn.insert(name.to_owned(), (content_type.to_owned(), bytes.to_vec()));
+        format!("http://{}/cdn/{name}", self.addr)
     }
 
     pub fn api_base(&self) -> String {
@@ -661,6 +672,13 @@ impl FakeMessenger {
 
     pub fn sent(&self) -> Vec<(String, String, String)> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).sent.clone()
+    }
+}
+
+async fn vk_cdn(State(state): State<Arc<Mutex<VkState>>>, Path(name): Path<String>) -> Response {
+    match state.lock().unwrap_or_else(|p| p.into_inner()).cdn.get(&name) {
+        Some((content_type, bytes)) => ([(axum::http::header::CONTENT_TYPE, content_type.clone())], bytes.clone()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
     }
 }
 

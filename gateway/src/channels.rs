@@ -125,7 +125,8 @@ pub async fn vk_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>
         Ok(vk::Event::Confirmation { .. }) => Err(GatewayError::Forbidden("that is not this channel's community")),
         Ok(vk::Event::Other) => Ok("ok".into_response()),
         Ok(vk::Event::Message { from, id, text }) => {
-            let answer = take_inbound(&gw, Command::ChannelInbound { channel, sender: from, sender_name: String::new(), provider_message_id: id, text }).await?;
+            let inbound = Inbound { sender: from, sender_name: String::new(), message_id: id, text, media: vk::media(&body) };
+            let answer = take_message(&gw, &channel, inbound).await?;
             tracing::debug!(%answer, "a VK message was taken");
             Ok("ok".into_response())
         }
