@@ -15,6 +15,7 @@ import {
   textCounter,
   urlProblem,
   type AdapterDraft,
+  type MessageProblem,
 } from '../src/workstation/forms';
 import { DICTS, messageProblemText } from '../src/workstation/strings';
 import { translator } from '../src/shared/i18n';
@@ -103,22 +104,46 @@ describe('forms', () => {
   });
   it("holds a messenger conversation's messages to what its provider carries", () => {
     // The web chat: files, and 4000 characters.
-    expect(carried(null)).toEqual({ maxText: 4000, files: true });
+    expect(carried(null)).toEqual({ maxText: 4000, files: true, maxFiles: null, maxCaption: null });
     expect(messageProblem('', 1, null)).toBeNull();
     expect(messageProblem('x'.repeat(4000), 0, null)).toBeNull();
-    // Any adapter but email: no files yet, with or without text.
-    for (const kind of ['telegram', 'whatsapp', 'viber', 'vk', 'api', 'messenger'] as const) {
+    expect(messageProblem('x'.repeat(2000), 5, null)).toBeNull();
+    // Messenger, Viber, VK and the Channel API: no files yet, with or without text.
+    for (const kind of ['viber', 'vk', 'api', 'messenger'] as const) {
       expect(carried(kind).files).toBe(false);
       expect(messageProblem('', 1, kind)).toBe('files_not_carried');
       expect(messageProblem('see the file', 2, kind)).toBe('files_not_carried');
       expect(messageProblem('  ', 0, kind)).toBe('empty');
     }
     // Email: files as attachments, with or without text, and 4000 characters.
-    expect(carried('email')).toEqual({ maxText: 4000, files: true });
+    expect(carried('email')).toEqual({ maxText: 4000, files: true, maxFiles: null, maxCaption: null });
     expect(messageProblem('', 1, 'email')).toBeNull();
     expect(messageProblem('see the file', 2, 'email')).toBeNull();
+    expect(messageProblem('see the files', 5, 'email')).toBeNull();
+    expect(messageProblem('x'.repeat(2000), 1, 'email')).toBeNull();
     expect(messageProblem('  ', 0, 'email')).toBe('empty');
     expect(messageProblem('x'.repeat(4001), 1, 'email')).toBe('too_long');
+    // Telegram: files, the text with them their caption of at most 1024 characters
+    // (code points, of the trimmed text); without files 4000.
+    expect(carried('telegram')).toEqual({ maxText: 4000, files: true, maxFiles: null, maxCaption: 1024 });
+    expect(messageProblem('', 1, 'telegram')).toBeNull();
+    expect(messageProblem('see the files', 3, 'telegram')).toBeNull();
+    expect(messageProblem('x'.repeat(1024), 2, 'telegram')).toBeNull();
+    expect(messageProblem(' ' + '😀'.repeat(1024) + '\n', 1, 'telegram')).toBeNull();
+    expect(messageProblem('x'.repeat(1025), 1, 'telegram')).toBe('caption_too_long');
+    expect(messageProblem('x'.repeat(1025), 0, 'telegram')).toBeNull();
+    expect(messageProblem('  ', 0, 'telegram')).toBe('empty');
+    // WhatsApp: one file per message, its caption at most 1024 characters.
+    expect(carried('whatsapp')).toEqual({ maxText: 4000, files: true, maxFiles: 1, maxCaption: 1024 });
+    expect(messageProblem('', 1, 'whatsapp')).toBeNull();
+    expect(messageProblem('see the file', 1, 'whatsapp')).toBeNull();
+    expect(messageProblem('', 2, 'whatsapp')).toBe('too_many_files');
+    expect(messageProblem('see the files', 2, 'whatsapp')).toBe('too_many_files');
+    expect(messageProblem('x'.repeat(1024), 1, 'whatsapp')).toBeNull();
+    expect(messageProblem('x'.repeat(1025), 1, 'whatsapp')).toBe('caption_too_long');
+    expect(messageProblem('x'.repeat(1025), 2, 'whatsapp')).toBe('too_many_files'); // the server's order
+    expect(messageProblem('x'.repeat(4000), 0, 'whatsapp')).toBeNull();
+    expect(messageProblem('x'.repeat(4001), 0, 'whatsapp')).toBe('too_long');
     // Facebook Messenger: 2000 characters (code points, of the trimmed text); the others 4000.
     expect(carried('messenger').maxText).toBe(2000);
     expect(carried('telegram').maxText).toBe(4000);
@@ -136,6 +161,13 @@ describe('forms', () => {
     expect(textCounter('x'.repeat(1800), 'messenger')).toEqual({ length: 1800, limit: 2000, over: false });
     expect(textCounter('x'.repeat(2000), 'messenger')).toEqual({ length: 2000, limit: 2000, over: false });
     expect(textCounter('😀'.repeat(2001), 'messenger')).toEqual({ length: 2001, limit: 2000, over: true });
+    // With files, the caption's limit where the provider has one.
+    expect(textCounter('x'.repeat(900), 'telegram', 0)).toBeNull();
+    expect(textCounter('x'.repeat(823), 'telegram', 1)).toBeNull();
+    expect(textCounter('x'.repeat(900), 'telegram', 2)).toEqual({ length: 900, limit: 1024, over: false });
+    expect(textCounter('x'.repeat(1025), 'whatsapp', 1)).toEqual({ length: 1025, limit: 1024, over: true });
+    expect(textCounter('x'.repeat(1900), 'email', 1)).toBeNull();
+    expect(textCounter('x'.repeat(1900), 'messenger', 1)).toEqual({ length: 1900, limit: 2000, over: false });
   });
   it('says why a message cannot be sent', () => {
     const en = translator(DICTS, 'en');
@@ -144,6 +176,34 @@ describe('forms', () => {
     expect(messageProblemText(en, 'too_long', 'x'.repeat(2150), 'messenger')).toBe('Too long for Facebook Messenger: at most 2000 characters, this is 2150.');
     expect(messageProblemText(en, 'too_long', 'x'.repeat(4001), null)).toBe('Too long (at most 4000 characters).');
     expect(messageProblemText(translator(DICTS, 'ru'), 'too_long', 'x'.repeat(2001), 'messenger')).toBe('Слишком длинно для Facebook Messenger: не больше 2000 символов, здесь 2001.');
+    expect(messageProblemText(en, 'too_many_files', '', 'whatsapp')).toBe('A WhatsApp message carries at most 1 file: send the others in messages of their own.');
+    expect(messageProblemText(translator(DICTS, 'ru'), 'too_many_files', '', 'whatsapp')).toBe(
+      'Сообщение в WhatsApp может содержать не больше 1 файла: остальные отправьте отдельными сообщениями.',
+    );
+    expect(messageProblemText(en, 'caption_too_long', ' ' + 'x'.repeat(1100), 'telegram')).toBe(
+      'Too long to go with files to Telegram: the text becomes their caption, at most 1024 characters, this is 1100. Send the text in a message of its own.',
+    );
+    expect(messageProblemText(translator(DICTS, 'ru'), 'caption_too_long', 'x'.repeat(1025), 'whatsapp')).toBe(
+      'Слишком длинно для отправки с файлами в WhatsApp: текст становится подписью к ним, не больше 1024 символов, здесь 1025. Отправьте текст отдельным сообщением.',
+    );
+  });
+  it('says every message problem in English and Russian', () => {
+    // Each problem a message may have, through each adapter and the web chat.
+    const problems = new Set<MessageProblem>();
+    for (const kind of [null, 'telegram', 'whatsapp', 'messenger', 'viber', 'vk', 'api', 'email'] as const)
+      for (const text of ['', 'x'.repeat(1025), 'x'.repeat(2001), 'x'.repeat(4001)])
+        for (const files of [0, 1, 2]) {
+          const p = messageProblem(text, files, kind);
+          if (!p) continue;
+          problems.add(p);
+          if (p === 'empty') continue;
+          for (const lang of ['en', 'ru'] as const) {
+            const said = messageProblemText(translator(DICTS, lang), p, text, kind);
+            expect(said, lang + ' ' + p + ' ' + kind).toMatch(/\S/);
+            expect(said, lang + ' ' + p + ' ' + kind).not.toMatch(/[{}]|^err_/);
+          }
+        }
+    expect(problems.size).toBe(5);
   });
   it('checks a test message', () => {
     expect(testMessageProblem('', 'Hello', 'api')).toBe('recipient_invalid');

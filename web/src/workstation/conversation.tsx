@@ -234,9 +234,11 @@ function History(props: { conv: Conv; state: OpState; messenger: boolean }) {
   );
 }
 
-/** `adapter`: the adapter of the conversation's channel (null: the web chat): a messenger
- *  customer gets no files yet, and Messenger at most 2000 characters; the composer says
- *  so before sending rather than have the server refuse it. */
+/** `adapter`: the adapter of the conversation's channel (null: the web chat): files go
+ *  to email, Telegram and WhatsApp customers only (WhatsApp one per message, and on both
+ *  messengers the text with them is their caption: at most 1024 characters), and
+ *  Messenger takes at most 2000 characters; the composer says so before sending rather
+ *  than have the server refuse it. */
 function Composer(props: {
   session: OperatorSession;
   conv: Conv;
@@ -355,8 +357,9 @@ function Composer(props: {
   };
 
   const id = 'composer-' + conv.id;
-  // Notes stay with the staff: only replies are held to the provider's limit.
-  const counter = noteMode ? null : textCounter(draft, adapter);
+  // Notes stay with the staff: only replies are held to the provider's limit (with
+  // files, where the text goes as their caption, the caption's).
+  const counter = noteMode ? null : textCounter(draft, adapter, files.length);
   return (
     <form
       class={'composer' + (noteMode ? ' composer-note' : '')}
@@ -471,8 +474,9 @@ function Composer(props: {
         <label class="note-toggle">
           <input type="checkbox" data-testid="note-mode" checked={noteMode} onChange={(e) => setNoteMode((e.currentTarget as HTMLInputElement).checked)} /> {t('note_mode')}
         </label>
-        {/* Off in a messenger conversation with aria-disabled rather than disabled: it stays
-            focusable, so its explanation is heard and its tooltip shown. */}
+        {/* Off where files are not carried (Messenger, Viber, VK, the Channel API) with
+            aria-disabled rather than disabled: it stays focusable, so its explanation is
+            heard and its tooltip shown. */}
         <button
           type="button"
           class="ghost"

@@ -27,15 +27,31 @@ export const PROVIDER_TEXT_LIMITS: Partial<Record<AdapterKind, number>> = { mess
 /** The counter shows from this many characters before a provider's own limit. */
 export const COUNTER_MARGIN = 200;
 
-/** The adapters whose customers are sent files too (email: as attachments); the
- *  messengers and the Channel API get text only for now. */
-export const FILES_CARRIED: readonly AdapterKind[] = ['email'];
+/** The adapters whose customers are sent files too (email: as attachments; Telegram and
+ *  WhatsApp from routing rules 8); Messenger, Viber, VK and the Channel API get text
+ *  only for now. */
+export const FILES_CARRIED: readonly AdapterKind[] = ['email', 'telegram', 'whatsapp'];
+
+/** The providers that send fewer files in one message than the core takes
+ *  (MAX_ATTACHMENTS_PER_MESSAGE): WhatsApp, one. */
+export const PROVIDER_FILE_LIMITS: Partial<Record<AdapterKind, number>> = { whatsapp: 1 };
+
+/** The providers that send the text of a message with files as their caption, and
+ *  the longest caption they take, in characters. */
+export const PROVIDER_CAPTION_LIMITS: Partial<Record<AdapterKind, number>> = { telegram: 1024, whatsapp: 1024 };
 
 /** What a conversation's customer can be sent, by its channel's adapter (null: the web
- *  chat): the longest text in characters, and whether files (the server refuses them
- *  with `invalid` where they are not carried). */
-export function carried(adapter: AdapterKind | null | undefined): { maxText: number; files: boolean } {
-  return { maxText: (adapter && PROVIDER_TEXT_LIMITS[adapter]) || MAX_TEXT, files: adapter == null || FILES_CARRIED.includes(adapter) };
+ *  chat): the longest text in characters, whether files (the server refuses them
+ *  with `invalid` where they are not carried), and, where the provider has limits of
+ *  its own on a message with files (null: none), the most files in one message and the
+ *  longest text going with them as their caption. */
+export function carried(adapter: AdapterKind | null | undefined): { maxText: number; files: boolean; maxFiles: number | null; maxCaption: number | null } {
+  return {
+    maxText: (adapter && PROVIDER_TEXT_LIMITS[adapter]) || MAX_TEXT,
+    files: adapter == null || FILES_CARRIED.includes(adapter),
+    maxFiles: (adapter && PROVIDER_FILE_LIMITS[adapter]) || null,
+    maxCaption: (adapter && PROVIDER_CAPTION_LIMITS[adapter]) || null,
+  };
 }
 
 /** Characters as the server counts them (code points, not UTF-16 units), of the text
@@ -44,22 +60,34 @@ export function textLength(text: string): number {
   return [...text.trim()].length;
 }
 
-export type MessageProblem = 'empty' | 'too_long' | 'files_not_carried';
+export type MessageProblem = 'empty' | 'too_long' | 'files_not_carried' | 'too_many_files' | 'caption_too_long';
 
 /** Text that may be sent through `adapter` (null: the web chat): not blank (unless
- *  there are attachments), no files to a messenger, at most what its provider takes. */
+ *  there are attachments), files only where they are carried and no more in one message
+ *  than the provider sends, at most what its provider takes (with files, as their
+ *  caption). Checked in the server's order: the first to fix is named. */
 export function messageProblem(text: string, attachments: number, adapter: AdapterKind | null = null): MessageProblem | null {
   if (!text.trim() && !attachments) return 'empty';
   const can = carried(adapter);
   if (attachments && !can.files) return 'files_not_carried';
+  if (attachments && can.maxFiles != null && attachments > can.maxFiles) return 'too_many_files';
+  if (attachments && can.maxCaption != null && textLength(text) > can.maxCaption) return 'caption_too_long';
   if (textLength(text) > can.maxText) return 'too_long';
   return null;
 }
 
+/** The longest text a message through `adapter` may have: with files, where the
+ *  provider sends it as their caption, the caption's limit. */
+export function textLimit(adapter: AdapterKind | null, attachments = 0): number {
+  const can = carried(adapter);
+  return attachments && can.maxCaption != null ? Math.min(can.maxCaption, can.maxText) : can.maxText;
+}
+
 /** The composer's character count, shown only within COUNTER_MARGIN of a provider's own
- *  limit (null otherwise: the web chat, and providers taking MAX_TEXT). */
-export function textCounter(text: string, adapter: AdapterKind | null): { length: number; limit: number; over: boolean } | null {
-  const limit = carried(adapter).maxText;
+ *  limit, with files the caption's (null otherwise: the web chat, and providers taking
+ *  MAX_TEXT unless files going with a caption limit are attached). */
+export function textCounter(text: string, adapter: AdapterKind | null, attachments = 0): { length: number; limit: number; over: boolean } | null {
+  const limit = textLimit(adapter, attachments);
   const length = textLength(text);
   if (limit >= MAX_TEXT || length < limit - COUNTER_MARGIN) return null;
   return { length, limit, over: length > limit };

@@ -1,6 +1,7 @@
 /** Every workstation string, in English and Russian. */
 import type { Lang, Phrase, Translate } from '../shared/i18n';
-import { carried, MAX_TEXT, textLength, type MessageProblem } from './forms';
+import { carried, MAX_TEXT, textLength, textLimit, type MessageProblem } from './forms';
+import { MAX_ATTACHMENTS_PER_MESSAGE } from '../shared/files';
 import type { AdapterKind } from './types';
 
 const en = {
@@ -255,6 +256,11 @@ const en = {
   err_password_short: 'The password needs at least 10 characters.',
   err_too_long: 'Too long (at most 4000 characters).',
   err_too_long_for: 'Too long for {name}: at most {limit} characters, this is {n}.',
+  err_too_many_files_for: {
+    one: 'A {name} message carries at most {n} file: send the others in messages of their own.',
+    other: 'A {name} message carries at most {n} files: send the others in messages of their own.',
+  },
+  err_caption_too_long_for: 'Too long to go with files to {name}: the text becomes their caption, at most {limit} characters, this is {n}. Send the text in a message of its own.',
   err_empty: 'The file is empty',
   err_too_large: 'The file is larger than 5 MB',
   err_unsupported_type: 'This file type is not allowed',
@@ -800,6 +806,13 @@ const ru: Record<Key, Phrase> = {
   err_password_short: 'Пароль должен быть не короче 10 символов.',
   err_too_long: 'Слишком длинно (не больше 4000 символов).',
   err_too_long_for: 'Слишком длинно для {name}: не больше {limit} символов, здесь {n}.',
+  err_too_many_files_for: {
+    one: 'Сообщение в {name} может содержать не больше {n} файла: остальные отправьте отдельными сообщениями.',
+    few: 'Сообщение в {name} может содержать не больше {n} файлов: остальные отправьте отдельными сообщениями.',
+    many: 'Сообщение в {name} может содержать не больше {n} файлов: остальные отправьте отдельными сообщениями.',
+    other: 'Сообщение в {name} может содержать не больше {n} файла: остальные отправьте отдельными сообщениями.',
+  },
+  err_caption_too_long_for: 'Слишком длинно для отправки с файлами в {name}: текст становится подписью к ним, не больше {limit} символов, здесь {n}. Отправьте текст отдельным сообщением.',
   err_empty: 'Файл пустой',
   err_too_large: 'Файл больше 5 МБ',
   err_unsupported_type: 'Такой тип файла не разрешён',
@@ -1105,8 +1118,12 @@ export function describeError(t: Translate<Key>, code: string | undefined, messa
 export function messageProblemText(t: Translate<Key>, problem: MessageProblem, text: string, adapter: AdapterKind | null): string | null {
   if (problem === 'empty') return null;
   if (problem === 'files_not_carried') return t('files_not_carried');
-  const limit = carried(adapter).maxText;
-  return adapter && limit < MAX_TEXT ? t('err_too_long_for', { name: t(('adapter_' + adapter) as Key), limit, n: textLength(text) }) : t('err_too_long');
+  const can = carried(adapter);
+  const name = adapter ? t(('adapter_' + adapter) as Key) : '';
+  if (problem === 'too_many_files') return t('err_too_many_files_for', { name, n: can.maxFiles ?? MAX_ATTACHMENTS_PER_MESSAGE });
+  if (problem === 'caption_too_long') return t('err_caption_too_long_for', { name, limit: textLimit(adapter, 1), n: textLength(text) });
+  const limit = can.maxText;
+  return adapter && limit < MAX_TEXT ? t('err_too_long_for', { name, limit, n: textLength(text) }) : t('err_too_long');
 }
 
 /** A refused change: the server's own reason when it gave one (a 400 `bad_request`, or
