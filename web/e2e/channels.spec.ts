@@ -6,11 +6,13 @@
  * reload; a reply the provider could not deliver is listed on the supervisor's floor and
  * sent again from there. The admin connects, replaces and disconnects adapters, and sends
  * a test message through one. The composer refuses what a messenger cannot carry (files;
- * over 2000 characters to Facebook Messenger) before sending.
+ * over 2000 characters to Facebook Messenger) before sending. An email channel takes a
+ * customer's mail at the node's SMTP listener and sends the operator's reply in its
+ * thread through the admin's SMTP relay.
  */
 import crypto from 'node:crypto';
 import http from 'node:http';
-import type { AddressInfo } from 'node:net';
+import net, { type AddressInfo } from 'node:net';
 import { test as base, expect, newPage, signIn, goOnline, shot, rest, staffToken, pageErrors } from './fixtures';
 import type { Server } from './harness';
 
@@ -21,7 +23,66 @@ interface FakeAdapter {
   received: any[];
 }
 
-const test = base.extend<{ adapter: FakeAdapter }>({
+/** An SMTP relay that takes every mail (no TLS, no sign-in), keeping each as it was
+ *  sent: the envelope and the data with its dots unstuffed, CRLF line ends. */
+interface FakeRelay {
+  port: number;
+  mails: { from: string; to: string[]; data: string }[];
+}
+
+const test = base.extend<{ adapter: FakeAdapter; relay: FakeRelay }>({
+  relay: async ({}, use) => {
+    const mails: FakeRelay['mails'] = [];
+    const sockets = new Set<net.Socket>();
+    const server = net.createServer((socket) => {
+      sockets.add(socket);
+      socket.on('close', () => sockets.delete(socket));
+      socket.on('error', () => {});
+      socket.setEncoding('utf8');
+      const say = (line: string) => socket.write(line + '\r\n');
+      let buf = '';
+      let from = '';
+      let to: string[] = [];
+      let data: string[] | null = null;
+      say('220 relay.test ESMTP');
+      socket.on('data', (chunk: string) => {
+        buf += chunk;
+        for (let i = buf.indexOf('\r\n'); i >= 0; i = buf.indexOf('\r\n')) {
+          const line = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          if (data) {
+            if (line === '.') {
+              mails.push({ from, to, data: data.map((l) => l + '\r\n').join('') });
+              data = null;
+              say('250 2.0.0 queued');
+            } else data.push(line.startsWith('.') ? line.slice(1) : line);
+            continue;
+          }
+          const verb = line.slice(0, 4).toUpperCase();
+          const path = /<([^>]*)>/.exec(line)?.[1] ?? '';
+          if (verb === 'EHLO' || verb === 'HELO') say('250 relay.test');
+          else if (verb === 'MAIL') {
+            [from, to] = [path, []];
+            say('250 2.1.0 OK');
+          } else if (verb === 'RCPT') {
+            to.push(path);
+            say('250 2.1.5 OK');
+          } else if (verb === 'DATA') {
+            data = [];
+            say('354 end data with <CR><LF>.<CR><LF>');
+          } else if (verb === 'QUIT') {
+            say('221 2.0.0 bye');
+            socket.end();
+          } else say('500 5.5.1 unknown command');
+        }
+      });
+    });
+    await new Promise<void>((ok) => server.listen(0, '127.0.0.1', () => ok()));
+    await use({ port: (server.address() as AddressInfo).port, mails });
+    for (const s of sockets) s.destroy();
+    await new Promise((ok) => server.close(ok));
+  },
+
   adapter: async ({}, use) => {
     const received: any[] = [];
     const server = http.createServer((req, res) => {
@@ -39,6 +100,51 @@ const test = base.extend<{ adapter: FakeAdapter }>({
     await new Promise((ok) => server.close(ok));
   },
 });
+
+/** One SMTP session with `addr` (`host:port`) as a sending mail server holds it: each
+ *  command after the answer to the one before, all within 10 s; the answers (the
+ *  greeting first), each with its lines joined by a newline. */
+function smtpSession(addr: string, commands: string[]): Promise<string[]> {
+  const colon = addr.lastIndexOf(':');
+  const socket = net.connect(Number(addr.slice(colon + 1)), addr.slice(0, colon));
+  socket.setEncoding('utf8');
+  const replies: string[] = [];
+  return new Promise((ok, fail) => {
+    const timer = setTimeout(() => {
+      socket.destroy();
+      fail(new Error('the SMTP session did not finish within 10 s; answers so far: ' + replies.join(' | ')));
+    }, 10_000);
+    socket.on('error', (e) => {
+      clearTimeout(timer);
+      fail(e);
+    });
+    // Closed before the last answer (after it, the promise is settled already).
+    socket.on('close', () => {
+      clearTimeout(timer);
+      fail(new Error('the SMTP server closed the connection; answers so far: ' + replies.join(' | ')));
+    });
+    let buf = '';
+    let lines: string[] = [];
+    let next = 0;
+    socket.on('data', (chunk: string) => {
+      buf += chunk;
+      for (let i = buf.indexOf('\r\n'); i >= 0; i = buf.indexOf('\r\n')) {
+        lines.push(buf.slice(0, i));
+        buf = buf.slice(i + 2);
+        // `250-…` lines continue a reply; `250 …` ends it.
+        if (/^[0-9]{3}-/.test(lines[lines.length - 1])) continue;
+        replies.push(lines.join('\n'));
+        lines = [];
+        if (next < commands.length) socket.write(commands[next++] + '\r\n');
+        else {
+          clearTimeout(timer);
+          socket.end();
+          ok(replies);
+        }
+      }
+    });
+  });
+}
 
 /** Channel `toy` (Channel API, default group general) pointed at the fake adapter; the
  *  channel token for the adapter's calls. */
@@ -404,4 +510,119 @@ test('a Facebook Messenger customer: the composer counts toward 2000 characters 
   await shot(alice, '66-channel-messenger-too-long');
   expect(adapter.received).toEqual([]);
   expect(errors).toEqual([]);
+});
+
+test.describe('with the SMTP listener', () => {
+  test.use({ sbArgs: ['--smtp-addr', '127.0.0.1:0'] });
+
+  test('an email customer: the admin connects the channel to an SMTP relay, the mail reaches the desk and the reply goes out in its thread', async ({ browser, sb, relay }) => {
+    expect(sb.smtpAddr).toMatch(/^127\.0\.0\.1:[0-9]+$/);
+    const admin = await newPage(browser);
+    const adminErrors = pageErrors(admin);
+    await signIn(admin, sb, 'admin');
+    await admin.getByTestId('nav-admin').click();
+    const body = admin.getByTestId('admin');
+    await body.getByTestId('admin-tab-channels').click();
+
+    // The channel, in the channels form.
+    const form = body.locator('form').filter({ has: admin.getByRole('heading', { name: 'New channel' }) });
+    await form.getByLabel('Id', { exact: true }).fill('mail');
+    await form.getByLabel('Kind', { exact: true }).fill('email');
+    await form.getByLabel('Name', { exact: true }).fill('Email');
+    await form.getByLabel('Default group').selectOption('general');
+    await form.getByRole('button', { name: 'Save' }).click();
+    const mailRow = body.locator('[data-testid="channel-row"][data-channel="mail"]');
+    await expect(mailRow).toContainText('email');
+    await expect(mailRow.getByTestId('channel-adapter-kind')).toHaveText('—');
+
+    // Its adapter: the support address and the relay (no TLS, no sign-in).
+    const section = body.getByTestId('channel-adapter');
+    await expect(section.getByRole('heading', { name: 'Adapter of Email' })).toBeVisible();
+    await expect(section).toContainText('No adapter: the channel takes no messages yet.');
+    await section.getByLabel('Adapter kind').selectOption({ label: 'Email' });
+    await section.getByLabel('Support address').fill('support@example.com');
+    await section.getByLabel('From name (optional)').fill('Example Support');
+    await section.getByLabel('SMTP relay').fill('127.0.0.1');
+    await section.getByLabel('SMTP port (optional)').fill(String(relay.port));
+    await section.getByLabel('Connection security').selectOption({ label: 'None' });
+    await expect(section.getByLabel('SMTP user name (optional)')).toHaveValue('');
+    await expect(section.getByLabel('SMTP password')).toHaveValue('');
+    await section.getByRole('button', { name: 'Connect' }).click();
+    await expect(section.getByRole('status')).toHaveText('Connected.');
+    await expect(section.getByRole('alert')).toHaveCount(0);
+    const current = section.getByTestId('adapter-current');
+    await expect(current).toHaveAttribute('data-kind', 'email');
+    await expect(current.getByTestId('adapter-current-address')).toHaveText('support@example.com');
+    await expect(current.getByTestId('adapter-current-display-name')).toHaveText('Example Support');
+    await expect(current.getByTestId('adapter-current-smtp-host')).toHaveText('127.0.0.1');
+    await expect(current.getByTestId('adapter-current-smtp-port')).toHaveText(String(relay.port));
+    await expect(current.getByTestId('adapter-current-smtp-security')).toHaveText('None');
+    await expect(current.getByTestId('adapter-current-smtp-username')).toHaveText('—');
+    // No password was given: none is shown, masked or not.
+    await expect(current.getByTestId('adapter-current-smtp-password')).toHaveText('—');
+    await expect(section.getByTestId('adapter-inbound-hint')).toContainText('Mail to support@example.com comes in through');
+    await expect(section.getByTestId('adapter-webhook-path')).toHaveCount(0);
+    await expect(mailRow.getByTestId('channel-adapter-kind')).toHaveText('Email');
+    await current.scrollIntoViewIfNeeded();
+    await shot(admin, '67-admin-adapter-email');
+    expect(relay.mails).toEqual([]);
+
+    const alice = await newPage(browser);
+    const aliceErrors = pageErrors(alice);
+    await signIn(alice, sb, 'alice');
+    await goOnline(alice);
+
+    // Anna's mail reaches the node's SMTP listener, as her mail server would send it.
+    const mail = [
+      'From: Anna <anna@example.org>',
+      'To: <support@example.com>',
+      'Subject: Card blocked',
+      'Message-ID: <m1@example.org>',
+      'MIME-Version: 1.0',
+      'Content-Type: text/plain; charset=utf-8',
+      '',
+      'My card was blocked at the checkout. Can you unblock it?',
+      '.',
+    ].join('\r\n');
+    const answers = await smtpSession(sb.smtpAddr!, ['EHLO mx.example.org', 'MAIL FROM:<anna@example.org>', 'RCPT TO:<support@example.com>', 'DATA', mail, 'QUIT']);
+    expect(answers.map((a) => a.slice(0, 3))).toEqual(['220', '250', '250', '250', '354', '250', '221']);
+    const taken = /Taken in conversation ([0-9]+)/.exec(answers[5]);
+    expect(taken, answers[5]).not.toBeNull();
+    const conv = Number(taken![1]);
+
+    const offer = alice.getByTestId('offer');
+    await expect(offer).toHaveAttribute('data-conversation', String(conv));
+    await expect(offer.getByTestId('offer-channel')).toHaveText('mail');
+    await offer.getByTestId('offer-accept').click();
+    const view = alice.getByTestId('conversation-view');
+    await expect(view).toHaveAttribute('data-conv', String(conv));
+    await expect(view.getByTestId('conversation-title')).toContainText('Anna');
+    await expect(view.getByTestId('channel-badge')).toHaveText('Channel: Email · mail:anna@example.org');
+    await expect(view.getByTestId('message').filter({ hasText: 'My card was blocked at the checkout. Can you unblock it?' })).toHaveCount(1);
+
+    await alice.getByTestId('composer-input').fill('Hello Anna, your card is unblocked now.');
+    await alice.getByTestId('composer-input').press('Enter');
+    const reply = view.getByTestId('message').filter({ hasText: 'Hello Anna, your card is unblocked now.' });
+    await expect(reply).toHaveCount(1);
+    // The relay takes it once: from the support address to Anna, in her mail's thread.
+    await expect.poll(() => relay.mails.length, { timeout: 20_000 }).toBe(1);
+    await expect(reply.getByTestId('delivery')).toHaveAttribute('data-status', 'sent');
+    const sent = relay.mails[0];
+    expect([sent.from, sent.to]).toEqual(['support@example.com', ['anna@example.org']]);
+    const split = sent.data.indexOf('\r\n\r\n');
+    expect(split).toBeGreaterThan(0);
+    const headers = sent.data.slice(0, split).split('\r\n');
+    expect(headers).toContain('Subject: Re: Card blocked');
+    expect(headers).toContain('In-Reply-To: <m1@example.org>');
+    expect(headers).toContain('To: <anna@example.org>');
+    expect(headers.find((h) => h.startsWith('From: '))).toMatch(/^From: "?Example Support"? <support@example\.com>$/);
+    expect(headers).toContain('Content-Type: text/plain; charset=utf-8');
+    expect(headers).toContain('Content-Transfer-Encoding: base64');
+    const text = Buffer.from(sent.data.slice(split + 4).replace(/\s+/g, ''), 'base64').toString('utf8');
+    expect(text).toContain('Hello Anna, your card is unblocked now.');
+    await shot(alice, '68-channel-email-desk');
+
+    expect(adminErrors).toEqual([]);
+    expect(aliceErrors).toEqual([]);
+  });
 });

@@ -7,9 +7,11 @@ import { startServer, WEB_ROOT, type Server } from './harness';
 export const SHOTS = resolve(WEB_ROOT, 'test-results/screenshots');
 mkdirSync(SHOTS, { recursive: true });
 
-export const test = base.extend<{ sb: Server }>({
-  sb: async ({}, use, testInfo) => {
-    const sb = await startServer();
+export const test = base.extend<{ sb: Server; sbArgs: string[] }>({
+  /** Extra arguments of `switchboard dev` (`test.use({ sbArgs: [...] })`). */
+  sbArgs: [[], { option: true }],
+  sb: async ({ sbArgs }, use, testInfo) => {
+    const sb = await startServer({ extraArgs: sbArgs });
     if (sb.shimmed) testInfo.annotations.push({ type: 'note', description: 'the binary does not embed the current web build; served through the test shim' });
     try {
       await use(sb);

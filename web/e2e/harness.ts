@@ -27,6 +27,8 @@ export interface Server {
   /** The real listeners (same as above unless shimmed). */
   realPublic: string;
   realPrivate: string;
+  /** The SMTP listener's `host:port`, when started with `--smtp-addr`. */
+  smtpAddr?: string;
   shimmed: boolean;
   logins: Record<string, string>;
   dataDir: string;
@@ -136,9 +138,10 @@ export async function startServer(opts: { extraArgs?: string[]; timeoutMs?: numb
   proc.stderr!.on('data', (d) => {
     errText = (errText + d).slice(-20_000);
   });
-  const addrs = await new Promise<{ pub: string; priv: string }>((ok, fail) => {
+  const addrs = await new Promise<{ pub: string; priv: string; smtp?: string }>((ok, fail) => {
     let pub = '';
     let priv = '';
+    let smtp: string | undefined;
     const timer = setTimeout(() => fail(new Error('server not ready within ' + timeoutMs + ' ms:\n' + out + errText)), timeoutMs);
     proc.on('exit', (code) => fail(new Error('server exited with ' + code + ':\n' + out + errText)));
     proc.stdout!.on('data', (d) => {
@@ -147,9 +150,11 @@ export async function startServer(opts: { extraArgs?: string[]; timeoutMs?: numb
         const m = /^(public|private) listener: (http:\/\/[^\s]+)/.exec(line.trim());
         if (m && m[1] === 'public') pub = m[2];
         if (m && m[1] === 'private') priv = m[2];
+        const mail = /^smtp listener: smtp:\/\/([^\s]+)/.exec(line.trim());
+        if (mail) smtp = mail[1];
         if (line.trim() === 'ready' && pub && priv) {
           clearTimeout(timer);
-          ok({ pub, priv });
+          ok({ pub, priv, smtp });
         }
       }
     });
@@ -181,6 +186,7 @@ export async function startServer(opts: { extraArgs?: string[]; timeoutMs?: numb
     privateUrl,
     realPublic: addrs.pub,
     realPrivate: addrs.priv,
+    smtpAddr: addrs.smtp,
     shimmed: !servesWorkstation || !servesWidget,
     logins,
     dataDir,
