@@ -918,3 +918,103 @@ async fn an_address_that_keeps_forging_webhooks_is_cut_off_before_its_bodies_are
     }
     Ok(())
 }
+
+/// A raw SMTP conversation with the node: each line sent, each answer read whole.
+struct Smtp {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Smtp {
+    async fn connect(addr: &str) -> anyhow::Result<(Smtp, String)> {
+        use tokio::io::AsyncBufReadExt;
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let (read, write) = stream.into_split();
+        let mut smtp = Smtp { lines: tokio::io::BufReader::new(read).lines(), write };
+        let greeting = smtp.answer().await?;
+        Ok((smtp, greeting))
+    }
+
+    /// The next answer, its lines joined; empty when the node closed the connection.
+    async fn answer(&mut self) -> anyhow::Result<String> {
+        let mut all = String::new();
+        loop {
+            let line = tokio::time::timeout(WAIT, self.lines.next_line()).await??;
+            let Some(line) = line else { return Ok(all) };
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(all);
+            }
+            all.push('\n');
+        }
+    }
+
+    async fn say(&mut self, bytes: &[u8]) -> anyhow::Result<String> {
+        use tokio::io::AsyncWriteExt;
+        self.write.write_all(bytes).await?;
+        self.answer().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_smtp_listener_bounds_what_an_anonymous_peer_sends() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &dir.path().join("data"), &["--smtp-addr", "127.0.0.1:0"]).await?;
+    let smtp = dev.smtp.clone().ok_or_else(|| anyhow::anyhow!("no SMTP listener printed"))?;
+    let admin = dev.login("admin").await?;
+    dev.api("PUT", "/api/channels/mail", Some(&admin), Some(json!({"kind": "email", "name": "Email", "default_group": "general"}))).await?;
+    let settings = json!({"kind": "email", "address": "support@example.com", "smtp_host": "127.0.0.1", "smtp_port": 9, "smtp_security": "none"});
+    assert_eq!(dev.api("PUT", "/api/channels/mail/adapter", Some(&admin), Some(settings)).await?.0, 200);
+    let rss_before = dev.rss_bytes()?;
+
+    let (mut peer, greeting) = Smtp::connect(&smtp).await?;
+    assert!(greeting.starts_with("220"), "{greeting}");
+    // Out of order, and a line past 512 bytes: refused, the session goes on.
+    assert!(peer.say(b"MAIL FROM:<a@example.org>\r\n").await?.starts_with("503"));
+    assert!(peer.say(format!("EHLO {}\r\n", "x".repeat(600)).as_bytes()).await?.starts_with("500 5.5.2"));
+    let features = peer.say(b"EHLO client.example.org\r\n").await?;
+    assert!(features.contains("SIZE 10485760") && !features.contains("STARTTLS"), "{features}");
+    // It relays nothing, and a declared size over the limit is refused before the mail.
+    assert!(peer.say(b"MAIL FROM:<a@example.org> SIZE=20000000\r\n").await?.starts_with("552"));
+    assert!(peer.say(b"MAIL FROM:<a@example.org>\r\n").await?.starts_with("250"));
+    assert!(peer.say(b"RCPT TO:<someone@elsewhere.example>\r\n").await?.starts_with("550 5.1.1"));
+    assert!(peer.say(b"RCPT TO:<support@example.com>\r\n").await?.starts_with("250"));
+    // A mail past 10 MiB is read to its end and dropped; the session stays in step.
+    assert!(peer.say(b"DATA\r\n").await?.starts_with("354"));
+    let line = format!("{}\r\n", "y".repeat(998));
+    let mut big = Vec::new();
+    while big.len() < 11 * 1024 * 1024 {
+        big.extend_from_slice(line.as_bytes());
+    }
+    big.extend_from_slice(b".\r\n");
+    assert!(peer.say(&big).await?.starts_with("552 5.3.4"));
+    assert!(peer.say(b"NOOP\r\n").await?.starts_with("250"));
+    // Bad commands past ten close the connection.
+    let mut last = String::new();
+    for _ in 0..12 {
+        last = peer.say(b"WHAT\r\n").await?;
+        if last.starts_with("421") || last.is_empty() {
+            break;
+        }
+    }
+    assert!(last.starts_with("421 4.7.0"), "{last}");
+
+    // Eight connections from one address at once; the ninth is turned away.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let (peer, greeting) = Smtp::connect(&smtp).await?;
+        assert!(greeting.starts_with("220"), "{greeting}");
+        held.push(peer);
+    }
+    let (_, refused) = Smtp::connect(&smtp).await?;
+    assert!(refused.starts_with("421 4.7.0"), "{refused}");
+    drop(held);
+    // What it read is given back: the node holds no mail of it.
+    let grown = dev.rss_bytes()?.saturating_sub(rss_before);
+    assert!(grown < 64 * 1024 * 1024, "the node grew by {grown} bytes");
+    // Nothing was written: no conversation on the channel.
+    let supervisor = dev.login("supervisor").await?;
+    let (_, first) = dev.api("GET", "/api/conversations/1", Some(&supervisor), None).await?;
+    assert_ne!(first["channel"], "mail", "{first}");
+    Ok(())
+}

@@ -616,7 +616,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = rss_kib(pid).unwrap_or(0);
         let mut idle = Vec::with_capacity(args.idle_sessions);
-        for _ in 0..args.idle_sessions {
+        // In two halves: the first also fills memory the allocator kept free from the
+        // load before, so the second half's growth is what one more session costs.
+        let half = args.idle_sessions / 2;
+        let mut mid = before;
+        for i in 0..args.idle_sessions {
+            if i == half {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                mid = rss_kib(pid).unwrap_or(0);
+            }
             let mut ws = WsClient::connect(&child.public, "/ws/client", None).await?;
             ws.send(&json!({"type": "start", "channel": "idle", "name": "Idle"})).await?;
             ws.wait_for(Duration::from_secs(10), |v| v["type"] == "started").await?;
@@ -625,13 +633,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let after = rss_kib(pid).unwrap_or(0);
         let per = (after.saturating_sub(before) as f64) / args.idle_sessions as f64;
+        let second = args.idle_sessions - half;
+        let marginal = (after.saturating_sub(mid) as f64) / second.max(1) as f64;
         println!("\nidle client sessions (started conversation, following its stream)");
         println!(
-            "  {} sessions: node RSS {} KiB -> {} KiB, {:.1} KiB per session (includes the conversation's state); actors running: {}",
+            "  {} sessions: node RSS {} KiB -> {} KiB after {} -> {} KiB, {:.1} KiB per session overall, {:.1} KiB per session for the last {} (includes the conversation's state); actors running: {}",
             args.idle_sessions,
             before,
+            mid,
+            half,
             after,
             per,
+            marginal,
+            second,
             active_actors(&child.private).await.unwrap_or(0)
         );
         // Settled: a quiet conversation's actor stops after two idle checks (30 s apart)
