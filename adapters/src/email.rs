@@ -197,11 +197,15 @@ pub fn compose(reply: &Reply<'_>) -> Vec<u8> {
     header("To", &format!("<{}>", reply.to));
     header("Subject", &encode_words(reply.subject));
     header("Message-ID", &format!("<{}>", reply.message_id));
-    if let Some(id) = reply.in_reply_to {
+    // The customer's ids go back only as they may be written: printable ASCII without
+    // spaces or angle brackets, so none can end the header or start another.
+    let safe = |id: &&str| !id.is_empty() && id.bytes().all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>');
+    if let Some(id) = reply.in_reply_to.filter(safe) {
         header("In-Reply-To", &format!("<{id}>"));
     }
-    if !reply.references.is_empty() {
-        header("References", &reply.references.iter().map(|id| format!("<{id}>")).collect::<Vec<_>>().join("\r\n "));
+    let references: Vec<String> = reply.references.iter().map(String::as_str).filter(safe).map(|id| format!("<{id}>")).collect();
+    if !references.is_empty() {
+        header("References", &references.join("\r\n "));
     }
     header("MIME-Version", "1.0");
     header("Auto-Submitted", "no");
@@ -581,5 +585,10 @@ mod tests {
         assert_eq!(file.contents(), b"%PDF-1.4 test");
         assert_eq!(back.from().and_then(|a| a.first()).and_then(|a| a.name.as_deref()), Some("Служба поддержки"));
         assert!(dot_stuffed(b"a\r\n.b\n").starts_with(b"a\r\n..b\r\n"));
+        // An id that would end its header is left out.
+        let bad = vec!["x@y\r\nBcc: eve@example.net".to_owned()];
+        let raw = compose(&Reply { from: "s@example.com", from_name: "", to: "a@example.org", subject: "S\r\nBcc: eve@example.net", message_id: "sb.1.1.a@example.com", in_reply_to: Some("x@y\r\nBcc: e@x"), references: &bad, text: "t", files: &[], date_ms: 0 });
+        let text = String::from_utf8(raw).expect("ascii");
+        assert!(!text.contains("\r\nBcc") && !text.contains("In-Reply-To") && !text.contains("References"), "{text}");
     }
 }
