@@ -39,7 +39,7 @@ const MAX_REFERENCES: usize = 50;
 /// A customer's mail as it matters to a conversation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mail {
-    /// Where answers go: `Reply-To` when given, else `From`; lowercase.
+    /// The `From` address, lowercase: the sender, where answers go.
     pub from: String,
     pub from_name: String,
     pub subject: String,
@@ -66,14 +66,15 @@ pub struct MailFile {
 /// with no usable sender address is refused.
 pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
     let message = MessageParser::default().parse(raw).ok_or_else(|| AdapterError::Malformed("not a mail message".into()))?;
-    let reply_to = message.reply_to().and_then(|a| a.first()).and_then(|a| a.address.as_deref().map(str::to_owned));
+    // `From`, not `Reply-To`: it is the address the company's mail server checks (SPF,
+    // DKIM, DMARC), and the conversation's identity; answers go back to it.
     let from = message.from().and_then(|a| a.first());
     let from_name = from.and_then(|a| a.name.as_deref()).unwrap_or("").trim().to_owned();
-    let address = reply_to
-        .or_else(|| from.and_then(|a| a.address.as_deref().map(str::to_owned)))
+    let address = from
+        .and_then(|a| a.address.as_deref())
         .map(|a| a.trim().to_ascii_lowercase())
-        .filter(|a| switchboard_actors::core::is_email_address(a))
-        .ok_or_else(|| AdapterError::Malformed("the mail has no usable From or Reply-To address".into()))?;
+        .filter(|a| switchboard_actors::core::is_email_address(a) && a.len() <= switchboard_actors::core::MAX_SENDER_BYTES)
+        .ok_or_else(|| AdapterError::Malformed(format!("the mail has no usable From address (at most {} bytes)", switchboard_actors::core::MAX_SENDER_BYTES)))?;
     let subject = clip(message.subject().unwrap_or("").trim(), MAX_SUBJECT_CHARS);
     let message_id = match message.message_id().map(str::trim).filter(|id| !id.is_empty() && id.len() <= 250) {
         Some(id) => id.to_owned(),
@@ -218,8 +219,12 @@ pub fn compose(reply: &Reply<'_>) -> Vec<u8> {
     out.push_str(&format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\r\n\r\n"));
     out.push_str(&format!("--{boundary}\r\n{text_part}"));
     for file in reply.files {
-        let ascii = file.name.chars().all(|c| c.is_ascii_graphic() || c == ' ') && !file.name.contains(['"', '\\']);
-        let name = if ascii { format!("filename=\"{}\"", file.name) } else { format!("filename*=UTF-8''{}", percent(&file.name)) };
+        // A header line stays well under 998 bytes: a long name keeps its end (the
+        // extension) and loses its middle.
+        let chars: Vec<char> = file.name.chars().collect();
+        let short: String = if chars.len() > 60 { chars[..40].iter().chain(['…'].iter()).chain(chars[chars.len() - 19..].iter()).collect() } else { file.name.clone() };
+        let ascii = short.chars().all(|c| c.is_ascii_graphic() || c == ' ') && !short.contains(['"', '\\']);
+        let name = if ascii { format!("filename=\"{short}\"") } else { format!("filename*=UTF-8''{}", percent(&short)) };
         out.push_str(&format!(
             "--{boundary}\r\nContent-Type: {}\r\nContent-Disposition: attachment; {name}\r\nContent-Transfer-Encoding: base64\r\n\r\n{}",
             file.content_type,

@@ -237,8 +237,9 @@ fn media_client() -> Result<&'static switchboard_adapters::http::Client, Gateway
     Ok(CLIENT.get_or_init(|| client))
 }
 
-/// Time to fetch one file a customer sent.
+/// Time to fetch one file a customer sent, and all of one message's.
 const MEDIA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const MEDIA_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Commits a customer's message with the files it carries, fetched from the provider
 /// and checked as uploads are (type, content, size); a file that cannot be fetched or
@@ -264,8 +265,13 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
     let client = media_client()?;
     let mut files = Vec::new();
     let mut caption = String::new();
+    // Within the webhook's request deadline: files not fetched by then stay lines.
+    let fetch_until = tokio::time::Instant::now() + MEDIA_BUDGET;
     for (i, media) in m.media.iter().take(switchboard_actors::core::MAX_ATTACHMENTS_PER_MESSAGE).enumerate() {
-        let fetched = switchboard_adapters::fetch_media(client, &adapter, media).await;
+        let Ok(fetched) = tokio::time::timeout_at(fetch_until, switchboard_adapters::fetch_media(client, &adapter, media)).await else {
+            tracing::warn!(%channel, "a customer's files took too long to fetch; the rest are shown as lines");
+            break;
+        };
         let (bytes, content_type) = match fetched {
             Ok(got) => got,
             Err(e) => {
@@ -288,21 +294,39 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
         let sha256 = switchboard_adapters::hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
         let name = crate::attachments::safe_name(&media.name, &content_type);
         files.push(switchboard_actors::model::InboundFile { id, name, content_type, size: bytes.len() as u64, sha256 });
-        caption = media.caption.clone();
+        caption = media.caption.chars().take(switchboard_actors::core::MAX_TEXT_CHARS).collect();
+    }
+    if files.is_empty() {
+        return take_inbound(gw, Command::ChannelInbound { channel: channel.clone(), sender: m.sender, sender_name: m.sender_name, provider_message_id: m.message_id, text: m.text }).await;
     }
     // Everything fetched: the caption is the text; else the labelled lines say it all.
-    let text = if files.len() == m.media.len() { caption } else { m.text };
+    let text = if files.len() == m.media.len() { caption } else { m.text.clone() };
+    let ids: Vec<switchboard_actors::model::AttachmentId> = files.iter().map(|f| f.id.clone()).collect();
     let command = Command::ChannelInboundRich {
         channel: channel.clone(),
-        sender: m.sender,
-        sender_name: m.sender_name,
-        provider_message_id: m.message_id,
+        sender: m.sender.clone(),
+        sender_name: m.sender_name.clone(),
+        provider_message_id: m.message_id.clone(),
         text,
         files,
         thread: None,
         attributes: Vec::new(),
     };
-    take_inbound(gw, command).await
+    match gw.submit(command).await {
+        Ok(Reply::Inbound { conversation, duplicate }) => Ok(json!({"ok": true, "conversation": conversation.0, "duplicate": duplicate})),
+        Ok(_) => Ok(json!({"ok": true})),
+        Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) | switchboard_actors::Error::Storage(_))) => {
+            tracing::warn!(%channel, error = %e, "an inbound message could not be committed; the provider is asked to retry");
+            Err(GatewayError::Busy("the message could not be committed; deliver it again"))
+        }
+        // Refused with its files (a conversation with no room for them, say): the files
+        // go, and the message is taken as its lines.
+        Err(e) => {
+            tracing::info!(%channel, error = %e, "a customer's message was refused with its files; taken as lines");
+            crate::smtp::forget_files(gw, ids).await;
+            take_inbound(gw, Command::ChannelInbound { channel: channel.clone(), sender: m.sender, sender_name: m.sender_name, provider_message_id: m.message_id, text: m.text }).await
+        }
+    }
 }
 
 /// Commits an inbound message and answers its provider: 200 once committed (or when a

@@ -228,8 +228,10 @@ pub struct Usage {
     pub upload_bytes: budget::Buckets,
     pub client_sockets: Arc<budget::Slots>,
     pub uploads: Arc<budget::Slots>,
-    /// Webhook calls with a wrong proof, per address.
-    pub bad_hooks: budget::Buckets,
+    /// Webhook calls with a wrong proof, per address and webhook (a provider sends
+    /// every channel's calls from the same addresses: one channel with a stale secret
+    /// must not cut the others off).
+    pub bad_hooks: budget::Buckets<(std::net::IpAddr, String)>,
 }
 
 impl Default for Usage {
@@ -583,7 +585,7 @@ async fn hook_guard(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let address = budget::client_address(peer.ip());
+    let address = (budget::client_address(peer.ip()), request.uri().path().chars().take(200).collect::<String>());
     let allowed = f64::from(gw.config.budgets.bad_hooks_per_minute);
     if !gw.usage.bad_hooks.has(&address, allowed) {
         gw.metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -119,7 +119,7 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
     };
     let admitted = {
         let mut map = shared.per_address.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(peer.ip()).or_default();
+        let n = map.entry(crate::budget::client_address(peer.ip())).or_default();
         if *n >= shared.limits.per_address {
             false
         } else {
@@ -131,7 +131,7 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         let _ = stream.write_all(b"421 4.7.0 Too many connections from your address\r\n").await;
         return;
     }
-    let _counted = Counted(&shared, peer.ip());
+    let _counted = Counted(&shared, crate::budget::client_address(peer.ip()));
     let mut session = Session { shared: &shared, stream, buf: Vec::new(), helo: false, rcpts: Vec::new(), mail: false, errors: 0 };
     match tokio::time::timeout(shared.limits.session_timeout, session.run()).await {
         Ok(Ok(())) => {}
@@ -356,30 +356,55 @@ impl Session<'_> {
         let max = self.shared.limits.max_message_bytes;
         let mut mail = Vec::new();
         let mut too_large = false;
+        // Dropped bytes of a mail past the limit: past twice the limit the peer is not
+        // sending a mail that happens to be large, and the connection is closed.
+        let mut dropped = 0usize;
+        // Each byte is looked at once: lines are taken from `start`, the search for the
+        // next line's end goes on from `scanned`, and what was taken leaves the buffer
+        // once per read.
+        let (mut start, mut scanned) = (0usize, 0usize);
         loop {
-            while let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=at).collect();
-                let bare = line.strip_suffix(b"\n").map(|l| l.strip_suffix(b"\r").unwrap_or(l)).unwrap_or(&line);
+            while let Some(found) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
+                let end = scanned + found + 1;
+                let line = &self.buf[start..end];
+                let bare = line.strip_suffix(b"\n").map(|l| l.strip_suffix(b"\r").unwrap_or(l)).unwrap_or(line);
                 if bare == b"." {
+                    self.buf.drain(..end);
                     return Ok((!too_large).then_some(mail));
                 }
                 if too_large {
-                    continue;
+                    dropped += line.len();
+                } else {
+                    let unstuffed = bare.strip_prefix(b".").unwrap_or(bare);
+                    if mail.len() + unstuffed.len() + 2 > max {
+                        too_large = true;
+                        dropped += mail.len() + line.len();
+                        mail = Vec::new();
+                    } else {
+                        mail.extend_from_slice(unstuffed);
+                        mail.extend_from_slice(b"\r\n");
+                    }
                 }
-                let unstuffed = bare.strip_prefix(b".").unwrap_or(bare);
-                if mail.len() + unstuffed.len() + 2 > max {
-                    too_large = true;
-                    mail = Vec::new();
-                    continue;
-                }
-                mail.extend_from_slice(unstuffed);
-                mail.extend_from_slice(b"\r\n");
+                start = end;
+                scanned = end;
+            }
+            scanned = self.buf.len();
+            if start > 0 {
+                self.buf.drain(..start);
+                scanned -= start;
+                start = 0;
             }
             // A line with no end yet: bounded by what a mail may be.
             if self.buf.len() > max {
                 too_large = true;
+                dropped += mail.len() + self.buf.len();
                 mail = Vec::new();
                 self.buf = Vec::new();
+                scanned = 0;
+            }
+            if dropped > 2 * max {
+                let _ = self.say("552 5.3.4 The mail is far larger than this server takes, closing").await;
+                return Err("a mail far past the limit".into());
             }
             match self.fill(until).await {
                 Ok(true) => {}
@@ -443,7 +468,7 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
             None
         };
         match why {
-            Some(why) => not_kept.push(format!("[file not kept: {} ({}), {why}]", safe_name(&file.name, &file.content_type), file.content_type)),
+            Some(why) => not_kept.push(format!("[file not kept: {} ({}), {why}]", safe_name(&file.name, &file.content_type), file.content_type.chars().take(80).collect::<String>())),
             None => kept.push((safe_name(&file.name, &file.content_type), file.content_type.clone(), &file.bytes)),
         }
     }
@@ -471,12 +496,18 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
         }
         text.push_str(line);
     }
+    // Whatever the lines came to, the message fits what the core takes.
+    if text.chars().count() > MAX_TEXT_CHARS {
+        text = text.chars().take(MAX_TEXT_CHARS).collect();
+    }
     if text.trim().is_empty() && kept.is_empty() {
         text = "(an empty mail)".into();
     }
     for (i, (name, content_type, bytes)) in kept.into_iter().enumerate() {
-        // Named by the mail and its place in it: a redelivery writes the same file.
-        let digest = ring::digest::digest(&ring::digest::SHA256, format!("mail\0{channel}\0{}\0{i}", mail.message_id).as_bytes());
+        // Named by the mail (its sender and Message-ID, as the core keys it) and its
+        // place in it: a redelivery writes the same file, another sender never does.
+        let key = switchboard_actors::core::inbound_key(channel, &mail.from, &mail.message_id);
+        let digest = ring::digest::digest(&ring::digest::SHA256, format!("mail\0{key}\0{i}").as_bytes());
         let id = AttachmentId(switchboard_adapters::hex(&digest.as_ref()[..16]));
         if let Err(e) = gw.blobs.put_bytes(&id, bytes).await {
             tracing::warn!(error = %e, "a mail's file could not be stored");
@@ -510,6 +541,10 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
         thread: email::thread_of(&mail.references, &thread_secret),
         attributes,
     };
+    let ids: Vec<AttachmentId> = match &command {
+        Command::ChannelInboundRich { files, .. } => files.iter().map(|f| f.id.clone()).collect(),
+        _ => Vec::new(),
+    };
     match gw.submit(command).await {
         Ok(Reply::Inbound { conversation, .. }) => Ok(conversation.0),
         Ok(_) => Ok(0),
@@ -517,11 +552,23 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
             tracing::warn!(%channel, error = %e, "a mail could not be committed; the sender is asked to retry");
             Err("451 4.3.0 Not committed, try again later".into())
         }
-        Err(switchboard_actors::Error::Blocked(_)) => Err("550 5.7.1 The sender is blocked".into()),
+        Err(switchboard_actors::Error::Blocked(_)) => {
+            forget_files(gw, ids).await;
+            Err("550 5.7.1 The sender is blocked".into())
+        }
         Err(e) => {
+            forget_files(gw, ids).await;
             tracing::info!(%channel, error = %e, "a mail was refused");
             Err(format!("554 5.6.0 {}", e.to_string().replace(['\r', '\n'], " ").chars().take(200).collect::<String>()))
         }
+    }
+}
+
+/// Removes the files of a refused message: nothing refers to them (their ids are the
+/// message's own, so no other message's record names them).
+pub(crate) async fn forget_files(gw: &Gateway, ids: Vec<AttachmentId>) {
+    for id in ids {
+        gw.blobs.remove(&id).await;
     }
 }
 

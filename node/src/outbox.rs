@@ -87,14 +87,17 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         }
     };
     let in_flight: Arc<Mutex<HashSet<Key>>> = Arc::default();
+    // Bumped whenever entries leave `in_flight`: they may be picked again, though no
+    // command was applied (a mark that failed) or the one applied came before they left.
+    let released: Arc<AtomicU64> = Arc::default();
     let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel::<DeliveryResult>();
-    tokio::spawn(commit_results(proposer.clone(), results_rx, in_flight.clone()));
+    tokio::spawn(commit_results(proposer.clone(), results_rx, in_flight.clone(), released.clone()));
     let mut buckets: BTreeMap<(ChannelId, bool), Bucket> = BTreeMap::new();
     let mut idle_rounds = 0u32;
     // What the last look saw: the shard's applied count and when an entry it skipped
     // comes due. Nothing changed and nothing due: no need to look (a provider down for
     // hours leaves thousands of entries waiting for their retry time).
-    let mut seen: Option<u64> = None;
+    let mut seen: Option<(u64, u64)> = None;
     let mut next_look: Option<Timestamp> = None;
     loop {
         // Busy: look again soon; idle: a few times a second.
@@ -106,7 +109,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             continue;
         }
         let now = now_ms();
-        let version = shard.applied_count();
+        let version = (shard.applied_count(), released.load(std::sync::atomic::Ordering::Acquire));
         let flying_now = !in_flight.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
         if !flying_now && seen == Some(version) && next_look.is_none_or(|at| now < at) {
             idle_rounds += 1;
@@ -187,6 +190,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             let n = orphans.len();
             if let Err(e) = proposer.propose(Command::DeliveryResults { results: orphans }).await {
                 tracing::warn!(error = %e, "settling {n} orphaned outbox attempts failed; trying again");
+                seen = None;
             }
         }
         if paced.is_empty() {
@@ -197,7 +201,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         // The batch is marked attempted and sent by a task of its own, so the next
         // batch is picked while this one commits (the in-flight set keeps them apart).
         in_flight.lock().unwrap_or_else(|p| p.into_inner()).extend(paced.iter().copied());
-        let (proposer, in_flight, client, shard, results, gateway) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone(), gateway.clone());
+        let (proposer, in_flight, client, shard, results, gateway, released) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone(), gateway.clone(), released.clone());
         tokio::spawn(async move {
             // Only what this entry marked is sent: an entry another node marked first
             // (a leadership change) is left to it.
@@ -218,6 +222,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     flying.remove(key);
                 }
             }
+            released.fetch_add(1, std::sync::atomic::Ordering::Release);
             for key in marked {
                 let (client, shard, results, gateway) = (client.clone(), shard.clone(), results.clone(), gateway.clone());
                 tokio::spawn(async move {
@@ -281,6 +286,8 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         }
         _ => return DeliveryOutcome::Failed { reason: "the history entry is not a message for the customer".into() },
     };
+    // Files are read only with a slot: at most FILE_SENDS sends hold theirs at once.
+    let _slot = if attachments.is_empty() { None } else { file_slot().await };
     let mut files = Vec::new();
     for attachment in &attachments {
         match switchboard_gateway::attachments::file_bytes(gateway, attachment).await {
@@ -291,7 +298,28 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
     }
     let thread = mail_thread(shard, &adapter, key);
     let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind, author, buttons: Vec::new(), files, thread };
-    outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery)
+    if message.files.is_empty() {
+        return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
+    }
+    outcome_of(switchboard_adapters::send(files_client(client), &adapter, &message).await, &delivery)
+}
+
+/// Sends with files running at once on a node: each holds its files (up to 25 MiB)
+/// while it runs.
+const FILE_SENDS: usize = 8;
+/// Time for one send with files (an upload of up to 25 MiB).
+const FILE_SEND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The client for sends with files: a longer deadline than a text's.
+fn files_client(fallback: &http::Client) -> &http::Client {
+    static CLIENT: std::sync::OnceLock<Option<http::Client>> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| http::Client::new(FILE_SEND_TIMEOUT).ok()).as_ref().unwrap_or(fallback)
+}
+
+/// Waits for one of the [`FILE_SENDS`] slots.
+async fn file_slot() -> Option<tokio::sync::SemaphorePermit<'static>> {
+    static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(FILE_SENDS);
+    SLOTS.acquire().await.ok()
 }
 
 /// For an email conversation: its subject and the customer's Message-IDs its reply
@@ -382,7 +410,7 @@ pub fn retry_or_give_up(delivery: &switchboard_actors::state::Delivery, now: Tim
 }
 
 /// Commits outcomes in batches as they come, then lets their entries be picked again.
-async fn commit_results(proposer: Arc<dyn Proposer>, mut results: tokio::sync::mpsc::UnboundedReceiver<DeliveryResult>, in_flight: Arc<Mutex<HashSet<Key>>>) {
+async fn commit_results(proposer: Arc<dyn Proposer>, mut results: tokio::sync::mpsc::UnboundedReceiver<DeliveryResult>, in_flight: Arc<Mutex<HashSet<Key>>>, released: Arc<AtomicU64>) {
     while let Some(first) = results.recv().await {
         let mut batch = vec![first];
         while batch.len() < switchboard_actors::core::MAX_DELIVERY_BATCH {
@@ -410,10 +438,13 @@ async fn commit_results(proposer: Arc<dyn Proposer>, mut results: tokio::sync::m
                 Err(_) => tokio::time::sleep(Duration::from_millis(200 * attempt)).await,
             }
         }
-        let mut flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        for key in keys {
-            flying.remove(&key);
+        {
+            let mut flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            for key in keys {
+                flying.remove(&key);
+            }
         }
+        released.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 }
 
