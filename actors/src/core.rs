@@ -363,6 +363,9 @@ fn check_carried(state: &ShardState, conv: &crate::state::Conversation, text: &s
         if let Some(max) = adapter.max_files().filter(|max| attachments.len() > *max) {
             return Err(Error::Invalid(format!("a {} message carries at most {max} file: send the others in messages of their own", adapter.kind())));
         }
+        if !adapter.text_with_files() && !text.trim().is_empty() {
+            return Err(Error::Invalid(format!("a {} message with a file carries no text: send the text in a message of its own", adapter.kind())));
+        }
         if let Some(limit) = adapter.max_caption_chars().filter(|limit| text.chars().count() > *limit) {
             return Err(Error::TooLong { limit, actual: text.chars().count() });
         }

@@ -752,21 +752,27 @@ impl AdapterConfig {
     }
 
     /// Whether staff's files go out to the channel's customers under `rules`: email
-    /// always; Telegram and WhatsApp from rules 8 (before, such a message was refused,
+    /// always; Telegram, WhatsApp and Messenger from rules 8 (before, such a message was refused,
     /// and a replayed log must decide as it did).
     pub fn carries_files(&self, rules: u32) -> bool {
         match self {
             AdapterConfig::Email { .. } => true,
-            AdapterConfig::Telegram { .. } | AdapterConfig::WhatsApp { .. } => rules >= 8,
+            AdapterConfig::Telegram { .. } | AdapterConfig::WhatsApp { .. } | AdapterConfig::Messenger { .. } => rules >= 8,
             _ => false,
         }
+    }
+
+    /// Whether a message with files may have text (Messenger's Send API takes an
+    /// attachment or a text, not both).
+    pub fn text_with_files(&self) -> bool {
+        !matches!(self, AdapterConfig::Messenger { .. })
     }
 
     /// Files one message may carry, when the provider sends fewer than the core takes
     /// as one message (WhatsApp: one file per message).
     pub fn max_files(&self) -> Option<usize> {
         match self {
-            AdapterConfig::WhatsApp { .. } => Some(1),
+            AdapterConfig::WhatsApp { .. } | AdapterConfig::Messenger { .. } => Some(1),
             _ => None,
         }
     }

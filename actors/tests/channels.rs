@@ -287,8 +287,16 @@ fn what_a_messenger_cannot_carry_is_refused_before_it_is_written() {
     assert_eq!(run(&mut state, &store, T0 + 30, say("x".repeat(2001))).err(), Some(Error::TooLong { limit: 2000, actual: 2001 }));
     ok(run(&mut state, &store, T0 + 31, say("x".repeat(2000))));
     ok(run(&mut state, &store, T0 + 32, Command::StoreAttachment(Attachment { id: AttachmentId("f1".into()), conversation: conv, name: "a.pdf".into(), content_type: "application/pdf".into(), size: 10, sha256: "0".repeat(64), uploaded_by: "ann".into() })));
+    // Rules 8: a file is its own message, without text (the Send API takes one or the other).
     let with_file = Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "kf".into(), text: "see file".into(), attachments: vec![AttachmentId("f1".into())] };
-    assert!(matches!(run(&mut state, &store, T0 + 33, with_file), Err(Error::Invalid(m)) if m.contains("files cannot be sent")));
+    assert!(matches!(run(&mut state, &store, T0 + 33, with_file), Err(Error::Invalid(m)) if m.contains("carries no text")));
+    let file_alone = Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "kf2".into(), text: String::new(), attachments: vec![AttachmentId("f1".into())] };
+    ok(run(&mut state, &store, T0 + 34, file_alone));
+    // A channel whose provider takes no files refuses them.
+    let viber = AdapterConfig::Viber { auth_token: "t".into(), sender_name: "S".into(), api_base: "http://127.0.0.1:9".into() };
+    ok(run(&mut state, &store, T0 + 35, Command::SetChannelAdapter { channel: tg(), adapter: Some(viber) }));
+    let to_viber = Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "kf3".into(), text: String::new(), attachments: vec![AttachmentId("f1".into())] };
+    assert!(matches!(run(&mut state, &store, T0 + 36, to_viber), Err(Error::Invalid(m)) if m.contains("files cannot be sent")));
 }
 
 #[test]

@@ -168,7 +168,24 @@ pub async fn send(client: &http::Client, api_base: &str, page_token: &str, messa
         let replies: Vec<serde_json::Value> = message.buttons.iter().take(13).map(|b| json!({"content_type": "text", "title": b.chars().take(20).collect::<String>(), "payload": b})).collect();
         body["message"]["quick_replies"] = json!(replies);
     }
-    let response = match client.post_json(&url, &[], body.to_string().into_bytes()).await {
+    let sent = match message.files.as_slice() {
+        [] => client.post_json(&url, &[], body.to_string().into_bytes()).await,
+        // A file is its own message (the Send API takes an attachment or a text, not
+        // both; the core refuses a text with it): uploaded with the send, one call.
+        [file, ..] => {
+            let kind = if matches!(file.content_type.as_str(), "image/jpeg" | "image/png" | "image/gif") { "image" } else { "file" };
+            let recipient = json!({"id": message.recipient}).to_string();
+            let attachment = json!({"attachment": {"type": kind, "payload": {"is_reusable": false}}}).to_string();
+            let parts = [
+                http::Part { name: "recipient", file: None, bytes: recipient.as_bytes() },
+                http::Part { name: "messaging_type", file: None, bytes: b"RESPONSE" },
+                http::Part { name: "message", file: None, bytes: attachment.as_bytes() },
+                http::Part { name: "filedata", file: Some((&file.name, &file.content_type)), bytes: &file.bytes },
+            ];
+            client.post_multipart(&url, &[], &parts).await
+        }
+    };
+    let response = match sent {
         Ok(r) => r,
         Err(e) => return crate::transport(e, false),
     };

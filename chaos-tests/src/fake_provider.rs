@@ -637,6 +637,8 @@ struct MessengerState {
     sent: Vec<(String, String, String)>,
     /// Files served as a CDN does: (content type, bytes) by name.
     cdn: std::collections::HashMap<String, (String, Vec<u8>)>,
+    /// Attachments sent: (recipient PSID, type, file name, bytes).
+    files: Vec<(String, String, String, Vec<u8>)>,
 }
 
 /// The Send API, `POST /<version>/me/messages?access_token=…`, answering
@@ -666,6 +668,11 @@ impl FakeMessenger {
         format!("http://{}/cdn/{name}", self.addr)
     }
 
+    /// Attachments sent: (recipient PSID, type, file name, bytes).
+    pub fn sent_files(&self) -> Vec<(String, String, String, Vec<u8>)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).files.clone()
+    }
+
     pub fn api_base(&self) -> String {
         format!("http://{}/v21.0", self.addr)
     }
@@ -689,11 +696,23 @@ async fn messenger_cdn(State(state): State<Arc<Mutex<MessengerState>>>, Path(nam
     }
 }
 
-async fn messenger_send(State(state): State<Arc<Mutex<MessengerState>>>, axum::extract::RawQuery(query): axum::extract::RawQuery, body: axum::body::Bytes) -> Response {
+async fn messenger_send(State(state): State<Arc<Mutex<MessengerState>>>, axum::extract::RawQuery(query): axum::extract::RawQuery, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     let token = form_fields(query.unwrap_or_default().as_bytes()).remove("access_token").unwrap_or_default();
     if token != s.token {
         return graph_error(StatusCode::BAD_REQUEST, 190, "Invalid OAuth access token.");
+    }
+    // An attachment uploaded with the send: `recipient`, `message` (JSON) and `filedata`.
+    if let Some(parts) = multipart(&headers, &body) {
+        let field = |name: &str| parts.iter().find(|(n, _, _)| n == name).map(|(_, f, b)| (f.clone(), b.clone()));
+        let recipient = field("recipient").and_then(|(_, b)| serde_json::from_slice::<Value>(&b).ok()).and_then(|v| v["id"].as_str().map(str::to_owned));
+        let kind = field("message").and_then(|(_, b)| serde_json::from_slice::<Value>(&b).ok()).and_then(|v| v["attachment"]["type"].as_str().map(str::to_owned));
+        let (Some(to), Some(kind), Some((Some(name), bytes))) = (recipient, kind, field("filedata")) else {
+            return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
+        };
+        let mid = format!("m_FAKE{}", s.sent.len() + s.files.len() + 1);
+        s.files.push((to.clone(), kind, name, bytes));
+        return Json(json!({"recipient_id": to, "message_id": mid})).into_response();
     }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");

@@ -702,6 +702,16 @@ async fn a_messenger_conversation_with_signed_webhooks_and_delivery_receipts() -
     let id = event["entry"]["attachments"][0]["id"].as_str().unwrap_or_default().to_owned();
     let (status, _) = http_json_with(&dev.private, "GET", &format!("/api/attachments/{id}"), &[("authorization", format!("Bearer {staff}").as_str())], None).await?;
     assert_eq!(status, 200, "the operator opens the picture");
+    // The operator's file goes out as an attachment of its own; with text it is refused.
+    let (status, file) = upload(&dev.private, &format!("/api/attachments?conversation={conversation}&name=menu.pdf"), &staff, "application/pdf", b"%PDF-1.4 menu".to_vec()).await?;
+    assert_eq!(status, 201, "{file}");
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "mf1", "text": "the menu", "attachments": [file["id"]], "ref": "mf1"})).await?;
+    let refused = alice.wait_for(WAIT, |v| v["ref"] == "mf1").await?;
+    assert_eq!((refused["type"].clone(), refused["code"].clone()), (json!("error"), json!("invalid")), "{refused}");
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "mf2", "text": "", "attachments": [file["id"]], "ref": "mf2"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "mf2").await?;
+    let sent_file = eventually(Duration::from_secs(20), Duration::from_millis(100), || async { Ok(fake.sent_files().first().cloned()) }).await?;
+    assert_eq!((sent_file.0.as_str(), sent_file.1.as_str(), sent_file.2.as_str(), sent_file.3.as_slice()), ("PSID9", "file", "menu.pdf", b"%PDF-1.4 menu".as_slice()));
     Ok(())
 }
 

@@ -5,7 +5,8 @@
  * follows the reply's delivery status as the adapter reports it, live and after a
  * reload; a reply the provider could not deliver is listed on the supervisor's floor and
  * sent again from there. The admin connects, replaces and disconnects adapters, and sends
- * a test message through one. The composer refuses what a messenger cannot carry (files;
+ * a test message through one. The composer refuses what a messenger cannot carry (files
+ * where they are not carried, text with a file to Messenger;
  * over 2000 characters to Facebook Messenger) before sending. An email channel takes a
  * customer's mail at the node's SMTP listener and sends the operator's reply in its
  * thread through the admin's SMTP relay.
@@ -192,7 +193,7 @@ test('a Channel API customer: the operator sees the channel, replies and sees th
   // The channel by its name, and the customer's identity there.
   await expect(view.getByTestId('channel-badge')).toHaveText('Channel: Toy · toy:u1');
   await expect(question.getByTestId('delivery')).toHaveCount(0);
-  // Files are not carried to messengers yet: the attach button is off and says why, and
+  // Files are not carried to Channel API adapters yet: the attach button is off and says why, and
   // no counter shows (the Channel API takes the full 4000 characters).
   const attach = view.getByTestId('attach-button');
   await expect(attach).toBeDisabled();
@@ -470,7 +471,7 @@ test('the admin connects a Channel API adapter (its secrets shown once), refused
   expect(errors).toEqual([]);
 });
 
-test('a Facebook Messenger customer: the composer counts toward 2000 characters and sends no more, nor files', async ({ browser, sb, adapter }) => {
+test('a Facebook Messenger customer: the composer counts toward 2000 characters and sends no more, and a file only alone', async ({ browser, sb, adapter }) => {
   const admin = await staffToken(sb, 'admin');
   expect((await rest(sb, 'PUT', '/api/channels/fb', admin, { kind: 'messenger', name: 'Facebook', default_group: 'general' })).status).toBe(200);
   // The Graph API stands in at the fake adapter: nothing is to reach it.
@@ -490,8 +491,8 @@ test('a Facebook Messenger customer: the composer counts toward 2000 characters 
   await alice.getByTestId('offer').getByTestId('offer-accept').click();
   const view = alice.getByTestId('conversation-view');
   await expect(view.getByTestId('channel-badge')).toHaveText('Channel: Facebook · fb:psid-7');
-  await expect(view.getByTestId('attach-button')).toBeDisabled();
-  await expect(view.getByTestId('attach-unavailable')).toHaveText('Files cannot be sent to this channel yet');
+  // Routing rules 8: Messenger takes files, one a message, without text.
+  await expect(view.getByTestId('attach-button')).toBeEnabled();
 
   const input = alice.getByTestId('composer-input');
   const count = view.getByTestId('char-count');
@@ -508,6 +509,14 @@ test('a Facebook Messenger customer: the composer counts toward 2000 characters 
   await expect(input).toHaveValue('x'.repeat(2001));
   await expect(view.getByTestId('message').filter({ hasText: 'xxxx' })).toHaveCount(0);
   await shot(alice, '66-channel-messenger-too-long');
+  // A file with text is refused before anything is sent: the file goes alone.
+  await alice.getByTestId('attach-input').setInputFiles({ name: 'menu.pdf', mimeType: 'application/pdf', buffer: Buffer.from('%PDF-1.4 menu') });
+  await input.fill('see the menu');
+  await input.press('Enter');
+  await expect(view.getByTestId('composer-problem')).toHaveText(
+    'A Facebook Messenger message with a file carries no text: send the file alone, and the text in a message of its own.',
+  );
+  await expect(view.getByTestId('message').filter({ hasText: 'see the menu' })).toHaveCount(0);
   expect(adapter.received).toEqual([]);
   expect(errors).toEqual([]);
 });

@@ -108,8 +108,16 @@ describe('forms', () => {
     expect(messageProblem('', 1, null)).toBeNull();
     expect(messageProblem('x'.repeat(4000), 0, null)).toBeNull();
     expect(messageProblem('x'.repeat(2000), 5, null)).toBeNull();
-    // Messenger, Viber, VK and the Channel API: no files yet, with or without text.
-    for (const kind of ['viber', 'vk', 'api', 'messenger'] as const) {
+    // Messenger (rules 8): one file, as a message of its own without text.
+    expect(carried('messenger')).toEqual({ maxText: 2000, files: true, maxFiles: 1, maxCaption: null });
+    expect(messageProblem('', 1, 'messenger')).toBeNull();
+    expect(messageProblem('see the file', 1, 'messenger')).toBe('text_with_file');
+    expect(messageProblem('', 2, 'messenger')).toBe('too_many_files');
+    expect(messageProblemText(translator(DICTS, 'en'), 'text_with_file', 'see the file', 'messenger')).toBe(
+      'A Facebook Messenger message with a file carries no text: send the file alone, and the text in a message of its own.',
+    );
+    // Viber, VK and the Channel API: no files yet, with or without text.
+    for (const kind of ['viber', 'vk', 'api'] as const) {
       expect(carried(kind).files).toBe(false);
       expect(messageProblem('', 1, kind)).toBe('files_not_carried');
       expect(messageProblem('see the file', 2, kind)).toBe('files_not_carried');
@@ -203,7 +211,7 @@ describe('forms', () => {
             expect(said, lang + ' ' + p + ' ' + kind).not.toMatch(/[{}]|^err_/);
           }
         }
-    expect(problems.size).toBe(5);
+    expect(problems.size).toBe(6);
   });
   it('checks a test message', () => {
     expect(testMessageProblem('', 'Hello', 'api')).toBe('recipient_invalid');

@@ -27,14 +27,18 @@ export const PROVIDER_TEXT_LIMITS: Partial<Record<AdapterKind, number>> = { mess
 /** The counter shows from this many characters before a provider's own limit. */
 export const COUNTER_MARGIN = 200;
 
-/** The adapters whose customers are sent files too (email: as attachments; Telegram and
- *  WhatsApp from routing rules 8); Messenger, Viber, VK and the Channel API get text
+/** The adapters whose customers are sent files too (email: as attachments; Telegram,
+ *  WhatsApp and Messenger from routing rules 8); Viber, VK and the Channel API get text
  *  only for now. */
-export const FILES_CARRIED: readonly AdapterKind[] = ['email', 'telegram', 'whatsapp'];
+export const FILES_CARRIED: readonly AdapterKind[] = ['email', 'telegram', 'whatsapp', 'messenger'];
+
+/** The providers whose message with a file carries no text (Messenger's Send API takes
+ *  an attachment or a text, not both). */
+export const NO_TEXT_WITH_FILES: readonly AdapterKind[] = ['messenger'];
 
 /** The providers that send fewer files in one message than the core takes
  *  (MAX_ATTACHMENTS_PER_MESSAGE): WhatsApp, one. */
-export const PROVIDER_FILE_LIMITS: Partial<Record<AdapterKind, number>> = { whatsapp: 1 };
+export const PROVIDER_FILE_LIMITS: Partial<Record<AdapterKind, number>> = { whatsapp: 1, messenger: 1 };
 
 /** The providers that send the text of a message with files as their caption, and
  *  the longest caption they take, in characters. */
@@ -60,7 +64,7 @@ export function textLength(text: string): number {
   return [...text.trim()].length;
 }
 
-export type MessageProblem = 'empty' | 'too_long' | 'files_not_carried' | 'too_many_files' | 'caption_too_long';
+export type MessageProblem = 'empty' | 'too_long' | 'files_not_carried' | 'too_many_files' | 'text_with_file' | 'caption_too_long';
 
 /** Text that may be sent through `adapter` (null: the web chat): not blank (unless
  *  there are attachments), files only where they are carried and no more in one message
@@ -71,6 +75,7 @@ export function messageProblem(text: string, attachments: number, adapter: Adapt
   const can = carried(adapter);
   if (attachments && !can.files) return 'files_not_carried';
   if (attachments && can.maxFiles != null && attachments > can.maxFiles) return 'too_many_files';
+  if (attachments && adapter && NO_TEXT_WITH_FILES.includes(adapter) && text.trim()) return 'text_with_file';
   if (attachments && can.maxCaption != null && textLength(text) > can.maxCaption) return 'caption_too_long';
   if (textLength(text) > can.maxText) return 'too_long';
   return null;

@@ -261,6 +261,7 @@ const en = {
     other: 'A {name} message carries at most {n} files: send the others in messages of their own.',
   },
   err_caption_too_long_for: 'Too long to go with files to {name}: the text becomes their caption, at most {limit} characters, this is {n}. Send the text in a message of its own.',
+  err_text_with_file_for: 'A {name} message with a file carries no text: send the file alone, and the text in a message of its own.',
   err_empty: 'The file is empty',
   err_too_large: 'The file is larger than 5 MB',
   err_unsupported_type: 'This file type is not allowed',
@@ -813,6 +814,7 @@ const ru: Record<Key, Phrase> = {
     other: 'Сообщение в {name} может содержать не больше {n} файла: остальные отправьте отдельными сообщениями.',
   },
   err_caption_too_long_for: 'Слишком длинно для отправки с файлами в {name}: текст становится подписью к ним, не больше {limit} символов, здесь {n}. Отправьте текст отдельным сообщением.',
+  err_text_with_file_for: 'Сообщение в {name} с файлом не может содержать текст: отправьте файл отдельно, а текст — отдельным сообщением.',
   err_empty: 'Файл пустой',
   err_too_large: 'Файл больше 5 МБ',
   err_unsupported_type: 'Такой тип файла не разрешён',
@@ -1122,6 +1124,7 @@ export function messageProblemText(t: Translate<Key>, problem: MessageProblem, t
   const name = adapter ? t(('adapter_' + adapter) as Key) : '';
   if (problem === 'too_many_files') return t('err_too_many_files_for', { name, n: can.maxFiles ?? MAX_ATTACHMENTS_PER_MESSAGE });
   if (problem === 'caption_too_long') return t('err_caption_too_long_for', { name, limit: textLimit(adapter, 1), n: textLength(text) });
+  if (problem === 'text_with_file') return t('err_text_with_file_for', { name });
   const limit = can.maxText;
   return adapter && limit < MAX_TEXT ? t('err_too_long_for', { name, limit, n: textLength(text) }) : t('err_too_long');
 }
