@@ -752,12 +752,12 @@ impl AdapterConfig {
     }
 
     /// Whether staff's files go out to the channel's customers under `rules`: email
-    /// always; Telegram, WhatsApp and Messenger from rules 8 (before, such a message was refused,
+    /// always; Telegram, WhatsApp, Messenger and VK from rules 8 (before, such a message was refused,
     /// and a replayed log must decide as it did).
     pub fn carries_files(&self, rules: u32) -> bool {
         match self {
             AdapterConfig::Email { .. } => true,
-            AdapterConfig::Telegram { .. } | AdapterConfig::WhatsApp { .. } | AdapterConfig::Messenger { .. } => rules >= 8,
+            AdapterConfig::Telegram { .. } | AdapterConfig::WhatsApp { .. } | AdapterConfig::Messenger { .. } | AdapterConfig::Vk { .. } => rules >= 8,
             _ => false,
         }
     }

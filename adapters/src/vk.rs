@@ -188,7 +188,20 @@ pub async fn send(client: &http::Client, api_base: &str, access_token: &str, mes
     }
     let text: String = text.chars().take(MAX_TEXT).collect();
     let random = random_id(message).to_string();
-    let fields = [("access_token", access_token), ("v", API_VERSION), ("peer_id", message.recipient.as_str()), ("random_id", random.as_str()), ("message", text.as_str())];
+    // Files are uploaded first (an upload shows the customer nothing, so it may be
+    // repeated), then named in the one `messages.send`, whose random_id keeps it once.
+    let mut attachments = Vec::new();
+    for file in &message.files {
+        match upload(client, api_base, access_token, &message.recipient, file).await {
+            Ok(name) => attachments.push(name),
+            Err(outcome) => return outcome,
+        }
+    }
+    let attachment = attachments.join(",");
+    let mut fields = vec![("access_token", access_token), ("v", API_VERSION), ("peer_id", message.recipient.as_str()), ("random_id", random.as_str()), ("message", text.as_str())];
+    if !attachment.is_empty() {
+        fields.push(("attachment", attachment.as_str()));
+    }
     let response = match client.post_form(&url, &fields).await {
         Ok(r) => r,
         Err(e) => return crate::transport(e, true),
@@ -204,6 +217,56 @@ pub async fn send(client: &http::Client, api_base: &str, access_token: &str, mes
             }
         }
         _ => by_status(response.status, format!("{} with an answer that is not VK's", response.status), None),
+    }
+}
+
+/// A VK API method's `response`, or what the entry's attempt comes to.
+async fn method(client: &http::Client, api_base: &str, name: &str, fields: &[(&str, &str)]) -> Result<serde_json::Value, SendOutcome> {
+    let url = format!("{}/method/{name}", api_base.trim_end_matches('/'));
+    let response = client.post_form(&url, fields).await.map_err(|e| crate::transport(e, true))?;
+    match serde_json::from_slice::<Answer>(&response.body) {
+        Ok(Answer { response: Some(value), error: None }) => Ok(value),
+        Ok(Answer { error: Some(e), .. }) => {
+            let reason = clip(&format!("VK error {} in {name}: {}", e.error_code, e.error_msg), 500);
+            Err(if RETRY_CODES.contains(&e.error_code) { SendOutcome::Retry { reason, after: None } } else { SendOutcome::Failed { reason } })
+        }
+        _ => Err(by_status(response.status, format!("{} from {name} with an answer that is not VK's", response.status), None)),
+    }
+}
+
+/// Uploads one file for a message to `peer_id`: a picture as a message photo, anything
+/// else as a document. Returns what `messages.send` names it by (`photo{owner}_{id}`,
+/// `doc{owner}_{id}`).
+async fn upload(client: &http::Client, api_base: &str, access_token: &str, peer_id: &str, file: &crate::email::MailFile) -> Result<String, SendOutcome> {
+    let photo = matches!(file.content_type.as_str(), "image/jpeg" | "image/png" | "image/gif");
+    let base = [("access_token", access_token), ("v", API_VERSION), ("peer_id", peer_id)];
+    let server = if photo {
+        method(client, api_base, "photos.getMessagesUploadServer", &base).await?
+    } else {
+        method(client, api_base, "docs.getMessagesUploadServer", &[base[0], base[1], base[2], ("type", "doc")]).await?
+    };
+    let Some(upload_url) = server["upload_url"].as_str() else {
+        return Err(SendOutcome::Failed { reason: "VK gave no upload_url".into() });
+    };
+    let part = http::Part { name: if photo { "photo" } else { "file" }, file: Some((&file.name, &file.content_type)), bytes: &file.bytes };
+    let uploaded = client.post_multipart(upload_url, &[], &[part]).await.map_err(|e| crate::transport(e, true))?;
+    let uploaded: serde_json::Value = serde_json::from_slice(&uploaded.body).map_err(|_| by_status(uploaded.status, format!("the upload answered {}", uploaded.status), None))?;
+    let saved = if photo {
+        let server = uploaded["server"].to_string();
+        let (Some(photos), Some(hash)) = (uploaded["photo"].as_str(), uploaded["hash"].as_str()) else {
+            return Err(SendOutcome::Failed { reason: clip(&format!("the photo upload failed: {uploaded}"), 300) });
+        };
+        method(client, api_base, "photos.saveMessagesPhoto", &[base[0], base[1], ("server", server.as_str()), ("photo", photos), ("hash", hash)]).await?
+    } else {
+        let Some(handle) = uploaded["file"].as_str() else {
+            return Err(SendOutcome::Failed { reason: clip(&format!("the document upload failed: {uploaded}"), 300) });
+        };
+        method(client, api_base, "docs.save", &[base[0], base[1], ("file", handle), ("title", file.name.as_str())]).await?
+    };
+    let item = if photo { saved.get(0).cloned().unwrap_or_default() } else { saved["doc"].clone() };
+    match (item["owner_id"].as_i64(), item["id"].as_i64()) {
+        (Some(owner), Some(id)) => Ok(format!("{}{owner}_{id}", if photo { "photo" } else { "doc" })),
+        _ => Err(SendOutcome::Failed { reason: "VK saved the file without its id".into() }),
     }
 }
 

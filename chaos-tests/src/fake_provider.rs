@@ -522,6 +522,13 @@ struct VkState {
     hang_next: Option<std::time::Duration>,
     /// Files served as VK's storage does: (content type, bytes) by name.
     cdn: std::collections::HashMap<String, (String, Vec<u8>)>,
+    addr: Option<SocketAddr>,
+    /// Uploaded files not saved yet, by the handle the upload answered: (name, bytes).
+    uploads: std::collections::HashMap<String, (String, Vec<u8>)>,
+    /// Saved photos and documents, by `photo-77_5` / `doc-77_6`: (name, bytes).
+    saved: std::collections::HashMap<String, (String, Vec<u8>)>,
+    /// Messages sent with attachments: (peer_id, text, [(name, bytes)]).
+    sent_files: Vec<(String, String, Vec<(String, Vec<u8>)>)>,
 }
 
 /// VK's `POST /method/messages.send` (form fields `access_token`, `v`, `peer_id`,
@@ -541,10 +548,21 @@ impl FakeVk {
         let state = Arc::new(Mutex::new(VkState { token: token.to_owned(), ..Default::default() }));
         let app = Router::new()
             .route("/method/messages.send", post(vk_send))
+            .route("/method/photos.getMessagesUploadServer", post(vk_upload_server))
+            .route("/method/docs.getMessagesUploadServer", post(vk_upload_server))
+            .route("/upload/{kind}", post(vk_upload))
+            .route("/method/photos.saveMessagesPhoto", post(vk_save))
+            .route("/method/docs.save", post(vk_save))
             .route("/cdn/{name}", axum::routing::get(vk_cdn))
             .with_state(state.clone());
         let (addr, stop) = serve(app).await?;
+        state.lock().unwrap_or_else(|p| p.into_inner()).addr = Some(addr);
         Ok(FakeVk { addr, state, _stop: stop })
+    }
+
+    /// Messages sent with attachments: (peer_id, text, [(file name, bytes)]).
+    pub fn sent_files(&self) -> Vec<(String, String, Vec<(String, Vec<u8>)>)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).sent_files.clone()
     }
 
     /// Serves a file a customer sent at the URL returned (the callback carries it).
@@ -600,6 +618,64 @@ fn form_fields(body: &[u8]) -> std::collections::HashMap<String, String> {
     String::from_utf8_lossy(body).split('&').filter_map(|pair| pair.split_once('=')).map(|(k, v)| (unescape(k), unescape(v))).collect()
 }
 
+fn vk_error(code: i64, message: &str) -> Response {
+    Json(json!({"error": {"error_code": code, "error_msg": message, "request_params": []}})).into_response()
+}
+
+/// `photos.getMessagesUploadServer` / `docs.getMessagesUploadServer`: where to upload.
+async fn vk_upload_server(State(state): State<Arc<Mutex<VkState>>>, uri: axum::http::Uri, body: axum::body::Bytes) -> Response {
+    let fields = form_fields(&body);
+    let s = state.lock().unwrap_or_else(|p| p.into_inner());
+    if fields.get("access_token") != Some(&s.token) {
+        return vk_error(5, "User authorization failed: invalid access_token (4).");
+    }
+    if fields.get("peer_id").is_none_or(|p| p.is_empty()) {
+        return vk_error(100, "One of the parameters specified was missing or invalid: peer_id");
+    }
+    let kind = if uri.path().contains("photos.") { "photo" } else { "doc" };
+    let addr = s.addr.map(|a| a.to_string()).unwrap_or_default();
+    Json(json!({"response": {"upload_url": format!("http://{addr}/upload/{kind}"), "album_id": -3, "group_id": 77}})).into_response()
+}
+
+/// The upload server: a `photo` part answers `{"server","photo","hash"}`, a `file`
+/// part `{"file"}`.
+async fn vk_upload(State(state): State<Arc<Mutex<VkState>>>, Path(kind): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let part = if kind == "photo" { "photo" } else { "file" };
+    let Some((_, name, bytes)) = multipart(&headers, &body).and_then(|parts| parts.into_iter().find(|(n, _, _)| n == part)) else {
+        return Json(json!({"error": "no file"})).into_response();
+    };
+    let handle = format!("h{}", s.uploads.len() + 1);
+    s.uploads.insert(handle.clone(), (name.unwrap_or_default(), bytes));
+    if kind == "photo" {
+        Json(json!({"server": 1, "photo": handle, "hash": "hash-".to_owned() + &handle})).into_response()
+    } else {
+        Json(json!({"file": handle})).into_response()
+    }
+}
+
+/// `photos.saveMessagesPhoto` (`server`, `photo`, `hash`) and `docs.save` (`file`).
+async fn vk_save(State(state): State<Arc<Mutex<VkState>>>, uri: axum::http::Uri, body: axum::body::Bytes) -> Response {
+    let fields = form_fields(&body);
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    if fields.get("access_token") != Some(&s.token) {
+        return vk_error(5, "User authorization failed: invalid access_token (4).");
+    }
+    let photo = uri.path().contains("photos.");
+    let handle = fields.get(if photo { "photo" } else { "file" }).cloned().unwrap_or_default();
+    if photo && fields.get("hash").map(String::as_str) != Some(&format!("hash-{handle}")) {
+        return vk_error(100, "One of the parameters specified was missing or invalid: hash");
+    }
+    let Some(file) = s.uploads.remove(&handle) else { return vk_error(100, "One of the parameters specified was missing or invalid: file") };
+    let id = 500 + s.saved.len() as i64;
+    s.saved.insert(format!("{}-77_{id}", if photo { "photo" } else { "doc" }), file);
+    if photo {
+        Json(json!({"response": [{"id": id, "owner_id": -77, "album_id": -3}]})).into_response()
+    } else {
+        Json(json!({"response": {"type": "doc", "doc": {"id": id, "owner_id": -77, "title": fields.get("title")}}})).into_response()
+    }
+}
+
 async fn vk_send(State(state): State<Arc<Mutex<VkState>>>, body: axum::body::Bytes) -> Response {
     let fields = form_fields(&body);
     let (answer, hang) = {
@@ -609,7 +685,7 @@ async fn vk_send(State(state): State<Arc<Mutex<VkState>>>, body: axum::body::Byt
         if get("access_token") != s.token {
             let answer = Json(json!({"error": {"error_code": 5, "error_msg": "User authorization failed: invalid access_token (4).", "request_params": []}})).into_response();
             (answer, None)
-        } else if get("peer_id").is_empty() || get("message").is_empty() || get("random_id").is_empty() {
+        } else if get("peer_id").is_empty() || (get("message").is_empty() && get("attachment").is_empty()) || get("random_id").is_empty() {
             (Json(json!({"error": {"error_code": 100, "error_msg": "One of the parameters specified was missing or invalid", "request_params": []}})).into_response(), None)
         } else {
             let random_id = get("random_id");
@@ -618,6 +694,11 @@ async fn vk_send(State(state): State<Arc<Mutex<VkState>>>, body: axum::body::Byt
                 None => {
                     let id = 700 + s.sent.len() as i64;
                     s.sent.push((get("peer_id"), get("message"), random_id, id));
+                    let attachment = get("attachment");
+                    if !attachment.is_empty() {
+                        let files = attachment.split(',').map(|a| s.saved.get(a).cloned().unwrap_or_default()).collect();
+                        s.sent_files.push((get("peer_id"), get("message"), files));
+                    }
                     id
                 }
             };

@@ -640,6 +640,22 @@ async fn a_vk_conversation_is_confirmed_deduplicated_and_resent_safely_after_a_k
     assert_eq!(sent["attempts"], 2, "sent again after the kill: {sent}");
     assert_eq!(fake.calls(), 2);
     assert_eq!(fake.sent(), vec![("9001".to_owned(), "Здравствуйте!".to_owned())], "VK delivered it once: the random_id was the same");
+
+    // Routing rules 8: the operator's picture and document are uploaded (a message photo
+    // and a document) and go with the text in one messages.send.
+    let (mut alice, _) = dev.operator("alice").await?;
+    let staff = dev.login("alice").await?;
+    let mut ids = Vec::new();
+    for (name, kind, bytes) in [("card.jpg", "image/jpeg", jpeg.clone()), ("terms.pdf", "application/pdf", b"%PDF-1.4 terms".to_vec())] {
+        let (status, file) = upload(&dev.private, &format!("/api/attachments?conversation={conversation}&name={name}"), &staff, kind, bytes).await?;
+        assert_eq!(status, 201, "{file}");
+        ids.push(file["id"].clone());
+    }
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "v2", "text": "Вот условия", "attachments": ids, "ref": "v2"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "v2").await?;
+    let sent_files = eventually(Duration::from_secs(20), Duration::from_millis(100), || async { Ok(fake.sent_files().first().cloned()) }).await?;
+    assert_eq!((sent_files.0.as_str(), sent_files.1.as_str()), ("9001", "Вот условия"));
+    assert_eq!(sent_files.2, vec![("card.jpg".to_owned(), jpeg.clone()), ("terms.pdf".to_owned(), b"%PDF-1.4 terms".to_vec())]);
     Ok(())
 }
 

@@ -116,8 +116,11 @@ describe('forms', () => {
     expect(messageProblemText(translator(DICTS, 'en'), 'text_with_file', 'see the file', 'messenger')).toBe(
       'A Facebook Messenger message with a file carries no text: send the file alone, and the text in a message of its own.',
     );
-    // Viber, VK and the Channel API: no files yet, with or without text.
-    for (const kind of ['viber', 'vk', 'api'] as const) {
+    // VK (rules 8): files with text, up to what any message takes.
+    expect(carried('vk')).toEqual({ maxText: 4000, files: true, maxFiles: null, maxCaption: null });
+    expect(messageProblem('see the files', 5, 'vk')).toBeNull();
+    // Viber and the Channel API: no files yet, with or without text.
+    for (const kind of ['viber', 'api'] as const) {
       expect(carried(kind).files).toBe(false);
       expect(messageProblem('', 1, kind)).toBe('files_not_carried');
       expect(messageProblem('see the file', 2, kind)).toBe('files_not_carried');

@@ -28,9 +28,9 @@ export const PROVIDER_TEXT_LIMITS: Partial<Record<AdapterKind, number>> = { mess
 export const COUNTER_MARGIN = 200;
 
 /** The adapters whose customers are sent files too (email: as attachments; Telegram,
- *  WhatsApp and Messenger from routing rules 8); Viber, VK and the Channel API get text
+ *  WhatsApp, Messenger and VK from routing rules 8); Viber and the Channel API get text
  *  only for now. */
-export const FILES_CARRIED: readonly AdapterKind[] = ['email', 'telegram', 'whatsapp', 'messenger'];
+export const FILES_CARRIED: readonly AdapterKind[] = ['email', 'telegram', 'whatsapp', 'messenger', 'vk'];
 
 /** The providers whose message with a file carries no text (Messenger's Send API takes
  *  an attachment or a text, not both). */
