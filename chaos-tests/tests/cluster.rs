@@ -318,6 +318,19 @@ async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<
     let (status, body) = switchboard_chaos_tests::client_upload(cluster.node(1), &client_token, "scan.png", "image/png", &file).await?;
     assert_eq!(status, 201, "{body}");
     let id = body["id"].as_str().unwrap_or_default().to_owned();
+    // The record is committed when the upload is answered; node 2 applies it once the
+    // leader's next heartbeat tells it the commit (alone, it could not learn it later).
+    // Its bytes came before the record, pushed, not fetched: node 2 is not asked for
+    // the file until node 1 is gone.
+    let applied = |addr: String| async move {
+        let (_, status) = switchboard_gateway::client::http_json(&addr, "GET", "/api/cluster", None, None).await?;
+        anyhow::Ok(status["last_applied"].as_u64().unwrap_or(0))
+    };
+    let upto = applied(cluster.node(1).private.clone()).await?;
+    switchboard_chaos_tests::eventually(switchboard_chaos_tests::WAIT, std::time::Duration::from_millis(20), || async {
+        Ok((applied(cluster.node(2).private.clone()).await? >= upto).then_some(()))
+    })
+    .await?;
     cluster.kill9(1).await?;
 
     // The receiver is gone; the member that got the copy serves the file.
