@@ -763,18 +763,20 @@ impl FakeMessenger {
     }
 }
 
-async fn vk_cdn(State(state): State<Arc<Mutex<VkState>>>, Path(name): Path<String>) -> Response {
-    match state.lock().unwrap_or_else(|p| p.into_inner()).cdn.get(&name) {
+/// A file a fake's storage serves by name, with its type.
+fn cdn_file(files: &std::collections::HashMap<String, (String, Vec<u8>)>, name: &str) -> Response {
+    match files.get(name) {
         Some((content_type, bytes)) => ([(axum::http::header::CONTENT_TYPE, content_type.clone())], bytes.clone()).into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
 
+async fn vk_cdn(State(state): State<Arc<Mutex<VkState>>>, Path(name): Path<String>) -> Response {
+    cdn_file(&state.lock().unwrap_or_else(|p| p.into_inner()).cdn, &name)
+}
+
 async fn messenger_cdn(State(state): State<Arc<Mutex<MessengerState>>>, Path(name): Path<String>) -> Response {
-    match state.lock().unwrap_or_else(|p| p.into_inner()).cdn.get(&name) {
-        Some((content_type, bytes)) => ([(axum::http::header::CONTENT_TYPE, content_type.clone())], bytes.clone()).into_response(),
-        None => StatusCode::NOT_FOUND.into_response(),
-    }
+    cdn_file(&state.lock().unwrap_or_else(|p| p.into_inner()).cdn, &name)
 }
 
 async fn messenger_send(State(state): State<Arc<Mutex<MessengerState>>>, axum::extract::RawQuery(query): axum::extract::RawQuery, headers: HeaderMap, body: axum::body::Bytes) -> Response {

@@ -800,6 +800,7 @@ async fn a_send_that_is_never_answered_is_not_repeated_on_a_provider_without_ide
     })
     .await?;
     assert_eq!(unknown["attempts"], 1, "{unknown}");
+    // An absence, so a wait: a retry would have come after the first backoff (1 s).
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(fake.calls().len(), 1, "the provider was called once");
     let (_, dead) = dev.api("GET", "/api/deliveries", Some(&supervisor), None).await?;

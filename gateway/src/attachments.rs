@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
-use switchboard_actors::model::{Attachment, AttachmentId, Command, ConversationId};
+use switchboard_actors::model::{Attachment, AttachmentId, Command, ConversationId, InboundFile};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -562,6 +562,29 @@ async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayE
         }
     }
     gw.blobs.get(&attachment.id).await
+}
+
+/// Keeps file `index` of a customer's channel message (its inbound key `key`) before
+/// the message is proposed: stored under an id made from both (a redelivery writes the
+/// same file; another message never names it), copied to a majority of the members as
+/// uploads are, and described for `ChannelInboundRich`.
+pub(crate) async fn keep_inbound_file(gw: &Gateway, key: &str, index: usize, name: String, content_type: String, bytes: &[u8]) -> Result<InboundFile, GatewayError> {
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("inbound\0{key}\0{index}").as_bytes());
+    let id = AttachmentId(digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect());
+    gw.blobs.put_bytes(&id, bytes).await?;
+    if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone()).await {
+        return Err(GatewayError::Core(switchboard_actors::Error::Commit(format!("the file could not be copied to enough cluster members: {e}"))));
+    }
+    let sha256 = ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(InboundFile { id, name, content_type, size: bytes.len() as u64, sha256 })
+}
+
+/// Removes the files of a refused channel message: nothing refers to them (their ids
+/// are the message's own, so no other message's record names them).
+pub(crate) async fn forget_inbound_files(gw: &Gateway, files: &[InboundFile]) {
+    for file in files {
+        gw.blobs.remove(&file.id).await;
+    }
 }
 
 /// A file's bytes for the outbox (files are at most `MAX_ATTACHMENT_BYTES`), fetched

@@ -220,6 +220,13 @@ struct Inbound {
     media: Vec<switchboard_adapters::Media>,
 }
 
+impl Inbound {
+    /// The message as its text alone, with its files as labelled lines.
+    fn plain(self, channel: &ChannelId) -> Command {
+        Command::ChannelInbound { channel: channel.clone(), sender: self.sender, sender_name: self.sender_name, provider_message_id: self.message_id, text: self.text }
+    }
+}
+
 /// The media of message `id`, taken out of a delivery's list.
 fn take_media_of(media: &mut Vec<(String, switchboard_adapters::Media)>, id: &str) -> Vec<switchboard_adapters::Media> {
     let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(media).into_iter().partition(|(of, _)| of == id);
@@ -246,21 +253,21 @@ const MEDIA_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
 /// kept stays a labelled line in the text, and the message is taken all the same.
 async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<Value, GatewayError> {
     if m.media.is_empty() {
-        return take_inbound(gw, Command::ChannelInbound { channel: channel.clone(), sender: m.sender, sender_name: m.sender_name, provider_message_id: m.message_id, text: m.text }).await;
+        return take_inbound(gw, m.plain(channel)).await;
     }
     let Some(adapter) = adapter_of(gw, channel) else {
         return Err(GatewayError::NotFound(format!("channel {channel} has no adapter")));
     };
-    // A redelivery of a message already taken: no need to fetch its files again.
+    // A redelivery of a message its open conversation has: no need to fetch its files.
     let key = switchboard_actors::core::inbound_key(channel, &m.sender, &m.message_id);
     let seen = {
         let shard = gw.backend.shard();
         let state = shard.read();
-        let open = state.open_senders.get(&(channel.clone(), format!("{channel}:{}", m.sender)));
-        open.and_then(|id| state.conversations.get(id)).is_some_and(|c| c.keys.contains_key(&key))
+        let open = switchboard_actors::core::inbound_target(&state, channel, &m.sender, None);
+        open.and_then(|id| state.conversations.get(&id)).is_some_and(|c| c.keys.contains_key(&key))
     };
     if seen {
-        return take_inbound(gw, Command::ChannelInbound { channel: channel.clone(), sender: m.sender, sender_name: m.sender_name, provider_message_id: m.message_id, text: m.text }).await;
+        return take_inbound(gw, m.plain(channel)).await;
     }
     let client = media_client()?;
     let mut files = Vec::new();
@@ -283,48 +290,39 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
             tracing::info!(%channel, %content_type, "a customer's file of a type not kept; its message shows it as a line");
             continue;
         }
-        let digest = ring::digest::digest(&ring::digest::SHA256, format!("media\0{key}\0{i}").as_bytes());
-        let id = switchboard_actors::model::AttachmentId(switchboard_adapters::hex(&digest.as_ref()[..16]));
-        gw.blobs.put_bytes(&id, &bytes).await?;
-        // On a majority of the cluster before the record that promises it, as uploads are.
-        if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone()).await {
-            tracing::warn!(%channel, error = %e, "a customer's file could not be copied to enough members; the provider is asked to retry");
-            return Err(GatewayError::Busy("the message's file could not be stored; deliver it again"));
-        }
-        let sha256 = switchboard_adapters::hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
         let name = crate::attachments::safe_name(&media.name, &content_type);
-        files.push(switchboard_actors::model::InboundFile { id, name, content_type, size: bytes.len() as u64, sha256 });
+        match crate::attachments::keep_inbound_file(gw, &key, i, name, content_type, &bytes).await {
+            Ok(file) => files.push(file),
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "a customer's file could not be stored; the provider is asked to retry");
+                return Err(GatewayError::Busy("the message's file could not be stored; deliver it again"));
+            }
+        }
         caption = media.caption.chars().take(switchboard_actors::core::MAX_TEXT_CHARS).collect();
     }
     if files.is_empty() {
-        return take_inbound(gw, Command::ChannelInbound { channel: channel.clone(), sender: m.sender, sender_name: m.sender_name, provider_message_id: m.message_id, text: m.text }).await;
+        return take_inbound(gw, m.plain(channel)).await;
     }
     // Everything fetched: the caption is the text; else the labelled lines say it all.
     let text = if files.len() == m.media.len() { caption } else { m.text.clone() };
-    let ids: Vec<switchboard_actors::model::AttachmentId> = files.iter().map(|f| f.id.clone()).collect();
     let command = Command::ChannelInboundRich {
         channel: channel.clone(),
         sender: m.sender.clone(),
         sender_name: m.sender_name.clone(),
         provider_message_id: m.message_id.clone(),
         text,
-        files,
+        files: files.clone(),
         thread: None,
         attributes: Vec::new(),
     };
-    match gw.submit(command).await {
-        Ok(Reply::Inbound { conversation, duplicate }) => Ok(json!({"ok": true, "conversation": conversation.0, "duplicate": duplicate})),
-        Ok(_) => Ok(json!({"ok": true})),
-        Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) | switchboard_actors::Error::Storage(_))) => {
-            tracing::warn!(%channel, error = %e, "an inbound message could not be committed; the provider is asked to retry");
-            Err(GatewayError::Busy("the message could not be committed; deliver it again"))
-        }
+    match commit_inbound(gw, command).await? {
+        Ok(answer) => Ok(answer),
         // Refused with its files (a conversation with no room for them, say): the files
         // go, and the message is taken as its lines.
         Err(e) => {
             tracing::info!(%channel, error = %e, "a customer's message was refused with its files; taken as lines");
-            crate::smtp::forget_files(gw, ids).await;
-            take_inbound(gw, Command::ChannelInbound { channel: channel.clone(), sender: m.sender, sender_name: m.sender_name, provider_message_id: m.message_id, text: m.text }).await
+            crate::attachments::forget_inbound_files(gw, &files).await;
+            take_inbound(gw, m.plain(channel)).await
         }
     }
 }
@@ -337,17 +335,26 @@ async fn take_inbound(gw: &Gateway, command: Command) -> Result<Value, GatewayEr
         Command::ChannelInbound { channel, .. } | Command::ChannelInboundRich { channel, .. } => channel.clone(),
         _ => ChannelId::new(""),
     };
-    match gw.submit(command).await {
-        Ok(Reply::Inbound { conversation, duplicate }) => Ok(json!({"ok": true, "conversation": conversation.0, "duplicate": duplicate})),
-        Ok(_) => Ok(json!({"ok": true})),
-        Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) | switchboard_actors::Error::Storage(_))) => {
-            tracing::warn!(%channel, error = %e, "an inbound message could not be committed; the provider is asked to retry");
-            Err(GatewayError::Busy("the message could not be committed; deliver it again"))
-        }
+    match commit_inbound(gw, command).await? {
+        Ok(answer) => Ok(answer),
         Err(e) => {
             tracing::info!(%channel, error = %e, "an inbound message was dropped");
             Ok(json!({"ok": true, "dropped": e.code(), "message": e.to_string()}))
         }
+    }
+}
+
+/// Commits an inbound message: its answer, or why the core refused it (`Ok(Err)`: no
+/// retry changes that), or `503` when the commit failed, so that it is delivered again.
+async fn commit_inbound(gw: &Gateway, command: Command) -> Result<Result<Value, switchboard_actors::Error>, GatewayError> {
+    match gw.submit(command).await {
+        Ok(Reply::Inbound { conversation, duplicate }) => Ok(Ok(json!({"ok": true, "conversation": conversation.0, "duplicate": duplicate}))),
+        Ok(_) => Ok(Ok(json!({"ok": true}))),
+        Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) | switchboard_actors::Error::Storage(_))) => {
+            tracing::warn!(error = %e, "an inbound message could not be committed; the provider is asked to retry");
+            Err(GatewayError::Busy("the message could not be committed; deliver it again"))
+        }
+        Err(e) => Ok(Err(e)),
     }
 }
 

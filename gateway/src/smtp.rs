@@ -17,12 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchboard_actors::core::{Reply, MAX_ATTACHMENTS_PER_MESSAGE, MAX_TEXT_CHARS};
-use switchboard_actors::model::{AdapterConfig, AttachmentId, ChannelId, Command, InboundFile};
+use switchboard_actors::model::{AdapterConfig, ChannelId, Command};
 use switchboard_adapters::email;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::attachments::{bytes_match_type, safe_name, ALLOWED_TYPES, MAX_ATTACHMENT_BYTES};
+use crate::attachments::{bytes_match_type, forget_inbound_files, keep_inbound_file, safe_name, ALLOWED_TYPES, MAX_ATTACHMENT_BYTES};
 use crate::Gateway;
 
 /// What one SMTP peer may use (docs/security.md, "SMTP listener").
@@ -503,23 +503,16 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     if text.trim().is_empty() && kept.is_empty() {
         text = "(an empty mail)".into();
     }
+    // Named by the mail as the core keys it (its sender and Message-ID) and its place.
+    let key = switchboard_actors::core::inbound_key(channel, &mail.from, &mail.message_id);
     for (i, (name, content_type, bytes)) in kept.into_iter().enumerate() {
-        // Named by the mail (its sender and Message-ID, as the core keys it) and its
-        // place in it: a redelivery writes the same file, another sender never does.
-        let key = switchboard_actors::core::inbound_key(channel, &mail.from, &mail.message_id);
-        let digest = ring::digest::digest(&ring::digest::SHA256, format!("mail\0{key}\0{i}").as_bytes());
-        let id = AttachmentId(switchboard_adapters::hex(&digest.as_ref()[..16]));
-        if let Err(e) = gw.blobs.put_bytes(&id, bytes).await {
-            tracing::warn!(error = %e, "a mail's file could not be stored");
-            return Err("451 4.3.0 Could not store a file, try again".into());
+        match keep_inbound_file(gw, &key, i, name, content_type, bytes).await {
+            Ok(file) => files.push(file),
+            Err(e) => {
+                tracing::warn!(error = %e, "a mail's file could not be stored");
+                return Err("451 4.3.0 Could not store a file, try again".into());
+            }
         }
-        // On a majority of the cluster before the record that promises it, as uploads are.
-        if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone()).await {
-            tracing::warn!(error = %e, "a mail's file could not be copied to enough members");
-            return Err("451 4.3.0 Could not store a file, try again".into());
-        }
-        let sha256 = switchboard_adapters::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
-        files.push(InboundFile { id, name, content_type, size: bytes.len() as u64, sha256 });
     }
     let mut attributes = vec![(email::ATTR_SUBJECT.to_owned(), mail.subject.clone())];
     if !mail.message_id.starts_with("sha256:") {
@@ -541,8 +534,8 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
         thread: email::thread_of(&mail.references, &thread_secret),
         attributes,
     };
-    let ids: Vec<AttachmentId> = match &command {
-        Command::ChannelInboundRich { files, .. } => files.iter().map(|f| f.id.clone()).collect(),
+    let stored = match &command {
+        Command::ChannelInboundRich { files, .. } => files.clone(),
         _ => Vec::new(),
     };
     match gw.submit(command).await {
@@ -553,22 +546,14 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
             Err("451 4.3.0 Not committed, try again later".into())
         }
         Err(switchboard_actors::Error::Blocked(_)) => {
-            forget_files(gw, ids).await;
+            forget_inbound_files(gw, &stored).await;
             Err("550 5.7.1 The sender is blocked".into())
         }
         Err(e) => {
-            forget_files(gw, ids).await;
+            forget_inbound_files(gw, &stored).await;
             tracing::info!(%channel, error = %e, "a mail was refused");
             Err(format!("554 5.6.0 {}", e.to_string().replace(['\r', '\n'], " ").chars().take(200).collect::<String>()))
         }
-    }
-}
-
-/// Removes the files of a refused message: nothing refers to them (their ids are the
-/// message's own, so no other message's record names them).
-pub(crate) async fn forget_files(gw: &Gateway, ids: Vec<AttachmentId>) {
-    for id in ids {
-        gw.blobs.remove(&id).await;
     }
 }
 
