@@ -258,6 +258,13 @@ impl Actor for ShardSupervisor {
                     .chain(notice.touched.operators.into_iter().map(StreamKey::Operator))
                     .chain(notice.touched.groups.into_iter().map(StreamKey::Group));
                 for key in keys {
+                    if state.leader && matches!(key, StreamKey::Conversation(_)) && !state.active.contains_key(&key) {
+                        // A followed conversation's actor starts with its activity, not
+                        // with its follower: an idle session costs no actor.
+                        if state.streams.get(&key).is_some_and(|stream| stream.receiver_count() > 0) {
+                            state.activate(&key, &myself).await;
+                        }
+                    }
                     if let Some(actor) = state.active.get(&key) {
                         let _ = actor.cast(EntityMsg::Wake);
                     } else if let Some(stream) = state.streams.get(&key) {
@@ -268,14 +275,17 @@ impl Actor for ShardSupervisor {
                 }
             }
             SupervisorMsg::Subscribe(key, reply) => {
-                if state.leader {
+                // A conversation's actor only relays wake-ups: its follower gets the
+                // supervisor's stream, and the actor starts when an entry touches it.
+                let relay_only = matches!(key, StreamKey::Conversation(_)) && !state.active.contains_key(&key);
+                if state.leader && !relay_only {
                     if let Some(actor) = state.activate(&key, &myself).await {
                         let _ = actor.cast(EntityMsg::Subscribe(reply));
                     }
                 } else {
                     // Entity actors run on the leader only (they own timers and propose);
-                    // a follower's sockets follow the supervisor's streams, which applied
-                    // entries wake directly.
+                    // a follower's sockets, and a quiet conversation's, follow the
+                    // supervisor's streams, which applied entries wake directly.
                     state.sweep_unfollowed();
                     let stream = state.streams.entry(key).or_insert_with(new_stream);
                     let _ = reply.send(stream.subscribe());
@@ -606,7 +616,7 @@ impl Actor for EntityActor {
                 // A conversation's actor arms no timers: it only relays wake-ups, and the
                 // supervisor's stream reaches the sockets that follow it without it. So
                 // one that went quiet stops even while followed (an idle session then
-                // costs no actor); the next subscriber starts it again.
+                // costs no actor); the next entry that touches it starts it again.
                 let relay_only = matches!(state.key, StreamKey::Conversation(_));
                 if (relay_only || state.stream.receiver_count() == 0) && state.timers.is_empty() && state.queue_timer.is_none() {
                     state.idle_checks += 1;

@@ -53,3 +53,44 @@ async fn a_followed_stream_is_woken_after_its_actor_stopped_for_a_leadership_cha
     commit(&shard, &store, 2, Command::PostClientMessage { conversation, key: "k1".into(), text: "still there?".into(), attachments: vec![] });
     tokio::time::timeout(Duration::from_secs(2), wake.changed()).await.expect("woken within 2 s").expect("stream open");
 }
+
+/// A conversation's actor only relays wake-ups, so following a quiet conversation costs
+/// no actor (an idle session stays small); the first entry that touches it starts one,
+/// which wakes the follower, and the supervisor restarts it if it crashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_conversation_is_followed_without_an_actor_until_an_entry_touches_it() {
+    let store = MemStore::default();
+    let shard = Arc::new(Shard::new());
+    shard.load(Arc::new(store.clone())).expect("load");
+    commit(&shard, &store, 0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 60_000, sla_ms: 60_000 }));
+    commit(&shard, &store, 0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") }));
+    commit(&shard, &store, 1, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
+    let conversation = ConversationId(0);
+    let key = StreamKey::Conversation(conversation);
+
+    let supervisor = ShardSupervisor::start(SupervisorArgs { shard: shard.clone(), proposer: Arc::new(NothingProposed), leader: true }).await.expect("supervisor");
+    // The queue of `g` holds the conversation: its group's actor runs, and nothing else.
+    let before = shard.active_actors();
+    let mut wake = subscribe(&supervisor, key.clone()).await.expect("subscribed");
+    wake.borrow_and_update();
+    assert_eq!(shard.active_actors(), before, "following a quiet conversation starts no actor");
+    assert!(!switchboard_actors::actors::crash(&supervisor, key.clone()).await.expect("asked"), "no actor to crash yet");
+
+    commit(&shard, &store, 2, Command::PostClientMessage { conversation, key: "k1".into(), text: "hello".into(), attachments: vec![] });
+    tokio::time::timeout(Duration::from_secs(2), wake.changed()).await.expect("woken within 2 s").expect("stream open");
+    wake.borrow_and_update();
+    let mut started = false;
+    for _ in 0..100 {
+        if shard.active_actors() == before + 1 {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(started, "an entry that touched the followed conversation started its actor");
+
+    // The actor crashes; the supervisor restarts it and the follower still hears.
+    assert!(switchboard_actors::actors::crash(&supervisor, key.clone()).await.expect("asked"), "its actor was running");
+    commit(&shard, &store, 3, Command::PostClientMessage { conversation, key: "k2".into(), text: "still there?".into(), attachments: vec![] });
+    tokio::time::timeout(Duration::from_secs(2), wake.changed()).await.expect("woken within 2 s").expect("stream open");
+}
