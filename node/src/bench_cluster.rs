@@ -124,9 +124,16 @@ impl Nodes {
 
     /// Waits until node `i` has applied as far as the leader had when asked.
     async fn caught_up(&self, i: usize) -> anyhow::Result<()> {
-        let leader = self.leader().await?;
-        let target = cluster::status(&self.configs[leader].private_addr.to_string()).await?["last_applied"].as_u64().unwrap_or(0);
         let deadline = Instant::now() + Duration::from_secs(60);
+        // A leader busy with the drill's traffic may miss one status call: ask again.
+        let target = loop {
+            let leader = self.leader().await?;
+            match cluster::status(&self.configs[leader].private_addr.to_string()).await {
+                Ok(status) => break status["last_applied"].as_u64().unwrap_or(0),
+                Err(e) if Instant::now() >= deadline => return Err(e.context("the leader's status")),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
         while Instant::now() < deadline {
             let applied = cluster::status(&self.configs[i].private_addr.to_string()).await.ok().and_then(|s| s["last_applied"].as_u64()).unwrap_or(0);
             if applied >= target {
@@ -141,7 +148,10 @@ impl Nodes {
 
 /// Spawns `command` and returns it with a task that ends once it printed `ready`.
 fn wait_ready(mut command: tokio::process::Command) -> anyhow::Result<(tokio::process::Child, tokio::task::JoinHandle<anyhow::Result<()>>)> {
-    let mut child = command.env("RUST_LOG", "error").stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn()?;
+    // The nodes log errors only; `SWITCHBOARD_BENCH_NODE_LOG` (a `RUST_LOG` filter)
+    // shows more, elections say, when a drill needs explaining.
+    let filter = std::env::var("SWITCHBOARD_BENCH_NODE_LOG").unwrap_or_else(|_| "error".into());
+    let mut child = command.env("RUST_LOG", filter).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn()?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     let ready = tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
@@ -196,7 +206,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             outcome
         }
     };
-    if args.idle_sessions > 0 {
+    if let Err(e) = &result {
+        // The run's own error says what went wrong; the idle sessions would hide it.
+        eprintln!("bench: {e:#}");
+    } else if args.idle_sessions > 0 {
         idle_sessions(&args, &nodes).await?;
     }
     // Spurious elections under load would show here.
@@ -350,7 +363,7 @@ async fn kill_drill(args: &BenchArgs, nodes: &mut Nodes, clients: Vec<(WsClient,
         let (child, ready) = nodes.spawn(leader)?;
         nodes.children[leader] = Some(child);
         ready.await.context("restart after a kill")??;
-        nodes.caught_up(leader).await?;
+        nodes.caught_up(leader).await.with_context(|| format!("node {} catching up after kill {}", leader + 1, k + 1))?;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
