@@ -1085,11 +1085,7 @@ pub async fn start(
     }
     .parse()
     .map_err(|e| GatewayError::Config(format!("{e}")))?;
-    let mut endpoint = quinn::Endpoint::client(bind)?;
-    endpoint.set_default_client_config(
-        switchboard_raft::tls::client_config(&options.identity)
-            .map_err(|e| GatewayError::Config(e.to_string()))?,
-    );
+    let endpoint = switchboard_raft::tls::client_endpoint(&options.identity, bind).map_err(|e| GatewayError::Config(e.to_string()))?;
     let up = Upstreams::new(Peers::with_silence(endpoint, MEMBER_SILENT), &options.members);
     let metrics = Arc::new(Metrics::default());
     let edge = |listener| {

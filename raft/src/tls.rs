@@ -231,7 +231,54 @@ fn idle_timeout() -> quinn::IdleTimeout {
 
 /// A QUIC endpoint that serves and dials with the member's identity.
 pub fn endpoint(identity: &Identity, bind: std::net::SocketAddr) -> Result<quinn::Endpoint, Error> {
-    let mut endpoint = quinn::Endpoint::server(server_config(identity)?, bind)?;
+    let mut endpoint = bound(identity, bind, Some(server_config(identity)?))?;
     endpoint.set_default_client_config(client_config(identity)?);
     Ok(endpoint)
+}
+
+/// A QUIC endpoint that only dials (a gateway), with the member's identity.
+pub fn client_endpoint(identity: &Identity, bind: std::net::SocketAddr) -> Result<quinn::Endpoint, Error> {
+    let mut endpoint = bound(identity, bind, None)?;
+    endpoint.set_default_client_config(client_config(identity)?);
+    Ok(endpoint)
+}
+
+fn bound(identity: &Identity, bind: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint, Error> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| Error::Tls("no async runtime for the QUIC endpoint".into()))?;
+    let key = std::fs::read(&identity.key).map_err(|e| Error::Tls(format!("read {}: {e}", identity.key.display())))?;
+    let mut config = quinn::EndpointConfig::new(reset_key(&key));
+    let cids = cid_key(&key);
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cids)));
+    Ok(quinn::Endpoint::new(config, server, socket, runtime)?)
+}
+
+/// A digest of the member's private key under `label`: the same for every process of
+/// that member, and telling nothing about the key.
+fn derived(key: &[u8], label: &[u8]) -> ring::digest::Digest {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(label);
+    context.update(key);
+    context.finish()
+}
+
+/// The key this member's QUIC stateless resets are made with, and the one its connection
+/// ids are signed with, both derived from its private key, so the same after a restart.
+/// A peer still holding a connection to the process that died sends its next packet to
+/// the new one, which recognises the connection id as its own and answers with a reset
+/// that the peer can verify (the old process announced tokens made with the same key):
+/// the peer closes that connection and dials again at once. With random keys per process
+/// (quinn's default) the packet is dropped as foreign, and the peer kept writing into the
+/// dead connection until a second of silence closed it (measured: an election after a
+/// leader kill took 2 s because the survivors' votes went into such connections).
+fn reset_key(key: &[u8]) -> Arc<dyn quinn::crypto::HmacKey> {
+    let seed = derived(key, b"switchboard: QUIC stateless reset key, v1\0");
+    Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed.as_ref()))
+}
+
+fn cid_key(key: &[u8]) -> u64 {
+    let seed = derived(key, b"switchboard: QUIC connection id key, v1\0");
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&seed.as_ref()[..8]);
+    u64::from_le_bytes(first)
 }

@@ -389,3 +389,70 @@ async fn a_gateway_certificate_forwards_writes_but_takes_no_part_in_raft() -> an
     replica.endpoint.close(0u32.into(), b"");
     Ok(())
 }
+
+/// A member killed and started again on its address answers its peers' packets on their
+/// old connections with a stateless reset they can verify (its reset key comes from its
+/// private key, not from the process): a peer's connection ends as `Reset` at its next
+/// packet, so the peer dials the new process instead of writing into the dead one until
+/// the idle timeout (`TimedOut`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_started_again_resets_its_peers_old_connections() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    let dialler = tls::endpoint(&tls::ensure_member(&certs, "node-1", &[])?, "127.0.0.1:0".parse()?)?;
+    let identity = tls::ensure_member(&certs, "node-2", &[])?;
+
+    // The first process of node 2: this test binary again, running the ignored test below.
+    let mut first = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--ignored", "--exact", "member_process_for_the_reset_test", "--nocapture", "--test-threads", "1"])
+        .env(PEER_CERTS, &certs)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = first.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let address: std::net::SocketAddr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            // (libtest prints the test's name on the same line first.)
+            if let Some((_, address)) = line.split_once("listening on ") {
+                return Ok(address.trim().parse()?);
+            }
+        }
+        anyhow::bail!("the member process ended before it listened")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the member process did not listen within 30 s"))??;
+    let connection = dialler.connect(address, tls::NODE_SERVER_NAME)?.await?;
+
+    // kill -9: the process says nothing to its peers. Node 2 starts again on its address.
+    first.start_kill()?;
+    first.wait().await?;
+    let _second = tls::endpoint(&identity, address)?;
+
+    // The peer's next packet reaches the new process, which resets the old connection.
+    let (mut send, _recv) = connection.open_bi().await?;
+    let _ = send.write_all(b"to the old process").await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), connection.closed())
+        .await
+        .map_err(|_| anyhow::anyhow!("the old connection was still open 30 s after the restart"))?;
+    assert!(matches!(ended, quinn::ConnectionError::Reset), "the old connection should end with a verified reset, not {ended:?}");
+    Ok(())
+}
+
+const PEER_CERTS: &str = "SWITCHBOARD_TEST_RESET_PEER_CERTS";
+
+/// The first process of node 2 in the test above, which runs it with `--ignored`: it
+/// serves with node 2's identity and holds every connection until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of a_member_started_again_resets_its_peers_old_connections"]
+async fn member_process_for_the_reset_test() -> anyhow::Result<()> {
+    let certs = std::path::PathBuf::from(std::env::var(PEER_CERTS)?);
+    let endpoint = tls::endpoint(&tls::ensure_member(&certs, "node-2", &[])?, "127.0.0.1:0".parse()?)?;
+    println!("listening on {}", endpoint.local_addr()?);
+    let mut held = Vec::new();
+    while let Some(incoming) = endpoint.accept().await {
+        held.push(incoming.await?);
+    }
+    Ok(())
+}
