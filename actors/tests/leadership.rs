@@ -23,8 +23,8 @@ impl Proposer for NothingProposed {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_followed_stream_is_woken_after_its_actor_stopped_for_a_leadership_change() {
+/// A shard with one conversation waiting in the queue of a group nobody serves.
+fn one_waiting_conversation() -> (MemStore, Arc<Shard>, ConversationId) {
     let store = MemStore::default();
     let shard = Arc::new(Shard::new());
     shard.load(Arc::new(store.clone())).expect("load");
@@ -32,6 +32,12 @@ async fn a_followed_stream_is_woken_after_its_actor_stopped_for_a_leadership_cha
     commit(&shard, &store, 0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") }));
     commit(&shard, &store, 1, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
     let conversation = ConversationId(0);
+    (store, shard, conversation)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_stream_is_woken_after_its_actor_stopped_for_a_leadership_change() {
+    let (store, shard, conversation) = one_waiting_conversation();
 
     let supervisor = ShardSupervisor::start(SupervisorArgs { shard: shard.clone(), proposer: Arc::new(NothingProposed), leader: true }).await.expect("supervisor");
     let mut wake = subscribe(&supervisor, StreamKey::Conversation(conversation)).await.expect("subscribed");
@@ -59,13 +65,7 @@ async fn a_followed_stream_is_woken_after_its_actor_stopped_for_a_leadership_cha
 /// which wakes the follower, and the supervisor restarts it if it crashes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_conversation_is_followed_without_an_actor_until_an_entry_touches_it() {
-    let store = MemStore::default();
-    let shard = Arc::new(Shard::new());
-    shard.load(Arc::new(store.clone())).expect("load");
-    commit(&shard, &store, 0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 60_000, sla_ms: 60_000 }));
-    commit(&shard, &store, 0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") }));
-    commit(&shard, &store, 1, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
-    let conversation = ConversationId(0);
+    let (store, shard, conversation) = one_waiting_conversation();
     let key = StreamKey::Conversation(conversation);
 
     let supervisor = ShardSupervisor::start(SupervisorArgs { shard: shard.clone(), proposer: Arc::new(NothingProposed), leader: true }).await.expect("supervisor");
