@@ -277,7 +277,9 @@ impl Actor for ShardSupervisor {
             SupervisorMsg::Subscribe(key, reply) => {
                 // A conversation's actor only relays wake-ups: its follower gets the
                 // supervisor's stream, and the actor starts when an entry touches it.
-                let relay_only = matches!(key, StreamKey::Conversation(_)) && !state.active.contains_key(&key);
+                // (Even while its actor runs: one that is stopping for being idle would
+                // drop the reply.)
+                let relay_only = matches!(key, StreamKey::Conversation(_));
                 if state.leader && !relay_only {
                     if let Some(actor) = state.activate(&key, &myself).await {
                         let _ = actor.cast(EntityMsg::Subscribe(reply));
