@@ -178,13 +178,17 @@ impl switchboard_actors::records::Store for ShardRecords {
 const ELECTION_HOLD: Duration = Duration::from_secs(3);
 
 /// A member that starts again keeps the vote it stored but has heard no leader since:
-/// openraft lets it stand at its first tick, with a log that is most likely behind the
-/// leader's. It loses, and the candidacy costs twice: its term makes the live leader's
+/// openraft lets it stand once its lease and election timeout have passed since it
+/// loaded that vote (400-700 ms here), and the leader reaches it only after closing its
+/// connection to the dead process and dialling again, which took over a second in
+/// drills. So it stands with a log that is most likely behind the leader's. It loses,
+/// and the candidacy costs twice: its term makes the live leader's
 /// appends bounce off it, and openraft remembers the larger log it saw and adds twice the
 /// election timeout to this member's next election, the one after a real failure
 /// (measured: leader kills that took 1.0-1.3 s instead of 0.5-0.7 s). So elections wait
 /// until a leader's append arrives, or `ELECTION_HOLD` has passed (the whole cluster
-/// started again, nobody leads).
+/// started again, nobody leads), a quarter second more for each step of the member's
+/// election window, so that members started together do not all stand at one tick.
 async fn hold_elections_after_restart(raft: &Raft, router: &Router) -> anyhow::Result<()> {
     // From the core's own state: the metrics may not be published yet this early.
     // (A member not initialized yet has no voters.)
@@ -194,8 +198,9 @@ async fn hold_elections_after_restart(raft: &Raft, router: &Router) -> anyhow::R
     }
     raft.runtime_config().elect(false);
     let (raft, router) = (raft.clone(), router.clone());
+    let stagger = Duration::from_millis(250 * ((raft.metrics().borrow().id + SHARD_GROUP) % 3));
     tokio::spawn(async move {
-        let until = tokio::time::Instant::now() + ELECTION_HOLD;
+        let until = tokio::time::Instant::now() + ELECTION_HOLD + stagger;
         while tokio::time::Instant::now() < until && !router.heard_within(SHARD_GROUP, ELECTION_HOLD) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -240,12 +240,17 @@ impl Router {
                                 // timeout (measured: leader kills that took 1.0-1.3 s). So
                                 // first take the candidate's term for ourselves (our own
                                 // vote: we voted for nobody else in it), then stand above it.
-                                let (me, term, leading) = {
+                                let (me, term, follows) = {
                                     let m = raft.metrics().borrow().clone();
-                                    (m.id, m.current_term, m.state == openraft::ServerState::Leader)
+                                    // Only a follower of a leader that went silent: not a
+                                    // leader (it hears no appends, its "silent" means
+                                    // nothing), not a candidate (the self-vote would leave
+                                    // its candidacy at a lower term than its vote), and not
+                                    // one that just voted for another candidate (an
+                                    // uncommitted vote), whose first append may be on its way.
+                                    (m.id, m.current_term, m.state == openraft::ServerState::Follower && m.vote.is_committed())
                                 };
-                                if leading {
-                                    // A leader hears no appends: its "silent" means nothing.
+                                if !follows {
                                     return;
                                 }
                                 if term < candidate_term {

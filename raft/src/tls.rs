@@ -244,7 +244,15 @@ pub fn client_endpoint(identity: &Identity, bind: std::net::SocketAddr) -> Resul
 }
 
 fn bound(identity: &Identity, bind: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint, Error> {
-    let socket = std::net::UdpSocket::bind(bind)?;
+    let socket = if bind.is_ipv6() {
+        // An IPv6 socket that reaches IPv4 peers too, as quinn's own endpoints make it.
+        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        let _ = socket.set_only_v6(false);
+        socket.bind(&bind.into())?;
+        socket.into()
+    } else {
+        std::net::UdpSocket::bind(bind)?
+    };
     let runtime = quinn::default_runtime().ok_or_else(|| Error::Tls("no async runtime for the QUIC endpoint".into()))?;
     let key = std::fs::read(&identity.key).map_err(|e| Error::Tls(format!("read {}: {e}", identity.key.display())))?;
     let mut config = quinn::EndpointConfig::new(reset_key(&key));

@@ -447,7 +447,9 @@ const PEER_CERTS: &str = "SWITCHBOARD_TEST_RESET_PEER_CERTS";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a child process of a_member_started_again_resets_its_peers_old_connections"]
 async fn member_process_for_the_reset_test() -> anyhow::Result<()> {
-    let certs = std::path::PathBuf::from(std::env::var(PEER_CERTS)?);
+    // Run with `--ignored` but not by that test: nothing to serve.
+    let Ok(certs) = std::env::var(PEER_CERTS) else { return Ok(()) };
+    let certs = std::path::PathBuf::from(certs);
     let endpoint = tls::endpoint(&tls::ensure_member(&certs, "node-2", &[])?, "127.0.0.1:0".parse()?)?;
     println!("listening on {}", endpoint.local_addr()?);
     let mut held = Vec::new();
