@@ -172,9 +172,8 @@ impl switchboard_actors::records::Store for ShardRecords {
     }
 }
 
-/// How long a member that starts again waits to hear a leader before it may stand. The
-/// leader reaches it only after closing its connection to the dead process (one second
-/// of silence, `network::Peers`) and dialling again, which took more than 1 s in drills.
+/// How long a member that starts again waits to hear a leader before it may stand
+/// (`hold_elections_after_restart`).
 const ELECTION_HOLD: Duration = Duration::from_secs(3);
 
 /// A member that starts again keeps the vote it stored but has heard no leader since:
@@ -198,7 +197,7 @@ async fn hold_elections_after_restart(raft: &Raft, router: &Router) -> anyhow::R
     }
     raft.runtime_config().elect(false);
     let (raft, router) = (raft.clone(), router.clone());
-    let stagger = Duration::from_millis(250 * ((raft.metrics().borrow().id + SHARD_GROUP) % 3));
+    let stagger = Duration::from_millis(250 * switchboard_raft::election_window(raft.metrics().borrow().id, SHARD_GROUP));
     tokio::spawn(async move {
         let until = tokio::time::Instant::now() + ELECTION_HOLD + stagger;
         while tokio::time::Instant::now() < until && !router.heard_within(SHARD_GROUP, ELECTION_HOLD) {

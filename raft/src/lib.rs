@@ -105,7 +105,12 @@ pub fn config_with_snapshots(every: u64) -> Result<std::sync::Arc<openraft::Conf
     member_config(every, 0, 0)
 }
 
-/// Election timing staggered by member: `(node + group) % 3` picks one of three
+/// Which of the three staggered election windows (0, 1, 2) `node` has in `group`.
+pub fn election_window(node: u64, group: u64) -> u64 {
+    (node + group) % 3
+}
+
+/// Election timing staggered by member: `election_window` picks one of three
 /// windows that do not overlap.
 ///
 /// openraft 0.9: a follower that knows a leader starts an election only after the
@@ -119,7 +124,7 @@ pub fn config_with_snapshots(every: u64) -> Result<std::sync::Arc<openraft::Conf
 /// spuriously. Offsetting by group spreads the groups' first choices over the nodes.
 pub fn member_config(every: u64, node: u64, group: u64) -> Result<std::sync::Arc<openraft::Config>, Error> {
     let every = every.max(10);
-    let window = (node + group) % 3;
+    let window = election_window(node, group);
     let config = openraft::Config {
         cluster_name: "switchboard".into(),
         heartbeat_interval: 50,

@@ -151,7 +151,6 @@ pub struct Router {
 /// would stop on it), and the leader may restamp it.
 pub type WriteCheck = Arc<dyn Fn(Vec<u8>) -> Result<Vec<u8>, String> + Send + Sync>;
 
-
 impl Router {
     pub fn add(&self, group: u64, raft: Raft) {
         self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(group, raft);
