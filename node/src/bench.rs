@@ -178,6 +178,33 @@ pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Paced runs at or under this rate also time the disk's sync alone (`sync_floor`).
+const SYNC_FLOOR_MAX_RATE: u32 = 100;
+/// About one small log entry (a client message of the bench with its envelope).
+const SYNC_FLOOR_RECORD: usize = 256;
+
+/// `samples` appends of `SYNC_FLOOR_RECORD` bytes to a scratch file in `dir`, each
+/// followed by `fdatasync` and then a pause of `every`, as the log's flusher does for a
+/// lone entry; returns the syncs' durations, sorted. The file is removed after.
+fn sync_floor(dir: &std::path::Path, samples: usize, every: Duration) -> anyhow::Result<Vec<Duration>> {
+    use std::io::Write;
+    let path = dir.join("bench-sync-floor");
+    let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path).context("open the sync-floor scratch file")?;
+    let record = [b'x'; SYNC_FLOOR_RECORD];
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        file.write_all(&record)?;
+        let started = Instant::now();
+        file.sync_data()?;
+        times.push(started.elapsed());
+        std::thread::sleep(every);
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    times.sort();
+    Ok(times)
+}
+
 pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -611,6 +638,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         percentile(&acks, 99.0).as_secs_f64() * 1e3,
         acks.last().copied().unwrap_or_default().as_secs_f64() * 1e3
     );
+
+    if args.rate <= SYNC_FLOOR_MAX_RATE {
+        // At light load the ack waits mostly for the disk: time the disk alone, at the
+        // same pace, in the same folder, for the floor under the figures above.
+        let samples = total.min(100) as usize;
+        let dir = child.data_dir.clone();
+        let floor = tokio::task::spawn_blocking(move || sync_floor(&dir, samples, interval)).await??;
+        println!("\nthe data folder's disk alone: append {SYNC_FLOOR_RECORD} bytes + fdatasync, one every {:.0} ms", interval.as_secs_f64() * 1e3);
+        println!(
+            "  {} syncs; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            floor.len(),
+            percentile(&floor, 50.0).as_secs_f64() * 1e3,
+            percentile(&floor, 90.0).as_secs_f64() * 1e3,
+            percentile(&floor, 99.0).as_secs_f64() * 1e3,
+            floor.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+        );
+    }
 
     if args.idle_sessions > 0 {
         tokio::time::sleep(Duration::from_millis(500)).await;
