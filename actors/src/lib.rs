@@ -6,6 +6,7 @@
 //! - [`core`]: command in, events and timers out; runs inside the Raft state machine.
 //! - [`shard`]: the state behind a lock, with the apply path and the readers' API.
 //! - [`actors`]: supervised ractor actors per conversation, operator and skill group.
+//! - [`mail`]: exactly-once, in-order letters between Raft groups (ADR 0006; not wired yet).
 //!
 //! Deliberately left out: networking, storage and clocks in the core. Time enters only
 //! as the timestamp a proposer writes into each log entry.
@@ -15,6 +16,7 @@ pub mod actors;
 pub mod core;
 pub mod error;
 pub mod hours;
+pub mod mail;
 pub mod model;
 pub mod records;
 pub mod routing;

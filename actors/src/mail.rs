@@ -1,0 +1,165 @@
+//! Mail between Raft groups (ADR 0006): the bookkeeping that makes a step decided in one
+//! group reach another exactly once and in order, through lost, repeated and reordered
+//! deliveries and through leader changes on either side.
+//!
+//! Not wired to groups yet: this is the first piece of ADR 0006's order of work (its
+//! "Amendments"), pure like the core so both sides' machines can run it inside `apply`.
+//!
+//! - The sender's [`Outbox`] (one per destination) is part of the sending group's
+//!   replicated state: a letter is posted in the same apply that decided it, so the
+//!   decision and the letter commit together. Ids are consecutive from 1.
+//! - A forwarder on the sender's leader keeps no state of its own: it sends
+//!   [`Outbox::unconfirmed`] in order, retrying until the destination answers, and
+//!   proposes the answer back as [`Outbox::confirm`]. A new leader's forwarder starts
+//!   from the same records, so nothing decided is lost in a leader change.
+//! - The destination's [`Inbox`] (part of its replicated state) keeps the last id it
+//!   applied from each source. A letter is applied only if it is the next one
+//!   ([`Receipt::Apply`]); an older one is a repeat and a newer one waits for the gap
+//!   before it to be resent. Its answer is [`Inbox::last`], the id to confirm up to.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// A Raft group's id, as the raft crate numbers groups.
+pub type GroupId = u64;
+
+/// One letter as it travels: its source, its id in the source's outbox for the
+/// destination, and what it carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Letter<P> {
+    pub from: GroupId,
+    pub id: u64,
+    pub payload: P,
+}
+
+/// Letters one group decided to send another and the other has not yet confirmed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outbox<P> {
+    /// The id the next posted letter gets; the first is 1.
+    next: u64,
+    /// Posted and not confirmed, oldest first, with consecutive ids.
+    pending: VecDeque<(u64, P)>,
+}
+
+impl<P> Default for Outbox<P> {
+    fn default() -> Self {
+        Outbox { next: 1, pending: VecDeque::new() }
+    }
+}
+
+impl<P> Outbox<P> {
+    /// Posts a letter (inside the apply that decided it) and returns its id.
+    pub fn post(&mut self, payload: P) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.pending.push_back((id, payload));
+        id
+    }
+
+    /// The letters to (re)send, oldest first.
+    pub fn unconfirmed(&self) -> impl Iterator<Item = (u64, &P)> {
+        self.pending.iter().map(|(id, payload)| (*id, payload))
+    }
+
+    /// The destination answered that it applied every letter up to `upto`: they are
+    /// dropped. Returns how many were. An answer can arrive late, after a newer one,
+    /// so one below what was confirmed already drops nothing; one above the last id
+    /// posted cannot come from a destination that applies only posted letters and is
+    /// refused, dropping nothing.
+    pub fn confirm(&mut self, upto: u64) -> Result<usize, MailError> {
+        if upto >= self.next {
+            return Err(MailError::ConfirmedUnposted { upto, last_posted: self.next - 1 });
+        }
+        let mut dropped = 0;
+        while self.pending.front().is_some_and(|(id, _)| *id <= upto) {
+            self.pending.pop_front();
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
+    /// The id of the last letter posted (0 before the first).
+    pub fn last_posted(&self) -> u64 {
+        self.next - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+/// What a destination does with an arriving letter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Receipt {
+    /// The next one from its source: apply it (the inbox already counts it applied, in
+    /// the same apply).
+    Apply,
+    /// Applied before: drop it.
+    Repeat,
+    /// Letters before it have not arrived: drop it; the source resends from `expected`.
+    Early { expected: u64 },
+}
+
+/// The last letter id a group applied from each source.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inbox {
+    last: BTreeMap<GroupId, u64>,
+}
+
+impl Inbox {
+    /// Decides on a letter from `from` with id `id`; an `Apply` counts it as applied.
+    pub fn receive(&mut self, from: GroupId, id: u64) -> Receipt {
+        let last = self.last.entry(from).or_insert(0);
+        if id <= *last {
+            Receipt::Repeat
+        } else if id == *last + 1 {
+            *last = id;
+            Receipt::Apply
+        } else {
+            Receipt::Early { expected: *last + 1 }
+        }
+    }
+
+    /// The answer to `from`'s forwarder: every letter up to this id is applied.
+    pub fn last(&self, from: GroupId) -> u64 {
+        self.last.get(&from).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MailError {
+    #[error("a confirmation up to letter {upto} names letters never posted (the last posted is {last_posted})")]
+    ConfirmedUnposted { upto: u64, last_posted: u64 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_letter_is_applied_once_and_in_order() {
+        let mut inbox = Inbox::default();
+        assert_eq!(inbox.receive(7, 2), Receipt::Early { expected: 1 });
+        assert_eq!(inbox.receive(7, 1), Receipt::Apply);
+        assert_eq!(inbox.receive(7, 1), Receipt::Repeat);
+        assert_eq!(inbox.receive(7, 2), Receipt::Apply);
+        // Sources count separately.
+        assert_eq!(inbox.receive(8, 1), Receipt::Apply);
+        assert_eq!((inbox.last(7), inbox.last(8), inbox.last(9)), (2, 1, 0));
+    }
+
+    #[test]
+    fn a_confirmation_drops_what_it_covers_and_a_late_one_nothing() {
+        let mut outbox = Outbox::default();
+        for payload in ["a", "b", "c"] {
+            outbox.post(payload);
+        }
+        assert_eq!(outbox.confirm(2), Ok(2));
+        assert_eq!(outbox.confirm(1), Ok(0));
+        assert_eq!(outbox.unconfirmed().collect::<Vec<_>>(), vec![(3, &"c")]);
+        assert_eq!(outbox.confirm(4), Err(MailError::ConfirmedUnposted { upto: 4, last_posted: 3 }));
+        assert_eq!(outbox.unconfirmed().count(), 1);
+        assert_eq!(outbox.post("d"), 4);
+    }
+}
