@@ -7,6 +7,7 @@
 //! - [`shard`]: the state behind a lock, with the apply path and the readers' API.
 //! - [`actors`]: supervised ractor actors per conversation, operator and skill group.
 //! - [`mail`]: exactly-once, in-order letters between Raft groups (ADR 0006; not wired yet).
+//! - [`placement`]: which group of ADR 0006 each command goes to (not used for routing yet).
 //!
 //! Deliberately left out: networking, storage and clocks in the core. Time enters only
 //! as the timestamp a proposer writes into each log entry.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod hours;
 pub mod mail;
 pub mod model;
+pub mod placement;
 pub mod records;
 pub mod routing;
 pub mod shard;
