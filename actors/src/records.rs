@@ -100,6 +100,39 @@ pub struct Meta {
     pub channel_retention: BTreeMap<ChannelId, u32>,
 }
 
+/// Which group of ADR 0006 (with its amendments) a record will live in. Not used to
+/// place records yet: one group holds them all today.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Owner {
+    /// `G0`: users, channels, templates, groups' and operators' configuration.
+    Directory,
+    /// A conversation shard: histories, messages, attachments, channel deliveries.
+    Conversation,
+    /// A routing shard: offers, decisions, presence, queues' timing, KPIs.
+    Routing,
+    /// Every group keeps its own (its counters and clock).
+    EachGroup,
+    /// Split in two by ADR 0006: the operator record (configuration in `G0`, presence,
+    /// load and feed position in `R`), the conversation record (messages and read
+    /// marks in `C`, queue ticket and passes in `R`) and its open marker (both).
+    Split,
+}
+
+/// The owner of the records whose keys start with `prefix`, or `None` for a prefix
+/// this build does not write.
+pub fn owner(prefix: u8) -> Option<Owner> {
+    Some(match prefix {
+        b'm' | b'k' => Owner::EachGroup,
+        b'o' | b'c' | b'q' => Owner::Split,
+        b'n' | b'u' | b't' | b'g' | b'y' | b'Y' | b'B' | b'E' | b'Z' | b'R' | b'S' | b'G' | b'H' | b'N' | b'C' | b'b' | b'r' | b'L' | b'J' => {
+            Owner::Directory
+        }
+        b'h' | b'a' | b'A' | b'v' | b'e' | b'T' | b'V' | b'I' | b'U' | b'M' | b'D' | b'F' | b'w' => Owner::Conversation,
+        b'f' | b'x' | b'd' | b'j' | b'K' | b'p' | b'l' | b'z' | b'W' | b'X' | b'Q' | b'O' | b'P' => Owner::Routing,
+        _ => return None,
+    })
+}
+
 /// Conversations one `PurgeExpired` entry deletes at most: an entry's work stays
 /// bounded; the timer proposes the next one while some are left.
 pub const PURGE_BATCH: usize = 500;
