@@ -618,26 +618,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let lost = pending.lock().unwrap_or_else(|p| p.into_inner()).len();
     println!("\nclient message -> committed -> operator socket");
     println!("  sent {total} in {:.1} s ({:.0} msg/s offered), delivered {}, undelivered {lost}, send errors {send_errors}", sending.as_secs_f64(), total as f64 / sending.as_secs_f64(), lat.len());
-    println!(
-        "  latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        percentile(&lat, 50.0).as_secs_f64() * 1e3,
-        percentile(&lat, 90.0).as_secs_f64() * 1e3,
-        percentile(&lat, 99.0).as_secs_f64() * 1e3,
-        lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3
-    );
+    print_latencies("latency", &lat);
     println!("  throughput {:.0} msg/s delivered", lat.len() as f64 / sending.as_secs_f64());
     let mut acks = ack_latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
     acks.sort();
     let unacked = acks_pending.lock().unwrap_or_else(|p| p.into_inner()).len();
     println!("\nclient message -> durably committed -> client ack");
-    println!(
-        "  acked {}, unacked {unacked}; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        acks.len(),
-        percentile(&acks, 50.0).as_secs_f64() * 1e3,
-        percentile(&acks, 90.0).as_secs_f64() * 1e3,
-        percentile(&acks, 99.0).as_secs_f64() * 1e3,
-        acks.last().copied().unwrap_or_default().as_secs_f64() * 1e3
-    );
+    print_latencies(&format!("acked {}, unacked {unacked}; latency", acks.len()), &acks);
 
     if args.rate <= SYNC_FLOOR_MAX_RATE {
         // At light load the ack waits mostly for the disk: time the disk alone, at the
@@ -646,14 +633,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let dir = child.data_dir.clone();
         let floor = tokio::task::spawn_blocking(move || sync_floor(&dir, samples, interval)).await??;
         println!("\nthe data folder's disk alone: append {SYNC_FLOOR_RECORD} bytes + fdatasync, one every {:.0} ms", interval.as_secs_f64() * 1e3);
-        println!(
-            "  {} syncs; latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            floor.len(),
-            percentile(&floor, 50.0).as_secs_f64() * 1e3,
-            percentile(&floor, 90.0).as_secs_f64() * 1e3,
-            percentile(&floor, 99.0).as_secs_f64() * 1e3,
-            floor.last().copied().unwrap_or_default().as_secs_f64() * 1e3
-        );
+        print_latencies(&format!("{} syncs; latency", floor.len()), &floor);
     }
 
     if args.idle_sessions > 0 {
