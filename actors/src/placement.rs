@@ -9,6 +9,7 @@
 //! the target's.
 
 use crate::model::{ChannelId, Command, ConversationId, OperatorId, SkillGroupId};
+use crate::records::Owner;
 
 /// Where a command is proposed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +42,19 @@ pub enum Target {
     OperatorsByRoutingShard,
     /// Every group applies it.
     Every,
+}
+
+impl Target {
+    /// The kind of group this target is, as `records::owner` names the groups; `None`
+    /// for every group.
+    pub fn owner(&self) -> Option<Owner> {
+        match self {
+            Target::Directory => Some(Owner::Directory),
+            Target::Conversation(_) | Target::NewConversation { .. } | Target::Sender { .. } | Target::OwnConversationShard => Some(Owner::Conversation),
+            Target::Operator(_) | Target::Group(_) | Target::ConversationRouting(_) | Target::OwnRoutingShard | Target::OperatorsByRoutingShard => Some(Owner::Routing),
+            Target::Every => None,
+        }
+    }
 }
 
 /// The group `command` is proposed to under ADR 0006 (with its amendments).

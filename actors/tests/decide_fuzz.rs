@@ -23,7 +23,7 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use switchboard_actors::core::{precheck, Reply, RULES_VERSION};
 use switchboard_actors::model::*;
-use switchboard_actors::placement::{self, Target};
+use switchboard_actors::placement;
 use switchboard_actors::records::{self, MemStore, Owner, Store};
 use switchboard_actors::state::{ConversationStatus, HistoryItem, ShardState, FEED_RETAINED};
 use switchboard_actors::Error;
@@ -650,17 +650,11 @@ fn check_placement(command: &Command, before: &BTreeMap<Vec<u8>, Vec<u8>>, after
             None => panic!("record prefix {:?} has no owner in records::owner (ADR 0006)", prefix as char),
         }
     }
-    let expected = match placement::target(command) {
-        Target::Directory => Some(Owner::Directory),
-        Target::Conversation(_) | Target::NewConversation { .. } | Target::Sender { .. } | Target::OwnConversationShard => Some(Owner::Conversation),
-        Target::Operator(_) | Target::Group(_) | Target::ConversationRouting(_) | Target::OwnRoutingShard | Target::OperatorsByRoutingShard => Some(Owner::Routing),
-        Target::Every => None,
-    };
-    let kind = format!("{command:?}");
-    let kind = kind.split(|c: char| !c.is_alphanumeric()).next().unwrap_or_default().to_string();
-    let Some(expected) = expected else { return };
+    let Some(expected) = placement::target(command).owner() else { return };
     let foreign: Vec<Owner> = owners.into_iter().filter(|o| *o != expected).collect();
     if !foreign.is_empty() {
+        let kind = format!("{command:?}");
+        let kind = kind.split(|c: char| !c.is_alphanumeric()).next().unwrap_or_default().to_string();
         assert!(SPANS_GROUPS.contains(&kind.as_str()), "{kind} goes to {expected:?} but writes records of {foreign:?}: split it (ADR 0006) or list it in SPANS_GROUPS");
     }
 }
