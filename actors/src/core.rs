@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::mail::{Mail, Placed};
 use crate::model::*;
 use crate::routing::{new_round_at, queue_order, select_operator};
 use crate::state::{ConversationStatus, ShardState, Touched};
@@ -129,20 +130,209 @@ pub struct Outcome {
     pub touched: Touched,
 }
 
+/// Which part of ADR 0006's split a state plays. Today's node runs `Whole`: one group
+/// decides everything. `Conversations` (a conversation shard, `C`) decides commands
+/// but never routes: it holds no offers and no operator presence, and tells its
+/// routing shard what changed by [`mail_of`]. `Routing` (a routing shard, `R`) decides
+/// and routes, and tells the conversation shard who holds what.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    Conversations,
+    Routing,
+}
+
 /// Decides, applies and routes one command. On rejection the state is untouched.
 pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Outcome), Error> {
+    handle_as(state, envelope, Part::Whole)
+}
+
+/// [`handle`] in the part `part` of the split: a conversation shard commits what it
+/// decides and routes nothing.
+pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Result<(Reply, Outcome), Error> {
     let now = entry_time(state, envelope.at);
     let (reply, decided) = decide(state, &envelope.command, now)?;
-    if state.rules >= 3 && now > state.last_at {
-        state.last_at = now;
-        state.dirty.clock = true;
-    }
+    advance_clock(state, now);
     let mut outcome = Outcome::default();
     for event in decided {
         commit(state, event, now, &mut outcome);
     }
+    if part != Part::Conversations {
+        let queue = match &envelope.command {
+            Command::RouteQueue { group } => Some(group),
+            _ => None,
+        };
+        route_touched(state, queue, now, &mut outcome);
+    }
+    Ok((reply, outcome))
+}
+
+fn advance_clock(state: &mut ShardState, now: Timestamp) {
+    if state.rules >= 3 && now > state.last_at {
+        state.last_at = now;
+        state.dirty.clock = true;
+    }
+}
+
+/// Commits in `state` what a letter from the other kind of shard tells it, in an entry
+/// stamped `at`, and routes what that changed when `state` is a routing shard's. Mail is
+/// made by commands only ([`mail_of`]), never by receiving mail, so nothing echoes.
+///
+/// A letter about a conversation the receiver has closed (or never knew, for a
+/// routing shard) changes nothing: a conversation shard's close is final, and the
+/// routing shard learns it by `Release`, which comes after every letter it sent before.
+pub fn receive(state: &mut ShardState, mail: &Mail, at: Timestamp) -> Outcome {
+    let now = entry_time(state, at);
+    advance_clock(state, now);
+    let status = |id: &ConversationId| state.conversations.get(id).map(|c| c.status.clone());
+    let open = |id: &ConversationId| status(id).is_some_and(|s| s != ConversationStatus::Closed);
+    let mut events = Vec::new();
+    match mail {
+        Mail::Enqueue { conversation, channel, visitor, group, sticky, .. } => {
+            match status(conversation) {
+                None => events.push(Event::ConversationStarted { conversation: *conversation, channel: channel.clone(), visitor: visitor.clone() }),
+                // Queued or held already (cannot be: `C` enqueues a conversation once per
+                // stay out of a queue), or closed here (final).
+                Some(_) => {}
+            }
+            if !events.is_empty() {
+                events.push(Event::ConversationQueued { conversation: *conversation, group: group.clone(), ticket: state.next_ticket });
+                events.extend(sticky.iter().map(|operator| Event::StickySet { conversation: *conversation, operator: operator.clone() }));
+            }
+        }
+        Mail::Release { conversation, by, resolution, tags } => {
+            if let Some(conv) = state.conversations.get(conversation).filter(|_| open(conversation)) {
+                events = withdraw_pending(state, conversation, WithdrawReason::ConversationClosed);
+                events.push(Event::ConversationClosed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() });
+                events.extend(wrap_up_after(state, conv, now));
+            }
+        }
+        Mail::Rated { conversation, score, comment } => {
+            if state.conversations.get(conversation).is_some_and(|c| !c.rated) {
+                events.push(Event::ConversationRated { conversation: *conversation, score: *score, comment: comment.clone() });
+            }
+        }
+        Mail::Purged { conversations } => {
+            // Those this shard holds records of, found before the entry (`records::receive`).
+            let known: Vec<ConversationId> = conversations.iter().filter(|c| state.expired.contains(c)).copied().collect();
+            if !known.is_empty() {
+                events.push(Event::ConversationsDeleted { conversations: known });
+            }
+        }
+        Mail::Assigned { conversation, operator } => {
+            if open(conversation) {
+                events.push(Event::ConversationAssigned { conversation: *conversation, operator: operator.clone() });
+            }
+        }
+        Mail::Transferred { conversation, from, to, comment, then } => {
+            if open(conversation) {
+                events.push(Event::ConversationTransferred { conversation: *conversation, from: from.clone(), to: to.clone(), comment: comment.clone() });
+                events.push(placed(state, *conversation, then));
+            }
+        }
+        Mail::Reassigned { conversation, by, to, comment, then } => {
+            if open(conversation) {
+                events.push(Event::ConversationReassigned { conversation: *conversation, by: by.clone(), to: to.clone(), comment: comment.clone() });
+                events.push(placed(state, *conversation, then));
+            }
+        }
+        Mail::Requeued { conversation, group } => {
+            if open(conversation) {
+                events.push(Event::ConversationQueued { conversation: *conversation, group: group.clone(), ticket: state.next_ticket });
+            }
+        }
+    }
+    let mut outcome = Outcome::default();
+    for event in events {
+        commit(state, event, now, &mut outcome);
+    }
+    if mail.from_conversation_shard() {
+        route_touched(state, None, now, &mut outcome);
+    }
+    outcome
+}
+
+/// The event that puts a conversation where a routing shard's letter says it went.
+fn placed(state: &ShardState, conversation: ConversationId, then: &Placed) -> Event {
+    match then {
+        Placed::Held(operator) => Event::ConversationAssigned { conversation, operator: operator.clone() },
+        Placed::Queued(group) => Event::ConversationQueued { conversation, group: group.clone(), ticket: state.next_ticket },
+    }
+}
+
+/// The letters the part `part` of the split sends the other part for an outcome of one
+/// of its commands, in the order it decided them (see [`Mail`]). `state` is the state
+/// after the outcome was committed. Nothing for `Whole`.
+pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<Mail> {
+    let mut mail = Vec::new();
+    // A transfer's or reassignment's placement travels in its letter, not after it.
+    let mut folded = BTreeSet::new();
+    let placement = |from: usize, conv: &ConversationId, folded: &mut BTreeSet<usize>| {
+        outcome.events.iter().enumerate().skip(from + 1).find_map(|(i, e)| match e {
+            Event::ConversationAssigned { conversation, operator } if conversation == conv => Some((i, Placed::Held(operator.clone()))),
+            Event::ConversationQueued { conversation, group, .. } if conversation == conv => Some((i, Placed::Queued(group.clone()))),
+            _ => None,
+        })
+        .map(|(i, then)| {
+            folded.insert(i);
+            then
+        })
+    };
+    for (i, event) in outcome.events.iter().enumerate() {
+        if folded.contains(&i) {
+            continue;
+        }
+        match (part, event) {
+            (Part::Conversations, Event::ConversationQueued { conversation, group, .. }) => {
+                let Some(conv) = state.conversations.get(conversation) else { continue };
+                let sticky = outcome.events.iter().find_map(|e| match e {
+                    Event::StickySet { conversation: c, operator } if c == conversation => Some(operator.clone()),
+                    _ => None,
+                });
+                mail.push(Mail::Enqueue {
+                    conversation: *conversation,
+                    channel: conv.channel.clone(),
+                    visitor: conv.visitor.clone(),
+                    group: group.clone(),
+                    created_at: conv.created_at,
+                    sticky,
+                });
+            }
+            (Part::Conversations, Event::ConversationClosed { conversation, by, resolution, tags }) => {
+                mail.push(Mail::Release { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() });
+            }
+            (Part::Conversations, Event::ConversationRated { conversation, score, comment }) => {
+                mail.push(Mail::Rated { conversation: *conversation, score: *score, comment: comment.clone() });
+            }
+            (Part::Conversations, Event::ConversationsDeleted { conversations }) => {
+                mail.push(Mail::Purged { conversations: conversations.clone() });
+            }
+            (Part::Routing, Event::ConversationAssigned { conversation, operator }) => {
+                mail.push(Mail::Assigned { conversation: *conversation, operator: operator.clone() });
+            }
+            (Part::Routing, Event::ConversationTransferred { conversation, from, to, comment }) => {
+                if let Some(then) = placement(i, conversation, &mut folded) {
+                    mail.push(Mail::Transferred { conversation: *conversation, from: from.clone(), to: to.clone(), comment: comment.clone(), then });
+                }
+            }
+            (Part::Routing, Event::ConversationReassigned { conversation, by, to, comment }) => {
+                if let Some(then) = placement(i, conversation, &mut folded) {
+                    mail.push(Mail::Reassigned { conversation: *conversation, by: by.clone(), to: to.clone(), comment: comment.clone(), then });
+                }
+            }
+            (Part::Routing, Event::ConversationQueued { conversation, group, .. }) => {
+                mail.push(Mail::Requeued { conversation: *conversation, group: group.clone() });
+            }
+            _ => {}
+        }
+    }
+    mail
+}
+
+/// Routes the groups an outcome touched (and `queue`, asked for by `RouteQueue`).
+fn route_touched(state: &mut ShardState, queue: Option<&SkillGroupId>, now: Timestamp, outcome: &mut Outcome) {
     let mut dirty: BTreeSet<SkillGroupId> = outcome.touched.groups.clone();
-    if let Command::RouteQueue { group } = &envelope.command {
+    if let Some(group) = queue {
         dirty.insert(group.clone());
     }
     // Rules 6: a group whose steps overflow into a touched group may now find room
@@ -159,9 +349,8 @@ pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Out
         Vec::new()
     };
     for group in dirty.iter().chain(&overflowing) {
-        route_group(state, group, now, &mut outcome);
+        route_group(state, group, now, outcome);
     }
-    Ok((reply, outcome))
 }
 
 /// The time an entry stamped `at` is decided at: from rules 3 on, never before the last

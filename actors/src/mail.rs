@@ -21,6 +21,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::{ChannelId, Closer, ConversationId, OperatorId, SkillGroupId, Timestamp, TransferTarget, Visitor};
+
 /// A Raft group's id, as the raft crate numbers groups.
 pub type GroupId = u64;
 
@@ -124,6 +126,68 @@ impl Inbox {
     /// The answer to `from`'s forwarder: every letter up to this id is applied.
     pub fn last(&self, from: GroupId) -> u64 {
         self.last.get(&from).copied().unwrap_or(0)
+    }
+}
+
+/// What a conversation shard (`C`) and a routing shard (`R`) tell each other: each
+/// letter mirrors one event the sender decided, for the receiver to commit in its own
+/// log (`core::receive`). Messages, typing, reads and history never travel: only the
+/// steps that change who may hold a conversation, and what the other side counts.
+///
+/// Part of the storage format once wired (letters are records of the sender until
+/// confirmed): append variants, never reorder or remove them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Mail {
+    /// `C` to `R`: the conversation waits for an operator of `group` (started, handed off
+    /// by a bot, or requeued by a directory change). `R` learns the conversation from it
+    /// the first time, allocates its own queue ticket and routes. `sticky` is the
+    /// returning customer's last operator when `C` found them eligible (rules 5).
+    Enqueue { conversation: ConversationId, channel: ChannelId, visitor: Visitor, group: SkillGroupId, created_at: Timestamp, sticky: Option<OperatorId> },
+    /// `C` to `R`: closed. `R` withdraws its offer, frees the holder's capacity (I3:
+    /// until this arrives the capacity stays taken, never the other way round) and
+    /// decides the holder's wrap-up.
+    Release { conversation: ConversationId, by: Closer, resolution: String, tags: Vec<String> },
+    /// `C` to `R`: the customer rated it (the rating KPIs are counted where routing is).
+    Rated { conversation: ConversationId, score: u8, comment: String },
+    /// `C` to `R`: deleted by retention; `R` deletes its decision records.
+    Purged { conversations: Vec<ConversationId> },
+    /// `R` to `C`: an operator holds it now. `C` accepts that operator's replies from
+    /// then on (I2); until it applies this, a reply is refused as not assigned.
+    Assigned { conversation: ConversationId, operator: OperatorId },
+    /// `R` to `C`: its holder passed it on, and where it went (one letter, so `C` never
+    /// holds a conversation released by its holder and not yet placed).
+    Transferred { conversation: ConversationId, from: OperatorId, to: TransferTarget, comment: String, then: Placed },
+    /// `R` to `C`: a supervisor moved it, and where it went.
+    Reassigned { conversation: ConversationId, by: String, to: TransferTarget, comment: String, then: Placed },
+    /// `R` to `C`: back in `group`'s queue.
+    Requeued { conversation: ConversationId, group: SkillGroupId },
+}
+
+/// Where a transfer or reassignment put a conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Placed {
+    Held(OperatorId),
+    Queued(SkillGroupId),
+}
+
+impl Mail {
+    /// The conversations the letter is about.
+    pub fn conversations(&self) -> Vec<ConversationId> {
+        match self {
+            Mail::Enqueue { conversation, .. }
+            | Mail::Release { conversation, .. }
+            | Mail::Rated { conversation, .. }
+            | Mail::Assigned { conversation, .. }
+            | Mail::Transferred { conversation, .. }
+            | Mail::Reassigned { conversation, .. }
+            | Mail::Requeued { conversation, .. } => vec![*conversation],
+            Mail::Purged { conversations } => conversations.clone(),
+        }
+    }
+
+    /// Whether a conversation shard sends it (else a routing shard does).
+    pub fn from_conversation_shard(&self) -> bool {
+        matches!(self, Mail::Enqueue { .. } | Mail::Release { .. } | Mail::Rated { .. } | Mail::Purged { .. })
     }
 }
 

@@ -1360,11 +1360,45 @@ impl Store for MemStore {
 /// Applies one command as the node's shard does: loads what it needs from `store`,
 /// decides and applies it, writes its records and drops what is not hot.
 pub fn run(state: &mut ShardState, store: &MemStore, envelope: &Envelope) -> Result<(crate::core::Reply, crate::core::Outcome), Error> {
+    run_as(state, store, envelope, crate::core::Part::Whole)
+}
+
+/// [`run`] in the part `role` of ADR 0006's split (`core::handle_as`).
+pub fn run_as(state: &mut ShardState, store: &MemStore, envelope: &Envelope, part: crate::core::Part) -> Result<(crate::core::Reply, crate::core::Outcome), Error> {
     prefetch(state, store, &envelope.command)?;
-    let result = crate::core::handle(state, envelope);
+    let result = crate::core::handle_as(state, envelope, part);
     let candidates = eviction_candidates(state, &envelope.command);
     store.write(take_writes(state));
     end_command(state);
     evict(state, &candidates);
     result
+}
+
+/// Commits a letter of ADR 0006's mail the way [`run`] commits a command: what it
+/// names is loaded from the records first (a closed conversation a rating is for, the
+/// records a purge deletes), its writes are written, closed conversations leave memory.
+pub fn receive(state: &mut ShardState, store: &MemStore, mail: &crate::mail::Mail, at: Timestamp) -> Result<crate::core::Outcome, Error> {
+    let named = mail.conversations();
+    for id in &named {
+        if !state.conversations.contains_key(id) && !state.deleted.contains(id) {
+            if let Some(conv) = load_conversation(store, *id, false)? {
+                state.conversations.insert(*id, conv);
+            }
+        }
+    }
+    if let crate::mail::Mail::Purged { conversations } = mail {
+        for id in conversations {
+            if get::<Conversation>(store, &key::conversation(*id))?.is_some() {
+                collect_conversation_keys(state, store, *id)?;
+                state.expired.push(*id);
+            }
+        }
+    }
+    let outcome = crate::core::receive(state, mail, at);
+    let mut candidates = named;
+    candidates.extend(state.dirty.conversations.iter().copied());
+    store.write(take_writes(state));
+    end_command(state);
+    evict(state, &candidates);
+    Ok(outcome)
 }

@@ -21,7 +21,8 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use proptest::sample::select;
-use switchboard_actors::core::{precheck, Reply, RULES_VERSION};
+use switchboard_actors::core::{self, precheck, Part, Reply, RULES_VERSION};
+use switchboard_actors::mail::{GroupId, Inbox, Mail, Outbox, Receipt};
 use switchboard_actors::model::*;
 use switchboard_actors::placement;
 use switchboard_actors::records::{self, MemStore, Owner, Store};
@@ -811,5 +812,183 @@ proptest! {
         let (restored, results_restored) = replay(&setup, &entries, Some(snapshot_at.index(entries.len() + 1)));
         prop_assert_eq!(json(&restored), json(&state), "a restart half way changes nothing");
         prop_assert_eq!(&results_restored, &results);
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// ADR 0006's split in one process: the same commands through a conversation shard
+// (`C`, `core::Part::Conversations`) and a routing shard (`R`, `Part::Routing`), each
+// with its own state and records, and the mail between them (`core::mail_of`,
+// `core::receive`) delivered late, out of order, twice, or lost and resent, through
+// `mail::Outbox` and `mail::Inbox`. Directory commands go to both (the metadata group
+// `G0` is not split off yet).
+
+const C_GROUP: GroupId = 2;
+const R_GROUP: GroupId = 3;
+
+/// What the network does with mail between two steps: deliver the `pick`-th letter in
+/// flight one way (`to_routing`) or the other; an answer may be lost (`answered`).
+#[derive(Clone, Debug)]
+struct Post {
+    to_routing: bool,
+    pick: usize,
+    answered: bool,
+}
+
+fn posts() -> impl Strategy<Value = Vec<Post>> {
+    prop::collection::vec((any::<bool>(), 0..3usize, prop::bool::weighted(0.8)).prop_map(|(to_routing, pick, answered)| Post { to_routing, pick, answered }), 0..4)
+}
+
+struct Split {
+    c: ShardState,
+    c_store: MemStore,
+    r: ShardState,
+    r_store: MemStore,
+    /// Letters `C` posted to `R`, and `R` to `C`; each side's inbox.
+    to_r: Outbox<Mail>,
+    to_c: Outbox<Mail>,
+    r_inbox: Inbox,
+    c_inbox: Inbox,
+    /// Letters applied, for the failure message.
+    applied: Vec<(GroupId, Mail)>,
+}
+
+impl Split {
+    fn new(setup: &Setup) -> Split {
+        let (c, c_store) = initial(setup);
+        let (r, r_store) = initial(setup);
+        Split { c, c_store, r, r_store, to_r: Outbox::default(), to_c: Outbox::default(), r_inbox: Inbox::default(), c_inbox: Inbox::default(), applied: Vec::new() }
+    }
+
+    /// Proposes a command to the group `placement` names (directory commands to both),
+    /// checking each side's own invariants, and posts the mail its outcome makes.
+    fn submit(&mut self, entry: &Envelope) {
+        let owner = placement::target(&entry.command).owner();
+        if owner != Some(Owner::Routing) {
+            let loads: BTreeMap<OperatorId, u32> = self.c.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect();
+            if let Ok((_, outcome)) = records::run_as(&mut self.c, &self.c_store, entry, Part::Conversations) {
+                note_purge(&outcome.events);
+                for mail in core::mail_of(&self.c, &outcome, Part::Conversations) {
+                    self.to_r.post(mail);
+                }
+            }
+            check_invariants(&self.c, &self.c_store, &loads);
+        }
+        if owner != Some(Owner::Conversation) {
+            let loads: BTreeMap<OperatorId, u32> = self.r.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect();
+            if let Ok((_, outcome)) = records::run_as(&mut self.r, &self.r_store, entry, Part::Routing) {
+                for mail in core::mail_of(&self.r, &outcome, Part::Routing) {
+                    self.to_c.post(mail);
+                }
+            }
+            check_invariants(&self.r, &self.r_store, &loads);
+        }
+    }
+
+    /// One letter arrives (an early one is dropped by the inbox), and its answer may.
+    fn deliver(&mut self, post: &Post, at: Timestamp) {
+        let (outbox, inbox, state, store, from, to) = if post.to_routing {
+            (&mut self.to_r, &mut self.r_inbox, &mut self.r, &self.r_store, C_GROUP, R_GROUP)
+        } else {
+            (&mut self.to_c, &mut self.c_inbox, &mut self.c, &self.c_store, R_GROUP, C_GROUP)
+        };
+        let letters: Vec<(u64, Mail)> = outbox.unconfirmed().map(|(id, m)| (id, m.clone())).collect();
+        let Some((id, mail)) = letters.get(post.pick.min(letters.len().saturating_sub(1))).cloned() else { return };
+        if inbox.receive(from, id) == Receipt::Apply {
+            let loads: BTreeMap<OperatorId, u32> = state.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect();
+            let outcome = records::receive(state, store, &mail, at).expect("a letter commits");
+            note_purge(&outcome.events);
+            check_invariants(state, store, &loads);
+            self.applied.push((to, mail));
+        }
+        if post.answered {
+            outbox.confirm(inbox.last(from)).expect("an answer names posted letters only");
+        }
+    }
+
+    /// Every letter in flight arrives, in order, until neither side has any.
+    fn drain(&mut self, at: Timestamp) {
+        for _ in 0..10_000 {
+            if self.to_r.is_empty() && self.to_c.is_empty() {
+                return;
+            }
+            for to_routing in [true, false] {
+                self.deliver(&Post { to_routing, pick: 0, answered: true }, at);
+            }
+        }
+        panic!("mail did not settle: receiving mail must not make mail");
+    }
+}
+
+fn note_purge(events: &[Event]) {
+    if events.iter().any(|e| matches!(e, Event::ConversationsDeleted { .. })) {
+        PURGED.with(|p| p.set(true));
+    }
+}
+
+/// A conversation as the other side sees it, from its hot state or its records.
+fn status_in(state: &ShardState, store: &MemStore, id: ConversationId) -> Option<ConversationStatus> {
+    match state.conversations.get(&id) {
+        Some(conv) => Some(conv.status.clone()),
+        None => records::load_conversation(store, id, false).expect("readable").map(|c| c.status),
+    }
+}
+
+/// Once no mail is in flight the two shards agree on every conversation's place: held
+/// by the same operator, queued in the same group, or closed (or never seen by routing:
+/// a bot's conversation, or one closed before it was queued); and routing holds no
+/// conversation the conversation shard does not.
+fn check_agreement(split: &Split) {
+    for n in 0..64 {
+        let id = ConversationId(n);
+        let c = status_in(&split.c, &split.c_store, id);
+        let r = status_in(&split.r, &split.r_store, id);
+        let group = |state: &ShardState, store: &MemStore| match state.conversations.get(&id) {
+            Some(conv) => Some(conv.group.clone()),
+            None => records::load_conversation(store, id, false).expect("readable").map(|c| c.group),
+        };
+        let agree = match (&c, &r) {
+            (None, None) => true,
+            (Some(ConversationStatus::Closed | ConversationStatus::WithBot), None) => true,
+            (Some(ConversationStatus::Closed), Some(ConversationStatus::Closed)) => true,
+            (Some(ConversationStatus::Assigned { operator: a }), Some(ConversationStatus::Assigned { operator: b })) => a == b,
+            (Some(ConversationStatus::Queued { .. }), Some(ConversationStatus::Queued { .. })) => {
+                group(&split.c, &split.c_store) == group(&split.r, &split.r_store)
+            }
+            _ => false,
+        };
+        assert!(agree, "{id}: the conversation shard has it {c:?}, the routing shard {r:?}; letters applied: {:#?}", split.applied);
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn split_into_conversation_and_routing_shards_the_core_keeps_its_invariants_and_both_agree_when_quiet(
+        setup in setup(),
+        steps in prop::collection::vec((pause(), step(), posts()), 0..40),
+    ) {
+        PURGED.with(|p| p.set(false));
+        let mut split = Split::new(&setup);
+        let mut now = 1000;
+        for command in prelude(&setup) {
+            split.submit(&Envelope::new(Timestamp(now), command));
+        }
+        for (pause, step, posts) in &steps {
+            now += pause;
+            // Offers and transfers are answered from what routing knows, the holder's
+            // messages, closes and reads from what the conversation shard knows.
+            let mut command = resolve(&split.r, step);
+            if placement::target(&command).owner() == Some(Owner::Conversation) {
+                command = resolve(&split.c, step);
+            }
+            split.submit(&Envelope::new(Timestamp(now), command));
+            for post in posts {
+                split.deliver(post, Timestamp(now));
+            }
+        }
+        split.drain(Timestamp(now));
+        check_agreement(&split);
     }
 }
