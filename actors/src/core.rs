@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::mail::{Mail, Placed};
+use crate::mail::{GroupId, Mail, Placed, Receipt};
 use crate::model::*;
 use crate::routing::{new_round_at, queue_order, select_operator};
 use crate::state::{ConversationStatus, ShardState, Touched};
@@ -85,6 +85,8 @@ pub enum Reply {
     Inbound { conversation: ConversationId, duplicate: bool },
     /// The outbox entries a `DeliveriesAttempted` marked: the proposer sends only these.
     Attempted { items: Vec<(ConversationId, u64)> },
+    /// A letter's destination applied every letter from its sender up to `last`.
+    Delivered { last: u64 },
 }
 
 /// The idempotency key of a channel's inbound message: the channel, the sender and the
@@ -134,12 +136,24 @@ pub struct Outcome {
 /// decides everything. `Conversations` (a conversation shard, `C`) decides commands
 /// but never routes: it holds no offers and no operator presence, and tells its
 /// routing shard what changed by [`mail_of`]. `Routing` (a routing shard, `R`) decides
-/// and routes, and tells the conversation shard who holds what.
+/// and routes, and tells the conversation shard who holds what. Each names the group
+/// its letters go to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
     Whole,
-    Conversations,
-    Routing,
+    Conversations { routing: GroupId },
+    Routing { conversations: GroupId },
+}
+
+impl Part {
+    /// The group this part's letters go to (none for `Whole`).
+    pub fn addressee(&self) -> Option<GroupId> {
+        match self {
+            Part::Whole => None,
+            Part::Conversations { routing } => Some(*routing),
+            Part::Routing { conversations } => Some(*conversations),
+        }
+    }
 }
 
 /// Decides, applies and routes one command. On rejection the state is untouched.
@@ -157,12 +171,20 @@ pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Res
     for event in decided {
         commit(state, event, now, &mut outcome);
     }
-    if part != Part::Conversations {
+    if !matches!(part, Part::Conversations { .. }) {
         let queue = match &envelope.command {
             Command::RouteQueue { group } => Some(group),
             _ => None,
         };
         route_touched(state, queue, now, &mut outcome);
+    }
+    // The letters this entry decided, posted in the same apply (ADR 0006). Receiving a
+    // letter makes none, so nothing echoes.
+    if let (Some(to), false) = (part.addressee(), matches!(envelope.command, Command::Deliver { .. })) {
+        for mail in mail_of(state, &outcome, part) {
+            let id = state.mail_out.get(&to).map_or(0, |o| o.last_posted()) + 1;
+            commit(state, Event::MailPosted { to, id, mail }, now, &mut outcome);
+        }
     }
     Ok((reply, outcome))
 }
@@ -174,16 +196,14 @@ fn advance_clock(state: &mut ShardState, now: Timestamp) {
     }
 }
 
-/// Commits in `state` what a letter from the other kind of shard tells it, in an entry
-/// stamped `at`, and routes what that changed when `state` is a routing shard's. Mail is
-/// made by commands only ([`mail_of`]), never by receiving mail, so nothing echoes.
+/// The events that commit what a letter from the other kind of shard tells `state`
+/// (decided like a command, from the state before them). Mail is made by commands only
+/// ([`mail_of`]), never by receiving mail, so nothing echoes.
 ///
 /// A letter about a conversation the receiver has closed (or never knew, for a
 /// routing shard) changes nothing: a conversation shard's close is final, and the
 /// routing shard learns it by `Release`, which comes after every letter it sent before.
-pub fn receive(state: &mut ShardState, mail: &Mail, at: Timestamp) -> Outcome {
-    let now = entry_time(state, at);
-    advance_clock(state, now);
+fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp) -> Vec<Event> {
     let status = |id: &ConversationId| state.conversations.get(id).map(|c| c.status.clone());
     let open = |id: &ConversationId| status(id).is_some_and(|s| s != ConversationStatus::Closed);
     let mut events = Vec::new();
@@ -213,7 +233,7 @@ pub fn receive(state: &mut ShardState, mail: &Mail, at: Timestamp) -> Outcome {
             }
         }
         Mail::Purged { conversations } => {
-            // Those this shard holds records of, found before the entry (`records::receive`).
+            // Those this shard holds records of, found before the entry (`records::prefetch`).
             let known: Vec<ConversationId> = conversations.iter().filter(|c| state.expired.contains(c)).copied().collect();
             if !known.is_empty() {
                 events.push(Event::ConversationsDeleted { conversations: known });
@@ -242,14 +262,7 @@ pub fn receive(state: &mut ShardState, mail: &Mail, at: Timestamp) -> Outcome {
             }
         }
     }
-    let mut outcome = Outcome::default();
-    for event in events {
-        commit(state, event, now, &mut outcome);
-    }
-    if mail.from_conversation_shard() {
-        route_touched(state, None, now, &mut outcome);
-    }
-    outcome
+    events
 }
 
 /// The event that puts a conversation where a routing shard's letter says it went.
@@ -283,7 +296,7 @@ pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<Mail> {
             continue;
         }
         match (part, event) {
-            (Part::Conversations, Event::ConversationQueued { conversation, group, .. }) => {
+            (Part::Conversations { .. }, Event::ConversationQueued { conversation, group, .. }) => {
                 let Some(conv) = state.conversations.get(conversation) else { continue };
                 let sticky = outcome.events.iter().find_map(|e| match e {
                     Event::StickySet { conversation: c, operator } if c == conversation => Some(operator.clone()),
@@ -298,29 +311,29 @@ pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<Mail> {
                     sticky,
                 });
             }
-            (Part::Conversations, Event::ConversationClosed { conversation, by, resolution, tags }) => {
+            (Part::Conversations { .. }, Event::ConversationClosed { conversation, by, resolution, tags }) => {
                 mail.push(Mail::Release { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() });
             }
-            (Part::Conversations, Event::ConversationRated { conversation, score, comment }) => {
+            (Part::Conversations { .. }, Event::ConversationRated { conversation, score, comment }) => {
                 mail.push(Mail::Rated { conversation: *conversation, score: *score, comment: comment.clone() });
             }
-            (Part::Conversations, Event::ConversationsDeleted { conversations }) => {
+            (Part::Conversations { .. }, Event::ConversationsDeleted { conversations }) => {
                 mail.push(Mail::Purged { conversations: conversations.clone() });
             }
-            (Part::Routing, Event::ConversationAssigned { conversation, operator }) => {
+            (Part::Routing { .. }, Event::ConversationAssigned { conversation, operator }) => {
                 mail.push(Mail::Assigned { conversation: *conversation, operator: operator.clone() });
             }
-            (Part::Routing, Event::ConversationTransferred { conversation, from, to, comment }) => {
+            (Part::Routing { .. }, Event::ConversationTransferred { conversation, from, to, comment }) => {
                 if let Some(then) = placement(i, conversation, &mut folded) {
                     mail.push(Mail::Transferred { conversation: *conversation, from: from.clone(), to: to.clone(), comment: comment.clone(), then });
                 }
             }
-            (Part::Routing, Event::ConversationReassigned { conversation, by, to, comment }) => {
+            (Part::Routing { .. }, Event::ConversationReassigned { conversation, by, to, comment }) => {
                 if let Some(then) = placement(i, conversation, &mut folded) {
                     mail.push(Mail::Reassigned { conversation: *conversation, by: by.clone(), to: to.clone(), comment: comment.clone(), then });
                 }
             }
-            (Part::Routing, Event::ConversationQueued { conversation, group, .. }) => {
+            (Part::Routing { .. }, Event::ConversationQueued { conversation, group, .. }) => {
                 mail.push(Mail::Requeued { conversation: *conversation, group: group.clone() });
             }
             _ => {}
@@ -722,6 +735,24 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
         Ok(())
     };
     match command {
+        Command::Deliver { from, id, mail } => match state.mail_in.expects(*from, *id) {
+            Receipt::Apply => {
+                let mut events = vec![Event::MailReceived { from: *from, id: *id }];
+                events.extend(letter_events(state, mail, now));
+                Ok((Reply::Delivered { last: *id }, events))
+            }
+            // A repeat, or one that overtook a letter before it: the answer tells the
+            // sender where to resend from.
+            Receipt::Repeat | Receipt::Early { .. } => Ok((Reply::Delivered { last: state.mail_in.last(*from) }, vec![])),
+        },
+        Command::ConfirmMail { to, upto } => {
+            let Some(outbox) = state.mail_out.get(to) else { return Err(Error::NotFound(format!("letters to group {to}"))) };
+            if *upto > outbox.last_posted() {
+                return Err(Error::Invalid(format!("group {to} confirms letters up to {upto}, but the last posted is {}", outbox.last_posted())));
+            }
+            let drops = outbox.unconfirmed().next().is_some_and(|(first, _)| first <= *upto);
+            Ok((Reply::Done, if drops { vec![Event::MailConfirmed { to: *to, upto: *upto }] } else { vec![] }))
+        }
         Command::UpsertSkillGroup(config) => {
             if config.id.0.is_empty() {
                 return Err(Error::Invalid("skill group id is empty".into()));

@@ -81,6 +81,12 @@ impl<P> Outbox<P> {
         Ok(dropped)
     }
 
+    /// Rebuilds an outbox from its records: the last id posted and the letters not
+    /// confirmed, oldest first.
+    pub fn restore(last_posted: u64, pending: impl IntoIterator<Item = (u64, P)>) -> Outbox<P> {
+        Outbox { next: last_posted + 1, pending: pending.into_iter().collect() }
+    }
+
     /// The id of the last letter posted (0 before the first).
     pub fn last_posted(&self) -> u64 {
         self.next - 1
@@ -121,6 +127,28 @@ impl Inbox {
         } else {
             Receipt::Early { expected: *last + 1 }
         }
+    }
+
+    /// What [`Inbox::receive`] would decide, without counting anything.
+    pub fn expects(&self, from: GroupId, id: u64) -> Receipt {
+        let last = self.last(from);
+        if id <= last {
+            Receipt::Repeat
+        } else if id == last + 1 {
+            Receipt::Apply
+        } else {
+            Receipt::Early { expected: last + 1 }
+        }
+    }
+
+    /// Every source with the last id applied from it.
+    pub fn sources(&self) -> impl Iterator<Item = (GroupId, u64)> + '_ {
+        self.last.iter().map(|(g, id)| (*g, *id))
+    }
+
+    /// Rebuilds an inbox from its records.
+    pub fn restore(last: impl IntoIterator<Item = (GroupId, u64)>) -> Inbox {
+        Inbox { last: last.into_iter().collect() }
     }
 
     /// The answer to `from`'s forwarder: every letter up to this id is applied.

@@ -648,6 +648,19 @@ pub enum Command {
         thread: Option<ConversationId>,
         attributes: Vec<(String, String)>,
     },
+    /// A letter from another group (ADR 0006), proposed to its destination by the
+    /// sender's forwarder: applied if it is the next one from `from`, dropped as a repeat
+    /// or as early otherwise. Answered with the last id applied from `from`.
+    Deliver {
+        from: u64,
+        id: u64,
+        mail: crate::mail::Mail,
+    },
+    /// The destination `to` applied every letter up to `upto`: the sender drops them.
+    ConfirmMail {
+        to: u64,
+        upto: u64,
+    },
 }
 
 /// A file a customer sent through a channel, stored in the blob store before the
@@ -1180,5 +1193,21 @@ pub enum Event {
         group: SkillGroupId,
         reason: String,
         context: Vec<(String, String)>,
+    },
+    /// A letter for group `to`, decided in this entry (ADR 0006).
+    MailPosted {
+        to: u64,
+        id: u64,
+        mail: crate::mail::Mail,
+    },
+    /// The letter `id` from `from` was applied (its events follow in the same entry).
+    MailReceived {
+        from: u64,
+        id: u64,
+    },
+    /// `to` confirmed every letter up to `upto`.
+    MailConfirmed {
+        to: u64,
+        upto: u64,
     },
 }

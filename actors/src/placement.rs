@@ -42,6 +42,11 @@ pub enum Target {
     OperatorsByRoutingShard,
     /// Every group applies it.
     Every,
+    /// A letter, proposed to the group its sender addressed it to: a routing shard for
+    /// a conversation shard's letter, a conversation shard for a routing shard's.
+    Addressee(Owner),
+    /// Proposed by a group's leader to its own group (a confirmation of its letters).
+    Itself,
 }
 
 impl Target {
@@ -52,7 +57,8 @@ impl Target {
             Target::Directory => Some(Owner::Directory),
             Target::Conversation(_) | Target::NewConversation { .. } | Target::Sender { .. } | Target::OwnConversationShard => Some(Owner::Conversation),
             Target::Operator(_) | Target::Group(_) | Target::ConversationRouting(_) | Target::OwnRoutingShard | Target::OperatorsByRoutingShard => Some(Owner::Routing),
-            Target::Every => None,
+            Target::Addressee(owner) => Some(*owner),
+            Target::Every | Target::Itself => None,
         }
     }
 }
@@ -114,6 +120,8 @@ pub fn target(command: &Command) -> Target {
         ExpireOffer { .. } | MarkAbsent { .. } => Target::OwnRoutingShard,
         OperatorsConnected { .. } => Target::OperatorsByRoutingShard,
         AdoptRules { .. } => Target::Every,
+        Deliver { mail, .. } => Target::Addressee(if mail.from_conversation_shard() { Owner::Routing } else { Owner::Conversation }),
+        ConfirmMail { .. } => Target::Itself,
     }
 }
 

@@ -53,6 +53,9 @@
 //! | `M` conversation seq | an outbox entry once sent, delivered, read or dead-lettered |
 //! | `D` conversation seq | empty: the outbox entry is dead-lettered (failed or unknown) |
 //! | `F` len:u16 channel provider id | the sent outbox entry (conversation, seq) the provider knows by that id (deleted with it) |
+//! | `s` group:u64 id:u64 | a letter for that group not yet confirmed ([`crate::mail::Mail`], ADR 0006) |
+//! | `i` `o` group:u64 | the id of the last letter posted to that group |
+//! | `i` `i` group:u64 | the id of the last letter applied from that group |
 //!
 //! Every value starts with a format version byte ([`RECORD_VERSION`]), then the bincode
 //! of the record. A reader refuses a version it does not know (docs/formats.md).
@@ -122,7 +125,7 @@ pub enum Owner {
 /// this build does not write.
 pub fn owner(prefix: u8) -> Option<Owner> {
     Some(match prefix {
-        b'm' | b'k' => Owner::EachGroup,
+        b'm' | b'k' | b's' | b'i' => Owner::EachGroup,
         b'o' | b'c' | b'q' => Owner::Split,
         b'n' | b'u' | b't' | b'g' | b'y' | b'Y' | b'B' | b'E' | b'Z' | b'R' | b'S' | b'G' | b'H' | b'N' | b'C' | b'b' | b'r' | b'L' | b'J' => {
             Owner::Directory
@@ -161,6 +164,18 @@ pub mod key {
 
     pub fn group(id: &SkillGroupId) -> Vec<u8> {
         with(b'g', id.0.as_bytes())
+    }
+    pub fn letter(to: u64, id: u64) -> Vec<u8> {
+        with_id(b's', to, &id.to_be_bytes())
+    }
+    pub fn letters_prefix(to: u64) -> Vec<u8> {
+        with_id(b's', to, &[])
+    }
+    pub fn last_posted(to: u64) -> Vec<u8> {
+        with(b'i', &[&b"o"[..], &to.to_be_bytes()].concat())
+    }
+    pub fn last_applied(from: u64) -> Vec<u8> {
+        with(b'i', &[&b"i"[..], &from.to_be_bytes()].concat())
     }
     pub fn operator(id: &OperatorId) -> Vec<u8> {
         with(b'o', id.0.as_bytes())
@@ -413,6 +428,19 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         );
     }
     let mut removes: Vec<Vec<u8>> = Vec::new();
+    // Letters (ADR 0006): each posted one until confirmed, and the counters per peer.
+    for (to, id) in &dirty.mail_posted {
+        if let Some((_, mail)) = state.mail_out.get(to).and_then(|o| o.unconfirmed().find(|(i, _)| i == id)) {
+            put(key::letter(*to, *id), encode(mail));
+        }
+        put(key::last_posted(*to), encode(id));
+    }
+    for (to, first, last) in &dirty.mail_dropped {
+        removes.extend((*first..=*last).map(|id| key::letter(*to, id)));
+    }
+    for from in &dirty.mail_in {
+        put(key::last_applied(*from), encode(&state.mail_in.last(*from)));
+    }
     for id in &dirty.groups {
         match state.groups.get(id) {
             Some(group) => put(key::group(id), encode(&group.config)),
@@ -758,6 +786,7 @@ fn named_conversations(command: &Command) -> Vec<ConversationId> {
         | Command::Handoff { conversation, .. }
         | Command::CloseByBot { conversation, .. } => vec![*conversation],
         Command::StoreAttachment(attachment) => vec![attachment.conversation],
+        Command::Deliver { mail, .. } => mail.conversations(),
         _ => vec![],
     }
 }
@@ -799,6 +828,18 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
     }
     if let Command::PurgeExpired { as_of } = command {
         find_expired(state, store, *as_of)?;
+    }
+    // A routing shard deletes what it holds of the conversations a conversation shard
+    // purged (a repeated letter is dropped by `core` without deleting anything).
+    if let Command::Deliver { from, id, mail: crate::mail::Mail::Purged { conversations } } = command {
+        if state.mail_in.expects(*from, *id) == crate::mail::Receipt::Apply {
+            for conversation in conversations {
+                if get::<Conversation>(store, &key::conversation(*conversation))?.is_some() {
+                    collect_conversation_keys(state, store, *conversation)?;
+                    state.expired.push(*conversation);
+                }
+            }
+        }
     }
     if let Command::StartConversation { visitor: Visitor { id: Some(visitor), .. }, .. } = command {
         // A close earlier in this entry is not in the records yet.
@@ -1089,6 +1130,23 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     if let Some(at) = get::<Timestamp>(store, key::CLOCK)? {
         state.last_at = at;
     }
+    let mut applied = Vec::new();
+    for (k, v) in scan_all(store, b"i")? {
+        let (Some(&kind), Ok(group)) = (k.get(1), <[u8; 8]>::try_from(&k[2.min(k.len())..])) else { continue };
+        let (group, last) = (u64::from_be_bytes(group), decode::<u64>(&v)?);
+        match kind {
+            b'o' => {
+                let mut pending = Vec::new();
+                for (k, v) in scan_all(store, &key::letters_prefix(group))? {
+                    let id = <[u8; 8]>::try_from(&k[9.min(k.len())..]).map_err(|_| Error::Storage("a damaged letter key".into()))?;
+                    pending.push((u64::from_be_bytes(id), decode::<crate::mail::Mail>(&v)?));
+                }
+                state.mail_out.insert(group, crate::mail::Outbox::restore(last, pending));
+            }
+            _ => applied.push((group, last)),
+        }
+    }
+    state.mail_in = crate::mail::Inbox::restore(applied);
     for (_, config) in all::<SkillGroupConfig>(store, b"g")? {
         state.groups.insert(config.id.clone(), SkillGroup { config, queue: Default::default() });
     }
@@ -1372,33 +1430,4 @@ pub fn run_as(state: &mut ShardState, store: &MemStore, envelope: &Envelope, par
     end_command(state);
     evict(state, &candidates);
     result
-}
-
-/// Commits a letter of ADR 0006's mail the way [`run`] commits a command: what it
-/// names is loaded from the records first (a closed conversation a rating is for, the
-/// records a purge deletes), its writes are written, closed conversations leave memory.
-pub fn receive(state: &mut ShardState, store: &MemStore, mail: &crate::mail::Mail, at: Timestamp) -> Result<crate::core::Outcome, Error> {
-    let named = mail.conversations();
-    for id in &named {
-        if !state.conversations.contains_key(id) && !state.deleted.contains(id) {
-            if let Some(conv) = load_conversation(store, *id, false)? {
-                state.conversations.insert(*id, conv);
-            }
-        }
-    }
-    if let crate::mail::Mail::Purged { conversations } = mail {
-        for id in conversations {
-            if get::<Conversation>(store, &key::conversation(*id))?.is_some() {
-                collect_conversation_keys(state, store, *id)?;
-                state.expired.push(*id);
-            }
-        }
-    }
-    let outcome = crate::core::receive(state, mail, at);
-    let mut candidates = named;
-    candidates.extend(state.dirty.conversations.iter().copied());
-    store.write(take_writes(state));
-    end_command(state);
-    evict(state, &candidates);
-    Ok(outcome)
 }

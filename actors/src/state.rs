@@ -163,6 +163,13 @@ pub struct ShardState {
     pub channel_identity: BTreeMap<ChannelId, IdentityKey>,
     /// Open conversations by channel and visitor id: where the next inbound message of
     /// a channel's sender goes. Rebuilt at load from the open conversations.
+    /// Letters this group posted to other groups and they have not confirmed, per
+    /// destination, and the last letter applied from each source (ADR 0006; records
+    /// `s` and `i`). Empty in a node that runs one group.
+    #[serde(default)]
+    pub mail_out: BTreeMap<u64, crate::mail::Outbox<crate::mail::Mail>>,
+    #[serde(default)]
+    pub mail_in: crate::mail::Inbox,
     #[serde(skip)]
     pub open_senders: BTreeMap<(ChannelId, String), ConversationId>,
     /// Outbox entries still to be sent or being sent (records `U`); final ones are
@@ -663,6 +670,11 @@ pub struct Dirty {
     /// Audit trail entries to write, with their numbers.
     pub audit: Vec<(u64, AuditEntry)>,
     pub handled: Vec<(OperatorId, ConversationId)>,
+    /// Letters posted (destination, id); letters confirmed (destination, first, last);
+    /// sources whose last applied letter moved.
+    pub mail_posted: Vec<(u64, u64)>,
+    pub mail_dropped: Vec<(u64, u64, u64)>,
+    pub mail_in: BTreeSet<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -1013,7 +1025,10 @@ impl ShardState {
             | Event::ChannelIdentitySet { .. }
             | Event::ChannelBotSet { .. }
             | Event::BotMessagePosted { .. }
-            | Event::HandedOff { .. } => {}
+            | Event::HandedOff { .. }
+            | Event::MailPosted { .. }
+            | Event::MailReceived { .. }
+            | Event::MailConfirmed { .. } => {}
             Event::BotTook { conversation, .. } => {
                 dirty.conversations.insert(*conversation);
             }
@@ -1511,6 +1526,25 @@ impl ShardState {
                     self.channel_retention.remove(channel);
                 } else {
                     self.channel_retention.insert(channel.clone(), *days);
+                }
+            }
+            Event::MailPosted { to, id, mail } => {
+                let posted = self.mail_out.entry(*to).or_default().post(mail.clone());
+                debug_assert_eq!(posted, *id, "a letter's id is decided as the next one");
+                self.dirty.mail_posted.push((*to, posted));
+            }
+            Event::MailReceived { from, id } => {
+                self.mail_in.receive(*from, *id);
+                self.dirty.mail_in.insert(*from);
+            }
+            Event::MailConfirmed { to, upto } => {
+                if let Some(outbox) = self.mail_out.get_mut(to) {
+                    let first = outbox.unconfirmed().next().map(|(id, _)| id);
+                    if let (Some(first), Ok(dropped)) = (first, outbox.confirm(*upto)) {
+                        if dropped > 0 {
+                            self.dirty.mail_dropped.push((*to, first, first + dropped as u64 - 1));
+                        }
+                    }
                 }
             }
             Event::ConversationsDeleted { conversations } => {

@@ -345,6 +345,9 @@ fn render(event: &Event) -> String {
         Event::BotTook { conversation, group } => format!("bot holds {conversation} (for {group})"),
         Event::BotMessagePosted { conversation, text, buttons, .. } => format!("bot says in {conversation}: {text} {buttons:?}"),
         Event::HandedOff { conversation, group, reason, context } => format!("bot hands {conversation} to {group}: {reason} {context:?}"),
+        Event::MailPosted { to, id, mail } => format!("letter {id} to group {to}: {mail:?}"),
+        Event::MailReceived { from, id } => format!("letter {id} from group {from} applied"),
+        Event::MailConfirmed { to, upto } => format!("group {to} confirmed letters up to {upto}"),
     }
 }
 
