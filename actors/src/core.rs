@@ -136,23 +136,24 @@ pub struct Outcome {
 /// decides everything. `Conversations` (a conversation shard, `C`) decides commands
 /// but never routes: it holds no offers and no operator presence, and tells its
 /// routing shard what changed by [`mail_of`]. `Routing` (a routing shard, `R`) decides
-/// and routes, and tells the conversation shard who holds what. Each names the group
-/// its letters go to.
+/// and routes, tells each conversation shard who holds its conversations, and until
+/// the metadata group `G0` exists is where directory commands are decided: it sends
+/// them on to every conversation shard as letters.
+///
+/// The conversation shards are `shards` groups numbered from `first`; conversation
+/// `id` lives in group `first + id % shards`, and shard `k` allocates only ids with
+/// `id % shards == k` (ADR 0006, "Conversation ids").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
     Whole,
-    Conversations { routing: GroupId },
-    Routing { conversations: GroupId },
+    Conversations { routing: GroupId, shard: u64, shards: u64 },
+    Routing { first: GroupId, shards: u64 },
 }
 
 impl Part {
-    /// The group this part's letters go to (none for `Whole`).
-    pub fn addressee(&self) -> Option<GroupId> {
-        match self {
-            Part::Whole => None,
-            Part::Conversations { routing } => Some(*routing),
-            Part::Routing { conversations } => Some(*conversations),
-        }
+    /// The conversation shard group of conversation `id`, seen from a routing shard.
+    pub fn conversation_group(first: GroupId, shards: u64, id: ConversationId) -> GroupId {
+        first + id.0 % shards.max(1)
     }
 }
 
@@ -165,7 +166,7 @@ pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Out
 /// decides and routes nothing.
 pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Result<(Reply, Outcome), Error> {
     let now = entry_time(state, envelope.at);
-    let (reply, decided) = decide(state, &envelope.command, now)?;
+    let (reply, decided) = decide(state, &envelope.command, now, part)?;
     advance_clock(state, now);
     let mut outcome = Outcome::default();
     for event in decided {
@@ -179,9 +180,20 @@ pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Res
         route_touched(state, queue, now, &mut outcome);
     }
     // The letters this entry decided, posted in the same apply (ADR 0006). Receiving a
-    // letter makes none, so nothing echoes.
-    if let (Some(to), false) = (part.addressee(), matches!(envelope.command, Command::Deliver { .. })) {
-        for mail in mail_of(state, &outcome, part) {
+    // letter makes none, so nothing echoes; except a directory command, which a
+    // conversation shard applies as its own (it may requeue a bot's conversations).
+    let received = match &envelope.command {
+        Command::Deliver { mail: Mail::Directory { .. }, .. } => false,
+        Command::Deliver { .. } => true,
+        _ => false,
+    };
+    if !received {
+        let mut letters = mail_of(state, &outcome, part);
+        if let (Part::Routing { first, shards }, crate::placement::Target::Directory) = (part, crate::placement::target(&envelope.command)) {
+            let command = Box::new(envelope.command.clone());
+            letters.extend((0..shards).map(|k| (first + k, Mail::Directory { command: command.clone() })));
+        }
+        for (to, mail) in letters {
             let id = state.mail_out.get(&to).map_or(0, |o| o.last_posted()) + 1;
             commit(state, Event::MailPosted { to, id, mail }, now, &mut outcome);
         }
@@ -203,7 +215,7 @@ fn advance_clock(state: &mut ShardState, now: Timestamp) {
 /// A letter about a conversation the receiver has closed (or never knew, for a
 /// routing shard) changes nothing: a conversation shard's close is final, and the
 /// routing shard learns it by `Release`, which comes after every letter it sent before.
-fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp) -> Vec<Event> {
+fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) -> Vec<Event> {
     let status = |id: &ConversationId| state.conversations.get(id).map(|c| c.status.clone());
     let open = |id: &ConversationId| status(id).is_some_and(|s| s != ConversationStatus::Closed);
     let mut events = Vec::new();
@@ -261,6 +273,12 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp) -> Vec<Event> 
                 events.push(Event::ConversationQueued { conversation: *conversation, group: group.clone(), ticket: state.next_ticket });
             }
         }
+        // Decided by the routing shard already; refused here only if the two disagree on
+        // the directory, which they receive in the same order.
+        Mail::Directory { command } => match decide(state, command, now, part) {
+            Ok((_, decided)) => events.extend(decided),
+            Err(e) => tracing::warn!(error = %e, "a directory letter was refused by this conversation shard"),
+        },
     }
     events
 }
@@ -276,7 +294,12 @@ fn placed(state: &ShardState, conversation: ConversationId, then: &Placed) -> Ev
 /// The letters the part `part` of the split sends the other part for an outcome of one
 /// of its commands, in the order it decided them (see [`Mail`]). `state` is the state
 /// after the outcome was committed. Nothing for `Whole`.
-pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<Mail> {
+pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<(GroupId, Mail)> {
+    let addressee = |conversation: &ConversationId| match part {
+        Part::Whole => 0,
+        Part::Conversations { routing, .. } => routing,
+        Part::Routing { first, shards } => Part::conversation_group(first, shards, *conversation),
+    };
     let mut mail = Vec::new();
     // A transfer's or reassignment's placement travels in its letter, not after it.
     let mut folded = BTreeSet::new();
@@ -302,39 +325,41 @@ pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<Mail> {
                     Event::StickySet { conversation: c, operator } if c == conversation => Some(operator.clone()),
                     _ => None,
                 });
-                mail.push(Mail::Enqueue {
+                mail.push((addressee(conversation), Mail::Enqueue {
                     conversation: *conversation,
                     channel: conv.channel.clone(),
                     visitor: conv.visitor.clone(),
                     group: group.clone(),
                     created_at: conv.created_at,
                     sticky,
-                });
+                }));
             }
             (Part::Conversations { .. }, Event::ConversationClosed { conversation, by, resolution, tags }) => {
-                mail.push(Mail::Release { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() });
+                mail.push((addressee(conversation), Mail::Release { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() }));
             }
             (Part::Conversations { .. }, Event::ConversationRated { conversation, score, comment }) => {
-                mail.push(Mail::Rated { conversation: *conversation, score: *score, comment: comment.clone() });
+                mail.push((addressee(conversation), Mail::Rated { conversation: *conversation, score: *score, comment: comment.clone() }));
             }
             (Part::Conversations { .. }, Event::ConversationsDeleted { conversations }) => {
-                mail.push(Mail::Purged { conversations: conversations.clone() });
+                if let Some(first) = conversations.first() {
+                    mail.push((addressee(first), Mail::Purged { conversations: conversations.clone() }));
+                }
             }
             (Part::Routing { .. }, Event::ConversationAssigned { conversation, operator }) => {
-                mail.push(Mail::Assigned { conversation: *conversation, operator: operator.clone() });
+                mail.push((addressee(conversation), Mail::Assigned { conversation: *conversation, operator: operator.clone() }));
             }
             (Part::Routing { .. }, Event::ConversationTransferred { conversation, from, to, comment }) => {
                 if let Some(then) = placement(i, conversation, &mut folded) {
-                    mail.push(Mail::Transferred { conversation: *conversation, from: from.clone(), to: to.clone(), comment: comment.clone(), then });
+                    mail.push((addressee(conversation), Mail::Transferred { conversation: *conversation, from: from.clone(), to: to.clone(), comment: comment.clone(), then }));
                 }
             }
             (Part::Routing { .. }, Event::ConversationReassigned { conversation, by, to, comment }) => {
                 if let Some(then) = placement(i, conversation, &mut folded) {
-                    mail.push(Mail::Reassigned { conversation: *conversation, by: by.clone(), to: to.clone(), comment: comment.clone(), then });
+                    mail.push((addressee(conversation), Mail::Reassigned { conversation: *conversation, by: by.clone(), to: to.clone(), comment: comment.clone(), then }));
                 }
             }
             (Part::Routing { .. }, Event::ConversationQueued { conversation, group, .. }) => {
-                mail.push(Mail::Requeued { conversation: *conversation, group: group.clone() });
+                mail.push((addressee(conversation), Mail::Requeued { conversation: *conversation, group: group.clone() }));
             }
             _ => {}
         }
@@ -381,7 +406,7 @@ pub fn entry_time(state: &ShardState, at: Timestamp) -> Timestamp {
 /// `Ok(Some(reply))` answers a repeated idempotency key from state; `Ok(None)` means the
 /// command must be proposed. The commit decides again: state may move in between.
 pub fn precheck(state: &ShardState, command: &Command, now: Timestamp) -> Result<Option<Reply>, Error> {
-    match decide(state, command, now) {
+    match decide(state, command, now, Part::Whole) {
         Ok((reply @ Reply::Message { duplicate: true, .. }, events)) if events.is_empty() => Ok(Some(reply)),
         // A read mark that does not move forward, or closing a closed conversation,
         // changes nothing, now or later: answered without a log entry.
@@ -724,7 +749,7 @@ fn check_key(key: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Reply, Vec<Event>), Error> {
+fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> Result<(Reply, Vec<Event>), Error> {
     let conversation = |id: &ConversationId| state.conversations.get(id).ok_or(Error::NotFound(format!("conversation {id}")));
     let operator = |id: &OperatorId| state.operators.get(id).ok_or(Error::NotFound(format!("operator {id}")));
     let held_by = |conv_id: &ConversationId, op_id: &OperatorId| -> Result<(), Error> {
@@ -738,7 +763,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
         Command::Deliver { from, id, mail } => match state.mail_in.expects(*from, *id) {
             Receipt::Apply => {
                 let mut events = vec![Event::MailReceived { from: *from, id: *id }];
-                events.extend(letter_events(state, mail, now));
+                events.extend(letter_events(state, mail, now, part));
                 Ok((Reply::Delivered { last: *id }, events))
             }
             // A repeat, or one that overtook a letter before it: the answer tells the
@@ -875,14 +900,14 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
             Ok((Reply::Done, vec![Event::ChannelPublicGroupsSet { channel: channel.clone(), groups }]))
         }
         Command::StartConversation { channel, group, visitor } => {
-            let (conv, events) = start_conversation(state, channel, group.as_ref(), visitor, now)?;
+            let (conv, events) = start_conversation(state, channel, group.as_ref(), visitor, now, part)?;
             Ok((Reply::Started { conversation: conv }, events))
         }
         Command::ChannelInbound { channel, sender, sender_name, provider_message_id, text } => {
-            channel_inbound(state, now, Inbound { channel, sender, sender_name, provider_message_id, text, files: &[], thread: None, attributes: &[] })
+            channel_inbound(state, now, part, Inbound { channel, sender, sender_name, provider_message_id, text, files: &[], thread: None, attributes: &[] })
         }
         Command::ChannelInboundRich { channel, sender, sender_name, provider_message_id, text, files, thread, attributes } => {
-            channel_inbound(state, now, Inbound { channel, sender, sender_name, provider_message_id, text, files, thread: *thread, attributes })
+            channel_inbound(state, now, part, Inbound { channel, sender, sender_name, provider_message_id, text, files, thread: *thread, attributes })
         }
         Command::SetChannelAdapter { channel, adapter } => {
             if !state.channels.contains_key(channel) {
@@ -1553,7 +1578,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp) -> Result<(Repl
 
 /// The events that start a conversation of `visitor` on `channel` in `group` (the
 /// channel's default group when `None`), with its number.
-fn start_conversation(state: &ShardState, channel: &ChannelId, group: Option<&SkillGroupId>, visitor: &Visitor, now: Timestamp) -> Result<(ConversationId, Vec<Event>), Error> {
+fn start_conversation(state: &ShardState, channel: &ChannelId, group: Option<&SkillGroupId>, visitor: &Visitor, now: Timestamp, part: Part) -> Result<(ConversationId, Vec<Event>), Error> {
     let channel_config = state.channels.get(channel).ok_or(Error::NotFound(format!("channel {channel}")))?;
     crate::access::check(state, channel, crate::access::Customer { ip: None, visitor: visitor.id.as_deref() }).map_err(Error::Blocked)?;
     let group = group.cloned().unwrap_or_else(|| channel_config.default_group.clone());
@@ -1561,7 +1586,12 @@ fn start_conversation(state: &ShardState, channel: &ChannelId, group: Option<&Sk
         return Err(Error::NotFound(format!("skill group {group}")));
     }
     // From rules 4 the first conversation is number 1, as people count.
-    let conv = ConversationId(if state.rules >= 4 { state.next_conversation.max(1) } else { state.next_conversation });
+    let next = if state.rules >= 4 { state.next_conversation.max(1) } else { state.next_conversation };
+    // Conversation shard `shard` of `shards` numbers only its own (ADR 0006).
+    let conv = ConversationId(match part {
+        Part::Conversations { shard, shards, .. } if shards > 1 => next + (shard + shards - next % shards) % shards,
+        _ => next,
+    });
     // An emergency notice in force for the channel or the group is its first answer.
     let notice = state.emergency_for(channel, &group).map(|e| Event::NoticeGiven { conversation: conv, text: e.message.clone() });
     // Rules 6: outside the group's opening hours, its configured answer.
@@ -1747,7 +1777,7 @@ pub fn inbound_target(state: &ShardState, channel: &ChannelId, sender: &str, thr
     answered.or_else(|| state.open_senders.get(&(channel.clone(), format!("{channel}:{sender}"))).copied())
 }
 
-fn channel_inbound(state: &ShardState, now: Timestamp, m: Inbound<'_>) -> Result<(Reply, Vec<Event>), Error> {
+fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_>) -> Result<(Reply, Vec<Event>), Error> {
     let channel = m.channel;
     if !state.channel_adapters.contains_key(channel) {
         return Err(Error::Invalid(format!("channel {channel} has no adapter: connect it before it takes messages")));
@@ -1813,7 +1843,7 @@ fn channel_inbound(state: &ShardState, now: Timestamp, m: Inbound<'_>) -> Result
         return Err(Error::Invalid("at most 20 attributes, names of 1-64 bytes, values of at most 512 characters".into()));
     }
     let visitor = Visitor { id: Some(visitor_id), name: m.sender_name.to_owned(), attributes: m.attributes.to_vec() };
-    let (conv_id, mut events) = start_conversation(state, channel, None, &visitor, now)?;
+    let (conv_id, mut events) = start_conversation(state, channel, None, &visitor, now, part)?;
     // Right after it is placed (queued or with the bot), before any notice and an
     // after-hours close: the customer's message is part of the open conversation.
     let at = events.len().min(2);

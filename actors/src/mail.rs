@@ -189,6 +189,10 @@ pub enum Mail {
     Reassigned { conversation: ConversationId, by: String, to: TransferTarget, comment: String, then: Placed },
     /// `R` to `C`: back in `group`'s queue.
     Requeued { conversation: ConversationId, group: SkillGroupId },
+    /// `R` to every `C`: a directory command the routing shard took, for the
+    /// conversation shard to apply as its own (until the metadata group `G0` decides
+    /// the directory and sends it to both).
+    Directory { command: Box<crate::model::Command> },
 }
 
 /// Where a transfer or reassignment put a conversation.
@@ -210,6 +214,7 @@ impl Mail {
             | Mail::Reassigned { conversation, .. }
             | Mail::Requeued { conversation, .. } => vec![*conversation],
             Mail::Purged { conversations } => conversations.clone(),
+            Mail::Directory { .. } => Vec::new(),
         }
     }
 

@@ -816,49 +816,61 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------------
-// ADR 0006's split in one process: the same commands through a conversation shard
-// (`C`, `core::Part::Conversations`) and a routing shard (`R`, `Part::Routing`), each
-// with its own state and records, and the mail between them (`core::mail_of`,
-// `core::receive`) delivered late, out of order, twice, or lost and resent, through
-// `mail::Outbox` and `mail::Inbox`. Directory commands go to both (the metadata group
-// `G0` is not split off yet).
+// ADR 0006's split in one process: the same commands through one routing shard (`R`,
+// `core::Part::Routing`, which also decides the directory until `G0` exists) and two
+// conversation shards (`C`, `Part::Conversations`), each with its own state and
+// records. Every letter between them is posted in the apply that decided it and
+// proposed to its destination as `Command::Deliver`, late, out of order, twice, or
+// lost and resent, with its answer confirmed by `Command::ConfirmMail` or lost; both
+// sides' leaders change now and then (the hot state rebuilt from the records).
 
-const C_GROUP: GroupId = 2;
-const R_GROUP: GroupId = 3;
-const C_PART: Part = Part::Conversations { routing: R_GROUP };
-const R_PART: Part = Part::Routing { conversations: C_GROUP };
+const R_GROUP: GroupId = 1;
+/// Conversation shards are groups `FIRST_C .. FIRST_C + SHARDS`.
+const FIRST_C: GroupId = 2;
+const SHARDS: u64 = 2;
+const R_PART: Part = Part::Routing { first: FIRST_C, shards: SHARDS };
 
-/// What the network does between two steps: the `pick`-th letter in flight one way
-/// (`to_routing`) or the other is proposed to its destination (`Command::Deliver`), and
-/// the answer may reach the sender, who then proposes `Command::ConfirmMail`
-/// (`answered`); with `restart`, both groups change leader first (their hot state is
-/// rebuilt from their records).
+fn c_part(shard: u64) -> Part {
+    Part::Conversations { routing: R_GROUP, shard, shards: SHARDS }
+}
+
+/// What the network does between two steps: the `pick`-th letter in flight on one of
+/// the links (`link`: to or from each conversation shard) is proposed to its
+/// destination, and the answer may reach the sender (`answered`); with `restart`,
+/// every group changes leader first.
 #[derive(Clone, Debug)]
 struct Post {
-    to_routing: bool,
+    link: usize,
     pick: usize,
     answered: bool,
     restart: bool,
 }
 
 fn posts() -> impl Strategy<Value = Vec<Post>> {
-    let post = (any::<bool>(), 0..3usize, prop::bool::weighted(0.8), prop::bool::weighted(0.05));
-    prop::collection::vec(post.prop_map(|(to_routing, pick, answered, restart)| Post { to_routing, pick, answered, restart }), 0..4)
+    let post = (0..2 * SHARDS as usize, 0..3usize, prop::bool::weighted(0.8), prop::bool::weighted(0.05));
+    prop::collection::vec(post.prop_map(|(link, pick, answered, restart)| Post { link, pick, answered, restart }), 0..5)
+}
+
+struct Group {
+    id: GroupId,
+    part: Part,
+    state: ShardState,
+    store: MemStore,
 }
 
 struct Split {
-    c: ShardState,
-    c_store: MemStore,
-    r: ShardState,
-    r_store: MemStore,
+    r: Group,
+    cs: Vec<Group>,
+    /// Conversations started without a visitor id, to spread them over the shards.
+    anonymous: u64,
     /// Letters applied, for the failure message.
     applied: Vec<(GroupId, Mail)>,
 }
 
-/// Runs one entry on one side the way a node does, checking that side's invariants.
-fn run_checked(state: &mut ShardState, store: &MemStore, entry: &Envelope, part: Part) -> Result<(Reply, core::Outcome), Error> {
-    let loads: BTreeMap<OperatorId, u32> = state.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect();
-    let result = records::run_as(state, store, entry, part);
+/// Runs one entry on one group the way a node does, checking its invariants.
+fn run_checked(group: &mut Group, entry: &Envelope) -> Result<(Reply, core::Outcome), Error> {
+    let loads: BTreeMap<OperatorId, u32> = group.state.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect();
+    let result = records::run_as(&mut group.state, &group.store, entry, group.part);
     if let Ok((_, outcome)) = &result {
         if outcome.events.iter().any(|e| matches!(e, Event::ConversationsDeleted { .. })) {
             PURGED.with(|p| p.set(true));
@@ -867,27 +879,61 @@ fn run_checked(state: &mut ShardState, store: &MemStore, entry: &Envelope, part:
     // A conversation shard decides no capacity (I3 is the routing shard's): its
     // operators' loads mirror the routing shard's letters, which may arrive after a
     // capacity was lowered there.
-    let loads = if matches!(part, Part::Conversations { .. }) { state.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect() } else { loads };
-    check_invariants(state, store, &loads);
+    let loads = if group.id == R_GROUP { loads } else { group.state.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect() };
+    check_invariants(&group.state, &group.store, &loads);
+    if let Part::Conversations { shard, shards, .. } = group.part {
+        for id in group.state.conversations.keys() {
+            assert_eq!(id.0 % shards, shard, "{id} was numbered by conversation shard {shard}");
+        }
+    }
     result
+}
+
+fn spread(text: &str) -> u64 {
+    text.bytes().map(u64::from).sum::<u64>() % SHARDS
 }
 
 impl Split {
     fn new(setup: &Setup) -> Split {
-        let (c, c_store) = initial(setup);
-        let (r, r_store) = initial(setup);
-        Split { c, c_store, r, r_store, applied: Vec::new() }
+        let group = |id: GroupId, part: Part| {
+            let (state, store) = initial(setup);
+            Group { id, part, state, store }
+        };
+        Split { r: group(R_GROUP, R_PART), cs: (0..SHARDS).map(|k| group(FIRST_C + k, c_part(k))).collect(), anonymous: 0, applied: Vec::new() }
     }
 
-    /// Proposes a command to the group `placement` names (directory commands to both);
-    /// the letters its outcome makes are posted in the same apply.
-    fn submit(&mut self, entry: &Envelope) {
-        let owner = placement::target(&entry.command).owner();
-        if owner != Some(Owner::Routing) {
-            let _ = run_checked(&mut self.c, &self.c_store, entry, C_PART);
+    /// The conversation shards a command goes to, by `placement::target`.
+    fn shards_for(&mut self, command: &Command) -> Vec<usize> {
+        let by_id = |id: &ConversationId| vec![(id.0 % SHARDS) as usize];
+        match placement::target(command) {
+            placement::Target::Conversation(id) => by_id(&id),
+            placement::Target::NewConversation { visitor: Some(visitor) } => vec![spread(&visitor) as usize],
+            placement::Target::NewConversation { visitor: None } => {
+                self.anonymous += 1;
+                vec![(self.anonymous % SHARDS) as usize]
+            }
+            placement::Target::Sender { channel, sender } => vec![spread(&format!("{channel}:{sender}")) as usize],
+            placement::Target::OwnConversationShard => match command {
+                Command::DeliveriesAttempted { items, .. } => items.first().map(|(c, _)| by_id(c)).unwrap_or_default(),
+                Command::DeliveryResults { results } => results.first().map(|r| by_id(&r.conversation)).unwrap_or_default(),
+                // Each shard's own timers (retention, inactivity).
+                _ => (0..SHARDS as usize).collect(),
+            },
+            placement::Target::Every => (0..SHARDS as usize).collect(),
+            _ => Vec::new(),
         }
-        if owner != Some(Owner::Conversation) {
-            let _ = run_checked(&mut self.r, &self.r_store, entry, R_PART);
+    }
+
+    /// Proposes a command where `placement` sends it: directory commands to the
+    /// routing shard, which passes them on by letter; the letters an outcome makes are
+    /// posted in the same apply.
+    fn submit(&mut self, entry: &Envelope) {
+        let routing = matches!(placement::target(&entry.command).owner(), Some(Owner::Routing | Owner::Directory) | None);
+        if routing {
+            let _ = run_checked(&mut self.r, entry);
+        }
+        for k in self.shards_for(&entry.command) {
+            let _ = run_checked(&mut self.cs[k], entry);
         }
     }
 
@@ -895,20 +941,18 @@ impl Split {
     /// and its answer may.
     fn deliver(&mut self, post: &Post, at: Timestamp) {
         if post.restart {
-            self.c = records::load(&self.c_store).expect("the records load");
-            self.r = records::load(&self.r_store).expect("the records load");
+            for group in std::iter::once(&mut self.r).chain(self.cs.iter_mut()) {
+                group.state = records::load(&group.store).expect("the records load");
+            }
         }
-        let (from, to) = if post.to_routing { (C_GROUP, R_GROUP) } else { (R_GROUP, C_GROUP) };
-        let (source, source_store, source_part, dest, dest_store, dest_part) = if post.to_routing {
-            (&mut self.c, &self.c_store, C_PART, &mut self.r, &self.r_store, R_PART)
-        } else {
-            (&mut self.r, &self.r_store, R_PART, &mut self.c, &self.c_store, C_PART)
-        };
-        let letters: Vec<(u64, Mail)> = source.mail_out.get(&to).map(|o| o.unconfirmed().map(|(id, m)| (id, m.clone())).collect()).unwrap_or_default();
+        let shard = post.link % SHARDS as usize;
+        let (source, dest) = if post.link < SHARDS as usize { (&mut self.cs[shard], &mut self.r) } else { (&mut self.r, &mut self.cs[shard]) };
+        let (from, to) = (source.id, dest.id);
+        let letters: Vec<(u64, Mail)> = source.state.mail_out.get(&to).map(|o| o.unconfirmed().map(|(id, m)| (id, m.clone())).collect()).unwrap_or_default();
         let Some((id, mail)) = letters.get(post.pick.min(letters.len().saturating_sub(1))).cloned() else { return };
-        let before = dest.mail_in.last(from);
+        let before = dest.state.mail_in.last(from);
         let deliver = Envelope::new(at, Command::Deliver { from, id, mail: mail.clone() });
-        let last = match run_checked(dest, dest_store, &deliver, dest_part) {
+        let last = match run_checked(dest, &deliver) {
             Ok((Reply::Delivered { last }, _)) => last,
             other => panic!("a letter is always answered with what was applied: {other:?}"),
         };
@@ -918,58 +962,58 @@ impl Split {
         }
         if post.answered {
             let confirm = Envelope::new(at, Command::ConfirmMail { to, upto: last });
-            run_checked(source, source_store, &confirm, source_part).expect("an answer names posted letters only");
-            assert!(source.mail_out.get(&to).is_some_and(|o| o.unconfirmed().all(|(i, _)| i > last)), "a confirmation drops what it covers");
+            if last > 0 {
+                run_checked(source, &confirm).expect("an answer names posted letters only");
+            }
+            assert!(source.state.mail_out.get(&to).is_some_and(|o| o.unconfirmed().all(|(i, _)| i > last)), "a confirmation drops what it covers");
         }
     }
 
-    /// Every letter in flight arrives, in order, until neither side has any.
+    /// Every letter in flight arrives, in order, until no group has any.
     fn drain(&mut self, at: Timestamp) {
-        let pending = |s: &ShardState, to: GroupId| s.mail_out.get(&to).is_some_and(|o| !o.is_empty());
         for _ in 0..10_000 {
-            if !pending(&self.c, R_GROUP) && !pending(&self.r, C_GROUP) {
+            let pending = std::iter::once(&self.r).chain(&self.cs).any(|g| g.state.mail_out.values().any(|o| !o.is_empty()));
+            if !pending {
                 return;
             }
-            for to_routing in [true, false] {
-                self.deliver(&Post { to_routing, pick: 0, answered: true, restart: false }, at);
+            for link in 0..2 * SHARDS as usize {
+                self.deliver(&Post { link, pick: 0, answered: true, restart: false }, at);
             }
         }
-        panic!("mail did not settle: receiving mail must not make mail");
+        panic!("mail did not settle");
     }
 }
 
-/// A conversation as the other side sees it, from its hot state or its records.
-fn status_in(state: &ShardState, store: &MemStore, id: ConversationId) -> Option<ConversationStatus> {
-    match state.conversations.get(&id) {
-        Some(conv) => Some(conv.status.clone()),
-        None => records::load_conversation(store, id, false).expect("readable").map(|c| c.status),
+/// A conversation as one group sees it, from its hot state or its records.
+fn seen_by(group: &Group, id: ConversationId) -> Option<(ConversationStatus, SkillGroupId)> {
+    match group.state.conversations.get(&id) {
+        Some(conv) => Some((conv.status.clone(), conv.group.clone())),
+        None => records::load_conversation(&group.store, id, false).expect("readable").map(|c| (c.status, c.group)),
     }
 }
 
-/// Once no mail is in flight the two shards agree on every conversation's place: held
-/// by the same operator, queued in the same group, or closed (or never seen by routing:
-/// a bot's conversation, or one closed before it was queued); and routing holds no
-/// conversation the conversation shard does not.
+/// Once no letter is in flight, the routing shard and each conversation's shard agree
+/// on its place: held by the same operator, queued in the same group, or closed (or
+/// never seen by routing: a bot's conversation, or one closed before it was queued);
+/// and each conversation shard holds the directory the routing shard decided.
 fn check_agreement(split: &Split) {
     for n in 0..64 {
         let id = ConversationId(n);
-        let c = status_in(&split.c, &split.c_store, id);
-        let r = status_in(&split.r, &split.r_store, id);
-        let group = |state: &ShardState, store: &MemStore| match state.conversations.get(&id) {
-            Some(conv) => Some(conv.group.clone()),
-            None => records::load_conversation(store, id, false).expect("readable").map(|c| c.group),
-        };
+        let c = seen_by(&split.cs[(n % SHARDS) as usize], id);
+        let r = seen_by(&split.r, id);
         let agree = match (&c, &r) {
             (None, None) => true,
-            (Some(ConversationStatus::Closed | ConversationStatus::WithBot), None) => true,
-            (Some(ConversationStatus::Closed), Some(ConversationStatus::Closed)) => true,
-            (Some(ConversationStatus::Assigned { operator: a }), Some(ConversationStatus::Assigned { operator: b })) => a == b,
-            (Some(ConversationStatus::Queued { .. }), Some(ConversationStatus::Queued { .. })) => {
-                group(&split.c, &split.c_store) == group(&split.r, &split.r_store)
-            }
+            (Some((ConversationStatus::Closed | ConversationStatus::WithBot, _)), None) => true,
+            (Some((ConversationStatus::Closed, _)), Some((ConversationStatus::Closed, _))) => true,
+            (Some((ConversationStatus::Assigned { operator: a }, _)), Some((ConversationStatus::Assigned { operator: b }, _))) => a == b,
+            (Some((ConversationStatus::Queued { .. }, a)), Some((ConversationStatus::Queued { .. }, b))) => a == b,
             _ => false,
         };
-        assert!(agree, "{id}: the conversation shard has it {c:?}, the routing shard {r:?}; letters applied: {:#?}", split.applied);
+        assert!(agree, "{id}: its conversation shard has it {c:?}, the routing shard {r:?}; letters applied: {:#?}", split.applied);
+    }
+    for c in &split.cs {
+        let configs = |s: &ShardState| serde_json::to_string(&(&s.channels, &s.users, &s.templates, s.groups.values().map(|g| &g.config).collect::<Vec<_>>())).expect("serializes");
+        assert_eq!(configs(&c.state), configs(&split.r.state), "group {} holds the directory the routing shard decided", c.id);
     }
 }
 
@@ -977,7 +1021,7 @@ proptest! {
     #![proptest_config(config())]
 
     #[test]
-    fn split_into_conversation_and_routing_shards_the_core_keeps_its_invariants_and_both_agree_when_quiet(
+    fn split_into_conversation_and_routing_shards_the_core_keeps_its_invariants_and_all_agree_when_quiet(
         setup in setup(),
         steps in prop::collection::vec((pause(), step(), posts()), 0..40),
     ) {
@@ -986,15 +1030,14 @@ proptest! {
         let mut now = 1000;
         for command in prelude(&setup) {
             split.submit(&Envelope::new(Timestamp(now), command));
+            // The directory reaches the conversation shards before the sequence starts.
+            split.drain(Timestamp(now));
         }
         for (pause, step, posts) in &steps {
             now += pause;
-            // Offers and transfers are answered from what routing knows, the holder's
-            // messages, closes and reads from what the conversation shard knows.
-            let mut command = resolve(&split.r, step);
-            if placement::target(&command).owner() == Some(Owner::Conversation) {
-                command = resolve(&split.c, step);
-            }
+            // Resolved against what routing knows (offers, holders); a conversation
+            // shard that has not heard of an assignment yet refuses the holder's reply.
+            let command = resolve(&split.r.state, step);
             split.submit(&Envelope::new(Timestamp(now), command));
             for post in posts {
                 split.deliver(post, Timestamp(now));
