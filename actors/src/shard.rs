@@ -10,7 +10,7 @@ use ractor::ActorRef;
 use tokio::sync::watch;
 
 use crate::actors::SupervisorMsg;
-use crate::core::{handle, Effect, Reply};
+use crate::core::{handle_as, Effect, Part, Reply};
 use crate::error::Error;
 use crate::model::{Attachment, AttachmentId, ChannelId, ConversationId, DecisionRecord, Envelope, OfferId, OperatorId, SkillGroupId};
 use crate::records::{self, Store, Writes};
@@ -53,6 +53,11 @@ pub struct Shard {
     /// Commands applied since start: a reader that saw this number saw every change
     /// made before it (the outbox worker looks again only when it moved).
     applied: std::sync::atomic::AtomicU64,
+    /// Which part of ADR 0006's split this shard's group plays (`Whole` today).
+    part: Part,
+    /// Counts published entries, for whoever waits for the state to move (the mail
+    /// forwarder).
+    published_tx: watch::Sender<u64>,
 }
 
 impl Default for Shard {
@@ -63,6 +68,11 @@ impl Default for Shard {
 
 impl Shard {
     pub fn new() -> Self {
+        Self::with_part(Part::Whole)
+    }
+
+    /// A shard whose group plays `part` of ADR 0006's split.
+    pub fn with_part(part: Part) -> Self {
         Shard {
             state: RwLock::new(ShardState::default()),
             store: RwLock::new(None),
@@ -74,7 +84,18 @@ impl Shard {
             on_deleted_attachments: OnceLock::new(),
             active_actors: std::sync::atomic::AtomicUsize::new(0),
             applied: std::sync::atomic::AtomicU64::new(0),
+            part,
+            published_tx: watch::Sender::new(0),
         }
+    }
+
+    /// Changes each time an entry's records are written.
+    pub fn published_watch(&self) -> watch::Receiver<u64> {
+        self.published_tx.subscribe()
+    }
+
+    pub fn part(&self) -> Part {
+        self.part
     }
 
     /// Commands applied since start (see the field).
@@ -122,7 +143,7 @@ impl Shard {
             if let Err(e) = records::prefetch(&mut state, store.as_ref(), &envelope.command) {
                 stop(&format!("applying the entry stamped {}: {e}", envelope.at.0));
             }
-            match catch_panic(|| handle(&mut state, envelope)) {
+            match catch_panic(|| handle_as(&mut state, envelope, self.part)) {
                 Ok(result) => {
                     let candidates = records::eviction_candidates(&state, &envelope.command);
                     if result.is_ok() && !state.expired_attachments.is_empty() {
@@ -164,6 +185,7 @@ impl Shard {
 
     /// The records of the commands applied so far are written: wake their readers.
     pub fn published(&self) {
+        self.published_tx.send_modify(|n| *n += 1);
         let notices = std::mem::take(&mut *self.unpublished.lock().unwrap_or_else(|p| p.into_inner()));
         for notice in notices {
             self.notify(notice);

@@ -79,6 +79,12 @@ pub struct BenchArgs {
     /// Operators' replies a second in `--channels`.
     #[arg(long, default_value_t = 2500)]
     pub(crate) outbound_rate: u32,
+    /// ADR 0006's split on real Raft groups in this process, without sockets: one
+    /// routing shard and this many conversation shards; `--clients` conversations are
+    /// started, offered and accepted across them, then each keeps one message in
+    /// flight for `--duration` seconds.
+    #[arg(long)]
+    pub(crate) split: Option<u64>,
 }
 
 pub(crate) struct Child {
@@ -505,6 +511,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(cycles) = args.routing_live {
         return crate::bench_live::run(args, cycles.max(1)).await;
+    }
+    if let Some(shards) = args.split {
+        return crate::bench_split::run(args, shards).await;
     }
     if let Some(seconds) = args.channels {
         let outbound = args.outbound_rate;

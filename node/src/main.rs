@@ -5,9 +5,11 @@ mod bench_channels;
 mod bench_cluster;
 mod bench_live;
 mod bench_routing;
+mod bench_split;
 mod bootstrap;
 mod cluster;
 mod demo;
+mod groups;
 mod outbox;
 mod server;
 

@@ -36,8 +36,8 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 type ApplyResult = Result<Reply, switchboard_actors::Error>;
 
 /// Plugs the domain shard into the Raft state machine.
-struct ShardMachine {
-    shard: Arc<Shard>,
+pub(crate) struct ShardMachine {
+    pub(crate) shard: Arc<Shard>,
 }
 
 /// First byte of a log entry that holds several envelopes (group commit), followed by
@@ -90,7 +90,7 @@ fn decode_entry(index: u64, bytes: &[u8]) -> Result<EntryBody, String> {
 /// (else every replica would stop on it, `stop_on_unreadable_entry`), and it takes the
 /// leader's clock, so the group's time comes from one clock per leader and a member with
 /// a clock running ahead cannot move deadlines forward.
-fn restamp_forwarded(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+pub(crate) fn restamp_forwarded(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
     let at = now_ms();
     match decode_entry(0, &bytes)? {
         EntryBody::One(mut envelope) => {
@@ -188,7 +188,7 @@ const ELECTION_HOLD: Duration = Duration::from_secs(3);
 /// until a leader's append arrives, or `ELECTION_HOLD` has passed (the whole cluster
 /// started again, nobody leads), a quarter second more for each step of the member's
 /// election window, so that members started together do not all stand at one tick.
-async fn hold_elections_after_restart(raft: &Raft, router: &Router) -> anyhow::Result<()> {
+pub(crate) async fn hold_elections_after_restart(raft: &Raft, router: &Router, group: u64) -> anyhow::Result<()> {
     // From the core's own state: the metrics may not be published yet this early.
     // (A member not initialized yet has no voters.)
     let voters = raft.with_raft_state(|s| s.membership_state.effective().voter_ids().count()).await?;
@@ -197,10 +197,10 @@ async fn hold_elections_after_restart(raft: &Raft, router: &Router) -> anyhow::R
     }
     raft.runtime_config().elect(false);
     let (raft, router) = (raft.clone(), router.clone());
-    let stagger = Duration::from_millis(250 * switchboard_raft::election_window(raft.metrics().borrow().id, SHARD_GROUP));
+    let stagger = Duration::from_millis(250 * switchboard_raft::election_window(raft.metrics().borrow().id, group));
     tokio::spawn(async move {
         let until = tokio::time::Instant::now() + ELECTION_HOLD + stagger;
-        while tokio::time::Instant::now() < until && !router.heard_within(SHARD_GROUP, ELECTION_HOLD) {
+        while tokio::time::Instant::now() < until && !router.heard_within(group, ELECTION_HOLD) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         raft.runtime_config().elect(true);
@@ -220,7 +220,7 @@ type Proposal = (Command, tokio::sync::oneshot::Sender<ApplyResult>);
 /// nodes' QUIC connection and answered when it is applied here too, so what the caller
 /// reads next on this node already holds it.
 #[derive(Clone)]
-struct RaftProposer {
+pub(crate) struct RaftProposer {
     queue: tokio::sync::mpsc::Sender<Proposal>,
     counts: Arc<ProposalCounts>,
 }
@@ -228,6 +228,7 @@ struct RaftProposer {
 /// How a proposer reaches the group: its own Raft, and the leader when that is another node.
 #[derive(Clone)]
 struct Route {
+    group: u64,
     raft: Raft,
     node_id: u64,
     forwarder: Forwarder,
@@ -287,7 +288,7 @@ impl Route {
                 }
                 Some((leader, node)) => match {
                     self.counts.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let sent = self.forwarder.write(SHARD_GROUP, &node.addr, Request(bytes.clone()), FORWARD_TTL);
+                    let sent = self.forwarder.write(self.group, &node.addr, Request(bytes.clone()), FORWARD_TTL);
                     // Another leader elected while the answer is awaited: the old one is
                     // gone or cut off, and its answer will not come. Saying so at once lets
                     // the client send again to the new leader without waiting out the TTL.
@@ -351,15 +352,15 @@ struct ProposalCounts {
 }
 
 impl RaftProposer {
-    fn start(raft: Raft, node_id: u64, forwarder: Forwarder) -> Self {
+    pub(crate) fn start(group: u64, raft: Raft, node_id: u64, forwarder: Forwarder) -> Self {
         let (queue, proposals) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         let counts = Arc::new(ProposalCounts::default());
-        let route = Route { raft, node_id, forwarder, counts: counts.clone() };
+        let route = Route { group, raft, node_id, forwarder, counts: counts.clone() };
         tokio::spawn(Self::batch(route, proposals, counts.clone()));
         RaftProposer { queue, counts }
     }
 
-    async fn submit(&self, command: Command) -> ApplyResult {
+    pub(crate) async fn submit(&self, command: Command) -> ApplyResult {
         let (reply, result) = tokio::sync::oneshot::channel();
         self.queue.send((command, reply)).await.map_err(|_| switchboard_actors::Error::Commit("the proposer stopped".into()))?;
         result.await.map_err(|_| switchboard_actors::Error::Commit("the proposer dropped the command".into()))?
@@ -968,9 +969,9 @@ std::fs::create_dir_all(&options.data_dir)?;
     router.add(SHARD_GROUP, raft.clone());
     router.check_writes(SHARD_GROUP, Arc::new(restamp_forwarded));
     let rpc_server = serve(endpoint.clone(), router.clone());
-    hold_elections_after_restart(&raft, &router).await?;
+    hold_elections_after_restart(&raft, &router, SHARD_GROUP).await?;
 
-    let proposer = RaftProposer::start(raft.clone(), options.node_id, Forwarder::new(peers.clone()));
+    let proposer = RaftProposer::start(SHARD_GROUP, raft.clone(), options.node_id, Forwarder::new(peers.clone()));
     let supervisor = ShardSupervisor::start(SupervisorArgs {
         shard: shard.clone(),
         proposer: Arc::new(proposer.clone()),
