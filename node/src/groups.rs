@@ -162,44 +162,63 @@ pub(crate) fn part_of(id: GroupId, shards: u64) -> Part {
     }
 }
 
-/// One node alone hosting the routing shard and `shards` conversation shards (every
-/// group a one-member Raft group on it), with a forwarder on each.
+/// A node hosting the routing shard and `shards` conversation shards, every group
+/// replicated on the same members, with a forwarder on each (acting while this node
+/// leads the group).
 pub(crate) struct SplitNode {
+    pub(crate) node_id: u64,
     pub(crate) groups: BTreeMap<GroupId, HostedGroup>,
     pub(crate) shards: u64,
     forwarders: Vec<tokio::task::JoinHandle<()>>,
     _keyspace: fjall::Keyspace,
-    _rpc: tokio::task::JoinHandle<()>,
+    endpoint: quinn::Endpoint,
+    rpc: tokio::task::JoinHandle<()>,
 }
 
 impl SplitNode {
-    /// Opens (or creates) the groups in `dir`; with `forward`, their letters flow.
+    /// Opens (or creates) the groups in `dir` on a node alone; with `forward`, their
+    /// letters flow.
     pub(crate) async fn start(dir: &Path, shards: u64, forward: bool) -> anyhow::Result<SplitNode> {
         let identity = switchboard_raft::tls::ensure_member(&dir.join("certs"), "node-1", &[])?;
         let endpoint = switchboard_raft::tls::endpoint(&identity, "127.0.0.1:0".parse()?)?;
-        let addr = endpoint.local_addr()?.to_string();
+        let members = BTreeMap::from([(1, endpoint.local_addr()?.to_string())]);
+        let mut node = Self::member(dir, 1, endpoint, &members, shards).await?;
+        if forward {
+            node.forward();
+        }
+        Ok(node)
+    }
+
+    /// Opens (or creates) this node's replicas of the groups in `dir`, serving them on
+    /// `endpoint`; `members` (node id to QUIC address, this node among them) replicate
+    /// every group, and each group is created by one of them in turn (group `g` by the
+    /// `(g - 1) mod n`-th), which spreads the first leaders over the members.
+    pub(crate) async fn member(dir: &Path, node_id: u64, endpoint: quinn::Endpoint, members: &BTreeMap<u64, String>, shards: u64) -> anyhow::Result<SplitNode> {
         let ids: Vec<GroupId> = std::iter::once(R).chain((0..shards).map(|k| FIRST_C + k)).collect();
         let keyspace = switchboard_raft::store::open_keyspace(&dir.join("records"), &ids)?;
         let (peers, router) = (Peers::new(endpoint.clone()), Router::default());
-        let rpc = switchboard_raft::network::serve(endpoint, router.clone());
-        let host = Host { node_id: 1, data_dir: dir, keyspace: &keyspace, snapshot_every: switchboard_raft::DEFAULT_SNAPSHOT_EVERY, peers: &peers, router: &router };
+        let rpc = switchboard_raft::network::serve(endpoint.clone(), router.clone());
+        let host = Host { node_id, data_dir: dir, keyspace: &keyspace, snapshot_every: switchboard_raft::DEFAULT_SNAPSHOT_EVERY, peers: &peers, router: &router };
         let mut groups = BTreeMap::new();
         for id in ids {
             let group = host.open(id, part_of(id, shards)).await?;
-            if !group.raft.is_initialized().await? {
-                group.raft.initialize(BTreeMap::from([(1, switchboard_raft::Node { addr: addr.clone() })])).await?;
+            // Each group is created by a different member, which stands first and most
+            // likely leads it: leaders start spread over the members.
+            let creator = members.keys().nth((id as usize).saturating_sub(1) % members.len().max(1));
+            if creator == Some(&node_id) && !group.raft.is_initialized().await? {
+                let nodes = members.iter().map(|(id, addr)| (*id, switchboard_raft::Node { addr: addr.clone() })).collect::<BTreeMap<_, _>>();
+                group.raft.initialize(nodes).await?;
             }
-            group.raft.wait(Some(Duration::from_secs(10))).current_leader(1, "leads").await?;
             groups.insert(id, group);
         }
-        let mut node = SplitNode { groups, shards, forwarders: Vec::new(), _keyspace: keyspace, _rpc: rpc };
+        for group in groups.values() {
+            group.raft.wait(Some(Duration::from_secs(20))).metrics(|m| m.current_leader.is_some(), "a leader").await?;
+        }
+        let node = SplitNode { node_id, groups, shards, forwarders: Vec::new(), _keyspace: keyspace, endpoint, rpc };
         for group in node.groups.values() {
             while group.shard.read().rules < switchboard_actors::core::RULES_VERSION {
                 group.proposer.submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }).await?;
             }
-        }
-        if forward {
-            node.forward();
         }
         Ok(node)
     }
@@ -208,10 +227,12 @@ impl SplitNode {
     pub(crate) fn forward(&mut self) {
         for (id, group) in &self.groups {
             let others = self.groups.iter().filter(|(other, _)| *other != id).map(|(other, g)| (*other, g.proposer.clone())).collect();
-            self.forwarders.push(forward_mail(group.clone(), others, 1));
+            self.forwarders.push(forward_mail(group.clone(), others, self.node_id));
         }
     }
 
+    /// Stops every group and the forwarders, and closes the node's QUIC endpoint: to
+    /// its peers it is gone, as a killed process is.
     pub(crate) async fn stop(self) -> anyhow::Result<()> {
         for f in &self.forwarders {
             f.abort();
@@ -219,8 +240,14 @@ impl SplitNode {
         for group in self.groups.values() {
             group.raft.shutdown().await?;
         }
-        self._rpc.abort();
+        self.rpc.abort();
+        self.endpoint.close(0u32.into(), b"stopped");
         Ok(())
+    }
+
+    /// Whether this node leads `group` now.
+    pub(crate) fn leads(&self, group: GroupId) -> bool {
+        self.groups.get(&group).is_some_and(|g| g.raft.metrics().borrow().current_leader == Some(self.node_id))
     }
 
     pub(crate) async fn submit(&self, group: GroupId, command: Command) -> Result<Reply, switchboard_actors::Error> {
@@ -353,5 +380,135 @@ mod tests {
         until(&node, R, "an offer to ann", |s| s.offers.values().any(|o| o.conversation == conversation)).await;
         until(&node, R, "routing holds it queued", |s| matches!(s.conversations.get(&conversation).map(|c| &c.status), Some(ConversationStatus::Queued { .. }))).await;
         node.stop().await.expect("stops");
+    }
+
+    /// Three members in this process, each with its own data folder and QUIC endpoint
+    /// (mutual TLS from one cluster CA).
+    async fn three_members(root: &Path) -> Vec<SplitNode> {
+        let certs = root.join("certs");
+        let mut endpoints = Vec::new();
+        for id in 1..=3u64 {
+            let identity = switchboard_raft::tls::ensure_member(&certs, &format!("node-{id}"), &[]).expect("certificate");
+            endpoints.push(switchboard_raft::tls::endpoint(&identity, "127.0.0.1:0".parse().expect("address")).expect("endpoint"));
+        }
+        let members: BTreeMap<u64, String> = endpoints.iter().enumerate().map(|(i, e)| (i as u64 + 1, e.local_addr().expect("bound").to_string())).collect();
+        let starts = endpoints.into_iter().enumerate().map(|(i, endpoint)| {
+            let (dir, members) = (root.join(format!("n{}", i + 1)), members.clone());
+            async move { SplitNode::member(&dir, i as u64 + 1, endpoint, &members, SHARDS).await.expect("member starts") }
+        });
+        let mut nodes = futures::future::join_all(starts).await;
+        for node in &mut nodes {
+            node.forward();
+        }
+        nodes
+    }
+
+    /// Submits through `node` (which forwards to the group's leader), again while the
+    /// group elects a new one; the answer of the attempt that was committed.
+    async fn submit_until_committed(node: &SplitNode, group: GroupId, command: Command) -> Result<Reply, switchboard_actors::Error> {
+        let mut last = None;
+        for _ in 0..100 {
+            match node.submit(group, command.clone()).await {
+                Err(switchboard_actors::Error::Commit(e)) => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+        panic!("group {group}: not committed after 100 tries: {last:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn killing_the_leader_of_a_conversation_shard_loses_no_message_and_no_letter() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut nodes = three_members(root.path()).await;
+        // Each member created one group and leads it: the leaders start spread.
+        for (node, group) in nodes.iter().zip([R, FIRST_C, FIRST_C + 1]) {
+            assert!(node.leads(group), "node {} leads the group it created ({group})", node.node_id);
+        }
+        let first = &nodes[0];
+        for command in directory() {
+            submit(first, R, command).await;
+        }
+        submit(first, R, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("bob"), name: "Bob".into(), capacity: 2, groups: vec![SkillGroupId::new("support")] })).await;
+        for op in ["ann", "bob"] {
+            submit(first, R, Command::SetPresence { operator: OperatorId::new(op), presence: Presence::Online }).await;
+        }
+        for c in [FIRST_C, FIRST_C + 1] {
+            until(first, c, "the web channel arrives", |s| s.channels.contains_key(&ChannelId::new("web"))).await;
+        }
+        // Three conversations over both shards, each offered and accepted.
+        let mut conversations = Vec::new();
+        for (i, shard) in [0u64, 1, 1].into_iter().enumerate() {
+            let start = Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: visitor(&format!("v-{i}")) };
+            let Reply::Started { conversation } = submit(&nodes[i], FIRST_C + shard, start).await else { panic!("not started") };
+            until(first, R, "an offer", |s| s.offers.values().any(|o| o.conversation == conversation)).await;
+            let offer = first.groups[&R].shard.read().offers.values().find(|o| o.conversation == conversation).map(|o| (o.operator.clone(), o.id)).expect("offer");
+            submit(first, R, Command::AcceptOffer { operator: offer.0, offer: offer.1 }).await;
+            until(first, first.group_of(conversation), "its shard hears who holds it", |s| s.conversations.get(&conversation).is_some_and(|c| c.assigned().is_some())).await;
+            conversations.push(conversation);
+        }
+
+        // Kill the member that leads the second conversation shard (it may lead others).
+        let victim = nodes.iter().position(|n| n.leads(FIRST_C + 1)).expect("a leader of the second shard");
+        let mut acked: Vec<(ConversationId, String)> = Vec::new();
+        for (n, conversation) in conversations.iter().enumerate() {
+            let key = format!("before-{n}");
+            let message = Command::PostClientMessage { conversation: *conversation, key: key.clone(), text: "hello".into(), attachments: vec![] };
+            assert!(matches!(submit(&nodes[0], first.group_of(*conversation), message).await, Reply::Message { .. }));
+            acked.push((*conversation, key));
+        }
+        nodes.remove(victim).stop().await.expect("stops");
+
+        // The survivors carry on: messages on every conversation, and a close on the
+        // killed leader's shard whose `Release` must still reach routing.
+        let survivor = &nodes[0];
+        for round in 0..3 {
+            for (n, conversation) in conversations.iter().enumerate() {
+                let key = format!("after-{round}-{n}");
+                let message = Command::PostClientMessage { conversation: *conversation, key: key.clone(), text: "still there?".into(), attachments: vec![] };
+                match submit_until_committed(survivor, survivor.group_of(*conversation), message).await {
+                    Ok(Reply::Message { .. }) => acked.push((*conversation, key)),
+                    other => panic!("a message on {conversation} was answered {other:?}"),
+                }
+            }
+        }
+        let closed = conversations[1];
+        let holder = survivor.groups[&R].shard.read().conversations[&closed].assigned().cloned().expect("held");
+        submit_until_committed(survivor, survivor.group_of(closed), Command::CloseByClient { conversation: closed }).await.expect("closed");
+        let all: Vec<GroupId> = vec![R, FIRST_C, FIRST_C + 1];
+        for node in &nodes {
+            for group in &all {
+                until(node, *group, "every letter is confirmed", |s| s.mail_out.values().all(|o| o.is_empty())).await;
+            }
+            until(node, R, "routing frees the closed conversation's holder", |s| !s.operators[&holder].active.contains(&closed)).await;
+        }
+
+        // Every acknowledged message is in its conversation exactly once, on both survivors.
+        for node in &nodes {
+            for conversation in &conversations {
+                let shard = &node.groups[&node.group_of(*conversation)].shard;
+                let history = shard.history(*conversation, 0, 1000).expect("history");
+                for (c, key) in acked.iter().filter(|(c, _)| c == conversation) {
+                    let copies = history.iter().filter(|e| matches!(&e.item, switchboard_actors::state::HistoryItem::ClientMessage { key: k, .. } if k == key)).count();
+                    assert_eq!(copies, 1, "node {}: message {key} of {c} is there once", node.node_id);
+                }
+            }
+            // Routing and each conversation's shard agree on who holds it; nobody is
+            // over capacity.
+            let routing = node.groups[&R].shard.read();
+            for conversation in &conversations {
+                let c = node.groups[&node.group_of(*conversation)].shard.conversation(*conversation).expect("readable").map(|c| c.status);
+                let r = routing.conversations.get(conversation).map(|c| c.status.clone()).or(Some(ConversationStatus::Closed));
+                assert_eq!(c, r, "node {}: {conversation} is in the same place in both shards", node.node_id);
+            }
+            for op in routing.operators.values() {
+                assert!(op.load() <= op.config.capacity, "{} over capacity", op.config.id);
+            }
+        }
+        for node in nodes {
+            node.stop().await.expect("stops");
+        }
     }
 }
