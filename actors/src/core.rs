@@ -36,7 +36,13 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// carry weights against operators' capacity.
 /// Rules 7: a channel with a bot gives its new conversations to the bot, which holds
 /// them out of every queue until it hands them off.
-pub const RULES_VERSION: u32 = 8;
+/// Rules 8: the messenger adapters (Telegram, WhatsApp, Messenger, VK).
+/// Rules 9: an operator's accept counts from when it reached the gateway
+/// (`AcceptOfferAt`): one that arrived before the offer's deadline assigns the
+/// conversation even if the offer expired before the accept was committed, while the
+/// conversation still waits unoffered and the operator has room; an operator the
+/// missed offer set away is online again.
+pub const RULES_VERSION: u32 = 9;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -731,6 +737,27 @@ pub fn check_weights(weights: &[(String, u32)]) -> Result<(), Error> {
     Ok(())
 }
 
+/// An operator coming back online: from rules 4, what they passed on while away is
+/// theirs to take again (anyone free who had not passed would have been offered it
+/// already); then the presence change.
+fn back_online(state: &ShardState, op: &crate::state::Operator) -> Vec<Event> {
+    let op_id = &op.config.id;
+    let mut events = Vec::new();
+    if state.rules >= 4 {
+        for group in &op.config.groups {
+            let Some(g) = state.groups.get(group) else { continue };
+            for (_, conv_id) in &g.queue {
+                let waiting = state.conversations.get(conv_id).filter(|c| c.passed_by.contains(op_id));
+                if waiting.is_some_and(|c| matches!(c.status, ConversationStatus::Queued { offer: None, .. })) {
+                    events.push(Event::PassForgotten { conversation: *conv_id, operator: op_id.clone() });
+                }
+            }
+        }
+    }
+    events.push(Event::PresenceChanged { operator: op_id.clone(), presence: Presence::Online });
+    events
+}
+
 /// From rules 5, the wrap-up its group gives the operator who held a conversation
 /// being closed.
 fn wrap_up_after(state: &ShardState, conv: &crate::state::Conversation, now: Timestamp) -> Option<Event> {
@@ -1153,20 +1180,11 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                     });
                 }
             }
-            if *presence == Presence::Online && state.rules >= 4 {
-                // Back at the desk: what they passed on while away is theirs to take again
-                // (anyone free who had not passed would have been offered it already).
-                for group in &op.config.groups {
-                    let Some(g) = state.groups.get(group) else { continue };
-                    for (_, conv_id) in &g.queue {
-                        let waiting = state.conversations.get(conv_id).filter(|c| c.passed_by.contains(op_id));
-                        if waiting.is_some_and(|c| matches!(c.status, ConversationStatus::Queued { offer: None, .. })) {
-                            events.push(Event::PassForgotten { conversation: *conv_id, operator: op_id.clone() });
-                        }
-                    }
-                }
+            if *presence == Presence::Online {
+                events.extend(back_online(state, op));
+            } else {
+                events.push(Event::PresenceChanged { operator: op_id.clone(), presence: *presence });
             }
-            events.push(Event::PresenceChanged { operator: op_id.clone(), presence: *presence });
             Ok((Reply::Done, events))
         }
         Command::AcceptOffer { operator: op_id, offer } => {
@@ -1181,6 +1199,50 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                     Event::ConversationAssigned { conversation: pending.conversation, operator: op_id.clone() },
                 ],
             ))
+        }
+        Command::AcceptOfferAt { operator: op_id, offer, received_at } => {
+            if let Some(pending) = state.offers.get(offer) {
+                if &pending.operator != op_id {
+                    return Err(Error::OfferGone(*offer));
+                }
+                return Ok((
+                    Reply::Done,
+                    vec![
+                        Event::OfferAccepted { offer: *offer },
+                        Event::ConversationAssigned { conversation: pending.conversation, operator: op_id.clone() },
+                    ],
+                ));
+            }
+            // Rules 9: the offer is gone; an answer that reached the gateway before its
+            // deadline still counts. The deadline is the decision's time plus the
+            // group's offer timeout (as the group has it now), and a stamp later than
+            // this entry's time is taken as this entry's time.
+            let gone = Error::OfferGone(*offer);
+            let decision = state.answered_offer.as_ref().filter(|d| state.rules >= 9 && d.offer == *offer && &d.chosen == op_id).ok_or(gone.clone())?;
+            let group = state.groups.get(&decision.group).ok_or(gone.clone())?;
+            if (*received_at).min(now) > decision.at.plus_ms(group.config.offer_timeout_ms) {
+                return Err(gone);
+            }
+            let conv = state.conversations.get(&decision.conversation).ok_or(gone.clone())?;
+            // Still waiting, and not offered to anyone else since.
+            if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) {
+                return Err(gone);
+            }
+            let op = operator(op_id)?;
+            // At the desk, or set away by the missed offer; not on a break or offline.
+            if !matches!(op.presence, Presence::Online | Presence::Away) {
+                return Err(gone);
+            }
+            if !state.has_room(op, &conv.channel) {
+                return Err(Error::CapacityExceeded(op_id.clone()));
+            }
+            channel_room(state, op, &conv.channel)?;
+            let mut events = Vec::new();
+            if op.presence != Presence::Online {
+                events.extend(back_online(state, op));
+            }
+            events.push(Event::ConversationAssigned { conversation: conv.id, operator: op_id.clone() });
+            Ok((Reply::Done, events))
         }
         Command::DeclineOffer { operator: op_id, offer, reason } => {
             let pending = state.offers.get(offer).ok_or(Error::OfferGone(*offer))?;

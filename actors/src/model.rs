@@ -661,6 +661,15 @@ pub enum Command {
         to: u64,
         upto: u64,
     },
+    /// As `AcceptOffer`, with when the operator's answer reached the gateway (rules 9):
+    /// an answer that arrived before the offer's deadline counts even when the offer
+    /// expired meanwhile (the cluster stalled or changed leader), as long as the
+    /// conversation still waits for an operator and this one has room.
+    AcceptOfferAt {
+        operator: OperatorId,
+        offer: OfferId,
+        received_at: Timestamp,
+    },
 }
 
 /// A file a customer sent through a channel, stored in the blob store before the

@@ -114,7 +114,8 @@ pub fn target(command: &Command) -> Target {
         | DeclineOffer { operator, .. }
         | Transfer { operator, .. }
         | EndWrapUp { operator }
-        | TakeBreak { operator, .. } => Target::Operator(operator.clone()),
+        | TakeBreak { operator, .. }
+        | AcceptOfferAt { operator, .. } => Target::Operator(operator.clone()),
         Reassign { conversation, .. } => Target::ConversationRouting(*conversation),
         RouteQueue { group } => Target::Group(group.clone()),
         ExpireOffer { .. } | MarkAbsent { .. } => Target::OwnRoutingShard,

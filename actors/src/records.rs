@@ -707,6 +707,7 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
 /// Clears what one command's purge loaded (its writes are taken).
 pub fn end_command(state: &mut ShardState) {
     state.returning = None;
+    state.answered_offer = None;
     state.inbound_seen = None;
     state.expired.clear();
     state.expired_keys.clear();
@@ -800,6 +801,7 @@ pub fn needs_records(state: &ShardState, command: &Command) -> bool {
         Command::PostClientMessage { attachments, .. } | Command::PostOperatorMessage { attachments, .. } => !attachments.is_empty(),
         Command::StoreAttachment(_) | Command::PurgeExpired { .. } | Command::ChannelInbound { .. } | Command::ChannelInboundRich { .. } => true,
         Command::RetryDelivery { conversation, seq, .. } => !state.outbox.contains_key(&(*conversation, *seq)),
+        Command::AcceptOfferAt { offer, .. } => !state.offers.contains_key(offer),
         Command::DeliveryResults { results } => results.iter().any(|r| !state.outbox.contains_key(&(r.conversation, r.seq))),
         _ => false,
     };
@@ -828,6 +830,15 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
     }
     if let Command::PurgeExpired { as_of } = command {
         find_expired(state, store, *as_of)?;
+    }
+    if let Command::AcceptOfferAt { offer, .. } = command {
+        if !state.offers.contains_key(offer) {
+            // Made earlier in this entry: its record is not written yet.
+            state.answered_offer = match state.dirty.decisions.iter().find(|d| d.offer == *offer) {
+                Some(d) => Some(d.clone()),
+                None => get::<DecisionRecord>(store, &key::decision(*offer))?,
+            };
+        }
     }
     // A routing shard deletes what it holds of the conversations a conversation shard
     // purged (a repeated letter is dropped by `core` without deleting anything).

@@ -129,6 +129,10 @@ pub struct ShardState {
     /// conversation and when it closed (read from records `V` before it).
     #[serde(skip)]
     pub returning: Option<(OperatorId, Timestamp)>,
+    /// For an `AcceptOfferAt` of an offer no longer pending: its decision record (read
+    /// from records `d` before it), which says whom it was made to and when.
+    #[serde(skip)]
+    pub answered_offer: Option<DecisionRecord>,
     /// Who served each visitor whose conversation closed in the log entry being
     /// applied: the records `V` hold it only once the entry is written, and a later
     /// command of the same entry must see it.

@@ -79,3 +79,65 @@ fn a_late_expiry_after_a_stall_does_not_set_the_operator_away() {
         assert_eq!(presence(&state), Some(expected), "late by {late_by} ms");
     }
 }
+
+/// An offer to Ann made at 1000 (deadline 6000) and expired at 6500, late enough to
+/// count as missed (within `STALLED_EXPIRY_MS`): she is set away.
+fn missed_offer(rules: u32) -> (MemStore, ShardState, ConversationId, OfferId) {
+    let (store, mut state) = setup(rules);
+    run(&mut state, &store, 1000, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }).expect("started");
+    let offer = state.offers.values().next().expect("offered").clone();
+    assert_eq!(offer.deadline, Timestamp(6000));
+    run(&mut state, &store, 6500, Command::ExpireOffer { offer: offer.id }).expect("expired");
+    assert_eq!(state.operators[&OperatorId::new("ann")].presence, Presence::Away, "a missed offer sets her away");
+    (store, state, offer.conversation, offer.id)
+}
+
+fn accept_at(operator: &str, offer: OfferId, received_at: u64) -> Command {
+    Command::AcceptOfferAt { operator: OperatorId::new(operator), offer, received_at: Timestamp(received_at) }
+}
+
+#[test]
+fn under_rules_9_an_accept_that_reached_the_server_before_the_deadline_counts_after_the_offer_expired() {
+    assert!(RULES_VERSION >= 9);
+    let (store, mut state, conversation, offer) = missed_offer(9);
+    // Her answer reached the server at 5900, 100 ms before the deadline, and was stuck
+    // behind a stalled leader until 6700, after the expiry.
+    run(&mut state, &store, 6700, accept_at("ann", offer, 5900)).expect("the late accept is honoured");
+    let ann = &state.operators[&OperatorId::new("ann")];
+    assert_eq!(state.conversations[&conversation].assigned(), Some(&OperatorId::new("ann")));
+    assert!(ann.active.contains(&conversation));
+    assert_eq!(ann.presence, Presence::Online, "she answered: she is at her desk");
+    // The same decision after a restart from the records (the decision record is read
+    // from them, not kept in memory).
+    let rebuilt = records::load(&store).expect("load");
+    assert_eq!(rebuilt.conversations[&conversation].assigned(), Some(&OperatorId::new("ann")));
+}
+
+#[test]
+fn a_late_accept_that_reached_the_server_after_the_deadline_is_refused() {
+    let (store, mut state, conversation, offer) = missed_offer(9);
+    assert_eq!(run(&mut state, &store, 6700, accept_at("ann", offer, 6001)), Err(Error::OfferGone(offer)));
+    // A stamp from a clock ahead of the log's is taken as the entry's own time: 6700.
+    assert_eq!(run(&mut state, &store, 6700, accept_at("ann", offer, 99_999)), Err(Error::OfferGone(offer)));
+    // Someone else cannot take Ann's offer by stamping early.
+    assert_eq!(run(&mut state, &store, 6700, accept_at("bob", offer, 5000)), Err(Error::OfferGone(offer)));
+    assert!(state.conversations[&conversation].assigned().is_none());
+    assert_eq!(state.operators[&OperatorId::new("ann")].presence, Presence::Away);
+}
+
+#[test]
+fn a_late_accept_does_not_take_a_conversation_offered_to_someone_else_since() {
+    let (store, mut state, conversation, offer) = missed_offer(9);
+    run(&mut state, &store, 6600, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("bob"), name: "Bob".into(), capacity: 1, groups: vec![SkillGroupId::new("g")] })).expect("bob");
+    run(&mut state, &store, 6600, Command::SetPresence { operator: OperatorId::new("bob"), presence: Presence::Online }).expect("online");
+    let to_bob = state.offers.values().find(|o| o.conversation == conversation).expect("offered to bob").id;
+    assert_eq!(run(&mut state, &store, 6700, accept_at("ann", offer, 5900)), Err(Error::OfferGone(offer)));
+    run(&mut state, &store, 6800, accept_at("bob", to_bob, 6800)).expect("bob takes it");
+    assert_eq!(state.conversations[&conversation].assigned(), Some(&OperatorId::new("bob")), "one holder (I2)");
+}
+
+#[test]
+fn under_rules_8_an_accept_after_the_expiry_is_refused_whenever_it_arrived() {
+    let (store, mut state, _, offer) = missed_offer(8);
+    assert_eq!(run(&mut state, &store, 6700, accept_at("ann", offer, 5900)), Err(Error::OfferGone(offer)));
+}

@@ -39,6 +39,9 @@ enum Step {
     Raw(Command),
     /// Answers the n-th pending offer as its operator.
     Accept(usize),
+    /// Answers offer `n` (pending or not, made to whomever) as operator `m`, with an
+    /// answer stamped as received at time 0, before every deadline (rules 9).
+    AcceptLate(usize, usize),
     Decline(usize, String),
     /// Expires the n-th pending offer, due or not.
     Expire(usize),
@@ -372,6 +375,7 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         6 => command().prop_map(Step::Raw),
         4 => n.clone().prop_map(Step::Accept),
+        2 => (n.clone(), 0..3usize).prop_map(|(n, m)| Step::AcceptLate(n, m)),
         1 => (n.clone(), text()).prop_map(|(n, reason)| Step::Decline(n, reason)),
         1 => n.clone().prop_map(Step::Expire),
         2 => (n.clone(), key(), text()).prop_map(|(n, key, text)| Step::HolderSays(n, key, text)),
@@ -466,6 +470,11 @@ fn resolve(state: &ShardState, step: &Step) -> Command {
             None => Command::DeclineOffer { operator: OperatorId::new("op0"), offer: OfferId(*n as u64), reason: reason.clone() },
         },
         Step::Expire(n) => Command::ExpireOffer { offer: pending(*n).map(|o| o.id).unwrap_or(OfferId(*n as u64)) },
+        Step::AcceptLate(n, m) => Command::AcceptOfferAt {
+            operator: OperatorId::new(OPERATORS[m % OPERATORS.len()]),
+            offer: OfferId((*n as u64) % state.next_offer.max(1)),
+            received_at: Timestamp(0),
+        },
         Step::HolderSays(n, key, text) => {
             let (conversation, operator) = held(*n).unwrap_or_else(nobody);
             Command::PostOperatorMessage { operator, conversation, key: key.clone(), text: text.clone(), attachments: vec![] }
@@ -617,6 +626,7 @@ const SPANS_GROUPS: &[&str] = &[
     // Routing decisions that write the conversation's history: to become `Assigned`
     // and `Requeued` mail.
     "AcceptOffer",
+    "AcceptOfferAt",
     "Transfer",
     "Reassign",
     // Directory changes with effects in routing shards (feeds, queues routed again)

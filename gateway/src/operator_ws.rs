@@ -155,7 +155,15 @@ impl OperatorSession {
                 self.ok(out, reference.as_ref()).await;
             }
             OperatorIn::Accept { offer, reference } => {
-                self.commit(Command::AcceptOffer { operator: me, offer: OfferId(offer) }, reference.as_ref()).await?;
+                // Rules 9: the answer counts from when it reached this server, so a stall
+                // between here and the log (a frozen or changing leader) cannot make it late.
+                let received_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                let command = if self.gw.backend.shard().read().rules >= 9 {
+                    Command::AcceptOfferAt { operator: me, offer: OfferId(offer), received_at: switchboard_actors::model::Timestamp(received_at) }
+                } else {
+                    Command::AcceptOffer { operator: me, offer: OfferId(offer) }
+                };
+                self.commit(command, reference.as_ref()).await?;
                 self.ok(out, reference.as_ref()).await;
             }
             OperatorIn::Decline { offer, reason, reference } => {
