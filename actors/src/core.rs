@@ -139,12 +139,13 @@ pub struct Outcome {
 }
 
 /// Which part of ADR 0006's split a state plays. Today's node runs `Whole`: one group
-/// decides everything. `Conversations` (a conversation shard, `C`) decides commands
-/// but never routes: it holds no offers and no operator presence, and tells its
-/// routing shard what changed by [`mail_of`]. `Routing` (a routing shard, `R`) decides
-/// and routes, tells each conversation shard who holds its conversations, and until
-/// the metadata group `G0` exists is where directory commands are decided: it sends
-/// them on to every conversation shard as letters.
+/// decides everything. `Directory` (the metadata group, `G0`) decides directory
+/// commands (`placement::Target::Directory`) and sends each to the routing shard and
+/// every conversation shard as a letter, which they apply as their own command.
+/// `Conversations` (a conversation shard, `C`) decides commands but never routes: it
+/// holds no offers and no operator presence, and tells its routing shard what changed
+/// by [`mail_of`]. `Routing` (a routing shard, `R`) decides and routes, and tells each
+/// conversation shard who holds its conversations.
 ///
 /// The conversation shards are `shards` groups numbered from `first`; conversation
 /// `id` lives in group `first + id % shards`, and shard `k` allocates only ids with
@@ -152,6 +153,7 @@ pub struct Outcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
     Whole,
+    Directory { routing: GroupId, first: GroupId, shards: u64 },
     Conversations { routing: GroupId, shard: u64, shards: u64 },
     Routing { first: GroupId, shards: u64 },
 }
@@ -178,7 +180,7 @@ pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Res
     for event in decided {
         commit(state, event, now, &mut outcome);
     }
-    if !matches!(part, Part::Conversations { .. }) {
+    if matches!(part, Part::Whole | Part::Routing { .. }) {
         let queue = match &envelope.command {
             Command::RouteQueue { group } => Some(group),
             _ => None,
@@ -186,8 +188,9 @@ pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Res
         route_touched(state, queue, now, &mut outcome);
     }
     // The letters this entry decided, posted in the same apply (ADR 0006). Receiving a
-    // letter makes none, so nothing echoes; except a directory command, which a
-    // conversation shard applies as its own (it may requeue a bot's conversations).
+    // letter makes none, so nothing echoes; except a directory command, which the
+    // routing and conversation shards apply as their own (removing a bot requeues its
+    // conversations; a changed operator may lose offers).
     let received = match &envelope.command {
         Command::Deliver { mail: Mail::Directory { .. }, .. } => false,
         Command::Deliver { .. } => true,
@@ -195,8 +198,9 @@ pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Res
     };
     if !received {
         let mut letters = mail_of(state, &outcome, part);
-        if let (Part::Routing { first, shards }, crate::placement::Target::Directory) = (part, crate::placement::target(&envelope.command)) {
+        if let (Part::Directory { routing, first, shards }, crate::placement::Target::Directory) = (part, crate::placement::target(&envelope.command)) {
             let command = Box::new(envelope.command.clone());
+            letters.push((routing, Mail::Directory { command: command.clone() }));
             letters.extend((0..shards).map(|k| (first + k, Mail::Directory { command: command.clone() })));
         }
         for (to, mail) in letters {
@@ -279,8 +283,8 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) ->
                 events.push(Event::ConversationQueued { conversation: *conversation, group: group.clone(), ticket: state.next_ticket });
             }
         }
-        // Decided by the routing shard already; refused here only if the two disagree on
-        // the directory, which they receive in the same order.
+        // Decided by the metadata group already; refused here only if the two disagree
+        // on the directory, which reaches every group in the same order.
         Mail::Directory { command } => match decide(state, command, now, part) {
             Ok((_, decided)) => events.extend(decided),
             Err(e) => tracing::warn!(error = %e, "a directory letter was refused by this conversation shard"),
@@ -302,7 +306,7 @@ fn placed(state: &ShardState, conversation: ConversationId, then: &Placed) -> Ev
 /// after the outcome was committed. Nothing for `Whole`.
 pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<(GroupId, Mail)> {
     let addressee = |conversation: &ConversationId| match part {
-        Part::Whole => 0,
+        Part::Whole | Part::Directory { .. } => 0,
         Part::Conversations { routing, .. } => routing,
         Part::Routing { first, shards } => Part::conversation_group(first, shards, *conversation),
     };

@@ -189,9 +189,8 @@ pub enum Mail {
     Reassigned { conversation: ConversationId, by: String, to: TransferTarget, comment: String, then: Placed },
     /// `R` to `C`: back in `group`'s queue.
     Requeued { conversation: ConversationId, group: SkillGroupId },
-    /// `R` to every `C`: a directory command the routing shard took, for the
-    /// conversation shard to apply as its own (until the metadata group `G0` decides
-    /// the directory and sends it to both).
+    /// `G0` to the routing shard and every `C`: a directory command the metadata group
+    /// took, for each to apply as its own.
     Directory { command: Box<crate::model::Command> },
 }
 

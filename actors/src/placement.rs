@@ -43,8 +43,9 @@ pub enum Target {
     /// Every group applies it.
     Every,
     /// A letter, proposed to the group its sender addressed it to: a routing shard for
-    /// a conversation shard's letter, a conversation shard for a routing shard's.
-    Addressee(Owner),
+    /// a conversation shard's letter, a conversation shard for a routing shard's, either
+    /// for the metadata group's.
+    Addressee,
     /// Proposed by a group's leader to its own group (a confirmation of its letters).
     Itself,
 }
@@ -57,8 +58,7 @@ impl Target {
             Target::Directory => Some(Owner::Directory),
             Target::Conversation(_) | Target::NewConversation { .. } | Target::Sender { .. } | Target::OwnConversationShard => Some(Owner::Conversation),
             Target::Operator(_) | Target::Group(_) | Target::ConversationRouting(_) | Target::OwnRoutingShard | Target::OperatorsByRoutingShard => Some(Owner::Routing),
-            Target::Addressee(owner) => Some(*owner),
-            Target::Every | Target::Itself => None,
+            Target::Every | Target::Itself | Target::Addressee => None,
         }
     }
 }
@@ -121,7 +121,7 @@ pub fn target(command: &Command) -> Target {
         ExpireOffer { .. } | MarkAbsent { .. } => Target::OwnRoutingShard,
         OperatorsConnected { .. } => Target::OperatorsByRoutingShard,
         AdoptRules { .. } => Target::Every,
-        Deliver { mail, .. } => Target::Addressee(if mail.from_conversation_shard() { Owner::Routing } else { Owner::Conversation }),
+        Deliver { .. } => Target::Addressee,
         ConfirmMail { .. } => Target::Itself,
     }
 }

@@ -826,18 +826,20 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------------
-// ADR 0006's split in one process: the same commands through one routing shard (`R`,
-// `core::Part::Routing`, which also decides the directory until `G0` exists) and two
+// ADR 0006's split in one process: the same commands through the metadata group
+// (`G0`, `core::Part::Directory`), one routing shard (`R`, `Part::Routing`) and two
 // conversation shards (`C`, `Part::Conversations`), each with its own state and
 // records. Every letter between them is posted in the apply that decided it and
 // proposed to its destination as `Command::Deliver`, late, out of order, twice, or
 // lost and resent, with its answer confirmed by `Command::ConfirmMail` or lost; both
 // sides' leaders change now and then (the hot state rebuilt from the records).
 
-const R_GROUP: GroupId = 1;
+const G0_GROUP: GroupId = 1;
+const R_GROUP: GroupId = 2;
 /// Conversation shards are groups `FIRST_C .. FIRST_C + SHARDS`.
-const FIRST_C: GroupId = 2;
+const FIRST_C: GroupId = 3;
 const SHARDS: u64 = 2;
+const G0_PART: Part = Part::Directory { routing: R_GROUP, first: FIRST_C, shards: SHARDS };
 const R_PART: Part = Part::Routing { first: FIRST_C, shards: SHARDS };
 
 fn c_part(shard: u64) -> Part {
@@ -845,9 +847,10 @@ fn c_part(shard: u64) -> Part {
 }
 
 /// What the network does between two steps: the `pick`-th letter in flight on one of
-/// the links (`link`: to or from each conversation shard) is proposed to its
-/// destination, and the answer may reach the sender (`answered`); with `restart`,
-/// every group changes leader first.
+/// the links (`link`: between the routing shard and each conversation shard both
+/// ways, and from the metadata group to each) is proposed to its destination, and the
+/// answer may reach the sender (`answered`); with `restart`, every group changes
+/// leader first.
 #[derive(Clone, Debug)]
 struct Post {
     link: usize,
@@ -857,7 +860,7 @@ struct Post {
 }
 
 fn posts() -> impl Strategy<Value = Vec<Post>> {
-    let post = (0..2 * SHARDS as usize, 0..3usize, prop::bool::weighted(0.8), prop::bool::weighted(0.05));
+    let post = (0..LINKS, 0..3usize, prop::bool::weighted(0.8), prop::bool::weighted(0.05));
     prop::collection::vec(post.prop_map(|(link, pick, answered, restart)| Post { link, pick, answered, restart }), 0..5)
 }
 
@@ -868,7 +871,11 @@ struct Group {
     store: MemStore,
 }
 
+/// Links between the groups: `C_k` to `R`, `R` to `C_k`, `G0` to `R`, `G0` to `C_k`.
+const LINKS: usize = 3 * SHARDS as usize + 1;
+
 struct Split {
+    g0: Group,
     r: Group,
     cs: Vec<Group>,
     /// Conversations started without a visitor id, to spread them over the shards.
@@ -890,6 +897,9 @@ fn run_checked(group: &mut Group, entry: &Envelope) -> Result<(Reply, core::Outc
     // operators' loads mirror the routing shard's letters, which may arrive after a
     // capacity was lowered there.
     let loads = if group.id == R_GROUP { loads } else { group.state.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect() };
+    if group.id == G0_GROUP {
+        assert!(group.state.conversations.is_empty() && group.state.offers.is_empty(), "the metadata group holds no conversation");
+    }
     check_invariants(&group.state, &group.store, &loads);
     if let Part::Conversations { shard, shards, .. } = group.part {
         for id in group.state.conversations.keys() {
@@ -909,7 +919,13 @@ impl Split {
             let (state, store) = initial(setup);
             Group { id, part, state, store }
         };
-        Split { r: group(R_GROUP, R_PART), cs: (0..SHARDS).map(|k| group(FIRST_C + k, c_part(k))).collect(), anonymous: 0, applied: Vec::new() }
+        Split {
+            g0: group(G0_GROUP, G0_PART),
+            r: group(R_GROUP, R_PART),
+            cs: (0..SHARDS).map(|k| group(FIRST_C + k, c_part(k))).collect(),
+            anonymous: 0,
+            applied: Vec::new(),
+        }
     }
 
     /// The conversation shards a command goes to, by `placement::target`.
@@ -935,11 +951,14 @@ impl Split {
     }
 
     /// Proposes a command where `placement` sends it: directory commands to the
-    /// routing shard, which passes them on by letter; the letters an outcome makes are
+    /// metadata group, which passes them on by letter; the letters an outcome makes are
     /// posted in the same apply.
     fn submit(&mut self, entry: &Envelope) {
-        let routing = matches!(placement::target(&entry.command).owner(), Some(Owner::Routing | Owner::Directory) | None);
-        if routing {
+        let owner = placement::target(&entry.command).owner();
+        if matches!(owner, Some(Owner::Directory) | None) {
+            let _ = run_checked(&mut self.g0, entry);
+        }
+        if matches!(owner, Some(Owner::Routing) | None) {
             let _ = run_checked(&mut self.r, entry);
         }
         for k in self.shards_for(&entry.command) {
@@ -951,12 +970,17 @@ impl Split {
     /// and its answer may.
     fn deliver(&mut self, post: &Post, at: Timestamp) {
         if post.restart {
-            for group in std::iter::once(&mut self.r).chain(self.cs.iter_mut()) {
+            for group in [&mut self.g0, &mut self.r].into_iter().chain(self.cs.iter_mut()) {
                 group.state = records::load(&group.store).expect("the records load");
             }
         }
-        let shard = post.link % SHARDS as usize;
-        let (source, dest) = if post.link < SHARDS as usize { (&mut self.cs[shard], &mut self.r) } else { (&mut self.r, &mut self.cs[shard]) };
+        let shards = SHARDS as usize;
+        let (source, dest) = match post.link {
+            l if l < shards => (&mut self.cs[l], &mut self.r),
+            l if l < 2 * shards => (&mut self.r, &mut self.cs[l - shards]),
+            l if l == 2 * shards => (&mut self.g0, &mut self.r),
+            l => (&mut self.g0, &mut self.cs[(l - 2 * shards - 1) % shards]),
+        };
         let (from, to) = (source.id, dest.id);
         let letters: Vec<(u64, Mail)> = source.state.mail_out.get(&to).map(|o| o.unconfirmed().map(|(id, m)| (id, m.clone())).collect()).unwrap_or_default();
         let Some((id, mail)) = letters.get(post.pick.min(letters.len().saturating_sub(1))).cloned() else { return };
@@ -982,11 +1006,11 @@ impl Split {
     /// Every letter in flight arrives, in order, until no group has any.
     fn drain(&mut self, at: Timestamp) {
         for _ in 0..10_000 {
-            let pending = std::iter::once(&self.r).chain(&self.cs).any(|g| g.state.mail_out.values().any(|o| !o.is_empty()));
+            let pending = [&self.g0, &self.r].into_iter().chain(&self.cs).any(|g| g.state.mail_out.values().any(|o| !o.is_empty()));
             if !pending {
                 return;
             }
-            for link in 0..2 * SHARDS as usize {
+            for link in 0..LINKS {
                 self.deliver(&Post { link, pick: 0, answered: true, restart: false }, at);
             }
         }
@@ -1005,7 +1029,8 @@ fn seen_by(group: &Group, id: ConversationId) -> Option<(ConversationStatus, Ski
 /// Once no letter is in flight, the routing shard and each conversation's shard agree
 /// on its place: held by the same operator, queued in the same group, or closed (or
 /// never seen by routing: a bot's conversation, or one closed before it was queued);
-/// and each conversation shard holds the directory the routing shard decided.
+/// and the routing shard and each conversation shard hold the directory the metadata
+/// group decided.
 fn check_agreement(split: &Split) {
     for n in 0..64 {
         let id = ConversationId(n);
@@ -1021,9 +1046,12 @@ fn check_agreement(split: &Split) {
         };
         assert!(agree, "{id}: its conversation shard has it {c:?}, the routing shard {r:?}; letters applied: {:#?}", split.applied);
     }
-    for c in &split.cs {
-        let configs = |s: &ShardState| serde_json::to_string(&(&s.channels, &s.users, &s.templates, s.groups.values().map(|g| &g.config).collect::<Vec<_>>())).expect("serializes");
-        assert_eq!(configs(&c.state), configs(&split.r.state), "group {} holds the directory the routing shard decided", c.id);
+    let configs = |s: &ShardState| {
+        let operators: Vec<&OperatorConfig> = s.operators.values().map(|o| &o.config).collect();
+        serde_json::to_string(&(&s.channels, &s.users, &s.templates, s.groups.values().map(|g| &g.config).collect::<Vec<_>>(), operators)).expect("serializes")
+    };
+    for group in std::iter::once(&split.r).chain(&split.cs) {
+        assert_eq!(configs(&group.state), configs(&split.g0.state), "group {} holds the directory the metadata group decided", group.id);
     }
 }
 

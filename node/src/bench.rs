@@ -79,8 +79,8 @@ pub struct BenchArgs {
     /// Operators' replies a second in `--channels`.
     #[arg(long, default_value_t = 2500)]
     pub(crate) outbound_rate: u32,
-    /// ADR 0006's split on real Raft groups in this process, without sockets: one
-    /// routing shard and this many conversation shards; `--clients` conversations are
+    /// ADR 0006's split on real Raft groups in this process, without sockets: the
+    /// metadata group, one routing shard and this many conversation shards; `--clients` conversations are
     /// started, offered and accepted across them, then each keeps one message in
     /// flight for `--duration` seconds.
     #[arg(long)]

@@ -1,5 +1,5 @@
 //! `switchboard bench --split N`: ADR 0006's split on real Raft groups in this process
-//! (one routing shard and N conversation shards, each with its own log and records on
+//! (the metadata group, one routing shard and N conversation shards, each with its own log and records on
 //! this machine's disk, letters carried by the forwarders), without sockets or a
 //! gateway: how many client messages a second the conversation shards commit, and how
 //! that changes with N.
@@ -13,7 +13,7 @@ use switchboard_actors::model::*;
 use switchboard_actors::state::ConversationStatus;
 
 use crate::bench::{folder_bytes, print_latencies, BenchArgs};
-use crate::groups::{SplitNode, FIRST_C, R};
+use crate::groups::{SplitNode, FIRST_C, G0, R};
 
 /// A client message's text: 200 characters, as in the other benches.
 fn text() -> String {
@@ -29,10 +29,10 @@ pub async fn run(args: BenchArgs, shards: u64) -> anyhow::Result<()> {
     }
     let temp = tempfile::tempdir()?;
     let dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
-    println!("bench: one routing shard and {shards} conversation shard(s) on real Raft groups in this process, in {}", dir.display());
+    println!("bench: the metadata group, one routing shard and {shards} conversation shard(s) on real Raft groups in this process, in {}", dir.display());
     let node = SplitNode::start(&dir, shards, true).await.context("start the groups")?;
 
-    // The directory is decided by the routing shard and reaches every conversation shard by letter.
+    // The directory is decided by the metadata group and reaches the other groups by letter.
     let group = SkillGroupId::new("support");
     let capacity = u32::try_from(args.clients.div_ceil(args.operators) + 1)?;
     let mut directory = vec![
@@ -44,7 +44,10 @@ pub async fn run(args: BenchArgs, shards: u64) -> anyhow::Result<()> {
         directory.insert(1, Command::UpsertOperator(OperatorConfig { id: op.clone(), name: op.0.clone(), capacity, groups: vec![group.clone()] }));
     }
     for command in directory {
-        node.submit(R, command).await?;
+        node.submit(G0, command).await?;
+    }
+    if !node.until(R, Duration::from_secs(30), |s| operators.iter().all(|op| s.operators.contains_key(op))).await {
+        bail!("the directory did not reach the routing shard within 30 s");
     }
     for op in &operators {
         node.submit(R, Command::SetPresence { operator: op.clone(), presence: Presence::Online }).await?;

@@ -147,22 +147,24 @@ pub(crate) fn forward_mail(source: HostedGroup, destinations: BTreeMap<GroupId, 
     })
 }
 
-/// The routing shard's group id, and the first conversation shard's: conversation
-/// shard `k` of `n` is group `FIRST_C + k`.
-pub(crate) const R: GroupId = 1;
-pub(crate) const FIRST_C: GroupId = 2;
+/// The metadata group's id, the routing shard's, and the first conversation shard's:
+/// conversation shard `k` of `n` is group `FIRST_C + k`.
+pub(crate) const G0: GroupId = 1;
+pub(crate) const R: GroupId = 2;
+pub(crate) const FIRST_C: GroupId = 3;
 
-/// The part group `id` plays on a node that splits into one routing shard and
-/// `shards` conversation shards.
+/// The part group `id` plays on a node that splits into the metadata group, one
+/// routing shard and `shards` conversation shards.
 pub(crate) fn part_of(id: GroupId, shards: u64) -> Part {
-    if id == R {
-        Part::Routing { first: FIRST_C, shards }
-    } else {
-        Part::Conversations { routing: R, shard: id - FIRST_C, shards }
+    match id {
+        G0 => Part::Directory { routing: R, first: FIRST_C, shards },
+        R => Part::Routing { first: FIRST_C, shards },
+        _ => Part::Conversations { routing: R, shard: id - FIRST_C, shards },
     }
 }
 
-/// A node hosting the routing shard and `shards` conversation shards, every group
+/// A node hosting the metadata group, the routing shard and `shards` conversation
+/// shards, every group
 /// replicated on the same members, with a forwarder on each (acting while this node
 /// leads the group).
 pub(crate) struct SplitNode {
@@ -194,7 +196,7 @@ impl SplitNode {
     /// every group, and each group is created by one of them in turn (group `g` by the
     /// `(g - 1) mod n`-th), which spreads the first leaders over the members.
     pub(crate) async fn member(dir: &Path, node_id: u64, endpoint: quinn::Endpoint, members: &BTreeMap<u64, String>, shards: u64) -> anyhow::Result<SplitNode> {
-        let ids: Vec<GroupId> = std::iter::once(R).chain((0..shards).map(|k| FIRST_C + k)).collect();
+        let ids: Vec<GroupId> = [G0, R].into_iter().chain((0..shards).map(|k| FIRST_C + k)).collect();
         let keyspace = switchboard_raft::store::open_keyspace(&dir.join("records"), &ids)?;
         let (peers, router) = (Peers::new(endpoint.clone()), Router::default());
         let rpc = switchboard_raft::network::serve(endpoint.clone(), router.clone());
@@ -246,6 +248,7 @@ impl SplitNode {
     }
 
     /// Whether this node leads `group` now.
+    #[cfg(test)]
     pub(crate) fn leads(&self, group: GroupId) -> bool {
         self.groups.get(&group).is_some_and(|g| g.raft.metrics().borrow().current_leader == Some(self.node_id))
     }
@@ -311,17 +314,18 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_conversation_is_queued_assigned_answered_and_released_across_three_groups() {
+    async fn a_conversation_is_queued_assigned_answered_and_released_across_four_groups() {
         let dir = tempfile::tempdir().expect("temp dir");
         let node = start(dir.path(), true).await;
         for command in directory() {
-            submit(&node, R, command).await;
+            submit(&node, G0, command).await;
         }
-        submit(&node, R, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }).await;
-        // The directory reaches both conversation shards by letter.
+        // The metadata group's directory reaches routing and both conversation shards by letter.
+        until(&node, R, "ann is known to routing", |s| s.operators.contains_key(&OperatorId::new("ann"))).await;
         for c in [FIRST_C, FIRST_C + 1] {
             until(&node, c, "the web channel arrives", |s| s.channels.contains_key(&ChannelId::new("web"))).await;
         }
+        submit(&node, R, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }).await;
 
         // A conversation starts in the second conversation shard, which numbers it.
         let start = Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: visitor("v-1") };
@@ -351,7 +355,7 @@ mod tests {
         submit(&node, FIRST_C + 1, Command::CloseByClient { conversation }).await;
         until(&node, R, "ann has room again", |s| s.operators[&OperatorId::new("ann")].active.is_empty() && s.offers.is_empty()).await;
         // Every letter was confirmed.
-        for id in [R, FIRST_C, FIRST_C + 1] {
+        for id in [G0, R, FIRST_C, FIRST_C + 1] {
             until(&node, id, "its letters are confirmed", |s| s.mail_out.values().all(|o| o.is_empty())).await;
         }
         node.stop().await.expect("stops");
@@ -363,18 +367,19 @@ mod tests {
         // No forwarders: the letters stay posted.
         let node = start(dir.path(), false).await;
         for command in directory() {
-            submit(&node, R, command).await;
+            submit(&node, G0, command).await;
         }
-        submit(&node, R, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }).await;
         let start_conversation = Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: visitor("v-2") };
         // The conversation shard has not heard of the web channel yet: refused.
         assert!(node.submit(FIRST_C, start_conversation.clone()).await.is_err());
-        let pending = node.groups[&R].shard.read().mail_out.values().map(|o| o.unconfirmed().count()).sum::<usize>();
-        assert_eq!(pending, 2 * directory().len(), "each directory command is a letter to each conversation shard");
+        let pending = node.groups[&G0].shard.read().mail_out.values().map(|o| o.unconfirmed().count()).sum::<usize>();
+        assert_eq!(pending, 3 * directory().len(), "each directory command is a letter to routing and to each conversation shard");
         node.stop().await.expect("stops");
 
         // Started again from the data folder: the letters are still there and go out.
         let node = start(dir.path(), true).await;
+        until(&node, R, "ann is known to routing", |s| s.operators.contains_key(&OperatorId::new("ann"))).await;
+        submit(&node, R, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }).await;
         until(&node, FIRST_C, "the web channel arrives", |s| s.channels.contains_key(&ChannelId::new("web"))).await;
         let Reply::Started { conversation } = submit(&node, FIRST_C, start_conversation).await else { panic!("not started") };
         until(&node, R, "an offer to ann", |s| s.offers.values().any(|o| o.conversation == conversation)).await;
@@ -424,14 +429,16 @@ mod tests {
         let root = tempfile::tempdir().expect("temp dir");
         let mut nodes = three_members(root.path()).await;
         // Each member created one group and leads it: the leaders start spread.
-        for (node, group) in nodes.iter().zip([R, FIRST_C, FIRST_C + 1]) {
+        for (node, group) in nodes.iter().zip([G0, R, FIRST_C]) {
             assert!(node.leads(group), "node {} leads the group it created ({group})", node.node_id);
         }
+        assert!(nodes[0].leads(FIRST_C + 1), "node 1 created the fourth group too");
         let first = &nodes[0];
         for command in directory() {
-            submit(first, R, command).await;
+            submit(first, G0, command).await;
         }
-        submit(first, R, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("bob"), name: "Bob".into(), capacity: 2, groups: vec![SkillGroupId::new("support")] })).await;
+        submit(first, G0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("bob"), name: "Bob".into(), capacity: 2, groups: vec![SkillGroupId::new("support")] })).await;
+        until(first, R, "bob is known to routing", |s| s.operators.contains_key(&OperatorId::new("bob"))).await;
         for op in ["ann", "bob"] {
             submit(first, R, Command::SetPresence { operator: OperatorId::new(op), presence: Presence::Online }).await;
         }
@@ -477,7 +484,7 @@ mod tests {
         let closed = conversations[1];
         let holder = survivor.groups[&R].shard.read().conversations[&closed].assigned().cloned().expect("held");
         submit_until_committed(survivor, survivor.group_of(closed), Command::CloseByClient { conversation: closed }).await.expect("closed");
-        let all: Vec<GroupId> = vec![R, FIRST_C, FIRST_C + 1];
+        let all: Vec<GroupId> = vec![G0, R, FIRST_C, FIRST_C + 1];
         for node in &nodes {
             for group in &all {
                 until(node, *group, "every letter is confirmed", |s| s.mail_out.values().all(|o| o.is_empty())).await;
