@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use switchboard_actors::actors::{ShardSupervisor, SupervisorArgs, SupervisorMsg};
 use switchboard_actors::core::{Part, Reply};
 use switchboard_actors::mail::{GroupId, Mail};
 use switchboard_actors::model::Command;
@@ -24,14 +25,17 @@ use switchboard_raft::Raft;
 
 use crate::server::{hold_elections_after_restart, restamp_forwarded, RaftProposer, ShardMachine};
 
-/// One group this node hosts: its Raft, its shard (the state machine) and the proposer
-/// that commits commands through whichever node leads it.
+/// One group this node hosts: its Raft, its shard (the state machine), the proposer
+/// that commits commands through whichever node leads it, and its supervisor, whose
+/// entity actors run the group's timers while this node leads it (offer expiries and
+/// queue rounds in a routing shard; inactivity and retention in a conversation shard).
 #[derive(Clone)]
 pub(crate) struct HostedGroup {
     pub(crate) id: GroupId,
     pub(crate) raft: Raft,
     pub(crate) shard: Arc<Shard>,
     pub(crate) proposer: RaftProposer,
+    pub(crate) supervisor: ractor::ActorRef<SupervisorMsg>,
 }
 
 /// What every group on a node shares.
@@ -58,7 +62,25 @@ impl Host<'_> {
         self.router.check_writes(id, Arc::new(restamp_forwarded));
         hold_elections_after_restart(&raft, self.router, id).await?;
         let proposer = RaftProposer::start(id, raft.clone(), self.node_id, Forwarder::new(self.peers.clone()));
-        Ok(HostedGroup { id, raft, shard, proposer })
+        let supervisor = ShardSupervisor::start(SupervisorArgs { shard: shard.clone(), proposer: Arc::new(proposer.clone()), leader: false }).await?;
+        // The actors follow this node's leadership of the group.
+        let (mut metrics, node_id, watched) = (raft.metrics(), self.node_id, supervisor.clone());
+        tokio::spawn(async move {
+            let mut was_leader = None;
+            loop {
+                let leads = metrics.borrow().current_leader == Some(node_id);
+                if was_leader != Some(leads) {
+                    if watched.cast(SupervisorMsg::Leadership(leads)).is_err() {
+                        return;
+                    }
+                    was_leader = Some(leads);
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(HostedGroup { id, raft, shard, proposer, supervisor })
     }
 }
 
@@ -240,6 +262,7 @@ impl SplitNode {
             f.abort();
         }
         for group in self.groups.values() {
+            group.supervisor.stop(None);
             group.raft.shutdown().await?;
         }
         self.rpc.abort();
@@ -513,6 +536,47 @@ mod tests {
             for op in routing.operators.values() {
                 assert!(op.load() <= op.config.capacity, "{} over capacity", op.config.id);
             }
+        }
+        for node in nodes {
+            node.stop().await.expect("stops");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_offer_expires_on_the_routing_shard_s_new_leader_and_goes_to_someone_else() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut nodes = three_members(root.path()).await;
+        let g = SkillGroupId::new("support");
+        let setup = [
+            Command::UpsertSkillGroup(SkillGroupConfig { id: g.clone(), name: "Support".into(), policy: Policy::LongestIdle, offer_timeout_ms: 1000, sla_ms: 60_000 }),
+            Command::UpsertOperator(OperatorConfig { id: OperatorId::new("ann"), name: "Ann".into(), capacity: 1, groups: vec![g.clone()] }),
+            Command::UpsertOperator(OperatorConfig { id: OperatorId::new("bob"), name: "Bob".into(), capacity: 1, groups: vec![g.clone()] }),
+            Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), name: "Web".into(), kind: "web".into(), default_group: g }),
+        ];
+        for command in setup {
+            submit(&nodes[0], G0, command).await;
+        }
+        until(&nodes[0], R, "bob is known to routing", |s| s.operators.contains_key(&OperatorId::new("bob"))).await;
+        until(&nodes[0], FIRST_C, "the web channel arrives", |s| s.channels.contains_key(&ChannelId::new("web"))).await;
+        submit(&nodes[0], R, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }).await;
+        let start = Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: visitor("v-9") };
+        let Reply::Started { conversation } = submit(&nodes[0], FIRST_C, start).await else { panic!("not started") };
+        until(&nodes[0], R, "an offer to ann", |s| s.offers.values().any(|o| o.conversation == conversation)).await;
+
+        // Ann does not answer, and the routing shard's leader dies with her offer's
+        // timer: its new leader's actors arm the timer again from the stored deadline.
+        let victim = nodes.iter().position(|n| n.leads(R)).expect("a leader of routing");
+        nodes.remove(victim).stop().await.expect("stops");
+        let survivor = &nodes[0];
+        submit_until_committed(survivor, R, Command::SetPresence { operator: OperatorId::new("bob"), presence: Presence::Online }).await.expect("bob online");
+        let offered_to_bob = |s: &ShardState| s.offers.values().find(|o| o.conversation == conversation && o.operator == OperatorId::new("bob")).map(|o| o.id);
+        assert!(survivor.until(R, Duration::from_secs(10), |s| offered_to_bob(s).is_some()).await, "ann's offer expired on the new leader and bob was offered the conversation");
+        let offer = offered_to_bob(&survivor.groups[&R].shard.read()).expect("offer");
+        submit_until_committed(survivor, R, Command::AcceptOffer { operator: OperatorId::new("bob"), offer }).await.expect("bob accepts");
+        for node in &nodes {
+            until(node, FIRST_C, "bob holds it in its conversation shard", |s| s.conversations.get(&conversation).and_then(|c| c.assigned()) == Some(&OperatorId::new("bob"))).await;
+            let routing = node.groups[&R].shard.read();
+            assert!(routing.operators[&OperatorId::new("ann")].active.is_empty(), "one holder (I2)");
         }
         for node in nodes {
             node.stop().await.expect("stops");
