@@ -199,9 +199,9 @@ pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Res
     if !received {
         let mut letters = mail_of(state, &outcome, part);
         if let (Part::Directory { routing, first, shards }, crate::placement::Target::Directory) = (part, crate::placement::target(&envelope.command)) {
-            let command = Box::new(envelope.command.clone());
-            letters.push((routing, Mail::Directory { command: command.clone() }));
-            letters.extend((0..shards).map(|k| (first + k, Mail::Directory { command: command.clone() })));
+            let (command, rules) = (Box::new(envelope.command.clone()), state.rules);
+            letters.push((routing, Mail::Directory { rules, command: command.clone() }));
+            letters.extend((0..shards).map(|k| (first + k, Mail::Directory { rules, command: command.clone() })));
         }
         for (to, mail) in letters {
             let id = state.mail_out.get(&to).map_or(0, |o| o.last_posted()) + 1;
@@ -285,9 +285,12 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) ->
         }
         // Decided by the metadata group already; refused here only if the two disagree
         // on the directory, which reaches every group in the same order.
-        Mail::Directory { command } => match decide(state, command, now, part) {
+        // Under the same rules and in the same order as the metadata group decided it:
+        // a refusal here means the two disagree on the directory, which is a defect;
+        // the letter is used up (waiting would stop every later one) and said loudly.
+        Mail::Directory { command, .. } => match decide(state, command, now, part) {
             Ok((_, decided)) => events.extend(decided),
-            Err(e) => tracing::warn!(error = %e, "a directory letter was refused by this conversation shard"),
+            Err(e) => tracing::error!(error = %e, "a directory command the metadata group took was refused here: this group's directory differs from the metadata group's"),
         },
     }
     events
@@ -331,10 +334,9 @@ pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<(GroupI
         match (part, event) {
             (Part::Conversations { .. }, Event::ConversationQueued { conversation, group, .. }) => {
                 let Some(conv) = state.conversations.get(conversation) else { continue };
-                let sticky = outcome.events.iter().find_map(|e| match e {
-                    Event::StickySet { conversation: c, operator } if c == conversation => Some(operator.clone()),
-                    _ => None,
-                });
+                // Decided when it started, which for a bot's conversation is long before
+                // it is queued.
+                let sticky = state.sticky.get(conversation).cloned();
                 mail.push((addressee(conversation), Mail::Enqueue {
                     conversation: *conversation,
                     channel: conv.channel.clone(),
@@ -792,6 +794,11 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
     };
     match command {
         Command::Deliver { from, id, mail } => match state.mail_in.expects(*from, *id) {
+            // A directory command decided under newer rules than this group has adopted
+            // yet waits: the group adopts them at its next start.
+            Receipt::Apply if matches!(mail, Mail::Directory { rules, .. } if *rules > state.rules) => {
+                Ok((Reply::Delivered { last: state.mail_in.last(*from) }, vec![]))
+            }
             Receipt::Apply => {
                 let mut events = vec![Event::MailReceived { from: *from, id: *id }];
                 events.extend(letter_events(state, mail, now, part));
@@ -1218,23 +1225,35 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 ));
             }
             // Rules 9: the offer is gone; an answer that reached the gateway before its
-            // deadline still counts. The deadline is the decision's time plus the
-            // group's offer timeout (as the group has it now), and a stamp later than
-            // this entry's time is taken as this entry's time.
+            // deadline still counts if the offer expired (not if it was declined,
+            // withdrawn or moved on) and nothing happened to the conversation since. The
+            // deadline is the decision's time plus the group's offer timeout (as the
+            // group has it now), and a stamp later than this entry's time is taken as
+            // this entry's time.
             let gone = Error::OfferGone(*offer);
             let decision = state.answered_offer.as_ref().filter(|d| state.rules >= 9 && d.offer == *offer && &d.chosen == op_id).ok_or(gone.clone())?;
             let group = state.groups.get(&decision.group).ok_or(gone.clone())?;
-            if (*received_at).min(now) > decision.at.plus_ms(group.config.offer_timeout_ms) {
+            let deadline = decision.at.plus_ms(group.config.offer_timeout_ms);
+            if (*received_at).min(now) > deadline {
                 return Err(gone);
             }
             let conv = state.conversations.get(&decision.conversation).ok_or(gone.clone())?;
-            // Still waiting, and not offered to anyone else since.
-            if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) {
+            // Still waiting in the same group, unoffered, and this offer the last one made
+            // for it; the operator's pass on it is the latest and came at or after the
+            // deadline: an expiry (a decline comes before the deadline; an assignment, a
+            // transfer or a reassignment clears or moves on from it).
+            let expired_last = conv.decisions.last() == Some(offer)
+                && conv.group == decision.group
+                && conv.passed_by.contains(op_id)
+                && conv.last_pass.is_some_and(|at| at >= deadline);
+            if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) || !expired_last {
                 return Err(gone);
             }
             let op = operator(op_id)?;
-            // At the desk, or set away by the missed offer; not on a break or offline.
-            if !matches!(op.presence, Presence::Online | Presence::Away) {
+            // At the desk, or set away by this very expiry (in its entry); not away by
+            // their own choice or for a lost socket, not on a break, not offline.
+            let away_by_expiry = op.presence == Presence::Away && conv.last_pass == Some(op.presence_since) && !state.presence_reasons.contains_key(op_id);
+            if !(op.presence == Presence::Online || away_by_expiry) {
                 return Err(gone);
             }
             if !state.has_room(op, &conv.channel) {

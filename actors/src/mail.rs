@@ -87,6 +87,13 @@ impl<P> Outbox<P> {
         Outbox { next: last_posted + 1, pending: pending.into_iter().collect() }
     }
 
+    /// The unconfirmed letter `id`, found by its place (ids are consecutive).
+    pub fn get(&self, id: u64) -> Option<&P> {
+        let first = self.pending.front()?.0;
+        let (at, payload) = self.pending.get(usize::try_from(id.checked_sub(first)?).ok()?)?;
+        (*at == id).then_some(payload)
+    }
+
     /// The id of the last letter posted (0 before the first).
     pub fn last_posted(&self) -> u64 {
         self.next - 1
@@ -190,8 +197,10 @@ pub enum Mail {
     /// `R` to `C`: back in `group`'s queue.
     Requeued { conversation: ConversationId, group: SkillGroupId },
     /// `G0` to the routing shard and every `C`: a directory command the metadata group
-    /// took, for each to apply as its own.
-    Directory { command: Box<crate::model::Command> },
+    /// took under routing rules `rules`, for each to apply as its own. A group that has
+    /// not adopted those rules yet leaves the letter (and every later one from `G0`)
+    /// waiting until it has: it would refuse what those rules allow.
+    Directory { rules: u32, command: Box<crate::model::Command> },
 }
 
 /// Where a transfer or reassignment put a conversation.
@@ -254,6 +263,7 @@ mod tests {
         assert_eq!(outbox.confirm(2), Ok(2));
         assert_eq!(outbox.confirm(1), Ok(0));
         assert_eq!(outbox.unconfirmed().collect::<Vec<_>>(), vec![(3, &"c")]);
+        assert_eq!((outbox.get(2), outbox.get(3), outbox.get(4)), (None, Some(&"c"), None));
         assert_eq!(outbox.confirm(4), Err(MailError::ConfirmedUnposted { upto: 4, last_posted: 3 }));
         assert_eq!(outbox.unconfirmed().count(), 1);
         assert_eq!(outbox.post("d"), 4);

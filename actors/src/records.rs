@@ -429,11 +429,15 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
     }
     let mut removes: Vec<Vec<u8>> = Vec::new();
     // Letters (ADR 0006): each posted one until confirmed, and the counters per peer.
+    let mut last_posted = BTreeMap::new();
     for (to, id) in &dirty.mail_posted {
-        if let Some((_, mail)) = state.mail_out.get(to).and_then(|o| o.unconfirmed().find(|(i, _)| i == id)) {
+        if let Some(mail) = state.mail_out.get(to).and_then(|o| o.get(*id)) {
             put(key::letter(*to, *id), encode(mail));
         }
-        put(key::last_posted(*to), encode(id));
+        last_posted.insert(*to, *id);
+    }
+    for (to, id) in last_posted {
+        put(key::last_posted(to), encode(&id));
     }
     for (to, first, last) in &dirty.mail_dropped {
         removes.extend((*first..=*last).map(|id| key::letter(*to, id)));
@@ -832,12 +836,10 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
         find_expired(state, store, *as_of)?;
     }
     if let Command::AcceptOfferAt { offer, .. } = command {
+        // An offer is made and expires in different entries (its deadline lies between),
+        // so its decision record is written by the time it is answered late.
         if !state.offers.contains_key(offer) {
-            // Made earlier in this entry: its record is not written yet.
-            state.answered_offer = match state.dirty.decisions.iter().find(|d| d.offer == *offer) {
-                Some(d) => Some(d.clone()),
-                None => get::<DecisionRecord>(store, &key::decision(*offer))?,
-            };
+            state.answered_offer = get::<DecisionRecord>(store, &key::decision(*offer))?;
         }
     }
     // A routing shard deletes what it holds of the conversations a conversation shard

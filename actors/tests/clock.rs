@@ -141,3 +141,22 @@ fn under_rules_8_an_accept_after_the_expiry_is_refused_whenever_it_arrived() {
     let (store, mut state, _, offer) = missed_offer(8);
     assert_eq!(run(&mut state, &store, 6700, accept_at("ann", offer, 5900)), Err(Error::OfferGone(offer)));
 }
+
+#[test]
+fn a_late_accept_does_not_undo_a_decline_or_the_operator_s_own_away() {
+    // Declined at 5000 (before the deadline): the decline stands.
+    let (store, mut state) = setup(9);
+    run(&mut state, &store, 1000, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }).expect("started");
+    let offer = state.offers.values().next().expect("offered").id;
+    run(&mut state, &store, 5000, Command::DeclineOffer { operator: OperatorId::new("ann"), offer, reason: String::new() }).expect("declined");
+    assert_eq!(run(&mut state, &store, 6700, accept_at("ann", offer, 4900)), Err(Error::OfferGone(offer)));
+
+    // Expired, then Ann took a break and set herself away: her late accept does not
+    // bring her back.
+    let (store, mut state, conversation, offer) = missed_offer(9);
+    run(&mut state, &store, 6600, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Break }).expect("break");
+    run(&mut state, &store, 6650, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Away }).expect("away");
+    assert!(state.offers.is_empty(), "nobody else to offer it to");
+    assert_eq!(run(&mut state, &store, 6700, accept_at("ann", offer, 5900)), Err(Error::OfferGone(offer)));
+    assert!(state.conversations[&conversation].assigned().is_none());
+}

@@ -95,78 +95,76 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// last id the destination applied proposed back here as `Command::ConfirmMail`. It
 /// keeps nothing of its own: what to send is the group's replicated `mail_out`, so a
 /// new leader's forwarder carries on where the old one stopped, and a letter sent twice
-/// is dropped by the destination's inbox.
+/// is dropped by the destination's inbox. Each destination has its own carrier and
+/// backoff, so one that is electing a leader holds up no other.
 pub(crate) fn forward_mail(source: HostedGroup, destinations: BTreeMap<GroupId, RaftProposer>, node_id: u64) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut published = source.shard.published_watch();
-        let mut metrics = source.raft.metrics();
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            let leads = metrics.borrow().current_leader == Some(node_id);
-            if !leads {
-                if metrics.changed().await.is_err() {
-                    return;
-                }
-                continue;
+        let carriers = destinations.into_iter().map(|(to, destination)| carry(source.clone(), to, destination, node_id));
+        futures::future::join_all(carriers).await;
+    })
+}
+
+/// The first wait after a failed try; it doubles up to `MAX_BACKOFF`.
+const MIN_BACKOFF: Duration = Duration::from_millis(20);
+
+async fn carry(source: HostedGroup, to: GroupId, destination: RaftProposer, node_id: u64) {
+    let mut published = source.shard.published_watch();
+    let mut metrics = source.raft.metrics();
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        if metrics.borrow_and_update().current_leader != Some(node_id) {
+            if metrics.changed().await.is_err() {
+                return;
             }
-            let pending: Vec<(GroupId, Vec<(u64, Mail)>)> = {
-                let state = source.shard.read();
-                state
-                    .mail_out
-                    .iter()
-                    .filter(|(_, outbox)| !outbox.is_empty())
-                    .map(|(to, outbox)| (*to, outbox.unconfirmed().take(LETTERS_AT_ONCE).map(|(id, m)| (id, m.clone())).collect()))
-                    .collect()
-            };
-            if pending.is_empty() {
-                // Looked after the last change was marked seen: a letter posted since
-                // wakes this at once.
-                published.borrow_and_update();
-                let still_empty = source.shard.read().mail_out.values().all(|o| o.is_empty());
-                if still_empty {
-                    tokio::select! {
-                        changed = published.changed() => if changed.is_err() { return },
-                        _ = metrics.changed() => {}
-                    }
-                }
-                continue;
+            continue;
+        }
+        // Marked seen before looking: a letter posted after the look wakes this at once.
+        published.borrow_and_update();
+        let letters: Vec<(u64, Mail)> = {
+            let state = source.shard.read();
+            state.mail_out.get(&to).map(|o| o.unconfirmed().take(LETTERS_AT_ONCE).map(|(id, m)| (id, m.clone())).collect()).unwrap_or_default()
+        };
+        let Some(first) = letters.first().map(|(id, _)| *id) else {
+            tokio::select! {
+                changed = published.changed() => if changed.is_err() { return },
+                changed = metrics.changed() => if changed.is_err() { return },
             }
-            let mut failed = false;
-            for (to, letters) in pending {
-                let Some(destination) = destinations.get(&to) else {
-                    tracing::error!(from = source.id, to, "letters for a group this node does not know; they wait");
+            continue;
+        };
+        let sends = letters.into_iter().map(|(id, mail)| destination.submit(Command::Deliver { from: source.id, id, mail }));
+        let mut failed = false;
+        let mut last = None;
+        for answer in futures::future::join_all(sends).await {
+            match answer {
+                Ok(Reply::Delivered { last: applied }) => last = Some(last.unwrap_or(0).max(applied)),
+                Ok(other) => {
+                    tracing::error!(from = source.id, to, ?other, "a letter was answered with something else");
                     failed = true;
-                    continue;
-                };
-                let first = letters.first().map_or(0, |(id, _)| *id);
-                let sends = letters.into_iter().map(|(id, mail)| destination.submit(Command::Deliver { from: source.id, id, mail }));
-                let answers = futures::future::join_all(sends).await;
-                let mut last = None;
-                for answer in answers {
-                    match answer {
-                        Ok(Reply::Delivered { last: applied }) => last = Some(last.unwrap_or(0).max(applied)),
-                        Ok(other) => tracing::error!(from = source.id, to, ?other, "a letter was answered with something else"),
-                        Err(e) => {
-                            tracing::debug!(from = source.id, to, error = %e, "a letter did not get through; it is sent again");
-                            failed = true;
-                        }
-                    }
                 }
-                if let Some(upto) = last.filter(|upto| *upto >= first) {
-                    if let Err(e) = source.proposer.submit(Command::ConfirmMail { to, upto }).await {
-                        tracing::debug!(from = source.id, to, error = %e, "confirming letters did not go through; they are sent again");
-                        failed = true;
-                    }
+                Err(e) => {
+                    tracing::debug!(from = source.id, to, error = %e, "a letter did not get through; it is sent again");
+                    failed = true;
                 }
-            }
-            if failed {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            } else {
-                backoff = Duration::from_millis(20);
             }
         }
-    })
+        match last {
+            Some(upto) if upto >= first => {
+                if let Err(e) = source.proposer.submit(Command::ConfirmMail { to, upto }).await {
+                    tracing::debug!(from = source.id, to, error = %e, "confirming letters did not go through; they are sent again");
+                    failed = true;
+                }
+            }
+            // Answered, but nothing new applied: the destination waits for something
+            // (newer routing rules); try again later, not at once.
+            _ => failed = true,
+        }
+        if failed {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        } else {
+            backoff = MIN_BACKOFF;
+        }
+    }
 }
 
 /// The metadata group's id, the routing shard's, and the first conversation shard's:
