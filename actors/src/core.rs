@@ -40,8 +40,8 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// Rules 9: an operator's accept counts from when it reached the gateway
 /// (`AcceptOfferAt`): one that arrived before the offer's deadline assigns the
 /// conversation even if the offer expired before the accept was committed, while the
-/// conversation still waits unoffered and the operator has room; an operator the
-/// missed offer set away is online again.
+/// conversation still waits unoffered in the same group and the operator has room; an
+/// operator the missed offer set away is online again.
 pub const RULES_VERSION: u32 = 9;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
