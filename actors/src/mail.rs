@@ -225,11 +225,6 @@ impl Mail {
             Mail::Directory { .. } => Vec::new(),
         }
     }
-
-    /// Whether a conversation shard sends it (else a routing shard does).
-    pub fn from_conversation_shard(&self) -> bool {
-        matches!(self, Mail::Enqueue { .. } | Mail::Release { .. } | Mail::Rated { .. } | Mail::Purged { .. })
-    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -94,9 +94,6 @@ impl Shard {
         self.published_tx.subscribe()
     }
 
-    pub fn part(&self) -> Part {
-        self.part
-    }
 
     /// Commands applied since start (see the field).
     pub fn applied_count(&self) -> u64 {
