@@ -82,7 +82,8 @@ pub struct BenchArgs {
     /// ADR 0006's split on real Raft groups in this process, without sockets: the
     /// metadata group, one routing shard and this many conversation shards; `--clients` conversations are
     /// started, offered and accepted across them, then each keeps one message in
-    /// flight for `--duration` seconds.
+    /// flight for `--duration` seconds. With `--nodes N`, the groups are replicated on N
+    /// members in this process.
     #[arg(long)]
     pub(crate) split: Option<u64>,
 }

@@ -2,7 +2,8 @@
 //! (the metadata group, one routing shard and N conversation shards, each with its own log and records on
 //! this machine's disk, letters carried by the forwarders), without sockets or a
 //! gateway: how many client messages a second the conversation shards commit, and how
-//! that changes with N.
+//! that changes with N; with `--nodes 3`, on three members in this process, each group
+//! replicated on all of them and each client writing through one of them.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,8 +30,15 @@ pub async fn run(args: BenchArgs, shards: u64) -> anyhow::Result<()> {
     }
     let temp = tempfile::tempdir()?;
     let dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
-    println!("bench: the metadata group, one routing shard and {shards} conversation shard(s) on real Raft groups in this process, in {}", dir.display());
-    let node = SplitNode::start(&dir, shards, true).await.context("start the groups")?;
+    let members = args.nodes.max(1) as u64;
+    println!("bench: the metadata group, one routing shard and {shards} conversation shard(s) on real Raft groups, {members} member(s) in this process, in {}", dir.display());
+    let nodes = if members > 1 {
+        SplitNode::cluster(&dir, members, shards).await.context("start the members")?
+    } else {
+        vec![SplitNode::start(&dir, shards, true).await.context("start the groups")?]
+    };
+    let nodes = Arc::new(nodes);
+    let node = &nodes[0];
 
     // The directory is decided by the metadata group and reaches the other groups by letter.
     let group = SkillGroupId::new("support");
@@ -58,12 +66,13 @@ pub async fn run(args: BenchArgs, shards: u64) -> anyhow::Result<()> {
         }
     }
 
-    // Conversations spread over the shards, offered by routing and accepted.
+    // Conversations spread over the shards (and their starts over the members),
+    // offered by routing and accepted.
     let began = Instant::now();
-    let node = Arc::new(node);
     let starts = (0..args.clients).map(|i| {
-        let node = node.clone();
+        let nodes = nodes.clone();
         async move {
+            let node = &nodes[i % nodes.len()];
             let visitor = Visitor { id: Some(format!("v-{i}")), name: format!("Visitor {i}"), attributes: vec![] };
             match node.submit(FIRST_C + i as u64 % shards, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor }).await {
                 Ok(Reply::Started { conversation }) => Ok(conversation),
@@ -103,9 +112,11 @@ pub async fn run(args: BenchArgs, shards: u64) -> anyhow::Result<()> {
     // Closed loop: every client keeps one message in flight.
     println!("bench: {} clients, each with one message in flight, for {} s…", args.clients, args.duration);
     let deadline = Instant::now() + Duration::from_secs(args.duration);
-    let clients = conversations.iter().map(|conversation| {
-        let (node, conversation) = (node.clone(), *conversation);
+    let clients = conversations.iter().enumerate().map(|(i, conversation)| {
+        let (nodes, conversation) = (nodes.clone(), *conversation);
         async move {
+            // Each client writes through one member, which forwards to the shard's leader.
+            let node = &nodes[i % nodes.len()];
             let mut latencies = Vec::new();
             let mut failed = 0u64;
             let group = node.group_of(conversation);
@@ -136,8 +147,12 @@ pub async fn run(args: BenchArgs, shards: u64) -> anyhow::Result<()> {
     print_latencies("commit", &latencies);
     let letters: u64 = node.groups.values().map(|g| g.shard.read().mail_in.sources().map(|(_, last)| last).sum::<u64>()).sum();
     println!("  letters applied across the groups: {letters}; data folder {:.1} MiB", folder_bytes(&dir) as f64 / 1048576.0);
-    match Arc::try_unwrap(node) {
-        Ok(node) => node.stop().await?,
+    match Arc::try_unwrap(nodes) {
+        Ok(nodes) => {
+            for stopped in futures::future::join_all(nodes.into_iter().map(SplitNode::stop)).await {
+                stopped?;
+            }
+        }
         Err(_) => bail!("the groups are still in use"),
     }
     Ok(())

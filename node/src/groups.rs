@@ -245,6 +245,31 @@ impl SplitNode {
         Ok(node)
     }
 
+    /// `members` members in this process, each with its own data folder under `root`
+    /// (`n1`, `n2`…) and QUIC endpoint (mutual TLS from one cluster CA in `root/certs`),
+    /// every group replicated on all of them, forwarders running.
+    pub(crate) async fn cluster(root: &Path, members: u64, shards: u64) -> anyhow::Result<Vec<SplitNode>> {
+        let certs = root.join("certs");
+        let mut endpoints = Vec::new();
+        for id in 1..=members {
+            let identity = switchboard_raft::tls::ensure_member(&certs, &format!("node-{id}"), &[])?;
+            endpoints.push(switchboard_raft::tls::endpoint(&identity, "127.0.0.1:0".parse()?)?);
+        }
+        let mut addresses = BTreeMap::new();
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            addresses.insert(i as u64 + 1, endpoint.local_addr()?.to_string());
+        }
+        let starts = endpoints.into_iter().enumerate().map(|(i, endpoint)| {
+            let (dir, addresses) = (root.join(format!("n{}", i + 1)), addresses.clone());
+            async move { SplitNode::member(&dir, i as u64 + 1, endpoint, &addresses, shards).await }
+        });
+        let mut nodes = futures::future::join_all(starts).await.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+        for node in &mut nodes {
+            node.forward();
+        }
+        Ok(nodes)
+    }
+
     /// Starts a forwarder on every group.
     pub(crate) fn forward(&mut self) {
         for (id, group) in &self.groups {
@@ -411,22 +436,7 @@ mod tests {
     /// Three members in this process, each with its own data folder and QUIC endpoint
     /// (mutual TLS from one cluster CA).
     async fn three_members(root: &Path) -> Vec<SplitNode> {
-        let certs = root.join("certs");
-        let mut endpoints = Vec::new();
-        for id in 1..=3u64 {
-            let identity = switchboard_raft::tls::ensure_member(&certs, &format!("node-{id}"), &[]).expect("certificate");
-            endpoints.push(switchboard_raft::tls::endpoint(&identity, "127.0.0.1:0".parse().expect("address")).expect("endpoint"));
-        }
-        let members: BTreeMap<u64, String> = endpoints.iter().enumerate().map(|(i, e)| (i as u64 + 1, e.local_addr().expect("bound").to_string())).collect();
-        let starts = endpoints.into_iter().enumerate().map(|(i, endpoint)| {
-            let (dir, members) = (root.join(format!("n{}", i + 1)), members.clone());
-            async move { SplitNode::member(&dir, i as u64 + 1, endpoint, &members, SHARDS).await.expect("member starts") }
-        });
-        let mut nodes = futures::future::join_all(starts).await;
-        for node in &mut nodes {
-            node.forward();
-        }
-        nodes
+        SplitNode::cluster(root, 3, SHARDS).await.expect("the members start")
     }
 
     /// Submits through `node` (which forwards to the group's leader), again while the
