@@ -196,9 +196,10 @@ pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Res
         Command::Deliver { .. } => true,
         _ => false,
     };
-    if !received {
+    if !received && part != Part::Whole {
         let mut letters = mail_of(state, &outcome, part);
-        if let (Part::Directory { routing, first, shards }, crate::placement::Target::Directory) = (part, crate::placement::target(&envelope.command)) {
+        let directory = |command: &Command| crate::placement::target(command) == crate::placement::Target::Directory;
+        if let (Part::Directory { routing, first, shards }, true) = (part, directory(&envelope.command)) {
             let (command, rules) = (Box::new(envelope.command.clone()), state.rules);
             letters.push((routing, Mail::Directory { rules, command: command.clone() }));
             letters.extend((0..shards).map(|k| (first + k, Mail::Directory { rules, command: command.clone() })));
