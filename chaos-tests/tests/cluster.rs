@@ -392,6 +392,90 @@ async fn an_offer_made_before_a_failover_expires_after_it() -> anyhow::Result<()
     Ok(())
 }
 
+/// A stall of the cluster is not the operator's fault (issue 9, item 7). The moment an
+/// offer reaches alice, whose desk is on the third member, the leader and the other
+/// follower are frozen (SIGSTOP) and she accepts. Nothing can commit: her accept waits
+/// at the frozen leader. The follower runs again only after the offer's deadline, and a
+/// new leader is elected; her node says the accept's outcome is unknown, and her gateway
+/// sends the same accept again, stamped with when it first arrived. The new leader may
+/// expire the offer first: the accept still counts, she gets the conversation, and the
+/// missed deadline does not leave her away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_sent_while_the_cluster_stalls_still_takes_the_offer() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), 3).await?;
+    let leader = cluster.leader().await?;
+    let others: Vec<usize> = (1..=3).filter(|id| *id != leader).collect();
+    let (a, b) = (others[0], others[1]);
+    let admin = cluster.node(a).login("admin").await?;
+    let (status, body) = cluster
+        .node(a)
+        .api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General", "offer_timeout_ms": 1000})))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+
+    let (mut alice, _) = cluster.node(a).operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (_client, conversation, _) = cluster.node(b).client("Waiting").await?;
+    let offer = alice.wait_for(WAIT, |v| v["kind"] == "offer").await?;
+    assert_eq!(offer["conversation"].as_u64(), Some(conversation));
+
+    let signal = |sig: &'static str, node: usize| {
+        let pid = cluster.node(node).pid().map(|p| p.to_string());
+        async move {
+            let pid = pid?;
+            anyhow::ensure!(tokio::process::Command::new("kill").args([sig, &pid]).status().await?.success(), "kill {sig} {pid}");
+            anyhow::Ok(())
+        }
+    };
+    signal("-STOP", leader).await?;
+    signal("-STOP", b).await?;
+    let frozen = std::time::Instant::now();
+    let answer = async {
+        alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "late"})).await?;
+        let deadline = offer["deadline"].as_u64().unwrap_or(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+        anyhow::ensure!(now < deadline, "the accept was sent before the deadline");
+        // Past the deadline, a majority again (the old leader stays frozen).
+        tokio::time::sleep(Duration::from_millis(deadline - now + 500)).await;
+        signal("-CONT", b).await?;
+        let answer = alice.wait_for(Duration::from_secs(30), |v| v["ref"] == "late").await?;
+        anyhow::Ok(answer)
+    }
+    .await;
+    let answered_after = frozen.elapsed();
+    signal("-CONT", b).await?;
+    signal("-CONT", leader).await?;
+    let answer = answer?;
+    println!("accept answered {} ms after the cluster froze: {answer}", answered_after.as_millis());
+    assert_eq!(answer["type"], "ok", "an accept sent before the deadline counts, whatever the cluster did meanwhile: {answer}");
+    let assigned = alice.wait_for(WAIT, |v| v["kind"] == "assigned").await?;
+    assert_eq!(assigned["conversation"].as_u64(), Some(conversation));
+    // Whichever came first on the new leader, the accept or the expiry, ends the same.
+    let expired = alice.wait_for(Duration::from_millis(10), |v| v["kind"] == "offer_withdrawn").await.is_ok();
+    println!("the offer {} on the new leader before the accept", if expired { "expired" } else { "had not expired" });
+    let (_, metrics) = cluster.node(a).api("GET", "/metrics", None, None).await?;
+    let resent = metrics.as_str().unwrap_or_default().lines().find(|l| l.starts_with("switchboard_accepts_resent_total ")).map(str::to_owned);
+    println!("{}", resent.as_deref().unwrap_or("no resend counter"));
+    assert!(resent.is_some_and(|l| !l.ends_with(" 0")), "the accept reached the new leader by a resend");
+    // A desk that never heard the answer may send the accept again: it is hers, so `ok`.
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "again"})).await?;
+    let again = alice.wait_for(WAIT, |v| v["ref"] == "again").await?;
+    assert_eq!(again["type"], "ok", "{again}");
+
+    let token = cluster.node(b).login("admin").await?;
+    let alice_now = eventually(WAIT, Duration::from_millis(100), || async {
+        let (status, body) = cluster.node(b).api("GET", "/api/operators", Some(&token), None).await?;
+        anyhow::ensure!(status == 200, "{status} {body}");
+        let alice = body["operators"].as_array().and_then(|ops| ops.iter().find(|o| o["id"] == "alice").cloned());
+        Ok(alice.filter(|o| o["active"] == 1))
+    })
+    .await?;
+    assert_eq!(alice_now["presence"], "online", "the missed deadline did not set her away: {alice_now}");
+    assert_eq!(alice_now["load"], 1, "{alice_now}");
+    Ok(())
+}
+
 /// Every member stopped (SIGTERM) and started again: the cluster comes back as it was,
 /// with its conversations and a leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

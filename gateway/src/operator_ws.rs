@@ -2,6 +2,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -87,6 +88,9 @@ fn history_upto(shard: &Shard, conversation: ConversationId, upto: u64) -> Vec<V
 
 /// Longest first-message preview an offer carries, in characters.
 const PREVIEW_CHARS: usize = 200;
+/// How long an accept whose outcome is unknown is sent again (with its first arrival
+/// stamp) before the operator is told it failed.
+const ACCEPT_RESEND_FOR: Duration = Duration::from_secs(10);
 
 /// What an operator needs to decide on an offer at a glance, read when the frame is
 /// rendered: the conversation's channel, when its customer started waiting, and their
@@ -130,6 +134,44 @@ impl OperatorSession {
         self.gw.submit(command).await.map_err(|e| frames::error(e.code(), &e.to_string(), reference))
     }
 
+    /// Commits an accept. When the node cannot say whether it committed (the leader
+    /// moved or stalled), the same command, with the same arrival stamp, is sent again
+    /// for up to `ACCEPT_RESEND_FOR`: under rules 9 the new leader honours it as of its
+    /// first arrival. An accept that finds the offer gone succeeds if the conversation it
+    /// offered is now this operator's (an earlier attempt committed after all), so the
+    /// desk may send an accept again after `unavailable`.
+    async fn accept(&self, command: Command, offer: OfferId, reference: Option<&Value>) -> Result<(), Value> {
+        let give_up = Instant::now() + ACCEPT_RESEND_FOR;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.gw.submit(command.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(switchboard_actors::Error::OfferGone(o)) => {
+                    // The leader answered from state this node may not have applied yet.
+                    if self.gw.backend.read_barrier().await.is_ok() && self.holds_offered(offer) {
+                        return Ok(());
+                    }
+                    return Err(frames::error("offer_gone", &switchboard_actors::Error::OfferGone(o).to_string(), reference));
+                }
+                Err(switchboard_actors::Error::Commit(e)) if Instant::now() + pause < give_up => {
+                    tracing::info!(operator = %self.operator.0, offer = offer.0, error = %e, "accept outcome unknown; sending it again");
+                    self.gw.metrics.accepts_resent.fetch_add(1, Relaxed);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(frames::error(e.code(), &e.to_string(), reference)),
+            }
+        }
+    }
+
+    /// Whether the conversation that `offer` was made for is now held by this operator.
+    fn holds_offered(&self, offer: OfferId) -> bool {
+        let shard = self.gw.backend.shard();
+        let Ok(Some(decision)) = shard.decision(offer) else { return false };
+        let state = shard.read();
+        state.conversations.get(&decision.conversation).and_then(|c| c.assigned()) == Some(&self.operator)
+    }
+
     async fn ok(&self, out: &Outbox, reference: Option<&Value>) {
         let mut frame = json!({"type": "ok"});
         if let Some(r) = reference {
@@ -163,7 +205,7 @@ impl OperatorSession {
                 } else {
                     Command::AcceptOffer { operator: me, offer: OfferId(offer) }
                 };
-                self.commit(command, reference.as_ref()).await?;
+                self.accept(command, OfferId(offer), reference.as_ref()).await?;
                 self.ok(out, reference.as_ref()).await;
             }
             OperatorIn::Decline { offer, reason, reference } => {
