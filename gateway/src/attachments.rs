@@ -388,7 +388,7 @@ fn declared(headers: &HeaderMap) -> Result<Declared, GatewayError> {
 
 /// The conversation's quota, asked before any byte is read (400 `invalid` past it).
 fn check_room(gw: &Gateway, conversation: ConversationId, size: u64) -> Result<(), GatewayError> {
-    gw.backend.shard().attachment_room(conversation, size).map_err(quota_refusal)
+    gw.backend.conversation_shard(conversation).attachment_room(conversation, size).map_err(quota_refusal)
 }
 
 /// The quota's refusal is a bad request (400 `invalid`), before the body or at commit.
@@ -437,7 +437,7 @@ pub(crate) async fn client_upload(
         Subject::Visitor { .. } => return Err(GatewayError::Forbidden("a visitor token is not a conversation token")),
     };
     let open = {
-        let shard = gw.backend.shard();
+        let shard = gw.backend.conversation_shard(conversation);
         let state = shard.read();
         match state.conversations.get(&conversation) {
             // The hot state holds every open conversation: one it lacks is closed or unknown.
@@ -496,7 +496,7 @@ pub(crate) async fn staff_upload(
     let conversation = ConversationId(query.conversation);
     let operator = staff.operator.clone().ok_or(GatewayError::Forbidden("only operators send attachments"))?;
     {
-        let shard = gw.backend.shard();
+        let shard = gw.backend.conversation_shard(conversation);
         let state = shard.read();
         let conv = state.conversations.get(&conversation).ok_or_else(|| GatewayError::NotFound(format!("conversation {}", conversation.0)))?;
         if conv.assigned() != Some(&operator) {
@@ -525,7 +525,13 @@ fn serve(attachment: &Attachment, body: Body) -> Response {
 }
 
 fn lookup(gw: &Gateway, id: &str) -> Result<Attachment, GatewayError> {
-    gw.backend.shard().attachment(&AttachmentId(id.to_string()))?.ok_or_else(|| GatewayError::NotFound("attachment".into()))
+    let id = AttachmentId(id.to_string());
+    for shard in gw.backend.conversation_shards() {
+        if let Some(found) = shard.attachment(&id)? {
+            return Ok(found);
+        }
+    }
+    Err(GatewayError::NotFound("attachment".into()))
 }
 
 /// `GET /attachments/{id}?token=` on the public listener.

@@ -27,7 +27,7 @@ use crate::rest::{Body, Params, Staff};
 use crate::{Gateway, GatewayError};
 
 fn adapter_of(gw: &Gateway, channel: &ChannelId) -> Option<AdapterConfig> {
-    gw.backend.shard().read().channel_adapters.get(channel).cloned()
+    gw.backend.directory_shard().read().channel_adapters.get(channel).cloned()
 }
 
 /// `POST /hooks/telegram/{channel}`: a Telegram webhook delivery.
@@ -102,7 +102,7 @@ pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
                     _ => continue,
                 };
                 // A receipt for a message whose send is not committed yet is dropped.
-                if let Some((conversation, seq)) = gw.backend.shard().by_provider_id(&channel, &id)? {
+                if let Some((conversation, seq)) = gw.by_provider_id(&channel, &id)? {
                     receipts.push(DeliveryResult { conversation, seq, node: 0, outcome });
                 }
             }
@@ -160,7 +160,7 @@ pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<
             }
             messenger::Item::Delivered { ids } => {
                 for id in ids {
-                    if let Some((conversation, seq)) = gw.backend.shard().by_provider_id(&channel, &id)? {
+                    if let Some((conversation, seq)) = gw.by_provider_id(&channel, &id)? {
                         receipts.push(DeliveryResult { conversation, seq, node: 0, outcome: DeliveryOutcome::Delivered });
                     }
                 }
@@ -193,7 +193,7 @@ pub async fn viber_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
                 "read" => DeliveryOutcome::Read,
                 _ => DeliveryOutcome::Failed { reason },
             };
-            let found = gw.backend.shard().by_provider_id(&channel, &id)?;
+            let found = gw.by_provider_id(&channel, &id)?;
             let receipts: Vec<DeliveryResult> = found.map(|(conversation, seq)| DeliveryResult { conversation, seq, node: 0, outcome }).into_iter().collect();
             commit_receipts(&gw, &receipts).await?;
             Ok(Json(json!({"ok": true, "statuses": receipts.len()})).into_response())
@@ -260,12 +260,11 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
     };
     // A redelivery of a message its open conversation has: no need to fetch its files.
     let key = switchboard_actors::core::inbound_key(channel, &m.sender, &m.message_id);
-    let seen = {
-        let shard = gw.backend.shard();
+    let seen = gw.backend.conversation_shards().iter().any(|shard| {
         let state = shard.read();
         let open = switchboard_actors::core::inbound_target(&state, channel, &m.sender, None);
         open.and_then(|id| state.conversations.get(&id)).is_some_and(|c| c.keys.contains_key(&key))
-    };
+    });
     if seen {
         return take_inbound(gw, m.plain(channel)).await;
     }
@@ -427,12 +426,11 @@ pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
         return Err(GatewayError::BadRequest(format!("at most {} statuses at once", switchboard_actors::core::MAX_DELIVERY_BATCH)));
     }
     let results: Vec<DeliveryResult> = {
-        let shard = gw.backend.shard();
         let mut results = Vec::new();
         for s in body {
             let conversation = ConversationId(s.conversation);
             // Only this channel's entries: a token cannot touch another channel's outbox.
-            let ours = shard.conversation(conversation)?.is_some_and(|c| c.channel == channel);
+            let ours = gw.backend.conversation_shard(conversation).conversation(conversation)?.is_some_and(|c| c.channel == channel);
             if !ours {
                 return Err(GatewayError::NotFound(format!("conversation {} on channel {channel}", s.conversation)));
             }
@@ -693,7 +691,12 @@ pub struct DeadParams {
 pub async fn dead_letters(State(gw): State<Arc<Gateway>>, staff: Staff, Params(params): Params<DeadParams>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
     let limit = params.limit.unwrap_or(100).clamp(1, 1000);
-    let dead = gw.backend.shard().dead_letters(limit)?;
+    let mut dead = Vec::new();
+    for shard in gw.backend.conversation_shards() {
+        dead.extend(shard.dead_letters(limit)?);
+    }
+    dead.sort_by_key(|(c, seq, _)| (*c, *seq));
+    dead.truncate(limit);
     Ok(Json(json!({"deliveries": dead.iter().map(|(c, seq, d)| delivery_json(*c, *seq, d)).collect::<Vec<_>>()})))
 }
 
@@ -727,7 +730,7 @@ fn identity_json(channel: &ChannelId, key: &IdentityKey) -> Value {
 pub async fn get_identity(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
     let channel = ChannelId::new(id);
-    let key = gw.backend.shard().read().channel_identity.get(&channel).cloned();
+    let key = gw.backend.directory_shard().read().channel_identity.get(&channel).cloned();
     match key {
         Some(key) => Ok(Json(identity_json(&channel, &key))),
         None => Err(GatewayError::NotFound(format!("channel {channel} verifies no identities"))),
@@ -765,7 +768,7 @@ fn bot_channel(gw: &Gateway, channel: &str, headers: &HeaderMap) -> Result<Chann
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(GatewayError::Unauthorized("send the bot token as Authorization: Bearer <token>"))?;
-    let digest = gw.backend.shard().read().channel_bots.get(&channel).map(|b| b.token_sha256.clone());
+    let digest = gw.backend.directory_shard().read().channel_bots.get(&channel).map(|b| b.token_sha256.clone());
     match digest {
         Some(digest) if api::token_matches(&digest, token) => Ok(channel),
         _ => Err(GatewayError::Unauthorized("the bot token does not match this channel's bot")),
@@ -786,7 +789,7 @@ fn bot_json(channel: &ChannelId, bot: &switchboard_actors::model::BotConfig) -> 
 pub async fn get_bot(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
     let channel = ChannelId::new(id);
-    let bot = gw.backend.shard().read().channel_bots.get(&channel).cloned();
+    let bot = gw.backend.directory_shard().read().channel_bots.get(&channel).cloned();
     match bot {
         Some(bot) => Ok(Json(bot_json(&channel, &bot))),
         None => Err(GatewayError::NotFound(format!("channel {channel} has no bot"))),

@@ -60,7 +60,7 @@ impl ClientSession {
     /// `blocked` with what the customer is told, when a block or allow list keeps them
     /// out of `channel`: nothing is written for them.
     fn admitted(&self, channel: &ChannelId, visitor: Option<&str>) -> Result<(), Value> {
-        let shard = self.gw.backend.shard();
+        let shard = self.gw.backend.directory_shard();
         let state = shard.read();
         switchboard_actors::access::check(&state, channel, switchboard_actors::access::Customer { ip: Some(self.ip), visitor })
             .map_err(|message| frames::error("blocked", &message, None))
@@ -109,7 +109,7 @@ impl ClientSession {
             .subscribe(StreamKey::Conversation(conversation))
             .await
             .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
-        let shard = self.gw.backend.shard();
+        let shard = self.gw.backend.conversation_shard(conversation);
         let mut last = after_seq;
         let pull = Box::new(move || {
             // One page at a time, by count and by text: the writer asks again once this
@@ -180,7 +180,7 @@ impl ClientSession {
     /// A visitor may start only on a web channel, in its default group or one of the
     /// groups its widget offers (`public_groups`): never any queue they name.
     fn check_public_start(&self, channel: &ChannelId, group: Option<&SkillGroupId>) -> Result<(), Value> {
-        let shard = self.gw.backend.shard();
+        let shard = self.gw.backend.directory_shard();
         let state = shard.read();
         let config = state.channels.get(channel).ok_or_else(|| frames::error("not_found", &format!("channel {channel} not found"), None))?;
         if config.kind != "web" {
@@ -259,7 +259,7 @@ impl ClientSession {
                 // An identity the site signed with the channel's key makes the visitor that
                 // customer; any other is ignored and shown to staff as unverified.
                 if let Some(token) = identity {
-                    let key = self.gw.backend.shard().read().channel_identity.get(&channel).cloned();
+                    let key = self.gw.backend.directory_shard().read().channel_identity.get(&channel).cloned();
                     let now = switchboard_actors::actors::now_ms().0 / 1000;
                     let checked = match key {
                         Some(key) => crate::identity::verify(&token, &key, now),
@@ -304,7 +304,7 @@ impl ClientSession {
                         return Ok(Flow::Close(close::UNAUTHORIZED, "unauthorized".into()));
                     }
                 };
-                let read = || match self.gw.backend.shard().conversation(conversation) {
+                let read = || match self.gw.backend.conversation_shard(conversation).conversation(conversation) {
                     Ok(Some(c)) => Ok(Some((c.last_seq(), c.operator_read_upto))),
                     Ok(None) => Ok(None),
                     Err(e) => Err(frames::error(e.code(), &e.to_string(), None)),

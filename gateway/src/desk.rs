@@ -46,7 +46,7 @@ pub(crate) async fn add_note(State(gw): State<Arc<Gateway>>, staff: Staff, Path(
     }
     readable(&gw, &staff, conversation)?;
     let name = {
-        let shard = gw.backend.shard();
+        let shard = gw.backend.directory_shard();
         let state = shard.read();
         staff.operator.as_ref().and_then(|op| state.operators.get(op)).map_or_else(|| staff.login.clone(), |op| op.config.name.clone())
     };
@@ -83,12 +83,11 @@ pub(crate) async fn my_conversations(State(gw): State<Arc<Gateway>>, staff: Staf
     if needle.chars().count() > SEARCH_MAX_CHARS {
         return Err(GatewayError::BadRequest(format!("search text is at most {SEARCH_MAX_CHARS} characters")));
     }
-    let shard = gw.backend.shard();
     let budget = if needle.is_empty() { limit } else { SEARCH_SCAN };
     let mut cursor = query.before.map(ConversationId);
     let (mut found, mut scanned, mut exhausted) = (Vec::new(), 0usize, false);
     'scan: while found.len() < limit && scanned < budget {
-        let ids = shard.handled_by(&operator, cursor, (budget - scanned).min(64))?;
+        let ids = gw.handled_by(&operator, cursor, (budget - scanned).min(64))?;
         if ids.is_empty() {
             exhausted = true;
             break;
@@ -96,6 +95,7 @@ pub(crate) async fn my_conversations(State(gw): State<Arc<Gateway>>, staff: Staf
         for id in ids {
             cursor = Some(id);
             scanned += 1;
+            let shard = gw.backend.conversation_shard(id);
             let Some(conv) = shard.conversation(id)? else { continue };
             let recent = shard.history(id, conv.last_seq().saturating_sub(12), 12)?;
             if !needle.is_empty() && !matches(&shard, &conv, &needle)? {
@@ -135,11 +135,11 @@ pub(crate) async fn earlier(State(gw): State<Arc<Gateway>>, staff: Staff, Path(i
     if needle.chars().count() > SEARCH_MAX_CHARS {
         return Err(GatewayError::BadRequest(format!("search text is at most {SEARCH_MAX_CHARS} characters")));
     }
-    let shard = gw.backend.shard();
     let Some(visitor) = conv.visitor.id.as_ref() else { return Ok(Json(json!({"conversations": []}))) };
     let me = staff.operator.clone().unwrap_or_else(|| switchboard_actors::model::OperatorId::new(""));
     let mut found = Vec::new();
-    for other in shard.conversations_of(visitor, EARLIER_SEARCH + 1)? {
+    for other in gw.conversations_of(visitor, EARLIER_SEARCH + 1)? {
+        let shard = gw.backend.conversation_shard(other.id);
         if other.id == id || (!needle.is_empty() && !matches(&shard, &other, &needle)?) {
             continue;
         }
@@ -285,7 +285,7 @@ mod tests {
 
 /// `GET /api/pause-reasons` (any staff): the reasons a break may be taken for.
 pub(crate) async fn pause_reasons(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let reasons = shard.read().pause_reasons.clone();
     Json(json!({ "reasons": reasons }))
 }
@@ -344,7 +344,7 @@ pub(crate) struct NoticeQuery {
 /// the widget shows it before the customer writes. `{"notice":null}` when none.
 pub(crate) async fn public_notice(State(gw): State<Arc<Gateway>>, Params(query): Params<NoticeQuery>) -> Result<Json<Value>, GatewayError> {
     let channel = ChannelId::new(query.channel.unwrap_or_else(|| gw.config.web_channel.clone()));
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let state = shard.read();
     let config = state.channels.get(&channel).ok_or_else(|| GatewayError::NotFound(format!("channel {channel}")))?;
     let notice = state.emergency_for(&channel, &config.default_group);
@@ -374,7 +374,7 @@ fn target_json(target: &NoticeTarget) -> Value {
 
 /// `GET /api/emergencies` (any staff): the notices in force.
 pub(crate) async fn emergencies(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let state = shard.read();
     let list: Vec<Value> = state
         .emergencies
@@ -437,7 +437,7 @@ pub(crate) async fn audit(State(gw): State<Arc<Gateway>>, staff: Staff, Params(q
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let entries: Vec<Value> = gw
         .backend
-        .shard()
+        .directory_shard()
         .audit(limit)?
         .into_iter()
         .map(|(n, e)| json!({"n": n, "at": e.at.0, "by": e.by, "action": e.action, "target": e.target, "detail": e.detail}))
@@ -448,7 +448,7 @@ pub(crate) async fn audit(State(gw): State<Arc<Gateway>>, staff: Staff, Params(q
 /// `GET /api/access` (supervisor): block and allow rules and channels' access modes.
 pub(crate) async fn access(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let state = shard.read();
     let rules: Vec<Value> = state
         .access_rules
@@ -507,7 +507,7 @@ pub(crate) async fn routing_preview(State(gw): State<Arc<Gateway>>, staff: Staff
     if body.attributes.len() > 20 {
         return Err(GatewayError::BadRequest("at most 20 attributes".into()));
     }
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let state = shard.read();
     let group_id = SkillGroupId::new(body.group);
     let group = state.groups.get(&group_id).ok_or_else(|| GatewayError::NotFound(format!("skill group {group_id}")))?;

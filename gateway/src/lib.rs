@@ -59,7 +59,30 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// committed state, and be woken when a stream advances.
 pub trait Backend: Send + Sync + 'static {
     fn submit(&self, command: Command) -> BoxFuture<Result<Reply, switchboard_actors::Error>>;
+    /// The shard that answers routing reads: operators' presence and load, offers,
+    /// queues, holders, KPIs (the routing shard's replica on a split node, ADR 0006).
     fn shard(&self) -> Arc<Shard>;
+    /// The shard that answers directory reads (users, sessions, skill groups, channels,
+    /// templates, access rules, the audit trail): the metadata group's replica on a
+    /// split node, which decides every change to them, so a write is read back at once.
+    fn directory_shard(&self) -> Arc<Shard> {
+        self.shard()
+    }
+    /// The shard holding conversation `id`'s history, read marks and attachments: its
+    /// conversation shard on a split node, the one shard otherwise.
+    fn conversation_shard(&self, _id: ConversationId) -> Arc<Shard> {
+        self.shard()
+    }
+    /// The shard that decides `command` (its group on a split node), whose state a
+    /// command is checked against before it is written to the log.
+    fn shard_for(&self, _command: &Command) -> Arc<Shard> {
+        self.shard()
+    }
+    /// Every conversation shard, for lookups that cannot name one: a visitor's other
+    /// conversations, a provider's message id, dead letters, an attachment by its id.
+    fn conversation_shards(&self) -> Vec<Arc<Shard>> {
+        vec![self.shard()]
+    }
     fn subscribe(&self, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>>;
     /// Whether this node can serve now: its group has a leader (this node or another,
     /// which it forwards writes to) and it has applied what it had in its log.
@@ -461,7 +484,7 @@ impl Gateway {
     /// token was issued. A demoted, deleted or logged-out user's older tokens stop
     /// working at once instead of at expiry.
     pub(crate) fn staff_current(&self, login: &str, role: switchboard_actors::model::Role, operator: Option<&OperatorId>, epoch: u64) -> bool {
-        let shard = self.backend.shard();
+        let shard = self.backend.directory_shard();
         let state = shard.read();
         state.users.get(login).is_some_and(|u| u.role == role && u.operator.as_ref() == operator)
             && state.session_epochs.get(login).copied().unwrap_or(0) == epoch
@@ -469,14 +492,50 @@ impl Gateway {
 
     /// The session epoch new tokens of `login` name.
     pub(crate) fn session_epoch(&self, login: &str) -> u64 {
-        self.backend.shard().read().session_epochs.get(login).copied().unwrap_or(0)
+        self.backend.directory_shard().read().session_epochs.get(login).copied().unwrap_or(0)
     }
 
     /// A relayed read mark as the core records it: never past the newest entry.
     pub(crate) fn read_mark(&self, conversation: ConversationId, upto: u64) -> u64 {
-        let shard = self.backend.shard();
+        let shard = self.backend.conversation_shard(conversation);
         let state = shard.read();
         state.conversations.get(&conversation).map_or(0, |c| upto.min(c.last_seq()))
+    }
+
+    /// The conversation and entry a provider's message id names, looked up in every
+    /// conversation shard.
+    pub(crate) fn by_provider_id(&self, channel: &switchboard_actors::model::ChannelId, id: &str) -> Result<Option<(ConversationId, u64)>, switchboard_actors::Error> {
+        for shard in self.backend.conversation_shards() {
+            if let Some(found) = shard.by_provider_id(channel, id)? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A visitor's most recent conversations from every conversation shard, newest
+    /// first, at most `limit`.
+    pub(crate) fn conversations_of(&self, visitor: &str, limit: usize) -> Result<Vec<switchboard_actors::state::Conversation>, switchboard_actors::Error> {
+        let mut found = Vec::new();
+        for shard in self.backend.conversation_shards() {
+            found.extend(shard.conversations_of(visitor, limit)?);
+        }
+        found.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    /// The conversations `operator` handled, newest (highest id) first, before
+    /// `before`, at most `limit`, from every conversation shard.
+    pub(crate) fn handled_by(&self, operator: &OperatorId, before: Option<ConversationId>, limit: usize) -> Result<Vec<ConversationId>, switchboard_actors::Error> {
+        let mut found = Vec::new();
+        for shard in self.backend.conversation_shards() {
+            found.extend(shard.handled_by(operator, before, limit)?);
+        }
+        found.sort_by(|a, b| b.cmp(a));
+        found.dedup();
+        found.truncate(limit);
+        Ok(found)
     }
 
     /// Commits a command, counting and timing it.
@@ -484,7 +543,7 @@ impl Gateway {
         let started = Instant::now();
         // Refuse what the core would refuse, and answer repeated keys, before writing to
         // the log: bad input must not cost a replicated, flushed entry.
-        let early = self.backend.shard().precheck(&command, switchboard_actors::actors::now_ms());
+        let early = self.backend.shard_for(&command).precheck(&command, switchboard_actors::actors::now_ms());
         let result = match early {
             Ok(None) => self.backend.submit(command).await,
             Ok(Some(reply)) => Ok(reply),

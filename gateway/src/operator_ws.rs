@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_actors::core::Reply;
 use switchboard_actors::model::{AttachmentId, Command, ConversationId, OfferId, OperatorId, Reader, SkillGroupId, TransferTarget};
-use switchboard_actors::shard::{Shard, StreamKey};
+use switchboard_actors::shard::StreamKey;
 use switchboard_actors::state::{Conversation, FeedItem, ShardState};
 
 use crate::auth::Subject;
@@ -76,8 +76,8 @@ pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conv: &Convers
         || serving_same_visitor()
 }
 
-fn history_upto(shard: &Shard, conversation: ConversationId, upto: u64) -> Vec<Value> {
-    match shard.history(conversation, 0, upto as usize) {
+fn history_upto(backend: &dyn crate::Backend, conversation: ConversationId, upto: u64) -> Vec<Value> {
+    match backend.conversation_shard(conversation).history(conversation, 0, upto as usize) {
         Ok(entries) => entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect(),
         Err(e) => {
             tracing::error!(conversation = conversation.0, error = %e, "history cannot be read");
@@ -95,7 +95,8 @@ const ACCEPT_RESEND_FOR: Duration = Duration::from_secs(10);
 /// What an operator needs to decide on an offer at a glance, read when the frame is
 /// rendered: the conversation's channel, when its customer started waiting, and their
 /// first words. Added to `offer` events and `hello` offers; `{}` for a conversation gone.
-fn offer_context(shard: &Shard, conversation: ConversationId) -> Value {
+fn offer_context(backend: &dyn crate::Backend, conversation: ConversationId) -> Value {
+    let shard = backend.conversation_shard(conversation);
     let (channel, since) = {
         let state = shard.read();
         match state.conversations.get(&conversation) {
@@ -253,16 +254,16 @@ impl OperatorSession {
             OperatorIn::History { conversation, reference } => {
                 let conversation = ConversationId(conversation);
                 let frame = {
-                    let shard = self.gw.backend.shard();
+                    let shard = self.gw.backend.conversation_shard(conversation);
                     let conv = shard.conversation(conversation).map_err(|e| frames::error(e.code(), &e.to_string(), reference.as_ref()))?;
-                    let allowed = conv.as_ref().is_some_and(|conv| may_read(&shard.read(), &me, conv));
+                    let allowed = conv.as_ref().is_some_and(|conv| may_read(&self.gw.backend.shard().read(), &me, conv));
                     let Some(conv) = conv.filter(|_| allowed) else {
                         return Err(frames::error("forbidden", "not your conversation", reference.as_ref()));
                     };
                     let upto = conv.last_seq();
                     let marks = (conv.client_read_upto, conv.operator_read_upto);
                     let mut frame = json!({
-                        "type": "history", "conversation": conversation.0, "entries": history_upto(&shard, conversation, upto),
+                        "type": "history", "conversation": conversation.0, "entries": history_upto(self.gw.backend.as_ref(), conversation, upto),
                         "client_read_upto": marks.0, "operator_read_upto": marks.1,
                     });
                     if let Some(r) = &reference {
@@ -288,6 +289,7 @@ impl Session for OperatorSession {
             }
         };
         let shard = self.gw.backend.shard();
+        let backend = self.gw.backend.clone();
         // The hello frame and the resume point come from one read of the state, so the
         // stream continues exactly where the snapshot ends.
         let snapshot = {
@@ -321,10 +323,6 @@ impl Session for OperatorSession {
                 "capacity": op.config.capacity,
                 "groups": op.config.groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
                 "active": op.active.iter().map(|c| c.0).collect::<Vec<_>>(),
-                // Where each side has read to, so marks survive the reconnect.
-                "read_marks": op.active.iter().filter_map(|c| state.conversations.get(c)).map(|c| json!({
-                    "conversation": c.id.0, "client_read_upto": c.client_read_upto, "operator_read_upto": c.operator_read_upto,
-                })).collect::<Vec<_>>(),
                 "offers": offers,
                 "seq": op.feed.last_seq,
                 // The server's clock when the snapshot was taken: what a desk needs to
@@ -340,11 +338,24 @@ impl Session for OperatorSession {
             out.error("not_found", "operator not configured", None).await;
             return Flow::Close(ws::close::UNAUTHORIZED, "unknown operator".into());
         };
-        // Read outside the snapshot's lock: history may come from disk.
+        // Read outside the snapshot's lock, from each conversation's shard: history may
+        // come from disk. Where each side has read to, so marks survive the reconnect.
+        let active: Vec<u64> = hello["active"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+        let marks: Vec<Value> = active
+            .into_iter()
+            .filter_map(|id| {
+                let shard = backend.conversation_shard(ConversationId(id));
+                let state = shard.read();
+                state.conversations.get(&ConversationId(id)).map(|c| {
+                    json!({"conversation": c.id.0, "client_read_upto": c.client_read_upto, "operator_read_upto": c.operator_read_upto})
+                })
+            })
+            .collect();
+        hello["read_marks"] = Value::Array(marks);
         if let Some(offers) = hello.get_mut("offers").and_then(Value::as_array_mut) {
             for offer in offers {
                 if let Some(id) = offer.get("conversation").and_then(Value::as_u64) {
-                    merge(offer, offer_context(&shard, ConversationId(id)));
+                    merge(offer, offer_context(backend.as_ref(), ConversationId(id)));
                 }
             }
         }
@@ -371,12 +382,12 @@ impl Session for OperatorSession {
             };
             for entry in entries {
                 let history = match &entry.item {
-                    FeedItem::Assigned { conversation, history_upto: upto } => Some(history_upto(&shard, *conversation, *upto)),
+                    FeedItem::Assigned { conversation, history_upto: upto } => Some(history_upto(backend.as_ref(), *conversation, *upto)),
                     _ => None,
                 };
                 let mut frame = frames::operator_event(&entry, history);
                 if let FeedItem::Offered { conversation, .. } = &entry.item {
-                    merge(&mut frame, offer_context(&shard, *conversation));
+                    merge(&mut frame, offer_context(backend.as_ref(), *conversation));
                 }
                 frames_out.push(frame);
                 last = entry.seq;

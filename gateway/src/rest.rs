@@ -201,7 +201,7 @@ async fn login(
     // another member counts here at once. Without a leader the node's own state answers.
     let _ = gw.backend.read_barrier().await;
     let user = {
-        let shard = gw.backend.shard();
+        let shard = gw.backend.directory_shard();
         let state = shard.read();
         state.users.get(&req.login).cloned()
     };
@@ -269,7 +269,7 @@ async fn me(staff: Staff) -> Json<Value> {
 }
 
 async fn list_groups(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let state = shard.read();
     let groups: Vec<Value> = state.groups.values().map(|g| group_view(&state, &g.config)).collect();
     Json(json!({ "skill_groups": groups }))
@@ -376,7 +376,7 @@ async fn put_group(
         None => None,
     };
     let (steps, hours) = {
-        let shard = gw.backend.shard();
+        let shard = gw.backend.directory_shard();
         let state = shard.read();
         // What is as it was is not written again (the admin form sends everything).
         let steps = steps.filter(|s| state.group_steps.get(&group_id).map_or(!s.is_empty(), |now| now != s));
@@ -411,7 +411,7 @@ async fn put_group(
     if let Some(hours) = hours {
         gw.submit(Command::SetGroupHours { group: config.id.clone(), hours }).await?;
     }
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let view = group_view(&shard.read(), &config);
     Ok(Json(view))
 }
@@ -470,7 +470,7 @@ async fn put_operator(
         groups: body.groups.into_iter().map(SkillGroupId::new).collect(),
     };
     let limits = if body.channel_limits.is_some() || body.channels.is_some() {
-        let current = gw.backend.shard().read().channel_limits.get(&config.id).cloned().unwrap_or_default();
+        let current = gw.backend.directory_shard().read().channel_limits.get(&config.id).cloned().unwrap_or_default();
         let limits = ChannelLimits {
             per_kind: body.channel_limits.map_or(current.per_kind, |m| m.into_iter().collect()),
             only: body.channels.unwrap_or(current.only),
@@ -495,10 +495,10 @@ async fn put_operator(
         gw.submit(Command::SetOperatorSkills { operator: config.id.clone(), skills: skills.into_iter().collect() }).await?;
     }
     let mut view = json!(config);
-    let limits = gw.backend.shard().read().channel_limits.get(&config.id).cloned().unwrap_or_default();
+    let limits = gw.backend.directory_shard().read().channel_limits.get(&config.id).cloned().unwrap_or_default();
     view["channel_limits"] = json!(limits.per_kind.iter().cloned().collect::<std::collections::BTreeMap<_, _>>());
     view["channels"] = json!(limits.only);
-    view["skills"] = json!(gw.backend.shard().read().operator_skills.get(&config.id).cloned().unwrap_or_default());
+    view["skills"] = json!(gw.backend.directory_shard().read().operator_skills.get(&config.id).cloned().unwrap_or_default());
     Ok(Json(view))
 }
 
@@ -516,13 +516,13 @@ fn channel_view(state: &switchboard_actors::state::ShardState, config: &ChannelC
 }
 
 fn channel_json(gw: &Gateway, config: &ChannelConfig) -> Value {
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let state = shard.read();
     channel_view(&state, config)
 }
 
 async fn list_channels(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let state = shard.read();
     let channels: Vec<Value> = state.channels.values().map(|c| channel_view(&state, c)).collect();
     Json(json!({ "channels": channels }))
@@ -580,7 +580,7 @@ async fn put_channel(
         gw.submit(Command::SetChannelPriority { channel: config.id.clone(), priority }).await?;
     }
     if body.allow_only.is_some() || body.blocked_message.is_some() {
-        let current = gw.backend.shard().read().channel_access.get(&config.id).cloned().unwrap_or_default();
+        let current = gw.backend.directory_shard().read().channel_access.get(&config.id).cloned().unwrap_or_default();
         gw.submit(Command::SetChannelAccess {
             channel: config.id.clone(),
             allow_only: body.allow_only.unwrap_or(current.allow_only),
@@ -611,7 +611,7 @@ async fn put_user(
     let operator = body.operator.filter(|op| !op.is_empty()).map(OperatorId::new);
     // Without a password: an edit of an existing user that keeps theirs.
     let Some(password) = body.password.filter(|p| !p.is_empty()) else {
-        if !gw.backend.shard().read().users.contains_key(&login) {
+        if !gw.backend.directory_shard().read().users.contains_key(&login) {
             return Err(GatewayError::BadRequest(format!("user {login} does not exist: a new user needs a password")));
         }
         gw.submit(Command::UpdateUser { login: login.clone(), role: body.role, operator }).await?;
@@ -636,7 +636,7 @@ async fn queues(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Json<Val
 
 async fn list_users(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let state = shard.read();
     let users: Vec<Value> = state.users.values().map(|u| json!({"login": u.login, "role": u.role, "operator": u.operator})).collect();
     Ok(Json(json!({ "users": users })))
@@ -644,9 +644,9 @@ async fn list_users(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Json
 
 /// The conversation `staff` asks for, open or closed, if they may read it.
 pub(crate) fn readable(gw: &Gateway, staff: &Staff, id: ConversationId) -> Result<switchboard_actors::state::Conversation, GatewayError> {
-    let shard = gw.backend.shard();
-    let conv = shard.conversation(id)?.ok_or_else(|| GatewayError::NotFound(format!("conversation {}", id.0)))?;
-    check_read(staff, &shard.read(), &conv)?;
+    let conv = gw.backend.conversation_shard(id).conversation(id)?.ok_or_else(|| GatewayError::NotFound(format!("conversation {}", id.0)))?;
+    // Offers and the operator's other conversations are the routing shard's to say.
+    check_read(staff, &gw.backend.shard().read(), &conv)?;
     Ok(conv)
 }
 
@@ -667,10 +667,12 @@ pub(crate) fn conversation_id(raw: &str) -> Result<ConversationId, GatewayError>
 async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
     let id = conversation_id(&id)?;
     let conv = readable(&gw, &staff, id)?;
-    let shard = gw.backend.shard();
+    let shard = gw.backend.conversation_shard(id);
     let history = shard.history(id, 0, conv.last_seq() as usize)?;
-    let earlier = earlier(&shard, &conv)?;
-    let status = match &conv.status {
+    let earlier = earlier(&gw, &conv)?;
+    // Whether it is offered is the routing shard's to say.
+    let routed = gw.backend.shard().read().conversations.get(&id).map(|c| c.status.clone());
+    let status = match routed.as_ref().unwrap_or(&conv.status) {
         switchboard_actors::state::ConversationStatus::Queued { offer: Some(_), .. } => json!({"state": "offered"}),
         switchboard_actors::state::ConversationStatus::Queued { .. } => json!({"state": "queued"}),
         switchboard_actors::state::ConversationStatus::Assigned { operator } => json!({"state": "assigned", "operator": operator}),
@@ -696,9 +698,11 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
 async fn decisions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
     let id = conversation_id(&id)?;
     let conv = readable(&gw, &staff, id)?;
+    // Offers and their decision records are the routing shard's.
     let shard = gw.backend.shard();
+    let decided = shard.conversation(id)?.map_or(conv.decisions, |c| c.decisions);
     let mut records: Vec<Value> = Vec::new();
-    for offer in &conv.decisions {
+    for offer in &decided {
         if let Some(decision) = shard.decision(*offer)? {
             let mut record = json!(decision);
             if let Some(step) = shard.offer_step(*offer)? {
@@ -760,9 +764,9 @@ async fn purge_drill(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): B
 }
 
 /// Other conversations of the same visitor, most recent first: the client card.
-fn earlier(shard: &switchboard_actors::shard::Shard, conv: &switchboard_actors::state::Conversation) -> Result<Vec<Value>, GatewayError> {
+fn earlier(gw: &Gateway, conv: &switchboard_actors::state::Conversation) -> Result<Vec<Value>, GatewayError> {
     let Some(visitor) = conv.visitor.id.as_ref() else { return Ok(vec![]) };
-    Ok(shard
+    Ok(gw
         .conversations_of(visitor, 21)?
         .iter()
         .filter(|c| c.id != conv.id)
@@ -814,7 +818,7 @@ fn template_json(t: &Template, favourites: Option<&std::collections::BTreeSet<St
 }
 
 async fn list_templates(State(gw): State<Arc<Gateway>>, staff: Staff) -> Json<Value> {
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let state = shard.read();
     let me = staff.operator.as_ref().and_then(|id| state.operators.get(id));
     let templates: Vec<Value> = state
@@ -866,7 +870,7 @@ async fn put_template(
         return Err(GatewayError::BadRequest("a personal template needs an operator login; give a group for a shared one".into()));
     }
     let existing = {
-        let shard = gw.backend.shard();
+        let shard = gw.backend.directory_shard();
         let state = shard.read();
         state.templates.get(&template.id).cloned()
     };
@@ -879,7 +883,7 @@ async fn put_template(
 
 async fn delete_template(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
     let existing = {
-        let shard = gw.backend.shard();
+        let shard = gw.backend.directory_shard();
         let state = shard.read();
         state.templates.get(&id).cloned()
     };

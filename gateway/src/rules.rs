@@ -181,7 +181,7 @@ pub(crate) fn hours_json(h: &OpeningHours, now: Timestamp) -> Value {
 /// `GET /api/routing/weights` (any staff): what one conversation of each channel kind
 /// takes of an operator's capacity; kinds not listed weigh 1.
 pub(crate) async fn weights(State(gw): State<Arc<Gateway>>, _staff: Staff) -> Json<Value> {
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let state = shard.read();
     Json(json!({ "weights": state.channel_weights }))
 }
@@ -198,7 +198,7 @@ pub(crate) async fn put_weights(State(gw): State<Arc<Gateway>>, staff: Staff, Bo
     let weights: Vec<(String, u32)> = body.weights.into_iter().collect();
     switchboard_actors::core::check_weights(&weights)?;
     gw.submit(Command::SetChannelWeights { weights }).await?;
-    let shard = gw.backend.shard();
+    let shard = gw.backend.directory_shard();
     let state = shard.read();
     Ok(Json(json!({ "weights": state.channel_weights })))
 }

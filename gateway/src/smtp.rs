@@ -306,7 +306,7 @@ impl Session<'_> {
         };
         let address = address.to_ascii_lowercase();
         let channel = {
-            let shard = self.shared.gw.backend.shard();
+            let shard = self.shared.gw.backend.directory_shard();
             let state = shard.read();
             state.channel_adapters.iter().find(|(_, a)| matches!(a, AdapterConfig::Email { address: ours, .. } if *ours == address)).map(|(c, _)| c.clone())
         };
@@ -448,7 +448,7 @@ async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>) -> S
 /// named in it), its files, the conversation it answers and, for a new conversation,
 /// its subject and Message-ID as attributes.
 async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Result<u64, String> {
-    let Some(AdapterConfig::Email { thread_secret, .. }) = gw.backend.shard().read().channel_adapters.get(channel).cloned() else {
+    let Some(AdapterConfig::Email { thread_secret, .. }) = gw.backend.directory_shard().read().channel_adapters.get(channel).cloned() else {
         return Err("451 4.3.0 The channel changed, try again".into());
     };
     let mut text = if mail.text.trim().is_empty() { mail.subject.clone() } else { mail.text.clone() };
