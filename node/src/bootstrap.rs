@@ -24,7 +24,7 @@ pub fn password() -> anyhow::Result<String> {
 /// did. A file left by an earlier start whose commit did not happen is reused, so the
 /// password on disk is always the one that works.
 pub async fn ensure_admin(node: &RunningNode, data_dir: &Path, login: &str) -> anyhow::Result<Option<PathBuf>> {
-    if !node.shard.read().users.is_empty() {
+    if !node.directory().read().users.is_empty() {
         return Ok(None);
     }
     let path = data_dir.join(ADMIN_PASSWORD_FILE);

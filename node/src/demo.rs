@@ -48,7 +48,8 @@ pub async fn ensure(node: &RunningNode, data_dir: &Path) -> anyhow::Result<BTree
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
     };
     let (has_users, complete) = {
-        let state = node.shard.read();
+        let directory = node.directory();
+        let state = directory.read();
         let complete = |logins: &BTreeMap<String, String>| {
             DEMO_USERS.iter().all(|(login, ..)| state.users.contains_key(*login) && logins.contains_key(*login))
         };

@@ -2,10 +2,9 @@
 //! routing shard, conversation shards), and the mail forwarder that carries each
 //! group's letters to the others.
 //!
-//! Not used by `switchboard node` or `dev` yet: they run one group that plays the whole
-//! (`server.rs`). What is here is the node side of the split, tested on real groups
-//! (openraft, the log's segment files, the fjall records) in this module's tests; the
-//! gateway reading and submitting per group comes next (ADR 0006, "Built so far").
+//! `switchboard dev --shards N` runs it (`split.rs`, a member alone); `node` and plain
+//! `dev` run one group that plays the whole (`server.rs`). Tested on real groups
+//! (openraft, the log's segment files, the fjall records) in this module's tests.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -104,6 +103,10 @@ pub(crate) fn forward_mail(source: HostedGroup, destinations: BTreeMap<GroupId, 
     })
 }
 
+/// Tries of a destination that failed (no answer, or nothing new applied there), on
+/// every forwarder of this process: `switchboard_mail_retries_total`.
+pub(crate) static MAIL_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The first wait after a failed try; it doubles up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(20);
 
@@ -159,6 +162,7 @@ async fn carry(source: HostedGroup, to: GroupId, destination: RaftProposer, node
             _ => failed = true,
         }
         if failed {
+            MAIL_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         } else {
@@ -191,8 +195,10 @@ pub(crate) struct SplitNode {
     pub(crate) node_id: u64,
     pub(crate) groups: BTreeMap<GroupId, HostedGroup>,
     pub(crate) shards: u64,
+    pub(crate) peers: Peers,
+    pub(crate) router: Router,
     forwarders: Vec<tokio::task::JoinHandle<()>>,
-    _keyspace: fjall::Keyspace,
+    keyspace: fjall::Keyspace,
     endpoint: quinn::Endpoint,
     rpc: tokio::task::JoinHandle<()>,
 }
@@ -236,7 +242,7 @@ impl SplitNode {
         for group in groups.values() {
             group.raft.wait(Some(Duration::from_secs(20))).metrics(|m| m.current_leader.is_some(), "a leader").await?;
         }
-        let node = SplitNode { node_id, groups, shards, forwarders: Vec::new(), _keyspace: keyspace, endpoint, rpc };
+        let node = SplitNode { node_id, groups, shards, peers, router, forwarders: Vec::new(), keyspace, endpoint, rpc };
         for group in node.groups.values() {
             while group.shard.read().rules < switchboard_actors::core::RULES_VERSION {
                 group.proposer.submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }).await?;
@@ -281,6 +287,12 @@ impl SplitNode {
     /// Stops every group and the forwarders, and closes the node's QUIC endpoint: to
     /// its peers it is gone, as a killed process is.
     pub(crate) async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown().await
+    }
+
+    /// [`SplitNode::stop`] through a shared reference: what a running node's owner
+    /// calls; the records are made durable last.
+    pub(crate) async fn shutdown(&self) -> anyhow::Result<()> {
         for f in &self.forwarders {
             f.abort();
         }
@@ -290,6 +302,8 @@ impl SplitNode {
         }
         self.rpc.abort();
         self.endpoint.close(0u32.into(), b"stopped");
+        let keyspace = self.keyspace.clone();
+        tokio::task::spawn_blocking(move || keyspace.persist(fjall::PersistMode::SyncAll)).await??;
         Ok(())
     }
 

@@ -12,6 +12,7 @@ mod demo;
 mod groups;
 mod outbox;
 mod server;
+mod split;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -182,6 +183,11 @@ struct DevArgs {
     /// apart from the given ones) instead of one node in this process.
     #[arg(long, default_value_t = 1)]
     nodes: u64,
+    /// Split the node's state as ADR 0006 lays out a cluster: a metadata group, a
+    /// routing shard and this many conversation shards, each its own Raft group
+    /// (experimental: one node; an operator's socket does not carry messages yet).
+    #[arg(long)]
+    shards: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -403,10 +409,14 @@ fn print_listeners(node: &server::RunningNode) {
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
     if args.nodes > 1 {
+        anyhow::ensure!(args.shards.is_none(), "--shards runs one node for now; it does not go with --nodes");
         return dev_cluster(args).await;
     }
     let data_dir = args.listeners.data_dir.clone();
-    let node = server::start(options(args.listeners, 1, true)).await?;
+    let node = match args.shards {
+        Some(shards) => split::start(options(args.listeners, 1, true), shards).await?,
+        None => server::start(options(args.listeners, 1, true)).await?,
+    };
     let logins = demo::ensure(&node, &data_dir).await?;
     node.gateway.set_configured();
     println!("switchboard dev: node 1 ready, data in {}", data_dir.display());

@@ -544,34 +544,104 @@ const FILE_COPY_FOR: Duration = Duration::from_secs(10);
 /// not ready (load balancers move its clients away) until they answer again.
 const QUORUM_CONTACT: Duration = Duration::from_secs(2);
 
+/// On the leader: whether enough voters answered lately to make a majority with it.
+pub(crate) fn reaches_majority(m: &openraft::RaftMetrics<u64, switchboard_raft::Node>, node_id: u64, peers: &Peers) -> bool {
+    let membership = m.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    let heard = voters
+        .iter()
+        .filter(|id| **id != node_id)
+        .filter(|id| membership.get_node(id).is_some_and(|node| peers.answered_within(&node.addr, QUORUM_CONTACT)))
+        .count();
+    heard + usize::from(voters.contains(&node_id)) > voters.len() / 2
+}
+
+/// Whether a member can serve `group` now: the group has a leader, which is this node
+/// reaching a majority, or another node heard from lately.
+pub(crate) fn serves(raft: &Raft, node_id: u64, group: u64, peers: &Peers, router: &Router) -> bool {
+    let m = raft.metrics().borrow().clone();
+    // A node removed from the group keeps the last leader it knew, forever.
+    if m.membership_config.membership().get_node(&node_id).is_none() && m.membership_config.membership().nodes().count() > 0 {
+        return false;
+    }
+    match m.current_leader {
+        Some(leader) if leader == node_id => reaches_majority(&m, node_id, peers),
+        // A follower serves only while its leader is heard from: one cut off with a
+        // minority keeps naming a leader it cannot reach.
+        Some(_) => router.heard_within(group, QUORUM_CONTACT),
+        None => false,
+    }
+}
+
 impl NodeBackend {
-    /// On the leader: whether enough voters answered lately to make a majority with it.
     fn reaches_majority(&self, m: &openraft::RaftMetrics<u64, switchboard_raft::Node>) -> bool {
-        let membership = m.membership_config.membership();
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        let heard = voters
-            .iter()
-            .filter(|id| **id != self.node_id)
-            .filter(|id| membership.get_node(id).is_some_and(|node| self.peers.answered_within(&node.addr, QUORUM_CONTACT)))
-            .count();
-        heard + usize::from(voters.contains(&self.node_id)) > voters.len() / 2
+        reaches_majority(m, self.node_id, &self.peers)
     }
 
-    /// The group's other members' addresses, and how many of them must hold a copy so
-    /// that a majority of the voters (this node included when it votes) does.
-    /// The group's other members (address, whether it votes), and how many copies on
-    /// other voters make a majority of the voters hold the file with this node's.
     fn file_targets(&self) -> (Vec<(String, bool)>, usize) {
-        let m = self.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        let others: Vec<(String, bool)> =
-            membership.nodes().filter(|(id, _)| **id != self.node_id).map(|(id, node)| (node.addr.clone(), voters.contains(id))).collect();
-        let majority = voters.len() / 2 + 1;
-        let needed = majority.saturating_sub(usize::from(voters.contains(&self.node_id)));
-        let needed = needed.min(others.iter().filter(|(_, votes)| *votes).count());
-        (others, needed)
+        file_targets(&self.raft, self.node_id)
     }
+}
+
+/// The group's other members (address, whether it votes), and how many copies on
+/// other voters make a majority of the voters hold a file with this node's.
+pub(crate) fn file_targets(raft: &Raft, node_id: u64) -> (Vec<(String, bool)>, usize) {
+    let m = raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    let others: Vec<(String, bool)> =
+        membership.nodes().filter(|(id, _)| **id != node_id).map(|(id, node)| (node.addr.clone(), voters.contains(id))).collect();
+    let majority = voters.len() / 2 + 1;
+    let needed = majority.saturating_sub(usize::from(voters.contains(&node_id)));
+    let needed = needed.min(others.iter().filter(|(_, votes)| *votes).count());
+    (others, needed)
+}
+
+/// Copies a stored file to the group's other members (`targets`, from
+/// [`file_targets`]) and waits for as many as a majority needs.
+pub(crate) async fn replicate_file(
+    targets: (Vec<(String, bool)>, usize),
+    peers: Peers,
+    copying: Arc<tokio::sync::Semaphore>,
+    blobs: switchboard_gateway::attachments::BlobStore,
+    id: AttachmentId,
+) -> Result<(), String> {
+    let (others, needed) = targets;
+    if others.is_empty() {
+        return Ok(());
+    }
+    // A few files in flight at once: each holds its encoded bytes (5 MiB at most)
+    // until every member has answered.
+    let permit = copying.acquire_owned().await.map_err(|_| "the node is stopping".to_string())?;
+    let bytes = blobs.read_all(&id).await.map_err(|e| e.to_string())?.ok_or("the stored file vanished")?;
+    let push = Peers::file_push(&id.0, bytes)?;
+    // Every member gets a copy; the upload waits for as many as a majority needs.
+    let (done, mut results) = tokio::sync::mpsc::channel(others.len());
+    let mut sends = tokio::task::JoinSet::new();
+    for (addr, votes) in others {
+        let (peers, push, done) = (peers.clone(), push.clone(), done.clone());
+        sends.spawn(async move {
+            let result = peers.put_file(&addr, &push, FILE_COPY_FOR).await.map_err(|e| format!("{addr}: {e}"));
+            // A learner gets its copy too, but only voters make the majority.
+            let _ = done.send((votes, result)).await;
+        });
+    }
+    drop(done);
+    // The rest finish in the background, still holding the permit.
+    tokio::spawn(async move {
+        while sends.join_next().await.is_some() {}
+        drop(permit);
+    });
+    let (mut copies, mut errors) = (0, Vec::new());
+    while copies < needed {
+        match results.recv().await {
+            Some((true, Ok(()))) => copies += 1,
+            Some((false, Ok(()))) => {}
+            Some((_, Err(e))) => errors.push(e),
+            None => return Err(format!("{copies} of the {needed} copies needed were made ({})", errors.join("; "))),
+        }
+    }
+    Ok(())
 }
 
 /// The attachment files of this node, served to peers: what they push before
@@ -611,60 +681,11 @@ impl Backend for NodeBackend {
     }
 
     fn ready(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        // A node removed from the group keeps the last leader it knew, forever.
-        if m.membership_config.membership().get_node(&self.node_id).is_none() && m.membership_config.membership().nodes().count() > 0 {
-            return false;
-        }
-        match m.current_leader {
-            Some(leader) if leader == self.node_id => self.reaches_majority(&m),
-            // A follower serves only while its leader is heard from: one cut off with a
-            // minority keeps naming a leader it cannot reach.
-            Some(_) => self.router.heard_within(SHARD_GROUP, QUORUM_CONTACT),
-            None => false,
-        }
+        serves(&self.raft, self.node_id, SHARD_GROUP, &self.peers, &self.router)
     }
 
     fn replicate_file(&self, blobs: switchboard_gateway::attachments::BlobStore, id: AttachmentId) -> BoxFuture<Result<(), String>> {
-        let (others, needed) = self.file_targets();
-        let (peers, copying) = (self.peers.clone(), self.copying.clone());
-        Box::pin(async move {
-            if others.is_empty() {
-                return Ok(());
-            }
-            // A few files in flight at once: each holds its encoded bytes (5 MiB at most)
-            // until every member has answered.
-            let permit = copying.acquire_owned().await.map_err(|_| "the node is stopping".to_string())?;
-            let bytes = blobs.read_all(&id).await.map_err(|e| e.to_string())?.ok_or("the stored file vanished")?;
-            let push = Peers::file_push(&id.0, bytes)?;
-            // Every member gets a copy; the upload waits for as many as a majority needs.
-            let (done, mut results) = tokio::sync::mpsc::channel(others.len());
-            let mut sends = tokio::task::JoinSet::new();
-            for (addr, votes) in others {
-                let (peers, push, done) = (peers.clone(), push.clone(), done.clone());
-                sends.spawn(async move {
-                    let result = peers.put_file(&addr, &push, FILE_COPY_FOR).await.map_err(|e| format!("{addr}: {e}"));
-                    // A learner gets its copy too, but only voters make the majority.
-                    let _ = done.send((votes, result)).await;
-                });
-            }
-            drop(done);
-            // The rest finish in the background, still holding the permit.
-            tokio::spawn(async move {
-                while sends.join_next().await.is_some() {}
-                drop(permit);
-            });
-            let (mut copies, mut errors) = (0, Vec::new());
-            while copies < needed {
-                match results.recv().await {
-                    Some((true, Ok(()))) => copies += 1,
-                    Some((false, Ok(()))) => {}
-                    Some((_, Err(e))) => errors.push(e),
-                    None => return Err(format!("{copies} of the {needed} copies needed were made ({})", errors.join("; "))),
-                }
-            }
-            Ok(())
-        })
+        Box::pin(replicate_file(self.file_targets(), self.peers.clone(), self.copying.clone(), blobs, id))
     }
 
     fn read_barrier(&self) -> BoxFuture<Result<(), String>> {
@@ -895,19 +916,15 @@ pub struct NodeOptions {
 }
 
 pub struct RunningNode {
-    pub raft: Raft,
-    proposer: RaftProposer,
+    pub(crate) groups: Groups,
     pub gateway: Arc<Gateway>,
-    pub shard: Arc<Shard>,
     pub public_addr: SocketAddr,
     pub private_addr: SocketAddr,
     pub smtp_addr: Option<SocketAddr>,
-    endpoint: quinn::Endpoint,
-    db: fjall::Keyspace,
     /// Held while the node runs: one process per data folder.
-    _lock: std::fs::File,
-    listeners: Vec<tokio::task::JoinHandle<()>>,
-    shutdown: tokio::sync::watch::Sender<bool>,
+    pub(crate) _lock: std::fs::File,
+    pub(crate) listeners: Vec<tokio::task::JoinHandle<()>>,
+    pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 /// Reads the cluster token key, creating it on first start (a single node's own key
@@ -958,6 +975,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     if lock.try_lock().is_err() {
         anyhow::bail!("another switchboard is using the data folder {}", options.data_dir.display());
     }
+    crate::split::check_layout(&options.data_dir, None)?;
     let db = switchboard_raft::store::open_keyspace(&options.data_dir.join("records"), &[SHARD_GROUP]).context("open the record store")?;
     let log_dir = options.data_dir.join("log").join(format!("g{SHARD_GROUP}"));
     switchboard_raft::store::migrate_sled(&options.data_dir.join("sled"), &db, SHARD_GROUP, &log_dir).context("move the data folder out of sled")?;
@@ -1060,6 +1078,60 @@ std::fs::create_dir_all(&options.data_dir)?;
             Err(e) => anyhow::bail!("adopt routing rules {}: {e}", switchboard_actors::core::RULES_VERSION),
         }
     }
+    let edge = open_edge(&options, backend, &router).await?;
+    let gateway = edge.gateway.clone();
+    {
+        // Attachment files follow their conversation out when retention deletes it.
+        let blobs = gateway.blobs.clone();
+        shard.on_deleted_attachments(move |ids| {
+            let blobs = blobs.clone();
+            tokio::spawn(async move {
+                for id in ids {
+                    blobs.remove(&id).await;
+                }
+            });
+        });
+    }
+    {
+        let (gateway, raft, node_id) = (gateway.clone(), raft.clone(), options.node_id);
+        router.set_status(Arc::new(move || {
+            let m = raft.metrics().borrow().clone();
+            switchboard_raft::network::MemberStatus {
+                node: node_id,
+                leader: m.current_leader,
+                members: m.membership_config.membership().nodes().map(|(id, node)| (*id, node.addr.clone())).collect(),
+                ready: gateway.ready(),
+            }
+        }));
+    }
+    let Edge { public_addr, private_addr, smtp_addr, mut listeners, shutdown, .. } = edge;
+    listeners.extend([
+        rpc_server,
+        leadership,
+        tokio::spawn(retention_timer(raft.clone(), proposer.clone(), options.node_id, options.retention_every)),
+        tokio::spawn(report_operator_sockets(gateway.clone(), options.node_id)),
+        tokio::spawn(absence_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id, options.presence_grace)),
+        tokio::spawn(inactivity_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id)),
+        tokio::spawn(crate::outbox::run(raft.clone(), Arc::new(proposer.clone()), shard.clone(), options.node_id, gateway.clone())),
+    ]);
+    info!(%public_addr, %private_addr, %raft_addr, ?smtp_addr, "node started");
+    Ok(RunningNode { groups: Groups::One { raft, endpoint, db }, gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
+}
+
+/// What a node serves to the outside: the gateway over this node's groups, its HTTP
+/// listeners (public and private), and SMTP when asked for.
+pub(crate) struct Edge {
+    pub(crate) gateway: Arc<Gateway>,
+    pub(crate) public_addr: SocketAddr,
+    pub(crate) private_addr: SocketAddr,
+    pub(crate) smtp_addr: Option<SocketAddr>,
+    pub(crate) listeners: Vec<tokio::task::JoinHandle<()>>,
+    pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+/// Binds the listeners of `options` and serves a gateway over `backend`; peers' relayed
+/// traffic (standalone gateways) and file copies arrive through `router`.
+pub(crate) async fn open_edge(options: &NodeOptions, backend: Arc<dyn Backend>, router: &Router) -> anyhow::Result<Edge> {
     let public = TcpListener::bind(options.public_addr).await.with_context(|| format!("bind public {}", options.public_addr))?;
     let private = TcpListener::bind(options.private_addr).await.with_context(|| format!("bind private {}", options.private_addr))?;
     let public_addr = public.local_addr()?;
@@ -1086,40 +1158,11 @@ std::fs::create_dir_all(&options.data_dir)?;
         None => token_key(&options.data_dir.join("token.key"), true)?,
     };
     let gateway = Gateway::new(backend, key, blobs, config);
-    {
-        // Attachment files follow their conversation out when retention deletes it.
-        let blobs = gateway.blobs.clone();
-        shard.on_deleted_attachments(move |ids| {
-            let blobs = blobs.clone();
-            tokio::spawn(async move {
-                for id in ids {
-                    blobs.remove(&id).await;
-                }
-            });
-        });
-    }
     // Gateways relay clients' traffic here over QUIC and poll this member's status.
     router.set_relay(Arc::new(switchboard_gateway::relay::RelayServer::new(
         switchboard_gateway::public_router(gateway.clone()),
         switchboard_gateway::private_router(gateway.clone()),
     )));
-    {
-        let (gateway, raft, node_id) = (gateway.clone(), raft.clone(), options.node_id);
-        router.set_status(Arc::new(move || {
-            let m = raft.metrics().borrow().clone();
-            switchboard_raft::network::MemberStatus {
-                node: node_id,
-                leader: m.current_leader,
-                members: m.membership_config.membership().nodes().map(|(id, node)| (*id, node.addr.clone())).collect(),
-                ready: gateway.ready(),
-            }
-        }));
-    }
-    let retention = tokio::spawn(retention_timer(raft.clone(), proposer.clone(), options.node_id, options.retention_every));
-    let sockets = tokio::spawn(report_operator_sockets(gateway.clone(), options.node_id));
-    let absence = tokio::spawn(absence_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id, options.presence_grace));
-    let inactivity = tokio::spawn(inactivity_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id));
-    let outbox = tokio::spawn(crate::outbox::run(raft.clone(), Arc::new(proposer.clone()), shard.clone(), options.node_id, gateway.clone()));
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let smtp = match options.smtp_addr {
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind SMTP {addr}"))?),
@@ -1132,24 +1175,16 @@ std::fs::create_dir_all(&options.data_dir)?;
     let mut listeners = vec![
         serve_http(public, switchboard_gateway::public_router(gateway.clone()), &gateway, options.connections, shutdown_rx.clone()),
         serve_http(private, switchboard_gateway::private_router(gateway.clone()), &gateway, options.connections, shutdown_rx.clone()),
-        rpc_server,
-        leadership,
-        retention,
-        sockets,
-        absence,
-        inactivity,
-        outbox,
     ];
     if let Some(smtp) = smtp {
         listeners.push(tokio::spawn(switchboard_gateway::smtp::serve(smtp, gateway.clone(), switchboard_gateway::smtp::SmtpLimits::default(), shutdown_rx)));
     }
-    info!(%public_addr, %private_addr, %raft_addr, ?smtp_addr, "node started");
-    Ok(RunningNode { raft, proposer, gateway, shard, public_addr, private_addr, smtp_addr, endpoint, db, _lock: lock, listeners, shutdown })
+    Ok(Edge { gateway, public_addr, private_addr, smtp_addr, listeners, shutdown })
 }
 
 /// On the leader, proposes `PurgeExpired` as of now every `every`: each deletes up to
 /// `records::PURGE_BATCH` expired conversations.
-async fn retention_timer(raft: Raft, proposer: RaftProposer, node_id: u64, every: Duration) {
+pub(crate) async fn retention_timer(raft: Raft, proposer: RaftProposer, node_id: u64, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1173,7 +1208,7 @@ const SOCKETS_SETTLE: Duration = Duration::from_millis(250);
 /// Reports which operators have a live socket on this node (`OperatorsConnected`) when
 /// the set changes and every `SOCKETS_HEARTBEAT`, through the gateway (a follower
 /// forwards it to the leader).
-async fn report_operator_sockets(gateway: Arc<Gateway>, node_id: u64) {
+pub(crate) async fn report_operator_sockets(gateway: Arc<Gateway>, node_id: u64) {
     let mut changed = gateway.operator_sockets.watch();
     let mut last: Option<Vec<OperatorId>> = None;
     let mut heartbeat = tokio::time::interval(SOCKETS_HEARTBEAT);
@@ -1212,7 +1247,7 @@ async fn report_operator_sockets(gateway: Arc<Gateway>, node_id: u64) {
 /// On the leader, once a second, proposes `MarkAbsent` when an online operator has been
 /// without a live socket for `grace` (counted from no earlier than this node began to
 /// lead, so a new leader gives every desk the whole grace period to reconnect).
-async fn absence_timer(raft: Raft, proposer: RaftProposer, shard: Arc<Shard>, node_id: u64, grace: Duration) {
+pub(crate) async fn absence_timer(raft: Raft, proposer: RaftProposer, shard: Arc<Shard>, node_id: u64, grace: Duration) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let grace_ms = grace.as_millis() as u64;
@@ -1235,7 +1270,7 @@ async fn absence_timer(raft: Raft, proposer: RaftProposer, shard: Arc<Shard>, no
 
 /// On the leader, once a second, proposes `SweepInactive` when a silent customer is due
 /// a reminder or a closing (their group's inactivity times, rules 5).
-async fn inactivity_timer(raft: Raft, proposer: RaftProposer, shard: Arc<Shard>, node_id: u64) {
+pub(crate) async fn inactivity_timer(raft: Raft, proposer: RaftProposer, shard: Arc<Shard>, node_id: u64) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1316,6 +1351,14 @@ async fn wait_until_served(raft: &Raft, clustered: bool) -> anyhow::Result<()> {
     }
 }
 
+/// The Raft groups a running node hosts.
+pub(crate) enum Groups {
+    /// One group that plays the whole (ADR 0007).
+    One { raft: Raft, endpoint: quinn::Endpoint, db: fjall::Keyspace },
+    /// The split of ADR 0006: the metadata group, the routing shard, conversation shards.
+    Split(Arc<crate::groups::SplitNode>),
+}
+
 impl RunningNode {
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
@@ -1323,15 +1366,29 @@ impl RunningNode {
         for handle in &self.listeners {
             handle.abort();
         }
-        let _ = self.raft.shutdown().await;
-        self.endpoint.close(0u32.into(), b"shutdown");
-        let db = self.db.clone();
-        let _ = tokio::task::spawn_blocking(move || db.persist(fjall::PersistMode::SyncAll)).await;
+        match self.groups {
+            Groups::One { raft, endpoint, db } => {
+                let _ = raft.shutdown().await;
+                endpoint.close(0u32.into(), b"shutdown");
+                let _ = tokio::task::spawn_blocking(move || db.persist(fjall::PersistMode::SyncAll)).await;
+            }
+            Groups::Split(node) => {
+                if let Err(e) = node.shutdown().await {
+                    tracing::warn!(error = %e, "the groups did not stop cleanly");
+                }
+            }
+        }
     }
 
-    /// Commits a command directly (used by the demo loader).
+    /// Commits a command to the group that decides it (used by the demo loader and the
+    /// first start's admin).
     pub async fn submit(&self, command: Command) -> ApplyResult {
-        self.proposer.submit(command).await
+        self.gateway.backend.submit(command).await
+    }
+
+    /// The shard the directory (users, groups, channels) is read from.
+    pub fn directory(&self) -> Arc<Shard> {
+        self.gateway.backend.directory_shard()
     }
 }
 

@@ -1,0 +1,124 @@
+//! `switchboard dev --shards 2`: one process whose state is split as ADR 0006 lays out
+//! a cluster (a metadata group, a routing shard, two conversation shards, each its own
+//! Raft group with its own log and records). The gateway reads and submits per group:
+//! directory writes are read back at once, conversations land in both conversation
+//! shards, a visitor and an operator chat across the groups, and everything is where
+//! it was after a kill -9 and a restart.
+
+use std::time::Duration;
+
+use serde_json::json;
+use switchboard_chaos_tests::{binary, next_event, set_presence, Dev, WAIT};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mut dev = Dev::start_with(binary()?, &data, &["--shards", "2"]).await?;
+
+    // A directory write (the metadata group) is read back at once.
+    let admin = dev.login("admin").await?;
+    let (status, body) = dev.api("PUT", "/api/pause-reasons", Some(&admin), Some(json!({"reasons": ["Lunch", "Training"]}))).await?;
+    assert_eq!(status, 200, "{body}");
+    let (_, reasons) = dev.api("GET", "/api/pause-reasons", Some(&admin), None).await?;
+    assert_eq!(reasons["reasons"], json!(["Lunch", "Training"]), "{reasons}");
+
+    // New visitors are spread over both conversation shards; shard k of 2 numbers its
+    // conversations k modulo 2.
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let (ws, conversation, token) = dev.client(&format!("Visitor {i}")).await?;
+        clients.push((ws, conversation, token));
+        let parities: std::collections::BTreeSet<u64> = clients.iter().map(|(_, c, _)| c % 2).collect();
+        if clients.len() >= 3 && parities.len() == 2 {
+            break;
+        }
+    }
+    let parities: std::collections::BTreeSet<u64> = clients.iter().map(|(_, c, _)| c % 2).collect();
+    assert_eq!(parities.len(), 2, "conversations {:?} all landed in one shard", clients.iter().map(|(_, c, _)| c).collect::<Vec<_>>());
+    println!("conversations {:?}", clients.iter().map(|(_, c, _)| c).collect::<Vec<_>>());
+
+    // The operator (routing shard) is offered the oldest, accepts it, and gets its
+    // history (read from its conversation shard).
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    let conversation = offer["conversation"].as_u64().unwrap_or(0);
+    assert!(offer["preview"].is_null() && offer["channel"] == "web", "the offer's context comes from the conversation shard: {offer}");
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "a"})).await?;
+    let ok = alice.wait_for(WAIT, |v| v["ref"] == "a").await?;
+    assert_eq!(ok["type"], "ok", "{ok}");
+    let assigned = next_event(&mut alice, "assigned").await?;
+    assert_eq!(assigned["conversation"].as_u64(), Some(conversation));
+    assert!(assigned["history"].as_array().is_some_and(|h| h.iter().any(|e| e["kind"] == "started")), "{assigned}");
+
+    // Visitor and operator write to each other (the conversation shard decides both,
+    // once the routing shard's letter told it who holds the conversation).
+    let at = clients.iter().position(|(_, c, _)| *c == conversation).ok_or_else(|| anyhow::anyhow!("no client for {conversation}"))?;
+    let (mut visitor, _, _) = clients.remove(at);
+    visitor.send(&json!({"type": "send", "key": "v-1", "text": "Where is my parcel?"})).await?;
+    let ack = visitor.wait_for(WAIT, |v| v["type"] == "ack").await?;
+    assert_eq!(ack["key"], "v-1", "{ack}");
+    let reply = json!({"type": "send", "conversation": conversation, "key": "a-1", "text": "It left the depot this morning."});
+    let mut acked = false;
+    for _ in 0..50 {
+        alice.send(&reply).await?;
+        let answer = alice.wait_for(WAIT, |v| v["key"] == "a-1" || v["code"].is_string()).await?;
+        if answer["type"] == "ack" {
+            acked = true;
+            break;
+        }
+        // The conversation shard may not have the routing shard's `Assigned` yet.
+        assert_eq!(answer["code"], "not_assigned", "{answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(acked, "the operator's reply was taken");
+    let seen = visitor.wait_for(WAIT, |v| v["kind"] == "message" && v["from"] == "operator").await?;
+    assert_eq!(seen["text"], "It left the depot this morning.", "{seen}");
+
+    // The REST view joins both: history from the conversation shard, state from routing.
+    let token = dev.login("alice").await?;
+    let (status, view) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&token), None).await?;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"]["state"], "assigned", "{view}");
+    let texts: Vec<&str> = view["history"].as_array().map(|h| h.iter().filter_map(|e| e["text"].as_str()).collect()).unwrap_or_default();
+    assert_eq!(texts, ["Where is my parcel?", "It left the depot this morning."], "{view}");
+
+    // The visitor closes; routing frees alice (letter `Release`).
+    visitor.send(&json!({"type": "close"})).await?;
+    let released = next_event(&mut alice, "released").await?;
+    assert_eq!(released["conversation"].as_u64(), Some(conversation));
+
+    // Per group Raft figures and letters in flight.
+    let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    for group in 1..=4 {
+        assert!(metrics.contains(&format!("switchboard_raft_is_leader{{group=\"{group}\"}} 1")), "group {group} leads here:\n{metrics}");
+    }
+    assert!(metrics.contains("switchboard_mail_in_flight{from=\"3\",to=\"2\"}") || metrics.contains("switchboard_mail_in_flight{from=\"4\",to=\"2\"}"), "{metrics}");
+
+    // kill -9 and start again: the closed conversation and the waiting ones are as they were.
+    let waiting: Vec<u64> = clients.iter().map(|(_, c, _)| *c).collect();
+    drop(clients);
+    dev.kill9().await?;
+    let mut dev = Dev::start_with(binary()?, &data, &["--shards", "2"]).await?;
+    let admin = dev.login("admin").await?;
+    let (status, view) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&admin), None).await?;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"]["state"], "closed", "{view}");
+    let texts: Vec<&str> = view["history"].as_array().map(|h| h.iter().filter_map(|e| e["text"].as_str()).collect()).unwrap_or_default();
+    assert_eq!(texts, ["Where is my parcel?", "It left the depot this morning."]);
+    for other in waiting {
+        let (status, view) = dev.api("GET", &format!("/api/conversations/{other}"), Some(&admin), None).await?;
+        assert_eq!(status, 200, "{view}");
+        assert!(["queued", "offered"].contains(&view["status"]["state"].as_str().unwrap_or_default()), "{other} waits still: {view}");
+    }
+    let (_, pauses) = dev.api("GET", "/api/pause-reasons", Some(&admin), None).await?;
+    assert_eq!(pauses["reasons"], json!(["Lunch", "Training"]));
+    dev.kill9().await?;
+
+    // The folder opens only as what it was made.
+    let refused = Dev::start_with(binary()?, &data, &[]).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(refused.contains("holds a split node"), "{refused}");
+    Ok(())
+}

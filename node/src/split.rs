@@ -1,0 +1,440 @@
+//! A node that runs ADR 0006's split and serves it: the metadata group, the routing
+//! shard and `shards` conversation shards (`groups.rs`), with the gateway reading and
+//! submitting per group through [`SplitBackend`].
+//!
+//! `switchboard dev --shards N` starts one (a member alone). What is not built yet
+//! (ADR 0006, "Built so far"): several members from `cluster init`, the cut-over of a
+//! single group's data folder, and the operator's feed split of ADR 0010 (until then an
+//! operator's socket follows the routing shard's feed: offers, assignments, presence,
+//! but not the messages of the conversations they hold).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use switchboard_actors::actors::SupervisorMsg;
+use switchboard_actors::core::Reply;
+use switchboard_actors::mail::GroupId;
+use switchboard_actors::model::{AttachmentId, Command, ConversationId};
+use switchboard_actors::placement::{self, Target};
+use switchboard_actors::shard::{Shard, StreamKey, Wakeups};
+use switchboard_gateway::{Backend, BoxFuture};
+
+use crate::groups::{HostedGroup, SplitNode, FIRST_C, G0, R};
+use crate::server::{self, Edge, Groups, NodeOptions, RunningNode};
+
+/// The file in a data folder that says how its groups are laid out; a folder without
+/// it holds a node of one group (or nothing yet).
+const LAYOUT_FILE: &str = "layout";
+
+/// The layout line of a split data folder.
+fn layout_line(shards: u64) -> String {
+    format!("split shards={shards}\n")
+}
+
+/// Refuses a data folder laid out otherwise than `shards` asks (`None`: one group), so
+/// a folder is never opened as something it is not.
+pub(crate) fn check_layout(dir: &Path, shards: Option<u64>) -> anyhow::Result<()> {
+    let path = dir.join(LAYOUT_FILE);
+    let found = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    let has_records = dir.join("records").exists();
+    match (shards, found) {
+        (None, None) => Ok(()),
+        (None, Some(text)) => anyhow::bail!(
+            "the data folder {} holds a split node ({}); start it with `--shards` as it was made, or use another folder",
+            dir.display(),
+            text.trim()
+        ),
+        (Some(_), None) if has_records => anyhow::bail!(
+            "the data folder {} holds a node of one group; a split node needs a new folder (moving a folder to the split is not built yet)",
+            dir.display()
+        ),
+        (Some(n), None) => {
+            switchboard_raft::files::write_private(&path, layout_line(n).as_bytes())?;
+            Ok(())
+        }
+        (Some(n), Some(text)) if text == layout_line(n) => Ok(()),
+        (Some(n), Some(text)) => anyhow::bail!(
+            "the data folder {} was made as `{}`, not with {n} conversation shards; the number of shards is fixed when a cluster is made",
+            dir.display(),
+            text.trim()
+        ),
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a): the same visitor goes to the same conversation shard
+/// on every node and every build.
+fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.iter().chain(std::iter::once(&0xff)) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// The gateway's view of a split node: each command goes to the group that decides it
+/// (`placement::target`), each read to the group that holds what it reads.
+pub(crate) struct SplitBackend {
+    node: Arc<SplitNode>,
+    /// Where a new conversation of a visitor without an id goes next (round robin).
+    next: AtomicU64,
+    /// Per group, the changes of its leader this node saw.
+    leader_changes: BTreeMap<GroupId, Arc<AtomicU64>>,
+    /// Files being copied to the other members at once.
+    copying: Arc<tokio::sync::Semaphore>,
+}
+
+impl SplitBackend {
+    fn new(node: Arc<SplitNode>) -> SplitBackend {
+        let mut leader_changes = BTreeMap::new();
+        for (id, group) in &node.groups {
+            let counter = Arc::new(AtomicU64::new(0));
+            leader_changes.insert(*id, counter.clone());
+            let mut metrics = group.raft.metrics();
+            tokio::spawn(async move {
+                let mut last = metrics.borrow().current_leader;
+                while metrics.changed().await.is_ok() {
+                    let leader = metrics.borrow().current_leader;
+                    if leader != last {
+                        counter.fetch_add(1, Relaxed);
+                        last = leader;
+                    }
+                }
+            });
+        }
+        SplitBackend { node, next: AtomicU64::new(0), leader_changes, copying: Arc::new(tokio::sync::Semaphore::new(4)) }
+    }
+
+    fn group(&self, id: GroupId) -> &HostedGroup {
+        // Every id this backend names is one `SplitNode::member` opened.
+        &self.node.groups[&id]
+    }
+
+    fn conversation_group(&self, id: ConversationId) -> GroupId {
+        self.node.group_of(id)
+    }
+
+    /// The conversation shard `hash` picks.
+    fn by_hash(&self, hash: u64) -> GroupId {
+        FIRST_C + hash % self.node.shards.max(1)
+    }
+
+    /// Where `command` is proposed: one group, or several for a command that names
+    /// conversations of several shards (split into one command per shard) or that every
+    /// group applies.
+    fn route(&self, command: Command) -> Result<Vec<(GroupId, Command)>, switchboard_actors::Error> {
+        let one = |group: GroupId, command: Command| Ok(vec![(group, command)]);
+        match placement::target(&command) {
+            Target::Directory => one(G0, command),
+            Target::Conversation(id) => one(self.conversation_group(id), command),
+            Target::NewConversation { visitor: Some(visitor) } => one(self.by_hash(stable_hash(&[visitor.as_bytes()])), command),
+            Target::NewConversation { visitor: None } => one(self.by_hash(self.next.fetch_add(1, Relaxed)), command),
+            Target::Sender { channel, sender } => one(self.by_hash(stable_hash(&[channel.as_str().as_bytes(), sender.as_bytes()])), command),
+            Target::Operator(_) | Target::Group(_) | Target::ConversationRouting(_) | Target::OwnRoutingShard | Target::OperatorsByRoutingShard => {
+                one(R, command)
+            }
+            Target::OwnConversationShard => match command {
+                // Channel receipts name conversations of any shard: each shard gets its own.
+                Command::DeliveryResults { results } => {
+                    let mut by_group: BTreeMap<GroupId, Vec<_>> = BTreeMap::new();
+                    for result in results {
+                        by_group.entry(self.conversation_group(result.conversation)).or_default().push(result);
+                    }
+                    Ok(by_group.into_iter().map(|(group, results)| (group, Command::DeliveryResults { results })).collect())
+                }
+                other => Ok((0..self.node.shards).map(|k| (FIRST_C + k, other.clone())).collect()),
+            },
+            Target::Every => Ok(self.node.groups.keys().map(|id| (*id, command.clone())).collect()),
+            Target::Addressee | Target::Itself => Err(switchboard_actors::Error::Invalid("letters between groups are not taken from outside".into())),
+        }
+    }
+
+    fn supervisor_of(&self, key: &StreamKey) -> ractor::ActorRef<SupervisorMsg> {
+        match key {
+            StreamKey::Conversation(id) => self.group(self.conversation_group(*id)).supervisor.clone(),
+            StreamKey::Operator(_) | StreamKey::Group(_) | StreamKey::Floor => self.group(R).supervisor.clone(),
+        }
+    }
+
+    /// Letters a group posted that its destination has not confirmed yet.
+    fn letters_in_flight(shard: &Shard) -> BTreeMap<GroupId, usize> {
+        shard.read().mail_out.iter().map(|(to, outbox)| (*to, outbox.unconfirmed().count())).collect()
+    }
+}
+
+impl Backend for SplitBackend {
+    fn submit(&self, command: Command) -> BoxFuture<Result<Reply, switchboard_actors::Error>> {
+        let routed = self.route(command);
+        let proposers: Result<Vec<_>, _> = routed.map(|r| r.into_iter().map(|(g, c)| (self.group(g).proposer.clone(), c)).collect());
+        Box::pin(async move {
+            let mut last = None;
+            for (proposer, command) in proposers? {
+                last = Some(proposer.submit(command).await?);
+            }
+            last.ok_or_else(|| switchboard_actors::Error::Invalid("the command names nothing".into()))
+        })
+    }
+
+    fn shard(&self) -> Arc<Shard> {
+        self.group(R).shard.clone()
+    }
+
+    fn directory_shard(&self) -> Arc<Shard> {
+        self.group(G0).shard.clone()
+    }
+
+    fn conversation_shard(&self, id: ConversationId) -> Arc<Shard> {
+        self.group(self.conversation_group(id)).shard.clone()
+    }
+
+    fn conversation_shards(&self) -> Vec<Arc<Shard>> {
+        (0..self.node.shards).map(|k| self.group(FIRST_C + k).shard.clone()).collect()
+    }
+
+    fn shard_for(&self, command: &Command) -> Arc<Shard> {
+        match self.route(command.clone()) {
+            Ok(routed) => routed.first().map_or_else(|| self.shard(), |(g, _)| self.group(*g).shard.clone()),
+            Err(_) => self.shard(),
+        }
+    }
+
+    fn subscribe(&self, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>> {
+        let supervisor = self.supervisor_of(&key);
+        Box::pin(async move { switchboard_actors::actors::subscribe(&supervisor, key).await })
+    }
+
+    fn crash_actor(&self, key: StreamKey) -> BoxFuture<Result<bool, switchboard_actors::Error>> {
+        let supervisor = self.supervisor_of(&key);
+        Box::pin(async move { switchboard_actors::actors::crash(&supervisor, key).await })
+    }
+
+    fn ready(&self) -> bool {
+        self.node.groups.values().all(|g| server::serves(&g.raft, self.node.node_id, g.id, &self.node.peers, &self.node.router))
+    }
+
+    fn cluster(&self) -> serde_json::Value {
+        let groups: Vec<serde_json::Value> = self
+            .node
+            .groups
+            .values()
+            .map(|g| {
+                let m = g.raft.metrics().borrow().clone();
+                let part = match g.id {
+                    G0 => "directory".to_string(),
+                    R => "routing".to_string(),
+                    id => format!("conversations {}", id - FIRST_C),
+                };
+                serde_json::json!({
+                    "group": g.id,
+                    "part": part,
+                    "role": format!("{:?}", m.state).to_lowercase(),
+                    "leader": m.current_leader,
+                    "term": m.current_term,
+                    "last_log": m.last_log_index,
+                    "last_applied": m.last_applied.map(|l| l.index),
+                    "leader_changes": self.leader_changes.get(&g.id).map_or(0, |c| c.load(Relaxed)),
+                    "letters_in_flight": Self::letters_in_flight(&g.shard).values().sum::<usize>(),
+                })
+            })
+            .collect();
+        let routing = self.group(R).raft.metrics().borrow().clone();
+        let members: Vec<serde_json::Value> = routing
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, node)| serde_json::json!({"id": id, "raft_addr": node.addr, "voter": routing.membership_config.membership().voter_ids().any(|v| v == *id)}))
+            .collect();
+        serde_json::json!({
+            "node": self.node.node_id,
+            "split": {"shards": self.node.shards},
+            "leader": routing.current_leader,
+            "term": routing.current_term,
+            "members": members,
+            "groups": groups,
+        })
+    }
+
+    fn replicate_file(&self, blobs: switchboard_gateway::attachments::BlobStore, id: AttachmentId) -> BoxFuture<Result<(), String>> {
+        // Every group has the same members: the routing shard's say who they are.
+        let targets = server::file_targets(&self.group(R).raft, self.node.node_id);
+        Box::pin(server::replicate_file(targets, self.node.peers.clone(), self.copying.clone(), blobs, id))
+    }
+
+    fn read_barrier(&self) -> BoxFuture<Result<(), String>> {
+        let (groups, peers) = (self.node.groups.values().map(|g| (g.id, g.raft.clone())).collect::<Vec<_>>(), self.node.peers.clone());
+        Box::pin(async move {
+            for (id, raft) in groups {
+                switchboard_raft::network::read_barrier(&raft, &peers, id, Duration::from_secs(3)).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn remove_member(&self, _id: u64) -> BoxFuture<Result<(), String>> {
+        Box::pin(async { Err("removing a member of a split node is not built yet".to_string()) })
+    }
+
+    fn fetch_file(&self, id: String) -> BoxFuture<Option<Vec<u8>>> {
+        let (others, _) = server::file_targets(&self.group(R).raft, self.node.node_id);
+        let peers = self.node.peers.clone();
+        Box::pin(async move {
+            for (addr, _) in others {
+                if let Ok(Some(bytes)) = peers.get_file(&addr, &id, Duration::from_secs(10)).await {
+                    return Some(bytes);
+                }
+            }
+            None
+        })
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        let node_id = self.node.node_id;
+        let gauges: [(&str, &str, &str); 7] = [
+            ("switchboard_raft_is_leader", "gauge", "Whether this node leads the group."),
+            ("switchboard_raft_term", "gauge", "Current Raft term of the group."),
+            ("switchboard_raft_last_log", "gauge", "Index of the group's last log entry."),
+            ("switchboard_raft_last_applied", "gauge", "Index of the group's last applied entry."),
+            ("switchboard_raft_apply_lag", "gauge", "Log entries written here but not yet applied."),
+            ("switchboard_raft_leader_changes_total", "counter", "Changes of the group's leader seen by this node."),
+            ("switchboard_routing_rules", "gauge", "Routing rules version in force in the group."),
+        ];
+        for (i, (name, kind, help)) in gauges.iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for g in self.node.groups.values() {
+                let m = g.raft.metrics().borrow().clone();
+                let (last_log, applied) = (m.last_log_index.unwrap_or(0), m.last_applied.map_or(0, |l| l.index));
+                let value = match i {
+                    0 => u64::from(m.current_leader == Some(node_id)),
+                    1 => m.current_term,
+                    2 => last_log,
+                    3 => applied,
+                    4 => last_log.saturating_sub(applied),
+                    5 => self.leader_changes.get(&g.id).map_or(0, |c| c.load(Relaxed)),
+                    _ => u64::from(g.shard.read().rules),
+                };
+                let _ = writeln!(out, "{name}{{group=\"{}\"}} {value}", g.id);
+            }
+        }
+        let _ = writeln!(out, "# HELP switchboard_mail_in_flight Letters a group posted to another that the destination has not confirmed yet.\n# TYPE switchboard_mail_in_flight gauge");
+        for g in self.node.groups.values() {
+            for (to, n) in Self::letters_in_flight(&g.shard) {
+                let _ = writeln!(out, "switchboard_mail_in_flight{{from=\"{}\",to=\"{to}\"}} {n}", g.id);
+            }
+        }
+        let _ = writeln!(out, "# HELP switchboard_mail_retries_total Letters this node's forwarders sent again after a failed try.\n# TYPE switchboard_mail_retries_total counter");
+        let _ = writeln!(out, "switchboard_mail_retries_total {}", crate::groups::MAIL_RETRIES.load(Relaxed));
+        let state = self.group(R).shard.read();
+        let queued: usize = state.groups.values().map(|g| g.queue.len()).sum();
+        let _ = writeln!(out, "# HELP switchboard_conversations_queued Conversations waiting in skill group queues.\n# TYPE switchboard_conversations_queued gauge");
+        let _ = writeln!(out, "switchboard_conversations_queued {queued}");
+        let _ = writeln!(out, "# HELP switchboard_offers_pending Offers made and not yet answered.\n# TYPE switchboard_offers_pending gauge");
+        let _ = writeln!(out, "switchboard_offers_pending {}", state.offers.len());
+        out
+    }
+}
+
+/// Starts a node that splits into the metadata group, one routing shard and `shards`
+/// conversation shards, a member alone, and serves it as `server::start` serves a node
+/// of one group.
+pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<RunningNode> {
+    anyhow::ensure!((1..=64).contains(&shards), "--shards is 1 to 64 conversation shards, not {shards}");
+    anyhow::ensure!(options.members.is_empty() && !options.join, "a split node runs alone for now: several members are not built yet");
+    std::fs::create_dir_all(&options.data_dir).with_context(|| format!("create {}", options.data_dir.display()))?;
+    let lock_path = options.data_dir.join("switchboard.lock");
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!("another switchboard is using the data folder {}", options.data_dir.display());
+    }
+    check_layout(&options.data_dir, Some(shards))?;
+    let name = format!("node-{}", options.node_id);
+    let identity = match &options.certs_dir {
+        Some(dir) => switchboard_raft::tls::existing_member(dir, &name)?,
+        None => switchboard_raft::tls::ensure_member(&options.data_dir.join("certs"), &name, &[])?,
+    };
+    let endpoint = switchboard_raft::tls::endpoint(&identity, options.raft_addr).context("bind raft endpoint")?;
+    let members = BTreeMap::from([(options.node_id, endpoint.local_addr()?.to_string())]);
+    let mut node = SplitNode::member(&options.data_dir, options.node_id, endpoint, &members, shards).await?;
+    node.forward();
+    let node = Arc::new(node);
+    let backend = Arc::new(SplitBackend::new(node.clone()));
+    let edge = server::open_edge(&options, backend, &node.router).await?;
+    let gateway = edge.gateway.clone();
+    {
+        let (gateway, node) = (gateway.clone(), node.clone());
+        node.router.clone().set_status(Arc::new(move || {
+            let m = node.groups[&R].raft.metrics().borrow().clone();
+            switchboard_raft::network::MemberStatus {
+                node: node.node_id,
+                leader: m.current_leader,
+                members: m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
+                ready: gateway.ready(),
+            }
+        }));
+    }
+    let Edge { public_addr, private_addr, smtp_addr, mut listeners, shutdown, .. } = edge;
+    let node_id = options.node_id;
+    // The routing shard's timers: operators without a socket for the grace period.
+    let routing = &node.groups[&R];
+    listeners.push(tokio::spawn(server::absence_timer(routing.raft.clone(), routing.proposer.clone(), routing.shard.clone(), node_id, options.presence_grace)));
+    listeners.push(tokio::spawn(server::report_operator_sockets(gateway.clone(), node_id)));
+    // Each conversation shard's: retention, inactivity, the channel delivery worker.
+    for k in 0..shards {
+        let c = &node.groups[&(FIRST_C + k)];
+        let blobs = gateway.blobs.clone();
+        c.shard.on_deleted_attachments(move |ids| {
+            let blobs = blobs.clone();
+            tokio::spawn(async move {
+                for id in ids {
+                    blobs.remove(&id).await;
+                }
+            });
+        });
+        listeners.push(tokio::spawn(server::retention_timer(c.raft.clone(), c.proposer.clone(), node_id, options.retention_every)));
+        listeners.push(tokio::spawn(server::inactivity_timer(c.raft.clone(), c.proposer.clone(), c.shard.clone(), node_id)));
+        listeners.push(tokio::spawn(crate::outbox::run(c.raft.clone(), Arc::new(c.proposer.clone()), c.shard.clone(), node_id, gateway.clone())));
+    }
+    tracing::info!(%public_addr, %private_addr, shards, "split node started");
+    Ok(RunningNode { groups: Groups::Split(node), gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_visitor_always_hashes_to_the_same_shard() {
+        assert_eq!(stable_hash(&[b"v-1"]), stable_hash(&[b"v-1"]));
+        assert_ne!(stable_hash(&[b"v-1"]), stable_hash(&[b"v-2"]));
+        // Channel and sender are kept apart: ("ab", "c") is not ("a", "bc").
+        assert_ne!(stable_hash(&[b"ab", b"c"]), stable_hash(&[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn a_data_folder_is_opened_only_as_what_it_was_made() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        check_layout(dir.path(), None).expect("an empty folder may hold one group");
+        check_layout(dir.path(), Some(4)).expect("an empty folder may be split");
+        check_layout(dir.path(), Some(4)).expect("and opened again the same way");
+        let other = check_layout(dir.path(), Some(2)).expect_err("another number of shards");
+        assert!(other.to_string().contains("not with 2 conversation shards"), "{other}");
+        let whole = check_layout(dir.path(), None).expect_err("a split folder as one group");
+        assert!(whole.to_string().contains("holds a split node"), "{whole}");
+
+        let single = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(single.path().join("records")).expect("records");
+        let refused = check_layout(single.path(), Some(2)).expect_err("a folder of one group as a split");
+        assert!(refused.to_string().contains("holds a node of one group"), "{refused}");
+    }
+}
