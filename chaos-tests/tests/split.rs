@@ -7,8 +7,34 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
 use switchboard_chaos_tests::{binary, next_event, set_presence, Dev, WAIT};
+use switchboard_gateway::client::WsClient;
+
+/// Opens an operator socket under protocol 2 (one feed per group, ADR 0010), resuming
+/// after `cursor` when one is given; returns it with its `hello`.
+async fn desk(dev: &Dev, login: &str, cursor: Option<&BTreeMap<String, u64>>) -> anyhow::Result<(WsClient, Value)> {
+    let token = dev.login(login).await?;
+    let mut path = format!("/ws/operator?token={token}&protocol=2");
+    if let Some(cursor) = cursor {
+        let parts: Vec<String> = cursor.iter().map(|(feed, seq)| format!("{feed}.{seq}")).collect();
+        path.push_str(&format!("&cursor={}", parts.join(",")));
+    }
+    let mut ws = WsClient::connect(&dev.private, &path, None).await?;
+    let hello = ws.wait_for(WAIT, |v| v["type"] == "hello").await?;
+    Ok((ws, hello))
+}
+
+/// Moves `cursor` past an event frame (the test reads frames out of order: those it
+/// waited past are kept for later).
+fn advance(cursor: &mut BTreeMap<String, u64>, event: &Value) {
+    if let (Some(feed), Some(seq)) = (event["feed"].as_str(), event["seq"].as_u64()) {
+        let at = cursor.entry(feed.to_owned()).or_default();
+        *at = (*at).max(seq);
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_restart() -> anyhow::Result<()> {
@@ -40,9 +66,13 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
 
     // The operator (routing shard) is offered the oldest, accepts it, and gets its
     // history (read from its conversation shard).
-    let (mut alice, _) = dev.operator("alice").await?;
+    let (mut alice, hello) = desk(&dev, "alice", None).await?;
+    assert_eq!(hello["protocol"], 2, "{hello}");
+    let mut cursor: BTreeMap<String, u64> = serde_json::from_value(hello["cursor"].clone())?;
+    assert_eq!(cursor.keys().collect::<Vec<_>>(), ["c0", "c1", "r"], "a routing feed and one per conversation shard: {hello}");
     set_presence(&mut alice, "online").await?;
     let offer = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer["feed"], "r", "{offer}");
     let conversation = offer["conversation"].as_u64().unwrap_or(0);
     assert!(offer["preview"].is_null() && offer["channel"] == "web", "the offer's context comes from the conversation shard: {offer}");
     alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "a"})).await?;
@@ -50,6 +80,7 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     assert_eq!(ok["type"], "ok", "{ok}");
     let assigned = next_event(&mut alice, "assigned").await?;
     assert_eq!(assigned["conversation"].as_u64(), Some(conversation));
+    assert_eq!(assigned["feed"], "r", "{assigned}");
     assert!(assigned["history"].as_array().is_some_and(|h| h.iter().any(|e| e["kind"] == "started")), "{assigned}");
 
     // Visitor and operator write to each other (the conversation shard decides both,
@@ -76,13 +107,34 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     let seen = visitor.wait_for(WAIT, |v| v["kind"] == "message" && v["from"] == "operator").await?;
     assert_eq!(seen["text"], "It left the depot this morning.", "{seen}");
 
+    // The operator's desk gets the visitor's message from the conversation's shard feed.
+    let shard_feed = format!("c{}", conversation % 2);
+    let message = alice.wait_for(WAIT, |v| v["kind"] == "conversation" && v["entry"]["text"] == "Where is my parcel?").await?;
+    assert_eq!(message["feed"], shard_feed.as_str(), "{message}");
+    // Everything the desk got so far moves its cursor; then it reconnects from there.
+    for event in [&offer, &assigned, &message] {
+        advance(&mut cursor, event);
+    }
+    while let Ok(event) = alice.wait_for(Duration::from_millis(300), |v| v["type"] == "event").await {
+        advance(&mut cursor, &event);
+    }
+    drop(alice);
+    let (mut alice_again, hello) = desk(&dev, "alice", Some(&cursor)).await?;
+    assert_eq!(hello["active"], json!([conversation]), "{hello}");
+    visitor.send(&json!({"type": "send", "key": "v-2", "text": "Thank you!"})).await?;
+    visitor.wait_for(WAIT, |v| v["type"] == "ack" && v["key"] == "v-2").await?;
+    let next = alice_again.wait_for(WAIT, |v| v["type"] == "event").await?;
+    assert_eq!(next["entry"]["text"], "Thank you!", "the resumed desk gets the next message and nothing it had: {next}");
+    advance(&mut cursor, &next);
+    let mut alice = alice_again;
+
     // The REST view joins both: history from the conversation shard, state from routing.
     let token = dev.login("alice").await?;
     let (status, view) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&token), None).await?;
     assert_eq!(status, 200, "{view}");
     assert_eq!(view["status"]["state"], "assigned", "{view}");
     let texts: Vec<&str> = view["history"].as_array().map(|h| h.iter().filter_map(|e| e["text"].as_str()).collect()).unwrap_or_default();
-    assert_eq!(texts, ["Where is my parcel?", "It left the depot this morning."], "{view}");
+    assert_eq!(texts, ["Where is my parcel?", "It left the depot this morning.", "Thank you!"], "{view}");
 
     // The visitor closes; routing frees alice (letter `Release`).
     visitor.send(&json!({"type": "close"})).await?;
@@ -107,7 +159,7 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     assert_eq!(status, 200, "{view}");
     assert_eq!(view["status"]["state"], "closed", "{view}");
     let texts: Vec<&str> = view["history"].as_array().map(|h| h.iter().filter_map(|e| e["text"].as_str()).collect()).unwrap_or_default();
-    assert_eq!(texts, ["Where is my parcel?", "It left the depot this morning."]);
+    assert_eq!(texts, ["Where is my parcel?", "It left the depot this morning.", "Thank you!"]);
     for other in waiting {
         let (status, view) = dev.api("GET", &format!("/api/conversations/{other}"), Some(&admin), None).await?;
         assert_eq!(status, 200, "{view}");
@@ -120,5 +172,54 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     // The folder opens only as what it was made.
     let refused = Dev::start_with(binary()?, &data, &[]).await.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(refused.contains("holds a split node"), "{refused}");
+    Ok(())
+}
+
+/// Protocol 2 on a node of one group: one feed, `r`, holding every item (offers and
+/// messages alike), and a cursor that resumes it. A malformed cursor, a cursor under
+/// protocol 1 and an unknown protocol are refused before the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_2_on_a_node_of_one_group_is_one_feed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let (mut alice, hello) = desk(&dev, "alice", None).await?;
+    let mut cursor: BTreeMap<String, u64> = serde_json::from_value(hello["cursor"].clone())?;
+    assert_eq!(cursor.keys().collect::<Vec<_>>(), ["r"], "{hello}");
+    assert!(hello.get("seq").is_none(), "protocol 2 has a cursor instead of seq: {hello}");
+    set_presence(&mut alice, "online").await?;
+    let (mut visitor, conversation, _) = dev.client("Dana").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "a"})).await?;
+    let assigned = next_event(&mut alice, "assigned").await?;
+    assert_eq!((assigned["feed"].as_str(), assigned["conversation"].as_u64()), (Some("r"), Some(conversation)));
+    visitor.send(&json!({"type": "send", "key": "v-1", "text": "Hello?"})).await?;
+    let message = alice.wait_for(WAIT, |v| v["kind"] == "conversation" && v["entry"]["text"] == "Hello?").await?;
+    assert_eq!(message["feed"], "r", "{message}");
+    while let Ok(event) = alice.wait_for(Duration::from_millis(300), |v| v["type"] == "event").await {
+        advance(&mut cursor, &event);
+    }
+    for event in [&offer, &assigned, &message] {
+        advance(&mut cursor, event);
+    }
+    drop(alice);
+    let (mut alice, _) = desk(&dev, "alice", Some(&cursor)).await?;
+    visitor.send(&json!({"type": "send", "key": "v-2", "text": "Anyone there?"})).await?;
+    let next = alice.wait_for(WAIT, |v| v["type"] == "event").await?;
+    assert_eq!(next["entry"]["text"], "Anyone there?", "nothing before the cursor again: {next}");
+
+    let token = dev.login("alice").await?;
+    for (query, why) in [
+        ("protocol=2&cursor=r.x", "a sequence number that is not one"),
+        ("protocol=2&cursor=z.1", "a feed that is not one"),
+        ("cursor=r.1", "a cursor under protocol 1"),
+        ("protocol=2&last_seq=4", "last_seq under protocol 2"),
+        ("protocol=3", "a protocol not served"),
+    ] {
+        match WsClient::connect(&dev.private, &format!("/ws/operator?token={token}&{query}"), None).await {
+            Err(switchboard_gateway::client::ClientError::Handshake(message)) => assert!(message.contains("400"), "{why}: {message}"),
+            Err(other) => panic!("{why}: {other}"),
+            Ok(_) => panic!("{why} was let in"),
+        }
+    }
     Ok(())
 }

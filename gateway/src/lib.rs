@@ -78,6 +78,17 @@ pub trait Backend: Send + Sync + 'static {
     fn shard_for(&self, _command: &Command) -> Arc<Shard> {
         self.shard()
     }
+    /// The feeds an operator's desk follows under protocol 2 (ADR 0010): the routing
+    /// feed `r` and, on a split node, each conversation shard's `c<k>`. A node of one
+    /// group has one feed holding every item.
+    fn operator_feeds(&self) -> Vec<FeedSource> {
+        vec![FeedSource { name: "r".into(), shard: self.shard(), kinds: FeedKinds::All }]
+    }
+    /// Wake-ups of stream `key` in the group of feed `feed` (a name `operator_feeds`
+    /// gave).
+    fn subscribe_feed(&self, _feed: &str, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>> {
+        self.subscribe(key)
+    }
     /// Every conversation shard, for lookups that cannot name one: a visitor's other
     /// conversations, a provider's message id, dead letters, an attachment by its id.
     fn conversation_shards(&self) -> Vec<Arc<Shard>> {
@@ -106,6 +117,38 @@ pub trait Backend: Send + Sync + 'static {
     /// Chaos drill: make the actor of a stream panic so its supervisor restarts it.
     /// Resolves to whether an actor was running for the stream.
     fn crash_actor(&self, key: StreamKey) -> BoxFuture<Result<bool, switchboard_actors::Error>>;
+}
+
+/// Which items of its feed a desk takes from one group (ADR 0010).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeedKinds {
+    /// Every item: the one feed of a node of one group.
+    All,
+    /// Offers, assignments, releases, presence, wrap-up, configuration: a routing shard's.
+    Routing,
+    /// History entries and their delivery statuses: a conversation shard's.
+    Conversation,
+}
+
+impl FeedKinds {
+    pub fn takes(self, item: &switchboard_actors::state::FeedItem) -> bool {
+        use switchboard_actors::state::FeedItem;
+        let conversation = matches!(item, FeedItem::Conversation { .. } | FeedItem::Delivery { .. });
+        match self {
+            FeedKinds::All => true,
+            FeedKinds::Routing => !conversation,
+            FeedKinds::Conversation => conversation,
+        }
+    }
+}
+
+/// One feed of an operator's desk: its name in the protocol, the shard that keeps it,
+/// and which of its items the desk takes.
+#[derive(Clone)]
+pub struct FeedSource {
+    pub name: String,
+    pub shard: Arc<Shard>,
+    pub kinds: FeedKinds,
 }
 
 #[derive(Debug, thiserror::Error)]

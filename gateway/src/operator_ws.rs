@@ -25,6 +25,8 @@ use crate::Gateway;
 pub(crate) struct ConnectParams {
     token: Option<String>,
     last_seq: Option<u64>,
+    protocol: Option<u32>,
+    cursor: Option<String>,
 }
 
 pub(crate) async fn upgrade(
@@ -45,14 +47,157 @@ pub(crate) async fn upgrade(
         }
         Err(refusal) => return refusal,
     };
-    let session = OperatorSession { gw: gw.clone(), operator, resume_from: params.last_seq, counted: false };
+    let protocol = params.protocol.unwrap_or(1);
+    if !(1..=2).contains(&protocol) {
+        return (StatusCode::BAD_REQUEST, format!("protocol {protocol} is not served; 1 and 2 are")).into_response();
+    }
+    let resume = match (params.cursor.as_deref(), params.last_seq) {
+        (Some(_), _) if protocol < 2 => return (StatusCode::BAD_REQUEST, "cursor goes with protocol=2; protocol 1 resumes with last_seq").into_response(),
+        (Some(_), Some(_)) => return (StatusCode::BAD_REQUEST, "give cursor or last_seq, not both").into_response(),
+        (Some(text), None) => match parse_cursor(text) {
+            Ok(cursor) => Resume::Cursor(cursor),
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("bad cursor: {e}")).into_response(),
+        },
+        (None, Some(_)) if protocol >= 2 => return (StatusCode::BAD_REQUEST, "protocol 2 resumes with cursor, not last_seq").into_response(),
+        (None, Some(seq)) => Resume::From(seq),
+        (None, None) => Resume::Fresh,
+    };
+    let session = OperatorSession { gw: gw.clone(), operator, protocol, resume, counted: false };
     ws::accept(gw, upgrade, Surface::Operator, Some(staff), relayed.is_some(), session)
+}
+
+/// Where a desk asked to resume.
+enum Resume {
+    /// Nowhere: the hello is the truth, events follow it.
+    Fresh,
+    /// `last_seq` (protocol 1): after this item of the one feed.
+    From(u64),
+    /// `cursor` (protocol 2): after the given item of each feed named; a feed not named
+    /// from its oldest retained item.
+    Cursor(std::collections::BTreeMap<String, u64>),
+}
+
+/// The most feeds a cursor may name, and its longest text.
+const CURSOR_FEEDS: usize = 65;
+const CURSOR_BYTES: usize = 2048;
+
+/// Parses `r.44,c0.17` (protocol 2's `cursor`).
+fn parse_cursor(text: &str) -> Result<std::collections::BTreeMap<String, u64>, String> {
+    if text.len() > CURSOR_BYTES {
+        return Err(format!("a cursor is at most {CURSOR_BYTES} bytes"));
+    }
+    let mut cursor = std::collections::BTreeMap::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (name, seq) = part.split_once('.').ok_or_else(|| format!("{part:?} is not <feed>.<seq>"))?;
+        let valid = name == "r" || name.strip_prefix('c').is_some_and(|k| !k.is_empty() && k.len() <= 3 && k.bytes().all(|b| b.is_ascii_digit()));
+        if !valid {
+            return Err(format!("{name:?} is not a feed (r, c0, c1…)"));
+        }
+        let seq: u64 = seq.parse().map_err(|_| format!("{seq:?} is not a sequence number"))?;
+        cursor.insert(name.to_owned(), seq);
+        if cursor.len() > CURSOR_FEEDS {
+            return Err(format!("a cursor names at most {CURSOR_FEEDS} feeds"));
+        }
+    }
+    Ok(cursor)
+}
+
+/// One feed an operator socket follows, and the last item it sent from it.
+struct FeedReader {
+    /// The feed's name in the frames (protocol 2); `None` under protocol 1.
+    name: Option<String>,
+    shard: Arc<switchboard_actors::shard::Shard>,
+    kinds: crate::FeedKinds,
+    last: u64,
+}
+
+impl FeedReader {
+    /// Renders one page of the feed's new items into `frames_out`; returns how many
+    /// items it read (taken or skipped).
+    fn page(&mut self, operator: &OperatorId, backend: &dyn crate::Backend, frames_out: &mut Vec<Value>) -> usize {
+        let shard = &self.shard;
+        let entries = match shard.feed_since(operator, self.last, ws::PAGE) {
+            Ok(Some(entries)) => entries,
+            Ok(None) => {
+                let mut gap = frames::error("resume_gap", "events before the oldest retained one are gone; reload state", None);
+                if let Some(name) = &self.name {
+                    gap["feed"] = json!(name);
+                }
+                frames_out.push(gap);
+                let first = shard.read().operators.get(operator).map_or(1, |op| op.feed.first_retained());
+                shard.feed_since(operator, first - 1, ws::PAGE).ok().flatten().unwrap_or_default()
+            }
+            Err(e) => {
+                tracing::error!(operator = %operator, error = %e, "the feed cannot be read");
+                return 0;
+            }
+        };
+        let read = entries.len();
+        for entry in entries {
+            self.last = entry.seq;
+            if !self.kinds.takes(&entry.item) {
+                continue;
+            }
+            let history = match &entry.item {
+                // A routing shard's `history_upto` counts its own copy of the entries: the
+                // conversation's shard is read up to what it holds now, and the entries it
+                // mirrors after that come in its feed (the desk merges by entry seq).
+                FeedItem::Assigned { conversation, .. } if self.kinds == crate::FeedKinds::Routing => {
+                    let upto = backend.conversation_shard(*conversation).conversation(*conversation).ok().flatten().map_or(0, |c| c.last_seq());
+                    Some((history_upto(backend, *conversation, upto), upto))
+                }
+                FeedItem::Assigned { conversation, history_upto: upto } => Some((history_upto(backend, *conversation, *upto), *upto)),
+                _ => None,
+            };
+            let upto = history.as_ref().map(|(_, upto)| *upto);
+            let mut frame = frames::operator_event(&entry, history.map(|(h, _)| h));
+            if let Some(upto) = upto {
+                frame["history_upto"] = json!(upto);
+            }
+            if let FeedItem::Offered { conversation, .. } = &entry.item {
+                merge(&mut frame, offer_context(backend, *conversation));
+            }
+            if let Some(name) = &self.name {
+                frame["feed"] = json!(name);
+            }
+            frames_out.push(frame);
+        }
+        read
+    }
+}
+
+/// One wake-up stream that moves whenever any of `wakes` does.
+fn merge_wakeups(mut wakes: Vec<switchboard_actors::shard::Wakeups>) -> switchboard_actors::shard::Wakeups {
+    if wakes.len() == 1 {
+        if let Some(only) = wakes.pop() {
+            return only;
+        }
+    }
+    let (moved, merged) = tokio::sync::watch::channel(0u64);
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        loop {
+            let any = futures::future::select_all(wakes.iter_mut().map(|w| Box::pin(w.changed())));
+            tokio::select! {
+                (changed, _, _) = any => {
+                    n += 1;
+                    if changed.is_err() || moved.send(n).is_err() {
+                        return;
+                    }
+                }
+                _ = moved.closed() => return,
+            }
+        }
+    });
+    merged
 }
 
 struct OperatorSession {
     gw: Arc<Gateway>,
     operator: OperatorId,
-    resume_from: Option<u64>,
+    /// 1, or 2 for a desk that follows one feed per group (ADR 0010).
+    protocol: u32,
+    resume: Resume,
     /// Whether this socket is counted in `Gateway::operator_sockets`.
     counted: bool,
 }
@@ -281,14 +426,30 @@ impl OperatorSession {
 
 impl Session for OperatorSession {
     async fn on_start(&mut self, out: &Outbox) -> Flow {
-        let wake = match self.gw.backend.subscribe(StreamKey::Operator(self.operator.clone())).await {
-            Ok(wake) => wake,
-            Err(e) => {
-                out.error(e.code(), &e.to_string(), None).await;
-                return Flow::Close(ws::close::INTERNAL, "could not follow operator stream".into());
-            }
+        // Protocol 1 follows the one feed of the routing state; protocol 2 every feed the
+        // backend names (ADR 0010), each event saying which.
+        let feeds = if self.protocol >= 2 {
+            self.gw.backend.operator_feeds()
+        } else {
+            vec![crate::FeedSource { name: "r".into(), shard: self.gw.backend.shard(), kinds: crate::FeedKinds::All }]
         };
-        let shard = self.gw.backend.shard();
+        let mut wakes = Vec::with_capacity(feeds.len());
+        for feed in &feeds {
+            let wake = if self.protocol >= 2 {
+                self.gw.backend.subscribe_feed(&feed.name, StreamKey::Operator(self.operator.clone())).await
+            } else {
+                self.gw.backend.subscribe(StreamKey::Operator(self.operator.clone())).await
+            };
+            match wake {
+                Ok(wake) => wakes.push(wake),
+                Err(e) => {
+                    out.error(e.code(), &e.to_string(), None).await;
+                    return Flow::Close(ws::close::INTERNAL, "could not follow operator stream".into());
+                }
+            }
+        }
+        let wake = merge_wakeups(wakes);
+        let shard = feeds[0].shard.clone();
         let backend = self.gw.backend.clone();
         // The hello frame and the resume point come from one read of the state, so the
         // stream continues exactly where the snapshot ends.
@@ -309,7 +470,7 @@ impl Session for OperatorSession {
                 .collect();
             let hello = json!({
                 "type": "hello",
-                "protocol": frames::PROTOCOL_VERSION,
+                "protocol": if self.protocol >= 2 { 2 } else { frames::PROTOCOL_VERSION },
                 "operator": op.config.id.as_str(),
                 "name": op.config.name,
                 "presence": frames::presence_str(op.presence),
@@ -329,15 +490,34 @@ impl Session for OperatorSession {
                 // count an offer's remaining time down right whatever its own clock says.
                 "now": switchboard_actors::actors::now_ms().0,
             });
-            // A resume point ahead of the feed cannot be honoured: start from now.
-            let start = self.resume_from.filter(|seq| *seq <= op.feed.last_seq).unwrap_or(op.feed.last_seq);
-            (hello, start)
+            (hello, op.feed.last_seq)
             })
         };
-        let Some((mut hello, start)) = snapshot else {
+        let Some((mut hello, routing_last)) = snapshot else {
             out.error("not_found", "operator not configured", None).await;
             return Flow::Close(ws::close::UNAUTHORIZED, "unknown operator".into());
         };
+        // Where each feed starts: after the desk's resume point (not past the feed's
+        // newest item), or after its newest item for a desk that starts afresh.
+        let mut readers = Vec::with_capacity(feeds.len());
+        let mut cursor = serde_json::Map::new();
+        for (i, feed) in feeds.into_iter().enumerate() {
+            let last = if i == 0 { routing_last } else { feed.shard.read().operators.get(&self.operator).map_or(0, |op| op.feed.last_seq) };
+            // A resume point ahead of the feed cannot be honoured: start from now.
+            let start = match &self.resume {
+                Resume::Fresh => last,
+                Resume::From(seq) => (*seq).min(last),
+                Resume::Cursor(at) => at.get(&feed.name).map_or(0, |seq| (*seq).min(last)),
+            };
+            cursor.insert(feed.name.clone(), json!(last));
+            readers.push(FeedReader { name: (self.protocol >= 2).then(|| feed.name.clone()), shard: feed.shard, kinds: feed.kinds, last: start });
+        }
+        if self.protocol >= 2 {
+            hello["cursor"] = Value::Object(cursor);
+            if let Some(object) = hello.as_object_mut() {
+                object.remove("seq");
+            }
+        }
         // Read outside the snapshot's lock, from each conversation's shard: history may
         // come from disk. Where each side has read to, so marks survive the reconnect.
         let active: Vec<u64> = hello["active"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
@@ -364,33 +544,16 @@ impl Session for OperatorSession {
         self.gw.operator_sockets.opened(&self.operator);
         self.counted = true;
         let operator = self.operator.clone();
-        let mut last = start;
         let pull = Box::new(move || {
             let mut frames_out = Vec::new();
-            // One page at a time: the writer asks again once this one is written.
-            let entries = match shard.feed_since(&operator, last, ws::PAGE) {
-                Ok(Some(entries)) => entries,
-                Ok(None) => {
-                    frames_out.push(frames::error("resume_gap", "events before the oldest retained one are gone; reload state", None));
-                    let first = shard.read().operators.get(&operator).map_or(1, |op| op.feed.first_retained());
-                    shard.feed_since(&operator, first - 1, ws::PAGE).ok().flatten().unwrap_or_default()
+            // The routing feed first, and the others only once it is caught up: an
+            // `assigned` reaches the desk before the entries of that conversation that a
+            // conversation shard mirrors to its new holder after it.
+            let (routing, others) = readers.split_at_mut(1);
+            if routing[0].page(&operator, backend.as_ref(), &mut frames_out) < ws::PAGE {
+                for reader in others {
+                    reader.page(&operator, backend.as_ref(), &mut frames_out);
                 }
-                Err(e) => {
-                    tracing::error!(operator = %operator, error = %e, "the feed cannot be read");
-                    return frames_out;
-                }
-            };
-            for entry in entries {
-                let history = match &entry.item {
-                    FeedItem::Assigned { conversation, history_upto: upto } => Some(history_upto(backend.as_ref(), *conversation, *upto)),
-                    _ => None,
-                };
-                let mut frame = frames::operator_event(&entry, history);
-                if let FeedItem::Offered { conversation, .. } = &entry.item {
-                    merge(&mut frame, offer_context(backend.as_ref(), *conversation));
-                }
-                frames_out.push(frame);
-                last = entry.seq;
             }
             frames_out
         });

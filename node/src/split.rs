@@ -22,7 +22,7 @@ use switchboard_actors::mail::GroupId;
 use switchboard_actors::model::{AttachmentId, Command, ConversationId};
 use switchboard_actors::placement::{self, Target};
 use switchboard_actors::shard::{Shard, StreamKey, Wakeups};
-use switchboard_gateway::{Backend, BoxFuture};
+use switchboard_gateway::{Backend, BoxFuture, FeedKinds, FeedSource};
 
 use crate::groups::{HostedGroup, SplitNode, FIRST_C, G0, R};
 use crate::server::{self, Edge, Groups, NodeOptions, RunningNode};
@@ -207,6 +207,21 @@ impl Backend for SplitBackend {
             Ok(routed) => routed.first().map_or_else(|| self.shard(), |(g, _)| self.group(*g).shard.clone()),
             Err(_) => self.shard(),
         }
+    }
+
+    fn operator_feeds(&self) -> Vec<FeedSource> {
+        let routing = FeedSource { name: "r".into(), shard: self.group(R).shard.clone(), kinds: FeedKinds::Routing };
+        let conversations = (0..self.node.shards).map(|k| FeedSource { name: format!("c{k}"), shard: self.group(FIRST_C + k).shard.clone(), kinds: FeedKinds::Conversation });
+        std::iter::once(routing).chain(conversations).collect()
+    }
+
+    fn subscribe_feed(&self, feed: &str, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>> {
+        let group = match feed.strip_prefix('c').and_then(|k| k.parse::<u64>().ok()) {
+            Some(k) if k < self.node.shards => FIRST_C + k,
+            _ => R,
+        };
+        let supervisor = self.group(group).supervisor.clone();
+        Box::pin(async move { switchboard_actors::actors::subscribe(&supervisor, key).await })
     }
 
     fn subscribe(&self, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>> {
