@@ -795,21 +795,37 @@ struct Tracker {
     last_seq: Option<u64>,
     /// Operator: the `last_seq` the socket was opened with, until the first `hello`.
     requested: Option<u64>,
+    /// Operator under protocol 2 (one feed per group): the last `seq` delivered of each
+    /// feed, and before the first `hello` the `cursor` the socket was opened with.
+    feeds: Option<Box<Feeds>>,
     /// Client: a `resume` the client sent that is not answered yet (its token and `last_seq`).
     resume_asked: Option<(String, u64)>,
     pending: VecDeque<Pending>,
     pending_bytes: usize,
 }
 
+/// A protocol 2 operator socket's positions (docs/protocol.md §3.6).
+#[derive(Default)]
+struct Feeds {
+    /// The `cursor` the socket was opened with, until the first `hello`.
+    requested: Option<BTreeMap<String, u64>>,
+    /// The last `seq` delivered of each feed; empty before the first `hello`.
+    delivered: BTreeMap<String, u64>,
+}
+
+/// Parses a `cursor` query value (`r.44,c0.17`); the member checks it again.
+fn parse_feeds(text: &str) -> BTreeMap<String, u64> {
+    text.split(',').filter_map(|p| p.split_once('.')).filter_map(|(feed, seq)| Some((feed.to_owned(), seq.parse().ok()?))).collect()
+}
+
 impl Tracker {
     fn new(surface: Surface, path: &str) -> Self {
-        let requested = path
-            .split_once('?')
-            .map(|(_, q)| q)
-            .unwrap_or_default()
-            .split('&')
-            .find_map(|p| p.strip_prefix("last_seq=").and_then(|v| v.parse::<u64>().ok()));
-        Tracker { surface, token: None, last_seq: None, requested, resume_asked: None, pending: VecDeque::new(), pending_bytes: 0 }
+        let query = path.split_once('?').map(|(_, q)| q).unwrap_or_default();
+        let param = |name: &str| query.split('&').find_map(|p| p.strip_prefix(name).and_then(|v| v.strip_prefix('=')));
+        let requested = param("last_seq").and_then(|v| v.parse::<u64>().ok());
+        let feeds = (surface == Surface::Operator && param("protocol") == Some("2"))
+            .then(|| Box::new(Feeds { requested: param("cursor").map(parse_feeds), delivered: BTreeMap::new() }));
+        Tracker { surface, token: None, last_seq: None, requested, feeds, resume_asked: None, pending: VecDeque::new(), pending_bytes: 0 }
     }
 
     /// A frame the client sent, on its way to the member. `Err` with an error frame for
@@ -851,6 +867,37 @@ impl Tracker {
         let Ok(frame) = serde_json::from_str::<Value>(text) else { return true };
         let kind = frame.get("type").and_then(Value::as_str).unwrap_or_default();
         match kind {
+            "event" if self.feeds.is_some() => {
+                let feed = frame.get("feed").and_then(Value::as_str).unwrap_or("r");
+                if let (Some(feeds), Some(seq)) = (self.feeds.as_mut(), frame.get("seq").and_then(Value::as_u64)) {
+                    match feeds.delivered.get_mut(feed) {
+                        // Already delivered (cannot happen after a correct resume).
+                        Some(last) if seq <= *last => return false,
+                        Some(last) => *last = seq,
+                        None => {
+                            feeds.delivered.insert(feed.to_owned(), seq);
+                        }
+                    }
+                }
+            }
+            "hello" if self.feeds.is_some() => {
+                // Each feed continues after the point asked for (not past its newest), a
+                // feed not asked for from its start, or after the hello without a cursor.
+                if let (Some(feeds), Some(newest)) = (self.feeds.as_mut(), frame.get("cursor").and_then(Value::as_object)) {
+                    let requested = feeds.requested.take();
+                    feeds.delivered = newest
+                        .iter()
+                        .filter_map(|(feed, seq)| Some((feed.clone(), seq.as_u64()?)))
+                        .map(|(feed, newest)| {
+                            let at = match &requested {
+                                Some(asked) => asked.get(&feed).copied().unwrap_or(0).min(newest),
+                                None => newest,
+                            };
+                            (feed, at)
+                        })
+                        .collect();
+                }
+            }
             "event" => {
                 if let Some(seq) = frame.get("seq").and_then(Value::as_u64) {
                     if self.last_seq.is_some_and(|last| seq <= last) {
@@ -926,6 +973,13 @@ impl Tracker {
     /// The path to open on another member: the operator's feed resumes after the last
     /// `seq` delivered.
     fn reconnect_path(&self, path: &str) -> String {
+        if let Some(feeds) = self.feeds.as_ref().filter(|f| !f.delivered.is_empty()) {
+            let (base, query) = path.split_once('?').unwrap_or((path, ""));
+            let mut params: Vec<String> = query.split('&').filter(|p| !p.is_empty() && !p.starts_with("cursor=") && !p.starts_with("last_seq=")).map(str::to_owned).collect();
+            let cursor: Vec<String> = feeds.delivered.iter().map(|(feed, seq)| format!("{feed}.{seq}")).collect();
+            params.push(format!("cursor={}", cursor.join(",")));
+            return format!("{base}?{}", params.join("&"));
+        }
         match (self.surface, self.last_seq) {
             (Surface::Operator, Some(seq)) => {
                 let (base, query) = path.split_once('?').unwrap_or((path, ""));
@@ -1167,6 +1221,21 @@ mod tests {
         }
         assert!(!t.incoming(r#"{"type":"event","kind":"presence","seq":45}"#), "a repeat is not");
         assert_eq!(t.reconnect_path("/ws/operator?token=T&last_seq=40"), "/ws/operator?token=T&last_seq=45");
+    }
+
+    #[test]
+    fn a_protocol_2_operator_socket_resumes_every_feed_where_it_was() {
+        let mut t = Tracker::new(Surface::Operator, "/ws/operator?token=T&protocol=2&cursor=r.40,c0.7");
+        // The member replays r after 40 (its newest is 44), c0 from 3 (7 is ahead of
+        // its newest), c1 from its start (not asked for).
+        assert!(t.incoming(r#"{"type":"hello","protocol":2,"cursor":{"c0":3,"c1":2,"r":44}}"#));
+        assert_eq!(t.reconnect_path("/ws/operator?token=T&protocol=2&cursor=r.40,c0.7"), "/ws/operator?token=T&protocol=2&cursor=c0.3,c1.0,r.40");
+        for (feed, seq) in [("r", 41), ("c1", 1), ("r", 42), ("c0", 4)] {
+            assert!(t.incoming(&format!(r#"{{"type":"event","kind":"presence","feed":"{feed}","seq":{seq}}}"#)), "{feed} {seq} is delivered");
+        }
+        assert!(!t.incoming(r#"{"type":"event","kind":"presence","feed":"r","seq":41}"#), "a repeat in its feed is not");
+        assert!(t.incoming(r#"{"type":"event","kind":"presence","feed":"c1","seq":2}"#), "the same seq in another feed is");
+        assert_eq!(t.reconnect_path("/ws/operator?token=T&protocol=2&cursor=r.40,c0.7"), "/ws/operator?token=T&protocol=2&cursor=c0.4,c1.2,r.42");
     }
 
     #[test]

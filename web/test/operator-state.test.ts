@@ -45,7 +45,7 @@ function assigned(feedSeq: number, conv: number, history: Entry[]) {
 describe('operator state', () => {
   it('takes a fresh hello as the truth and asks for histories', () => {
     const s = run(initialOpState, { type: 'hello', hello: hello({ active: [7, 8], offers: [{ offer: 3, conversation: 9, group: 'general', deadline: 99 }] }), now: 5000 });
-    expect(s.feedSeq).toBe(10);
+    expect(s.cursor?.r).toBe(10);
     expect([...s.convs.keys()]).toEqual([7, 8]);
     expect(s.needHistory).toEqual([7, 8]);
     expect(s.offers.map((o) => o.offer)).toEqual([3]);
@@ -86,7 +86,7 @@ describe('operator state', () => {
     expect(again).toBe(s);
     s = run(s, ev(12, 'presence', { status: 'away' }));
     expect(s.presence).toBe('away');
-    expect(s.feedSeq).toBe(12);
+    expect(s.cursor?.r).toBe(12);
   });
 
   it('dedupes conversation entries that arrive twice (history reply and live event)', () => {
@@ -190,6 +190,49 @@ describe('operator state', () => {
     expect(s.selected).toBeNull();
   });
 
+  describe('protocol 2: one feed per group', () => {
+    const h2 = (cursor: Record<string, number>, over: Partial<Hello> = {}) => hello({ seq: undefined, cursor, protocol: 2, ...over });
+    const in_ = (feed: string, seq: number, kind: string, extra: Partial<FeedEvent> = {}) => ev(seq, kind, { feed, ...extra });
+
+    it('keeps a position per feed and drops what each feed replays', () => {
+      let s = run(initialOpState, { type: 'hello', hello: h2({ r: 4, c0: 0, c1: 9 }), now: 0 });
+      expect(s.cursor).toEqual({ r: 4, c0: 0, c1: 9 });
+      s = run(s, in_('r', 5, 'assigned', { conversation: 7, history: [started, assignedEntry(2)], history_upto: 2 }));
+      s = run(s, in_('c1', 10, 'conversation', { conversation: 7, entry: clientMsg(3, 'one') }));
+      s = run(s, in_('c1', 10, 'conversation', { conversation: 7, entry: clientMsg(3, 'one') })); // replayed
+      // The same entry from the assignment's history and from the shard's feed: kept once.
+      s = run(s, in_('c1', 11, 'conversation', { conversation: 7, entry: assignedEntry(2) }));
+      expect(s.cursor).toEqual({ r: 5, c0: 0, c1: 11 });
+      expect(s.convs.get(7)!.entries.map((e) => e.seq)).toEqual([1, 2, 3]);
+    });
+
+    it('does not bring back a conversation whose last entries come after its release', () => {
+      let s = run(initialOpState, { type: 'hello', hello: h2({ r: 4, c0: 0 }), now: 0 });
+      s = run(s, in_('r', 5, 'assigned', { conversation: 7, history: [started, assignedEntry(2)], history_upto: 2 }));
+      s = run(s, in_('r', 6, 'released', { conversation: 7 }));
+      s = run(s, in_('c0', 1, 'conversation', { conversation: 7, entry: { kind: 'closed', seq: 3, at: 3, by: 'client' } }));
+      expect(s.convs.size).toBe(0);
+      expect(s.needHistory).toEqual([]);
+      // Assigned to us again: its entries count again.
+      s = run(s, in_('r', 7, 'assigned', { conversation: 7, history: [started, assignedEntry(2), { kind: 'closed', seq: 3, at: 3, by: 'client' }], history_upto: 3 }));
+      s = run(s, in_('c0', 2, 'conversation', { conversation: 7, entry: clientMsg(4, 'back') }));
+      expect(s.convs.get(7)!.entries.map((e) => e.seq)).toEqual([1, 2, 3, 4]);
+    });
+
+    it('reconciles a resumed hello once the routing feed catches up, and takes each feed from where the server goes on', () => {
+      let s = run(initialOpState, { type: 'hello', hello: h2({ r: 4, c0: 2 }), now: 0 });
+      s = run(s, in_('r', 5, 'assigned', { conversation: 7, history: [started, assignedEntry(2)], history_upto: 2 }));
+      // Reconnected: the server's routing feed is at 6 (one event to replay); c0 is
+      // behind what we saw (a point ahead of it is ignored); c1 is new to us.
+      s = run(s, { type: 'hello', hello: h2({ r: 6, c0: 1, c1: 3 }, { active: [7, 8] }), now: 0 });
+      expect(s.cursor).toEqual({ r: 5, c0: 1, c1: 0 });
+      expect(s.reconcile).not.toBeNull();
+      s = run(s, in_('r', 6, 'assigned', { conversation: 8, history: [started], history_upto: 1 }));
+      expect(s.reconcile).toBeNull();
+      expect([...s.convs.keys()].sort()).toEqual([7, 8]);
+    });
+  });
+
   it('shows typing for a few seconds', () => {
     let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]));
     s = run(s, { type: 'typing', conversation: 7, now: 10_000 });
@@ -205,7 +248,7 @@ describe('operator state', () => {
       const s = run(base(), { type: 'hello', hello: hello({ seq: 12, active: [7], offers: [{ offer: 5, conversation: 8, group: 'g', deadline: 1 }] }), now: 0 });
       expect(s.convs.get(7)!.entries).toHaveLength(2);
       expect(s.needHistory).toEqual([]);
-      expect(s.feedSeq).toBe(12);
+      expect(s.cursor?.r).toBe(12);
     });
 
     it('replays missed events and reconciles with the snapshot when they are in', () => {
@@ -223,7 +266,7 @@ describe('operator state', () => {
 
     it('starts over when the server ignored a resume point ahead of its feed', () => {
       const s = run(base(), { type: 'hello', hello: hello({ seq: 3, active: [7], offers: [] }), now: 0 });
-      expect(s.feedSeq).toBe(3);
+      expect(s.cursor?.r).toBe(3);
       expect(s.offers).toEqual([]);
       expect(s.convs.get(7)!.entries).toHaveLength(2); // kept what it knew of a still-active conversation
     });
@@ -231,7 +274,7 @@ describe('operator state', () => {
     it('reset (resume_gap) forgets everything but unsent messages', () => {
       let s = run(base(), { type: 'queueSend', message: { key: 'k', conversation: 7, text: 'x', attachments: [], at: 1, state: 'sending' } });
       s = run(s, { type: 'reset' });
-      expect(s.feedSeq).toBeNull();
+      expect(s.cursor).toBeNull();
       expect(s.convs.size).toBe(0);
       expect(s.pending.k).toBeDefined();
     });
@@ -334,7 +377,7 @@ describe('configuration changes', () => {
     expect(s.me?.capacity).toBe(2);
     s = run(s, ev(11, 'configured', { name: 'Alice B.', capacity: 4, groups: ['general', 'vip'] } as Partial<FeedEvent>));
     expect(s.me).toEqual({ operator: 'alice', name: 'Alice B.', capacity: 4, groups: ['general', 'vip'] });
-    expect(s.feedSeq).toBe(11);
+    expect(s.cursor?.r).toBe(11);
   });
 });
 
@@ -419,7 +462,7 @@ describe('messenger deliveries', () => {
     expect(s.convs.get(7)!.outbox).toEqual({ 3: { status: 'sent', reason: '', at: 500 }, 4: { status: 'delivered', reason: '', at: 600 } });
     // The event's `seq` is the feed's; the entry is `entry_seq`.
     s = run(s, told(12, 4, 'read'));
-    expect(s.feedSeq).toBe(12);
+    expect(s.cursor?.r).toBe(12);
     expect(s.convs.get(7)!.outbox[4]).toEqual({ status: 'read', reason: '', at: 1012 });
     expect(s.convs.get(7)!.outbox[12]).toBeUndefined();
   });

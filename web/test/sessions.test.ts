@@ -151,19 +151,31 @@ describe('OperatorSession', () => {
   it('connects without last_seq first and resumes with the last processed feed seq', () => {
     const { timers, f, s } = operatorSession();
     s.start();
-    expect(f.last.url).toBe('ws://h/ws/operator?token=T%20k');
+    expect(f.last.url).toBe('ws://h/ws/operator?token=T%20k&protocol=2');
     f.last.open();
     f.last.frame(helloFrame({ seq: 10 }));
     f.last.frame({ type: 'event', kind: 'presence', status: 'away', seq: 11, at: 5 });
     f.last.drop();
     timers.advance(timers.pending()[0]);
-    expect(f.last.url).toBe('ws://h/ws/operator?token=T%20k&last_seq=11');
+    expect(f.last.url).toBe('ws://h/ws/operator?token=T%20k&protocol=2&cursor=r.11');
     f.last.open();
     f.last.frame(helloFrame({ seq: 12, presence: 'online' }));
     f.last.frame({ type: 'event', kind: 'presence', status: 'away', seq: 11, at: 5 }); // duplicate: ignored
     f.last.frame({ type: 'event', kind: 'presence', status: 'online', seq: 12, at: 6 });
-    expect(s.store.get().feedSeq).toBe(12);
+    expect(s.store.get().cursor?.r).toBe(12);
     expect(s.store.get().presence).toBe('online');
+  });
+
+  it('resumes every feed of protocol 2 from its own last processed seq', () => {
+    const { timers, f, s } = operatorSession();
+    s.start();
+    f.last.open();
+    f.last.frame(helloFrame({ seq: undefined, cursor: { c0: 5, c1: 0, r: 3 }, protocol: 2 }));
+    f.last.frame({ type: 'event', kind: 'presence', status: 'away', feed: 'r', seq: 4, at: 5 });
+    f.last.frame({ type: 'event', kind: 'delivery', conversation: 9, entry_seq: 2, status: 'read', feed: 'c0', seq: 6, at: 6 });
+    f.last.drop();
+    timers.advance(timers.pending()[0]);
+    expect(f.last.url).toBe('ws://h/ws/operator?token=T%20k&protocol=2&cursor=c0.6,c1.0,r.4');
   });
 
   it('keeps saying that a missed offer set the operator away, in state rather than a passing notice', () => {
@@ -189,8 +201,8 @@ describe('OperatorSession', () => {
     f.last.frame({ type: 'event', kind: 'presence', status: 'away', seq: 11, at: 5 });
     f.last.frame({ type: 'error', code: 'resume_gap', message: 'gap' });
     expect(f.sockets).toHaveLength(2);
-    expect(f.last.url).toBe('ws://h/ws/operator?token=T%20k');
-    expect(s.store.get().feedSeq).toBeNull();
+    expect(f.last.url).toBe('ws://h/ws/operator?token=T%20k&protocol=2');
+    expect(s.store.get().cursor).toBeNull();
   });
 
   it('re-sends unacknowledged messages with the same key after reconnecting', () => {

@@ -1,6 +1,6 @@
 /**
- * Glue between the operator socket and the state reducer: one reconnecting socket,
- * resume with ?last_seq=, dedupe, resume_gap recovery, request/response matching by
+ * Glue between the operator socket and the state reducer: one reconnecting socket
+ * speaking protocol 2 (one feed per group of the cluster), resume with ?cursor=, dedupe, resume_gap recovery, request/response matching by
  * `ref`, re-sending unacknowledged messages with their original idempotency keys, and a
  * bounded queue of history requests (so a reconnect never fires a burst of requests).
  */
@@ -82,8 +82,11 @@ export class OperatorSession {
 
   url(): string {
     const s = this.store.get();
-    let u = this.opts.wsBase + '/ws/operator?token=' + encodeURIComponent(this.opts.token);
-    if (s.feedSeq != null) u += '&last_seq=' + s.feedSeq;
+    let u = this.opts.wsBase + '/ws/operator?token=' + encodeURIComponent(this.opts.token) + '&protocol=2';
+    if (s.cursor != null) {
+      const parts = Object.entries(s.cursor).map(([feed, seq]) => feed + '.' + seq);
+      if (parts.length > 0) u += '&cursor=' + parts.join(',');
+    }
     return u;
   }
 

@@ -1,9 +1,11 @@
 /**
  * The operator workstation's state as a pure reducer over socket frames and UI actions.
  *
- * Two sequence spaces meet here: the operator *feed* seq (events on this socket, used to
- * resume with ?last_seq=) and each conversation's own seq (history entries, used to
- * dedupe entries that arrive both in a history reply and as live events).
+ * Two sequence spaces meet here: the operator's *feeds* (protocol 2: one per group of the
+ * cluster, `r` for routing and `c0`, `c1`… for conversation shards, each numbered on its
+ * own; the cursor of the last event processed in each resumes with ?cursor=) and each
+ * conversation's own seq (history entries, used to dedupe entries that arrive both in a
+ * history reply and as live events, or from two feeds).
  */
 import { mergeBySeq, lastSeq } from '../shared/seq';
 import type { Attachment } from '../shared/files';
@@ -105,8 +107,11 @@ export interface OpState {
   me: Me | null;
   presence: Presence;
   presenceSince: number;
-  /** Last processed operator-feed seq; null before the first hello or after a reset. */
-  feedSeq: number | null;
+  /** Last processed seq of each feed; null before the first hello or after a reset. */
+  cursor: Readonly<Record<string, number>> | null;
+  /** Conversations released from us lately: entries of theirs that a conversation shard's
+   *  feed brings after the release (feeds are not ordered with each other) are dropped. */
+  released: readonly number[];
   offers: readonly Offer[];
   convs: ReadonlyMap<number, Conv>;
   selected: number | null;
@@ -139,7 +144,8 @@ export const initialOpState: OpState = {
   me: null,
   presence: 'offline',
   presenceSince: 0,
-  feedSeq: null,
+  cursor: null,
+  released: [],
   offers: [],
   convs: new Map(),
   selected: null,
@@ -270,6 +276,28 @@ function addHistoryNeed(list: readonly number[], id: number): readonly number[] 
   return list.includes(id) ? list : [...list, id];
 }
 
+/** The feed positions a hello names: protocol 2's cursor, or protocol 1's one seq. */
+export function helloCursor(h: Hello): Record<string, number> {
+  return h.cursor ?? { r: h.seq ?? 0 };
+}
+
+/** The routing feed's position (the one a hello snapshot is taken with). */
+export function routingSeq(s: OpState): number | null {
+  return s.cursor == null ? null : (s.cursor.r ?? 0);
+}
+
+/** Where the server continues each feed after a hello answering a resume from `ours`:
+ *  after our point, or after its newest for a point ahead of it; from its start for a
+ *  feed we did not name. */
+function resumedCursor(ours: Readonly<Record<string, number>>, theirs: Record<string, number>): Record<string, number> {
+  const next: Record<string, number> = {};
+  for (const [feed, newest] of Object.entries(theirs)) next[feed] = Math.min(ours[feed] ?? 0, newest);
+  return next;
+}
+
+/** How many released conversations are remembered. */
+const RELEASED_KEPT = 200;
+
 /** Replaces offers and conversations by a hello snapshot, keeping what we already know. */
 function applySnapshot(s: OpState, hello: Hello, now: number): OpState {
   const convs = new Map<number, Conv>();
@@ -327,6 +355,7 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
     case 'assigned': {
       const id = ev.conversation!;
       const offers = s.offers.filter((o) => o.conversation !== id);
+      if (s.released.includes(id)) s = { ...s, released: s.released.filter((x) => x !== id) };
       const c = withEntries({ ...(s.convs.get(id) ?? emptyConv(id)), loaded: true, assignedAt: ev.at }, ev.history ?? [], false);
       let next: OpState = { ...setConv(s, c), offers, needHistory: s.needHistory.filter((x) => x !== id) };
       if (next.selected == null) next = select(next, id);
@@ -336,6 +365,8 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
       const id = ev.conversation!;
       if (!ev.entry) return s;
       const known = s.convs.get(id);
+      // Released already: its last entries (closed, transferred) come after the release.
+      if (!known && s.released.includes(id)) return s;
       const c = withEntries(known ?? emptyConv(id), [ev.entry], isSeen(s, id));
       let next = c === known ? s : setConv(s, c);
       if (!known) next = { ...next, needHistory: addHistoryNeed(next.needHistory, id) };
@@ -349,7 +380,8 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
     }
     case 'released': {
       const id = ev.conversation!;
-      if (!s.convs.has(id)) return s;
+      const released = [...s.released.filter((x) => x !== id), id].slice(-RELEASED_KEPT);
+      if (!s.convs.has(id)) return { ...s, released };
       const convs = new Map(s.convs);
       convs.delete(id);
       const pending: Record<string, PendingMessage> = {};
@@ -358,6 +390,7 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
         ...s,
         convs,
         pending,
+        released,
         selected: s.selected === id ? null : s.selected,
         needHistory: s.needHistory.filter((x) => x !== id),
       };
@@ -426,20 +459,27 @@ export function opReducer(s: OpState, a: OpAction): OpState {
         clockSkew: typeof h.now === 'number' ? h.now - a.now : s.clockSkew,
         presenceSince: h.presence_since ?? (s.presence === h.presence && s.presenceSince ? s.presenceSince : a.now),
       };
-      if (s.feedSeq == null || h.seq < s.feedSeq) {
-        // Fresh start, or the server ignored a resume point ahead of its feed: the
-        // snapshot is the truth and the stream continues after hello.seq.
-        return { ...applySnapshot(base, h, a.now), feedSeq: h.seq };
+      const theirs = helloCursor(h);
+      const ours = s.cursor;
+      if (ours == null) {
+        // Fresh start: the snapshot is the truth and every feed continues after it.
+        return { ...applySnapshot(base, h, a.now), cursor: theirs };
       }
-      if (h.seq === s.feedSeq) return applySnapshot(base, h, a.now);
-      // Events (feedSeq, h.seq] are about to be replayed; reconcile when they are in.
-      return { ...base, reconcile: h };
+      const cursor = resumedCursor(ours, theirs);
+      if ((theirs.r ?? 0) <= (ours.r ?? 0)) {
+        // Caught up, or the server ignored a routing point ahead of its feed: the
+        // snapshot is the truth and that feed continues after it.
+        return { ...applySnapshot(base, h, a.now), cursor };
+      }
+      // Routing events (ours.r, theirs.r] are about to be replayed; reconcile when they are in.
+      return { ...base, cursor, reconcile: h };
     }
     case 'event': {
       const ev = a.event;
-      if (s.feedSeq != null && ev.seq <= s.feedSeq) return s; // replayed twice: drop
-      let next: OpState = { ...applyEvent(s, ev, a.now), feedSeq: ev.seq };
-      if (next.reconcile && ev.seq >= next.reconcile.seq) next = applySnapshot(next, next.reconcile, a.now ?? Date.now());
+      const feed = ev.feed ?? 'r';
+      if (s.cursor != null && ev.seq <= (s.cursor[feed] ?? 0)) return s; // replayed twice: drop
+      let next: OpState = { ...applyEvent(s, ev, a.now), cursor: { ...(s.cursor ?? {}), [feed]: ev.seq } };
+      if (next.reconcile && feed === 'r' && ev.seq >= (helloCursor(next.reconcile).r ?? 0)) next = applySnapshot(next, next.reconcile, a.now ?? Date.now());
       return next;
     }
     case 'offerPreview': {

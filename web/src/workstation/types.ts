@@ -75,7 +75,10 @@ export interface Hello {
   /** Where the visitor and the operators have read each active conversation to. */
   read_marks?: { conversation: number; client_read_upto: number; operator_read_upto: number }[];
   offers: Offer[];
-  seq: number;
+  /** Protocol 1: the one feed's newest seq. */
+  seq?: number;
+  /** Protocol 2: the newest seq of every feed the socket follows. */
+  cursor?: Record<string, number>;
   protocol: number;
   /** The server's clock when the snapshot was taken. */
   now?: number;
@@ -84,6 +87,8 @@ export interface Hello {
 export interface FeedEvent {
   type: 'event';
   kind: 'offer' | 'offer_withdrawn' | 'assigned' | 'conversation' | 'released' | 'presence' | string;
+  /** Protocol 2: the feed this event is in (`r`, `c0`…); its `seq` counts in that feed. */
+  feed?: string;
   seq: number;
   at: number;
   offer?: number;
