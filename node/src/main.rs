@@ -185,7 +185,7 @@ struct DevArgs {
     nodes: u64,
     /// Split the node's state as ADR 0006 lays out a cluster: a metadata group, a
     /// routing shard and this many conversation shards, each its own Raft group
-    /// (experimental: one node; an operator's socket does not carry messages yet).
+    /// (experimental: one node; operator desks follow it with protocol 2).
     #[arg(long)]
     shards: Option<u64>,
 }

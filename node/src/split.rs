@@ -2,11 +2,10 @@
 //! shard and `shards` conversation shards (`groups.rs`), with the gateway reading and
 //! submitting per group through [`SplitBackend`].
 //!
-//! `switchboard dev --shards N` starts one (a member alone). What is not built yet
-//! (ADR 0006, "Built so far"): several members from `cluster init`, the cut-over of a
-//! single group's data folder, and the operator's feed split of ADR 0010 (until then an
-//! operator's socket follows the routing shard's feed: offers, assignments, presence,
-//! but not the messages of the conversations they hold).
+//! `switchboard dev --shards N` starts one (a member alone). An operator's desk follows
+//! one feed per group (protocol 2, ADR 0010). What is not built yet (ADR 0006, "Built so
+//! far"): several members from `cluster init` and the cut-over of a single group's data
+//! folder.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
