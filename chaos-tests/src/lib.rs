@@ -350,6 +350,12 @@ pub struct Cluster {
 impl Cluster {
     /// Lays out and starts `n` nodes, and waits until every one is ready.
     pub async fn start(dir: &Path, n: usize) -> anyhow::Result<Cluster> {
+        Self::start_split(dir, n, None).await
+    }
+
+    /// [`Cluster::start`] with the state split into `shards` conversation shards
+    /// (`cluster init --shards`, ADR 0006); `None`: one group.
+    pub async fn start_split(dir: &Path, n: usize, shards: Option<u64>) -> anyhow::Result<Cluster> {
         // One node more than asked (room for a node added later, `add_node`), then two
         // gateways (`start_gateway`).
         let base = free_port_block(n + 3)?;
@@ -368,7 +374,11 @@ impl Cluster {
             "--gateway-private-port".into(),
             (gateways + 1).to_string(),
         ];
-        Self::start_with(dir, n, &ports, vec![None; n]).await
+        let mut layout = ports.to_vec();
+        if let Some(shards) = shards {
+            layout.extend(["--shards".to_string(), shards.to_string()]);
+        }
+        Self::start_with(dir, n, &layout, vec![None; n]).await
     }
 
     /// A cluster whose node `i` runs in the lab's namespace `i`, at its address there

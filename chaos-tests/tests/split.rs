@@ -10,7 +10,7 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
-use switchboard_chaos_tests::{binary, next_event, set_presence, Dev, WAIT};
+use switchboard_chaos_tests::{binary, eventually, next_event, set_presence, Cluster, Dev, WAIT};
 use switchboard_gateway::client::WsClient;
 
 /// Opens an operator socket under protocol 2 (one feed per group, ADR 0010), resuming
@@ -187,7 +187,7 @@ async fn protocol_2_on_a_node_of_one_group_is_one_feed() -> anyhow::Result<()> {
     assert_eq!(cursor.keys().collect::<Vec<_>>(), ["r"], "{hello}");
     assert!(hello.get("seq").is_none(), "protocol 2 has a cursor instead of seq: {hello}");
     set_presence(&mut alice, "online").await?;
-    let (mut visitor, conversation, _) = dev.client("Dana").await?;
+    let (visitor, conversation, _) = dev.client("Dana").await?;
     let offer = next_event(&mut alice, "offer").await?;
     alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "a"})).await?;
     let assigned = next_event(&mut alice, "assigned").await?;
@@ -221,5 +221,98 @@ async fn protocol_2_on_a_node_of_one_group_is_one_feed() -> anyhow::Result<()> {
             Ok(_) => panic!("{why} was let in"),
         }
     }
+    Ok(())
+}
+
+/// Sends `frame` (whose `key` or `ref` names its answer) until it is answered other than
+/// `unavailable` (a failover in progress: the outcome is unknown and the protocol says
+/// to send it again with the same key) or a refusal in `retry_on`; returns the answer.
+async fn until_answered(ws: &mut WsClient, frame: &Value, name: &str, retry_on: &[&str]) -> anyhow::Result<Value> {
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        ws.send(frame).await?;
+        let answer = ws.wait_for(Duration::from_secs(15), |v| (v["type"] == "ack" && v["key"] == name) || ((v["type"] == "error" || v["type"] == "ok") && v["ref"] == name)).await?;
+        let code = answer["code"].as_str().unwrap_or_default();
+        if answer["type"] == "ack" || !(code == "unavailable" || retry_on.contains(&code)) || std::time::Instant::now() > give_up {
+            return Ok(answer);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The leader of every group, as node `id` sees it.
+async fn group_leaders(cluster: &Cluster, id: usize) -> anyhow::Result<BTreeMap<u64, Option<u64>>> {
+    let status = cluster.status(id).await?;
+    let groups = status["groups"].as_array().cloned().unwrap_or_default();
+    Ok(groups.iter().filter_map(|g| Some((g["group"].as_u64()?, g["leader"].as_u64()))).collect())
+}
+
+/// Three `switchboard node` processes laid out by `cluster init --shards 2`: every group
+/// (metadata, routing, two conversation shards) is replicated on all three, and each
+/// has its own leader. The leader of the shard holding a live conversation is killed
+/// (SIGKILL) mid-exchange: the visitor's next message is acknowledged once a survivor
+/// leads that shard, the operator gets it and answers, nothing acknowledged is lost or
+/// doubled, and the killed node catches up when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_cluster_carries_on_when_a_conversation_shards_leader_is_killed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start_split(dir.path(), 3, Some(2)).await?;
+    // A node that leads neither conversation shard holds the sockets (with three nodes
+    // and two shards there is one).
+    let quiet = eventually(WAIT, Duration::from_millis(100), || async {
+        let leaders = group_leaders(&cluster, 1).await?;
+        let (Some(Some(a)), Some(Some(b))) = (leaders.get(&3), leaders.get(&4)) else { return Ok(None) };
+        Ok((1..=3usize).find(|n| *n as u64 != *a && *n as u64 != *b))
+    })
+    .await?;
+    let node = cluster.node(quiet);
+    let (mut visitor, conversation, _) = node.client("Dana").await?;
+    let (mut alice, _) = desk(node, "alice", None).await?;
+    set_presence(&mut alice, "online").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer["conversation"].as_u64(), Some(conversation));
+    let accepted = until_answered(&mut alice, &json!({"type": "accept", "offer": offer["offer"], "ref": "accept"}), "accept", &[]).await?;
+    assert!(accepted["type"] == "ok" || accepted["type"] == "ack", "{accepted}");
+    next_event(&mut alice, "assigned").await?;
+
+    let before = until_answered(&mut visitor, &json!({"type": "send", "key": "before", "text": "before the kill"}), "before", &[]).await?;
+    assert_eq!(before["type"], "ack", "{before}");
+    alice.wait_for(WAIT, |v| v["kind"] == "conversation" && v["entry"]["key"] == "before").await?;
+
+    let shard = 3 + conversation % 2;
+    let leader = group_leaders(&cluster, quiet).await?.get(&shard).copied().flatten().ok_or_else(|| anyhow::anyhow!("no leader of group {shard}"))? as usize;
+    assert_ne!(leader, quiet);
+    let killed = std::time::Instant::now();
+    cluster.kill9(leader).await?;
+    let after = until_answered(&mut visitor, &json!({"type": "send", "key": "after", "text": "after the kill"}), "after", &[]).await?;
+    assert_eq!(after["type"], "ack", "{after}");
+    println!("group {shard}'s leader (node {leader}) killed: the visitor's next message was acknowledged after {} ms", killed.elapsed().as_millis());
+    let seen = alice.wait_for(Duration::from_secs(20), |v| v["kind"] == "conversation" && v["entry"]["key"] == "after").await?;
+    assert_eq!(seen["feed"], format!("c{}", conversation % 2).as_str(), "{seen}");
+    let reply = json!({"type": "send", "conversation": conversation, "key": "reply", "text": "still here", "ref": "reply"});
+    let replied = until_answered(&mut alice, &reply, "reply", &[]).await?;
+    assert_eq!(replied["type"], "ack", "{replied}");
+    visitor.wait_for(Duration::from_secs(20), |v| v["kind"] == "message" && v["text"] == "still here").await?;
+
+    // Every acknowledged message once, in order, on the survivors; alice within capacity.
+    let node = cluster.node(quiet);
+    let token = node.login("alice").await?;
+    let texts = |view: &Value| -> Vec<String> { view["history"].as_array().map(|h| h.iter().filter_map(|e| e["text"].as_str().map(str::to_owned)).collect()).unwrap_or_default() };
+    let (status, view) = node.api("GET", &format!("/api/conversations/{conversation}"), Some(&token), None).await?;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(texts(&view), ["before the kill", "after the kill", "still here"], "{view}");
+    let (_, operators) = node.api("GET", "/api/operators", Some(&token), None).await?;
+    let alice_now = operators["operators"].as_array().and_then(|o| o.iter().find(|o| o["id"] == "alice").cloned()).unwrap_or_default();
+    assert!(alice_now["load"].as_u64() <= alice_now["capacity"].as_u64() && alice_now["active"] == 1, "{alice_now}");
+
+    // The killed node comes back and catches up on every group.
+    cluster.restart(leader).await?;
+    let back = cluster.node(leader);
+    let admin = back.login("admin").await?;
+    eventually(Duration::from_secs(20), Duration::from_millis(200), || async {
+        let (status, view) = back.api("GET", &format!("/api/conversations/{conversation}"), Some(&admin), None).await?;
+        Ok((status == 200 && texts(&view) == ["before the kill", "after the kill", "still here"]).then_some(()))
+    })
+    .await?;
     Ok(())
 }

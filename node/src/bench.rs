@@ -461,7 +461,9 @@ pub(crate) async fn operators(
             token = login(on, &id, &password).await;
         }
         let token = token?;
-        let mut ws = WsClient::connect(on, &format!("/ws/operator?token={token}"), None).await?;
+        // Protocol 2: on a split node (`--node-arg=--shards`) the messages come in the
+        // conversation shards' feeds; on a node of one group it is the one feed.
+        let mut ws = WsClient::connect(on, &format!("/ws/operator?token={token}&protocol=2"), None).await?;
         ws.send(&json!({"type": "presence", "status": "online"})).await?;
         let pending = pending.clone();
         let latencies = latencies.clone();

@@ -58,6 +58,11 @@ pub struct NodeConfig {
     /// group runs, its membership lives in its log (`cluster add-node`, `remove-node`);
     /// this list only matters to a node's first start.
     pub members: Vec<Member>,
+    /// The cluster's state split as ADR 0006 lays it out: a metadata group, a routing
+    /// shard and this many conversation shards, each a Raft group on every member.
+    /// Fixed when the cluster is made; absent: one group holds everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,6 +198,8 @@ pub struct InitPlan {
     pub gateways: u64,
     pub gateway_public_port: u16,
     pub gateway_private_port: u16,
+    /// Conversation shards of a split cluster (ADR 0006); `None`: one group.
+    pub shards: Option<u64>,
 }
 
 /// Writes the CA, a certificate per node, the shared token key and one configuration
@@ -246,6 +253,7 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
             enable_chaos_drills: false,
             join: false,
             members: members.clone(),
+            shards: plan.shards,
         };
         let path = plan.dir.join(format!("node-{i}.toml"));
         let head = format!("Switchboard node {i}: run it with `switchboard node --config {}`.\nRelative paths are read from this file's folder. Fields: deploy/README.md.", path.display());
@@ -383,6 +391,7 @@ pub fn add_node(dir: &Path, host: Option<&str>) -> anyhow::Result<PathBuf> {
         enable_chaos_drills: first.enable_chaos_drills,
         join: true,
         members,
+        shards: first.shards,
     };
     let path = dir.join(format!("node-{id}.toml"));
     let head = format!(
@@ -453,6 +462,7 @@ mod tests {
             gateways: 2,
             gateway_public_port: 8000,
             gateway_private_port: 8001,
+            shards: None,
         };
         let files = init(&plan).unwrap();
         assert_eq!(files.len(), 5);
@@ -492,7 +502,7 @@ mod tests {
     fn add_node_lays_out_the_next_id_on_free_ports_and_joins() {
         let dir = tempfile::tempdir().unwrap();
         let cluster = dir.path().join("c");
-        let plan = InitPlan { dir: cluster.clone(), nodes: 3, hosts: vec!["127.0.0.1".into()], public_port: 9000, private_port: 9001, raft_port: 9002, port_step: 10, gateways: 0, gateway_public_port: 0, gateway_private_port: 0 };
+        let plan = InitPlan { dir: cluster.clone(), nodes: 3, hosts: vec!["127.0.0.1".into()], public_port: 9000, private_port: 9001, raft_port: 9002, port_step: 10, gateways: 0, gateway_public_port: 0, gateway_private_port: 0, shards: None };
         init(&plan).unwrap();
         let path = add_node(&cluster, None).unwrap();
         let config = NodeConfig::read(&path).unwrap();

@@ -256,6 +256,11 @@ struct InitArgs {
     /// The first gateway's private port.
     #[arg(long, default_value_t = 8001)]
     gateway_private_port: u16,
+    /// Split the cluster's state as ADR 0006 lays it out: a metadata group, a routing
+    /// shard and this many conversation shards (1 to 64), each a Raft group on every
+    /// node; fixed for the cluster's life. Without it one group holds everything.
+    #[arg(long)]
+    shards: Option<u64>,
 }
 
 #[derive(Args)]
@@ -409,7 +414,6 @@ fn print_listeners(node: &server::RunningNode) {
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
     if args.nodes > 1 {
-        anyhow::ensure!(args.shards.is_none(), "--shards runs one node for now; it does not go with --nodes");
         return dev_cluster(args).await;
     }
     let data_dir = args.listeners.data_dir.clone();
@@ -430,16 +434,19 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
 }
 
 async fn node(args: NodeArgs) -> anyhow::Result<()> {
-    let (options, bootstraps) = match &args.config {
+    let (options, bootstraps, shards) = match &args.config {
         Some(path) => {
             let config = cluster::NodeConfig::read(path)?;
-            let bootstraps = config.bootstraps();
-            (member_options(config, args.listeners, args.enable_chaos_drills), bootstraps)
+            let (bootstraps, shards) = (config.bootstraps(), config.shards);
+            (member_options(config, args.listeners, args.enable_chaos_drills), bootstraps, shards)
         }
-        None => (options(args.listeners, args.node_id, args.enable_chaos_drills), true),
+        None => (options(args.listeners, args.node_id, args.enable_chaos_drills), true, None),
     };
     let (data_dir, node_id) = (options.data_dir.clone(), options.node_id);
-    let node = server::start(options).await?;
+    let node = match shards {
+        Some(shards) => split::start(options, shards).await?,
+        None => server::start(options).await?,
+    };
     if args.demo {
         // Its upserts are idempotent: one lost to a leader change at a cluster's start is
         // asked again.
@@ -523,6 +530,7 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
                 gateways: args.gateways,
                 gateway_public_port: args.gateway_public_port,
                 gateway_private_port: args.gateway_private_port,
+                shards: args.shards,
             };
             for path in cluster::init(&plan)? {
                 println!("wrote {}", path.display());
@@ -595,6 +603,7 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
             gateways: 1,
             gateway_public_port: listeners.public_addr.port(),
             gateway_private_port: listeners.private_addr.port(),
+            shards: args.shards,
         })?;
     } else if existing != args.nodes {
         anyhow::bail!(

@@ -2,10 +2,11 @@
 //! shard and `shards` conversation shards (`groups.rs`), with the gateway reading and
 //! submitting per group through [`SplitBackend`].
 //!
-//! `switchboard dev --shards N` starts one (a member alone). An operator's desk follows
-//! one feed per group (protocol 2, ADR 0010). What is not built yet (ADR 0006, "Built so
-//! far"): several members from `cluster init` and the cut-over of a single group's data
-//! folder.
+//! `switchboard dev --shards N` starts one (a member alone), `switchboard node` one whose
+//! file says `shards = N` (`cluster init --shards N`: every group on the cluster's first
+//! members). An operator's desk follows one feed per group (protocol 2, ADR 0010). What
+//! is not built yet (ADR 0006, "Built so far"): adding and removing members of a split
+//! cluster, and the cut-over of a single group's data folder.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -360,11 +361,14 @@ impl Backend for SplitBackend {
 }
 
 /// Starts a node that splits into the metadata group, one routing shard and `shards`
-/// conversation shards, a member alone, and serves it as `server::start` serves a node
-/// of one group.
+/// conversation shards, alone or as one of the cluster's first members (each group on
+/// every member), and serves it as `server::start` serves a node of one group.
 pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<RunningNode> {
     anyhow::ensure!((1..=64).contains(&shards), "--shards is 1 to 64 conversation shards, not {shards}");
-    anyhow::ensure!(options.members.is_empty() && !options.join, "a split node runs alone for now: several members are not built yet");
+    anyhow::ensure!(!options.join, "adding a node to a split cluster is not built yet");
+    if !options.members.is_empty() && !options.members.iter().any(|(id, _)| *id == options.node_id) {
+        anyhow::bail!("node {} is not among the cluster's members", options.node_id);
+    }
     std::fs::create_dir_all(&options.data_dir).with_context(|| format!("create {}", options.data_dir.display()))?;
     let lock_path = options.data_dir.join("switchboard.lock");
     let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
@@ -378,7 +382,13 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
         None => switchboard_raft::tls::ensure_member(&options.data_dir.join("certs"), &name, &[])?,
     };
     let endpoint = switchboard_raft::tls::endpoint(&identity, options.raft_addr).context("bind raft endpoint")?;
-    let members = BTreeMap::from([(options.node_id, endpoint.local_addr()?.to_string())]);
+    // A member alone, or the cluster's first members (the same list in every member's
+    // file): every group is replicated on all of them.
+    let members: BTreeMap<u64, String> = if options.members.is_empty() {
+        BTreeMap::from([(options.node_id, endpoint.local_addr()?.to_string())])
+    } else {
+        options.members.iter().cloned().collect()
+    };
     let mut node = SplitNode::member(&options.data_dir, options.node_id, endpoint, &members, shards).await?;
     node.forward();
     let node = Arc::new(node);
