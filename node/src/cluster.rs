@@ -405,6 +405,33 @@ pub fn add_node(dir: &Path, host: Option<&str>) -> anyhow::Result<PathBuf> {
 /// `status` as lines for a person.
 pub fn describe(status: &serde_json::Value) -> String {
     let mut out = String::new();
+    // A split node (ADR 0006): one line per group, then the members.
+    if let Some(groups) = status.get("groups").and_then(|g| g.as_array()) {
+        let shards = status.pointer("/split/shards").map(|v| v.to_string()).unwrap_or_default();
+        out.push_str(&format!("node {}, split into {} groups ({shards} conversation shards):\n", status.get("node").map(|v| v.to_string()).unwrap_or_default(), groups.len()));
+        for g in groups {
+            let field = |k: &str| g.get(k).map(|v| if v.is_null() { "none".to_string() } else { v.to_string() }).unwrap_or_default();
+            out.push_str(&format!(
+                "  group {} ({}): {} here, leader {}, term {}, applied {} of {}, leader changes {}, letters in flight {}\n",
+                field("group"),
+                g.get("part").and_then(|v| v.as_str()).unwrap_or("?"),
+                g.get("role").and_then(|v| v.as_str()).unwrap_or("?"),
+                field("leader"),
+                field("term"),
+                field("last_applied"),
+                field("last_log"),
+                field("leader_changes"),
+                field("letters_in_flight"),
+            ));
+        }
+        for member in status.get("members").and_then(|m| m.as_array()).into_iter().flatten() {
+            let id = member.get("id").map(|v| v.to_string()).unwrap_or_default();
+            let addr = member.get("raft_addr").and_then(|v| v.as_str()).unwrap_or("?");
+            let kind = if member.get("voter").and_then(|v| v.as_bool()) == Some(true) { "voter" } else { "learner" };
+            out.push_str(&format!("  member {id} at {addr}: {kind}\n"));
+        }
+        return out;
+    }
     let get = |k: &str| status.get(k).map(|v| if v.is_null() { "none".to_string() } else { v.to_string() }).unwrap_or_default();
     out.push_str(&format!(
         "node {} ({}) in group {}: leader {}, term {}, applied {} of {}\n",
@@ -433,6 +460,22 @@ pub fn describe(status: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_nodes_status_reads_one_line_per_group() {
+        let status = serde_json::json!({
+            "node": 1, "split": {"shards": 1}, "leader": 2, "term": 3,
+            "members": [{"id": 1, "raft_addr": "127.0.0.1:9002", "voter": true}],
+            "groups": [
+                {"group": 1, "part": "directory", "role": "leader", "leader": 1, "term": 3, "last_log": 39, "last_applied": 39, "leader_changes": 0, "letters_in_flight": 0},
+                {"group": 3, "part": "conversations 0", "role": "follower", "leader": null, "term": 2, "last_log": 10, "last_applied": 9, "leader_changes": 2, "letters_in_flight": 4},
+            ],
+        });
+        let text = describe(&status);
+        assert!(text.starts_with("node 1, split into 2 groups (1 conversation shards):\n"), "{text}");
+        assert!(text.contains("  group 3 (conversations 0): follower here, leader none, term 2, applied 9 of 10, leader changes 2, letters in flight 4\n"), "{text}");
+        assert!(text.ends_with("  member 1 at 127.0.0.1:9002: voter\n"), "{text}");
+    }
 
     #[test]
     fn the_documented_example_configuration_reads() {
