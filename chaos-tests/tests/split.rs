@@ -136,9 +136,41 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     let texts: Vec<&str> = view["history"].as_array().map(|h| h.iter().filter_map(|e| e["text"].as_str()).collect()).unwrap_or_default();
     assert_eq!(texts, ["Where is my parcel?", "It left the depot this morning.", "Thank you!"], "{view}");
 
-    // The visitor closes; routing frees alice (letter `Release`).
-    visitor.send(&json!({"type": "close"})).await?;
+    // Alice transfers it to bob (decided by routing, written by the conversation's
+    // shard); bob's desk gets it with the whole history and the transfer entry.
+    // Room for the waiting conversations' offers and the transfer (a directory write).
+    let (_, operators) = dev.api("GET", "/api/operators", Some(&admin), None).await?;
+    let bob_now = operators["operators"].as_array().and_then(|o| o.iter().find(|o| o["id"] == "bob").cloned()).unwrap_or_default();
+    let roomy = json!({"name": bob_now["name"], "capacity": 5, "groups": bob_now["groups"]});
+    let (status, body) = dev.api("PUT", "/api/operators/bob", Some(&admin), Some(roomy)).await?;
+    assert_eq!(status, 200, "{body}");
+    let (mut bob, _) = desk(&dev, "bob", None).await?;
+    set_presence(&mut bob, "online").await?;
+    alice.send(&json!({"type": "transfer", "conversation": conversation, "to_operator": "bob", "comment": "parcel question", "ref": "t"})).await?;
+    let moved = alice.wait_for(WAIT, |v| v["ref"] == "t").await?;
+    assert_eq!(moved["type"], "ok", "{moved}");
     let released = next_event(&mut alice, "released").await?;
+    assert_eq!(released["conversation"].as_u64(), Some(conversation));
+    let handed = next_event(&mut bob, "assigned").await?;
+    assert_eq!(handed["conversation"].as_u64(), Some(conversation), "{handed}");
+    // The transfer's entries are written by the conversation's shard when routing's
+    // letter reaches it: in the `assigned` history if that was first, else in an
+    // `assigned` of the shard's feed that completes it.
+    let transfer_in = |v: &Value| v["history"].as_array().is_some_and(|h| h.iter().any(|e| e["kind"] == "transferred" && e["to_operator"] == "bob"));
+    if !transfer_in(&handed) {
+        let completed = bob.wait_for(WAIT, |v| v["kind"] == "assigned" && transfer_in(v)).await?;
+        assert_eq!(completed["feed"], shard_feed.as_str(), "{completed}");
+    }
+    // Alice's socket stays open and quiet about it.
+    alice.send(&json!({"type": "ping"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "pong").await?;
+    let reply = json!({"type": "send", "conversation": conversation, "key": "b-1", "text": "Bob here.", "ref": "b-1"});
+    let answer = until_answered(&mut bob, &reply, "b-1", &["not_assigned"]).await?;
+    assert_eq!(answer["type"], "ack", "{answer}");
+
+    // The visitor closes; routing frees bob (letter `Release`).
+    visitor.send(&json!({"type": "close"})).await?;
+    let released = next_event(&mut bob, "released").await?;
     assert_eq!(released["conversation"].as_u64(), Some(conversation));
 
     // Per group Raft figures and letters in flight.
@@ -159,7 +191,7 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     assert_eq!(status, 200, "{view}");
     assert_eq!(view["status"]["state"], "closed", "{view}");
     let texts: Vec<&str> = view["history"].as_array().map(|h| h.iter().filter_map(|e| e["text"].as_str()).collect()).unwrap_or_default();
-    assert_eq!(texts, ["Where is my parcel?", "It left the depot this morning.", "Thank you!"]);
+    assert_eq!(texts, ["Where is my parcel?", "It left the depot this morning.", "Thank you!", "Bob here."]);
     for other in waiting {
         let (status, view) = dev.api("GET", &format!("/api/conversations/{other}"), Some(&admin), None).await?;
         assert_eq!(status, 200, "{view}");

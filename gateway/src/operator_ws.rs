@@ -113,8 +113,9 @@ struct FeedReader {
 
 impl FeedReader {
     /// Renders one page of the feed's new items into `frames_out`; returns how many
-    /// items it read (taken or skipped).
-    fn page(&mut self, operator: &OperatorId, backend: &dyn crate::Backend, frames_out: &mut Vec<Value>) -> usize {
+    /// items it read (taken or skipped). `shown` is, per conversation assigned to the
+    /// operator on a split node, how far its history went out with its `assigned`.
+    fn page(&mut self, operator: &OperatorId, backend: &dyn crate::Backend, shown: &mut std::collections::HashMap<ConversationId, u64>, frames_out: &mut Vec<Value>) -> usize {
         let shard = &self.shard;
         let entries = match shard.feed_since(operator, self.last, ws::PAGE) {
             Ok(Some(entries)) => entries,
@@ -135,20 +136,42 @@ impl FeedReader {
         let read = entries.len();
         for entry in entries {
             self.last = entry.seq;
-            if !self.kinds.takes(&entry.item) {
-                continue;
-            }
-            let history = match &entry.item {
+            let history = match (&entry.item, self.kinds) {
                 // A routing shard's `history_upto` counts its own copy of the entries: the
                 // conversation's shard is read up to what it holds now, and the entries it
                 // mirrors after that come in its feed (the desk merges by entry seq).
-                FeedItem::Assigned { conversation, .. } if self.kinds == crate::FeedKinds::Routing => {
+                (FeedItem::Assigned { conversation, .. }, crate::FeedKinds::Routing) => {
                     let upto = backend.conversation_shard(*conversation).conversation(*conversation).ok().flatten().map_or(0, |c| c.last_seq());
+                    shown.insert(*conversation, upto);
                     Some((history_upto(backend, *conversation, upto), upto))
                 }
-                FeedItem::Assigned { conversation, history_upto: upto } => Some((history_upto(backend, *conversation, *upto), *upto)),
+                (FeedItem::Released { conversation }, crate::FeedKinds::Routing) => {
+                    shown.remove(conversation);
+                    None
+                }
+                // The conversation's shard applied the assignment after the routing feed's
+                // `assigned` went out: the entries it wrote for it (a transfer's, say) went
+                // to nobody's feed yet. They go out now, as an `assigned` of this feed.
+                (FeedItem::Assigned { conversation, history_upto: upto }, crate::FeedKinds::Conversation) => match shown.get(conversation).copied() {
+                    Some(from) if from < *upto => {
+                        shown.insert(*conversation, *upto);
+                        let missing = match backend.conversation_shard(*conversation).history(*conversation, from, (*upto - from) as usize) {
+                            Ok(entries) => entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect(),
+                            Err(e) => {
+                                tracing::error!(conversation = conversation.0, error = %e, "history cannot be read");
+                                Vec::new()
+                            }
+                        };
+                        Some((missing, *upto))
+                    }
+                    _ => continue,
+                },
+                (FeedItem::Assigned { conversation, history_upto: upto }, _) => Some((history_upto(backend, *conversation, *upto), *upto)),
                 _ => None,
             };
+            if !self.kinds.takes(&entry.item) && history.is_none() {
+                continue;
+            }
             let upto = history.as_ref().map(|(_, upto)| *upto);
             let mut frame = frames::operator_event(&entry, history.map(|(h, _)| h));
             if let Some(upto) = upto {
@@ -544,15 +567,16 @@ impl Session for OperatorSession {
         self.gw.operator_sockets.opened(&self.operator);
         self.counted = true;
         let operator = self.operator.clone();
+        let mut shown = std::collections::HashMap::new();
         let pull = Box::new(move || {
             let mut frames_out = Vec::new();
             // The routing feed first, and the others only once it is caught up: an
             // `assigned` reaches the desk before the entries of that conversation that a
             // conversation shard mirrors to its new holder after it.
             let (routing, others) = readers.split_at_mut(1);
-            if routing[0].page(&operator, backend.as_ref(), &mut frames_out) < ws::PAGE {
+            if routing[0].page(&operator, backend.as_ref(), &mut shown, &mut frames_out) < ws::PAGE {
                 for reader in others {
-                    reader.page(&operator, backend.as_ref(), &mut frames_out);
+                    reader.page(&operator, backend.as_ref(), &mut shown, &mut frames_out);
                 }
             }
             frames_out

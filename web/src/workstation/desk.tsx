@@ -5,7 +5,7 @@ import { visibleRange, scrollToRow } from '../shared/virtual';
 import { listboxTarget } from '../shared/keys';
 import { ClockIcon, PaperclipIcon } from '../shared/icons';
 import type { LinkState } from '../shared/socket';
-import { offerSecondsLeft, offerWaitedMs, offerWindowMs, transferToMe, sortedConvs, totalUnread, wrapUpSecondsLeft, type Conv, type OpState } from './operator-state';
+import { offerSecondsLeft, offerWaitedMs, offerWindowMs, transferToMe, historySaysMine, sortedConvs, totalUnread, wrapUpSecondsLeft, type Conv, type OpState } from './operator-state';
 import { OperatorSession } from './operator-session';
 import { PRESENCES, type Channel, type LoginInfo, type MyConversation, type Presence } from './types';
 import { Inspector } from './inspector';
@@ -85,7 +85,10 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
   }, [state.offers]);
 
   // A conversation that comes by a transfer says so, with who sent it and their note.
+  // Until its history says how it became ours (on a split cluster those entries may
+  // follow the assignment by a moment), it is looked at again, for 10 s at most.
   const seenConvs = useRef<Set<number> | null>(null);
+  const undecided = useRef(new Map<number, number>());
   useEffect(() => {
     if (!state.me) return;
     if (seenConvs.current == null) {
@@ -93,11 +96,22 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
       seenConvs.current = new Set(state.convs.keys());
       return;
     }
+    const now = Date.now();
     for (const c of state.convs.values()) {
       if (seenConvs.current.has(c.id) || !c.loaded) continue;
-      seenConvs.current.add(c.id);
       const transfer = transferToMe(c, state.me.operator);
-      if (!transfer) continue;
+      if (!transfer) {
+        const since = undecided.current.get(c.id) ?? now;
+        if (historySaysMine(c, state.me.operator) || now - since > 10_000) {
+          seenConvs.current.add(c.id);
+          undecided.current.delete(c.id);
+        } else {
+          undecided.current.set(c.id, since);
+        }
+        continue;
+      }
+      seenConvs.current.add(c.id);
+      undecided.current.delete(c.id);
       const visitor = c.visitor || t('visitor');
       setTransfers((list) => [...list.filter((x) => x.conversation !== c.id), { conversation: c.id, visitor, ...transfer }]);
       alerts.alert(t('transfer_alert_title'), t('transfer_in', { from: transfer.from, visitor }) + (transfer.comment ? ': ' + transfer.comment : ''), 'transfer-' + c.id);

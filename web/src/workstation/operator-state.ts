@@ -47,6 +47,13 @@ export function transferToMe(c: Conv, me: string): { from: string; comment: stri
   return null;
 }
 
+/** Whether the conversation's history already says it is `me`'s (its `assigned` or a
+ *  `transferred` to `me`). On a split cluster the entries that say so may come a
+ *  moment after the routing feed's `assigned`. */
+export function historySaysMine(c: Conv, me: string): boolean {
+  return c.entries.some((e) => (e.kind === 'assigned' && e.operator === me) || (e.kind === 'transferred' && e.to_operator === me));
+}
+
 /** The whole answer window of an offer (deadline minus when it was made). */
 export function offerWindowMs(o: Offer): number {
   const made = o.at ?? o.made_at;
