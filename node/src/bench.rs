@@ -86,6 +86,11 @@ pub struct BenchArgs {
     /// members in this process.
     #[arg(long)]
     pub(crate) split: Option<u64>,
+    /// The benchmarked node (or each node of `--nodes`) runs ADR 0006's split with this
+    /// many conversation shards (`dev --shards`, `cluster init --shards`), through the
+    /// same sockets; operators follow it with protocol 2.
+    #[arg(long)]
+    pub(crate) shards: Option<u64>,
 }
 
 pub(crate) struct Child {
@@ -130,6 +135,7 @@ pub(crate) async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
         .arg("--data-dir")
         .arg(&data_dir)
         .args(&args.node_args)
+        .args(args.shards.map(|n| vec!["--shards".to_string(), n.to_string()]).unwrap_or_default())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

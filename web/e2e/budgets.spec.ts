@@ -161,7 +161,7 @@ test('no request storm when the operator reconnects after a 5 s drop', async ({ 
   expect(sockets.length).toBeGreaterThanOrEqual(2);
   expect(sockets.length).toBeLessThanOrEqual(6);
   // A socket that closes before its hello costs one GET /api/me (is the token still good?);
-  // resuming with ?last_seq= needs no REST at all. So at most one request per refused
+  // resuming with ?cursor= needs no REST at all. So at most one request per refused
   // socket: 5, and nothing but /api/me.
   expect(http.length).toBeLessThanOrEqual(5);
   expect(http.filter((r) => r !== 'GET /api/me')).toEqual([]);

@@ -220,8 +220,10 @@ test('the operator reconnects after a network drop and misses nothing', async ({
   await expect(alice.getByTestId('reconnect-banner')).toHaveCount(0, { timeout: 40_000 });
   await expect(alice.getByTestId('message').filter({ hasText: 'Written while you were offline' })).toHaveCount(1);
   await expect(alice.getByTestId('message').filter({ hasText: 'Before the drop' })).toHaveCount(1);
-  expect(urls[0]).not.toContain('last_seq');
-  expect(urls[urls.length - 1]).toMatch(/last_seq=\d+/);
+  // Protocol 2: a fresh desk names no cursor; a reconnecting one resumes each feed.
+  expect(urls[0]).toContain('protocol=2');
+  expect(urls[0]).not.toContain('cursor=');
+  expect(urls[urls.length - 1]).toMatch(/cursor=r\.\d+/);
   // A handful of attempts, not a storm.
   expect(urls.length).toBeLessThan(8);
 });
