@@ -348,3 +348,55 @@ async fn a_split_cluster_carries_on_when_a_conversation_shards_leader_is_killed(
     .await?;
     Ok(())
 }
+
+/// A split cluster behind a standalone gateway: the visitor's and the operator's
+/// (protocol 2) sockets are relayed to one member, which is killed (SIGKILL) mid-chat.
+/// The gateway re-pins both on a survivor, the operator's desk by the cursor of what it
+/// delivered from each feed: both sockets stay open, every message arrives once, and
+/// each feed's events keep going up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_moves_protocol_2_sockets_of_a_split_cluster_when_their_member_dies() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start_split(dir.path(), 3, Some(2)).await?;
+    let gateway = cluster.start_gateway(0).await?;
+    let (mut alice, _) = desk(&gateway, "alice", None).await?;
+    set_presence(&mut alice, "online").await?;
+    let (mut visitor, conversation, _) = gateway.client("Dana").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    let accepted = until_answered(&mut alice, &json!({"type": "accept", "offer": offer["offer"], "ref": "accept"}), "accept", &[]).await?;
+    assert_eq!(accepted["type"], "ok", "{accepted}");
+    let first = until_answered(&mut visitor, &json!({"type": "send", "key": "m-1", "text": "first"}), "m-1", &[]).await?;
+    assert_eq!(first["type"], "ack", "{first}");
+    alice.wait_for(WAIT, |v| v["kind"] == "conversation" && v["entry"]["key"] == "m-1").await?;
+
+    // The member the gateway relays these sockets to.
+    let (_, view) = gateway.api("GET", "/api/gateway", None, None).await?;
+    let victim = view["members"].as_array().and_then(|m| m.iter().filter(|m| m["sockets"].as_u64().unwrap_or(0) > 0).max_by_key(|m| m["sockets"].as_u64())).and_then(|m| m["id"].as_u64());
+    let victim = victim.ok_or_else(|| anyhow::anyhow!("no member holds the sockets: {view}"))? as usize;
+    cluster.kill9(victim).await?;
+    for (i, text) in ["second", "third"].iter().enumerate() {
+        let key = format!("m-{}", i + 2);
+        let sent = until_answered(&mut visitor, &json!({"type": "send", "key": key, "text": text}), &key, &[]).await?;
+        assert_eq!(sent["type"], "ack", "{sent}");
+    }
+    let reply = json!({"type": "send", "conversation": conversation, "key": "r-1", "text": "all here", "ref": "r-1"});
+    let replied = until_answered(&mut alice, &reply, "r-1", &["not_assigned"]).await?;
+    assert_eq!(replied["type"], "ack", "{replied}");
+    visitor.wait_for(Duration::from_secs(20), |v| v["kind"] == "message" && v["text"] == "all here").await?;
+
+    // What the desk got: each visitor message once, and every feed's seq going up.
+    let mut events = Vec::new();
+    while let Ok(event) = alice.wait_for(Duration::from_millis(500), |v| v["type"] == "event").await {
+        events.push(event);
+    }
+    let keys: Vec<&str> = events.iter().filter(|e| e["kind"] == "conversation" && e["entry"]["from"] == "client").filter_map(|e| e["entry"]["key"].as_str()).collect();
+    assert_eq!(keys, ["m-2", "m-3"], "after the first, each visitor message once");
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for event in &events {
+        let (feed, seq) = (event["feed"].as_str().unwrap_or("?").to_owned(), event["seq"].as_u64().unwrap_or(0));
+        let before = last.insert(feed.clone(), seq);
+        assert!(before.is_none_or(|b| seq > b), "feed {feed} went from {before:?} to {seq}");
+    }
+    println!("node {victim} killed under the sockets; the desk then got {} events over feeds {:?}", events.len(), last.keys().collect::<Vec<_>>());
+    Ok(())
+}
