@@ -238,6 +238,10 @@ async fn protocol_2_on_a_node_of_one_group_is_one_feed() -> anyhow::Result<()> {
     visitor.send(&json!({"type": "send", "key": "v-2", "text": "Anyone there?"})).await?;
     let next = alice.wait_for(WAIT, |v| v["type"] == "event").await?;
     assert_eq!(next["entry"]["text"], "Anyone there?", "nothing before the cursor again: {next}");
+    // A cursor that names no feed replays each from its oldest retained event.
+    let (mut replay, _) = desk(&dev, "alice", Some(&BTreeMap::new())).await?;
+    let oldest = replay.wait_for(WAIT, |v| v["type"] == "event").await?;
+    assert_eq!((oldest["feed"].as_str(), oldest["seq"].as_u64()), (Some("r"), Some(1)), "{oldest}");
 
     let token = dev.login("alice").await?;
     for (query, why) in [
@@ -246,6 +250,8 @@ async fn protocol_2_on_a_node_of_one_group_is_one_feed() -> anyhow::Result<()> {
         ("cursor=r.1", "a cursor under protocol 1"),
         ("protocol=2&last_seq=4", "last_seq under protocol 2"),
         ("protocol=3", "a protocol not served"),
+        ("protocol=two", "a protocol that is not a number"),
+        ("cursor=r.1&last_seq=2", "a cursor and last_seq"),
     ] {
         match WsClient::connect(&dev.private, &format!("/ws/operator?token={token}&{query}"), None).await {
             Err(switchboard_gateway::client::ClientError::Handshake(message)) => assert!(message.contains("400"), "{why}: {message}"),

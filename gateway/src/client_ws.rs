@@ -315,7 +315,7 @@ impl ClientSession {
                 // this node has not applied yet: catch up before answering. Without a
                 // leader to catch up with, the answer is "try again", not a verdict.
                 if found.is_none_or(|(last, _)| last_seq > last) {
-                    if let Err(e) = self.gw.backend.read_barrier().await {
+                    if let Err(e) = self.gw.backend.conversation_barrier(conversation).await {
                         return Err(frames::error("unavailable", &format!("this node cannot catch up with the cluster right now ({e}); resume again"), None));
                     }
                     found = read()?;

@@ -108,6 +108,19 @@ pub trait Backend: Send + Sync + 'static {
     /// call (one round trip to the leader): for a read that must not miss one, such as
     /// a visitor resuming on a node that lags behind the one they came from.
     fn read_barrier(&self) -> BoxFuture<Result<(), String>>;
+    /// [`Backend::read_barrier`] for the directory only (users, sessions): what a login
+    /// needs. On a split node, the metadata group's.
+    fn directory_barrier(&self) -> BoxFuture<Result<(), String>> {
+        self.read_barrier()
+    }
+    /// [`Backend::read_barrier`] for routing state only (offers, holders).
+    fn routing_barrier(&self) -> BoxFuture<Result<(), String>> {
+        self.read_barrier()
+    }
+    /// [`Backend::read_barrier`] for conversation `id`'s entries only.
+    fn conversation_barrier(&self, _id: ConversationId) -> BoxFuture<Result<(), String>> {
+        self.read_barrier()
+    }
     /// Removes node `id` from the cluster's group (through its leader).
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>>;
     /// Looks for a file on the other members (one this node missed while it was down).

@@ -25,7 +25,7 @@ use crate::Gateway;
 pub(crate) struct ConnectParams {
     token: Option<String>,
     last_seq: Option<u64>,
-    protocol: Option<u32>,
+    protocol: Option<String>,
     cursor: Option<String>,
 }
 
@@ -47,13 +47,19 @@ pub(crate) async fn upgrade(
         }
         Err(refusal) => return refusal,
     };
-    let protocol = params.protocol.unwrap_or(1);
-    if !(1..=2).contains(&protocol) {
-        return (StatusCode::BAD_REQUEST, format!("protocol {protocol} is not served; 1 and 2 are")).into_response();
-    }
+    let protocol = match params.protocol.as_deref() {
+        None => 1,
+        Some(text) => match text.parse::<u32>() {
+            Ok(p @ 1..=2) => p,
+            _ => {
+                let shown: String = text.chars().take(16).collect();
+                return (StatusCode::BAD_REQUEST, format!("protocol {shown} is not served; 1 and 2 are")).into_response();
+            }
+        },
+    };
     let resume = match (params.cursor.as_deref(), params.last_seq) {
-        (Some(_), _) if protocol < 2 => return (StatusCode::BAD_REQUEST, "cursor goes with protocol=2; protocol 1 resumes with last_seq").into_response(),
         (Some(_), Some(_)) => return (StatusCode::BAD_REQUEST, "give cursor or last_seq, not both").into_response(),
+        (Some(_), _) if protocol < 2 => return (StatusCode::BAD_REQUEST, "cursor goes with protocol=2; protocol 1 resumes with last_seq").into_response(),
         (Some(text), None) => match parse_cursor(text) {
             Ok(cursor) => Resume::Cursor(cursor),
             Err(e) => return (StatusCode::BAD_REQUEST, format!("bad cursor: {e}")).into_response(),
@@ -152,7 +158,13 @@ impl FeedReader {
                 // The conversation's shard applied the assignment after the routing feed's
                 // `assigned` went out: the entries it wrote for it (a transfer's, say) went
                 // to nobody's feed yet. They go out now, as an `assigned` of this feed.
-                (FeedItem::Assigned { conversation, history_upto: upto }, crate::FeedKinds::Conversation) => match shown.get(conversation).copied() {
+                (FeedItem::Assigned { conversation, history_upto: upto }, crate::FeedKinds::Conversation) => match shown.get(conversation).copied().or_else(|| {
+                    // A socket that did not send this conversation's `assigned` (it opened
+                    // or resumed after that) completes it from the start if it is still
+                    // the operator's: the desk merges entries by their seq.
+                    let held = backend.shard().read().operators.get(operator).is_some_and(|op| op.active.contains(conversation));
+                    held.then_some(0)
+                }) {
                     Some(from) if from < *upto => {
                         shown.insert(*conversation, *upto);
                         let missing = match backend.conversation_shard(*conversation).history(*conversation, from, (*upto - from) as usize) {
@@ -240,6 +252,9 @@ pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conv: &Convers
     };
     conv.handled_by.contains(operator)
         || conv.assigned() == Some(operator)
+        // On a split node `conv` is the conversation shard's copy, which learns of an
+        // assignment by letter: the routing state (`state`) knows first.
+        || state.operators.get(operator).is_some_and(|op| op.active.contains(&conversation))
         || state.offers.values().any(|o| o.conversation == conversation && &o.operator == operator)
         || serving_same_visitor()
 }
@@ -317,7 +332,7 @@ impl OperatorSession {
                 Ok(_) => return Ok(()),
                 Err(switchboard_actors::Error::OfferGone(o)) => {
                     // The leader answered from state this node may not have applied yet.
-                    if self.gw.backend.read_barrier().await.is_ok() && self.holds_offered(offer) {
+                    if self.gw.backend.routing_barrier().await.is_ok() && self.holds_offered(offer) {
                         return Ok(());
                     }
                     return Err(frames::error("offer_gone", &switchboard_actors::Error::OfferGone(o).to_string(), reference));
@@ -525,12 +540,17 @@ impl Session for OperatorSession {
         let mut readers = Vec::with_capacity(feeds.len());
         let mut cursor = serde_json::Map::new();
         for (i, feed) in feeds.into_iter().enumerate() {
-            let last = if i == 0 { routing_last } else { feed.shard.read().operators.get(&self.operator).map_or(0, |op| op.feed.last_seq) };
+            let (last, first) = {
+                let state = feed.shard.read();
+                let op = state.operators.get(&self.operator);
+                (if i == 0 { routing_last } else { op.map_or(0, |op| op.feed.last_seq) }, op.map_or(1, |op| op.feed.first_retained()))
+            };
             // A resume point ahead of the feed cannot be honoured: start from now.
             let start = match &self.resume {
                 Resume::Fresh => last,
                 Resume::From(seq) => (*seq).min(last),
-                Resume::Cursor(at) => at.get(&feed.name).map_or(0, |seq| (*seq).min(last)),
+                // A feed the cursor does not name: from its oldest retained item.
+                Resume::Cursor(at) => at.get(&feed.name).map_or(first.saturating_sub(1).min(last), |seq| (*seq).min(last)),
             };
             cursor.insert(feed.name.clone(), json!(last));
             readers.push(FeedReader { name: (self.protocol >= 2).then(|| feed.name.clone()), shard: feed.shard, kinds: feed.kinds, last: start });
@@ -574,9 +594,17 @@ impl Session for OperatorSession {
             // `assigned` reaches the desk before the entries of that conversation that a
             // conversation shard mirrors to its new holder after it.
             let (routing, others) = readers.split_at_mut(1);
-            if routing[0].page(&operator, backend.as_ref(), &mut shown, &mut frames_out) < ws::PAGE {
-                for reader in others {
-                    reader.page(&operator, backend.as_ref(), &mut shown, &mut frames_out);
+            // A full page whose items were all left out (another feed's kinds) renders
+            // nothing: read on, or the writer would wait for the next wake-up.
+            loop {
+                let mut full = routing[0].page(&operator, backend.as_ref(), &mut shown, &mut frames_out) >= ws::PAGE;
+                if !full {
+                    for reader in others.iter_mut() {
+                        full |= reader.page(&operator, backend.as_ref(), &mut shown, &mut frames_out) >= ws::PAGE;
+                    }
+                }
+                if !frames_out.is_empty() || !full {
+                    break;
                 }
             }
             frames_out

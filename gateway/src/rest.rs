@@ -199,7 +199,7 @@ async fn login(
     let attempt = gw.throttle.begin(&req.login, crate::budget::client_address(peer.ip()))?;
     // On every node alike: a user just created, or a password just changed, through
     // another member counts here at once. Without a leader the node's own state answers.
-    let _ = gw.backend.read_barrier().await;
+    let _ = gw.backend.directory_barrier().await;
     let user = {
         let shard = gw.backend.directory_shard();
         let state = shard.read();

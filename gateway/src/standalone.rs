@@ -815,6 +815,8 @@ struct Feeds {
 
 /// Parses a `cursor` query value (`r.44,c0.17`); the member checks it again.
 fn parse_feeds(text: &str) -> BTreeMap<String, u64> {
+    // Commas may come percent-encoded; nothing else in a cursor needs encoding.
+    let text = text.replace("%2C", ",").replace("%2c", ",");
     text.split(',').filter_map(|p| p.split_once('.')).filter_map(|(feed, seq)| Some((feed.to_owned(), seq.parse().ok()?))).collect()
 }
 
@@ -823,7 +825,7 @@ impl Tracker {
         let query = path.split_once('?').map(|(_, q)| q).unwrap_or_default();
         let param = |name: &str| query.split('&').find_map(|p| p.strip_prefix(name).and_then(|v| v.strip_prefix('=')));
         let requested = param("last_seq").and_then(|v| v.parse::<u64>().ok());
-        let feeds = (surface == Surface::Operator && param("protocol") == Some("2"))
+        let feeds = (surface == Surface::Operator && param("protocol").and_then(|v| v.parse::<u32>().ok()) == Some(2))
             .then(|| Box::new(Feeds { requested: param("cursor").map(parse_feeds), delivered: BTreeMap::new() }));
         Tracker { surface, token: None, last_seq: None, requested, feeds, resume_asked: None, pending: VecDeque::new(), pending_bytes: 0 }
     }

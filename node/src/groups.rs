@@ -227,6 +227,17 @@ impl SplitNode {
         let (peers, router) = (Peers::new(endpoint.clone()), Router::default());
         let rpc = switchboard_raft::network::serve(endpoint.clone(), router.clone());
         let host = Host { node_id, data_dir: dir, keyspace: &keyspace, snapshot_every: switchboard_raft::DEFAULT_SNAPSHOT_EVERY, peers: &peers, router: &router };
+        let nodes = members.iter().map(|(id, addr)| (*id, switchboard_raft::Node { addr: addr.clone() })).collect::<BTreeMap<_, _>>();
+        let initialize = |raft: Raft| {
+            let nodes = nodes.clone();
+            async move {
+                match raft.initialize(nodes).await {
+                    // Another member's vote or entries reached this one first.
+                    Ok(()) | Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+                    Err(e) => Err(anyhow::anyhow!("initialize a group: {e}")),
+                }
+            }
+        };
         let mut groups = BTreeMap::new();
         for id in ids {
             let group = host.open(id, part_of(id, shards)).await?;
@@ -234,18 +245,40 @@ impl SplitNode {
             // likely leads it: leaders start spread over the members.
             let creator = members.keys().nth((id as usize).saturating_sub(1) % members.len().max(1));
             if creator == Some(&node_id) && !group.raft.is_initialized().await? {
-                let nodes = members.iter().map(|(id, addr)| (*id, switchboard_raft::Node { addr: addr.clone() })).collect::<BTreeMap<_, _>>();
-                group.raft.initialize(nodes).await?;
+                initialize(group.raft.clone()).await?;
             }
             groups.insert(id, group);
         }
+        // A group whose creator has not reached this member within 2 s (it starts later,
+        // or is down at the cluster's first start) is started here too: the same member
+        // list on every member makes that safe (openraft elects one leader).
+        let wait_for_creators = tokio::time::Instant::now() + Duration::from_secs(2);
         for group in groups.values() {
-            group.raft.wait(Some(Duration::from_secs(20))).metrics(|m| m.current_leader.is_some(), "a leader").await?;
+            while !group.raft.is_initialized().await? && tokio::time::Instant::now() < wait_for_creators {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if !group.raft.is_initialized().await? {
+                initialize(group.raft.clone()).await?;
+            }
+        }
+        // Members of a cluster start one by one: a quorum may take a while.
+        for group in groups.values() {
+            group.raft.wait(Some(Duration::from_secs(60))).metrics(|m| m.current_leader.is_some(), "a leader").await?;
         }
         let node = SplitNode { node_id, groups, shards, peers, router, forwarders: Vec::new(), keyspace, endpoint, rpc };
+        // Idempotent: an outcome lost to a leader change at start is asked again, for a
+        // minute at most.
+        let adopt_until = tokio::time::Instant::now() + Duration::from_secs(60);
         for group in node.groups.values() {
             while group.shard.read().rules < switchboard_actors::core::RULES_VERSION {
-                group.proposer.submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }).await?;
+                match group.proposer.submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }).await {
+                    Ok(_) => {}
+                    Err(e) if tokio::time::Instant::now() < adopt_until => {
+                        tracing::info!(group = group.id, error = %e, "adopting the routing rules did not go through; asking again");
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    Err(e) => return Err(anyhow::anyhow!("group {}: adopt routing rules: {e}", group.id)),
+                }
             }
         }
         Ok(node)

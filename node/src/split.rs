@@ -134,12 +134,21 @@ impl SplitBackend {
     /// conversations of several shards (split into one command per shard) or that every
     /// group applies.
     fn route(&self, command: Command) -> Result<Vec<(GroupId, Command)>, switchboard_actors::Error> {
+        self.route_as(command, true)
+    }
+
+    /// [`SplitBackend::route`]; `advance: false` only looks (a visitor without an id
+    /// does not move the round robin on).
+    fn route_as(&self, command: Command, advance: bool) -> Result<Vec<(GroupId, Command)>, switchboard_actors::Error> {
         let one = |group: GroupId, command: Command| Ok(vec![(group, command)]);
         match placement::target(&command) {
             Target::Directory => one(G0, command),
             Target::Conversation(id) => one(self.conversation_group(id), command),
             Target::NewConversation { visitor: Some(visitor) } => one(self.by_hash(stable_hash(&[visitor.as_bytes()])), command),
-            Target::NewConversation { visitor: None } => one(self.by_hash(self.next.fetch_add(1, Relaxed)), command),
+            Target::NewConversation { visitor: None } => {
+                let turn = if advance { self.next.fetch_add(1, Relaxed) } else { self.next.load(Relaxed) };
+                one(self.by_hash(turn), command)
+            }
             Target::Sender { channel, sender } => one(self.by_hash(stable_hash(&[channel.as_str().as_bytes(), sender.as_bytes()])), command),
             Target::Operator(_) | Target::Group(_) | Target::ConversationRouting(_) | Target::OwnRoutingShard | Target::OperatorsByRoutingShard => {
                 one(R, command)
@@ -150,6 +159,9 @@ impl SplitBackend {
                     let mut by_group: BTreeMap<GroupId, Vec<_>> = BTreeMap::new();
                     for result in results {
                         by_group.entry(self.conversation_group(result.conversation)).or_default().push(result);
+                    }
+                    if by_group.is_empty() {
+                        return one(FIRST_C, Command::DeliveryResults { results: Vec::new() });
                     }
                     Ok(by_group.into_iter().map(|(group, results)| (group, Command::DeliveryResults { results })).collect())
                 }
@@ -165,6 +177,13 @@ impl SplitBackend {
             StreamKey::Conversation(id) => self.group(self.conversation_group(*id)).supervisor.clone(),
             StreamKey::Operator(_) | StreamKey::Group(_) | StreamKey::Floor => self.group(R).supervisor.clone(),
         }
+    }
+
+    /// Waits until this node has applied what group `id`'s leader had committed when
+    /// asked (one round trip).
+    fn barrier(&self, id: GroupId) -> BoxFuture<Result<(), String>> {
+        let (raft, peers) = (self.group(id).raft.clone(), self.node.peers.clone());
+        Box::pin(async move { switchboard_raft::network::read_barrier(&raft, &peers, id, Duration::from_secs(3)).await })
     }
 
     /// Letters a group posted that its destination has not confirmed yet.
@@ -203,7 +222,7 @@ impl Backend for SplitBackend {
     }
 
     fn shard_for(&self, command: &Command) -> Arc<Shard> {
-        match self.route(command.clone()) {
+        match self.route_as(command.clone(), false) {
             Ok(routed) => routed.first().map_or_else(|| self.shard(), |(g, _)| self.group(*g).shard.clone()),
             Err(_) => self.shard(),
         }
@@ -287,13 +306,25 @@ impl Backend for SplitBackend {
     }
 
     fn read_barrier(&self) -> BoxFuture<Result<(), String>> {
-        let (groups, peers) = (self.node.groups.values().map(|g| (g.id, g.raft.clone())).collect::<Vec<_>>(), self.node.peers.clone());
+        let barriers: Vec<_> = self.node.groups.keys().map(|id| self.barrier(*id)).collect();
         Box::pin(async move {
-            for (id, raft) in groups {
-                switchboard_raft::network::read_barrier(&raft, &peers, id, Duration::from_secs(3)).await?;
+            for result in futures::future::join_all(barriers).await {
+                result?;
             }
             Ok(())
         })
+    }
+
+    fn directory_barrier(&self) -> BoxFuture<Result<(), String>> {
+        self.barrier(G0)
+    }
+
+    fn routing_barrier(&self) -> BoxFuture<Result<(), String>> {
+        self.barrier(R)
+    }
+
+    fn conversation_barrier(&self, id: ConversationId) -> BoxFuture<Result<(), String>> {
+        self.barrier(self.conversation_group(id))
     }
 
     fn remove_member(&self, _id: u64) -> BoxFuture<Result<(), String>> {

@@ -51,7 +51,13 @@ export function transferToMe(c: Conv, me: string): { from: string; comment: stri
  *  `transferred` to `me`). On a split cluster the entries that say so may come a
  *  moment after the routing feed's `assigned`. */
 export function historySaysMine(c: Conv, me: string): boolean {
-  return c.entries.some((e) => (e.kind === 'assigned' && e.operator === me) || (e.kind === 'transferred' && e.to_operator === me));
+  // The latest entry that hands the conversation to someone: an earlier episode with
+  // the same operator does not count.
+  for (let i = c.entries.length - 1; i >= 0; i--) {
+    const e = c.entries[i];
+    if (e.kind === 'assigned' || e.kind === 'transferred') return e.kind === 'assigned' ? e.operator === me : e.to_operator === me;
+  }
+  return false;
 }
 
 /** The whole answer window of an offer (deadline minus when it was made). */
