@@ -191,6 +191,10 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
         assert!(metrics.contains(&format!("switchboard_raft_is_leader{{group=\"{group}\"}} 1")), "group {group} leads here:\n{metrics}");
     }
     assert!(metrics.contains("switchboard_mail_in_flight{from=\"3\",to=\"2\"}") || metrics.contains("switchboard_mail_in_flight{from=\"4\",to=\"2\"}"), "{metrics}");
+    // What a node of one group reports, from the split's groups.
+    for line in ["switchboard_operators{presence=\"online\"} 2", "switchboard_queue_waiting{skill_group=\"general\"}", "switchboard_outbox_entries 0", "switchboard_proposed_commands_total{group=\"3\"}"] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
 
     // kill -9 and start again: the closed conversation and the waiting ones are as they were.
     let waiting: Vec<u64> = clients.iter().map(|(_, c, _)| *c).collect();

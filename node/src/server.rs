@@ -352,6 +352,13 @@ struct ProposalCounts {
 }
 
 impl RaftProposer {
+    /// Commands proposed, log entries they went into, and entries forwarded to a leader
+    /// on another node.
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.counts.commands.load(Relaxed), self.counts.entries.load(Relaxed), self.counts.forwarded.load(Relaxed))
+    }
+
     pub(crate) fn start(group: u64, raft: Raft, node_id: u64, forwarder: Forwarder) -> Self {
         let (queue, proposals) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         let counts = Arc::new(ProposalCounts::default());
@@ -788,16 +795,7 @@ impl Backend for NodeBackend {
         let snapshot = m.snapshot.map(|l| l.index).unwrap_or(0);
         let _ = writeln!(out, "# HELP switchboard_raft_snapshot_index Last entry included in the newest snapshot.\n# TYPE switchboard_raft_snapshot_index gauge");
         let _ = writeln!(out, "switchboard_raft_snapshot_index{{group=\"{SHARD_GROUP}\"}} {snapshot}");
-        {
-            let outbox = &crate::outbox::METRICS;
-            let pending = self.shard.read().outbox.len();
-            let _ = writeln!(out, "# HELP switchboard_outbox_entries Outbox entries not sent yet (pending or being sent).\n# TYPE switchboard_outbox_entries gauge");
-            let _ = writeln!(out, "switchboard_outbox_entries {pending}");
-            let _ = writeln!(out, "# HELP switchboard_outbox_attempts_total Outcomes of this node's provider calls, by outcome.\n# TYPE switchboard_outbox_attempts_total counter");
-            for (outcome, counter) in [("sent", &outbox.sent), ("retry", &outbox.retried), ("failed", &outbox.failed), ("unknown", &outbox.unknown)] {
-                let _ = writeln!(out, "switchboard_outbox_attempts_total{{outcome=\"{outcome}\"}} {}", counter.load(std::sync::atomic::Ordering::Relaxed));
-            }
-        }
+        outbox_metrics(&mut out, self.shard.read().outbox.len());
         let membership = m.membership_config.membership();
         let _ = writeln!(out, "# HELP switchboard_raft_voters Voting members of the group, as this node knows them.\n# TYPE switchboard_raft_voters gauge");
         let _ = writeln!(out, "switchboard_raft_voters{{group=\"{SHARD_GROUP}\"}} {}", membership.voter_ids().count());
@@ -830,40 +828,59 @@ impl Backend for NodeBackend {
         let _ = writeln!(out, "switchboard_forwarded_entries_total{{group=\"{SHARD_GROUP}\"}} {}", counts.forwarded.load(std::sync::atomic::Ordering::Relaxed));
         let _ = writeln!(out, "# HELP switchboard_forwarded_unknown_total Forwarded entries whose answer was lost (the leader failed): their commands were answered unavailable.\n# TYPE switchboard_forwarded_unknown_total counter");
         let _ = writeln!(out, "switchboard_forwarded_unknown_total{{group=\"{SHARD_GROUP}\"}} {}", counts.forward_unknown.load(std::sync::atomic::Ordering::Relaxed));
+        routing_metrics(&mut out, &self.shard);
         let state = self.shard.read();
-        let queued: usize = state.groups.values().map(|g| g.queue.len()).sum();
-        let _ = writeln!(out, "# HELP switchboard_conversations_queued Conversations waiting in skill group queues.\n# TYPE switchboard_conversations_queued gauge");
-        let _ = writeln!(out, "switchboard_conversations_queued {queued}");
-        let _ = writeln!(out, "# HELP switchboard_conversations_open Open conversations (queued or assigned): the ones held in memory; closed ones are read from disk.\n# TYPE switchboard_conversations_open gauge");
-        let _ = writeln!(out, "switchboard_conversations_open {}", state.conversations.len());
-        let _ = writeln!(out, "# HELP switchboard_actors_active Entity actors running (conversations, operators, skill groups followed or with timers); idle ones stop.\n# TYPE switchboard_actors_active gauge");
-        let _ = writeln!(out, "switchboard_actors_active {}", self.shard.active_actors());
-        // Per queue, as supervisors see it: what an SLA alert rule needs.
-        let now = now_ms();
-        let _ = writeln!(out, "# HELP switchboard_queue_waiting Conversations queued in a skill group (waiting or offered).\n# TYPE switchboard_queue_waiting gauge");
-        for g in state.groups.values() {
-            let _ = writeln!(out, "switchboard_queue_waiting{{skill_group=\"{}\"}} {}", label(g.config.id.as_str()), g.queue.len());
-        }
-        let _ = writeln!(out, "# HELP switchboard_queue_longest_wait_seconds Age of the oldest queued conversation of a skill group.\n# TYPE switchboard_queue_longest_wait_seconds gauge");
-        let _ = writeln!(out, "# HELP switchboard_queue_over_sla Queued conversations of a skill group waiting longer than its SLA.\n# TYPE switchboard_queue_over_sla gauge");
-        for g in state.groups.values() {
-            let waits = g.queue.iter().filter_map(|(_, id)| state.conversations.get(id)).map(|c| now.millis_since(c.created_at));
-            let (longest, over) = waits.fold((0u64, 0u64), |(l, o), w| (l.max(w), o + u64::from(w > g.config.sla_ms)));
-            let id = label(g.config.id.as_str());
-            let _ = writeln!(out, "switchboard_queue_longest_wait_seconds{{skill_group=\"{id}\"}} {:.3}", longest as f64 / 1000.0);
-            let _ = writeln!(out, "switchboard_queue_over_sla{{skill_group=\"{id}\"}} {over}");
-        }
-        let _ = writeln!(out, "# HELP switchboard_operators Configured operators by presence.\n# TYPE switchboard_operators gauge");
-        for (presence, name) in [(Presence::Online, "online"), (Presence::Away, "away"), (Presence::Break, "break"), (Presence::Offline, "offline")] {
-            let n = state.operators.values().filter(|o| o.presence == presence).count();
-            let _ = writeln!(out, "switchboard_operators{{presence=\"{name}\"}} {n}");
-        }
-        let _ = writeln!(out, "# HELP switchboard_offers_pending Offers made and not yet answered.\n# TYPE switchboard_offers_pending gauge");
-        let _ = writeln!(out, "switchboard_offers_pending {}", state.offers.len());
         let _ = writeln!(out, "# HELP switchboard_routing_rules Routing rules version in force in the shard.\n# TYPE switchboard_routing_rules gauge");
         let _ = writeln!(out, "switchboard_routing_rules{{group=\"{SHARD_GROUP}\"}} {}", state.rules);
         out
     }
+}
+
+/// The outbox's figures: entries not sent yet (`pending`) and this process's provider
+/// calls by outcome.
+pub(crate) fn outbox_metrics(out: &mut String, pending: usize) {
+    let outbox = &crate::outbox::METRICS;
+    let _ = writeln!(out, "# HELP switchboard_outbox_entries Outbox entries not sent yet (pending or being sent).\n# TYPE switchboard_outbox_entries gauge");
+    let _ = writeln!(out, "switchboard_outbox_entries {pending}");
+    let _ = writeln!(out, "# HELP switchboard_outbox_attempts_total Outcomes of this node's provider calls, by outcome.\n# TYPE switchboard_outbox_attempts_total counter");
+    for (outcome, counter) in [("sent", &outbox.sent), ("retry", &outbox.retried), ("failed", &outbox.failed), ("unknown", &outbox.unknown)] {
+        let _ = writeln!(out, "switchboard_outbox_attempts_total{{outcome=\"{outcome}\"}} {}", counter.load(std::sync::atomic::Ordering::Relaxed));
+    }
+}
+
+/// Routing state's figures (queues, SLA, operators by presence, offers), from `shard`:
+/// the one group of a node, or a split node's routing shard.
+pub(crate) fn routing_metrics(out: &mut String, shard: &Shard) {
+    let state = shard.read();
+    let queued: usize = state.groups.values().map(|g| g.queue.len()).sum();
+    let _ = writeln!(out, "# HELP switchboard_conversations_queued Conversations waiting in skill group queues.\n# TYPE switchboard_conversations_queued gauge");
+    let _ = writeln!(out, "switchboard_conversations_queued {queued}");
+    let _ = writeln!(out, "# HELP switchboard_conversations_open Open conversations (queued or assigned): the ones held in memory; closed ones are read from disk.\n# TYPE switchboard_conversations_open gauge");
+    let _ = writeln!(out, "switchboard_conversations_open {}", state.conversations.len());
+    let _ = writeln!(out, "# HELP switchboard_actors_active Entity actors running (conversations, operators, skill groups followed or with timers); idle ones stop.\n# TYPE switchboard_actors_active gauge");
+    let _ = writeln!(out, "switchboard_actors_active {}", shard.active_actors());
+    // Per queue, as supervisors see it: what an SLA alert rule needs.
+    let now = now_ms();
+    let _ = writeln!(out, "# HELP switchboard_queue_waiting Conversations queued in a skill group (waiting or offered).\n# TYPE switchboard_queue_waiting gauge");
+    for g in state.groups.values() {
+        let _ = writeln!(out, "switchboard_queue_waiting{{skill_group=\"{}\"}} {}", label(g.config.id.as_str()), g.queue.len());
+    }
+    let _ = writeln!(out, "# HELP switchboard_queue_longest_wait_seconds Age of the oldest queued conversation of a skill group.\n# TYPE switchboard_queue_longest_wait_seconds gauge");
+    let _ = writeln!(out, "# HELP switchboard_queue_over_sla Queued conversations of a skill group waiting longer than its SLA.\n# TYPE switchboard_queue_over_sla gauge");
+    for g in state.groups.values() {
+        let waits = g.queue.iter().filter_map(|(_, id)| state.conversations.get(id)).map(|c| now.millis_since(c.created_at));
+        let (longest, over) = waits.fold((0u64, 0u64), |(l, o), w| (l.max(w), o + u64::from(w > g.config.sla_ms)));
+        let id = label(g.config.id.as_str());
+        let _ = writeln!(out, "switchboard_queue_longest_wait_seconds{{skill_group=\"{id}\"}} {:.3}", longest as f64 / 1000.0);
+        let _ = writeln!(out, "switchboard_queue_over_sla{{skill_group=\"{id}\"}} {over}");
+    }
+    let _ = writeln!(out, "# HELP switchboard_operators Configured operators by presence.\n# TYPE switchboard_operators gauge");
+    for (presence, name) in [(Presence::Online, "online"), (Presence::Away, "away"), (Presence::Break, "break"), (Presence::Offline, "offline")] {
+        let n = state.operators.values().filter(|o| o.presence == presence).count();
+        let _ = writeln!(out, "switchboard_operators{{presence=\"{name}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP switchboard_offers_pending Offers made and not yet answered.\n# TYPE switchboard_offers_pending gauge");
+    let _ = writeln!(out, "switchboard_offers_pending {}", state.offers.len());
 }
 
 /// A Prometheus label value: backslash, quote and newline escaped.

@@ -381,12 +381,21 @@ impl Backend for SplitBackend {
         }
         let _ = writeln!(out, "# HELP switchboard_mail_retries_total Letters this node's forwarders sent again after a failed try.\n# TYPE switchboard_mail_retries_total counter");
         let _ = writeln!(out, "switchboard_mail_retries_total {}", crate::groups::MAIL_RETRIES.load(Relaxed));
-        let state = self.group(R).shard.read();
-        let queued: usize = state.groups.values().map(|g| g.queue.len()).sum();
-        let _ = writeln!(out, "# HELP switchboard_conversations_queued Conversations waiting in skill group queues.\n# TYPE switchboard_conversations_queued gauge");
-        let _ = writeln!(out, "switchboard_conversations_queued {queued}");
-        let _ = writeln!(out, "# HELP switchboard_offers_pending Offers made and not yet answered.\n# TYPE switchboard_offers_pending gauge");
-        let _ = writeln!(out, "switchboard_offers_pending {}", state.offers.len());
+        let _ = writeln!(out, "# HELP switchboard_proposed_commands_total Commands proposed to the group.\n# TYPE switchboard_proposed_commands_total counter");
+        for g in self.node.groups.values() {
+            let _ = writeln!(out, "switchboard_proposed_commands_total{{group=\"{}\"}} {}", g.id, g.proposer.counts().0);
+        }
+        let _ = writeln!(out, "# HELP switchboard_proposed_entries_total Log entries those commands were written in (group commit puts several in one).\n# TYPE switchboard_proposed_entries_total counter");
+        for g in self.node.groups.values() {
+            let _ = writeln!(out, "switchboard_proposed_entries_total{{group=\"{}\"}} {}", g.id, g.proposer.counts().1);
+        }
+        let _ = writeln!(out, "# HELP switchboard_forwarded_entries_total Entries this node sent to the group's leader on another node (attempts).\n# TYPE switchboard_forwarded_entries_total counter");
+        for g in self.node.groups.values() {
+            let _ = writeln!(out, "switchboard_forwarded_entries_total{{group=\"{}\"}} {}", g.id, g.proposer.counts().2);
+        }
+        let pending: usize = (0..self.node.shards).map(|k| self.group(FIRST_C + k).shard.read().outbox.len()).sum();
+        server::outbox_metrics(&mut out, pending);
+        server::routing_metrics(&mut out, &self.group(R).shard);
         out
     }
 }
