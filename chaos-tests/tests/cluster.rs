@@ -356,6 +356,37 @@ async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<
     Ok(())
 }
 
+/// What [`offer_on_a_follower`] set up.
+struct OfferOnFollower {
+    leader: usize,
+    /// The follower alice's desk is on, and the other one (the visitor's).
+    a: usize,
+    b: usize,
+    alice: WsClient,
+    offer: serde_json::Value,
+    conversation: u64,
+    _client: WsClient,
+}
+
+/// On a cluster of three: the general group offers for `offer_timeout_ms`; alice is
+/// online with her desk on one follower, and a visitor on the other follower has just
+/// been offered to her.
+async fn offer_on_a_follower(cluster: &Cluster, offer_timeout_ms: u64) -> anyhow::Result<OfferOnFollower> {
+    let leader = cluster.leader().await?;
+    let others: Vec<usize> = (1..=3).filter(|id| *id != leader).collect();
+    let (a, b) = (others[0], others[1]);
+    let admin = cluster.node(a).login("admin").await?;
+    let body = json!({"name": "General", "offer_timeout_ms": offer_timeout_ms});
+    let (status, body) = cluster.node(a).api("PUT", "/api/skill-groups/general", Some(&admin), Some(body)).await?;
+    assert_eq!(status, 200, "{body}");
+    let (mut alice, _) = cluster.node(a).operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (client, conversation, _) = cluster.node(b).client("Waiting").await?;
+    let offer = alice.wait_for(WAIT, |v| v["kind"] == "offer").await?;
+    assert_eq!(offer["conversation"].as_u64(), Some(conversation));
+    Ok(OfferOnFollower { leader, a, b, alice, offer, conversation, _client: client })
+}
+
 /// An offer made under one leader expires under the next: the new leader's actors arm
 /// the timer from the deadline stored in the state, and the conversation goes on to
 /// the next operator (I4 across a failover).
@@ -363,21 +394,7 @@ async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<
 async fn an_offer_made_before_a_failover_expires_after_it() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut cluster = Cluster::start(dir.path(), 3).await?;
-    let leader = cluster.leader().await?;
-    let others: Vec<usize> = (1..=3).filter(|id| *id != leader).collect();
-    let (a, b) = (others[0], others[1]);
-    let admin = cluster.node(a).login("admin").await?;
-    let (status, body) = cluster
-        .node(a)
-        .api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General", "offer_timeout_ms": 4000})))
-        .await?;
-    assert_eq!(status, 200, "{body}");
-
-    let (mut alice, _) = cluster.node(a).operator("alice").await?;
-    set_presence(&mut alice, "online").await?;
-    let (_client, conversation, _) = cluster.node(b).client("Waiting").await?;
-    let offer = alice.wait_for(WAIT, |v| v["kind"] == "offer").await?;
-    assert_eq!(offer["conversation"].as_u64(), Some(conversation));
+    let OfferOnFollower { leader, b, mut alice, conversation, _client, .. } = offer_on_a_follower(&cluster, 4000).await?;
     // Bob comes online only now, so the conversation can only reach him through the
     // expiry of alice's offer.
     let (mut bob, _) = cluster.node(b).operator("bob").await?;
@@ -404,21 +421,7 @@ async fn an_offer_made_before_a_failover_expires_after_it() -> anyhow::Result<()
 async fn an_accept_sent_while_the_cluster_stalls_still_takes_the_offer() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::start(dir.path(), 3).await?;
-    let leader = cluster.leader().await?;
-    let others: Vec<usize> = (1..=3).filter(|id| *id != leader).collect();
-    let (a, b) = (others[0], others[1]);
-    let admin = cluster.node(a).login("admin").await?;
-    let (status, body) = cluster
-        .node(a)
-        .api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General", "offer_timeout_ms": 1000})))
-        .await?;
-    assert_eq!(status, 200, "{body}");
-
-    let (mut alice, _) = cluster.node(a).operator("alice").await?;
-    set_presence(&mut alice, "online").await?;
-    let (_client, conversation, _) = cluster.node(b).client("Waiting").await?;
-    let offer = alice.wait_for(WAIT, |v| v["kind"] == "offer").await?;
-    assert_eq!(offer["conversation"].as_u64(), Some(conversation));
+    let OfferOnFollower { leader, a, b, mut alice, offer, conversation, _client } = offer_on_a_follower(&cluster, 1000).await?;
 
     let signal = |sig: &'static str, node: usize| {
         let pid = cluster.node(node).pid().map(|p| p.to_string());
