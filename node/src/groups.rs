@@ -35,6 +35,8 @@ pub(crate) struct HostedGroup {
     pub(crate) shard: Arc<Shard>,
     pub(crate) proposer: RaftProposer,
     pub(crate) supervisor: ractor::ActorRef<SupervisorMsg>,
+    /// Changes of the group's leader this node saw (to another node, or to none).
+    pub(crate) leader_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What every group on a node shares.
@@ -62,12 +64,19 @@ impl Host<'_> {
         hold_elections_after_restart(&raft, self.router, id).await?;
         let proposer = RaftProposer::start(id, raft.clone(), self.node_id, Forwarder::new(self.peers.clone()));
         let supervisor = ShardSupervisor::start(SupervisorArgs { shard: shard.clone(), proposer: Arc::new(proposer.clone()), leader: false }).await?;
-        // The actors follow this node's leadership of the group.
-        let (mut metrics, node_id, watched) = (raft.metrics(), self.node_id, supervisor.clone());
+        // The actors follow this node's leadership of the group; its changes are counted.
+        let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (mut metrics, node_id, watched, changes) = (raft.metrics(), self.node_id, supervisor.clone(), leader_changes.clone());
         tokio::spawn(async move {
             let mut was_leader = None;
+            let mut last_leader = metrics.borrow().current_leader;
             loop {
-                let leads = metrics.borrow().current_leader == Some(node_id);
+                let leader = metrics.borrow().current_leader;
+                if leader != last_leader {
+                    changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    last_leader = leader;
+                }
+                let leads = leader == Some(node_id);
                 if was_leader != Some(leads) {
                     if watched.cast(SupervisorMsg::Leadership(leads)).is_err() {
                         return;
@@ -79,7 +88,7 @@ impl Host<'_> {
                 }
             }
         });
-        Ok(HostedGroup { id, raft, shard, proposer, supervisor })
+        Ok(HostedGroup { id, raft, shard, proposer, supervisor, leader_changes })
     }
 }
 

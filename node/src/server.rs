@@ -651,6 +651,45 @@ pub(crate) async fn replicate_file(
     Ok(())
 }
 
+/// Looks for file `id` on the group's other members (`others`, from [`file_targets`]).
+pub(crate) async fn fetch_file(others: Vec<(String, bool)>, peers: Peers, id: String) -> Option<Vec<u8>> {
+    for (addr, _) in others {
+        match peers.get_file(&addr, &id, FILE_COPY_FOR).await {
+            Ok(Some(bytes)) => return Some(bytes),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(%addr, error = %e, "file fetch failed"),
+        }
+    }
+    None
+}
+
+/// Attachment files follow their conversation out when retention deletes it from
+/// `shard`.
+pub(crate) fn remove_files_with_their_conversations(shard: &Shard, blobs: switchboard_gateway::attachments::BlobStore) {
+    shard.on_deleted_attachments(move |ids| {
+        let blobs = blobs.clone();
+        tokio::spawn(async move {
+            for id in ids {
+                blobs.remove(&id).await;
+            }
+        });
+    });
+}
+
+/// What this member tells gateways polling it: the leader and members of `raft`'s
+/// group (the routing shard's on a split node) and whether the gateway serves.
+pub(crate) fn report_status(router: &Router, raft: Raft, node_id: u64, gateway: Arc<Gateway>) {
+    router.set_status(Arc::new(move || {
+        let m = raft.metrics().borrow().clone();
+        switchboard_raft::network::MemberStatus {
+            node: node_id,
+            leader: m.current_leader,
+            members: m.membership_config.membership().nodes().map(|(id, node)| (*id, node.addr.clone())).collect(),
+            ready: gateway.ready(),
+        }
+    }));
+}
+
 /// The attachment files of this node, served to peers: what they push before
 /// committing a record, and what a member that missed a file fetches.
 struct NodeFiles(switchboard_gateway::attachments::BlobStore);
@@ -737,18 +776,7 @@ impl Backend for NodeBackend {
     }
 
     fn fetch_file(&self, id: String) -> BoxFuture<Option<Vec<u8>>> {
-        let (others, _) = self.file_targets();
-        let peers = self.peers.clone();
-        Box::pin(async move {
-            for (addr, _) in others {
-                match peers.get_file(&addr, &id, FILE_COPY_FOR).await {
-                    Ok(Some(bytes)) => return Some(bytes),
-                    Ok(None) => {}
-                    Err(e) => tracing::debug!(%addr, error = %e, "file fetch failed"),
-                }
-            }
-            None
-        })
+        Box::pin(fetch_file(self.file_targets().0, self.peers.clone(), id))
     }
 
     fn cluster(&self) -> serde_json::Value {
@@ -1097,30 +1125,8 @@ std::fs::create_dir_all(&options.data_dir)?;
     }
     let edge = open_edge(&options, backend, &router).await?;
     let gateway = edge.gateway.clone();
-    {
-        // Attachment files follow their conversation out when retention deletes it.
-        let blobs = gateway.blobs.clone();
-        shard.on_deleted_attachments(move |ids| {
-            let blobs = blobs.clone();
-            tokio::spawn(async move {
-                for id in ids {
-                    blobs.remove(&id).await;
-                }
-            });
-        });
-    }
-    {
-        let (gateway, raft, node_id) = (gateway.clone(), raft.clone(), options.node_id);
-        router.set_status(Arc::new(move || {
-            let m = raft.metrics().borrow().clone();
-            switchboard_raft::network::MemberStatus {
-                node: node_id,
-                leader: m.current_leader,
-                members: m.membership_config.membership().nodes().map(|(id, node)| (*id, node.addr.clone())).collect(),
-                ready: gateway.ready(),
-            }
-        }));
-    }
+    remove_files_with_their_conversations(&shard, gateway.blobs.clone());
+    report_status(&router, raft.clone(), options.node_id, gateway.clone());
     let Edge { public_addr, private_addr, smtp_addr, mut listeners, shutdown, .. } = edge;
     listeners.extend([
         rpc_server,

@@ -89,31 +89,13 @@ pub(crate) struct SplitBackend {
     node: Arc<SplitNode>,
     /// Where a new conversation of a visitor without an id goes next (round robin).
     next: AtomicU64,
-    /// Per group, the changes of its leader this node saw.
-    leader_changes: BTreeMap<GroupId, Arc<AtomicU64>>,
     /// Files being copied to the other members at once.
     copying: Arc<tokio::sync::Semaphore>,
 }
 
 impl SplitBackend {
     fn new(node: Arc<SplitNode>) -> SplitBackend {
-        let mut leader_changes = BTreeMap::new();
-        for (id, group) in &node.groups {
-            let counter = Arc::new(AtomicU64::new(0));
-            leader_changes.insert(*id, counter.clone());
-            let mut metrics = group.raft.metrics();
-            tokio::spawn(async move {
-                let mut last = metrics.borrow().current_leader;
-                while metrics.changed().await.is_ok() {
-                    let leader = metrics.borrow().current_leader;
-                    if leader != last {
-                        counter.fetch_add(1, Relaxed);
-                        last = leader;
-                    }
-                }
-            });
-        }
-        SplitBackend { node, next: AtomicU64::new(0), leader_changes, copying: Arc::new(tokio::sync::Semaphore::new(4)) }
+        SplitBackend { node, next: AtomicU64::new(0), copying: Arc::new(tokio::sync::Semaphore::new(4)) }
     }
 
     fn group(&self, id: GroupId) -> &HostedGroup {
@@ -277,7 +259,7 @@ impl Backend for SplitBackend {
                     "term": m.current_term,
                     "last_log": m.last_log_index,
                     "last_applied": m.last_applied.map(|l| l.index),
-                    "leader_changes": self.leader_changes.get(&g.id).map_or(0, |c| c.load(Relaxed)),
+                    "leader_changes": g.leader_changes.load(Relaxed),
                     "letters_in_flight": Self::letters_in_flight(&g.shard).values().sum::<usize>(),
                 })
             })
@@ -333,15 +315,7 @@ impl Backend for SplitBackend {
 
     fn fetch_file(&self, id: String) -> BoxFuture<Option<Vec<u8>>> {
         let (others, _) = server::file_targets(&self.group(R).raft, self.node.node_id);
-        let peers = self.node.peers.clone();
-        Box::pin(async move {
-            for (addr, _) in others {
-                if let Ok(Some(bytes)) = peers.get_file(&addr, &id, Duration::from_secs(10)).await {
-                    return Some(bytes);
-                }
-            }
-            None
-        })
+        Box::pin(server::fetch_file(others, self.node.peers.clone(), id))
     }
 
     fn metrics(&self) -> String {
@@ -367,7 +341,7 @@ impl Backend for SplitBackend {
                     2 => last_log,
                     3 => applied,
                     4 => last_log.saturating_sub(applied),
-                    5 => self.leader_changes.get(&g.id).map_or(0, |c| c.load(Relaxed)),
+                    5 => g.leader_changes.load(Relaxed),
                     _ => u64::from(g.shard.read().rules),
                 };
                 let _ = writeln!(out, "{name}{{group=\"{}\"}} {value}", g.id);
@@ -435,18 +409,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     let backend = Arc::new(SplitBackend::new(node.clone()));
     let edge = server::open_edge(&options, backend, &node.router).await?;
     let gateway = edge.gateway.clone();
-    {
-        let (gateway, node) = (gateway.clone(), node.clone());
-        node.router.clone().set_status(Arc::new(move || {
-            let m = node.groups[&R].raft.metrics().borrow().clone();
-            switchboard_raft::network::MemberStatus {
-                node: node.node_id,
-                leader: m.current_leader,
-                members: m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
-                ready: gateway.ready(),
-            }
-        }));
-    }
+    server::report_status(&node.router, node.groups[&R].raft.clone(), node.node_id, gateway.clone());
     let Edge { public_addr, private_addr, smtp_addr, mut listeners, shutdown, .. } = edge;
     let node_id = options.node_id;
     // The routing shard's timers: operators without a socket for the grace period.
@@ -456,15 +419,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     // Each conversation shard's: retention, inactivity, the channel delivery worker.
     for k in 0..shards {
         let c = &node.groups[&(FIRST_C + k)];
-        let blobs = gateway.blobs.clone();
-        c.shard.on_deleted_attachments(move |ids| {
-            let blobs = blobs.clone();
-            tokio::spawn(async move {
-                for id in ids {
-                    blobs.remove(&id).await;
-                }
-            });
-        });
+        server::remove_files_with_their_conversations(&c.shard, gateway.blobs.clone());
         listeners.push(tokio::spawn(server::retention_timer(c.raft.clone(), c.proposer.clone(), node_id, options.retention_every)));
         listeners.push(tokio::spawn(server::inactivity_timer(c.raft.clone(), c.proposer.clone(), c.shard.clone(), node_id)));
         listeners.push(tokio::spawn(crate::outbox::run(c.raft.clone(), Arc::new(c.proposer.clone()), c.shard.clone(), node_id, gateway.clone())));
