@@ -421,3 +421,118 @@ async fn a_gateway_moves_protocol_2_sockets_of_a_split_cluster_when_their_member
     println!("node {victim} killed under the sockets; the desk then got {} events over feeds {:?}", events.len(), last.keys().collect::<Vec<_>>());
     Ok(())
 }
+
+/// What a visitor writing steadily saw: the keys acknowledged in order, the errors it
+/// got, the longest wait for an ack, and whether its socket closed.
+#[derive(Default)]
+struct Writing {
+    acked: Vec<String>,
+    errors: Vec<Value>,
+    longest: Duration,
+    lost: bool,
+}
+
+/// Sends a message every 700 ms (well under the conversation's budget) until `stop`,
+/// each acknowledged before the next.
+async fn write_steadily(mut ws: WsClient, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Writing {
+    let mut run = Writing::default();
+    let mut n = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let key = format!("steady-{n}");
+        let sent = std::time::Instant::now();
+        if ws.send(&json!({"type": "send", "key": key, "text": format!("message {n}")})).await.is_err() {
+            run.lost = true;
+            break;
+        }
+        match ws.wait_for(Duration::from_secs(15), |v| (v["type"] == "ack" && v["key"] == key.as_str()) || (v["type"] == "error" && v["ref"] == key.as_str())).await {
+            Ok(v) if v["type"] == "ack" => {
+                run.longest = run.longest.max(sent.elapsed());
+                run.acked.push(key);
+                n += 1;
+            }
+            Ok(v) => {
+                run.errors.push(v);
+                n += 1;
+            }
+            Err(_) => {
+                run.lost = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    run
+}
+
+/// Every group's voters and leader as node `id` sees them: `(group, voters, leader)`.
+async fn placement(cluster: &Cluster, id: usize) -> anyhow::Result<Vec<(u64, Vec<u64>, Vec<u64>, Option<u64>)>> {
+    let status = cluster.status(id).await?;
+    let ids = |v: &Value| -> Vec<u64> { v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default() };
+    Ok(status["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| (g["group"].as_u64().unwrap_or(0), ids(&g["voters"]), ids(&g["learners"]), g["leader"].as_u64()))
+        .collect())
+}
+
+/// ADR 0006, "Placement": a fourth node joins a split cluster of three (metadata group,
+/// routing shard, two conversation shards) while a visitor writes. It follows every
+/// group, and `cluster rebalance` gives it its share: three voters per group, each node
+/// voting in three and leading one. Removed again, its votes go back to the others and
+/// it leaves every group. The visitor's socket stays open, every message is
+/// acknowledged (none refused), and each is in the conversation once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start_split(dir.path(), 3, Some(2)).await?;
+    let (visitor, conversation, _) = cluster.node(1).client("Erin").await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(write_steadily(visitor, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Node 4 starts from `cluster add-node`; it is ready once it follows every group.
+    let added = cluster.add_node().await?;
+    assert_eq!(added, 4);
+    let password = cluster.logins["admin"].clone();
+    let out = switchboard_chaos_tests::cli(["cluster", "rebalance", "--addr", &cluster.node(2).private], &[("SWITCHBOARD_PASSWORD", &password)]).await?;
+    println!("cluster rebalance:\n{}", String::from_utf8_lossy(&out));
+    let balanced = eventually(Duration::from_secs(60), Duration::from_millis(200), || async {
+        let groups = placement(&cluster, 1).await?;
+        let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut leads: BTreeMap<u64, usize> = BTreeMap::new();
+        for (_, voters, _, leader) in &groups {
+            for v in voters {
+                *votes.entry(*v).or_default() += 1;
+            }
+            if let Some(l) = leader {
+                *leads.entry(*l).or_default() += 1;
+            }
+        }
+        let every_member = groups.iter().all(|(_, voters, learners, _)| voters.len() == 3 && voters.len() + learners.len() == 4);
+        let even = (1..=4).all(|n| votes.get(&n) == Some(&3) && leads.get(&n) == Some(&1));
+        Ok((every_member && even).then_some(groups))
+    })
+    .await?;
+    println!("with node 4 (group, voters, learners, leader): {balanced:?}");
+
+    // Removed: its votes and leadership go back, and it leaves every group.
+    let out = switchboard_chaos_tests::cli(["cluster", "remove-node", "--addr", &cluster.node(2).private, "--id", "4"], &[("SWITCHBOARD_PASSWORD", &password)]).await?;
+    println!("cluster remove-node:\n{}", String::from_utf8_lossy(&out));
+    let back = placement(&cluster, 2).await?;
+    assert!(back.iter().all(|(_, voters, learners, leader)| voters == &[1, 2, 3] && learners.is_empty() && leader.is_some_and(|l| l != 4)), "{back:?}");
+    cluster.kill9(added).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let run = writer.await?;
+
+    println!("{} messages acknowledged while node 4 joined, took its share and left; longest wait for an ack {:?}", run.acked.len(), run.longest);
+    assert!(!run.lost, "the visitor's socket stayed open");
+    assert!(run.errors.is_empty(), "no message was refused: {:?}", run.errors);
+    let admin = cluster.node(3).login("admin").await?;
+    let (status, view) = cluster.node(3).api("GET", &format!("/api/conversations/{conversation}"), Some(&admin), None).await?;
+    assert_eq!(status, 200, "{view}");
+    let keys: Vec<String> = view["history"].as_array().into_iter().flatten().filter_map(|e| e["key"].as_str().map(str::to_owned)).filter(|k| k.starts_with("steady-")).collect();
+    assert_eq!(keys, run.acked, "every acknowledged message once, in order");
+    Ok(())
+}

@@ -123,6 +123,12 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Removes node `id` from the cluster's group (through its leader).
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>>;
+    /// Balances where the cluster's groups vote and lead now (`switchboard cluster
+    /// rebalance`); answers the steps taken. A cluster of one group has one leader and
+    /// every node votes: nothing to balance.
+    fn rebalance(&self) -> BoxFuture<Result<Vec<String>, String>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
     /// Looks for a file on the other members (one this node missed while it was down).
     fn fetch_file(&self, id: String) -> BoxFuture<Option<Vec<u8>>>;
     /// Node-level metrics in Prometheus text format.

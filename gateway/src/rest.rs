@@ -29,6 +29,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/metrics", get(metrics))
         .route("/api/cluster", get(cluster))
         .route("/api/cluster/members/{id}", axum::routing::delete(remove_member))
+        .route("/api/cluster/rebalance", axum::routing::post(rebalance))
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
         .route("/api/me", get(me))
@@ -101,6 +102,21 @@ async fn remove_member(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): P
     match gw.backend.remove_member(id).await {
         Ok(()) => Ok(Json(gw.backend.cluster()).into_response()),
         // No leader made it in time: the cluster may say yes later (503).
+        Err(why) if why.starts_with("no leader") => Err(GatewayError::Busy("no leader could make the change; try again")),
+        Err(why) => Err(GatewayError::Invalid(why)),
+    }
+}
+
+/// Balances the cluster's placement now (admin only): answers the steps taken and the
+/// cluster as it then is.
+async fn rebalance(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Response, GatewayError> {
+    staff.require(Role::Admin)?;
+    match gw.backend.rebalance().await {
+        Ok(steps) => {
+            let mut status = gw.backend.cluster();
+            status["steps"] = serde_json::json!(steps);
+            Ok(Json(status).into_response())
+        }
         Err(why) if why.starts_with("no leader") => Err(GatewayError::Busy("no leader could make the change; try again")),
         Err(why) => Err(GatewayError::Invalid(why)),
     }

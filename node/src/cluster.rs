@@ -316,14 +316,24 @@ pub async fn ready(private_addr: &str) -> bool {
 
 /// Removes node `id` through the node at `private_addr`, logged in as an admin.
 pub async fn remove_node(private_addr: &str, id: u64, login: &str, password: &str) -> anyhow::Result<serde_json::Value> {
+    admin_call(private_addr, login, password, "DELETE", &format!("/api/cluster/members/{id}"), &format!("removing node {id}")).await
+}
+
+/// Balances where a split cluster's groups vote and lead, through the node at
+/// `private_addr`, logged in as an admin; answers the cluster with the steps taken.
+pub async fn rebalance(private_addr: &str, login: &str, password: &str) -> anyhow::Result<serde_json::Value> {
+    admin_call(private_addr, login, password, "POST", "/api/cluster/rebalance", "rebalancing").await
+}
+
+async fn admin_call(private_addr: &str, login: &str, password: &str, method: &str, path: &str, what: &str) -> anyhow::Result<serde_json::Value> {
     let credentials = serde_json::json!({"login": login, "password": password});
     let token = match http(private_addr, "POST", "/api/login", None, Some(&credentials)).await? {
         (200, body) => body["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("the login answer has no token"))?,
         (code, body) => anyhow::bail!("login as {login} failed ({code}): {}", body["message"].as_str().unwrap_or_default()),
     };
-    match http(private_addr, "DELETE", &format!("/api/cluster/members/{id}"), Some(&token), None).await? {
+    match http(private_addr, method, path, Some(&token), None).await? {
         (200, status) => Ok(status),
-        (code, body) => anyhow::bail!("removing node {id} failed ({code}): {}", body["message"].as_str().unwrap_or_default()),
+        (code, body) => anyhow::bail!("{what} failed ({code}): {}", body["message"].as_str().unwrap_or_default()),
     }
 }
 
@@ -412,7 +422,7 @@ pub fn describe(status: &serde_json::Value) -> String {
         for g in groups {
             let field = |k: &str| g.get(k).map(|v| if v.is_null() { "none".to_string() } else { v.to_string() }).unwrap_or_default();
             out.push_str(&format!(
-                "  group {} ({}): {} here, leader {}, term {}, applied {} of {}, leader changes {}, letters in flight {}\n",
+                "  group {} ({}): {} here, leader {}, term {}, applied {} of {}, leader changes {}, letters in flight {}, voters {}\n",
                 field("group"),
                 g.get("part").and_then(|v| v.as_str()).unwrap_or("?"),
                 g.get("role").and_then(|v| v.as_str()).unwrap_or("?"),
@@ -422,6 +432,7 @@ pub fn describe(status: &serde_json::Value) -> String {
                 field("last_log"),
                 field("leader_changes"),
                 field("letters_in_flight"),
+                field("voters"),
             ));
         }
         for member in status.get("members").and_then(|m| m.as_array()).into_iter().flatten() {
@@ -468,12 +479,12 @@ mod tests {
             "members": [{"id": 1, "raft_addr": "127.0.0.1:9002", "voter": true}],
             "groups": [
                 {"group": 1, "part": "directory", "role": "leader", "leader": 1, "term": 3, "last_log": 39, "last_applied": 39, "leader_changes": 0, "letters_in_flight": 0},
-                {"group": 3, "part": "conversations 0", "role": "follower", "leader": null, "term": 2, "last_log": 10, "last_applied": 9, "leader_changes": 2, "letters_in_flight": 4},
+                {"group": 3, "part": "conversations 0", "role": "follower", "leader": null, "term": 2, "last_log": 10, "last_applied": 9, "leader_changes": 2, "letters_in_flight": 4, "voters": [1, 2, 3]},
             ],
         });
         let text = describe(&status);
         assert!(text.starts_with("node 1, split into 2 groups (1 conversation shards):\n"), "{text}");
-        assert!(text.contains("  group 3 (conversations 0): follower here, leader none, term 2, applied 9 of 10, leader changes 2, letters in flight 4\n"), "{text}");
+        assert!(text.contains("  group 3 (conversations 0): follower here, leader none, term 2, applied 9 of 10, leader changes 2, letters in flight 4, voters [1,2,3]\n"), "{text}");
         assert!(text.ends_with("  member 1 at 127.0.0.1:9002: voter\n"), "{text}");
     }
 

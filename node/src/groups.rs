@@ -62,7 +62,7 @@ impl Host<'_> {
         self.router.add(id, raft.clone());
         self.router.check_writes(id, Arc::new(restamp_forwarded));
         hold_elections_after_restart(&raft, self.router, id).await?;
-        let proposer = RaftProposer::start(id, raft.clone(), self.node_id, Forwarder::new(self.peers.clone()));
+        let proposer = RaftProposer::start(id, raft.clone(), self.node_id, Forwarder::new(self.peers.clone()), self.router.gate(id));
         let supervisor = ShardSupervisor::start(SupervisorArgs { shard: shard.clone(), proposer: Arc::new(proposer.clone()), leader: false }).await?;
         // The actors follow this node's leadership of the group; its changes are counted.
         let leader_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -219,7 +219,7 @@ impl SplitNode {
         let identity = switchboard_raft::tls::ensure_member(&dir.join("certs"), "node-1", &[])?;
         let endpoint = switchboard_raft::tls::endpoint(&identity, "127.0.0.1:0".parse()?)?;
         let members = BTreeMap::from([(1, endpoint.local_addr()?.to_string())]);
-        let mut node = Self::member(dir, 1, endpoint, &members, shards).await?;
+        let mut node = Self::member(dir, 1, endpoint, &members, shards, false).await?;
         if forward {
             node.forward();
         }
@@ -230,10 +230,15 @@ impl SplitNode {
     /// `endpoint`; `members` (node id to QUIC address, this node among them) replicate
     /// every group, and each group is created by one of them in turn (group `g` by the
     /// `(g - 1) mod n`-th), which spreads the first leaders over the members.
-    pub(crate) async fn member(dir: &Path, node_id: u64, endpoint: quinn::Endpoint, members: &BTreeMap<u64, String>, shards: u64) -> anyhow::Result<SplitNode> {
+    ///
+    /// With `join` (a node added to a running cluster, `cluster add-node`), it creates
+    /// nothing: on its first start it asks the members to let it follow the metadata
+    /// group, and the placement (`placement.rs`) makes it a member of every group.
+    pub(crate) async fn member(dir: &Path, node_id: u64, endpoint: quinn::Endpoint, members: &BTreeMap<u64, String>, shards: u64, join: bool) -> anyhow::Result<SplitNode> {
         let ids: Vec<GroupId> = [G0, R].into_iter().chain((0..shards).map(|k| FIRST_C + k)).collect();
         let keyspace = switchboard_raft::store::open_keyspace(&dir.join("records"), &ids)?;
         let (peers, router) = (Peers::new(endpoint.clone()), Router::default());
+        router.set_peers(peers.clone());
         let rpc = switchboard_raft::network::serve(endpoint.clone(), router.clone());
         let host = Host { node_id, data_dir: dir, keyspace: &keyspace, snapshot_every: switchboard_raft::DEFAULT_SNAPSHOT_EVERY, peers: &peers, router: &router };
         let nodes = members.iter().map(|(id, addr)| (*id, switchboard_raft::Node { addr: addr.clone() })).collect::<BTreeMap<_, _>>();
@@ -253,7 +258,7 @@ impl SplitNode {
             // Each group is created by a different member, which stands first and most
             // likely leads it: leaders start spread over the members.
             let creator = members.keys().nth((id as usize).saturating_sub(1) % members.len().max(1));
-            if creator == Some(&node_id) && !group.raft.is_initialized().await? {
+            if !join && creator == Some(&node_id) && !group.raft.is_initialized().await? {
                 initialize(group.raft.clone()).await?;
             }
             groups.insert(id, group);
@@ -261,8 +266,11 @@ impl SplitNode {
         // A group whose creator has not reached this member within 2 s (it starts later,
         // or is down at the cluster's first start) is started here too: the same member
         // list on every member makes that safe (openraft elects one leader).
+        if join {
+            Self::follow(&peers, node_id, members, &groups).await?;
+        }
         let wait_for_creators = tokio::time::Instant::now() + Duration::from_secs(2);
-        for group in groups.values() {
+        for group in groups.values().filter(|_| !join) {
             while !group.raft.is_initialized().await? && tokio::time::Instant::now() < wait_for_creators {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -293,6 +301,39 @@ impl SplitNode {
         Ok(node)
     }
 
+    /// A joining node's first start: asks the members to let it follow the metadata
+    /// group, then waits until the placement made it a member of every group and it
+    /// caught up with each (saying so every 10 s).
+    async fn follow(peers: &Peers, node_id: u64, members: &BTreeMap<u64, String>, groups: &BTreeMap<GroupId, HostedGroup>) -> anyhow::Result<()> {
+        let g0 = &groups[&G0].raft;
+        if !g0.is_initialized().await? {
+            let others: Vec<String> = members.iter().filter(|(id, _)| **id != node_id).map(|(_, a)| a.clone()).collect();
+            let Some(own) = members.get(&node_id).cloned() else { anyhow::bail!("node {node_id} is not in its own `members`") };
+            crate::server::join_cluster(peers, node_id, &others, G0, switchboard_raft::members::Change::Learn { id: node_id, addr: own }).await?;
+        }
+        let started = tokio::time::Instant::now();
+        for group in groups.values() {
+            loop {
+                let ready = group
+                    .raft
+                    .wait(Some(Duration::from_secs(10)))
+                    .metrics(
+                        |m| m.membership_config.membership().get_node(&node_id).is_some() && m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= m.last_log_index,
+                        "a member of the group, caught up",
+                    )
+                    .await;
+                match ready {
+                    Ok(_) => break,
+                    Err(_) if started.elapsed() < Duration::from_secs(600) => {
+                        tracing::info!(group = group.id, waited_s = started.elapsed().as_secs(), "waiting for the placement to add this node to the group");
+                    }
+                    Err(_) => anyhow::bail!("group {} did not take this node within 10 minutes", group.id),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `members` members in this process, each with its own data folder under `root`
     /// (`n1`, `n2`…) and QUIC endpoint (mutual TLS from one cluster CA in `root/certs`),
     /// every group replicated on all of them, forwarders running.
@@ -309,7 +350,7 @@ impl SplitNode {
         }
         let starts = endpoints.into_iter().enumerate().map(|(i, endpoint)| {
             let (dir, addresses) = (root.join(format!("n{}", i + 1)), addresses.clone());
-            async move { SplitNode::member(&dir, i as u64 + 1, endpoint, &addresses, shards).await }
+            async move { SplitNode::member(&dir, i as u64 + 1, endpoint, &addresses, shards, false).await }
         });
         let mut nodes = futures::future::join_all(starts).await.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
         for node in &mut nodes {
@@ -509,6 +550,73 @@ mod tests {
             }
         }
         panic!("group {group}: not committed after 100 tries: {last:?}");
+    }
+
+    /// `Change::Lead`: the conversation shard's leadership is handed to each of the
+    /// other members in turn while messages are written through a third; every write is
+    /// answered (none refused, none lost) and lands once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leadership_is_handed_on_while_messages_are_written() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let nodes = Arc::new(three_members(root.path()).await);
+        for command in directory() {
+            submit(&nodes[0], G0, command).await;
+        }
+        until(&nodes[0], FIRST_C, "the web channel arrives", |s| s.channels.contains_key(&ChannelId::new("web"))).await;
+        let start = Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: visitor("v-lead") };
+        let Reply::Started { conversation } = submit(&nodes[0], FIRST_C, start).await else { panic!("not started") };
+        // A writer on each node, for as long as the hand-overs take.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..3)
+            .map(|i| {
+                let (nodes, stop) = (nodes.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut keys = Vec::new();
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let key = format!("w{i}-{n}");
+                        let message = Command::PostClientMessage { conversation, key: key.clone(), text: "hi".into(), attachments: vec![] };
+                        match nodes[i].submit(FIRST_C, message).await {
+                            Ok(Reply::Message { .. }) => keys.push(key),
+                            other => panic!("{key} was answered {other:?} while leadership moved"),
+                        }
+                        n += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    keys
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let leader = |nodes: &[SplitNode]| nodes.iter().find(|n| n.leads(FIRST_C)).map(|n| n.node_id);
+        for _ in 0..3 {
+            let from = leader(&nodes).expect("a leader");
+            let to = if from == 3 { 1 } else { from + 1 };
+            let asked = &nodes[(to as usize) - 1];
+            let started = std::time::Instant::now();
+            switchboard_raft::members::apply_anywhere(&asked.router, &asked.peers, FIRST_C, switchboard_raft::members::Change::Lead { to }, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("leadership of group {FIRST_C} from node {from} to node {to}: {e}"));
+            assert!(nodes[(to as usize) - 1].leads(FIRST_C), "node {to} leads now");
+            println!("group {FIRST_C}: node {from} handed its leadership to node {to} in {:?}", started.elapsed());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut written = Vec::new();
+        for w in writers {
+            written.extend(w.await.expect("writer"));
+        }
+        assert!(written.len() > 30, "writes went on: {}", written.len());
+        let history = nodes[1].groups[&FIRST_C].shard.history(conversation, 0, 100_000).expect("history");
+        for key in &written {
+            let copies = history.iter().filter(|e| matches!(&e.item, switchboard_actors::state::HistoryItem::ClientMessage { key: k, .. } if k == key)).count();
+            assert_eq!(copies, 1, "{key} is there once");
+        }
+        if let Ok(nodes) = Arc::try_unwrap(nodes) {
+            for node in nodes {
+                node.stop().await.expect("stops");
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

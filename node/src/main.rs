@@ -11,6 +11,7 @@ mod cluster;
 mod demo;
 mod groups;
 mod outbox;
+mod placement;
 mod server;
 mod split;
 
@@ -202,6 +203,31 @@ enum ClusterCmd {
     AddNode(AddNodeArgs),
     /// Remove a node from the running cluster (as an admin); stop it afterwards.
     RemoveNode(RemoveNodeArgs),
+    /// Balance where a split cluster's groups vote and lead, now (as an admin).
+    Rebalance(RebalanceArgs),
+}
+
+#[derive(Args)]
+struct RebalanceArgs {
+    /// Any member's private listener.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    addr: String,
+    /// An admin login.
+    #[arg(long, default_value = "admin")]
+    login: String,
+    /// A file holding the admin's password (else $SWITCHBOARD_PASSWORD).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Print the cluster as JSON (with the steps taken) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn admin_password(file: &Option<PathBuf>) -> anyhow::Result<String> {
+    match file {
+        Some(path) => Ok(std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?.trim().to_owned()),
+        None => std::env::var("SWITCHBOARD_PASSWORD").map_err(|_| anyhow::anyhow!("give --password-file or set SWITCHBOARD_PASSWORD")),
+    }
 }
 
 #[derive(Args)]
@@ -550,13 +576,27 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
             Ok(())
         }
         ClusterCmd::RemoveNode(args) => {
-            let password = match &args.password_file {
-                Some(path) => std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?.trim().to_owned(),
-                None => std::env::var("SWITCHBOARD_PASSWORD").map_err(|_| anyhow::anyhow!("give --password-file or set SWITCHBOARD_PASSWORD"))?,
-            };
+            let password = admin_password(&args.password_file)?;
             let status = cluster::remove_node(&args.addr, args.id, &args.login, &password).await?;
             println!("node {} removed; stop its process", args.id);
             print!("{}", cluster::describe(&status));
+            Ok(())
+        }
+        ClusterCmd::Rebalance(args) => {
+            let password = admin_password(&args.password_file)?;
+            let status = cluster::rebalance(&args.addr, &args.login, &password).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                let steps: Vec<&str> = status["steps"].as_array().map(|s| s.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+                if steps.is_empty() {
+                    println!("balanced already: no step taken");
+                }
+                for step in steps {
+                    println!("{step}");
+                }
+                print!("{}", cluster::describe(&status));
+            }
             Ok(())
         }
         ClusterCmd::Status(args) => {

@@ -359,11 +359,13 @@ impl RaftProposer {
         (self.counts.commands.load(Relaxed), self.counts.entries.load(Relaxed), self.counts.forwarded.load(Relaxed))
     }
 
-    pub(crate) fn start(group: u64, raft: Raft, node_id: u64, forwarder: Forwarder) -> Self {
+    /// Starts the proposer of `group`; its entries pass `gate` (held while this node
+    /// hands the group's leadership on).
+    pub(crate) fn start(group: u64, raft: Raft, node_id: u64, forwarder: Forwarder, gate: switchboard_raft::network::Gate) -> Self {
         let (queue, proposals) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         let counts = Arc::new(ProposalCounts::default());
         let route = Route { group, raft, node_id, forwarder, counts: counts.clone() };
-        tokio::spawn(Self::batch(route, proposals, counts.clone()));
+        tokio::spawn(Self::batch(route, proposals, counts.clone(), gate));
         RaftProposer { queue, counts }
     }
 
@@ -373,7 +375,7 @@ impl RaftProposer {
         result.await.map_err(|_| switchboard_actors::Error::Commit("the proposer dropped the command".into()))?
     }
 
-    async fn batch(route: Route, mut proposals: tokio::sync::mpsc::Receiver<Proposal>, counts: Arc<ProposalCounts>) {
+    async fn batch(route: Route, mut proposals: tokio::sync::mpsc::Receiver<Proposal>, counts: Arc<ProposalCounts>, gate: switchboard_raft::network::Gate) {
         // A command that did not fit the last entry opens the next one.
         let mut carried: Option<Proposal> = None;
         let in_flight = Arc::new(tokio::sync::Semaphore::new(ENTRIES_IN_FLIGHT));
@@ -436,6 +438,8 @@ impl RaftProposer {
                     continue;
                 }
             };
+            // While leadership is handed on, entries wait and then go to the new leader.
+            gate.pass().await;
             if !route.leads() {
                 // Another node leads (or nobody does yet): forward the entry there.
                 let route = route.clone();
@@ -768,10 +772,10 @@ impl Backend for NodeBackend {
     }
 
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>> {
-        let (raft, peers) = (self.raft.clone(), self.peers.clone());
+        let (router, peers) = (self.router.clone(), self.peers.clone());
         Box::pin(async move {
             let change = switchboard_raft::members::Change::Leave { id };
-            switchboard_raft::members::apply_anywhere(&raft, &peers, SHARD_GROUP, change, Duration::from_secs(30)).await
+            switchboard_raft::members::apply_anywhere(&router, &peers, SHARD_GROUP, change, Duration::from_secs(30)).await
         })
     }
 
@@ -1029,12 +1033,13 @@ std::fs::create_dir_all(&options.data_dir)?;
     let peers = Peers::new(endpoint.clone());
     let raft = Raft::new(options.node_id, member_config(options.snapshot_every, options.node_id, SHARD_GROUP)?, NetworkFactory::with_peers(peers.clone(), SHARD_GROUP), log, sm).await?;
     let router = Router::default();
+    router.set_peers(peers.clone());
     router.add(SHARD_GROUP, raft.clone());
     router.check_writes(SHARD_GROUP, Arc::new(restamp_forwarded));
     let rpc_server = serve(endpoint.clone(), router.clone());
     hold_elections_after_restart(&raft, &router, SHARD_GROUP).await?;
 
-    let proposer = RaftProposer::start(SHARD_GROUP, raft.clone(), options.node_id, Forwarder::new(peers.clone()));
+    let proposer = RaftProposer::start(SHARD_GROUP, raft.clone(), options.node_id, Forwarder::new(peers.clone()), router.gate(SHARD_GROUP));
     let supervisor = ShardSupervisor::start(SupervisorArgs {
         shard: shard.clone(),
         proposer: Arc::new(proposer.clone()),
@@ -1051,7 +1056,9 @@ std::fs::create_dir_all(&options.data_dir)?;
             // The address the members were told to dial (a node bound to 0.0.0.0 is not
             // reachable at its local address).
             let own = options.members.iter().find(|(id, _)| *id == options.node_id).map(|(_, a)| a.clone()).unwrap_or_else(|| raft_addr.to_string());
-            join_cluster(&peers, &options, &own).await?;
+            let others: Vec<String> = options.members.iter().filter(|(id, _)| *id != options.node_id).map(|(_, addr)| addr.clone()).collect();
+            let change = switchboard_raft::members::Change::Join { id: options.node_id, addr: own };
+            join_cluster(&peers, options.node_id, &others, SHARD_GROUP, change).await?;
         }
     } else if first.is_some_and(|first| first != options.node_id) {
         for _ in 0..20 {
@@ -1320,12 +1327,10 @@ fn serve_http(
     tokio::spawn(switchboard_gateway::listener::serve(listener, router, limits, gateway.metrics.clone(), stop))
 }
 
-/// Asks the configured members, in turn, to admit this node (a learner until it caught
-/// up, then a voter), until one of them, or the leader it names, has.
-async fn join_cluster(peers: &Peers, options: &NodeOptions, own_addr: &str) -> anyhow::Result<()> {
-    use switchboard_raft::members::{Answer, Change};
-    let change = Change::Join { id: options.node_id, addr: own_addr.to_string() };
-    let others: Vec<&String> = options.members.iter().filter(|(id, _)| *id != options.node_id).map(|(_, addr)| addr).collect();
+/// Asks the `others` (QUIC addresses of running members), in turn, to make `change` in
+/// `group` (admit this node), until one of them, or the leader it names, has.
+pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String], group: u64, change: switchboard_raft::members::Change) -> anyhow::Result<()> {
+    use switchboard_raft::members::Answer;
     if others.is_empty() {
         anyhow::bail!("`join = true` needs the running members in `members`");
     }
@@ -1335,12 +1340,12 @@ async fn join_cluster(peers: &Peers, options: &NodeOptions, own_addr: &str) -> a
     loop {
         // Admission waits for this node to catch up with the group's log: minutes for a
         // large group, so the answer may take that long.
-        match peers.change_members(&target, SHARD_GROUP, change.clone(), Duration::from_secs(600)).await {
+        match peers.change_members(&target, group, change.clone(), Duration::from_secs(600)).await {
             Ok(Answer::Done) => {
-                info!(node = options.node_id, "admitted to the cluster");
+                info!(node = node_id, "admitted to the cluster");
                 return Ok(());
             }
-            Ok(Answer::Refused(why)) => anyhow::bail!("the cluster refused to admit node {}: {why}", options.node_id),
+            Ok(Answer::Refused(why)) => anyhow::bail!("the cluster refused to admit node {node_id}: {why}"),
             Ok(Answer::NotLeader(Some((_, leader)))) => {
                 target = leader.addr;
                 continue;

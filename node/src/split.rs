@@ -251,6 +251,9 @@ impl Backend for SplitBackend {
                     R => "routing".to_string(),
                     id => format!("conversations {}", id - FIRST_C),
                 };
+                let membership = m.membership_config.membership();
+                let voters: Vec<u64> = membership.voter_ids().collect();
+                let learners: Vec<u64> = membership.learner_ids().collect();
                 serde_json::json!({
                     "group": g.id,
                     "part": part,
@@ -259,17 +262,22 @@ impl Backend for SplitBackend {
                     "term": m.current_term,
                     "last_log": m.last_log_index,
                     "last_applied": m.last_applied.map(|l| l.index),
+                    "voters": voters,
+                    "learners": learners,
+                    "membership_log": m.membership_config.log_id().map(|l| l.index),
                     "leader_changes": g.leader_changes.load(Relaxed),
                     "letters_in_flight": Self::letters_in_flight(&g.shard).values().sum::<usize>(),
                 })
             })
             .collect();
+        // The cluster's nodes are the metadata group's members.
         let routing = self.group(R).raft.metrics().borrow().clone();
-        let members: Vec<serde_json::Value> = routing
+        let directory = self.group(G0).raft.metrics().borrow().clone();
+        let members: Vec<serde_json::Value> = directory
             .membership_config
             .membership()
             .nodes()
-            .map(|(id, node)| serde_json::json!({"id": id, "raft_addr": node.addr, "voter": routing.membership_config.membership().voter_ids().any(|v| v == *id)}))
+            .map(|(id, node)| serde_json::json!({"id": id, "raft_addr": node.addr, "voter": directory.membership_config.membership().voter_ids().any(|v| v == *id)}))
             .collect();
         serde_json::json!({
             "node": self.node.node_id,
@@ -309,8 +317,17 @@ impl Backend for SplitBackend {
         self.barrier(self.conversation_group(id))
     }
 
-    fn remove_member(&self, _id: u64) -> BoxFuture<Result<(), String>> {
-        Box::pin(async { Err("removing a member of a split node is not built yet".to_string()) })
+    fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>> {
+        let node = self.node.clone();
+        Box::pin(async move { crate::placement::remove(&node, id, Duration::from_secs(120)).await })
+    }
+
+    fn rebalance(&self) -> BoxFuture<Result<Vec<String>, String>> {
+        let node = self.node.clone();
+        Box::pin(async move {
+            let steps = crate::placement::settle(&node, true, Duration::from_secs(120)).await?;
+            Ok(steps.iter().map(|s| s.to_string()).collect())
+        })
     }
 
     fn fetch_file(&self, id: String) -> BoxFuture<Option<Vec<u8>>> {
@@ -355,6 +372,15 @@ impl Backend for SplitBackend {
         }
         let _ = writeln!(out, "# HELP switchboard_mail_retries_total Letters this node's forwarders sent again after a failed try.\n# TYPE switchboard_mail_retries_total counter");
         let _ = writeln!(out, "switchboard_mail_retries_total {}", crate::groups::MAIL_RETRIES.load(Relaxed));
+        let _ = writeln!(out, "# HELP switchboard_placement_steps_total Placement steps (a learner added, voters changed, a node dropped, a leadership handed on) this node took.\n# TYPE switchboard_placement_steps_total counter");
+        let _ = writeln!(out, "switchboard_placement_steps_total {}", crate::placement::STEPS.load(Relaxed));
+        let _ = writeln!(out, "# HELP switchboard_placement_steps_failed_total Placement steps this node tried that failed (tried again later).\n# TYPE switchboard_placement_steps_failed_total counter");
+        let _ = writeln!(out, "switchboard_placement_steps_failed_total {}", crate::placement::STEPS_FAILED.load(Relaxed));
+        let _ = writeln!(out, "# HELP switchboard_raft_is_voter Whether this node votes in the group (it follows the others as a learner).\n# TYPE switchboard_raft_is_voter gauge");
+        for g in self.node.groups.values() {
+            let votes = g.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == node_id);
+            let _ = writeln!(out, "switchboard_raft_is_voter{{group=\"{}\"}} {}", g.id, u64::from(votes));
+        }
         let _ = writeln!(out, "# HELP switchboard_proposed_commands_total Commands proposed to the group.\n# TYPE switchboard_proposed_commands_total counter");
         for g in self.node.groups.values() {
             let _ = writeln!(out, "switchboard_proposed_commands_total{{group=\"{}\"}} {}", g.id, g.proposer.counts().0);
@@ -379,7 +405,6 @@ impl Backend for SplitBackend {
 /// every member), and serves it as `server::start` serves a node of one group.
 pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<RunningNode> {
     anyhow::ensure!((1..=64).contains(&shards), "--shards is 1 to 64 conversation shards, not {shards}");
-    anyhow::ensure!(!options.join, "adding a node to a split cluster is not built yet");
     if !options.members.is_empty() && !options.members.iter().any(|(id, _)| *id == options.node_id) {
         anyhow::bail!("node {} is not among the cluster's members", options.node_id);
     }
@@ -403,9 +428,11 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     } else {
         options.members.iter().cloned().collect()
     };
-    let mut node = SplitNode::member(&options.data_dir, options.node_id, endpoint, &members, shards).await?;
+    let mut node = SplitNode::member(&options.data_dir, options.node_id, endpoint, &members, shards, options.join).await?;
     node.forward();
     let node = Arc::new(node);
+    // Whichever node leads the metadata group keeps the placement balanced.
+    let placement = tokio::spawn(crate::placement::run(node.clone()));
     let backend = Arc::new(SplitBackend::new(node.clone()));
     let edge = server::open_edge(&options, backend, &node.router).await?;
     let gateway = edge.gateway.clone();
@@ -424,6 +451,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
         listeners.push(tokio::spawn(server::inactivity_timer(c.raft.clone(), c.proposer.clone(), c.shard.clone(), node_id)));
         listeners.push(tokio::spawn(crate::outbox::run(c.raft.clone(), Arc::new(c.proposer.clone()), c.shard.clone(), node_id, gateway.clone())));
     }
+    listeners.push(placement);
     tracing::info!(%public_addr, %private_addr, shards, "split node started");
     Ok(RunningNode { groups: Groups::Split(node), gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
 }

@@ -1,10 +1,18 @@
 //! Changing a group's members while it runs: a node that joins (it holds a certificate
-//! from the cluster CA and asks a member to admit it) and a node an admin removes.
+//! from the cluster CA and asks a member to admit it), a node an admin removes, the
+//! voters a placement picks among the members, and leadership handed to another voter.
 //!
-//! Both changes are made by the group's leader with openraft's joint consensus. A
+//! Membership changes are made by the group's leader with openraft's joint consensus. A
 //! joining node is first a learner, made a voter once it caught up with the log (or a
 //! snapshot), so adding it never stalls commits. A request that reaches a member that
 //! does not lead is answered with the leader to ask; the caller goes there.
+//!
+//! openraft 0.9 has no leadership transfer, so [`Change::Lead`] builds one from what it
+//! has: the leader holds new entries (its [`Gate`]) and stops its heartbeats once the
+//! next leader has its whole log; when the other followers' leases from its last
+//! message have run out (they refuse votes until then), it asks the next leader to
+//! stand ([`Change::Stand`]), which wins at once: its log is the longest. Writes wait
+//! for about half a second; none is refused.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -13,7 +21,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 
-use crate::network::Peers;
+use crate::network::{Gate, Peers, Router};
 use crate::{Node, NodeId, Raft};
 
 /// How long the leader waits for a joining node to catch up before it answers.
@@ -26,6 +34,16 @@ pub enum Change {
     Join { id: NodeId, addr: String },
     /// Remove node `id` (voter or learner).
     Leave { id: NodeId },
+    /// Admit node `id`, reachable at `addr`, as a learner: it follows the group's log
+    /// without voting. Answered once it has caught up.
+    Learn { id: NodeId, addr: String },
+    /// Make exactly `voters` the group's voters; a voter left out stays a learner. Each
+    /// new voter must be a member already, and is waited for until it has caught up.
+    Voters { voters: BTreeSet<NodeId> },
+    /// Hand leadership to voter `to` (for its leader).
+    Lead { to: NodeId },
+    /// Stand for election now (for the voter leadership is handed to).
+    Stand,
 }
 
 /// What the node asked answers.
@@ -41,6 +59,23 @@ fn answer_of(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Answer {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(to)) => Answer::NotLeader(to.leader_id.zip(to.leader_node)),
         other => Answer::Refused(other.to_string()),
+    }
+}
+
+/// How long the leader waits for a learner about to vote to catch up.
+const VOTER_CATCH_UP_FOR: Duration = Duration::from_secs(30);
+
+/// Makes `change` on this node's Raft for group `group`: what a peer's request and the
+/// local first try both run. `gate` holds the group's new entries on this node;
+/// `peers` reaches the next leader of a [`Change::Lead`].
+pub async fn apply_here(raft: &Raft, group: u64, change: Change, gate: &Gate, peers: Option<&Peers>) -> Answer {
+    match change {
+        Change::Stand => stand(raft).await,
+        Change::Lead { to } => match peers {
+            Some(peers) => lead(raft, group, to, gate, peers).await,
+            None => Answer::Refused("this node cannot reach its peers".into()),
+        },
+        other => apply(raft, other).await,
     }
 }
 
@@ -69,15 +104,7 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
             if let Err(e) = raft.add_learner(id, Node { addr }, false).await {
                 return answer_of(e);
             }
-            let target = raft.metrics().borrow().last_log_index.unwrap_or(0);
-            let caught_up = raft
-                .wait(Some(CATCH_UP_FOR))
-                .metrics(
-                    |m| m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).is_some_and(|matched| matched.index >= target),
-                    "joining node caught up",
-                )
-                .await;
-            if caught_up.is_err() {
+            if !caught_up(raft, id, CATCH_UP_FOR).await {
                 return Answer::Refused(format!("node {id} did not catch up within {} s; it stays a learner until asked again", CATCH_UP_FOR.as_secs()));
             }
             // Only this node's voter status changes: a change made meanwhile by another
@@ -87,6 +114,42 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
                 Err(e) => answer_of(e),
             }
         }
+        Change::Learn { id, addr } => {
+            if let Some(node) = membership.get_node(&id) {
+                if node.addr != addr {
+                    return Answer::Refused(format!("node id {id} is already a member at {}; a new node needs a new id", node.addr));
+                }
+            } else if let Err(e) = raft.add_learner(id, Node { addr }, false).await {
+                return answer_of(e);
+            }
+            if caught_up(raft, id, CATCH_UP_FOR).await {
+                Answer::Done
+            } else {
+                Answer::Refused(format!("node {id} did not catch up within {} s; it stays a learner and catches up on its own", CATCH_UP_FOR.as_secs()))
+            }
+        }
+        Change::Voters { voters: wanted } => {
+            if wanted == voters {
+                return Answer::Done;
+            }
+            if wanted.is_empty() {
+                return Answer::Refused("a group needs at least one voter".into());
+            }
+            if let Some(stranger) = wanted.iter().find(|id| membership.get_node(id).is_none()) {
+                return Answer::Refused(format!("node {stranger} is not a member of the group; add it as a learner first"));
+            }
+            for id in wanted.difference(&voters) {
+                if !caught_up(raft, *id, VOTER_CATCH_UP_FOR).await {
+                    return Answer::Refused(format!("node {id} did not catch up within {} s", VOTER_CATCH_UP_FOR.as_secs()));
+                }
+            }
+            // `retain`: a voter left out stays a learner, with the log it has.
+            match raft.change_membership(ChangeMembers::ReplaceAllVoters(wanted), true).await {
+                Ok(_) => Answer::Done,
+                Err(e) => answer_of(e),
+            }
+        }
+        Change::Lead { .. } | Change::Stand => Answer::Refused("leadership moves through `apply_here`".into()),
         Change::Leave { id } => {
             if membership.get_node(&id).is_none() {
                 return Answer::Done;
@@ -108,11 +171,105 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
     }
 }
 
+/// Whether member `id` holds, within `patience`, every entry this leader had when asked.
+async fn caught_up(raft: &Raft, id: NodeId, patience: Duration) -> bool {
+    let target = raft.metrics().borrow().last_log_index.unwrap_or(0);
+    raft.wait(Some(patience))
+        .metrics(|m| m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).is_some_and(|matched| matched.index >= target), "member caught up")
+        .await
+        .is_ok()
+}
+
+/// The lease a follower in `group` grants its leader: it refuses votes for this long
+/// after the leader's last message (its `election_timeout_max`, `member_config`).
+fn lease_of(node: NodeId, group: u64) -> Duration {
+    Duration::from_millis(250 + 50 * crate::election_window(node, group))
+}
+
+/// On the leader of `group`: hands leadership to voter `to` (see the module's notes).
+async fn lead(raft: &Raft, group: u64, to: NodeId, gate: &Gate, peers: &Peers) -> Answer {
+    let m = raft.metrics().borrow().clone();
+    if m.current_leader != Some(m.id) {
+        let leader = m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned().map(|n| (l, n)));
+        return Answer::NotLeader(leader);
+    }
+    if to == m.id {
+        return Answer::Done;
+    }
+    let membership = m.membership_config.membership().clone();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let Some(addr) = membership.get_node(&to).map(|n| n.addr.clone()).filter(|_| voters.contains(&to)) else {
+        return Answer::Refused(format!("node {to} is not a voter of group {group}"));
+    };
+    // A next leader that does not answer now would leave the group without one.
+    if let Err(e) = peers.status(&addr, Duration::from_millis(500)).await {
+        return Answer::Refused(format!("node {to} does not answer: {e}"));
+    }
+    let held = gate.hold();
+    // Every entry taken before the hold is committed and answered here (an entry the
+    // next leader committed for us would be answered "unknown"), and the next leader
+    // holds them all.
+    let settled = raft
+        .wait(Some(Duration::from_secs(1)))
+        .metrics(|m| m.last_applied.map(|l| l.index) >= m.last_log_index, "every entry taken applied")
+        .await
+        .is_ok();
+    if !settled || !caught_up(raft, to, Duration::from_secs(1)).await {
+        return Answer::Refused(format!("node {to} did not catch up within 1 s"));
+    }
+    raft.runtime_config().heartbeat(false);
+    // The other followers vote for the next leader once their lease has run out; they
+    // stand themselves later still (lease plus their election timeout).
+    let lease = voters.iter().filter(|v| **v != m.id && **v != to).map(|v| lease_of(*v, group)).max().unwrap_or_default();
+    tokio::time::sleep(lease + Duration::from_millis(30)).await;
+    let stood = peers.change_members(&addr, group, Change::Stand, Duration::from_secs(2)).await;
+    let moved = raft
+        .wait(Some(Duration::from_millis(1500)))
+        .metrics(|m| m.current_leader.is_some_and(|l| l != m.id), "another leader heard")
+        .await
+        .is_ok();
+    raft.runtime_config().heartbeat(true);
+    drop(held);
+    let leader = raft.metrics().borrow().current_leader;
+    match (moved, leader) {
+        (true, Some(l)) if l == to => Answer::Done,
+        (true, Some(l)) => Answer::Refused(format!("leadership went to node {l}, not {to}")),
+        (true, None) => Answer::Refused(format!("leadership left this node; node {to} has not been heard as leader yet")),
+        (false, _) => Answer::Refused(format!("node {to} was not elected ({})", match stood {
+            Ok(answer) => format!("{answer:?}"),
+            Err(e) => e,
+        })),
+    }
+}
+
+/// On the voter leadership is handed to: stands for election and waits a second to win.
+async fn stand(raft: &Raft) -> Answer {
+    let me = raft.metrics().borrow().id;
+    if raft.metrics().borrow().current_leader == Some(me) {
+        return Answer::Done;
+    }
+    if let Err(e) = raft.trigger().elect().await {
+        return Answer::Refused(e.to_string());
+    }
+    match raft.wait(Some(Duration::from_secs(1))).metrics(|m| m.current_leader == Some(m.id), "elected").await {
+        Ok(_) => Answer::Done,
+        Err(_) => Answer::Refused("not elected within 1 s".into()),
+    }
+}
+
 /// Makes `change` through whichever node leads group `group`, asking this node's Raft
-/// first and following the leader it names; gives up after `patience`.
-pub async fn apply_anywhere(raft: &Raft, peers: &Peers, group: u64, change: Change, patience: Duration) -> Result<(), String> {
+/// first (as hosted by `router`) and following the leader it names; gives up after
+/// `patience`.
+pub async fn apply_anywhere(router: &Router, peers: &Peers, group: u64, change: Change, patience: Duration) -> Result<(), String> {
+    let Some(raft) = router.group(group) else { return Err(format!("this node hosts no group {group}")) };
+    let gate = router.gate(group);
+    let raft = &raft;
+    let apply = |change: Change| {
+        let gate = gate.clone();
+        async move { apply_here(raft, group, change, &gate, Some(peers)).await }
+    };
     let give_up = tokio::time::Instant::now() + patience;
-    let mut answer = apply(raft, change.clone()).await;
+    let mut answer = apply(change.clone()).await;
     loop {
         match answer {
             Answer::Done => return Ok(()),
@@ -127,12 +284,12 @@ pub async fn apply_anywhere(raft: &Raft, peers: &Peers, group: u64, change: Chan
                         Err(e) => {
                             tracing::debug!(addr = %node.addr, error = %e, "membership change not delivered; trying again");
                             tokio::time::sleep(Duration::from_millis(300)).await;
-                            apply(raft, change.clone()).await
+                            apply(change.clone()).await
                         }
                     },
                     None => {
                         tokio::time::sleep(Duration::from_millis(300)).await;
-                        apply(raft, change.clone()).await
+                        apply(change.clone()).await
                     }
                 };
             }

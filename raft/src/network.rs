@@ -144,6 +144,60 @@ pub struct Router {
     heard: Arc<std::sync::Mutex<HashMap<u64, std::time::Instant>>>,
     status: Arc<RwLock<Option<StatusSource>>>,
     relay: Arc<RwLock<Option<Arc<dyn Relay>>>>,
+    /// Per group: the gate new entries pass before this node appends them (held while
+    /// leadership moves away, `members::Change::Lead`).
+    gates: Arc<RwLock<HashMap<u64, Gate>>>,
+    /// How this node reaches its peers (set once the endpoint is up): what a leadership
+    /// move uses to ask the next leader to stand.
+    peers: Arc<RwLock<Option<Peers>>>,
+}
+
+/// The longest a held gate keeps an entry waiting: a move of leadership that takes
+/// longer gives up, and the entry goes on to whoever leads then.
+pub const MAX_HOLD: Duration = Duration::from_secs(3);
+
+/// Where a group's new entries wait while its leadership is handed to another member,
+/// so that no append renews the followers' leases meanwhile: this node's own proposals
+/// wait (never longer than [`MAX_HOLD`]), and entries other members forward are
+/// refused untouched, to be sent again to the next leader. Held by a [`GateHold`].
+#[derive(Clone)]
+pub struct Gate(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+}
+
+/// Keeps a [`Gate`] closed until dropped.
+pub struct GateHold(Gate);
+
+impl Drop for GateHold {
+    fn drop(&mut self) {
+        self.0 .0.send_replace(false);
+    }
+}
+
+impl Gate {
+    /// Waits while the gate is held, [`MAX_HOLD`] at most.
+    pub async fn pass(&self) {
+        if !*self.0.borrow() {
+            return;
+        }
+        let mut open = self.0.subscribe();
+        let _ = tokio::time::timeout(MAX_HOLD, open.wait_for(|held| !*held)).await;
+    }
+
+    /// Closes the gate until the returned hold is dropped.
+    pub fn hold(&self) -> GateHold {
+        self.0.send_replace(true);
+        GateHold(self.clone())
+    }
+
+    /// Whether the gate is held now.
+    pub fn held(&self) -> bool {
+        *self.0.borrow()
+    }
 }
 
 /// Checks a forwarded entry on the leader and returns the bytes to append: an entry the
@@ -163,6 +217,23 @@ impl Router {
     /// Forwarded entries for `group` pass `check` on this node before it appends them.
     pub fn check_writes(&self, group: u64, check: WriteCheck) {
         self.checks.write().unwrap_or_else(|p| p.into_inner()).insert(group, check);
+    }
+
+    /// The gate `group`'s new entries pass on this node (the proposer's and forwarded ones).
+    pub fn gate(&self, group: u64) -> Gate {
+        if let Some(gate) = self.gates.read().unwrap_or_else(|p| p.into_inner()).get(&group) {
+            return gate.clone();
+        }
+        self.gates.write().unwrap_or_else(|p| p.into_inner()).entry(group).or_default().clone()
+    }
+
+    /// How this node reaches its peers: needed to hand a group's leadership on.
+    pub fn set_peers(&self, peers: Peers) {
+        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = Some(peers);
+    }
+
+    fn peers(&self) -> Option<Peers> {
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Whether `group`'s leader sent this node entries or a heartbeat within `window`.
@@ -195,6 +266,11 @@ impl Router {
 
     fn get(&self, group: u64) -> Option<Raft> {
         self.groups.read().unwrap_or_else(|p| p.into_inner()).get(&group).cloned()
+    }
+
+    /// Group `group`'s Raft on this node, if it hosts it.
+    pub fn group(&self, group: u64) -> Option<Raft> {
+        self.get(group)
     }
 
     async fn dispatch(&self, request: RpcRequest) -> RpcResponse {
@@ -271,6 +347,13 @@ impl Router {
                         None => Ok(request.0),
                     };
                     match checked {
+                        // Leadership is being handed on: refused untouched, with no
+                        // leader named, so the forwarding member asks again shortly and
+                        // reaches the next leader.
+                        Ok(_) if self.gate(group).held() => {
+                            let refused = openraft::error::ForwardToLeader { leader_id: None, leader_node: None };
+                            RpcResponse::Write(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(refused))))
+                        }
                         Ok(bytes) => forwarded_write(&raft, Request(bytes)).await,
                         Err(why) => RpcResponse::WriteRefused(why),
                     }
@@ -282,7 +365,10 @@ impl Router {
                 None => RpcResponse::Stored(Err("this node keeps no files".into())),
             },
             RpcRequest::Members { group, change } => match self.get(group) {
-                Some(raft) => RpcResponse::Members(crate::members::apply(&raft, change).await),
+                Some(raft) => {
+                    let (gate, peers) = (self.gate(group), self.peers());
+                    RpcResponse::Members(crate::members::apply_here(&raft, group, change, &gate, peers.as_ref()).await)
+                }
                 None => RpcResponse::UnknownGroup(group),
             },
             RpcRequest::ReadIndex { group } => match self.get(group) {

@@ -1,0 +1,449 @@
+//! Where a split cluster's groups vote and lead (ADR 0006, "Placement").
+//!
+//! Every node of a split cluster is a member of every group: the metadata group's
+//! members are the cluster's nodes, and each other group follows them. In each group
+//! three of them vote (fewer while the cluster has fewer nodes) and the others follow
+//! the log as learners, so that every node serves every socket from its own copy (ADR
+//! 0007) while only three flush each commit and count towards its quorum. Placement is
+//! the choice of those voters and of the leaders among them: each node votes in about
+//! as many groups as every other, and leads about as many.
+//!
+//! The groups' own memberships, committed in their logs, are the placement map: there is
+//! no second copy to disagree with them, and its version is each membership's log id.
+//! [`plan`] compares them with a balanced placement and names the one step that brings
+//! the cluster closer (make a node a learner, change a group's voters, drop a node that
+//! left, hand a leadership on); [`settle`] takes such steps through the groups' leaders
+//! until none is left. The metadata group's leader does so every few seconds
+//! ([`run`]), and `switchboard cluster rebalance` at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_actors::mail::GroupId;
+use switchboard_raft::members::Change;
+use switchboard_raft::NodeId;
+
+use crate::groups::{SplitNode, G0};
+
+/// Voters per group once the cluster has that many nodes.
+pub(crate) const VOTERS: usize = 3;
+
+/// One group as a node sees it: its members (voters and learners), its voters, its leader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct GroupView {
+    pub(crate) id: GroupId,
+    pub(crate) members: BTreeSet<NodeId>,
+    pub(crate) voters: BTreeSet<NodeId>,
+    pub(crate) leader: Option<NodeId>,
+}
+
+/// One step towards the placement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Node `node` follows group `group` as a learner.
+    Learn { group: GroupId, node: NodeId },
+    /// Group `group` votes with exactly `voters`.
+    Voters { group: GroupId, voters: BTreeSet<NodeId> },
+    /// Node `node`, no longer in the cluster and no longer voting, leaves `group`.
+    Drop { group: GroupId, node: NodeId },
+    /// Group `group`'s leadership moves to `to`.
+    Lead { group: GroupId, to: NodeId },
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Learn { group, node } => write!(f, "node {node} follows group {group}"),
+            Step::Voters { group, voters } => write!(f, "group {group} votes with nodes {voters:?}"),
+            Step::Drop { group, node } => write!(f, "node {node} leaves group {group}"),
+            Step::Lead { group, to } => write!(f, "node {to} leads group {group}"),
+        }
+    }
+}
+
+/// The voters each group should have: a group keeps the voters it has where it can; a
+/// group short of voters takes the live nodes that vote least; then voters move from
+/// the node that votes most to the one that votes least until no two nodes differ by
+/// more than one. Only `nodes` vote; only `live` nodes get new votes.
+pub(crate) fn balanced_voters(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>, groups: &[GroupView]) -> BTreeMap<GroupId, BTreeSet<NodeId>> {
+    let want = VOTERS.min(nodes.len());
+    let mut placed: BTreeMap<GroupId, BTreeSet<NodeId>> = groups.iter().map(|g| (g.id, g.voters.intersection(nodes).copied().collect())).collect();
+    let count = |placed: &BTreeMap<GroupId, BTreeSet<NodeId>>| -> BTreeMap<NodeId, usize> {
+        let mut votes: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+        for voters in placed.values() {
+            for v in voters {
+                *votes.entry(*v).or_default() += 1;
+            }
+        }
+        votes
+    };
+    let leader_of: BTreeMap<GroupId, Option<NodeId>> = groups.iter().map(|g| (g.id, g.leader)).collect();
+    // Too many voters (a cluster laid out with more than three nodes): the busiest
+    // non-leaders stop voting.
+    for (id, voters) in placed.clone() {
+        let mut voters = voters;
+        while voters.len() > want {
+            let votes = count(&placed);
+            let Some(drop) = voters.iter().filter(|v| Some(**v) != leader_of[&id]).max_by_key(|v| (votes[v], **v)).copied() else { break };
+            voters.remove(&drop);
+            placed.insert(id, voters.clone());
+        }
+    }
+    // Too few: the live nodes that vote least.
+    for id in placed.keys().copied().collect::<Vec<_>>() {
+        while placed[&id].len() < want {
+            let votes = count(&placed);
+            let Some(add) = live.iter().filter(|n| nodes.contains(n) && !placed[&id].contains(n)).min_by_key(|n| (votes[n], **n)).copied() else { break };
+            placed.entry(id).or_default().insert(add);
+        }
+    }
+    // Even out: one vote at a time from the busiest node to the idlest live one.
+    for _ in 0..groups.len() * VOTERS {
+        let votes = count(&placed);
+        let Some((&busy, &most)) = votes.iter().max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n))) else { break };
+        let Some((&idle, &least)) = votes.iter().filter(|(n, _)| live.contains(n)).min_by_key(|(n, c)| (**c, **n)) else { break };
+        if most <= least + 1 {
+            break;
+        }
+        // A group where the busy node votes and the idle one does not; one it does not
+        // lead first, so that no leadership has to move.
+        let candidates = placed.iter().filter(|(_, v)| v.contains(&busy) && !v.contains(&idle)).map(|(id, _)| *id);
+        let Some(group) = candidates.min_by_key(|id| (leader_of[id] == Some(busy), *id)) else { break };
+        if let Some(voters) = placed.get_mut(&group) {
+            voters.remove(&busy);
+            voters.insert(idle);
+        }
+    }
+    placed
+}
+
+/// The next step towards the placement for a cluster of `nodes` (the metadata group's
+/// members), of which `live` answer; `None` when there is none. Leaderships are evened
+/// out only with `leaders`, and only once every group has a leader.
+pub(crate) fn plan(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>, groups: &[GroupView], leaders: bool) -> Option<Step> {
+    // Every node of the cluster follows every group.
+    for g in groups {
+        if let Some(node) = nodes.iter().find(|n| !g.members.contains(n) && live.contains(n)) {
+            return Some(Step::Learn { group: g.id, node: *node });
+        }
+    }
+    // Voters only among members (a node becomes one as a learner first).
+    let placed = balanced_voters(nodes, live, groups);
+    for g in groups {
+        let voters: BTreeSet<NodeId> = placed[&g.id].intersection(&g.members).copied().collect();
+        if !voters.is_empty() && voters != g.voters {
+            // A leader that stops voting hands its leadership on first, to a live voter
+            // that stays: the group is never without one.
+            if let Some(leader) = g.leader.filter(|l| !voters.contains(l) && live.contains(l)) {
+                let stays = voters.intersection(&g.voters).find(|v| live.contains(v) && **v != leader);
+                if let Some(to) = stays {
+                    return Some(Step::Lead { group: g.id, to: *to });
+                }
+            }
+            return Some(Step::Voters { group: g.id, voters });
+        }
+    }
+    // A node that left the cluster leaves the groups it no longer votes in.
+    for g in groups {
+        if let Some(node) = g.members.iter().find(|n| !nodes.contains(n) && !g.voters.contains(n)) {
+            return Some(Step::Drop { group: g.id, node: *node });
+        }
+    }
+    if !leaders || groups.iter().any(|g| g.leader.is_none()) {
+        return None;
+    }
+    // Leaderships: from the node that leads most to a live voter that leads least.
+    let mut led: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+    for g in groups {
+        if let Some(l) = g.leader {
+            *led.entry(l).or_default() += 1;
+        }
+    }
+    let mut busiest: Vec<(NodeId, usize)> = led.iter().map(|(n, c)| (*n, *c)).collect();
+    busiest.sort_by_key(|(n, c)| (std::cmp::Reverse(*c), *n));
+    for (busy, most) in busiest {
+        for g in groups.iter().filter(|g| g.leader == Some(busy)) {
+            let to = g.voters.iter().filter(|v| live.contains(v) && **v != busy).min_by_key(|v| (led.get(v).copied().unwrap_or(0), **v));
+            if let Some(to) = to {
+                if led.get(to).copied().unwrap_or(0) + 1 < most {
+                    return Some(Step::Lead { group: g.id, to: *to });
+                }
+            }
+        }
+    }
+    None
+}
+
+/// How every group looks from this node: its local replica's view of the membership
+/// and the leader (every node is a member of every group, so it knows both).
+pub(crate) fn views(node: &SplitNode) -> Vec<GroupView> {
+    node.groups
+        .values()
+        .map(|g| {
+            let m = g.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            GroupView { id: g.id, members: membership.nodes().map(|(id, _)| *id).collect(), voters: membership.voter_ids().collect(), leader: m.current_leader }
+        })
+        .collect()
+}
+
+/// The cluster's nodes (the metadata group's members) and their QUIC addresses.
+pub(crate) fn nodes(node: &SplitNode) -> BTreeMap<NodeId, String> {
+    let m = node.groups[&G0].raft.metrics().borrow().clone();
+    m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+}
+
+/// The nodes that answered this node within the last few seconds, itself included;
+/// others are asked now (half a second each, at once).
+async fn live(node: &SplitNode, nodes: &BTreeMap<NodeId, String>) -> BTreeSet<NodeId> {
+    let asks = nodes.iter().map(|(id, addr)| async move {
+        if *id == node.node_id || node.peers.answered_within(addr, Duration::from_secs(3)) {
+            return Some(*id);
+        }
+        node.peers.status(addr, Duration::from_millis(500)).await.ok().map(|_| *id)
+    });
+    futures::future::join_all(asks).await.into_iter().flatten().collect()
+}
+
+/// Takes `step` through the leader of its group, waiting up to `patience`.
+pub(crate) async fn take(node: &SplitNode, step: &Step, addresses: &BTreeMap<NodeId, String>, patience: Duration) -> Result<(), String> {
+    let (group, change) = match step {
+        Step::Learn { group, node: id } => {
+            let Some(addr) = addresses.get(id) else { return Err(format!("node {id} has no address")) };
+            (*group, Change::Learn { id: *id, addr: addr.clone() })
+        }
+        Step::Voters { group, voters } => (*group, Change::Voters { voters: voters.clone() }),
+        Step::Drop { group, node: id } => (*group, Change::Leave { id: *id }),
+        Step::Lead { group, to } => (*group, Change::Lead { to: *to }),
+    };
+    switchboard_raft::members::apply_anywhere(&node.router, &node.peers, group, change, patience).await
+}
+
+/// Steps taken since this process started, and steps that failed: on `/metrics`.
+pub(crate) static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub(crate) static STEPS_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Takes steps until [`plan`] has none left (`Ok` with the steps taken) or `within`
+/// has passed. With `leaders`, leaderships are evened out too.
+pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration) -> Result<Vec<Step>, String> {
+    let give_up = tokio::time::Instant::now() + within;
+    let mut taken = Vec::new();
+    let mut last_error = None;
+    loop {
+        let addresses = nodes(node);
+        let live = live(node, &addresses).await;
+        let ids: BTreeSet<NodeId> = addresses.keys().copied().collect();
+        let Some(step) = plan(&ids, &live, &views(node), leaders) else { return Ok(taken) };
+        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(last_error.unwrap_or_else(|| format!("the placement did not settle within {} s", within.as_secs())));
+        }
+        tracing::info!(?step, "placement step");
+        match take(node, &step, &addresses, left.min(Duration::from_secs(60))).await {
+            Ok(()) => {
+                STEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                taken.push(step);
+                // The change is committed on the group's leader; wait until this node
+                // has applied it, or the next plan would ask for it again.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                STEPS_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(?step, error = %e, "placement step failed");
+                last_error = Some(format!("{step:?}: {e}"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// How often the metadata group's leader looks at the placement.
+const EVERY: Duration = Duration::from_secs(2);
+/// How long every group must have kept its leader before leaderships are evened out:
+/// a failover settles first, and a node that comes back gets its share back after it.
+const LEADERS_STABLE_FOR: Duration = Duration::from_secs(10);
+
+/// While this node leads the metadata group: keeps the placement balanced (every few
+/// seconds, one [`settle`] at a time).
+pub(crate) async fn run(node: Arc<SplitNode>) {
+    let mut leaders_seen: Vec<Option<NodeId>> = Vec::new();
+    let mut stable_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(EVERY).await;
+        let m = node.groups[&G0].raft.metrics().borrow().clone();
+        if m.current_leader != Some(node.node_id) {
+            continue;
+        }
+        let now: Vec<Option<NodeId>> = views(&node).iter().map(|g| g.leader).collect();
+        if now != leaders_seen {
+            leaders_seen = now;
+            stable_since = tokio::time::Instant::now();
+        }
+        let leaders = stable_since.elapsed() >= LEADERS_STABLE_FOR;
+        match settle(&node, leaders, Duration::from_secs(120)).await {
+            Ok(steps) if !steps.is_empty() => tracing::info!(steps = steps.len(), "placement settled"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "placement not settled; trying again"),
+        }
+    }
+}
+
+/// Removes node `id` from a split cluster: its vote in the metadata group moves to
+/// another node and it leaves that group, which takes it out of the placement (on
+/// every node's view, the controller's included); then its votes elsewhere move to
+/// other nodes (each new voter catches up first) and it leaves every group.
+pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Result<(), String> {
+    let give_up = tokio::time::Instant::now() + within;
+    loop {
+        let addresses = nodes(node);
+        let remaining: BTreeSet<NodeId> = addresses.keys().copied().filter(|n| *n != id).collect();
+        if remaining.is_empty() {
+            return Err(format!("node {id} is the cluster's last node"));
+        }
+        let live = live(node, &addresses).await;
+        let views = views(node);
+        let Some(g0) = views.iter().find(|g| g.id == G0) else { return Err("no metadata group here".into()) };
+        let step = if g0.voters.contains(&id) {
+            let placed = balanced_voters(&remaining, &live, &views);
+            let voters: BTreeSet<NodeId> = placed.get(&G0).map(|v| v.intersection(&g0.members).copied().collect()).unwrap_or_default();
+            if voters.is_empty() {
+                return Err("no other node can vote in the metadata group".into());
+            }
+            // Leading the metadata group, it hands the leadership on first.
+            match voters.iter().find(|v| g0.voters.contains(v) && live.contains(v)) {
+                Some(to) if g0.leader == Some(id) && live.contains(&id) => Some(Step::Lead { group: G0, to: *to }),
+                _ => Some(Step::Voters { group: G0, voters }),
+            }
+        } else if g0.members.contains(&id) {
+            Some(Step::Drop { group: G0, node: id })
+        } else {
+            match plan(&remaining, &live, &views, false) {
+                Some(step) => Some(step),
+                // A member nowhere: done (or never was).
+                None => views.iter().find(|g| g.members.contains(&id)).map(|g| Step::Drop { group: g.id, node: id }),
+            }
+        };
+        let Some(step) = step else { return Ok(()) };
+        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!("node {id} is still a member after {} s", within.as_secs()));
+        }
+        tracing::info!(?step, node = id, "removing a node");
+        match take(node, &step, &addresses, left).await {
+            Ok(()) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) if e.starts_with("no leader") => return Err(e),
+            Err(e) => {
+                tracing::warn!(?step, error = %e, "a step of removing a node failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
+    }
+
+    fn group(id: GroupId, members: &[NodeId], voters: &[NodeId], leader: NodeId) -> GroupView {
+        GroupView { id, members: set(members), voters: set(voters), leader: Some(leader) }
+    }
+
+    /// Applies steps the way the groups would until the plan has none; returns them.
+    fn converge(nodes: &[NodeId], live: &[NodeId], groups: &mut [GroupView]) -> Vec<Step> {
+        let mut steps = Vec::new();
+        while let Some(step) = plan(&set(nodes), &set(live), groups, true) {
+            assert!(steps.len() < 100, "no end to the steps: {steps:?}");
+            match &step {
+                Step::Learn { group, node } => {
+                    groups.iter_mut().find(|g| g.id == *group).map(|g| g.members.insert(*node));
+                }
+                Step::Voters { group, voters } => {
+                    let g = groups.iter_mut().find(|g| g.id == *group).expect("group");
+                    assert!(voters.is_subset(&g.members), "{step:?}: voters must be members first");
+                    g.voters = voters.clone();
+                    if g.leader.is_some_and(|l| !voters.contains(&l)) {
+                        g.leader = voters.iter().next().copied();
+                    }
+                }
+                Step::Drop { group, node } => {
+                    groups.iter_mut().find(|g| g.id == *group).map(|g| g.members.remove(node));
+                }
+                Step::Lead { group, to } => {
+                    groups.iter_mut().find(|g| g.id == *group).map(|g| g.leader = Some(*to));
+                }
+            }
+            steps.push(step);
+        }
+        steps
+    }
+
+    fn count(groups: &[GroupView], pick: impl Fn(&GroupView) -> Vec<NodeId>) -> BTreeMap<NodeId, usize> {
+        let mut counts = BTreeMap::new();
+        for g in groups {
+            for n in pick(g) {
+                *counts.entry(n).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn three_nodes_that_vote_everywhere_need_no_step_but_leaders_spread() {
+        let all = [1, 2, 3];
+        let mut groups: Vec<GroupView> = (1..=6).map(|id| group(id, &all, &all, 1)).collect();
+        let steps = converge(&all, &all, &mut groups);
+        assert!(steps.iter().all(|s| matches!(s, Step::Lead { .. })), "{steps:?}");
+        let led = count(&groups, |g| g.leader.into_iter().collect());
+        assert_eq!(led.values().copied().collect::<Vec<_>>(), vec![2, 2, 2], "{led:?}");
+    }
+
+    #[test]
+    fn a_fourth_node_follows_every_group_and_takes_its_share_of_votes_and_leads() {
+        let mut groups: Vec<GroupView> = (1..=6).map(|id| group(id, &[1, 2, 3], &[1, 2, 3], 1 + id % 3)).collect();
+        let steps = converge(&[1, 2, 3, 4], &[1, 2, 3, 4], &mut groups);
+        assert!(groups.iter().all(|g| g.members == set(&[1, 2, 3, 4]) && g.voters.len() == 3), "{groups:?}");
+        let votes = count(&groups, |g| g.voters.iter().copied().collect());
+        assert!(votes.values().all(|c| (4..=5).contains(c)), "18 votes over 4 nodes: {votes:?}");
+        let led = count(&groups, |g| g.leader.into_iter().collect());
+        assert!(led.get(&4).copied().unwrap_or(0) >= 1 && led.values().all(|c| *c <= 2), "{led:?}");
+        // A node is made a learner before it votes anywhere.
+        let first_vote = steps.iter().position(|s| matches!(s, Step::Voters { .. })).expect("votes move");
+        assert!(steps[..first_vote].iter().all(|s| matches!(s, Step::Learn { node: 4, .. })), "{steps:?}");
+    }
+
+    #[test]
+    fn a_dead_node_gets_no_new_votes_and_a_removed_one_is_dropped_once_it_votes_nowhere() {
+        // Node 4 is down: it keeps the votes it has, gets none, leads nothing new.
+        let mut groups: Vec<GroupView> = (1..=4).map(|id| group(id, &[1, 2, 3, 4], &[1, 2, 3], 1)).collect();
+        let steps = converge(&[1, 2, 3, 4], &[1, 2, 3], &mut groups);
+        assert!(groups.iter().all(|g| !g.voters.contains(&4) && g.leader != Some(4)), "{steps:?}");
+        // Node 3 has left the cluster (not in the metadata group): its votes go to 4, then it is dropped.
+        let mut groups: Vec<GroupView> = (1..=4).map(|id| group(id, &[1, 2, 3, 4], &[1, 2, 3], 3)).collect();
+        converge(&[1, 2, 4], &[1, 2, 3, 4], &mut groups);
+        assert!(groups.iter().all(|g| g.voters == set(&[1, 2, 4]) && g.members == set(&[1, 2, 4]) && g.leader != Some(3)), "{groups:?}");
+    }
+
+    #[test]
+    fn a_cluster_laid_out_with_five_voters_is_trimmed_to_three_without_moving_leaders() {
+        let all = [1, 2, 3, 4, 5];
+        let mut groups: Vec<GroupView> = (1..=5).map(|id| group(id, &all, &all, id)).collect();
+        let steps = converge(&all, &all, &mut groups);
+        assert!(groups.iter().all(|g| g.voters.len() == 3 && g.leader == Some(g.id)), "{groups:?}");
+        assert!(!steps.iter().any(|s| matches!(s, Step::Lead { .. })), "{steps:?}");
+        let votes = count(&groups, |g| g.voters.iter().copied().collect());
+        assert!(votes.values().all(|c| *c == 3), "{votes:?}");
+    }
+
+    #[test]
+    fn a_cluster_of_one_or_two_votes_with_what_it_has() {
+        let mut groups: Vec<GroupView> = (1..=3).map(|id| group(id, &[1], &[1], 1)).collect();
+        assert!(converge(&[1], &[1], &mut groups).is_empty());
+        let steps = converge(&[1, 2], &[1, 2], &mut groups);
+        assert!(groups.iter().all(|g| g.voters == set(&[1, 2])), "{steps:?}");
+    }
+}
