@@ -336,6 +336,22 @@ pub async fn start_gateway(config: &Path, log_dir: &Path) -> anyhow::Result<Dev>
 
 /// A cluster laid out by `switchboard cluster init` in a folder, each node its own
 /// `switchboard node --config` process on loopback ports. Node 1 loads the demo.
+/// What a node's `/api/cluster` says it applied: of its one group, or of each group of a
+/// split node, by group id.
+pub fn applied(status: &Value) -> std::collections::BTreeMap<u64, u64> {
+    match status["groups"].as_array() {
+        Some(groups) => groups.iter().filter_map(|g| Some((g["group"].as_u64()?, g["last_applied"].as_u64().unwrap_or(0)))).collect(),
+        None => std::collections::BTreeMap::from([(0, status["last_applied"].as_u64().unwrap_or(0))]),
+    }
+}
+
+/// Whether the node whose status is `status` applied, in every group, at least what
+/// `other`'s did.
+pub fn caught_up(status: &Value, other: &Value) -> bool {
+    let mine = applied(status);
+    applied(other).iter().all(|(group, index)| mine.get(group).is_some_and(|m| m >= index))
+}
+
 pub struct Cluster {
     pub dir: PathBuf,
     /// By node id - 1; `None` while a node is down.
@@ -349,12 +365,20 @@ pub struct Cluster {
 
 impl Cluster {
     /// Lays out and starts `n` nodes, and waits until every one is ready.
+    /// As `cluster init` lays it out by default: split into a metadata group, a routing
+    /// shard and four conversation shards (ADR 0006).
     pub async fn start(dir: &Path, n: usize) -> anyhow::Result<Cluster> {
         Self::start_split(dir, n, None).await
     }
 
+    /// [`Cluster::start`] with one group holding everything (`--shards 0`), every node
+    /// voting in it.
+    pub async fn start_one_group(dir: &Path, n: usize) -> anyhow::Result<Cluster> {
+        Self::start_split(dir, n, Some(0)).await
+    }
+
     /// [`Cluster::start`] with the state split into `shards` conversation shards
-    /// (`cluster init --shards`, ADR 0006); `None`: one group.
+    /// (`cluster init --shards`, ADR 0006); `None`: `cluster init`'s default; 0: one group.
     pub async fn start_split(dir: &Path, n: usize, shards: Option<u64>) -> anyhow::Result<Cluster> {
         // One node more than asked (room for a node added later, `add_node`), then two
         // gateways (`start_gateway`).
@@ -410,12 +434,9 @@ impl Cluster {
         }
         let cluster = Cluster { dir: dir.to_path_buf(), nodes, logins, starting: Vec::new(), namespaces };
         // Every node has applied the demo configuration node 1 committed.
-        let first = cluster.status(1).await?["last_applied"].as_u64().unwrap_or(0);
+        let first = cluster.status(1).await?;
         for id in 2..=n {
-            eventually(WAIT, Duration::from_millis(50), || async {
-                Ok((cluster.status(id).await?["last_applied"].as_u64().unwrap_or(0) >= first).then_some(()))
-            })
-            .await?;
+            eventually(WAIT, Duration::from_millis(50), || async { Ok(caught_up(&cluster.status(id).await?, &first).then_some(())) }).await?;
         }
         Ok(cluster)
     }

@@ -121,7 +121,7 @@ async fn start_client(node: &switchboard_chaos_tests::Dev, name: &str) -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_loses_nothing_and_sockets_elsewhere_stay_open() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let mut cluster = Cluster::start_one_group(dir.path(), 3).await?;
     let leader = cluster.leader().await?;
     let others: Vec<usize> = (1..=3).filter(|id| *id != leader).collect();
     let (a, b) = (others[0], others[1]);
@@ -322,13 +322,9 @@ async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<
     // leader's next heartbeat tells it the commit (alone, it could not learn it later).
     // Its bytes came before the record, pushed, not fetched: node 2 is not asked for
     // the file until node 1 is gone.
-    let applied = |addr: String| async move {
-        let (_, status) = switchboard_gateway::client::http_json(&addr, "GET", "/api/cluster", None, None).await?;
-        anyhow::Ok(status["last_applied"].as_u64().unwrap_or(0))
-    };
-    let upto = applied(cluster.node(1).private.clone()).await?;
+    let upto = cluster.status(1).await?;
     switchboard_chaos_tests::eventually(switchboard_chaos_tests::WAIT, std::time::Duration::from_millis(20), || async {
-        Ok((applied(cluster.node(2).private.clone()).await? >= upto).then_some(()))
+        Ok(switchboard_chaos_tests::caught_up(&cluster.status(2).await?, &upto).then_some(()))
     })
     .await?;
     cluster.kill9(1).await?;
@@ -343,7 +339,7 @@ async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<
     cluster.restart(3).await?;
     eventually(WAIT, Duration::from_millis(100), || async {
         let status = cluster.status(3).await?;
-        let caught_up = status["leader"].as_u64().is_some() && status["last_applied"].as_u64() >= cluster.status(2).await?["last_applied"].as_u64();
+        let caught_up = status["leader"].as_u64().is_some() && switchboard_chaos_tests::caught_up(&status, &cluster.status(2).await?);
         Ok(caught_up.then_some(()))
     })
     .await?;
@@ -529,7 +525,7 @@ async fn a_whole_cluster_stopped_and_started_comes_back_as_it_was() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_a_running_cluster_and_another_leaves_it() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let mut cluster = Cluster::start_one_group(dir.path(), 3).await?;
     let (mut ws, conversation, token) = cluster.node(1).client("Early").await?;
     for n in 0..3 {
         let key = format!("early{n}");
@@ -730,9 +726,9 @@ async fn certificates_and_the_ca_rotate_without_downtime() -> anyhow::Result<()>
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let leader = cluster.leader().await?;
-            let target = cluster.status(leader).await?["last_applied"].as_u64().unwrap_or(0);
+            let target = cluster.status(leader).await?;
             eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
-                Ok((cluster.status(id).await?["last_applied"].as_u64().unwrap_or(0) >= target).then_some(()))
+                Ok(switchboard_chaos_tests::caught_up(&cluster.status(id).await?, &target).then_some(()))
             })
             .await
             .map_err(|e| anyhow::anyhow!("{what}: node {id} did not catch up after its restart: {e}"))?;
@@ -769,7 +765,7 @@ async fn certificates_and_the_ca_rotate_without_downtime() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_and_leaves_under_traffic_without_a_client_noticing() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let mut cluster = Cluster::start_one_group(dir.path(), 3).await?;
     let (ws, conversation, _) = cluster.node(1).client("Writing through it all").await?;
     let stop = Arc::new(AtomicBool::new(false));
     let shared: Shared = Arc::default();

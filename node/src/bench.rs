@@ -88,7 +88,8 @@ pub struct BenchArgs {
     pub(crate) split: Option<u64>,
     /// The benchmarked node (or each node of `--nodes`) runs ADR 0006's split with this
     /// many conversation shards (`dev --shards`, `cluster init --shards`), through the
-    /// same sockets; operators follow it with protocol 2.
+    /// same sockets; operators follow it with protocol 2. One node: one group unless
+    /// given; `--nodes`: 4 unless given, as `cluster init`; 0 keeps one group.
     #[arg(long)]
     pub(crate) shards: Option<u64>,
 }
@@ -135,7 +136,7 @@ pub(crate) async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
         .arg("--data-dir")
         .arg(&data_dir)
         .args(&args.node_args)
-        .args(args.shards.map(|n| vec!["--shards".to_string(), n.to_string()]).unwrap_or_default())
+        .args(args.shards.filter(|n| *n > 0).map(|n| vec!["--shards".to_string(), n.to_string()]).unwrap_or_default())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -45,7 +45,7 @@ impl Nodes {
             gateways: u64::from(args.gateway),
             gateway_public_port: base + 10 * args.nodes as u16,
             gateway_private_port: base + 10 * args.nodes as u16 + 1,
-            shards: args.shards,
+            shards: crate::cluster_shards(args.shards),
         })?;
         let (paths, gateway_paths) = paths.split_at(args.nodes);
         let paths = paths.to_vec();

@@ -184,11 +184,25 @@ struct DevArgs {
     /// apart from the given ones) instead of one node in this process.
     #[arg(long, default_value_t = 1)]
     nodes: u64,
-    /// Split the node's state as ADR 0006 lays out a cluster: a metadata group, a
-    /// routing shard and this many conversation shards, each its own Raft group
-    /// (experimental: one node; operator desks follow it with protocol 2).
+    /// Split the state as ADR 0006 lays out a cluster: a metadata group, a routing
+    /// shard and this many conversation shards, each its own Raft group (operator desks
+    /// follow it with protocol 2). One node: one group unless given. With `--nodes`:
+    /// 4 unless given; 0 keeps one group.
     #[arg(long)]
     shards: Option<u64>,
+}
+
+/// Conversation shards of a cluster made now, unless `--shards` says otherwise (0: one
+/// group holds everything, as clusters made before the split became the default).
+const DEFAULT_SHARDS: u64 = 4;
+
+/// What `--shards` asks of a cluster: `None` for one group.
+fn cluster_shards(asked: Option<u64>) -> Option<u64> {
+    match asked {
+        None => Some(DEFAULT_SHARDS),
+        Some(0) => None,
+        Some(n) => Some(n),
+    }
 }
 
 #[derive(Subcommand)]
@@ -283,8 +297,9 @@ struct InitArgs {
     #[arg(long, default_value_t = 8001)]
     gateway_private_port: u16,
     /// Split the cluster's state as ADR 0006 lays it out: a metadata group, a routing
-    /// shard and this many conversation shards (1 to 64), each a Raft group on every
-    /// node; fixed for the cluster's life. Without it one group holds everything.
+    /// shard and this many conversation shards (1 to 64), each a Raft group followed by
+    /// every node and voted on by three; fixed for the cluster's life. 4 unless given;
+    /// 0: one group holds everything, voted on by every node.
     #[arg(long)]
     shards: Option<u64>,
 }
@@ -443,7 +458,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         return dev_cluster(args).await;
     }
     let data_dir = args.listeners.data_dir.clone();
-    let node = match args.shards {
+    let node = match args.shards.filter(|n| *n > 0) {
         Some(shards) => split::start(options(args.listeners, 1, true), shards).await?,
         None => server::start(options(args.listeners, 1, true)).await?,
     };
@@ -556,7 +571,7 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
                 gateways: args.gateways,
                 gateway_public_port: args.gateway_public_port,
                 gateway_private_port: args.gateway_private_port,
-                shards: args.shards,
+                shards: cluster_shards(args.shards),
             };
             for path in cluster::init(&plan)? {
                 println!("wrote {}", path.display());
@@ -643,7 +658,7 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
             gateways: 1,
             gateway_public_port: listeners.public_addr.port(),
             gateway_private_port: listeners.private_addr.port(),
-            shards: args.shards,
+            shards: cluster_shards(args.shards),
         })?;
     } else if existing != args.nodes {
         anyhow::bail!(

@@ -265,6 +265,7 @@ impl Backend for SplitBackend {
                     "voters": voters,
                     "learners": learners,
                     "membership_log": m.membership_config.log_id().map(|l| l.index),
+                    "reaches_majority": (m.current_leader == Some(self.node.node_id)).then(|| server::reaches_majority(&m, self.node.node_id, &self.node.peers)),
                     "leader_changes": g.leader_changes.load(Relaxed),
                     "letters_in_flight": Self::letters_in_flight(&g.shard).values().sum::<usize>(),
                 })
@@ -279,11 +280,16 @@ impl Backend for SplitBackend {
             .nodes()
             .map(|(id, node)| serde_json::json!({"id": id, "raft_addr": node.addr, "voter": directory.membership_config.membership().voter_ids().any(|v| v == *id)}))
             .collect();
+        // On the groups this node leads: whether each reaches a majority (null: it leads none).
+        let led: Vec<bool> = groups.iter().filter_map(|g| g["reaches_majority"].as_bool()).collect();
         serde_json::json!({
             "node": self.node.node_id,
             "split": {"shards": self.node.shards},
+            // The routing shard's, as a cluster of one group reports its group's.
             "leader": routing.current_leader,
             "term": routing.current_term,
+            "role": format!("{:?}", routing.state).to_lowercase(),
+            "reaches_majority": (!led.is_empty()).then(|| led.iter().all(|r| *r)),
             "members": members,
             "groups": groups,
         })
@@ -376,6 +382,18 @@ impl Backend for SplitBackend {
         let _ = writeln!(out, "switchboard_placement_steps_total {}", crate::placement::STEPS.load(Relaxed));
         let _ = writeln!(out, "# HELP switchboard_placement_steps_failed_total Placement steps this node tried that failed (tried again later).\n# TYPE switchboard_placement_steps_failed_total counter");
         let _ = writeln!(out, "switchboard_placement_steps_failed_total {}", crate::placement::STEPS_FAILED.load(Relaxed));
+        let _ = writeln!(out, "# HELP switchboard_raft_voters Voting members of the group, as this node knows them.\n# TYPE switchboard_raft_voters gauge");
+        for g in self.node.groups.values() {
+            let voters = g.raft.metrics().borrow().membership_config.membership().voter_ids().count();
+            let _ = writeln!(out, "switchboard_raft_voters{{group=\"{}\"}} {voters}", g.id);
+        }
+        let _ = writeln!(out, "# HELP switchboard_raft_reaches_majority On the group's leader: whether a majority of voters answered it within 2 s (0: cut off).\n# TYPE switchboard_raft_reaches_majority gauge");
+        for g in self.node.groups.values() {
+            let m = g.raft.metrics().borrow().clone();
+            if m.current_leader == Some(node_id) {
+                let _ = writeln!(out, "switchboard_raft_reaches_majority{{group=\"{}\"}} {}", g.id, u8::from(server::reaches_majority(&m, node_id, &self.node.peers)));
+            }
+        }
         let _ = writeln!(out, "# HELP switchboard_raft_is_voter Whether this node votes in the group (it follows the others as a learner).\n# TYPE switchboard_raft_is_voter gauge");
         for g in self.node.groups.values() {
             let votes = g.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == node_id);
