@@ -314,21 +314,21 @@ impl SplitNode {
         let started = tokio::time::Instant::now();
         for group in groups.values() {
             loop {
-                let ready = group
+                let member = group
                     .raft
                     .wait(Some(Duration::from_secs(10)))
-                    .metrics(
-                        |m| m.membership_config.membership().get_node(&node_id).is_some() && m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= m.last_log_index,
-                        "a member of the group, caught up",
-                    )
-                    .await;
-                match ready {
-                    Ok(_) => break,
-                    Err(_) if started.elapsed() < Duration::from_secs(600) => {
-                        tracing::info!(group = group.id, waited_s = started.elapsed().as_secs(), "waiting for the placement to add this node to the group");
-                    }
-                    Err(_) => anyhow::bail!("group {} did not take this node within 10 minutes", group.id),
+                    .metrics(|m| m.membership_config.membership().get_node(&node_id).is_some() && m.current_leader.is_some(), "a member of the group that knows its leader")
+                    .await
+                    .is_ok();
+                // Caught up: applied what the leader had committed when asked.
+                let caught_up = member && switchboard_raft::network::read_barrier(&group.raft, peers, group.id, Duration::from_secs(10)).await.is_ok();
+                if caught_up {
+                    break;
                 }
+                if started.elapsed() >= Duration::from_secs(600) {
+                    anyhow::bail!("group {} did not take this node within 10 minutes", group.id);
+                }
+                tracing::info!(group = group.id, member, waited_s = started.elapsed().as_secs(), "waiting for the placement to add this node to the group and for it to catch up");
             }
         }
         Ok(())

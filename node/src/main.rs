@@ -275,7 +275,8 @@ struct InitArgs {
     /// Folder to write into (must not hold a cluster yet).
     #[arg(long, default_value = "./cluster")]
     dir: PathBuf,
-    /// How many nodes (3 tolerates one failure, 5 two).
+    /// How many nodes. Each group of a split cluster votes on three of them, so any one
+    /// node may fail; one group (`--shards 0`) votes on all: 3 tolerate one failure, 5 two.
     #[arg(long, default_value_t = 3)]
     nodes: u64,
     /// IP address of every node (one for all: ports are then 10 apart per node).

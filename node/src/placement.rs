@@ -43,8 +43,9 @@ pub(crate) struct GroupView {
 pub(crate) enum Step {
     /// Node `node` follows group `group` as a learner.
     Learn { group: GroupId, node: NodeId },
-    /// Group `group` votes with exactly `voters`.
-    Voters { group: GroupId, voters: BTreeSet<NodeId> },
+    /// Group `group` votes with exactly `voters`; a voter left out stays a learner with
+    /// `retain`, else it leaves the group.
+    Voters { group: GroupId, voters: BTreeSet<NodeId>, retain: bool },
     /// Node `node`, no longer in the cluster and no longer voting, leaves `group`.
     Drop { group: GroupId, node: NodeId },
     /// Group `group`'s leadership moves to `to`.
@@ -55,7 +56,7 @@ impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Step::Learn { group, node } => write!(f, "node {node} follows group {group}"),
-            Step::Voters { group, voters } => write!(f, "group {group} votes with nodes {voters:?}"),
+            Step::Voters { group, voters, .. } => write!(f, "group {group} votes with nodes {voters:?}"),
             Step::Drop { group, node } => write!(f, "node {node} leaves group {group}"),
             Step::Lead { group, to } => write!(f, "node {to} leads group {group}"),
         }
@@ -85,7 +86,8 @@ pub(crate) fn balanced_voters(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>,
         let mut voters = voters;
         while voters.len() > want {
             let votes = count(&placed);
-            let Some(drop) = voters.iter().filter(|v| Some(**v) != leader_of[&id]).max_by_key(|v| (votes[v], **v)).copied() else { break };
+            // Those that do not answer first: the voters left must reach a quorum.
+            let Some(drop) = voters.iter().filter(|v| Some(**v) != leader_of[&id]).max_by_key(|v| (!live.contains(v), votes[v], **v)).copied() else { break };
             voters.remove(&drop);
             placed.insert(id, voters.clone());
         }
@@ -141,7 +143,7 @@ pub(crate) fn plan(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>, groups: &[
                     return Some(Step::Lead { group: g.id, to: *to });
                 }
             }
-            return Some(Step::Voters { group: g.id, voters });
+            return Some(Step::Voters { group: g.id, voters, retain: true });
         }
     }
     // A node that left the cluster leaves the groups it no longer votes in.
@@ -213,7 +215,7 @@ pub(crate) async fn take(node: &SplitNode, step: &Step, addresses: &BTreeMap<Nod
             let Some(addr) = addresses.get(id) else { return Err(format!("node {id} has no address")) };
             (*group, Change::Learn { id: *id, addr: addr.clone() })
         }
-        Step::Voters { group, voters } => (*group, Change::Voters { voters: voters.clone() }),
+        Step::Voters { group, voters, retain } => (*group, Change::Voters { voters: voters.clone(), retain: *retain }),
         Step::Drop { group, node: id } => (*group, Change::Leave { id: *id }),
         Step::Lead { group, to } => (*group, Change::Lead { to: *to }),
     };
@@ -226,11 +228,19 @@ pub(crate) static STEPS_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic
 
 /// Takes steps until [`plan`] has none left (`Ok` with the steps taken) or `within`
 /// has passed. With `leaders`, leaderships are evened out too.
-pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration) -> Result<Vec<Step>, String> {
+///
+/// With `while_leading`, it stops as soon as this node no longer leads the metadata
+/// group (the controller of the new leader goes on). A leadership hand-over that fails
+/// is not tried again in the same call: each try holds the group's writes a moment.
+pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration, while_leading: bool) -> Result<Vec<Step>, String> {
     let give_up = tokio::time::Instant::now() + within;
     let mut taken = Vec::new();
     let mut last_error = None;
+    let mut leaders = leaders;
     loop {
+        if while_leading && node.groups[&G0].raft.metrics().borrow().current_leader != Some(node.node_id) {
+            return Ok(taken);
+        }
         let addresses = nodes(node);
         let live = live(node, &addresses).await;
         let ids: BTreeSet<NodeId> = addresses.keys().copied().collect();
@@ -244,13 +254,16 @@ pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration) ->
             Ok(()) => {
                 STEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 taken.push(step);
-                // The change is committed on the group's leader; wait until this node
-                // has applied it, or the next plan would ask for it again.
+                // The change is committed on the group's leader; give this node a moment
+                // to apply it (a step asked again is answered at once: it is done).
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
                 STEPS_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(?step, error = %e, "placement step failed");
+                if matches!(step, Step::Lead { .. }) {
+                    leaders = false;
+                }
                 last_error = Some(format!("{step:?}: {e}"));
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -281,10 +294,13 @@ pub(crate) async fn run(node: Arc<SplitNode>) {
             stable_since = tokio::time::Instant::now();
         }
         let leaders = stable_since.elapsed() >= LEADERS_STABLE_FOR;
-        match settle(&node, leaders, Duration::from_secs(120)).await {
+        match settle(&node, leaders, Duration::from_secs(120), true).await {
             Ok(steps) if !steps.is_empty() => tracing::info!(steps = steps.len(), "placement settled"),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "placement not settled; trying again"),
+            Err(e) => {
+                tracing::warn!(error = %e, "placement not settled; trying again in 30 s");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
         }
     }
 }
@@ -294,7 +310,15 @@ pub(crate) async fn run(node: Arc<SplitNode>) {
 /// every node's view, the controller's included); then its votes elsewhere move to
 /// other nodes (each new voter catches up first) and it leaves every group.
 pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Result<(), String> {
+    if id == node.node_id {
+        // It would not hear its own removal (the leader stops sending to it), and so
+        // never see it done.
+        return Err(format!("node {id} cannot remove itself: ask another node"));
+    }
     let give_up = tokio::time::Instant::now() + within;
+    if views(node).iter().all(|g| !g.members.contains(&id)) {
+        return Ok(());
+    }
     loop {
         let addresses = nodes(node);
         let remaining: BTreeSet<NodeId> = addresses.keys().copied().filter(|n| *n != id).collect();
@@ -313,7 +337,9 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
             // Leading the metadata group, it hands the leadership on first.
             match voters.iter().find(|v| g0.voters.contains(v) && live.contains(v)) {
                 Some(to) if g0.leader == Some(id) && live.contains(&id) => Some(Step::Lead { group: G0, to: *to }),
-                _ => Some(Step::Voters { group: G0, voters }),
+                // It leaves the metadata group in the same change: no view of the
+                // placement counts it from then on.
+                _ => Some(Step::Voters { group: G0, voters, retain: false }),
             }
         } else if g0.members.contains(&id) {
             Some(Step::Drop { group: G0, node: id })
@@ -362,7 +388,7 @@ mod tests {
                 Step::Learn { group, node } => {
                     groups.iter_mut().find(|g| g.id == *group).map(|g| g.members.insert(*node));
                 }
-                Step::Voters { group, voters } => {
+                Step::Voters { group, voters, .. } => {
                     let g = groups.iter_mut().find(|g| g.id == *group).expect("group");
                     assert!(voters.is_subset(&g.members), "{step:?}: voters must be members first");
                     g.voters = voters.clone();
@@ -437,6 +463,17 @@ mod tests {
         assert!(!steps.iter().any(|s| matches!(s, Step::Lead { .. })), "{steps:?}");
         let votes = count(&groups, |g| g.voters.iter().copied().collect());
         assert!(votes.values().all(|c| *c == 3), "{votes:?}");
+    }
+
+    #[test]
+    fn trimmed_voters_keep_a_live_majority_when_two_of_five_are_down() {
+        let all = [1, 2, 3, 4, 5];
+        let mut groups: Vec<GroupView> = (1..=6).map(|id| group(id, &all, &all, 1 + id % 3)).collect();
+        converge(&all, &[1, 2, 3], &mut groups);
+        for g in &groups {
+            let live = g.voters.iter().filter(|v| **v <= 3).count();
+            assert!(g.voters.len() == 3 && live >= 2, "group {} votes with {:?}: no live majority", g.id, g.voters);
+        }
     }
 
     #[test]

@@ -325,13 +325,15 @@ impl Backend for SplitBackend {
 
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>> {
         let node = self.node.clone();
-        Box::pin(async move { crate::placement::remove(&node, id, Duration::from_secs(120)).await })
+        // Within the request's deadline (30 s by default); what is left the placement
+        // finishes, and asking again carries on.
+        Box::pin(async move { crate::placement::remove(&node, id, Duration::from_secs(25)).await })
     }
 
     fn rebalance(&self) -> BoxFuture<Result<Vec<String>, String>> {
         let node = self.node.clone();
         Box::pin(async move {
-            let steps = crate::placement::settle(&node, true, Duration::from_secs(120)).await?;
+            let steps = crate::placement::settle(&node, true, Duration::from_secs(25), false).await?;
             Ok(steps.iter().map(|s| s.to_string()).collect())
         })
     }

@@ -152,8 +152,8 @@ pub struct Router {
     peers: Arc<RwLock<Option<Peers>>>,
 }
 
-/// The longest a held gate keeps an entry waiting: a move of leadership that takes
-/// longer gives up, and the entry goes on to whoever leads then.
+/// The longest a held gate keeps one of this node's entries waiting; the entry then goes
+/// on to whoever leads (a hand-over takes well under it).
 pub const MAX_HOLD: Duration = Duration::from_secs(3);
 
 /// Where a group's new entries wait while its leadership is handed to another member,
@@ -188,10 +188,16 @@ impl Gate {
         let _ = tokio::time::timeout(MAX_HOLD, open.wait_for(|held| !*held)).await;
     }
 
-    /// Closes the gate until the returned hold is dropped.
-    pub fn hold(&self) -> GateHold {
-        self.0.send_replace(true);
-        GateHold(self.clone())
+    /// Closes the gate until the returned hold is dropped; `None` while another hold
+    /// has it closed.
+    pub fn try_hold(&self) -> Option<GateHold> {
+        let mut taken = false;
+        self.0.send_if_modified(|held| {
+            taken = !*held;
+            *held = true;
+            taken
+        });
+        taken.then(|| GateHold(self.clone()))
     }
 
     /// Whether the gate is held now.
