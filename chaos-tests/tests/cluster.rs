@@ -312,6 +312,17 @@ async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<
     let supervisor_on_2 = cluster.node(2).login("supervisor").await?;
     let supervisor_on_3 = cluster.node(3).login("supervisor").await?;
     cluster.kill9(3).await?;
+    // Every group node 3 led has a new leader before the visitor starts (a start that
+    // was on its way to the dead leader is answered `unavailable`).
+    eventually(WAIT, Duration::from_millis(100), || async {
+        let status = cluster.status(1).await?;
+        let leaders: Vec<Option<u64>> = match status["groups"].as_array() {
+            Some(groups) => groups.iter().map(|g| g["leader"].as_u64()).collect(),
+            None => vec![status["leader"].as_u64()],
+        };
+        Ok(leaders.iter().all(|l| l.is_some_and(|l| l != 3)).then_some(()))
+    })
+    .await?;
 
     let (_ws, conversation, client_token) = cluster.node(1).client("Sender").await?;
     let file = png(300_000);

@@ -325,6 +325,9 @@ impl SplitNode {
                 if caught_up {
                     break;
                 }
+                if group.raft.metrics().borrow().state == openraft::ServerState::Shutdown {
+                    anyhow::bail!("group {} stopped while this node waited to join it", group.id);
+                }
                 if started.elapsed() >= Duration::from_secs(600) {
                     anyhow::bail!("group {} did not take this node within 10 minutes", group.id);
                 }

@@ -237,6 +237,10 @@ pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration, wh
     let mut taken = Vec::new();
     let mut last_error = None;
     let mut leaders = leaders;
+    // Steps that failed in this call: one that fails twice ends it (the controller tries
+    // again later), so a step that cannot be taken now does not hold up the group's
+    // writes, or the steps after it, for long.
+    let mut failed: Vec<Step> = Vec::new();
     loop {
         if while_leading && node.groups[&G0].raft.metrics().borrow().current_leader != Some(node.node_id) {
             return Ok(taken);
@@ -245,6 +249,9 @@ pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration, wh
         let live = live(node, &addresses).await;
         let ids: BTreeSet<NodeId> = addresses.keys().copied().collect();
         let Some(step) = plan(&ids, &live, &views(node), leaders) else { return Ok(taken) };
+        if failed.iter().filter(|f| **f == step).count() >= 2 {
+            return Err(last_error.unwrap_or_else(|| format!("{step} failed twice")));
+        }
         let left = give_up.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
             return Err(last_error.unwrap_or_else(|| format!("the placement did not settle within {} s", within.as_secs())));
@@ -264,6 +271,7 @@ pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration, wh
                 if matches!(step, Step::Lead { .. }) {
                     leaders = false;
                 }
+                failed.push(step.clone());
                 last_error = Some(format!("{step:?}: {e}"));
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -329,8 +337,14 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
         let views = views(node);
         let Some(g0) = views.iter().find(|g| g.id == G0) else { return Err("no metadata group here".into()) };
         let step = if g0.voters.contains(&id) {
+            // Its vote alone moves, to one node the placement would give it to: every
+            // other voter stays (a voter left out here would leave the cluster too).
             let placed = balanced_voters(&remaining, &live, &views);
-            let voters: BTreeSet<NodeId> = placed.get(&G0).map(|v| v.intersection(&g0.members).copied().collect()).unwrap_or_default();
+            let mut voters: BTreeSet<NodeId> = g0.voters.iter().copied().filter(|v| *v != id).collect();
+            let replacement = placed.get(&G0).into_iter().flatten().chain(remaining.iter()).find(|n| !g0.voters.contains(n) && g0.members.contains(n) && live.contains(n));
+            if let Some(n) = replacement {
+                voters.insert(*n);
+            }
             if voters.is_empty() {
                 return Err("no other node can vote in the metadata group".into());
             }

@@ -151,8 +151,17 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
                     return Answer::Refused(format!("node {id} did not catch up within {} s", VOTER_CATCH_UP_FOR.as_secs()));
                 }
             }
+            // Without `retain` the voters left out leave the group: one at a time, a
+            // node being removed, never a reshuffle.
+            if !retain && voters.difference(&wanted).count() > 1 {
+                return Answer::Refused("only one voter may leave the group in one change".into());
+            }
             if let Some(why) = short_of_majority(raft, &wanted).await {
-                return Answer::Refused(why);
+                return match raft.metrics().borrow().current_leader {
+                    Some(l) if l == raft.metrics().borrow().id => Answer::Refused(why),
+                    // Leadership moved meanwhile: the new leader decides.
+                    _ => not_leader(raft),
+                };
             }
             // `retain`: a voter left out stays a learner, with the log it has; without,
             // it leaves the group in the same change.
@@ -172,7 +181,10 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
             if voters.contains(&id) {
                 let rest: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
                 if let Some(why) = short_of_majority(raft, &rest).await {
-                    return Answer::Refused(why);
+                    return match raft.metrics().borrow().current_leader {
+                        Some(l) if l == raft.metrics().borrow().id => Answer::Refused(why),
+                        _ => not_leader(raft),
+                    };
                 }
             }
             // `retain: false`: the node leaves the group altogether, not kept as a learner.
@@ -196,6 +208,12 @@ async fn caught_up(raft: &Raft, id: NodeId, patience: Duration) -> bool {
         .metrics(|m| m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).is_some_and(|matched| matched.index >= target), "member caught up")
         .await
         .is_ok()
+}
+
+/// Who leads, as this node knows it: the answer to a request it cannot make.
+fn not_leader(raft: &Raft) -> Answer {
+    let m = raft.metrics().borrow().clone();
+    Answer::NotLeader(m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned().map(|n| (l, n))))
 }
 
 /// Why `voters` could not commit now, if a majority of them does not hold this

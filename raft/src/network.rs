@@ -378,6 +378,9 @@ impl Router {
                 None => RpcResponse::UnknownGroup(group),
             },
             RpcRequest::ReadIndex { group } => match self.get(group) {
+                // A read index makes the leader contact its voters, which would renew the
+                // leases a hand-over is waiting out: asked again shortly, of the next leader.
+                Some(_) if self.gate(group).held() => RpcResponse::ReadIndex(Err(None)),
                 Some(raft) => RpcResponse::ReadIndex(read_index(&raft).await),
                 None => RpcResponse::UnknownGroup(group),
             },
