@@ -95,8 +95,7 @@ pub async fn apply_here(raft: &Raft, group: u64, change: Change, gate: &Gate, pe
 pub async fn apply(raft: &Raft, change: Change) -> Answer {
     let m = raft.metrics().borrow().clone();
     if m.current_leader != Some(m.id) {
-        let leader = m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned().map(|n| (l, n)));
-        return Answer::NotLeader(leader);
+        return not_leader(raft);
     }
     let membership = m.membership_config.membership().clone();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -246,8 +245,7 @@ fn lease_of(node: NodeId, group: u64) -> Duration {
 async fn lead(raft: &Raft, group: u64, to: NodeId, gate: &Gate, peers: &Peers) -> Answer {
     let m = raft.metrics().borrow().clone();
     if m.current_leader != Some(m.id) {
-        let leader = m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).cloned().map(|n| (l, n)));
-        return Answer::NotLeader(leader);
+        return not_leader(raft);
     }
     if to == m.id {
         return Answer::Done;
