@@ -58,7 +58,8 @@ impl Host<'_> {
         let (log, sm) = open_group(self.keyspace, id, Arc::new(ShardMachine { shard: shard.clone() }), &self.data_dir.join("snapshots"), &log_dir)
             .with_context(|| format!("open group {id}"))?;
         let config = member_config(self.snapshot_every, self.node_id, id)?;
-        let raft = Raft::new(self.node_id, config, NetworkFactory::with_peers(self.peers.clone(), id), log, sm).await?;
+        let network = NetworkFactory::with_peers(self.peers.clone(), id).quiet_when(self.router.quiet_mark(id));
+        let raft = Raft::new(self.node_id, config, network, log, sm).await?;
         self.router.add(id, raft.clone());
         self.router.check_writes(id, Arc::new(restamp_forwarded));
         hold_elections_after_restart(&raft, self.router, id).await?;
@@ -619,6 +620,90 @@ mod tests {
             for node in nodes {
                 node.stop().await.expect("stops");
             }
+        }
+    }
+
+    /// Whether every group is quiet on every member: its leader beats slowly, the others
+    /// wait for those beats (`switchboard_raft::quiet`).
+    fn all_quiet(nodes: &[SplitNode], groups: &[GroupId]) -> bool {
+        groups.iter().all(|g| {
+            nodes.iter().all(|n| {
+                let q = n.router.quietness(*g);
+                if n.leads(*g) {
+                    q.leading
+                } else {
+                    q.following
+                }
+            })
+        })
+    }
+
+    async fn until_quiet(nodes: &[SplitNode], groups: &[GroupId], what: &str) {
+        for _ in 0..300 {
+            if all_quiet(nodes, groups) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seen: Vec<_> = groups.iter().flat_map(|g| nodes.iter().map(move |n| (*g, n.node_id, n.leads(*g), n.router.quietness(*g)))).collect();
+        panic!("{what}: not every group went quiet within 15 s: {seen:?}");
+    }
+
+    /// Idle groups go quiet: a follower hears a beat every 500 ms instead of an append
+    /// every 50 ms. A write through a follower wakes its group and is committed; the
+    /// group goes quiet again; and when the member leading quiet groups stops, the
+    /// survivors elect new leaders for them and take writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_groups_go_quiet_wake_for_a_write_and_elect_when_their_leader_stops() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut nodes = three_members(root.path()).await;
+        for command in directory() {
+            submit(&nodes[0], G0, command).await;
+        }
+        let groups = [G0, R, FIRST_C, FIRST_C + 1];
+        for c in [FIRST_C, FIRST_C + 1] {
+            until(&nodes[0], c, "the web channel arrives", |s| s.channels.contains_key(&ChannelId::new("web"))).await;
+        }
+        until_quiet(&nodes, &groups, "after the directory was written").await;
+
+        // Beats, not heartbeats: at most a few appends in 2 s (about 40 when awake).
+        let follower = nodes.iter().position(|n| !n.leads(FIRST_C)).expect("a follower");
+        let before = nodes[follower].router.appends_received(FIRST_C);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let beats = nodes[follower].router.appends_received(FIRST_C) - before;
+        println!("a quiet group's follower heard {beats} appends in 2 s");
+        assert!((1..=8).contains(&beats), "a quiet group's follower heard {beats} appends in 2 s");
+
+        // A write through that follower wakes the group and is committed.
+        let started = std::time::Instant::now();
+        let start = Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: visitor("v-quiet") };
+        let Reply::Started { conversation } = submit(&nodes[follower], FIRST_C, start).await else { panic!("not started") };
+        println!("a write to a quiet group was answered in {:?}", started.elapsed());
+        until(&nodes[0], R, "routing hears of the conversation", |s| s.conversations.contains_key(&conversation)).await;
+        until_quiet(&nodes, &groups, "after a write").await;
+
+        // The member leading the metadata group stops while every group is quiet.
+        let victim = nodes.iter().position(|n| n.leads(G0)).expect("a leader of G0");
+        let led: Vec<GroupId> = groups.iter().copied().filter(|g| nodes[victim].leads(*g)).collect();
+        nodes.remove(victim).stop().await.expect("stops");
+        let stopped = std::time::Instant::now();
+        for group in &led {
+            let elected = loop {
+                if let Some(n) = nodes.iter().find(|n| n.leads(*group)) {
+                    break n.node_id;
+                }
+                assert!(stopped.elapsed() < Duration::from_secs(20), "group {group}: no new leader 20 s after its quiet leader stopped");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            println!("group {group}: node {elected} leads {:?} after its quiet leader stopped", stopped.elapsed());
+        }
+        let operator = OperatorConfig { id: OperatorId::new("quiet-ops"), name: "Quiet".into(), capacity: 1, groups: vec![SkillGroupId::new("support")] };
+        submit_until_committed(&nodes[0], G0, Command::UpsertOperator(operator)).await.expect("a directory write after the stop");
+        for node in &nodes {
+            until(node, R, "the new operator reaches routing", |s| s.operators.contains_key(&OperatorId::new("quiet-ops"))).await;
+        }
+        for node in nodes {
+            node.stop().await.expect("stops");
         }
     }
 

@@ -195,15 +195,15 @@ pub(crate) async fn hold_elections_after_restart(raft: &Raft, router: &Router, g
     if voters < 2 {
         return Ok(());
     }
-    raft.runtime_config().elect(false);
-    let (raft, router) = (raft.clone(), router.clone());
+    router.hold_elections(group, true);
     let stagger = Duration::from_millis(250 * switchboard_raft::election_window(raft.metrics().borrow().id, group));
+    let router = router.clone();
     tokio::spawn(async move {
         let until = tokio::time::Instant::now() + ELECTION_HOLD + stagger;
         while tokio::time::Instant::now() < until && !router.heard_within(group, ELECTION_HOLD) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        raft.runtime_config().elect(true);
+        router.hold_elections(group, false);
     });
     Ok(())
 }
@@ -551,6 +551,21 @@ const FILES_COPIED_AT_ONCE: usize = 4;
 /// How long copying a file to the other members may take before the upload fails.
 const FILE_COPY_FOR: Duration = Duration::from_secs(10);
 
+/// Whether each group is quiet on this node (`switchboard_raft::quiet`), and the
+/// appends its leaders sent here: what shows an idle cluster beating slowly.
+pub(crate) fn quiet_metrics(out: &mut String, router: &Router, groups: impl IntoIterator<Item = u64> + Clone) {
+    let _ = writeln!(out, "# HELP switchboard_raft_quiet Whether the group is quiet here: 1 on a leader beating every 500 ms, 2 on a member waiting for those beats with its election timer off, 0 otherwise.\n# TYPE switchboard_raft_quiet gauge");
+    for group in groups.clone() {
+        let q = router.quietness(group);
+        let value = if q.leading { 1 } else if q.following { 2 } else { 0 };
+        let _ = writeln!(out, "switchboard_raft_quiet{{group=\"{group}\"}} {value}");
+    }
+    let _ = writeln!(out, "# HELP switchboard_raft_appends_received_total Appends (entries, heartbeats, quiet beats) this node received from the group's leader.\n# TYPE switchboard_raft_appends_received_total counter");
+    for group in groups {
+        let _ = writeln!(out, "switchboard_raft_appends_received_total{{group=\"{group}\"}} {}", router.appends_received(group));
+    }
+}
+
 /// A leader none of whose peers answered for this long has lost its majority: it is
 /// not ready (load balancers move its clients away) until they answer again.
 const QUORUM_CONTACT: Duration = Duration::from_secs(2);
@@ -860,6 +875,7 @@ impl Backend for NodeBackend {
         let _ = writeln!(out, "switchboard_forwarded_entries_total{{group=\"{SHARD_GROUP}\"}} {}", counts.forwarded.load(std::sync::atomic::Ordering::Relaxed));
         let _ = writeln!(out, "# HELP switchboard_forwarded_unknown_total Forwarded entries whose answer was lost (the leader failed): their commands were answered unavailable.\n# TYPE switchboard_forwarded_unknown_total counter");
         let _ = writeln!(out, "switchboard_forwarded_unknown_total{{group=\"{SHARD_GROUP}\"}} {}", counts.forward_unknown.load(std::sync::atomic::Ordering::Relaxed));
+        quiet_metrics(&mut out, &self.router, [SHARD_GROUP]);
         routing_metrics(&mut out, &self.shard);
         let state = self.shard.read();
         let _ = writeln!(out, "# HELP switchboard_routing_rules Routing rules version in force in the shard.\n# TYPE switchboard_routing_rules gauge");
@@ -1031,8 +1047,9 @@ std::fs::create_dir_all(&options.data_dir)?;
     let shard = Arc::new(Shard::new());
     let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }), &options.data_dir.join("snapshots"), &log_dir)?;
     let peers = Peers::new(endpoint.clone());
-    let raft = Raft::new(options.node_id, member_config(options.snapshot_every, options.node_id, SHARD_GROUP)?, NetworkFactory::with_peers(peers.clone(), SHARD_GROUP), log, sm).await?;
     let router = Router::default();
+    let network = NetworkFactory::with_peers(peers.clone(), SHARD_GROUP).quiet_when(router.quiet_mark(SHARD_GROUP));
+    let raft = Raft::new(options.node_id, member_config(options.snapshot_every, options.node_id, SHARD_GROUP)?, network, log, sm).await?;
     router.set_peers(peers.clone());
     router.add(SHARD_GROUP, raft.clone());
     router.check_writes(SHARD_GROUP, Arc::new(restamp_forwarded));

@@ -413,6 +413,7 @@ impl Backend for SplitBackend {
         for g in self.node.groups.values() {
             let _ = writeln!(out, "switchboard_forwarded_entries_total{{group=\"{}\"}} {}", g.id, g.proposer.counts().2);
         }
+        server::quiet_metrics(&mut out, &self.node.router, self.node.groups.keys().copied().collect::<Vec<_>>());
         let pending: usize = (0..self.node.shards).map(|k| self.group(FIRST_C + k).shard.read().outbox.len()).sum();
         server::outbox_metrics(&mut out, pending);
         server::routing_metrics(&mut out, &self.group(R).shard);

@@ -8,6 +8,7 @@
 //! - [`state`]: a group's records (its state machine on disk), and snapshot files of them.
 //! - [`network`]: the QUIC transport: one endpoint per node, one stream per RPC.
 //! - [`members`]: a node joining a running group, and a node removed from it.
+//! - [`quiet`]: a group with nothing to write beats every 500 ms instead of every 50.
 //! - [`tls`]: the cluster CA and node certificates; rustls with the ring provider only.
 //! - [`files`]: durable, owner-only writes of keys and other secrets.
 //!
@@ -19,6 +20,7 @@ pub mod files;
 pub mod log;
 pub mod members;
 pub mod network;
+pub mod quiet;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -45,6 +45,9 @@ enum RpcRequest {
     /// Who leads, who the members are and whether this member serves: what a gateway
     /// polls to pin sessions (and how it finds a dead member within a second).
     Status,
+    /// An empty append from a leader whose group is quiet (`quiet`): the voter that
+    /// accepts it stops its own election timer and waits for the next beat instead.
+    AppendQuiet { group: u64, rpc: AppendEntriesRequest<TypeConfig> },
 }
 
 impl RpcRequest {
@@ -53,12 +56,12 @@ impl RpcRequest {
     /// dead leader's connection silent (measured: recovery after a leader kill went from
     /// 0.5 to 1.3 s at the median without it).
     fn answers_quickly(&self) -> bool {
-        matches!(self, RpcRequest::Append { .. } | RpcRequest::Vote { .. } | RpcRequest::ReadIndex { .. } | RpcRequest::Write { .. } | RpcRequest::Status)
+        matches!(self, RpcRequest::Append { .. } | RpcRequest::AppendQuiet { .. } | RpcRequest::Vote { .. } | RpcRequest::ReadIndex { .. } | RpcRequest::Write { .. } | RpcRequest::Status)
     }
 
     /// Whether this is consensus traffic, which only nodes may send.
     fn is_raft(&self) -> bool {
-        matches!(self, RpcRequest::Append { .. } | RpcRequest::Snapshot { .. } | RpcRequest::Vote { .. } | RpcRequest::Members { .. })
+        matches!(self, RpcRequest::Append { .. } | RpcRequest::AppendQuiet { .. } | RpcRequest::Snapshot { .. } | RpcRequest::Vote { .. } | RpcRequest::Members { .. })
     }
 }
 
@@ -140,13 +143,12 @@ pub struct Router {
     /// leader appends it.
     checks: Arc<RwLock<HashMap<u64, WriteCheck>>>,
     files: Arc<RwLock<Option<Arc<dyn Files>>>>,
-    /// When each group last received entries or a heartbeat from a leader.
-    heard: Arc<std::sync::Mutex<HashMap<u64, std::time::Instant>>>,
     status: Arc<RwLock<Option<StatusSource>>>,
     relay: Arc<RwLock<Option<Arc<dyn Relay>>>>,
     /// Per group: the gate new entries pass before this node appends them (held while
-    /// leadership moves away, `members::Change::Lead`).
-    gates: Arc<RwLock<HashMap<u64, Gate>>>,
+    /// leadership moves away, `members::Change::Lead`), whether the group is quiet
+    /// here (`quiet`), and when a leader's append last arrived.
+    locals: Arc<crate::quiet::Locals>,
     /// How this node reaches its peers (set once the endpoint is up): what a leadership
     /// move uses to ask the next leader to stand.
     peers: Arc<RwLock<Option<Peers>>>,
@@ -160,31 +162,29 @@ pub const MAX_HOLD: Duration = Duration::from_secs(3);
 /// so that no append renews the followers' leases meanwhile: this node's own proposals
 /// wait (never longer than [`MAX_HOLD`]), and entries other members forward are
 /// refused untouched, to be sent again to the next leader. Held by a [`GateHold`].
+///
+/// Passing it wakes a quiet group (`quiet`): whatever is about to be written goes out
+/// with the leader's heartbeats on.
 #[derive(Clone)]
-pub struct Gate(Arc<tokio::sync::watch::Sender<bool>>);
-
-impl Default for Gate {
-    fn default() -> Self {
-        Gate(Arc::new(tokio::sync::watch::channel(false).0))
-    }
-}
+pub struct Gate(Arc<crate::quiet::Local>);
 
 /// Keeps a [`Gate`] closed until dropped.
 pub struct GateHold(Gate);
 
 impl Drop for GateHold {
     fn drop(&mut self) {
-        self.0 .0.send_replace(false);
+        self.0 .0.held.send_replace(false);
     }
 }
 
 impl Gate {
     /// Waits while the gate is held, [`MAX_HOLD`] at most.
     pub async fn pass(&self) {
-        if !*self.0.borrow() {
+        self.0.wake();
+        if !*self.0.held.borrow() {
             return;
         }
-        let mut open = self.0.subscribe();
+        let mut open = self.0.held.subscribe();
         let _ = tokio::time::timeout(MAX_HOLD, open.wait_for(|held| !*held)).await;
     }
 
@@ -192,7 +192,7 @@ impl Gate {
     /// has it closed.
     pub fn try_hold(&self) -> Option<GateHold> {
         let mut taken = false;
-        self.0.send_if_modified(|held| {
+        self.0.held.send_if_modified(|held| {
             taken = !*held;
             *held = true;
             taken
@@ -202,7 +202,12 @@ impl Gate {
 
     /// Whether the gate is held now.
     pub fn held(&self) -> bool {
-        *self.0.borrow()
+        *self.0.held.borrow()
+    }
+
+    /// Wakes a quiet group on this leader (a membership change is about to be made).
+    pub fn wake(&self) {
+        self.0.wake();
     }
 }
 
@@ -213,11 +218,38 @@ pub type WriteCheck = Arc<dyn Fn(Vec<u8>) -> Result<Vec<u8>, String> + Send + Sy
 
 impl Router {
     pub fn add(&self, group: u64, raft: Raft) {
+        self.locals.get(group).set_raft(Some(raft.clone()));
         self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(group, raft);
     }
 
     pub fn remove(&self, group: u64) {
         self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        if let Some(local) = self.locals.find(group) {
+            local.set_raft(None);
+        }
+    }
+
+    /// What `group`'s network clients read to send its empty appends as quiet beats
+    /// ([`NetworkFactory::quiet_when`]).
+    pub fn quiet_mark(&self, group: u64) -> QuietMark {
+        QuietMark(self.locals.get(group).marked.clone())
+    }
+
+    /// Whether `group` is quiet on this node, and as what (see `quiet`).
+    pub fn quietness(&self, group: u64) -> crate::quiet::Quietness {
+        self.locals.find(group).map(|l| l.quietness()).unwrap_or_default()
+    }
+
+    /// Appends (plain, or quiet beats) this node received from `group`'s leaders.
+    pub fn appends_received(&self, group: u64) -> u64 {
+        self.locals.find(group).map_or(0, |l| l.appends.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Holds this member's elections in `group` (after a restart, until a leader is
+    /// heard), or lets them run again: they stay off while a quiet leader's beats are
+    /// awaited.
+    pub fn hold_elections(&self, group: u64, hold: bool) {
+        self.locals.get(group).hold_elections(hold);
     }
 
     /// Forwarded entries for `group` pass `check` on this node before it appends them.
@@ -227,15 +259,14 @@ impl Router {
 
     /// The gate `group`'s new entries pass on this node (the proposer's and forwarded ones).
     pub fn gate(&self, group: u64) -> Gate {
-        if let Some(gate) = self.gates.read().unwrap_or_else(|p| p.into_inner()).get(&group) {
-            return gate.clone();
-        }
-        self.gates.write().unwrap_or_else(|p| p.into_inner()).entry(group).or_default().clone()
+        Gate(self.locals.get(group))
     }
 
-    /// How this node reaches its peers: needed to hand a group's leadership on.
+    /// How this node reaches its peers: needed to hand a group's leadership on. Starts
+    /// the monitor that quiets idle groups (`quiet`), which ends with the router.
     pub fn set_peers(&self, peers: Peers) {
         *self.peers.write().unwrap_or_else(|p| p.into_inner()) = Some(peers);
+        self.locals.start(Arc::downgrade(&self.peers));
     }
 
     fn peers(&self) -> Option<Peers> {
@@ -244,7 +275,7 @@ impl Router {
 
     /// Whether `group`'s leader sent this node entries or a heartbeat within `window`.
     pub fn heard_within(&self, group: u64, window: Duration) -> bool {
-        self.heard.lock().unwrap_or_else(|p| p.into_inner()).get(&group).is_some_and(|at| at.elapsed() <= window)
+        self.locals.find(group).is_some_and(|l| l.heard_within(window))
     }
 
     /// Serves peers' file pushes and fetches from `files`.
@@ -283,8 +314,26 @@ impl Router {
         match request {
             RpcRequest::Append { group, rpc } => match self.get(group) {
                 Some(raft) => {
-                    self.heard.lock().unwrap_or_else(|p| p.into_inner()).insert(group, std::time::Instant::now());
-                    RpcResponse::Append(raft.append_entries(rpc).await)
+                    let local = self.locals.get(group);
+                    local.touch();
+                    let answer = raft.append_entries(rpc).await;
+                    // A plain append from the leader (not from a deposed one): this
+                    // member's own election timer runs again.
+                    local.heard(answer_from_leader(&answer).then_some(None));
+                    RpcResponse::Append(answer)
+                }
+                None => RpcResponse::UnknownGroup(group),
+            },
+            RpcRequest::AppendQuiet { group, rpc } => match self.get(group) {
+                Some(raft) => {
+                    let local = self.locals.get(group);
+                    local.touch();
+                    let leader = rpc.vote.leader_id().voted_for();
+                    let answer = raft.append_entries(rpc).await;
+                    // Accepted: this member takes that leader's beats as its timer.
+                    let accepted = matches!(answer, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)));
+                    local.heard(leader.filter(|_| accepted).map(Some));
+                    RpcResponse::Append(answer)
                 }
                 None => RpcResponse::UnknownGroup(group),
             },
@@ -309,7 +358,7 @@ impl Router {
                         // another stand and the live leader step down). A member that never
                         // heard a leader since it started does not stand either.
                         let lease = Duration::from_millis(raft.config().election_timeout_max);
-                        let silent = self.heard.lock().unwrap_or_else(|p| p.into_inner()).get(&group).is_some_and(|at| at.elapsed() >= lease);
+                        let silent = self.locals.find(group).and_then(|l| l.heard_at()).is_some_and(|at| at.elapsed() >= lease);
                         if !vote.vote_granted && vote.last_log_id > candidate_log && silent {
                             let raft = raft.clone();
                             let ours = vote.last_log_id;
@@ -347,6 +396,7 @@ impl Router {
             },
             RpcRequest::Write { group, request } => match self.get(group) {
                 Some(raft) => {
+                    self.locals.get(group).wake();
                     let check = self.checks.read().unwrap_or_else(|p| p.into_inner()).get(&group).cloned();
                     let checked = match check {
                         Some(check) => check(request.0),
@@ -372,6 +422,7 @@ impl Router {
             },
             RpcRequest::Members { group, change } => match self.get(group) {
                 Some(raft) => {
+                    self.locals.get(group).wake();
                     let (gate, peers) = (self.gate(group), self.peers());
                     RpcResponse::Members(crate::members::apply_here(&raft, group, change, &gate, peers.as_ref()).await)
                 }
@@ -398,6 +449,12 @@ impl Router {
             }
         }
     }
+}
+
+/// Whether an append's answer shows it came from this member's leader: anything but
+/// a refusal for a stale vote (a deposed leader still sending) or an error.
+fn answer_from_leader(answer: &Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>) -> bool {
+    !matches!(answer, Ok(AppendEntriesResponse::HigherVote(_)) | Err(_))
 }
 
 /// How long the leader works on a forwarded entry before it answers that the outcome is
@@ -809,6 +866,18 @@ impl Peers {
 pub struct NetworkFactory {
     peers: Peers,
     group: u64,
+    quiet: QuietMark,
+}
+
+/// Whether a group's leader on this node has marked it quiet: its empty appends then go
+/// out as quiet beats (see `quiet`). From [`Router::quiet_mark`].
+#[derive(Clone, Default)]
+pub struct QuietMark(Arc<std::sync::atomic::AtomicBool>);
+
+impl QuietMark {
+    fn marked(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl NetworkFactory {
@@ -819,7 +888,14 @@ impl NetworkFactory {
 
     /// A factory sharing `peers`' connections with the node's other groups.
     pub fn with_peers(peers: Peers, group: u64) -> Self {
-        NetworkFactory { peers, group }
+        NetworkFactory { peers, group, quiet: QuietMark::default() }
+    }
+
+    /// Empty appends go out as quiet beats while `mark` is set (the group's
+    /// [`Router::quiet_mark`] on this node).
+    pub fn quiet_when(mut self, mark: QuietMark) -> Self {
+        self.quiet = mark;
+        self
     }
 }
 
@@ -827,7 +903,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
-        PeerClient { peers: self.peers.clone(), group: self.group, target, addr: node.addr.clone() }
+        PeerClient { peers: self.peers.clone(), group: self.group, target, addr: node.addr.clone(), quiet: self.quiet.clone() }
     }
 }
 
@@ -837,6 +913,7 @@ pub struct PeerClient {
     group: u64,
     target: NodeId,
     addr: String,
+    quiet: QuietMark,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -907,7 +984,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
             fit += 1;
         }
-        match self.call(RpcRequest::Append { group: self.group, rpc }, option.hard_ttl()).await? {
+        let request = if rpc.entries.is_empty() && self.quiet.marked() {
+            RpcRequest::AppendQuiet { group: self.group, rpc }
+        } else {
+            RpcRequest::Append { group: self.group, rpc }
+        };
+        match self.call(request, option.hard_ttl()).await? {
             RpcResponse::Append(result) => result.map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e))),
             other => Err(unexpected(other).into()),
         }
