@@ -61,6 +61,9 @@ impl Host<'_> {
         let network = NetworkFactory::with_peers(self.peers.clone(), id).quiet_when(self.router.quiet_mark(id));
         let raft = Raft::new(self.node_id, config, network, log, sm).await?;
         self.router.add(id, raft.clone());
+        // Conversation shards, the many, go quiet when idle; the metadata group and the
+        // routing shard, which every login and assignment needs, stay awake (ADR 0011).
+        self.router.allow_quiet(id, matches!(part, Part::Conversations { .. }));
         self.router.check_writes(id, Arc::new(restamp_forwarded));
         hold_elections_after_restart(&raft, self.router, id).await?;
         let proposer = RaftProposer::start(id, raft.clone(), self.node_id, Forwarder::new(self.peers.clone()), self.router.gate(id));
@@ -649,10 +652,11 @@ mod tests {
         panic!("{what}: not every group went quiet within 15 s: {seen:?}");
     }
 
-    /// Idle groups go quiet: a follower hears a beat every 500 ms instead of an append
-    /// every 50 ms. A write through a follower wakes its group and is committed; the
-    /// group goes quiet again; and when the member leading quiet groups stops, the
-    /// survivors elect new leaders for them and take writes.
+    /// Idle conversation shards go quiet: a follower hears a beat every 500 ms instead
+    /// of an append every 50 ms (the metadata group and the routing shard stay awake). A
+    /// write through a follower wakes its group and is committed; the group goes quiet
+    /// again; and when the member leading a quiet group stops, the survivors elect a
+    /// new leader for it and take writes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idle_groups_go_quiet_wake_for_a_write_and_elect_when_their_leader_stops() {
         let root = tempfile::tempdir().expect("temp dir");
@@ -660,11 +664,16 @@ mod tests {
         for command in directory() {
             submit(&nodes[0], G0, command).await;
         }
-        let groups = [G0, R, FIRST_C, FIRST_C + 1];
-        for c in [FIRST_C, FIRST_C + 1] {
+        let groups = [FIRST_C, FIRST_C + 1];
+        for c in groups {
             until(&nodes[0], c, "the web channel arrives", |s| s.channels.contains_key(&ChannelId::new("web"))).await;
         }
         until_quiet(&nodes, &groups, "after the directory was written").await;
+        for group in [G0, R] {
+            for node in &nodes {
+                assert_eq!(node.router.quietness(group), Default::default(), "group {group} stays awake on node {}", node.node_id);
+            }
+        }
 
         // Beats, not heartbeats: at most a few appends in 2 s (about 40 when awake).
         let follower = nodes.iter().position(|n| !n.leads(FIRST_C)).expect("a follower");
@@ -682,9 +691,9 @@ mod tests {
         until(&nodes[0], R, "routing hears of the conversation", |s| s.conversations.contains_key(&conversation)).await;
         until_quiet(&nodes, &groups, "after a write").await;
 
-        // The member leading the metadata group stops while every group is quiet.
-        let victim = nodes.iter().position(|n| n.leads(G0)).expect("a leader of G0");
-        let led: Vec<GroupId> = groups.iter().copied().filter(|g| nodes[victim].leads(*g)).collect();
+        // The member leading the second conversation shard stops while it is quiet.
+        let victim = nodes.iter().position(|n| n.leads(FIRST_C + 1)).expect("a leader of the second shard");
+        let led: Vec<GroupId> = [G0, R, FIRST_C, FIRST_C + 1].into_iter().filter(|g| nodes[victim].leads(*g)).collect();
         nodes.remove(victim).stop().await.expect("stops");
         let stopped = std::time::Instant::now();
         for group in &led {
@@ -697,10 +706,10 @@ mod tests {
             };
             println!("group {group}: node {elected} leads {:?} after its quiet leader stopped", stopped.elapsed());
         }
-        let operator = OperatorConfig { id: OperatorId::new("quiet-ops"), name: "Quiet".into(), capacity: 1, groups: vec![SkillGroupId::new("support")] };
-        submit_until_committed(&nodes[0], G0, Command::UpsertOperator(operator)).await.expect("a directory write after the stop");
+        let start = Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: visitor("v-after") };
+        let Ok(Reply::Started { conversation }) = submit_until_committed(&nodes[0], FIRST_C + 1, start).await else { panic!("not started after the stop") };
         for node in &nodes {
-            until(node, R, "the new operator reaches routing", |s| s.operators.contains_key(&OperatorId::new("quiet-ops"))).await;
+            until(node, R, "routing hears of the conversation started after the stop", |s| s.conversations.contains_key(&conversation)).await;
         }
         for node in nodes {
             node.stop().await.expect("stops");

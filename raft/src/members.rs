@@ -74,7 +74,7 @@ const VOTER_CATCH_UP_FOR: Duration = Duration::from_secs(30);
 /// `peers` reaches the next leader of a [`Change::Lead`].
 pub async fn apply_here(raft: &Raft, group: u64, change: Change, gate: &Gate, peers: Option<&Peers>) -> Answer {
     // A quiet group's leader beats again before its membership or leadership moves.
-    gate.wake();
+    gate.busy();
     match change {
         Change::Stand => stand(raft).await,
         // Run to its end even when the caller goes away (a request cut off by its

@@ -205,9 +205,10 @@ impl Gate {
         *self.0.held.borrow()
     }
 
-    /// Wakes a quiet group on this leader (a membership change is about to be made).
-    pub fn wake(&self) {
-        self.0.wake();
+    /// Wakes a quiet group on this leader and keeps it awake for a while: a membership
+    /// change or a hand-over is about to be made.
+    pub fn busy(&self) {
+        self.0.busy();
     }
 }
 
@@ -232,7 +233,14 @@ impl Router {
     /// What `group`'s network clients read to send its empty appends as quiet beats
     /// ([`NetworkFactory::quiet_when`]).
     pub fn quiet_mark(&self, group: u64) -> QuietMark {
-        QuietMark(self.locals.get(group).marked.clone())
+        QuietMark(Some(self.locals.get(group)))
+    }
+
+    /// Lets this node make `group` quiet while it leads it and nothing is written (see
+    /// `quiet`); off unless asked. Groups that every request depends on (a cluster's
+    /// metadata and routing) stay awake, so that their failover stays fast.
+    pub fn allow_quiet(&self, group: u64, allowed: bool) {
+        self.locals.get(group).allowed.store(allowed, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether `group` is quiet on this node, and as what (see `quiet`).
@@ -358,7 +366,9 @@ impl Router {
                         // another stand and the live leader step down). A member that never
                         // heard a leader since it started does not stand either.
                         let lease = Duration::from_millis(raft.config().election_timeout_max);
-                        let silent = self.locals.find(group).and_then(|l| l.heard_at()).is_some_and(|at| at.elapsed() >= lease);
+                        // A member waiting for a quiet leader's beats hears one every
+                        // 500 ms: silent only after `quiet::SILENCE`.
+                        let silent = self.locals.find(group).is_some_and(|l| l.silent_for(lease));
                         if !vote.vote_granted && vote.last_log_id > candidate_log && silent {
                             let raft = raft.clone();
                             let ours = vote.last_log_id;
@@ -422,7 +432,7 @@ impl Router {
             },
             RpcRequest::Members { group, change } => match self.get(group) {
                 Some(raft) => {
-                    self.locals.get(group).wake();
+                    self.locals.get(group).busy();
                     let (gate, peers) = (self.gate(group), self.peers());
                     RpcResponse::Members(crate::members::apply_here(&raft, group, change, &gate, peers.as_ref()).await)
                 }
@@ -872,11 +882,17 @@ pub struct NetworkFactory {
 /// Whether a group's leader on this node has marked it quiet: its empty appends then go
 /// out as quiet beats (see `quiet`). From [`Router::quiet_mark`].
 #[derive(Clone, Default)]
-pub struct QuietMark(Arc<std::sync::atomic::AtomicBool>);
+pub struct QuietMark(Option<Arc<crate::quiet::Local>>);
 
 impl QuietMark {
     fn marked(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
+        self.0.as_ref().is_some_and(|l| l.marked.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn refused(&self) {
+        if let Some(local) = &self.0 {
+            local.refused_quiet();
+        }
     }
 }
 
@@ -984,12 +1000,22 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
             fit += 1;
         }
-        let request = if rpc.entries.is_empty() && self.quiet.marked() {
-            RpcRequest::AppendQuiet { group: self.group, rpc }
+        // An empty append is cheap to keep for a second try.
+        let (request, plain) = if rpc.entries.is_empty() && self.quiet.marked() {
+            (RpcRequest::AppendQuiet { group: self.group, rpc: rpc.clone() }, Some(rpc))
         } else {
-            RpcRequest::Append { group: self.group, rpc }
+            (RpcRequest::Append { group: self.group, rpc }, None)
         };
-        match self.call(request, option.hard_ttl()).await? {
+        let response = match (self.call(request, option.hard_ttl()).await?, plain) {
+            // A member of an older build cannot read a quiet beat: the group stays
+            // awake for a while, and this one goes out as a plain heartbeat.
+            (RpcResponse::BadRequest(_), Some(rpc)) => {
+                self.quiet.refused();
+                self.call(RpcRequest::Append { group: self.group, rpc }, option.hard_ttl()).await?
+            }
+            (other, _) => other,
+        };
+        match response {
             RpcResponse::Append(result) => result.map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e))),
             other => Err(unexpected(other).into()),
         }

@@ -63,6 +63,8 @@ pub(crate) struct Local {
     pub(crate) marked: Arc<AtomicBool>,
     /// Appends (plain or quiet) received from a leader.
     pub(crate) appends: AtomicU64,
+    /// Whether this node, leading the group, may make it quiet (`Router::allow_quiet`).
+    pub(crate) allowed: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -77,6 +79,8 @@ struct State {
     following: Option<NodeId>,
     /// Elections held after a restart (`node`'s `hold_elections_after_restart`).
     held_after_restart: bool,
+    /// When a member last refused a quiet beat as unknown.
+    refused_at: Option<Instant>,
     /// When a leader's append last arrived.
     heard: Option<Instant>,
 }
@@ -107,6 +111,7 @@ impl Default for Local {
             held: tokio::sync::watch::channel(false).0,
             marked: Arc::new(AtomicBool::new(false)),
             appends: AtomicU64::new(0),
+            allowed: AtomicBool::new(false),
             state: Mutex::new(State::default()),
         }
     }
@@ -122,7 +127,9 @@ impl Local {
         s.raft = raft;
         s.lead = Lead::Active;
         s.following = None;
+        s.since = None;
         self.marked.store(false, Ordering::SeqCst);
+        apply_elect(&s);
     }
 
     /// Something is about to be written: the group is no longer quiet on this leader,
@@ -132,13 +139,37 @@ impl Local {
             return;
         }
         let mut s = self.lock();
+        s.since = Some(Instant::now());
         if s.lead != Lead::Active {
             s.lead = Lead::Active;
-            s.since = Some(Instant::now());
             if let Some(raft) = &s.raft {
                 raft.runtime_config().heartbeat(true);
             }
         }
+    }
+
+    /// A membership change or a hand-over starts: the group wakes, and stays awake for
+    /// [`QUIET_AFTER`] from now (longer than the hand-over's checks before it holds the
+    /// gate, during which the monitor does not look at a held group at all).
+    pub(crate) fn busy(&self) {
+        self.wake();
+        self.lock().since = Some(Instant::now());
+    }
+
+    /// A quiet beat that a member refused as unknown (an older build): the group
+    /// stays awake for a minute before it tries again.
+    pub(crate) fn refused_quiet(&self) {
+        self.lock().refused_at = Some(Instant::now());
+        self.wake();
+    }
+
+    /// Whether this member's leader has been silent for `lease` (the vote check's
+    /// question); for a member waiting for a quiet leader's beats, which come every
+    /// [`BEAT`], only after [`SILENCE`].
+    pub(crate) fn silent_for(&self, lease: Duration) -> bool {
+        let s = self.lock();
+        let window = if s.following.is_some() { SILENCE } else { lease };
+        s.heard.is_some_and(|at| at.elapsed() >= window)
     }
 
     /// A leader's append was handled: `Some(None)` a plain append from this member's
@@ -165,10 +196,6 @@ impl Local {
         self.lock().heard.is_some_and(|at| at.elapsed() <= window)
     }
 
-    pub(crate) fn heard_at(&self) -> Option<Instant> {
-        self.lock().heard
-    }
-
     /// Holds this member's elections after a restart (`hold`), or lets them run again
     /// (unless a quiet leader's beats are being waited for).
     pub(crate) fn hold_elections(&self, hold: bool) {
@@ -185,7 +212,9 @@ impl Local {
     /// Stops waiting for quiet leader `leader`'s beats: this voter's timer runs again.
     fn release(&self, leader: NodeId) {
         let mut s = self.lock();
-        if s.following == Some(leader) {
+        // A beat since the probe: the leader is there after all.
+        let recent = s.heard.is_some_and(|at| at.elapsed() < BEAT + 3 * TICK);
+        if s.following == Some(leader) && !recent {
             s.following = None;
             apply_elect(&s);
         }
@@ -234,7 +263,8 @@ impl Local {
         match s.lead {
             Lead::Active => {
                 let idle = s.since.is_some_and(|since| now.duration_since(since) >= QUIET_AFTER);
-                if idle && settled(&m) {
+                let refused = s.refused_at.is_some_and(|at| now.duration_since(at) < Duration::from_secs(60));
+                if idle && !refused && self.allowed.load(Ordering::Relaxed) && settled(&m) {
                     s.lead = Lead::Settling(now);
                     self.marked.store(true, Ordering::SeqCst);
                 }
@@ -243,6 +273,18 @@ impl Local {
             Lead::Settling(_) | Lead::Quiet(_) if !marked => {
                 // Woken in a race with the mark: heartbeats on.
                 s.lead = Lead::Active;
+                s.since = Some(now);
+                raft.runtime_config().heartbeat(true);
+                None
+            }
+            // A member fell behind (it was down and came back, or lost entries): plain
+            // heartbeats until it holds everything again, so that the entries it is
+            // sent meanwhile (plain appends, which start its own timer) are followed
+            // by heartbeats at the usual rate.
+            Lead::Settling(_) | Lead::Quiet(_) if !settled(&m) => {
+                self.marked.store(false, Ordering::SeqCst);
+                s.lead = Lead::Active;
+                s.since = Some(now);
                 raft.runtime_config().heartbeat(true);
                 None
             }
