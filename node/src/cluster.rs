@@ -421,8 +421,14 @@ pub fn describe(status: &serde_json::Value) -> String {
         out.push_str(&format!("node {}, split into {} groups ({shards} conversation shards):\n", status.get("node").map(|v| v.to_string()).unwrap_or_default(), groups.len()));
         for g in groups {
             let field = |k: &str| g.get(k).map(|v| if v.is_null() { "none".to_string() } else { v.to_string() }).unwrap_or_default();
+            // ADR 0011: a quiet shard beats every 500 ms.
+            let quiet = match g.get("quiet").and_then(|v| v.as_str()) {
+                Some("leading") => ", quiet (beating every 500 ms)",
+                Some("following") => ", quiet (waiting for beats)",
+                _ => "",
+            };
             out.push_str(&format!(
-                "  group {} ({}): {} here, leader {}, term {}, applied {} of {}, leader changes {}, letters in flight {}, voters {}\n",
+                "  group {} ({}): {} here, leader {}, term {}, applied {} of {}, leader changes {}, letters in flight {}, voters {}{quiet}\n",
                 field("group"),
                 g.get("part").and_then(|v| v.as_str()).unwrap_or("?"),
                 g.get("role").and_then(|v| v.as_str()).unwrap_or("?"),
@@ -485,6 +491,9 @@ mod tests {
         let text = describe(&status);
         assert!(text.starts_with("node 1, split into 2 groups (1 conversation shards):\n"), "{text}");
         assert!(text.contains("  group 3 (conversations 0): follower here, leader none, term 2, applied 9 of 10, leader changes 2, letters in flight 4, voters [1,2,3]\n"), "{text}");
+        let mut quiet = status.clone();
+        quiet["groups"][1]["quiet"] = serde_json::json!("following");
+        assert!(describe(&quiet).contains("voters [1,2,3], quiet (waiting for beats)\n"), "{}", describe(&quiet));
         assert!(text.ends_with("  member 1 at 127.0.0.1:9002: voter\n"), "{text}");
     }
 

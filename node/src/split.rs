@@ -268,6 +268,11 @@ impl Backend for SplitBackend {
                     "reaches_majority": (m.current_leader == Some(self.node.node_id)).then(|| server::reaches_majority(&m, self.node.node_id, &self.node.peers)),
                     "leader_changes": g.leader_changes.load(Relaxed),
                     "letters_in_flight": Self::letters_in_flight(&g.shard).values().sum::<usize>(),
+                    "quiet": match self.node.router.quietness(g.id) {
+                        q if q.leading => "leading",
+                        q if q.following => "following",
+                        _ => "awake",
+                    },
                 })
             })
             .collect();
