@@ -370,6 +370,49 @@ async fn a_split_cluster_carries_on_when_a_conversation_shards_leader_is_killed(
     Ok(())
 }
 
+/// ADR 0011 as processes: a conversation shard with nothing written for a while goes
+/// quiet (its leader beats every 500 ms; the other members wait for the beats with
+/// their own election timers off). Its leader is killed (SIGKILL) while it is quiet:
+/// the survivors elect a new leader, and the visitor's next message, on a socket that
+/// stayed open, is acknowledged and kept once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_conversation_shard_elects_a_leader_when_its_leader_is_killed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start_split(dir.path(), 3, Some(2)).await?;
+    // The sockets go to a node that leads neither conversation shard.
+    let holder = eventually(WAIT, Duration::from_millis(100), || async {
+        let leaders = group_leaders(&cluster, 1).await?;
+        let (Some(Some(a)), Some(Some(b))) = (leaders.get(&3), leaders.get(&4)) else { return Ok(None) };
+        Ok((1..=3usize).find(|n| *n as u64 != *a && *n as u64 != *b))
+    })
+    .await?;
+    let (mut visitor, conversation, _) = cluster.node(holder).client("Quinn").await?;
+    let first = until_answered(&mut visitor, &json!({"type": "send", "key": "q-1", "text": "before the quiet"}), "q-1", &[]).await?;
+    assert_eq!(first["type"], "ack", "{first}");
+    let shard = 3 + conversation % 2;
+    // Quiet, as the holder sees it: it waits for the shard leader's beats.
+    eventually(Duration::from_secs(30), Duration::from_millis(200), || async {
+        let status = cluster.status(holder).await?;
+        let group = status["groups"].as_array().and_then(|gs| gs.iter().find(|g| g["group"].as_u64() == Some(shard)).cloned());
+        Ok(group.filter(|g| g["quiet"] == "following").map(|_| ()))
+    })
+    .await?;
+    let leader = group_leaders(&cluster, holder).await?.get(&shard).copied().flatten().ok_or_else(|| anyhow::anyhow!("no leader of group {shard}"))? as usize;
+    assert_ne!(leader, holder);
+    let killed = std::time::Instant::now();
+    cluster.kill9(leader).await?;
+    let after = until_answered(&mut visitor, &json!({"type": "send", "key": "q-2", "text": "after the kill"}), "q-2", &[]).await?;
+    assert_eq!(after["type"], "ack", "{after}");
+    println!("quiet group {shard}'s leader (node {leader}) killed: the visitor's next message was acknowledged after {} ms", killed.elapsed().as_millis());
+    let node = cluster.node(holder);
+    let admin = node.login("admin").await?;
+    let (status, view) = node.api("GET", &format!("/api/conversations/{conversation}"), Some(&admin), None).await?;
+    assert_eq!(status, 200, "{view}");
+    let texts: Vec<&str> = view["history"].as_array().map(|h| h.iter().filter_map(|e| e["text"].as_str()).collect()).unwrap_or_default();
+    assert_eq!(texts, ["before the quiet", "after the kill"], "{view}");
+    Ok(())
+}
+
 /// A split cluster behind a standalone gateway: the visitor's and the operator's
 /// (protocol 2) sockets are relayed to one member, which is killed (SIGKILL) mid-chat.
 /// The gateway re-pins both on a survivor, the operator's desk by the cursor of what it
