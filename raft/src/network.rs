@@ -233,7 +233,8 @@ impl Router {
     /// What `group`'s network clients read to send its empty appends as quiet beats
     /// ([`NetworkFactory::quiet_when`]).
     pub fn quiet_mark(&self, group: u64) -> QuietMark {
-        QuietMark(Some(self.locals.get(group)))
+        let local = self.locals.get(group);
+        QuietMark { marked: local.marked.clone(), local: Arc::downgrade(&local) }
     }
 
     /// Lets this node make `group` quiet while it leads it and nothing is written (see
@@ -881,16 +882,23 @@ pub struct NetworkFactory {
 
 /// Whether a group's leader on this node has marked it quiet: its empty appends then go
 /// out as quiet beats (see `quiet`). From [`Router::quiet_mark`].
+///
+/// The group's Raft owns its network clients, which hold this: the group's state on the
+/// node (which holds the Raft) is only referred to weakly, so that nothing keeps a
+/// stopped Raft alive.
 #[derive(Clone, Default)]
-pub struct QuietMark(Option<Arc<crate::quiet::Local>>);
+pub struct QuietMark {
+    marked: Arc<std::sync::atomic::AtomicBool>,
+    local: std::sync::Weak<crate::quiet::Local>,
+}
 
 impl QuietMark {
     fn marked(&self) -> bool {
-        self.0.as_ref().is_some_and(|l| l.marked.load(std::sync::atomic::Ordering::SeqCst))
+        self.marked.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn refused(&self) {
-        if let Some(local) = &self.0 {
+        if let Some(local) = self.local.upgrade() {
             local.refused_quiet();
         }
     }
