@@ -300,6 +300,17 @@ async fn group_leaders(cluster: &Cluster, id: usize) -> anyhow::Result<BTreeMap<
     Ok(groups.iter().filter_map(|g| Some((g["group"].as_u64()?, g["leader"].as_u64()))).collect())
 }
 
+/// Of three nodes split into two conversation shards (groups 3 and 4), one that leads
+/// neither (there is one once both have leaders).
+async fn leading_no_conversation_shard(cluster: &Cluster) -> anyhow::Result<usize> {
+    eventually(WAIT, Duration::from_millis(100), || async {
+        let leaders = group_leaders(cluster, 1).await?;
+        let (Some(Some(a)), Some(Some(b))) = (leaders.get(&3), leaders.get(&4)) else { return Ok(None) };
+        Ok((1..=3usize).find(|n| *n as u64 != *a && *n as u64 != *b))
+    })
+    .await
+}
+
 /// Three `switchboard node` processes laid out by `cluster init --shards 2`: every group
 /// (metadata, routing, two conversation shards) is replicated on all three, and each
 /// has its own leader. The leader of the shard holding a live conversation is killed
@@ -312,12 +323,7 @@ async fn a_split_cluster_carries_on_when_a_conversation_shards_leader_is_killed(
     let mut cluster = Cluster::start_split(dir.path(), 3, Some(2)).await?;
     // A node that leads neither conversation shard holds the sockets (with three nodes
     // and two shards there is one).
-    let quiet = eventually(WAIT, Duration::from_millis(100), || async {
-        let leaders = group_leaders(&cluster, 1).await?;
-        let (Some(Some(a)), Some(Some(b))) = (leaders.get(&3), leaders.get(&4)) else { return Ok(None) };
-        Ok((1..=3usize).find(|n| *n as u64 != *a && *n as u64 != *b))
-    })
-    .await?;
+    let quiet = leading_no_conversation_shard(&cluster).await?;
     let node = cluster.node(quiet);
     let (mut visitor, conversation, _) = node.client("Dana").await?;
     let (mut alice, _) = desk(node, "alice", None).await?;
@@ -380,12 +386,7 @@ async fn a_quiet_conversation_shard_elects_a_leader_when_its_leader_is_killed() 
     let dir = tempfile::tempdir()?;
     let mut cluster = Cluster::start_split(dir.path(), 3, Some(2)).await?;
     // The sockets go to a node that leads neither conversation shard.
-    let holder = eventually(WAIT, Duration::from_millis(100), || async {
-        let leaders = group_leaders(&cluster, 1).await?;
-        let (Some(Some(a)), Some(Some(b))) = (leaders.get(&3), leaders.get(&4)) else { return Ok(None) };
-        Ok((1..=3usize).find(|n| *n as u64 != *a && *n as u64 != *b))
-    })
-    .await?;
+    let holder = leading_no_conversation_shard(&cluster).await?;
     let (mut visitor, conversation, _) = cluster.node(holder).client("Quinn").await?;
     let first = until_answered(&mut visitor, &json!({"type": "send", "key": "q-1", "text": "before the quiet"}), "q-1", &[]).await?;
     assert_eq!(first["type"], "ack", "{first}");
