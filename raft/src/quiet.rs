@@ -221,11 +221,10 @@ impl Local {
     }
 
     /// The monitor's look at this group: returns the Raft to send a quiet beat through.
-    fn tick(&self, held: bool, window: u64) -> Option<Raft> {
+    fn tick(&self, m: &openraft::RaftMetrics<NodeId, crate::Node>, held: bool, window: u64) -> Option<Raft> {
         let now = Instant::now();
         let mut s = self.lock();
         let raft = s.raft.clone()?;
-        let m = raft.metrics().borrow().clone();
         // Follower side: a quiet leader silent for too long, or no longer the leader.
         if let Some(leader) = s.following {
             let silence = SILENCE + Duration::from_millis(150 * window);
@@ -382,7 +381,7 @@ async fn monitor(locals: Weak<Locals>, peers: Weak<RwLock<Option<Peers>>>) {
             let Some(raft) = raft else { continue };
             let m = raft.metrics().borrow().clone();
             let window = crate::election_window(m.id, *group);
-            if let Some(beat) = local.tick(held, window) {
+            if let Some(beat) = local.tick(&m, held, window) {
                 let _ = beat.trigger().heartbeat().await;
             }
             for (id, node) in m.membership_config.membership().nodes() {
