@@ -326,10 +326,10 @@ fn settled(m: &openraft::RaftMetrics<NodeId, crate::Node>) -> bool {
     if m.membership_config.membership().get_joint_config().len() != 1 {
         return false;
     }
-    match &m.replication {
-        Some(targets) if !targets.is_empty() => targets.values().all(|matched| matched.map(|l| l.index) == Some(last)),
-        _ => false,
-    }
+    // openraft lists the leader among its replication targets: a group of one has
+    // nobody to beat to and nothing to save.
+    let mut others = m.replication.iter().flatten().filter(|(id, _)| **id != m.id).peekable();
+    others.peek().is_some() && others.all(|(_, matched)| matched.map(|l| l.index) == Some(last))
 }
 
 /// Every group's [`Local`] on this node.
