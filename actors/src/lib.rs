@@ -24,5 +24,6 @@ pub mod records;
 pub mod routing;
 pub mod shard;
 pub mod state;
+mod tails;
 
 pub use error::Error;

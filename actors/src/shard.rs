@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::model::{Attachment, AttachmentId, ChannelId, ConversationId, DecisionRecord, Envelope, OfferId, OperatorId, SkillGroupId};
 use crate::records::{self, Store, Writes};
 use crate::state::{Conversation, FeedEntry, HistoryEntry, ShardState, Touched};
+use crate::tails::{Staged, Tails};
 
 /// Something that can get a command committed: the Raft group of this shard.
 pub trait Proposer: Send + Sync + 'static {
@@ -58,6 +59,11 @@ pub struct Shard {
     /// Counts published entries, for whoever waits for the state to move (the mail
     /// forwarder).
     published_tx: watch::Sender<u64>,
+    /// History and feed entries of the commands applied since the last publication,
+    /// for `tails` once their records are written.
+    staged: Mutex<Vec<Staged>>,
+    /// The newest entries, read before the store (`crate::tails`).
+    tails: RwLock<Tails>,
 }
 
 impl Default for Shard {
@@ -86,6 +92,8 @@ impl Shard {
             applied: std::sync::atomic::AtomicU64::new(0),
             part,
             published_tx: watch::Sender::new(0),
+            staged: Mutex::new(Vec::new()),
+            tails: RwLock::new(Tails::new(crate::tails::BUDGET)),
         }
     }
 
@@ -147,6 +155,7 @@ impl Shard {
                         let files = std::mem::take(&mut state.expired_attachments);
                         self.deleted_attachments.lock().unwrap_or_else(|p| p.into_inner()).extend(files);
                     }
+                    stage(&state, &mut self.staged.lock().unwrap_or_else(|p| p.into_inner()));
                     writes.extend(records::take_writes(&mut state));
                     records::end_command(&mut state);
                     self.entry_candidates.lock().unwrap_or_else(|p| p.into_inner()).extend(candidates);
@@ -182,6 +191,10 @@ impl Shard {
 
     /// The records of the commands applied so far are written: wake their readers.
     pub fn published(&self) {
+        let staged = std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()));
+        if !staged.is_empty() {
+            self.tails.write().unwrap_or_else(|p| p.into_inner()).take(staged);
+        }
         self.published_tx.send_modify(|n| *n += 1);
         let notices = std::mem::take(&mut *self.unpublished.lock().unwrap_or_else(|p| p.into_inner()));
         for notice in notices {
@@ -233,6 +246,9 @@ impl Shard {
         let state = records::load(store.as_ref())?;
         let mut guard = stop_if_poisoned(self.state.write());
         *guard = state;
+        // What was cached or staged describes the records before this load.
+        self.staged.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.tails.write().unwrap_or_else(|p| p.into_inner()).clear();
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
         Ok(())
     }
@@ -262,6 +278,9 @@ impl Shard {
 
     /// History entries after `after`, at most `limit`, in order.
     pub fn history(&self, id: ConversationId, after: u64, limit: usize) -> Result<Vec<HistoryEntry>, Error> {
+        if let Some(entries) = self.tails.read().unwrap_or_else(|p| p.into_inner()).history(id, after, limit) {
+            return Ok(entries);
+        }
         records::history(self.store()?.as_ref(), id, after, limit)
     }
 
@@ -279,6 +298,9 @@ impl Shard {
         // of them, and asks each).
         if after >= last {
             return Ok(Some(Vec::new()));
+        }
+        if let Some(entries) = self.tails.read().unwrap_or_else(|p| p.into_inner()).feed(operator, after, limit) {
+            return Ok(Some(entries));
         }
         records::feed(self.store()?.as_ref(), operator, after, limit).map(Some)
     }
@@ -404,5 +426,24 @@ mod tests {
         assert_eq!(catch_panic(|| -> u32 { panic!("static message") }), Err("static message".to_owned()));
         let id = 42;
         assert_eq!(catch_panic(|| -> u32 { panic!("formatted {id}") }), Err("formatted 42".to_owned()));
+    }
+}
+
+/// Copies what the command being applied adds to histories and feeds (its records are
+/// written with the entry) for the cache of newest entries; a purge clears the cache.
+fn stage(state: &ShardState, staged: &mut Vec<Staged>) {
+    let dirty = &state.dirty;
+    if dirty.purge || !state.deleted.is_empty() {
+        staged.push(Staged::Clear);
+    }
+    for id in dirty.histories.union(&dirty.conversations) {
+        if let Some(conv) = state.conversations.get(id) {
+            staged.extend(conv.pending.iter().map(|entry| Staged::History(*id, entry.clone())));
+        }
+    }
+    for id in dirty.feeds.union(&dirty.operators) {
+        if let Some(op) = state.operators.get(id) {
+            staged.extend(op.feed.pending.iter().map(|entry| Staged::Feed(id.clone(), entry.clone())));
+        }
     }
 }
