@@ -614,6 +614,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut send_errors = 0u64;
+    // A line a second: what reached the operators in that second and its slowest
+    // messages, so a stall shows when it happened, not only in the run's p99.
+    let progress = {
+        let latencies = latencies.clone();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let mut second: Vec<Duration> = {
+                    let all = latencies.lock().unwrap_or_else(|p| p.into_inner());
+                    let new = all[seen.min(all.len())..].to_vec();
+                    seen = all.len();
+                    new
+                };
+                second.sort();
+                println!(
+                    "  {:>4.0} s: {:>6} delivered, p99 {:>7.2} ms, max {:>7.2} ms, node RSS {} KiB",
+                    started.elapsed().as_secs_f64(),
+                    second.len(),
+                    percentile(&second, 99.0).as_secs_f64() * 1e3,
+                    second.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+                    rss_kib(pid).unwrap_or(0)
+                );
+            }
+        })
+    };
     for n in 0..total {
         ticker.tick().await;
         let client = &senders[(n as usize) % senders.len()];
@@ -627,6 +654,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let sending = started.elapsed();
+    progress.abort();
     let drain_deadline = Instant::now() + Duration::from_secs(10);
     let settled = || pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty() && acks_pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
     while Instant::now() < drain_deadline && !settled() {
