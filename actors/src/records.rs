@@ -826,7 +826,14 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
                 state.conversations.insert(id, conv);
             }
         }
-        if matches!(command, Command::PostClientMessage { .. } | Command::PostOperatorMessage { .. } | Command::StoreAttachment(_)) {
+        // A message looks up only the attachments it lists (`core::check_message`): one
+        // without any needs no scan of its conversation's attachment records.
+        let files = match command {
+            Command::PostClientMessage { attachments, .. } | Command::PostOperatorMessage { attachments, .. } => !attachments.is_empty(),
+            Command::StoreAttachment(_) => true,
+            _ => false,
+        };
+        if files {
             for (_, attachment) in all::<Attachment>(store, &key::attachments_prefix(id))? {
                 state.attachments.insert(attachment.id.clone(), attachment);
             }
