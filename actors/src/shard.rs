@@ -59,9 +59,6 @@ pub struct Shard {
     /// Counts published entries, for whoever waits for the state to move (the mail
     /// forwarder).
     published_tx: watch::Sender<u64>,
-    /// History and feed entries of the commands applied since the last publication,
-    /// for `tails` once their records are written.
-    staged: Mutex<Vec<Staged>>,
     /// The newest entries, read before the store (`crate::tails`).
     tails: RwLock<Tails>,
 }
@@ -92,7 +89,6 @@ impl Shard {
             applied: std::sync::atomic::AtomicU64::new(0),
             part,
             published_tx: watch::Sender::new(0),
-            staged: Mutex::new(Vec::new()),
             tails: RwLock::new(Tails::new(crate::tails::BUDGET)),
         }
     }
@@ -142,6 +138,7 @@ impl Shard {
         };
         // Counted before the change is made, under the same lock a reader takes: a
         // reader that saw the new state also sees the new count, or looks again later.
+        let staged: Vec<Staged>;
         let result = {
             let mut state = stop_if_poisoned(self.state.write());
             self.applied.fetch_add(1, std::sync::atomic::Ordering::Release);
@@ -155,7 +152,7 @@ impl Shard {
                         let files = std::mem::take(&mut state.expired_attachments);
                         self.deleted_attachments.lock().unwrap_or_else(|p| p.into_inner()).extend(files);
                     }
-                    stage(&state, &mut self.staged.lock().unwrap_or_else(|p| p.into_inner()));
+                    staged = stage(&state);
                     writes.extend(records::take_writes(&mut state));
                     records::end_command(&mut state);
                     self.entry_candidates.lock().unwrap_or_else(|p| p.into_inner()).extend(candidates);
@@ -167,6 +164,11 @@ impl Shard {
                 Err(message) => stop(&format!("applying the entry stamped {} panicked: {message}", envelope.at.0)),
             }
         };
+        // Into the cache right after the state's lock is let go (taking the cache's
+        // write lock under it would hold every reader of the state behind the cache's).
+        if !staged.is_empty() {
+            self.tails.write().unwrap_or_else(|p| p.into_inner()).take(staged);
+        }
         match result {
             Ok((reply, outcome)) => {
                 self.unpublished
@@ -191,10 +193,6 @@ impl Shard {
 
     /// The records of the commands applied so far are written: wake their readers.
     pub fn published(&self) {
-        let staged = std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()));
-        if !staged.is_empty() {
-            self.tails.write().unwrap_or_else(|p| p.into_inner()).take(staged);
-        }
         self.published_tx.send_modify(|n| *n += 1);
         let notices = std::mem::take(&mut *self.unpublished.lock().unwrap_or_else(|p| p.into_inner()));
         for notice in notices {
@@ -246,8 +244,7 @@ impl Shard {
         let state = records::load(store.as_ref())?;
         let mut guard = stop_if_poisoned(self.state.write());
         *guard = state;
-        // What was cached or staged describes the records before this load.
-        self.staged.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        // What was cached describes the state before this load.
         self.tails.write().unwrap_or_else(|p| p.into_inner()).clear();
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
         Ok(())
@@ -429,10 +426,11 @@ mod tests {
     }
 }
 
-/// Copies what the command being applied adds to histories and feeds (its records are
-/// written with the entry) for the cache of newest entries; a purge clears the cache.
-fn stage(state: &ShardState, staged: &mut Vec<Staged>) {
+/// What the command being applied adds to histories and feeds, for the cache of
+/// newest entries (its records are written with the entry); a purge clears the cache.
+fn stage(state: &ShardState) -> Vec<Staged> {
     let dirty = &state.dirty;
+    let mut staged = Vec::new();
     if dirty.purge || !state.deleted.is_empty() {
         staged.push(Staged::Clear);
     }
@@ -446,4 +444,5 @@ fn stage(state: &ShardState, staged: &mut Vec<Staged>) {
             staged.extend(op.feed.pending.iter().map(|entry| Staged::Feed(id.clone(), entry.clone())));
         }
     }
+    staged
 }

@@ -5,11 +5,15 @@
 //!
 //! What is cached is a copy of records that are never rewritten: a history entry and a
 //! feed entry keep their content for good once written. Only a retention purge deletes
-//! them, and a purge empties the cache. Entries reach the cache when their records are
-//! written (`Shard::published`), before the readers are woken, in the order they were
-//! applied; a key's cached run is always consecutive sequence numbers ending at the
-//! newest entry published for it. A read the cache cannot answer whole (older entries,
-//! a key it dropped) goes to the store, so the cache only ever saves work.
+//! them, and a purge empties the cache. Entries reach the cache in the apply that makes
+//! them (`Shard::apply`, as soon as it lets go of the state's write lock), so the cache
+//! moves with the hot state: a reader that saw a conversation's `last_seq` finds the
+//! entries up to it here (but for that instant), even before the entry's records are
+//! written (they are committed: an apply never comes undone, and a process that stops
+//! replays them). A key's cached run is always
+//! consecutive sequence numbers ending at the newest entry applied for it. A read the
+//! cache cannot answer whole (older entries, a key it dropped) goes to the store, so the
+//! cache only ever saves work.
 //!
 //! Memory is bounded by bytes: entries go into the young generation; when it holds
 //! `budget / 2` bytes it becomes the old generation (the previous old one is dropped)
@@ -137,7 +141,7 @@ impl<K: Hash + Eq + Clone, V: Sequenced + Clone> Runs<K, V> {
     }
 }
 
-/// What an apply staged for the cache, taken in at `Shard::published`.
+/// What an apply adds to the cache.
 pub(crate) enum Staged {
     History(ConversationId, HistoryEntry),
     Feed(OperatorId, FeedEntry),

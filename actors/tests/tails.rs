@@ -75,6 +75,20 @@ fn cached_history_and_feed_reads_are_what_the_store_holds() {
             agree(&shard, &store, *id, &ann);
         }
     }
+    // The cache moves with the hot state: an applied message is read back before its
+    // entry's records are written (the store does not have it yet).
+    let id = conversations[0];
+    let last = shard.conversation(id).expect("readable").expect("open").last_seq();
+    let mut writes = Vec::new();
+    let message = Command::PostClientMessage { conversation: id, key: "early".into(), text: "before the write".into(), attachments: vec![] };
+    shard.apply(&Envelope::new(Timestamp(T0 + 35), message), &mut writes).expect("accepted");
+    assert!(records::history(&store, id, last, 10).expect("stored").is_empty(), "not written yet");
+    let early = shard.history(id, last, 10).expect("history");
+    assert_eq!(early.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![last + 1], "read from the cache");
+    store.write(writes);
+    shard.end_entry();
+    shard.published();
+    agree(&shard, &store, id, &ann);
     // Closed: the conversations leave memory, their history stays readable.
     for id in &conversations {
         commit(T0 + 40, Command::CloseByOperator { operator: ann.clone(), conversation: *id, resolution: "done".into(), tags: vec![] });
