@@ -28,8 +28,11 @@ use std::hash::Hash;
 use crate::model::{ConversationId, OperatorId};
 use crate::state::{FeedEntry, FeedItem, HistoryEntry, HistoryItem};
 
-/// Entries kept per conversation or operator: a woken reader needs the last few.
+/// Entries kept per conversation: a woken reader needs the last few.
 const PER_KEY: usize = 8;
+/// Entries kept per operator feed: a desk holding dozens of conversations finds many
+/// new items at each wake-up under load, more than one conversation's few.
+const PER_FEED: usize = 64;
 /// Bytes the cache of one shard may hold (both generations, histories and feeds).
 pub const BUDGET: usize = 4 << 20;
 /// Bytes counted per entry besides its text (the entry, its queue slot, the map's).
@@ -83,6 +86,8 @@ fn history_size(item: &HistoryItem) -> usize {
 
 /// Two generations of runs of consecutive entries per key.
 struct Runs<K, V> {
+    /// Entries kept per key.
+    per_key: usize,
     young: HashMap<K, VecDeque<V>>,
     old: HashMap<K, VecDeque<V>>,
     /// Estimated bytes in `young`.
@@ -92,8 +97,8 @@ struct Runs<K, V> {
 }
 
 impl<K: Hash + Eq + Clone, V: Sequenced + Clone> Runs<K, V> {
-    fn new(half: usize) -> Self {
-        Runs { young: HashMap::new(), old: HashMap::new(), bytes: 0, half }
+    fn new(per_key: usize, half: usize) -> Self {
+        Runs { per_key, young: HashMap::new(), old: HashMap::new(), bytes: 0, half }
     }
 
     fn push(&mut self, key: &K, value: V) {
@@ -110,7 +115,7 @@ impl<K: Hash + Eq + Clone, V: Sequenced + Clone> Runs<K, V> {
             run.clear();
         }
         run.push_back(value);
-        if run.len() > PER_KEY {
+        if run.len() > self.per_key {
             run.pop_front();
         }
         if self.bytes > self.half {
@@ -158,7 +163,7 @@ pub(crate) struct Tails {
 impl Tails {
     pub(crate) fn new(budget: usize) -> Self {
         // Histories take three quarters: they are read by every socket of a conversation.
-        Tails { histories: Runs::new(budget * 3 / 8), feeds: Runs::new(budget / 8) }
+        Tails { histories: Runs::new(PER_KEY, budget * 3 / 8), feeds: Runs::new(PER_FEED, budget / 8) }
     }
 
     pub(crate) fn take(&mut self, staged: Vec<Staged>) {
