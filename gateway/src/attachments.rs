@@ -387,8 +387,8 @@ fn declared(headers: &HeaderMap) -> Result<Declared, GatewayError> {
 }
 
 /// The conversation's quota, asked before any byte is read (400 `invalid` past it).
-fn check_room(gw: &Gateway, conversation: ConversationId, size: u64) -> Result<(), GatewayError> {
-    gw.backend.conversation_shard(conversation).attachment_room(conversation, size).map_err(quota_refusal)
+async fn check_room(gw: &Gateway, conversation: ConversationId, size: u64) -> Result<(), GatewayError> {
+    gw.backend.conversation_reads(conversation).attachment_room(conversation, size).await.map_err(quota_refusal)
 }
 
 /// The quota's refusal is a bad request (400 `invalid`), before the body or at commit.
@@ -437,15 +437,11 @@ pub(crate) async fn client_upload(
         Subject::Visitor { .. } => return Err(GatewayError::Forbidden("a visitor token is not a conversation token")),
     };
     let open = {
-        let shard = gw.backend.conversation_shard(conversation);
-        let state = shard.read();
-        match state.conversations.get(&conversation) {
+        let shard = gw.backend.conversation_reads(conversation);
+        match shard.open_conversation(conversation).await? {
             // The hot state holds every open conversation: one it lacks is closed or unknown.
             Some(_) => Some(true),
-            None => {
-                drop(state);
-                shard.conversation(conversation)?.map(|_| false)
-            }
+            None => shard.conversation(conversation).await?.map(|_| false),
         }
     };
     match open {
@@ -461,7 +457,7 @@ pub(crate) async fn client_upload(
         Err(crate::budget::Refused::Address) => return Err(GatewayError::Budget("too many uploads in progress from your address")),
         Err(crate::budget::Refused::Total) => return Err(GatewayError::Busy("too many uploads in progress; try again shortly")),
     };
-    check_room(&gw, conversation, declared.length)?;
+    check_room(&gw, conversation, declared.length).await?;
     // Every upload costs at least `MIN_UPLOAD_CHARGE`: tiny declared lengths cannot buy
     // an hour of attempts that each hold a slot.
     let charge = declared.length.max(MIN_UPLOAD_CHARGE) as f64;
@@ -496,15 +492,14 @@ pub(crate) async fn staff_upload(
     let conversation = ConversationId(query.conversation);
     let operator = staff.operator.clone().ok_or(GatewayError::Forbidden("only operators send attachments"))?;
     {
-        let shard = gw.backend.conversation_shard(conversation);
-        let state = shard.read();
-        let conv = state.conversations.get(&conversation).ok_or_else(|| GatewayError::NotFound(format!("conversation {}", conversation.0)))?;
+        let conv = gw.backend.conversation_reads(conversation).open_conversation(conversation).await?;
+        let conv = conv.ok_or_else(|| GatewayError::NotFound(format!("conversation {}", conversation.0)))?;
         if conv.assigned() != Some(&operator) {
             return Err(GatewayError::Forbidden("you do not hold this conversation"));
         }
     }
     let declared = declared(&headers)?;
-    check_room(&gw, conversation, declared.length)?;
+    check_room(&gw, conversation, declared.length).await?;
     store(&gw, conversation, &query.name, declared, body, operator.0).await
 }
 
@@ -524,10 +519,11 @@ fn serve(attachment: &Attachment, body: Body) -> Response {
     response
 }
 
-fn lookup(gw: &Gateway, id: &str) -> Result<Attachment, GatewayError> {
+async fn lookup(gw: &Gateway, id: &str) -> Result<Attachment, GatewayError> {
     let id = AttachmentId(id.to_string());
-    for shard in gw.backend.conversation_shards() {
-        if let Some(found) = shard.attachment(&id)? {
+    let readers = gw.backend.conversation_readers();
+    for answer in futures::future::join_all(readers.iter().map(|r| r.attachment(&id))).await {
+        if let Some(found) = answer? {
             return Ok(found);
         }
     }
@@ -545,7 +541,7 @@ pub(crate) async fn client_download(
         Subject::Staff { .. } => return Err(GatewayError::Forbidden("staff download on the private listener")),
         Subject::Visitor { .. } => return Err(GatewayError::Forbidden("a visitor token is not a conversation token")),
     };
-    let attachment = lookup(&gw, &id)?;
+    let attachment = lookup(&gw, &id).await?;
     if attachment.conversation != conversation {
         return Err(GatewayError::NotFound("attachment".into()));
     }
@@ -611,8 +607,8 @@ pub async fn file_bytes(gw: &Gateway, attachment: &Attachment) -> Option<Vec<u8>
 
 /// `GET /api/attachments/{id}` on the private listener.
 pub(crate) async fn staff_download(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Response, GatewayError> {
-    let attachment = lookup(&gw, &id)?;
-    readable(&gw, &staff, attachment.conversation)?;
+    let attachment = lookup(&gw, &id).await?;
+    readable(&gw, &staff, attachment.conversation).await?;
     let body = fetched(&gw, &attachment).await?;
     Ok(serve(&attachment, body))
 }

@@ -102,7 +102,7 @@ pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
                     _ => continue,
                 };
                 // A receipt for a message whose send is not committed yet is dropped.
-                if let Some((conversation, seq)) = gw.by_provider_id(&channel, &id)? {
+                if let Some((conversation, seq)) = gw.by_provider_id(&channel, &id).await? {
                     receipts.push(DeliveryResult { conversation, seq, node: 0, outcome });
                 }
             }
@@ -160,7 +160,7 @@ pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<
             }
             messenger::Item::Delivered { ids } => {
                 for id in ids {
-                    if let Some((conversation, seq)) = gw.by_provider_id(&channel, &id)? {
+                    if let Some((conversation, seq)) = gw.by_provider_id(&channel, &id).await? {
                         receipts.push(DeliveryResult { conversation, seq, node: 0, outcome: DeliveryOutcome::Delivered });
                     }
                 }
@@ -193,7 +193,7 @@ pub async fn viber_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
                 "read" => DeliveryOutcome::Read,
                 _ => DeliveryOutcome::Failed { reason },
             };
-            let found = gw.by_provider_id(&channel, &id)?;
+            let found = gw.by_provider_id(&channel, &id).await?;
             let receipts: Vec<DeliveryResult> = found.map(|(conversation, seq)| DeliveryResult { conversation, seq, node: 0, outcome }).into_iter().collect();
             commit_receipts(&gw, &receipts).await?;
             Ok(Json(json!({"ok": true, "statuses": receipts.len()})).into_response())
@@ -260,11 +260,9 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
     };
     // A redelivery of a message its open conversation has: no need to fetch its files.
     let key = switchboard_actors::core::inbound_key(channel, &m.sender, &m.message_id);
-    let seen = gw.backend.conversation_shards().iter().any(|shard| {
-        let state = shard.read();
-        let open = switchboard_actors::core::inbound_target(&state, channel, &m.sender, None);
-        open.and_then(|id| state.conversations.get(&id)).is_some_and(|c| c.keys.contains_key(&key))
-    });
+    let readers = gw.backend.conversation_readers();
+    let answers = futures::future::join_all(readers.iter().map(|r| r.inbound_seen(channel, &m.sender, &key))).await;
+    let seen = answers.into_iter().any(|seen| seen.unwrap_or(false));
     if seen {
         return take_inbound(gw, m.plain(channel)).await;
     }
@@ -430,7 +428,7 @@ pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
         for s in body {
             let conversation = ConversationId(s.conversation);
             // Only this channel's entries: a token cannot touch another channel's outbox.
-            let ours = gw.backend.conversation_shard(conversation).conversation(conversation)?.is_some_and(|c| c.channel == channel);
+            let ours = gw.backend.conversation_reads(conversation).conversation(conversation).await?.is_some_and(|c| c.channel == channel);
             if !ours {
                 return Err(GatewayError::NotFound(format!("conversation {} on channel {channel}", s.conversation)));
             }
@@ -692,8 +690,9 @@ pub async fn dead_letters(State(gw): State<Arc<Gateway>>, staff: Staff, Params(p
     staff.require(Role::Supervisor)?;
     let limit = params.limit.unwrap_or(100).clamp(1, 1000);
     let mut dead = Vec::new();
-    for shard in gw.backend.conversation_shards() {
-        dead.extend(shard.dead_letters(limit)?);
+    let readers = gw.backend.conversation_readers();
+    for answer in futures::future::join_all(readers.iter().map(|r| r.dead_letters(limit))).await {
+        dead.extend(answer?);
     }
     dead.sort_by_key(|(c, seq, _)| (*c, *seq));
     dead.truncate(limit);

@@ -101,25 +101,24 @@ const RESERVED_ATTRIBUTES: &[&str] = &["identity", "claimed_visitor_id"];
 
 const CLIENT_TYPES: &[&str] = &["start", "resume", "send", "typing", "read", "close", "rate", "ping"];
 
-impl ClientSession {
-    async fn follow(&mut self, conversation: ConversationId, after_seq: u64, out: &Outbox) -> Result<(), Value> {
-        let wake = self
-            .gw
-            .backend
-            .subscribe(StreamKey::Conversation(conversation))
-            .await
-            .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
-        let shard = self.gw.backend.conversation_shard(conversation);
-        let mut last = after_seq;
-        let pull = Box::new(move || {
+/// A visitor's socket follows its conversation's history from `last` on.
+struct HistoryPull {
+    reads: std::sync::Arc<dyn crate::ShardReads>,
+    conversation: ConversationId,
+    last: u64,
+}
+
+impl ws::Pull for HistoryPull {
+    fn pull(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Value>> + Send + '_>> {
+        Box::pin(async move {
             // One page at a time, by count and by text: the writer asks again once this
             // one is written. Staff-only entries (notes) are skipped; a page of nothing
             // but those reads on, so an empty answer still means "caught up".
             loop {
-                let page = match shard.history(conversation, last, ws::PAGE) {
+                let page = match self.reads.history(self.conversation, self.last, ws::PAGE).await {
                     Ok(page) => page,
                     Err(e) => {
-                        tracing::error!(conversation = conversation.0, error = %e, "history cannot be read");
+                        tracing::error!(conversation = self.conversation.0, error = %e, "history cannot be read");
                         return vec![];
                     }
                 };
@@ -133,13 +132,25 @@ impl ClientSession {
                     .map_or(page.len(), |over| over.max(1));
                 let page = &page[..end];
                 let Some(newest) = page.last() else { return vec![] };
-                last = newest.seq;
+                self.last = newest.seq;
                 let frames: Vec<Value> = page.iter().filter(|e| frames::for_client(e)).map(frames::client_event).collect();
                 if !frames.is_empty() {
                     return frames;
                 }
             }
-        });
+        })
+    }
+}
+
+impl ClientSession {
+    async fn follow(&mut self, conversation: ConversationId, after_seq: u64, out: &Outbox) -> Result<(), Value> {
+        let wake = self
+            .gw
+            .backend
+            .subscribe(StreamKey::Conversation(conversation))
+            .await
+            .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
+        let pull = Box::new(HistoryPull { reads: self.gw.backend.conversation_reads(conversation), conversation, last: after_seq });
         let signals = Some(self.gw.signals.conversation(conversation));
         self.conversation = Some(conversation);
         out.follow(Follow { wake, pull, signals, min_interval: None, paged: true }).await;
@@ -304,12 +315,15 @@ impl ClientSession {
                         return Ok(Flow::Close(close::UNAUTHORIZED, "unauthorized".into()));
                     }
                 };
-                let read = || match self.gw.backend.conversation_shard(conversation).conversation(conversation) {
-                    Ok(Some(c)) => Ok(Some((c.last_seq(), c.operator_read_upto))),
-                    Ok(None) => Ok(None),
-                    Err(e) => Err(frames::error(e.code(), &e.to_string(), None)),
+                let reads = self.gw.backend.conversation_reads(conversation);
+                let read = || async {
+                    match reads.conversation(conversation).await {
+                        Ok(Some(c)) => Ok(Some((c.last_seq(), c.operator_read_upto))),
+                        Ok(None) => Ok(None),
+                        Err(e) => Err(frames::error(e.code(), &e.to_string(), None)),
+                    }
                 };
-                let mut found = read()?;
+                let mut found = read().await?;
                 // A visitor who saw more than this node has applied (they come from a
                 // node that died, and this one lags a little), or whose conversation
                 // this node has not applied yet: catch up before answering. Without a
@@ -318,7 +332,7 @@ impl ClientSession {
                     if let Err(e) = self.gw.backend.conversation_barrier(conversation).await {
                         return Err(frames::error("unavailable", &format!("this node cannot catch up with the cluster right now ({e}); resume again"), None));
                     }
-                    found = read()?;
+                    found = read().await?;
                 }
                 let Some((last, operator_read_upto)) = found else {
                     return Err(frames::error("not_found", "conversation not found", None));
@@ -363,7 +377,7 @@ impl ClientSession {
                     .submit(Command::MarkRead { conversation, reader: Reader::Client, upto })
                     .await
                     .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
-                let upto = self.gw.read_mark(conversation, upto);
+                let upto = self.gw.read_mark(conversation, upto).await;
                 self.signal_operator(conversation, json!({"type": "read", "conversation": conversation.0, "by": "client", "upto": upto}));
             }
             ClientIn::Close => {

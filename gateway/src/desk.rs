@@ -44,7 +44,7 @@ pub(crate) async fn add_note(State(gw): State<Arc<Gateway>>, staff: Staff, Path(
     if body.text.trim().is_empty() {
         return Err(GatewayError::BadRequest("a note needs text".into()));
     }
-    readable(&gw, &staff, conversation)?;
+    readable(&gw, &staff, conversation).await?;
     let name = {
         let shard = gw.backend.directory_shard();
         let state = shard.read();
@@ -87,7 +87,7 @@ pub(crate) async fn my_conversations(State(gw): State<Arc<Gateway>>, staff: Staf
     let mut cursor = query.before.map(ConversationId);
     let (mut found, mut scanned, mut exhausted) = (Vec::new(), 0usize, false);
     'scan: while found.len() < limit && scanned < budget {
-        let ids = gw.handled_by(&operator, cursor, (budget - scanned).min(64))?;
+        let ids = gw.handled_by(&operator, cursor, (budget - scanned).min(64)).await?;
         if ids.is_empty() {
             exhausted = true;
             break;
@@ -95,10 +95,10 @@ pub(crate) async fn my_conversations(State(gw): State<Arc<Gateway>>, staff: Staf
         for id in ids {
             cursor = Some(id);
             scanned += 1;
-            let shard = gw.backend.conversation_shard(id);
-            let Some(conv) = shard.conversation(id)? else { continue };
-            let recent = shard.history(id, conv.last_seq().saturating_sub(12), 12)?;
-            if !needle.is_empty() && !matches(&shard, &conv, &needle)? {
+            let shard = gw.backend.conversation_reads(id);
+            let Some(conv) = shard.conversation(id).await? else { continue };
+            let recent = shard.history(id, conv.last_seq().saturating_sub(12), 12).await?;
+            if !needle.is_empty() && !matches(shard.as_ref(), &conv, &needle).await? {
                 if scanned >= budget {
                     break 'scan;
                 }
@@ -130,7 +130,7 @@ pub(crate) struct EarlierQuery {
 /// messages or notes contain it. Whoever may read the conversation may ask.
 pub(crate) async fn earlier(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Params(query): Params<EarlierQuery>) -> Result<Json<Value>, GatewayError> {
     let id = conversation_id(&id)?;
-    let conv = readable(&gw, &staff, id)?;
+    let conv = readable(&gw, &staff, id).await?;
     let needle = query.q.trim().to_lowercase();
     if needle.chars().count() > SEARCH_MAX_CHARS {
         return Err(GatewayError::BadRequest(format!("search text is at most {SEARCH_MAX_CHARS} characters")));
@@ -138,12 +138,12 @@ pub(crate) async fn earlier(State(gw): State<Arc<Gateway>>, staff: Staff, Path(i
     let Some(visitor) = conv.visitor.id.as_ref() else { return Ok(Json(json!({"conversations": []}))) };
     let me = staff.operator.clone().unwrap_or_else(|| switchboard_actors::model::OperatorId::new(""));
     let mut found = Vec::new();
-    for other in gw.conversations_of(visitor, EARLIER_SEARCH + 1)? {
-        let shard = gw.backend.conversation_shard(other.id);
-        if other.id == id || (!needle.is_empty() && !matches(&shard, &other, &needle)?) {
+    for other in gw.conversations_of(visitor, EARLIER_SEARCH + 1).await? {
+        let shard = gw.backend.conversation_reads(other.id);
+        if other.id == id || (!needle.is_empty() && !matches(shard.as_ref(), &other, &needle).await?) {
             continue;
         }
-        let recent = shard.history(other.id, other.last_seq().saturating_sub(12), 12)?;
+        let recent = shard.history(other.id, other.last_seq().saturating_sub(12), 12).await?;
         found.push(summary(&other, &recent, &me));
     }
     Ok(Json(json!({"conversations": found})))
@@ -183,7 +183,7 @@ fn summary(conv: &Conversation, recent: &[HistoryEntry], me: &switchboard_actors
 }
 
 /// Whether a conversation's number, customer or text contains `needle` (lower case).
-fn matches(shard: &switchboard_actors::shard::Shard, conv: &Conversation, needle: &str) -> Result<bool, GatewayError> {
+async fn matches(shard: &dyn crate::ShardReads, conv: &Conversation, needle: &str) -> Result<bool, GatewayError> {
     let number = needle.trim_start_matches('#');
     if !number.is_empty() && number.chars().all(|c| c.is_ascii_digit()) && conv.id.0.to_string() == number {
         return Ok(true);
@@ -192,7 +192,7 @@ fn matches(shard: &switchboard_actors::shard::Shard, conv: &Conversation, needle
     if has(&conv.visitor.name) || conv.visitor.attributes.iter().any(|(k, v)| has(k) || has(v)) {
         return Ok(true);
     }
-    Ok(shard.history(conv.id, 0, SEARCH_ENTRIES)?.iter().any(|e| match &e.item {
+    Ok(shard.history(conv.id, 0, SEARCH_ENTRIES).await?.iter().any(|e| match &e.item {
         HistoryItem::ClientMessage { text, attachments, .. } | HistoryItem::OperatorMessage { text, attachments, .. } => {
             has(text) || attachments.iter().any(|a| has(&a.name))
         }

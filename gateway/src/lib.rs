@@ -23,6 +23,7 @@ pub mod frames;
 pub mod listener;
 pub mod metrics;
 mod operator_ws;
+pub mod reads;
 pub mod relay;
 mod rest;
 mod rules;
@@ -51,6 +52,7 @@ use switchboard_actors::shard::{Shard, StreamKey, Wakeups};
 use tokio::sync::broadcast;
 
 pub use auth::{Subject, TokenKey};
+pub use reads::ShardReads;
 pub use ws::Limits;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -68,9 +70,10 @@ pub trait Backend: Send + Sync + 'static {
     fn directory_shard(&self) -> Arc<Shard> {
         self.shard()
     }
-    /// The shard holding conversation `id`'s history, read marks and attachments: its
-    /// conversation shard on a split node, the one shard otherwise.
-    fn conversation_shard(&self, _id: ConversationId) -> Arc<Shard> {
+    /// The reads of the shard holding conversation `id`'s history, read marks and
+    /// attachments: its conversation shard on a split node, the one shard otherwise
+    /// (ADR 0012: answered by this node's replica or asked of a member).
+    fn conversation_reads(&self, _id: ConversationId) -> Arc<dyn ShardReads> {
         self.shard()
     }
     /// The shard that decides `command` (its group on a split node), whose state a
@@ -91,7 +94,7 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Every conversation shard, for lookups that cannot name one: a visitor's other
     /// conversations, a provider's message id, dead letters, an attachment by its id.
-    fn conversation_shards(&self) -> Vec<Arc<Shard>> {
+    fn conversation_readers(&self) -> Vec<Arc<dyn ShardReads>> {
         vec![self.shard()]
     }
     fn subscribe(&self, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>>;
@@ -166,7 +169,7 @@ impl FeedKinds {
 #[derive(Clone)]
 pub struct FeedSource {
     pub name: String,
-    pub shard: Arc<Shard>,
+    pub shard: Arc<dyn ShardReads>,
     pub kinds: FeedKinds,
 }
 
@@ -558,17 +561,20 @@ impl Gateway {
     }
 
     /// A relayed read mark as the core records it: never past the newest entry.
-    pub(crate) fn read_mark(&self, conversation: ConversationId, upto: u64) -> u64 {
-        let shard = self.backend.conversation_shard(conversation);
-        let state = shard.read();
-        state.conversations.get(&conversation).map_or(0, |c| upto.min(c.last_seq()))
+    pub(crate) async fn read_mark(&self, conversation: ConversationId, upto: u64) -> u64 {
+        match self.backend.conversation_reads(conversation).open_conversation(conversation).await {
+            Ok(Some(c)) => upto.min(c.last_seq()),
+            Ok(None) | Err(_) => 0,
+        }
     }
 
     /// The conversation and entry a provider's message id names, looked up in every
-    /// conversation shard.
-    pub(crate) fn by_provider_id(&self, channel: &switchboard_actors::model::ChannelId, id: &str) -> Result<Option<(ConversationId, u64)>, switchboard_actors::Error> {
-        for shard in self.backend.conversation_shards() {
-            if let Some(found) = shard.by_provider_id(channel, id)? {
+    /// conversation shard at once.
+    pub(crate) async fn by_provider_id(&self, channel: &switchboard_actors::model::ChannelId, id: &str) -> Result<Option<(ConversationId, u64)>, switchboard_actors::Error> {
+        let readers = self.backend.conversation_readers();
+        let answers = futures::future::join_all(readers.iter().map(|r| r.by_provider_id(channel, id))).await;
+        for answer in answers {
+            if let Some(found) = answer? {
                 return Ok(Some(found));
             }
         }
@@ -577,10 +583,12 @@ impl Gateway {
 
     /// A visitor's most recent conversations from every conversation shard, newest
     /// first, at most `limit`.
-    pub(crate) fn conversations_of(&self, visitor: &str, limit: usize) -> Result<Vec<switchboard_actors::state::Conversation>, switchboard_actors::Error> {
+    pub(crate) async fn conversations_of(&self, visitor: &str, limit: usize) -> Result<Vec<switchboard_actors::state::Conversation>, switchboard_actors::Error> {
+        let readers = self.backend.conversation_readers();
+        let answers = futures::future::join_all(readers.iter().map(|r| r.conversations_of(visitor, limit))).await;
         let mut found = Vec::new();
-        for shard in self.backend.conversation_shards() {
-            found.extend(shard.conversations_of(visitor, limit)?);
+        for answer in answers {
+            found.extend(answer?);
         }
         found.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
         found.truncate(limit);
@@ -589,10 +597,12 @@ impl Gateway {
 
     /// The conversations `operator` handled, newest (highest id) first, before
     /// `before`, at most `limit`, from every conversation shard.
-    pub(crate) fn handled_by(&self, operator: &OperatorId, before: Option<ConversationId>, limit: usize) -> Result<Vec<ConversationId>, switchboard_actors::Error> {
+    pub(crate) async fn handled_by(&self, operator: &OperatorId, before: Option<ConversationId>, limit: usize) -> Result<Vec<ConversationId>, switchboard_actors::Error> {
+        let readers = self.backend.conversation_readers();
+        let answers = futures::future::join_all(readers.iter().map(|r| r.handled_by(operator, before, limit))).await;
         let mut found = Vec::new();
-        for shard in self.backend.conversation_shards() {
-            found.extend(shard.handled_by(operator, before, limit)?);
+        for answer in answers {
+            found.extend(answer?);
         }
         found.sort_by(|a, b| b.cmp(a));
         found.dedup();

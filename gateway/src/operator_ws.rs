@@ -112,7 +112,7 @@ fn parse_cursor(text: &str) -> Result<std::collections::BTreeMap<String, u64>, S
 struct FeedReader {
     /// The feed's name in the frames (protocol 2); `None` under protocol 1.
     name: Option<String>,
-    shard: Arc<switchboard_actors::shard::Shard>,
+    shard: Arc<dyn crate::ShardReads>,
     kinds: crate::FeedKinds,
     last: u64,
 }
@@ -121,9 +121,9 @@ impl FeedReader {
     /// Renders one page of the feed's new items into `frames_out`; returns how many
     /// items it read (taken or skipped). `shown` is, per conversation assigned to the
     /// operator on a split node, how far its history went out with its `assigned`.
-    fn page(&mut self, operator: &OperatorId, backend: &dyn crate::Backend, shown: &mut std::collections::HashMap<ConversationId, u64>, frames_out: &mut Vec<Value>) -> usize {
-        let shard = &self.shard;
-        let entries = match shard.feed_since(operator, self.last, ws::PAGE) {
+    async fn page(&mut self, operator: &OperatorId, backend: &dyn crate::Backend, shown: &mut std::collections::HashMap<ConversationId, u64>, frames_out: &mut Vec<Value>) -> usize {
+        let shard = self.shard.clone();
+        let entries = match shard.feed_since(operator, self.last, ws::PAGE).await {
             Ok(Some(entries)) => entries,
             Ok(None) => {
                 let mut gap = frames::error("resume_gap", "events before the oldest retained one are gone; reload state", None);
@@ -131,8 +131,8 @@ impl FeedReader {
                     gap["feed"] = json!(name);
                 }
                 frames_out.push(gap);
-                let first = shard.read().operators.get(operator).map_or(1, |op| op.feed.first_retained());
-                shard.feed_since(operator, first - 1, ws::PAGE).ok().flatten().unwrap_or_default()
+                let first = shard.feed_bounds(operator).await.ok().flatten().map_or(1, |(first, _)| first);
+                shard.feed_since(operator, first - 1, ws::PAGE).await.ok().flatten().unwrap_or_default()
             }
             Err(e) => {
                 tracing::error!(operator = %operator, error = %e, "the feed cannot be read");
@@ -147,9 +147,9 @@ impl FeedReader {
                 // conversation's shard is read up to what it holds now, and the entries it
                 // mirrors after that come in its feed (the desk merges by entry seq).
                 (FeedItem::Assigned { conversation, .. }, crate::FeedKinds::Routing) => {
-                    let upto = backend.conversation_shard(*conversation).conversation(*conversation).ok().flatten().map_or(0, |c| c.last_seq());
+                    let upto = backend.conversation_reads(*conversation).conversation(*conversation).await.ok().flatten().map_or(0, |c| c.last_seq());
                     shown.insert(*conversation, upto);
-                    Some((history_upto(backend, *conversation, upto), upto))
+                    Some((history_upto(backend, *conversation, upto).await, upto))
                 }
                 (FeedItem::Released { conversation }, crate::FeedKinds::Routing) => {
                     shown.remove(conversation);
@@ -167,7 +167,7 @@ impl FeedReader {
                 }) {
                     Some(from) if from < *upto => {
                         shown.insert(*conversation, *upto);
-                        let missing = match backend.conversation_shard(*conversation).history(*conversation, from, (*upto - from) as usize) {
+                        let missing = match backend.conversation_reads(*conversation).history(*conversation, from, (*upto - from) as usize).await {
                             Ok(entries) => entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect(),
                             Err(e) => {
                                 tracing::error!(conversation = conversation.0, error = %e, "history cannot be read");
@@ -178,7 +178,7 @@ impl FeedReader {
                     }
                     _ => continue,
                 },
-                (FeedItem::Assigned { conversation, history_upto: upto }, _) => Some((history_upto(backend, *conversation, *upto), *upto)),
+                (FeedItem::Assigned { conversation, history_upto: upto }, _) => Some((history_upto(backend, *conversation, *upto).await, *upto)),
                 _ => None,
             };
             if !self.kinds.takes(&entry.item) && history.is_none() {
@@ -190,7 +190,7 @@ impl FeedReader {
                 frame["history_upto"] = json!(upto);
             }
             if let FeedItem::Offered { conversation, .. } = &entry.item {
-                merge(&mut frame, offer_context(backend, *conversation));
+                merge(&mut frame, offer_context(backend, *conversation).await);
             }
             if let Some(name) = &self.name {
                 frame["feed"] = json!(name);
@@ -198,6 +198,43 @@ impl FeedReader {
             frames_out.push(frame);
         }
         read
+    }
+}
+
+/// An operator's socket follows its feeds: the routing feed and, on a split node, each
+/// conversation shard's.
+struct DeskPull {
+    readers: Vec<FeedReader>,
+    operator: OperatorId,
+    backend: Arc<dyn crate::Backend>,
+    /// Per conversation assigned to the operator, how far its history went out.
+    shown: std::collections::HashMap<ConversationId, u64>,
+}
+
+impl ws::Pull for DeskPull {
+    fn pull(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Value>> + Send + '_>> {
+        Box::pin(async move {
+            let DeskPull { readers, operator, backend, shown } = self;
+            let mut frames_out = Vec::new();
+            // The routing feed first, and the others only once it is caught up: an
+            // `assigned` reaches the desk before the entries of that conversation that a
+            // conversation shard mirrors to its new holder after it.
+            let (routing, others) = readers.split_at_mut(1);
+            // A full page whose items were all left out (another feed's kinds) renders
+            // nothing: read on, or the writer would wait for the next wake-up.
+            loop {
+                let mut full = routing[0].page(operator, backend.as_ref(), shown, &mut frames_out).await >= ws::PAGE;
+                if !full {
+                    for reader in others.iter_mut() {
+                        full |= reader.page(operator, backend.as_ref(), shown, &mut frames_out).await >= ws::PAGE;
+                    }
+                }
+                if !frames_out.is_empty() || !full {
+                    break;
+                }
+            }
+            frames_out
+        })
     }
 }
 
@@ -259,8 +296,8 @@ pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conv: &Convers
         || serving_same_visitor()
 }
 
-fn history_upto(backend: &dyn crate::Backend, conversation: ConversationId, upto: u64) -> Vec<Value> {
-    match backend.conversation_shard(conversation).history(conversation, 0, upto as usize) {
+async fn history_upto(backend: &dyn crate::Backend, conversation: ConversationId, upto: u64) -> Vec<Value> {
+    match backend.conversation_reads(conversation).history(conversation, 0, upto as usize).await {
         Ok(entries) => entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect(),
         Err(e) => {
             tracing::error!(conversation = conversation.0, error = %e, "history cannot be read");
@@ -278,16 +315,13 @@ const ACCEPT_RESEND_FOR: Duration = Duration::from_secs(10);
 /// What an operator needs to decide on an offer at a glance, read when the frame is
 /// rendered: the conversation's channel, when its customer started waiting, and their
 /// first words. Added to `offer` events and `hello` offers; `{}` for a conversation gone.
-fn offer_context(backend: &dyn crate::Backend, conversation: ConversationId) -> Value {
-    let shard = backend.conversation_shard(conversation);
-    let (channel, since) = {
-        let state = shard.read();
-        match state.conversations.get(&conversation) {
-            Some(c) => (c.channel.as_str().to_owned(), c.created_at.0),
-            None => return json!({}),
-        }
+async fn offer_context(backend: &dyn crate::Backend, conversation: ConversationId) -> Value {
+    let shard = backend.conversation_reads(conversation);
+    let (channel, since) = match shard.open_conversation(conversation).await {
+        Ok(Some(c)) => (c.channel.as_str().to_owned(), c.created_at.0),
+        Ok(None) | Err(_) => return json!({}),
     };
-    let preview = shard.history(conversation, 0, 8).ok().and_then(|entries| {
+    let preview = shard.history(conversation, 0, 8).await.ok().and_then(|entries| {
         entries.into_iter().find_map(|e| match e.item {
             switchboard_actors::state::HistoryItem::ClientMessage { text, .. } if !text.is_empty() => Some(text.chars().take(PREVIEW_CHARS).collect::<String>()),
             _ => None,
@@ -415,7 +449,7 @@ impl OperatorSession {
                 let conversation = ConversationId(conversation);
                 self.holder_name(conversation)?;
                 self.commit(Command::MarkRead { conversation, reader: Reader::Operator(me), upto }, None).await?;
-                let upto = self.gw.read_mark(conversation, upto);
+                let upto = self.gw.read_mark(conversation, upto).await;
                 let signal = json!({"type": "read", "conversation": conversation.0, "by": "operator", "upto": upto});
                 self.gw.signals.to_conversation(conversation, signal);
             }
@@ -437,8 +471,8 @@ impl OperatorSession {
             OperatorIn::History { conversation, reference } => {
                 let conversation = ConversationId(conversation);
                 let frame = {
-                    let shard = self.gw.backend.conversation_shard(conversation);
-                    let conv = shard.conversation(conversation).map_err(|e| frames::error(e.code(), &e.to_string(), reference.as_ref()))?;
+                    let shard = self.gw.backend.conversation_reads(conversation);
+                    let conv = shard.conversation(conversation).await.map_err(|e| frames::error(e.code(), &e.to_string(), reference.as_ref()))?;
                     let allowed = conv.as_ref().is_some_and(|conv| may_read(&self.gw.backend.shard().read(), &me, conv));
                     let Some(conv) = conv.filter(|_| allowed) else {
                         return Err(frames::error("forbidden", "not your conversation", reference.as_ref()));
@@ -446,7 +480,7 @@ impl OperatorSession {
                     let upto = conv.last_seq();
                     let marks = (conv.client_read_upto, conv.operator_read_upto);
                     let mut frame = json!({
-                        "type": "history", "conversation": conversation.0, "entries": history_upto(self.gw.backend.as_ref(), conversation, upto),
+                        "type": "history", "conversation": conversation.0, "entries": history_upto(self.gw.backend.as_ref(), conversation, upto).await,
                         "client_read_upto": marks.0, "operator_read_upto": marks.1,
                     });
                     if let Some(r) = &reference {
@@ -487,7 +521,8 @@ impl Session for OperatorSession {
             }
         }
         let wake = merge_wakeups(wakes);
-        let shard = feeds[0].shard.clone();
+        // The first feed is the routing shard's, whose state the hello is read from.
+        let shard = self.gw.backend.shard();
         let backend = self.gw.backend.clone();
         // The hello frame and the resume point come from one read of the state, so the
         // stream continues exactly where the snapshot ends.
@@ -540,11 +575,14 @@ impl Session for OperatorSession {
         let mut readers = Vec::with_capacity(feeds.len());
         let mut cursor = serde_json::Map::new();
         for (i, feed) in feeds.into_iter().enumerate() {
-            let (last, first) = {
-                let state = feed.shard.read();
-                let op = state.operators.get(&self.operator);
-                (if i == 0 { routing_last } else { op.map_or(0, |op| op.feed.last_seq) }, op.map_or(1, |op| op.feed.first_retained()))
+            let bounds = match feed.shard.feed_bounds(&self.operator).await {
+                Ok(bounds) => bounds,
+                Err(e) => {
+                    out.error(e.code(), &format!("feed {} cannot be read: {e}", feed.name), None).await;
+                    return Flow::Close(ws::close::GOING_AWAY, "feed unavailable".into());
+                }
             };
+            let (last, first) = (if i == 0 { routing_last } else { bounds.map_or(0, |(_, last)| last) }, bounds.map_or(1, |(first, _)| first));
             // A resume point ahead of the feed cannot be honoured: start from now.
             let start = match &self.resume {
                 Resume::Fresh => last,
@@ -564,21 +602,17 @@ impl Session for OperatorSession {
         // Read outside the snapshot's lock, from each conversation's shard: history may
         // come from disk. Where each side has read to, so marks survive the reconnect.
         let active: Vec<u64> = hello["active"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
-        let marks: Vec<Value> = active
-            .into_iter()
-            .filter_map(|id| {
-                let shard = backend.conversation_shard(ConversationId(id));
-                let state = shard.read();
-                state.conversations.get(&ConversationId(id)).map(|c| {
-                    json!({"conversation": c.id.0, "client_read_upto": c.client_read_upto, "operator_read_upto": c.operator_read_upto})
-                })
-            })
-            .collect();
+        let mut marks = Vec::with_capacity(active.len());
+        for id in active {
+            if let Ok(Some(c)) = backend.conversation_reads(ConversationId(id)).open_conversation(ConversationId(id)).await {
+                marks.push(json!({"conversation": c.id.0, "client_read_upto": c.client_read_upto, "operator_read_upto": c.operator_read_upto}));
+            }
+        }
         hello["read_marks"] = Value::Array(marks);
         if let Some(offers) = hello.get_mut("offers").and_then(Value::as_array_mut) {
             for offer in offers {
                 if let Some(id) = offer.get("conversation").and_then(Value::as_u64) {
-                    merge(offer, offer_context(backend.as_ref(), ConversationId(id)));
+                    merge(offer, offer_context(backend.as_ref(), ConversationId(id)).await);
                 }
             }
         }
@@ -587,28 +621,7 @@ impl Session for OperatorSession {
         self.gw.operator_sockets.opened(&self.operator);
         self.counted = true;
         let operator = self.operator.clone();
-        let mut shown = std::collections::HashMap::new();
-        let pull = Box::new(move || {
-            let mut frames_out = Vec::new();
-            // The routing feed first, and the others only once it is caught up: an
-            // `assigned` reaches the desk before the entries of that conversation that a
-            // conversation shard mirrors to its new holder after it.
-            let (routing, others) = readers.split_at_mut(1);
-            // A full page whose items were all left out (another feed's kinds) renders
-            // nothing: read on, or the writer would wait for the next wake-up.
-            loop {
-                let mut full = routing[0].page(&operator, backend.as_ref(), &mut shown, &mut frames_out) >= ws::PAGE;
-                if !full {
-                    for reader in others.iter_mut() {
-                        full |= reader.page(&operator, backend.as_ref(), &mut shown, &mut frames_out) >= ws::PAGE;
-                    }
-                }
-                if !frames_out.is_empty() || !full {
-                    break;
-                }
-            }
-            frames_out
-        });
+        let pull = Box::new(DeskPull { readers, operator, backend, shown: std::collections::HashMap::new() });
         let signals = Some(self.gw.signals.operator(&self.operator));
         out.follow(Follow { wake, pull, signals, min_interval: None, paged: true }).await;
         Flow::Continue

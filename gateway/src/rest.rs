@@ -659,8 +659,8 @@ async fn list_users(State(gw): State<Arc<Gateway>>, staff: Staff) -> Result<Json
 }
 
 /// The conversation `staff` asks for, open or closed, if they may read it.
-pub(crate) fn readable(gw: &Gateway, staff: &Staff, id: ConversationId) -> Result<switchboard_actors::state::Conversation, GatewayError> {
-    let conv = gw.backend.conversation_shard(id).conversation(id)?.ok_or_else(|| GatewayError::NotFound(format!("conversation {}", id.0)))?;
+pub(crate) async fn readable(gw: &Gateway, staff: &Staff, id: ConversationId) -> Result<switchboard_actors::state::Conversation, GatewayError> {
+    let conv = gw.backend.conversation_reads(id).conversation(id).await?.ok_or_else(|| GatewayError::NotFound(format!("conversation {}", id.0)))?;
     // Offers and the operator's other conversations are the routing shard's to say.
     check_read(staff, &gw.backend.shard().read(), &conv)?;
     Ok(conv)
@@ -682,10 +682,11 @@ pub(crate) fn conversation_id(raw: &str) -> Result<ConversationId, GatewayError>
 
 async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
     let id = conversation_id(&id)?;
-    let conv = readable(&gw, &staff, id)?;
-    let shard = gw.backend.conversation_shard(id);
-    let history = shard.history(id, 0, conv.last_seq() as usize)?;
-    let earlier = earlier(&gw, &conv)?;
+    let conv = readable(&gw, &staff, id).await?;
+    let shard = gw.backend.conversation_reads(id);
+    let history = shard.history(id, 0, conv.last_seq() as usize).await?;
+    let deliveries = shard.deliveries_of(id).await?;
+    let earlier = earlier(&gw, &conv).await?;
     // Whether it is offered is the routing shard's to say.
     let routed = gw.backend.shard().read().conversations.get(&id).map(|c| c.status.clone());
     let status = match routed.as_ref().unwrap_or(&conv.status) {
@@ -707,13 +708,13 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
         "operator_read_upto": conv.operator_read_upto,
         "history": history.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect::<Vec<_>>(),
         "earlier": earlier,
-        "deliveries": shard.deliveries_of(id)?.iter().map(|(seq, d)| crate::channels::delivery_json(id, *seq, d)).collect::<Vec<_>>(),
+        "deliveries": deliveries.iter().map(|(seq, d)| crate::channels::delivery_json(id, *seq, d)).collect::<Vec<_>>(),
     })))
 }
 
 async fn decisions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
     let id = conversation_id(&id)?;
-    let conv = readable(&gw, &staff, id)?;
+    let conv = readable(&gw, &staff, id).await?;
     // Offers and their decision records are the routing shard's.
     let shard = gw.backend.shard();
     let decided = shard.conversation(id)?.map_or(conv.decisions, |c| c.decisions);
@@ -780,10 +781,11 @@ async fn purge_drill(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): B
 }
 
 /// Other conversations of the same visitor, most recent first: the client card.
-fn earlier(gw: &Gateway, conv: &switchboard_actors::state::Conversation) -> Result<Vec<Value>, GatewayError> {
+async fn earlier(gw: &Gateway, conv: &switchboard_actors::state::Conversation) -> Result<Vec<Value>, GatewayError> {
     let Some(visitor) = conv.visitor.id.as_ref() else { return Ok(vec![]) };
     Ok(gw
-        .conversations_of(visitor, 21)?
+        .conversations_of(visitor, 21)
+        .await?
         .iter()
         .filter(|c| c.id != conv.id)
         .take(20)

@@ -14,6 +14,7 @@
 //! closed.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -109,7 +110,7 @@ pub enum Out {
 pub struct Follow {
     pub wake: Wakeups,
     /// Frames committed since the last call, in order.
-    pub pull: Box<dyn FnMut() -> Vec<Value> + Send>,
+    pub pull: Box<dyn Pull>,
     /// Ephemeral signals (typing) that are forwarded as they come.
     pub signals: Option<broadcast::Receiver<Value>>,
     /// Pause after each pull, so bursts of wake-ups coalesce into one frame.
@@ -118,6 +119,19 @@ pub struct Follow {
     /// writer pulls again after each non-empty page; `false` for a pull that renders a
     /// whole view every time.
     pub paged: bool,
+}
+
+/// What a socket's writer awaits each time its stream wakes it: the frames committed
+/// since the last call, in order. A page may be read from another node (ADR 0012), so
+/// the read is a future; a closure that renders at once is a `Pull` too.
+pub trait Pull: Send {
+    fn pull(&mut self) -> Pin<Box<dyn Future<Output = Vec<Value>> + Send + '_>>;
+}
+
+impl<F: FnMut() -> Vec<Value> + Send> Pull for F {
+    fn pull(&mut self) -> Pin<Box<dyn Future<Output = Vec<Value>> + Send + '_>> {
+        Box::pin(std::future::ready(self()))
+    }
 }
 
 /// The sending side handed to sessions.
@@ -524,7 +538,7 @@ async fn send_close(write: &mut Writer, frame: Vec<u8>) {
 
 async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc<Metrics>, ping_interval: Duration) {
     let mut wake: Option<Wakeups> = None;
-    let mut pull: Option<Box<dyn FnMut() -> Vec<Value> + Send>> = None;
+    let mut pull: Option<Box<dyn Pull>> = None;
     let mut signals: Option<broadcast::Receiver<Value>> = None;
     let mut min_interval: Option<Duration> = None;
     let mut paged = false;
@@ -576,7 +590,7 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
                     return;
                 }
                 if let (Some(pull), Some(wake)) = (pull.as_mut(), wake.as_mut()) {
-                    let frames = pull();
+                    let frames = pull.pull().await;
                     // More may be waiting: pull again once this page is written, so a
                     // socket that does not read holds one page, not the history.
                     if paged && !frames.is_empty() {

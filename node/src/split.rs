@@ -22,7 +22,7 @@ use switchboard_actors::mail::GroupId;
 use switchboard_actors::model::{AttachmentId, Command, ConversationId};
 use switchboard_actors::placement::{self, Target};
 use switchboard_actors::shard::{Shard, StreamKey, Wakeups};
-use switchboard_gateway::{Backend, BoxFuture, FeedKinds, FeedSource};
+use switchboard_gateway::{Backend, BoxFuture, FeedKinds, FeedSource, ShardReads};
 
 use crate::groups::{HostedGroup, SplitNode, FIRST_C, G0, R};
 use crate::server::{self, Edge, Groups, NodeOptions, RunningNode};
@@ -195,12 +195,12 @@ impl Backend for SplitBackend {
         self.group(G0).shard.clone()
     }
 
-    fn conversation_shard(&self, id: ConversationId) -> Arc<Shard> {
+    fn conversation_reads(&self, id: ConversationId) -> Arc<dyn ShardReads> {
         self.group(self.conversation_group(id)).shard.clone()
     }
 
-    fn conversation_shards(&self) -> Vec<Arc<Shard>> {
-        (0..self.node.shards).map(|k| self.group(FIRST_C + k).shard.clone()).collect()
+    fn conversation_readers(&self) -> Vec<Arc<dyn ShardReads>> {
+        (0..self.node.shards).map(|k| self.group(FIRST_C + k).shard.clone() as Arc<dyn ShardReads>).collect()
     }
 
     fn shard_for(&self, command: &Command) -> Arc<Shard> {
