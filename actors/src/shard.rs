@@ -368,7 +368,7 @@ impl Shard {
 }
 
 /// Which stream a reader follows.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum StreamKey {
     Conversation(ConversationId),
     Operator(OperatorId),

@@ -19,7 +19,8 @@ pub type Read<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a
 
 /// The reads of one conversation shard.
 pub trait ShardReads: Send + Sync + 'static {
-    /// Conversation `id`, open or closed.
+    /// Conversation `id`, open or closed. Its `keys` and `pending` (the member's own
+    /// bookkeeping) may be empty: a member asked over the network does not send them.
     fn conversation(&self, id: ConversationId) -> Read<'_, Option<Conversation>>;
     /// Conversation `id` while it is open (in the shard's hot state); `None` once closed.
     fn open_conversation(&self, id: ConversationId) -> Read<'_, Option<Conversation>>;

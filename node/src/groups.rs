@@ -267,6 +267,8 @@ impl SplitNode {
             }
             groups.insert(id, group);
         }
+        // Other nodes may read the groups this one holds (ADR 0012).
+        router.set_reads(Arc::new(crate::remote::MemberReads::new(groups.clone(), peers.clone())));
         // A group whose creator has not reached this member within 2 s (it starts later,
         // or is down at the cluster's first start) is started here too: the same member
         // list on every member makes that safe (openraft elects one leader).
@@ -711,6 +713,126 @@ mod tests {
         for node in &nodes {
             until(node, R, "routing hears of the conversation started after the stop", |s| s.conversations.contains_key(&conversation)).await;
         }
+        for node in nodes {
+            node.stop().await.expect("stops");
+        }
+    }
+
+    /// ADR 0012 step 2: a node that holds no copy of a conversation shard (here an
+    /// endpoint with a node certificate and no group at all) reads it from the shard's
+    /// members over QUIC: a visitor's history, an operator's feed, lookups across the
+    /// shards, and wake-ups of the conversation's stream; and keeps doing so once the
+    /// member it asked is stopped. A gateway's certificate may not read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_without_a_copy_reads_a_conversation_shard_from_its_members_through_a_member_s_stop() {
+        use crate::remote::RemoteShard;
+        use switchboard_actors::shard::StreamKey;
+        use switchboard_gateway::ShardReads;
+
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut nodes = three_members(root.path()).await;
+        let first = &nodes[0];
+        for command in directory() {
+            submit(first, G0, command).await;
+        }
+        until(first, R, "ann is known to routing", |s| s.operators.contains_key(&OperatorId::new("ann"))).await;
+        submit(first, R, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }).await;
+        for c in [FIRST_C, FIRST_C + 1] {
+            until(first, c, "the web channel arrives", |s| s.channels.contains_key(&ChannelId::new("web"))).await;
+        }
+        let start = Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: visitor("v-far") };
+        let Reply::Started { conversation } = submit(first, FIRST_C + 1, start).await else { panic!("not started") };
+        let group = first.group_of(conversation);
+        until(first, R, "an offer to ann", |s| s.offers.values().any(|o| o.conversation == conversation)).await;
+        let offer = first.groups[&R].shard.read().offers.values().find(|o| o.conversation == conversation).map(|o| o.id).expect("offer");
+        submit(first, R, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }).await;
+        until(first, group, "ann holds it", |s| s.conversations.get(&conversation).and_then(|c| c.assigned()) == Some(&OperatorId::new("ann"))).await;
+        let message = |key: &str| Command::PostClientMessage { conversation, key: key.into(), text: format!("message {key}"), attachments: vec![] };
+        submit(first, group, message("m1")).await;
+
+        // The outsider: a node's certificate from the cluster CA, and no group.
+        let certs = root.path().join("certs");
+        let identity = switchboard_raft::tls::ensure_member(&certs, "node-4", &[]).expect("certificate");
+        let endpoint = switchboard_raft::tls::endpoint(&identity, "127.0.0.1:0".parse().expect("address")).expect("endpoint");
+        let peers = Peers::new(endpoint.clone());
+        let addresses: Vec<String> = nodes.iter().map(|n| n.endpoint.local_addr().expect("bound").to_string()).collect();
+        let members: crate::remote::Members = { let a = addresses.clone(); Arc::new(move || a.clone()) };
+        let remote = RemoteShard::new(group, peers.clone(), members.clone());
+        let other = RemoteShard::new(FIRST_C + FIRST_C + 1 - group, peers.clone(), members.clone());
+        let ann = OperatorId::new("ann");
+
+        // What a member's replica holds is what the outsider reads.
+        let held = &first.groups[&group].shard;
+        for node in &nodes {
+            assert!(node.until(group, Duration::from_secs(5), |s| s.conversations.get(&conversation).is_some_and(|c| c.last_seq() == held.read().conversations[&conversation].last_seq())).await);
+        }
+        assert_eq!(remote.history(conversation, 0, 1000).await.expect("history"), held.history(conversation, 0, 1000).expect("local history"));
+        assert_eq!(remote.history(conversation, 2, 1).await.expect("a page"), held.history(conversation, 2, 1).expect("local page"));
+        let seen = ShardReads::conversation(&remote, conversation).await.expect("conversation").expect("found");
+        let mut local = held.conversation(conversation).expect("local").expect("found");
+        // Idempotency keys are the member's own bookkeeping: not carried (`keys`).
+        local.keys.clear();
+        assert_eq!(format!("{seen:?}"), format!("{local:?}"));
+        assert_eq!(remote.feed_since(&ann, 0, 1000).await.expect("feed"), held.feed_since(&ann, 0, 1000).expect("local feed"));
+        assert!(remote.feed_since(&ann, 0, 1000).await.expect("feed").is_some_and(|f| !f.is_empty()), "ann's feed in the shard has items");
+        let bounds = remote.feed_bounds(&ann).await.expect("bounds").expect("ann has a feed there");
+        assert_eq!(bounds.1, held.read().operators[&ann].feed.last_seq);
+        // Lookups that span the shards: each shard's members are asked.
+        let mut found = Vec::new();
+        for shard in [&remote, &other] {
+            found.extend(shard.conversations_of("v-far", 10).await.expect("lookup").into_iter().map(|c| c.id));
+        }
+        assert_eq!(found, vec![conversation], "the visitor's conversation is found in its shard only");
+        assert_eq!(other.history(conversation, 0, 10).await.expect("the other shard answers"), vec![], "the other shard has no entry of it");
+        assert!(ShardReads::conversation(&remote, ConversationId(u64::MAX)).await.expect("answered").is_none());
+
+        // Wake-ups: the outsider follows the conversation's stream on a member.
+        let mut wake = remote.subscribe(StreamKey::Conversation(conversation)).expect("follows");
+        let woken = |wake: &mut switchboard_actors::shard::Wakeups| {
+            let mut wake = wake.clone();
+            async move { tokio::time::timeout(Duration::from_secs(10), wake.changed()).await.is_ok() }
+        };
+        assert!(woken(&mut wake).await, "the first wake-up comes once a member is followed");
+        wake.mark_unchanged();
+        submit(&nodes[1], group, message("m2")).await;
+        assert!(woken(&mut wake).await, "a message written through another node wakes the outsider");
+        wake.mark_unchanged();
+        let keys = |history: Vec<switchboard_actors::state::HistoryEntry>| -> Vec<String> {
+            history.into_iter().filter_map(|e| match e.item { switchboard_actors::state::HistoryItem::ClientMessage { key, .. } => Some(key), _ => None }).collect()
+        };
+        assert_eq!(keys(remote.history(conversation, 0, 1000).await.expect("history")), vec!["m1", "m2"]);
+
+        // The member asked (the first that answered: node 1) stops. The outsider asks
+        // another, and follows the stream there.
+        nodes.remove(0).stop().await.expect("stops");
+        let survivor = &nodes[0];
+        let acked = submit_until_committed(survivor, group, message("m3")).await;
+        assert!(matches!(acked, Ok(Reply::Message { .. })), "m3 was answered {acked:?}");
+        assert!(woken(&mut wake).await, "the outsider is woken through another member");
+        let mut history = Vec::new();
+        for _ in 0..100 {
+            history = keys(remote.history(conversation, 0, 1000).await.expect("history from a survivor"));
+            if history.len() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(history, vec!["m1", "m2", "m3"], "every acknowledged message, once, in order");
+        remote.barrier().await.expect("a survivor catches up with the leader");
+
+        // A gateway's certificate relays sockets; it may not read a group's state.
+        let gateway = switchboard_raft::tls::ensure_member_as(&certs, "gateway-1", switchboard_raft::tls::Role::Gateway, &[]).expect("certificate");
+        let gateway_endpoint = switchboard_raft::tls::client_endpoint(&gateway, "127.0.0.1:0".parse().expect("address")).expect("endpoint");
+        let refused = RemoteShard::new(group, Peers::new(gateway_endpoint.clone()), members.clone());
+        match refused.history(conversation, 0, 10).await {
+            Err(switchboard_actors::Error::Unavailable(why)) => assert!(why.contains("gateway"), "refused for its role: {why}"),
+            other => panic!("a gateway's read was answered {other:?}"),
+        }
+        assert!(refused.subscribe(StreamKey::Conversation(conversation)).is_ok_and(|w| w.has_changed().is_ok()));
+
+        drop(wake);
+        gateway_endpoint.close(0u32.into(), b"done");
+        endpoint.close(0u32.into(), b"done");
         for node in nodes {
             node.stop().await.expect("stops");
         }

@@ -12,6 +12,7 @@ mod demo;
 mod groups;
 mod outbox;
 mod placement;
+mod remote;
 mod server;
 mod split;
 

@@ -48,6 +48,13 @@ enum RpcRequest {
     /// An empty append from a leader whose group is quiet (`quiet`): the voter that
     /// accepts it stops its own election timer and waits for the next beat instead.
     AppendQuiet { group: u64, rpc: AppendEntriesRequest<TypeConfig> },
+    /// A question about `group`'s applied state, for a member of it (ADR 0012): the
+    /// node encodes and answers it ([`GroupReads`]), the transport passes the bytes.
+    Read { group: u64, query: Vec<u8> },
+    /// Follows stream `stream` of `group` on a member: the answer is not one message but
+    /// a status byte and then the stream's counter (8 bytes, big-endian) each time it
+    /// moves, until either side ends the stream (see [`Peers::watch`]).
+    Watch { group: u64, stream: Vec<u8> },
 }
 
 impl RpcRequest {
@@ -56,7 +63,16 @@ impl RpcRequest {
     /// dead leader's connection silent (measured: recovery after a leader kill went from
     /// 0.5 to 1.3 s at the median without it).
     fn answers_quickly(&self) -> bool {
-        matches!(self, RpcRequest::Append { .. } | RpcRequest::AppendQuiet { .. } | RpcRequest::Vote { .. } | RpcRequest::ReadIndex { .. } | RpcRequest::Write { .. } | RpcRequest::Status)
+        matches!(
+            self,
+            RpcRequest::Append { .. } | RpcRequest::AppendQuiet { .. } | RpcRequest::Vote { .. } | RpcRequest::ReadIndex { .. } | RpcRequest::Write { .. } | RpcRequest::Status | RpcRequest::Read { .. }
+        )
+    }
+
+    /// Whether only a node may ask it: consensus traffic, and reads of a group's state
+    /// (a gateway relays sockets to members and reads nothing itself, ADR 0012).
+    fn is_nodes_only(&self) -> bool {
+        self.is_raft() || matches!(self, RpcRequest::Read { .. } | RpcRequest::Watch { .. })
     }
 
     /// Whether this is consensus traffic, which only nodes may send.
@@ -83,6 +99,8 @@ enum RpcResponse {
     /// A forwarded entry the leader's check refused: it is in no log.
     WriteRefused(String),
     Status(MemberStatus),
+    /// The answer to a `Read`, as the node encoded it.
+    Read(Result<Vec<u8>, String>),
 }
 
 /// What a member says of itself and the cluster (answer to a gateway's poll).
@@ -113,6 +131,21 @@ pub trait Relay: Send + Sync + 'static {
         recv: quinn::RecvStream,
     ) -> futures::future::BoxFuture<'static, ()>;
 }
+
+/// Answers other nodes' questions about the groups this node is a member of, and their
+/// requests to follow a stream (ADR 0012). The node encodes questions and answers; the
+/// transport routes by group and never looks inside.
+pub trait GroupReads: Send + Sync + 'static {
+    /// The encoded answer to `query` about `group`'s applied state.
+    fn read(&self, group: u64, query: Vec<u8>) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>>;
+    /// A counter that moves each time stream `stream` of `group` does.
+    fn watch(&self, group: u64, stream: Vec<u8>) -> futures::future::BoxFuture<'static, Result<tokio::sync::watch::Receiver<u64>, String>>;
+}
+
+/// The status byte that opens a `Watch` answer: followed by counters, or by the reason
+/// it was refused (UTF-8, to the end of the stream).
+const WATCHING: u8 = 0;
+const WATCH_REFUSED: u8 = 1;
 
 /// What answers a gateway's status poll on this node.
 pub type StatusSource = Arc<dyn Fn() -> MemberStatus + Send + Sync>;
@@ -145,6 +178,7 @@ pub struct Router {
     files: Arc<RwLock<Option<Arc<dyn Files>>>>,
     status: Arc<RwLock<Option<StatusSource>>>,
     relay: Arc<RwLock<Option<Arc<dyn Relay>>>>,
+    reads: Arc<RwLock<Option<Arc<dyn GroupReads>>>>,
     /// Per group: the gate new entries pass before this node appends them (held while
     /// leadership moves away, `members::Change::Lead`), whether the group is quiet
     /// here (`quiet`), and when a leader's append last arrived.
@@ -300,6 +334,15 @@ impl Router {
     /// Serves relayed client traffic with `relay`.
     pub fn set_relay(&self, relay: Arc<dyn Relay>) {
         *self.relay.write().unwrap_or_else(|p| p.into_inner()) = Some(relay);
+    }
+
+    /// Answers reads of this node's groups with `reads`.
+    pub fn set_reads(&self, reads: Arc<dyn GroupReads>) {
+        *self.reads.write().unwrap_or_else(|p| p.into_inner()) = Some(reads);
+    }
+
+    fn reads(&self) -> Option<Arc<dyn GroupReads>> {
+        self.reads.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn relay(&self) -> Option<Arc<dyn Relay>> {
@@ -458,6 +501,13 @@ impl Router {
                     .clone();
                 RpcResponse::Status(source.map(|s| s()).unwrap_or_default())
             }
+            RpcRequest::Read { group, query } => match (self.get(group), self.reads()) {
+                (Some(_), Some(reads)) => RpcResponse::Read(reads.read(group, query).await),
+                (Some(_), None) => RpcResponse::Read(Err("this node answers no reads".into())),
+                (None, _) => RpcResponse::UnknownGroup(group),
+            },
+            // Served as a stream by `serve_stream`, never dispatched.
+            RpcRequest::Watch { .. } => RpcResponse::BadRequest("a watch is a stream of its own".into()),
         }
     }
 }
@@ -613,10 +663,11 @@ async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, m
     body.push(first[0]);
     body.extend(recv.read_to_end(MAX_RPC_BYTES - 1).await.map_err(|e| e.to_string())?);
     let response = match decode::<RpcRequest>(&body) {
-        Ok(request) if role == Role::Gateway && request.is_raft() => {
-            warn!("refused Raft traffic from a peer holding a gateway certificate");
-            RpcResponse::BadRequest("a gateway's certificate may not take part in Raft".into())
+        Ok(request) if role == Role::Gateway && request.is_nodes_only() => {
+            warn!("refused Raft traffic or a read of a group's state from a peer holding a gateway certificate");
+            RpcResponse::BadRequest("a gateway's certificate may not take part in Raft or read a group's state".into())
         }
+        Ok(RpcRequest::Watch { group, stream }) => return serve_watch(&router, group, stream, send).await,
         Ok(request) => router.dispatch(request).await,
         Err(e) => RpcResponse::BadRequest(e),
     };
@@ -626,6 +677,62 @@ async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, m
     // Wait for the peer to read everything before the stream is dropped.
     let _ = send.stopped().await;
     Ok(())
+}
+
+/// Feeds a peer the counter of stream `stream` of `group` each time it moves, until the
+/// peer stops reading, the connection ends or the stream's sender goes away.
+async fn serve_watch(router: &Router, group: u64, stream: Vec<u8>, mut send: quinn::SendStream) -> Result<(), String> {
+    let watched = match (router.get(group), router.reads()) {
+        (Some(_), Some(reads)) => reads.watch(group, stream).await,
+        (Some(_), None) => Err("this node answers no reads".into()),
+        (None, _) => Err(format!("this node is not a member of group {group}")),
+    };
+    let mut moves = match watched {
+        Ok(moves) => moves,
+        Err(why) => {
+            let mut refusal = vec![WATCH_REFUSED];
+            refusal.extend(why.as_bytes());
+            send.write_all(&refusal).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            let _ = send.stopped().await;
+            return Ok(());
+        }
+    };
+    let first = *moves.borrow_and_update();
+    let mut opening = vec![WATCHING];
+    opening.extend(first.to_be_bytes());
+    send.write_all(&opening).await.map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            changed = moves.changed() => {
+                if changed.is_err() {
+                    // The stream ended here (its group stopped): the peer follows another member.
+                    let _ = send.finish();
+                    return Ok(());
+                }
+                let at = *moves.borrow_and_update();
+                send.write_all(&at.to_be_bytes()).await.map_err(|e| e.to_string())?;
+            }
+            _ = send.stopped() => return Ok(()),
+        }
+    }
+}
+
+/// One stream followed on a member (see [`Peers::watch`]).
+///
+/// Dropping it stops the stream, which the member sees (its `stopped`).
+pub struct Watching {
+    recv: quinn::RecvStream,
+}
+
+impl Watching {
+    /// The stream's counter the next time it moves, or `None` once the member, the
+    /// connection or the stream is gone.
+    pub async fn next(&mut self) -> Option<u64> {
+        let mut at = [0u8; 8];
+        self.recv.read_exact(&mut at).await.ok()?;
+        Some(u64::from_be_bytes(at))
+    }
 }
 
 /// Connections to the other nodes, one per address, shared by every group's Raft
@@ -859,6 +966,48 @@ impl Peers {
                 c.close(0u32.into(), b"silent");
             }
             peer.unanswered_since = None;
+        }
+    }
+
+    /// Asks the member at `addr` question `query` (encoded by the node) about `group`'s
+    /// applied state, within `ttl`.
+    pub async fn read(&self, addr: &str, group: u64, query: Vec<u8>, ttl: Duration) -> Result<Vec<u8>, String> {
+        match self.exchange(addr, &RpcRequest::Read { group, query }, ttl).await {
+            Ok(RpcResponse::Read(answer)) => answer,
+            Ok(RpcResponse::UnknownGroup(g)) => Err(format!("{addr} is not a member of group {g}")),
+            Ok(RpcResponse::BadRequest(why)) => Err(format!("{addr} refused the read: {why}")),
+            Ok(_) => Err(format!("{addr} answered a read with something else")),
+            Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
+        }
+    }
+
+    /// Follows stream `stream` (encoded by the node) of `group` on the member at
+    /// `addr`: the stream's counter now, and a [`Watching`] that yields it each time
+    /// it moves. Fails when the member does not answer within `ttl` or refuses.
+    pub async fn watch(&self, addr: &str, group: u64, stream: Vec<u8>, ttl: Duration) -> Result<(u64, Watching), String> {
+        let bytes = encode(&RpcRequest::Watch { group, stream })?;
+        let connection = self.connection(addr, ttl.min(Duration::from_secs(1))).await.map_err(|e| e.0)?;
+        let opened = async {
+            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            let mut status = [0u8; 1];
+            recv.read_exact(&mut status).await.map_err(|e| e.to_string())?;
+            if status[0] != WATCHING {
+                let why = recv.read_to_end(4096).await.map_err(|e| e.to_string())?;
+                return Err(format!("{addr} refused the watch: {}", String::from_utf8_lossy(&why)));
+            }
+            let mut at = [0u8; 8];
+            recv.read_exact(&mut at).await.map_err(|e| e.to_string())?;
+            Ok((u64::from_be_bytes(at), Watching { recv }))
+        };
+        match tokio::time::timeout(ttl, opened).await {
+            Ok(Ok(watching)) => {
+                self.answered(addr);
+                Ok(watching)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("no answer to a watch from {addr} within {ttl:?}")),
         }
     }
 

@@ -1,0 +1,320 @@
+//! Reads of a conversation shard this node does not hold, asked of a node that does
+//! (ADR 0012, items 2 and 3).
+//!
+//! A member answers questions about its applied state ([`MemberReads`], served on the
+//! node's QUIC endpoint through `switchboard_raft::network::GroupReads`) and feeds a
+//! peer a stream's counter each time it moves. [`RemoteShard`] is the asking side: the
+//! gateway's [`ShardReads`] over the network, and wake-ups that feed the same watch a
+//! local subscription gives.
+//!
+//! Format: a question is one version byte ([`FORMAT`]) and the bincode (positional) of
+//! a [`Query`]; its answer is the bincode of `Result<T, switchboard_actors::Error>`,
+//! where `T` is what the same read of a local replica returns. New questions are added
+//! as variants at the end of [`Query`]; a change of an existing one takes a new format.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use switchboard_actors::mail::GroupId;
+use switchboard_actors::model::{Attachment, AttachmentId, ChannelId, ConversationId, OperatorId};
+use switchboard_actors::shard::{StreamKey, Wakeups};
+use switchboard_actors::state::{Conversation, Delivery, FeedEntry, HistoryEntry};
+use switchboard_actors::Error;
+use switchboard_gateway::reads::Read;
+use switchboard_gateway::ShardReads;
+use switchboard_raft::network::{GroupReads, Peers};
+
+use crate::groups::HostedGroup;
+
+/// The version of the questions' encoding.
+const FORMAT: u8 = 1;
+
+/// How long one member has to answer a question before the next is asked.
+const READ_TTL: Duration = Duration::from_secs(2);
+
+/// How long a member waits to catch up with its group's leader before it answers a
+/// question asked with `Query::Barrier`.
+const BARRIER_PATIENCE: Duration = Duration::from_secs(2);
+
+/// How long a watch's follower waits before it asks the members again when none took
+/// the watch.
+const REFOLLOW_PAUSE: Duration = Duration::from_millis(200);
+
+/// A question about a group's applied state: one per [`ShardReads`] method, and the
+/// barrier a read that must see every acknowledged write asks first.
+#[derive(Debug, Serialize, Deserialize)]
+enum Query {
+    Conversation(ConversationId),
+    OpenConversation(ConversationId),
+    History { id: ConversationId, after: u64, limit: u32 },
+    FeedBounds(OperatorId),
+    FeedSince { operator: OperatorId, after: u64, limit: u32 },
+    ByProviderId { channel: ChannelId, id: String },
+    ConversationsOf { visitor: String, limit: u32 },
+    HandledBy { operator: OperatorId, before: Option<ConversationId>, limit: u32 },
+    DeliveriesOf(ConversationId),
+    DeadLetters { limit: u32 },
+    Attachment(AttachmentId),
+    AttachmentRoom { id: ConversationId, size: u64 },
+    InboundSeen { channel: ChannelId, sender: String, key: String },
+    /// Waits until the member applied what its leader had committed when asked.
+    Barrier,
+}
+
+/// The most entries or items one question may ask for: what the largest read of a
+/// local replica asks (a conversation's whole history is capped by the core).
+const MAX_LIMIT: u32 = 100_000;
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| e.to_string())
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let config = bincode::config::standard().with_limit::<{ switchboard_raft::network::MAX_RPC_BYTES }>();
+    bincode::serde::decode_from_slice(bytes, config).map(|(v, _)| v).map_err(|e| e.to_string())
+}
+
+fn encode_query(query: &Query) -> Result<Vec<u8>, Error> {
+    let mut bytes = vec![FORMAT];
+    bytes.extend(encode(query).map_err(|e| Error::Invalid(format!("a read cannot be encoded: {e}")))?);
+    Ok(bytes)
+}
+
+fn decode_query(bytes: &[u8]) -> Result<Query, String> {
+    match bytes.split_first() {
+        Some((&FORMAT, rest)) => decode(rest),
+        Some((other, _)) => Err(format!("reads of format {other} are not understood here (this node reads format {FORMAT})")),
+        None => Err("an empty read".into()),
+    }
+}
+
+/// What a member answers: the groups it holds, by id.
+pub(crate) struct MemberReads {
+    groups: BTreeMap<GroupId, HostedGroup>,
+    peers: Peers,
+}
+
+impl MemberReads {
+    pub(crate) fn new(groups: BTreeMap<GroupId, HostedGroup>, peers: Peers) -> MemberReads {
+        MemberReads { groups, peers }
+    }
+}
+
+/// The encoded answer to `query`, read from `group`'s replica here.
+async fn answer(group: &HostedGroup, peers: &Peers, query: Query) -> Result<Vec<u8>, String> {
+    fn wrap<T: Serialize>(answer: Result<T, Error>) -> Result<Vec<u8>, String> {
+        encode(&answer)
+    }
+    let shard: &dyn ShardReads = group.shard.as_ref();
+    let limit = |n: u32| n.min(MAX_LIMIT) as usize;
+    match query {
+        Query::Conversation(id) => wrap(shard.conversation(id).await),
+        Query::OpenConversation(id) => wrap(shard.open_conversation(id).await),
+        Query::History { id, after, limit: n } => wrap(shard.history(id, after, limit(n)).await),
+        Query::FeedBounds(operator) => wrap(shard.feed_bounds(&operator).await),
+        Query::FeedSince { operator, after, limit: n } => wrap(shard.feed_since(&operator, after, limit(n)).await),
+        Query::ByProviderId { channel, id } => wrap(shard.by_provider_id(&channel, &id).await),
+        Query::ConversationsOf { visitor, limit: n } => wrap(shard.conversations_of(&visitor, limit(n)).await),
+        Query::HandledBy { operator, before, limit: n } => wrap(shard.handled_by(&operator, before, limit(n)).await),
+        Query::DeliveriesOf(id) => wrap(shard.deliveries_of(id).await),
+        Query::DeadLetters { limit: n } => wrap(shard.dead_letters(limit(n)).await),
+        Query::Attachment(id) => wrap(shard.attachment(&id).await),
+        Query::AttachmentRoom { id, size } => wrap(shard.attachment_room(id, size).await),
+        Query::InboundSeen { channel, sender, key } => wrap(shard.inbound_seen(&channel, &sender, &key).await),
+        Query::Barrier => {
+            let caught_up = switchboard_raft::network::read_barrier(&group.raft, peers, group.id, BARRIER_PATIENCE).await;
+            wrap(caught_up.map_err(|e| Error::Unavailable(format!("this member cannot catch up with group {}'s leader: {e}", group.id))))
+        }
+    }
+}
+
+impl GroupReads for MemberReads {
+    fn read(&self, group: u64, query: Vec<u8>) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>> {
+        let hosted = self.groups.get(&group).cloned();
+        let peers = self.peers.clone();
+        Box::pin(async move {
+            let hosted = hosted.ok_or_else(|| format!("this node does not hold group {group}"))?;
+            answer(&hosted, &peers, decode_query(&query)?).await
+        })
+    }
+
+    fn watch(&self, group: u64, stream: Vec<u8>) -> futures::future::BoxFuture<'static, Result<Wakeups, String>> {
+        let supervisor = self.groups.get(&group).map(|g| g.supervisor.clone());
+        Box::pin(async move {
+            let supervisor = supervisor.ok_or_else(|| format!("this node does not hold group {group}"))?;
+            let key: StreamKey = match stream.split_first() {
+                Some((&FORMAT, rest)) => decode(rest)?,
+                _ => return Err(format!("watches of another format are not understood here (this node reads format {FORMAT})")),
+            };
+            switchboard_actors::actors::subscribe(&supervisor, key).await.map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Where a group's members are: their QUIC addresses, asked each time a member fails
+/// (the placement can move them).
+pub(crate) type Members = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+/// A conversation shard this node does not hold, read from its members.
+pub(crate) struct RemoteShard {
+    group: GroupId,
+    peers: Peers,
+    members: Members,
+    /// The member that answered last: asked first, so that a page read after a
+    /// wake-up comes from the member whose apply woke it.
+    current: Arc<Mutex<Option<String>>>,
+}
+
+impl RemoteShard {
+    pub(crate) fn new(group: GroupId, peers: Peers, members: Members) -> RemoteShard {
+        RemoteShard { group, peers, members, current: Arc::new(Mutex::new(None)) }
+    }
+
+    /// The members in the order to ask them: the one that answered last first.
+    fn order(members: &Members, current: &Mutex<Option<String>>) -> Vec<String> {
+        let mut all = members();
+        if let Some(first) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            if let Some(at) = all.iter().position(|a| *a == first) {
+                let first = all.remove(at);
+                all.insert(0, first);
+            }
+        }
+        all
+    }
+
+    /// Asks `query` of the members in turn until one answers.
+    async fn ask<T: DeserializeOwned>(&self, query: Query) -> Result<T, Error> {
+        let bytes = encode_query(&query)?;
+        let mut failures = Vec::new();
+        for addr in Self::order(&self.members, &self.current) {
+            match self.peers.read(&addr, self.group, bytes.clone(), READ_TTL).await {
+                Ok(answer) => {
+                    *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr.clone());
+                    return decode::<Result<T, Error>>(&answer).map_err(|e| Error::Unavailable(format!("{addr} answered a read of group {} in a form this node cannot read: {e}", self.group)))?;
+                }
+                Err(e) => failures.push(format!("{addr}: {e}")),
+            }
+        }
+        if failures.is_empty() {
+            return Err(Error::Unavailable(format!("no member of group {} is known", self.group)));
+        }
+        Err(Error::Unavailable(format!("no member of group {} answered ({})", self.group, failures.join("; "))))
+    }
+
+    /// Waits until the member asked next applied every write acknowledged before the
+    /// call (the member runs a read barrier with its leader).
+    pub(crate) async fn barrier(&self) -> Result<(), Error> {
+        self.ask::<()>(Query::Barrier).await
+    }
+
+    /// Wake-ups of stream `key` of this group, from a member: a counter that moves each
+    /// time the stream does there. When the member goes away the follower follows
+    /// another, and moves the counter once so that a reader pulls what was applied in
+    /// between. It stops when every receiver is dropped.
+    pub(crate) fn subscribe(&self, key: StreamKey) -> Result<Wakeups, Error> {
+        let mut stream = vec![FORMAT];
+        stream.extend(encode(&key).map_err(|e| Error::Invalid(format!("a stream key cannot be encoded: {e}")))?);
+        let (moved, wakeups) = tokio::sync::watch::channel(0u64);
+        let (group, peers, members, current) = (self.group, self.peers.clone(), self.members.clone(), self.current.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut bump = |moved: &tokio::sync::watch::Sender<u64>| {
+                n += 1;
+                moved.send(n).is_ok()
+            };
+            loop {
+                let mut followed = false;
+                for addr in Self::order(&members, &current) {
+                    let watching = tokio::select! {
+                        w = peers.watch(&addr, group, stream.clone(), READ_TTL) => w,
+                        _ = moved.closed() => return,
+                    };
+                    let Ok((_, mut watching)) = watching else { continue };
+                    followed = true;
+                    // What moved while no member was followed is pulled now.
+                    if !bump(&moved) {
+                        return;
+                    }
+                    loop {
+                        tokio::select! {
+                            next = watching.next() => match next {
+                                Some(_) => if !bump(&moved) { return },
+                                None => break,
+                            },
+                            _ = moved.closed() => return,
+                        }
+                    }
+                    tracing::debug!(group, member = %addr, ?key, "a followed member went away; following another");
+                }
+                if !followed {
+                    tokio::select! {
+                        _ = tokio::time::sleep(REFOLLOW_PAUSE) => {}
+                        _ = moved.closed() => return,
+                    }
+                }
+            }
+        });
+        Ok(wakeups)
+    }
+}
+
+fn limit32(limit: usize) -> u32 {
+    u32::try_from(limit).unwrap_or(u32::MAX).min(MAX_LIMIT)
+}
+
+impl ShardReads for RemoteShard {
+    fn conversation(&self, id: ConversationId) -> Read<'_, Option<Conversation>> {
+        Box::pin(self.ask(Query::Conversation(id)))
+    }
+
+    fn open_conversation(&self, id: ConversationId) -> Read<'_, Option<Conversation>> {
+        Box::pin(self.ask(Query::OpenConversation(id)))
+    }
+
+    fn history(&self, id: ConversationId, after: u64, limit: usize) -> Read<'_, Vec<HistoryEntry>> {
+        Box::pin(self.ask(Query::History { id, after, limit: limit32(limit) }))
+    }
+
+    fn feed_bounds<'a>(&'a self, operator: &'a OperatorId) -> Read<'a, Option<(u64, u64)>> {
+        Box::pin(self.ask(Query::FeedBounds(operator.clone())))
+    }
+
+    fn feed_since<'a>(&'a self, operator: &'a OperatorId, after: u64, limit: usize) -> Read<'a, Option<Vec<FeedEntry>>> {
+        Box::pin(self.ask(Query::FeedSince { operator: operator.clone(), after, limit: limit32(limit) }))
+    }
+
+    fn by_provider_id<'a>(&'a self, channel: &'a ChannelId, id: &'a str) -> Read<'a, Option<(ConversationId, u64)>> {
+        Box::pin(self.ask(Query::ByProviderId { channel: channel.clone(), id: id.to_owned() }))
+    }
+
+    fn conversations_of<'a>(&'a self, visitor: &'a str, limit: usize) -> Read<'a, Vec<Conversation>> {
+        Box::pin(self.ask(Query::ConversationsOf { visitor: visitor.to_owned(), limit: limit32(limit) }))
+    }
+
+    fn handled_by<'a>(&'a self, operator: &'a OperatorId, before: Option<ConversationId>, limit: usize) -> Read<'a, Vec<ConversationId>> {
+        Box::pin(self.ask(Query::HandledBy { operator: operator.clone(), before, limit: limit32(limit) }))
+    }
+
+    fn deliveries_of(&self, id: ConversationId) -> Read<'_, Vec<(u64, Delivery)>> {
+        Box::pin(self.ask(Query::DeliveriesOf(id)))
+    }
+
+    fn dead_letters(&self, limit: usize) -> Read<'_, Vec<(ConversationId, u64, Delivery)>> {
+        Box::pin(self.ask(Query::DeadLetters { limit: limit32(limit) }))
+    }
+
+    fn attachment<'a>(&'a self, id: &'a AttachmentId) -> Read<'a, Option<Attachment>> {
+        Box::pin(self.ask(Query::Attachment(id.clone())))
+    }
+
+    fn attachment_room(&self, id: ConversationId, size: u64) -> Read<'_, ()> {
+        Box::pin(self.ask(Query::AttachmentRoom { id, size }))
+    }
+
+    fn inbound_seen<'a>(&'a self, channel: &'a ChannelId, sender: &'a str, key: &'a str) -> Read<'a, bool> {
+        Box::pin(self.ask(Query::InboundSeen { channel: channel.clone(), sender: sender.to_owned(), key: key.to_owned() }))
+    }
+}
