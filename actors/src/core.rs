@@ -53,6 +53,8 @@ pub const STALLED_EXPIRY_MS: u64 = 2000;
 pub const AFTER_HOURS: &str = "after_hours";
 /// Routing steps a group may have, and the heaviest channel weight.
 pub const MAX_STEPS: usize = 10;
+/// Most nodes one `HoldersSet` names (a group has three voters; more while it moves).
+pub const MAX_HOLDERS: usize = 16;
 pub const MAX_WEIGHT: u32 = 100;
 
 /// Longest message text the core accepts, in characters.
@@ -1320,6 +1322,19 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 return Ok((Reply::Done, vec![]));
             }
             Ok((Reply::Done, vec![Event::ReadMarked { conversation: *conv_id, by, upto }]))
+        }
+        Command::HoldersSet { group, nodes } => {
+            if !matches!(part, Part::Whole | Part::Directory { .. }) {
+                return Err(Error::Invalid("where groups are held is the metadata group's to record".into()));
+            }
+            if nodes.is_empty() || nodes.len() > MAX_HOLDERS {
+                return Err(Error::Invalid(format!("a group is held by 1 to {MAX_HOLDERS} nodes, not {}", nodes.len())));
+            }
+            let nodes: BTreeSet<u64> = nodes.iter().copied().collect();
+            if state.holders.get(group) == Some(&nodes) {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::HoldersSet { group: *group, nodes: nodes.into_iter().collect() }]))
         }
         Command::AdoptRules { version } => {
             if *version > RULES_VERSION {

@@ -670,6 +670,13 @@ pub enum Command {
         offer: OfferId,
         received_at: Timestamp,
     },
+    /// The nodes that hold group `group`'s state and answer its reads (its voters),
+    /// committed by the placement in the metadata group (ADR 0012). A node not named
+    /// reads the group from those named.
+    HoldersSet {
+        group: u64,
+        nodes: Vec<u64>,
+    },
 }
 
 /// A file a customer sent through a channel, stored in the blob store before the
@@ -1218,5 +1225,9 @@ pub enum Event {
     MailConfirmed {
         to: u64,
         upto: u64,
+    },
+    HoldersSet {
+        group: u64,
+        nodes: Vec<u64>,
     },
 }

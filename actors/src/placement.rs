@@ -48,6 +48,9 @@ pub enum Target {
     Addressee,
     /// Proposed by a group's leader to its own group (a confirmation of its letters).
     Itself,
+    /// `G0` alone: the cluster's own bookkeeping (where groups are held), which no other
+    /// group receives.
+    Metadata,
 }
 
 impl Target {
@@ -55,7 +58,7 @@ impl Target {
     /// for every group.
     pub fn owner(&self) -> Option<Owner> {
         match self {
-            Target::Directory => Some(Owner::Directory),
+            Target::Directory | Target::Metadata => Some(Owner::Directory),
             Target::Conversation(_) | Target::NewConversation { .. } | Target::Sender { .. } | Target::OwnConversationShard => Some(Owner::Conversation),
             Target::Operator(_) | Target::Group(_) | Target::ConversationRouting(_) | Target::OwnRoutingShard | Target::OperatorsByRoutingShard => Some(Owner::Routing),
             Target::Every | Target::Itself | Target::Addressee => None,
@@ -123,6 +126,7 @@ pub fn target(command: &Command) -> Target {
         AdoptRules { .. } => Target::Every,
         Deliver { .. } => Target::Addressee,
         ConfirmMail { .. } => Target::Itself,
+        HoldersSet { .. } => Target::Metadata,
     }
 }
 

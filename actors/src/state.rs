@@ -80,6 +80,10 @@ pub struct ShardState {
     /// `p`). A report older than [`SOCKET_LEASE_MS`] no longer counts.
     #[serde(default)]
     pub sockets: BTreeMap<u64, NodeSockets>,
+    /// In the metadata group: per group, the nodes that hold it (`HoldersSet`, records
+    /// `#`). A group without an entry is held by every node (ADR 0012).
+    #[serde(default)]
+    pub holders: BTreeMap<u64, BTreeSet<u64>>,
     /// When each operator was last reported with a live socket (records `l`).
     #[serde(default)]
     pub last_seen: BTreeMap<OperatorId, Timestamp>,
@@ -636,6 +640,8 @@ pub struct Dirty {
     /// Nodes whose socket report changed; operators whose last-seen time or presence
     /// reason changed.
     pub sockets: BTreeSet<u64>,
+    /// Groups whose holders changed.
+    pub holders: BTreeSet<u64>,
     pub last_seen: BTreeSet<OperatorId>,
     pub presence_reasons: BTreeSet<OperatorId>,
     /// Routing settings of groups and channels changed; operators' wrap-up changed.
@@ -1057,6 +1063,9 @@ impl ShardState {
                 dirty.meta = true
             }
             Event::ConversationsDeleted { .. } => dirty.purge = true,
+            Event::HoldersSet { group, .. } => {
+                dirty.holders.insert(*group);
+            }
         }
     }
 
@@ -1521,6 +1530,9 @@ impl ShardState {
             }
             Event::RulesAdopted { version } => {
                 self.rules = self.rules.max(*version);
+            }
+            Event::HoldersSet { group, nodes } => {
+                self.holders.insert(*group, nodes.iter().copied().collect());
             }
             Event::SessionsEnded { login } => {
                 *self.session_epochs.entry(login.clone()).or_insert(0) += 1;

@@ -348,6 +348,7 @@ fn render(event: &Event) -> String {
         Event::MailPosted { to, id, mail } => format!("letter {id} to group {to}: {mail:?}"),
         Event::MailReceived { from, id } => format!("letter {id} from group {from} applied"),
         Event::MailConfirmed { to, upto } => format!("group {to} confirmed letters up to {upto}"),
+        Event::HoldersSet { group, nodes } => format!("group {group} is held by nodes {nodes:?}"),
     }
 }
 

@@ -340,7 +340,8 @@ pub async fn start_gateway(config: &Path, log_dir: &Path) -> anyhow::Result<Dev>
 /// split node, by group id.
 pub fn applied(status: &Value) -> std::collections::BTreeMap<u64, u64> {
     match status["groups"].as_array() {
-        Some(groups) => groups.iter().filter_map(|g| Some((g["group"].as_u64()?, g["last_applied"].as_u64().unwrap_or(0)))).collect(),
+        // A conversation shard the node does not hold (ADR 0012) is not its to apply.
+        Some(groups) => groups.iter().filter(|g| g["held"] != false).filter_map(|g| Some((g["group"].as_u64()?, g["last_applied"].as_u64().unwrap_or(0)))).collect(),
         None => std::collections::BTreeMap::from([(0, status["last_applied"].as_u64().unwrap_or(0))]),
     }
 }

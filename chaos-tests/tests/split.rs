@@ -508,24 +508,48 @@ async fn write_steadily(mut ws: WsClient, stop: std::sync::Arc<std::sync::atomic
     run
 }
 
-/// Every group's voters and leader as node `id` sees them: `(group, voters, leader)`.
-async fn placement(cluster: &Cluster, id: usize) -> anyhow::Result<Vec<(u64, Vec<u64>, Vec<u64>, Option<u64>)>> {
-    let status = cluster.status(id).await?;
-    let ids = |v: &Value| -> Vec<u64> { v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default() };
-    Ok(status["groups"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|g| (g["group"].as_u64().unwrap_or(0), ids(&g["voters"]), ids(&g["learners"]), g["leader"].as_u64()))
-        .collect())
+/// Every group's voters, learners and leader, each as a node that holds it sees it:
+/// `(group, voters, learners, leader)` (a node reports a conversation shard it does not
+/// hold as `held: false`, ADR 0012).
+async fn placement(cluster: &Cluster, ids: &[usize]) -> anyhow::Result<Vec<(u64, Vec<u64>, Vec<u64>, Option<u64>)>> {
+    let numbers = |v: &Value| -> Vec<u64> { v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default() };
+    let mut seen = BTreeMap::new();
+    for id in ids {
+        let status = cluster.status(*id).await?;
+        for g in status["groups"].as_array().into_iter().flatten().filter(|g| g["held"] != false) {
+            let group = g["group"].as_u64().unwrap_or(0);
+            seen.entry(group).or_insert_with(|| (group, numbers(&g["voters"]), numbers(&g["learners"]), g["leader"].as_u64()));
+        }
+    }
+    Ok(seen.into_values().collect())
 }
 
-/// ADR 0006, "Placement": a fourth node joins a split cluster of three (metadata group,
-/// routing shard, two conversation shards) while a visitor writes. It follows every
-/// group, and `cluster rebalance` gives it its share: three voters per group, each node
-/// voting in three and leading one. Removed again, its votes go back to the others and
-/// it leaves every group. The visitor's socket stays open, every message is
-/// acknowledged (none refused), and each is in the conversation once, in order.
+/// Accepts offers on `desk` until one is for `conversation` (the desk may be offered
+/// others queued before it), and waits for its `assigned`.
+async fn take_conversation(desk: &mut WsClient, conversation: u64) -> anyhow::Result<()> {
+    for n in 0..5 {
+        let offer = next_event(desk, "offer").await?;
+        let reference = format!("take-{n}");
+        let answer = until_answered(desk, &json!({"type": "accept", "offer": offer["offer"], "ref": reference}), &reference, &[]).await?;
+        anyhow::ensure!(answer["type"] == "ok", "accept answered {answer}");
+        if offer["conversation"].as_u64() == Some(conversation) {
+            desk.wait_for(WAIT, |v| v["kind"] == "assigned" && v["conversation"].as_u64() == Some(conversation)).await?;
+            return Ok(());
+        }
+    }
+    anyhow::bail!("conversation {conversation} was not offered")
+}
+
+/// ADR 0006, "Placement", with ADR 0012: a fourth node joins a split cluster of three
+/// (metadata group, routing shard, two conversation shards) while a visitor writes. It
+/// follows the metadata group and the routing shard, and `cluster rebalance` gives it
+/// its share of votes: a conversation shard it votes in moves to it (the node whose
+/// vote it took leaves that group), and one it does not vote in it never copies. A
+/// visitor and an operator connected to node 4 chat on a conversation of a shard node
+/// 4 holds no copy of, through the kill of that shard's leader. Removed again (with a
+/// visitor writing), its votes go back and it leaves every group. The writers' sockets
+/// stay open, every message is acknowledged (none refused), and each is in its
+/// conversation once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -535,14 +559,15 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     let writer = tokio::spawn(write_steadily(visitor, stop.clone()));
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    // Node 4 starts from `cluster add-node`; it is ready once it follows every group.
+    // Node 4 starts from `cluster add-node`; it is ready once it follows the metadata
+    // group and the routing shard.
     let added = cluster.add_node().await?;
     assert_eq!(added, 4);
     let password = cluster.logins["admin"].clone();
     let out = switchboard_chaos_tests::cli(["cluster", "rebalance", "--addr", &cluster.node(2).private], &[("SWITCHBOARD_PASSWORD", &password)]).await?;
     println!("cluster rebalance:\n{}", String::from_utf8_lossy(&out));
     let balanced = eventually(Duration::from_secs(60), Duration::from_millis(200), || async {
-        let groups = placement(&cluster, 1).await?;
+        let groups = placement(&cluster, &[1, 2, 3, 4]).await?;
         let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
         let mut leads: BTreeMap<u64, usize> = BTreeMap::new();
         for (_, voters, _, leader) in &groups {
@@ -553,30 +578,102 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
                 *leads.entry(*l).or_default() += 1;
             }
         }
-        let every_member = groups.iter().all(|(_, voters, learners, _)| voters.len() == 3 && voters.len() + learners.len() == 4);
+        // The metadata group (1) and the routing shard (2) on every node; each
+        // conversation shard (3, 4) on its three voters only.
+        let placed = groups.len() == 4
+            && groups.iter().all(|(group, voters, learners, _)| voters.len() == 3 && learners.len() == if *group <= 2 { 1 } else { 0 });
         let even = (1..=4).all(|n| votes.get(&n) == Some(&3) && leads.get(&n) == Some(&1));
-        Ok((every_member && even).then_some(groups))
+        Ok((placed && even).then_some(groups))
     })
     .await?;
     println!("with node 4 (group, voters, learners, leader): {balanced:?}");
+    // Node 4 never held a copy of the conversation shard it does not vote in.
+    let elsewhere = balanced.iter().find(|(group, voters, _, _)| *group >= 3 && !voters.contains(&4)).map(|(g, ..)| *g).ok_or_else(|| anyhow::anyhow!("node 4 votes in both conversation shards"))?;
+    let status = cluster.status(4).await?;
+    let there = status["groups"].as_array().and_then(|gs| gs.iter().find(|g| g["group"].as_u64() == Some(elsewhere)).cloned()).unwrap_or_default();
+    assert!(there["held"] == false && there["last_applied"].is_null(), "node 4 holds no copy of group {elsewhere}: {there}");
 
-    // Removed: its votes and leadership go back, and it leaves every group.
+    // A visitor and an operator on node 4 chat on a conversation of that shard.
+    let node4 = cluster.node(4);
+    let mut far = None;
+    for i in 0..20 {
+        let (ws, id, _) = node4.client(&format!("Far {i}")).await?;
+        if 3 + id % 2 == elsewhere {
+            far = Some((ws, id));
+            break;
+        }
+    }
+    let (mut guest, far_conversation) = far.ok_or_else(|| anyhow::anyhow!("no conversation landed in group {elsewhere}"))?;
+    let (mut alice, _) = desk(node4, "alice", None).await?;
+    set_presence(&mut alice, "online").await?;
+    take_conversation(&mut alice, far_conversation).await?;
+    let hello = until_answered(&mut guest, &json!({"type": "send", "key": "far-1", "text": "hello from afar"}), "far-1", &[]).await?;
+    assert_eq!(hello["type"], "ack", "{hello}");
+    let seen = entry_on_desk(&mut alice, "far-1", WAIT).await?;
+    assert_eq!(seen["feed"], format!("c{}", elsewhere - 3).as_str(), "{seen}");
+    let reply = json!({"type": "send", "conversation": far_conversation, "key": "far-r1", "text": "answered from node 4", "ref": "far-r1"});
+    let replied = until_answered(&mut alice, &reply, "far-r1", &["not_assigned"]).await?;
+    assert_eq!(replied["type"], "ack", "{replied}");
+    guest.wait_for(WAIT, |v| v["kind"] == "message" && v["text"] == "answered from node 4").await?;
+
+    // The first writer's run, before a node it may be connected to is killed.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let run = writer.await?;
+    println!("{} messages acknowledged while node 4 joined and took its share; longest wait for an ack {:?}", run.acked.len(), run.longest);
+    assert!(!run.lost, "the visitor's socket stayed open");
+    assert!(run.errors.is_empty(), "no message was refused: {:?}", run.errors);
+
+    // The leader of the shard node 4 reads from is killed: node 4's sockets stay open,
+    // and the chat goes on through the survivors.
+    let leader = balanced.iter().find(|(g, ..)| *g == elsewhere).and_then(|(_, _, _, l)| *l).ok_or_else(|| anyhow::anyhow!("no leader of group {elsewhere}"))? as usize;
+    assert_ne!(leader, 4);
+    let killed = std::time::Instant::now();
+    cluster.kill9(leader).await?;
+    let node4 = cluster.node(4);
+    let after = until_answered(&mut guest, &json!({"type": "send", "key": "far-2", "text": "still there?"}), "far-2", &[]).await?;
+    assert_eq!(after["type"], "ack", "{after}");
+    println!("group {elsewhere}'s leader (node {leader}) killed: the visitor on node 4 was acknowledged after {} ms", killed.elapsed().as_millis());
+    entry_on_desk(&mut alice, "far-2", Duration::from_secs(20)).await?;
+    let reply = json!({"type": "send", "conversation": far_conversation, "key": "far-r2", "text": "yes, still here", "ref": "far-r2"});
+    let replied = until_answered(&mut alice, &reply, "far-r2", &[]).await?;
+    assert_eq!(replied["type"], "ack", "{replied}");
+    guest.wait_for(Duration::from_secs(20), |v| v["kind"] == "message" && v["text"] == "yes, still here").await?;
+    let token = node4.login("alice").await?;
+    let (status, view) = node4.api("GET", &format!("/api/conversations/{far_conversation}"), Some(&token), None).await?;
+    assert_eq!(status, 200, "{view}");
+    let texts: Vec<&str> = view["history"].as_array().into_iter().flatten().filter_map(|e| e["text"].as_str()).collect();
+    assert_eq!(texts, ["hello from afar", "answered from node 4", "still there?", "yes, still here"], "{view}");
+    cluster.restart(leader).await?;
+
+    // Removed while another visitor writes: its votes and leadership go back, and it
+    // leaves every group.
+    let (visitor, second, _) = cluster.node(2).client("Finn").await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(write_steadily(visitor, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let out = switchboard_chaos_tests::cli(["cluster", "remove-node", "--addr", &cluster.node(2).private, "--id", "4"], &[("SWITCHBOARD_PASSWORD", &password)]).await?;
     println!("cluster remove-node:\n{}", String::from_utf8_lossy(&out));
-    let back = placement(&cluster, 2).await?;
-    assert!(back.iter().all(|(_, voters, learners, leader)| voters == &[1, 2, 3] && learners.is_empty() && leader.is_some_and(|l| l != 4)), "{back:?}");
+    let back = eventually(Duration::from_secs(60), Duration::from_millis(200), || async {
+        let groups = placement(&cluster, &[1, 2, 3]).await?;
+        let done = groups.len() == 4 && groups.iter().all(|(_, voters, learners, leader)| voters == &[1, 2, 3] && learners.is_empty() && leader.is_some_and(|l| l != 4));
+        Ok(done.then_some(groups))
+    })
+    .await?;
+    println!("without node 4: {back:?}");
     cluster.kill9(added).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let run = writer.await?;
+    let run2 = writer.await?;
+    println!("{} messages acknowledged while node 4 was removed; longest wait for an ack {:?}", run2.acked.len(), run2.longest);
+    assert!(!run2.lost, "the second visitor's socket stayed open");
+    assert!(run2.errors.is_empty(), "no message was refused: {:?}", run2.errors);
 
-    println!("{} messages acknowledged while node 4 joined, took its share and left; longest wait for an ack {:?}", run.acked.len(), run.longest);
-    assert!(!run.lost, "the visitor's socket stayed open");
-    assert!(run.errors.is_empty(), "no message was refused: {:?}", run.errors);
     let admin = cluster.node(3).login("admin").await?;
-    let (status, view) = cluster.node(3).api("GET", &format!("/api/conversations/{conversation}"), Some(&admin), None).await?;
-    assert_eq!(status, 200, "{view}");
-    let keys: Vec<String> = view["history"].as_array().into_iter().flatten().filter_map(|e| e["key"].as_str().map(str::to_owned)).filter(|k| k.starts_with("steady-")).collect();
-    assert_eq!(keys, run.acked, "every acknowledged message once, in order");
+    for (conversation, run) in [(conversation, &run), (second, &run2)] {
+        let (status, view) = cluster.node(3).api("GET", &format!("/api/conversations/{conversation}"), Some(&admin), None).await?;
+        assert_eq!(status, 200, "{view}");
+        let keys: Vec<String> = view["history"].as_array().into_iter().flatten().filter_map(|e| e["key"].as_str().map(str::to_owned)).filter(|k| k.starts_with("steady-")).collect();
+        assert_eq!(keys, run.acked, "every acknowledged message once, in order");
+    }
     Ok(())
 }

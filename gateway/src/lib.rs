@@ -77,9 +77,10 @@ pub trait Backend: Send + Sync + 'static {
         self.shard()
     }
     /// The shard that decides `command` (its group on a split node), whose state a
-    /// command is checked against before it is written to the log.
-    fn shard_for(&self, _command: &Command) -> Arc<Shard> {
-        self.shard()
+    /// command is checked against before it is written to the log; `None` for a group
+    /// this node does not hold (its leader checks it).
+    fn shard_for(&self, _command: &Command) -> Option<Arc<Shard>> {
+        Some(self.shard())
     }
     /// The feeds an operator's desk follows under protocol 2 (ADR 0010): the routing
     /// feed `r` and, on a split node, each conversation shard's `c<k>`. A node of one
@@ -615,7 +616,10 @@ impl Gateway {
         let started = Instant::now();
         // Refuse what the core would refuse, and answer repeated keys, before writing to
         // the log: bad input must not cost a replicated, flushed entry.
-        let early = self.backend.shard_for(&command).precheck(&command, switchboard_actors::actors::now_ms());
+        let early = match self.backend.shard_for(&command) {
+            Some(shard) => shard.precheck(&command, switchboard_actors::actors::now_ms()),
+            None => Ok(None),
+        };
         let result = match early {
             Ok(None) => self.backend.submit(command).await,
             Ok(Some(reply)) => Ok(reply),

@@ -200,6 +200,32 @@ pub(crate) fn part_of(id: GroupId, shards: u64) -> Part {
     }
 }
 
+/// Whether node `node` holds group `group` by the metadata group's record in `g0`
+/// (ADR 0012): the metadata group and the routing shard are held by every node, and so
+/// is a conversation shard the record does not name yet.
+pub(crate) fn holds_in(g0: &Shard, group: GroupId, node: u64) -> bool {
+    if group == G0 || group == R {
+        return true;
+    }
+    g0.read().holders.get(&group).is_none_or(|nodes| nodes.contains(&node))
+}
+
+/// The holders of `group` other than `node`, with their QUIC addresses (the metadata
+/// group's members'), or `None` while `node` holds it.
+pub(crate) fn holders_from(g0: &HostedGroup, group: GroupId, node: u64) -> Option<Vec<(u64, String)>> {
+    let nodes = {
+        let state = g0.shard.read();
+        let held = state.holders.get(&group)?;
+        if held.contains(&node) {
+            return None;
+        }
+        held.clone()
+    };
+    let m = g0.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    Some(nodes.into_iter().filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone()))).collect())
+}
+
 /// A node hosting the metadata group, the routing shard and `shards` conversation
 /// shards, every group
 /// replicated on the same members, with a forwarder on each (acting while this node
@@ -214,6 +240,8 @@ pub(crate) struct SplitNode {
     keyspace: fjall::Keyspace,
     endpoint: quinn::Endpoint,
     rpc: tokio::task::JoinHandle<()>,
+    /// The conversation shards this node does not hold, read from their holders.
+    remotes: std::sync::Mutex<BTreeMap<GroupId, Arc<crate::remote::RemoteShard>>>,
 }
 
 impl SplitNode {
@@ -268,7 +296,14 @@ impl SplitNode {
             groups.insert(id, group);
         }
         // Other nodes may read the groups this one holds (ADR 0012).
-        router.set_reads(Arc::new(crate::remote::MemberReads::new(groups.clone(), peers.clone())));
+        let g0 = groups[&G0].shard.clone();
+        let holds: crate::remote::Holds = Arc::new(move |group| holds_in(&g0, group, node_id));
+        router.set_reads(Arc::new(crate::remote::MemberReads::new(groups.clone(), peers.clone(), holds)));
+        // Commands for a conversation shard this node does not hold go to its holders.
+        for (id, group) in groups.iter().filter(|(id, _)| **id >= FIRST_C) {
+            let (g0, id) = (groups[&G0].clone(), *id);
+            group.proposer.route_through(Arc::new(move || holders_from(&g0, id, node_id)));
+        }
         // A group whose creator has not reached this member within 2 s (it starts later,
         // or is down at the cluster's first start) is started here too: the same member
         // list on every member makes that safe (openraft elects one leader).
@@ -284,15 +319,22 @@ impl SplitNode {
                 initialize(group.raft.clone()).await?;
             }
         }
-        // Members of a cluster start one by one: a quorum may take a while.
-        for group in groups.values() {
+        // Members of a cluster start one by one: a quorum may take a while. The metadata
+        // group first: whether this node holds each conversation shard is its record.
+        for id in [G0, R] {
+            groups[&id].raft.wait(Some(Duration::from_secs(60))).metrics(|m| m.current_leader.is_some(), "a leader").await?;
+        }
+        if let Err(e) = switchboard_raft::network::read_barrier(&groups[&G0].raft, &peers, G0, Duration::from_secs(10)).await {
+            tracing::warn!(error = %e, "the metadata group's record of where groups are held may be behind");
+        }
+        for group in groups.values().filter(|g| holds_in(&groups[&G0].shard, g.id, node_id)) {
             group.raft.wait(Some(Duration::from_secs(60))).metrics(|m| m.current_leader.is_some(), "a leader").await?;
         }
-        let node = SplitNode { node_id, groups, shards, peers, router, forwarders: Vec::new(), keyspace, endpoint, rpc };
+        let node = SplitNode { node_id, groups, shards, peers, router, forwarders: Vec::new(), keyspace, endpoint, rpc, remotes: Default::default() };
         // Idempotent: an outcome lost to a leader change at start is asked again, for a
         // minute at most.
         let adopt_until = tokio::time::Instant::now() + Duration::from_secs(60);
-        for group in node.groups.values() {
+        for group in node.groups.values().filter(|g| node.holds(g.id)) {
             while group.shard.read().rules < switchboard_actors::core::RULES_VERSION {
                 match group.proposer.submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }).await {
                     Ok(_) => {}
@@ -318,8 +360,15 @@ impl SplitNode {
             crate::server::join_cluster(peers, node_id, &others, G0, switchboard_raft::members::Change::Learn { id: node_id, addr: own }).await?;
         }
         let started = tokio::time::Instant::now();
+        // Every node holds the metadata group and the routing shard; a conversation shard
+        // only where the placement gives it a vote (ADR 0012), which it catches up with
+        // later, in its own time.
         for group in groups.values() {
             loop {
+                // Asked again each round: the record may name the group's holders meanwhile.
+                if !holds_in(&groups[&G0].shard, group.id, node_id) {
+                    break;
+                }
                 let member = group
                     .raft
                     .wait(Some(Duration::from_secs(10)))
@@ -410,6 +459,25 @@ impl SplitNode {
             Some(g) => g.proposer.submit(command).await,
             None => Err(switchboard_actors::Error::NotFound(format!("group {group}"))),
         }
+    }
+
+    /// Whether this node holds group `id` now: serves its reads from its own replica
+    /// (ADR 0012). It holds the metadata group and the routing shard always.
+    pub(crate) fn holds(&self, id: GroupId) -> bool {
+        holds_in(&self.groups[&G0].shard, id, self.node_id)
+    }
+
+    /// Conversation shard `id` read from its holders (for one this node does not hold).
+    pub(crate) fn remote(&self, id: GroupId) -> Arc<crate::remote::RemoteShard> {
+        let mut remotes = self.remotes.lock().unwrap_or_else(|p| p.into_inner());
+        remotes
+            .entry(id)
+            .or_insert_with(|| {
+                let (g0, node) = (self.groups[&G0].clone(), self.node_id);
+                let members: crate::remote::Members = Arc::new(move || holders_from(&g0, id, node).unwrap_or_default().into_iter().map(|(_, addr)| addr).collect());
+                Arc::new(crate::remote::RemoteShard::new(id, self.peers.clone(), members))
+            })
+            .clone()
     }
 
     /// The conversation shard group of conversation `id`.

@@ -24,7 +24,7 @@ use switchboard_actors::mail::GroupId;
 use switchboard_raft::members::Change;
 use switchboard_raft::NodeId;
 
-use crate::groups::{SplitNode, G0};
+use crate::groups::{SplitNode, FIRST_C, G0};
 
 /// Voters per group once the cluster has that many nodes.
 pub(crate) const VOTERS: usize = 3;
@@ -36,6 +36,12 @@ pub(crate) struct GroupView {
     pub(crate) members: BTreeSet<NodeId>,
     pub(crate) voters: BTreeSet<NodeId>,
     pub(crate) leader: Option<NodeId>,
+    /// A conversation shard (ADR 0012): held by its voters only, not followed by every
+    /// node; its holders are recorded in the metadata group.
+    pub(crate) voters_only: bool,
+    /// The holders the metadata group records for it (`None`: none recorded yet, every
+    /// member holds it).
+    pub(crate) holders: Option<BTreeSet<NodeId>>,
 }
 
 /// One step towards the placement.
@@ -50,6 +56,8 @@ pub(crate) enum Step {
     Drop { group: GroupId, node: NodeId },
     /// Group `group`'s leadership moves to `to`.
     Lead { group: GroupId, to: NodeId },
+    /// The metadata group records `nodes` as the holders of `group` (ADR 0012).
+    Holders { group: GroupId, nodes: BTreeSet<NodeId> },
 }
 
 impl std::fmt::Display for Step {
@@ -59,6 +67,7 @@ impl std::fmt::Display for Step {
             Step::Voters { group, voters, .. } => write!(f, "group {group} votes with nodes {voters:?}"),
             Step::Drop { group, node } => write!(f, "node {node} leaves group {group}"),
             Step::Lead { group, to } => write!(f, "node {to} leads group {group}"),
+            Step::Holders { group, nodes } => write!(f, "group {group} is held by nodes {nodes:?}"),
         }
     }
 }
@@ -124,14 +133,16 @@ pub(crate) fn balanced_voters(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>,
 /// members), of which `live` answer; `None` when there is none. Leaderships are evened
 /// out only with `leaders`, and only once every group has a leader.
 pub(crate) fn plan(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>, groups: &[GroupView], leaders: bool) -> Option<Step> {
-    // Every node of the cluster follows every group.
+    let placed = balanced_voters(nodes, live, groups);
+    // Every node of the cluster follows the metadata group and the routing shard; a
+    // conversation shard only the nodes that are to vote in it follow.
     for g in groups {
-        if let Some(node) = nodes.iter().find(|n| !g.members.contains(n) && live.contains(n)) {
+        let wanted = |n: &&NodeId| !g.voters_only || placed[&g.id].contains(n);
+        if let Some(node) = nodes.iter().filter(wanted).find(|n| !g.members.contains(n) && live.contains(n)) {
             return Some(Step::Learn { group: g.id, node: *node });
         }
     }
     // Voters only among members (a node becomes one as a learner first).
-    let placed = balanced_voters(nodes, live, groups);
     for g in groups {
         let voters: BTreeSet<NodeId> = placed[&g.id].intersection(&g.members).copied().collect();
         if !voters.is_empty() && voters != g.voters {
@@ -146,9 +157,20 @@ pub(crate) fn plan(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>, groups: &[
             return Some(Step::Voters { group: g.id, voters, retain: true });
         }
     }
-    // A node that left the cluster leaves the groups it no longer votes in.
+    // A conversation shard's holders are its voters: recorded once they vote, so that a
+    // node reads the group locally only while it gets every entry.
+    for g in groups.iter().filter(|g| g.voters_only && !g.voters.is_empty()) {
+        if g.holders.as_ref() != Some(&g.voters) {
+            return Some(Step::Holders { group: g.id, nodes: g.voters.clone() });
+        }
+    }
+    // A node that left the cluster leaves the groups it no longer votes in; a node that
+    // neither votes in nor holds a conversation shard leaves it (it reads the holders').
     for g in groups {
-        if let Some(node) = g.members.iter().find(|n| !nodes.contains(n) && !g.voters.contains(n)) {
+        let unwanted = |n: &&NodeId| {
+            !g.voters.contains(n) && (!nodes.contains(n) || (g.voters_only && !placed[&g.id].contains(n) && g.holders.as_ref().is_some_and(|h| !h.contains(n))))
+        };
+        if let Some(node) = g.members.iter().find(unwanted) {
             return Some(Step::Drop { group: g.id, node: *node });
         }
     }
@@ -178,16 +200,27 @@ pub(crate) fn plan(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>, groups: &[
 }
 
 /// How every group looks from this node: its local replica's view of the membership
-/// and the leader (every node is a member of every group, so it knows both).
-pub(crate) fn views(node: &SplitNode) -> Vec<GroupView> {
-    node.groups
-        .values()
-        .map(|g| {
+/// and the leader for a group it holds; a holder's for one it does not (ADR 0012). A
+/// group none of whose holders answers is left out: no step is planned for it now.
+pub(crate) async fn views(node: &SplitNode) -> Vec<GroupView> {
+    let recorded = node.groups[&G0].shard.read().holders.clone();
+    let mut views = Vec::with_capacity(node.groups.len());
+    for g in node.groups.values() {
+        let (voters_only, holders) = (g.id >= FIRST_C, recorded.get(&g.id).cloned());
+        if node.holds(g.id) {
             let m = g.raft.metrics().borrow().clone();
             let membership = m.membership_config.membership();
-            GroupView { id: g.id, members: membership.nodes().map(|(id, _)| *id).collect(), voters: membership.voter_ids().collect(), leader: m.current_leader }
-        })
-        .collect()
+            views.push(GroupView { id: g.id, members: membership.nodes().map(|(id, _)| *id).collect(), voters: membership.voter_ids().collect(), leader: m.current_leader, voters_only, holders });
+            continue;
+        }
+        match node.remote(g.id).view().await {
+            Ok((members, voters, leader)) => {
+                views.push(GroupView { id: g.id, members: members.into_iter().collect(), voters: voters.into_iter().collect(), leader, voters_only, holders });
+            }
+            Err(e) => tracing::warn!(group = g.id, error = %e, "no holder of the group told its membership; no placement step for it now"),
+        }
+    }
+    views
 }
 
 /// The cluster's nodes (the metadata group's members) and their QUIC addresses.
@@ -211,6 +244,20 @@ async fn live(node: &SplitNode, nodes: &BTreeMap<NodeId, String>) -> BTreeSet<No
 /// Takes `step` through the leader of its group, waiting up to `patience`.
 pub(crate) async fn take(node: &SplitNode, step: &Step, addresses: &BTreeMap<NodeId, String>, patience: Duration) -> Result<(), String> {
     let (group, change) = match step {
+        Step::Holders { group, nodes } => {
+            let command = switchboard_actors::model::Command::HoldersSet { group: *group, nodes: nodes.iter().copied().collect() };
+            let committed = tokio::time::timeout(patience, node.groups[&G0].proposer.submit(command)).await;
+            return match committed {
+                // The nodes apply the record a moment after it commits: a holder it
+                // leaves out is dropped from the group only after that.
+                Ok(Ok(_)) => {
+                    tokio::time::sleep(HOLDERS_SETTLE).await;
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("the holders of group {group} were not recorded within {} s", patience.as_secs())),
+            };
+        }
         Step::Learn { group, node: id } => {
             let Some(addr) = addresses.get(id) else { return Err(format!("node {id} has no address")) };
             (*group, Change::Learn { id: *id, addr: addr.clone() })
@@ -219,8 +266,43 @@ pub(crate) async fn take(node: &SplitNode, step: &Step, addresses: &BTreeMap<Nod
         Step::Drop { group, node: id } => (*group, Change::Leave { id: *id }),
         Step::Lead { group, to } => (*group, Change::Lead { to: *to }),
     };
-    switchboard_raft::members::apply_anywhere(&node.router, &node.peers, group, change, patience).await
+    if node.holds(group) {
+        return switchboard_raft::members::apply_anywhere(&node.router, &node.peers, group, change, patience).await;
+    }
+    // A group this node does not hold: through its holders, each of which names the
+    // leader if it does not lead.
+    let holders: Vec<String> = crate::groups::holders_from(&node.groups[&G0], group, node.node_id).unwrap_or_default().into_iter().map(|(_, a)| a).collect();
+    let give_up = tokio::time::Instant::now() + patience;
+    let mut last = format!("no holder of group {group} is known");
+    let mut asked: Vec<String> = holders.clone();
+    while let Some(addr) = asked.pop() {
+        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match node.peers.change_members(&addr, group, change.clone(), left).await {
+            Ok(switchboard_raft::members::Answer::Done) => return Ok(()),
+            Ok(switchboard_raft::members::Answer::Refused(why)) => return Err(why),
+            Ok(switchboard_raft::members::Answer::NotLeader(Some((_, leader)))) if leader.addr != addr => {
+                last = format!("{addr} does not lead group {group}");
+                asked.push(leader.addr);
+            }
+            Ok(switchboard_raft::members::Answer::NotLeader(_)) => {
+                last = format!("{addr} knows no leader of group {group}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => last = format!("{addr}: {e}"),
+        }
+        if asked.len() > 16 {
+            break;
+        }
+    }
+    Err(last)
 }
+
+/// How long the placement waits after recording a group's holders before its next step,
+/// so that every node applied the record before a holder it left out leaves the group.
+const HOLDERS_SETTLE: Duration = Duration::from_secs(1);
 
 /// Steps taken since this process started, and steps that failed: on `/metrics`.
 pub(crate) static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -248,7 +330,7 @@ pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration, wh
         let addresses = nodes(node);
         let live = live(node, &addresses).await;
         let ids: BTreeSet<NodeId> = addresses.keys().copied().collect();
-        let Some(step) = plan(&ids, &live, &views(node), leaders) else { return Ok(taken) };
+        let Some(step) = plan(&ids, &live, &views(node).await, leaders) else { return Ok(taken) };
         if failed.iter().filter(|f| **f == step).count() >= 2 {
             return Err(last_error.unwrap_or_else(|| format!("{step} failed twice")));
         }
@@ -296,7 +378,7 @@ pub(crate) async fn run(node: Arc<SplitNode>) {
         if m.current_leader != Some(node.node_id) {
             continue;
         }
-        let now: Vec<Option<NodeId>> = views(&node).iter().map(|g| g.leader).collect();
+        let now: Vec<Option<NodeId>> = views(&node).await.iter().map(|g| g.leader).collect();
         if now != leaders_seen {
             leaders_seen = now;
             stable_since = tokio::time::Instant::now();
@@ -324,7 +406,7 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
         return Err(format!("node {id} cannot remove itself: ask another node"));
     }
     let give_up = tokio::time::Instant::now() + within;
-    if views(node).iter().all(|g| !g.members.contains(&id)) {
+    if views(node).await.iter().all(|g| !g.members.contains(&id)) {
         return Ok(());
     }
     loop {
@@ -334,7 +416,7 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
             return Err(format!("node {id} is the cluster's last node"));
         }
         let live = live(node, &addresses).await;
-        let views = views(node);
+        let views = views(node).await;
         let Some(g0) = views.iter().find(|g| g.id == G0) else { return Err("no metadata group here".into()) };
         let step = if g0.voters.contains(&id) {
             // Its vote alone moves, to one node the placement would give it to: every
@@ -390,7 +472,7 @@ mod tests {
     }
 
     fn group(id: GroupId, members: &[NodeId], voters: &[NodeId], leader: NodeId) -> GroupView {
-        GroupView { id, members: set(members), voters: set(voters), leader: Some(leader) }
+        GroupView { id, members: set(members), voters: set(voters), leader: Some(leader), voters_only: false, holders: None }
     }
 
     /// Applies steps the way the groups would until the plan has none; returns them.
@@ -415,6 +497,9 @@ mod tests {
                 }
                 Step::Lead { group, to } => {
                     groups.iter_mut().find(|g| g.id == *group).map(|g| g.leader = Some(*to));
+                }
+                Step::Holders { group, nodes } => {
+                    groups.iter_mut().find(|g| g.id == *group).map(|g| g.holders = Some(nodes.clone()));
                 }
             }
             steps.push(step);
@@ -487,6 +572,51 @@ mod tests {
         for g in &groups {
             let live = g.voters.iter().filter(|v| **v <= 3).count();
             assert!(g.voters.len() == 3 && live >= 2, "group {} votes with {:?}: no live majority", g.id, g.voters);
+        }
+    }
+
+    /// ADR 0012: a conversation shard is held by its three voters only. A fourth node
+    /// follows the metadata group and the routing shard, and takes copies of only the
+    /// conversation shards it is given votes in; the node whose vote it took leaves the
+    /// group once the record no longer names it.
+    #[test]
+    fn conversation_shards_move_to_a_fourth_node_instead_of_being_copied_to_it() {
+        let three = [1, 2, 3];
+        let mut groups: Vec<GroupView> = (0..6).map(|id| group(id, &three, &three, 1 + id % 3)).collect();
+        for g in groups.iter_mut().filter(|g| g.id >= 2) {
+            g.voters_only = true;
+        }
+        // Three nodes: each conversation shard's holders are recorded, nothing else moves.
+        let steps = converge(&three, &three, &mut groups);
+        assert!(steps.iter().all(|s| matches!(s, Step::Holders { .. } | Step::Lead { .. })), "{steps:?}");
+        assert!(groups.iter().filter(|g| g.voters_only).all(|g| g.holders.as_ref() == Some(&set(&three))), "{groups:?}");
+
+        let four = [1, 2, 3, 4];
+        let steps = converge(&four, &four, &mut groups);
+        for g in &groups {
+            if g.voters_only {
+                assert_eq!(g.members, g.voters, "group {}: only its voters hold a copy", g.id);
+                assert_eq!(g.holders.as_ref(), Some(&g.voters), "group {}: its record names its voters", g.id);
+                assert_eq!(g.voters.len(), 3);
+            } else {
+                assert_eq!(g.members, set(&four), "group {}: every node follows it", g.id);
+            }
+        }
+        let copies = count(&groups.iter().filter(|g| g.voters_only).cloned().collect::<Vec<_>>(), |g| g.members.iter().copied().collect());
+        assert!(copies.get(&4).copied().unwrap_or(0) >= 2, "node 4 took copies of some conversation shards: {copies:?}");
+        assert!(copies.values().all(|c| (2..=4).contains(c)), "12 copies over 4 nodes: {copies:?}");
+        let votes = count(&groups, |g| g.voters.iter().copied().collect());
+        assert!(votes.values().max().zip(votes.values().min()).is_some_and(|(most, least)| most - least <= 1), "18 votes over 4 nodes: {votes:?}");
+        // Each node that leaves a conversation shard leaves it only after the record
+        // stopped naming it, and a node is recorded only once it votes.
+        for (i, step) in steps.iter().enumerate() {
+            if let Step::Drop { group, node } = step {
+                let recorded = steps[..i].iter().rev().find_map(|s| match s {
+                    Step::Holders { group: g, nodes } if g == group => Some(nodes.clone()),
+                    _ => None,
+                });
+                assert!(recorded.is_some_and(|nodes| !nodes.contains(node)), "node {node} left group {group} before the record dropped it: {steps:?}");
+            }
         }
     }
 

@@ -62,7 +62,14 @@ enum Query {
     InboundSeen { channel: ChannelId, sender: String, key: String },
     /// Waits until the member applied what its leader had committed when asked.
     Barrier,
+    /// The group's members, voters and leader as the member sees them (what the
+    /// placement of a node that does not hold the group works from).
+    View,
 }
+
+/// A group's membership as a member sees it: members (voters and learners), voters,
+/// and the leader it knows.
+pub(crate) type View = (Vec<u64>, Vec<u64>, Option<u64>);
 
 /// The most entries or items one question may ask for: what the largest read of a
 /// local replica asks (a conversation's whole history is capped by the core).
@@ -91,15 +98,24 @@ fn decode_query(bytes: &[u8]) -> Result<Query, String> {
     }
 }
 
-/// What a member answers: the groups it holds, by id.
+/// Whether this node holds a group now (the metadata group's record, ADR 0012).
+pub(crate) type Holds = Arc<dyn Fn(GroupId) -> bool + Send + Sync>;
+
+/// What a member answers: the groups it holds, by id. A group it has a replica of but
+/// does not hold (one it left, or never joined) is refused, so a stale copy never answers.
 pub(crate) struct MemberReads {
     groups: BTreeMap<GroupId, HostedGroup>,
     peers: Peers,
+    holds: Holds,
 }
 
 impl MemberReads {
-    pub(crate) fn new(groups: BTreeMap<GroupId, HostedGroup>, peers: Peers) -> MemberReads {
-        MemberReads { groups, peers }
+    pub(crate) fn new(groups: BTreeMap<GroupId, HostedGroup>, peers: Peers, holds: Holds) -> MemberReads {
+        MemberReads { groups, peers, holds }
+    }
+
+    fn held(&self, group: GroupId) -> Option<&HostedGroup> {
+        self.groups.get(&group).filter(|_| (self.holds)(group))
     }
 }
 
@@ -124,6 +140,12 @@ async fn answer(group: &HostedGroup, peers: &Peers, query: Query) -> Result<Vec<
         Query::Attachment(id) => wrap(shard.attachment(&id).await),
         Query::AttachmentRoom { id, size } => wrap(shard.attachment_room(id, size).await),
         Query::InboundSeen { channel, sender, key } => wrap(shard.inbound_seen(&channel, &sender, &key).await),
+        Query::View => {
+            let m = group.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            let view: View = (membership.nodes().map(|(id, _)| *id).collect(), membership.voter_ids().collect(), m.current_leader);
+            wrap(Ok(view))
+        }
         Query::Barrier => {
             let caught_up = switchboard_raft::network::read_barrier(&group.raft, peers, group.id, BARRIER_PATIENCE).await;
             wrap(caught_up.map_err(|e| Error::Unavailable(format!("this member cannot catch up with group {}'s leader: {e}", group.id))))
@@ -133,7 +155,7 @@ async fn answer(group: &HostedGroup, peers: &Peers, query: Query) -> Result<Vec<
 
 impl GroupReads for MemberReads {
     fn read(&self, group: u64, query: Vec<u8>) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>> {
-        let hosted = self.groups.get(&group).cloned();
+        let hosted = self.held(group).cloned();
         let peers = self.peers.clone();
         Box::pin(async move {
             let hosted = hosted.ok_or_else(|| format!("this node does not hold group {group}"))?;
@@ -142,7 +164,7 @@ impl GroupReads for MemberReads {
     }
 
     fn watch(&self, group: u64, stream: Vec<u8>) -> futures::future::BoxFuture<'static, Result<Wakeups, String>> {
-        let supervisor = self.groups.get(&group).map(|g| g.supervisor.clone());
+        let supervisor = self.held(group).map(|g| g.supervisor.clone());
         Box::pin(async move {
             let supervisor = supervisor.ok_or_else(|| format!("this node does not hold group {group}"))?;
             let key: StreamKey = match stream.split_first() {
@@ -208,6 +230,11 @@ impl RemoteShard {
     /// call (the member runs a read barrier with its leader).
     pub(crate) async fn barrier(&self) -> Result<(), Error> {
         self.ask::<()>(Query::Barrier).await
+    }
+
+    /// The group's membership as a member sees it.
+    pub(crate) async fn view(&self) -> Result<View, Error> {
+        self.ask::<View>(Query::View).await
     }
 
     /// Wake-ups of stream `key` of this group, from a member: a counter that moves each

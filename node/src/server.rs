@@ -223,7 +223,12 @@ type Proposal = (Command, tokio::sync::oneshot::Sender<ApplyResult>);
 pub(crate) struct RaftProposer {
     queue: tokio::sync::mpsc::Sender<Proposal>,
     counts: Arc<ProposalCounts>,
+    holders: Arc<std::sync::OnceLock<Holders>>,
 }
+
+/// Where a group this node does not hold is held (ADR 0012): its holders' ids and QUIC
+/// addresses, or `None` while this node holds it (its own Raft knows the leader).
+pub(crate) type Holders = Arc<dyn Fn() -> Option<Vec<(u64, String)>> + Send + Sync>;
 
 /// How a proposer reaches the group: its own Raft, and the leader when that is another node.
 #[derive(Clone)]
@@ -233,6 +238,9 @@ struct Route {
     node_id: u64,
     forwarder: Forwarder,
     counts: Arc<ProposalCounts>,
+    holders: Arc<std::sync::OnceLock<Holders>>,
+    /// The leader a holder last named, for a group this node does not hold.
+    named: Arc<std::sync::Mutex<Option<(u64, switchboard_raft::Node)>>>,
 }
 
 /// How long a forwarded entry waits for the leader's answer before its outcome is
@@ -264,8 +272,20 @@ impl Route {
         let mut pause = Duration::from_millis(20);
         let mut hint: Option<(u64, switchboard_raft::Node)> = None;
         let mut last = String::from("no leader is known");
+        // A group this node does not hold: its own Raft knows nothing of the leader. The
+        // leader a holder named last is asked first, then each holder in turn (one that
+        // does not lead names the leader).
+        let remote = self.holders.get().and_then(|h| h());
+        let held = remote.is_none();
+        let mut holders = remote.unwrap_or_default().into_iter().cycle().take(64);
+        if !held {
+            hint = self.named.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        }
         loop {
             let target = hint.take().or_else(|| {
+                if !held {
+                    return holders.next().map(|(id, addr)| (id, switchboard_raft::Node { addr }));
+                }
                 let m = self.raft.metrics().borrow().clone();
                 let leader = m.current_leader?;
                 let node = m.membership_config.membership().get_node(&leader)?.clone();
@@ -308,6 +328,10 @@ impl Route {
                     }
                 } {
                     Ok(response) => {
+                        if !held {
+                            *self.named.lock().unwrap_or_else(|p| p.into_inner()) = Some((leader, node));
+                            return Ok(response.data.0);
+                        }
                         // Read-your-writes on this node: wait until it applied the entry.
                         let index = response.log_id.index;
                         if let Err(e) = self.raft.wait(Some(CATCH_UP_FOR)).applied_index_at_least(Some(index), "forwarded entry").await {
@@ -364,9 +388,16 @@ impl RaftProposer {
     pub(crate) fn start(group: u64, raft: Raft, node_id: u64, forwarder: Forwarder, gate: switchboard_raft::network::Gate) -> Self {
         let (queue, proposals) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         let counts = Arc::new(ProposalCounts::default());
-        let route = Route { group, raft, node_id, forwarder, counts: counts.clone() };
+        let holders = Arc::new(std::sync::OnceLock::new());
+        let route = Route { group, raft, node_id, forwarder, counts: counts.clone(), holders: holders.clone(), named: Arc::default() };
         tokio::spawn(Self::batch(route, proposals, counts.clone(), gate));
-        RaftProposer { queue, counts }
+        RaftProposer { queue, counts, holders }
+    }
+
+    /// Commands for the group go to `holders` whenever it names them (this node does
+    /// not hold the group), instead of to the leader this node's own Raft knows.
+    pub(crate) fn route_through(&self, holders: Holders) {
+        let _ = self.holders.set(holders);
     }
 
     pub(crate) async fn submit(&self, command: Command) -> ApplyResult {

@@ -19,7 +19,9 @@ use anyhow::Context;
 use switchboard_actors::actors::SupervisorMsg;
 use switchboard_actors::core::Reply;
 use switchboard_actors::mail::GroupId;
-use switchboard_actors::model::{AttachmentId, Command, ConversationId};
+use switchboard_actors::model::{Attachment, AttachmentId, ChannelId, Command, ConversationId, OperatorId};
+use switchboard_actors::state::{Conversation, Delivery, FeedEntry, HistoryEntry};
+use switchboard_gateway::reads::Read;
 use switchboard_actors::placement::{self, Target};
 use switchboard_actors::shard::{Shard, StreamKey, Wakeups};
 use switchboard_gateway::{Backend, BoxFuture, FeedKinds, FeedSource, ShardReads};
@@ -151,6 +153,7 @@ impl SplitBackend {
             },
             Target::Every => Ok(self.node.groups.keys().map(|id| (*id, command.clone())).collect()),
             Target::Addressee | Target::Itself => Err(switchboard_actors::Error::Invalid("letters between groups are not taken from outside".into())),
+            Target::Metadata => Err(switchboard_actors::Error::Invalid("where groups are held is the placement's to record, not taken from outside".into())),
         }
     }
 
@@ -161,16 +164,122 @@ impl SplitBackend {
         }
     }
 
+    /// Wake-ups of `key` in group `group`: from this node's replica while it holds the
+    /// group, from a holder's otherwise (ADR 0012).
+    fn subscribe_in(&self, group: GroupId, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>> {
+        if !self.node.holds(group) {
+            let remote = self.node.remote(group);
+            return Box::pin(async move { remote.subscribe(key) });
+        }
+        let supervisor = self.group(group).supervisor.clone();
+        Box::pin(async move { switchboard_actors::actors::subscribe(&supervisor, key).await })
+    }
+
     /// Waits until this node has applied what group `id`'s leader had committed when
-    /// asked (one round trip).
+    /// asked (one round trip); for a group it does not hold, until the holder it reads
+    /// from has.
     fn barrier(&self, id: GroupId) -> BoxFuture<Result<(), String>> {
+        if !self.node.holds(id) {
+            let remote = self.node.remote(id);
+            return Box::pin(async move { remote.barrier().await.map_err(|e| e.to_string()) });
+        }
         let (raft, peers) = (self.group(id).raft.clone(), self.node.peers.clone());
         Box::pin(async move { switchboard_raft::network::read_barrier(&raft, &peers, id, Duration::from_secs(3)).await })
+    }
+
+    /// The reads of conversation shard `group`, held here or not (decided at each read).
+    fn reader(&self, group: GroupId) -> Arc<dyn ShardReads> {
+        Arc::new(GroupReader { node: self.node.clone(), group })
     }
 
     /// Letters a group posted that its destination has not confirmed yet.
     fn letters_in_flight(shard: &Shard) -> BTreeMap<GroupId, usize> {
         shard.read().mail_out.iter().map(|(to, outbox)| (*to, outbox.unconfirmed().count())).collect()
+    }
+}
+
+/// A conversation shard's reads on this node: from its own replica while it holds the
+/// group, from the group's holders otherwise (ADR 0012). Decided at each read, so a
+/// socket that follows a group goes on reading it when the placement moves it.
+struct GroupReader {
+    node: Arc<SplitNode>,
+    group: GroupId,
+}
+
+impl GroupReader {
+    fn target(&self) -> Arc<dyn ShardReads> {
+        if self.node.holds(self.group) {
+            self.node.groups[&self.group].shard.clone()
+        } else {
+            self.node.remote(self.group)
+        }
+    }
+}
+
+impl ShardReads for GroupReader {
+    fn conversation(&self, id: ConversationId) -> Read<'_, Option<Conversation>> {
+        let target = self.target();
+        Box::pin(async move { target.conversation(id).await })
+    }
+
+    fn open_conversation(&self, id: ConversationId) -> Read<'_, Option<Conversation>> {
+        let target = self.target();
+        Box::pin(async move { target.open_conversation(id).await })
+    }
+
+    fn history(&self, id: ConversationId, after: u64, limit: usize) -> Read<'_, Vec<HistoryEntry>> {
+        let target = self.target();
+        Box::pin(async move { target.history(id, after, limit).await })
+    }
+
+    fn feed_bounds<'a>(&'a self, operator: &'a OperatorId) -> Read<'a, Option<(u64, u64)>> {
+        let target = self.target();
+        Box::pin(async move { target.feed_bounds(operator).await })
+    }
+
+    fn feed_since<'a>(&'a self, operator: &'a OperatorId, after: u64, limit: usize) -> Read<'a, Option<Vec<FeedEntry>>> {
+        let target = self.target();
+        Box::pin(async move { target.feed_since(operator, after, limit).await })
+    }
+
+    fn by_provider_id<'a>(&'a self, channel: &'a ChannelId, id: &'a str) -> Read<'a, Option<(ConversationId, u64)>> {
+        let target = self.target();
+        Box::pin(async move { target.by_provider_id(channel, id).await })
+    }
+
+    fn conversations_of<'a>(&'a self, visitor: &'a str, limit: usize) -> Read<'a, Vec<Conversation>> {
+        let target = self.target();
+        Box::pin(async move { target.conversations_of(visitor, limit).await })
+    }
+
+    fn handled_by<'a>(&'a self, operator: &'a OperatorId, before: Option<ConversationId>, limit: usize) -> Read<'a, Vec<ConversationId>> {
+        let target = self.target();
+        Box::pin(async move { target.handled_by(operator, before, limit).await })
+    }
+
+    fn deliveries_of(&self, id: ConversationId) -> Read<'_, Vec<(u64, Delivery)>> {
+        let target = self.target();
+        Box::pin(async move { target.deliveries_of(id).await })
+    }
+
+    fn dead_letters(&self, limit: usize) -> Read<'_, Vec<(ConversationId, u64, Delivery)>> {
+        let target = self.target();
+        Box::pin(async move { target.dead_letters(limit).await })
+    }
+
+    fn attachment<'a>(&'a self, id: &'a AttachmentId) -> Read<'a, Option<Attachment>> {
+        let target = self.target();
+        Box::pin(async move { target.attachment(id).await })
+    }
+
+    fn attachment_room(&self, id: ConversationId, size: u64) -> Read<'_, ()> {
+        let target = self.target();
+        Box::pin(async move { target.attachment_room(id, size).await })
+    }
+
+    fn inbound_seen<'a>(&'a self, channel: &'a ChannelId, sender: &'a str, key: &'a str) -> Read<'a, bool> {
+        let target = self.target();
+        Box::pin(async move { target.inbound_seen(channel, sender, key).await })
     }
 }
 
@@ -196,23 +305,28 @@ impl Backend for SplitBackend {
     }
 
     fn conversation_reads(&self, id: ConversationId) -> Arc<dyn ShardReads> {
-        self.group(self.conversation_group(id)).shard.clone()
+        self.reader(self.conversation_group(id))
     }
 
     fn conversation_readers(&self) -> Vec<Arc<dyn ShardReads>> {
-        (0..self.node.shards).map(|k| self.group(FIRST_C + k).shard.clone() as Arc<dyn ShardReads>).collect()
+        (0..self.node.shards).map(|k| self.reader(FIRST_C + k)).collect()
     }
 
-    fn shard_for(&self, command: &Command) -> Arc<Shard> {
+    fn shard_for(&self, command: &Command) -> Option<Arc<Shard>> {
         match self.route_as(command.clone(), false) {
-            Ok(routed) => routed.first().map_or_else(|| self.shard(), |(g, _)| self.group(*g).shard.clone()),
-            Err(_) => self.shard(),
+            // A group this node does not hold is checked by its leader alone.
+            Ok(routed) => match routed.first() {
+                Some((g, _)) if self.node.holds(*g) => Some(self.group(*g).shard.clone()),
+                Some(_) => None,
+                None => Some(self.shard()),
+            },
+            Err(_) => Some(self.shard()),
         }
     }
 
     fn operator_feeds(&self) -> Vec<FeedSource> {
         let routing = FeedSource { name: "r".into(), shard: self.group(R).shard.clone(), kinds: FeedKinds::Routing };
-        let conversations = (0..self.node.shards).map(|k| FeedSource { name: format!("c{k}"), shard: self.group(FIRST_C + k).shard.clone(), kinds: FeedKinds::Conversation });
+        let conversations = (0..self.node.shards).map(|k| FeedSource { name: format!("c{k}"), shard: self.reader(FIRST_C + k), kinds: FeedKinds::Conversation });
         std::iter::once(routing).chain(conversations).collect()
     }
 
@@ -221,13 +335,14 @@ impl Backend for SplitBackend {
             Some(k) if k < self.node.shards => FIRST_C + k,
             _ => R,
         };
-        let supervisor = self.group(group).supervisor.clone();
-        Box::pin(async move { switchboard_actors::actors::subscribe(&supervisor, key).await })
+        self.subscribe_in(group, key)
     }
 
     fn subscribe(&self, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>> {
-        let supervisor = self.supervisor_of(&key);
-        Box::pin(async move { switchboard_actors::actors::subscribe(&supervisor, key).await })
+        match &key {
+            StreamKey::Conversation(id) => self.subscribe_in(self.conversation_group(*id), key),
+            StreamKey::Operator(_) | StreamKey::Group(_) | StreamKey::Floor => self.subscribe_in(R, key),
+        }
     }
 
     fn crash_actor(&self, key: StreamKey) -> BoxFuture<Result<bool, switchboard_actors::Error>> {
@@ -236,7 +351,8 @@ impl Backend for SplitBackend {
     }
 
     fn ready(&self) -> bool {
-        self.node.groups.values().all(|g| server::serves(&g.raft, self.node.node_id, g.id, &self.node.peers, &self.node.router))
+        // The groups this node holds; the others are read from their holders.
+        self.node.groups.values().filter(|g| self.node.holds(g.id)).all(|g| server::serves(&g.raft, self.node.node_id, g.id, &self.node.peers, &self.node.router))
     }
 
     fn cluster(&self) -> serde_json::Value {
@@ -254,9 +370,17 @@ impl Backend for SplitBackend {
                 let membership = m.membership_config.membership();
                 let voters: Vec<u64> = membership.voter_ids().collect();
                 let learners: Vec<u64> = membership.learner_ids().collect();
+                let held = self.node.holds(g.id);
+                if !held {
+                    // Not held here (ADR 0012): this node's replica, if it ever had one, is
+                    // no one's view. Its holders are the metadata group's record.
+                    let holders: Vec<u64> = self.node.groups[&G0].shard.read().holders.get(&g.id).map(|h| h.iter().copied().collect()).unwrap_or_default();
+                    return serde_json::json!({"group": g.id, "part": part, "held": false, "holders": holders, "last_applied": m.last_applied.map(|l| l.index)});
+                }
                 serde_json::json!({
                     "group": g.id,
                     "part": part,
+                    "held": true,
                     "role": format!("{:?}", m.state).to_lowercase(),
                     "leader": m.current_leader,
                     "term": m.current_term,
