@@ -524,15 +524,16 @@ async fn placement(cluster: &Cluster, ids: &[usize]) -> anyhow::Result<Vec<(u64,
     Ok(seen.into_values().collect())
 }
 
-/// Accepts offers on `desk` until one is for `conversation` (the desk may be offered
-/// others queued before it), and waits for its `assigned`.
+/// Accepts the offer of `conversation` on `desk`, declining others queued before it
+/// (which would fill the operator's capacity), and waits for its `assigned`.
 async fn take_conversation(desk: &mut WsClient, conversation: u64) -> anyhow::Result<()> {
-    for n in 0..5 {
+    for n in 0..30 {
         let offer = next_event(desk, "offer").await?;
         let reference = format!("take-{n}");
-        let answer = until_answered(desk, &json!({"type": "accept", "offer": offer["offer"], "ref": reference}), &reference, &[]).await?;
-        anyhow::ensure!(answer["type"] == "ok", "accept answered {answer}");
-        if offer["conversation"].as_u64() == Some(conversation) {
+        let ours = offer["conversation"].as_u64() == Some(conversation);
+        let answer = until_answered(desk, &json!({"type": if ours { "accept" } else { "decline" }, "offer": offer["offer"], "ref": reference}), &reference, &[]).await?;
+        anyhow::ensure!(answer["type"] == "ok", "the desk's answer to an offer was answered {answer}");
+        if ours {
             desk.wait_for(WAIT, |v| v["kind"] == "assigned" && v["conversation"].as_u64() == Some(conversation)).await?;
             return Ok(());
         }
