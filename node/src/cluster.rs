@@ -421,6 +421,16 @@ pub fn describe(status: &serde_json::Value) -> String {
         out.push_str(&format!("node {}, split into {} groups ({shards} conversation shards):\n", status.get("node").map(|v| v.to_string()).unwrap_or_default(), groups.len()));
         for g in groups {
             let field = |k: &str| g.get(k).map(|v| if v.is_null() { "none".to_string() } else { v.to_string() }).unwrap_or_default();
+            // ADR 0012: a conversation shard this node does not hold is read from its holders.
+            if g.get("held").and_then(|v| v.as_bool()) == Some(false) {
+                out.push_str(&format!(
+                    "  group {} ({}): not held here, read from nodes {}\n",
+                    field("group"),
+                    g.get("part").and_then(|v| v.as_str()).unwrap_or("?"),
+                    field("holders"),
+                ));
+                continue;
+            }
             // ADR 0011: a quiet shard beats every 500 ms.
             let quiet = match g.get("quiet").and_then(|v| v.as_str()) {
                 Some("leading") => ", quiet (beating every 500 ms)",
