@@ -200,30 +200,46 @@ pub(crate) fn part_of(id: GroupId, shards: u64) -> Part {
     }
 }
 
-/// Whether node `node` holds group `group` by the metadata group's record in `g0`
-/// (ADR 0012): the metadata group and the routing shard are held by every node, and so
-/// is a conversation shard the record does not name yet.
-pub(crate) fn holds_in(g0: &Shard, group: GroupId, node: u64) -> bool {
-    if group == G0 || group == R {
+/// Whether node `node` holds `group` by the metadata group's record in `g0` (ADR
+/// 0012): the metadata group and the routing shard are held by every node; a
+/// conversation shard the record does not name yet by the members of it this node's
+/// replica knows (every member, in a cluster made before the record).
+pub(crate) fn holds_in(g0: &Shard, group: &HostedGroup, node: u64) -> bool {
+    if group.id == G0 || group.id == R {
         return true;
     }
-    g0.read().holders.get(&group).is_none_or(|nodes| nodes.contains(&node))
+    if let Some(nodes) = g0.read().holders.get(&group.id) {
+        return nodes.contains(&node);
+    }
+    group.raft.metrics().borrow().membership_config.membership().get_node(&node).is_some()
 }
 
 /// The holders of `group` other than `node`, with their QUIC addresses (the metadata
-/// group's members'), or `None` while `node` holds it.
-pub(crate) fn holders_from(g0: &HostedGroup, group: GroupId, node: u64) -> Option<Vec<(u64, String)>> {
-    let nodes = {
-        let state = g0.shard.read();
-        let held = state.holders.get(&group)?;
-        if held.contains(&node) {
-            return None;
-        }
-        held.clone()
-    };
+/// group's members'), or `None` while `node` holds it. Before the record names any,
+/// every other node of the cluster is a candidate (one that does not hold it says so).
+pub(crate) fn holders_from(g0: &HostedGroup, group: &HostedGroup, node: u64) -> Option<Vec<(u64, String)>> {
+    if holds_in(&g0.shard, group, node) {
+        return None;
+    }
+    let recorded = g0.shard.read().holders.get(&group.id).cloned();
     let m = g0.raft.metrics().borrow().clone();
     let membership = m.membership_config.membership();
+    let nodes: Vec<u64> = match recorded {
+        Some(nodes) => nodes.into_iter().collect(),
+        None => membership.nodes().map(|(id, _)| *id).filter(|id| *id != node).collect(),
+    };
     Some(nodes.into_iter().filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone()))).collect())
+}
+
+/// The members a new cluster's group `id` starts with: every member for the metadata
+/// group and the routing shard; for a conversation shard three of them (ADR 0012), a
+/// different three for each shard, beginning with its creator.
+fn first_members(id: GroupId, members: &BTreeMap<u64, String>) -> BTreeMap<u64, String> {
+    if id == G0 || id == R || members.len() <= crate::placement::VOTERS {
+        return members.clone();
+    }
+    let start = (id as usize).saturating_sub(1) % members.len();
+    members.iter().cycle().skip(start).take(crate::placement::VOTERS).map(|(k, v)| (*k, v.clone())).collect()
 }
 
 /// A node hosting the metadata group, the routing shard and `shards` conversation
@@ -274,8 +290,8 @@ impl SplitNode {
         let rpc = switchboard_raft::network::serve(endpoint.clone(), router.clone());
         let host = Host { node_id, data_dir: dir, keyspace: &keyspace, snapshot_every: switchboard_raft::DEFAULT_SNAPSHOT_EVERY, peers: &peers, router: &router };
         let nodes = members.iter().map(|(id, addr)| (*id, switchboard_raft::Node { addr: addr.clone() })).collect::<BTreeMap<_, _>>();
-        let initialize = |raft: Raft| {
-            let nodes = nodes.clone();
+        let initialize = |raft: Raft, id: GroupId| {
+            let nodes: BTreeMap<u64, switchboard_raft::Node> = first_members(id, members).into_keys().filter_map(|k| nodes.get(&k).map(|n| (k, n.clone()))).collect();
             async move {
                 match raft.initialize(nodes).await {
                     // Another member's vote or entries reached this one first.
@@ -291,18 +307,20 @@ impl SplitNode {
             // likely leads it: leaders start spread over the members.
             let creator = members.keys().nth((id as usize).saturating_sub(1) % members.len().max(1));
             if !join && creator == Some(&node_id) && !group.raft.is_initialized().await? {
-                initialize(group.raft.clone()).await?;
+                initialize(group.raft.clone(), id).await?;
             }
             groups.insert(id, group);
         }
         // Other nodes may read the groups this one holds (ADR 0012).
         let g0 = groups[&G0].shard.clone();
-        let holds: crate::remote::Holds = Arc::new(move |group| holds_in(&g0, group, node_id));
+        let all = groups.clone();
+        let holds: crate::remote::Holds = Arc::new(move |group| all.get(&group).is_some_and(|g| holds_in(&g0, g, node_id)));
         router.set_reads(Arc::new(crate::remote::MemberReads::new(groups.clone(), peers.clone(), holds)));
         // Commands for a conversation shard this node does not hold go to its holders.
         for (id, group) in groups.iter().filter(|(id, _)| **id >= FIRST_C) {
-            let (g0, id) = (groups[&G0].clone(), *id);
-            group.proposer.route_through(Arc::new(move || holders_from(&g0, id, node_id)));
+            let (g0, this) = (groups[&G0].clone(), group.clone());
+            let _ = id;
+            group.proposer.route_through(Arc::new(move || holders_from(&g0, &this, node_id)));
         }
         // A group whose creator has not reached this member within 2 s (it starts later,
         // or is down at the cluster's first start) is started here too: the same member
@@ -311,12 +329,13 @@ impl SplitNode {
             Self::follow(&peers, node_id, members, &groups).await?;
         }
         let wait_for_creators = tokio::time::Instant::now() + Duration::from_secs(2);
-        for group in groups.values().filter(|_| !join) {
+        // Only a group this member starts in: a conversation shard starts on three.
+        for group in groups.values().filter(|g| !join && first_members(g.id, members).contains_key(&node_id)) {
             while !group.raft.is_initialized().await? && tokio::time::Instant::now() < wait_for_creators {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             if !group.raft.is_initialized().await? {
-                initialize(group.raft.clone()).await?;
+                initialize(group.raft.clone(), group.id).await?;
             }
         }
         // Members of a cluster start one by one: a quorum may take a while. The metadata
@@ -327,7 +346,7 @@ impl SplitNode {
         if let Err(e) = switchboard_raft::network::read_barrier(&groups[&G0].raft, &peers, G0, Duration::from_secs(10)).await {
             tracing::warn!(error = %e, "the metadata group's record of where groups are held may be behind");
         }
-        for group in groups.values().filter(|g| holds_in(&groups[&G0].shard, g.id, node_id)) {
+        for group in groups.values().filter(|g| holds_in(&groups[&G0].shard, g, node_id)) {
             group.raft.wait(Some(Duration::from_secs(60))).metrics(|m| m.current_leader.is_some(), "a leader").await?;
         }
         let node = SplitNode { node_id, groups, shards, peers, router, forwarders: Vec::new(), keyspace, endpoint, rpc, remotes: Default::default() };
@@ -366,7 +385,7 @@ impl SplitNode {
         for group in groups.values() {
             loop {
                 // Asked again each round: the record may name the group's holders meanwhile.
-                if !holds_in(&groups[&G0].shard, group.id, node_id) {
+                if !holds_in(&groups[&G0].shard, group, node_id) {
                     break;
                 }
                 let member = group
@@ -464,7 +483,7 @@ impl SplitNode {
     /// Whether this node holds group `id` now: serves its reads from its own replica
     /// (ADR 0012). It holds the metadata group and the routing shard always.
     pub(crate) fn holds(&self, id: GroupId) -> bool {
-        holds_in(&self.groups[&G0].shard, id, self.node_id)
+        self.groups.get(&id).is_some_and(|g| holds_in(&self.groups[&G0].shard, g, self.node_id))
     }
 
     /// Conversation shard `id` read from its holders (for one this node does not hold).
@@ -473,8 +492,8 @@ impl SplitNode {
         remotes
             .entry(id)
             .or_insert_with(|| {
-                let (g0, node) = (self.groups[&G0].clone(), self.node_id);
-                let members: crate::remote::Members = Arc::new(move || holders_from(&g0, id, node).unwrap_or_default().into_iter().map(|(_, addr)| addr).collect());
+                let (g0, this, node) = (self.groups[&G0].clone(), self.groups[&id].clone(), self.node_id);
+                let members: crate::remote::Members = Arc::new(move || holders_from(&g0, &this, node).unwrap_or_default().into_iter().map(|(_, addr)| addr).collect());
                 Arc::new(crate::remote::RemoteShard::new(id, self.peers.clone(), members))
             })
             .clone()

@@ -271,7 +271,7 @@ pub(crate) async fn take(node: &SplitNode, step: &Step, addresses: &BTreeMap<Nod
     }
     // A group this node does not hold: through its holders, each of which names the
     // leader if it does not lead.
-    let holders: Vec<String> = crate::groups::holders_from(&node.groups[&G0], group, node.node_id).unwrap_or_default().into_iter().map(|(_, a)| a).collect();
+    let holders: Vec<String> = crate::groups::holders_from(&node.groups[&G0], &node.groups[&group], node.node_id).unwrap_or_default().into_iter().map(|(_, a)| a).collect();
     let give_up = tokio::time::Instant::now() + patience;
     let mut last = format!("no holder of group {group} is known");
     let mut asked: Vec<String> = holders.clone();
