@@ -213,10 +213,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else if args.idle_sessions > 0 {
         idle_sessions(&args, &nodes).await?;
     }
-    // Spurious elections under load would show here.
-    for config in &nodes.configs {
+    // Spurious elections under load would show here; and what each node spent: its CPU
+    // time since it started, its data folder, and the conversation shards it holds (a
+    // split cluster keeps each on three nodes, ADR 0012).
+    for (i, config) in nodes.configs.iter().enumerate() {
+        let pid = nodes.children[i].as_ref().and_then(|c| c.id()).unwrap_or(0);
+        let cpu = cpu_seconds(pid).map_or_else(|| "?".into(), |s| format!("{s:.1}"));
+        let folder = bench::folder_bytes(&config.data_dir) as f64 / (1024.0 * 1024.0);
         if let Ok(status) = cluster::status(&config.private_addr.to_string()).await {
-            println!("  node {}: {}, leader changes seen {}", config.id, status["role"].as_str().unwrap_or("?"), status["leader_changes"]);
+            let held: Vec<u64> = status["groups"].as_array().into_iter().flatten().filter(|g| g["held"] == true && g["group"].as_u64().is_some_and(|id| id >= 3)).filter_map(|g| g["group"].as_u64()).collect();
+            let held = if status["groups"].is_array() { format!(", holds conversation shards {held:?}") } else { String::new() };
+            println!(
+                "  node {}: {}, leader changes seen {}, CPU {cpu} s, data folder {folder:.1} MiB{held}",
+                config.id,
+                status["role"].as_str().unwrap_or("?"),
+                status["leader_changes"]
+            );
         }
     }
     for task in operator_tasks {
@@ -420,4 +432,15 @@ async fn kill_drill(args: &BenchArgs, nodes: &mut Nodes, clients: Vec<(WsClient,
     bench::print_latencies("worst client per kill", &per_kill);
     println!("  {checked} acknowledged messages checked: {lost} lost, {doubled} written twice");
     Ok(())
+}
+
+/// User and system CPU time of process `pid` so far, in seconds (Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // Clock ticks per second: 100 on Linux for every architecture we build for.
+    Some(ticks / 100.0)
 }

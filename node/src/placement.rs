@@ -109,21 +109,37 @@ pub(crate) fn balanced_voters(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>,
             placed.entry(id).or_default().insert(add);
         }
     }
-    // Even out: one vote at a time from the busiest node to the idlest live one.
-    for _ in 0..groups.len() * VOTERS {
-        let votes = count(&placed);
-        let Some((&busy, &most)) = votes.iter().max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n))) else { break };
-        let Some((&idle, &least)) = votes.iter().filter(|(n, _)| live.contains(n)).min_by_key(|(n, c)| (**c, **n)) else { break };
-        if most <= least + 1 {
-            break;
+    // Even out: one vote at a time from the busiest node to the idlest live one. First
+    // the conversation shards' (each vote there is a copy of the shard on the node's
+    // disk, ADR 0012), counting those alone; then the other groups', counting every vote.
+    let voters_only: BTreeSet<GroupId> = groups.iter().filter(|g| g.voters_only).map(|g| g.id).collect();
+    let count_in = |placed: &BTreeMap<GroupId, BTreeSet<NodeId>>, only: Option<&BTreeSet<GroupId>>| -> BTreeMap<NodeId, usize> {
+        let mut votes: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+        for (id, voters) in placed {
+            if only.is_none_or(|o| o.contains(id)) {
+                for v in voters {
+                    *votes.entry(*v).or_default() += 1;
+                }
+            }
         }
-        // A group where the busy node votes and the idle one does not; one it does not
-        // lead first, so that no leadership has to move.
-        let candidates = placed.iter().filter(|(_, v)| v.contains(&busy) && !v.contains(&idle)).map(|(id, _)| *id);
-        let Some(group) = candidates.min_by_key(|id| (leader_of[id] == Some(busy), *id)) else { break };
-        if let Some(voters) = placed.get_mut(&group) {
-            voters.remove(&busy);
-            voters.insert(idle);
+        votes
+    };
+    for copies in [true, false] {
+        for _ in 0..groups.len() * VOTERS {
+            let votes = count_in(&placed, copies.then_some(&voters_only));
+            let Some((&busy, &most)) = votes.iter().max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n))) else { break };
+            let Some((&idle, &least)) = votes.iter().filter(|(n, _)| live.contains(n)).min_by_key(|(n, c)| (**c, **n)) else { break };
+            if most <= least + 1 {
+                break;
+            }
+            // A group where the busy node votes and the idle one does not; one it does not
+            // lead first, so that no leadership has to move.
+            let candidates = placed.iter().filter(|(id, v)| voters_only.contains(id) == copies && v.contains(&busy) && !v.contains(&idle)).map(|(id, _)| *id);
+            let Some(group) = candidates.min_by_key(|id| (leader_of[id] == Some(busy), *id)) else { break };
+            if let Some(voters) = placed.get_mut(&group) {
+                voters.remove(&busy);
+                voters.insert(idle);
+            }
         }
     }
     placed
@@ -604,7 +620,7 @@ mod tests {
         }
         let copies = count(&groups.iter().filter(|g| g.voters_only).cloned().collect::<Vec<_>>(), |g| g.members.iter().copied().collect());
         assert!(copies.get(&4).copied().unwrap_or(0) >= 2, "node 4 took copies of some conversation shards: {copies:?}");
-        assert!(copies.values().all(|c| (2..=4).contains(c)), "12 copies over 4 nodes: {copies:?}");
+        assert!(copies.values().all(|c| *c == 3), "12 copies over 4 nodes: {copies:?}");
         let votes = count(&groups, |g| g.voters.iter().copied().collect());
         assert!(votes.values().max().zip(votes.values().min()).is_some_and(|(most, least)| most - least <= 1), "18 votes over 4 nodes: {votes:?}");
         // Each node that leaves a conversation shard leaves it only after the record
@@ -618,6 +634,29 @@ mod tests {
                 assert!(recorded.is_some_and(|nodes| !nodes.contains(node)), "node {node} left group {group} before the record dropped it: {steps:?}");
             }
         }
+    }
+
+    /// `cluster init` of six nodes: each conversation shard starts on three of them; the
+    /// placement records the holders and evens the copies out, two per node, and the
+    /// votes of the metadata group and the routing shard, one per node.
+    #[test]
+    fn six_nodes_keep_two_copies_of_conversation_shards_each() {
+        let six = [1, 2, 3, 4, 5, 6];
+        let mut groups = vec![group(0, &six, &six, 1), group(1, &six, &six, 2)];
+        for id in 2..6 {
+            let start = (id - 1) as usize % 6;
+            let first: Vec<NodeId> = six.iter().cycle().skip(start).take(3).copied().collect();
+            let mut g = group(id, &first, &first, first[0]);
+            g.voters_only = true;
+            groups.push(g);
+        }
+        converge(&six, &six, &mut groups);
+        let conversation: Vec<GroupView> = groups.iter().filter(|g| g.voters_only).cloned().collect();
+        let copies = count(&conversation, |g| g.members.iter().copied().collect());
+        assert!(six.iter().all(|n| copies.get(n) == Some(&2)), "12 copies over 6 nodes: {copies:?}");
+        assert!(conversation.iter().all(|g| g.members == g.voters && g.holders.as_ref() == Some(&g.voters)), "{conversation:?}");
+        let votes = count(&groups, |g| g.voters.iter().copied().collect());
+        assert!(six.iter().all(|n| votes.get(n) == Some(&3)), "18 votes over 6 nodes: {votes:?}");
     }
 
     #[test]
