@@ -219,12 +219,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for (i, config) in nodes.configs.iter().enumerate() {
         let pid = nodes.children[i].as_ref().and_then(|c| c.id()).unwrap_or(0);
         let cpu = cpu_seconds(pid).map_or_else(|| "?".into(), |s| format!("{s:.1}"));
-        let folder = bench::folder_bytes(&config.data_dir) as f64 / (1024.0 * 1024.0);
+        let mib = |path: &std::path::Path| bench::folder_bytes(path) as f64 / (1024.0 * 1024.0);
+        let folder = mib(&config.data_dir);
+        let (log, records) = (mib(&config.data_dir.join("log")), mib(&config.data_dir.join("records")));
         if let Ok(status) = cluster::status(&config.private_addr.to_string()).await {
             let held: Vec<u64> = status["groups"].as_array().into_iter().flatten().filter(|g| g["held"] == true && g["group"].as_u64().is_some_and(|id| id >= 3)).filter_map(|g| g["group"].as_u64()).collect();
             let held = if status["groups"].is_array() { format!(", holds conversation shards {held:?}") } else { String::new() };
             println!(
-                "  node {}: {}, leader changes seen {}, CPU {cpu} s, data folder {folder:.1} MiB{held}",
+                "  node {}: {}, leader changes seen {}, CPU {cpu} s, data folder {folder:.1} MiB (log {log:.1}, records {records:.1}){held}",
                 config.id,
                 status["role"].as_str().unwrap_or("?"),
                 status["leader_changes"]
