@@ -560,6 +560,19 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     let writer = tokio::spawn(write_steadily(visitor, stop.clone()));
     tokio::time::sleep(Duration::from_secs(1)).await;
 
+    // A visitor on each of nodes 1 to 3 in each conversation shard: one of these nodes
+    // will give a shard up to node 4, and its visitors' sockets must go on being woken.
+    let mut settled: BTreeMap<(usize, u64), (WsClient, u64)> = BTreeMap::new();
+    for i in 0..40 {
+        let n = 1 + i % 3;
+        let (ws, id, _) = cluster.node(n).client(&format!("Settled {i}")).await?;
+        settled.entry((n, 3 + id % 2)).or_insert((ws, id));
+        if settled.len() == 6 {
+            break;
+        }
+    }
+    assert_eq!(settled.len(), 6, "a visitor on each node in each shard: {:?}", settled.keys().collect::<Vec<_>>());
+
     // Node 4 starts from `cluster add-node`; it is ready once it follows the metadata
     // group and the routing shard.
     let added = cluster.add_node().await?;
@@ -588,6 +601,22 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     })
     .await?;
     println!("with node 4 (group, voters, learners, leader): {balanced:?}");
+    // A node that gave its copy of a shard up now reads it from the holders: its
+    // visitor's next message comes back on the socket opened before the move.
+    let mut moved = 0;
+    for ((n, shard), (ws, id)) in settled.iter_mut() {
+        let gave_up = balanced.iter().any(|(g, voters, _, _)| g == shard && !voters.contains(&(*n as u64)));
+        if !gave_up {
+            continue;
+        }
+        moved += 1;
+        let key = format!("after-move-{id}");
+        let ack = until_answered(ws, &json!({"type": "send", "key": key, "text": "after the move"}), &key, &[]).await?;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        let echo = ws.wait_for(Duration::from_secs(10), |v| v["kind"] == "message" && v["key"] == key.as_str()).await;
+        assert!(echo.is_ok(), "node {n} gave group {shard} up: its visitor's socket was not woken for {key}");
+    }
+    assert!(moved >= 1, "some node gave a conversation shard up to node 4: {balanced:?}");
     // Node 4 never held a copy of the conversation shard it does not vote in.
     let elsewhere = balanced.iter().find(|(group, voters, _, _)| *group >= 3 && !voters.contains(&4)).map(|(g, ..)| *g).ok_or_else(|| anyhow::anyhow!("node 4 votes in both conversation shards"))?;
     let status = cluster.status(4).await?;

@@ -165,15 +165,43 @@ impl GroupReads for MemberReads {
 
     fn watch(&self, group: u64, stream: Vec<u8>) -> futures::future::BoxFuture<'static, Result<Wakeups, String>> {
         let supervisor = self.held(group).map(|g| g.supervisor.clone());
+        let holds = self.holds.clone();
         Box::pin(async move {
             let supervisor = supervisor.ok_or_else(|| format!("this node does not hold group {group}"))?;
             let key: StreamKey = match stream.split_first() {
                 Some((&FORMAT, rest)) => decode(rest)?,
                 _ => return Err(format!("watches of another format are not understood here (this node reads format {FORMAT})")),
             };
-            switchboard_actors::actors::subscribe(&supervisor, key).await.map_err(|e| e.to_string())
+            let local = switchboard_actors::actors::subscribe(&supervisor, key).await.map_err(|e| e.to_string())?;
+            Ok(while_held(local, move || holds(group)))
         })
     }
+}
+
+/// How often a stream followed for a peer, or for this node's own sockets, checks that
+/// the node still holds (or still does not hold) its group.
+pub(crate) const HOLDING_CHECK: Duration = Duration::from_millis(500);
+
+/// `local`'s wake-ups for as long as `held` says this node holds the group: once it
+/// does not (the placement moved the group away, and this replica stops receiving
+/// entries), the stream ends, and whoever follows it follows a holder instead.
+fn while_held(mut local: Wakeups, held: impl Fn() -> bool + Send + 'static) -> Wakeups {
+    let (moved, wakeups) = tokio::sync::watch::channel(*local.borrow_and_update());
+    tokio::spawn(async move {
+        let mut check = tokio::time::interval(HOLDING_CHECK);
+        loop {
+            tokio::select! {
+                changed = local.changed() => {
+                    if changed.is_err() || moved.send(*local.borrow_and_update()).is_err() {
+                        return;
+                    }
+                }
+                _ = check.tick() => if !held() { return },
+                _ = moved.closed() => return,
+            }
+        }
+    });
+    wakeups
 }
 
 /// Where a group's members are: their QUIC addresses, asked each time a member fails

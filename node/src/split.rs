@@ -166,13 +166,75 @@ impl SplitBackend {
 
     /// Wake-ups of `key` in group `group`: from this node's replica while it holds the
     /// group, from a holder's otherwise (ADR 0012).
+    ///
+    /// The source follows the placement: when the group moves to or away from this
+    /// node, the stream switches to the other source and moves once, so that the
+    /// reader pulls what it may have missed in between.
     fn subscribe_in(&self, group: GroupId, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>> {
-        if !self.node.holds(group) {
-            let remote = self.node.remote(group);
-            return Box::pin(async move { remote.subscribe(key) });
+        let node = self.node.clone();
+        if group == G0 || group == R {
+            let supervisor = self.group(group).supervisor.clone();
+            return Box::pin(async move { switchboard_actors::actors::subscribe(&supervisor, key).await });
         }
-        let supervisor = self.group(group).supervisor.clone();
-        Box::pin(async move { switchboard_actors::actors::subscribe(&supervisor, key).await })
+        Box::pin(async move {
+            let source = {
+                let (node, key) = (node.clone(), key.clone());
+                move |held: bool| {
+                let (node, key) = (node.clone(), key.clone());
+                async move {
+                    if held {
+                        switchboard_actors::actors::subscribe(&node.groups[&group].supervisor, key).await
+                    } else {
+                        node.remote(group).subscribe(key)
+                    }
+                }
+                }
+            };
+            let mut held = node.holds(group);
+            let mut current = source(held).await?;
+            let (moved, wakeups) = tokio::sync::watch::channel(0u64);
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                let mut check = tokio::time::interval(crate::remote::HOLDING_CHECK);
+                loop {
+                    tokio::select! {
+                        changed = current.changed() => {
+                            if changed.is_err() {
+                                // The local stream ended (the group stopped here): look again.
+                                tokio::time::sleep(crate::remote::HOLDING_CHECK).await;
+                                held = !node.holds(group);
+                            } else {
+                                current.borrow_and_update();
+                                n += 1;
+                                if moved.send(n).is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
+                        _ = check.tick() => {}
+                        _ = moved.closed() => return,
+                    }
+                    let now = node.holds(group);
+                    if now == held {
+                        continue;
+                    }
+                    held = now;
+                    match source(held).await {
+                        Ok(next) => current = next,
+                        Err(e) => {
+                            tracing::warn!(group, error = %e, "a stream could not follow its group's move");
+                            return;
+                        }
+                    }
+                    n += 1;
+                    if moved.send(n).is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(wakeups)
+        })
     }
 
     /// Waits until this node has applied what group `id`'s leader had committed when
