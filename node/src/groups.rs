@@ -258,6 +258,10 @@ pub(crate) struct SplitNode {
     rpc: tokio::task::JoinHandle<()>,
     /// The conversation shards this node does not hold, read from their holders.
     remotes: std::sync::Mutex<BTreeMap<GroupId, Arc<crate::remote::RemoteShard>>>,
+    /// Per conversation shard, whether this node holds it: looked at every 500 ms by
+    /// one task, followed by the streams that switch source when it flips.
+    holding: BTreeMap<GroupId, tokio::sync::watch::Sender<bool>>,
+    holding_task: tokio::task::JoinHandle<()>,
 }
 
 impl SplitNode {
@@ -349,7 +353,22 @@ impl SplitNode {
         for group in groups.values().filter(|g| holds_in(&groups[&G0].shard, g, node_id)) {
             group.raft.wait(Some(Duration::from_secs(60))).metrics(|m| m.current_leader.is_some(), "a leader").await?;
         }
-        let node = SplitNode { node_id, groups, shards, peers, router, forwarders: Vec::new(), keyspace, endpoint, rpc, remotes: Default::default() };
+        let holding: BTreeMap<GroupId, tokio::sync::watch::Sender<bool>> =
+            groups.values().filter(|g| g.id >= FIRST_C).map(|g| (g.id, tokio::sync::watch::Sender::new(holds_in(&groups[&G0].shard, g, node_id)))).collect();
+        let holding_task = {
+            let (groups, flags) = (groups.clone(), holding.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(crate::remote::HOLDING_CHECK);
+                loop {
+                    every.tick().await;
+                    for (id, flag) in &flags {
+                        let now = holds_in(&groups[&G0].shard, &groups[id], node_id);
+                        flag.send_if_modified(|held| std::mem::replace(held, now) != now);
+                    }
+                }
+            })
+        };
+        let node = SplitNode { node_id, groups, shards, peers, router, forwarders: Vec::new(), keyspace, endpoint, rpc, remotes: Default::default(), holding, holding_task };
         // Idempotent: an outcome lost to a leader change at start is asked again, for a
         // minute at most.
         let adopt_until = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -456,6 +475,7 @@ impl SplitNode {
         for f in &self.forwarders {
             f.abort();
         }
+        self.holding_task.abort();
         for group in self.groups.values() {
             group.supervisor.stop(None);
             group.raft.shutdown().await?;
@@ -484,6 +504,15 @@ impl SplitNode {
     /// (ADR 0012). It holds the metadata group and the routing shard always.
     pub(crate) fn holds(&self, id: GroupId) -> bool {
         self.groups.get(&id).is_some_and(|g| holds_in(&self.groups[&G0].shard, g, self.node_id))
+    }
+
+    /// Whether this node holds conversation shard `id`, as of the last look (every
+    /// 500 ms); changes when the placement moves the shard to or away from it.
+    pub(crate) fn holding(&self, id: GroupId) -> tokio::sync::watch::Receiver<bool> {
+        match self.holding.get(&id) {
+            Some(flag) => flag.subscribe(),
+            None => tokio::sync::watch::Sender::new(true).subscribe(),
+        }
     }
 
     /// Conversation shard `id` read from its holders (for one this node does not hold).

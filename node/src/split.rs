@@ -190,12 +190,15 @@ impl SplitBackend {
                 }
                 }
             };
-            let mut held = node.holds(group);
+            let mut holding = node.holding(group);
+            let mut held = *holding.borrow_and_update();
             let mut current = source(held).await?;
             let (moved, wakeups) = tokio::sync::watch::channel(0u64);
             tokio::spawn(async move {
                 let mut n = 0u64;
-                let mut check = tokio::time::interval(crate::remote::HOLDING_CHECK);
+                // Whether the holding flag can still change (its sender lives as long as
+                // the node).
+                let mut watching = true;
                 loop {
                     tokio::select! {
                         changed = current.changed() => {
@@ -212,7 +215,7 @@ impl SplitBackend {
                                 continue;
                             }
                         }
-                        _ = check.tick() => {}
+                        flipped = holding.changed(), if watching => if flipped.is_err() { watching = false },
                         _ = moved.closed() => return,
                     }
                     let now = node.holds(group);
