@@ -625,15 +625,20 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
 
     // A visitor and an operator on node 4 chat on a conversation of that shard.
     let node4 = cluster.node(4);
-    let mut far = None;
+    let (mut far, mut near) = (None, None);
     for i in 0..20 {
-        let (ws, id, _) = node4.client(&format!("Far {i}")).await?;
+        let (ws, id, token) = node4.client(&format!("Far {i}")).await?;
         if 3 + id % 2 == elsewhere {
-            far = Some((ws, id));
+            far = far.or(Some((ws, id, token)));
+        } else {
+            near = near.or(Some((id, token)));
+        }
+        if far.is_some() && near.is_some() {
             break;
         }
     }
-    let (mut guest, far_conversation) = far.ok_or_else(|| anyhow::anyhow!("no conversation landed in group {elsewhere}"))?;
+    let (near_conversation, near_token) = near.ok_or_else(|| anyhow::anyhow!("no conversation landed in the shard node 4 holds"))?;
+    let (mut guest, far_conversation, guest_token) = far.ok_or_else(|| anyhow::anyhow!("no conversation landed in group {elsewhere}"))?;
     let (mut alice, _) = desk(node4, "alice", None).await?;
     set_presence(&mut alice, "online").await?;
     take_conversation(&mut alice, far_conversation).await?;
@@ -645,6 +650,26 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     let replied = until_answered(&mut alice, &reply, "far-r1", &["not_assigned"]).await?;
     assert_eq!(replied["type"], "ack", "{replied}");
     guest.wait_for(WAIT, |v| v["kind"] == "message" && v["text"] == "answered from node 4").await?;
+
+    // A file a visitor uploads is copied to its conversation shard's holders, not to
+    // every node, before its record is committed: through node 4 in each shard.
+    let mut file = b"\x89PNG\r\n\x1a\n".to_vec();
+    file.extend((0..40_000u32).map(|i| (i * 31 % 251) as u8));
+    for (conversation, token) in [(far_conversation, &guest_token), (near_conversation, &near_token)] {
+        let (status, body) = switchboard_chaos_tests::client_upload(node4, token, "scan.png", "image/png", &file).await?;
+        assert_eq!(status, 201, "{body}");
+        let file_id = body["id"].as_str().unwrap_or_default().to_owned();
+        let shard = 3 + conversation % 2;
+        let holders: Vec<u64> = balanced.iter().find(|(g, ..)| *g == shard).map(|(_, voters, _, _)| voters.clone()).unwrap_or_default();
+        let on_disk = |n: u64| dir.path().join(format!("data/node-{n}/attachments/{file_id}")).exists();
+        // Two holders are a majority; the third gets its copy a moment later.
+        eventually(Duration::from_secs(10), Duration::from_millis(100), || async { Ok(holders.iter().all(|n| on_disk(*n)).then_some(())) }).await?;
+        let copies: Vec<u64> = (1..=4).filter(|n| on_disk(*n)).collect();
+        println!("a file of conversation {conversation} uploaded through node 4 is on nodes {copies:?}; group {shard} is held by {holders:?}");
+        for n in (1..=3u64).filter(|n| !holders.contains(n)) {
+            assert!(!on_disk(n), "node {n} does not hold group {shard} and got no copy of {file_id}");
+        }
+    }
 
     // The first writer's run, before a node it may be connected to is killed.
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -404,7 +404,7 @@ async fn store(gw: &Gateway, conversation: ConversationId, name: &str, declared:
     let (id, sha256) = gw.blobs.put(body, &content_type, length).await?;
     // On a cluster's majority before the record that promises the file is committed: a
     // member that dies after the answer loses no attachment it was sent.
-    if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone()).await {
+    if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone(), Some(conversation)).await {
         gw.blobs.remove(&id).await;
         return Err(GatewayError::Core(switchboard_actors::Error::Commit(format!("the file could not be copied to enough cluster members: {e}"))));
     }
@@ -574,7 +574,7 @@ pub(crate) async fn keep_inbound_file(gw: &Gateway, key: &str, index: usize, nam
     let digest = ring::digest::digest(&ring::digest::SHA256, format!("inbound\0{key}\0{index}").as_bytes());
     let id = AttachmentId(digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect());
     gw.blobs.put_bytes(&id, bytes).await?;
-    if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone()).await {
+    if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone(), None).await {
         return Err(GatewayError::Core(switchboard_actors::Error::Commit(format!("the file could not be copied to enough cluster members: {e}"))));
     }
     let sha256 = ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();

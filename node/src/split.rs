@@ -489,9 +489,20 @@ impl Backend for SplitBackend {
         })
     }
 
-    fn replicate_file(&self, blobs: switchboard_gateway::attachments::BlobStore, id: AttachmentId) -> BoxFuture<Result<(), String>> {
-        // Every group has the same members: the routing shard's say who they are.
-        let targets = server::file_targets(&self.group(R).raft, self.node.node_id);
+    fn replicate_file(&self, blobs: switchboard_gateway::attachments::BlobStore, id: AttachmentId, conversation: Option<ConversationId>) -> BoxFuture<Result<(), String>> {
+        // A conversation's files go where its shard is held (ADR 0012): to its other
+        // members from a holder, to its holders from another node. A file whose
+        // conversation is not known yet goes to every node (the routing shard's members).
+        let group = conversation.map(|c| self.conversation_group(c));
+        let remote = group.and_then(|g| crate::groups::holders_from(&self.node.groups[&G0], self.group(g), self.node.node_id)).filter(|h| !h.is_empty());
+        let targets = match (group, remote) {
+            (_, Some(holders)) => {
+                let needed = holders.len() / 2 + 1;
+                (holders.into_iter().map(|(_, addr)| (addr, true)).collect(), needed)
+            }
+            (Some(g), None) if self.node.holds(g) => server::file_targets(&self.group(g).raft, self.node.node_id),
+            _ => server::file_targets(&self.group(R).raft, self.node.node_id),
+        };
         Box::pin(server::replicate_file(targets, self.node.peers.clone(), self.copying.clone(), blobs, id))
     }
 
