@@ -604,12 +604,14 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     // A node that gave its copy of a shard up now reads it from the holders: its
     // visitor's next message comes back on the socket opened before the move.
     let mut moved = 0;
+    let mut given_up = None;
     for ((n, shard), (ws, id)) in settled.iter_mut() {
         let gave_up = balanced.iter().any(|(g, voters, _, _)| g == shard && !voters.contains(&(*n as u64)));
         if !gave_up {
             continue;
         }
         moved += 1;
+        given_up = Some((*n, *shard));
         let key = format!("after-move-{id}");
         let ack = until_answered(ws, &json!({"type": "send", "key": key, "text": "after the move"}), &key, &[]).await?;
         assert_eq!(ack["type"], "ack", "{ack}");
@@ -617,6 +619,10 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
         assert!(echo.is_ok(), "node {n} gave group {shard} up: its visitor's socket was not woken for {key}");
     }
     assert!(moved >= 1, "some node gave a conversation shard up to node 4: {balanced:?}");
+    let (gave, shard) = given_up.ok_or_else(|| anyhow::anyhow!("no node gave a shard up"))?;
+    let log = dir.path().join(format!("data/node-{gave}/log/g{shard}"));
+    let segments = |log: &std::path::Path| std::fs::read_dir(log).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".seg")).count()).unwrap_or(0);
+    assert!(segments(&log) > 0, "node {gave} keeps its old copy of group {shard} until it starts again");
     // Node 4 never held a copy of the conversation shard it does not vote in.
     let elsewhere = balanced.iter().find(|(group, voters, _, _)| *group >= 3 && !voters.contains(&4)).map(|(g, ..)| *g).ok_or_else(|| anyhow::anyhow!("node 4 votes in both conversation shards"))?;
     let status = cluster.status(4).await?;
@@ -699,6 +705,17 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     let texts: Vec<&str> = view["history"].as_array().into_iter().flatten().filter_map(|e| e["text"].as_str()).collect();
     assert_eq!(texts, ["hello from afar", "answered from node 4", "still there?", "yes, still here"], "{view}");
     cluster.restart(leader).await?;
+
+    // The node that gave a shard up gives its disk back when it starts again: its copy
+    // of the shard (log segments and records) is forgotten.
+    if gave != leader {
+        cluster.stop(gave).await?;
+        cluster.restart(gave).await?;
+    }
+    let status = cluster.status(gave).await?;
+    let entry = status["groups"].as_array().and_then(|gs| gs.iter().find(|g| g["group"].as_u64() == Some(shard)).cloned()).unwrap_or_default();
+    assert!(entry["held"] == false && entry["last_applied"].is_null(), "node {gave} forgot group {shard}: {entry}");
+    assert_eq!(segments(&log), 0, "node {gave}'s log of group {shard} is gone");
 
     // Removed while another visitor writes: its votes and leadership go back, and it
     // leaves every group.

@@ -315,17 +315,7 @@ impl SplitNode {
             }
             groups.insert(id, group);
         }
-        // Other nodes may read the groups this one holds (ADR 0012).
-        let g0 = groups[&G0].shard.clone();
-        let all = groups.clone();
-        let holds: crate::remote::Holds = Arc::new(move |group| all.get(&group).is_some_and(|g| holds_in(&g0, g, node_id)));
-        router.set_reads(Arc::new(crate::remote::MemberReads::new(groups.clone(), peers.clone(), holds)));
-        // Commands for a conversation shard this node does not hold go to its holders.
-        for (id, group) in groups.iter().filter(|(id, _)| **id >= FIRST_C) {
-            let (g0, this) = (groups[&G0].clone(), group.clone());
-            let _ = id;
-            group.proposer.route_through(Arc::new(move || holders_from(&g0, &this, node_id)));
-        }
+        Self::serve_reads(&router, &peers, &groups, node_id);
         // A group whose creator has not reached this member within 2 s (it starts later,
         // or is down at the cluster's first start) is started here too: the same member
         // list on every member makes that safe (openraft elects one leader).
@@ -347,8 +337,33 @@ impl SplitNode {
         for id in [G0, R] {
             groups[&id].raft.wait(Some(Duration::from_secs(60))).metrics(|m| m.current_leader.is_some(), "a leader").await?;
         }
-        if let Err(e) = switchboard_raft::network::read_barrier(&groups[&G0].raft, &peers, G0, Duration::from_secs(10)).await {
-            tracing::warn!(error = %e, "the metadata group's record of where groups are held may be behind");
+        match switchboard_raft::network::read_barrier(&groups[&G0].raft, &peers, G0, Duration::from_secs(10)).await {
+            Ok(()) => {
+                // A conversation shard this node gave up (ADR 0012) gives its disk back:
+                // its copy is forgotten, and opened again as one never held.
+                let mut forgot = false;
+                for id in groups.keys().copied().filter(|id| *id >= FIRST_C).collect::<Vec<_>>() {
+                    if !Self::gave_up(&groups[&G0].shard, &groups[&id], node_id) {
+                        continue;
+                    }
+                    if let Some(old) = groups.remove(&id) {
+                        old.supervisor.stop(None);
+                        old.raft.shutdown().await?;
+                        router.remove(id);
+                    }
+                    let log_dir = dir.join("log").join(format!("g{id}"));
+                    let keyspace = keyspace.clone();
+                    let snapshots = dir.join("snapshots");
+                    tokio::task::spawn_blocking(move || switchboard_raft::store::forget_group(&keyspace, id, &snapshots, &log_dir)).await??;
+                    tracing::info!(group = id, "forgot this node's copy of a conversation shard it no longer holds");
+                    groups.insert(id, host.open(id, part_of(id, shards)).await?);
+                    forgot = true;
+                }
+                if forgot {
+                    Self::serve_reads(&router, &peers, &groups, node_id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "the metadata group's record of where groups are held may be behind"),
         }
         for group in groups.values().filter(|g| holds_in(&groups[&G0].shard, g, node_id)) {
             group.raft.wait(Some(Duration::from_secs(60))).metrics(|m| m.current_leader.is_some(), "a leader").await?;
@@ -385,6 +400,32 @@ impl SplitNode {
             }
         }
         Ok(node)
+    }
+
+    /// Lets other nodes read the groups this one holds, and sends commands for a
+    /// conversation shard it does not hold to the shard's holders (ADR 0012).
+    fn serve_reads(router: &Router, peers: &Peers, groups: &BTreeMap<GroupId, HostedGroup>, node_id: u64) {
+        let g0 = groups[&G0].shard.clone();
+        let all = groups.clone();
+        let holds: crate::remote::Holds = Arc::new(move |group| all.get(&group).is_some_and(|g| holds_in(&g0, g, node_id)));
+        router.set_reads(Arc::new(crate::remote::MemberReads::new(groups.clone(), peers.clone(), holds)));
+        for group in groups.values().filter(|g| g.id >= FIRST_C) {
+            let (g0, this) = (groups[&G0].clone(), group.clone());
+            group.proposer.route_through(Arc::new(move || holders_from(&g0, &this, node_id)));
+        }
+    }
+
+    /// Whether this node's copy of conversation shard `group` is one it gave up: the
+    /// metadata group's record names other holders, this node does not vote in it (by
+    /// the latest membership its own log holds), and it has a copy. Such a copy is not
+    /// needed by any quorum: a node that acknowledged entries as a voter has the
+    /// membership that made it one in its log.
+    fn gave_up(g0: &Shard, group: &HostedGroup, node_id: u64) -> bool {
+        let recorded = g0.read().holders.get(&group.id).is_some_and(|nodes| !nodes.contains(&node_id));
+        let m = group.raft.metrics().borrow().clone();
+        let votes = m.membership_config.membership().voter_ids().any(|v| v == node_id);
+        let has_copy = m.last_log_index.is_some() || m.last_applied.is_some();
+        recorded && !votes && has_copy
     }
 
     /// A joining node's first start: asks the members to let it follow the metadata

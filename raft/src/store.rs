@@ -236,6 +236,38 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
     Ok(true)
 }
 
+/// Forgets this node's copy of `group`: every key of its partition (records, applied
+/// point, vote, committed pointer), its log segments and its snapshot files. The group
+/// must not be open. Afterwards it opens as a group this node never held: it is sent
+/// a snapshot if it joins the group again. Only for a replica whose loss the group does
+/// not notice: one that does not vote in it (ADR 0012).
+pub fn forget_group(keyspace: &fjall::Keyspace, group: u64, snapshot_dir: &Path, log_dir: &Path) -> Result<(), crate::Error> {
+    let partition = state_partition(keyspace, group)?;
+    let mut batch = keyspace.batch();
+    for key in partition.keys() {
+        batch.remove(&partition, key?);
+        if batch.len() == 4096 {
+            std::mem::replace(&mut batch, keyspace.batch()).commit()?;
+        }
+    }
+    batch.commit()?;
+    keyspace.persist(fjall::PersistMode::SyncAll)?;
+    match std::fs::remove_dir_all(log_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let prefix = format!("g{group}-");
+    if let Ok(entries) = std::fs::read_dir(snapshot_dir) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Copies every key of `from` into `to`, behind `prefix`, in batches.
 fn copy_tree(from: &sled::Tree, prefix: &str, keyspace: &fjall::Keyspace, to: &fjall::PartitionHandle) -> Result<(), crate::Error> {
     let mut batch = keyspace.batch();
