@@ -152,9 +152,19 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     // Room for the waiting conversations' offers and the transfer (a directory write).
     let (_, operators) = dev.api("GET", "/api/operators", Some(&admin), None).await?;
     let bob_now = operators["operators"].as_array().and_then(|o| o.iter().find(|o| o["id"] == "bob").cloned()).unwrap_or_default();
-    let roomy = json!({"name": bob_now["name"], "capacity": 5, "groups": bob_now["groups"]});
+    // Every other visitor's conversation may be offered to bob first: room for all of
+    // them and the transfer.
+    let room = clients.len() as u64 + 2;
+    let roomy = json!({"name": bob_now["name"], "capacity": room, "groups": bob_now["groups"]});
     let (status, body) = dev.api("PUT", "/api/operators/bob", Some(&admin), Some(roomy)).await?;
     assert_eq!(status, 200, "{body}");
+    // The metadata group took it; the routing shard, which offers, learns it by letter.
+    eventually(WAIT, Duration::from_millis(20), || async {
+        let (_, operators) = dev.api("GET", "/api/operators", Some(&admin), None).await?;
+        let bob_then = operators["operators"].as_array().and_then(|o| o.iter().find(|o| o["id"] == "bob").cloned()).unwrap_or_default();
+        Ok((bob_then["capacity"] == room).then_some(()))
+    })
+    .await?;
     let (mut bob, _) = desk(&dev, "bob", None).await?;
     set_presence(&mut bob, "online").await?;
     alice.send(&json!({"type": "transfer", "conversation": conversation, "to_operator": "bob", "comment": "parcel question", "ref": "t"})).await?;

@@ -32,6 +32,32 @@ use crate::groups::HostedGroup;
 /// The version of the questions' encoding.
 const FORMAT: u8 = 1;
 
+/// How recently a holder must have answered this node to be asked before the others.
+const RECENTLY: Duration = Duration::from_secs(3);
+
+/// Questions this node asked holders of groups it does not hold (each try counts),
+/// those that went to another holder after the first did not answer, and the streams
+/// it follows on holders now: on `/metrics`.
+pub(crate) static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub(crate) static READ_FAILOVERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub(crate) static WATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts a stream followed on a holder while it lives.
+struct Following;
+
+impl Following {
+    fn start() -> Following {
+        WATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Following
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        WATCHES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// How long one member has to answer a question before the next is asked.
 const READ_TTL: Duration = Duration::from_secs(2);
 
@@ -224,7 +250,9 @@ impl RemoteShard {
     }
 
     /// The members in the order to ask them: the one that answered last first.
-    fn order(members: &Members, current: &Mutex<Option<String>>) -> Vec<String> {
+    /// Those that answered this node within the last few seconds go before those that
+    /// did not (a holder that died is asked last, not first).
+    fn order(peers: &Peers, members: &Members, current: &Mutex<Option<String>>) -> Vec<String> {
         let mut all = members();
         if let Some(first) = current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             if let Some(at) = all.iter().position(|a| *a == first) {
@@ -232,6 +260,8 @@ impl RemoteShard {
                 all.insert(0, first);
             }
         }
+        // Stable: the one that answered last stays first among those that answer.
+        all.sort_by_key(|addr| !peers.answered_within(addr, RECENTLY));
         all
     }
 
@@ -239,7 +269,11 @@ impl RemoteShard {
     async fn ask<T: DeserializeOwned>(&self, query: Query) -> Result<T, Error> {
         let bytes = encode_query(&query)?;
         let mut failures = Vec::new();
-        for addr in Self::order(&self.members, &self.current) {
+        for (n, addr) in Self::order(&self.peers, &self.members, &self.current).into_iter().enumerate() {
+            if n > 0 {
+                READ_FAILOVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match self.peers.read(&addr, self.group, bytes.clone(), READ_TTL).await {
                 Ok(answer) => {
                     *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr.clone());
@@ -282,13 +316,14 @@ impl RemoteShard {
             };
             loop {
                 let mut followed = false;
-                for addr in Self::order(&members, &current) {
+                for addr in Self::order(&peers, &members, &current) {
                     let watching = tokio::select! {
                         w = peers.watch(&addr, group, stream.clone(), READ_TTL) => w,
                         _ = moved.closed() => return,
                     };
                     let Ok((_, mut watching)) = watching else { continue };
                     followed = true;
+                    let _following = Following::start();
                     // What moved while no member was followed is pulled now.
                     if !bump(&moved) {
                         return;

@@ -585,6 +585,16 @@ impl Backend for SplitBackend {
         }
         let _ = writeln!(out, "# HELP switchboard_mail_retries_total Letters this node's forwarders sent again after a failed try.\n# TYPE switchboard_mail_retries_total counter");
         let _ = writeln!(out, "switchboard_mail_retries_total {}", crate::groups::MAIL_RETRIES.load(Relaxed));
+        let _ = writeln!(out, "# HELP switchboard_remote_reads_total Questions this node asked the holders of conversation shards it does not hold (ADR 0012), each try counted.\n# TYPE switchboard_remote_reads_total counter");
+        let _ = writeln!(out, "switchboard_remote_reads_total {}", crate::remote::READS.load(Relaxed));
+        let _ = writeln!(out, "# HELP switchboard_remote_read_failovers_total Of those, tries of another holder after the one asked first did not answer.\n# TYPE switchboard_remote_read_failovers_total counter");
+        let _ = writeln!(out, "switchboard_remote_read_failovers_total {}", crate::remote::READ_FAILOVERS.load(Relaxed));
+        let _ = writeln!(out, "# HELP switchboard_remote_watches Streams of conversation shards this node does not hold that it follows on a holder now.\n# TYPE switchboard_remote_watches gauge");
+        let _ = writeln!(out, "switchboard_remote_watches {}", crate::remote::WATCHES.load(Relaxed));
+        let _ = writeln!(out, "# HELP switchboard_holds_group Whether this node holds the group (ADR 0012): 0 for a conversation shard it reads from its holders.\n# TYPE switchboard_holds_group gauge");
+        for g in self.node.groups.values() {
+            let _ = writeln!(out, "switchboard_holds_group{{group=\"{}\"}} {}", g.id, u8::from(self.node.holds(g.id)));
+        }
         let _ = writeln!(out, "# HELP switchboard_placement_steps_total Placement steps (a learner added, voters changed, a node dropped, a leadership handed on) this node took.\n# TYPE switchboard_placement_steps_total counter");
         let _ = writeln!(out, "switchboard_placement_steps_total {}", crate::placement::STEPS.load(Relaxed));
         let _ = writeln!(out, "# HELP switchboard_placement_steps_failed_total Placement steps this node tried that failed (tried again later).\n# TYPE switchboard_placement_steps_failed_total counter");
