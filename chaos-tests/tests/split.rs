@@ -726,6 +726,12 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     let entry = status["groups"].as_array().and_then(|gs| gs.iter().find(|g| g["group"].as_u64() == Some(shard)).cloned()).unwrap_or_default();
     assert!(entry["held"] == false && entry["last_applied"].is_null(), "node {gave} forgot group {shard}: {entry}");
     assert_eq!(segments(&log), 0, "node {gave}'s log of group {shard} is gone");
+    // Started once more, it does not make the shard again from its first members: its
+    // log of the shard stays empty (a group made up there would elect and write).
+    cluster.stop(gave).await?;
+    cluster.restart(gave).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(segments(&log), 0, "node {gave} made no group {shard} of its own at its next start");
 
     // Removed while another visitor writes: its votes and leadership go back, and it
     // leaves every group.

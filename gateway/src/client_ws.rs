@@ -106,6 +106,8 @@ struct HistoryPull {
     reads: std::sync::Arc<dyn crate::ShardReads>,
     conversation: ConversationId,
     last: u64,
+    /// The last read failed: the writer reads again shortly.
+    failed: bool,
 }
 
 impl ws::Pull for HistoryPull {
@@ -114,11 +116,13 @@ impl ws::Pull for HistoryPull {
             // One page at a time, by count and by text: the writer asks again once this
             // one is written. Staff-only entries (notes) are skipped; a page of nothing
             // but those reads on, so an empty answer still means "caught up".
+            self.failed = false;
             loop {
                 let page = match self.reads.history(self.conversation, self.last, ws::PAGE).await {
                     Ok(page) => page,
                     Err(e) => {
-                        tracing::error!(conversation = self.conversation.0, error = %e, "history cannot be read");
+                        tracing::warn!(conversation = self.conversation.0, error = %e, "history cannot be read now; reading again shortly");
+                        self.failed = true;
                         return vec![];
                     }
                 };
@@ -140,6 +144,10 @@ impl ws::Pull for HistoryPull {
             }
         })
     }
+
+    fn retry(&self) -> bool {
+        self.failed
+    }
 }
 
 impl ClientSession {
@@ -150,7 +158,7 @@ impl ClientSession {
             .subscribe(StreamKey::Conversation(conversation))
             .await
             .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
-        let pull = Box::new(HistoryPull { reads: self.gw.backend.conversation_reads(conversation), conversation, last: after_seq });
+        let pull = Box::new(HistoryPull { reads: self.gw.backend.conversation_reads(conversation), conversation, last: after_seq, failed: false });
         let signals = Some(self.gw.signals.conversation(conversation));
         self.conversation = Some(conversation);
         out.follow(Follow { wake, pull, signals, min_interval: None, paged: true }).await;

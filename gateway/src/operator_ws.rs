@@ -115,6 +115,9 @@ struct FeedReader {
     shard: Arc<dyn crate::ShardReads>,
     kinds: crate::FeedKinds,
     last: u64,
+    /// The last page stopped at a read that failed (a holder that did not answer): the
+    /// writer reads again shortly, from the first item not sent.
+    failed: bool,
 }
 
 impl FeedReader {
@@ -135,21 +138,38 @@ impl FeedReader {
                 shard.feed_since(operator, first - 1, ws::PAGE).await.ok().flatten().unwrap_or_default()
             }
             Err(e) => {
-                tracing::error!(operator = %operator, error = %e, "the feed cannot be read");
+                tracing::warn!(operator = %operator, error = %e, "the feed cannot be read now; reading again shortly");
+                self.failed = true;
                 return 0;
             }
         };
         let read = entries.len();
+        // A read this page needs failed: what went out so far stays sent, the rest is
+        // read again from this item (nothing skipped).
+        macro_rules! stop {
+            ($conversation:expr, $e:expr) => {{
+                tracing::warn!(conversation = $conversation.0, error = %$e, "history cannot be read now; reading again shortly");
+                self.failed = true;
+                return 0;
+            }};
+        }
         for entry in entries {
-            self.last = entry.seq;
             let history = match (&entry.item, self.kinds) {
                 // A routing shard's `history_upto` counts its own copy of the entries: the
                 // conversation's shard is read up to what it holds now, and the entries it
                 // mirrors after that come in its feed (the desk merges by entry seq).
                 (FeedItem::Assigned { conversation, .. }, crate::FeedKinds::Routing) => {
-                    let upto = backend.conversation_reads(*conversation).conversation(*conversation).await.ok().flatten().map_or(0, |c| c.last_seq());
-                    shown.insert(*conversation, upto);
-                    Some((history_upto(backend, *conversation, upto).await, upto))
+                    let upto = match backend.conversation_reads(*conversation).conversation(*conversation).await {
+                        Ok(found) => found.map_or(0, |c| c.last_seq()),
+                        Err(e) => stop!(conversation, e),
+                    };
+                    match history_upto(backend, *conversation, upto).await {
+                        Ok(history) => {
+                            shown.insert(*conversation, upto);
+                            Some((history, upto))
+                        }
+                        Err(e) => stop!(conversation, e),
+                    }
                 }
                 (FeedItem::Released { conversation }, crate::FeedKinds::Routing) => {
                     shown.remove(conversation);
@@ -166,21 +186,25 @@ impl FeedReader {
                     held.then_some(0)
                 }) {
                     Some(from) if from < *upto => {
-                        shown.insert(*conversation, *upto);
-                        let missing = match backend.conversation_reads(*conversation).history(*conversation, from, (*upto - from) as usize).await {
+                        let missing: Vec<Value> = match backend.conversation_reads(*conversation).history(*conversation, from, (*upto - from) as usize).await {
                             Ok(entries) => entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect(),
-                            Err(e) => {
-                                tracing::error!(conversation = conversation.0, error = %e, "history cannot be read");
-                                Vec::new()
-                            }
+                            Err(e) => stop!(conversation, e),
                         };
+                        shown.insert(*conversation, *upto);
                         Some((missing, *upto))
                     }
-                    _ => continue,
+                    _ => {
+                        self.last = entry.seq;
+                        continue;
+                    }
                 },
-                (FeedItem::Assigned { conversation, history_upto: upto }, _) => Some((history_upto(backend, *conversation, *upto).await, *upto)),
+                (FeedItem::Assigned { conversation, history_upto: upto }, _) => match history_upto(backend, *conversation, *upto).await {
+                    Ok(history) => Some((history, *upto)),
+                    Err(e) => stop!(conversation, e),
+                },
                 _ => None,
             };
+            self.last = entry.seq;
             if !self.kinds.takes(&entry.item) && history.is_none() {
                 continue;
             }
@@ -215,6 +239,9 @@ impl ws::Pull for DeskPull {
     fn pull(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Value>> + Send + '_>> {
         Box::pin(async move {
             let DeskPull { readers, operator, backend, shown } = self;
+            for reader in readers.iter_mut() {
+                reader.failed = false;
+            }
             let mut frames_out = Vec::new();
             // The routing feed first, and the others only once it is caught up: an
             // `assigned` reaches the desk before the entries of that conversation that a
@@ -235,6 +262,10 @@ impl ws::Pull for DeskPull {
             }
             frames_out
         })
+    }
+
+    fn retry(&self) -> bool {
+        self.readers.iter().any(|r| r.failed)
     }
 }
 
@@ -296,14 +327,9 @@ pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conv: &Convers
         || serving_same_visitor()
 }
 
-async fn history_upto(backend: &dyn crate::Backend, conversation: ConversationId, upto: u64) -> Vec<Value> {
-    match backend.conversation_reads(conversation).history(conversation, 0, upto as usize).await {
-        Ok(entries) => entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect(),
-        Err(e) => {
-            tracing::error!(conversation = conversation.0, error = %e, "history cannot be read");
-            Vec::new()
-        }
-    }
+async fn history_upto(backend: &dyn crate::Backend, conversation: ConversationId, upto: u64) -> Result<Vec<Value>, switchboard_actors::Error> {
+    let entries = backend.conversation_reads(conversation).history(conversation, 0, upto as usize).await?;
+    Ok(entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect())
 }
 
 /// Longest first-message preview an offer carries, in characters.
@@ -480,7 +506,7 @@ impl OperatorSession {
                     let upto = conv.last_seq();
                     let marks = (conv.client_read_upto, conv.operator_read_upto);
                     let mut frame = json!({
-                        "type": "history", "conversation": conversation.0, "entries": history_upto(self.gw.backend.as_ref(), conversation, upto).await,
+                        "type": "history", "conversation": conversation.0, "entries": history_upto(self.gw.backend.as_ref(), conversation, upto).await.map_err(|e| frames::error(e.code(), &e.to_string(), reference.as_ref()))?,
                         "client_read_upto": marks.0, "operator_read_upto": marks.1,
                     });
                     if let Some(r) = &reference {
@@ -591,7 +617,7 @@ impl Session for OperatorSession {
                 Resume::Cursor(at) => at.get(&feed.name).map_or(first.saturating_sub(1).min(last), |seq| (*seq).min(last)),
             };
             cursor.insert(feed.name.clone(), json!(last));
-            readers.push(FeedReader { name: (self.protocol >= 2).then(|| feed.name.clone()), shard: feed.shard, kinds: feed.kinds, last: start });
+            readers.push(FeedReader { name: (self.protocol >= 2).then(|| feed.name.clone()), shard: feed.shard, kinds: feed.kinds, last: start, failed: false });
         }
         if self.protocol >= 2 {
             hello["cursor"] = Value::Object(cursor);

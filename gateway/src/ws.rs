@@ -126,7 +126,15 @@ pub struct Follow {
 /// the read is a future; a closure that renders at once is a `Pull` too.
 pub trait Pull: Send {
     fn pull(&mut self) -> Pin<Box<dyn Future<Output = Vec<Value>> + Send + '_>>;
+    /// Whether the last pull stopped at a read that failed (a holder on another node
+    /// did not answer): the writer pulls again after [`PULL_RETRY`] without a wake-up.
+    fn retry(&self) -> bool {
+        false
+    }
 }
+
+/// How long a writer waits before it pulls again after a failed read.
+pub const PULL_RETRY: Duration = Duration::from_millis(250);
 
 impl<F: FnMut() -> Vec<Value> + Send> Pull for F {
     fn pull(&mut self) -> Pin<Box<dyn Future<Output = Vec<Value>> + Send + '_>> {
@@ -542,6 +550,8 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
     let mut signals: Option<broadcast::Receiver<Value>> = None;
     let mut min_interval: Option<Duration> = None;
     let mut paged = false;
+    // When to pull again after a pull whose read failed.
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     loop {
         tokio::select! {
@@ -591,6 +601,9 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
                 }
                 if let (Some(pull), Some(wake)) = (pull.as_mut(), wake.as_mut()) {
                     let frames = pull.pull().await;
+                    if pull.retry() {
+                        retry_at = Some(tokio::time::Instant::now() + PULL_RETRY);
+                    }
                     // More may be waiting: pull again once this page is written, so a
                     // socket that does not read holds one page, not the history.
                     if paged && !frames.is_empty() {
@@ -608,6 +621,12 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
                 match signal {
                     Some(value) => { if !send_json(&mut write, &value, &metrics).await { return; } }
                     None => signals = None,
+                }
+            }
+            _ = async { if let Some(at) = retry_at { tokio::time::sleep_until(at).await } }, if retry_at.is_some() => {
+                retry_at = None;
+                if let Some(wake) = wake.as_mut() {
+                    wake.mark_changed();
                 }
             }
             _ = keepalive.tick() => {

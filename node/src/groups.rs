@@ -208,10 +208,13 @@ pub(crate) fn holds_in(g0: &Shard, group: &HostedGroup, node: u64) -> bool {
     if group.id == G0 || group.id == R {
         return true;
     }
-    if let Some(nodes) = g0.read().holders.get(&group.id) {
-        return nodes.contains(&node);
+    // Named by the record, and still a member by this node's own log: a node dropped
+    // from the group whose metadata replica lags does not read its stopped copy.
+    let member = || group.raft.metrics().borrow().membership_config.membership().get_node(&node).is_some();
+    match g0.read().holders.get(&group.id) {
+        Some(nodes) => nodes.contains(&node) && member(),
+        None => member(),
     }
-    group.raft.metrics().borrow().membership_config.membership().get_node(&node).is_some()
 }
 
 /// The holders of `group` other than `node`, with their QUIC addresses (the metadata
@@ -310,7 +313,11 @@ impl SplitNode {
             // Each group is created by a different member, which stands first and most
             // likely leads it: leaders start spread over the members.
             let creator = members.keys().nth((id as usize).saturating_sub(1) % members.len().max(1));
-            if !join && creator == Some(&node_id) && !group.raft.is_initialized().await? {
+            // A conversation shard the metadata group records holders of was made long
+            // ago: this node's copy may be one it forgot (it gave the shard up), never to
+            // be made again from the first members (ADR 0012).
+            let recorded = groups.get(&G0).is_some_and(|g0: &HostedGroup| g0.shard.read().holders.contains_key(&id));
+            if !join && !recorded && creator == Some(&node_id) && !group.raft.is_initialized().await? {
                 initialize(group.raft.clone(), id).await?;
             }
             groups.insert(id, group);
@@ -324,7 +331,8 @@ impl SplitNode {
         }
         let wait_for_creators = tokio::time::Instant::now() + Duration::from_secs(2);
         // Only a group this member starts in: a conversation shard starts on three.
-        for group in groups.values().filter(|g| !join && first_members(g.id, members).contains_key(&node_id)) {
+        let recorded = groups[&G0].shard.read().holders.keys().copied().collect::<std::collections::BTreeSet<_>>();
+        for group in groups.values().filter(|g| !join && !recorded.contains(&g.id) && first_members(g.id, members).contains_key(&node_id)) {
             while !group.raft.is_initialized().await? && tokio::time::Instant::now() < wait_for_creators {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -346,16 +354,21 @@ impl SplitNode {
                     if !Self::gave_up(&groups[&G0].shard, &groups[&id], node_id) {
                         continue;
                     }
-                    if let Some(old) = groups.remove(&id) {
-                        old.supervisor.stop(None);
-                        old.raft.shutdown().await?;
-                        router.remove(id);
+                    // Decided again once the group takes no more entries: one that
+                    // arrived in between may have given this node a vote.
+                    let Some(old) = groups.remove(&id) else { continue };
+                    router.remove(id);
+                    old.supervisor.stop(None);
+                    old.raft.shutdown().await?;
+                    let gave_up = Self::gave_up(&groups[&G0].shard, &old, node_id);
+                    drop(old);
+                    if gave_up {
+                        let log_dir = dir.join("log").join(format!("g{id}"));
+                        let keyspace = keyspace.clone();
+                        let snapshots = dir.join("snapshots");
+                        tokio::task::spawn_blocking(move || switchboard_raft::store::forget_group(&keyspace, id, &snapshots, &log_dir)).await??;
+                        tracing::info!(group = id, "forgot this node's copy of a conversation shard it no longer holds");
                     }
-                    let log_dir = dir.join("log").join(format!("g{id}"));
-                    let keyspace = keyspace.clone();
-                    let snapshots = dir.join("snapshots");
-                    tokio::task::spawn_blocking(move || switchboard_raft::store::forget_group(&keyspace, id, &snapshots, &log_dir)).await??;
-                    tracing::info!(group = id, "forgot this node's copy of a conversation shard it no longer holds");
                     groups.insert(id, host.open(id, part_of(id, shards)).await?);
                     forgot = true;
                 }

@@ -346,7 +346,13 @@ pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration, wh
         let addresses = nodes(node);
         let live = live(node, &addresses).await;
         let ids: BTreeSet<NodeId> = addresses.keys().copied().collect();
-        let Some(step) = plan(&ids, &live, &views(node).await, leaders) else { return Ok(taken) };
+        let views = views(node).await;
+        // A group no holder told about: no step until every group is seen, since a
+        // plan on some groups only may undo itself once the others answer.
+        if views.len() < node.groups.len() {
+            return Err(last_error.unwrap_or_else(|| "not every group's membership is known now".into()));
+        }
+        let Some(step) = plan(&ids, &live, &views, leaders) else { return Ok(taken) };
         if failed.iter().filter(|f| **f == step).count() >= 2 {
             return Err(last_error.unwrap_or_else(|| format!("{step} failed twice")));
         }
@@ -422,7 +428,8 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
         return Err(format!("node {id} cannot remove itself: ask another node"));
     }
     let give_up = tokio::time::Instant::now() + within;
-    if views(node).await.iter().all(|g| !g.members.contains(&id)) {
+    let seen = views(node).await;
+    if seen.len() == node.groups.len() && seen.iter().all(|g| !g.members.contains(&id)) {
         return Ok(());
     }
     loop {
@@ -433,6 +440,13 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
         }
         let live = live(node, &addresses).await;
         let views = views(node).await;
+        if views.len() < node.groups.len() {
+            if tokio::time::Instant::now() >= give_up {
+                return Err(format!("node {id}: not every group's membership is known now"));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
         let Some(g0) = views.iter().find(|g| g.id == G0) else { return Err("no metadata group here".into()) };
         let step = if g0.voters.contains(&id) {
             // Its vote alone moves, to one node the placement would give it to: every

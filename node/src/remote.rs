@@ -63,7 +63,9 @@ const READ_TTL: Duration = Duration::from_secs(2);
 
 /// How long a member waits to catch up with its group's leader before it answers a
 /// question asked with `Query::Barrier`.
-const BARRIER_PATIENCE: Duration = Duration::from_secs(2);
+/// Under [`READ_TTL`], so that the asker hears the member's answer (reads do not count
+/// towards calling a peer silent: a barrier may take this long).
+const BARRIER_PATIENCE: Duration = Duration::from_millis(1500);
 
 /// How long a watch's follower waits before it asks the members again when none took
 /// the watch.
@@ -316,6 +318,9 @@ impl RemoteShard {
             };
             loop {
                 let mut followed = false;
+                // A watch that ends at once (a holder about to stop holding) is not
+                // followed again without a pause, so a follower never spins.
+                let mut ended_at_once = false;
                 for addr in Self::order(&peers, &members, &current) {
                     let watching = tokio::select! {
                         w = peers.watch(&addr, group, stream.clone(), READ_TTL) => w,
@@ -324,6 +329,7 @@ impl RemoteShard {
                     let Ok((_, mut watching)) = watching else { continue };
                     followed = true;
                     let _following = Following::start();
+                    let since = tokio::time::Instant::now();
                     // What moved while no member was followed is pulled now.
                     if !bump(&moved) {
                         return;
@@ -338,8 +344,9 @@ impl RemoteShard {
                         }
                     }
                     tracing::debug!(group, member = %addr, ?key, "a followed member went away; following another");
+                    ended_at_once |= since.elapsed() < REFOLLOW_PAUSE * 5;
                 }
-                if !followed {
+                if !followed || ended_at_once {
                     tokio::select! {
                         _ = tokio::time::sleep(REFOLLOW_PAUSE) => {}
                         _ = moved.closed() => return,

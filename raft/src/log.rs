@@ -553,6 +553,35 @@ fn read_meta(path: &Path, bytes: &[u8]) -> Result<LogMeta, LogError> {
         .map_err(|e| LogError::Corrupt(name, e.to_string()))
 }
 
+/// Empties the log in `dir` (not open) but for its vote: every segment goes, and the
+/// meta keeps the vote with nothing purged. What a node that forgets its copy of a group
+/// uses (`store::forget_group`): a vote it gave stays given, so it cannot vote twice in
+/// one term. The new folder is written beside the old one and moved in its place; a
+/// crash between removing the old and moving the new one in loses the vote.
+pub fn forget_keeping_vote(dir: &Path) -> Result<(), LogError> {
+    let meta_path = dir.join("meta");
+    let vote = match std::fs::read(&meta_path) {
+        Ok(bytes) => read_meta(&meta_path, &bytes)?.vote,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(LogError::Io(meta_path.display().to_string(), e)),
+    };
+    let fresh = dir.with_extension("forgetting");
+    match std::fs::remove_dir_all(&fresh) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(LogError::Io(fresh.display().to_string(), e)),
+    }
+    std::fs::create_dir_all(&fresh).map_err(io(fresh.display()))?;
+    write_meta(&fresh, &LogMeta { vote, purged: None })?;
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(LogError::Io(dir.display().to_string(), e)),
+    }
+    std::fs::rename(&fresh, dir).map_err(io(dir.display()))?;
+    Ok(())
+}
+
 fn write_meta(dir: &Path, meta: &LogMeta) -> Result<(), LogError> {
     let path = dir.join("meta");
     let mut bytes = META_MAGIC.to_vec();

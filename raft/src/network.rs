@@ -65,7 +65,7 @@ impl RpcRequest {
     fn answers_quickly(&self) -> bool {
         matches!(
             self,
-            RpcRequest::Append { .. } | RpcRequest::AppendQuiet { .. } | RpcRequest::Vote { .. } | RpcRequest::ReadIndex { .. } | RpcRequest::Write { .. } | RpcRequest::Status | RpcRequest::Read { .. }
+            RpcRequest::Append { .. } | RpcRequest::AppendQuiet { .. } | RpcRequest::Vote { .. } | RpcRequest::ReadIndex { .. } | RpcRequest::Write { .. } | RpcRequest::Status
         )
     }
 

@@ -236,12 +236,16 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
     Ok(true)
 }
 
-/// Forgets this node's copy of `group`: every key of its partition (records, applied
-/// point, vote, committed pointer), its log segments and its snapshot files. The group
-/// must not be open. Afterwards it opens as a group this node never held: it is sent
-/// a snapshot if it joins the group again. Only for a replica whose loss the group does
-/// not notice: one that does not vote in it (ADR 0012).
+/// Forgets this node's copy of `group` but its vote: its log segments, every key of
+/// its partition (records, applied point, committed pointer) and its snapshot files.
+/// The group must not be open. Afterwards it opens with no entry: it is sent a snapshot
+/// if it joins the group again. Only for a replica whose loss the group does not
+/// notice: one that does not vote in it (ADR 0012).
+///
+/// The log goes first: a crash after it leaves records without a log, which opens
+/// (as after a snapshot) and is forgotten again at the next start.
 pub fn forget_group(keyspace: &fjall::Keyspace, group: u64, snapshot_dir: &Path, log_dir: &Path) -> Result<(), crate::Error> {
+    crate::log::forget_keeping_vote(log_dir).map_err(|e| crate::Error::Storage(e.to_string()))?;
     let partition = state_partition(keyspace, group)?;
     let mut batch = keyspace.batch();
     for key in partition.keys() {
@@ -252,11 +256,6 @@ pub fn forget_group(keyspace: &fjall::Keyspace, group: u64, snapshot_dir: &Path,
     }
     batch.commit()?;
     keyspace.persist(fjall::PersistMode::SyncAll)?;
-    match std::fs::remove_dir_all(log_dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.into()),
-    }
     let prefix = format!("g{group}-");
     if let Ok(entries) = std::fs::read_dir(snapshot_dir) {
         for entry in entries.flatten() {
