@@ -765,3 +765,90 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     }
     Ok(())
 }
+
+/// Each visitor socket's member by the gateway's map, when every conversation shard has
+/// a leader and every socket is on the leader of its conversation's shard.
+fn pinned_to_shard_leaders(view: &Value, conversations: &[u64]) -> Option<BTreeMap<u64, u64>> {
+    let shards = view["shards"].as_array()?;
+    if shards.is_empty() {
+        return None;
+    }
+    let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
+    for c in conversations {
+        let leader = shards[(*c % shards.len() as u64) as usize]["leader"].as_u64()?;
+        *expected.entry(leader).or_default() += 1;
+    }
+    let actual: BTreeMap<u64, u64> = view["members"].as_array()?.iter().filter_map(|m| Some((m["id"].as_u64()?, m["sockets"].as_u64()?))).filter(|(_, n)| *n > 0).collect();
+    (actual == expected).then_some(actual)
+}
+
+/// A split cluster behind a standalone gateway: the gateway relays each visitor's socket
+/// to the leader of its conversation's shard, so visitors spread over the members. When
+/// a leader is stopped and the placement later hands leaderships back to it, the
+/// sockets follow, while the members they leave still serve: each stays open, and
+/// each visitor sees its own messages once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_pins_each_visitor_to_its_conversation_shard_s_leader_and_follows_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start_split(dir.path(), 3, Some(4)).await?;
+    let gateway = cluster.start_gateway(0).await?;
+    let mut visitors = Vec::new();
+    let mut conversations = Vec::new();
+    for i in 0..8 {
+        let (ws, conversation, _) = gateway.client(&format!("Visitor {i}")).await?;
+        visitors.push(ws);
+        conversations.push(conversation);
+    }
+    let placed = eventually(WAIT * 3, Duration::from_millis(200), || async {
+        let (_, view) = gateway.api("GET", "/api/gateway", None, None).await?;
+        Ok(pinned_to_shard_leaders(&view, &conversations))
+    })
+    .await?;
+    println!("sockets per member, each on its conversation's shard leader: {placed:?}");
+    let send = |n: usize| json!({"type": "send", "key": format!("m-{n}"), "text": format!("message {n}")});
+    for ws in visitors.iter_mut() {
+        let sent = until_answered(ws, &send(1), "m-1", &[]).await?;
+        assert_eq!(sent["type"], "ack", "{sent}");
+    }
+
+    // The member with the most visitors is stopped: its sockets go elsewhere, and come
+    // back once `cluster rebalance` has it lead again.
+    let busiest = placed.iter().max_by_key(|(_, n)| **n).map(|(id, _)| *id as usize).unwrap_or(1);
+    let moves = |text: &str| text.lines().find_map(|l| l.strip_prefix("switchboard_gateway_moves_total ")).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+    let (_, before) = gateway.api("GET", "/metrics", None, None).await?;
+    let moved_before = moves(before.as_str().unwrap_or_default());
+    cluster.stop(busiest).await?;
+    for ws in visitors.iter_mut() {
+        let sent = until_answered(ws, &send(2), "m-2", &[]).await?;
+        assert_eq!(sent["type"], "ack", "{sent}");
+    }
+    cluster.restart(busiest).await?;
+    let password = cluster.logins["admin"].clone();
+    let other = if busiest == 1 { 2 } else { 1 };
+    let out = switchboard_chaos_tests::cli(["cluster", "rebalance", "--addr", &cluster.node(other).private], &[("SWITCHBOARD_PASSWORD", &password)]).await?;
+    println!("cluster rebalance:\n{}", String::from_utf8_lossy(&out));
+    // Every socket on the leader of its conversation's shard as the nodes now see it.
+    let back = eventually(WAIT * 3, Duration::from_millis(250), || async {
+        let leaders = group_leaders(&cluster, other).await?;
+        let (_, view) = gateway.api("GET", "/api/gateway", None, None).await?;
+        let current = view["shards"].as_array().is_some_and(|shards| shards.iter().all(|s| leaders.get(&s["group"].as_u64().unwrap_or(0)).copied().flatten() == s["leader"].as_u64()));
+        Ok(pinned_to_shard_leaders(&view, &conversations).filter(|_| current))
+    })
+    .await?;
+    let (_, after) = gateway.api("GET", "/metrics", None, None).await?;
+    let moved = moves(after.as_str().unwrap_or_default()) - moved_before;
+    println!("node {busiest} stopped and started again; sockets per member now {back:?}, {moved} moved while their members served");
+
+    for (ws, conversation) in visitors.iter_mut().zip(&conversations) {
+        let sent = until_answered(ws, &send(3), "m-3", &[]).await?;
+        assert_eq!(sent["type"], "ack", "{sent}");
+        // The visitor's own messages, each once and in order, on the socket it opened.
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let event = ws.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "message" && v["from"] == "client").await?;
+            seen.push(event["text"].as_str().unwrap_or_default().to_owned());
+        }
+        assert_eq!(seen, ["message 1", "message 2", "message 3"], "conversation {conversation}");
+    }
+    Ok(())
+}

@@ -2,9 +2,14 @@
 //! traffic to the cluster's members over QUIC with mutual TLS (ADR 0008).
 //!
 //! It keeps no durable state. It learns the cluster's map (members, the leader, who is
-//! ready) by polling every member's status, pins each request and each socket to a
-//! member (the leader when it is ready, else any ready member: every member serves, ADR
-//! 0007), and relays the bytes ([`crate::relay`] is the node's side). Edge limits are
+//! ready, and on a split cluster who leads each conversation shard) by polling every
+//! member, pins each request and each socket to a member (the leader when it is ready,
+//! else any ready member: every member serves, ADR 0007), and relays the bytes
+//! ([`crate::relay`] is the node's side). A socket then follows the member that owns
+//! its stream: a visitor's socket the leader of its conversation's shard, an operator's
+//! the routing leader. Once its conversation is known, and whenever the map changes,
+//! a socket with nothing unanswered moves there (opened on that member and resumed
+//! after the last `seq` delivered, as a re-pin does). Edge limits are
 //! enforced here first: connection caps, header and write timeouts, WebSocket frame
 //! size and rate; the node then makes every check of its own.
 //!
@@ -56,6 +61,12 @@ const POLL_TTL: Duration = Duration::from_millis(400);
 const REPIN_PATIENCE: Duration = Duration::from_secs(15);
 /// How long a re-pinned socket waits for its `resumed` or `hello`.
 const RESUME_WAIT: Duration = Duration::from_secs(5);
+/// How long a socket moving to the member that owns its stream may take to be opened
+/// and resumed there; past it the socket stays where it was.
+const MOVE_PATIENCE: Duration = Duration::from_secs(2);
+/// Sockets moving after a change of the map start within this spread (by the client's
+/// port), so that a new leader is not asked for every resume at once.
+const MOVE_SPREAD_MS: u64 = 500;
 /// The largest frame a member may send a gateway (a page of history is 64 KiB of text).
 const MAX_UPSTREAM_MESSAGE: usize = 16 * 1024 * 1024;
 /// Requests a socket's client may have unanswered at the gateway's count; past it the
@@ -93,12 +104,24 @@ struct Member {
     ready: bool,
 }
 
+/// One conversation shard in the gateway's map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Shard {
+    group: u64,
+    /// The member that says it leads the shard (the highest term among those that do).
+    leader: Option<u64>,
+    holders: Vec<u64>,
+}
+
 /// The gateway's view of the cluster, versioned: the version goes up whenever the
-/// leader or the members change.
+/// leader, the members or a conversation shard's leader change.
 #[derive(Default)]
 struct Map {
     members: BTreeMap<u64, Member>,
     leader: Option<u64>,
+    /// A split cluster's conversation shards in order (conversation `id` lives in the
+    /// `id % len`-th); empty on a cluster of one group or before any member told.
+    conversations: Vec<Shard>,
     version: u64,
 }
 
@@ -108,7 +131,10 @@ pub struct Upstreams {
     map: Mutex<Map>,
     repins: AtomicU64,
     repins_failed: AtomicU64,
+    moves: AtomicU64,
     unavailable: AtomicU64,
+    /// The map's version, for sockets to notice a change.
+    changes: tokio::sync::watch::Sender<u64>,
     relayed_sockets: AtomicUsize,
     /// Sockets relayed to each member now.
     per_member: Mutex<BTreeMap<u64, usize>>,
@@ -132,7 +158,9 @@ impl Upstreams {
             map: Mutex::new(map),
             repins: AtomicU64::new(0),
             repins_failed: AtomicU64::new(0),
+            moves: AtomicU64::new(0),
             unavailable: AtomicU64::new(0),
+            changes: tokio::sync::watch::Sender::new(0),
             relayed_sockets: AtomicUsize::new(0),
             per_member: Mutex::new(BTreeMap::new()),
         })
@@ -164,6 +192,31 @@ impl Upstreams {
         ready.or_else(any).or_else(untried).map(|(id, m)| (*id, m.addr.clone()))
     }
 
+    /// The member that owns a socket's stream, if the map knows one that serves: a
+    /// visitor's conversation's shard leader (the leader of the one group on a cluster
+    /// that is not split), an operator's routing leader. `None` for a supervisor's
+    /// socket and a visitor's before its conversation is known.
+    fn preferred(&self, surface: Surface, conversation: Option<u64>) -> Option<(u64, String)> {
+        let map = self.lock();
+        let owner = match (surface, conversation) {
+            (Surface::Client, Some(c)) if !map.conversations.is_empty() => {
+                map.conversations[(c % map.conversations.len() as u64) as usize].leader?
+            }
+            (Surface::Client, Some(_)) | (Surface::Operator, _) => map.leader?,
+            _ => return None,
+        };
+        map.members.get(&owner).filter(|m| m.alive && m.ready).map(|m| (owner, m.addr.clone()))
+    }
+
+    /// Where a socket goes when its member failed: the member that owns its stream,
+    /// else as [`Upstreams::choose`] picks.
+    fn choose_for(&self, surface: Surface, conversation: Option<u64>, avoid: Option<u64>) -> Option<(u64, String)> {
+        match self.preferred(surface, conversation) {
+            Some((id, addr)) if Some(id) != avoid => Some((id, addr)),
+            _ => self.choose(avoid),
+        }
+    }
+
     fn ready(&self) -> bool {
         self.lock().members.values().any(|m| m.alive && m.ready)
     }
@@ -177,16 +230,43 @@ impl Upstreams {
             .map(|(id, m)| (*id, m.addr.clone()))
             .collect();
         let answers = futures::future::join_all(targets.iter().map(|(id, addr)| async move {
-            (
-                *id,
-                self.peers.status(addr, POLL_TTL).await,
-            )
+            let (status, shards) = tokio::join!(self.peers.status(addr, POLL_TTL), self.peers.shards(addr, POLL_TTL));
+            (*id, status, shards.ok())
         }))
         .await;
         let mut map = self.lock();
-        let before = (map.leader, map.members.keys().copied().collect::<Vec<_>>());
+        let leaders = |map: &Map| map.conversations.iter().map(|s| s.leader).collect::<Vec<_>>();
+        let before = (map.leader, map.members.keys().copied().collect::<Vec<_>>(), leaders(&map));
+        // Each conversation shard's leader: the member that says it leads, at the
+        // highest term if two do (one cut off that has not heard of the next term).
+        let mut shards: Vec<Shard> = Vec::new();
+        let mut terms: Vec<u64> = Vec::new();
+        for (id, status, reported) in &answers {
+            let Some(reported) = reported.as_ref().filter(|_| status.is_ok()) else { continue };
+            if reported.len() > shards.len() {
+                shards.resize(reported.len(), Shard::default());
+                terms.resize(reported.len(), 0);
+            }
+            for (i, s) in reported.iter().enumerate() {
+                if shards[i].group == 0 {
+                    shards[i].group = s.group;
+                }
+                if shards[i].holders.is_empty() {
+                    shards[i].holders = s.holders.clone();
+                }
+                if let Some((leader, term)) = s.leader {
+                    if leader == *id && (shards[i].leader.is_none() || term > terms[i]) {
+                        shards[i].group = s.group;
+                        shards[i].leader = Some(leader);
+                        shards[i].holders = s.holders.clone();
+                        terms[i] = term;
+                    }
+                }
+            }
+        }
+        map.conversations = shards;
         let mut leader_view: Option<Vec<(u64, String)>> = None;
-        for (id, answer) in answers {
+        for (id, answer, _) in answers {
             let Some(member) = map.members.get_mut(&id) else {
                 continue;
             };
@@ -225,9 +305,10 @@ impl Upstreams {
                     .retain(|id, _| view.iter().any(|(v, _)| v == id));
             }
         }
-        if before != (map.leader, map.members.keys().copied().collect::<Vec<_>>()) {
+        if before != (map.leader, map.members.keys().copied().collect::<Vec<_>>(), leaders(&map)) {
             map.version += 1;
-            tracing::info!(version = map.version, leader = ?map.leader, members = ?map.members.keys().collect::<Vec<_>>(), "cluster map changed");
+            tracing::info!(version = map.version, leader = ?map.leader, members = ?map.members.keys().collect::<Vec<_>>(), shard_leaders = ?leaders(&map), "cluster map changed");
+            self.changes.send_replace(map.version);
         }
     }
 
@@ -235,13 +316,14 @@ impl Upstreams {
         use std::fmt::Write;
         let mut extra = String::new();
         let map = self.lock();
-        let gauges: [(&str, &str, &str, u64); 7] = [
+        let gauges: [(&str, &str, &str, u64); 8] = [
             ("switchboard_gateway_map_version", "gauge", "Version of the gateway's cluster map (goes up when the leader or the members change).", map.version),
             ("switchboard_gateway_leader", "gauge", "The member the gateway takes for leader (0: none).", map.leader.unwrap_or(0)),
             ("switchboard_gateway_members_ready", "gauge", "Members that answer and serve.", map.members.values().filter(|m| m.alive && m.ready).count() as u64),
             ("switchboard_gateway_relayed_sockets", "gauge", "Sockets relayed to members now.", self.relayed_sockets.load(Relaxed) as u64),
             ("switchboard_gateway_repins_total", "counter", "Sockets moved to another member after theirs failed.", self.repins.load(Relaxed)),
             ("switchboard_gateway_repins_failed_total", "counter", "Sockets closed with 1012 because no member took them in time.", self.repins_failed.load(Relaxed)),
+            ("switchboard_gateway_moves_total", "counter", "Sockets moved, while their member served, to the member that owns their stream (a conversation shard's or the routing leader).", self.moves.load(Relaxed)),
             ("switchboard_gateway_unavailable_total", "counter", "Requests answered 503 because no member was reachable.", self.unavailable.load(Relaxed)),
         ];
         for (name, kind, help, value) in gauges {
@@ -262,6 +344,9 @@ impl Upstreams {
             "leader": map.leader,
             "members": map.members.iter().map(|(id, m)| json!({
                 "id": id, "addr": m.addr, "alive": m.alive, "ready": m.ready, "sockets": sockets.get(id).copied().unwrap_or(0),
+            })).collect::<Vec<_>>(),
+            "shards": map.conversations.iter().map(|s| json!({
+                "group": s.group, "leader": s.leader, "holders": s.holders,
             })).collect::<Vec<_>>(),
         })
     }
@@ -616,9 +701,48 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
     edge.up.moved(None, Some(member));
     let mut counted = Counted(edge.up.clone(), member);
     let mut track = Tracker::new(surface, &path);
+    // The socket moves to the member that owns its stream once that is known (its
+    // conversation started or resumed) and after each change of the map, at a moment
+    // when nothing it sent is unanswered.
+    let mut changes = edge.up.changes.subscribe();
+    let mut watching = true;
+    let mut move_at: Option<tokio::time::Instant> = None;
+    // Moves that failed in a row (the member refused or did not answer): the next try
+    // waits longer, up to 10 s.
+    let mut failed_moves: u32 = 0;
     loop {
         let lost = loop {
             tokio::select! {
+                changed = changes.changed(), if watching => match changed {
+                    Ok(()) => {
+                        failed_moves = 0;
+                        move_at = Some(tokio::time::Instant::now() + Duration::from_millis(u64::from(client.port()) % MOVE_SPREAD_MS));
+                    }
+                    // The gateway is stopping; nothing moves any more.
+                    Err(_) => watching = false,
+                },
+                _ = tokio::time::sleep_until(move_at.unwrap_or_else(tokio::time::Instant::now)), if move_at.is_some() && track.quiet() => {
+                    move_at = None;
+                    let Some((to, addr)) = edge.up.preferred(surface, track.conversation).filter(|(to, _)| *to != member) else { continue };
+                    match Box::pin(shift(&edge, &mut track, &addr, client, &path, &headers)).await {
+                        Ok(socket) => {
+                            let mut old = std::mem::replace(&mut upstream, socket);
+                            let _ = tokio::time::timeout(Duration::from_millis(100), old.send(ServerOp::Close, &wire::close_payload(close::NORMAL, ""))).await;
+                            tracing::debug!(from = member, to, %client, ?surface, "moved a socket to the member that owns its stream");
+                            edge.up.moves.fetch_add(1, Relaxed);
+                            edge.up.moved(Some(member), Some(to));
+                            member = to;
+                            counted.1 = to;
+                            failed_moves = 0;
+                        }
+                        Err(e) => {
+                            failed_moves += 1;
+                            let wait = Duration::from_secs(u64::from(failed_moves.min(5)) * 2);
+                            tracing::debug!(from = member, to, error = %e, ?wait, "could not move a socket; it stays and tries again");
+                            move_at = Some(tokio::time::Instant::now() + wait);
+                        }
+                    }
+                }
                 text = rx.recv() => match text {
                     None => {
                         let _ = upstream.send(ServerOp::Close, &wire::close_payload(close::NORMAL, "")).await;
@@ -635,8 +759,12 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                 },
                 frame = upstream.next() => match frame {
                     Ok(Inbound::Text(text)) => {
+                        let known = track.conversation;
                         if track.incoming(&text) {
                             out.text(text).await;
+                        }
+                        if track.conversation != known {
+                            move_at = Some(tokio::time::Instant::now());
                         }
                     }
                     Ok(Inbound::Ping(payload)) => {
@@ -663,6 +791,7 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
         edge.up.repins.fetch_add(1, Relaxed);
         // Boxed: a socket's task is as large as its largest await, and most sockets
         // never re-pin.
+        move_at = None;
         match Box::pin(repin(&edge, &mut track, member, client, &path, &headers)).await {
             Ok((socket, id, replay)) => {
                 upstream = socket;
@@ -723,7 +852,7 @@ async fn repin(
     let give_up = Instant::now() + REPIN_PATIENCE;
     let mut avoid = Some(dead);
     while Instant::now() < give_up {
-        if let Some((id, addr)) = edge.up.choose(avoid) {
+        if let Some((id, addr)) = edge.up.choose_for(track.surface, track.conversation, avoid) {
             let target = track.reconnect_path(path);
             // Each attempt within what is left of the patience: a member that is there but
             // stuck must not hold the socket past it.
@@ -770,6 +899,20 @@ async fn repin(
     Err(None)
 }
 
+/// Opens the socket on the member at `addr` and resumes its stream there, for a move
+/// while its member still serves (nothing of it is unanswered).
+async fn shift(edge: &Edge, track: &mut Tracker, addr: &str, client: SocketAddr, path: &str, headers: &HeaderMap) -> Result<UpstreamSocket, String> {
+    let target = track.reconnect_path(path);
+    let mut socket = match tokio::time::timeout(MOVE_PATIENCE, open_socket(&edge.up, addr, edge.listener, client, &target, headers)).await {
+        Ok(Ok(Opened::Socket(socket))) => socket,
+        Ok(Ok(Opened::Refused(response))) => return Err(format!("the member refused it with {}", response.status())),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err("the member did not answer in time".into()),
+    };
+    tokio::time::timeout(MOVE_PATIENCE, track.resume(&mut socket)).await.map_err(|_| "no answer to the resume in time".to_string())??;
+    Ok(socket)
+}
+
 /// A request the client sent that has had no answer yet.
 struct Pending {
     kind: String,
@@ -791,6 +934,11 @@ struct Tracker {
     surface: Surface,
     /// Client: the conversation's token (from `started`, or a `resume` the member accepted).
     token: Option<String>,
+    /// Client: the conversation that token names (read, not verified: it only says
+    /// where the socket goes; the member checks the token).
+    conversation: Option<u64>,
+    /// Client: `ping`s sent with no `pong` yet (a socket moves only when this is 0).
+    pings: u8,
     /// The last `seq` delivered on the stream (client: conversation; operator: feed).
     last_seq: Option<u64>,
     /// Operator: the `last_seq` the socket was opened with, until the first `hello`.
@@ -827,7 +975,18 @@ impl Tracker {
         let requested = param("last_seq").and_then(|v| v.parse::<u64>().ok());
         let feeds = (surface == Surface::Operator && param("protocol").and_then(|v| v.parse::<u32>().ok()) == Some(2))
             .then(|| Box::new(Feeds { requested: param("cursor").map(parse_feeds), delivered: BTreeMap::new() }));
-        Tracker { surface, token: None, last_seq: None, requested, feeds, resume_asked: None, pending: VecDeque::new(), pending_bytes: 0 }
+        Tracker { surface, token: None, conversation: None, pings: 0, last_seq: None, requested, feeds, resume_asked: None, pending: VecDeque::new(), pending_bytes: 0 }
+    }
+
+    /// Whether nothing the client sent waits for an answer: the socket may move.
+    fn quiet(&self) -> bool {
+        self.pending.is_empty() && self.pings == 0 && self.resume_asked.is_none()
+    }
+
+    /// Sets the client's token and the conversation it names.
+    fn set_token(&mut self, token: String) {
+        self.conversation = token_conversation(&token);
+        self.token = Some(token);
     }
 
     /// A frame the client sent, on its way to the member. `Err` with an error frame for
@@ -838,7 +997,10 @@ impl Tracker {
         }
         let Ok(frame) = serde_json::from_str::<Value>(text) else { return Ok(()) };
         let kind = frame.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
-        // No answer comes to these: nothing to wait for.
+        if kind == "ping" {
+            self.pings = self.pings.saturating_add(1);
+        }
+        // No answer comes to these, or none worth sending again: nothing to keep.
         if matches!(kind.as_str(), "typing" | "read" | "ping") {
             return Ok(());
         }
@@ -925,14 +1087,16 @@ impl Tracker {
                     (_, newest) => newest,
                 };
             }
+            "pong" => self.pings = self.pings.saturating_sub(1),
             "started" => {
                 self.token = frame.get("token").and_then(Value::as_str).map(str::to_owned);
+                self.conversation = frame.get("conversation").and_then(Value::as_u64);
                 self.last_seq = Some(0);
                 self.settle(|p| p.kind == "start");
             }
             "resumed" => {
                 if let Some((token, last_seq)) = self.resume_asked.take() {
-                    self.token = Some(token);
+                    self.set_token(token);
                     self.last_seq = Some(last_seq);
                 }
                 self.settle(|p| p.kind == "resume");
@@ -1036,7 +1200,7 @@ impl Tracker {
         if self.surface == Surface::Client {
             if let Some((token, last_seq)) = self.resume_asked.take() {
                 // The client asked for this `resumed` itself: hand it over.
-                self.token = Some(token);
+                self.set_token(token);
                 self.last_seq = Some(last_seq);
                 self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, text: frame.to_string() });
             }
@@ -1076,6 +1240,16 @@ impl Tracker {
         self.pending = keep;
         actions
     }
+}
+
+/// The conversation a client token names, read without checking its signature (the
+/// member checks it): `v1.<claims>.<mac>` with claims `{"kind":"client","conversation":N,…}`.
+fn token_conversation(token: &str) -> Option<u64> {
+    use base64::Engine;
+    let claims = token.strip_prefix("v1.")?.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims).ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    (claims.get("kind")? == "client").then(|| claims.get("conversation")?.as_u64()).flatten()
 }
 
 /// The gateway's own routes: health, readiness, metrics and its view of the cluster;
@@ -1238,6 +1412,66 @@ mod tests {
         assert!(!t.incoming(r#"{"type":"event","kind":"presence","feed":"r","seq":41}"#), "a repeat in its feed is not");
         assert!(t.incoming(r#"{"type":"event","kind":"presence","feed":"c1","seq":2}"#), "the same seq in another feed is");
         assert_eq!(t.reconnect_path("/ws/operator?token=T&protocol=2&cursor=r.40,c0.7"), "/ws/operator?token=T&protocol=2&cursor=c0.4,c1.2,r.42");
+    }
+
+    #[test]
+    fn a_client_socket_knows_its_conversation_and_moves_only_when_nothing_waits() {
+        let key = crate::auth::TokenKey::new(&[7u8; 32]).expect("key");
+        let token = key.issue(crate::auth::Subject::Client { conversation: switchboard_actors::model::ConversationId(4242) }, Duration::from_secs(60));
+        assert_eq!(token_conversation(&token), Some(4242));
+        let visitor = key.issue(crate::auth::Subject::Visitor { visitor: "v-1".into() }, Duration::from_secs(60));
+        assert_eq!(token_conversation(&visitor), None, "only a client token names a conversation");
+        assert_eq!(token_conversation("v1.!!!.x"), None);
+
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        assert!(t.quiet());
+        assert!(t.outgoing(&format!(r#"{{"type":"resume","token":"{token}","last_seq":0}}"#)).is_ok());
+        assert!(!t.quiet(), "a resume waits for its answer");
+        t.incoming(r#"{"type":"resumed","protocol":1}"#);
+        assert_eq!(t.conversation, Some(4242), "read from the resumed token");
+        assert!(t.quiet());
+        assert!(t.outgoing(r#"{"type":"ping"}"#).is_ok());
+        assert!(!t.quiet(), "a pong would be lost by a move");
+        t.incoming(r#"{"type":"pong"}"#);
+        assert!(t.outgoing(r#"{"type":"send","key":"k","text":"hi"}"#).is_ok());
+        assert!(!t.quiet());
+        t.incoming(r#"{"type":"ack","key":"k","seq":1,"duplicate":false}"#);
+        assert!(t.quiet());
+
+        let mut started = Tracker::new(Surface::Client, "/ws/client");
+        started.outgoing(r#"{"type":"start"}"#).expect("sent");
+        started.incoming(r#"{"type":"started","token":"t","conversation":77}"#);
+        assert_eq!((started.conversation, started.quiet()), (Some(77), true));
+    }
+
+    #[tokio::test]
+    async fn a_socket_prefers_its_conversation_shard_s_leader_then_the_routing_leader() {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")).expect("endpoint");
+        let up = Upstreams::new(Peers::new(endpoint), &[(1, "a".into()), (2, "b".into()), (3, "c".into())]);
+        {
+            let mut map = up.lock();
+            for m in map.members.values_mut() {
+                (m.alive, m.ready) = (true, true);
+            }
+            map.leader = Some(1);
+            map.conversations = vec![
+                Shard { group: 2, leader: Some(2), holders: vec![1, 2, 3] },
+                Shard { group: 3, leader: Some(3), holders: vec![1, 2, 3] },
+                Shard { group: 4, leader: None, holders: vec![1, 2, 3] },
+            ];
+        }
+        let at = |surface, conversation| up.preferred(surface, conversation).map(|(id, _)| id);
+        assert_eq!(at(Surface::Client, Some(9)), Some(2), "9 % 3 = 0: the first shard");
+        assert_eq!(at(Surface::Client, Some(10)), Some(3));
+        assert_eq!(at(Surface::Client, Some(11)), None, "a shard without a known leader: stay");
+        assert_eq!(at(Surface::Client, None), None, "before its conversation is known");
+        assert_eq!(at(Surface::Operator, None), Some(1), "the routing leader");
+        assert_eq!(at(Surface::Supervisor, None), None);
+        up.lock().members.get_mut(&3).expect("member").ready = false;
+        assert_eq!(at(Surface::Client, Some(10)), None, "a leader that does not serve is not moved to");
+        assert_eq!(up.choose_for(Surface::Client, Some(9), Some(2)).map(|(id, _)| id), Some(1), "a failed member is avoided even when it leads");
+        up.lock().conversations.clear();
+        assert_eq!(at(Surface::Client, Some(9)), Some(1), "one group: the leader");
     }
 
     #[test]

@@ -171,6 +171,51 @@ fn wait_ready(mut command: tokio::process::Command) -> anyhow::Result<(tokio::pr
     Ok((child, ready))
 }
 
+/// Each group's leader, from the nodes that hold a copy of it (a split cluster);
+/// `None` for a cluster of one group.
+async fn group_leaders(nodes: &Nodes) -> Option<BTreeMap<u64, Option<u64>>> {
+    let mut leaders: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+    for config in &nodes.configs {
+        let Ok(status) = cluster::status(&config.private_addr.to_string()).await else { continue };
+        for g in status["groups"].as_array()? {
+            let (Some(group), leader) = (g["group"].as_u64(), g["leader"].as_u64()) else { continue };
+            let known = leaders.entry(group).or_default();
+            if g["held"] != false && known.is_none() {
+                *known = leader;
+            }
+        }
+    }
+    Some(leaders)
+}
+
+/// On a split cluster, waits until the placement has evened out the groups'
+/// leaderships (a new cluster's first member leads every group until then), at most
+/// 60 s, so that the run measures the cluster as it will serve; prints who leads what.
+async fn until_leaders_even(nodes: &Nodes) {
+    let started = Instant::now();
+    loop {
+        let Some(leaders) = group_leaders(nodes).await else { return };
+        let mut leads: BTreeMap<u64, Vec<u64>> = nodes.configs.iter().map(|c| (c.id, Vec::new())).collect();
+        for (group, leader) in &leaders {
+            if let Some(list) = leader.and_then(|l| leads.get_mut(&l)) {
+                list.push(*group);
+            }
+        }
+        let all = !leaders.is_empty() && leaders.values().all(Option::is_some);
+        let (most, least) = (leads.values().map(Vec::len).max().unwrap_or(0), leads.values().map(Vec::len).min().unwrap_or(0));
+        if all && most - least <= 1 {
+            let shown: Vec<String> = leads.iter().map(|(node, groups)| format!("node {node} leads {groups:?}")).collect();
+            println!("bench: leaderships even after {:.1} s: {}", started.elapsed().as_secs_f64(), shown.join(", "));
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            println!("bench: leaderships still uneven after 60 s ({leads:?}); measuring anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.soak.is_some() {
         bail!("--soak runs on one node; drop --nodes");
@@ -194,6 +239,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some((g, _)) => println!("bench: {} operators online through {}; starting {} clients through it", args.operators, g.name, args.clients),
         None => println!("bench: {} operators online over {} nodes; starting {} clients", args.operators, args.nodes, args.clients),
     }
+    until_leaders_even(&nodes).await;
     let clients = bench::start_clients(&nodes.publics(), args.clients).await?;
     let leader = nodes.leader().await?;
     println!("bench: node {} leads", leader + 1);
@@ -224,7 +270,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let (log, records) = (mib(&config.data_dir.join("log")), mib(&config.data_dir.join("records")));
         if let Ok(status) = cluster::status(&config.private_addr.to_string()).await {
             let held: Vec<u64> = status["groups"].as_array().into_iter().flatten().filter(|g| g["held"] == true && g["group"].as_u64().is_some_and(|id| id >= 3)).filter_map(|g| g["group"].as_u64()).collect();
-            let held = if status["groups"].is_array() { format!(", holds conversation shards {held:?}") } else { String::new() };
+            let leads: Vec<u64> = status["groups"].as_array().into_iter().flatten().filter(|g| g["held"] != false && g["leader"].as_u64() == Some(config.id)).filter_map(|g| g["group"].as_u64()).collect();
+            let held = if status["groups"].is_array() { format!(", holds conversation shards {held:?}, leads groups {leads:?}") } else { String::new() };
             println!(
                 "  node {}: {}, leader changes seen {}, CPU {cpu} s, data folder {folder:.1} MiB (log {log:.1}, records {records:.1}){held}",
                 config.id,

@@ -673,6 +673,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     let edge = server::open_edge(&options, backend, &node.router).await?;
     let gateway = edge.gateway.clone();
     server::report_status(&node.router, node.groups[&R].raft.clone(), node.node_id, gateway.clone());
+    report_shards(&node);
     let Edge { public_addr, private_addr, smtp_addr, mut listeners, shutdown, .. } = edge;
     let node_id = options.node_id;
     // The routing shard's timers: operators without a socket for the grace period.
@@ -690,6 +691,29 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     listeners.push(placement);
     tracing::info!(%public_addr, %private_addr, shards, "split node started");
     Ok(RunningNode { groups: Groups::Split(node), gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
+}
+
+/// Answers gateways' shard polls: each conversation shard's leader as this node knows
+/// it (only for a shard it holds: a node without a copy cannot know), and its holders.
+fn report_shards(node: &Arc<SplitNode>) {
+    // Weak: the router the answer is set on belongs to the node.
+    let weak = Arc::downgrade(node);
+    node.router.set_shards(Arc::new(move || {
+        let Some(node) = weak.upgrade() else { return Vec::new() };
+        let recorded = node.groups[&G0].shard.read().holders.clone();
+        (0..node.shards)
+            .filter_map(|k| node.groups.get(&(FIRST_C + k)))
+            .map(|g| {
+                let m = g.raft.metrics().borrow().clone();
+                let holders = match recorded.get(&g.id) {
+                    Some(nodes) => nodes.iter().copied().collect(),
+                    None => m.membership_config.membership().voter_ids().collect(),
+                };
+                let leader = if node.holds(g.id) { m.current_leader.map(|l| (l, m.current_term)) } else { None };
+                switchboard_raft::network::ShardStatus { group: g.id, leader, holders }
+            })
+            .collect()
+    }));
 }
 
 #[cfg(test)]

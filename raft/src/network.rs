@@ -55,6 +55,11 @@ enum RpcRequest {
     /// a status byte and then the stream's counter (8 bytes, big-endian) each time it
     /// moves, until either side ends the stream (see [`Peers::watch`]).
     Watch { group: u64, stream: Vec<u8> },
+    /// The conversation shards as this member sees them (who leads each, who holds
+    /// it): what a gateway polls beside `Status` to pin a visitor's socket to its
+    /// conversation's shard (appended variant; a member that predates it answers
+    /// `BadRequest`, and the gateway then pins by `Status` alone).
+    Shards,
 }
 
 impl RpcRequest {
@@ -65,7 +70,7 @@ impl RpcRequest {
     fn answers_quickly(&self) -> bool {
         matches!(
             self,
-            RpcRequest::Append { .. } | RpcRequest::AppendQuiet { .. } | RpcRequest::Vote { .. } | RpcRequest::ReadIndex { .. } | RpcRequest::Write { .. } | RpcRequest::Status
+            RpcRequest::Append { .. } | RpcRequest::AppendQuiet { .. } | RpcRequest::Vote { .. } | RpcRequest::ReadIndex { .. } | RpcRequest::Write { .. } | RpcRequest::Status | RpcRequest::Shards
         )
     }
 
@@ -101,7 +106,24 @@ enum RpcResponse {
     Status(MemberStatus),
     /// The answer to a `Read`, as the node encoded it.
     Read(Result<Vec<u8>, String>),
+    Shards(Vec<ShardStatus>),
 }
+
+/// One conversation shard as a member sees it (answer to a gateway's `Shards` poll).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    /// The shard's Raft group.
+    pub group: u64,
+    /// The leader this member knows of, with its term; `None` when this member holds
+    /// no copy of the shard (it cannot know).
+    pub leader: Option<(NodeId, u64)>,
+    /// The nodes that hold a copy (its voters).
+    pub holders: Vec<NodeId>,
+}
+
+/// What answers a gateway's `Shards` poll on this node: the conversation shards in
+/// order (conversation `id` lives in the `id % len`-th), empty on a node of one group.
+pub type ShardsSource = Arc<dyn Fn() -> Vec<ShardStatus> + Send + Sync>;
 
 /// What a member says of itself and the cluster (answer to a gateway's poll).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +199,7 @@ pub struct Router {
     checks: Arc<RwLock<HashMap<u64, WriteCheck>>>,
     files: Arc<RwLock<Option<Arc<dyn Files>>>>,
     status: Arc<RwLock<Option<StatusSource>>>,
+    shards: Arc<RwLock<Option<ShardsSource>>>,
     relay: Arc<RwLock<Option<Arc<dyn Relay>>>>,
     reads: Arc<RwLock<Option<Arc<dyn GroupReads>>>>,
     /// Per group: the gate new entries pass before this node appends them (held while
@@ -329,6 +352,11 @@ impl Router {
     /// Answers gateways' status polls from `status`.
     pub fn set_status(&self, status: StatusSource) {
         *self.status.write().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+
+    /// Answers gateways' shard polls from `shards`.
+    pub fn set_shards(&self, shards: ShardsSource) {
+        *self.shards.write().unwrap_or_else(|p| p.into_inner()) = Some(shards);
     }
 
     /// Serves relayed client traffic with `relay`.
@@ -500,6 +528,10 @@ impl Router {
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
                 RpcResponse::Status(source.map(|s| s()).unwrap_or_default())
+            }
+            RpcRequest::Shards => {
+                let source = self.shards.read().unwrap_or_else(|p| p.into_inner()).clone();
+                RpcResponse::Shards(source.map(|s| s()).unwrap_or_default())
             }
             RpcRequest::Read { group, query } => match (self.get(group), self.reads()) {
                 (Some(_), Some(reads)) => RpcResponse::Read(reads.read(group, query).await),
@@ -936,6 +968,15 @@ impl Peers {
         match self.exchange(addr, &RpcRequest::Status, ttl).await {
             Ok(RpcResponse::Status(status)) => Ok(status),
             Ok(_) => Err(format!("{addr} answered a status poll with something else")),
+            Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
+        }
+    }
+
+    /// The conversation shards as the member at `addr` sees them, within `ttl`.
+    pub async fn shards(&self, addr: &str, ttl: Duration) -> Result<Vec<ShardStatus>, String> {
+        match self.exchange(addr, &RpcRequest::Shards, ttl).await {
+            Ok(RpcResponse::Shards(shards)) => Ok(shards),
+            Ok(_) => Err(format!("{addr} answered a shard poll with something else")),
             Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
         }
     }
