@@ -404,7 +404,7 @@ async fn store(gw: &Gateway, conversation: ConversationId, name: &str, declared:
     let (id, sha256) = gw.blobs.put(body, &content_type, length).await?;
     // On a cluster's majority before the record that promises the file is committed: a
     // member that dies after the answer loses no attachment it was sent.
-    if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone(), Some(conversation)).await {
+    if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone(), FileOwner::Conversation(conversation)).await {
         gw.blobs.remove(&id).await;
         return Err(GatewayError::Core(switchboard_actors::Error::Commit(format!("the file could not be copied to enough cluster members: {e}"))));
     }
@@ -566,15 +566,25 @@ async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayE
     gw.blobs.get(&attachment.id).await
 }
 
+/// Whose a file is, for where its copies go (`Backend::replicate_file`): a
+/// conversation's, or a channel message's before it is decided (its conversation is not
+/// known yet, but the shard that will decide it is: the one its channel and sender
+/// hash to).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileOwner {
+    Conversation(ConversationId),
+    Sender { channel: switchboard_actors::model::ChannelId, sender: String },
+}
+
 /// Keeps file `index` of a customer's channel message (its inbound key `key`) before
 /// the message is proposed: stored under an id made from both (a redelivery writes the
 /// same file; another message never names it), copied to a majority of the members as
 /// uploads are, and described for `ChannelInboundRich`.
-pub(crate) async fn keep_inbound_file(gw: &Gateway, key: &str, index: usize, name: String, content_type: String, bytes: &[u8]) -> Result<InboundFile, GatewayError> {
+pub(crate) async fn keep_inbound_file(gw: &Gateway, owner: &FileOwner, key: &str, index: usize, name: String, content_type: String, bytes: &[u8]) -> Result<InboundFile, GatewayError> {
     let digest = ring::digest::digest(&ring::digest::SHA256, format!("inbound\0{key}\0{index}").as_bytes());
     let id = AttachmentId(digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect());
     gw.blobs.put_bytes(&id, bytes).await?;
-    if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone(), None).await {
+    if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone(), owner.clone()).await {
         return Err(GatewayError::Core(switchboard_actors::Error::Commit(format!("the file could not be copied to enough cluster members: {e}"))));
     }
     let sha256 = ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();

@@ -288,7 +288,8 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
             continue;
         }
         let name = crate::attachments::safe_name(&media.name, &content_type);
-        match crate::attachments::keep_inbound_file(gw, &key, i, name, content_type, &bytes).await {
+        let owner = crate::attachments::FileOwner::Sender { channel: channel.clone(), sender: m.sender.clone() };
+        match crate::attachments::keep_inbound_file(gw, &owner, &key, i, name, content_type, &bytes).await {
             Ok(file) => files.push(file),
             Err(e) => {
                 tracing::warn!(%channel, error = %e, "a customer's file could not be stored; the provider is asked to retry");

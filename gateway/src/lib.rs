@@ -107,10 +107,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Copies a file this node stored to enough other members that it survives the loss
     /// of any minority of them, before its record is committed. A node alone has
     /// nothing to do.
-    /// `conversation`: the conversation the file belongs to, whose shard's holders get
-    /// it (ADR 0012); `None` for a file whose conversation is not known yet (a channel
-    /// message's), which every member gets.
-    fn replicate_file(&self, blobs: attachments::BlobStore, id: switchboard_actors::model::AttachmentId, conversation: Option<ConversationId>) -> BoxFuture<Result<(), String>>;
+    /// `owner`: whose file it is, which names the conversation shard whose holders get
+    /// it (ADR 0012).
+    fn replicate_file(&self, blobs: attachments::BlobStore, id: switchboard_actors::model::AttachmentId, owner: attachments::FileOwner) -> BoxFuture<Result<(), String>>;
     /// Waits until this node has applied every write acknowledged anywhere before the
     /// call (one round trip to the leader): for a read that must not miss one, such as
     /// a visitor resuming on a node that lags behind the one they came from.

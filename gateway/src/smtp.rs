@@ -506,7 +506,8 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     // Named by the mail as the core keys it (its sender and Message-ID) and its place.
     let key = switchboard_actors::core::inbound_key(channel, &mail.from, &mail.message_id);
     for (i, (name, content_type, bytes)) in kept.into_iter().enumerate() {
-        match keep_inbound_file(gw, &key, i, name, content_type, bytes).await {
+        let owner = crate::attachments::FileOwner::Sender { channel: channel.clone(), sender: mail.from.clone() };
+        match keep_inbound_file(gw, &owner, &key, i, name, content_type, bytes).await {
             Ok(file) => files.push(file),
             Err(e) => {
                 tracing::warn!(error = %e, "a mail's file could not be stored");

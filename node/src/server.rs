@@ -780,7 +780,7 @@ impl Backend for NodeBackend {
         serves(&self.raft, self.node_id, SHARD_GROUP, &self.peers, &self.router)
     }
 
-    fn replicate_file(&self, blobs: switchboard_gateway::attachments::BlobStore, id: AttachmentId, _conversation: Option<switchboard_actors::model::ConversationId>) -> BoxFuture<Result<(), String>> {
+    fn replicate_file(&self, blobs: switchboard_gateway::attachments::BlobStore, id: AttachmentId, _owner: switchboard_gateway::attachments::FileOwner) -> BoxFuture<Result<(), String>> {
         Box::pin(replicate_file(self.file_targets(), self.peers.clone(), self.copying.clone(), blobs, id))
     }
 

@@ -109,6 +109,20 @@ impl SplitBackend {
         self.node.group_of(id)
     }
 
+    /// The conversation shard that decides a channel sender's messages.
+    fn sender_group(&self, channel: &ChannelId, sender: &str) -> GroupId {
+        self.by_hash(stable_hash(&[channel.as_str().as_bytes(), sender.as_bytes()]))
+    }
+
+    /// The conversation shard whose holders keep a file of `owner`'s.
+    fn file_group(&self, owner: &switchboard_gateway::attachments::FileOwner) -> GroupId {
+        use switchboard_gateway::attachments::FileOwner;
+        match owner {
+            FileOwner::Conversation(c) => self.conversation_group(*c),
+            FileOwner::Sender { channel, sender } => self.sender_group(channel, sender),
+        }
+    }
+
     /// The conversation shard `hash` picks.
     fn by_hash(&self, hash: u64) -> GroupId {
         FIRST_C + hash % self.node.shards.max(1)
@@ -133,7 +147,7 @@ impl SplitBackend {
                 let turn = if advance { self.next.fetch_add(1, Relaxed) } else { self.next.load(Relaxed) };
                 one(self.by_hash(turn), command)
             }
-            Target::Sender { channel, sender } => one(self.by_hash(stable_hash(&[channel.as_str().as_bytes(), sender.as_bytes()])), command),
+            Target::Sender { channel, sender } => one(self.sender_group(&channel, &sender), command),
             Target::Operator(_) | Target::Group(_) | Target::ConversationRouting(_) | Target::OwnRoutingShard | Target::OperatorsByRoutingShard => {
                 one(R, command)
             }
@@ -489,11 +503,12 @@ impl Backend for SplitBackend {
         })
     }
 
-    fn replicate_file(&self, blobs: switchboard_gateway::attachments::BlobStore, id: AttachmentId, conversation: Option<ConversationId>) -> BoxFuture<Result<(), String>> {
+    fn replicate_file(&self, blobs: switchboard_gateway::attachments::BlobStore, id: AttachmentId, owner: switchboard_gateway::attachments::FileOwner) -> BoxFuture<Result<(), String>> {
         // A conversation's files go where its shard is held (ADR 0012): to its other
-        // members from a holder, to its holders from another node. A file whose
-        // conversation is not known yet goes to every node (the routing shard's members).
-        let group = conversation.map(|c| self.conversation_group(c));
+        // members from a holder, to its holders from another node. A channel message's
+        // go to the shard its channel and sender hash to, which decides it. Were the
+        // holders not known, every node (the routing shard's members) gets it.
+        let group = Some(self.file_group(&owner));
         let remote = group.and_then(|g| crate::groups::holders_from(&self.node.groups[&G0], self.group(g), self.node.node_id)).filter(|h| !h.is_empty());
         let targets = match (group, remote) {
             (_, Some(holders)) => {
@@ -726,6 +741,36 @@ mod tests {
         assert_ne!(stable_hash(&[b"v-1"]), stable_hash(&[b"v-2"]));
         // Channel and sender are kept apart: ("ab", "c") is not ("a", "bc").
         assert_ne!(stable_hash(&[b"ab", b"c"]), stable_hash(&[b"a", b"bc"]));
+    }
+
+    /// A channel message's files are copied to the holders of the shard that decides
+    /// the message (its conversation is not known before), and a conversation's to its.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_goes_to_the_shard_that_decides_its_message() -> anyhow::Result<()> {
+        use switchboard_gateway::attachments::FileOwner;
+        let dir = tempfile::tempdir()?;
+        let mut nodes = SplitNode::cluster(dir.path(), 1, 4).await?;
+        let node = Arc::new(nodes.remove(0));
+        let backend = SplitBackend::new(node.clone());
+        let mut groups = std::collections::BTreeSet::new();
+        for n in 0..40 {
+            let (channel, sender) = (ChannelId(format!("tg-{}", n % 3)), format!("customer-{n}"));
+            let command = Command::ChannelInbound { channel: channel.clone(), sender: sender.clone(), sender_name: String::new(), provider_message_id: format!("m-{n}"), text: "hi".into() };
+            let decided_by = backend.route(command)?;
+            assert_eq!(decided_by.len(), 1);
+            let owner = FileOwner::Sender { channel, sender };
+            assert_eq!(backend.file_group(&owner), decided_by[0].0, "sender {n}");
+            groups.insert(decided_by[0].0);
+        }
+        assert!(groups.len() > 1, "senders spread over the shards: {groups:?}");
+        for c in [0, 1, 2, 3, 9] {
+            assert_eq!(backend.file_group(&FileOwner::Conversation(ConversationId(c))), node.group_of(ConversationId(c)));
+        }
+        drop(backend);
+        if let Ok(node) = Arc::try_unwrap(node) {
+            node.stop().await?;
+        }
+        Ok(())
     }
 
     #[test]
