@@ -360,7 +360,24 @@ impl SplitNode {
                     router.remove(id);
                     old.supervisor.stop(None);
                     old.raft.shutdown().await?;
-                    let gave_up = Self::gave_up(&groups[&G0].shard, &old, node_id);
+                    let mut gave_up = Self::gave_up(&groups[&G0].shard, &old, node_id);
+                    if gave_up {
+                        // A learner being caught up for a vote it is about to get looks
+                        // the same from here: its log gives it no vote and the record
+                        // does not name it yet. Only the group's leader knows; if its
+                        // membership still counts this node, the copy stays (the leader
+                        // would find the node's log gone under entries it acknowledged).
+                        let nodes = crate::placement::nodes_of(&groups[&G0]);
+                        let holders: Vec<String> = holders_from(&groups[&G0], &old, node_id).unwrap_or_default().into_iter().map(|(_, addr)| addr).collect();
+                        let remote = crate::remote::RemoteShard::new(id, peers.clone(), Arc::new(move || holders.clone()));
+                        gave_up = match remote.leader_view(&nodes).await {
+                            Ok((members, _, _)) => !members.contains(&node_id),
+                            Err(e) => {
+                                tracing::info!(group = id, error = %e, "the group's leader did not say this node left it; its copy is kept for now");
+                                false
+                            }
+                        };
+                    }
                     drop(old);
                     if gave_up {
                         let log_dir = dir.join("log").join(format!("g{id}"));
@@ -428,11 +445,13 @@ impl SplitNode {
         }
     }
 
-    /// Whether this node's copy of conversation shard `group` is one it gave up: the
+    /// Whether this node's copy of conversation shard `group` may be one it gave up: the
     /// metadata group's record names other holders, this node does not vote in it (by
     /// the latest membership its own log holds), and it has a copy. Such a copy is not
     /// needed by any quorum: a node that acknowledged entries as a voter has the
-    /// membership that made it one in its log.
+    /// membership that made it one in its log. It is forgotten only once the group's
+    /// leader also leaves this node out (see the start), since a learner being caught
+    /// up looks the same here.
     fn gave_up(g0: &Shard, group: &HostedGroup, node_id: u64) -> bool {
         let recorded = g0.read().holders.get(&group.id).is_some_and(|nodes| !nodes.contains(&node_id));
         let m = group.raft.metrics().borrow().clone();

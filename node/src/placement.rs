@@ -241,7 +241,12 @@ pub(crate) async fn views(node: &SplitNode) -> Vec<GroupView> {
 
 /// The cluster's nodes (the metadata group's members) and their QUIC addresses.
 pub(crate) fn nodes(node: &SplitNode) -> BTreeMap<NodeId, String> {
-    let m = node.groups[&G0].raft.metrics().borrow().clone();
+    nodes_of(&node.groups[&G0])
+}
+
+/// The nodes the metadata group `g0` counts as members, with their QUIC addresses.
+pub(crate) fn nodes_of(g0: &crate::groups::HostedGroup) -> BTreeMap<NodeId, String> {
+    let m = g0.raft.metrics().borrow().clone();
     m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
 }
 

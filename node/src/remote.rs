@@ -301,6 +301,23 @@ impl RemoteShard {
         self.ask::<View>(Query::View).await
     }
 
+    /// The group's membership as its leader sees it now: a holder names the leader,
+    /// which is then asked itself, and its answer counts only if it still says it
+    /// leads. `nodes` are the cluster's nodes and their addresses (the leader may not be
+    /// a recorded holder yet). What a node checks before forgetting its copy: a leader
+    /// whose membership leaves the node out replicates nothing to it.
+    pub(crate) async fn leader_view(&self, nodes: &BTreeMap<u64, String>) -> Result<View, Error> {
+        let (_, _, leader) = self.view().await?;
+        let leader = leader.ok_or_else(|| Error::Unavailable(format!("group {} has no leader now", self.group)))?;
+        let addr = nodes.get(&leader).ok_or_else(|| Error::Unavailable(format!("the leader of group {}, node {leader}, is not a node of the cluster here", self.group)))?;
+        let answer = self.peers.read(addr, self.group, encode_query(&Query::View)?, READ_TTL).await.map_err(|e| Error::Unavailable(format!("{addr}: {e}")))?;
+        let view = decode::<Result<View, Error>>(&answer).map_err(|e| Error::Unavailable(format!("{addr} answered in a form this node cannot read: {e}")))??;
+        if view.2 != Some(leader) {
+            return Err(Error::Unavailable(format!("node {leader} no longer leads group {}", self.group)));
+        }
+        Ok(view)
+    }
+
     /// Wake-ups of stream `key` of this group, from a member: a counter that moves each
     /// time the stream does there. When the member goes away the follower follows
     /// another, and moves the counter once so that a reader pulls what was applied in
