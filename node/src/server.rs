@@ -252,12 +252,35 @@ const FIND_LEADER_FOR: Duration = Duration::from_secs(10);
 /// How long an entry this node leads waits to be committed before its callers are told
 /// the outcome is unknown.
 const COMMIT_PATIENCE: Duration = Duration::from_secs(10);
+/// How often a write forwarded from a node that does not hold the group asks the other
+/// holders whether another leader was elected meanwhile (see `Route::elected_instead_of`).
+const DEPOSED_POLL: Duration = Duration::from_millis(200);
 /// How long a forwarded entry's answer waits for this node to apply the entry too.
 const CATCH_UP_FOR: Duration = Duration::from_secs(5);
 
 impl Route {
     fn leads(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)
+    }
+
+    /// For a group this node does not hold, while a write forwarded to `leader` waits:
+    /// asks the other holders every [`DEPOSED_POLL`] who leads, and returns the first
+    /// of them that says it leads now (`leader` was then deposed, and the write's
+    /// outcome is unknown). Pending forever while none does.
+    async fn elected_instead_of(&self, leader: u64, holders: &[(u64, String)]) -> Option<(u64, switchboard_raft::Node)> {
+        let others: Vec<&(u64, String)> = holders.iter().filter(|(id, _)| *id != leader).collect();
+        if others.is_empty() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(DEPOSED_POLL).await;
+            let seen = futures::future::join_all(others.iter().map(|(id, addr)| async move { (*id, self.forwarder.leader_seen_by(addr, self.group, DEPOSED_POLL).await) })).await;
+            // A holder that says it leads now (a follower's word may be stale).
+            if let Some((next, _)) = seen.into_iter().filter_map(|(id, seen)| seen.filter(|(l, _)| *l == id)).max_by_key(|(_, term)| *term) {
+                let addr = holders.iter().find(|(id, _)| *id == next).map(|(_, addr)| addr.clone());
+                return Some((next, switchboard_raft::Node { addr: addr? }));
+            }
+        }
     }
 
     /// Commits `bytes` through whichever node leads the group, trying again while no
@@ -277,6 +300,7 @@ impl Route {
         // does not lead names the leader).
         let remote = self.holders.get().and_then(|h| h());
         let held = remote.is_none();
+        let holder_list = remote.clone().unwrap_or_default();
         let mut holders = remote.unwrap_or_default().into_iter().cycle().take(64);
         if !held {
             hint = self.named.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -317,14 +341,27 @@ impl Route {
                     let mut metrics = self.raft.metrics();
                     let watched = metrics.borrow().current_leader == Some(leader);
                     let deposed = async {
-                        if !watched {
+                        if watched {
+                            let _ = metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != leader)).await;
+                            return None;
+                        }
+                        if held {
                             return std::future::pending().await;
                         }
-                        let _ = metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != leader)).await;
+                        // A group this node does not hold: its own Raft cannot see an
+                        // election, so the other holders are asked who leads while the
+                        // answer is awaited (a dead leader's connection is called silent
+                        // only after a second).
+                        self.elected_instead_of(leader, &holder_list).await
                     };
                     tokio::select! {
                         answer = sent => answer,
-                        () = deposed => Err(ForwardError::Unknown(format!("node {leader} stopped leading before it answered"))),
+                        next = deposed => {
+                            if let Some(next) = next {
+                                *self.named.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
+                            }
+                            Err(ForwardError::Unknown(format!("node {leader} stopped leading before it answered")))
+                        }
                     }
                 } {
                     Ok(response) => {

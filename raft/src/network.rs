@@ -1278,6 +1278,13 @@ impl Forwarder {
         Forwarder { peers }
     }
 
+    /// The leader of conversation shard `group` (and its term) that the node at `addr`
+    /// knows, when it holds a copy and answers within `ttl`.
+    pub async fn leader_seen_by(&self, addr: &str, group: u64, ttl: Duration) -> Option<(NodeId, u64)> {
+        let shards = self.peers.shards(addr, ttl).await.ok()?;
+        shards.into_iter().find(|s| s.group == group)?.leader
+    }
+
     /// Proposes `request` to `group` on the node at `addr`, expected to lead it; waits at
     /// most `ttl` for the answer.
     pub async fn write(&self, group: u64, addr: &str, request: Request, ttl: Duration) -> Result<ClientWriteResponse<TypeConfig>, ForwardError> {
