@@ -633,17 +633,22 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     let log = dir.path().join(format!("data/node-{gave}/log/g{shard}"));
     let segments = |log: &std::path::Path| std::fs::read_dir(log).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".seg")).count()).unwrap_or(0);
     assert!(segments(&log) > 0, "node {gave} keeps its old copy of group {shard} until it starts again");
-    // Node 4 never held a copy of the conversation shard it does not vote in.
-    let elsewhere = balanced.iter().find(|(group, voters, _, _)| *group >= 3 && !voters.contains(&4)).map(|(g, ..)| *g).ok_or_else(|| anyhow::anyhow!("node 4 votes in both conversation shards"))?;
-    let status = cluster.status(4).await?;
+    // A node that votes in one conversation shard only: node 4 unless the placement
+    // gave it a copy of both (four nodes, six copies), then another. It never held a
+    // copy of the shard it does not vote in.
+    let votes_in = |n: u64| balanced.iter().filter(|(group, voters, _, _)| *group >= 3 && voters.contains(&n)).count();
+    let far_node = [4u64, 1, 2, 3].into_iter().find(|n| votes_in(*n) == 1).ok_or_else(|| anyhow::anyhow!("no node votes in one conversation shard only: {balanced:?}"))?;
+    let elsewhere = balanced.iter().find(|(group, voters, _, _)| *group >= 3 && !voters.contains(&far_node)).map(|(g, ..)| *g).ok_or_else(|| anyhow::anyhow!("node {far_node} votes in both conversation shards"))?;
+    let far_node = far_node as usize;
+    let status = cluster.status(far_node).await?;
     let there = status["groups"].as_array().and_then(|gs| gs.iter().find(|g| g["group"].as_u64() == Some(elsewhere)).cloned()).unwrap_or_default();
-    assert!(there["held"] == false && there["last_applied"].is_null(), "node 4 holds no copy of group {elsewhere}: {there}");
+    assert!(there["held"] == false && there["last_applied"].is_null(), "node {far_node} holds no copy of group {elsewhere}: {there}");
 
-    // A visitor and an operator on node 4 chat on a conversation of that shard.
-    let node4 = cluster.node(4);
+    // A visitor and an operator on that node chat on a conversation of that shard.
+    let far_dev = cluster.node(far_node);
     let (mut far, mut near) = (None, None);
     for i in 0..20 {
-        let (ws, id, token) = node4.client(&format!("Far {i}")).await?;
+        let (ws, id, token) = far_dev.client(&format!("Far {i}")).await?;
         if 3 + id % 2 == elsewhere {
             far = far.or(Some((ws, id, token)));
         } else {
@@ -653,9 +658,9 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
             break;
         }
     }
-    let (near_conversation, near_token) = near.ok_or_else(|| anyhow::anyhow!("no conversation landed in the shard node 4 holds"))?;
+    let (near_conversation, near_token) = near.ok_or_else(|| anyhow::anyhow!("no conversation landed in the shard node {far_node} holds"))?;
     let (mut guest, far_conversation, guest_token) = far.ok_or_else(|| anyhow::anyhow!("no conversation landed in group {elsewhere}"))?;
-    let (mut alice, _) = desk(node4, "alice", None).await?;
+    let (mut alice, _) = desk(far_dev, "alice", None).await?;
     set_presence(&mut alice, "online").await?;
     take_conversation(&mut alice, far_conversation).await?;
     let hello = until_answered(&mut guest, &json!({"type": "send", "key": "far-1", "text": "hello from afar"}), "far-1", &[]).await?;
@@ -668,11 +673,11 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     guest.wait_for(WAIT, |v| v["kind"] == "message" && v["text"] == "answered from node 4").await?;
 
     // A file a visitor uploads is copied to its conversation shard's holders, not to
-    // every node, before its record is committed: through node 4 in each shard.
+    // every node, before its record is committed: through that node in each shard.
     let mut file = b"\x89PNG\r\n\x1a\n".to_vec();
     file.extend((0..40_000u32).map(|i| (i * 31 % 251) as u8));
     for (conversation, token) in [(far_conversation, &guest_token), (near_conversation, &near_token)] {
-        let (status, body) = switchboard_chaos_tests::client_upload(node4, token, "scan.png", "image/png", &file).await?;
+        let (status, body) = switchboard_chaos_tests::client_upload(far_dev, token, "scan.png", "image/png", &file).await?;
         assert_eq!(status, 201, "{body}");
         let file_id = body["id"].as_str().unwrap_or_default().to_owned();
         let shard = 3 + conversation % 2;
@@ -681,8 +686,8 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
         // Two holders are a majority; the third gets its copy a moment later.
         eventually(Duration::from_secs(10), Duration::from_millis(100), || async { Ok(holders.iter().all(|n| on_disk(*n)).then_some(())) }).await?;
         let copies: Vec<u64> = (1..=4).filter(|n| on_disk(*n)).collect();
-        println!("a file of conversation {conversation} uploaded through node 4 is on nodes {copies:?}; group {shard} is held by {holders:?}");
-        for n in (1..=3u64).filter(|n| !holders.contains(n)) {
+        println!("a file of conversation {conversation} uploaded through node {far_node} is on nodes {copies:?}; group {shard} is held by {holders:?}");
+        for n in (1..=4u64).filter(|n| !holders.contains(n) && *n != far_node as u64) {
             assert!(!on_disk(n), "node {n} does not hold group {shard} and got no copy of {file_id}");
         }
     }
@@ -694,23 +699,23 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     assert!(!run.lost, "the visitor's socket stayed open");
     assert!(run.errors.is_empty(), "no message was refused: {:?}", run.errors);
 
-    // The leader of the shard node 4 reads from is killed: node 4's sockets stay open,
+    // The leader of the shard that node reads from is killed: its sockets stay open,
     // and the chat goes on through the survivors.
     let leader = balanced.iter().find(|(g, ..)| *g == elsewhere).and_then(|(_, _, _, l)| *l).ok_or_else(|| anyhow::anyhow!("no leader of group {elsewhere}"))? as usize;
-    assert_ne!(leader, 4);
+    assert_ne!(leader, far_node);
     let killed = std::time::Instant::now();
     cluster.kill9(leader).await?;
-    let node4 = cluster.node(4);
+    let far_dev = cluster.node(far_node);
     let after = until_answered(&mut guest, &json!({"type": "send", "key": "far-2", "text": "still there?"}), "far-2", &[]).await?;
     assert_eq!(after["type"], "ack", "{after}");
-    println!("group {elsewhere}'s leader (node {leader}) killed: the visitor on node 4 was acknowledged after {} ms", killed.elapsed().as_millis());
+    println!("group {elsewhere}'s leader (node {leader}) killed: the visitor on node {far_node} was acknowledged after {} ms", killed.elapsed().as_millis());
     entry_on_desk(&mut alice, "far-2", Duration::from_secs(20)).await?;
     let reply = json!({"type": "send", "conversation": far_conversation, "key": "far-r2", "text": "yes, still here", "ref": "far-r2"});
     let replied = until_answered(&mut alice, &reply, "far-r2", &[]).await?;
     assert_eq!(replied["type"], "ack", "{replied}");
     guest.wait_for(Duration::from_secs(20), |v| v["kind"] == "message" && v["text"] == "yes, still here").await?;
-    let token = node4.login("alice").await?;
-    let (status, view) = node4.api("GET", &format!("/api/conversations/{far_conversation}"), Some(&token), None).await?;
+    let token = far_dev.login("alice").await?;
+    let (status, view) = far_dev.api("GET", &format!("/api/conversations/{far_conversation}"), Some(&token), None).await?;
     assert_eq!(status, 200, "{view}");
     let texts: Vec<&str> = view["history"].as_array().into_iter().flatten().filter_map(|e| e["text"].as_str()).collect();
     assert_eq!(texts, ["hello from afar", "answered from node 4", "still there?", "yes, still here"], "{view}");
