@@ -369,7 +369,7 @@ impl SplitNode {
                         // would find the node's log gone under entries it acknowledged).
                         let nodes = crate::placement::nodes_of(&groups[&G0]);
                         let holders: Vec<String> = holders_from(&groups[&G0], &old, node_id).unwrap_or_default().into_iter().map(|(_, addr)| addr).collect();
-                        let remote = crate::remote::RemoteShard::new(id, peers.clone(), Arc::new(move || holders.clone()));
+                        let remote = crate::remote::RemoteShard::new(id, peers.clone(), Arc::new(move || holders.clone()), Arc::default());
                         gave_up = match remote.leader_view(&nodes).await {
                             Ok((members, _, _)) => !members.contains(&node_id),
                             Err(e) => {
@@ -596,7 +596,7 @@ impl SplitNode {
             .or_insert_with(|| {
                 let (g0, this, node) = (self.groups[&G0].clone(), self.groups[&id].clone(), self.node_id);
                 let members: crate::remote::Members = Arc::new(move || holders_from(&g0, &this, node).unwrap_or_default().into_iter().map(|(_, addr)| addr).collect());
-                Arc::new(crate::remote::RemoteShard::new(id, self.peers.clone(), members))
+                Arc::new(crate::remote::RemoteShard::new(id, self.peers.clone(), members, self.groups[&id].proposer.written()))
             })
             .clone()
     }
@@ -946,8 +946,8 @@ mod tests {
         let peers = Peers::new(endpoint.clone());
         let addresses: Vec<String> = nodes.iter().map(|n| n.endpoint.local_addr().expect("bound").to_string()).collect();
         let members: crate::remote::Members = { let a = addresses.clone(); Arc::new(move || a.clone()) };
-        let remote = RemoteShard::new(group, peers.clone(), members.clone());
-        let other = RemoteShard::new(FIRST_C + FIRST_C + 1 - group, peers.clone(), members.clone());
+        let remote = RemoteShard::new(group, peers.clone(), members.clone(), Arc::default());
+        let other = RemoteShard::new(FIRST_C + FIRST_C + 1 - group, peers.clone(), members.clone(), Arc::default());
         let ann = OperatorId::new("ann");
 
         // What a member's replica holds is what the outsider reads.
@@ -1009,10 +1009,22 @@ mod tests {
         assert_eq!(history, vec!["m1", "m2", "m3"], "every acknowledged message, once, in order");
         remote.barrier().await.expect("a survivor catches up with the leader");
 
+        // Read-your-writes: a read carries the log index this node's last write got. A
+        // member that applied it answers; none answers one that no member applied.
+        let applied = survivor.groups[&group].raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        let floor = crate::remote::Floor::new(std::sync::atomic::AtomicU64::new(applied));
+        let bound = RemoteShard::new(group, peers.clone(), members.clone(), floor.clone());
+        assert_eq!(keys(bound.history(conversation, 0, 1000).await.expect("read at the applied index")), vec!["m1", "m2", "m3"]);
+        floor.store(applied + 1_000_000, std::sync::atomic::Ordering::Release);
+        match bound.history(conversation, 0, 1000).await {
+            Err(switchboard_actors::Error::Unavailable(why)) => assert!(why.contains("not applied"), "{why}"),
+            other => panic!("a read past every member's log was answered {other:?}"),
+        }
+
         // A gateway's certificate relays sockets; it may not read a group's state.
         let gateway = switchboard_raft::tls::ensure_member_as(&certs, "gateway-1", switchboard_raft::tls::Role::Gateway, &[]).expect("certificate");
         let gateway_endpoint = switchboard_raft::tls::client_endpoint(&gateway, "127.0.0.1:0".parse().expect("address")).expect("endpoint");
-        let refused = RemoteShard::new(group, Peers::new(gateway_endpoint.clone()), members.clone());
+        let refused = RemoteShard::new(group, Peers::new(gateway_endpoint.clone()), members.clone(), Arc::default());
         match refused.history(conversation, 0, 10).await {
             Err(switchboard_actors::Error::Unavailable(why)) => assert!(why.contains("gateway"), "refused for its role: {why}"),
             other => panic!("a gateway's read was answered {other:?}"),

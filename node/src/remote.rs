@@ -8,9 +8,17 @@
 //! local subscription gives.
 //!
 //! Format: a question is one version byte ([`FORMAT`]) and the bincode (positional) of
-//! a [`Query`]; its answer is the bincode of `Result<T, switchboard_actors::Error>`,
-//! where `T` is what the same read of a local replica returns. New questions are added
-//! as variants at the end of [`Query`]; a change of an existing one takes a new format.
+//! a [`Query`]; or ([`FORMAT_AT_LEAST`]) the byte 2, the log index the member must have
+//! applied before it answers (`u64`, big-endian), then the bincode `Query`. Its answer
+//! is the bincode of `Result<T, switchboard_actors::Error>`, where `T` is what the same
+//! read of a local replica returns. New questions are added as variants at the end of
+//! [`Query`]; a change of an existing one takes a new format.
+//!
+//! Read-your-writes: a write this node forwarded for a group it does not hold is
+//! answered once the leader applied it, not every holder. The highest log index such a
+//! write got (per group, [`Floor`]) goes with every later read of the group, and a
+//! holder that has not applied that far waits for it (at most [`FLOOR_WAIT`]) before it
+//! answers; one still behind then says so and the next holder is asked.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -31,6 +39,15 @@ use crate::groups::HostedGroup;
 
 /// The version of the questions' encoding.
 const FORMAT: u8 = 1;
+/// The format of a question that carries the log index to have applied first.
+const FORMAT_AT_LEAST: u8 = 2;
+/// How long a holder waits to have applied a question's log index before it answers
+/// that it is behind.
+const FLOOR_WAIT: Duration = Duration::from_millis(1000);
+
+/// The highest log index a write this node forwarded to a group it does not hold got:
+/// its later reads of the group ask holders to have applied that far.
+pub(crate) type Floor = Arc<std::sync::atomic::AtomicU64>;
 
 /// How recently a holder must have answered this node to be asked before the others.
 const RECENTLY: Duration = Duration::from_secs(3);
@@ -113,15 +130,27 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 }
 
 fn encode_query(query: &Query) -> Result<Vec<u8>, Error> {
-    let mut bytes = vec![FORMAT];
+    encode_query_at(query, 0)
+}
+
+/// `query` for a member that must have applied log index `at_least` first (0: none).
+fn encode_query_at(query: &Query, at_least: u64) -> Result<Vec<u8>, Error> {
+    let mut bytes = if at_least == 0 { vec![FORMAT] } else { [&[FORMAT_AT_LEAST][..], &at_least.to_be_bytes()].concat() };
     bytes.extend(encode(query).map_err(|e| Error::Invalid(format!("a read cannot be encoded: {e}")))?);
     Ok(bytes)
 }
 
-fn decode_query(bytes: &[u8]) -> Result<Query, String> {
+/// A question and the log index to have applied before answering it (0: none).
+fn decode_query(bytes: &[u8]) -> Result<(Query, u64), String> {
     match bytes.split_first() {
-        Some((&FORMAT, rest)) => decode(rest),
-        Some((other, _)) => Err(format!("reads of format {other} are not understood here (this node reads format {FORMAT})")),
+        Some((&FORMAT, rest)) => Ok((decode(rest)?, 0)),
+        Some((&FORMAT_AT_LEAST, rest)) if rest.len() >= 8 => {
+            let (index, rest) = rest.split_at(8);
+            let mut be = [0u8; 8];
+            be.copy_from_slice(index);
+            Ok((decode(rest)?, u64::from_be_bytes(be)))
+        }
+        Some((other, _)) => Err(format!("reads of format {other} are not understood here (this node reads formats {FORMAT} and {FORMAT_AT_LEAST})")),
         None => Err("an empty read".into()),
     }
 }
@@ -187,7 +216,11 @@ impl GroupReads for MemberReads {
         let peers = self.peers.clone();
         Box::pin(async move {
             let hosted = hosted.ok_or_else(|| format!("this node does not hold group {group}"))?;
-            answer(&hosted, &peers, decode_query(&query)?).await
+            let (query, at_least) = decode_query(&query)?;
+            if at_least > 0 {
+                hosted.raft.wait(Some(FLOOR_WAIT)).applied_index_at_least(Some(at_least), "a read after a write").await.map_err(|_| format!("this member has not applied group {group} up to index {at_least} yet"))?;
+            }
+            answer(&hosted, &peers, query).await
         })
     }
 
@@ -241,14 +274,16 @@ pub(crate) struct RemoteShard {
     group: GroupId,
     peers: Peers,
     members: Members,
+    /// The log index every read must see applied (this node's writes, [`Floor`]).
+    floor: Floor,
     /// The member that answered last: asked first, so that a page read after a
     /// wake-up comes from the member whose apply woke it.
     current: Arc<Mutex<Option<String>>>,
 }
 
 impl RemoteShard {
-    pub(crate) fn new(group: GroupId, peers: Peers, members: Members) -> RemoteShard {
-        RemoteShard { group, peers, members, current: Arc::new(Mutex::new(None)) }
+    pub(crate) fn new(group: GroupId, peers: Peers, members: Members, floor: Floor) -> RemoteShard {
+        RemoteShard { group, peers, members, floor, current: Arc::new(Mutex::new(None)) }
     }
 
     /// The members in the order to ask them: the one that answered last first.
@@ -269,14 +304,20 @@ impl RemoteShard {
 
     /// Asks `query` of the members in turn until one answers.
     async fn ask<T: DeserializeOwned>(&self, query: Query) -> Result<T, Error> {
-        let bytes = encode_query(&query)?;
+        let bytes = encode_query_at(&query, self.floor.load(std::sync::atomic::Ordering::Acquire))?;
         let mut failures = Vec::new();
         for (n, addr) in Self::order(&self.peers, &self.members, &self.current).into_iter().enumerate() {
             if n > 0 {
                 READ_FAILOVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            match self.peers.read(&addr, self.group, bytes.clone(), READ_TTL).await {
+            let mut answered = self.peers.read(&addr, self.group, bytes.clone(), READ_TTL).await;
+            if answered.as_ref().is_err_and(|e| e.contains(&format!("reads of format {FORMAT_AT_LEAST} are not understood"))) {
+                // A member of an older build, during a rolling upgrade: asked without the
+                // index (its answer may miss this node's last write, as before).
+                answered = self.peers.read(&addr, self.group, encode_query(&query)?, READ_TTL).await;
+            }
+            match answered {
                 Ok(answer) => {
                     *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr.clone());
                     return decode::<Result<T, Error>>(&answer).map_err(|e| Error::Unavailable(format!("{addr} answered a read of group {} in a form this node cannot read: {e}", self.group)))?;

@@ -224,6 +224,7 @@ pub(crate) struct RaftProposer {
     queue: tokio::sync::mpsc::Sender<Proposal>,
     counts: Arc<ProposalCounts>,
     holders: Arc<std::sync::OnceLock<Holders>>,
+    written: crate::remote::Floor,
 }
 
 /// Where a group this node does not hold is held (ADR 0012): its holders' ids and QUIC
@@ -241,6 +242,9 @@ struct Route {
     holders: Arc<std::sync::OnceLock<Holders>>,
     /// The leader a holder last named, for a group this node does not hold.
     named: Arc<std::sync::Mutex<Option<(u64, switchboard_raft::Node)>>>,
+    /// The highest log index a write forwarded for a group this node does not hold got:
+    /// this node's later reads of the group wait for a holder to have applied it.
+    written: crate::remote::Floor,
 }
 
 /// How long a forwarded entry waits for the leader's answer before its outcome is
@@ -367,6 +371,7 @@ impl Route {
                     Ok(response) => {
                         if !held {
                             *self.named.lock().unwrap_or_else(|p| p.into_inner()) = Some((leader, node));
+                            self.written.fetch_max(response.log_id.index, std::sync::atomic::Ordering::AcqRel);
                             return Ok(response.data.0);
                         }
                         // Read-your-writes on this node: wait until it applied the entry.
@@ -426,9 +431,16 @@ impl RaftProposer {
         let (queue, proposals) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         let counts = Arc::new(ProposalCounts::default());
         let holders = Arc::new(std::sync::OnceLock::new());
-        let route = Route { group, raft, node_id, forwarder, counts: counts.clone(), holders: holders.clone(), named: Arc::default() };
+        let written = crate::remote::Floor::default();
+        let route = Route { group, raft, node_id, forwarder, counts: counts.clone(), holders: holders.clone(), named: Arc::default(), written: written.clone() };
         tokio::spawn(Self::batch(route, proposals, counts.clone(), gate));
-        RaftProposer { queue, counts, holders }
+        RaftProposer { queue, counts, holders, written }
+    }
+
+    /// The highest log index a write this node forwarded for the group got while it did
+    /// not hold it (see [`crate::remote::Floor`]).
+    pub(crate) fn written(&self) -> crate::remote::Floor {
+        self.written.clone()
     }
 
     /// Commands for the group go to `holders` whenever it names them (this node does
