@@ -797,6 +797,14 @@ async fn a_gateway_pins_each_visitor_to_its_conversation_shard_s_leader_and_foll
     let dir = tempfile::tempdir()?;
     let mut cluster = Cluster::start_split(dir.path(), 3, Some(4)).await?;
     let gateway = cluster.start_gateway(0).await?;
+    // The gateway knows a leader for every conversation shard (on a busy machine the
+    // first elections of a new cluster take a while).
+    eventually(WAIT * 3, Duration::from_millis(200), || async {
+        let (_, view) = gateway.api("GET", "/api/gateway", None, None).await?;
+        let shards = view["shards"].as_array().cloned().unwrap_or_default();
+        Ok((shards.len() == 4 && shards.iter().all(|s| s["leader"].is_u64())).then_some(()))
+    })
+    .await?;
     let mut visitors = Vec::new();
     let mut conversations = Vec::new();
     for i in 0..8 {

@@ -370,11 +370,20 @@ impl SplitNode {
                         let nodes = crate::placement::nodes_of(&groups[&G0]);
                         let holders: Vec<String> = holders_from(&groups[&G0], &old, node_id).unwrap_or_default().into_iter().map(|(_, addr)| addr).collect();
                         let remote = crate::remote::RemoteShard::new(id, peers.clone(), Arc::new(move || holders.clone()), Arc::default());
-                        gave_up = match remote.leader_view(&nodes).await {
-                            Ok((members, _, _)) => !members.contains(&node_id),
-                            Err(e) => {
-                                tracing::info!(group = id, error = %e, "the group's leader did not say this node left it; its copy is kept for now");
-                                false
+                        // Asked for up to 5 s: at a start, connections and elections
+                        // are still settling. Unanswered, the copy stays until the next.
+                        let ask_until = tokio::time::Instant::now() + Duration::from_secs(5);
+                        gave_up = loop {
+                            match remote.leader_view(&nodes).await {
+                                Ok((members, _, _)) => break !members.contains(&node_id),
+                                Err(e) if tokio::time::Instant::now() >= ask_until => {
+                                    tracing::info!(group = id, error = %e, "the group's leader did not say this node left it; its copy is kept until the next start");
+                                    break false;
+                                }
+                                Err(e) => {
+                                    tracing::debug!(group = id, error = %e, "asking the group's leader again");
+                                    tokio::time::sleep(Duration::from_millis(300)).await;
+                                }
                             }
                         };
                     }
