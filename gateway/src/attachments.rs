@@ -567,9 +567,9 @@ async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayE
 }
 
 /// Whose a file is, for where its copies go (`Backend::replicate_file`): a
-/// conversation's, or a channel message's before it is decided (its conversation is not
-/// known yet, but the shard that will decide it is: the one its channel and sender
-/// hash to).
+/// conversation's (an upload, or a mail that replies in a conversation's thread), or a
+/// channel message's before it is decided (its conversation is not known yet, but the
+/// shard that will decide it is: the one its channel and sender hash to).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FileOwner {
     Conversation(ConversationId),

@@ -505,8 +505,14 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     }
     // Named by the mail as the core keys it (its sender and Message-ID) and its place.
     let key = switchboard_actors::core::inbound_key(channel, &mail.from, &mail.message_id);
+    // A reply in a thread is decided by its conversation's shard; a new mail by the one
+    // its sender hashes to. Its files go to that shard's holders.
+    let thread = email::thread_of(&mail.references, &thread_secret);
+    let owner = match thread {
+        Some(conversation) => crate::attachments::FileOwner::Conversation(conversation),
+        None => crate::attachments::FileOwner::Sender { channel: channel.clone(), sender: mail.from.clone() },
+    };
     for (i, (name, content_type, bytes)) in kept.into_iter().enumerate() {
-        let owner = crate::attachments::FileOwner::Sender { channel: channel.clone(), sender: mail.from.clone() };
         match keep_inbound_file(gw, &owner, &key, i, name, content_type, bytes).await {
             Ok(file) => files.push(file),
             Err(e) => {
@@ -532,7 +538,7 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
         provider_message_id: mail.message_id.clone(),
         text,
         files,
-        thread: email::thread_of(&mail.references, &thread_secret),
+        thread,
         attributes,
     };
     let stored = match &command {

@@ -64,6 +64,9 @@ const RESUME_WAIT: Duration = Duration::from_secs(5);
 /// How long a socket moving to the member that owns its stream may take to be opened
 /// and resumed there; past it the socket stays where it was.
 const MOVE_PATIENCE: Duration = Duration::from_secs(2);
+/// How long a client's `ping` may wait for its `pong` before it no longer keeps the
+/// socket from moving (the member refused it, or it was lost with a member).
+const PING_PATIENCE: Duration = Duration::from_secs(5);
 /// Sockets moving after a change of the map start within this spread (by the client's
 /// port), so that a new leader is not asked for every resume at once.
 const MOVE_SPREAD_MS: u64 = 500;
@@ -264,7 +267,11 @@ impl Upstreams {
                 }
             }
         }
-        map.conversations = shards;
+        // No member answered the shard poll this round (slow, or busy): the shards are
+        // as they were, not gone. A member of one group answers with none.
+        if answers.iter().any(|(_, status, reported)| status.is_ok() && reported.is_some()) {
+            map.conversations = shards;
+        }
         let mut leader_view: Option<Vec<(u64, String)>> = None;
         for (id, answer, _) in answers {
             let Some(member) = map.members.get_mut(&id) else {
@@ -317,7 +324,7 @@ impl Upstreams {
         let mut extra = String::new();
         let map = self.lock();
         let gauges: [(&str, &str, &str, u64); 8] = [
-            ("switchboard_gateway_map_version", "gauge", "Version of the gateway's cluster map (goes up when the leader or the members change).", map.version),
+            ("switchboard_gateway_map_version", "gauge", "Version of the gateway's cluster map (goes up when the leader, the members or a conversation shard's leader change).", map.version),
             ("switchboard_gateway_leader", "gauge", "The member the gateway takes for leader (0: none).", map.leader.unwrap_or(0)),
             ("switchboard_gateway_members_ready", "gauge", "Members that answer and serve.", map.members.values().filter(|m| m.alive && m.ready).count() as u64),
             ("switchboard_gateway_relayed_sockets", "gauge", "Sockets relayed to members now.", self.relayed_sockets.load(Relaxed) as u64),
@@ -706,23 +713,25 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
     // when nothing it sent is unanswered.
     let mut changes = edge.up.changes.subscribe();
     let mut watching = true;
-    let mut move_at: Option<tokio::time::Instant> = None;
-    // Moves that failed in a row (the member refused or did not answer): the next try
-    // waits longer, up to 10 s.
-    let mut failed_moves: u32 = 0;
+    let mut moving = Moving::default();
     loop {
         let lost = loop {
             tokio::select! {
                 changed = changes.changed(), if watching => match changed {
                     Ok(()) => {
-                        failed_moves = 0;
-                        move_at = Some(tokio::time::Instant::now() + Duration::from_millis(u64::from(client.port()) % MOVE_SPREAD_MS));
+                        // A failed move keeps its backoff while the map still names the
+                        // same member (the map may change often for other sockets).
+                        let target = edge.up.preferred(surface, track.conversation).map(|(id, _)| id);
+                        if moving.failed == 0 || target != moving.failed_to {
+                            moving.failed = 0;
+                            moving.at = Some(tokio::time::Instant::now() + Duration::from_millis(u64::from(client.port()) % MOVE_SPREAD_MS));
+                        }
                     }
                     // The gateway is stopping; nothing moves any more.
                     Err(_) => watching = false,
                 },
-                _ = tokio::time::sleep_until(move_at.unwrap_or_else(tokio::time::Instant::now)), if move_at.is_some() && track.quiet() => {
-                    move_at = None;
+                _ = tokio::time::sleep_until(moving.at.unwrap_or_else(tokio::time::Instant::now)), if moving.at.is_some() && !moving.off && track.quiet() => {
+                    moving.at = None;
                     let Some((to, addr)) = edge.up.preferred(surface, track.conversation).filter(|(to, _)| *to != member) else { continue };
                     match Box::pin(shift(&edge, &mut track, &addr, client, &path, &headers)).await {
                         Ok(socket) => {
@@ -733,13 +742,17 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                             edge.up.moved(Some(member), Some(to));
                             member = to;
                             counted.1 = to;
-                            failed_moves = 0;
+                            moving.failed = 0;
                         }
-                        Err(e) => {
-                            failed_moves += 1;
-                            let wait = Duration::from_secs(u64::from(failed_moves.min(5)) * 2);
-                            tracing::debug!(from = member, to, error = %e, ?wait, "could not move a socket; it stays and tries again");
-                            move_at = Some(tokio::time::Instant::now() + wait);
+                        Err((e, for_good)) => {
+                            moving.failed += 1;
+                            moving.failed_to = Some(to);
+                            // The login refused there: the socket stays until a re-pin,
+                            // which closes it with 4001 if the member under it refuses too.
+                            moving.off = for_good;
+                            let wait = Duration::from_secs(u64::from(moving.failed.min(5)) * 2);
+                            tracing::debug!(from = member, to, error = %e, ?wait, for_good, "could not move a socket; it stays");
+                            moving.at = Some(tokio::time::Instant::now() + wait);
                         }
                     }
                 }
@@ -764,7 +777,7 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                             out.text(text).await;
                         }
                         if track.conversation != known {
-                            move_at = Some(tokio::time::Instant::now());
+                            moving.at = Some(tokio::time::Instant::now());
                         }
                     }
                     Ok(Inbound::Ping(payload)) => {
@@ -791,7 +804,7 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
         edge.up.repins.fetch_add(1, Relaxed);
         // Boxed: a socket's task is as large as its largest await, and most sockets
         // never re-pin.
-        move_at = None;
+        moving = Moving::default();
         match Box::pin(repin(&edge, &mut track, member, client, &path, &headers)).await {
             Ok((socket, id, replay)) => {
                 upstream = socket;
@@ -899,17 +912,42 @@ async fn repin(
     Err(None)
 }
 
+/// When a socket next tries to move to the member that owns its stream, and how its
+/// last tries went.
+#[derive(Default)]
+struct Moving {
+    at: Option<tokio::time::Instant>,
+    /// Moves that failed in a row: the next try waits longer, up to 10 s.
+    failed: u32,
+    /// Where the last failed move went.
+    failed_to: Option<u64>,
+    /// A member refused the login: no more moves until the next re-pin.
+    off: bool,
+}
+
 /// Opens the socket on the member at `addr` and resumes its stream there, for a move
-/// while its member still serves (nothing of it is unanswered).
-async fn shift(edge: &Edge, track: &mut Tracker, addr: &str, client: SocketAddr, path: &str, headers: &HeaderMap) -> Result<UpstreamSocket, String> {
+/// while its member still serves (nothing of it is unanswered). The error says why, and
+/// whether the member refused the login (trying again would not help).
+async fn shift(edge: &Edge, track: &mut Tracker, addr: &str, client: SocketAddr, path: &str, headers: &HeaderMap) -> Result<UpstreamSocket, (String, bool)> {
     let target = track.reconnect_path(path);
     let mut socket = match tokio::time::timeout(MOVE_PATIENCE, open_socket(&edge.up, addr, edge.listener, client, &target, headers)).await {
         Ok(Ok(Opened::Socket(socket))) => socket,
-        Ok(Ok(Opened::Refused(response))) => return Err(format!("the member refused it with {}", response.status())),
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Err("the member did not answer in time".into()),
+        Ok(Ok(Opened::Refused(response))) => {
+            let for_good = matches!(response.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+            return Err((format!("the member refused it with {}", response.status()), for_good));
+        }
+        Ok(Err(e)) => return Err((e, false)),
+        Err(_) => return Err(("the member did not answer in time".into(), false)),
     };
-    tokio::time::timeout(MOVE_PATIENCE, track.resume(&mut socket)).await.map_err(|_| "no answer to the resume in time".to_string())??;
+    match tokio::time::timeout(MOVE_PATIENCE, track.resume(&mut socket)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err((e, false)),
+        Err(_) => return Err(("no answer to the resume in time".into(), false)),
+    }
+    // A ping whose pong never came (it was refused, or lost with a member) no longer
+    // holds the socket back.
+    track.pings = 0;
+    track.ping_since = None;
     Ok(socket)
 }
 
@@ -937,8 +975,14 @@ struct Tracker {
     /// Client: the conversation that token names (read, not verified: it only says
     /// where the socket goes; the member checks the token).
     conversation: Option<u64>,
-    /// Client: `ping`s sent with no `pong` yet (a socket moves only when this is 0).
+    /// Client: `ping`s sent with no `pong` yet, and since when one has been waiting: a
+    /// socket moves only when none waits, or the oldest has waited past
+    /// [`PING_PATIENCE`] (its pong will not come: refused, or lost with a member).
     pings: u8,
+    ping_since: Option<Instant>,
+    /// Whether the member has opened the socket's stream: an operator's `hello`, a
+    /// visitor's `started` or `resumed`. A socket moves only then.
+    established: bool,
     /// The last `seq` delivered on the stream (client: conversation; operator: feed).
     last_seq: Option<u64>,
     /// Operator: the `last_seq` the socket was opened with, until the first `hello`.
@@ -975,12 +1019,14 @@ impl Tracker {
         let requested = param("last_seq").and_then(|v| v.parse::<u64>().ok());
         let feeds = (surface == Surface::Operator && param("protocol").and_then(|v| v.parse::<u32>().ok()) == Some(2))
             .then(|| Box::new(Feeds { requested: param("cursor").map(parse_feeds), delivered: BTreeMap::new() }));
-        Tracker { surface, token: None, conversation: None, pings: 0, last_seq: None, requested, feeds, resume_asked: None, pending: VecDeque::new(), pending_bytes: 0 }
+        Tracker { surface, token: None, conversation: None, pings: 0, ping_since: None, established: false, last_seq: None, requested, feeds, resume_asked: None, pending: VecDeque::new(), pending_bytes: 0 }
     }
 
-    /// Whether nothing the client sent waits for an answer: the socket may move.
+    /// Whether the stream is open and nothing the client sent waits for an answer: the
+    /// socket may move.
     fn quiet(&self) -> bool {
-        self.pending.is_empty() && self.pings == 0 && self.resume_asked.is_none()
+        let ping_waits = self.pings > 0 && self.ping_since.is_some_and(|since| since.elapsed() < PING_PATIENCE);
+        self.established && self.pending.is_empty() && !ping_waits && self.resume_asked.is_none()
     }
 
     /// Sets the client's token and the conversation it names.
@@ -998,6 +1044,9 @@ impl Tracker {
         let Ok(frame) = serde_json::from_str::<Value>(text) else { return Ok(()) };
         let kind = frame.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
         if kind == "ping" {
+            if self.pings == 0 {
+                self.ping_since = Some(Instant::now());
+            }
             self.pings = self.pings.saturating_add(1);
         }
         // No answer comes to these, or none worth sending again: nothing to keep.
@@ -1045,6 +1094,7 @@ impl Tracker {
                 }
             }
             "hello" if self.feeds.is_some() => {
+                self.established = true;
                 // Each feed continues after the point asked for (not past its newest), a
                 // feed not asked for from its start, or after the hello without a cursor.
                 if let (Some(feeds), Some(newest)) = (self.feeds.as_mut(), frame.get("cursor").and_then(Value::as_object)) {
@@ -1080,6 +1130,7 @@ impl Tracker {
                 }
             }
             "hello" => {
+                self.established = true;
                 // Events after the point the socket asked for follow the hello (§3.2).
                 let newest = frame.get("seq").and_then(Value::as_u64);
                 self.last_seq = match (self.requested.take(), newest) {
@@ -1087,14 +1138,21 @@ impl Tracker {
                     (_, newest) => newest,
                 };
             }
-            "pong" => self.pings = self.pings.saturating_sub(1),
+            "pong" => {
+                self.pings = self.pings.saturating_sub(1);
+                if self.pings == 0 {
+                    self.ping_since = None;
+                }
+            }
             "started" => {
+                self.established = true;
                 self.token = frame.get("token").and_then(Value::as_str).map(str::to_owned);
                 self.conversation = frame.get("conversation").and_then(Value::as_u64);
                 self.last_seq = Some(0);
                 self.settle(|p| p.kind == "start");
             }
             "resumed" => {
+                self.established = true;
                 if let Some((token, last_seq)) = self.resume_asked.take() {
                     self.set_token(token);
                     self.last_seq = Some(last_seq);
@@ -1208,8 +1266,11 @@ impl Tracker {
         Ok(())
     }
 
-    /// What to do about the requests the lost member never answered.
+    /// What to do about the requests the lost member never answered (its pongs too:
+    /// the pings are not sent again).
     fn replay(&mut self) -> Vec<Replay> {
+        self.pings = 0;
+        self.ping_since = None;
         let mut actions = Vec::new();
         let mut keep = VecDeque::new();
         for pending in std::mem::take(&mut self.pending) {
@@ -1424,7 +1485,7 @@ mod tests {
         assert_eq!(token_conversation("v1.!!!.x"), None);
 
         let mut t = Tracker::new(Surface::Client, "/ws/client");
-        assert!(t.quiet());
+        assert!(!t.quiet(), "not before its stream is open");
         assert!(t.outgoing(&format!(r#"{{"type":"resume","token":"{token}","last_seq":0}}"#)).is_ok());
         assert!(!t.quiet(), "a resume waits for its answer");
         t.incoming(r#"{"type":"resumed","protocol":1}"#);
@@ -1437,6 +1498,21 @@ mod tests {
         assert!(!t.quiet());
         t.incoming(r#"{"type":"ack","key":"k","seq":1,"duplicate":false}"#);
         assert!(t.quiet());
+        // A ping never answered (refused, or lost with a member) holds the socket back
+        // only for a while, and not past a re-pin.
+        assert!(t.outgoing(r#"{"type":"ping"}"#).is_ok());
+        assert!(!t.quiet());
+        t.ping_since = Instant::now().checked_sub(PING_PATIENCE + Duration::from_secs(1));
+        assert!(t.quiet(), "a pong that did not come in time no longer holds it");
+        assert!(t.outgoing(r#"{"type":"ping"}"#).is_ok());
+        t.ping_since = Some(Instant::now());
+        t.replay();
+        assert!(t.quiet(), "a re-pin forgets the pings it did not send again");
+
+        let mut desk = Tracker::new(Surface::Operator, "/ws/operator?token=T");
+        assert!(!desk.quiet(), "an operator socket before its hello");
+        desk.incoming(r#"{"type":"hello","seq":4}"#);
+        assert!(desk.quiet());
 
         let mut started = Tracker::new(Surface::Client, "/ws/client");
         started.outgoing(r#"{"type":"start"}"#).expect("sent");

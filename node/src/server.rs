@@ -268,19 +268,24 @@ impl Route {
     }
 
     /// For a group this node does not hold, while a write forwarded to `leader` waits:
-    /// asks the other holders every [`DEPOSED_POLL`] who leads, and returns the first
-    /// of them that says it leads now (`leader` was then deposed, and the write's
-    /// outcome is unknown). Pending forever while none does.
+    /// asks the holders every [`DEPOSED_POLL`] who leads, and returns another holder
+    /// that says it leads at a term above the last `leader` itself said it led at
+    /// (`leader` was then deposed, and the write's outcome is unknown). A holder's word
+    /// about another is not taken (it may be stale), nor a cut-off leader's of an older
+    /// term. Pending forever while there is none.
     async fn elected_instead_of(&self, leader: u64, holders: &[(u64, String)]) -> Option<(u64, switchboard_raft::Node)> {
-        let others: Vec<&(u64, String)> = holders.iter().filter(|(id, _)| *id != leader).collect();
-        if others.is_empty() {
+        if holders.iter().all(|(id, _)| *id == leader) {
             return std::future::pending().await;
         }
+        let mut leader_term = 0;
         loop {
             tokio::time::sleep(DEPOSED_POLL).await;
-            let seen = futures::future::join_all(others.iter().map(|(id, addr)| async move { (*id, self.forwarder.leader_seen_by(addr, self.group, DEPOSED_POLL).await) })).await;
-            // A holder that says it leads now (a follower's word may be stale).
-            if let Some((next, _)) = seen.into_iter().filter_map(|(id, seen)| seen.filter(|(l, _)| *l == id)).max_by_key(|(_, term)| *term) {
+            let seen = futures::future::join_all(holders.iter().map(|(id, addr)| async move { (*id, self.forwarder.leader_seen_by(addr, self.group, DEPOSED_POLL).await) })).await;
+            let claims: Vec<(u64, u64)> = seen.into_iter().filter_map(|(id, seen)| seen.filter(|(l, _)| *l == id)).collect();
+            if let Some((_, term)) = claims.iter().find(|(id, _)| *id == leader) {
+                leader_term = leader_term.max(*term);
+            }
+            if let Some((next, _)) = claims.into_iter().filter(|(id, term)| *id != leader && *term > leader_term).max_by_key(|(_, term)| *term) {
                 let addr = holders.iter().find(|(id, _)| *id == next).map(|(_, addr)| addr.clone());
                 return Some((next, switchboard_raft::Node { addr: addr? }));
             }
@@ -343,7 +348,9 @@ impl Route {
                     // (Only when this node itself sees `leader` leading: a leader named by
                     // another node may not be known here yet.)
                     let mut metrics = self.raft.metrics();
-                    let watched = metrics.borrow().current_leader == Some(leader);
+                    // Only a held group's own Raft sees elections: a copy given up and
+                    // not forgotten yet keeps the leader of its last day.
+                    let watched = held && metrics.borrow().current_leader == Some(leader);
                     let deposed = async {
                         if watched {
                             let _ = metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != leader)).await;
