@@ -67,9 +67,14 @@ const MOVE_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a client's `ping` may wait for its `pong` before it no longer keeps the
 /// socket from moving (the member refused it, or it was lost with a member).
 const PING_PATIENCE: Duration = Duration::from_secs(5);
-/// Sockets moving after a change of the map start within this spread (by the client's
-/// port), so that a new leader is not asked for every resume at once.
-const MOVE_SPREAD_MS: u64 = 500;
+/// How long after a change of the map sockets wait before they move: a failover
+/// settles first (the new leader is busy with the sockets and writes that failed over
+/// to it, and a socket works from any member meanwhile).
+const MOVE_SETTLE: Duration = Duration::from_secs(2);
+/// Sockets moving after a change of the map start within this spread after
+/// [`MOVE_SETTLE`] (by the client's port), so that a new leader is not asked for every
+/// resume at once.
+const MOVE_SPREAD_MS: u64 = 1000;
 /// The largest frame a member may send a gateway (a page of history is 64 KiB of text).
 const MAX_UPSTREAM_MESSAGE: usize = 16 * 1024 * 1024;
 /// Requests a socket's client may have unanswered at the gateway's count; past it the
@@ -724,7 +729,7 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                         let target = edge.up.preferred(surface, track.conversation).map(|(id, _)| id);
                         if moving.failed == 0 || target != moving.failed_to {
                             moving.failed = 0;
-                            moving.at = Some(tokio::time::Instant::now() + Duration::from_millis(u64::from(client.port()) % MOVE_SPREAD_MS));
+                            moving.at = Some(tokio::time::Instant::now() + MOVE_SETTLE + Duration::from_millis(u64::from(client.port()) % MOVE_SPREAD_MS));
                         }
                     }
                     // The gateway is stopping; nothing moves any more.
