@@ -442,9 +442,12 @@ async fn relay_http(
 ) -> Response {
     let mut request = request;
     let mut avoid = None;
+    // A visitor's upload or download goes to the leader of its conversation's shard, as
+    // its socket does: the file is then written first on a node that holds the shard.
+    let conversation = (edge.listener == Listener::Public).then(|| attachment_conversation(request.uri())).flatten();
     // Until a stream is open nothing has been sent: another member may take it.
     for _ in 0..3 {
-        let Some((id, addr)) = edge.up.choose(avoid) else {
+        let Some((id, addr)) = edge.up.choose_for(Surface::Client, conversation, avoid) else {
             break;
         };
         let relayed = tokio::time::timeout(
@@ -1308,6 +1311,16 @@ impl Tracker {
     }
 }
 
+/// The conversation of a visitor's attachment request (`/attachments…?token=<client
+/// token>`), read from its token without checking it (the member does).
+fn attachment_conversation(uri: &Uri) -> Option<u64> {
+    if !uri.path().starts_with("/attachments") {
+        return None;
+    }
+    let token = uri.query()?.split('&').find_map(|p| p.strip_prefix("token="))?;
+    token_conversation(token)
+}
+
 /// The conversation a client token names, read without checking its signature (the
 /// member checks it): `v1.<claims>.<mac>` with claims `{"kind":"client","conversation":N,…}`.
 fn token_conversation(token: &str) -> Option<u64> {
@@ -1518,6 +1531,13 @@ mod tests {
         assert!(!desk.quiet(), "an operator socket before its hello");
         desk.incoming(r#"{"type":"hello","seq":4}"#);
         assert!(desk.quiet());
+
+        let upload: Uri = format!("/attachments?name=scan.png&token={token}").parse().expect("uri");
+        assert_eq!(attachment_conversation(&upload), Some(4242), "an upload goes where its conversation is");
+        let download: Uri = format!("/attachments/abc?token={token}").parse().expect("uri");
+        assert_eq!(attachment_conversation(&download), Some(4242));
+        let elsewhere: Uri = format!("/api/conversations?token={token}").parse().expect("uri");
+        assert_eq!(attachment_conversation(&elsewhere), None);
 
         let mut started = Tracker::new(Surface::Client, "/ws/client");
         started.outgoing(r#"{"type":"start"}"#).expect("sent");
