@@ -812,7 +812,7 @@ async fn a_gateway_pins_each_visitor_to_its_conversation_shard_s_leader_and_foll
         visitors.push(ws);
         conversations.push(conversation);
     }
-    let placed = eventually(WAIT * 3, Duration::from_millis(200), || async {
+    let placed = eventually(WAIT * 6, Duration::from_millis(200), || async {
         let (_, view) = gateway.api("GET", "/api/gateway", None, None).await?;
         Ok(pinned_to_shard_leaders(&view, &conversations))
     })
@@ -841,7 +841,9 @@ async fn a_gateway_pins_each_visitor_to_its_conversation_shard_s_leader_and_foll
     let out = switchboard_chaos_tests::cli(["cluster", "rebalance", "--addr", &cluster.node(other).private], &[("SWITCHBOARD_PASSWORD", &password)]).await?;
     println!("cluster rebalance:\n{}", String::from_utf8_lossy(&out));
     // Every socket on the leader of its conversation's shard as the nodes now see it.
-    let back = eventually(WAIT * 3, Duration::from_millis(250), || async {
+    // Sockets move once the map held for 2 s (ADR 0008), and a failed move waits up to
+    // 10 s before it is tried again: on a busy machine this takes a while.
+    let back = eventually(WAIT * 6, Duration::from_millis(250), || async {
         let leaders = group_leaders(&cluster, other).await?;
         let (_, view) = gateway.api("GET", "/api/gateway", None, None).await?;
         let current = view["shards"].as_array().is_some_and(|shards| shards.iter().all(|s| leaders.get(&s["group"].as_u64().unwrap_or(0)).copied().flatten() == s["leader"].as_u64()));
