@@ -954,8 +954,7 @@ async fn shift(edge: &Edge, track: &mut Tracker, addr: &str, client: SocketAddr,
     }
     // A ping whose pong never came (it was refused, or lost with a member) no longer
     // holds the socket back.
-    track.pings = 0;
-    track.ping_since = None;
+    track.forget_pings();
     Ok(socket)
 }
 
@@ -1035,6 +1034,12 @@ impl Tracker {
     fn quiet(&self) -> bool {
         let ping_waits = self.pings > 0 && self.ping_since.is_some_and(|since| since.elapsed() < PING_PATIENCE);
         self.established && self.pending.is_empty() && !ping_waits && self.resume_asked.is_none()
+    }
+
+    /// Forgets the pings waiting for a pong: none will come (see `shift`, `replay`).
+    fn forget_pings(&mut self) {
+        self.pings = 0;
+        self.ping_since = None;
     }
 
     /// Sets the client's token and the conversation it names.
@@ -1277,8 +1282,7 @@ impl Tracker {
     /// What to do about the requests the lost member never answered (its pongs too:
     /// the pings are not sent again).
     fn replay(&mut self) -> Vec<Replay> {
-        self.pings = 0;
-        self.ping_since = None;
+        self.forget_pings();
         let mut actions = Vec::new();
         let mut keep = VecDeque::new();
         for pending in std::mem::take(&mut self.pending) {
