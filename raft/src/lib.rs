@@ -104,8 +104,19 @@ pub fn default_config() -> Result<std::sync::Arc<openraft::Config>, Error> {
 /// As [`default_config`], with a snapshot every `every` entries (and a fifth of that
 /// kept in the log behind it for lagging followers).
 pub fn config_with_snapshots(every: u64) -> Result<std::sync::Arc<openraft::Config>, Error> {
-    member_config(every, 0, 0)
+    let every = every.max(10);
+    staggered_config(every, every / 5, 0, 0)
 }
+
+/// Entries a member keeps in its log behind its snapshot point, as a multiple of the
+/// snapshot interval: a replica that was away for a few seconds (restarted, or cut off
+/// briefly) catches up from the log instead of being sent the whole state. With a fifth
+/// of the interval (200 entries by default) a member restarted in the kill drill was
+/// sent a snapshot of every shard after each kill, and loading them held the record
+/// store's writes for seconds (docs/benchmarks.md, "Snapshots that write only the
+/// difference"). Five intervals: 5,000 entries by default, at least 5 s of a group's
+/// entries at the rate one disk syncs them.
+pub const LOG_KEPT_INTERVALS: u64 = 5;
 
 /// Which of the three staggered election windows (0, 1, 2) `node` has in `group`.
 pub fn election_window(node: u64, group: u64) -> u64 {
@@ -126,6 +137,10 @@ pub fn election_window(node: u64, group: u64) -> u64 {
 /// spuriously. Offsetting by group spreads the groups' first choices over the nodes.
 pub fn member_config(every: u64, node: u64, group: u64) -> Result<std::sync::Arc<openraft::Config>, Error> {
     let every = every.max(10);
+    staggered_config(every, every * LOG_KEPT_INTERVALS, node, group)
+}
+
+fn staggered_config(every: u64, kept: u64, node: u64, group: u64) -> Result<std::sync::Arc<openraft::Config>, Error> {
     let window = election_window(node, group);
     let config = openraft::Config {
         cluster_name: "switchboard".into(),
@@ -136,7 +151,7 @@ pub fn member_config(every: u64, node: u64, group: u64) -> Result<std::sync::Arc
         // A group-commit entry is at most about 1 MiB (node's `MAX_BATCH_BYTES`): 32 of
         // them stay well inside one RPC (`network::MAX_RPC_BYTES`).
         max_payload_entries: 32,
-        max_in_snapshot_log_to_keep: every / 5,
+        max_in_snapshot_log_to_keep: kept,
         // A snapshot travels in chunks of 1 MiB, each written to the receiver's file as
         // it arrives; a chunk may take a few seconds on a loaded link or a slow disk.
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,

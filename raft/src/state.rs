@@ -246,22 +246,59 @@ impl StateTree {
     /// Replaces every record by those of a version 2 snapshot read from `input`. The
     /// caller has marked the tree as installing; the records are partial until it is
     /// done. Returns the number of records loaded.
+    ///
+    /// Only what differs is written: the snapshot's records come in key order, and
+    /// they are walked beside the records already here, so a record with the same value
+    /// is left alone, a changed or new one is written and one the snapshot does not hold
+    /// is removed. A replica that was a few seconds behind (restarted, or cut off
+    /// briefly) writes a few records rather than its whole state twice (every record's
+    /// removal, then its copy), which filled the store's journal and held its writes for
+    /// seconds in the kill drill (docs/benchmarks.md, "Snapshots that write only the
+    /// difference").
     pub(crate) fn load_dump(&self, input: impl Read) -> std::io::Result<u64> {
-        self.clear().map_err(std::io::Error::other)?;
         let mut input = BufReader::with_capacity(1 << 20, input);
         let mut magic = [0u8; 8];
         input.read_exact(&mut magic)?;
         if &magic != SNAPSHOT_MAGIC {
             return Err(invalid("not a version 2 snapshot"));
         }
+        // The records as they were before the load, beside the snapshot's.
+        let before = self.part.snapshot();
+        let mut records = before.range::<Vec<u8>, _>(vec![RECORD]..vec![RECORD + 1]);
+        let mut here = records.next().transpose().map_err(std::io::Error::other)?;
         let mut count = 0u64;
         let mut batch = self.keyspace.batch();
+        let mut previous: Option<Vec<u8>> = None;
         loop {
             let Some(key) = read_part(&mut input)? else { break };
             let value = read_part(&mut input)?.ok_or_else(|| invalid("a record without a value"))?;
-            batch.insert(&self.part, stored(&key), value);
+            if previous.as_ref().is_some_and(|p| *p >= key) {
+                return Err(invalid("the snapshot's records are not in key order"));
+            }
+            let stored_key = stored(&key);
+            previous = Some(key);
+            let mut same = false;
+            // Records here before this one are not in the snapshot: removed.
+            while let Some((old_key, old_value)) = &here {
+                let order = old_key[..].cmp(&stored_key[..]);
+                if order == std::cmp::Ordering::Greater {
+                    break;
+                }
+                if order == std::cmp::Ordering::Less {
+                    batch.remove(&self.part, old_key.to_vec());
+                } else {
+                    same = old_value[..] == value[..];
+                }
+                here = records.next().transpose().map_err(std::io::Error::other)?;
+                if order == std::cmp::Ordering::Equal {
+                    break;
+                }
+            }
+            if !same {
+                batch.insert(&self.part, stored_key, value);
+            }
             count += 1;
-            if batch.len() == CHUNK {
+            if batch.len() >= CHUNK {
                 std::mem::replace(&mut batch, self.keyspace.batch()).commit().map_err(std::io::Error::other)?;
             }
         }
@@ -269,6 +306,14 @@ impl StateTree {
         input.read_exact(&mut expected).map_err(|_| invalid("the snapshot ends early"))?;
         if u64::from_be_bytes(expected) != count {
             return Err(invalid("the snapshot's record count does not match"));
+        }
+        // What is left here comes after the snapshot's last record: not in it.
+        while let Some((old_key, _)) = here {
+            batch.remove(&self.part, old_key.to_vec());
+            if batch.len() >= CHUNK {
+                std::mem::replace(&mut batch, self.keyspace.batch()).commit().map_err(std::io::Error::other)?;
+            }
+            here = records.next().transpose().map_err(std::io::Error::other)?;
         }
         batch.commit().map_err(std::io::Error::other)?;
         Ok(count)
@@ -446,6 +491,65 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(tree.dump(&mut out).expect("dump"), 10);
         tree.end_capture();
+    }
+
+    /// A load over records that mostly match the snapshot leaves the same ones alone
+    /// and ends with exactly the snapshot's records: changed values, records only
+    /// here (before, between and after the snapshot's) and records only in it.
+    #[test]
+    fn a_load_over_close_records_ends_with_exactly_the_snapshot() {
+        let (_dir, tree) = open_tree();
+        let keys: Vec<String> = (0..3 * CHUNK).map(|i| format!("k{i:05}")).collect();
+        put(&tree, &keys.iter().map(|k| (k.as_str(), Some("v"))).collect::<Vec<_>>());
+        tree.begin_capture();
+        let mut out = Vec::new();
+        tree.dump(&mut out).expect("dump");
+        tree.end_capture();
+        let expected = all(&tree.records());
+        // Loaded over the very records it was made of, it writes nothing.
+        let buffered = tree.keyspace.write_buffer_size();
+        assert_eq!(tree.load_dump(&out[..]).expect("load"), keys.len() as u64);
+        assert_eq!(tree.keyspace.write_buffer_size(), buffered, "a load over the same records wrote some");
+        assert_eq!(all(&tree.records()), expected);
+
+        let (_dir2, other) = open_tree();
+        let mut near: Vec<(String, Option<&str>)> = keys.iter().map(|k| (k.clone(), Some("v"))).collect();
+        near[7].1 = Some("changed");
+        near[CHUNK + 1].1 = None;
+        near.push(("a-only-here".into(), Some("x")));
+        near.push(("k00010-only-here".into(), Some("x")));
+        near.push(("z-only-here".into(), Some("x")));
+        put(&other, &near.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>());
+        let buffered = other.keyspace.write_buffer_size();
+        assert_eq!(other.load_dump(&out[..]).expect("load"), keys.len() as u64);
+        // Two records written, three removed: a few hundred bytes, not the whole state.
+        let written = other.keyspace.write_buffer_size() - buffered;
+        assert!(written < 1024, "{written} bytes written for five records");
+        assert_eq!(all(&other.records()), expected);
+
+        // Into an empty tree, and into one whose records all come after the snapshot's.
+        let (_dir3, empty) = open_tree();
+        assert_eq!(empty.load_dump(&out[..]).expect("load"), keys.len() as u64);
+        assert_eq!(all(&empty.records()), expected);
+        let (_dir4, after) = open_tree();
+        put(&after, &[("zz1", Some("x")), ("zz2", Some("y"))]);
+        after.load_dump(&out[..]).expect("load");
+        assert_eq!(all(&after.records()), expected);
+    }
+
+    #[test]
+    fn a_dump_out_of_key_order_is_refused() {
+        let mut out = Vec::new();
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        for key in ["b", "a"] {
+            write_part(&mut out, key.as_bytes()).unwrap();
+            write_part(&mut out, b"v").unwrap();
+        }
+        out.extend_from_slice(&u32::MAX.to_be_bytes());
+        out.extend_from_slice(&2u64.to_be_bytes());
+        let (_dir, tree) = open_tree();
+        let refused = tree.load_dump(&out[..]).expect_err("out of order");
+        assert!(refused.to_string().contains("key order"), "{refused}");
     }
 
     #[test]
