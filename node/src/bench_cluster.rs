@@ -64,7 +64,7 @@ impl Nodes {
             let config = cluster::GatewayFileConfig::read(path)?;
             let mut command = tokio::process::Command::new(std::env::current_exe()?);
             command.arg("gateway").arg("--config").arg(path).args(bench::OPEN_BUDGETS);
-            let (child, ready) = wait_ready(command)?;
+            let (child, ready) = wait_ready(command, "gateway")?;
             ready.await.context("the gateway did not start")??;
             nodes.gateway = Some((config, child));
         }
@@ -78,7 +78,7 @@ impl Nodes {
         if i == 0 {
             command.arg("--demo");
         }
-        wait_ready(command)
+        wait_ready(command, &format!("node {}", i + 1))
     }
 
     /// Where clients connect: the gateway, or every node.
@@ -148,12 +148,21 @@ impl Nodes {
 
 
 /// Spawns `command` and returns it with a task that ends once it printed `ready`.
-fn wait_ready(mut command: tokio::process::Command) -> anyhow::Result<(tokio::process::Child, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+fn wait_ready(mut command: tokio::process::Command, name: &str) -> anyhow::Result<(tokio::process::Child, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     // The nodes log errors only; `SWITCHBOARD_BENCH_NODE_LOG` (a `RUST_LOG` filter)
-    // shows more, elections say, when a drill needs explaining.
+    // shows more, elections say, when a drill needs explaining. Each line is printed
+    // with the name of the process that logged it.
     let filter = std::env::var("SWITCHBOARD_BENCH_NODE_LOG").unwrap_or_else(|_| "error".into());
-    let mut child = command.env("RUST_LOG", filter).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn()?;
+    let mut child = command.env("RUST_LOG", filter).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).spawn()?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let label = name.to_owned();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("[{label}] {line}");
+        }
+    });
     let ready = tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         let wait = async {
@@ -438,16 +447,19 @@ async fn kill_drill(args: &BenchArgs, nodes: &mut Nodes, clients: Vec<(WsClient,
     // Recovery seen by each client for each kill: from the kill to its first ack after.
     let mut recoveries = Vec::new();
     let mut per_kill = Vec::new();
-    for at in &killed_at {
-        let mut worst = Duration::ZERO;
+    let mut shown = Vec::new();
+    for (k, at) in killed_at.iter().enumerate() {
+        let (mut worst, mut over_half) = (Duration::ZERO, 0);
         for run in &runs {
             if let Some((ack, _)) = run.acks.iter().find(|(ack, _)| ack >= at) {
                 let wait = ack.duration_since(*at);
                 recoveries.push(wait);
                 worst = worst.max(wait);
+                over_half += usize::from(wait >= Duration::from_millis(500));
             }
         }
         per_kill.push(worst);
+        shown.push(format!("{}: {:.0} ms ({over_half})", k + 1, worst.as_secs_f64() * 1e3));
     }
     recoveries.sort();
     per_kill.sort();
@@ -479,6 +491,7 @@ async fn kill_drill(args: &BenchArgs, nodes: &mut Nodes, clients: Vec<(WsClient,
     println!("  acked {acked} ({:.0} msg/s through the kills); resent after `unavailable` {}; reconnects {}", acked as f64 / elapsed.as_secs_f64(), runs.iter().map(|r| r.retried).sum::<u64>(), runs.iter().map(|r| r.reconnects).sum::<u64>());
     bench::print_latencies("recovery seen by a client (kill -> its first ack after)", &recoveries);
     bench::print_latencies("worst client per kill", &per_kill);
+    println!("  worst client of each kill (clients that waited 500 ms or more): {}", shown.join(", "));
     println!("  {checked} acknowledged messages checked: {lost} lost, {doubled} written twice");
     Ok(())
 }
