@@ -771,9 +771,9 @@ impl Watching {
 /// clients and the forwarder.
 ///
 /// A dial runs in a task of its own, so a caller that gives up (openraft drops an RPC
-/// at its timeout) does not cancel it, and callers that come while it runs are told at
-/// once that the peer is unreachable (openraft then backs off instead of retrying every
-/// heartbeat). A connection on which nothing has answered for `SILENT` (1 s) is closed: a
+/// at its timeout) does not cancel it; callers that come while it runs wait for it a
+/// little ([`DIAL_JOIN`]) and are then told that the peer is unreachable (openraft then
+/// backs off instead of retrying every heartbeat). A connection on which nothing has answered for `SILENT` (1 s) is closed: a
 /// peer that died without closing it (kill -9, a cut cable) is found within seconds,
 /// not after QUIC's idle timeout, and its callers back off too.
 #[derive(Clone)]
@@ -801,8 +801,15 @@ const APPEND_BYTES: usize = 2 * 1024 * 1024;
 
 /// Nothing answered on a connection for this long: it is closed and dialled anew.
 const SILENT: Duration = Duration::from_secs(1);
-/// A dial that takes longer than this fails (QUIC would wait for its idle timeout).
-const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// A dial that takes longer than this fails (QUIC would wait for its idle timeout), and
+/// the next request dials anew. A handshake on a LAN takes milliseconds; one begun
+/// while the peer was down gets through at a resend of its first packet (`tls`'s
+/// `INITIAL_RTT`), so it is given up soon and a fresh one tried.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// A request that finds a dial under way waits this long for it (at most its own
+/// time to live): a vote sent while a dial to a peer that has just come back is
+/// finishing goes out on it, instead of failing the election round.
+const DIAL_JOIN: Duration = Duration::from_millis(100);
 
 /// An encoded file push ([`Peers::file_push`]), shared by the pushes to every member.
 #[derive(Clone)]
@@ -829,9 +836,9 @@ impl Peers {
     }
 
     /// A live connection to `addr`, dialling when there is none; waits for a dial at
-    /// most `wait` (a dial already in flight is not waited for).
+    /// most `wait` (for one already in flight, at most [`DIAL_JOIN`]).
     async fn connection(&self, addr: &str, wait: Duration) -> Result<quinn::Connection, Unsent> {
-        let mut done = {
+        let (mut done, joined) = {
             let mut peers = self.lock();
             let peer = peers.entry(addr.to_string()).or_default();
             if let Some(c) = &peer.connection {
@@ -846,35 +853,38 @@ impl Peers {
                 peer.connection = None;
                 peer.unanswered_since = None;
             }
-            if peer.dialing.is_some() {
-                return Err(Unsent(format!("{addr} is not reachable yet (dialling)")));
-            }
-            let socket: SocketAddr = addr.parse().map_err(|e| Unsent(format!("bad address {addr}: {e}")))?;
-            let connecting = self.endpoint.connect(socket, NODE_SERVER_NAME).map_err(|e| Unsent(format!("connect {addr}: {e}")))?;
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            peer.dialing = Some(rx.clone());
-            let peers = self.clone();
-            let key = addr.to_string();
-            tokio::spawn(async move {
-                let outcome = tokio::time::timeout(DIAL_TIMEOUT, connecting).await;
-                {
-                    let mut map = peers.lock();
-                    let peer = map.entry(key.clone()).or_default();
-                    peer.dialing = None;
-                    match outcome {
-                        Ok(Ok(connection)) => peer.connection = Some(connection),
-                        Ok(Err(e)) => debug!(addr = %key, error = %e, "dial failed"),
-                        Err(_) => debug!(addr = %key, "dial timed out"),
+            if let Some(dialing) = &peer.dialing {
+                (dialing.clone(), true)
+            } else {
+                let socket: SocketAddr = addr.parse().map_err(|e| Unsent(format!("bad address {addr}: {e}")))?;
+                let connecting = self.endpoint.connect(socket, NODE_SERVER_NAME).map_err(|e| Unsent(format!("connect {addr}: {e}")))?;
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                peer.dialing = Some(rx.clone());
+                let peers = self.clone();
+                let key = addr.to_string();
+                tokio::spawn(async move {
+                    let outcome = tokio::time::timeout(DIAL_TIMEOUT, connecting).await;
+                    {
+                        let mut map = peers.lock();
+                        let peer = map.entry(key.clone()).or_default();
+                        peer.dialing = None;
+                        match outcome {
+                            Ok(Ok(connection)) => peer.connection = Some(connection),
+                            Ok(Err(e)) => debug!(addr = %key, error = %e, "dial failed"),
+                            Err(_) => debug!(addr = %key, "dial timed out"),
+                        }
                     }
-                }
-                let _ = tx.send(true);
-            });
-            rx
+                    let _ = tx.send(true);
+                });
+                (rx, false)
+            }
         };
+        let wait = if joined { wait.min(DIAL_JOIN) } else { wait };
         let _ = tokio::time::timeout(wait, done.wait_for(|done| *done)).await;
         let peers = self.lock();
         match peers.get(addr).and_then(|p| p.connection.clone()) {
             Some(c) => Ok(c),
+            None if joined => Err(Unsent(format!("{addr} is not reachable yet (dialling)"))),
             None => Err(Unsent(format!("{addr} is not reachable"))),
         }
     }

@@ -192,6 +192,7 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, Error> 
     transport.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
     transport.keep_alive_interval(Some(KEEP_ALIVE));
     transport.max_idle_timeout(Some(idle_timeout()));
+    transport.initial_rtt(INITIAL_RTT);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -211,9 +212,20 @@ pub fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, Error> 
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(KEEP_ALIVE));
     transport.max_idle_timeout(Some(idle_timeout()));
+    transport.initial_rtt(INITIAL_RTT);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
+
+/// The round trip assumed before a connection has measured one. QUIC resends a
+/// handshake packet that got no answer after about three of these, then twice as long
+/// each time: with quinn's default (333 ms) a node dialled while it was down (killed,
+/// restarting) answered the dial's next resend only 1-3 s after it was back, and until
+/// then its peers' votes could not reach it, which made an election after the next
+/// kill take over a second (docs/benchmarks.md, "Dials that follow a restart"). Nodes
+/// and gateways share a LAN: 50 ms is ample there, and a longer real round trip only
+/// costs a resent handshake packet.
+const INITIAL_RTT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Streams open at once on one peer's connection: RPCs, and the sockets and requests a
 /// gateway relays.
