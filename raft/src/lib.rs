@@ -137,7 +137,7 @@ pub fn election_window(node: u64, group: u64) -> u64 {
 /// spuriously. Offsetting by group spreads the groups' first choices over the nodes.
 pub fn member_config(every: u64, node: u64, group: u64) -> Result<std::sync::Arc<openraft::Config>, Error> {
     let every = every.max(10);
-    staggered_config(every, every * LOG_KEPT_INTERVALS, node, group)
+    staggered_config(every, every.saturating_mul(LOG_KEPT_INTERVALS), node, group)
 }
 
 fn staggered_config(every: u64, kept: u64, node: u64, group: u64) -> Result<std::sync::Arc<openraft::Config>, Error> {

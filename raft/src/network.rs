@@ -806,7 +806,7 @@ const SILENT: Duration = Duration::from_secs(1);
 /// while the peer was down gets through at a resend of its first packet (`tls`'s
 /// `INITIAL_RTT`), so it is given up soon and a fresh one tried.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
-/// A request that finds a dial under way waits this long for it (at most its own
+/// A request that finds a dial under way waits this long for it (at most half its own
 /// time to live): a vote sent while a dial to a peer that has just come back is
 /// finishing goes out on it, instead of failing the election round.
 const DIAL_JOIN: Duration = Duration::from_millis(100);
@@ -836,7 +836,7 @@ impl Peers {
     }
 
     /// A live connection to `addr`, dialling when there is none; waits for a dial at
-    /// most `wait` (for one already in flight, at most [`DIAL_JOIN`]).
+    /// most `wait` (for one already in flight, at most half of it or [`DIAL_JOIN`]).
     async fn connection(&self, addr: &str, wait: Duration) -> Result<quinn::Connection, Unsent> {
         let (mut done, joined) = {
             let mut peers = self.lock();
@@ -879,7 +879,9 @@ impl Peers {
                 (rx, false)
             }
         };
-        let wait = if joined { wait.min(DIAL_JOIN) } else { wait };
+        // Half the caller's time at most, so that it hears "unreachable" before its own
+        // deadline (openraft backs off on that, not on a timeout).
+        let wait = if joined { (wait / 2).min(DIAL_JOIN) } else { wait };
         let _ = tokio::time::timeout(wait, done.wait_for(|done| *done)).await;
         let peers = self.lock();
         match peers.get(addr).and_then(|p| p.connection.clone()) {

@@ -286,6 +286,9 @@ impl StateTree {
                 }
                 if order == std::cmp::Ordering::Less {
                     batch.remove(&self.part, old_key.to_vec());
+                    if batch.len() >= CHUNK {
+                        std::mem::replace(&mut batch, self.keyspace.batch()).commit().map_err(std::io::Error::other)?;
+                    }
                 } else {
                     same = old_value[..] == value[..];
                 }
@@ -363,8 +366,13 @@ pub(crate) fn verify_dump(input: impl Read) -> std::io::Result<Option<u64>> {
         return Ok(None);
     }
     let mut count = 0u64;
-    while read_part(&mut input)?.is_some() {
+    let mut previous: Option<Vec<u8>> = None;
+    while let Some(key) = read_part(&mut input)? {
         read_part(&mut input)?.ok_or_else(|| invalid("a record without a value"))?;
+        if previous.as_ref().is_some_and(|p| *p >= key) {
+            return Err(invalid("the snapshot's records are not in key order"));
+        }
+        previous = Some(key);
         count += 1;
     }
     let mut expected = [0u8; 8];
@@ -549,6 +557,9 @@ mod tests {
         out.extend_from_slice(&2u64.to_be_bytes());
         let (_dir, tree) = open_tree();
         let refused = tree.load_dump(&out[..]).expect_err("out of order");
+        assert!(refused.to_string().contains("key order"), "{refused}");
+        // Refused when it arrives, before it replaces the snapshot the member has.
+        let refused = verify_dump(&out[..]).expect_err("out of order");
         assert!(refused.to_string().contains("key order"), "{refused}");
     }
 
