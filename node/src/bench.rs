@@ -477,9 +477,16 @@ pub(crate) async fn operators(
         operator_tasks.push(tokio::spawn(async move {
             loop {
                 match ws.next(Duration::from_secs(3600)).await {
+                    // An accept the cluster could not confirm (`unavailable`, after the
+                    // server's own 10 s of resending) is sent again, as the protocol
+                    // allows: its `ref` is the offer.
+                    Ok(Incoming::Json(v)) if v["type"] == "error" && v["code"] == "unavailable" && v["ref"].is_u64() => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let _ = ws.send(&json!({"type": "accept", "offer": v["ref"], "ref": v["ref"]})).await;
+                    }
                     Ok(Incoming::Json(v)) if v["type"] == "event" => {
                         if v["kind"] == "offer" {
-                            let _ = ws.send(&json!({"type": "accept", "offer": v["offer"]})).await;
+                            let _ = ws.send(&json!({"type": "accept", "offer": v["offer"], "ref": v["offer"]})).await;
                         } else if v["kind"] == "conversation" && v["entry"]["from"] == "client" {
                             let now = Instant::now();
                             if let Some(key) = v["entry"]["key"].as_str() {
@@ -508,8 +515,11 @@ pub(crate) async fn start_clients(publics: &[String], n: usize) -> anyhow::Resul
         let started = ws.wait_for(Duration::from_secs(10), |v| v["type"] == "started").await?;
         clients.push((ws, started));
     }
-    for (ws, _) in clients.iter_mut() {
-        ws.wait_for(Duration::from_secs(30), |v| v["type"] == "event" && v["kind"] == "assigned").await.context("client never assigned")?;
+    for (ws, started) in clients.iter_mut() {
+        let conversation = started["conversation"].clone();
+        ws.wait_for(Duration::from_secs(30), |v| v["type"] == "event" && v["kind"] == "assigned")
+            .await
+            .with_context(|| format!("conversation {conversation}: no operator was assigned within 30 s"))?;
         ws.clear_skipped();
     }
     Ok(clients)

@@ -158,9 +158,14 @@ fn wait_ready(mut command: tokio::process::Command, name: &str) -> anyhow::Resul
     let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
     let label = name.to_owned();
     tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("[{label}] {line}");
+        let mut reader = BufReader::new(stderr);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => eprintln!("[{label}] {}", String::from_utf8_lossy(&line).trim_end()),
+            }
         }
     });
     let ready = tokio::spawn(async move {
