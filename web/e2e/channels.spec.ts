@@ -511,6 +511,8 @@ test('a Facebook Messenger customer: the composer counts toward 2000 characters 
   await shot(alice, '66-channel-messenger-too-long');
   // A file with text is refused before anything is sent: the file goes alone.
   await alice.getByTestId('attach-input').setInputFiles({ name: 'menu.pdf', mimeType: 'application/pdf', buffer: Buffer.from('%PDF-1.4 menu') });
+  // Uploaded, so the composer holds it (Enter during the upload sends nothing).
+  await expect(alice.locator('.chip')).toContainText('menu.pdf');
   await input.fill('see the menu');
   await input.press('Enter');
   await expect(view.getByTestId('composer-problem')).toHaveText(

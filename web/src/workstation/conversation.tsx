@@ -307,6 +307,9 @@ function Composer(props: {
 
   const send = () => {
     if (noteMode) return addNote();
+    // As the send button: a file still uploading would otherwise be left out of the
+    // message its text belongs to (the status line says it is uploading).
+    if (uploading > 0) return;
     const p = messageProblem(draft, files.length, adapter);
     if (p) {
       setProblem(messageProblemText(t, p, draft, adapter));
