@@ -55,7 +55,8 @@ const POLL_EVERY: Duration = Duration::from_millis(100);
 /// running member answers a poll within milliseconds; five polls in a row unanswered
 /// is a dead process, a cut link or a frozen machine.
 const MEMBER_SILENT: Duration = Duration::from_millis(500);
-/// How long a poll waits for its answer.
+/// How long a poll waits for its answer. A member whose status poll gets none, and
+/// which answered nothing else in the last half of it, is taken for gone at once.
 const POLL_TTL: Duration = Duration::from_millis(400);
 /// How long a socket may look for another member before it is closed with 1012.
 const REPIN_PATIENCE: Duration = Duration::from_secs(15);
@@ -239,6 +240,14 @@ impl Upstreams {
             .collect();
         let answers = futures::future::join_all(targets.iter().map(|(id, addr)| async move {
             let (status, shards) = tokio::join!(self.peers.status(addr, POLL_TTL), self.peers.shards(addr, POLL_TTL));
+            // No status within the poll's time and nothing else answered lately: the
+            // member is gone now, not after one more round. (An answer to the other
+            // poll just before it died would otherwise restart the silence clock, and
+            // its sockets would be re-pinned a round late: about 1.07 s after a kill
+            // instead of 0.5-0.6 s.)
+            if status.is_err() && !self.peers.answered_within(addr, POLL_TTL / 2) {
+                self.peers.drop_connection(addr);
+            }
             (*id, status, shards.ok())
         }))
         .await;
