@@ -113,9 +113,9 @@ pub fn config_with_snapshots(every: u64) -> Result<std::sync::Arc<openraft::Conf
 /// briefly) catches up from the log instead of being sent the whole state. With a fifth
 /// of the interval (200 entries by default) a member restarted in the kill drill was
 /// sent a snapshot of every shard after each kill, and loading them held the record
-/// store's writes for seconds (docs/benchmarks.md, "Snapshots that write only the
-/// difference"). Five intervals: 5,000 entries by default, at least 5 s of a group's
-/// entries at the rate one disk syncs them.
+/// store's writes for seconds (docs/benchmarks.md, "Members that come back"). Five
+/// intervals: 5,000 entries by default, at least 5 s of a group's entries at the rate
+/// one disk syncs them.
 pub const LOG_KEPT_INTERVALS: u64 = 5;
 
 /// Which of the three staggered election windows (0, 1, 2) `node` has in `group`.

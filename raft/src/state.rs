@@ -253,8 +253,7 @@ impl StateTree {
     /// is removed. A replica that was a few seconds behind (restarted, or cut off
     /// briefly) writes a few records rather than its whole state twice (every record's
     /// removal, then its copy), which filled the store's journal and held its writes for
-    /// seconds in the kill drill (docs/benchmarks.md, "Snapshots that write only the
-    /// difference").
+    /// seconds in the kill drill (docs/benchmarks.md, "Members that come back").
     pub(crate) fn load_dump(&self, input: impl Read) -> std::io::Result<u64> {
         let mut input = BufReader::with_capacity(1 << 20, input);
         let mut magic = [0u8; 8];

@@ -222,7 +222,7 @@ pub fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, Error> 
 /// each time: with quinn's default (333 ms) a node dialled while it was down (killed,
 /// restarting) answered the dial's next resend only 1-3 s after it was back, and until
 /// then its peers' votes could not reach it, which made an election after the next
-/// kill take over a second (docs/benchmarks.md, "Dials that follow a restart"). Nodes
+/// kill take over a second (docs/benchmarks.md, "Members that come back"). Nodes
 /// and gateways share a LAN: 50 ms is ample there, and a longer real round trip only
 /// costs a resent handshake packet.
 const INITIAL_RTT: std::time::Duration = std::time::Duration::from_millis(50);
