@@ -285,9 +285,7 @@ impl StateTree {
                 }
                 if order == std::cmp::Ordering::Less {
                     batch.remove(&self.part, old_key.to_vec());
-                    if batch.len() >= CHUNK {
-                        std::mem::replace(&mut batch, self.keyspace.batch()).commit().map_err(std::io::Error::other)?;
-                    }
+                    self.commit_when_full(&mut batch)?;
                 } else {
                     same = old_value[..] == value[..];
                 }
@@ -300,9 +298,7 @@ impl StateTree {
                 batch.insert(&self.part, stored_key, value);
             }
             count += 1;
-            if batch.len() >= CHUNK {
-                std::mem::replace(&mut batch, self.keyspace.batch()).commit().map_err(std::io::Error::other)?;
-            }
+            self.commit_when_full(&mut batch)?;
         }
         let mut expected = [0u8; 8];
         input.read_exact(&mut expected).map_err(|_| invalid("the snapshot ends early"))?;
@@ -312,13 +308,19 @@ impl StateTree {
         // What is left here comes after the snapshot's last record: not in it.
         while let Some((old_key, _)) = here {
             batch.remove(&self.part, old_key.to_vec());
-            if batch.len() >= CHUNK {
-                std::mem::replace(&mut batch, self.keyspace.batch()).commit().map_err(std::io::Error::other)?;
-            }
+            self.commit_when_full(&mut batch)?;
             here = records.next().transpose().map_err(std::io::Error::other)?;
         }
         batch.commit().map_err(std::io::Error::other)?;
         Ok(count)
+    }
+
+    /// Commits `batch` and starts a new one once it holds a chunk of changes.
+    fn commit_when_full(&self, batch: &mut fjall::Batch) -> std::io::Result<()> {
+        if batch.len() >= CHUNK {
+            std::mem::replace(batch, self.keyspace.batch()).commit().map_err(std::io::Error::other)?;
+        }
+        Ok(())
     }
 
     /// Replaces every record by `changes` (an imported legacy snapshot).
