@@ -899,6 +899,23 @@ fn raise_open_files_limit() {
     }
 }
 
+/// Turns transparent huge pages off for this process (and the processes it starts).
+/// The allocator asks for huge pages on its arenas and hands freed memory back to the
+/// kernel; each fault on such an arena then zeroed a whole 2 MiB page, which was 12% of
+/// the CPU of a saturated three-node cluster on two cores (`docs/benchmarks.md`,
+/// "Huge pages"). `SWITCHBOARD_HUGE_PAGES=1` leaves them to the system's setting.
+fn turn_off_huge_pages() {
+    if std::env::var_os("SWITCHBOARD_HUGE_PAGES").is_some_and(|v| v == "1") {
+        return;
+    }
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes a flag of
+    // this process; a kernel that does not know it answers EINVAL, which is harmless.
+    let refused = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0;
+    if refused {
+        tracing::debug!("the kernel refused to turn transparent huge pages off");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -911,6 +928,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     raise_open_files_limit();
+    turn_off_huge_pages();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
