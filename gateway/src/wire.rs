@@ -235,6 +235,13 @@ fn close_frame(payload: &[u8]) -> Result<Inbound, Violation> {
 /// A server frame (never masked), ready to write.
 pub fn encode(opcode: ServerOp, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 10);
+    encode_into(&mut out, opcode, payload);
+    out
+}
+
+/// Appends a server frame (never masked) to `out`, after the frames already there.
+pub fn encode_into(out: &mut Vec<u8>, opcode: ServerOp, payload: &[u8]) {
+    out.reserve(payload.len() + 10);
     out.push(0x80 | opcode as u8);
     match payload.len() {
         n if n < 126 => out.push(n as u8),
@@ -248,7 +255,6 @@ pub fn encode(opcode: ServerOp, payload: &[u8]) -> Vec<u8> {
         }
     }
     out.extend_from_slice(payload);
-    out
 }
 
 /// A client frame (masked with `mask`, as a client must), ready to write.

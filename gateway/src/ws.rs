@@ -533,8 +533,20 @@ async fn send_frame(write: &mut Writer, bytes: &[u8]) -> bool {
 }
 
 async fn send_json(write: &mut Writer, value: &Value, metrics: &Metrics) -> bool {
+    let mut frames = Vec::new();
+    push_json(&mut frames, value, metrics);
+    send_frame(write, &frames).await
+}
+
+/// How many bytes of frames already queued for a socket go out in one write. Frames
+/// written together cost one system call and, on a loaded node, one TCP segment
+/// instead of one each; the socket's own outbox bounds what can wait there.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Appends `value` as one text frame to the frames about to be written.
+fn push_json(frames: &mut Vec<u8>, value: &Value, metrics: &Metrics) {
     metrics.frames_sent.fetch_add(1, Relaxed);
-    send_frame(write, &wire::encode(wire::ServerOp::Text, value.to_string().as_bytes())).await
+    wire::encode_into(frames, wire::ServerOp::Text, value.to_string().as_bytes());
 }
 
 /// Sends a close frame and ends our side of the TCP connection at once.
@@ -556,43 +568,52 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
     loop {
         tokio::select! {
             biased;
-            out = rx.recv() => match out {
-                Some(Out::Json(value)) => {
-                    if !send_json(&mut write, &value, &metrics).await { return; }
-                }
-                Some(Out::Text(text)) => {
-                    metrics.frames_sent.fetch_add(1, Relaxed);
-                    if !send_frame(&mut write, &wire::encode(wire::ServerOp::Text, text.as_bytes())).await { return; }
-                }
-                Some(Out::Follow(f)) => {
-                    let mut f = *f;
-                    f.wake.mark_changed();
-                    wake = Some(f.wake);
-                    pull = Some(f.pull);
-                    signals = f.signals;
-                    min_interval = f.min_interval;
-                    paged = f.paged;
-                }
-                Some(Out::Close(code, reason)) => {
-                    send_close(&mut write, wire::encode_close(code, &reason)).await;
-                    return;
-                }
-                Some(Out::CloseEcho(code)) => {
-                    let frame = match code {
-                        Some(code) => wire::encode_close(code, ""),
-                        None => wire::encode(wire::ServerOp::Close, &[]),
-                    };
-                    send_close(&mut write, frame).await;
-                    return;
-                }
-                Some(Out::Pong(payload)) => {
-                    if !send_frame(&mut write, &wire::encode(wire::ServerOp::Pong, &payload)).await { return; }
-                }
-                None => {
+            out = rx.recv() => {
+                let Some(out) = out else {
                     send_close(&mut write, wire::encode_close(close::NORMAL, "")).await;
                     return;
+                };
+                // This one and whatever else is already queued, up to `BATCH_BYTES`,
+                // in order and in one write.
+                let mut frames = Vec::new();
+                let mut next = Some(out);
+                while let Some(out) = next.take() {
+                    match out {
+                        Out::Json(value) => push_json(&mut frames, &value, &metrics),
+                        Out::Text(text) => {
+                            metrics.frames_sent.fetch_add(1, Relaxed);
+                            wire::encode_into(&mut frames, wire::ServerOp::Text, text.as_bytes());
+                        }
+                        Out::Pong(payload) => wire::encode_into(&mut frames, wire::ServerOp::Pong, &payload),
+                        Out::Follow(f) => {
+                            let mut f = *f;
+                            f.wake.mark_changed();
+                            wake = Some(f.wake);
+                            pull = Some(f.pull);
+                            signals = f.signals;
+                            min_interval = f.min_interval;
+                            paged = f.paged;
+                        }
+                        Out::Close(code, reason) => {
+                            frames.extend_from_slice(&wire::encode_close(code, &reason));
+                            send_close(&mut write, frames).await;
+                            return;
+                        }
+                        Out::CloseEcho(code) => {
+                            match code {
+                                Some(code) => frames.extend_from_slice(&wire::encode_close(code, "")),
+                                None => wire::encode_into(&mut frames, wire::ServerOp::Close, &[]),
+                            }
+                            send_close(&mut write, frames).await;
+                            return;
+                        }
+                    }
+                    if frames.len() < BATCH_BYTES {
+                        next = rx.try_recv().ok();
+                    }
                 }
-            },
+                if !frames.is_empty() && !send_frame(&mut write, &frames).await { return; }
+            }
             alive = wait_wake(&mut wake) => {
                 if !alive {
                     // The stream's sender went away (node shutting down): say so and stop.
@@ -609,9 +630,12 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, metrics: Arc
                     if paged && !frames.is_empty() {
                         wake.mark_changed();
                     }
-                    for frame in frames {
-                        if !send_json(&mut write, &frame, &metrics).await { return; }
+                    // A page goes out in one write.
+                    let mut bytes = Vec::new();
+                    for frame in &frames {
+                        push_json(&mut bytes, frame, &metrics);
                     }
+                    if !bytes.is_empty() && !send_frame(&mut write, &bytes).await { return; }
                 }
                 if let Some(pause) = min_interval {
                     tokio::time::sleep(pause).await;
