@@ -601,16 +601,33 @@ pub async fn read_barrier(raft: &Raft, peers: &Peers, group: u64, patience: Dura
                 if tokio::time::Instant::now() >= give_up {
                     return Err(format!("no leader answered within {} ms", patience.as_millis()));
                 }
+                let mut metrics = raft.metrics();
                 answer = match leader {
-                    Some((_, node)) => match peers.exchange(&node.addr, &RpcRequest::ReadIndex { group }, patience).await {
-                        Ok(RpcResponse::ReadIndex(answer)) => answer,
-                        _ => {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            read_index(raft).await
+                    Some((asked, node)) => {
+                        // A leader killed while it is asked answers never; its connection
+                        // is called silent only after `SILENT`. This node's Raft sees the
+                        // election sooner: then the new leader is asked.
+                        let elected = async {
+                            let _ = metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != asked)).await;
+                        };
+                        let request = RpcRequest::ReadIndex { group };
+                        tokio::select! {
+                            reply = peers.exchange(&node.addr, &request, patience) => match reply {
+                                Ok(RpcResponse::ReadIndex(answer)) => answer,
+                                _ => {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    read_index(raft).await
+                                }
+                            },
+                            _ = elected => read_index(raft).await,
                         }
-                    },
+                    }
                     None => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // No leader known: ask again once one is, or after 50 ms.
+                        let known = async {
+                            let _ = metrics.wait_for(|m| m.current_leader.is_some()).await;
+                        };
+                        let _ = tokio::time::timeout(Duration::from_millis(50), known).await;
                         read_index(raft).await
                     }
                 };
