@@ -257,6 +257,42 @@ pub fn encode_into(out: &mut Vec<u8>, opcode: ServerOp, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Appends `value` as one text frame to `out`, written straight into it: the payload
+/// goes after room for the longest header, and moves back over what the header did
+/// not need once its length is known.
+pub fn encode_json_into(out: &mut Vec<u8>, value: &serde_json::Value) {
+    const ROOM: usize = 10;
+    let start = out.len();
+    out.extend_from_slice(&[0u8; ROOM]);
+    if serde_json::to_writer(&mut *out, value).is_err() {
+        // Writing a `Value` into memory does not fail; should it, no frame is left half.
+        out.truncate(start);
+        return;
+    }
+    let len = out.len() - start - ROOM;
+    let mut header = [0u8; ROOM];
+    header[0] = 0x80 | ServerOp::Text as u8;
+    let used = match len {
+        n if n < 126 => {
+            header[1] = n as u8;
+            2
+        }
+        n if n <= usize::from(u16::MAX) => {
+            header[1] = 126;
+            header[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            4
+        }
+        n => {
+            header[1] = 127;
+            header[2..10].copy_from_slice(&(n as u64).to_be_bytes());
+            10
+        }
+    };
+    out.copy_within(start + ROOM.., start + used);
+    out.truncate(out.len() - (ROOM - used));
+    out[start..start + used].copy_from_slice(&header[..used]);
+}
+
 /// A client frame (masked with `mask`, as a client must), ready to write.
 pub fn encode_masked(opcode: ServerOp, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
     let mut out = encode(opcode, &[]);
@@ -307,6 +343,19 @@ pub enum ServerOp {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_json_frame_written_in_place_is_the_frame_of_its_text() {
+        // Payload lengths on each side of the two header size steps, after other frames.
+        for len in [0usize, 100, 123, 124, 125, 126, 127, 65_533, 65_534, 65_535, 65_536, 70_000] {
+            let value = serde_json::Value::String("y".repeat(len.saturating_sub(2)));
+            let text = value.to_string();
+            let mut before = encode(ServerOp::Ping, b"earlier");
+            let expected = [before.clone(), encode(ServerOp::Text, text.as_bytes())].concat();
+            encode_json_into(&mut before, &value);
+            assert_eq!(before, expected, "a payload of {} bytes", text.len());
+        }
+    }
 
     #[test]
     fn what_a_client_encodes_a_server_decodes_and_back() {

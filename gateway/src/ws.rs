@@ -546,7 +546,7 @@ const BATCH_BYTES: usize = 64 * 1024;
 /// Appends `value` as one text frame to the frames about to be written.
 fn push_json(frames: &mut Vec<u8>, value: &Value, metrics: &Metrics) {
     metrics.frames_sent.fetch_add(1, Relaxed);
-    wire::encode_into(frames, wire::ServerOp::Text, value.to_string().as_bytes());
+    wire::encode_json_into(frames, value);
 }
 
 /// Sends a close frame and ends our side of the TCP connection at once.
