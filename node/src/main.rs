@@ -910,7 +910,7 @@ fn turn_off_huge_pages() {
     }
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes a flag of
     // this process; a kernel that does not know it answers EINVAL, which is harmless.
-    let refused = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0;
+    let refused = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) } != 0;
     if refused {
         tracing::debug!("the kernel refused to turn transparent huge pages off");
     }

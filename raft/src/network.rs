@@ -602,13 +602,20 @@ pub async fn read_barrier(raft: &Raft, peers: &Peers, group: u64, patience: Dura
                     return Err(format!("no leader answered within {} ms", patience.as_millis()));
                 }
                 let mut metrics = raft.metrics();
+                // The leader this node knows of now: a wait below ends when another is.
+                let seen = metrics.borrow_and_update().current_leader;
                 answer = match leader {
                     Some((asked, node)) => {
                         // A leader killed while it is asked answers never; its connection
                         // is called silent only after `SILENT`. This node's Raft sees the
-                        // election sooner: then the new leader is asked.
+                        // election sooner: then the new leader is asked. (Only for the
+                        // leader this node itself knows: one named by another node may
+                        // not be known here yet.)
+                        let watched = seen == Some(asked);
                         let elected = async {
-                            let _ = metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != asked)).await;
+                            if !watched || metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != asked)).await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
                         };
                         let request = RpcRequest::ReadIndex { group };
                         tokio::select! {
@@ -623,9 +630,13 @@ pub async fn read_barrier(raft: &Raft, peers: &Peers, group: u64, patience: Dura
                         }
                     }
                     None => {
-                        // No leader known: ask again once one is, or after 50 ms.
+                        // No leader to ask (none known, one not in the membership yet, or
+                        // this node leads without its quorum): ask again once another is
+                        // known, or after 50 ms.
                         let known = async {
-                            let _ = metrics.wait_for(|m| m.current_leader.is_some()).await;
+                            if metrics.wait_for(|m| m.current_leader.is_some() && m.current_leader != seen).await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
                         };
                         let _ = tokio::time::timeout(Duration::from_millis(50), known).await;
                         read_index(raft).await
