@@ -241,37 +241,20 @@ pub fn encode(opcode: ServerOp, payload: &[u8]) -> Vec<u8> {
 
 /// Appends a server frame (never masked) to `out`, after the frames already there.
 pub fn encode_into(out: &mut Vec<u8>, opcode: ServerOp, payload: &[u8]) {
-    out.reserve(payload.len() + 10);
-    out.push(0x80 | opcode as u8);
-    match payload.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n <= usize::from(u16::MAX) => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    let (header, used) = server_header(opcode, payload.len());
+    out.reserve(used + payload.len());
+    out.extend_from_slice(&header[..used]);
     out.extend_from_slice(payload);
 }
 
-/// Appends `value` as one text frame to `out`, written straight into it: the payload
-/// goes after room for the longest header, and moves back over what the header did
-/// not need once its length is known.
-pub fn encode_json_into(out: &mut Vec<u8>, value: &serde_json::Value) {
-    const ROOM: usize = 10;
-    let start = out.len();
-    out.extend_from_slice(&[0u8; ROOM]);
-    if serde_json::to_writer(&mut *out, value).is_err() {
-        // Writing a `Value` into memory does not fail; should it, no frame is left half.
-        out.truncate(start);
-        return;
-    }
-    let len = out.len() - start - ROOM;
-    let mut header = [0u8; ROOM];
-    header[0] = 0x80 | ServerOp::Text as u8;
+/// The longest header a frame can have.
+const MAX_HEADER: usize = 10;
+
+/// The header of an unmasked frame with `len` bytes of payload, and how many of its
+/// bytes it uses (2, 4 or 10).
+fn server_header(opcode: ServerOp, len: usize) -> ([u8; MAX_HEADER], usize) {
+    let mut header = [0u8; MAX_HEADER];
+    header[0] = 0x80 | opcode as u8;
     let used = match len {
         n if n < 126 => {
             header[1] = n as u8;
@@ -288,8 +271,23 @@ pub fn encode_json_into(out: &mut Vec<u8>, value: &serde_json::Value) {
             10
         }
     };
-    out.copy_within(start + ROOM.., start + used);
-    out.truncate(out.len() - (ROOM - used));
+    (header, used)
+}
+
+/// Appends `value` as one text frame to `out`, written straight into it: the payload
+/// goes after room for the longest header, and moves back over what the header did
+/// not need once its length is known.
+pub fn encode_json_into(out: &mut Vec<u8>, value: &serde_json::Value) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; MAX_HEADER]);
+    if serde_json::to_writer(&mut *out, value).is_err() {
+        // Writing a `Value` into memory does not fail; should it, no frame is left half.
+        out.truncate(start);
+        return;
+    }
+    let (header, used) = server_header(ServerOp::Text, out.len() - start - MAX_HEADER);
+    out.copy_within(start + MAX_HEADER.., start + used);
+    out.truncate(out.len() - (MAX_HEADER - used));
     out[start..start + used].copy_from_slice(&header[..used]);
 }
 
