@@ -412,22 +412,13 @@ impl Route {
             if hint.is_none() {
                 if held {
                     // This node's Raft sees the election: go on as soon as a leader other
-                    // than the one just tried is known, not at the end of the pause (a
-                    // pause of 320 ms or more made a client wait up to 0.4 s past an
-                    // election after a leader's kill).
-                    // Another leader than the one tried and than the one known now (which
-                    // may be missing from the membership's node list during a change).
+                    // than the one just tried, and than the one known now (which may be
+                    // missing from the membership's node list during a change), is
+                    // named, not at the end of the pause (a pause of 320 ms or more made
+                    // a client wait up to 0.4 s past an election after a leader's kill).
                     let mut metrics = self.raft.metrics();
                     let seen = metrics.borrow_and_update().current_leader;
-                    let elected = async {
-                        // A stopped Raft closes the watch: then the pause runs out.
-                        let new = |m: &openraft::RaftMetrics<u64, switchboard_raft::Node>| {
-                            m.current_leader.is_some() && m.current_leader != tried && m.current_leader != seen
-                        };
-                        if metrics.wait_for(new).await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    };
+                    let elected = switchboard_raft::network::leader_elected(&mut metrics, |l| Some(l) != tried && Some(l) != seen);
                     let _ = tokio::time::timeout(pause, elected).await;
                 } else {
                     tokio::time::sleep(pause).await;

@@ -585,6 +585,14 @@ async fn read_index(raft: &Raft) -> Result<u64, Option<(NodeId, Node)>> {
     }
 }
 
+/// Waits until this node's Raft names a leader `new` accepts. Never ends if that Raft
+/// stopped: callers bound the wait.
+pub async fn leader_elected(metrics: &mut tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, Node>>, mut new: impl FnMut(NodeId) -> bool) {
+    if metrics.wait_for(|m| m.current_leader.is_some_and(&mut new)).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Waits until this node has applied everything committed in `group` before the call:
 /// a read made afterwards on this node sees every write acknowledged before it, as a
 /// read on the leader would. One round trip to the leader (none on the leader).
@@ -613,9 +621,10 @@ pub async fn read_barrier(raft: &Raft, peers: &Peers, group: u64, patience: Dura
                         // not be known here yet.)
                         let watched = seen == Some(asked);
                         let elected = async {
-                            if !watched || metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != asked)).await.is_err() {
+                            if !watched {
                                 std::future::pending::<()>().await;
                             }
+                            leader_elected(&mut metrics, |l| l != asked).await;
                         };
                         let request = RpcRequest::ReadIndex { group };
                         tokio::select! {
@@ -633,11 +642,7 @@ pub async fn read_barrier(raft: &Raft, peers: &Peers, group: u64, patience: Dura
                         // No leader to ask (none known, one not in the membership yet, or
                         // this node leads without its quorum): ask again once another is
                         // known, or after 50 ms.
-                        let known = async {
-                            if metrics.wait_for(|m| m.current_leader.is_some() && m.current_leader != seen).await.is_err() {
-                                std::future::pending::<()>().await;
-                            }
-                        };
+                        let known = leader_elected(&mut metrics, |l| Some(l) != seen);
                         let _ = tokio::time::timeout(Duration::from_millis(50), known).await;
                         read_index(raft).await
                     }
