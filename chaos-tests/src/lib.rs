@@ -182,7 +182,10 @@ impl Dev {
     pub async fn client(&self, name: &str) -> anyhow::Result<(WsClient, u64, String)> {
         let mut ws = WsClient::connect(&self.public, "/ws/client", None).await?;
         ws.send(&json!({"type": "start", "name": name})).await?;
-        let started = ws.wait_for(WAIT, |v| v["type"] == "started").await?;
+        let started = ws.wait_for(WAIT, |v| v["type"] == "started" || v["type"] == "error").await?;
+        if started["type"] == "error" {
+            bail!("start refused: {started}");
+        }
         let conversation = started["conversation"].as_u64().ok_or_else(|| anyhow!("no conversation id"))?;
         let token = started["token"].as_str().ok_or_else(|| anyhow!("no token"))?.to_owned();
         Ok((ws, conversation, token))

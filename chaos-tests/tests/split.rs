@@ -232,6 +232,24 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     Ok(())
 }
 
+/// "ready" on a split node means a visitor can start in any conversation shard at once:
+/// the directory (channels, groups) has reached every shard, not only the metadata group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_node_is_ready_only_when_every_shard_has_the_directory() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start_with(binary()?, &dir.path().join("data"), &["--shards", "4"]).await?;
+    // No other call first: the first starts race the directory's letters, if any are left.
+    let names: Vec<String> = (0..8).map(|i| format!("Early {i}")).collect();
+    let starts = names.iter().map(|name| dev.client(name));
+    let mut shards = std::collections::BTreeSet::new();
+    for started in futures::future::join_all(starts).await {
+        let (_, conversation, _) = started?;
+        shards.insert(conversation % 4);
+    }
+    println!("the first starts landed in shards {shards:?}");
+    Ok(())
+}
+
 /// Protocol 2 on a node of one group: one feed, `r`, holding every item (offers and
 /// messages alike), and a cursor that resumes it. A malformed cursor, a cursor under
 /// protocol 1 and an unknown protocol are refused before the upgrade.

@@ -466,6 +466,15 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let logins = demo::ensure(&node, &data_dir).await?;
     node.gateway.set_configured();
+    // "ready" means what /readyz says: on a split node the demo's directory must have
+    // reached the conversation shards before a visitor's start can find its channel.
+    let patience = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !node.gateway.ready() {
+        if tokio::time::Instant::now() >= patience {
+            anyhow::bail!("the node was not ready 30 s after it started; see its log");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     println!("switchboard dev: node 1 ready, data in {}", data_dir.display());
     print_listeners(&node);
     println!("demo logins (also in {}):", data_dir.join(demo::LOGINS_FILE).display());

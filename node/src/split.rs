@@ -93,11 +93,14 @@ pub(crate) struct SplitBackend {
     next: AtomicU64,
     /// Files being copied to the other members at once.
     copying: Arc<tokio::sync::Semaphore>,
+    /// Set once every group this node holds had the directory's letters (see
+    /// [`SplitBackend::directory_arrived`]); it stays set.
+    directory_arrived: std::sync::atomic::AtomicBool,
 }
 
 impl SplitBackend {
     fn new(node: Arc<SplitNode>) -> SplitBackend {
-        SplitBackend { node, next: AtomicU64::new(0), copying: Arc::new(tokio::sync::Semaphore::new(4)) }
+        SplitBackend { node, next: AtomicU64::new(0), copying: Arc::new(tokio::sync::Semaphore::new(4)), directory_arrived: Default::default() }
     }
 
     fn group(&self, id: GroupId) -> &HostedGroup {
@@ -272,6 +275,28 @@ impl SplitBackend {
     }
 
     /// Letters a group posted that its destination has not confirmed yet.
+    /// Whether every group this node holds applied, in its own replica, the letters
+    /// the metadata group had posted to it: the channels and skill groups a visitor's
+    /// start is checked against. A node is not ready before (the demo's directory, or
+    /// one written while the node was down, may still be on its way to a shard).
+    /// Checked until it holds once, so a directory edit later does not flip readiness.
+    fn directory_arrived(&self) -> bool {
+        if self.directory_arrived.load(Relaxed) {
+            return true;
+        }
+        let posted: BTreeMap<GroupId, u64> = self.group(G0).shard.read().mail_out.iter().map(|(to, outbox)| (*to, outbox.last_posted())).collect();
+        let arrived = self
+            .node
+            .groups
+            .values()
+            .filter(|g| g.id != G0 && self.node.holds(g.id))
+            .all(|g| g.shard.read().mail_in.last(G0) >= posted.get(&g.id).copied().unwrap_or(0));
+        if arrived {
+            self.directory_arrived.store(true, Relaxed);
+        }
+        arrived
+    }
+
     fn letters_in_flight(shard: &Shard) -> BTreeMap<GroupId, usize> {
         shard.read().mail_out.iter().map(|(to, outbox)| (*to, outbox.unconfirmed().count())).collect()
     }
@@ -432,6 +457,7 @@ impl Backend for SplitBackend {
     fn ready(&self) -> bool {
         // The groups this node holds; the others are read from their holders.
         self.node.groups.values().filter(|g| self.node.holds(g.id)).all(|g| server::serves(&g.raft, self.node.node_id, g.id, &self.node.peers, &self.node.router))
+            && self.directory_arrived()
     }
 
     fn cluster(&self) -> serde_json::Value {
