@@ -286,11 +286,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let held: Vec<u64> = status["groups"].as_array().into_iter().flatten().filter(|g| g["held"] == true && g["group"].as_u64().is_some_and(|id| id >= 3)).filter_map(|g| g["group"].as_u64()).collect();
             let leads: Vec<u64> = status["groups"].as_array().into_iter().flatten().filter(|g| g["held"] != false && g["leader"].as_u64() == Some(config.id)).filter_map(|g| g["group"].as_u64()).collect();
             let held = if status["groups"].is_array() { format!(", holds conversation shards {held:?}, leads groups {leads:?}") } else { String::new() };
+            // A node of one group counts its group's changes; a split node each group's.
+            let changes = status["leader_changes"].as_u64().or_else(|| {
+                status["groups"].as_array().map(|groups| groups.iter().filter_map(|g| g["leader_changes"].as_u64()).sum())
+            });
             println!(
                 "  node {}: {}, leader changes seen {}, CPU {cpu} s, data folder {folder:.1} MiB (log {log:.1}, records {records:.1}){held}",
                 config.id,
                 status["role"].as_str().unwrap_or("?"),
-                status["leader_changes"]
+                changes.map_or_else(|| "?".into(), |n| n.to_string())
             );
         }
     }
