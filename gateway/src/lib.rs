@@ -100,7 +100,9 @@ pub trait Backend: Send + Sync + 'static {
     }
     fn subscribe(&self, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>>;
     /// Whether this node can serve now: its group has a leader (this node or another,
-    /// which it forwards writes to) and it has applied what it had in its log.
+    /// which it forwards writes to) and it has applied what it had in its log. A split
+    /// node also waits for the directory to reach its shards, and latches that once
+    /// seen: ask it through [`Gateway::ready`], which checks the configuration first.
     fn ready(&self) -> bool;
     /// This node's view of the cluster (`GET /api/cluster`, `switchboard cluster status`).
     fn cluster(&self) -> serde_json::Value;

@@ -1379,7 +1379,7 @@ pub(crate) async fn report_operator_sockets(gateway: Arc<Gateway>, node_id: u64)
         if last.as_ref() == Some(&operators) && (!beat || operators.is_empty()) {
             continue;
         }
-        if !gateway.backend.ready() {
+        if !gateway.ready() {
             last = None;
             continue;
         }

@@ -274,12 +274,12 @@ impl SplitBackend {
         Arc::new(GroupReader { node: self.node.clone(), group })
     }
 
-    /// Letters a group posted that its destination has not confirmed yet.
     /// Whether every group this node holds applied, in its own replica, the letters
     /// the metadata group had posted to it: the channels and skill groups a visitor's
     /// start is checked against. A node is not ready before (the demo's directory, or
     /// one written while the node was down, may still be on its way to a shard).
-    /// Checked until it holds once, so a directory edit later does not flip readiness.
+    /// Checked until it holds once, so a directory edit later does not flip readiness;
+    /// asked only through `Gateway::ready`, after the node's configuration was loaded.
     fn directory_arrived(&self) -> bool {
         if self.directory_arrived.load(Relaxed) {
             return true;
@@ -297,6 +297,7 @@ impl SplitBackend {
         arrived
     }
 
+    /// Letters a group posted that its destination has not confirmed yet.
     fn letters_in_flight(shard: &Shard) -> BTreeMap<GroupId, usize> {
         shard.read().mail_out.iter().map(|(to, outbox)| (*to, outbox.unconfirmed().count())).collect()
     }
