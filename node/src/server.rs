@@ -417,7 +417,15 @@ impl Route {
                     // named, not at the end of the pause (a pause of 320 ms or more made
                     // a client wait up to 0.4 s past an election after a leader's kill).
                     let mut metrics = self.raft.metrics();
-                    let seen = metrics.borrow_and_update().current_leader;
+                    let (seen, untried) = {
+                        let m = metrics.borrow_and_update();
+                        let seen = m.current_leader;
+                        // Learnt while the entry was being sent: tried at once, no pause.
+                        (seen, seen.is_some_and(|l| Some(l) != tried && m.membership_config.membership().get_node(&l).is_some()))
+                    };
+                    if untried {
+                        continue;
+                    }
                     let elected = switchboard_raft::network::leader_elected(&mut metrics, |l| Some(l) != tried && Some(l) != seen);
                     let _ = tokio::time::timeout(pause, elected).await;
                 } else {

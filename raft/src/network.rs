@@ -616,16 +616,10 @@ pub async fn read_barrier(raft: &Raft, peers: &Peers, group: u64, patience: Dura
                     Some((asked, node)) => {
                         // A leader killed while it is asked answers never; its connection
                         // is called silent only after `SILENT`. This node's Raft sees the
-                        // election sooner: then the new leader is asked. (Only for the
-                        // leader this node itself knows: one named by another node may
-                        // not be known here yet.)
-                        let watched = seen == Some(asked);
-                        let elected = async {
-                            if !watched {
-                                std::future::pending::<()>().await;
-                            }
-                            leader_elected(&mut metrics, |l| l != asked).await;
-                        };
+                        // election sooner: then the new leader is asked. A leader named by
+                        // another node may not be known here yet, so the wait ends only on
+                        // one that is neither it nor the one this node knew.
+                        let elected = leader_elected(&mut metrics, |l| l != asked && Some(l) != seen);
                         let request = RpcRequest::ReadIndex { group };
                         tokio::select! {
                             reply = peers.exchange(&node.addr, &request, patience) => match reply {
