@@ -56,8 +56,12 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Commands waiting for the batcher at most; past it, proposers wait (backpressure).
 const PROPOSAL_QUEUE: usize = 8192;
 /// Group-commit entries handed to Raft and not yet applied, at most: the next entry
-/// fills while these are written, synced and applied.
-const ENTRIES_IN_FLIGHT: usize = 4;
+/// fills while this one is written, synced and applied. One: with more, commands that
+/// queue during a commit are spread over several smaller entries, each paying its own
+/// append, sync, replication and apply; measured in docs/benchmarks.md ("One entry in
+/// flight"), one gives the same saturation on a node, a lower latency under load, and
+/// more throughput on three nodes than four did.
+const ENTRIES_IN_FLIGHT: usize = 1;
 
 /// What a committed log entry holds.
 #[derive(Debug, PartialEq)]
@@ -212,9 +216,9 @@ pub(crate) async fn hold_elections_after_restart(raft: &Raft, router: &Router, g
 type Proposal = (Command, tokio::sync::oneshot::Sender<ApplyResult>);
 
 /// Commits commands through the shard's Raft group, many to an entry: commands that
-/// arrive while entries commit go together into the next one (group commit), and a few
-/// entries are in flight at once so the log's sync, the apply and the filling of the
-/// next entry overlap. One command alone is written at once, at no extra latency.
+/// arrive while an entry commits go together into the next one (group commit), which
+/// fills while the one before is synced and applied (`ENTRIES_IN_FLIGHT`). One command
+/// alone is written at once, at no extra latency.
 ///
 /// On a node that does not lead the group, an entry is forwarded to the leader over the
 /// nodes' QUIC connection and answered when it is applied here too, so what the caller
@@ -531,8 +535,7 @@ impl RaftProposer {
             counts.commands.fetch_add(encoded.len() as u64, std::sync::atomic::Ordering::Relaxed);
             // Entries are handed to Raft in order from this one task, so the log keeps
             // the order commands arrived in; up to `ENTRIES_IN_FLIGHT` of them commit
-            // at once (the log's flusher syncs them together), each answered by its own
-            // task when it is applied.
+            // at once, each answered by its own task when it is applied.
             let n = encoded.len();
             let failed = move |e: String| all_failed(n, e);
             let answer = |replies: Vec<tokio::sync::oneshot::Sender<ApplyResult>>, results: Vec<ApplyResult>| {
