@@ -52,9 +52,10 @@ pub struct BenchArgs {
     /// one `dev` node: clients and operators are spread over every node's listeners.
     #[arg(long, default_value_t = 1)]
     pub(crate) nodes: usize,
-    /// With `--nodes 3` or more: kill the leader with SIGKILL this many times under a
+    /// With `--nodes 3` or more: kill a leader with SIGKILL this many times under a
     /// closed-loop load (restarting it each time), and report the recovery each client
-    /// saw and whether every acknowledged message is in its conversation.
+    /// saw and whether every acknowledged message is in its conversation. On a split
+    /// cluster each kill takes the node leading the most conversation shards.
     #[arg(long)]
     pub(crate) kill_leader: Option<u32>,
     /// With `--nodes`: put a standalone gateway in front of the nodes, as `dev --nodes`

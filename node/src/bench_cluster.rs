@@ -202,6 +202,46 @@ async fn group_leaders(nodes: &Nodes) -> Option<BTreeMap<u64, Option<u64>>> {
     Some(leaders)
 }
 
+/// The node a kill drill kills next: on a split cluster the running node that leads
+/// the most conversation shards (so that every kill moves the leaders of live
+/// conversations, whichever node the placement left them on), with those shards;
+/// on a cluster of one group, its leader.
+async fn victim(nodes: &Nodes) -> anyhow::Result<(usize, Vec<u64>)> {
+    if let Some(leaders) = group_leaders(nodes).await {
+        let mut led: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for (group, leader) in leaders.iter().filter(|(group, _)| **group >= FIRST_CONVERSATION_GROUP) {
+            if let Some(leader) = leader {
+                led.entry(*leader).or_default().push(*group);
+            }
+        }
+        let running = |node: &u64| nodes.children.get(*node as usize - 1).is_some_and(Option::is_some);
+        if let Some((node, groups)) = led.into_iter().filter(|(node, _)| running(node)).max_by_key(|(_, groups)| groups.len()) {
+            return Ok((node as usize - 1, groups));
+        }
+    }
+    Ok((nodes.leader().await?, Vec::new()))
+}
+
+/// The first conversation shard's group id on a split cluster (`groups::FIRST_C`).
+const FIRST_CONVERSATION_GROUP: u64 = 3;
+
+/// Waits (at most 30 s) until each of `groups` has a leader other than `killed`
+/// (1-based) in the view of the running nodes.
+async fn until_led_elsewhere(nodes: &Nodes, groups: &[u64], killed: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(leaders) = group_leaders(nodes).await {
+            if groups.iter().all(|g| leaders.get(g).copied().flatten().is_some_and(|l| l != killed)) {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("conversation shards {groups:?} had no new leader within 30 s of node {killed}'s kill");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// On a split cluster, waits until the placement has evened out the groups'
 /// leaderships (a new cluster's first member leads every group until then), at most
 /// 60 s, so that the run measures the cluster as it will serve; prints who leads what.
@@ -424,12 +464,12 @@ async fn kill_drill(args: &BenchArgs, nodes: &mut Nodes, clients: Vec<(WsClient,
         };
         tasks.push(tokio::spawn(drill_client(ws, me, publics.clone(), i % publics.len(), stop.clone())));
     }
-    println!("bench: {} clients, one message in flight each; killing the leader {kills} times…", args.clients);
+    println!("bench: {} clients, one message in flight each; killing a leader {kills} times…", args.clients);
     let started = Instant::now();
     let mut killed_at = Vec::new();
     for k in 0..kills {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let leader = nodes.leader().await?;
+        let (leader, shards) = victim(nodes).await?;
         if let Some(child) = nodes.children[leader].as_mut() {
             child.start_kill()?;
             killed_at.push(Instant::now());
@@ -437,7 +477,19 @@ async fn kill_drill(args: &BenchArgs, nodes: &mut Nodes, clients: Vec<(WsClient,
         }
         nodes.children[leader] = None;
         let new_leader = nodes.leader().await?;
-        println!("  kill {}: node {} killed, node {} leads {:.0} ms later", k + 1, leader + 1, new_leader + 1, killed_at[k as usize].elapsed().as_secs_f64() * 1e3);
+        let agreed = killed_at[k as usize].elapsed().as_secs_f64() * 1e3;
+        if shards.is_empty() {
+            println!("  kill {}: node {} killed, node {} leads {agreed:.0} ms later", k + 1, leader + 1, new_leader + 1);
+        } else {
+            until_led_elsewhere(nodes, &shards, leader as u64 + 1).await?;
+            println!(
+                "  kill {}: node {} killed, leading conversation shards {shards:?}: new leaders {:.0} ms later (the routing shard's: node {} after {agreed:.0} ms)",
+                k + 1,
+                leader + 1,
+                killed_at[k as usize].elapsed().as_secs_f64() * 1e3,
+                new_leader + 1
+            );
+        }
         // Back before the next kill, and caught up: a majority must survive every kill.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (child, ready) = nodes.spawn(leader)?;
