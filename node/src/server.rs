@@ -303,7 +303,10 @@ impl Route {
     /// leader is known, a node refused it as not the leader, or it never left this node.
     /// Once it was sent and no answer came, it may be committed: the caller is told so
     /// and only the client, with its idempotency key, may send it again.
-    async fn commit_anywhere(&self, bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    ///
+    /// `slot` is the proposer's slot for an entry in flight: given back as soon as the
+    /// leader answered, so the next entry does not wait for this node's own apply.
+    async fn commit_anywhere(&self, bytes: Vec<u8>, slot: tokio::sync::OwnedSemaphorePermit) -> Result<Vec<u8>, String> {
         let give_up = tokio::time::Instant::now() + FIND_LEADER_FOR;
         let mut pause = Duration::from_millis(20);
         let mut hint: Option<(u64, switchboard_raft::Node)> = None;
@@ -319,6 +322,8 @@ impl Route {
             hint = self.named.lock().unwrap_or_else(|p| p.into_inner()).clone();
         }
         loop {
+            // The leader this node's Raft names as the round starts (see the pause below).
+            let known = if held { self.raft.metrics().borrow().current_leader } else { None };
             let target = hint.take().or_else(|| {
                 if !held {
                     return holders.next().map(|(id, addr)| (id, switchboard_raft::Node { addr }));
@@ -388,6 +393,8 @@ impl Route {
                             self.written.fetch_max(response.log_id.index, std::sync::atomic::Ordering::AcqRel);
                             return Ok(response.data.0);
                         }
+                        // The entry's place in the log is fixed: the next one may go.
+                        drop(slot);
                         // Read-your-writes on this node: wait until it applied the entry.
                         let index = response.log_id.index;
                         if let Err(e) = self.raft.wait(Some(CATCH_UP_FOR)).applied_index_at_least(Some(index), "forwarded entry").await {
@@ -425,7 +432,10 @@ impl Route {
                         let m = metrics.borrow_and_update();
                         let seen = m.current_leader;
                         // Learnt while the entry was being sent: tried at once, no pause.
-                        (seen, seen.is_some_and(|l| Some(l) != tried && m.membership_config.membership().get_node(&l).is_some()))
+                        // (Not one known before: a round that went to a named leader
+                        // instead, which refused, pauses as any other.)
+                        let learnt = seen.is_some_and(|l| Some(l) != tried && Some(l) != known && m.membership_config.membership().get_node(&l).is_some());
+                        (seen, learnt)
                     };
                     if untried {
                         continue;
@@ -557,12 +567,11 @@ impl RaftProposer {
                 // Another node leads (or nobody does yet): forward the entry there.
                 let route = route.clone();
                 tokio::spawn(async move {
-                    let results = match route.commit_anywhere(bytes).await {
+                    let results = match route.commit_anywhere(bytes, permit).await {
                         Ok(data) => Self::results(n, &data),
                         Err(e) => failed(e),
                     };
                     answer(replies, results);
-                    drop(permit);
                 });
                 continue;
             }
