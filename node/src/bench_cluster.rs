@@ -209,7 +209,7 @@ async fn group_leaders(nodes: &Nodes) -> Option<BTreeMap<u64, Option<u64>>> {
 async fn victim(nodes: &Nodes) -> anyhow::Result<(usize, Vec<u64>)> {
     if let Some(leaders) = group_leaders(nodes).await {
         let mut led: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for (group, leader) in leaders.iter().filter(|(group, _)| **group >= FIRST_CONVERSATION_GROUP) {
+        for (group, leader) in leaders.iter().filter(|(group, _)| **group >= crate::groups::FIRST_C) {
             if let Some(leader) = leader {
                 led.entry(*leader).or_default().push(*group);
             }
@@ -221,9 +221,6 @@ async fn victim(nodes: &Nodes) -> anyhow::Result<(usize, Vec<u64>)> {
     }
     Ok((nodes.leader().await?, Vec::new()))
 }
-
-/// The first conversation shard's group id on a split cluster (`groups::FIRST_C`).
-const FIRST_CONVERSATION_GROUP: u64 = 3;
 
 /// Waits (at most 30 s) until each of `groups` has a leader other than `killed`
 /// (1-based) in the view of the running nodes.
