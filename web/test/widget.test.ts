@@ -97,6 +97,29 @@ describe('widget state', () => {
     expect(withBot(startedState())).toBe(false);
   });
 
+  it('keeps the quick replies of a greeting when the first message, written before it, lands after it', () => {
+    // The widget starts the conversation with the visitor's first message waiting; a bot
+    // that greets on `started` can commit its greeting before that message.
+    const person = ['Talk to a person'];
+    let s = run(emptyWidgetState, { type: 'queue', message: { key: 'first', text: 'Hi, a question', attachments: [], at: 1, state: 'sending' } });
+    s = run(s, { type: 'started', token: 'tok', conversation: 17 }, ev(1, 'started', { channel: 'web' }), ev(2, 'with_bot'));
+    s = run(s, ev(3, 'message', { from: 'bot', text: 'Hello!', buttons: person }));
+    expect(quickReplies(s)).toEqual({ seq: 3, buttons: person });
+    s = run(s, ev(4, 'message', { from: 'client', key: 'first', text: 'Hi, a question' }));
+    expect(s.pending).toEqual([]);
+    expect(quickReplies(s)).toEqual({ seq: 3, buttons: person });
+    // Kept through a reload, too.
+    expect(quickReplies(deserialize(serialize(s)))).toEqual({ seq: 3, buttons: person });
+    // What the visitor sends after seeing the greeting answers it: sending, then sent.
+    s = run(s, { type: 'queue', message: { key: 'second', text: 'Talk to a person', attachments: [], at: 2, state: 'sending' } });
+    expect(quickReplies(s)).toBeNull();
+    s = run(s, ev(5, 'message', { from: 'client', key: 'second', text: 'Talk to a person' }));
+    expect(quickReplies(s)).toBeNull();
+    // An operator's message answers it whatever the visitor saw.
+    const answered = run(emptyWidgetState, { type: 'started', token: 'tok', conversation: 18 }, ev(1, 'with_bot'), ev(2, 'message', { from: 'bot', text: 'Hi', buttons: person }), ev(3, 'message', { from: 'operator', text: 'Alice here' }));
+    expect(quickReplies(answered)).toBeNull();
+  });
+
   it('keeps bot messages and their buttons through storage', () => {
     const s = run(startedState(), ev(3, 'with_bot'), ev(4, 'message', { from: 'bot', text: 'Hi', buttons: ['Talk to a person'] }));
     const back = deserialize(serialize(s));

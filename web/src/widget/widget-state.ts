@@ -23,6 +23,9 @@ export interface ClientEvent {
   attachments?: Attachment[];
   /** A bot message's quick replies (see quickReplies). */
   buttons?: string[];
+  /** Kept by this widget only, on its own messages: the last seq it had shown when the
+   *  visitor sent it (a message written before a bot message arrived answers nothing). */
+  sentAfter?: number;
 }
 
 export interface PendingSend {
@@ -34,6 +37,8 @@ export interface PendingSend {
   error?: string;
   /** Set once the ack arrived: the message is committed (delivered). */
   ackSeq?: number;
+  /** The last seq shown when the visitor sent it (set by the reducer). */
+  seenSeq?: number;
 }
 
 export interface WidgetState {
@@ -79,6 +84,10 @@ export type WidgetAction =
   | { type: 'forget' };
 
 function applyEvent(s: WidgetState, ev: ClientEvent): WidgetState {
+  if (ev.kind === 'message' && ev.from === 'client' && ev.key) {
+    const sent = s.pending.find((p) => p.key === ev.key);
+    if (sent?.seenSeq !== undefined) ev = { ...ev, sentAfter: sent.seenSeq };
+  }
   const events = mergeBySeq(s.events, [ev]);
   let next: WidgetState = { ...s, events: events.length > MAX_CACHED_EVENTS ? events.slice(-MAX_CACHED_EVENTS) : events, lastSeq: ev.seq };
   switch (ev.kind) {
@@ -115,7 +124,7 @@ export function widgetReducer(s: WidgetState, a: WidgetAction): WidgetState {
       if (!s.pending.some((p) => p.key === a.key)) return s;
       return { ...s, pending: s.pending.map((p) => (p.key === a.key ? { ...p, state: 'sending' as const, ackSeq: a.seq } : p)) };
     case 'queue':
-      return { ...s, pending: [...s.pending.filter((p) => p.key !== a.message.key), a.message] };
+      return { ...s, pending: [...s.pending.filter((p) => p.key !== a.message.key), { ...a.message, seenSeq: s.lastSeq }] };
     case 'sendFailed':
       return { ...s, pending: s.pending.map((p) => (p.key === a.key ? { ...p, state: 'failed', error: a.error } : p)) };
     case 'retry':
@@ -164,14 +173,25 @@ export function withBot(s: WidgetState): boolean {
 }
 
 /** The quick replies to show: those of the newest bot message, as long as nothing
- *  answered it yet (a customer or operator message, sent or still being sent), the bot
- *  did not hand the conversation over, and it is not closed. Null when there are none. */
+ *  answered it yet (an operator message, or a customer message sent or being sent after
+ *  the bot message was shown: the first message, written before the bot greeted, answers
+ *  nothing), the bot did not hand the conversation over, and it is not closed. Null when
+ *  there are none. */
 export function quickReplies(s: WidgetState): { seq: number; buttons: string[] } | null {
-  if (s.closed || s.pending.length) return null;
+  if (s.closed) return null;
+  const answers = (seen: number | undefined, botSeq: number) => seen === undefined || seen >= botSeq;
   for (let i = s.events.length - 1; i >= 0; i--) {
     const e = s.events[i];
-    if (e.kind === 'message') return e.from === 'bot' && Array.isArray(e.buttons) && e.buttons.length ? { seq: e.seq, buttons: e.buttons } : null;
     if (e.kind === 'handoff' || e.kind === 'closed') return null;
+    if (e.kind !== 'message' || e.from !== 'bot') continue;
+    if (!Array.isArray(e.buttons) || !e.buttons.length) return null;
+    for (let j = i + 1; j < s.events.length; j++) {
+      const later = s.events[j];
+      if (later.kind !== 'message') continue;
+      if (later.from !== 'client' || answers(later.sentAfter, e.seq)) return null;
+    }
+    if (s.pending.some((p) => answers(p.seenSeq, e.seq))) return null;
+    return { seq: e.seq, buttons: e.buttons };
   }
   return null;
 }
@@ -214,7 +234,14 @@ export function deserialize(text: string | null): WidgetState {
     const pending: PendingSend[] = Array.isArray(o.pending)
       ? o.pending
           .filter((p: any) => p && typeof p.key === 'string' && typeof p.text === 'string')
-          .map((p: any) => ({ key: p.key, text: p.text, attachments: Array.isArray(p.attachments) ? p.attachments : [], at: Number(p.at) || 0, state: 'sending' as const }))
+          .map((p: any) => ({
+            key: p.key,
+            text: p.text,
+            attachments: Array.isArray(p.attachments) ? p.attachments : [],
+            at: Number(p.at) || 0,
+            state: 'sending' as const,
+            ...(Number.isInteger(p.seenSeq) && p.seenSeq >= 0 ? { seenSeq: p.seenSeq } : {}),
+          }))
       : [];
     return {
       ...emptyWidgetState,
