@@ -65,6 +65,8 @@ type Write = fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<hyper_util::rt:
 
 pub struct WsClient {
     write: Arc<Mutex<Write>>,
+    /// Set by [`WsClient::keep_text`]: text frames come as `Incoming::Text`, unparsed.
+    raw: Arc<std::sync::atomic::AtomicBool>,
     incoming: mpsc::UnboundedReceiver<Incoming>,
     /// Frames skipped by `wait_for`, kept in order for later reads.
     skipped: std::collections::VecDeque<Incoming>,
@@ -94,6 +96,8 @@ impl WsClient {
         let write = Arc::new(Mutex::new(write));
         let (tx, incoming) = mpsc::unbounded_channel();
         let writer = write.clone();
+        let raw = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let keep_text = raw.clone();
         tokio::spawn(async move {
             let mut read = FragmentCollectorRead::new(read);
             loop {
@@ -107,6 +111,7 @@ impl WsClient {
                     .await;
                 let message = match frame {
                     Ok(frame) => match frame.opcode {
+                        OpCode::Text if keep_text.load(std::sync::atomic::Ordering::Relaxed) => Incoming::Text(String::from_utf8_lossy(&frame.payload).into_owned()),
                         OpCode::Text => {
                             let text = String::from_utf8_lossy(&frame.payload).into_owned();
                             match serde_json::from_str(&text) {
@@ -132,7 +137,15 @@ impl WsClient {
                 }
             }
         });
-        Ok(WsClient { write, incoming, skipped: Default::default() })
+        Ok(WsClient { write, raw, incoming, skipped: Default::default() })
+    }
+
+    /// From now on, text frames the server sends arrive as `Incoming::Text`, not parsed
+    /// into a `Value`: for a caller that reads a few fields of many frames with a typed
+    /// parse of its own (the bench's load, whose parsing would otherwise take CPU from
+    /// the nodes it measures on the same machine). `wait_for` sees no JSON after this.
+    pub fn keep_text(&self) {
+        self.raw.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub async fn send(&self, value: &Value) -> Result<(), ClientError> {

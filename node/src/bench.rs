@@ -230,6 +230,46 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub(crate) type Pending = Arc<Mutex<HashMap<String, Instant>>>;
 
+/// The few fields the bench's load reads of a server frame, parsed without building a
+/// `Value` (the load runs on the machine it measures: its parsing is CPU the nodes do
+/// not get). Other fields are skipped.
+#[derive(serde::Deserialize, Default)]
+pub(crate) struct Head<'a> {
+    #[serde(rename = "type", borrow, default)]
+    pub ty: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub key: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub code: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    pub offer: Option<Value>,
+    /// An error's `ref`: a message's key or an offer's id.
+    #[serde(rename = "ref", default)]
+    pub reference: Option<Value>,
+    #[serde(borrow, default)]
+    pub entry: Option<EntryHead<'a>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+pub(crate) struct EntryHead<'a> {
+    #[serde(borrow, default)]
+    pub from: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub key: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A frame's text, whether it came unparsed (after `WsClient::keep_text`) or, received
+/// before that, as a `Value`. None for a close.
+pub(crate) fn frame_text(incoming: Incoming) -> Option<std::borrow::Cow<'static, str>> {
+    match incoming {
+        Incoming::Text(t) => Some(t.into()),
+        Incoming::Json(v) => Some(v.to_string().into()),
+        Incoming::Closed { .. } => None,
+    }
+}
+
 /// Bytes under a folder, walked recursively.
 pub(crate) fn folder_bytes(path: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else { return 0 };
@@ -380,17 +420,28 @@ pub(crate) async fn saturate(
         let (pending, acked, ack_latencies) = (pending.clone(), acked.clone(), ack_latencies.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
+            ws.keep_text();
+            ws.clear_skipped();
             while started.elapsed() < duration {
                 let key = format!("c{c}-{n}");
                 n += 1;
                 let sent = Instant::now();
                 pending.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), sent);
-                if ws.send(&json!({"type": "send", "key": key, "text": "benchmark message"})).await.is_err() {
+                // The key is letters, digits and a dash: nothing to escape.
+                if ws.send_text(&format!(r#"{{"type":"send","key":"{key}","text":"benchmark message"}}"#)).await.is_err() {
                     return;
                 }
-                let ack = ws.wait_for(Duration::from_secs(30), |v| v["type"] == "ack" && v["key"] == key.as_str()).await;
-                ws.clear_skipped();
-                if ack.is_err() {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let acked_now = loop {
+                    let Ok(incoming) = ws.next(deadline.saturating_duration_since(Instant::now())).await else { break false };
+                    let Some(text) = frame_text(incoming) else { break false };
+                    if let Ok(head) = serde_json::from_str::<Head>(&text) {
+                        if head.ty == "ack" && head.key.as_deref() == Some(key.as_str()) {
+                            break true;
+                        }
+                    }
+                };
+                if !acked_now {
                     return;
                 }
                 acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -473,31 +524,39 @@ pub(crate) async fn operators(
         // conversation shards' feeds; on a node of one group it is the one feed.
         let mut ws = WsClient::connect(on, &format!("/ws/operator?token={token}&protocol=2"), None).await?;
         ws.send(&json!({"type": "presence", "status": "online"})).await?;
+        ws.keep_text();
         let pending = pending.clone();
         let latencies = latencies.clone();
         operator_tasks.push(tokio::spawn(async move {
             loop {
-                match ws.next(Duration::from_secs(3600)).await {
+                let Ok(incoming) = ws.next(Duration::from_secs(3600)).await else { return };
+                let Some(text) = frame_text(incoming) else { return };
+                let Ok(head) = serde_json::from_str::<Head>(&text) else { continue };
+                match (head.ty.as_ref(), head.kind.as_deref()) {
                     // An accept the cluster could not confirm (`unavailable`, after the
                     // server's own 10 s of resending) is sent again, as the protocol
                     // allows: its `ref` is the offer.
-                    Ok(Incoming::Json(v)) if v["type"] == "error" && v["code"] == "unavailable" && v["ref"].is_u64() => {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        let _ = ws.send(&json!({"type": "accept", "offer": v["ref"], "ref": v["ref"]})).await;
+                    ("error", _) if head.code.as_deref() == Some("unavailable") => {
+                        if let Some(offer) = head.reference.as_ref().and_then(Value::as_u64) {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let _ = ws.send(&json!({"type": "accept", "offer": offer, "ref": offer})).await;
+                        }
                     }
-                    Ok(Incoming::Json(v)) if v["type"] == "event" => {
-                        if v["kind"] == "offer" {
-                            let _ = ws.send(&json!({"type": "accept", "offer": v["offer"], "ref": v["offer"]})).await;
-                        } else if v["kind"] == "conversation" && v["entry"]["from"] == "client" {
-                            let now = Instant::now();
-                            if let Some(key) = v["entry"]["key"].as_str() {
-                                if let Some(sent) = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(key) {
+                    ("event", Some("offer")) => {
+                        if let Some(offer) = head.offer.as_ref().and_then(Value::as_u64) {
+                            let _ = ws.send(&json!({"type": "accept", "offer": offer, "ref": offer})).await;
+                        }
+                    }
+                    ("event", Some("conversation")) => {
+                        let now = Instant::now();
+                        if let Some(EntryHead { from: Some(from), key: Some(key) }) = &head.entry {
+                            if from == "client" {
+                                if let Some(sent) = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(key.as_ref()) {
                                     latencies.lock().unwrap_or_else(|p| p.into_inner()).push(now - sent);
                                 }
                             }
                         }
                     }
-                    Ok(Incoming::Closed { .. }) | Err(_) => return,
                     _ => {}
                 }
             }
