@@ -253,7 +253,10 @@ impl Upstreams {
         .await;
         let mut map = self.lock();
         let leaders = |map: &Map| map.conversations.iter().map(|s| s.leader).collect::<Vec<_>>();
-        let before = (map.leader, map.members.keys().copied().collect::<Vec<_>>(), leaders(&map));
+        // A member that becomes ready (or stops being) changes where sockets belong too:
+        // one pinned elsewhere while its stream's owner was not ready yet moves to it.
+        let serving = |map: &Map| map.members.iter().filter(|(_, m)| m.alive && m.ready).map(|(id, _)| *id).collect::<Vec<_>>();
+        let before = (map.leader, map.members.keys().copied().collect::<Vec<_>>(), leaders(&map), serving(&map));
         // Each conversation shard's leader: the member that says it leads, at the
         // highest term if two do (one cut off that has not heard of the next term).
         let mut shards: Vec<Shard> = Vec::new();
@@ -326,9 +329,9 @@ impl Upstreams {
                     .retain(|id, _| view.iter().any(|(v, _)| v == id));
             }
         }
-        if before != (map.leader, map.members.keys().copied().collect::<Vec<_>>(), leaders(&map)) {
+        if before != (map.leader, map.members.keys().copied().collect::<Vec<_>>(), leaders(&map), serving(&map)) {
             map.version += 1;
-            tracing::info!(version = map.version, leader = ?map.leader, members = ?map.members.keys().collect::<Vec<_>>(), shard_leaders = ?leaders(&map), "cluster map changed");
+            tracing::info!(version = map.version, leader = ?map.leader, members = ?map.members.keys().collect::<Vec<_>>(), shard_leaders = ?leaders(&map), serving = ?serving(&map), "cluster map changed");
             self.changes.send_replace(map.version);
         }
     }
