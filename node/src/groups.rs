@@ -339,6 +339,15 @@ impl SplitNode {
             if !group.raft.is_initialized().await? {
                 initialize(group.raft.clone(), group.id).await?;
             }
+            // Whether this node holds the group is read from its Raft's metrics, which
+            // show the first membership a moment after it is written: until then the
+            // group would look held elsewhere, and would neither be waited for below nor
+            // adopt the routing rules (the directory's letters would then wait for them
+            // until the next start).
+            let wait = group.raft.wait(Some(Duration::from_secs(10)));
+            if let Err(e) = wait.metrics(|m| m.membership_config.membership().get_node(&node_id).is_some(), "this node in the membership").await {
+                tracing::warn!(group = group.id, error = %e, "this node's membership of a group it starts in is not shown yet");
+            }
         }
         // Members of a cluster start one by one: a quorum may take a while. The metadata
         // group first: whether this node holds each conversation shard is its record.
