@@ -56,7 +56,10 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Commands waiting for the batcher at most; past it, proposers wait (backpressure).
 const PROPOSAL_QUEUE: usize = 8192;
 /// Group-commit entries handed to Raft and not yet applied, at most: the next entry
-/// fills while this one is written, synced and applied. One: with more, commands that
+/// fills while this one is written, synced and applied. (On a member that forwards to
+/// the leader, not yet answered by the leader: the slot is given back once the entry's
+/// place in the log is known, and the proposal's caller then waits for this member's
+/// apply on its own, at most `CATCH_UP_FOR`.) One: with more, commands that
 /// queue during a commit are spread over several smaller entries, each paying its own
 /// append, sync, replication and apply; measured in docs/benchmarks.md ("One entry in
 /// flight"), one gives the same saturation on a node, a lower latency under load, and

@@ -96,11 +96,23 @@ pub(crate) struct SplitBackend {
     /// Set once every group this node holds had the directory's letters (see
     /// [`SplitBackend::directory_arrived`]); it stays set.
     directory_arrived: std::sync::atomic::AtomicBool,
+    /// The letters the metadata group had posted to each group, read from this node's
+    /// copy of it once a read barrier showed the copy current; `None` until then.
+    directory_posted: Arc<std::sync::Mutex<Option<BTreeMap<GroupId, u64>>>>,
+    /// Whether the task that takes that read barrier was started.
+    directory_asked: std::sync::atomic::AtomicBool,
 }
 
 impl SplitBackend {
     fn new(node: Arc<SplitNode>) -> SplitBackend {
-        SplitBackend { node, next: AtomicU64::new(0), copying: Arc::new(tokio::sync::Semaphore::new(4)), directory_arrived: Default::default() }
+        SplitBackend {
+            node,
+            next: AtomicU64::new(0),
+            copying: Arc::new(tokio::sync::Semaphore::new(4)),
+            directory_arrived: Default::default(),
+            directory_posted: Default::default(),
+            directory_asked: Default::default(),
+        }
     }
 
     fn group(&self, id: GroupId) -> &HostedGroup {
@@ -280,11 +292,41 @@ impl SplitBackend {
     /// one written while the node was down, may still be on its way to a shard).
     /// Checked until it holds once, so a directory edit later does not flip readiness;
     /// asked only through `Gateway::ready`, after the node's configuration was loaded.
+    /// What was posted is read from this node's copy of the metadata group only after a
+    /// read barrier (taken by a task the first call starts, tried again until it goes
+    /// through) showed that copy has every entry committed before it: a copy left
+    /// behind, at a start whose own barrier timed out or on a follower, would name too
+    /// few letters.
     fn directory_arrived(&self) -> bool {
         if self.directory_arrived.load(Relaxed) {
             return true;
         }
-        let posted: BTreeMap<GroupId, u64> = self.group(G0).shard.read().mail_out.iter().map(|(to, outbox)| (*to, outbox.last_posted())).collect();
+        let Some(posted) = self.directory_posted.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            let runtime = tokio::runtime::Handle::try_current().ok().filter(|_| !self.directory_asked.swap(true, Relaxed));
+            if let Some(runtime) = runtime {
+                // Held weakly: a node stopped meanwhile ends the task.
+                let (weak, target) = (Arc::downgrade(&self.node), self.directory_posted.clone());
+                runtime.spawn(async move {
+                    loop {
+                        let Some(node) = weak.upgrade() else { return };
+                        let g0 = &node.groups[&G0];
+                        match switchboard_raft::network::read_barrier(&g0.raft, &node.peers, G0, Duration::from_secs(5)).await {
+                            Ok(()) => {
+                                let posted = g0.shard.read().mail_out.iter().map(|(to, outbox)| (*to, outbox.last_posted())).collect();
+                                *target.lock().unwrap_or_else(|p| p.into_inner()) = Some(posted);
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::info!(error = %e, "the metadata group's copy here is not known current yet; the node is not ready");
+                                drop(node);
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                        }
+                    }
+                });
+            }
+            return false;
+        };
         let arrived = self
             .node
             .groups
