@@ -798,7 +798,8 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
     match command {
         Command::Deliver { from, id, mail } => match state.mail_in.expects(*from, *id) {
             // A directory command decided under newer rules than this group has adopted
-            // yet waits: the group adopts them at its next start.
+            // yet waits: the group adopts them at its start, or its leader does when it
+            // finds the group behind (node `groups`, the holding check).
             Receipt::Apply if matches!(mail, Mail::Directory { rules, .. } if *rules > state.rules) => {
                 Ok((Reply::Delivered { last: state.mail_in.last(*from) }, vec![]))
             }

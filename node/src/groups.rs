@@ -425,8 +425,21 @@ impl SplitNode {
                 loop {
                     every.tick().await;
                     for (id, flag) in &flags {
-                        let now = holds_in(&groups[&G0].shard, &groups[id], node_id);
+                        let group = &groups[id];
+                        let now = holds_in(&groups[&G0].shard, group, node_id);
                         flag.send_if_modified(|held| std::mem::replace(held, now) != now);
+                        // A shard still on older routing rules holds the directory's
+                        // letters back; its leader adopts them (a start that missed it,
+                        // a copy made before this build).
+                        let leads = group.raft.metrics().borrow().current_leader == Some(node_id);
+                        if now && leads && group.shard.read().rules < switchboard_actors::core::RULES_VERSION {
+                            let adopt = group.proposer.submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION });
+                            match tokio::time::timeout(Duration::from_secs(2), adopt).await {
+                                Ok(Ok(_)) => tracing::info!(group = *id, "adopted the routing rules the shard was behind on"),
+                                Ok(Err(e)) => tracing::debug!(group = *id, error = %e, "adopting the routing rules did not go through; asked again later"),
+                                Err(_) => tracing::debug!(group = *id, "adopting the routing rules took too long; asked again later"),
+                            }
+                        }
                     }
                 }
             })
