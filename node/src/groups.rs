@@ -343,7 +343,7 @@ impl SplitNode {
             // show the first membership a moment after it is written: until then the
             // group would look held elsewhere, and would neither be waited for below nor
             // adopt the routing rules (the directory's letters would then wait for them
-            // until the next start).
+            // until the holding check below found the shard behind).
             let wait = group.raft.wait(Some(Duration::from_secs(10)));
             if let Err(e) = wait.metrics(|m| m.membership_config.membership().get_node(&node_id).is_some(), "this node in the membership").await {
                 tracing::warn!(group = group.id, error = %e, "this node's membership of a group it starts in is not shown yet");
