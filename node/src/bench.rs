@@ -233,7 +233,7 @@ pub(crate) type Pending = Arc<Mutex<HashMap<String, Instant>>>;
 /// The few fields the bench's load reads of a server frame, parsed without building a
 /// `Value` (the load runs on the machine it measures: its parsing is CPU the nodes do
 /// not get). Other fields are skipped.
-#[derive(serde::Deserialize, Default)]
+#[derive(serde::Deserialize)]
 pub(crate) struct Head<'a> {
     #[serde(rename = "type", borrow, default)]
     pub ty: std::borrow::Cow<'a, str>,
@@ -252,7 +252,7 @@ pub(crate) struct Head<'a> {
     pub entry: Option<EntryHead<'a>>,
 }
 
-#[derive(serde::Deserialize, Default)]
+#[derive(serde::Deserialize)]
 pub(crate) struct EntryHead<'a> {
     #[serde(borrow, default)]
     pub from: Option<std::borrow::Cow<'a, str>>,

@@ -98,7 +98,7 @@ pub(crate) struct SplitBackend {
     directory_arrived: std::sync::atomic::AtomicBool,
     /// The letters the metadata group had posted to each group, read from this node's
     /// copy of it once a read barrier showed the copy current; `None` until then.
-    directory_posted: Arc<std::sync::Mutex<Option<BTreeMap<GroupId, u64>>>>,
+    directory_posted: Arc<std::sync::OnceLock<BTreeMap<GroupId, u64>>>,
     /// Whether the task that takes that read barrier was started.
     directory_asked: std::sync::atomic::AtomicBool,
 }
@@ -301,7 +301,7 @@ impl SplitBackend {
         if self.directory_arrived.load(Relaxed) {
             return true;
         }
-        let Some(posted) = self.directory_posted.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        let Some(posted) = self.directory_posted.get() else {
             let runtime = tokio::runtime::Handle::try_current().ok().filter(|_| !self.directory_asked.swap(true, Relaxed));
             if let Some(runtime) = runtime {
                 // Held weakly: a node stopped meanwhile ends the task.
@@ -313,7 +313,7 @@ impl SplitBackend {
                         match switchboard_raft::network::read_barrier(&g0.raft, &node.peers, G0, Duration::from_secs(5)).await {
                             Ok(()) => {
                                 let posted = g0.shard.read().mail_out.iter().map(|(to, outbox)| (*to, outbox.last_posted())).collect();
-                                *target.lock().unwrap_or_else(|p| p.into_inner()) = Some(posted);
+                                let _ = target.set(posted);
                                 return;
                             }
                             Err(e) => {
