@@ -151,17 +151,22 @@ impl ws::Pull for HistoryPull {
 }
 
 impl ClientSession {
-    async fn follow(&mut self, conversation: ConversationId, after_seq: u64, out: &Outbox) -> Result<(), Value> {
-        let wake = self
-            .gw
-            .backend
-            .subscribe(StreamKey::Conversation(conversation))
-            .await
-            .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
+    /// Follows `conversation` after `after_seq`, writing `first` (`started`, `resumed`)
+    /// as the follow takes over: no page of a conversation the socket followed before
+    /// comes after it. If the stream cannot be followed, `first` is still written, then
+    /// the error.
+    async fn follow(&mut self, conversation: ConversationId, after_seq: u64, out: &Outbox, first: Value) -> Result<(), Value> {
+        let wake = match self.gw.backend.subscribe(StreamKey::Conversation(conversation)).await {
+            Ok(wake) => wake,
+            Err(e) => {
+                out.json(first).await;
+                return Err(frames::error(e.code(), &e.to_string(), None));
+            }
+        };
         let pull = Box::new(HistoryPull { reads: self.gw.backend.conversation_reads(conversation), conversation, last: after_seq, failed: false });
         let signals = Some(self.gw.signals.conversation(conversation));
         self.conversation = Some(conversation);
-        out.follow(Follow { wake, pull, signals, min_interval: None, paged: true }).await;
+        out.follow(Follow { wake, pull, signals, min_interval: None, paged: true, first: Some(first) }).await;
         Ok(())
     }
 
@@ -307,12 +312,11 @@ impl ClientSession {
                 };
                 let token = self.gw.tokens.issue(Subject::Client { conversation }, CLIENT_TOKEN_TTL);
                 let visitor_token = self.gw.tokens.issue(Subject::Visitor { visitor }, VISITOR_TOKEN_TTL);
-                out.json(json!({
+                let started = json!({
                     "type": "started", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0,
                     "token": token, "visitor_token": visitor_token,
-                }))
-                .await;
-                self.follow(conversation, 0, out).await?;
+                });
+                self.follow(conversation, 0, out, started).await?;
             }
             ClientIn::Resume { token, last_seq } => {
                 let conversation = match self.gw.tokens.verify(&token) {
@@ -348,12 +352,11 @@ impl ClientSession {
                 if last_seq > last {
                     return Err(frames::error("invalid", &format!("last_seq {last_seq} is ahead of the conversation ({last})"), None));
                 }
-                out.json(json!({
+                let resumed = json!({
                     "type": "resumed", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0, "last_seq": last,
                     "operator_read_upto": operator_read_upto,
-                }))
-                .await;
-                self.follow(conversation, last_seq, out).await?;
+                });
+                self.follow(conversation, last_seq, out, resumed).await?;
             }
             ClientIn::Send { key, text, attachments } => {
                 let conversation = self.require_conversation()?;

@@ -649,7 +649,7 @@ impl Session for OperatorSession {
         let operator = self.operator.clone();
         let pull = Box::new(DeskPull { readers, operator, backend, shown: std::collections::HashMap::new() });
         let signals = Some(self.gw.signals.operator(&self.operator));
-        out.follow(Follow { wake, pull, signals, min_interval: None, paged: true }).await;
+        out.follow(Follow { wake, pull, signals, min_interval: None, paged: true, first: None }).await;
         Flow::Continue
     }
 

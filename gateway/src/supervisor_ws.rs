@@ -232,7 +232,7 @@ impl SupervisorSession {
             }
             frames
         });
-        out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL), paged: false }).await;
+        out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL), paged: false, first: None }).await;
         Ok(())
     }
 }

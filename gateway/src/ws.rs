@@ -119,6 +119,10 @@ pub struct Follow {
     /// writer pulls again after each non-empty page; `false` for a pull that renders a
     /// whole view every time.
     pub paged: bool,
+    /// A frame written as the follow takes over, before any page of it and after every
+    /// page of the stream it replaces (a `started` or `resumed` on a socket that
+    /// followed another conversation).
+    pub first: Option<Value>,
 }
 
 /// What a socket's writer awaits each time its stream wakes it: the frames committed
@@ -148,14 +152,16 @@ pub struct Outbox(mpsc::Sender<Out>, Arc<AtomicBool>);
 
 /// While a session waits for the answer to a command it submitted (see
 /// [`Outbox::answer_coming`]), a wake-up of its stream holds its page for up to this
-/// long, so that the answer and the page go out in one write. The apply that wakes the
-/// stream comes just before the answer (a member answers a forwarded command only once
-/// it applied it too), so both usually meet within a fraction of a millisecond; what
-/// holds longer goes out alone.
+/// long, so that the answer and the page go out in one write. When the stream is read
+/// on this node, the apply that wakes it comes just before the answer (a member answers
+/// a forwarded command only once it applied it too), so both usually meet within a
+/// fraction of a millisecond; when the answer comes first (a stream read from another
+/// node) nothing is held, and what holds longer goes out alone.
 const ANSWER_HOLD: Duration = Duration::from_millis(5);
 
 /// Held by a session while the answer to its command is on its way; dropped once the
-/// answer is queued (or there is none).
+/// answer is queued, or when the command failed (its error frame is queued just after).
+/// A session holds one at a time: it handles its frames one by one.
 pub struct AnswerComing(Arc<AtomicBool>);
 
 impl Drop for AnswerComing {
@@ -596,6 +602,9 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
     // What a wake-up took from the queue and could not write with its page (a follow or
     // a close): handled before anything else is read from the queue.
     let mut stash: Option<Out> = None;
+    // Whether the next wake-up is the writer's own (a new follow, the next page, a
+    // retry): such a wake-up never holds for an answer.
+    let mut own_wake = false;
     loop {
         tokio::select! {
             biased;
@@ -618,7 +627,11 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                         Out::Pong(payload) => wire::encode_into(&mut frames, wire::ServerOp::Pong, &payload),
                         Out::Follow(f) => {
                             let mut f = *f;
+                            if let Some(first) = f.first.take() {
+                                push_json(&mut frames, &first, &metrics);
+                            }
                             f.wake.mark_changed();
+                            own_wake = true;
                             wake = Some(f.wake);
                             pull = Some(f.pull);
                             signals = f.signals;
@@ -654,7 +667,8 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                 if let (Some(pull), Some(wake)) = (pull.as_mut(), wake.as_mut()) {
                     // The answer to the session's command follows the apply that woke
                     // us: wait a moment for it, and write it with the page.
-                    if answer_coming.load(Relaxed) {
+                    let own = std::mem::take(&mut own_wake);
+                    if answer_coming.load(Relaxed) && !own {
                         if let Ok(Some(out)) = tokio::time::timeout(ANSWER_HOLD, rx.recv()).await {
                             stash = Some(out);
                         }
@@ -685,6 +699,7 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                     // socket that does not read holds one page, not the history.
                     if paged && !frames.is_empty() {
                         wake.mark_changed();
+                        own_wake = true;
                     }
                     // A page goes out in one write.
                     for frame in &frames {
@@ -706,6 +721,7 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                 retry_at = None;
                 if let Some(wake) = wake.as_mut() {
                     wake.mark_changed();
+                    own_wake = true;
                 }
             }
             _ = keepalive.tick() => {
