@@ -665,10 +665,26 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                     return;
                 }
                 if let (Some(pull), Some(wake)) = (pull.as_mut(), wake.as_mut()) {
-                    // The answer to the session's command follows the apply that woke
-                    // us: wait a moment for it, and write it with the page.
+                    let frames = pull.pull().await;
+                    if pull.retry() {
+                        retry_at = Some(tokio::time::Instant::now() + PULL_RETRY);
+                    }
+                    // More may be waiting: pull again once this page is written, so a
+                    // socket that does not read holds one page, not the history.
                     let own = std::mem::take(&mut own_wake);
-                    if answer_coming.load(Relaxed) && !own {
+                    if paged && !frames.is_empty() {
+                        wake.mark_changed();
+                        own_wake = true;
+                    }
+                    // A page goes out in one write.
+                    let mut page = Vec::new();
+                    for frame in &frames {
+                        push_json(&mut page, frame, &metrics);
+                    }
+                    // The answer to the session's command follows the apply that woke
+                    // us: wait a moment for it (the page is ready meanwhile), and write
+                    // it with the page.
+                    if answer_coming.load(Relaxed) && !own && !page.is_empty() {
                         if let Ok(Some(out)) = tokio::time::timeout(ANSWER_HOLD, rx.recv()).await {
                             stash = Some(out);
                         }
@@ -691,20 +707,7 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                             }
                         }
                     }
-                    let frames = pull.pull().await;
-                    if pull.retry() {
-                        retry_at = Some(tokio::time::Instant::now() + PULL_RETRY);
-                    }
-                    // More may be waiting: pull again once this page is written, so a
-                    // socket that does not read holds one page, not the history.
-                    if paged && !frames.is_empty() {
-                        wake.mark_changed();
-                        own_wake = true;
-                    }
-                    // A page goes out in one write.
-                    for frame in &frames {
-                        push_json(&mut bytes, frame, &metrics);
-                    }
+                    bytes.extend_from_slice(&page);
                     if !bytes.is_empty() && !send_frame(&mut write, &bytes).await { return; }
                 }
                 if let Some(pause) = min_interval {
