@@ -583,6 +583,21 @@ fn push_json(frames: &mut Vec<u8>, value: &Value, metrics: &Metrics) {
     wire::encode_json_into(frames, value);
 }
 
+/// Encodes an item that is only written (a JSON or text frame, a pong) into `frames`;
+/// any other item (a follow, a close) is handed back.
+fn push_plain(frames: &mut Vec<u8>, out: Out, metrics: &Metrics) -> Result<(), Out> {
+    match out {
+        Out::Json(value) => push_json(frames, &value, metrics),
+        Out::Text(text) => {
+            metrics.frames_sent.fetch_add(1, Relaxed);
+            wire::encode_into(frames, wire::ServerOp::Text, text.as_bytes());
+        }
+        Out::Pong(payload) => wire::encode_into(frames, wire::ServerOp::Pong, &payload),
+        other => return Err(other),
+    }
+    Ok(())
+}
+
 /// Sends a close frame and ends our side of the TCP connection at once.
 async fn send_close(write: &mut Writer, frame: Vec<u8>) {
     if send_frame(write, &frame).await {
@@ -618,14 +633,11 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                 let mut frames = Vec::new();
                 let mut next = Some(out);
                 while let Some(out) = next.take() {
-                    match out {
-                        Out::Json(value) => push_json(&mut frames, &value, &metrics),
-                        Out::Text(text) => {
-                            metrics.frames_sent.fetch_add(1, Relaxed);
-                            wire::encode_into(&mut frames, wire::ServerOp::Text, text.as_bytes());
-                        }
-                        Out::Pong(payload) => wire::encode_into(&mut frames, wire::ServerOp::Pong, &payload),
-                        Out::Follow(f) => {
+                    match push_plain(&mut frames, out, &metrics) {
+                        Ok(()) => {}
+                        // Written by `push_plain`.
+                        Err(Out::Json(_) | Out::Text(_) | Out::Pong(_)) => {}
+                        Err(Out::Follow(f)) => {
                             let mut f = *f;
                             if let Some(first) = f.first.take() {
                                 push_json(&mut frames, &first, &metrics);
@@ -638,12 +650,12 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                             min_interval = f.min_interval;
                             paged = f.paged;
                         }
-                        Out::Close(code, reason) => {
+                        Err(Out::Close(code, reason)) => {
                             frames.extend_from_slice(&wire::encode_close(code, &reason));
                             send_close(&mut write, frames).await;
                             return;
                         }
-                        Out::CloseEcho(code) => {
+                        Err(Out::CloseEcho(code)) => {
                             match code {
                                 Some(code) => frames.extend_from_slice(&wire::encode_close(code, "")),
                                 None => wire::encode_into(&mut frames, wire::ServerOp::Close, &[]),
@@ -694,17 +706,9 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                     let mut bytes = Vec::new();
                     while bytes.len() < BATCH_BYTES {
                         let Some(out) = stash.take().or_else(|| rx.try_recv().ok()) else { break };
-                        match out {
-                            Out::Json(value) => push_json(&mut bytes, &value, &metrics),
-                            Out::Text(text) => {
-                                metrics.frames_sent.fetch_add(1, Relaxed);
-                                wire::encode_into(&mut bytes, wire::ServerOp::Text, text.as_bytes());
-                            }
-                            Out::Pong(payload) => wire::encode_into(&mut bytes, wire::ServerOp::Pong, &payload),
-                            other => {
-                                stash = Some(other);
-                                break;
-                            }
+                        if let Err(other) = push_plain(&mut bytes, out, &metrics) {
+                            stash = Some(other);
+                            break;
                         }
                     }
                     bytes.extend_from_slice(&page);
