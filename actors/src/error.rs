@@ -37,6 +37,11 @@ pub enum Error {
     /// The shard's records could not be read or written.
     #[error("storage: {0}")]
     Storage(String),
+    /// A read could not reach a member that holds the data (none answered, none
+    /// leads, none applied far enough yet): nothing was decided, try again. Unlike
+    /// `Unavailable`, which the core decides (a transfer to an offline operator).
+    #[error("unavailable: {0}")]
+    Unreachable(String),
 }
 
 impl Error {
@@ -62,6 +67,7 @@ impl Error {
             Error::Actor(_) => "internal",
             Error::Commit(_) => "unavailable",
             Error::Storage(_) => "internal",
+            Error::Unreachable(_) => "unavailable",
         }
     }
 }

@@ -197,6 +197,10 @@ async fn an_adapter_of_the_channel_api_runs_a_conversation_with_signed_deliverie
     assert_eq!((status, taken["duplicate"].clone()), (200, json!(false)), "{taken}");
     let (_, again) = dev.api("POST", path, Some(&token), Some(message)).await?;
     assert_eq!(again["duplicate"], true);
+    // A body over 64 KiB is refused in the API's error shape, as every error is.
+    let huge = json!({"sender": "+15550001", "message_id": "v-huge", "text": "x".repeat(70 * 1024)});
+    let (status, refused) = dev.api("POST", path, Some(&token), Some(huge)).await?;
+    assert_eq!((status, refused["code"].clone()), (413, json!("too_large")), "{refused}");
 
     let (mut bob, _) = dev.operator("bob").await?;
     set_presence(&mut bob, "online").await?;
@@ -938,6 +942,10 @@ async fn an_address_that_keeps_forging_webhooks_is_cut_off_before_its_bodies_are
     }
     let (status, body) = hook(&dev, Some(SECRET), &update(9, 4242, 9, "real")).await?;
     assert_eq!((status, body["code"].clone()), (429, json!("rate_limited")), "{body}");
+    // The same channel spelt with a percent escape is the same budget, not a fresh one.
+    let headers = [("x-telegram-bot-api-secret-token", "webhook_secret_0123456780")];
+    let (status, body) = http_json_with(&dev.public, "POST", "/hooks/telegram/%74g", &headers, Some(&update(10, 4242, 10, "forged"))).await?;
+    assert_eq!((status, body["code"].clone()), (429, json!("rate_limited")), "an escaped path shares the budget: {body}");
     let supervisor = dev.login("supervisor").await?;
     for id in 1..=5 {
         let (_, conversation) = dev.api("GET", &format!("/api/conversations/{id}"), Some(&supervisor), None).await?;

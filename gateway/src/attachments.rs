@@ -399,26 +399,40 @@ fn quota_refusal(e: switchboard_actors::Error) -> GatewayError {
     }
 }
 
-async fn store(gw: &Gateway, conversation: ConversationId, name: &str, declared: Declared, body: Body, by: String) -> Result<Response, GatewayError> {
+/// Stores an upload's body (within `allowed`, if given: the body's deadline, not the
+/// commit's), copies it to the members and commits its record.
+async fn store(gw: &Arc<Gateway>, conversation: ConversationId, name: &str, declared: Declared, body: Body, by: String, allowed: Option<Duration>) -> Result<Response, GatewayError> {
     let Declared { content_type, length } = declared;
-    let (id, sha256) = gw.blobs.put(body, &content_type, length).await?;
-    // On a cluster's majority before the record that promises the file is committed: a
-    // member that dies after the answer loses no attachment it was sent.
-    if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone(), FileOwner::Conversation(conversation)).await {
-        gw.blobs.remove(&id).await;
-        return Err(GatewayError::Core(switchboard_actors::Error::Commit(format!("the file could not be copied to enough cluster members: {e}"))));
-    }
+    let put = gw.blobs.put(body, &content_type, length);
+    let (id, sha256) = match allowed {
+        Some(allowed) => tokio::time::timeout(allowed, put).await.map_err(|_| GatewayError::Timeout(allowed.as_millis() as u64))??,
+        None => put.await?,
+    };
     let name = clean_name(name, &content_type);
     let attachment = Attachment { id, conversation, name, content_type, size: length, sha256, uploaded_by: by };
-    if let Err(e) = gw.submit(Command::StoreAttachment(attachment.clone())).await {
-        // Refused: nothing refers to the bytes, so do not keep them. After a commit
-        // failure the record may still apply, so the bytes must stay.
-        if e.is_refusal() {
+    // From here the file is whole on disk: what follows runs to its end as a task of
+    // its own, so a client that goes away (or a deadline) cannot leave a file that no
+    // record names and nothing removes.
+    let gw = gw.clone();
+    let settled = tokio::spawn(async move {
+        // On a cluster's majority before the record that promises the file is
+        // committed: a member that dies after the answer loses no attachment it was sent.
+        if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), attachment.id.clone(), FileOwner::Conversation(conversation)).await {
             gw.blobs.remove(&attachment.id).await;
+            return Err(GatewayError::Core(switchboard_actors::Error::Commit(format!("the file could not be copied to enough cluster members: {e}"))));
         }
-        // The quota, asked again at commit, is a bad request as it is before the body.
-        return Err(quota_refusal(e));
-    }
+        if let Err(e) = gw.submit(Command::StoreAttachment(attachment.clone())).await {
+            // Refused: nothing refers to the bytes, so do not keep them. After a commit
+            // failure the record may still apply, so the bytes must stay.
+            if e.is_refusal() {
+                gw.blobs.remove(&attachment.id).await;
+            }
+            // The quota, asked again at commit, is a bad request as it is before the body.
+            return Err(quota_refusal(e));
+        }
+        Ok(attachment)
+    });
+    let attachment = settled.await.map_err(|e| GatewayError::Internal(format!("the upload's commit stopped: {e}")))??;
     let reply = json!({"id": attachment.id.0, "name": attachment.name, "content_type": attachment.content_type, "size": attachment.size});
     Ok((StatusCode::CREATED, Json(reply)).into_response())
 }
@@ -468,10 +482,7 @@ pub(crate) async fn client_upload(
     // The body must keep coming: a small upload that stalls gives its slot back in
     // seconds, not at the request deadline.
     let allowed = UPLOAD_GRACE + Duration::from_secs_f64(declared.length as f64 / MIN_UPLOAD_BYTES_PER_SECOND);
-    match tokio::time::timeout(allowed, store(&gw, conversation, &query.name, declared, body, "client".into())).await {
-        Ok(result) => result,
-        Err(_) => Err(GatewayError::Timeout(allowed.as_millis() as u64)),
-    }
+    store(&gw, conversation, &query.name, declared, body, "client".into(), Some(allowed)).await
 }
 
 /// The least an upload is charged against its address's hourly bytes.
@@ -500,7 +511,7 @@ pub(crate) async fn staff_upload(
     }
     let declared = declared(&headers)?;
     check_room(&gw, conversation, declared.length).await?;
-    store(&gw, conversation, &query.name, declared, body, operator.0).await
+    store(&gw, conversation, &query.name, declared, body, operator.0, None).await
 }
 
 fn serve(attachment: &Attachment, body: Body) -> Response {
@@ -554,6 +565,9 @@ pub(crate) async fn client_download(
 /// and kept.
 async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayError> {
     if !gw.blobs.has(&attachment.id).await {
+        let Ok(_fetching) = gw.fetches.clone().try_acquire_owned() else {
+            return Err(GatewayError::Busy("too many files are being fetched from other members; try again shortly"));
+        };
         if let Some(bytes) = gw.backend.fetch_file(attachment.id.0.clone()).await {
             let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
             if digest == attachment.sha256 {

@@ -145,6 +145,9 @@ pub(crate) async fn earlier(State(gw): State<Arc<Gateway>>, staff: Staff, Path(i
         }
         let recent = shard.history(other.id, other.last_seq().saturating_sub(12), 12).await?;
         found.push(summary(&other, &recent, &me));
+        if found.len() == EARLIER_SEARCH {
+            break;
+        }
     }
     Ok(Json(json!({"conversations": found})))
 }

@@ -236,7 +236,9 @@ impl GatewayError {
             GatewayError::Core(e) => {
                 let status = match e {
                     switchboard_actors::Error::NotFound(_) => StatusCode::NOT_FOUND,
-                    switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) | switchboard_actors::Error::Unreachable(_) => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
                     // A record that cannot be read or written is the server's fault.
                     switchboard_actors::Error::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
                     _ => StatusCode::CONFLICT,
@@ -250,7 +252,12 @@ impl GatewayError {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        (status, Json(json!({"code": code, "message": self.to_string()}))).into_response()
+        let mut response = (status, Json(json!({"code": code, "message": self.to_string()}))).into_response();
+        if matches!(self, GatewayError::Timeout(_)) {
+            // The body may be cut off part-way: the connection cannot carry another request.
+            response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
@@ -379,11 +386,26 @@ impl PasswordPool {
 pub struct Signals {
     conversations: Mutex<HashMap<ConversationId, broadcast::Sender<Value>>>,
     operators: Mutex<HashMap<OperatorId, broadcast::Sender<Value>>>,
+    /// How many conversations' channels were left after the last sweep.
+    swept: std::sync::atomic::AtomicUsize,
 }
+
+/// Conversations' signal channels kept before the first sweep of those nobody listens
+/// to any more.
+const SIGNALS_BEFORE_SWEEP: usize = 1024;
 
 impl Signals {
     pub fn conversation(&self, id: ConversationId) -> broadcast::Receiver<Value> {
         let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+        // A socket that moves from one conversation to another (`resume` again) leaves
+        // the first one's channel behind until its writer lets go of it: sweep the
+        // unheard ones whenever the table doubled since the last sweep, so it stays
+        // within twice the channels listened to (amortised, one pass per doubling).
+        let swept = self.swept.load(Relaxed);
+        if map.len() >= SIGNALS_BEFORE_SWEEP.max(2 * swept) {
+            map.retain(|_, tx| tx.receiver_count() > 0);
+            self.swept.store(map.len(), Relaxed);
+        }
         map.entry(id).or_insert_with(|| broadcast::channel(8).0).subscribe()
     }
 
@@ -495,9 +517,16 @@ pub struct Gateway {
     /// `PASSWORD_WORKERS` threads of its own with at most `PASSWORD_QUEUE` waiting; past
     /// that a login is refused at once instead of queueing without bound.
     passwords: PasswordPool,
+    /// Files being fetched whole from another member for a download, at most
+    /// `REMOTE_FETCHES` at once (each holds up to a file's size in memory, here and on
+    /// the member that sends it); past that a download gets 503.
+    pub(crate) fetches: Arc<tokio::sync::Semaphore>,
     /// Set by the node once it has loaded its configuration (see `/readyz`).
     configured: AtomicBool,
 }
+
+/// Files fetched from other members at once for downloads (see `Gateway::fetches`).
+pub const REMOTE_FETCHES: usize = 4;
 
 /// Password checks or hashes running at once.
 pub const PASSWORD_WORKERS: usize = 2;
@@ -517,6 +546,7 @@ impl Gateway {
             config,
             usage: Usage::default(),
             passwords: PasswordPool::start(),
+            fetches: Arc::new(tokio::sync::Semaphore::new(REMOTE_FETCHES)),
             configured: AtomicBool::new(false),
         })
     }
@@ -673,11 +703,7 @@ async fn deadline(axum::extract::State(gw): axum::extract::State<Arc<Gateway>>, 
     let limit = gw.config.request_timeout;
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => {
-            let mut response = GatewayError::Timeout(limit.as_millis() as u64).into_response();
-            response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
-            response
-        }
+        Err(_) => GatewayError::Timeout(limit.as_millis() as u64).into_response(),
     }
 }
 
@@ -724,23 +750,63 @@ async fn hook_guard(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let address = (budget::client_address(peer.ip()), request.uri().path().chars().take(200).collect::<String>());
+    // Keyed by the path as the router reads it (percent-decoded), so spelling the
+    // channel differently does not open a fresh budget.
+    let address = (budget::client_address(peer.ip()), percent_decoded(request.uri().path()).chars().take(200).collect::<String>());
     let allowed = f64::from(gw.config.budgets.bad_hooks_per_minute);
-    if !gw.usage.bad_hooks.has(&address, allowed) {
+    // A token is taken before the call and given back unless its proof was wrong, so
+    // calls sent at the same moment cannot all pass on one remaining token.
+    if !gw.usage.bad_hooks.take(address.clone(), 1.0, allowed) {
         gw.metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return GatewayError::Budget("too many webhook calls with a wrong secret or signature from this address; wait a minute").into_response();
     }
     let response = next.run(request).await;
     match response.status() {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-            gw.usage.bad_hooks.take(address, 1.0, allowed);
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {}
+        status => {
+            gw.usage.bad_hooks.give_back(&address, 1.0, allowed);
+            if status == StatusCode::PAYLOAD_TOO_LARGE && !is_json(&response) {
+                return GatewayError::BodyTooLarge(rest::MAX_JSON_BODY).into_response();
+            }
         }
-        StatusCode::PAYLOAD_TOO_LARGE if !response.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json")) => {
-            return GatewayError::BodyTooLarge(rest::MAX_JSON_BODY).into_response();
-        }
-        _ => {}
     }
     response
+}
+
+fn is_json(response: &Response) -> bool {
+    response.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
+}
+
+/// A body over the limit, refused by the framework before a handler ran (in plain
+/// text), answered in the API's error shape instead.
+pub(crate) async fn json_too_large(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json(&response) {
+        return GatewayError::BodyTooLarge(rest::MAX_JSON_BODY).into_response();
+    }
+    response
+}
+
+/// `path` with its `%XX` escapes decoded (invalid UTF-8 replaced), as the router
+/// decodes a path parameter.
+fn percent_decoded(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The public surface: web chat page and client WebSocket.
@@ -784,4 +850,41 @@ pub fn private_router(gw: Arc<Gateway>) -> Router {
         .layer(axum::middleware::from_fn_with_state(gw.clone(), deadline))
         .layer(axum::middleware::from_fn(|r, n| security_headers(Surface::Private, r, n)))
         .with_state(gw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_no_member_answered_is_retryable_and_a_core_refusal_is_not() {
+        let unreachable = GatewayError::Core(switchboard_actors::Error::Unreachable("no member of group 3 answered".into()));
+        assert_eq!(unreachable.status_and_code(), (StatusCode::SERVICE_UNAVAILABLE, "unavailable"));
+        let offline = GatewayError::Core(switchboard_actors::Error::Unavailable("operator op-7 is offline".into()));
+        assert_eq!(offline.status_and_code(), (StatusCode::CONFLICT, "unavailable"));
+    }
+
+    #[test]
+    fn a_webhook_path_is_keyed_as_the_router_reads_it() {
+        assert_eq!(percent_decoded("/hooks/telegram/%74g"), "/hooks/telegram/tg");
+        assert_eq!(percent_decoded("/hooks/whatsapp/s%75pport"), "/hooks/whatsapp/support");
+        // Escapes that are not two hex digits stay as they are.
+        assert_eq!(percent_decoded("/a%2/b%zz/%"), "/a%2/b%zz/%");
+    }
+
+    #[test]
+    fn signal_channels_nobody_listens_to_are_swept() {
+        let signals = Signals::default();
+        let kept: Vec<_> = (0..10).map(|i| signals.conversation(ConversationId(i))).collect();
+        // A socket that resumes one conversation after another drops each receiver.
+        for i in 10..20_000 {
+            drop(signals.conversation(ConversationId(i)));
+        }
+        let tracked = signals.conversations.lock().unwrap_or_else(|p| p.into_inner()).len();
+        assert!(tracked <= 2 * SIGNALS_BEFORE_SWEEP, "{tracked} channels tracked for 10 listened to");
+        for (i, mut rx) in kept.into_iter().enumerate() {
+            signals.to_conversation(ConversationId(i as u64), json!({"typing": true}));
+            assert_eq!(rx.try_recv().ok(), Some(json!({"typing": true})), "a listened channel is kept");
+        }
+    }
 }

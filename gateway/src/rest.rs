@@ -78,6 +78,9 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/attachments/{id}", get(crate::attachments::staff_download))
         // JSON bodies; attachments stream their bodies under their own limit.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
+        // A handler that takes the raw body (the Channel and Bot APIs) gets the
+        // framework's plain-text 413 over the limit: answered as `too_large` instead.
+        .layer(axum::middleware::from_fn(crate::json_too_large))
 }
 
 async fn openapi() -> Response {

@@ -114,7 +114,7 @@ impl Drop for Counted<'_> {
 
 async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     let Ok(_permit) = shared.connections.clone().try_acquire_owned() else {
-        let _ = stream.write_all(b"421 4.3.2 Too many connections, try again later\r\n").await;
+        let _ = last_word(&mut stream, b"421 4.3.2 Too many connections, try again later\r\n").await;
         return;
     };
     let admitted = {
@@ -128,7 +128,7 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         }
     };
     if !admitted {
-        let _ = stream.write_all(b"421 4.7.0 Too many connections from your address\r\n").await;
+        let _ = last_word(&mut stream, b"421 4.7.0 Too many connections from your address\r\n").await;
         return;
     }
     let _counted = Counted(&shared, crate::budget::client_address(peer.ip()));
@@ -137,8 +137,20 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         Ok(Ok(())) => {}
         Ok(Err(reason)) => tracing::debug!(%peer, %reason, "SMTP session ended"),
         Err(_) => {
-            let _ = session.stream.write_all(b"421 4.4.2 Session too long, closing\r\n").await;
+            let _ = last_word(&mut session.stream, b"421 4.4.2 Session too long, closing\r\n").await;
         }
+    }
+}
+
+/// How long a closing reply may wait for a peer that does not read.
+const LAST_WORD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes a closing reply, giving up after `LAST_WORD`: a peer that stopped reading
+/// must not keep its connection slot.
+async fn last_word(stream: &mut TcpStream, reply: &[u8]) -> Result<(), ()> {
+    match tokio::time::timeout(LAST_WORD, stream.write_all(reply)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
     }
 }
 
@@ -472,6 +484,19 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
             None => kept.push((safe_name(&file.name, &file.content_type), file.content_type.clone(), &file.bytes)),
         }
     }
+    // A reply in a thread whose conversation has no room left for its files: they are
+    // named, not stored. Stored first, they would be copied to other members and then
+    // refused at commit, and the copies would stay behind.
+    let thread = email::thread_of(&mail.references, &thread_secret);
+    if let (Some(conversation), false) = (thread, kept.is_empty()) {
+        let bytes: u64 = kept.iter().map(|(_, _, b)| b.len() as u64).sum();
+        let room = gw.backend.conversation_reads(conversation).attachment_room(conversation, bytes).await;
+        if let Err(switchboard_actors::Error::Invalid(_)) = room {
+            for (name, content_type, _) in kept.drain(..) {
+                not_kept.push(format!("[file not kept: {name} ({}), the conversation holds all the files it may]", content_type.chars().take(80).collect::<String>()));
+            }
+        }
+    }
     // Text over the core's limit goes whole into a file, the message shows its start.
     let note_room = not_kept.iter().map(|l| l.chars().count() + 1).sum::<usize>().min(1000);
     let room = MAX_TEXT_CHARS - 100 - note_room;
@@ -507,7 +532,6 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     let key = switchboard_actors::core::inbound_key(channel, &mail.from, &mail.message_id);
     // A reply in a thread is decided by its conversation's shard; a new mail by the one
     // its sender hashes to. Its files go to that shard's holders.
-    let thread = email::thread_of(&mail.references, &thread_secret);
     let owner = match thread {
         Some(conversation) => crate::attachments::FileOwner::Conversation(conversation),
         None => crate::attachments::FileOwner::Sender { channel: channel.clone(), sender: mail.from.clone() },

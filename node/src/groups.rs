@@ -1048,7 +1048,7 @@ mod tests {
         assert_eq!(keys(bound.history(conversation, 0, 1000).await.expect("read at the applied index")), vec!["m1", "m2", "m3"]);
         floor.store(applied + 1_000_000, std::sync::atomic::Ordering::Release);
         match bound.history(conversation, 0, 1000).await {
-            Err(switchboard_actors::Error::Unavailable(why)) => assert!(why.contains("not applied"), "{why}"),
+            Err(switchboard_actors::Error::Unreachable(why)) => assert!(why.contains("not applied"), "{why}"),
             other => panic!("a read past every member's log was answered {other:?}"),
         }
 
@@ -1057,7 +1057,7 @@ mod tests {
         let gateway_endpoint = switchboard_raft::tls::client_endpoint(&gateway, "127.0.0.1:0".parse().expect("address")).expect("endpoint");
         let refused = RemoteShard::new(group, Peers::new(gateway_endpoint.clone()), members.clone(), Arc::default());
         match refused.history(conversation, 0, 10).await {
-            Err(switchboard_actors::Error::Unavailable(why)) => assert!(why.contains("gateway"), "refused for its role: {why}"),
+            Err(switchboard_actors::Error::Unreachable(why)) => assert!(why.contains("gateway"), "refused for its role: {why}"),
             other => panic!("a gateway's read was answered {other:?}"),
         }
         assert!(refused.subscribe(StreamKey::Conversation(conversation)).is_ok_and(|w| w.has_changed().is_ok()));

@@ -205,7 +205,7 @@ async fn answer(group: &HostedGroup, peers: &Peers, query: Query) -> Result<Vec<
         }
         Query::Barrier => {
             let caught_up = switchboard_raft::network::read_barrier(&group.raft, peers, group.id, BARRIER_PATIENCE).await;
-            wrap(caught_up.map_err(|e| Error::Unavailable(format!("this member cannot catch up with group {}'s leader: {e}", group.id))))
+            wrap(caught_up.map_err(|e| Error::Unreachable(format!("this member cannot catch up with group {}'s leader: {e}", group.id))))
         }
     }
 }
@@ -321,15 +321,15 @@ impl RemoteShard {
             match answered {
                 Ok(answer) => {
                     *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr.clone());
-                    return decode::<Result<T, Error>>(&answer).map_err(|e| Error::Unavailable(format!("{addr} answered a read of group {} in a form this node cannot read: {e}", self.group)))?;
+                    return decode::<Result<T, Error>>(&answer).map_err(|e| Error::Unreachable(format!("{addr} answered a read of group {} in a form this node cannot read: {e}", self.group)))?;
                 }
                 Err(e) => failures.push(format!("{addr}: {e}")),
             }
         }
         if failures.is_empty() {
-            return Err(Error::Unavailable(format!("no member of group {} is known", self.group)));
+            return Err(Error::Unreachable(format!("no member of group {} is known", self.group)));
         }
-        Err(Error::Unavailable(format!("no member of group {} answered ({})", self.group, failures.join("; "))))
+        Err(Error::Unreachable(format!("no member of group {} answered ({})", self.group, failures.join("; "))))
     }
 
     /// Waits until the member asked next applied every write acknowledged before the
@@ -350,12 +350,12 @@ impl RemoteShard {
     /// whose membership leaves the node out replicates nothing to it.
     pub(crate) async fn leader_view(&self, nodes: &BTreeMap<u64, String>) -> Result<View, Error> {
         let (_, _, leader) = self.view().await?;
-        let leader = leader.ok_or_else(|| Error::Unavailable(format!("group {} has no leader now", self.group)))?;
-        let addr = nodes.get(&leader).ok_or_else(|| Error::Unavailable(format!("the leader of group {}, node {leader}, is not a node of the cluster here", self.group)))?;
-        let answer = self.peers.read(addr, self.group, encode_query(&Query::View)?, READ_TTL).await.map_err(|e| Error::Unavailable(format!("{addr}: {e}")))?;
-        let view = decode::<Result<View, Error>>(&answer).map_err(|e| Error::Unavailable(format!("{addr} answered in a form this node cannot read: {e}")))??;
+        let leader = leader.ok_or_else(|| Error::Unreachable(format!("group {} has no leader now", self.group)))?;
+        let addr = nodes.get(&leader).ok_or_else(|| Error::Unreachable(format!("the leader of group {}, node {leader}, is not a node of the cluster here", self.group)))?;
+        let answer = self.peers.read(addr, self.group, encode_query(&Query::View)?, READ_TTL).await.map_err(|e| Error::Unreachable(format!("{addr}: {e}")))?;
+        let view = decode::<Result<View, Error>>(&answer).map_err(|e| Error::Unreachable(format!("{addr} answered in a form this node cannot read: {e}")))??;
         if view.2 != Some(leader) {
-            return Err(Error::Unavailable(format!("node {leader} no longer leads group {}", self.group)));
+            return Err(Error::Unreachable(format!("node {leader} no longer leads group {}", self.group)));
         }
         Ok(view)
     }
