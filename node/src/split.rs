@@ -4,9 +4,10 @@
 //!
 //! `switchboard dev --shards N` starts one (a member alone), `switchboard node` one whose
 //! file says `shards = N` (`cluster init --shards N`: every group on the cluster's first
-//! members). An operator's desk follows one feed per group (protocol 2, ADR 0010). What
-//! is not built yet (ADR 0006, "Built so far"): adding and removing members of a split
-//! cluster, and the cut-over of a single group's data folder.
+//! members). An operator's desk follows one feed per group (protocol 2, ADR 0010).
+//! Members join and leave through `G0` and the placement controller (`placement.rs`,
+//! ADR 0006 "Placement, as built"). Not built yet: the cut-over of a single group's data
+//! folder, which `check_layout` refuses with a message that says so.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
