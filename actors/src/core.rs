@@ -1957,7 +1957,7 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
 }
 
 /// Whether a conversation can take `count` more files of `bytes` in all.
-fn attachment_room_for(state: &ShardState, conversation: ConversationId, count: usize, bytes: u64) -> Result<(), Error> {
+pub fn attachment_room_for(state: &ShardState, conversation: ConversationId, count: usize, bytes: u64) -> Result<(), Error> {
     let (have, have_bytes) = state
         .attachments
         .values()

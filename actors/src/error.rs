@@ -46,9 +46,10 @@ pub enum Error {
 
 impl Error {
     /// Whether the core decided to refuse the command, so it is known not to be in the
-    /// state. A commit or actor failure leaves that open: the entry may still apply.
+    /// state. A commit or actor failure leaves that open: the entry may still apply. A
+    /// member that could not be reached decided nothing either: not a refusal.
     pub fn is_refusal(&self) -> bool {
-        !matches!(self, Error::Actor(_) | Error::Commit(_) | Error::Storage(_))
+        !matches!(self, Error::Actor(_) | Error::Commit(_) | Error::Storage(_) | Error::Unreachable(_))
     }
 
     /// A stable machine-readable code for error frames and REST bodies.

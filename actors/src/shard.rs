@@ -356,14 +356,18 @@ impl Shard {
         records::find_attachment(self.store()?.as_ref(), id)
     }
 
-    /// Whether a conversation can take one more file of `size` bytes (the gateway asks
-    /// before it reads the upload; the commit asks again).
-    pub fn attachment_room(&self, conversation: ConversationId, size: u64) -> Result<(), Error> {
+    /// Whether a conversation can take `files` more files of `size` bytes in all (the
+    /// gateway asks before it reads an upload or stores a mail's files; the commit asks
+    /// again).
+    pub fn attachment_room(&self, conversation: ConversationId, files: usize, size: u64) -> Result<(), Error> {
         let mut probe = ShardState::default();
         for attachment in records::attachments_of(self.store()?.as_ref(), conversation)? {
             probe.attachments.insert(attachment.id.clone(), attachment);
         }
-        crate::core::attachment_room(&probe, conversation, size)
+        match files {
+            0 | 1 => crate::core::attachment_room(&probe, conversation, size),
+            _ => crate::core::attachment_room_for(&probe, conversation, files, size),
+        }
     }
 }
 

@@ -388,7 +388,7 @@ fn declared(headers: &HeaderMap) -> Result<Declared, GatewayError> {
 
 /// The conversation's quota, asked before any byte is read (400 `invalid` past it).
 async fn check_room(gw: &Gateway, conversation: ConversationId, size: u64) -> Result<(), GatewayError> {
-    gw.backend.conversation_reads(conversation).attachment_room(conversation, size).await.map_err(quota_refusal)
+    gw.backend.conversation_reads(conversation).attachment_room(conversation, 1, size).await.map_err(quota_refusal)
 }
 
 /// The quota's refusal is a bad request (400 `invalid`), before the body or at commit.
@@ -400,8 +400,18 @@ fn quota_refusal(e: switchboard_actors::Error) -> GatewayError {
 }
 
 /// Stores an upload's body (within `allowed`, if given: the body's deadline, not the
-/// commit's), copies it to the members and commits its record.
-async fn store(gw: &Arc<Gateway>, conversation: ConversationId, name: &str, declared: Declared, body: Body, by: String, allowed: Option<Duration>) -> Result<Response, GatewayError> {
+/// commit's), copies it to the members and commits its record. `slot` (a client
+/// upload's place among the uploads in progress) is held until the commit ends.
+async fn store(
+    gw: &Arc<Gateway>,
+    conversation: ConversationId,
+    name: &str,
+    declared: Declared,
+    body: Body,
+    by: String,
+    allowed: Option<Duration>,
+    slot: Option<crate::budget::Slot>,
+) -> Result<Response, GatewayError> {
     let Declared { content_type, length } = declared;
     let put = gw.blobs.put(body, &content_type, length);
     let (id, sha256) = match allowed {
@@ -415,6 +425,7 @@ async fn store(gw: &Arc<Gateway>, conversation: ConversationId, name: &str, decl
     // record names and nothing removes.
     let gw = gw.clone();
     let settled = tokio::spawn(async move {
+        let _slot = slot;
         // On a cluster's majority before the record that promises the file is
         // committed: a member that dies after the answer loses no attachment it was sent.
         if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), attachment.id.clone(), FileOwner::Conversation(conversation)).await {
@@ -466,7 +477,7 @@ pub(crate) async fn client_upload(
     let declared = declared(&headers)?;
     let budgets = gw.config.budgets;
     let address = crate::budget::client_address(peer.ip());
-    let _slot = match gw.usage.uploads.acquire(address, budgets.uploads_per_address, budgets.uploads) {
+    let slot = match gw.usage.uploads.acquire(address, budgets.uploads_per_address, budgets.uploads) {
         Ok(slot) => slot,
         Err(crate::budget::Refused::Address) => return Err(GatewayError::Budget("too many uploads in progress from your address")),
         Err(crate::budget::Refused::Total) => return Err(GatewayError::Busy("too many uploads in progress; try again shortly")),
@@ -482,7 +493,7 @@ pub(crate) async fn client_upload(
     // The body must keep coming: a small upload that stalls gives its slot back in
     // seconds, not at the request deadline.
     let allowed = UPLOAD_GRACE + Duration::from_secs_f64(declared.length as f64 / MIN_UPLOAD_BYTES_PER_SECOND);
-    store(&gw, conversation, &query.name, declared, body, "client".into(), Some(allowed)).await
+    store(&gw, conversation, &query.name, declared, body, "client".into(), Some(allowed), Some(slot)).await
 }
 
 /// The least an upload is charged against its address's hourly bytes.
@@ -511,7 +522,7 @@ pub(crate) async fn staff_upload(
     }
     let declared = declared(&headers)?;
     check_room(&gw, conversation, declared.length).await?;
-    store(&gw, conversation, &query.name, declared, body, operator.0, None).await
+    store(&gw, conversation, &query.name, declared, body, operator.0, None, None).await
 }
 
 fn serve(attachment: &Attachment, body: Body) -> Response {

@@ -68,16 +68,6 @@ impl<K: std::hash::Hash + Eq> Buckets<K> {
 }
 
 impl<K: std::hash::Hash + Eq> Buckets<K> {
-    /// Puts back `cost` tokens taken from `key`'s bucket by a call that turned out not
-    /// to count (never above `capacity`).
-    pub fn give_back(&self, key: &K, cost: f64, capacity: f64) {
-        let capacity = capacity.max(1.0);
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((tokens, _)) = buckets.get_mut(key) {
-            *tokens = (*tokens + cost).min(capacity);
-        }
-    }
-
     /// Whether `key`'s bucket holds a whole token now (nothing is taken).
     pub fn has(&self, key: &K, capacity: f64) -> bool {
         let capacity = capacity.max(1.0);

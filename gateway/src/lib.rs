@@ -754,21 +754,21 @@ async fn hook_guard(
     // channel differently does not open a fresh budget.
     let address = (budget::client_address(peer.ip()), percent_decoded(request.uri().path()).chars().take(200).collect::<String>());
     let allowed = f64::from(gw.config.budgets.bad_hooks_per_minute);
-    // A token is taken before the call and given back unless its proof was wrong, so
-    // calls sent at the same moment cannot all pass on one remaining token.
-    if !gw.usage.bad_hooks.take(address.clone(), 1.0, allowed) {
+    // Only a call answered for a wrong proof spends the budget: calls with the right
+    // proof are never refused, however many run at once or however long they take.
+    if !gw.usage.bad_hooks.has(&address, allowed) {
         gw.metrics.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return GatewayError::Budget("too many webhook calls with a wrong secret or signature from this address; wait a minute").into_response();
     }
     let response = next.run(request).await;
     match response.status() {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {}
-        status => {
-            gw.usage.bad_hooks.give_back(&address, 1.0, allowed);
-            if status == StatusCode::PAYLOAD_TOO_LARGE && !is_json(&response) {
-                return GatewayError::BodyTooLarge(rest::MAX_JSON_BODY).into_response();
-            }
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            gw.usage.bad_hooks.take(address, 1.0, allowed);
         }
+        StatusCode::PAYLOAD_TOO_LARGE if !is_json(&response) => {
+            return GatewayError::BodyTooLarge(rest::MAX_JSON_BODY).into_response();
+        }
+        _ => {}
     }
     response
 }

@@ -45,7 +45,7 @@ pub trait ShardReads: Send + Sync + 'static {
     /// An attachment's record.
     fn attachment<'a>(&'a self, id: &'a AttachmentId) -> Read<'a, Option<Attachment>>;
     /// Whether conversation `id` can take one more file of `size` bytes.
-    fn attachment_room(&self, id: ConversationId, size: u64) -> Read<'_, ()>;
+    fn attachment_room(&self, id: ConversationId, files: usize, size: u64) -> Read<'_, ()>;
     /// Whether the open conversation of `sender` on `channel` already holds the message
     /// whose idempotency key is `key` (a provider's redelivery).
     fn inbound_seen<'a>(&'a self, channel: &'a ChannelId, sender: &'a str, key: &'a str) -> Read<'a, bool>;
@@ -101,8 +101,8 @@ impl ShardReads for Shard {
         ready(Shard::attachment(self, id))
     }
 
-    fn attachment_room(&self, id: ConversationId, size: u64) -> Read<'_, ()> {
-        ready(Shard::attachment_room(self, id, size))
+    fn attachment_room(&self, id: ConversationId, files: usize, size: u64) -> Read<'_, ()> {
+        ready(Shard::attachment_room(self, id, files, size))
     }
 
     fn inbound_seen<'a>(&'a self, channel: &'a ChannelId, sender: &'a str, key: &'a str) -> Read<'a, bool> {

@@ -218,7 +218,7 @@ impl Session<'_> {
                 Ok(true) => {}
                 Ok(false) => return Ok(None),
                 Err(e) if e == "timeout" => {
-                    let _ = self.say("421 4.4.2 Timeout, closing").await;
+                    let _ = last_word(&mut self.stream, b"421 4.4.2 Timeout, closing\r\n").await;
                     return Err(e);
                 }
                 Err(e) => return Err(e),
@@ -281,7 +281,7 @@ impl Session<'_> {
     async fn refuse(&mut self, reply: &str) -> Result<(), String> {
         self.errors += 1;
         if self.errors > MAX_ERRORS {
-            self.say("421 4.7.0 Too many errors, closing").await?;
+            let _ = last_word(&mut self.stream, b"421 4.7.0 Too many errors, closing\r\n").await;
             return Err("too many errors".into());
         }
         self.say(reply).await
@@ -422,7 +422,7 @@ impl Session<'_> {
                 Ok(true) => {}
                 Ok(false) => return Err("the peer closed during DATA".into()),
                 Err(e) => {
-                    let _ = self.say("421 4.4.2 Timeout during DATA, closing").await;
+                    let _ = last_word(&mut self.stream, b"421 4.4.2 Timeout during DATA, closing\r\n").await;
                     return Err(e);
                 }
             }
@@ -484,19 +484,6 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
             None => kept.push((safe_name(&file.name, &file.content_type), file.content_type.clone(), &file.bytes)),
         }
     }
-    // A reply in a thread whose conversation has no room left for its files: they are
-    // named, not stored. Stored first, they would be copied to other members and then
-    // refused at commit, and the copies would stay behind.
-    let thread = email::thread_of(&mail.references, &thread_secret);
-    if let (Some(conversation), false) = (thread, kept.is_empty()) {
-        let bytes: u64 = kept.iter().map(|(_, _, b)| b.len() as u64).sum();
-        let room = gw.backend.conversation_reads(conversation).attachment_room(conversation, bytes).await;
-        if let Err(switchboard_actors::Error::Invalid(_)) = room {
-            for (name, content_type, _) in kept.drain(..) {
-                not_kept.push(format!("[file not kept: {name} ({}), the conversation holds all the files it may]", content_type.chars().take(80).collect::<String>()));
-            }
-        }
-    }
     // Text over the core's limit goes whole into a file, the message shows its start.
     let note_room = not_kept.iter().map(|l| l.chars().count() + 1).sum::<usize>().min(1000);
     let room = MAX_TEXT_CHARS - 100 - note_room;
@@ -514,6 +501,24 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
             not_kept.push("[file not kept: too many files in one mail]".into());
         }
         kept.push(("message.txt".into(), "text/plain".into(), &long_text));
+    }
+    // A reply to an open conversation of this channel with no room for these files:
+    // the message is taken without them, and says so. Stored first, they would be
+    // copied to other members and then refused at commit with the whole mail, and the
+    // copies would stay behind.
+    let thread = email::thread_of(&mail.references, &thread_secret);
+    if let (Some(conversation), false) = (thread, kept.is_empty()) {
+        let reads = gw.backend.conversation_reads(conversation);
+        let answered = matches!(
+            reads.open_conversation(conversation).await,
+            Ok(Some(c)) if &c.channel == channel && c.status != switchboard_actors::state::ConversationStatus::Closed
+        );
+        let bytes: u64 = kept.iter().map(|(_, _, b)| b.len() as u64).sum();
+        if answered && matches!(reads.attachment_room(conversation, kept.len(), bytes).await, Err(switchboard_actors::Error::Invalid(_))) {
+            for (name, content_type, _) in kept.drain(..) {
+                not_kept.push(format!("[file not kept: {name} ({}), the conversation has no room for more files]", content_type.chars().take(80).collect::<String>()));
+            }
+        }
     }
     for line in not_kept.iter().take(10) {
         if !text.is_empty() {
@@ -572,7 +577,12 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     match gw.submit(command).await {
         Ok(Reply::Inbound { conversation, .. }) => Ok(conversation.0),
         Ok(_) => Ok(0),
-        Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Actor(_) | switchboard_actors::Error::Storage(_))) => {
+        Err(
+            e @ (switchboard_actors::Error::Commit(_)
+            | switchboard_actors::Error::Actor(_)
+            | switchboard_actors::Error::Storage(_)
+            | switchboard_actors::Error::Unreachable(_)),
+        ) => {
             tracing::warn!(%channel, error = %e, "a mail could not be committed; the sender is asked to retry");
             Err("451 4.3.0 Not committed, try again later".into())
         }

@@ -110,6 +110,9 @@ enum Query {
     /// The group's members, voters and leader as the member sees them (what the
     /// placement of a node that does not hold the group works from).
     View,
+    /// Room for `files` more files of `size` bytes in all (after `View`, so that a
+    /// member of an earlier build still reads every question it knows).
+    AttachmentRoomFor { id: ConversationId, files: u32, size: u64 },
 }
 
 /// A group's membership as a member sees it: members (voters and learners), voters,
@@ -195,7 +198,8 @@ async fn answer(group: &HostedGroup, peers: &Peers, query: Query) -> Result<Vec<
         Query::DeliveriesOf(id) => wrap(shard.deliveries_of(id).await),
         Query::DeadLetters { limit: n } => wrap(shard.dead_letters(limit(n)).await),
         Query::Attachment(id) => wrap(shard.attachment(&id).await),
-        Query::AttachmentRoom { id, size } => wrap(shard.attachment_room(id, size).await),
+        Query::AttachmentRoom { id, size } => wrap(shard.attachment_room(id, 1, size).await),
+        Query::AttachmentRoomFor { id, files, size } => wrap(shard.attachment_room(id, files as usize, size).await),
         Query::InboundSeen { channel, sender, key } => wrap(shard.inbound_seen(&channel, &sender, &key).await),
         Query::View => {
             let m = group.raft.metrics().borrow().clone();
@@ -466,8 +470,12 @@ impl ShardReads for RemoteShard {
         Box::pin(self.ask(Query::Attachment(id.clone())))
     }
 
-    fn attachment_room(&self, id: ConversationId, size: u64) -> Read<'_, ()> {
-        Box::pin(self.ask(Query::AttachmentRoom { id, size }))
+    fn attachment_room(&self, id: ConversationId, files: usize, size: u64) -> Read<'_, ()> {
+        let query = match files {
+            1 => Query::AttachmentRoom { id, size },
+            _ => Query::AttachmentRoomFor { id, files: files.min(u32::MAX as usize) as u32, size },
+        };
+        Box::pin(self.ask(query))
     }
 
     fn inbound_seen<'a>(&'a self, channel: &'a ChannelId, sender: &'a str, key: &'a str) -> Read<'a, bool> {

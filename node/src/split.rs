@@ -420,9 +420,9 @@ impl ShardReads for GroupReader {
         Box::pin(async move { target.attachment(id).await })
     }
 
-    fn attachment_room(&self, id: ConversationId, size: u64) -> Read<'_, ()> {
+    fn attachment_room(&self, id: ConversationId, files: usize, size: u64) -> Read<'_, ()> {
         let target = self.target();
-        Box::pin(async move { target.attachment_room(id, size).await })
+        Box::pin(async move { target.attachment_room(id, files, size).await })
     }
 
     fn inbound_seen<'a>(&'a self, channel: &'a ChannelId, sender: &'a str, key: &'a str) -> Read<'a, bool> {
