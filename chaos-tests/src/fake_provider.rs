@@ -94,6 +94,8 @@ struct TelegramState {
     sent: Vec<(Value, String, i64)>,
     /// Every call, accepted or not, with the time it came.
     calls: Vec<std::time::Instant>,
+    /// `getFile` calls, by file id.
+    file_lookups: Vec<String>,
     next_id: i64,
 }
 
@@ -148,16 +150,22 @@ impl FakeTelegram {
     pub fn calls(&self) -> Vec<std::time::Instant> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).calls.clone()
     }
+
+    /// The file ids `getFile` was asked for, in order.
+    pub fn file_lookups(&self) -> Vec<String> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).file_lookups.clone()
+    }
 }
 
 /// `getFile`: `{"ok":true,"result":{"file_id","file_size","file_path"}}`, or 400 with
 /// `Bad Request: invalid file_id`.
 async fn telegram_get_file(State(state): State<Arc<Mutex<TelegramState>>>, Path(bot): Path<String>, body: axum::body::Bytes) -> Response {
-    let s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     if bot.strip_prefix("bot") != Some(s.token.as_str()) {
         return (StatusCode::UNAUTHORIZED, Json(json!({"ok": false, "error_code": 401, "description": "Unauthorized"}))).into_response();
     }
     let file_id = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["file_id"].as_str().map(str::to_owned)).unwrap_or_default();
+    s.file_lookups.push(file_id.clone());
     match s.files.get(&file_id) {
         Some((path, bytes)) => Json(json!({"ok": true, "result": {"file_id": file_id, "file_unique_id": "u", "file_size": bytes.len(), "file_path": path}})).into_response(),
         None => (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: invalid file_id"}))).into_response(),

@@ -1053,3 +1053,35 @@ async fn the_smtp_listener_bounds_what_an_anonymous_peer_sends() -> anyhow::Resu
     assert_ne!(first["channel"], "mail", "{first}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_customer_s_photo_is_neither_fetched_nor_stored() -> anyhow::Result<()> {
+    let fake = FakeTelegram::start(BOT_TOKEN).await?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let dev = Dev::start(&data).await?;
+    let admin = dev.login("admin").await?;
+    telegram_channel(&dev, &admin, &fake).await?;
+    let supervisor = dev.login("supervisor").await?;
+    let (status, body) = dev.api("PUT", "/api/access/rules", Some(&supervisor), Some(json!({"list": "block", "kind": "visitor", "value": "tg:5151", "note": "abuse"}))).await?;
+    assert_eq!(status, 200, "{body}");
+    let jpeg = [[0xFFu8, 0xD8, 0xFF, 0xE0].as_slice(), &[0u8; 60]].concat();
+    fake.add_file("BLOCKED-PHOTO", &jpeg);
+    let photo = json!({"update_id": 1, "message": {"message_id": 1, "date": 1_700_000_001, "chat": {"id": 5151, "type": "private"}, "from": {"id": 5151, "is_bot": false, "first_name": "Mallory"}, "caption": "again",
+        "photo": [{"file_id": "BLOCKED-PHOTO", "file_unique_id": "b", "width": 800, "height": 600, "file_size": 64}]}});
+    // Refused for good (Telegram must not deliver it again), and nothing kept for it:
+    // no file in the data folder, where copies on other members would also have gone.
+    let (status, body) = hook(&dev, Some(SECRET), &photo).await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(fake.file_lookups().is_empty(), "a blocked customer's file was fetched: {:?}", fake.file_lookups());
+    let files: Vec<_> = std::fs::read_dir(data.join("attachments"))?.flatten().map(|e| e.file_name()).collect();
+    assert!(files.is_empty(), "a blocked customer's file was stored: {files:?}");
+    // Someone not blocked sends the same: their photo is kept.
+    let allowed = json!({"update_id": 2, "message": {"message_id": 2, "date": 1_700_000_002, "chat": {"id": 6161, "type": "private"}, "from": {"id": 6161, "is_bot": false, "first_name": "Dana"}, "caption": "the card",
+        "photo": [{"file_id": "BLOCKED-PHOTO", "file_unique_id": "b", "width": 800, "height": 600, "file_size": 64}]}});
+    assert_eq!(hook(&dev, Some(SECRET), &allowed).await?.0, 200);
+    assert_eq!(fake.file_lookups(), ["BLOCKED-PHOTO"]);
+    let files: Vec<_> = std::fs::read_dir(data.join("attachments"))?.flatten().map(|e| e.file_name()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    Ok(())
+}

@@ -616,6 +616,16 @@ pub(crate) async fn keep_inbound_file(gw: &Gateway, owner: &FileOwner, key: &str
     Ok(InboundFile { id, name, content_type, size: bytes.len() as u64, sha256 })
 }
 
+/// Whether the channel's access rules refuse this sender (as the core will at commit):
+/// their message's files are then not fetched, stored or copied at all, since the
+/// copies made on other members would outlive the refusal.
+pub(crate) fn sender_blocked(gw: &Gateway, channel: &switchboard_actors::model::ChannelId, sender: &str) -> bool {
+    let visitor = format!("{channel}:{sender}");
+    let directory = gw.backend.directory_shard();
+    let state = directory.read();
+    switchboard_actors::access::check(&state, channel, switchboard_actors::access::Customer { ip: None, visitor: Some(&visitor) }).is_err()
+}
+
 /// Removes the files of a refused channel message: nothing refers to them (their ids
 /// are the message's own, so no other message's record names them).
 pub(crate) async fn forget_inbound_files(gw: &Gateway, files: &[InboundFile]) {

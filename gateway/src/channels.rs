@@ -263,7 +263,9 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
     let readers = gw.backend.conversation_readers();
     let answers = futures::future::join_all(readers.iter().map(|r| r.inbound_seen(channel, &m.sender, &key))).await;
     let seen = answers.into_iter().any(|seen| seen.unwrap_or(false));
-    if seen {
+    // A blocked sender's message is refused at commit: its files are not worth fetching,
+    // and copies of them on other members would stay behind.
+    if seen || crate::attachments::sender_blocked(gw, channel, &m.sender) {
         return take_inbound(gw, m.plain(channel)).await;
     }
     let client = media_client()?;

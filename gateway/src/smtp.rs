@@ -507,6 +507,10 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     // copied to other members and then refused at commit with the whole mail, and the
     // copies would stay behind.
     let thread = email::thread_of(&mail.references, &thread_secret);
+    if crate::attachments::sender_blocked(gw, channel, &mail.from) {
+        // Refused at commit: store nothing, so no copy outlives the refusal.
+        kept.clear();
+    }
     if let (Some(conversation), false) = (thread, kept.is_empty()) {
         let reads = gw.backend.conversation_reads(conversation);
         let answered = matches!(
