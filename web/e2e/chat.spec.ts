@@ -1,4 +1,4 @@
-import { test, expect, newPage, signIn, goOnline, openWidget, widgetSay, shot } from './fixtures';
+import { test, expect, newPage, signIn, goOnline, openWidget, widgetSay, shot, rest, staffToken } from './fixtures';
 
 test('operator accepts an offer and replies; the visitor sees it; transfer hands the history to bob', async ({ browser, sb }) => {
   const alice = await newPage(browser);
@@ -240,4 +240,22 @@ test('Russian interface and language switch', async ({ browser, sb }) => {
   await openWidget(client, sb);
   await expect(client.getByTestId('widget-send')).toHaveText('Отправить');
   await shot(client, '12-widget-russian');
+});
+
+test('a visitor the block list names is told so, and their first message can be retried instead of staying "sending"', async ({ browser, sb }) => {
+  const supervisor = await staffToken(sb, 'supervisor');
+  const rule = { list: 'block', kind: 'ip', value: '127.0.0.1', note: 'e2e' };
+  expect((await rest(sb, 'PUT', '/api/access/rules', supervisor, rule)).status).toBe(200);
+  const client = await newPage(browser);
+  await openWidget(client, sb);
+  await client.getByTestId('widget-input').fill('Hello, is anyone there?');
+  await client.getByTestId('widget-input').press('Enter');
+  const pending = client.getByTestId('widget-message-pending').filter({ hasText: 'Hello, is anyone there?' });
+  await expect(pending).toContainText('Not sent');
+  await expect(client.getByRole('alert')).toBeVisible();
+  // Unblocked, Retry starts the conversation and sends the message once.
+  expect((await rest(sb, 'PUT', '/api/access/rules', supervisor, { ...rule, note: null })).status).toBe(200);
+  await pending.getByRole('button', { name: 'Retry' }).click();
+  await expect(client.getByTestId('widget-message').filter({ hasText: 'Hello, is anyone there?' })).toHaveCount(1);
+  await expect(client.getByTestId('widget-message-pending')).toHaveCount(0);
 });

@@ -1,7 +1,7 @@
 import { describe, expect, it, vi } from 'vitest';
 import { Backoff } from '../src/shared/backoff';
 import { deserialize, emptyWidgetState, lastOperatorSeq, quickReplies, serialize, unreadFromOperator, widgetReducer, withBot, MAX_CACHED_EVENTS, type ClientEvent, type WidgetAction, type WidgetState } from '../src/widget/widget-state';
-import { parseNotices, SESSION_KEY, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
+import { parseNotices, SESSION_KEY, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
 import { FakeTimers, MemoryStorage, socketFactory } from './fakes';
 
 const run = (s: WidgetState, ...a: WidgetAction[]) => a.reduce(widgetReducer, s);
@@ -251,6 +251,32 @@ describe('WidgetSession', () => {
     expect(f.last.sent[0]).toEqual({ type: 'start', name: 'Dana', attributes: { page: 'https://shop/x' } });
     f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
     expect(f.last.sent[1]).toEqual({ type: 'send', key, text: 'Hello' });
+  });
+
+  it('a refused start fails the first message instead of leaving it sending, and Retry starts again', async () => {
+    const notices: string[] = [];
+    const f = socketFactory();
+    const timers = new FakeTimers();
+    const w = new WidgetSession({ origin: 'https://chat.example.com', storage: new MemoryStorage(), create: f.create, timers, backoff: new Backoff({ base: 1000, random: () => 0 }), onNotice: (code) => notices.push(code) });
+    const key = w.send('Hello');
+    const upload = w.ensureStarted();
+    f.last.open();
+    expect(f.last.ofType('start')).toHaveLength(1);
+    // A member moving: the same start is sent again shortly, the message still sending.
+    f.last.frame({ type: 'error', code: 'unavailable', message: 'try again' });
+    expect(w.state.pending[0].state).toBe('sending');
+    timers.advance(START_RETRY_MS);
+    expect(f.last.ofType('start')).toHaveLength(2);
+    // Refused for good: the message fails, waiters hear why, nothing hangs.
+    f.last.frame({ type: 'error', code: 'rate_limited', message: 'too many conversations' });
+    expect(w.state.pending[0].state).toBe('failed');
+    await expect(upload).rejects.toThrow('rate_limited');
+    expect(notices).toEqual(['rate_limited']);
+    // Retry starts a conversation and sends the message once it has one.
+    w.retry(key);
+    expect(f.last.ofType('start')).toHaveLength(3);
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
+    expect(f.last.ofType('send')).toEqual([{ type: 'send', key, text: 'Hello' }]);
   });
 
   it('after a reload resumes from the stored seq, shows the cache at once, and gets no duplicates', () => {

@@ -13,6 +13,8 @@ export const SESSION_KEY = 'switchboard.widget.session';
 export const VISITOR_KEY = 'switchboard.widget.visitor';
 /** The name the visitor gave last time: offered again on their next conversation. */
 export const NAME_KEY = 'switchboard.widget.name';
+/** How soon a `start` the server could not take now (`unavailable`) is sent again. */
+export const START_RETRY_MS = 1000;
 
 /** A usable identity token: a non-empty string (trimmed), else null. One the server
  *  cannot verify is still passed on, so staff see why (`identity: "unverified: …"`). */
@@ -255,6 +257,26 @@ export class WidgetSession {
       if (f.code === 'unknown_type' || f.code === 'bad_frame') this.readMarksSupported = false;
       return;
     }
+    if (!ref && this.wantStart && !this.state.token) {
+      // The answer to our `start` (before `started`, nothing else is sent).
+      if (f.code === 'unavailable') {
+        // Not taken now (a member moving): ask again shortly, on this socket.
+        this.timers.setTimeout(() => {
+          if (this.wantStart && !this.state.token && this.link.connected) this.onOpen();
+        }, START_RETRY_MS);
+        return;
+      }
+      // Refused (blocked, rate limited, an unknown channel): the visitor's messages
+      // say so and can be sent again, instead of waiting for a conversation that
+      // will not come.
+      this.wantStart = false;
+      for (const w of this.startWaiters.splice(0)) w.reject(new Error(f.code));
+      for (const p of this.state.pending) {
+        if (p.state === 'sending') this.store.dispatch({ type: 'sendFailed', key: p.key, error: f.code });
+      }
+      this.onNotice?.(f.code, f.message);
+      return;
+    }
     if (ref && this.state.pending.some((p) => p.key === ref)) {
       this.store.dispatch({ type: 'sendFailed', key: ref, error: f.code });
       this.onNotice?.(f.code, f.message);
@@ -329,6 +351,11 @@ export class WidgetSession {
     const p = this.state.pending.find((x) => x.key === key);
     if (!p) return;
     this.store.dispatch({ type: 'retry', key });
+    if (!this.state.token) {
+      // Its conversation never started: start it; `started` sends what is pending.
+      this.ensureStarted().catch(() => {});
+      return;
+    }
     this.link.send(this.frameFor(p));
   }
 
