@@ -1,7 +1,7 @@
 import { describe, expect, it, vi } from 'vitest';
 import { Backoff } from '../src/shared/backoff';
 import { deserialize, emptyWidgetState, lastOperatorSeq, quickReplies, serialize, unreadFromOperator, widgetReducer, withBot, MAX_CACHED_EVENTS, type ClientEvent, type WidgetAction, type WidgetState } from '../src/widget/widget-state';
-import { parseNotices, SESSION_KEY, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
+import { NAME_KEY, parseNotices, SESSION_KEY, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
 import { FakeTimers, MemoryStorage, socketFactory } from './fakes';
 
 const run = (s: WidgetState, ...a: WidgetAction[]) => a.reduce(widgetReducer, s);
@@ -216,6 +216,24 @@ describe('WidgetSession', () => {
     f.last.open();
     expect(f.last.sent[0].type).toBe('start');
     expect('identity' in f.last.sent[0]).toBe(false);
+  });
+
+  it('on logout forgets the customer\'s conversation, transcript and name, so the next person sees none of it', () => {
+    const { w, f, storage } = widget();
+    w.identify('a.b.c');
+    w.setName('Dana');
+    w.send('My card number ends in 4242');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1, visitor_token: 'v1.x' });
+    f.last.frame({ type: 'event', at: 1, kind: 'message', seq: 3, from: 'client', key: 'k', text: 'My card number ends in 4242' });
+    expect(storage.getItem(SESSION_KEY)).toContain('4242');
+    w.identify(null);
+    expect(w.state.token).toBeNull();
+    expect(w.state.events).toEqual([]);
+    expect(storage.getItem(SESSION_KEY)).toBeNull();
+    expect(storage.getItem(NAME_KEY)).toBeNull();
+    expect(storage.getItem(VISITOR_KEY)).toBeNull();
+    expect(w.storedName()).toBe('');
   });
 
   it('drops a made-up visitor id left by an older widget', () => {

@@ -303,14 +303,20 @@ export class WidgetSession {
   /** Sets (or, with null or '', clears) the customer's identity token the site signed;
    *  it goes in the next `start` only (a conversation already started keeps its visitor;
    *  `resume` never carries it). Held in memory, never written to storage. Clearing it
-   *  (the customer logged out) also forgets the visitor token this browser kept, which
-   *  a verified start tied to that customer: the next chat is anonymous. */
+   *  (the customer logged out) also forgets what this browser kept of them: the visitor
+   *  token a verified start tied to that customer, the conversation with its transcript
+   *  and the name they gave. On a shared computer the next person starts anonymous and
+   *  sees nothing of theirs. */
   identify(token: string | null | undefined): void {
     const had = this.identity;
     this.identity = identityToken(token);
     if (had && !this.identity) {
       this.visitorToken = null;
       this.write(VISITOR_KEY, null);
+      this.newConversation();
+      this.write(SESSION_KEY, null);
+      this.write(NAME_KEY, null);
+      this.visitorName = '';
     }
   }
 
