@@ -76,8 +76,15 @@ const MOVE_SETTLE: Duration = Duration::from_secs(2);
 /// [`MOVE_SETTLE`] (by the client's port), so that a new leader is not asked for every
 /// resume at once.
 const MOVE_SPREAD_MS: u64 = 1000;
-/// The largest frame a member may send a gateway (a page of history is 64 KiB of text).
-const MAX_UPSTREAM_MESSAGE: usize = 16 * 1024 * 1024;
+/// The largest frame a member may send a gateway. A visitor's pages are 64 KiB, but an
+/// operator's `history` and `assigned` event carry a whole conversation: up to 10,000
+/// entries of 4,000 characters, each of which JSON may write as a 6-byte escape (about
+/// 240 MiB). Members are trusted and the frame goes on whole, as a member's own
+/// listener would send it; one past this closes the socket (see [`OVERSIZE`]).
+const MAX_UPSTREAM_MESSAGE: usize = 256 * 1024 * 1024;
+/// Why a member's frame was not taken: too large. Not the member's loss, so no re-pin
+/// (another member would send the same frame again).
+const OVERSIZE: &str = "a frame from the member is over the gateway's limit";
 /// Requests a socket's client may have unanswered at the gateway's count; past it the
 /// oldest are forgotten (and answered `unavailable` on a re-pin, as if never tracked).
 
@@ -515,7 +522,7 @@ impl UpstreamSocket {
             if let Some(frame) = self
                 .decoder
                 .decode(&mut self.buf)
-                .map_err(|v| v.to_string())?
+                .map_err(|v| if v.code == wire::TOO_BIG { OVERSIZE.to_string() } else { v.to_string() })?
             {
                 return Ok(frame);
             }
@@ -813,6 +820,11 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                         return;
                     }
                     Ok(Inbound::Binary(_) | Inbound::Pong) => {}
+                    Err(e) if e == OVERSIZE => {
+                        tracing::warn!(member, %client, ?surface, "a member sent a frame over the gateway's limit: closing the socket");
+                        out.close(close::INTERNAL, "a frame from the cluster was too large").await;
+                        return;
+                    }
                     Err(e) => break e,
                 },
             }
@@ -1243,8 +1255,10 @@ impl Tracker {
 
     /// Brings a freshly opened socket to where the old one was: the client's
     /// conversation resumed after the last `seq` (its `resumed` swallowed unless the
-    /// client itself is waiting for one), the operator's `hello` swallowed.
+    /// client itself is waiting for one), the operator's `hello` swallowed unless the
+    /// desk never got one (the member before went away before its `hello`).
     async fn resume(&mut self, socket: &mut UpstreamSocket) -> Result<(), String> {
+        let unheard = !self.established;
         let expect = match self.surface {
             Surface::Supervisor => return Ok(()),
             Surface::Operator => "hello",
@@ -1280,13 +1294,25 @@ impl Tracker {
             }
         };
         let frame = tokio::time::timeout(RESUME_WAIT, wait).await.map_err(|_| "no answer to the resume".to_string())??;
-        if self.surface == Surface::Client {
-            if let Some((token, last_seq)) = self.resume_asked.take() {
-                // The client asked for this `resumed` itself: hand it over.
-                self.set_token(token);
-                self.last_seq = Some(last_seq);
-                self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, text: frame.to_string() });
+        match self.surface {
+            Surface::Client => {
+                if let Some((token, last_seq)) = self.resume_asked.take() {
+                    // The client asked for this `resumed` itself: hand it over.
+                    self.set_token(token);
+                    self.last_seq = Some(last_seq);
+                    self.established = true;
+                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, text: frame.to_string() });
+                }
             }
+            Surface::Operator if unheard => {
+                // The desk is still waiting for its first `hello`: this one is it (taken
+                // as if it came on the first socket, which sets where the feed stands).
+                let text = frame.to_string();
+                if self.incoming(&text) {
+                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, text });
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
