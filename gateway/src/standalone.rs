@@ -1021,10 +1021,14 @@ struct Tracker {
     /// Operator under protocol 2 (one feed per group): the last `seq` delivered of each
     /// feed, and before the first `hello` the `cursor` the socket was opened with.
     feeds: Option<Box<Feeds>>,
-    /// Client: a `resume` the client sent that is not answered yet (its token and `last_seq`).
-    resume_asked: Option<(String, u64)>,
+    /// Client: the `resume`s the client sent that are not answered yet (each one's token
+    /// and `last_seq`), oldest first: answers come in the order they were asked.
+    resume_asked: VecDeque<(String, u64)>,
     pending: VecDeque<Pending>,
     pending_bytes: usize,
+    /// Supervisor: the last `watch` it sent (at most one frame's worth of text), sent
+    /// again on the member a re-pin moves the socket to, which knows of no watch.
+    watch: Option<String>,
 }
 
 /// A protocol 2 operator socket's positions (docs/protocol.md §3.6).
@@ -1050,14 +1054,14 @@ impl Tracker {
         let requested = param("last_seq").and_then(|v| v.parse::<u64>().ok());
         let feeds = (surface == Surface::Operator && param("protocol").and_then(|v| v.parse::<u32>().ok()) == Some(2))
             .then(|| Box::new(Feeds { requested: param("cursor").map(parse_feeds), delivered: BTreeMap::new() }));
-        Tracker { surface, token: None, conversation: None, pings: 0, ping_since: None, established: false, last_seq: None, requested, feeds, resume_asked: None, pending: VecDeque::new(), pending_bytes: 0 }
+        Tracker { surface, token: None, conversation: None, pings: 0, ping_since: None, established: false, last_seq: None, requested, feeds, resume_asked: VecDeque::new(), pending: VecDeque::new(), pending_bytes: 0, watch: None }
     }
 
     /// Whether the stream is open and nothing the client sent waits for an answer: the
     /// socket may move.
     fn quiet(&self) -> bool {
         let ping_waits = self.pings > 0 && self.ping_since.is_some_and(|since| since.elapsed() < PING_PATIENCE);
-        self.established && self.pending.is_empty() && !ping_waits && self.resume_asked.is_none()
+        self.established && self.pending.is_empty() && !ping_waits && self.resume_asked.is_empty()
     }
 
     /// Forgets the pings waiting for a pong: none will come (see `shift`, `replay`).
@@ -1076,6 +1080,9 @@ impl Tracker {
     /// the client when too many requests are unanswered: the frame is not relayed.
     fn outgoing(&mut self, text: &str) -> Result<(), Value> {
         if self.surface == Surface::Supervisor {
+            if serde_json::from_str::<Value>(text).is_ok_and(|f| f.get("type").and_then(Value::as_str) == Some("watch")) {
+                self.watch = Some(text.to_owned());
+            }
             return Ok(());
         }
         let Ok(frame) = serde_json::from_str::<Value>(text) else { return Ok(()) };
@@ -1101,7 +1108,7 @@ impl Tracker {
         }
         if self.surface == Surface::Client && kind == "resume" {
             if let Some(token) = frame.get("token").and_then(Value::as_str) {
-                self.resume_asked = Some((token.to_owned(), frame.get("last_seq").and_then(Value::as_u64).unwrap_or(0)));
+                self.resume_asked.push_back((token.to_owned(), frame.get("last_seq").and_then(Value::as_u64).unwrap_or(0)));
             }
         }
         self.pending_bytes += held;
@@ -1160,8 +1167,12 @@ impl Tracker {
                 }
                 if self.surface == Surface::Client {
                     match frame.get("kind").and_then(Value::as_str) {
-                        Some("closed") => self.settle(|p| p.kind == "close"),
-                        Some("rated") => self.settle(|p| p.kind == "rate"),
+                        Some("closed") => {
+                            self.settle(|p| p.kind == "close");
+                        }
+                        Some("rated") => {
+                            self.settle(|p| p.kind == "rate");
+                        }
                         _ => {}
                     }
                 }
@@ -1190,7 +1201,7 @@ impl Tracker {
             }
             "resumed" => {
                 self.established = true;
-                if let Some((token, last_seq)) = self.resume_asked.take() {
+                if let Some((token, last_seq)) = self.resume_asked.pop_front() {
                     self.set_token(token);
                     self.last_seq = Some(last_seq);
                 }
@@ -1201,16 +1212,16 @@ impl Tracker {
                 if kind == "error" && matches!(code, "resume_gap" | "unauthorized") {
                     return true;
                 }
-                match frame.get("ref").or_else(|| frame.get("key")).cloned() {
+                let settled = match frame.get("ref").or_else(|| frame.get("key")).cloned() {
                     // Named by its `ref`, or by its key when it had no `ref`.
                     Some(named) => self.settle(|p| p.reference.as_ref() == Some(&named) || (p.reference.is_none() && p.key.is_some() && p.key.as_deref() == named.as_str())),
                     // Requests are answered in the order they were sent: an answer
                     // without a name is the oldest unnamed request's.
                     None => self.settle(|p| p.reference.is_none() && (p.key.is_none() || p.kind != "send")),
-                }
-                if kind == "error" && self.surface == Surface::Client && code != "unavailable" {
-                    // A refused resume leaves the stream where it was.
-                    self.resume_asked = None;
+                };
+                if kind == "error" && settled.as_deref() == Some("resume") {
+                    // A refused resume (or one to ask again) leaves the stream where it was.
+                    self.resume_asked.pop_front();
                 }
             }
             _ => {}
@@ -1218,17 +1229,20 @@ impl Tracker {
         true
     }
 
-    /// Drops the oldest pending request `matches` picks.
-    fn settle(&mut self, matches: impl Fn(&Pending) -> bool) {
+    /// Drops the oldest pending request `matches` picks, and says what kind it was.
+    fn settle(&mut self, matches: impl Fn(&Pending) -> bool) -> Option<String> {
+        let mut settled = None;
         if let Some(i) = self.pending.iter().position(matches) {
             if let Some(done) = self.pending.remove(i) {
                 self.pending_bytes = self.pending_bytes.saturating_sub(done.text.len());
+                settled = Some(done.kind);
             }
         }
         // Most of a socket's life nothing is pending: hold no room for it then.
         if self.pending.is_empty() && self.pending.capacity() > 0 {
             self.pending = VecDeque::new();
         }
+        settled
     }
 
     /// The path to open on another member: the operator's feed resumes after the last
@@ -1264,7 +1278,7 @@ impl Tracker {
             Surface::Operator => "hello",
             Surface::Client => {
                 // The client's own resume, if it is waiting for one; else where it was.
-                let (token, last_seq) = match (&self.resume_asked, &self.token) {
+                let (token, last_seq) = match (self.resume_asked.back(), &self.token) {
                     (Some((token, last_seq)), _) => (token.clone(), *last_seq),
                     (None, Some(token)) => (token.clone(), self.last_seq.unwrap_or(0)),
                     (None, None) => return Ok(()),
@@ -1296,8 +1310,10 @@ impl Tracker {
         let frame = tokio::time::timeout(RESUME_WAIT, wait).await.map_err(|_| "no answer to the resume".to_string())??;
         match self.surface {
             Surface::Client => {
-                if let Some((token, last_seq)) = self.resume_asked.take() {
-                    // The client asked for this `resumed` itself: hand it over.
+                if let Some((token, last_seq)) = self.resume_asked.pop_back() {
+                    // The client asked for this `resumed` itself (its latest resume, the
+                    // one the new member answered): hand it over.
+                    self.resume_asked.clear();
                     self.set_token(token);
                     self.last_seq = Some(last_seq);
                     self.established = true;
@@ -1322,6 +1338,10 @@ impl Tracker {
     fn replay(&mut self) -> Vec<Replay> {
         self.forget_pings();
         let mut actions = Vec::new();
+        if let Some(watch) = &self.watch {
+            // The new member starts with the floor alone: the inspector's watch again.
+            actions.push(Replay::Resend(watch.clone()));
+        }
         let mut keep = VecDeque::new();
         for pending in std::mem::take(&mut self.pending) {
             match pending.kind.as_str() {
@@ -1618,6 +1638,29 @@ mod tests {
     }
 
     #[test]
+    fn two_resumes_in_a_row_each_take_their_own_answer() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        assert!(t.outgoing(r#"{"type":"resume","token":"first","last_seq":2}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"resume","token":"second","last_seq":7}"#).is_ok());
+        t.incoming(r#"{"type":"resumed","conversation":1,"last_seq":5}"#);
+        assert_eq!((t.token.as_deref(), t.last_seq), (Some("first"), Some(2)));
+        assert!(t.incoming(r#"{"type":"event","kind":"message","seq":3}"#), "the first conversation's page passes");
+        t.incoming(r#"{"type":"resumed","conversation":2,"last_seq":9}"#);
+        assert_eq!((t.token.as_deref(), t.last_seq), (Some("second"), Some(7)));
+        // Not swallowed as a duplicate of the first conversation's seq 3.
+        assert!(t.incoming(r#"{"type":"event","kind":"message","seq":8}"#));
+        assert!(t.resume_asked.is_empty() && t.pending.is_empty());
+    }
+
+    #[test]
+    fn a_client_resume_answered_unavailable_is_not_kept_as_asked() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        assert!(t.outgoing(r#"{"type":"resume","token":"tok","last_seq":4}"#).is_ok());
+        t.incoming(r#"{"type":"error","code":"unavailable","message":"resume again"}"#);
+        assert!(t.resume_asked.is_empty(), "a later re-pin must not resume a conversation nobody follows");
+    }
+
+    #[test]
     fn a_refused_client_resume_leaves_the_socket_where_it_was() {
         let mut t = Tracker::new(Surface::Client, "/ws/client");
         assert!(t.outgoing(r#"{"type":"start"}"#).is_ok());
@@ -1654,6 +1697,18 @@ mod tests {
             taken += 1;
         }
         assert!(taken < 20 && t.pending_bytes <= MAX_PENDING_BYTES, "{taken} frames, {} bytes", t.pending_bytes);
+    }
+
+    #[test]
+    fn a_supervisor_s_watch_is_sent_again_after_a_re_pin() {
+        let mut t = Tracker::new(Surface::Supervisor, "/ws/supervisor");
+        assert!(t.replay().is_empty(), "nothing to send again before a watch");
+        t.outgoing(r#"{"type":"watch","conversation":7}"#).expect("relayed");
+        t.outgoing(r#"{"type":"watch","conversation":9}"#).expect("relayed");
+        match t.replay().as_slice() {
+            [Replay::Resend(text)] => assert!(text.contains("\"conversation\":9"), "the last watch: {text}"),
+            other => panic!("expected the last watch again, got {} actions", other.len()),
+        }
     }
 
     #[test]
