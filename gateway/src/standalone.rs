@@ -1026,6 +1026,9 @@ struct Tracker {
     resume_asked: VecDeque<(String, u64)>,
     pending: VecDeque<Pending>,
     pending_bytes: usize,
+    /// Client: the conversation's `closed` event went by on this socket. A `close` then
+    /// gets no answer at all (closing again is a no-op), so it is not kept waiting for one.
+    closed: bool,
     /// Supervisor: the last `watch` it sent (at most one frame's worth of text), sent
     /// again on the member a re-pin moves the socket to, which knows of no watch.
     watch: Option<String>,
@@ -1054,7 +1057,7 @@ impl Tracker {
         let requested = param("last_seq").and_then(|v| v.parse::<u64>().ok());
         let feeds = (surface == Surface::Operator && param("protocol").and_then(|v| v.parse::<u32>().ok()) == Some(2))
             .then(|| Box::new(Feeds { requested: param("cursor").map(parse_feeds), delivered: BTreeMap::new() }));
-        Tracker { surface, token: None, conversation: None, pings: 0, ping_since: None, established: false, last_seq: None, requested, feeds, resume_asked: VecDeque::new(), pending: VecDeque::new(), pending_bytes: 0, watch: None }
+        Tracker { surface, token: None, conversation: None, pings: 0, ping_since: None, established: false, last_seq: None, requested, feeds, resume_asked: VecDeque::new(), pending: VecDeque::new(), pending_bytes: 0, closed: false, watch: None }
     }
 
     /// Whether the stream is open and nothing the client sent waits for an answer: the
@@ -1100,7 +1103,13 @@ impl Tracker {
         let key = frame.get("key").and_then(Value::as_str).map(str::to_owned);
         // A client's `ack` and errors name the key; an operator's name the `ref`.
         let reference = if self.surface == Surface::Client { None } else { frame.get("ref").cloned() };
-        let keep = (kind == "send" && key.is_some()) || kind == "close";
+        if self.surface == Surface::Client && kind == "close" && self.closed {
+            return Ok(());
+        }
+        // A client's `close` is sent again after a re-pin (closing twice is a no-op); an
+        // operator's is answered `unavailable` like any other request (protocol.md §1):
+        // sent again after it committed, it would be refused `not_assigned`.
+        let keep = (kind == "send" && key.is_some()) || (kind == "close" && self.surface == Surface::Client);
         let held = if keep { text.len() } else { 0 };
         if self.pending.len() >= MAX_PENDING || self.pending_bytes + held > MAX_PENDING_BYTES {
             let reference = reference.clone().or_else(|| key.clone().map(Value::String));
@@ -1168,6 +1177,7 @@ impl Tracker {
                 if self.surface == Surface::Client {
                     match frame.get("kind").and_then(Value::as_str) {
                         Some("closed") => {
+                            self.closed = true;
                             self.settle(|p| p.kind == "close");
                         }
                         Some("rated") => {
@@ -1194,6 +1204,7 @@ impl Tracker {
             }
             "started" => {
                 self.established = true;
+                self.closed = false;
                 self.token = frame.get("token").and_then(Value::as_str).map(str::to_owned);
                 self.conversation = frame.get("conversation").and_then(Value::as_u64);
                 self.last_seq = Some(0);
@@ -1201,6 +1212,7 @@ impl Tracker {
             }
             "resumed" => {
                 self.established = true;
+                self.closed = false;
                 if let Some((token, last_seq)) = self.resume_asked.pop_front() {
                     self.set_token(token);
                     self.last_seq = Some(last_seq);
@@ -1635,6 +1647,27 @@ mod tests {
         assert_eq!(up.choose_for(Surface::Client, Some(9), Some(2)).map(|(id, _)| id), Some(1), "a failed member is avoided even when it leads");
         up.lock().conversations.clear();
         assert_eq!(at(Surface::Client, Some(9)), Some(1), "one group: the leader");
+    }
+
+    #[test]
+    fn a_close_of_a_closed_conversation_waits_for_nothing_and_an_operator_close_is_not_sent_twice() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        assert!(t.outgoing(r#"{"type":"start"}"#).is_ok());
+        t.incoming(r#"{"type":"started","token":"tok","conversation":1}"#);
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        t.incoming(r#"{"type":"event","kind":"closed","seq":4}"#);
+        assert!(t.pending.is_empty(), "settled by its closed event");
+        // Closing again is a no-op the member answers with nothing: nothing waits for it.
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        assert!(t.pending.is_empty() && t.quiet(), "a socket that closed twice can still move");
+
+        let mut op = Tracker::new(Surface::Operator, "/ws/operator?token=T");
+        op.incoming(r#"{"type":"hello","seq":3}"#);
+        assert!(op.outgoing(r#"{"type":"close","conversation":1,"ref":"c1"}"#).is_ok());
+        match op.replay().as_slice() {
+            [Replay::Answer(frame)] => assert_eq!((frame["code"].as_str(), frame["ref"].as_str()), (Some("unavailable"), Some("c1"))),
+            other => panic!("expected one unavailable answer, got {} actions", other.len()),
+        }
     }
 
     #[test]
