@@ -82,6 +82,9 @@ const MOVE_SPREAD_MS: u64 = 1000;
 /// 240 MiB). Members are trusted and the frame goes on whole, as a member's own
 /// listener would send it; one past this closes the socket (see [`OVERSIZE`]).
 const MAX_UPSTREAM_MESSAGE: usize = 256 * 1024 * 1024;
+/// How long a frame to a member may wait for the member to read it (as the listener's
+/// write timeout bounds what a socket writes to its peer).
+const UPSTREAM_WRITE_PATIENCE: Duration = Duration::from_secs(10);
 /// Why a member's frame was not taken: too large. Not the member's loss, so no re-pin
 /// (another member would send the same frame again).
 const OVERSIZE: &str = "a frame from the member is over the gateway's limit";
@@ -537,13 +540,17 @@ impl UpstreamSocket {
         }
     }
 
+    /// Sends a frame, giving up after [`UPSTREAM_WRITE_PATIENCE`]: the socket's one task
+    /// also reads the member, so a member that stopped reading while it waits for us to
+    /// read would otherwise hold both ends (and the client's socket) for ever. Given up,
+    /// the member counts as lost and the socket is re-pinned.
     async fn send(&mut self, op: ServerOp, payload: &[u8]) -> Result<(), String> {
         self.mask = self.mask.rotate_left(7).wrapping_add(0x9e37_79b9);
         let frame = wire::encode_masked(op, payload, self.mask.to_be_bytes());
-        self.write
-            .write_all(&frame)
-            .await
-            .map_err(|e| e.to_string())
+        match tokio::time::timeout(UPSTREAM_WRITE_PATIENCE, self.write.write_all(&frame)).await {
+            Ok(written) => written.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("the member read nothing for {} s", UPSTREAM_WRITE_PATIENCE.as_secs())),
+        }
     }
 }
 
