@@ -88,9 +88,6 @@ const UPSTREAM_WRITE_PATIENCE: Duration = Duration::from_secs(10);
 /// Why a member's frame was not taken: too large. Not the member's loss, so no re-pin
 /// (another member would send the same frame again).
 const OVERSIZE: &str = "a frame from the member is over the gateway's limit";
-/// Requests a socket's client may have unanswered at the gateway's count; past it the
-/// oldest are forgotten (and answered `unavailable` on a re-pin, as if never tracked).
-
 /// Requests a socket's client may have unanswered at once; past it (or past
 /// [`MAX_PENDING_BYTES`] of frames kept for a re-pin) new ones are refused with
 /// `rate_limited` until answers come.
