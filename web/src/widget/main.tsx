@@ -78,7 +78,9 @@ function mount(): void {
     identity,
     attributes: () => {
       const a: Record<string, string> = {};
-      a.page = location.href.slice(0, 200);
+      // Where the visitor is, not what the address carries: a query string or fragment
+      // may hold a reset token or an email address, and staff keep what they are sent.
+      a.page = (location.origin + location.pathname).slice(0, 200);
       if (navigator.language) a.language = navigator.language.slice(0, 200);
       return a;
     },
