@@ -864,7 +864,15 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 operator(op)?;
             }
             let updated = UserRecord { login: login.clone(), password_hash: user.password_hash.clone(), role: *role, operator: linked.clone() };
-            Ok((Reply::Done, vec![Event::UserUpserted(updated)]))
+            let mut events = vec![Event::UserUpserted(updated)];
+            // A change of role or operator ends the sessions opened before it, so a token
+            // does not come back to life when the change is undone (a demotion, then a
+            // promotion). Like a new password's, this touches only token epochs, never
+            // routing, so older logs replay to the same routing.
+            if user.role != *role || user.operator != *linked {
+                events.push(Event::SessionsEnded { login: login.clone() });
+            }
+            Ok((Reply::Done, events))
         }
         Command::AddNote { conversation: conv_id, author, name, key, text } => {
             check_key(key)?;

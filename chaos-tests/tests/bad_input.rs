@@ -166,6 +166,28 @@ async fn a_demoted_users_old_token_stops_working() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_stays_dead_when_a_demotion_is_undone() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let supervisor = dev.login("supervisor").await?;
+    assert_eq!(dev.api("GET", "/api/queues", Some(&supervisor), None).await?.0, 200);
+    let admin = dev.login("admin").await?;
+    // Role changes without a new password: demoted, then promoted back.
+    for role in ["operator", "supervisor"] {
+        let body = if role == "operator" { json!({"role": role, "operator": "carol"}) } else { json!({"role": role}) };
+        let (status, reply) = dev.api("PUT", "/api/users/supervisor", Some(&admin), Some(body)).await?;
+        assert_eq!(status, 200, "{reply}");
+    }
+    // The token from before the demotion names the role the login has again, but its
+    // sessions ended with the demotion.
+    let (status, reply) = dev.api("GET", "/api/queues", Some(&supervisor), None).await?;
+    assert_eq!(status, 401, "a token survived a demotion: {reply}");
+    let fresh = dev.login("supervisor").await?;
+    assert_eq!(dev.api("GET", "/api/queues", Some(&fresh), None).await?.0, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_are_enforced_by_the_server() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let dev = Dev::start(&dir.path().join("data")).await?;
