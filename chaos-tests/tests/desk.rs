@@ -224,6 +224,46 @@ async fn a_customers_earlier_conversations_are_searched_from_the_current_one() -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_sees_a_customer_s_other_conversations_only_while_serving_them() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let mut first = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    first.send(&json!({"type": "start", "name": "Ann"})).await?;
+    let started = first.wait_for(WAIT, |v| v["type"] == "started").await?;
+    let (old, visitor_token) = (started["conversation"].as_u64().unwrap_or(0), started["visitor_token"].as_str().unwrap_or_default().to_owned());
+    first.send(&json!({"type": "send", "key": "c-1", "text": "Where is my parcel?"})).await?;
+    let offer = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "offer" && v["conversation"] == old).await?;
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "accept"})).await?;
+    next_event(&mut alice, "assigned").await?;
+    alice.send(&json!({"type": "close", "conversation": old, "resolution": "solved", "ref": "close"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "close").await?;
+    set_presence(&mut alice, "offline").await?;
+
+    // The same customer comes back; someone else will serve them.
+    let mut second = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    second.send(&json!({"type": "start", "name": "Ann", "visitor_token": visitor_token})).await?;
+    let now = second.wait_for(WAIT, |v| v["type"] == "started").await?["conversation"].as_u64().unwrap_or(0);
+    second.send(&json!({"type": "send", "key": "c-2", "text": "My new card PIN is 4721"})).await?;
+    second.wait_for(WAIT, |v| v["type"] == "ack").await?;
+
+    let ids = |v: &Value| v["conversations"].as_array().into_iter().flatten().filter_map(|c| c["conversation"].as_u64()).collect::<Vec<_>>();
+    // Alice handled the first conversation, so she may open it, but not the new one:
+    // neither its preview nor whether a text is in it.
+    let token = dev.login("alice").await?;
+    let (status, rows) = dev.api("GET", &format!("/api/conversations/{old}/earlier"), Some(&token), None).await?;
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(ids(&rows), Vec::<u64>::new(), "a conversation alice may not open was listed: {rows}");
+    let (_, found) = dev.api("GET", &format!("/api/conversations/{old}/earlier?q=PIN%204721"), Some(&token), None).await?;
+    assert_eq!(ids(&found), Vec::<u64>::new(), "{found}");
+    assert_eq!(dev.api("GET", &format!("/api/conversations/{now}"), Some(&token), None).await?.0, 403);
+    // A supervisor sees both.
+    let supervisor = dev.login("supervisor").await?;
+    assert_eq!(ids(&dev.api("GET", &format!("/api/conversations/{old}/earlier"), Some(&supervisor), None).await?.1), vec![now]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaks_carry_a_configured_reason_that_the_floor_and_the_report_show() -> anyhow::Result<()> {
     let (_dir, dev) = dev().await?;
     let admin = dev.login("admin").await?;

@@ -139,8 +139,14 @@ pub(crate) async fn earlier(State(gw): State<Arc<Gateway>>, staff: Staff, Path(i
     let me = staff.operator.clone().unwrap_or_else(|| switchboard_actors::model::OperatorId::new(""));
     let mut found = Vec::new();
     for other in gw.conversations_of(visitor, EARLIER_SEARCH + 1).await? {
+        // Each row (its preview, and whether the search text is in it) is shown only to
+        // someone who may open that conversation: an operator who once held this one
+        // sees the visitor's others only while serving them (`may_read`).
+        if other.id == id || crate::rest::check_read(&staff, &gw.backend.shard().read(), &other).is_err() {
+            continue;
+        }
         let shard = gw.backend.conversation_reads(other.id);
-        if other.id == id || (!needle.is_empty() && !matches(shard.as_ref(), &other, &needle).await?) {
+        if !needle.is_empty() && !matches(shard.as_ref(), &other, &needle).await? {
             continue;
         }
         let recent = shard.history(other.id, other.last_seq().saturating_sub(12), 12).await?;
