@@ -226,6 +226,17 @@ pub(crate) fn by_status(status: u16, reason: String, after: Option<Duration>) ->
     }
 }
 
+/// The outcome of the call that sends the message itself, when its answer does not say
+/// it was sent: a success status whose body is unreadable or lacks the message's id may
+/// well have been delivered, so it is `Unknown` (neither refused nor sent again on a
+/// provider without idempotency); any other status as [`by_status`].
+pub(crate) fn unconfirmed(status: u16, reason: String, after: Option<Duration>) -> SendOutcome {
+    if (200..300).contains(&status) {
+        return SendOutcome::Unknown { reason };
+    }
+    by_status(status, reason, after)
+}
+
 /// Constant-time equality of two secrets (their lengths are not secret).
 pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

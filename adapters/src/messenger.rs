@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::http::form_escape;
-use crate::{by_status, clip, http, AdapterError, Outgoing, SendOutcome};
+use crate::{by_status, clip, http, unconfirmed, AdapterError, Outgoing, SendOutcome};
 
 pub const MAX_TEXT: usize = 2000;
 /// A pace inside the Send API's limits for a page.
@@ -199,7 +199,7 @@ pub async fn send(client: &http::Client, api_base: &str, page_token: &str, messa
                 by_status(response.status, reason, None)
             }
         }
-        _ => by_status(response.status, format!("{} with an answer that is not the Send API's", response.status), None),
+        _ => unconfirmed(response.status, format!("{} with an answer that is not the Send API's", response.status), None),
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{by_status, clip, clip_bytes, http, same_secret, AdapterError, Outgoing, SendOutcome};
+use crate::{clip, clip_bytes, http, same_secret, unconfirmed, AdapterError, Outgoing, SendOutcome};
 
 /// The header Telegram puts the webhook's secret in.
 pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
@@ -306,9 +306,9 @@ fn outcome(response: &http::Response) -> SendOutcome {
             let code = answer.error_code.unwrap_or(response.status);
             let reason = clip(&format!("{code} {}", answer.description.unwrap_or_default()), 500);
             let after = answer.parameters.and_then(|p| p.retry_after).map(Duration::from_secs);
-            by_status(code, reason, after)
+            unconfirmed(code, reason, after)
         }
-        Err(_) => by_status(response.status, format!("{} with an answer that is not the Bot API's", response.status), None),
+        Err(_) => unconfirmed(response.status, format!("{} with an answer that is not the Bot API's", response.status), None),
     }
 }
 
@@ -331,6 +331,18 @@ mod tests {
         assert!(name.len() <= switchboard_actors::core::MAX_SENDER_BYTES && name.starts_with('Я'), "a long name is cut to what the core takes");
         assert!(parse(b"{not json").is_err());
         assert!(parse(br#"{"update_id":5,"message":{"chat":{"id":1}}}"#).is_err(), "a message without its id");
+    }
+
+    #[test]
+    fn a_success_the_answer_does_not_confirm_is_unknown_not_refused() {
+        let answer = |status: u16, body: &str| outcome(&http::Response { status, headers: Vec::new(), body: body.as_bytes().to_vec().into() });
+        assert!(matches!(answer(200, r#"{"ok":true,"result":{"message_id":77}}"#), SendOutcome::Sent { provider_id } if provider_id == "77"));
+        // Taken, but nothing says which message it became: maybe delivered.
+        assert!(matches!(answer(200, r#"{"ok":true}"#), SendOutcome::Unknown { .. }));
+        assert!(matches!(answer(200, "<html>proxy</html>"), SendOutcome::Unknown { .. }));
+        // Refusals and failures keep their meaning.
+        assert!(matches!(answer(400, r#"{"ok":false,"error_code":400,"description":"Bad Request: chat not found"}"#), SendOutcome::Failed { .. }));
+        assert!(matches!(answer(502, "<html>bad gateway</html>"), SendOutcome::Retry { .. }));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{by_status, clip, clip_bytes, hex, http, same_secret, AdapterError, Outgoing, SendOutcome};
+use crate::{clip, clip_bytes, hex, http, same_secret, unconfirmed, AdapterError, Outgoing, SendOutcome};
 
 pub const SIGNATURE_HEADER: &str = "x-viber-content-signature";
 pub const MAX_TEXT: usize = 7000;
@@ -153,7 +153,7 @@ pub async fn send(client: &http::Client, api_base: &str, auth_token: &str, sende
                 SendOutcome::Failed { reason }
             }
         }
-        Err(_) => by_status(response.status, format!("{} with an answer that is not Viber's", response.status), None),
+        Err(_) => unconfirmed(response.status, format!("{} with an answer that is not Viber's", response.status), None),
     }
 }
 

@@ -216,6 +216,8 @@ pub async fn send(client: &http::Client, api_base: &str, access_token: &str, mes
                 SendOutcome::Failed { reason }
             }
         }
+        // `random_id` makes a second send of the entry a no-op at VK: try again.
+        _ if (200..300).contains(&response.status) => SendOutcome::Retry { reason: format!("{} with an answer that is not VK's", response.status), after: None },
         _ => by_status(response.status, format!("{} with an answer that is not VK's", response.status), None),
     }
 }

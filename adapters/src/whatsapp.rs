@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{by_status, clip, hex, http, same_secret, AdapterError, Outgoing, SendOutcome};
+use crate::{by_status, clip, hex, http, same_secret, unconfirmed, AdapterError, Outgoing, SendOutcome};
 
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 /// The longest text body WhatsApp takes, in characters.
@@ -347,7 +347,7 @@ fn outcome(response: &http::Response) -> SendOutcome {
                 by_status(response.status, reason, after)
             }
         }
-        _ => by_status(response.status, format!("{} with an answer that is not the Graph API's", response.status), after),
+        _ => unconfirmed(response.status, format!("{} with an answer that is not the Graph API's", response.status), after),
     }
 }
 

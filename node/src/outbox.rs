@@ -268,7 +268,7 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
     };
     let entry = match shard.history(key.0, key.1.saturating_sub(1), 1) {
         Ok(entries) => entries.into_iter().find(|e| e.seq == key.1),
-        Err(e) => return DeliveryOutcome::Retry { reason: format!("reading the message: {e}"), retry_at: now_ms().plus_ms(backoff_ms(delivery.attempts)) },
+        Err(e) => return retry_or_give_up(&delivery, now_ms(), format!("reading the message: {e}"), None),
     };
     let carries_files = adapter.carries_files(rules);
     let (kind, author, text, attachments) = match entry.map(|e| e.item) {
@@ -372,7 +372,7 @@ fn outcome_of(sent: SendOutcome, delivery: &switchboard_actors::state::Delivery)
 async fn to_bot(client: &http::Client, shard: &Shard, key: Key, delivery: &switchboard_actors::state::Delivery, bot: &switchboard_actors::model::BotConfig, customer_id: &str, customer_name: &str) -> DeliveryOutcome {
     let entry = match shard.history(key.0, key.1.saturating_sub(1), 1) {
         Ok(entries) => entries.into_iter().find(|e| e.seq == key.1),
-        Err(e) => return DeliveryOutcome::Retry { reason: format!("reading the entry: {e}"), retry_at: now_ms().plus_ms(backoff_ms(delivery.attempts)) },
+        Err(e) => return retry_or_give_up(delivery, now_ms(), format!("reading the entry: {e}"), None),
     };
     let (event, text) = match entry.map(|e| e.item) {
         Some(HistoryItem::WithBot) => ("started", String::new()),
