@@ -122,12 +122,17 @@ fn a_note_is_written_once_per_key_also_on_a_closed_conversation() {
 }
 
 #[test]
-fn an_edit_without_a_password_keeps_it_and_ends_no_session() {
+fn an_edit_without_a_password_keeps_it_and_ends_sessions_only_when_role_or_operator_change() {
     let (store, mut state) = floor();
     let user = UserRecord { login: "ann".into(), password_hash: "$argon2id$kept".into(), role: Role::Operator, operator: Some(OperatorId::new("ann")) };
     ok(run(&mut state, &store, T0, Command::UpsertUser(user)));
-    let events = ok(run(&mut state, &store, T0 + 1, Command::UpdateUser { login: "ann".into(), role: Role::Supervisor, operator: None }));
+    // The same role and operator again: nothing to end.
+    let events = ok(run(&mut state, &store, T0 + 1, Command::UpdateUser { login: "ann".into(), role: Role::Operator, operator: Some(OperatorId::new("ann")) }));
     assert!(!events.iter().any(|e| matches!(e, Event::SessionsEnded { .. })), "{events:?}");
+    // A new role ends the sessions of the old one for good: undoing the change later
+    // does not bring their tokens back.
+    let events = ok(run(&mut state, &store, T0 + 2, Command::UpdateUser { login: "ann".into(), role: Role::Supervisor, operator: None }));
+    assert!(events.iter().any(|e| matches!(e, Event::SessionsEnded { login } if login == "ann")), "{events:?}");
     let stored = &records::load(&store).expect("load").users["ann"];
     assert_eq!((stored.password_hash.as_str(), stored.role, stored.operator.clone()), ("$argon2id$kept", Role::Supervisor, None));
     assert!(matches!(run(&mut state, &store, T0 + 2, Command::UpdateUser { login: "nobody".into(), role: Role::Admin, operator: None }), Err(Error::NotFound(_))));
