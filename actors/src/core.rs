@@ -42,7 +42,12 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// conversation even if the offer expired before the accept was committed, while the
 /// conversation still waits unoffered in the same group and the operator has room; an
 /// operator the missed offer set away is online again.
-pub const RULES_VERSION: u32 = 9;
+/// Rules 10: a change of what an operator may take withdraws their pending offers, which
+/// routing then makes again to whoever fits: `UpsertOperator` of a known operator (its
+/// capacity or groups), `SetOperatorChannels`, and `SetChannelWeights` (every operator's
+/// offers). Before, an operator whose capacity was lowered could still accept every
+/// offer made under the old one, and go over capacity (I3).
+pub const RULES_VERSION: u32 = 10;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -838,7 +843,12 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                     return Err(Error::NotFound(format!("skill group {g}")));
                 }
             }
-            Ok((Reply::Done, vec![Event::OperatorUpserted(config.clone())]))
+            let mut events = Vec::new();
+            if let Some(op) = state.operators.get(&config.id).filter(|op| state.rules >= 10 && (op.config.capacity != config.capacity || op.config.groups != config.groups)) {
+                events.extend(withdraw_offers_of(op, "operator reconfigured"));
+            }
+            events.push(Event::OperatorUpserted(config.clone()));
+            Ok((Reply::Done, events))
         }
         Command::UpsertChannel(config) => {
             if !state.groups.contains_key(&config.default_group) {
@@ -1474,7 +1484,15 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
         Command::SetChannelWeights { weights } => {
             rules_at_least(state, 6)?;
             check_weights(weights)?;
-            Ok((Reply::Done, vec![Event::ChannelWeightsSet { weights: weights.clone() }]))
+            let mut events = Vec::new();
+            let unchanged = weights.len() == state.channel_weights.len() && weights.iter().all(|(kind, w)| state.channel_weights.get(kind) == Some(w));
+            if state.rules >= 10 && !unchanged {
+                for op in state.operators.values() {
+                    events.extend(withdraw_offers_of(op, "channel weights changed"));
+                }
+            }
+            events.push(Event::ChannelWeightsSet { weights: weights.clone() });
+            Ok((Reply::Done, events))
         }
         Command::SetChannelPriority { channel, priority } => {
             if !state.channels.contains_key(channel) {
@@ -1524,7 +1542,12 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             if limits.per_kind.len() > 20 || limits.only.len() > 20 || limits.per_kind.iter().map(|(k, _)| k).chain(&limits.only).any(|k| k.is_empty() || k.len() > 32) {
                 return Err(Error::Invalid("at most 20 channel kinds of 1 to 32 bytes each".into()));
             }
-            Ok((Reply::Done, vec![Event::OperatorChannelsSet { operator: op_id.clone(), limits: limits.clone() }]))
+            let mut events = Vec::new();
+            if state.rules >= 10 && state.channel_limits.get(op_id).cloned().unwrap_or_default() != *limits {
+                events.extend(withdraw_offers_of(operator(op_id)?, "operator's channels changed"));
+            }
+            events.push(Event::OperatorChannelsSet { operator: op_id.clone(), limits: limits.clone() });
+            Ok((Reply::Done, events))
         }
         Command::SweepInactive => {
             let mut events = Vec::new();
@@ -1998,6 +2021,13 @@ pub fn attachment_room(state: &ShardState, conversation: ConversationId, size: u
         )));
     }
     Ok(())
+}
+
+/// Withdraws every offer pending for `op` (rules 10: what they may take changed); routing
+/// makes them again to whoever fits now. No pass is recorded: the operator did not miss
+/// or decline them.
+fn withdraw_offers_of(op: &crate::state::Operator, why: &str) -> Vec<Event> {
+    op.offers.iter().map(|offer| Event::OfferWithdrawn { offer: *offer, reason: WithdrawReason::OperatorUnavailable, detail: why.to_owned() }).collect()
 }
 
 fn withdraw_pending(state: &ShardState, conv_id: &ConversationId, reason: WithdrawReason) -> Vec<Event> {

@@ -1,0 +1,85 @@
+//! Rules 10: a change of what an operator may take withdraws their pending offers, so an
+//! offer made under the old capacity, groups or channel settings cannot be accepted
+//! past the new ones (I3: no operator over capacity).
+
+use switchboard_actors::model::*;
+use switchboard_actors::records::{self, MemStore};
+use switchboard_actors::state::ShardState;
+use switchboard_actors::Error;
+
+fn run(state: &mut ShardState, store: &MemStore, at: u64, command: Command) -> Result<(), Error> {
+    records::run(state, store, &Envelope::new(Timestamp(at), command)).map(|_| ())
+}
+
+fn ann() -> OperatorId {
+    OperatorId::new("ann")
+}
+
+fn ann_config(capacity: u32) -> OperatorConfig {
+    OperatorConfig { id: ann(), name: "Ann".into(), capacity, groups: vec![SkillGroupId::new("g")] }
+}
+
+/// Ann online with capacity 2, and two conversations offered to her, under `rules`.
+fn two_offers(rules: u32) -> (MemStore, ShardState, Vec<OfferId>) {
+    let store = MemStore::default();
+    let mut state = ShardState::default();
+    let ok = |r: Result<(), Error>| r.expect("accepted");
+    ok(run(&mut state, &store, 1000, Command::AdoptRules { version: rules }));
+    ok(run(&mut state, &store, 1000, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 30_000, sla_ms: 60_000 })));
+    ok(run(&mut state, &store, 1000, Command::UpsertOperator(ann_config(2))));
+    ok(run(&mut state, &store, 1000, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
+    ok(run(&mut state, &store, 1000, Command::SetPresence { operator: ann(), presence: Presence::Online }));
+    for _ in 0..2 {
+        ok(run(&mut state, &store, 1000, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }));
+    }
+    let offers: Vec<OfferId> = state.offers.keys().copied().collect();
+    assert_eq!(offers.len(), 2, "both offered to ann");
+    (store, state, offers)
+}
+
+fn held(state: &ShardState) -> usize {
+    state.operators.get(&ann()).map_or(0, |op| op.active.len())
+}
+
+#[test]
+fn lowering_an_operator_s_capacity_withdraws_the_offers_made_under_the_old_one() {
+    let (store, mut state, offers) = two_offers(10);
+    run(&mut state, &store, 2000, Command::UpsertOperator(ann_config(1))).expect("reconfigured");
+    // Routing offers her again what fits the new capacity: one conversation.
+    assert_eq!(state.offers.len(), 1, "{:?}", state.offers);
+    for offer in &offers {
+        assert!(!state.offers.contains_key(offer), "an offer made under capacity 2 is gone");
+        assert_eq!(run(&mut state, &store, 2100, Command::AcceptOffer { offer: *offer, operator: ann() }), Err(Error::OfferGone(*offer)));
+    }
+    let again = *state.offers.keys().next().expect("offered again");
+    run(&mut state, &store, 2200, Command::AcceptOffer { offer: again, operator: ann() }).expect("accepted");
+    assert_eq!(held(&state), 1, "never over the capacity of 1");
+    // Unchanged settings withdraw nothing.
+    run(&mut state, &store, 2300, Command::UpsertOperator(ann_config(1))).expect("same");
+    assert_eq!(held(&state), 1);
+    // What the records say is what the state says.
+    assert_eq!(records::load(&store).expect("load").offers, state.offers);
+}
+
+#[test]
+fn under_rules_9_the_old_offers_stay_and_replay_as_they_did() {
+    let (store, mut state, offers) = two_offers(9);
+    run(&mut state, &store, 2000, Command::UpsertOperator(ann_config(1))).expect("reconfigured");
+    assert_eq!(state.offers.keys().copied().collect::<Vec<_>>(), offers, "decided as it was under the rules of its time");
+}
+
+#[test]
+fn changing_an_operator_s_channels_or_the_weights_withdraws_their_offers() {
+    let (store, mut state, offers) = two_offers(10);
+    let limits = ChannelLimits { per_kind: vec![("web".into(), 1)], only: vec![] };
+    run(&mut state, &store, 2000, Command::SetOperatorChannels { operator: ann(), limits }).expect("set");
+    assert!(offers.iter().all(|o| !state.offers.contains_key(o)), "offers made before the limit are gone");
+    assert_eq!(state.offers.len(), 1, "one web conversation offered again within the limit of 1");
+    let before: Vec<OfferId> = state.offers.keys().copied().collect();
+    // The same limits again (an admin form saving everything) withdraw nothing.
+    let limits = ChannelLimits { per_kind: vec![("web".into(), 1)], only: vec![] };
+    run(&mut state, &store, 2050, Command::SetOperatorChannels { operator: ann(), limits }).expect("same");
+    assert_eq!(state.offers.keys().copied().collect::<Vec<_>>(), before);
+    run(&mut state, &store, 2100, Command::SetChannelWeights { weights: vec![("web".into(), 2)] }).expect("weights");
+    assert!(before.iter().all(|o| !state.offers.contains_key(o)), "offers made under the old weights are gone");
+}
