@@ -91,7 +91,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
     // command was applied (a mark that failed) or the one applied came before they left.
     let released: Arc<AtomicU64> = Arc::default();
     let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel::<DeliveryResult>();
-    tokio::spawn(commit_results(proposer.clone(), results_rx, in_flight.clone(), released.clone()));
+    tokio::spawn(commit_results(proposer.clone(), shard.clone(), node_id, results_rx, in_flight.clone(), released.clone()));
     let mut buckets: BTreeMap<(ChannelId, bool), Bucket> = BTreeMap::new();
     let mut idle_rounds = 0u32;
     // What the last look saw: the shard's applied count and when an entry it skipped
@@ -212,8 +212,13 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     Vec::new()
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "marking {} outbox entries attempted failed; they wait", paced.len());
-                    Vec::new()
+                    // The mark may still have committed (its outcome is unknown): what
+                    // applied as ours in a moment is ours to send, lest an entry marked
+                    // for this node be left unsent and later counted lost.
+                    tracing::warn!(error = %e, "marking {} outbox entries attempted failed; sending those that applied as ours", paced.len());
+                    tokio::time::sleep(MARK_SETTLE).await;
+                    let state = shard.read();
+                    paced.iter().copied().filter(|k| state.outbox.get(k).is_some_and(|d| d.status == DeliveryStatus::Attempting { node: node_id })).collect()
                 }
             };
             {
@@ -409,8 +414,23 @@ pub fn retry_or_give_up(delivery: &switchboard_actors::state::Delivery, now: Tim
     DeliveryOutcome::Retry { reason, retry_at: now.plus_ms(wait) }
 }
 
+/// How long after a mark whose commit failed the outbox looks at what applied.
+const MARK_SETTLE: Duration = Duration::from_secs(1);
+/// The longest pause between tries to commit a batch of outcomes.
+const RESULTS_MAX_PAUSE: Duration = Duration::from_secs(5);
+
 /// Commits outcomes in batches as they come, then lets their entries be picked again.
-async fn commit_results(proposer: Arc<dyn Proposer>, mut results: tokio::sync::mpsc::UnboundedReceiver<DeliveryResult>, in_flight: Arc<Mutex<HashSet<Key>>>, released: Arc<AtomicU64>) {
+/// A batch is tried until it commits or none of its entries is still this node's
+/// attempt (another leader settled them): an outcome given up while its entry still
+/// waits for it would leave a sent message counted lost, or an unsent one never sent.
+async fn commit_results(
+    proposer: Arc<dyn Proposer>,
+    shard: Arc<Shard>,
+    node_id: u64,
+    mut results: tokio::sync::mpsc::UnboundedReceiver<DeliveryResult>,
+    in_flight: Arc<Mutex<HashSet<Key>>>,
+    released: Arc<AtomicU64>,
+) {
     while let Some(first) = results.recv().await {
         let mut batch = vec![first];
         while batch.len() < switchboard_actors::core::MAX_DELIVERY_BATCH {
@@ -429,13 +449,25 @@ async fn commit_results(proposer: Arc<dyn Proposer>, mut results: tokio::sync::m
             counter.fetch_add(1, Relaxed);
         }
         let keys: Vec<Key> = batch.iter().map(|r| (r.conversation, r.seq)).collect();
-        // Tried a few times (a leader change takes a moment); if it still fails, the
-        // entries stay attempted and the next leader settles them.
-        for attempt in 1..=5u64 {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
             match proposer.propose(Command::DeliveryResults { results: batch.clone() }).await {
                 Ok(_) => break,
-                Err(e) if attempt == 5 => tracing::warn!(error = %e, "committing {} delivery outcomes failed; the next leader settles them", keys.len()),
-                Err(_) => tokio::time::sleep(Duration::from_millis(200 * attempt)).await,
+                Err(e) => {
+                    let ours = {
+                        let state = shard.read();
+                        keys.iter().any(|k| state.outbox.get(k).is_some_and(|d| d.status == DeliveryStatus::Attempting { node: node_id }))
+                    };
+                    if !ours {
+                        tracing::info!(error = %e, "{} delivery outcomes not committed; their entries were settled elsewhere", keys.len());
+                        break;
+                    }
+                    if attempt % 10 == 5 {
+                        tracing::warn!(error = %e, attempt, "committing {} delivery outcomes failed; trying again", keys.len());
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt)).min(RESULTS_MAX_PAUSE)).await;
+                }
             }
         }
         {
