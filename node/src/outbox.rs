@@ -244,8 +244,8 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
     let for_bot = {
         let state = shard.read();
         match state.outbox.get(&key) {
-            // Marked by another node since: not ours to send (our answer will be dropped).
-            Some(d) if d.status != (DeliveryStatus::Attempting { node: node_id }) => Some(Err("the entry is being sent by another node".to_owned())),
+            // Settled or marked by another node since: not ours to send.
+            Some(d) if d.status != (DeliveryStatus::Attempting { node: node_id }) => return not_ours(),
             Some(d) if d.to_bot => match state.channel_bots.get(&d.channel) {
                 Some(bot) => {
                     let customer = state.conversations.get(&key.0).map(|c| (c.visitor.id.clone().unwrap_or_default(), c.visitor.name.clone())).unwrap_or_default();
@@ -303,10 +303,28 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
     }
     let thread = mail_thread(shard, &adapter, key);
     let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind, author, buttons: Vec::new(), files, thread };
+    // Waiting for a file slot and reading the files takes time: a leader that took over
+    // meanwhile may have settled this attempt (and sent what follows it). Looked at again
+    // just before the provider is called, so a deposed node does not send it late.
+    if !still_ours(shard, key, node_id) {
+        return not_ours();
+    }
     if message.files.is_empty() {
         return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
     }
     outcome_of(switchboard_adapters::send(files_client(client), &adapter, &message).await, &delivery)
+}
+
+/// The answer for an entry this node no longer attempts: a `Retry`, which the core drops
+/// for an entry that is not this node's attempt (a `Failed` would be taken even by an
+/// entry another node has sent since, and turn it into a dead letter).
+fn not_ours() -> DeliveryOutcome {
+    DeliveryOutcome::Retry { reason: "the entry is being sent by another node".into(), retry_at: now_ms() }
+}
+
+/// Whether the entry is still this node's attempt in the state it applied.
+fn still_ours(shard: &Shard, key: Key, node_id: u64) -> bool {
+    shard.read().outbox.get(&key).is_some_and(|d| d.status == DeliveryStatus::Attempting { node: node_id })
 }
 
 /// Sends with files running at once on a node: each holds its files (up to 25 MiB)
