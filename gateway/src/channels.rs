@@ -350,12 +350,8 @@ async fn commit_inbound(gw: &Gateway, command: Command) -> Result<Result<Value, 
     match gw.submit(command).await {
         Ok(Reply::Inbound { conversation, duplicate }) => Ok(Ok(json!({"ok": true, "conversation": conversation.0, "duplicate": duplicate}))),
         Ok(_) => Ok(Ok(json!({"ok": true}))),
-        Err(
-            e @ (switchboard_actors::Error::Commit(_)
-            | switchboard_actors::Error::Actor(_)
-            | switchboard_actors::Error::Storage(_)
-            | switchboard_actors::Error::Unreachable(_)),
-        ) => {
+        // Not decided (a commit, actor, storage or unreachable member failed): again.
+        Err(e) if !e.is_refusal() => {
             tracing::warn!(error = %e, "an inbound message could not be committed; the provider is asked to retry");
             Err(GatewayError::Busy("the message could not be committed; deliver it again"))
         }

@@ -581,12 +581,8 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     match gw.submit(command).await {
         Ok(Reply::Inbound { conversation, .. }) => Ok(conversation.0),
         Ok(_) => Ok(0),
-        Err(
-            e @ (switchboard_actors::Error::Commit(_)
-            | switchboard_actors::Error::Actor(_)
-            | switchboard_actors::Error::Storage(_)
-            | switchboard_actors::Error::Unreachable(_)),
-        ) => {
+        // Not decided (a commit, actor, storage or unreachable member failed): again.
+        Err(e) if !e.is_refusal() => {
             tracing::warn!(%channel, error = %e, "a mail could not be committed; the sender is asked to retry");
             Err("451 4.3.0 Not committed, try again later".into())
         }
