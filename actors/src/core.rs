@@ -1485,7 +1485,9 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             rules_at_least(state, 6)?;
             check_weights(weights)?;
             let mut events = Vec::new();
-            let unchanged = weights.len() == state.channel_weights.len() && weights.iter().all(|(kind, w)| state.channel_weights.get(kind) == Some(w));
+            // Compared as applied: a weight of 1 is not kept, a kind named twice keeps its last.
+            let applied: std::collections::BTreeMap<&String, &u32> = weights.iter().map(|(kind, w)| (kind, w)).collect();
+            let unchanged = applied.into_iter().filter(|(_, w)| **w != 1).eq(state.channel_weights.iter());
             if state.rules >= 10 && !unchanged {
                 for op in state.operators.values() {
                     events.extend(withdraw_offers_of(op, "channel weights changed"));
@@ -1543,7 +1545,14 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 return Err(Error::Invalid("at most 20 channel kinds of 1 to 32 bytes each".into()));
             }
             let mut events = Vec::new();
-            if state.rules >= 10 && state.channel_limits.get(op_id).cloned().unwrap_or_default() != *limits {
+            let sorted = |l: &ChannelLimits| {
+                let mut per_kind = l.per_kind.clone();
+                per_kind.sort();
+                let mut only = l.only.clone();
+                only.sort();
+                (per_kind, only)
+            };
+            if state.rules >= 10 && sorted(&state.channel_limits.get(op_id).cloned().unwrap_or_default()) != sorted(limits) {
                 events.extend(withdraw_offers_of(operator(op_id)?, "operator's channels changed"));
             }
             events.push(Event::OperatorChannelsSet { operator: op_id.clone(), limits: limits.clone() });

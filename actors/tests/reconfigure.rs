@@ -80,6 +80,13 @@ fn changing_an_operator_s_channels_or_the_weights_withdraws_their_offers() {
     let limits = ChannelLimits { per_kind: vec![("web".into(), 1)], only: vec![] };
     run(&mut state, &store, 2050, Command::SetOperatorChannels { operator: ann(), limits }).expect("same");
     assert_eq!(state.offers.keys().copied().collect::<Vec<_>>(), before);
-    run(&mut state, &store, 2100, Command::SetChannelWeights { weights: vec![("web".into(), 2)] }).expect("weights");
+    run(&mut state, &store, 2100, Command::SetChannelWeights { weights: vec![("web".into(), 2), ("email".into(), 1)] }).expect("weights");
     assert!(before.iter().all(|o| !state.offers.contains_key(o)), "offers made under the old weights are gone");
+    // The same weights saved again (a weight of 1 is not kept) and the same limits in
+    // another order change nothing: nothing is withdrawn.
+    let before: Vec<OfferId> = state.offers.keys().copied().collect();
+    run(&mut state, &store, 2200, Command::SetChannelWeights { weights: vec![("email".into(), 1), ("web".into(), 2)] }).expect("same weights");
+    let limits = ChannelLimits { per_kind: vec![("web".into(), 1)], only: vec![] };
+    run(&mut state, &store, 2300, Command::SetOperatorChannels { operator: ann(), limits }).expect("same limits");
+    assert_eq!(state.offers.keys().copied().collect::<Vec<_>>(), before);
 }

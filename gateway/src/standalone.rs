@@ -1027,7 +1027,7 @@ struct Tracker {
     feeds: Option<Box<Feeds>>,
     /// Client: the `resume`s the client sent that are not answered yet (each one's token
     /// and `last_seq`), oldest first: answers come in the order they were asked.
-    resume_asked: VecDeque<(String, u64)>,
+    resume_asked: VecDeque<Option<(String, u64)>>,
     pending: VecDeque<Pending>,
     pending_bytes: usize,
     /// Client: the conversation's `closed` event went by on this socket. A `close` then
@@ -1121,7 +1121,10 @@ impl Tracker {
         }
         if self.surface == Surface::Client && kind == "resume" {
             if let Some(token) = frame.get("token").and_then(Value::as_str) {
-                self.resume_asked.push_back((token.to_owned(), frame.get("last_seq").and_then(Value::as_u64).unwrap_or(0)));
+                self.resume_asked.push_back(Some((token.to_owned(), frame.get("last_seq").and_then(Value::as_u64).unwrap_or(0))));
+            } else {
+                // Answered too (an error), in its turn: kept so the queue stays in step.
+                self.resume_asked.push_back(None);
             }
         }
         self.pending_bytes += held;
@@ -1217,7 +1220,7 @@ impl Tracker {
             "resumed" => {
                 self.established = true;
                 self.closed = false;
-                if let Some((token, last_seq)) = self.resume_asked.pop_front() {
+                if let Some(Some((token, last_seq))) = self.resume_asked.pop_front() {
                     self.set_token(token);
                     self.last_seq = Some(last_seq);
                 }
@@ -1294,7 +1297,7 @@ impl Tracker {
             Surface::Operator => "hello",
             Surface::Client => {
                 // The client's own resume, if it is waiting for one; else where it was.
-                let (token, last_seq) = match (self.resume_asked.back(), &self.token) {
+                let (token, last_seq) = match (self.resume_asked.iter().rev().flatten().next(), &self.token) {
                     (Some((token, last_seq)), _) => (token.clone(), *last_seq),
                     (None, Some(token)) => (token.clone(), self.last_seq.unwrap_or(0)),
                     (None, None) => return Ok(()),
@@ -1326,10 +1329,11 @@ impl Tracker {
         let frame = tokio::time::timeout(RESUME_WAIT, wait).await.map_err(|_| "no answer to the resume".to_string())??;
         match self.surface {
             Surface::Client => {
-                if let Some((token, last_seq)) = self.resume_asked.pop_back() {
+                if let Some((token, last_seq)) = self.resume_asked.iter().rev().flatten().next().cloned() {
                     // The client asked for this `resumed` itself (its latest resume, the
                     // one the new member answered): hand it over.
                     self.resume_asked.clear();
+                    self.closed = false;
                     self.set_token(token);
                     self.last_seq = Some(last_seq);
                     self.established = true;
@@ -1385,6 +1389,9 @@ impl Tracker {
         }
         self.pending_bytes = keep.iter().map(|p| p.text.len()).sum();
         self.pending = keep;
+        // Every resume was settled above (the latest resumed on the new member): none
+        // waits any more.
+        self.resume_asked.clear();
         actions
     }
 }
@@ -1686,6 +1693,18 @@ mod tests {
         assert_eq!((t.token.as_deref(), t.last_seq), (Some("second"), Some(7)));
         // Not swallowed as a duplicate of the first conversation's seq 3.
         assert!(t.incoming(r#"{"type":"event","kind":"message","seq":8}"#));
+        assert!(t.resume_asked.is_empty() && t.pending.is_empty());
+    }
+
+    #[test]
+    fn a_malformed_resume_keeps_the_resumes_in_step() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        assert!(t.outgoing(r#"{"type":"resume","last_seq":1}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"resume","token":"good","last_seq":6}"#).is_ok());
+        t.incoming(r#"{"type":"error","code":"bad_frame","message":"token is required"}"#);
+        t.incoming(r#"{"type":"resumed","conversation":2,"last_seq":9}"#);
+        assert_eq!((t.token.as_deref(), t.last_seq), (Some("good"), Some(6)), "the valid resume took its own answer");
+        assert!(t.incoming(r#"{"type":"event","kind":"message","seq":7}"#));
         assert!(t.resume_asked.is_empty() && t.pending.is_empty());
     }
 
