@@ -232,6 +232,13 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                 let (client, shard, results, gateway) = (client.clone(), shard.clone(), results.clone(), gateway.clone());
                 tokio::spawn(async move {
                     let outcome = attempt(&client, &shard, &gateway, key, node_id).await;
+                    // Whatever this node concluded, an entry it no longer attempts is not
+                    // its to fail or retry (a `Sent` still says what happened).
+                    let outcome = match outcome {
+                        DeliveryOutcome::Sent { .. } => outcome,
+                        _ if !still_ours(&shard, key, node_id) => not_ours(),
+                        _ => outcome,
+                    };
                     let _ = results.send(DeliveryResult { conversation: key.0, seq: key.1, node: node_id, outcome });
                 });
             }
