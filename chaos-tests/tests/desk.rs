@@ -13,6 +13,20 @@ async fn dev() -> anyhow::Result<(tempfile::TempDir, Dev)> {
     Ok((dir, dev))
 }
 
+/// Ann starts a conversation on the web (as the visitor `visitor_token` proves, if
+/// given): her socket, the conversation and the visitor token that links her next one.
+async fn ann_starts(dev: &Dev, visitor_token: Option<&str>) -> anyhow::Result<(WsClient, u64, String)> {
+    let mut ws = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    let mut start = json!({"type": "start", "name": "Ann"});
+    if let Some(token) = visitor_token {
+        start["visitor_token"] = json!(token);
+    }
+    ws.send(&start).await?;
+    let started = ws.wait_for(WAIT, |v| v["type"] == "started").await?;
+    let (conversation, token) = (started["conversation"].as_u64().unwrap_or(0), started["visitor_token"].as_str().unwrap_or_default().to_owned());
+    Ok((ws, conversation, token))
+}
+
 /// Alice, online, takes a new conversation of `name`, who writes `text` first.
 /// Returns alice's socket, the client's, the conversation and the client's token.
 async fn alice_serves(dev: &Dev, name: &str, text: &str) -> anyhow::Result<(WsClient, WsClient, u64, String)> {
@@ -197,18 +211,13 @@ async fn an_admin_edits_a_user_without_retyping_the_password() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_customers_earlier_conversations_are_searched_from_the_current_one() -> anyhow::Result<()> {
     let (_dir, dev) = dev().await?;
-    let mut first = WsClient::connect(&dev.public, "/ws/client", None).await?;
-    first.send(&json!({"type": "start", "name": "Ann"})).await?;
-    let started = first.wait_for(WAIT, |v| v["type"] == "started").await?;
-    let (old, visitor_token) = (started["conversation"].as_u64().unwrap_or(0), started["visitor_token"].as_str().unwrap_or_default().to_owned());
+    let (mut first, old, visitor_token) = ann_starts(&dev, None).await?;
     first.send(&json!({"type": "send", "key": "c-1", "text": "Invoice 4410 is wrong"})).await?;
     first.wait_for(WAIT, |v| v["type"] == "ack").await?;
     first.send(&json!({"type": "close"})).await?;
     first.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "closed").await?;
 
-    let mut second = WsClient::connect(&dev.public, "/ws/client", None).await?;
-    second.send(&json!({"type": "start", "name": "Ann", "visitor_token": visitor_token})).await?;
-    let now = second.wait_for(WAIT, |v| v["type"] == "started").await?["conversation"].as_u64().unwrap_or(0);
+    let (_second, now, _) = ann_starts(&dev, Some(&visitor_token)).await?;
     let supervisor = dev.login("supervisor").await?;
     let ids = |v: &Value| v["conversations"].as_array().into_iter().flatten().filter_map(|c| c["conversation"].as_u64()).collect::<Vec<_>>();
     let (status, all) = dev.api("GET", &format!("/api/conversations/{now}/earlier"), Some(&supervisor), None).await?;
@@ -228,10 +237,7 @@ async fn an_operator_sees_a_customer_s_other_conversations_only_while_serving_th
     let (_dir, dev) = dev().await?;
     let (mut alice, _) = dev.operator("alice").await?;
     set_presence(&mut alice, "online").await?;
-    let mut first = WsClient::connect(&dev.public, "/ws/client", None).await?;
-    first.send(&json!({"type": "start", "name": "Ann"})).await?;
-    let started = first.wait_for(WAIT, |v| v["type"] == "started").await?;
-    let (old, visitor_token) = (started["conversation"].as_u64().unwrap_or(0), started["visitor_token"].as_str().unwrap_or_default().to_owned());
+    let (first, old, visitor_token) = ann_starts(&dev, None).await?;
     first.send(&json!({"type": "send", "key": "c-1", "text": "Where is my parcel?"})).await?;
     let offer = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "offer" && v["conversation"] == old).await?;
     alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "accept"})).await?;
@@ -241,9 +247,7 @@ async fn an_operator_sees_a_customer_s_other_conversations_only_while_serving_th
     set_presence(&mut alice, "offline").await?;
 
     // The same customer comes back; someone else will serve them.
-    let mut second = WsClient::connect(&dev.public, "/ws/client", None).await?;
-    second.send(&json!({"type": "start", "name": "Ann", "visitor_token": visitor_token})).await?;
-    let now = second.wait_for(WAIT, |v| v["type"] == "started").await?["conversation"].as_u64().unwrap_or(0);
+    let (mut second, now, _) = ann_starts(&dev, Some(&visitor_token)).await?;
     second.send(&json!({"type": "send", "key": "c-2", "text": "My new card PIN is 4721"})).await?;
     second.wait_for(WAIT, |v| v["type"] == "ack").await?;
 
