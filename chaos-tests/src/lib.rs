@@ -540,6 +540,33 @@ impl Cluster {
         Ok(body)
     }
 
+    /// Waits until every running node applied, in each group it holds, as much as any
+    /// running node did: a member serves reads from its own replica, which may lag
+    /// (ARCHITECTURE.md), so a test that reads what another node acknowledged waits here
+    /// first.
+    pub async fn settled(&self, within: Duration) -> anyhow::Result<()> {
+        let running: Vec<usize> = (1..=self.nodes.len()).filter(|id| self.nodes[id - 1].is_some()).collect();
+        // What any of them applied now; writes made later do not move the target.
+        let mut target = std::collections::BTreeMap::<u64, u64>::new();
+        for id in &running {
+            for (group, index) in applied(&self.status(*id).await?) {
+                let top = target.entry(group).or_insert(0);
+                *top = (*top).max(index);
+            }
+        }
+        eventually(within, Duration::from_millis(100), || async {
+            for id in &running {
+                let mine = applied(&self.status(*id).await?);
+                if mine.iter().any(|(group, index)| target.get(group).is_some_and(|top| index < top)) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        })
+        .await
+        .context("every running node applies what the others did")
+    }
+
     /// The leader every running node agrees on (waits up to 10 s for them to agree).
     pub async fn leader(&self) -> anyhow::Result<usize> {
         eventually(WAIT, Duration::from_millis(100), || async {

@@ -276,7 +276,10 @@ async fn sockets_through_a_gateway_stay_open_when_their_member_is_killed() -> an
     }
 
     // Every acknowledged message is in its conversation exactly once, where it was
-    // acknowledged, and each operator saw each client message once.
+    // acknowledged, and each operator saw each client message once. The gateway reads
+    // on one member, which serves from its own replica: read once every member applied
+    // what the others did.
+    cluster.settled(Duration::from_secs(20)).await?;
     let supervisor = gateway.login("supervisor").await?;
     let acked = acked.lock().unwrap().clone();
     let mut held = BTreeSet::new();

@@ -75,8 +75,13 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
         let addr = cluster.node(id).public.clone();
         async move { anyhow::Ok(switchboard_gateway::client::http_json(&addr, "GET", "/readyz", None, None).await?.0) }
     };
-    eventually(Duration::from_secs(10), Duration::from_millis(100), || async { Ok((readiness(leader).await? == 503).then_some(())) }).await?;
-    assert_eq!(cluster.status(leader).await?["reaches_majority"], false);
+    // `/readyz` may say 503 a little before `reaches_majority` turns false: a group it
+    // follows loses its leader's messages 2 s after the last, while the groups it leads
+    // count their peers' answers from the last heartbeat that got through.
+    eventually(Duration::from_secs(10), Duration::from_millis(100), || async {
+        Ok((readiness(leader).await? == 503 && cluster.status(leader).await?["reaches_majority"] == false).then_some(()))
+    })
+    .await?;
     // The majority elects a leader of its own and goes on.
     let new_leader = majority_leader(&cluster, &others).await?;
     for n in 1..=5 {
@@ -122,8 +127,7 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("healed and following, the old leader is ready again: {e}"))?;
     assert_eq!(cluster.status(new_leader).await?["reaches_majority"], true);
-    let target = cluster.status(new_leader).await?;
-    eventually(Duration::from_secs(30), Duration::from_millis(100), || async { Ok(switchboard_chaos_tests::caught_up(&cluster.status(leader).await?, &target).then_some(())) }).await?;
+    cluster.settled(Duration::from_secs(30)).await?;
 
     // Every node: each acknowledged message once, at its place; one operator per
     // conversation; nobody over capacity.
@@ -133,7 +137,7 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
             let (status, conv) = cluster.node(id).api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
             assert_eq!(status, 200, "{conv}");
             let history = conv["history"].as_array().cloned().unwrap_or_default();
-            assert_eq!(history[(*seq - 1) as usize]["key"], key.as_str(), "node {id}: {key} at {seq}");
+            assert_eq!(history.get((*seq - 1) as usize).map(|e| &e["key"]), Some(&json!(key)), "node {id}: {key} at {seq}");
             assert_eq!(history.iter().filter(|e| e["key"] == key.as_str()).count(), 1, "node {id}: {key} once");
             let operators: std::collections::BTreeSet<&str> =
                 history.iter().filter(|e| e["kind"] == "assigned").filter_map(|e| e["operator"].as_str()).collect();

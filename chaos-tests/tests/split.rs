@@ -779,6 +779,8 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     assert!(!run2.lost, "the second visitor's socket stayed open");
     assert!(run2.errors.is_empty(), "no message was refused: {:?}", run2.errors);
 
+    // Node 3 serves from its own replica: it is read once it applied what was acknowledged.
+    cluster.settled(Duration::from_secs(20)).await?;
     let admin = cluster.node(3).login("admin").await?;
     for (conversation, run) in [(conversation, &run), (second, &run2)] {
         let (status, view) = cluster.node(3).api("GET", &format!("/api/conversations/{conversation}"), Some(&admin), None).await?;
