@@ -1093,3 +1093,88 @@ async fn a_blocked_customer_s_photo_is_neither_fetched_nor_stored() -> anyhow::R
     assert_eq!(files.len(), 1, "{files:?}");
     Ok(())
 }
+
+/// A listener that takes connections and never answers; it counts those open at once
+/// (the most before the sender closed any) and those the sender closed.
+struct Unanswering {
+    addr: String,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Unanswering {
+    async fn start() -> anyhow::Result<Unanswering> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let (open, most, closed) = (std::sync::Arc::default(), std::sync::Arc::default(), std::sync::Arc::default());
+        let counters = (std::sync::Arc::clone(&open), std::sync::Arc::clone(&most), std::sync::Arc::clone(&closed));
+        let task = tokio::spawn(async move {
+            let (open, most, closed): (std::sync::Arc<std::sync::atomic::AtomicUsize>, std::sync::Arc<std::sync::atomic::AtomicUsize>, std::sync::Arc<std::sync::atomic::AtomicUsize>) = counters;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let now = open.fetch_add(1, SeqCst) + 1;
+                if closed.load(SeqCst) == 0 {
+                    most.fetch_max(now, SeqCst);
+                }
+                let (open, closed) = (open.clone(), closed.clone());
+                tokio::spawn(async move {
+                    // Reads the request and whatever follows until the sender hangs up.
+                    let mut sink = [0u8; 4096];
+                    while matches!(tokio::io::AsyncReadExt::read(&mut socket, &mut sink).await, Ok(n) if n > 0) {}
+                    open.fetch_sub(1, SeqCst);
+                    closed.fetch_add(1, SeqCst);
+                });
+            }
+        });
+        Ok(Unanswering { addr, open, most, closed, task })
+    }
+}
+
+/// A channel whose bot never answers holds at most 128 of a node's sends
+/// (docs/channel-api.md): its backlog neither grows past that nor keeps another
+/// channel's messages waiting while its sends hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_provider_holds_a_bounded_share_of_the_sends() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let hung = Unanswering::start().await?;
+    let adapter = FakeAdapter::start().await?;
+    let fake = FakeTelegram::start(BOT_TOKEN).await?;
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    let (status, body) = dev.api("PUT", "/api/channels/api-gw", Some(&admin), Some(json!({"kind": "viber", "name": "Gateway", "default_group": "general"}))).await?;
+    assert_eq!(status, 200, "{body}");
+    let (status, settings) = dev.api("PUT", "/api/channels/api-gw/adapter", Some(&admin), Some(json!({"kind": "api", "outbound_url": adapter.url()}))).await?;
+    assert_eq!(status, 200, "{settings}");
+    let token = settings["token"].as_str().unwrap_or_default().to_owned();
+    let (status, bot) = dev.api("PUT", "/api/channels/api-gw/bot", Some(&admin), Some(json!({"url": format!("http://{}/events", hung.addr)}))).await?;
+    assert_eq!(status, 200, "{bot}");
+    telegram_channel(&dev, &admin, &fake).await?;
+
+    // 160 customers write on the channel whose bot hangs: each message is an event for it
+    // (and no send of it gives up before 10 s).
+    let customers = 160;
+    for n in 0..customers {
+        let message = json!({"sender": format!("+1555{n:04}"), "message_id": format!("m-{n}"), "text": "hello?"});
+        let (status, body) = dev.api("POST", "/api/channel-api/api-gw/messages", Some(&token), Some(message)).await?;
+        assert_eq!(status, 200, "{body}");
+    }
+    eventually(Duration::from_secs(8), Duration::from_millis(50), || async { Ok((hung.most.load(SeqCst) >= 128).then_some(())) })
+        .await
+        .map_err(|e| anyhow::anyhow!("the bot's sends reached the cap: {} at most: {e}", hung.most.load(SeqCst)))?;
+
+    // Meanwhile a Telegram customer is answered while every one of those sends still hangs.
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    hook(&dev, Some(SECRET), &update(1, 77, 1, "are you open?")).await?;
+    let conversation = accept_offer(&mut alice).await?;
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "t1", "text": "We are.", "ref": "t1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "t1").await?;
+    eventually(WAIT, Duration::from_millis(50), || async { Ok(fake.sent().iter().any(|(_, text)| text == "We are.").then_some(())) }).await?;
+    println!("the Telegram reply went out with {} of the bot's sends hanging, {} given up", hung.open.load(SeqCst), hung.closed.load(SeqCst));
+    let most = hung.most.load(SeqCst);
+    hung.task.abort();
+    assert_eq!(most, 128, "the hanging bot held its channel's share of sends at once, no more");
+    Ok(())
+}

@@ -15,7 +15,7 @@
 //!   elsewhere (Telegram), once [`ORPHAN_AFTER_MS`] passed without an outcome, it is
 //!   dead-lettered as `unknown` rather than risk sending it twice.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +29,10 @@ use switchboard_raft::Raft;
 
 /// Sends running at once on one node.
 pub const IN_FLIGHT: usize = 512;
+/// Sends running at once on one node for one channel (and, apart, for its bot): a
+/// provider that hangs holds at most this many of [`IN_FLIGHT`], so the other
+/// channels keep sending.
+pub const CHANNEL_IN_FLIGHT: usize = 128;
 /// A provider call that has not answered within this is a failed attempt.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// An attempt with no outcome this long after it was committed is an orphan.
@@ -78,7 +82,12 @@ struct Bucket {
 
 type Key = (ConversationId, u64);
 
-pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, node_id: u64, gateway: Arc<switchboard_gateway::Gateway>) {
+/// Runs the delivery worker of one group's outbox while this node leads it. `outboxes`:
+/// how many outboxes the cluster's channels are split over (a split cluster's
+/// conversation shards, each led by any node; one group: 1). Each paces a channel at
+/// that share of its provider's rate, so together they keep to the rate.
+pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, node_id: u64, gateway: Arc<switchboard_gateway::Gateway>, outboxes: u64) {
+    let share = 1.0 / outboxes.max(1) as f64;
     let client = match http::Client::new(SEND_TIMEOUT) {
         Ok(c) => c,
         Err(e) => {
@@ -129,6 +138,11 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             let room = IN_FLIGHT.saturating_sub(flying.len()).min(switchboard_actors::core::MAX_DELIVERY_BATCH);
             let mut orphans = Vec::new();
             let mut paced: Vec<Key> = Vec::new();
+            // Each channel's sends running now (a settled entry has left the outbox).
+            let mut per_channel: HashMap<(&ChannelId, bool), usize> = HashMap::new();
+            for d in flying.iter().filter_map(|k| state.outbox.get(k)) {
+                *per_channel.entry((&d.channel, d.to_bot)).or_default() += 1;
+            }
             // Per conversation, one entry at a time and in order: an entry waits while an
             // earlier one of its conversation is being sent or waits for its retry.
             let mut blocked: Option<ConversationId> = None;
@@ -162,16 +176,24 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                         blocked = Some(key.0);
                         // Paced per channel: a channel out of tokens is skipped, so one
                         // slow provider's backlog does not hold up the others.
-                        let rate = match (d.to_bot, state.channel_adapters.get(&d.channel)) {
-                            (true, _) => BOT_RATE,
-                            (false, Some(adapter)) => rate_of(adapter),
-                            (false, None) => continue,
-                        };
+                        let rate = share
+                            * match (d.to_bot, state.channel_adapters.get(&d.channel)) {
+                                (true, _) => BOT_RATE,
+                                (false, Some(adapter)) => rate_of(adapter),
+                                (false, None) => continue,
+                            };
+                        // A channel with its share of sends running waits for one to end
+                        // (which makes the next look).
+                        let running = per_channel.entry((&d.channel, d.to_bot)).or_default();
+                        if *running >= CHANNEL_IN_FLIGHT {
+                            continue;
+                        }
                         let bucket = buckets.entry((d.channel.clone(), d.to_bot)).or_insert(Bucket { tokens: rate.min(50.0), at: instant });
                         bucket.tokens = (bucket.tokens + instant.duration_since(bucket.at).as_secs_f64() * rate).min(rate.max(1.0));
                         bucket.at = instant;
                         if bucket.tokens >= 1.0 {
                             bucket.tokens -= 1.0;
+                            *running += 1;
                             paced.push(*key);
                         } else {
                             // Back when the bucket has a token again.

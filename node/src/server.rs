@@ -1284,7 +1284,7 @@ std::fs::create_dir_all(&options.data_dir)?;
         tokio::spawn(report_operator_sockets(gateway.clone(), options.node_id)),
         tokio::spawn(absence_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id, options.presence_grace)),
         tokio::spawn(inactivity_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id)),
-        tokio::spawn(crate::outbox::run(raft.clone(), Arc::new(proposer.clone()), shard.clone(), options.node_id, gateway.clone())),
+        tokio::spawn(crate::outbox::run(raft.clone(), Arc::new(proposer.clone()), shard.clone(), options.node_id, gateway.clone(), 1)),
     ]);
     info!(%public_addr, %private_addr, %raft_addr, ?smtp_addr, "node started");
     Ok(RunningNode { groups: Groups::One { raft, endpoint, db }, gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
