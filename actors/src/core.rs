@@ -47,7 +47,13 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// capacity or groups), `SetOperatorChannels`, and `SetChannelWeights` (every operator's
 /// offers). Before, an operator whose capacity was lowered could still accept every
 /// offer made under the old one, and go over capacity (I3).
-pub const RULES_VERSION: u32 = 10;
+/// Rules 11 (the split only; one group decides as before): an operator's close is
+/// decided by the routing shard, which knows who holds the conversation now, and goes
+/// to the conversation shard as a `Closed` letter. Before, the conversation shard
+/// decided it against its own copy of the holder, which a transfer or reassignment on
+/// its way as a letter had not reached yet: the previous holder could close the
+/// conversation its new holder had just been given.
+pub const RULES_VERSION: u32 = 11;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -257,6 +263,12 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) ->
                 events.extend(wrap_up_after(state, conv, now));
             }
         }
+        Mail::Closed { conversation, by, resolution, tags } => {
+            if let Some(conv) = state.conversations.get(conversation).filter(|_| open(conversation)) {
+                events.push(Event::ConversationClosed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() });
+                events.extend(wrap_up_after(state, conv, now));
+            }
+        }
         Mail::Rated { conversation, score, comment } => {
             if state.conversations.get(conversation).is_some_and(|c| !c.rated) {
                 events.push(Event::ConversationRated { conversation: *conversation, score: *score, comment: comment.clone() });
@@ -364,6 +376,10 @@ pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<(GroupI
                 if let Some(first) = conversations.first() {
                     mail.push((addressee(first), Mail::Purged { conversations: conversations.clone() }));
                 }
+            }
+            // Rules 11: an operator's close, decided here.
+            (Part::Routing { .. }, Event::ConversationClosed { conversation, by, resolution, tags }) if state.rules >= 11 => {
+                mail.push((addressee(conversation), Mail::Closed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() }));
             }
             (Part::Routing { .. }, Event::ConversationAssigned { conversation, operator }) => {
                 mail.push((addressee(conversation), Mail::Assigned { conversation: *conversation, operator: operator.clone() }));
@@ -1443,6 +1459,15 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             }
         }
         Command::CloseByOperator { operator: op_id, conversation: conv_id, resolution, tags } => {
+            match part {
+                // Rules 11: the routing shard decides it (`placement::target`); one that
+                // reaches a conversation shard came from a build before them.
+                Part::Conversations { .. } if state.rules >= 11 => {
+                    return Err(Error::Invalid("an operator's close is decided by the conversation's routing shard from routing rules 11 on".into()));
+                }
+                Part::Routing { .. } => rules_at_least(state, 11)?,
+                _ => {}
+            }
             held_by(conv_id, op_id)?;
             if resolution.chars().count() > MAX_TEXT_CHARS {
                 return Err(Error::TooLong { limit: MAX_TEXT_CHARS, actual: resolution.chars().count() });

@@ -201,6 +201,10 @@ pub enum Mail {
     /// not adopted those rules yet leaves the letter (and every later one from `G0`)
     /// waiting until it has: it would refuse what those rules allow.
     Directory { rules: u32, command: Box<crate::model::Command> },
+    /// `R` to `C` (rules 11): the holder closed it, decided where the holder is known.
+    /// `C` closes it unless it closed already (a customer's close crossing it), and
+    /// sends no `Release` back: `R` freed the capacity when it decided.
+    Closed { conversation: ConversationId, by: Closer, resolution: String, tags: Vec<String> },
 }
 
 /// Where a transfer or reassignment put a conversation.
@@ -220,7 +224,8 @@ impl Mail {
             | Mail::Assigned { conversation, .. }
             | Mail::Transferred { conversation, .. }
             | Mail::Reassigned { conversation, .. }
-            | Mail::Requeued { conversation, .. } => vec![*conversation],
+            | Mail::Requeued { conversation, .. }
+            | Mail::Closed { conversation, .. } => vec![*conversation],
             Mail::Purged { conversations } => conversations.clone(),
             Mail::Directory { .. } => Vec::new(),
         }

@@ -100,7 +100,6 @@ pub fn target(command: &Command) -> Target {
         | CloseByClient { conversation }
         | Rate { conversation, .. }
         | PostOperatorMessage { conversation, .. }
-        | CloseByOperator { conversation, .. }
         | MarkRead { conversation, .. }
         | AddNote { conversation, .. }
         | RetryDelivery { conversation, .. }
@@ -119,7 +118,8 @@ pub fn target(command: &Command) -> Target {
         | EndWrapUp { operator }
         | TakeBreak { operator, .. }
         | AcceptOfferAt { operator, .. } => Target::Operator(operator.clone()),
-        Reassign { conversation, .. } => Target::ConversationRouting(*conversation),
+        // Rules 11: an operator's close is decided where the holder is known.
+        Reassign { conversation, .. } | CloseByOperator { conversation, .. } => Target::ConversationRouting(*conversation),
         RouteQueue { group } => Target::Group(group.clone()),
         ExpireOffer { .. } | MarkAbsent { .. } => Target::OwnRoutingShard,
         OperatorsConnected { .. } => Target::OperatorsByRoutingShard,
@@ -155,11 +155,11 @@ mod tests {
     }
 
     #[test]
-    fn a_close_is_decided_by_the_conversation_shard_first() {
+    fn a_customer_s_close_is_decided_by_the_conversation_shard_and_an_operator_s_by_routing() {
         let c = ConversationId(5);
         assert_eq!(target(&Command::CloseByClient { conversation: c }), Target::Conversation(c));
         let by_operator = Command::CloseByOperator { operator: op("ann"), conversation: c, resolution: String::new(), tags: vec![] };
-        assert_eq!(target(&by_operator), Target::Conversation(c));
+        assert_eq!(target(&by_operator), Target::ConversationRouting(c));
     }
 
     #[test]

@@ -1085,3 +1085,63 @@ proptest! {
         check_agreement(&split);
     }
 }
+
+/// Rules 11: an operator's close is decided where the holder is known. A supervisor
+/// moves a conversation from ann to bob; ann closes it before the letter saying so has
+/// reached its conversation shard. Her close is refused, and bob keeps the conversation.
+#[test]
+fn the_previous_holder_cannot_close_a_conversation_moved_away_from_them() {
+    let setup = Setup { rules: RULES_VERSION, capacities: [3, 3, 3], groups: [vec![0, 1], vec![0, 1], vec![0, 1]], online: [true; 3] };
+    let mut split = Split::new(&setup);
+    let mut now = 1000;
+    for command in prelude(&setup) {
+        split.submit(&Envelope::new(Timestamp(now), command));
+        split.drain(Timestamp(now));
+    }
+    now += 10;
+    let offer = split.r.state.offers.values().next().cloned().expect("routing offered a started conversation");
+    let (x, ann) = (offer.conversation, offer.operator.clone());
+    split.submit(&Envelope::new(Timestamp(now), Command::AcceptOffer { operator: ann.clone(), offer: offer.id }));
+    split.drain(Timestamp(now));
+    let shard = (x.0 % SHARDS) as usize;
+    assert_eq!(seen_by(&split.cs[shard], x).map(|(s, _)| s), Some(ConversationStatus::Assigned { operator: ann.clone() }));
+
+    now += 10;
+    let bob = OPERATORS.iter().map(|id| OperatorId::new(*id)).find(|op| *op != ann).expect("another operator");
+    let reassign = Command::Reassign { by: "sup".into(), conversation: x, target: TransferTarget::Operator(bob.clone()), comment: String::new() };
+    assert_eq!(placement::target(&reassign), placement::Target::ConversationRouting(x));
+    run_checked(&mut split.r, &Envelope::new(Timestamp(now), reassign)).expect("the supervisor moves it to bob");
+    // The `Reassigned` letter is still on its way: the conversation shard says ann.
+    assert_eq!(seen_by(&split.cs[shard], x).map(|(s, _)| s), Some(ConversationStatus::Assigned { operator: ann.clone() }));
+
+    now += 10;
+    let close = Command::CloseByOperator { operator: ann.clone(), conversation: x, resolution: "done".into(), tags: vec![] };
+    assert_eq!(placement::target(&close), placement::Target::ConversationRouting(x), "decided by routing");
+    let refused = run_checked(&mut split.r, &Envelope::new(Timestamp(now), close.clone()));
+    assert!(matches!(refused, Err(Error::NotAssigned { .. })), "routing knows bob holds it: {refused:?}");
+    // A build from before rules 11 sent it to the conversation shard, which refuses it now.
+    let stale = run_checked(&mut split.cs[shard], &Envelope::new(Timestamp(now), close));
+    assert!(matches!(stale, Err(Error::Invalid(_))), "{stale:?}");
+
+    split.drain(Timestamp(now));
+    for (who, group) in [("routing", &split.r), ("conversation shard", &split.cs[shard])] {
+        assert_eq!(seen_by(group, x).map(|(s, _)| s), Some(ConversationStatus::Assigned { operator: bob.clone() }), "the {who} has bob holding it");
+    }
+    check_agreement(&split);
+
+    // Bob's close is decided by routing, reaches the conversation shard by letter, and
+    // frees his capacity there and then.
+    now += 10;
+    let load = |split: &Split| split.r.state.operators.get(&bob).map(|op| op.load());
+    let before = load(&split);
+    let close = Command::CloseByOperator { operator: bob.clone(), conversation: x, resolution: "solved".into(), tags: vec![] };
+    run_checked(&mut split.r, &Envelope::new(Timestamp(now), close)).expect("bob closes it");
+    assert_eq!(load(&split), before.map(|l| l - 1), "his capacity is free at once");
+    assert_ne!(seen_by(&split.cs[shard], x).map(|(s, _)| s), Some(ConversationStatus::Closed), "the letter has not arrived");
+    split.drain(Timestamp(now));
+    assert_eq!(seen_by(&split.cs[shard], x).map(|(s, _)| s), Some(ConversationStatus::Closed));
+    let history = records::history(&split.cs[shard].store, x, 0, 100).expect("history");
+    let closed: Vec<_> = history.iter().filter(|e| matches!(e.item, HistoryItem::Closed { .. })).collect();
+    assert_eq!(closed.len(), 1, "one close in the history: {history:?}");
+    check_agreement(&split);
+}
