@@ -47,12 +47,14 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// capacity or groups), `SetOperatorChannels`, and `SetChannelWeights` (every operator's
 /// offers). Before, an operator whose capacity was lowered could still accept every
 /// offer made under the old one, and go over capacity (I3).
-/// Rules 11 (the split only; one group decides as before): an operator's close is
-/// decided by the routing shard, which knows who holds the conversation now, and goes
-/// to the conversation shard as a `Closed` letter. Before, the conversation shard
-/// decided it against its own copy of the holder, which a transfer or reassignment on
-/// its way as a letter had not reached yet: the previous holder could close the
-/// conversation its new holder had just been given.
+/// Rules 11: on the split, an operator's close is decided by the routing shard, which
+/// knows who holds the conversation now, and goes to the conversation shard as a
+/// `Closed` letter (before, the conversation shard decided it against its own copy of
+/// the holder, which a transfer or reassignment on its way as a letter had not reached
+/// yet: the previous holder could close the conversation its new holder had just been
+/// given), and the routing shard counts a conversation's age from its start as the
+/// `Enqueue` letter gives it. Everywhere, an operator back online has their passes
+/// forgotten in the groups that overflow into theirs too.
 pub const RULES_VERSION: u32 = 11;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
@@ -244,9 +246,16 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) ->
     let open = |id: &ConversationId| status(id).is_some_and(|s| s != ConversationStatus::Closed);
     let mut events = Vec::new();
     match mail {
-        Mail::Enqueue { conversation, channel, visitor, group, sticky, .. } => {
+        Mail::Enqueue { conversation, channel, visitor, group, sticky, created_at } => {
             match status(conversation) {
-                None => events.push(Event::ConversationStarted { conversation: *conversation, channel: channel.clone(), visitor: visitor.clone() }),
+                None => {
+                    events.push(Event::ConversationStarted { conversation: *conversation, channel: channel.clone(), visitor: visitor.clone() });
+                    // Rules 11: it is as old as its conversation shard says (a bot may
+                    // have held it, or the letter waited for this shard's leader).
+                    if state.rules >= 11 && *created_at < now {
+                        events.push(Event::ConversationAged { conversation: *conversation, created_at: *created_at });
+                    }
+                }
                 // Queued or held already (cannot be: `C` enqueues a conversation once per
                 // stay out of a queue), or closed here (final).
                 Some(_) => {}
@@ -774,7 +783,14 @@ fn back_online(state: &ShardState, op: &crate::state::Operator) -> Vec<Event> {
     let op_id = &op.config.id;
     let mut events = Vec::new();
     if state.rules >= 4 {
-        for group in &op.config.groups {
+        // Rules 11: and the groups whose steps overflow into one of theirs, whose
+        // conversations they were offered too.
+        let mut groups: BTreeSet<&SkillGroupId> = op.config.groups.iter().collect();
+        if state.rules >= 11 {
+            let overflowing = state.group_steps.iter().filter(|(_, steps)| steps.iter().any(|s| s.overflow.iter().any(|o| op.config.groups.contains(o))));
+            groups.extend(overflowing.map(|(g, _)| g));
+        }
+        for group in groups {
             let Some(g) = state.groups.get(group) else { continue };
             for (_, conv_id) in &g.queue {
                 let waiting = state.conversations.get(conv_id).filter(|c| c.passed_by.contains(op_id));

@@ -1230,4 +1230,10 @@ pub enum Event {
         group: u64,
         nodes: Vec<u64>,
     },
+    /// A routing shard learnt a conversation that started before it heard of it
+    /// (rules 11): its age counts from `created_at` (SLA, ageing, answer times).
+    ConversationAged {
+        conversation: ConversationId,
+        created_at: Timestamp,
+    },
 }

@@ -982,6 +982,9 @@ impl ShardState {
                 dirty.meta = true;
                 dirty.conversations.insert(*conversation);
             }
+            Event::ConversationAged { conversation, .. } => {
+                dirty.conversations.insert(*conversation);
+            }
             // A message changes the conversation's history and keys, written from
             // `pending` and `Dirty::keys`; its record is unchanged.
             Event::ClientMessagePosted { .. } | Event::OperatorMessagePosted { .. } | Event::NoteAdded { .. } => {}
@@ -1107,6 +1110,11 @@ impl ShardState {
             }
             Event::UserUpserted(user) => {
                 self.users.insert(user.login.clone(), user.clone());
+            }
+            Event::ConversationAged { conversation, created_at } => {
+                if let Some(conv) = self.conversations.get_mut(conversation) {
+                    conv.created_at = conv.created_at.min(*created_at);
+                }
             }
             Event::ConversationStarted { conversation, channel, visitor } => {
                 self.next_conversation = self.next_conversation.max(conversation.0 + 1);

@@ -71,3 +71,40 @@ fn under_rules_3_it_waited_for_its_new_round() {
     assert!(offered_to(&events).is_empty(), "entries decided under rules 3 replay as they were");
     assert!(!events.iter().any(|e| matches!(e, Event::PassForgotten { .. })));
 }
+
+/// A `general` conversation that overflowed to `billing` (ann's only group) at its step
+/// was offered to ann, who missed it and was set away.
+fn overflow_missed_by_ann(rules: u32) -> (MemStore, ShardState, ConversationId) {
+    let store = MemStore::default();
+    let mut state = ShardState::default();
+    let ok = |r: Result<Vec<Event>, Error>| r.expect("accepted");
+    ok(run(&mut state, &store, 1000, Command::AdoptRules { version: rules }));
+    for id in ["general", "billing"] {
+        ok(run(&mut state, &store, 1000, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new(id), name: id.into(), policy: Policy::LongestIdle, offer_timeout_ms: 5000, sla_ms: 600_000 })));
+    }
+    ok(run(&mut state, &store, 1000, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("ann"), name: "Ann".into(), capacity: 2, groups: vec![SkillGroupId::new("billing")] })));
+    ok(run(&mut state, &store, 1000, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("general") })));
+    let step = RoutingStep { after_ms: 1_000, skills: None, max_level: 0, overflow: vec![SkillGroupId::new("billing")] };
+    ok(run(&mut state, &store, 1000, Command::SetGroupSteps { group: SkillGroupId::new("general"), steps: vec![step] }));
+    ok(run(&mut state, &store, 1000, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }));
+    ok(run(&mut state, &store, 1000, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }));
+    assert!(state.offers.is_empty(), "at step 0 only general's operators may take it");
+    ok(run(&mut state, &store, 2000, Command::RouteQueue { group: SkillGroupId::new("general") }));
+    let offer = state.offers.values().next().expect("offered to ann at the step").clone();
+    assert_eq!(offer.operator.as_str(), "ann");
+    ok(run(&mut state, &store, 7000, Command::ExpireOffer { offer: offer.id }));
+    assert_eq!(state.operators[&OperatorId::new("ann")].presence, Presence::Away);
+    (store, state, offer.conversation)
+}
+
+#[test]
+fn from_rules_11_an_operator_back_online_is_offered_again_what_overflowed_to_them() {
+    let (store, mut state, conversation) = overflow_missed_by_ann(11);
+    let events = run(&mut state, &store, 9000, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }).expect("online");
+    assert!(events.contains(&Event::PassForgotten { conversation, operator: OperatorId::new("ann") }), "{events:?}");
+    assert_eq!(offered_to(&events), vec!["ann"], "offered at once, not at the new round");
+
+    let (store, mut state, _) = overflow_missed_by_ann(10);
+    let events = run(&mut state, &store, 9000, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }).expect("online");
+    assert!(offered_to(&events).is_empty(), "entries decided under rules 10 replay as they were: {events:?}");
+}

@@ -1145,3 +1145,24 @@ fn the_previous_holder_cannot_close_a_conversation_moved_away_from_them() {
     assert_eq!(closed.len(), 1, "one close in the history: {history:?}");
     check_agreement(&split);
 }
+
+/// Rules 11: a conversation's routing shard counts its age from when it started, not
+/// from when the letter announcing it arrived (a bot held it, or the letter waited for
+/// the routing shard's leader): its SLA and its answer time are the customer's wait.
+#[test]
+fn routing_counts_a_conversation_s_age_from_its_start() {
+    let setup = Setup { rules: RULES_VERSION, capacities: [1, 1, 1], groups: [vec![0], vec![0], vec![0]], online: [false; 3] };
+    let mut split = Split::new(&setup);
+    for command in prelude(&setup) {
+        split.submit(&Envelope::new(Timestamp(1000), command));
+        split.drain(Timestamp(1000));
+    }
+    let started = 2000;
+    split.submit(&Envelope::new(Timestamp(started), Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor { id: Some("late".into()), name: "Late".into(), attributes: vec![] } }));
+    // The routing shard hears of it a minute later.
+    split.drain(Timestamp(started + 60_000));
+    let (id, conv) = split.r.state.conversations.iter().max_by_key(|(id, _)| **id).map(|(id, c)| (*id, c.clone())).expect("routing knows it");
+    assert_eq!(conv.created_at, Timestamp(started), "{id} is as old as its start");
+    let stored = records::load_conversation(&split.r.store, id, false).expect("readable").expect("stored");
+    assert_eq!(stored.created_at, Timestamp(started), "and its record says so");
+}

@@ -349,6 +349,7 @@ fn render(event: &Event) -> String {
         Event::MailReceived { from, id } => format!("letter {id} from group {from} applied"),
         Event::MailConfirmed { to, upto } => format!("group {to} confirmed letters up to {upto}"),
         Event::HoldersSet { group, nodes } => format!("group {group} is held by nodes {nodes:?}"),
+        Event::ConversationAged { conversation, created_at } => format!("{conversation} started at {}", created_at.0),
     }
 }
 
