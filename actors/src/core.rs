@@ -785,9 +785,9 @@ fn back_online(state: &ShardState, op: &crate::state::Operator) -> Vec<Event> {
     if state.rules >= 4 {
         // Rules 11: and the groups whose steps overflow into one of theirs, whose
         // conversations they were offered too.
-        let mut groups: BTreeSet<&SkillGroupId> = op.config.groups.iter().collect();
+        let mut groups: Vec<&SkillGroupId> = op.config.groups.iter().collect();
         if state.rules >= 11 {
-            let overflowing = state.group_steps.iter().filter(|(_, steps)| steps.iter().any(|s| s.overflow.iter().any(|o| op.config.groups.contains(o))));
+            let overflowing = state.group_steps.iter().filter(|(g, steps)| !op.config.groups.contains(g) && steps.iter().any(|s| s.overflow.iter().any(|o| op.config.groups.contains(o))));
             groups.extend(overflowing.map(|(g, _)| g));
         }
         for group in groups {

@@ -954,6 +954,15 @@ impl Split {
     /// metadata group, which passes them on by letter; the letters an outcome makes are
     /// posted in the same apply.
     fn submit(&mut self, entry: &Envelope) {
+        // An operator's close goes where the node sends it (`SplitBackend::route_as`): to
+        // the routing shard once it decides with rules 11, before that to the
+        // conversation shard (logs written before rules 11 replay that way).
+        if let Command::CloseByOperator { conversation, .. } = &entry.command {
+            if self.r.state.rules < 11 {
+                let _ = run_checked(&mut self.cs[(conversation.0 % SHARDS) as usize], entry);
+                return;
+            }
+        }
         let owner = placement::target(&entry.command).owner();
         if matches!(owner, Some(Owner::Directory) | None) {
             let _ = run_checked(&mut self.g0, entry);

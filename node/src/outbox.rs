@@ -15,7 +15,7 @@
 //!   elsewhere (Telegram), once [`ORPHAN_AFTER_MS`] passed without an outcome, it is
 //!   dead-lettered as `unknown` rather than risk sending it twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,9 +27,10 @@ use switchboard_actors::state::{DeliveryStatus, HistoryItem, MAX_DELIVERY_ATTEMP
 use switchboard_adapters::{http, Outgoing, SendOutcome};
 use switchboard_raft::Raft;
 
-/// Sends running at once on one node.
+/// Sends running at once for one outbox (a node of one group has one; a split node one
+/// for each conversation shard it leads).
 pub const IN_FLIGHT: usize = 512;
-/// Sends running at once on one node for one channel (and, apart, for its bot): a
+/// Sends running at once for one outbox and one channel (and, apart, for its bot): a
 /// provider that hangs holds at most this many of [`IN_FLIGHT`], so the other
 /// channels keep sending.
 pub const CHANNEL_IN_FLIGHT: usize = 128;
@@ -81,6 +82,8 @@ struct Bucket {
 }
 
 type Key = (ConversationId, u64);
+/// The sends running: each entry's key, with its channel and whether it goes to the bot.
+type InFlight = HashMap<Key, (ChannelId, bool)>;
 
 /// Runs the delivery worker of one group's outbox while this node leads it. `outboxes`:
 /// how many outboxes the cluster's channels are split over (a split cluster's
@@ -95,7 +98,8 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             return;
         }
     };
-    let in_flight: Arc<Mutex<HashSet<Key>>> = Arc::default();
+    // Each send running, with the channel (and whether to its bot) it counts against.
+    let in_flight: Arc<Mutex<InFlight>> = Arc::default();
     // Bumped whenever entries leave `in_flight`: they may be picked again, though no
     // command was applied (a mark that failed) or the one applied came before they left.
     let released: Arc<AtomicU64> = Arc::default();
@@ -128,7 +132,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         next_look = None;
         let mut due = |at: Timestamp| next_look = Some(next_look.map_or(at, |n: Timestamp| n.min(at)));
         let instant = std::time::Instant::now();
-        let (orphans, paced) = {
+        let (orphans, paced, paced_for) = {
             let state = shard.read();
             if state.outbox.is_empty() {
                 idle_rounds += 1;
@@ -138,10 +142,12 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             let room = IN_FLIGHT.saturating_sub(flying.len()).min(switchboard_actors::core::MAX_DELIVERY_BATCH);
             let mut orphans = Vec::new();
             let mut paced: Vec<Key> = Vec::new();
-            // Each channel's sends running now (a settled entry has left the outbox).
-            let mut per_channel: HashMap<(&ChannelId, bool), usize> = HashMap::new();
-            for d in flying.iter().filter_map(|k| state.outbox.get(k)) {
-                *per_channel.entry((&d.channel, d.to_bot)).or_default() += 1;
+            let mut paced_for: Vec<(ChannelId, bool)> = Vec::new();
+            // Each channel's sends running now (counted by what they were started for:
+            // an entry a disconnect settled may still be on its way to the provider).
+            let mut per_channel: HashMap<(ChannelId, bool), usize> = HashMap::new();
+            for key in flying.values() {
+                *per_channel.entry(key.clone()).or_default() += 1;
             }
             // Per conversation, one entry at a time and in order: an entry waits while an
             // earlier one of its conversation is being sent or waits for its retry.
@@ -150,7 +156,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                 if blocked == Some(key.0) {
                     continue;
                 }
-                if flying.contains(key) {
+                if flying.contains_key(key) {
                     blocked = Some(key.0);
                     continue;
                 }
@@ -184,7 +190,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                             };
                         // A channel with its share of sends running waits for one to end
                         // (which makes the next look).
-                        let running = per_channel.entry((&d.channel, d.to_bot)).or_default();
+                        let running = per_channel.entry((d.channel.clone(), d.to_bot)).or_default();
                         if *running >= CHANNEL_IN_FLIGHT {
                             continue;
                         }
@@ -195,6 +201,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                             bucket.tokens -= 1.0;
                             *running += 1;
                             paced.push(*key);
+                            paced_for.push((d.channel.clone(), d.to_bot));
                         } else {
                             // Back when the bucket has a token again.
                             due(now.plus_ms(((1.0 - bucket.tokens) / rate * 1000.0).ceil().max(1.0) as u64));
@@ -206,7 +213,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     break;
                 }
             }
-            (orphans, paced)
+            (orphans, paced, paced_for)
         };
         if !orphans.is_empty() {
             let n = orphans.len();
@@ -222,7 +229,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         idle_rounds = 0;
         // The batch is marked attempted and sent by a task of its own, so the next
         // batch is picked while this one commits (the in-flight set keeps them apart).
-        in_flight.lock().unwrap_or_else(|p| p.into_inner()).extend(paced.iter().copied());
+        in_flight.lock().unwrap_or_else(|p| p.into_inner()).extend(paced.iter().copied().zip(paced_for));
         let (proposer, in_flight, client, shard, results, gateway, released) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone(), gateway.clone(), released.clone());
         tokio::spawn(async move {
             // Only what this entry marked is sent: an entry another node marked first
@@ -475,7 +482,7 @@ async fn commit_results(
     shard: Arc<Shard>,
     node_id: u64,
     mut results: tokio::sync::mpsc::UnboundedReceiver<DeliveryResult>,
-    in_flight: Arc<Mutex<HashSet<Key>>>,
+    in_flight: Arc<Mutex<InFlight>>,
     released: Arc<AtomicU64>,
 ) {
     while let Some(first) = results.recv().await {

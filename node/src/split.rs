@@ -155,6 +155,14 @@ impl SplitBackend {
     /// does not move the round robin on).
     fn route_as(&self, command: Command, advance: bool) -> Result<Vec<(GroupId, Command)>, switchboard_actors::Error> {
         let one = |group: GroupId, command: Command| Ok(vec![(group, command)]);
+        // An operator's close goes to the routing shard once it decides with rules 11;
+        // before (a rolling upgrade whose routing leader runs an older build), to the
+        // conversation shard, as that build did.
+        if let Command::CloseByOperator { conversation, .. } = &command {
+            if self.group(R).shard.read().rules < 11 {
+                return one(self.conversation_group(*conversation), command);
+            }
+        }
         match placement::target(&command) {
             Target::Directory => one(G0, command),
             Target::Conversation(id) => one(self.conversation_group(id), command),
