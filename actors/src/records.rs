@@ -981,6 +981,12 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
                             state.expired_keys.push(key::inbound(message_key));
                         }
                     }
+                    // Rules 11: its place in the closed index goes too. A conversation
+                    // shard found it there; a routing shard, which writes the index as
+                    // well and never reads it, kept it for ever before.
+                    if state.rules >= 11 && matches!(entry.item, HistoryItem::Closed { .. }) {
+                        state.expired_keys.push(key::closed(channel, entry.at, id));
+                    }
                 }
             }
             state.expired_keys.push(k);

@@ -1175,3 +1175,38 @@ fn routing_counts_a_conversation_s_age_from_its_start() {
     let stored = records::load_conversation(&split.r.store, id, false).expect("readable").expect("stored");
     assert_eq!(stored.created_at, Timestamp(started), "and its record says so");
 }
+
+/// Rules 11: a conversation deleted by its channel's retention leaves nothing behind in
+/// its routing shard, its place in the closed index included.
+#[test]
+fn retention_leaves_nothing_of_a_conversation_in_its_routing_shard() {
+    let setup = Setup { rules: RULES_VERSION, capacities: [3, 3, 3], groups: [vec![0, 1], vec![0, 1], vec![0, 1]], online: [true; 3] };
+    let mut split = Split::new(&setup);
+    let now = 1000;
+    for command in prelude(&setup) {
+        split.submit(&Envelope::new(Timestamp(now), command));
+        split.drain(Timestamp(now));
+    }
+    split.submit(&Envelope::new(Timestamp(now), Command::SetChannelRetention { channel: ChannelId::new("web"), days: 1 }));
+    split.drain(Timestamp(now));
+    let offers: Vec<Offer> = split.r.state.offers.values().cloned().collect();
+    for offer in &offers {
+        split.submit(&Envelope::new(Timestamp(now + 10), Command::AcceptOffer { operator: offer.operator.clone(), offer: offer.id }));
+        split.drain(Timestamp(now + 10));
+        let close = Command::CloseByOperator { operator: offer.operator.clone(), conversation: offer.conversation, resolution: String::new(), tags: vec![] };
+        split.submit(&Envelope::new(Timestamp(now + 20), close));
+        split.drain(Timestamp(now + 20));
+    }
+    let closed_index = |store: &MemStore| store.scan(b"e", None, 100).expect("scan").len();
+    assert!(closed_index(&split.r.store) > 0, "the routing shard indexes its closed conversations too");
+    let later = Timestamp(now + 3 * 86_400_000);
+    split.submit(&Envelope::new(later, Command::PurgeExpired { as_of: later }));
+    split.drain(later);
+    let web: Vec<ConversationId> = offers.iter().map(|o| o.conversation).filter(|c| split.cs[(c.0 % SHARDS) as usize].store.get(&records::key::conversation(*c)).expect("read").is_none()).collect();
+    assert!(!web.is_empty(), "the web channel's conversations were purged");
+    for c in &web {
+        assert!(split.r.store.get(&records::key::conversation(*c)).expect("read").is_none(), "{c} left the routing shard");
+    }
+    let left: Vec<Vec<u8>> = split.r.store.scan(b"e", None, 100).expect("scan").into_iter().map(|(k, _)| k).filter(|k| web.iter().any(|c| k.ends_with(&c.0.to_be_bytes()))).collect();
+    assert!(left.is_empty(), "the closed index of the routing shard kept {left:?}");
+}
