@@ -1,7 +1,7 @@
 import { describe, expect, it, vi } from 'vitest';
 import { Backoff } from '../src/shared/backoff';
 import { deserialize, emptyWidgetState, lastOperatorSeq, quickReplies, serialize, unreadFromOperator, widgetReducer, withBot, MAX_CACHED_EVENTS, type ClientEvent, type WidgetAction, type WidgetState } from '../src/widget/widget-state';
-import { NAME_KEY, parseNotices, SESSION_KEY, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
+import { NAME_KEY, parseNotices, SESSION_KEY, sessionKey, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
 import { FakeTimers, MemoryStorage, socketFactory } from './fakes';
 
 const run = (s: WidgetState, ...a: WidgetAction[]) => a.reduce(widgetReducer, s);
@@ -161,6 +161,32 @@ describe('WidgetSession', () => {
     again.w.send('Back again');
     again.f.last.open();
     expect(again.f.last.sent[0]).toEqual({ type: 'start', visitor_token: 'v1.visitor.mac', attributes: { page: 'https://shop/x' } });
+  });
+
+  it('keeps the conversations of two channels apart on one site, and the visitor shared', () => {
+    const storage = new MemoryStorage();
+    const f = socketFactory();
+    const make = (channel?: string) =>
+      new WidgetSession({ origin: 'https://chat.example.com', storage, channel, create: f.create, timers: new FakeTimers(), backoff: new Backoff({ base: 1000, random: () => 0 }) });
+    const support = make();
+    support.send('Hi support');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok-support', visitor_token: 'v1.visitor.mac', protocol: 1 });
+    const sales = make('sales');
+    expect(sales.visitorToken).toBe('v1.visitor.mac');
+    sales.send('Hi sales');
+    f.last.open();
+    expect(f.last.sent[0]).toMatchObject({ type: 'start', channel: 'sales', visitor_token: 'v1.visitor.mac' });
+    f.last.frame({ type: 'started', conversation: 18, token: 'tok-sales', protocol: 1 });
+    expect(JSON.parse(storage.getItem(SESSION_KEY)!).token).toBe('tok-support');
+    expect(JSON.parse(storage.getItem(sessionKey('sales'))!).token).toBe('tok-sales');
+    // After a reload each resumes its own.
+    make('sales').resumeIfAny();
+    f.last.open();
+    expect(f.last.sent[0]).toMatchObject({ type: 'resume', token: 'tok-sales' });
+    make().resumeIfAny();
+    f.last.open();
+    expect(f.last.sent[0]).toMatchObject({ type: 'resume', token: 'tok-support' });
   });
 
   it('offers a returning visitor the name they gave last time', () => {

@@ -40,6 +40,10 @@ function ls(): Storage | null {
 
 export function WidgetApp(props: { session: WidgetSession; langHint?: string; openHint?: boolean }) {
   const { session } = props;
+  // Per channel, as the session is: two widgets on one site open and count apart.
+  const suffix = session.channel ? `.${session.channel}` : '';
+  const openKey = OPEN_KEY + suffix;
+  const seenKey = SEEN_KEY + suffix;
   const [lang, setLangState] = useState<Lang>(() => detectLang(storedLang(ls() ?? undefined) ?? props.langHint, navigator.languages));
   const t = useMemo(() => translator(WIDGET_DICTS, lang), [lang]);
   const setLang = (l: Lang) => {
@@ -47,8 +51,8 @@ export function WidgetApp(props: { session: WidgetSession; langHint?: string; op
     setLangState(l);
   };
   const state = useSession(session);
-  const [open, setOpenState] = useState<boolean>(() => props.openHint || ls()?.getItem(OPEN_KEY) === '1');
-  const [seen, setSeen] = useState<number>(() => Number(ls()?.getItem(SEEN_KEY) ?? 0) || 0);
+  const [open, setOpenState] = useState<boolean>(() => props.openHint || ls()?.getItem(openKey) === '1');
+  const [seen, setSeen] = useState<number>(() => Number(ls()?.getItem(seenKey) ?? 0) || 0);
   const [link, setLink] = useState<LinkState | null>(session.linkState);
   const [notice, setNotice] = useState<string | null>(null);
   const [visible, setVisible] = useState(document.visibilityState === 'visible');
@@ -56,7 +60,7 @@ export function WidgetApp(props: { session: WidgetSession; langHint?: string; op
 
   const setOpen = (o: boolean) => {
     try {
-      ls()?.setItem(OPEN_KEY, o ? '1' : '0');
+      ls()?.setItem(openKey, o ? '1' : '0');
     } catch {
       /* ignore */
     }
@@ -93,7 +97,7 @@ export function WidgetApp(props: { session: WidgetSession; langHint?: string; op
     if (lastOp > seen) {
       setSeen(lastOp);
       try {
-        ls()?.setItem(SEEN_KEY, String(lastOp));
+        ls()?.setItem(seenKey, String(lastOp));
       } catch {
         /* ignore */
       }
@@ -105,7 +109,7 @@ export function WidgetApp(props: { session: WidgetSession; langHint?: string; op
     if (!state.token && seen) {
       setSeen(0);
       try {
-        ls()?.removeItem(SEEN_KEY);
+        ls()?.removeItem(seenKey);
       } catch {
         /* ignore */
       }

@@ -10,6 +10,12 @@ import { contentTypeOf, type Attachment } from '../shared/files';
 import { deserialize, serialize, widgetReducer, lastOperatorSeq, type WidgetAction, type WidgetState } from './widget-state';
 
 export const SESSION_KEY = 'switchboard.widget.session';
+/** Where a widget keeps its conversation: its channel's own key, so two widgets of
+ *  different channels on one site keep theirs apart (the default channel keeps the
+ *  plain key). The visitor's token and name are the person's, shared by both. */
+export function sessionKey(channel?: string): string {
+  return channel ? `${SESSION_KEY}.${channel}` : SESSION_KEY;
+}
 export const VISITOR_KEY = 'switchboard.widget.visitor';
 /** The name the visitor gave last time: offered again on their next conversation. */
 export const NAME_KEY = 'switchboard.widget.name';
@@ -125,7 +131,7 @@ export class WidgetSession {
     const stored = this.read(VISITOR_KEY);
     this.visitorToken = stored && stored.startsWith('v1.') && stored.length <= 2048 ? stored : null;
     if (stored && !this.visitorToken) this.write(VISITOR_KEY, null);
-    this.store = createStore(widgetReducer, deserialize(this.read(SESSION_KEY)));
+    this.store = createStore(widgetReducer, deserialize(this.read(sessionKey(this.opts.channel))));
     this.store.subscribe((s) => this.persist(s));
     this.link = new ReconnectingSocket({
       url: () => opts.origin.replace(/^http/, 'ws') + '/ws/client',
@@ -141,6 +147,11 @@ export class WidgetSession {
       },
     });
     this.linkState = this.link.state;
+  }
+
+  /** The channel this widget starts its conversations in (`data-channel`), if set. */
+  get channel(): string | undefined {
+    return this.opts.channel;
   }
 
   private read(k: string): string | null {
@@ -161,7 +172,7 @@ export class WidgetSession {
   }
 
   private persist(s: WidgetState): void {
-    this.write(SESSION_KEY, serialize(s));
+    this.write(sessionKey(this.opts.channel), serialize(s));
   }
 
   get state(): WidgetState {
@@ -314,7 +325,7 @@ export class WidgetSession {
       this.visitorToken = null;
       this.write(VISITOR_KEY, null);
       this.newConversation();
-      this.write(SESSION_KEY, null);
+      this.write(sessionKey(this.opts.channel), null);
       this.write(NAME_KEY, null);
       this.visitorName = '';
     }
