@@ -74,15 +74,12 @@ impl RpcRequest {
         )
     }
 
-    /// Whether only a node may ask it: consensus traffic, and reads of a group's state
-    /// (a gateway relays sockets to members and reads nothing itself, ADR 0012).
+    /// Whether only a node may ask it: everything but where the groups are (`Status`,
+    /// `Shards`). A gateway relays its sockets and requests to members, which decide
+    /// them as their own edge would (ADR 0008, ADR 0012); it takes no part in Raft,
+    /// reads no group's state, proposes no command and reads or stores no file itself.
     fn is_nodes_only(&self) -> bool {
-        self.is_raft() || matches!(self, RpcRequest::Read { .. } | RpcRequest::Watch { .. })
-    }
-
-    /// Whether this is consensus traffic, which only nodes may send.
-    fn is_raft(&self) -> bool {
-        matches!(self, RpcRequest::Append { .. } | RpcRequest::AppendQuiet { .. } | RpcRequest::Snapshot { .. } | RpcRequest::Vote { .. } | RpcRequest::Members { .. })
+        !matches!(self, RpcRequest::Status | RpcRequest::Shards)
     }
 }
 
@@ -723,8 +720,8 @@ async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, m
     body.extend(recv.read_to_end(MAX_RPC_BYTES - 1).await.map_err(|e| e.to_string())?);
     let response = match decode::<RpcRequest>(&body) {
         Ok(request) if role == Role::Gateway && request.is_nodes_only() => {
-            warn!("refused Raft traffic or a read of a group's state from a peer holding a gateway certificate");
-            RpcResponse::BadRequest("a gateway's certificate may not take part in Raft or read a group's state".into())
+            warn!("refused a node's request (Raft, a read, a write or a file) from a peer holding a gateway certificate");
+            RpcResponse::BadRequest("a gateway's certificate may only ask where the groups are and relay client work".into())
         }
         Ok(RpcRequest::Watch { group, stream }) => return serve_watch(&router, group, stream, send).await,
         Ok(request) => router.dispatch(request).await,

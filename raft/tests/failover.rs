@@ -351,11 +351,11 @@ async fn the_server_refuses_clients_without_a_cluster_certificate() -> anyhow::R
     Ok(())
 }
 
-/// Certificates carry a role: one issued to a gateway gets its forwarded writes
-/// committed, but its votes and entries are refused, and it cannot pass for a node to a
-/// member that dials it.
+/// Certificates carry a role: one issued to a gateway may relay client work to members
+/// (which decide it as their own edge would) and ask where the groups are; its writes,
+/// votes and entries are refused, and it cannot pass for a node to a member that dials it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_certificate_forwards_writes_but_takes_no_part_in_raft() -> anyhow::Result<()> {
+async fn a_gateway_certificate_proposes_nothing_and_takes_no_part_in_raft() -> anyhow::Result<()> {
     use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
@@ -368,10 +368,13 @@ async fn a_gateway_certificate_forwards_writes_but_takes_no_part_in_raft() -> an
     let endpoint = tls::endpoint(&gateway, "127.0.0.1:0".parse()?)?;
     let target = replica.endpoint.local_addr()?.to_string();
 
-    // Client work is allowed: a forwarded write commits.
+    // A command is not: the gateway relays its clients' requests, which the member
+    // authorises; a write of its own would pass every check the member makes.
+    let before = replica.raft.metrics().borrow().last_log_index;
     let forwarder = switchboard_raft::network::Forwarder::new(switchboard_raft::network::Peers::new(endpoint.clone()));
     let written = forwarder.write(7, &target, Request(b"from a gateway".to_vec()), Duration::from_secs(5)).await;
-    assert!(written.is_ok(), "a gateway's forwarded write must commit: {:?}", written.err());
+    assert!(written.is_err(), "a gateway's write was taken");
+    assert_eq!(replica.raft.metrics().borrow().last_log_index, before, "nothing was appended");
 
     // Raft traffic is not: a vote for a far higher term changes nothing.
     let mut client = NetworkFactory::new(endpoint.clone(), 7).new_client(1, &addr(&replica)?).await;
