@@ -520,6 +520,14 @@ pub(crate) async fn staff_upload(
             return Err(GatewayError::Forbidden("you do not hold this conversation"));
         }
     }
+    // And as routing decides it now: the conversation shard's copy of the holder may not
+    // have heard of a reassignment yet.
+    if let Some(barrier) = gw.backend.holder_barrier() {
+        barrier.await.map_err(|e| GatewayError::Core(switchboard_actors::Error::Unreachable(e)))?;
+        if gw.backend.shard().read().conversations.get(&conversation).and_then(|c| c.assigned()) != Some(&operator) {
+            return Err(GatewayError::Forbidden("you do not hold this conversation"));
+        }
+    }
     let declared = declared(&headers)?;
     check_room(&gw, conversation, declared.length).await?;
     store(&gw, conversation, &query.name, declared, body, operator.0, None, None).await

@@ -125,6 +125,16 @@ pub trait Backend: Send + Sync + 'static {
     fn routing_barrier(&self) -> BoxFuture<Result<(), String>> {
         self.read_barrier()
     }
+    /// Waits until this node's copy of who holds each conversation ([`Backend::shard`])
+    /// is current, where the core cannot check the holder itself when it commits an
+    /// operator's reply: on the split, a conversation shard decides a reply against its
+    /// own copy, which learns of a reassignment or transfer by a letter. One group checks
+    /// at commit: nothing to wait for.
+    /// `None` where the core checks the holder at commit (one group): the gateway then
+    /// checks nothing itself.
+    fn holder_barrier(&self) -> Option<BoxFuture<Result<(), String>>> {
+        None
+    }
     /// [`Backend::read_barrier`] for conversation `id`'s entries only.
     fn conversation_barrier(&self, _id: ConversationId) -> BoxFuture<Result<(), String>> {
         self.read_barrier()

@@ -374,6 +374,31 @@ impl OperatorSession {
         Ok(state.operators.get(&self.operator).map(|o| o.config.name.clone()).unwrap_or_default())
     }
 
+    /// Whether this operator holds `conversation` as routing decides it now (after
+    /// [`Backend::holder_barrier`]), before `command` (their reply) is committed:
+    /// `unavailable` if routing cannot be asked; if they do not hold it, the answer to a
+    /// key they used before (its original `seq`, where this node holds the
+    /// conversation's shard), else `not_assigned`. `Ok(None)`: commit it.
+    async fn holds_now(&self, conversation: ConversationId, command: &Command, reference: &Value) -> Result<Option<Reply>, Value> {
+        let Some(barrier) = self.gw.backend.holder_barrier() else { return Ok(None) };
+        if let Err(e) = barrier.await {
+            return Err(frames::error("unavailable", &format!("who holds the conversation cannot be checked now: {e}"), Some(reference)));
+        }
+        let holds = {
+            let shard = self.gw.backend.shard();
+            let state = shard.read();
+            state.conversations.get(&conversation).and_then(|c| c.assigned()) == Some(&self.operator)
+        };
+        if holds {
+            return Ok(None);
+        }
+        let duplicate = self.gw.backend.shard_for(command).and_then(|shard| shard.precheck(command, switchboard_actors::actors::now_ms()).ok().flatten());
+        match duplicate {
+            Some(reply @ Reply::Message { duplicate: true, .. }) => Ok(Some(reply)),
+            _ => Err(frames::error("not_assigned", &switchboard_actors::Error::NotAssigned { conversation, operator: self.operator.clone() }.to_string(), Some(reference))),
+        }
+    }
+
     async fn commit(&self, command: Command, reference: Option<&Value>) -> Result<Reply, Value> {
         self.gw.submit(command).await.map_err(|e| frames::error(e.code(), &e.to_string(), reference))
     }
@@ -461,7 +486,14 @@ impl OperatorSession {
                 let attachments = attachments.into_iter().map(AttachmentId).collect();
                 let command =
                     Command::PostOperatorMessage { operator: me, conversation: ConversationId(conversation), key: key.clone(), text, attachments };
-                if let Reply::Message { seq, duplicate } = self.commit(command, Some(&reference)).await? {
+                // Only while routing says this operator holds it: a conversation shard's
+                // copy of the holder may not have heard of a reassignment yet.
+                let answered = self.holds_now(ConversationId(conversation), &command, &reference).await?;
+                let reply = match answered {
+                    Some(reply) => reply,
+                    None => self.commit(command, Some(&reference)).await?,
+                };
+                if let Reply::Message { seq, duplicate } = reply {
                     out.json(json!({"type": "ack", "ref": reference, "key": key, "conversation": conversation, "seq": seq, "duplicate": duplicate}))
                         .await;
                 }

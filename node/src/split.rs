@@ -617,6 +617,10 @@ impl Backend for SplitBackend {
         self.barrier(R)
     }
 
+    fn holder_barrier(&self) -> Option<BoxFuture<Result<(), String>>> {
+        Some(self.barrier(R))
+    }
+
     fn conversation_barrier(&self, id: ConversationId) -> BoxFuture<Result<(), String>> {
         self.barrier(self.conversation_group(id))
     }
