@@ -261,9 +261,15 @@ async fn an_operator_sees_a_customer_s_other_conversations_only_while_serving_th
     let (_, found) = dev.api("GET", &format!("/api/conversations/{old}/earlier?q=PIN%204721"), Some(&token), None).await?;
     assert_eq!(ids(&found), Vec::<u64>::new(), "{found}");
     assert_eq!(dev.api("GET", &format!("/api/conversations/{now}"), Some(&token), None).await?.0, 403);
+    // Nor is it on the old conversation's card.
+    let card_ids = |v: &Value| v["earlier"].as_array().into_iter().flatten().filter_map(|c| c["conversation"].as_u64()).collect::<Vec<_>>();
+    let (status, card) = dev.api("GET", &format!("/api/conversations/{old}"), Some(&token), None).await?;
+    assert_eq!(status, 200, "{card}");
+    assert_eq!(card_ids(&card), Vec::<u64>::new(), "the card listed a conversation alice may not open: {card}");
     // A supervisor sees both.
     let supervisor = dev.login("supervisor").await?;
     assert_eq!(ids(&dev.api("GET", &format!("/api/conversations/{old}/earlier"), Some(&supervisor), None).await?.1), vec![now]);
+    assert_eq!(card_ids(&dev.api("GET", &format!("/api/conversations/{old}"), Some(&supervisor), None).await?.1), vec![now]);
     Ok(())
 }
 

@@ -689,7 +689,7 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
     let shard = gw.backend.conversation_reads(id);
     let history = shard.history(id, 0, conv.last_seq() as usize).await?;
     let deliveries = shard.deliveries_of(id).await?;
-    let earlier = earlier(&gw, &conv).await?;
+    let earlier = earlier(&gw, &staff, &conv).await?;
     // Whether it is offered is the routing shard's to say.
     let routed = gw.backend.shard().read().conversations.get(&id).map(|c| c.status.clone());
     let status = match routed.as_ref().unwrap_or(&conv.status) {
@@ -784,13 +784,17 @@ async fn purge_drill(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): B
 }
 
 /// Other conversations of the same visitor, most recent first: the client card.
-async fn earlier(gw: &Gateway, conv: &switchboard_actors::state::Conversation) -> Result<Vec<Value>, GatewayError> {
+/// The visitor's other conversations, most recent first, at most 20; for an operator,
+/// only those they may open themselves (as `GET /api/conversations/{id}/earlier`).
+async fn earlier(gw: &Gateway, staff: &Staff, conv: &switchboard_actors::state::Conversation) -> Result<Vec<Value>, GatewayError> {
     let Some(visitor) = conv.visitor.id.as_ref() else { return Ok(vec![]) };
-    Ok(gw
-        .conversations_of(visitor, 21)
-        .await?
+    let found = gw.conversations_of(visitor, 21).await?;
+    let shard = gw.backend.shard();
+    let state = shard.read();
+    Ok(found
         .iter()
         .filter(|c| c.id != conv.id)
+        .filter(|c| check_read(staff, &state, c).is_ok())
         .take(20)
         .map(|c| {
             let state = match c.status {
