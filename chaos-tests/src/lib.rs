@@ -154,12 +154,21 @@ impl Dev {
     /// Logs in a demo user and returns the token.
     pub async fn login(&self, login: &str) -> anyhow::Result<String> {
         let password = self.logins.get(login).ok_or_else(|| anyhow!("no demo login {login}"))?;
-        let (status, body) =
-            http_json(&self.private, "POST", "/api/login", None, Some(&json!({"login": login, "password": password}))).await?;
-        if status != 200 {
-            bail!("login {login}: {status} {body}");
+        // A node that cannot confirm its logins are current (an election under way)
+        // answers 503 `unavailable`, which a client sends again.
+        let give_up = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (status, body) =
+                http_json(&self.private, "POST", "/api/login", None, Some(&json!({"login": login, "password": password}))).await?;
+            if status == 503 && body["code"] == "unavailable" && tokio::time::Instant::now() < give_up {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            if status != 200 {
+                bail!("login {login}: {status} {body}");
+            }
+            return body["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("login reply has no token"));
         }
-        body["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("login reply has no token"))
     }
 
     /// Opens an operator socket and returns it with its `hello` frame.

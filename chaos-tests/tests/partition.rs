@@ -82,6 +82,10 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
         Ok((readiness(leader).await? == 503 && cluster.status(leader).await?["reaches_majority"] == false).then_some(()))
     })
     .await?;
+    // Nor does it sign anyone in: it cannot confirm a password was not changed meanwhile.
+    let password = cluster.logins.get("supervisor").cloned().unwrap_or_default();
+    let (status, refused) = switchboard_gateway::client::http_json(&cluster.node(leader).private, "POST", "/api/login", None, Some(&json!({"login": "supervisor", "password": password}))).await?;
+    assert_eq!((status, refused["code"].clone()), (503, json!("unavailable")), "a cut-off node signed someone in: {refused}");
     // The majority elects a leader of its own and goes on.
     let new_leader = majority_leader(&cluster, &others).await?;
     for n in 1..=5 {

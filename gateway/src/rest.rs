@@ -217,8 +217,13 @@ async fn login(
     // Counted from here, before the password is checked.
     let attempt = gw.throttle.begin(&req.login, crate::budget::client_address(peer.ip()))?;
     // On every node alike: a user just created, or a password just changed, through
-    // another member counts here at once. Without a leader the node's own state answers.
-    let _ = gw.backend.directory_barrier().await;
+    // another member counts here at once. A node that cannot confirm it has the latest
+    // logins (no leader of the directory answers) signs nobody in: an old password, or
+    // a login deleted elsewhere, would still work on it.
+    if let Err(e) = gw.backend.directory_barrier().await {
+        attempt.unchecked();
+        return Err(GatewayError::Core(switchboard_actors::Error::Unreachable(format!("the logins cannot be confirmed current: {e}"))));
+    }
     let user = {
         let shard = gw.backend.directory_shard();
         let state = shard.read();
