@@ -103,11 +103,13 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     assert_eq!(ack["key"], "v-1", "{ack}");
     let reply = json!({"type": "send", "conversation": conversation, "key": "a-1", "text": "It left the depot this morning."});
     let mut acked = false;
+    let mut a1_seq = 0;
     for _ in 0..50 {
         alice.send(&reply).await?;
         let answer = alice.wait_for(WAIT, |v| v["key"] == "a-1" || v["code"].is_string()).await?;
         if answer["type"] == "ack" {
             acked = true;
+            a1_seq = answer["seq"].as_u64().unwrap_or(0);
             break;
         }
         // The conversation shard may not have the routing shard's `Assigned` yet.
@@ -115,6 +117,7 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(acked, "the operator's reply was taken");
+    let a1 = reply.clone();
     let seen = visitor.wait_for(WAIT, |v| v["kind"] == "message" && v["from"] == "operator").await?;
     assert_eq!(seen["text"], "It left the depot this morning.", "{seen}");
 
@@ -172,6 +175,14 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     assert_eq!(moved["type"], "ok", "{moved}");
     let released = next_event(&mut alice, "released").await?;
     assert_eq!(released["conversation"].as_u64(), Some(conversation));
+    // Routing says she no longer holds it: a resend of a reply she made is acknowledged
+    // as its duplicate, a new reply refused.
+    alice.send(&a1).await?;
+    let again = alice.wait_for(WAIT, |v| v["key"] == "a-1" || v["ref"] == "a-1").await?;
+    assert_eq!((again["type"].clone(), again["seq"].as_u64(), again["duplicate"].clone()), (json!("ack"), Some(a1_seq), json!(true)), "{again}");
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "a-9", "text": "One more thing"})).await?;
+    let refused = alice.wait_for(WAIT, |v| v["ref"] == "a-9").await?;
+    assert_eq!(refused["code"], "not_assigned", "{refused}");
     let handed = next_event(&mut bob, "assigned").await?;
     assert_eq!(handed["conversation"].as_u64(), Some(conversation), "{handed}");
     // The transfer's entries are written by the conversation's shard when routing's
@@ -193,6 +204,10 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     visitor.send(&json!({"type": "close"})).await?;
     let released = next_event(&mut bob, "released").await?;
     assert_eq!(released["conversation"].as_u64(), Some(conversation));
+    // Closed (its keys no longer in memory): alice's resend is still its duplicate.
+    alice.send(&a1).await?;
+    let again = alice.wait_for(WAIT, |v| v["key"] == "a-1" || v["ref"] == "a-1").await?;
+    assert_eq!((again["type"].clone(), again["seq"].as_u64(), again["duplicate"].clone()), (json!("ack"), Some(a1_seq), json!(true)), "{again}");
 
     // Per group Raft figures and letters in flight.
     let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;

@@ -309,6 +309,15 @@ pub(crate) const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "s
 
 /// Whether `operator` may read `conversation`: they hold it, held it, or are offered it,
 /// or it is an earlier conversation of a visitor they are serving now (the client card).
+/// The idempotency key an entry was written under, for the kinds that have one.
+fn entry_key(item: &switchboard_actors::state::HistoryItem) -> Option<&str> {
+    use switchboard_actors::state::HistoryItem as H;
+    match item {
+        H::ClientMessage { key, .. } | H::OperatorMessage { key, .. } | H::Note { key, .. } | H::BotMessage { key, .. } => Some(key),
+        _ => None,
+    }
+}
+
 pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conv: &Conversation) -> bool {
     let conversation = conv.id;
     let serving_same_visitor = || {
@@ -392,11 +401,29 @@ impl OperatorSession {
         if holds {
             return Ok(None);
         }
-        let duplicate = self.gw.backend.shard_for(command).and_then(|shard| shard.precheck(command, switchboard_actors::actors::now_ms()).ok().flatten());
-        match duplicate {
-            Some(reply @ Reply::Message { duplicate: true, .. }) => Ok(Some(reply)),
-            _ => Err(frames::error("not_assigned", &switchboard_actors::Error::NotAssigned { conversation, operator: self.operator.clone() }.to_string(), Some(reference))),
+        // A key they used while they held it is answered as the core would: its entry's
+        // `seq`, `duplicate: true` (a resend after the conversation moved on or closed).
+        let not_assigned = || frames::error("not_assigned", &switchboard_actors::Error::NotAssigned { conversation, operator: self.operator.clone() }.to_string(), Some(reference));
+        let Command::PostOperatorMessage { key, .. } = command else { return Err(not_assigned()) };
+        match self.used_key(conversation, key).await {
+            Ok(Some(seq)) => Ok(Some(Reply::Message { seq, duplicate: true })),
+            Ok(None) => Err(not_assigned()),
+            Err(e) => Err(frames::error("unavailable", &e, Some(reference))),
         }
+    }
+
+    /// The `seq` of the entry of `conversation` written under `key`, if this operator
+    /// has held the conversation (only they may learn which keys it used), read once
+    /// this node's copy of the conversation has every entry acknowledged anywhere.
+    async fn used_key(&self, conversation: ConversationId, key: &str) -> Result<Option<u64>, String> {
+        self.gw.backend.conversation_barrier(conversation).await?;
+        let reads = self.gw.backend.conversation_reads(conversation);
+        let Some(conv) = reads.conversation(conversation).await.map_err(|e| e.to_string())? else { return Ok(None) };
+        if !conv.handled_by.contains(&self.operator) {
+            return Ok(None);
+        }
+        let history = reads.history(conversation, 0, conv.last_seq() as usize).await.map_err(|e| e.to_string())?;
+        Ok(history.iter().find(|e| entry_key(&e.item) == Some(key)).map(|e| e.seq))
     }
 
     async fn commit(&self, command: Command, reference: Option<&Value>) -> Result<Reply, Value> {

@@ -173,11 +173,20 @@ pub(crate) async fn spawn_node(args: &BenchArgs) -> anyhow::Result<Child> {
 }
 
 pub(crate) async fn login(private: &str, login: &str, password: &str) -> anyhow::Result<String> {
-    let (status, body) = http_json(private, "POST", "/api/login", None, Some(&json!({"login": login, "password": password}))).await?;
-    if status != 200 {
-        bail!("login {login}: {status} {body}");
+    // 503 `unavailable` (the node cannot confirm its logins are current: an election)
+    // is sent again, for up to 10 s.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http_json(private, "POST", "/api/login", None, Some(&json!({"login": login, "password": password}))).await?;
+        if status == 503 && body["code"] == "unavailable" && tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        if status != 200 {
+            bail!("login {login}: {status} {body}");
+        }
+        return body["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no token"));
     }
-    body["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no token"))
 }
 
 pub(crate) async fn put(private: &str, token: &str, path: &str, body: Value) -> anyhow::Result<()> {

@@ -327,9 +327,17 @@ pub async fn rebalance(private_addr: &str, login: &str, password: &str) -> anyho
 
 async fn admin_call(private_addr: &str, login: &str, password: &str, method: &str, path: &str, what: &str) -> anyhow::Result<serde_json::Value> {
     let credentials = serde_json::json!({"login": login, "password": password});
-    let token = match http(private_addr, "POST", "/api/login", None, Some(&credentials)).await? {
-        (200, body) => body["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("the login answer has no token"))?,
-        (code, body) => anyhow::bail!("login as {login} failed ({code}): {}", body["message"].as_str().unwrap_or_default()),
+    // A node that cannot confirm its logins are current (an election) answers 503
+    // `unavailable`: asked again for up to 10 s.
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let token = loop {
+        match http(private_addr, "POST", "/api/login", None, Some(&credentials)).await? {
+            (200, body) => break body["token"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("the login answer has no token"))?,
+            (503, body) if body["code"] == "unavailable" && std::time::Instant::now() < give_up => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            (code, body) => anyhow::bail!("login as {login} failed ({code}): {}", body["message"].as_str().unwrap_or_default()),
+        }
     };
     match http(private_addr, method, path, Some(&token), None).await? {
         (200, status) => Ok(status),

@@ -362,7 +362,7 @@ struct CertsArgs {
     #[arg(long = "san")]
     sans: Vec<String>,
     /// What the certificates let their holders do: `node` (Raft and client work) or
-    /// `gateway` (client work only: forwarded commands, reads and files).
+    /// `gateway` (relaying client work to members, and asking where the groups are).
     #[arg(long, default_value = "node", value_parser = ["node", "gateway"])]
     role: String,
 }
