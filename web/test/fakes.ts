@@ -93,4 +93,10 @@ export class MemoryStorage {
   removeItem(k: string) {
     this.map.delete(k);
   }
+  get length() {
+    return this.map.size;
+  }
+  key(i: number) {
+    return [...this.map.keys()][i] ?? null;
+  }
 }

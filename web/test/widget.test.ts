@@ -189,6 +189,27 @@ describe('WidgetSession', () => {
     expect(f.last.sent[0]).toMatchObject({ type: 'resume', token: 'tok-support' });
   });
 
+  it('forgets every channel\'s conversation when the site signs its customer out', () => {
+    const storage = new MemoryStorage();
+    const f = socketFactory();
+    const make = (channel?: string) =>
+      new WidgetSession({ origin: 'https://chat.example.com', storage, channel, identity: 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjdXN0LTQyIn0.c2ln', create: f.create, timers: new FakeTimers(), backoff: new Backoff({ base: 1000, random: () => 0 }) });
+    const sales = make('sales');
+    sales.send('Hi sales');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 18, token: 'tok-sales', visitor_token: 'v1.visitor.mac', protocol: 1 });
+    const support = make();
+    support.send('Hi support');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok-support', protocol: 1 });
+    expect(storage.getItem(sessionKey('sales'))).not.toBeNull();
+    // Signed out on the support page: the sales page's conversation goes too.
+    support.identify(null);
+    expect(storage.getItem(SESSION_KEY)).toBeNull();
+    expect(storage.getItem(sessionKey('sales'))).toBeNull();
+    expect(storage.getItem(VISITOR_KEY)).toBeNull();
+  });
+
   it('offers a returning visitor the name they gave last time', () => {
     const { w, f, storage } = widget();
     expect(w.storedName()).toBe('');

@@ -32,6 +32,9 @@ export interface KV {
   getItem(k: string): string | null;
   setItem(k: string, v: string): void;
   removeItem(k: string): void;
+  /** Listing (as `localStorage` has): lets a sign-out find every channel's session. */
+  readonly length?: number;
+  key?(i: number): string | null;
 }
 
 export interface WidgetSessionOptions {
@@ -325,10 +328,29 @@ export class WidgetSession {
       this.visitorToken = null;
       this.write(VISITOR_KEY, null);
       this.newConversation();
-      this.write(sessionKey(this.opts.channel), null);
+      // Every channel's conversation on this site, not only this widget's: the next
+      // person's visit to another page's widget must not resume it.
+      for (const k of this.sessionKeys()) this.write(k, null);
       this.write(NAME_KEY, null);
       this.visitorName = '';
     }
+  }
+
+  /** The stored conversations' keys: this widget's, and every channel's the storage lists. */
+  private sessionKeys(): string[] {
+    const keys = [sessionKey(this.opts.channel)];
+    try {
+      const s = this.storage;
+      if (s && typeof s.length === 'number' && typeof s.key === 'function') {
+        for (let i = 0; i < s.length; i++) {
+          const k = s.key(i);
+          if (k && (k === SESSION_KEY || k.startsWith(SESSION_KEY + '.')) && !keys.includes(k)) keys.push(k);
+        }
+      }
+    } catch {
+      /* a storage that cannot be listed: this widget's key only */
+    }
+    return keys;
   }
 
   /** The name this visitor gave on an earlier conversation in this browser, if any. */
