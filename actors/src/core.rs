@@ -1478,10 +1478,14 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             match part {
                 // Rules 11: the routing shard decides it (`placement::target`); one that
                 // reaches a conversation shard came from a build before them.
+                // Both answered `unavailable` (nothing written): sent again, it goes where
+                // the node's copy of the routing shard's rules says, as they settle.
                 Part::Conversations { .. } if state.rules >= 11 => {
-                    return Err(Error::Invalid("an operator's close is decided by the conversation's routing shard from routing rules 11 on".into()));
+                    return Err(Error::Unreachable("an operator's close is decided by the conversation's routing shard from routing rules 11 on: send it again".into()));
                 }
-                Part::Routing { .. } => rules_at_least(state, 11)?,
+                Part::Routing { .. } if state.rules < 11 => {
+                    return Err(Error::Unreachable("the routing shard does not decide an operator's close before routing rules 11: send it again".into()));
+                }
                 _ => {}
             }
             held_by(conv_id, op_id)?;

@@ -1180,6 +1180,8 @@ async fn a_hanging_provider_holds_a_bounded_share_of_the_sends() -> anyhow::Resu
     println!("the Telegram reply went out with {} of the bot's sends hanging, {} given up", hung.open.load(SeqCst), hung.closed.load(SeqCst));
     let most = hung.most.load(SeqCst);
     hung.task.abort();
-    assert_eq!(most, 128, "the hanging bot held its channel's share of sends at once, no more");
+    // 129 at most: a send that gave up (after 10 s, on a slow machine) may hand its
+    // slot on before its connection's end is counted here.
+    assert!((128..=129).contains(&most), "the hanging bot held its channel's share of sends at once, no more: {most}");
     Ok(())
 }

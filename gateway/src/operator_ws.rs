@@ -305,10 +305,11 @@ struct OperatorSession {
     counted: bool,
 }
 
+/// History entries read at a time when a resent reply's key is looked for.
+const USED_KEY_PAGE: usize = 500;
+
 pub(crate) const OPERATOR_TYPES: &[&str] = &["presence", "accept", "decline", "send", "typing", "read", "transfer", "close", "history", "ready", "ping"];
 
-/// Whether `operator` may read `conversation`: they hold it, held it, or are offered it,
-/// or it is an earlier conversation of a visitor they are serving now (the client card).
 /// The idempotency key an entry was written under, for the kinds that have one.
 fn entry_key(item: &switchboard_actors::state::HistoryItem) -> Option<&str> {
     use switchboard_actors::state::HistoryItem as H;
@@ -317,6 +318,9 @@ fn entry_key(item: &switchboard_actors::state::HistoryItem) -> Option<&str> {
         _ => None,
     }
 }
+
+/// Whether `operator` may read `conversation`: they hold it, held it, or are offered it,
+/// or it is an earlier conversation of a visitor they are serving now (the client card).
 
 pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conv: &Conversation) -> bool {
     let conversation = conv.id;
@@ -386,8 +390,8 @@ impl OperatorSession {
     /// Whether this operator holds `conversation` as routing decides it now (after
     /// [`Backend::holder_barrier`]), before `command` (their reply) is committed:
     /// `unavailable` if routing cannot be asked; if they do not hold it, the answer to a
-    /// key they used before (its original `seq`, where this node holds the
-    /// conversation's shard), else `not_assigned`. `Ok(None)`: commit it.
+    /// key used before (its original `seq`, as the core would give it), else
+    /// `not_assigned`. `Ok(None)`: commit it.
     async fn holds_now(&self, conversation: ConversationId, command: &Command, reference: &Value) -> Result<Option<Reply>, Value> {
         let Some(barrier) = self.gw.backend.holder_barrier() else { return Ok(None) };
         if let Err(e) = barrier.await {
@@ -422,8 +426,23 @@ impl OperatorSession {
         if !conv.handled_by.contains(&self.operator) {
             return Ok(None);
         }
-        let history = reads.history(conversation, 0, conv.last_seq() as usize).await.map_err(|e| e.to_string())?;
-        Ok(history.iter().find(|e| entry_key(&e.item) == Some(key)).map(|e| e.seq))
+        // This node's copy knows its keys while the conversation is open here; a closed
+        // one, or one read from another member, is searched page by page.
+        if let Some(seq) = conv.keys.get(key) {
+            return Ok(Some(*seq));
+        }
+        let mut after = 0;
+        while after < conv.last_seq() {
+            let page = reads.history(conversation, after, USED_KEY_PAGE).await.map_err(|e| e.to_string())?;
+            if let Some(found) = page.iter().find(|e| entry_key(&e.item) == Some(key)) {
+                return Ok(Some(found.seq));
+            }
+            match page.last() {
+                Some(last) if last.seq > after => after = last.seq,
+                _ => break,
+            }
+        }
+        Ok(None)
     }
 
     async fn commit(&self, command: Command, reference: Option<&Value>) -> Result<Reply, Value> {

@@ -788,8 +788,7 @@ async fn purge_drill(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): B
     Ok(Json(json!({"status": "purged", "as_of": as_of.0})).into_response())
 }
 
-/// Other conversations of the same visitor, most recent first: the client card.
-/// The visitor's other conversations, most recent first, at most 20; for an operator,
+/// The client card: the visitor's other conversations, most recent first, at most 20; for an operator,
 /// only those they may open themselves (as `GET /api/conversations/{id}/earlier`).
 async fn earlier(gw: &Gateway, staff: &Staff, conv: &switchboard_actors::state::Conversation) -> Result<Vec<Value>, GatewayError> {
     let Some(visitor) = conv.visitor.id.as_ref() else { return Ok(vec![]) };

@@ -194,7 +194,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                         if *running >= CHANNEL_IN_FLIGHT {
                             continue;
                         }
-                        let bucket = buckets.entry((d.channel.clone(), d.to_bot)).or_insert(Bucket { tokens: rate.min(50.0), at: instant });
+                        let bucket = buckets.entry((d.channel.clone(), d.to_bot)).or_insert(Bucket { tokens: rate.clamp(1.0, 50.0), at: instant });
                         bucket.tokens = (bucket.tokens + instant.duration_since(bucket.at).as_secs_f64() * rate).min(rate.max(1.0));
                         bucket.at = instant;
                         if bucket.tokens >= 1.0 {
