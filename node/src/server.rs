@@ -666,8 +666,53 @@ struct NodeBackend {
     copying: Arc<tokio::sync::Semaphore>,
     /// Where peers' RPCs arrive: it knows when the leader was last heard from.
     router: Router,
-    /// Read barriers: whether a round runs, and who waits for the next one.
-    barriers: Arc<std::sync::Mutex<(bool, Vec<tokio::sync::oneshot::Sender<Result<(), String>>>)>>,
+    /// Read barriers, one round at a time.
+    barriers: BarrierRounds,
+}
+
+/// A node's read-barrier rounds, per group: one round at a time for everyone who asked
+/// before it began, so however many logins and replies arrive, a group's leader
+/// confirms its lead once per round trip, and no caller is answered by a round that
+/// began before it asked.
+#[derive(Clone, Default)]
+pub(crate) struct BarrierRounds(Arc<std::sync::Mutex<BTreeMap<u64, BarrierRound>>>);
+
+/// Whether a group's round runs, and who waits for the next one.
+type BarrierRound = (bool, Vec<tokio::sync::oneshot::Sender<Result<(), String>>>);
+
+impl BarrierRounds {
+    /// Waits for [`switchboard_raft::network::read_barrier`] of `group` (3 s patience)
+    /// in the next round that begins after this call.
+    pub(crate) async fn wait(&self, raft: Raft, peers: Peers, group: u64) -> Result<(), String> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let round = all.entry(group).or_default();
+            round.1.push(done);
+            !std::mem::replace(&mut round.0, true)
+        };
+        if start {
+            let rounds = self.0.clone();
+            tokio::spawn(async move {
+                loop {
+                    let waiting = {
+                        let mut all = rounds.lock().unwrap_or_else(|p| p.into_inner());
+                        let round = all.entry(group).or_default();
+                        if round.1.is_empty() {
+                            round.0 = false;
+                            return;
+                        }
+                        std::mem::take(&mut round.1)
+                    };
+                    let result = switchboard_raft::network::read_barrier(&raft, &peers, group, Duration::from_secs(3)).await;
+                    for waiter in waiting {
+                        let _ = waiter.send(result.clone());
+                    }
+                }
+            });
+        }
+        answer.await.map_err(|_| "the read barrier stopped".to_string())?
+    }
 }
 
 /// Files copied to the other members at once; further uploads wait their turn.
@@ -880,35 +925,7 @@ impl Backend for NodeBackend {
 
     fn read_barrier(&self) -> BoxFuture<Result<(), String>> {
         let (raft, peers, barriers) = (self.raft.clone(), self.peers.clone(), self.barriers.clone());
-        Box::pin(async move {
-            let (done, answer) = tokio::sync::oneshot::channel();
-            let start = {
-                let mut state = barriers.lock().unwrap_or_else(|p| p.into_inner());
-                state.1.push(done);
-                !std::mem::replace(&mut state.0, true)
-            };
-            if start {
-                // One barrier at a time, for everyone who asked before it began: however
-                // many logins arrive, the leader confirms its lead once per round trip.
-                tokio::spawn(async move {
-                    loop {
-                        let waiting = {
-                            let mut state = barriers.lock().unwrap_or_else(|p| p.into_inner());
-                            if state.1.is_empty() {
-                                state.0 = false;
-                                return;
-                            }
-                            std::mem::take(&mut state.1)
-                        };
-                        let result = switchboard_raft::network::read_barrier(&raft, &peers, SHARD_GROUP, Duration::from_secs(3)).await;
-                        for waiter in waiting {
-                            let _ = waiter.send(result.clone());
-                        }
-                    }
-                });
-            }
-            answer.await.map_err(|_| "the read barrier stopped".to_string())?
-        })
+        Box::pin(async move { barriers.wait(raft, peers, SHARD_GROUP).await })
     }
 
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>> {
@@ -1256,7 +1273,7 @@ std::fs::create_dir_all(&options.data_dir)?;
         })
     };
 
-    let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor, leader_changes, peers: peers.clone(), copying: Arc::new(tokio::sync::Semaphore::new(FILES_COPIED_AT_ONCE)), router: router.clone(), barriers: Arc::default() });
+    let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor, leader_changes, peers: peers.clone(), copying: Arc::new(tokio::sync::Semaphore::new(FILES_COPIED_AT_ONCE)), router: router.clone(), barriers: BarrierRounds::default() });
     // The log before this replays under the rules it was decided with; from here on
     // this build's rules decide. A no-op when the shard already has them.
     // Adopting is idempotent: an outcome lost to a leader change at start (members start

@@ -102,13 +102,10 @@ pub(crate) struct SplitBackend {
     directory_posted: Arc<std::sync::OnceLock<BTreeMap<GroupId, u64>>>,
     /// Whether the task that takes that read barrier was started.
     directory_asked: std::sync::atomic::AtomicBool,
-    /// Read barriers of the groups held here, per group: whether a round runs, and who
-    /// waits for the next one (each operator reply and login asks for one).
-    barriers: Arc<std::sync::Mutex<BTreeMap<GroupId, Barriers>>>,
+    /// Read barriers of the groups held here, one round per group at a time (each
+    /// operator reply and login asks for one).
+    barriers: server::BarrierRounds,
 }
-
-/// Whether a group's barrier round runs, and who waits for the next one.
-type Barriers = (bool, Vec<tokio::sync::oneshot::Sender<Result<(), String>>>);
 
 impl SplitBackend {
     fn new(node: Arc<SplitNode>) -> SplitBackend {
@@ -294,38 +291,7 @@ impl SplitBackend {
             return Box::pin(async move { remote.barrier().await.map_err(|e| e.to_string()) });
         }
         let (raft, peers, barriers) = (self.group(id).raft.clone(), self.node.peers.clone(), self.barriers.clone());
-        Box::pin(async move {
-            let (done, answer) = tokio::sync::oneshot::channel();
-            let start = {
-                let mut all = barriers.lock().unwrap_or_else(|p| p.into_inner());
-                let state = all.entry(id).or_default();
-                state.1.push(done);
-                !std::mem::replace(&mut state.0, true)
-            };
-            if start {
-                // One round at a time per group, for everyone who asked before it began:
-                // however many replies and logins arrive, the leader confirms its lead
-                // once per round trip.
-                tokio::spawn(async move {
-                    loop {
-                        let waiting = {
-                            let mut all = barriers.lock().unwrap_or_else(|p| p.into_inner());
-                            let state = all.entry(id).or_default();
-                            if state.1.is_empty() {
-                                state.0 = false;
-                                return;
-                            }
-                            std::mem::take(&mut state.1)
-                        };
-                        let result = switchboard_raft::network::read_barrier(&raft, &peers, id, Duration::from_secs(3)).await;
-                        for waiter in waiting {
-                            let _ = waiter.send(result.clone());
-                        }
-                    }
-                });
-            }
-            answer.await.map_err(|_| "the read barrier stopped".to_string())?
-        })
+        Box::pin(async move { barriers.wait(raft, peers, id).await })
     }
 
     /// The reads of conversation shard `group`, held here or not (decided at each read).
