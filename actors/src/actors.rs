@@ -384,6 +384,15 @@ pub struct EntityState {
     idle_checks: u32,
     /// A check after [`CLOSED_GRACE`] is on its way (this conversation was found closed).
     closing_check: bool,
+    /// The task that sends this actor its periodic passivation checks. It holds the
+    /// actor's cell (its mailboxes) until it ends, so it is ended with the actor: it would
+    /// otherwise sleep on for up to [`PASSIVATE_CHECK`] after the stop, and a
+    /// visitor cycling through conversations left that many seconds of dead actors'
+    /// mailboxes in memory (about 50 MiB at 480 conversations a second in the bench's
+    /// soak).
+    passivate: Option<ractor::concurrency::JoinHandle<()>>,
+    /// The pending check after [`CLOSED_GRACE`] (ended with the actor too).
+    closing: Option<Timer>,
 }
 
 impl EntityState {
@@ -402,7 +411,7 @@ impl EntityState {
     fn check_when_closed(&mut self, myself: &ActorRef<EntityMsg>) {
         if !self.closing_check && self.closed_conversation() {
             self.closing_check = true;
-            myself.send_after(CLOSED_GRACE, || EntityMsg::PassivateCheck);
+            self.closing = Some(myself.send_after(CLOSED_GRACE, || EntityMsg::PassivateCheck));
         }
     }
 
@@ -555,6 +564,8 @@ impl Actor for EntityActor {
             rounds_asked_upto: Timestamp(0),
             idle_checks: 0,
             closing_check: false,
+            passivate: None,
+            closing: None,
         };
         // Re-arm from the deadlines in committed state: this is what makes a restart or
         // a move to a new leader keep every offer timeout.
@@ -570,7 +581,7 @@ impl Actor for EntityActor {
         state.arm_queue(&myself);
         // Something may have been applied while no actor was awake.
         state.stream.send_modify(|v| *v += 1);
-        myself.send_interval(PASSIVATE_CHECK, || EntityMsg::PassivateCheck);
+        state.passivate = Some(myself.send_interval(PASSIVATE_CHECK, || EntityMsg::PassivateCheck));
         Ok(state)
     }
 
@@ -643,6 +654,12 @@ impl Actor for EntityActor {
         }
         if let Some((_, timer)) = state.queue_timer.take() {
             timer.abort();
+        }
+        if let Some(check) = state.passivate.take() {
+            check.abort();
+        }
+        if let Some(check) = state.closing.take() {
+            check.abort();
         }
         Ok(())
     }
