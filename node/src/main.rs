@@ -925,7 +925,32 @@ fn turn_off_huge_pages() {
     }
 }
 
+extern "C" {
+    // mimalloc's option calls (the library the `mimalloc` crate builds exports them).
+    #[cfg(test)]
+    fn mi_option_get(option: libc::c_int) -> libc::c_long;
+    fn mi_option_set(option: libc::c_int, value: libc::c_long);
+}
+
+/// `mi_option_purge_delay` in mimalloc 3's `mimalloc.h` (the sixteenth option; the test
+/// below checks the number against the option mimalloc reads from its environment).
+const MI_OPTION_PURGE_DELAY: libc::c_int = 15;
+
+/// Lets the allocator give memory that was freed back to the kernel at once rather than
+/// a second later (mimalloc 3's default). A node frees in bursts (a memtable flushed,
+/// an actor's mailboxes): held for a second, that memory showed in its RSS, 15-20% of
+/// it in the million-message soak, for no throughput gained (docs/benchmarks.md, "The
+/// soak after the actors' timers"). `MIMALLOC_PURGE_DELAY` set by the operator wins.
+fn purge_freed_memory_at_once() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: sets one of mimalloc's integer options; mimalloc reads it at each purge.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
+}
+
 fn main() -> anyhow::Result<()> {
+    purge_freed_memory_at_once();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -966,5 +991,33 @@ mod tests {
         let (a, b) = (&dev.listeners.edge, &parsed.listeners.edge);
         assert_eq!((a.uploads, a.ping_interval_ms, a.client_messages_per_minute), (7, 1234, 999));
         assert_eq!(a.to_flags(), b.to_flags());
+    }
+}
+
+#[cfg(test)]
+mod allocator_tests {
+    /// The option number set by `purge_freed_memory_at_once` is the purge delay: a
+    /// process started with `MIMALLOC_PURGE_DELAY=123` reads 123 under that number.
+    #[test]
+    fn the_purge_delay_option_is_the_one_the_node_sets() {
+        let exe = std::env::current_exe().expect("the test binary");
+        let out = std::process::Command::new(exe)
+            .env("MIMALLOC_PURGE_DELAY", "123")
+            .env("SWITCHBOARD_READ_PURGE_DELAY", "1")
+            .args(["--exact", "allocator_tests::purge_delay_as_read", "--nocapture", "--test-threads", "1"])
+            .output()
+            .expect("run the test binary");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("purge delay 123"), "mimalloc's option {} is not the purge delay: {text}", super::MI_OPTION_PURGE_DELAY);
+    }
+
+    /// Run by the test above in a process of its own.
+    #[test]
+    fn purge_delay_as_read() {
+        if std::env::var_os("SWITCHBOARD_READ_PURGE_DELAY").is_some() {
+            // SAFETY: reads one of mimalloc's integer options.
+            println!("purge delay {}", unsafe { super::mi_option_get(super::MI_OPTION_PURGE_DELAY) });
+        }
     }
 }
