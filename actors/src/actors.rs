@@ -648,20 +648,24 @@ impl Actor for EntityActor {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        for (_, timer) in std::mem::take(&mut state.timers) {
+}
+
+/// An actor's timers end with it, however it ends (stopped, or failed: ractor runs no
+/// `post_stop` after a panic, but always drops the state).
+impl Drop for EntityState {
+    fn drop(&mut self) {
+        for (_, timer) in std::mem::take(&mut self.timers) {
             timer.abort();
         }
-        if let Some((_, timer)) = state.queue_timer.take() {
+        if let Some((_, timer)) = self.queue_timer.take() {
             timer.abort();
         }
-        if let Some(check) = state.passivate.take() {
+        if let Some(check) = self.passivate.take() {
             check.abort();
         }
-        if let Some(check) = state.closing.take() {
+        if let Some(check) = self.closing.take() {
             check.abort();
         }
-        Ok(())
     }
 }
 

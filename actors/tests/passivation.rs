@@ -49,8 +49,8 @@ async fn closed_conversations_actors_leave_no_task_behind() {
     commit(&shard, &store, 0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") }));
     let supervisor = ShardSupervisor::start(SupervisorArgs { shard: shard.clone(), proposer: Arc::new(NothingTaken), leader: true }).await.expect("supervisor");
 
-    // One conversation stays queued all along: its group's actor (which owns the queue's
-    // timers) runs before the baseline is taken and after the others are gone.
+    // One conversation stays queued all along: its group's actor runs before the baseline
+    // is taken and after the others are gone.
     commit(&shard, &store, 1, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
     assert!(until(|| shard.active_actors() == 1, Duration::from_secs(5)).await, "the group's actor started");
     tokio::time::sleep(Duration::from_millis(200)).await;

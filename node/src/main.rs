@@ -929,7 +929,7 @@ extern "C" {
     // mimalloc's option calls (the library the `mimalloc` crate builds exports them).
     #[cfg(test)]
     fn mi_option_get(option: libc::c_int) -> libc::c_long;
-    fn mi_option_set(option: libc::c_int, value: libc::c_long);
+    fn mi_option_set_default(option: libc::c_int, value: libc::c_long);
 }
 
 /// `mi_option_purge_delay` in mimalloc 3's `mimalloc.h` (the sixteenth option; the test
@@ -938,15 +938,14 @@ const MI_OPTION_PURGE_DELAY: libc::c_int = 15;
 
 /// Lets the allocator give memory that was freed back to the kernel at once rather than
 /// a second later (mimalloc 3's default). A node frees in bursts (a memtable flushed,
-/// an actor's mailboxes): held for a second, that memory showed in its RSS, 15-20% of
-/// it in the million-message soak, for no throughput gained (docs/benchmarks.md, "The
-/// soak after the actors' timers"). `MIMALLOC_PURGE_DELAY` set by the operator wins.
+/// an actor's mailboxes): held for a second, that memory showed in its RSS, about a
+/// tenth to a fifth of it in the million-message soak, with throughput the same within
+/// the runs' noise (docs/benchmarks.md, "The soak after the actors' timers"). A delay
+/// the operator set in the environment (`MIMALLOC_PURGE_DELAY`) is kept.
 fn purge_freed_memory_at_once() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
-    }
-    // SAFETY: sets one of mimalloc's integer options; mimalloc reads it at each purge.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
+    // SAFETY: sets the default of one of mimalloc's integer options, which applies only
+    // if its environment did not set it; mimalloc reads it at each purge.
+    unsafe { mi_option_set_default(MI_OPTION_PURGE_DELAY, 0) }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -996,26 +995,37 @@ mod tests {
 
 #[cfg(test)]
 mod allocator_tests {
-    /// The option number set by `purge_freed_memory_at_once` is the purge delay: a
-    /// process started with `MIMALLOC_PURGE_DELAY=123` reads 123 under that number.
-    #[test]
-    fn the_purge_delay_option_is_the_one_the_node_sets() {
+    /// The purge delay a test process reads after the node's start-up call, started with
+    /// `MIMALLOC_PURGE_DELAY` set to `env` (or unset).
+    fn delay_read(env: Option<&str>) -> String {
         let exe = std::env::current_exe().expect("the test binary");
-        let out = std::process::Command::new(exe)
-            .env("MIMALLOC_PURGE_DELAY", "123")
-            .env("SWITCHBOARD_READ_PURGE_DELAY", "1")
-            .args(["--exact", "allocator_tests::purge_delay_as_read", "--nocapture", "--test-threads", "1"])
-            .output()
-            .expect("run the test binary");
-        let text = String::from_utf8_lossy(&out.stdout);
+        let mut child = std::process::Command::new(exe);
+        child.env_remove("MIMALLOC_PURGE_DELAY").env_remove("MIMALLOC_RESET_DELAY").env("SWITCHBOARD_READ_PURGE_DELAY", "1");
+        if let Some(value) = env {
+            child.env("MIMALLOC_PURGE_DELAY", value);
+        }
+        let out = child.args(["--exact", "allocator_tests::purge_delay_as_read", "--nocapture", "--test-threads", "1"]).output().expect("run the test binary");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success(), "{text}");
-        assert!(text.contains("purge delay 123"), "mimalloc's option {} is not the purge delay: {text}", super::MI_OPTION_PURGE_DELAY);
+        text
+    }
+
+    /// The option number the node sets is mimalloc's purge delay (a process started with
+    /// `MIMALLOC_PURGE_DELAY=123` reads 123 under it), the operator's value is kept,
+    /// and without one the node's start sets it to 0.
+    #[test]
+    fn the_node_sets_the_purge_delay_unless_its_environment_did() {
+        let set = delay_read(Some("123"));
+        assert!(set.contains("purge delay 123"), "mimalloc's option {} is not the purge delay, or the environment's value was overridden: {set}", super::MI_OPTION_PURGE_DELAY);
+        let unset = delay_read(None);
+        assert!(unset.contains("purge delay 0"), "{unset}");
     }
 
     /// Run by the test above in a process of its own.
     #[test]
     fn purge_delay_as_read() {
         if std::env::var_os("SWITCHBOARD_READ_PURGE_DELAY").is_some() {
+            super::purge_freed_memory_at_once();
             // SAFETY: reads one of mimalloc's integer options.
             println!("purge delay {}", unsafe { super::mi_option_get(super::MI_OPTION_PURGE_DELAY) });
         }
