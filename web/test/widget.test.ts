@@ -189,6 +189,42 @@ describe('WidgetSession', () => {
     expect(f.last.sent[0]).toMatchObject({ type: 'resume', token: 'tok-support' });
   });
 
+  it('a channel widget resumes the conversation an earlier build stored for it under the plain key', () => {
+    const f = socketFactory();
+    const make = (storage: MemoryStorage, channel?: string) => new WidgetSession({ origin: 'https://chat.example.com', storage, channel, create: f.create, timers: new FakeTimers(), backoff: new Backoff({ base: 1000, random: () => 0 }) });
+    const stored = (token: string, channel: string, lastSeq = 2) => {
+      const storage = new MemoryStorage();
+      const events = lastSeq ? [{ type: 'event', kind: 'started', seq: 1, at: 1, channel }, { type: 'event', kind: 'queued', seq: 2, at: 2 }] : [];
+      storage.setItem(SESSION_KEY, JSON.stringify({ v: 1, token, conversation: 18, lastSeq, events, pending: [] }));
+      return storage;
+    };
+    // Started in the sales channel: the sales widget resumes it and keeps the plain key as it was.
+    const before = stored('tok-sales-before', 'sales');
+    const sales = make(before, 'sales');
+    expect(sales.adoptedPlain).toBe(true);
+    sales.resumeIfAny();
+    f.last.open();
+    expect(f.last.sent[0]).toEqual({ type: 'resume', token: 'tok-sales-before', last_seq: 2 });
+    f.last.frame({ type: 'resumed', conversation: 18, last_seq: 2, protocol: 1 });
+    f.last.frame({ type: 'event', kind: 'message', seq: 3, at: 3, from: 'operator', name: 'Alice', text: 'Still here' });
+    expect(JSON.parse(before.getItem(sessionKey('sales'))!)).toMatchObject({ token: 'tok-sales-before', lastSeq: 3 });
+    expect(JSON.parse(before.getItem(SESSION_KEY)!)).toMatchObject({ token: 'tok-sales-before', lastSeq: 2 });
+    // Started in another channel (the default widget's): a sales widget leaves it alone.
+    const support = stored('tok-support', 'web');
+    const other = make(support, 'sales');
+    expect(other.adoptedPlain).toBe(false);
+    other.send('Hi sales');
+    f.last.open();
+    expect(f.last.sent[0]).toMatchObject({ type: 'start', channel: 'sales' });
+    // A widget without data-channel reads the plain key as always.
+    const plain = make(support);
+    plain.resumeIfAny();
+    f.last.open();
+    expect(f.last.sent[0]).toMatchObject({ type: 'resume', token: 'tok-support' });
+    // No cached `started` event to tell which channel: not taken.
+    expect(make(stored('tok-unknown', 'sales', 0), 'sales').adoptedPlain).toBe(false);
+  });
+
   it('forgets every channel\'s conversation when the site signs its customer out', () => {
     const storage = new MemoryStorage();
     const f = socketFactory();

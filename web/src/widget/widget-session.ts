@@ -7,7 +7,7 @@ import { uid } from '../shared/ids';
 import { ReconnectingSocket, type LinkState, type SocketLike, type Timers, realTimers } from '../shared/socket';
 import { createStore, type Store } from '../shared/store';
 import { contentTypeOf, type Attachment } from '../shared/files';
-import { deserialize, serialize, widgetReducer, lastOperatorSeq, type WidgetAction, type WidgetState } from './widget-state';
+import { deserialize, serialize, storedChannel, widgetReducer, lastOperatorSeq, type WidgetAction, type WidgetState } from './widget-state';
 
 export const SESSION_KEY = 'switchboard.widget.session';
 /** Where a widget keeps its conversation: its channel's own key, so two widgets of
@@ -118,6 +118,8 @@ export class WidgetSession {
   /** Control frames (close, rate) waiting for the socket to follow the conversation. */
   private queued: Record<string, unknown>[] = [];
   private following = false;
+  /** This widget resumed the conversation stored under the plain key (see `stored`). */
+  adoptedPlain = false;
   readMarksSupported = true;
   /** Listeners the UI sets: connection state, and notices (error codes, `session_lost`). */
   onLink: ((s: LinkState) => void) | undefined;
@@ -134,7 +136,7 @@ export class WidgetSession {
     const stored = this.read(VISITOR_KEY);
     this.visitorToken = stored && stored.startsWith('v1.') && stored.length <= 2048 ? stored : null;
     if (stored && !this.visitorToken) this.write(VISITOR_KEY, null);
-    this.store = createStore(widgetReducer, deserialize(this.read(sessionKey(this.opts.channel))));
+    this.store = createStore(widgetReducer, deserialize(this.stored()));
     this.store.subscribe((s) => this.persist(s));
     this.link = new ReconnectingSocket({
       url: () => opts.origin.replace(/^http/, 'ws') + '/ws/client',
@@ -176,6 +178,21 @@ export class WidgetSession {
 
   private persist(s: WidgetState): void {
     this.write(sessionKey(this.opts.channel), serialize(s));
+  }
+
+  /** This widget's stored session. A widget with a `data-channel` that has none of its
+   *  own resumes the one under the plain key if that conversation was started in its
+   *  channel (its cached `started` event says so): a build before each channel had its
+   *  own key kept every widget's there. The plain key is left as it is (a widget without
+   *  `data-channel` may be using it); from its next change this widget keeps its copy
+   *  under its own key. */
+  private stored(): string | null {
+    const own = this.read(sessionKey(this.opts.channel));
+    if (own || !this.opts.channel) return own;
+    const plain = this.read(SESSION_KEY);
+    if (storedChannel(plain) !== this.opts.channel) return null;
+    this.adoptedPlain = true;
+    return plain;
   }
 
   get state(): WidgetState {

@@ -220,6 +220,14 @@ export function serialize(s: WidgetState): string | null {
   });
 }
 
+/** The channel a stored session's conversation was started in, as its cached `started`
+ *  event names it; null when unreadable or when that event is no longer cached. */
+export function storedChannel(text: string | null): string | null {
+  const s = deserialize(text);
+  const started = s.token ? s.events.find((e) => e.kind === 'started') : undefined;
+  return started && typeof started.channel === 'string' ? started.channel : null;
+}
+
 /** Reads a stored session; anything unreadable or inconsistent gives a fresh state. */
 export function deserialize(text: string | null): WidgetState {
   if (!text) return emptyWidgetState;
