@@ -1,7 +1,7 @@
 import { describe, expect, it, vi } from 'vitest';
 import { Backoff } from '../src/shared/backoff';
 import { deserialize, emptyWidgetState, lastOperatorSeq, quickReplies, serialize, unreadFromOperator, widgetReducer, withBot, MAX_CACHED_EVENTS, type ClientEvent, type WidgetAction, type WidgetState } from '../src/widget/widget-state';
-import { NAME_KEY, parseNotices, SESSION_KEY, sessionKey, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
+import { KEYS_MARK, NAME_KEY, parseNotices, SEEN_KEY, SESSION_KEY, sessionKey, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
 import { FakeTimers, MemoryStorage, socketFactory } from './fakes';
 
 const run = (s: WidgetState, ...a: WidgetAction[]) => a.reduce(widgetReducer, s);
@@ -189,7 +189,7 @@ describe('WidgetSession', () => {
     expect(f.last.sent[0]).toMatchObject({ type: 'resume', token: 'tok-support' });
   });
 
-  it('a channel widget resumes the conversation an earlier build stored for it under the plain key', () => {
+  it('a channel widget resumes, once, the conversation an earlier build stored for it under the plain key', () => {
     const f = socketFactory();
     const make = (storage: MemoryStorage, channel?: string) => new WidgetSession({ origin: 'https://chat.example.com', storage, channel, create: f.create, timers: new FakeTimers(), backoff: new Backoff({ base: 1000, random: () => 0 }) });
     const stored = (token: string, channel: string, lastSeq = 2) => {
@@ -198,10 +198,14 @@ describe('WidgetSession', () => {
       storage.setItem(SESSION_KEY, JSON.stringify({ v: 1, token, conversation: 18, lastSeq, events, pending: [] }));
       return storage;
     };
-    // Started in the sales channel: the sales widget resumes it and keeps the plain key as it was.
+    // Started in the sales channel: the sales widget takes it over at once, with what was
+    // seen of it, and leaves the plain key as it was.
     const before = stored('tok-sales-before', 'sales');
+    before.setItem(SEEN_KEY, '7');
     const sales = make(before, 'sales');
     expect(sales.adoptedPlain).toBe(true);
+    expect(JSON.parse(before.getItem(sessionKey('sales'))!).token).toBe('tok-sales-before');
+    expect(before.getItem(SEEN_KEY + '.sales')).toBe('7');
     sales.resumeIfAny();
     f.last.open();
     expect(f.last.sent[0]).toEqual({ type: 'resume', token: 'tok-sales-before', last_seq: 2 });
@@ -209,6 +213,16 @@ describe('WidgetSession', () => {
     f.last.frame({ type: 'event', kind: 'message', seq: 3, at: 3, from: 'operator', name: 'Alice', text: 'Still here' });
     expect(JSON.parse(before.getItem(sessionKey('sales'))!)).toMatchObject({ token: 'tok-sales-before', lastSeq: 3 });
     expect(JSON.parse(before.getItem(SESSION_KEY)!)).toMatchObject({ token: 'tok-sales-before', lastSeq: 2 });
+    // Reloaded: it resumes its own copy. After a new conversation and a reload, the plain
+    // key's is not taken again.
+    expect(make(before, 'sales').adoptedPlain).toBe(false);
+    make(before, 'sales').newConversation();
+    expect(before.getItem(sessionKey('sales'))).toBeNull();
+    const later = make(before, 'sales');
+    expect(later.adoptedPlain).toBe(false);
+    later.send('A new question');
+    f.last.open();
+    expect(f.last.sent[0]).toMatchObject({ type: 'start', channel: 'sales' });
     // Started in another channel (the default widget's): a sales widget leaves it alone.
     const support = stored('tok-support', 'web');
     const other = make(support, 'sales');
@@ -221,7 +235,11 @@ describe('WidgetSession', () => {
     plain.resumeIfAny();
     f.last.open();
     expect(f.last.sent[0]).toMatchObject({ type: 'resume', token: 'tok-support' });
-    // No cached `started` event to tell which channel: not taken.
+    // A browser where this build ran already, or no cached `started` event to tell the
+    // channel: not taken.
+    const marked = stored('tok-sales-again', 'sales');
+    marked.setItem(KEYS_MARK, '1');
+    expect(make(marked, 'sales').adoptedPlain).toBe(false);
     expect(make(stored('tok-unknown', 'sales', 0), 'sales').adoptedPlain).toBe(false);
   });
 

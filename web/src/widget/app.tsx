@@ -7,10 +7,9 @@ import { PaperclipIcon } from '../shared/icons';
 import type { LinkState } from '../shared/socket';
 import { WIDGET_DICTS, type WKey } from './strings';
 import { lastOperatorSeq, quickReplies, withBot, type ClientEvent, type PendingSend, type WidgetState } from './widget-state';
-import type { ClosedNotice, WidgetSession } from './widget-session';
+import { SEEN_KEY, type ClosedNotice, type WidgetSession } from './widget-session';
 
 const OPEN_KEY = 'switchboard.widget.open';
-const SEEN_KEY = 'switchboard.widget.seen';
 
 function useSession(session: WidgetSession): WidgetState {
   const [s, set] = useState(session.state);

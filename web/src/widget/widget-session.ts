@@ -17,6 +17,11 @@ export function sessionKey(channel?: string): string {
   return channel ? `${SESSION_KEY}.${channel}` : SESSION_KEY;
 }
 export const VISITOR_KEY = 'switchboard.widget.visitor';
+/** How many of the operator's messages the visitor has seen (per channel as the session). */
+export const SEEN_KEY = 'switchboard.widget.seen';
+/** Written by every widget of a build with per-channel keys: a browser that has it does
+ *  not take a conversation over from the plain key again (see `WidgetSession.stored`). */
+export const KEYS_MARK = 'switchboard.widget.keys';
 /** The name the visitor gave last time: offered again on their next conversation. */
 export const NAME_KEY = 'switchboard.widget.name';
 /** How soon a `start` the server could not take now (`unavailable`) is sent again. */
@@ -180,17 +185,23 @@ export class WidgetSession {
     this.write(sessionKey(this.opts.channel), serialize(s));
   }
 
-  /** This widget's stored session. A widget with a `data-channel` that has none of its
-   *  own resumes the one under the plain key if that conversation was started in its
-   *  channel (its cached `started` event says so): a build before each channel had its
-   *  own key kept every widget's there. The plain key is left as it is (a widget without
-   *  `data-channel` may be using it); from its next change this widget keeps its copy
-   *  under its own key. */
+  /** This widget's stored session. Once, on the first load of a build with per-channel
+   *  keys in this browser (no `KEYS_MARK` yet), a widget with a `data-channel` that has
+   *  none of its own takes over the one under the plain key if that conversation was
+   *  started in its channel (its cached `started` event says so): earlier builds kept
+   *  every widget's there. It copies it, and what was seen of it, under its own keys and
+   *  leaves the plain key as it is (a widget without `data-channel` may be using it). */
   private stored(): string | null {
-    const own = this.read(sessionKey(this.opts.channel));
-    if (own || !this.opts.channel) return own;
+    const key = sessionKey(this.opts.channel);
+    const own = this.read(key);
+    const upgraded = this.read(KEYS_MARK) != null;
+    this.write(KEYS_MARK, '1');
+    if (own || !this.opts.channel || upgraded) return own;
     const plain = this.read(SESSION_KEY);
     if (storedChannel(plain) !== this.opts.channel) return null;
+    this.write(key, plain);
+    const seen = this.read(SEEN_KEY);
+    if (seen != null && this.read(`${SEEN_KEY}.${this.opts.channel}`) == null) this.write(`${SEEN_KEY}.${this.opts.channel}`, seen);
     this.adoptedPlain = true;
     return plain;
   }
