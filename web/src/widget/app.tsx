@@ -51,8 +51,7 @@ export function WidgetApp(props: { session: WidgetSession; langHint?: string; op
   };
   const state = useSession(session);
   const [open, setOpenState] = useState<boolean>(() => props.openHint || ls()?.getItem(openKey) === '1');
-  // A conversation taken over from the plain key keeps what was seen of it there.
-  const [seen, setSeen] = useState<number>(() => Number(ls()?.getItem(seenKey) ?? (session.adoptedPlain ? ls()?.getItem(SEEN_KEY) : null) ?? 0) || 0);
+  const [seen, setSeen] = useState<number>(() => Number(ls()?.getItem(seenKey) ?? 0) || 0);
   const [link, setLink] = useState<LinkState | null>(session.linkState);
   const [notice, setNotice] = useState<string | null>(null);
   const [visible, setVisible] = useState(document.visibilityState === 'visible');
