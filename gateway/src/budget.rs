@@ -28,14 +28,42 @@ pub fn client_address(ip: IpAddr) -> IpAddr {
 
 /// A token bucket per key (a client address, a conversation): `capacity` tokens that
 /// refill in full over `period`.
+///
+/// A bucket that is full again holds nothing worth keeping, so once a `period` the
+/// table forgets those: it holds the keys used in about the last two periods, not every
+/// key seen since the last time it filled up (a node's table of conversations grew to
+/// [`MAX_TRACKED_ADDRESSES`] entries over a day's traffic before).
 pub struct Buckets<K = IpAddr> {
     period: Duration,
-    buckets: Mutex<HashMap<K, (f64, Instant)>>,
+    buckets: Mutex<Table<K>>,
+}
+
+struct Table<K> {
+    buckets: HashMap<K, (f64, Instant)>,
+    /// When full buckets were last forgotten.
+    swept: Instant,
+}
+
+impl<K: std::hash::Hash + Eq> Table<K> {
+    /// Forgets the buckets that are full again at `rate` tokens a second, and gives the
+    /// table's memory back when most of it is free.
+    fn forget_full(&mut self, capacity: f64, rate: f64, now: Instant) {
+        self.buckets.retain(|_, (tokens, since)| *tokens + now.duration_since(*since).as_secs_f64() * rate < capacity);
+        if self.buckets.capacity() > 64 && self.buckets.len() < self.buckets.capacity() / 4 {
+            self.buckets.shrink_to(self.buckets.len() * 2);
+        }
+        self.swept = now;
+    }
 }
 
 impl<K: std::hash::Hash + Eq> Buckets<K> {
     pub fn new(period: Duration) -> Self {
-        Buckets { period, buckets: Mutex::new(HashMap::new()) }
+        Buckets { period, buckets: Mutex::new(Table { buckets: HashMap::new(), swept: Instant::now() }) }
+    }
+
+    /// Keys the table holds a bucket for.
+    pub fn tracked(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner()).buckets.len()
     }
 
     /// Takes `cost` tokens from `key`'s bucket if it has them.
@@ -43,19 +71,23 @@ impl<K: std::hash::Hash + Eq> Buckets<K> {
         let capacity = capacity.max(1.0);
         let rate = capacity / self.period.as_secs_f64();
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_TRACKED_ADDRESSES && !buckets.contains_key(&ip) {
+        let mut table = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if now.duration_since(table.swept) >= self.period {
+            // Once a period: one scan of the table, however many calls came.
+            table.forget_full(capacity, rate, now);
+        }
+        if table.buckets.len() >= MAX_TRACKED_ADDRESSES && !table.buckets.contains_key(&ip) {
             // Forget the buckets that are full again; if that frees nothing, forget
             // them all rather than refuse every new visitor (the other limits still
             // hold). Either way the table is scanned once per MAX_TRACKED_ADDRESSES
             // newcomers at most, not on every call.
-            buckets.retain(|_, (tokens, since)| *tokens + since.elapsed().as_secs_f64() * rate < capacity);
-            if buckets.len() >= MAX_TRACKED_ADDRESSES / 2 {
-                tracing::warn!(tracked = buckets.len(), "budget table full: forgetting every address's budget");
-                buckets.clear();
+            table.forget_full(capacity, rate, now);
+            if table.buckets.len() >= MAX_TRACKED_ADDRESSES / 2 {
+                tracing::warn!(tracked = table.buckets.len(), "budget table full: forgetting every address's budget");
+                table.buckets.clear();
             }
         }
-        let (tokens, since) = buckets.entry(ip).or_insert((capacity, now));
+        let (tokens, since) = table.buckets.entry(ip).or_insert((capacity, now));
         *tokens = (*tokens + now.duration_since(*since).as_secs_f64() * rate).min(capacity);
         *since = now;
         if *tokens >= cost {
@@ -72,8 +104,8 @@ impl<K: std::hash::Hash + Eq> Buckets<K> {
     pub fn has(&self, key: &K, capacity: f64) -> bool {
         let capacity = capacity.max(1.0);
         let rate = capacity / self.period.as_secs_f64();
-        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        match buckets.get(key) {
+        let table = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        match table.buckets.get(key) {
             Some((tokens, since)) => tokens + since.elapsed().as_secs_f64() * rate >= 1.0,
             None => true,
         }
@@ -183,5 +215,22 @@ mod tests {
         assert!(!buckets.take(a, 600.0, 1000.0), "only 400 left this hour");
         assert!(buckets.take(a, 400.0, 1000.0));
         assert!(buckets.take(b, 1000.0, 1000.0), "another address has its own budget");
+    }
+
+    #[test]
+    fn buckets_forget_the_keys_whose_budget_is_whole_again_once_a_period() {
+        let period = Duration::from_millis(200);
+        let buckets = Buckets::new(period);
+        for n in 0..1000u32 {
+            assert!(buckets.take(n, 1.0, 10.0));
+        }
+        assert_eq!(buckets.tracked(), 1000);
+        assert!(buckets.take(7, 9.0, 10.0));
+        assert!(!buckets.take(7, 1.0, 10.0), "key 7 spent its budget");
+        std::thread::sleep(period * 3);
+        // Every bucket refilled; the next call forgets them all but its own.
+        assert!(buckets.take(5000, 1.0, 10.0));
+        assert_eq!(buckets.tracked(), 1, "buckets kept after they were full again");
+        assert!(buckets.take(7, 10.0, 10.0), "a forgotten key starts with a whole budget");
     }
 }
