@@ -67,8 +67,12 @@ fn meta_key(key: &str) -> String {
 }
 
 /// Memtable of each partition: with the keyspace's write buffer limit, what memory the
-/// record store may hold besides its block cache.
-const MEMTABLE_BYTES: u32 = 8 * 1024 * 1024;
+/// record store may hold besides its block cache. 2 MiB rather than 8: a memtable and
+/// the entries it holds fill and are freed as a sawtooth, and with 8 MiB its teeth were
+/// a tenth of a node's RSS (the million-message soak's end over its 100,000 mark 1.10×
+/// instead of 1.17×, throughput unchanged; docs/benchmarks.md, "Smaller memtables").
+/// Like the segment size below, a store made before keeps what it was made with.
+const MEMTABLE_BYTES: u32 = 2 * 1024 * 1024;
 
 /// Segments written by a compaction: 8 MiB rather than fjall's 64 MiB, so that a
 /// compaction moves a few small segments at a time instead of most of a level at once.
@@ -89,8 +93,8 @@ fn state_partition(keyspace: &fjall::Keyspace, group: u64) -> Result<fjall::Part
 }
 
 /// Opens (or creates) the record store at `dir`: one fjall keyspace for every group's
-/// records and meta keys, with bounded memory (a 16 MiB block cache, 24 MiB of
-/// memtables, a 64 MiB journal). Writes reach the OS at once, a background thread syncs
+/// records and meta keys, with bounded memory (a 16 MiB block cache, 2 MiB memtables
+/// and 24 MiB of them in all, a 64 MiB journal). Writes reach the OS at once, a background thread syncs
 /// the journal every 250 ms (so a snapshot point's sync has little left to do and does
 /// not stall applies), and each snapshot point syncs it too. The caller keeps the
 /// keyspace for as long as any group uses it. The partitions of `groups` are made with
