@@ -98,6 +98,16 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     // once the routing shard's letter told it who holds the conversation).
     let at = clients.iter().position(|(_, c, _)| *c == conversation).ok_or_else(|| anyhow::anyhow!("no client for {conversation}"))?;
     let (mut visitor, _, _) = clients.remove(at);
+    // Her read mark and typing, sent the moment she holds it, are not refused while the
+    // conversation shard waits for routing's letter: the visitor sees both.
+    alice.send(&json!({"type": "read", "conversation": conversation, "upto": 1})).await?;
+    alice.send(&json!({"type": "typing", "conversation": conversation})).await?;
+    alice.send(&json!({"type": "ping"})).await?;
+    let answered = alice.wait_for(WAIT, |v| v["type"] == "pong" || v["code"].is_string()).await?;
+    assert_eq!(answered["type"], "pong", "the read mark or typing was refused: {answered}");
+    let read = visitor.wait_for(WAIT, |v| v["type"] == "read" && v["by"] == "operator").await?;
+    assert_eq!(read["conversation"].as_u64(), Some(conversation), "{read}");
+    visitor.wait_for(WAIT, |v| v["type"] == "typing" && v["from"] == "operator").await?;
     visitor.send(&json!({"type": "send", "key": "v-1", "text": "Where is my parcel?"})).await?;
     let ack = visitor.wait_for(WAIT, |v| v["type"] == "ack").await?;
     assert_eq!(ack["key"], "v-1", "{ack}");

@@ -350,6 +350,10 @@ const PREVIEW_CHARS: usize = 200;
 /// How long an accept whose outcome is unknown is sent again (with its first arrival
 /// stamp) before the operator is told it failed.
 const ACCEPT_RESEND_FOR: Duration = Duration::from_secs(10);
+/// How often an operator's read mark refused by the conversation's shard (which has not
+/// heard of the assignment yet) is tried again, and the pause before each try: 1 s in all.
+const READ_RETRIES: u32 = 20;
+const READ_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// What an operator needs to decide on an offer at a glance, read when the frame is
 /// rendered: the conversation's channel, when its customer started waiting, and their
@@ -377,14 +381,53 @@ fn merge(frame: &mut Value, context: Value) {
 }
 
 impl OperatorSession {
-    /// The operator's display name, if they hold the conversation (signals need that).
-    fn holder_name(&self, conversation: ConversationId) -> Result<String, Value> {
+    /// The operator's display name, if they hold the conversation as this node's copy of
+    /// routing says.
+    fn holder_name_here(&self, conversation: ConversationId) -> Option<String> {
         let shard = self.gw.backend.shard();
         let state = shard.read();
         if state.conversations.get(&conversation).and_then(|c| c.assigned()) != Some(&self.operator) {
-            return Err(frames::error("not_assigned", "only in conversations you hold", None));
+            return None;
         }
-        Ok(state.operators.get(&self.operator).map(|o| o.config.name.clone()).unwrap_or_default())
+        Some(state.operators.get(&self.operator).map(|o| o.config.name.clone()).unwrap_or_default())
+    }
+
+    /// The operator's display name, if they hold the conversation (signals need that).
+    /// On a split cluster this node's copy of routing may not have applied an assignment
+    /// its leader made a moment ago: a refusal is checked against routing first
+    /// ([`Backend::holder_barrier`]), so an operator who has just accepted is not refused.
+    async fn holder_name(&self, conversation: ConversationId) -> Result<String, Value> {
+        if let Some(name) = self.holder_name_here(conversation) {
+            return Ok(name);
+        }
+        if let Some(barrier) = self.gw.backend.holder_barrier() {
+            if barrier.await.is_ok() {
+                if let Some(name) = self.holder_name_here(conversation) {
+                    return Ok(name);
+                }
+            }
+        }
+        Err(frames::error("not_assigned", "only in conversations you hold", None))
+    }
+
+    /// Commits the operator's read mark. On a split cluster the conversation's shard
+    /// decides it, and learns of an assignment from routing's letter a moment after
+    /// routing made it: refused as `not_assigned` while routing says the operator holds
+    /// the conversation, the mark is tried again, [`READ_RETRIES`] times at most.
+    async fn mark_read(&self, conversation: ConversationId, upto: u64) -> Result<(), Value> {
+        let command = Command::MarkRead { conversation, reader: Reader::Operator(self.operator.clone()), upto };
+        let mut tries = 0;
+        loop {
+            match self.gw.submit(command.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(switchboard_actors::Error::NotAssigned { .. }) if tries < READ_RETRIES && self.gw.backend.holder_barrier().is_some() => {
+                    tries += 1;
+                    tokio::time::sleep(READ_RETRY_PAUSE).await;
+                    self.holder_name(conversation).await?;
+                }
+                Err(e) => return Err(frames::error(e.code(), &e.to_string(), None)),
+            }
+        }
     }
 
     /// Whether this operator holds `conversation` as routing decides it now (after
@@ -546,13 +589,13 @@ impl OperatorSession {
             }
             OperatorIn::Typing { conversation } => {
                 let conversation = ConversationId(conversation);
-                let name = self.holder_name(conversation)?;
+                let name = self.holder_name(conversation).await?;
                 self.gw.signals.to_conversation(conversation, json!({"type": "typing", "from": "operator", "name": name}));
             }
             OperatorIn::Read { conversation, upto } => {
                 let conversation = ConversationId(conversation);
-                self.holder_name(conversation)?;
-                self.commit(Command::MarkRead { conversation, reader: Reader::Operator(me), upto }, None).await?;
+                self.holder_name(conversation).await?;
+                self.mark_read(conversation, upto).await?;
                 let upto = self.gw.read_mark(conversation, upto).await;
                 let signal = json!({"type": "read", "conversation": conversation.0, "by": "operator", "upto": upto});
                 self.gw.signals.to_conversation(conversation, signal);
