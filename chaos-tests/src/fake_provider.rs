@@ -176,12 +176,20 @@ async fn telegram_get_file(State(state): State<Arc<Mutex<TelegramState>>>, Path(
 /// `sendMediaGroup` (a `media` JSON array naming `attach://<part>` files, the first
 /// with the caption), as `multipart/form-data`.
 async fn telegram_send_files(State(state): State<Arc<Mutex<TelegramState>>>, Path(bot): Path<String>, uri: axum::http::Uri, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let (answer, hang) = answer_send_files(&state, &bot, &uri, &headers, &body);
+    if let Some(hang) = hang {
+        tokio::time::sleep(hang).await;
+    }
+    answer
+}
+
+fn answer_send_files(state: &Mutex<TelegramState>, bot: &str, uri: &axum::http::Uri, headers: &HeaderMap, body: &[u8]) -> (Response, Option<std::time::Duration>) {
     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     if bot.strip_prefix("bot") != Some(s.token.as_str()) {
-        return (StatusCode::UNAUTHORIZED, Json(json!({"ok": false, "error_code": 401, "description": "Unauthorized"}))).into_response();
+        return ((StatusCode::UNAUTHORIZED, Json(json!({"ok": false, "error_code": 401, "description": "Unauthorized"}))).into_response(), None);
     }
-    let bad = |d: &str| (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": format!("Bad Request: {d}")}))).into_response();
-    let Some(parts) = multipart(&headers, &body) else { return bad("not multipart/form-data") };
+    let bad = |d: &str| ((StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": format!("Bad Request: {d}")}))).into_response(), None);
+    let Some(parts) = multipart(headers, body) else { return bad("not multipart/form-data") };
     let field = |name: &str| parts.iter().find(|(n, _, _)| n == name).map(|(_, f, b)| (f.clone(), b.clone()));
     let method = uri.path().rsplit('/').next().unwrap_or_default().to_owned();
     let Some((_, chat_id)) = field("chat_id") else { return bad("chat_id is required") };
@@ -209,7 +217,16 @@ async fn telegram_send_files(State(state): State<Arc<Mutex<TelegramState>>>, Pat
     s.next_id += 1;
     let id = s.next_id;
     s.sent_files.push((method, chat_id, caption, files));
-    Json(json!({"ok": true, "result": {"message_id": id, "date": 0, "chat": {"id": 0, "type": "private"}}})).into_response()
+    // A scripted hang holds the upload's answer (the files are taken, as a provider
+    // that received them but has not answered yet); other faults are for `sendMessage`.
+    let hang = match s.faults.front() {
+        Some(Fault::Hang(d)) => Some(*d),
+        _ => None,
+    };
+    if hang.is_some() {
+        s.faults.pop_front();
+    }
+    (Json(json!({"ok": true, "result": {"message_id": id, "date": 0, "chat": {"id": 0, "type": "private"}}})).into_response(), hang)
 }
 
 /// `GET /file/bot<token>/<file_path>`: the file's bytes.

@@ -12,8 +12,10 @@
 //!   most [`IN_FLIGHT`] sends run at once on a node.
 //! - An attempt by another leader (or before this node's restart) with no outcome is
 //!   resent at once where the provider deduplicates (the Channel API's delivery id);
-//!   elsewhere (Telegram), once [`ORPHAN_AFTER_MS`] passed without an outcome, it is
-//!   dead-lettered as `unknown` rather than risk sending it twice.
+//!   elsewhere (Telegram), once [`ORPHAN_AFTER_MS`] passed without an outcome
+//!   ([`FILE_ORPHAN_AFTER_MS`] for a message with files, whose upload may take up to
+//!   [`FILE_SEND_TIMEOUT`]), it is dead-lettered as `unknown` rather than risk sending it
+//!   twice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -38,6 +40,9 @@ pub const CHANNEL_IN_FLIGHT: usize = 128;
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// An attempt with no outcome this long after it was committed is an orphan.
 pub const ORPHAN_AFTER_MS: u64 = 15_000;
+/// The same for an attempt with files ([`FILE_SEND_TIMEOUT`] and a margin): the node
+/// that made it may still be uploading them, and its outcome may still come.
+pub const FILE_ORPHAN_AFTER_MS: u64 = FILE_SEND_TIMEOUT.as_millis() as u64 + ORPHAN_AFTER_MS;
 /// An entry still failing this long after it was queued is dead-lettered.
 pub const GIVE_UP_AFTER_MS: u64 = 24 * 3600 * 1000;
 const FIRST_BACKOFF_MS: u64 = 1000;
@@ -132,7 +137,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         next_look = None;
         let mut due = |at: Timestamp| next_look = Some(next_look.map_or(at, |n: Timestamp| n.min(at)));
         let instant = std::time::Instant::now();
-        let (orphans, paced, paced_for) = {
+        let (orphans, may_upload, paced, paced_for) = {
             let state = shard.read();
             if state.outbox.is_empty() {
                 idle_rounds += 1;
@@ -141,6 +146,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             let flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
             let room = IN_FLIGHT.saturating_sub(flying.len()).min(switchboard_actors::core::MAX_DELIVERY_BATCH);
             let mut orphans = Vec::new();
+            let mut may_upload: Vec<(Key, Timestamp)> = Vec::new();
             let mut paced: Vec<Key> = Vec::new();
             let mut paced_for: Vec<(ChannelId, bool)> = Vec::new();
             // Each channel's sends running now (counted by what they were started for:
@@ -168,7 +174,13 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                         if safe {
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
                         } else if now.millis_since(d.updated_at) >= ORPHAN_AFTER_MS {
-                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
+                            // A send with files may still be uploading: looked at below,
+                            // once the state is released.
+                            if state.channel_adapters.get(&d.channel).is_some_and(|a| a.carries_files(state.rules)) {
+                                may_upload.push((*key, d.updated_at));
+                            } else {
+                                orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
+                            }
                         } else {
                             due(d.updated_at.plus_ms(ORPHAN_AFTER_MS));
                         }
@@ -209,12 +221,20 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     }
                     _ => {}
                 }
-                if orphans.len() >= switchboard_actors::core::MAX_DELIVERY_BATCH {
+                if orphans.len() + may_upload.len() >= switchboard_actors::core::MAX_DELIVERY_BATCH {
                     break;
                 }
             }
-            (orphans, paced, paced_for)
+            (orphans, may_upload, paced, paced_for)
         };
+        let mut orphans = orphans;
+        for (key, attempted_at) in may_upload {
+            if now.millis_since(attempted_at) >= FILE_ORPHAN_AFTER_MS || !carries_files(&shard, key) {
+                orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
+            } else {
+                due(attempted_at.plus_ms(FILE_ORPHAN_AFTER_MS));
+            }
+        }
         if !orphans.is_empty() {
             let n = orphans.len();
             if let Err(e) = proposer.propose(Command::DeliveryResults { results: orphans }).await {
@@ -356,6 +376,19 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
 /// entry another node has sent since, and turn it into a dead letter).
 fn not_ours() -> DeliveryOutcome {
     DeliveryOutcome::Retry { reason: "the entry is being sent by another node".into(), retry_at: now_ms() }
+}
+
+/// Whether the outbox entry `key` is a message with files (sent with
+/// [`FILE_SEND_TIMEOUT`]); a history that cannot be read now counts as one, so its
+/// attempt is given the longer time.
+fn carries_files(shard: &Shard, key: Key) -> bool {
+    match shard.history(key.0, key.1.saturating_sub(1), 1) {
+        Ok(entries) => entries
+            .into_iter()
+            .find(|e| e.seq == key.1)
+            .is_some_and(|e| matches!(e.item, HistoryItem::OperatorMessage { ref attachments, .. } if !attachments.is_empty())),
+        Err(_) => true,
+    }
 }
 
 /// Whether the entry is still this node's attempt in the state it applied.
