@@ -68,9 +68,13 @@ impl<K: std::hash::Hash + Eq> Buckets<K> {
 
     /// Takes `cost` tokens from `key`'s bucket if it has them.
     pub fn take(&self, ip: K, cost: f64, capacity: f64) -> bool {
+        self.take_at(ip, cost, capacity, Instant::now())
+    }
+
+    /// [`Buckets::take`] as of `now` (tests give the time).
+    fn take_at(&self, ip: K, cost: f64, capacity: f64, now: Instant) -> bool {
         let capacity = capacity.max(1.0);
         let rate = capacity / self.period.as_secs_f64();
-        let now = Instant::now();
         let mut table = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if now.duration_since(table.swept) >= self.period {
             // Once a period: one scan of the table, however many calls came.
@@ -219,18 +223,26 @@ mod tests {
 
     #[test]
     fn buckets_forget_the_keys_whose_budget_is_whole_again_once_a_period() {
-        let period = Duration::from_millis(200);
+        let period = Duration::from_secs(60);
         let buckets = Buckets::new(period);
+        let start = Instant::now();
+        let at = |periods: f64| start + period.mul_f64(periods);
         for n in 0..1000u32 {
-            assert!(buckets.take(n, 1.0, 10.0));
+            assert!(buckets.take_at(n, 1.0, 10.0, at(0.0)));
         }
         assert_eq!(buckets.tracked(), 1000);
-        assert!(buckets.take(7, 9.0, 10.0));
-        assert!(!buckets.take(7, 1.0, 10.0), "key 7 spent its budget");
-        std::thread::sleep(period * 3);
-        // Every bucket refilled; the next call forgets them all but its own.
-        assert!(buckets.take(5000, 1.0, 10.0));
-        assert_eq!(buckets.tracked(), 1, "buckets kept after they were full again");
-        assert!(buckets.take(7, 10.0, 10.0), "a forgotten key starts with a whole budget");
+        assert!(buckets.take_at(7, 9.0, 10.0, at(0.0)));
+        assert!(!buckets.take_at(7, 1.0, 10.0, at(0.0)), "key 7 spent its budget");
+        // Three periods on, every bucket is whole again: the next call forgets them all
+        // but its own.
+        assert!(buckets.take_at(5000, 1.0, 10.0, at(3.0)));
+        assert_eq!(buckets.tracked(), 1, "buckets kept after they were whole again");
+        assert!(buckets.take_at(7, 10.0, 10.0, at(3.0)), "a forgotten key starts with a whole budget");
+        // Key 8 spends its budget half a period after that sweep: still counting at the
+        // next, so kept, and its spending still holds.
+        assert!(buckets.take_at(8, 10.0, 10.0, at(3.5)));
+        assert!(buckets.take_at(9, 1.0, 10.0, at(4.2)));
+        assert!(!buckets.take_at(8, 8.0, 10.0, at(4.2)), "key 8 has refilled 7 of its 10, not more");
+        assert_eq!(buckets.tracked(), 2, "keys 8 and 9");
     }
 }
