@@ -350,9 +350,9 @@ const PREVIEW_CHARS: usize = 200;
 /// How long an accept whose outcome is unknown is sent again (with its first arrival
 /// stamp) before the operator is told it failed.
 const ACCEPT_RESEND_FOR: Duration = Duration::from_secs(10);
-/// How often an operator's read mark refused by the conversation's shard (which has not
-/// heard of the assignment yet) is tried again, and the pause before each try: 1 s in all.
-const READ_RETRIES: u32 = 20;
+/// How long an operator's read mark refused by the conversation's shard (which has not
+/// heard of the assignment yet) is tried again, and the pause before each try.
+const READ_RETRY_FOR: Duration = Duration::from_secs(2);
 const READ_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// What an operator needs to decide on an offer at a glance, read when the frame is
@@ -413,15 +413,14 @@ impl OperatorSession {
     /// Commits the operator's read mark. On a split cluster the conversation's shard
     /// decides it, and learns of an assignment from routing's letter a moment after
     /// routing made it: refused as `not_assigned` while routing says the operator holds
-    /// the conversation, the mark is tried again, [`READ_RETRIES`] times at most.
+    /// the conversation, the mark is tried again for up to [`READ_RETRY_FOR`].
     async fn mark_read(&self, conversation: ConversationId, upto: u64) -> Result<(), Value> {
         let command = Command::MarkRead { conversation, reader: Reader::Operator(self.operator.clone()), upto };
-        let mut tries = 0;
+        let give_up = Instant::now() + READ_RETRY_FOR;
         loop {
             match self.gw.submit(command.clone()).await {
                 Ok(_) => return Ok(()),
-                Err(switchboard_actors::Error::NotAssigned { .. }) if tries < READ_RETRIES && self.gw.backend.holder_barrier().is_some() => {
-                    tries += 1;
+                Err(switchboard_actors::Error::NotAssigned { .. }) if Instant::now() + READ_RETRY_PAUSE < give_up && self.gw.backend.holder_barrier().is_some() => {
                     tokio::time::sleep(READ_RETRY_PAUSE).await;
                     self.holder_name(conversation).await?;
                 }
