@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use switchboard_chaos_tests::fake_provider::{Fault, FakeAdapter, FakeRelay, FakeTelegram};
-use switchboard_chaos_tests::{eventually, next_event, set_presence, Dev, WAIT};
+use switchboard_chaos_tests::{eventually, next_event, set_presence, Cluster, Dev, WAIT};
 use switchboard_gateway::client::{http_json_with, WsClient};
 
 const BOT_TOKEN: &str = "123456:test-token";
@@ -353,6 +353,62 @@ async fn a_node_killed_mid_send_neither_loses_nor_repeats_a_message() -> anyhow:
     assert_eq!(fake.sent().len(), 2);
     let (status, _) = dev.api("POST", &format!("/api/deliveries/{on_telegram}/{seq}/retry"), Some(&supervisor), None).await?;
     assert_eq!(status, 409, "only a dead letter is sent again");
+    Ok(())
+}
+
+/// The leader is frozen while Telegram holds its upload of a file. The next leader does
+/// not settle the attempt `unknown` after the 15 s it gives a text (the upload may take
+/// two minutes, and its node may still answer); the frozen node, woken, gets the
+/// provider's answer and commits it: the file is `sent`, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leaders_late_answer_to_an_upload_settles_it() -> anyhow::Result<()> {
+    let fake = FakeTelegram::start(BOT_TOKEN).await?;
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start_one_group(dir.path(), 3).await?;
+    let leader = cluster.leader().await?;
+    let other = (1..=3).find(|id| *id != leader).ok_or_else(|| anyhow::anyhow!("no follower"))?;
+    let dev = cluster.node(other);
+    let admin = dev.login("admin").await?;
+    telegram_channel(dev, &admin, &fake).await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    hook(dev, Some(SECRET), &update(1, 41, 1, "send me the form")).await?;
+    let conversation = accept_offer(&mut alice).await?;
+    let staff = dev.login("alice").await?;
+    let (status, file) = upload(&dev.private, &format!("/api/attachments?conversation={conversation}&name=form.pdf"), &staff, "application/pdf", b"%PDF-1.4 form".to_vec()).await?;
+    assert_eq!(status, 201, "{file}");
+    let supervisor = dev.login("supervisor").await?;
+
+    fake.script(&[Fault::Hang(Duration::from_secs(25))]);
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "f1", "text": "The form.", "attachments": [file["id"]], "ref": "f1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "f1").await?;
+    eventually(WAIT, Duration::from_millis(20), || async { Ok((fake.sent_files().len() == 1).then_some(())) }).await?;
+    let pid = cluster.node(leader).pid()?.to_string();
+    let signal = |sig: &'static str| {
+        let pid = pid.clone();
+        async move {
+            anyhow::ensure!(tokio::process::Command::new("kill").args([sig, &pid]).status().await?.success(), "kill {sig} {pid}");
+            anyhow::Ok(())
+        }
+    };
+    signal("-STOP").await?;
+    let frozen = std::time::Instant::now();
+    // The others elect a leader, whose outbox finds the attempt with no outcome.
+    eventually(Duration::from_secs(15), Duration::from_millis(200), || async {
+        Ok(cluster.status(other).await?["leader"].as_u64().filter(|l| *l != leader as u64))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(frozen.elapsed())).await;
+    let waiting = deliveries(dev, &supervisor, conversation).await?;
+    let resumed = signal("-CONT").await;
+    assert_eq!(waiting.iter().map(|d| d["status"].clone()).collect::<Vec<_>>(), vec![json!("sending")], "20 s after the freeze: {waiting:?}");
+    resumed?;
+    let sent = eventually(Duration::from_secs(40), Duration::from_millis(200), || async {
+        Ok(deliveries(dev, &supervisor, conversation).await?.into_iter().find(|d| d["status"] != "sending"))
+    })
+    .await?;
+    assert_eq!(sent["status"], "sent", "the old leader's answer settles it: {sent}");
+    assert_eq!(fake.sent_files().len(), 1, "uploaded once, never twice");
     Ok(())
 }
 

@@ -13,9 +13,9 @@
 //! - An attempt by another leader (or before this node's restart) with no outcome is
 //!   resent at once where the provider deduplicates (the Channel API's delivery id);
 //!   elsewhere (Telegram), once [`ORPHAN_AFTER_MS`] passed without an outcome
-//!   ([`FILE_ORPHAN_AFTER_MS`] for a message with files, whose upload may take up to
-//!   [`FILE_SEND_TIMEOUT`]), it is dead-lettered as `unknown` rather than risk sending it
-//!   twice.
+//!   ([`SLOW_ORPHAN_AFTER_MS`] for another node's mail or message with files, which may
+//!   take up to [`FILE_SEND_TIMEOUT`]), it is dead-lettered as `unknown` rather than risk
+//!   sending it twice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -40,9 +40,20 @@ pub const CHANNEL_IN_FLIGHT: usize = 128;
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// An attempt with no outcome this long after it was committed is an orphan.
 pub const ORPHAN_AFTER_MS: u64 = 15_000;
-/// The same for an attempt with files ([`FILE_SEND_TIMEOUT`] and a margin): the node
-/// that made it may still be uploading them, and its outcome may still come.
-pub const FILE_ORPHAN_AFTER_MS: u64 = FILE_SEND_TIMEOUT.as_millis() as u64 + ORPHAN_AFTER_MS;
+/// The same for another node's attempt that may take up to [`FILE_SEND_TIMEOUT`] (a
+/// message with files, whose upload starts within [`ORPHAN_AFTER_MS`] of the attempt,
+/// or any mail, whose SMTP session has as long): that node may still be at it, and its
+/// outcome may still come.
+pub const SLOW_ORPHAN_AFTER_MS: u64 = FILE_SEND_TIMEOUT.as_millis() as u64 + ORPHAN_AFTER_MS;
+
+/// Whether an orphaned attempt may still be running on the node that made it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slow {
+    No,
+    Yes,
+    /// If the message has files (read from its history).
+    IfFiles,
+}
 /// An entry still failing this long after it was queued is dead-lettered.
 pub const GIVE_UP_AFTER_MS: u64 = 24 * 3600 * 1000;
 const FIRST_BACKOFF_MS: u64 = 1000;
@@ -111,6 +122,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
     let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel::<DeliveryResult>();
     tokio::spawn(commit_results(proposer.clone(), shard.clone(), node_id, results_rx, in_flight.clone(), released.clone()));
     let mut buckets: BTreeMap<(ChannelId, bool), Bucket> = BTreeMap::new();
+    let mut with_files: HashMap<Key, bool> = HashMap::new();
     let mut idle_rounds = 0u32;
     // What the last look saw: the shard's applied count and when an entry it skipped
     // comes due. Nothing changed and nothing due: no need to look (a provider down for
@@ -167,22 +179,36 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     continue;
                 }
                 match d.status {
-                    DeliveryStatus::Attempting { .. } => {
+                    DeliveryStatus::Attempting { node } => {
                         blocked = Some(key.0);
                         // The bot's events carry a delivery id, as the Channel API's do.
-                        let safe = d.to_bot || state.channel_adapters.get(&d.channel).is_some_and(AdapterConfig::resend_is_safe);
+                        let adapter = state.channel_adapters.get(&d.channel);
+                        let safe = d.to_bot || adapter.is_some_and(AdapterConfig::resend_is_safe);
+                        // Another node may still be at a slow send (an SMTP session, an
+                        // upload of files) and commit its answer late. This node's own
+                        // attempt that is not among its sends was made by its earlier
+                        // process, whose answer went with it.
+                        let slow = if node == node_id || d.to_bot {
+                            Slow::No
+                        } else {
+                            match adapter {
+                                Some(AdapterConfig::Email { .. }) => Slow::Yes,
+                                Some(a) if a.carries_files(state.rules) => Slow::IfFiles,
+                                _ => Slow::No,
+                            }
+                        };
+                        let age = now.millis_since(d.updated_at);
                         if safe {
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
-                        } else if now.millis_since(d.updated_at) >= ORPHAN_AFTER_MS {
-                            // A send with files may still be uploading: looked at below,
-                            // once the state is released.
-                            if state.channel_adapters.get(&d.channel).is_some_and(|a| a.carries_files(state.rules)) {
-                                may_upload.push((*key, d.updated_at));
-                            } else {
-                                orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
-                            }
-                        } else {
+                        } else if age < ORPHAN_AFTER_MS {
                             due(d.updated_at.plus_ms(ORPHAN_AFTER_MS));
+                        } else if slow == Slow::No || age >= SLOW_ORPHAN_AFTER_MS {
+                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
+                        } else if slow == Slow::Yes {
+                            due(d.updated_at.plus_ms(SLOW_ORPHAN_AFTER_MS));
+                        } else {
+                            // Whether it has files is read below, once the state is released.
+                            may_upload.push((*key, d.updated_at));
                         }
                     }
                     DeliveryStatus::Pending if d.next_at > now => {
@@ -221,18 +247,26 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     }
                     _ => {}
                 }
-                if orphans.len() + may_upload.len() >= switchboard_actors::core::MAX_DELIVERY_BATCH {
+                if orphans.len() >= switchboard_actors::core::MAX_DELIVERY_BATCH {
                     break;
                 }
             }
             (orphans, may_upload, paced, paced_for)
         };
         let mut orphans = orphans;
+        // What each such entry's history said (it does not change), kept while the entry
+        // waits, so the history is read once per entry and not at every look.
+        with_files.retain(|key, _| may_upload.iter().any(|(k, _)| k == key));
         for (key, attempted_at) in may_upload {
-            if now.millis_since(attempted_at) >= FILE_ORPHAN_AFTER_MS || !carries_files(&shard, key) {
-                orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
+            let files = *with_files.entry(key).or_insert_with(|| carries_files(&shard, key));
+            if !files {
+                if orphans.len() < switchboard_actors::core::MAX_DELIVERY_BATCH {
+                    orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
+                } else {
+                    due(now);
+                }
             } else {
-                due(attempted_at.plus_ms(FILE_ORPHAN_AFTER_MS));
+                due(attempted_at.plus_ms(SLOW_ORPHAN_AFTER_MS));
             }
         }
         if !orphans.is_empty() {
@@ -364,6 +398,12 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
     // just before the provider is called, so a deposed node does not send it late.
     if !still_ours(shard, key, node_id) {
         return not_ours();
+    }
+    // Another leader waits for an upload only as long as one that starts within
+    // ORPHAN_AFTER_MS of its attempt can take: one that could not start by then is not
+    // started (nothing was sent; it is tried again later).
+    if !message.files.is_empty() && now_ms().millis_since(delivery.updated_at) >= ORPHAN_AFTER_MS {
+        return retry_or_give_up(&delivery, now_ms(), "its files could not be sent within 15 s of the attempt (other sends with files held every slot)".into(), None);
     }
     if message.files.is_empty() {
         return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
