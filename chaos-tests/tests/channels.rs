@@ -358,7 +358,7 @@ async fn a_node_killed_mid_send_neither_loses_nor_repeats_a_message() -> anyhow:
 
 /// The leader is frozen while Telegram holds its upload of a file. The next leader does
 /// not settle the attempt `unknown` after the 15 s it gives a text (the upload may take
-/// two minutes, and its node may still answer); the frozen node, woken, gets the
+/// two minutes, and its node may still answer: it waits 150 s); the frozen node, woken, gets the
 /// provider's answer and commits it: the file is `sent`, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_leaders_late_answer_to_an_upload_settles_it() -> anyhow::Result<()> {
@@ -400,14 +400,17 @@ async fn a_deposed_leaders_late_answer_to_an_upload_settles_it() -> anyhow::Resu
     .await?;
     tokio::time::sleep(Duration::from_secs(20).saturating_sub(frozen.elapsed())).await;
     let waiting = deliveries(dev, &supervisor, conversation).await?;
+    let dead = dev.api("GET", "/api/deliveries", Some(&supervisor), None).await;
     let resumed = signal("-CONT").await;
     assert_eq!(waiting.iter().map(|d| d["status"].clone()).collect::<Vec<_>>(), vec![json!("sending")], "20 s after the freeze: {waiting:?}");
+    let (_, dead) = dead?;
+    assert_eq!(dead["deliveries"], json!([]), "no dead letter while the upload may still answer");
     resumed?;
     let sent = eventually(Duration::from_secs(40), Duration::from_millis(200), || async {
         Ok(deliveries(dev, &supervisor, conversation).await?.into_iter().find(|d| d["status"] != "sending"))
     })
     .await?;
-    assert_eq!(sent["status"], "sent", "the old leader's answer settles it: {sent}");
+    assert_eq!((sent["status"].clone(), sent["attempts"].clone()), (json!("sent"), json!(1)), "the old leader's answer settles it: {sent}");
     assert_eq!(fake.sent_files().len(), 1, "uploaded once, never twice");
     Ok(())
 }

@@ -41,10 +41,11 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// An attempt with no outcome this long after it was committed is an orphan.
 pub const ORPHAN_AFTER_MS: u64 = 15_000;
 /// The same for another node's attempt that may take up to [`FILE_SEND_TIMEOUT`] (a
-/// message with files, whose upload starts within [`ORPHAN_AFTER_MS`] of the attempt,
-/// or any mail, whose SMTP session has as long): that node may still be at it, and its
-/// outcome may still come.
-pub const SLOW_ORPHAN_AFTER_MS: u64 = FILE_SEND_TIMEOUT.as_millis() as u64 + ORPHAN_AFTER_MS;
+/// message with files, or any mail, whose SMTP session has as long; either is started
+/// within [`ORPHAN_AFTER_MS`] of its attempt or not at all): that node may still be at
+/// it, and its outcome may still come.
+/// A second [`ORPHAN_AFTER_MS`] at the end leaves that node time to commit its answer.
+pub const SLOW_ORPHAN_AFTER_MS: u64 = FILE_SEND_TIMEOUT.as_millis() as u64 + 2 * ORPHAN_AFTER_MS;
 
 /// Whether an orphaned attempt may still be running on the node that made it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -187,7 +188,8 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                         // Another node may still be at a slow send (an SMTP session, an
                         // upload of files) and commit its answer late. This node's own
                         // attempt that is not among its sends was made by its earlier
-                        // process, whose answer went with it.
+                        // process, whose answer went with it (or is a mark this process
+                        // gave up on that committed after all, which sent nothing).
                         let slow = if node == node_id || d.to_bot {
                             Slow::No
                         } else {
@@ -256,9 +258,18 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         let mut orphans = orphans;
         // What each such entry's history said (it does not change), kept while the entry
         // waits, so the history is read once per entry and not at every look.
-        with_files.retain(|key, _| may_upload.iter().any(|(k, _)| k == key));
+        let waiting: std::collections::HashSet<Key> = may_upload.iter().map(|(k, _)| *k).collect();
+        with_files.retain(|key, _| waiting.contains(key));
         for (key, attempted_at) in may_upload {
-            let files = *with_files.entry(key).or_insert_with(|| carries_files(&shard, key));
+            let files = match with_files.get(&key) {
+                Some(files) => *files,
+                // A history that cannot be read now counts as one with files (the longer
+                // wait), and is read again at the next look.
+                None => match carries_files(&shard, key) {
+                    Some(files) => *with_files.entry(key).or_insert(files),
+                    None => true,
+                },
+            };
             if !files {
                 if orphans.len() < switchboard_actors::core::MAX_DELIVERY_BATCH {
                     orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
@@ -383,6 +394,10 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
     };
     // Files are read only with a slot: at most FILE_SENDS sends hold theirs at once.
     let _slot = if attachments.is_empty() { None } else { file_slot().await };
+    let slow = slow_and_unsafe(&adapter, !attachments.is_empty());
+    if let Some(outcome) = too_late_to_start(&delivery).filter(|_| slow) {
+        return outcome;
+    }
     let mut files = Vec::new();
     for attachment in &attachments {
         match switchboard_gateway::attachments::file_bytes(gateway, attachment).await {
@@ -399,16 +414,20 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
     if !still_ours(shard, key, node_id) {
         return not_ours();
     }
-    // Another leader waits for an upload only as long as one that starts within
-    // ORPHAN_AFTER_MS of its attempt can take: one that could not start by then is not
-    // started (nothing was sent; it is tried again later).
-    if !message.files.is_empty() && now_ms().millis_since(delivery.updated_at) >= ORPHAN_AFTER_MS {
-        return retry_or_give_up(&delivery, now_ms(), "its files could not be sent within 15 s of the attempt (other sends with files held every slot)".into(), None);
+    // Reading the files may have taken long too.
+    if let Some(outcome) = too_late_to_start(&delivery).filter(|_| slow) {
+        return outcome;
     }
     if message.files.is_empty() {
         return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
     }
-    outcome_of(switchboard_adapters::send(files_client(client), &adapter, &message).await, &delivery)
+    // A provider that takes files in two calls (WhatsApp: the upload, then the message)
+    // gets FILE_SEND_TIMEOUT for both together, which another leader's wait counts on.
+    match tokio::time::timeout(FILE_SEND_TIMEOUT, switchboard_adapters::send(files_client(client), &adapter, &message)).await {
+        Ok(sent) => outcome_of(sent, &delivery),
+        Err(_) if adapter.resend_is_safe() => retry_or_give_up(&delivery, now_ms(), format!("no answer within {} s", FILE_SEND_TIMEOUT.as_secs()), None),
+        Err(_) => outcome_of(SendOutcome::Unknown { reason: format!("no answer within {} s", FILE_SEND_TIMEOUT.as_secs()) }, &delivery),
+    }
 }
 
 /// The answer for an entry this node no longer attempts: a `Retry`, which the core drops
@@ -419,16 +438,33 @@ fn not_ours() -> DeliveryOutcome {
 }
 
 /// Whether the outbox entry `key` is a message with files (sent with
-/// [`FILE_SEND_TIMEOUT`]); a history that cannot be read now counts as one, so its
-/// attempt is given the longer time.
-fn carries_files(shard: &Shard, key: Key) -> bool {
+/// [`FILE_SEND_TIMEOUT`]); `None` if its history cannot be read now.
+fn carries_files(shard: &Shard, key: Key) -> Option<bool> {
     match shard.history(key.0, key.1.saturating_sub(1), 1) {
-        Ok(entries) => entries
-            .into_iter()
-            .find(|e| e.seq == key.1)
-            .is_some_and(|e| matches!(e.item, HistoryItem::OperatorMessage { ref attachments, .. } if !attachments.is_empty())),
-        Err(_) => true,
+        Ok(entries) => Some(
+            entries
+                .into_iter()
+                .find(|e| e.seq == key.1)
+                .is_some_and(|e| matches!(e.item, HistoryItem::OperatorMessage { ref attachments, .. } if !attachments.is_empty())),
+        ),
+        Err(_) => None,
     }
+}
+
+/// Whether a send to `adapter` that may have reached the provider cannot be sent again
+/// and may take up to [`FILE_SEND_TIMEOUT`] (files, or mail): such a send is started
+/// within [`ORPHAN_AFTER_MS`] of its attempt or not at all, so that another leader's
+/// wait of [`SLOW_ORPHAN_AFTER_MS`] covers it.
+fn slow_and_unsafe(adapter: &AdapterConfig, with_files: bool) -> bool {
+    !adapter.resend_is_safe() && (with_files || matches!(adapter, AdapterConfig::Email { .. }))
+}
+
+/// The answer for an attempt [`slow_and_unsafe`] that could not start in time: nothing
+/// was sent; it is tried again later.
+fn too_late_to_start(delivery: &switchboard_actors::state::Delivery) -> Option<DeliveryOutcome> {
+    (now_ms().millis_since(delivery.updated_at) >= ORPHAN_AFTER_MS).then(|| {
+        retry_or_give_up(delivery, now_ms(), "not started: 15 s passed since its attempt was recorded (sends with files were queued, or the record was slow)".into(), None)
+    })
 }
 
 /// Whether the entry is still this node's attempt in the state it applied.
