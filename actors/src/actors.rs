@@ -647,7 +647,6 @@ impl Actor for EntityActor {
         }
         Ok(())
     }
-
 }
 
 /// An actor's timers end with it, however it ends (stopped, or failed: ractor runs no

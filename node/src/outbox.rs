@@ -46,6 +46,10 @@ pub const ORPHAN_AFTER_MS: u64 = 15_000;
 /// it, and its outcome may still come.
 /// A second [`ORPHAN_AFTER_MS`] at the end leaves that node time to commit its answer.
 pub const SLOW_ORPHAN_AFTER_MS: u64 = FILE_SEND_TIMEOUT.as_millis() as u64 + 2 * ORPHAN_AFTER_MS;
+/// An entry still failing this long after it was queued is dead-lettered.
+pub const GIVE_UP_AFTER_MS: u64 = 24 * 3600 * 1000;
+const FIRST_BACKOFF_MS: u64 = 1000;
+const MAX_BACKOFF_MS: u64 = 300_000;
 
 /// Whether an orphaned attempt may still be running on the node that made it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -55,10 +59,6 @@ enum Slow {
     /// If the message has files (read from its history).
     IfFiles,
 }
-/// An entry still failing this long after it was queued is dead-lettered.
-pub const GIVE_UP_AFTER_MS: u64 = 24 * 3600 * 1000;
-const FIRST_BACKOFF_MS: u64 = 1000;
-const MAX_BACKOFF_MS: u64 = 300_000;
 
 /// Counters for `/metrics`.
 #[derive(Default)]
@@ -395,8 +395,10 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
     // Files are read only with a slot: at most FILE_SENDS sends hold theirs at once.
     let _slot = if attachments.is_empty() { None } else { file_slot().await };
     let slow = slow_and_unsafe(&adapter, !attachments.is_empty());
-    if let Some(outcome) = too_late_to_start(&delivery).filter(|_| slow) {
-        return outcome;
+    if slow {
+        if let Some(outcome) = too_late_to_start(&delivery) {
+            return outcome;
+        }
     }
     let mut files = Vec::new();
     for attachment in &attachments {
@@ -415,8 +417,10 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         return not_ours();
     }
     // Reading the files may have taken long too.
-    if let Some(outcome) = too_late_to_start(&delivery).filter(|_| slow) {
-        return outcome;
+    if slow {
+        if let Some(outcome) = too_late_to_start(&delivery) {
+            return outcome;
+        }
     }
     if message.files.is_empty() {
         return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
