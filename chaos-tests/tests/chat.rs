@@ -133,6 +133,8 @@ async fn decline_and_timeout_pass_to_next_operator_and_queue_keeps_position() ->
     let (_c1, first, _) = dev.client("First").await?;
     let (_c2, second, _) = dev.client("Second").await?;
 
+    // Logged in now: a login's password hash takes time the offers' timeout must not.
+    let supervisor = dev.login("supervisor").await?;
     let (mut alice, _) = dev.operator("alice").await?;
     set_presence(&mut alice, "online").await?;
     // Original position: the first conversation is offered first.
@@ -149,7 +151,6 @@ async fn decline_and_timeout_pass_to_next_operator_and_queue_keeps_position() ->
         alice.wait_for(Duration::from_millis(500), |v| v["kind"] == "offer" && v["conversation"] == first).await.is_err(),
         "a declined conversation is not handed straight back"
     );
-    let supervisor = dev.login("supervisor").await?;
     let (_, queues) = dev.api("GET", "/api/queues", Some(&supervisor), None).await?;
     let general = queues["queues"].as_array().and_then(|q| q.iter().find(|g| g["group"] == "general")).cloned().unwrap_or_default();
     assert_eq!(general["waiting"], 1, "the declined one waits: {general}");

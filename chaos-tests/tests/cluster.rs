@@ -428,7 +428,7 @@ async fn an_offer_made_before_a_failover_expires_after_it() -> anyhow::Result<()
 async fn an_accept_sent_while_the_cluster_stalls_still_takes_the_offer() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::start(dir.path(), 3).await?;
-    let OfferOnFollower { leader, a, b, mut alice, offer, conversation, _client } = offer_on_a_follower(&cluster, 1000).await?;
+    let OfferOnFollower { leader, a, b, mut alice, offer, conversation, _client } = offer_on_a_follower(&cluster, 3000).await?;
 
     let signal = |sig: &'static str, node: usize| {
         let pid = cluster.node(node).pid().map(|p| p.to_string());

@@ -580,8 +580,8 @@ async fn placement(cluster: &Cluster, ids: &[usize]) -> anyhow::Result<Vec<(u64,
 /// Accepts the offer of `conversation` on `desk`, declining others queued before it
 /// (which would fill the operator's capacity), and waits for its `assigned`. Every
 /// conversation a test opened before it may come first (the test of a fourth node opens
-/// up to 81 before its own), and a declined one is offered again only after the demo
-/// group's 30 s offer timeout, so the walk is bounded by what was opened.
+/// up to 81 before its own); a declined one is offered again only after the group's
+/// offer timeout, which the caller makes longer than the walk.
 async fn take_conversation(desk: &mut WsClient, conversation: u64) -> anyhow::Result<()> {
     for n in 0..100 {
         let offer = next_event(desk, "offer").await?;
@@ -708,6 +708,11 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     }
     let (near_conversation, near_token) = near.ok_or_else(|| anyhow::anyhow!("no conversation landed in the shard node {far_node} holds"))?;
     let (mut guest, far_conversation, guest_token) = far.ok_or_else(|| anyhow::anyhow!("no conversation landed in group {elsewhere}"))?;
+    // Declined conversations start a new round one offer timeout later and come
+    // before hers again: a long timeout keeps the walk to one pass however slow it is.
+    let admin = far_dev.login("admin").await?;
+    let (status, body) = far_dev.api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General questions", "offer_timeout_ms": 600_000}))).await?;
+    assert_eq!(status, 200, "{body}");
     let (mut alice, _) = desk(far_dev, "alice", None).await?;
     set_presence(&mut alice, "online").await?;
     take_conversation(&mut alice, far_conversation).await?;

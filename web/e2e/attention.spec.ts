@@ -21,7 +21,7 @@ async function offerTimeout(page: Page, sb: Server, ms: number): Promise<void> {
 
 test('a missed offer keeps the desk saying so until the operator goes online; the countdown starts at the timeout', async ({ browser, sb }) => {
   const alice = await newPage(browser);
-  await offerTimeout(alice, sb, 6000);
+  await offerTimeout(alice, sb, 10_000);
   await signIn(alice, sb, 'alice');
   await goOnline(alice);
 
@@ -31,11 +31,13 @@ test('a missed offer keeps the desk saying so until the operator goes online; th
   const countdown = alice.getByTestId('offer').getByTestId('offer-countdown');
   await expect(countdown).toBeVisible();
   const first = Number((await countdown.textContent())?.replace('s', ''));
-  expect(first).toBeLessThanOrEqual(6);
-  expect(first).toBeGreaterThanOrEqual(4);
+  // The widget's message, its commit, the offer and the page's render all come out of
+  // the 10 s before the desk can show it; a loaded machine takes up to a few seconds.
+  expect(first).toBeLessThanOrEqual(10);
+  expect(first).toBeGreaterThanOrEqual(7);
 
   // Nobody answers: the offer runs out and the server sets Alice away.
-  await expect(alice.getByTestId('offer')).toHaveCount(0, { timeout: 15_000 });
+  await expect(alice.getByTestId('offer')).toHaveCount(0, { timeout: 20_000 });
   const banner = alice.getByTestId('missed-offer-banner');
   await expect(banner).toBeVisible();
   await expect(alice.getByTestId('presence-current')).toHaveAttribute('data-presence', 'away');
