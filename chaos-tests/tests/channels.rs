@@ -415,6 +415,63 @@ async fn a_deposed_leaders_late_answer_to_an_upload_settles_it() -> anyhow::Resu
     Ok(())
 }
 
+/// The leader is killed (SIGKILL) while Telegram holds its upload of a file, and started
+/// again. Its new process will never answer for that upload: the next leader asks it,
+/// hears that it sends nothing, and settles the attempt `unknown` once the 15 s a text
+/// gets have passed, not after the 150 s a node that may still be uploading gets. The
+/// conversation's next message, which waited behind the upload, then goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_node_was_restarted_is_settled_without_the_long_wait() -> anyhow::Result<()> {
+    let fake = FakeTelegram::start(BOT_TOKEN).await?;
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start_one_group(dir.path(), 3).await?;
+    let leader = cluster.leader().await?;
+    let other = (1..=3).find(|id| *id != leader).ok_or_else(|| anyhow::anyhow!("no follower"))?;
+    let dev = cluster.node(other);
+    let admin = dev.login("admin").await?;
+    telegram_channel(dev, &admin, &fake).await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    hook(dev, Some(SECRET), &update(1, 41, 1, "send me the form")).await?;
+    let conversation = accept_offer(&mut alice).await?;
+    let staff = dev.login("alice").await?;
+    let (status, file) = upload(&dev.private, &format!("/api/attachments?conversation={conversation}&name=form.pdf"), &staff, "application/pdf", b"%PDF-1.4 form".to_vec()).await?;
+    assert_eq!(status, 201, "{file}");
+    let supervisor = dev.login("supervisor").await?;
+
+    fake.script(&[Fault::Hang(Duration::from_secs(25))]);
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "f1", "text": "The form.", "attachments": [file["id"]], "ref": "f1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "f1").await?;
+    eventually(WAIT, Duration::from_millis(20), || async { Ok((fake.sent_files().len() == 1).then_some(())) }).await?;
+    // Sent while the upload runs: it waits for the upload's outcome.
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "f2", "text": "Did the form arrive?", "ref": "f2"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "f2").await?;
+
+    cluster.kill9(leader).await?;
+    let killed = std::time::Instant::now();
+    // The others elect a leader, whose outbox finds the attempt with no outcome; the
+    // killed node then starts again as a follower.
+    let next = eventually(Duration::from_secs(15), Duration::from_millis(200), || async {
+        Ok(cluster.status(other).await?["leader"].as_u64().filter(|l| *l != leader as u64))
+    })
+    .await?;
+    cluster.restart(leader).await?;
+    let dev = cluster.node(other);
+    let settled = eventually(Duration::from_secs(60), Duration::from_millis(200), || async {
+        Ok(deliveries(dev, &supervisor, conversation).await?.into_iter().find(|d| d["status"] == "unknown"))
+    })
+    .await?;
+    println!("the upload left by the killed leader was settled unknown {} ms after the kill: {settled}", killed.elapsed().as_millis());
+    let now = cluster.status(other).await?["leader"].as_u64();
+    assert_eq!(now, Some(next), "node {next} led the group all along: the settling was its, not the restarted node's");
+    eventually(Duration::from_secs(20), Duration::from_millis(100), || async { Ok(fake.sent().iter().any(|(_, text)| text == "Did the form arrive?").then_some(())) }).await?;
+    let all = deliveries(dev, &supervisor, conversation).await?;
+    let statuses: Vec<Value> = all.iter().map(|d| d["status"].clone()).collect();
+    assert_eq!(statuses, vec![json!("unknown"), json!("sent")], "{all:?}");
+    assert_eq!(fake.sent_files().len(), 1, "the upload was not made again");
+    Ok(())
+}
+
 /// WhatsApp Cloud API: Meta's subscription check, signed deliveries (a bad signature
 /// writes nothing, a redelivery makes one message), the reply through a rate limit and a
 /// 500 exactly once, and the delivered and read statuses of Meta's later webhooks shown

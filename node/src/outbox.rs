@@ -16,6 +16,11 @@
 //!   ([`SLOW_ORPHAN_AFTER_MS`] for another node's mail or message with files, which may
 //!   take up to [`FILE_SEND_TIMEOUT`]), it is dead-lettered as `unknown` rather than risk
 //!   sending it twice.
+//! - Before that longer wait ends, the leader asks the node that made the attempt
+//!   whether its process is still sending it (`Sending`, every [`ASK_EVERY`]): a node
+//!   that says no (it was restarted, or gave the send up) will never answer, so the
+//!   attempt is settled `unknown` then. A node that cannot be reached may still be at
+//!   it: the attempt waits.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -27,6 +32,7 @@ use switchboard_actors::model::{AdapterConfig, ChannelId, Command, ConversationI
 use switchboard_actors::shard::{Proposer, Shard};
 use switchboard_actors::state::{DeliveryStatus, HistoryItem, MAX_DELIVERY_ATTEMPTS};
 use switchboard_adapters::{http, Outgoing, SendOutcome};
+use switchboard_raft::network::Peers;
 use switchboard_raft::Raft;
 
 /// Sends running at once for one outbox (a node of one group has one; a split node one
@@ -46,6 +52,10 @@ pub const ORPHAN_AFTER_MS: u64 = 15_000;
 /// it, and its outcome may still come.
 /// A second [`ORPHAN_AFTER_MS`] at the end leaves that node time to commit its answer.
 pub const SLOW_ORPHAN_AFTER_MS: u64 = FILE_SEND_TIMEOUT.as_millis() as u64 + 2 * ORPHAN_AFTER_MS;
+/// How often the leader asks a node whether it still sends the attempts it left.
+pub const ASK_EVERY: Duration = Duration::from_secs(3);
+/// How long the node asked has to answer.
+const ASK_TTL: Duration = Duration::from_secs(2);
 /// An entry still failing this long after it was queued is dead-lettered.
 pub const GIVE_UP_AFTER_MS: u64 = 24 * 3600 * 1000;
 const FIRST_BACKOFF_MS: u64 = 1000;
@@ -102,11 +112,32 @@ type Key = (ConversationId, u64);
 /// The sends running: each entry's key, with its channel and whether it goes to the bot.
 type InFlight = HashMap<Key, (ChannelId, bool)>;
 
+/// Every outbox worker's sends in this process: what answers another node's `Sending`
+/// question (a conversation's entries live in one group, so keys do not collide).
+static SENDS: Mutex<Vec<std::sync::Weak<Mutex<InFlight>>>> = Mutex::new(Vec::new());
+
+/// For each of `keys`, whether an outbox worker of this process is sending it (from the
+/// moment it picks the entry until its outcome is committed or settled elsewhere).
+pub fn sending(keys: &[(u64, u64)]) -> Vec<bool> {
+    let mut workers = SENDS.lock().unwrap_or_else(|p| p.into_inner());
+    workers.retain(|w| w.strong_count() > 0);
+    let sets: Vec<Arc<Mutex<InFlight>>> = workers.iter().filter_map(std::sync::Weak::upgrade).collect();
+    drop(workers);
+    let mut found = vec![false; keys.len()];
+    for set in sets {
+        let set = set.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, (conversation, seq)) in keys.iter().enumerate() {
+            found[i] |= set.contains_key(&(ConversationId(*conversation), *seq));
+        }
+    }
+    found
+}
+
 /// Runs the delivery worker of one group's outbox while this node leads it. `outboxes`:
 /// how many outboxes the cluster's channels are split over (a split cluster's
 /// conversation shards, each led by any node; one group: 1). Each paces a channel at
 /// that share of its provider's rate, so together they keep to the rate.
-pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, node_id: u64, gateway: Arc<switchboard_gateway::Gateway>, outboxes: u64) {
+pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, node_id: u64, gateway: Arc<switchboard_gateway::Gateway>, outboxes: u64, peers: Peers) {
     let share = 1.0 / outboxes.max(1) as f64;
     let client = match http::Client::new(SEND_TIMEOUT) {
         Ok(c) => c,
@@ -117,6 +148,11 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
     };
     // Each send running, with the channel (and whether to its bot) it counts against.
     let in_flight: Arc<Mutex<InFlight>> = Arc::default();
+    SENDS.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&in_flight));
+    // Slow attempts of other nodes: when each node was last asked about each, and those
+    // a node said it no longer sends (with the node that said so).
+    let mut asked: HashMap<Key, std::time::Instant> = HashMap::new();
+    let given_up: Arc<Mutex<HashMap<Key, u64>>> = Arc::default();
     // Bumped whenever entries leave `in_flight`: they may be picked again, though no
     // command was applied (a mark that failed) or the one applied came before they left.
     let released: Arc<AtomicU64> = Arc::default();
@@ -150,7 +186,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         next_look = None;
         let mut due = |at: Timestamp| next_look = Some(next_look.map_or(at, |n: Timestamp| n.min(at)));
         let instant = std::time::Instant::now();
-        let (orphans, may_upload, paced, paced_for) = {
+        let (orphans, may_upload, mut slow_waiting, paced, paced_for) = {
             let state = shard.read();
             if state.outbox.is_empty() {
                 idle_rounds += 1;
@@ -159,7 +195,8 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             let flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
             let room = IN_FLIGHT.saturating_sub(flying.len()).min(switchboard_actors::core::MAX_DELIVERY_BATCH);
             let mut orphans = Vec::new();
-            let mut may_upload: Vec<(Key, Timestamp)> = Vec::new();
+            let mut may_upload: Vec<(Key, u64, Timestamp)> = Vec::new();
+            let mut slow_waiting: Vec<(Key, u64, Timestamp)> = Vec::new();
             let mut paced: Vec<Key> = Vec::new();
             let mut paced_for: Vec<(ChannelId, bool)> = Vec::new();
             // Each channel's sends running now (counted by what they were started for:
@@ -207,10 +244,10 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                         } else if slow == Slow::No || age >= SLOW_ORPHAN_AFTER_MS {
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
                         } else if slow == Slow::Yes {
-                            due(d.updated_at.plus_ms(SLOW_ORPHAN_AFTER_MS));
+                            slow_waiting.push((*key, node, d.updated_at));
                         } else {
                             // Whether it has files is read below, once the state is released.
-                            may_upload.push((*key, d.updated_at));
+                            may_upload.push((*key, node, d.updated_at));
                         }
                     }
                     DeliveryStatus::Pending if d.next_at > now => {
@@ -253,14 +290,14 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     break;
                 }
             }
-            (orphans, may_upload, paced, paced_for)
+            (orphans, may_upload, slow_waiting, paced, paced_for)
         };
         let mut orphans = orphans;
         // What each such entry's history said (it does not change), kept while the entry
         // waits, so the history is read once per entry and not at every look.
-        let waiting: std::collections::HashSet<Key> = may_upload.iter().map(|(k, _)| *k).collect();
+        let waiting: std::collections::HashSet<Key> = may_upload.iter().map(|(k, ..)| *k).collect();
         with_files.retain(|key, _| waiting.contains(key));
-        for (key, attempted_at) in may_upload {
+        for (key, node, attempted_at) in may_upload {
             let files = match with_files.get(&key) {
                 Some(files) => *files,
                 // A history that cannot be read now counts as one with files (the longer
@@ -277,8 +314,49 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     due(now);
                 }
             } else {
-                due(attempted_at.plus_ms(SLOW_ORPHAN_AFTER_MS));
+                slow_waiting.push((key, node, attempted_at));
             }
+        }
+        // A slow attempt of another node waits for its answer, unless that node says its
+        // process no longer sends it (then no answer will come).
+        let still_waiting: std::collections::HashSet<Key> = slow_waiting.iter().map(|(k, ..)| *k).collect();
+        asked.retain(|key, _| still_waiting.contains(key));
+        given_up.lock().unwrap_or_else(|p| p.into_inner()).retain(|key, _| still_waiting.contains(key));
+        let mut asks: BTreeMap<u64, Vec<Key>> = BTreeMap::new();
+        for (key, node, attempted_at) in slow_waiting {
+            let gone = given_up.lock().unwrap_or_else(|p| p.into_inner()).get(&key) == Some(&node);
+            if gone && orphans.len() < switchboard_actors::core::MAX_DELIVERY_BATCH {
+                orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
+                continue;
+            }
+            due(attempted_at.plus_ms(SLOW_ORPHAN_AFTER_MS).min(now.plus_ms(ASK_EVERY.as_millis() as u64)));
+            if asked.get(&key).is_none_or(|at| at.elapsed() >= ASK_EVERY) {
+                let keys = asks.entry(node).or_default();
+                if keys.len() < switchboard_raft::network::MAX_SENDING_KEYS {
+                    asked.insert(key, instant);
+                    keys.push(key);
+                }
+            }
+        }
+        for (node, keys) in asks {
+            let addr = raft.metrics().borrow().membership_config.membership().get_node(&node).map(|n| n.addr.clone());
+            let Some(addr) = addr else { continue };
+            let (peers, given_up, released) = (peers.clone(), given_up.clone(), released.clone());
+            tokio::spawn(async move {
+                let question = keys.iter().map(|(c, seq)| (c.0, *seq)).collect();
+                match peers.sending(&addr, question, ASK_TTL).await {
+                    Ok(flags) => {
+                        let gone: Vec<Key> = keys.iter().zip(flags).filter(|(_, sends)| !sends).map(|(k, _)| *k).collect();
+                        if !gone.is_empty() {
+                            tracing::info!(node, entries = gone.len(), "the node an outbox attempt was left by no longer sends it; settling it unknown");
+                            given_up.lock().unwrap_or_else(|p| p.into_inner()).extend(gone.into_iter().map(|k| (k, node)));
+                            // Look again now (the state did not change).
+                            released.fetch_add(1, std::sync::atomic::Ordering::Release);
+                        }
+                    }
+                    Err(e) => tracing::debug!(node, error = %e, "could not ask a node whether it still sends its outbox attempts"),
+                }
+            });
         }
         if !orphans.is_empty() {
             let n = orphans.len();

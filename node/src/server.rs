@@ -866,8 +866,12 @@ pub(crate) fn remove_files_with_their_conversations(shard: &Shard, blobs: switch
 }
 
 /// What this member tells gateways polling it: the leader and members of `raft`'s
-/// group (the routing shard's on a split node) and whether the gateway serves.
+/// group (the routing shard's on a split node) and whether the gateway serves; and
+/// what it tells other nodes of the outbox entries it sends.
 pub(crate) fn report_status(router: &Router, raft: Raft, node_id: u64, gateway: Arc<Gateway>) {
+    // Which outbox entries this process sends: what the next leader of a group asks
+    // before it settles an attempt this node left (`outbox`).
+    router.set_sending(Arc::new(crate::outbox::sending));
     router.set_status(Arc::new(move || {
         let m = raft.metrics().borrow().clone();
         switchboard_raft::network::MemberStatus {
@@ -1301,7 +1305,7 @@ std::fs::create_dir_all(&options.data_dir)?;
         tokio::spawn(report_operator_sockets(gateway.clone(), options.node_id)),
         tokio::spawn(absence_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id, options.presence_grace)),
         tokio::spawn(inactivity_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id)),
-        tokio::spawn(crate::outbox::run(raft.clone(), Arc::new(proposer.clone()), shard.clone(), options.node_id, gateway.clone(), 1)),
+        tokio::spawn(crate::outbox::run(raft.clone(), Arc::new(proposer.clone()), shard.clone(), options.node_id, gateway.clone(), 1, peers.clone())),
     ]);
     info!(%public_addr, %private_addr, %raft_addr, ?smtp_addr, "node started");
     Ok(RunningNode { groups: Groups::One { raft, endpoint, db }, gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })

@@ -787,7 +787,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
         server::remove_files_with_their_conversations(&c.shard, gateway.blobs.clone());
         listeners.push(tokio::spawn(server::retention_timer(c.raft.clone(), c.proposer.clone(), node_id, options.retention_every)));
         listeners.push(tokio::spawn(server::inactivity_timer(c.raft.clone(), c.proposer.clone(), c.shard.clone(), node_id)));
-        listeners.push(tokio::spawn(crate::outbox::run(c.raft.clone(), Arc::new(c.proposer.clone()), c.shard.clone(), node_id, gateway.clone(), shards)));
+        listeners.push(tokio::spawn(crate::outbox::run(c.raft.clone(), Arc::new(c.proposer.clone()), c.shard.clone(), node_id, gateway.clone(), shards, node.peers.clone())));
     }
     listeners.push(placement);
     tracing::info!(%public_addr, %private_addr, shards, "split node started");

@@ -60,6 +60,11 @@ enum RpcRequest {
     /// conversation's shard (appended variant; a member that predates it answers
     /// `BadRequest`, and the gateway then pins by `Status` alone).
     Shards,
+    /// Which of these outbox entries (conversation id, sequence number) this node's
+    /// process is sending now: what the next leader asks the node an attempt was left
+    /// by, before it settles the attempt `unknown` (appended variant; a node that
+    /// predates it answers `BadRequest`, and the asker keeps waiting).
+    Sending { keys: Vec<(u64, u64)> },
 }
 
 impl RpcRequest {
@@ -104,6 +109,8 @@ enum RpcResponse {
     /// The answer to a `Read`, as the node encoded it.
     Read(Result<Vec<u8>, String>),
     Shards(Vec<ShardStatus>),
+    /// The answer to `Sending`: for each entry asked about, whether this process sends it.
+    Sending(Vec<bool>),
 }
 
 /// One conversation shard as a member sees it (answer to a gateway's `Shards` poll).
@@ -121,6 +128,13 @@ pub struct ShardStatus {
 /// What answers a gateway's `Shards` poll on this node: the conversation shards in
 /// order (conversation `id` lives in the `id % len`-th), empty on a node of one group.
 pub type ShardsSource = Arc<dyn Fn() -> Vec<ShardStatus> + Send + Sync>;
+
+/// What answers another node's `Sending` question: for each outbox entry, whether this
+/// process is sending it now.
+pub type SendingSource = Arc<dyn Fn(&[(u64, u64)]) -> Vec<bool> + Send + Sync>;
+
+/// The most outbox entries one `Sending` question may name.
+pub const MAX_SENDING_KEYS: usize = 1000;
 
 /// What a member says of itself and the cluster (answer to a gateway's poll).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,6 +211,7 @@ pub struct Router {
     files: Arc<RwLock<Option<Arc<dyn Files>>>>,
     status: Arc<RwLock<Option<StatusSource>>>,
     shards: Arc<RwLock<Option<ShardsSource>>>,
+    sending: Arc<RwLock<Option<SendingSource>>>,
     relay: Arc<RwLock<Option<Arc<dyn Relay>>>>,
     reads: Arc<RwLock<Option<Arc<dyn GroupReads>>>>,
     /// Per group: the gate new entries pass before this node appends them (held while
@@ -354,6 +369,11 @@ impl Router {
     /// Answers gateways' shard polls from `shards`.
     pub fn set_shards(&self, shards: ShardsSource) {
         *self.shards.write().unwrap_or_else(|p| p.into_inner()) = Some(shards);
+    }
+
+    /// Answers other nodes' `Sending` questions from `sending`.
+    pub fn set_sending(&self, sending: SendingSource) {
+        *self.sending.write().unwrap_or_else(|p| p.into_inner()) = Some(sending);
     }
 
     /// Serves relayed client traffic with `relay`.
@@ -529,6 +549,15 @@ impl Router {
             RpcRequest::Shards => {
                 let source = self.shards.read().unwrap_or_else(|p| p.into_inner()).clone();
                 RpcResponse::Shards(source.map(|s| s()).unwrap_or_default())
+            }
+            RpcRequest::Sending { keys } => {
+                let source = self.sending.read().unwrap_or_else(|p| p.into_inner()).clone();
+                match source {
+                    _ if keys.len() > MAX_SENDING_KEYS => RpcResponse::BadRequest(format!("at most {MAX_SENDING_KEYS} outbox entries per question")),
+                    Some(source) => RpcResponse::Sending(source(&keys)),
+                    // Not wired yet (the node is starting): it sends nothing.
+                    None => RpcResponse::Sending(vec![false; keys.len()]),
+                }
             }
             RpcRequest::Read { group, query } => match (self.get(group), self.reads()) {
                 (Some(_), Some(reads)) => RpcResponse::Read(reads.read(group, query).await),
@@ -1013,6 +1042,18 @@ impl Peers {
         match self.exchange(addr, &RpcRequest::Shards, ttl).await {
             Ok(RpcResponse::Shards(shards)) => Ok(shards),
             Ok(_) => Err(format!("{addr} answered a shard poll with something else")),
+            Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
+        }
+    }
+
+    /// Which of `keys` (outbox entries: conversation id, sequence number) the node at
+    /// `addr` is sending now, within `ttl`.
+    pub async fn sending(&self, addr: &str, keys: Vec<(u64, u64)>, ttl: Duration) -> Result<Vec<bool>, String> {
+        let n = keys.len();
+        match self.exchange(addr, &RpcRequest::Sending { keys }, ttl).await {
+            Ok(RpcResponse::Sending(flags)) if flags.len() == n => Ok(flags),
+            Ok(RpcResponse::BadRequest(why)) => Err(format!("{addr} refused the question: {why}")),
+            Ok(_) => Err(format!("{addr} answered which entries it sends with something else")),
             Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
         }
     }
