@@ -111,6 +111,8 @@ struct Bucket {
 type Key = (ConversationId, u64);
 /// The sends running: each entry's key, with its channel and whether it goes to the bot.
 type InFlight = HashMap<Key, (ChannelId, bool)>;
+/// An attempt of another node: the entry, the node, and when its mark was committed.
+type Attempt = (Key, u64, Timestamp);
 
 /// Every outbox worker's sends in this process: what answers another node's `Sending`
 /// question (a conversation's entries live in one group, so keys do not collide).
@@ -149,10 +151,12 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
     // Each send running, with the channel (and whether to its bot) it counts against.
     let in_flight: Arc<Mutex<InFlight>> = Arc::default();
     SENDS.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&in_flight));
-    // Slow attempts of other nodes: when each node was last asked about each, and those
-    // a node said it no longer sends (with the node that said so).
-    let mut asked: HashMap<Key, std::time::Instant> = HashMap::new();
-    let given_up: Arc<Mutex<HashMap<Key, u64>>> = Arc::default();
+    // Slow attempts of other nodes, each as (entry, node, time of its mark): when this
+    // leader last asked that node about it, and those the node said it no longer sends.
+    // An answer counts for the attempt it was asked about only, never for a later mark
+    // of the same entry.
+    let mut asked: HashMap<Attempt, Timestamp> = HashMap::new();
+    let given_up: Arc<Mutex<std::collections::HashSet<Attempt>>> = Arc::default();
     // Bumped whenever entries leave `in_flight`: they may be picked again, though no
     // command was applied (a mark that failed) or the one applied came before they left.
     let released: Arc<AtomicU64> = Arc::default();
@@ -173,6 +177,8 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         if !leading {
             idle_rounds += 1;
             seen = None;
+            asked.clear();
+            given_up.lock().unwrap_or_else(|p| p.into_inner()).clear();
             continue;
         }
         let now = now_ms();
@@ -319,37 +325,39 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         }
         // A slow attempt of another node waits for its answer, unless that node says its
         // process no longer sends it (then no answer will come).
-        let still_waiting: std::collections::HashSet<Key> = slow_waiting.iter().map(|(k, ..)| *k).collect();
-        asked.retain(|key, _| still_waiting.contains(key));
-        given_up.lock().unwrap_or_else(|p| p.into_inner()).retain(|key, _| still_waiting.contains(key));
-        let mut asks: BTreeMap<u64, Vec<Key>> = BTreeMap::new();
-        for (key, node, attempted_at) in slow_waiting {
-            let gone = given_up.lock().unwrap_or_else(|p| p.into_inner()).get(&key) == Some(&node);
+        let still_waiting: std::collections::HashSet<Attempt> = slow_waiting.iter().copied().collect();
+        asked.retain(|attempt, _| still_waiting.contains(attempt));
+        given_up.lock().unwrap_or_else(|p| p.into_inner()).retain(|attempt| still_waiting.contains(attempt));
+        let ask_every = ASK_EVERY.as_millis() as u64;
+        let mut asks: BTreeMap<u64, Vec<Attempt>> = BTreeMap::new();
+        for attempt in slow_waiting {
+            let (key, node, attempted_at) = attempt;
+            let gone = given_up.lock().unwrap_or_else(|p| p.into_inner()).contains(&attempt);
             if gone && orphans.len() < switchboard_actors::core::MAX_DELIVERY_BATCH {
                 orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
                 continue;
             }
-            due(attempted_at.plus_ms(SLOW_ORPHAN_AFTER_MS).min(now.plus_ms(ASK_EVERY.as_millis() as u64)));
-            if asked.get(&key).is_none_or(|at| at.elapsed() >= ASK_EVERY) {
-                let keys = asks.entry(node).or_default();
-                if keys.len() < switchboard_raft::network::MAX_SENDING_KEYS {
-                    asked.insert(key, instant);
-                    keys.push(key);
+            due(attempted_at.plus_ms(SLOW_ORPHAN_AFTER_MS).min(now.plus_ms(ask_every)));
+            if asked.get(&attempt).is_none_or(|at| now.millis_since(*at) >= ask_every) {
+                let attempts = asks.entry(node).or_default();
+                if attempts.len() < switchboard_raft::network::MAX_SENDING_KEYS {
+                    asked.insert(attempt, now);
+                    attempts.push(attempt);
                 }
             }
         }
-        for (node, keys) in asks {
+        for (node, attempts) in asks {
             let addr = raft.metrics().borrow().membership_config.membership().get_node(&node).map(|n| n.addr.clone());
             let Some(addr) = addr else { continue };
             let (peers, given_up, released) = (peers.clone(), given_up.clone(), released.clone());
             tokio::spawn(async move {
-                let question = keys.iter().map(|(c, seq)| (c.0, *seq)).collect();
+                let question = attempts.iter().map(|((c, seq), ..)| (c.0, *seq)).collect();
                 match peers.sending(&addr, question, ASK_TTL).await {
                     Ok(flags) => {
-                        let gone: Vec<Key> = keys.iter().zip(flags).filter(|(_, sends)| !sends).map(|(k, _)| *k).collect();
+                        let gone: Vec<Attempt> = attempts.iter().zip(flags).filter(|(_, sends)| !sends).map(|(a, _)| *a).collect();
                         if !gone.is_empty() {
                             tracing::info!(node, entries = gone.len(), "the node an outbox attempt was left by no longer sends it; settling it unknown");
-                            given_up.lock().unwrap_or_else(|p| p.into_inner()).extend(gone.into_iter().map(|k| (k, node)));
+                            given_up.lock().unwrap_or_else(|p| p.into_inner()).extend(gone);
                             // Look again now (the state did not change).
                             released.fetch_add(1, std::sync::atomic::Ordering::Release);
                         }

@@ -555,8 +555,8 @@ impl Router {
                 match source {
                     _ if keys.len() > MAX_SENDING_KEYS => RpcResponse::BadRequest(format!("at most {MAX_SENDING_KEYS} outbox entries per question")),
                     Some(source) => RpcResponse::Sending(source(&keys)),
-                    // Not wired yet (the node is starting): it sends nothing.
-                    None => RpcResponse::Sending(vec![false; keys.len()]),
+                    // Not wired (yet): no answer rather than a guess; the asker waits.
+                    None => RpcResponse::BadRequest("this node does not say which outbox entries it sends".into()),
                 }
             }
             RpcRequest::Read { group, query } => match (self.get(group), self.reads()) {
