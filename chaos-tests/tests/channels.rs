@@ -356,12 +356,23 @@ async fn a_node_killed_mid_send_neither_loses_nor_repeats_a_message() -> anyhow:
     Ok(())
 }
 
-/// The leader is frozen while Telegram holds its upload of a file. The next leader does
-/// not settle the attempt `unknown` after the 15 s it gives a text (the upload may take
-/// two minutes, and its node may still answer: it waits 150 s); the frozen node, woken, gets the
-/// provider's answer and commits it: the file is `sent`, once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deposed_leaders_late_answer_to_an_upload_settles_it() -> anyhow::Result<()> {
+/// A cluster of three, one group, whose leader is uploading an operator's file to a
+/// fake Telegram that holds the upload for 25 s.
+struct HeldUpload {
+    fake: FakeTelegram,
+    _dir: tempfile::TempDir,
+    cluster: Cluster,
+    leader: usize,
+    /// A follower: alice's desk and the test's requests go through it.
+    other: usize,
+    alice: WsClient,
+    conversation: u64,
+    supervisor: String,
+}
+
+/// Starts [`HeldUpload`]: a Telegram customer's conversation taken by alice, and her
+/// message with a file, acknowledged and being uploaded.
+async fn upload_held_by_telegram() -> anyhow::Result<HeldUpload> {
     let fake = FakeTelegram::start(BOT_TOKEN).await?;
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::start_one_group(dir.path(), 3).await?;
@@ -383,6 +394,17 @@ async fn a_deposed_leaders_late_answer_to_an_upload_settles_it() -> anyhow::Resu
     alice.send(&json!({"type": "send", "conversation": conversation, "key": "f1", "text": "The form.", "attachments": [file["id"]], "ref": "f1"})).await?;
     alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "f1").await?;
     eventually(WAIT, Duration::from_millis(20), || async { Ok((fake.sent_files().len() == 1).then_some(())) }).await?;
+    Ok(HeldUpload { fake, _dir: dir, cluster, leader, other, alice, conversation, supervisor })
+}
+
+/// The leader is frozen while Telegram holds its upload of a file. The next leader does
+/// not settle the attempt `unknown` after the 15 s it gives a text (the upload may take
+/// two minutes, and its node may still answer: it waits 150 s); the frozen node, woken, gets the
+/// provider's answer and commits it: the file is `sent`, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leaders_late_answer_to_an_upload_settles_it() -> anyhow::Result<()> {
+    let HeldUpload { fake, _dir, cluster, leader, other, alice: _alice, conversation, supervisor } = upload_held_by_telegram().await?;
+    let dev = cluster.node(other);
     let pid = cluster.node(leader).pid()?.to_string();
     let signal = |sig: &'static str| {
         let pid = pid.clone();
@@ -422,27 +444,7 @@ async fn a_deposed_leaders_late_answer_to_an_upload_settles_it() -> anyhow::Resu
 /// conversation's next message, which waited behind the upload, then goes out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_whose_node_was_restarted_is_settled_without_the_long_wait() -> anyhow::Result<()> {
-    let fake = FakeTelegram::start(BOT_TOKEN).await?;
-    let dir = tempfile::tempdir()?;
-    let mut cluster = Cluster::start_one_group(dir.path(), 3).await?;
-    let leader = cluster.leader().await?;
-    let other = (1..=3).find(|id| *id != leader).ok_or_else(|| anyhow::anyhow!("no follower"))?;
-    let dev = cluster.node(other);
-    let admin = dev.login("admin").await?;
-    telegram_channel(dev, &admin, &fake).await?;
-    let (mut alice, _) = dev.operator("alice").await?;
-    set_presence(&mut alice, "online").await?;
-    hook(dev, Some(SECRET), &update(1, 41, 1, "send me the form")).await?;
-    let conversation = accept_offer(&mut alice).await?;
-    let staff = dev.login("alice").await?;
-    let (status, file) = upload(&dev.private, &format!("/api/attachments?conversation={conversation}&name=form.pdf"), &staff, "application/pdf", b"%PDF-1.4 form".to_vec()).await?;
-    assert_eq!(status, 201, "{file}");
-    let supervisor = dev.login("supervisor").await?;
-
-    fake.script(&[Fault::Hang(Duration::from_secs(25))]);
-    alice.send(&json!({"type": "send", "conversation": conversation, "key": "f1", "text": "The form.", "attachments": [file["id"]], "ref": "f1"})).await?;
-    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "f1").await?;
-    eventually(WAIT, Duration::from_millis(20), || async { Ok((fake.sent_files().len() == 1).then_some(())) }).await?;
+    let HeldUpload { fake, _dir, mut cluster, leader, other, mut alice, conversation, supervisor } = upload_held_by_telegram().await?;
     // Sent while the upload runs: it waits for the upload's outcome.
     alice.send(&json!({"type": "send", "conversation": conversation, "key": "f2", "text": "Did the form arrive?", "ref": "f2"})).await?;
     alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "f2").await?;

@@ -201,8 +201,8 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             let flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
             let room = IN_FLIGHT.saturating_sub(flying.len()).min(switchboard_actors::core::MAX_DELIVERY_BATCH);
             let mut orphans = Vec::new();
-            let mut may_upload: Vec<(Key, u64, Timestamp)> = Vec::new();
-            let mut slow_waiting: Vec<(Key, u64, Timestamp)> = Vec::new();
+            let mut may_upload: Vec<Attempt> = Vec::new();
+            let mut slow_waiting: Vec<Attempt> = Vec::new();
             let mut paced: Vec<Key> = Vec::new();
             let mut paced_for: Vec<(ChannelId, bool)> = Vec::new();
             // Each channel's sends running now (counted by what they were started for:
