@@ -619,8 +619,9 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     // A visitor on each of nodes 1 to 3 in each conversation shard: one of these nodes
     // will give a shard up to node 4, and its visitors' sockets must go on being woken.
     let mut settled: BTreeMap<(usize, u64), (WsClient, u64)> = BTreeMap::new();
-    // A visitor's shard follows a hash of the visitor, so six pairs take about 15
-    // visitors and rarely more than 40 (about 1 run in 250); 60 leaves 1 in 9,000.
+    // A visitor's shard follows a hash of its random id, so each node's visitors fall
+    // in one shard or the other as coins do: with 20 visitors a node (60 in all) a
+    // node's all landing in one shard is about 1 run in 175,000 (40 in all: 1 in 1,400).
     for i in 0..60 {
         let n = 1 + i % 3;
         let (ws, id, _) = cluster.node(n).client(&format!("Settled {i}")).await?;
