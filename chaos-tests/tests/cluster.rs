@@ -14,6 +14,11 @@ use serde_json::json;
 use switchboard_chaos_tests::{cli, eventually, set_presence, Cluster, WAIT};
 use switchboard_gateway::client::{ClientError, Incoming, WsClient};
 
+/// How long a client waits for the next frame while its message is unanswered: a
+/// message whose outcome a failover made unknown is sent again by the node for up to
+/// 10 s, and one attempt may wait 10 s for a leader.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 struct Observed {
     /// (conversation, key) -> sequence number the server acknowledged.
@@ -48,7 +53,7 @@ async fn client_loop(mut ws: WsClient, conversation: u64, mut run: ClientRun, sh
             break;
         }
         loop {
-            match ws.next(WAIT).await {
+            match ws.next(ACK_WAIT).await {
                 Ok(Incoming::Json(v)) if v["type"] == "event" => run.seen.push(v["seq"].as_u64().unwrap_or(0)),
                 Ok(Incoming::Json(v)) if v["type"] == "ack" && v["key"] == key.as_str() => {
                     shared.lock().unwrap().acked.insert((conversation, key.clone()), v["seq"].as_u64().unwrap_or(0));
@@ -68,7 +73,7 @@ async fn client_loop(mut ws: WsClient, conversation: u64, mut run: ClientRun, sh
                     run.lost = true;
                     break 'messages;
                 }
-                Err(e) => panic!("client of {conversation} waited {WAIT:?} for its ack of {key}: {e}"),
+                Err(e) => panic!("client of {conversation} waited {ACK_WAIT:?} for its ack of {key}: {e}"),
             }
         }
         // Paced under the conversation's budget (60 a minute, in a burst of 60).

@@ -13,6 +13,11 @@ use serde_json::json;
 use switchboard_chaos_tests::{cli, eventually, set_presence, Cluster, Dev, WAIT};
 use switchboard_gateway::client::{ClientError, Incoming, WsClient};
 
+/// How long a client waits for the next frame while its message is unanswered: a
+/// message whose outcome a failover made unknown is sent again by the node for up to
+/// 10 s, and one attempt may wait 10 s for a leader.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
 /// (conversation, key) -> the `seq` the server acknowledged.
 type Acked = Arc<Mutex<BTreeMap<(u64, String), u64>>>;
 
@@ -43,7 +48,7 @@ async fn client_loop(
             break;
         }
         loop {
-            match ws.next(WAIT).await {
+            match ws.next(ACK_WAIT).await {
                 Ok(Incoming::Json(v)) if v["type"] == "event" => {
                     run.seen.push(v["seq"].as_u64().unwrap_or(0))
                 }
@@ -74,7 +79,7 @@ async fn client_loop(
                     break 'messages;
                 }
                 Err(e) => {
-                    panic!("client of {conversation} waited {WAIT:?} for its ack of {key}: {e}")
+                    panic!("client of {conversation} waited {ACK_WAIT:?} for its ack of {key}: {e}")
                 }
             }
         }

@@ -347,7 +347,9 @@ async fn take_inbound(gw: &Gateway, command: Command) -> Result<Value, GatewayEr
 /// Commits an inbound message: its answer, or why the core refused it (`Ok(Err)`: no
 /// retry changes that), or `503` when the commit failed, so that it is delivered again.
 async fn commit_inbound(gw: &Gateway, command: Command) -> Result<Result<Value, switchboard_actors::Error>, GatewayError> {
-    match gw.submit(command).await {
+    // The provider's message id makes a second copy harmless: sent again through a
+    // failover before the provider is asked to deliver it again.
+    match gw.submit_keyed(command).await {
         Ok(Reply::Inbound { conversation, duplicate }) => Ok(Ok(json!({"ok": true, "conversation": conversation.0, "duplicate": duplicate}))),
         Ok(_) => Ok(Ok(json!({"ok": true}))),
         // Not decided (a commit, actor, storage or unreachable member failed): again.
@@ -395,7 +397,7 @@ pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<Str
     let body: InboundBody = parse(&body)?;
     let command = Command::ChannelInbound { channel, sender: body.sender, sender_name: body.sender_name, provider_message_id: body.message_id, text: body.text };
     // An adapter gets the real answer: 409 with the reason for what can never be taken.
-    let (conversation, duplicate) = match gw.submit(command).await? {
+    let (conversation, duplicate) = match gw.submit_keyed(command).await? {
         Reply::Inbound { conversation, duplicate } => (conversation.0, duplicate),
         other => return Err(GatewayError::Internal(format!("an inbound message was answered {other:?}"))),
     };

@@ -366,7 +366,7 @@ impl ClientSession {
                 let preview: String = text.chars().take(PREVIEW_CHARS).collect();
                 // The ack and the message's own frame go out in one write.
                 let _answer = out.answer_coming();
-                match self.gw.submit(Command::PostClientMessage { conversation, key: key.clone(), text, attachments }).await {
+                match self.gw.submit_keyed(Command::PostClientMessage { conversation, key: key.clone(), text, attachments }).await {
                     Ok(Reply::Message { seq, duplicate }) => {
                         out.json(json!({"type": "ack", "key": key, "seq": seq, "duplicate": duplicate})).await;
                         if !duplicate && !preview.is_empty() {

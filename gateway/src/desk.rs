@@ -54,7 +54,7 @@ pub(crate) async fn add_note(State(gw): State<Arc<Gateway>>, staff: Staff, Path(
         Some(key) => key,
         None => format!("note-{}", crate::auth::random_hex(12)?),
     };
-    let reply = gw.submit(Command::AddNote { conversation, author: staff.login.clone(), name, key: key.clone(), text: body.text }).await?;
+    let reply = gw.submit_keyed(Command::AddNote { conversation, author: staff.login.clone(), name, key: key.clone(), text: body.text }).await?;
     match reply {
         Reply::Message { seq, duplicate } => Ok(Json(json!({"conversation": conversation.0, "key": key, "seq": seq, "duplicate": duplicate}))),
         other => Err(GatewayError::Internal(format!("unexpected reply to a note: {other:?}"))),

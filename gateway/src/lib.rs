@@ -403,6 +403,10 @@ pub struct Signals {
 /// Conversations' signal channels kept before the first sweep of those nobody listens
 /// to any more.
 const SIGNALS_BEFORE_SWEEP: usize = 1024;
+/// How long a keyed command whose outcome is unknown is sent again before its sender
+/// is told `unavailable` (see [`Gateway::submit_keyed`]): the time the node itself looks
+/// for a leader, a few elections over.
+pub const KEYED_RESEND_FOR: Duration = Duration::from_secs(10);
 
 impl Signals {
     pub fn conversation(&self, id: ConversationId) -> broadcast::Receiver<Value> {
@@ -653,6 +657,31 @@ impl Gateway {
         found.dedup();
         found.truncate(limit);
         Ok(found)
+    }
+
+    /// Commits a command whose second copy is written once: a message or a note under
+    /// its key, a channel's inbound message under its provider's id. When the node
+    /// cannot say whether an attempt committed (a leader died or stalled with it: the
+    /// error is `Commit`), or could not reach a member that holds the data
+    /// (`Unreachable`), the same command is sent again, after 50 ms and then twice as
+    /// long each time up to 1 s, for up to [`KEYED_RESEND_FOR`] from the first attempt;
+    /// an attempt that committed after all is answered from its key (`duplicate`). So a
+    /// failover costs the sender a wait, not an error; after that time the last error
+    /// is the answer (`unavailable`).
+    pub async fn submit_keyed(&self, command: Command) -> Result<Reply, switchboard_actors::Error> {
+        let give_up = Instant::now() + KEYED_RESEND_FOR;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.submit(command.clone()).await {
+                Err(switchboard_actors::Error::Commit(e) | switchboard_actors::Error::Unreachable(e)) if Instant::now() + pause < give_up => {
+                    tracing::info!(error = %e, "a keyed command's outcome is unknown; sending it again");
+                    self.metrics.keyed_resent.fetch_add(1, Relaxed);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                answer => return answer,
+            }
+        }
     }
 
     /// Commits a command, counting and timing it.

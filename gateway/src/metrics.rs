@@ -55,12 +55,13 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     pub connections_refused: AtomicU64,
     pub accepts_resent: AtomicU64,
+    pub keyed_resent: AtomicU64,
 }
 
 impl Metrics {
     pub fn render(&self, extra: &str) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &str, &AtomicU64); 13] = [
+        let counters: [(&str, &str, &str, &AtomicU64); 14] = [
             ("switchboard_connections_refused_total", "counter", "TCP connections closed at once: over the per-address or per-listener cap.", &self.connections_refused),
             ("switchboard_client_sessions_opened_total", "counter", "Client WebSocket sessions opened.", &self.client_sessions_opened),
             ("switchboard_client_sessions", "gauge", "Client WebSocket sessions open now.", &self.client_sessions_active),
@@ -74,6 +75,7 @@ impl Metrics {
             ("switchboard_commands_committed_total", "counter", "Commands committed through Raft.", &self.commands_committed),
             ("switchboard_commands_rejected_total", "counter", "Commands refused by the core.", &self.commands_rejected),
             ("switchboard_accepts_resent_total", "counter", "Offer accepts sent again because the node could not say whether they committed.", &self.accepts_resent),
+            ("switchboard_keyed_resent_total", "counter", "Keyed commands (messages, notes, inbound messages) tried again because the node could not say whether they committed, or could not reach the members that decide them.", &self.keyed_resent),
         ];
         for (name, kind, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Relaxed));

@@ -575,11 +575,34 @@ impl OperatorSession {
                 let command =
                     Command::PostOperatorMessage { operator: me, conversation: ConversationId(conversation), key: key.clone(), text, attachments };
                 // Only while routing says this operator holds it: a conversation shard's
-                // copy of the holder may not have heard of a reassignment yet.
-                let answered = self.holds_now(ConversationId(conversation), &command, &reference).await?;
-                let reply = match answered {
-                    Some(reply) => reply,
-                    None => self.commit(command, Some(&reference)).await?,
+                // copy of the holder may not have heard of a reassignment yet. When the
+                // commit's outcome is unknown (a failover), or routing cannot be asked,
+                // both are done again, routing first, as `Gateway::submit_keyed` does:
+                // its key makes a second copy a duplicate, and routing asked again keeps
+                // a resend from writing after the conversation moved on.
+                let give_up = Instant::now() + crate::KEYED_RESEND_FOR;
+                let mut pause = Duration::from_millis(50);
+                let reply = loop {
+                    let attempt = match self.holds_now(ConversationId(conversation), &command, &reference).await {
+                        Ok(Some(reply)) => Ok(reply),
+                        Ok(None) => match self.gw.submit(command.clone()).await {
+                            Ok(reply) => Ok(reply),
+                            Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Unreachable(_))) => {
+                                Err(frames::error(e.code(), &e.to_string(), Some(&reference)))
+                            }
+                            Err(e) => return Err(frames::error(e.code(), &e.to_string(), Some(&reference))),
+                        },
+                        Err(frame) => Err(frame),
+                    };
+                    match attempt {
+                        Err(frame) if frame["code"] == "unavailable" && Instant::now() + pause < give_up => {
+                            tracing::info!(operator = %self.operator.0, conversation, error = %frame["message"], "an operator's message's outcome is unknown; sending it again");
+                            self.gw.metrics.keyed_resent.fetch_add(1, Relaxed);
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(1));
+                        }
+                        attempt => break attempt?,
+                    }
                 };
                 if let Reply::Message { seq, duplicate } = reply {
                     out.json(json!({"type": "ack", "ref": reference, "key": key, "conversation": conversation, "seq": seq, "duplicate": duplicate}))

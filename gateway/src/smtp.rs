@@ -578,7 +578,9 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
         Command::ChannelInboundRich { files, .. } => files.clone(),
         _ => Vec::new(),
     };
-    match gw.submit(command).await {
+    // Its Message-ID makes a second copy harmless: sent again through a failover
+    // before the sending server is asked to try later.
+    match gw.submit_keyed(command).await {
         Ok(Reply::Inbound { conversation, .. }) => Ok(conversation.0),
         Ok(_) => Ok(0),
         // Not decided (a commit, actor, storage or unreachable member failed): again.
