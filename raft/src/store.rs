@@ -81,6 +81,17 @@ const MEMTABLE_BYTES: u32 = 2 * 1024 * 1024;
 /// fjall keeps a partition's options from its creation: a store made before keeps 64 MiB.
 const SEGMENT_BYTES: u32 = 8 * 1024 * 1024;
 
+/// Journal space past which fjall halts every write (the appliers' threads with them)
+/// until its flushes free old journals. fjall counts each sealed journal at its
+/// preallocated length, 32 MiB, however little it holds, and seals one at every
+/// memtable's rotation, of any partition. At 64 MiB three sealed journals halted the
+/// node: in the kill drill a restarted member sealed ten while it caught up, its
+/// runtime's threads slept in the halt, it stopped answering votes and heartbeats, and
+/// in 4 runs of 7 the cluster lost its majority for good. 512 MiB (fjall's default)
+/// allows sixteen; on disk they take what was written in them (the preallocation is
+/// sparse), and what a restart replays is bounded by the memtables, not by this.
+const JOURNAL_BYTES: u64 = 512 * 1024 * 1024;
+
 fn partition_options() -> fjall::PartitionCreateOptions {
     fjall::PartitionCreateOptions::default().max_memtable_size(MEMTABLE_BYTES).compaction_strategy(fjall::compaction::Strategy::Leveled(
         fjall::compaction::Leveled { target_size: SEGMENT_BYTES, ..Default::default() },
@@ -94,7 +105,7 @@ fn state_partition(keyspace: &fjall::Keyspace, group: u64) -> Result<fjall::Part
 
 /// Opens (or creates) the record store at `dir`: one fjall keyspace for every group's
 /// records and meta keys, with bounded memory (a 16 MiB block cache, 2 MiB memtables
-/// and 24 MiB of them in all, a 64 MiB journal). Writes reach the OS at once, a background thread syncs
+/// and 24 MiB of them in all, journals up to [`JOURNAL_BYTES`]). Writes reach the OS at once, a background thread syncs
 /// the journal every 250 ms (so a snapshot point's sync has little left to do and does
 /// not stall applies), and each snapshot point syncs it too. The caller keeps the
 /// keyspace for as long as any group uses it. The partitions of `groups` are made with
@@ -113,7 +124,7 @@ pub fn open_keyspace(dir: &Path, groups: &[u64]) -> Result<fjall::Keyspace, crat
     let keyspace = fjall::Config::new(dir)
         .cache_size(16 * 1024 * 1024)
         .max_write_buffer_size(24 * 1024 * 1024)
-        .max_journaling_size(64 * 1024 * 1024)
+        .max_journaling_size(JOURNAL_BYTES)
         .fsync_ms(Some(250))
         .open()?;
     if !ready.exists() {
