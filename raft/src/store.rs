@@ -81,15 +81,18 @@ const MEMTABLE_BYTES: u32 = 2 * 1024 * 1024;
 /// fjall keeps a partition's options from its creation: a store made before keeps 64 MiB.
 const SEGMENT_BYTES: u32 = 8 * 1024 * 1024;
 
-/// Journal space past which fjall halts every write (the appliers' threads with them)
-/// until its flushes free old journals. fjall counts each sealed journal at its
-/// preallocated length, 32 MiB, however little it holds, and seals one at every
-/// memtable's rotation, of any partition. At 64 MiB three sealed journals halted the
-/// node: in the kill drill a restarted member sealed ten while it caught up, its
+/// Journal space past which fjall halts each write that fills a memtable (on the
+/// appliers' threads: two such writes hold both runtime threads) until its flushes free
+/// old journals. fjall counts each sealed journal at its preallocated length, 32 MiB,
+/// however little it holds (also when it finds one at a restart), and seals one at
+/// every memtable rotation of any partition. At 64 MiB a third sealed journal halted
+/// them: in the kill drill a restarted member sealed ten while it caught up, its
 /// runtime's threads slept in the halt, it stopped answering votes and heartbeats, and
-/// in 4 runs of 7 the cluster lost its majority for good. 512 MiB (fjall's default)
-/// allows sixteen; on disk they take what was written in them (the preallocation is
-/// sparse), and what a restart replays is bounded by the memtables, not by this.
+/// in 4 runs of 7 the cluster lost its majority for good. At 512 MiB (fjall's default)
+/// its monitor starts flushing the oldest partitions past 8 sealed journals, a rotation
+/// waits 500 ms from the 15th, and the halt comes at the 17th. The files are sparse on ext4
+/// and xfs (blocks for what was written) but each reports 32 MiB, and a restart replays
+/// every sealed journal still on disk.
 const JOURNAL_BYTES: u64 = 512 * 1024 * 1024;
 
 fn partition_options() -> fjall::PartitionCreateOptions {
