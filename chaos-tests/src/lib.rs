@@ -134,6 +134,13 @@ impl Dev {
         }
     }
 
+    /// Sends the process a signal with `kill` (`-STOP` freezes it, `-CONT` wakes it).
+    pub async fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let pid = self.pid()?.to_string();
+        anyhow::ensure!(tokio::process::Command::new("kill").args([sig, &pid]).status().await?.success(), "kill {sig} {pid}");
+        Ok(())
+    }
+
     /// SIGKILL, as a power cut would: nothing gets to flush or say goodbye.
     pub async fn kill9(&mut self) -> anyhow::Result<()> {
         self.child.start_kill()?;

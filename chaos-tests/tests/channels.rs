@@ -405,15 +405,7 @@ async fn upload_held_by_telegram() -> anyhow::Result<HeldUpload> {
 async fn a_deposed_leaders_late_answer_to_an_upload_settles_it() -> anyhow::Result<()> {
     let HeldUpload { fake, _dir, cluster, leader, other, alice: _alice, conversation, supervisor } = upload_held_by_telegram().await?;
     let dev = cluster.node(other);
-    let pid = cluster.node(leader).pid()?.to_string();
-    let signal = |sig: &'static str| {
-        let pid = pid.clone();
-        async move {
-            anyhow::ensure!(tokio::process::Command::new("kill").args([sig, &pid]).status().await?.success(), "kill {sig} {pid}");
-            anyhow::Ok(())
-        }
-    };
-    signal("-STOP").await?;
+    cluster.node(leader).signal("-STOP").await?;
     let frozen = std::time::Instant::now();
     // The others elect a leader, whose outbox finds the attempt with no outcome.
     eventually(Duration::from_secs(15), Duration::from_millis(200), || async {
@@ -423,7 +415,7 @@ async fn a_deposed_leaders_late_answer_to_an_upload_settles_it() -> anyhow::Resu
     tokio::time::sleep(Duration::from_secs(20).saturating_sub(frozen.elapsed())).await;
     let waiting = deliveries(dev, &supervisor, conversation).await?;
     let dead = dev.api("GET", "/api/deliveries", Some(&supervisor), None).await;
-    let resumed = signal("-CONT").await;
+    let resumed = cluster.node(leader).signal("-CONT").await;
     assert_eq!(waiting.iter().map(|d| d["status"].clone()).collect::<Vec<_>>(), vec![json!("sending")], "20 s after the freeze: {waiting:?}");
     let (_, dead) = dead?;
     assert_eq!(dead["deliveries"], json!([]), "no dead letter while the upload may still answer");

@@ -435,14 +435,7 @@ async fn an_accept_sent_while_the_cluster_stalls_still_takes_the_offer() -> anyh
     let cluster = Cluster::start(dir.path(), 3).await?;
     let OfferOnFollower { leader, a, b, mut alice, offer, conversation, _client } = offer_on_a_follower(&cluster, 3000).await?;
 
-    let signal = |sig: &'static str, node: usize| {
-        let pid = cluster.node(node).pid().map(|p| p.to_string());
-        async move {
-            let pid = pid?;
-            anyhow::ensure!(tokio::process::Command::new("kill").args([sig, &pid]).status().await?.success(), "kill {sig} {pid}");
-            anyhow::Ok(())
-        }
-    };
+    let signal = |sig: &'static str, node: usize| cluster.node(node).signal(sig);
     signal("-STOP", leader).await?;
     signal("-STOP", b).await?;
     let frozen = std::time::Instant::now();
@@ -664,11 +657,7 @@ async fn a_login_on_a_lagging_node_sees_what_another_node_wrote() -> anyhow::Res
     put("veteran", "old-password-1").await?;
     eventually(WAIT, Duration::from_millis(50), || async { Ok((login("veteran", "old-password-1").await? == 200).then_some(())) }).await?;
 
-    let pid = cluster.node(lagging).pid()?.to_string();
-    let signal = |sig: &'static str| {
-        let pid = pid.clone();
-        async move { anyhow::ensure!(tokio::process::Command::new("kill").args([sig, &pid]).status().await?.success(), "kill {sig}"); anyhow::Ok(()) }
-    };
+    let signal = |sig: &'static str| cluster.node(lagging).signal(sig);
     signal("-STOP").await?;
     let frozen = async {
         put("newcomer", "new-password-1").await?;

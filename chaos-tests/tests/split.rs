@@ -364,6 +364,42 @@ async fn leading_no_conversation_shard(cluster: &Cluster) -> anyhow::Result<usiz
     .await
 }
 
+/// A chat held on the node that leads neither conversation shard of a split cluster of
+/// three ([`leading_no_conversation_shard`]: the sockets are there, the shard's leader
+/// elsewhere), as [`chat_on_the_quiet_node`] sets it up.
+struct QuietChat {
+    quiet: usize,
+    visitor: WsClient,
+    conversation: u64,
+    alice: WsClient,
+    /// The conversation's shard (group), and the node that leads it.
+    shard: u64,
+    leader: usize,
+}
+
+/// A visitor called `name` starts a conversation on the quiet node, alice accepts it
+/// there, and the visitor's message `before` (key `before`) is on her desk.
+async fn chat_on_the_quiet_node(cluster: &Cluster, name: &str, before: &str) -> anyhow::Result<QuietChat> {
+    // With three nodes and two conversation shards there is one.
+    let quiet = leading_no_conversation_shard(cluster).await?;
+    let node = cluster.node(quiet);
+    let (mut visitor, conversation, _) = node.client(name).await?;
+    let (mut alice, _) = desk(node, "alice", None).await?;
+    set_presence(&mut alice, "online").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer["conversation"].as_u64(), Some(conversation));
+    let accepted = until_answered(&mut alice, &json!({"type": "accept", "offer": offer["offer"], "ref": "accept"}), "accept", &[]).await?;
+    assert!(accepted["type"] == "ok" || accepted["type"] == "ack", "{accepted}");
+    next_event(&mut alice, "assigned").await?;
+    let sent = until_answered(&mut visitor, &json!({"type": "send", "key": "before", "text": before}), "before", &[]).await?;
+    assert_eq!(sent["type"], "ack", "{sent}");
+    entry_on_desk(&mut alice, "before", WAIT).await?;
+    let shard = 3 + conversation % 2;
+    let leader = group_leaders(cluster, quiet).await?.get(&shard).copied().flatten().ok_or_else(|| anyhow::anyhow!("no leader of group {shard}"))? as usize;
+    assert_ne!(leader, quiet);
+    Ok(QuietChat { quiet, visitor, conversation, alice, shard, leader })
+}
+
 /// Three `switchboard node` processes laid out by `cluster init --shards 2`: every group
 /// (metadata, routing, two conversation shards) is replicated on all three, and each
 /// has its own leader. The leader of the shard holding a live conversation is killed
@@ -374,26 +410,7 @@ async fn leading_no_conversation_shard(cluster: &Cluster) -> anyhow::Result<usiz
 async fn a_split_cluster_carries_on_when_a_conversation_shards_leader_is_killed() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut cluster = Cluster::start_split(dir.path(), 3, Some(2)).await?;
-    // A node that leads neither conversation shard holds the sockets (with three nodes
-    // and two shards there is one).
-    let quiet = leading_no_conversation_shard(&cluster).await?;
-    let node = cluster.node(quiet);
-    let (mut visitor, conversation, _) = node.client("Dana").await?;
-    let (mut alice, _) = desk(node, "alice", None).await?;
-    set_presence(&mut alice, "online").await?;
-    let offer = next_event(&mut alice, "offer").await?;
-    assert_eq!(offer["conversation"].as_u64(), Some(conversation));
-    let accepted = until_answered(&mut alice, &json!({"type": "accept", "offer": offer["offer"], "ref": "accept"}), "accept", &[]).await?;
-    assert!(accepted["type"] == "ok" || accepted["type"] == "ack", "{accepted}");
-    next_event(&mut alice, "assigned").await?;
-
-    let before = until_answered(&mut visitor, &json!({"type": "send", "key": "before", "text": "before the kill"}), "before", &[]).await?;
-    assert_eq!(before["type"], "ack", "{before}");
-    entry_on_desk(&mut alice, "before", WAIT).await?;
-
-    let shard = 3 + conversation % 2;
-    let leader = group_leaders(&cluster, quiet).await?.get(&shard).copied().flatten().ok_or_else(|| anyhow::anyhow!("no leader of group {shard}"))? as usize;
-    assert_ne!(leader, quiet);
+    let QuietChat { quiet, mut visitor, conversation, mut alice, shard, leader } = chat_on_the_quiet_node(&cluster, "Dana", "before the kill").await?;
     let killed = std::time::Instant::now();
     cluster.kill9(leader).await?;
     let after = until_answered(&mut visitor, &json!({"type": "send", "key": "after", "text": "after the kill"}), "after", &[]).await?;
@@ -440,31 +457,9 @@ async fn a_split_cluster_carries_on_when_a_conversation_shards_leader_is_killed(
 async fn messages_sent_to_a_frozen_shard_leader_are_acknowledged_without_an_error() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cluster = Cluster::start_split(dir.path(), 3, Some(2)).await?;
-    let quiet = leading_no_conversation_shard(&cluster).await?;
+    let QuietChat { quiet, mut visitor, conversation, mut alice, shard, leader } = chat_on_the_quiet_node(&cluster, "Erin", "before the freeze").await?;
     let node = cluster.node(quiet);
-    let (mut visitor, conversation, _) = node.client("Erin").await?;
-    let (mut alice, _) = desk(node, "alice", None).await?;
-    set_presence(&mut alice, "online").await?;
-    let offer = next_event(&mut alice, "offer").await?;
-    assert_eq!(offer["conversation"].as_u64(), Some(conversation));
-    let accepted = until_answered(&mut alice, &json!({"type": "accept", "offer": offer["offer"], "ref": "accept"}), "accept", &[]).await?;
-    assert!(accepted["type"] == "ok" || accepted["type"] == "ack", "{accepted}");
-    next_event(&mut alice, "assigned").await?;
-    let before = until_answered(&mut visitor, &json!({"type": "send", "key": "before", "text": "before the freeze"}), "before", &[]).await?;
-    assert_eq!(before["type"], "ack", "{before}");
-    entry_on_desk(&mut alice, "before", WAIT).await?;
-
-    let shard = 3 + conversation % 2;
-    let leader = group_leaders(&cluster, quiet).await?.get(&shard).copied().flatten().ok_or_else(|| anyhow::anyhow!("no leader of group {shard}"))? as usize;
-    assert_ne!(leader, quiet);
-    let pid = cluster.node(leader).pid()?.to_string();
-    let signal = |sig: &'static str| {
-        let pid = pid.clone();
-        async move {
-            anyhow::ensure!(tokio::process::Command::new("kill").args([sig, &pid]).status().await?.success(), "kill {sig} {pid}");
-            anyhow::Ok(())
-        }
-    };
+    let signal = |sig: &'static str| cluster.node(leader).signal(sig);
     signal("-STOP").await?;
     let frozen = std::time::Instant::now();
     let answers = async {
