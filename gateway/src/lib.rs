@@ -669,11 +669,28 @@ impl Gateway {
     /// failover costs the sender a wait, not an error; after that time the last error
     /// is the answer (`unavailable`).
     pub async fn submit_keyed(&self, command: Command) -> Result<Reply, switchboard_actors::Error> {
+        self.resend_while_unknown(
+            || self.submit(command.clone()),
+            |e| matches!(e, switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Unreachable(_)),
+        )
+        .await
+    }
+
+    /// Runs `attempt` again while its error is one that `unknown` says leaves the
+    /// outcome open (a failover): after 50 ms, then twice as long each time up to 1 s,
+    /// for up to [`KEYED_RESEND_FOR`] from the first attempt. Then, or on any other
+    /// answer, that answer is returned. Each attempt must be safe to repeat: a keyed
+    /// command, whose second copy is answered as a duplicate.
+    pub(crate) async fn resend_while_unknown<T, E, Fut>(&self, mut attempt: impl FnMut() -> Fut, unknown: impl Fn(&E) -> bool) -> Result<T, E>
+    where
+        E: std::fmt::Display,
+        Fut: Future<Output = Result<T, E>>,
+    {
         let give_up = Instant::now() + KEYED_RESEND_FOR;
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.submit(command.clone()).await {
-                Err(switchboard_actors::Error::Commit(e) | switchboard_actors::Error::Unreachable(e)) if Instant::now() + pause < give_up => {
+            match attempt().await {
+                Err(e) if unknown(&e) && Instant::now() + pause < give_up => {
                     tracing::info!(error = %e, "a keyed command's outcome is unknown; sending it again");
                     self.metrics.keyed_resent.fetch_add(1, Relaxed);
                     tokio::time::sleep(pause).await;

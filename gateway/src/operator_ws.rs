@@ -580,30 +580,14 @@ impl OperatorSession {
                 // both are done again, routing first, as `Gateway::submit_keyed` does:
                 // its key makes a second copy a duplicate, and routing asked again keeps
                 // a resend from writing after the conversation moved on.
-                let give_up = Instant::now() + crate::KEYED_RESEND_FOR;
-                let mut pause = Duration::from_millis(50);
-                let reply = loop {
-                    let attempt = match self.holds_now(ConversationId(conversation), &command, &reference).await {
-                        Ok(Some(reply)) => Ok(reply),
-                        Ok(None) => match self.gw.submit(command.clone()).await {
-                            Ok(reply) => Ok(reply),
-                            Err(e @ (switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Unreachable(_))) => {
-                                Err(frames::error(e.code(), &e.to_string(), Some(&reference)))
-                            }
-                            Err(e) => return Err(frames::error(e.code(), &e.to_string(), Some(&reference))),
-                        },
-                        Err(frame) => Err(frame),
-                    };
-                    match attempt {
-                        Err(frame) if frame["code"] == "unavailable" && Instant::now() + pause < give_up => {
-                            tracing::info!(operator = %self.operator.0, conversation, error = %frame["message"], "an operator's message's outcome is unknown; sending it again");
-                            self.gw.metrics.keyed_resent.fetch_add(1, Relaxed);
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_secs(1));
-                        }
-                        attempt => break attempt?,
+                let conversation_id = ConversationId(conversation);
+                let attempt = || async {
+                    match self.holds_now(conversation_id, &command, &reference).await? {
+                        Some(reply) => Ok(reply),
+                        None => self.gw.submit(command.clone()).await.map_err(|e| frames::error(e.code(), &e.to_string(), Some(&reference))),
                     }
                 };
+                let reply = self.gw.resend_while_unknown(attempt, |frame: &Value| frame["code"] == "unavailable").await?;
                 if let Reply::Message { seq, duplicate } = reply {
                     out.json(json!({"type": "ack", "ref": reference, "key": key, "conversation": conversation, "seq": seq, "duplicate": duplicate}))
                         .await;
