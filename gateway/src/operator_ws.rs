@@ -582,12 +582,21 @@ impl OperatorSession {
                 // a resend from writing after the conversation moved on.
                 let conversation_id = ConversationId(conversation);
                 let attempt = || async {
-                    match self.holds_now(conversation_id, &command, &reference).await? {
-                        Some(reply) => Ok(reply),
-                        None => self.gw.submit(command.clone()).await.map_err(|e| frames::error(e.code(), &e.to_string(), Some(&reference))),
+                    let unknown = |frame| Refused { frame, unknown: true };
+                    match self.holds_now(conversation_id, &command, &reference).await {
+                        Ok(Some(reply)) => Ok(reply),
+                        // Routing could not be asked: `holds_now` says `unavailable`.
+                        Err(frame) => Err(Refused { unknown: frame["code"] == "unavailable", frame }),
+                        Ok(None) => self.gw.submit(command.clone()).await.map_err(|e| {
+                            let frame = frames::error(e.code(), &e.to_string(), Some(&reference));
+                            match e {
+                                switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Unreachable(_) => unknown(frame),
+                                _ => Refused { frame, unknown: false },
+                            }
+                        }),
                     }
                 };
-                let reply = self.gw.resend_while_unknown(attempt, |frame: &Value| frame["code"] == "unavailable").await?;
+                let reply = self.gw.resend_while_unknown(attempt, |refused: &Refused| refused.unknown).await.map_err(|refused| refused.frame)?;
                 if let Reply::Message { seq, duplicate } = reply {
                     out.json(json!({"type": "ack", "ref": reference, "key": key, "conversation": conversation, "seq": seq, "duplicate": duplicate}))
                         .await;
@@ -797,5 +806,18 @@ impl Session for OperatorSession {
         if std::mem::take(&mut self.counted) {
             self.gw.operator_sockets.closed(&self.operator);
         }
+    }
+}
+
+/// An operator's message refused by one attempt: the error frame, and whether its
+/// outcome is unknown (a failover), which makes it worth sending again.
+struct Refused {
+    frame: Value,
+    unknown: bool,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.frame["message"].as_str().unwrap_or("refused"))
     }
 }
