@@ -22,6 +22,8 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::ops::Bound;
 use std::sync::Mutex;
 
+use fjall::AbstractTree;
+
 use crate::Error;
 
 /// First bytes of a version 2 snapshot file.
@@ -43,6 +45,87 @@ fn stored(key: &[u8]) -> Vec<u8> {
     out.push(RECORD);
     out.extend_from_slice(key);
     out
+}
+
+/// What a memtable holds for each write besides its key and value (sequence number,
+/// kind, the skip list's node), about.
+const OP_OVERHEAD: usize = 64;
+
+/// The length fjall gives each journal file, and counts for each sealed one.
+const JOURNAL_FILE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// What fjall's holds (fjall 2.11, `PartitionHandle::check_memtable_overflow` and
+/// `check_write_buffer_size`) depend on, read just before a write. Those holds sleep
+/// the writing thread, not a task: a write that fills its partition's memtable rotates
+/// the journal (syncs and creates files) and then, past 90% of the journal limit,
+/// sleeps 500 ms, past the limit 100 ms at a time until flushes free journals, and with
+/// 32 runs in the partition's first level 10 ms at a time until compaction clears
+/// them; any write sleeps up to half a millisecond from 20 runs, and 10 ms at a time
+/// past the write buffer limit (100 ms once just under it). On a runtime thread, two
+/// such sleeps hold both of a 2-core node's threads: it stops answering votes and
+/// heartbeats (the kill drill's lost majority, docs/benchmarks.md).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pressure {
+    /// Journals, the active one included (`Keyspace::journal_count`).
+    pub journals: usize,
+    pub journal_limit: u64,
+    /// Every partition's memtables together (`Keyspace::write_buffer_size`).
+    pub write_buffer: u64,
+    pub write_buffer_limit: u64,
+    /// The written partition's active memtable, and the size at which it rotates.
+    pub memtable: u64,
+    pub memtable_limit: u64,
+    pub first_level_runs: usize,
+}
+
+impl Pressure {
+    pub(crate) fn of(keyspace: &fjall::Keyspace, part: &fjall::PartitionHandle) -> Pressure {
+        Pressure {
+            journals: keyspace.journal_count(),
+            journal_limit: crate::store::JOURNAL_BYTES,
+            write_buffer: keyspace.write_buffer_size(),
+            write_buffer_limit: crate::store::WRITE_BUFFER_BYTES,
+            memtable: u64::from(part.tree.active_memtable_size()),
+            // fjall keeps a partition's memtable size private: the one the store makes
+            // partitions with. Partitions made before 2026-12-05 rotate at 8 MiB, so their
+            // writes from 2 MiB on go off the scheduler too, which costs time, not safety.
+            memtable_limit: u64::from(crate::store::MEMTABLE_BYTES),
+            first_level_runs: part.tree.l0_run_count(),
+        }
+    }
+
+    /// Whether a write of about `bytes` may be held: it fills the memtable (the only
+    /// writes the journal and first-level halts stop), or it comes within three quarters
+    /// of the journal or write buffer limit, or of 20 first-level runs (fjall counts a
+    /// sealed journal at its file's length, 32 MiB when preallocated; more is counted as
+    /// more journals here, which errs on the side of yes).
+    pub(crate) fn may_hold(&self, bytes: u64) -> bool {
+        self.memtable + bytes > self.memtable_limit
+            || self.journals as u64 * JOURNAL_FILE_BYTES >= self.journal_limit / 4 * 3
+            || self.write_buffer + bytes >= self.write_buffer_limit / 4 * 3
+            || self.first_level_runs >= 15
+    }
+}
+
+/// Runs `write`, a write of about `bytes` to `part` of `keyspace`, off the runtime's
+/// scheduler when fjall may hold it ([`Pressure::may_hold`]), and where it is otherwise.
+pub(crate) fn mindful_write<T>(keyspace: &fjall::Keyspace, part: &fjall::PartitionHandle, bytes: u64, write: impl FnOnce() -> T) -> T {
+    if Pressure::of(keyspace, part).may_hold(bytes) {
+        off_runtime(write)
+    } else {
+        write()
+    }
+}
+
+/// Runs `work`, which may sleep the thread, so that the tokio runtime's other tasks go
+/// on meanwhile: on a worker thread of a multi-thread runtime its scheduler moves to
+/// another thread first (`block_in_place`); elsewhere (no runtime, a current-thread
+/// runtime) it just runs.
+pub(crate) fn off_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
+        _ => work(),
+    }
 }
 
 /// The changes one entry makes to the records, written atomically with its log id.
@@ -159,16 +242,22 @@ impl StateTree {
     /// Writes one entry's changes and the new applied state in one atomic batch (in the
     /// OS's buffers when this returns, so a killed process loses nothing; synced to disk
     /// at snapshot points).
+    ///
+    /// fjall may put the writing thread to sleep (see [`may_stall`]); when it is near
+    /// one of those points the batch is committed off the runtime's scheduler
+    /// ([`mindful_write`]), so the node's other tasks (votes, heartbeats, sockets) go on.
     pub(crate) fn write(&self, changes: Changes, applied: &[u8]) -> Result<(), fjall::Error> {
         let mut batch = self.keyspace.batch();
+        let mut bytes = (APPLIED_KEY.len() + applied.len()) as u64;
         for (key, value) in changes.ops {
+            bytes += (key.len() + 1 + value.as_ref().map_or(0, Vec::len) + OP_OVERHEAD) as u64;
             match value {
                 Some(value) => batch.insert(&self.part, stored(&key), value),
                 None => batch.remove(&self.part, stored(&key)),
             }
         }
         batch.insert(&self.part, APPLIED_KEY, applied);
-        batch.commit()
+        mindful_write(&self.keyspace, &self.part, bytes, || batch.commit())
     }
 
     /// One store key's value, outside the records (`s/applied`, `s/installing`).
@@ -179,13 +268,16 @@ impl StateTree {
     /// Writes and removes store keys in one batch.
     pub(crate) fn set_own(&self, puts: &[(&[u8], &[u8])], removes: &[&[u8]]) -> Result<(), fjall::Error> {
         let mut batch = self.keyspace.batch();
+        let mut bytes = 0;
         for (key, value) in puts {
             batch.insert(&self.part, *key, *value);
+            bytes += (key.len() + value.len() + OP_OVERHEAD) as u64;
         }
         for key in removes {
             batch.remove(&self.part, *key);
+            bytes += (key.len() + OP_OVERHEAD) as u64;
         }
-        batch.commit()
+        mindful_write(&self.keyspace, &self.part, bytes, || batch.commit())
     }
 
     /// Freezes the records as they are now for a snapshot build. The caller makes sure
@@ -419,6 +511,95 @@ mod tests {
         let keyspace = fjall::Config::new(dir.path()).open().expect("keyspace");
         let part = keyspace.open_partition("state", Default::default()).expect("partition");
         (dir, StateTree::new(keyspace, part))
+    }
+
+    #[test]
+    fn a_write_that_fjall_may_hold_is_told_apart() {
+        use crate::store::{JOURNAL_BYTES, WRITE_BUFFER_BYTES};
+        let quiet = Pressure {
+            journals: 1,
+            journal_limit: JOURNAL_BYTES,
+            write_buffer: 0,
+            write_buffer_limit: WRITE_BUFFER_BYTES,
+            memtable: 0,
+            memtable_limit: 2 << 20,
+            first_level_runs: 0,
+        };
+        assert!(!quiet.may_hold(1000));
+        // A store at work: a few sealed journals, memtables filling.
+        let busy = Pressure { journals: 8, write_buffer: WRITE_BUFFER_BYTES / 2, memtable: 1 << 20, first_level_runs: 4, ..quiet };
+        assert!(!busy.may_hold(1000));
+        // A write that fills its memtable rotates the journal, and only such writes meet
+        // the journal and first-level halts.
+        assert!(Pressure { memtable: (2 << 20) - 500, ..quiet }.may_hold(1000));
+        // fjall sleeps a rotating write past 90% of the journal limit (the 15th sealed
+        // journal of 32 MiB) and halts it past the limit (the 17th): both covered, with
+        // room for a burst of rotations before them.
+        for journals in [12, 15, 17, 30] {
+            assert!(Pressure { journals, ..quiet }.may_hold(1000), "{journals} journals");
+        }
+        // Memtables close under the write buffer limit or over it, this write included.
+        assert!(Pressure { write_buffer: WRITE_BUFFER_BYTES * 9 / 10, ..quiet }.may_hold(1000));
+        assert!(Pressure { write_buffer: WRITE_BUFFER_BYTES / 2, ..quiet }.may_hold(WRITE_BUFFER_BYTES / 2));
+        // First-level runs: delays from 20, a halt from 32.
+        for first_level_runs in [15, 20, 32] {
+            assert!(Pressure { first_level_runs, ..quiet }.may_hold(1000), "{first_level_runs} runs");
+        }
+    }
+
+    #[test]
+    fn a_store_reports_its_pressure_and_writes_through_it() {
+        let (_dir, tree) = open_tree();
+        let before = Pressure::of(&tree.keyspace, &tree.part);
+        assert!(!before.may_hold(1000), "{before:?}");
+        put(&tree, &[("a", Some("one")), ("b", Some("two"))]);
+        let after = Pressure::of(&tree.keyspace, &tree.part);
+        assert!(after.memtable > before.memtable && after.write_buffer > before.write_buffer, "{before:?} then {after:?}");
+        // A write as large as the memtable is one that may be held; inside a
+        // multi-thread runtime it is made off the scheduler, and lands all the same.
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().expect("runtime");
+        let big = "x".repeat(after.memtable_limit as usize);
+        runtime.block_on(async {
+            tokio::spawn(async move {
+                put(&tree, &[("c", Some(big.as_str()))]);
+                let records = tree.records();
+                assert_eq!(records.get(b"c").expect("read").map(|v| v.len()), Some(after.memtable_limit as usize));
+                assert_eq!(records.get(b"a").expect("read"), Some(b"one".to_vec()));
+            })
+            .await
+            .expect("write task");
+        });
+    }
+
+    #[test]
+    fn a_write_held_off_the_runtime_leaves_its_other_tasks_running() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use std::time::Duration;
+        // One worker thread: a write that slept on it would hold every other task.
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_time().build().expect("runtime");
+        let ticks = runtime.block_on(async {
+            let ticks = Arc::new(AtomicUsize::new(0));
+            let counted = ticks.clone();
+            let ticker = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            // What fjall's halt does to the writing thread, for 300 ms.
+            let held = tokio::spawn(async { off_runtime(|| std::thread::sleep(Duration::from_millis(300))) });
+            held.await.expect("held write");
+            ticker.abort();
+            ticks.load(Ordering::Relaxed)
+        });
+        // The ticker wakes every 5 ms: about 60 times in 300 ms when it can run, none at
+        // all when the only worker sleeps.
+        assert!(ticks >= 5, "the runtime's other task ran only {ticks} times while a write was held");
+        // Without a multi-thread runtime the work just runs.
+        assert_eq!(off_runtime(|| 7), 7);
+        let single = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        assert_eq!(single.block_on(async { off_runtime(|| 8) }), 8);
     }
 
     fn put(tree: &StateTree, pairs: &[(&str, Option<&str>)]) {

@@ -72,7 +72,7 @@ fn meta_key(key: &str) -> String {
 /// a tenth of a node's RSS (the million-message soak's end over its 100,000 mark 1.10×
 /// instead of 1.17×, throughput unchanged; docs/benchmarks.md, "Smaller memtables").
 /// Like the segment size below, a store made before keeps what it was made with.
-const MEMTABLE_BYTES: u32 = 2 * 1024 * 1024;
+pub(crate) const MEMTABLE_BYTES: u32 = 2 * 1024 * 1024;
 
 /// Segments written by a compaction: 8 MiB rather than fjall's 64 MiB, so that a
 /// compaction moves a few small segments at a time instead of most of a level at once.
@@ -93,7 +93,11 @@ const SEGMENT_BYTES: u32 = 8 * 1024 * 1024;
 /// waits 500 ms from the 15th, and the halt comes at the 17th. The files are sparse on ext4
 /// and xfs (blocks for what was written) but each reports 32 MiB, and a restart replays
 /// every sealed journal still on disk.
-const JOURNAL_BYTES: u64 = 512 * 1024 * 1024;
+pub(crate) const JOURNAL_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Memtables of every partition together past which fjall holds writes until flushes
+/// catch up (the keyspace's `max_write_buffer_size`).
+pub(crate) const WRITE_BUFFER_BYTES: u64 = 24 * 1024 * 1024;
 
 fn partition_options() -> fjall::PartitionCreateOptions {
     fjall::PartitionCreateOptions::default().max_memtable_size(MEMTABLE_BYTES).compaction_strategy(fjall::compaction::Strategy::Leveled(
@@ -126,7 +130,7 @@ pub fn open_keyspace(dir: &Path, groups: &[u64]) -> Result<fjall::Keyspace, crat
     }
     let keyspace = fjall::Config::new(dir)
         .cache_size(16 * 1024 * 1024)
-        .max_write_buffer_size(24 * 1024 * 1024)
+        .max_write_buffer_size(WRITE_BUFFER_BYTES)
         .max_journaling_size(JOURNAL_BYTES)
         .fsync_ms(Some(250))
         .open()?;
@@ -154,12 +158,18 @@ impl Trees {
 
     fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), String> {
         let bytes = encode(value).map_err(|e| e.to_string())?;
-        self.meta.insert(meta_key(key), bytes).map_err(|e| e.to_string())?;
+        let size = (key.len() + bytes.len() + 64) as u64;
+        crate::state::mindful_write(&self.keyspace, &self.meta, size, || self.meta.insert(meta_key(key), bytes)).map_err(|e| e.to_string())?;
         Ok(())
     }
 
     fn remove_meta(&self, key: &str) -> Result<(), fjall::Error> {
-        self.meta.remove(meta_key(key))
+        crate::state::mindful_write(&self.keyspace, &self.meta, (key.len() + 64) as u64, || self.meta.remove(meta_key(key)))
+    }
+
+    /// Whether a small write to the meta keys may be held by fjall now.
+    fn pressed(&self) -> bool {
+        crate::state::Pressure::of(&self.keyspace, &self.meta).may_hold(128)
     }
 
     /// Makes every write so far durable. Blocking.
@@ -356,7 +366,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
         // Not flushed here: a lost committed pointer only means re-applying from the
-        // snapshot up to a smaller index, which the next leader contact completes.
+        // snapshot up to a smaller index, which the next leader contact completes. For
+        // the same reason it is skipped while the store may hold writes: openraft's core
+        // makes this call, and a held core answers no votes and no appends.
+        if self.trees.pressed() {
+            tracing::debug!("the record store may hold writes; the committed pointer waits for the next commit");
+            return Ok(());
+        }
         self.trees.put_meta("committed", &committed).map_err(|e| StorageIOError::write(&io_err(e)))?;
         Ok(())
     }
@@ -563,7 +579,8 @@ impl StateMachineStore {
             // records: the records come from the snapshot.
             let behind = applied.as_ref().is_none_or(|a| a.last_applied < pointer.meta.last_log_id);
             if installing || behind {
-                install_records(&trees, &state, machine.as_ref(), &snapshots.path(&pointer.file), &pointer.meta).map_err(storage)?;
+                let path = snapshots.path(&pointer.file);
+                crate::state::off_runtime(|| install_records(&trees, &state, machine.as_ref(), &path, &pointer.meta)).map_err(storage)?;
                 applied = Some(AppliedState { last_applied: pointer.meta.last_log_id, membership: pointer.meta.last_membership.clone() });
             }
         } else if installing {
