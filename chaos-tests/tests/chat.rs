@@ -314,6 +314,7 @@ async fn supervisors_see_a_wait_cross_the_sla_as_it_happens() -> anyhow::Result<
     assert!(metrics.contains(&format!("switchboard_routing_rules{{group=\"1\"}} {}", switchboard_actors::core::RULES_VERSION)), "{metrics}");
     // Per group: apply lag and leader changes (one node: its leadership never moved).
     assert!(metrics.contains("switchboard_raft_leader_changes_total{group=\"1\"} 0"), "{metrics}");
+    assert!(metrics.contains("\nswitchboard_store_writes_off_runtime_total ") && metrics.contains("\nswitchboard_store_committed_skipped_total "), "{metrics}");
     assert!(metrics.lines().any(|l| l.starts_with("switchboard_raft_apply_lag{group=\"1\"} ")), "{metrics}");
     Ok(())
 }

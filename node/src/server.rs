@@ -1011,6 +1011,7 @@ impl Backend for NodeBackend {
         let _ = writeln!(out, "switchboard_raft_apply_lag{{group=\"{SHARD_GROUP}\"}} {}", last_log.saturating_sub(applied));
         let _ = writeln!(out, "# HELP switchboard_raft_leader_changes_total Changes of the group's leader seen by this node.\n# TYPE switchboard_raft_leader_changes_total counter");
         let _ = writeln!(out, "switchboard_raft_leader_changes_total{{group=\"{SHARD_GROUP}\"}} {}", self.leader_changes.load(std::sync::atomic::Ordering::Relaxed));
+        switchboard_raft::state::store_metrics(&mut out);
         let (commands, entries) = (self.proposer.counts.commands.load(std::sync::atomic::Ordering::Relaxed), self.proposer.counts.entries.load(std::sync::atomic::Ordering::Relaxed));
         let _ = writeln!(out, "# HELP switchboard_proposed_commands_total Commands proposed to the shard group.\n# TYPE switchboard_proposed_commands_total counter");
         let _ = writeln!(out, "switchboard_proposed_commands_total{{group=\"{SHARD_GROUP}\"}} {commands}");

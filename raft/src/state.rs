@@ -20,6 +20,8 @@
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::ops::Bound;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 
 use fjall::AbstractTree;
@@ -107,10 +109,26 @@ impl Pressure {
     }
 }
 
+/// Record store writes made off the runtime's scheduler ([`mindful_write`]).
+pub(crate) static WRITES_OFF_RUNTIME: AtomicU64 = AtomicU64::new(0);
+
+/// Committed pointers not written because the store might have held the write.
+pub(crate) static COMMITTED_SKIPPED: AtomicU64 = AtomicU64::new(0);
+
+/// The record store's counters, in Prometheus text, for a node's `/metrics`.
+pub fn store_metrics(out: &mut String) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "# HELP switchboard_store_writes_off_runtime_total Record store writes that fjall might hold (a memtable filled, journals or memtables near their limits), made off the runtime's threads.\n# TYPE switchboard_store_writes_off_runtime_total counter");
+    let _ = writeln!(out, "switchboard_store_writes_off_runtime_total {}", WRITES_OFF_RUNTIME.load(Relaxed));
+    let _ = writeln!(out, "# HELP switchboard_store_committed_skipped_total Committed pointers not written while the record store might hold writes.\n# TYPE switchboard_store_committed_skipped_total counter");
+    let _ = writeln!(out, "switchboard_store_committed_skipped_total {}", COMMITTED_SKIPPED.load(Relaxed));
+}
+
 /// Runs `write`, a write of about `bytes` to `part` of `keyspace`, off the runtime's
 /// scheduler when fjall may hold it ([`Pressure::may_hold`]), and where it is otherwise.
 pub(crate) fn mindful_write<T>(keyspace: &fjall::Keyspace, part: &fjall::PartitionHandle, bytes: u64, write: impl FnOnce() -> T) -> T {
     if Pressure::of(keyspace, part).may_hold(bytes) {
+        WRITES_OFF_RUNTIME.fetch_add(1, Relaxed);
         off_runtime(write)
     } else {
         write()
@@ -559,6 +577,7 @@ mod tests {
         // multi-thread runtime it is made off the scheduler, and lands all the same.
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().expect("runtime");
         let big = "x".repeat(after.memtable_limit as usize);
+        let off_before = WRITES_OFF_RUNTIME.load(Relaxed);
         runtime.block_on(async {
             tokio::spawn(async move {
                 put(&tree, &[("c", Some(big.as_str()))]);
@@ -569,6 +588,10 @@ mod tests {
             .await
             .expect("write task");
         });
+        assert!(WRITES_OFF_RUNTIME.load(Relaxed) > off_before, "the large write was not counted as made off the runtime");
+        let mut text = String::new();
+        store_metrics(&mut text);
+        assert!(text.contains("# TYPE switchboard_store_writes_off_runtime_total counter\nswitchboard_store_writes_off_runtime_total "), "{text}");
     }
 
     #[test]

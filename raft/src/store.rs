@@ -370,6 +370,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // the same reason it is skipped while the store may hold writes: openraft's core
         // makes this call, and a held core answers no votes and no appends.
         if self.trees.pressed() {
+            crate::state::COMMITTED_SKIPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!("the record store may hold writes; the committed pointer waits for the next commit");
             return Ok(());
         }
