@@ -691,7 +691,7 @@ impl Gateway {
         loop {
             match attempt().await {
                 Err(e) if unknown(&e) && Instant::now() + pause < give_up => {
-                    tracing::info!(error = %e, "a keyed command's outcome is unknown; sending it again");
+                    tracing::info!(error = %e, "a command's outcome is unknown (a failover?); sending it again under its key");
                     self.metrics.keyed_resent.fetch_add(1, Relaxed);
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));

@@ -261,12 +261,12 @@ impl StateTree {
     /// OS's buffers when this returns, so a killed process loses nothing; synced to disk
     /// at snapshot points).
     ///
-    /// fjall may put the writing thread to sleep (see [`may_stall`]); when it is near
+    /// fjall may put the writing thread to sleep (see [`Pressure::may_hold`]); when it is near
     /// one of those points the batch is committed off the runtime's scheduler
     /// ([`mindful_write`]), so the node's other tasks (votes, heartbeats, sockets) go on.
     pub(crate) fn write(&self, changes: Changes, applied: &[u8]) -> Result<(), fjall::Error> {
         let mut batch = self.keyspace.batch();
-        let mut bytes = (APPLIED_KEY.len() + applied.len()) as u64;
+        let mut bytes = (APPLIED_KEY.len() + applied.len() + OP_OVERHEAD) as u64;
         for (key, value) in changes.ops {
             bytes += (key.len() + 1 + value.as_ref().map_or(0, Vec::len) + OP_OVERHEAD) as u64;
             match value {
