@@ -53,6 +53,11 @@ fn stored(key: &[u8]) -> Vec<u8> {
 /// kind, the skip list's node), about.
 const OP_OVERHEAD: usize = 64;
 
+/// About what a write of a key and a value of these lengths adds to a memtable.
+pub(crate) fn write_size(key: usize, value: usize) -> u64 {
+    (key + value + OP_OVERHEAD) as u64
+}
+
 /// The length fjall gives each journal file, and counts for each sealed one.
 const JOURNAL_FILE_BYTES: u64 = 32 * 1024 * 1024;
 
@@ -266,9 +271,9 @@ impl StateTree {
     /// ([`mindful_write`]), so the node's other tasks (votes, heartbeats, sockets) go on.
     pub(crate) fn write(&self, changes: Changes, applied: &[u8]) -> Result<(), fjall::Error> {
         let mut batch = self.keyspace.batch();
-        let mut bytes = (APPLIED_KEY.len() + applied.len() + OP_OVERHEAD) as u64;
+        let mut bytes = write_size(APPLIED_KEY.len(), applied.len());
         for (key, value) in changes.ops {
-            bytes += (key.len() + 1 + value.as_ref().map_or(0, Vec::len) + OP_OVERHEAD) as u64;
+            bytes += write_size(key.len() + 1, value.as_ref().map_or(0, Vec::len));
             match value {
                 Some(value) => batch.insert(&self.part, stored(&key), value),
                 None => batch.remove(&self.part, stored(&key)),
@@ -289,11 +294,11 @@ impl StateTree {
         let mut bytes = 0;
         for (key, value) in puts {
             batch.insert(&self.part, *key, *value);
-            bytes += (key.len() + value.len() + OP_OVERHEAD) as u64;
+            bytes += write_size(key.len(), value.len());
         }
         for key in removes {
             batch.remove(&self.part, *key);
-            bytes += (key.len() + OP_OVERHEAD) as u64;
+            bytes += write_size(key.len(), 0);
         }
         mindful_write(&self.keyspace, &self.part, bytes, || batch.commit())
     }

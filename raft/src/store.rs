@@ -158,18 +158,24 @@ impl Trees {
 
     fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), String> {
         let bytes = encode(value).map_err(|e| e.to_string())?;
-        let size = (key.len() + bytes.len() + 64) as u64;
+        let size = crate::state::write_size(key.len(), bytes.len());
         crate::state::mindful_write(&self.keyspace, &self.meta, size, || self.meta.insert(meta_key(key), bytes)).map_err(|e| e.to_string())?;
         Ok(())
     }
 
-    fn remove_meta(&self, key: &str) -> Result<(), fjall::Error> {
-        crate::state::mindful_write(&self.keyspace, &self.meta, (key.len() + 64) as u64, || self.meta.remove(meta_key(key)))
+    /// As [`Trees::put_meta`], unless fjall may hold the write: then nothing is written
+    /// and the answer is `false`.
+    fn put_meta_unless_held<T: Serialize>(&self, key: &str, value: &T) -> Result<bool, String> {
+        let bytes = encode(value).map_err(|e| e.to_string())?;
+        if crate::state::Pressure::of(&self.keyspace, &self.meta).may_hold(crate::state::write_size(key.len(), bytes.len())) {
+            return Ok(false);
+        }
+        self.meta.insert(meta_key(key), bytes).map_err(|e| e.to_string())?;
+        Ok(true)
     }
 
-    /// Whether a small write to the meta keys may be held by fjall now.
-    fn pressed(&self) -> bool {
-        crate::state::Pressure::of(&self.keyspace, &self.meta).may_hold(128)
+    fn remove_meta(&self, key: &str) -> Result<(), fjall::Error> {
+        crate::state::mindful_write(&self.keyspace, &self.meta, crate::state::write_size(key.len(), 0), || self.meta.remove(meta_key(key)))
     }
 
     /// Makes every write so far durable. Blocking.
@@ -369,12 +375,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // snapshot up to a smaller index, which the next leader contact completes. For
         // the same reason it is skipped while the store may hold writes: openraft's core
         // makes this call, and a held core answers no votes and no appends.
-        if self.trees.pressed() {
+        if !self.trees.put_meta_unless_held("committed", &committed).map_err(|e| StorageIOError::write(&io_err(e)))? {
             crate::state::COMMITTED_SKIPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!("the record store may hold writes; the committed pointer waits for the next commit");
-            return Ok(());
         }
-        self.trees.put_meta("committed", &committed).map_err(|e| StorageIOError::write(&io_err(e)))?;
         Ok(())
     }
 
