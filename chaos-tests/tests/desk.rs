@@ -32,8 +32,11 @@ async fn ann_starts(dev: &Dev, visitor_token: Option<&str>) -> anyhow::Result<(W
 async fn alice_serves(dev: &Dev, name: &str, text: &str) -> anyhow::Result<(WsClient, WsClient, u64, String)> {
     let (mut alice, _) = dev.operator("alice").await?;
     set_presence(&mut alice, "online").await?;
-    let (client, conversation, token) = dev.client(name).await?;
+    let (mut client, conversation, token) = dev.client(name).await?;
     client.send(&json!({"type": "send", "key": "c-1", "text": text})).await?;
+    // Acknowledged before anything else happens to the conversation: a message still on
+    // its way when a test closes it would be refused as sent too late.
+    client.wait_for(WAIT, |v| v["type"] == "ack" && v["key"] == "c-1").await?;
     let offer = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "offer" && v["conversation"] == conversation).await?;
     alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "accept"})).await?;
     next_event(&mut alice, "assigned").await?;
