@@ -55,7 +55,12 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// given), and the routing shard counts a conversation's age from its start as the
 /// `Enqueue` letter gives it. Everywhere, an operator back online has their passes
 /// forgotten in the groups that overflow into theirs too.
-pub const RULES_VERSION: u32 = 11;
+/// Rules 12: an offer that was pending when a new leader's first entry was applied
+/// (`ShardState::leader_began`) does not set its operator away when it expires, however
+/// soon after its deadline the expiry is committed: a leader change may have kept the
+/// operator's answer from arriving. Before, only an expiry committed more than
+/// [`STALLED_EXPIRY_MS`] late spared them, and a fast failover set them away.
+pub const RULES_VERSION: u32 = 12;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -1344,6 +1349,8 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             // the timer (a stalled node, a leader change), not that nobody is at the desk:
             // from rules 3 the offer goes, the operator stays as they were.
             let stalled = state.rules >= 3 && now.0.saturating_sub(pending.deadline.0) > STALLED_EXPIRY_MS;
+            // Rules 12: so does any offer that was pending across a change of leader.
+            let stalled = stalled || (state.rules >= 12 && state.offers_across_leaders.contains(offer));
             // A missed offer means nobody is at the desk: set the operator away, as a
             // phone system does after ring-no-answer, so the queue stops waiting on them.
             if let Some(op) = state.operators.get(&pending.operator).filter(|op| state.rules >= 2 && !stalled && op.presence == Presence::Online) {

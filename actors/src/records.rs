@@ -15,6 +15,7 @@
 //! | `q` conversation | empty: the conversation is open (queued or assigned) |
 //! | `h` conversation seq | one history entry |
 //! | `x` offer | pending offer |
+//! | `%` offer | empty: the offer was pending when a new leader began (rules 12) |
 //! | `d` offer | the decision record of an offer |
 //! | `n` channel, `u` login, `t` template | directory |
 //! | `a` conversation attachment | attachment record; `A` attachment -> conversation |
@@ -131,7 +132,7 @@ pub fn owner(prefix: u8) -> Option<Owner> {
             Owner::Directory
         }
         b'h' | b'a' | b'A' | b'v' | b'e' | b'T' | b'V' | b'I' | b'U' | b'M' | b'D' | b'F' | b'w' => Owner::Conversation,
-        b'f' | b'x' | b'd' | b'j' | b'K' | b'p' | b'l' | b'z' | b'W' | b'X' | b'Q' | b'O' | b'P' => Owner::Routing,
+        b'f' | b'x' | b'%' | b'd' | b'j' | b'K' | b'p' | b'l' | b'z' | b'W' | b'X' | b'Q' | b'O' | b'P' => Owner::Routing,
         _ => return None,
     })
 }
@@ -211,6 +212,10 @@ pub mod key {
     }
     pub fn offer(id: OfferId) -> Vec<u8> {
         with_id(b'x', id.0, &[])
+    }
+    /// An offer pending across a change of leader (rules 12): the key alone.
+    pub fn offer_across_leaders(id: OfferId) -> Vec<u8> {
+        with_id(b'%', id.0, &[])
     }
     pub fn decision(id: OfferId) -> Vec<u8> {
         with_id(b'd', id.0, &[])
@@ -502,6 +507,13 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         match state.offers.get(id) {
             Some(offer) => put(key::offer(*id), encode(offer)),
             None => removes.push(key::offer(*id)),
+        }
+    }
+    for id in &dirty.offers_across_leaders {
+        if state.offers_across_leaders.contains(id) {
+            put(key::offer_across_leaders(*id), Vec::new());
+        } else {
+            removes.push(key::offer_across_leaders(*id));
         }
     }
     for decision in &dirty.decisions {
@@ -1201,6 +1213,10 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     for (_, offer) in all::<Offer>(store, b"x")? {
         state.offers.insert(offer.id, offer);
     }
+    for (k, _) in scan_all(store, b"%")? {
+        let id = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged key of an offer pending across leaders".into()))?;
+        state.offers_across_leaders.insert(OfferId(u64::from_be_bytes(id)));
+    }
     for (k, at) in all::<Timestamp>(store, b"j")? {
         let id = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged answer-time key".into()))?;
         state.answered_at.insert(ConversationId(u64::from_be_bytes(id)), at);
@@ -1457,6 +1473,13 @@ impl Store for MemStore {
 /// decides and applies it, writes its records and drops what is not hot.
 pub fn run(state: &mut ShardState, store: &MemStore, envelope: &Envelope) -> Result<(crate::core::Reply, crate::core::Outcome), Error> {
     run_as(state, store, envelope, crate::core::Part::Whole)
+}
+
+/// A new leader's first entry (openraft's blank entry) applied to `state`, its writes
+/// made to `store`: what [`crate::shard::Shard::leader_began`] does, for tests.
+pub fn leader_began(state: &mut ShardState, store: &MemStore) {
+    state.leader_began();
+    store.write(take_writes(state));
 }
 
 /// [`run`] in the part `role` of ADR 0006's split (`core::handle_as`).

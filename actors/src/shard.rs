@@ -181,6 +181,15 @@ impl Shard {
         }
     }
 
+    /// A new leader's first entry (openraft's blank entry) was committed: the offers
+    /// pending now will not set their operators away when they expire (rules 12,
+    /// `ShardState::leader_began`). Their record changes are added to `writes`.
+    pub fn leader_began(&self, writes: &mut Writes) {
+        let mut state = stop_if_poisoned(self.state.write());
+        state.leader_began();
+        writes.extend(records::take_writes(&mut state));
+    }
+
     /// Every command of the log entry is applied (their writes are collected): closed
     /// conversations and loaded attachments leave memory. Until then a later command of
     /// the same entry finds them as the earlier ones left them, not as the records

@@ -56,6 +56,11 @@ pub struct ShardState {
     /// Per channel, days its closed conversations are kept (absent: kept).
     #[serde(default)]
     pub channel_retention: BTreeMap<ChannelId, u32>,
+    /// Rules 12: offers that were pending when a new leader's first entry was applied
+    /// (records `%`). Their expiry does not set the operator away: the cluster, not the
+    /// operator, may have kept the answer from arriving in time.
+    #[serde(default)]
+    pub offers_across_leaders: BTreeSet<OfferId>,
     /// For a `PurgeExpired` being applied: the conversations that expired, the keys of
     /// all their records and their attachments, read from the records before it.
     #[serde(skip)]
@@ -619,6 +624,8 @@ pub struct Dirty {
     pub operators: BTreeSet<OperatorId>,
     pub groups: BTreeSet<SkillGroupId>,
     pub offers: BTreeSet<OfferId>,
+    /// Offers that joined or left `ShardState::offers_across_leaders`.
+    pub offers_across_leaders: BTreeSet<OfferId>,
     pub channels: BTreeSet<ChannelId>,
     pub users: BTreeSet<String>,
     pub templates: BTreeSet<String>,
@@ -937,6 +944,26 @@ impl Touched {
 }
 
 impl ShardState {
+    /// Rules 12: a new leader's first entry was applied. Every offer pending now was
+    /// pending across the change of leader, which may have held its operator's answer
+    /// back, so its expiry will not set the operator away.
+    pub fn leader_began(&mut self) {
+        if self.rules < 12 {
+            return;
+        }
+        for id in self.offers.keys() {
+            if self.offers_across_leaders.insert(*id) {
+                self.dirty.offers_across_leaders.insert(*id);
+            }
+        }
+    }
+
+    fn forget_across_leaders(&mut self, offer: OfferId) {
+        if self.offers_across_leaders.remove(&offer) {
+            self.dirty.offers_across_leaders.insert(offer);
+        }
+    }
+
     /// Applies one committed event. Events were validated when they were decided, so a
     /// reference to something missing is skipped rather than trusted.
     pub fn apply(&mut self, event: &Event, at: Timestamp) -> Touched {
@@ -1209,6 +1236,7 @@ impl ShardState {
                 touched.groups.insert(offer.group.clone());
             }
             Event::OfferAccepted { offer } => {
+                self.forget_across_leaders(*offer);
                 if let Some(offer) = self.offers.remove(offer) {
                     if let Some(op) = self.operators.get_mut(&offer.operator) {
                         op.offers.remove(&offer.id);
@@ -1217,6 +1245,7 @@ impl ShardState {
                 }
             }
             Event::OfferWithdrawn { offer, reason, .. } => {
+                self.forget_across_leaders(*offer);
                 if let Some(offer) = self.offers.remove(offer) {
                     if let Some(op) = self.operators.get_mut(&offer.operator) {
                         op.offers.remove(&offer.id);

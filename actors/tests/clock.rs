@@ -160,3 +160,39 @@ fn a_late_accept_does_not_undo_a_decline_or_the_operator_s_own_away() {
     assert_eq!(run(&mut state, &store, 6700, accept_at("ann", offer, 5900)), Err(Error::OfferGone(offer)));
     assert!(state.conversations[&conversation].assigned().is_none());
 }
+
+/// Rules 12: an offer pending when a new leader began (its blank entry applied) does
+/// not set Ann away when it expires, even on time: the change of leader, not Ann, may
+/// have kept her answer back. An offer made after the new leader began still does.
+/// Under rules 11 a new leader changes nothing.
+#[test]
+fn under_rules_12_an_offer_pending_across_a_change_of_leader_does_not_set_the_operator_away() {
+    assert!(RULES_VERSION >= 12);
+    let presence = |state: &ShardState| state.operators[&OperatorId::new("ann")].presence;
+    for (rules, across, away) in [(12, true, false), (12, false, true), (11, true, true)] {
+        let (store, mut state) = setup(rules);
+        run(&mut state, &store, 1000, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }).expect("started");
+        let offer = state.offers.values().next().expect("offered").id;
+        if across {
+            records::leader_began(&mut state, &store);
+        }
+        // The new leader's timer fires on time: not late enough to count as a stall.
+        let mut rebuilt = records::load(&store).expect("load");
+        assert_eq!(rebuilt.offers_across_leaders.contains(&offer), across && rules >= 12, "rules {rules}: kept in the records");
+        run(&mut rebuilt, &store, 6000, Command::ExpireOffer { offer }).expect("expired");
+        assert!(rebuilt.offers.is_empty(), "rules {rules}: withdrawn");
+        let expected = if away { Presence::Away } else { Presence::Online };
+        assert_eq!(presence(&rebuilt), expected, "rules {rules}, pending across a leader change: {across}");
+        // The mark goes with its offer, from memory and from the records.
+        assert!(rebuilt.offers_across_leaders.is_empty());
+        assert!(records::load(&store).expect("load").offers_across_leaders.is_empty(), "rules {rules}: its record is deleted");
+        let _ = state;
+    }
+    // An offer made after the new leader began is missed as before.
+    let (store, mut state) = setup(12);
+    records::leader_began(&mut state, &store);
+    run(&mut state, &store, 1000, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }).expect("started");
+    let offer = state.offers.values().next().expect("offered").id;
+    run(&mut state, &store, 6000, Command::ExpireOffer { offer }).expect("expired");
+    assert_eq!(presence(&state), Presence::Away);
+}

@@ -401,7 +401,7 @@ async fn offer_on_a_follower(cluster: &Cluster, offer_timeout_ms: u64) -> anyhow
 
 /// An offer made under one leader expires under the next: the new leader's actors arm
 /// the timer from the deadline stored in the state, and the conversation goes on to
-/// the next operator (I4 across a failover).
+/// the next operator (I4 across a failover). The operator is not set away (rules 12).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offer_made_before_a_failover_expires_after_it() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -418,6 +418,15 @@ async fn an_offer_made_before_a_failover_expires_after_it() -> anyhow::Result<()
     assert_eq!(expired["conversation"].as_u64(), Some(conversation));
     let next = bob.wait_for(WAIT, |v| v["kind"] == "offer").await?;
     assert_eq!(next["conversation"].as_u64(), Some(conversation), "the conversation went on to bob");
+    // Rules 12: the offer was pending across the change of leader, so its expiry, on
+    // time as it was, did not set alice away (a missed offer otherwise does).
+    let token = cluster.node(b).login("admin").await?;
+    let (status, body) = cluster.node(b).api("GET", "/api/operators", Some(&token), None).await?;
+    anyhow::ensure!(status == 200, "{status} {body}");
+    let alice_now = body["operators"].as_array().and_then(|ops| ops.iter().find(|o| o["id"] == "alice").cloned()).unwrap_or_default();
+    assert_eq!(alice_now["presence"], "online", "an offer missed across a leader change does not set her away: {alice_now}");
+    let away = alice.wait_for(Duration::from_millis(300), |v| v["kind"] == "presence" && v["status"] != "online").await;
+    assert!(away.is_err(), "no change of presence reached her desk: {away:?}");
     Ok(())
 }
 

@@ -139,6 +139,12 @@ impl Machine for ShardMachine {
         reply
     }
 
+    fn leader_began(&self, _index: u64, changes: &mut Changes) {
+        let mut writes = Vec::new();
+        self.shard.leader_began(&mut writes);
+        put_all(changes, writes);
+    }
+
     fn published(&self) {
         self.shard.published();
     }

@@ -59,6 +59,9 @@ openraft::declare_raft_types!(
 /// What the machine keeps in memory is a cache of its records, rebuilt by `load`.
 pub trait Machine: Send + Sync + 'static {
     fn apply(&self, index: u64, request: &[u8], changes: &mut Changes) -> Vec<u8>;
+    /// The entry at `index` is the one a new leader appends when it is elected (Raft's
+    /// blank entry): every replica applies it at the same place in the log.
+    fn leader_began(&self, _index: u64, _changes: &mut Changes) {}
     /// The changes of the entry just applied are written: readers may see them now.
     fn published(&self) {}
     /// Rebuilds the in-memory state from the records: at start, and after a snapshot

@@ -769,7 +769,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for entry in entries {
             let mut changes = Changes::default();
             let response = match entry.payload {
-                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Blank => {
+                    self.machine.leader_began(entry.log_id.index, &mut changes);
+                    Vec::new()
+                }
                 EntryPayload::Normal(request) => self.machine.apply(entry.log_id.index, &request.0, &mut changes),
                 EntryPayload::Membership(membership) => {
                     inner.membership = StoredMembership::new(Some(entry.log_id), membership);
