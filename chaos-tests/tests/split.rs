@@ -224,8 +224,24 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
     let metrics = metrics.as_str().unwrap_or_default().to_owned();
     for group in 1..=4 {
         assert!(metrics.contains(&format!("switchboard_raft_is_leader{{group=\"{group}\"}} 1")), "group {group} leads here:\n{metrics}");
+        let value = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(&format!("{name}{{group=\"{group}\"}} "))).and_then(|v| v.parse::<u64>().ok());
+        assert_eq!(value("switchboard_raft_leader"), Some(1), "group {group}: node 1 leads it");
+        let (committed, applied) = (value("switchboard_raft_commit_index"), value("switchboard_raft_last_applied"));
+        assert!(committed.is_some_and(|c| c > 0) && committed >= applied, "group {group}: committed {committed:?}, applied {applied:?}");
+        assert!(value("switchboard_raft_apply_lag").is_some() && value("switchboard_mail_retries_total").is_some(), "group {group}:\n{metrics}");
     }
     assert!(metrics.contains("switchboard_mail_in_flight{from=\"3\",to=\"2\"}") || metrics.contains("switchboard_mail_in_flight{from=\"4\",to=\"2\"}"), "{metrics}");
+    // The same figures for a person or a script: `cluster status --json`, a line a group.
+    let status: Value = serde_json::from_slice(&switchboard_chaos_tests::cli(["cluster", "status", "--json", "--addr", &dev.private], &[]).await?)?;
+    let groups = status["groups"].as_array().cloned().unwrap_or_default();
+    assert_eq!(groups.len(), 4, "{status}");
+    for g in &groups {
+        assert_eq!(g["leader"], 1, "{g}");
+        assert!(g["commit_index"].as_u64().is_some_and(|c| c > 0) && g["commit_index"].as_u64() >= g["last_applied"].as_u64(), "{g}");
+        assert!(g["term"].as_u64().is_some() && g["leader_changes"].as_u64().is_some() && g["letters_in_flight"].as_u64().is_some() && g["mail_retries"].as_u64().is_some(), "{g}");
+    }
+    let text = String::from_utf8(switchboard_chaos_tests::cli(["cluster", "status", "--addr", &dev.private], &[]).await?)?;
+    assert!(text.contains("  group 2 (routing): leader here, leader 1, term ") && text.contains("(committed ") && text.contains("(retries "), "{text}");
     // What a node of one group reports, from the split's groups.
     for line in ["switchboard_operators{presence=\"online\"} 2", "switchboard_queue_waiting{skill_group=\"general\"}", "switchboard_outbox_entries 0", "switchboard_proposed_commands_total{group=\"3\"}"] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");

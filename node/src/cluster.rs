@@ -446,7 +446,7 @@ pub fn describe(status: &serde_json::Value) -> String {
                 _ => "",
             };
             out.push_str(&format!(
-                "  group {} ({}): {} here, leader {}, term {}, applied {} of {}, leader changes {}, letters in flight {}, voters {}{quiet}\n",
+                "  group {} ({}): {} here, leader {}, term {}, applied {} of {} (committed {}), leader changes {}, letters in flight {} (retries {}), voters {}{quiet}\n",
                 field("group"),
                 g.get("part").and_then(|v| v.as_str()).unwrap_or("?"),
                 g.get("role").and_then(|v| v.as_str()).unwrap_or("?"),
@@ -454,8 +454,10 @@ pub fn describe(status: &serde_json::Value) -> String {
                 field("term"),
                 field("last_applied"),
                 field("last_log"),
+                field("commit_index"),
                 field("leader_changes"),
                 field("letters_in_flight"),
+                field("mail_retries"),
                 field("voters"),
             ));
         }
@@ -502,13 +504,13 @@ mod tests {
             "node": 1, "split": {"shards": 1}, "leader": 2, "term": 3,
             "members": [{"id": 1, "raft_addr": "127.0.0.1:9002", "voter": true}],
             "groups": [
-                {"group": 1, "part": "directory", "role": "leader", "leader": 1, "term": 3, "last_log": 39, "last_applied": 39, "leader_changes": 0, "letters_in_flight": 0},
-                {"group": 3, "part": "conversations 0", "role": "follower", "leader": null, "term": 2, "last_log": 10, "last_applied": 9, "leader_changes": 2, "letters_in_flight": 4, "voters": [1, 2, 3]},
+                {"group": 1, "part": "directory", "role": "leader", "leader": 1, "term": 3, "last_log": 39, "commit_index": 39, "last_applied": 39, "leader_changes": 0, "letters_in_flight": 0, "mail_retries": 0},
+                {"group": 3, "part": "conversations 0", "role": "follower", "leader": null, "term": 2, "last_log": 10, "commit_index": 10, "last_applied": 9, "leader_changes": 2, "letters_in_flight": 4, "mail_retries": 7, "voters": [1, 2, 3]},
             ],
         });
         let text = describe(&status);
         assert!(text.starts_with("node 1, split into 2 groups (1 conversation shards):\n"), "{text}");
-        assert!(text.contains("  group 3 (conversations 0): follower here, leader none, term 2, applied 9 of 10, leader changes 2, letters in flight 4, voters [1,2,3]\n"), "{text}");
+        assert!(text.contains("  group 3 (conversations 0): follower here, leader none, term 2, applied 9 of 10 (committed 10), leader changes 2, letters in flight 4 (retries 7), voters [1,2,3]\n"), "{text}");
         let mut quiet = status.clone();
         quiet["groups"][1]["quiet"] = serde_json::json!("following");
         assert!(describe(&quiet).contains("voters [1,2,3], quiet (waiting for beats)\n"), "{}", describe(&quiet));

@@ -37,6 +37,11 @@ pub(crate) struct HostedGroup {
     pub(crate) supervisor: ractor::ActorRef<SupervisorMsg>,
     /// Changes of the group's leader this node saw (to another node, or to none).
     pub(crate) leader_changes: Arc<std::sync::atomic::AtomicU64>,
+    /// The group's commit index as this node knows it (`LogStore::committed_index`).
+    pub(crate) committed: Arc<std::sync::atomic::AtomicU64>,
+    /// Tries of this group's letters to another group that failed, while this node led
+    /// it (`switchboard_mail_retries_total`).
+    pub(crate) mail_retries: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What every group on a node shares.
@@ -57,6 +62,7 @@ impl Host<'_> {
         let log_dir = self.data_dir.join("log").join(format!("g{id}"));
         let (log, sm) = open_group(self.keyspace, id, Arc::new(ShardMachine { shard: shard.clone() }), &self.data_dir.join("snapshots"), &log_dir)
             .with_context(|| format!("open group {id}"))?;
+        let committed = log.committed_index();
         let config = member_config(self.snapshot_every, self.node_id, id)?;
         let network = NetworkFactory::with_peers(self.peers.clone(), id).quiet_when(self.router.quiet_mark(id));
         let raft = Raft::new(self.node_id, config, network, log, sm).await?;
@@ -92,7 +98,7 @@ impl Host<'_> {
                 }
             }
         });
-        Ok(HostedGroup { id, raft, shard, proposer, supervisor, leader_changes })
+        Ok(HostedGroup { id, raft, shard, proposer, supervisor, leader_changes, committed, mail_retries: Arc::default() })
     }
 }
 
@@ -115,10 +121,6 @@ pub(crate) fn forward_mail(source: HostedGroup, destinations: BTreeMap<GroupId, 
         futures::future::join_all(carriers).await;
     })
 }
-
-/// Tries of a destination that failed (no answer, or nothing new applied there), on
-/// every forwarder of this process: `switchboard_mail_retries_total`.
-pub(crate) static MAIL_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The first wait after a failed try; it doubles up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(20);
@@ -175,7 +177,8 @@ async fn carry(source: HostedGroup, to: GroupId, destination: RaftProposer, node
             _ => failed = true,
         }
         if failed {
-            MAIL_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // A try of a destination that failed (no answer, or nothing new applied there).
+            source.mail_retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         } else {

@@ -667,6 +667,8 @@ struct NodeBackend {
     supervisor: ActorRef<SupervisorMsg>,
     /// Times this node saw the shard group's leader change (to another node, or none).
     leader_changes: Arc<std::sync::atomic::AtomicU64>,
+    /// The group's commit index as this node knows it (`LogStore::committed_index`).
+    committed: Arc<std::sync::atomic::AtomicU64>,
     peers: Peers,
     /// Files being copied to the other members at once, at most `FILES_COPIED_AT_ONCE`.
     copying: Arc<tokio::sync::Semaphore>,
@@ -972,6 +974,7 @@ impl Backend for NodeBackend {
             "leader": m.current_leader,
             "term": m.current_term,
             "last_log": m.last_log_index,
+            "commit_index": self.committed.load(std::sync::atomic::Ordering::Relaxed),
             "last_applied": m.last_applied.map(|l| l.index),
             "members": members,
             "leader_changes": self.leader_changes.load(std::sync::atomic::Ordering::Relaxed),
@@ -1013,8 +1016,13 @@ impl Backend for NodeBackend {
         }
         let _ = writeln!(out, "# HELP switchboard_raft_last_log Index of the last log entry.\n# TYPE switchboard_raft_last_log gauge");
         let _ = writeln!(out, "switchboard_raft_last_log{{group=\"{SHARD_GROUP}\"}} {last_log}");
-        let _ = writeln!(out, "# HELP switchboard_raft_apply_lag Log entries written here but not yet applied.\n# TYPE switchboard_raft_apply_lag gauge");
-        let _ = writeln!(out, "switchboard_raft_apply_lag{{group=\"{SHARD_GROUP}\"}} {}", last_log.saturating_sub(applied));
+        let committed = self.committed.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = writeln!(out, "# HELP switchboard_raft_leader The node that leads the group, as this node knows it (0: none known).\n# TYPE switchboard_raft_leader gauge");
+        let _ = writeln!(out, "switchboard_raft_leader{{group=\"{SHARD_GROUP}\"}} {}", m.current_leader.unwrap_or(0));
+        let _ = writeln!(out, "# HELP switchboard_raft_commit_index Index of the group's last entry this node knows committed.\n# TYPE switchboard_raft_commit_index gauge");
+        let _ = writeln!(out, "switchboard_raft_commit_index{{group=\"{SHARD_GROUP}\"}} {committed}");
+        let _ = writeln!(out, "# HELP switchboard_raft_apply_lag Entries this node knows committed but has not applied yet.\n# TYPE switchboard_raft_apply_lag gauge");
+        let _ = writeln!(out, "switchboard_raft_apply_lag{{group=\"{SHARD_GROUP}\"}} {}", committed.saturating_sub(applied));
         let _ = writeln!(out, "# HELP switchboard_raft_leader_changes_total Changes of the group's leader seen by this node.\n# TYPE switchboard_raft_leader_changes_total counter");
         let _ = writeln!(out, "switchboard_raft_leader_changes_total{{group=\"{SHARD_GROUP}\"}} {}", self.leader_changes.load(std::sync::atomic::Ordering::Relaxed));
         switchboard_raft::state::store_metrics(&mut out);
@@ -1202,6 +1210,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     let peers = Peers::new(endpoint.clone());
     let router = Router::default();
     let network = NetworkFactory::with_peers(peers.clone(), SHARD_GROUP).quiet_when(router.quiet_mark(SHARD_GROUP));
+    let committed = log.committed_index();
     let raft = Raft::new(options.node_id, member_config(options.snapshot_every, options.node_id, SHARD_GROUP)?, network, log, sm).await?;
     router.set_peers(peers.clone());
     router.add(SHARD_GROUP, raft.clone());
@@ -1284,7 +1293,7 @@ std::fs::create_dir_all(&options.data_dir)?;
         })
     };
 
-    let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor, leader_changes, peers: peers.clone(), copying: Arc::new(tokio::sync::Semaphore::new(FILES_COPIED_AT_ONCE)), router: router.clone(), barriers: BarrierRounds::default() });
+    let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor, leader_changes, committed, peers: peers.clone(), copying: Arc::new(tokio::sync::Semaphore::new(FILES_COPIED_AT_ONCE)), router: router.clone(), barriers: BarrierRounds::default() });
     // The log before this replays under the rules it was decided with; from here on
     // this build's rules decide. A no-op when the shard already has them.
     // Adopting is idempotent: an outcome lost to a leader change at start (members start

@@ -546,6 +546,7 @@ impl Backend for SplitBackend {
                     "leader": m.current_leader,
                     "term": m.current_term,
                     "last_log": m.last_log_index,
+                    "commit_index": g.committed.load(Relaxed),
                     "last_applied": m.last_applied.map(|l| l.index),
                     "voters": voters,
                     "learners": learners,
@@ -553,6 +554,7 @@ impl Backend for SplitBackend {
                     "reaches_majority": (m.current_leader == Some(self.node.node_id)).then(|| server::reaches_majority(&m, self.node.node_id, &self.node.peers)),
                     "leader_changes": g.leader_changes.load(Relaxed),
                     "letters_in_flight": Self::letters_in_flight(&g.shard).values().sum::<usize>(),
+                    "mail_retries": g.mail_retries.load(Relaxed),
                     "quiet": match self.node.router.quietness(g.id) {
                         q if q.leading => "leading",
                         q if q.following => "following",
@@ -652,28 +654,35 @@ impl Backend for SplitBackend {
     fn metrics(&self) -> String {
         let mut out = String::new();
         let node_id = self.node.node_id;
-        let gauges: [(&str, &str, &str); 7] = [
+        let gauges: [(&str, &str, &str); 10] = [
             ("switchboard_raft_is_leader", "gauge", "Whether this node leads the group."),
+            ("switchboard_raft_leader", "gauge", "The node that leads the group, as this node knows it (0: none known)."),
             ("switchboard_raft_term", "gauge", "Current Raft term of the group."),
             ("switchboard_raft_last_log", "gauge", "Index of the group's last log entry."),
+            ("switchboard_raft_commit_index", "gauge", "Index of the group's last entry this node knows committed."),
             ("switchboard_raft_last_applied", "gauge", "Index of the group's last applied entry."),
-            ("switchboard_raft_apply_lag", "gauge", "Log entries written here but not yet applied."),
+            ("switchboard_raft_apply_lag", "gauge", "Entries this node knows committed but has not applied yet."),
             ("switchboard_raft_leader_changes_total", "counter", "Changes of the group's leader seen by this node."),
             ("switchboard_routing_rules", "gauge", "Routing rules version in force in the group."),
+            ("switchboard_mail_retries_total", "counter", "Tries of the group's letters to another group that failed, made from this node while it led the group; each is sent again."),
         ];
         for (i, (name, kind, help)) in gauges.iter().enumerate() {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for g in self.node.groups.values() {
                 let m = g.raft.metrics().borrow().clone();
                 let (last_log, applied) = (m.last_log_index.unwrap_or(0), m.last_applied.map_or(0, |l| l.index));
+                let committed = g.committed.load(Relaxed);
                 let value = match i {
                     0 => u64::from(m.current_leader == Some(node_id)),
-                    1 => m.current_term,
-                    2 => last_log,
-                    3 => applied,
-                    4 => last_log.saturating_sub(applied),
-                    5 => g.leader_changes.load(Relaxed),
-                    _ => u64::from(g.shard.read().rules),
+                    1 => m.current_leader.unwrap_or(0),
+                    2 => m.current_term,
+                    3 => last_log,
+                    4 => committed,
+                    5 => applied,
+                    6 => committed.saturating_sub(applied),
+                    7 => g.leader_changes.load(Relaxed),
+                    8 => u64::from(g.shard.read().rules),
+                    _ => g.mail_retries.load(Relaxed),
                 };
                 let _ = writeln!(out, "{name}{{group=\"{}\"}} {value}", g.id);
             }
@@ -685,8 +694,6 @@ impl Backend for SplitBackend {
                 let _ = writeln!(out, "switchboard_mail_in_flight{{from=\"{}\",to=\"{to}\"}} {n}", g.id);
             }
         }
-        let _ = writeln!(out, "# HELP switchboard_mail_retries_total Letters this node's forwarders sent again after a failed try.\n# TYPE switchboard_mail_retries_total counter");
-        let _ = writeln!(out, "switchboard_mail_retries_total {}", crate::groups::MAIL_RETRIES.load(Relaxed));
         let _ = writeln!(out, "# HELP switchboard_remote_reads_total Questions this node asked the holders of conversation shards it does not hold (ADR 0012), each try counted.\n# TYPE switchboard_remote_reads_total counter");
         let _ = writeln!(out, "switchboard_remote_reads_total {}", crate::remote::READS.load(Relaxed));
         let _ = writeln!(out, "# HELP switchboard_remote_read_failovers_total Of those, tries of another holder after the one asked first did not answer.\n# TYPE switchboard_remote_read_failovers_total counter");

@@ -210,7 +210,9 @@ pub fn open_group(
         purged: trees.get_meta("last_purged").ok().flatten(),
     })
     .map_err(|e| crate::Error::Storage(e.to_string()))?;
-    let log = LogStore { trees: trees.clone(), segments };
+    let committed: Option<Option<LogId<NodeId>>> = trees.get_meta("committed").ok().flatten();
+    let committed = Arc::new(std::sync::atomic::AtomicU64::new(committed.flatten().map_or(0, |c| c.index)));
+    let log = LogStore { trees: trees.clone(), segments, committed };
     std::fs::create_dir_all(snapshot_dir)?;
     let snapshots = SnapshotFiles { dir: snapshot_dir.to_path_buf(), group, writing: Arc::new(Mutex::new(())) };
     let state = Arc::new(StateTree::new(keyspace.clone(), state_partition(keyspace, group)?));
@@ -323,6 +325,17 @@ fn copy_tree(from: &sled::Tree, prefix: &str, keyspace: &fjall::Keyspace, to: &f
 pub struct LogStore {
     trees: Trees,
     segments: SegmentLog,
+    /// The index of the newest entry this node knows committed (0: none yet), for
+    /// metrics and status: set whenever openraft saves the committed pointer, whether or
+    /// not the store took the write.
+    committed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LogStore {
+    /// The group's commit index as this node knows it, kept up to date by openraft.
+    pub fn committed_index(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.committed.clone()
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -371,6 +384,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        self.committed.store(committed.map_or(0, |c| c.index), std::sync::atomic::Ordering::Relaxed);
         // Not flushed here: a lost committed pointer only means re-applying from the
         // snapshot up to a smaller index, which the next leader contact completes. For
         // the same reason it is skipped while the store may hold writes: openraft's core
