@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use switchboard_chaos_tests::{cli, eventually, set_presence, Cluster, WAIT};
 use switchboard_gateway::client::{ClientError, Incoming, WsClient};
 
@@ -493,12 +493,48 @@ async fn an_accept_sent_while_the_cluster_stalls_still_takes_the_offer() -> anyh
     Ok(())
 }
 
+/// What a supervisor on `node` sees: each of `conversations`' state and holder, who
+/// waits in which queue, and each operator's presence and load.
+async fn floor_seen(cluster: &Cluster, node: usize, conversations: &[u64]) -> anyhow::Result<Vec<Value>> {
+    let supervisor = cluster.node(node).login("supervisor").await?;
+    let mut seen = Vec::new();
+    for id in conversations {
+        let (status, conv) = cluster.node(node).api("GET", &format!("/api/conversations/{id}"), Some(&supervisor), None).await?;
+        anyhow::ensure!(status == 200, "{status} {conv}");
+        seen.push(json!({"conversation": id, "status": conv["status"]}));
+    }
+    let (_, queues) = cluster.node(node).api("GET", "/api/queues", Some(&supervisor), None).await?;
+    for q in queues["queues"].as_array().into_iter().flatten() {
+        let waiting: Vec<Value> = q["conversations"].as_array().into_iter().flatten().map(|c| json!([c["conversation"], c["state"]])).collect();
+        seen.push(json!({"group": q["group"], "waiting": waiting}));
+    }
+    let (_, operators) = cluster.node(node).api("GET", "/api/operators", Some(&supervisor), None).await?;
+    for o in operators["operators"].as_array().into_iter().flatten() {
+        seen.push(json!({"operator": o["id"], "presence": o["presence"], "active": o["active"], "load": o["load"]}));
+    }
+    Ok(seen)
+}
+
 /// Every member stopped (SIGTERM) and started again: the cluster comes back as it was,
-/// with its conversations and a leader.
+/// with its conversations, its queue, its assignments and its operators' load and
+/// presence, and a leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_cluster_stopped_and_started_comes_back_as_it_was() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut cluster = Cluster::start(dir.path(), 3).await?;
+    // Alice takes one conversation, then steps away; a second one waits in the queue.
+    let (mut alice, _) = cluster.node(1).operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (served_ws, served, _) = cluster.node(3).client("Served").await?;
+    let offer = alice.wait_for(WAIT, |v| v["kind"] == "offer" && v["conversation"] == served).await?;
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "take"})).await?;
+    let taken = alice.wait_for(WAIT, |v| v["ref"] == "take").await?;
+    assert_eq!(taken["type"], "ok", "{taken}");
+    set_presence(&mut alice, "away").await?;
+    alice.close().await;
+    drop(served_ws);
+    let (queued_ws, queued, _) = cluster.node(1).client("Queued").await?;
+    drop(queued_ws);
     let (mut ws, conversation, token) = cluster.node(2).client("Before").await?;
     let mut acked = Vec::new();
     for n in 0..5 {
@@ -508,6 +544,12 @@ async fn a_whole_cluster_stopped_and_started_comes_back_as_it_was() -> anyhow::R
         acked.push(ack["seq"].as_u64().unwrap_or(0));
     }
     ws.close().await;
+    // What a supervisor sees before the stop.
+    cluster.settled(Duration::from_secs(20)).await?;
+    let before = floor_seen(&cluster, 1, &[served, queued, conversation]).await?;
+    let shown = |id: u64| before.iter().find(|v| v["conversation"] == id).map(|v| v["status"].clone()).unwrap_or_default();
+    assert_eq!((shown(served)["state"].clone(), shown(served)["operator"].clone()), (json!("assigned"), json!("alice")), "{before:?}");
+    assert_eq!(shown(queued)["state"], "queued", "{before:?}");
     for id in 1..=3 {
         cluster.stop(id).await?;
     }
@@ -520,6 +562,9 @@ async fn a_whole_cluster_stopped_and_started_comes_back_as_it_was() -> anyhow::R
     // A node that had not heard of the last commit before the stop applies it once its
     // shard elects a leader again.
     cluster.settled(Duration::from_secs(20)).await?;
+    for id in 1..=3 {
+        assert_eq!(floor_seen(&cluster, id, &[served, queued, conversation]).await?, before, "node {id} shows the floor as it was before the stop");
+    }
     for id in 1..=3 {
         let supervisor = cluster.node(id).login("supervisor").await?;
         let (status, conv) = cluster.node(id).api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
