@@ -603,6 +603,22 @@ impl Cluster {
     }
 }
 
+/// Each visitor socket's member by the gateway's map, when every conversation shard has
+/// a leader and every socket is on the leader of its conversation's shard.
+pub fn pinned_to_shard_leaders(view: &Value, conversations: &[u64]) -> Option<std::collections::BTreeMap<u64, u64>> {
+    let shards = view["shards"].as_array()?;
+    if shards.is_empty() {
+        return None;
+    }
+    let mut expected: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    for c in conversations {
+        let leader = shards[(*c % shards.len() as u64) as usize]["leader"].as_u64()?;
+        *expected.entry(leader).or_default() += 1;
+    }
+    let actual: std::collections::BTreeMap<u64, u64> = view["members"].as_array()?.iter().filter_map(|m| Some((m["id"].as_u64()?, m["sockets"].as_u64()?))).filter(|(_, n)| *n > 0).collect();
+    (actual == expected).then_some(actual)
+}
+
 pub use switchboard_gateway::client::free_port_block;
 
 /// VmRSS of a process, in bytes.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
-use switchboard_chaos_tests::{binary, eventually, next_event, set_presence, Cluster, Dev, WAIT};
+use switchboard_chaos_tests::{binary, eventually, next_event, pinned_to_shard_leaders, set_presence, Cluster, Dev, WAIT};
 use switchboard_gateway::client::WsClient;
 
 /// Opens an operator socket under protocol 2 (one feed per group, ADR 0010), resuming
@@ -919,22 +919,6 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
         assert_eq!(keys, run.acked, "every acknowledged message once, in order");
     }
     Ok(())
-}
-
-/// Each visitor socket's member by the gateway's map, when every conversation shard has
-/// a leader and every socket is on the leader of its conversation's shard.
-fn pinned_to_shard_leaders(view: &Value, conversations: &[u64]) -> Option<BTreeMap<u64, u64>> {
-    let shards = view["shards"].as_array()?;
-    if shards.is_empty() {
-        return None;
-    }
-    let mut expected: BTreeMap<u64, u64> = BTreeMap::new();
-    for c in conversations {
-        let leader = shards[(*c % shards.len() as u64) as usize]["leader"].as_u64()?;
-        *expected.entry(leader).or_default() += 1;
-    }
-    let actual: BTreeMap<u64, u64> = view["members"].as_array()?.iter().filter_map(|m| Some((m["id"].as_u64()?, m["sockets"].as_u64()?))).filter(|(_, n)| *n > 0).collect();
-    (actual == expected).then_some(actual)
 }
 
 /// A split cluster behind a standalone gateway: the gateway relays each visitor's socket
