@@ -353,7 +353,8 @@ async fn the_server_refuses_clients_without_a_cluster_certificate() -> anyhow::R
 
 /// Certificates carry a role: one issued to a gateway may relay client work to members
 /// (which decide it as their own edge would) and ask where the groups are; its writes,
-/// votes and entries are refused, and it cannot pass for a node to a member that dials it.
+/// votes, entries and snapshots are refused, and it cannot pass for a node to a member
+/// that dials it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_certificate_proposes_nothing_and_takes_no_part_in_raft() -> anyhow::Result<()> {
     use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -382,6 +383,18 @@ async fn a_gateway_certificate_proposes_nothing_and_takes_no_part_in_raft() -> a
     let answer = client.vote(vote, RPCOption::new(Duration::from_secs(2))).await;
     assert!(answer.is_err(), "a gateway's vote request was answered: {answer:?}");
     assert_eq!(replica.raft.metrics().borrow().current_term, term, "the refused vote did not move the term");
+    // Nor entries or a snapshot from a pretended leader of a later term.
+    let leader_vote = openraft::Vote::new_committed(term + 50, 2);
+    let entry = openraft::Entry::<switchboard_raft::TypeConfig> { log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(term + 50, 2), 1_000), payload: openraft::EntryPayload::Normal(Request(b"from a gateway".to_vec())) };
+    let append = openraft::raft::AppendEntriesRequest { vote: leader_vote, prev_log_id: None, entries: vec![entry], leader_commit: None };
+    let answer = client.append_entries(append, RPCOption::new(Duration::from_secs(2))).await;
+    assert!(answer.is_err(), "a gateway's entries were answered: {answer:?}");
+    let meta = openraft::SnapshotMeta { last_log_id: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(term + 50, 2), 1_000)), last_membership: Default::default(), snapshot_id: "from-a-gateway".into() };
+    let install = openraft::raft::InstallSnapshotRequest { vote: leader_vote, meta, offset: 0, data: b"not a snapshot".to_vec(), done: true };
+    let answer = client.install_snapshot(install, RPCOption::new(Duration::from_secs(2))).await;
+    assert!(answer.is_err(), "a gateway's snapshot was answered: {answer:?}");
+    let m = replica.raft.metrics().borrow().clone();
+    assert_eq!((m.current_term, m.last_log_index, m.current_leader), (term, before, Some(1)), "no entry, snapshot or leader came of them");
 
     // And a node dialling a gateway's endpoint does not take it for a node.
     let dialled = tokio::time::timeout(Duration::from_secs(5), replica.endpoint.connect(endpoint.local_addr()?, tls::NODE_SERVER_NAME)?).await;
