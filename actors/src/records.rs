@@ -1023,6 +1023,13 @@ pub fn find_attachment(store: &dyn Store, id: &AttachmentId) -> Result<Option<At
     get(store, &key::attachment(ConversationId(u64::from_be_bytes(conv)), id))
 }
 
+/// Every conversation's attachment records in key order, from the key after `after` (a
+/// key this returned before), at most `limit`: the files a holder of the shard keeps.
+pub fn attachments_page(store: &dyn Store, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Attachment)>, Error> {
+    let page = store.scan(b"a", after, limit).map_err(store_err)?;
+    page.into_iter().map(|(k, v)| Ok((k, decode(&v)?))).collect()
+}
+
 pub fn attachments_of(store: &dyn Store, conversation: ConversationId) -> Result<Vec<Attachment>, Error> {
     Ok(all::<Attachment>(store, &key::attachments_prefix(conversation))?.into_iter().map(|(_, a)| a).collect())
 }

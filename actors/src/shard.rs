@@ -113,6 +113,12 @@ impl Shard {
         self.active_actors.store(count, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// A page of the shard's attachment records after the key `after` (see
+    /// [`records::attachments_page`]).
+    pub fn attachments_page(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, crate::model::Attachment)>, Error> {
+        records::attachments_page(self.store()?.as_ref(), after, limit)
+    }
+
     fn store(&self) -> Result<Arc<dyn Store>, Error> {
         self.store
             .read()

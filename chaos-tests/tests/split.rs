@@ -726,6 +726,25 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     }
     assert_eq!(settled.len(), 6, "a visitor on each node in each shard: {:?}", settled.keys().collect::<Vec<_>>());
 
+    // A file in a conversation of each shard, uploaded before node 4 exists.
+    let mut early_files: BTreeMap<u64, String> = BTreeMap::new();
+    let mut early = b"\x89PNG\r\n\x1a\n".to_vec();
+    early.extend((0..30_000u32).map(|i| (i * 17 % 251) as u8));
+    for i in 0..40 {
+        let (_ws, id, token) = cluster.node(1).client(&format!("Early {i}")).await?;
+        let shard = 3 + id % 2;
+        if early_files.contains_key(&shard) {
+            continue;
+        }
+        let (status, body) = switchboard_chaos_tests::client_upload(cluster.node(1), &token, "early.png", "image/png", &early).await?;
+        assert_eq!(status, 201, "{body}");
+        early_files.insert(shard, body["id"].as_str().unwrap_or_default().to_owned());
+        if early_files.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(early_files.len(), 2, "a file in each conversation shard");
+
     // Node 4 starts from `cluster add-node`; it is ready once it follows the metadata
     // group and the routing shard.
     let added = cluster.add_node().await?;
@@ -754,6 +773,20 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     })
     .await?;
     println!("with node 4 (group, voters, learners, leader): {balanced:?}");
+    // The files of a shard follow it to its new holders: each voter of each shard has
+    // the file uploaded there before node 4 existed, node 4 included where it votes.
+    let on_disk = |n: u64, file: &str| dir.path().join(format!("data/node-{n}/attachments/{file}")).exists();
+    let held_early = eventually(Duration::from_secs(60), Duration::from_millis(200), || async {
+        let all = early_files.iter().all(|(shard, file)| {
+            balanced.iter().filter(|(g, ..)| g == shard).flat_map(|(_, voters, _, _)| voters.iter()).all(|n| on_disk(*n, file))
+        });
+        Ok(all.then_some(()))
+    })
+    .await;
+    let four_holds: Vec<u64> = early_files.keys().copied().filter(|shard| balanced.iter().any(|(g, voters, _, _)| g == shard && voters.contains(&4))).collect();
+    assert!(held_early.is_ok(), "every holder has its shard's files: {early_files:?}, {balanced:?}");
+    assert!(!four_holds.is_empty(), "node 4 holds a conversation shard: {balanced:?}");
+    println!("node 4 fetched the files of shards {four_holds:?} uploaded before it joined");
     // A node that gave its copy of a shard up now reads it from the holders: its
     // visitor's next message comes back on the socket opened before the move.
     let mut moved = 0;

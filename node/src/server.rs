@@ -860,6 +860,111 @@ pub(crate) async fn fetch_file(others: Vec<(String, bool)>, peers: Peers, id: St
     None
 }
 
+/// What [`keep_files`] did, in Prometheus text.
+pub(crate) fn file_metrics(out: &mut String) {
+    let _ = writeln!(out, "# HELP switchboard_files_fetched_total Attachment files this node fetched from another because it holds their conversation's shard without them.\n# TYPE switchboard_files_fetched_total counter");
+    let _ = writeln!(out, "switchboard_files_fetched_total {}", FILES_FETCHED.load(std::sync::atomic::Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP switchboard_files_unavailable Attachment files of the shards this node holds that no member could give in their last sweep.\n# TYPE switchboard_files_unavailable gauge");
+    let _ = writeln!(out, "switchboard_files_unavailable {}", FILES_UNAVAILABLE.load(std::sync::atomic::Ordering::Relaxed));
+}
+
+/// Files fetched by [`keep_files`] because this node held their shard without them.
+pub(crate) static FILES_FETCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Files of the shards this node holds that no member could give in their last sweep.
+pub(crate) static FILES_UNAVAILABLE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Attachment records read per page of a sweep.
+const FILE_SWEEP_PAGE: usize = 256;
+/// The shortest pause between two sweeps of one shard; a sweep that took long waits
+/// twenty times as long before the next, so sweeping costs at most a twentieth of it.
+const FILE_SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps this node's copy of the files of `shard`'s attachments whole while it holds the
+/// shard (`sources` names where else to look, its other holders first, or `None` while
+/// this node does not hold it): an upload is answered once a majority of the holders
+/// have the file, and a holder that was down, or that the placement added since, has
+/// the records but not the bytes. Each sweep reads the shard's attachment records page
+/// by page and fetches each missing file from the first source that has it, checked
+/// against its SHA-256 before it is kept. A sweep runs when the shard applied commands
+/// since the last one (or that one left files unavailable), at most every
+/// [`FILE_SWEEP_EVERY`].
+pub(crate) async fn keep_files(
+    shard: Arc<Shard>,
+    sources: impl Fn() -> Option<Vec<String>> + Send + 'static,
+    peers: Peers,
+    blobs: switchboard_gateway::attachments::BlobStore,
+) {
+    let mut swept_at_applied: Option<u64> = None;
+    let mut unavailable_here = 0u64;
+    let mut pause = Duration::from_secs(2);
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = FILE_SWEEP_EVERY;
+        let Some(sources) = sources() else {
+            swept_at_applied = None;
+            FILES_UNAVAILABLE.fetch_sub(std::mem::take(&mut unavailable_here), std::sync::atomic::Ordering::Relaxed);
+            continue;
+        };
+        let applied = shard.applied_count();
+        if swept_at_applied == Some(applied) {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let mut after: Option<Vec<u8>> = None;
+        let mut unavailable = 0u64;
+        let complete = loop {
+            let page = match shard.attachments_page(after.as_deref(), FILE_SWEEP_PAGE) {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the shard's attachment records; the sweep is tried again later");
+                    break false;
+                }
+            };
+            let Some((last, _)) = page.last() else { break true };
+            after = Some(last.clone());
+            for (_, attachment) in page {
+                if blobs.has(&attachment.id).await {
+                    continue;
+                }
+                let mut kept = false;
+                for addr in &sources {
+                    match peers.get_file(addr, &attachment.id.0, FILE_COPY_FOR).await {
+                        Ok(Some(bytes)) => {
+                            let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                            if digest != attachment.sha256 {
+                                tracing::warn!(attachment = %attachment.id.0, %addr, "a member sent a file that does not match its record; not kept");
+                                continue;
+                            }
+                            match blobs.put_bytes(&attachment.id, &bytes).await {
+                                Ok(()) => {
+                                    FILES_FETCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    kept = true;
+                                }
+                                Err(e) => tracing::warn!(attachment = %attachment.id.0, error = %e, "could not store a fetched file"),
+                            }
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::debug!(%addr, error = %e, "file fetch failed"),
+                    }
+                }
+                if !kept {
+                    unavailable += 1;
+                }
+            }
+            tokio::task::yield_now().await;
+        };
+        FILES_UNAVAILABLE.fetch_sub(unavailable_here, std::sync::atomic::Ordering::Relaxed);
+        FILES_UNAVAILABLE.fetch_add(unavailable, std::sync::atomic::Ordering::Relaxed);
+        unavailable_here = unavailable;
+        if unavailable > 0 {
+            tracing::warn!(unavailable, "files of a shard this node holds are on no member that answered; looked for again in the next sweep");
+        }
+        swept_at_applied = (complete && unavailable == 0).then_some(applied);
+        pause = pause.max(started.elapsed() * 20);
+    }
+}
+
 /// Attachment files follow their conversation out when retention deletes it from
 /// `shard`.
 pub(crate) fn remove_files_with_their_conversations(shard: &Shard, blobs: switchboard_gateway::attachments::BlobStore) {
@@ -1026,6 +1131,7 @@ impl Backend for NodeBackend {
         let _ = writeln!(out, "# HELP switchboard_raft_leader_changes_total Changes of the group's leader seen by this node.\n# TYPE switchboard_raft_leader_changes_total counter");
         let _ = writeln!(out, "switchboard_raft_leader_changes_total{{group=\"{SHARD_GROUP}\"}} {}", self.leader_changes.load(std::sync::atomic::Ordering::Relaxed));
         switchboard_raft::state::store_metrics(&mut out);
+        file_metrics(&mut out);
         let (commands, entries) = (self.proposer.counts.commands.load(std::sync::atomic::Ordering::Relaxed), self.proposer.counts.entries.load(std::sync::atomic::Ordering::Relaxed));
         let _ = writeln!(out, "# HELP switchboard_proposed_commands_total Commands proposed to the shard group.\n# TYPE switchboard_proposed_commands_total counter");
         let _ = writeln!(out, "switchboard_proposed_commands_total{{group=\"{SHARD_GROUP}\"}} {commands}");
@@ -1323,6 +1429,10 @@ std::fs::create_dir_all(&options.data_dir)?;
         tokio::spawn(inactivity_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id)),
         tokio::spawn(crate::outbox::run(raft.clone(), Arc::new(proposer.clone()), shard.clone(), options.node_id, gateway.clone(), 1, peers.clone())),
     ]);
+    // Every member holds the one group: its files are looked for on the others.
+    let (members_of, node_id) = (raft.clone(), options.node_id);
+    let others = move || Some(file_targets(&members_of, node_id).0.into_iter().map(|(addr, _)| addr).collect());
+    listeners.push(tokio::spawn(keep_files(shard.clone(), others, peers.clone(), gateway.blobs.clone())));
     info!(%public_addr, %private_addr, %raft_addr, ?smtp_addr, "node started");
     Ok(RunningNode { groups: Groups::One { raft, endpoint, db }, gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
 }

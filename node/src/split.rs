@@ -688,6 +688,7 @@ impl Backend for SplitBackend {
             }
         }
         switchboard_raft::state::store_metrics(&mut out);
+        server::file_metrics(&mut out);
         let _ = writeln!(out, "# HELP switchboard_mail_in_flight Letters a group posted to another that the destination has not confirmed yet.\n# TYPE switchboard_mail_in_flight gauge");
         for g in self.node.groups.values() {
             for (to, n) in Self::letters_in_flight(&g.shard) {
@@ -796,6 +797,23 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
         listeners.push(tokio::spawn(server::retention_timer(c.raft.clone(), c.proposer.clone(), node_id, options.retention_every)));
         listeners.push(tokio::spawn(server::inactivity_timer(c.raft.clone(), c.proposer.clone(), c.shard.clone(), node_id)));
         listeners.push(tokio::spawn(crate::outbox::run(c.raft.clone(), Arc::new(c.proposer.clone()), c.shard.clone(), node_id, gateway.clone(), shards, node.peers.clone())));
+        // While this node holds the shard: its files, from its other holders first,
+        // then from any node.
+        let (weak, id) = (Arc::downgrade(&node), c.id);
+        let sources = move || {
+            let node = weak.upgrade()?;
+            if !node.holds(id) {
+                return None;
+            }
+            let mut addrs: Vec<String> = server::file_targets(&node.groups[&id].raft, node.node_id).0.into_iter().map(|(addr, _)| addr).collect();
+            for (addr, _) in server::file_targets(&node.groups[&R].raft, node.node_id).0 {
+                if !addrs.contains(&addr) {
+                    addrs.push(addr);
+                }
+            }
+            Some(addrs)
+        };
+        listeners.push(tokio::spawn(server::keep_files(c.shard.clone(), sources, node.peers.clone(), gateway.blobs.clone())));
     }
     listeners.push(placement);
     tracing::info!(%public_addr, %private_addr, shards, "split node started");
