@@ -76,6 +76,10 @@ pub enum OperatorIn {
         offer: u64,
         #[serde(rename = "ref", default)]
         reference: Option<Value>,
+        /// When the accept reached a standalone gateway (ms since the epoch), set by the
+        /// gateway on a socket it relays; ignored on any other socket.
+        #[serde(default)]
+        received_at: Option<u64>,
     },
     Decline {
         offer: u64,

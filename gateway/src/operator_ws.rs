@@ -68,7 +68,7 @@ pub(crate) async fn upgrade(
         (None, Some(seq)) => Resume::From(seq),
         (None, None) => Resume::Fresh,
     };
-    let session = OperatorSession { gw: gw.clone(), operator, protocol, resume, counted: false };
+    let session = OperatorSession { gw: gw.clone(), operator, protocol, resume, counted: false, relayed: relayed.is_some() };
     ws::accept(gw, upgrade, Surface::Operator, Some(staff), relayed.is_some(), session)
 }
 
@@ -303,6 +303,23 @@ struct OperatorSession {
     resume: Resume,
     /// Whether this socket is counted in `Gateway::operator_sockets`.
     counted: bool,
+    /// Whether a standalone gateway relays this socket: then an `accept` may carry when
+    /// it reached the gateway.
+    relayed: bool,
+}
+
+/// How far back a relayed `accept`'s `received_at` may lie: a gateway re-pins a socket
+/// within seconds, so an older stamp is taken as the moment it arrived here instead.
+const RELAYED_STAMP_MAX_AGE_MS: u64 = 30_000;
+
+/// When an `accept` counts from: now, or on a relayed socket the moment the gateway
+/// stamped, if that lies within [`RELAYED_STAMP_MAX_AGE_MS`] (a stamp ahead of this
+/// node's clock counts as now).
+fn accept_received_at(relayed: bool, stamped: Option<u64>, now: u64) -> u64 {
+    match stamped {
+        Some(at) if relayed && now.saturating_sub(at) <= RELAYED_STAMP_MAX_AGE_MS => at.min(now),
+        _ => now,
+    }
 }
 
 /// History entries read at a time when a resent reply's key is looked for.
@@ -553,10 +570,12 @@ impl OperatorSession {
                 self.commit(Command::EndWrapUp { operator: me }, reference.as_ref()).await?;
                 self.ok(out, reference.as_ref()).await;
             }
-            OperatorIn::Accept { offer, reference } => {
-                // Rules 9: the answer counts from when it reached this server, so a stall
-                // between here and the log (a frozen or changing leader) cannot make it late.
-                let received_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            OperatorIn::Accept { offer, reference, received_at } => {
+                // Rules 9: the answer counts from when it reached this server (or the
+                // gateway relaying it), so a stall between there and the log (a frozen or
+                // changing leader, a re-pin) cannot make it late.
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                let received_at = accept_received_at(self.relayed, received_at, now);
                 let command = if self.gw.backend.shard().read().rules >= 9 {
                     Command::AcceptOfferAt { operator: me, offer: OfferId(offer), received_at: switchboard_actors::model::Timestamp(received_at) }
                 } else {
@@ -819,5 +838,20 @@ struct Refused {
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.frame["message"].as_str().unwrap_or("refused"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relayed_accept_counts_from_the_gateway_s_stamp_and_no_other() {
+        let now = 1_000_000;
+        assert_eq!(accept_received_at(true, Some(now - 4_000), now), now - 4_000, "stamped by the gateway 4 s ago");
+        assert_eq!(accept_received_at(false, Some(now - 4_000), now), now, "a desk's own stamp is ignored");
+        assert_eq!(accept_received_at(true, None, now), now);
+        assert_eq!(accept_received_at(true, Some(now - RELAYED_STAMP_MAX_AGE_MS - 1), now), now, "too old to be a re-pin's");
+        assert_eq!(accept_received_at(true, Some(now + 500), now), now, "a gateway clock ahead counts as now");
     }
 }

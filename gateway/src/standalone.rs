@@ -793,8 +793,8 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                         return;
                     }
                     Some(text) => match track.outgoing(&text) {
-                        Ok(()) => {
-                            if let Err(e) = upstream.send(ServerOp::Text, text.as_bytes()).await {
+                        Ok(instead) => {
+                            if let Err(e) = upstream.send(ServerOp::Text, instead.as_deref().unwrap_or(&text).as_bytes()).await {
                                 break e;
                             }
                         }
@@ -1083,16 +1083,18 @@ impl Tracker {
         self.token = Some(token);
     }
 
-    /// A frame the client sent, on its way to the member. `Err` with an error frame for
-    /// the client when too many requests are unanswered: the frame is not relayed.
-    fn outgoing(&mut self, text: &str) -> Result<(), Value> {
+    /// A frame the client sent, on its way to the member: `Ok(Some(text))` when the
+    /// member is to get `text` instead (an operator's `accept`, stamped with when it
+    /// reached this gateway). `Err` with an error frame for the client when too many
+    /// requests are unanswered: the frame is not relayed.
+    fn outgoing(&mut self, text: &str) -> Result<Option<String>, Value> {
         if self.surface == Surface::Supervisor {
             if serde_json::from_str::<Value>(text).is_ok_and(|f| f.get("type").and_then(Value::as_str) == Some("watch")) {
                 self.watch = Some(text.to_owned());
             }
-            return Ok(());
+            return Ok(None);
         }
-        let Ok(frame) = serde_json::from_str::<Value>(text) else { return Ok(()) };
+        let Ok(mut frame) = serde_json::from_str::<Value>(text) else { return Ok(None) };
         let kind = frame.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
         if kind == "ping" {
             if self.pings == 0 {
@@ -1102,18 +1104,27 @@ impl Tracker {
         }
         // No answer comes to these, or none worth sending again: nothing to keep.
         if matches!(kind.as_str(), "typing" | "read" | "ping") {
-            return Ok(());
+            return Ok(None);
         }
+        // An operator's answer to an offer counts from when it reached this gateway
+        // (routing rules 9): the member is told, and it is sent again with the same
+        // moment after a re-pin, since accepting twice is answered `ok` (protocol.md §2).
+        let stamped = (self.surface == Surface::Operator && kind == "accept").then(|| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            frame["received_at"] = json!(now);
+            frame.to_string()
+        });
+        let text = stamped.as_deref().unwrap_or(text);
         let key = frame.get("key").and_then(Value::as_str).map(str::to_owned);
         // A client's `ack` and errors name the key; an operator's name the `ref`.
         let reference = if self.surface == Surface::Client { None } else { frame.get("ref").cloned() };
         if self.surface == Surface::Client && kind == "close" && self.closed {
-            return Ok(());
+            return Ok(None);
         }
         // A client's `close` is sent again after a re-pin (closing twice is a no-op); an
         // operator's is answered `unavailable` like any other request (protocol.md §1):
         // sent again after it committed, it would be refused `not_assigned`.
-        let keep = (kind == "send" && key.is_some()) || (kind == "close" && self.surface == Surface::Client);
+        let keep = (kind == "send" && key.is_some()) || (kind == "close" && self.surface == Surface::Client) || stamped.is_some();
         let held = if keep { text.len() } else { 0 };
         if self.pending.len() >= MAX_PENDING || self.pending_bytes + held > MAX_PENDING_BYTES {
             let reference = reference.clone().or_else(|| key.clone().map(Value::String));
@@ -1129,7 +1140,7 @@ impl Tracker {
         }
         self.pending_bytes += held;
         self.pending.push_back(Pending { kind, reference, key, text: if keep { text.to_owned() } else { String::new() } });
-        Ok(())
+        Ok(stamped)
     }
 
     /// A frame from the member; `false` when the client must not see it.
@@ -1370,8 +1381,9 @@ impl Tracker {
                         actions.push(Replay::Answer(frame));
                     }
                 }
-                // The key makes a resend safe; closing twice is a no-op.
-                "send" | "close" if !pending.text.is_empty() => {
+                // The key makes a resend safe; closing twice is a no-op; accepting an
+                // offer already yours is `ok`.
+                "send" | "close" | "accept" if !pending.text.is_empty() => {
                     actions.push(Replay::Resend(pending.text.clone()));
                     keep.push_back(pending);
                 }
@@ -1576,6 +1588,29 @@ mod tests {
         assert!(!t.incoming(r#"{"type":"event","kind":"presence","feed":"r","seq":41}"#), "a repeat in its feed is not");
         assert!(t.incoming(r#"{"type":"event","kind":"presence","feed":"c1","seq":2}"#), "the same seq in another feed is");
         assert_eq!(t.reconnect_path("/ws/operator?token=T&protocol=2&cursor=r.40,c0.7"), "/ws/operator?token=T&protocol=2&cursor=c0.4,c1.2,r.42");
+    }
+
+    #[test]
+    fn an_operator_s_accept_is_stamped_here_and_sent_again_with_its_stamp_after_a_re_pin() {
+        let mut desk = Tracker::new(Surface::Operator, "/ws/operator?token=T");
+        desk.incoming(r#"{"type":"hello","seq":4}"#);
+        let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let sent = desk.outgoing(r#"{"type":"accept","offer":9,"ref":"a"}"#).expect("relayed").expect("stamped");
+        let stamped: Value = serde_json::from_str(&sent).expect("json");
+        let at = stamped["received_at"].as_u64().expect("a stamp");
+        assert!(at >= before && stamped["offer"] == 9 && stamped["ref"] == "a", "{stamped}");
+        // Other frames go as they came.
+        assert_eq!(desk.outgoing(r#"{"type":"decline","offer":8,"ref":"d"}"#).expect("relayed"), None);
+        // The member under the socket dies before answering: the accept goes again, with
+        // the moment it first arrived; the decline is answered `unavailable`.
+        let replay = desk.replay();
+        let resent: Vec<&String> = replay.iter().filter_map(|r| match r { Replay::Resend(text) => Some(text), _ => None }).collect();
+        assert_eq!(resent, vec![&sent], "the accept is sent again as stamped");
+        let answered: Vec<&Value> = replay.iter().filter_map(|r| match r { Replay::Answer(frame) => Some(frame), _ => None }).collect();
+        assert!(answered.len() == 1 && answered[0]["code"] == "unavailable" && answered[0]["ref"] == "d", "{answered:?}");
+        // A visitor's frames are never stamped.
+        let mut client = Tracker::new(Surface::Client, "/ws/client");
+        assert_eq!(client.outgoing(r#"{"type":"accept","offer":9}"#).expect("relayed"), None);
     }
 
     #[test]
