@@ -54,6 +54,9 @@ pub struct Shard {
     /// Commands applied since start: a reader that saw this number saw every change
     /// made before it (the outbox worker looks again only when it moved).
     applied: std::sync::atomic::AtomicU64,
+    /// Times the state was rebuilt from the records (at start, after a snapshot was
+    /// installed): what the records hold may have changed without an apply.
+    loads: std::sync::atomic::AtomicU64,
     /// Which part of ADR 0006's split this shard's group plays (`Whole` today).
     part: Part,
     /// Counts published entries, for whoever waits for the state to move (the mail
@@ -87,6 +90,7 @@ impl Shard {
             on_deleted_attachments: OnceLock::new(),
             active_actors: std::sync::atomic::AtomicUsize::new(0),
             applied: std::sync::atomic::AtomicU64::new(0),
+            loads: std::sync::atomic::AtomicU64::new(0),
             part,
             published_tx: watch::Sender::new(0),
             tails: RwLock::new(Tails::new(crate::tails::BUDGET)),
@@ -262,7 +266,14 @@ impl Shard {
         // What was cached describes the state before this load.
         self.tails.write().unwrap_or_else(|p| p.into_inner()).clear();
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
+        self.loads.fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Commands applied and loads from the records since start: while neither moved,
+    /// the records hold what they held.
+    pub fn records_version(&self) -> (u64, u64) {
+        (self.applied.load(std::sync::atomic::Ordering::Acquire), self.loads.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// What the core would answer without a log entry (see [`crate::core::precheck`]),

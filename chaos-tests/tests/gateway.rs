@@ -220,12 +220,18 @@ async fn sockets_through_a_gateway_stay_open_when_their_member_is_killed() -> an
         Ok(pinned_to_shard_leaders(&view, &conversations).map(|placed| (placed, view)))
     })
     .await;
-    let (placed, clients_view) = placed?;
+    let (placed, _) = placed?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !acked.lock().unwrap().is_empty(),
         "messages flowed before the kill"
     );
+    // The map as it is now, just before the kill, with every socket on its shard's leader.
+    let clients_view = eventually(Duration::from_secs(10), Duration::from_millis(100), || async {
+        let (_, view) = gateway.api("GET", "/api/gateway", None, None).await?;
+        Ok(pinned_to_shard_leaders(&view, &conversations).map(|_| view))
+    })
+    .await?;
     // The victim leads the shard of a live conversation, mid-exchange: the first
     // visitor's. What each gateway relays to it must move.
     let shards = clients_view["shards"].as_array().cloned().unwrap_or_default();

@@ -854,7 +854,8 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     guest.wait_for(WAIT, |v| v["kind"] == "message" && v["text"] == "answered from node 4").await?;
 
     // A file a visitor uploads is copied to its conversation shard's holders, not to
-    // every node, before its record is committed: through that node in each shard.
+    // every node, before its record is committed, and the node it came through keeps
+    // no copy unless it is a holder: through that node in each shard.
     let mut file = b"\x89PNG\r\n\x1a\n".to_vec();
     file.extend((0..40_000u32).map(|i| (i * 31 % 251) as u8));
     for (conversation, token) in [(far_conversation, &guest_token), (near_conversation, &near_token)] {
@@ -868,9 +869,15 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
         eventually(Duration::from_secs(10), Duration::from_millis(100), || async { Ok(holders.iter().all(|n| on_disk(*n)).then_some(())) }).await?;
         let copies: Vec<u64> = (1..=4).filter(|n| on_disk(*n)).collect();
         println!("a file of conversation {conversation} uploaded through node {far_node} is on nodes {copies:?}; group {shard} is held by {holders:?}");
-        for n in (1..=4u64).filter(|n| !holders.contains(n) && *n != far_node as u64) {
-            assert!(!on_disk(n), "node {n} does not hold group {shard} and got no copy of {file_id}");
+        for n in (1..=4u64).filter(|n| !holders.contains(n)) {
+            assert!(!on_disk(n), "node {n} does not hold group {shard} and keeps no copy of {file_id}");
         }
+        // A download through that node fetches the file for the answer and keeps none.
+        let token = far_dev.login("supervisor").await?;
+        let auth = format!("Bearer {token}");
+        let response = switchboard_chaos_tests::http_request(&far_dev.private, None, "GET", &format!("/api/attachments/{file_id}"), &[("Authorization", &auth)], &[]).await?;
+        assert!(response.status == 200 && response.body == file, "node {far_node} serves the file: {}", response.status);
+        assert_eq!(on_disk(far_node as u64), holders.contains(&(far_node as u64)), "node {far_node} keeps a copy only of a shard it holds");
     }
 
     // The first writer's run, before a node it may be connected to is killed.

@@ -441,6 +441,11 @@ async fn store(
             // The quota, asked again at commit, is a bad request as it is before the body.
             return Err(quota_refusal(e));
         }
+        // Committed, and on a majority of the shard's holders: a node that is not one
+        // of them keeps no copy (the holders' sweeps complete theirs).
+        if !gw.backend.keeps_files_of(&FileOwner::Conversation(conversation)) {
+            gw.blobs.remove(&attachment.id).await;
+        }
         Ok(attachment)
     });
     let attachment = settled.await.map_err(|e| GatewayError::Internal(format!("the upload's commit stopped: {e}")))??;
@@ -580,8 +585,9 @@ pub(crate) async fn client_download(
 }
 
 /// The file's body; one this member does not hold (it was down when the file was
-/// copied) is fetched from another member first, checked against the record's SHA-256
-/// and kept.
+/// copied, or it does not hold the conversation's shard) is fetched from another
+/// member first and checked against the record's SHA-256; it is kept only by a holder
+/// of the shard (`Backend::keeps_files_of`).
 async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayError> {
     if !gw.blobs.has(&attachment.id).await {
         let Ok(_fetching) = gw.fetches.clone().try_acquire_owned() else {
@@ -589,10 +595,12 @@ async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayE
         };
         if let Some(bytes) = gw.backend.fetch_file(attachment.id.0.clone()).await {
             let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
-            if digest == attachment.sha256 {
+            if digest != attachment.sha256 {
+                tracing::warn!(attachment = %attachment.id.0, "a member sent a file that does not match its record; not kept");
+            } else if gw.backend.keeps_files_of(&FileOwner::Conversation(attachment.conversation)) {
                 gw.blobs.put_bytes(&attachment.id, &bytes).await?;
             } else {
-                tracing::warn!(attachment = %attachment.id.0, "a member sent a file that does not match its record; not kept");
+                return Ok(Body::from(bytes));
             }
         }
     }

@@ -112,6 +112,13 @@ pub trait Backend: Send + Sync + 'static {
     /// `owner`: whose file it is, which names the conversation shard whose holders get
     /// it (ADR 0012).
     fn replicate_file(&self, blobs: attachments::BlobStore, id: switchboard_actors::model::AttachmentId, owner: attachments::FileOwner) -> BoxFuture<Result<(), String>>;
+    /// Whether this node keeps copies of `owner`'s files: it holds the conversation
+    /// shard they belong to (ADR 0012). A node that does not passes an upload on to
+    /// the holders and serves a download from a copy fetched for it, keeping neither,
+    /// so retention, which deletes files where the shard is held, leaves none behind.
+    fn keeps_files_of(&self, _owner: &attachments::FileOwner) -> bool {
+        true
+    }
     /// Waits until this node has applied every write acknowledged anywhere before the
     /// call (one round trip to the leader): for a read that must not miss one, such as
     /// a visitor resuming on a node that lags behind the one they came from.

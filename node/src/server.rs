@@ -12,7 +12,7 @@ use anyhow::Context;
 use ractor::ActorRef;
 use switchboard_actors::actors::{now_ms, ShardSupervisor, SupervisorArgs, SupervisorMsg};
 use switchboard_actors::core::Reply;
-use switchboard_actors::model::{AttachmentId, Command, Envelope, OperatorId, Presence};
+use switchboard_actors::model::{Attachment, AttachmentId, Command, Envelope, OperatorId, Presence};
 use switchboard_actors::shard::{Proposer, Shard, StreamKey, Wakeups};
 use switchboard_gateway::listener::ConnectionLimits;
 use switchboard_gateway::{Backend, BoxFuture, Budgets, Gateway, GatewayConfig, Limits, TokenKey};
@@ -876,39 +876,45 @@ pub(crate) static FILES_UNAVAILABLE: std::sync::atomic::AtomicU64 = std::sync::a
 /// Attachment records read per page of a sweep.
 const FILE_SWEEP_PAGE: usize = 256;
 /// The shortest pause between two sweeps of one shard; a sweep that took long waits
-/// twenty times as long before the next, so sweeping costs at most a twentieth of it.
+/// twenty times as long before the next, up to [`FILE_SWEEP_MAX_PAUSE`].
 const FILE_SWEEP_EVERY: Duration = Duration::from_secs(10);
+const FILE_SWEEP_MAX_PAUSE: Duration = Duration::from_secs(600);
+/// One sweep at a time in a process, whatever number of shards it holds: a sweep holds
+/// at most one file (5 MiB at most) at a time.
+static SWEEPING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// Keeps this node's copy of the files of `shard`'s attachments whole while it holds the
 /// shard (`sources` names where else to look, its other holders first, or `None` while
 /// this node does not hold it): an upload is answered once a majority of the holders
 /// have the file, and a holder that was down, or that the placement added since, has
 /// the records but not the bytes. Each sweep reads the shard's attachment records page
-/// by page and fetches each missing file from the first source that has it, checked
-/// against its SHA-256 before it is kept. A sweep runs when the shard applied commands
-/// since the last one (or that one left files unavailable), at most every
-/// [`FILE_SWEEP_EVERY`].
+/// by page and fetches each missing file from the first source that has it (a source
+/// that fails is not asked again in that sweep), checked against its SHA-256 before it
+/// is kept, and dropped again if retention deleted its record meanwhile. A sweep runs
+/// when the shard's records changed since the last one (or that one left files
+/// unavailable), at most every [`FILE_SWEEP_EVERY`].
 pub(crate) async fn keep_files(
     shard: Arc<Shard>,
     sources: impl Fn() -> Option<Vec<String>> + Send + 'static,
     peers: Peers,
     blobs: switchboard_gateway::attachments::BlobStore,
 ) {
-    let mut swept_at_applied: Option<u64> = None;
+    let mut swept_at: Option<(u64, u64)> = None;
     let mut unavailable_here = 0u64;
     let mut pause = Duration::from_secs(2);
     loop {
         tokio::time::sleep(pause).await;
         pause = FILE_SWEEP_EVERY;
-        let Some(sources) = sources() else {
-            swept_at_applied = None;
+        let Some(mut sources) = sources() else {
+            swept_at = None;
             FILES_UNAVAILABLE.fetch_sub(std::mem::take(&mut unavailable_here), std::sync::atomic::Ordering::Relaxed);
             continue;
         };
-        let applied = shard.applied_count();
-        if swept_at_applied == Some(applied) {
+        let version = shard.records_version();
+        if swept_at == Some(version) {
             continue;
         }
+        let Ok(_sweeping) = SWEEPING.acquire().await else { return };
         let started = std::time::Instant::now();
         let mut after: Option<Vec<u8>> = None;
         let mut unavailable = 0u64;
@@ -926,29 +932,7 @@ pub(crate) async fn keep_files(
                 if blobs.has(&attachment.id).await {
                     continue;
                 }
-                let mut kept = false;
-                for addr in &sources {
-                    match peers.get_file(addr, &attachment.id.0, FILE_COPY_FOR).await {
-                        Ok(Some(bytes)) => {
-                            let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
-                            if digest != attachment.sha256 {
-                                tracing::warn!(attachment = %attachment.id.0, %addr, "a member sent a file that does not match its record; not kept");
-                                continue;
-                            }
-                            match blobs.put_bytes(&attachment.id, &bytes).await {
-                                Ok(()) => {
-                                    FILES_FETCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    kept = true;
-                                }
-                                Err(e) => tracing::warn!(attachment = %attachment.id.0, error = %e, "could not store a fetched file"),
-                            }
-                            break;
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::debug!(%addr, error = %e, "file fetch failed"),
-                    }
-                }
-                if !kept {
+                if !fetch_missing(&shard, &attachment, &mut sources, &peers, &blobs).await {
                     unavailable += 1;
                 }
             }
@@ -960,9 +944,53 @@ pub(crate) async fn keep_files(
         if unavailable > 0 {
             tracing::warn!(unavailable, "files of a shard this node holds are on no member that answered; looked for again in the next sweep");
         }
-        swept_at_applied = (complete && unavailable == 0).then_some(applied);
-        pause = pause.max(started.elapsed() * 20);
+        swept_at = (complete && unavailable == 0).then_some(version);
+        pause = (started.elapsed() * 20).clamp(FILE_SWEEP_EVERY, FILE_SWEEP_MAX_PAUSE);
     }
+}
+
+/// Fetches `attachment`'s file for this node from the first of `sources` that has it;
+/// a source that fails is dropped from `sources`. Whether the file is here now (or
+/// its record is gone, so nothing is missing).
+async fn fetch_missing(
+    shard: &Shard,
+    attachment: &Attachment,
+    sources: &mut Vec<String>,
+    peers: &Peers,
+    blobs: &switchboard_gateway::attachments::BlobStore,
+) -> bool {
+    let mut i = 0;
+    while i < sources.len() {
+        let addr = sources[i].clone();
+        match peers.get_file(&addr, &attachment.id.0, FILE_COPY_FOR).await {
+            Ok(Some(bytes)) => {
+                let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                if digest != attachment.sha256 {
+                    tracing::warn!(attachment = %attachment.id.0, %addr, "a member sent a file that does not match its record; not kept");
+                    i += 1;
+                    continue;
+                }
+                if let Err(e) = blobs.put_bytes(&attachment.id, &bytes).await {
+                    tracing::warn!(attachment = %attachment.id.0, error = %e, "could not store a fetched file");
+                    return false;
+                }
+                // Retention may have deleted the record (and this node's file, which was
+                // not there yet) while the file was on its way: then it goes again.
+                if matches!(shard.attachment(&attachment.id), Ok(None)) {
+                    blobs.remove(&attachment.id).await;
+                    return true;
+                }
+                FILES_FETCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return true;
+            }
+            Ok(None) => i += 1,
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "file fetch failed; that member is not asked again in this sweep");
+                sources.remove(i);
+            }
+        }
+    }
+    false
 }
 
 /// Attachment files follow their conversation out when retention deletes it from
@@ -1079,7 +1107,7 @@ impl Backend for NodeBackend {
             "leader": m.current_leader,
             "term": m.current_term,
             "last_log": m.last_log_index,
-            "commit_index": self.committed.load(std::sync::atomic::Ordering::Relaxed),
+            "commit_index": self.committed.load(std::sync::atomic::Ordering::Relaxed).max(m.last_applied.map_or(0, |l| l.index)),
             "last_applied": m.last_applied.map(|l| l.index),
             "members": members,
             "leader_changes": self.leader_changes.load(std::sync::atomic::Ordering::Relaxed),
@@ -1121,7 +1149,9 @@ impl Backend for NodeBackend {
         }
         let _ = writeln!(out, "# HELP switchboard_raft_last_log Index of the last log entry.\n# TYPE switchboard_raft_last_log gauge");
         let _ = writeln!(out, "switchboard_raft_last_log{{group=\"{SHARD_GROUP}\"}} {last_log}");
-        let committed = self.committed.load(std::sync::atomic::Ordering::Relaxed);
+        // A snapshot installed here moves the applied index past the last committed
+        // pointer openraft saved: it was committed too.
+        let committed = self.committed.load(std::sync::atomic::Ordering::Relaxed).max(applied);
         let _ = writeln!(out, "# HELP switchboard_raft_leader The node that leads the group, as this node knows it (0: none known).\n# TYPE switchboard_raft_leader gauge");
         let _ = writeln!(out, "switchboard_raft_leader{{group=\"{SHARD_GROUP}\"}} {}", m.current_leader.unwrap_or(0));
         let _ = writeln!(out, "# HELP switchboard_raft_commit_index Index of the group's last entry this node knows committed.\n# TYPE switchboard_raft_commit_index gauge");

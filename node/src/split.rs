@@ -546,7 +546,7 @@ impl Backend for SplitBackend {
                     "leader": m.current_leader,
                     "term": m.current_term,
                     "last_log": m.last_log_index,
-                    "commit_index": g.committed.load(Relaxed),
+                    "commit_index": g.committed.load(Relaxed).max(m.last_applied.map_or(0, |l| l.index)),
                     "last_applied": m.last_applied.map(|l| l.index),
                     "voters": voters,
                     "learners": learners,
@@ -585,6 +585,10 @@ impl Backend for SplitBackend {
             "members": members,
             "groups": groups,
         })
+    }
+
+    fn keeps_files_of(&self, owner: &switchboard_gateway::attachments::FileOwner) -> bool {
+        self.node.holds(self.file_group(owner))
     }
 
     fn replicate_file(&self, blobs: switchboard_gateway::attachments::BlobStore, id: AttachmentId, owner: switchboard_gateway::attachments::FileOwner) -> BoxFuture<Result<(), String>> {
@@ -671,7 +675,9 @@ impl Backend for SplitBackend {
             for g in self.node.groups.values() {
                 let m = g.raft.metrics().borrow().clone();
                 let (last_log, applied) = (m.last_log_index.unwrap_or(0), m.last_applied.map_or(0, |l| l.index));
-                let committed = g.committed.load(Relaxed);
+                // A snapshot installed here moves the applied index past the last
+                // committed pointer openraft saved: it was committed too.
+                let committed = g.committed.load(Relaxed).max(applied);
                 let value = match i {
                     0 => u64::from(m.current_leader == Some(node_id)),
                     1 => m.current_leader.unwrap_or(0),
