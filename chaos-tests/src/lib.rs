@@ -429,12 +429,39 @@ impl Cluster {
     /// (ports 8080, 8081 and 8082 on each: the namespaces do not share them). Call it
     /// from inside [`netns::Lab::run_in_hub`] so the test's sockets reach the nodes.
     pub async fn start_in(lab: &netns::Lab, dir: &Path, n: usize) -> anyhow::Result<Cluster> {
-        let mut hosts = vec!["--gateways".to_string(), "0".into()];
+        Self::start_in_with_gateways(lab, dir, n, 0).await
+    }
+
+    /// [`Cluster::start_in`] with `gateways` gateway configurations whose listeners are
+    /// on the hub's address (ports 8000/8001, then 8010/8011 …): a gateway started with
+    /// [`Cluster::start_gateway`] from the hub runs there, beside the test's clients,
+    /// and reaches the nodes over the lab's bridge as clients do.
+    pub async fn start_in_with_gateways(lab: &netns::Lab, dir: &Path, n: usize, gateways: usize) -> anyhow::Result<Cluster> {
+        let mut layout = vec!["--gateways".to_string(), gateways.to_string()];
         for i in 1..=n {
-            hosts.push("--host".to_string());
-            hosts.push(netns::Lab::ip(i));
+            layout.push("--host".to_string());
+            layout.push(netns::Lab::ip(i));
         }
-        Self::start_with(dir, n, &hosts, (1..=n).map(|i| Some(lab.namespace(i).to_string())).collect()).await
+        let mut args: Vec<std::ffi::OsString> = ["cluster", "init", "--nodes", &n.to_string(), "--dir"].iter().map(Into::into).collect();
+        args.push(dir.into());
+        args.extend(layout.iter().map(Into::into));
+        cli(args, &[]).await.context("cluster init")?;
+        for g in 0..gateways {
+            let path = dir.join(format!("gateway-{}.toml", (b'a' + g as u8) as char));
+            let text = std::fs::read_to_string(&path)?;
+            let moved: Vec<String> = text
+                .lines()
+                .map(|line| match line.split_once(" = ") {
+                    Some((field @ ("public_addr" | "private_addr"), value)) => {
+                        let port = value.trim_matches('"').rsplit(':').next().unwrap_or_default();
+                        format!("{field} = \"{}:{port}\"", netns::HUB_IP)
+                    }
+                    _ => line.to_owned(),
+                })
+                .collect();
+            std::fs::write(&path, moved.join("\n") + "\n")?;
+        }
+        Self::start_laid_out(dir, n, (1..=n).map(|i| Some(lab.namespace(i).to_string())).collect()).await
     }
 
     async fn start_with(dir: &Path, n: usize, layout: &[String], namespaces: Vec<Option<String>>) -> anyhow::Result<Cluster> {
@@ -442,6 +469,11 @@ impl Cluster {
         args.push(dir.into());
         args.extend(layout.iter().map(Into::into));
         cli(args, &[]).await.context("cluster init")?;
+        Self::start_laid_out(dir, n, namespaces).await
+    }
+
+    /// Starts the `n` nodes `cluster init` laid out in `dir`.
+    async fn start_laid_out(dir: &Path, n: usize, namespaces: Vec<Option<String>>) -> anyhow::Result<Cluster> {
         // Launched together: each waits for a quorum before it says ready.
         let starting = (1..=n).map(|id| Self::launch(dir, id, namespaces[id - 1].as_deref())).collect::<anyhow::Result<Vec<_>>>()?;
         let mut nodes = Vec::new();

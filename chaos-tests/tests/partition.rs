@@ -1,7 +1,9 @@
 //! A network partition, made with nftables inside network namespaces the test creates
 //! (`switchboard_chaos_tests::netns`): three real node processes, each in a namespace
-//! of its own, and the leader cut off from the other two while clients write. The
-//! minority side stops acknowledging; the majority elects a leader and carries on; once
+//! of its own, two standalone gateways beside the clients, and the leader cut off from
+//! the other two (and from the gateways) while clients write. The minority side stops
+//! acknowledging; the majority elects a leader and carries on, and so do the visitors
+//! and the desk behind the gateways, on the sockets they opened before the cut; once
 //! healed, the old leader steps down, catches up, and the message it had taken but could
 //! not commit is written once, through the new leader. Nothing is assigned twice.
 //!
@@ -49,7 +51,10 @@ async fn majority_leader(cluster: &Cluster, others: &[usize]) -> anyhow::Result<
 
 async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let cluster = Cluster::start_in(&lab, dir.path(), 3).await?;
+    let cluster = Cluster::start_in_with_gateways(&lab, dir.path(), 3, 2).await?;
+    // Two standalone gateways beside the clients: visitors on one, a desk on the other.
+    let visitors_gateway = cluster.start_gateway(0).await?;
+    let staff_gateway = cluster.start_gateway(1).await?;
     let leader = cluster.leader().await?;
     let others: Vec<usize> = (1..=3).filter(|id| *id != leader).collect();
     let (a, b) = (others[0], others[1]);
@@ -63,6 +68,34 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
     let (mut majority, majority_conv, _) = cluster.node(b).client("On the majority side").await?;
     let mut acked = vec![(minority_conv, "m0".to_string(), send_until_acked(&mut minority, "m0", WAIT).await?)];
     acked.push((majority_conv, "b0".into(), send_until_acked(&mut majority, "b0", WAIT).await?));
+    // Through the gateways: carol's desk, and four visitors (their conversations spread
+    // over the conversation shards, so some are likely led by the node about to be cut
+    // off, with their sockets relayed to it).
+    let (mut carol, _) = staff_gateway.operator("carol").await?;
+    set_presence(&mut carol, "online").await?;
+    let mut relayed = Vec::new();
+    let leads_shard_of = |view: &serde_json::Value, conversation: u64| {
+        let shards = view["shards"].as_array().cloned().unwrap_or_default();
+        !shards.is_empty() && shards[(conversation % shards.len() as u64) as usize]["leader"].as_u64() == Some(leader as u64)
+    };
+    for i in 0..12 {
+        let (mut ws, conversation, _) = visitors_gateway.client(&format!("Relayed {i}")).await?;
+        acked.push((conversation, "g0".into(), send_until_acked(&mut ws, "g0", WAIT).await?));
+        relayed.push((ws, conversation));
+        let (_, view) = visitors_gateway.api("GET", "/api/gateway", None, None).await?;
+        if relayed.len() >= 4 && relayed.iter().any(|(_, c)| leads_shard_of(&view, *c)) {
+            break;
+        }
+    }
+    // Each relayed socket on its conversation shard's leader before the cut.
+    let conversations: Vec<u64> = relayed.iter().map(|(_, c)| *c).collect();
+    let view = eventually(Duration::from_secs(15), Duration::from_millis(100), || async {
+        let (_, view) = visitors_gateway.api("GET", "/api/gateway", None, None).await?;
+        Ok(switchboard_chaos_tests::pinned_to_shard_leaders(&view, &conversations).map(|_| view))
+    })
+    .await?;
+    let on = |id: usize| view["members"].as_array().and_then(|m| m.iter().find(|m| m["id"] == id as u64)).and_then(|m| m["sockets"].as_u64()).unwrap_or(0);
+    println!("relayed visitor sockets on node {leader} before the cut: {} of {}", on(leader), relayed.len());
 
     lab.isolate(leader, 8082)?;
     let cut_at = std::time::Instant::now();
@@ -93,6 +126,15 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
         acked.push((majority_conv, key.clone(), send_until_acked(&mut majority, &key, Duration::from_secs(15)).await?));
     }
     println!("node {new_leader} leads the majority {:?} after the cut; 5 messages acknowledged there", cut_at.elapsed());
+    // The gateways carry on with the majority: every relayed visitor is acknowledged,
+    // on the socket it opened before the cut.
+    for (ws, conversation) in relayed.iter_mut() {
+        for n in 1..=2 {
+            let key = format!("g{n}");
+            acked.push((*conversation, key.clone(), send_until_acked(ws, &key, Duration::from_secs(20)).await?));
+        }
+    }
+    println!("the relayed visitors were acknowledged through the cut {:?} after it", cut_at.elapsed());
 
     lab.heal(leader)?;
     // The old leader steps down and follows; the message it held uncommitted goes to the
@@ -131,6 +173,12 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("healed and following, the old leader is ready again: {e}"))?;
     assert_eq!(cluster.status(new_leader).await?["reaches_majority"], true);
+    for (ws, conversation) in relayed.iter_mut() {
+        acked.push((*conversation, "g3".into(), send_until_acked(ws, "g3", WAIT).await?));
+    }
+    // The desk behind the other gateway is still there.
+    carol.send(&json!({"type": "ping"})).await?;
+    carol.wait_for(WAIT, |v| v["type"] == "pong").await?;
     cluster.settled(Duration::from_secs(30)).await?;
 
     // Every node: each acknowledged message once, at its place; one operator per
@@ -155,6 +203,11 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
     println!("{} acknowledged messages found once on all three nodes after the heal", acked.len());
     minority.close().await;
     majority.close().await;
+    for (ws, _) in relayed {
+        ws.close().await;
+    }
+    carol.close().await;
+    drop((visitors_gateway, staff_gateway));
     drop(cluster);
     Ok(())
 }
