@@ -600,7 +600,16 @@ async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayE
             } else if gw.backend.keeps_files_of(&FileOwner::Conversation(attachment.conversation)) {
                 gw.blobs.put_bytes(&attachment.id, &bytes).await?;
             } else {
-                return Ok(Body::from(bytes));
+                // Served from memory, holding its fetch slot until the body is sent: at
+                // most `REMOTE_FETCHES` such files (5 MiB each at most) at once, however
+                // slowly their readers read.
+                let chunks: Vec<axum::body::Bytes> = bytes.chunks(64 * 1024).map(axum::body::Bytes::copy_from_slice).collect();
+                let slot = _fetching;
+                let stream = futures::StreamExt::map(futures::stream::iter(chunks), move |chunk| {
+                    let _slot = &slot;
+                    Ok::<_, std::io::Error>(chunk)
+                });
+                return Ok(Body::from_stream(stream));
             }
         }
     }

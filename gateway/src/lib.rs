@@ -540,7 +540,8 @@ pub struct Gateway {
     passwords: PasswordPool,
     /// Files being fetched whole from another member for a download, at most
     /// `REMOTE_FETCHES` at once (each holds up to a file's size in memory, here and on
-    /// the member that sends it); past that a download gets 503.
+    /// the member that sends it; on a node that does not hold the file's shard, until
+    /// the download is sent); past that a download gets 503.
     pub(crate) fetches: Arc<tokio::sync::Semaphore>,
     /// Set by the node once it has loaded its configuration (see `/readyz`).
     configured: AtomicBool,
