@@ -95,7 +95,10 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
     })
     .await?;
     let on = |id: usize| view["members"].as_array().and_then(|m| m.iter().find(|m| m["id"] == id as u64)).and_then(|m| m["sockets"].as_u64()).unwrap_or(0);
-    println!("relayed visitor sockets on node {leader} before the cut: {} of {}", on(leader), relayed.len());
+    match on(leader) {
+        0 => println!("node {leader} leads no conversation shard of the {} relayed visitors: none of their sockets is on it before the cut", relayed.len()),
+        n => println!("relayed visitor sockets on node {leader} before the cut: {n} of {}", relayed.len()),
+    }
 
     lab.isolate(leader, 8082)?;
     let cut_at = std::time::Instant::now();
@@ -135,6 +138,10 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
         }
     }
     println!("the relayed visitors were acknowledged through the cut {:?} after it", cut_at.elapsed());
+    // So is the desk behind the other gateway (its socket follows the routing shard's
+    // leader, which was the node cut off).
+    carol.send(&json!({"type": "ping"})).await?;
+    carol.wait_for(Duration::from_secs(20), |v| v["type"] == "pong").await?;
 
     lab.heal(leader)?;
     // The old leader steps down and follows; the message it held uncommitted goes to the

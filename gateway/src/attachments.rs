@@ -426,24 +426,30 @@ async fn store(
     let gw = gw.clone();
     let settled = tokio::spawn(async move {
         let _slot = slot;
+        let owner = FileOwner::Conversation(conversation);
+        // Whether this node holds the shard when the copies' targets are chosen: then its
+        // own copy counts towards the majority and must stay.
+        let held = gw.backend.keeps_files_of(&owner);
         // On a cluster's majority before the record that promises the file is
         // committed: a member that dies after the answer loses no attachment it was sent.
-        if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), attachment.id.clone(), FileOwner::Conversation(conversation)).await {
+        if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), attachment.id.clone(), owner.clone()).await {
             gw.blobs.remove(&attachment.id).await;
             return Err(GatewayError::Core(switchboard_actors::Error::Commit(format!("the file could not be copied to enough cluster members: {e}"))));
         }
-        if let Err(e) = gw.submit(Command::StoreAttachment(attachment.clone())).await {
+        let committed = gw.submit(Command::StoreAttachment(attachment.clone())).await;
+        // A node that does not hold the shard keeps no copy, whatever the outcome: the
+        // holders have theirs (their sweeps complete them) and nothing here needs it.
+        let keep = held || gw.backend.keeps_files_of(&owner);
+        if let Err(e) = committed {
             // Refused: nothing refers to the bytes, so do not keep them. After a commit
-            // failure the record may still apply, so the bytes must stay.
-            if e.is_refusal() {
+            // failure the record may still apply, so a holder's bytes must stay.
+            if e.is_refusal() || !keep {
                 gw.blobs.remove(&attachment.id).await;
             }
             // The quota, asked again at commit, is a bad request as it is before the body.
             return Err(quota_refusal(e));
         }
-        // Committed, and on a majority of the shard's holders: a node that is not one
-        // of them keeps no copy (the holders' sweeps complete theirs).
-        if !gw.backend.keeps_files_of(&FileOwner::Conversation(conversation)) {
+        if !keep {
             gw.blobs.remove(&attachment.id).await;
         }
         Ok(attachment)
@@ -671,7 +677,9 @@ pub async fn file_bytes(gw: &Gateway, attachment: &Attachment) -> Option<Vec<u8>
         tracing::warn!(attachment = %attachment.id.0, "a member sent a file that does not match its record; not kept");
         return None;
     }
-    let _ = gw.blobs.put_bytes(&attachment.id, &bytes).await;
+    if gw.backend.keeps_files_of(&FileOwner::Conversation(attachment.conversation)) {
+        let _ = gw.blobs.put_bytes(&attachment.id, &bytes).await;
+    }
     Some(bytes)
 }
 

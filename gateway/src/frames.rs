@@ -77,9 +77,9 @@ pub enum OperatorIn {
         #[serde(rename = "ref", default)]
         reference: Option<Value>,
         /// When the accept reached a standalone gateway (ms since the epoch), set by the
-        /// gateway on a socket it relays; ignored on any other socket.
+        /// gateway on a socket it relays; ignored on any other socket, whatever its type.
         #[serde(default)]
-        received_at: Option<u64>,
+        received_at: Option<Value>,
     },
     Decline {
         offer: u64,

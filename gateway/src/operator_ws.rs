@@ -309,8 +309,9 @@ struct OperatorSession {
 }
 
 /// How far back a relayed `accept`'s `received_at` may lie: a gateway re-pins a socket
-/// within seconds, so an older stamp is taken as the moment it arrived here instead.
-const RELAYED_STAMP_MAX_AGE_MS: u64 = 30_000;
+/// within its 15 s patience, so an older stamp is taken as the moment it arrived here
+/// instead.
+const RELAYED_STAMP_MAX_AGE_MS: u64 = 20_000;
 
 /// When an `accept` counts from: now, or on a relayed socket the moment the gateway
 /// stamped, if that lies within [`RELAYED_STAMP_MAX_AGE_MS`] (a stamp ahead of this
@@ -575,7 +576,7 @@ impl OperatorSession {
                 // gateway relaying it), so a stall between there and the log (a frozen or
                 // changing leader, a re-pin) cannot make it late.
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-                let received_at = accept_received_at(self.relayed, received_at, now);
+                let received_at = accept_received_at(self.relayed, received_at.as_ref().and_then(Value::as_u64), now);
                 let command = if self.gw.backend.shard().read().rules >= 9 {
                     Command::AcceptOfferAt { operator: me, offer: OfferId(offer), received_at: switchboard_actors::model::Timestamp(received_at) }
                 } else {
