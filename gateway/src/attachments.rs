@@ -63,6 +63,11 @@ impl Drop for Partial {
     }
 }
 
+/// The SHA-256 of `bytes` in lowercase hex, as an attachment's record names it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    switchboard_adapters::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
 /// Files by id in one folder; ids are random hex, never derived from user input.
 #[derive(Clone)]
 pub struct BlobStore {
@@ -124,7 +129,7 @@ impl BlobStore {
         }
         sniff.finish()?;
         file.sync_all().await?;
-        Ok(digest.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+        Ok(switchboard_adapters::hex(digest.finish().as_ref()))
     }
 
     /// Stores a file a peer pushed (or this node fetched), durably, under its id: written
@@ -600,7 +605,7 @@ async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayE
             return Err(GatewayError::Busy("too many files are being fetched from other members; try again shortly"));
         };
         if let Some(bytes) = gw.backend.fetch_file(attachment.id.0.clone()).await {
-            let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            let digest = sha256_hex(&bytes);
             if digest != attachment.sha256 {
                 tracing::warn!(attachment = %attachment.id.0, "a member sent a file that does not match its record; not kept");
             } else if gw.backend.keeps_files_of(&FileOwner::Conversation(attachment.conversation)) {
@@ -643,7 +648,7 @@ pub(crate) async fn keep_inbound_file(gw: &Gateway, owner: &FileOwner, key: &str
     if let Err(e) = gw.backend.replicate_file(gw.blobs.clone(), id.clone(), owner.clone()).await {
         return Err(GatewayError::Core(switchboard_actors::Error::Commit(format!("the file could not be copied to enough cluster members: {e}"))));
     }
-    let sha256 = ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let sha256 = sha256_hex(bytes);
     Ok(InboundFile { id, name, content_type, size: bytes.len() as u64, sha256 })
 }
 
@@ -672,7 +677,7 @@ pub async fn file_bytes(gw: &Gateway, attachment: &Attachment) -> Option<Vec<u8>
         return Some(bytes);
     }
     let bytes = gw.backend.fetch_file(attachment.id.0.clone()).await?;
-    let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let digest = sha256_hex(&bytes);
     if digest != attachment.sha256 {
         tracing::warn!(attachment = %attachment.id.0, "a member sent a file that does not match its record; not kept");
         return None;

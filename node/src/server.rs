@@ -964,8 +964,7 @@ async fn fetch_missing(
         let addr = sources[i].clone();
         match peers.get_file(&addr, &attachment.id.0, FILE_COPY_FOR).await {
             Ok(Some(bytes)) => {
-                let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
-                if digest != attachment.sha256 {
+                if switchboard_gateway::attachments::sha256_hex(&bytes) != attachment.sha256 {
                     tracing::warn!(attachment = %attachment.id.0, %addr, "a member sent a file that does not match its record; not kept");
                     i += 1;
                     continue;
