@@ -48,6 +48,9 @@ pub struct Shard {
     /// Attachments whose records a retention purge deleted, for the blob store to
     /// delete once the records are gone.
     deleted_attachments: Mutex<Vec<AttachmentId>>,
+    /// The attachments the records named before a snapshot replaced them
+    /// ([`Shard::replacing_records`]), for [`Shard::load`] to find the ones it dropped.
+    attachments_before: Mutex<Option<std::collections::HashSet<AttachmentId>>>,
     on_deleted_attachments: OnceLock<Box<dyn Fn(Vec<AttachmentId>) + Send + Sync>>,
     /// Entity actors running now (kept by the supervisor), for `/metrics`.
     active_actors: std::sync::atomic::AtomicUsize,
@@ -87,6 +90,7 @@ impl Shard {
             unpublished: Mutex::new(Vec::new()),
             entry_candidates: Mutex::new(Vec::new()),
             deleted_attachments: Mutex::new(Vec::new()),
+            attachments_before: Mutex::new(None),
             on_deleted_attachments: OnceLock::new(),
             active_actors: std::sync::atomic::AtomicUsize::new(0),
             applied: std::sync::atomic::AtomicU64::new(0),
@@ -257,9 +261,32 @@ impl Shard {
         stop_if_poisoned(self.state.read())
     }
 
+    /// Every attachment the shard's records name (its ids only).
+    fn attachment_ids(&self) -> Result<std::collections::HashSet<AttachmentId>, Error> {
+        let mut ids = std::collections::HashSet::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.attachments_page(after.as_deref(), 1024)?;
+            let Some((last, _)) = page.last() else { return Ok(ids) };
+            after = Some(last.clone());
+            ids.extend(page.into_iter().map(|(_, a)| a.id));
+        }
+    }
+
+    /// A snapshot is about to replace the records: the attachments they name now are
+    /// noted, so that [`Shard::load`] deletes the files of those the snapshot no longer
+    /// names (a retention purge this replica received only within the snapshot), as an
+    /// applied purge does.
+    pub fn replacing_records(&self) -> Result<(), Error> {
+        let ids = self.attachment_ids()?;
+        *self.attachments_before.lock().unwrap_or_else(|p| p.into_inner()) = Some(ids);
+        Ok(())
+    }
+
     /// Rebuilds the hot state from the records (at start and after a snapshot was
     /// installed) and keeps `store` for reading the rest.
     pub fn load(&self, store: Arc<dyn Store>) -> Result<(), Error> {
+        let before = self.attachments_before.lock().unwrap_or_else(|p| p.into_inner()).take();
         let state = records::load(store.as_ref())?;
         let mut guard = stop_if_poisoned(self.state.write());
         *guard = state;
@@ -267,6 +294,17 @@ impl Shard {
         self.tails.write().unwrap_or_else(|p| p.into_inner()).clear();
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
         self.loads.fetch_add(1, std::sync::atomic::Ordering::Release);
+        if let Some(before) = before {
+            let now = self.attachment_ids()?;
+            let dropped: Vec<AttachmentId> = before.into_iter().filter(|id| !now.contains(id)).collect();
+            if !dropped.is_empty() {
+                tracing::info!(files = dropped.len(), "the installed snapshot no longer names some attachments: their files are deleted");
+                match self.on_deleted_attachments.get() {
+                    Some(delete) => delete(dropped),
+                    None => tracing::warn!(count = dropped.len(), "attachment files the installed snapshot dropped are left: no blob store attached"),
+                }
+            }
+        }
         Ok(())
     }
 

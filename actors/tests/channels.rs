@@ -444,3 +444,36 @@ fn files_go_to_telegram_customers_from_rules_8_with_the_text_as_a_caption() {
     assert!(matches!(run(&mut state, &store, T0 + 90, send("d", "two".into(), &["f1", "f2"])), Err(Error::Invalid(m)) if m.contains("at most 1 file")));
     ok(run(&mut state, &store, T0 + 100, send("e", "one".into(), &["f2"])));
 }
+
+/// A replica that gets a retention purge only within an installed snapshot (its log was
+/// purged past it) deletes the files of the attachments the snapshot no longer names,
+/// as an applied purge does; files the snapshot still names stay.
+#[test]
+fn a_snapshot_that_drops_attachments_deletes_their_files() {
+    use std::sync::{Arc, Mutex};
+    use switchboard_actors::shard::Shard;
+    let file = |id: &str, conversation: ConversationId| Attachment { id: AttachmentId(id.into()), conversation, name: "a.pdf".into(), content_type: "application/pdf".into(), size: 10, sha256: "0".repeat(64), uploaded_by: "client".into() };
+    // The records before: two files in a conversation. The snapshot's: only one of them.
+    let records = |files: &[&str]| {
+        let (store, mut state) = setup();
+        connect(&mut state, &store);
+        let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+        let conversation = conversation_of(&reply);
+        for (n, id) in files.iter().enumerate() {
+            ok(run(&mut state, &store, T0 + 20 + n as u64, Command::StoreAttachment(file(id, conversation))));
+        }
+        store
+    };
+    let shard = Shard::new();
+    let deleted: Arc<Mutex<Vec<AttachmentId>>> = Arc::default();
+    let seen = deleted.clone();
+    shard.on_deleted_attachments(move |ids| seen.lock().unwrap().extend(ids));
+    shard.load(Arc::new(records(&["f1", "f2"]))).expect("loaded");
+    // A load at start is not an install: nothing to compare with.
+    shard.load(Arc::new(records(&["f1", "f2"]))).expect("loaded again");
+    assert!(deleted.lock().unwrap().is_empty());
+    shard.replacing_records().expect("noted");
+    shard.load(Arc::new(records(&["f2"]))).expect("installed");
+    assert_eq!(*deleted.lock().unwrap(), vec![AttachmentId("f1".into())], "the file the snapshot dropped is deleted, and only it");
+    assert!(shard.attachment(&AttachmentId("f2".into())).expect("read").is_some());
+}

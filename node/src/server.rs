@@ -149,6 +149,10 @@ impl Machine for ShardMachine {
         self.shard.published();
     }
 
+    fn replacing(&self) -> Result<(), String> {
+        self.shard.replacing_records().map_err(|e| e.to_string())
+    }
+
     fn load(&self, records: &Records) -> Result<(), String> {
         self.shard.load(Arc::new(ShardRecords(records.clone()))).map_err(|e| e.to_string())
     }

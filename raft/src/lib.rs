@@ -62,6 +62,11 @@ pub trait Machine: Send + Sync + 'static {
     /// The entry at `index` is the one a new leader appends when it is elected (Raft's
     /// blank entry): every replica applies it at the same place in the log.
     fn leader_began(&self, _index: u64, _changes: &mut Changes) {}
+    /// An installed snapshot is about to replace the records (they are still readable);
+    /// [`Machine::load`] follows once it has.
+    fn replacing(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// The changes of the entry just applied are written: readers may see them now.
     fn published(&self) {}
     /// Rebuilds the in-memory state from the records: at start, and after a snapshot

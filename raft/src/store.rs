@@ -851,7 +851,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             return Ok(());
         }
         let (trees, state, machine, for_install) = (self.trees.clone(), self.state.clone(), self.machine.clone(), meta.clone());
-        tokio::task::spawn_blocking(move || install_records(&trees, &state, machine.as_ref(), &path, &for_install))
+        tokio::task::spawn_blocking(move || {
+            machine.replacing()?;
+            install_records(&trees, &state, machine.as_ref(), &path, &for_install)
+        })
             .await
             .map_err(|e| write_err(&e))?
             .map_err(|e| write_err(&e))?;
