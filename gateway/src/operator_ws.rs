@@ -575,7 +575,7 @@ impl OperatorSession {
                 // Rules 9: the answer counts from when it reached this server (or the
                 // gateway relaying it), so a stall between there and the log (a frozen or
                 // changing leader, a re-pin) cannot make it late.
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                let now = switchboard_actors::actors::now_ms().0;
                 let received_at = accept_received_at(self.relayed, received_at.as_ref().and_then(Value::as_u64), now);
                 let command = if self.gw.backend.shard().read().rules >= 9 {
                     Command::AcceptOfferAt { operator: me, offer: OfferId(offer), received_at: switchboard_actors::model::Timestamp(received_at) }

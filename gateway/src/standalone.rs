@@ -1110,7 +1110,7 @@ impl Tracker {
         // (routing rules 9): the member is told, and it is sent again with the same
         // moment after a re-pin, since accepting twice is answered `ok` (protocol.md §2).
         let stamped = (self.surface == Surface::Operator && kind == "accept").then(|| {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let now = switchboard_actors::actors::now_ms().0;
             frame["received_at"] = json!(now);
             frame.to_string()
         });
@@ -1594,7 +1594,7 @@ mod tests {
     fn an_operator_s_accept_is_stamped_here_and_sent_again_with_its_stamp_after_a_re_pin() {
         let mut desk = Tracker::new(Surface::Operator, "/ws/operator?token=T");
         desk.incoming(r#"{"type":"hello","seq":4}"#);
-        let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let before = switchboard_actors::actors::now_ms().0;
         let sent = desk.outgoing(r#"{"type":"accept","offer":9,"ref":"a"}"#).expect("relayed").expect("stamped");
         let stamped: Value = serde_json::from_str(&sent).expect("json");
         let at = stamped["received_at"].as_u64().expect("a stamp");
