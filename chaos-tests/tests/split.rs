@@ -809,6 +809,29 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     let log = dir.path().join(format!("data/node-{gave}/log/g{shard}"));
     let segments = |log: &std::path::Path| std::fs::read_dir(log).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".seg")).count()).unwrap_or(0);
     assert!(segments(&log) > 0, "node {gave} keeps its old copy of group {shard} until it starts again");
+    // The files of that shard leave its disk without a restart, once a holder has them
+    // (the cluster's nodes take a file for a stray 10 s after it was written); each
+    // holder keeps its copy.
+    let file = early_files.get(&shard).cloned().ok_or_else(|| anyhow::anyhow!("no file was uploaded in group {shard}"))?;
+    // A file under an id that no record names (an upload whose record was never
+    // committed) goes too; a file that is not an attachment's stays.
+    let attachments = dir.path().join(format!("data/node-{gave}/attachments"));
+    let unnamed = attachments.join("0123456789abcdef0123456789abcdef");
+    std::fs::write(&unnamed, b"an upload that never committed")?;
+    std::fs::write(attachments.join("notes.txt"), b"not an attachment")?;
+    let holders: Vec<u64> = balanced.iter().filter(|(g, ..)| *g == shard).flat_map(|(_, voters, _, _)| voters.clone()).collect();
+    eventually(Duration::from_secs(60), Duration::from_millis(500), || async { Ok((!on_disk(gave as u64, &file)).then_some(())) })
+        .await
+        .map_err(|e| anyhow::anyhow!("node {gave} gave group {shard} up and still keeps its file {file}: {e}"))?;
+    assert!(holders.iter().all(|n| on_disk(*n, &file)), "every holder of group {shard} ({holders:?}) keeps {file}");
+    eventually(Duration::from_secs(60), Duration::from_millis(500), || async { Ok((!unnamed.exists()).then_some(())) })
+        .await
+        .map_err(|e| anyhow::anyhow!("node {gave} keeps a file no record names: {e}"))?;
+    assert!(attachments.join("notes.txt").exists(), "a file that is not an attachment is left alone");
+    let (_, metrics) = cluster.node(gave).api("GET", "/metrics", None, None).await?;
+    let removed = metrics.as_str().unwrap_or_default().lines().find_map(|l| l.strip_prefix("switchboard_files_strays_removed_total ")).and_then(|v| v.parse::<u64>().ok());
+    assert!(removed.is_some_and(|n| n >= 1), "node {gave} counts the files it gave back: {removed:?}");
+    println!("node {gave} gave back the file of group {shard} it no longer holds; holders {holders:?} keep it");
     // A node that votes in one conversation shard only: node 4 unless the placement
     // gave it a copy of both (four nodes, six copies), then another. It never held a
     // copy of the shard it does not vote in.
@@ -951,6 +974,13 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
 
     // Node 3 serves from its own replica: it is read once it applied what was acknowledged.
     cluster.settled(Duration::from_secs(20)).await?;
+    // Holding every shard again, nodes 1-3 have every file again, the one that gave a
+    // shard up included.
+    let refetched = eventually(Duration::from_secs(60), Duration::from_millis(500), || async {
+        Ok(early_files.values().all(|file| (1..=3).all(|n| on_disk(n, file))).then_some(()))
+    })
+    .await;
+    assert!(refetched.is_ok(), "nodes 1-3 hold both shards again and have their files: {early_files:?}");
     let admin = cluster.node(3).login("admin").await?;
     for (conversation, run) in [(conversation, &run), (second, &run2)] {
         let (status, view) = cluster.node(3).api("GET", &format!("/api/conversations/{conversation}"), Some(&admin), None).await?;

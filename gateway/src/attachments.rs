@@ -190,6 +190,21 @@ impl BlobStore {
         }
     }
 
+    /// The ids of the stored files last written at least `older_than` ago, as the
+    /// folder lists them (no order); names that are not ids (a write under way) are
+    /// skipped. Blocking: call it off the runtime.
+    pub fn settled_ids(&self, older_than: std::time::Duration) -> std::io::Result<impl Iterator<Item = AttachmentId>> {
+        let now = std::time::SystemTime::now();
+        let store = self.clone();
+        Ok(std::fs::read_dir(&self.dir)?.flatten().filter_map(move |entry| {
+            let id = AttachmentId(entry.file_name().into_string().ok()?);
+            store.path(&id)?;
+            let written = entry.metadata().ok()?.modified().ok()?;
+            // A clock stepped back makes a file look new: it waits, it is not taken.
+            (now.duration_since(written).ok()? >= older_than).then_some(id)
+        }))
+    }
+
     /// The file as a body streamed in chunks: a download never holds the file whole.
     pub async fn get(&self, id: &AttachmentId) -> Result<Body, GatewayError> {
         let path = self.path(id).ok_or_else(|| GatewayError::NotFound("attachment".into()))?;
@@ -790,6 +805,21 @@ mod tests {
         assert!(store.put(Body::from("<script>"), "image/png", 8).await.is_err());
         assert!(store.put(Body::from("short"), "text/plain", 9).await.is_err());
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "only the stored file remains");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn settled_ids_are_the_stored_files_old_enough() {
+        let dir = tempfile_dir("settled");
+        let store = BlobStore::open(dir.clone()).unwrap();
+        let (id, _) = store.put(Body::from("hello"), "text/plain", 5).await.unwrap();
+        // A write under way and a stranger's file are not ids.
+        std::fs::write(dir.join(format!("{}.0011223344556677.partial", id.0)), b"half").unwrap();
+        std::fs::write(dir.join("notes.txt"), b"not ours").unwrap();
+        let listed: Vec<AttachmentId> = store.settled_ids(std::time::Duration::ZERO).unwrap().collect();
+        assert_eq!(listed, vec![id.clone()]);
+        let young: Vec<AttachmentId> = store.settled_ids(std::time::Duration::from_secs(3600)).unwrap().collect();
+        assert!(young.is_empty(), "a file written just now is not settled for an hour: {young:?}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

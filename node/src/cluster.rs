@@ -42,6 +42,10 @@ pub struct NodeConfig {
     /// Seconds between retention purges on the leader.
     #[serde(default)]
     pub retention_check_s: Option<u64>,
+    /// Seconds an attachment file must have been on disk before it may be taken for a
+    /// stray; 3600 when absent.
+    #[serde(default)]
+    pub stray_files_after_s: Option<u64>,
     /// Seconds an online operator may be without a live socket before they are set
     /// away (`disconnected`); 30 when absent.
     #[serde(default)]
@@ -249,6 +253,7 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
             staff_origins: Vec::new(),
             snapshot_every: None,
             retention_check_s: None,
+            stray_files_after_s: None,
             presence_grace_s: None,
             enable_chaos_drills: false,
             join: false,
@@ -405,6 +410,7 @@ pub fn add_node(dir: &Path, host: Option<&str>) -> anyhow::Result<PathBuf> {
         staff_origins: first.staff_origins.clone(),
         snapshot_every: first.snapshot_every,
         retention_check_s: first.retention_check_s,
+        stray_files_after_s: first.stray_files_after_s,
         presence_grace_s: first.presence_grace_s,
         enable_chaos_drills: first.enable_chaos_drills,
         join: true,

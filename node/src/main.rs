@@ -86,6 +86,12 @@ struct Listeners {
     /// retention (up to 500 each time), in seconds.
     #[arg(long, default_value_t = 60)]
     retention_check_s: u64,
+    /// Seconds an attachment file must have been on disk before a split node may take
+    /// it for a stray and give its space back: a file of a conversation shard it no
+    /// longer holds (once a holder has it), or one no record names. Longer than any
+    /// upload takes to commit.
+    #[arg(long, default_value_t = 3600)]
+    stray_files_after_s: u64,
     /// Seconds an online operator may be without a live operator socket (a page
     /// reload, a network blip) before they are set away with the reason `disconnected`
     /// and their pending offers withdrawn. Applied by whichever node leads.
@@ -385,6 +391,7 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
         staff_origins: listeners.staff_origins,
         snapshot_every: listeners.snapshot_every,
         retention_every: std::time::Duration::from_secs(listeners.retention_check_s.max(1)),
+        stray_files_after: std::time::Duration::from_secs(listeners.stray_files_after_s.max(1)),
         presence_grace: std::time::Duration::from_secs(listeners.presence_grace_s),
         budgets: switchboard_gateway::Budgets {
             starts_per_minute: edge.starts_per_minute,
@@ -425,6 +432,9 @@ fn member_options(config: cluster::NodeConfig, listeners: Listeners, chaos_drill
     }
     if let Some(s) = config.retention_check_s {
         options.retention_every = std::time::Duration::from_secs(s.max(1));
+    }
+    if let Some(s) = config.stray_files_after_s {
+        options.stray_files_after = std::time::Duration::from_secs(s.max(1));
     }
     if let Some(s) = config.presence_grace_s {
         options.presence_grace = std::time::Duration::from_secs(s);

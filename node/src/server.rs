@@ -870,7 +870,12 @@ pub(crate) fn file_metrics(out: &mut String) {
     let _ = writeln!(out, "switchboard_files_fetched_total {}", FILES_FETCHED.load(std::sync::atomic::Ordering::Relaxed));
     let _ = writeln!(out, "# HELP switchboard_files_unavailable Attachment files of the shards this node holds that no member could give in their last sweep.\n# TYPE switchboard_files_unavailable gauge");
     let _ = writeln!(out, "switchboard_files_unavailable {}", FILES_UNAVAILABLE.load(std::sync::atomic::Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP switchboard_files_strays_removed_total Attachment files this node removed because no shard it holds names them: a holder of theirs had them, or no record names them at all.\n# TYPE switchboard_files_strays_removed_total counter");
+    let _ = writeln!(out, "switchboard_files_strays_removed_total {}", FILES_STRAYS_REMOVED.load(std::sync::atomic::Ordering::Relaxed));
 }
+
+/// Files the stray sweep (`split::give_back_files`) removed.
+pub(crate) static FILES_STRAYS_REMOVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Files fetched by [`keep_files`] because this node held their shard without them.
 pub(crate) static FILES_FETCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -885,7 +890,7 @@ const FILE_SWEEP_EVERY: Duration = Duration::from_secs(10);
 const FILE_SWEEP_MAX_PAUSE: Duration = Duration::from_secs(600);
 /// One sweep at a time in a process, whatever number of shards it holds: a sweep holds
 /// at most one file (5 MiB at most) at a time.
-static SWEEPING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+pub(crate) static SWEEPING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// Keeps this node's copy of the files of `shard`'s attachments whole while it holds the
 /// shard (`sources` names where else to look, its other holders first, or `None` while
@@ -1251,6 +1256,9 @@ pub struct NodeOptions {
     pub snapshot_every: u64,
     /// Between retention purges on the leader.
     pub retention_every: Duration,
+    /// How long an attachment file stays before a split node may take it for a stray
+    /// (`split::give_back_files`): longer than any upload takes to commit its record.
+    pub stray_files_after: Duration,
     /// How long an online operator may be without a live socket before the leader sets
     /// them away (`MarkAbsent`).
     pub presence_grace: Duration,

@@ -821,9 +821,159 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
         };
         listeners.push(tokio::spawn(server::keep_files(c.shard.clone(), sources, node.peers.clone(), gateway.blobs.clone())));
     }
+    // Files kept of shards this node does not hold give their disk back.
+    listeners.push(tokio::spawn(give_back_files(Arc::downgrade(&node), gateway.blobs.clone(), options.stray_files_after)));
     listeners.push(placement);
     tracing::info!(%public_addr, %private_addr, shards, "split node started");
     Ok(RunningNode { groups: Groups::Split(node), gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
+}
+
+/// Stray files looked at per sweep at most: the rest wait for the next sweep.
+const STRAYS_PER_SWEEP: usize = 10_000;
+/// The longest pause between two stray sweeps (shorter when files settle sooner).
+const STRAY_SWEEP_EVERY: Duration = Duration::from_secs(600);
+/// Patience of each shard's read barrier at the start of a stray sweep.
+const STRAY_BARRIER_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What the stray sweep found out about one conversation shard this sweep.
+enum ShardLook {
+    /// Held here, and caught up with its leader: its own replica answers.
+    Here(Arc<Shard>),
+    /// Held elsewhere; its holders answer, the one asked first caught up.
+    There(Arc<crate::remote::RemoteShard>),
+    /// Could not be brought up to date: a file it might name is kept.
+    Unknown,
+}
+
+/// Gives back the disk of attachment files this node keeps without holding their
+/// shard: those of a conversation shard it gave up (ADR 0012, forgotten at its next
+/// start), and those of an upload or a channel message whose record was never
+/// committed. Every `pause` (at most 10 minutes), the files written at least `after`
+/// ago that no shard held here names are looked up, each shard having first caught up
+/// with its leader (a read barrier): a file a record names is removed once one of that
+/// shard's holders gave its bytes, checked against the record's SHA-256; a file no
+/// record of any shard names is removed at once. A shard that cannot be asked keeps
+/// every file it might name until the next sweep.
+pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: switchboard_gateway::attachments::BlobStore, after: Duration) {
+    let pause = after.clamp(Duration::from_secs(1), STRAY_SWEEP_EVERY);
+    loop {
+        tokio::time::sleep(pause).await;
+        let Some(node) = node.upgrade() else { return };
+        let shards: Vec<GroupId> = (0..node.shards).map(|k| FIRST_C + k).filter(|g| node.groups.contains_key(g)).collect();
+        let named_here = |node: &SplitNode, id: &AttachmentId| {
+            shards.iter().any(|g| node.holds(*g) && !matches!(node.groups[g].shard.attachment(id), Ok(None)))
+        };
+        // The files no shard held here names (or whose shard could not be read).
+        let listing = {
+            let (blobs, node) = (blobs.clone(), node.clone());
+            let shards = shards.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<Vec<AttachmentId>> {
+                let held: Vec<&Arc<Shard>> = shards.iter().filter(|g| node.holds(**g)).map(|g| &node.groups[g].shard).collect();
+                Ok(blobs.settled_ids(after)?.filter(|id| held.iter().all(|s| matches!(s.attachment(id), Ok(None)))).take(STRAYS_PER_SWEEP).collect())
+            })
+            .await
+        };
+        let strays = match listing {
+            Ok(Ok(strays)) => strays,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not list the attachment files; the stray sweep is tried again later");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if strays.is_empty() {
+            continue;
+        }
+        let Ok(_sweeping) = server::SWEEPING.acquire().await else { return };
+        let mut looks = Vec::new();
+        for g in &shards {
+            let look = if node.holds(*g) {
+                let group = &node.groups[g];
+                match switchboard_raft::network::read_barrier(&group.raft, &node.peers, *g, STRAY_BARRIER_PATIENCE).await {
+                    Ok(()) => ShardLook::Here(group.shard.clone()),
+                    Err(e) => {
+                        tracing::info!(group = g, error = %e, "a shard held here did not catch up; the files it may name are kept");
+                        ShardLook::Unknown
+                    }
+                }
+            } else {
+                let remote = node.remote(*g);
+                match remote.barrier().await {
+                    Ok(()) => ShardLook::There(remote),
+                    Err(e) => {
+                        tracing::info!(group = g, error = %e, "no holder of a shard caught up; the files it may name are kept");
+                        ShardLook::Unknown
+                    }
+                }
+            };
+            looks.push((*g, look));
+        }
+        let mut removed = 0u64;
+        for id in strays {
+            if !blobs.has(&id).await || named_here(&node, &id) {
+                continue;
+            }
+            if give_back(&node, &looks, &blobs, &id).await {
+                removed += 1;
+            }
+            tokio::task::yield_now().await;
+        }
+        if removed > 0 {
+            server::FILES_STRAYS_REMOVED.fetch_add(removed, Relaxed);
+            tracing::info!(removed, "removed attachment files of shards this node does not hold");
+        }
+    }
+}
+
+/// Whether `id`'s file, which no shard this node holds names, was removed: its shard's
+/// holders have it, or no shard names it.
+async fn give_back(node: &SplitNode, looks: &[(GroupId, ShardLook)], blobs: &switchboard_gateway::attachments::BlobStore, id: &AttachmentId) -> bool {
+    let mut owner = None;
+    for (g, look) in looks {
+        let record = match look {
+            ShardLook::Here(shard) => shard.attachment(id),
+            ShardLook::There(remote) => remote.attachment(id).await,
+            ShardLook::Unknown => return false,
+        };
+        match record {
+            // Named by a shard held here after all (its record arrived since): kept.
+            Ok(Some(_)) if matches!(look, ShardLook::Here(_)) => return false,
+            Ok(Some(attachment)) => {
+                owner = Some((*g, attachment));
+                break;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(group = g, attachment = %id.0, error = %e, "a shard did not say whether it names a file; kept");
+                return false;
+            }
+        }
+    }
+    if let Some((g, attachment)) = &owner {
+        let g = *g;
+        // Removed only once a holder of its shard showed the very bytes.
+        let holders = node.groups.get(&g).and_then(|group| crate::groups::holders_from(&node.groups[&G0], group, node.node_id)).unwrap_or_default();
+        let mut shown = false;
+        for (_, addr) in holders {
+            match node.peers.get_file(&addr, &id.0, STRAY_BARRIER_PATIENCE).await {
+                Ok(Some(bytes)) if switchboard_gateway::attachments::sha256_hex(&bytes) == attachment.sha256 => {
+                    shown = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%addr, attachment = %id.0, error = %e, "a holder did not give a file; asking the next"),
+            }
+        }
+        if !shown {
+            return false;
+        }
+    }
+    // The placement may have given the shard back to this node meanwhile.
+    if owner.as_ref().is_some_and(|(g, _)| node.holds(*g)) {
+        return false;
+    }
+    blobs.remove(id).await;
+    true
 }
 
 /// Answers gateways' shard polls: each conversation shard's leader as this node knows
