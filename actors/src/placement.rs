@@ -1,8 +1,8 @@
 //! Which Raft group of ADR 0006 each command belongs to: the directory (`G0`), a
 //! conversation shard (`C`) or a routing shard (`R`).
 //!
-//! Not used for routing commands yet (one group holds everything today): the first
-//! step of ADR 0006's order of work. The match is exhaustive, so a new command cannot
+//! A split node routes every command by it (`node/src/split.rs`, `route_as`); a node of
+//! one group proposes everything to that group. The match is exhaustive, so a new command cannot
 //! be added without saying where it will be decided. A command that a conversation
 //! shard decides first and then tells a routing shard about (a close, then `Release`)
 //! targets the conversation shard; the mail that follows is the machine's output, not

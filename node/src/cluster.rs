@@ -63,7 +63,8 @@ pub struct NodeConfig {
     /// this list only matters to a node's first start.
     pub members: Vec<Member>,
     /// The cluster's state split as ADR 0006 lays it out: a metadata group, a routing
-    /// shard and this many conversation shards, each a Raft group on every member.
+    /// shard (on every member, three voting) and this many conversation shards (each kept
+    /// by its three voters only).
     /// Fixed when the cluster is made; absent: one group holds everything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shards: Option<u64>,

@@ -2,8 +2,9 @@
 //! routing shard, conversation shards), and the mail forwarder that carries each
 //! group's letters to the others.
 //!
-//! `switchboard dev --shards N` runs it (`split.rs`, a member alone); `node` and plain
-//! `dev` run one group that plays the whole (`server.rs`). Tested on real groups
+//! `split.rs` runs it: `switchboard dev --shards N` (a member alone), and `node` whose
+//! file has `shards` (what `cluster init` writes unless given `--shards 0`); plain
+//! `dev`, and `node` without `shards`, run one group that plays the whole (`server.rs`). Tested on real groups
 //! (openraft, the log's segment files, the fjall records) in this module's tests.
 
 use std::collections::BTreeMap;

@@ -305,8 +305,9 @@ struct InitArgs {
     #[arg(long, default_value_t = 8001)]
     gateway_private_port: u16,
     /// Split the cluster's state as ADR 0006 lays it out: a metadata group, a routing
-    /// shard and this many conversation shards (1 to 64), each a Raft group followed by
-    /// every node and voted on by three; fixed for the cluster's life. 4 unless given;
+    /// shard and this many conversation shards (1 to 64); the metadata group and the
+    /// routing shard are followed by every node and voted on by three, each conversation
+    /// shard is kept by its three voters only; fixed for the cluster's life. 4 unless given;
     /// 0: one group holds everything, voted on by every node.
     #[arg(long)]
     shards: Option<u64>,

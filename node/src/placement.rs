@@ -1,10 +1,9 @@
 //! Where a split cluster's groups vote and lead (ADR 0006, "Placement").
 //!
-//! Every node of a split cluster is a member of every group: the metadata group's
-//! members are the cluster's nodes, and each other group follows them. In each group
-//! three of them vote (fewer while the cluster has fewer nodes) and the others follow
-//! the log as learners, so that every node serves every socket from its own copy (ADR
-//! 0007) while only three flush each commit and count towards its quorum. Placement is
+//! Every node of a split cluster is a member of the metadata group and of the routing
+//! shard: three of them vote (fewer while the cluster has fewer nodes) and the others
+//! follow the log as learners. A conversation shard is kept by its three voters only
+//! (ADR 0012); the other nodes read it from them. Placement is
 //! the choice of those voters and of the leaders among them: each node votes in about
 //! as many groups as every other, and leads about as many.
 //!
