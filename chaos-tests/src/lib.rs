@@ -496,9 +496,10 @@ impl Cluster {
     fn launch(dir: &Path, id: usize, netns: Option<&str>) -> anyhow::Result<Starting> {
         let config = dir.join(format!("node-{id}.toml"));
         let config = config.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?.to_owned();
-        // Files are taken for strays 10 s after they were written (an hour by default),
-        // so that drills see a shard's files leave the node that gave it up.
-        let mut extra = vec!["--config", config.as_str(), "--enable-chaos-drills", "--stray-files-after-s", "10"];
+        // Files are taken for strays a minute after they were written (the least; an
+        // hour by default), so that drills see a shard's files leave the node that gave
+        // it up.
+        let mut extra = vec!["--config", config.as_str(), "--enable-chaos-drills", "--stray-files-after-s", "60"];
         if id == 1 {
             extra.push("--demo");
         }

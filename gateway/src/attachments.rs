@@ -140,6 +140,12 @@ impl BlobStore {
             return Err(GatewayError::TooLarge(MAX_ATTACHMENT_BYTES));
         }
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            // Written again (a redelivered channel message reuses its id): its clock
+            // starts over, so a stray sweep does not take it while its record commits.
+            let touched = path.clone();
+            tokio::task::spawn_blocking(move || std::fs::File::options().append(true).open(&touched)?.set_modified(std::time::SystemTime::now()))
+                .await
+                .map_err(|_| GatewayError::Internal("a file's time could not be set".into()))??;
             return Ok(());
         }
         // A push and a fetch of the same file may run at once: each writes aside under a
@@ -181,12 +187,24 @@ impl BlobStore {
         }
     }
 
-    /// Removes a file no committed record refers to.
-    pub async fn remove(&self, id: &AttachmentId) {
-        if let Some(path) = self.path(id) {
-            if let Err(e) = tokio::fs::remove_file(&path).await {
+    /// Removes a file no committed record refers to; whether it was removed.
+    pub async fn remove(&self, id: &AttachmentId) -> bool {
+        let Some(path) = self.path(id) else { return false };
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::warn!(attachment = %id.0, error = %e, "could not remove an unreferenced file");
+                false
             }
+        }
+    }
+
+    /// Whether file `id` is here and was last written at least `older_than` ago.
+    pub async fn settled(&self, id: &AttachmentId, older_than: std::time::Duration) -> bool {
+        let Some(path) = self.path(id) else { return false };
+        match tokio::fs::metadata(&path).await.and_then(|m| m.modified()) {
+            Ok(written) => std::time::SystemTime::now().duration_since(written).is_ok_and(|age| age >= older_than),
+            Err(_) => false,
         }
     }
 
@@ -820,6 +838,14 @@ mod tests {
         assert_eq!(listed, vec![id.clone()]);
         let young: Vec<AttachmentId> = store.settled_ids(std::time::Duration::from_secs(3600)).unwrap().collect();
         assert!(young.is_empty(), "a file written just now is not settled for an hour: {young:?}");
+        // Old, and then written again: its clock starts over.
+        let path = dir.join(&id.0);
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options().append(true).open(&path).unwrap().set_modified(hour_ago).unwrap();
+        assert!(store.settled(&id, std::time::Duration::from_secs(3600)).await);
+        store.put_bytes(&id, b"hello").await.unwrap();
+        assert!(!store.settled(&id, std::time::Duration::from_secs(3600)).await, "a file put again is new");
+        assert!(store.remove(&id).await && !store.remove(&id).await, "removed once");
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -43,7 +43,7 @@ pub struct NodeConfig {
     #[serde(default)]
     pub retention_check_s: Option<u64>,
     /// Seconds an attachment file must have been on disk before it may be taken for a
-    /// stray; 3600 when absent.
+    /// stray; 3600 when absent, 60 at the least.
     #[serde(default)]
     pub stray_files_after_s: Option<u64>,
     /// Seconds an online operator may be without a live socket before they are set

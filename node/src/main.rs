@@ -89,7 +89,7 @@ struct Listeners {
     /// Seconds an attachment file must have been on disk before a split node may take
     /// it for a stray and give its space back: a file of a conversation shard it no
     /// longer holds (once a holder has it), or one no record names. Longer than any
-    /// upload takes to commit.
+    /// upload takes to commit (60 at the least).
     #[arg(long, default_value_t = 3600)]
     stray_files_after_s: u64,
     /// Seconds an online operator may be without a live operator socket (a page

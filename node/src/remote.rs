@@ -336,6 +336,29 @@ impl RemoteShard {
         Err(Error::Unreachable(format!("no member of group {} answered ({})", self.group, failures.join("; "))))
     }
 
+    /// The members this shard is read from, in the order they would be asked.
+    pub(crate) fn member_addrs(&self) -> Vec<String> {
+        Self::order(&self.peers, &self.members, &self.current)
+    }
+
+    /// Asks `query` of member `addr` alone: no other member answers in its place.
+    async fn ask_member<T: DeserializeOwned>(&self, addr: &str, query: Query) -> Result<T, Error> {
+        let bytes = encode_query_at(&query, self.floor.load(std::sync::atomic::Ordering::Acquire))?;
+        let answer = self.peers.read(addr, self.group, bytes, READ_TTL).await.map_err(|e| Error::Unreachable(format!("{addr}: {e}")))?;
+        decode::<Result<T, Error>>(&answer).map_err(|e| Error::Unreachable(format!("{addr} answered a read of group {} in a form this node cannot read: {e}", self.group)))?
+    }
+
+    /// Waits until member `addr` applied every write acknowledged before the call.
+    pub(crate) async fn barrier_at(&self, addr: &str) -> Result<(), Error> {
+        self.ask_member::<()>(addr, Query::Barrier).await
+    }
+
+    /// An attachment's record as member `addr` has it (after [`Self::barrier_at`] on
+    /// the same member, every record acknowledged before the barrier).
+    pub(crate) async fn attachment_at(&self, addr: &str, id: &AttachmentId) -> Result<Option<Attachment>, Error> {
+        self.ask_member(addr, Query::Attachment(id.clone())).await
+    }
+
     /// Waits until the member asked next applied every write acknowledged before the
     /// call (the member runs a read barrier with its leader).
     pub(crate) async fn barrier(&self) -> Result<(), Error> {

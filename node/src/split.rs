@@ -828,48 +828,66 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     Ok(RunningNode { groups: Groups::Split(node), gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
 }
 
-/// Stray files looked at per sweep at most: the rest wait for the next sweep.
+/// Stray files looked at per sweep at most: the rest, in id order, in the next sweeps.
 const STRAYS_PER_SWEEP: usize = 10_000;
 /// The longest pause between two stray sweeps (shorter when files settle sooner).
 const STRAY_SWEEP_EVERY: Duration = Duration::from_secs(600);
-/// Patience of each shard's read barrier at the start of a stray sweep.
-const STRAY_BARRIER_PATIENCE: Duration = Duration::from_secs(10);
+/// The youngest a file may be and still be taken for a stray, whatever the setting: an
+/// upload's record commits within about 25 s of its copies (10 s to copy, resends for
+/// 10 s more), and a file written again starts its clock over.
+pub(crate) const STRAY_MIN_AGE: Duration = Duration::from_secs(60);
+/// Patience of each read barrier and file fetch of a stray sweep.
+const STRAY_PATIENCE: Duration = Duration::from_secs(10);
+/// How long one stray sweep may run; the next goes on from where it stopped.
+const STRAY_SWEEP_FOR: Duration = Duration::from_secs(300);
 
 /// What the stray sweep found out about one conversation shard this sweep.
 enum ShardLook {
     /// Held here, and caught up with its leader: its own replica answers.
     Here(Arc<Shard>),
-    /// Held elsewhere; its holders answer, the one asked first caught up.
-    There(Arc<crate::remote::RemoteShard>),
+    /// Held elsewhere: the holder at this address caught up, and it alone is asked.
+    There(Arc<crate::remote::RemoteShard>, String),
     /// Could not be brought up to date: a file it might name is kept.
     Unknown,
 }
 
 /// Gives back the disk of attachment files this node keeps without holding their
-/// shard: those of a conversation shard it gave up (ADR 0012, forgotten at its next
-/// start), and those of an upload or a channel message whose record was never
-/// committed. Every `pause` (at most 10 minutes), the files written at least `after`
-/// ago that no shard held here names are looked up, each shard having first caught up
-/// with its leader (a read barrier): a file a record names is removed once one of that
-/// shard's holders gave its bytes, checked against the record's SHA-256; a file no
-/// record of any shard names is removed at once. A shard that cannot be asked keeps
-/// every file it might name until the next sweep.
+/// shard: those of a conversation shard it gave up (ADR 0012), a channel message's
+/// files on the node whose webhook received them, and those of an upload whose record
+/// was never committed. Every `after` (at most 10 minutes) it looks, in id order from
+/// where the last sweep stopped, at up to 10,000 files last written at least `after`
+/// ago (60 s at the least) that no shard held here names. First the metadata group and
+/// every conversation shard catch up with their leaders (a read barrier here, or on
+/// one holder, which alone is then asked). A file a shard's record names is removed
+/// once every recorded holder of that shard sent its bytes and they match the record's
+/// SHA-256; a file no record names is removed at once; while a shard cannot be asked,
+/// every file it might name is kept. Each file is looked at under the process's one
+/// file-sweep permit, so a sweep of held shards' files is never kept waiting long.
 pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: switchboard_gateway::attachments::BlobStore, after: Duration) {
-    let pause = after.clamp(Duration::from_secs(1), STRAY_SWEEP_EVERY);
+    let after = after.max(STRAY_MIN_AGE);
+    let pause = after.min(STRAY_SWEEP_EVERY);
+    // The greatest id the last sweep looked at; `None`: start from the smallest.
+    let mut cursor: Option<AttachmentId> = None;
     loop {
         tokio::time::sleep(pause).await;
         let Some(node) = node.upgrade() else { return };
-        let shards: Vec<GroupId> = (0..node.shards).map(|k| FIRST_C + k).filter(|g| node.groups.contains_key(g)).collect();
-        let named_here = |node: &SplitNode, id: &AttachmentId| {
-            shards.iter().any(|g| node.holds(*g) && !matches!(node.groups[g].shard.attachment(id), Ok(None)))
-        };
-        // The files no shard held here names (or whose shard could not be read).
+        let shards: Vec<GroupId> = (0..node.shards).map(|k| FIRST_C + k).collect();
+        // The next files in id order that no shard held here names.
         let listing = {
-            let (blobs, node) = (blobs.clone(), node.clone());
-            let shards = shards.clone();
+            let (blobs, node, shards, from) = (blobs.clone(), node.clone(), shards.clone(), cursor.clone());
             tokio::task::spawn_blocking(move || -> std::io::Result<Vec<AttachmentId>> {
                 let held: Vec<&Arc<Shard>> = shards.iter().filter(|g| node.holds(**g)).map(|g| &node.groups[g].shard).collect();
-                Ok(blobs.settled_ids(after)?.filter(|id| held.iter().all(|s| matches!(s.attachment(id), Ok(None)))).take(STRAYS_PER_SWEEP).collect())
+                let mut next = std::collections::BinaryHeap::new();
+                for id in blobs.settled_ids(after)? {
+                    if from.as_ref().is_some_and(|from| id.0 <= from.0) || !held.iter().all(|s| matches!(s.attachment(&id), Ok(None))) {
+                        continue;
+                    }
+                    next.push(id.0);
+                    if next.len() > STRAYS_PER_SWEEP {
+                        next.pop();
+                    }
+                }
+                Ok(next.into_sorted_vec().into_iter().map(AttachmentId).collect())
             })
             .await
         };
@@ -881,42 +899,38 @@ pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: swi
             }
             Err(_) => continue,
         };
+        // A short page is the end of the folder: the next sweep starts over.
+        let complete = strays.len() < STRAYS_PER_SWEEP;
         if strays.is_empty() {
+            cursor = None;
             continue;
         }
-        let Ok(_sweeping) = server::SWEEPING.acquire().await else { return };
+        // Who holds what, as of now.
+        if let Err(e) = switchboard_raft::network::read_barrier(&node.groups[&G0].raft, &node.peers, G0, STRAY_PATIENCE).await {
+            tracing::info!(error = %e, "the metadata group did not catch up; stray files are looked at later");
+            continue;
+        }
         let mut looks = Vec::new();
         for g in &shards {
-            let look = if node.holds(*g) {
-                let group = &node.groups[g];
-                match switchboard_raft::network::read_barrier(&group.raft, &node.peers, *g, STRAY_BARRIER_PATIENCE).await {
-                    Ok(()) => ShardLook::Here(group.shard.clone()),
-                    Err(e) => {
-                        tracing::info!(group = g, error = %e, "a shard held here did not catch up; the files it may name are kept");
-                        ShardLook::Unknown
-                    }
-                }
-            } else {
-                let remote = node.remote(*g);
-                match remote.barrier().await {
-                    Ok(()) => ShardLook::There(remote),
-                    Err(e) => {
-                        tracing::info!(group = g, error = %e, "no holder of a shard caught up; the files it may name are kept");
-                        ShardLook::Unknown
-                    }
-                }
-            };
-            looks.push((*g, look));
+            looks.push((*g, look_at(&node, *g).await));
         }
+        let started = tokio::time::Instant::now();
         let mut removed = 0u64;
+        let mut stopped = false;
         for id in strays {
-            if !blobs.has(&id).await || named_here(&node, &id) {
-                continue;
+            if started.elapsed() >= STRAY_SWEEP_FOR {
+                stopped = true;
+                break;
             }
-            if give_back(&node, &looks, &blobs, &id).await {
+            let Ok(sweeping) = server::SWEEPING.acquire().await else { return };
+            if give_back(&node, &looks, &blobs, &id, after).await {
                 removed += 1;
             }
-            tokio::task::yield_now().await;
+            drop(sweeping);
+            cursor = Some(id);
+        }
+        if complete && !stopped {
+            cursor = None;
         }
         if removed > 0 {
             server::FILES_STRAYS_REMOVED.fetch_add(removed, Relaxed);
@@ -925,14 +939,40 @@ pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: swi
     }
 }
 
-/// Whether `id`'s file, which no shard this node holds names, was removed: its shard's
-/// holders have it, or no shard names it.
-async fn give_back(node: &SplitNode, looks: &[(GroupId, ShardLook)], blobs: &switchboard_gateway::attachments::BlobStore, id: &AttachmentId) -> bool {
+/// Brings conversation shard `g` up to date for a stray sweep.
+async fn look_at(node: &SplitNode, g: GroupId) -> ShardLook {
+    let Some(group) = node.groups.get(&g) else { return ShardLook::Unknown };
+    if node.holds(g) {
+        return match switchboard_raft::network::read_barrier(&group.raft, &node.peers, g, STRAY_PATIENCE).await {
+            Ok(()) => ShardLook::Here(group.shard.clone()),
+            Err(e) => {
+                tracing::info!(group = g, error = %e, "a shard held here did not catch up; the files it may name are kept");
+                ShardLook::Unknown
+            }
+        };
+    }
+    let remote = node.remote(g);
+    for addr in remote.member_addrs() {
+        match remote.barrier_at(&addr).await {
+            Ok(()) => return ShardLook::There(remote, addr),
+            Err(e) => tracing::debug!(group = g, %addr, error = %e, "a holder did not catch up; asking the next"),
+        }
+    }
+    tracing::info!(group = g, "no holder of a shard caught up; the files it may name are kept");
+    ShardLook::Unknown
+}
+
+/// Whether `id`'s file, which no shard this node holds named when listed, was removed:
+/// every holder of its shard has it, or no shard names it.
+async fn give_back(node: &SplitNode, looks: &[(GroupId, ShardLook)], blobs: &switchboard_gateway::attachments::BlobStore, id: &AttachmentId, after: Duration) -> bool {
+    if !blobs.settled(id, after).await {
+        return false;
+    }
     let mut owner = None;
     for (g, look) in looks {
         let record = match look {
             ShardLook::Here(shard) => shard.attachment(id),
-            ShardLook::There(remote) => remote.attachment(id).await,
+            ShardLook::There(remote, addr) => remote.attachment_at(addr, id).await,
             ShardLook::Unknown => return false,
         };
         match record {
@@ -950,30 +990,34 @@ async fn give_back(node: &SplitNode, looks: &[(GroupId, ShardLook)], blobs: &swi
         }
     }
     if let Some((g, attachment)) = &owner {
-        let g = *g;
-        // Removed only once a holder of its shard showed the very bytes.
-        let holders = node.groups.get(&g).and_then(|group| crate::groups::holders_from(&node.groups[&G0], group, node.node_id)).unwrap_or_default();
-        let mut shown = false;
+        // Removed only once every holder of its shard showed the very bytes.
+        let Some(holders) = node.groups.get(g).and_then(|group| crate::groups::holders_from(&node.groups[&G0], group, node.node_id)) else { return false };
+        if holders.is_empty() {
+            return false;
+        }
         for (_, addr) in holders {
-            match node.peers.get_file(&addr, &id.0, STRAY_BARRIER_PATIENCE).await {
-                Ok(Some(bytes)) if switchboard_gateway::attachments::sha256_hex(&bytes) == attachment.sha256 => {
-                    shown = true;
-                    break;
+            let shown = match node.peers.get_file(&addr, &id.0, STRAY_PATIENCE).await {
+                Ok(Some(bytes)) => {
+                    let sha256 = tokio::task::spawn_blocking(move || switchboard_gateway::attachments::sha256_hex(&bytes)).await;
+                    sha256.is_ok_and(|sha256| sha256 == attachment.sha256)
                 }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(%addr, attachment = %id.0, error = %e, "a holder did not give a file; asking the next"),
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::debug!(%addr, attachment = %id.0, error = %e, "a holder did not give a file; this node's copy is kept");
+                    false
+                }
+            };
+            if !shown {
+                return false;
             }
         }
-        if !shown {
+        // The placement may have given the shard back to this node meanwhile.
+        if node.holds(*g) {
             return false;
         }
     }
-    // The placement may have given the shard back to this node meanwhile.
-    if owner.as_ref().is_some_and(|(g, _)| node.holds(*g)) {
-        return false;
-    }
-    blobs.remove(id).await;
-    true
+    // Written again meanwhile (a redelivery): its record may be on its way.
+    blobs.settled(id, after).await && blobs.remove(id).await
 }
 
 /// Answers gateways' shard polls: each conversation shard's leader as this node knows
