@@ -991,11 +991,21 @@ struct Pending {
     kind: String,
     /// The request's own `ref` (operator frames), if it had one.
     reference: Option<Value>,
+    /// A client frame's `ref`, if it had one: the member's error for a frame it cannot
+    /// read names it.
+    client_ref: Option<Value>,
     /// Its idempotency key (`send`), if it had one.
     key: Option<String>,
     /// The frame, kept only for what a re-pin sends again (keyed `send`s and `close`s).
     text: String,
+    /// What this entry holds, counted against [`MAX_PENDING_BYTES`]: the frame kept,
+    /// its type, key and references, and a resume's token.
+    cost: usize,
 }
+
+/// The longest frame type a pending request keeps as it is; a longer one (no request
+/// has one) is kept as `other`.
+const MAX_KIND: usize = 32;
 
 /// Bytes of frames a socket's unanswered requests may hold for a re-pin; past it (or
 /// past [`MAX_PENDING`] requests) new requests are refused until answers come.
@@ -1116,8 +1126,10 @@ impl Tracker {
         });
         let text = stamped.as_deref().unwrap_or(text);
         let key = frame.get("key").and_then(Value::as_str).map(str::to_owned);
-        // A client's `ack` and errors name the key; an operator's name the `ref`.
+        // A client's `ack` and errors name the key; an operator's name the `ref`. A
+        // client's frame the member cannot read is answered with its `ref`.
         let reference = if self.surface == Surface::Client { None } else { frame.get("ref").cloned() };
+        let client_ref = if self.surface == Surface::Client { frame.get("ref").cloned() } else { None };
         if self.surface == Surface::Client && kind == "close" && self.closed {
             return Ok(None);
         }
@@ -1126,7 +1138,11 @@ impl Tracker {
         // sent again after it committed, it would be refused `not_assigned`.
         let keep = (kind == "send" && key.is_some()) || (kind == "close" && self.surface == Surface::Client) || stamped.is_some();
         let held = if keep { text.len() } else { 0 };
-        if self.pending.len() >= MAX_PENDING || self.pending_bytes + held > MAX_PENDING_BYTES {
+        let kind = if kind.len() <= MAX_KIND { kind } else { "other".to_owned() };
+        let value_len = |v: &Option<Value>| v.as_ref().map_or(0, |v| v.to_string().len());
+        let token_len = if self.surface == Surface::Client && kind == "resume" { frame.get("token").and_then(Value::as_str).map_or(0, str::len) } else { 0 };
+        let cost = held + kind.len() + key.as_ref().map_or(0, String::len) + value_len(&reference) + value_len(&client_ref) + token_len;
+        if self.pending.len() >= MAX_PENDING || self.pending_bytes + cost > MAX_PENDING_BYTES {
             let reference = reference.clone().or_else(|| key.clone().map(Value::String));
             return Err(crate::frames::error("rate_limited", "too many requests without an answer yet; this one was not sent", reference.as_ref()));
         }
@@ -1138,8 +1154,8 @@ impl Tracker {
                 self.resume_asked.push_back(None);
             }
         }
-        self.pending_bytes += held;
-        self.pending.push_back(Pending { kind, reference, key, text: if keep { text.to_owned() } else { String::new() } });
+        self.pending_bytes += cost;
+        self.pending.push_back(Pending { kind, reference, client_ref, key, text: if keep { text.to_owned() } else { String::new() }, cost });
         Ok(stamped)
     }
 
@@ -1244,7 +1260,11 @@ impl Tracker {
                 }
                 let settled = match frame.get("ref").or_else(|| frame.get("key")).cloned() {
                     // Named by its `ref`, or by its key when it had no `ref`.
-                    Some(named) => self.settle(|p| p.reference.as_ref() == Some(&named) || (p.reference.is_none() && p.key.is_some() && p.key.as_deref() == named.as_str())),
+                    Some(named) => self.settle(|p| {
+                        p.reference.as_ref() == Some(&named)
+                            || p.client_ref.as_ref() == Some(&named)
+                            || (p.reference.is_none() && p.key.is_some() && p.key.as_deref() == named.as_str())
+                    }),
                     // Requests are answered in the order they were sent: an answer
                     // without a name is the oldest unnamed request's.
                     None => self.settle(|p| p.reference.is_none() && (p.key.is_none() || p.kind != "send")),
@@ -1264,7 +1284,7 @@ impl Tracker {
         let mut settled = None;
         if let Some(i) = self.pending.iter().position(matches) {
             if let Some(done) = self.pending.remove(i) {
-                self.pending_bytes = self.pending_bytes.saturating_sub(done.text.len());
+                self.pending_bytes = self.pending_bytes.saturating_sub(done.cost);
                 settled = Some(done.kind);
             }
         }
@@ -1348,7 +1368,8 @@ impl Tracker {
                     self.set_token(token);
                     self.last_seq = Some(last_seq);
                     self.established = true;
-                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, text: frame.to_string() });
+                    let text = frame.to_string();
+                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, client_ref: None, key: None, cost: text.len(), text });
                 }
             }
             Surface::Operator if unheard => {
@@ -1356,7 +1377,7 @@ impl Tracker {
                 // as if it came on the first socket, which sets where the feed stands).
                 let text = frame.to_string();
                 if self.incoming(&text) {
-                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, text });
+                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, client_ref: None, key: None, cost: text.len(), text });
                 }
             }
             _ => {}
@@ -1399,7 +1420,7 @@ impl Tracker {
                 }
             }
         }
-        self.pending_bytes = keep.iter().map(|p| p.text.len()).sum();
+        self.pending_bytes = keep.iter().map(|p| p.cost).sum();
         self.pending = keep;
         // Every resume was settled above (the latest resumed on the new member): none
         // waits any more.
@@ -1788,6 +1809,29 @@ mod tests {
             taken += 1;
         }
         assert!(taken < 20 && t.pending_bytes <= MAX_PENDING_BYTES, "{taken} frames, {} bytes", t.pending_bytes);
+    }
+
+    #[test]
+    fn a_client_s_unreadable_requests_are_settled_by_their_ref_and_count_every_byte_they_keep() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        // A frame of an unknown type is answered with an error naming its `ref`: settled.
+        let junk = "x".repeat(16 * 1024);
+        assert!(t.outgoing(&format!(r#"{{"type":"{junk}","ref":1}}"#)).is_ok());
+        assert_eq!(t.pending.front().map(|p| p.kind.as_str()), Some("other"), "a long type is not kept");
+        t.incoming(r#"{"type":"error","code":"invalid","message":"unknown frame type","ref":1}"#);
+        assert!(t.pending.is_empty() && t.pending_bytes == 0, "settled by its ref: {} bytes", t.pending_bytes);
+        // Resumes with long tokens count their tokens: refused long before 256 of them.
+        let token = "t".repeat(16 * 1024);
+        let mut taken = 0;
+        while t.outgoing(&format!(r#"{{"type":"resume","token":"{token}","last_seq":"x","ref":{taken}}}"#)).is_ok() {
+            taken += 1;
+        }
+        assert!(taken < 20 && t.pending_bytes <= MAX_PENDING_BYTES, "{taken} resumes, {} bytes", t.pending_bytes);
+        // And each is settled by the error that names its ref.
+        for n in 0..taken {
+            t.incoming(&format!(r#"{{"type":"error","code":"invalid","message":"bad resume","ref":{n}}}"#));
+        }
+        assert!(t.pending.is_empty() && t.pending_bytes == 0, "{} left, {} bytes", t.pending.len(), t.pending_bytes);
     }
 
     #[test]
