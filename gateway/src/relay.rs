@@ -34,6 +34,59 @@ pub enum Listener {
 /// How long the gateway may take to send the preamble and the request's headers.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a write to a relayed stream may wait for the gateway to read before the
+/// stream is given up. A gateway closes a client's socket that does not read within
+/// its write timeout (10 s by default), which ends the stream sooner.
+const RELAYED_WRITE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A relayed stream's sending half whose writes fail once one could not proceed for
+/// [`RELAYED_WRITE_PATIENCE`]: what a socket's writer waits for is bounded here as on
+/// the member's own listener.
+struct Patient<W> {
+    inner: W,
+    patience: Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<W> Patient<W> {
+    fn bound<T>(&mut self, cx: &mut std::task::Context<'_>, poll: std::task::Poll<std::io::Result<T>>) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        match poll {
+            std::task::Poll::Ready(result) => {
+                self.stalled = None;
+                std::task::Poll::Ready(result)
+            }
+            std::task::Poll::Pending => {
+                let stalled = {
+                    let patience = self.patience;
+                    self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(patience)))
+                };
+                match stalled.as_mut().poll(cx) {
+                    std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the gateway does not read"))),
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Patient<W> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bound(cx, poll)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.bound(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.bound(cx, poll)
+    }
+}
+
 /// Writes the preamble of a relayed stream.
 pub async fn write_preamble<W: tokio::io::AsyncWrite + Unpin>(
     send: &mut W,
@@ -107,7 +160,7 @@ impl switchboard_raft::network::Relay for RelayServer {
             } else {
                 private
             };
-            let io = TokioIo::new(tokio::io::join(recv, send));
+            let io = TokioIo::new(tokio::io::join(recv, Patient { inner: send, patience: RELAYED_WRITE_PATIENCE, stalled: None }));
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                     request
@@ -126,5 +179,28 @@ impl switchboard_raft::network::Relay for RelayServer {
             }
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod patience_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_the_peer_does_not_read_fails_after_the_patience_and_progress_rearms_it() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut send = Patient { inner: near, patience: Duration::from_millis(100), stalled: None };
+        // Writes that proceed never fail, however long it all takes.
+        send.write_all(&[1u8; 1000]).await.expect("room for it");
+        let mut read = [0u8; 1000];
+        far.read_exact(&mut read).await.expect("read");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        send.write_all(&[2u8; 1000]).await.expect("progress rearms the patience");
+        // Then nobody reads: the write that cannot proceed fails within its patience.
+        let started = std::time::Instant::now();
+        let stuck = tokio::time::timeout(Duration::from_secs(10), send.write_all(&[3u8; 4096])).await.expect("not forever");
+        assert_eq!(stuck.map_err(|e| e.kind()), Err(std::io::ErrorKind::TimedOut));
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        drop(far);
     }
 }

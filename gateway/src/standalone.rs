@@ -680,6 +680,9 @@ struct Pinned {
     member: u64,
 }
 
+/// Bytes of frames from the member a relayed socket may hold unwritten to its client.
+pub const RELAY_UNWRITTEN_BYTES: usize = 256 * 1024;
+
 struct RelaySession {
     start: Option<Pinned>,
     tx: Option<mpsc::Sender<String>>,
@@ -739,6 +742,9 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
     edge.up.moved(None, Some(member));
     let mut counted = Counted(edge.up.clone(), member);
     let mut track = Tracker::new(surface, &path);
+    // What the member sent that the client's socket has not taken yet: past it the
+    // member's stream is not read (and QUIC's window holds the member back).
+    let unwritten = Arc::new(tokio::sync::Semaphore::new(RELAY_UNWRITTEN_BYTES));
     // The socket moves to the member that owns its stream once that is known (its
     // conversation started or resumed) and after each change of the map, at a moment
     // when nothing it sent is unanswered.
@@ -805,7 +811,7 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                     Ok(Inbound::Text(text)) => {
                         let known = track.conversation;
                         if track.incoming(&text) {
-                            out.text(text).await;
+                            out.text_within(text, &unwritten, RELAY_UNWRITTEN_BYTES).await;
                         }
                         if track.conversation != known {
                             moving.at = Some(tokio::time::Instant::now());

@@ -95,6 +95,9 @@ pub enum Out {
     Json(Value),
     /// A text frame already rendered (what a gateway relays as it came).
     Text(String),
+    /// A text frame whose bytes hold room in a budget until the writer takes it
+    /// ([`Outbox::text_within`]).
+    Counted(String, tokio::sync::OwnedSemaphorePermit),
     /// Start following a committed stream (replacing any earlier one). Boxed: every
     /// slot of a socket's outbox is as large as its largest variant.
     Follow(Box<Follow>),
@@ -190,6 +193,15 @@ impl Outbox {
 
     pub async fn text(&self, text: String) {
         let _ = self.0.send(Out::Text(text)).await;
+    }
+
+    /// Queues a text frame whose bytes hold room in `budget` (a semaphore of bytes)
+    /// until the writer has taken it: waits while the frames queued before hold it all.
+    /// A frame larger than the whole budget takes all of it.
+    pub async fn text_within(&self, text: String, budget: &Arc<tokio::sync::Semaphore>, total: usize) {
+        let bytes = text.len().clamp(1, total.max(1)).min(u32::MAX as usize) as u32;
+        let Ok(permit) = budget.clone().acquire_many_owned(bytes).await else { return };
+        let _ = self.0.send(Out::Counted(text, permit)).await;
     }
 
     /// Closes the socket with `code` once what is queued before has been written.
@@ -592,6 +604,11 @@ fn push_plain(frames: &mut Vec<u8>, out: Out, metrics: &Metrics) -> Result<(), O
             metrics.frames_sent.fetch_add(1, Relaxed);
             wire::encode_into(frames, wire::ServerOp::Text, text.as_bytes());
         }
+        // Its room goes back once it is in the batch being written.
+        Out::Counted(text, _room) => {
+            metrics.frames_sent.fetch_add(1, Relaxed);
+            wire::encode_into(frames, wire::ServerOp::Text, text.as_bytes());
+        }
         Out::Pong(payload) => wire::encode_into(frames, wire::ServerOp::Pong, &payload),
         other => return Err(other),
     }
@@ -636,7 +653,7 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                     match push_plain(&mut frames, out, &metrics) {
                         Ok(()) => {}
                         // Written by `push_plain`.
-                        Err(Out::Json(_) | Out::Text(_) | Out::Pong(_)) => {}
+                        Err(Out::Json(_) | Out::Text(_) | Out::Counted(..) | Out::Pong(_)) => {}
                         Err(Out::Follow(f)) => {
                             let mut f = *f;
                             if let Some(first) = f.first.take() {
@@ -737,5 +754,32 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_queued_within_a_budget_wait_until_the_writer_takes_the_earlier_ones() {
+        let (tx, mut rx) = mpsc::channel(OUTBOX_DEPTH);
+        let out = Outbox(tx, Arc::default());
+        let budget = Arc::new(tokio::sync::Semaphore::new(10));
+        out.text_within("123456".into(), &budget, 10).await;
+        // A second frame of 6 bytes does not fit beside the first: it waits...
+        let second = tokio::time::timeout(Duration::from_millis(50), out.text_within("abcdef".into(), &budget, 10)).await;
+        assert!(second.is_err(), "the budget holds the second frame back");
+        // ...until the writer took the first.
+        let first = rx.recv().await;
+        assert!(matches!(&first, Some(Out::Counted(text, _)) if text == "123456"));
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), out.text_within("abcdef".into(), &budget, 10)).await.expect("room again");
+        // A frame larger than the whole budget takes all of it, and is not refused.
+        drop(rx.recv().await);
+        tokio::time::timeout(Duration::from_secs(5), out.text_within("x".repeat(100), &budget, 10)).await.expect("a large frame goes alone");
+        assert_eq!(budget.available_permits(), 0);
+        drop(rx.recv().await);
+        assert_eq!(budget.available_permits(), 10);
     }
 }

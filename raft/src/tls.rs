@@ -199,6 +199,17 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, Error> 
 
 /// Client side: verifies the peer against the cluster CA and shows our certificate.
 pub fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, Error> {
+    client_config_with(identity, None)
+}
+
+/// What a member may send on one stream of a gateway's connection before the gateway
+/// reads it (QUIC's stream window; quinn's default is 1.25 MB). Each socket a gateway
+/// relays is a stream: a client that does not read makes the gateway hold at most this
+/// much from the member on its behalf (docs/security.md).
+pub const GATEWAY_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// [`client_config`], with `stream_window` as each stream's receive window.
+fn client_config_with(identity: &Identity, stream_window: Option<u32>) -> Result<quinn::ClientConfig, Error> {
     let loaded = load(identity)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -210,6 +221,9 @@ pub fn client_config(identity: &Identity) -> Result<quinn::ClientConfig, Error> 
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| Error::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
+    if let Some(window) = stream_window {
+        transport.stream_receive_window(window.into());
+    }
     transport.keep_alive_interval(Some(KEEP_ALIVE));
     transport.max_idle_timeout(Some(idle_timeout()));
     transport.initial_rtt(INITIAL_RTT);
@@ -251,7 +265,7 @@ pub fn endpoint(identity: &Identity, bind: std::net::SocketAddr) -> Result<quinn
 /// A QUIC endpoint that only dials (a gateway), with the member's identity.
 pub fn client_endpoint(identity: &Identity, bind: std::net::SocketAddr) -> Result<quinn::Endpoint, Error> {
     let mut endpoint = bound(identity, bind, None)?;
-    endpoint.set_default_client_config(client_config(identity)?);
+    endpoint.set_default_client_config(client_config_with(identity, Some(GATEWAY_STREAM_WINDOW))?);
     Ok(endpoint)
 }
 
