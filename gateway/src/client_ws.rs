@@ -99,7 +99,7 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(text: &str, known: &[&str]) 
 /// Attribute names only the server sets on a conversation's visitor.
 const RESERVED_ATTRIBUTES: &[&str] = &["identity", "claimed_visitor_id"];
 
-const CLIENT_TYPES: &[&str] = &["start", "resume", "send", "typing", "read", "close", "rate", "ping"];
+pub(crate) const CLIENT_TYPES: &[&str] = &["start", "resume", "send", "typing", "read", "close", "rate", "ping"];
 
 /// A visitor's socket follows its conversation's history from `last` on.
 struct HistoryPull {

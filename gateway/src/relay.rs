@@ -35,25 +35,42 @@ pub enum Listener {
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a write to a relayed stream may wait for the gateway to read before the
-/// stream is given up. A gateway closes a client's socket that does not read within
-/// its write timeout (10 s by default), which ends the stream sooner.
-const RELAYED_WRITE_PATIENCE: Duration = Duration::from_secs(30);
+/// stream is reset. A gateway closes a client's socket whose writes make no progress
+/// within its write timeout (10 s by default), which ends the stream sooner; a client
+/// on a slow link that takes a large frame for a long while, still reading, holds its
+/// gateway's relay back that long too, so this is far longer.
+const RELAYED_WRITE_PATIENCE: Duration = Duration::from_secs(120);
 
-/// A relayed stream's sending half whose writes fail once one could not proceed for
-/// [`RELAYED_WRITE_PATIENCE`]: what a socket's writer waits for is bounded here as on
-/// the member's own listener.
+/// A stream that can be given up at once rather than finished.
+trait Abort {
+    fn abort(&mut self);
+}
+
+impl Abort for quinn::SendStream {
+    fn abort(&mut self) {
+        let _ = self.reset(quinn::VarInt::from_u32(0));
+    }
+}
+
+/// A relayed stream's sending half whose writes fail, and which is reset, once a write
+/// could not proceed for [`RELAYED_WRITE_PATIENCE`]: what a socket's writer waits for is
+/// bounded here as on the member's own listener.
 struct Patient<W> {
     inner: W,
     patience: Duration,
     stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<W> Patient<W> {
-    fn bound<T>(&mut self, cx: &mut std::task::Context<'_>, poll: std::task::Poll<std::io::Result<T>>) -> std::task::Poll<std::io::Result<T>> {
+impl<W: Abort> Patient<W> {
+    /// `poll` as it is, unless it has been pending for the patience (then an error, and
+    /// the stream is reset). A write that went through shows progress (`progress`).
+    fn bound<T>(&mut self, cx: &mut std::task::Context<'_>, poll: std::task::Poll<std::io::Result<T>>, progress: bool) -> std::task::Poll<std::io::Result<T>> {
         use std::future::Future;
         match poll {
             std::task::Poll::Ready(result) => {
-                self.stalled = None;
+                if progress {
+                    self.stalled = None;
+                }
                 std::task::Poll::Ready(result)
             }
             std::task::Poll::Pending => {
@@ -62,7 +79,10 @@ impl<W> Patient<W> {
                     self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(patience)))
                 };
                 match stalled.as_mut().poll(cx) {
-                    std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the gateway does not read"))),
+                    std::task::Poll::Ready(()) => {
+                        self.inner.abort();
+                        std::task::Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the gateway does not read")))
+                    }
                     std::task::Poll::Pending => std::task::Poll::Pending,
                 }
             }
@@ -70,20 +90,20 @@ impl<W> Patient<W> {
     }
 }
 
-impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Patient<W> {
+impl<W: tokio::io::AsyncWrite + Unpin + Abort> tokio::io::AsyncWrite for Patient<W> {
     fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
         let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.bound(cx, poll)
+        self.bound(cx, poll, true)
     }
 
     fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         let poll = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
-        self.bound(cx, poll)
+        self.bound(cx, poll, false)
     }
 
     fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         let poll = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
-        self.bound(cx, poll)
+        self.bound(cx, poll, false)
     }
 }
 
@@ -186,10 +206,31 @@ impl switchboard_raft::network::Relay for RelayServer {
 mod patience_tests {
     use super::*;
 
+    /// Whether the stream was reset rather than finished.
+    struct Probe(tokio::io::DuplexStream, bool);
+
+    impl Abort for Probe {
+        fn abort(&mut self) {
+            self.1 = true;
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Probe {
+        fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
     #[tokio::test]
     async fn a_write_the_peer_does_not_read_fails_after_the_patience_and_progress_rearms_it() {
         let (near, mut far) = tokio::io::duplex(1024);
-        let mut send = Patient { inner: near, patience: Duration::from_millis(100), stalled: None };
+        let mut send = Patient { inner: Probe(near, false), patience: Duration::from_millis(100), stalled: None };
         // Writes that proceed never fail, however long it all takes.
         send.write_all(&[1u8; 1000]).await.expect("room for it");
         let mut read = [0u8; 1000];
@@ -201,6 +242,7 @@ mod patience_tests {
         let stuck = tokio::time::timeout(Duration::from_secs(10), send.write_all(&[3u8; 4096])).await.expect("not forever");
         assert_eq!(stuck.map_err(|e| e.kind()), Err(std::io::ErrorKind::TimedOut));
         assert!(started.elapsed() >= Duration::from_millis(100));
+        assert!(send.inner.1, "the stream is reset, not finished");
         drop(far);
     }
 }

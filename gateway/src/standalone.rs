@@ -997,9 +997,6 @@ struct Pending {
     kind: String,
     /// The request's own `ref` (operator frames), if it had one.
     reference: Option<Value>,
-    /// A client frame's `ref`, if it had one: the member's error for a frame it cannot
-    /// read names it.
-    client_ref: Option<Value>,
     /// Its idempotency key (`send`), if it had one.
     key: Option<String>,
     /// The frame, kept only for what a re-pin sends again (keyed `send`s and `close`s).
@@ -1110,6 +1107,12 @@ impl Tracker {
             }
             return Ok(None);
         }
+        // A client's frame the member would refuse to read is refused here with the
+        // member's very answer, and neither relayed nor kept: such answers name no
+        // request the tracker could settle.
+        if self.surface == Surface::Client {
+            crate::client_ws::parse::<crate::frames::ClientIn>(text, crate::client_ws::CLIENT_TYPES)?;
+        }
         let Ok(mut frame) = serde_json::from_str::<Value>(text) else { return Ok(None) };
         let kind = frame.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
         if kind == "ping" {
@@ -1132,10 +1135,8 @@ impl Tracker {
         });
         let text = stamped.as_deref().unwrap_or(text);
         let key = frame.get("key").and_then(Value::as_str).map(str::to_owned);
-        // A client's `ack` and errors name the key; an operator's name the `ref`. A
-        // client's frame the member cannot read is answered with its `ref`.
+        // A client's `ack` and errors name the key; an operator's name the `ref`.
         let reference = if self.surface == Surface::Client { None } else { frame.get("ref").cloned() };
-        let client_ref = if self.surface == Surface::Client { frame.get("ref").cloned() } else { None };
         if self.surface == Surface::Client && kind == "close" && self.closed {
             return Ok(None);
         }
@@ -1147,7 +1148,7 @@ impl Tracker {
         let kind = if kind.len() <= MAX_KIND { kind } else { "other".to_owned() };
         let value_len = |v: &Option<Value>| v.as_ref().map_or(0, |v| v.to_string().len());
         let token_len = if self.surface == Surface::Client && kind == "resume" { frame.get("token").and_then(Value::as_str).map_or(0, str::len) } else { 0 };
-        let cost = held + kind.len() + key.as_ref().map_or(0, String::len) + value_len(&reference) + value_len(&client_ref) + token_len;
+        let cost = held + kind.len() + key.as_ref().map_or(0, String::len) + value_len(&reference) + token_len;
         if self.pending.len() >= MAX_PENDING || self.pending_bytes + cost > MAX_PENDING_BYTES {
             let reference = reference.clone().or_else(|| key.clone().map(Value::String));
             return Err(crate::frames::error("rate_limited", "too many requests without an answer yet; this one was not sent", reference.as_ref()));
@@ -1161,7 +1162,7 @@ impl Tracker {
             }
         }
         self.pending_bytes += cost;
-        self.pending.push_back(Pending { kind, reference, client_ref, key, text: if keep { text.to_owned() } else { String::new() }, cost });
+        self.pending.push_back(Pending { kind, reference, key, text: if keep { text.to_owned() } else { String::new() }, cost });
         Ok(stamped)
     }
 
@@ -1266,11 +1267,7 @@ impl Tracker {
                 }
                 let settled = match frame.get("ref").or_else(|| frame.get("key")).cloned() {
                     // Named by its `ref`, or by its key when it had no `ref`.
-                    Some(named) => self.settle(|p| {
-                        p.reference.as_ref() == Some(&named)
-                            || p.client_ref.as_ref() == Some(&named)
-                            || (p.reference.is_none() && p.key.is_some() && p.key.as_deref() == named.as_str())
-                    }),
+                    Some(named) => self.settle(|p| p.reference.as_ref() == Some(&named) || (p.reference.is_none() && p.key.is_some() && p.key.as_deref() == named.as_str())),
                     // Requests are answered in the order they were sent: an answer
                     // without a name is the oldest unnamed request's.
                     None => self.settle(|p| p.reference.is_none() && (p.key.is_none() || p.kind != "send")),
@@ -1375,7 +1372,7 @@ impl Tracker {
                     self.last_seq = Some(last_seq);
                     self.established = true;
                     let text = frame.to_string();
-                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, client_ref: None, key: None, cost: text.len(), text });
+                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, cost: text.len(), text });
                 }
             }
             Surface::Operator if unheard => {
@@ -1383,7 +1380,7 @@ impl Tracker {
                 // as if it came on the first socket, which sets where the feed stands).
                 let text = frame.to_string();
                 if self.incoming(&text) {
-                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, client_ref: None, key: None, cost: text.len(), text });
+                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, cost: text.len(), text });
                 }
             }
             _ => {}
@@ -1635,9 +1632,10 @@ mod tests {
         assert_eq!(resent, vec![&sent], "the accept is sent again as stamped");
         let answered: Vec<&Value> = replay.iter().filter_map(|r| match r { Replay::Answer(frame) => Some(frame), _ => None }).collect();
         assert!(answered.len() == 1 && answered[0]["code"] == "unavailable" && answered[0]["ref"] == "d", "{answered:?}");
-        // A visitor's frames are never stamped.
+        // A visitor's frames are never stamped (an `accept` is not one of theirs).
         let mut client = Tracker::new(Surface::Client, "/ws/client");
-        assert_eq!(client.outgoing(r#"{"type":"accept","offer":9}"#).expect("relayed"), None);
+        let refused = client.outgoing(r#"{"type":"accept","offer":9}"#).expect_err("not a client frame");
+        assert_eq!(refused["code"], "unknown_type");
     }
 
     #[test]
@@ -1761,9 +1759,10 @@ mod tests {
     #[test]
     fn a_malformed_resume_keeps_the_resumes_in_step() {
         let mut t = Tracker::new(Surface::Client, "/ws/client");
-        assert!(t.outgoing(r#"{"type":"resume","last_seq":1}"#).is_ok());
+        // Refused here as the member would (no token): neither relayed nor kept.
+        let refused = t.outgoing(r#"{"type":"resume","last_seq":1}"#).expect_err("malformed");
+        assert_eq!(refused["code"], "bad_frame");
         assert!(t.outgoing(r#"{"type":"resume","token":"good","last_seq":6}"#).is_ok());
-        t.incoming(r#"{"type":"error","code":"bad_frame","message":"token is required"}"#);
         t.incoming(r#"{"type":"resumed","conversation":2,"last_seq":9}"#);
         assert_eq!((t.token.as_deref(), t.last_seq), (Some("good"), Some(6)), "the valid resume took its own answer");
         assert!(t.incoming(r#"{"type":"event","kind":"message","seq":7}"#));
@@ -1818,24 +1817,31 @@ mod tests {
     }
 
     #[test]
-    fn a_client_s_unreadable_requests_are_settled_by_their_ref_and_count_every_byte_they_keep() {
+    fn a_client_s_unreadable_frames_are_refused_here_and_kept_requests_count_every_byte() {
         let mut t = Tracker::new(Surface::Client, "/ws/client");
-        // A frame of an unknown type is answered with an error naming its `ref`: settled.
+        // What the member would refuse to read gets the member's own answer here, and
+        // is neither relayed nor kept.
         let junk = "x".repeat(16 * 1024);
-        assert!(t.outgoing(&format!(r#"{{"type":"{junk}","ref":1}}"#)).is_ok());
-        assert_eq!(t.pending.front().map(|p| p.kind.as_str()), Some("other"), "a long type is not kept");
-        t.incoming(r#"{"type":"error","code":"invalid","message":"unknown frame type","ref":1}"#);
-        assert!(t.pending.is_empty() && t.pending_bytes == 0, "settled by its ref: {} bytes", t.pending_bytes);
+        for (frame, code) in [
+            (format!(r#"{{"type":"{junk}","ref":1}}"#), "unknown_type"),
+            (r#"{"type":"send","text":5,"ref":2}"#.to_owned(), "bad_frame"),
+            (r#"{"type":"read","upto":"x","ref":3}"#.to_owned(), "bad_frame"),
+            ("not json".to_owned(), "bad_json"),
+        ] {
+            let refused = t.outgoing(&frame).expect_err("refused at the gateway");
+            assert_eq!(refused["code"], code, "{refused}");
+        }
+        assert!(t.pending.is_empty() && t.pending_bytes == 0);
         // Resumes with long tokens count their tokens: refused long before 256 of them.
         let token = "t".repeat(16 * 1024);
         let mut taken = 0;
-        while t.outgoing(&format!(r#"{{"type":"resume","token":"{token}","last_seq":"x","ref":{taken}}}"#)).is_ok() {
+        while t.outgoing(&format!(r#"{{"type":"resume","token":"{token}","last_seq":0}}"#)).is_ok() {
             taken += 1;
         }
         assert!(taken < 20 && t.pending_bytes <= MAX_PENDING_BYTES, "{taken} resumes, {} bytes", t.pending_bytes);
-        // And each is settled by the error that names its ref.
-        for n in 0..taken {
-            t.incoming(&format!(r#"{{"type":"error","code":"invalid","message":"bad resume","ref":{n}}}"#));
+        // Each is settled by its answer, in turn, and gives its bytes back.
+        for _ in 0..taken {
+            t.incoming(r#"{"type":"error","code":"invalid","message":"that token names no conversation here"}"#);
         }
         assert!(t.pending.is_empty() && t.pending_bytes == 0, "{} left, {} bytes", t.pending.len(), t.pending_bytes);
     }
