@@ -680,6 +680,34 @@ struct Pinned {
     member: u64,
 }
 
+/// What [`Tracker::incoming`] reads of a member's frame; every other field is skipped
+/// while parsing. Each field is kept as whatever JSON it holds, as a `Value` read of the
+/// whole frame would.
+#[derive(serde::Deserialize)]
+struct Head {
+    #[serde(rename = "type", default)]
+    kind: Option<Value>,
+    /// An event's kind.
+    #[serde(rename = "kind", default)]
+    event: Option<Value>,
+    #[serde(default)]
+    feed: Option<Value>,
+    #[serde(default)]
+    seq: Option<Value>,
+    #[serde(default)]
+    cursor: Option<Value>,
+    #[serde(default)]
+    token: Option<Value>,
+    #[serde(default)]
+    conversation: Option<Value>,
+    #[serde(default)]
+    code: Option<Value>,
+    #[serde(rename = "ref", default)]
+    reference: Option<Value>,
+    #[serde(default)]
+    key: Option<Value>,
+}
+
 /// Bytes of frames from the member a relayed socket may hold unwritten to its client.
 pub const RELAY_UNWRITTEN_BYTES: usize = 256 * 1024;
 
@@ -1136,7 +1164,8 @@ impl Tracker {
         let text = stamped.as_deref().unwrap_or(text);
         let key = frame.get("key").and_then(Value::as_str).map(str::to_owned);
         // A client's `ack` and errors name the key; an operator's name the `ref`.
-        let reference = if self.surface == Surface::Client { None } else { frame.get("ref").cloned() };
+        // A `null` ref is no name: the answer's `"ref": null` reads as none too.
+        let reference = if self.surface == Surface::Client { None } else { frame.get("ref").filter(|r| !r.is_null()).cloned() };
         if self.surface == Surface::Client && kind == "close" && self.closed {
             return Ok(None);
         }
@@ -1171,12 +1200,14 @@ impl Tracker {
         if self.surface == Surface::Supervisor {
             return true;
         }
-        let Ok(frame) = serde_json::from_str::<Value>(text) else { return true };
-        let kind = frame.get("type").and_then(Value::as_str).unwrap_or_default();
+        // Only the fields read here are built; the rest of a frame (a page of entries, a
+        // conversation's history) is skipped as it is parsed.
+        let Ok(frame) = serde_json::from_str::<Head>(text) else { return true };
+        let kind = frame.kind.as_ref().and_then(Value::as_str).unwrap_or_default();
         match kind {
             "event" if self.feeds.is_some() => {
-                let feed = frame.get("feed").and_then(Value::as_str).unwrap_or("r");
-                if let (Some(feeds), Some(seq)) = (self.feeds.as_mut(), frame.get("seq").and_then(Value::as_u64)) {
+                let feed = frame.feed.as_ref().and_then(Value::as_str).unwrap_or("r");
+                if let (Some(feeds), Some(seq)) = (self.feeds.as_mut(), frame.seq.as_ref().and_then(Value::as_u64)) {
                     match feeds.delivered.get_mut(feed) {
                         // Already delivered (cannot happen after a correct resume).
                         Some(last) if seq <= *last => return false,
@@ -1191,7 +1222,7 @@ impl Tracker {
                 self.established = true;
                 // Each feed continues after the point asked for (not past its newest), a
                 // feed not asked for from its start, or after the hello without a cursor.
-                if let (Some(feeds), Some(newest)) = (self.feeds.as_mut(), frame.get("cursor").and_then(Value::as_object)) {
+                if let (Some(feeds), Some(newest)) = (self.feeds.as_mut(), frame.cursor.as_ref().and_then(Value::as_object)) {
                     let requested = feeds.requested.take();
                     feeds.delivered = newest
                         .iter()
@@ -1207,7 +1238,7 @@ impl Tracker {
                 }
             }
             "event" => {
-                if let Some(seq) = frame.get("seq").and_then(Value::as_u64) {
+                if let Some(seq) = frame.seq.as_ref().and_then(Value::as_u64) {
                     if self.last_seq.is_some_and(|last| seq <= last) {
                         // Already delivered (cannot happen after a correct resume; kept
                         // as the guarantee of no duplicate).
@@ -1216,7 +1247,7 @@ impl Tracker {
                     self.last_seq = Some(seq);
                 }
                 if self.surface == Surface::Client {
-                    match frame.get("kind").and_then(Value::as_str) {
+                    match frame.event.as_ref().and_then(Value::as_str) {
                         Some("closed") => {
                             self.closed = true;
                             self.settle(|p| p.kind == "close");
@@ -1231,7 +1262,7 @@ impl Tracker {
             "hello" => {
                 self.established = true;
                 // Events after the point the socket asked for follow the hello (§3.2).
-                let newest = frame.get("seq").and_then(Value::as_u64);
+                let newest = frame.seq.as_ref().and_then(Value::as_u64);
                 self.last_seq = match (self.requested.take(), newest) {
                     (Some(asked), Some(newest)) => Some(asked.min(newest)),
                     (_, newest) => newest,
@@ -1246,8 +1277,8 @@ impl Tracker {
             "started" => {
                 self.established = true;
                 self.closed = false;
-                self.token = frame.get("token").and_then(Value::as_str).map(str::to_owned);
-                self.conversation = frame.get("conversation").and_then(Value::as_u64);
+                self.token = frame.token.as_ref().and_then(Value::as_str).map(str::to_owned);
+                self.conversation = frame.conversation.as_ref().and_then(Value::as_u64);
                 self.last_seq = Some(0);
                 self.settle(|p| p.kind == "start");
             }
@@ -1261,11 +1292,11 @@ impl Tracker {
                 self.settle(|p| p.kind == "resume");
             }
             "ack" | "ok" | "history" | "error" => {
-                let code = frame.get("code").and_then(Value::as_str).unwrap_or_default();
+                let code = frame.code.as_ref().and_then(Value::as_str).unwrap_or_default();
                 if kind == "error" && matches!(code, "resume_gap" | "unauthorized") {
                     return true;
                 }
-                let settled = match frame.get("ref").or_else(|| frame.get("key")).cloned() {
+                let settled = match frame.reference.as_ref().or(frame.key.as_ref()).cloned() {
                     // Named by its `ref`, or by its key when it had no `ref`.
                     Some(named) => self.settle(|p| p.reference.as_ref() == Some(&named) || (p.reference.is_none() && p.key.is_some() && p.key.as_deref() == named.as_str())),
                     // Requests are answered in the order they were sent: an answer
@@ -1844,6 +1875,19 @@ mod tests {
             t.incoming(r#"{"type":"error","code":"invalid","message":"that token names no conversation here"}"#);
         }
         assert!(t.pending.is_empty() && t.pending_bytes == 0, "{} left, {} bytes", t.pending.len(), t.pending_bytes);
+    }
+
+    #[test]
+    fn member_frames_are_read_by_their_head_and_a_null_ref_is_no_name() {
+        let mut desk = Tracker::new(Surface::Operator, "/ws/operator?token=T");
+        assert!(desk.outgoing(r#"{"type":"decline","offer":8,"ref":null}"#).is_ok());
+        assert_eq!(desk.pending.len(), 1);
+        // A large frame's body is skipped; its head still counts.
+        let big = format!(r#"{{"type":"history","conversation":3,"entries":[{}],"ref":null}}"#, vec![r#"{"text":"hello"}"#; 10_000].join(","));
+        assert!(desk.incoming(&big));
+        assert!(desk.pending.is_empty(), "answered by the frame whose ref is null");
+        assert!(desk.incoming(r#"{"type":"event","seq":5,"kind":"message"}"#));
+        assert!(!desk.incoming(r#"{"type":"event","seq":5,"kind":"message"}"#), "a repeated seq is dropped");
     }
 
     #[test]
