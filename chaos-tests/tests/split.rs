@@ -229,6 +229,7 @@ async fn a_split_node_carries_a_chat_across_its_groups_and_keeps_it_over_a_resta
         let (committed, applied) = (value("switchboard_raft_commit_index"), value("switchboard_raft_last_applied"));
         assert!(committed.is_some_and(|c| c > 0) && committed >= applied, "group {group}: committed {committed:?}, applied {applied:?}");
         assert!(value("switchboard_raft_apply_lag").is_some() && value("switchboard_mail_retries_total").is_some(), "group {group}:\n{metrics}");
+        assert!(value("switchboard_forwarded_entries_total").is_some() && value("switchboard_forwarded_unknown_total").is_some(), "group {group}:\n{metrics}");
     }
     assert!(metrics.contains("switchboard_mail_in_flight{from=\"3\",to=\"2\"}") || metrics.contains("switchboard_mail_in_flight{from=\"4\",to=\"2\"}"), "{metrics}");
     // The same figures for a person or a script: `cluster status --json`, a line a group.

@@ -477,6 +477,11 @@ struct ProposalCounts {
 impl RaftProposer {
     /// Commands proposed, log entries they went into, and entries forwarded to a leader
     /// on another node.
+    /// Forwarded entries whose answer was lost.
+    pub(crate) fn forwarded_unknown(&self) -> u64 {
+        self.counts.forward_unknown.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub(crate) fn counts(&self) -> (u64, u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (self.counts.commands.load(Relaxed), self.counts.entries.load(Relaxed), self.counts.forwarded.load(Relaxed))

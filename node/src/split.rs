@@ -744,6 +744,10 @@ impl Backend for SplitBackend {
         for g in self.node.groups.values() {
             let _ = writeln!(out, "switchboard_forwarded_entries_total{{group=\"{}\"}} {}", g.id, g.proposer.counts().2);
         }
+        let _ = writeln!(out, "# HELP switchboard_forwarded_unknown_total Forwarded entries whose answer was lost (the leader failed): their commands were answered unavailable.\n# TYPE switchboard_forwarded_unknown_total counter");
+        for g in self.node.groups.values() {
+            let _ = writeln!(out, "switchboard_forwarded_unknown_total{{group=\"{}\"}} {}", g.id, g.proposer.forwarded_unknown());
+        }
         server::quiet_metrics(&mut out, &self.node.router, self.node.groups.keys().copied().collect::<Vec<_>>());
         let pending: usize = (0..self.node.shards).map(|k| self.group(FIRST_C + k).shard.read().outbox.len()).sum();
         server::outbox_metrics(&mut out, pending);
