@@ -496,10 +496,10 @@ impl Cluster {
     fn launch(dir: &Path, id: usize, netns: Option<&str>) -> anyhow::Result<Starting> {
         let config = dir.join(format!("node-{id}.toml"));
         let config = config.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?.to_owned();
-        // Files are taken for strays a minute after they were written (the least; an
-        // hour by default), so that drills see a shard's files leave the node that gave
-        // it up.
-        let mut extra = vec!["--config", config.as_str(), "--enable-chaos-drills", "--stray-files-after-s", "60"];
+        // Stray files are looked for every 5 s (every 10 minutes by default), so that
+        // drills see a shard's files leave the node that gave it up; a file is taken
+        // only once it is 15 minutes old, which a drill makes so by dating it back.
+        let mut extra = vec!["--config", config.as_str(), "--enable-chaos-drills", "--stray-sweep-every-s", "5"];
         if id == 1 {
             extra.push("--demo");
         }

@@ -68,6 +68,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     switchboard_adapters::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
+/// The suffix a file set aside by [`BlobStore::remove_if_settled`] carries meanwhile.
+const ASIDE: &str = ".aside";
+
 /// Files by id in one folder; ids are random hex, never derived from user input.
 #[derive(Clone)]
 pub struct BlobStore {
@@ -77,10 +80,19 @@ pub struct BlobStore {
 impl BlobStore {
     pub fn open(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        // Files a crash cut short were never promised by a record: gone at start.
+        // Files a crash cut short were never promised by a record: gone at start. A file
+        // a stray sweep had set aside when the process died goes back under its id.
         for entry in std::fs::read_dir(&dir)?.flatten() {
-            if entry.file_name().to_str().is_some_and(|name| name.ends_with(".partial")) {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            if name.ends_with(".partial") {
                 let _ = std::fs::remove_file(entry.path());
+            } else if let Some(id) = name.strip_suffix(ASIDE) {
+                let back = dir.join(id);
+                if back.exists() {
+                    let _ = std::fs::remove_file(entry.path());
+                } else {
+                    let _ = std::fs::rename(entry.path(), back);
+                }
             }
         }
         Ok(BlobStore { dir })
@@ -142,11 +154,16 @@ impl BlobStore {
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             // Written again (a redelivered channel message reuses its id): its clock
             // starts over, so a stray sweep does not take it while its record commits.
+            // Gone meanwhile (a sweep took it): written anew below.
             let touched = path.clone();
-            tokio::task::spawn_blocking(move || std::fs::File::options().append(true).open(&touched)?.set_modified(std::time::SystemTime::now()))
+            let touch = tokio::task::spawn_blocking(move || std::fs::File::options().append(true).open(&touched)?.set_modified(std::time::SystemTime::now()))
                 .await
-                .map_err(|_| GatewayError::Internal("a file's time could not be set".into()))??;
-            return Ok(());
+                .map_err(|_| GatewayError::Internal("a file's time could not be set".into()))?;
+            match touch {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         // A push and a fetch of the same file may run at once: each writes aside under a
         // name of its own, and the second rename replaces the first with the same bytes.
@@ -197,6 +214,34 @@ impl BlobStore {
                 false
             }
         }
+    }
+
+    /// Removes file `id` if it was last written at least `older_than` ago, without a
+    /// race with a write of the same id: the file is first set aside under another name,
+    /// its age checked there (a write that came first shows in it), and only then
+    /// removed; a write that comes after makes a new file. Whether it was removed.
+    pub async fn remove_if_settled(&self, id: &AttachmentId, older_than: std::time::Duration) -> bool {
+        let Some(path) = self.path(id) else { return false };
+        let aside = self.dir.join(format!("{}{ASIDE}", id.0));
+        if tokio::fs::rename(&path, &aside).await.is_err() {
+            return false;
+        }
+        let settled = match tokio::fs::metadata(&aside).await.and_then(|m| m.modified()) {
+            Ok(written) => std::time::SystemTime::now().duration_since(written).is_ok_and(|age| age >= older_than),
+            Err(_) => false,
+        };
+        if settled || tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            // Taken, or written anew meanwhile (the same bytes under the same id).
+            if let Err(e) = tokio::fs::remove_file(&aside).await {
+                tracing::warn!(attachment = %id.0, error = %e, "could not remove a stray file");
+                return false;
+            }
+            return settled;
+        }
+        if let Err(e) = tokio::fs::rename(&aside, &path).await {
+            tracing::warn!(attachment = %id.0, error = %e, "could not put back a file set aside; it goes back at the next start");
+        }
+        false
     }
 
     /// Whether file `id` is here and was last written at least `older_than` ago.
@@ -845,7 +890,19 @@ mod tests {
         assert!(store.settled(&id, std::time::Duration::from_secs(3600)).await);
         store.put_bytes(&id, b"hello").await.unwrap();
         assert!(!store.settled(&id, std::time::Duration::from_secs(3600)).await, "a file put again is new");
+        assert!(!store.remove_if_settled(&id, std::time::Duration::from_secs(3600)).await, "a file just put again stays");
+        assert!(dir.join(&id.0).exists() && !dir.join(format!("{}{ASIDE}", id.0)).exists(), "and is back under its id");
+        std::fs::File::options().append(true).open(&path).unwrap().set_modified(hour_ago).unwrap();
+        assert!(store.remove_if_settled(&id, std::time::Duration::from_secs(3600)).await, "an old file goes");
+        assert!(!dir.join(&id.0).exists() && !dir.join(format!("{}{ASIDE}", id.0)).exists());
+        // Put again after it went: written anew, not an error.
+        store.put_bytes(&id, b"hello").await.unwrap();
         assert!(store.remove(&id).await && !store.remove(&id).await, "removed once");
+        // A file set aside when the process died goes back under its id at the next start.
+        std::fs::write(dir.join(format!("{}{ASIDE}", id.0)), b"hello").unwrap();
+        drop(store);
+        let store = BlobStore::open(dir.clone()).unwrap();
+        assert!(store.has(&id).await, "put back at start");
         let _ = std::fs::remove_dir_all(dir);
     }
 

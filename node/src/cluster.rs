@@ -43,9 +43,12 @@ pub struct NodeConfig {
     #[serde(default)]
     pub retention_check_s: Option<u64>,
     /// Seconds an attachment file must have been on disk before it may be taken for a
-    /// stray; 3600 when absent, 60 at the least.
+    /// stray; 3600 when absent, 900 at the least.
     #[serde(default)]
     pub stray_files_after_s: Option<u64>,
+    /// Seconds between two looks for stray attachment files; 600 when absent.
+    #[serde(default)]
+    pub stray_sweep_every_s: Option<u64>,
     /// Seconds an online operator may be without a live socket before they are set
     /// away (`disconnected`); 30 when absent.
     #[serde(default)]
@@ -255,6 +258,7 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
             snapshot_every: None,
             retention_check_s: None,
             stray_files_after_s: None,
+            stray_sweep_every_s: None,
             presence_grace_s: None,
             enable_chaos_drills: false,
             join: false,
@@ -412,6 +416,7 @@ pub fn add_node(dir: &Path, host: Option<&str>) -> anyhow::Result<PathBuf> {
         snapshot_every: first.snapshot_every,
         retention_check_s: first.retention_check_s,
         stray_files_after_s: first.stray_files_after_s,
+        stray_sweep_every_s: first.stray_sweep_every_s,
         presence_grace_s: first.presence_grace_s,
         enable_chaos_drills: first.enable_chaos_drills,
         join: true,

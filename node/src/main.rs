@@ -89,9 +89,12 @@ struct Listeners {
     /// Seconds an attachment file must have been on disk before a split node may take
     /// it for a stray and give its space back: a file of a conversation shard it no
     /// longer holds (once a holder has it), or one no record names. Longer than any
-    /// upload takes to commit (60 at the least).
+    /// upload takes to commit (900 at the least).
     #[arg(long, default_value_t = 3600)]
     stray_files_after_s: u64,
+    /// Seconds between two looks for stray attachment files on a split node.
+    #[arg(long, default_value_t = 600)]
+    stray_sweep_every_s: u64,
     /// Seconds an online operator may be without a live operator socket (a page
     /// reload, a network blip) before they are set away with the reason `disconnected`
     /// and their pending offers withdrawn. Applied by whichever node leads.
@@ -393,6 +396,7 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
         snapshot_every: listeners.snapshot_every,
         retention_every: std::time::Duration::from_secs(listeners.retention_check_s.max(1)),
         stray_files_after: std::time::Duration::from_secs(listeners.stray_files_after_s.max(1)),
+        stray_sweep_every: std::time::Duration::from_secs(listeners.stray_sweep_every_s.max(1)),
         presence_grace: std::time::Duration::from_secs(listeners.presence_grace_s),
         budgets: switchboard_gateway::Budgets {
             starts_per_minute: edge.starts_per_minute,
@@ -436,6 +440,9 @@ fn member_options(config: cluster::NodeConfig, listeners: Listeners, chaos_drill
     }
     if let Some(s) = config.stray_files_after_s {
         options.stray_files_after = std::time::Duration::from_secs(s.max(1));
+    }
+    if let Some(s) = config.stray_sweep_every_s {
+        options.stray_sweep_every = std::time::Duration::from_secs(s.max(1));
     }
     if let Some(s) = config.presence_grace_s {
         options.presence_grace = std::time::Duration::from_secs(s);

@@ -1264,6 +1264,8 @@ pub struct NodeOptions {
     /// How long an attachment file stays before a split node may take it for a stray
     /// (`split::give_back_files`): longer than any upload takes to commit its record.
     pub stray_files_after: Duration,
+    /// Between two stray sweeps.
+    pub stray_sweep_every: Duration,
     /// How long an online operator may be without a live socket before the leader sets
     /// them away (`MarkAbsent`).
     pub presence_grace: Duration,

@@ -826,7 +826,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
         listeners.push(tokio::spawn(server::keep_files(c.shard.clone(), sources, node.peers.clone(), gateway.blobs.clone())));
     }
     // Files kept of shards this node does not hold give their disk back.
-    listeners.push(tokio::spawn(give_back_files(Arc::downgrade(&node), gateway.blobs.clone(), options.stray_files_after)));
+    listeners.push(tokio::spawn(give_back_files(Arc::downgrade(&node), gateway.blobs.clone(), options.stray_files_after, options.stray_sweep_every)));
     listeners.push(placement);
     tracing::info!(%public_addr, %private_addr, shards, "split node started");
     Ok(RunningNode { groups: Groups::Split(node), gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
@@ -834,12 +834,12 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
 
 /// Stray files looked at per sweep at most: the rest, in id order, in the next sweeps.
 const STRAYS_PER_SWEEP: usize = 10_000;
-/// The longest pause between two stray sweeps (shorter when files settle sooner).
-const STRAY_SWEEP_EVERY: Duration = Duration::from_secs(600);
-/// The youngest a file may be and still be taken for a stray, whatever the setting: an
+/// The youngest a file may be and still be taken for a stray, whatever the setting. An
 /// upload's record commits within about 25 s of its copies (10 s to copy, resends for
-/// 10 s more), and a file written again starts its clock over.
-pub(crate) const STRAY_MIN_AGE: Duration = Duration::from_secs(60);
+/// 10 s more), but a channel message or a mail stores up to 5 files one after the
+/// other, each waiting for a copy slot and up to 10 s for its copies, before its one
+/// record commits; a file written again starts its clock over.
+pub(crate) const STRAY_MIN_AGE: Duration = Duration::from_secs(900);
 /// Patience of each read barrier and file fetch of a stray sweep.
 const STRAY_PATIENCE: Duration = Duration::from_secs(10);
 /// How long one stray sweep may run; the next goes on from where it stopped.
@@ -858,18 +858,18 @@ enum ShardLook {
 /// Gives back the disk of attachment files this node keeps without holding their
 /// shard: those of a conversation shard it gave up (ADR 0012), a channel message's
 /// files on the node whose webhook received them, and those of an upload whose record
-/// was never committed. Every `after` (at most 10 minutes) it looks, in id order from
-/// where the last sweep stopped, at up to 10,000 files last written at least `after`
-/// ago (60 s at the least) that no shard held here names. First the metadata group and
+/// was never committed. Every `every` it looks, in id order from where the last sweep
+/// stopped, at up to 10,000 files last written at least `after` ago (15 minutes at the
+/// least) that no shard held here names. First the metadata group and
 /// every conversation shard catch up with their leaders (a read barrier here, or on
 /// one holder, which alone is then asked). A file a shard's record names is removed
 /// once every recorded holder of that shard sent its bytes and they match the record's
 /// SHA-256; a file no record names is removed at once; while a shard cannot be asked,
 /// every file it might name is kept. Each file is looked at under the process's one
 /// file-sweep permit, so a sweep of held shards' files is never kept waiting long.
-pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: switchboard_gateway::attachments::BlobStore, after: Duration) {
+pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: switchboard_gateway::attachments::BlobStore, after: Duration, every: Duration) {
     let after = after.max(STRAY_MIN_AGE);
-    let pause = after.min(STRAY_SWEEP_EVERY);
+    let pause = every.max(Duration::from_secs(1));
     // The greatest id the last sweep looked at; `None`: start from the smallest.
     let mut cursor: Option<AttachmentId> = None;
     loop {
@@ -909,7 +909,9 @@ pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: swi
             cursor = None;
             continue;
         }
-        // Who holds what, as of now.
+        // Who holds what, as of now. A file is taken only if it was already settled when
+        // the barriers began: a record of a file written since may be newer than them.
+        let barriers_at = tokio::time::Instant::now();
         if let Err(e) = switchboard_raft::network::read_barrier(&node.groups[&G0].raft, &node.peers, G0, STRAY_PATIENCE).await {
             tracing::info!(error = %e, "the metadata group did not catch up; stray files are looked at later");
             continue;
@@ -918,23 +920,27 @@ pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: swi
         for g in &shards {
             looks.push((*g, look_at(&node, *g).await));
         }
+        // While a shard cannot be asked, the files it may name are looked at again next
+        // time: the cursor stays.
+        let blind = looks.iter().any(|(_, look)| matches!(look, ShardLook::Unknown));
         let started = tokio::time::Instant::now();
         let mut removed = 0u64;
         let mut stopped = false;
+        let mut last = None;
         for id in strays {
             if started.elapsed() >= STRAY_SWEEP_FOR {
                 stopped = true;
                 break;
             }
             let Ok(sweeping) = server::SWEEPING.acquire().await else { return };
-            if give_back(&node, &looks, &blobs, &id, after).await {
+            if give_back(&node, &looks, &blobs, &id, after + barriers_at.elapsed()).await {
                 removed += 1;
             }
             drop(sweeping);
-            cursor = Some(id);
+            last = Some(id);
         }
-        if complete && !stopped {
-            cursor = None;
+        if !blind {
+            cursor = if complete && !stopped { None } else { last.or(cursor) };
         }
         if removed > 0 {
             server::FILES_STRAYS_REMOVED.fetch_add(removed, Relaxed);
@@ -994,9 +1000,11 @@ async fn give_back(node: &SplitNode, looks: &[(GroupId, ShardLook)], blobs: &swi
         }
     }
     if let Some((g, attachment)) = &owner {
-        // Removed only once every holder of its shard showed the very bytes.
+        // Removed only once every holder of its shard showed the very bytes: each one
+        // the metadata group records, none of them this node, each with an address.
+        let Some(recorded) = node.groups[&G0].shard.read().holders.get(g).cloned() else { return false };
         let Some(holders) = node.groups.get(g).and_then(|group| crate::groups::holders_from(&node.groups[&G0], group, node.node_id)) else { return false };
-        if holders.is_empty() {
+        if recorded.is_empty() || recorded.contains(&node.node_id) || recorded.iter().any(|n| !holders.iter().any(|(h, _)| h == n)) {
             return false;
         }
         for (_, addr) in holders {
@@ -1021,7 +1029,7 @@ async fn give_back(node: &SplitNode, looks: &[(GroupId, ShardLook)], blobs: &swi
         }
     }
     // Written again meanwhile (a redelivery): its record may be on its way.
-    blobs.settled(id, after).await && blobs.remove(id).await
+    blobs.remove_if_settled(id, after).await
 }
 
 /// Answers gateways' shard polls: each conversation shard's leader as this node knows
