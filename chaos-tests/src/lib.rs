@@ -498,7 +498,8 @@ impl Cluster {
         let config = config.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?.to_owned();
         // Stray files are looked for every 5 s (every 10 minutes by default), so that
         // drills see a shard's files leave the node that gave it up; a file is taken
-        // only once it is 15 minutes old, which a drill makes so by dating it back.
+        // only once it is an hour old (the default), which a drill makes so by dating
+        // it back.
         let mut extra = vec!["--config", config.as_str(), "--enable-chaos-drills", "--stray-sweep-every-s", "5"];
         if id == 1 {
             extra.push("--demo");

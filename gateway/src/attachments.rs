@@ -68,34 +68,28 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     switchboard_adapters::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
-/// The suffix a file set aside by [`BlobStore::remove_if_settled`] carries meanwhile.
-const ASIDE: &str = ".aside";
-
 /// Files by id in one folder; ids are random hex, never derived from user input.
 #[derive(Clone)]
 pub struct BlobStore {
     dir: PathBuf,
+    /// Writes of a file under an id already there and a stray sweep's removal, one at
+    /// a time per id (by stripe): a file written again is never removed under its writer.
+    writing: Arc<[tokio::sync::Mutex<()>; WRITE_STRIPES]>,
 }
+
+/// Stripes of [`BlobStore`]'s per-id locks.
+const WRITE_STRIPES: usize = 64;
 
 impl BlobStore {
     pub fn open(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        // Files a crash cut short were never promised by a record: gone at start. A file
-        // a stray sweep had set aside when the process died goes back under its id.
+        // Files a crash cut short were never promised by a record: gone at start.
         for entry in std::fs::read_dir(&dir)?.flatten() {
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
-            if name.ends_with(".partial") {
+            if entry.file_name().to_str().is_some_and(|name| name.ends_with(".partial")) {
                 let _ = std::fs::remove_file(entry.path());
-            } else if let Some(id) = name.strip_suffix(ASIDE) {
-                let back = dir.join(id);
-                if back.exists() {
-                    let _ = std::fs::remove_file(entry.path());
-                } else {
-                    let _ = std::fs::rename(entry.path(), back);
-                }
             }
         }
-        Ok(BlobStore { dir })
+        Ok(BlobStore { dir, writing: Arc::new(std::array::from_fn(|_| tokio::sync::Mutex::new(()))) })
     }
 
     fn path(&self, id: &AttachmentId) -> Option<PathBuf> {
@@ -151,10 +145,11 @@ impl BlobStore {
         if bytes.len() > MAX_ATTACHMENT_BYTES {
             return Err(GatewayError::TooLarge(MAX_ATTACHMENT_BYTES));
         }
+        let _writing = self.lock_of(id).lock().await;
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             // Written again (a redelivered channel message reuses its id): its clock
             // starts over, so a stray sweep does not take it while its record commits.
-            // Gone meanwhile (a sweep took it): written anew below.
+            // Gone meanwhile (retention removed it): written anew below.
             let touched = path.clone();
             let touch = tokio::task::spawn_blocking(move || std::fs::File::options().append(true).open(&touched)?.set_modified(std::time::SystemTime::now()))
                 .await
@@ -216,32 +211,30 @@ impl BlobStore {
         }
     }
 
-    /// Removes file `id` if it was last written at least `older_than` ago, without a
-    /// race with a write of the same id: the file is first set aside under another name,
-    /// its age checked there (a write that came first shows in it), and only then
-    /// removed; a write that comes after makes a new file. Whether it was removed.
+    /// The lock a write of `id` over an existing file and a stray sweep's removal of
+    /// it share.
+    fn lock_of(&self, id: &AttachmentId) -> &tokio::sync::Mutex<()> {
+        let stripe = id.0.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
+        &self.writing[stripe % WRITE_STRIPES]
+    }
+
+    /// Removes file `id` if it was last written at least `older_than` ago, checked and
+    /// removed while no write of the same id runs ([`BlobStore::put_bytes`] takes the
+    /// same lock): a file written again meanwhile is younger and stays. Whether it was
+    /// removed.
     pub async fn remove_if_settled(&self, id: &AttachmentId, older_than: std::time::Duration) -> bool {
         let Some(path) = self.path(id) else { return false };
-        let aside = self.dir.join(format!("{}{ASIDE}", id.0));
-        if tokio::fs::rename(&path, &aside).await.is_err() {
+        let _writing = self.lock_of(id).lock().await;
+        if !self.settled(id, older_than).await {
             return false;
         }
-        let settled = match tokio::fs::metadata(&aside).await.and_then(|m| m.modified()) {
-            Ok(written) => std::time::SystemTime::now().duration_since(written).is_ok_and(|age| age >= older_than),
-            Err(_) => false,
-        };
-        if settled || tokio::fs::try_exists(&path).await.unwrap_or(false) {
-            // Taken, or written anew meanwhile (the same bytes under the same id).
-            if let Err(e) = tokio::fs::remove_file(&aside).await {
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::warn!(attachment = %id.0, error = %e, "could not remove a stray file");
-                return false;
+                false
             }
-            return settled;
         }
-        if let Err(e) = tokio::fs::rename(&aside, &path).await {
-            tracing::warn!(attachment = %id.0, error = %e, "could not put back a file set aside; it goes back at the next start");
-        }
-        false
     }
 
     /// Whether file `id` is here and was last written at least `older_than` ago.
@@ -678,7 +671,14 @@ pub(crate) async fn client_download(
 /// member first and checked against the record's SHA-256; it is kept only by a holder
 /// of the shard (`Backend::keeps_files_of`).
 async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayError> {
-    if !gw.blobs.has(&attachment.id).await {
+    // A copy here that goes before it is opened (a stray sweep took it) is fetched.
+    if gw.blobs.has(&attachment.id).await {
+        match gw.blobs.get(&attachment.id).await {
+            Err(GatewayError::NotFound(_)) => {}
+            answer => return answer,
+        }
+    }
+    {
         let Ok(_fetching) = gw.fetches.clone().try_acquire_owned() else {
             return Err(GatewayError::Busy("too many files are being fetched from other members; try again shortly"));
         };
@@ -891,18 +891,26 @@ mod tests {
         store.put_bytes(&id, b"hello").await.unwrap();
         assert!(!store.settled(&id, std::time::Duration::from_secs(3600)).await, "a file put again is new");
         assert!(!store.remove_if_settled(&id, std::time::Duration::from_secs(3600)).await, "a file just put again stays");
-        assert!(dir.join(&id.0).exists() && !dir.join(format!("{}{ASIDE}", id.0)).exists(), "and is back under its id");
+        assert!(dir.join(&id.0).exists());
+        std::fs::File::options().append(true).open(&path).unwrap().set_modified(hour_ago).unwrap();
+        // While a write of the same id runs, the removal waits for it, and then finds
+        // the file young again.
+        let writing = store.lock_of(&id).lock().await;
+        let removal = tokio::spawn({
+            let (store, id) = (store.clone(), id.clone());
+            async move { store.remove_if_settled(&id, std::time::Duration::from_secs(3600)).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!removal.is_finished(), "the removal waits for the write");
+        std::fs::File::options().append(true).open(&path).unwrap().set_modified(std::time::SystemTime::now()).unwrap();
+        drop(writing);
+        assert!(!removal.await.unwrap(), "a file written meanwhile stays");
         std::fs::File::options().append(true).open(&path).unwrap().set_modified(hour_ago).unwrap();
         assert!(store.remove_if_settled(&id, std::time::Duration::from_secs(3600)).await, "an old file goes");
-        assert!(!dir.join(&id.0).exists() && !dir.join(format!("{}{ASIDE}", id.0)).exists());
+        assert!(!dir.join(&id.0).exists());
         // Put again after it went: written anew, not an error.
         store.put_bytes(&id, b"hello").await.unwrap();
         assert!(store.remove(&id).await && !store.remove(&id).await, "removed once");
-        // A file set aside when the process died goes back under its id at the next start.
-        std::fs::write(dir.join(format!("{}{ASIDE}", id.0)), b"hello").unwrap();
-        drop(store);
-        let store = BlobStore::open(dir.clone()).unwrap();
-        assert!(store.has(&id).await, "put back at start");
         let _ = std::fs::remove_dir_all(dir);
     }
 

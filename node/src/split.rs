@@ -920,9 +920,6 @@ pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: swi
         for g in &shards {
             looks.push((*g, look_at(&node, *g).await));
         }
-        // While a shard cannot be asked, the files it may name are looked at again next
-        // time: the cursor stays.
-        let blind = looks.iter().any(|(_, look)| matches!(look, ShardLook::Unknown));
         let started = tokio::time::Instant::now();
         let mut removed = 0u64;
         let mut stopped = false;
@@ -939,9 +936,9 @@ pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: swi
             drop(sweeping);
             last = Some(id);
         }
-        if !blind {
-            cursor = if complete && !stopped { None } else { last.or(cursor) };
-        }
+        // Files kept because a shard could not be asked are looked at again once the
+        // sweeps have gone round the folder.
+        cursor = if complete && !stopped { None } else { last.or(cursor) };
         if removed > 0 {
             server::FILES_STRAYS_REMOVED.fetch_add(removed, Relaxed);
             tracing::info!(removed, "removed attachment files of shards this node does not hold");
