@@ -1032,7 +1032,13 @@ struct Pending {
     /// What this entry holds, counted against [`MAX_PENDING_BYTES`]: the frame kept,
     /// its type, key and references, and a resume's token.
     cost: usize,
+    /// Where it came among the socket's kept requests (client: see `Tracker::ping_marks`).
+    order: u64,
 }
+
+/// Pings a client socket's tracker remembers the place of at most (see
+/// `Tracker::ping_marks`).
+const MAX_PING_MARKS: usize = 64;
 
 /// The longest frame type a pending request keeps as it is; a longer one (no request
 /// has one) is kept as `other`.
@@ -1056,6 +1062,16 @@ struct Tracker {
     /// [`PING_PATIENCE`] (its pong will not come: refused, or lost with a member).
     pings: u8,
     ping_since: Option<Instant>,
+    /// Client: for each `ping` waiting for its `pong`, how many requests had been kept
+    /// before it ([`Pending::order`]). The member answers a socket's frames in order,
+    /// so a `pong` says every request before its `ping` was handled: a `close` of a
+    /// conversation already closed, which gets no answer at all, is settled then.
+    ping_marks: VecDeque<u64>,
+    /// Whether marks were dropped (more than [`MAX_PING_MARKS`] pings waited): then no
+    /// pong settles anything until every ping was answered.
+    ping_marks_lost: bool,
+    /// Requests kept so far (the next one's [`Pending::order`]).
+    kept: u64,
     /// Whether the member has opened the socket's stream: an operator's `hello`, a
     /// visitor's `started` or `resumed`. A socket moves only then.
     established: bool,
@@ -1102,7 +1118,7 @@ impl Tracker {
         let requested = param("last_seq").and_then(|v| v.parse::<u64>().ok());
         let feeds = (surface == Surface::Operator && param("protocol").and_then(|v| v.parse::<u32>().ok()) == Some(2))
             .then(|| Box::new(Feeds { requested: param("cursor").map(parse_feeds), delivered: BTreeMap::new() }));
-        Tracker { surface, token: None, conversation: None, pings: 0, ping_since: None, established: false, last_seq: None, requested, feeds, resume_asked: VecDeque::new(), pending: VecDeque::new(), pending_bytes: 0, closed: false, watch: None }
+        Tracker { surface, token: None, conversation: None, pings: 0, ping_since: None, ping_marks: VecDeque::new(), ping_marks_lost: false, kept: 0, established: false, last_seq: None, requested, feeds, resume_asked: VecDeque::new(), pending: VecDeque::new(), pending_bytes: 0, closed: false, watch: None }
     }
 
     /// Whether the stream is open and nothing the client sent waits for an answer: the
@@ -1116,6 +1132,8 @@ impl Tracker {
     fn forget_pings(&mut self) {
         self.pings = 0;
         self.ping_since = None;
+        self.ping_marks.clear();
+        self.ping_marks_lost = false;
     }
 
     /// Sets the client's token and the conversation it names.
@@ -1148,6 +1166,15 @@ impl Tracker {
                 self.ping_since = Some(Instant::now());
             }
             self.pings = self.pings.saturating_add(1);
+            if self.surface == Surface::Client {
+                if self.ping_marks.len() >= MAX_PING_MARKS {
+                    self.ping_marks.clear();
+                    self.ping_marks_lost = true;
+                }
+                if !self.ping_marks_lost {
+                    self.ping_marks.push_back(self.kept);
+                }
+            }
         }
         // No answer comes to these, or none worth sending again: nothing to keep.
         if matches!(kind.as_str(), "typing" | "read" | "ping") {
@@ -1191,7 +1218,9 @@ impl Tracker {
             }
         }
         self.pending_bytes += cost;
-        self.pending.push_back(Pending { kind, reference, key, text: if keep { text.to_owned() } else { String::new() }, cost });
+        let order = self.kept;
+        self.kept += 1;
+        self.pending.push_back(Pending { kind, reference, key, text: if keep { text.to_owned() } else { String::new() }, cost, order });
         Ok(stamped)
     }
 
@@ -1272,6 +1301,13 @@ impl Tracker {
                 self.pings = self.pings.saturating_sub(1);
                 if self.pings == 0 {
                     self.ping_since = None;
+                }
+                if self.ping_marks_lost {
+                    self.ping_marks_lost = self.pings > 0;
+                } else if let Some(before) = self.ping_marks.pop_front() {
+                    // Every `close` sent before that ping was handled: one that changed
+                    // nothing (the conversation was closed already) has no answer.
+                    while self.settle(|p| p.kind == "close" && p.order < before).is_some() {}
                 }
             }
             "started" => {
@@ -1403,7 +1439,7 @@ impl Tracker {
                     self.last_seq = Some(last_seq);
                     self.established = true;
                     let text = frame.to_string();
-                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, cost: text.len(), text });
+                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, cost: text.len(), text, order: 0 });
                 }
             }
             Surface::Operator if unheard => {
@@ -1411,7 +1447,7 @@ impl Tracker {
                 // as if it came on the first socket, which sets where the feed stands).
                 let text = frame.to_string();
                 if self.incoming(&text) {
-                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, cost: text.len(), text });
+                    self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, cost: text.len(), text, order: 0 });
                 }
             }
             _ => {}
@@ -1888,6 +1924,27 @@ mod tests {
         assert!(desk.pending.is_empty(), "answered by the frame whose ref is null");
         assert!(desk.incoming(r#"{"type":"event","seq":5,"kind":"message"}"#));
         assert!(!desk.incoming(r#"{"type":"event","seq":5,"kind":"message"}"#), "a repeated seq is dropped");
+    }
+
+    #[test]
+    fn a_close_that_changes_nothing_is_settled_by_the_pong_of_a_later_ping() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        t.incoming(r#"{"type":"resumed","conversation":4,"last_seq":9}"#);
+        // The conversation was closed before the resume: closing it again gets no answer.
+        assert!(t.outgoing(r#"{"type":"ping"}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"ping"}"#).is_ok());
+        // The first pong answers a ping sent before the close: the close still waits.
+        t.incoming(r#"{"type":"pong"}"#);
+        assert_eq!(t.pending.len(), 1);
+        // The second answers one sent after it: the close was handled.
+        t.incoming(r#"{"type":"pong"}"#);
+        assert!(t.pending.is_empty() && t.pending_bytes == 0, "settled by the later pong");
+        assert!(t.quiet(), "and the socket may move");
+        // A close answered by its `closed` event as before; a later pong settles nothing more.
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        t.incoming(r#"{"type":"event","kind":"closed","seq":10}"#);
+        assert!(t.pending.is_empty());
     }
 
     #[test]
