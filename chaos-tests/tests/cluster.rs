@@ -612,6 +612,25 @@ async fn a_node_joins_a_running_cluster_and_another_leaves_it() -> anyhow::Resul
     }
     ws.close().await;
 
+    // Every member holds every file of the one group: a file no record names (an upload
+    // whose record never committed, written long ago) gives its disk back, an attachment
+    // of as long ago stays (the drills look for strays every 5 s; a file is taken once
+    // it is an hour old, so the test dates both back). Ids are looked at in order: when
+    // the greatest is gone, the attachment's was looked at.
+    let (status, body) = switchboard_chaos_tests::client_upload(cluster.node(1), &token, "scan.png", "image/png", &png(10_000)).await?;
+    assert_eq!(status, 201, "{body}");
+    let named = dir.path().join(format!("data/node-1/attachments/{}", body["id"].as_str().unwrap_or_default()));
+    let unnamed = dir.path().join("data/node-1/attachments/ffffffffffffffffffffffffffffffff");
+    std::fs::write(&unnamed, b"an upload whose record never committed")?;
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for path in [&named, &unnamed] {
+        std::fs::File::options().append(true).open(path)?.set_modified(long_ago)?;
+    }
+    eventually(Duration::from_secs(60), Duration::from_millis(200), || async { Ok((!unnamed.exists()).then_some(())) })
+        .await
+        .map_err(|e| anyhow::anyhow!("node 1 keeps a file no record names: {e}"))?;
+    assert!(named.exists(), "an attachment's file stays, however old");
+
     let added = cluster.add_node().await?;
     assert_eq!(added, 4);
     let voters = |status: &serde_json::Value| -> Vec<u64> {

@@ -86,13 +86,13 @@ struct Listeners {
     /// retention (up to 500 each time), in seconds.
     #[arg(long, default_value_t = 60)]
     retention_check_s: u64,
-    /// Seconds an attachment file must have been on disk before a split node may take
-    /// it for a stray and give its space back: a file of a conversation shard it no
-    /// longer holds (once a holder has it), or one no record names. Longer than any
-    /// upload takes to commit (900 at the least).
+    /// Seconds an attachment file must have been on disk before the node may take it
+    /// for a stray and give its space back: one no record names, or on a split node a
+    /// file of a conversation shard it no longer holds (once every holder has it).
+    /// Longer than any upload takes to commit (900 at the least).
     #[arg(long, default_value_t = 3600)]
     stray_files_after_s: u64,
-    /// Seconds between two looks for stray attachment files on a split node.
+    /// Seconds between two looks for stray attachment files.
     #[arg(long, default_value_t = 600)]
     stray_sweep_every_s: u64,
     /// Seconds an online operator may be without a live operator socket (a page

@@ -1006,6 +1006,103 @@ async fn fetch_missing(
     false
 }
 
+/// Stray files looked at per sweep at most: the rest, in id order, in the next sweeps.
+pub(crate) const STRAYS_PER_SWEEP: usize = 10_000;
+/// The youngest a file may be and still be taken for a stray, whatever the setting. An
+/// upload's record commits within about 25 s of its copies (10 s to copy, resends for
+/// 10 s more), but a channel message or a mail stores up to 5 files one after the
+/// other, each waiting for a copy slot and up to 10 s for its copies, before its one
+/// record commits; a file written again starts its clock over.
+pub(crate) const STRAY_MIN_AGE: Duration = Duration::from_secs(900);
+/// Patience of each read barrier and file fetch of a stray sweep.
+pub(crate) const STRAY_PATIENCE: Duration = Duration::from_secs(10);
+/// How long one stray sweep may run; the next goes on from where it stopped.
+pub(crate) const STRAY_SWEEP_FOR: Duration = Duration::from_secs(300);
+
+/// The next page of a stray sweep: up to [`STRAYS_PER_SWEEP`] ids of files written at
+/// least `after` ago, greater than `from`, in id order, that `named` does not claim
+/// (a shard held here names it, or could not say). Blocking: call it off the runtime.
+pub(crate) fn stray_page(
+    blobs: &switchboard_gateway::attachments::BlobStore,
+    after: Duration,
+    from: Option<&AttachmentId>,
+    named: impl Fn(&AttachmentId) -> bool,
+) -> std::io::Result<Vec<AttachmentId>> {
+    let mut next = std::collections::BinaryHeap::new();
+    for id in blobs.settled_ids(after)? {
+        if from.is_some_and(|from| id.0 <= from.0) || named(&id) {
+            continue;
+        }
+        next.push(id.0);
+        if next.len() > STRAYS_PER_SWEEP {
+            // The greatest goes: the page is the smallest ids after `from`.
+            next.pop();
+        }
+    }
+    Ok(next.into_sorted_vec().into_iter().map(AttachmentId).collect())
+}
+
+/// On a node of one group, which every member holds whole: gives back the disk of files
+/// no record names (an upload or a channel message whose record was never committed).
+/// Every `every` it looks, in id order from where it stopped, at up to 10,000 files
+/// written at least `after` ago (15 minutes at the least) that the group does not
+/// name; once this node caught up with the leader (a read barrier), each one still not
+/// named is removed, its age checked again under the lock a write of its id takes.
+pub(crate) async fn give_back_unnamed_files(
+    shard: Arc<Shard>,
+    raft: Raft,
+    peers: Peers,
+    blobs: switchboard_gateway::attachments::BlobStore,
+    after: Duration,
+    every: Duration,
+) {
+    let after = after.max(STRAY_MIN_AGE);
+    let mut cursor: Option<AttachmentId> = None;
+    loop {
+        tokio::time::sleep(every.max(Duration::from_secs(1))).await;
+        let listing = {
+            let (blobs, shard, from) = (blobs.clone(), shard.clone(), cursor.clone());
+            tokio::task::spawn_blocking(move || stray_page(&blobs, after, from.as_ref(), |id| !matches!(shard.attachment(id), Ok(None)))).await
+        };
+        let strays = match listing {
+            Ok(Ok(strays)) => strays,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not list the attachment files; the stray sweep is tried again later");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let complete = strays.len() < STRAYS_PER_SWEEP;
+        if strays.is_empty() {
+            cursor = None;
+            continue;
+        }
+        let barrier_at = tokio::time::Instant::now();
+        if let Err(e) = switchboard_raft::network::read_barrier(&raft, &peers, SHARD_GROUP, STRAY_PATIENCE).await {
+            tracing::info!(error = %e, "this node did not catch up with its leader; stray files are looked at later");
+            continue;
+        }
+        let started = tokio::time::Instant::now();
+        let (mut removed, mut last, mut stopped) = (0u64, None, false);
+        for id in strays {
+            if started.elapsed() >= STRAY_SWEEP_FOR {
+                stopped = true;
+                break;
+            }
+            if matches!(shard.attachment(&id), Ok(None)) && blobs.remove_if_settled(&id, after + barrier_at.elapsed()).await {
+                removed += 1;
+            }
+            last = Some(id);
+            tokio::task::yield_now().await;
+        }
+        cursor = if complete && !stopped { None } else { last.or(cursor) };
+        if removed > 0 {
+            FILES_STRAYS_REMOVED.fetch_add(removed, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(removed, "removed attachment files no record names");
+        }
+    }
+}
+
 /// Attachment files follow their conversation out when retention deletes it from
 /// `shard`.
 pub(crate) fn remove_files_with_their_conversations(shard: &Shard, blobs: switchboard_gateway::attachments::BlobStore) {
@@ -1481,6 +1578,8 @@ std::fs::create_dir_all(&options.data_dir)?;
     let (members_of, node_id) = (raft.clone(), options.node_id);
     let others = move || Some(file_targets(&members_of, node_id).0.into_iter().map(|(addr, _)| addr).collect());
     listeners.push(tokio::spawn(keep_files(shard.clone(), others, peers.clone(), gateway.blobs.clone())));
+    // Files whose record never committed give their disk back.
+    listeners.push(tokio::spawn(give_back_unnamed_files(shard.clone(), raft.clone(), peers.clone(), gateway.blobs.clone(), options.stray_files_after, options.stray_sweep_every)));
     info!(%public_addr, %private_addr, %raft_addr, ?smtp_addr, "node started");
     Ok(RunningNode { groups: Groups::One { raft, endpoint, db }, gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
 }

@@ -832,18 +832,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     Ok(RunningNode { groups: Groups::Split(node), gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
 }
 
-/// Stray files looked at per sweep at most: the rest, in id order, in the next sweeps.
-const STRAYS_PER_SWEEP: usize = 10_000;
-/// The youngest a file may be and still be taken for a stray, whatever the setting. An
-/// upload's record commits within about 25 s of its copies (10 s to copy, resends for
-/// 10 s more), but a channel message or a mail stores up to 5 files one after the
-/// other, each waiting for a copy slot and up to 10 s for its copies, before its one
-/// record commits; a file written again starts its clock over.
-pub(crate) const STRAY_MIN_AGE: Duration = Duration::from_secs(900);
-/// Patience of each read barrier and file fetch of a stray sweep.
-const STRAY_PATIENCE: Duration = Duration::from_secs(10);
-/// How long one stray sweep may run; the next goes on from where it stopped.
-const STRAY_SWEEP_FOR: Duration = Duration::from_secs(300);
+use crate::server::{STRAYS_PER_SWEEP, STRAY_MIN_AGE, STRAY_PATIENCE, STRAY_SWEEP_FOR};
 
 /// What the stray sweep found out about one conversation shard this sweep.
 enum ShardLook {
@@ -879,19 +868,9 @@ pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: swi
         // The next files in id order that no shard held here names.
         let listing = {
             let (blobs, node, shards, from) = (blobs.clone(), node.clone(), shards.clone(), cursor.clone());
-            tokio::task::spawn_blocking(move || -> std::io::Result<Vec<AttachmentId>> {
+            tokio::task::spawn_blocking(move || {
                 let held: Vec<&Arc<Shard>> = shards.iter().filter(|g| node.holds(**g)).map(|g| &node.groups[g].shard).collect();
-                let mut next = std::collections::BinaryHeap::new();
-                for id in blobs.settled_ids(after)? {
-                    if from.as_ref().is_some_and(|from| id.0 <= from.0) || !held.iter().all(|s| matches!(s.attachment(&id), Ok(None))) {
-                        continue;
-                    }
-                    next.push(id.0);
-                    if next.len() > STRAYS_PER_SWEEP {
-                        next.pop();
-                    }
-                }
-                Ok(next.into_sorted_vec().into_iter().map(AttachmentId).collect())
+                server::stray_page(&blobs, after, from.as_ref(), |id| !held.iter().all(|s| matches!(s.attachment(id), Ok(None))))
             })
             .await
         };
