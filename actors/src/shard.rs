@@ -283,6 +283,12 @@ impl Shard {
         Ok(())
     }
 
+    /// Whether a snapshot is replacing the records now (from [`Shard::replacing_records`]
+    /// to the [`Shard::load`] after it): what they name is not known meanwhile.
+    pub fn replacing(&self) -> bool {
+        self.attachments_before.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     /// Rebuilds the hot state from the records (at start and after a snapshot was
     /// installed) and keeps `store` for reading the rest.
     pub fn load(&self, store: Arc<dyn Store>) -> Result<(), Error> {

@@ -630,6 +630,11 @@ async fn a_node_joins_a_running_cluster_and_another_leaves_it() -> anyhow::Resul
         .await
         .map_err(|e| anyhow::anyhow!("node 1 keeps a file no record names: {e}"))?;
     assert!(named.exists(), "an attachment's file stays, however old");
+    let written = std::fs::metadata(&named)?.modified()?;
+    assert_eq!(written, long_ago, "never removed and fetched back");
+    let (_, metrics) = cluster.node(1).api("GET", "/metrics", None, None).await?;
+    let removed = metrics.as_str().unwrap_or_default().lines().find_map(|l| l.strip_prefix("switchboard_files_strays_removed_total ")).and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(removed, Some(1), "node 1 removed the one stray only");
 
     let added = cluster.add_node().await?;
     assert_eq!(added, 4);

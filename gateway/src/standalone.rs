@@ -779,8 +779,14 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
     let mut changes = edge.up.changes.subscribe();
     let mut watching = true;
     let mut moving = Moving::default();
+    // A frame sent again after a re-pin that could not be written: the member is taken
+    // for lost at once (a later ping's pong must not settle what it never got).
+    let mut resend_failed = false;
     loop {
         let lost = loop {
+            if std::mem::take(&mut resend_failed) {
+                break "a request sent again after a re-pin could not be written".to_owned();
+            }
             tokio::select! {
                 changed = changes.changed(), if watching => match changed {
                     Ok(()) => {
@@ -881,13 +887,15 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                 edge.up.moved(Some(member), Some(id));
                 member = id;
                 counted.1 = id;
-                // A resend that fails is left to the next re-pin; every answer is delivered.
+                // A resend that fails makes the next re-pin at once (it sends the request
+                // again there); every answer is delivered.
                 let mut sending = true;
                 for action in replay {
                     match action {
                         Replay::Resend(text) => {
                             if sending && upstream.send(ServerOp::Text, text.as_bytes()).await.is_err() {
                                 sending = false;
+                                resend_failed = true;
                             }
                         }
                         Replay::Answer(frame) => out.json(frame).await,
@@ -1060,7 +1068,7 @@ struct Tracker {
     /// Client: `ping`s sent with no `pong` yet, and since when one has been waiting: a
     /// socket moves only when none waits, or the oldest has waited past
     /// [`PING_PATIENCE`] (its pong will not come: refused, or lost with a member).
-    pings: u8,
+    pings: u32,
     ping_since: Option<Instant>,
     /// Client: for each `ping` waiting for its `pong`, how many requests had been kept
     /// before it ([`Pending::order`]). The member answers a socket's frames in order,
@@ -1305,8 +1313,9 @@ impl Tracker {
                 if self.ping_marks_lost {
                     self.ping_marks_lost = self.pings > 0;
                 } else if let Some(before) = self.ping_marks.pop_front() {
-                    // Every `close` sent before that ping was handled: one that changed
-                    // nothing (the conversation was closed already) has no answer.
+                    // Every `close` sent before that ping was handled: settled now, since
+                    // one that changed nothing (the conversation was closed already) has
+                    // no answer, and one that closed it needs no resend.
                     while self.settle(|p| p.kind == "close" && p.order < before).is_some() {}
                 }
             }

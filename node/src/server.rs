@@ -879,7 +879,7 @@ pub(crate) fn file_metrics(out: &mut String) {
     let _ = writeln!(out, "switchboard_files_strays_removed_total {}", FILES_STRAYS_REMOVED.load(std::sync::atomic::Ordering::Relaxed));
 }
 
-/// Files the stray sweep (`split::give_back_files`) removed.
+/// Files the stray sweeps (`split::give_back_files`, `give_back_unnamed_files`) removed.
 pub(crate) static FILES_STRAYS_REMOVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Files fetched by [`keep_files`] because this node held their shard without them.
@@ -1019,6 +1019,12 @@ pub(crate) const STRAY_PATIENCE: Duration = Duration::from_secs(10);
 /// How long one stray sweep may run; the next goes on from where it stopped.
 pub(crate) const STRAY_SWEEP_FOR: Duration = Duration::from_secs(300);
 
+/// Whether `shard`'s records surely do not name file `id`: they could be read, and no
+/// snapshot is replacing them.
+pub(crate) fn unnamed(shard: &Shard, id: &AttachmentId) -> bool {
+    !shard.replacing() && matches!(shard.attachment(id), Ok(None))
+}
+
 /// The next page of a stray sweep: up to [`STRAYS_PER_SWEEP`] ids of files written at
 /// least `after` ago, greater than `from`, in id order, that `named` does not claim
 /// (a shard held here names it, or could not say). Blocking: call it off the runtime.
@@ -1062,7 +1068,7 @@ pub(crate) async fn give_back_unnamed_files(
         tokio::time::sleep(every.max(Duration::from_secs(1))).await;
         let listing = {
             let (blobs, shard, from) = (blobs.clone(), shard.clone(), cursor.clone());
-            tokio::task::spawn_blocking(move || stray_page(&blobs, after, from.as_ref(), |id| !matches!(shard.attachment(id), Ok(None)))).await
+            tokio::task::spawn_blocking(move || stray_page(&blobs, after, from.as_ref(), |id| !unnamed(&shard, id))).await
         };
         let strays = match listing {
             Ok(Ok(strays)) => strays,
@@ -1089,7 +1095,7 @@ pub(crate) async fn give_back_unnamed_files(
                 stopped = true;
                 break;
             }
-            if matches!(shard.attachment(&id), Ok(None)) && blobs.remove_if_settled(&id, after + barrier_at.elapsed()).await {
+            if unnamed(&shard, &id) && blobs.remove_if_settled(&id, after + barrier_at.elapsed()).await {
                 removed += 1;
             }
             last = Some(id);

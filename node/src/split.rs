@@ -870,7 +870,7 @@ pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: swi
             let (blobs, node, shards, from) = (blobs.clone(), node.clone(), shards.clone(), cursor.clone());
             tokio::task::spawn_blocking(move || {
                 let held: Vec<&Arc<Shard>> = shards.iter().filter(|g| node.holds(**g)).map(|g| &node.groups[g].shard).collect();
-                server::stray_page(&blobs, after, from.as_ref(), |id| !held.iter().all(|s| matches!(s.attachment(id), Ok(None))))
+                server::stray_page(&blobs, after, from.as_ref(), |id| !held.iter().all(|s| server::unnamed(s, id)))
             })
             .await
         };
@@ -957,6 +957,8 @@ async fn give_back(node: &SplitNode, looks: &[(GroupId, ShardLook)], blobs: &swi
     let mut owner = None;
     for (g, look) in looks {
         let record = match look {
+            // A snapshot replacing its records meanwhile: nothing is known of them.
+            ShardLook::Here(shard) if shard.replacing() => return false,
             ShardLook::Here(shard) => shard.attachment(id),
             ShardLook::There(remote, addr) => remote.attachment_at(addr, id).await,
             ShardLook::Unknown => return false,
