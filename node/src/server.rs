@@ -1048,6 +1048,34 @@ pub(crate) fn stray_page(
     Ok(next.into_sorted_vec().into_iter().map(AttachmentId).collect())
 }
 
+/// The next page of a stray sweep ([`stray_page`], listed off the runtime) and whether
+/// it reaches the end of the folder; `None` when there is nothing to look at (the
+/// cursor starts over) or the folder could not be listed (looked at again later).
+pub(crate) async fn next_strays(
+    blobs: &switchboard_gateway::attachments::BlobStore,
+    after: Duration,
+    cursor: &mut Option<AttachmentId>,
+    named: impl Fn(&AttachmentId) -> bool + Send + 'static,
+) -> Option<(Vec<AttachmentId>, bool)> {
+    let (blobs, from) = (blobs.clone(), cursor.clone());
+    match tokio::task::spawn_blocking(move || stray_page(&blobs, after, from.as_ref(), named)).await {
+        Ok(Ok(strays)) if strays.is_empty() => {
+            *cursor = None;
+            None
+        }
+        // A short page is the end of the folder: the next sweep starts over.
+        Ok(Ok(strays)) => {
+            let complete = strays.len() < STRAYS_PER_SWEEP;
+            Some((strays, complete))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not list the attachment files; the stray sweep is tried again later");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 /// On a node of one group, which every member holds whole: gives back the disk of files
 /// no record names (an upload or a channel message whose record was never committed).
 /// Every `every` it looks, in id order from where it stopped, at up to 10,000 files
@@ -1066,23 +1094,11 @@ pub(crate) async fn give_back_unnamed_files(
     let mut cursor: Option<AttachmentId> = None;
     loop {
         tokio::time::sleep(every.max(Duration::from_secs(1))).await;
-        let listing = {
-            let (blobs, shard, from) = (blobs.clone(), shard.clone(), cursor.clone());
-            tokio::task::spawn_blocking(move || stray_page(&blobs, after, from.as_ref(), |id| !unnamed(&shard, id))).await
+        let listed = {
+            let shard = shard.clone();
+            next_strays(&blobs, after, &mut cursor, move |id| !unnamed(&shard, id)).await
         };
-        let strays = match listing {
-            Ok(Ok(strays)) => strays,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not list the attachment files; the stray sweep is tried again later");
-                continue;
-            }
-            Err(_) => continue,
-        };
-        let complete = strays.len() < STRAYS_PER_SWEEP;
-        if strays.is_empty() {
-            cursor = None;
-            continue;
-        }
+        let Some((strays, complete)) = listed else { continue };
         let barrier_at = tokio::time::Instant::now();
         if let Err(e) = switchboard_raft::network::read_barrier(&raft, &peers, SHARD_GROUP, STRAY_PATIENCE).await {
             tracing::info!(error = %e, "this node did not catch up with its leader; stray files are looked at later");

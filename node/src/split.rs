@@ -832,7 +832,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     Ok(RunningNode { groups: Groups::Split(node), gateway, public_addr, private_addr, smtp_addr, _lock: lock, listeners, shutdown })
 }
 
-use crate::server::{STRAYS_PER_SWEEP, STRAY_MIN_AGE, STRAY_PATIENCE, STRAY_SWEEP_FOR};
+use crate::server::{STRAY_MIN_AGE, STRAY_PATIENCE, STRAY_SWEEP_FOR};
 
 /// What the stray sweep found out about one conversation shard this sweep.
 enum ShardLook {
@@ -866,28 +866,8 @@ pub(crate) async fn give_back_files(node: std::sync::Weak<SplitNode>, blobs: swi
         let Some(node) = node.upgrade() else { return };
         let shards: Vec<GroupId> = (0..node.shards).map(|k| FIRST_C + k).collect();
         // The next files in id order that no shard held here names.
-        let listing = {
-            let (blobs, node, shards, from) = (blobs.clone(), node.clone(), shards.clone(), cursor.clone());
-            tokio::task::spawn_blocking(move || {
-                let held: Vec<&Arc<Shard>> = shards.iter().filter(|g| node.holds(**g)).map(|g| &node.groups[g].shard).collect();
-                server::stray_page(&blobs, after, from.as_ref(), |id| !held.iter().all(|s| server::unnamed(s, id)))
-            })
-            .await
-        };
-        let strays = match listing {
-            Ok(Ok(strays)) => strays,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not list the attachment files; the stray sweep is tried again later");
-                continue;
-            }
-            Err(_) => continue,
-        };
-        // A short page is the end of the folder: the next sweep starts over.
-        let complete = strays.len() < STRAYS_PER_SWEEP;
-        if strays.is_empty() {
-            cursor = None;
-            continue;
-        }
+        let held: Vec<Arc<Shard>> = shards.iter().filter(|g| node.holds(**g)).map(|g| node.groups[g].shard.clone()).collect();
+        let Some((strays, complete)) = server::next_strays(&blobs, after, &mut cursor, move |id| !held.iter().all(|s| server::unnamed(s, id))).await else { continue };
         // Who holds what, as of now. A file is taken only if it was already settled when
         // the barriers began: a record of a file written since may be newer than them.
         let barriers_at = tokio::time::Instant::now();
