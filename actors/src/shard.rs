@@ -348,7 +348,18 @@ impl Shard {
         if let Some(entries) = self.tails.read().unwrap_or_else(|p| p.into_inner()).history(id, after, limit) {
             return Ok(entries);
         }
-        records::history(self.store()?.as_ref(), id, after, limit)
+        let mut entries = records::history(self.store()?.as_ref(), id, after, limit)?;
+        // The store is written after an entry's apply has put its entries in the cache:
+        // a read in between finds the store behind, and the cache holds the rest. A
+        // reader that learned the conversation's last seq from the state must get every
+        // entry up to it (a desk skips a later `assigned` that names no newer entry).
+        if entries.len() < limit {
+            let last = entries.last().map_or(after, |e| e.seq);
+            if let Some(newer) = self.tails.read().unwrap_or_else(|p| p.into_inner()).history(id, last, limit - entries.len()) {
+                entries.extend(newer);
+            }
+        }
+        Ok(entries)
     }
 
     /// An operator's feed entries after `after` (at most `limit`), or `None` when some

@@ -85,6 +85,11 @@ fn cached_history_and_feed_reads_are_what_the_store_holds() {
     assert!(records::history(&store, id, last, 10).expect("stored").is_empty(), "not written yet");
     let early = shard.history(id, last, 10).expect("history");
     assert_eq!(early.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![last + 1], "read from the cache");
+    // A read from the start reaches back past what the cache holds: the store answers
+    // it, and the cache adds the entry the store does not have yet.
+    let whole = shard.history(id, 0, 64).expect("history");
+    assert!(shard.read().conversations[&id].last_seq() > 8, "longer than a cached run");
+    assert_eq!(whole.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=last + 1).collect::<Vec<_>>(), "every entry up to the state's last seq");
     store.write(writes);
     shard.end_entry();
     shard.published();

@@ -163,10 +163,13 @@ impl FeedReader {
                         Ok(found) => found.map_or(0, |c| c.last_seq()),
                         Err(e) => stop!(conversation, e),
                     };
+                    // What went out is what was read: a member that has not written the
+                    // newest entries yet answers short, and the conversation's shard sends
+                    // the rest with its own `assigned`.
                     match history_upto(backend, *conversation, upto).await {
-                        Ok(history) => {
-                            shown.insert(*conversation, upto);
-                            Some((history, upto))
+                        Ok((history, sent)) => {
+                            shown.insert(*conversation, sent);
+                            Some((history, sent))
                         }
                         Err(e) => stop!(conversation, e),
                     }
@@ -187,6 +190,7 @@ impl FeedReader {
                 }) {
                     Some(from) if from < *upto => {
                         let missing: Vec<Value> = match backend.conversation_reads(*conversation).history(*conversation, from, (*upto - from) as usize).await {
+                            Ok(entries) if entries.last().map_or(from, |e| e.seq) < *upto && still_holds(backend, *conversation, *upto).await => stop!(conversation, short(*upto)),
                             Ok(entries) => entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect(),
                             Err(e) => stop!(conversation, e),
                         };
@@ -199,7 +203,8 @@ impl FeedReader {
                     }
                 },
                 (FeedItem::Assigned { conversation, history_upto: upto }, _) => match history_upto(backend, *conversation, *upto).await {
-                    Ok(history) => Some((history, *upto)),
+                    Ok((_, sent)) if sent < *upto && still_holds(backend, *conversation, *upto).await => stop!(conversation, short(*upto)),
+                    Ok((history, _)) => Some((history, *upto)),
                     Err(e) => stop!(conversation, e),
                 },
                 _ => None,
@@ -358,9 +363,28 @@ pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conv: &Convers
         || serving_same_visitor()
 }
 
-async fn history_upto(backend: &dyn crate::Backend, conversation: ConversationId, upto: u64) -> Result<Vec<Value>, switchboard_actors::Error> {
+/// A conversation's entries up to `upto`, as staff see them, and the seq of the last
+/// one read (below `upto` when the member read has not written the newest ones yet).
+async fn history_upto(backend: &dyn crate::Backend, conversation: ConversationId, upto: u64) -> Result<(Vec<Value>, u64), switchboard_actors::Error> {
     let entries = backend.conversation_reads(conversation).history(conversation, 0, upto as usize).await?;
-    Ok(entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect())
+    let last = entries.last().map_or(0, |e| e.seq);
+    Ok((entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect(), last))
+}
+
+/// Whether a history read that ended before entry `upto` is to be read again: the
+/// conversation still has that entry (it was applied, not written yet). One a retention
+/// purge deleted since the `assigned` went into the feed is sent as it is now.
+async fn still_holds(backend: &dyn crate::Backend, conversation: ConversationId, upto: u64) -> bool {
+    match backend.conversation_reads(conversation).conversation(conversation).await {
+        Ok(found) => found.is_some_and(|c| c.last_seq() >= upto),
+        Err(_) => true,
+    }
+}
+
+/// A history read that ended before the entry an `assigned` names: it is read again
+/// shortly rather than sent incomplete.
+fn short(upto: u64) -> switchboard_actors::Error {
+    switchboard_actors::Error::Unreachable(format!("the history read ended before entry {upto}; it was not written yet"))
 }
 
 /// Longest first-message preview an offer carries, in characters.
@@ -662,7 +686,7 @@ impl OperatorSession {
                     let upto = conv.last_seq();
                     let marks = (conv.client_read_upto, conv.operator_read_upto);
                     let mut frame = json!({
-                        "type": "history", "conversation": conversation.0, "entries": history_upto(self.gw.backend.as_ref(), conversation, upto).await.map_err(|e| frames::error(e.code(), &e.to_string(), reference.as_ref()))?,
+                        "type": "history", "conversation": conversation.0, "entries": history_upto(self.gw.backend.as_ref(), conversation, upto).await.map_err(|e| frames::error(e.code(), &e.to_string(), reference.as_ref()))?.0,
                         "client_read_upto": marks.0, "operator_read_upto": marks.1,
                     });
                     if let Some(r) = &reference {

@@ -400,6 +400,12 @@ describe('offer context and transfers', () => {
     // Taken from the queue, not handed over: no transfer.
     s = run(s, assigned(13, 18, [started, queued, clientMsg(3), assignedEntry(4)]));
     expect(transferToMe(s.convs.get(18)!, 'alice')).toBeNull();
+    // The visitor wrote on before the desk looked: the transfer still counts.
+    s = run(s, assigned(14, 19, [started, queued, { ...assignedEntry(3), name: 'Bob', operator: 'bob' }, { ...transferred, seq: 4 }, assignedEntry(5), clientMsg(6)]));
+    expect(transferToMe(s.convs.get(19)!, 'alice')).toEqual({ from: 'Bob', comment: 'refund question' });
+    // Transferred to someone else, then taken by me from the queue: not a transfer to me.
+    s = run(s, assigned(15, 20, [started, queued, assignedEntry(3), { ...transferred, seq: 4, to_operator: 'carol' }, { ...assignedEntry(5), operator: 'carol' }, clientMsg(6), assignedEntry(7), clientMsg(8)]));
+    expect(transferToMe(s.convs.get(20)!, 'alice')).toBeNull();
   });
 });
 

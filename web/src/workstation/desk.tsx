@@ -117,8 +117,12 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
       alerts.alert(t('transfer_alert_title'), t('transfer_in', { from: transfer.from, visitor }) + (transfer.comment ? ': ' + transfer.comment : ''), 'transfer-' + c.id);
     }
   }, [state.convs, state.me]);
-  // A conversation that left the desk takes its notice along.
+  // A conversation that left the desk takes its notice along; if it comes back (a
+  // transfer back to us), it is news again.
   useEffect(() => {
+    const seen = seenConvs.current;
+    if (seen) for (const id of [...seen]) if (!state.convs.has(id)) seen.delete(id);
+    for (const id of [...undecided.current.keys()]) if (!state.convs.has(id)) undecided.current.delete(id);
     setTransfers((list) => (list.every((x) => state.convs.has(x.conversation)) ? list : list.filter((x) => state.convs.has(x.conversation))));
   }, [state.convs]);
 

@@ -33,13 +33,14 @@ export function offerWaitedMs(o: Offer, now: number): number | null {
 }
 
 /** If `c` came to `me` by a transfer, who sent it (display name when the history has it)
- *  and their note. */
+ *  and their note. The handover that counts is the latest `assigned` or `transferred`;
+ *  entries after it (the visitor writing on) do not hide it. */
 export function transferToMe(c: Conv, me: string): { from: string; comment: string } | null {
   for (let i = c.entries.length - 1; i >= 0; i--) {
     const e = c.entries[i];
     if (e.kind === 'assigned' && e.operator === me) continue;
-    if (e.kind !== 'transferred') return null;
-    if (e.to_operator !== me) return null;
+    if (e.kind !== 'transferred' && e.kind !== 'assigned') continue;
+    if (e.kind !== 'transferred' || e.to_operator !== me) return null;
     const from = e.from ?? '';
     const named = c.entries.find((x) => (x.kind === 'assigned' || x.kind === 'message') && x.operator === from && x.name);
     return { from: named?.name ?? from, comment: e.comment ?? '' };
