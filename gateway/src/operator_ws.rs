@@ -190,7 +190,9 @@ impl FeedReader {
                 }) {
                     Some(from) if from < *upto => {
                         let missing: Vec<Value> = match backend.conversation_reads(*conversation).history(*conversation, from, (*upto - from) as usize).await {
-                            Ok(entries) if entries.last().map_or(from, |e| e.seq) < *upto && still_holds(backend, *conversation, *upto).await => stop!(conversation, short(*upto)),
+                            // Read again unless a purge took the conversation: a member
+                            // behind the one whose feed named `upto` answers short too.
+                            Ok(entries) if entries.last().map_or(from, |e| e.seq) < *upto && !purged(backend, *conversation).await => stop!(conversation, short(*upto)),
                             Ok(entries) => entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect(),
                             Err(e) => stop!(conversation, e),
                         };
@@ -369,6 +371,11 @@ async fn history_upto(backend: &dyn crate::Backend, conversation: ConversationId
     let entries = backend.conversation_reads(conversation).history(conversation, 0, upto as usize).await?;
     let last = entries.last().map_or(0, |e| e.seq);
     Ok((entries.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect(), last))
+}
+
+/// Whether the conversation is gone (a retention purge), as far as a read can tell.
+async fn purged(backend: &dyn crate::Backend, conversation: ConversationId) -> bool {
+    matches!(backend.conversation_reads(conversation).conversation(conversation).await, Ok(None))
 }
 
 /// Whether a history read that ended before entry `upto` is to be read again: the

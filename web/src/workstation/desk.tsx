@@ -120,11 +120,17 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
   // A conversation that left the desk takes its notice along; if it comes back (a
   // transfer back to us), it is news again.
   useEffect(() => {
-    const seen = seenConvs.current;
-    if (seen) for (const id of [...seen]) if (!state.convs.has(id)) seen.delete(id);
-    for (const id of [...undecided.current.keys()]) if (!state.convs.has(id)) undecided.current.delete(id);
+    if (state.cursor == null) {
+      // Reset (a resume gap): the next snapshot is a first one again, not news.
+      seenConvs.current = null;
+      undecided.current.clear();
+    } else {
+      const seen = seenConvs.current;
+      if (seen) for (const id of [...seen]) if (!state.convs.has(id)) seen.delete(id);
+      for (const id of [...undecided.current.keys()]) if (!state.convs.has(id)) undecided.current.delete(id);
+    }
     setTransfers((list) => (list.every((x) => state.convs.has(x.conversation)) ? list : list.filter((x) => state.convs.has(x.conversation))));
-  }, [state.convs]);
+  }, [state.convs, state.cursor]);
 
   // Window title shows what needs attention.
   useEffect(() => {
