@@ -152,6 +152,7 @@ impl Shard {
         };
         // Counted before the change is made, under the same lock a reader takes: a
         // reader that saw the new state also sees the new count, or looks again later.
+        let staged: Vec<Staged>;
         let result = {
             let mut state = stop_if_poisoned(self.state.write());
             self.applied.fetch_add(1, std::sync::atomic::Ordering::Release);
@@ -165,15 +166,7 @@ impl Shard {
                         let files = std::mem::take(&mut state.expired_attachments);
                         self.deleted_attachments.lock().unwrap_or_else(|p| p.into_inner()).extend(files);
                     }
-                    // Into the cache before the state's lock is let go: a reader that
-                    // sees the new state (a conversation's last seq, an outbox entry)
-                    // finds its entries, though the store gets them only after the
-                    // whole log entry is applied. (Readers take the cache's lock alone,
-                    // never under the state's, as `load` does too.)
-                    let staged = stage(&state);
-                    if !staged.is_empty() {
-                        self.tails.write().unwrap_or_else(|p| p.into_inner()).take(staged);
-                    }
+                    staged = stage(&state);
                     writes.extend(records::take_writes(&mut state));
                     records::end_command(&mut state);
                     self.entry_candidates.lock().unwrap_or_else(|p| p.into_inner()).extend(candidates);
@@ -185,6 +178,11 @@ impl Shard {
                 Err(message) => stop(&format!("applying the entry stamped {} panicked: {message}", envelope.at.0)),
             }
         };
+        // Into the cache right after the state's lock is let go (taking the cache's
+        // write lock under it would hold every reader of the state behind the cache's).
+        if !staged.is_empty() {
+            self.tails.write().unwrap_or_else(|p| p.into_inner()).take(staged);
+        }
         match result {
             Ok((reply, outcome)) => {
                 self.unpublished
