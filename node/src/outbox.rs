@@ -462,6 +462,11 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         Ok(entries) => entries.into_iter().find(|e| e.seq == key.1),
         Err(e) => return retry_or_give_up(&delivery, now_ms(), format!("reading the message: {e}"), None),
     };
+    // Seen in the state a moment before its apply has put it where reads find it: read
+    // again shortly (an entry of a purged conversation takes its outbox entry along).
+    if entry.is_none() {
+        return retry_or_give_up(&delivery, now_ms(), "the message is not readable yet".into(), None);
+    }
     let carries_files = adapter.carries_files(rules);
     let (kind, author, text, attachments) = match entry.map(|e| e.item) {
         Some(HistoryItem::OperatorMessage { name, text, attachments, .. }) if carries_files => ("message", name, text, attachments),
@@ -528,17 +533,11 @@ fn not_ours() -> DeliveryOutcome {
 }
 
 /// Whether the outbox entry `key` is a message with files (sent with
-/// [`FILE_SEND_TIMEOUT`]); `None` if its history cannot be read now.
+/// [`FILE_SEND_TIMEOUT`]); `None` if its history cannot be read now (or does not hold
+/// the entry yet).
 fn carries_files(shard: &Shard, key: Key) -> Option<bool> {
-    match shard.history(key.0, key.1.saturating_sub(1), 1) {
-        Ok(entries) => Some(
-            entries
-                .into_iter()
-                .find(|e| e.seq == key.1)
-                .is_some_and(|e| matches!(e.item, HistoryItem::OperatorMessage { ref attachments, .. } if !attachments.is_empty())),
-        ),
-        Err(_) => None,
-    }
+    let entry = shard.history(key.0, key.1.saturating_sub(1), 1).ok()?.into_iter().find(|e| e.seq == key.1)?;
+    Some(matches!(entry.item, HistoryItem::OperatorMessage { ref attachments, .. } if !attachments.is_empty()))
 }
 
 /// Whether a send to `adapter` that may have reached the provider cannot be sent again
@@ -632,6 +631,9 @@ async fn to_bot(client: &http::Client, shard: &Shard, key: Key, delivery: &switc
         Ok(entries) => entries.into_iter().find(|e| e.seq == key.1),
         Err(e) => return retry_or_give_up(delivery, now_ms(), format!("reading the entry: {e}"), None),
     };
+    if entry.is_none() {
+        return retry_or_give_up(delivery, now_ms(), "the entry is not readable yet".into(), None);
+    }
     let (event, text) = match entry.map(|e| e.item) {
         Some(HistoryItem::WithBot) => ("started", String::new()),
         Some(HistoryItem::ClientMessage { text, attachments, .. }) => {
