@@ -516,7 +516,9 @@ pub(crate) async fn routing_preview(State(gw): State<Arc<Gateway>>, staff: Staff
     if body.attributes.len() > 20 {
         return Err(GatewayError::BadRequest("at most 20 attributes".into()));
     }
-    let shard = gw.backend.directory_shard();
+    // Presence, load, queues and wrap-up are the routing shard's (it has the directory's
+    // groups, channels and rules by letter); the metadata group has none of them.
+    let shard = gw.backend.shard();
     let state = shard.read();
     let group_id = SkillGroupId::new(body.group);
     let group = state.groups.get(&group_id).ok_or_else(|| GatewayError::NotFound(format!("skill group {group_id}")))?;

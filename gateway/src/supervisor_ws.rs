@@ -203,10 +203,15 @@ impl SupervisorSession {
         };
         let floor_wake = subscribe(StreamKey::Floor).await?;
         let shard = self.gw.backend.shard();
-        let (wake, merger) = match watched {
+        // The watched conversation is read where its entries are: on a split node its
+        // own conversation shard (the routing shard's copy holds only the entries of
+        // routing, and none of a conversation a bot still holds).
+        let watched = watched.map(|id| (id, self.gw.backend.conversation_reads(id)));
+        let (wake, merger) = match &watched {
             None => (floor_wake, None),
-            Some(id) => {
-                if shard.conversation(id).map_err(|e| frames::error(e.code(), &e.to_string(), None))?.is_none() {
+            Some((id, reads)) => {
+                let id = *id;
+                if reads.conversation(id).await.map_err(|e| frames::error(e.code(), &e.to_string(), None))?.is_none() {
                     return Err(frames::error("not_found", &format!("conversation {}", id.0), None));
                 }
                 let conversation_wake = subscribe(StreamKey::Conversation(id)).await?;
@@ -217,23 +222,46 @@ impl SupervisorSession {
         if let Some(old) = std::mem::replace(&mut self.merger, merger) {
             old.abort();
         }
-        let mut reported: Option<u64> = None;
-        let pull = Box::new(move || {
-            let mut frames = vec![floor(&shard.read(), now_ms())];
-            if let Some(id) = watched {
-                match shard.conversation(id) {
-                    Ok(Some(conv)) if reported != Some(conv.last_seq()) => {
-                        reported = Some(conv.last_seq());
+        let pull = Box::new(FloorPull { shard, watched, reported: None, failed: false });
+        out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL), paged: false, first: None }).await;
+        Ok(())
+    }
+}
+
+/// A supervisor socket's view: the floor (routing state) and, if one is watched, a
+/// `watched` frame each time that conversation's last seq (read on its own shard) moves.
+struct FloorPull {
+    shard: Arc<switchboard_actors::shard::Shard>,
+    watched: Option<(ConversationId, Arc<dyn crate::ShardReads>)>,
+    reported: Option<u64>,
+    /// The last read of the watched conversation failed (its holder did not answer).
+    failed: bool,
+}
+
+impl ws::Pull for FloorPull {
+    fn pull(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Value>> + Send + '_>> {
+        Box::pin(async move {
+            let mut frames = vec![floor(&self.shard.read(), now_ms())];
+            self.failed = false;
+            if let Some((id, reads)) = &self.watched {
+                match reads.conversation(*id).await {
+                    Ok(Some(conv)) if self.reported != Some(conv.last_seq()) => {
+                        self.reported = Some(conv.last_seq());
                         frames.push(json!({"type": "watched", "conversation": id.0, "last_seq": conv.last_seq()}));
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::error!(conversation = id.0, error = %e, "a watched conversation cannot be read"),
+                    Err(e) => {
+                        tracing::warn!(conversation = id.0, error = %e, "a watched conversation cannot be read now; reading again shortly");
+                        self.failed = true;
+                    }
                 }
             }
             frames
-        });
-        out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL), paged: false, first: None }).await;
-        Ok(())
+        })
+    }
+
+    fn retry(&self) -> bool {
+        self.failed
     }
 }
 
