@@ -142,6 +142,16 @@ impl SupervisorState {
         }
     }
 
+    /// An actor of `key` stopped: a wake-up sent to it and not yet handled went with it,
+    /// so the stream moves once for whoever follows it.
+    fn wake_followers(&self, key: &StreamKey) {
+        if let Some(stream) = self.streams.get(key) {
+            if stream.receiver_count() > 0 {
+                stream.send_modify(|v| *v += 1);
+            }
+        }
+    }
+
     /// Without actors (a follower) nothing passivates streams: once the map has doubled
     /// since the last sweep, the streams nobody follows any more are dropped, so its
     /// size follows the sockets open, at a constant cost per subscription.
@@ -308,6 +318,12 @@ impl Actor for ShardSupervisor {
                 // Streams somebody follows stay (their sockets keep listening); the rest
                 // would otherwise stay in the map for good.
                 state.streams.retain(|_, stream| stream.receiver_count() > 0);
+                // A wake-up still in a stopped actor's mailbox went with it (ractor takes
+                // the stop first): every followed stream moves once, so its readers look
+                // again (a look that finds nothing new costs one read).
+                for stream in state.streams.values() {
+                    stream.send_modify(|v| *v += 1);
+                }
                 if leader {
                     state.activate_timer_owners(&myself).await;
                 }
@@ -333,6 +349,7 @@ impl Actor for ShardSupervisor {
         match event {
             SupervisionEvent::ActorFailed(cell, error) => {
                 if let Some(key) = state.forget(&cell) {
+                    state.wake_followers(&key);
                     state.restarts += 1;
                     warn!(?key, %error, restarts = state.restarts, "actor failed; restarting from committed state");
                     state.activate(&key, &myself).await;
@@ -341,6 +358,7 @@ impl Actor for ShardSupervisor {
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if let Some(key) = state.forget(&cell) {
                     debug!(?key, ?reason, "actor passivated");
+                    state.wake_followers(&key);
                     // Nobody reads the stream any more: forget it too, or every
                     // conversation ever followed would stay in this map.
                     if state.streams.get(&key).is_some_and(|s| s.receiver_count() == 0) {

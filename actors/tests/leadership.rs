@@ -52,6 +52,9 @@ async fn a_followed_stream_is_woken_after_its_actor_stopped_for_a_leadership_cha
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(shard.active_actors(), 0, "the actors stopped with the leadership");
+    // A wake-up an actor had not handled yet went with it: every follower is told to
+    // look again once.
+    assert!(wake.has_changed().expect("stream open"), "the leadership change woke the followed stream");
     wake.borrow_and_update();
 
     // An entry the new leader committed arrives here and is applied: the socket that
@@ -91,6 +94,17 @@ async fn a_quiet_conversation_is_followed_without_an_actor_until_an_entry_touche
 
     // The actor crashes; the supervisor restarts it and the follower still hears.
     assert!(switchboard_actors::actors::crash(&supervisor, key.clone()).await.expect("asked"), "its actor was running");
+    // Told to look again (a wake-up the failed actor held is lost with it) ...
+    tokio::time::timeout(Duration::from_secs(2), wake.changed()).await.expect("woken by the failure within 2 s").expect("stream open");
+    wake.borrow_and_update();
+    for _ in 0..100 {
+        if shard.active_actors() == before + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(shard.active_actors(), before + 1, "restarted");
+    // ... and woken by what is applied after the restart.
     commit(&shard, &store, 3, Command::PostClientMessage { conversation, key: "k2".into(), text: "still there?".into(), attachments: vec![] });
     tokio::time::timeout(Duration::from_secs(2), wake.changed()).await.expect("woken within 2 s").expect("stream open");
 }
