@@ -968,3 +968,47 @@ async fn the_floor_updates_on_a_follower() -> anyhow::Result<()> {
     floor.close().await;
     Ok(())
 }
+
+/// Typing and read marks are not committed: they go from one socket to another as they
+/// happen. A visitor on one node and their operator on another still see each other
+/// type and read: the node that hears a signal hands it to the other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_and_read_marks_reach_a_socket_on_another_node() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), 3).await?;
+    let (mut alice, _) = cluster.node(1).operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (mut visitor, conversation, _) = cluster.node(2).client("Ann").await?;
+    visitor.send(&json!({"type": "send", "key": "c-1", "text": "Is anyone there?"})).await?;
+    visitor.wait_for(ACK_WAIT, |v| v["type"] == "ack" && v["key"] == "c-1").await?;
+    let offer = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "offer" && v["conversation"] == conversation).await?;
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "accept"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "assigned" && v["conversation"] == conversation).await?;
+
+    // The visitor types (node 2): alice hears it (node 1). Typing is sent again until
+    // the holder is known where the visitor's socket is (routing's state on node 2).
+    let mut heard = false;
+    for _ in 0..50 {
+        visitor.send(&json!({"type": "typing"})).await?;
+        if alice.wait_for(Duration::from_millis(300), |v| v["type"] == "typing" && v["from"] == "client" && v["conversation"] == conversation).await.is_ok() {
+            heard = true;
+            break;
+        }
+    }
+    assert!(heard, "alice on node 1 never saw the visitor on node 2 type");
+
+    // Alice types and reads (node 1): the visitor sees both (node 2).
+    let mut seen = false;
+    for _ in 0..50 {
+        alice.send(&json!({"type": "typing", "conversation": conversation})).await?;
+        if visitor.wait_for(Duration::from_millis(300), |v| v["type"] == "typing" && v["from"] == "operator").await.is_ok() {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the visitor on node 2 never saw alice on node 1 type");
+    alice.send(&json!({"type": "read", "conversation": conversation, "upto": 1})).await?;
+    let read = visitor.wait_for(WAIT, |v| v["type"] == "read" && v["by"] == "operator").await?;
+    assert_eq!(read["conversation"].as_u64(), Some(conversation), "{read}");
+    Ok(())
+}

@@ -185,7 +185,7 @@ impl ClientSession {
         };
         if let Some((operator, offer)) = offered {
             let signal = json!({"type": "offer_preview", "conversation": conversation.0, "offer": offer.0, "preview": preview});
-            self.gw.signals.to_operator(&operator, signal);
+            self.gw.signal_operator(&operator, signal);
         }
     }
 
@@ -197,7 +197,7 @@ impl ClientSession {
             state.conversations.get(&conversation).and_then(|c| c.assigned().cloned())
         };
         if let Some(operator) = operator {
-            self.gw.signals.to_operator(&operator, signal);
+            self.gw.signal_operator(&operator, signal);
         }
     }
 

@@ -99,6 +99,10 @@ pub trait Backend: Send + Sync + 'static {
         vec![self.shard()]
     }
     fn subscribe(&self, key: StreamKey) -> BoxFuture<Result<Wakeups, switchboard_actors::Error>>;
+    /// Hands an ephemeral signal (typing, a read mark, an offer's first words) to the
+    /// other nodes, whose sockets of `to` may be the ones to hear it: a visitor's socket
+    /// is often on another node than their operator's. Best effort, like the signal.
+    fn relay_signal(&self, _to: switchboard_raft::network::SignalTo, _signal: &Value) {}
     /// Whether this node can serve now: its group has a leader (this node or another,
     /// which it forwards writes to) and it has applied what it had in its log. A split
     /// node also waits for the directory to reach its shards, and latches that once
@@ -615,6 +619,19 @@ impl Gateway {
     /// The session epoch new tokens of `login` name.
     pub(crate) fn session_epoch(&self, login: &str) -> u64 {
         self.backend.directory_shard().read().session_epochs.get(login).copied().unwrap_or(0)
+    }
+
+    /// An ephemeral signal for an operator's sockets: those on this node hear it now,
+    /// those on other nodes when the relay reaches them.
+    pub(crate) fn signal_operator(&self, operator: &OperatorId, signal: Value) {
+        self.backend.relay_signal(switchboard_raft::network::SignalTo::Operator(operator.as_str().to_owned()), &signal);
+        self.signals.to_operator(operator, signal);
+    }
+
+    /// An ephemeral signal for a conversation's visitor sockets, here and on other nodes.
+    pub(crate) fn signal_conversation(&self, conversation: ConversationId, signal: Value) {
+        self.backend.relay_signal(switchboard_raft::network::SignalTo::Conversation(conversation.0), &signal);
+        self.signals.to_conversation(conversation, signal);
     }
 
     /// A relayed read mark as the core records it: never past the newest entry.

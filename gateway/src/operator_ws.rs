@@ -656,7 +656,7 @@ impl OperatorSession {
             OperatorIn::Typing { conversation } => {
                 let conversation = ConversationId(conversation);
                 let name = self.holder_name(conversation).await?;
-                self.gw.signals.to_conversation(conversation, json!({"type": "typing", "from": "operator", "name": name}));
+                self.gw.signal_conversation(conversation, json!({"type": "typing", "from": "operator", "name": name}));
             }
             OperatorIn::Read { conversation, upto } => {
                 let conversation = ConversationId(conversation);
@@ -664,7 +664,7 @@ impl OperatorSession {
                 self.mark_read(conversation, upto).await?;
                 let upto = self.gw.read_mark(conversation, upto).await;
                 let signal = json!({"type": "read", "conversation": conversation.0, "by": "operator", "upto": upto});
-                self.gw.signals.to_conversation(conversation, signal);
+                self.gw.signal_conversation(conversation, signal);
             }
             OperatorIn::Transfer { conversation, to_operator, to_group, comment, reference } => {
                 let target = match (to_operator, to_group) {

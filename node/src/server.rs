@@ -1138,6 +1138,31 @@ pub(crate) fn remove_files_with_their_conversations(shard: &Shard, blobs: switch
     });
 }
 
+/// How long a signal relayed to another node may take: a typing mark later than that
+/// says nothing any more.
+const SIGNAL_PATIENCE: Duration = Duration::from_secs(1);
+
+/// Hands an ephemeral signal to every node of `nodes` but `me`, best effort: the sockets
+/// it is for may be on any of them (a visitor's on their conversation shard's leader,
+/// their operator's on the routing shard's).
+pub(crate) fn relay_signal(peers: &Peers, nodes: impl IntoIterator<Item = (u64, String)>, me: u64, to: switchboard_raft::network::SignalTo, signal: &serde_json::Value) {
+    let Ok(bytes) = serde_json::to_vec(signal) else { return };
+    if bytes.len() > switchboard_raft::network::MAX_SIGNAL_BYTES {
+        return;
+    }
+    for (id, addr) in nodes {
+        if id == me {
+            continue;
+        }
+        let (peers, to, bytes) = (peers.clone(), to.clone(), bytes.clone());
+        tokio::spawn(async move {
+            if let Err(e) = peers.signal(&addr, to, bytes, SIGNAL_PATIENCE).await {
+                tracing::debug!(%addr, error = %e, "a signal did not reach a node");
+            }
+        });
+    }
+}
+
 /// What this member tells gateways polling it: the leader and members of `raft`'s
 /// group (the routing shard's on a split node) and whether the gateway serves; and
 /// what it tells other nodes of the outbox entries it sends.
@@ -1145,6 +1170,15 @@ pub(crate) fn report_status(router: &Router, raft: Raft, node_id: u64, gateway: 
     // Which outbox entries this process sends: what the next leader of a group asks
     // before it settles an attempt this node left (`outbox`).
     router.set_sending(Arc::new(crate::outbox::sending));
+    // Other nodes' signals, for this node's sockets (never relayed on again).
+    let sockets = gateway.clone();
+    router.set_signals(Arc::new(move |to, bytes| {
+        let Ok(signal) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return };
+        match to {
+            switchboard_raft::network::SignalTo::Operator(operator) => sockets.signals.to_operator(&OperatorId::new(operator), signal),
+            switchboard_raft::network::SignalTo::Conversation(id) => sockets.signals.to_conversation(switchboard_actors::model::ConversationId(id), signal),
+        }
+    }));
     router.set_status(Arc::new(move || {
         let m = raft.metrics().borrow().clone();
         switchboard_raft::network::MemberStatus {
@@ -1173,6 +1207,12 @@ impl switchboard_raft::network::Files for NodeFiles {
 }
 
 impl Backend for NodeBackend {
+    fn relay_signal(&self, to: switchboard_raft::network::SignalTo, signal: &serde_json::Value) {
+        let m = self.raft.metrics().borrow().clone();
+        let nodes: Vec<(u64, String)> = m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+        relay_signal(&self.peers, nodes, self.node_id, to, signal);
+    }
+
     fn submit(&self, command: Command) -> BoxFuture<ApplyResult> {
         let proposer = self.proposer.clone();
         Box::pin(async move { proposer.submit(command).await })

@@ -444,6 +444,10 @@ impl ShardReads for GroupReader {
 }
 
 impl Backend for SplitBackend {
+    fn relay_signal(&self, to: switchboard_raft::network::SignalTo, signal: &serde_json::Value) {
+        server::relay_signal(&self.node.peers, crate::placement::nodes(&self.node), self.node.node_id, to, signal);
+    }
+
     fn submit(&self, command: Command) -> BoxFuture<Result<Reply, switchboard_actors::Error>> {
         let routed = self.route(command);
         let proposers: Result<Vec<_>, _> = routed.map(|r| r.into_iter().map(|(g, c)| (self.group(g).proposer.clone(), c)).collect());

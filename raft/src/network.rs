@@ -65,7 +65,26 @@ enum RpcRequest {
     /// by, before it settles the attempt `unknown` (appended variant; a node that
     /// predates it answers `BadRequest`, and the asker keeps waiting).
     Sending { keys: Vec<(u64, u64)> },
+    /// An ephemeral signal (typing, a read mark, an offer's first words) for the sockets
+    /// on this node of an operator or a conversation: the node whose socket sent it is
+    /// not the one whose socket is to hear it (appended variant; a node that predates it
+    /// answers `BadRequest`, and the signal is lost, as signals may be).
+    Signal { to: SignalTo, signal: Vec<u8> },
 }
+
+/// Whose sockets a relayed signal is for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SignalTo {
+    Operator(String),
+    Conversation(u64),
+}
+
+/// What delivers another node's signal to this node's sockets (the frame's JSON bytes).
+pub type SignalSink = Arc<dyn Fn(SignalTo, Vec<u8>) + Send + Sync>;
+
+/// The largest signal relayed between nodes, in bytes (a typing or read frame is well
+/// under 200; an offer's first words under 1 KiB).
+pub const MAX_SIGNAL_BYTES: usize = 4096;
 
 impl RpcRequest {
     /// Whether a peer that is there answers it within a second (see `Peers`). A forwarded
@@ -212,6 +231,7 @@ pub struct Router {
     status: Arc<RwLock<Option<StatusSource>>>,
     shards: Arc<RwLock<Option<ShardsSource>>>,
     sending: Arc<RwLock<Option<SendingSource>>>,
+    signals: Arc<RwLock<Option<SignalSink>>>,
     relay: Arc<RwLock<Option<Arc<dyn Relay>>>>,
     reads: Arc<RwLock<Option<Arc<dyn GroupReads>>>>,
     /// Per group: the gate new entries pass before this node appends them (held while
@@ -374,6 +394,11 @@ impl Router {
     /// Answers other nodes' `Sending` questions from `sending`.
     pub fn set_sending(&self, sending: SendingSource) {
         *self.sending.write().unwrap_or_else(|p| p.into_inner()) = Some(sending);
+    }
+
+    /// Delivers other nodes' signals to this node's sockets through `signals`.
+    pub fn set_signals(&self, signals: SignalSink) {
+        *self.signals.write().unwrap_or_else(|p| p.into_inner()) = Some(signals);
     }
 
     /// Serves relayed client traffic with `relay`.
@@ -557,6 +582,17 @@ impl Router {
                     Some(source) => RpcResponse::Sending(source(&keys)),
                     // Not wired (yet): no answer rather than a guess; the asker waits.
                     None => RpcResponse::BadRequest("this node does not say which outbox entries it sends".into()),
+                }
+            }
+            RpcRequest::Signal { to, signal } => {
+                let sink = self.signals.read().unwrap_or_else(|p| p.into_inner()).clone();
+                match sink {
+                    _ if signal.len() > MAX_SIGNAL_BYTES => RpcResponse::BadRequest(format!("a signal is at most {MAX_SIGNAL_BYTES} bytes")),
+                    Some(sink) => {
+                        sink(to, signal);
+                        RpcResponse::Stored(Ok(()))
+                    }
+                    None => RpcResponse::BadRequest("this node takes no signals".into()),
                 }
             }
             RpcRequest::Read { group, query } => match (self.get(group), self.reads()) {
@@ -1054,6 +1090,16 @@ impl Peers {
             Ok(RpcResponse::Sending(flags)) if flags.len() == n => Ok(flags),
             Ok(RpcResponse::BadRequest(why)) => Err(format!("{addr} refused the question: {why}")),
             Ok(_) => Err(format!("{addr} answered which entries it sends with something else")),
+            Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
+        }
+    }
+
+    /// Hands the node at `addr` a signal for its sockets of `to`, within `ttl`.
+    pub async fn signal(&self, addr: &str, to: SignalTo, signal: Vec<u8>, ttl: Duration) -> Result<(), String> {
+        match self.exchange(addr, &RpcRequest::Signal { to, signal }, ttl).await {
+            Ok(RpcResponse::Stored(result)) => result,
+            Ok(RpcResponse::BadRequest(why)) => Err(format!("{addr} refused the signal: {why}")),
+            Ok(_) => Err(format!("{addr} answered a signal with something else")),
             Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
         }
     }
