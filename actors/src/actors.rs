@@ -310,19 +310,25 @@ impl Actor for ShardSupervisor {
                 state.leader = leader;
                 // Timers belong to the leader only: drop every actor and let readers and
                 // timers re-activate them under the new role.
-                for (_, actor) in state.active.drain() {
-                    actor.stop(Some("leadership changed".into()));
-                }
+                let stopped: Vec<StreamKey> = state
+                    .active
+                    .drain()
+                    .map(|(key, actor)| {
+                        actor.stop(Some("leadership changed".into()));
+                        key
+                    })
+                    .collect();
                 state.by_actor.clear();
                 state.shard.set_active_actors(0);
                 // Streams somebody follows stay (their sockets keep listening); the rest
                 // would otherwise stay in the map for good.
                 state.streams.retain(|_, stream| stream.receiver_count() > 0);
                 // A wake-up still in a stopped actor's mailbox went with it (ractor takes
-                // the stop first): every followed stream moves once, so its readers look
-                // again (a look that finds nothing new costs one read).
-                for stream in state.streams.values() {
-                    stream.send_modify(|v| *v += 1);
+                // the stop first): each stopped actor's stream moves once, so its readers
+                // look again (a look that finds nothing new costs one read). Streams
+                // without an actor were woken by the supervisor itself.
+                for key in &stopped {
+                    state.wake_followers(key);
                 }
                 if leader {
                     state.activate_timer_owners(&myself).await;

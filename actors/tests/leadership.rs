@@ -39,9 +39,14 @@ fn one_waiting_conversation() -> (MemStore, Arc<Shard>, ConversationId) {
 async fn a_followed_stream_is_woken_after_its_actor_stopped_for_a_leadership_change() {
     let (store, shard, conversation) = one_waiting_conversation();
 
+    let ann = OperatorId::new("ann");
+    commit(&shard, &store, 1, Command::UpsertOperator(OperatorConfig { id: ann.clone(), name: "Ann".into(), capacity: 2, groups: vec![SkillGroupId::new("g")] }));
     let supervisor = ShardSupervisor::start(SupervisorArgs { shard: shard.clone(), proposer: Arc::new(NothingProposed), leader: true }).await.expect("supervisor");
     let mut wake = subscribe(&supervisor, StreamKey::Conversation(conversation)).await.expect("subscribed");
     wake.borrow_and_update();
+    // An operator's stream is followed through her actor, which runs on the leader.
+    let mut ann_wake = subscribe(&supervisor, StreamKey::Operator(ann.clone())).await.expect("subscribed");
+    ann_wake.borrow_and_update();
 
     // The node loses leadership: every actor stops.
     supervisor.cast(SupervisorMsg::Leadership(false)).expect("cast");
@@ -52,9 +57,9 @@ async fn a_followed_stream_is_woken_after_its_actor_stopped_for_a_leadership_cha
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(shard.active_actors(), 0, "the actors stopped with the leadership");
-    // A wake-up an actor had not handled yet went with it: every follower is told to
-    // look again once.
-    assert!(wake.has_changed().expect("stream open"), "the leadership change woke the followed stream");
+    // A wake-up an actor had not handled yet went with it: the followers of each
+    // stopped actor are told to look again once.
+    tokio::time::timeout(Duration::from_secs(2), ann_wake.changed()).await.expect("the leadership change woke the stopped actor's followers").expect("stream open");
     wake.borrow_and_update();
 
     // An entry the new leader committed arrives here and is applied: the socket that

@@ -549,7 +549,17 @@ pub struct Gateway {
     pub(crate) fetches: Arc<tokio::sync::Semaphore>,
     /// Set by the node once it has loaded its configuration (see `/readyz`).
     configured: AtomicBool,
+    /// When typing was last handed to the other nodes, per conversation and side (to
+    /// the operator or to the visitor): at most once per [`TYPING_RELAY_EVERY`], so a
+    /// visitor's burst of typing frames costs the cluster one relay a second.
+    typing_relayed: Mutex<HashMap<(ConversationId, bool), std::time::Instant>>,
 }
+
+/// How often typing of one conversation's side is relayed to other nodes at most.
+const TYPING_RELAY_EVERY: Duration = Duration::from_secs(1);
+/// Conversations whose last typing relay is remembered; past it, older ones are
+/// forgotten, and while still full a typing signal stays on this node.
+const TYPING_RELAYS_KEPT: usize = 4096;
 
 /// Files fetched from other members at once for downloads (see `Gateway::fetches`).
 pub const REMOTE_FETCHES: usize = 4;
@@ -574,6 +584,7 @@ impl Gateway {
             passwords: PasswordPool::start(),
             fetches: Arc::new(tokio::sync::Semaphore::new(REMOTE_FETCHES)),
             configured: AtomicBool::new(false),
+            typing_relayed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -624,14 +635,37 @@ impl Gateway {
     /// An ephemeral signal for an operator's sockets: those on this node hear it now,
     /// those on other nodes when the relay reaches them.
     pub(crate) fn signal_operator(&self, operator: &OperatorId, signal: Value) {
-        self.backend.relay_signal(switchboard_raft::network::SignalTo::Operator(operator.as_str().to_owned()), &signal);
+        let conversation = signal.get("conversation").and_then(Value::as_u64).map(ConversationId);
+        if signal["type"] != "typing" || conversation.is_some_and(|c| self.typing_relay_due(c, true)) {
+            self.backend.relay_signal(switchboard_raft::network::SignalTo::Operator(operator.as_str().to_owned()), &signal);
+        }
         self.signals.to_operator(operator, signal);
     }
 
     /// An ephemeral signal for a conversation's visitor sockets, here and on other nodes.
     pub(crate) fn signal_conversation(&self, conversation: ConversationId, signal: Value) {
-        self.backend.relay_signal(switchboard_raft::network::SignalTo::Conversation(conversation.0), &signal);
+        if signal["type"] != "typing" || self.typing_relay_due(conversation, false) {
+            self.backend.relay_signal(switchboard_raft::network::SignalTo::Conversation(conversation.0), &signal);
+        }
         self.signals.to_conversation(conversation, signal);
+    }
+
+    /// Whether typing of `conversation` (to its operator, or to its visitor) may be
+    /// relayed to the other nodes now; if so, counts it.
+    fn typing_relay_due(&self, conversation: ConversationId, to_operator: bool) -> bool {
+        let now = std::time::Instant::now();
+        let mut relayed = self.typing_relayed.lock().unwrap_or_else(|p| p.into_inner());
+        if relayed.len() >= TYPING_RELAYS_KEPT {
+            relayed.retain(|_, at| now.duration_since(*at) < TYPING_RELAY_EVERY);
+        }
+        match relayed.get(&(conversation, to_operator)) {
+            Some(at) if now.duration_since(*at) < TYPING_RELAY_EVERY => false,
+            None if relayed.len() >= TYPING_RELAYS_KEPT => false,
+            _ => {
+                relayed.insert((conversation, to_operator), now);
+                true
+            }
+        }
     }
 
     /// A relayed read mark as the core records it: never past the newest entry.

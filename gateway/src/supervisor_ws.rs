@@ -176,7 +176,7 @@ struct Watch {
 /// Wakes `tx` whenever the floor or the watched conversation changes. Ends with the
 /// floor's stream (the node is shutting down) or when the socket stops following; a
 /// conversation stream that ends leaves the floor's.
-async fn merge(mut floor: Wakeups, mut conversation: Wakeups, tx: watch::Sender<u64>) {
+async fn merge(mut floor: Wakeups, mut conversation: Wakeups, tx: watch::Sender<u64>, moved: Arc<std::sync::atomic::AtomicBool>) {
     let mut conversation_open = true;
     loop {
         tokio::select! {
@@ -186,6 +186,7 @@ async fn merge(mut floor: Wakeups, mut conversation: Wakeups, tx: watch::Sender<
                     conversation_open = false;
                     continue;
                 }
+                moved.store(true, Relaxed);
             }
             _ = tx.closed() => return,
         }
@@ -207,6 +208,7 @@ impl SupervisorSession {
         // own conversation shard (the routing shard's copy holds only the entries of
         // routing, and none of a conversation a bot still holds).
         let watched = watched.map(|id| (id, self.gw.backend.conversation_reads(id)));
+        let moved = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (wake, merger) = match &watched {
             None => (floor_wake, None),
             Some((id, reads)) => {
@@ -216,23 +218,29 @@ impl SupervisorSession {
                 }
                 let conversation_wake = subscribe(StreamKey::Conversation(id)).await?;
                 let (tx, rx) = watch::channel(0u64);
-                (rx, Some(tokio::spawn(merge(floor_wake, conversation_wake, tx))))
+                (rx, Some(tokio::spawn(merge(floor_wake, conversation_wake, tx, moved.clone()))))
             }
         };
         if let Some(old) = std::mem::replace(&mut self.merger, merger) {
             old.abort();
         }
-        let pull = Box::new(FloorPull { shard, watched, reported: None, failed: false });
+        let pull = Box::new(FloorPull { shard, watched, moved, reported: None, failed: false });
         out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL), paged: false, first: None }).await;
         Ok(())
     }
 }
+
+/// How long a floor frame waits for the watched conversation's read.
+const WATCHED_READ_PATIENCE: Duration = Duration::from_millis(300);
 
 /// A supervisor socket's view: the floor (routing state) and, if one is watched, a
 /// `watched` frame each time that conversation's last seq (read on its own shard) moves.
 struct FloorPull {
     shard: Arc<switchboard_actors::shard::Shard>,
     watched: Option<(ConversationId, Arc<dyn crate::ShardReads>)>,
+    /// Set when the watched conversation's stream moved: only then (or after a failed
+    /// read) is it read again, not at every wake-up of the floor.
+    moved: Arc<std::sync::atomic::AtomicBool>,
     reported: Option<u64>,
     /// The last read of the watched conversation failed (its holder did not answer).
     failed: bool,
@@ -242,9 +250,13 @@ impl ws::Pull for FloorPull {
     fn pull(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Value>> + Send + '_>> {
         Box::pin(async move {
             let mut frames = vec![floor(&self.shard.read(), now_ms())];
-            self.failed = false;
-            if let Some((id, reads)) = &self.watched {
-                match reads.conversation(*id).await {
+            let again = std::mem::take(&mut self.failed);
+            let moved = self.moved.swap(false, Relaxed);
+            if let Some((id, reads)) = self.watched.as_ref().filter(|_| moved || again) {
+                // A holder that does not answer soon holds up no floor frame: the
+                // conversation is read again shortly.
+                let read = tokio::time::timeout(WATCHED_READ_PATIENCE, reads.conversation(*id)).await.unwrap_or_else(|_| Err(switchboard_actors::Error::Unreachable("no holder answered in time".into())));
+                match read {
                     Ok(Some(conv)) if self.reported != Some(conv.last_seq()) => {
                         self.reported = Some(conv.last_seq());
                         frames.push(json!({"type": "watched", "conversation": id.0, "last_seq": conv.last_seq()}));

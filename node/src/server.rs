@@ -1154,14 +1154,29 @@ pub(crate) fn relay_signal(peers: &Peers, nodes: impl IntoIterator<Item = (u64, 
         if id == me {
             continue;
         }
+        // Relays in flight are bounded: past the bound a signal is dropped, as signals
+        // may be.
+        let Ok(slot) = SIGNALS_IN_FLIGHT.clone().try_acquire_owned() else {
+            tracing::debug!(%addr, "a signal was dropped: too many relays in flight");
+            continue;
+        };
         let (peers, to, bytes) = (peers.clone(), to.clone(), bytes.clone());
         tokio::spawn(async move {
-            if let Err(e) = peers.signal(&addr, to, bytes, SIGNAL_PATIENCE).await {
-                tracing::debug!(%addr, error = %e, "a signal did not reach a node");
+            let _slot = slot;
+            match tokio::time::timeout(SIGNAL_PATIENCE, peers.signal(&addr, to, bytes, SIGNAL_PATIENCE)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "a signal did not reach a node"),
+                Err(_) => tracing::debug!(%addr, "a signal did not reach a node in time"),
             }
         });
     }
 }
+
+/// Signals being relayed to other nodes at once, at most [`MAX_SIGNALS_IN_FLIGHT`].
+static SIGNALS_IN_FLIGHT: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> = std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(MAX_SIGNALS_IN_FLIGHT)));
+
+/// The most signal relays a process has in flight (each a task and a QUIC stream).
+const MAX_SIGNALS_IN_FLIGHT: usize = 256;
 
 /// What this member tells gateways polling it: the leader and members of `raft`'s
 /// group (the routing shard's on a split node) and whether the gateway serves; and
