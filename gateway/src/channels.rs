@@ -347,6 +347,10 @@ async fn take_inbound(gw: &Gateway, command: Command) -> Result<Value, GatewayEr
 /// Commits an inbound message: its answer, or why the core refused it (`Ok(Err)`: no
 /// retry changes that), or `503` when the commit failed, so that it is delivered again.
 async fn commit_inbound(gw: &Gateway, command: Command) -> Result<Result<Value, switchboard_actors::Error>, GatewayError> {
+    let channel = match &command {
+        Command::ChannelInbound { channel, .. } | Command::ChannelInboundRich { channel, .. } => Some(channel.clone()),
+        _ => None,
+    };
     // The provider's message id makes a second copy harmless: sent again through a
     // failover before the provider is asked to deliver it again.
     match gw.submit_keyed(command).await {
@@ -357,8 +361,27 @@ async fn commit_inbound(gw: &Gateway, command: Command) -> Result<Result<Value, 
             tracing::warn!(error = %e, "an inbound message could not be committed; the provider is asked to retry");
             Err(GatewayError::Busy("the message could not be committed; deliver it again"))
         }
+        // The directory has the channel's adapter (its signature was checked against
+        // it) but the conversation shard has not received it yet (a channel just
+        // connected, on a split node): not final, so the provider delivers it again.
+        Err(e) if channel.as_ref().is_some_and(|c| settings_not_there_yet(gw, c, &e)) => Err(not_there_yet(channel.as_ref())),
         Err(e) => Ok(Err(e)),
     }
+}
+
+/// Whether the core refused an inbound message of `channel` only because the shard
+/// that decided it has not received the channel's adapter yet, while the directory has
+/// it (its signature or token was checked against it): a channel just connected, on a
+/// split node, whose settings travel to the conversation shards by letter. Not final.
+pub(crate) fn settings_not_there_yet(gw: &Gateway, channel: &ChannelId, e: &switchboard_actors::Error) -> bool {
+    matches!(e, switchboard_actors::Error::Invalid(why) if why.contains("has no adapter")) && adapter_of(gw, channel).is_some()
+}
+
+/// The answer that has the provider deliver a message again, for
+/// [`settings_not_there_yet`].
+fn not_there_yet(channel: Option<&ChannelId>) -> GatewayError {
+    tracing::info!(?channel, "an inbound message came before its channel's settings reached its conversation shard; the provider is asked to retry");
+    GatewayError::Busy("the channel's settings have not reached the conversation's shard yet; deliver it again")
 }
 
 /// The Channel API's bearer token, checked against the channel's digest.
@@ -395,9 +418,13 @@ pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<Str
     // The token is checked before the body is parsed.
     let channel = api_channel(&gw, &channel, &headers)?;
     let body: InboundBody = parse(&body)?;
-    let command = Command::ChannelInbound { channel, sender: body.sender, sender_name: body.sender_name, provider_message_id: body.message_id, text: body.text };
+    let command = Command::ChannelInbound { channel: channel.clone(), sender: body.sender, sender_name: body.sender_name, provider_message_id: body.message_id, text: body.text };
     // An adapter gets the real answer: 409 with the reason for what can never be taken.
-    let (conversation, duplicate) = match gw.submit_keyed(command).await? {
+    let submitted = match gw.submit_keyed(command).await {
+        Err(e) if settings_not_there_yet(&gw, &channel, &e) => return Err(not_there_yet(Some(&channel))),
+        submitted => submitted?,
+    };
+    let (conversation, duplicate) = match submitted {
         Reply::Inbound { conversation, duplicate } => (conversation.0, duplicate),
         other => return Err(GatewayError::Internal(format!("an inbound message was answered {other:?}"))),
     };

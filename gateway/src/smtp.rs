@@ -588,6 +588,10 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
             tracing::warn!(%channel, error = %e, "a mail could not be committed; the sender is asked to retry");
             Err("451 4.3.0 Not committed, try again later".into())
         }
+        Err(e) if crate::channels::settings_not_there_yet(gw, &channel, &e) => {
+            tracing::info!(%channel, "a mail came before its channel's settings reached its conversation shard; the sender is asked to retry");
+            Err("451 4.3.0 Not committed, try again later".into())
+        }
         Err(switchboard_actors::Error::Blocked(_)) => {
             forget_inbound_files(gw, &stored).await;
             Err("550 5.7.1 The sender is blocked".into())
