@@ -157,6 +157,12 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
     // of the same entry.
     let mut asked: HashMap<Attempt, Timestamp> = HashMap::new();
     let given_up: Arc<Mutex<std::collections::HashSet<Attempt>>> = Arc::default();
+    // Entries whose mark this process gave up on (its commit's outcome was unknown and
+    // it had not applied a moment later): if it applied after all, the entry reads as
+    // this node's attempt, yet nothing was sent, so it is sent again, not settled
+    // unknown. An entry leaves the set when this process marks it again or it leaves
+    // the outbox.
+    let abandoned: Arc<Mutex<std::collections::HashSet<Key>>> = Arc::default();
     // Bumped whenever entries leave `in_flight`: they may be picked again, though no
     // command was applied (a mark that failed) or the one applied came before they left.
     let released: Arc<AtomicU64> = Arc::default();
@@ -199,6 +205,8 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                 continue;
             }
             let flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let mut gave_up_marks = abandoned.lock().unwrap_or_else(|p| p.into_inner());
+            gave_up_marks.retain(|k| state.outbox.contains_key(k));
             let room = IN_FLIGHT.saturating_sub(flying.len()).min(switchboard_actors::core::MAX_DELIVERY_BATCH);
             let mut orphans = Vec::new();
             let mut may_upload: Vec<Attempt> = Vec::new();
@@ -243,7 +251,9 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                             }
                         };
                         let age = now.millis_since(d.updated_at);
-                        if safe {
+                        if node == node_id && gave_up_marks.contains(key) {
+                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: "not sent: the mark this node gave up on applied after all".into(), retry_at: now } });
+                        } else if safe {
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
                         } else if age < ORPHAN_AFTER_MS {
                             due(d.updated_at.plus_ms(ORPHAN_AFTER_MS));
@@ -381,7 +391,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         // The batch is marked attempted and sent by a task of its own, so the next
         // batch is picked while this one commits (the in-flight set keeps them apart).
         in_flight.lock().unwrap_or_else(|p| p.into_inner()).extend(paced.iter().copied().zip(paced_for));
-        let (proposer, in_flight, client, shard, results, gateway, released) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone(), gateway.clone(), released.clone());
+        let (proposer, in_flight, client, shard, results, gateway, released, abandoned) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone(), gateway.clone(), released.clone(), abandoned.clone());
         tokio::spawn(async move {
             // Only what this entry marked is sent: an entry another node marked first
             // (a leadership change) is left to it.
@@ -397,10 +407,25 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     // for this node be left unsent and later counted lost.
                     tracing::warn!(error = %e, "marking {} outbox entries attempted failed; sending those that applied as ours", paced.len());
                     tokio::time::sleep(MARK_SETTLE).await;
-                    let state = shard.read();
-                    paced.iter().copied().filter(|k| state.outbox.get(k).is_some_and(|d| d.status == DeliveryStatus::Attempting { node: node_id })).collect()
+                    let applied: Vec<Key> = {
+                        let state = shard.read();
+                        paced.iter().copied().filter(|k| state.outbox.get(k).is_some_and(|d| d.status == DeliveryStatus::Attempting { node: node_id })).collect()
+                    };
+                    let mut gave_up = abandoned.lock().unwrap_or_else(|p| p.into_inner());
+                    for key in paced.iter().filter(|k| !applied.contains(k)) {
+                        if gave_up.len() < MAX_ABANDONED_MARKS {
+                            gave_up.insert(*key);
+                        }
+                    }
+                    applied
                 }
             };
+            {
+                let mut gave_up = abandoned.lock().unwrap_or_else(|p| p.into_inner());
+                for key in &marked {
+                    gave_up.remove(key);
+                }
+            }
             {
                 let mut flying = in_flight.lock().unwrap_or_else(|p| p.into_inner());
                 for key in paced.iter().filter(|k| !marked.contains(k)) {
@@ -669,6 +694,10 @@ pub fn retry_or_give_up(delivery: &switchboard_actors::state::Delivery, now: Tim
     DeliveryOutcome::Retry { reason, retry_at: now.plus_ms(wait) }
 }
 
+/// Entries a process remembers it gave up marking, at most (past it, such an entry is
+/// settled unknown once its attempt is old, as before).
+const MAX_ABANDONED_MARKS: usize = 10_000;
+
 /// How long after a mark whose commit failed the outbox looks at what applied.
 const MARK_SETTLE: Duration = Duration::from_secs(1);
 /// The longest pause between tries to commit a batch of outcomes.
@@ -714,6 +743,14 @@ async fn commit_results(
                         let state = shard.read();
                         keys.iter().any(|k| state.outbox.get(k).is_some_and(|d| d.status == DeliveryStatus::Attempting { node: node_id }))
                     };
+                    // A send that reached its provider says so even after its entry was
+                    // settled unknown meanwhile (the core takes `Sent` then): otherwise a
+                    // message the customer got stays a dead letter, without its receipts.
+                    let ours = ours
+                        || batch.iter().any(|r| {
+                            matches!(r.outcome, DeliveryOutcome::Sent { .. })
+                                && shard.deliveries_of(r.conversation).is_ok_and(|found| found.iter().any(|(seq, d)| *seq == r.seq && d.status == DeliveryStatus::Unknown))
+                        });
                     if !ours {
                         tracing::info!(error = %e, "{} delivery outcomes not committed; their entries were settled elsewhere", keys.len());
                         break;
