@@ -414,11 +414,6 @@ impl RemoteShard {
                     };
                     let Ok((_, mut watching)) = watching else { continue };
                     followed = true;
-                    // Reads go first to the member whose wake-ups they act on: another
-                    // member may not have applied what woke them yet, and a page read
-                    // there would come back empty with nothing to wake it again.
-                    let read_here = || *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr.clone());
-                    read_here();
                     let _following = Following::start();
                     let since = tokio::time::Instant::now();
                     // What moved while no member was followed is pulled now.
@@ -428,12 +423,7 @@ impl RemoteShard {
                     loop {
                         tokio::select! {
                             next = watching.next() => match next {
-                                Some(_) => {
-                                    read_here();
-                                    if !bump(&moved) {
-                                        return;
-                                    }
-                                }
+                                Some(_) => if !bump(&moved) { return },
                                 None => break,
                             },
                             _ = moved.closed() => return,
