@@ -374,7 +374,7 @@ async fn commit_inbound(gw: &Gateway, command: Command) -> Result<Result<Value, 
 /// it (its signature or token was checked against it): a channel just connected, on a
 /// split node, whose settings travel to the conversation shards by letter. Not final.
 pub(crate) fn settings_not_there_yet(gw: &Gateway, channel: &ChannelId, e: &switchboard_actors::Error) -> bool {
-    matches!(e, switchboard_actors::Error::Invalid(why) if why.contains("has no adapter")) && adapter_of(gw, channel).is_some()
+    matches!(e, switchboard_actors::Error::Invalid(why) if why.starts_with(&format!("channel {channel} has no adapter:"))) && adapter_of(gw, channel).is_some()
 }
 
 /// The answer that has the provider deliver a message again, for
