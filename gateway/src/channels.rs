@@ -461,9 +461,18 @@ pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
         for s in body {
             let conversation = ConversationId(s.conversation);
             // Only this channel's entries: a token cannot touch another channel's outbox.
-            let ours = gw.backend.conversation_reads(conversation).conversation(conversation).await?.is_some_and(|c| c.channel == channel);
+            let reads = gw.backend.conversation_reads(conversation);
+            let ours = reads.conversation(conversation).await?.is_some_and(|c| c.channel == channel);
             if !ours {
                 return Err(GatewayError::NotFound(format!("conversation {} on channel {channel}", s.conversation)));
+            }
+            // A receipt that overtook the answer to its send (an adapter that reports
+            // `delivered` the moment it answered) would be dropped: it is asked again.
+            if matches!(s.status, StatusName::Delivered | StatusName::Read) {
+                let sending = reads.deliveries_of(conversation).await?.iter().any(|(seq, d)| *seq == s.seq && matches!(d.status, switchboard_actors::state::DeliveryStatus::Attempting { .. }));
+                if sending {
+                    return Err(GatewayError::Busy("the answer to that entry's send is not committed yet; report its status again shortly"));
+                }
             }
             let outcome = match s.status {
                 StatusName::Delivered => DeliveryOutcome::Delivered,
