@@ -77,6 +77,10 @@ async fn malformed_frames_get_documented_errors_and_nothing_is_lost() -> anyhow:
     let mut fresh = WsClient::connect(&dev.public, "/ws/client", None).await?;
     fresh.send(&json!({"type": "send", "key": "k", "text": "hi"})).await?;
     assert_eq!(fresh.wait_for(WAIT, |v| v["type"] == "error").await?["code"], "no_conversation");
+    // A `read` takes no `ref`: its error says which frame it answers.
+    fresh.send(&json!({"type": "read", "upto": 1})).await?;
+    let refused = fresh.wait_for(WAIT, |v| v["type"] == "error").await?;
+    assert_eq!(refused, json!({"code": "no_conversation", "for": "read", "message": "send \"start\" or \"resume\" first", "type": "error"}));
 
     // Everyone else is still served, and the acknowledged message is there.
     let offer = next_event(&mut alice, "offer").await?;

@@ -415,7 +415,14 @@ impl ClientSession {
 impl Session for ClientSession {
     async fn on_text(&mut self, text: &str, out: &Outbox) -> Flow {
         let result = match parse::<ClientIn>(text, CLIENT_TYPES) {
-            Ok(frame) => self.handle(frame, out).await,
+            Ok(frame) => {
+                let unnamed = match &frame {
+                    ClientIn::Typing => Some("typing"),
+                    ClientIn::Read { .. } => Some("read"),
+                    _ => None,
+                };
+                self.handle(frame, out).await.map_err(|e| frames::answering(e, unnamed))
+            }
             Err(error) => Err(error),
         };
         match result {

@@ -321,3 +321,15 @@ pub fn operator_event(entry: &FeedEntry, history: Option<Vec<Value>>) -> Value {
 pub fn presence_str(p: Presence) -> &'static str {
     presence_name(p)
 }
+
+/// An error answering a frame that takes no `ref` (`typing`, `read`) names that frame's
+/// type in `for`, so that a gateway relaying the socket does not take it for the answer
+/// to an earlier request without a name (a visitor's `close`).
+pub(crate) fn answering(mut error: Value, kind: Option<&str>) -> Value {
+    if let Some(kind) = kind {
+        if error.get("ref").is_none() {
+            error["for"] = json!(kind);
+        }
+    }
+    error
+}

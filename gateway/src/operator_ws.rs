@@ -842,7 +842,14 @@ impl Session for OperatorSession {
 
     async fn on_text(&mut self, text: &str, out: &Outbox) -> Flow {
         let result = match parse::<OperatorIn>(text, OPERATOR_TYPES) {
-            Ok(frame) => self.handle(frame, out).await,
+            Ok(frame) => {
+                let unnamed = match &frame {
+                    OperatorIn::Typing { .. } => Some("typing"),
+                    OperatorIn::Read { .. } => Some("read"),
+                    _ => None,
+                };
+                self.handle(frame, out).await.map_err(|e| frames::answering(e, unnamed))
+            }
             Err(error) => Err(error),
         };
         if let Err(error) = result {

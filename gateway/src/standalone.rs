@@ -704,6 +704,9 @@ struct Head {
     code: Option<Value>,
     #[serde(rename = "ref", default)]
     reference: Option<Value>,
+    /// On an error: the type of the frame it answers when that frame takes no `ref`.
+    #[serde(rename = "for", default)]
+    answers: Option<Value>,
     #[serde(default)]
     key: Option<Value>,
 }
@@ -1341,6 +1344,10 @@ impl Tracker {
                 if kind == "error" && matches!(code, "resume_gap" | "unauthorized") {
                     return true;
                 }
+                // The answer to a `typing` or `read`, which nothing here waits for.
+                if kind == "error" && matches!(frame.answers.as_ref().and_then(Value::as_str), Some("typing" | "read")) {
+                    return true;
+                }
                 let settled = match frame.reference.as_ref().or(frame.key.as_ref()).cloned() {
                     // Named by its `ref`, or by its key when it had no `ref`.
                     Some(named) => self.settle(|p| p.reference.as_ref() == Some(&named) || (p.reference.is_none() && p.key.is_some() && p.key.as_deref() == named.as_str())),
@@ -1953,6 +1960,21 @@ mod tests {
         // A close answered by its `closed` event as before; a later pong settles nothing more.
         assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
         t.incoming(r#"{"type":"event","kind":"closed","seq":10}"#);
+        assert!(t.pending.is_empty());
+    }
+
+    #[test]
+    fn an_error_answering_a_read_does_not_settle_a_close_sent_after_it() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        t.incoming(r#"{"type":"resumed","conversation":4,"last_seq":9}"#);
+        assert!(t.outgoing(r#"{"type":"read","upto":99}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        assert_eq!(t.pending.len(), 1, "the close waits; the read is not kept");
+        // The read's error comes first (the member answers in order): the close still waits.
+        t.incoming(r#"{"code":"invalid","for":"read","message":"no","type":"error"}"#);
+        assert_eq!(t.pending.len(), 1, "an error for the read is not the close's answer");
+        // An error without `for` is the oldest unnamed request's: the close's.
+        t.incoming(r#"{"code":"not_found","message":"no","type":"error"}"#);
         assert!(t.pending.is_empty());
     }
 
