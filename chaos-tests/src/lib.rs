@@ -674,6 +674,25 @@ pub fn free_local_addrs(n: usize) -> anyhow::Result<Vec<String>> {
     Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<Vec<_>, _>>()?)
 }
 
+/// `switchboard dev`'s two layouts: one group holding everything, and split into a
+/// metadata group, a routing shard and two conversation shards (`--shards 2`).
+pub const LAYOUTS: [&[&str]; 2] = [&[], &["--shards", "2"]];
+
+/// Runs `check` against a fresh `switchboard dev` of each of [`LAYOUTS`], saying which
+/// one failed.
+pub async fn on_each_layout<F, Fut>(mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut(Dev) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    for layout in LAYOUTS {
+        let dir = tempfile::tempdir()?;
+        let dev = Dev::start_with(binary()?, &dir.path().join("data"), layout).await?;
+        check(dev).await.map_err(|e| e.context(format!("switchboard dev {layout:?}")))?;
+    }
+    Ok(())
+}
+
 /// Polls `attempt` every `every` until it yields `Some`, for at most `within`.
 pub async fn eventually<T, F, Fut>(within: Duration, every: Duration, mut attempt: F) -> anyhow::Result<T>
 where

@@ -176,15 +176,10 @@ async fn todays_kpis_count_what_the_floor_did() -> anyhow::Result<()> {
 async fn a_watched_conversation_is_announced_as_it_changes() -> anyhow::Result<()> {
     // On a node of one group, and on a split node, where the conversation's entries are
     // in its conversation shard and the routing shard holds none of its messages.
-    for layout in [&[][..], &["--shards", "2"][..]] {
-        watched_on(layout).await.map_err(|e| e.context(format!("switchboard dev {layout:?}")))?;
-    }
-    Ok(())
+    switchboard_chaos_tests::on_each_layout(watched_on).await
 }
 
-async fn watched_on(layout: &[&str]) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &dir.path().join("data"), layout).await?;
+async fn watched_on(dev: Dev) -> anyhow::Result<()> {
     let (_ann_ws, conversation, _) = dev.client("Ann").await?;
     let supervisor = dev.login("supervisor").await?;
     let mut floor = WsClient::connect(&dev.private, &format!("/ws/supervisor?token={supervisor}"), None).await?;

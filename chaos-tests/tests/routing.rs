@@ -149,15 +149,10 @@ async fn a_silent_customer_is_reminded_then_the_conversation_closes_as_inactive(
 async fn a_preview_says_who_would_get_a_conversation_and_why_not_the_others() -> anyhow::Result<()> {
     // On a node of one group, and on a split node, where presence and queues live in
     // the routing shard and not in the metadata group.
-    for layout in [&[][..], &["--shards", "2"][..]] {
-        preview_on(layout).await.map_err(|e| e.context(format!("switchboard dev {layout:?}")))?;
-    }
-    Ok(())
+    switchboard_chaos_tests::on_each_layout(preview_on).await
 }
 
-async fn preview_on(layout: &[&str]) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &dir.path().join("data"), layout).await?;
+async fn preview_on(dev: Dev) -> anyhow::Result<()> {
     let admin = dev.login("admin").await?;
     let routing = json!({"attribute_priorities": [{"attribute": "tier", "value": "vip", "priority": 10}]});
     dev.api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General questions", "routing": routing}))).await?;
