@@ -1000,6 +1000,16 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             let (conv, events) = start_conversation(state, channel, group.as_ref(), visitor, now, part)?;
             Ok((Reply::Started { conversation: conv }, events))
         }
+        Command::StartConversationOnce { key, channel, group, visitor } => {
+            check_key(key)?;
+            // The same start again (its answer was lost): the conversation it opened.
+            if let Some(conversation) = state.start_seen {
+                return Ok((Reply::Started { conversation }, vec![]));
+            }
+            let (conv, mut events) = start_conversation(state, channel, group.as_ref(), visitor, now, part)?;
+            events.push(Event::StartKeyTaken { conversation: conv, channel: channel.clone(), key: key.clone() });
+            Ok((Reply::Started { conversation: conv }, events))
+        }
         Command::ChannelInbound { channel, sender, sender_name, provider_message_id, text } => {
             channel_inbound(state, now, part, Inbound { channel, sender, sender_name, provider_message_id, text, files: &[], thread: None, attributes: &[] })
         }

@@ -677,6 +677,16 @@ pub enum Command {
         group: u64,
         nodes: Vec<u64>,
     },
+    /// As `StartConversation`, with the key the client (or the gateway relaying it)
+    /// chose for this start: a start sent again with the same key in the same channel
+    /// gets the conversation the first one opened, as long as that is kept, instead of
+    /// a second one (a retry after an answer lost with a node).
+    StartConversationOnce {
+        key: String,
+        channel: ChannelId,
+        group: Option<SkillGroupId>,
+        visitor: Visitor,
+    },
 }
 
 /// A file a customer sent through a channel, stored in the blob store before the
@@ -1235,5 +1245,12 @@ pub enum Event {
     ConversationAged {
         conversation: ConversationId,
         created_at: Timestamp,
+    },
+    /// A keyed start opened this conversation: the same key in the same channel finds it
+    /// (records `+`; deleted with the conversation).
+    StartKeyTaken {
+        conversation: ConversationId,
+        channel: ChannelId,
+        key: String,
     },
 }

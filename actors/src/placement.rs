@@ -21,7 +21,8 @@ pub enum Target {
     Conversation(ConversationId),
     /// The conversation shard a new conversation of this visitor starts in (chosen by
     /// the visitor's id, so their earlier conversations are in the same shard; any
-    /// shard for a visitor without an id).
+    /// shard for a visitor without an id; for a keyed start without one, the shard its
+    /// channel and key choose, so a retry finds the conversation its key opened).
     NewConversation { visitor: Option<String> },
     /// The conversation shard of a channel's sender (by channel and sender, so their
     /// open conversation is found in that one shard).
@@ -96,6 +97,7 @@ pub fn target(command: &Command) -> Target {
         | SetChannelIdentity { .. }
         | SetChannelBot { .. } => Target::Directory,
         StartConversation { visitor, .. } => Target::NewConversation { visitor: visitor.id.clone() },
+        StartConversationOnce { visitor, key, channel, .. } => Target::NewConversation { visitor: visitor.id.clone().or_else(|| Some(format!("start key\u{0}{channel}\u{0}{key}"))) },
         PostClientMessage { conversation, .. }
         | CloseByClient { conversation }
         | Rate { conversation, .. }

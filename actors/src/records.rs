@@ -50,6 +50,8 @@
 //! | `b` channel | the key the channel's customer identities are signed with ([`IdentityKey`]) |
 //! | `r` channel | the channel's bot ([`BotConfig`], rules 7) |
 //! | `I` inbound key | the conversation a channel's inbound message (`channel:provider id`) went to (deleted with it) |
+//! | `+` `k` len:u16 channel key | the conversation a keyed `start` in that channel opened (deleted with it) |
+//! | `+` `c` conversation | the channel and key of the keyed `start` that opened it |
 //! | `U` conversation seq | an outbox entry still to be sent or being sent ([`Delivery`]) |
 //! | `M` conversation seq | an outbox entry once sent, delivered, read or dead-lettered |
 //! | `D` conversation seq | empty: the outbox entry is dead-lettered (failed or unknown) |
@@ -131,7 +133,7 @@ pub fn owner(prefix: u8) -> Option<Owner> {
         b'n' | b'u' | b't' | b'g' | b'y' | b'Y' | b'B' | b'E' | b'Z' | b'R' | b'S' | b'G' | b'H' | b'N' | b'C' | b'b' | b'r' | b'L' | b'J' | b'#' => {
             Owner::Directory
         }
-        b'h' | b'a' | b'A' | b'v' | b'e' | b'T' | b'V' | b'I' | b'U' | b'M' | b'D' | b'F' | b'w' => Owner::Conversation,
+        b'h' | b'a' | b'A' | b'v' | b'e' | b'T' | b'V' | b'I' | b'+' | b'U' | b'M' | b'D' | b'F' | b'w' => Owner::Conversation,
         b'f' | b'x' | b'%' | b'd' | b'j' | b'K' | b'p' | b'l' | b'z' | b'W' | b'X' | b'Q' | b'O' | b'P' => Owner::Routing,
         _ => return None,
     })
@@ -353,6 +355,17 @@ pub mod key {
     }
     pub fn inbound(key: &str) -> Vec<u8> {
         with(b'I', key.as_bytes())
+    }
+    /// A keyed start's key in its channel (`+` `k`).
+    pub fn start_key(channel: &ChannelId, key: &str) -> Vec<u8> {
+        let mut out = with_name(b'+', &channel.0);
+        out.insert(1, b'k');
+        out.extend_from_slice(key.as_bytes());
+        out
+    }
+    /// Which keyed start opened the conversation (`+` `c`).
+    pub fn started_by_key(conversation: ConversationId) -> Vec<u8> {
+        with(b'+', &[&b"c"[..], &conversation.0.to_be_bytes()].concat())
     }
     pub fn provider_id(channel: &ChannelId, id: &str) -> Vec<u8> {
         let mut key = with_name(b'F', &channel.0);
@@ -696,6 +709,10 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
     for (inbound, conversation) in &dirty.inbound {
         put(key::inbound(inbound), encode(conversation));
     }
+    for (channel, start_key, conversation) in &dirty.start_keys {
+        put(key::start_key(channel, start_key), encode(conversation));
+        put(key::started_by_key(*conversation), encode(&(channel, start_key)));
+    }
     // A conversation a purge deletes in this entry keeps none of what earlier commands
     // of the entry wrote for its outbox.
     let purged = |c: &ConversationId| dirty.purge && (state.expired.contains(c) || state.deleted.contains(c));
@@ -733,6 +750,7 @@ pub fn end_command(state: &mut ShardState) {
     state.returning = None;
     state.answered_offer = None;
     state.inbound_seen = None;
+    state.start_seen = None;
     state.expired.clear();
     state.expired_keys.clear();
     state.expired_attachments.clear();
@@ -756,6 +774,7 @@ pub fn evict(state: &mut ShardState, candidates: &[ConversationId]) {
     state.deleted.clear();
     state.served_in_entry.clear();
     state.inbound_in_entry.clear();
+    state.start_in_entry.clear();
     state.cold_deliveries.clear();
 }
 
@@ -823,7 +842,7 @@ pub fn needs_records(state: &ShardState, command: &Command) -> bool {
     let cold = named_conversations(command).iter().any(|id| !state.conversations.contains_key(id));
     let files = match command {
         Command::PostClientMessage { attachments, .. } | Command::PostOperatorMessage { attachments, .. } => !attachments.is_empty(),
-        Command::StoreAttachment(_) | Command::PurgeExpired { .. } | Command::ChannelInbound { .. } | Command::ChannelInboundRich { .. } => true,
+        Command::StoreAttachment(_) | Command::PurgeExpired { .. } | Command::ChannelInbound { .. } | Command::ChannelInboundRich { .. } | Command::StartConversationOnce { .. } => true,
         Command::RetryDelivery { conversation, seq, .. } => !state.outbox.contains_key(&(*conversation, *seq)),
         Command::AcceptOfferAt { offer, .. } => !state.offers.contains_key(offer),
         Command::DeliveryResults { results } => results.iter().any(|r| !state.outbox.contains_key(&(r.conversation, r.seq))),
@@ -881,7 +900,13 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
             }
         }
     }
-    if let Command::StartConversation { visitor: Visitor { id: Some(visitor), .. }, .. } = command {
+    if let Command::StartConversationOnce { key, channel, .. } = command {
+        state.start_seen = match state.start_in_entry.get(&(channel.clone(), key.clone())) {
+            Some(conversation) => Some(*conversation),
+            None => get::<ConversationId>(store, &key::start_key(channel, key))?,
+        };
+    }
+    if let Command::StartConversation { visitor: Visitor { id: Some(visitor), .. }, .. } | Command::StartConversationOnce { visitor: Visitor { id: Some(visitor), .. }, .. } = command {
         // A close earlier in this entry is not in the records yet.
         let served = match state.served_in_entry.get(visitor) {
             Some(served) => Some(served.clone()),
@@ -977,6 +1002,11 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
     }
     state.expired_keys.push(key::conversation(id));
     state.expired_keys.push(key::open(id));
+    // A keyed start's key goes with the conversation it opened.
+    if let Some((channel, start_key)) = get::<(ChannelId, String)>(store, &key::started_by_key(id))? {
+        state.expired_keys.push(key::start_key(&channel, &start_key));
+        state.expired_keys.push(key::started_by_key(id));
+    }
     let channel = get::<Conversation>(store, &key::conversation(id))?.map(|c| c.channel);
     for prefix in [key::history_prefix(id), key::attachments_prefix(id)] {
         for (k, v) in scan_all(store, &prefix)? {

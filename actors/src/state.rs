@@ -200,6 +200,13 @@ pub struct ShardState {
     pub inbound_seen: Option<ConversationId>,
     #[serde(skip)]
     pub inbound_in_entry: BTreeMap<String, ConversationId>,
+    /// For a `StartConversationOnce` being applied: the conversation its key already
+    /// opened (records `+`), read before it; and the keys taken earlier in the same log
+    /// entry, not written yet.
+    #[serde(skip)]
+    pub start_seen: Option<ConversationId>,
+    #[serde(skip)]
+    pub start_in_entry: BTreeMap<(ChannelId, String), ConversationId>,
     /// What the events applied since the last write changed, to be written as records.
     #[serde(skip)]
     pub dirty: Dirty,
@@ -673,6 +680,8 @@ pub struct Dirty {
     pub channel_bots: BTreeSet<ChannelId>,
     /// Inbound keys taken (records `I`), and outbox entries changed (records `U`, `M`, `D`).
     pub inbound: Vec<(String, ConversationId)>,
+    /// Keyed starts taken: channel, key, the conversation opened.
+    pub start_keys: Vec<(ChannelId, String, ConversationId)>,
     pub deliveries: BTreeMap<(ConversationId, u64), Delivery>,
     /// Sent entries by the provider's id for them, for receipts that name only that
     /// (records `F`): (channel, provider id, conversation, seq).
@@ -1059,6 +1068,7 @@ impl ShardState {
             | Event::OfferStep { .. }
             | Event::ChannelAdapterSet { .. }
             | Event::InboundTaken { .. }
+            | Event::StartKeyTaken { .. }
             | Event::DeliveriesAttempted { .. }
             | Event::DeliveryResults { .. }
             | Event::DeliveryRetried { .. }
@@ -1668,6 +1678,10 @@ impl ShardState {
             Event::InboundTaken { conversation, key } => {
                 self.inbound_in_entry.insert(key.clone(), *conversation);
                 self.dirty.inbound.push((key.clone(), *conversation));
+            }
+            Event::StartKeyTaken { conversation, channel, key } => {
+                self.start_in_entry.insert((channel.clone(), key.clone()), *conversation);
+                self.dirty.start_keys.push((channel.clone(), key.clone(), *conversation));
             }
             Event::DeliveriesAttempted { node, items } => {
                 // Not told on the feed: "sending" lasts milliseconds; its outcome is told.

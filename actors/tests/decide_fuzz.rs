@@ -191,6 +191,14 @@ fn command() -> impl Strategy<Value = Command> {
                     attributes: if vip { vec![("tier".into(), "vip".into())] } else { vec![] },
                 },
             }),
+        // A keyed start, sent again with a key already used or with a fresh one.
+        1 => (channel_id(), select(vec!["k-0", "k-1"]), prop::option::of(select(vec!["v-0", "v-1"])))
+            .prop_map(|(channel, key, id)| Command::StartConversationOnce {
+                key: key.into(),
+                channel,
+                group: None,
+                visitor: Visitor { id: id.map(str::to_owned), name: "Visitor".into(), attributes: vec![] },
+            }),
         // Channels, bots and the outbox (issue 11).
         1 => (channel_id(), select(vec!["s0", "s1", ""]), select(vec!["m0", "m1", "m2"]), text()).prop_map(|(channel, sender, id, text)| Command::ChannelInbound {
             channel,
@@ -608,6 +616,7 @@ const SPANS_GROUPS: &[&str] = &[
     // customer's operator, wrap-up and KPIs on a close, a purge's decision records):
     // to become `Enqueue`, `Release`, `Rated` and `Purged` mail.
     "StartConversation",
+    "StartConversationOnce",
     "ChannelInbound",
     "ChannelInboundRich",
     "Handoff",

@@ -1,0 +1,107 @@
+//! A keyed `start` (protocol.md §2, `key`): sent again after its answer was lost, it
+//! gets the conversation the first one opened, never a second one; in another channel,
+//! or with another key, it is a new start; the key lasts as long as its conversation
+//! and goes with it when retention deletes it.
+
+use switchboard_actors::core::Reply;
+use switchboard_actors::model::*;
+use switchboard_actors::records::{self, MemStore, Store};
+use switchboard_actors::state::{ShardState, HOUR_MS};
+use switchboard_actors::Error;
+
+const T0: u64 = 100 * HOUR_MS;
+
+fn run(state: &mut ShardState, store: &MemStore, at: u64, command: Command) -> Result<(Reply, Vec<Event>), Error> {
+    let (reply, outcome) = records::run(state, store, &Envelope::new(Timestamp(at), command))?;
+    Ok((reply, outcome.events))
+}
+
+fn ok(r: Result<(Reply, Vec<Event>), Error>) -> (Reply, Vec<Event>) {
+    r.expect("accepted")
+}
+
+/// Group `g` with channels `web` and `shop`, both answered by `g`.
+fn floor() -> (MemStore, ShardState) {
+    let store = MemStore::default();
+    let mut state = ShardState::default();
+    ok(run(&mut state, &store, T0, Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }));
+    ok(run(&mut state, &store, T0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "G".into(), policy: Policy::LongestIdle, offer_timeout_ms: 30_000, sla_ms: 20_000 })));
+    for channel in ["web", "shop"] {
+        ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new(channel), kind: "web".into(), name: channel.into(), default_group: SkillGroupId::new("g") })));
+    }
+    (store, state)
+}
+
+fn start_once(key: &str, channel: &str, visitor: &str) -> Command {
+    Command::StartConversationOnce {
+        key: key.into(),
+        channel: ChannelId::new(channel),
+        group: None,
+        visitor: Visitor { id: Some(visitor.into()), name: "Dana".into(), attributes: vec![] },
+    }
+}
+
+fn started(r: (Reply, Vec<Event>)) -> (ConversationId, Vec<Event>) {
+    match r {
+        (Reply::Started { conversation }, events) => (conversation, events),
+        (other, _) => panic!("not started: {other:?}"),
+    }
+}
+
+fn queued(state: &ShardState) -> usize {
+    state.groups[&SkillGroupId::new("g")].queue.len()
+}
+
+#[test]
+fn a_start_sent_again_with_its_key_gets_the_same_conversation() {
+    let (store, mut state) = floor();
+    let (first, events) = started(ok(run(&mut state, &store, T0 + 1, start_once("k-3f9a1c2e7b5d4a60", "web", "v-1"))));
+    assert!(events.iter().any(|e| matches!(e, Event::ConversationStarted { .. })));
+    assert_eq!(queued(&state), 1);
+
+    // The same start again (the answer was lost with a node): nothing new is written.
+    let (again, events) = started(ok(run(&mut state, &store, T0 + 2, start_once("k-3f9a1c2e7b5d4a60", "web", "v-1"))));
+    assert_eq!(again, first);
+    assert!(events.is_empty(), "a repeated start writes nothing: {events:?}");
+    assert_eq!(queued(&state), 1, "one conversation waits, not two");
+
+    // Another key, or the same key in another channel, is another start.
+    let (other, _) = started(ok(run(&mut state, &store, T0 + 3, start_once("k-000000000000000000", "web", "v-1"))));
+    let (elsewhere, _) = started(ok(run(&mut state, &store, T0 + 4, start_once("k-3f9a1c2e7b5d4a60", "shop", "v-1"))));
+    assert!(other != first && elsewhere != first && other != elsewhere);
+    assert_eq!(queued(&state), 3);
+
+    // A node started again reads the key from the records.
+    let mut reloaded = records::load(&store).expect("loaded");
+    let (after_restart, events) = started(ok(run(&mut reloaded, &store, T0 + 5, start_once("k-3f9a1c2e7b5d4a60", "web", "v-1"))));
+    assert_eq!(after_restart, first);
+    assert!(events.is_empty());
+}
+
+#[test]
+fn a_key_is_refused_when_empty_or_too_long() {
+    let (store, mut state) = floor();
+    for key in [String::new(), "k".repeat(switchboard_actors::core::MAX_KEY_BYTES + 1)] {
+        let refused = run(&mut state, &store, T0 + 1, start_once(&key, "web", "v-1"));
+        assert!(matches!(refused, Err(Error::Invalid(_))), "{} bytes: {refused:?}", key.len());
+    }
+    assert_eq!(queued(&state), 0);
+}
+
+#[test]
+fn the_key_is_deleted_with_its_conversation() {
+    let (store, mut state) = floor();
+    let (first, _) = started(ok(run(&mut state, &store, T0 + 1, start_once("k-retained", "web", "v-1"))));
+    ok(run(&mut state, &store, T0 + 2, Command::CloseByClient { conversation: first }));
+    ok(run(&mut state, &store, T0 + 3, Command::SetChannelRetention { channel: ChannelId::new("web"), days: 1 }));
+    // Still kept: a late retry of the closed conversation's start finds it.
+    let (again, events) = started(ok(run(&mut state, &store, T0 + 4, start_once("k-retained", "web", "v-1"))));
+    assert_eq!((again, events.len()), (first, 0));
+
+    let later = T0 + 2 * 24 * HOUR_MS;
+    ok(run(&mut state, &store, later, Command::PurgeExpired { as_of: Timestamp(later) }));
+    assert!(store.get(&records::key::start_key(&ChannelId::new("web"), "k-retained")).expect("read").is_none(), "the key went with its conversation");
+    assert!(store.get(&records::key::started_by_key(first)).expect("read").is_none());
+    let (fresh, events) = started(ok(run(&mut state, &store, later + 1, start_once("k-retained", "web", "v-1"))));
+    assert!(fresh != first && !events.is_empty(), "after the purge the key starts anew");
+}
