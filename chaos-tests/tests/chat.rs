@@ -470,3 +470,61 @@ async fn crashed_conversation_actor_restarts_and_the_client_misses_nothing() -> 
     assert!(log.contains("restarting from committed state") && log.contains("Conversation"), "the supervisor restarted it");
     Ok(())
 }
+
+/// A visitor's `start` sent again with its key (its answer was lost with a node, the
+/// widget asks again) gets the conversation the first one opened, on one group and on a
+/// split cluster alike; another key opens another; a key too short to be random is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_sent_again_with_its_key_opens_one_conversation() -> anyhow::Result<()> {
+    switchboard_chaos_tests::on_each_layout(start_again_on).await
+}
+
+async fn start_again_on(dev: Dev) -> anyhow::Result<()> {
+    let started = |key: &'static str| {
+        let public = dev.public.clone();
+        async move {
+            let mut ws = WsClient::connect(&public, "/ws/client", None).await?;
+            ws.send(&json!({"type": "start", "name": "Dana", "key": key})).await?;
+            let answer = ws.wait_for(switchboard_chaos_tests::WAIT, |v| v["type"] == "started" || v["type"] == "error").await?;
+            anyhow::Ok((ws, answer))
+        }
+    };
+    let supervisor = dev.login("supervisor").await?;
+    // The conversations in the queue of `general`, once they are exactly `expected` (on
+    // a split cluster the routing shard learns of a start a moment later).
+    let queued_are = |expected: Vec<Value>| {
+        let (dev, supervisor) = (&dev, &supervisor);
+        switchboard_chaos_tests::eventually(switchboard_chaos_tests::WAIT, Duration::from_millis(50), move || {
+            let expected = expected.clone();
+            async move {
+                let (_, queues) = dev.api("GET", "/api/queues", Some(supervisor), None).await?;
+                let general = queues["queues"].as_array().and_then(|q| q.iter().find(|q| q["group"] == "general").cloned()).unwrap_or_default();
+                let mut listed: Vec<Value> = general["conversations"].as_array().into_iter().flatten().map(|c| c["conversation"].clone()).collect();
+                listed.sort_by_key(|c| c.as_u64());
+                anyhow::Ok((listed == expected).then_some(()))
+            }
+        })
+    };
+    let (_first_ws, first) = started("Qm9va2VkLWZpcnN0LXN0YXJ0").await?;
+    assert_eq!(first["type"], "started", "{first}");
+    let (mut again_ws, again) = started("Qm9va2VkLWZpcnN0LXN0YXJ0").await?;
+    assert_eq!(again["type"], "started", "{again}");
+    assert_eq!(again["conversation"], first["conversation"], "the same key, the same conversation");
+    // The copy follows the conversation from its start, as the first socket does.
+    let opened = again_ws.wait_for(switchboard_chaos_tests::WAIT, |v| v["type"] == "event" && v["seq"] == 1).await?;
+    assert_eq!(opened["kind"], "started", "{opened}");
+    queued_are(vec![first["conversation"].clone()]).await.context("one conversation waits, not two")?;
+
+    let (_other_ws, other) = started("YW5vdGhlci1zdGFydC1rZXk").await?;
+    assert_eq!(other["type"], "started", "{other}");
+    assert_ne!(other["conversation"], first["conversation"]);
+    let mut both = vec![first["conversation"].clone(), other["conversation"].clone()];
+    both.sort_by_key(|c| c.as_u64());
+    queued_are(both.clone()).await.context("another key, another conversation")?;
+
+    let (_short_ws, short) = started("short").await?;
+    assert_eq!((short["type"].as_str(), short["code"].as_str()), (Some("error"), Some("invalid")), "{short}");
+    queued_are(both).await.context("a refused start opens nothing")?;
+    Ok(())
+}

@@ -66,6 +66,30 @@ pub fn new_visitor_id() -> Result<String, GatewayError> {
     Ok(format!("v-{}", URL_SAFE_NO_PAD.encode(bytes)))
 }
 
+/// A fresh start key (protocol.md §2, `start`): 16 random bytes, base64url.
+pub fn new_start_key() -> Result<String, GatewayError> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| GatewayError::Internal("no randomness for a start key".into()))?;
+    Ok(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Whether `key` may key a `start`: 16 to 64 of `A-Z a-z 0-9 - _` (a client makes it
+/// from at least 96 random bits; whoever presents it gets that conversation).
+pub fn start_key_ok(key: &str) -> bool {
+    (MIN_START_KEY..=MAX_START_KEY).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+pub const MIN_START_KEY: usize = 16;
+pub const MAX_START_KEY: usize = 64;
+
+/// The visitor a keyed start makes when the client proved no earlier one: the same for
+/// every retry of that start, so the retry is placed (on a split cluster) and answered
+/// (`visitor_token`) as the first one was; it tells nothing of the key.
+pub fn start_key_visitor(channel: &str, key: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("switchboard start key\u{0}{channel}\u{0}{key}").as_bytes());
+    format!("v-{}", URL_SAFE_NO_PAD.encode(&digest.as_ref()[..12]))
+}
+
 pub struct TokenKey {
     key: hmac::Key,
 }

@@ -242,9 +242,16 @@ impl ClientSession {
 
     async fn handle(&mut self, frame: ClientIn, out: &Outbox) -> Result<Flow, Value> {
         match frame {
-            ClientIn::Start { channel, group, name, attributes, visitor_id, visitor_token, identity } => {
+            ClientIn::Start { channel, group, name, attributes, visitor_id, visitor_token, identity, key } => {
                 if self.conversation.is_some() {
                     return Err(frames::error("already_started", "this socket already follows a conversation", None));
+                }
+                if key.as_deref().is_some_and(|k| !crate::auth::start_key_ok(k)) {
+                    return Err(frames::error(
+                        "invalid",
+                        &format!("key must be {} to {} letters, digits, '-' or '_'", crate::auth::MIN_START_KEY, crate::auth::MAX_START_KEY),
+                        None,
+                    ));
                 }
                 let per_minute = f64::from(self.gw.config.budgets.starts_per_minute);
                 if !self.gw.usage.starts.take(self.peer, 1.0, per_minute) {
@@ -275,11 +282,13 @@ impl ClientSession {
                 }
                 // A returning visitor proves who they are with the token we signed; a
                 // missing, forged or expired one just makes a new visitor.
-                let mut visitor = match visitor_token.as_deref().map(|t| self.gw.tokens.verify(t)) {
-                    Some(Ok(Subject::Visitor { visitor })) => visitor,
+                let channel = ChannelId::new(channel.unwrap_or_else(|| self.gw.config.web_channel.clone()));
+                let mut visitor = match (visitor_token.as_deref().map(|t| self.gw.tokens.verify(t)), key.as_deref()) {
+                    (Some(Ok(Subject::Visitor { visitor })), _) => visitor,
+                    // A keyed start's new visitor is the same on every retry of it.
+                    (_, Some(key)) => crate::auth::start_key_visitor(channel.as_str(), key),
                     _ => new_visitor_id().map_err(|e| frames::error("internal", &e.to_string(), None))?,
                 };
-                let channel = ChannelId::new(channel.unwrap_or_else(|| self.gw.config.web_channel.clone()));
                 // An identity the site signed with the channel's key makes the visitor that
                 // customer; any other is ignored and shown to staff as unverified.
                 if let Some(token) = identity {
@@ -300,12 +309,14 @@ impl ClientSession {
                 let group = group.map(SkillGroupId::new);
                 self.check_public_start(&channel, group.as_ref())?;
                 self.admitted(&channel, Some(&visitor))?;
-                let command = Command::StartConversation {
-                    channel,
-                    group,
-                    visitor: Visitor { id: Some(visitor.clone()), name, attributes },
+                let visitor_record = Visitor { id: Some(visitor.clone()), name, attributes };
+                let submitted = match key {
+                    // Sent again with its key, it gets the conversation it opened: safe
+                    // to send again through a failover, as a keyed `send` is.
+                    Some(key) => self.gw.submit_keyed(Command::StartConversationOnce { key, channel, group, visitor: visitor_record }).await,
+                    None => self.gw.submit(Command::StartConversation { channel, group, visitor: visitor_record }).await,
                 };
-                let conversation = match self.gw.submit(command).await {
+                let conversation = match submitted {
                     Ok(Reply::Started { conversation }) => conversation,
                     Ok(_) => return Err(frames::error("internal", "unexpected reply", None)),
                     Err(e) => return Err(frames::error(e.code(), &e.to_string(), None)),

@@ -35,6 +35,10 @@ pub enum ClientIn {
         /// The customer's identity as the site signed it (a JWT; `identity.rs`).
         #[serde(default)]
         identity: Option<String>,
+        /// The client's random key for this start: sent again with it, the start gets
+        /// the conversation the first one opened.
+        #[serde(default)]
+        key: Option<String>,
     },
     Resume {
         token: String,

@@ -1038,7 +1038,8 @@ struct Pending {
     reference: Option<Value>,
     /// Its idempotency key (`send`), if it had one.
     key: Option<String>,
-    /// The frame, kept only for what a re-pin sends again (keyed `send`s and `close`s).
+    /// The frame, kept only for what a re-pin sends again (keyed `send`s and `start`s,
+    /// `close`s, stamped `accept`s).
     text: String,
     /// What this entry holds, counted against [`MAX_PENDING_BYTES`]: the frame kept,
     /// its type, key and references, and a resume's token.
@@ -1194,13 +1195,26 @@ impl Tracker {
         // An operator's answer to an offer counts from when it reached this gateway
         // (routing rules 9): the member is told, and it is sent again with the same
         // moment after a re-pin, since accepting twice is answered `ok` (protocol.md §2).
-        let stamped = (self.surface == Surface::Operator && kind == "accept").then(|| {
+        let mut stamped = (self.surface == Surface::Operator && kind == "accept").then(|| {
             let now = switchboard_actors::actors::now_ms().0;
             frame["received_at"] = json!(now);
             frame.to_string()
         });
+        // A visitor's `start` goes with a key (the client's own, or one made here), so
+        // it is sent again after a re-pin like a keyed `send`: the member answers the
+        // copy with the conversation the first one opened, if it did (protocol.md §1).
+        let start = self.surface == Surface::Client && kind == "start";
+        let mut start_keyed = start && frame.get("key").is_some();
+        if start && !start_keyed {
+            if let Ok(key) = crate::auth::new_start_key() {
+                frame["key"] = json!(key);
+                stamped = Some(frame.to_string());
+                start_keyed = true;
+            }
+        }
         let text = stamped.as_deref().unwrap_or(text);
-        let key = frame.get("key").and_then(Value::as_str).map(str::to_owned);
+        // A start's key names no answer (`ack`s and errors name a `send`'s).
+        let key = if start { None } else { frame.get("key").and_then(Value::as_str).map(str::to_owned) };
         // A client's `ack` and errors name the key; an operator's name the `ref`.
         // A `null` ref is no name: the answer's `"ref": null` reads as none too.
         let reference = if self.surface == Surface::Client { None } else { frame.get("ref").filter(|r| !r.is_null()).cloned() };
@@ -1210,7 +1224,7 @@ impl Tracker {
         // A client's `close` is sent again after a re-pin (closing twice is a no-op); an
         // operator's is answered `unavailable` like any other request (protocol.md §1):
         // sent again after it committed, it would be refused `not_assigned`.
-        let keep = (kind == "send" && key.is_some()) || (kind == "close" && self.surface == Surface::Client) || stamped.is_some();
+        let keep = (kind == "send" && key.is_some()) || (kind == "close" && self.surface == Surface::Client) || start_keyed || stamped.is_some();
         let held = if keep { text.len() } else { 0 };
         let kind = if kind.len() <= MAX_KIND { kind } else { "other".to_owned() };
         let value_len = |v: &Option<Value>| v.as_ref().map_or(0, |v| v.to_string().len());
@@ -1488,9 +1502,9 @@ impl Tracker {
                         actions.push(Replay::Answer(frame));
                     }
                 }
-                // The key makes a resend safe; closing twice is a no-op; accepting an
-                // offer already yours is `ok`.
-                "send" | "close" | "accept" if !pending.text.is_empty() => {
+                // The key makes a resend safe (a `send`'s, a `start`'s); closing twice is
+                // a no-op; accepting an offer already yours is `ok`.
+                "send" | "start" | "close" | "accept" if !pending.text.is_empty() => {
                     actions.push(Replay::Resend(pending.text.clone()));
                     keep.push_back(pending);
                 }
@@ -1822,6 +1836,38 @@ mod tests {
             [Replay::Answer(frame)] => assert_eq!((frame["code"].as_str(), frame["ref"].as_str()), (Some("unavailable"), Some("c1"))),
             other => panic!("expected one unavailable answer, got {} actions", other.len()),
         }
+    }
+
+    #[test]
+    fn a_start_goes_with_a_key_and_is_sent_again_with_it_after_a_re_pin() {
+        // No key of the client's: the gateway makes one, and the member gets the frame with it.
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        let sent = t.outgoing(r#"{"type":"start","name":"Dana"}"#).expect("sent").expect("the frame is stamped");
+        let frame: Value = serde_json::from_str(&sent).expect("json");
+        let key = frame["key"].as_str().expect("a key").to_owned();
+        assert!(crate::auth::start_key_ok(&key), "{key}");
+        assert_eq!(frame["name"], "Dana");
+        // Its member went away before `started`: the same frame, key and all, goes again.
+        match t.replay().as_slice() {
+            [Replay::Resend(again)] => assert_eq!(again, &sent),
+            other => panic!("expected the start sent again, got {} actions", other.len()),
+        }
+        t.incoming(r#"{"type":"started","token":"tok","conversation":1}"#);
+        assert!(t.pending.is_empty() && t.quiet());
+
+        // The client's own key is kept as it is, and a second start gets another key.
+        let mut own = Tracker::new(Surface::Client, "/ws/client");
+        assert_eq!(own.outgoing(r#"{"type":"start","key":"widget-key-0123456789"}"#).expect("sent"), None, "relayed unchanged");
+        match own.replay().as_slice() {
+            [Replay::Resend(again)] => assert_eq!(again, r#"{"type":"start","key":"widget-key-0123456789"}"#),
+            other => panic!("expected the start sent again, got {} actions", other.len()),
+        }
+        let mut other = Tracker::new(Surface::Client, "/ws/client");
+        let second = other.outgoing(r#"{"type":"start","name":"Dana"}"#).expect("sent").expect("stamped");
+        assert_ne!(second, sent, "each start its own key");
+        // A refusal settles it: nothing is sent again.
+        other.incoming(r#"{"type":"error","code":"not_allowed","message":"no"}"#);
+        assert!(other.replay().is_empty());
     }
 
     #[test]
