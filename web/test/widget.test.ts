@@ -4,6 +4,8 @@ import { deserialize, emptyWidgetState, lastOperatorSeq, quickReplies, serialize
 import { KEYS_MARK, NAME_KEY, parseNotices, SEEN_KEY, SESSION_KEY, sessionKey, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
 import { FakeTimers, MemoryStorage, socketFactory } from './fakes';
 
+/** A start's key as the protocol takes it (docs/protocol.md §2): 16-64 of A-Z a-z 0-9 - _. */
+const START_KEY = expect.stringMatching(/^[A-Za-z0-9_-]{16,64}$/);
 const run = (s: WidgetState, ...a: WidgetAction[]) => a.reduce(widgetReducer, s);
 const ev = (seq: number, kind: string, extra: Partial<ClientEvent> = {}): WidgetAction => ({ type: 'event', event: { type: 'event', kind, seq, at: seq * 1000, ...extra } });
 const startedState = () => run(emptyWidgetState, { type: 'started', token: 'tok', conversation: 17 }, ev(1, 'started', { channel: 'web' }), ev(2, 'queued', { group: 'general' }));
@@ -151,7 +153,7 @@ describe('WidgetSession', () => {
     expect(w.visitorToken).toBeNull();
     w.send('Hi');
     f.last.open();
-    expect(f.last.sent[0]).toEqual({ type: 'start', attributes: { page: 'https://shop/x' } });
+    expect(f.last.sent[0]).toEqual({ type: 'start', key: START_KEY, attributes: { page: 'https://shop/x' } });
     f.last.frame({ type: 'started', conversation: 17, token: 'tok', visitor_token: 'v1.visitor.mac', protocol: 1 });
     expect(storage.getItem(VISITOR_KEY)).toBe('v1.visitor.mac');
     // A later visit, after that conversation was finished and forgotten.
@@ -160,7 +162,7 @@ describe('WidgetSession', () => {
     expect(again.w.visitorToken).toBe('v1.visitor.mac');
     again.w.send('Back again');
     again.f.last.open();
-    expect(again.f.last.sent[0]).toEqual({ type: 'start', visitor_token: 'v1.visitor.mac', attributes: { page: 'https://shop/x' } });
+    expect(again.f.last.sent[0]).toEqual({ type: 'start', key: START_KEY, visitor_token: 'v1.visitor.mac', attributes: { page: 'https://shop/x' } });
   });
 
   it('keeps the conversations of two channels apart on one site, and the visitor shared', () => {
@@ -284,7 +286,7 @@ describe('WidgetSession', () => {
     const w = new WidgetSession({ origin: 'https://chat.example.com', storage, create: f.create, timers, backoff: new Backoff({ base: 1000, random: () => 0 }), attributes: () => ({ page: 'https://shop/x' }), identity: jwt });
     w.send('Hi');
     f.last.open();
-    expect(f.last.sent[0]).toEqual({ type: 'start', identity: jwt, attributes: { page: 'https://shop/x' } });
+    expect(f.last.sent[0]).toEqual({ type: 'start', key: START_KEY, identity: jwt, attributes: { page: 'https://shop/x' } });
     f.last.frame({ type: 'started', conversation: 17, token: 'tok', visitor_token: 'v1.visitor.mac', protocol: 1 });
     // A reconnect resumes the conversation without it.
     f.last.drop();
@@ -300,7 +302,7 @@ describe('WidgetSession', () => {
     const { w, f } = widget();
     w.send('Hi');
     f.last.open();
-    expect(f.last.sent[0]).toEqual({ type: 'start', attributes: { page: 'https://shop/x' } });
+    expect(f.last.sent[0]).toEqual({ type: 'start', key: START_KEY, attributes: { page: 'https://shop/x' } });
     expect('identity' in f.last.sent[0]).toBe(false);
     f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
     // The customer logs in on the site; the finished conversation is left for a new one.
@@ -367,7 +369,7 @@ describe('WidgetSession', () => {
     const key = w.send('Hello');
     expect(f.last.url).toBe('wss://chat.example.com/ws/client');
     f.last.open();
-    expect(f.last.sent[0]).toEqual({ type: 'start', name: 'Dana', attributes: { page: 'https://shop/x' } });
+    expect(f.last.sent[0]).toEqual({ type: 'start', key: START_KEY, name: 'Dana', attributes: { page: 'https://shop/x' } });
     f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
     expect(f.last.sent[1]).toEqual({ type: 'send', key, text: 'Hello' });
   });
@@ -386,6 +388,9 @@ describe('WidgetSession', () => {
     expect(w.state.pending[0].state).toBe('sending');
     timers.advance(START_RETRY_MS);
     expect(f.last.ofType('start')).toHaveLength(2);
+    // The copy carries the first one's key: the server opens one conversation for both.
+    const [first, copy] = f.last.ofType('start');
+    expect(copy.key).toBe(first.key);
     // Refused for good: the message fails, waiters hear why, nothing hangs.
     f.last.frame({ type: 'error', code: 'rate_limited', message: 'too many conversations' });
     expect(w.state.pending[0].state).toBe('failed');
@@ -394,6 +399,23 @@ describe('WidgetSession', () => {
     // Retry starts a conversation and sends the message once it has one.
     w.retry(key);
     expect(f.last.ofType('start')).toHaveLength(3);
+    expect(f.last.ofType('start')[2].key).not.toBe(first.key); // a new start, a new key
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
+    expect(f.last.ofType('send')).toEqual([{ type: 'send', key, text: 'Hello' }]);
+  });
+
+  it('a start whose answer was lost with its socket is asked again on the next socket with the same key', () => {
+    const f = socketFactory();
+    const timers = new FakeTimers();
+    const w = new WidgetSession({ origin: 'https://chat.example.com', storage: new MemoryStorage(), create: f.create, timers, backoff: new Backoff({ base: 1000, random: () => 0 }) });
+    const key = w.send('Hello');
+    f.last.open();
+    const first = f.last.ofType('start')[0];
+    f.last.drop();
+    timers.advance(60_000);
+    expect(f.sockets).toHaveLength(2);
+    f.last.open();
+    expect(f.last.ofType('start')).toEqual([first]);
     f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
     expect(f.last.ofType('send')).toEqual([{ type: 'send', key, text: 'Hello' }]);
   });

@@ -113,6 +113,10 @@ export class WidgetSession {
   private storage: KV | null;
   private timers: Timers;
   private wantStart = false;
+  /** The key of the start being asked for: every copy of it (after `unavailable`, or on
+   *  a new socket when the answer was lost) carries the same one, so the server opens
+   *  one conversation however many copies reach it. A new start gets a new key. */
+  private startKey: string | null = null;
   private visitorName = '';
   /** The site's credential for its customer: kept in memory only, never in storage. */
   private identity: string | null;
@@ -224,6 +228,8 @@ export class WidgetSession {
       this.link.send({ type: 'resume', token: s.token, last_seq: s.lastSeq });
     } else if (this.wantStart) {
       const frame: Record<string, unknown> = { type: 'start' };
+      if (!this.startKey) this.startKey = uid();
+      frame.key = this.startKey;
       if (this.visitorToken) frame.visitor_token = this.visitorToken;
       if (this.opts.channel) frame.channel = this.opts.channel;
       if (this.visitorName) frame.name = this.visitorName;
@@ -239,6 +245,7 @@ export class WidgetSession {
     switch (f.type) {
       case 'started':
         this.wantStart = false;
+        this.startKey = null;
         this.following = true;
         this.link.markHealthy();
         this.store.dispatch({ type: 'started', token: f.token, conversation: f.conversation });
@@ -312,6 +319,7 @@ export class WidgetSession {
       // say so and can be sent again, instead of waiting for a conversation that
       // will not come.
       this.wantStart = false;
+      this.startKey = null;
       for (const w of this.startWaiters.splice(0)) w.reject(new Error(f.code));
       for (const p of this.state.pending) {
         if (p.state === 'sending') this.store.dispatch({ type: 'sendFailed', key: p.key, error: f.code });
@@ -463,6 +471,7 @@ export class WidgetSession {
   /** Forgets the finished conversation; the next message starts a new one. */
   newConversation(): void {
     this.link.stop();
+    this.startKey = null;
     this.queued = [];
     this.following = false;
     this.store.dispatch({ type: 'forget' });
