@@ -83,6 +83,8 @@ pub const MAX_REASON_CHARS: usize = 500;
 pub const MAX_REPORTED_OPERATORS: usize = 100_000;
 /// Longest idempotency key, in bytes.
 pub const MAX_KEY_BYTES: usize = 128;
+/// How long a keyed start's copies get the conversation the first one opened (24 h).
+pub const START_KEY_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
 /// History entries one conversation may hold; past it the client starts a new one.
 /// Bounds what a single visitor can make every replica store.
 pub const MAX_HISTORY_ENTRIES: usize = 10_000;
@@ -1002,9 +1004,14 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
         }
         Command::StartConversationOnce { key, channel, group, visitor } => {
             check_key(key)?;
-            // The same start again (its answer was lost): the conversation it opened.
-            if let Some(conversation) = state.start_seen {
-                return Ok((Reply::Started { conversation }, vec![]));
+            // The same start again (its answer was lost): the conversation it opened. A
+            // key another visitor used, or one older than the window, starts anew (and
+            // names the new conversation from then on): a key is never a way into
+            // someone else's conversation, nor a credential that outlives its retries.
+            if let Some(taken) = &state.start_seen {
+                if taken.visitor == visitor.id && now.millis_since(taken.at) <= START_KEY_WINDOW_MS {
+                    return Ok((Reply::Started { conversation: taken.conversation }, vec![]));
+                }
             }
             let (conv, mut events) = start_conversation(state, channel, group.as_ref(), visitor, now, part)?;
             events.push(Event::StartKeyTaken { conversation: conv, channel: channel.clone(), key: key.clone() });

@@ -50,7 +50,7 @@
 //! | `b` channel | the key the channel's customer identities are signed with ([`IdentityKey`]) |
 //! | `r` channel | the channel's bot ([`BotConfig`], rules 7) |
 //! | `I` inbound key | the conversation a channel's inbound message (`channel:provider id`) went to (deleted with it) |
-//! | `+` `k` len:u16 channel key | the conversation a keyed `start` in that channel opened (deleted with it) |
+//! | `+` `k` len:u16 channel key | the conversation a keyed `start` in that channel opened, its visitor and when (deleted with it) |
 //! | `+` `c` conversation | the channel and key of the keyed `start` that opened it |
 //! | `U` conversation seq | an outbox entry still to be sent or being sent ([`Delivery`]) |
 //! | `M` conversation seq | an outbox entry once sent, delivered, read or dead-lettered |
@@ -709,9 +709,9 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
     for (inbound, conversation) in &dirty.inbound {
         put(key::inbound(inbound), encode(conversation));
     }
-    for (channel, start_key, conversation) in &dirty.start_keys {
-        put(key::start_key(channel, start_key), encode(conversation));
-        put(key::started_by_key(*conversation), encode(&(channel, start_key)));
+    for (channel, start_key, taken) in &dirty.start_keys {
+        put(key::start_key(channel, start_key), encode(taken));
+        put(key::started_by_key(taken.conversation), encode(&(channel, start_key)));
     }
     // A conversation a purge deletes in this entry keeps none of what earlier commands
     // of the entry wrote for its outbox.
@@ -901,10 +901,12 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
         }
     }
     if let Command::StartConversationOnce { key, channel, .. } = command {
-        state.start_seen = match state.start_in_entry.get(&(channel.clone(), key.clone())) {
-            Some(conversation) => Some(*conversation),
-            None => get::<ConversationId>(store, &key::start_key(channel, key))?,
+        let taken = match state.start_in_entry.get(&(channel.clone(), key.clone())) {
+            Some(taken) => Some(taken.clone()),
+            None => get::<crate::state::StartTaken>(store, &key::start_key(channel, key))?,
         };
+        // A purge earlier in this entry deleted it: the records still hold it.
+        state.start_seen = taken.filter(|t| !state.deleted.contains(&t.conversation));
     }
     if let Command::StartConversation { visitor: Visitor { id: Some(visitor), .. }, .. } | Command::StartConversationOnce { visitor: Visitor { id: Some(visitor), .. }, .. } = command {
         // A close earlier in this entry is not in the records yet.
@@ -1002,9 +1004,12 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
     }
     state.expired_keys.push(key::conversation(id));
     state.expired_keys.push(key::open(id));
-    // A keyed start's key goes with the conversation it opened.
+    // A keyed start's key goes with the conversation it opened (unless a later start
+    // took the key since).
     if let Some((channel, start_key)) = get::<(ChannelId, String)>(store, &key::started_by_key(id))? {
-        state.expired_keys.push(key::start_key(&channel, &start_key));
+        if get::<crate::state::StartTaken>(store, &key::start_key(&channel, &start_key))?.is_some_and(|t| t.conversation == id) {
+            state.expired_keys.push(key::start_key(&channel, &start_key));
+        }
         state.expired_keys.push(key::started_by_key(id));
     }
     let channel = get::<Conversation>(store, &key::conversation(id))?.map(|c| c.channel);

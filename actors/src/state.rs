@@ -204,12 +204,22 @@ pub struct ShardState {
     /// opened (records `+`), read before it; and the keys taken earlier in the same log
     /// entry, not written yet.
     #[serde(skip)]
-    pub start_seen: Option<ConversationId>,
+    pub start_seen: Option<StartTaken>,
     #[serde(skip)]
-    pub start_in_entry: BTreeMap<(ChannelId, String), ConversationId>,
+    pub start_in_entry: BTreeMap<(ChannelId, String), StartTaken>,
     /// What the events applied since the last write changed, to be written as records.
     #[serde(skip)]
     pub dirty: Dirty,
+}
+
+/// What a keyed start opened (records `+` `k`): its conversation, the visitor who
+/// started it and when. A copy of the start by the same visitor within
+/// [`crate::core::START_KEY_WINDOW_MS`] gets that conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartTaken {
+    pub conversation: ConversationId,
+    pub visitor: Option<String>,
+    pub at: Timestamp,
 }
 
 /// Attempts an outbox entry gets before it is dead-lettered.
@@ -680,8 +690,8 @@ pub struct Dirty {
     pub channel_bots: BTreeSet<ChannelId>,
     /// Inbound keys taken (records `I`), and outbox entries changed (records `U`, `M`, `D`).
     pub inbound: Vec<(String, ConversationId)>,
-    /// Keyed starts taken: channel, key, the conversation opened.
-    pub start_keys: Vec<(ChannelId, String, ConversationId)>,
+    /// Keyed starts taken: channel, key, what it opened.
+    pub start_keys: Vec<(ChannelId, String, StartTaken)>,
     pub deliveries: BTreeMap<(ConversationId, u64), Delivery>,
     /// Sent entries by the provider's id for them, for receipts that name only that
     /// (records `F`): (channel, provider id, conversation, seq).
@@ -1680,8 +1690,10 @@ impl ShardState {
                 self.dirty.inbound.push((key.clone(), *conversation));
             }
             Event::StartKeyTaken { conversation, channel, key } => {
-                self.start_in_entry.insert((channel.clone(), key.clone()), *conversation);
-                self.dirty.start_keys.push((channel.clone(), key.clone(), *conversation));
+                let visitor = self.conversations.get(conversation).and_then(|c| c.visitor.id.clone());
+                let taken = StartTaken { conversation: *conversation, visitor, at };
+                self.start_in_entry.insert((channel.clone(), key.clone()), taken.clone());
+                self.dirty.start_keys.push((channel.clone(), key.clone(), taken));
             }
             Event::DeliveriesAttempted { node, items } => {
                 // Not told on the feed: "sending" lasts milliseconds; its outcome is told.

@@ -1,7 +1,7 @@
-//! A keyed `start` (protocol.md §2, `key`): sent again after its answer was lost, it
-//! gets the conversation the first one opened, never a second one; in another channel,
-//! or with another key, it is a new start; the key lasts as long as its conversation
-//! and goes with it when retention deletes it.
+//! A keyed `start` (protocol.md §2, `key`): sent again by the same visitor within 24
+//! hours (its answer was lost), it gets the conversation the first one opened, never a
+//! second one; in another channel, with another key, by another visitor or later, it is
+//! a new start; the key goes with its conversation when retention deletes it.
 
 use switchboard_actors::core::Reply;
 use switchboard_actors::model::*;
@@ -79,6 +79,27 @@ fn a_start_sent_again_with_its_key_gets_the_same_conversation() {
 }
 
 #[test]
+fn a_key_opens_nothing_of_another_visitor_s_nor_after_its_window() {
+    let (store, mut state) = floor();
+    let (first, _) = started(ok(run(&mut state, &store, T0 + 1, start_once("k-weak-0000000000", "web", "v-1"))));
+    // Another visitor with the same key (a client that made a poor one): their own
+    // conversation, never the first visitor's.
+    let (theirs, events) = started(ok(run(&mut state, &store, T0 + 2, start_once("k-weak-0000000000", "web", "v-2"))));
+    assert!(theirs != first && !events.is_empty());
+    // The key names the newest start now; the first visitor's copy starts anew too.
+    let (again, _) = started(ok(run(&mut state, &store, T0 + 3, start_once("k-weak-0000000000", "web", "v-2"))));
+    assert_eq!(again, theirs);
+
+    // Past the window a copy is a new start.
+    let window = switchboard_actors::core::START_KEY_WINDOW_MS;
+    let (kept, _) = started(ok(run(&mut state, &store, T0 + 10, start_once("k-window-000000000", "web", "v-3"))));
+    let (within, events) = started(ok(run(&mut state, &store, T0 + 10 + window, start_once("k-window-000000000", "web", "v-3"))));
+    assert_eq!((within, events.len()), (kept, 0), "a copy a whole window later still finds it");
+    let (late, events) = started(ok(run(&mut state, &store, T0 + 11 + window, start_once("k-window-000000000", "web", "v-3"))));
+    assert!(late != kept && !events.is_empty(), "past the window the key is forgotten");
+}
+
+#[test]
 fn a_key_is_refused_when_empty_or_too_long() {
     let (store, mut state) = floor();
     for key in [String::new(), "k".repeat(switchboard_actors::core::MAX_KEY_BYTES + 1)] {
@@ -104,4 +125,19 @@ fn the_key_is_deleted_with_its_conversation() {
     assert!(store.get(&records::key::started_by_key(first)).expect("read").is_none());
     let (fresh, events) = started(ok(run(&mut state, &store, later + 1, start_once("k-retained", "web", "v-1"))));
     assert!(fresh != first && !events.is_empty(), "after the purge the key starts anew");
+}
+
+#[test]
+fn a_purge_leaves_a_key_a_later_start_took() {
+    let (store, mut state) = floor();
+    let (old, _) = started(ok(run(&mut state, &store, T0 + 1, start_once("k-reused-00000000", "web", "v-1"))));
+    ok(run(&mut state, &store, T0 + 2, Command::CloseByClient { conversation: old }));
+    ok(run(&mut state, &store, T0 + 3, Command::SetChannelRetention { channel: ChannelId::new("web"), days: 1 }));
+    // Another visitor's start takes the key; it stays open while the old one is purged.
+    let later = T0 + 2 * 24 * HOUR_MS;
+    let (newer, _) = started(ok(run(&mut state, &store, later - 1_000, start_once("k-reused-00000000", "web", "v-2"))));
+    ok(run(&mut state, &store, later, Command::PurgeExpired { as_of: Timestamp(later) }));
+    assert!(store.get(&records::key::started_by_key(old)).expect("read").is_none());
+    let (again, events) = started(ok(run(&mut state, &store, later + 1, start_once("k-reused-00000000", "web", "v-2"))));
+    assert_eq!((again, events.len()), (newer, 0), "the newer start's key outlives the purge of the older");
 }

@@ -1204,7 +1204,8 @@ impl Tracker {
         // it is sent again after a re-pin like a keyed `send`: the member answers the
         // copy with the conversation the first one opened, if it did (protocol.md §1).
         let start = self.surface == Surface::Client && kind == "start";
-        let mut start_keyed = start && frame.get("key").is_some();
+        // (`"key": null` is no key: the member reads it as none.)
+        let mut start_keyed = start && frame.get("key").is_some_and(|k| !k.is_null());
         if start && !start_keyed {
             if let Ok(key) = crate::auth::new_start_key() {
                 frame["key"] = json!(key);
@@ -1868,6 +1869,11 @@ mod tests {
         // A refusal settles it: nothing is sent again.
         other.incoming(r#"{"type":"error","code":"not_allowed","message":"no"}"#);
         assert!(other.replay().is_empty());
+        // `"key": null` is no key (the member reads it so): it gets one here.
+        let mut null = Tracker::new(Surface::Client, "/ws/client");
+        let stamped = null.outgoing(r#"{"type":"start","key":null}"#).expect("sent").expect("stamped");
+        let frame: Value = serde_json::from_str(&stamped).expect("json");
+        assert!(frame["key"].as_str().is_some_and(crate::auth::start_key_ok), "{stamped}");
     }
 
     #[test]
