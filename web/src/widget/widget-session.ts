@@ -318,8 +318,9 @@ export class WidgetSession {
       // Refused (blocked, rate limited, an unknown channel): the visitor's messages
       // say so and can be sent again, instead of waiting for a conversation that
       // will not come.
+      // The key stays: this copy may have been refused after an earlier one opened the
+      // conversation (its answer lost), and Retry must find that one, not open another.
       this.wantStart = false;
-      this.startKey = null;
       for (const w of this.startWaiters.splice(0)) w.reject(new Error(f.code));
       for (const p of this.state.pending) {
         if (p.state === 'sending') this.store.dispatch({ type: 'sendFailed', key: p.key, error: f.code });
