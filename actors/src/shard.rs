@@ -65,6 +65,9 @@ pub struct Shard {
     /// Counts published entries, for whoever waits for the state to move (the mail
     /// forwarder).
     published_tx: watch::Sender<u64>,
+    /// The log index of the last entry whose records were written (0 before the first
+    /// since start): what a wake-up sent to another node says it may read (ADR 0012).
+    published_index: std::sync::atomic::AtomicU64,
     /// The newest entries, read before the store (`crate::tails`).
     tails: RwLock<Tails>,
 }
@@ -97,6 +100,7 @@ impl Shard {
             loads: std::sync::atomic::AtomicU64::new(0),
             part,
             published_tx: watch::Sender::new(0),
+            published_index: std::sync::atomic::AtomicU64::new(0),
             tails: RwLock::new(Tails::new(crate::tails::BUDGET)),
         }
     }
@@ -212,6 +216,18 @@ impl Shard {
         let candidates = std::mem::take(&mut *self.entry_candidates.lock().unwrap_or_else(|p| p.into_inner()));
         let mut state = stop_if_poisoned(self.state.write());
         records::evict(&mut state, &candidates);
+    }
+
+    /// The records of the entry at log index `index` are written: wake their readers.
+    pub fn published_at(&self, index: u64) {
+        self.published_index.fetch_max(index, std::sync::atomic::Ordering::AcqRel);
+        self.published();
+    }
+
+    /// The log index of the last entry whose records were written, as
+    /// [`Shard::published_at`] was told (0 before the first since start).
+    pub fn published_index(&self) -> u64 {
+        self.published_index.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The records of the commands applied so far are written: wake their readers.

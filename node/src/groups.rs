@@ -1018,9 +1018,14 @@ mod tests {
         };
         assert!(woken(&mut wake).await, "the first wake-up comes once a member is followed");
         wake.mark_unchanged();
+        let published_before = nodes.iter().map(|n| n.groups[&group].shard.published_index()).max().unwrap_or(0);
+        assert!(remote.read_floor() <= published_before);
         submit(&nodes[1], group, message("m2")).await;
         assert!(woken(&mut wake).await, "a message written through another node wakes the outsider");
         wake.mark_unchanged();
+        // The wake-up named the log index the member had written when m2 moved the
+        // stream: the outsider's reads ask for at least that much, from any member.
+        assert!(remote.read_floor() > published_before, "the wake-up raised the read floor past {published_before}: {}", remote.read_floor());
         let keys = |history: Vec<switchboard_actors::state::HistoryEntry>| -> Vec<String> {
             history.into_iter().filter_map(|e| match e.item { switchboard_actors::state::HistoryItem::ClientMessage { key, .. } => Some(key), _ => None }).collect()
         };

@@ -2,10 +2,11 @@
 //! (ADR 0012, items 2 and 3).
 //!
 //! A member answers questions about its applied state ([`MemberReads`], served on the
-//! node's QUIC endpoint through `switchboard_raft::network::GroupReads`) and feeds a
-//! peer a stream's counter each time it moves. [`RemoteShard`] is the asking side: the
-//! gateway's [`ShardReads`] over the network, and wake-ups that feed the same watch a
-//! local subscription gives.
+//! node's QUIC endpoint through `switchboard_raft::network::GroupReads`) and tells a
+//! peer each time a stream moves, with the log index whose records it had written then
+//! (a `u64`; a member of a build before this one sent a counter, which is never above
+//! that index). [`RemoteShard`] is the asking side: the gateway's [`ShardReads`] over
+//! the network, and wake-ups that feed the same watch a local subscription gives.
 //!
 //! Format: a question is one version byte ([`FORMAT`]) and the bincode (positional) of
 //! a [`Query`]; or ([`FORMAT_AT_LEAST`]) the byte 2, the log index the member must have
@@ -18,7 +19,9 @@
 //! answered once the leader applied it, not every holder. The highest log index such a
 //! write got (per group, [`Floor`]) goes with every later read of the group, and a
 //! holder that has not applied that far waits for it (at most [`FLOOR_WAIT`]) before it
-//! answers; one still behind then says so and the next holder is asked.
+//! answers; one still behind then says so and the next holder is asked. The index the
+//! last wake-up named is a floor the same way: the page a socket reads because a
+//! member's stream moved comes from a member that applied what moved it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -230,16 +233,16 @@ impl GroupReads for MemberReads {
     }
 
     fn watch(&self, group: u64, stream: Vec<u8>) -> futures::future::BoxFuture<'static, Result<Wakeups, String>> {
-        let supervisor = self.held(group).map(|g| g.supervisor.clone());
+        let held = self.held(group).map(|g| (g.supervisor.clone(), g.shard.clone()));
         let holds = self.holds.clone();
         Box::pin(async move {
-            let supervisor = supervisor.ok_or_else(|| format!("this node does not hold group {group}"))?;
+            let (supervisor, shard) = held.ok_or_else(|| format!("this node does not hold group {group}"))?;
             let key: StreamKey = match stream.split_first() {
                 Some((&FORMAT, rest)) => decode(rest)?,
                 _ => return Err(format!("watches of another format are not understood here (this node reads format {FORMAT})")),
             };
             let local = switchboard_actors::actors::subscribe(&supervisor, key).await.map_err(|e| e.to_string())?;
-            Ok(while_held(local, move || holds(group)))
+            Ok(while_held(local, move || holds(group), move || shard.published_index()))
         })
     }
 }
@@ -251,14 +254,21 @@ pub(crate) const HOLDING_CHECK: Duration = Duration::from_millis(500);
 /// `local`'s wake-ups for as long as `held` says this node holds the group: once it
 /// does not (the placement moved the group away, and this replica stops receiving
 /// entries), the stream ends, and whoever follows it follows a holder instead.
-fn while_held(mut local: Wakeups, held: impl Fn() -> bool + Send + 'static) -> Wakeups {
-    let (moved, wakeups) = tokio::sync::watch::channel(*local.borrow_and_update());
+///
+/// Each wake-up carries `published()`: the log index whose records this replica had
+/// written when the stream moved. The follower reads the group at that index or later
+/// (from whichever member it asks), so the entry that woke it is never missed by a read
+/// that went to a member still behind.
+fn while_held(mut local: Wakeups, held: impl Fn() -> bool + Send + 'static, published: impl Fn() -> u64 + Send + 'static) -> Wakeups {
+    local.borrow_and_update();
+    let (moved, wakeups) = tokio::sync::watch::channel(published());
     tokio::spawn(async move {
         let mut check = tokio::time::interval(HOLDING_CHECK);
         loop {
             tokio::select! {
                 changed = local.changed() => {
-                    if changed.is_err() || moved.send(*local.borrow_and_update()).is_err() {
+                    local.borrow_and_update();
+                    if changed.is_err() || moved.send(published()).is_err() {
                         return;
                     }
                 }
@@ -281,6 +291,10 @@ pub(crate) struct RemoteShard {
     members: Members,
     /// The log index every read must see applied (this node's writes, [`Floor`]).
     floor: Floor,
+    /// The highest log index a followed member said its stream moved at: every read
+    /// must see that applied too, so a wake-up is never answered by a member still
+    /// behind the one that sent it.
+    seen: Floor,
     /// The member that answered last: asked first, so that a page read after a
     /// wake-up comes from the member whose apply woke it.
     current: Arc<Mutex<Option<String>>>,
@@ -288,7 +302,7 @@ pub(crate) struct RemoteShard {
 
 impl RemoteShard {
     pub(crate) fn new(group: GroupId, peers: Peers, members: Members, floor: Floor) -> RemoteShard {
-        RemoteShard { group, peers, members, floor, current: Arc::new(Mutex::new(None)) }
+        RemoteShard { group, peers, members, floor, seen: Floor::default(), current: Arc::new(Mutex::new(None)) }
     }
 
     /// The members in the order to ask them: the one that answered last first.
@@ -307,9 +321,15 @@ impl RemoteShard {
         all
     }
 
+    /// The log index a read must find applied: this node's last write to the group, or
+    /// the last wake-up heard from a member, whichever is later.
+    pub(crate) fn read_floor(&self) -> u64 {
+        self.floor.load(std::sync::atomic::Ordering::Acquire).max(self.seen.load(std::sync::atomic::Ordering::Acquire))
+    }
+
     /// Asks `query` of the members in turn until one answers.
     async fn ask<T: DeserializeOwned>(&self, query: Query) -> Result<T, Error> {
-        let bytes = encode_query_at(&query, self.floor.load(std::sync::atomic::Ordering::Acquire))?;
+        let bytes = encode_query_at(&query, self.read_floor())?;
         let mut failures = Vec::new();
         for (n, addr) in Self::order(&self.peers, &self.members, &self.current).into_iter().enumerate() {
             if n > 0 {
@@ -343,7 +363,7 @@ impl RemoteShard {
 
     /// Asks `query` of member `addr` alone: no other member answers in its place.
     async fn ask_member<T: DeserializeOwned>(&self, addr: &str, query: Query) -> Result<T, Error> {
-        let bytes = encode_query_at(&query, self.floor.load(std::sync::atomic::Ordering::Acquire))?;
+        let bytes = encode_query_at(&query, self.read_floor())?;
         let answer = self.peers.read(addr, self.group, bytes, READ_TTL).await.map_err(|e| Error::Unreachable(format!("{addr}: {e}")))?;
         decode::<Result<T, Error>>(&answer).map_err(|e| Error::Unreachable(format!("{addr} answered a read of group {} in a form this node cannot read: {e}", self.group)))?
     }
@@ -395,7 +415,10 @@ impl RemoteShard {
         let mut stream = vec![FORMAT];
         stream.extend(encode(&key).map_err(|e| Error::Invalid(format!("a stream key cannot be encoded: {e}")))?);
         let (moved, wakeups) = tokio::sync::watch::channel(0u64);
-        let (group, peers, members, current) = (self.group, self.peers.clone(), self.members.clone(), self.current.clone());
+        let (group, peers, members, current, seen) = (self.group, self.peers.clone(), self.members.clone(), self.current.clone(), self.seen.clone());
+        let heard = move |at: u64| {
+            seen.fetch_max(at, std::sync::atomic::Ordering::AcqRel);
+        };
         tokio::spawn(async move {
             let mut n = 0u64;
             let mut bump = |moved: &tokio::sync::watch::Sender<u64>| {
@@ -412,7 +435,8 @@ impl RemoteShard {
                         w = peers.watch(&addr, group, stream.clone(), READ_TTL) => w,
                         _ = moved.closed() => return,
                     };
-                    let Ok((_, mut watching)) = watching else { continue };
+                    let Ok((at, mut watching)) = watching else { continue };
+                    heard(at);
                     followed = true;
                     let _following = Following::start();
                     let since = tokio::time::Instant::now();
@@ -423,7 +447,10 @@ impl RemoteShard {
                     loop {
                         tokio::select! {
                             next = watching.next() => match next {
-                                Some(_) => if !bump(&moved) { return },
+                                Some(at) => {
+                                    heard(at);
+                                    if !bump(&moved) { return }
+                                }
                                 None => break,
                             },
                             _ = moved.closed() => return,

@@ -145,8 +145,8 @@ impl Machine for ShardMachine {
         put_all(changes, writes);
     }
 
-    fn published(&self) {
-        self.shard.published();
+    fn published(&self, index: u64) {
+        self.shard.published_at(index);
     }
 
     fn replacing(&self) -> Result<(), String> {

@@ -67,8 +67,9 @@ pub trait Machine: Send + Sync + 'static {
     fn replacing(&self) -> Result<(), String> {
         Ok(())
     }
-    /// The changes of the entry just applied are written: readers may see them now.
-    fn published(&self) {}
+    /// The changes of the entry at `index`, just applied, are written: readers may see
+    /// them now.
+    fn published(&self, _index: u64) {}
     /// Rebuilds the in-memory state from the records: at start, and after a snapshot
     /// was installed. `records` stays valid for reads for the life of the group.
     fn load(&self, records: &Records) -> Result<(), String>;

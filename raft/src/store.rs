@@ -797,7 +797,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let applied = encode(&AppliedState { last_applied: inner.last_applied, membership: inner.membership.clone() })
                 .map_err(|e| StorageIOError::write_state_machine(&e))?;
             self.state.write(changes, &applied).map_err(|e| StorageIOError::write_state_machine(&e))?;
-            self.machine.published();
+            self.machine.published(entry.log_id.index);
             responses.push(Response(response));
         }
         Ok(responses)
