@@ -903,7 +903,7 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
     if let Command::StartConversationOnce { key, channel, .. } = command {
         let taken = match state.start_in_entry.get(&(channel.clone(), key.clone())) {
             Some(taken) => Some(taken.clone()),
-            None => get::<crate::state::StartTaken>(store, &key::start_key(channel, key))?,
+            None => start_taken(store, channel, key)?,
         };
         // A purge earlier in this entry deleted it: the records still hold it.
         state.start_seen = taken.filter(|t| !state.deleted.contains(&t.conversation));
@@ -987,6 +987,20 @@ fn find_expired(state: &mut ShardState, store: &dyn Store, as_of: Timestamp) -> 
     Ok(())
 }
 
+/// What a keyed start in `channel` with `start_key` opened (records `+` `k`). A
+/// record of the first builds with keyed starts holds the conversation alone: read as
+/// taken by no visitor at time 0, which no copy matches.
+fn start_taken(store: &dyn Store, channel: &ChannelId, start_key: &str) -> Result<Option<crate::state::StartTaken>, Error> {
+    let Some(bytes) = store.get(&key::start_key(channel, start_key)).map_err(store_err)? else { return Ok(None) };
+    match decode::<crate::state::StartTaken>(&bytes) {
+        Ok(taken) => Ok(Some(taken)),
+        Err(e) => match decode::<ConversationId>(&bytes) {
+            Ok(conversation) if bytes.len() <= 11 => Ok(Some(crate::state::StartTaken { conversation, visitor: None, at: Timestamp(0) })),
+            _ => Err(e),
+        },
+    }
+}
+
 fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: ConversationId) -> Result<(), Error> {
     if let Some(conv) = get::<Conversation>(store, &key::conversation(id))? {
         state.expired_keys.extend(conv.decisions.iter().map(|offer| key::decision(*offer)));
@@ -1007,7 +1021,12 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
     // A keyed start's key goes with the conversation it opened (unless a later start
     // took the key since).
     if let Some((channel, start_key)) = get::<(ChannelId, String)>(store, &key::started_by_key(id))? {
-        if get::<crate::state::StartTaken>(store, &key::start_key(&channel, &start_key))?.is_some_and(|t| t.conversation == id) {
+        // Taken again earlier in this entry: the records do not say so yet.
+        let names = match state.start_in_entry.get(&(channel.clone(), start_key.clone())) {
+            Some(taken) => Some(taken.conversation),
+            None => start_taken(store, &channel, &start_key)?.map(|t| t.conversation),
+        };
+        if names == Some(id) {
             state.expired_keys.push(key::start_key(&channel, &start_key));
         }
         state.expired_keys.push(key::started_by_key(id));

@@ -141,3 +141,54 @@ fn a_purge_leaves_a_key_a_later_start_took() {
     let (again, events) = started(ok(run(&mut state, &store, later + 1, start_once("k-reused-00000000", "web", "v-2"))));
     assert_eq!((again, events.len()), (newer, 0), "the newer start's key outlives the purge of the older");
 }
+
+/// One log entry (group commit) holding a start that takes a key over and a purge of the
+/// conversation the key named before: the records the purge reads still name the old
+/// conversation, and the key must stay with the new one.
+#[test]
+fn a_purge_in_the_same_entry_as_the_start_that_took_the_key_leaves_the_key() {
+    use std::sync::Arc;
+    use switchboard_actors::shard::Shard;
+    let store = MemStore::default();
+    let shard = Shard::new();
+    shard.load(Arc::new(store.clone())).expect("load");
+    let entry = |commands: Vec<(u64, Command)>| {
+        let mut writes = Vec::new();
+        let mut replies = Vec::new();
+        for (at, command) in commands {
+            replies.push(shard.apply(&Envelope::new(Timestamp(at), command), &mut writes).expect("applied"));
+        }
+        store.write(writes);
+        shard.end_entry();
+        shard.published();
+        replies
+    };
+    entry(vec![
+        (T0, Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }),
+        (T0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "G".into(), policy: Policy::LongestIdle, offer_timeout_ms: 30_000, sla_ms: 20_000 })),
+        (T0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })),
+        (T0, Command::SetChannelRetention { channel: ChannelId::new("web"), days: 1 }),
+    ]);
+    let conversation = |reply: &Reply| match reply {
+        Reply::Started { conversation } => *conversation,
+        other => panic!("not started: {other:?}"),
+    };
+    let old = conversation(&entry(vec![(T0 + 1, start_once("k-same-entry-0000", "web", "v-1"))])[0]);
+    entry(vec![(T0 + 2, Command::CloseByClient { conversation: old })]);
+    let later = T0 + 2 * 24 * HOUR_MS;
+    let replies = entry(vec![(later, start_once("k-same-entry-0000", "web", "v-2")), (later, Command::PurgeExpired { as_of: Timestamp(later) })]);
+    let newer = conversation(&replies[0]);
+    assert_ne!(newer, old);
+    let replies = entry(vec![(later + 1, start_once("k-same-entry-0000", "web", "v-2"))]);
+    assert_eq!(conversation(&replies[0]), newer, "the key still names the newer conversation");
+}
+
+/// A key record of the first builds with keyed starts (the conversation alone) is read,
+/// and taken by no visitor: a copy starts anew instead of stopping the node.
+#[test]
+fn a_key_record_holding_the_conversation_alone_is_read() {
+    let (store, mut state) = floor();
+    store.write(vec![(records::key::start_key(&ChannelId::new("web"), "k-first-build-000"), Some(records::encode(&ConversationId(7))))]);
+    let (fresh, events) = started(ok(run(&mut state, &store, T0 + 1, start_once("k-first-build-000", "web", "v-1"))));
+    assert!(fresh != ConversationId(7) && !events.is_empty());
+}
