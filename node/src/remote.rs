@@ -3,10 +3,12 @@
 //!
 //! A member answers questions about its applied state ([`MemberReads`], served on the
 //! node's QUIC endpoint through `switchboard_raft::network::GroupReads`) and tells a
-//! peer each time a stream moves, with the log index whose records it had written then
-//! (a `u64`; a member of a build before this one sent a counter, which is never above
-//! that index). [`RemoteShard`] is the asking side: the gateway's [`ShardReads`] over
-//! the network, and wake-ups that feed the same watch a local subscription gives.
+//! peer each time a stream moves: for a watch of format [`WATCH_INDEXED`] (2), with the
+//! log index whose records it had written then; for one of [`FORMAT`] (1, what builds
+//! before asked), with its counter of moves. [`RemoteShard`] is the asking side: the
+//! gateway's [`ShardReads`] over the network, and wake-ups that feed the same watch a
+//! local subscription gives. It asks for format 2, and for 1 from a member that does
+//! not understand 2.
 //!
 //! Format: a question is one version byte ([`FORMAT`]) and the bincode (positional) of
 //! a [`Query`]; or ([`FORMAT_AT_LEAST`]) the byte 2, the log index the member must have
@@ -44,6 +46,9 @@ use crate::groups::HostedGroup;
 const FORMAT: u8 = 1;
 /// The format of a question that carries the log index to have applied first.
 const FORMAT_AT_LEAST: u8 = 2;
+/// The format of a watch whose wake-ups name the log index the member had written (a
+/// watch of [`FORMAT`] gets a counter of moves, which says nothing of the log).
+const WATCH_INDEXED: u8 = 2;
 /// How long a holder waits to have applied a question's log index before it answers
 /// that it is behind.
 const FLOOR_WAIT: Duration = Duration::from_millis(1000);
@@ -237,12 +242,13 @@ impl GroupReads for MemberReads {
         let holds = self.holds.clone();
         Box::pin(async move {
             let (supervisor, shard) = held.ok_or_else(|| format!("this node does not hold group {group}"))?;
-            let key: StreamKey = match stream.split_first() {
-                Some((&FORMAT, rest)) => decode(rest)?,
-                _ => return Err(format!("watches of another format are not understood here (this node reads format {FORMAT})")),
+            let (key, indexed): (StreamKey, bool) = match stream.split_first() {
+                Some((&FORMAT, rest)) => (decode(rest)?, false),
+                Some((&WATCH_INDEXED, rest)) => (decode(rest)?, true),
+                _ => return Err(format!("watches of another format are not understood here (this node reads formats {FORMAT} and {WATCH_INDEXED})")),
             };
             let local = switchboard_actors::actors::subscribe(&supervisor, key).await.map_err(|e| e.to_string())?;
-            Ok(while_held(local, move || holds(group), move || shard.published_index()))
+            Ok(while_held(local, move || holds(group), indexed.then_some(shard)))
         })
     }
 }
@@ -255,20 +261,23 @@ pub(crate) const HOLDING_CHECK: Duration = Duration::from_millis(500);
 /// does not (the placement moved the group away, and this replica stops receiving
 /// entries), the stream ends, and whoever follows it follows a holder instead.
 ///
-/// Each wake-up carries `published()`: the log index whose records this replica had
-/// written when the stream moved. The follower reads the group at that index or later
+/// With `indexed` (a watch of [`WATCH_INDEXED`]) each wake-up carries the log index
+/// whose records this replica had written when the stream moved
+/// (`Shard::published_index`): the follower reads the group at that index or later
 /// (from whichever member it asks), so the entry that woke it is never missed by a read
-/// that went to a member still behind.
-fn while_held(mut local: Wakeups, held: impl Fn() -> bool + Send + 'static, published: impl Fn() -> u64 + Send + 'static) -> Wakeups {
-    local.borrow_and_update();
-    let (moved, wakeups) = tokio::sync::watch::channel(published());
+/// that went to a member still behind. Without, the local counter of moves.
+fn while_held(mut local: Wakeups, held: impl Fn() -> bool + Send + 'static, indexed: Option<Arc<switchboard_actors::shard::Shard>>) -> Wakeups {
+    let value = move |local: &mut Wakeups| {
+        let counter = *local.borrow_and_update();
+        indexed.as_ref().map_or(counter, |shard| shard.published_index())
+    };
+    let (moved, wakeups) = tokio::sync::watch::channel(value(&mut local));
     tokio::spawn(async move {
         let mut check = tokio::time::interval(HOLDING_CHECK);
         loop {
             tokio::select! {
                 changed = local.changed() => {
-                    local.borrow_and_update();
-                    if changed.is_err() || moved.send(published()).is_err() {
+                    if changed.is_err() || moved.send(value(&mut local)).is_err() {
                         return;
                     }
                 }
@@ -412,8 +421,9 @@ impl RemoteShard {
     /// another, and moves the counter once so that a reader pulls what was applied in
     /// between. It stops when every receiver is dropped.
     pub(crate) fn subscribe(&self, key: StreamKey) -> Result<Wakeups, Error> {
-        let mut stream = vec![FORMAT];
-        stream.extend(encode(&key).map_err(|e| Error::Invalid(format!("a stream key cannot be encoded: {e}")))?);
+        let encoded = encode(&key).map_err(|e| Error::Invalid(format!("a stream key cannot be encoded: {e}")))?;
+        let indexed_stream = [&[WATCH_INDEXED][..], &encoded].concat();
+        let stream = [&[FORMAT][..], &encoded].concat();
         let (moved, wakeups) = tokio::sync::watch::channel(0u64);
         let (group, peers, members, current, seen) = (self.group, self.peers.clone(), self.members.clone(), self.current.clone(), self.seen.clone());
         let heard = move |at: u64| {
@@ -431,12 +441,23 @@ impl RemoteShard {
                 // followed again without a pause, so a follower never spins.
                 let mut ended_at_once = false;
                 for addr in Self::order(&peers, &members, &current) {
+                    // A member of an earlier build knows only the watch of counters: its
+                    // wake-ups then say nothing of the log (no floor is taken from them).
                     let watching = tokio::select! {
-                        w = peers.watch(&addr, group, stream.clone(), READ_TTL) => w,
+                        w = async {
+                            match peers.watch(&addr, group, indexed_stream.clone(), READ_TTL).await {
+                                Err(e) if e.contains("watches of another format are not understood") => {
+                                    peers.watch(&addr, group, stream.clone(), READ_TTL).await.map(|(at, w)| (at, w, false))
+                                }
+                                other => other.map(|(at, w)| (at, w, true)),
+                            }
+                        } => w,
                         _ = moved.closed() => return,
                     };
-                    let Ok((at, mut watching)) = watching else { continue };
-                    heard(at);
+                    let Ok((at, mut watching, indexed)) = watching else { continue };
+                    if indexed {
+                        heard(at);
+                    }
                     followed = true;
                     let _following = Following::start();
                     let since = tokio::time::Instant::now();
@@ -448,7 +469,9 @@ impl RemoteShard {
                         tokio::select! {
                             next = watching.next() => match next {
                                 Some(at) => {
-                                    heard(at);
+                                    if indexed {
+                                        heard(at);
+                                    }
                                     if !bump(&moved) { return }
                                 }
                                 None => break,

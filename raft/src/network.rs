@@ -52,7 +52,8 @@ enum RpcRequest {
     /// node encodes and answers it ([`GroupReads`]), the transport passes the bytes.
     Read { group: u64, query: Vec<u8> },
     /// Follows stream `stream` of `group` on a member: the answer is not one message but
-    /// a status byte and then the stream's counter (8 bytes, big-endian) each time it
+    /// a status byte and then the stream's value (8 bytes, big-endian; what the node's
+    /// [`GroupReads::watch`] yields: a counter, or a log index) each time it
     /// moves, until either side ends the stream (see [`Peers::watch`]).
     Watch { group: u64, stream: Vec<u8> },
     /// The conversation shards as this member sees them (who leads each, who holds
@@ -190,11 +191,12 @@ pub trait Relay: Send + Sync + 'static {
 pub trait GroupReads: Send + Sync + 'static {
     /// The encoded answer to `query` about `group`'s applied state.
     fn read(&self, group: u64, query: Vec<u8>) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>>;
-    /// A counter that moves each time stream `stream` of `group` does.
+    /// A value that changes each time stream `stream` of `group` moves (the node
+    /// chooses it by the stream's format: a counter of moves, or a log index).
     fn watch(&self, group: u64, stream: Vec<u8>) -> futures::future::BoxFuture<'static, Result<tokio::sync::watch::Receiver<u64>, String>>;
 }
 
-/// The status byte that opens a `Watch` answer: followed by counters, or by the reason
+/// The status byte that opens a `Watch` answer: followed by the stream's values, or by the reason
 /// it was refused (UTF-8, to the end of the stream).
 const WATCHING: u8 = 0;
 const WATCH_REFUSED: u8 = 1;
@@ -800,7 +802,7 @@ async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, m
     Ok(())
 }
 
-/// Feeds a peer the counter of stream `stream` of `group` each time it moves, until the
+/// Feeds a peer the value of stream `stream` of `group` each time it moves, until the
 /// peer stops reading, the connection ends or the stream's sender goes away.
 async fn serve_watch(router: &Router, group: u64, stream: Vec<u8>, mut send: quinn::SendStream) -> Result<(), String> {
     let watched = match (router.get(group), router.reads()) {
@@ -847,7 +849,7 @@ pub struct Watching {
 }
 
 impl Watching {
-    /// The stream's counter the next time it moves, or `None` once the member, the
+    /// The stream's value the next time it moves, or `None` once the member, the
     /// connection or the stream is gone.
     pub async fn next(&mut self) -> Option<u64> {
         let mut at = [0u8; 8];
@@ -1146,7 +1148,7 @@ impl Peers {
     }
 
     /// Follows stream `stream` (encoded by the node) of `group` on the member at
-    /// `addr`: the stream's counter now, and a [`Watching`] that yields it each time
+    /// `addr`: the stream's value now, and a [`Watching`] that yields it each time
     /// it moves. Fails when the member does not answer within `ttl` or refuses.
     pub async fn watch(&self, addr: &str, group: u64, stream: Vec<u8>, ttl: Duration) -> Result<(u64, Watching), String> {
         let bytes = encode(&RpcRequest::Watch { group, stream })?;
