@@ -569,6 +569,47 @@ async fn a_whatsapp_conversation_with_signed_webhooks_and_receipts() -> anyhow::
     Ok(())
 }
 
+/// Meta can report a message delivered before the outbox has written down that it was
+/// sent (the send's answer and the receipt race): the receipt finds no message then. It
+/// is answered 200 and held, and applied once the send is written; the operator sees
+/// the message delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whatsapp_receipt_that_overtakes_its_send_is_applied_once_the_send_is_written() -> anyhow::Result<()> {
+    use switchboard_chaos_tests::fake_provider::{meta_signature, FakeWhatsApp};
+    const APP_SECRET: &str = "meta-app-secret";
+    let fake = FakeWhatsApp::start("EAAG-access").await?;
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    dev.api("PUT", "/api/channels/wa", Some(&admin), Some(json!({"kind": "whatsapp", "name": "WhatsApp", "default_group": "general"}))).await?;
+    let settings = json!({"kind": "whatsapp", "access_token": "EAAG-access", "app_secret": APP_SECRET, "verify_token": "verify-me", "phone_number_id": "1098765432", "api_base": fake.api_base()});
+    assert_eq!(dev.api("PUT", "/api/channels/wa/adapter", Some(&admin), Some(settings)).await?.0, 200);
+    let hook = |body: Value| {
+        let public = dev.public.clone();
+        async move {
+            let raw = body.to_string();
+            let signature = meta_signature(APP_SECRET, raw.as_bytes());
+            anyhow::Ok(http_json_with(&public, "POST", "/hooks/whatsapp/wa", &[("x-hub-signature-256", signature.as_str())], Some(&body)).await?)
+        }
+    };
+    let value = |inner: Value| json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": inner}]}]});
+    let message = value(json!({"messaging_product": "whatsapp", "metadata": {"phone_number_id": "1098765432"}, "contacts": [{"profile": {"name": "Ana"}, "wa_id": "4915112345"}], "messages": [{"from": "4915112345", "id": "wamid.IN1", "timestamp": "1700000000", "type": "text", "text": {"body": "hola"}}]}));
+    assert_eq!(hook(message).await?.0, 200);
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let conversation = accept_offer(&mut alice).await?;
+
+    // The fake names its first message `wamid.FAKE1`: its receipt comes first.
+    let receipt = value(json!({"messaging_product": "whatsapp", "metadata": {"phone_number_id": "1098765432"}, "statuses": [{"id": "wamid.FAKE1", "status": "delivered", "timestamp": "1700000100", "recipient_id": "4915112345"}]}));
+    let (status, body) = hook(receipt).await?;
+    assert_eq!((status, body["statuses"].clone()), (200, json!(0)), "answered, and no message is found yet: {body}");
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "w1", "text": "¡Hola Ana!", "ref": "w1"})).await?;
+    let ack = alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "w1").await?;
+    let delivered = alice.wait_for(Duration::from_secs(20), |v| v["kind"] == "delivery" && v["status"] == "delivered").await?;
+    assert_eq!((delivered["conversation"].clone(), delivered["entry_seq"].clone()), (json!(conversation), ack["seq"].clone()), "{delivered}");
+    assert_eq!(fake.sent().first().map(|m| m.2.clone()), Some("wamid.FAKE1".to_owned()));
+    Ok(())
+}
+
 fn hs256_token(secret: &str, claims: &Value) -> String {
     use base64::Engine as _;
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);

@@ -101,9 +101,10 @@ pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
                     // `sent` is known from the send's own answer.
                     _ => continue,
                 };
-                // A receipt for a message whose send is not committed yet is dropped.
-                if let Some((conversation, seq)) = gw.by_provider_id(&channel, &id).await? {
-                    receipts.push(DeliveryResult { conversation, seq, node: 0, outcome });
+                // A receipt for a message whose send is not committed yet is held.
+                match gw.by_provider_id(&channel, &id).await? {
+                    Some((conversation, seq)) => receipts.push(DeliveryResult { conversation, seq, node: 0, outcome }),
+                    None => hold_receipt(&gw, &channel, &id, outcome),
                 }
             }
         }
@@ -160,8 +161,9 @@ pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<
             }
             messenger::Item::Delivered { ids } => {
                 for id in ids {
-                    if let Some((conversation, seq)) = gw.by_provider_id(&channel, &id).await? {
-                        receipts.push(DeliveryResult { conversation, seq, node: 0, outcome: DeliveryOutcome::Delivered });
+                    match gw.by_provider_id(&channel, &id).await? {
+                        Some((conversation, seq)) => receipts.push(DeliveryResult { conversation, seq, node: 0, outcome: DeliveryOutcome::Delivered }),
+                        None => hold_receipt(&gw, &channel, &id, DeliveryOutcome::Delivered),
                     }
                 }
             }
@@ -193,12 +195,134 @@ pub async fn viber_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
                 "read" => DeliveryOutcome::Read,
                 _ => DeliveryOutcome::Failed { reason },
             };
-            let found = gw.by_provider_id(&channel, &id).await?;
-            let receipts: Vec<DeliveryResult> = found.map(|(conversation, seq)| DeliveryResult { conversation, seq, node: 0, outcome }).into_iter().collect();
+            let receipts: Vec<DeliveryResult> = match gw.by_provider_id(&channel, &id).await? {
+                Some((conversation, seq)) => vec![DeliveryResult { conversation, seq, node: 0, outcome }],
+                None => {
+                    hold_receipt(&gw, &channel, &id, outcome);
+                    Vec::new()
+                }
+            };
             commit_receipts(&gw, &receipts).await?;
             Ok(Json(json!({"ok": true, "statuses": receipts.len()})).into_response())
         }
         viber::Item::Other => Ok(Json(json!({"ok": true})).into_response()),
+    }
+}
+
+/// Receipts a node holds at most while their messages' sends are not committed; past
+/// it the oldest is dropped.
+pub const MAX_EARLY_RECEIPTS: usize = 10_000;
+/// How long a receipt is held waiting for its message's send to be committed.
+pub const EARLY_RECEIPT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often held receipts are matched again.
+const EARLY_RECEIPT_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+/// Held receipts looked up in one round at most (a lookup may ask every shard).
+const EARLY_RECEIPTS_PER_ROUND: usize = 512;
+/// The longest provider id a held receipt keeps.
+const MAX_HELD_ID_BYTES: usize = 256;
+
+/// Provider receipts (WhatsApp's and Viber's statuses, Messenger's deliveries) for a
+/// message whose send is not committed yet: the provider answered the send and
+/// reported the delivery before the outbox's `sent` entry was written, so the provider
+/// id finds nothing. Answering the webhook with an error would make the provider
+/// deliver the whole payload again, messages included, and one that never finds its
+/// message (a message sent by another system on the same number) would be retried for
+/// days; so the webhook is answered, and the receipt held here for up to
+/// [`EARLY_RECEIPT_PATIENCE`] and matched again every [`EARLY_RECEIPT_RETRY`]. Held in
+/// memory only: a node that stops loses what it held (receipts are hints; the message
+/// itself is sent either way).
+#[derive(Default)]
+pub(crate) struct EarlyReceipts {
+    held: std::sync::Mutex<std::collections::VecDeque<Early>>,
+    /// Whether a task matching held receipts runs (one per node, while any are held).
+    matching: std::sync::atomic::AtomicBool,
+}
+
+struct Early {
+    channel: ChannelId,
+    id: String,
+    outcome: DeliveryOutcome,
+    since: std::time::Instant,
+}
+
+/// Holds a receipt whose provider id found no sent message (see [`EarlyReceipts`]).
+fn hold_receipt(gw: &Arc<Gateway>, channel: &ChannelId, id: &str, outcome: DeliveryOutcome) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if id.is_empty() || id.len() > MAX_HELD_ID_BYTES {
+        gw.metrics.receipts_dropped.fetch_add(1, Relaxed);
+        return;
+    }
+    {
+        let mut held = gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.len() >= MAX_EARLY_RECEIPTS {
+            held.pop_front();
+            gw.metrics.receipts_dropped.fetch_add(1, Relaxed);
+        }
+        held.push_back(Early { channel: channel.clone(), id: id.to_owned(), outcome, since: std::time::Instant::now() });
+    }
+    gw.metrics.receipts_held.fetch_add(1, Relaxed);
+    if !gw.early_receipts.matching.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        tokio::spawn(match_held_receipts(gw.clone()));
+    }
+}
+
+/// Matches held receipts again until none is left: those that find their message are
+/// committed, those held past [`EARLY_RECEIPT_PATIENCE`] are dropped.
+async fn match_held_receipts(gw: Arc<Gateway>) {
+    use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+    loop {
+        tokio::time::sleep(EARLY_RECEIPT_RETRY).await;
+        let round: Vec<Early> = {
+            let mut held = gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner());
+            let n = held.len().min(EARLY_RECEIPTS_PER_ROUND);
+            held.drain(..n).collect()
+        };
+        if round.is_empty() {
+            gw.early_receipts.matching.store(false, std::sync::atomic::Ordering::Release);
+            // A receipt held between the look and the store started no task: go on.
+            let more = !gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+            if more && !gw.early_receipts.matching.swap(true, AcqRel) {
+                continue;
+            }
+            return;
+        }
+        let mut keep = Vec::new();
+        let mut found: Vec<(Early, DeliveryResult)> = Vec::new();
+        for early in round {
+            match gw.by_provider_id(&early.channel, &early.id).await {
+                Ok(Some((conversation, seq))) => {
+                    let result = DeliveryResult { conversation, seq, node: 0, outcome: early.outcome.clone() };
+                    found.push((early, result));
+                }
+                Ok(None) if early.since.elapsed() >= EARLY_RECEIPT_PATIENCE => {
+                    tracing::debug!(channel = %early.channel, id = %early.id, "a provider receipt found no sent message within {EARLY_RECEIPT_PATIENCE:?}; dropped");
+                    gw.metrics.receipts_dropped.fetch_add(1, Relaxed);
+                }
+                // Not committed yet, or the shards could not be asked now.
+                _ => keep.push(early),
+            }
+        }
+        if !found.is_empty() {
+            let results: Vec<DeliveryResult> = found.iter().map(|(_, r)| r.clone()).collect();
+            match commit_receipts(&gw, &results).await {
+                Ok(()) => {
+                    gw.metrics.receipts_matched_late.fetch_add(found.len() as u64, Relaxed);
+                }
+                // Tried again next round (a delivered or read receipt twice is harmless).
+                Err(_) => keep.extend(found.into_iter().map(|(early, _)| early)),
+            }
+        }
+        if !keep.is_empty() {
+            let mut held = gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner());
+            // Before what came meanwhile, in the order they came; the newest if too many.
+            for early in keep.into_iter().rev() {
+                if held.len() >= MAX_EARLY_RECEIPTS {
+                    gw.metrics.receipts_dropped.fetch_add(1, Relaxed);
+                    continue;
+                }
+                held.push_front(early);
+            }
+        }
     }
 }
 

@@ -553,6 +553,9 @@ pub struct Gateway {
     /// the operator or to the visitor): at most once per [`TYPING_RELAY_EVERY`], so a
     /// visitor's burst of typing frames costs the cluster one relay a second.
     typing_relayed: Mutex<HashMap<(ConversationId, bool), std::time::Instant>>,
+    /// Provider receipts that came before their message's send was committed, held a
+    /// little and matched again (`channels::hold_receipt`).
+    pub(crate) early_receipts: channels::EarlyReceipts,
 }
 
 /// How often typing of one conversation's side is relayed to other nodes at most.
@@ -585,6 +588,7 @@ impl Gateway {
             fetches: Arc::new(tokio::sync::Semaphore::new(REMOTE_FETCHES)),
             configured: AtomicBool::new(false),
             typing_relayed: Mutex::new(HashMap::new()),
+            early_receipts: channels::EarlyReceipts::default(),
         })
     }
 

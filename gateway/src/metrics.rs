@@ -56,12 +56,15 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     pub accepts_resent: AtomicU64,
     pub keyed_resent: AtomicU64,
+    pub receipts_held: AtomicU64,
+    pub receipts_matched_late: AtomicU64,
+    pub receipts_dropped: AtomicU64,
 }
 
 impl Metrics {
     pub fn render(&self, extra: &str) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &str, &AtomicU64); 14] = [
+        let counters: [(&str, &str, &str, &AtomicU64); 17] = [
             ("switchboard_connections_refused_total", "counter", "TCP connections closed at once: over the per-address or per-listener cap.", &self.connections_refused),
             ("switchboard_client_sessions_opened_total", "counter", "Client WebSocket sessions opened.", &self.client_sessions_opened),
             ("switchboard_client_sessions", "gauge", "Client WebSocket sessions open now.", &self.client_sessions_active),
@@ -76,6 +79,9 @@ impl Metrics {
             ("switchboard_commands_rejected_total", "counter", "Commands refused by the core.", &self.commands_rejected),
             ("switchboard_accepts_resent_total", "counter", "Offer accepts sent again because the node could not say whether they committed.", &self.accepts_resent),
             ("switchboard_keyed_resent_total", "counter", "Keyed commands (messages, notes, inbound messages) tried again because the node could not say whether they committed, or could not reach the members that decide them.", &self.keyed_resent),
+            ("switchboard_receipts_held_total", "counter", "Provider receipts (delivered, read, failed) that named a message whose send was not committed yet, held to be matched again.", &self.receipts_held),
+            ("switchboard_receipts_matched_late_total", "counter", "Held provider receipts matched to their message once its send was committed.", &self.receipts_matched_late),
+            ("switchboard_receipts_dropped_total", "counter", "Provider receipts given up: held 60 s without a match, pushed out by 10,000 newer ones, or with an id over 256 bytes.", &self.receipts_dropped),
         ];
         for (name, kind, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Relaxed));
