@@ -102,10 +102,7 @@ pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
                     _ => continue,
                 };
                 // A receipt for a message whose send is not committed yet is held.
-                match gw.by_provider_id(&channel, &id).await? {
-                    Some((conversation, seq)) => receipts.push(DeliveryResult { conversation, seq, node: 0, outcome }),
-                    None => hold_receipt(&gw, &channel, &id, outcome),
-                }
+                take_receipt(&gw, &channel, &id, outcome, &mut receipts).await?;
             }
         }
     }
@@ -161,10 +158,7 @@ pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<
             }
             messenger::Item::Delivered { ids } => {
                 for id in ids {
-                    match gw.by_provider_id(&channel, &id).await? {
-                        Some((conversation, seq)) => receipts.push(DeliveryResult { conversation, seq, node: 0, outcome: DeliveryOutcome::Delivered }),
-                        None => hold_receipt(&gw, &channel, &id, DeliveryOutcome::Delivered),
-                    }
+                    take_receipt(&gw, &channel, &id, DeliveryOutcome::Delivered, &mut receipts).await?;
                 }
             }
         }
@@ -195,13 +189,8 @@ pub async fn viber_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
                 "read" => DeliveryOutcome::Read,
                 _ => DeliveryOutcome::Failed { reason },
             };
-            let receipts: Vec<DeliveryResult> = match gw.by_provider_id(&channel, &id).await? {
-                Some((conversation, seq)) => vec![DeliveryResult { conversation, seq, node: 0, outcome }],
-                None => {
-                    hold_receipt(&gw, &channel, &id, outcome);
-                    Vec::new()
-                }
-            };
+            let mut receipts = Vec::new();
+            take_receipt(&gw, &channel, &id, outcome, &mut receipts).await?;
             commit_receipts(&gw, &receipts).await?;
             Ok(Json(json!({"ok": true, "statuses": receipts.len()})).into_response())
         }
@@ -210,13 +199,17 @@ pub async fn viber_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
 }
 
 /// Receipts a node holds at most while their messages' sends are not committed; past
-/// it the oldest is dropped.
+/// it the oldest message's are dropped.
 pub const MAX_EARLY_RECEIPTS: usize = 10_000;
+/// Receipts held for one message at most (delivered, read, failed: one of each is all
+/// a provider sends).
+const MAX_EARLY_RECEIPTS_PER_ID: usize = 4;
 /// How long a receipt is held waiting for its message's send to be committed.
 pub const EARLY_RECEIPT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often held receipts are matched again.
 const EARLY_RECEIPT_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
-/// Held receipts looked up in one round at most (a lookup may ask every shard).
+/// Messages looked up in one round at most (a lookup may ask every shard); the next
+/// round takes the next ones.
 const EARLY_RECEIPTS_PER_ROUND: usize = 512;
 /// The longest provider id a held receipt keeps.
 const MAX_HELD_ID_BYTES: usize = 256;
@@ -228,21 +221,50 @@ const MAX_HELD_ID_BYTES: usize = 256;
 /// deliver the whole payload again, messages included, and one that never finds its
 /// message (a message sent by another system on the same number) would be retried for
 /// days; so the webhook is answered, and the receipt held here for up to
-/// [`EARLY_RECEIPT_PATIENCE`] and matched again every [`EARLY_RECEIPT_RETRY`]. Held in
-/// memory only: a node that stops loses what it held (receipts are hints; the message
-/// itself is sent either way).
+/// [`EARLY_RECEIPT_PATIENCE`] and matched again every [`EARLY_RECEIPT_RETRY`]. A
+/// message's receipts stay in the order they came: while some are held, a new one for
+/// the same message is held behind them. Held in memory only: a node that stops loses
+/// what it held (receipts are hints; the message itself is sent either way).
 #[derive(Default)]
 pub(crate) struct EarlyReceipts {
-    held: std::sync::Mutex<std::collections::VecDeque<Early>>,
+    held: std::sync::Mutex<Held>,
     /// Whether a task matching held receipts runs (one per node, while any are held).
     matching: std::sync::atomic::AtomicBool,
 }
 
+/// Held receipts by message, oldest message first.
+#[derive(Default)]
+struct Held {
+    order: std::collections::VecDeque<(ChannelId, String)>,
+    by_id: std::collections::HashMap<(ChannelId, String), Early>,
+    /// Receipts held in all (the sum of `outcomes` lengths).
+    count: usize,
+}
+
 struct Early {
-    channel: ChannelId,
-    id: String,
-    outcome: DeliveryOutcome,
+    outcomes: Vec<DeliveryOutcome>,
     since: std::time::Instant,
+}
+
+impl EarlyReceipts {
+    /// Whether receipts for this message are held (a new one goes behind them).
+    fn holds(&self, channel: &ChannelId, id: &str) -> bool {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).by_id.contains_key(&(channel.clone(), id.to_owned()))
+    }
+}
+
+/// A webhook's receipt: committed with the others of its delivery when its message is
+/// found and none of that message's is held; otherwise held (see [`EarlyReceipts`]).
+async fn take_receipt(gw: &Arc<Gateway>, channel: &ChannelId, id: &str, outcome: DeliveryOutcome, receipts: &mut Vec<DeliveryResult>) -> Result<(), GatewayError> {
+    if gw.early_receipts.holds(channel, id) {
+        hold_receipt(gw, channel, id, outcome);
+        return Ok(());
+    }
+    match gw.by_provider_id(channel, id).await? {
+        Some((conversation, seq)) => receipts.push(DeliveryResult { conversation, seq, node: 0, outcome }),
+        None => hold_receipt(gw, channel, id, outcome),
+    }
+    Ok(())
 }
 
 /// Holds a receipt whose provider id found no sent message (see [`EarlyReceipts`]).
@@ -254,75 +276,130 @@ fn hold_receipt(gw: &Arc<Gateway>, channel: &ChannelId, id: &str, outcome: Deliv
     }
     {
         let mut held = gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner());
-        if held.len() >= MAX_EARLY_RECEIPTS {
-            held.pop_front();
+        let key = (channel.clone(), id.to_owned());
+        let full = held.by_id.get(&key).is_some_and(|e| e.outcomes.len() >= MAX_EARLY_RECEIPTS_PER_ID);
+        if full {
             gw.metrics.receipts_dropped.fetch_add(1, Relaxed);
+            return;
         }
-        held.push_back(Early { channel: channel.clone(), id: id.to_owned(), outcome, since: std::time::Instant::now() });
+        while held.count >= MAX_EARLY_RECEIPTS {
+            let Some(oldest) = held.order.pop_front() else { break };
+            if let Some(gone) = held.by_id.remove(&oldest) {
+                held.count -= gone.outcomes.len();
+                gw.metrics.receipts_dropped.fetch_add(gone.outcomes.len() as u64, Relaxed);
+            }
+        }
+        let Held { order, by_id, count } = &mut *held;
+        by_id
+            .entry(key.clone())
+            .or_insert_with(|| {
+                order.push_back(key);
+                Early { outcomes: Vec::new(), since: std::time::Instant::now() }
+            })
+            .outcomes
+            .push(outcome);
+        *count += 1;
     }
     gw.metrics.receipts_held.fetch_add(1, Relaxed);
     if !gw.early_receipts.matching.swap(true, std::sync::atomic::Ordering::AcqRel) {
-        tokio::spawn(match_held_receipts(gw.clone()));
+        tokio::spawn(match_held_receipts(Arc::downgrade(gw)));
     }
 }
 
-/// Matches held receipts again until none is left: those that find their message are
-/// committed, those held past [`EARLY_RECEIPT_PATIENCE`] are dropped.
-async fn match_held_receipts(gw: Arc<Gateway>) {
-    use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+/// Clears `matching` when the matching task ends, however it ends (a panic included),
+/// so the next held receipt starts another.
+struct Matching(std::sync::Weak<Gateway>);
+
+impl Drop for Matching {
+    fn drop(&mut self) {
+        if let Some(gw) = self.0.upgrade() {
+            gw.early_receipts.matching.store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+/// Matches held receipts again until none is left: a message found has its receipts
+/// committed in the order they came; one held past [`EARLY_RECEIPT_PATIENCE`] (not
+/// found, or not committed) has them dropped. Stops with the gateway.
+async fn match_held_receipts(gw: std::sync::Weak<Gateway>) {
+    use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
+    let _matching = Matching(gw.clone());
     loop {
         tokio::time::sleep(EARLY_RECEIPT_RETRY).await;
-        let round: Vec<Early> = {
+        let Some(gw) = gw.upgrade() else { return };
+        // The round's messages, rotated to the back so that the next round takes others.
+        let round: Vec<((ChannelId, String), usize, std::time::Instant)> = {
             let mut held = gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner());
-            let n = held.len().min(EARLY_RECEIPTS_PER_ROUND);
-            held.drain(..n).collect()
+            let n = held.order.len().min(EARLY_RECEIPTS_PER_ROUND);
+            let keys: Vec<(ChannelId, String)> = held.order.drain(..n).collect();
+            held.order.extend(keys.iter().cloned());
+            keys.into_iter().filter_map(|k| held.by_id.get(&k).map(|e| (e.outcomes.len(), e.since)).map(|(n, since)| (k, n, since))).collect()
         };
         if round.is_empty() {
-            gw.early_receipts.matching.store(false, std::sync::atomic::Ordering::Release);
+            gw.early_receipts.matching.store(false, Release);
             // A receipt held between the look and the store started no task: go on.
-            let more = !gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+            let more = !gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner()).by_id.is_empty();
             if more && !gw.early_receipts.matching.swap(true, AcqRel) {
                 continue;
             }
             return;
         }
-        let mut keep = Vec::new();
-        let mut found: Vec<(Early, DeliveryResult)> = Vec::new();
-        for early in round {
-            match gw.by_provider_id(&early.channel, &early.id).await {
-                Ok(Some((conversation, seq))) => {
-                    let result = DeliveryResult { conversation, seq, node: 0, outcome: early.outcome.clone() };
-                    found.push((early, result));
-                }
-                Ok(None) if early.since.elapsed() >= EARLY_RECEIPT_PATIENCE => {
-                    tracing::debug!(channel = %early.channel, id = %early.id, "a provider receipt found no sent message within {EARLY_RECEIPT_PATIENCE:?}; dropped");
-                    gw.metrics.receipts_dropped.fetch_add(1, Relaxed);
-                }
-                // Not committed yet, or the shards could not be asked now.
-                _ => keep.push(early),
+        let mut found: Vec<((ChannelId, String), usize, (ConversationId, u64))> = Vec::new();
+        let mut expired: Vec<(ChannelId, String)> = Vec::new();
+        for (key, n, since) in round {
+            match gw.by_provider_id(&key.0, &key.1).await {
+                Ok(Some(entry)) => found.push((key, n, entry)),
+                // Not committed yet, or the shards could not be asked now: again next
+                // round, unless it has waited long enough.
+                _ if since.elapsed() >= EARLY_RECEIPT_PATIENCE => expired.push(key),
+                _ => {}
             }
         }
-        if !found.is_empty() {
-            let results: Vec<DeliveryResult> = found.iter().map(|(_, r)| r.clone()).collect();
-            match commit_receipts(&gw, &results).await {
-                Ok(()) => {
-                    gw.metrics.receipts_matched_late.fetch_add(found.len() as u64, Relaxed);
+        // The found messages' receipts as they are held now, in the order they came.
+        let results: Vec<DeliveryResult> = {
+            let held = gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner());
+            found
+                .iter()
+                .flat_map(|(key, n, (conversation, seq))| {
+                    let outcomes = held.by_id.get(key).map(|e| e.outcomes[..(*n).min(e.outcomes.len())].to_vec()).unwrap_or_default();
+                    outcomes.into_iter().map(|outcome| DeliveryResult { conversation: *conversation, seq: *seq, node: 0, outcome })
+                })
+                .collect()
+        };
+        let committed = results.is_empty() || commit_receipts(&gw, &results).await.is_ok();
+        let mut held = gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = Vec::new();
+        if committed {
+            gw.metrics.receipts_matched_late.fetch_add(results.len() as u64, Relaxed);
+            for (key, n, _) in found {
+                if let Some(early) = held.by_id.get_mut(&key) {
+                    // Those committed go; any held behind them meanwhile wait their turn.
+                    let n = n.min(early.outcomes.len());
+                    early.outcomes.drain(..n);
+                    let empty = early.outcomes.is_empty();
+                    held.count -= n;
+                    if empty {
+                        done.push(key);
+                    }
                 }
-                // Tried again next round (a delivered or read receipt twice is harmless).
-                Err(_) => keep.extend(found.into_iter().map(|(early, _)| early)),
+            }
+        } else {
+            // Tried again next round (a delivered or read receipt twice is harmless),
+            // unless it has waited long enough.
+            expired.extend(found.into_iter().filter(|(key, _, _)| held.by_id.get(key).is_some_and(|e| e.since.elapsed() >= EARLY_RECEIPT_PATIENCE)).map(|(key, _, _)| key));
+        }
+        for key in expired {
+            if let Some(gone) = held.by_id.remove(&key) {
+                tracing::debug!(channel = %key.0, id = %key.1, "a provider receipt found no sent message within {EARLY_RECEIPT_PATIENCE:?}; dropped");
+                held.count -= gone.outcomes.len();
+                gw.metrics.receipts_dropped.fetch_add(gone.outcomes.len() as u64, Relaxed);
             }
         }
-        if !keep.is_empty() {
-            let mut held = gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner());
-            // Before what came meanwhile, in the order they came; the newest if too many.
-            for early in keep.into_iter().rev() {
-                if held.len() >= MAX_EARLY_RECEIPTS {
-                    gw.metrics.receipts_dropped.fetch_add(1, Relaxed);
-                    continue;
-                }
-                held.push_front(early);
-            }
+        for key in done {
+            held.by_id.remove(&key);
         }
+        let Held { order, by_id, .. } = &mut *held;
+        order.retain(|k| by_id.contains_key(k));
     }
 }
 
