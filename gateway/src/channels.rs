@@ -236,6 +236,8 @@ pub(crate) struct EarlyReceipts {
 #[derive(Default)]
 struct Held {
     order: std::collections::VecDeque<(ChannelId, String)>,
+    /// Where in `order` the next round starts (rounds take turns over every message).
+    turn: usize,
     by_id: std::collections::HashMap<(ChannelId, String), Early>,
     /// Receipts held in all (the sum of `outcomes` lengths).
     count: usize,
@@ -289,7 +291,8 @@ fn hold_receipt(gw: &Arc<Gateway>, channel: &ChannelId, id: &str, outcome: Deliv
                 gw.metrics.receipts_dropped.fetch_add(gone.outcomes.len() as u64, Relaxed);
             }
         }
-        let Held { order, by_id, count } = &mut *held;
+        // (Eviction may have taken this very message: it is held anew, from now.)
+        let Held { order, by_id, count, .. } = &mut *held;
         by_id
             .entry(key.clone())
             .or_insert_with(|| {
@@ -306,14 +309,18 @@ fn hold_receipt(gw: &Arc<Gateway>, channel: &ChannelId, id: &str, outcome: Deliv
     }
 }
 
-/// Clears `matching` when the matching task ends, however it ends (a panic included),
-/// so the next held receipt starts another.
+/// Clears `matching` if the matching task panics, so the next held receipt starts
+/// another. (A task that ends normally cleared it itself, before its last look at the
+/// held receipts: clearing it again here could let a second task start beside one a
+/// new receipt started meanwhile.)
 struct Matching(std::sync::Weak<Gateway>);
 
 impl Drop for Matching {
     fn drop(&mut self) {
-        if let Some(gw) = self.0.upgrade() {
-            gw.early_receipts.matching.store(false, std::sync::atomic::Ordering::Release);
+        if std::thread::panicking() {
+            if let Some(gw) = self.0.upgrade() {
+                gw.early_receipts.matching.store(false, std::sync::atomic::Ordering::Release);
+            }
         }
     }
 }
@@ -327,12 +334,15 @@ async fn match_held_receipts(gw: std::sync::Weak<Gateway>) {
     loop {
         tokio::time::sleep(EARLY_RECEIPT_RETRY).await;
         let Some(gw) = gw.upgrade() else { return };
-        // The round's messages, rotated to the back so that the next round takes others.
+        // The round's messages, from where the last round stopped (the order stays the
+        // order they came in, which eviction follows).
         let round: Vec<((ChannelId, String), usize, std::time::Instant)> = {
             let mut held = gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner());
-            let n = held.order.len().min(EARLY_RECEIPTS_PER_ROUND);
-            let keys: Vec<(ChannelId, String)> = held.order.drain(..n).collect();
-            held.order.extend(keys.iter().cloned());
+            let len = held.order.len();
+            let n = len.min(EARLY_RECEIPTS_PER_ROUND);
+            let start = if len == 0 { 0 } else { held.turn % len };
+            let keys: Vec<(ChannelId, String)> = (0..n).map(|i| held.order[(start + i) % len].clone()).collect();
+            held.turn = if len == 0 { 0 } else { (start + n) % len };
             keys.into_iter().filter_map(|k| held.by_id.get(&k).map(|e| (e.outcomes.len(), e.since)).map(|(n, since)| (k, n, since))).collect()
         };
         if round.is_empty() {
@@ -344,11 +354,13 @@ async fn match_held_receipts(gw: std::sync::Weak<Gateway>) {
             }
             return;
         }
-        let mut found: Vec<((ChannelId, String), usize, (ConversationId, u64))> = Vec::new();
+        // Each found message with how many of its receipts this round commits, and when
+        // it was first held (a message evicted and held anew meanwhile is another).
+        let mut found: Vec<((ChannelId, String), usize, (ConversationId, u64), std::time::Instant)> = Vec::new();
         let mut expired: Vec<(ChannelId, String)> = Vec::new();
         for (key, n, since) in round {
             match gw.by_provider_id(&key.0, &key.1).await {
-                Ok(Some(entry)) => found.push((key, n, entry)),
+                Ok(Some(entry)) => found.push((key, n, entry, since)),
                 // Not committed yet, or the shards could not be asked now: again next
                 // round, unless it has waited long enough.
                 _ if since.elapsed() >= EARLY_RECEIPT_PATIENCE => expired.push(key),
@@ -360,8 +372,8 @@ async fn match_held_receipts(gw: std::sync::Weak<Gateway>) {
             let held = gw.early_receipts.held.lock().unwrap_or_else(|p| p.into_inner());
             found
                 .iter()
-                .flat_map(|(key, n, (conversation, seq))| {
-                    let outcomes = held.by_id.get(key).map(|e| e.outcomes[..(*n).min(e.outcomes.len())].to_vec()).unwrap_or_default();
+                .flat_map(|(key, n, (conversation, seq), since)| {
+                    let outcomes = held.by_id.get(key).filter(|e| e.since == *since).map(|e| e.outcomes[..(*n).min(e.outcomes.len())].to_vec()).unwrap_or_default();
                     outcomes.into_iter().map(|outcome| DeliveryResult { conversation: *conversation, seq: *seq, node: 0, outcome })
                 })
                 .collect()
@@ -371,8 +383,8 @@ async fn match_held_receipts(gw: std::sync::Weak<Gateway>) {
         let mut done = Vec::new();
         if committed {
             gw.metrics.receipts_matched_late.fetch_add(results.len() as u64, Relaxed);
-            for (key, n, _) in found {
-                if let Some(early) = held.by_id.get_mut(&key) {
+            for (key, n, _, since) in found {
+                if let Some(early) = held.by_id.get_mut(&key).filter(|e| e.since == since) {
                     // Those committed go; any held behind them meanwhile wait their turn.
                     let n = n.min(early.outcomes.len());
                     early.outcomes.drain(..n);
@@ -386,7 +398,7 @@ async fn match_held_receipts(gw: std::sync::Weak<Gateway>) {
         } else {
             // Tried again next round (a delivered or read receipt twice is harmless),
             // unless it has waited long enough.
-            expired.extend(found.into_iter().filter(|(key, _, _)| held.by_id.get(key).is_some_and(|e| e.since.elapsed() >= EARLY_RECEIPT_PATIENCE)).map(|(key, _, _)| key));
+            expired.extend(found.into_iter().filter(|(key, ..)| held.by_id.get(key).is_some_and(|e| e.since.elapsed() >= EARLY_RECEIPT_PATIENCE)).map(|(key, ..)| key));
         }
         for key in expired {
             if let Some(gone) = held.by_id.remove(&key) {
@@ -398,8 +410,11 @@ async fn match_held_receipts(gw: std::sync::Weak<Gateway>) {
         for key in done {
             held.by_id.remove(&key);
         }
-        let Held { order, by_id, .. } = &mut *held;
+        let Held { order, by_id, turn, .. } = &mut *held;
         order.retain(|k| by_id.contains_key(k));
+        if *turn >= order.len() {
+            *turn = 0;
+        }
     }
 }
 

@@ -81,7 +81,7 @@ impl Metrics {
             ("switchboard_keyed_resent_total", "counter", "Keyed commands (messages, notes, inbound messages) tried again because the node could not say whether they committed, or could not reach the members that decide them.", &self.keyed_resent),
             ("switchboard_receipts_held_total", "counter", "Provider receipts (delivered, read, failed) that named a message whose send was not committed yet, held to be matched again.", &self.receipts_held),
             ("switchboard_receipts_matched_late_total", "counter", "Held provider receipts matched to their message once its send was committed.", &self.receipts_matched_late),
-            ("switchboard_receipts_dropped_total", "counter", "Provider receipts given up: held 60 s without being matched and committed, pushed out by 10,000 newer ones, a fifth for one message, or with an empty id or one over 256 bytes.", &self.receipts_dropped),
+            ("switchboard_receipts_dropped_total", "counter", "Provider receipts given up: held 60 s without being matched and committed, dropped with their message when 10,000 are held, a fifth for one message, or with an empty id or one over 256 bytes.", &self.receipts_dropped),
         ];
         for (name, kind, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value.load(Relaxed));
