@@ -1061,6 +1061,18 @@ mod tests {
             other => panic!("a read past every member's log was answered {other:?}"),
         }
 
+        // An outbox's question to the node that left an attempt: each entry's state,
+        // `NEVER_SENT` included; `Sending` (what nodes of earlier builds ask) hears only
+        // whether it is being sent.
+        {
+            use switchboard_raft::network::sending_state::{NEVER_SENT, NOT_SENDING, SENDING};
+            survivor.router.set_sending(Arc::new(|keys: &[(u64, u64)]| keys.iter().map(|(_, seq)| [NOT_SENDING, SENDING, NEVER_SENT][(*seq % 3) as usize]).collect()));
+            let addr = survivor.endpoint.local_addr().expect("bound").to_string();
+            let keys = vec![(1, 0), (1, 1), (1, 2)];
+            assert_eq!(peers.sending_states(&addr, keys.clone(), Duration::from_secs(2)).await.expect("answered"), vec![NOT_SENDING, SENDING, NEVER_SENT]);
+            assert_eq!(peers.sending(&addr, keys, Duration::from_secs(2)).await.expect("answered"), vec![false, true, false]);
+        }
+
         // A gateway's certificate relays sockets; it may not read a group's state.
         let gateway = switchboard_raft::tls::ensure_member_as(&certs, "gateway-1", switchboard_raft::tls::Role::Gateway, &[]).expect("certificate");
         let gateway_endpoint = switchboard_raft::tls::client_endpoint(&gateway, "127.0.0.1:0".parse().expect("address")).expect("endpoint");

@@ -17,10 +17,14 @@
 //!   take up to [`FILE_SEND_TIMEOUT`]), it is dead-lettered as `unknown` rather than risk
 //!   sending it twice.
 //! - Before that longer wait ends, the leader asks the node that made the attempt
-//!   whether its process is still sending it (`Sending`, every [`ASK_EVERY`]): a node
-//!   that says no (it was restarted, or gave the send up) will never answer, so the
-//!   attempt is settled `unknown` then. A node that cannot be reached may still be at
-//!   it: the attempt waits.
+//!   whether its process is still sending it (`SendingStates`, every [`ASK_EVERY`]): a
+//!   node that says no (it was restarted, or gave the send up) will never answer, so
+//!   the attempt is settled `unknown` then. A node that cannot be reached may still be
+//!   at it: the attempt waits. Another node's text send is asked about the same way
+//!   from [`ORPHAN_AFTER_MS`] on, for at most [`QUICK_ASK_GRACE_MS`] more.
+//! - A node that says it never sent the entry (its worker gave the mark up when its
+//!   commit's outcome was unknown, and the mark was written after all) has it sent again
+//!   by the leader: nothing went out for that attempt.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -56,6 +60,10 @@ pub const SLOW_ORPHAN_AFTER_MS: u64 = FILE_SEND_TIMEOUT.as_millis() as u64 + 2 *
 pub const ASK_EVERY: Duration = Duration::from_secs(3);
 /// How long the node asked has to answer.
 const ASK_TTL: Duration = Duration::from_secs(2);
+/// How long past [`ORPHAN_AFTER_MS`] another node's text send waits for that node's
+/// answer (one ask and its answer) before it is settled `unknown` anyway (the node is
+/// gone, or still says it sends it).
+pub const QUICK_ASK_GRACE_MS: u64 = ASK_EVERY.as_millis() as u64 + ASK_TTL.as_millis() as u64;
 /// An entry still failing this long after it was queued is dead-lettered.
 pub const GIVE_UP_AFTER_MS: u64 = 24 * 3600 * 1000;
 const FIRST_BACKOFF_MS: u64 = 1000;
@@ -118,21 +126,45 @@ type Attempt = (Key, u64, Timestamp);
 /// question (a conversation's entries live in one group, so keys do not collide).
 static SENDS: Mutex<Vec<std::sync::Weak<Mutex<InFlight>>>> = Mutex::new(Vec::new());
 
-/// For each of `keys`, whether an outbox worker of this process is sending it (from the
-/// moment it picks the entry until its outcome is committed or settled elsewhere).
-pub fn sending(keys: &[(u64, u64)]) -> Vec<bool> {
-    let mut workers = SENDS.lock().unwrap_or_else(|p| p.into_inner());
-    workers.retain(|w| w.strong_count() > 0);
-    let sets: Vec<Arc<Mutex<InFlight>>> = workers.iter().filter_map(std::sync::Weak::upgrade).collect();
-    drop(workers);
-    let mut found = vec![false; keys.len()];
-    for set in sets {
+/// Every outbox worker's marks given up in this process (see `abandoned` in [`run`]):
+/// what says `NEVER_SENT` to another node's `SendingStates` question.
+static ABANDONED: Mutex<Vec<std::sync::Weak<Mutex<std::collections::HashSet<Key>>>>> = Mutex::new(Vec::new());
+
+/// For each of `keys`, its `switchboard_raft::network::sending_state` in this process:
+/// `SENDING` while an outbox worker sends it (from the moment it picks the entry until
+/// its outcome is committed or settled elsewhere), else `NEVER_SENT` if a worker gave
+/// its mark up and has not marked it since (it sent nothing for it), else `NOT_SENDING`.
+pub fn sending(keys: &[(u64, u64)]) -> Vec<u8> {
+    use switchboard_raft::network::sending_state::{NEVER_SENT, NOT_SENDING, SENDING};
+    let sets: Vec<Arc<Mutex<InFlight>>> = {
+        let mut workers = SENDS.lock().unwrap_or_else(|p| p.into_inner());
+        workers.retain(|w| w.strong_count() > 0);
+        workers.iter().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    let given_up: Vec<Arc<Mutex<std::collections::HashSet<Key>>>> = {
+        let mut workers = ABANDONED.lock().unwrap_or_else(|p| p.into_inner());
+        workers.retain(|w| w.strong_count() > 0);
+        workers.iter().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    let keys: Vec<Key> = keys.iter().map(|(c, seq)| (ConversationId(*c), *seq)).collect();
+    let mut states = vec![NOT_SENDING; keys.len()];
+    for set in given_up {
         let set = set.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, (conversation, seq)) in keys.iter().enumerate() {
-            found[i] |= set.contains_key(&(ConversationId(*conversation), *seq));
+        for (i, key) in keys.iter().enumerate() {
+            if set.contains(key) {
+                states[i] = NEVER_SENT;
+            }
         }
     }
-    found
+    for set in sets {
+        let set = set.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, key) in keys.iter().enumerate() {
+            if set.contains_key(key) {
+                states[i] = SENDING;
+            }
+        }
+    }
+    states
 }
 
 /// Runs the delivery worker of one group's outbox while this node leads it. `outboxes`:
@@ -163,6 +195,10 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
     // unknown. An entry leaves the set when this process marks it again or it leaves
     // the outbox.
     let abandoned: Arc<Mutex<std::collections::HashSet<Key>>> = Arc::default();
+    ABANDONED.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&abandoned));
+    // Attempts of other nodes that node says it never sent (it gave their marks up):
+    // sent again, not settled `unknown`.
+    let never_sent: Arc<Mutex<std::collections::HashSet<Attempt>>> = Arc::default();
     // Bumped whenever entries leave `in_flight`: they may be picked again, though no
     // command was applied (a mark that failed) or the one applied came before they left.
     let released: Arc<AtomicU64> = Arc::default();
@@ -185,6 +221,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             seen = None;
             asked.clear();
             given_up.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            never_sent.lock().unwrap_or_else(|p| p.into_inner()).clear();
             continue;
         }
         let now = now_ms();
@@ -198,6 +235,11 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         next_look = None;
         let mut due = |at: Timestamp| next_look = Some(next_look.map_or(at, |n: Timestamp| n.min(at)));
         let instant = std::time::Instant::now();
+        let never_sent_now: std::collections::HashSet<Attempt> = never_sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut retried: std::collections::HashSet<Attempt> = std::collections::HashSet::new();
+        // Other nodes' attempts of sends that take seconds, not minutes: settled once
+        // their node answered, or [`QUICK_ASK_GRACE_MS`] after the orphan time.
+        let mut quick: std::collections::HashSet<Attempt> = std::collections::HashSet::new();
         let (orphans, may_upload, mut slow_waiting, paced, paced_for) = {
             let state = shard.read();
             if state.outbox.is_empty() {
@@ -257,9 +299,18 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
                         } else if age < ORPHAN_AFTER_MS {
                             due(d.updated_at.plus_ms(ORPHAN_AFTER_MS));
-                        } else if slow == Slow::No || age >= SLOW_ORPHAN_AFTER_MS {
+                        } else if never_sent_now.contains(&(*key, node, d.updated_at)) {
+                            // Its node gave the mark up and sent nothing: send it.
+                            retried.insert((*key, node, d.updated_at));
+                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: format!("not sent: node {node} gave its mark up, which applied after all"), retry_at: now } });
+                        } else if age >= SLOW_ORPHAN_AFTER_MS || (slow == Slow::No && (node == node_id || age >= ORPHAN_AFTER_MS + QUICK_ASK_GRACE_MS)) {
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
-                        } else if slow == Slow::Yes {
+                        } else if slow != Slow::IfFiles {
+                            // Another node's attempt: that node is asked first (it may say
+                            // it never sent it, or that it still sends it).
+                            if slow == Slow::No {
+                                quick.insert((*key, node, d.updated_at));
+                            }
                             slow_waiting.push((*key, node, d.updated_at));
                         } else {
                             // Whether it has files is read below, once the state is released.
@@ -323,13 +374,16 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     None => true,
                 },
             };
-            if !files {
+            if !files && now.millis_since(attempted_at) >= ORPHAN_AFTER_MS + QUICK_ASK_GRACE_MS {
                 if orphans.len() < switchboard_actors::core::MAX_DELIVERY_BATCH {
                     orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
                 } else {
                     due(now);
                 }
             } else {
+                if !files {
+                    quick.insert((key, node, attempted_at));
+                }
                 slow_waiting.push((key, node, attempted_at));
             }
         }
@@ -338,6 +392,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         let still_waiting: std::collections::HashSet<Attempt> = slow_waiting.iter().copied().collect();
         asked.retain(|attempt, _| still_waiting.contains(attempt));
         given_up.lock().unwrap_or_else(|p| p.into_inner()).retain(|attempt| still_waiting.contains(attempt));
+        never_sent.lock().unwrap_or_else(|p| p.into_inner()).retain(|attempt| still_waiting.contains(attempt) || retried.contains(attempt));
         let ask_every = ASK_EVERY.as_millis() as u64;
         let mut asks: BTreeMap<u64, Vec<Attempt>> = BTreeMap::new();
         for attempt in slow_waiting {
@@ -347,7 +402,8 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                 orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
                 continue;
             }
-            due(attempted_at.plus_ms(SLOW_ORPHAN_AFTER_MS).min(now.plus_ms(ask_every)));
+            let settle_at = if quick.contains(&attempt) { attempted_at.plus_ms(ORPHAN_AFTER_MS + QUICK_ASK_GRACE_MS) } else { attempted_at.plus_ms(SLOW_ORPHAN_AFTER_MS) };
+            due(settle_at.min(now.plus_ms(ask_every)));
             if asked.get(&attempt).is_none_or(|at| now.millis_since(*at) >= ask_every) {
                 let attempts = asks.entry(node).or_default();
                 if attempts.len() < switchboard_raft::network::MAX_SENDING_KEYS {
@@ -359,18 +415,24 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         for (node, attempts) in asks {
             let addr = raft.metrics().borrow().membership_config.membership().get_node(&node).map(|n| n.addr.clone());
             let Some(addr) = addr else { continue };
-            let (peers, given_up, released) = (peers.clone(), given_up.clone(), released.clone());
+            let (peers, given_up, never_sent, released) = (peers.clone(), given_up.clone(), never_sent.clone(), released.clone());
             tokio::spawn(async move {
+                use switchboard_raft::network::sending_state::{NEVER_SENT, NOT_SENDING};
                 let question = attempts.iter().map(|((c, seq), ..)| (c.0, *seq)).collect();
-                match peers.sending(&addr, question, ASK_TTL).await {
-                    Ok(flags) => {
-                        let gone: Vec<Attempt> = attempts.iter().zip(flags).filter(|(_, sends)| !sends).map(|(a, _)| *a).collect();
+                match peers.sending_states(&addr, question, ASK_TTL).await {
+                    Ok(states) => {
+                        let gone: Vec<Attempt> = attempts.iter().zip(&states).filter(|(_, s)| **s == NOT_SENDING).map(|(a, _)| *a).collect();
+                        let unsent: Vec<Attempt> = attempts.iter().zip(&states).filter(|(_, s)| **s == NEVER_SENT).map(|(a, _)| *a).collect();
                         if !gone.is_empty() {
                             tracing::info!(node, entries = gone.len(), "the node an outbox attempt was left by no longer sends it; settling it unknown");
                             given_up.lock().unwrap_or_else(|p| p.into_inner()).extend(gone);
-                            // Look again now (the state did not change).
-                            released.fetch_add(1, std::sync::atomic::Ordering::Release);
                         }
+                        if !unsent.is_empty() {
+                            tracing::info!(node, entries = unsent.len(), "the node an outbox attempt was left by never sent it (it gave the mark up); sending it again");
+                            never_sent.lock().unwrap_or_else(|p| p.into_inner()).extend(unsent);
+                        }
+                        // Look again now (the state did not change).
+                        released.fetch_add(1, std::sync::atomic::Ordering::Release);
                     }
                     Err(e) => tracing::debug!(node, error = %e, "could not ask a node whether it still sends its outbox attempts"),
                 }
@@ -775,6 +837,27 @@ async fn commit_results(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_says_which_entries_it_sends_and_which_it_never_sent() {
+        use switchboard_raft::network::sending_state::{NEVER_SENT, NOT_SENDING, SENDING};
+        // Keys no other test uses: the registries are the process's.
+        let (sending_key, given_up_key, both_key, other) = ((ConversationId(9_000_001), 1), (ConversationId(9_000_002), 3), (ConversationId(9_000_003), 2), (ConversationId(9_000_004), 1));
+        let flying: Arc<Mutex<InFlight>> = Arc::default();
+        flying.lock().expect("lock").insert(sending_key, (ChannelId::new("tg"), false));
+        flying.lock().expect("lock").insert(both_key, (ChannelId::new("tg"), false));
+        let abandoned: Arc<Mutex<std::collections::HashSet<Key>>> = Arc::default();
+        abandoned.lock().expect("lock").extend([given_up_key, both_key]);
+        SENDS.lock().expect("lock").push(Arc::downgrade(&flying));
+        ABANDONED.lock().expect("lock").push(Arc::downgrade(&abandoned));
+        let ask = |keys: &[Key]| sending(&keys.iter().map(|(c, s)| (c.0, *s)).collect::<Vec<_>>());
+        assert_eq!(ask(&[sending_key, given_up_key, other]), vec![SENDING, NEVER_SENT, NOT_SENDING]);
+        // Marked again and being sent: sending wins over a mark given up earlier.
+        assert_eq!(ask(&[both_key]), vec![SENDING]);
+        // A worker that stopped says nothing any more.
+        drop((flying, abandoned));
+        assert_eq!(ask(&[sending_key, given_up_key]), vec![NOT_SENDING, NOT_SENDING]);
+    }
 
     #[test]
     fn backoff_doubles_from_a_second_to_five_minutes() {

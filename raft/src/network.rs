@@ -71,6 +71,22 @@ enum RpcRequest {
     /// not the one whose socket is to hear it (appended variant; a node that predates it
     /// answers `BadRequest`, and the signal is lost, as signals may be).
     Signal { to: SignalTo, signal: Vec<u8> },
+    /// As `Sending`, answered with each entry's [`sending_state`]: also whether this
+    /// process gave up the mark of an entry it never sent, so the next leader sends it
+    /// instead of settling it `unknown` (appended variant; a node that predates it
+    /// answers `BadRequest`, and the asker asks `Sending`).
+    SendingStates { keys: Vec<(u64, u64)> },
+}
+
+/// What a node says of an outbox entry another node's leader asks about.
+pub mod sending_state {
+    /// Its process is not sending it (it may have sent it before it restarted).
+    pub const NOT_SENDING: u8 = 0;
+    /// Its process is sending it now: the outcome will come.
+    pub const SENDING: u8 = 1;
+    /// Its process never sent it: the mark was given up (its commit's outcome was
+    /// unknown), then written after all.
+    pub const NEVER_SENT: u8 = 2;
 }
 
 /// Whose sockets a relayed signal is for.
@@ -131,6 +147,8 @@ enum RpcResponse {
     Shards(Vec<ShardStatus>),
     /// The answer to `Sending`: for each entry asked about, whether this process sends it.
     Sending(Vec<bool>),
+    /// The answer to `SendingStates`: each entry's [`sending_state`].
+    SendingStates(Vec<u8>),
 }
 
 /// One conversation shard as a member sees it (answer to a gateway's `Shards` poll).
@@ -149,9 +167,9 @@ pub struct ShardStatus {
 /// order (conversation `id` lives in the `id % len`-th), empty on a node of one group.
 pub type ShardsSource = Arc<dyn Fn() -> Vec<ShardStatus> + Send + Sync>;
 
-/// What answers another node's `Sending` question: for each outbox entry, whether this
-/// process is sending it now.
-pub type SendingSource = Arc<dyn Fn(&[(u64, u64)]) -> Vec<bool> + Send + Sync>;
+/// What answers another node's `Sending` and `SendingStates` questions: for each
+/// outbox entry, its [`sending_state`].
+pub type SendingSource = Arc<dyn Fn(&[(u64, u64)]) -> Vec<u8> + Send + Sync>;
 
 /// The most outbox entries one `Sending` question may name.
 pub const MAX_SENDING_KEYS: usize = 1000;
@@ -581,8 +599,16 @@ impl Router {
                 let source = self.sending.read().unwrap_or_else(|p| p.into_inner()).clone();
                 match source {
                     _ if keys.len() > MAX_SENDING_KEYS => RpcResponse::BadRequest(format!("at most {MAX_SENDING_KEYS} outbox entries per question")),
-                    Some(source) => RpcResponse::Sending(source(&keys)),
+                    Some(source) => RpcResponse::Sending(source(&keys).into_iter().map(|s| s == sending_state::SENDING).collect()),
                     // Not wired (yet): no answer rather than a guess; the asker waits.
+                    None => RpcResponse::BadRequest("this node does not say which outbox entries it sends".into()),
+                }
+            }
+            RpcRequest::SendingStates { keys } => {
+                let source = self.sending.read().unwrap_or_else(|p| p.into_inner()).clone();
+                match source {
+                    _ if keys.len() > MAX_SENDING_KEYS => RpcResponse::BadRequest(format!("at most {MAX_SENDING_KEYS} outbox entries per question")),
+                    Some(source) => RpcResponse::SendingStates(source(&keys)),
                     None => RpcResponse::BadRequest("this node does not say which outbox entries it sends".into()),
                 }
             }
@@ -1091,6 +1117,21 @@ impl Peers {
         match self.exchange(addr, &RpcRequest::Sending { keys }, ttl).await {
             Ok(RpcResponse::Sending(flags)) if flags.len() == n => Ok(flags),
             Ok(RpcResponse::BadRequest(why)) => Err(format!("{addr} refused the question: {why}")),
+            Ok(_) => Err(format!("{addr} answered which entries it sends with something else")),
+            Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
+        }
+    }
+
+    /// Each of `keys`'s [`sending_state`] on the node at `addr`; a node that predates
+    /// `SendingStates` is asked `Sending` (and never says `NEVER_SENT`).
+    pub async fn sending_states(&self, addr: &str, keys: Vec<(u64, u64)>, ttl: Duration) -> Result<Vec<u8>, String> {
+        let n = keys.len();
+        match self.exchange(addr, &RpcRequest::SendingStates { keys: keys.clone() }, ttl).await {
+            Ok(RpcResponse::SendingStates(states)) if states.len() == n => Ok(states),
+            Ok(RpcResponse::BadRequest(_)) => {
+                let flags = self.sending(addr, keys, ttl).await?;
+                Ok(flags.into_iter().map(|f| if f { sending_state::SENDING } else { sending_state::NOT_SENDING }).collect())
+            }
             Ok(_) => Err(format!("{addr} answered which entries it sends with something else")),
             Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
         }
