@@ -119,8 +119,9 @@ struct Bucket {
 type Key = (ConversationId, u64);
 /// The sends running: each entry's key, with its channel and whether it goes to the bot.
 type InFlight = HashMap<Key, (ChannelId, bool)>;
-/// An attempt of another node: the entry, the node, and when its mark was committed.
-type Attempt = (Key, u64, Timestamp);
+/// An attempt of another node: the entry, the node, when its mark was committed and
+/// how many attempts the entry had then (two marks may carry one time, never one count).
+type Attempt = (Key, u64, Timestamp, u32);
 
 /// Every outbox worker's sends in this process: what answers another node's `Sending`
 /// question (a conversation's entries live in one group, so keys do not collide).
@@ -299,9 +300,9 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
                         } else if age < ORPHAN_AFTER_MS {
                             due(d.updated_at.plus_ms(ORPHAN_AFTER_MS));
-                        } else if never_sent_now.contains(&(*key, node, d.updated_at)) {
+                        } else if never_sent_now.contains(&(*key, node, d.updated_at, d.attempts)) {
                             // Its node gave the mark up and sent nothing: send it.
-                            retried.insert((*key, node, d.updated_at));
+                            retried.insert((*key, node, d.updated_at, d.attempts));
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: format!("not sent: node {node} gave its mark up, which applied after all"), retry_at: now } });
                         } else if age >= SLOW_ORPHAN_AFTER_MS || (slow == Slow::No && (node == node_id || age >= ORPHAN_AFTER_MS + QUICK_ASK_GRACE_MS)) {
                             orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
@@ -309,12 +310,12 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                             // Another node's attempt: that node is asked first (it may say
                             // it never sent it, or that it still sends it).
                             if slow == Slow::No {
-                                quick.insert((*key, node, d.updated_at));
+                                quick.insert((*key, node, d.updated_at, d.attempts));
                             }
-                            slow_waiting.push((*key, node, d.updated_at));
+                            slow_waiting.push((*key, node, d.updated_at, d.attempts));
                         } else {
                             // Whether it has files is read below, once the state is released.
-                            may_upload.push((*key, node, d.updated_at));
+                            may_upload.push((*key, node, d.updated_at, d.attempts));
                         }
                     }
                     DeliveryStatus::Pending if d.next_at > now => {
@@ -364,7 +365,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         // waits, so the history is read once per entry and not at every look.
         let waiting: std::collections::HashSet<Key> = may_upload.iter().map(|(k, ..)| *k).collect();
         with_files.retain(|key, _| waiting.contains(key));
-        for (key, node, attempted_at) in may_upload {
+        for (key, node, attempted_at, attempts) in may_upload {
             let files = match with_files.get(&key) {
                 Some(files) => *files,
                 // A history that cannot be read now counts as one with files (the longer
@@ -382,9 +383,9 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                 }
             } else {
                 if !files {
-                    quick.insert((key, node, attempted_at));
+                    quick.insert((key, node, attempted_at, attempts));
                 }
-                slow_waiting.push((key, node, attempted_at));
+                slow_waiting.push((key, node, attempted_at, attempts));
             }
         }
         // A slow attempt of another node waits for its answer, unless that node says its
@@ -396,7 +397,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         let ask_every = ASK_EVERY.as_millis() as u64;
         let mut asks: BTreeMap<u64, Vec<Attempt>> = BTreeMap::new();
         for attempt in slow_waiting {
-            let (key, node, attempted_at) = attempt;
+            let (key, node, attempted_at, _) = attempt;
             let gone = given_up.lock().unwrap_or_else(|p| p.into_inner()).contains(&attempt);
             if gone && orphans.len() < switchboard_actors::core::MAX_DELIVERY_BATCH {
                 orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
@@ -415,11 +416,20 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         for (node, attempts) in asks {
             let addr = raft.metrics().borrow().membership_config.membership().get_node(&node).map(|n| n.addr.clone());
             let Some(addr) = addr else { continue };
-            let (peers, given_up, never_sent, released) = (peers.clone(), given_up.clone(), never_sent.clone(), released.clone());
+            let (peers, given_up, never_sent, released, raft) = (peers.clone(), given_up.clone(), never_sent.clone(), released.clone(), raft.clone());
+            // An answer counts in the term it was asked in, while this node leads it: one
+            // that comes after a change of leader is about another worker's look.
+            let term = raft.metrics().borrow().current_term;
             tokio::spawn(async move {
                 use switchboard_raft::network::sending_state::{NEVER_SENT, NOT_SENDING};
                 let question = attempts.iter().map(|((c, seq), ..)| (c.0, *seq)).collect();
-                match peers.sending_states(&addr, question, ASK_TTL).await {
+                let answer = peers.sending_states(&addr, question, ASK_TTL).await;
+                let still = {
+                    let m = raft.metrics().borrow().clone();
+                    m.current_term == term && m.current_leader == Some(node_id)
+                };
+                match answer {
+                    Ok(_) if !still => tracing::debug!(node, "an answer about outbox attempts came after a change of leader; not used"),
                     Ok(states) => {
                         let gone: Vec<Attempt> = attempts.iter().zip(&states).filter(|(_, s)| **s == NOT_SENDING).map(|(a, _)| *a).collect();
                         let unsent: Vec<Attempt> = attempts.iter().zip(&states).filter(|(_, s)| **s == NEVER_SENT).map(|(a, _)| *a).collect();
@@ -455,6 +465,14 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         in_flight.lock().unwrap_or_else(|p| p.into_inner()).extend(paced.iter().copied().zip(paced_for));
         let (proposer, in_flight, client, shard, results, gateway, released, abandoned) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone(), gateway.clone(), released.clone(), abandoned.clone());
         tokio::spawn(async move {
+            // Entries whose earlier mark this process gave up: that mark may still apply,
+            // so an entry that reads as this node's attempt after a failed mark below may
+            // be that earlier one, which another leader may have been told was never sent
+            // (and sends itself). Those are not sent on a failed mark: they stay given up.
+            let given_up_before: std::collections::HashSet<Key> = {
+                let gave_up = abandoned.lock().unwrap_or_else(|p| p.into_inner());
+                paced.iter().copied().filter(|k| gave_up.contains(k)).collect()
+            };
             // Only what this entry marked is sent: an entry another node marked first
             // (a leadership change) is left to it.
             let marked = match proposer.propose(Command::DeliveriesAttempted { node: node_id, items: paced.clone() }).await {
@@ -471,7 +489,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     tokio::time::sleep(MARK_SETTLE).await;
                     let applied: Vec<Key> = {
                         let state = shard.read();
-                        paced.iter().copied().filter(|k| state.outbox.get(k).is_some_and(|d| d.status == DeliveryStatus::Attempting { node: node_id })).collect()
+                        paced.iter().copied().filter(|k| !given_up_before.contains(k) && state.outbox.get(k).is_some_and(|d| d.status == DeliveryStatus::Attempting { node: node_id })).collect()
                     };
                     let mut gave_up = abandoned.lock().unwrap_or_else(|p| p.into_inner());
                     for key in paced.iter().filter(|k| !applied.contains(k)) {
