@@ -184,7 +184,8 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
     // Each send running, with the channel (and whether to its bot) it counts against.
     let in_flight: Arc<Mutex<InFlight>> = Arc::default();
     SENDS.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&in_flight));
-    // Slow attempts of other nodes, each as (entry, node, time of its mark): when this
+    // Slow attempts of other nodes, each as (entry, node, time of its mark, the entry's
+    // attempts then): when this
     // leader last asked that node about it, and those the node said it no longer sends.
     // An answer counts for the attempt it was asked about only, never for a later mark
     // of the same entry.
@@ -294,18 +295,21 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                             }
                         };
                         let age = now.millis_since(d.updated_at);
+                        // Each settlement below names the attempt's node: the core drops it
+                        // if, by the time it applies, the entry is another node's attempt
+                        // (this leader's view may lag its log right after an election).
                         if node == node_id && gave_up_marks.contains(key) {
-                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: "not sent: the mark this node gave up on applied after all".into(), retry_at: now } });
+                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node, outcome: DeliveryOutcome::Retry { reason: "not sent: the mark this node gave up on applied after all".into(), retry_at: now } });
                         } else if safe {
-                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
+                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node, outcome: DeliveryOutcome::Retry { reason: "resent: the attempt's outcome was lost with its node".into(), retry_at: now } });
                         } else if age < ORPHAN_AFTER_MS {
                             due(d.updated_at.plus_ms(ORPHAN_AFTER_MS));
                         } else if never_sent_now.contains(&(*key, node, d.updated_at, d.attempts)) {
                             // Its node gave the mark up and sent nothing: send it.
                             retried.insert((*key, node, d.updated_at, d.attempts));
-                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Retry { reason: format!("not sent: node {node} gave its mark up, which applied after all"), retry_at: now } });
+                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node, outcome: DeliveryOutcome::Retry { reason: format!("not sent: node {node} gave its mark up, which applied after all"), retry_at: now } });
                         } else if age >= SLOW_ORPHAN_AFTER_MS || (slow == Slow::No && (node == node_id || age >= ORPHAN_AFTER_MS + QUICK_ASK_GRACE_MS)) {
-                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
+                            orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node, outcome: DeliveryOutcome::Unknown });
                         } else if slow != Slow::IfFiles {
                             // Another node's attempt: that node is asked first (it may say
                             // it never sent it, or that it still sends it).
@@ -377,7 +381,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             };
             if !files && now.millis_since(attempted_at) >= ORPHAN_AFTER_MS + QUICK_ASK_GRACE_MS {
                 if orphans.len() < switchboard_actors::core::MAX_DELIVERY_BATCH {
-                    orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
+                    orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node, outcome: DeliveryOutcome::Unknown });
                 } else {
                     due(now);
                 }
@@ -400,7 +404,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             let (key, node, attempted_at, _) = attempt;
             let gone = given_up.lock().unwrap_or_else(|p| p.into_inner()).contains(&attempt);
             if gone && orphans.len() < switchboard_actors::core::MAX_DELIVERY_BATCH {
-                orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node: 0, outcome: DeliveryOutcome::Unknown });
+                orphans.push(DeliveryResult { conversation: key.0, seq: key.1, node, outcome: DeliveryOutcome::Unknown });
                 continue;
             }
             let settle_at = if quick.contains(&attempt) { attempted_at.plus_ms(ORPHAN_AFTER_MS + QUICK_ASK_GRACE_MS) } else { attempted_at.plus_ms(SLOW_ORPHAN_AFTER_MS) };
