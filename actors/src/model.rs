@@ -678,9 +678,10 @@ pub enum Command {
         nodes: Vec<u64>,
     },
     /// As `StartConversation`, with the key the client (or the gateway relaying it)
-    /// chose for this start: a start sent again with the same key in the same channel
-    /// gets the conversation the first one opened, as long as that is kept, instead of
-    /// a second one (a retry after an answer lost with a node).
+    /// chose for this start: a start sent again with the same key in the same channel,
+    /// by the same visitor within `core::START_KEY_WINDOW_MS`, gets the conversation the
+    /// first one opened, as long as that is kept, instead of a second one (a retry after
+    /// an answer lost with a node).
     StartConversationOnce {
         key: String,
         channel: ChannelId,
@@ -1246,8 +1247,9 @@ pub enum Event {
         conversation: ConversationId,
         created_at: Timestamp,
     },
-    /// A keyed start opened this conversation: the same key in the same channel finds it
-    /// (records `+`; deleted with the conversation).
+    /// A keyed start opened this conversation: the same key in the same channel, from
+    /// the same visitor within `core::START_KEY_WINDOW_MS`, finds it (records `+`;
+    /// deleted with the conversation).
     StartKeyTaken {
         conversation: ConversationId,
         channel: ChannelId,

@@ -35,8 +35,8 @@ pub enum ClientIn {
         /// The customer's identity as the site signed it (a JWT; `identity.rs`).
         #[serde(default)]
         identity: Option<String>,
-        /// The client's random key for this start: sent again with it, the start gets
-        /// the conversation the first one opened.
+        /// The client's random key for this start: sent again with it (by the same
+        /// visitor, within 24 hours), the start gets the conversation the first one opened.
         #[serde(default)]
         key: Option<String>,
     },

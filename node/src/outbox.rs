@@ -131,22 +131,21 @@ static SENDS: Mutex<Vec<std::sync::Weak<Mutex<InFlight>>>> = Mutex::new(Vec::new
 /// what says `NEVER_SENT` to another node's `SendingStates` question.
 static ABANDONED: Mutex<Vec<std::sync::Weak<Mutex<std::collections::HashSet<Key>>>>> = Mutex::new(Vec::new());
 
+/// The sets of the workers still running in `registry` (those that stopped leave it).
+fn live<T>(registry: &Mutex<Vec<std::sync::Weak<Mutex<T>>>>) -> Vec<Arc<Mutex<T>>> {
+    let mut workers = registry.lock().unwrap_or_else(|p| p.into_inner());
+    workers.retain(|w| w.strong_count() > 0);
+    workers.iter().filter_map(std::sync::Weak::upgrade).collect()
+}
+
 /// For each of `keys`, its `switchboard_raft::network::sending_state` in this process:
 /// `SENDING` while an outbox worker sends it (from the moment it picks the entry until
 /// its outcome is committed or settled elsewhere), else `NEVER_SENT` if a worker gave
 /// its mark up and has not marked it since (it sent nothing for it), else `NOT_SENDING`.
 pub fn sending(keys: &[(u64, u64)]) -> Vec<u8> {
     use switchboard_raft::network::sending_state::{NEVER_SENT, NOT_SENDING, SENDING};
-    let sets: Vec<Arc<Mutex<InFlight>>> = {
-        let mut workers = SENDS.lock().unwrap_or_else(|p| p.into_inner());
-        workers.retain(|w| w.strong_count() > 0);
-        workers.iter().filter_map(std::sync::Weak::upgrade).collect()
-    };
-    let given_up: Vec<Arc<Mutex<std::collections::HashSet<Key>>>> = {
-        let mut workers = ABANDONED.lock().unwrap_or_else(|p| p.into_inner());
-        workers.retain(|w| w.strong_count() > 0);
-        workers.iter().filter_map(std::sync::Weak::upgrade).collect()
-    };
+    let sets = live(&SENDS);
+    let given_up = live(&ABANDONED);
     let keys: Vec<Key> = keys.iter().map(|(c, seq)| (ConversationId(*c), *seq)).collect();
     let mut states = vec![NOT_SENDING; keys.len()];
     for set in given_up {
@@ -437,6 +436,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                     Ok(states) => {
                         let gone: Vec<Attempt> = attempts.iter().zip(&states).filter(|(_, s)| **s == NOT_SENDING).map(|(a, _)| *a).collect();
                         let unsent: Vec<Attempt> = attempts.iter().zip(&states).filter(|(_, s)| **s == NEVER_SENT).map(|(a, _)| *a).collect();
+                        let news = !gone.is_empty() || !unsent.is_empty();
                         if !gone.is_empty() {
                             tracing::info!(node, entries = gone.len(), "the node an outbox attempt was left by no longer sends it; settling it unknown");
                             given_up.lock().unwrap_or_else(|p| p.into_inner()).extend(gone);
@@ -445,8 +445,10 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                             tracing::info!(node, entries = unsent.len(), "the node an outbox attempt was left by never sent it (it gave the mark up); sending it again");
                             never_sent.lock().unwrap_or_else(|p| p.into_inner()).extend(unsent);
                         }
-                        // Look again now (the state did not change).
-                        released.fetch_add(1, std::sync::atomic::Ordering::Release);
+                        if news {
+                            // Look again now (the state did not change).
+                            released.fetch_add(1, std::sync::atomic::Ordering::Release);
+                        }
                     }
                     Err(e) => tracing::debug!(node, error = %e, "could not ask a node whether it still sends its outbox attempts"),
                 }

@@ -416,6 +416,19 @@ impl Router {
         *self.sending.write().unwrap_or_else(|p| p.into_inner()) = Some(sending);
     }
 
+    /// The answer to `SendingStates` (`states`), or to `Sending` (what nodes of earlier
+    /// builds ask: whether each entry is being sent now).
+    fn sending_answer(&self, keys: &[(u64, u64)], states: bool) -> RpcResponse {
+        let source = self.sending.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match source {
+            _ if keys.len() > MAX_SENDING_KEYS => RpcResponse::BadRequest(format!("at most {MAX_SENDING_KEYS} outbox entries per question")),
+            Some(source) if states => RpcResponse::SendingStates(source(keys)),
+            Some(source) => RpcResponse::Sending(source(keys).into_iter().map(|s| s == sending_state::SENDING).collect()),
+            // Not wired (yet): no answer rather than a guess; the asker waits.
+            None => RpcResponse::BadRequest("this node does not say which outbox entries it sends".into()),
+        }
+    }
+
     /// Delivers other nodes' signals to this node's sockets through `signals`.
     pub fn set_signals(&self, signals: SignalSink) {
         *self.signals.write().unwrap_or_else(|p| p.into_inner()) = Some(signals);
@@ -595,23 +608,8 @@ impl Router {
                 let source = self.shards.read().unwrap_or_else(|p| p.into_inner()).clone();
                 RpcResponse::Shards(source.map(|s| s()).unwrap_or_default())
             }
-            RpcRequest::Sending { keys } => {
-                let source = self.sending.read().unwrap_or_else(|p| p.into_inner()).clone();
-                match source {
-                    _ if keys.len() > MAX_SENDING_KEYS => RpcResponse::BadRequest(format!("at most {MAX_SENDING_KEYS} outbox entries per question")),
-                    Some(source) => RpcResponse::Sending(source(&keys).into_iter().map(|s| s == sending_state::SENDING).collect()),
-                    // Not wired (yet): no answer rather than a guess; the asker waits.
-                    None => RpcResponse::BadRequest("this node does not say which outbox entries it sends".into()),
-                }
-            }
-            RpcRequest::SendingStates { keys } => {
-                let source = self.sending.read().unwrap_or_else(|p| p.into_inner()).clone();
-                match source {
-                    _ if keys.len() > MAX_SENDING_KEYS => RpcResponse::BadRequest(format!("at most {MAX_SENDING_KEYS} outbox entries per question")),
-                    Some(source) => RpcResponse::SendingStates(source(&keys)),
-                    None => RpcResponse::BadRequest("this node does not say which outbox entries it sends".into()),
-                }
-            }
+            RpcRequest::Sending { keys } => self.sending_answer(&keys, false),
+            RpcRequest::SendingStates { keys } => self.sending_answer(&keys, true),
             RpcRequest::Signal { to, signal } => {
                 let sink = self.signals.read().unwrap_or_else(|p| p.into_inner()).clone();
                 match sink {
