@@ -470,21 +470,38 @@ async fn an_upload_whose_node_was_restarted_is_settled_without_the_long_wait() -
     Ok(())
 }
 
+/// The app secret the WhatsApp tests' channel `wa` checks webhooks with.
+const META_APP_SECRET: &str = "meta-app-secret";
+
+/// Channel `wa` of kind WhatsApp, its adapter sending to `fake` (access token
+/// `EAAG-access`, verify token `verify-me`): the adapter settings as shown back.
+async fn whatsapp_channel(dev: &Dev, admin: &str, fake: &switchboard_chaos_tests::fake_provider::FakeWhatsApp) -> anyhow::Result<Value> {
+    dev.api("PUT", "/api/channels/wa", Some(admin), Some(json!({"kind": "whatsapp", "name": "WhatsApp", "default_group": "general"}))).await?;
+    let settings = json!({"kind": "whatsapp", "access_token": "EAAG-access", "app_secret": META_APP_SECRET, "verify_token": "verify-me", "phone_number_id": "1098765432", "api_base": fake.api_base()});
+    let (status, shown) = dev.api("PUT", "/api/channels/wa/adapter", Some(admin), Some(settings)).await?;
+    anyhow::ensure!(status == 200, "the WhatsApp adapter was refused: {status} {shown}");
+    Ok(shown)
+}
+
+/// `body` posted to channel `wa`'s webhook, signed with `secret` as Meta signs.
+async fn whatsapp_hook(dev: &Dev, body: Value, secret: &str) -> anyhow::Result<(u16, Value)> {
+    let raw = body.to_string();
+    let signature = switchboard_chaos_tests::fake_provider::meta_signature(secret, raw.as_bytes());
+    Ok(http_json_with(&dev.public, "POST", "/hooks/whatsapp/wa", &[("x-hub-signature-256", signature.as_str())], Some(&body)).await?)
+}
+
 /// WhatsApp Cloud API: Meta's subscription check, signed deliveries (a bad signature
 /// writes nothing, a redelivery makes one message), the reply through a rate limit and a
 /// 500 exactly once, and the delivered and read statuses of Meta's later webhooks shown
 /// to the operator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whatsapp_conversation_with_signed_webhooks_and_receipts() -> anyhow::Result<()> {
-    use switchboard_chaos_tests::fake_provider::{meta_signature, FakeWhatsApp};
-    const APP_SECRET: &str = "meta-app-secret";
+    use switchboard_chaos_tests::fake_provider::FakeWhatsApp;
+    const APP_SECRET: &str = META_APP_SECRET;
     let fake = FakeWhatsApp::start("EAAG-access").await?;
     let (_dir, dev) = dev().await?;
     let admin = dev.login("admin").await?;
-    dev.api("PUT", "/api/channels/wa", Some(&admin), Some(json!({"kind": "whatsapp", "name": "WhatsApp", "default_group": "general"}))).await?;
-    let settings = json!({"kind": "whatsapp", "access_token": "EAAG-access", "app_secret": APP_SECRET, "verify_token": "verify-me", "phone_number_id": "1098765432", "api_base": fake.api_base()});
-    let (status, shown) = dev.api("PUT", "/api/channels/wa/adapter", Some(&admin), Some(settings)).await?;
-    assert_eq!(status, 200, "{shown}");
+    let shown = whatsapp_channel(&dev, &admin, &fake).await?;
     assert_eq!(shown["webhook_path"], "/hooks/whatsapp/wa");
     assert!(!shown.to_string().contains("EAAG-access") && !shown.to_string().contains(APP_SECRET));
 
@@ -494,15 +511,7 @@ async fn a_whatsapp_conversation_with_signed_webhooks_and_receipts() -> anyhow::
     let (status, _) = http_json_with(&dev.public, "GET", "/hooks/whatsapp/wa?hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=1", &[], None).await?;
     assert_eq!(status, 403);
 
-    let hook = |body: Value, secret: &'static str| {
-        let public = dev.public.clone();
-        async move {
-            let raw = body.to_string();
-            let signature = meta_signature(secret, raw.as_bytes());
-            let headers = [("x-hub-signature-256", signature.as_str())];
-            anyhow::Ok(http_json_with(&public, "POST", "/hooks/whatsapp/wa", &headers, Some(&body)).await?)
-        }
-    };
+    let hook = |body: Value, secret: &'static str| whatsapp_hook(&dev, body, secret);
     let message = |id: &str, text: &str| json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"messaging_product": "whatsapp", "metadata": {"phone_number_id": "1098765432"}, "contacts": [{"profile": {"name": "Ana"}, "wa_id": "4915112345"}], "messages": [{"from": "4915112345", "id": id, "timestamp": "1700000000", "type": "text", "text": {"body": text}}]}}]}]});
     assert_eq!(hook(message("wamid.IN1", "hola"), "not-the-secret").await?.0, 401);
     let (status, first) = hook(message("wamid.IN1", "hola"), APP_SECRET).await?;
@@ -575,22 +584,11 @@ async fn a_whatsapp_conversation_with_signed_webhooks_and_receipts() -> anyhow::
 /// the message delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whatsapp_receipt_that_overtakes_its_send_is_applied_once_the_send_is_written() -> anyhow::Result<()> {
-    use switchboard_chaos_tests::fake_provider::{meta_signature, FakeWhatsApp};
-    const APP_SECRET: &str = "meta-app-secret";
-    let fake = FakeWhatsApp::start("EAAG-access").await?;
+    let fake = switchboard_chaos_tests::fake_provider::FakeWhatsApp::start("EAAG-access").await?;
     let (_dir, dev) = dev().await?;
     let admin = dev.login("admin").await?;
-    dev.api("PUT", "/api/channels/wa", Some(&admin), Some(json!({"kind": "whatsapp", "name": "WhatsApp", "default_group": "general"}))).await?;
-    let settings = json!({"kind": "whatsapp", "access_token": "EAAG-access", "app_secret": APP_SECRET, "verify_token": "verify-me", "phone_number_id": "1098765432", "api_base": fake.api_base()});
-    assert_eq!(dev.api("PUT", "/api/channels/wa/adapter", Some(&admin), Some(settings)).await?.0, 200);
-    let hook = |body: Value| {
-        let public = dev.public.clone();
-        async move {
-            let raw = body.to_string();
-            let signature = meta_signature(APP_SECRET, raw.as_bytes());
-            anyhow::Ok(http_json_with(&public, "POST", "/hooks/whatsapp/wa", &[("x-hub-signature-256", signature.as_str())], Some(&body)).await?)
-        }
-    };
+    whatsapp_channel(&dev, &admin, &fake).await?;
+    let hook = |body: Value| whatsapp_hook(&dev, body, META_APP_SECRET);
     let value = |inner: Value| json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": inner}]}]});
     let message = value(json!({"messaging_product": "whatsapp", "metadata": {"phone_number_id": "1098765432"}, "contacts": [{"profile": {"name": "Ana"}, "wa_id": "4915112345"}], "messages": [{"from": "4915112345", "id": "wamid.IN1", "timestamp": "1700000000", "type": "text", "text": {"body": "hola"}}]}));
     assert_eq!(hook(message).await?.0, 200);
