@@ -901,10 +901,7 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
         }
     }
     if let Command::StartConversationOnce { key, channel, .. } = command {
-        let taken = match state.start_in_entry.get(&(channel.clone(), key.clone())) {
-            Some(taken) => Some(taken.clone()),
-            None => start_taken(store, channel, key)?,
-        };
+        let taken = start_taken(state, store, channel, key)?;
         // A purge earlier in this entry deleted it: the records still hold it.
         state.start_seen = taken.filter(|t| !state.deleted.contains(&t.conversation));
     }
@@ -987,10 +984,14 @@ fn find_expired(state: &mut ShardState, store: &dyn Store, as_of: Timestamp) -> 
     Ok(())
 }
 
-/// What a keyed start in `channel` with `start_key` opened (records `+` `k`). A
-/// record of the first builds with keyed starts holds the conversation alone: read as
-/// taken by no visitor at time 0, which no copy matches.
-fn start_taken(store: &dyn Store, channel: &ChannelId, start_key: &str) -> Result<Option<crate::state::StartTaken>, Error> {
+/// What a keyed start in `channel` with `start_key` opened: taken earlier in this log
+/// entry (the records do not say so yet), else records `+` `k`. A record of the first
+/// builds with keyed starts holds the conversation alone: read as taken by no visitor
+/// at time 0, which no copy matches.
+fn start_taken(state: &ShardState, store: &dyn Store, channel: &ChannelId, start_key: &str) -> Result<Option<crate::state::StartTaken>, Error> {
+    if let Some(taken) = state.start_in_entry.get(&(channel.clone(), start_key.to_owned())) {
+        return Ok(Some(taken.clone()));
+    }
     let Some(bytes) = store.get(&key::start_key(channel, start_key)).map_err(store_err)? else { return Ok(None) };
     match decode::<crate::state::StartTaken>(&bytes) {
         Ok(taken) => Ok(Some(taken)),
@@ -1021,12 +1022,7 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
     // A keyed start's key goes with the conversation it opened (unless a later start
     // took the key since).
     if let Some((channel, start_key)) = get::<(ChannelId, String)>(store, &key::started_by_key(id))? {
-        // Taken again earlier in this entry: the records do not say so yet.
-        let names = match state.start_in_entry.get(&(channel.clone(), start_key.clone())) {
-            Some(taken) => Some(taken.conversation),
-            None => start_taken(store, &channel, &start_key)?.map(|t| t.conversation),
-        };
-        if names == Some(id) {
+        if start_taken(state, store, &channel, &start_key)?.is_some_and(|t| t.conversation == id) {
             state.expired_keys.push(key::start_key(&channel, &start_key));
         }
         state.expired_keys.push(key::started_by_key(id));

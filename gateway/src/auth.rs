@@ -58,20 +58,21 @@ pub fn random_hex(bytes: usize) -> Result<String, GatewayError> {
     Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// `bytes` random bytes as base64url without padding.
+pub fn random_b64(bytes: usize) -> Result<String, GatewayError> {
+    let mut raw = vec![0u8; bytes];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).map_err(|_| GatewayError::Internal("no randomness".into()))?;
+    Ok(URL_SAFE_NO_PAD.encode(raw))
+}
+
 /// A fresh visitor id: `v-` and 16 URL-safe random characters.
 pub fn new_visitor_id() -> Result<String, GatewayError> {
-    let mut bytes = [0u8; 12];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| GatewayError::Internal("no randomness for a visitor id".into()))?;
-    Ok(format!("v-{}", URL_SAFE_NO_PAD.encode(bytes)))
+    Ok(format!("v-{}", random_b64(12)?))
 }
 
 /// A fresh start key (protocol.md §2, `start`): 16 random bytes, base64url.
 pub fn new_start_key() -> Result<String, GatewayError> {
-    let mut bytes = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| GatewayError::Internal("no randomness for a start key".into()))?;
-    Ok(URL_SAFE_NO_PAD.encode(bytes))
+    random_b64(16)
 }
 
 /// Whether `key` may key a `start`: 16 to 64 of `A-Z a-z 0-9 - _` (a client makes it

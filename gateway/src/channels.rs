@@ -868,11 +868,7 @@ fn telegram_api() -> String {
 }
 
 fn random_secret() -> Result<String, GatewayError> {
-    use base64::Engine as _;
-    use ring::rand::SecureRandom as _;
-    let mut bytes = [0u8; 32];
-    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| GatewayError::Internal("no randomness".into()))?;
-    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    crate::auth::random_b64(32)
 }
 
 /// `PUT /api/channels/{id}/adapter` (admin). For the Channel API a new token and
