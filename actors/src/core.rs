@@ -60,7 +60,9 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// soon after its deadline the expiry is committed: a leader change may have kept the
 /// operator's answer from arriving. Before, only an expiry committed more than
 /// [`STALLED_EXPIRY_MS`] late spared them, and a fast failover set them away.
-pub const RULES_VERSION: u32 = 12;
+/// Rules 13: an operator's message with files to a Channel API customer is taken (the
+/// adapter fetches each file with the channel's token); before, it was refused.
+pub const RULES_VERSION: u32 = 13;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a

@@ -792,13 +792,15 @@ impl AdapterConfig {
     }
 
     /// Whether staff's files go out to the channel's customers under `rules`: email
-    /// always; Telegram, WhatsApp, Messenger and VK from rules 8 (before, such a message was refused,
-    /// and a replayed log must decide as it did).
+    /// always; Telegram, WhatsApp, Messenger and VK from rules 8, the Channel API from
+    /// rules 13 (before, such a message was refused, and a replayed log must decide as
+    /// it did); Viber not yet.
     pub fn carries_files(&self, rules: u32) -> bool {
         match self {
             AdapterConfig::Email { .. } => true,
             AdapterConfig::Telegram { .. } | AdapterConfig::WhatsApp { .. } | AdapterConfig::Messenger { .. } | AdapterConfig::Vk { .. } => rules >= 8,
-            _ => false,
+            AdapterConfig::Api { .. } => rules >= 13,
+            AdapterConfig::Viber { .. } => false,
         }
     }
 

@@ -443,6 +443,16 @@ fn files_go_to_telegram_customers_from_rules_8_with_the_text_as_a_caption() {
     ok(run(&mut state, &store, T0 + 80, Command::SetChannelAdapter { channel: tg(), adapter: Some(whatsapp) }));
     assert!(matches!(run(&mut state, &store, T0 + 90, send("d", "two".into(), &["f1", "f2"])), Err(Error::Invalid(m)) if m.contains("at most 1 file")));
     ok(run(&mut state, &store, T0 + 100, send("e", "one".into(), &["f2"])));
+    // The Channel API: refused under rules 12, as a replayed log decided it; taken from
+    // rules 13, several files and their text in one message.
+    let api = AdapterConfig::Api { token_sha256: "0".repeat(64), outbound_url: "http://127.0.0.1:9/outbound".into(), signing_secret: "s".repeat(32) };
+    ok(run(&mut state, &store, T0 + 110, Command::SetChannelAdapter { channel: tg(), adapter: Some(api) }));
+    ok(run(&mut state, &store, T0 + 111, Command::AdoptRules { version: 12 }));
+    assert!(matches!(run(&mut state, &store, T0 + 120, send("f", "both".into(), &["f1", "f2"])), Err(Error::Invalid(m)) if m.contains("files cannot be sent to a api customer")));
+    ok(run(&mut state, &store, T0 + 130, Command::AdoptRules { version: 13 }));
+    let before = state.outbox.len();
+    ok(run(&mut state, &store, T0 + 140, send("g", "both".into(), &["f1", "f2"])));
+    assert_eq!(state.outbox.len(), before + 1, "the message with its files is in the outbox");
 }
 
 /// A replica that gets a retention purge only within an installed snapshot (its log was

@@ -62,6 +62,25 @@ pub async fn send_to_bot(client: &http::Client, url: &str, signing_secret: &str,
     post_signed(client, url, signing_secret, &event.delivery_id, body).await
 }
 
+/// Whether a file named in a Channel API push may be fetched: on the origin (scheme,
+/// host and port) of the adapter's own `outbound_url`, so a token cannot make a node
+/// fetch from anywhere else (its internal network, say).
+pub fn check_file_url(outbound_url: &str, url: &str) -> Result<(), crate::AdapterError> {
+    let own = http::Url::parse(outbound_url)?.origin();
+    match http::Url::parse(url) {
+        Ok(file) if file.origin() == own => {}
+        _ => return Err(crate::AdapterError::Malformed(format!("a file url must be an http(s) URL on the origin of the channel's outbound_url ({own})"))),
+    }
+    Ok(())
+}
+
+/// The headers of a file fetch: signed as deliveries are, with the URL in place of the
+/// body (`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<url>">`).
+pub fn file_fetch_headers(signing_secret: &str, url: &str) -> Vec<(&'static str, String)> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    vec![(SIGNATURE_HEADER, signature(signing_secret, now, url.as_bytes()))]
+}
+
 #[derive(Deserialize)]
 struct Accepted {
     #[serde(default)]
@@ -80,6 +99,14 @@ pub async fn send(client: &http::Client, outbound_url: &str, signing_secret: &st
         "author": message.author,
         "text": message.text,
         "buttons": message.buttons,
+        "files": message.file_refs.iter().map(|f| json!({
+            "id": f.id,
+            "name": f.name,
+            "content_type": f.content_type,
+            "size": f.size,
+            "sha256": f.sha256,
+            "path": format!("/api/channel-api/{}/files/{}", message.channel, f.id),
+        })).collect::<Vec<_>>(),
     })
     .to_string()
     .into_bytes();
@@ -113,5 +140,17 @@ mod tests {
         assert_eq!(token_digest("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert!(token_matches("BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD", "abc"));
         assert!(!token_matches(&token_digest("abc"), "abd"));
+    }
+
+    #[test]
+    fn files_are_fetched_only_from_the_outbound_url_s_origin() {
+        let own = "https://adapter.example/outbound";
+        assert!(check_file_url(own, "https://adapter.example/media/7?x=1").is_ok());
+        assert!(check_file_url(own, "https://adapter.example:443/m").is_ok());
+        for other in ["http://adapter.example/media/7", "https://adapter.example:8443/m", "https://evil.example/m", "https://adapter.example.evil/m", "file:///etc/passwd", "https://169.254.169.254/", "not a url"] {
+            assert!(check_file_url(own, other).is_err(), "{other}");
+        }
+        assert!(check_file_url("http://127.0.0.1:9000/outbound", "http://127.0.0.1:9000/f/1").is_ok());
+        assert!(check_file_url("http://127.0.0.1:9000/outbound", "http://127.0.0.1:9001/f/1").is_err());
     }
 }

@@ -64,8 +64,9 @@ impl Url {
         Ok(Url { tls, host, port, path: path.to_owned() })
     }
 
-    fn origin(&self) -> String {
-        format!("{}://{}:{}", if self.tls { "https" } else { "http" }, self.host, self.port)
+    /// `scheme://host:port`, the host in lowercase.
+    pub fn origin(&self) -> String {
+        format!("{}://{}:{}", if self.tls { "https" } else { "http" }, self.host.to_ascii_lowercase(), self.port)
     }
 
     fn host_header(&self) -> String {

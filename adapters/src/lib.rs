@@ -89,7 +89,8 @@ pub struct Media {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MediaSource {
-    /// A URL in the webhook (Messenger, Viber, VK).
+    /// A URL in the webhook (Messenger, Viber, VK) or in a Channel API push (on the
+    /// origin of the adapter's `outbound_url`, fetched signed).
     Url(String),
     /// A Telegram `file_id`, resolved with `getFile`.
     Telegram(String),
@@ -118,6 +119,10 @@ pub async fn fetch_media(client: &http::Client, adapter: &AdapterConfig, media: 
         (MediaSource::WhatsApp(id), AdapterConfig::WhatsApp { access_token, api_base, .. }) => {
             let (url, mime) = whatsapp::media_url(client, api_base, access_token, id).await?;
             (url, vec![("authorization", format!("Bearer {access_token}"))], mime.or_else(|| media.content_type.clone()))
+        }
+        (MediaSource::Url(url), AdapterConfig::Api { outbound_url, signing_secret, .. }) => {
+            api::check_file_url(outbound_url, url)?;
+            (url.clone(), api::file_fetch_headers(signing_secret, url), media.content_type.clone())
         }
         (MediaSource::Url(url), AdapterConfig::Messenger { api_base, .. } | AdapterConfig::Viber { api_base, .. } | AdapterConfig::Vk { api_base, .. }) => {
             if !(url.starts_with("https://") || (api_base.starts_with("http://") && url.starts_with("http://"))) {
@@ -155,8 +160,23 @@ pub struct Outgoing {
     pub buttons: Vec<String>,
     /// The message's files, read from the blob store, for channels that carry files.
     pub files: Vec<email::MailFile>,
+    /// The message's files as the Channel API names them (the adapter fetches each
+    /// itself), instead of their bytes in `files`.
+    pub file_refs: Vec<FileRef>,
     /// For email: the thread the reply continues.
     pub thread: Option<MailThread>,
+}
+
+/// A file of an outgoing message that the adapter fetches itself (the Channel API):
+/// `GET /api/channel-api/{channel}/files/{id}` with the channel's token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileRef {
+    pub id: String,
+    pub name: String,
+    pub content_type: String,
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the bytes.
+    pub sha256: String,
 }
 
 /// Where an email reply belongs: the customer's subject and the ids it answers.

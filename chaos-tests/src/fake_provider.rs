@@ -291,6 +291,10 @@ struct AdapterState {
     bad_signatures: u64,
     /// The next delivery is taken but answered only after this long.
     hang_next: Option<std::time::Duration>,
+    /// Files it serves at `/media/{name}`: (type, bytes); fetches answered with one.
+    files: std::collections::HashMap<String, (String, Vec<u8>)>,
+    fetches: u64,
+    addr: Option<SocketAddr>,
 }
 
 /// An adapter's outbound endpoint for the Channel API.
@@ -304,9 +308,22 @@ pub struct FakeAdapter {
 impl FakeAdapter {
     pub async fn start() -> anyhow::Result<FakeAdapter> {
         let state = Arc::new(Mutex::new(AdapterState::default()));
-        let app = Router::new().route("/outbound", post(outbound)).with_state(state.clone());
+        let app = Router::new().route("/outbound", post(outbound)).route("/media/{name}", axum::routing::get(media)).with_state(state.clone());
         let (addr, stop) = serve(app).await?;
+        state.lock().unwrap_or_else(|p| p.into_inner()).addr = Some(addr);
         Ok(FakeAdapter { addr, state, _stop: stop })
+    }
+
+    /// Serves `bytes` as `content_type` at `/media/{name}` (to fetches signed with the
+    /// channel's secret), and answers its URL.
+    pub fn add_file(&self, name: &str, content_type: &str, bytes: &[u8]) -> String {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).files.insert(name.to_owned(), (content_type.to_owned(), bytes.to_vec()));
+        format!("http://{}/media/{name}", self.addr)
+    }
+
+    /// How many file fetches were answered with a file.
+    pub fn fetches(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).fetches
     }
 
     pub fn url(&self) -> String {
@@ -363,6 +380,23 @@ fn take_outbound(s: &mut AdapterState, headers: &HeaderMap, body: &[u8]) -> Resp
         s.received.push(value);
     }
     Json(json!({"provider_message_id": format!("fake-{id}")})).into_response()
+}
+
+/// A file the adapter serves: only to a GET signed over its full URL.
+async fn media(State(state): State<Arc<Mutex<AdapterState>>>, Path(name): Path<String>, uri: axum::http::Uri, headers: HeaderMap) -> Response {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let url = format!("http://{}{}", s.addr.map(|a| a.to_string()).unwrap_or_default(), uri.path_and_query().map(|p| p.as_str()).unwrap_or_default());
+    let signature = headers.get("x-switchboard-signature").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let t = signature.split(',').find_map(|p| p.strip_prefix("t=")).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+    if s.secret.is_empty() || signature != switchboard_adapters_signature(&s.secret, t, url.as_bytes()) {
+        s.bad_signatures += 1;
+        return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
+    }
+    let Some((content_type, bytes)) = s.files.get(&name).cloned() else {
+        return (StatusCode::NOT_FOUND, "no such file").into_response();
+    };
+    s.fetches += 1;
+    ([(axum::http::header::CONTENT_TYPE, content_type)], bytes).into_response()
 }
 
 /// The Channel API's signature, computed here independently of the server's code:

@@ -227,6 +227,115 @@ async fn an_adapter_of_the_channel_api_runs_a_conversation_with_signed_deliverie
     Ok(())
 }
 
+/// A GET on the private listener with a bearer token: status, `Content-Type`, body.
+async fn get_bytes(addr: &str, path: &str, bearer: &str) -> anyhow::Result<(u16, String, Vec<u8>)> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::builder().method("GET").uri(path).header("host", addr).header("authorization", format!("Bearer {bearer}"));
+    let response = sender.send_request(request.body(Empty::<bytes::Bytes>::new())?).await?;
+    let status = response.status().as_u16();
+    let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, content_type, bytes.to_vec()))
+}
+
+/// Files through the Channel API (docs/channel-api.md): a customer's file named by URL
+/// on the adapter's own origin is fetched signed, checked and kept with its message;
+/// one that cannot be taken refuses the push with why and writes nothing; an operator's
+/// file reaches the adapter as a reference it fetches with the channel's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_go_both_ways_through_the_channel_api() -> anyhow::Result<()> {
+    let adapter = FakeAdapter::start().await?;
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    let mut tokens = Vec::new();
+    for channel in ["api-files", "api-other"] {
+        let (status, _) = dev.api("PUT", &format!("/api/channels/{channel}"), Some(&admin), Some(json!({"kind": "viber", "name": channel, "default_group": "general"}))).await?;
+        assert_eq!(status, 200);
+        let (status, settings) = dev.api("PUT", &format!("/api/channels/{channel}/adapter"), Some(&admin), Some(json!({"kind": "api", "outbound_url": adapter.url()}))).await?;
+        assert_eq!(status, 200, "{settings}");
+        tokens.push(settings["token"].as_str().unwrap_or_default().to_owned());
+        if channel == "api-files" {
+            adapter.set_secret(settings["signing_secret"].as_str().unwrap_or_default());
+        }
+    }
+    let token = tokens[0].clone();
+    let path = "/api/channel-api/api-files/messages";
+    let (status, first) = dev.api("POST", path, Some(&token), Some(json!({"sender": "c1", "message_id": "m1", "text": "hello"}))).await?;
+    assert_eq!(status, 200, "{first}");
+    let (mut bob, _) = dev.operator("bob").await?;
+    set_presence(&mut bob, "online").await?;
+    let conversation = accept_offer(&mut bob).await?;
+    assert_eq!(json!(conversation), first["conversation"]);
+
+    // A picture with its caption: fetched once, kept with the message.
+    let png = [b"\x89PNG\r\n\x1a\n".as_slice(), &[7u8; 56]].concat();
+    let url = adapter.add_file("receipt.png", "image/png", &png);
+    let message = json!({"sender": "c1", "message_id": "m2", "text": "my receipt", "files": [{"url": url, "name": "receipt.png"}]});
+    let (status, taken) = dev.api("POST", path, Some(&token), Some(message.clone())).await?;
+    assert_eq!((status, taken["conversation"].clone(), taken["duplicate"].clone()), (200, json!(conversation), json!(false)), "{taken}");
+    let event = bob.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "my receipt").await?;
+    let file = &event["entry"]["attachments"][0];
+    assert_eq!((file["name"].clone(), file["content_type"].clone(), file["size"].clone()), (json!("receipt.png"), json!("image/png"), json!(64)), "{event}");
+    let (status, again) = dev.api("POST", path, Some(&token), Some(message)).await?;
+    assert_eq!((status, again["duplicate"].clone()), (200, json!(true)), "{again}");
+    assert_eq!(adapter.fetches(), 1, "a message taken before is not fetched again");
+    let staff = dev.login("bob").await?;
+    let id = file["id"].as_str().unwrap_or_default().to_owned();
+    let (status, _, bytes) = get_bytes(&dev.private, &format!("/api/attachments/{id}"), &staff).await?;
+    assert_eq!((status, bytes), (200, png.clone()), "the operator opens the picture");
+
+    // What cannot be taken is refused with why, and nothing of it is written.
+    let other_origin = json!({"sender": "c1", "message_id": "m3", "text": "x", "files": [{"url": "http://127.0.0.1:9/secret", "name": "a.png"}]});
+    let (status, refused) = dev.api("POST", path, Some(&token), Some(other_origin)).await?;
+    assert_eq!((status, refused["code"].clone()), (400, json!("bad_request")), "{refused}");
+    assert!(refused["message"].as_str().unwrap_or_default().contains("origin"), "{refused}");
+    let lying = adapter.add_file("lying.png", "image/png", b"not a picture at all");
+    let zip = adapter.add_file("a.zip", "application/zip", b"PK\x03\x04 an archive");
+    for (n, url) in [(4, lying), (5, zip)] {
+        let body = json!({"sender": "c1", "message_id": format!("m{n}"), "text": "see", "files": [{"url": url}]});
+        let (status, refused) = dev.api("POST", path, Some(&token), Some(body)).await?;
+        assert_eq!((status, refused["code"].clone()), (409, json!("invalid")), "{refused}");
+    }
+    let missing = json!({"sender": "c1", "message_id": "m6", "text": "see", "files": [{"url": format!("http://{}/media/gone.png", adapter.addr)}]});
+    let (status, refused) = dev.api("POST", path, Some(&token), Some(missing)).await?;
+    assert_eq!((status, refused["code"].clone()), (503, json!("unavailable")), "{refused}");
+    let six: Vec<Value> = (0..6).map(|_| json!({"url": url.clone()})).collect();
+    let (status, _) = dev.api("POST", path, Some(&token), Some(json!({"sender": "c1", "message_id": "m7", "files": six}))).await?;
+    assert_eq!(status, 400, "at most 5 files a message");
+    let (status, _) = dev.api("POST", path, Some(&token), Some(json!({"sender": "c1", "message_id": "m8"}))).await?;
+    assert_eq!(status, 400, "no text and no files");
+    let supervisor = dev.login("supervisor").await?;
+    let (_, conv) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(&supervisor), None).await?;
+    let texts: Vec<&str> = conv["history"].as_array().into_iter().flatten().filter(|e| e["kind"] == "message" && e["from"] == "client").filter_map(|e| e["text"].as_str()).collect();
+    assert_eq!(texts, ["hello", "my receipt"], "{conv}");
+
+    // The operator's file: named in the delivery, fetched with the channel's token.
+    let (status, uploaded) = upload(&dev.private, &format!("/api/attachments?conversation={conversation}&name=label.pdf"), &staff, "application/pdf", b"%PDF-1.4 label".to_vec()).await?;
+    assert_eq!(status, 201, "{uploaded}");
+    bob.send(&json!({"type": "send", "conversation": conversation, "key": "o1", "text": "Your label", "attachments": [uploaded["id"]], "ref": "o1"})).await?;
+    bob.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "o1").await?;
+    let received = eventually(WAIT, Duration::from_millis(50), || async { Ok(adapter.received().into_iter().find(|d| d["text"] == "Your label")) }).await?;
+    let sent = &received["files"][0];
+    assert_eq!((sent["name"].clone(), sent["content_type"].clone(), sent["size"].clone()), (json!("label.pdf"), json!("application/pdf"), json!(14)), "{received}");
+    let file_path = sent["path"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(file_path, format!("/api/channel-api/api-files/files/{}", uploaded["id"].as_str().unwrap_or_default()));
+    let (status, content_type, bytes) = get_bytes(&dev.private, &file_path, &token).await?;
+    assert_eq!((status, content_type.as_str(), bytes.as_slice()), (200, "application/pdf", b"%PDF-1.4 label".as_slice()));
+    let digest: String = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(sent["sha256"], json!(digest));
+    // Only with this channel's token, and only this channel's files.
+    assert_eq!(get_bytes(&dev.private, &file_path, "not-the-token").await?.0, 401);
+    assert_eq!(get_bytes(&dev.private, &file_path, &tokens[1]).await?.0, 401);
+    let elsewhere = file_path.replace("api-files", "api-other");
+    assert_eq!(get_bytes(&dev.private, &elsewhere, &tokens[1]).await?.0, 404);
+    assert_eq!(get_bytes(&dev.private, "/api/channel-api/api-files/files/0123456789abcdef", &token).await?.0, 404);
+    assert_eq!(adapter.refused(), (0, 0), "every delivery and fetch was signed");
+    Ok(())
+}
+
 /// The example adapter in `adapters/examples/python`, written from docs/channel-api.md,
 /// carries a conversation both ways and reports the receipt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

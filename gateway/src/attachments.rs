@@ -734,10 +734,16 @@ pub(crate) async fn keep_inbound_file(gw: &Gateway, owner: &FileOwner, key: &str
 /// their message's files are then not fetched, stored or copied at all, since the
 /// copies made on other members would outlive the refusal.
 pub(crate) fn sender_blocked(gw: &Gateway, channel: &switchboard_actors::model::ChannelId, sender: &str) -> bool {
+    sender_refused(gw, channel, sender).is_some()
+}
+
+/// What the channel's access rules tell this sender when they refuse them, as
+/// [`sender_blocked`] decides it.
+pub(crate) fn sender_refused(gw: &Gateway, channel: &switchboard_actors::model::ChannelId, sender: &str) -> Option<String> {
     let visitor = format!("{channel}:{sender}");
     let directory = gw.backend.directory_shard();
     let state = directory.read();
-    switchboard_actors::access::check(&state, channel, switchboard_actors::access::Customer { ip: None, visitor: Some(&visitor) }).is_err()
+    switchboard_actors::access::check(&state, channel, switchboard_actors::access::Customer { ip: None, visitor: Some(&visitor) }).err()
 }
 
 /// Removes the files of a refused channel message: nothing refers to them (their ids
@@ -764,6 +770,21 @@ pub async fn file_bytes(gw: &Gateway, attachment: &Attachment) -> Option<Vec<u8>
         let _ = gw.blobs.put_bytes(&attachment.id, &bytes).await;
     }
     Some(bytes)
+}
+
+/// `GET /api/channel-api/{channel}/files/{id}` (the channel's token checked by the
+/// caller): a file of a conversation on `channel`; any other is not found.
+pub(crate) async fn channel_download(gw: &Gateway, channel: &switchboard_actors::model::ChannelId, id: &str) -> Result<Response, GatewayError> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(GatewayError::NotFound("attachment".into()));
+    }
+    let attachment = lookup(gw, id).await?;
+    let conversation = gw.backend.conversation_reads(attachment.conversation).conversation(attachment.conversation).await?;
+    if !conversation.is_some_and(|c| c.channel == *channel) {
+        return Err(GatewayError::NotFound("attachment".into()));
+    }
+    let body = fetched(gw, &attachment).await?;
+    Ok(serve(&attachment, body))
 }
 
 /// `GET /api/attachments/{id}` on the private listener.

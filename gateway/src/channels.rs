@@ -626,25 +626,157 @@ pub struct InboundBody {
     #[serde(default)]
     sender_name: String,
     message_id: String,
-    text: String,
+    /// Required without files; with them, the caption (maybe empty).
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    files: Vec<InboundFileBody>,
 }
+
+/// A file of a pushed message: where the node fetches it (on the origin of the
+/// adapter's `outbound_url`), its name, and its type if the fetch's answer should not
+/// say it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundFileBody {
+    url: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    content_type: Option<String>,
+}
+
+/// Longest file URL a push may name, in bytes.
+const MAX_FILE_URL_BYTES: usize = 2048;
 
 /// `POST /api/channel-api/{channel}/messages`: an adapter pushes a customer's message.
 pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
     // The token is checked before the body is parsed.
     let channel = api_channel(&gw, &channel, &headers)?;
     let body: InboundBody = parse(&body)?;
-    let command = Command::ChannelInbound { channel: channel.clone(), sender: body.sender, sender_name: body.sender_name, provider_message_id: body.message_id, text: body.text };
+    let command = if body.files.is_empty() {
+        let text = body.text.ok_or_else(|| GatewayError::BadRequest("the body is not what this call takes: missing field `text` (required unless `files` are sent)".into()))?;
+        Command::ChannelInbound { channel: channel.clone(), sender: body.sender, sender_name: body.sender_name, provider_message_id: body.message_id, text }
+    } else {
+        match api_inbound_files(&gw, &channel, body).await? {
+            Ok(command) => command,
+            // Taken before, or refused whatever its files: answered without them.
+            Err(plain) => plain,
+        }
+    };
+    let files = match &command {
+        Command::ChannelInboundRich { files, .. } => files.clone(),
+        _ => Vec::new(),
+    };
     // An adapter gets the real answer: 409 with the reason for what can never be taken.
     let submitted = match gw.submit_keyed(command).await {
-        Err(e) if settings_not_there_yet(&gw, &channel, &e) => return Err(not_there_yet(Some(&channel))),
-        submitted => submitted?,
+        Err(e) if settings_not_there_yet(&gw, &channel, &e) => {
+            crate::attachments::forget_inbound_files(&gw, &files).await;
+            return Err(not_there_yet(Some(&channel)));
+        }
+        Err(e) => {
+            // Refused: nothing names the files. Not decided: the record may still apply
+            // and name them, so they stay (a copy the push sends again writes over them).
+            if e.is_refusal() {
+                crate::attachments::forget_inbound_files(&gw, &files).await;
+            }
+            return Err(e.into());
+        }
+        Ok(submitted) => submitted,
     };
     let (conversation, duplicate) = match submitted {
         Reply::Inbound { conversation, duplicate } => (conversation.0, duplicate),
         other => return Err(GatewayError::Internal(format!("an inbound message was answered {other:?}"))),
     };
     Ok(Json(json!({"conversation": conversation, "duplicate": duplicate})).into_response())
+}
+
+/// A pushed message with files: its files fetched from the adapter, checked as uploads
+/// are (type, content, size) and kept on a majority of the members, in the command
+/// that takes them (`Ok`); or, for a message taken before or from a blocked customer,
+/// the command without them (`Err`: the core answers `duplicate` or `blocked`, and
+/// nothing is fetched). A file that cannot be taken refuses the whole push, with why.
+async fn api_inbound_files(gw: &Gateway, channel: &ChannelId, body: InboundBody) -> Result<Result<Command, Command>, GatewayError> {
+    let max = switchboard_actors::core::MAX_ATTACHMENTS_PER_MESSAGE;
+    if body.files.len() > max {
+        return Err(GatewayError::BadRequest(format!("at most {max} files per message")));
+    }
+    let unauthorized = || GatewayError::Unauthorized("the channel token does not match this channel");
+    let adapter = adapter_of(gw, channel).ok_or_else(unauthorized)?;
+    let AdapterConfig::Api { outbound_url, .. } = &adapter else { return Err(unauthorized()) };
+    for (i, file) in body.files.iter().enumerate() {
+        if file.url.len() > MAX_FILE_URL_BYTES || file.name.len() > 255 || file.content_type.as_ref().is_some_and(|t| t.len() > 100) {
+            return Err(GatewayError::BadRequest(format!("file {}: a url of at most {MAX_FILE_URL_BYTES} bytes, a name of at most 255, a content_type of at most 100", i + 1)));
+        }
+        switchboard_adapters::api::check_file_url(outbound_url, &file.url).map_err(|e| GatewayError::BadRequest(format!("file {}: {e}", i + 1)))?;
+    }
+    let text = body.text.unwrap_or_default();
+    let plain = Command::ChannelInbound { channel: channel.clone(), sender: body.sender.clone(), sender_name: body.sender_name.clone(), provider_message_id: body.message_id.clone(), text: text.clone() };
+    // Taken before: the core answers `duplicate` without fetching anything again.
+    let key = switchboard_actors::core::inbound_key(channel, &body.sender, &body.message_id);
+    let readers = gw.backend.conversation_readers();
+    let answers = futures::future::join_all(readers.iter().map(|r| r.inbound_seen(channel, &body.sender, &key))).await;
+    if answers.into_iter().any(|seen| seen.unwrap_or(false)) {
+        return Ok(Err(plain));
+    }
+    // A blocked customer's files are neither fetched nor kept.
+    if let Some(why) = crate::attachments::sender_refused(gw, channel, &body.sender) {
+        return Err(GatewayError::Core(switchboard_actors::Error::Blocked(why)));
+    }
+    let client = media_client()?;
+    let fetch_until = tokio::time::Instant::now() + MEDIA_BUDGET;
+    let mut fetched = Vec::new();
+    for (i, file) in body.files.iter().enumerate() {
+        let media = switchboard_adapters::Media { caption: String::new(), name: file.name.clone(), content_type: file.content_type.clone(), size: None, source: switchboard_adapters::MediaSource::Url(file.url.clone()) };
+        let got = match tokio::time::timeout_at(fetch_until, switchboard_adapters::fetch_media(client, &adapter, &media)).await {
+            Err(_) => return Err(GatewayError::Core(switchboard_actors::Error::Unreachable(format!("the files were not fetched within {} s; send the message again", MEDIA_BUDGET.as_secs())))),
+            Ok(Err(switchboard_adapters::AdapterError::TooLong { limit, .. })) => {
+                return Err(GatewayError::Core(switchboard_actors::Error::Invalid(format!("file {} is larger than {limit} bytes", i + 1))));
+            }
+            Ok(Err(e)) => return Err(GatewayError::Core(switchboard_actors::Error::Unreachable(format!("file {} could not be fetched ({e}); send the message again", i + 1)))),
+            Ok(Ok(got)) => got,
+        };
+        let (bytes, content_type) = got;
+        if bytes.is_empty() {
+            return Err(GatewayError::Core(switchboard_actors::Error::Invalid(format!("file {} is empty", i + 1))));
+        }
+        if !crate::attachments::ALLOWED_TYPES.contains(&content_type.as_str()) {
+            return Err(GatewayError::Core(switchboard_actors::Error::Invalid(format!("file {}: files of type {content_type} are not accepted", i + 1))));
+        }
+        if !crate::attachments::bytes_match_type(&content_type, &bytes) {
+            return Err(GatewayError::Core(switchboard_actors::Error::Invalid(format!("file {}: its bytes are not {content_type}", i + 1))));
+        }
+        fetched.push((crate::attachments::safe_name(&file.name, &content_type), content_type, bytes));
+    }
+    let owner = crate::attachments::FileOwner::Sender { channel: channel.clone(), sender: body.sender.clone() };
+    let mut files = Vec::new();
+    for (i, (name, content_type, bytes)) in fetched.into_iter().enumerate() {
+        match crate::attachments::keep_inbound_file(gw, &owner, &key, i, name, content_type, &bytes).await {
+            Ok(file) => files.push(file),
+            Err(e) => {
+                tracing::warn!(%channel, error = %e, "a pushed message's file could not be stored");
+                crate::attachments::forget_inbound_files(gw, &files).await;
+                return Err(GatewayError::Busy("the message's files could not be stored; send it again"));
+            }
+        }
+    }
+    Ok(Ok(Command::ChannelInboundRich {
+        channel: channel.clone(),
+        sender: body.sender,
+        sender_name: body.sender_name,
+        provider_message_id: body.message_id,
+        text,
+        files,
+        thread: None,
+        attributes: Vec::new(),
+    }))
+}
+
+/// `GET /api/channel-api/{channel}/files/{id}`: a file of one of the channel's
+/// conversations (an operator's, named in an outbound delivery, or a customer's).
+pub async fn api_file(State(gw): State<Arc<Gateway>>, Path((channel, id)): Path<(String, String)>, headers: HeaderMap) -> Result<Response, GatewayError> {
+    let channel = api_channel(&gw, &channel, &headers)?;
+    crate::attachments::channel_download(&gw, &channel, &id).await
 }
 
 #[derive(Deserialize)]
@@ -1161,6 +1293,7 @@ pub async fn test_message(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id)
         author: String::new(),
         buttons: Vec::new(),
         files: Vec::new(),
+        file_refs: Vec::new(),
         thread: Some(switchboard_adapters::MailThread { subject: "Switchboard test message".into(), ..Default::default() }),
     };
     let answer = match switchboard_adapters::send(&client, &adapter, &message).await {

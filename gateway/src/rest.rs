@@ -48,6 +48,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/api/channels/{id}/identity", get(crate::channels::get_identity).put(crate::channels::put_identity).delete(crate::channels::delete_identity))
         .route("/api/channel-api/{channel}/messages", post(crate::channels::api_inbound))
         .route("/api/channel-api/{channel}/statuses", post(crate::channels::api_status))
+        .route("/api/channel-api/{channel}/files/{id}", get(crate::channels::api_file))
         .route("/api/deliveries", get(crate::channels::dead_letters))
         .route("/api/deliveries/{conversation}/{seq}/retry", post(crate::channels::retry))
         .route("/api/users", get(list_users))
