@@ -1221,6 +1221,52 @@ async fn an_address_that_keeps_forging_webhooks_is_cut_off_before_its_bodies_are
     Ok(())
 }
 
+/// Behind a reverse proxy the node trusts (`--trusted-proxy`), each caller's budget is
+/// the address the proxy names in `X-Forwarded-For`: a forger cut off there does not cut
+/// off the provider, whose calls come through the same proxy; a node that does not trust
+/// the proxy takes the header for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_a_forger_is_cut_off_and_the_provider_is_not() -> anyhow::Result<()> {
+    let fake = FakeTelegram::start(BOT_TOKEN).await?;
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &dir.path().join("data"), &["--bad-hooks-per-minute", "3", "--trusted-proxy", "127.0.0.0/8"]).await?;
+    let admin = dev.login("admin").await?;
+    telegram_channel(&dev, &admin, &fake).await?;
+    let call = |from: &'static str, secret: &'static str, n: u64, text: &'static str| {
+        let dev = &dev;
+        async move {
+            let headers = [("x-telegram-bot-api-secret-token", secret), ("x-forwarded-for", from)];
+            http_json_with(&dev.public, "POST", "/hooks/telegram/tg", &headers, Some(&update(n, 4242, n, text))).await
+        }
+    };
+    for n in 0..3 {
+        assert_eq!(call("198.51.100.66", "webhook_secret_0123456780", n, "forged").await?.0, 401);
+    }
+    let (status, body) = call("198.51.100.66", SECRET, 5, "from the forger's address").await?;
+    assert_eq!((status, body["code"].clone()), (429, json!("rate_limited")), "{body}");
+    // A client cannot pick its own address: the proxy appends the real one on the right.
+    let (status, _) = call("203.0.113.1, 198.51.100.66", "webhook_secret_0123456780", 6, "forged").await?;
+    assert_eq!(status, 429);
+    // The provider, through the same proxy, is not limited.
+    let (status, body) = call("149.154.167.220", SECRET, 7, "real").await?;
+    assert_eq!((status, body["ok"].clone()), (200, json!(true)), "{body}");
+
+    // Without the proxy trusted, the header means nothing: everyone is the proxy.
+    drop(dev);
+    let dir2 = tempfile::tempdir()?;
+    let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &dir2.path().join("data"), &["--bad-hooks-per-minute", "3"]).await?;
+    let admin = dev.login("admin").await?;
+    telegram_channel(&dev, &admin, &fake).await?;
+    for n in 0..3 {
+        let headers = [("x-telegram-bot-api-secret-token", "webhook_secret_0123456780"), ("x-forwarded-for", "198.51.100.66")];
+        assert_eq!(http_json_with(&dev.public, "POST", "/hooks/telegram/tg", &headers, Some(&update(n, 4242, n, "forged"))).await?.0, 401);
+    }
+    let headers = [("x-telegram-bot-api-secret-token", SECRET), ("x-forwarded-for", "149.154.167.220")];
+    let (status, _) = http_json_with(&dev.public, "POST", "/hooks/telegram/tg", &headers, Some(&update(7, 4242, 7, "real"))).await?;
+    assert_eq!(status, 429, "an untrusted X-Forwarded-For is not taken");
+    Ok(())
+}
+
 /// A raw SMTP conversation with the node: each line sent, each answer read whole.
 struct Smtp {
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,

@@ -25,7 +25,7 @@ use tower_service::Service;
 use crate::budget::{Slot, Slots};
 
 /// Bounds on the connections of one listener.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnectionLimits {
     /// Time to send a request's complete headers; also the idle time allowed between
     /// requests on a kept-alive connection.
@@ -36,6 +36,10 @@ pub struct ConnectionLimits {
     pub max_connections: u32,
     /// Open connections from one client address.
     pub max_connections_per_address: u32,
+    /// Reverse proxies whose `X-Forwarded-For` names the client: a request that comes
+    /// from one of them counts against the client's budgets, not the proxy's (the
+    /// connection itself still counts against the proxy's address).
+    pub trusted_proxies: Vec<ProxyNet>,
 }
 
 impl Default for ConnectionLimits {
@@ -45,8 +49,94 @@ impl Default for ConnectionLimits {
             write_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             max_connections_per_address: 256,
+            trusted_proxies: Vec::new(),
         }
     }
+}
+
+/// An address or a network (`10.0.0.0/8`, `fd00::/8`, `127.0.0.1`) that a reverse proxy
+/// sends from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyNet {
+    net: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for ProxyNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an IP address or network (like 10.0.0.0/8 or fd00::/8)");
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix.parse::<u8>().map_err(|_| bad())?)),
+            None => (s.trim(), None),
+        };
+        let net = addr.parse::<std::net::IpAddr>().map_err(|_| bad())?.to_canonical();
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(ProxyNet { net, prefix })
+    }
+}
+
+impl std::fmt::Display for ProxyNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
+    }
+}
+
+impl ProxyNet {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (std::net::IpAddr::V4(net), std::net::IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (std::net::IpAddr::V6(net), std::net::IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Longest `X-Forwarded-For` read, in entries from its right end.
+const MAX_FORWARDED_HOPS: usize = 16;
+
+/// The client a request is from: `peer`, or, when `peer` is a trusted proxy, the
+/// right-most address of `X-Forwarded-For` (every such header, in order) that is not a
+/// trusted proxy itself. An entry that is not an address (`unknown`, a name) stops
+/// the walk: the last trusted hop is taken, so a client cannot claim an address by
+/// writing one of its own left of the proxies' entries.
+pub fn forwarded_client(peer: SocketAddr, headers: &hyper::HeaderMap, trusted: &[ProxyNet]) -> SocketAddr {
+    let is_trusted = |ip: std::net::IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if trusted.is_empty() || !is_trusted(peer.ip()) {
+        return peer;
+    }
+    let mut client = peer;
+    let entries: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    for entry in entries.iter().rev().take(MAX_FORWARDED_HOPS) {
+        let entry = entry.trim();
+        let ip = entry
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
+            .or_else(|| entry.strip_prefix('[').and_then(|e| e.strip_suffix(']')).and_then(|e| e.parse().ok()));
+        let Some(ip) = ip.map(|ip: std::net::IpAddr| ip.to_canonical()) else { break };
+        client = SocketAddr::new(ip, 0);
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    client
 }
 
 /// Largest request head (request line and headers) hyper buffers, in bytes.
@@ -58,6 +148,7 @@ pub const MAX_HEADERS: usize = 100;
 /// aborting it) closes every connection it accepted.
 pub async fn serve(listener: TcpListener, router: axum::Router, limits: ConnectionLimits, metrics: Arc<crate::metrics::Metrics>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let slots = Slots::new();
+    let trusted: Arc<[ProxyNet]> = limits.trusted_proxies.clone().into();
     let mut connections = tokio::task::JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -90,8 +181,10 @@ pub async fn serve(listener: TcpListener, router: axum::Router, limits: Connecti
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(Guarded::new(stream, limits.write_timeout, slot));
         let router = router.clone();
+        let trusted = trusted.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            let client = forwarded_client(peer, request.headers(), &trusted);
+            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(client));
             router.clone().call(request)
         });
         let connection = http.serve_connection(io, service).with_upgrades();
@@ -166,5 +259,57 @@ impl AsyncWrite for Guarded {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let poll = Pin::new(&mut self.stream).poll_shutdown(cx);
         self.bound(cx, poll)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> hyper::HeaderMap {
+        let mut h = hyper::HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", v.parse().expect("header value"));
+        }
+        h
+    }
+
+    #[test]
+    fn a_trusted_proxy_s_forwarded_for_names_the_client_and_nobody_else_s_does() {
+        let trusted: Vec<ProxyNet> = ["10.0.0.0/8", "fd00::/8", "127.0.0.1"].iter().map(|s| s.parse().expect("net")).collect();
+        let proxy: SocketAddr = "10.1.2.3:5000".parse().expect("addr");
+        let stranger: SocketAddr = "203.0.113.9:5000".parse().expect("addr");
+        let ip = |a: SocketAddr| a.ip().to_string();
+        // The right-most entry that is not a proxy of ours.
+        assert_eq!(ip(forwarded_client(proxy, &headers(&["198.51.100.7"]), &trusted)), "198.51.100.7");
+        assert_eq!(ip(forwarded_client(proxy, &headers(&["1.1.1.1, 198.51.100.7, 10.9.9.9"]), &trusted)), "198.51.100.7", "a claim left of the real client is not taken");
+        assert_eq!(ip(forwarded_client(proxy, &headers(&["1.1.1.1", "198.51.100.7"]), &trusted)), "198.51.100.7", "several headers are one list");
+        assert_eq!(ip(forwarded_client(proxy, &headers(&["[2001:db8::5]:443"]), &trusted)), "2001:db8::5");
+        assert_eq!(ip(forwarded_client(proxy, &headers(&["198.51.100.7:8080"]), &trusted)), "198.51.100.7");
+        // Nothing to go by: the proxy itself.
+        assert_eq!(ip(forwarded_client(proxy, &headers(&[]), &trusted)), "10.1.2.3");
+        assert_eq!(ip(forwarded_client(proxy, &headers(&["1.1.1.1, unknown"]), &trusted)), "10.1.2.3", "a hop that is not an address stops the walk");
+        // Anyone else's header is ignored; so is every header with no proxy trusted.
+        assert_eq!(forwarded_client(stranger, &headers(&["198.51.100.7"]), &trusted), stranger);
+        assert_eq!(forwarded_client(proxy, &headers(&["198.51.100.7"]), &[]), proxy);
+        // IPv4-mapped peers count as IPv4.
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:1".parse().expect("addr");
+        assert_eq!(ip(forwarded_client(mapped, &headers(&["198.51.100.7"]), &trusted)), "198.51.100.7");
+    }
+
+    #[test]
+    fn proxy_networks_parse_and_match() {
+        let net: ProxyNet = "192.168.0.0/16".parse().expect("net");
+        assert!(net.contains("192.168.44.1".parse().expect("ip")));
+        assert!(!net.contains("192.169.0.1".parse().expect("ip")));
+        assert!(!net.contains("::1".parse().expect("ip")));
+        let all: ProxyNet = "0.0.0.0/0".parse().expect("net");
+        assert!(all.contains("8.8.8.8".parse().expect("ip")));
+        let v6: ProxyNet = "fd00::/8".parse().expect("net");
+        assert!(v6.contains("fd12::1".parse().expect("ip")));
+        assert!(!v6.contains("fe80::1".parse().expect("ip")));
+        for bad in ["10.0.0.0/33", "::/129", "proxy.local", "10.0.0.0/x", ""] {
+            assert!(bad.parse::<ProxyNet>().is_err(), "{bad}");
+        }
     }
 }

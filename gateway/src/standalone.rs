@@ -1660,7 +1660,7 @@ pub async fn start(
     let a = tokio::spawn(crate::listener::serve(
         public_listener,
         public,
-        options.connections,
+        options.connections.clone(),
         metrics.clone(),
         stop.clone(),
     ));

@@ -152,6 +152,10 @@ struct EdgeArgs {
     /// Server WebSocket ping interval; a peer silent for two intervals is dropped.
     #[arg(long, default_value_t = 30_000)]
     ping_interval_ms: u64,
+    /// A reverse proxy's address or network (`10.0.0.0/8`), repeatable: requests from
+    /// it count against the address its `X-Forwarded-For` names (docs/security.md).
+    #[arg(long = "trusted-proxy", value_name = "ADDRESS_OR_NETWORK")]
+    trusted_proxies: Vec<switchboard_gateway::listener::ProxyNet>,
 }
 
 impl EdgeArgs {
@@ -161,13 +165,14 @@ impl EdgeArgs {
             write_timeout: ms(self.write_timeout_ms),
             max_connections: self.max_connections,
             max_connections_per_address: self.max_connections_per_address,
+            trusted_proxies: self.trusted_proxies.clone(),
         }
     }
 
     /// The same limits as command-line flags, for the node processes `dev --nodes`
     /// starts: what `dev` was given, each node gets.
     fn to_flags(&self) -> Vec<String> {
-        let pairs: [(&str, u64); 13] = [
+        let pairs: [(&str, u64); 14] = [
             ("--starts-per-minute", self.starts_per_minute.into()),
             ("--client-messages-per-minute", self.client_messages_per_minute.into()),
             ("--conversation-messages-per-minute", self.conversation_messages_per_minute.into()),
@@ -175,6 +180,7 @@ impl EdgeArgs {
             ("--upload-bytes-per-hour", self.upload_bytes_per_hour),
             ("--uploads-per-address", self.uploads_per_address.into()),
             ("--uploads", self.uploads.into()),
+            ("--bad-hooks-per-minute", self.bad_hooks_per_minute.into()),
             ("--max-connections", self.max_connections.into()),
             ("--max-connections-per-address", self.max_connections_per_address.into()),
             ("--header-timeout-ms", self.header_timeout_ms),
@@ -182,7 +188,11 @@ impl EdgeArgs {
             ("--write-timeout-ms", self.write_timeout_ms),
             ("--ping-interval-ms", self.ping_interval_ms),
         ];
-        pairs.into_iter().flat_map(|(flag, value)| [flag.to_string(), value.to_string()]).collect()
+        let mut flags: Vec<String> = pairs.into_iter().flat_map(|(flag, value)| [flag.to_string(), value.to_string()]).collect();
+        for net in &self.trusted_proxies {
+            flags.extend(["--trusted-proxy".to_string(), net.to_string()]);
+        }
+        flags
     }
 }
 
@@ -1000,13 +1010,14 @@ mod tests {
     /// What `dev --nodes` hands its nodes parses back into the very same limits.
     #[test]
     fn edge_limits_given_to_dev_reach_its_nodes_unchanged() {
-        let given = ["switchboard", "dev", "--nodes", "3", "--uploads", "7", "--ping-interval-ms", "1234", "--client-messages-per-minute", "999"];
+        let given = ["switchboard", "dev", "--nodes", "3", "--uploads", "7", "--ping-interval-ms", "1234", "--client-messages-per-minute", "999", "--bad-hooks-per-minute", "5", "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"];
         let Cmd::Dev(dev) = Cli::parse_from(given).command else { panic!("not dev") };
         let mut node = vec!["switchboard".to_string(), "node".into(), "--config".into(), "node-1.toml".into()];
         node.extend(dev.listeners.edge.to_flags());
         let Cmd::Node(parsed) = Cli::try_parse_from(&node).expect("every flag is one `node` takes").command else { panic!("not node") };
         let (a, b) = (&dev.listeners.edge, &parsed.listeners.edge);
-        assert_eq!((a.uploads, a.ping_interval_ms, a.client_messages_per_minute), (7, 1234, 999));
+        assert_eq!((a.uploads, a.ping_interval_ms, a.client_messages_per_minute, b.bad_hooks_per_minute), (7, 1234, 999, 5));
+        assert_eq!(b.trusted_proxies, vec!["10.0.0.0/8".parse().expect("net"), "::1".parse().expect("net")]);
         assert_eq!(a.to_flags(), b.to_flags());
     }
 }

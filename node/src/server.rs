@@ -1716,8 +1716,8 @@ pub(crate) async fn open_edge(options: &NodeOptions, backend: Arc<dyn Backend>, 
         None => None,
     };
     let mut listeners = vec![
-        serve_http(public, switchboard_gateway::public_router(gateway.clone()), &gateway, options.connections, shutdown_rx.clone()),
-        serve_http(private, switchboard_gateway::private_router(gateway.clone()), &gateway, options.connections, shutdown_rx.clone()),
+        serve_http(public, switchboard_gateway::public_router(gateway.clone()), &gateway, options.connections.clone(), shutdown_rx.clone()),
+        serve_http(private, switchboard_gateway::private_router(gateway.clone()), &gateway, options.connections.clone(), shutdown_rx.clone()),
     ];
     if let Some(smtp) = smtp {
         listeners.push(tokio::spawn(switchboard_gateway::smtp::serve(smtp, gateway.clone(), switchboard_gateway::smtp::SmtpLimits::default(), shutdown_rx)));
