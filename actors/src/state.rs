@@ -1123,10 +1123,29 @@ impl ShardState {
         match event {
             Event::SkillGroupUpserted(config) => {
                 touched.groups.insert(config.id.clone());
+                let new = !self.groups.contains_key(&config.id);
                 self.groups
                     .entry(config.id.clone())
                     .and_modify(|g| g.config = config.clone())
                     .or_insert_with(|| SkillGroup { config: config.clone(), queue: BTreeSet::new() });
+                // Rules 13: a routing shard may take a conversation's `Enqueue` before the
+                // directory's letter that makes its group (the two come from different
+                // groups, in no order): the group's queue starts with the conversations
+                // already waiting for it, as a load from the records builds it.
+                if new && self.rules >= 13 {
+                    let waiting: Vec<(u64, ConversationId)> = self
+                        .conversations
+                        .iter()
+                        .filter(|(_, c)| c.group == config.id)
+                        .filter_map(|(id, c)| match c.status {
+                            ConversationStatus::Queued { ticket, .. } => Some((ticket, *id)),
+                            _ => None,
+                        })
+                        .collect();
+                    if let Some(g) = self.groups.get_mut(&config.id) {
+                        g.queue.extend(waiting);
+                    }
+                }
             }
             Event::OperatorUpserted(config) => {
                 touched.operators.insert(config.id.clone());

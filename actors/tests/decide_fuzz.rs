@@ -731,7 +731,12 @@ fn check_invariants(state: &ShardState, store: &MemStore, loads_before: &BTreeMa
     }
     for conv in state.conversations.values() {
         if let ConversationStatus::Queued { ticket, offer } = &conv.status {
-            let queued = state.groups.get(&conv.group).is_some_and(|g| g.queue.contains(&(*ticket, conv.id)));
+            // A routing shard may hear of a conversation before its group (rules 13): it
+            // waits for the group, and joins its queue when the group arrives.
+            let queued = match state.groups.get(&conv.group) {
+                Some(g) => g.queue.contains(&(*ticket, conv.id)),
+                None => state.rules >= 13 && offer.is_none(),
+            };
             assert!(queued, "{} is queued but not in {}", conv.id, conv.group);
             if let Some(o) = offer {
                 assert!(state.offers.contains_key(o), "{} waits on {o}, which is not pending", conv.id);
@@ -1161,6 +1166,54 @@ fn the_previous_holder_cannot_close_a_conversation_moved_away_from_them() {
     let history = records::history(&split.cs[shard].store, x, 0, 100).expect("history");
     let closed: Vec<_> = history.iter().filter(|e| matches!(e.item, HistoryItem::Closed { .. })).collect();
     assert_eq!(closed.len(), 1, "one close in the history: {history:?}");
+    check_agreement(&split);
+}
+
+/// Rules 13: the routing shard may take a conversation shard's `Enqueue` before the
+/// metadata group's letter that makes the conversation's skill group (they come over two
+/// links, in no order). The conversation waits in the group's queue once the group
+/// arrives, and it is offered; the hot state is what a restart rebuilds from the records.
+#[test]
+fn a_conversation_enqueued_before_its_group_reaches_routing_is_queued_when_the_group_does() {
+    let setup = Setup { rules: RULES_VERSION, capacities: [3, 3, 3], groups: [vec![0, 1], vec![0, 1], vec![0, 1]], online: [true; 3] };
+    let mut split = Split::new(&setup);
+    let now = Timestamp(1000);
+    for command in prelude(&setup) {
+        split.submit(&Envelope::new(now, command));
+        split.drain(now);
+    }
+    let late = SkillGroupId::new("late");
+    split.submit(&Envelope::new(now, Command::UpsertSkillGroup(SkillGroupConfig { id: late.clone(), name: "Late".into(), policy: Policy::LongestIdle, offer_timeout_ms: 1000, sla_ms: 60_000 })));
+    split.submit(&Envelope::new(now, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("late-web"), kind: "web".into(), name: "late".into(), default_group: late.clone() })));
+    let operator = OperatorConfig { id: OperatorId::new(OPERATORS[0]), name: OPERATORS[0].into(), capacity: 3, groups: vec![SkillGroupId::new(GROUPS[0]), late.clone()] };
+    split.submit(&Envelope::new(now, Command::UpsertOperator(operator)));
+    // The metadata group's letters reach both conversation shards, not routing.
+    let shards = SHARDS as usize;
+    for _ in 0..10 {
+        for k in 0..shards {
+            split.deliver(&Post { link: 2 * shards + 1 + k, pick: 0, answered: true, restart: false }, now);
+        }
+    }
+    for k in 0..shards {
+        assert!(split.cs[k].state.groups.contains_key(&late), "conversation shard {k} has the new group");
+    }
+    let visitor = Visitor { id: Some("v-late".into()), name: "V".into(), attributes: vec![] };
+    split.submit(&Envelope::new(now, Command::StartConversation { channel: ChannelId::new("late-web"), group: None, visitor }));
+    // Its `Enqueue` reaches routing first.
+    for _ in 0..4 {
+        for k in 0..shards {
+            split.deliver(&Post { link: k, pick: 0, answered: true, restart: false }, now);
+        }
+    }
+    let x = split.r.state.conversations.iter().find(|(_, c)| c.group == late).map(|(id, _)| *id).expect("routing knows the conversation");
+    assert!(!split.r.state.groups.contains_key(&late), "routing has not heard of the group yet");
+    split.drain(now);
+    let queued = split.r.state.groups.get(&late).is_some_and(|g| g.queue.iter().any(|(_, id)| *id == x));
+    let offered = split.r.state.offers.values().any(|o| o.conversation == x);
+    assert!(queued, "the conversation waits in its group's queue");
+    assert!(offered, "and is offered to the group's operator");
+    let reloaded = records::load(&split.r.store).expect("the records load");
+    assert_eq!(reloaded.groups.get(&late).map(|g| g.queue.clone()), split.r.state.groups.get(&late).map(|g| g.queue.clone()), "a restart rebuilds the same queue");
     check_agreement(&split);
 }
 
