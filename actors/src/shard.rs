@@ -359,6 +359,20 @@ impl Shard {
         records::load_conversation(self.store()?.as_ref(), id, false)
     }
 
+    /// Whether a channel message (its inbound key) was taken before, as the core decides
+    /// a redelivery: in the sender's open conversation, or by its record, which lives as
+    /// long as its conversation.
+    pub fn inbound_taken(&self, channel: &crate::model::ChannelId, sender: &str, key: &str) -> Result<bool, Error> {
+        {
+            let state = self.read();
+            let open = crate::core::inbound_target(&state, channel, sender, None);
+            if open.and_then(|id| state.conversations.get(&id)).is_some_and(|c| c.keys.contains_key(key)) {
+                return Ok(true);
+            }
+        }
+        Ok(records::inbound_conversation(self.store()?.as_ref(), key)?.is_some())
+    }
+
     /// History entries after `after`, at most `limit`, in order.
     pub fn history(&self, id: ConversationId, after: u64, limit: usize) -> Result<Vec<HistoryEntry>, Error> {
         if let Some(entries) = self.tails.read().unwrap_or_else(|p| p.into_inner()).history(id, after, limit) {

@@ -62,6 +62,11 @@ pub async fn send_to_bot(client: &http::Client, url: &str, signing_secret: &str,
     post_signed(client, url, signing_secret, &event.delivery_id, body).await
 }
 
+/// `segment` percent-encoded for a URL path: every byte but `A-Z a-z 0-9 - . _ ~`.
+fn path_segment(segment: &str) -> String {
+    segment.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
 /// Whether a file named in a Channel API push may be fetched: on the origin (scheme,
 /// host and port) of the adapter's own `outbound_url`, so a token cannot make a node
 /// fetch from anywhere else (its internal network, say).
@@ -105,7 +110,7 @@ pub async fn send(client: &http::Client, outbound_url: &str, signing_secret: &st
             "content_type": f.content_type,
             "size": f.size,
             "sha256": f.sha256,
-            "path": format!("/api/channel-api/{}/files/{}", message.channel, f.id),
+            "path": format!("/api/channel-api/{}/files/{}", path_segment(message.channel.as_str()), path_segment(&f.id)),
         })).collect::<Vec<_>>(),
     })
     .to_string()
@@ -152,5 +157,7 @@ mod tests {
         }
         assert!(check_file_url("http://127.0.0.1:9000/outbound", "http://127.0.0.1:9000/f/1").is_ok());
         assert!(check_file_url("http://127.0.0.1:9000/outbound", "http://127.0.0.1:9001/f/1").is_err());
+        assert_eq!(path_segment("viber gw/ü"), "viber%20gw%2F%C3%BC");
+        assert_eq!(path_segment("a-b_c.d~9"), "a-b_c.d~9");
     }
 }

@@ -219,10 +219,19 @@ impl Client {
             .iter()
             .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned())))
             .collect();
+        let is_get = content_type.is_none();
         let body = Limited::new(response.into_body(), max)
             .collect()
             .await
-            .map_err(|e| AdapterError::NoAnswer(format!("{origin}: reading the answer: {e}")))?
+            .map_err(|e| {
+                // A GET changed nothing: a body over the cap is too long, for good. An
+                // answer to a POST may mean it was taken, so it stays "no answer".
+                if is_get && e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                    AdapterError::TooLong { limit: max, actual: max.saturating_add(1) }
+                } else {
+                    AdapterError::NoAnswer(format!("{origin}: reading the answer: {e}"))
+                }
+            })?
             .to_bytes();
         self.put_idle(origin, sender);
         Ok(Response { status, headers, body })

@@ -133,8 +133,11 @@ pub async fn fetch_media(client: &http::Client, adapter: &AdapterConfig, media: 
         _ => return Err(AdapterError::Malformed("the file is not from this channel's provider".into())),
     };
     let response = client.get(&url, &headers, MAX_MEDIA_BYTES).await?;
-    if response.status != 200 {
-        return Err(AdapterError::Refused(format!("the provider answered {} for the file", response.status)));
+    match response.status {
+        200 => {}
+        // Will not change by asking again.
+        400..=499 => return Err(AdapterError::Refused(format!("the server answered {} for the file", response.status))),
+        status => return Err(AdapterError::Unreachable(format!("the server answered {status} for the file"))),
     }
     let content_type = content_type
         .or_else(|| response.header("content-type").map(str::to_owned))

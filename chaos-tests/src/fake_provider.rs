@@ -382,7 +382,8 @@ fn take_outbound(s: &mut AdapterState, headers: &HeaderMap, body: &[u8]) -> Resp
     Json(json!({"provider_message_id": format!("fake-{id}")})).into_response()
 }
 
-/// A file the adapter serves: only to a GET signed over its full URL.
+/// A file the adapter serves: only to a GET signed over its full URL; a name starting
+/// with `busy-` is answered 503.
 async fn media(State(state): State<Arc<Mutex<AdapterState>>>, Path(name): Path<String>, uri: axum::http::Uri, headers: HeaderMap) -> Response {
     let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     let url = format!("http://{}{}", s.addr.map(|a| a.to_string()).unwrap_or_default(), uri.path_and_query().map(|p| p.as_str()).unwrap_or_default());
@@ -391,6 +392,9 @@ async fn media(State(state): State<Arc<Mutex<AdapterState>>>, Path(name): Path<S
     if s.secret.is_empty() || signature != switchboard_adapters_signature(&s.secret, t, url.as_bytes()) {
         s.bad_signatures += 1;
         return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
+    }
+    if name.starts_with("busy-") {
+        return (StatusCode::SERVICE_UNAVAILABLE, "try later").into_response();
     }
     let Some((content_type, bytes)) = s.files.get(&name).cloned() else {
         return (StatusCode::NOT_FOUND, "no such file").into_response();

@@ -299,9 +299,29 @@ async fn files_go_both_ways_through_the_channel_api() -> anyhow::Result<()> {
         let (status, refused) = dev.api("POST", path, Some(&token), Some(body)).await?;
         assert_eq!((status, refused["code"].clone()), (409, json!("invalid")), "{refused}");
     }
-    let missing = json!({"sender": "c1", "message_id": "m6", "text": "see", "files": [{"url": format!("http://{}/media/gone.png", adapter.addr)}]});
-    let (status, refused) = dev.api("POST", path, Some(&token), Some(missing)).await?;
+    let huge = adapter.add_file("huge.png", "image/png", &[png.as_slice(), &vec![0u8; 5 * 1024 * 1024]].concat());
+    let gone = format!("http://{}/media/gone.png", adapter.addr);
+    for (n, url, why) in [(9, huge, "larger than 5242880 bytes"), (10, gone, "answered 404")] {
+        let body = json!({"sender": "c1", "message_id": format!("m{n}"), "text": "see", "files": [{"url": url}]});
+        let (status, refused) = dev.api("POST", path, Some(&token), Some(body)).await?;
+        assert_eq!((status, refused["code"].clone()), (409, json!("invalid")), "{refused}");
+        assert!(refused["message"].as_str().unwrap_or_default().contains(why), "{refused}");
+    }
+    // The adapter's server failing for now: send it again later.
+    let busy = json!({"sender": "c1", "message_id": "m6", "text": "see", "files": [{"url": format!("http://{}/media/busy-1.png", adapter.addr)}]});
+    let (status, refused) = dev.api("POST", path, Some(&token), Some(busy)).await?;
     assert_eq!((status, refused["code"].clone()), (503, json!("unavailable")), "{refused}");
+    // What is refused whatever the files is refused before any is fetched.
+    let fetched_before = adapter.fetches();
+    for body in [
+        json!({"sender": "c1", "message_id": "m11", "text": "   ", "files": [{"url": url.clone()}]}),
+        json!({"sender": "c1", "message_id": "m12", "files": [{"url": url.clone(), "content_type": "application/zip"}]}),
+        json!({"sender": "", "message_id": "m13", "files": [{"url": url.clone()}]}),
+    ] {
+        let (status, refused) = dev.api("POST", path, Some(&token), Some(body)).await?;
+        assert_eq!((status, refused["code"].clone()), (409, json!("invalid")), "{refused}");
+    }
+    assert_eq!(adapter.fetches(), fetched_before, "nothing was fetched for them");
     let six: Vec<Value> = (0..6).map(|_| json!({"url": url.clone()})).collect();
     let (status, _) = dev.api("POST", path, Some(&token), Some(json!({"sender": "c1", "message_id": "m7", "files": six}))).await?;
     assert_eq!(status, 400, "at most 5 files a message");
@@ -332,6 +352,8 @@ async fn files_go_both_ways_through_the_channel_api() -> anyhow::Result<()> {
     let elsewhere = file_path.replace("api-files", "api-other");
     assert_eq!(get_bytes(&dev.private, &elsewhere, &tokens[1]).await?.0, 404);
     assert_eq!(get_bytes(&dev.private, "/api/channel-api/api-files/files/0123456789abcdef", &token).await?.0, 404);
+    // The customer's own file is not read back through the adapter's token.
+    assert_eq!(get_bytes(&dev.private, &format!("/api/channel-api/api-files/files/{id}"), &token).await?.0, 404);
     assert_eq!(adapter.refused(), (0, 0), "every delivery and fetch was signed");
     Ok(())
 }

@@ -773,18 +773,27 @@ pub async fn file_bytes(gw: &Gateway, attachment: &Attachment) -> Option<Vec<u8>
 }
 
 /// `GET /api/channel-api/{channel}/files/{id}` (the channel's token checked by the
-/// caller): a file of a conversation on `channel`; any other is not found.
+/// caller): a file staff sent in a conversation on `channel`; any other (another
+/// channel's, or one the customer sent: the adapter had it first, and a token must not
+/// turn the node into a reader of whatever its adapter's origin serves) is not found.
+/// A file whose bytes no reachable member holds now is `503`, to be asked again.
 pub(crate) async fn channel_download(gw: &Gateway, channel: &switchboard_actors::model::ChannelId, id: &str) -> Result<Response, GatewayError> {
     if id.is_empty() || id.len() > 64 {
         return Err(GatewayError::NotFound("attachment".into()));
     }
     let attachment = lookup(gw, id).await?;
+    if attachment.uploaded_by == "client" {
+        return Err(GatewayError::NotFound("attachment".into()));
+    }
     let conversation = gw.backend.conversation_reads(attachment.conversation).conversation(attachment.conversation).await?;
     if !conversation.is_some_and(|c| c.channel == *channel) {
         return Err(GatewayError::NotFound("attachment".into()));
     }
-    let body = fetched(gw, &attachment).await?;
-    Ok(serve(&attachment, body))
+    match fetched(gw, &attachment).await {
+        Ok(body) => Ok(serve(&attachment, body)),
+        Err(GatewayError::NotFound(_)) => Err(GatewayError::Busy("no member that holds the file can be reached now; ask again shortly")),
+        Err(e) => Err(e),
+    }
 }
 
 /// `GET /api/attachments/{id}` on the private listener.

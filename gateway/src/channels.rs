@@ -460,6 +460,17 @@ fn media_client() -> Result<&'static switchboard_adapters::http::Client, Gateway
     Ok(CLIENT.get_or_init(|| client))
 }
 
+/// Messages whose files a node fetches at once (provider webhooks and Channel API
+/// pushes together): each holds up to 5 files of 5 MiB in memory until it is stored.
+const MEDIA_FETCHES: usize = 4;
+/// How long a provider's message with files waits for one of those slots.
+const MEDIA_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn media_fetches() -> &'static tokio::sync::Semaphore {
+    static FETCHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MEDIA_FETCHES);
+    &FETCHES
+}
+
 /// Time to fetch one file a customer sent, and all of one message's.
 const MEDIA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const MEDIA_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
@@ -484,6 +495,11 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
     if seen || crate::attachments::sender_blocked(gw, channel, &m.sender) {
         return take_inbound(gw, m.plain(channel)).await;
     }
+    // A slot among the messages whose files are being fetched; a provider that cannot
+    // have one soon delivers the message again.
+    let Ok(Ok(_fetching)) = tokio::time::timeout(MEDIA_SLOT_WAIT, media_fetches().acquire()).await else {
+        return Err(GatewayError::Busy("too many messages with files are being fetched; deliver it again"));
+    };
     let client = media_client()?;
     let mut files = Vec::new();
     let mut caption = String::new();
@@ -693,13 +709,16 @@ pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<Str
 
 /// A pushed message with files: its files fetched from the adapter, checked as uploads
 /// are (type, content, size) and kept on a majority of the members, in the command
-/// that takes them (`Ok`); or, for a message taken before or from a blocked customer,
-/// the command without them (`Err`: the core answers `duplicate` or `blocked`, and
-/// nothing is fetched). A file that cannot be taken refuses the whole push, with why.
+/// that takes them (`Ok`); or, for a message taken before, the command without them
+/// (`Err`: the core answers `duplicate`, and nothing is fetched). What the core would
+/// refuse whatever the files (a bad sender, a blank caption, a blocked customer) is
+/// refused before anything is fetched; a file that cannot be taken refuses the whole
+/// push, with why.
 async fn api_inbound_files(gw: &Gateway, channel: &ChannelId, body: InboundBody) -> Result<Result<Command, Command>, GatewayError> {
-    let max = switchboard_actors::core::MAX_ATTACHMENTS_PER_MESSAGE;
-    if body.files.len() > max {
-        return Err(GatewayError::BadRequest(format!("at most {max} files per message")));
+    use switchboard_actors::core::{MAX_ATTACHMENTS_PER_MESSAGE, MAX_SENDER_BYTES, MAX_TEXT_CHARS};
+    use switchboard_actors::Error as Core;
+    if body.files.len() > MAX_ATTACHMENTS_PER_MESSAGE {
+        return Err(GatewayError::BadRequest(format!("at most {MAX_ATTACHMENTS_PER_MESSAGE} files per message")));
     }
     let unauthorized = || GatewayError::Unauthorized("the channel token does not match this channel");
     let adapter = adapter_of(gw, channel).ok_or_else(unauthorized)?;
@@ -708,9 +727,22 @@ async fn api_inbound_files(gw: &Gateway, channel: &ChannelId, body: InboundBody)
         if file.url.len() > MAX_FILE_URL_BYTES || file.name.len() > 255 || file.content_type.as_ref().is_some_and(|t| t.len() > 100) {
             return Err(GatewayError::BadRequest(format!("file {}: a url of at most {MAX_FILE_URL_BYTES} bytes, a name of at most 255, a content_type of at most 100", i + 1)));
         }
-        switchboard_adapters::api::check_file_url(outbound_url, &file.url).map_err(|e| GatewayError::BadRequest(format!("file {}: {e}", i + 1)))?;
+        if let Err(e) = switchboard_adapters::api::check_file_url(outbound_url, &file.url) {
+            let why = match e {
+                switchboard_adapters::AdapterError::Malformed(why) => why,
+                other => other.to_string(),
+            };
+            return Err(GatewayError::BadRequest(format!("file {}: {why}", i + 1)));
+        }
     }
+    // What the core refuses whatever the files is refused before they are fetched.
     let text = body.text.unwrap_or_default();
+    if body.sender.is_empty() || body.sender.len() > MAX_SENDER_BYTES || body.sender_name.len() > MAX_SENDER_BYTES {
+        return Err(Core::Invalid(format!("the sender id must be 1-{MAX_SENDER_BYTES} bytes, the name at most {MAX_SENDER_BYTES}")).into());
+    }
+    if body.message_id.is_empty() {
+        return Err(Core::Invalid("the provider message id is empty".into()).into());
+    }
     let plain = Command::ChannelInbound { channel: channel.clone(), sender: body.sender.clone(), sender_name: body.sender_name.clone(), provider_message_id: body.message_id.clone(), text: text.clone() };
     // Taken before: the core answers `duplicate` without fetching anything again.
     let key = switchboard_actors::core::inbound_key(channel, &body.sender, &body.message_id);
@@ -719,32 +751,56 @@ async fn api_inbound_files(gw: &Gateway, channel: &ChannelId, body: InboundBody)
     if answers.into_iter().any(|seen| seen.unwrap_or(false)) {
         return Ok(Err(plain));
     }
+    if !text.is_empty() {
+        if text.trim().is_empty() {
+            return Err(Core::Invalid("message text is empty".into()).into());
+        }
+        let chars = text.chars().count();
+        if chars > MAX_TEXT_CHARS {
+            return Err(Core::TooLong { limit: MAX_TEXT_CHARS, actual: chars }.into());
+        }
+    }
+    for (i, file) in body.files.iter().enumerate() {
+        if let Some(kind) = file.content_type.as_deref().map(|t| t.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()) {
+            if !crate::attachments::ALLOWED_TYPES.contains(&kind.as_str()) {
+                return Err(Core::Invalid(format!("file {}: files of type {kind} are not accepted", i + 1)).into());
+            }
+        }
+    }
     // A blocked customer's files are neither fetched nor kept.
     if let Some(why) = crate::attachments::sender_refused(gw, channel, &body.sender) {
-        return Err(GatewayError::Core(switchboard_actors::Error::Blocked(why)));
+        return Err(Core::Blocked(why).into());
     }
+    // At most `MEDIA_FETCHES` messages' files are in memory at once on a node.
+    let Ok(_fetching) = media_fetches().try_acquire() else {
+        return Err(GatewayError::Busy("too many messages with files are being fetched; send it again shortly"));
+    };
     let client = media_client()?;
     let fetch_until = tokio::time::Instant::now() + MEDIA_BUDGET;
     let mut fetched = Vec::new();
     for (i, file) in body.files.iter().enumerate() {
         let media = switchboard_adapters::Media { caption: String::new(), name: file.name.clone(), content_type: file.content_type.clone(), size: None, source: switchboard_adapters::MediaSource::Url(file.url.clone()) };
+        let n = i + 1;
         let got = match tokio::time::timeout_at(fetch_until, switchboard_adapters::fetch_media(client, &adapter, &media)).await {
-            Err(_) => return Err(GatewayError::Core(switchboard_actors::Error::Unreachable(format!("the files were not fetched within {} s; send the message again", MEDIA_BUDGET.as_secs())))),
-            Ok(Err(switchboard_adapters::AdapterError::TooLong { limit, .. })) => {
-                return Err(GatewayError::Core(switchboard_actors::Error::Invalid(format!("file {} is larger than {limit} bytes", i + 1))));
-            }
-            Ok(Err(e)) => return Err(GatewayError::Core(switchboard_actors::Error::Unreachable(format!("file {} could not be fetched ({e}); send the message again", i + 1)))),
+            Err(_) => return Err(Core::Unreachable(format!("the files were not fetched within {} s; send the message again", MEDIA_BUDGET.as_secs())).into()),
             Ok(Ok(got)) => got,
+            // For good: sending the same file again will not help.
+            Ok(Err(switchboard_adapters::AdapterError::TooLong { limit, .. })) => return Err(Core::Invalid(format!("file {n} is larger than {limit} bytes")).into()),
+            Ok(Err(switchboard_adapters::AdapterError::Refused(why) | switchboard_adapters::AdapterError::Malformed(why))) => {
+                return Err(Core::Invalid(format!("file {n} could not be fetched: {why}")).into());
+            }
+            // Maybe not next time.
+            Ok(Err(e)) => return Err(Core::Unreachable(format!("file {n} could not be fetched ({e}); send the message again")).into()),
         };
         let (bytes, content_type) = got;
         if bytes.is_empty() {
-            return Err(GatewayError::Core(switchboard_actors::Error::Invalid(format!("file {} is empty", i + 1))));
+            return Err(Core::Invalid(format!("file {n} is empty")).into());
         }
         if !crate::attachments::ALLOWED_TYPES.contains(&content_type.as_str()) {
-            return Err(GatewayError::Core(switchboard_actors::Error::Invalid(format!("file {}: files of type {content_type} are not accepted", i + 1))));
+            return Err(Core::Invalid(format!("file {n}: files of type {content_type} are not accepted")).into());
         }
         if !crate::attachments::bytes_match_type(&content_type, &bytes) {
-            return Err(GatewayError::Core(switchboard_actors::Error::Invalid(format!("file {}: its bytes are not {content_type}", i + 1))));
+            return Err(Core::Invalid(format!("file {n}: its bytes are not {content_type}")).into());
         }
         fetched.push((crate::attachments::safe_name(&file.name, &content_type), content_type, bytes));
     }

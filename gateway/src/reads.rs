@@ -46,8 +46,9 @@ pub trait ShardReads: Send + Sync + 'static {
     fn attachment<'a>(&'a self, id: &'a AttachmentId) -> Read<'a, Option<Attachment>>;
     /// Whether conversation `id` can take one more file of `size` bytes.
     fn attachment_room(&self, id: ConversationId, files: usize, size: u64) -> Read<'_, ()>;
-    /// Whether the open conversation of `sender` on `channel` already holds the message
-    /// whose idempotency key is `key` (a provider's redelivery).
+    /// Whether the message whose idempotency key is `key` was taken before (a provider's
+    /// redelivery): in the open conversation of `sender` on `channel`, or by its record,
+    /// kept as long as its conversation.
     fn inbound_seen<'a>(&'a self, channel: &'a ChannelId, sender: &'a str, key: &'a str) -> Read<'a, bool>;
 }
 
@@ -106,8 +107,6 @@ impl ShardReads for Shard {
     }
 
     fn inbound_seen<'a>(&'a self, channel: &'a ChannelId, sender: &'a str, key: &'a str) -> Read<'a, bool> {
-        let state = self.read();
-        let open = switchboard_actors::core::inbound_target(&state, channel, sender, None);
-        ready(Ok(open.and_then(|id| state.conversations.get(&id)).is_some_and(|c| c.keys.contains_key(key))))
+        ready(self.inbound_taken(channel, sender, key))
     }
 }
