@@ -92,6 +92,8 @@ const OVERSIZE: &str = "a frame from the member is over the gateway's limit";
 /// [`MAX_PENDING_BYTES`] of frames kept for a re-pin) new ones are refused with
 /// `rate_limited` until answers come.
 const MAX_PENDING: usize = 256;
+/// Most pongs a re-pin answers for the pings its lost member never answered.
+const MAX_REPLAYED_PONGS: u32 = 4;
 /// The client's headers a socket keeps to be opened again on another member.
 const REPIN_HEADERS: [&str; 6] = ["host", "origin", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version"];
 /// Longest time to wait for a member's response head to a relayed request.
@@ -1486,9 +1488,12 @@ impl Tracker {
         Ok(())
     }
 
-    /// What to do about the requests the lost member never answered (its pongs too:
-    /// the pings are not sent again).
+    /// What to do about the requests the lost member never answered. Its pings are
+    /// answered here, after everything else (the socket is alive, only its member
+    /// changed): a client that waits for its pong to know the socket lives would
+    /// otherwise drop it, which is what a re-pin is there to spare it.
     fn replay(&mut self) -> Vec<Replay> {
+        let pongs = self.pings.min(MAX_REPLAYED_PONGS);
         self.forget_pings();
         let mut actions = Vec::new();
         if let Some(watch) = &self.watch {
@@ -1526,6 +1531,7 @@ impl Tracker {
         // Every resume was settled above (the latest resumed on the new member): none
         // waits any more.
         self.resume_asked.clear();
+        actions.extend((0..pongs).map(|_| Replay::Answer(json!({"type": "pong"}))));
         actions
     }
 }
@@ -1767,8 +1773,10 @@ mod tests {
         assert!(t.quiet(), "a pong that did not come in time no longer holds it");
         assert!(t.outgoing(r#"{"type":"ping"}"#).is_ok());
         t.ping_since = Some(Instant::now());
-        t.replay();
+        let actions = t.replay();
         assert!(t.quiet(), "a re-pin forgets the pings it did not send again");
+        let pongs = actions.iter().filter(|a| matches!(a, Replay::Answer(f) if f["type"] == "pong")).count();
+        assert_eq!(pongs, 2, "and answers them itself (both unanswered pings): the socket lives");
 
         let mut desk = Tracker::new(Surface::Operator, "/ws/operator?token=T");
         assert!(!desk.quiet(), "an operator socket before its hello");

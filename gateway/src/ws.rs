@@ -274,6 +274,13 @@ const LOGIN_RECHECK: Duration = Duration::from_secs(2);
 #[derive(Clone, Copy, Debug)]
 pub struct Relayed;
 
+/// The least burst of frames a relayed socket is allowed: more than a gateway keeps for
+/// a re-pin (256 requests) with the resume and pings it sends with them.
+const RELAYED_MIN_BURST: f64 = 300.0;
+/// Room over the client's message size for what a gateway stamps on a relayed frame (a
+/// start's key, an accept's arrival time).
+const RELAYED_STAMP_BYTES: usize = 256;
+
 /// Completes the upgrade and runs `session` on the socket in its own task.
 pub(crate) fn accept<S: Session>(
     gw: Arc<crate::Gateway>,
@@ -287,9 +294,14 @@ pub(crate) fn accept<S: Session>(
         Surface::Client => gw.config.client_limits,
         Surface::Operator | Surface::Supervisor => gw.config.operator_limits,
     };
+    // A gateway enforces the client's own limits before it relays; the member's give it
+    // room for jitter, for the frames it sends again at once after a re-pin (every
+    // request it keeps, a resume and the pings it replays), and for the key or time it
+    // stamps on a frame.
     if relayed {
         limits.frames_per_second *= 2.0;
-        limits.burst *= 2.0;
+        limits.burst = (limits.burst * 2.0).max(RELAYED_MIN_BURST);
+        limits.max_message_bytes += RELAYED_STAMP_BYTES;
     }
     let guard: Option<Guard> = staff.map(|s| {
         let gw = gw.clone();
