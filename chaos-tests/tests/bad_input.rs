@@ -76,7 +76,8 @@ async fn malformed_frames_get_documented_errors_and_nothing_is_lost() -> anyhow:
     // Sending before start.
     let mut fresh = WsClient::connect(&dev.public, "/ws/client", None).await?;
     fresh.send(&json!({"type": "send", "key": "k", "text": "hi"})).await?;
-    assert_eq!(fresh.wait_for(WAIT, |v| v["type"] == "error").await?["code"], "no_conversation");
+    let refused = fresh.wait_for(WAIT, |v| v["type"] == "error").await?;
+    assert_eq!((refused["code"].clone(), refused["ref"].clone()), (json!("no_conversation"), json!("k")), "a send's error names it by its key: {refused}");
     // A `read` takes no `ref`: its error says which frame it answers.
     fresh.send(&json!({"type": "read", "upto": 1})).await?;
     let refused = fresh.wait_for(WAIT, |v| v["type"] == "error").await?;

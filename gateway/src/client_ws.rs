@@ -370,8 +370,10 @@ impl ClientSession {
                 self.follow(conversation, last_seq, out, resumed).await?;
             }
             ClientIn::Send { key, text, attachments } => {
-                let conversation = self.require_conversation()?;
+                // Every error for a `send` names it by its key, this one too: a gateway
+                // matches answers to the requests it keeps by it.
                 let reference = json!(key.clone());
+                let conversation = self.conversation.ok_or_else(|| frames::error("no_conversation", "send \"start\" or \"resume\" first", Some(&reference)))?;
                 self.charge(conversation, Some(&reference))?;
                 let attachments = attachments.into_iter().map(AttachmentId).collect();
                 let preview: String = text.chars().take(PREVIEW_CHARS).collect();
