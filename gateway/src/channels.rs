@@ -357,13 +357,15 @@ async fn match_held_receipts(gw: std::sync::Weak<Gateway>) {
         // Each found message with how many of its receipts this round commits, and when
         // it was first held (a message evicted and held anew meanwhile is another).
         let mut found: Vec<((ChannelId, String), usize, (ConversationId, u64), std::time::Instant)> = Vec::new();
-        let mut expired: Vec<(ChannelId, String)> = Vec::new();
+        // Each with when it was first held: one evicted and held anew meanwhile is
+        // another, with its own patience.
+        let mut expired: Vec<((ChannelId, String), std::time::Instant)> = Vec::new();
         for (key, n, since) in round {
             match gw.by_provider_id(&key.0, &key.1).await {
                 Ok(Some(entry)) => found.push((key, n, entry, since)),
                 // Not committed yet, or the shards could not be asked now: again next
                 // round, unless it has waited long enough.
-                _ if since.elapsed() >= EARLY_RECEIPT_PATIENCE => expired.push(key),
+                _ if since.elapsed() >= EARLY_RECEIPT_PATIENCE => expired.push((key, since)),
                 _ => {}
             }
         }
@@ -398,10 +400,11 @@ async fn match_held_receipts(gw: std::sync::Weak<Gateway>) {
         } else {
             // Tried again next round (a delivered or read receipt twice is harmless),
             // unless it has waited long enough.
-            expired.extend(found.into_iter().filter(|(key, ..)| held.by_id.get(key).is_some_and(|e| e.since.elapsed() >= EARLY_RECEIPT_PATIENCE)).map(|(key, ..)| key));
+            expired.extend(found.into_iter().filter(|(key, _, _, since)| held.by_id.get(key).is_some_and(|e| e.since == *since && e.since.elapsed() >= EARLY_RECEIPT_PATIENCE)).map(|(key, _, _, since)| (key, since)));
         }
-        for key in expired {
-            if let Some(gone) = held.by_id.remove(&key) {
+        for (key, since) in expired {
+            if held.by_id.get(&key).is_some_and(|e| e.since == since) {
+                let Some(gone) = held.by_id.remove(&key) else { continue };
                 tracing::debug!(channel = %key.0, id = %key.1, "a provider receipt found no sent message within {EARLY_RECEIPT_PATIENCE:?}; dropped");
                 held.count -= gone.outcomes.len();
                 gw.metrics.receipts_dropped.fetch_add(gone.outcomes.len() as u64, Relaxed);

@@ -43,7 +43,7 @@ pub(crate) async fn upgrade(
             return crate::GatewayError::Budget("too many open chat sockets from your address").into_response();
         }
     };
-    let session = ClientSession { gw: gw.clone(), conversation: None, peer: address, ip: peer.ip(), _slot: slot };
+    let session = ClientSession { gw: gw.clone(), conversation: None, peer: address, ip: peer.ip(), read_relayed: None, _slot: slot };
     ws::accept(gw, upgrade, Surface::Client, None, relayed.is_some(), session)
 }
 
@@ -53,6 +53,10 @@ struct ClientSession {
     peer: std::net::IpAddr,
     /// The client's own address (`peer` is its budget's), for block and allow lists.
     ip: std::net::IpAddr,
+    /// The read mark this socket last relayed to the operator: a `read` that does not
+    /// move it is relayed to nobody (the frame rate alone would let a visitor fan
+    /// signals out to every member ten times a second).
+    read_relayed: Option<u64>,
     _slot: crate::budget::Slot,
 }
 
@@ -404,7 +408,10 @@ impl ClientSession {
                     .await
                     .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
                 let upto = self.gw.read_mark(conversation, upto).await;
-                self.signal_operator(conversation, json!({"type": "read", "conversation": conversation.0, "by": "client", "upto": upto}));
+                if self.read_relayed != Some(upto) {
+                    self.read_relayed = Some(upto);
+                    self.signal_operator(conversation, json!({"type": "read", "conversation": conversation.0, "by": "client", "upto": upto}));
+                }
             }
             ClientIn::Close => {
                 let conversation = self.require_conversation()?;
