@@ -689,21 +689,42 @@ async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayE
             } else if gw.backend.keeps_files_of(&FileOwner::Conversation(attachment.conversation)) {
                 gw.blobs.put_bytes(&attachment.id, &bytes).await?;
             } else {
-                // Served from memory, holding its fetch slot until the body is sent: at
-                // most `REMOTE_FETCHES` such files (5 MiB each at most) at once, however
-                // slowly their readers read.
-                let chunks: Vec<axum::body::Bytes> = bytes.chunks(64 * 1024).map(axum::body::Bytes::copy_from_slice).collect();
+                // Served from memory by a task that holds the bytes and the fetch slot:
+                // at most `REMOTE_FETCHES` such files (5 MiB each at most) at once, each
+                // for at most `REMOTE_DOWNLOAD_GRACE` plus its size at
+                // `MIN_DOWNLOAD_BYTES_PER_SECOND`. A reader slower than that has its
+                // download cut off (the connection fails: never a file cut short that
+                // looks whole), and the bytes and the slot go back then, however slowly
+                // it reads.
+                let deadline = tokio::time::Instant::now() + REMOTE_DOWNLOAD_GRACE + Duration::from_secs_f64(bytes.len() as f64 / MIN_DOWNLOAD_BYTES_PER_SECOND);
+                let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(1);
                 let slot = _fetching;
-                let stream = futures::StreamExt::map(futures::stream::iter(chunks), move |chunk| {
-                    let _slot = &slot;
-                    Ok::<_, std::io::Error>(chunk)
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    for chunk in bytes.chunks(64 * 1024) {
+                        match tokio::time::timeout_at(deadline, tx.send(Ok(axum::body::Bytes::copy_from_slice(chunk)))).await {
+                            Ok(Ok(())) => {}
+                            // The reader went away.
+                            Ok(Err(_)) => return,
+                            Err(_) => {
+                                let _ = tx.try_send(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the download was read too slowly")));
+                                return;
+                            }
+                        }
+                    }
                 });
+                let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) });
                 return Ok(Body::from_stream(stream));
             }
         }
     }
     gw.blobs.get(&attachment.id).await
 }
+
+/// A download served from memory (a file fetched from another member) may take this
+/// long, plus its size at [`MIN_DOWNLOAD_BYTES_PER_SECOND`].
+const REMOTE_DOWNLOAD_GRACE: Duration = Duration::from_secs(5);
+const MIN_DOWNLOAD_BYTES_PER_SECOND: f64 = 32.0 * 1024.0;
 
 /// Whose a file is, for where its copies go (`Backend::replicate_file`): a
 /// conversation's (an upload, or a mail that replies in a conversation's thread), or a
