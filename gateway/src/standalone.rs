@@ -189,10 +189,10 @@ impl Upstreams {
     }
 
     /// The member to pin new work to: the leader if it is ready, else a ready member,
-    /// else any that answers; never `avoid` (a member that just failed).
-    fn choose(&self, avoid: Option<u64>) -> Option<(u64, String)> {
+    /// else any that answers; never one of `avoid` (members that just failed).
+    fn choose(&self, avoid: &[u64]) -> Option<(u64, String)> {
         let map = self.lock();
-        let usable = |id: &u64, m: &Member| Some(*id) != avoid && m.alive;
+        let usable = |id: &u64, m: &Member| !avoid.contains(id) && m.alive;
         if let Some(leader) = map.leader {
             if let Some(m) = map
                 .members
@@ -206,7 +206,7 @@ impl Upstreams {
         let any = || map.members.iter().find(|(id, m)| usable(id, m));
         // Nobody answered a poll yet (the gateway just started, or every dial is under
         // way): trying one costs at most a dial, answering 503 at once costs the request.
-        let untried = || map.members.iter().find(|(id, _)| Some(**id) != avoid);
+        let untried = || map.members.iter().find(|(id, _)| !avoid.contains(id));
         ready.or_else(any).or_else(untried).map(|(id, m)| (*id, m.addr.clone()))
     }
 
@@ -228,9 +228,9 @@ impl Upstreams {
 
     /// Where a socket goes when its member failed: the member that owns its stream,
     /// else as [`Upstreams::choose`] picks.
-    fn choose_for(&self, surface: Surface, conversation: Option<u64>, avoid: Option<u64>) -> Option<(u64, String)> {
+    fn choose_for(&self, surface: Surface, conversation: Option<u64>, avoid: &[u64]) -> Option<(u64, String)> {
         match self.preferred(surface, conversation) {
-            Some((id, addr)) if Some(id) != avoid => Some((id, addr)),
+            Some((id, addr)) if !avoid.contains(&id) => Some((id, addr)),
             _ => self.choose(avoid),
         }
     }
@@ -462,13 +462,13 @@ async fn relay_http(
     request: axum::extract::Request,
 ) -> Response {
     let mut request = request;
-    let mut avoid = None;
+    let mut avoid: Vec<u64> = Vec::new();
     // A visitor's upload or download goes to the leader of its conversation's shard, as
     // its socket does: the file is then written first on a node that holds the shard.
     let conversation = (edge.listener == Listener::Public).then(|| attachment_conversation(request.uri())).flatten();
     // Until a stream is open nothing has been sent: another member may take it.
     for _ in 0..3 {
-        let Some((id, addr)) = edge.up.choose_for(Surface::Client, conversation, avoid) else {
+        let Some((id, addr)) = edge.up.choose_for(Surface::Client, conversation, &avoid) else {
             break;
         };
         let relayed = tokio::time::timeout(
@@ -479,7 +479,7 @@ async fn relay_http(
             Ok(Ok(response)) => return response.map(axum::body::Body::new),
             Ok(Err(Ok(unsent))) => {
                 request = unsent;
-                avoid = Some(id);
+                avoid.push(id);
             }
             Ok(Err(Err(e))) => {
                 tracing::debug!(member = id, error = %e, "relayed request failed");
@@ -619,9 +619,9 @@ async fn relay_socket(
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| uri.path().to_owned());
-    let mut avoid = None;
+    let mut avoid: Vec<u64> = Vec::new();
     for _ in 0..3 {
-        let Some((id, addr)) = edge.up.choose(avoid) else {
+        let Some((id, addr)) = edge.up.choose(&avoid) else {
             break;
         };
         match open_socket(&edge.up, &addr, edge.listener, client, &path, &headers).await {
@@ -664,7 +664,7 @@ async fn relay_socket(
             }
             Err(e) => {
                 tracing::debug!(member = id, error = %e, "could not open a socket on a member");
-                avoid = Some(id);
+                avoid.push(id);
             }
         }
     }
@@ -946,9 +946,18 @@ async fn repin(
     headers: &HeaderMap,
 ) -> Result<(UpstreamSocket, u64, Vec<Replay>), Option<(u16, String)>> {
     let give_up = Instant::now() + REPIN_PATIENCE;
-    let mut avoid = Some(dead);
+    // Every member that failed this re-pin is passed over while another may take the
+    // socket; once each has failed, all but the dead one are tried again.
+    let mut avoid: Vec<u64> = vec![dead];
     while Instant::now() < give_up {
-        if let Some((id, addr)) = edge.up.choose_for(track.surface, track.conversation, avoid) {
+        let choice = match edge.up.choose_for(track.surface, track.conversation, &avoid) {
+            None if avoid.len() > 1 => {
+                avoid.truncate(1);
+                edge.up.choose_for(track.surface, track.conversation, &avoid)
+            }
+            choice => choice,
+        };
+        if let Some((id, addr)) = choice {
             let target = track.reconnect_path(path);
             // Each attempt within what is left of the patience: a member that is there but
             // stuck must not hold the socket past it.
@@ -962,7 +971,7 @@ async fn repin(
                     Ok(()) => return Ok((socket, id, track.replay())),
                     Err(e) => {
                         tracing::debug!(member = id, error = %e, "resume on the new member failed; trying again");
-                        avoid = Some(id);
+                        avoid.push(id);
                     }
                 },
                 Ok(Opened::Refused(response))
@@ -978,19 +987,15 @@ async fn repin(
                 }
                 Ok(Opened::Refused(response)) => {
                     tracing::debug!(member = id, status = %response.status(), "a member refused a re-pinned socket");
-                    avoid = Some(id);
+                    avoid.push(id);
                 }
                 Err(e) => {
                     tracing::debug!(member = id, error = %e, "could not re-pin on a member");
-                    avoid = Some(id);
+                    avoid.push(id);
                 }
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        // The dead member is avoided until the map knows it is gone; others are tried again.
-        if avoid != Some(dead) {
-            avoid = Some(dead);
-        }
     }
     Err(None)
 }
@@ -1821,7 +1826,8 @@ mod tests {
         assert_eq!(at(Surface::Supervisor, None), None);
         up.lock().members.get_mut(&3).expect("member").ready = false;
         assert_eq!(at(Surface::Client, Some(10)), None, "a leader that does not serve is not moved to");
-        assert_eq!(up.choose_for(Surface::Client, Some(9), Some(2)).map(|(id, _)| id), Some(1), "a failed member is avoided even when it leads");
+        assert_eq!(up.choose_for(Surface::Client, Some(9), &[2]).map(|(id, _)| id), Some(1), "a failed member is avoided even when it leads");
+        assert_eq!(up.choose_for(Surface::Client, Some(9), &[2, 1]).map(|(id, _)| id), Some(3), "and every member that failed");
         up.lock().conversations.clear();
         assert_eq!(at(Surface::Client, Some(9)), Some(1), "one group: the leader");
     }
