@@ -61,7 +61,9 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// operator's answer from arriving. Before, only an expiry committed more than
 /// [`STALLED_EXPIRY_MS`] late spared them, and a fast failover set them away.
 /// Rules 13: an operator's message with files to a Channel API customer is taken (the
-/// adapter fetches each file with the channel's token); before, it was refused.
+/// adapter fetches each file with the channel's token); before, it was refused. And a
+/// routing shard that hears of a conversation before its skill group queues it when the
+/// group arrives (before, it waited in no queue until a restart rebuilt the queues).
 pub const RULES_VERSION: u32 = 13;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not

@@ -298,6 +298,8 @@ impl SplitNode {
         let keyspace = switchboard_raft::store::open_keyspace(&dir.join("records"), &ids)?;
         let (peers, router) = (Peers::new(endpoint.clone()), Router::default());
         router.set_peers(peers.clone());
+        // Other members ask it before their groups adopt newer routing rules.
+        router.set_rules(switchboard_actors::core::RULES_VERSION);
         let rpc = switchboard_raft::network::serve(endpoint.clone(), router.clone());
         let host = Host { node_id, data_dir: dir, keyspace: &keyspace, snapshot_every: switchboard_raft::DEFAULT_SNAPSHOT_EVERY, peers: &peers, router: &router };
         let nodes = members.iter().map(|(id, addr)| (*id, switchboard_raft::Node { addr: addr.clone() })).collect::<BTreeMap<_, _>>();
@@ -423,23 +425,31 @@ impl SplitNode {
         let holding: BTreeMap<GroupId, tokio::sync::watch::Sender<bool>> =
             groups.values().filter(|g| g.id >= FIRST_C).map(|g| (g.id, tokio::sync::watch::Sender::new(holds_in(&groups[&G0].shard, g, node_id)))).collect();
         let holding_task = {
-            let (groups, flags) = (groups.clone(), holding.clone());
+            let (groups, flags, peers) = (groups.clone(), holding.clone(), peers.clone());
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(crate::remote::HOLDING_CHECK);
+                let mut rules_looked = tokio::time::Instant::now();
                 loop {
                     every.tick().await;
+                    let look_at_rules = rules_looked.elapsed() >= crate::server::RULES_CHECK_EVERY;
+                    if look_at_rules {
+                        rules_looked = tokio::time::Instant::now();
+                    }
                     for (id, flag) in &flags {
                         let group = &groups[id];
                         let now = holds_in(&groups[&G0].shard, group, node_id);
                         flag.send_if_modified(|held| std::mem::replace(held, now) != now);
                         // A shard still on older routing rules holds the directory's
-                        // letters back; its leader adopts them (a start that missed it,
-                        // a copy made before this build).
+                        // letters back; its leader adopts the newest every member knows
+                        // (a start that missed it, a copy made before this build, a
+                        // member upgraded since).
                         let leads = group.raft.metrics().borrow().current_leader == Some(node_id);
-                        if now && leads && group.shard.read().rules < switchboard_actors::core::RULES_VERSION {
-                            let adopt = group.proposer.submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION });
-                            match tokio::time::timeout(Duration::from_secs(2), adopt).await {
-                                Ok(Ok(_)) => tracing::info!(group = *id, "adopted the routing rules the shard was behind on"),
+                        if now && leads && look_at_rules && group.shard.read().rules < switchboard_actors::core::RULES_VERSION {
+                            let before = group.shard.read().rules;
+                            let adopt = crate::server::adopt_known_rules(&group.raft, &peers, node_id, || group.shard.read().rules, |command| group.proposer.submit(command));
+                            match tokio::time::timeout(Duration::from_secs(5), adopt).await {
+                                Ok(Ok(_)) if group.shard.read().rules > before => tracing::info!(group = *id, rules = group.shard.read().rules, "adopted routing rules the shard was behind on"),
+                                Ok(Ok(look)) => tracing::debug!(group = *id, ?look, "looked at the shard's routing rules"),
                                 Ok(Err(e)) => tracing::debug!(group = *id, error = %e, "adopting the routing rules did not go through; asked again later"),
                                 Err(_) => tracing::debug!(group = *id, "adopting the routing rules took too long; asked again later"),
                             }
@@ -449,13 +459,25 @@ impl SplitNode {
             })
         };
         let node = SplitNode { node_id, groups, shards, peers, router, forwarders: Vec::new(), keyspace, endpoint, rpc, remotes: Default::default(), holding, holding_task };
-        // Idempotent: an outcome lost to a leader change at start is asked again, for a
-        // minute at most.
+        // The newest rules every member of each group knows (this build's once every
+        // member runs it; the leaders look again while a group is behind). Idempotent:
+        // an outcome lost to a leader change at start, or a member that has not said
+        // which rules it knows yet, is asked again, for a minute at most.
         let adopt_until = tokio::time::Instant::now() + Duration::from_secs(60);
         for group in node.groups.values().filter(|g| node.holds(g.id)) {
-            while group.shard.read().rules < switchboard_actors::core::RULES_VERSION {
-                match group.proposer.submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }).await {
-                    Ok(_) => {}
+            loop {
+                let look = crate::server::adopt_known_rules(&group.raft, &node.peers, node_id, || group.shard.read().rules, |command| group.proposer.submit(command)).await;
+                match look {
+                    Ok(crate::server::RulesLook::Current) => break,
+                    Ok(crate::server::RulesLook::Held(rules)) => {
+                        tracing::info!(group = group.id, rules, newest = switchboard_actors::core::RULES_VERSION, "a member runs a build without the newest routing rules: the group decides with the newest every member knows until each has them");
+                        break;
+                    }
+                    Ok(crate::server::RulesLook::Unknown) if tokio::time::Instant::now() < adopt_until => tokio::time::sleep(Duration::from_millis(300)).await,
+                    Ok(crate::server::RulesLook::Unknown) => {
+                        tracing::warn!(group = group.id, "a member has not said which routing rules it knows within a minute; the newest are adopted once every member says it has them");
+                        break;
+                    }
                     Err(e) if tokio::time::Instant::now() < adopt_until => {
                         tracing::info!(group = group.id, error = %e, "adopting the routing rules did not go through; asking again");
                         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -767,6 +789,50 @@ mod tests {
     /// (mutual TLS from one cluster CA).
     async fn three_members(root: &Path) -> Vec<SplitNode> {
         SplitNode::cluster(root, 3, SHARDS).await.expect("the members start")
+    }
+
+    /// A group adopts the newest routing rules every member that answers knows: a member
+    /// on an older build holds newer ones back (each replica must decide with the rules
+    /// in force, ADR 0002); a member that cannot be reached does not, while a majority of
+    /// the voters answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_adopts_only_the_routing_rules_every_member_knows() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut nodes = three_members(root.path()).await;
+        let newest = switchboard_actors::core::RULES_VERSION;
+        for node in &nodes {
+            for (id, group) in &node.groups {
+                if node.holds(*id) {
+                    assert_eq!(group.shard.read().rules, newest, "node {} group {id} decides with this build's rules", node.node_id);
+                }
+            }
+        }
+        let (first, raft) = (&nodes[0], nodes[0].groups[&R].raft.clone());
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id).await, Some(newest));
+        // A member that says it runs an older build holds the newer rules back.
+        nodes[2].router.set_rules(newest - 1);
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id).await, Some(newest - 1));
+        // A group still on old rules adopts those, not this build's.
+        let proposed = std::sync::Mutex::new(Vec::new());
+        let current = std::sync::atomic::AtomicU32::new(3);
+        let look = crate::server::adopt_known_rules(&raft, &first.peers, first.node_id, || current.load(std::sync::atomic::Ordering::Relaxed), |command| {
+            if let Command::AdoptRules { version } = &command {
+                current.store(*version, std::sync::atomic::Ordering::Relaxed);
+            }
+            proposed.lock().expect("lock").push(command);
+            std::future::ready(Ok(Reply::Done))
+        })
+        .await;
+        assert_eq!(look, Ok(crate::server::RulesLook::Held(newest - 1)));
+        assert_eq!(*proposed.lock().expect("lock"), vec![Command::AdoptRules { version: newest - 1 }]);
+        // One member stopped: the two that answer (a majority of the voters) decide.
+        nodes[2].router.set_rules(newest);
+        nodes.remove(2).stop().await.expect("stops");
+        let first = &nodes[0];
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id).await, Some(newest));
+        nodes.remove(1).stop().await.expect("stops");
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &nodes[0].peers, nodes[0].node_id).await, None, "one voter of three answers: not enough to go by");
+        nodes.remove(0).stop().await.expect("stops");
     }
 
     /// Submits through `node` (which forwards to the group's leader), again while the

@@ -90,6 +90,15 @@ fn decode_entry(index: u64, bytes: &[u8]) -> Result<EntryBody, String> {
     if let Some(newer) = envelopes.iter().find(|e| e.v != Envelope::VERSION) {
         return Err(format!("log entry {index} has format version {}, this build reads version {}", newer.v, Envelope::VERSION));
     }
+    // Rules this build does not know: refusing the adoption while the other replicas
+    // take it would leave this one deciding differently from them from here on.
+    let newest = switchboard_actors::core::RULES_VERSION;
+    if let Some(version) = envelopes.iter().find_map(|e| match e.command {
+        Command::AdoptRules { version } if version > newest => Some(version),
+        _ => None,
+    }) {
+        return Err(format!("log entry {index} adopts routing rules {version}, this build decides with rules up to {newest}"));
+    }
     Ok(body)
 }
 
@@ -1178,6 +1187,27 @@ static SIGNALS_IN_FLIGHT: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> = std
 /// The most signal relays a process has in flight (each a task and a QUIC stream).
 const MAX_SIGNALS_IN_FLIGHT: usize = 256;
 
+/// On the leader, every [`RULES_CHECK_EVERY`] while the group decides with older routing
+/// rules than this build's: adopts the newest every member knows (a member upgraded
+/// since the start, or one that did not answer then).
+async fn adopt_rules_later(raft: Raft, peers: Peers, backend: Arc<NodeBackend>, shard: Arc<Shard>, node_id: u64) {
+    let mut every = tokio::time::interval(RULES_CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if shard.read().rules >= switchboard_actors::core::RULES_VERSION {
+            continue;
+        }
+        if raft.metrics().borrow().current_leader != Some(node_id) {
+            continue;
+        }
+        match adopt_known_rules(&raft, &peers, node_id, || shard.read().rules, |command| backend.submit(command)).await {
+            Ok(look) => tracing::debug!(?look, "looked at the group's routing rules"),
+            Err(e) => tracing::debug!(error = %e, "adopting the routing rules did not go through; asked again later"),
+        }
+    }
+}
+
 /// What this member tells gateways polling it: the leader and members of `raft`'s
 /// group (the routing shard's on a split node) and whether the gateway serves; and
 /// what it tells other nodes of the outbox entries it sends.
@@ -1510,6 +1540,78 @@ fn token_key(path: &Path, create: bool) -> anyhow::Result<TokenKey> {
     })
 }
 
+/// How long a member is given to say which routing rules it knows.
+const RULES_ASK_TTL: Duration = Duration::from_secs(2);
+/// How often a group's leader looks whether the group can adopt this build's rules.
+pub(crate) const RULES_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// The newest routing rules every member of `raft`'s group (voters and learners) that
+/// answers knows: this build's for this node, what each other member answers
+/// (`Peers::rules`) for the rest. A group adopts rules only once the replicas applying
+/// its log can decide with them, so that none refuses the adoption while the others take
+/// it (ADR 0002). `None` while fewer than a majority of the voters say (they may be
+/// starting): a member that cannot be reached now applies nothing now, and one that
+/// comes back on a build without the adopted rules stops at the adoption and says so
+/// (`decode_entry`) rather than decide differently from the others. A member that
+/// answers but predates the question runs a build without these rules: it holds them
+/// back.
+pub(crate) async fn rules_every_member_knows(raft: &Raft, peers: &Peers, node_id: u64) -> Option<u32> {
+    let (members, voters): (Vec<(u64, String)>, Vec<u64>) = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        (membership.nodes().map(|(id, node)| (*id, node.addr.clone())).collect(), membership.voter_ids().collect())
+    };
+    let others = members.into_iter().filter(|(id, _)| *id != node_id);
+    let answers = futures::future::join_all(others.map(|(id, addr)| async move { (id, peers.rules(&addr, RULES_ASK_TTL).await) })).await;
+    let mut known = switchboard_actors::core::RULES_VERSION;
+    let mut voters_heard = usize::from(voters.contains(&node_id));
+    for (id, answer) in answers {
+        match answer {
+            Ok(rules) => {
+                known = known.min(rules);
+                voters_heard += usize::from(voters.contains(&id));
+            }
+            // It answered, with a build from before the question.
+            Err(e) if e.contains("did not say which routing rules") => {
+                tracing::debug!(member = id, error = %e, "a member runs a build that does not say which routing rules it knows");
+                return Some(0);
+            }
+            Err(e) => tracing::debug!(member = id, error = %e, "a member did not say which routing rules it knows"),
+        }
+    }
+    (voters_heard * 2 > voters.len()).then_some(known)
+}
+
+/// What a look at a group's routing rules found ([`adopt_known_rules`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RulesLook {
+    /// The group decides with this build's rules.
+    Current,
+    /// It adopted newer rules, or a member does not know newer ones yet: it decides with
+    /// these.
+    Held(u32),
+    /// A member did not say which rules it knows: asked again later.
+    Unknown,
+}
+
+/// Has the group adopt the newest routing rules every member knows, when they are newer
+/// than those it decides with (`submit` proposes the `AdoptRules`).
+pub(crate) async fn adopt_known_rules<F, Fut>(raft: &Raft, peers: &Peers, node_id: u64, current: impl Fn() -> u32, submit: F) -> Result<RulesLook, switchboard_actors::Error>
+where
+    F: Fn(Command) -> Fut,
+    Fut: std::future::Future<Output = Result<Reply, switchboard_actors::Error>>,
+{
+    if current() >= switchboard_actors::core::RULES_VERSION {
+        return Ok(RulesLook::Current);
+    }
+    let Some(known) = rules_every_member_knows(raft, peers, node_id).await else { return Ok(RulesLook::Unknown) };
+    if known > current() {
+        submit(Command::AdoptRules { version: known }).await?;
+    }
+    Ok(if current() >= switchboard_actors::core::RULES_VERSION { RulesLook::Current } else { RulesLook::Held(current()) })
+}
+
 pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
     std::fs::create_dir_all(&options.data_dir).with_context(|| format!("create {}", options.data_dir.display()))?;
     let name = format!("node-{}", options.node_id);
@@ -1537,6 +1639,8 @@ std::fs::create_dir_all(&options.data_dir)?;
     let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }), &options.data_dir.join("snapshots"), &log_dir)?;
     let peers = Peers::new(endpoint.clone());
     let router = Router::default();
+    // Other members ask it before their group adopts newer routing rules.
+    router.set_rules(switchboard_actors::core::RULES_VERSION);
     let network = NetworkFactory::with_peers(peers.clone(), SHARD_GROUP).quiet_when(router.quiet_mark(SHARD_GROUP));
     let committed = log.committed_index();
     let raft = Raft::new(options.node_id, member_config(options.snapshot_every, options.node_id, SHARD_GROUP)?, network, log, sm).await?;
@@ -1623,13 +1727,25 @@ std::fs::create_dir_all(&options.data_dir)?;
 
     let backend = Arc::new(NodeBackend { node_id: options.node_id, raft: raft.clone(), proposer: proposer.clone(), shard: shard.clone(), supervisor, leader_changes, committed, peers: peers.clone(), copying: Arc::new(tokio::sync::Semaphore::new(FILES_COPIED_AT_ONCE)), router: router.clone(), barriers: BarrierRounds::default() });
     // The log before this replays under the rules it was decided with; from here on
-    // this build's rules decide. A no-op when the shard already has them.
-    // Adopting is idempotent: an outcome lost to a leader change at start (members start
-    // together and may elect twice) is simply asked again, for up to a minute.
+    // the newest rules every member knows decide (this build's once every member runs
+    // it; the leader looks again every `RULES_CHECK_EVERY` until then). Adopting is
+    // idempotent: an outcome lost to a leader change at start (members start together and
+    // may elect twice) is simply asked again, for up to a minute, as is a member that has
+    // not said which rules it knows (it may be starting too).
     let adopt_until = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    while shard.read().rules < switchboard_actors::core::RULES_VERSION {
-        match backend.submit(Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }).await {
-            Ok(_) => break,
+    loop {
+        let look = adopt_known_rules(&raft, &peers, options.node_id, || shard.read().rules, |command| backend.submit(command)).await;
+        match look {
+            Ok(RulesLook::Current) => break,
+            Ok(RulesLook::Held(rules)) => {
+                info!(rules, newest = switchboard_actors::core::RULES_VERSION, "a member runs a build without the newest routing rules: the group decides with the newest every member knows until each has them");
+                break;
+            }
+            Ok(RulesLook::Unknown) if tokio::time::Instant::now() < adopt_until => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
+            Ok(RulesLook::Unknown) => {
+                tracing::warn!("a member has not said which routing rules it knows within a minute; the newest are adopted once every member says it has them");
+                break;
+            }
             Err(e) if tokio::time::Instant::now() < adopt_until => {
                 info!(error = %e, "adopting the routing rules did not go through; asking again");
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -1637,6 +1753,7 @@ std::fs::create_dir_all(&options.data_dir)?;
             Err(e) => anyhow::bail!("adopt routing rules {}: {e}", switchboard_actors::core::RULES_VERSION),
         }
     }
+    let backend_for_rules = backend.clone();
     let edge = open_edge(&options, backend, &router).await?;
     let gateway = edge.gateway.clone();
     remove_files_with_their_conversations(&shard, gateway.blobs.clone());
@@ -1645,6 +1762,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     listeners.extend([
         rpc_server,
         leadership,
+        tokio::spawn(adopt_rules_later(raft.clone(), peers.clone(), backend_for_rules, shard.clone(), options.node_id)),
         tokio::spawn(retention_timer(raft.clone(), proposer.clone(), options.node_id, options.retention_every)),
         tokio::spawn(report_operator_sockets(gateway.clone(), options.node_id)),
         tokio::spawn(absence_timer(raft.clone(), proposer.clone(), shard.clone(), options.node_id, options.presence_grace)),
@@ -1940,6 +2058,21 @@ mod tests {
 
     fn start() -> Command {
         Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }
+    }
+
+    /// An entry that adopts rules this build does not know is not applied (the node
+    /// stops on it) nor forwarded to a leader: refusing it while the other replicas take
+    /// it would leave this one deciding differently from them.
+    #[test]
+    fn rules_newer_than_the_build_s_are_an_entry_it_cannot_read() {
+        let newest = switchboard_actors::core::RULES_VERSION;
+        let known = encode(&Envelope::new(Timestamp(5), Command::AdoptRules { version: newest })).unwrap();
+        assert!(decode_entry(3, &known).is_ok());
+        let newer = vec![Envelope::new(Timestamp(5), start()), Envelope::new(Timestamp(5), Command::AdoptRules { version: newest + 1 })];
+        let batch = [&[BATCH_TAG][..], &encode(&newer).unwrap()].concat();
+        let refused = decode_entry(4, &batch).expect_err("not readable");
+        assert!(refused.contains(&format!("adopts routing rules {}", newest + 1)), "{refused}");
+        assert!(restamp_forwarded(batch).is_err(), "a leader does not append it either");
     }
 
     #[test]

@@ -76,6 +76,11 @@ enum RpcRequest {
     /// instead of settling it `unknown` (appended variant; a node that predates it
     /// answers `BadRequest`, and the asker asks `Sending`).
     SendingStates { keys: Vec<(u64, u64)> },
+    /// The newest routing rules this node's build decides with: what a leader asks every
+    /// member of a group before it has the group adopt newer rules, so that no replica
+    /// meets rules it does not know (appended variant; a node that predates it answers
+    /// `BadRequest`, and the asker adopts nothing newer).
+    Rules,
 }
 
 /// What a node says of an outbox entry another node's leader asks about.
@@ -149,6 +154,8 @@ enum RpcResponse {
     Sending(Vec<bool>),
     /// The answer to `SendingStates`: each entry's [`sending_state`].
     SendingStates(Vec<u8>),
+    /// The answer to `Rules`.
+    Rules(u32),
 }
 
 /// One conversation shard as a member sees it (answer to a gateway's `Shards` poll).
@@ -251,6 +258,8 @@ pub struct Router {
     status: Arc<RwLock<Option<StatusSource>>>,
     shards: Arc<RwLock<Option<ShardsSource>>>,
     sending: Arc<RwLock<Option<SendingSource>>>,
+    /// The newest routing rules this build decides with (0 until the node says).
+    rules: Arc<std::sync::atomic::AtomicU32>,
     signals: Arc<RwLock<Option<SignalSink>>>,
     relay: Arc<RwLock<Option<Arc<dyn Relay>>>>,
     reads: Arc<RwLock<Option<Arc<dyn GroupReads>>>>,
@@ -409,6 +418,12 @@ impl Router {
     /// Answers gateways' shard polls from `shards`.
     pub fn set_shards(&self, shards: ShardsSource) {
         *self.shards.write().unwrap_or_else(|p| p.into_inner()) = Some(shards);
+    }
+
+    /// Answers other nodes' `Rules` question: this build decides with routing rules up
+    /// to `rules`.
+    pub fn set_rules(&self, rules: u32) {
+        self.rules.store(rules, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Answers other nodes' `Sending` questions from `sending`.
@@ -610,6 +625,10 @@ impl Router {
             }
             RpcRequest::Sending { keys } => self.sending_answer(&keys, false),
             RpcRequest::SendingStates { keys } => self.sending_answer(&keys, true),
+            RpcRequest::Rules => match self.rules.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => RpcResponse::BadRequest("this node has not said which routing rules it knows".into()),
+                rules => RpcResponse::Rules(rules),
+            },
             RpcRequest::Signal { to, signal } => {
                 let sink = self.signals.read().unwrap_or_else(|p| p.into_inner()).clone();
                 match sink {
@@ -1131,6 +1150,17 @@ impl Peers {
                 Ok(flags.into_iter().map(|f| if f { sending_state::SENDING } else { sending_state::NOT_SENDING }).collect())
             }
             Ok(_) => Err(format!("{addr} answered which entries it sends with something else")),
+            Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
+        }
+    }
+
+    /// The newest routing rules the node at `addr` decides with; `Err` when it did not
+    /// say (no answer within `ttl`, or a build that predates the question).
+    pub async fn rules(&self, addr: &str, ttl: Duration) -> Result<u32, String> {
+        match self.exchange(addr, &RpcRequest::Rules, ttl).await {
+            Ok(RpcResponse::Rules(rules)) => Ok(rules),
+            Ok(RpcResponse::BadRequest(why)) => Err(format!("{addr} did not say which routing rules it knows: {why}")),
+            Ok(_) => Err(format!("{addr} answered which routing rules it knows with something else")),
             Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
         }
     }
