@@ -632,19 +632,34 @@ impl OperatorSession {
                 // its key makes a second copy a duplicate, and routing asked again keeps
                 // a resend from writing after the conversation moved on.
                 let conversation_id = ConversationId(conversation);
+                // A reply right after an accept or a transfer may reach the conversation's
+                // shard before routing's letter saying who holds it: refused there as
+                // `not_assigned` while routing says this operator holds it, it is tried
+                // again for up to `READ_RETRY_FOR`, as a read mark is.
                 let attempt = || async {
                     let unknown = |frame| Refused { frame, unknown: true };
-                    match self.holds_now(conversation_id, &command, &reference).await {
-                        Ok(Some(reply)) => Ok(reply),
-                        // Routing could not be asked: `holds_now` says `unavailable`.
-                        Err(frame) => Err(Refused { unknown: frame["code"] == "unavailable", frame }),
-                        Ok(None) => self.gw.submit(command.clone()).await.map_err(|e| {
-                            let frame = frames::error(e.code(), &e.to_string(), Some(&reference));
-                            match e {
-                                switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Unreachable(_) => unknown(frame),
-                                _ => Refused { frame, unknown: false },
+                    let give_up = Instant::now() + READ_RETRY_FOR;
+                    loop {
+                        let submitted = match self.holds_now(conversation_id, &command, &reference).await {
+                            Ok(Some(reply)) => return Ok(reply),
+                            // Routing could not be asked: `holds_now` says `unavailable`.
+                            Err(frame) => return Err(Refused { unknown: frame["code"] == "unavailable", frame }),
+                            Ok(None) => self.gw.submit(command.clone()).await,
+                        };
+                        match submitted {
+                            Ok(reply) => return Ok(reply),
+                            // Routing says they hold it (asked again before each try).
+                            Err(switchboard_actors::Error::NotAssigned { .. }) if self.gw.backend.holder_barrier().is_some() && Instant::now() + READ_RETRY_PAUSE < give_up => {
+                                tokio::time::sleep(READ_RETRY_PAUSE).await;
                             }
-                        }),
+                            Err(e) => {
+                                let frame = frames::error(e.code(), &e.to_string(), Some(&reference));
+                                return Err(match e {
+                                    switchboard_actors::Error::Commit(_) | switchboard_actors::Error::Unreachable(_) => unknown(frame),
+                                    _ => Refused { frame, unknown: false },
+                                });
+                            }
+                        }
                     }
                 };
                 let reply = self.gw.resend_while_unknown(attempt, |refused: &Refused| refused.unknown).await.map_err(|refused| refused.frame)?;
