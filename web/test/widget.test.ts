@@ -347,6 +347,28 @@ describe('WidgetSession', () => {
     expect(storage.getItem(VISITOR_KEY)).toBeNull();
   });
 
+  it('a resume the server cannot take now is asked again shortly on the same socket', () => {
+    const storage = new MemoryStorage();
+    const first = widget(storage);
+    first.w.send('Hello');
+    first.f.last.open();
+    first.f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
+    const { w, f, timers } = widget(storage);
+    w.resumeIfAny();
+    f.last.open();
+    expect(f.last.ofType('resume')).toHaveLength(1);
+    f.last.frame({ type: 'error', code: 'unavailable', message: 'the member is behind' });
+    expect(f.last.ofType('resume')).toHaveLength(1);
+    timers.advance(START_RETRY_MS);
+    expect(f.last.ofType('resume')).toEqual([
+      { type: 'resume', token: 'tok', last_seq: 0 },
+      { type: 'resume', token: 'tok', last_seq: 0 },
+    ]);
+    f.last.frame({ type: 'resumed', conversation: 17, last_seq: 0, protocol: 1 });
+    timers.advance(START_RETRY_MS * 5);
+    expect(f.last.ofType('resume')).toHaveLength(2);
+  });
+
   it('restores the operator read mark from resumed', () => {
     const storage = new MemoryStorage();
     const first = widget(storage);

@@ -302,6 +302,16 @@ export class WidgetSession {
       this.link.send({ type: 'resume', token: this.state.token, last_seq: 0 });
       return;
     }
+    if (this.resuming && !ref && f.code === 'unavailable') {
+      // The stream cannot be resumed on this member now (it is behind, or moving): ask
+      // again shortly, on this socket, instead of following nothing.
+      this.timers.setTimeout(() => {
+        if (this.resuming && this.state.token && this.link.connected) {
+          this.link.send({ type: 'resume', token: this.state.token, last_seq: this.state.lastSeq });
+        }
+      }, START_RETRY_MS);
+      return;
+    }
     if (ref === 'read') {
       if (f.code === 'unknown_type' || f.code === 'bad_frame') this.readMarksSupported = false;
       return;
