@@ -795,15 +795,15 @@ fn last_seq(store: &dyn Store, prefix: &[u8]) -> Result<u64, Error> {
         .map_or(0, u64::from_be_bytes))
 }
 
-/// Loads a conversation from the records. Its record is not rewritten for every
-/// message: the newest history entry gives `last_seq`. With `keys`, its idempotency keys
-/// too, which are those of the messages in its history.
 /// The conversation a channel message (its inbound key, `core::inbound_key`) went to,
 /// while that conversation is kept: what the core deduplicates a redelivery on.
 pub fn inbound_conversation(store: &dyn Store, inbound_key: &str) -> Result<Option<ConversationId>, Error> {
     get(store, &key::inbound(inbound_key))
 }
 
+/// Loads a conversation from the records. Its record is not rewritten for every
+/// message: the newest history entry gives `last_seq`. With `keys`, its idempotency keys
+/// too, which are those of the messages in its history.
 pub fn load_conversation(store: &dyn Store, id: ConversationId, keys: bool) -> Result<Option<Conversation>, Error> {
     let Some(mut conv) = get::<Conversation>(store, &key::conversation(id))? else { return Ok(None) };
     conv.last_seq = conv.last_seq.max(last_seq(store, &key::history_prefix(id))?);

@@ -1605,7 +1605,29 @@ impl ShardState {
                 self.attachments.insert(attachment.id.clone(), attachment.clone());
             }
             Event::RulesAdopted { version } => {
+                let before = self.rules;
                 self.rules = self.rules.max(*version);
+                // Rules 13 queue a conversation that arrived before its group when the
+                // group does; one left out of its queue that way earlier joins it now,
+                // as a load from the records puts it there, so a replica that restarts
+                // and one that did not decide alike from here on.
+                if before < 13 && self.rules >= 13 {
+                    let waiting: Vec<(SkillGroupId, u64, ConversationId)> = self
+                        .conversations
+                        .iter()
+                        .filter_map(|(id, c)| match c.status {
+                            ConversationStatus::Queued { ticket, .. } => Some((c.group.clone(), ticket, *id)),
+                            _ => None,
+                        })
+                        .collect();
+                    for (group, ticket, id) in waiting {
+                        if let Some(g) = self.groups.get_mut(&group) {
+                            if g.queue.insert((ticket, id)) {
+                                touched.groups.insert(group);
+                            }
+                        }
+                    }
+                }
             }
             Event::HoldersSet { group, nodes } => {
                 self.holders.insert(*group, nodes.iter().copied().collect());

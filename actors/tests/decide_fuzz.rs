@@ -1217,6 +1217,28 @@ fn a_conversation_enqueued_before_its_group_reaches_routing_is_queued_when_the_g
     check_agreement(&split);
 }
 
+/// A routing shard on rules 12 that heard of a conversation before its group left it out
+/// of the group's queue (a restarted replica, rebuilding the queues from the records, has
+/// it there): adopting rules 13 puts it back, so replicas decide alike from then on.
+#[test]
+fn adopting_rules_13_puts_back_a_conversation_an_earlier_build_left_out_of_its_queue() {
+    let (mut state, store) = initial(&Setup { rules: 12, capacities: [1, 1, 1], groups: [vec![0], vec![0], vec![0]], online: [false; 3] });
+    let at = Timestamp(1000);
+    let run = |state: &mut ShardState, command: Command| records::run_as(state, &store, &Envelope::new(at, command), R_PART).expect("applied");
+    let late = SkillGroupId::new("late");
+    let x = ConversationId(FIRST_C + 5);
+    let enqueue = Mail::Enqueue { conversation: x, channel: ChannelId::new("web"), visitor: Visitor::default(), group: late.clone(), created_at: at, sticky: None };
+    run(&mut state, Command::Deliver { from: FIRST_C, id: 1, mail: enqueue });
+    let group = Command::UpsertSkillGroup(SkillGroupConfig { id: late.clone(), name: "Late".into(), policy: Policy::LongestIdle, offer_timeout_ms: 1000, sla_ms: 60_000 });
+    run(&mut state, Command::Deliver { from: G0_GROUP, id: 1, mail: Mail::Directory { rules: 12, command: Box::new(group) } });
+    let queued = |state: &ShardState| state.groups.get(&late).is_some_and(|g| g.queue.iter().any(|(_, c)| *c == x));
+    assert!(!queued(&state), "rules 12 left it out of the queue");
+    assert!(queued(&records::load(&store).expect("loads")), "a restarted replica has it there");
+    run(&mut state, Command::AdoptRules { version: 13 });
+    assert!(queued(&state), "adopting rules 13 puts it back");
+    assert_eq!(state.groups[&late].queue, records::load(&store).expect("loads").groups[&late].queue);
+}
+
 /// Rules 11: a conversation's routing shard counts its age from when it started, not
 /// from when the letter announcing it arrived (a bot held it, or the letter waited for
 /// the routing shard's leader): its SLA and its answer time are the customer's wait.

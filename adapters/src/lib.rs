@@ -135,9 +135,10 @@ pub async fn fetch_media(client: &http::Client, adapter: &AdapterConfig, media: 
     let response = client.get(&url, &headers, MAX_MEDIA_BYTES).await?;
     match response.status {
         200 => {}
-        // Will not change by asking again.
-        400..=499 => return Err(AdapterError::Refused(format!("the server answered {} for the file", response.status))),
-        status => return Err(AdapterError::Unreachable(format!("the server answered {status} for the file"))),
+        // May heal: asked again later.
+        status @ (408 | 429 | 500..=599) => return Err(AdapterError::Unreachable(format!("the server answered {status} for the file"))),
+        // Will not change by asking again (redirects are not followed).
+        status => return Err(AdapterError::Refused(format!("the server answered {status} for the file"))),
     }
     let content_type = content_type
         .or_else(|| response.header("content-type").map(str::to_owned))

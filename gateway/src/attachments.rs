@@ -698,6 +698,7 @@ async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayE
                 // it reads.
                 let deadline = tokio::time::Instant::now() + REMOTE_DOWNLOAD_GRACE + Duration::from_secs_f64(bytes.len() as f64 / MIN_DOWNLOAD_BYTES_PER_SECOND);
                 let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(1);
+                let bytes_len = bytes.len();
                 let slot = _fetching;
                 tokio::spawn(async move {
                     let _slot = slot;
@@ -713,7 +714,23 @@ async fn fetched(gw: &Gateway, attachment: &Attachment) -> Result<Body, GatewayE
                         }
                     }
                 });
-                let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) });
+                // The body ends with an error, never early: a download the task gave up
+                // on (its deadline passed while the channel was full) fails, so no
+                // reader takes what it got for the whole file.
+                let stream = futures::stream::unfold((rx, bytes_len, false), |(mut rx, left, ended)| async move {
+                    if ended {
+                        return None;
+                    }
+                    match rx.recv().await {
+                        Some(Ok(chunk)) => {
+                            let left = left.saturating_sub(chunk.len());
+                            Some((Ok(chunk), (rx, left, false)))
+                        }
+                        Some(Err(e)) => Some((Err(e), (rx, left, true))),
+                        None if left > 0 => Some((Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the download was read too slowly")), (rx, left, true))),
+                        None => None,
+                    }
+                });
                 return Ok(Body::from_stream(stream));
             }
         }

@@ -679,7 +679,7 @@ pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<Str
     } else {
         match api_inbound_files(&gw, &channel, body).await? {
             Ok(command) => command,
-            // Taken before, or refused whatever its files: answered without them.
+            // Taken before: the core answers `duplicate` without them.
             Err(plain) => plain,
         }
     };
@@ -832,7 +832,8 @@ async fn api_inbound_files(gw: &Gateway, channel: &ChannelId, body: InboundBody)
 }
 
 /// `GET /api/channel-api/{channel}/files/{id}`: a file of one of the channel's
-/// conversations (an operator's, named in an outbound delivery, or a customer's).
+/// conversations that staff sent (named in an outbound delivery); the customer's own
+/// files are not served back.
 pub async fn api_file(State(gw): State<Arc<Gateway>>, Path((channel, id)): Path<(String, String)>, headers: HeaderMap) -> Result<Response, GatewayError> {
     let channel = api_channel(&gw, &channel, &headers)?;
     crate::attachments::channel_download(&gw, &channel, &id).await

@@ -53,10 +53,10 @@ struct ClientSession {
     peer: std::net::IpAddr,
     /// The client's own address (`peer` is its budget's), for block and allow lists.
     ip: std::net::IpAddr,
-    /// The read mark this socket last relayed to the operator: a `read` that does not
-    /// move it is relayed to nobody (the frame rate alone would let a visitor fan
-    /// signals out to every member ten times a second).
-    read_relayed: Option<u64>,
+    /// The conversation and read mark this socket last relayed to the operator: a `read`
+    /// that does not move it forward is relayed to nobody (the frame rate alone would let
+    /// a visitor fan signals out to every member ten times a second).
+    read_relayed: Option<(ConversationId, u64)>,
     _slot: crate::budget::Slot,
 }
 
@@ -408,8 +408,8 @@ impl ClientSession {
                     .await
                     .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
                 let upto = self.gw.read_mark(conversation, upto).await;
-                if self.read_relayed != Some(upto) {
-                    self.read_relayed = Some(upto);
+                if !self.read_relayed.is_some_and(|(c, relayed)| c == conversation && upto <= relayed) {
+                    self.read_relayed = Some((conversation, upto));
                     self.signal_operator(conversation, json!({"type": "read", "conversation": conversation.0, "by": "client", "upto": upto}));
                 }
             }

@@ -117,13 +117,11 @@ pub fn forwarded_client(peer: SocketAddr, headers: &hyper::HeaderMap, trusted: &
         return peer;
     }
     let mut client = peer;
-    let entries: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .collect();
+    // Split as bytes: a client's own value that is not ASCII must not hide the entries a
+    // proxy appended after it (the right-most, which are the ones read).
+    let entries: Vec<&[u8]> = headers.get_all("x-forwarded-for").iter().flat_map(|v| v.as_bytes().split(|b| *b == b',')).collect();
     for entry in entries.iter().rev().take(MAX_FORWARDED_HOPS) {
+        let Ok(entry) = std::str::from_utf8(entry) else { break };
         let entry = entry.trim();
         let ip = entry
             .parse::<std::net::IpAddr>()
@@ -131,7 +129,9 @@ pub fn forwarded_client(peer: SocketAddr, headers: &hyper::HeaderMap, trusted: &
             .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
             .or_else(|| entry.strip_prefix('[').and_then(|e| e.strip_suffix(']')).and_then(|e| e.parse().ok()));
         let Some(ip) = ip.map(|ip: std::net::IpAddr| ip.to_canonical()) else { break };
-        client = SocketAddr::new(ip, 0);
+        // The proxy's port stays: it differs per connection, which is what spreads the
+        // moves of a standalone gateway's sockets.
+        client = SocketAddr::new(ip, peer.port());
         if !is_trusted(ip) {
             break;
         }
@@ -292,6 +292,11 @@ mod tests {
         // Anyone else's header is ignored; so is every header with no proxy trusted.
         assert_eq!(forwarded_client(stranger, &headers(&["198.51.100.7"]), &trusted), stranger);
         assert_eq!(forwarded_client(proxy, &headers(&["198.51.100.7"]), &[]), proxy);
+        // A client's value that is not ASCII does not hide the proxy's entry after it.
+        let mut odd = hyper::HeaderMap::new();
+        odd.append("x-forwarded-for", hyper::header::HeaderValue::from_bytes(b"\x80\xff, 198.51.100.7").expect("obs-text is a valid header value"));
+        assert_eq!(ip(forwarded_client(proxy, &odd, &trusted)), "198.51.100.7");
+        assert_eq!(forwarded_client(proxy, &headers(&["198.51.100.7"]), &trusted).port(), 5000, "the connection's port stays");
         // IPv4-mapped peers count as IPv4.
         let mapped: SocketAddr = "[::ffff:10.0.0.1]:1".parse().expect("addr");
         assert_eq!(ip(forwarded_client(mapped, &headers(&["198.51.100.7"]), &trusted)), "198.51.100.7");

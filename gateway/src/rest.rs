@@ -488,6 +488,10 @@ async fn put_operator(
     if body.capacity == 0 || body.capacity > 100 {
         return Err(GatewayError::BadRequest("capacity must be 1 to 100".into()));
     }
+    // A file's record names who uploaded it: `client` is the customer.
+    if id == "client" {
+        return Err(GatewayError::BadRequest("an operator cannot be called \"client\": it names the customer in attachment records".into()));
+    }
     let config = OperatorConfig {
         id: OperatorId::new(id),
         name: body.name,

@@ -269,6 +269,8 @@ pub(crate) struct SplitNode {
     /// one task, followed by the streams that switch source when it flips.
     holding: BTreeMap<GroupId, tokio::sync::watch::Sender<bool>>,
     holding_task: tokio::task::JoinHandle<()>,
+    /// Has the groups this node leads adopt newer routing rules once every member knows them.
+    rules_task: tokio::task::JoinHandle<()>,
 }
 
 impl SplitNode {
@@ -425,40 +427,52 @@ impl SplitNode {
         let holding: BTreeMap<GroupId, tokio::sync::watch::Sender<bool>> =
             groups.values().filter(|g| g.id >= FIRST_C).map(|g| (g.id, tokio::sync::watch::Sender::new(holds_in(&groups[&G0].shard, g, node_id)))).collect();
         let holding_task = {
-            let (groups, flags, peers) = (groups.clone(), holding.clone(), peers.clone());
+            let (groups, flags) = (groups.clone(), holding.clone());
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(crate::remote::HOLDING_CHECK);
-                let mut rules_looked = tokio::time::Instant::now();
                 loop {
                     every.tick().await;
-                    let look_at_rules = rules_looked.elapsed() >= crate::server::RULES_CHECK_EVERY;
-                    if look_at_rules {
-                        rules_looked = tokio::time::Instant::now();
-                    }
                     for (id, flag) in &flags {
-                        let group = &groups[id];
-                        let now = holds_in(&groups[&G0].shard, group, node_id);
+                        let now = holds_in(&groups[&G0].shard, &groups[id], node_id);
                         flag.send_if_modified(|held| std::mem::replace(held, now) != now);
-                        // A shard still on older routing rules holds the directory's
-                        // letters back; its leader adopts the newest every member knows
-                        // (a start that missed it, a copy made before this build, a
-                        // member upgraded since).
-                        let leads = group.raft.metrics().borrow().current_leader == Some(node_id);
-                        if now && leads && look_at_rules && group.shard.read().rules < switchboard_actors::core::RULES_VERSION {
-                            let before = group.shard.read().rules;
-                            let adopt = crate::server::adopt_known_rules(&group.raft, &peers, node_id, || group.shard.read().rules, |command| group.proposer.submit(command));
-                            match tokio::time::timeout(Duration::from_secs(5), adopt).await {
-                                Ok(Ok(_)) if group.shard.read().rules > before => tracing::info!(group = *id, rules = group.shard.read().rules, "adopted routing rules the shard was behind on"),
-                                Ok(Ok(look)) => tracing::debug!(group = *id, ?look, "looked at the shard's routing rules"),
-                                Ok(Err(e)) => tracing::debug!(group = *id, error = %e, "adopting the routing rules did not go through; asked again later"),
-                                Err(_) => tracing::debug!(group = *id, "adopting the routing rules took too long; asked again later"),
-                            }
-                        }
                     }
                 }
             })
         };
-        let node = SplitNode { node_id, groups, shards, peers, router, forwarders: Vec::new(), keyspace, endpoint, rpc, remotes: Default::default(), holding, holding_task };
+        // A group still on older routing rules (a start that could not adopt them, a copy
+        // made before this build, a member upgraded since; a conversation shard on older
+        // rules also holds the directory's letters back): its leader adopts the newest
+        // every member knows, all groups looked at together every `RULES_CHECK_EVERY`.
+        let rules_task = {
+            let (groups, peers) = (groups.clone(), peers.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(crate::server::RULES_CHECK_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let behind = groups.values().filter(|group| {
+                        group.shard.read().rules < switchboard_actors::core::RULES_VERSION
+                            && group.raft.metrics().borrow().current_leader == Some(node_id)
+                            && holds_in(&groups[&G0].shard, group, node_id)
+                    });
+                    let looks = behind.map(|group| {
+                        let peers = &peers;
+                        async move {
+                            let before = group.shard.read().rules;
+                            let adopt = crate::server::adopt_known_rules(&group.raft, peers, node_id, || group.shard.read().rules, |command| group.proposer.submit(command));
+                            match tokio::time::timeout(Duration::from_secs(5), adopt).await {
+                                Ok(Ok(_)) if group.shard.read().rules > before => tracing::info!(group = group.id, rules = group.shard.read().rules, "adopted routing rules the group was behind on"),
+                                Ok(Ok(look)) => tracing::debug!(group = group.id, ?look, "looked at the group's routing rules"),
+                                Ok(Err(e)) => tracing::debug!(group = group.id, error = %e, "adopting the routing rules did not go through; asked again later"),
+                                Err(_) => tracing::debug!(group = group.id, "adopting the routing rules took too long; asked again later"),
+                            }
+                        }
+                    });
+                    futures::future::join_all(looks).await;
+                }
+            })
+        };
+        let node = SplitNode { node_id, groups, shards, peers, router, forwarders: Vec::new(), keyspace, endpoint, rpc, remotes: Default::default(), holding, holding_task, rules_task };
         // The newest rules every member of each group knows (this build's once every
         // member runs it; the leaders look again while a group is behind). Idempotent:
         // an outcome lost to a leader change at start, or a member that has not said
@@ -473,9 +487,10 @@ impl SplitNode {
                         tracing::info!(group = group.id, rules, newest = switchboard_actors::core::RULES_VERSION, "a member runs a build without the newest routing rules: the group decides with the newest every member knows until each has them");
                         break;
                     }
-                    Ok(crate::server::RulesLook::Unknown) if tokio::time::Instant::now() < adopt_until => tokio::time::sleep(Duration::from_millis(300)).await,
+                    // A new group's members start together: wait for them.
+                    Ok(crate::server::RulesLook::Unknown) if group.shard.read().rules == 0 && tokio::time::Instant::now() < adopt_until => tokio::time::sleep(Duration::from_millis(300)).await,
                     Ok(crate::server::RulesLook::Unknown) => {
-                        tracing::warn!(group = group.id, "a member has not said which routing rules it knows within a minute; the newest are adopted once every member says it has them");
+                        tracing::warn!(group = group.id, "a member has not said which routing rules it knows; the newest are adopted once every member says it has them");
                         break;
                     }
                     Err(e) if tokio::time::Instant::now() < adopt_until => {
@@ -606,6 +621,7 @@ impl SplitNode {
             f.abort();
         }
         self.holding_task.abort();
+        self.rules_task.abort();
         for group in self.groups.values() {
             group.supervisor.stop(None);
             group.raft.shutdown().await?;
@@ -808,10 +824,10 @@ mod tests {
             }
         }
         let (first, raft) = (&nodes[0], nodes[0].groups[&R].raft.clone());
-        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id).await, Some(newest));
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id, newest - 1).await, Some(newest));
         // A member that says it runs an older build holds the newer rules back.
         nodes[2].router.set_rules(newest - 1);
-        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id).await, Some(newest - 1));
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id, newest - 1).await, Some(newest - 1));
         // A group still on old rules adopts those, not this build's.
         let proposed = std::sync::Mutex::new(Vec::new());
         let current = std::sync::atomic::AtomicU32::new(3);
@@ -825,13 +841,16 @@ mod tests {
         .await;
         assert_eq!(look, Ok(crate::server::RulesLook::Held(newest - 1)));
         assert_eq!(*proposed.lock().expect("lock"), vec![Command::AdoptRules { version: newest - 1 }]);
-        // One member stopped: the two that answer (a majority of the voters) decide.
+        // A member that cannot be asked holds them back too (it may come back on an old
+        // build), except in a group that never adopted any rules (a new cluster's), where
+        // a majority of the voters answering is enough.
         nodes[2].router.set_rules(newest);
         nodes.remove(2).stop().await.expect("stops");
         let first = &nodes[0];
-        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id).await, Some(newest));
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id, newest - 1).await, None, "a member did not answer");
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id, 0).await, Some(newest), "a new group: two voters of three answered");
         nodes.remove(1).stop().await.expect("stops");
-        assert_eq!(crate::server::rules_every_member_knows(&raft, &nodes[0].peers, nodes[0].node_id).await, None, "one voter of three answers: not enough to go by");
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &nodes[0].peers, nodes[0].node_id, 0).await, None, "one voter of three answers: not enough to go by");
         nodes.remove(0).stop().await.expect("stops");
     }
 

@@ -163,7 +163,14 @@ impl Machine for ShardMachine {
     }
 
     fn load(&self, records: &Records) -> Result<(), String> {
-        self.shard.load(Arc::new(ShardRecords(records.clone()))).map_err(|e| e.to_string())
+        self.shard.load(Arc::new(ShardRecords(records.clone()))).map_err(|e| e.to_string())?;
+        // A snapshot (or a data folder) decided under rules this build does not know: as
+        // for an entry adopting them (`decode_entry`), stop rather than decide otherwise.
+        let (rules, newest) = (self.shard.read().rules, switchboard_actors::core::RULES_VERSION);
+        if rules > newest {
+            stop_on_unreadable_entry(&format!("the group's records were decided with routing rules {rules}, this build decides with rules up to {newest}"));
+        }
+        Ok(())
     }
 
     fn import(&self, legacy: &[u8], changes: &mut Changes) -> Result<(), String> {
@@ -1545,17 +1552,15 @@ const RULES_ASK_TTL: Duration = Duration::from_secs(2);
 /// How often a group's leader looks whether the group can adopt this build's rules.
 pub(crate) const RULES_CHECK_EVERY: Duration = Duration::from_secs(10);
 
-/// The newest routing rules every member of `raft`'s group (voters and learners) that
-/// answers knows: this build's for this node, what each other member answers
-/// (`Peers::rules`) for the rest. A group adopts rules only once the replicas applying
-/// its log can decide with them, so that none refuses the adoption while the others take
-/// it (ADR 0002). `None` while fewer than a majority of the voters say (they may be
-/// starting): a member that cannot be reached now applies nothing now, and one that
-/// comes back on a build without the adopted rules stops at the adoption and says so
-/// (`decode_entry`) rather than decide differently from the others. A member that
-/// answers but predates the question runs a build without these rules: it holds them
-/// back.
-pub(crate) async fn rules_every_member_knows(raft: &Raft, peers: &Peers, node_id: u64) -> Option<u32> {
+/// The newest routing rules every member of `raft`'s group (voters and learners) knows:
+/// this build's for this node, what each other member answers (`Peers::rules`) for the
+/// rest. A group adopts rules only once every replica applying its log can decide with
+/// them, so that none refuses the adoption while the others take it (ADR 0002): `None`
+/// while a member does not say (it is down, or starting), and a member that answers but
+/// predates the question runs a build without these rules, so it holds them back. A
+/// group that never adopted any rules (`current` 0: a new cluster's) needs a majority of
+/// its voters only: nothing was decided in it yet, and its members were made by one build.
+pub(crate) async fn rules_every_member_knows(raft: &Raft, peers: &Peers, node_id: u64, current: u32) -> Option<u32> {
     let (members, voters): (Vec<(u64, String)>, Vec<u64>) = {
         let metrics = raft.metrics();
         let m = metrics.borrow();
@@ -1577,7 +1582,11 @@ pub(crate) async fn rules_every_member_knows(raft: &Raft, peers: &Peers, node_id
                 tracing::debug!(member = id, error = %e, "a member runs a build that does not say which routing rules it knows");
                 return Some(0);
             }
-            Err(e) => tracing::debug!(member = id, error = %e, "a member did not say which routing rules it knows"),
+            Err(e) if current == 0 => tracing::debug!(member = id, error = %e, "a member of a new group did not say which routing rules it knows"),
+            Err(e) => {
+                tracing::debug!(member = id, error = %e, "a member did not say which routing rules it knows");
+                return None;
+            }
         }
     }
     (voters_heard * 2 > voters.len()).then_some(known)
@@ -1605,7 +1614,7 @@ where
     if current() >= switchboard_actors::core::RULES_VERSION {
         return Ok(RulesLook::Current);
     }
-    let Some(known) = rules_every_member_knows(raft, peers, node_id).await else { return Ok(RulesLook::Unknown) };
+    let Some(known) = rules_every_member_knows(raft, peers, node_id, current()).await else { return Ok(RulesLook::Unknown) };
     if known > current() {
         submit(Command::AdoptRules { version: known }).await?;
     }
@@ -1741,9 +1750,10 @@ std::fs::create_dir_all(&options.data_dir)?;
                 info!(rules, newest = switchboard_actors::core::RULES_VERSION, "a member runs a build without the newest routing rules: the group decides with the newest every member knows until each has them");
                 break;
             }
-            Ok(RulesLook::Unknown) if tokio::time::Instant::now() < adopt_until => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
+            // A new group's members start together: wait for them.
+            Ok(RulesLook::Unknown) if shard.read().rules == 0 && tokio::time::Instant::now() < adopt_until => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
             Ok(RulesLook::Unknown) => {
-                tracing::warn!("a member has not said which routing rules it knows within a minute; the newest are adopted once every member says it has them");
+                tracing::warn!("a member has not said which routing rules it knows; the newest are adopted once every member says it has them");
                 break;
             }
             Err(e) if tokio::time::Instant::now() < adopt_until => {
