@@ -286,6 +286,20 @@ impl DeliveryStatus {
 }
 
 impl ShardState {
+    /// Whether nothing was ever decided in this group: no routing rules adopted, no
+    /// directory, no conversation (a new cluster's group before its first adoption;
+    /// a data folder of the builds before rules were versioned has its directory).
+    pub fn is_new(&self) -> bool {
+        self.rules == 0
+            && self.next_conversation == 0
+            && self.next_offer == 0
+            && self.groups.is_empty()
+            && self.operators.is_empty()
+            && self.users.is_empty()
+            && self.channels.is_empty()
+            && self.conversations.is_empty()
+    }
+
     /// An outbox entry, hot or read for the command being applied.
     pub fn delivery(&self, key: &(ConversationId, u64)) -> Option<&Delivery> {
         self.outbox.get(key).or_else(|| self.cold_deliveries.get(key))
@@ -1620,11 +1634,13 @@ impl ShardState {
                             _ => None,
                         })
                         .collect();
+                    // Every such group is routed, whether this replica's queue lacked the
+                    // conversation (it did not restart) or had it (it did): all replicas
+                    // route the same groups here.
                     for (group, ticket, id) in waiting {
                         if let Some(g) = self.groups.get_mut(&group) {
-                            if g.queue.insert((ticket, id)) {
-                                touched.groups.insert(group);
-                            }
+                            g.queue.insert((ticket, id));
+                            touched.groups.insert(group);
                         }
                     }
                 }

@@ -1222,21 +1222,35 @@ fn a_conversation_enqueued_before_its_group_reaches_routing_is_queued_when_the_g
 /// it there): adopting rules 13 puts it back, so replicas decide alike from then on.
 #[test]
 fn adopting_rules_13_puts_back_a_conversation_an_earlier_build_left_out_of_its_queue() {
-    let (mut state, store) = initial(&Setup { rules: 12, capacities: [1, 1, 1], groups: [vec![0], vec![0], vec![0]], online: [false; 3] });
-    let at = Timestamp(1000);
-    let run = |state: &mut ShardState, command: Command| records::run_as(state, &store, &Envelope::new(at, command), R_PART).expect("applied");
     let late = SkillGroupId::new("late");
     let x = ConversationId(FIRST_C + 5);
-    let enqueue = Mail::Enqueue { conversation: x, channel: ChannelId::new("web"), visitor: Visitor::default(), group: late.clone(), created_at: at, sticky: None };
-    run(&mut state, Command::Deliver { from: FIRST_C, id: 1, mail: enqueue });
-    let group = Command::UpsertSkillGroup(SkillGroupConfig { id: late.clone(), name: "Late".into(), policy: Policy::LongestIdle, offer_timeout_ms: 1000, sla_ms: 60_000 });
-    run(&mut state, Command::Deliver { from: G0_GROUP, id: 1, mail: Mail::Directory { rules: 12, command: Box::new(group) } });
-    let queued = |state: &ShardState| state.groups.get(&late).is_some_and(|g| g.queue.iter().any(|(_, c)| *c == x));
-    assert!(!queued(&state), "rules 12 left it out of the queue");
-    assert!(queued(&records::load(&store).expect("loads")), "a restarted replica has it there");
-    run(&mut state, Command::AdoptRules { version: 13 });
-    assert!(queued(&state), "adopting rules 13 puts it back");
-    assert_eq!(state.groups[&late].queue, records::load(&store).expect("loads").groups[&late].queue);
+    // The same log on two replicas, one of which restarts (its queues rebuilt from the
+    // records) before the adoption.
+    let replica = |restart: bool| {
+        let (mut state, store) = initial(&Setup { rules: 12, capacities: [1, 1, 1], groups: [vec![0], vec![0], vec![0]], online: [false; 3] });
+        let at = Timestamp(1000);
+        let run = |state: &mut ShardState, command: Command| records::run_as(state, &store, &Envelope::new(at, command), R_PART).expect("applied");
+        let enqueue = Mail::Enqueue { conversation: x, channel: ChannelId::new("web"), visitor: Visitor::default(), group: late.clone(), created_at: at, sticky: None };
+        run(&mut state, Command::Deliver { from: FIRST_C, id: 1, mail: enqueue });
+        let group = Command::UpsertSkillGroup(SkillGroupConfig { id: late.clone(), name: "Late".into(), policy: Policy::LongestIdle, offer_timeout_ms: 1000, sla_ms: 60_000 });
+        run(&mut state, Command::Deliver { from: G0_GROUP, id: 1, mail: Mail::Directory { rules: 12, command: Box::new(group) } });
+        let kim = Command::UpsertOperator(OperatorConfig { id: OperatorId::new("kim"), name: "Kim".into(), capacity: 1, groups: vec![late.clone()] });
+        run(&mut state, Command::Deliver { from: G0_GROUP, id: 2, mail: Mail::Directory { rules: 12, command: Box::new(kim) } });
+        run(&mut state, Command::SetPresence { operator: OperatorId::new("kim"), presence: Presence::Online });
+        let queued = |state: &ShardState| state.groups.get(&late).is_some_and(|g| g.queue.iter().any(|(_, c)| *c == x));
+        assert!(!queued(&state) && state.offers.is_empty(), "rules 12 left it out of the queue: nobody was offered it");
+        assert!(queued(&records::load(&store).expect("loads")), "a restarted replica has it there");
+        if restart {
+            state = records::load(&store).expect("loads");
+        }
+        run(&mut state, Command::AdoptRules { version: 13 });
+        assert!(queued(&state) || state.offers.values().any(|o| o.conversation == x), "adopting rules 13 puts it back");
+        let offers: Vec<(OfferId, ConversationId, OperatorId)> = state.offers.values().map(|o| (o.id, o.conversation, o.operator.clone())).collect();
+        (offers, state.next_offer, state.groups[&late].queue.clone())
+    };
+    let (stayed, restarted) = (replica(false), replica(true));
+    assert_eq!(stayed.0, vec![(OfferId(0), x, OperatorId::new("kim"))], "the group is routed: kim is offered it");
+    assert_eq!(stayed, restarted, "a replica that restarted and one that did not decide alike");
 }
 
 /// Rules 11: a conversation's routing shard counts its age from when it started, not

@@ -488,8 +488,9 @@ async fn put_operator(
     if body.capacity == 0 || body.capacity > 100 {
         return Err(GatewayError::BadRequest("capacity must be 1 to 100".into()));
     }
-    // A file's record names who uploaded it: `client` is the customer.
-    if id == "client" {
+    // A file's record names who uploaded it: `client` is the customer. (One made before
+    // this check may still be edited.)
+    if id == "client" && !gw.backend.directory_shard().read().operators.contains_key(&OperatorId::new("client")) {
         return Err(GatewayError::BadRequest("an operator cannot be called \"client\": it names the customer in attachment records".into()));
     }
     let config = OperatorConfig {

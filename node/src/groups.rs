@@ -208,6 +208,18 @@ pub(crate) fn part_of(id: GroupId, shards: u64) -> Part {
 /// 0012): the metadata group and the routing shard are held by every node; a
 /// conversation shard the record does not name yet by the members of it this node's
 /// replica knows (every member, in a cluster made before the record).
+/// The newest routing rules `group` may adopt now: the metadata group no newer than the
+/// routing shard (every node's copy of which it can read), since a group on older rules
+/// holds the metadata group's letters decided under newer ones back; a new group's and
+/// every other group's, this build's.
+fn rules_cap(groups: &BTreeMap<GroupId, HostedGroup>, group: &HostedGroup) -> u32 {
+    if group.id == G0 && !group.shard.read().is_new() {
+        groups[&R].shard.read().rules
+    } else {
+        switchboard_actors::core::RULES_VERSION
+    }
+}
+
 pub(crate) fn holds_in(g0: &Shard, group: &HostedGroup, node: u64) -> bool {
     if group.id == G0 || group.id == R {
         return true;
@@ -450,16 +462,17 @@ impl SplitNode {
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     every.tick().await;
+                    let (peers, groups) = (&peers, &groups);
                     let behind = groups.values().filter(|group| {
                         group.shard.read().rules < switchboard_actors::core::RULES_VERSION
                             && group.raft.metrics().borrow().current_leader == Some(node_id)
                             && holds_in(&groups[&G0].shard, group, node_id)
                     });
                     let looks = behind.map(|group| {
-                        let peers = &peers;
                         async move {
                             let before = group.shard.read().rules;
-                            let adopt = crate::server::adopt_known_rules(&group.raft, peers, node_id, || group.shard.read().rules, |command| group.proposer.submit(command));
+                            let cap = rules_cap(groups, group);
+                            let adopt = crate::server::adopt_known_rules(&group.raft, peers, node_id, || crate::server::rules_of(&group.shard), cap, |command| group.proposer.submit(command));
                             match tokio::time::timeout(Duration::from_secs(5), adopt).await {
                                 Ok(Ok(_)) if group.shard.read().rules > before => tracing::info!(group = group.id, rules = group.shard.read().rules, "adopted routing rules the group was behind on"),
                                 Ok(Ok(look)) => tracing::debug!(group = group.id, ?look, "looked at the group's routing rules"),
@@ -478,17 +491,23 @@ impl SplitNode {
         // an outcome lost to a leader change at start, or a member that has not said
         // which rules it knows yet, is asked again, for a minute at most.
         let adopt_until = tokio::time::Instant::now() + Duration::from_secs(60);
-        for group in node.groups.values().filter(|g| node.holds(g.id)) {
+        // The metadata group last: its letters under newer rules wait in a group still on
+        // older ones (`rules_cap`).
+        let in_order = node.groups.values().filter(|g| g.id != G0).chain(std::iter::once(&node.groups[&G0]));
+        for group in in_order.filter(|g| node.holds(g.id)) {
             loop {
-                let look = crate::server::adopt_known_rules(&group.raft, &node.peers, node_id, || group.shard.read().rules, |command| group.proposer.submit(command)).await;
+                let cap = rules_cap(&node.groups, group);
+                let look = crate::server::adopt_known_rules(&group.raft, &node.peers, node_id, || crate::server::rules_of(&group.shard), cap, |command| group.proposer.submit(command)).await;
                 match look {
                     Ok(crate::server::RulesLook::Current) => break,
+                    // Its leader looks (`rules_task`, every 10 s).
+                    Ok(crate::server::RulesLook::NotLeader) => break,
                     Ok(crate::server::RulesLook::Held(rules)) => {
                         tracing::info!(group = group.id, rules, newest = switchboard_actors::core::RULES_VERSION, "a member runs a build without the newest routing rules: the group decides with the newest every member knows until each has them");
                         break;
                     }
                     // A new group's members start together: wait for them.
-                    Ok(crate::server::RulesLook::Unknown) if group.shard.read().rules == 0 && tokio::time::Instant::now() < adopt_until => tokio::time::sleep(Duration::from_millis(300)).await,
+                    Ok(crate::server::RulesLook::Unknown) if group.shard.read().is_new() && tokio::time::Instant::now() < adopt_until => tokio::time::sleep(Duration::from_millis(300)).await,
                     Ok(crate::server::RulesLook::Unknown) => {
                         tracing::warn!(group = group.id, "a member has not said which routing rules it knows; the newest are adopted once every member says it has them");
                         break;
@@ -823,35 +842,57 @@ mod tests {
                 }
             }
         }
-        let (first, raft) = (&nodes[0], nodes[0].groups[&R].raft.clone());
-        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id, newest - 1).await, Some(newest));
+        // Asked through the routing shard's leader (only a leader proposes newer rules).
+        let lead = loop {
+            let leader = nodes[0].groups[&R].raft.metrics().borrow().current_leader;
+            if let Some(i) = nodes.iter().position(|n| Some(n.node_id) == leader) {
+                break i;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let other = (lead + 1) % 3;
+        let (first, raft) = (&nodes[lead], nodes[lead].groups[&R].raft.clone());
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id, false).await, Some(newest));
         // A member that says it runs an older build holds the newer rules back.
-        nodes[2].router.set_rules(newest - 1);
-        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id, newest - 1).await, Some(newest - 1));
-        // A group still on old rules adopts those, not this build's.
+        nodes[other].router.set_rules(newest - 1);
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id, false).await, Some(newest - 1));
+        // A group still on old rules adopts those, not this build's; a follower leaves it
+        // to the leader.
         let proposed = std::sync::Mutex::new(Vec::new());
         let current = std::sync::atomic::AtomicU32::new(3);
-        let look = crate::server::adopt_known_rules(&raft, &first.peers, first.node_id, || current.load(std::sync::atomic::Ordering::Relaxed), |command| {
+        let propose = |command: Command| {
             if let Command::AdoptRules { version } = &command {
                 current.store(*version, std::sync::atomic::Ordering::Relaxed);
             }
             proposed.lock().expect("lock").push(command);
             std::future::ready(Ok(Reply::Done))
-        })
-        .await;
+        };
+        let state = || (current.load(std::sync::atomic::Ordering::Relaxed), false);
+        let follower = &nodes[other];
+        let look = crate::server::adopt_known_rules(&follower.groups[&R].raft, &follower.peers, follower.node_id, state, newest, propose).await;
+        assert_eq!(look, Ok(crate::server::RulesLook::NotLeader));
+        let look = crate::server::adopt_known_rules(&raft, &first.peers, first.node_id, state, newest, propose).await;
         assert_eq!(look, Ok(crate::server::RulesLook::Held(newest - 1)));
         assert_eq!(*proposed.lock().expect("lock"), vec![Command::AdoptRules { version: newest - 1 }]);
         // A member that cannot be asked holds them back too (it may come back on an old
-        // build), except in a group that never adopted any rules (a new cluster's), where
-        // a majority of the voters answering is enough.
-        nodes[2].router.set_rules(newest);
-        nodes.remove(2).stop().await.expect("stops");
-        let first = &nodes[0];
-        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id, newest - 1).await, None, "a member did not answer");
-        assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id, 0).await, Some(newest), "a new group: two voters of three answered");
-        nodes.remove(1).stop().await.expect("stops");
-        assert_eq!(crate::server::rules_every_member_knows(&raft, &nodes[0].peers, nodes[0].node_id, 0).await, None, "one voter of three answers: not enough to go by");
+        // build), except in a new group (a new cluster's), where a majority of the voters
+        // answering is enough.
+        nodes[other].router.set_rules(newest);
+        let gone = nodes.remove(other);
+        gone.stop().await.expect("stops");
+        let lead = nodes.iter().position(|n| n.node_id == first_id(&raft)).expect("the asker runs");
+        let asker = &nodes[lead];
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &asker.peers, asker.node_id, false).await, None, "a member did not answer");
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &asker.peers, asker.node_id, true).await, Some(newest), "a new group: two voters of three answered");
+        let third = nodes.remove(1 - lead);
+        third.stop().await.expect("stops");
+        assert_eq!(crate::server::rules_every_member_knows(&raft, &nodes[0].peers, nodes[0].node_id, true).await, None, "one voter of three answers: not enough to go by");
         nodes.remove(0).stop().await.expect("stops");
+    }
+
+    /// The node whose raft `raft` is.
+    fn first_id(raft: &Raft) -> u64 {
+        raft.metrics().borrow().id
     }
 
     /// Submits through `node` (which forwards to the group's leader), again while the

@@ -1208,7 +1208,7 @@ async fn adopt_rules_later(raft: Raft, peers: Peers, backend: Arc<NodeBackend>, 
         if raft.metrics().borrow().current_leader != Some(node_id) {
             continue;
         }
-        match adopt_known_rules(&raft, &peers, node_id, || shard.read().rules, |command| backend.submit(command)).await {
+        match adopt_known_rules(&raft, &peers, node_id, || rules_of(&shard), switchboard_actors::core::RULES_VERSION, |command| backend.submit(command)).await {
             Ok(look) => tracing::debug!(?look, "looked at the group's routing rules"),
             Err(e) => tracing::debug!(error = %e, "adopting the routing rules did not go through; asked again later"),
         }
@@ -1557,10 +1557,10 @@ pub(crate) const RULES_CHECK_EVERY: Duration = Duration::from_secs(10);
 /// rest. A group adopts rules only once every replica applying its log can decide with
 /// them, so that none refuses the adoption while the others take it (ADR 0002): `None`
 /// while a member does not say (it is down, or starting), and a member that answers but
-/// predates the question runs a build without these rules, so it holds them back. A
-/// group that never adopted any rules (`current` 0: a new cluster's) needs a majority of
-/// its voters only: nothing was decided in it yet, and its members were made by one build.
-pub(crate) async fn rules_every_member_knows(raft: &Raft, peers: &Peers, node_id: u64, current: u32) -> Option<u32> {
+/// predates the question runs a build without these rules, so it holds them back. A new
+/// group (`new`: nothing decided in it yet, `ShardState::is_new`: a new cluster's, whose
+/// members one build made) needs a majority of its voters only.
+pub(crate) async fn rules_every_member_knows(raft: &Raft, peers: &Peers, node_id: u64, new: bool) -> Option<u32> {
     let (members, voters): (Vec<(u64, String)>, Vec<u64>) = {
         let metrics = raft.metrics();
         let m = metrics.borrow();
@@ -1582,7 +1582,7 @@ pub(crate) async fn rules_every_member_knows(raft: &Raft, peers: &Peers, node_id
                 tracing::debug!(member = id, error = %e, "a member runs a build that does not say which routing rules it knows");
                 return Some(0);
             }
-            Err(e) if current == 0 => tracing::debug!(member = id, error = %e, "a member of a new group did not say which routing rules it knows"),
+            Err(e) if new => tracing::debug!(member = id, error = %e, "a member of a new group did not say which routing rules it knows"),
             Err(e) => {
                 tracing::debug!(member = id, error = %e, "a member did not say which routing rules it knows");
                 return None;
@@ -1590,6 +1590,12 @@ pub(crate) async fn rules_every_member_knows(raft: &Raft, peers: &Peers, node_id
         }
     }
     (voters_heard * 2 > voters.len()).then_some(known)
+}
+
+/// A group's routing rules and whether it is new (`ShardState::is_new`).
+pub(crate) fn rules_of(shard: &Shard) -> (u32, bool) {
+    let state = shard.read();
+    (state.rules, state.is_new())
 }
 
 /// What a look at a group's routing rules found ([`adopt_known_rules`]).
@@ -1602,23 +1608,34 @@ pub(crate) enum RulesLook {
     Held(u32),
     /// A member did not say which rules it knows: asked again later.
     Unknown,
+    /// This node does not lead the group: its leader looks (it knows the members as
+    /// they are now; a follower's view of them may lag).
+    NotLeader,
 }
 
 /// Has the group adopt the newest routing rules every member knows, when they are newer
-/// than those it decides with (`submit` proposes the `AdoptRules`).
-pub(crate) async fn adopt_known_rules<F, Fut>(raft: &Raft, peers: &Peers, node_id: u64, current: impl Fn() -> u32, submit: F) -> Result<RulesLook, switchboard_actors::Error>
+/// than those it decides with (`state` gives its rules and whether it is new, `cap` the
+/// most it may adopt now, `submit` proposes the `AdoptRules`). Only its leader looks,
+/// except in a new group, whose members start together.
+pub(crate) async fn adopt_known_rules<F, Fut>(raft: &Raft, peers: &Peers, node_id: u64, state: impl Fn() -> (u32, bool), cap: u32, submit: F) -> Result<RulesLook, switchboard_actors::Error>
 where
     F: Fn(Command) -> Fut,
     Fut: std::future::Future<Output = Result<Reply, switchboard_actors::Error>>,
 {
-    if current() >= switchboard_actors::core::RULES_VERSION {
+    let (current, new) = state();
+    if current >= switchboard_actors::core::RULES_VERSION {
         return Ok(RulesLook::Current);
     }
-    let Some(known) = rules_every_member_knows(raft, peers, node_id, current()).await else { return Ok(RulesLook::Unknown) };
-    if known > current() {
-        submit(Command::AdoptRules { version: known }).await?;
+    if !new && raft.metrics().borrow().current_leader != Some(node_id) {
+        return Ok(RulesLook::NotLeader);
     }
-    Ok(if current() >= switchboard_actors::core::RULES_VERSION { RulesLook::Current } else { RulesLook::Held(current()) })
+    let Some(known) = rules_every_member_knows(raft, peers, node_id, new).await else { return Ok(RulesLook::Unknown) };
+    let target = known.min(cap);
+    if target > current {
+        submit(Command::AdoptRules { version: target }).await?;
+    }
+    let (current, _) = state();
+    Ok(if current >= switchboard_actors::core::RULES_VERSION { RulesLook::Current } else { RulesLook::Held(current) })
 }
 
 pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
@@ -1743,15 +1760,17 @@ std::fs::create_dir_all(&options.data_dir)?;
     // not said which rules it knows (it may be starting too).
     let adopt_until = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let look = adopt_known_rules(&raft, &peers, options.node_id, || shard.read().rules, |command| backend.submit(command)).await;
+        let look = adopt_known_rules(&raft, &peers, options.node_id, || rules_of(&shard), switchboard_actors::core::RULES_VERSION, |command| backend.submit(command)).await;
         match look {
             Ok(RulesLook::Current) => break,
             Ok(RulesLook::Held(rules)) => {
                 info!(rules, newest = switchboard_actors::core::RULES_VERSION, "a member runs a build without the newest routing rules: the group decides with the newest every member knows until each has them");
                 break;
             }
+            // Its leader looks (`adopt_rules_later`, at once and every 10 s).
+            Ok(RulesLook::NotLeader) => break,
             // A new group's members start together: wait for them.
-            Ok(RulesLook::Unknown) if shard.read().rules == 0 && tokio::time::Instant::now() < adopt_until => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
+            Ok(RulesLook::Unknown) if shard.read().is_new() && tokio::time::Instant::now() < adopt_until => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
             Ok(RulesLook::Unknown) => {
                 tracing::warn!("a member has not said which routing rules it knows; the newest are adopted once every member says it has them");
                 break;
