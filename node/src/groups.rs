@@ -491,6 +491,7 @@ impl SplitNode {
         // an outcome lost to a leader change at start, or a member that has not said
         // which rules it knows yet, is asked again, for a minute at most.
         let adopt_until = tokio::time::Instant::now() + Duration::from_secs(60);
+        let leader_until = tokio::time::Instant::now() + Duration::from_secs(10);
         // The metadata group last: its letters under newer rules wait in a group still on
         // older ones (`rules_cap`).
         let in_order = node.groups.values().filter(|g| g.id != G0).chain(std::iter::once(&node.groups[&G0]));
@@ -500,7 +501,9 @@ impl SplitNode {
                 let look = crate::server::adopt_known_rules(&group.raft, &node.peers, node_id, || crate::server::rules_of(&group.shard), cap, |command| group.proposer.submit(command)).await;
                 match look {
                     Ok(crate::server::RulesLook::Current) => break,
-                    // Its leader looks (`rules_task`, every 10 s).
+                    // No leader yet (the members are electing one, this node may be it): look again.
+                    Ok(crate::server::RulesLook::NotLeader) if group.raft.metrics().borrow().current_leader.is_none() && tokio::time::Instant::now() < leader_until => tokio::time::sleep(Duration::from_millis(100)).await,
+                    // Another node leads: it looks (`rules_task`, every 10 s).
                     Ok(crate::server::RulesLook::NotLeader) => break,
                     Ok(crate::server::RulesLook::Held(rules)) => {
                         tracing::info!(group = group.id, rules, newest = switchboard_actors::core::RULES_VERSION, "a member runs a build without the newest routing rules: the group decides with the newest every member knows until each has them");

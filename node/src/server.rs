@@ -1759,6 +1759,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     // may elect twice) is simply asked again, for up to a minute, as is a member that has
     // not said which rules it knows (it may be starting too).
     let adopt_until = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let leader_until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let look = adopt_known_rules(&raft, &peers, options.node_id, || rules_of(&shard), switchboard_actors::core::RULES_VERSION, |command| backend.submit(command)).await;
         match look {
@@ -1767,7 +1768,9 @@ std::fs::create_dir_all(&options.data_dir)?;
                 info!(rules, newest = switchboard_actors::core::RULES_VERSION, "a member runs a build without the newest routing rules: the group decides with the newest every member knows until each has them");
                 break;
             }
-            // Its leader looks (`adopt_rules_later`, at once and every 10 s).
+            // No leader yet (the members are electing one, this node may be it): look again.
+            Ok(RulesLook::NotLeader) if raft.metrics().borrow().current_leader.is_none() && tokio::time::Instant::now() < leader_until => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            // Another node leads: it looks (`adopt_rules_later`, at once and every 10 s).
             Ok(RulesLook::NotLeader) => break,
             // A new group's members start together: wait for them.
             Ok(RulesLook::Unknown) if shard.read().is_new() && tokio::time::Instant::now() < adopt_until => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
