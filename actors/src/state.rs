@@ -298,6 +298,11 @@ impl ShardState {
             && self.users.is_empty()
             && self.channels.is_empty()
             && self.conversations.is_empty()
+            && self.templates.is_empty()
+            && self.holders.is_empty()
+            && self.access_rules.is_empty()
+            && self.mail_out.is_empty()
+            && self.mail_in.sources().next().is_none()
     }
 
     /// An outbox entry, hot or read for the command being applied.

@@ -204,10 +204,6 @@ pub(crate) fn part_of(id: GroupId, shards: u64) -> Part {
     }
 }
 
-/// Whether node `node` holds `group` by the metadata group's record in `g0` (ADR
-/// 0012): the metadata group and the routing shard are held by every node; a
-/// conversation shard the record does not name yet by the members of it this node's
-/// replica knows (every member, in a cluster made before the record).
 /// The newest routing rules `group` may adopt now: the metadata group no newer than the
 /// routing shard (every node's copy of which it can read), since a group on older rules
 /// holds the metadata group's letters decided under newer ones back; a new group's and
@@ -220,6 +216,10 @@ fn rules_cap(groups: &BTreeMap<GroupId, HostedGroup>, group: &HostedGroup) -> u3
     }
 }
 
+/// Whether node `node` holds `group` by the metadata group's record in `g0` (ADR
+/// 0012): the metadata group and the routing shard are held by every node; a
+/// conversation shard the record does not name yet by the members of it this node's
+/// replica knows (every member, in a cluster made before the record).
 pub(crate) fn holds_in(g0: &Shard, group: &HostedGroup, node: u64) -> bool {
     if group.id == G0 || group.id == R {
         return true;
@@ -839,20 +839,24 @@ mod tests {
         let mut nodes = three_members(root.path()).await;
         let newest = switchboard_actors::core::RULES_VERSION;
         for node in &nodes {
-            for (id, group) in &node.groups {
+            for (id, _) in &node.groups {
                 if node.holds(*id) {
-                    assert_eq!(group.shard.read().rules, newest, "node {} group {id} decides with this build's rules", node.node_id);
+                    until(node, *id, "this build's rules", |s| s.rules == newest).await;
                 }
             }
         }
-        // Asked through the routing shard's leader (only a leader proposes newer rules).
-        let lead = loop {
-            let leader = nodes[0].groups[&R].raft.metrics().borrow().current_leader;
-            if let Some(i) = nodes.iter().position(|n| Some(n.node_id) == leader) {
-                break i;
+        // Asked through the routing shard's leader (only a leader proposes newer rules),
+        // as its own metrics say.
+        let leader_of_r = |nodes: &[SplitNode]| nodes.iter().position(|n| n.groups[&R].raft.metrics().borrow().current_leader == Some(n.node_id));
+        let mut lead = None;
+        for _ in 0..200 {
+            lead = leader_of_r(&nodes);
+            if lead.is_some() {
+                break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        }
+        let lead = lead.expect("the routing shard elects a leader");
         let other = (lead + 1) % 3;
         let (first, raft) = (&nodes[lead], nodes[lead].groups[&R].raft.clone());
         assert_eq!(crate::server::rules_every_member_knows(&raft, &first.peers, first.node_id, false).await, Some(newest));

@@ -280,16 +280,6 @@ pub(crate) async fn take(node: &SplitNode, step: &Step, addresses: &BTreeMap<Nod
         }
         Step::Learn { group, node: id } => {
             let Some(addr) = addresses.get(id) else { return Err(format!("node {id} has no address")) };
-            // A replica must decide with the rules its group adopted (ADR 0002): a node
-            // whose build does not know them would stop at them, or on an older build
-            // decide differently. The rules of the groups this node holds stand for the
-            // cluster's (they adopt together).
-            let adopted = node.groups.values().filter(|g| node.holds(g.id)).map(|g| g.shard.read().rules).max().unwrap_or(0);
-            match node.peers.rules(addr, Duration::from_secs(2)).await {
-                Ok(knows) if knows >= adopted => {}
-                Ok(knows) => return Err(format!("node {id} runs a build that knows routing rules up to {knows}, the cluster decides with {adopted}: upgrade it before it takes a replica")),
-                Err(e) => return Err(format!("node {id} has not said which routing rules it knows ({e}): it takes no replica until it does")),
-            }
             (*group, Change::Learn { id: *id, addr: addr.clone() })
         }
         Step::Voters { group, voters, retain } => (*group, Change::Voters { voters: voters.clone(), retain: *retain }),

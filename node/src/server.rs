@@ -1633,6 +1633,14 @@ where
     let target = known.min(cap);
     if target > current {
         submit(Command::AdoptRules { version: target }).await?;
+        // A command forwarded to the leader is answered before this node's copy applies
+        // it: what is reported is what this copy decides with.
+        for _ in 0..40 {
+            if state().0 >= target {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let (current, _) = state();
     Ok(if current >= switchboard_actors::core::RULES_VERSION { RulesLook::Current } else { RulesLook::Held(current) })
