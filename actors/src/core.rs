@@ -602,7 +602,8 @@ fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, 
     }
 }
 
-fn check_text(text: &str) -> Result<(), Error> {
+/// A message's text as the core takes it: not only spaces, at most [`MAX_TEXT_CHARS`].
+pub fn check_text(text: &str) -> Result<(), Error> {
     if text.trim().is_empty() {
         return Err(Error::Invalid("message text is empty".into()));
     }

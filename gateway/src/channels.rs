@@ -718,7 +718,7 @@ pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<Str
 /// refused before anything is fetched; a file that cannot be taken refuses the whole
 /// push, with why.
 async fn api_inbound_files(gw: &Gateway, channel: &ChannelId, body: InboundBody) -> Result<Result<Command, Command>, GatewayError> {
-    use switchboard_actors::core::{MAX_ATTACHMENTS_PER_MESSAGE, MAX_SENDER_BYTES, MAX_TEXT_CHARS};
+    use switchboard_actors::core::{MAX_ATTACHMENTS_PER_MESSAGE, MAX_SENDER_BYTES};
     use switchboard_actors::Error as Core;
     if body.files.len() > MAX_ATTACHMENTS_PER_MESSAGE {
         return Err(GatewayError::BadRequest(format!("at most {MAX_ATTACHMENTS_PER_MESSAGE} files per message")));
@@ -754,14 +754,9 @@ async fn api_inbound_files(gw: &Gateway, channel: &ChannelId, body: InboundBody)
     if answers.into_iter().any(|seen| seen.unwrap_or(false)) {
         return Ok(Err(plain));
     }
+    // With files the caption may be empty; otherwise as the core takes a text.
     if !text.is_empty() {
-        if text.trim().is_empty() {
-            return Err(Core::Invalid("message text is empty".into()).into());
-        }
-        let chars = text.chars().count();
-        if chars > MAX_TEXT_CHARS {
-            return Err(Core::TooLong { limit: MAX_TEXT_CHARS, actual: chars }.into());
-        }
+        switchboard_actors::core::check_text(&text)?;
     }
     for (i, file) in body.files.iter().enumerate() {
         if let Some(kind) = file.content_type.as_deref().map(|t| t.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()) {

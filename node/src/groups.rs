@@ -487,41 +487,14 @@ impl SplitNode {
         };
         let node = SplitNode { node_id, groups, shards, peers, router, forwarders: Vec::new(), keyspace, endpoint, rpc, remotes: Default::default(), holding, holding_task, rules_task };
         // The newest rules every member of each group knows (this build's once every
-        // member runs it; the leaders look again while a group is behind). Idempotent:
-        // an outcome lost to a leader change at start, or a member that has not said
-        // which rules it knows yet, is asked again, for a minute at most.
-        let adopt_until = tokio::time::Instant::now() + Duration::from_secs(60);
-        let leader_until = tokio::time::Instant::now() + Duration::from_secs(10);
-        // The metadata group last: its letters under newer rules wait in a group still on
-        // older ones (`rules_cap`).
+        // member runs it; the leaders look again while a group is behind), within one
+        // minute for all the groups. The metadata group last: its letters under newer
+        // rules wait in a group still on older ones (`rules_cap`).
+        let until = crate::server::RulesDeadlines::from_now();
         let in_order = node.groups.values().filter(|g| g.id != G0).chain(std::iter::once(&node.groups[&G0]));
         for group in in_order.filter(|g| node.holds(g.id)) {
-            loop {
-                let cap = rules_cap(&node.groups, group);
-                let look = crate::server::adopt_known_rules(&group.raft, &node.peers, node_id, || crate::server::rules_of(&group.shard), cap, |command| group.proposer.submit(command)).await;
-                match look {
-                    Ok(crate::server::RulesLook::Current) => break,
-                    // No leader yet (the members are electing one, this node may be it): look again.
-                    Ok(crate::server::RulesLook::NotLeader) if group.raft.metrics().borrow().current_leader.is_none() && tokio::time::Instant::now() < leader_until => tokio::time::sleep(Duration::from_millis(100)).await,
-                    // Another node leads: it looks (`rules_task`, every 10 s).
-                    Ok(crate::server::RulesLook::NotLeader) => break,
-                    Ok(crate::server::RulesLook::Held(rules)) => {
-                        tracing::info!(group = group.id, rules, newest = switchboard_actors::core::RULES_VERSION, "a member runs a build without the newest routing rules: the group decides with the newest every member knows until each has them");
-                        break;
-                    }
-                    // A new group's members start together: wait for them.
-                    Ok(crate::server::RulesLook::Unknown) if group.shard.read().is_new() && tokio::time::Instant::now() < adopt_until => tokio::time::sleep(Duration::from_millis(300)).await,
-                    Ok(crate::server::RulesLook::Unknown) => {
-                        tracing::warn!(group = group.id, "a member has not said which routing rules it knows; the newest are adopted once every member says it has them");
-                        break;
-                    }
-                    Err(e) if tokio::time::Instant::now() < adopt_until => {
-                        tracing::info!(group = group.id, error = %e, "adopting the routing rules did not go through; asking again");
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                    }
-                    Err(e) => return Err(anyhow::anyhow!("group {}: adopt routing rules: {e}", group.id)),
-                }
-            }
+            let (state, cap) = (|| crate::server::rules_of(&group.shard), || rules_cap(&node.groups, group));
+            crate::server::adopt_rules_at_start(&group.raft, &node.peers, node_id, group.id, until, state, cap, |command| group.proposer.submit(command)).await?;
         }
         Ok(node)
     }
@@ -885,9 +858,10 @@ mod tests {
         // build), except in a new group (a new cluster's), where a majority of the voters
         // answering is enough.
         nodes[other].router.set_rules(newest);
+        let asker_id = first.node_id;
         let gone = nodes.remove(other);
         gone.stop().await.expect("stops");
-        let lead = nodes.iter().position(|n| n.node_id == first_id(&raft)).expect("the asker runs");
+        let lead = nodes.iter().position(|n| n.node_id == asker_id).expect("the asker runs");
         let asker = &nodes[lead];
         assert_eq!(crate::server::rules_every_member_knows(&raft, &asker.peers, asker.node_id, false).await, None, "a member did not answer");
         assert_eq!(crate::server::rules_every_member_knows(&raft, &asker.peers, asker.node_id, true).await, Some(newest), "a new group: two voters of three answered");
@@ -897,10 +871,6 @@ mod tests {
         nodes.remove(0).stop().await.expect("stops");
     }
 
-    /// The node whose raft `raft` is.
-    fn first_id(raft: &Raft) -> u64 {
-        raft.metrics().borrow().id
-    }
 
     /// Submits through `node` (which forwards to the group's leader), again while the
     /// group elects a new one; the answer of the attempt that was committed.

@@ -1573,13 +1573,13 @@ pub(crate) async fn rules_every_member_knows(raft: &Raft, peers: &Peers, node_id
     let mut voters_heard = usize::from(voters.contains(&node_id));
     for (id, answer) in answers {
         match answer {
-            Ok(rules) => {
+            Ok(Some(rules)) => {
                 known = known.min(rules);
                 voters_heard += usize::from(voters.contains(&id));
             }
             // It answered, with a build from before the question.
-            Err(e) if e.contains("did not say which routing rules") => {
-                tracing::debug!(member = id, error = %e, "a member runs a build that does not say which routing rules it knows");
+            Ok(None) => {
+                tracing::debug!(member = id, "a member runs a build that does not say which routing rules it knows");
                 return Some(0);
             }
             Err(e) if new => tracing::debug!(member = id, error = %e, "a member of a new group did not say which routing rules it knows"),
@@ -1644,6 +1644,70 @@ where
     }
     let (current, _) = state();
     Ok(if current >= switchboard_actors::core::RULES_VERSION { RulesLook::Current } else { RulesLook::Held(current) })
+}
+
+/// How long a node's start waits for its groups' rules ([`adopt_rules_at_start`]):
+/// every group it starts shares them.
+#[derive(Clone, Copy)]
+pub(crate) struct RulesDeadlines {
+    /// For commits that did not go through, and a new group's members to answer.
+    adopt_until: tokio::time::Instant,
+    /// For a group to have a leader.
+    leader_until: tokio::time::Instant,
+}
+
+impl RulesDeadlines {
+    pub(crate) fn from_now() -> Self {
+        let now = tokio::time::Instant::now();
+        RulesDeadlines { adopt_until: now + Duration::from_secs(60), leader_until: now + Duration::from_secs(10) }
+    }
+}
+
+/// A group's rules at a node's start: adopted here when this node leads it (or it is new)
+/// and every member knows newer ones ([`adopt_known_rules`]). Idempotent: an outcome
+/// lost to a leader change at start (members start together and may elect twice) is
+/// asked again for up to a minute, as is a new group's member that has not said which
+/// rules it knows (it may be starting too); a group with no leader yet is looked at
+/// again for up to 10 s (this node may become it). Otherwise the group's leader looks
+/// again every [`RULES_CHECK_EVERY`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn adopt_rules_at_start<F, Fut>(
+    raft: &Raft,
+    peers: &Peers,
+    node_id: u64,
+    group: u64,
+    until: RulesDeadlines,
+    state: impl Fn() -> (u32, bool),
+    cap: impl Fn() -> u32,
+    submit: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(Command) -> Fut,
+    Fut: std::future::Future<Output = Result<Reply, switchboard_actors::Error>>,
+{
+    let newest = switchboard_actors::core::RULES_VERSION;
+    let RulesDeadlines { adopt_until, leader_until } = until;
+    loop {
+        match adopt_known_rules(raft, peers, node_id, &state, cap(), &submit).await {
+            Ok(RulesLook::Current) => return Ok(()),
+            Ok(RulesLook::Held(rules)) => {
+                info!(group, rules, newest, "a member runs a build without the newest routing rules: the group decides with the newest every member knows until each has them");
+                return Ok(());
+            }
+            Ok(RulesLook::NotLeader) if raft.metrics().borrow().current_leader.is_none() && tokio::time::Instant::now() < leader_until => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(RulesLook::NotLeader) => return Ok(()),
+            Ok(RulesLook::Unknown) if state().1 && tokio::time::Instant::now() < adopt_until => tokio::time::sleep(Duration::from_millis(300)).await,
+            Ok(RulesLook::Unknown) => {
+                tracing::warn!(group, "a member has not said which routing rules it knows; the newest are adopted once every member says it has them");
+                return Ok(());
+            }
+            Err(e) if tokio::time::Instant::now() < adopt_until => {
+                info!(group, error = %e, "adopting the routing rules did not go through; asking again");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => anyhow::bail!("group {group}: adopt routing rules {newest}: {e}"),
+        }
+    }
 }
 
 pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
@@ -1766,33 +1830,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     // idempotent: an outcome lost to a leader change at start (members start together and
     // may elect twice) is simply asked again, for up to a minute, as is a member that has
     // not said which rules it knows (it may be starting too).
-    let adopt_until = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    let leader_until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let look = adopt_known_rules(&raft, &peers, options.node_id, || rules_of(&shard), switchboard_actors::core::RULES_VERSION, |command| backend.submit(command)).await;
-        match look {
-            Ok(RulesLook::Current) => break,
-            Ok(RulesLook::Held(rules)) => {
-                info!(rules, newest = switchboard_actors::core::RULES_VERSION, "a member runs a build without the newest routing rules: the group decides with the newest every member knows until each has them");
-                break;
-            }
-            // No leader yet (the members are electing one, this node may be it): look again.
-            Ok(RulesLook::NotLeader) if raft.metrics().borrow().current_leader.is_none() && tokio::time::Instant::now() < leader_until => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-            // Another node leads: it looks (`adopt_rules_later`, at once and every 10 s).
-            Ok(RulesLook::NotLeader) => break,
-            // A new group's members start together: wait for them.
-            Ok(RulesLook::Unknown) if shard.read().is_new() && tokio::time::Instant::now() < adopt_until => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
-            Ok(RulesLook::Unknown) => {
-                tracing::warn!("a member has not said which routing rules it knows; the newest are adopted once every member says it has them");
-                break;
-            }
-            Err(e) if tokio::time::Instant::now() < adopt_until => {
-                info!(error = %e, "adopting the routing rules did not go through; asking again");
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            }
-            Err(e) => anyhow::bail!("adopt routing rules {}: {e}", switchboard_actors::core::RULES_VERSION),
-        }
-    }
+    adopt_rules_at_start(&raft, &peers, options.node_id, SHARD_GROUP, RulesDeadlines::from_now(), || rules_of(&shard), || switchboard_actors::core::RULES_VERSION, |command| backend.submit(command)).await?;
     let backend_for_rules = backend.clone();
     let edge = open_edge(&options, backend, &router).await?;
     let gateway = edge.gateway.clone();

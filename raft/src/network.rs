@@ -1154,12 +1154,16 @@ impl Peers {
         }
     }
 
-    /// The newest routing rules the node at `addr` decides with; `Err` when it did not
-    /// say (no answer within `ttl`, or a build that predates the question).
-    pub async fn rules(&self, addr: &str, ttl: Duration) -> Result<u32, String> {
+    /// The newest routing rules the node at `addr` decides with: `Ok(None)` when it
+    /// answered without saying (a build that predates the question), `Err` when it did
+    /// not answer within `ttl`.
+    pub async fn rules(&self, addr: &str, ttl: Duration) -> Result<Option<u32>, String> {
         match self.exchange(addr, &RpcRequest::Rules, ttl).await {
-            Ok(RpcResponse::Rules(rules)) => Ok(rules),
-            Ok(RpcResponse::BadRequest(why)) => Err(format!("{addr} did not say which routing rules it knows: {why}")),
+            Ok(RpcResponse::Rules(rules)) => Ok(Some(rules)),
+            Ok(RpcResponse::BadRequest(why)) => {
+                tracing::debug!(%addr, %why, "a node did not say which routing rules it knows");
+                Ok(None)
+            }
             Ok(_) => Err(format!("{addr} answered which routing rules it knows with something else")),
             Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
         }
