@@ -122,6 +122,12 @@ enum Flush {
 pub struct SegmentLog {
     inner: Arc<Mutex<Inner>>,
     flusher: mpsc::Sender<Flush>,
+    /// Held shared by a read from the moment it finds its records until it has read
+    /// them, and exclusively by a truncation while it cuts files: a replication task
+    /// that openraft detached (a leader stepping down) may still be reading when the
+    /// new leader's entries truncate the log, and bytes of the cut (or of entries
+    /// written over them) would read as a damaged record, which stops the group.
+    files: Arc<std::sync::RwLock<()>>,
 }
 
 fn segment_name(first: u64) -> String {
@@ -197,7 +203,7 @@ impl SegmentLog {
             .name("raft-log-sync".into())
             .spawn(move || flush_loop(rx))
             .map_err(io("start the log flusher"))?;
-        Ok(SegmentLog { inner: Arc::new(Mutex::new(inner)), flusher })
+        Ok(SegmentLog { inner: Arc::new(Mutex::new(inner)), flusher, files: Arc::new(std::sync::RwLock::new(())) })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -233,10 +239,21 @@ impl SegmentLog {
 
     /// Entries with indexes in `start..end` that the log holds, in order.
     pub fn read(&self, start: u64, end: u64) -> Result<Vec<Entry<TypeConfig>>, LogError> {
+        self.read_pausing(start, end, || ())
+    }
+
+    /// [`SegmentLog::read`], calling `pause` between finding the records and reading
+    /// them (for tests of what may run meanwhile).
+    #[doc(hidden)]
+    pub fn read_pausing(&self, start: u64, end: u64, pause: impl FnOnce()) -> Result<Vec<Entry<TypeConfig>>, LogError> {
         // Where the records are, found under the lock; read after it is released.
         let mut spans: Vec<(u64, Arc<File>, String, u64, u64, usize)> = Vec::new();
+        let _reading;
         {
             let inner = self.lock();
+            // Taken before the lock is released, so no truncation runs between finding
+            // the records and reading them.
+            _reading = self.files.read().unwrap_or_else(|poisoned| poisoned.into_inner());
             let start = start.max(inner.meta.purged.map_or(0, |p| p.index + 1));
             for segment in &inner.segments {
                 let from = start.max(segment.first);
@@ -251,6 +268,7 @@ impl SegmentLog {
                 spans.push((from, segment.file.clone(), segment.path.display().to_string(), offset, stop - offset, j - i));
             }
         }
+        pause();
         let mut out = Vec::new();
         for (first, file, name, offset, len, count) in spans {
             let mut bytes = vec![0u8; len as usize];
@@ -289,6 +307,8 @@ impl SegmentLog {
         if index >= inner.next_index() {
             return Ok(());
         }
+        // Reads in progress end first (they hold no lock on `inner` meanwhile).
+        let _cutting = self.files.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         while inner.segments.back().is_some_and(|s| s.first >= index) {
             if let Some(segment) = inner.segments.pop_back() {
                 std::fs::remove_file(&segment.path).map_err(io(segment.path.display()))?;

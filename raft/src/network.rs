@@ -24,6 +24,14 @@ use crate::{Node, NodeId, Raft, Request, TypeConfig};
 
 /// Largest RPC body accepted, in bytes (snapshot chunks are far smaller).
 pub const MAX_RPC_BYTES: usize = 64 * 1024 * 1024;
+/// The longest request a peer holding a gateway's certificate may send (it may ask only
+/// `Status` and `Shards`, whose bodies are a byte or two); a longer one is dropped
+/// unread.
+const MAX_GATEWAY_RPC_BYTES: usize = 64;
+/// How long a request's body may take to arrive, and its answer to be read by the
+/// peer: a chunk of a snapshot, an append or a file of at most [`MAX_RPC_BYTES`] between
+/// members of one cluster; a peer that trickles or never reads loses its stream.
+const RPC_PATIENCE: Duration = Duration::from_secs(60);
 
 #[derive(Serialize, Deserialize)]
 enum RpcRequest {
@@ -827,7 +835,11 @@ async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, m
     }
     let mut body = Vec::with_capacity(64);
     body.push(first[0]);
-    body.extend(recv.read_to_end(MAX_RPC_BYTES - 1).await.map_err(|e| e.to_string())?);
+    // A gateway may ask only where the groups are (`Status`, `Shards`: a few bytes), so
+    // its body is refused past that before it is held; a node's within its deadline.
+    let cap = if role == Role::Gateway { MAX_GATEWAY_RPC_BYTES } else { MAX_RPC_BYTES - 1 };
+    let rest = tokio::time::timeout(RPC_PATIENCE, recv.read_to_end(cap)).await.map_err(|_| "a request's body did not arrive in time".to_string())?;
+    body.extend(rest.map_err(|e| e.to_string())?);
     let response = match decode::<RpcRequest>(&body) {
         Ok(request) if role == Role::Gateway && request.is_nodes_only() => {
             warn!("refused a node's request (Raft, a read, a write or a file) from a peer holding a gateway certificate");
@@ -838,11 +850,14 @@ async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, m
         Err(e) => RpcResponse::BadRequest(e),
     };
     let bytes = encode(&response)?;
-    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
-    // Wait for the peer to read everything before the stream is dropped.
-    let _ = send.stopped().await;
-    Ok(())
+    let answered = tokio::time::timeout(RPC_PATIENCE, async {
+        send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        // Wait for the peer to read everything before the stream is dropped.
+        let _ = send.stopped().await;
+        Ok::<(), String>(())
+    });
+    answered.await.map_err(|_| "the peer did not read its answer in time".to_string())?
 }
 
 /// Feeds a peer the value of stream `stream` of `group` each time it moves, until the

@@ -212,11 +212,11 @@ pub fn open_group(
     .map_err(|e| crate::Error::Storage(e.to_string()))?;
     let committed: Option<Option<LogId<NodeId>>> = trees.get_meta("committed").ok().flatten();
     let committed = Arc::new(std::sync::atomic::AtomicU64::new(committed.flatten().map_or(0, |c| c.index)));
-    let log = LogStore { trees: trees.clone(), segments, committed };
     std::fs::create_dir_all(snapshot_dir)?;
     let snapshots = SnapshotFiles { dir: snapshot_dir.to_path_buf(), group, writing: Arc::new(Mutex::new(())) };
     let state = Arc::new(StateTree::new(keyspace.clone(), state_partition(keyspace, group)?));
-    let sm = StateMachineStore::load(trees, state, machine, snapshots)?;
+    let sm = StateMachineStore::load(trees.clone(), state, machine, snapshots)?;
+    let log = LogStore { trees, segments, committed, durable: sm.durable.subscribe() };
     // The log is purged only behind records made durable first, so records behind the
     // purge point mean the record store was lost or swapped: the state cannot be
     // rebuilt, and serving it would differ from the other replicas.
@@ -329,6 +329,31 @@ pub struct LogStore {
     /// metrics and status: set whenever openraft saves the committed pointer, whether or
     /// not the store took the write.
     committed: Arc<std::sync::atomic::AtomicU64>,
+    /// How far the records are durable, as the state machine says ([`Durable`]): a
+    /// purge waits for it.
+    durable: tokio::sync::watch::Receiver<Durable>,
+}
+
+/// A purge waiting for the records ([`Durable`]) warns after each of these and gives up
+/// (an error, which stops the group on this node) after this many: an install that
+/// neither ends nor fails in ten minutes is stuck.
+const PURGE_ROUND: std::time::Duration = std::time::Duration::from_secs(10);
+const PURGE_PATIENCE_ROUNDS: u64 = 60;
+
+/// How far a group's records are durable on this node, told by its state machine to its
+/// log. openraft purges the log behind a snapshot it has handed the state machine to
+/// install without waiting for the install (0.9: `PurgeLog` has no condition); a crash
+/// between that purge and the install's end would leave records behind a purged log,
+/// which cannot open again. So a purge waits until the records reach its point: they do
+/// once a built snapshot's sync or an installed snapshot's pointer is durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Durable {
+    /// Log index up to which the records (or the snapshot file named to rebuild them)
+    /// are durable.
+    pub index: u64,
+    /// An install failed: the purge it was to be followed by fails too (openraft stops
+    /// the group on the install's error anyway).
+    pub failed: bool,
 }
 
 impl LogStore {
@@ -419,6 +444,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let mut mark = Durable { index: 0, failed: true };
+        for waited in 1..=PURGE_PATIENCE_ROUNDS {
+            let waited_for = tokio::time::timeout(PURGE_ROUND, self.durable.wait_for(|d| d.index >= log_id.index || d.failed)).await.map(|r| r.map(|d| *d));
+            match waited_for {
+                Ok(Ok(reached)) => {
+                    mark = reached;
+                    break;
+                }
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    mark = *self.durable.borrow();
+                    tracing::warn!(purge_to = log_id.index, durable_to = mark.index, waited_s = waited * PURGE_ROUND.as_secs(), "the log's purge waits for a snapshot's install to be kept");
+                }
+            }
+        }
+        if mark.index < log_id.index {
+            let why = format!("not purging the log up to entry {}: the records are durable only up to entry {} (a snapshot's install failed)", log_id.index, mark.index);
+            return Err(StorageIOError::write_logs(&io_err(&why)).into());
+        }
         self.segments.purge(log_id).map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
@@ -541,6 +585,8 @@ pub struct StateMachineStore {
     asked: Arc<std::sync::atomic::AtomicBool>,
     /// A dump for replicas is being written in the background.
     refreshing: Arc<std::sync::atomic::AtomicBool>,
+    /// How far the records are durable, for the log's purges.
+    durable: Arc<tokio::sync::watch::Sender<Durable>>,
 }
 
 fn storage(e: impl std::fmt::Display) -> crate::Error {
@@ -606,6 +652,11 @@ impl StateMachineStore {
             return Err(storage("the state tree is marked as installing a snapshot the store does not name; restore this data folder from a replica"));
         }
         machine.load(&state.records()).map_err(storage)?;
+        // What was applied before this start was applied by a process that may have
+        // been killed after fjall took its batches but before their sync; the machine
+        // did not stop, so the files hold them, and a purge only ever goes behind a
+        // snapshot point whose sync came first anyway.
+        let durable = Durable { index: applied.as_ref().and_then(|a| a.last_applied).map_or(0, |l| l.index), failed: false };
         let inner = match applied {
             Some(a) => SmInner { last_applied: a.last_applied, membership: a.membership, snapshot_seq: 0 },
             None => SmInner { last_applied: None, membership: StoredMembership::default(), snapshot_seq: 0 },
@@ -620,7 +671,20 @@ impl StateMachineStore {
             receiving: Arc::new(std::sync::Mutex::new(None)),
             asked: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             refreshing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            durable: Arc::new(tokio::sync::watch::channel(durable).0),
         })
+    }
+
+    /// Lets the log purge anywhere, as a store tested on its own (openraft's suite
+    /// purges logs with no snapshot behind them) needs.
+    #[doc(hidden)]
+    pub fn purge_without_snapshots(&self) {
+        self.durable_to(u64::MAX);
+    }
+
+    /// Tells the log the records are durable up to `index`.
+    fn durable_to(&self, index: u64) {
+        self.durable.send_modify(|d| d.index = d.index.max(index));
     }
 
     /// Makes `file` the current snapshot: the pointer moves to it and the old file
@@ -758,10 +822,56 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // Every entry up to `meta` was written to the tree before its id was recorded.
         self.trees.put_meta(SNAPSHOT_AT_KEY, &meta).map_err(|e| write_err(&e))?;
         self.trees.sync().await.map_err(|e| write_err(&e))?;
+        self.durable_to(meta.last_log_id.map_or(0, |l| l.index));
         // The file of an older point stays until a newer file replaces it: it answers a
         // replica at once while the newer one is written.
         let empty = tokio::fs::File::open("/dev/null").await.map_err(|e| write_err(&e))?;
         Ok(Snapshot { meta, snapshot: Box::new(empty) })
+    }
+}
+
+impl StateMachineStore {
+    /// Checks a received snapshot, makes it the current one and replaces the records by
+    /// it ([`RaftStateMachine::install_snapshot`]).
+    async fn install(&mut self, meta: &SnapshotMeta<NodeId, Node>, snapshot: Box<tokio::fs::File>) -> StorageResult<()> {
+        let write_err = |e: &dyn std::fmt::Display| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e));
+        let _building = self.building.lock().await;
+        let mut inner = self.inner.lock().await;
+        let mut received = snapshot.into_std().await;
+        let (snapshots, for_file) = (self.snapshots.clone(), meta.clone());
+        let file = tokio::task::spawn_blocking(move || {
+            use std::io::Seek;
+            // A cut or damaged transfer is refused before it replaces anything.
+            received.seek(std::io::SeekFrom::Start(0))?;
+            crate::state::verify_dump(&mut received)?;
+            received.seek(std::io::SeekFrom::Start(0))?;
+            snapshots.write_with(&for_file, |out| std::io::copy(&mut received, out).map(|_| ()))
+        })
+        .await
+        .map_err(|e| write_err(&e))?
+        .map_err(|e| write_err(&e))?;
+        let received = self.receiving.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(received) = received {
+            let _ = std::fs::remove_file(received);
+        }
+        let path = self.snapshots.path(&file);
+        if !self.keep(meta, file).await? {
+            return Ok(());
+        }
+        // The pointer to the file is durable: a restart from here installs it.
+        self.durable_to(meta.last_log_id.map_or(0, |l| l.index));
+        let (trees, state, machine, for_install) = (self.trees.clone(), self.state.clone(), self.machine.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || {
+            machine.replacing()?;
+            install_records(&trees, &state, machine.as_ref(), &path, &for_install)
+        })
+            .await
+            .map_err(|e| write_err(&e))?
+            .map_err(|e| write_err(&e))?;
+        self.machine.load(&self.state.records()).map_err(|e| write_err(&e))?;
+        inner.last_applied = meta.last_log_id;
+        inner.membership = meta.last_membership.clone();
+        Ok(())
     }
 }
 
@@ -826,42 +936,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, Node>, snapshot: Box<tokio::fs::File>) -> StorageResult<()> {
-        let write_err = |e: &dyn std::fmt::Display| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e));
-        let _building = self.building.lock().await;
-        let mut inner = self.inner.lock().await;
-        let mut received = snapshot.into_std().await;
-        let (snapshots, for_file) = (self.snapshots.clone(), meta.clone());
-        let file = tokio::task::spawn_blocking(move || {
-            use std::io::Seek;
-            // A cut or damaged transfer is refused before it replaces anything.
-            received.seek(std::io::SeekFrom::Start(0))?;
-            crate::state::verify_dump(&mut received)?;
-            received.seek(std::io::SeekFrom::Start(0))?;
-            snapshots.write_with(&for_file, |out| std::io::copy(&mut received, out).map(|_| ()))
-        })
-        .await
-        .map_err(|e| write_err(&e))?
-        .map_err(|e| write_err(&e))?;
-        let received = self.receiving.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(received) = received {
-            let _ = std::fs::remove_file(received);
+        let installed = self.install(meta, snapshot).await;
+        if installed.is_err() {
+            // The purge openraft queued behind this install must not go ahead.
+            self.durable.send_modify(|d| d.failed = true);
         }
-        let path = self.snapshots.path(&file);
-        if !self.keep(meta, file).await? {
-            return Ok(());
-        }
-        let (trees, state, machine, for_install) = (self.trees.clone(), self.state.clone(), self.machine.clone(), meta.clone());
-        tokio::task::spawn_blocking(move || {
-            machine.replacing()?;
-            install_records(&trees, &state, machine.as_ref(), &path, &for_install)
-        })
-            .await
-            .map_err(|e| write_err(&e))?
-            .map_err(|e| write_err(&e))?;
-        self.machine.load(&self.state.records()).map_err(|e| write_err(&e))?;
-        inner.last_applied = meta.last_log_id;
-        inner.membership = meta.last_membership.clone();
-        Ok(())
+        installed
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {

@@ -227,3 +227,39 @@ fn a_record_store_whose_creation_was_cut_short_is_made_anew() -> anyhow::Result<
     assert_eq!(keyspace.open_partition("g1-state", Default::default())?.get("r-kept")?.as_deref(), Some(&b"yes"[..]), "a made store is kept");
     Ok(())
 }
+
+/// A replication task openraft detached (its leader stepped down) may still read while
+/// the new leader's entries truncate the log and are written over the cut: the read
+/// gets the entries as they were when it found them, never a damaged record (which
+/// would stop the group). The truncation here is asked for right between the read
+/// finding its records and reading them, and waits for the read.
+#[test]
+fn a_read_beside_a_truncation_sees_whole_entries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    log.append_synced(entries(1..=100, 1)).expect("append");
+    let (asked, cut) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel::<()>());
+    let cutter = {
+        let log = log.clone();
+        let (asked, cut) = (asked.1, cut.0);
+        std::thread::spawn(move || {
+            asked.recv().expect("asked to cut");
+            log.truncate(50).expect("truncate");
+            let over: Vec<_> = (50..=100).map(|i| Entry {
+                log_id: LogId::new(CommittedLeaderId::new(2, 1), i),
+                payload: EntryPayload::Normal(Request(format!("the new leader's {i}").into_bytes())),
+            }).collect();
+            log.append_synced(over).expect("append over the cut");
+            let _ = cut.send(());
+        })
+    };
+    let read = log.read_pausing(40, 101, || {
+        asked.0.send(()).expect("ask for the cut");
+        // The cut waits for this read; without that it would be done well within this.
+        let _ = cut.1.recv_timeout(std::time::Duration::from_millis(500));
+    });
+    let read = read.expect("a read beside a truncation failed");
+    assert_eq!(read.iter().map(|e| (e.log_id.index, e.log_id.leader_id.term)).collect::<Vec<_>>(), (40..=100).map(|i| (i, 1)).collect::<Vec<_>>());
+    cutter.join().expect("the cutter panicked");
+    assert_eq!(log.read(50, 51).expect("read")[0].log_id.leader_id.term, 2, "the cut and the new entries went ahead after the read");
+}

@@ -308,3 +308,67 @@ async fn records_lost_behind_a_purged_log_stop_the_open_with_what_to_do() -> any
     assert!(error.contains("purged up to entry 8") && error.contains("Restore the whole data folder"), "{error}");
     Ok(())
 }
+
+/// openraft purges a follower's log behind a snapshot it has handed the state machine
+/// to install without waiting for the install. A purge that went first, then a crash
+/// before the install was kept, would leave records behind a purged log: the group
+/// could never open again. The purge waits until the snapshot is kept (its pointer
+/// durable); a crash meanwhile reopens as before; an install that fails fails the purge.
+#[tokio::test]
+async fn a_purge_behind_a_snapshot_being_installed_waits_for_the_install() -> anyhow::Result<()> {
+    use openraft::storage::RaftLogStorage;
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir()?;
+    let leader_db = open_keyspace(&dir.path().join("leader"), &[])?;
+    let (_log, mut leader) = open_group(&leader_db, 3, Arc::new(common::Journal::default()), &dir.path().join("leader-snapshots"), &dir.path().join("leader-log"))?;
+    apply(&mut leader, 1..=30).await?;
+    leader.get_snapshot_builder().await.build_snapshot().await?;
+    let built = as_a_replica_gets_it(&mut leader).await?;
+    let mut bytes = Vec::new();
+    let mut file = built.snapshot;
+    file.read_to_end(&mut bytes).await?;
+    let at = built.meta.last_log_id.expect("a snapshot point");
+
+    let replica_path = dir.path().join("replica");
+    let (replica_snapshots, replica_log) = (dir.path().join("replica-snapshots"), dir.path().join("replica-log"));
+    {
+        let db = open_keyspace(&replica_path, &[])?;
+        let (mut log, mut replica) = open_group(&db, 3, Arc::new(common::Journal::default()), &replica_snapshots, &replica_log)?;
+        apply(&mut replica, 1..=3).await?;
+        // The purge comes before the install has begun: polled once, it does not go ahead.
+        let purge = log.purge(at);
+        tokio::pin!(purge);
+        let went_ahead = tokio::select! { biased; done = &mut purge => Some(done), _ = std::future::ready(()) => None };
+        assert!(went_ahead.is_none(), "the log was purged behind a snapshot not installed yet: {went_ahead:?}");
+        db.persist(fjall::PersistMode::SyncAll)?;
+        // The process dies here.
+    }
+    let db = open_keyspace(&replica_path, &[])?;
+    let journal = Arc::new(common::Journal::default());
+    let (mut log, mut replica) = open_group(&db, 3, journal.clone(), &replica_snapshots, &replica_log)?;
+    assert_eq!(journal.entries.lock().unwrap().len(), 3, "reopened as it was");
+
+    // Now the install runs beside the purge: the purge ends once the snapshot is kept.
+    let mut receiving = replica.begin_receiving_snapshot().await?;
+    tokio::io::AsyncWriteExt::write_all(&mut receiving, &bytes).await?;
+    let (purged, installed) = tokio::join!(log.purge(at), replica.install_snapshot(&built.meta, receiving));
+    installed?;
+    purged?;
+    assert_eq!(replica.applied_state().await?.0, Some(at));
+
+    // An install that fails (a damaged transfer) fails the purge queued behind it.
+    let (mut log, mut replica) = {
+        drop((log, replica));
+        let other = dir.path().join("other");
+        let db = open_keyspace(&other, &[])?;
+        open_group(&db, 3, Arc::new(common::Journal::default()), &other.join("snapshots"), &other.join("log"))?
+    };
+    apply(&mut replica, 1..=3).await?;
+    let mut receiving = replica.begin_receiving_snapshot().await?;
+    tokio::io::AsyncWriteExt::write_all(&mut receiving, &bytes[..bytes.len() - 5]).await?;
+    let (purged, installed) = tokio::join!(log.purge(at), replica.install_snapshot(&built.meta, receiving));
+    assert!(installed.is_err(), "a cut transfer was installed");
+    let error = purged.expect_err("purged behind a failed install").to_string();
+    assert!(error.contains("not purging the log up to entry 30"), "{error}");
+    Ok(())
+}
