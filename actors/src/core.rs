@@ -64,7 +64,14 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// adapter fetches each file with the channel's token); before, it was refused. And a
 /// routing shard that hears of a conversation before its skill group queues it when the
 /// group arrives (before, it waited in no queue until a restart rebuilt the queues).
-pub const RULES_VERSION: u32 = 13;
+/// Rules 14: the same for a conversation's channel: a routing shard offers no
+/// conversation whose channel it has not heard of yet (before, it weighed it 1 and read
+/// its kind as none, so an operator could be offered it past their capacity or channel
+/// limits, or nobody was and it waited), and routes its groups again when the channel
+/// arrives; and a change of a channel's kind withdraws the pending offers of its
+/// conversations, as rules 10 does for weights (before, an offer made under the old
+/// kind's weight could be accepted past capacity).
+pub const RULES_VERSION: u32 = 14;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -550,6 +557,12 @@ fn route_group(state: &mut ShardState, group_id: &SkillGroupId, now: Timestamp, 
             if !matches!(conv.status, ConversationStatus::Queued { offer: None, .. }) {
                 continue;
             }
+            // Rules 14: a routing shard may hear of a conversation before its channel
+            // (the letters come from different groups): it waits until the channel's
+            // kind and weight are known, and its groups are routed again then.
+            if state.rules >= 14 && !state.channels.contains_key(&conv.channel) {
+                continue;
+            }
             // Rules 6: a conversation whose step reaches no group with someone free is
             // passed over without scoring anyone (it could get no offer and no new round).
             if stepped && !crate::routing::step_groups(state, group, crate::routing::step_at(state, group, conv, now)).iter().any(|g| free_groups.contains(g)) {
@@ -898,7 +911,16 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             if !state.groups.contains_key(&config.default_group) {
                 return Err(Error::NotFound(format!("skill group {}", config.default_group)));
             }
-            Ok((Reply::Done, vec![Event::ChannelUpserted(config.clone())]))
+            let mut events = Vec::new();
+            // Rules 14: offers made under the channel's old kind (its weight, operators'
+            // limits by kind) are made again under the new one.
+            if state.rules >= 14 && state.channels.get(&config.id).is_some_and(|old| old.kind != config.kind) {
+                for offer in state.offers.values().filter(|o| state.conversations.get(&o.conversation).is_some_and(|c| c.channel == config.id)) {
+                    events.push(Event::OfferWithdrawn { offer: offer.id, reason: WithdrawReason::OperatorUnavailable, detail: "channel kind changed".into() });
+                }
+            }
+            events.push(Event::ChannelUpserted(config.clone()));
+            Ok((Reply::Done, events))
         }
         Command::UpsertUser(user) => {
             if let Some(op) = &user.operator {

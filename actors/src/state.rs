@@ -1191,7 +1191,17 @@ impl ShardState {
                     });
             }
             Event::ChannelUpserted(config) => {
-                self.channels.insert(config.id.clone(), config.clone());
+                let before = self.channels.insert(config.id.clone(), config.clone());
+                // Rules 14: the groups with conversations of a channel that is new here
+                // (a routing shard held them until it heard of it) or of another kind now
+                // are routed again.
+                if self.rules >= 14 && before.is_none_or(|b| b.kind != config.kind) {
+                    for group in self.groups.values() {
+                        if group.queue.iter().any(|(_, id)| self.conversations.get(id).is_some_and(|c| c.channel == config.id)) {
+                            touched.groups.insert(group.config.id.clone());
+                        }
+                    }
+                }
             }
             Event::UserUpserted(user) => {
                 self.users.insert(user.login.clone(), user.clone());
@@ -1648,6 +1658,12 @@ impl ShardState {
                             touched.groups.insert(group);
                         }
                     }
+                }
+                // Rules 14 route a group again when a channel of its queued conversations
+                // arrives; one that arrived earlier left them waiting: every group with a
+                // queue is routed once now.
+                if before < 14 && self.rules >= 14 {
+                    touched.groups.extend(self.groups.values().filter(|g| !g.queue.is_empty()).map(|g| g.config.id.clone()));
                 }
             }
             Event::HoldersSet { group, nodes } => {

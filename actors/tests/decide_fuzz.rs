@@ -1253,6 +1253,73 @@ fn adopting_rules_13_puts_back_a_conversation_an_earlier_build_left_out_of_its_q
     assert_eq!(stayed, restarted, "a replica that restarted and one that did not decide alike");
 }
 
+/// Rules 14: a routing shard may hear of a conversation before its channel (the
+/// conversation shard's `Enqueue` and the metadata group's letter come over two links).
+/// It offers the conversation only once it knows the channel's kind, so the channel's
+/// weight counts against capacity (before, it weighed 1 and lee was offered a voice call
+/// on top of a full desk), and routes the group again when the channel arrives. A
+/// channel whose kind changes has its pending offers made again under the new weight.
+#[test]
+fn a_conversation_whose_channel_routing_has_not_heard_of_waits_for_it() {
+    let decide = |rules: u32| {
+        let (mut state, store) = initial(&Setup { rules, capacities: [1, 1, 1], groups: [vec![0], vec![0], vec![0]], online: [false; 3] });
+        let at = Timestamp(1000);
+        let mut run = |state: &mut ShardState, command: Command| {
+            records::run_as(state, &store, &Envelope::new(at, command), R_PART).expect("applied");
+        };
+        let (late, lee) = (SkillGroupId::new("late"), OperatorId::new("lee"));
+        let directory = [
+            Command::UpsertSkillGroup(SkillGroupConfig { id: late.clone(), name: "Late".into(), policy: Policy::LongestIdle, offer_timeout_ms: 1000, sla_ms: 60_000 }),
+            Command::UpsertChannel(ChannelConfig { id: ChannelId::new("chat"), kind: "web".into(), name: "chat".into(), default_group: late.clone() }),
+            Command::UpsertOperator(OperatorConfig { id: lee.clone(), name: "Lee".into(), capacity: 3, groups: vec![late.clone()] }),
+            Command::SetChannelWeights { weights: vec![("voice".into(), 3)] },
+        ];
+        let mut from_g0 = 0;
+        for command in directory {
+            from_g0 += 1;
+            run(&mut state, Command::Deliver { from: G0_GROUP, id: from_g0, mail: Mail::Directory { rules, command: Box::new(command) } });
+        }
+        run(&mut state, Command::SetPresence { operator: lee.clone(), presence: Presence::Online });
+        let enqueue = |id: u64, channel: &str| Mail::Enqueue { conversation: ConversationId(id), channel: ChannelId::new(channel), visitor: Visitor::default(), group: late.clone(), created_at: at, sticky: None };
+        // A chat lee is offered (load 1 of 3), then a call on a channel routing has not
+        // heard of yet.
+        let (chat, call) = (FIRST_C + 5, FIRST_C + 5 + SHARDS);
+        run(&mut state, Command::Deliver { from: FIRST_C, id: 1, mail: enqueue(chat, "chat") });
+        run(&mut state, Command::Deliver { from: FIRST_C, id: 2, mail: enqueue(call, "phone") });
+        let offered = |state: &ShardState, id: u64| state.offers.values().any(|o| o.conversation == ConversationId(id));
+        let call_offered_early = offered(&state, call);
+        // The channel arrives: a voice call weighs 3, lee has 2 left.
+        from_g0 += 1;
+        let phone = ChannelConfig { id: ChannelId::new("phone"), kind: "voice".into(), name: "phone".into(), default_group: late.clone() };
+        run(&mut state, Command::Deliver { from: G0_GROUP, id: from_g0, mail: Mail::Directory { rules, command: Box::new(Command::UpsertChannel(phone.clone())) } });
+        let within = state.operators.get(&lee).is_some_and(|op| state.load_of(op) <= op.config.capacity);
+        let call_offered_then = offered(&state, call);
+        // The chat's offer is declined: lee's room (3) is the call's weight, and the
+        // group is routed again.
+        let chat_offer = state.offers.values().find(|o| o.conversation == ConversationId(chat)).map(|o| o.id);
+        if let Some(offer) = chat_offer {
+            run(&mut state, Command::DeclineOffer { offer, operator: lee.clone(), reason: "busy".into() });
+        }
+        let call_offered_at_room = offered(&state, call);
+        // The phone channel becomes a web one: its pending offer is withdrawn and made
+        // again under weight 1.
+        let offer_before = state.offers.values().find(|o| o.conversation == ConversationId(call)).map(|o| o.id);
+        from_g0 += 1;
+        let web = ChannelConfig { kind: "web".into(), ..phone };
+        run(&mut state, Command::Deliver { from: G0_GROUP, id: from_g0, mail: Mail::Directory { rules, command: Box::new(Command::UpsertChannel(web)) } });
+        let offer_after = state.offers.values().find(|o| o.conversation == ConversationId(call)).map(|o| o.id);
+        (call_offered_early, within, call_offered_then, call_offered_at_room, offer_before.is_some() && offer_after.is_some() && offer_before != offer_after)
+    };
+    let (early, within, then, at_room, made_again) = decide(RULES_VERSION);
+    assert!(!early, "the call waits until routing knows its channel");
+    assert!(within, "lee is within capacity once the channel's weight is known");
+    assert!(!then, "a call weighing 3 is not offered on top of a chat to a desk of 3");
+    assert!(at_room, "once lee has room for it, the call is offered");
+    assert!(made_again, "a change of the channel's kind makes its pending offer again");
+    let (early, within, ..) = decide(13);
+    assert!(early && !within, "rules 13 offered the call weighed as 1 and lee went over capacity once the channel arrived");
+}
+
 /// Rules 11: a conversation's routing shard counts its age from when it started, not
 /// from when the letter announcing it arrived (a bot held it, or the letter waited for
 /// the routing shard's leader): its SLA and its answer time are the customer's wait.
