@@ -516,6 +516,11 @@ async fn a_gateway_with_a_certificate_from_another_ca_gets_nothing() -> anyhow::
     // most) and no member answered it.
     let (status, _) = gateway.api("GET", "/readyz", None, None).await?;
     assert_eq!(status, 503, "no member answers a gateway from another CA");
+    // The gateway's own answers carry the headers a member's do.
+    for (addr, path) in [(&gateway.private, "/readyz"), (&gateway.public, "/healthz"), (&gateway.private, "/api/cluster")] {
+        let own = switchboard_chaos_tests::http_request(addr, None, "GET", path, &[], b"").await?;
+        assert_eq!(own.header("x-content-type-options"), Some("nosniff"), "GET {path} ({})", own.status);
+    }
     let (status, body) = gateway.api("GET", "/api/cluster", None, None).await?;
     assert_eq!(
         (status, body["code"].as_str()),
