@@ -99,6 +99,11 @@ pub const START_KEY_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
 /// History entries one conversation may hold; past it the client starts a new one.
 /// Bounds what a single visitor can make every replica store.
 pub const MAX_HISTORY_ENTRIES: usize = 10_000;
+/// Bytes of customer text one conversation may hold, from rules 14 (with at most
+/// [`MAX_HISTORY_ENTRIES`] entries of [`MAX_TEXT_CHARS`] it could hold about 160 MB,
+/// which every staff reader of it would then be sent whole); past it the customer starts
+/// a new one.
+pub const MAX_CLIENT_TEXT_BYTES: u64 = 1024 * 1024;
 /// Attachments one message may carry.
 pub const MAX_ATTACHMENTS_PER_MESSAGE: usize = 5;
 /// Files one conversation may hold, and their total size: bounds what one visitor can
@@ -646,6 +651,15 @@ fn check_message(state: &ShardState, conversation: ConversationId, text: &str, a
             _ => Err(Error::NotFound(format!("attachment {} in this conversation", id.0))),
         })
         .collect()
+}
+
+/// Rules 14: a customer's message that would take the conversation's customer text past
+/// [`MAX_CLIENT_TEXT_BYTES`] is refused; the customer starts a new conversation.
+fn check_client_text(state: &ShardState, conv: &crate::state::Conversation, text: &str) -> Result<(), Error> {
+    if state.rules >= 14 && conv.client_text_bytes.saturating_add(text.len() as u64) > MAX_CLIENT_TEXT_BYTES {
+        return Err(Error::Invalid(format!("conversation reached its {} KiB of customer text; start a new one", MAX_CLIENT_TEXT_BYTES / 1024)));
+    }
+    Ok(())
 }
 
 /// What a messenger conversation's provider cannot carry is refused before it is
@@ -1247,6 +1261,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             }
             crate::access::check(state, &conv.channel, crate::access::Customer { ip: None, visitor: conv.visitor.id.as_deref() }).map_err(Error::Blocked)?;
             let attachments = check_message(state, *conv_id, text, attachments)?;
+            check_client_text(state, conv, text)?;
             let seq = conv.last_seq() + 1;
             Ok((
                 Reply::Message { seq, duplicate: false },
@@ -2066,6 +2081,7 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
         }
         crate::access::check(state, channel, crate::access::Customer { ip: None, visitor: Some(&visitor_id) }).map_err(Error::Blocked)?;
         check_message(state, conv_id, if m.files.is_empty() { m.text } else { "-" }, &[])?;
+        check_client_text(state, conv, m.text)?;
         if !m.files.is_empty() {
             attachment_room_for(state, conv_id, m.files.len(), total)?;
         }

@@ -810,7 +810,11 @@ pub fn load_conversation(store: &dyn Store, id: ConversationId, keys: bool) -> R
     if keys {
         for (_, entry) in all::<HistoryEntry>(store, &key::history_prefix(id))? {
             match entry.item {
-                HistoryItem::ClientMessage { key, .. } | HistoryItem::OperatorMessage { key, .. } | HistoryItem::Note { key, .. } | HistoryItem::BotMessage { key, .. } => {
+                HistoryItem::ClientMessage { key, text, .. } => {
+                    conv.keys.insert(key, entry.seq);
+                    conv.client_text_bytes += text.len() as u64;
+                }
+                HistoryItem::OperatorMessage { key, .. } | HistoryItem::Note { key, .. } | HistoryItem::BotMessage { key, .. } => {
                     conv.keys.insert(key, entry.seq);
                 }
                 _ => {}

@@ -874,6 +874,11 @@ pub struct Conversation {
     /// open; on disk they are the keys of the messages in its history.
     #[serde(skip)]
     pub keys: BTreeMap<String, u64>,
+    /// Bytes of the customer's message text in its history (rules 14 bound them,
+    /// [`crate::core::MAX_CLIENT_TEXT_BYTES`]). Held in memory with the keys and rebuilt
+    /// from the history with them.
+    #[serde(skip)]
+    pub client_text_bytes: u64,
     /// Operators who declined or let an offer of this conversation expire during the
     /// current stay in the queue.
     pub passed_by: BTreeSet<OperatorId>,
@@ -906,6 +911,7 @@ impl Conversation {
             rated: false,
             pending: Vec::new(),
             keys: BTreeMap::new(),
+            client_text_bytes: 0,
             passed_by: BTreeSet::new(),
             last_pass: None,
             client_read_upto: 0,
@@ -1254,6 +1260,7 @@ impl ShardState {
                 let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     conv.keys.insert(key.clone(), seq);
+                    conv.client_text_bytes += text.len() as u64;
                 }
                 self.enqueue_for_bot(*conversation, seq, at);
             }

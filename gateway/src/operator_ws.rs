@@ -108,6 +108,11 @@ fn parse_cursor(text: &str) -> Result<std::collections::BTreeMap<String, u64>, S
     Ok(cursor)
 }
 
+/// Bytes of frames carrying a conversation's history (`assigned`) one pull of an
+/// operator's feeds renders before it stops: the next items wait for the next pull,
+/// once this page is written (at least one item a pull).
+const HISTORY_BYTES_PER_PULL: usize = 256 * 1024;
+
 /// One feed an operator socket follows, and the last item it sent from it.
 struct FeedReader {
     /// The feed's name in the frames (protocol 2); `None` under protocol 1.
@@ -124,7 +129,11 @@ impl FeedReader {
     /// Renders one page of the feed's new items into `frames_out`; returns how many
     /// items it read (taken or skipped). `shown` is, per conversation assigned to the
     /// operator on a split node, how far its history went out with its `assigned`.
-    async fn page(&mut self, operator: &OperatorId, backend: &dyn crate::Backend, shown: &mut std::collections::HashMap<ConversationId, u64>, frames_out: &mut Vec<Value>) -> usize {
+    ///
+    /// `room` is what is left of the pull's [`HISTORY_BYTES_PER_PULL`]: once a frame
+    /// with history has used it up, the page stops before the next item and reports a
+    /// full page, so the writer pulls the rest after writing this.
+    async fn page(&mut self, operator: &OperatorId, backend: &dyn crate::Backend, shown: &mut std::collections::HashMap<ConversationId, u64>, frames_out: &mut Vec<Value>, room: &mut usize) -> usize {
         let shard = self.shard.clone();
         let entries = match shard.feed_since(operator, self.last, ws::PAGE).await {
             Ok(Some(entries)) => entries,
@@ -154,6 +163,9 @@ impl FeedReader {
             }};
         }
         for entry in entries {
+            if *room == 0 {
+                return ws::PAGE;
+            }
             let history = match (&entry.item, self.kinds) {
                 // A routing shard's `history_upto` counts its own copy of the entries: the
                 // conversation's shard is read up to what it holds now, and the entries it
@@ -219,6 +231,9 @@ impl FeedReader {
             let mut frame = frames::operator_event(&entry, history.map(|(h, _)| h));
             if let Some(upto) = upto {
                 frame["history_upto"] = json!(upto);
+                // A conversation's whole history may be megabytes: one such frame per
+                // pull once they add up, not a page of them held at once.
+                *room = room.saturating_sub(frame.to_string().len());
             }
             if let FeedItem::Offered { conversation, .. } = &entry.item {
                 merge(&mut frame, offer_context(backend, *conversation).await);
@@ -254,13 +269,14 @@ impl ws::Pull for DeskPull {
             // `assigned` reaches the desk before the entries of that conversation that a
             // conversation shard mirrors to its new holder after it.
             let (routing, others) = readers.split_at_mut(1);
+            let mut room = HISTORY_BYTES_PER_PULL;
             // A full page whose items were all left out (another feed's kinds) renders
             // nothing: read on, or the writer would wait for the next wake-up.
             loop {
-                let mut full = routing[0].page(operator, backend.as_ref(), shown, &mut frames_out).await >= ws::PAGE;
+                let mut full = routing[0].page(operator, backend.as_ref(), shown, &mut frames_out, &mut room).await >= ws::PAGE;
                 if !full {
                     for reader in others.iter_mut() {
-                        full |= reader.page(operator, backend.as_ref(), shown, &mut frames_out).await >= ws::PAGE;
+                        full |= reader.page(operator, backend.as_ref(), shown, &mut frames_out, &mut room).await >= ws::PAGE;
                     }
                 }
                 if !frames_out.is_empty() || !full {
