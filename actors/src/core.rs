@@ -653,6 +653,15 @@ fn check_message(state: &ShardState, conversation: ConversationId, text: &str, a
         .collect()
 }
 
+/// Rules 14: an operator is given a conversation only once its channel's kind and weight
+/// are known here (a routing shard may hear of a conversation before its channel).
+fn channel_known(state: &ShardState, channel: &ChannelId) -> Result<(), Error> {
+    if state.rules >= 14 && !state.channels.contains_key(channel) {
+        return Err(Error::Unavailable(format!("channel {channel} has not reached routing yet; try again in a moment")));
+    }
+    Ok(())
+}
+
 /// Rules 14: a customer's message that would take the conversation's customer text past
 /// [`MAX_CLIENT_TEXT_BYTES`] is refused; the customer starts a new conversation.
 fn check_client_text(state: &ShardState, conv: &crate::state::Conversation, text: &str) -> Result<(), Error> {
@@ -928,7 +937,9 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             let mut events = Vec::new();
             // Rules 14: offers made under the channel's old kind (its weight, operators'
             // limits by kind) are made again under the new one.
-            if state.rules >= 14 && state.channels.get(&config.id).is_some_and(|old| old.kind != config.kind) {
+            // A channel new here has offers only if they were made before rules 14, under
+            // no kind at all: they are made again too.
+            if state.rules >= 14 && state.channels.get(&config.id).is_none_or(|old| old.kind != config.kind) {
                 for offer in state.offers.values().filter(|o| state.conversations.get(&o.conversation).is_some_and(|c| c.channel == config.id)) {
                     events.push(Event::OfferWithdrawn { offer: offer.id, reason: WithdrawReason::OperatorUnavailable, detail: "channel kind changed".into() });
                 }
@@ -1517,6 +1528,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                     if to_op.presence == Presence::Offline {
                         return Err(Error::Unavailable(format!("operator {to} is offline")));
                     }
+                    channel_known(state, &conversation(conv_id)?.channel)?;
                     if !state.has_room(to_op, &conversation(conv_id)?.channel) {
                         return Err(Error::CapacityExceeded(to.clone()));
                     }
@@ -1753,6 +1765,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                     if to_op.presence == Presence::Offline {
                         return Err(Error::Unavailable(format!("operator {to} is offline")));
                     }
+                    channel_known(state, &conversation(conv_id)?.channel)?;
                     if !state.has_room(to_op, &conversation(conv_id)?.channel) {
                         return Err(Error::CapacityExceeded(to.clone()));
                     }

@@ -1288,6 +1288,10 @@ fn a_conversation_whose_channel_routing_has_not_heard_of_waits_for_it() {
         run(&mut state, Command::Deliver { from: FIRST_C, id: 2, mail: enqueue(call, "phone") });
         let offered = |state: &ShardState, id: u64| state.offers.values().any(|o| o.conversation == ConversationId(id));
         let call_offered_early = offered(&state, call);
+        // Nor may a supervisor hand it to lee meanwhile.
+        let reassign = Command::Reassign { by: "sue".into(), conversation: ConversationId(call), target: TransferTarget::Operator(lee.clone()), comment: String::new() };
+        let reassigned = records::run_as(&mut state, &store, &Envelope::new(at, reassign), R_PART).is_ok();
+        assert!(rules < 14 || !reassigned, "a conversation whose channel routing does not know was reassigned");
         // The channel arrives: a voice call weighs 3, lee has 2 left.
         from_g0 += 1;
         let phone = ChannelConfig { id: ChannelId::new("phone"), kind: "voice".into(), name: "phone".into(), default_group: late.clone() };
@@ -1318,6 +1322,38 @@ fn a_conversation_whose_channel_routing_has_not_heard_of_waits_for_it() {
     assert!(made_again, "a change of the channel's kind makes its pending offer again");
     let (early, within, ..) = decide(13);
     assert!(early && !within, "rules 13 offered the call weighed as 1 and lee went over capacity once the channel arrived");
+}
+
+/// A routing shard on rules 13 offered a conversation whose channel it had not heard of
+/// (weighed 1); after it adopts rules 14 the channel's arrival withdraws that offer, and
+/// the conversation is offered again under the channel's weight.
+#[test]
+fn an_offer_made_under_rules_13_before_its_channel_is_made_again_when_the_channel_arrives() {
+    let (mut state, store) = initial(&Setup { rules: 13, capacities: [1, 1, 1], groups: [vec![0], vec![0], vec![0]], online: [false; 3] });
+    let at = Timestamp(1000);
+    let mut run = |state: &mut ShardState, command: Command| {
+        records::run_as(state, &store, &Envelope::new(at, command), R_PART).expect("applied");
+    };
+    let (late, lee) = (SkillGroupId::new("late"), OperatorId::new("lee"));
+    let directory = [
+        Command::UpsertSkillGroup(SkillGroupConfig { id: late.clone(), name: "Late".into(), policy: Policy::LongestIdle, offer_timeout_ms: 1000, sla_ms: 60_000 }),
+        Command::UpsertOperator(OperatorConfig { id: lee.clone(), name: "Lee".into(), capacity: 2, groups: vec![late.clone()] }),
+        Command::SetChannelWeights { weights: vec![("voice".into(), 3)] },
+    ];
+    for (id, command) in directory.into_iter().enumerate() {
+        run(&mut state, Command::Deliver { from: G0_GROUP, id: id as u64 + 1, mail: Mail::Directory { rules: 13, command: Box::new(command) } });
+    }
+    run(&mut state, Command::SetPresence { operator: lee.clone(), presence: Presence::Online });
+    let call = ConversationId(FIRST_C + 5);
+    let enqueue = Mail::Enqueue { conversation: call, channel: ChannelId::new("phone"), visitor: Visitor::default(), group: late.clone(), created_at: at, sticky: None };
+    run(&mut state, Command::Deliver { from: FIRST_C, id: 1, mail: enqueue });
+    assert!(state.offers.values().any(|o| o.conversation == call), "rules 13 offered it weighed as 1");
+    run(&mut state, Command::AdoptRules { version: 14 });
+    let phone = ChannelConfig { id: ChannelId::new("phone"), kind: "voice".into(), name: "phone".into(), default_group: late.clone() };
+    run(&mut state, Command::Deliver { from: G0_GROUP, id: 4, mail: Mail::Directory { rules: 14, command: Box::new(Command::UpsertChannel(phone)) } });
+    assert!(!state.offers.values().any(|o| o.conversation == call), "the offer lee could not hold under the call's weight is withdrawn");
+    let lee_now = &state.operators[&lee];
+    assert!(state.load_of(lee_now) <= lee_now.config.capacity, "lee is within capacity");
 }
 
 /// Rules 11: a conversation's routing shard counts its age from when it started, not

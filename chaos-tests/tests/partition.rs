@@ -100,6 +100,7 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
         n => println!("relayed visitor sockets on node {leader} before the cut: {n} of {}", relayed.len()),
     }
 
+    let staff_token = cluster.node(leader).login("supervisor").await?;
     lab.isolate(leader, 8082)?;
     let cut_at = std::time::Instant::now();
     // The minority side takes the message but cannot commit it: no ack.
@@ -122,6 +123,14 @@ async fn scenario(lab: Arc<Lab>) -> anyhow::Result<()> {
     let password = cluster.logins.get("supervisor").cloned().unwrap_or_default();
     let (status, refused) = switchboard_gateway::client::http_json(&cluster.node(leader).private, "POST", "/api/login", None, Some(&json!({"login": "supervisor", "password": password}))).await?;
     assert_eq!((status, refused["code"].clone()), (503, json!("unavailable")), "a cut-off node signed someone in: {refused}");
+    // Nor does it take a staff token it issued before: it cannot know whether the
+    // cluster ended that session meanwhile.
+    eventually(Duration::from_secs(10), Duration::from_millis(100), || async {
+        let (status, body) = cluster.node(leader).api("GET", "/api/operators", Some(&staff_token), None).await?;
+        Ok((status == 503 && body["code"] == "unavailable").then_some(()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("a cut-off node kept taking a staff token: {e}"))?;
     // The majority elects a leader of its own and goes on.
     let new_leader = majority_leader(&cluster, &others).await?;
     for n in 1..=5 {

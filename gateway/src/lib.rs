@@ -108,6 +108,13 @@ pub trait Backend: Send + Sync + 'static {
     /// node also waits for the directory to reach its shards, and latches that once
     /// seen: ask it through [`Gateway::ready`], which checks the configuration first.
     fn ready(&self) -> bool;
+    /// Whether this node's copy of the directory is in touch with its group: it leads
+    /// it with a majority, or heard from its leader lately. Staff tokens are checked
+    /// against that copy (a login's sessions ended, its role changed), so a member cut
+    /// off from the cluster refuses them instead of taking tokens the cluster revoked.
+    fn directory_in_touch(&self) -> bool {
+        self.ready()
+    }
     /// This node's view of the cluster (`GET /api/cluster`, `switchboard cluster status`).
     fn cluster(&self) -> serde_json::Value;
     /// Copies a file this node stored to enough other members that it survives the loss
@@ -219,6 +226,8 @@ pub enum GatewayError {
     Budget(&'static str),
     #[error("the node is busy: {0}")]
     Busy(&'static str),
+    #[error("{0}")]
+    Unavailable(&'static str),
     #[error("the request took longer than {0} ms")]
     Timeout(u64),
     #[error("the file is larger than {0} bytes")]
@@ -247,7 +256,7 @@ impl GatewayError {
             GatewayError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             GatewayError::LengthRequired => (StatusCode::LENGTH_REQUIRED, "length_required"),
             GatewayError::RateLimited | GatewayError::Budget(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            GatewayError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            GatewayError::Busy(_) | GatewayError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             GatewayError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             GatewayError::TooLarge(_) | GatewayError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             GatewayError::UnsupportedType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_type"),
@@ -624,6 +633,9 @@ impl Gateway {
     /// role and operator the token names, and its sessions were not ended since the
     /// token was issued. A demoted, deleted or logged-out user's older tokens stop
     /// working at once instead of at expiry.
+    ///
+    /// Asked only of a node whose directory is in touch with its group
+    /// ([`Backend::directory_in_touch`]): the callers refuse staff with 503 otherwise.
     pub(crate) fn staff_current(&self, login: &str, role: switchboard_actors::model::Role, operator: Option<&OperatorId>, epoch: u64) -> bool {
         let shard = self.backend.directory_shard();
         let state = shard.read();

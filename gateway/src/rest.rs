@@ -143,6 +143,9 @@ impl Staff {
     }
 }
 
+/// Why a staff request is refused on a member out of touch with the directory's group.
+pub(crate) const OUT_OF_TOUCH: &str = "this member cannot reach the cluster now, so it cannot tell whether your session is still valid; try again, or another member";
+
 impl FromRequestParts<Arc<Gateway>> for Staff {
     type Rejection = GatewayError;
 
@@ -153,6 +156,7 @@ impl FromRequestParts<Arc<Gateway>> for Staff {
             GatewayError::Unauthorized("bearer token required")
         })?;
         match gw.tokens.verify(token) {
+            Ok(Subject::Staff { .. }) if !gw.backend.directory_in_touch() => Err(GatewayError::Unavailable(OUT_OF_TOUCH)),
             Ok(Subject::Staff { login, role, operator, epoch }) if gw.staff_current(&login, role, operator.as_ref(), epoch) => {
                 Ok(Staff { login, role, operator })
             }

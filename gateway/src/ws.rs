@@ -244,6 +244,9 @@ pub(crate) fn admit(gw: &crate::Gateway, headers: &axum::http::HeaderMap, surfac
         return Ok(None);
     }
     match token.map(|t| gw.tokens.verify(t)) {
+        Some(Ok(crate::Subject::Staff { .. })) if !gw.backend.directory_in_touch() => {
+            Err((StatusCode::SERVICE_UNAVAILABLE, crate::rest::OUT_OF_TOUCH).into_response())
+        }
         Some(Ok(crate::Subject::Staff { login, role, operator, epoch })) if !gw.staff_current(&login, role, operator.as_ref(), epoch) => {
             refuse(StatusCode::UNAUTHORIZED, "this login's sessions ended or its role changed; log in again")
         }

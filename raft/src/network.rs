@@ -823,7 +823,10 @@ pub fn serve(endpoint: quinn::Endpoint, router: Router) -> tokio::task::JoinHand
 
 async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
     let mut first = [0u8; 1];
-    recv.read_exact(&mut first).await.map_err(|e| e.to_string())?;
+    tokio::time::timeout(RPC_PATIENCE, recv.read_exact(&mut first))
+        .await
+        .map_err(|_| "a request did not begin in time".to_string())?
+        .map_err(|e| e.to_string())?;
     if first[0] == RELAY_TAG {
         return match router.relay() {
             Some(relay) => {

@@ -334,11 +334,8 @@ pub struct LogStore {
     durable: tokio::sync::watch::Receiver<Durable>,
 }
 
-/// A purge waiting for the records ([`Durable`]) warns after each of these and gives up
-/// (an error, which stops the group on this node) after this many: an install that
-/// neither ends nor fails in ten minutes is stuck.
+/// A purge waiting for the records ([`Durable`]) warns after each of these.
 const PURGE_ROUND: std::time::Duration = std::time::Duration::from_secs(10);
-const PURGE_PATIENCE_ROUNDS: u64 = 60;
 
 /// How far a group's records are durable on this node, told by its state machine to its
 /// log. openraft purges the log behind a snapshot it has handed the state machine to
@@ -444,23 +441,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let mut mark = Durable { index: 0, failed: true };
-        for waited in 1..=PURGE_PATIENCE_ROUNDS {
+        let mut waited = 0u64;
+        let mark = loop {
             let waited_for = tokio::time::timeout(PURGE_ROUND, self.durable.wait_for(|d| d.index >= log_id.index || d.failed)).await.map(|r| r.map(|d| *d));
             match waited_for {
-                Ok(Ok(reached)) => {
-                    mark = reached;
-                    break;
-                }
-                Ok(Err(_)) => break,
+                Ok(Ok(reached)) => break Ok(reached),
+                Ok(Err(_)) => break Err("the group's state machine stopped"),
+                // An install may take long (a large snapshot checked, copied and
+                // loaded): it ends, or fails, and either ends this wait.
                 Err(_) => {
-                    mark = *self.durable.borrow();
-                    tracing::warn!(purge_to = log_id.index, durable_to = mark.index, waited_s = waited * PURGE_ROUND.as_secs(), "the log's purge waits for a snapshot's install to be kept");
+                    waited += PURGE_ROUND.as_secs();
+                    let durable = self.durable.borrow().index;
+                    tracing::warn!(purge_to = log_id.index, durable_to = durable, waited_s = waited, "the log's purge waits for a snapshot's install to be kept");
                 }
             }
-        }
-        if mark.index < log_id.index {
-            let why = format!("not purging the log up to entry {}: the records are durable only up to entry {} (a snapshot's install failed)", log_id.index, mark.index);
+        };
+        let why = match mark {
+            Ok(mark) if mark.index >= log_id.index => None,
+            Ok(mark) => Some(format!("the records are durable only up to entry {} and a snapshot's install failed", mark.index)),
+            Err(stopped) => Some(stopped.to_string()),
+        };
+        if let Some(why) = why {
+            let why = format!("not purging the log up to entry {}: {why}", log_id.index);
             return Err(StorageIOError::write_logs(&io_err(&why)).into());
         }
         self.segments.purge(log_id).map_err(|e| StorageIOError::write_logs(&e))?;
@@ -856,6 +858,9 @@ impl StateMachineStore {
         }
         let path = self.snapshots.path(&file);
         if !self.keep(meta, file).await? {
+            // A newer snapshot is kept already, its records durable: the purge behind
+            // this one may go.
+            self.durable_to(meta.last_log_id.map_or(0, |l| l.index));
             return Ok(());
         }
         // The pointer to the file is durable: a restart from here installs it.

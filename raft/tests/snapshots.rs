@@ -369,6 +369,6 @@ async fn a_purge_behind_a_snapshot_being_installed_waits_for_the_install() -> an
     let (purged, installed) = tokio::join!(log.purge(at), replica.install_snapshot(&built.meta, receiving));
     assert!(installed.is_err(), "a cut transfer was installed");
     let error = purged.expect_err("purged behind a failed install").to_string();
-    assert!(error.contains("not purging the log up to entry 30"), "{error}");
+    assert!(error.contains("not purging the log up to entry 30") && error.contains("install failed"), "{error}");
     Ok(())
 }
