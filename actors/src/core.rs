@@ -78,6 +78,9 @@ pub const RULES_VERSION: u32 = 14;
 /// running leader, so a late one was the cluster's stall, not the operator's absence.
 pub const STALLED_EXPIRY_MS: u64 = 2000;
 
+/// The resolution of a messenger conversation closed because it held all the history
+/// or customer text one may (rules 14): the customer's next message opened a new one.
+pub const FULL: &str = "full";
 /// The resolution of a conversation answered and closed outside its group's hours.
 pub const AFTER_HOURS: &str = "after_hours";
 /// Routing steps a group may have, and the heaviest channel weight.
@@ -2087,21 +2090,33 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
             .collect()
     };
     let stored = |conversation: ConversationId| -> Vec<Event> { files(conversation).into_iter().map(Event::AttachmentStored).collect() };
+    // Events that close a full conversation before the message opens a new one.
+    let mut closing = Vec::new();
     if let Some(conv_id) = inbound_target(state, channel, m.sender, m.thread) {
         let conv = state.conversations.get(&conv_id).ok_or(Error::NotFound(format!("conversation {conv_id}")))?;
         if conv.keys.contains_key(&key) {
             return Ok((Reply::Inbound { conversation: conv_id, duplicate: true }, vec![]));
         }
         crate::access::check(state, channel, crate::access::Customer { ip: None, visitor: Some(&visitor_id) }).map_err(Error::Blocked)?;
-        check_message(state, conv_id, if m.files.is_empty() { m.text } else { "-" }, &[])?;
-        check_client_text(state, conv, m.text)?;
-        if !m.files.is_empty() {
-            attachment_room_for(state, conv_id, m.files.len(), total)?;
+        // Rules 14: a messenger customer cannot start a new conversation themselves, so
+        // one that holds all the history or customer text it may is closed and the
+        // message opens a new one (before, the message was refused and lost).
+        let full = state.rules >= 14 && (conv.last_seq() as usize >= MAX_HISTORY_ENTRIES || check_client_text(state, conv, m.text).is_err());
+        if full {
+            closing = withdraw_pending(state, &conv_id, WithdrawReason::ConversationClosed);
+            closing.push(Event::ConversationClosed { conversation: conv_id, by: Closer::System, resolution: FULL.into(), tags: vec![] });
+            closing.extend(wrap_up_after(state, conv, now));
+        } else {
+            check_message(state, conv_id, if m.files.is_empty() { m.text } else { "-" }, &[])?;
+            check_client_text(state, conv, m.text)?;
+            if !m.files.is_empty() {
+                attachment_room_for(state, conv_id, m.files.len(), total)?;
+            }
+            let mut events = stored(conv_id);
+            events.push(Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: m.text.to_owned(), attachments: files(conv_id) });
+            events.push(Event::InboundTaken { conversation: conv_id, key });
+            return Ok((Reply::Inbound { conversation: conv_id, duplicate: false }, events));
         }
-        let mut events = stored(conv_id);
-        events.push(Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: m.text.to_owned(), attachments: files(conv_id) });
-        events.push(Event::InboundTaken { conversation: conv_id, key });
-        return Ok((Reply::Inbound { conversation: conv_id, duplicate: false }, events));
     }
     if m.files.len() > MAX_ATTACHMENTS_PER_CONVERSATION || total > MAX_ATTACHMENT_BYTES_PER_CONVERSATION {
         return Err(Error::Invalid("the files are more than a conversation holds".into()));
@@ -2118,7 +2133,8 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
     message.push(Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: m.text.to_owned(), attachments: files(conv_id) });
     message.push(Event::InboundTaken { conversation: conv_id, key });
     events.splice(at..at, message);
-    Ok((Reply::Inbound { conversation: conv_id, duplicate: false }, events))
+    closing.extend(events);
+    Ok((Reply::Inbound { conversation: conv_id, duplicate: false }, closing))
 }
 
 /// Whether a conversation can take `count` more files of `bytes` in all.

@@ -487,3 +487,33 @@ fn a_snapshot_that_drops_attachments_deletes_their_files() {
     assert_eq!(*deleted.lock().unwrap(), vec![AttachmentId("f1".into())], "the file the snapshot dropped is deleted, and only it");
     assert!(shard.attachment(&AttachmentId("f2".into())).expect("read").is_some());
 }
+
+/// Rules 14: a messenger customer cannot start a new conversation themselves, so the
+/// message that would take their conversation past its customer text
+/// (`MAX_CLIENT_TEXT_BYTES`) closes it (resolution `full`) and opens a new one, where
+/// the message is; nothing is refused and lost. The operator who held it is told as of
+/// any close.
+#[test]
+fn a_messenger_message_past_the_conversations_text_bound_opens_a_new_conversation() {
+    let (store, mut state) = setup();
+    connect(&mut state, &store);
+    let longest = "é".repeat(switchboard_actors::core::MAX_TEXT_CHARS);
+    let fits = (switchboard_actors::core::MAX_CLIENT_TEXT_BYTES / longest.len() as u64) as usize;
+    let first = conversation_of(&ok(run(&mut state, &store, T0 + 1, inbound("dana", "m0", &longest))).0);
+    for n in 1..fits {
+        let (reply, _) = ok(run(&mut state, &store, T0 + 1 + n as u64, inbound("dana", &format!("m{n}"), &longest)));
+        assert_eq!(conversation_of(&reply), first, "message {n} joins the open conversation");
+    }
+    let (reply, _) = ok(run(&mut state, &store, T0 + 10_000, inbound("dana", "past", &longest)));
+    let second = conversation_of(&reply);
+    assert_ne!(second, first, "the message past the bound opens a new conversation");
+    let closed = records::history(&store, first, 0, 100_000).expect("history");
+    assert!(matches!(closed.last().map(|e| &e.item), Some(HistoryItem::Closed { resolution, .. }) if resolution == switchboard_actors::core::FULL), "{:?}", closed.last());
+    assert_eq!(client_texts(&store, &mut state, second, ), vec![longest.clone()], "the message is in the new one");
+    // The provider's redelivery of it is the same message, and the sender's next one
+    // joins the new conversation.
+    let (again, _) = ok(run(&mut state, &store, T0 + 10_001, inbound("dana", "past", &longest)));
+    assert_eq!(again, Reply::Inbound { conversation: second, duplicate: true });
+    let (next, _) = ok(run(&mut state, &store, T0 + 10_002, inbound("dana", "next", "thanks")));
+    assert_eq!(conversation_of(&next), second);
+}

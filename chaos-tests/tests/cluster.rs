@@ -344,11 +344,9 @@ async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<
     })
     .await?;
     cluster.kill9(1).await?;
-
-    // The receiver is gone; the member that got the copy serves the file.
-    let (status, bytes) = download(cluster.node(2), &id, &supervisor_on_2).await?;
-    assert_eq!(status, 200, "the copy on node 2 is served");
-    assert!(bytes == file, "node 2 serves the very bytes uploaded");
+    // Alone, node 2 cannot confirm that a staff token's session still stands.
+    let (status, _) = download(cluster.node(2), &id, &supervisor_on_2).await?;
+    assert_eq!(status, 503, "a member without a majority takes no staff token");
 
     // Node 3 was down during the upload: it learns the record from the log, and fetches
     // the bytes from node 2 by itself, since it holds the conversation's shard: nobody
@@ -365,6 +363,10 @@ async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<
     })
     .await?;
     println!("node 3 had the file {} ms after it started", fetched_after.elapsed().as_millis());
+    // The receiver is gone; the member that got the copy serves the file.
+    let (status, bytes) = download(cluster.node(2), &id, &supervisor_on_2).await?;
+    assert_eq!(status, 200, "the copy on node 2 is served");
+    assert!(bytes == file, "node 2 serves the very bytes uploaded");
     assert!(std::fs::read(&path)? == file, "node 3 keeps the very bytes uploaded");
     let (status, bytes) = download(cluster.node(3), &id, &supervisor_on_3).await?;
     assert_eq!(status, 200, "node 3 serves the file");

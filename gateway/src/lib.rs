@@ -108,13 +108,6 @@ pub trait Backend: Send + Sync + 'static {
     /// node also waits for the directory to reach its shards, and latches that once
     /// seen: ask it through [`Gateway::ready`], which checks the configuration first.
     fn ready(&self) -> bool;
-    /// Whether this node's copy of the directory is in touch with its group: it leads
-    /// it with a majority, or heard from its leader lately. Staff tokens are checked
-    /// against that copy (a login's sessions ended, its role changed), so a member cut
-    /// off from the cluster refuses them instead of taking tokens the cluster revoked.
-    fn directory_in_touch(&self) -> bool {
-        self.ready()
-    }
     /// This node's view of the cluster (`GET /api/cluster`, `switchboard cluster status`).
     fn cluster(&self) -> serde_json::Value;
     /// Copies a file this node stored to enough other members that it survives the loss
@@ -565,7 +558,17 @@ pub struct Gateway {
     /// Provider receipts that came before their message's send was committed, held a
     /// little and matched again (`channels::hold_receipt`).
     pub(crate) early_receipts: channels::EarlyReceipts,
+    /// When a read barrier on the directory's group last confirmed this node's copy of
+    /// it current ([`Gateway::staff_in_touch`]).
+    directory_confirmed: Mutex<Option<std::time::Instant>>,
 }
+
+/// A staff token is checked against this node's copy of the directory without a new
+/// read barrier while the last one that confirmed it current is this recent.
+const DIRECTORY_FRESH: Duration = Duration::from_secs(1);
+/// How long a staff request waits for a read barrier on the directory (a failover's
+/// election included) before it is refused with 503.
+const DIRECTORY_PATIENCE: Duration = Duration::from_secs(1);
 
 /// How often typing of one conversation's side is relayed to other nodes at most.
 const TYPING_RELAY_EVERY: Duration = Duration::from_secs(1);
@@ -598,6 +601,7 @@ impl Gateway {
             configured: AtomicBool::new(false),
             typing_relayed: Mutex::new(HashMap::new()),
             early_receipts: channels::EarlyReceipts::default(),
+            directory_confirmed: Mutex::new(None),
         })
     }
 
@@ -634,13 +638,34 @@ impl Gateway {
     /// token was issued. A demoted, deleted or logged-out user's older tokens stop
     /// working at once instead of at expiry.
     ///
-    /// Asked only of a node whose directory is in touch with its group
-    /// ([`Backend::directory_in_touch`]): the callers refuse staff with 503 otherwise.
+    /// Asked only once [`Gateway::staff_in_touch`] said yes: the callers refuse staff
+    /// with 503 otherwise.
     pub(crate) fn staff_current(&self, login: &str, role: switchboard_actors::model::Role, operator: Option<&OperatorId>, epoch: u64) -> bool {
         let shard = self.backend.directory_shard();
         let state = shard.read();
         state.users.get(login).is_some_and(|u| u.role == role && u.operator.as_ref() == operator)
             && state.session_epochs.get(login).copied().unwrap_or(0) == epoch
+    }
+
+    /// Whether this node's copy of the directory is current: a read barrier on its
+    /// group (its leader confirms a majority, and this copy applied as far as the leader
+    /// had committed) succeeded within the last [`DIRECTORY_FRESH`], or does now within
+    /// [`DIRECTORY_PATIENCE`]. Staff tokens are checked against that copy (a login's
+    /// sessions ended, its role changed), so a member cut off from the cluster, or one
+    /// still catching up, takes none it may not know were revoked.
+    pub(crate) async fn staff_in_touch(&self) -> bool {
+        let fresh = |at: &Option<std::time::Instant>| at.is_some_and(|at| at.elapsed() < DIRECTORY_FRESH);
+        if fresh(&self.directory_confirmed.lock().unwrap_or_else(|p| p.into_inner())) {
+            return true;
+        }
+        let asked = std::time::Instant::now();
+        match tokio::time::timeout(DIRECTORY_PATIENCE, self.backend.directory_barrier()).await {
+            Ok(Ok(())) => {
+                *self.directory_confirmed.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The session epoch new tokens of `login` name.

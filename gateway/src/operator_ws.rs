@@ -37,7 +37,7 @@ pub(crate) async fn upgrade(
     upgrade: IncomingUpgrade,
 ) -> Response {
     // Authenticate before upgrading: a forged token never gets a socket.
-    let (operator, staff) = match ws::admit(&gw, &headers, Surface::Operator, params.token.as_deref()) {
+    let (operator, staff) = match ws::staff_in_touch(&gw, params.token.as_deref()).await.and_then(|()| ws::admit(&gw, &headers, Surface::Operator, params.token.as_deref())) {
         Ok(Some(Subject::Staff { login, role, operator: Some(operator), epoch })) => {
             (operator.clone(), ws::StaffLogin { login, role, operator: Some(operator), epoch })
         }
@@ -144,6 +144,8 @@ impl FeedReader {
                 }
                 frames_out.push(gap);
                 let first = shard.feed_bounds(operator).await.ok().flatten().map_or(1, |(first, _)| first);
+                // Told once: the next page (this one may stop early) goes on from here.
+                self.last = self.last.max(first - 1);
                 shard.feed_since(operator, first - 1, ws::PAGE).await.ok().flatten().unwrap_or_default()
             }
             Err(e) => {

@@ -155,8 +155,11 @@ impl FromRequestParts<Arc<Gateway>> for Staff {
             gw.metrics.auth_failures.fetch_add(1, Relaxed);
             GatewayError::Unauthorized("bearer token required")
         })?;
-        match gw.tokens.verify(token) {
-            Ok(Subject::Staff { .. }) if !gw.backend.directory_in_touch() => Err(GatewayError::Unavailable(OUT_OF_TOUCH)),
+        let verified = gw.tokens.verify(token);
+        if matches!(verified, Ok(Subject::Staff { .. })) && !gw.staff_in_touch().await {
+            return Err(GatewayError::Unavailable(OUT_OF_TOUCH));
+        }
+        match verified {
             Ok(Subject::Staff { login, role, operator, epoch }) if gw.staff_current(&login, role, operator.as_ref(), epoch) => {
                 Ok(Staff { login, role, operator })
             }

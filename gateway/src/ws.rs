@@ -227,6 +227,18 @@ pub enum Surface {
     Supervisor,
 }
 
+/// For a staff surface, before [`admit`]: a node whose copy of the directory is not
+/// known current ([`crate::Gateway::staff_in_touch`]) answers 503 rather than check a
+/// token against it.
+pub(crate) async fn staff_in_touch(gw: &crate::Gateway, token: Option<&str>) -> Result<(), axum::response::Response> {
+    use axum::response::IntoResponse;
+    let staff = token.is_some_and(|t| matches!(gw.tokens.verify(t), Ok(crate::Subject::Staff { .. })));
+    if staff && !gw.staff_in_touch().await {
+        return Err((axum::http::StatusCode::SERVICE_UNAVAILABLE, crate::rest::OUT_OF_TOUCH).into_response());
+    }
+    Ok(())
+}
+
 /// The checks every surface makes before upgrading: the browser's Origin, and for
 /// staff surfaces a valid staff token. Refusals answer with a plain HTTP status.
 pub(crate) fn admit(gw: &crate::Gateway, headers: &axum::http::HeaderMap, surface: Surface, token: Option<&str>) -> Result<Option<crate::Subject>, axum::response::Response> {
@@ -244,9 +256,6 @@ pub(crate) fn admit(gw: &crate::Gateway, headers: &axum::http::HeaderMap, surfac
         return Ok(None);
     }
     match token.map(|t| gw.tokens.verify(t)) {
-        Some(Ok(crate::Subject::Staff { .. })) if !gw.backend.directory_in_touch() => {
-            Err((StatusCode::SERVICE_UNAVAILABLE, crate::rest::OUT_OF_TOUCH).into_response())
-        }
         Some(Ok(crate::Subject::Staff { login, role, operator, epoch })) if !gw.staff_current(&login, role, operator.as_ref(), epoch) => {
             refuse(StatusCode::UNAUTHORIZED, "this login's sessions ended or its role changed; log in again")
         }

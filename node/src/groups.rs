@@ -1097,8 +1097,10 @@ mod tests {
         assert_eq!(remote.history(conversation, 2, 1).await.expect("a page"), held.history(conversation, 2, 1).expect("local page"));
         let seen = ShardReads::conversation(&remote, conversation).await.expect("conversation").expect("found");
         let mut local = held.conversation(conversation).expect("local").expect("found");
-        // Idempotency keys are the member's own bookkeeping: not carried (`keys`).
+        // Idempotency keys and the customer text's count are the member's own
+        // bookkeeping: not carried.
         local.keys.clear();
+        local.client_text_bytes = 0;
         assert_eq!(format!("{seen:?}"), format!("{local:?}"));
         assert_eq!(remote.feed_since(&ann, 0, 1000).await.expect("feed"), held.feed_since(&ann, 0, 1000).expect("local feed"));
         assert!(remote.feed_since(&ann, 0, 1000).await.expect("feed").is_some_and(|f| !f.is_empty()), "ann's feed in the shard has items");

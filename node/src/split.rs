@@ -514,11 +514,6 @@ impl Backend for SplitBackend {
         Box::pin(async move { switchboard_actors::actors::crash(&supervisor, key).await })
     }
 
-    fn directory_in_touch(&self) -> bool {
-        // Every node follows the metadata group (a voter or a learner).
-        self.node.groups.get(&G0).is_some_and(|g| server::serves(&g.raft, self.node.node_id, G0, &self.node.peers, &self.node.router))
-    }
-
     fn ready(&self) -> bool {
         // The groups this node holds; the others are read from their holders.
         self.node.groups.values().filter(|g| self.node.holds(g.id)).all(|g| server::serves(&g.raft, self.node.node_id, g.id, &self.node.peers, &self.node.router))
