@@ -2101,7 +2101,13 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
         // Rules 14: a messenger customer cannot start a new conversation themselves, so
         // one that holds all the history or customer text it may is closed and the
         // message opens a new one (before, the message was refused and lost).
-        let full = state.rules >= 14 && (conv.last_seq() as usize >= MAX_HISTORY_ENTRIES || check_client_text(state, conv, m.text).is_err());
+        // Only the conversation's own customer fills it so: another sender in an email
+        // thread (a colleague in copy) is refused as before, not made to close it.
+        let own = conv.visitor.id.as_deref() == Some(visitor_id.as_str());
+        // Files that would fit a new conversation but not this one's room.
+        let fits_new = m.files.len() <= MAX_ATTACHMENTS_PER_CONVERSATION && total <= MAX_ATTACHMENT_BYTES_PER_CONVERSATION;
+        let no_room = !m.files.is_empty() && fits_new && attachment_room_for(state, conv_id, m.files.len(), total).is_err();
+        let full = state.rules >= 14 && own && (conv.last_seq() as usize >= MAX_HISTORY_ENTRIES || no_room || check_client_text(state, conv, m.text).is_err());
         if full {
             closing = withdraw_pending(state, &conv_id, WithdrawReason::ConversationClosed);
             closing.push(Event::ConversationClosed { conversation: conv_id, by: Closer::System, resolution: FULL.into(), tags: vec![] });

@@ -344,9 +344,15 @@ async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<
     })
     .await?;
     cluster.kill9(1).await?;
-    // Alone, node 2 cannot confirm that a staff token's session still stands.
-    let (status, _) = download(cluster.node(2), &id, &supervisor_on_2).await?;
-    assert_eq!(status, 503, "a member without a majority takes no staff token");
+    // The upload was answered once node 2 had its copy too.
+    assert!(std::fs::read(dir.path().join(format!("data/node-2/attachments/{id}")))? == file, "node 2 got the copy before the upload was answered");
+    // Alone, node 2 cannot confirm that a staff token's session still stands (once its
+    // last confirmation, at most a second old, has aged).
+    eventually(Duration::from_secs(10), Duration::from_millis(200), || async {
+        Ok((download(cluster.node(2), &id, &supervisor_on_2).await?.0 == 503).then_some(()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("a member without a majority kept taking a staff token: {e}"))?;
 
     // Node 3 was down during the upload: it learns the record from the log, and fetches
     // the bytes from node 2 by itself, since it holds the conversation's shard: nobody

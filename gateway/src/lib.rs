@@ -567,8 +567,8 @@ pub struct Gateway {
 /// read barrier while the last one that confirmed it current is this recent.
 const DIRECTORY_FRESH: Duration = Duration::from_secs(1);
 /// How long a staff request waits for a read barrier on the directory (a failover's
-/// election included) before it is refused with 503.
-const DIRECTORY_PATIENCE: Duration = Duration::from_secs(1);
+/// election, about 2 s for a quiet group, included) before it is refused with 503.
+const DIRECTORY_PATIENCE: Duration = Duration::from_secs(3);
 
 /// How often typing of one conversation's side is relayed to other nodes at most.
 const TYPING_RELAY_EVERY: Duration = Duration::from_secs(1);
@@ -661,11 +661,17 @@ impl Gateway {
         let asked = std::time::Instant::now();
         match tokio::time::timeout(DIRECTORY_PATIENCE, self.backend.directory_barrier()).await {
             Ok(Ok(())) => {
-                *self.directory_confirmed.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked);
+                self.directory_confirmed_at(asked);
                 true
             }
             _ => false,
         }
+    }
+
+    /// A read barrier on the directory asked at `asked` succeeded (a login's too).
+    pub(crate) fn directory_confirmed_at(&self, asked: std::time::Instant) {
+        let mut confirmed = self.directory_confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        *confirmed = Some(confirmed.map_or(asked, |at| at.max(asked)));
     }
 
     /// The session epoch new tokens of `login` name.

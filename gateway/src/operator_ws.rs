@@ -37,7 +37,7 @@ pub(crate) async fn upgrade(
     upgrade: IncomingUpgrade,
 ) -> Response {
     // Authenticate before upgrading: a forged token never gets a socket.
-    let (operator, staff) = match ws::staff_in_touch(&gw, params.token.as_deref()).await.and_then(|()| ws::admit(&gw, &headers, Surface::Operator, params.token.as_deref())) {
+    let (operator, staff) = match ws::staff_in_touch(&gw, &headers, params.token.as_deref()).await.and_then(|()| ws::admit(&gw, &headers, Surface::Operator, params.token.as_deref())) {
         Ok(Some(Subject::Staff { login, role, operator: Some(operator), epoch })) => {
             (operator.clone(), ws::StaffLogin { login, role, operator: Some(operator), epoch })
         }

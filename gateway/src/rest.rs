@@ -228,10 +228,13 @@ async fn login(
     // another member counts here at once. A node that cannot confirm it has the latest
     // logins (no leader of the directory answers) signs nobody in: an old password, or
     // a login deleted elsewhere, would still work on it.
+    let asked = std::time::Instant::now();
     if let Err(e) = gw.backend.directory_barrier().await {
         attempt.unchecked();
         return Err(GatewayError::Core(switchboard_actors::Error::Unreachable(format!("the logins cannot be confirmed current: {e}"))));
     }
+    // The token it gives is then taken at once, without another barrier.
+    gw.directory_confirmed_at(asked);
     let user = {
         let shard = gw.backend.directory_shard();
         let state = shard.read();

@@ -230,9 +230,10 @@ pub enum Surface {
 /// For a staff surface, before [`admit`]: a node whose copy of the directory is not
 /// known current ([`crate::Gateway::staff_in_touch`]) answers 503 rather than check a
 /// token against it.
-pub(crate) async fn staff_in_touch(gw: &crate::Gateway, token: Option<&str>) -> Result<(), axum::response::Response> {
+pub(crate) async fn staff_in_touch(gw: &crate::Gateway, headers: &axum::http::HeaderMap, token: Option<&str>) -> Result<(), axum::response::Response> {
     use axum::response::IntoResponse;
-    let staff = token.is_some_and(|t| matches!(gw.tokens.verify(t), Ok(crate::Subject::Staff { .. })));
+    // A browser's Origin is refused by `admit` at once, never after a barrier.
+    let staff = crate::origin_allowed(headers, &gw.config.staff_origins) && token.is_some_and(|t| matches!(gw.tokens.verify(t), Ok(crate::Subject::Staff { .. })));
     if staff && !gw.staff_in_touch().await {
         return Err((axum::http::StatusCode::SERVICE_UNAVAILABLE, crate::rest::OUT_OF_TOUCH).into_response());
     }
