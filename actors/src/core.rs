@@ -295,7 +295,11 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) ->
             if let Some(conv) = state.conversations.get(conversation).filter(|_| open(conversation)) {
                 events = withdraw_pending(state, conversation, WithdrawReason::ConversationClosed);
                 events.push(Event::ConversationClosed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() });
-                events.extend(wrap_up_after(state, conv, now));
+                // Rules 14: a conversation closed `full` goes on in a new one with the
+                // same operator, who gets no wrap-up for it.
+                if !(state.rules >= 14 && resolution == FULL) {
+                    events.extend(wrap_up_after(state, conv, now));
+                }
             }
         }
         Mail::Closed { conversation, by, resolution, tags } => {
@@ -2090,8 +2094,10 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
             .collect()
     };
     let stored = |conversation: ConversationId| -> Vec<Event> { files(conversation).into_iter().map(Event::AttachmentStored).collect() };
-    // Events that close a full conversation before the message opens a new one.
+    // Events that close a full conversation before the message opens a new one, and who
+    // held it.
     let mut closing = Vec::new();
+    let mut holder: Option<OperatorId> = None;
     if let Some(conv_id) = inbound_target(state, channel, m.sender, m.thread) {
         let conv = state.conversations.get(&conv_id).ok_or(Error::NotFound(format!("conversation {conv_id}")))?;
         if conv.keys.contains_key(&key) {
@@ -2109,9 +2115,11 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
         let no_room = !m.files.is_empty() && fits_new && attachment_room_for(state, conv_id, m.files.len(), total).is_err();
         let full = state.rules >= 14 && own && (conv.last_seq() as usize >= MAX_HISTORY_ENTRIES || no_room || check_client_text(state, conv, m.text).is_err());
         if full {
+            // The customer goes on with whoever held it: no wrap-up for them, and the new
+            // conversation is offered to them first (sticky), as the same customer's.
             closing = withdraw_pending(state, &conv_id, WithdrawReason::ConversationClosed);
             closing.push(Event::ConversationClosed { conversation: conv_id, by: Closer::System, resolution: FULL.into(), tags: vec![] });
-            closing.extend(wrap_up_after(state, conv, now));
+            holder = conv.assigned().cloned();
         } else {
             check_message(state, conv_id, if m.files.is_empty() { m.text } else { "-" }, &[])?;
             check_client_text(state, conv, m.text)?;
@@ -2140,6 +2148,7 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
     message.push(Event::InboundTaken { conversation: conv_id, key });
     events.splice(at..at, message);
     closing.extend(events);
+    closing.extend(holder.map(|operator| Event::StickySet { conversation: conv_id, operator }));
     Ok((Reply::Inbound { conversation: conv_id, duplicate: false }, closing))
 }
 

@@ -491,21 +491,32 @@ fn a_snapshot_that_drops_attachments_deletes_their_files() {
 /// Rules 14: a messenger customer cannot start a new conversation themselves, so the
 /// message that would take their conversation past its customer text
 /// (`MAX_CLIENT_TEXT_BYTES`) closes it (resolution `full`) and opens a new one, where
-/// the message is; nothing is refused and lost. The operator who held it is told as of
-/// any close.
+/// the message is; nothing is refused and lost. The customer goes on with the operator
+/// who held it: the new conversation is offered to them first, with no wrap-up between,
+/// though another operator has waited longer.
 #[test]
 fn a_messenger_message_past_the_conversations_text_bound_opens_a_new_conversation() {
     let (store, mut state) = setup();
     connect(&mut state, &store);
+    let bob = OperatorId::new("bob");
+    ok(run(&mut state, &store, T0, Command::UpsertOperator(OperatorConfig { id: bob.clone(), name: "Bob".into(), capacity: 2, groups: vec![SkillGroupId::new("g")] })));
+    ok(run(&mut state, &store, T0, Command::SetPresence { operator: bob.clone(), presence: Presence::Online }));
+    ok(run(&mut state, &store, T0, Command::SetGroupRouting { group: SkillGroupId::new("g"), routing: GroupRouting { wrap_up_ms: 60_000, ..GroupRouting::default() } }));
     let longest = "é".repeat(switchboard_actors::core::MAX_TEXT_CHARS);
     let fits = (switchboard_actors::core::MAX_CLIENT_TEXT_BYTES / longest.len() as u64) as usize;
     let first = conversation_of(&ok(run(&mut state, &store, T0 + 1, inbound("dana", "m0", &longest))).0);
+    let offer = state.offers.values().find(|o| o.conversation == first).cloned().expect("offered");
+    let holder = offer.operator.clone();
+    ok(run(&mut state, &store, T0 + 1, Command::AcceptOffer { operator: holder.clone(), offer: offer.id }));
     for n in 1..fits {
         let (reply, _) = ok(run(&mut state, &store, T0 + 1 + n as u64, inbound("dana", &format!("m{n}"), &longest)));
         assert_eq!(conversation_of(&reply), first, "message {n} joins the open conversation");
     }
-    let (reply, _) = ok(run(&mut state, &store, T0 + 10_000, inbound("dana", "past", &longest)));
+    let (reply, events) = ok(run(&mut state, &store, T0 + 10_000, inbound("dana", "past", &longest)));
     let second = conversation_of(&reply);
+    assert!(!events.iter().any(|e| matches!(e, Event::WrapUpSet { .. })), "no wrap-up for a conversation that goes on: {events:?}");
+    let offered = state.offers.values().find(|o| o.conversation == second).map(|o| o.operator.clone());
+    assert_eq!(offered, Some(holder), "the new conversation is offered to whoever held the full one");
     assert_ne!(second, first, "the message past the bound opens a new conversation");
     let closed = records::history(&store, first, 0, 100_000).expect("history");
     assert!(matches!(closed.last().map(|e| &e.item), Some(HistoryItem::Closed { resolution, .. }) if resolution == switchboard_actors::core::FULL), "{:?}", closed.last());
