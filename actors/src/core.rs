@@ -297,7 +297,7 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) ->
                 events.push(Event::ConversationClosed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() });
                 // Rules 14: a conversation closed `full` goes on in a new one with the
                 // same operator, who gets no wrap-up for it.
-                if !(state.rules >= 14 && resolution == FULL) {
+                if !(state.rules >= 14 && *by == Closer::System && resolution == FULL) {
                     events.extend(wrap_up_after(state, conv, now));
                 }
             }

@@ -1253,6 +1253,17 @@ fn adopting_rules_13_puts_back_a_conversation_an_earlier_build_left_out_of_its_q
     assert_eq!(stayed, restarted, "a replica that restarted and one that did not decide alike");
 }
 
+/// The directory of the rules-14 tests: skill group `late`, operator `lee` of `capacity`
+/// in it, and a voice conversation weighing 3.
+fn late_directory(capacity: u32) -> Vec<Command> {
+    let late = SkillGroupId::new("late");
+    vec![
+        Command::UpsertSkillGroup(SkillGroupConfig { id: late.clone(), name: "Late".into(), policy: Policy::LongestIdle, offer_timeout_ms: 1000, sla_ms: 60_000 }),
+        Command::UpsertOperator(OperatorConfig { id: OperatorId::new("lee"), name: "Lee".into(), capacity, groups: vec![late] }),
+        Command::SetChannelWeights { weights: vec![("voice".into(), 3)] },
+    ]
+}
+
 /// Rules 14: a routing shard may hear of a conversation before its channel (the
 /// conversation shard's `Enqueue` and the metadata group's letter come over two links).
 /// It offers the conversation only once it knows the channel's kind, so the channel's
@@ -1264,16 +1275,12 @@ fn a_conversation_whose_channel_routing_has_not_heard_of_waits_for_it() {
     let decide = |rules: u32| {
         let (mut state, store) = initial(&Setup { rules, capacities: [1, 1, 1], groups: [vec![0], vec![0], vec![0]], online: [false; 3] });
         let at = Timestamp(1000);
-        let mut run = |state: &mut ShardState, command: Command| {
+        let run = |state: &mut ShardState, command: Command| {
             records::run_as(state, &store, &Envelope::new(at, command), R_PART).expect("applied");
         };
         let (late, lee) = (SkillGroupId::new("late"), OperatorId::new("lee"));
-        let directory = [
-            Command::UpsertSkillGroup(SkillGroupConfig { id: late.clone(), name: "Late".into(), policy: Policy::LongestIdle, offer_timeout_ms: 1000, sla_ms: 60_000 }),
-            Command::UpsertChannel(ChannelConfig { id: ChannelId::new("chat"), kind: "web".into(), name: "chat".into(), default_group: late.clone() }),
-            Command::UpsertOperator(OperatorConfig { id: lee.clone(), name: "Lee".into(), capacity: 3, groups: vec![late.clone()] }),
-            Command::SetChannelWeights { weights: vec![("voice".into(), 3)] },
-        ];
+        let mut directory = late_directory(3);
+        directory.insert(1, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("chat"), kind: "web".into(), name: "chat".into(), default_group: late.clone() }));
         let mut from_g0 = 0;
         for command in directory {
             from_g0 += 1;
@@ -1331,15 +1338,11 @@ fn a_conversation_whose_channel_routing_has_not_heard_of_waits_for_it() {
 fn an_offer_made_under_rules_13_before_its_channel_is_made_again_when_the_channel_arrives() {
     let (mut state, store) = initial(&Setup { rules: 13, capacities: [1, 1, 1], groups: [vec![0], vec![0], vec![0]], online: [false; 3] });
     let at = Timestamp(1000);
-    let mut run = |state: &mut ShardState, command: Command| {
+    let run = |state: &mut ShardState, command: Command| {
         records::run_as(state, &store, &Envelope::new(at, command), R_PART).expect("applied");
     };
     let (late, lee) = (SkillGroupId::new("late"), OperatorId::new("lee"));
-    let directory = [
-        Command::UpsertSkillGroup(SkillGroupConfig { id: late.clone(), name: "Late".into(), policy: Policy::LongestIdle, offer_timeout_ms: 1000, sla_ms: 60_000 }),
-        Command::UpsertOperator(OperatorConfig { id: lee.clone(), name: "Lee".into(), capacity: 2, groups: vec![late.clone()] }),
-        Command::SetChannelWeights { weights: vec![("voice".into(), 3)] },
-    ];
+    let directory = late_directory(2);
     for (id, command) in directory.into_iter().enumerate() {
         run(&mut state, Command::Deliver { from: G0_GROUP, id: id as u64 + 1, mail: Mail::Directory { rules: 13, command: Box::new(command) } });
     }
