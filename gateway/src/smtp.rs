@@ -506,19 +506,31 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     // the message is taken without them, and says so. Stored first, they would be
     // copied to other members and then refused at commit with the whole mail, and the
     // copies would stay behind.
-    let thread = email::thread_of(&mail.references, &thread_secret);
+    let mut thread = email::thread_of(&mail.references, &thread_secret);
     if crate::attachments::sender_blocked(gw, channel, &mail.from) {
         // Refused at commit: store nothing, so no copy outlives the refusal.
         kept.clear();
     }
+    // A reply in a thread that is closed (or of another channel) is the sender's own
+    // mail: it goes where the sender's mail goes, as a mail without the thread would.
+    // On a split cluster the thread's shard is not the sender's, and there it would
+    // start a second conversation of that sender.
+    // A read that fails leaves the thread to the core, which decides as it always did.
+    let answered = match thread {
+        Some(conversation) => match gw.backend.conversation_reads(conversation).open_conversation(conversation).await {
+            Ok(Some(c)) => &c.channel == channel && c.status != switchboard_actors::state::ConversationStatus::Closed,
+            Ok(None) => false,
+            Err(_) => true,
+        },
+        None => false,
+    };
+    if !answered {
+        thread = None;
+    }
     if let (Some(conversation), false) = (thread, kept.is_empty()) {
         let reads = gw.backend.conversation_reads(conversation);
-        let answered = matches!(
-            reads.open_conversation(conversation).await,
-            Ok(Some(c)) if &c.channel == channel && c.status != switchboard_actors::state::ConversationStatus::Closed
-        );
         let bytes: u64 = kept.iter().map(|(_, _, b)| b.len() as u64).sum();
-        if answered && matches!(reads.attachment_room(conversation, kept.len(), bytes).await, Err(switchboard_actors::Error::Invalid(_))) {
+        if matches!(reads.attachment_room(conversation, kept.len(), bytes).await, Err(switchboard_actors::Error::Invalid(_))) {
             for (name, content_type, _) in kept.drain(..) {
                 not_kept.push(format!("[file not kept: {name} ({}), the conversation has no room for more files]", content_type.chars().take(80).collect::<String>()));
             }
