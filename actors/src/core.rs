@@ -2116,7 +2116,7 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
         let full = state.rules >= 14 && own && (conv.last_seq() as usize >= MAX_HISTORY_ENTRIES || no_room || check_client_text(state, conv, m.text).is_err());
         if full {
             // The customer goes on with whoever held it: no wrap-up for them, and the new
-            // conversation is offered to them first (sticky), as the same customer's.
+            // conversation, once queued, prefers them (sticky), as the same customer's.
             closing = withdraw_pending(state, &conv_id, WithdrawReason::ConversationClosed);
             closing.push(Event::ConversationClosed { conversation: conv_id, by: Closer::System, resolution: FULL.into(), tags: vec![] });
             holder = conv.assigned().cloned();
@@ -2147,8 +2147,12 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
     message.push(Event::ClientMessagePosted { conversation: conv_id, key: key.clone(), text: m.text.to_owned(), attachments: files(conv_id) });
     message.push(Event::InboundTaken { conversation: conv_id, key });
     events.splice(at..at, message);
+    // The sticky only for a new conversation that waits in a queue: not one a bot took,
+    // nor one closed at once (after hours), which would keep the entry for ever.
+    let queued = events.iter().any(|e| matches!(e, Event::ConversationQueued { conversation, .. } if *conversation == conv_id));
+    let closed = events.iter().any(|e| matches!(e, Event::ConversationClosed { conversation, .. } if *conversation == conv_id));
     closing.extend(events);
-    closing.extend(holder.map(|operator| Event::StickySet { conversation: conv_id, operator }));
+    closing.extend(holder.filter(|_| queued && !closed).map(|operator| Event::StickySet { conversation: conv_id, operator }));
     Ok((Reply::Inbound { conversation: conv_id, duplicate: false }, closing))
 }
 

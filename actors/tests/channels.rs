@@ -492,8 +492,8 @@ fn a_snapshot_that_drops_attachments_deletes_their_files() {
 /// message that would take their conversation past its customer text
 /// (`MAX_CLIENT_TEXT_BYTES`) closes it (resolution `full`) and opens a new one, where
 /// the message is; nothing is refused and lost. The customer goes on with the operator
-/// who held it: the new conversation is offered to them first, with no wrap-up between,
-/// though another operator has waited longer.
+/// who held it: the new conversation prefers them, with no wrap-up between, though
+/// another operator has waited longer.
 #[test]
 fn a_messenger_message_past_the_conversations_text_bound_opens_a_new_conversation() {
     let (store, mut state) = setup();
