@@ -70,7 +70,11 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// limits, or nobody was and it waited), and routes its groups again when the channel
 /// arrives; and a change of a channel's kind withdraws the pending offers of its
 /// conversations, as rules 10 does for weights (before, an offer made under the old
-/// kind's weight could be accepted past capacity).
+/// kind's weight could be accepted past capacity). Rules 14 also bound a conversation's
+/// customer text ([`MAX_CLIENT_TEXT_BYTES`]): a web or API client's message past it is
+/// refused; a messenger or email customer's own message past it (or past the entries, or
+/// the room for files) closes the conversation [`FULL`] and opens a new one that prefers
+/// the same operator, who gets no wrap-up for it.
 pub const RULES_VERSION: u32 = 14;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
