@@ -186,21 +186,29 @@ fn snapshot_files(dir: &Path) -> Vec<String> {
     files(dir).into_iter().filter(|n| n.ends_with(".snapshot")).collect()
 }
 
-/// A snapshot received from a leader replaces whatever the replica held: its records,
-/// its applied index, its current snapshot. The received file is not left behind.
-#[tokio::test]
-async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir()?;
-    let leader_db = open_keyspace(&dir.path().join("leader"), &[])?;
-    let leader_journal = Arc::new(common::Journal::default());
-    let (_log, mut leader) = open_group(&leader_db, 3, leader_journal.clone(), &dir.path().join("leader-snapshots"), &dir.path().join("leader-log"))?;
+/// A leader's group (in `dir`, group 3) with entries 1 to 30 applied and a snapshot
+/// built: its journal, the snapshot's metadata, and its bytes as a replica receives them.
+async fn leader_snapshot(dir: &Path) -> anyhow::Result<(Arc<common::Journal>, SnapshotMeta<NodeId, Node>, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let db = open_keyspace(&dir.join("leader"), &[])?;
+    let journal = Arc::new(common::Journal::default());
+    let (_log, mut leader) = open_group(&db, 3, journal.clone(), &dir.join("leader-snapshots"), &dir.join("leader-log"))?;
     apply(&mut leader, 1..=30).await?;
     leader.get_snapshot_builder().await.build_snapshot().await?;
     let built = as_a_replica_gets_it(&mut leader).await?;
     let mut bytes = Vec::new();
     let mut file = built.snapshot;
     file.read_to_end(&mut bytes).await?;
+    Ok((journal, built.meta, bytes))
+}
+
+/// A snapshot received from a leader replaces whatever the replica held: its records,
+/// its applied index, its current snapshot. The received file is not left behind.
+#[tokio::test]
+async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir()?;
+    let (leader_journal, meta, bytes) = leader_snapshot(dir.path()).await?;
 
     let replica_snapshots = dir.path().join("replica-snapshots");
     let replica_db = open_keyspace(&dir.path().join("replica"), &[])?;
@@ -213,13 +221,13 @@ async fn an_installed_snapshot_replaces_the_records_and_becomes_current() -> any
         receiving.write_all(chunk).await?;
     }
     receiving.flush().await?;
-    replica.install_snapshot(&built.meta, receiving).await?;
+    replica.install_snapshot(&meta, receiving).await?;
 
     assert_eq!(*journal.entries.lock().unwrap(), *leader_journal.entries.lock().unwrap());
     assert_eq!(journal.all_records(), leader_journal.all_records());
     let (applied, _) = replica.applied_state().await?;
     assert_eq!(applied.map(|l| l.index), Some(30));
-    assert_eq!(replica.get_current_snapshot().await?.expect("current").meta.snapshot_id, built.meta.snapshot_id);
+    assert_eq!(replica.get_current_snapshot().await?.expect("current").meta.snapshot_id, meta.snapshot_id);
     let left = files(&replica_snapshots);
     assert_eq!(left.len(), 1, "only the kept snapshot, nothing received or partial: {left:?}");
     Ok(())
@@ -317,17 +325,9 @@ async fn records_lost_behind_a_purged_log_stop_the_open_with_what_to_do() -> any
 #[tokio::test]
 async fn a_purge_behind_a_snapshot_being_installed_waits_for_the_install() -> anyhow::Result<()> {
     use openraft::storage::RaftLogStorage;
-    use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir()?;
-    let leader_db = open_keyspace(&dir.path().join("leader"), &[])?;
-    let (_log, mut leader) = open_group(&leader_db, 3, Arc::new(common::Journal::default()), &dir.path().join("leader-snapshots"), &dir.path().join("leader-log"))?;
-    apply(&mut leader, 1..=30).await?;
-    leader.get_snapshot_builder().await.build_snapshot().await?;
-    let built = as_a_replica_gets_it(&mut leader).await?;
-    let mut bytes = Vec::new();
-    let mut file = built.snapshot;
-    file.read_to_end(&mut bytes).await?;
-    let at = built.meta.last_log_id.expect("a snapshot point");
+    let (_, meta, bytes) = leader_snapshot(dir.path()).await?;
+    let at = meta.last_log_id.expect("a snapshot point");
 
     let replica_path = dir.path().join("replica");
     let (replica_snapshots, replica_log) = (dir.path().join("replica-snapshots"), dir.path().join("replica-log"));
@@ -351,7 +351,7 @@ async fn a_purge_behind_a_snapshot_being_installed_waits_for_the_install() -> an
     // Now the install runs beside the purge: the purge ends once the snapshot is kept.
     let mut receiving = replica.begin_receiving_snapshot().await?;
     tokio::io::AsyncWriteExt::write_all(&mut receiving, &bytes).await?;
-    let (purged, installed) = tokio::join!(log.purge(at), replica.install_snapshot(&built.meta, receiving));
+    let (purged, installed) = tokio::join!(log.purge(at), replica.install_snapshot(&meta, receiving));
     installed?;
     purged?;
     assert_eq!(replica.applied_state().await?.0, Some(at));
@@ -366,7 +366,7 @@ async fn a_purge_behind_a_snapshot_being_installed_waits_for_the_install() -> an
     apply(&mut replica, 1..=3).await?;
     let mut receiving = replica.begin_receiving_snapshot().await?;
     tokio::io::AsyncWriteExt::write_all(&mut receiving, &bytes[..bytes.len() - 5]).await?;
-    let (purged, installed) = tokio::join!(log.purge(at), replica.install_snapshot(&built.meta, receiving));
+    let (purged, installed) = tokio::join!(log.purge(at), replica.install_snapshot(&meta, receiving));
     assert!(installed.is_err(), "a cut transfer was installed");
     let error = purged.expect_err("purged behind a failed install").to_string();
     assert!(error.contains("not purging the log up to entry 30") && error.contains("install failed"), "{error}");
