@@ -135,6 +135,17 @@ impl RpcRequest {
     fn is_nodes_only(&self) -> bool {
         !matches!(self, RpcRequest::Status | RpcRequest::Shards)
     }
+
+    /// The node a Raft request speaks for: the candidate of a vote, the leader of entries
+    /// or a snapshot. It must be one the peer's certificate is issued to.
+    fn raft_speaker(&self) -> Option<NodeId> {
+        match self {
+            RpcRequest::Append { rpc, .. } | RpcRequest::AppendQuiet { rpc, .. } => Some(rpc.vote.leader_id().node_id),
+            RpcRequest::Snapshot { rpc, .. } => Some(rpc.vote.leader_id().node_id),
+            RpcRequest::Vote { rpc, .. } => Some(rpc.vote.leader_id().node_id),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -766,6 +777,7 @@ pub async fn read_barrier(raft: &Raft, peers: &Peers, group: u64, patience: Dura
 #[derive(Default)]
 struct RefusalLog {
     state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+    speakers: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 impl RefusalLog {
@@ -777,6 +789,20 @@ impl RefusalLog {
             return;
         }
         warn!(%remote, error, refused_since_last_line = *quiet, "refused a peer's QUIC handshake: it holds no valid certificate from the cluster CA");
+        *last = Some(std::time::Instant::now());
+        *quiet = 0;
+    }
+
+    /// A Raft request from a node that spoke for another node's id (at most a line every
+    /// 10 s, with how many were refused since).
+    fn note_speaker(&self, remote: SocketAddr, claimed: NodeId, issued: &[NodeId]) {
+        let mut state = self.speakers.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, quiet) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(10)) {
+            *quiet += 1;
+            return;
+        }
+        warn!(%remote, claimed, ?issued, refused_since_last_line = *quiet, "refused a Raft request that spoke for a node its certificate is not issued to");
         *last = Some(std::time::Instant::now());
         *quiet = 0;
     }
@@ -804,14 +830,15 @@ pub fn serve(endpoint: quinn::Endpoint, router: Router) -> tokio::task::JoinHand
                     connection.close(1u32.into(), b"no role");
                     return;
                 };
+                let caller = Arc::new(Caller { role, node_ids: crate::tls::node_ids_of_peer(&connection), remote, refusals: refusals.clone() });
                 loop {
                     let (send, recv) = match connection.accept_bi().await {
                         Ok(streams) => streams,
                         Err(_) => return,
                     };
-                    let router = router.clone();
+                    let (router, caller) = (router.clone(), caller.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = serve_stream(router, role, send, recv).await {
+                        if let Err(e) = serve_stream(router, &caller, send, recv).await {
                             debug!(error = %e, "rpc stream failed");
                         }
                     });
@@ -821,7 +848,16 @@ pub fn serve(endpoint: quinn::Endpoint, router: Router) -> tokio::task::JoinHand
     })
 }
 
-async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
+/// Who is at the other end of a connection: its certificate's role and node ids.
+struct Caller {
+    role: Role,
+    node_ids: Vec<NodeId>,
+    remote: SocketAddr,
+    refusals: Arc<RefusalLog>,
+}
+
+async fn serve_stream(router: Router, peer: &Caller, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
+    let role = peer.role;
     let mut first = [0u8; 1];
     tokio::time::timeout(RPC_PATIENCE, recv.read_exact(&mut first))
         .await
@@ -847,6 +883,11 @@ async fn serve_stream(router: Router, role: Role, mut send: quinn::SendStream, m
         Ok(request) if role == Role::Gateway && request.is_nodes_only() => {
             warn!("refused a node's request (Raft, a read, a write or a file) from a peer holding a gateway certificate");
             RpcResponse::BadRequest("a gateway's certificate may only ask where the groups are and relay client work".into())
+        }
+        Ok(request) if request.raft_speaker().is_some_and(|id| !peer.node_ids.contains(&id)) => {
+            let id = request.raft_speaker().unwrap_or_default();
+            peer.refusals.note_speaker(peer.remote, id, &peer.node_ids);
+            RpcResponse::BadRequest(format!("this certificate speaks in Raft only as node {:?}, not as node {id}", peer.node_ids))
         }
         Ok(RpcRequest::Watch { group, stream }) => return serve_watch(&router, group, stream, send).await,
         Ok(request) => router.dispatch(request).await,

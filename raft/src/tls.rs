@@ -51,6 +51,41 @@ impl Role {
         })
     }
 }
+
+/// The node ids a peer's certificate (already verified against the cluster CA) is
+/// issued to: each name of the form `node-<id>` it carries, as every node's certificate
+/// does (`switchboard certs --name node-3`, `cluster init`). A node speaks in Raft only
+/// under one of these ids, so a node's certificate cannot vote or lead as another node.
+pub fn node_ids_of_peer(connection: &quinn::Connection) -> Vec<u64> {
+    let Some(identity) = connection.peer_identity() else { return Vec::new() };
+    let Some(chain) = identity.downcast_ref::<Vec<CertificateDer<'static>>>() else { return Vec::new() };
+    let Some(cert) = chain.first().and_then(|c| webpki::EndEntityCert::try_from(c).ok()) else { return Vec::new() };
+    let mut ids: Vec<u64> = cert.valid_dns_names().filter_map(node_id_of_name).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The id in a name `node-<id>` (decimal digits only, no sign, no leading zero).
+fn node_id_of_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("node-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || (digits.len() > 1 && digits.starts_with('0')) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod names {
+    #[test]
+    fn a_node_id_is_read_only_from_an_exact_node_name() {
+        assert_eq!(super::node_id_of_name("node-3"), Some(3));
+        assert_eq!(super::node_id_of_name("node-12"), Some(12));
+        for other in ["node-", "node-03", "node-+3", "node-3.example", "xnode-3", "node-3a", "switchboard-node", "node-99999999999999999999"] {
+            assert_eq!(super::node_id_of_name(other), None, "{other}");
+        }
+    }
+}
 /// ALPN of the node protocol.
 pub const ALPN: &[u8] = b"switchboard/1";
 

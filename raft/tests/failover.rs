@@ -408,6 +408,59 @@ async fn a_gateway_certificate_proposes_nothing_and_takes_no_part_in_raft() -> a
     Ok(())
 }
 
+/// A node's certificate is issued to one node id (`node-<id>`): Raft traffic from it that
+/// speaks for another node (a vote as another candidate, entries or a snapshot as another
+/// leader) is refused, so a node cannot pass for a member it is not; under its own id it
+/// is answered as any peer is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_speaks_in_raft_only_for_its_own_node_id() -> anyhow::Result<()> {
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    let replica = start_replica(1, &certs, dir.path()).await?;
+    replica.raft.initialize(BTreeMap::from([(1, addr(&replica)?)])).await?;
+    wait_for_leader(&[&replica], None).await?;
+    let term = replica.raft.metrics().borrow().current_term;
+    let before = replica.raft.metrics().borrow().last_log_index;
+
+    // Node 9's certificate, from the cluster's own CA.
+    let nine = tls::ensure_member(&certs, "node-9", &[])?;
+    let endpoint = tls::endpoint(&nine, "127.0.0.1:0".parse()?)?;
+    let mut client = NetworkFactory::new(endpoint.clone(), 7).new_client(1, &addr(&replica)?).await;
+    let refused_for_its_id = |answer: &dyn std::fmt::Debug| format!("{answer:?}").contains("only as node [9], not as node 2");
+
+    // As candidate 2, at a far higher term: refused, the term does not move.
+    let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(term + 50, 2), None);
+    let answer = client.vote(vote, RPCOption::new(Duration::from_secs(2))).await;
+    assert!(refused_for_its_id(&answer), "a vote as another node was refused for the certificate: {answer:?}");
+    // As leader 2, entries and a snapshot: refused.
+    let leader_vote = openraft::Vote::new_committed(term + 50, 2);
+    let entry = openraft::Entry::<switchboard_raft::TypeConfig> { log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(term + 50, 2), 1_000), payload: openraft::EntryPayload::Normal(Request(b"as node 2".to_vec())) };
+    let append = openraft::raft::AppendEntriesRequest { vote: leader_vote, prev_log_id: None, entries: vec![entry], leader_commit: None };
+    let answer = client.append_entries(append, RPCOption::new(Duration::from_secs(2))).await;
+    assert!(refused_for_its_id(&answer), "entries as another node were refused for the certificate: {answer:?}");
+    let meta = openraft::SnapshotMeta { last_log_id: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(term + 50, 2), 1_000)), last_membership: Default::default(), snapshot_id: "as-node-2".into() };
+    let install = openraft::raft::InstallSnapshotRequest { vote: leader_vote, meta, offset: 0, data: b"not a snapshot".to_vec(), done: true };
+    let answer = client.install_snapshot(install, RPCOption::new(Duration::from_secs(2))).await;
+    assert!(refused_for_its_id(&answer), "a snapshot as another node was refused for the certificate: {answer:?}");
+    let m = replica.raft.metrics().borrow().clone();
+    assert_eq!((m.current_term, m.last_log_index, m.current_leader), (term, before, Some(1)), "no term, entry or leader came of them");
+
+    // Under its own id the same certificate is answered: a vote as candidate 9 with no
+    // log is heard and not granted (node 1 leads, and its log is ahead).
+    let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(term + 1, 9), None);
+    let answer = client.vote(vote, RPCOption::new(Duration::from_secs(2))).await;
+    assert!(matches!(&answer, Ok(v) if !v.vote_granted), "a vote under the certificate's own id is answered: {answer:?}");
+    // The member still leads and commits.
+    replica.raft.client_write(Request(b"after node 9's tries".to_vec())).await?;
+    assert_eq!(replica.raft.metrics().borrow().current_leader, Some(1));
+
+    endpoint.close(0u32.into(), b"");
+    replica.raft.shutdown().await?;
+    replica.endpoint.close(0u32.into(), b"");
+    Ok(())
+}
+
 /// A member killed and started again on its address answers its peers' packets on their
 /// old connections with a stateless reset they can verify (its reset key comes from its
 /// private key, not from the process): a peer's connection ends as `Reset` at its next
