@@ -100,14 +100,18 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
         return not_leader(raft);
     }
     let membership = m.membership_config.membership().clone();
+    // Every voter of both halves while a change is half made (a joint membership).
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    // Half made: a change asked again is made, not taken as done, which finishes it
+    // (openraft goes from the joint membership towards what is asked).
+    let joint = membership.get_joint_config().len() > 1;
     match change {
         Change::Join { id, addr } => {
             if let Some(node) = membership.get_node(&id) {
                 if node.addr != addr {
                     return Answer::Refused(format!("node id {id} is already a member at {}; a new node needs a new id", node.addr));
                 }
-                if voters.contains(&id) {
+                if voters.contains(&id) && !joint {
                     return Answer::Done;
                 }
             }
@@ -138,7 +142,7 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
             Answer::Done
         }
         Change::Voters { voters: wanted, retain } => {
-            if wanted == voters {
+            if wanted == voters && !joint {
                 return Answer::Done;
             }
             if wanted.is_empty() {

@@ -52,6 +52,14 @@ pub const BEAT: Duration = Duration::from_millis(500);
 pub const SILENCE: Duration = Duration::from_millis(1500);
 /// How often the monitor looks at every group.
 const TICK: Duration = Duration::from_millis(100);
+/// How long a group's leader lets a joint membership (the first half of a change of
+/// voters) stand before it makes the second half itself. openraft's
+/// `change_membership` appends the second half from the caller's task the moment the
+/// first commits, so a joint membership that stays is a change whose caller went away
+/// (its leader crashed or stepped down between the halves, or the request was dropped):
+/// no one else would finish it, and the group would need a majority of both voter sets
+/// for good. Far longer than the moment between the halves of a change that runs.
+pub const JOINT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// One group's state on this node: the gate its new entries pass, and whether it is
 /// quiet here.
@@ -368,6 +376,9 @@ impl Locals {
 async fn monitor(locals: Weak<Locals>, peers: Weak<RwLock<Option<Peers>>>) {
     let mut leaders: BTreeMap<u64, Option<NodeId>> = BTreeMap::new();
     let mut probed: HashMap<NodeId, Instant> = HashMap::new();
+    // Per group this node leads with a joint membership: that membership's log id and
+    // since when it has been seen (or last finished from here).
+    let mut joints: BTreeMap<u64, (Option<openraft::LogId<NodeId>>, Instant)> = BTreeMap::new();
     loop {
         tokio::time::sleep(TICK).await;
         let Some(locals) = locals.upgrade() else { return };
@@ -387,6 +398,7 @@ async fn monitor(locals: Weak<Locals>, peers: Weak<RwLock<Option<Peers>>>) {
             for (id, node) in m.membership_config.membership().nodes() {
                 addresses.insert(*id, node.addr.clone());
             }
+            finish_joint(&mut joints, *group, &raft, &m);
             let before = leaders.insert(*group, m.current_leader);
             if let Some(Some(x)) = before {
                 if m.current_leader != Some(x) && x != m.id {
@@ -416,6 +428,36 @@ async fn monitor(locals: Weak<Locals>, peers: Weak<RwLock<Option<Peers>>>) {
                     });
                 }
             });
+        }
+    }
+}
+
+/// Makes the second half of a change of voters that was left half made: once this node
+/// has led `group` with the same joint membership for [`JOINT_PATIENCE`], it changes the
+/// voters to that membership's newer half, which is where the change was going (openraft
+/// goes from a joint membership to its last half). The voters it leaves out stay as
+/// learners; the placement drops those that are to go.
+fn finish_joint(joints: &mut BTreeMap<u64, (Option<openraft::LogId<NodeId>>, Instant)>, group: u64, raft: &Raft, m: &openraft::RaftMetrics<NodeId, crate::Node>) {
+    let configs = m.membership_config.membership().get_joint_config();
+    let (Some(target), true) = (configs.last(), configs.len() > 1 && m.current_leader == Some(m.id)) else {
+        joints.remove(&group);
+        return;
+    };
+    let at = *m.membership_config.log_id();
+    match joints.get(&group) {
+        Some((seen, since)) if *seen == at && since.elapsed() < JOINT_PATIENCE => {}
+        Some((seen, _)) if *seen == at => {
+            joints.insert(group, (at, Instant::now()));
+            let (raft, target) = (raft.clone(), target.clone());
+            tracing::warn!(group, voters = ?target, "a change of voters was left half made (a joint membership): finishing it");
+            tokio::spawn(async move {
+                if let Err(e) = raft.change_membership(openraft::ChangeMembers::ReplaceAllVoters(target), true).await {
+                    tracing::warn!(group, error = %e, "could not finish a change of voters left half made; trying again later");
+                }
+            });
+        }
+        _ => {
+            joints.insert(group, (at, Instant::now()));
         }
     }
 }
