@@ -641,10 +641,10 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
     }
     // A provider that takes files in two calls (WhatsApp: the upload, then the message)
     // gets FILE_SEND_TIMEOUT for both together, which another leader's wait counts on.
-    match tokio::time::timeout(FILE_SEND_TIMEOUT, switchboard_adapters::send(files_client(client), &adapter, &message)).await {
+    match tokio::time::timeout(FILE_SEND_BACKSTOP, switchboard_adapters::send(files_client(client), &adapter, &message)).await {
         Ok(sent) => outcome_of(sent, &delivery),
-        Err(_) if adapter.resend_is_safe() => retry_or_give_up(&delivery, now_ms(), format!("no answer within {} s", FILE_SEND_TIMEOUT.as_secs()), None),
-        Err(_) => outcome_of(SendOutcome::Unknown { reason: format!("no answer within {} s", FILE_SEND_TIMEOUT.as_secs()) }, &delivery),
+        Err(_) if adapter.resend_is_safe() => retry_or_give_up(&delivery, now_ms(), format!("no answer within {} s", FILE_SEND_BACKSTOP.as_secs()), None),
+        Err(_) => outcome_of(SendOutcome::Unknown { reason: format!("no answer within {} s", FILE_SEND_BACKSTOP.as_secs()) }, &delivery),
     }
 }
 
@@ -689,6 +689,14 @@ fn still_ours(shard: &Shard, key: Key, node_id: u64) -> bool {
 const FILE_SENDS: usize = 8;
 /// Time for one send with files (an upload of up to 25 MiB).
 const FILE_SEND_TIMEOUT: Duration = Duration::from_secs(120);
+/// The backstop around a send with files: past the provider call's own limits of
+/// [`FILE_SEND_TIMEOUT`] (SMTP's session, the HTTP client's deadline), which start only
+/// once the message is composed and tell a send that never reached the provider (retried)
+/// from one that may have (`unknown`). Were it as short as they are, it would fire first
+/// and make every hung connection `unknown`. A send starts within [`ORPHAN_AFTER_MS`] of
+/// its attempt, so it ends within 140 s, inside another leader's wait of
+/// [`SLOW_ORPHAN_AFTER_MS`], with 10 s left to commit its answer.
+const FILE_SEND_BACKSTOP: Duration = Duration::from_secs(125);
 
 /// The client for sends with files: a longer deadline than a text's.
 fn files_client(fallback: &http::Client) -> &http::Client {
