@@ -212,7 +212,15 @@ impl Client {
             request = request.header(*name, value.as_str());
         }
         let request = request.body(Full::new(Bytes::from(body))).map_err(|e| AdapterError::Malformed(format!("request: {e}")))?;
-        let response = sender.send_request(request).await.map_err(|e| AdapterError::NoAnswer(format!("{origin}: {e}")))?;
+        let response = sender.send_request(request).await.map_err(|e| {
+            // A pooled connection the server closed as it was taken: the request was
+            // never written, so nothing reached the provider and a retry is safe.
+            if e.is_canceled() {
+                AdapterError::Unreachable(format!("{origin}: the connection closed before the request was sent: {e}"))
+            } else {
+                AdapterError::NoAnswer(format!("{origin}: {e}"))
+            }
+        })?;
         let status = response.status().as_u16();
         let headers = response
             .headers()
