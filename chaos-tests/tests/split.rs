@@ -971,8 +971,23 @@ async fn a_split_cluster_takes_a_fourth_node_under_traffic_and_gives_it_back() -
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = tokio::spawn(write_steadily(visitor, stop.clone()));
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // The groups node 4 leads as its removal begins: each is handed on before node 4's
+    // vote there goes (a change that took the vote from a sitting leader would leave the
+    // group leaderless until an election, and the writes in flight there unanswered).
+    let led_by_4: Vec<u64> = placement(&cluster, &[1, 2, 3, 4]).await?.into_iter().filter(|g| g.3 == Some(4)).map(|g| g.0).collect();
+    let log_of_2 = cluster.node(2).data_dir.join("node.log");
+    let log_before = std::fs::metadata(&log_of_2).map(|m| m.len() as usize).unwrap_or(0);
     let out = switchboard_chaos_tests::cli(["cluster", "remove-node", "--addr", &cluster.node(2).private, "--id", "4"], &[("SWITCHBOARD_PASSWORD", &password)]).await?;
     println!("cluster remove-node:\n{}", String::from_utf8_lossy(&out));
+    let log = std::fs::read(&log_of_2)?;
+    let steps: Vec<String> = String::from_utf8_lossy(log.get(log_before..).unwrap_or_default()).lines().filter(|l| l.contains("removing a node")).map(str::to_owned).collect();
+    println!("node 4 led {led_by_4:?} as its removal began; the removal's steps:\n{}", steps.join("\n"));
+    for group in &led_by_4 {
+        let handed = format!("Lead {{ group: {group}, ");
+        let vote_moved = format!("Voters {{ group: {group}, ");
+        let first = steps.iter().find(|l| l.contains(&handed) || l.contains(&vote_moved));
+        assert!(first.is_some_and(|l| l.contains(&handed)), "group {group}, led by node 4, was handed on before its vote went: {first:?}");
+    }
     let back = eventually(Duration::from_secs(60), Duration::from_millis(200), || async {
         let groups = placement(&cluster, &[1, 2, 3]).await?;
         let done = groups.len() == 4 && groups.iter().all(|(_, voters, learners, leader)| voters == &[1, 2, 3] && learners.is_empty() && leader.is_some_and(|l| l != 4));

@@ -955,6 +955,84 @@ mod tests {
         }
     }
 
+    /// A node removed from the cluster hands on every leadership it holds before its vote
+    /// there goes, also after it has left the metadata group (whose members the placement
+    /// counts as the cluster's nodes): a change that took the vote from a sitting leader
+    /// would leave its group without a leader until an election, and the writes in flight
+    /// there without an answer. Here node 3 leads the routing shard and a conversation
+    /// shard, not the metadata group, while node 1 writes to both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_removed_hands_on_what_it_leads_before_its_votes_go() {
+        use crate::placement::Step;
+        let root = tempfile::tempdir().expect("temp dir");
+        let nodes = Arc::new(three_members(root.path()).await);
+        for command in directory() {
+            submit(&nodes[0], G0, command).await;
+        }
+        until(&nodes[0], FIRST_C, "the web channel arrives", |s| s.channels.contains_key(&ChannelId::new("web"))).await;
+        let start = Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: visitor("v-leaving") };
+        let Reply::Started { conversation } = submit(&nodes[0], FIRST_C, start).await else { panic!("not started") };
+        let lead = |group: GroupId, to: u64| {
+            let nodes = nodes.clone();
+            async move {
+                let asked = &nodes[(to as usize) - 1];
+                switchboard_raft::members::apply_anywhere(&asked.router, &asked.peers, group, switchboard_raft::members::Change::Lead { to }, Duration::from_secs(10))
+                    .await
+                    .unwrap_or_else(|e| panic!("leadership of group {group} to node {to}: {e}"));
+            }
+        };
+        for group in [R, FIRST_C] {
+            lead(group, 3).await;
+        }
+        if nodes[2].leads(G0) {
+            lead(G0, 1).await;
+        }
+        assert!(nodes[2].leads(R) && nodes[2].leads(FIRST_C) && !nodes[2].leads(G0), "node 3 leads the routing shard and a conversation shard only");
+
+        // Writes through node 1 into both groups node 3 leads, for as long as the removal takes.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (nodes, stop) = (nodes.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("leaving-{n}");
+                    let message = Command::PostClientMessage { conversation, key: key.clone(), text: "still here".into(), attachments: vec![] };
+                    match nodes[0].submit(FIRST_C, message).await {
+                        Ok(Reply::Message { .. }) => {}
+                        other => panic!("{key} was answered {other:?} while node 3 was removed"),
+                    }
+                    match nodes[0].submit(R, Command::RouteQueue { group: SkillGroupId::new("support") }).await {
+                        Ok(_) => {}
+                        other => panic!("a routing command was answered {other:?} while node 3 was removed"),
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                n
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let steps = crate::placement::remove(&nodes[0], 3, Duration::from_secs(60)).await.expect("node 3 is removed");
+        println!("removing node 3: {steps:?}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = writer.await.expect("every write was answered");
+        assert!(written > 10, "writes went on: {written}");
+        for group in [R, FIRST_C] {
+            let first = steps.iter().find(|s| matches!(s, Step::Lead { group: g, .. } | Step::Voters { group: g, .. } if *g == group));
+            assert!(matches!(first, Some(Step::Lead { to, .. }) if *to != 3), "group {group}'s leadership was handed on before node 3's vote went: {steps:?}");
+        }
+        for group in [G0, R, FIRST_C] {
+            let m = nodes[0].groups[&group].raft.metrics().borrow().clone();
+            assert!(m.membership_config.membership().get_node(&3).is_none(), "node 3 left group {group}: {:?}", m.membership_config);
+        }
+        if let Ok(nodes) = Arc::try_unwrap(nodes) {
+            for node in nodes {
+                node.stop().await.expect("stops");
+            }
+        }
+    }
+
     /// Whether every group is quiet on every member: its leader beats slowly, the others
     /// wait for those beats (`switchboard_raft::quiet`).
     fn all_quiet(nodes: &[SplitNode], groups: &[GroupId]) -> bool {

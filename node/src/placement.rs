@@ -261,6 +261,11 @@ async fn live(node: &SplitNode, nodes: &BTreeMap<NodeId, String>) -> BTreeSet<No
     futures::future::join_all(asks).await.into_iter().flatten().collect()
 }
 
+/// Node `id`'s QUIC address as the membership of a group this node holds names it.
+fn address_in_groups(node: &SplitNode, id: NodeId) -> Option<String> {
+    node.groups.values().filter(|g| node.holds(g.id)).find_map(|g| g.raft.metrics().borrow().membership_config.membership().get_node(&id).map(|n| n.addr.clone()))
+}
+
 /// Takes `step` through the leader of its group, waiting up to `patience`.
 pub(crate) async fn take(node: &SplitNode, step: &Step, addresses: &BTreeMap<NodeId, String>, patience: Duration) -> Result<(), String> {
     let (group, change) = match step {
@@ -424,8 +429,10 @@ pub(crate) async fn run(node: Arc<SplitNode>) {
 /// Removes node `id` from a split cluster: its vote in the metadata group moves to
 /// another node and it leaves that group, which takes it out of the placement (on
 /// every node's view, the controller's included); then its votes elsewhere move to
-/// other nodes (each new voter catches up first) and it leaves every group.
-pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Result<(), String> {
+/// other nodes (each new voter catches up first; a group it leads is handed on first,
+/// while it answers) and it leaves every group.
+/// Answers the steps it took.
+pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Result<Vec<Step>, String> {
     if id == node.node_id {
         // It would not hear its own removal (the leader stops sending to it), and so
         // never see it done.
@@ -434,15 +441,24 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
     let give_up = tokio::time::Instant::now() + within;
     let seen = views(node).await;
     if seen.len() == node.groups.len() && seen.iter().all(|g| !g.members.contains(&id)) {
-        return Ok(());
+        return Ok(Vec::new());
     }
+    let mut taken = Vec::new();
     loop {
         let addresses = nodes(node);
         let remaining: BTreeSet<NodeId> = addresses.keys().copied().filter(|n| *n != id).collect();
         if remaining.is_empty() {
             return Err(format!("node {id} is the cluster's last node"));
         }
-        let live = live(node, &addresses).await;
+        // The node leaving counts as live while it answers, also once it has left the
+        // metadata group (whose members are `addresses`): a group it still leads then
+        // has its leadership handed on before its vote goes, not taken away by the
+        // change, which would leave the group without a leader until an election.
+        let mut asked = addresses.clone();
+        if let Some(addr) = address_in_groups(node, id).filter(|_| !asked.contains_key(&id)) {
+            asked.insert(id, addr);
+        }
+        let live = live(node, &asked).await;
         let views = views(node).await;
         if views.len() < node.groups.len() {
             if tokio::time::Instant::now() >= give_up {
@@ -480,14 +496,17 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
                 None => views.iter().find(|g| g.members.contains(&id)).map(|g| Step::Drop { group: g.id, node: id }),
             }
         };
-        let Some(step) = step else { return Ok(()) };
+        let Some(step) = step else { return Ok(taken) };
         let left = give_up.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
             return Err(format!("node {id} is still a member after {} s", within.as_secs()));
         }
         tracing::info!(?step, node = id, "removing a node");
         match take(node, &step, &addresses, left).await {
-            Ok(()) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(()) => {
+                taken.push(step);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             Err(e) if e.starts_with("no leader") => return Err(e),
             Err(e) => {
                 tracing::warn!(?step, error = %e, "a step of removing a node failed");

@@ -643,7 +643,7 @@ impl Backend for SplitBackend {
         let node = self.node.clone();
         // Within the request's deadline (30 s by default); what is left the placement
         // finishes, and asking again carries on.
-        Box::pin(async move { crate::placement::remove(&node, id, Duration::from_secs(25)).await })
+        Box::pin(async move { crate::placement::remove(&node, id, Duration::from_secs(25)).await.map(|_| ()) })
     }
 
     fn rebalance(&self) -> BoxFuture<Result<Vec<String>, String>> {
