@@ -370,7 +370,22 @@ pub fn add_node(dir: &Path, host: Option<&str>) -> anyhow::Result<PathBuf> {
     }
     existing.sort_by_key(|c| c.id);
     let Some(first) = existing.first() else { anyhow::bail!("{} holds no node-<id>.toml: run `switchboard cluster init` first", dir.display()) };
-    let id = existing.iter().map(|c| c.id).max().unwrap_or(0) + 1;
+    let certs = if first.certs_dir.is_relative() { dir.join(&first.certs_dir) } else { first.certs_dir.clone() };
+    // Ids are never reused: past every node a configuration names (its own or as a
+    // member) and every node certificate ever issued here (`node-<id>.pem`), which stays
+    // when a removed node's configuration is deleted. A node given a removed node's id
+    // would pass for it to the groups that still count it.
+    let issued = std::fs::read_dir(&certs)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("node-")?.strip_suffix(".pem")?.parse::<u64>().ok()))
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    let named = existing.iter().flat_map(|c| std::iter::once(c.id).chain(c.members.iter().map(|m| m.id))).max().unwrap_or(0);
+    let id = named.max(issued) + 1;
     let host = host.map(str::to_owned).unwrap_or_else(|| first.raft_addr.ip().to_string());
     let ip: std::net::IpAddr = host.parse().map_err(|e| anyhow::anyhow!("{host}: {e} (hosts are IP addresses)"))?;
     // On a host another node uses, ports step by 10 past the highest there.
@@ -394,7 +409,6 @@ pub fn add_node(dir: &Path, host: Option<&str>) -> anyhow::Result<PathBuf> {
     }
     let raft_addr = shift(first.raft_addr)?;
     members.push(Member { id, raft_addr: raft_addr.to_string() });
-    let certs = if first.certs_dir.is_relative() { dir.join(&first.certs_dir) } else { first.certs_dir.clone() };
     if !certs.join("ca.key").exists() {
         anyhow::bail!("{} has no ca.key: add nodes where the cluster was laid out", certs.display());
     }
@@ -612,6 +626,11 @@ mod tests {
         let other = NodeConfig::read(&other).unwrap();
         assert_eq!(other.id, 5);
         assert_eq!(other.public_addr.to_string(), "10.0.0.9:9000");
+        // Node 5 removed and its configuration deleted: its id is not given again (its
+        // certificate, issued here, still names it).
+        std::fs::remove_file(cluster.join("node-5.toml")).unwrap();
+        let next = NodeConfig::read(&add_node(&cluster, None).unwrap()).unwrap();
+        assert_eq!(next.id, 6, "a removed node's id is never reused");
         assert!(format!("{:#}", add_node(&dir.path().join("missing"), None).unwrap_err()).contains("read"));
     }
 
