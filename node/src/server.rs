@@ -2057,6 +2057,7 @@ pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String],
             Ok(Answer::Refused(why)) => anyhow::bail!("the cluster refused to admit node {node_id}: {why}"),
             Ok(Answer::NotLeader(Some((_, leader)))) => {
                 target = leader.addr;
+                tokio::time::sleep(switchboard_raft::members::FOLLOW_PAUSE).await;
                 continue;
             }
             Ok(Answer::NotLeader(None)) => {}

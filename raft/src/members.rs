@@ -335,6 +335,10 @@ async fn stand(raft: &Raft) -> Answer {
     }
 }
 
+/// The pause before a change is sent to the leader a node named, so that two nodes that
+/// name each other during an election are not asked in a tight loop.
+pub const FOLLOW_PAUSE: Duration = Duration::from_millis(50);
+
 /// Makes `change` through whichever node leads group `group`, asking this node's Raft
 /// first (as hosted by `router`) and following the leader it names; gives up after
 /// `patience`.
@@ -357,7 +361,14 @@ pub async fn apply_anywhere(router: &Router, peers: &Peers, group: u64, change: 
                     return Err(format!("no leader made the change within {} s", patience.as_secs()));
                 }
                 answer = match leader {
-                    Some((_, node)) => match peers.change_members(&node.addr, group, change.clone(), patience).await {
+                    // A moment first: two nodes that each name the other (stale metrics
+                    // during an election) are not bounced between without a pause.
+                    Some((_, node)) => match async {
+                        tokio::time::sleep(FOLLOW_PAUSE).await;
+                        peers.change_members(&node.addr, group, change.clone(), patience).await
+                    }
+                    .await
+                    {
                         Ok(answer) => answer,
                         Err(e) => {
                             tracing::debug!(addr = %node.addr, error = %e, "membership change not delivered; trying again");
