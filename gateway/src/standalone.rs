@@ -226,6 +226,25 @@ impl Upstreams {
         map.members.get(&owner).filter(|m| m.alive && m.ready).map(|m| (owner, m.addr.clone()))
     }
 
+    /// Where a socket on member `on` moves to: the member that owns its stream
+    /// ([`Upstreams::preferred`]); else, when `on` no longer serves (cut off from the
+    /// cluster's majority, or catching up, while it still answers polls), the leader or
+    /// another member that serves. A supervisor's socket, or a visitor's before its
+    /// conversation is known, would otherwise stay on a member that gets nothing new.
+    /// `None`: it stays.
+    fn destination(&self, surface: Surface, conversation: Option<u64>, on: u64) -> Option<(u64, String)> {
+        if let Some(owner) = self.preferred(surface, conversation) {
+            return Some(owner);
+        }
+        let map = self.lock();
+        let serves = |id: &u64| *id != on && map.members.get(id).is_some_and(|m| m.alive && m.ready);
+        if map.members.get(&on).is_some_and(|m| m.alive && m.ready) {
+            return None;
+        }
+        let to = map.leader.filter(serves).or_else(|| map.members.keys().copied().find(serves))?;
+        map.members.get(&to).map(|m| (to, m.addr.clone()))
+    }
+
     /// Where a socket goes when its member failed: the member that owns its stream,
     /// else as [`Upstreams::choose`] picks.
     fn choose_for(&self, surface: Surface, conversation: Option<u64>, avoid: &[u64]) -> Option<(u64, String)> {
@@ -797,7 +816,7 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                     Ok(()) => {
                         // A failed move keeps its backoff while the map still names the
                         // same member (the map may change often for other sockets).
-                        let target = edge.up.preferred(surface, track.conversation).map(|(id, _)| id);
+                        let target = edge.up.destination(surface, track.conversation, member).map(|(id, _)| id);
                         if moving.failed == 0 || target != moving.failed_to {
                             moving.failed = 0;
                             moving.at = Some(tokio::time::Instant::now() + MOVE_SETTLE + Duration::from_millis(u64::from(client.port()) % MOVE_SPREAD_MS));
@@ -808,7 +827,7 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                 },
                 _ = tokio::time::sleep_until(moving.at.unwrap_or_else(tokio::time::Instant::now)), if moving.at.is_some() && !moving.off && track.quiet() => {
                     moving.at = None;
-                    let Some((to, addr)) = edge.up.preferred(surface, track.conversation).filter(|(to, _)| *to != member) else { continue };
+                    let Some((to, addr)) = edge.up.destination(surface, track.conversation, member).filter(|(to, _)| *to != member) else { continue };
                     match Box::pin(shift(&edge, &mut track, &addr, client, &path, &headers)).await {
                         Ok(socket) => {
                             let mut old = std::mem::replace(&mut upstream, socket);
@@ -1833,6 +1852,19 @@ mod tests {
         assert_eq!(up.choose_for(Surface::Client, Some(9), &[2, 1]).map(|(id, _)| id), Some(3), "and every member that failed");
         up.lock().conversations.clear();
         assert_eq!(at(Surface::Client, Some(9)), Some(1), "one group: the leader");
+
+        // A socket whose owner the map does not name moves only off a member that no
+        // longer serves (it answers polls, but is cut off or catching up).
+        let to = |surface, conversation, on| up.destination(surface, conversation, on).map(|(id, _)| id);
+        assert_eq!(to(Surface::Supervisor, None, 2), None, "a supervisor on a member that serves stays");
+        assert_eq!(to(Surface::Supervisor, None, 3), Some(1), "one on a member that does not serve goes to the leader");
+        assert_eq!(to(Surface::Client, None, 3), Some(1), "as does a visitor's before its conversation is known");
+        assert_eq!(to(Surface::Operator, None, 2), Some(1), "an operator's goes to the routing leader wherever it is");
+        up.lock().members.get_mut(&1).expect("member").ready = false;
+        assert_eq!(to(Surface::Supervisor, None, 3), Some(2), "the leader does not serve either: another member that does");
+        assert_eq!(to(Surface::Supervisor, None, 1), Some(2));
+        up.lock().members.get_mut(&2).expect("member").alive = false;
+        assert_eq!(to(Surface::Supervisor, None, 3), None, "no member serves: it stays");
     }
 
     #[test]
