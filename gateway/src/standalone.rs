@@ -1525,7 +1525,13 @@ impl Tracker {
             actions.push(Replay::Resend(watch.clone()));
         }
         let mut keep = VecDeque::new();
+        // A resume the client sent after some of its requests may have moved the socket
+        // to another conversation (the new member resumed the latest one asked): those
+        // earlier requests were for the conversation it left, and sent again now they
+        // would land in the one it moved to. They are answered `unavailable` instead.
+        let moved_at = self.pending.iter().filter(|p| p.kind == "resume").map(|p| p.order).max();
         for pending in std::mem::take(&mut self.pending) {
+            let before_a_resume = moved_at.is_some_and(|at| pending.order < at) && pending.kind != "__resumed";
             match pending.kind.as_str() {
                 "__resumed" => {
                     if let Ok(frame) = serde_json::from_str::<Value>(&pending.text) {
@@ -1534,7 +1540,7 @@ impl Tracker {
                 }
                 // The key makes a resend safe (a `send`'s, a `start`'s); closing twice is
                 // a no-op; accepting an offer already yours is `ok`.
-                "send" | "start" | "close" | "accept" if !pending.text.is_empty() => {
+                "send" | "start" | "close" | "accept" if !pending.text.is_empty() && !before_a_resume => {
                     actions.push(Replay::Resend(pending.text.clone()));
                     keep.push_back(pending);
                 }
@@ -1886,6 +1892,36 @@ mod tests {
             [Replay::Answer(frame)] => assert_eq!((frame["code"].as_str(), frame["ref"].as_str()), (Some("unavailable"), Some("c1"))),
             other => panic!("expected one unavailable answer, got {} actions", other.len()),
         }
+    }
+
+    /// A `send` and a `close` made before a resume that moves the socket to another
+    /// conversation, all unanswered when the member goes: the new member resumes the
+    /// conversation asked last, so the two are not sent again there (they were for the
+    /// first one); they are answered `unavailable`, which the client may resend after
+    /// resuming the first conversation. A send after the resume is sent again.
+    #[test]
+    fn requests_made_before_a_resume_to_another_conversation_are_not_sent_again_into_it() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        t.set_token("token-a".into());
+        t.established = true;
+        assert!(t.outgoing(r#"{"type":"send","key":"k1","text":"for A"}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"resume","token":"token-b","last_seq":3}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"send","key":"k2","text":"for B"}"#).is_ok());
+        let actions = t.replay();
+        let resent: Vec<&str> = actions.iter().filter_map(|a| match a { Replay::Resend(text) => Some(text.as_str()), _ => None }).collect();
+        assert_eq!(resent, [r#"{"type":"send","key":"k2","text":"for B"}"#], "only the send made after the resume goes again");
+        let unavailable: Vec<Value> = actions.iter().filter_map(|a| match a { Replay::Answer(f) if f["code"] == "unavailable" => Some(f["ref"].clone()), _ => None }).collect();
+        assert_eq!(unavailable, [json!("k1"), Value::Null], "the send and the close before it are answered unavailable");
+        assert_eq!(t.pending.len(), 1, "only k2 waits for its answer");
+
+        // Without a resume in between, a send and a close are sent again as before.
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        t.set_token("token-a".into());
+        t.established = true;
+        assert!(t.outgoing(r#"{"type":"send","key":"k1","text":"for A"}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        assert_eq!(t.replay().iter().filter(|a| matches!(a, Replay::Resend(_))).count(), 2);
     }
 
     #[test]
