@@ -535,3 +535,69 @@ async fn a_gateway_with_a_certificate_from_another_ca_gets_nothing() -> anyhow::
     let _ = cluster;
     Ok(())
 }
+
+/// A visitor's own `resume` that the member under its socket never answered (the member
+/// froze, then died) is resumed by the gateway on another member. When that member
+/// refuses it for what it asks, the visitor gets that answer, as it would have from the
+/// first member, not silence and a close asking it to resume again: a `last_seq` ahead
+/// of the conversation gets `invalid` and the socket follows what it followed before; a
+/// token that is not one gets `unauthorized` and the close 4001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_refused_after_a_re_pin_gets_the_members_answer() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let gateway = cluster.start_gateway(0).await?;
+    let (mut ws, conversation, token) = gateway.client("Gus").await?;
+    ws.send(&json!({"type": "send", "key": "before", "text": "before the freeze"})).await?;
+    ws.wait_for(WAIT, |v| v["type"] == "ack" && v["key"] == "before").await?;
+    // Freezes the member under the visitor's socket (once on its conversation shard's
+    // leader), sends `resume` into it, and kills it.
+    async fn resume_into_a_dying_member(cluster: &mut Cluster, gateway: &Dev, ws: &mut WsClient, conversation: u64, resume: serde_json::Value) -> anyhow::Result<usize> {
+        let placed = eventually(Duration::from_secs(30), Duration::from_millis(200), || async {
+            let (_, view) = gateway.api("GET", "/api/gateway", None, None).await?;
+            Ok(pinned_to_shard_leaders(&view, &[conversation]))
+        })
+        .await?;
+        let member = *placed.keys().next().expect("one member holds the socket") as usize;
+        cluster.node(member).signal("-STOP").await?;
+        ws.send(&resume).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster.kill9(member).await?;
+        Ok(member)
+    }
+
+    // A `last_seq` far ahead of the conversation: `invalid`, and the socket stays on it.
+    let killed = resume_into_a_dying_member(&mut cluster, &gateway, &mut ws, conversation, json!({"type": "resume", "token": token, "last_seq": 1_000_000})).await?;
+    let refused = ws.wait_for(Duration::from_secs(20), |v| v["type"] == "error" || v["type"] == "resumed").await?;
+    assert_eq!((refused["type"].as_str(), refused["code"].as_str()), (Some("error"), Some("invalid")), "the refusal of the resume is delivered: {refused}");
+    let mut acked = false;
+    for attempt in 0..20 {
+        ws.send(&json!({"type": "send", "key": "after", "text": "after the re-pin"})).await?;
+        let answer = ws.wait_for(ACK_WAIT, |v| (v["type"] == "ack" || v["type"] == "error") && (v["key"] == "after" || v["ref"] == "after")).await?;
+        if answer["type"] == "ack" {
+            acked = true;
+            break;
+        }
+        assert_eq!(answer["code"], "unavailable", "attempt {attempt}: {answer}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(acked, "the socket follows its conversation after the refused resume: a message is acknowledged");
+    cluster.restart(killed).await?;
+
+    // A token that is not one: `unauthorized`, then the close 4001.
+    resume_into_a_dying_member(&mut cluster, &gateway, &mut ws, conversation, json!({"type": "resume", "token": "v1.not-a-token.at-all", "last_seq": 0})).await?;
+    let refused = ws.wait_for(Duration::from_secs(20), |v| v["type"] == "error" || v["type"] == "resumed").await?;
+    assert_eq!((refused["type"].as_str(), refused["code"].as_str()), (Some("error"), Some("unauthorized")), "{refused}");
+    let mut closed = None;
+    for _ in 0..100 {
+        match ws.next(Duration::from_secs(10)).await? {
+            Incoming::Closed { code, .. } => {
+                closed = Some(code);
+                break;
+            }
+            Incoming::Json(_) | Incoming::Text(_) => {}
+        }
+    }
+    assert_eq!(closed, Some(4001), "closed as the member closes a socket that resumed with a forged token");
+    Ok(())
+}

@@ -923,6 +923,10 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                             }
                         }
                         Replay::Answer(frame) => out.json(frame).await,
+                        Replay::Close(code, reason) => {
+                            out.close(code, &reason).await;
+                            return;
+                        }
                     }
                 }
             }
@@ -948,6 +952,9 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
 enum Replay {
     /// A client frame sent again (a keyed `send`: the key makes it safe).
     Resend(String),
+    /// The socket closes with this code and reason, after the frames before it: the
+    /// client's own resume was refused with a close (a token that is not valid).
+    Close(u16, String),
     /// A frame for the client (the `unavailable` answer to a request whose outcome is
     /// unknown).
     Answer(Value),
@@ -1131,6 +1138,9 @@ struct Tracker {
     /// Supervisor: the last `watch` it sent (at most one frame's worth of text), sent
     /// again on the member a re-pin moves the socket to, which knows of no watch.
     watch: Option<String>,
+    /// The client's own resume, sent again after a re-pin, was refused with a close:
+    /// the socket closes so once the answers before it are delivered.
+    close_after_replay: Option<(u16, String)>,
 }
 
 /// A protocol 2 operator socket's positions (docs/protocol.md §3.6).
@@ -1156,7 +1166,7 @@ impl Tracker {
         let requested = param("last_seq").and_then(|v| v.parse::<u64>().ok());
         let feeds = (surface == Surface::Operator && param("protocol").and_then(|v| v.parse::<u32>().ok()) == Some(2))
             .then(|| Box::new(Feeds { requested: param("cursor").map(parse_feeds), delivered: BTreeMap::new() }));
-        Tracker { surface, token: None, conversation: None, pings: 0, ping_since: None, ping_marks: VecDeque::new(), ping_marks_lost: false, kept: 0, established: false, last_seq: None, requested, feeds, resume_asked: VecDeque::new(), pending: VecDeque::new(), pending_bytes: 0, closed: false, watch: None }
+        Tracker { surface, token: None, conversation: None, pings: 0, ping_since: None, ping_marks: VecDeque::new(), ping_marks_lost: false, kept: 0, established: false, last_seq: None, requested, feeds, resume_asked: VecDeque::new(), pending: VecDeque::new(), pending_bytes: 0, closed: false, watch: None, close_after_replay: None }
     }
 
     /// Whether the stream is open and nothing the client sent waits for an answer: the
@@ -1475,16 +1485,46 @@ impl Tracker {
                             return Ok(frame);
                         }
                         if kind == "error" {
-                            return Err(format!("the member answered the resume with {text}"));
+                            return Err(format!("{RESUME_REFUSED}{text}"));
                         }
                     }
                     Inbound::Ping(payload) => socket.send(ServerOp::Pong, &payload).await?,
+                    Inbound::Close(Some(close::UNAUTHORIZED), _) if expect == "resumed" => {
+                        return Err(format!("{RESUME_REFUSED}{}", crate::frames::error("unauthorized", "token is not a valid client token", None)));
+                    }
                     Inbound::Close(code, reason) => return Err(format!("closed {code:?} {reason}")),
                     _ => {}
                 }
             }
         };
-        let frame = tokio::time::timeout(RESUME_WAIT, wait).await.map_err(|_| "no answer to the resume".to_string())??;
+        let answered = tokio::time::timeout(RESUME_WAIT, wait).await.map_err(|_| "no answer to the resume".to_string())?;
+        let frame = match answered {
+            Ok(frame) => frame,
+            // The client's own resume refused for what it asked (a token no longer
+            // valid, a conversation gone, a `last_seq` ahead of it), not for the member:
+            // any member would refuse it. The client gets that answer, as it would have
+            // from the member before, and the socket follows what it followed before.
+            Err(refusal) if self.surface == Surface::Client && self.resume_asked.iter().flatten().next().is_some() => {
+                let Some(error) = refusal.strip_prefix(RESUME_REFUSED).and_then(|text| serde_json::from_str::<Value>(text).ok()) else { return Err(refusal) };
+                let code = error.get("code").and_then(Value::as_str).unwrap_or_default();
+                if matches!(code, "unavailable" | "internal" | "") {
+                    return Err(refusal);
+                }
+                self.resume_asked.clear();
+                if code == "unauthorized" {
+                    // The member closes the socket after that answer (protocol.md): so
+                    // does this one, once the answer is delivered.
+                    self.close_after_replay = Some((close::UNAUTHORIZED, "unauthorized".into()));
+                } else {
+                    // Where it was before (nothing, if it followed no conversation yet).
+                    Box::pin(self.resume(socket)).await?;
+                }
+                let text = error.to_string();
+                self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, cost: text.len(), text, order: 0 });
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         match self.surface {
             Surface::Client => {
                 if let Some((token, last_seq)) = self.resume_asked.iter().rev().flatten().next().cloned() {
@@ -1562,9 +1602,18 @@ impl Tracker {
         // waits any more.
         self.resume_asked.clear();
         actions.extend((0..pongs).map(|_| Replay::Answer(json!({"type": "pong"}))));
+        if let Some((code, reason)) = self.close_after_replay.take() {
+            // Nothing goes to a member that closes the socket.
+            actions.retain(|a| !matches!(a, Replay::Resend(_)));
+            actions.push(Replay::Close(code, reason));
+        }
         actions
     }
 }
+
+/// How [`Tracker::resume`]'s wait reports an `error` frame answering the resume (the
+/// frame follows).
+const RESUME_REFUSED: &str = "the member answered the resume with ";
 
 /// The conversation of a visitor's attachment request (`/attachments…?token=<client
 /// token>`), read from its token without checking it (the member does).
