@@ -1141,6 +1141,9 @@ struct Tracker {
     /// The client's own resume, sent again after a re-pin, was refused with a close:
     /// the socket closes so once the answers before it are delivered.
     close_after_replay: Option<(u16, String)>,
+    /// Supervisor: a `watch` of a conversation sent and not yet taken (no `watched`
+    /// frame for it yet): the conversation and the frame.
+    watch_asked: Option<(u64, String)>,
 }
 
 /// A protocol 2 operator socket's positions (docs/protocol.md §3.6).
@@ -1166,7 +1169,7 @@ impl Tracker {
         let requested = param("last_seq").and_then(|v| v.parse::<u64>().ok());
         let feeds = (surface == Surface::Operator && param("protocol").and_then(|v| v.parse::<u32>().ok()) == Some(2))
             .then(|| Box::new(Feeds { requested: param("cursor").map(parse_feeds), delivered: BTreeMap::new() }));
-        Tracker { surface, token: None, conversation: None, pings: 0, ping_since: None, ping_marks: VecDeque::new(), ping_marks_lost: false, kept: 0, established: false, last_seq: None, requested, feeds, resume_asked: VecDeque::new(), pending: VecDeque::new(), pending_bytes: 0, closed: false, watch: None, close_after_replay: None }
+        Tracker { surface, token: None, conversation: None, pings: 0, ping_since: None, ping_marks: VecDeque::new(), ping_marks_lost: false, kept: 0, established: false, last_seq: None, requested, feeds, resume_asked: VecDeque::new(), pending: VecDeque::new(), pending_bytes: 0, closed: false, watch: None, close_after_replay: None, watch_asked: None }
     }
 
     /// Whether the stream is open and nothing the client sent waits for an answer: the
@@ -1196,8 +1199,19 @@ impl Tracker {
     /// requests are unanswered: the frame is not relayed.
     fn outgoing(&mut self, text: &str) -> Result<Option<String>, Value> {
         if self.surface == Surface::Supervisor {
-            if serde_json::from_str::<Value>(text).is_ok_and(|f| f.get("type").and_then(Value::as_str) == Some("watch")) {
-                self.watch = Some(text.to_owned());
+            if let Ok(frame) = serde_json::from_str::<Value>(text) {
+                if frame.get("type").and_then(Value::as_str) == Some("watch") {
+                    match frame.get("conversation").and_then(Value::as_u64) {
+                        // A conversation to watch: kept once its `watched` frame says the
+                        // member took it (a refused one leaves the watch before in place).
+                        Some(id) => self.watch_asked = Some((id, text.to_owned())),
+                        // Watching none: no answer comes, and none refuses it.
+                        None => {
+                            self.watch = Some(text.to_owned());
+                            self.watch_asked = None;
+                        }
+                    }
+                }
             }
             return Ok(None);
         }
@@ -1289,6 +1303,18 @@ impl Tracker {
     /// A frame from the member; `false` when the client must not see it.
     fn incoming(&mut self, text: &str) -> bool {
         if self.surface == Surface::Supervisor {
+            // Only while a watch waits for the member's word is a frame looked into.
+            if let Some((id, _)) = &self.watch_asked {
+                let head = serde_json::from_str::<Head>(text).ok();
+                let kind = head.as_ref().and_then(|f| f.kind.as_ref()).and_then(Value::as_str);
+                if kind == Some("watched") && head.as_ref().and_then(|f| f.conversation.as_ref()).and_then(Value::as_u64) == Some(*id) {
+                    self.watch = self.watch_asked.take().map(|(_, text)| text);
+                } else if kind == Some("error") {
+                    // Refused (the supervisor sends nothing else that is answered with an
+                    // error): the watch before stays in force, and is what a re-pin asks.
+                    self.watch_asked = None;
+                }
+            }
             return true;
         }
         // Only the fields read here are built; the rest of a frame (a page of entries, a
@@ -1563,6 +1589,11 @@ impl Tracker {
         if let Some(watch) = &self.watch {
             // The new member starts with the floor alone: the inspector's watch again.
             actions.push(Replay::Resend(watch.clone()));
+        }
+        if let Some((_, asked)) = &self.watch_asked {
+            // A watch the member before never answered: asked again, after the one in
+            // force, which it replaces if the new member takes it.
+            actions.push(Replay::Resend(asked.clone()));
         }
         let mut keep = VecDeque::new();
         // A resume the client sent after some of its requests may have moved the socket
@@ -2169,11 +2200,23 @@ mod tests {
         let mut t = Tracker::new(Surface::Supervisor, "/ws/supervisor");
         assert!(t.replay().is_empty(), "nothing to send again before a watch");
         t.outgoing(r#"{"type":"watch","conversation":7}"#).expect("relayed");
+        t.incoming(r#"{"type":"watched","conversation":7,"last_seq":3}"#);
         t.outgoing(r#"{"type":"watch","conversation":9}"#).expect("relayed");
-        match t.replay().as_slice() {
-            [Replay::Resend(text)] => assert!(text.contains("\"conversation\":9"), "the last watch: {text}"),
-            other => panic!("expected the last watch again, got {} actions", other.len()),
-        }
+        t.incoming(r#"{"type":"watched","conversation":9,"last_seq":1}"#);
+        let resent = |t: &mut Tracker| -> Vec<String> { t.replay().into_iter().filter_map(|r| match r { Replay::Resend(text) => Some(text), _ => None }).collect() };
+        assert_eq!(resent(&mut t), [r#"{"type":"watch","conversation":9}"#], "the last watch taken");
+        // A watch the member refuses (no such conversation) leaves the one before in force.
+        t.outgoing(r#"{"type":"watch","conversation":404}"#).expect("relayed");
+        t.incoming(r#"{"type":"error","code":"not_found","message":"conversation 404"}"#);
+        t.incoming(r#"{"type":"floor","queues":[]}"#);
+        t.incoming(r#"{"type":"watched","conversation":9,"last_seq":2}"#);
+        assert_eq!(resent(&mut t), [r#"{"type":"watch","conversation":9}"#], "the watch in force, not the refused one");
+        // One with no answer yet (the member died first) is asked again after it.
+        t.outgoing(r#"{"type":"watch","conversation":12}"#).expect("relayed");
+        assert_eq!(resent(&mut t), [r#"{"type":"watch","conversation":9}"#, r#"{"type":"watch","conversation":12}"#]);
+        // Watching none takes effect at once.
+        t.outgoing(r#"{"type":"watch"}"#).expect("relayed");
+        assert_eq!(resent(&mut t), [r#"{"type":"watch"}"#]);
     }
 
     #[test]
