@@ -169,6 +169,29 @@ async fn a_telegram_conversation_goes_both_ways_once_through_redeliveries_and_pr
     assert_eq!(next["conversation"], json!(conversation));
     let event = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "thanks").await?;
     assert_eq!(event["conversation"], json!(conversation));
+
+    // A 429 pauses the whole channel for the wait the provider asked for: a reply to
+    // another customer, written after it, goes out only once that wait is over (sent at
+    // once, it would be refused too, and use up an attempt).
+    let (_, other) = hook(&dev, Some(SECRET), &update(6, 5151, 12, "hello from Finn")).await?;
+    let second = accept_offer(&mut alice).await?;
+    assert_eq!(json!(second), other["conversation"]);
+    let before = fake.calls().len();
+    fake.script(&[Fault::TooMany(2)]);
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "p1", "text": "One moment, Dana.", "ref": "p1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "p1").await?;
+    let refused_at = eventually(WAIT, Duration::from_millis(10), || async { Ok(fake.calls().get(before).copied()) }).await?;
+    alice.send(&json!({"type": "send", "conversation": second, "key": "p2", "text": "Hello Finn.", "ref": "p2"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "p2").await?;
+    eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
+        let sent = fake.sent();
+        Ok((sent.iter().any(|(_, t)| t == "One moment, Dana.") && sent.iter().any(|(_, t)| t == "Hello Finn.")).then_some(()))
+    })
+    .await?;
+    let later: Vec<Duration> = fake.calls()[before + 1..].iter().map(|c| c.duration_since(refused_at)).collect();
+    assert_eq!(later.len(), 2, "the refused reply and the other customer's, once each: {later:?}");
+    assert!(later.iter().all(|d| *d >= Duration::from_millis(1900)), "nothing went to the channel during the 2 s it asked for: {later:?}");
+
     // Nothing is dead-lettered.
     let (_, dead) = dev.api("GET", "/api/deliveries", Some(&supervisor), None).await?;
     assert_eq!(dead["deliveries"], json!([]));

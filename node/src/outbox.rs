@@ -116,6 +116,20 @@ struct Bucket {
     at: std::time::Instant,
 }
 
+/// Until when each channel (and, apart, its bot) sends nothing: its provider asked for a
+/// wait (a 429's `retry_after` or `Retry-After`), which holds for every message to it,
+/// not only the one refused (the others would each be refused too, use up an attempt,
+/// and lengthen the provider's own wait).
+type Pauses = Arc<Mutex<HashMap<(ChannelId, bool), std::time::Instant>>>;
+
+/// The longest pause a provider's wait gives its channel.
+const MAX_PAUSE: Duration = Duration::from_millis(MAX_BACKOFF_MS);
+
+tokio::task_local! {
+    /// The wait the provider asked for on the attempt this task makes, if it did.
+    static PROVIDER_WAIT: std::cell::Cell<Option<Duration>>;
+}
+
 type Key = (ConversationId, u64);
 /// The sends running: each entry's key, with its channel and whether it goes to the bot.
 type InFlight = HashMap<Key, (ChannelId, bool)>;
@@ -206,6 +220,7 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
     let (results_tx, results_rx) = tokio::sync::mpsc::unbounded_channel::<DeliveryResult>();
     tokio::spawn(commit_results(proposer.clone(), shard.clone(), node_id, results_rx, in_flight.clone(), released.clone()));
     let mut buckets: BTreeMap<(ChannelId, bool), Bucket> = BTreeMap::new();
+    let pauses: Pauses = Arc::default();
     let mut with_files: HashMap<Key, bool> = HashMap::new();
     let mut idle_rounds = 0u32;
     // What the last look saw: the shard's applied count and when an entry it skipped
@@ -241,6 +256,11 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         // Other nodes' attempts of sends that take seconds, not minutes: settled once
         // their node answered, or [`QUICK_ASK_GRACE_MS`] after the orphan time.
         let mut quick: std::collections::HashSet<Attempt> = std::collections::HashSet::new();
+        let paused: HashMap<(ChannelId, bool), std::time::Instant> = {
+            let mut pauses = pauses.lock().unwrap_or_else(|p| p.into_inner());
+            pauses.retain(|_, until| *until > instant);
+            pauses.clone()
+        };
         let (orphans, may_upload, mut slow_waiting, paced, paced_for) = {
             let state = shard.read();
             if state.outbox.is_empty() {
@@ -340,6 +360,11 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                         // (which makes the next look).
                         let running = per_channel.entry((d.channel.clone(), d.to_bot)).or_default();
                         if *running >= CHANNEL_IN_FLIGHT {
+                            continue;
+                        }
+                        if let Some(until) = paused.get(&(d.channel.clone(), d.to_bot)) {
+                            // Back when the provider's wait is over.
+                            due(now.plus_ms(u64::try_from(until.saturating_duration_since(instant).as_millis()).unwrap_or(u64::MAX).saturating_add(1)));
                             continue;
                         }
                         let bucket = buckets.entry((d.channel.clone(), d.to_bot)).or_insert(Bucket { tokens: rate.clamp(1.0, 50.0), at: instant });
@@ -468,8 +493,9 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
         idle_rounds = 0;
         // The batch is marked attempted and sent by a task of its own, so the next
         // batch is picked while this one commits (the in-flight set keeps them apart).
-        in_flight.lock().unwrap_or_else(|p| p.into_inner()).extend(paced.iter().copied().zip(paced_for));
-        let (proposer, in_flight, client, shard, results, gateway, released, abandoned) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone(), gateway.clone(), released.clone(), abandoned.clone());
+        let channel_of: HashMap<Key, (ChannelId, bool)> = paced.iter().copied().zip(paced_for).collect();
+        in_flight.lock().unwrap_or_else(|p| p.into_inner()).extend(channel_of.iter().map(|(k, c)| (*k, c.clone())));
+        let (proposer, in_flight, client, shard, results, gateway, released, abandoned, pauses) = (proposer.clone(), in_flight.clone(), client.clone(), shard.clone(), results_tx.clone(), gateway.clone(), released.clone(), abandoned.clone(), pauses.clone());
         tokio::spawn(async move {
             // Entries whose earlier mark this process gave up: that mark may still apply,
             // so an entry that reads as this node's attempt after a failed mark below may
@@ -520,9 +546,21 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             }
             released.fetch_add(1, std::sync::atomic::Ordering::Release);
             for key in marked {
-                let (client, shard, results, gateway) = (client.clone(), shard.clone(), results.clone(), gateway.clone());
+                let (client, shard, results, gateway, pauses) = (client.clone(), shard.clone(), results.clone(), gateway.clone(), pauses.clone());
+                let channel = channel_of.get(&key).cloned();
                 tokio::spawn(async move {
-                    let outcome = attempt(&client, &shard, &gateway, key, node_id).await;
+                    let (outcome, wait) = PROVIDER_WAIT
+                        .scope(std::cell::Cell::new(None), async {
+                            let outcome = attempt(&client, &shard, &gateway, key, node_id).await;
+                            (outcome, PROVIDER_WAIT.with(std::cell::Cell::get))
+                        })
+                        .await;
+                    if let (Some(wait), Some(channel)) = (wait, channel) {
+                        let until = std::time::Instant::now() + wait.min(MAX_PAUSE);
+                        let mut pauses = pauses.lock().unwrap_or_else(|p| p.into_inner());
+                        let at = pauses.entry(channel).or_insert(until);
+                        *at = (*at).max(until);
+                    }
                     // Whatever this node concluded, an entry it no longer attempts is not
                     // its to fail or retry (a `Sent` still says what happened).
                     let outcome = match outcome {
@@ -752,7 +790,13 @@ fn outcome_of(sent: SendOutcome, delivery: &switchboard_actors::state::Delivery)
             tracing::warn!(%reason, "a provider may have taken a message without answering; it is not sent again");
             DeliveryOutcome::Unknown
         }
-        SendOutcome::Retry { reason, after } => retry_or_give_up(delivery, now_ms(), reason, after),
+        SendOutcome::Retry { reason, after } => {
+            // The provider's wait pauses the whole channel (see `Pauses`).
+            if let Some(wait) = after {
+                let _ = PROVIDER_WAIT.try_with(|w| w.set(Some(wait)));
+            }
+            retry_or_give_up(delivery, now_ms(), reason, after)
+        }
     }
 }
 
