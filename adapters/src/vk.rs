@@ -55,8 +55,16 @@ struct Object {
 
 #[derive(Deserialize)]
 struct Message {
+    #[serde(default)]
     id: i64,
     from_id: i64,
+    /// Where it was written: the sender's id for a private message to the community,
+    /// from [`FIRST_CHAT_PEER`] on for a chat the community's bot was added to.
+    #[serde(default)]
+    peer_id: i64,
+    /// Its number within that conversation (a chat's messages have `id` 0).
+    #[serde(default)]
+    conversation_message_id: i64,
     #[serde(default)]
     text: String,
     #[serde(default)]
@@ -119,6 +127,10 @@ pub fn media(body: &[u8]) -> Vec<crate::Media> {
         .collect()
 }
 
+/// VK numbers chats (several people and the community's bot) from here on; below it a
+/// `peer_id` is a person writing to the community.
+pub const FIRST_CHAT_PEER: i64 = 2_000_000_000;
+
 /// An event, once its secret is checked (a confirmation carries none).
 pub fn parse(body: &[u8], secret: &str) -> Result<Event, AdapterError> {
     let callback: Callback = serde_json::from_slice(body).map_err(|e| AdapterError::Malformed(format!("not a VK callback: {e}")))?;
@@ -133,6 +145,19 @@ pub fn parse(body: &[u8], secret: &str) -> Result<Event, AdapterError> {
     }
     let Some(m) = callback.object.and_then(|o| o.message) else {
         return Err(AdapterError::Malformed("message_new without object.message".into()));
+    };
+    // A chat the community's bot is in is not a customer writing to the community: its
+    // replies would go to the sender's private messages, out of the chat. Answered and
+    // dropped.
+    if m.peer_id >= FIRST_CHAT_PEER {
+        return Ok(Event::Other);
+    }
+    // The message's id, which redeliveries of it share; VK gives a message without one
+    // (`id` 0) its number within the conversation.
+    let id = match (m.id, m.conversation_message_id) {
+        (0, 0) => return Err(AdapterError::Malformed("message_new without an id or a conversation_message_id".into())),
+        (0, number) => format!("{}:{number}", m.peer_id),
+        (id, _) => id.to_string(),
     };
     let mut lines: Vec<String> = Vec::new();
     if !m.text.is_empty() {
@@ -152,7 +177,7 @@ pub fn parse(body: &[u8], secret: &str) -> Result<Event, AdapterError> {
         lines.push("[location]".to_owned());
     }
     let text = if lines.is_empty() { "[a message of a kind this channel does not show]".to_owned() } else { lines.join("\n") };
-    Ok(Event::Message { from: m.from_id.to_string(), id: m.id.to_string(), text: clip(&text, switchboard_actors::core::MAX_TEXT_CHARS) })
+    Ok(Event::Message { from: m.from_id.to_string(), id, text: clip(&text, switchboard_actors::core::MAX_TEXT_CHARS) })
 }
 
 /// The `random_id` of an entry: the same on every attempt, spread over VK's int32 range.
@@ -284,6 +309,16 @@ mod tests {
         assert!(matches!(parse(new, "other"), Err(AdapterError::Refused(_))));
         assert_eq!(parse(br#"{"type":"message_typing_state","group_id":77,"secret":"s3","object":{}}"#, "s3").unwrap(), Event::Other);
         assert!(parse(br#"{"type":"message_new","secret":"s3","object":{}}"#, "s3").is_err());
+        // In a chat the bot was added to: not a customer's conversation, dropped (each
+        // such message has id 0; taken by id, every one after the first would be lost as
+        // a redelivery).
+        let chat = br#"{"type":"message_new","group_id":77,"secret":"s3","object":{"message":{"id":0,"conversation_message_id":14,"date":1,"from_id":9001,"peer_id":2000000005,"text":"hi all"}}}"#;
+        assert_eq!(parse(chat, "s3").unwrap(), Event::Other);
+        // A private message without an id is known by its number in the conversation.
+        let numbered = br#"{"type":"message_new","group_id":77,"secret":"s3","object":{"message":{"id":0,"conversation_message_id":3,"date":1,"from_id":9001,"peer_id":9001,"text":"again"}}}"#;
+        assert_eq!(parse(numbered, "s3").unwrap(), Event::Message { from: "9001".into(), id: "9001:3".into(), text: "again".into() });
+        let neither = br#"{"type":"message_new","group_id":77,"secret":"s3","object":{"message":{"id":0,"date":1,"from_id":9001,"peer_id":9001,"text":"?"}}}"#;
+        assert!(matches!(parse(neither, "s3"), Err(AdapterError::Malformed(_))));
     }
 
     #[test]
