@@ -189,6 +189,21 @@ async fn a_token_stays_dead_when_a_demotion_is_undone() -> anyhow::Result<()> {
     assert_eq!(status, 401, "a token survived a demotion: {reply}");
     let fresh = dev.login("supervisor").await?;
     assert_eq!(dev.api("GET", "/api/queues", Some(&fresh), None).await?.0, 200);
+
+    // A password or a login name that `/api/login` would refuse is refused here too, and
+    // nothing is stored: the login could never sign in.
+    let (status, reply) = dev.api("PUT", "/api/users/dora", Some(&admin), Some(json!({"password": "p".repeat(1025), "role": "supervisor"}))).await?;
+    assert_eq!((status, reply["code"].clone()), (400, json!("bad_request")), "{reply}");
+    let long = "l".repeat(201);
+    let (status, reply) = dev.api("PUT", &format!("/api/users/{long}"), Some(&admin), Some(json!({"password": "a-long-enough-password", "role": "supervisor"}))).await?;
+    assert_eq!((status, reply["code"].clone()), (400, json!("bad_request")), "{reply}");
+    let (_, users) = dev.api("GET", "/api/users", Some(&admin), None).await?;
+    assert!(!users.to_string().contains("\"dora\"") && !users.to_string().contains(&long), "nothing stored: {users}");
+    // At the bounds: stored, and it signs in.
+    let (status, reply) = dev.api("PUT", "/api/users/dora", Some(&admin), Some(json!({"password": "p".repeat(1024), "role": "supervisor"}))).await?;
+    assert_eq!(status, 200, "{reply}");
+    let (status, _) = switchboard_gateway::client::http_json(&dev.private, "POST", "/api/login", None, Some(&json!({"login": "dora", "password": "p".repeat(1024)}))).await?;
+    assert_eq!(status, 200, "a password of 1024 bytes signs in");
     Ok(())
 }
 

@@ -674,11 +674,6 @@ impl Gateway {
         *confirmed = Some(confirmed.map_or(asked, |at| at.max(asked)));
     }
 
-    /// The session epoch new tokens of `login` name.
-    pub(crate) fn session_epoch(&self, login: &str) -> u64 {
-        self.backend.directory_shard().read().session_epochs.get(login).copied().unwrap_or(0)
-    }
-
     /// An ephemeral signal for an operator's sockets: those on this node hear it now,
     /// those on other nodes when the relay reaches them.
     pub(crate) fn signal_operator(&self, operator: &OperatorId, signal: Value) {

@@ -214,12 +214,17 @@ struct LoginRequest {
     password: String,
 }
 
+/// The longest login name and password a login takes (longer ones are refused 400
+/// before anything is read); a user is stored only within them, so it can log in.
+const MAX_LOGIN_BYTES: usize = 200;
+const MAX_PASSWORD_BYTES: usize = 1024;
+
 async fn login(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Body(req): Body<LoginRequest>,
 ) -> Result<Json<Value>, GatewayError> {
-    if req.login.len() > 200 || req.password.len() > 1024 {
+    if req.login.len() > MAX_LOGIN_BYTES || req.password.len() > MAX_PASSWORD_BYTES {
         return Err(GatewayError::BadRequest("login or password too long".into()));
     }
     // Counted from here, before the password is checked.
@@ -235,10 +240,14 @@ async fn login(
     }
     // The token it gives is then taken at once, without another barrier.
     gw.directory_confirmed_at(asked);
-    let user = {
+    // The user and its session epoch are read together, before the password is checked:
+    // a password changed (or the sessions ended) while the check runs moves the epoch
+    // past the one the token then carries, so the token is refused, as any token issued
+    // before the change is.
+    let (user, epoch) = {
         let shard = gw.backend.directory_shard();
         let state = shard.read();
-        state.users.get(&req.login).cloned()
+        (state.users.get(&req.login).cloned(), state.session_epochs.get(&req.login).copied().unwrap_or(0))
     };
     // Verify against a dummy hash when the login is unknown, so timing does not tell.
     let phc = match &user {
@@ -262,7 +271,6 @@ async fn login(
         }
     };
     attempt.succeeded();
-    let epoch = gw.session_epoch(&user.login);
     let subject = Subject::Staff { login: user.login.clone(), role: user.role, operator: user.operator.clone(), epoch };
     let token = gw.tokens.issue(subject, STAFF_TOKEN_TTL);
     Ok(Json(json!({
@@ -648,6 +656,9 @@ async fn put_user(
     Body(body): Body<UserBody>,
 ) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
+    if login.len() > MAX_LOGIN_BYTES {
+        return Err(GatewayError::BadRequest(format!("a login is at most {MAX_LOGIN_BYTES} bytes, or it could never log in")));
+    }
     let operator = body.operator.filter(|op| !op.is_empty()).map(OperatorId::new);
     // Without a password: an edit of an existing user that keeps theirs.
     let Some(password) = body.password.filter(|p| !p.is_empty()) else {
@@ -659,6 +670,9 @@ async fn put_user(
     };
     if password.chars().count() < 10 {
         return Err(GatewayError::BadRequest("password must be at least 10 characters".into()));
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(GatewayError::BadRequest(format!("a password is at most {MAX_PASSWORD_BYTES} bytes, or it could never log in")));
     }
     let password_hash = gw.password_work(move || hash_password(&password)).await??;
     let user = UserRecord { login: login.clone(), password_hash, role: body.role, operator };
