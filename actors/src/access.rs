@@ -85,7 +85,9 @@ fn matches(rule: &AccessRule, customer: Customer) -> bool {
 /// the channel or of every channel matches them, or the channel takes only its allow
 /// list and no allow rule matches. An asker that does not know the address (the core)
 /// cannot tell whether an address rule matches: it refuses only on what it can see,
-/// and never on an allow list it cannot check.
+/// and never on an allow list it cannot check, except (from rules 15) on a channel
+/// whose customers have no address at all (every kind but `web`), where only visitor
+/// allow rules can let anyone in.
 pub fn check(state: &ShardState, channel: &ChannelId, customer: Customer) -> Result<(), String> {
     let applies = |rule: &AccessRule| rule.channel.as_ref().is_none_or(|c| c == channel);
     let mode = state.channel_access.get(channel);
@@ -96,7 +98,8 @@ pub fn check(state: &ShardState, channel: &ChannelId, customer: Customer) -> Res
     if state.access_rules.keys().any(|r| r.list == AccessList::Block && applies(r) && matches(r, customer)) {
         return refused();
     }
-    if mode.is_some_and(|m| m.allow_only) && customer.ip.is_some() {
+    let addressless = state.rules >= 15 && state.channels.get(channel).is_some_and(|c| c.kind != WEB_KIND);
+    if mode.is_some_and(|m| m.allow_only) && (customer.ip.is_some() || addressless) {
         let allowed = state.access_rules.keys().any(|r| r.list == AccessList::Allow && applies(r) && matches(r, customer));
         if !allowed {
             return refused();
@@ -104,6 +107,9 @@ pub fn check(state: &ShardState, channel: &ChannelId, customer: Customer) -> Res
     }
     Ok(())
 }
+
+/// The channel kind whose customers come with an address: the web widget's sockets.
+pub const WEB_KIND: &str = "web";
 
 /// Refuses a malformed rule.
 pub fn validate(rule: &AccessRule, note: Option<&String>) -> Result<(), String> {

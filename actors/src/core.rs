@@ -75,7 +75,14 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// refused; a messenger or email customer's own message past it (or past the entries, or
 /// the room for files) closes the conversation [`FULL`] and opens a new one that prefers
 /// the same operator, who gets no wrap-up for it.
-pub const RULES_VERSION: u32 = 14;
+/// Rules 15: a channel whose customers have no address (every kind but `web`:
+/// messengers, email, the Channel API) set to take only its allow list takes only
+/// customers its visitor allow rules name (before, its allow list was never checked,
+/// since no address could be); and a messenger, email or Channel API customer whose
+/// message opens a new conversation is routed first to whoever served them last, within
+/// the group's sticky time, as a returning web visitor is (before, only web visitors
+/// were).
+pub const RULES_VERSION: u32 = 15;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a

@@ -923,6 +923,22 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
         };
         state.returning = served.map(|(operator, at, _)| (operator, at));
     }
+    if let Command::ChannelInbound { channel, sender, .. } | Command::ChannelInboundRich { channel, sender, .. } = command {
+        // Rules 15: a messenger, email or Channel API customer whose message opens a new
+        // conversation (none of theirs is open) is a returning customer too.
+        let thread = match command {
+            Command::ChannelInboundRich { thread, .. } => *thread,
+            _ => None,
+        };
+        if state.rules >= 15 && crate::core::inbound_target(state, channel, sender, thread).is_none() {
+            let visitor = format!("{channel}:{sender}");
+            let served = match state.served_in_entry.get(&visitor) {
+                Some(served) => Some(served.clone()),
+                None => get::<(OperatorId, Timestamp, ConversationId)>(store, &key::last_served(&visitor))?,
+            };
+            state.returning = served.map(|(operator, at, _)| (operator, at));
+        }
+    }
     if let Command::ChannelInboundRich { channel, sender, files, thread, .. } = command {
         // The files a message adds count against its conversation's room.
         if !files.is_empty() {

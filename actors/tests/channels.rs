@@ -27,9 +27,14 @@ fn tg() -> ChannelId {
 
 /// Group `g`, operator `ann` online (capacity 2), channel `tg` with a Telegram adapter.
 fn setup() -> (MemStore, ShardState) {
+    setup_with(switchboard_actors::core::RULES_VERSION)
+}
+
+/// As [`setup`], under routing rules `rules`.
+fn setup_with(rules: u32) -> (MemStore, ShardState) {
     let store = MemStore::default();
     let mut state = ShardState::default();
-    ok(run(&mut state, &store, T0, Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }));
+    ok(run(&mut state, &store, T0, Command::AdoptRules { version: rules }));
     ok(run(&mut state, &store, T0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "G".into(), policy: Policy::LongestIdle, offer_timeout_ms: 30_000, sla_ms: 20_000 })));
     ok(run(&mut state, &store, T0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("ann"), name: "Ann".into(), capacity: 2, groups: vec![SkillGroupId::new("g")] })));
     ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: tg(), kind: "telegram".into(), name: "Telegram".into(), default_group: SkillGroupId::new("g") })));
@@ -527,4 +532,68 @@ fn a_messenger_message_past_the_conversations_text_bound_opens_a_new_conversatio
     assert_eq!(again, Reply::Inbound { conversation: second, duplicate: true });
     let (next, _) = ok(run(&mut state, &store, T0 + 10_002, inbound("dana", "next", "thanks")));
     assert_eq!(conversation_of(&next), second);
+}
+
+/// Rules 15: a messenger channel that takes only its allow list takes only the senders
+/// its visitor allow rules name. Its customers have no address, so under rules 14 the
+/// allow list was never checked and anyone could write in.
+#[test]
+fn a_messenger_channel_that_takes_only_its_allow_list_refuses_everyone_else() {
+    let allow_only = |state: &mut ShardState, store: &MemStore| {
+        let allowed = AccessRule { list: AccessList::Allow, channel: Some(tg()), kind: AccessKind::Visitor, value: "tg:42".into() };
+        ok(run(state, store, T0 + 1, Command::SetAccessRule { rule: allowed, note: Some("our customer".into()), by: "admin".into() }));
+        ok(run(state, store, T0 + 2, Command::SetChannelAccess { channel: tg(), allow_only: true, message: "Members only.".into(), by: "admin".into() }));
+    };
+    let (store, mut state) = setup();
+    connect(&mut state, &store);
+    allow_only(&mut state, &store);
+    let refused = run(&mut state, &store, T0 + 10, inbound("43", "m1", "let me in"));
+    assert!(matches!(&refused, Err(Error::Blocked(m)) if m == "Members only."), "{refused:?}");
+    assert!(state.conversations.is_empty(), "nothing was written");
+    let (reply, _) = ok(run(&mut state, &store, T0 + 20, inbound("42", "m1", "hello")));
+    assert!(state.conversations.contains_key(&conversation_of(&reply)), "the sender on the allow list is taken");
+    // A web channel's allow list is still the edge's to check (it knows the address):
+    // a start the core sees without one is not refused for it.
+    ok(run(&mut state, &store, T0 + 30, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "Web".into(), default_group: SkillGroupId::new("g") })));
+    ok(run(&mut state, &store, T0 + 31, Command::SetChannelAccess { channel: ChannelId::new("web"), allow_only: true, message: String::new(), by: "admin".into() }));
+    ok(run(&mut state, &store, T0 + 32, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }));
+
+    // Under rules 14, as a log written then replays: the allow list was not checked.
+    let (store, mut state) = setup_with(14);
+    connect(&mut state, &store);
+    allow_only(&mut state, &store);
+    ok(run(&mut state, &store, T0 + 10, inbound("43", "m1", "let me in")));
+}
+
+/// Rules 15: a messenger customer whose last conversation closed within the group's
+/// sticky time is offered first to the operator who served them, as a returning web
+/// visitor is; under rules 14 they were routed as new.
+#[test]
+fn a_returning_messenger_customer_goes_first_to_whoever_served_them_last() {
+    for rules in [15, 14] {
+        let (store, mut state) = setup_with(rules);
+        connect(&mut state, &store);
+        ok(run(&mut state, &store, T0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("bob"), name: "Bob".into(), capacity: 2, groups: vec![SkillGroupId::new("g")] })));
+        ok(run(&mut state, &store, T0, Command::SetPresence { operator: OperatorId::new("bob"), presence: Presence::Online }));
+        ok(run(&mut state, &store, T0, Command::SetGroupRouting { group: SkillGroupId::new("g"), routing: GroupRouting { sticky_ms: 86_400_000, ..GroupRouting::default() } }));
+        let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+        let first = conversation_of(&reply);
+        // Whoever it was offered to takes it and closes it.
+        let (offer, served) = state.offers.iter().find(|(_, o)| o.conversation == first).map(|(id, o)| (*id, o.operator.clone())).expect("offered");
+        ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: served.clone(), offer }));
+        ok(run(&mut state, &store, T0 + 30, Command::CloseByOperator { operator: served.clone(), conversation: first, resolution: String::new(), tags: vec![] }));
+        // Ten minutes later, after a restart, the customer writes again.
+        let mut state = records::load(&store).expect("reload");
+        let (reply, _) = ok(run(&mut state, &store, T0 + 600_000, inbound("42", "m2", "it happened again")));
+        let second = conversation_of(&reply);
+        assert_ne!(second, first);
+        let sticky = state.sticky.get(&second).cloned();
+        if rules >= 15 {
+            assert_eq!(sticky, Some(served.clone()), "rules {rules}: the new conversation prefers {served}");
+            let offered_to = state.offers.values().find(|o| o.conversation == second).map(|o| o.operator.clone());
+            assert_eq!(offered_to, Some(served.clone()), "rules {rules}: offered to {served} first");
+        } else {
+            assert_eq!(sticky, None, "rules {rules}: routed as new");
+        }
+    }
 }
