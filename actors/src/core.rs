@@ -81,7 +81,11 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// since no address could be); and a messenger, email or Channel API customer whose
 /// message opens a new conversation is routed first to whoever served them last, within
 /// the group's sticky time, as a returning web visitor is (before, only web visitors
-/// were).
+/// were). And, as rules 10 does for capacity and groups, a change of an operator's skills
+/// (`SetOperatorSkills`) withdraws their pending offers, and a change of the skills a
+/// group's conversations need (`SetGroupRouting`'s `required_skills` or `skill_rules`)
+/// withdraws the group's (before, an offer made under the old skills could be accepted
+/// by an operator they no longer fit).
 pub const RULES_VERSION: u32 = 15;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
@@ -1602,7 +1606,22 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 return Err(Error::NotFound(format!("skill group {group}")));
             }
             check_routing(routing)?;
-            Ok((Reply::Done, vec![Event::GroupRoutingSet { group: group.clone(), routing: routing.clone() }]))
+            let mut events = Vec::new();
+            // Rules 15: a change of the skills the group's conversations need withdraws
+            // the group's pending offers, which routing makes again under them.
+            let needs = |r: &GroupRouting| {
+                let mut required = r.required_skills.clone();
+                required.sort();
+                let mut rules: Vec<(String, String, String, u8)> = r.skill_rules.iter().map(|x| (x.attribute.clone(), x.value.clone(), x.skill.clone(), x.level)).collect();
+                rules.sort();
+                (required, rules)
+            };
+            let before = state.group_routing.get(group).cloned().unwrap_or_default();
+            if state.rules >= 15 && needs(&before) != needs(routing) {
+                events.extend(state.offers.values().filter(|o| o.group == *group).map(|o| Event::OfferWithdrawn { offer: o.id, reason: WithdrawReason::OperatorUnavailable, detail: "group's skills changed".into() }));
+            }
+            events.push(Event::GroupRoutingSet { group: group.clone(), routing: routing.clone() });
+            Ok((Reply::Done, events))
         }
         Command::SetGroupSteps { group, steps } => {
             rules_at_least(state, 6)?;
@@ -1678,7 +1697,18 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
         Command::SetOperatorSkills { operator: op_id, skills } => {
             operator(op_id)?;
             check_skills(skills.iter().map(|(name, level)| (name.as_str(), *level)))?;
-            Ok((Reply::Done, vec![Event::OperatorSkillsSet { operator: op_id.clone(), skills: skills.clone() }]))
+            let mut events = Vec::new();
+            // Rules 15: as rules 10 does for capacity and groups, a change of skills
+            // withdraws the operator's pending offers, which routing makes again to
+            // whoever the new skills fit (before, an offer made under the old skills
+            // could be accepted by an operator they no longer fit).
+            let applied: std::collections::BTreeMap<&str, u8> = skills.iter().map(|(name, level)| (name.as_str(), *level)).collect();
+            let before: std::collections::BTreeMap<&str, u8> = state.operator_skills.get(op_id).map(|s| s.iter().map(|(name, level)| (name.as_str(), *level)).collect()).unwrap_or_default();
+            if state.rules >= 15 && applied != before {
+                events.extend(withdraw_offers_of(operator(op_id)?, "operator's skills changed"));
+            }
+            events.push(Event::OperatorSkillsSet { operator: op_id.clone(), skills: skills.clone() });
+            Ok((Reply::Done, events))
         }
         Command::SetOperatorChannels { operator: op_id, limits } => {
             operator(op_id)?;

@@ -90,3 +90,34 @@ fn changing_an_operator_s_channels_or_the_weights_withdraws_their_offers() {
     run(&mut state, &store, 2300, Command::SetOperatorChannels { operator: ann(), limits }).expect("same limits");
     assert_eq!(state.offers.keys().copied().collect::<Vec<_>>(), before);
 }
+
+/// Rules 15: the same for skills. Group g comes to need `billing` at level 3, which ann
+/// lacks: the offers made to her before are withdrawn, and none is made again; given
+/// the skill, she is offered them again. Taking her skill away withdraws them too.
+/// Under rules 14 the old offers stayed, and she could accept a conversation she no
+/// longer fit.
+#[test]
+fn a_change_of_skills_withdraws_the_offers_made_under_the_old_ones() {
+    let billing = |level: u8| GroupRouting { required_skills: vec![("billing".into(), level)], ..GroupRouting::default() };
+    let (store, mut state, offers) = two_offers(15);
+    run(&mut state, &store, 2000, Command::SetGroupRouting { group: SkillGroupId::new("g"), routing: billing(3) }).expect("set");
+    assert!(state.offers.is_empty(), "the offers made before the group needed billing are withdrawn: {:?}", state.offers);
+    assert_eq!(run(&mut state, &store, 2100, Command::AcceptOffer { offer: offers[0], operator: ann() }), Err(Error::OfferGone(offers[0])));
+    // Given the skill, she is offered both again.
+    run(&mut state, &store, 2200, Command::SetOperatorSkills { operator: ann(), skills: vec![("billing".into(), 4)] }).expect("skilled");
+    assert_eq!(state.offers.len(), 2, "with the skill she is offered both again: {:?}", state.offers);
+    let again: Vec<OfferId> = state.offers.keys().copied().collect();
+    run(&mut state, &store, 2300, Command::SetGroupRouting { group: SkillGroupId::new("g"), routing: billing(3) }).expect("same");
+    assert_eq!(state.offers.keys().copied().collect::<Vec<_>>(), again, "unchanged needs withdraw nothing");
+    // Her skill taken away: withdrawn, and not offered to her again.
+    run(&mut state, &store, 2400, Command::SetOperatorSkills { operator: ann(), skills: vec![("billing".into(), 1)] }).expect("deskilled");
+    assert!(state.offers.is_empty(), "{:?}", state.offers);
+    assert_eq!(run(&mut state, &store, 2500, Command::AcceptOffer { offer: again[0], operator: ann() }), Err(Error::OfferGone(again[0])));
+    assert_eq!(held(&state), 0);
+
+    // Rules 14, as a log written then replays: the offers stay, and are accepted.
+    let (store, mut state, offers) = two_offers(14);
+    run(&mut state, &store, 2000, Command::SetGroupRouting { group: SkillGroupId::new("g"), routing: billing(3) }).expect("set");
+    assert_eq!(state.offers.len(), 2);
+    run(&mut state, &store, 2100, Command::AcceptOffer { offer: offers[0], operator: ann() }).expect("accepted under rules 14");
+}
