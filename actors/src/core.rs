@@ -85,7 +85,9 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// (`SetOperatorSkills`) withdraws their pending offers, and a change of the skills a
 /// group's conversations need (`SetGroupRouting`'s `required_skills` or `skill_rules`)
 /// withdraws the group's (before, an offer made under the old skills could be accepted
-/// by an operator they no longer fit).
+/// by an operator they no longer fit). And a supervisor's reassignment of a queued
+/// conversation to the operator it is offered to does not count that offer, which it
+/// withdraws, against their room (before, it was refused when the offer filled them).
 pub const RULES_VERSION: u32 = 15;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
@@ -1814,6 +1816,20 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                         return Err(Error::Unavailable(format!("operator {to} is offline")));
                     }
                     channel_known(state, &conversation(conv_id)?.channel)?;
+                    // Rules 15: the target's pending offer of this very conversation,
+                    // which this withdraws, takes no room of theirs (before, a
+                    // supervisor could not give a conversation to the operator it was
+                    // offered to when that offer filled their desk).
+                    let without_its_offer;
+                    let to_op = match &conv.status {
+                        ConversationStatus::Queued { offer: Some(offer), .. } if state.rules >= 15 && to_op.offers.contains(offer) => {
+                            let mut probe = to_op.clone();
+                            probe.offers.remove(offer);
+                            without_its_offer = probe;
+                            &without_its_offer
+                        }
+                        _ => to_op,
+                    };
                     if !state.has_room(to_op, &conversation(conv_id)?.channel) {
                         return Err(Error::CapacityExceeded(to.clone()));
                     }

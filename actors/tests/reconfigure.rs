@@ -121,3 +121,25 @@ fn a_change_of_skills_withdraws_the_offers_made_under_the_old_ones() {
     assert_eq!(state.offers.len(), 2);
     run(&mut state, &store, 2100, Command::AcceptOffer { offer: offers[0], operator: ann() }).expect("accepted under rules 14");
 }
+
+/// Rules 15: a supervisor may give a queued conversation to the operator it is offered
+/// to, even when that offer is what fills their desk: the reassignment withdraws it, so
+/// it takes no room. Under rules 14 it was refused `capacity_exceeded`.
+#[test]
+fn a_conversation_can_be_reassigned_to_the_operator_it_is_offered_to() {
+    for rules in [15, 14] {
+        let (store, mut state, offers) = two_offers(rules);
+        let conversation = state.offers[&offers[0]].conversation;
+        let reassign = Command::Reassign { by: "sue".into(), conversation, target: TransferTarget::Operator(ann()), comment: String::new() };
+        let answer = run(&mut state, &store, 2000, reassign);
+        if rules >= 15 {
+            answer.expect("reassigned");
+            assert!(!state.offers.contains_key(&offers[0]), "its offer is withdrawn");
+            assert_eq!(held(&state), 1);
+            let load = state.operators.get(&ann()).map_or(0, |op| op.load());
+            assert!(load <= 2, "never over capacity: {load}");
+        } else {
+            assert_eq!(answer, Err(Error::CapacityExceeded(ann())), "rules {rules}");
+        }
+    }
+}
