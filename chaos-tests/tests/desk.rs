@@ -281,6 +281,51 @@ async fn an_operator_sees_a_customer_s_other_conversations_only_while_serving_th
     Ok(())
 }
 
+/// The client card lets an operator serving a customer read that customer's earlier,
+/// closed conversations, not the customer's other open one that a colleague holds, and
+/// not write notes into what they may only read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_a_customer_opens_their_closed_conversations_only_to_read() -> anyhow::Result<()> {
+    let (_dir, dev) = dev().await?;
+    let (mut bob, _) = dev.operator("bob").await?;
+    set_presence(&mut bob, "online").await?;
+    async fn take(ws: &mut WsClient, conversation: u64) -> anyhow::Result<()> {
+        let offer = ws.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "offer" && v["conversation"] == conversation).await?;
+        let reference = format!("accept-{conversation}");
+        ws.send(&json!({"type": "accept", "offer": offer["offer"], "ref": reference})).await?;
+        ws.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == reference.as_str()).await?;
+        Ok(())
+    }
+    // Bob serves the customer and closes; then takes the customer's second conversation
+    // and keeps it open.
+    let (first, closed, visitor_token) = ann_starts(&dev, None).await?;
+    first.send(&json!({"type": "send", "key": "a-1", "text": "first time"})).await?;
+    take(&mut bob, closed).await?;
+    bob.send(&json!({"type": "close", "conversation": closed, "resolution": "solved", "ref": "close"})).await?;
+    bob.wait_for(WAIT, |v| v["type"] == "ok" && v["ref"] == "close").await?;
+    let (second, open, _) = ann_starts(&dev, Some(&visitor_token)).await?;
+    second.send(&json!({"type": "send", "key": "b-1", "text": "my card PIN is 4721"})).await?;
+    take(&mut bob, open).await?;
+    set_presence(&mut bob, "away").await?;
+    // Alice serves the customer's third.
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (third, served, _) = ann_starts(&dev, Some(&visitor_token)).await?;
+    third.send(&json!({"type": "send", "key": "c-1", "text": "hello again"})).await?;
+    take(&mut alice, served).await?;
+
+    let token = dev.login("alice").await?;
+    assert_eq!(dev.api("GET", &format!("/api/conversations/{closed}"), Some(&token), None).await?.0, 200, "the customer's closed conversation: hers to read");
+    let (status, body) = dev.api("GET", &format!("/api/conversations/{open}"), Some(&token), None).await?;
+    assert_eq!(status, 403, "the customer's open conversation bob holds is not: {body}");
+    let note = json!({"text": "seen it"});
+    let (status, body) = dev.api("POST", &format!("/api/conversations/{closed}/notes"), Some(&token), Some(note.clone())).await?;
+    assert_eq!(status, 403, "what she may only read she does not write to: {body}");
+    let (status, body) = dev.api("POST", &format!("/api/conversations/{served}/notes"), Some(&token), Some(note)).await?;
+    assert_eq!(status, 200, "her own conversation takes her note: {body}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaks_carry_a_configured_reason_that_the_floor_and_the_report_show() -> anyhow::Result<()> {
     let (_dir, dev) = dev().await?;

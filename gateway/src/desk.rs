@@ -44,7 +44,12 @@ pub(crate) async fn add_note(State(gw): State<Arc<Gateway>>, staff: Staff, Path(
     if body.text.trim().is_empty() {
         return Err(GatewayError::BadRequest("a note needs text".into()));
     }
-    readable(&gw, &staff, conversation).await?;
+    let conv = readable(&gw, &staff, conversation).await?;
+    // An operator notes only a conversation they hold, held or are offered: reading a
+    // served visitor's earlier conversations (the client card) is not writing to them.
+    if staff.role < switchboard_actors::model::Role::Supervisor && !staff.operator.as_ref().is_some_and(|op| crate::operator_ws::involved(&gw.backend.shard().read(), op, &conv)) {
+        return Err(GatewayError::Forbidden("not your conversation"));
+    }
     let name = {
         let shard = gw.backend.directory_shard();
         let state = shard.read();

@@ -362,25 +362,32 @@ fn entry_key(item: &switchboard_actors::state::HistoryItem) -> Option<&str> {
     }
 }
 
-/// Whether `operator` may read `conversation`: they hold it, held it, or are offered it,
-/// or it is an earlier conversation of a visitor they are serving now (the client card).
-
+/// Whether `operator` may read `conversation`: they hold it, held it, or are offered it
+/// ([`involved`]), or it is an earlier, closed conversation of a visitor they are serving
+/// now (the client card). A visitor's other open conversations, which other operators
+/// may hold, are not theirs to read.
 pub(crate) fn may_read(state: &ShardState, operator: &OperatorId, conv: &Conversation) -> bool {
-    let conversation = conv.id;
     let serving_same_visitor = || {
-        conv.visitor.id.as_ref().is_some_and(|visitor| {
-            state.operators.get(operator).is_some_and(|op| {
-                op.active.iter().filter_map(|id| state.conversations.get(id)).any(|c| c.visitor.id.as_ref() == Some(visitor))
+        conv.status == switchboard_actors::state::ConversationStatus::Closed
+            && conv.visitor.id.as_ref().is_some_and(|visitor| {
+                state.operators.get(operator).is_some_and(|op| {
+                    op.active.iter().filter_map(|id| state.conversations.get(id)).any(|c| c.visitor.id.as_ref() == Some(visitor))
+                })
             })
-        })
     };
+    involved(state, operator, conv) || serving_same_visitor()
+}
+
+/// Whether `operator` holds `conv`, held it, or is offered it: who may write to it (a
+/// note), not only read it.
+pub(crate) fn involved(state: &ShardState, operator: &OperatorId, conv: &Conversation) -> bool {
+    let conversation = conv.id;
     conv.handled_by.contains(operator)
         || conv.assigned() == Some(operator)
         // On a split node `conv` is the conversation shard's copy, which learns of an
         // assignment by letter: the routing state (`state`) knows first.
         || state.operators.get(operator).is_some_and(|op| op.active.contains(&conversation))
         || state.offers.values().any(|o| o.conversation == conversation && &o.operator == operator)
-        || serving_same_visitor()
 }
 
 /// A conversation's entries up to `upto`, as staff see them, and the seq of the last
