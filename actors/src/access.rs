@@ -111,12 +111,18 @@ pub fn check(state: &ShardState, channel: &ChannelId, customer: Customer) -> Res
 /// The channel kind whose customers come with an address: the web widget's sockets.
 pub const WEB_KIND: &str = "web";
 
-/// Refuses a malformed rule.
-pub fn validate(rule: &AccessRule, note: Option<&String>) -> Result<(), String> {
+/// The longest visitor id a rule may name from rules 15: longer than any id the system
+/// makes (`{channel}:{sender}` with a sender of up to 200 bytes, `customer:<key>:<sub>`).
+/// Before, 64, which left such customers out of reach of any rule.
+pub const MAX_VISITOR_RULE_CHARS: usize = 300;
+
+/// Refuses a malformed rule, under routing rules `rules`.
+pub fn validate(rule: &AccessRule, note: Option<&String>, rules: u32) -> Result<(), String> {
+    let longest = if rules >= 15 { MAX_VISITOR_RULE_CHARS } else { 64 };
     match rule.kind {
         AccessKind::Ip if parse_range(&rule.value).is_none() => return Err(format!("{:?} is not an IP address or CIDR range", rule.value)),
-        AccessKind::Visitor if rule.value.is_empty() || rule.value.chars().count() > 64 => {
-            return Err("a visitor id is 1 to 64 characters".into());
+        AccessKind::Visitor if rule.value.is_empty() || rule.value.chars().count() > longest => {
+            return Err(format!("a visitor id is 1 to {longest} characters"));
         }
         _ => {}
     }
@@ -129,6 +135,16 @@ pub fn validate(rule: &AccessRule, note: Option<&String>) -> Result<(), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_visitor_rule_names_ids_as_long_as_a_messenger_sender_s_from_rules_15() {
+        let rule = |value: String| AccessRule { list: AccessList::Block, channel: None, kind: AccessKind::Visitor, value };
+        let long = format!("mail:{}@example.com", "a".repeat(180));
+        assert!(validate(&rule(long.clone()), None, 15).is_ok(), "{} characters", long.len());
+        assert!(validate(&rule(long), None, 14).is_err(), "rules 14 refused it, as a replayed log decided");
+        assert!(validate(&rule("x".repeat(301)), None, 15).is_err());
+        assert!(validate(&rule(String::new()), None, 15).is_err());
+    }
 
     #[test]
     fn ranges_match_what_they_cover_and_nothing_else() {

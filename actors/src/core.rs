@@ -88,6 +88,9 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// by an operator they no longer fit). And a supervisor's reassignment of a queued
 /// conversation to the operator it is offered to does not count that offer, which it
 /// withdraws, against their room (before, it was refused when the offer filled them).
+/// And an access rule may name a visitor id of up to
+/// [`crate::access::MAX_VISITOR_RULE_CHARS`] characters (before, 64: shorter than a
+/// messenger sender's id can be).
 pub const RULES_VERSION: u32 = 15;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
@@ -1751,7 +1754,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                     return Err(Error::NotFound(format!("channel {c}")));
                 }
             }
-            crate::access::validate(rule, note.as_ref()).map_err(Error::Invalid)?;
+            crate::access::validate(rule, note.as_ref(), state.rules).map_err(Error::Invalid)?;
             match note {
                 Some(_) if !state.access_rules.contains_key(rule) && state.access_rules.len() >= crate::access::MAX_RULES => {
                     Err(Error::Invalid(format!("at most {} access rules", crate::access::MAX_RULES)))
