@@ -203,7 +203,8 @@ pub(crate) fn plan(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>, groups: &[
     busiest.sort_by_key(|(n, c)| (std::cmp::Reverse(*c), *n));
     for (busy, most) in busiest {
         for g in groups.iter().filter(|g| g.leader == Some(busy)) {
-            let to = g.voters.iter().filter(|v| live.contains(v) && **v != busy).min_by_key(|v| (led.get(v).copied().unwrap_or(0), **v));
+            // Only to a node of the cluster: `live` also holds a node that is leaving.
+            let to = g.voters.iter().filter(|v| live.contains(v) && nodes.contains(v) && **v != busy).min_by_key(|v| (led.get(v).copied().unwrap_or(0), **v));
             if let Some(to) = to {
                 if led.get(to).copied().unwrap_or(0) + 1 < most {
                     return Some(Step::Lead { group: g.id, to: *to });
@@ -250,8 +251,20 @@ pub(crate) fn nodes_of(g0: &crate::groups::HostedGroup) -> BTreeMap<NodeId, Stri
 }
 
 /// The nodes that answered this node within the last few seconds, itself included;
-/// others are asked now (half a second each, at once).
+/// others are asked now (half a second each, at once). Besides `nodes` (the metadata
+/// group's members), every node the groups this node holds still name is asked: one
+/// leaving the cluster, which left the metadata group first, still leads groups while
+/// it answers, and counts as live so that a step hands its leadership on before its
+/// vote goes, rather than take the vote from a sitting leader (the group would be
+/// without one until an election).
 async fn live(node: &SplitNode, nodes: &BTreeMap<NodeId, String>) -> BTreeSet<NodeId> {
+    let mut nodes = nodes.clone();
+    for g in node.groups.values().filter(|g| node.holds(g.id)) {
+        let m = g.raft.metrics().borrow().clone();
+        for (id, n) in m.membership_config.membership().nodes() {
+            nodes.entry(*id).or_insert_with(|| n.addr.clone());
+        }
+    }
     let asks = nodes.iter().map(|(id, addr)| async move {
         if *id == node.node_id || node.peers.answered_within(addr, Duration::from_secs(3)) {
             return Some(*id);
@@ -259,11 +272,6 @@ async fn live(node: &SplitNode, nodes: &BTreeMap<NodeId, String>) -> BTreeSet<No
         node.peers.status(addr, Duration::from_millis(500)).await.ok().map(|_| *id)
     });
     futures::future::join_all(asks).await.into_iter().flatten().collect()
-}
-
-/// Node `id`'s QUIC address as the membership of a group this node holds names it.
-fn address_in_groups(node: &SplitNode, id: NodeId) -> Option<String> {
-    node.groups.values().filter(|g| node.holds(g.id)).find_map(|g| g.raft.metrics().borrow().membership_config.membership().get_node(&id).map(|n| n.addr.clone()))
 }
 
 /// Takes `step` through the leader of its group, waiting up to `patience`.
@@ -451,14 +459,8 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
             return Err(format!("node {id} is the cluster's last node"));
         }
         // The node leaving counts as live while it answers, also once it has left the
-        // metadata group (whose members are `addresses`): a group it still leads then
-        // has its leadership handed on before its vote goes, not taken away by the
-        // change, which would leave the group without a leader until an election.
-        let mut asked = addresses.clone();
-        if let Some(addr) = address_in_groups(node, id).filter(|_| !asked.contains_key(&id)) {
-            asked.insert(id, addr);
-        }
-        let live = live(node, &asked).await;
+        // metadata group (`live` asks every node the groups name).
+        let live = live(node, &addresses).await;
         let views = views(node).await;
         if views.len() < node.groups.len() {
             if tokio::time::Instant::now() >= give_up {
