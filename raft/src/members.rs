@@ -111,7 +111,11 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
                 if node.addr != addr {
                     return Answer::Refused(format!("node id {id} is already a member at {}; a new node needs a new id", node.addr));
                 }
-                if voters.contains(&id) && !joint {
+                // Half made, a node only the older half names (one being removed) is
+                // answered as before, and the change goes on; one the newer half names
+                // is made a voter, which finishes the change.
+                let newer = membership.get_joint_config().last().is_some_and(|c| c.contains(&id));
+                if voters.contains(&id) && (!joint || !newer) {
                     return Answer::Done;
                 }
             }

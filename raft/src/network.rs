@@ -381,6 +381,15 @@ impl Router {
         self.locals.get(group).allowed.store(allowed, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Makes a change of `group`'s voters that this node finishes (one left half made,
+    /// `quiet::JOINT_PATIENCE`) drop the voters it leaves out, instead of keeping them
+    /// as learners: for a group whose members are the cluster's nodes (the metadata
+    /// group, or a cluster's one group), where a learner kept would still count as a
+    /// node of the cluster.
+    pub fn drop_left_out_voters(&self, group: u64, drop: bool) {
+        self.locals.get(group).drop_left_out.store(drop, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Whether `group` is quiet on this node, and as what (see `quiet`).
     pub fn quietness(&self, group: u64) -> crate::quiet::Quietness {
         self.locals.find(group).map(|l| l.quietness()).unwrap_or_default()

@@ -73,6 +73,9 @@ pub(crate) struct Local {
     pub(crate) appends: AtomicU64,
     /// Whether this node, leading the group, may make it quiet (`Router::allow_quiet`).
     pub(crate) allowed: AtomicBool,
+    /// Whether a change of voters this node finishes drops the voters it leaves out
+    /// instead of keeping them as learners (`Router::drop_left_out_voters`).
+    pub(crate) drop_left_out: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -120,6 +123,7 @@ impl Default for Local {
             marked: Arc::new(AtomicBool::new(false)),
             appends: AtomicU64::new(0),
             allowed: AtomicBool::new(false),
+            drop_left_out: AtomicBool::new(false),
             state: Mutex::new(State::default()),
         }
     }
@@ -398,7 +402,7 @@ async fn monitor(locals: Weak<Locals>, peers: Weak<RwLock<Option<Peers>>>) {
             for (id, node) in m.membership_config.membership().nodes() {
                 addresses.insert(*id, node.addr.clone());
             }
-            finish_joint(&mut joints, *group, &raft, &m);
+            finish_joint(&mut joints, *group, &raft, &m, !local.drop_left_out.load(Ordering::Relaxed));
             let before = leaders.insert(*group, m.current_leader);
             if let Some(Some(x)) = before {
                 if m.current_leader != Some(x) && x != m.id {
@@ -436,8 +440,8 @@ async fn monitor(locals: Weak<Locals>, peers: Weak<RwLock<Option<Peers>>>) {
 /// has led `group` with the same joint membership for [`JOINT_PATIENCE`], it changes the
 /// voters to that membership's newer half, which is where the change was going (openraft
 /// goes from a joint membership to its last half). The voters it leaves out stay as
-/// learners; the placement drops those that are to go.
-fn finish_joint(joints: &mut BTreeMap<u64, (Option<openraft::LogId<NodeId>>, Instant)>, group: u64, raft: &Raft, m: &openraft::RaftMetrics<NodeId, crate::Node>) {
+/// learners with `retain` (the placement drops those that are to go), else leave.
+fn finish_joint(joints: &mut BTreeMap<u64, (Option<openraft::LogId<NodeId>>, Instant)>, group: u64, raft: &Raft, m: &openraft::RaftMetrics<NodeId, crate::Node>, retain: bool) {
     let configs = m.membership_config.membership().get_joint_config();
     let (Some(target), true) = (configs.last(), configs.len() > 1 && m.current_leader == Some(m.id)) else {
         joints.remove(&group);
@@ -451,7 +455,7 @@ fn finish_joint(joints: &mut BTreeMap<u64, (Option<openraft::LogId<NodeId>>, Ins
             let (raft, target) = (raft.clone(), target.clone());
             tracing::warn!(group, voters = ?target, "a change of voters was left half made (a joint membership): finishing it");
             tokio::spawn(async move {
-                if let Err(e) = raft.change_membership(openraft::ChangeMembers::ReplaceAllVoters(target), true).await {
+                if let Err(e) = raft.change_membership(openraft::ChangeMembers::ReplaceAllVoters(target), retain).await {
                     tracing::warn!(group, error = %e, "could not finish a change of voters left half made; trying again later");
                 }
             });
