@@ -108,6 +108,19 @@ pub fn check(state: &ShardState, channel: &ChannelId, customer: Customer) -> Res
     Ok(())
 }
 
+/// `Err(what they are told)` when a message into a customer's open conversation on
+/// `channel` is refused: a block rule matches them. An allow list decides only who
+/// starts a conversation ([`check`]): setting one does not cut off conversations that
+/// are open.
+pub fn check_open(state: &ShardState, channel: &ChannelId, customer: Customer) -> Result<(), String> {
+    let applies = |rule: &AccessRule| rule.channel.as_ref().is_none_or(|c| c == channel);
+    if state.access_rules.keys().any(|r| r.list == AccessList::Block && applies(r) && matches(r, customer)) {
+        let message = state.channel_access.get(channel).map(|m| m.message.trim()).filter(|m| !m.is_empty()).unwrap_or(DEFAULT_BLOCKED_MESSAGE);
+        return Err(message.to_owned());
+    }
+    Ok(())
+}
+
 /// The channel kind whose customers come with an address: the web widget's sockets.
 pub const WEB_KIND: &str = "web";
 

@@ -1297,7 +1297,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             if conv.status == ConversationStatus::Closed {
                 return Err(Error::Closed(*conv_id));
             }
-            crate::access::check(state, &conv.channel, crate::access::Customer { ip: None, visitor: conv.visitor.id.as_deref() }).map_err(Error::Blocked)?;
+            crate::access::check_open(state, &conv.channel, crate::access::Customer { ip: None, visitor: conv.visitor.id.as_deref() }).map_err(Error::Blocked)?;
             let attachments = check_message(state, *conv_id, text, attachments)?;
             check_client_text(state, conv, text)?;
             let seq = conv.last_seq() + 1;
@@ -2163,7 +2163,9 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
         if conv.keys.contains_key(&key) {
             return Ok((Reply::Inbound { conversation: conv_id, duplicate: true }, vec![]));
         }
-        crate::access::check(state, channel, crate::access::Customer { ip: None, visitor: Some(&visitor_id) }).map_err(Error::Blocked)?;
+        // Into an open conversation: its block rules only (an allow list decides who
+        // starts one, rules 15).
+        crate::access::check_open(state, channel, crate::access::Customer { ip: None, visitor: Some(&visitor_id) }).map_err(Error::Blocked)?;
         // Rules 14: a messenger customer cannot start a new conversation themselves, so
         // one that holds all the history or customer text it may is closed and the
         // message opens a new one (before, the message was refused and lost).

@@ -546,10 +546,19 @@ fn a_messenger_channel_that_takes_only_its_allow_list_refuses_everyone_else() {
     };
     let (store, mut state) = setup();
     connect(&mut state, &store);
+    // Sender 44 is in a conversation when the channel is set to take only its list.
+    let (reply, _) = ok(run(&mut state, &store, T0 + 1, inbound("44", "m1", "before the list")));
+    let open = conversation_of(&reply);
     allow_only(&mut state, &store);
+    let (reply, _) = ok(run(&mut state, &store, T0 + 3, inbound("44", "m2", "still talking")));
+    assert_eq!(conversation_of(&reply), open, "an allow list decides who starts; an open conversation goes on");
+    let offer = state.offers.iter().find(|(_, o)| o.conversation == open).map(|(id, _)| *id).expect("offered");
+    ok(run(&mut state, &store, T0 + 4, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+    ok(run(&mut state, &store, T0 + 5, Command::CloseByOperator { operator: OperatorId::new("ann"), conversation: open, resolution: String::new(), tags: vec![] }));
+    assert!(matches!(run(&mut state, &store, T0 + 6, inbound("44", "m3", "again")), Err(Error::Blocked(_))), "closed, they may not start another");
     let refused = run(&mut state, &store, T0 + 10, inbound("43", "m1", "let me in"));
     assert!(matches!(&refused, Err(Error::Blocked(m)) if m == "Members only."), "{refused:?}");
-    assert!(state.conversations.is_empty(), "nothing was written");
+    assert!(!state.conversations.values().any(|c| c.visitor.id.as_deref() == Some("tg:43")), "nothing was written");
     let (reply, _) = ok(run(&mut state, &store, T0 + 20, inbound("42", "m1", "hello")));
     assert!(state.conversations.contains_key(&conversation_of(&reply)), "the sender on the allow list is taken");
     // A web channel's allow list is still the edge's to check (it knows the address):

@@ -776,12 +776,15 @@ pub(crate) fn sender_blocked(gw: &Gateway, channel: &switchboard_actors::model::
 }
 
 /// What the channel's access rules tell this sender when they refuse them, as
-/// [`sender_blocked`] decides it.
+/// [`sender_blocked`] decides it: a block rule. A channel's allow list (routing rules
+/// 15) is the core's to apply, which knows whether the sender starts a conversation (an
+/// allow list decides only that) and decides with the rules of the sender's shard; a
+/// sender it refuses so has the files fetched for the message removed.
 pub(crate) fn sender_refused(gw: &Gateway, channel: &switchboard_actors::model::ChannelId, sender: &str) -> Option<String> {
     let visitor = format!("{channel}:{sender}");
     let directory = gw.backend.directory_shard();
     let state = directory.read();
-    switchboard_actors::access::check(&state, channel, switchboard_actors::access::Customer { ip: None, visitor: Some(&visitor) }).err()
+    switchboard_actors::access::check_open(&state, channel, switchboard_actors::access::Customer { ip: None, visitor: Some(&visitor) }).err()
 }
 
 /// Removes the files of a refused channel message: nothing refers to them (their ids
