@@ -291,6 +291,10 @@ struct AdapterState {
     bad_signatures: u64,
     /// The next delivery is taken but answered only after this long.
     hang_next: Option<std::time::Duration>,
+    /// The next delivery is refused `429` with `Retry-After` of this many seconds.
+    too_many_next: Option<u64>,
+    /// When each delivery arrived (signed or not), in order.
+    calls: Vec<std::time::Instant>,
     /// Files it serves at `/media/{name}`: (type, bytes); fetches answered with one.
     files: std::collections::HashMap<String, (String, Vec<u8>)>,
     fetches: u64,
@@ -344,6 +348,16 @@ impl FakeAdapter {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).hang_next = Some(d);
     }
 
+    /// The next delivery is refused `429 Too Many Requests` with `Retry-After: secs`.
+    pub fn too_many_next(&self, secs: u64) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).too_many_next = Some(secs);
+    }
+
+    /// When each delivery arrived, in order.
+    pub fn calls(&self) -> Vec<std::time::Instant> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).calls.clone()
+    }
+
     /// (duplicates dropped, bad signatures refused).
     pub fn refused(&self) -> (u64, u64) {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -354,6 +368,10 @@ impl FakeAdapter {
 async fn outbound(State(state): State<Arc<Mutex<AdapterState>>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let (answer, hang) = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        s.calls.push(std::time::Instant::now());
+        if let Some(secs) = s.too_many_next.take() {
+            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", secs.to_string())], "slow down").into_response();
+        }
         let answer = take_outbound(&mut s, &headers, &body);
         (answer, s.hang_next.take())
     };

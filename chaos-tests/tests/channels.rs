@@ -170,28 +170,6 @@ async fn a_telegram_conversation_goes_both_ways_once_through_redeliveries_and_pr
     let event = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "thanks").await?;
     assert_eq!(event["conversation"], json!(conversation));
 
-    // A 429 pauses the whole channel for the wait the provider asked for: a reply to
-    // another customer, written after it, goes out only once that wait is over (sent at
-    // once, it would be refused too, and use up an attempt).
-    let (_, other) = hook(&dev, Some(SECRET), &update(6, 5151, 12, "hello from Finn")).await?;
-    let second = accept_offer(&mut alice).await?;
-    assert_eq!(json!(second), other["conversation"]);
-    let before = fake.calls().len();
-    fake.script(&[Fault::TooMany(2)]);
-    alice.send(&json!({"type": "send", "conversation": conversation, "key": "p1", "text": "One moment, Dana.", "ref": "p1"})).await?;
-    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "p1").await?;
-    let refused_at = eventually(WAIT, Duration::from_millis(10), || async { Ok(fake.calls().get(before).copied()) }).await?;
-    alice.send(&json!({"type": "send", "conversation": second, "key": "p2", "text": "Hello Finn.", "ref": "p2"})).await?;
-    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "p2").await?;
-    eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
-        let sent = fake.sent();
-        Ok((sent.iter().any(|(_, t)| t == "One moment, Dana.") && sent.iter().any(|(_, t)| t == "Hello Finn.")).then_some(()))
-    })
-    .await?;
-    let later: Vec<Duration> = fake.calls()[before + 1..].iter().map(|c| c.duration_since(refused_at)).collect();
-    assert_eq!(later.len(), 2, "the refused reply and the other customer's, once each: {later:?}");
-    assert!(later.iter().all(|d| *d >= Duration::from_millis(1900)), "nothing went to the channel during the 2 s it asked for: {later:?}");
-
     // Nothing is dead-lettered.
     let (_, dead) = dev.api("GET", "/api/deliveries", Some(&supervisor), None).await?;
     assert_eq!(dead["deliveries"], json!([]));
@@ -247,6 +225,34 @@ async fn an_adapter_of_the_channel_api_runs_a_conversation_with_signed_deliverie
     assert_eq!(d[0]["status"], "read", "{d:?}");
     assert_eq!(d[0]["provider_id"], format!("fake-{conversation}:{seq}"));
     assert_eq!(adapter.refused(), (0, 0));
+
+    // The adapter's 429 with `Retry-After` holds for the whole channel: a reply to another
+    // customer, written after it, goes out only once that wait is over (sent at once, it
+    // would be refused too and use up an attempt).
+    let (_, other) = dev.api("POST", path, Some(&token), Some(json!({"sender": "+15550002", "message_id": "v-2", "text": "Me too"}))).await?;
+    let second = accept_offer(&mut bob).await?;
+    assert_eq!(json!(second), other["conversation"]);
+    let before = adapter.calls().len();
+    adapter.too_many_next(2);
+    bob.send(&json!({"type": "send", "conversation": conversation, "key": "b2", "text": "One moment.", "ref": "b2"})).await?;
+    bob.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "b2").await?;
+    let refused_at = eventually(WAIT, Duration::from_millis(10), || async { Ok(adapter.calls().get(before).copied()) }).await?;
+    // Its outcome committed (the entry waits for its retry), so the pause is known.
+    eventually(WAIT, Duration::from_millis(20), || async {
+        let d = deliveries(&dev, &supervisor, conversation).await?;
+        Ok(d.iter().any(|d| d["status"] == "pending").then_some(()))
+    })
+    .await?;
+    bob.send(&json!({"type": "send", "conversation": second, "key": "b3", "text": "Hello.", "ref": "b3"})).await?;
+    bob.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "b3").await?;
+    eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
+        let texts: Vec<Value> = adapter.received().iter().map(|r| r["text"].clone()).collect();
+        Ok((texts.contains(&json!("One moment.")) && texts.contains(&json!("Hello."))).then_some(()))
+    })
+    .await?;
+    let later: Vec<Duration> = adapter.calls()[before + 1..].iter().map(|c| c.duration_since(refused_at)).collect();
+    assert_eq!(later.len(), 2, "the refused reply and the other customer's, once each: {later:?}");
+    assert!(later.iter().all(|d| *d >= Duration::from_millis(1900)), "nothing went to the channel during the 2 s it asked for: {later:?}");
     Ok(())
 }
 

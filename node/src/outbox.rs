@@ -50,11 +50,12 @@ pub const CHANNEL_IN_FLIGHT: usize = 128;
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// An attempt with no outcome this long after it was committed is an orphan.
 pub const ORPHAN_AFTER_MS: u64 = 15_000;
-/// The same for another node's attempt that may take up to [`FILE_SEND_TIMEOUT`] (a
-/// message with files, or any mail, whose SMTP session has as long; either is started
-/// within [`ORPHAN_AFTER_MS`] of its attempt or not at all): that node may still be at
-/// it, and its outcome may still come.
-/// A second [`ORPHAN_AFTER_MS`] at the end leaves that node time to commit its answer.
+/// The same for another node's attempt that may take up to [`FILE_SEND_BACKSTOP`] (a
+/// message with files; any mail, whose SMTP session has [`FILE_SEND_TIMEOUT`]; either is
+/// started within [`ORPHAN_AFTER_MS`] of its attempt or not at all): that node may still
+/// be at it, and its outcome may still come. What is left of the second
+/// [`ORPHAN_AFTER_MS`] at the end (at least 10 s) leaves that node time to commit its
+/// answer.
 pub const SLOW_ORPHAN_AFTER_MS: u64 = FILE_SEND_TIMEOUT.as_millis() as u64 + 2 * ORPHAN_AFTER_MS;
 /// How often the leader asks a node whether it still sends the attempts it left.
 pub const ASK_EVERY: Duration = Duration::from_secs(3);
@@ -116,10 +117,10 @@ struct Bucket {
     at: std::time::Instant,
 }
 
-/// Until when each channel (and, apart, its bot) sends nothing: its provider asked for a
-/// wait (a 429's `retry_after` or `Retry-After`), which holds for every message to it,
-/// not only the one refused (the others would each be refused too, use up an attempt,
-/// and lengthen the provider's own wait).
+/// Until when each channel (and, apart, its bot) sends nothing: its Channel API adapter
+/// (or its bot) asked for a wait (`Retry-After`), which holds for every message to it,
+/// not only the one refused (the others would each be refused too and use up an
+/// attempt).
 type Pauses = Arc<Mutex<HashMap<(ChannelId, bool), std::time::Instant>>>;
 
 /// The longest pause a provider's wait gives its channel.
@@ -555,6 +556,12 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                             (outcome, PROVIDER_WAIT.with(std::cell::Cell::get))
                         })
                         .await;
+                    // Only where the wait is the channel's own: the Channel API's (an
+                    // adapter's `Retry-After` is for its whole endpoint, channel-api.md)
+                    // and a bot's. A messenger's 429 is most often for one chat (flood
+                    // control), while the channel is paced at its provider's overall rate:
+                    // there only the refused message waits.
+                    let channel = channel.filter(|(id, to_bot)| *to_bot || matches!(shard.read().channel_adapters.get(id), Some(switchboard_actors::model::AdapterConfig::Api { .. })));
                     if let (Some(wait), Some(channel)) = (wait, channel) {
                         let until = std::time::Instant::now() + wait.min(MAX_PAUSE);
                         let mut pauses = pauses.lock().unwrap_or_else(|p| p.into_inner());
@@ -677,8 +684,9 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
     if message.files.is_empty() {
         return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
     }
-    // A provider that takes files in two calls (WhatsApp: the upload, then the message)
-    // gets FILE_SEND_TIMEOUT for both together, which another leader's wait counts on.
+    // Each call within FILE_SEND_TIMEOUT (the client's deadline); a provider that takes
+    // files in two calls (WhatsApp: the upload, then the message) within
+    // FILE_SEND_BACKSTOP for both together, which another leader's wait counts on.
     match tokio::time::timeout(FILE_SEND_BACKSTOP, switchboard_adapters::send(files_client(client), &adapter, &message)).await {
         Ok(sent) => outcome_of(sent, &delivery),
         Err(_) if adapter.resend_is_safe() => retry_or_give_up(&delivery, now_ms(), format!("no answer within {} s", FILE_SEND_BACKSTOP.as_secs()), None),
