@@ -2,8 +2,8 @@
 //! group reach another exactly once and in order, through lost, repeated and reordered
 //! deliveries and through leader changes on either side.
 //!
-//! Not wired to groups yet: this is the first piece of ADR 0006's order of work (its
-//! "Amendments"), pure like the core so both sides' machines can run it inside `apply`.
+//! Pure like the core, so both sides' machines run it inside `apply`; the forwarders
+//! that carry the letters between groups are `node/src/groups.rs`'s.
 //!
 //! - The sender's [`Outbox`] (one per destination) is part of the sending group's
 //!   replicated state: a letter is posted in the same apply that decided it, so the
