@@ -71,10 +71,10 @@ impl Host<'_> {
         // Conversation shards, the many, go quiet when idle; the metadata group and the
         // routing shard, which every login and assignment needs, stay awake (ADR 0011).
         self.router.allow_quiet(id, matches!(part, Part::Conversations { .. }));
-        // The metadata group's members are the cluster's nodes: a node left out of its
-        // voters by a change someone else finishes leaves it (elsewhere it stays a
-        // learner until the placement drops it).
-        self.router.drop_left_out_voters(id, id == G0);
+        // A change of voters finished by a later leader keeps the voters it leaves out as
+        // learners, also in the metadata group (`drop_left_out_voters` is off): its
+        // votes move between nodes that stay, and a node being removed is dropped by
+        // `cluster remove-node`, asked again if it timed out.
         self.router.check_writes(id, Arc::new(restamp_forwarded));
         hold_elections_after_restart(&raft, self.router, id).await?;
         let proposer = RaftProposer::start(id, raft.clone(), self.node_id, Forwarder::new(self.peers.clone()), self.router.gate(id));

@@ -1744,7 +1744,9 @@ std::fs::create_dir_all(&options.data_dir)?;
     let raft = Raft::new(options.node_id, member_config(options.snapshot_every, options.node_id, SHARD_GROUP)?, network, log, sm).await?;
     router.set_peers(peers.clone());
     router.add(SHARD_GROUP, raft.clone());
-    // The one group's members are the cluster's nodes (see `drop_left_out_voters`).
+    // The one group's members are the cluster's nodes, and its voters change only when
+    // a node leaves: a change finished by a later leader drops the node it leaves out
+    // (see `drop_left_out_voters`).
     router.drop_left_out_voters(SHARD_GROUP, true);
     router.check_writes(SHARD_GROUP, Arc::new(restamp_forwarded));
     let rpc_server = serve(endpoint.clone(), router.clone());

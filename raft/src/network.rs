@@ -383,9 +383,10 @@ impl Router {
 
     /// Makes a change of `group`'s voters that this node finishes (one left half made,
     /// `quiet::JOINT_PATIENCE`) drop the voters it leaves out, instead of keeping them
-    /// as learners: for a group whose members are the cluster's nodes (the metadata
-    /// group, or a cluster's one group), where a learner kept would still count as a
-    /// node of the cluster.
+    /// as learners: for a group whose members are the cluster's nodes and whose voters
+    /// change only when a node leaves (a cluster's one group), where a learner kept
+    /// would still count as a node of the cluster. Not for a split cluster's metadata
+    /// group, whose votes also move between nodes that stay.
     pub fn drop_left_out_voters(&self, group: u64, drop: bool) {
         self.locals.get(group).drop_left_out.store(drop, std::sync::atomic::Ordering::Relaxed);
     }

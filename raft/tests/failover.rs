@@ -475,10 +475,11 @@ async fn a_change_of_voters_left_half_made_is_finished_by_the_next_leader() -> a
     half_made_change_finished(false).await
 }
 
-/// The same in a group whose members are the cluster's nodes (the metadata group), set
-/// to drop the voters a finished change leaves out: node 1 leaves the group.
+/// The same in a group whose members are the cluster's nodes and whose voters change
+/// only when a node leaves (a cluster's one group), set to drop the voters a finished
+/// change leaves out: node 1 leaves the group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_made_change_of_the_metadata_group_drops_the_voter_it_leaves_out() -> anyhow::Result<()> {
+async fn a_half_made_change_of_a_clusters_one_group_drops_the_voter_it_leaves_out() -> anyhow::Result<()> {
     half_made_change_finished(true).await
 }
 
@@ -534,7 +535,7 @@ async fn half_made_change_finished(drop_left_out: bool) -> anyhow::Result<()> {
     };
     let m = tokio::time::timeout(Duration::from_secs(40), finished).await.map_err(|_| anyhow::anyhow!("the change of voters was not finished within 40 s: {:?}", two.raft.metrics().borrow().membership_config))?;
     // Node 1, left out, stays a learner (the placement drops a node that left), or,
-    // where the group's members are the cluster's nodes, leaves the group.
+    // in a cluster's one group, leaves it.
     let learners: Vec<u64> = m.membership_config.membership().learner_ids().collect();
     if drop_left_out {
         assert!(learners.is_empty() && m.membership_config.membership().get_node(&1).is_none(), "{:?}", m.membership_config);
