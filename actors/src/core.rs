@@ -1078,7 +1078,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             Ok((Reply::Done, vec![Event::ChannelPublicGroupsSet { channel: channel.clone(), groups }]))
         }
         Command::StartConversation { channel, group, visitor } => {
-            let (conv, events) = start_conversation(state, channel, group.as_ref(), visitor, now, part)?;
+            let (conv, events) = start_conversation(state, channel, group.as_ref(), visitor, now, part, false)?;
             Ok((Reply::Started { conversation: conv }, events))
         }
         Command::StartConversationOnce { key, channel, group, visitor } => {
@@ -1092,7 +1092,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                     return Ok((Reply::Started { conversation: taken.conversation }, vec![]));
                 }
             }
-            let (conv, mut events) = start_conversation(state, channel, group.as_ref(), visitor, now, part)?;
+            let (conv, mut events) = start_conversation(state, channel, group.as_ref(), visitor, now, part, false)?;
             events.push(Event::StartKeyTaken { conversation: conv, channel: channel.clone(), key: key.clone() });
             Ok((Reply::Started { conversation: conv }, events))
         }
@@ -1910,10 +1910,17 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
 }
 
 /// The events that start a conversation of `visitor` on `channel` in `group` (the
-/// channel's default group when `None`), with its number.
-fn start_conversation(state: &ShardState, channel: &ChannelId, group: Option<&SkillGroupId>, visitor: &Visitor, now: Timestamp, part: Part) -> Result<(ConversationId, Vec<Event>), Error> {
+/// channel's default group when `None`), with its number. One that `continues` a
+/// conversation of theirs (which a full close just ended) is refused only by block
+/// rules: an allow list decides who starts talking, and they already were.
+fn start_conversation(state: &ShardState, channel: &ChannelId, group: Option<&SkillGroupId>, visitor: &Visitor, now: Timestamp, part: Part, continues: bool) -> Result<(ConversationId, Vec<Event>), Error> {
     let channel_config = state.channels.get(channel).ok_or(Error::NotFound(format!("channel {channel}")))?;
-    crate::access::check(state, channel, crate::access::Customer { ip: None, visitor: visitor.id.as_deref() }).map_err(Error::Blocked)?;
+    let customer = crate::access::Customer { ip: None, visitor: visitor.id.as_deref() };
+    if continues {
+        crate::access::check_open(state, channel, customer).map_err(Error::Blocked)?;
+    } else {
+        crate::access::check(state, channel, customer).map_err(Error::Blocked)?;
+    }
     let group = group.cloned().unwrap_or_else(|| channel_config.default_group.clone());
     if !state.groups.contains_key(&group) {
         return Err(Error::NotFound(format!("skill group {group}")));
@@ -2201,7 +2208,7 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
         return Err(Error::Invalid("at most 20 attributes, names of 1-64 bytes, values of at most 512 characters".into()));
     }
     let visitor = Visitor { id: Some(visitor_id), name: m.sender_name.to_owned(), attributes: m.attributes.to_vec() };
-    let (conv_id, mut events) = start_conversation(state, channel, None, &visitor, now, part)?;
+    let (conv_id, mut events) = start_conversation(state, channel, None, &visitor, now, part, !closing.is_empty())?;
     // Right after it is placed (queued or with the bot), before any notice and an
     // after-hours close: the customer's message is part of the open conversation.
     let at = events.len().min(2);

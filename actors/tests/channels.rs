@@ -517,6 +517,9 @@ fn a_messenger_message_past_the_conversations_text_bound_opens_a_new_conversatio
         let (reply, _) = ok(run(&mut state, &store, T0 + 1 + n as u64, inbound("dana", &format!("m{n}"), &longest)));
         assert_eq!(conversation_of(&reply), first, "message {n} joins the open conversation");
     }
+    // The channel has come to take only its allow list, which does not name dana: she
+    // was talking already, so her conversation goes on, in a new one (rules 15).
+    ok(run(&mut state, &store, T0 + 9_999, Command::SetChannelAccess { channel: tg(), allow_only: true, message: String::new(), by: "admin".into() }));
     let (reply, events) = ok(run(&mut state, &store, T0 + 10_000, inbound("dana", "past", &longest)));
     let second = conversation_of(&reply);
     assert!(!events.iter().any(|e| matches!(e, Event::WrapUpSet { .. })), "no wrap-up for a conversation that goes on: {events:?}");
