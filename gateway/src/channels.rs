@@ -714,9 +714,10 @@ pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<Str
 /// are (type, content, size) and kept on a majority of the members, in the command
 /// that takes them (`Ok`); or, for a message taken before, the command without them
 /// (`Err`: the core answers `duplicate`, and nothing is fetched). What the core would
-/// refuse whatever the files (a bad sender, a blank caption, a blocked customer) is
-/// refused before anything is fetched; a file that cannot be taken refuses the whole
-/// push, with why.
+/// refuse whatever the files (a bad sender, a blank caption, a customer a block rule
+/// names) is refused before anything is fetched; one the channel's allow list leaves
+/// out is refused at commit, and its files removed; a file that cannot be taken refuses
+/// the whole push, with why.
 async fn api_inbound_files(gw: &Gateway, channel: &ChannelId, body: InboundBody) -> Result<Result<Command, Command>, GatewayError> {
     use switchboard_actors::core::{MAX_ATTACHMENTS_PER_MESSAGE, MAX_SENDER_BYTES};
     use switchboard_actors::Error as Core;

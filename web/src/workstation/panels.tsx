@@ -107,7 +107,7 @@ export function ClientCard(props: { conv: Conv; doc: ConversationDoc | null; doc
       </ul>
       {open != null && (
         <Dialog title={t('conversation_n', { id: open })} onClose={() => setOpen(null)}>
-          <Inspector id={open} canReassign={false} canNote={true} />
+          <Inspector id={open} canReassign={false} canNote={false} />
         </Dialog>
       )}
     </section>
