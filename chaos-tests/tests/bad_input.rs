@@ -204,6 +204,16 @@ async fn a_token_stays_dead_when_a_demotion_is_undone() -> anyhow::Result<()> {
     assert_eq!(status, 200, "{reply}");
     let (status, _) = switchboard_gateway::client::http_json(&dev.private, "POST", "/api/login", None, Some(&json!({"login": "dora", "password": "p".repeat(1024)}))).await?;
     assert_eq!(status, 200, "a password of 1024 bytes signs in");
+
+    // A caller without the route's role gets 403 whatever body it sent: the role is
+    // checked before the body is read.
+    let (status, reply) = dev.api("PUT", "/api/users/erin", Some(&fresh), Some(json!({}))).await?;
+    assert_eq!((status, reply["code"].clone()), (403, json!("forbidden")), "a supervisor's malformed body to an admin route: {reply}");
+    let alice = dev.login("alice").await?;
+    let (status, reply) = dev.api("PUT", "/api/access/rules", Some(&alice), Some(json!({"list": 7}))).await?;
+    assert_eq!((status, reply["code"].clone()), (403, json!("forbidden")), "an operator's malformed body to a supervisor route: {reply}");
+    let (status, reply) = dev.api("PUT", "/api/users/erin", Some(&admin), Some(json!({}))).await?;
+    assert_eq!((status, reply["code"].clone()), (400, json!("bad_request")), "the admin's malformed body is still 400: {reply}");
     Ok(())
 }
 

@@ -1061,7 +1061,7 @@ fn random_secret() -> Result<String, GatewayError> {
 
 /// `PUT /api/channels/{id}/adapter` (admin). For the Channel API a new token and
 /// signing secret are made and shown in this answer only.
-pub async fn put_adapter(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Body(body): Body<AdapterBody>) -> Result<Json<Value>, GatewayError> {
+pub async fn put_adapter(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::AdminStaff, Path(id): Path<String>, Body(body): Body<AdapterBody>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
     let channel = ChannelId::new(id);
     let (adapter, shown) = match body {
@@ -1179,7 +1179,7 @@ pub async fn get_identity(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id)
 }
 
 /// `PUT /api/channels/{id}/identity` (admin).
-pub async fn put_identity(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Body(body): Body<IdentityBody>) -> Result<Json<Value>, GatewayError> {
+pub async fn put_identity(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::AdminStaff, Path(id): Path<String>, Body(body): Body<IdentityBody>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
     let channel = ChannelId::new(id);
     let key = match body {
@@ -1238,7 +1238,7 @@ pub async fn get_bot(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pat
 }
 
 /// `PUT /api/channels/{id}/bot` (admin): a new token and signing secret, shown once.
-pub async fn put_bot(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Body(body): Body<BotBody>) -> Result<Json<Value>, GatewayError> {
+pub async fn put_bot(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::AdminStaff, Path(id): Path<String>, Body(body): Body<BotBody>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
     let channel = ChannelId::new(id);
     let (token, signing_secret) = (random_secret()?, random_secret()?);
@@ -1326,7 +1326,7 @@ pub struct TestBody {
 /// `POST /api/channels/{id}/test` (admin): sends one message through the channel's
 /// adapter now, outside any conversation and the outbox, and says what the provider
 /// answered: the check an admin makes after entering the credentials.
-pub async fn test_message(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Body(body): Body<TestBody>) -> Result<Json<Value>, GatewayError> {
+pub async fn test_message(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::AdminStaff, Path(id): Path<String>, Body(body): Body<TestBody>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
     let channel = ChannelId::new(id);
     let adapter = adapter_of(&gw, &channel).ok_or_else(|| GatewayError::NotFound(format!("channel {channel} has no adapter")))?;

@@ -310,7 +310,7 @@ pub(crate) struct PauseReasonsBody {
 }
 
 /// `PUT /api/pause-reasons` (admin): replaces the list.
-pub(crate) async fn put_pause_reasons(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<PauseReasonsBody>) -> Result<Json<Value>, GatewayError> {
+pub(crate) async fn put_pause_reasons(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::AdminStaff, Body(body): Body<PauseReasonsBody>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
     gw.submit(Command::SetPauseReasons { reasons: body.reasons.clone() }).await?;
     Ok(Json(json!({ "reasons": body.reasons })))
@@ -423,7 +423,7 @@ pub(crate) struct EmergencyBody {
 
 /// `PUT /api/emergencies` (supervisor): switches a channel or group into emergency mode
 /// with a message, or out of it with `"message": null`.
-pub(crate) async fn put_emergency(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<EmergencyBody>) -> Result<Json<Value>, GatewayError> {
+pub(crate) async fn put_emergency(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::SupervisorStaff, Body(body): Body<EmergencyBody>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
     let Some(message) = body.message else {
         return Err(GatewayError::BadRequest("message is required: the notice, or null to switch it off".into()));
@@ -491,7 +491,7 @@ pub(crate) struct AccessRuleBody {
 
 /// `PUT /api/access/rules` (supervisor): adds a block or allow rule with a note, or
 /// removes it with `"note": null`.
-pub(crate) async fn put_access_rule(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<AccessRuleBody>) -> Result<Json<Value>, GatewayError> {
+pub(crate) async fn put_access_rule(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::SupervisorStaff, Body(body): Body<AccessRuleBody>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
     let Some(note) = body.note else {
         return Err(GatewayError::BadRequest("note is required: a text (possibly empty) adds the rule, null removes it".into()));
@@ -514,7 +514,7 @@ pub(crate) struct PreviewBody {
 /// arriving now in `group` (on `channel`, from a visitor with `attributes`): its
 /// priority, and for every operator of the group whether they could take it and why
 /// not, in the order the selector would try them. Nothing is written.
-pub(crate) async fn routing_preview(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<PreviewBody>) -> Result<Json<Value>, GatewayError> {
+pub(crate) async fn routing_preview(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::SupervisorStaff, Body(body): Body<PreviewBody>) -> Result<Json<Value>, GatewayError> {
     use switchboard_actors::model::{Timestamp, Visitor};
     use switchboard_actors::state::Conversation;
     staff.require(Role::Supervisor)?;

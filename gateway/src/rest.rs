@@ -179,6 +179,30 @@ impl FromRequestParts<Arc<Gateway>> for Staff {
     }
 }
 
+/// Staff of at least a role (`MIN`: 1 supervisor, 2 admin), checked before the request's
+/// body is read: a caller without the role gets 403 whatever body it sent, as the docs
+/// say, not 400 for a body the route would have refused anyway.
+pub(crate) struct StaffAt<const MIN: u8>(pub(crate) Staff);
+
+/// A supervisor or an admin ([`StaffAt`]).
+pub(crate) type SupervisorStaff = StaffAt<1>;
+/// An admin ([`StaffAt`]).
+pub(crate) type AdminStaff = StaffAt<2>;
+
+impl<const MIN: u8> FromRequestParts<Arc<Gateway>> for StaffAt<MIN> {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &Arc<Gateway>) -> Result<Self, Self::Rejection> {
+        let staff = Staff::from_request_parts(parts, gw).await?;
+        staff.require(match MIN {
+            2 => Role::Admin,
+            1 => Role::Supervisor,
+            _ => Role::Operator,
+        })?;
+        Ok(StaffAt(staff))
+    }
+}
+
 /// JSON bodies with a clear 400 on malformed input.
 pub(crate) struct Body<T>(pub(crate) T);
 
@@ -391,7 +415,7 @@ fn default_offer_timeout() -> u64 {
 
 async fn put_group(
     State(gw): State<Arc<Gateway>>,
-    staff: Staff,
+    StaffAt(staff): AdminStaff,
     Path(id): Path<String>,
     Body(body): Body<GroupBody>,
 ) -> Result<Json<Value>, GatewayError> {
@@ -498,7 +522,7 @@ struct OperatorBody {
 
 async fn put_operator(
     State(gw): State<Arc<Gateway>>,
-    staff: Staff,
+    StaffAt(staff): AdminStaff,
     Path(id): Path<String>,
     Body(body): Body<OperatorBody>,
 ) -> Result<Json<Value>, GatewayError> {
@@ -601,7 +625,7 @@ struct ChannelBody {
 
 async fn put_channel(
     State(gw): State<Arc<Gateway>>,
-    staff: Staff,
+    StaffAt(staff): AdminStaff,
     Path(id): Path<String>,
     Body(body): Body<ChannelBody>,
 ) -> Result<Json<Value>, GatewayError> {
@@ -651,7 +675,7 @@ struct UserBody {
 
 async fn put_user(
     State(gw): State<Arc<Gateway>>,
-    staff: Staff,
+    StaffAt(staff): AdminStaff,
     Path(login): Path<String>,
     Body(body): Body<UserBody>,
 ) -> Result<Json<Value>, GatewayError> {
@@ -777,7 +801,7 @@ struct CrashBody {
 
 /// Chaos drill for SRE teams: an actor panics and its supervisor must restart it from
 /// committed state without anyone noticing.
-async fn crash_actor(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<CrashBody>) -> Result<Response, GatewayError> {
+async fn crash_actor(State(gw): State<Arc<Gateway>>, StaffAt(staff): AdminStaff, Body(body): Body<CrashBody>) -> Result<Response, GatewayError> {
     staff.require(Role::Admin)?;
     if !gw.config.chaos_drills {
         return Err(GatewayError::NotFound("chaos drills are off on this node (start it with --enable-chaos-drills)".into()));
@@ -808,7 +832,7 @@ struct PurgeBody {
 
 /// Chaos drill: runs the retention purge now (or as of a later time), as the leader's
 /// timer does.
-async fn purge_drill(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<PurgeBody>) -> Result<Response, GatewayError> {
+async fn purge_drill(State(gw): State<Arc<Gateway>>, StaffAt(staff): AdminStaff, Body(body): Body<PurgeBody>) -> Result<Response, GatewayError> {
     staff.require(Role::Admin)?;
     if !gw.config.chaos_drills {
         return Err(GatewayError::NotFound("chaos drills are off on this node (start it with --enable-chaos-drills)".into()));
@@ -854,7 +878,7 @@ struct ReassignBody {
 
 async fn reassign(
     State(gw): State<Arc<Gateway>>,
-    staff: Staff,
+    StaffAt(staff): SupervisorStaff,
     Path(id): Path<String>,
     Body(body): Body<ReassignBody>,
 ) -> Result<Json<Value>, GatewayError> {

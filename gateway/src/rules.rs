@@ -193,7 +193,7 @@ pub(crate) struct WeightsBody {
 }
 
 /// `PUT /api/routing/weights` (admin): replaces the weights.
-pub(crate) async fn put_weights(State(gw): State<Arc<Gateway>>, staff: Staff, Body(body): Body<WeightsBody>) -> Result<Json<Value>, GatewayError> {
+pub(crate) async fn put_weights(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::AdminStaff, Body(body): Body<WeightsBody>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
     let weights: Vec<(String, u32)> = body.weights.into_iter().collect();
     switchboard_actors::core::check_weights(&weights)?;
