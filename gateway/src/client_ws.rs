@@ -43,7 +43,7 @@ pub(crate) async fn upgrade(
             return crate::GatewayError::Budget("too many open chat sockets from your address").into_response();
         }
     };
-    let session = ClientSession { gw: gw.clone(), conversation: None, peer: address, ip: peer.ip(), read_relayed: None, _slot: slot };
+    let session = ClientSession { gw: gw.clone(), conversation: None, peer: address, ip: peer.ip(), _slot: slot };
     ws::accept(gw, upgrade, Surface::Client, None, relayed.is_some(), session)
 }
 
@@ -53,10 +53,6 @@ struct ClientSession {
     peer: std::net::IpAddr,
     /// The client's own address (`peer` is its budget's), for block and allow lists.
     ip: std::net::IpAddr,
-    /// The conversation and read mark this socket last relayed to the operator: a `read`
-    /// that does not move it forward is relayed to nobody (the frame rate alone would let
-    /// a visitor fan signals out to every member ten times a second).
-    read_relayed: Option<(ConversationId, u64)>,
     _slot: crate::budget::Slot,
 }
 
@@ -94,7 +90,10 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(text: &str, known: &[&str]) 
     match kind {
         None => Err(frames::error("bad_frame", "frame has no string \"type\" field", reference.as_ref())),
         Some(kind) if !known.contains(&kind.as_str()) => {
-            Err(frames::error("unknown_type", &format!("unknown frame type {kind:?}"), reference.as_ref()))
+            // Named as sent, cut to 64 characters: not escaped (an escape can be several
+            // times the character it stands for).
+            let named: String = kind.chars().take(64).collect();
+            Err(frames::error("unknown_type", &format!("unknown frame type \"{named}\""), reference.as_ref()))
         }
         Some(_) => serde_json::from_value(value).map_err(|e| frames::error("bad_frame", &e.to_string(), reference.as_ref())),
     }
@@ -408,8 +407,7 @@ impl ClientSession {
                     .await
                     .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
                 let upto = self.gw.read_mark(conversation, upto).await;
-                if !self.read_relayed.is_some_and(|(c, relayed)| c == conversation && upto <= relayed) {
-                    self.read_relayed = Some((conversation, upto));
+                if self.gw.visitor_read_due(conversation, upto) {
                     self.signal_operator(conversation, json!({"type": "read", "conversation": conversation.0, "by": "client", "upto": upto}));
                 }
             }
@@ -470,6 +468,30 @@ mod tests {
 
     /// Codes a malformed inbound frame may get: what `docs/protocol.md` §5 documents.
     const PARSE_ERRORS: &[&str] = &["bad_json", "bad_frame", "unknown_type"];
+
+    /// An error frame never comes back much larger than a bound, whatever the frame it
+    /// answers: a 16 KiB frame of characters whose escapes are six times their size, or
+    /// a huge `ref`, is answered in under 1 KiB (a client that never reads holds its
+    /// socket's queue of 64 frames to that).
+    #[test]
+    fn an_error_frame_echoes_a_bounded_part_of_what_it_answers() {
+        let wide = "\u{85}".repeat(8_000);
+        let cases = [
+            json!({"type": wide.clone()}).to_string(),
+            json!({"type": "send", "key": 5, "ref": wide.clone()}).to_string(),
+            json!({"type": "rate", "score": wide.clone(), "ref": [wide.clone()]}).to_string(),
+            json!({"type": "resume", "token": 7, "last_seq": wide.clone()}).to_string(),
+        ];
+        for frame in cases {
+            assert!(frame.len() >= 16_000, "{}", frame.len());
+            let error = parse::<ClientIn>(&frame, CLIENT_TYPES).err().expect("refused");
+            let size = error.to_string().len();
+            assert!(size < 1024, "a {}-byte frame was answered with {size} bytes: {}", frame.len(), &error.to_string()[..200]);
+        }
+        // A short `ref` is still echoed, as the protocol says.
+        let error = parse::<ClientIn>(r#"{"type":"nope","ref":"r-1"}"#, CLIENT_TYPES).err().expect("refused");
+        assert_eq!((error["code"].as_str(), error["ref"].as_str()), (Some("unknown_type"), Some("r-1")));
+    }
 
     /// JSON objects shaped like frames: a known or unknown type, and fields of any kind
     /// under the names the frames use.

@@ -143,12 +143,28 @@ pub enum OperatorIn {
 }
 
 pub fn error(code: &str, message: &str, reference: Option<&Value>) -> Value {
+    // What a client sent comes back only bounded: a message quoting its frame is cut to
+    // MAX_ERROR_MESSAGE_CHARS, and a `ref` longer than MAX_ECHOED_REF_BYTES (as JSON) is
+    // not echoed. Else a client that never reads could have each of its frames answered
+    // by an error frame several times its size, and its socket's queue of 64 frames
+    // hold megabytes (docs/security.md).
+    let message: std::borrow::Cow<'_, str> = if message.chars().count() > MAX_ERROR_MESSAGE_CHARS {
+        let cut: String = message.chars().take(MAX_ERROR_MESSAGE_CHARS).collect();
+        format!("{cut}…").into()
+    } else {
+        message.into()
+    };
     let mut frame = json!({"type": "error", "code": code, "message": message});
-    if let Some(r) = reference {
+    if let Some(r) = reference.filter(|r| serde_json::to_string(r).is_ok_and(|t| t.len() <= MAX_ECHOED_REF_BYTES)) {
         frame["ref"] = r.clone();
     }
     frame
 }
+
+/// The longest error message, in characters (longer ones are cut, with "…").
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 300;
+/// The longest `ref` an answer echoes, in bytes of its JSON text.
+pub const MAX_ECHOED_REF_BYTES: usize = 256;
 
 fn presence_name(p: Presence) -> &'static str {
     match p {

@@ -555,6 +555,9 @@ pub struct Gateway {
     /// the operator or to the visitor): at most once per [`TYPING_RELAY_EVERY`], so a
     /// visitor's burst of typing frames costs the cluster one relay a second.
     typing_relayed: Mutex<HashMap<(ConversationId, bool), std::time::Instant>>,
+    /// The last visitor read mark relayed to each conversation's operator (see
+    /// [`Gateway::visitor_read_due`]).
+    reads_relayed: Mutex<HashMap<ConversationId, u64>>,
     /// Provider receipts that came before their message's send was committed, held a
     /// little and matched again (`channels::hold_receipt`).
     pub(crate) early_receipts: channels::EarlyReceipts,
@@ -575,6 +578,8 @@ const TYPING_RELAY_EVERY: Duration = Duration::from_secs(1);
 /// Conversations whose last typing relay is remembered; past it, older ones are
 /// forgotten, and while still full a typing signal stays on this node.
 const TYPING_RELAYS_KEPT: usize = 4096;
+/// Conversations whose last relayed visitor read mark is remembered (16 bytes each).
+const READ_RELAYS_KEPT: usize = 65_536;
 
 /// Files fetched from other members at once for downloads (see `Gateway::fetches`).
 pub const REMOTE_FETCHES: usize = 4;
@@ -600,6 +605,7 @@ impl Gateway {
             fetches: Arc::new(tokio::sync::Semaphore::new(REMOTE_FETCHES)),
             configured: AtomicBool::new(false),
             typing_relayed: Mutex::new(HashMap::new()),
+            reads_relayed: Mutex::new(HashMap::new()),
             early_receipts: channels::EarlyReceipts::default(),
             directory_confirmed: Mutex::new(None),
         })
@@ -678,9 +684,13 @@ impl Gateway {
     /// those on other nodes when the relay reaches them.
     pub(crate) fn signal_operator(&self, operator: &OperatorId, signal: Value) {
         let conversation = signal.get("conversation").and_then(Value::as_u64).map(ConversationId);
-        if signal["type"] != "typing" || conversation.is_some_and(|c| self.typing_relay_due(c, true)) {
-            self.backend.relay_signal(switchboard_raft::network::SignalTo::Operator(operator.as_str().to_owned()), &signal);
+        // A visitor's `typing` reaches the operator at most once a second per
+        // conversation, on this node as on the others: one not due is dropped (any
+        // number of the visitor's sockets may send it, ten times a second each).
+        if signal["type"] == "typing" && !conversation.is_some_and(|c| self.typing_relay_due(c, true)) {
+            return;
         }
+        self.backend.relay_signal(switchboard_raft::network::SignalTo::Operator(operator.as_str().to_owned()), &signal);
         self.signals.to_operator(operator, signal);
     }
 
@@ -708,6 +718,23 @@ impl Gateway {
                 true
             }
         }
+    }
+
+    /// Whether a visitor's read mark `upto` of `conversation` is to be relayed to its
+    /// operator: only one past the last relayed from this node, whichever of the
+    /// visitor's sockets sent it (switching a socket between conversations, or opening
+    /// new ones, relays nothing new). At most [`READ_RELAYS_KEPT`] conversations are
+    /// remembered; past that the memory starts over.
+    pub(crate) fn visitor_read_due(&self, conversation: ConversationId, upto: u64) -> bool {
+        let mut relayed = self.reads_relayed.lock().unwrap_or_else(|p| p.into_inner());
+        if relayed.get(&conversation).is_some_and(|r| upto <= *r) {
+            return false;
+        }
+        if relayed.len() >= READ_RELAYS_KEPT {
+            relayed.clear();
+        }
+        relayed.insert(conversation, upto);
+        true
     }
 
     /// A relayed read mark as the core records it: never past the newest entry.
