@@ -90,7 +90,8 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// withdraws, against their room (before, it was refused when the offer filled them).
 /// And an access rule may name a visitor id of up to
 /// [`crate::access::MAX_VISITOR_RULE_CHARS`] characters (before, 64: shorter than a
-/// messenger sender's id can be).
+/// messenger sender's id can be). And a retention purge entry takes no further
+/// conversation once those it took hold [`crate::records::PURGE_KEYS`] records.
 pub const RULES_VERSION: u32 = 15;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not

@@ -140,8 +140,13 @@ pub fn owner(prefix: u8) -> Option<Owner> {
 }
 
 /// Conversations one `PurgeExpired` entry deletes at most: an entry's work stays
-/// bounded; the timer proposes the next one while some are left.
+/// bounded; the retention timer's next tick deletes more while some are left.
 pub const PURGE_BATCH: usize = 500;
+/// From rules 15, also the records one `PurgeExpired` entry deletes: it takes no further
+/// conversation once its conversations hold this many (at least one is taken, whose
+/// records are bounded by its 10,000 entries). Before, 500 long conversations could
+/// make one entry delete millions of records while the shard's state was locked.
+pub const PURGE_KEYS: usize = 50_000;
 
 pub mod key {
     use crate::model::*;
@@ -1000,6 +1005,9 @@ fn find_expired(state: &mut ShardState, store: &dyn Store, as_of: Timestamp) -> 
             };
             if u64::from_be_bytes(at) >= cutoff {
                 break;
+            }
+            if state.rules >= 15 && !state.expired.is_empty() && state.expired_keys.len() >= PURGE_KEYS {
+                return Ok(());
             }
             let id = ConversationId(u64::from_be_bytes(id));
             state.expired_keys.push(k.clone());
