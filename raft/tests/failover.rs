@@ -172,6 +172,19 @@ async fn peer_without_cluster_certificate_is_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An append of one entry and a snapshot install, each as if from `leader` leading a
+/// `term` (far past the group's), named `label`: what a peer that is not that leader
+/// must not get taken.
+fn as_leader_of_a_later_term(term: u64, leader: u64, label: &str) -> (openraft::raft::AppendEntriesRequest<switchboard_raft::TypeConfig>, openraft::raft::InstallSnapshotRequest<switchboard_raft::TypeConfig>) {
+    let vote = openraft::Vote::new_committed(term, leader);
+    let log_id = openraft::LogId::new(openraft::CommittedLeaderId::new(term, leader), 1_000);
+    let entry = openraft::Entry::<switchboard_raft::TypeConfig> { log_id, payload: openraft::EntryPayload::Normal(Request(label.as_bytes().to_vec())) };
+    let append = openraft::raft::AppendEntriesRequest { vote, prev_log_id: None, entries: vec![entry], leader_commit: None };
+    let meta = openraft::SnapshotMeta { last_log_id: Some(log_id), last_membership: Default::default(), snapshot_id: label.into() };
+    let install = openraft::raft::InstallSnapshotRequest { vote, meta, offset: 0, data: b"not a snapshot".to_vec(), done: true };
+    (append, install)
+}
+
 fn addr(r: &Replica) -> anyhow::Result<Node> {
     Ok(Node { addr: r.endpoint.local_addr()?.to_string() })
 }
@@ -385,13 +398,9 @@ async fn a_gateway_certificate_proposes_nothing_and_takes_no_part_in_raft() -> a
     assert!(answer.is_err(), "a gateway's vote request was answered: {answer:?}");
     assert_eq!(replica.raft.metrics().borrow().current_term, term, "the refused vote did not move the term");
     // Nor entries or a snapshot from a pretended leader of a later term.
-    let leader_vote = openraft::Vote::new_committed(term + 50, 2);
-    let entry = openraft::Entry::<switchboard_raft::TypeConfig> { log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(term + 50, 2), 1_000), payload: openraft::EntryPayload::Normal(Request(b"from a gateway".to_vec())) };
-    let append = openraft::raft::AppendEntriesRequest { vote: leader_vote, prev_log_id: None, entries: vec![entry], leader_commit: None };
+    let (append, install) = as_leader_of_a_later_term(term + 50, 2, "from-a-gateway");
     let answer = client.append_entries(append, RPCOption::new(Duration::from_secs(2))).await;
     assert!(format!("{answer:?}").contains("gateway's certificate"), "a gateway's entries were refused for its certificate: {answer:?}");
-    let meta = openraft::SnapshotMeta { last_log_id: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(term + 50, 2), 1_000)), last_membership: Default::default(), snapshot_id: "from-a-gateway".into() };
-    let install = openraft::raft::InstallSnapshotRequest { vote: leader_vote, meta, offset: 0, data: b"not a snapshot".to_vec(), done: true };
     let answer = client.install_snapshot(install, RPCOption::new(Duration::from_secs(2))).await;
     assert!(format!("{answer:?}").contains("gateway's certificate"), "a gateway's snapshot was refused for its certificate: {answer:?}");
     let m = replica.raft.metrics().borrow().clone();
@@ -435,13 +444,9 @@ async fn a_node_certificate_speaks_in_raft_only_for_its_own_node_id() -> anyhow:
     let answer = client.vote(vote, RPCOption::new(Duration::from_secs(2))).await;
     assert!(refused_for_its_id(&answer), "a vote as another node was refused for the certificate: {answer:?}");
     // As leader 2, entries and a snapshot: refused.
-    let leader_vote = openraft::Vote::new_committed(term + 50, 2);
-    let entry = openraft::Entry::<switchboard_raft::TypeConfig> { log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(term + 50, 2), 1_000), payload: openraft::EntryPayload::Normal(Request(b"as node 2".to_vec())) };
-    let append = openraft::raft::AppendEntriesRequest { vote: leader_vote, prev_log_id: None, entries: vec![entry], leader_commit: None };
+    let (append, install) = as_leader_of_a_later_term(term + 50, 2, "as-node-2");
     let answer = client.append_entries(append, RPCOption::new(Duration::from_secs(2))).await;
     assert!(refused_for_its_id(&answer), "entries as another node were refused for the certificate: {answer:?}");
-    let meta = openraft::SnapshotMeta { last_log_id: Some(openraft::LogId::new(openraft::CommittedLeaderId::new(term + 50, 2), 1_000)), last_membership: Default::default(), snapshot_id: "as-node-2".into() };
-    let install = openraft::raft::InstallSnapshotRequest { vote: leader_vote, meta, offset: 0, data: b"not a snapshot".to_vec(), done: true };
     let answer = client.install_snapshot(install, RPCOption::new(Duration::from_secs(2))).await;
     assert!(refused_for_its_id(&answer), "a snapshot as another node was refused for the certificate: {answer:?}");
     let m = replica.raft.metrics().borrow().clone();
