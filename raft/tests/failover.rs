@@ -377,7 +377,10 @@ async fn a_gateway_certificate_proposes_nothing_and_takes_no_part_in_raft() -> a
     let replica = start_replica(1, &certs, dir.path()).await?;
     replica.raft.initialize(BTreeMap::from([(1, addr(&replica)?)])).await?;
     wait_for_leader(&[&replica], None).await?;
-    let term = replica.raft.metrics().borrow().current_term;
+    // One write applied, and the metrics showing it, before the log's end is taken.
+    let first = replica.raft.client_write(Request(b"before the gateway's tries".to_vec())).await?;
+    let settled = replica.raft.wait(Some(Duration::from_secs(10))).applied_index_at_least(Some(first.log_id.index), "the first write").await?;
+    let (term, before) = (settled.current_term, settled.last_log_index);
 
     let gateway = tls::ensure_member_as(&certs, "gateway-a", tls::Role::Gateway, &[])?;
     let endpoint = tls::endpoint(&gateway, "127.0.0.1:0".parse()?)?;
@@ -385,7 +388,6 @@ async fn a_gateway_certificate_proposes_nothing_and_takes_no_part_in_raft() -> a
 
     // A command is not: the gateway relays its clients' requests, which the member
     // authorises; a write of its own would pass every check the member makes.
-    let before = replica.raft.metrics().borrow().last_log_index;
     let forwarder = switchboard_raft::network::Forwarder::new(switchboard_raft::network::Peers::new(endpoint.clone()));
     let written = forwarder.write(7, &target, Request(b"from a gateway".to_vec()), Duration::from_secs(5)).await;
     assert!(written.is_err(), "a gateway's write was taken");
@@ -430,8 +432,10 @@ async fn a_node_certificate_speaks_in_raft_only_for_its_own_node_id() -> anyhow:
     let replica = start_replica(1, &certs, dir.path()).await?;
     replica.raft.initialize(BTreeMap::from([(1, addr(&replica)?)])).await?;
     wait_for_leader(&[&replica], None).await?;
-    let term = replica.raft.metrics().borrow().current_term;
-    let before = replica.raft.metrics().borrow().last_log_index;
+    // One write applied, and the metrics showing it, before the log's end is taken.
+    let written = replica.raft.client_write(Request(b"before node 9's tries".to_vec())).await?;
+    let settled = replica.raft.wait(Some(Duration::from_secs(10))).applied_index_at_least(Some(written.log_id.index), "the first write").await?;
+    let (term, before) = (settled.current_term, settled.last_log_index);
 
     // Node 9's certificate, from the cluster's own CA.
     let nine = tls::ensure_member(&certs, "node-9", &[])?;
@@ -520,9 +524,11 @@ async fn half_made_change_finished(drop_left_out: bool) -> anyhow::Result<()> {
         let answer = client.append_entries(append, RPCOption::new(Duration::from_secs(5))).await;
         assert!(matches!(answer, Ok(openraft::raft::AppendEntriesResponse::Success)), "node {} took node 1's entries: {answer:?}", replica.id);
     }
+    // (A follower's metrics follow its log a moment after it answered.)
     for replica in [&two, &three] {
-        let m = replica.raft.metrics().borrow().clone();
-        assert_eq!(m.membership_config.membership().get_joint_config(), &vec![all.clone(), after.clone()], "node {} holds the half-made change", replica.id);
+        let joint = vec![all.clone(), after.clone()];
+        let held = replica.raft.wait(Some(Duration::from_secs(10))).metrics(|m| m.membership_config.membership().get_joint_config() == &joint, "the half-made change").await;
+        assert!(held.is_ok(), "node {} holds the half-made change: {:?}", replica.id, replica.raft.metrics().borrow().membership_config);
     }
     // Node 1 is gone (nothing answers on its address any more).
     endpoint.close(0u32.into(), b"");
