@@ -92,7 +92,11 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// [`crate::access::MAX_VISITOR_RULE_CHARS`] characters (before, 64: shorter than a
 /// messenger sender's id can be). And a retention purge entry takes no further
 /// conversation once those it took hold [`crate::records::PURGE_KEYS`] records.
-pub const RULES_VERSION: u32 = 15;
+/// Rules 16: a retention purge leaves a conversation that an earlier command of its log
+/// entry named or changed (a rating, a note) to the next purge, which deletes it whole
+/// (before, what that command wrote, such as the rating's history entry, was not among
+/// the records the purge read its keys from, and outlived the conversation).
+pub const RULES_VERSION: u32 = 16;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a

@@ -777,6 +777,7 @@ pub fn evict(state: &mut ShardState, candidates: &[ConversationId]) {
     }
     state.attachments.clear();
     state.deleted.clear();
+    state.touched_in_entry.clear();
     state.served_in_entry.clear();
     state.inbound_in_entry.clear();
     state.start_in_entry.clear();
@@ -1006,10 +1007,16 @@ fn find_expired(state: &mut ShardState, store: &dyn Store, as_of: Timestamp) -> 
             if u64::from_be_bytes(at) >= cutoff {
                 break;
             }
+            let id = ConversationId(u64::from_be_bytes(id));
+            // Rules 16: one an earlier command of this entry named (a rating, a note)
+            // waits for the next purge: the records hold nothing of what it wrote yet,
+            // so its new records would outlive the purge.
+            if state.rules >= 16 && state.touched_in_entry.contains(&id) {
+                continue;
+            }
             if state.rules >= 15 && !state.expired.is_empty() && state.expired_keys.len() >= PURGE_KEYS {
                 return Ok(());
             }
-            let id = ConversationId(u64::from_be_bytes(id));
             state.expired_keys.push(k.clone());
             collect_conversation_keys(state, store, id)?;
             state.expired.push(id);
@@ -1578,6 +1585,7 @@ pub fn run_as(state: &mut ShardState, store: &MemStore, envelope: &Envelope, par
     prefetch(state, store, &envelope.command)?;
     let result = crate::core::handle_as(state, envelope, part);
     let candidates = eviction_candidates(state, &envelope.command);
+    state.touched_in_entry.extend(candidates.iter().copied());
     store.write(take_writes(state));
     end_command(state);
     evict(state, &candidates);

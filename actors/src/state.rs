@@ -72,6 +72,12 @@ pub struct ShardState {
     /// Conversations a purge deleted in the log entry being applied.
     #[serde(skip)]
     pub deleted: BTreeSet<ConversationId>,
+    /// Conversations the commands applied so far in the log entry being applied named
+    /// or changed (`records::eviction_candidates`): from rules 16 a purge in the same
+    /// entry leaves them to the next one, since what those commands wrote for them is
+    /// not in the records the purge reads its keys from.
+    #[serde(skip)]
+    pub touched_in_entry: BTreeSet<ConversationId>,
     /// Per skill group and hour (`at / 3,600,000`), what happened there: the floor's
     /// KPIs for today sum the hours since the reader's midnight (records `K`). A group
     /// keeps its last [`KPI_HOURS_KEPT`] hours.

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use switchboard_actors::model::*;
-use switchboard_actors::records::{self, MemStore};
+use switchboard_actors::records::{self, MemStore, Store};
 use switchboard_actors::shard::Shard;
 use switchboard_actors::state::{ConversationStatus, ShardState};
 use switchboard_actors::Error;
@@ -55,4 +55,66 @@ fn a_command_sees_what_an_earlier_command_of_its_entry_did() {
 
 fn json(state: &ShardState) -> String {
     serde_json::to_string(state).expect("serializes")
+}
+
+/// One log entry (group commit) holding a rating and a note of a closed conversation and,
+/// after them, the retention purge that deletes it: the purge reads the keys to delete
+/// from the records, which do not hold what the earlier commands of the entry wrote yet.
+/// From rules 16 the purge leaves such a conversation to the next purge, which deletes
+/// it whole; under rules 15 (replayed as it was decided) the same entry deleted it and
+/// left the rating's and the note's history entries behind.
+#[test]
+fn a_rating_in_the_entry_of_the_purge_goes_with_its_conversation() {
+    const DAY: u64 = 24 * 60 * 60 * 1000;
+    for rules in [switchboard_actors::core::RULES_VERSION, 15] {
+        let store = MemStore::default();
+        let shard = Shard::new();
+        shard.load(Arc::new(store.clone())).expect("load");
+        let entry = |commands: Vec<(u64, Command)>| {
+            let mut writes = Vec::new();
+            let mut replies = Vec::new();
+            for (at, command) in commands {
+                replies.push(shard.apply(&Envelope::new(Timestamp(at), command), &mut writes).expect("applied"));
+            }
+            shard.end_entry();
+            store.write(writes);
+            shard.published();
+            replies
+        };
+        entry(vec![
+            (0, Command::AdoptRules { version: rules }),
+            (0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 5000, sla_ms: 60_000 })),
+            (0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })),
+            (0, Command::SetChannelRetention { channel: ChannelId::new("web"), days: 1 }),
+        ]);
+        let started = entry(vec![(1, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() })]);
+        let conversation = match started.first() {
+            Some(switchboard_actors::core::Reply::Started { conversation }) => *conversation,
+            other => panic!("not started: {other:?}"),
+        };
+        entry(vec![(2, Command::PostClientMessage { conversation, key: "k1".into(), text: "hello".into(), attachments: vec![] })]);
+        entry(vec![(3, Command::CloseByClient { conversation })]);
+
+        let later = 2 * DAY;
+        let note = Command::AddNote { conversation, author: "sue".into(), name: "Sue".into(), key: "n1".into(), text: "called back".into() };
+        entry(vec![
+            (later, Command::Rate { conversation, score: 5, comment: "thanks".into() }),
+            (later, note),
+            (later, Command::PurgeExpired { as_of: Timestamp(later) }),
+        ]);
+        let history = store.scan(&records::key::history_prefix(conversation), None, usize::MAX).expect("scan");
+        if rules >= 16 {
+            // Kept whole for now, with its rating.
+            let kept = shard.conversation(conversation).expect("readable").expect("kept until the next purge");
+            assert!(kept.rated, "rules {rules}");
+            assert_eq!(history.len() as u64, kept.last_seq(), "rules {rules}: every entry kept");
+            entry(vec![(later + 1, Command::PurgeExpired { as_of: Timestamp(later + 1) })]);
+            let left = store.scan(&records::key::history_prefix(conversation), None, usize::MAX).expect("scan");
+            assert!(left.is_empty(), "rules {rules}: the next purge deletes every history entry, the rating's and the note's too: {} left", left.len());
+        } else {
+            assert!(!history.is_empty(), "rules 15 replays as decided: the entries written in the purge's entry stayed");
+        }
+        assert!(shard.conversation(conversation).expect("readable").is_none(), "rules {rules}: purged");
+        assert!(store.get(&records::key::conversation(conversation)).expect("read").is_none(), "rules {rules}");
+    }
 }
