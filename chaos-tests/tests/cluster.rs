@@ -381,6 +381,64 @@ async fn an_attachment_outlives_the_member_that_received_it() -> anyhow::Result<
     Ok(())
 }
 
+/// A member down while a retention purge is committed applies it when it comes back
+/// and deletes the purged conversation's files then, like the members that were up (not
+/// an hour later, when the sweep for stray files would take them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_back_after_a_purge_deletes_the_purged_files_as_it_catches_up() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start(dir.path(), 3).await?;
+    let admin = cluster.node(1).login("admin").await?;
+    let (mut ws, conversation, token) = cluster.node(1).client("Leaving a file").await?;
+    let (status, body) = switchboard_chaos_tests::client_upload(cluster.node(1), &token, "scan.png", "image/png", &png(50_000)).await?;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    ws.send(&json!({"type": "send", "key": "k", "text": "see attached", "attachments": [id]})).await?;
+    ws.wait_for(WAIT, |v| v["type"] == "ack").await?;
+    ws.send(&json!({"type": "close"})).await?;
+    ws.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "closed").await?;
+    drop(ws);
+    let file_on = |node: usize| dir.path().join(format!("data/node-{node}/attachments/{id}"));
+    // Every member holds the file (node 3 fetches it if it was not pushed its copy).
+    eventually(Duration::from_secs(60), Duration::from_millis(200), || async { Ok((1..=3).all(|n| file_on(n).exists()).then_some(())) }).await?;
+
+    // The web channel keeps its closed conversations one day.
+    let (_, channels) = cluster.node(1).api("GET", "/api/channels", Some(&admin), None).await?;
+    let web = channels["channels"].as_array().and_then(|c| c.iter().find(|c| c["id"] == "web")).cloned().unwrap_or_default();
+    let keep = json!({"kind": web["kind"], "name": web["name"], "default_group": web["default_group"], "retention_days": 1});
+    let (status, reply) = cluster.node(1).api("PUT", "/api/channels/web", Some(&admin), Some(keep)).await?;
+    assert_eq!(status, 200, "{reply}");
+
+    // Node 3 is down while the purge, two days on, is committed by the other two.
+    cluster.kill9(3).await?;
+    let later = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64 + 2 * 86_400_000;
+    // The retention setting reaches the conversation's shard as a letter, which waits
+    // for a new leader if node 3 led: the drill is asked again until the files go, as
+    // the retention timer would run again.
+    eventually(Duration::from_secs(30), Duration::from_millis(500), || async {
+        let (status, reply) = cluster.node(1).api("POST", "/api/chaos/purge", Some(&admin), Some(json!({"as_of": later}))).await?;
+        if status != 200 {
+            println!("purge drill: {status} {reply}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok((!file_on(1).exists() && !file_on(2).exists()).then_some(()))
+    })
+    .await
+        .map_err(|e| anyhow::anyhow!("the members up deleted the purged file: node 1 has it {}, node 2 {}: {e}", file_on(1).exists(), file_on(2).exists()))?;
+    assert!(file_on(3).exists(), "node 3 was down: its copy is still there");
+
+    // Back, node 3 applies the purge it missed, and its copy goes with it.
+    cluster.restart(3).await?;
+    let back = Instant::now();
+    eventually(Duration::from_secs(20), Duration::from_millis(100), || async { Ok((!file_on(3).exists()).then_some(())) })
+        .await
+        .map_err(|e| anyhow::anyhow!("node 3 kept the file of a conversation it purged while catching up: {e}"))?;
+    println!("conversation {conversation}: node 3 deleted the purged file {} ms after it started", back.elapsed().as_millis());
+    let (status, _) = cluster.node(3).api("GET", &format!("/api/conversations/{conversation}"), Some(&admin), None).await?;
+    assert_eq!(status, 404, "purged on node 3 too");
+    Ok(())
+}
+
 /// What [`offer_on_a_follower`] set up.
 struct OfferOnFollower {
     leader: usize,

@@ -1141,17 +1141,27 @@ pub(crate) async fn give_back_unnamed_files(
     }
 }
 
-/// Attachment files follow their conversation out when retention deletes it from
-/// `shard`.
-pub(crate) fn remove_files_with_their_conversations(shard: &Shard, blobs: switchboard_gateway::attachments::BlobStore) {
-    shard.on_deleted_attachments(move |ids| {
+/// Deletes the files of attachments whose records a retention purge deleted.
+pub(crate) type FilesGone = Arc<dyn Fn(Vec<switchboard_actors::model::AttachmentId>) + Send + Sync>;
+
+/// What deletes a purged attachment's file from `blobs`, in the background.
+pub(crate) fn files_gone(blobs: switchboard_gateway::attachments::BlobStore) -> FilesGone {
+    Arc::new(move |ids| {
         let blobs = blobs.clone();
         tokio::spawn(async move {
             for id in ids {
                 blobs.remove(&id).await;
             }
         });
-    });
+    })
+}
+
+/// Attachment files follow their conversation out when retention deletes it from
+/// `shard`. Set before the shard's group starts: the purges a member applies while it
+/// catches up at start delete their files too (else they wait for the stray sweep).
+pub(crate) fn remove_files_with_their_conversations(shard: &Shard, gone: &FilesGone) {
+    let gone = gone.clone();
+    shard.on_deleted_attachments(move |ids| gone(ids));
 }
 
 /// How long a signal relayed to another node may take: a typing mark later than that
@@ -1734,6 +1744,8 @@ std::fs::create_dir_all(&options.data_dir)?;
     let log_dir = options.data_dir.join("log").join(format!("g{SHARD_GROUP}"));
     switchboard_raft::store::migrate_sled(&options.data_dir.join("sled"), &db, SHARD_GROUP, &log_dir).context("move the data folder out of sled")?;
     let shard = Arc::new(Shard::new());
+    let blobs = switchboard_gateway::attachments::BlobStore::open(options.data_dir.join("attachments"))?;
+    remove_files_with_their_conversations(&shard, &files_gone(blobs.clone()));
     let (log, sm) = open_group(&db, SHARD_GROUP, Arc::new(ShardMachine { shard: shard.clone() }), &options.data_dir.join("snapshots"), &log_dir)?;
     let peers = Peers::new(endpoint.clone());
     let router = Router::default();
@@ -1836,9 +1848,8 @@ std::fs::create_dir_all(&options.data_dir)?;
     // not said which rules it knows (it may be starting too).
     adopt_rules_at_start(&raft, &peers, options.node_id, SHARD_GROUP, RulesDeadlines::from_now(), || rules_of(&shard), || switchboard_actors::core::RULES_VERSION, |command| backend.submit(command)).await?;
     let backend_for_rules = backend.clone();
-    let edge = open_edge(&options, backend, &router).await?;
+    let edge = open_edge(&options, backend, &router, blobs).await?;
     let gateway = edge.gateway.clone();
-    remove_files_with_their_conversations(&shard, gateway.blobs.clone());
     report_status(&router, raft.clone(), options.node_id, gateway.clone());
     let Edge { public_addr, private_addr, smtp_addr, mut listeners, shutdown, .. } = edge;
     listeners.extend([
@@ -1874,7 +1885,7 @@ pub(crate) struct Edge {
 
 /// Binds the listeners of `options` and serves a gateway over `backend`; peers' relayed
 /// traffic (standalone gateways) and file copies arrive through `router`.
-pub(crate) async fn open_edge(options: &NodeOptions, backend: Arc<dyn Backend>, router: &Router) -> anyhow::Result<Edge> {
+pub(crate) async fn open_edge(options: &NodeOptions, backend: Arc<dyn Backend>, router: &Router, blobs: switchboard_gateway::attachments::BlobStore) -> anyhow::Result<Edge> {
     let public = TcpListener::bind(options.public_addr).await.with_context(|| format!("bind public {}", options.public_addr))?;
     let private = TcpListener::bind(options.private_addr).await.with_context(|| format!("bind private {}", options.private_addr))?;
     let public_addr = public.local_addr()?;
@@ -1894,7 +1905,6 @@ pub(crate) async fn open_edge(options: &NodeOptions, backend: Arc<dyn Backend>, 
         request_timeout: options.request_timeout,
         ping_interval: options.ping_interval,
     };
-    let blobs = switchboard_gateway::attachments::BlobStore::open(options.data_dir.join("attachments"))?;
     router.set_files(Arc::new(NodeFiles(blobs.clone())));
     let key = match &options.token_key {
         Some(path) => token_key(path, false)?,

@@ -788,13 +788,17 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     } else {
         options.members.iter().cloned().collect()
     };
-    let mut node = SplitNode::member(&options.data_dir, options.node_id, endpoint, &members, shards, options.join).await?;
+    // Files of purged conversations go as their purges are applied, from the first
+    // (those a member applies while it catches up at start included).
+    let blobs = switchboard_gateway::attachments::BlobStore::open(options.data_dir.join("attachments"))?;
+    let gone = server::files_gone(blobs.clone());
+    let mut node = SplitNode::member(&options.data_dir, options.node_id, endpoint, &members, shards, options.join, Some(gone)).await?;
     node.forward();
     let node = Arc::new(node);
     // Whichever node leads the metadata group keeps the placement balanced.
     let placement = tokio::spawn(crate::placement::run(node.clone()));
     let backend = Arc::new(SplitBackend::new(node.clone()));
-    let edge = server::open_edge(&options, backend, &node.router).await?;
+    let edge = server::open_edge(&options, backend, &node.router, blobs).await?;
     let gateway = edge.gateway.clone();
     server::report_status(&node.router, node.groups[&R].raft.clone(), node.node_id, gateway.clone());
     report_shards(&node);
@@ -807,7 +811,6 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     // Each conversation shard's: retention, inactivity, the channel delivery worker.
     for k in 0..shards {
         let c = &node.groups[&(FIRST_C + k)];
-        server::remove_files_with_their_conversations(&c.shard, gateway.blobs.clone());
         listeners.push(tokio::spawn(server::retention_timer(c.raft.clone(), c.proposer.clone(), node_id, options.retention_every)));
         listeners.push(tokio::spawn(server::inactivity_timer(c.raft.clone(), c.proposer.clone(), c.shard.clone(), node_id)));
         listeners.push(tokio::spawn(crate::outbox::run(c.raft.clone(), Arc::new(c.proposer.clone()), c.shard.clone(), node_id, gateway.clone(), shards, node.peers.clone())));
