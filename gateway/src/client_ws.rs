@@ -82,6 +82,24 @@ fn entry_text_bytes(item: &switchboard_actors::state::HistoryItem) -> usize {
     }
 }
 
+/// Parses a client's frame as [`parse`] does; a `send` refused as malformed carries its
+/// `key` as `ref` (the protocol matches a `send`'s errors to it by its key), when the
+/// key is a string and the frame names no `ref` of its own.
+pub(crate) fn parse_client(text: &str) -> Result<ClientIn, Value> {
+    parse::<ClientIn>(text, CLIENT_TYPES).map_err(|mut error| {
+        if error.get("ref").is_none() {
+            if let Ok(frame) = serde_json::from_str::<Value>(text) {
+                if let (Some("send"), Some(key)) = (frame.get("type").and_then(Value::as_str), frame.get("key").filter(|k| k.is_string())) {
+                    if let Some(r) = frames::error("", "", Some(key)).get("ref") {
+                        error["ref"] = r.clone();
+                    }
+                }
+            }
+        }
+        error
+    })
+}
+
 /// Parses a frame, telling bad JSON, an unknown type and a malformed frame apart.
 pub(crate) fn parse<T: serde::de::DeserializeOwned>(text: &str, known: &[&str]) -> Result<T, Value> {
     let value: Value = serde_json::from_str(text).map_err(|e| frames::error("bad_json", &format!("not valid JSON: {e}"), None))?;
@@ -432,7 +450,7 @@ impl ClientSession {
 
 impl Session for ClientSession {
     async fn on_text(&mut self, text: &str, out: &Outbox) -> Flow {
-        let result = match parse::<ClientIn>(text, CLIENT_TYPES) {
+        let result = match parse_client(text) {
             Ok(frame) => {
                 let unnamed = match &frame {
                     ClientIn::Typing => Some("typing"),
@@ -488,6 +506,12 @@ mod tests {
             let size = error.to_string().len();
             assert!(size < 1024, "a {}-byte frame was answered with {size} bytes: {}", frame.len(), &error.to_string()[..200]);
         }
+        // A malformed `send` answers with its key as `ref`, as every error for a `send`.
+        let error = parse_client(r#"{"type":"send","key":"k-7","text":"see","attachments":[1]}"#).err().expect("refused");
+        assert_eq!((error["code"].as_str(), error["ref"].as_str()), (Some("bad_frame"), Some("k-7")), "{error}");
+        let long = "k".repeat(crate::frames::MAX_ECHOED_REF_BYTES);
+        let error = parse_client(&json!({"type": "send", "key": long, "text": 5}).to_string()).err().expect("refused");
+        assert!(error.get("ref").is_none(), "a key too long to echo is not: {error}");
         // A short `ref` is still echoed, as the protocol says.
         let error = parse::<ClientIn>(r#"{"type":"nope","ref":"r-1"}"#, CLIENT_TYPES).err().expect("refused");
         assert_eq!((error["code"].as_str(), error["ref"].as_str()), (Some("unknown_type"), Some("r-1")));

@@ -1219,7 +1219,7 @@ impl Tracker {
         // member's very answer, and neither relayed nor kept: such answers name no
         // request the tracker could settle.
         if self.surface == Surface::Client {
-            crate::client_ws::parse::<crate::frames::ClientIn>(text, crate::client_ws::CLIENT_TYPES)?;
+            crate::client_ws::parse_client(text)?;
         }
         let Ok(mut frame) = serde_json::from_str::<Value>(text) else { return Ok(None) };
         let kind = frame.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
