@@ -735,6 +735,24 @@ async fn a_whatsapp_conversation_with_signed_webhooks_and_receipts() -> anyhow::
     let all = deliveries(&dev, &supervisor, conversation).await?;
     assert_eq!(all.iter().find(|d| d["provider_id"] == sent.2.as_str()).map(|d| d["status"].clone()), Some(json!("read")), "{all:?}");
     assert_eq!(fake.sent().len(), 1, "sent once through the rate limit and the 500");
+
+    // Meta batches: a signed delivery past the 64 KiB other webhooks take is read whole
+    // (up to 3 MiB), and every message in it is taken.
+    let batch: Vec<Value> = (0..200).map(|n| json!({"from": "4915112345", "id": format!("wamid.B{n}"), "timestamp": "1700000200", "type": "text", "text": {"body": format!("{n} {}", "x".repeat(400))}})).collect();
+    let big = json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"messaging_product": "whatsapp", "metadata": {"phone_number_id": "1098765432"}, "contacts": [{"profile": {"name": "Ana"}, "wa_id": "4915112345"}], "messages": batch}}]}]});
+    assert!(big.to_string().len() > 64 * 1024);
+    let (status, body) = hook(big, APP_SECRET).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["messages"].as_array().map(Vec::len), Some(200), "every message of the batch taken");
+    // One declaring more is refused before its body is read.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(&dev.public).await?;
+    let head = format!("POST /hooks/whatsapp/wa HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nx-hub-signature-256: sha256=00\r\n\r\n", dev.public, 3 * 1024 * 1024 + 1);
+    raw.write_all(head.as_bytes()).await?;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, raw.read(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413") && answer.contains("too_large") && answer.contains("3145728"), "{answer}");
     Ok(())
 }
 

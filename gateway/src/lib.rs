@@ -950,11 +950,46 @@ async fn hook_guard(
             gw.usage.bad_hooks.take(address, 1.0, allowed);
         }
         StatusCode::PAYLOAD_TOO_LARGE if !is_json(&response) => {
-            return GatewayError::BodyTooLarge(rest::MAX_JSON_BODY).into_response();
+            return GatewayError::BodyTooLarge(hook_body_limit(&address.1)).into_response();
         }
         _ => {}
     }
     response
+}
+
+/// The largest body a Meta webhook (WhatsApp, Messenger) takes: Meta batches up to a
+/// thousand updates in one signed delivery, of up to 3 MB by its documentation, and
+/// resends a refused one unchanged, so a smaller limit would lose the whole batch.
+pub const META_HOOK_BODY: usize = 3 * 1024 * 1024;
+/// Meta deliveries larger than [`rest::MAX_JSON_BODY`] (or of no stated length) a node
+/// reads at once; another gets `503` (Meta sends it again): at most
+/// `LARGE_HOOKS_AT_ONCE * META_HOOK_BODY` (12 MiB) held for them.
+pub const LARGE_HOOKS_AT_ONCE: usize = 4;
+
+fn hook_body_limit(path: &str) -> usize {
+    if path.starts_with("/hooks/whatsapp/") || path.starts_with("/hooks/messenger/") {
+        META_HOOK_BODY
+    } else {
+        rest::MAX_JSON_BODY
+    }
+}
+
+/// Lets a Meta delivery over [`rest::MAX_JSON_BODY`] be read only while fewer than
+/// [`LARGE_HOOKS_AT_ONCE`] others are (held until it is answered); one declaring more
+/// than [`META_HOOK_BODY`] is refused unread.
+async fn large_hook_permit(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    static LARGE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LARGE_HOOKS_AT_ONCE);
+    let declared = request.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if request.method() != axum::http::Method::POST || declared.is_some_and(|n| n <= rest::MAX_JSON_BODY as u64) {
+        return next.run(request).await;
+    }
+    if declared.is_some_and(|n| n > META_HOOK_BODY as u64) {
+        return GatewayError::BodyTooLarge(META_HOOK_BODY).into_response();
+    }
+    match LARGE.try_acquire() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => GatewayError::Busy("other large webhook deliveries are being read; send it again").into_response(),
+    }
 }
 
 fn is_json(response: &Response) -> bool {
@@ -1006,16 +1041,22 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
     // Providers' webhooks: small JSON bodies, never from a browser.
     let hooks = Router::new()
         .route("/hooks/telegram/{channel}", axum::routing::post(channels::telegram_hook))
-        .route("/hooks/whatsapp/{channel}", get(channels::meta_subscribe).post(channels::whatsapp_hook))
-        .route("/hooks/messenger/{channel}", get(channels::meta_subscribe).post(channels::messenger_hook))
         .route("/hooks/vk/{channel}", axum::routing::post(channels::vk_hook))
         .route("/hooks/viber/{channel}", axum::routing::post(channels::viber_hook))
         .layer(axum::extract::DefaultBodyLimit::max(rest::MAX_JSON_BODY))
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), hook_guard));
+    // Meta's batch many updates in one signed body: up to META_HOOK_BODY, a few at once.
+    let meta_hooks = Router::new()
+        .route("/hooks/whatsapp/{channel}", get(channels::meta_subscribe).post(channels::whatsapp_hook))
+        .route("/hooks/messenger/{channel}", get(channels::meta_subscribe).post(channels::messenger_hook))
+        .layer(axum::extract::DefaultBodyLimit::max(META_HOOK_BODY))
+        .layer(axum::middleware::from_fn(large_hook_permit))
         .layer(axum::middleware::from_fn_with_state(gw.clone(), hook_guard));
     assets::public()
         .route("/ws/client", get(client_ws::upgrade))
         .merge(files)
         .merge(hooks)
+        .merge(meta_hooks)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(axum::middleware::from_fn_with_state(gw.clone(), deadline))
