@@ -95,7 +95,12 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// Rules 16: a retention purge leaves a conversation that an earlier command of its log
 /// entry named or changed (a rating, a note) to the next purge, which deletes it whole
 /// (before, what that command wrote, such as the rating's history entry, was not among
-/// the records the purge read its keys from, and outlived the conversation).
+/// the records the purge read its keys from, and outlived the conversation). And a
+/// group's KPIs count a conversation its bot handed off as entered at the handoff,
+/// a customer leaving the bot as not abandoned, and only ratings of conversations an
+/// operator handled (before, a handed-off conversation was answered and handled but
+/// never entered, and a bot's conversations counted as abandoned and in the csat, on a
+/// cluster of one group and not on a split one, whose routing shard never hears of them).
 pub const RULES_VERSION: u32 = 16;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not

@@ -1958,8 +1958,10 @@ impl ShardState {
         match event {
             Event::ConversationQueued { conversation, group, .. } => {
                 // The first queueing, right after the start (its history holds only
-                // `started`); a transfer or requeue is not a new arrival.
-                if self.conversations.get(conversation).is_some_and(|c| c.last_seq == 1) {
+                // `started`); a transfer or requeue is not a new arrival. Rules 16: or
+                // its bot's handoff (its history holds the bot's part too).
+                let rules = self.rules;
+                if self.conversations.get(conversation).is_some_and(|c| c.last_seq == 1 || (rules >= 16 && c.status == ConversationStatus::WithBot)) {
                     self.kpi(group, hour).entered += 1;
                 }
             }
@@ -1986,6 +1988,8 @@ impl ShardState {
                     return;
                 }
                 let (group, answered) = (conv.group.clone(), !conv.handled_by.is_empty());
+                // Rules 16: a customer leaving the bot never waited in a queue.
+                let with_bot = self.rules >= 16 && conv.status == ConversationStatus::WithBot;
                 let since = self.answered_at.remove(conversation);
                 if since.is_some() {
                     self.dirty.answered.insert(*conversation);
@@ -1999,12 +2003,16 @@ impl ShardState {
                     }
                     // Answered before its answer time was kept (an older build).
                     None if answered => kpi.handled += 1,
-                    None if *by == Closer::Client => kpi.abandoned += 1,
+                    None if *by == Closer::Client && !with_bot => kpi.abandoned += 1,
                     None => {}
                 }
             }
             Event::ConversationRated { conversation, score, .. } => {
-                let Some(group) = self.conversations.get(conversation).map(|c| c.group.clone()) else { return };
+                // Rules 16: the group's satisfaction is with its operators: a rating of
+                // a conversation none of them handled (the bot's alone, or left before
+                // an answer) is not counted.
+                let rules = self.rules;
+                let Some(group) = self.conversations.get(conversation).filter(|c| rules < 16 || !c.handled_by.is_empty()).map(|c| c.group.clone()) else { return };
                 let kpi = self.kpi(&group, hour);
                 kpi.rated += 1;
                 kpi.rating_sum += u64::from(*score);

@@ -22,9 +22,14 @@ const T0: u64 = 100 * HOUR_MS;
 
 /// Group `g` (SLA 20 s) with operator `ann` online (capacity 3) and channel `web`.
 fn floor() -> (MemStore, ShardState) {
+    floor_under(switchboard_actors::core::RULES_VERSION)
+}
+
+/// [`floor`] under routing rules `rules`.
+fn floor_under(rules: u32) -> (MemStore, ShardState) {
     let store = MemStore::default();
     let mut state = ShardState::default();
-    ok(run(&mut state, &store, T0, Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION }));
+    ok(run(&mut state, &store, T0, Command::AdoptRules { version: rules }));
     ok(run(&mut state, &store, T0, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "G".into(), policy: Policy::LongestIdle, offer_timeout_ms: 30_000, sla_ms: 20_000 })));
     ok(run(&mut state, &store, T0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("ann"), name: "Ann".into(), capacity: 3, groups: vec![SkillGroupId::new("g")] })));
     ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
@@ -237,4 +242,41 @@ fn who_served_a_visitor_last_goes_with_the_conversation_when_retention_deletes_i
     ok(run(&mut state, &store, T0 + 30, Command::SetChannelRetention { channel: ChannelId::new("web"), days: 1 }));
     ok(run(&mut state, &store, T0 + 2 * 24 * HOUR_MS, Command::PurgeExpired { as_of: Timestamp(T0 + 2 * 24 * HOUR_MS) }));
     assert!(!last_served(&store), "deleted with the conversation it names");
+}
+
+/// A channel's bot holds its conversations out of every queue: from rules 16 one it
+/// hands off enters its group then, a customer who leaves the bot did not abandon a
+/// queue, and only ratings of conversations an operator handled count. Rules 15 replay
+/// as they counted.
+#[test]
+fn kpis_count_a_bots_conversation_from_its_handoff() {
+    for rules in [switchboard_actors::core::RULES_VERSION, 15] {
+        let (store, mut state) = floor_under(rules);
+        let web = ChannelId::new("web");
+        let bot = BotConfig { url: "http://127.0.0.1:9/events".into(), token_sha256: "a".repeat(64), signing_secret: "s".repeat(20) };
+        ok(run(&mut state, &store, T0, Command::SetChannelBot { channel: web.clone(), bot: Some(bot) }));
+        ok(run(&mut state, &store, T0, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }));
+        // Handed off 40 s in, answered 5 s later, closed and rated 5.
+        let handed = start(&mut state, &store, T0 + 1_000);
+        ok(run(&mut state, &store, T0 + 40_000, Command::Handoff { channel: web.clone(), conversation: handed, group: None, reason: "a person, please".into(), context: vec![] }));
+        let offer = *state.offers.keys().next().expect("offered once handed off");
+        ok(run(&mut state, &store, T0 + 45_000, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+        ok(run(&mut state, &store, T0 + 60_000, Command::CloseByOperator { operator: OperatorId::new("ann"), conversation: handed, resolution: "done".into(), tags: vec![] }));
+        ok(run(&mut state, &store, T0 + 61_000, Command::Rate { conversation: handed, score: 5, comment: String::new() }));
+        // The customer leaves the bot and rates it 1; the bot resolves another itself.
+        let left = start(&mut state, &store, T0 + 2_000);
+        ok(run(&mut state, &store, T0 + 3_000, Command::CloseByClient { conversation: left }));
+        ok(run(&mut state, &store, T0 + 4_000, Command::Rate { conversation: left, score: 1, comment: String::new() }));
+        let resolved = start(&mut state, &store, T0 + 5_000);
+        ok(run(&mut state, &store, T0 + 6_000, Command::CloseByBot { channel: web.clone(), conversation: resolved, resolution: String::new() }));
+
+        let kpi = state.kpis_since(T0 / HOUR_MS)[&SkillGroupId::new("g")].clone();
+        let counted = (kpi.entered, kpi.answered, kpi.handled, kpi.abandoned, kpi.rated, kpi.rating_sum);
+        if rules >= 16 {
+            assert_eq!(counted, (1, 1, 1, 0, 1, 5), "rules {rules}: {kpi:?}");
+        } else {
+            assert_eq!(counted, (0, 1, 1, 1, 2, 6), "rules 15 replays as it counted: {kpi:?}");
+        }
+        assert_eq!(records::load(&store).expect("load").kpis_since(0)[&SkillGroupId::new("g")], kpi, "rules {rules}: the records hold the same");
+    }
 }
