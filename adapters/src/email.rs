@@ -35,6 +35,13 @@ pub const SESSION_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_REPLY_BYTES: usize = 16 * 1024;
 /// Message-IDs a mail's `In-Reply-To` and `References` may name that are looked at.
 const MAX_REFERENCES: usize = 50;
+/// Lines beginning with `--` (MIME boundaries, mostly) a mail may have: each boundary
+/// is a part the parser builds, and a 10 MiB mail of empty parts would otherwise hold
+/// hundreds of thousands of them, many times its size.
+pub const MAX_BOUNDARY_LINES: usize = 500;
+/// Lines of a mail's text looked through for a quoted earlier mail; a text of more is
+/// kept as it is.
+const MAX_QUOTE_SCAN_LINES: usize = 20_000;
 
 /// A customer's mail as it matters to a conversation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +72,10 @@ pub struct MailFile {
 /// Reads a mail (RFC 5322 with MIME): sender, subject, ids, text and files. A mail
 /// with no usable sender address is refused.
 pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
+    let boundaries = raw.split(|b| *b == b'\n').filter(|line| line.starts_with(b"--")).count();
+    if boundaries > MAX_BOUNDARY_LINES {
+        return Err(AdapterError::Malformed(format!("the mail has more than {MAX_BOUNDARY_LINES} lines beginning with -- (MIME parts)")));
+    }
     let message = MessageParser::default().parse(raw).ok_or_else(|| AdapterError::Malformed("not a mail message".into()))?;
     // `From`, not `Reply-To`: it is the address the company's mail server checks (SPF,
     // DKIM, DMARC), and the conversation's identity; answers go back to it.
@@ -114,6 +125,9 @@ pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
 /// Outlook's "-----Original Message-----" or underscore rule. Text that is only a
 /// quote is kept whole.
 pub fn strip_quoted(text: &str) -> String {
+    if text.bytes().filter(|b| *b == b'\n').count() >= MAX_QUOTE_SCAN_LINES {
+        return text.to_owned();
+    }
     let lines: Vec<&str> = text.lines().collect();
     let mut end = lines
         .iter()
@@ -523,6 +537,23 @@ mod tests {
         assert_eq!(thread_of(&[id.clone()], "another-secret-16"), None);
         let forged = id.replace("sb.42.", "sb.43.");
         assert_eq!(thread_of(&[forged], "0123456789abcdef"), None);
+    }
+
+    #[test]
+    fn a_mail_of_too_many_parts_is_refused_before_it_is_parsed() {
+        let head = "From: a@example.com\r\nTo: support@example.com\r\nSubject: parts\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n";
+        let part = "--b\r\nContent-Type: image/png\r\n\r\n\r\n";
+        let many = format!("{head}{}--b--\r\n", part.repeat(MAX_BOUNDARY_LINES + 1));
+        let refused = parse(many.as_bytes());
+        assert!(matches!(&refused, Err(AdapterError::Malformed(why)) if why.contains("MIME parts")), "{:?}", refused.map(|m| m.files.len()));
+        let few = format!("{head}{}--b--\r\n", part.repeat(3));
+        assert!(parse(few.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_text_of_very_many_lines_is_kept_as_it_is() {
+        let text = format!("my answer{}\n> quoted", "\n".repeat(MAX_QUOTE_SCAN_LINES));
+        assert_eq!(strip_quoted(&text), text);
     }
 
     #[test]
