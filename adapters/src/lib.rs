@@ -79,6 +79,11 @@ impl Inbound {
 pub struct Media {
     /// The message's text when its file is kept (the caption, maybe empty).
     pub caption: String,
+    /// The labelled line that stands for this file in a message of several parts (VK,
+    /// Messenger: `[photo]`, `[file]`), taken out of the text once the file is kept, the
+    /// lines of the parts not kept staying; empty where the caption is the whole text
+    /// of a message whose files are all kept.
+    pub line: String,
     pub name: String,
     /// The type the provider gives before the download, if it gives one.
     pub content_type: Option<String>,

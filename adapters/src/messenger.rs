@@ -98,7 +98,7 @@ pub fn media(body: &[u8]) -> Vec<(String, crate::Media)> {
                 _ => continue,
             };
             if let Some(url) = a.payload.and_then(|p| p.url) {
-                found.push((m.mid.clone(), crate::Media { caption: caption.clone(), name: name.into(), content_type: None, size: None, source: crate::MediaSource::Url(url) }));
+                found.push((m.mid.clone(), crate::Media { caption: caption.clone(), line: format!("[{name}]"), name: name.into(), content_type: None, size: None, source: crate::MediaSource::Url(url) }));
             }
         }
     }

@@ -181,7 +181,7 @@ pub fn media(body: &[u8]) -> Vec<crate::Media> {
     } else {
         return Vec::new();
     };
-    vec![crate::Media { caption, name, content_type, size: file.file_size, source: crate::MediaSource::Telegram(file.file_id) }]
+    vec![crate::Media { caption, line: String::new(), name, content_type, size: file.file_size, source: crate::MediaSource::Telegram(file.file_id) }]
 }
 
 #[derive(Deserialize)]

@@ -82,7 +82,7 @@ pub fn media(body: &[u8]) -> Vec<crate::Media> {
         "file" => (m.file_name.unwrap_or_else(|| "file".into()), String::new(), None),
         _ => return Vec::new(),
     };
-    vec![crate::Media { caption, name, content_type, size: m.size, source: crate::MediaSource::Url(url) }]
+    vec![crate::Media { caption, line: String::new(), name, content_type, size: m.size, source: crate::MediaSource::Url(url) }]
 }
 
 fn token(value: Option<serde_json::Value>) -> Result<String, AdapterError> {

@@ -116,12 +116,13 @@ pub fn media(body: &[u8]) -> Vec<crate::Media> {
         .filter_map(|a| match (a.kind.as_str(), a.photo, a.doc) {
             ("photo", Some(photo), _) => photo.sizes.into_iter().max_by_key(|s| s.width * s.height).map(|largest| crate::Media {
                 caption: m.text.clone(),
+                line: "[photo]".into(),
                 name: "photo.jpg".into(),
                 content_type: Some("image/jpeg".into()),
                 size: None,
                 source: crate::MediaSource::Url(largest.url),
             }),
-            ("doc", _, Some(doc)) => Some(crate::Media { caption: m.text.clone(), name: doc.title, content_type: None, size: doc.size, source: crate::MediaSource::Url(doc.url) }),
+            ("doc", _, Some(doc)) => Some(crate::Media { caption: m.text.clone(), line: "[file]".into(), name: doc.title, content_type: None, size: doc.size, source: crate::MediaSource::Url(doc.url) }),
             _ => None,
         })
         .collect()

@@ -145,7 +145,7 @@ pub fn media(body: &[u8]) -> Vec<(String, crate::Media)> {
                 _ => continue,
             };
             if let Some(Media { caption, id: Some(media_id), mime_type, .. }) = file {
-                found.push((m.id, crate::Media { caption: caption.unwrap_or_default(), name, content_type: mime_type, size: None, source: crate::MediaSource::WhatsApp(media_id) }));
+                found.push((m.id, crate::Media { caption: caption.unwrap_or_default(), line: String::new(), name, content_type: mime_type, size: None, source: crate::MediaSource::WhatsApp(media_id) }));
             }
         }
     }

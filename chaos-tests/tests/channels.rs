@@ -959,10 +959,13 @@ async fn a_vk_conversation_is_confirmed_deduplicated_and_resent_safely_after_a_k
     // A photo: its largest size is fetched from VK's storage and kept.
     let jpeg = [[0xFFu8, 0xD8, 0xFF, 0xE1].as_slice(), &[2u8; 50]].concat();
     let (small, large) = (fake.add_file("s.jpg", "image/jpeg", &jpeg[..20]), fake.add_file("x.jpg", "image/jpeg", &jpeg));
+    // With it a video and a location, which are not fetched: their lines stay.
     let photo = json!({"type": "message_new", "group_id": 77, "event_id": "ev2", "v": "5.199", "secret": "callback-secret", "object": {"message": {"id": 502, "date": 2, "from_id": 9001, "peer_id": 9001, "text": "vot",
-        "attachments": [{"type": "photo", "photo": {"id": 1, "sizes": [{"type": "s", "url": small, "width": 75, "height": 50}, {"type": "x", "url": large, "width": 604, "height": 402}]}}]}, "client_info": {}}});
+        "attachments": [{"type": "photo", "photo": {"id": 1, "sizes": [{"type": "s", "url": small, "width": 75, "height": 50}, {"type": "x", "url": large, "width": 604, "height": 402}]}}, {"type": "video"}],
+        "geo": {"type": "point", "coordinates": {"latitude": 55.75, "longitude": 37.61}}}, "client_info": {}}});
     assert_eq!(hook(photo).await?, (200, json!("ok")));
-    let event = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "vot").await?;
+    let event = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["seq"].as_u64() > Some(2) && !v["entry"]["attachments"].as_array().is_none_or(Vec::is_empty)).await?;
+    assert_eq!(event["entry"]["text"], "vot\n[video]\n[location]", "{event}");
     assert_eq!((event["entry"]["attachments"][0]["name"].clone(), event["entry"]["attachments"][0]["size"].clone()), (json!("photo.jpg"), json!(54)), "{event}");
 
     // VK takes the message but the node dies before the answer comes.

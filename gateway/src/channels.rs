@@ -478,6 +478,18 @@ fn media_fetches() -> &'static tokio::sync::Semaphore {
 const MEDIA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const MEDIA_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// `text` without one line equal to each of `kept` (the last such line: the labels of
+/// a message's parts follow its text).
+fn without_lines(text: &str, kept: &[&str]) -> String {
+    let mut lines: Vec<&str> = text.split('\n').collect();
+    for line in kept.iter().filter(|l| !l.is_empty()) {
+        if let Some(at) = lines.iter().rposition(|l| l == line) {
+            lines.remove(at);
+        }
+    }
+    lines.join("\n")
+}
+
 /// Commits a customer's message with the files it carries, fetched from the provider
 /// and checked as uploads are (type, content, size); a file that cannot be fetched or
 /// kept stays a labelled line in the text, and the message is taken all the same.
@@ -506,6 +518,7 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
     let client = media_client()?;
     let mut files = Vec::new();
     let mut caption = String::new();
+    let mut kept_lines: Vec<&str> = Vec::new();
     // Within the webhook's request deadline: files not fetched by then stay lines.
     let fetch_until = tokio::time::Instant::now() + MEDIA_BUDGET;
     for (i, media) in m.media.iter().take(switchboard_actors::core::MAX_ATTACHMENTS_PER_MESSAGE).enumerate() {
@@ -534,12 +547,19 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
             }
         }
         caption = media.caption.chars().take(switchboard_actors::core::MAX_TEXT_CHARS).collect();
+        kept_lines.push(&media.line);
     }
     if files.is_empty() {
         return take_inbound(gw, m.plain(channel)).await;
     }
-    // Everything fetched: the caption is the text; else the labelled lines say it all.
-    let text = if files.len() == m.media.len() { caption } else { m.text.clone() };
+    let text = if m.media.iter().all(|media| media.line.is_empty()) {
+        // Everything fetched: the caption is the text; else the labelled lines say it all.
+        if files.len() == m.media.len() { caption } else { m.text.clone() }
+    } else {
+        // A message of several parts keeps its text and the lines of what was not kept
+        // (a video, a location, a file that could not be fetched).
+        without_lines(&m.text, &kept_lines)
+    };
     let command = Command::ChannelInboundRich {
         channel: channel.clone(),
         sender: m.sender.clone(),
@@ -778,7 +798,7 @@ async fn api_inbound_files(gw: &Gateway, channel: &ChannelId, body: InboundBody)
     let fetch_until = tokio::time::Instant::now() + MEDIA_BUDGET;
     let mut fetched = Vec::new();
     for (i, file) in body.files.iter().enumerate() {
-        let media = switchboard_adapters::Media { caption: String::new(), name: file.name.clone(), content_type: file.content_type.clone(), size: None, source: switchboard_adapters::MediaSource::Url(file.url.clone()) };
+        let media = switchboard_adapters::Media { caption: String::new(), line: String::new(), name: file.name.clone(), content_type: file.content_type.clone(), size: None, source: switchboard_adapters::MediaSource::Url(file.url.clone()) };
         let n = i + 1;
         let got = match tokio::time::timeout_at(fetch_until, switchboard_adapters::fetch_media(client, &adapter, &media)).await {
             Err(_) => return Err(Core::Unreachable(format!("the files were not fetched within {} s; send the message again", MEDIA_BUDGET.as_secs())).into()),
