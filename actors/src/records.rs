@@ -81,6 +81,8 @@ pub trait Store: Send + Sync + 'static {
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String>;
     /// The record with the greatest key under `prefix`.
     fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, String>;
+    /// Up to `limit` records under `prefix`, greatest key first.
+    fn newest(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String>;
 }
 
 /// How a feed entry is stored: a mirrored history entry by reference (its text is in
@@ -1191,13 +1193,16 @@ pub fn audit(store: &dyn Store, limit: usize) -> Result<Vec<(u64, AuditEntry)>, 
 /// A visitor's most recent conversations, newest first, at most `limit`.
 pub fn conversations_of(store: &dyn Store, visitor: &str, limit: usize) -> Result<Vec<Conversation>, Error> {
     let prefix = key::visitor_prefix(visitor);
-    let ids: Vec<ConversationId> = scan_all(store, &prefix)?
+    // Newest first, read no further than asked: a visitor may have thousands.
+    let ids: Vec<ConversationId> = store
+        .newest(&prefix, limit)
+        .map_err(store_err)?
         .into_iter()
         .filter_map(|(k, _)| <[u8; 8]>::try_from(&k[prefix.len()..]).ok())
         .map(|id| ConversationId(u64::from_be_bytes(id)))
         .collect();
     let mut out = Vec::new();
-    for id in ids.into_iter().rev().take(limit) {
+    for id in ids {
         if let Some(conv) = get::<Conversation>(store, &key::conversation(id))? {
             out.push(conv);
         }
@@ -1549,6 +1554,19 @@ impl Store for MemStore {
             .take_while(|(k, _)| k.starts_with(prefix))
             .last()
             .map(|(k, v)| (k.clone(), v.clone())))
+    }
+
+    fn newest(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        Ok(map
+            .range::<Vec<u8>, _>(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {

@@ -203,6 +203,10 @@ impl switchboard_actors::records::Store for ShardRecords {
     fn last(&self, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, String> {
         self.0.last(prefix).map_err(|e| e.to_string())
     }
+
+    fn newest(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+        self.0.newest(prefix, limit).map_err(|e| e.to_string())
+    }
 }
 
 /// How long a member that starts again waits to hear a leader before it may stand

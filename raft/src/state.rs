@@ -198,6 +198,15 @@ impl Records {
         }
     }
 
+    /// Up to `limit` records whose keys start with `prefix`, greatest key first.
+    pub fn newest(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        let mut out = Vec::new();
+        for item in self.part.prefix(stored(prefix)).rev().take(limit) {
+            out.push(owned(item?));
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` records whose keys start with `prefix`, in key order, starting
     /// after `after` (a full key) when given.
     pub fn scan(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
@@ -798,5 +807,9 @@ mod tests {
         assert_eq!(keys(records.scan(b"h", None, 10).unwrap()), ["h1", "h2", "h3"]);
         assert_eq!(keys(records.scan(b"h", Some(b"h1"), 1).unwrap()), ["h2"]);
         assert_eq!(records.get(b"i1").unwrap(), Some(b"d".to_vec()));
+        // Newest first, only as many as asked, within the prefix.
+        assert_eq!(keys(records.newest(b"h", 2).unwrap()), ["h3", "h2"]);
+        assert_eq!(keys(records.newest(b"h", 10).unwrap()), ["h3", "h2", "h1"]);
+        assert!(records.newest(b"g", 10).unwrap().is_empty());
     }
 }
