@@ -1247,10 +1247,12 @@ pub fn by_provider_id(store: &dyn Store, channel: &ChannelId, id: &str) -> Resul
     get(store, &key::provider_id(channel, id))
 }
 
-/// Dead-lettered outbox entries, oldest conversation first, at most `limit`.
-pub fn dead_letters(store: &dyn Store, limit: usize) -> Result<Vec<(ConversationId, u64, Delivery)>, Error> {
+/// Dead-lettered outbox entries, oldest conversation first (then by seq), after the
+/// entry `after` when given, at most `limit`.
+pub fn dead_letters(store: &dyn Store, after: Option<(ConversationId, u64)>, limit: usize) -> Result<Vec<(ConversationId, u64, Delivery)>, Error> {
     let mut out = Vec::new();
-    for (k, _) in store.scan(b"D", None, limit).map_err(store_err)? {
+    let after = after.map(|(conversation, seq)| key::delivery(b'D', conversation, seq));
+    for (k, _) in store.scan(b"D", after.as_deref(), limit).map_err(store_err)? {
         let Some((conversation, seq)) = delivery_key(&k) else { continue };
         if let Some(d) = get::<Delivery>(store, &key::delivery(b'M', conversation, seq))? {
             out.push((conversation, seq, d));

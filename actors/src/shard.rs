@@ -455,9 +455,9 @@ impl Shard {
         records::by_provider_id(self.store()?.as_ref(), channel, id)
     }
 
-    /// Dead-lettered outbox entries, at most `limit`.
-    pub fn dead_letters(&self, limit: usize) -> Result<Vec<(ConversationId, u64, crate::state::Delivery)>, Error> {
-        records::dead_letters(self.store()?.as_ref(), limit)
+    /// Dead-lettered outbox entries after `after`, at most `limit`.
+    pub fn dead_letters(&self, after: Option<(ConversationId, u64)>, limit: usize) -> Result<Vec<(ConversationId, u64, crate::state::Delivery)>, Error> {
+        records::dead_letters(self.store()?.as_ref(), after, limit)
     }
 
     pub fn offer_step(&self, offer: OfferId) -> Result<Option<u32>, Error> {

@@ -155,7 +155,7 @@ fn the_outbox_carries_staff_messages_through_retries_sends_receipts_and_dead_let
     ok(run(&mut state, &store, T0 + 5_400, Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq, outcome: DeliveryOutcome::Delivered }] }));
     let d = records::delivery(&store, conv, seq).expect("read").expect("kept");
     assert_eq!((d.status, d.provider_id.as_deref(), d.attempts), (DeliveryStatus::Read, Some("777"), 2));
-    assert!(records::dead_letters(&store, 10).expect("listed").is_empty());
+    assert!(records::dead_letters(&store, None, 10).expect("listed").is_empty());
 
     // A second message fails for good: dead-lettered, listed, retried by a supervisor.
     let (reply, _) = ok(run(&mut state, &store, T0 + 6_000, Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "k2".into(), text: "Anything else?".into(), attachments: vec![] }));
@@ -164,7 +164,7 @@ fn the_outbox_carries_staff_messages_through_retries_sends_receipts_and_dead_let
     assert!(matches!(refused, Err(Error::Invalid(_))), "only a dead letter is retried: {refused:?}");
     ok(run(&mut state, &store, T0 + 6_100, Command::DeliveriesAttempted { node: 2, items: vec![(conv, seq2)] }));
     ok(run(&mut state, &store, T0 + 6_200, Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq: seq2, outcome: DeliveryOutcome::Failed { reason: "400 chat not found".into() } }] }));
-    let dead = records::dead_letters(&store, 10).expect("listed");
+    let dead = records::dead_letters(&store, None, 10).expect("listed");
     assert_eq!(dead.len(), 1);
     assert_eq!((dead[0].0, dead[0].1, dead[0].2.status), (conv, seq2, DeliveryStatus::Failed));
     let mut state = records::load(&store).expect("reload");
@@ -172,7 +172,7 @@ fn the_outbox_carries_staff_messages_through_retries_sends_receipts_and_dead_let
     ok(run(&mut state, &store, T0 + 7_000, Command::RetryDelivery { conversation: conv, seq: seq2, by: "sue".into() }));
     let d = &state.outbox[&(conv, seq2)];
     assert_eq!((d.status, d.attempts), (DeliveryStatus::Pending, 0));
-    assert!(records::dead_letters(&store, 10).expect("listed").is_empty());
+    assert!(records::dead_letters(&store, None, 10).expect("listed").is_empty());
 }
 
 #[test]
@@ -207,8 +207,9 @@ fn disconnecting_a_channel_dead_letters_what_it_had_to_send() {
 
     ok(run(&mut state, &store, T0 + 40, Command::SetChannelAdapter { channel: tg(), adapter: None }));
     assert!(state.outbox.is_empty());
-    let dead = records::dead_letters(&store, 10).expect("listed");
+    let dead = records::dead_letters(&store, None, 10).expect("listed");
     assert_eq!((dead.len(), dead[0].2.status), (1, DeliveryStatus::Failed));
+    assert!(records::dead_letters(&store, Some((dead[0].0, dead[0].1)), 10).expect("listed").is_empty(), "none after the last");
     let refused = run(&mut state, &store, T0 + 50, Command::RetryDelivery { conversation: conv, seq, by: "sue".into() });
     assert!(matches!(refused, Err(Error::Invalid(_))), "no adapter to send it with: {refused:?}");
     connect(&mut state, &store);

@@ -502,6 +502,14 @@ async fn a_node_killed_mid_send_neither_loses_nor_repeats_a_message() -> anyhow:
     let (_, dead) = dev.api("GET", "/api/deliveries", Some(&supervisor), None).await?;
     assert_eq!(dead["deliveries"].as_array().map(Vec::len), Some(1), "{dead}");
     assert_eq!(dead["deliveries"][0]["conversation"], json!(on_telegram));
+    // Paged: a full page names the entry the next one starts after; past it, none.
+    let (_, page) = dev.api("GET", "/api/deliveries?limit=1", Some(&supervisor), None).await?;
+    let next = page["next"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(next, format!("{on_telegram}:{}", dead["deliveries"][0]["seq"]), "{page}");
+    let (_, rest) = dev.api("GET", &format!("/api/deliveries?limit=1&after={next}"), Some(&supervisor), None).await?;
+    assert_eq!((rest["deliveries"].as_array().map(Vec::len), rest["next"].clone()), (Some(0), Value::Null), "{rest}");
+    let (status, refused) = dev.api("GET", "/api/deliveries?after=12", Some(&supervisor), None).await?;
+    assert_eq!((status, refused["code"].clone()), (400, json!("bad_request")), "{refused}");
     // A supervisor who checked with the customer sends it again.
     let seq = unknown["seq"].as_u64().unwrap_or_default();
     let (status, body) = dev.api("POST", &format!("/api/deliveries/{on_telegram}/{seq}/retry"), Some(&supervisor), None).await?;

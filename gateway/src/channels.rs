@@ -1145,20 +1145,33 @@ pub(crate) fn delivery_json(conversation: ConversationId, seq: u64, d: &Delivery
 pub struct DeadParams {
     #[serde(default)]
     limit: Option<usize>,
+    /// `<conversation>:<seq>`: the page after that entry (a page's `next`).
+    #[serde(default)]
+    after: Option<String>,
+}
+
+/// A dead letters page's cursor, `<conversation>:<seq>`.
+fn delivery_cursor(text: &str) -> Result<(ConversationId, u64), GatewayError> {
+    let bad = || GatewayError::BadRequest(format!("after {:?} is not <conversation>:<seq>, as a page's next", text.chars().take(64).collect::<String>()));
+    let (conversation, seq) = text.split_once(':').ok_or_else(bad)?;
+    Ok((ConversationId(conversation.parse().map_err(|_| bad())?), seq.parse().map_err(|_| bad())?))
 }
 
 /// `GET /api/deliveries` (supervisor): the dead letters.
 pub async fn dead_letters(State(gw): State<Arc<Gateway>>, staff: Staff, Params(params): Params<DeadParams>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
     let limit = params.limit.unwrap_or(100).clamp(1, 1000);
+    let after = params.after.as_deref().map(delivery_cursor).transpose()?;
     let mut dead = Vec::new();
     let readers = gw.backend.conversation_readers();
-    for answer in futures::future::join_all(readers.iter().map(|r| r.dead_letters(limit))).await {
+    for answer in futures::future::join_all(readers.iter().map(|r| r.dead_letters(after, limit))).await {
         dead.extend(answer?);
     }
     dead.sort_by_key(|(c, seq, _)| (*c, *seq));
     dead.truncate(limit);
-    Ok(Json(json!({"deliveries": dead.iter().map(|(c, seq, d)| delivery_json(*c, *seq, d)).collect::<Vec<_>>()})))
+    // A full page may have more after it.
+    let next = (dead.len() == limit).then(|| dead.last().map(|(c, seq, _)| format!("{}:{seq}", c.0))).flatten();
+    Ok(Json(json!({"deliveries": dead.iter().map(|(c, seq, d)| delivery_json(*c, *seq, d)).collect::<Vec<_>>(), "next": next})))
 }
 
 /// `POST /api/deliveries/{conversation}/{seq}/retry` (supervisor).

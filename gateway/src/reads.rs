@@ -40,8 +40,9 @@ pub trait ShardReads: Send + Sync + 'static {
     fn handled_by<'a>(&'a self, operator: &'a OperatorId, before: Option<ConversationId>, limit: usize) -> Read<'a, Vec<ConversationId>>;
     /// The outbox entries of conversation `id` (to its customer), by history seq.
     fn deliveries_of(&self, id: ConversationId) -> Read<'_, Vec<(u64, Delivery)>>;
-    /// Dead-lettered outbox entries, at most `limit`.
-    fn dead_letters(&self, limit: usize) -> Read<'_, Vec<(ConversationId, u64, Delivery)>>;
+    /// Dead-lettered outbox entries after the entry `after` (conversation, seq), in
+    /// that order, at most `limit`.
+    fn dead_letters(&self, after: Option<(ConversationId, u64)>, limit: usize) -> Read<'_, Vec<(ConversationId, u64, Delivery)>>;
     /// An attachment's record.
     fn attachment<'a>(&'a self, id: &'a AttachmentId) -> Read<'a, Option<Attachment>>;
     /// Whether conversation `id` can take one more file of `size` bytes.
@@ -94,8 +95,8 @@ impl ShardReads for Shard {
         ready(Shard::deliveries_of(self, id))
     }
 
-    fn dead_letters(&self, limit: usize) -> Read<'_, Vec<(ConversationId, u64, Delivery)>> {
-        ready(Shard::dead_letters(self, limit))
+    fn dead_letters(&self, after: Option<(ConversationId, u64)>, limit: usize) -> Read<'_, Vec<(ConversationId, u64, Delivery)>> {
+        ready(Shard::dead_letters(self, after, limit))
     }
 
     fn attachment<'a>(&'a self, id: &'a AttachmentId) -> Read<'a, Option<Attachment>> {

@@ -121,6 +121,9 @@ enum Query {
     /// Room for `files` more files of `size` bytes in all (after `View`, so that a
     /// member of an earlier build still reads every question it knows).
     AttachmentRoomFor { id: ConversationId, files: u32, size: u64 },
+    /// Dead letters after an entry (last, as the one before: a member of an earlier
+    /// build reads every question it knows).
+    DeadLettersAfter { after: Option<(ConversationId, u64)>, limit: u32 },
 }
 
 /// A group's membership as a member sees it: members (voters and learners), voters,
@@ -204,7 +207,8 @@ async fn answer(group: &HostedGroup, peers: &Peers, query: Query) -> Result<Vec<
         Query::ConversationsOf { visitor, limit: n } => wrap(shard.conversations_of(&visitor, limit(n)).await),
         Query::HandledBy { operator, before, limit: n } => wrap(shard.handled_by(&operator, before, limit(n)).await),
         Query::DeliveriesOf(id) => wrap(shard.deliveries_of(id).await),
-        Query::DeadLetters { limit: n } => wrap(shard.dead_letters(limit(n)).await),
+        Query::DeadLetters { limit: n } => wrap(shard.dead_letters(None, limit(n)).await),
+        Query::DeadLettersAfter { after, limit: n } => wrap(shard.dead_letters(after, limit(n)).await),
         Query::Attachment(id) => wrap(shard.attachment(&id).await),
         Query::AttachmentRoom { id, size } => wrap(shard.attachment_room(id, 1, size).await),
         Query::AttachmentRoomFor { id, files, size } => wrap(shard.attachment_room(id, files as usize, size).await),
@@ -535,8 +539,13 @@ impl ShardReads for RemoteShard {
         Box::pin(self.ask(Query::DeliveriesOf(id)))
     }
 
-    fn dead_letters(&self, limit: usize) -> Read<'_, Vec<(ConversationId, u64, Delivery)>> {
-        Box::pin(self.ask(Query::DeadLetters { limit: limit32(limit) }))
+    fn dead_letters(&self, after: Option<(ConversationId, u64)>, limit: usize) -> Read<'_, Vec<(ConversationId, u64, Delivery)>> {
+        // The question of earlier builds when it is the same one.
+        let query = match after {
+            None => Query::DeadLetters { limit: limit32(limit) },
+            Some(_) => Query::DeadLettersAfter { after, limit: limit32(limit) },
+        };
+        Box::pin(self.ask(query))
     }
 
     fn attachment<'a>(&'a self, id: &'a AttachmentId) -> Read<'a, Option<Attachment>> {

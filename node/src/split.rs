@@ -422,9 +422,9 @@ impl ShardReads for GroupReader {
         Box::pin(async move { target.deliveries_of(id).await })
     }
 
-    fn dead_letters(&self, limit: usize) -> Read<'_, Vec<(ConversationId, u64, Delivery)>> {
+    fn dead_letters(&self, after: Option<(ConversationId, u64)>, limit: usize) -> Read<'_, Vec<(ConversationId, u64, Delivery)>> {
         let target = self.target();
-        Box::pin(async move { target.dead_letters(limit).await })
+        Box::pin(async move { target.dead_letters(after, limit).await })
     }
 
     fn attachment<'a>(&'a self, id: &'a AttachmentId) -> Read<'a, Option<Attachment>> {
