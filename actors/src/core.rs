@@ -93,9 +93,13 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// messenger sender's id can be). And a retention purge entry takes no further
 /// conversation once those it took hold [`crate::records::PURGE_KEYS`] records.
 /// Rules 16: a retention purge leaves a conversation that an earlier command of its log
-/// entry named or changed (a rating, a note) to the next purge, which deletes it whole
-/// (before, what that command wrote, such as the rating's history entry, was not among
-/// the records the purge read its keys from, and outlived the conversation). And a
+/// entry named or changed or wrote a channel delivery for (a rating, a note, a retry) to
+/// the next purge, which deletes it whole (before, what that command wrote, such as the
+/// rating's history entry or the retry's outbox record, was not among the records the
+/// purge read its keys from, and outlived the conversation); a routing shard told of a
+/// purge deletes the history an earlier letter of the entry wrote for it; and a purge
+/// keeps the record of who served a visitor last when a close earlier in the entry
+/// named a newer conversation of theirs. And a
 /// group's KPIs count a conversation its bot handed off as entered at the handoff,
 /// a customer leaving the bot as not abandoned, and only ratings of conversations an
 /// operator handled (before, a handed-off conversation was answered and handled but

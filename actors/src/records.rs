@@ -786,6 +786,15 @@ pub fn evict(state: &mut ShardState, candidates: &[ConversationId]) {
     state.cold_deliveries.clear();
 }
 
+/// Notes the conversations a command of the entry being applied wrote for (read before
+/// `take_writes`): those it named or changed, and those whose channel deliveries it
+/// changed (a retry, a receipt, a channel's dead letters), which a purge later in the
+/// entry leaves to the next one (rules 16).
+pub fn touched(state: &mut ShardState, candidates: &[ConversationId]) {
+    let deliveries: Vec<ConversationId> = state.dirty.deliveries.keys().map(|(conversation, _)| *conversation).collect();
+    state.touched_in_entry.extend(candidates.iter().copied().chain(deliveries));
+}
+
 /// The conversations a command may leave closed in memory: those it names, plus those
 /// its events changed (`state.dirty`, read before `take_writes`).
 pub fn eviction_candidates(state: &ShardState, command: &Command) -> Vec<ConversationId> {
@@ -913,6 +922,13 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
             for conversation in conversations {
                 if get::<Conversation>(store, &key::conversation(*conversation))?.is_some() {
                     collect_conversation_keys(state, store, *conversation)?;
+                    // Rules 16: history an earlier command of this entry wrote for it (a
+                    // rating's letter) is not in the records yet: its keys go too.
+                    if state.rules >= 16 && state.touched_in_entry.contains(conversation) {
+                        let stored = last_seq(store, &key::history_prefix(*conversation))?;
+                        let now = state.conversations.get(conversation).map_or(stored, |c| c.last_seq());
+                        state.expired_keys.extend((stored + 1..=now).map(|seq| key::history(*conversation, seq)));
+                    }
                     state.expired.push(*conversation);
                 }
             }
@@ -1055,7 +1071,13 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
         state.expired_keys.extend(conv.handled_by.iter().map(|op| key::handled(op, id)));
         // Who served the visitor last goes with that conversation (sticky routing forgets).
         if let Some(visitor) = conv.visitor.id.as_ref() {
-            if get::<(OperatorId, Timestamp, ConversationId)>(store, &key::last_served(visitor))?.is_some_and(|(_, _, c)| c == id) {
+            // Rules 16: a close earlier in this entry named who served the visitor since;
+            // the records do not say so yet.
+            let served = match state.served_in_entry.get(visitor).filter(|_| state.rules >= 16) {
+                Some((_, _, c)) => Some(*c),
+                None => get::<(OperatorId, Timestamp, ConversationId)>(store, &key::last_served(visitor))?.map(|(_, _, c)| c),
+            };
+            if served == Some(id) {
                 state.expired_keys.push(key::last_served(visitor));
             }
         }
@@ -1605,7 +1627,7 @@ pub fn run_as(state: &mut ShardState, store: &MemStore, envelope: &Envelope, par
     prefetch(state, store, &envelope.command)?;
     let result = crate::core::handle_as(state, envelope, part);
     let candidates = eviction_candidates(state, &envelope.command);
-    state.touched_in_entry.extend(candidates.iter().copied());
+    touched(state, &candidates);
     store.write(take_writes(state));
     end_command(state);
     evict(state, &candidates);

@@ -166,7 +166,7 @@ impl Shard {
             match catch_panic(|| handle_as(&mut state, envelope, self.part)) {
                 Ok(result) => {
                     let candidates = records::eviction_candidates(&state, &envelope.command);
-                    state.touched_in_entry.extend(candidates.iter().copied());
+                    records::touched(&mut state, &candidates);
                     if result.is_ok() && !state.expired_attachments.is_empty() {
                         let files = std::mem::take(&mut state.expired_attachments);
                         self.deleted_attachments.lock().unwrap_or_else(|p| p.into_inner()).extend(files);

@@ -610,3 +610,51 @@ fn a_returning_messenger_customer_goes_first_to_whoever_served_them_last() {
         }
     }
 }
+
+/// A supervisor's retry of a dead letter committed in the same log entry as the purge of
+/// its (closed, expired) conversation: the retry's outbox record is not in the records
+/// the purge reads its keys from, and would outlive the conversation and be sent after
+/// a restart. From rules 16 the purge leaves the conversation to the next one, which
+/// deletes it with every outbox record.
+#[test]
+fn a_retry_in_the_entry_of_the_purge_waits_for_the_next_purge() {
+    use std::sync::Arc;
+    use switchboard_actors::records::Store;
+    let (store, mut state) = setup();
+    connect(&mut state, &store);
+    let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+    let conv = conversation_of(&reply);
+    let offer = *state.offers.keys().next().expect("offered");
+    ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+    let (reply, _) = ok(run(&mut state, &store, T0 + 30, Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "k1".into(), text: "Hi".into(), attachments: vec![] }));
+    let Reply::Message { seq, .. } = reply else { panic!("{reply:?}") };
+    ok(run(&mut state, &store, T0 + 40, Command::SetChannelAdapter { channel: tg(), adapter: None }));
+    connect(&mut state, &store);
+    ok(run(&mut state, &store, T0 + 50, Command::CloseByOperator { operator: OperatorId::new("ann"), conversation: conv, resolution: "done".into(), tags: vec![] }));
+    ok(run(&mut state, &store, T0 + 60, Command::SetChannelRetention { channel: tg(), days: 1 }));
+    assert_eq!(records::dead_letters(&store, None, 10).expect("listed").len(), 1);
+
+    // The node's shard, from these records: one entry with the retry, then the purge.
+    let shard = switchboard_actors::shard::Shard::new();
+    shard.load(Arc::new(store.clone())).expect("load");
+    let entry = |commands: Vec<Command>, at: u64| {
+        let mut writes = Vec::new();
+        for command in commands {
+            let _ = shard.apply(&Envelope::new(Timestamp(at), command), &mut writes);
+        }
+        shard.end_entry();
+        store.write(writes);
+        shard.published();
+    };
+    let later = T0 + 2 * 24 * 3_600_000;
+    entry(vec![Command::RetryDelivery { conversation: conv, seq, by: "sue".into() }, Command::PurgeExpired { as_of: Timestamp(later) }], later);
+    assert!(shard.conversation(conv).expect("readable").is_some(), "kept until the next purge");
+    entry(vec![Command::PurgeExpired { as_of: Timestamp(later + 1) }], later + 1);
+    assert!(shard.conversation(conv).expect("readable").is_none(), "purged");
+    for tag in [b'U', b'M', b'D'] {
+        let left = store.scan(&records::key::delivery(tag, conv, 0)[..9], None, 10).expect("scan");
+        assert!(left.is_empty(), "an outbox record ({}) outlived its conversation: {left:?}", tag as char);
+    }
+    // Nothing of it comes back at a restart.
+    assert!(records::load(&store).expect("load").outbox.keys().all(|(c, _)| *c != conv));
+}
