@@ -35,10 +35,13 @@ pub const SESSION_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_REPLY_BYTES: usize = 16 * 1024;
 /// Message-IDs a mail's `In-Reply-To` and `References` may name that are looked at.
 const MAX_REFERENCES: usize = 50;
-/// Lines beginning with `--` (MIME boundaries, mostly) a mail may have: each boundary
-/// is a part the parser builds, and a 10 MiB mail of empty parts would otherwise hold
-/// hundreds of thousands of them, many times its size.
-pub const MAX_BOUNDARY_LINES: usize = 500;
+/// MIME part delimiters (`--` and a boundary the mail declares, wherever they stand) a
+/// mail may have: each is a part the parser builds, and a 10 MiB mail of empty parts
+/// would otherwise hold hundreds of thousands of them, many times its size.
+pub const MAX_PARTS: usize = 500;
+/// Files of a mail read out of the parser: past them, nothing is kept anyway (a message
+/// takes 5 files).
+const MAX_FILES_READ: usize = 50;
 /// Lines of a mail's text looked through for a quoted earlier mail; a text of more is
 /// kept as it is.
 const MAX_QUOTE_SCAN_LINES: usize = 20_000;
@@ -72,9 +75,8 @@ pub struct MailFile {
 /// Reads a mail (RFC 5322 with MIME): sender, subject, ids, text and files. A mail
 /// with no usable sender address is refused.
 pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
-    let boundaries = raw.split(|b| *b == b'\n').filter(|line| line.starts_with(b"--")).count();
-    if boundaries > MAX_BOUNDARY_LINES {
-        return Err(AdapterError::Malformed(format!("the mail has more than {MAX_BOUNDARY_LINES} lines beginning with -- (MIME parts)")));
+    if part_delimiters(raw) > MAX_PARTS {
+        return Err(AdapterError::Malformed(format!("the mail has more than {MAX_PARTS} MIME parts")));
     }
     let message = MessageParser::default().parse(raw).ok_or_else(|| AdapterError::Malformed("not a mail message".into()))?;
     // `From`, not `Reply-To`: it is the address the company's mail server checks (SPF,
@@ -104,6 +106,7 @@ pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
     let text = strip_quoted(&message.body_text(0).unwrap_or_default().replace("\r\n", "\n"));
     let files = message
         .attachments()
+        .take(MAX_FILES_READ)
         .map(|part| {
             let content_type = part
                 .content_type()
@@ -118,6 +121,38 @@ pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
         })
         .collect();
     Ok(Mail { from: address, from_name, subject, message_id, references, text, files })
+}
+
+/// How many times `--` followed by a boundary the mail declares (`boundary=` in any
+/// header, quoted or not, case-insensitive) stands in `raw`: the parser takes a
+/// delimiter wherever it stands, not only at a line's start. Counted with at most
+/// 20 boundaries; a mail declaring more counts as too many parts.
+fn part_delimiters(raw: &[u8]) -> usize {
+    const PARAM: &[u8] = b"boundary=";
+    let mut boundaries: Vec<&[u8]> = Vec::new();
+    let mut at = 0;
+    while let Some(found) = raw[at..].windows(PARAM.len()).position(|w| w.eq_ignore_ascii_case(PARAM)) {
+        let start = at + found + PARAM.len();
+        let rest = &raw[start..];
+        let value = match rest.first() {
+            Some(b'"') => rest[1..].split(|b| *b == b'"').next().unwrap_or_default(),
+            _ => rest.split(|b| b.is_ascii_whitespace() || *b == b';').next().unwrap_or_default(),
+        };
+        if !value.is_empty() && !boundaries.contains(&value) {
+            if boundaries.len() == 20 {
+                return usize::MAX;
+            }
+            boundaries.push(value);
+        }
+        at = start;
+    }
+    let mut count = 0usize;
+    for boundary in boundaries {
+        let mut delimiter = b"--".to_vec();
+        delimiter.extend_from_slice(boundary);
+        count += raw.windows(delimiter.len()).filter(|w| *w == delimiter.as_slice()).count();
+    }
+    count
 }
 
 /// The text of a reply without the earlier mail its client quoted under it: a trailing
@@ -543,11 +578,15 @@ mod tests {
     fn a_mail_of_too_many_parts_is_refused_before_it_is_parsed() {
         let head = "From: a@example.com\r\nTo: support@example.com\r\nSubject: parts\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n";
         let part = "--b\r\nContent-Type: image/png\r\n\r\n\r\n";
-        let many = format!("{head}{}--b--\r\n", part.repeat(MAX_BOUNDARY_LINES + 1));
+        let many = format!("{head}{}--b--\r\n", part.repeat(MAX_PARTS + 1));
         let refused = parse(many.as_bytes());
         assert!(matches!(&refused, Err(AdapterError::Malformed(why)) if why.contains("MIME parts")), "{:?}", refused.map(|m| m.files.len()));
-        let few = format!("{head}{}--b--\r\n", part.repeat(3));
-        assert!(parse(few.as_bytes()).is_ok());
+        // Delimiters are counted wherever they stand, as the parser takes them.
+        let hidden = format!("{head}{}--b--\r\n", "X--b\r\n\r\n".repeat(MAX_PARTS + 1));
+        assert!(parse(hidden.as_bytes()).is_err());
+        // A signature's `--` and rules of dashes are not parts.
+        let signed = format!("{head}{}--b\r\nContent-Type: text/plain\r\n\r\nThanks\r\n-- \r\nAnn\r\n{}\r\n--b--\r\n", part.repeat(3), "-----Original Message-----\r\n".repeat(MAX_PARTS + 1));
+        assert!(parse(signed.as_bytes()).is_ok());
     }
 
     #[test]

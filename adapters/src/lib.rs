@@ -106,6 +106,30 @@ pub enum MediaSource {
 /// Largest file fetched from a provider (the largest attachment the core keeps).
 pub const MAX_MEDIA_BYTES: usize = 5 * 1024 * 1024;
 
+/// Checks that an `https://` URL a provider's webhook gave names a host by its DNS
+/// name on the default port: no IP address, no port, no login, not `localhost`.
+pub fn provider_host(url: &str) -> Result<&str, AdapterError> {
+    let refused = |why: &str| AdapterError::Malformed(format!("a media URL {why}"));
+    let rest = url.strip_prefix("https://").ok_or_else(|| refused("that is not https"))?;
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    if authority.contains('@') {
+        return Err(refused("with a login"));
+    }
+    if authority.starts_with('[') || authority.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err(refused("naming an IP address"));
+    }
+    let host = match authority.rsplit_once(':') {
+        Some((host, "443")) => host,
+        Some(_) => return Err(refused("naming a port other than 443")),
+        None => authority,
+    };
+    let bare = host.trim_end_matches('.').to_ascii_lowercase();
+    if bare.is_empty() || !bare.contains('.') || bare == "localhost" || bare.ends_with(".localhost") || bare.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err(refused("that names no public host"));
+    }
+    Ok(host)
+}
+
 /// Downloads a customer's file from the channel's provider: its bytes and its type
 /// (the provider's, else the download's `Content-Type`). A URL in a webhook must be
 /// `https://` unless the channel's own API base is `http://` (a local test provider).
@@ -132,6 +156,12 @@ pub async fn fetch_media(client: &http::Client, adapter: &AdapterConfig, media: 
         (MediaSource::Url(url), AdapterConfig::Messenger { api_base, .. } | AdapterConfig::Viber { api_base, .. } | AdapterConfig::Vk { api_base, .. }) => {
             if !(url.starts_with("https://") || (api_base.starts_with("http://") && url.starts_with("http://"))) {
                 return Err(AdapterError::Malformed("a media URL that is not https".into()));
+            }
+            // The provider's file servers have names and listen on 443: a URL naming
+            // an address, a port or a login would have the node reach into whatever
+            // network it sits in (a local test provider, on http, excepted).
+            if url.starts_with("https://") {
+                provider_host(url)?;
             }
             (url.clone(), Vec::new(), media.content_type.clone())
         }
@@ -285,6 +315,21 @@ pub(crate) fn clip_bytes(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
+/// A customer's message text as the core takes it: at most `max` characters; a longer
+/// one keeps its start and ends saying it was cut and how long it was, so that the
+/// operator knows to ask for the rest.
+pub fn message_text(text: &str, max: usize) -> String {
+    let total = text.chars().count();
+    if total <= max {
+        return text.to_owned();
+    }
+    let note = format!("…\n[the message was cut here: it had {total} characters]");
+    let keep = max.saturating_sub(note.chars().count());
+    let mut cut: String = text.chars().take(keep).collect();
+    cut.push_str(&note);
+    cut
+}
+
 /// Text cut to at most `max` characters, for reasons kept in the log.
 pub(crate) fn clip(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
@@ -293,6 +338,34 @@ pub(crate) fn clip(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_message_says_where_it_was_cut() {
+        assert_eq!(message_text("short", 4000), "short");
+        let long = "я".repeat(7000);
+        let cut = message_text(&long, 4000);
+        assert_eq!(cut.chars().count(), 4000);
+        assert!(cut.starts_with("яяя") && cut.ends_with("[the message was cut here: it had 7000 characters]"), "{}", &cut[cut.len() - 80..]);
+    }
+
+    #[test]
+    fn a_media_url_must_name_a_public_host_on_the_default_port() {
+        for good in ["https://sun9-1.userapi.com/impg/x.jpg?size=604", "https://scontent.xx.fbcdn.net:443/v/t1/x.png", "https://dl-media.viber.com/1/share/2/x"] {
+            assert!(provider_host(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "https://10.0.0.5/admin",
+            "https://[::1]/x",
+            "https://intranet.example.com:8443/x",
+            "https://user@files.example.com/x",
+            "https://localhost/x",
+            "https://metadata/x",
+            "https://127.0.0.1:443/x",
+            "http://files.example.com/x",
+        ] {
+            assert!(provider_host(bad).is_err(), "{bad}");
+        }
+    }
 
     fn inbound(id: &str, text: &str) -> Inbound {
         Inbound {

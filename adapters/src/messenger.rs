@@ -135,7 +135,7 @@ pub fn parse(body: &[u8]) -> Result<Vec<Item>, AdapterError> {
                 });
             }
             let text = if lines.is_empty() { "[a message of a kind this channel does not show]".to_owned() } else { lines.join("\n") };
-            items.push(Item::Message { from: sender.id.clone(), id: m.mid, text: clip(&text, switchboard_actors::core::MAX_TEXT_CHARS) });
+            items.push(Item::Message { from: sender.id.clone(), id: m.mid, text: crate::message_text(&text, switchboard_actors::core::MAX_TEXT_CHARS) });
         } else if let Some(d) = event.delivery {
             items.push(Item::Delivered { ids: d.mids });
         }

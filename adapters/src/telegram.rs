@@ -137,7 +137,7 @@ pub fn parse(body: &[u8]) -> Result<Option<(String, String, String, String)>, Ad
         }
         None => String::new(),
     };
-    Ok(Some((m.chat.id.to_string(), clip_bytes(&name, switchboard_actors::core::MAX_SENDER_BYTES), m.message_id.to_string(), clip(&text, switchboard_actors::core::MAX_TEXT_CHARS))))
+    Ok(Some((m.chat.id.to_string(), clip_bytes(&name, switchboard_actors::core::MAX_SENDER_BYTES), m.message_id.to_string(), crate::message_text(&text, switchboard_actors::core::MAX_TEXT_CHARS))))
 }
 
 #[derive(Deserialize)]

@@ -111,7 +111,7 @@ pub fn parse(body: &[u8]) -> Result<Item, AdapterError> {
                 "url" => m.text.unwrap_or_default(),
                 _ => "[a message of a kind this channel does not show]".to_owned(),
             };
-            Ok(Item::Message { from: sender.id, name: clip_bytes(&sender.name, switchboard_actors::core::MAX_SENDER_BYTES), id: token(c.message_token)?, text: clip(&text, switchboard_actors::core::MAX_TEXT_CHARS) })
+            Ok(Item::Message { from: sender.id, name: clip_bytes(&sender.name, switchboard_actors::core::MAX_SENDER_BYTES), id: token(c.message_token)?, text: crate::message_text(&text, switchboard_actors::core::MAX_TEXT_CHARS) })
         }
         "delivered" => Ok(Item::Receipt { id: token(c.message_token)?, status: "delivered", reason: String::new() }),
         "seen" => Ok(Item::Receipt { id: token(c.message_token)?, status: "read", reason: String::new() }),

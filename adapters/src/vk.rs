@@ -178,7 +178,7 @@ pub fn parse(body: &[u8], secret: &str) -> Result<Event, AdapterError> {
         lines.push("[location]".to_owned());
     }
     let text = if lines.is_empty() { "[a message of a kind this channel does not show]".to_owned() } else { lines.join("\n") };
-    Ok(Event::Message { from: m.from_id.to_string(), id, text: clip(&text, switchboard_actors::core::MAX_TEXT_CHARS) })
+    Ok(Event::Message { from: m.from_id.to_string(), id, text: crate::message_text(&text, switchboard_actors::core::MAX_TEXT_CHARS) })
 }
 
 /// The `random_id` of an entry: the same on every attempt, spread over VK's int32 range.

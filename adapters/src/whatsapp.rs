@@ -239,7 +239,7 @@ pub fn parse(body: &[u8]) -> Result<Vec<Item>, AdapterError> {
                     .unwrap_or_default(),
                 _ => "[a message of a kind this channel does not show]".to_owned(),
             };
-            items.push(Item::Message { from: m.from, name: crate::clip_bytes(&name, switchboard_actors::core::MAX_SENDER_BYTES), id: m.id, text: clip(&text, switchboard_actors::core::MAX_TEXT_CHARS) });
+            items.push(Item::Message { from: m.from, name: crate::clip_bytes(&name, switchboard_actors::core::MAX_SENDER_BYTES), id: m.id, text: crate::message_text(&text, switchboard_actors::core::MAX_TEXT_CHARS) });
         }
         for s in value.statuses {
             let reason = s.errors.first().map(|e| clip(&format!("{} {}", e.code, e.title), 500)).unwrap_or_default();

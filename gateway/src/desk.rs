@@ -102,7 +102,7 @@ pub(crate) async fn my_conversations(State(gw): State<Arc<Gateway>>, staff: Staf
             scanned += 1;
             let shard = gw.backend.conversation_reads(id);
             let Some(conv) = shard.conversation(id).await? else { continue };
-            let recent = shard.history(id, conv.last_seq().saturating_sub(12), 12).await?;
+            let recent = recent_entries(shard.as_ref(), &conv).await?;
             if !needle.is_empty() && !matches(shard.as_ref(), &conv, &needle).await? {
                 if scanned >= budget {
                     break 'scan;
@@ -154,7 +154,7 @@ pub(crate) async fn earlier(State(gw): State<Arc<Gateway>>, staff: Staff, Path(i
         if !needle.is_empty() && !matches(shard.as_ref(), &other, &needle).await? {
             continue;
         }
-        let recent = shard.history(other.id, other.last_seq().saturating_sub(12), 12).await?;
+        let recent = recent_entries(shard.as_ref(), &other).await?;
         found.push(summary(&other, &recent, &me));
         if found.len() == EARLIER_SEARCH {
             break;
@@ -176,6 +176,26 @@ fn preview_text(text: &str) -> String {
     let line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
     line.chars().take(PREVIEW_CHARS).collect()
 }
+
+/// Entries a desk row is read from: the last 12, or, for a closed conversation whose
+/// close is not among them (notes and a rating came after it), up to
+/// [`ROW_LOOKBACK`] more, so that its row still says when it closed and what was said
+/// last.
+async fn recent_entries(shard: &dyn crate::ShardReads, conv: &Conversation) -> Result<Vec<HistoryEntry>, GatewayError> {
+    let last = conv.last_seq();
+    let recent = shard.history(conv.id, last.saturating_sub(12), 12).await?;
+    let closed_seen = recent.iter().any(|e| matches!(e.item, HistoryItem::Closed { .. }));
+    if conv.status != ConversationStatus::Closed || closed_seen || last <= 12 {
+        return Ok(recent);
+    }
+    let from = last.saturating_sub(12 + ROW_LOOKBACK as u64);
+    let mut earlier = shard.history(conv.id, from, ROW_LOOKBACK).await?;
+    earlier.extend(recent);
+    Ok(earlier)
+}
+
+/// Entries a closed conversation's row looks back past its last 12 for its close.
+pub const ROW_LOOKBACK: usize = 200;
 
 /// One row of the desk's conversation lists.
 fn summary(conv: &Conversation, recent: &[HistoryEntry], me: &switchboard_actors::model::OperatorId) -> Value {

@@ -974,11 +974,19 @@ fn hook_body_limit(path: &str) -> usize {
     }
 }
 
-/// Lets a Meta delivery over [`rest::MAX_JSON_BODY`] be read only while fewer than
-/// [`LARGE_HOOKS_AT_ONCE`] others are (held until it is answered); one declaring more
-/// than [`META_HOOK_BODY`] is refused unread.
-async fn large_hook_permit(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+/// Lets a Meta delivery over [`rest::MAX_JSON_BODY`] (or of no stated length) be read
+/// only while fewer than [`LARGE_HOOKS_AT_ONCE`] others are, and one client address
+/// reads one at a time (held until it is answered): a permit goes only to a call for a
+/// channel with that provider's adapter that carries a signature, checked with the body.
+/// One declaring more than [`META_HOOK_BODY`] is refused unread.
+async fn large_hook_permit(
+    axum::extract::State(gw): axum::extract::State<Arc<Gateway>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     static LARGE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LARGE_HOOKS_AT_ONCE);
+    static READING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let declared = request.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if request.method() != axum::http::Method::POST || declared.is_some_and(|n| n <= rest::MAX_JSON_BODY as u64) {
         return next.run(request).await;
@@ -986,10 +994,40 @@ async fn large_hook_permit(request: axum::extract::Request, next: axum::middlewa
     if declared.is_some_and(|n| n > META_HOOK_BODY as u64) {
         return GatewayError::BodyTooLarge(META_HOOK_BODY).into_response();
     }
-    match LARGE.try_acquire() {
-        Ok(_permit) => next.run(request).await,
-        Err(_) => GatewayError::Busy("other large webhook deliveries are being read; send it again").into_response(),
+    // The channel, as the router reads the path: `/hooks/{provider}/{channel}`.
+    let path = percent_decoded(request.uri().path());
+    let (provider, channel) = path.trim_start_matches("/hooks/").split_once('/').unwrap_or_default();
+    let adapter = gw.backend.directory_shard().read().channel_adapters.get(&switchboard_actors::model::ChannelId::new(channel)).cloned();
+    use switchboard_actors::model::AdapterConfig;
+    let fits = matches!((provider, &adapter), ("whatsapp", Some(AdapterConfig::WhatsApp { .. })) | ("messenger", Some(AdapterConfig::Messenger { .. })));
+    if !fits {
+        return GatewayError::NotFound(format!("no {provider} channel {}", channel.chars().take(200).collect::<String>())).into_response();
     }
+    if !request.headers().contains_key(switchboard_adapters::whatsapp::SIGNATURE_HEADER) {
+        return GatewayError::Unauthorized("the signature does not match").into_response();
+    }
+    let address = budget::client_address(peer.ip()).to_string();
+    {
+        let mut reading = READING.lock().unwrap_or_else(|p| p.into_inner());
+        if reading.contains(&address) {
+            return GatewayError::Busy("this address is sending another large webhook delivery; send it again").into_response();
+        }
+        let Ok(permit) = LARGE.try_acquire() else {
+            return GatewayError::Busy("other large webhook deliveries are being read; send it again").into_response();
+        };
+        permit.forget();
+        reading.push(address.clone());
+    }
+    // Given back however the call ends (a dropped connection drops this future).
+    struct Release(String);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            READING.lock().unwrap_or_else(|p| p.into_inner()).retain(|a| *a != self.0);
+            LARGE.add_permits(1);
+        }
+    }
+    let _release = Release(address);
+    next.run(request).await
 }
 
 fn is_json(response: &Response) -> bool {
@@ -1050,7 +1088,7 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
         .route("/hooks/whatsapp/{channel}", get(channels::meta_subscribe).post(channels::whatsapp_hook))
         .route("/hooks/messenger/{channel}", get(channels::meta_subscribe).post(channels::messenger_hook))
         .layer(axum::extract::DefaultBodyLimit::max(META_HOOK_BODY))
-        .layer(axum::middleware::from_fn(large_hook_permit))
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), large_hook_permit))
         .layer(axum::middleware::from_fn_with_state(gw.clone(), hook_guard));
     assets::public()
         .route("/ws/client", get(client_ws::upgrade))

@@ -780,8 +780,10 @@ async fn decisions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<
     // Offers and their decision records are the routing shard's.
     let shard = gw.backend.shard();
     let decided = shard.conversation(id)?.map_or(conv.decisions, |c| c.decisions);
+    // The newest ones: a conversation offered again and again has one per offer, and
+    // the inspector reads them again at every change.
     let mut records: Vec<Value> = Vec::new();
-    for offer in &decided {
+    for offer in &decided[decided.len().saturating_sub(DECISIONS_SHOWN)..] {
         if let Some(decision) = shard.decision(*offer)? {
             let mut record = json!(decision);
             if let Some(step) = shard.offer_step(*offer)? {
@@ -790,8 +792,12 @@ async fn decisions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<
             records.push(record);
         }
     }
-    Ok(Json(json!({"conversation": id.0, "decisions": records})))
+    Ok(Json(json!({"conversation": id.0, "decisions": records, "total": decided.len()})))
 }
+
+/// Decision records `GET /api/conversations/{id}/decisions` answers with at most: the
+/// newest ones.
+pub const DECISIONS_SHOWN: usize = 100;
 
 #[derive(Deserialize)]
 struct CrashBody {

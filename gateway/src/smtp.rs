@@ -441,19 +441,40 @@ fn path(arg: &str) -> Option<String> {
 
 /// Commits a mail to each channel it is for and says how it went, as an SMTP reply.
 async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>) -> String {
+    // One mail parsed at a time on a node: a parse holds the parser's parts as well as
+    // the mail (a part of a mail nested in an encoded part hides its delimiters from
+    // the count `email::parse` makes first).
+    static PARSING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let Ok(_parsing) = PARSING.acquire().await else {
+        return "451 4.3.0 Could not read the mail, try again".into();
+    };
     let parsed = match tokio::task::spawn_blocking(move || email::parse(&raw)).await {
         Ok(Ok(mail)) => mail,
         Ok(Err(e)) => return format!("550 5.6.0 {e}"),
         Err(_) => return "451 4.3.0 Could not read the mail, try again".into(),
     };
     let mut conversations = Vec::new();
+    let mut refusals: Vec<String> = Vec::new();
     for channel in channels {
         match take_for(gw, channel, &parsed).await {
             Ok(conversation) => conversations.push(conversation.to_string()),
-            Err(reply) => return reply,
+            Err(reply) => {
+                tracing::info!(%channel, %reply, "a mail was not taken by one of the channels it is for");
+                refusals.push(reply);
+            }
         }
     }
-    format!("250 2.0.0 Taken in conversation {}", conversations.join(", "))
+    // Not taken for now by one channel: sent again, the channels that took it find it
+    // by its Message-ID and write nothing twice.
+    if let Some(again) = refusals.iter().find(|r| r.starts_with('4')) {
+        return again.clone();
+    }
+    // Taken by some, refused for good by others: taken (a bounce would tell the
+    // customer it was lost, and a resend would write it twice).
+    match (conversations.is_empty(), refusals.into_iter().next()) {
+        (true, Some(refused)) => refused,
+        _ => format!("250 2.0.0 Taken in conversation {}", conversations.join(", ")),
+    }
 }
 
 /// A mail as one channel's inbound message: its text (with what could not be kept
