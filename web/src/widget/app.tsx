@@ -436,13 +436,16 @@ function Composer(props: { session: WidgetSession; state: WidgetState; t: T }) {
   };
   const upload = async (list: FileList | null) => {
     if (!list) return;
+    // Counted here: the state read above does not change within this selection.
+    let taken = files.length + busy;
     for (const f of Array.from(list)) {
-      if (files.length + busy >= MAX_ATTACHMENTS_PER_MESSAGE) break;
+      if (taken >= MAX_ATTACHMENTS_PER_MESSAGE) break;
       const bad = checkAttachment(f);
       if (bad) {
         setProblem(t(('err_' + bad) as WKey) + ' (' + f.name + ')');
         continue;
       }
+      taken += 1;
       setBusy((n) => n + 1);
       try {
         if (!state.token && name.trim()) session.setName(name);

@@ -59,9 +59,14 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
   const [dialog, setDialog] = useState<'transfer' | 'close' | null>(null);
   const drafts = useRef(new Map<number, string>());
   const [draft, setDraftState] = useState('');
+  // The conversation on screen: a draft set for another (a note that failed after the
+  // operator moved on comes back to its own conversation) is kept for it, not shown here.
+  const open = useRef<number | null>(null);
+  open.current = conv?.id ?? null;
   const setDraft = (v: string) => {
-    if (conv) drafts.current.set(conv.id, v);
-    setDraftState(v);
+    if (!conv) return;
+    drafts.current.set(conv.id, v);
+    if (open.current === conv.id) setDraftState(v);
   };
   // Layout effects: they run as the new conversation is committed, before the next key
   // press can be handled, so a shortcut right after switching is never undone by the
@@ -105,6 +110,7 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
         />
         <History conv={conv} state={state} messenger={messenger} />
         <Composer
+          key={conv.id}
           session={session}
           conv={conv}
           adapter={adapterOf(props.channels, conv.channel)}
@@ -331,8 +337,10 @@ function Composer(props: {
     if (!list || !filesCarried) return;
     // The alert speaks about the latest selection only.
     setProblem(null);
+    // Counted here: the state read above does not change within this selection.
+    let taken = files.length + uploading;
     for (const f of Array.from(list)) {
-      if (files.length + uploading >= MAX_ATTACHMENTS_PER_MESSAGE) {
+      if (taken >= MAX_ATTACHMENTS_PER_MESSAGE) {
         setProblem(t('err_too_many_files', { n: MAX_ATTACHMENTS_PER_MESSAGE }));
         break;
       }
@@ -341,6 +349,7 @@ function Composer(props: {
         setProblem(describeError(t, bad, '') + ': ' + f.name);
         continue;
       }
+      taken += 1;
       setUploading((n) => n + 1);
       try {
         const a = await api.request<Attachment>('POST', '/api/attachments?conversation=' + conv.id + '&name=' + enc(f.name), undefined, {

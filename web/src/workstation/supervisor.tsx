@@ -499,6 +499,9 @@ function EmergencyPanel(props: { active: EmergencyRow[] | null; queues: QueueRow
 
 /** How often the failed deliveries are read again while the floor is on screen. */
 export const DEAD_LETTERS_POLL_MS = 30000;
+/** Pages of 1000 failed deliveries read at most, and rows shown (the newest). */
+const DEAD_LETTER_PAGES = 10;
+const DEAD_LETTERS_SHOWN = 200;
 
 /**
  * Failed deliveries: messages to messenger customers that were refused for good, ran out
@@ -508,12 +511,26 @@ export const DEAD_LETTERS_POLL_MS = 30000;
 function DeadLetters(props: { onOpen: (id: number) => void }) {
   const { t, api, lang, notify } = useApp();
   const [list, setList] = useState<Delivery[] | null>(null);
+  const [more, setMore] = useState(false);
   const [error, setError] = useState<string | null>(null);
   const [busy, setBusy] = useState<string | null>(null);
+  // Every page (oldest conversation first), so that old letters that cannot be sent
+  // again do not hide newer ones; shown newest first.
+  const readAll = async () => {
+    const all: Delivery[] = [];
+    let after: string | null = null;
+    for (let page = 0; page < DEAD_LETTER_PAGES; page++) {
+      const r: { deliveries: Delivery[]; next?: string | null } = await api.get('/api/deliveries?limit=1000' + (after ? '&after=' + encodeURIComponent(after) : ''));
+      all.push(...(r.deliveries ?? []));
+      after = r.next ?? null;
+      if (!after) break;
+    }
+    return { all: all.reverse(), more: after != null };
+  };
   const poller = usePoller(
     (running) =>
-      api.get<{ deliveries: Delivery[] }>('/api/deliveries?limit=100').then(
-        (r) => running() && (setList(r.deliveries ?? []), setError(null)),
+      readAll().then(
+        (r) => running() && (setList(r.all), setMore(r.more), setError(null)),
         (e) => running() && setError(describeError(t, e.code, e.message)),
       ),
     DEAD_LETTERS_POLL_MS,
@@ -537,7 +554,7 @@ function DeadLetters(props: { onOpen: (id: number) => void }) {
   return (
     <section class="panel dead-letters" aria-labelledby="dead-h" data-testid="dead-letters">
       <h2 id="dead-h" class="panel-title">
-        {t('dead_letters')} {list?.length ? <span class="badge">{list.length}</span> : null}
+        {t('dead_letters')} {list?.length ? <span class="badge">{list.length + (more ? '+' : '')}</span> : null}
       </h2>
       {error && (
         <p class="error small" role="alert">
@@ -565,7 +582,7 @@ function DeadLetters(props: { onOpen: (id: number) => void }) {
             </tr>
           </thead>
           <tbody>
-            {list.map((d) => (
+            {list.slice(0, DEAD_LETTERS_SHOWN).map((d) => (
               <tr key={d.conversation + '/' + d.seq} data-testid="dead-letter" data-conv={d.conversation} data-seq={d.seq} data-status={d.status}>
                 <th scope="row">
                   <button type="button" class="link" onClick={() => props.onOpen(d.conversation)}>
