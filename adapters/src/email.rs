@@ -75,7 +75,7 @@ pub struct MailFile {
 /// Reads a mail (RFC 5322 with MIME): sender, subject, ids, text and files. A mail
 /// with no usable sender address is refused.
 pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
-    if part_delimiters(raw) > MAX_PARTS {
+    if part_delimiters(raw)? > MAX_PARTS {
         return Err(AdapterError::Malformed(format!("the mail has more than {MAX_PARTS} MIME parts")));
     }
     let message = MessageParser::default().parse(raw).ok_or_else(|| AdapterError::Malformed("not a mail message".into()))?;
@@ -123,36 +123,113 @@ pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
     Ok(Mail { from: address, from_name, subject, message_id, references, text, files })
 }
 
-/// How many times `--` followed by a boundary the mail declares (`boundary=` in any
-/// header, quoted or not, case-insensitive) stands in `raw`: the parser takes a
-/// delimiter wherever it stands, not only at a line's start. Counted with at most
-/// 20 boundaries; a mail declaring more counts as too many parts.
-fn part_delimiters(raw: &[u8]) -> usize {
-    const PARAM: &[u8] = b"boundary=";
-    let mut boundaries: Vec<&[u8]> = Vec::new();
-    let mut at = 0;
-    while let Some(found) = raw[at..].windows(PARAM.len()).position(|w| w.eq_ignore_ascii_case(PARAM)) {
-        let start = at + found + PARAM.len();
-        let rest = &raw[start..];
-        let value = match rest.first() {
-            Some(b'"') => rest[1..].split(|b| *b == b'"').next().unwrap_or_default(),
-            _ => rest.split(|b| b.is_ascii_whitespace() || *b == b';').next().unwrap_or_default(),
-        };
+/// Boundaries a mail may declare (nested parts, forwarded mails each declare theirs).
+pub const MAX_BOUNDARIES: usize = 50;
+/// The longest boundary RFC 2046 allows.
+const MAX_BOUNDARY_BYTES: usize = 70;
+
+/// How many MIME part delimiters `raw` holds: `--` and a boundary the mail declares
+/// (`boundary` in a header parameter, in any case, with spaces or a comment around the
+/// `=`, quoted with escapes or not; a continuation `boundary*0=` counts its pieces,
+/// which only counts more), wherever they stand, as the parser takes them. Counting
+/// stops past `MAX_PARTS`.
+fn part_delimiters(raw: &[u8]) -> Result<usize, AdapterError> {
+    const NAME: &[u8] = b"boundary";
+    let mut boundaries: Vec<Vec<u8>> = Vec::new();
+    for found in memchr::memchr2_iter(b'b', b'B', raw) {
+        if !raw[found..].get(..NAME.len()).is_some_and(|w| w.eq_ignore_ascii_case(NAME)) {
+            continue;
+        }
+        let Some(value) = parameter_value(&raw[found + NAME.len()..]) else { continue };
+        if value.len() > MAX_BOUNDARY_BYTES {
+            return Err(AdapterError::Malformed(format!("the mail declares a MIME boundary longer than {MAX_BOUNDARY_BYTES} characters")));
+        }
         if !value.is_empty() && !boundaries.contains(&value) {
-            if boundaries.len() == 20 {
-                return usize::MAX;
+            if boundaries.len() == MAX_BOUNDARIES {
+                return Err(AdapterError::Malformed(format!("the mail declares more than {MAX_BOUNDARIES} MIME boundaries")));
             }
             boundaries.push(value);
         }
-        at = start;
     }
     let mut count = 0usize;
     for boundary in boundaries {
         let mut delimiter = b"--".to_vec();
-        delimiter.extend_from_slice(boundary);
-        count += raw.windows(delimiter.len()).filter(|w| *w == delimiter.as_slice()).count();
+        delimiter.extend_from_slice(&boundary);
+        for _ in memchr::memmem::find_iter(raw, &delimiter) {
+            count += 1;
+            if count > MAX_PARTS {
+                return Ok(count);
+            }
+        }
     }
-    count
+    Ok(count)
+}
+
+/// The value of a parameter whose name was just read: `*0` or `*` of a continuation,
+/// spaces and a comment around `=`, then a quoted string (escapes undone) or a token.
+/// `None` when no `=` follows.
+fn parameter_value(rest: &[u8]) -> Option<Vec<u8>> {
+    let mut i = 0;
+    let skip_blank = |i: &mut usize| {
+        loop {
+            while rest.get(*i).is_some_and(|b| b.is_ascii_whitespace()) {
+                *i += 1;
+            }
+            if rest.get(*i) == Some(&b'(') {
+                while rest.get(*i).is_some_and(|b| *b != b')') {
+                    *i += 1;
+                }
+                *i += 1;
+            } else {
+                break;
+            }
+        }
+    };
+    if rest.get(i) == Some(&b'*') {
+        i += 1;
+        while rest.get(i).is_some_and(|b| b.is_ascii_digit() || *b == b'*') {
+            i += 1;
+        }
+    }
+    skip_blank(&mut i);
+    if rest.get(i) != Some(&b'=') {
+        return None;
+    }
+    i += 1;
+    skip_blank(&mut i);
+    let mut value = Vec::new();
+    if rest.get(i) == Some(&b'"') {
+        i += 1;
+        while let Some(&b) = rest.get(i) {
+            match b {
+                b'"' => break,
+                b'\\' => {
+                    i += 1;
+                    if let Some(&escaped) = rest.get(i) {
+                        value.push(escaped);
+                    }
+                }
+                _ => value.push(b),
+            }
+            i += 1;
+            if value.len() > MAX_BOUNDARY_BYTES {
+                break;
+            }
+        }
+    } else {
+        while let Some(&b) = rest.get(i).filter(|b| !b.is_ascii_whitespace() && !matches!(b, b';' | b'"' | b'(')) {
+            value.push(b);
+            i += 1;
+            if value.len() > MAX_BOUNDARY_BYTES {
+                break;
+            }
+        }
+    }
+    // RFC 2231's `charset'language'value`.
+    if let Some(at) = value.windows(2).rposition(|w| w == b"''") {
+        value.drain(..at + 2);
+    }
+    Some(value)
 }
 
 /// The text of a reply without the earlier mail its client quoted under it: a trailing
@@ -584,6 +661,17 @@ mod tests {
         // Delimiters are counted wherever they stand, as the parser takes them.
         let hidden = format!("{head}{}--b--\r\n", "X--b\r\n\r\n".repeat(MAX_PARTS + 1));
         assert!(parse(hidden.as_bytes()).is_err());
+        // Nor when its boundary is declared with spaces, a comment or an escape.
+        for declared in ["boundary= b", "boundary =\"b\"", "BOUNDARY=(note)b", "boundary=\"\\b\"", "boundary*0=b"] {
+            let sneaky = format!("From: a@example.com\r\nContent-Type: multipart/mixed; {declared}\r\n\r\n{}--b--\r\n", "--b\r\n\r\n".repeat(MAX_PARTS + 1));
+            assert!(parse(sneaky.as_bytes()).is_err(), "{declared}");
+        }
+        // A boundary past RFC 2046's 70 characters, or too many of them, is refused
+        // before anything is counted.
+        let long = format!("From: a@example.com\r\nContent-Type: multipart/mixed; boundary={}\r\n\r\nx", "-".repeat(3_000_000));
+        assert!(matches!(parse(long.as_bytes()), Err(AdapterError::Malformed(why)) if why.contains("longer than 70")));
+        let forwarded: String = (0..=MAX_BOUNDARIES).map(|n| format!("Content-Type: multipart/mixed; boundary=b{n}\r\n")).collect();
+        assert!(matches!(parse(format!("From: a@example.com\r\n{forwarded}\r\nx").as_bytes()), Err(AdapterError::Malformed(why)) if why.contains("boundaries")));
         // A signature's `--` and rules of dashes are not parts.
         let signed = format!("{head}{}--b\r\nContent-Type: text/plain\r\n\r\nThanks\r\n-- \r\nAnn\r\n{}\r\n--b--\r\n", part.repeat(3), "-----Original Message-----\r\n".repeat(MAX_PARTS + 1));
         assert!(parse(signed.as_bytes()).is_ok());

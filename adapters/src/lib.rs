@@ -106,25 +106,28 @@ pub enum MediaSource {
 /// Largest file fetched from a provider (the largest attachment the core keeps).
 pub const MAX_MEDIA_BYTES: usize = 5 * 1024 * 1024;
 
-/// Checks that an `https://` URL a provider's webhook gave names a host by its DNS
-/// name on the default port: no IP address, no port, no login, not `localhost`.
-pub fn provider_host(url: &str) -> Result<&str, AdapterError> {
+/// Checks that an `https://` URL a provider's webhook gave names a host by its DNS name
+/// on port 443, as the HTTP client reads it: no IP address in any spelling (`127.1`,
+/// `0x7f.1` and `2130706433` are addresses to the resolver), no other port, no login,
+/// not `localhost` nor a name of one label.
+pub fn provider_host(url: &str) -> Result<String, AdapterError> {
     let refused = |why: &str| AdapterError::Malformed(format!("a media URL {why}"));
-    let rest = url.strip_prefix("https://").ok_or_else(|| refused("that is not https"))?;
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    if authority.contains('@') {
-        return Err(refused("with a login"));
+    if !url.starts_with("https://") {
+        return Err(refused("that is not https"));
     }
-    if authority.starts_with('[') || authority.parse::<std::net::Ipv4Addr>().is_ok() {
+    let parsed = http::Url::parse(url).map_err(|_| refused("that is not a valid URL"))?;
+    if parsed.port != 443 {
+        return Err(refused("naming a port other than 443"));
+    }
+    let host = parsed.host.trim_end_matches('.').to_ascii_lowercase();
+    if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+        return Err(refused("whose host is not a DNS name"));
+    }
+    let numeric = |label: &str| !label.is_empty() && (label.bytes().all(|b| b.is_ascii_digit()) || label.strip_prefix("0x").is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit())));
+    if host.split('.').all(numeric) {
         return Err(refused("naming an IP address"));
     }
-    let host = match authority.rsplit_once(':') {
-        Some((host, "443")) => host,
-        Some(_) => return Err(refused("naming a port other than 443")),
-        None => authority,
-    };
-    let bare = host.trim_end_matches('.').to_ascii_lowercase();
-    if bare.is_empty() || !bare.contains('.') || bare == "localhost" || bare.ends_with(".localhost") || bare.parse::<std::net::Ipv4Addr>().is_ok() {
+    if !host.contains('.') || host == "localhost" || host.ends_with(".localhost") {
         return Err(refused("that names no public host"));
     }
     Ok(host)
@@ -362,6 +365,12 @@ mod tests {
             "https://metadata/x",
             "https://127.0.0.1:443/x",
             "http://files.example.com/x",
+            "https://127.1/x",
+            "https://0x7f.0x1/x",
+            "https://2130706433/x",
+            "https://0300.0250.0.1/x",
+            "https://cdn.example.com?:8443/x",
+            "https://cdn.example.com%2f@10.0.0.1/x",
         ] {
             assert!(provider_host(bad).is_err(), "{bad}");
         }

@@ -445,10 +445,17 @@ async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>) -> S
     // the mail (a part of a mail nested in an encoded part hides its delimiters from
     // the count `email::parse` makes first).
     static PARSING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-    let Ok(_parsing) = PARSING.acquire().await else {
+    let Ok(parsing) = PARSING.acquire().await else {
         return "451 4.3.0 Could not read the mail, try again".into();
     };
-    let parsed = match tokio::task::spawn_blocking(move || email::parse(&raw)).await {
+    // Held by the parse itself (also when the session ends meanwhile), and only by it.
+    let parsed = match tokio::task::spawn_blocking(move || {
+        let parsed = email::parse(&raw);
+        drop(parsing);
+        parsed
+    })
+    .await
+    {
         Ok(Ok(mail)) => mail,
         Ok(Err(e)) => return format!("550 5.6.0 {e}"),
         Err(_) => return "451 4.3.0 Could not read the mail, try again".into(),
