@@ -1018,16 +1018,31 @@ async fn large_hook_permit(
         permit.forget();
         reading.push(address.clone());
     }
-    // Given back however the call ends (a dropped connection drops this future).
-    struct Release(String);
+    // Given back however the call ends (a dropped connection drops this future). One
+    // that ends unanswered (its body too slow for the request deadline, or dropped)
+    // spends the address's budget of bad webhook calls on this path, as a wrong
+    // signature does: a sender that holds places without finishing is cut off.
+    struct Release {
+        gw: Arc<Gateway>,
+        address: String,
+        key: (std::net::IpAddr, String),
+        answered: bool,
+    }
     impl Drop for Release {
         fn drop(&mut self) {
-            READING.lock().unwrap_or_else(|p| p.into_inner()).retain(|a| *a != self.0);
+            READING.lock().unwrap_or_else(|p| p.into_inner()).retain(|a| *a != self.address);
             LARGE.add_permits(1);
+            if !self.answered {
+                let allowed = f64::from(self.gw.config.budgets.bad_hooks_per_minute);
+                self.gw.usage.bad_hooks.take(self.key.clone(), 1.0, allowed);
+            }
         }
     }
-    let _release = Release(address);
-    next.run(request).await
+    let key = (budget::client_address(peer.ip()), path.chars().take(200).collect::<String>());
+    let mut release = Release { gw: gw.clone(), address, key, answered: false };
+    let response = next.run(request).await;
+    release.answered = true;
+    response
 }
 
 fn is_json(response: &Response) -> bool {
