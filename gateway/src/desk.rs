@@ -188,8 +188,9 @@ async fn recent_entries(shard: &dyn crate::ShardReads, conv: &Conversation) -> R
     if conv.status != ConversationStatus::Closed || closed_seen || last <= 12 {
         return Ok(recent);
     }
+    // The entries before the last 12: seqs `from + 1 ..= last - 12`.
     let from = last.saturating_sub(12 + ROW_LOOKBACK as u64);
-    let mut earlier = shard.history(conv.id, from, ROW_LOOKBACK).await?;
+    let mut earlier = shard.history(conv.id, from, (last - 12 - from) as usize).await?;
     earlier.extend(recent);
     Ok(earlier)
 }
