@@ -45,6 +45,19 @@ pub(crate) struct HostedGroup {
     pub(crate) mail_retries: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// How a node's groups are kept: what deletes purged files (none in benches and tests
+/// without files) and how many entries a snapshot follows (`--snapshot-every`).
+pub(crate) struct MemberSettings {
+    pub(crate) files_gone: Option<crate::server::FilesGone>,
+    pub(crate) snapshot_every: u64,
+}
+
+impl Default for MemberSettings {
+    fn default() -> Self {
+        MemberSettings { files_gone: None, snapshot_every: switchboard_raft::DEFAULT_SNAPSHOT_EVERY }
+    }
+}
+
 /// What every group on a node shares.
 pub(crate) struct Host<'a> {
     pub(crate) node_id: u64,
@@ -302,7 +315,7 @@ impl SplitNode {
         let identity = switchboard_raft::tls::ensure_member(&dir.join("certs"), "node-1", &[])?;
         let endpoint = switchboard_raft::tls::endpoint(&identity, "127.0.0.1:0".parse()?)?;
         let members = BTreeMap::from([(1, endpoint.local_addr()?.to_string())]);
-        let mut node = Self::member(dir, 1, endpoint, &members, shards, false, None).await?;
+        let mut node = Self::member(dir, 1, endpoint, &members, shards, false, MemberSettings::default()).await?;
         if forward {
             node.forward();
         }
@@ -317,7 +330,8 @@ impl SplitNode {
     /// With `join` (a node added to a running cluster, `cluster add-node`), it creates
     /// nothing: on its first start it asks the members to let it follow the metadata
     /// group, and the placement (`placement.rs`) makes it a member of every group.
-    pub(crate) async fn member(dir: &Path, node_id: u64, endpoint: quinn::Endpoint, members: &BTreeMap<u64, String>, shards: u64, join: bool, files_gone: Option<crate::server::FilesGone>) -> anyhow::Result<SplitNode> {
+    pub(crate) async fn member(dir: &Path, node_id: u64, endpoint: quinn::Endpoint, members: &BTreeMap<u64, String>, shards: u64, join: bool, settings: MemberSettings) -> anyhow::Result<SplitNode> {
+        let MemberSettings { files_gone, snapshot_every } = settings;
         let ids: Vec<GroupId> = [G0, R].into_iter().chain((0..shards).map(|k| FIRST_C + k)).collect();
         let keyspace = switchboard_raft::store::open_keyspace(&dir.join("records"), &ids)?;
         let (peers, router) = (Peers::new(endpoint.clone()), Router::default());
@@ -325,7 +339,7 @@ impl SplitNode {
         // Other members ask it before their groups adopt newer routing rules.
         router.set_rules(switchboard_actors::core::RULES_VERSION);
         let rpc = switchboard_raft::network::serve(endpoint.clone(), router.clone());
-        let host = Host { node_id, data_dir: dir, keyspace: &keyspace, snapshot_every: switchboard_raft::DEFAULT_SNAPSHOT_EVERY, peers: &peers, router: &router, files_gone: files_gone.as_ref() };
+        let host = Host { node_id, data_dir: dir, keyspace: &keyspace, snapshot_every, peers: &peers, router: &router, files_gone: files_gone.as_ref() };
         let nodes = members.iter().map(|(id, addr)| (*id, switchboard_raft::Node { addr: addr.clone() })).collect::<BTreeMap<_, _>>();
         let initialize = |raft: Raft, id: GroupId| {
             let nodes: BTreeMap<u64, switchboard_raft::Node> = first_members(id, members).into_keys().filter_map(|k| nodes.get(&k).map(|n| (k, n.clone()))).collect();
@@ -596,7 +610,7 @@ impl SplitNode {
         }
         let starts = endpoints.into_iter().enumerate().map(|(i, endpoint)| {
             let (dir, addresses) = (root.join(format!("n{}", i + 1)), addresses.clone());
-            async move { SplitNode::member(&dir, i as u64 + 1, endpoint, &addresses, shards, false, None).await }
+            async move { SplitNode::member(&dir, i as u64 + 1, endpoint, &addresses, shards, false, MemberSettings::default()).await }
         });
         let mut nodes = futures::future::join_all(starts).await.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
         for node in &mut nodes {

@@ -741,6 +741,18 @@ async fn dev_cluster(args: DevArgs) -> anyhow::Result<()> {
             if i == 0 {
                 command.arg("--demo");
             }
+            // The node settings `dev` was given apply on every node.
+            command
+                .arg("--snapshot-every")
+                .arg(listeners.snapshot_every.to_string())
+                .arg("--retention-check-s")
+                .arg(listeners.retention_check_s.to_string())
+                .arg("--stray-files-after-s")
+                .arg(listeners.stray_files_after_s.to_string())
+                .arg("--stray-sweep-every-s")
+                .arg(listeners.stray_sweep_every_s.to_string())
+                .arg("--presence-grace-s")
+                .arg(listeners.presence_grace_s.to_string());
         } else {
             command.arg("gateway").arg("--config").arg(&gateway_file);
         }

@@ -792,7 +792,8 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     // (those a member applies while it catches up at start included).
     let blobs = switchboard_gateway::attachments::BlobStore::open(options.data_dir.join("attachments"))?;
     let gone = server::files_gone(blobs.clone());
-    let mut node = SplitNode::member(&options.data_dir, options.node_id, endpoint, &members, shards, options.join, Some(gone)).await?;
+    let settings = crate::groups::MemberSettings { files_gone: Some(gone), snapshot_every: options.snapshot_every };
+    let mut node = SplitNode::member(&options.data_dir, options.node_id, endpoint, &members, shards, options.join, settings).await?;
     node.forward();
     let node = Arc::new(node);
     // Whichever node leads the metadata group keeps the placement balanced.
