@@ -91,7 +91,17 @@ export function App() {
             <span class="muted small" data-testid="whoami">
               {auth.login} · {t(('role_' + auth.role) as any)}
             </span>
-            <button type="button" class="ghost" data-testid="logout" onClick={() => signOut()}>
+            <button
+              type="button"
+              class="ghost"
+              data-testid="logout"
+              onClick={() => {
+                // The token stops working on the server too (it has been in socket URLs,
+                // which proxies log); signed out here whatever the answer.
+                api.post('/api/logout', undefined).catch(() => {});
+                signOut();
+              }}
+            >
               {t('sign_out')}
             </button>
           </>
