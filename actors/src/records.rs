@@ -1199,10 +1199,13 @@ pub fn handled_by(store: &dyn Store, operator: &OperatorId, before: Option<Conve
         .collect())
 }
 
-/// The newest audit trail entries, newest first, at most `limit`, with their numbers.
-pub fn audit(store: &dyn Store, limit: usize) -> Result<Vec<(u64, AuditEntry)>, Error> {
+/// The newest audit trail entries, newest first, at most `limit`, with their numbers;
+/// with `before`, those numbered below it.
+pub fn audit(store: &dyn Store, before: Option<u64>, limit: usize) -> Result<Vec<(u64, AuditEntry)>, Error> {
+    // Keys hold the complement of the number: the next key after entry `n` is `n - 1`.
+    let after = before.map(key::audit);
     store
-        .scan(b"Z", None, limit)
+        .scan(b"Z", after.as_deref(), limit)
         .map_err(store_err)?
         .into_iter()
         .map(|(k, v)| {

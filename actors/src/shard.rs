@@ -427,8 +427,8 @@ impl Shard {
     }
 
     /// The newest audit trail entries, newest first.
-    pub fn audit(&self, limit: usize) -> Result<Vec<(u64, crate::state::AuditEntry)>, Error> {
-        records::audit(self.store()?.as_ref(), limit)
+    pub fn audit(&self, before: Option<u64>, limit: usize) -> Result<Vec<(u64, crate::state::AuditEntry)>, Error> {
+        records::audit(self.store()?.as_ref(), before, limit)
     }
 
     pub fn decision(&self, offer: OfferId) -> Result<Option<DecisionRecord>, Error> {

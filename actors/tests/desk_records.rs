@@ -191,10 +191,14 @@ fn an_emergency_and_its_audit_trail_survive_a_restart() {
     let rebuilt = records::load(&store).expect("load");
     assert_eq!(rebuilt.emergencies[&web].message, "Outage");
     ok(run(&mut state, &store, T0 + 2, Command::SetEmergency { target: web.clone(), message: None, by: "sue".into() }));
-    let trail = records::audit(&store, 10).expect("audit");
+    let trail = records::audit(&store, None, 10).expect("audit");
     let actions: Vec<(u64, &str)> = trail.iter().map(|(n, e)| (*n, e.action.as_str())).collect();
     assert_eq!(actions, vec![(1, "emergency_off"), (0, "emergency_on")], "newest first");
     assert_eq!(trail[1].1.by, "sue");
+    // Paged: the entries below a page's last number.
+    let older = records::audit(&store, Some(1), 10).expect("audit");
+    assert_eq!(older.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![0]);
+    assert!(records::audit(&store, Some(0), 10).expect("audit").is_empty());
     // A restarted replica numbers the next entry after the last one.
     let rebuilt = records::load(&store).expect("load");
     assert!(rebuilt.emergencies.is_empty());

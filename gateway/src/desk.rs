@@ -464,6 +464,9 @@ pub(crate) async fn put_emergency(State(gw): State<Arc<Gateway>>, crate::rest::S
 pub(crate) struct AuditQuery {
     #[serde(default)]
     limit: Option<usize>,
+    /// Entries numbered below it (a page's last `n`).
+    #[serde(default)]
+    before: Option<u64>,
 }
 
 /// `GET /api/audit?limit=` (admin): the newest audit trail entries, newest first.
@@ -473,7 +476,7 @@ pub(crate) async fn audit(State(gw): State<Arc<Gateway>>, staff: Staff, Params(q
     let entries: Vec<Value> = gw
         .backend
         .directory_shard()
-        .audit(limit)?
+        .audit(query.before, limit)?
         .into_iter()
         .map(|(n, e)| json!({"n": n, "at": e.at.0, "by": e.by, "action": e.action, "target": e.target, "detail": e.detail}))
         .collect();
