@@ -1019,30 +1019,63 @@ async fn large_hook_permit(
         reading.push(address.clone());
     }
     // Given back however the call ends (a dropped connection drops this future). One
-    // that ends unanswered (its body too slow for the request deadline, or dropped)
-    // spends the address's budget of bad webhook calls on this path, as a wrong
-    // signature does: a sender that holds places without finishing is cut off.
+    // that ends unanswered before its body was read to its end (too slow for the
+    // request deadline, or dropped) spends the address's budget of bad webhook calls on
+    // this path, as a wrong signature does: a sender that holds places without
+    // finishing is cut off, a delivery whose handling takes long is not.
     struct Release {
         gw: Arc<Gateway>,
         address: String,
         key: (std::net::IpAddr, String),
         answered: bool,
+        read: Arc<AtomicBool>,
     }
     impl Drop for Release {
         fn drop(&mut self) {
             READING.lock().unwrap_or_else(|p| p.into_inner()).retain(|a| *a != self.address);
             LARGE.add_permits(1);
-            if !self.answered {
+            if !self.answered && !self.read.load(Relaxed) {
                 let allowed = f64::from(self.gw.config.budgets.bad_hooks_per_minute);
                 self.gw.usage.bad_hooks.take(self.key.clone(), 1.0, allowed);
             }
         }
     }
     let key = (budget::client_address(peer.ip()), path.chars().take(200).collect::<String>());
-    let mut release = Release { gw: gw.clone(), address, key, answered: false };
+    // A body read to its end is a delivery made, however long its handling then takes.
+    let read = Arc::new(AtomicBool::new(false));
+    let mut release = Release { gw: gw.clone(), address, key, answered: false, read: read.clone() };
+    let (parts, body) = request.into_parts();
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::new(MarkEnd { inner: body, read: read.clone() }));
     let response = next.run(request).await;
     release.answered = true;
     response
+}
+
+/// A request body that says when it was read to its end.
+struct MarkEnd {
+    inner: axum::body::Body,
+    read: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for MarkEnd {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.read.store(true, Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn is_json(response: &Response) -> bool {
