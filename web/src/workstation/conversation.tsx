@@ -57,7 +57,8 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
   const messenger = !!conv && isMessenger(props.channels, conv.channel);
   const [side, setSide] = useState<'card' | 'templates'>('card');
   const [dialog, setDialog] = useState<'transfer' | 'close' | null>(null);
-  const drafts = useRef(new Map<number, string>());
+  // Each conversation's unsent text, and whether it is an internal note.
+  const drafts = useRef(new Map<number, { text: string; note: boolean }>());
   const [draft, setDraftState] = useState('');
   // The conversation on screen: a draft set for another (a note that failed after the
   // operator moved on comes back to its own conversation) is kept for it, not shown here.
@@ -65,14 +66,26 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
   open.current = conv?.id ?? null;
   const setDraft = (v: string) => {
     if (!conv) return;
-    drafts.current.set(conv.id, v);
+    drafts.current.set(conv.id, { text: v, note: drafts.current.get(conv.id)?.note ?? false });
     if (open.current === conv.id) setDraftState(v);
+  };
+  // A note whose saving failed comes back to its conversation as a note, unless the
+  // operator has written something there since (then they are told, and it stays
+  // unsent); `true` when it came back.
+  const restoreNote = (id: number, text: string) => {
+    if (drafts.current.get(id)?.text) return false;
+    drafts.current.set(id, { text, note: true });
+    if (open.current === id) setDraftState(text);
+    return true;
+  };
+  const setNoteDraft = (id: number, note: boolean) => {
+    drafts.current.set(id, { text: drafts.current.get(id)?.text ?? '', note });
   };
   // Layout effects: they run as the new conversation is committed, before the next key
   // press can be handled, so a shortcut right after switching is never undone by the
   // reset or sent to the previous conversation's listener.
   useLayoutEffect(() => {
-    setDraftState(conv ? drafts.current.get(conv.id) ?? '' : '');
+    setDraftState(conv ? drafts.current.get(conv.id)?.text ?? '' : '');
     setDialog(null);
   }, [conv?.id]);
   // Alt+T and Alt+C from anywhere on the desk (see SHORTCUTS in desk.tsx).
@@ -116,6 +129,9 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
           adapter={adapterOf(props.channels, conv.channel)}
           draft={draft}
           setDraft={setDraft}
+          noteDraft={drafts.current.get(conv.id)?.note ?? false}
+          setNoteDraft={(note) => setNoteDraft(conv.id, note)}
+          restoreNote={(text) => restoreNote(conv.id, text)}
           onTemplates={() => setSide('templates')}
           operatorName={state.me?.name}
         />
@@ -251,10 +267,15 @@ function Composer(props: {
   adapter: AdapterKind | null;
   draft: string;
   setDraft: (v: string) => void;
+  /** Whether the conversation's draft is an internal note, and setting it. */
+  noteDraft: boolean;
+  setNoteDraft: (note: boolean) => void;
+  /** Puts a note that failed back as the conversation's note draft; false if not. */
+  restoreNote: (text: string) => boolean;
   onTemplates: () => void;
   operatorName?: string;
 }) {
-  const { t, api } = useApp();
+  const { t, api, notify } = useApp();
   const { session, conv, draft, setDraft, adapter } = props;
   const filesCarried = carried(adapter).files;
   // Canned responses: "/" at the start of the composer lists the templates matching what
@@ -278,7 +299,11 @@ function Composer(props: {
     input.current?.focus();
   };
   // Internal note mode: what is written goes to staff only (POST …/notes), not the customer.
-  const [noteMode, setNoteMode] = useState(false);
+  const [noteMode, setNoteModeState] = useState(props.noteDraft);
+  const setNoteMode = (note: boolean) => {
+    setNoteModeState(note);
+    props.setNoteDraft(note);
+  };
   const [files, setFiles] = useState<Attachment[]>([]);
   const [uploading, setUploading] = useState(0);
   const [problem, setProblem] = useState<string | null>(null);
@@ -287,7 +312,6 @@ function Composer(props: {
   useEffect(() => {
     setFiles([]);
     setProblem(null);
-    setNoteMode(false);
     // Ready to type in the newly opened conversation, unless the operator is moving
     // through the conversation list from the keyboard (the list marks that).
     if ((document.activeElement as HTMLElement | null)?.dataset?.nav !== 'keys') input.current?.focus();
@@ -303,9 +327,15 @@ function Composer(props: {
     api.post('/api/conversations/' + conv.id + '/notes', { text, key }).then(
       () => setProblem(null),
       (e: any) => {
-        // Nothing is lost: the text comes back to the composer with the reason.
-        setDraft(sent);
-        setProblem(describeError(t, e.code, e.message));
+        // Nothing is lost: the text comes back to its conversation as a note, with the
+        // reason; or, if something was written there since, the reason names it.
+        const why = describeError(t, e.code, e.message);
+        if (props.restoreNote(sent)) {
+          setProblem(why);
+        } else {
+          setProblem(why + ': ' + sent);
+          notify(why + ': ' + sent, 'error');
+        }
       },
     );
     input.current?.focus();
@@ -337,8 +367,9 @@ function Composer(props: {
     if (!list || !filesCarried) return;
     // The alert speaks about the latest selection only.
     setProblem(null);
-    // Counted here: the state read above does not change within this selection.
-    let taken = files.length + uploading;
+    // Counted here: the state read above does not change within this selection (one
+    // at a time: the attach button is off while files upload). A failed one is not.
+    let taken = files.length;
     for (const f of Array.from(list)) {
       if (taken >= MAX_ATTACHMENTS_PER_MESSAGE) {
         setProblem(t('err_too_many_files', { n: MAX_ATTACHMENTS_PER_MESSAGE }));
@@ -349,13 +380,13 @@ function Composer(props: {
         setProblem(describeError(t, bad, '') + ': ' + f.name);
         continue;
       }
-      taken += 1;
       setUploading((n) => n + 1);
       try {
         const a = await api.request<Attachment>('POST', '/api/attachments?conversation=' + conv.id + '&name=' + enc(f.name), undefined, {
           raw: f,
           contentType: contentTypeOf(f),
         });
+        taken += 1;
         setFiles((x) => [...x, a]);
       } catch (e: any) {
         // Shown next to the attach control (like the checks above) rather than as a
@@ -493,7 +524,7 @@ function Composer(props: {
           type="button"
           class="ghost"
           data-testid="attach-button"
-          disabled={noteMode}
+          disabled={noteMode || uploading > 0}
           aria-disabled={filesCarried ? undefined : 'true'}
           aria-describedby={filesCarried ? undefined : id + '-no-files'}
           title={filesCarried ? undefined : t('files_not_carried')}
