@@ -421,7 +421,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
         let committed: Option<Option<LogId<NodeId>>> =
             self.trees.get_meta("committed").map_err(|e| StorageIOError::read(&io_err(e)))?;
-        Ok(committed.flatten())
+        // openraft lets a follower commit entries its log has taken but not yet synced,
+        // and the pointer reaches the record store on its own schedule: after a power
+        // loss it may point past the log's end, and openraft would then re-apply entries
+        // that are not there and refuse to start. Entries up to the log's end are a
+        // prefix of those committed (a committed entry is never truncated), so the
+        // pointer is read no further than the log holds.
+        let committed = committed.flatten();
+        let (_, last) = self.segments.state();
+        Ok(match (committed, last) {
+            (Some(c), last) if last.is_none_or(|l| l.index < c.index) => {
+                tracing::warn!(committed = c.index, log_end = ?last.map(|l| l.index), "the committed pointer was past the log's end; read as the log's end");
+                last
+            }
+            (committed, _) => committed,
+        })
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>

@@ -208,6 +208,30 @@ async fn a_data_folder_kept_in_sled_moves_with_its_log_records_and_vote() -> any
     Ok(())
 }
 
+/// openraft lets a follower commit entries its log took but has not synced, and the
+/// committed pointer reaches the record store on its own schedule: after a power loss it
+/// may point past the log's end. It is read no further than the log holds, so the group
+/// starts and re-applies only entries it has.
+#[tokio::test]
+async fn a_committed_pointer_past_the_log_s_end_is_read_as_the_log_s_end() -> anyhow::Result<()> {
+    use openraft::storage::RaftLogStorage;
+    let dir = tempfile::tempdir()?;
+    let log_dir = dir.path().join("log");
+    let log = open(&log_dir);
+    log.append_synced(entries(1..=7, 1))?;
+    drop(log);
+    let keyspace = switchboard_raft::store::open_keyspace(&dir.path().join("records"), &[3])?;
+    let journal = std::sync::Arc::new(common::Journal::default());
+    let (mut store, _sm) = switchboard_raft::store::open_group(&keyspace, 3, journal.clone(), &dir.path().join("snapshots"), &log_dir)?;
+    let at = |index: u64| LogId::new(CommittedLeaderId::new(1, 1), index);
+    store.save_committed(Some(at(5))).await?;
+    assert_eq!(store.read_committed().await?, Some(at(5)), "within the log: as saved");
+    // Entries 8 to 10 were taken, committed and never synced.
+    store.save_committed(Some(at(10))).await?;
+    assert_eq!(store.read_committed().await?, Some(at(7)), "past it: the log's end");
+    Ok(())
+}
+
 /// A first start killed while fjall created the record store leaves a folder fjall
 /// cannot open (a partition half made): without the `.ready` mark it holds nothing yet
 /// and is made anew; with the mark, it is opened as it is.
