@@ -60,6 +60,9 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
   // Each conversation's unsent text, and whether it is an internal note.
   const drafts = useRef(new Map<number, { text: string; note: boolean }>());
   const [draft, setDraftState] = useState('');
+  // Whether the open conversation's composer writes an internal note (held here, so
+  // that a note coming back after a failure is shown as a note).
+  const [noteMode, setNoteModeState] = useState(false);
   // The conversation on screen: a draft set for another (a note that failed after the
   // operator moved on comes back to its own conversation) is kept for it, not shown here.
   const open = useRef<number | null>(null);
@@ -75,17 +78,24 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
   const restoreNote = (id: number, text: string) => {
     if (drafts.current.get(id)?.text) return false;
     drafts.current.set(id, { text, note: true });
-    if (open.current === id) setDraftState(text);
+    if (open.current === id) {
+      setDraftState(text);
+      setNoteModeState(true);
+    }
     return true;
   };
   const setNoteDraft = (id: number, note: boolean) => {
     drafts.current.set(id, { text: drafts.current.get(id)?.text ?? '', note });
+    if (open.current === id) setNoteModeState(note);
   };
   // Layout effects: they run as the new conversation is committed, before the next key
   // press can be handled, so a shortcut right after switching is never undone by the
   // reset or sent to the previous conversation's listener.
   useLayoutEffect(() => {
-    setDraftState(conv ? drafts.current.get(conv.id)?.text ?? '' : '');
+    const saved = conv ? drafts.current.get(conv.id) : undefined;
+    setDraftState(saved?.text ?? '');
+    // A conversation opens in reply mode unless what waits in it is a note.
+    setNoteModeState(!!saved?.text && saved.note);
     setDialog(null);
   }, [conv?.id]);
   // Alt+T and Alt+C from anywhere on the desk (see SHORTCUTS in desk.tsx).
@@ -129,8 +139,8 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
           adapter={adapterOf(props.channels, conv.channel)}
           draft={draft}
           setDraft={setDraft}
-          noteDraft={drafts.current.get(conv.id)?.note ?? false}
-          setNoteDraft={(note) => setNoteDraft(conv.id, note)}
+          noteMode={noteMode}
+          setNoteMode={(note) => setNoteDraft(conv.id, note)}
           restoreNote={(text) => restoreNote(conv.id, text)}
           onTemplates={() => setSide('templates')}
           operatorName={state.me?.name}
@@ -267,9 +277,9 @@ function Composer(props: {
   adapter: AdapterKind | null;
   draft: string;
   setDraft: (v: string) => void;
-  /** Whether the conversation's draft is an internal note, and setting it. */
-  noteDraft: boolean;
-  setNoteDraft: (note: boolean) => void;
+  /** Whether the composer writes an internal note, and setting it. */
+  noteMode: boolean;
+  setNoteMode: (note: boolean) => void;
   /** Puts a note that failed back as the conversation's note draft; false if not. */
   restoreNote: (text: string) => boolean;
   onTemplates: () => void;
@@ -299,11 +309,7 @@ function Composer(props: {
     input.current?.focus();
   };
   // Internal note mode: what is written goes to staff only (POST …/notes), not the customer.
-  const [noteMode, setNoteModeState] = useState(props.noteDraft);
-  const setNoteMode = (note: boolean) => {
-    setNoteModeState(note);
-    props.setNoteDraft(note);
-  };
+  const { noteMode, setNoteMode } = props;
   const [files, setFiles] = useState<Attachment[]>([]);
   const [uploading, setUploading] = useState(0);
   const [problem, setProblem] = useState<string | null>(null);
@@ -332,6 +338,8 @@ function Composer(props: {
         const why = describeError(t, e.code, e.message);
         if (props.restoreNote(sent)) {
           setProblem(why);
+          // Told also when the operator has moved on (this composer is gone then).
+          notify(why, 'error');
         } else {
           setProblem(why + ': ' + sent);
           notify(why + ': ' + sent, 'error');
@@ -510,7 +518,7 @@ function Composer(props: {
           accept={ACCEPT_ATTRIBUTE}
           data-testid="attach-input"
           aria-label={t('attach')}
-          disabled={!filesCarried}
+          disabled={!filesCarried || uploading > 0}
           tabIndex={-1}
           onChange={(e) => upload((e.currentTarget as HTMLInputElement).files)}
         />
