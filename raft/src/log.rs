@@ -177,6 +177,13 @@ impl SegmentLog {
             let newest = i + 1 == count;
             match load_segment(first, &path, newest)? {
                 Some(segment) => {
+                    // Segments wholly behind the purge point whose unlinks a crash kept
+                    // only in part: they go, as the purge asked, before any gap counts.
+                    if segments.back().is_some_and(|prev| prev.next() != segment.first) && meta.purged.is_some_and(|p| segments.back().is_some_and(|prev| prev.next() <= p.index + 1)) {
+                        for old in segments.drain(..) {
+                            std::fs::remove_file(&old.path).map_err(io(old.path.display()))?;
+                        }
+                    }
                     if let Some(prev) = segments.back() {
                         if prev.next() != segment.first {
                             return Err(LogError::Corrupt(
@@ -309,10 +316,17 @@ impl SegmentLog {
         }
         // Reads in progress end first (they hold no lock on `inner` meanwhile).
         let _cutting = self.files.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut removed = false;
         while inner.segments.back().is_some_and(|s| s.first >= index) {
             if let Some(segment) = inner.segments.pop_back() {
                 std::fs::remove_file(&segment.path).map_err(io(segment.path.display()))?;
+                removed = true;
             }
+        }
+        // The later segments' removal is durable before the cut is: else a crash could
+        // keep them past a shorter one, a gap the next start refuses.
+        if removed {
+            sync_dir(&inner.dir.clone())?;
         }
         if let Some(segment) = inner.segments.back_mut() {
             if index < segment.next() {
@@ -506,6 +520,11 @@ fn record_at(bytes: &[u8], pos: usize) -> Result<(&[u8], usize), String> {
     if len as u64 > MAX_RECORD_BYTES {
         return Err(format!("record length {len} is past the limit"));
     }
+    // No entry encodes to nothing; and zeros pass as an empty record (the checksum of
+    // nothing is 0): a file whose new length reached the disk before its bytes did.
+    if len == 0 {
+        return Err("an empty record (zeros where a write did not reach the disk)".into());
+    }
     let start = pos + RECORD_HEADER as usize;
     let payload = bytes.get(start..start + len).ok_or("record cut short")?;
     if crc32fast::hash(payload) != crc {
@@ -530,6 +549,10 @@ fn load_segment(first: u64, path: &Path, newest: bool) -> Result<Option<Segment>
     let bytes = std::fs::read(path).map_err(io(&name))?;
     if bytes.len() < HEADER_BYTES as usize {
         return if newest { Ok(None) } else { Err(LogError::Corrupt(name, "shorter than its header".into())) };
+    }
+    // A segment started just before a crash whose header never reached the disk.
+    if newest && bytes[..HEADER_BYTES as usize].iter().all(|b| *b == 0) {
+        return Ok(None);
     }
     if &bytes[..8] != SEGMENT_MAGIC {
         return Err(LogError::Corrupt(name, "not a Switchboard log segment (magic SBLOG001 expected)".into()));

@@ -69,6 +69,26 @@ fn a_write_cut_short_by_a_crash_is_dropped_and_the_log_goes_on() {
     assert_eq!(indexes(&log, 0, u64::MAX), (1..=12).collect::<Vec<_>>());
 }
 
+/// A power loss can keep a file's new length and not its bytes: zeros pass an empty
+/// record's checksum, and are cut off as the torn tail they are.
+#[test]
+fn zeros_past_what_reached_the_disk_are_cut_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    log.append_synced(entries(1..=10, 1)).expect("append");
+    let newest = log.segment_files().pop().expect("a segment");
+    drop(log);
+    let mut file = std::fs::OpenOptions::new().append(true).open(&newest).expect("open segment");
+    file.write_all(&[0u8; 64]).expect("write");
+    drop(file);
+    let log = open(dir.path());
+    assert_eq!(log.state().1.map(|l| l.index), Some(10), "the zeros are no entries");
+    log.append_synced(entries(11..=12, 2)).expect("append after the cut");
+    drop(log);
+    let log = open(dir.path());
+    assert_eq!(indexes(&log, 0, u64::MAX), (1..=12).collect::<Vec<_>>());
+}
+
 #[test]
 fn a_damaged_older_segment_stops_the_open_with_what_to_do() {
     let dir = tempfile::tempdir().expect("tempdir");
