@@ -69,7 +69,9 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
   open.current = conv?.id ?? null;
   const setDraft = (v: string) => {
     if (!conv) return;
-    drafts.current.set(conv.id, { text: v, note: drafts.current.get(conv.id)?.note ?? false });
+    // The open conversation's text is a note exactly when its composer shows note mode.
+    const note = open.current === conv.id ? noteMode : drafts.current.get(conv.id)?.note ?? false;
+    drafts.current.set(conv.id, { text: v, note });
     if (open.current === conv.id) setDraftState(v);
   };
   // A note whose saving failed comes back to its conversation as a note, unless the
@@ -94,8 +96,11 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
   useLayoutEffect(() => {
     const saved = conv ? drafts.current.get(conv.id) : undefined;
     setDraftState(saved?.text ?? '');
-    // A conversation opens in reply mode unless what waits in it is a note.
-    setNoteModeState(!!saved?.text && saved.note);
+    // A conversation opens in reply mode unless what waits in it is a note (and the map
+    // says what is shown).
+    const note = !!saved?.text && saved.note;
+    if (conv) drafts.current.set(conv.id, { text: saved?.text ?? '', note });
+    setNoteModeState(note);
     setDialog(null);
   }, [conv?.id]);
   // Alt+T and Alt+C from anywhere on the desk (see SHORTCUTS in desk.tsx).
