@@ -179,7 +179,10 @@ impl SegmentLog {
                 Some(segment) => {
                     // Segments wholly behind the purge point whose unlinks a crash kept
                     // only in part: they go, as the purge asked, before any gap counts.
-                    if segments.back().is_some_and(|prev| prev.next() != segment.first) && meta.purged.is_some_and(|p| segments.back().is_some_and(|prev| prev.next() <= p.index + 1)) {
+                    // (A gap past the purge point is lost entries, and refused below.)
+                    if segments.back().is_some_and(|prev| prev.next() != segment.first)
+                        && meta.purged.is_some_and(|p| segment.first <= p.index + 1 && segments.back().is_some_and(|prev| prev.next() <= p.index + 1))
+                    {
                         for old in segments.drain(..) {
                             std::fs::remove_file(&old.path).map_err(io(old.path.display()))?;
                         }
@@ -550,8 +553,9 @@ fn load_segment(first: u64, path: &Path, newest: bool) -> Result<Option<Segment>
     if bytes.len() < HEADER_BYTES as usize {
         return if newest { Ok(None) } else { Err(LogError::Corrupt(name, "shorter than its header".into())) };
     }
-    // A segment started just before a crash whose header never reached the disk.
-    if newest && bytes[..HEADER_BYTES as usize].iter().all(|b| *b == 0) {
+    // A segment started just before a crash, none of whose bytes reached the disk (a
+    // zeroed header with entries after it is damage, refused below).
+    if newest && bytes.iter().all(|b| *b == 0) {
         return Ok(None);
     }
     if &bytes[..8] != SEGMENT_MAGIC {

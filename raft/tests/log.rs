@@ -107,6 +107,33 @@ fn a_damaged_older_segment_stops_the_open_with_what_to_do() {
     assert!(error.contains("restore this node's data folder"), "says what to do: {error}");
 }
 
+/// A crash during a purge can keep some of the segments it deleted and not others: a
+/// gap wholly behind the purge point is what the purge asked for, and the start drops
+/// those segments; a gap past it is entries lost, and the start refuses.
+#[test]
+fn a_purge_cut_short_leaves_a_gap_behind_the_purge_point_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    log.append_synced(entries(1..=100, 1)).expect("append");
+    let files = log.segment_files();
+    let oldest = std::fs::read(&files[0]).expect("read");
+    log.purge(LogId::new(CommittedLeaderId::new(1, 1), 40)).expect("purge");
+    assert!(!files[0].exists() && !files[1].exists(), "the first two segments are wholly purged");
+    drop(log);
+    // The oldest segment's unlink did not survive the crash; the next one's did.
+    std::fs::write(&files[0], &oldest).expect("write");
+    let log = open(dir.path());
+    assert_eq!(indexes(&log, 41, 101), (41..=100).collect::<Vec<_>>());
+    assert!(!files[0].exists(), "dropped as the purge asked");
+    drop(log);
+    // Entries past the purge point missing (the segment holding 41 on): refused, even
+    // with a purged segment kept before them.
+    let holding = open(dir.path()).segment_files().into_iter().next().expect("the segment holding entry 41");
+    std::fs::write(&files[0], &oldest).expect("write");
+    std::fs::remove_file(&holding).expect("remove");
+    assert!(SegmentLog::open_sized(dir.path(), 4096, LogMeta::default).is_err(), "a gap past the purge point is refused");
+}
+
 #[test]
 fn a_purge_deletes_whole_segments_and_purged_entries_stay_gone_after_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
