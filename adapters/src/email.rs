@@ -40,7 +40,7 @@ const MAX_REFERENCES: usize = 50;
 /// the parts the parser can build (each holds many times the bytes of an empty one)
 /// without reading the mail the way the parser does. Dash rules and signatures of real
 /// mail stay far below it.
-pub const MAX_DASH_PAIRS: usize = 20_000;
+pub const MAX_DASH_PAIRS: usize = 100_000;
 /// RFC 2047 encoded words (`=?`) a mail may hold: the parser tries to decode each one
 /// in a header, and a try that fails may have read to the end of its field.
 pub const MAX_ENCODED_WORDS: usize = 1_000;
