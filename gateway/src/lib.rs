@@ -934,9 +934,7 @@ async fn hook_guard(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    // Keyed by the path as the router reads it (percent-decoded), so spelling the
-    // channel differently does not open a fresh budget.
-    let address = (budget::client_address(peer.ip()), percent_decoded(request.uri().path()).chars().take(200).collect::<String>());
+    let address = hook_budget_key(peer, &percent_decoded(request.uri().path()));
     let allowed = f64::from(gw.config.budgets.bad_hooks_per_minute);
     // Only a call answered for a wrong proof spends the budget: calls with the right
     // proof are never refused, however many run at once or however long they take.
@@ -955,6 +953,13 @@ async fn hook_guard(
         _ => {}
     }
     response
+}
+
+/// Whose budget of wrong webhook proofs a call spends: its client address and the path
+/// as the router reads it (`decoded_path`: percent-decoded, so spelling the channel
+/// differently does not open a fresh budget).
+fn hook_budget_key(peer: std::net::SocketAddr, decoded_path: &str) -> (std::net::IpAddr, String) {
+    (budget::client_address(peer.ip()), decoded_path.chars().take(200).collect())
 }
 
 /// The largest body a Meta webhook (WhatsApp, Messenger) takes: Meta batches up to a
@@ -1006,7 +1011,8 @@ async fn large_hook_permit(
     if !request.headers().contains_key(switchboard_adapters::whatsapp::SIGNATURE_HEADER) {
         return GatewayError::Unauthorized("the signature does not match").into_response();
     }
-    let address = budget::client_address(peer.ip()).to_string();
+    let key = hook_budget_key(peer, &path);
+    let address = key.0.to_string();
     {
         let mut reading = READING.lock().unwrap_or_else(|p| p.into_inner());
         if reading.contains(&address) {
@@ -1040,7 +1046,6 @@ async fn large_hook_permit(
             }
         }
     }
-    let key = (budget::client_address(peer.ip()), path.chars().take(200).collect::<String>());
     // A body read to its end is a delivery made, however long its handling then takes.
     let read = Arc::new(AtomicBool::new(false));
     let mut release = Release { gw: gw.clone(), address, key, answered: false, read: read.clone() };
