@@ -603,16 +603,24 @@ fn read_meta(path: &Path, bytes: &[u8]) -> Result<LogMeta, LogError> {
 /// Empties the log in `dir` (not open) but for its vote: every segment goes, and the
 /// meta keeps the vote with nothing purged. What a node that forgets its copy of a group
 /// uses (`store::forget_group`): a vote it gave stays given, so it cannot vote twice in
-/// one term. The new folder is written beside the old one and moved in its place; a
-/// crash between removing the old and moving the new one in loses the vote.
+/// one term. The new folder is written beside the old one (`<dir>.forgetting`) and moved
+/// in its place. Run again after a crash at any point, it ends the same: the vote is read
+/// from the old folder's meta while that is whole, else from the new folder's, which is
+/// written whole before the old folder is touched.
 pub fn forget_keeping_vote(dir: &Path) -> Result<(), LogError> {
-    let meta_path = dir.join("meta");
-    let vote = match std::fs::read(&meta_path) {
-        Ok(bytes) => read_meta(&meta_path, &bytes)?.vote,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(LogError::Io(meta_path.display().to_string(), e)),
-    };
     let fresh = dir.with_extension("forgetting");
+    let vote_in = |folder: &Path| -> Result<Option<Option<Vote<NodeId>>>, LogError> {
+        let meta_path = folder.join("meta");
+        match std::fs::read(&meta_path) {
+            Ok(bytes) => Ok(Some(read_meta(&meta_path, &bytes)?.vote)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LogError::Io(meta_path.display().to_string(), e)),
+        }
+    };
+    let vote = match vote_in(dir)? {
+        Some(vote) => vote,
+        None => vote_in(&fresh)?.flatten(),
+    };
     match std::fs::remove_dir_all(&fresh) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -626,6 +634,9 @@ pub fn forget_keeping_vote(dir: &Path) -> Result<(), LogError> {
         Err(e) => return Err(LogError::Io(dir.display().to_string(), e)),
     }
     std::fs::rename(&fresh, dir).map_err(io(dir.display()))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent.display()))?;
+    }
     Ok(())
 }
 

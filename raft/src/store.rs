@@ -203,6 +203,10 @@ pub fn open_group(
     snapshot_dir: &Path,
     log_dir: &Path,
 ) -> Result<(LogStore, StateMachineStore), crate::Error> {
+    if forgetting_mark(log_dir).exists() {
+        tracing::warn!(group, log = %log_dir.display(), "finishing the forgetting of this node's copy of a group that a crash interrupted");
+        finish_forgetting(keyspace, group, snapshot_dir, log_dir)?;
+    }
     let trees = Trees::open(keyspace, group)?;
     // A folder moved from sled has the vote and last purged id among its meta keys.
     let segments = SegmentLog::open(log_dir, || LogMeta {
@@ -278,9 +282,25 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
 /// if it joins the group again. Only for a replica whose loss the group does not
 /// notice: one that does not vote in it (ADR 0012).
 ///
-/// The log goes first: a crash after it leaves records without a log, which opens
-/// (as after a snapshot) and is forgotten again at the next start.
+/// None of it is one atomic write, so a mark ([`forgetting_mark`]) is made durable
+/// first and removed last: a crash in between leaves the mark, and [`open_group`]
+/// finishes the forgetting before it opens anything. Without it, the next start could
+/// open records half removed under an applied point that still names them all.
 pub fn forget_group(keyspace: &fjall::Keyspace, group: u64, snapshot_dir: &Path, log_dir: &Path) -> Result<(), crate::Error> {
+    let mark = forgetting_mark(log_dir);
+    crate::files::write_private(&mark, b"forgetting this node's copy of the group\n")?;
+    finish_forgetting(keyspace, group, snapshot_dir, log_dir)
+}
+
+/// The file whose presence says that this node's copy of the group whose log is in
+/// `log_dir` is being forgotten ([`forget_group`]): `<log_dir>.forget`.
+pub fn forgetting_mark(log_dir: &Path) -> PathBuf {
+    log_dir.with_extension("forget")
+}
+
+/// The steps of [`forget_group`] after its mark, each of which can be run again after
+/// a crash; the mark goes last.
+fn finish_forgetting(keyspace: &fjall::Keyspace, group: u64, snapshot_dir: &Path, log_dir: &Path) -> Result<(), crate::Error> {
     crate::log::forget_keeping_vote(log_dir).map_err(|e| crate::Error::Storage(e.to_string()))?;
     let partition = state_partition(keyspace, group)?;
     let mut batch = keyspace.batch();
@@ -293,12 +313,30 @@ pub fn forget_group(keyspace: &fjall::Keyspace, group: u64, snapshot_dir: &Path,
     batch.commit()?;
     keyspace.persist(fjall::PersistMode::SyncAll)?;
     let prefix = format!("g{group}-");
-    if let Ok(entries) = std::fs::read_dir(snapshot_dir) {
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                std::fs::remove_file(entry.path())?;
+    match std::fs::read_dir(snapshot_dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry?;
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
             }
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mark = forgetting_mark(log_dir);
+    match std::fs::remove_file(&mark) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(parent) = mark.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent).and_then(|d| d.sync_all())?;
     }
     Ok(())
 }

@@ -279,6 +279,60 @@ async fn a_committed_pointer_past_the_log_s_end_is_read_as_the_log_s_end() -> an
     Ok(())
 }
 
+/// A node forgets its copy of a group it left (`store::forget_group`) in steps no one
+/// write covers: the log (keeping the vote), the records, the snapshot files. Killed
+/// after the new log folder was written and the old one removed, but before it was
+/// moved in, and with only part of the records removed, the next open finishes the
+/// forgetting: no record is left under an applied point that named them all, and the
+/// vote stays given.
+#[tokio::test]
+async fn a_forgetting_cut_short_is_finished_at_the_next_open() -> anyhow::Result<()> {
+    use openraft::storage::{RaftLogStorage, RaftStateMachine};
+    use openraft::{RaftSnapshotBuilder, Vote};
+    let dir = tempfile::tempdir()?;
+    let (log_dir, snapshots) = (dir.path().join("log"), dir.path().join("snapshots"));
+    let log = open(&log_dir);
+    log.append_synced(entries(1..=6, 1))?;
+    drop(log);
+    let keyspace = switchboard_raft::store::open_keyspace(&dir.path().join("records"), &[3])?;
+    let vote = Vote::new_committed(1, 1);
+    {
+        let journal = std::sync::Arc::new(common::Journal::default());
+        let (mut store, mut sm) = switchboard_raft::store::open_group(&keyspace, 3, journal, &snapshots, &log_dir)?;
+        store.save_vote(&vote).await?;
+        sm.apply(entries(1..=6, 1)).await?;
+        sm.get_snapshot_builder().await.build_snapshot().await?;
+        let _at_start = sm.get_current_snapshot().await?;
+        assert!(sm.get_current_snapshot().await?.is_some(), "a snapshot file written");
+        assert!(std::fs::read_dir(&snapshots)?.count() > 0);
+    }
+
+    // The crash: the mark made, the new log folder written and the old one removed but
+    // not yet moved in, two records removed of the six.
+    std::fs::write(switchboard_raft::store::forgetting_mark(&log_dir), b"forgetting")?;
+    switchboard_raft::log::forget_keeping_vote(&log_dir)?;
+    std::fs::rename(&log_dir, log_dir.with_extension("forgetting"))?;
+    let partition = keyspace.open_partition("g3-state", Default::default())?;
+    let records: Vec<_> = partition.keys().filter_map(|k| k.ok()).filter(|k| k.starts_with(b"r")).take(2).collect();
+    assert_eq!(records.len(), 2, "records to remove");
+    for key in records {
+        partition.remove(key)?;
+    }
+    keyspace.persist(fjall::PersistMode::SyncAll)?;
+
+    let journal = std::sync::Arc::new(common::Journal::default());
+    let (mut store, mut sm) = switchboard_raft::store::open_group(&keyspace, 3, journal.clone(), &snapshots, &log_dir)?;
+    assert!(journal.entries.lock().unwrap().is_empty(), "no record of the forgotten copy is loaded");
+    assert_eq!(sm.applied_state().await?.0, None, "nothing applied");
+    let state = store.get_log_state().await?;
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (None, None), "an empty log");
+    assert_eq!(store.read_vote().await?, Some(vote), "the vote stays given");
+    assert_eq!(std::fs::read_dir(&snapshots)?.count(), 0, "the snapshot files are gone");
+    assert!(!switchboard_raft::store::forgetting_mark(&log_dir).exists(), "the mark goes last");
+    assert!(!log_dir.with_extension("forgetting").exists());
+    Ok(())
+}
+
 /// A first start killed while fjall created the record store leaves a folder fjall
 /// cannot open (a partition half made): without the `.ready` mark it holds nothing yet
 /// and is made anew; with the mark, it is opened as it is.
