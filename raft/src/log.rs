@@ -536,6 +536,34 @@ fn record_at(bytes: &[u8], pos: usize) -> Result<(&[u8], usize), String> {
     Ok((payload, start + len))
 }
 
+/// The unit a disk writes whole: a write cut short by a power loss leaves some of these
+/// written and the others as they were, which past a file's old end is zeros.
+const SECTOR: usize = 512;
+
+/// Whether the record at `pos`, which did not read, looks like a write a crash cut short
+/// rather than damage to a record that reached the disk: it runs past the file's end, or
+/// part of it that lies in one sector is all zeros (a sector never written past the old
+/// end of the file). A record whose every sector holds something, with the file going
+/// on past it, was written whole and then damaged: cutting it off as a torn tail would
+/// drop entries this node had acknowledged, so the open refuses instead.
+fn torn_at(bytes: &[u8], pos: usize) -> bool {
+    let Some(header) = bytes.get(pos..pos + RECORD_HEADER as usize) else { return true };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let end = pos.saturating_add(RECORD_HEADER as usize).saturating_add(len);
+    if end > bytes.len() {
+        return true;
+    }
+    let mut start = pos;
+    while start < end {
+        let stop = ((start / SECTOR + 1) * SECTOR).min(end);
+        if bytes[start..stop].iter().all(|b| *b == 0) {
+            return true;
+        }
+        start = stop;
+    }
+    false
+}
+
 fn decode_entry(index: u64, payload: &[u8]) -> Result<Entry<TypeConfig>, LogError> {
     let (entry, _): (Entry<TypeConfig>, usize) =
         bincode::serde::decode_from_slice(payload, bincode::config::standard()).map_err(|e| LogError::Decode(index, e.to_string()))?;
@@ -572,9 +600,12 @@ fn load_segment(first: u64, path: &Path, newest: bool) -> Result<Option<Segment>
                 offsets.push(pos as u64);
                 pos = next;
             }
-            Err(why) if newest => {
+            Err(why) if newest && torn_at(&bytes, pos) => {
                 tracing::warn!(segment = %name, offset = pos, %why, "cutting off a log write the crash interrupted (never acknowledged)");
                 break;
+            }
+            Err(why) if newest => {
+                return Err(LogError::Corrupt(name, format!("at byte {pos}: {why}, and not as a write cut short by a crash leaves it (no part of it is zeros and the file goes on past it)")))
             }
             Err(why) => return Err(LogError::Corrupt(name, format!("at byte {pos}: {why}"))),
         }

@@ -107,6 +107,38 @@ fn a_damaged_older_segment_stops_the_open_with_what_to_do() {
     assert!(error.contains("restore this node's data folder"), "says what to do: {error}");
 }
 
+/// Damage inside the newest segment, with whole records after it, is not a write a
+/// crash cut short (that leaves zeros or the file's end): cutting it off would drop
+/// entries this node acknowledged, so the open refuses and says what to do. A record
+/// of the newest write with a sector never written (zeros) is still a torn tail.
+#[test]
+fn damage_inside_the_newest_segment_stops_the_open_and_a_sector_of_zeros_is_a_torn_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    log.append_synced(entries(1..=100, 1)).expect("append");
+    let newest = log.segment_files().pop().expect("a segment");
+    let last = log.state().1.map(|l| l.index).expect("entries");
+    drop(log);
+    let pristine = std::fs::read(&newest).expect("read");
+    let mut file = std::fs::OpenOptions::new().write(true).open(&newest).expect("open segment");
+    file.seek(SeekFrom::Start(40)).expect("seek");
+    file.write_all(b"bit rot").expect("write");
+    drop(file);
+    let error = SegmentLog::open_sized(dir.path(), 4096, LogMeta::default).err().expect("the open fails").to_string();
+    assert!(error.contains("checksum"), "{error}");
+    assert!(error.contains(&newest.display().to_string()), "names the file: {error}");
+    assert!(error.contains("restore this node's data folder"), "says what to do: {error}");
+
+    // The same record with its second sector never written: a torn tail, cut off.
+    let mut torn = pristine.clone();
+    torn[512..1024].fill(0);
+    std::fs::write(&newest, &torn).expect("write");
+    let log = open(dir.path());
+    let kept = log.state().1.map(|l| l.index).expect("entries");
+    assert!(kept < last, "the records from the torn one on are cut off ({kept} of {last})");
+    assert_eq!(indexes(&log, 0, u64::MAX), (1..=kept).collect::<Vec<_>>());
+}
+
 /// A crash during a purge can keep some of the segments it deleted and not others: a
 /// gap wholly behind the purge point is what the purge asked for, and the start drops
 /// those segments; a gap past it is entries lost, and the start refuses.
