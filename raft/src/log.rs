@@ -545,23 +545,30 @@ const SECTOR: usize = 512;
 /// part of it that lies in one sector is all zeros (a sector never written past the old
 /// end of the file). A record whose every sector holds something, with the file going
 /// on past it, was written whole and then damaged: cutting it off as a torn tail would
-/// drop entries this node had acknowledged, so the open refuses instead.
+/// drop entries this node had acknowledged, so the open refuses instead. (A damaged
+/// length that points past the file's end, within the record size limit, cannot be told
+/// from a file cut short, and is cut off as one.)
 fn torn_at(bytes: &[u8], pos: usize) -> bool {
     let Some(header) = bytes.get(pos..pos + RECORD_HEADER as usize) else { return true };
+    // A sector never written reads as zeros from `pos` (at or past the old end of the
+    // file) to the sector's end: each sector the record touches is looked at that far,
+    // so a record's last byte or two that happen to be zeros do not pass for one.
+    let zeros_in = |sector_start: usize| {
+        let (from, to) = (sector_start.max(pos), (sector_start + SECTOR).min(bytes.len()));
+        from < to && bytes[from..to].iter().all(|b| *b == 0)
+    };
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    // A crash only leaves zeros, which make a length smaller, never larger: a length
+    // past any record's is damage, unless the header itself is where the zeros start.
+    if len as u64 > MAX_RECORD_BYTES {
+        let header_end = pos + RECORD_HEADER as usize;
+        return (pos / SECTOR * SECTOR..header_end).step_by(SECTOR).any(zeros_in);
+    }
     let end = pos.saturating_add(RECORD_HEADER as usize).saturating_add(len);
     if end > bytes.len() {
         return true;
     }
-    let mut start = pos;
-    while start < end {
-        let stop = ((start / SECTOR + 1) * SECTOR).min(end);
-        if bytes[start..stop].iter().all(|b| *b == 0) {
-            return true;
-        }
-        start = stop;
-    }
-    false
+    (pos / SECTOR * SECTOR..end).step_by(SECTOR).any(zeros_in)
 }
 
 fn decode_entry(index: u64, payload: &[u8]) -> Result<Entry<TypeConfig>, LogError> {
@@ -634,41 +641,49 @@ fn read_meta(path: &Path, bytes: &[u8]) -> Result<LogMeta, LogError> {
 /// Empties the log in `dir` (not open) but for its vote: every segment goes, and the
 /// meta keeps the vote with nothing purged. What a node that forgets its copy of a group
 /// uses (`store::forget_group`): a vote it gave stays given, so it cannot vote twice in
-/// one term. The new folder is written beside the old one (`<dir>.forgetting`) and moved
-/// in its place. Run again after a crash at any point, it ends the same: the vote is read
-/// from the old folder's meta while that is whole, else from the new folder's, which is
-/// written whole before the old folder is touched.
+/// one term. The new folder is written beside the old one (`<dir>.forgetting`), made
+/// durable, and moved in its place. Run again after a crash or an error at any point, it
+/// ends the same, and the vote is on disk throughout: while the old folder's meta is
+/// whole the new folder is made again from it; once it is not, the new folder, whole
+/// before the old one was touched, is the one that holds the vote and is moved in as it
+/// is.
 pub fn forget_keeping_vote(dir: &Path) -> Result<(), LogError> {
     let fresh = dir.with_extension("forgetting");
-    let vote_in = |folder: &Path| -> Result<Option<Option<Vote<NodeId>>>, LogError> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let sync_parent = || File::open(&parent).and_then(|d| d.sync_all()).map_err(io(parent.display()));
+    let remove = |folder: &Path| match std::fs::remove_dir_all(folder) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LogError::Io(folder.display().to_string(), e)),
+    };
+    let meta_in = |folder: &Path| -> Result<Option<LogMeta>, LogError> {
         let meta_path = folder.join("meta");
         match std::fs::read(&meta_path) {
-            Ok(bytes) => Ok(Some(read_meta(&meta_path, &bytes)?.vote)),
+            Ok(bytes) => Ok(Some(read_meta(&meta_path, &bytes)?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(LogError::Io(meta_path.display().to_string(), e)),
         }
     };
-    let vote = match vote_in(dir)? {
-        Some(vote) => vote,
-        None => vote_in(&fresh)?.flatten(),
+    let fresh_holds_vote = match meta_in(dir)? {
+        Some(old) => {
+            remove(&fresh)?;
+            std::fs::create_dir_all(&fresh).map_err(io(fresh.display()))?;
+            write_meta(&fresh, &LogMeta { vote: old.vote, purged: None })?;
+            sync_parent()?;
+            true
+        }
+        None => meta_in(&fresh)?.is_some(),
     };
-    match std::fs::remove_dir_all(&fresh) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(LogError::Io(fresh.display().to_string(), e)),
+    if !fresh_holds_vote {
+        // Neither holds a meta: a log never opened, so no vote to keep.
+        remove(&fresh)?;
+        std::fs::create_dir_all(&fresh).map_err(io(fresh.display()))?;
+        write_meta(&fresh, &LogMeta { vote: None, purged: None })?;
+        sync_parent()?;
     }
-    std::fs::create_dir_all(&fresh).map_err(io(fresh.display()))?;
-    write_meta(&fresh, &LogMeta { vote, purged: None })?;
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(LogError::Io(dir.display().to_string(), e)),
-    }
+    remove(dir)?;
     std::fs::rename(&fresh, dir).map_err(io(dir.display()))?;
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        File::open(parent).and_then(|d| d.sync_all()).map_err(io(parent.display()))?;
-    }
-    Ok(())
+    sync_parent()
 }
 
 fn write_meta(dir: &Path, meta: &LogMeta) -> Result<(), LogError> {

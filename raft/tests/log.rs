@@ -129,6 +129,13 @@ fn damage_inside_the_newest_segment_stops_the_open_and_a_sector_of_zeros_is_a_to
     assert!(error.contains(&newest.display().to_string()), "names the file: {error}");
     assert!(error.contains("restore this node's data folder"), "says what to do: {error}");
 
+    // A length no record has (a crash only ever leaves it smaller): damage too.
+    let mut long = pristine.clone();
+    long[16 + 3] = 0xFF;
+    std::fs::write(&newest, &long).expect("write");
+    let error = SegmentLog::open_sized(dir.path(), 4096, LogMeta::default).err().expect("the open fails").to_string();
+    assert!(error.contains("past the limit"), "{error}");
+
     // The same record with its second sector never written: a torn tail, cut off.
     let mut torn = pristine.clone();
     torn[512..1024].fill(0);
