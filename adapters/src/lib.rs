@@ -133,6 +133,16 @@ pub fn provider_host(url: &str) -> Result<String, AdapterError> {
     Ok(host)
 }
 
+/// What a provider's answer other than 200 to a file's lookup or download (`what`)
+/// means: 408, 429 and 5xx may heal and are asked again later (`Unreachable`); any other
+/// will not change by asking again (`Refused`; redirects are not followed).
+pub(crate) fn media_status(status: u16, what: &str) -> AdapterError {
+    match status {
+        408 | 429 | 500..=599 => AdapterError::Unreachable(format!("the server answered {status} for {what}")),
+        _ => AdapterError::Refused(format!("the server answered {status} for {what}")),
+    }
+}
+
 /// Downloads a customer's file from the channel's provider: its bytes and its type
 /// (the provider's, else the download's `Content-Type`). A URL in a webhook must be
 /// `https://` unless the channel's own API base is `http://` (a local test provider).
@@ -171,12 +181,8 @@ pub async fn fetch_media(client: &http::Client, adapter: &AdapterConfig, media: 
         _ => return Err(AdapterError::Malformed("the file is not from this channel's provider".into())),
     };
     let response = client.get(&url, &headers, MAX_MEDIA_BYTES).await?;
-    match response.status {
-        200 => {}
-        // May heal: asked again later.
-        status @ (408 | 429 | 500..=599) => return Err(AdapterError::Unreachable(format!("the server answered {status} for the file"))),
-        // Will not change by asking again (redirects are not followed).
-        status => return Err(AdapterError::Refused(format!("the server answered {status} for the file"))),
+    if response.status != 200 {
+        return Err(media_status(response.status, "the file"));
     }
     let content_type = content_type
         .or_else(|| response.header("content-type").map(str::to_owned))

@@ -205,6 +205,9 @@ struct FileResult {
 pub async fn file_path(client: &http::Client, api_base: &str, bot_token: &str, file_id: &str) -> Result<(String, Option<u64>), AdapterError> {
     let url = format!("{}/bot{bot_token}/getFile", api_base.trim_end_matches('/'));
     let response = client.post_json(&url, &[], json!({"file_id": file_id}).to_string().into_bytes()).await?;
+    if matches!(response.status, 408 | 429 | 500..=599) {
+        return Err(crate::media_status(response.status, "getFile"));
+    }
     let answer: FileAnswer = serde_json::from_slice(&response.body).map_err(|_| AdapterError::Refused(format!("getFile answered {}", response.status)))?;
     match (answer.ok, answer.result) {
         (true, Some(FileResult { file_path: Some(path), file_size })) if !path.contains("..") => Ok((path, file_size)),

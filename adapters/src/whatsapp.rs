@@ -169,7 +169,7 @@ pub async fn media_url(client: &http::Client, api_base: &str, access_token: &str
     let url = format!("{}/{media_id}", api_base.trim_end_matches('/'));
     let response = client.get(&url, &[("authorization", format!("Bearer {access_token}"))], http::MAX_RESPONSE_BYTES).await?;
     if response.status != 200 {
-        return Err(AdapterError::Refused(format!("the media lookup answered {}", response.status)));
+        return Err(crate::media_status(response.status, "the media lookup"));
     }
     let info: MediaInfo = serde_json::from_slice(&response.body).map_err(|e| AdapterError::Malformed(format!("the media lookup: {e}")))?;
     if info.file_size.is_some_and(|n| n > crate::MAX_MEDIA_BYTES as u64) {

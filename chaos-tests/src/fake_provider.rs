@@ -96,6 +96,8 @@ struct TelegramState {
     calls: Vec<std::time::Instant>,
     /// `getFile` calls, by file id.
     file_lookups: Vec<String>,
+    /// The next this many `getFile` calls answer 500.
+    failing_lookups: u32,
     next_id: i64,
 }
 
@@ -151,6 +153,11 @@ impl FakeTelegram {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).calls.clone()
     }
 
+    /// The next `n` `getFile` calls answer 500 (Telegram's servers in trouble).
+    pub fn fail_file_lookups(&self, n: u32) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).failing_lookups = n;
+    }
+
     /// The file ids `getFile` was asked for, in order.
     pub fn file_lookups(&self) -> Vec<String> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).file_lookups.clone()
@@ -166,6 +173,10 @@ async fn telegram_get_file(State(state): State<Arc<Mutex<TelegramState>>>, Path(
     }
     let file_id = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["file_id"].as_str().map(str::to_owned)).unwrap_or_default();
     s.file_lookups.push(file_id.clone());
+    if s.failing_lookups > 0 {
+        s.failing_lookups -= 1;
+        return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"ok": false, "error_code": 500, "description": "Internal Server Error"}))).into_response();
+    }
     match s.files.get(&file_id) {
         Some((path, bytes)) => Json(json!({"ok": true, "result": {"file_id": file_id, "file_unique_id": "u", "file_size": bytes.len(), "file_path": path}})).into_response(),
         None => (StatusCode::BAD_REQUEST, Json(json!({"ok": false, "error_code": 400, "description": "Bad Request: invalid file_id"}))).into_response(),

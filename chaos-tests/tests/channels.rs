@@ -141,6 +141,21 @@ async fn a_telegram_conversation_goes_both_ways_once_through_redeliveries_and_pr
     let lost = json!({"update_id": 5, "message": {"message_id": 10, "date": 1_700_000_002, "chat": {"id": 4242, "type": "private"}, "document": {"file_id": "GONE", "file_unique_id": "g", "file_name": "contract.pdf", "mime_type": "application/pdf"}}});
     assert_eq!(hook(&dev, Some(SECRET), &lost).await?.0, 200);
     alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "[file contract.pdf]").await?;
+    // Telegram's servers failing for now: the message is asked for again (503) twice,
+    // then taken as its line; failing once, the redelivery keeps the file.
+    fake.add_file("SCAN", b"%PDF-1.4 scan");
+    fake.fail_file_lookups(3);
+    let scan = json!({"update_id": 6, "message": {"message_id": 11, "date": 1_700_000_003, "chat": {"id": 4242, "type": "private"}, "document": {"file_id": "SCAN", "file_unique_id": "c", "file_name": "scan.pdf", "mime_type": "application/pdf"}}});
+    assert_eq!(hook(&dev, Some(SECRET), &scan).await?.0, 503, "asked again");
+    assert_eq!(hook(&dev, Some(SECRET), &scan).await?.0, 503, "asked again");
+    assert_eq!(hook(&dev, Some(SECRET), &scan).await?.0, 200, "taken as its line");
+    alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "[file scan.pdf]").await?;
+    fake.fail_file_lookups(1);
+    let again = json!({"update_id": 7, "message": {"message_id": 12, "date": 1_700_000_004, "chat": {"id": 4242, "type": "private"}, "document": {"file_id": "SCAN", "file_unique_id": "c", "file_name": "scan.pdf", "mime_type": "application/pdf"}}});
+    assert_eq!(hook(&dev, Some(SECRET), &again).await?.0, 503, "asked again");
+    assert_eq!(hook(&dev, Some(SECRET), &again).await?.0, 200);
+    let kept = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["attachments"][0]["name"] == "scan.pdf").await?;
+    assert_eq!(kept["entry"]["attachments"][0]["size"], 13, "{kept}");
 
     // The operator's files go out: one as a document with the text as its caption, two
     // as one album; a caption over Telegram's 1024 characters is refused before it is

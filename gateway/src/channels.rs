@@ -478,6 +478,42 @@ fn media_fetches() -> &'static tokio::sync::Semaphore {
 const MEDIA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const MEDIA_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// Times a node asks a provider to deliver a message again (503) because one of its
+/// files could not be fetched for now (no answer in time, a connection that failed, the
+/// file server's 408, 429 or 5xx); the next failure takes the message with that file as
+/// its line. Counted per message on each node, for [`MEDIA_RETRY_MEMORY`].
+const MEDIA_RETRIES: u8 = 2;
+/// How long a node remembers a message's failed fetches, and how many messages at most
+/// (past that, the oldest are forgotten: such a message is asked for again at most
+/// [`MEDIA_RETRIES`] more times).
+const MEDIA_RETRY_MEMORY: std::time::Duration = std::time::Duration::from_secs(3600);
+const MEDIA_RETRY_MESSAGES: usize = 4096;
+
+/// Whether a message whose file could not be fetched for now is to be delivered again,
+/// counting this ask; `false` once it was asked [`MEDIA_RETRIES`] times.
+fn ask_again_for_media(key: &str) -> bool {
+    static ASKED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, (u8, std::time::Instant)>>> = std::sync::OnceLock::new();
+    let mut asked = ASKED.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    let now = std::time::Instant::now();
+    if asked.len() >= MEDIA_RETRY_MESSAGES {
+        asked.retain(|_, (_, at)| now.duration_since(*at) < MEDIA_RETRY_MEMORY);
+        while asked.len() >= MEDIA_RETRY_MESSAGES {
+            let Some(oldest) = asked.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone()) else { break };
+            asked.remove(&oldest);
+        }
+    }
+    let count = asked.entry(key.to_owned()).or_insert((0, now));
+    if now.duration_since(count.1) >= MEDIA_RETRY_MEMORY {
+        *count = (0, now);
+    }
+    if count.0 >= MEDIA_RETRIES {
+        asked.remove(key);
+        return false;
+    }
+    count.0 += 1;
+    true
+}
+
 /// `text` without one line equal to each of `kept` (the last such line: the labels of
 /// a message's parts follow its text).
 fn without_lines(text: &str, kept: &[&str]) -> String {
@@ -521,13 +557,34 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
     let mut kept_lines: Vec<&str> = Vec::new();
     // Within the webhook's request deadline: files not fetched by then stay lines.
     let fetch_until = tokio::time::Instant::now() + MEDIA_BUDGET;
+    // A file not fetched for now: the provider is asked to deliver the message again,
+    // a few times, before it is taken with that file as its line.
+    let for_now = |why: &str| -> bool {
+        if ask_again_for_media(&key) {
+            tracing::info!(%channel, why, "a customer's file could not be fetched for now; the provider is asked to deliver its message again");
+            true
+        } else {
+            tracing::warn!(%channel, why, "a customer's file could not be fetched after the provider delivered its message again; it is shown as a line");
+            false
+        }
+    };
     for (i, media) in m.media.iter().take(switchboard_actors::core::MAX_ATTACHMENTS_PER_MESSAGE).enumerate() {
         let Ok(fetched) = tokio::time::timeout_at(fetch_until, switchboard_adapters::fetch_media(client, &adapter, media)).await else {
-            tracing::warn!(%channel, "a customer's files took too long to fetch; the rest are shown as lines");
+            if for_now("the files took too long to fetch") {
+                crate::attachments::forget_inbound_files(gw, &files).await;
+                return Err(GatewayError::Busy("the message's files could not be fetched in time; deliver it again"));
+            }
             break;
         };
         let (bytes, content_type) = match fetched {
             Ok(got) => got,
+            Err(e @ (switchboard_adapters::AdapterError::Unreachable(_) | switchboard_adapters::AdapterError::NoAnswer(_))) => {
+                if for_now(&e.to_string()) {
+                    crate::attachments::forget_inbound_files(gw, &files).await;
+                    return Err(GatewayError::Busy("a file of the message could not be fetched for now; deliver it again"));
+                }
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(%channel, error = %e, "a customer's file could not be fetched; its message shows it as a line");
                 continue;
