@@ -136,7 +136,30 @@ async fn forged_and_missing_tokens_are_refused() -> anyhow::Result<()> {
         Err(other) => panic!("foreign origin: unexpected error {other}"),
         Ok(_) => panic!("a foreign origin opened a client socket"),
     }
+
+    // The Bearer scheme in any case (RFC 9110); a path no route serves and a method a
+    // path does not take get the error body every answer has, the latter with `Allow`.
+    let supervisor = dev.login("supervisor").await?;
+    let answer = raw_request(&dev.private, &format!("GET /api/me HTTP/1.1\r\nHost: x\r\nAuthorization: bearer  {supervisor}\r\nConnection: close\r\n\r\n")).await?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = raw_request(&dev.private, "GET /api/nothing-here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+    assert!(answer.starts_with("HTTP/1.1 404") && answer.contains("\"code\":\"not_found\""), "{answer}");
+    let answer = raw_request(&dev.private, "DELETE /api/login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+    assert!(answer.starts_with("HTTP/1.1 405") && answer.contains("\"code\":\"method_not_allowed\""), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("\r\nallow: post"), "{answer}");
+    let answer = raw_request(&dev.public, "PUT /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+    assert!(answer.starts_with("HTTP/1.1 405") && answer.contains("\"code\":\"method_not_allowed\""), "{answer}");
     Ok(())
+}
+
+/// One HTTP/1.1 request written as it is; the whole answer, read until the server closes.
+async fn raw_request(addr: &str, request: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -699,11 +699,7 @@ fn not_there_yet(channel: Option<&ChannelId>) -> GatewayError {
 /// The Channel API's bearer token, checked against the channel's digest.
 fn api_channel(gw: &Gateway, channel: &str, headers: &HeaderMap) -> Result<ChannelId, GatewayError> {
     let channel = ChannelId::new(channel);
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(GatewayError::Unauthorized("send the channel token as Authorization: Bearer <token>"))?;
+    let token = crate::bearer_token(headers).ok_or(GatewayError::Unauthorized("send the channel token as Authorization: Bearer <token>"))?;
     match adapter_of(gw, &channel) {
         Some(AdapterConfig::Api { token_sha256, .. }) if api::token_matches(&token_sha256, token) => Ok(channel),
         _ => Err(GatewayError::Unauthorized("the channel token does not match this channel")),
@@ -1294,11 +1290,7 @@ pub async fn delete_identity(State(gw): State<Arc<Gateway>>, staff: Staff, Path(
 /// The bot's bearer token, checked against the channel's bot.
 fn bot_channel(gw: &Gateway, channel: &str, headers: &HeaderMap) -> Result<ChannelId, GatewayError> {
     let channel = ChannelId::new(channel);
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(GatewayError::Unauthorized("send the bot token as Authorization: Bearer <token>"))?;
+    let token = crate::bearer_token(headers).ok_or(GatewayError::Unauthorized("send the bot token as Authorization: Bearer <token>"))?;
     let digest = gw.backend.directory_shard().read().channel_bots.get(&channel).map(|b| b.token_sha256.clone());
     match digest {
         Some(digest) if api::token_matches(&digest, token) => Ok(channel),

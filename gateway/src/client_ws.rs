@@ -425,7 +425,7 @@ impl ClientSession {
                     .await
                     .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
                 let upto = self.gw.read_mark(conversation, upto).await;
-                if self.gw.visitor_read_due(conversation, upto) {
+                if let Some(upto) = upto.filter(|upto| self.gw.visitor_read_due(conversation, *upto)) {
                     self.signal_operator(conversation, json!({"type": "read", "conversation": conversation.0, "by": "client", "upto": upto}));
                 }
             }

@@ -209,6 +209,8 @@ pub enum GatewayError {
     NotFound(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("method not allowed: this path does not take that method (the Allow header lists those it takes)")]
+    MethodNotAllowed,
     #[error("{0}")]
     Invalid(String),
     #[error("Content-Length is required")]
@@ -246,6 +248,7 @@ impl GatewayError {
             GatewayError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             GatewayError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            GatewayError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             GatewayError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             GatewayError::LengthRequired => (StatusCode::LENGTH_REQUIRED, "length_required"),
             GatewayError::RateLimited | GatewayError::Budget(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
@@ -737,11 +740,13 @@ impl Gateway {
         true
     }
 
-    /// A relayed read mark as the core records it: never past the newest entry.
-    pub(crate) async fn read_mark(&self, conversation: ConversationId, upto: u64) -> u64 {
+    /// A relayed read mark as the core records it: never past the newest entry. `None`
+    /// when the conversation cannot be read now (its holders did not answer) or is not
+    /// open: then nothing is relayed live, and the committed mark is read on resume.
+    pub(crate) async fn read_mark(&self, conversation: ConversationId, upto: u64) -> Option<u64> {
         match self.backend.conversation_reads(conversation).open_conversation(conversation).await {
-            Ok(Some(c)) => upto.min(c.last_seq()),
-            Ok(None) | Err(_) => 0,
+            Ok(Some(c)) => Some(upto.min(c.last_seq())),
+            Ok(None) | Err(_) => None,
         }
     }
 
@@ -858,6 +863,15 @@ impl Gateway {
 
 /// Checks a browser's Origin header against an allow-list. Requests without an Origin
 /// come from non-browser clients, which authenticate by other means.
+/// The token of an `Authorization` header's `Bearer` credentials: the scheme in any
+/// case (RFC 9110 11.1), then one or more spaces, then the token.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 pub(crate) fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     match headers.get(axum::http::header::ORIGIN).and_then(|v| v.to_str().ok()) {
         None => true,
@@ -1150,9 +1164,22 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
         .merge(meta_hooks)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .fallback(no_such_path)
+        .method_not_allowed_fallback(no_such_method)
         .layer(axum::middleware::from_fn_with_state(gw.clone(), deadline))
         .layer(axum::middleware::from_fn(|r, n| security_headers(Surface::Public, r, n)))
         .with_state(gw)
+}
+
+/// A path no route serves: 404 with the error body every answer has.
+async fn no_such_path() -> GatewayError {
+    GatewayError::NotFound("no such path".into())
+}
+
+/// A path served, with a method it does not take: 405 with the error body (axum adds
+/// the `Allow` header).
+pub(crate) async fn no_such_method() -> GatewayError {
+    GatewayError::MethodNotAllowed
 }
 
 /// The private surface: operators, supervisors, admins and monitoring.
@@ -1163,6 +1190,8 @@ pub fn private_router(gw: Arc<Gateway>) -> Router {
         .route("/ws/supervisor", get(supervisor_ws::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .fallback(no_such_path)
+        .method_not_allowed_fallback(no_such_method)
         .layer(axum::middleware::from_fn_with_state(gw.clone(), deadline))
         .layer(axum::middleware::from_fn(|r, n| security_headers(Surface::Private, r, n)))
         .with_state(gw)

@@ -702,9 +702,10 @@ impl OperatorSession {
                 let conversation = ConversationId(conversation);
                 self.holder_name(conversation).await?;
                 self.mark_read(conversation, upto).await?;
-                let upto = self.gw.read_mark(conversation, upto).await;
-                let signal = json!({"type": "read", "conversation": conversation.0, "by": "operator", "upto": upto});
-                self.gw.signal_conversation(conversation, signal);
+                if let Some(upto) = self.gw.read_mark(conversation, upto).await {
+                    let signal = json!({"type": "read", "conversation": conversation.0, "by": "operator", "upto": upto});
+                    self.gw.signal_conversation(conversation, signal);
+                }
             }
             OperatorIn::Transfer { conversation, to_operator, to_group, comment, reference } => {
                 let target = match (to_operator, to_group) {

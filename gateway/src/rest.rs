@@ -150,8 +150,7 @@ impl FromRequestParts<Arc<Gateway>> for Staff {
     type Rejection = GatewayError;
 
     async fn from_request_parts(parts: &mut Parts, gw: &Arc<Gateway>) -> Result<Self, Self::Rejection> {
-        let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let token = header.and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
+        let token = crate::bearer_token(&parts.headers).ok_or_else(|| {
             gw.metrics.auth_failures.fetch_add(1, Relaxed);
             GatewayError::Unauthorized("bearer token required")
         })?;

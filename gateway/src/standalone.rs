@@ -1709,7 +1709,7 @@ fn router(edge: Arc<Edge>, sockets: &[&str]) -> Router {
     // The gateway's own answers (health, metrics, its 503s) carry the headers a
     // member's do; a member's answers carry them already and keep them.
     let surface = if edge.listener == Listener::Private { crate::Surface::Private } else { crate::Surface::Public };
-    router.fallback(relay_http).with_state(edge).layer(axum::middleware::from_fn(move |r, n| crate::security_headers(surface, r, n)))
+    router.fallback(relay_http).method_not_allowed_fallback(crate::no_such_method).with_state(edge).layer(axum::middleware::from_fn(move |r, n| crate::security_headers(surface, r, n)))
 }
 
 /// A gateway whose listeners are bound and serving.
