@@ -52,7 +52,7 @@ const MAX_FILES_READ: usize = 50;
 const MAX_QUOTE_SCAN_LINES: usize = 20_000;
 
 /// A customer's mail as it matters to a conversation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Mail {
     /// The `From` address, lowercase: the sender, where answers go.
     pub from: String,
@@ -69,7 +69,7 @@ pub struct Mail {
 }
 
 /// A file attached to a mail, either way.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MailFile {
     pub name: String,
     /// The MIME type, lowercase, without parameters.
@@ -129,6 +129,42 @@ pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
         })
         .collect();
     Ok(Mail { from: address, from_name, subject, message_id, references, text, files })
+}
+
+/// Bytes of a mail a reading process ([`read_one_mail`]) takes.
+pub const MAX_READ_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Memory (address space) a reading process may map, and the CPU seconds it may use:
+/// past either the kernel stops it.
+const READER_ADDRESS_SPACE: u64 = 2 * 1024 * 1024 * 1024;
+const READER_CPU_SECONDS: u64 = 30;
+
+/// What a process started to read one mail does (`switchboard read-mail`, which the
+/// SMTP listener starts for each mail): limits itself (address space, CPU), reads the
+/// raw mail from `input`, parses it ([`parse`]) and writes the outcome to `output`
+/// (bincode: `Result<Mail, String>`). A mail the parser takes very long or much memory
+/// over (one nested in an encoded part hides its contents from the counts [`parse`]
+/// makes first) then costs a process its caller can stop, not the node.
+pub fn read_one_mail(input: impl std::io::Read, mut output: impl std::io::Write) -> std::io::Result<()> {
+    for (resource, limit) in [(libc::RLIMIT_AS, READER_ADDRESS_SPACE), (libc::RLIMIT_CPU, READER_CPU_SECONDS)] {
+        let limit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+        // SAFETY: setrlimit reads the struct it is given and changes only this
+        // process's limits.
+        if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut input.take(MAX_READ_BYTES), &mut raw)?;
+    let outcome: Result<Mail, String> = parse(&raw).map_err(|e| e.to_string());
+    let bytes = bincode::serde::encode_to_vec(&outcome, bincode::config::standard()).map_err(std::io::Error::other)?;
+    output.write_all(&bytes)?;
+    output.flush()
+}
+
+/// The outcome a reading process wrote ([`read_one_mail`]).
+pub fn read_outcome(bytes: &[u8]) -> Result<Result<Mail, String>, String> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(outcome, _)| outcome).map_err(|e| e.to_string())
 }
 
 /// Occurrences of `needle` in `raw` without overlaps, counted up to `max + 1`.

@@ -1444,6 +1444,23 @@ async fn the_smtp_listener_bounds_what_an_anonymous_peer_sends() -> anyhow::Resu
     big.extend_from_slice(b".\r\n");
     assert!(peer.say(&big).await?.starts_with("552 5.3.4"));
     assert!(peer.say(b"NOOP\r\n").await?.starts_with("250"));
+    // A forwarded message base64-encoded inside the mail (RFC 2046 forbids it; the
+    // parser reads it all the same) whose header holds 160,000 encoded words: its
+    // contents pass the counts made before the parse, and the parse would take minutes.
+    // The process reading it is stopped after 5 s and the mail refused; the next is read.
+    use base64::Engine as _;
+    let inner = format!("From: b@example.org\r\nSubject: x\r\nContent-Type: a/b; x= {}\r\n\r\nbody", "=?ab?q? ".repeat(160_000));
+    let encoded = base64::engine::general_purpose::STANDARD.encode(inner.as_bytes());
+    let lines: Vec<&str> = encoded.as_bytes().chunks(76).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
+    let nested = format!("From: a@example.org\r\nTo: support@example.com\r\nMIME-Version: 1.0\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n.\r\n", lines.join("\r\n"));
+    assert!(peer.say(b"MAIL FROM:<a@example.org>\r\n").await?.starts_with("250"));
+    assert!(peer.say(b"RCPT TO:<support@example.com>\r\n").await?.starts_with("250"));
+    assert!(peer.say(b"DATA\r\n").await?.starts_with("354"));
+    let sent = std::time::Instant::now();
+    let refused = peer.say(nested.as_bytes()).await?;
+    assert!(refused.starts_with("550 5.6.0 The mail took longer than 5 s"), "{refused}");
+    println!("a mail the parser would take minutes over was refused after {:?}", sent.elapsed());
+    assert!(peer.say(b"NOOP\r\n").await?.starts_with("250"));
     // Bad commands past ten close the connection.
     let mut last = String::new();
     for _ in 0..12 {

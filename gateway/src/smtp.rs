@@ -439,6 +439,76 @@ fn path(arg: &str) -> Option<String> {
     switchboard_actors::core::is_email_address(&mailbox.to_ascii_lowercase()).then(|| mailbox.to_owned())
 }
 
+/// The subcommand of the node's binary that reads one mail ([`email::read_one_mail`]).
+pub const READ_MAIL_COMMAND: &str = "read-mail";
+
+/// Time a process reading one mail may take, start to end, before it is stopped and
+/// the mail refused.
+pub const MAIL_READ_TIME: Duration = Duration::from_secs(5);
+
+static MAIL_READER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Has every mail read by a process of its own: `exe READ_MAIL_COMMAND` (the node's
+/// binary, `/proc/self/exe`), which the listener stops after [`MAIL_READ_TIME`] and
+/// the kernel past its memory and CPU limits. A mail nested in an encoded part hides
+/// its contents from the counts the parse makes first, and such a mail can hold the
+/// parser for minutes: it then costs a process that is stopped, not the node. Without
+/// this call (a gateway embedded in a test) mails are parsed on a thread of the node.
+pub fn read_mails_in_processes(exe: std::path::PathBuf) {
+    let _ = MAIL_READER.set(exe);
+}
+
+/// Reads one mail in a process of its own: the mail, or the SMTP reply that refuses it.
+async fn read_in_process(exe: &std::path::Path, raw: Vec<u8>) -> Result<email::Mail, String> {
+    let mut child = tokio::process::Command::new(exe)
+        .arg(READ_MAIL_COMMAND)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            tracing::error!(error = %e, exe = %exe.display(), "no process could be started to read a mail");
+            "451 4.3.0 Could not read the mail, try again".to_string()
+        })?;
+    let (Some(mut stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err("451 4.3.0 Could not read the mail, try again".into());
+    };
+    let read = async move {
+        let write = async move {
+            // A reader that stops reading early (it failed) closes the pipe: its
+            // answer below says why.
+            let _ = stdin.write_all(&raw).await;
+        };
+        let mut out = Vec::new();
+        let limit = email::MAX_READ_BYTES + 1024 * 1024;
+        let mut bounded = (&mut stdout).take(limit);
+        let (_, got) = tokio::join!(write, bounded.read_to_end(&mut out));
+        got.map(|_| out)
+    };
+    let outcome = match tokio::time::timeout(MAIL_READ_TIME, read).await {
+        Err(_) => {
+            tracing::warn!("a mail took longer than {} s to read; refused", MAIL_READ_TIME.as_secs());
+            return Err(format!("550 5.6.0 The mail took longer than {} s to read (a message forwarded inside it, encoded?); send it again without it", MAIL_READ_TIME.as_secs()));
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the process reading a mail could not be heard");
+            return Err("451 4.3.0 Could not read the mail, try again".into());
+        }
+        Ok(Ok(out)) => out,
+    };
+    let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+    match email::read_outcome(&outcome) {
+        Ok(Ok(mail)) => Ok(mail),
+        Ok(Err(why)) => Err(format!("550 5.6.0 {why}")),
+        Err(_) => {
+            // No outcome: the kernel stopped the reader past its memory or CPU limit.
+            tracing::warn!(status = ?status, "the process reading a mail ended without an outcome; refused");
+            Err("550 5.6.0 The mail could not be read within the memory and time one mail may take".into())
+        }
+    }
+}
+
 /// Commits a mail to each channel it is for and says how it went, as an SMTP reply.
 async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>) -> String {
     // One mail parsed at a time on a node: a parse holds the parser's parts as well as
@@ -448,17 +518,26 @@ async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>) -> S
     let Ok(parsing) = PARSING.acquire().await else {
         return "451 4.3.0 Could not read the mail, try again".into();
     };
-    // Held by the parse itself (also when the session ends meanwhile), and only by it.
-    let parsed = match tokio::task::spawn_blocking(move || {
-        let parsed = email::parse(&raw);
+    let parsed = if let Some(exe) = MAIL_READER.get() {
+        let read = read_in_process(exe, raw).await;
         drop(parsing);
-        parsed
-    })
-    .await
-    {
-        Ok(Ok(mail)) => mail,
-        Ok(Err(e)) => return format!("550 5.6.0 {e}"),
-        Err(_) => return "451 4.3.0 Could not read the mail, try again".into(),
+        match read {
+            Ok(mail) => mail,
+            Err(reply) => return reply,
+        }
+    } else {
+        // Held by the parse itself (also when the session ends meanwhile), and only by it.
+        match tokio::task::spawn_blocking(move || {
+            let parsed = email::parse(&raw);
+            drop(parsing);
+            parsed
+        })
+        .await
+        {
+            Ok(Ok(mail)) => mail,
+            Ok(Err(e)) => return format!("550 5.6.0 {e}"),
+            Err(_) => return "451 4.3.0 Could not read the mail, try again".into(),
+        }
     };
     let mut conversations = Vec::new();
     let mut refusals: Vec<String> = Vec::new();

@@ -54,6 +54,11 @@ enum Cmd {
     Certs(CertsArgs),
     /// Drive client and operator sessions over real sockets and report latency.
     Bench(bench::BenchArgs),
+    /// Read one mail from stdin and write what it holds to stdout: the process the
+    /// SMTP listener starts for each mail, so that a mail the parser takes very long or
+    /// much memory over is stopped with its process (docs/channel-api.md).
+    #[command(name = "read-mail", hide = true)]
+    ReadMail,
 }
 
 #[derive(Args, Clone)]
@@ -1000,6 +1005,12 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Cmd::ReadMail = cli.command {
+        return Ok(switchboard_adapters::email::read_one_mail(std::io::stdin().lock(), std::io::stdout().lock())?);
+    }
+    // Each inbound mail is read by a process of its own: this binary, however it was
+    // started and even if its file was replaced since.
+    switchboard_gateway::smtp::read_mails_in_processes(PathBuf::from("/proc/self/exe"));
     raise_open_files_limit();
     turn_off_huge_pages();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -1011,6 +1022,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Gateway(args) => gateway(args).await,
             Cmd::Certs(args) => certs(args),
             Cmd::Bench(args) => bench::run(args).await,
+            Cmd::ReadMail => Ok(()),
         }
     })
 }
