@@ -135,9 +135,10 @@ pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
 pub const MAX_READ_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Memory (address space) a reading process may map, and the CPU seconds it may use:
-/// past either the kernel stops it.
-const READER_ADDRESS_SPACE: u64 = 2 * 1024 * 1024 * 1024;
-const READER_CPU_SECONDS: u64 = 30;
+/// past either the kernel stops it (a failed allocation aborts it; past the CPU time it
+/// gets `SIGXCPU`, and `SIGKILL` a second later).
+pub const READER_ADDRESS_SPACE: u64 = 2 * 1024 * 1024 * 1024;
+pub const READER_CPU_SECONDS: u64 = 5;
 
 /// What a process started to read one mail does (`switchboard read-mail`, which the
 /// SMTP listener starts for each mail): limits itself (address space, CPU), reads the
@@ -146,25 +147,37 @@ const READER_CPU_SECONDS: u64 = 30;
 /// over (one nested in an encoded part hides its contents from the counts [`parse`]
 /// makes first) then costs a process its caller can stop, not the node.
 pub fn read_one_mail(input: impl std::io::Read, mut output: impl std::io::Write) -> std::io::Result<()> {
-    for (resource, limit) in [(libc::RLIMIT_AS, READER_ADDRESS_SPACE), (libc::RLIMIT_CPU, READER_CPU_SECONDS)] {
-        let limit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
-        // SAFETY: setrlimit reads the struct it is given and changes only this
-        // process's limits.
+    // No core file of a stopped reader; the others within what the process may set (a
+    // lower hard limit it was started under stays).
+    for (resource, soft, hard) in [(libc::RLIMIT_CORE, 0, 0), (libc::RLIMIT_AS, READER_ADDRESS_SPACE, READER_ADDRESS_SPACE), (libc::RLIMIT_CPU, READER_CPU_SECONDS, READER_CPU_SECONDS + 1)] {
+        let mut now = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit and setrlimit read or fill the struct they are given and
+        // concern only this process.
+        if unsafe { libc::getrlimit(resource, &mut now) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let limit = libc::rlimit { rlim_cur: soft.min(now.rlim_max), rlim_max: hard.min(now.rlim_max) };
         if unsafe { libc::setrlimit(resource, &limit) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
     let mut raw = Vec::new();
-    std::io::Read::read_to_end(&mut input.take(MAX_READ_BYTES), &mut raw)?;
-    let outcome: Result<Mail, String> = parse(&raw).map_err(|e| e.to_string());
+    std::io::Read::read_to_end(&mut input.take(MAX_READ_BYTES + 1), &mut raw)?;
+    let outcome: Result<Mail, String> = if raw.len() as u64 > MAX_READ_BYTES {
+        Err(format!("the mail is larger than {MAX_READ_BYTES} bytes"))
+    } else {
+        parse(&raw).map_err(|e| e.to_string())
+    };
     let bytes = bincode::serde::encode_to_vec(&outcome, bincode::config::standard()).map_err(std::io::Error::other)?;
     output.write_all(&bytes)?;
     output.flush()
 }
 
-/// The outcome a reading process wrote ([`read_one_mail`]).
+/// The outcome a reading process wrote ([`read_one_mail`]), decoded within
+/// [`MAX_READ_BYTES`] (a mail's text and files are never more than the mail).
 pub fn read_outcome(bytes: &[u8]) -> Result<Result<Mail, String>, String> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(outcome, _)| outcome).map_err(|e| e.to_string())
+    let config = bincode::config::standard().with_limit::<{ MAX_READ_BYTES as usize }>();
+    bincode::serde::decode_from_slice(bytes, config).map(|(outcome, _)| outcome).map_err(|e| e.to_string())
 }
 
 /// Occurrences of `needle` in `raw` without overlaps, counted up to `max + 1`.

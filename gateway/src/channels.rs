@@ -87,11 +87,14 @@ pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
     let mut media = whatsapp::media(&body);
     let mut taken = Vec::new();
     let mut receipts = Vec::new();
+    let mut held = HeldSenders::default();
     for item in items {
         match item {
             whatsapp::Item::Message { from, name, id, text } => {
                 let files = take_media_of(&mut media, &id);
-                taken.push(take_message(&gw, &channel, Inbound { sender: from, sender_name: name, message_id: id, text, media: files }).await?);
+                if let Some(answer) = held.take(&from, take_message(&gw, &channel, Inbound { sender: from.clone(), sender_name: name, message_id: id, text, media: files })).await? {
+                    taken.push(answer);
+                }
             }
             whatsapp::Item::Status { id, status, reason } => {
                 let outcome = match status.as_str() {
@@ -106,8 +109,44 @@ pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
             }
         }
     }
+    held.answer()?;
     commit_receipts(&gw, &receipts).await?;
     Ok(Json(json!({"ok": true, "messages": taken, "statuses": receipts.len()})).into_response())
+}
+
+/// The customers of one webhook delivery (a batch) whose message the node asked to be
+/// delivered again (`503`, a file not fetched for now): their later messages in the
+/// batch wait for that delivery too, so that a conversation keeps its order, while
+/// other customers' messages are taken at once.
+#[derive(Default)]
+struct HeldSenders {
+    senders: std::collections::HashSet<String>,
+    first: Option<GatewayError>,
+}
+
+impl HeldSenders {
+    /// Runs `take` unless `sender` is held; a `503` of it holds the sender. Other
+    /// errors end the delivery, as before.
+    async fn take(&mut self, sender: &str, take: impl std::future::Future<Output = Result<Value, GatewayError>>) -> Result<Option<Value>, GatewayError> {
+        if self.senders.contains(sender) {
+            return Ok(None);
+        }
+        match take.await {
+            Ok(answer) => Ok(Some(answer)),
+            Err(e @ GatewayError::Busy(_)) => {
+                self.senders.insert(sender.to_owned());
+                self.first.get_or_insert(e);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The delivery's answer once every message was looked at: the first `503`, if any
+    /// (the provider delivers it all again; what was taken is not written twice).
+    fn answer(&mut self) -> Result<(), GatewayError> {
+        self.first.take().map_or(Ok(()), Err)
+    }
 }
 
 /// `POST /hooks/vk/{channel}`: a VK Callback API event. VK wants the plain text `ok`
@@ -150,11 +189,14 @@ pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<
     let mut taken = Vec::new();
     let mut receipts = Vec::new();
     let mut media = messenger::media(&body);
+    let mut held = HeldSenders::default();
     for item in messenger::parse(&body).map_err(|e| GatewayError::BadRequest(e.to_string()))? {
         match item {
             messenger::Item::Message { from, id, text } => {
                 let files = take_media_of(&mut media, &id);
-                taken.push(take_message(&gw, &channel, Inbound { sender: from, sender_name: String::new(), message_id: id, text, media: files }).await?);
+                if let Some(answer) = held.take(&from, take_message(&gw, &channel, Inbound { sender: from.clone(), sender_name: String::new(), message_id: id, text, media: files })).await? {
+                    taken.push(answer);
+                }
             }
             messenger::Item::Delivered { ids } => {
                 for id in ids {
@@ -163,6 +205,7 @@ pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<
             }
         }
     }
+    held.answer()?;
     commit_receipts(&gw, &receipts).await?;
     Ok(Json(json!({"ok": true, "messages": taken, "statuses": receipts.len()})).into_response())
 }
@@ -507,7 +550,7 @@ fn ask_again_for_media(key: &str) -> bool {
         *count = (0, now);
     }
     if count.0 >= MEDIA_RETRIES {
-        asked.remove(key);
+        // Kept at the limit until it ages out: a message of several files asks once.
         return false;
     }
     count.0 += 1;
@@ -555,18 +598,23 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
     let mut files = Vec::new();
     let mut caption = String::new();
     let mut kept_lines: Vec<&str> = Vec::new();
-    // Within the webhook's request deadline: files not fetched by then stay lines.
+    // Within the webhook's request deadline: files not fetched by then are asked for
+    // again, and then stay lines.
     let fetch_until = tokio::time::Instant::now() + MEDIA_BUDGET;
     // A file not fetched for now: the provider is asked to deliver the message again,
-    // a few times, before it is taken with that file as its line.
-    let for_now = |why: &str| -> bool {
-        if ask_again_for_media(&key) {
-            tracing::info!(%channel, why, "a customer's file could not be fetched for now; the provider is asked to deliver its message again");
-            true
-        } else {
-            tracing::warn!(%channel, why, "a customer's file could not be fetched after the provider delivered its message again; it is shown as a line");
-            false
-        }
+    // a few times, before it is taken with that file as its line. Decided once per
+    // delivery, whatever the number of files that failed.
+    let mut decided: Option<bool> = None;
+    let mut for_now = |why: &str| -> bool {
+        *decided.get_or_insert_with(|| {
+            if ask_again_for_media(&key) {
+                tracing::info!(%channel, why, "a customer's file could not be fetched for now; the provider is asked to deliver its message again");
+                true
+            } else {
+                tracing::warn!(%channel, why, "a customer's file could not be fetched after the provider delivered its message again; it is shown as a line");
+                false
+            }
+        })
     };
     for (i, media) in m.media.iter().take(switchboard_actors::core::MAX_ATTACHMENTS_PER_MESSAGE).enumerate() {
         let Ok(fetched) = tokio::time::timeout_at(fetch_until, switchboard_adapters::fetch_media(client, &adapter, media)).await else {

@@ -861,8 +861,6 @@ impl Gateway {
     }
 }
 
-/// Checks a browser's Origin header against an allow-list. Requests without an Origin
-/// come from non-browser clients, which authenticate by other means.
 /// The token of an `Authorization` header's `Bearer` credentials: the scheme in any
 /// case (RFC 9110 11.1), then one or more spaces, then the token.
 pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
@@ -872,6 +870,8 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// Checks a browser's Origin header against an allow-list. Requests without an Origin
+/// come from non-browser clients, which authenticate by other means.
 pub(crate) fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     match headers.get(axum::http::header::ORIGIN).and_then(|v| v.to_str().ok()) {
         None => true,
@@ -1142,6 +1142,9 @@ pub fn public_router(gw: Arc<Gateway>) -> Router {
         )
         .route("/attachments/{id}", get(attachments::client_download))
         .route("/notice", get(desk::public_notice))
+        // Set before the CORS layer, so that a preflight (`OPTIONS`, a method these
+        // routes do not take) still reaches it; the router-wide one below leaves these.
+        .method_not_allowed_fallback(no_such_method)
         .layer(axum::middleware::from_fn_with_state(gw.clone(), attachments::cors));
     // Providers' webhooks: small JSON bodies, never from a browser.
     let hooks = Router::new()

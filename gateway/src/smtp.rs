@@ -443,23 +443,28 @@ fn path(arg: &str) -> Option<String> {
 pub const READ_MAIL_COMMAND: &str = "read-mail";
 
 /// Time a process reading one mail may take, start to end, before it is stopped and
-/// the mail refused.
-pub const MAIL_READ_TIME: Duration = Duration::from_secs(5);
+/// the mail deferred (`451`): a node too busy to give it its CPU time. The mail itself
+/// is refused (`550`) when the kernel stops the process, past
+/// [`email::READER_CPU_SECONDS`] of CPU or [`email::READER_ADDRESS_SPACE`] of memory.
+pub const MAIL_READ_TIME: Duration = Duration::from_secs(30);
 
 static MAIL_READER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 /// Has every mail read by a process of its own: `exe READ_MAIL_COMMAND` (the node's
-/// binary, `/proc/self/exe`), which the listener stops after [`MAIL_READ_TIME`] and
-/// the kernel past its memory and CPU limits. A mail nested in an encoded part hides
-/// its contents from the counts the parse makes first, and such a mail can hold the
-/// parser for minutes: it then costs a process that is stopped, not the node. Without
-/// this call (a gateway embedded in a test) mails are parsed on a thread of the node.
+/// binary), which the kernel stops past its CPU time and memory, and the listener
+/// after [`MAIL_READ_TIME`]. A mail nested in an encoded part hides its contents from
+/// the counts the parse makes first, and such a mail can hold the parser for minutes:
+/// it then costs a process that is stopped, not the node. Without this call (a gateway
+/// embedded in a test) mails are parsed on a thread of the node.
 pub fn read_mails_in_processes(exe: std::path::PathBuf) {
     let _ = MAIL_READER.set(exe);
 }
 
+const READ_AGAIN: &str = "451 4.3.0 Could not read the mail, try again";
+
 /// Reads one mail in a process of its own: the mail, or the SMTP reply that refuses it.
 async fn read_in_process(exe: &std::path::Path, raw: Vec<u8>) -> Result<email::Mail, String> {
+    use std::os::unix::process::ExitStatusExt;
     let mut child = tokio::process::Command::new(exe)
         .arg(READ_MAIL_COMMAND)
         .stdin(std::process::Stdio::piped())
@@ -469,42 +474,47 @@ async fn read_in_process(exe: &std::path::Path, raw: Vec<u8>) -> Result<email::M
         .spawn()
         .map_err(|e| {
             tracing::error!(error = %e, exe = %exe.display(), "no process could be started to read a mail");
-            "451 4.3.0 Could not read the mail, try again".to_string()
+            READ_AGAIN.to_string()
         })?;
     let (Some(mut stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        return Err("451 4.3.0 Could not read the mail, try again".into());
+        return Err(READ_AGAIN.into());
     };
-    let read = async move {
+    let read = async {
         let write = async move {
             // A reader that stops reading early (it failed) closes the pipe: its
-            // answer below says why.
+            // status below says why.
             let _ = stdin.write_all(&raw).await;
         };
         let mut out = Vec::new();
-        let limit = email::MAX_READ_BYTES + 1024 * 1024;
-        let mut bounded = (&mut stdout).take(limit);
+        let mut bounded = (&mut stdout).take(email::MAX_READ_BYTES + 1024 * 1024);
         let (_, got) = tokio::join!(write, bounded.read_to_end(&mut out));
-        got.map(|_| out)
+        let status = child.wait().await;
+        (got.map(|_| out), status)
     };
-    let outcome = match tokio::time::timeout(MAIL_READ_TIME, read).await {
-        Err(_) => {
-            tracing::warn!("a mail took longer than {} s to read; refused", MAIL_READ_TIME.as_secs());
-            return Err(format!("550 5.6.0 The mail took longer than {} s to read (a message forwarded inside it, encoded?); send it again without it", MAIL_READ_TIME.as_secs()));
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "the process reading a mail could not be heard");
-            return Err("451 4.3.0 Could not read the mail, try again".into());
-        }
-        Ok(Ok(out)) => out,
+    let Ok((out, status)) = tokio::time::timeout(MAIL_READ_TIME, read).await else {
+        tracing::warn!("a mail was not read within {} s (the node is busy); deferred", MAIL_READ_TIME.as_secs());
+        return Err(READ_AGAIN.into());
     };
-    let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
-    match email::read_outcome(&outcome) {
-        Ok(Ok(mail)) => Ok(mail),
-        Ok(Err(why)) => Err(format!("550 5.6.0 {why}")),
-        Err(_) => {
-            // No outcome: the kernel stopped the reader past its memory or CPU limit.
-            tracing::warn!(status = ?status, "the process reading a mail ended without an outcome; refused");
-            Err("550 5.6.0 The mail could not be read within the memory and time one mail may take".into())
+    let status = status.map_err(|e| {
+        tracing::warn!(error = %e, "the process reading a mail could not be waited for");
+        READ_AGAIN.to_string()
+    })?;
+    if let Some(signal) = status.signal() {
+        // Stopped by the kernel: past its CPU time (SIGXCPU, then SIGKILL) or its
+        // memory (an allocation that failed aborts it).
+        tracing::warn!(signal, "the process reading a mail was stopped past its limits; refused");
+        return Err(format!(
+            "550 5.6.0 The mail takes more than {} s of CPU or {} MiB of memory to read (a message forwarded inside it, encoded?); send it again without it",
+            email::READER_CPU_SECONDS,
+            email::READER_ADDRESS_SPACE / (1024 * 1024)
+        ));
+    }
+    match out.map_err(|e| e.to_string()).and_then(|out| email::read_outcome(&out)) {
+        Ok(Ok(mail)) if status.success() => Ok(mail),
+        Ok(Err(why)) if status.success() => Err(format!("550 5.6.0 {why}")),
+        outcome => {
+            tracing::warn!(?status, error = ?outcome.err(), "the process reading a mail ended without an outcome; deferred");
+            Err(READ_AGAIN.into())
         }
     }
 }
@@ -516,7 +526,7 @@ async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>) -> S
     // the count `email::parse` makes first).
     static PARSING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
     let Ok(parsing) = PARSING.acquire().await else {
-        return "451 4.3.0 Could not read the mail, try again".into();
+        return READ_AGAIN.into();
     };
     let parsed = if let Some(exe) = MAIL_READER.get() {
         let read = read_in_process(exe, raw).await;

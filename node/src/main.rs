@@ -1009,8 +1009,12 @@ fn main() -> anyhow::Result<()> {
         return Ok(switchboard_adapters::email::read_one_mail(std::io::stdin().lock(), std::io::stdout().lock())?);
     }
     // Each inbound mail is read by a process of its own: this binary, however it was
-    // started and even if its file was replaced since.
-    switchboard_gateway::smtp::read_mails_in_processes(PathBuf::from("/proc/self/exe"));
+    // started and even if its file was replaced since (`/proc/self/exe`), else as it
+    // was found at start.
+    match [Ok(PathBuf::from("/proc/self/exe")), std::env::current_exe()].into_iter().flatten().find(|exe| exe.exists()) {
+        Some(exe) => switchboard_gateway::smtp::read_mails_in_processes(exe),
+        None => tracing::warn!("this binary's path is unknown: inbound mail is parsed in the node's own process, without a time limit"),
+    }
     raise_open_files_limit();
     turn_off_huge_pages();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
