@@ -105,7 +105,12 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// operator handled (before, a handed-off conversation was answered and handled but
 /// never entered, and a bot's conversations counted as abandoned and in the csat, on a
 /// cluster of one group and not on a split one, whose routing shard never hears of them).
-pub const RULES_VERSION: u32 = 16;
+/// Rules 17: a conversation that changes hands (taken from an offer, transferred,
+/// reassigned or queued again) forgets its customer's silence, which counts again from
+/// its new operator's first message (before, it counted from the previous operator's
+/// last one, and a conversation that had waited in a queue was reminded and closed as
+/// inactive a second or two after its new operator took it).
+pub const RULES_VERSION: u32 = 17;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a

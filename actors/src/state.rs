@@ -1945,6 +1945,17 @@ impl ShardState {
                     self.dirty.activity.insert(*conversation);
                 }
             }
+            // Rules 17: a new holder (or none, queued again) starts the silence anew.
+            Event::ConversationAssigned { conversation, .. }
+            | Event::ConversationTransferred { conversation, .. }
+            | Event::ConversationReassigned { conversation, .. }
+            | Event::ConversationQueued { conversation, .. }
+                if self.rules >= 17 =>
+            {
+                if self.activity.remove(conversation).is_some() {
+                    self.dirty.activity.insert(*conversation);
+                }
+            }
             _ => {}
         }
         if let Event::ConversationClosed { conversation, .. } = event {
