@@ -742,6 +742,36 @@ async fn a_node_joins_a_running_cluster_and_another_leaves_it() -> anyhow::Resul
     Ok(())
 }
 
+/// With one voter dead, taking another voter out would leave a group whose majority
+/// needs the dead one: refused with the reason, and the group goes on committing. The
+/// group is idle when it is asked (the dead voter still shows every entry as its own),
+/// so the log alone does not tell; that the voter no longer answers does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_whose_majority_needs_a_dead_voter_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start_one_group(dir.path(), 3).await?;
+    let leader = cluster.leader().await?;
+    let (dead, removed) = match leader {
+        1 => (3, 2),
+        2 => (3, 1),
+        _ => (2, 1),
+    };
+    let (mut ws, _, _) = cluster.node(leader).client("Idle").await?;
+    ws.send(&json!({"type": "send", "key": "before", "text": "before the node died"})).await?;
+    ws.wait_for(WAIT, |v| v["type"] == "ack" && v["key"] == "before").await?;
+    cluster.kill9(dead).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let admin = cluster.node(leader).login("admin").await?;
+    let (status, body) = cluster.node(leader).api("DELETE", &format!("/api/cluster/members/{removed}"), Some(&admin), None).await?;
+    assert_ne!(status, 200, "node {removed} removed while node {dead} is dead: {body}");
+    assert!(body["message"].as_str().unwrap_or_default().contains("answer now"), "{status} {body}");
+    // Nothing was changed: the two live voters of three still commit.
+    ws.send(&json!({"type": "send", "key": "after", "text": "after the refused removal"})).await?;
+    ws.wait_for(Duration::from_secs(20), |v| v["type"] == "ack" && v["key"] == "after").await?;
+    ws.close().await;
+    Ok(())
+}
+
 /// A node whose certificate comes from another CA cannot join: the members refuse its
 /// handshake and say so in their logs, and it never becomes a member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,6 +216,9 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
     if plan.nodes == 0 || plan.nodes > 64 {
         anyhow::bail!("--nodes must be between 1 and 64");
     }
+    if let Some(shards) = plan.shards.filter(|n| !(1..=64).contains(n)) {
+        anyhow::bail!("--shards is 1 to 64 conversation shards (0 for one group), not {shards}");
+    }
     if plan.hosts.is_empty() || (plan.hosts.len() != 1 && plan.hosts.len() as u64 != plan.nodes) {
         anyhow::bail!("give one --host for all nodes or one per node ({} nodes, {} hosts)", plan.nodes, plan.hosts.len());
     }

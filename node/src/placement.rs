@@ -452,6 +452,8 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
         return Ok(Vec::new());
     }
     let mut taken = Vec::new();
+    // Why the last step that failed did: said when time runs out.
+    let mut last_refusal: Option<String> = None;
     loop {
         let addresses = nodes(node);
         let remaining: BTreeSet<NodeId> = addresses.keys().copied().filter(|n| *n != id).collect();
@@ -501,7 +503,10 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
         let Some(step) = step else { return Ok(taken) };
         let left = give_up.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
-            return Err(format!("node {id} is still a member after {} s", within.as_secs()));
+            return Err(match &last_refusal {
+                Some(why) => format!("node {id} is still a member after {} s; the last step ({step}) was refused: {why}", within.as_secs()),
+                None => format!("node {id} is still a member after {} s", within.as_secs()),
+            });
         }
         tracing::info!(?step, node = id, "removing a node");
         match take(node, &step, &addresses, left).await {
@@ -512,6 +517,7 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
             Err(e) if e.starts_with("no leader") => return Err(e),
             Err(e) => {
                 tracing::warn!(?step, error = %e, "a step of removing a node failed");
+                last_refusal = Some(e);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }

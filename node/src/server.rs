@@ -1781,7 +1781,14 @@ std::fs::create_dir_all(&options.data_dir)?;
     // member list on every node makes that safe.
     let first = options.members.iter().map(|(id, _)| *id).min();
     if options.join {
-        if !raft.is_initialized().await? {
+        // Not yet a member, or let in as a learner and never made a voter (a start cut
+        // short while it caught up, or a refusal then): it asks again at each start.
+        let learner_only = {
+            let m = raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            membership.get_joint_config().len() == 1 && membership.get_node(&options.node_id).is_some() && !membership.voter_ids().any(|v| v == options.node_id)
+        };
+        if !raft.is_initialized().await? || learner_only {
             // The address the members were told to dial (a node bound to 0.0.0.0 is not
             // reachable at its local address).
             let own = options.members.iter().find(|(id, _)| *id == options.node_id).map(|(_, a)| a.clone()).unwrap_or_else(|| raft_addr.to_string());
@@ -2072,7 +2079,14 @@ pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String],
                 info!(node = node_id, "admitted to the cluster");
                 return Ok(());
             }
-            Ok(Answer::Refused(why)) => anyhow::bail!("the cluster refused to admit node {node_id}: {why}"),
+            // Another node's address under this id will not change by asking again.
+            Ok(Answer::Refused(why)) if why.contains("is already a member at") => anyhow::bail!("the cluster refused to admit node {node_id}: {why}"),
+            // Not caught up in time, another change under way: asked again.
+            Ok(Answer::Refused(why)) => {
+                info!(node = node_id, %why, "the cluster did not admit this node yet; asking again");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
             Ok(Answer::NotLeader(Some((_, leader)))) => {
                 target = leader.addr;
                 tokio::time::sleep(switchboard_raft::members::FOLLOW_PAUSE).await;

@@ -89,12 +89,13 @@ pub async fn apply_here(raft: &Raft, group: u64, change: Change, gate: &Gate, pe
             }
             None => Answer::Refused("this node cannot reach its peers".into()),
         },
-        other => apply(raft, other).await,
+        other => apply(raft, other, peers).await,
     }
 }
 
-/// Makes `change` on this node's Raft, which must lead the group.
-pub async fn apply(raft: &Raft, change: Change) -> Answer {
+/// Makes `change` on this node's Raft, which must lead the group. `peers` says which
+/// members answered lately: without it, a member is taken as alive.
+pub async fn apply(raft: &Raft, change: Change, peers: Option<&Peers>) -> Answer {
     let m = raft.metrics().borrow().clone();
     if m.current_leader != Some(m.id) {
         return not_leader(raft);
@@ -125,7 +126,7 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
             if let Err(e) = raft.add_learner(id, Node { addr }, false).await {
                 return answer_of(e);
             }
-            if !caught_up(raft, id, CATCH_UP_FOR).await {
+            if !caught_up(raft, id, CATCH_UP_FOR, peers).await {
                 return Answer::Refused(format!("node {id} did not catch up within {} s; it stays a learner until asked again", CATCH_UP_FOR.as_secs()));
             }
             // Only this node's voter status changes: a change made meanwhile by another
@@ -156,7 +157,7 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
                 return Answer::Refused(format!("node {stranger} is not a member of the group; add it as a learner first"));
             }
             for id in wanted.difference(&voters) {
-                if !caught_up(raft, *id, VOTER_CATCH_UP_FOR).await {
+                if !caught_up(raft, *id, VOTER_CATCH_UP_FOR, peers).await {
                     return Answer::Refused(format!("node {id} did not catch up within {} s", VOTER_CATCH_UP_FOR.as_secs()));
                 }
             }
@@ -165,7 +166,7 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
             if !retain && voters.difference(&wanted).count() > 1 {
                 return Answer::Refused("only one voter may leave the group in one change".into());
             }
-            if let Some(why) = short_of_majority(raft, &wanted).await {
+            if let Some(why) = short_of_majority(raft, &wanted, peers).await {
                 return match raft.metrics().borrow().current_leader {
                     Some(l) if l == raft.metrics().borrow().id => Answer::Refused(why),
                     // Leadership moved meanwhile: the new leader decides.
@@ -189,7 +190,7 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
             }
             if voters.contains(&id) {
                 let rest: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
-                if let Some(why) = short_of_majority(raft, &rest).await {
+                if let Some(why) = short_of_majority(raft, &rest, peers).await {
                     return match raft.metrics().borrow().current_leader {
                         Some(l) if l == raft.metrics().borrow().id => Answer::Refused(why),
                         _ => not_leader(raft),
@@ -210,11 +211,26 @@ pub async fn apply(raft: &Raft, change: Change) -> Answer {
     }
 }
 
-/// Whether member `id` holds, within `patience`, every entry this leader had when asked.
-async fn caught_up(raft: &Raft, id: NodeId, patience: Duration) -> bool {
+/// Within how long a member must have answered this node (on any group: one
+/// connection per peer) to count as alive for a membership change.
+const ALIVE_WITHIN: Duration = Duration::from_secs(2);
+
+/// Whether member `id` answered this node lately (`peers`; `true` without them). In an
+/// idle group a member that died after the last entry still shows that entry as
+/// replicated to it: the log alone does not tell it is gone.
+fn alive(m: &openraft::RaftMetrics<NodeId, Node>, id: NodeId, peers: Option<&Peers>) -> bool {
+    id == m.id || peers.is_none_or(|peers| m.membership_config.membership().get_node(&id).is_some_and(|node| peers.answered_within(&node.addr, ALIVE_WITHIN)))
+}
+
+/// Whether member `id` holds, within `patience`, every entry this leader had when asked,
+/// and answers this node.
+async fn caught_up(raft: &Raft, id: NodeId, patience: Duration, peers: Option<&Peers>) -> bool {
     let target = raft.metrics().borrow().last_log_index.unwrap_or(0);
     raft.wait(Some(patience))
-        .metrics(|m| m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).is_some_and(|matched| matched.index >= target), "member caught up")
+        .metrics(
+            |m| m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).is_some_and(|matched| matched.index >= target) && alive(m, id, peers),
+            "member caught up",
+        )
         .await
         .is_ok()
 }
@@ -226,22 +242,22 @@ fn not_leader(raft: &Raft) -> Answer {
 }
 
 /// Why `voters` could not commit now, if a majority of them does not hold this
-/// leader's log (within 2 s): a change to them would stall the group until the others
-/// came back. `None` when they can.
-async fn short_of_majority(raft: &Raft, voters: &BTreeSet<NodeId>) -> Option<String> {
+/// leader's log and answer this node (within 2 s): a change to them would stall the
+/// group until the others came back. `None` when they can.
+async fn short_of_majority(raft: &Raft, voters: &BTreeSet<NodeId>, peers: Option<&Peers>) -> Option<String> {
     let me = raft.metrics().borrow().id;
     let target = raft.metrics().borrow().last_log_index.unwrap_or(0);
     let needed = voters.len() / 2 + 1;
     let holding = |m: &openraft::RaftMetrics<NodeId, Node>| {
         voters
             .iter()
-            .filter(|v| **v == me || m.replication.as_ref().and_then(|r| r.get(*v).cloned().flatten()).is_some_and(|l| l.index >= target))
+            .filter(|v| **v == me || (m.replication.as_ref().and_then(|r| r.get(*v).cloned().flatten()).is_some_and(|l| l.index >= target) && alive(m, **v, peers)))
             .count()
     };
     let enough = raft.wait(Some(Duration::from_secs(2))).metrics(|m| holding(m) >= needed, "a majority of the voters holds the log").await;
     match enough {
         Ok(_) => None,
-        Err(_) => Some(format!("fewer than {needed} of the voters {voters:?} hold the group's log now; the change would stall the group")),
+        Err(_) => Some(format!("fewer than {needed} of the voters {voters:?} hold the group's log and answer now; the change would stall the group until the others came back")),
     }
 }
 
@@ -271,7 +287,7 @@ async fn lead(raft: &Raft, group: u64, to: NodeId, gate: &Gate, peers: &Peers) -
     }
     // A next leader that lags would make the hold long: it must hold what this leader
     // has now before writes are held at all.
-    if !caught_up(raft, to, Duration::from_secs(1)).await {
+    if !caught_up(raft, to, Duration::from_secs(1), Some(peers)).await {
         return Answer::Refused(format!("node {to} lags behind this leader's log"));
     }
     let Some(held) = gate.try_hold() else {
@@ -285,7 +301,7 @@ async fn lead(raft: &Raft, group: u64, to: NodeId, gate: &Gate, peers: &Peers) -
         .metrics(|m| m.last_applied.map(|l| l.index) >= m.last_log_index, "every entry taken applied")
         .await
         .is_ok();
-    if !settled || !caught_up(raft, to, Duration::from_secs(1)).await {
+    if !settled || !caught_up(raft, to, Duration::from_secs(1), Some(peers)).await {
         return Answer::Refused(format!("node {to} did not catch up within 1 s"));
     }
     raft.runtime_config().heartbeat(false);
