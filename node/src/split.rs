@@ -642,16 +642,22 @@ impl Backend for SplitBackend {
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>> {
         let node = self.node.clone();
         // Within the request's deadline (30 s by default); what is left the placement
-        // finishes, and asking again carries on.
-        Box::pin(async move { crate::placement::remove(&node, id, Duration::from_secs(25)).await.map(|_| ()) })
+        // finishes, and asking again carries on. In a task of its own, so that a request
+        // cut off (its deadline, a client that went away) never leaves a step half
+        // taken: a voter change whose caller went away between its two halves would be
+        // finished by the next leader keeping the node as a learner.
+        let removal = tokio::spawn(async move { crate::placement::remove(&node, id, Duration::from_secs(25)).await.map(|_| ()) });
+        Box::pin(async move { removal.await.map_err(|e| format!("the removal stopped: {e}"))? })
     }
 
     fn rebalance(&self) -> BoxFuture<Result<Vec<String>, String>> {
         let node = self.node.clone();
-        Box::pin(async move {
+        // In a task of its own, as a removal.
+        let settling = tokio::spawn(async move {
             let steps = crate::placement::settle(&node, true, Duration::from_secs(25), false).await?;
             Ok(steps.iter().map(|s| s.to_string()).collect())
-        })
+        });
+        Box::pin(async move { settling.await.map_err(|e| format!("the rebalance stopped: {e}"))? })
     }
 
     fn fetch_file(&self, id: String) -> BoxFuture<Option<Vec<u8>>> {
