@@ -559,7 +559,7 @@ impl SplitNode {
         if !g0.is_initialized().await? {
             let others: Vec<String> = members.iter().filter(|(id, _)| **id != node_id).map(|(_, a)| a.clone()).collect();
             let Some(own) = members.get(&node_id).cloned() else { anyhow::bail!("node {node_id} is not in its own `members`") };
-            crate::server::join_cluster(peers, node_id, &others, G0, switchboard_raft::members::Change::Learn { id: node_id, addr: own }).await?;
+            crate::server::join_cluster(peers, node_id, &others, G0, switchboard_raft::members::Change::Learn { id: node_id, addr: own }, false).await?;
         }
         let started = tokio::time::Instant::now();
         // Every node holds the metadata group and the routing shard; a conversation shard

@@ -452,8 +452,9 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
         return Ok(Vec::new());
     }
     let mut taken = Vec::new();
-    // Why the last step that failed did: said when time runs out.
-    let mut last_refusal: Option<String> = None;
+    // The last step that failed and why, while no step succeeded since: said when time
+    // runs out.
+    let mut last_refusal: Option<(String, String)> = None;
     loop {
         let addresses = nodes(node);
         let remaining: BTreeSet<NodeId> = addresses.keys().copied().filter(|n| *n != id).collect();
@@ -504,7 +505,7 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
         let left = give_up.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
             return Err(match &last_refusal {
-                Some(why) => format!("node {id} is still a member after {} s; the last step ({step}) was refused: {why}", within.as_secs()),
+                Some((failed, why)) => format!("node {id} is still a member after {} s; the last step tried ({failed}) was refused: {why}", within.as_secs()),
                 None => format!("node {id} is still a member after {} s", within.as_secs()),
             });
         }
@@ -512,12 +513,13 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
         match take(node, &step, &addresses, left).await {
             Ok(()) => {
                 taken.push(step);
+                last_refusal = None;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) if e.starts_with("no leader") => return Err(e),
             Err(e) => {
                 tracing::warn!(?step, error = %e, "a step of removing a node failed");
-                last_refusal = Some(e);
+                last_refusal = Some((step.to_string(), e));
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }

@@ -1794,7 +1794,7 @@ std::fs::create_dir_all(&options.data_dir)?;
             let own = options.members.iter().find(|(id, _)| *id == options.node_id).map(|(_, a)| a.clone()).unwrap_or_else(|| raft_addr.to_string());
             let others: Vec<String> = options.members.iter().filter(|(id, _)| *id != options.node_id).map(|(_, addr)| addr.clone()).collect();
             let change = switchboard_raft::members::Change::Join { id: options.node_id, addr: own };
-            join_cluster(&peers, options.node_id, &others, SHARD_GROUP, change).await?;
+            join_cluster(&peers, options.node_id, &others, SHARD_GROUP, change, learner_only).await?;
         }
     } else if first.is_some_and(|first| first != options.node_id) {
         for _ in 0..20 {
@@ -2063,7 +2063,11 @@ fn serve_http(
 
 /// Asks the `others` (QUIC addresses of running members), in turn, to make `change` in
 /// `group` (admit this node), until one of them, or the leader it names, has.
-pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String], group: u64, change: switchboard_raft::members::Change) -> anyhow::Result<()> {
+/// Asks the members at `others` to admit this node to `group` until one does. `member`:
+/// this node was let in before (a learner never made a voter): then, and once a refusal
+/// said it stays a learner, a member whose view of the group no longer names it means
+/// it was removed meanwhile, and it stops instead of coming back (ids are never reused).
+pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String], group: u64, change: switchboard_raft::members::Change, member: bool) -> anyhow::Result<()> {
     use switchboard_raft::members::Answer;
     if others.is_empty() {
         anyhow::bail!("`join = true` needs the running members in `members`");
@@ -2071,7 +2075,21 @@ pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String],
     let started = std::time::Instant::now();
     let mut next = 0;
     let mut target = others[0].clone();
+    let mut member = member;
     loop {
+        if member {
+            // The leader's view: a member that lags may still name this node.
+            let mut view = peers.status(&target, Duration::from_secs(2)).await.ok();
+            let leader_addr = view.as_ref().and_then(|s| s.leader.and_then(|l| s.members.iter().find(|(id, _)| *id == l).map(|(_, a)| a.clone())));
+            if let Some(addr) = leader_addr.filter(|a| *a != target) {
+                view = peers.status(&addr, Duration::from_secs(2)).await.ok();
+            }
+            if let Some(status) = view.filter(|s| s.leader == Some(s.node)) {
+                if !status.members.iter().any(|(id, _)| *id == node_id) {
+                    anyhow::bail!("node {node_id} was removed from the cluster (its leader, node {}, no longer names it) and does not join it again: a node to add gets a new id (`switchboard cluster add-node`) and an empty data folder", status.node);
+                }
+            }
+        }
         // Admission waits for this node to catch up with the group's log: minutes for a
         // large group, so the answer may take that long.
         match peers.change_members(&target, group, change.clone(), Duration::from_secs(600)).await {
@@ -2081,9 +2099,13 @@ pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String],
             }
             // Another node's address under this id will not change by asking again.
             Ok(Answer::Refused(why)) if why.contains("is already a member at") => anyhow::bail!("the cluster refused to admit node {node_id}: {why}"),
-            // Not caught up in time, another change under way: asked again.
+            // Not caught up in time, another change under way: asked again, of the next
+            // member (one whose own Raft refuses everything is not asked forever).
             Ok(Answer::Refused(why)) => {
                 info!(node = node_id, %why, "the cluster did not admit this node yet; asking again");
+                member |= why.contains("stays a learner");
+                next = (next + 1) % others.len();
+                target = others[next].clone();
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 continue;
             }
