@@ -109,7 +109,10 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// reassigned or queued again) forgets its customer's silence, which counts again from
 /// its new operator's first message (before, it counted from the previous operator's
 /// last one, and a conversation that had waited in a queue was reminded and closed as
-/// inactive a second or two after its new operator took it).
+/// inactive a second or two after its new operator took it). And a change of a group's
+/// routing steps withdraws its pending offers to operators of other groups, made
+/// through an overflow step (before, such an offer stayed and could be accepted after
+/// the step that allowed it was gone).
 pub const RULES_VERSION: u32 = 17;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
@@ -1653,7 +1656,16 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 return Err(Error::NotFound(format!("skill group {group}")));
             }
             check_steps(steps, &|g| state.groups.contains_key(g))?;
-            Ok((Reply::Done, vec![Event::GroupStepsSet { group: group.clone(), steps: steps.clone() }]))
+            let mut events = Vec::new();
+            // Rules 17: changed steps withdraw the group's pending offers to operators of
+            // other groups (made through an overflow step), which routing makes again
+            // under the new steps, as rules 10 and 15 do for capacity, groups and skills.
+            if state.rules >= 17 && state.group_steps.get(group).map_or(&[][..], Vec::as_slice) != steps.as_slice() {
+                let overflowed = |o: &&crate::model::Offer| o.group == *group && !state.operators.get(&o.operator).is_some_and(|op| op.config.groups.contains(group));
+                events.extend(state.offers.values().filter(overflowed).map(|o| Event::OfferWithdrawn { offer: o.id, reason: WithdrawReason::OperatorUnavailable, detail: "group's steps changed".into() }));
+            }
+            events.push(Event::GroupStepsSet { group: group.clone(), steps: steps.clone() });
+            Ok((Reply::Done, events))
         }
         Command::SetGroupHours { group, hours } => {
             rules_at_least(state, 6)?;
