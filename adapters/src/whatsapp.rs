@@ -152,6 +152,21 @@ pub fn media(body: &[u8]) -> Vec<(String, crate::Media)> {
     found
 }
 
+/// What a media lookup's answer other than 200 means: the Graph API says "slow down"
+/// (its rate-limit codes) often with a 400, which may heal like a 408, 429 or 5xx.
+fn lookup_error(status: u16, body: &[u8]) -> AdapterError {
+    #[derive(Deserialize)]
+    struct Failed {
+        error: GraphError,
+    }
+    match serde_json::from_slice::<Failed>(body) {
+        Ok(Failed { error }) if RATE_LIMITED.contains(&error.code) => {
+            AdapterError::Unreachable(format!("the media lookup answered {status} (#{}): {}", error.code, clip(&error.message, 200)))
+        }
+        _ => crate::media_status(status, "the media lookup"),
+    }
+}
+
 #[derive(Deserialize)]
 struct MediaInfo {
     url: String,
@@ -169,7 +184,7 @@ pub async fn media_url(client: &http::Client, api_base: &str, access_token: &str
     let url = format!("{}/{media_id}", api_base.trim_end_matches('/'));
     let response = client.get(&url, &[("authorization", format!("Bearer {access_token}"))], http::MAX_RESPONSE_BYTES).await?;
     if response.status != 200 {
-        return Err(crate::media_status(response.status, "the media lookup"));
+        return Err(lookup_error(response.status, &response.body));
     }
     let info: MediaInfo = serde_json::from_slice(&response.body).map_err(|e| AdapterError::Malformed(format!("the media lookup: {e}")))?;
     if info.file_size.is_some_and(|n| n > crate::MAX_MEDIA_BYTES as u64) {
@@ -354,6 +369,16 @@ fn outcome(response: &http::Response) -> SendOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_media_lookup_told_to_slow_down_is_asked_again_later() {
+        let limited = br#"{"error":{"message":"(#4) Application request limit reached","type":"OAuthException","code":4}}"#;
+        assert!(matches!(lookup_error(400, limited), AdapterError::Unreachable(_)));
+        let gone = br#"{"error":{"message":"Unsupported get request","type":"GraphMethodException","code":100}}"#;
+        assert!(matches!(lookup_error(400, gone), AdapterError::Refused(_)));
+        assert!(matches!(lookup_error(503, b"busy"), AdapterError::Unreachable(_)));
+        assert!(matches!(lookup_error(404, b"not json"), AdapterError::Refused(_)));
+    }
 
     #[test]
     fn signatures_are_checked_against_the_raw_body() {

@@ -2078,15 +2078,30 @@ pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String],
     let mut member = member;
     loop {
         if member {
-            // The leader's view: a member that lags may still name this node.
-            let mut view = peers.status(&target, Duration::from_secs(2)).await.ok();
-            let leader_addr = view.as_ref().and_then(|s| s.leader.and_then(|l| s.members.iter().find(|(id, _)| *id == l).map(|(_, a)| a.clone())));
-            if let Some(addr) = leader_addr.filter(|a| *a != target) {
-                view = peers.status(&addr, Duration::from_secs(2)).await.ok();
-            }
-            if let Some(status) = view.filter(|s| s.leader == Some(s.node)) {
-                if !status.members.iter().any(|(id, _)| *id == node_id) {
-                    anyhow::bail!("node {node_id} was removed from the cluster (its leader, node {}, no longer names it) and does not join it again: a node to add gets a new id (`switchboard cluster add-node`) and an empty data folder", status.node);
+            // Removed meanwhile? Only when the leader and another member both no longer
+            // name this node: a member that lags may still name it, and a leader cut off
+            // from the others (deposed, not knowing it yet) may never have.
+            let names_me = |s: &switchboard_raft::network::MemberStatus| s.members.iter().any(|(id, _)| *id == node_id);
+            let asked = peers.status(&target, Duration::from_secs(2)).await.ok();
+            let leader_addr = asked.as_ref().and_then(|s| s.leader.and_then(|l| s.members.iter().find(|(id, _)| *id == l).map(|(_, a)| a.clone())));
+            let other = match &leader_addr {
+                Some(addr) if *addr != target => asked.clone(),
+                _ => match others.iter().find(|a| **a != target) {
+                    Some(addr) => peers.status(addr, Duration::from_secs(2)).await.ok(),
+                    None => None,
+                },
+            };
+            let leader = match &leader_addr {
+                Some(addr) if *addr != target => peers.status(addr, Duration::from_secs(2)).await.ok(),
+                _ => asked.clone(),
+            };
+            if let (Some(leader), Some(other)) = (leader.filter(|s| s.leader == Some(s.node)), other.filter(|s| s.node != node_id)) {
+                if leader.node != other.node && !names_me(&leader) && !names_me(&other) {
+                    anyhow::bail!(
+                        "node {node_id} is no longer a member of the cluster (neither its leader, node {}, nor node {} names it: it was removed, or its admission was never committed), and does not join it again on its own; `switchboard cluster add-node` lays out a node to add, with a new id",
+                        leader.node,
+                        other.node
+                    );
                 }
             }
         }
@@ -2103,7 +2118,7 @@ pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String],
             // member (one whose own Raft refuses everything is not asked forever).
             Ok(Answer::Refused(why)) => {
                 info!(node = node_id, %why, "the cluster did not admit this node yet; asking again");
-                member |= why.contains("stays a learner");
+                member |= why.ends_with(switchboard_raft::members::STAYS_A_LEARNER);
                 next = (next + 1) % others.len();
                 target = others[next].clone();
                 tokio::time::sleep(Duration::from_secs(2)).await;

@@ -66,6 +66,10 @@ fn answer_of(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Answer {
     }
 }
 
+/// The end of a `Join`'s refusal after the node was let in as a learner: the joining
+/// node then knows the group had it.
+pub const STAYS_A_LEARNER: &str = "it stays a learner until asked again";
+
 /// How long the leader waits for a learner about to vote to catch up.
 const VOTER_CATCH_UP_FOR: Duration = Duration::from_secs(30);
 
@@ -127,7 +131,7 @@ pub async fn apply(raft: &Raft, change: Change, peers: Option<&Peers>) -> Answer
                 return answer_of(e);
             }
             if !caught_up(raft, id, CATCH_UP_FOR, peers).await {
-                return Answer::Refused(format!("node {id} did not catch up within {} s; it stays a learner until asked again", CATCH_UP_FOR.as_secs()));
+                return Answer::Refused(format!("node {id} did not catch up within {} s; {STAYS_A_LEARNER}", CATCH_UP_FOR.as_secs()));
             }
             // Only this node's voter status changes: a change made meanwhile by another
             // request (a second node joining, one leaving) is kept.
