@@ -110,9 +110,9 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// its new operator's first message (before, it counted from the previous operator's
 /// last one, and a conversation that had waited in a queue was reminded and closed as
 /// inactive a second or two after its new operator took it). And a change of a group's
-/// routing steps withdraws its pending offers to operators of other groups, made
-/// through an overflow step (before, such an offer stayed and could be accepted after
-/// the step that allowed it was gone).
+/// routing steps withdraws its pending offers, which routing makes again under the new
+/// steps (before, an offer made through an overflow step, or under a step's relaxed
+/// skills, stayed and could be accepted after the step that allowed it was gone).
 pub const RULES_VERSION: u32 = 17;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
@@ -1657,12 +1657,12 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             }
             check_steps(steps, &|g| state.groups.contains_key(g))?;
             let mut events = Vec::new();
-            // Rules 17: changed steps withdraw the group's pending offers to operators of
-            // other groups (made through an overflow step), which routing makes again
-            // under the new steps, as rules 10 and 15 do for capacity, groups and skills.
+            // Rules 17: changed steps withdraw the group's pending offers (one made through
+            // an overflow step, or under a step's relaxed skills, may no longer be
+            // allowed), which routing makes again under the new steps, as rules 15 does
+            // for a change of the group's skills.
             if state.rules >= 17 && state.group_steps.get(group).map_or(&[][..], Vec::as_slice) != steps.as_slice() {
-                let overflowed = |o: &&crate::model::Offer| o.group == *group && !state.operators.get(&o.operator).is_some_and(|op| op.config.groups.contains(group));
-                events.extend(state.offers.values().filter(overflowed).map(|o| Event::OfferWithdrawn { offer: o.id, reason: WithdrawReason::OperatorUnavailable, detail: "group's steps changed".into() }));
+                events.extend(state.offers.values().filter(|o| o.group == *group).map(|o| Event::OfferWithdrawn { offer: o.id, reason: WithdrawReason::OperatorUnavailable, detail: "group's steps changed".into() }));
             }
             events.push(Event::GroupStepsSet { group: group.clone(), steps: steps.clone() });
             Ok((Reply::Done, events))
