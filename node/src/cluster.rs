@@ -314,6 +314,20 @@ async fn http(private_addr: &str, method: &str, path: &str, token: Option<&str>,
         .with_context(|| format!("{method} {path} on {private_addr}"))
 }
 
+/// Whether a node's status (`GET /api/cluster`) names node `id` anywhere: among the
+/// `members`, or a group's `voters` or `holders`.
+pub fn names_node(status: &serde_json::Value, id: u64) -> bool {
+    match status {
+        serde_json::Value::Object(fields) => fields.iter().any(|(key, value)| match (key.as_str(), value) {
+            ("members", serde_json::Value::Array(members)) => members.iter().any(|m| m.get("id").and_then(|v| v.as_u64()) == Some(id) || names_node(m, id)),
+            ("voters" | "holders", serde_json::Value::Array(ids)) => ids.iter().any(|v| v.as_u64() == Some(id)),
+            _ => names_node(value, id),
+        }),
+        serde_json::Value::Array(items) => items.iter().any(|item| names_node(item, id)),
+        _ => false,
+    }
+}
+
 /// `GET /api/cluster` from a node's private listener, as JSON.
 pub async fn status(private_addr: &str) -> anyhow::Result<serde_json::Value> {
     match http(private_addr, "GET", "/api/cluster", None, None).await? {
@@ -538,6 +552,7 @@ mod tests {
             ],
         });
         let text = describe(&status);
+        assert!(names_node(&status, 1) && names_node(&status, 3) && !names_node(&status, 7), "member 1, voter 3, not 7");
         assert!(text.starts_with("node 1, split into 2 groups (1 conversation shards):\n"), "{text}");
         assert!(text.contains("  group 3 (conversations 0): follower here, leader none, term 2, applied 9 of 10 (committed 10), leader changes 2, letters in flight 4 (retries 7), voters [1,2,3]\n"), "{text}");
         let mut quiet = status.clone();

@@ -636,8 +636,15 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
         }
         ClusterCmd::RemoveNode(args) => {
             let password = admin_password(&args.password_file)?;
+            // A mistyped id is a no-op for the cluster: said so, lest the wrong
+            // process be stopped.
+            let member = cluster::status(&args.addr).await.map(|s| cluster::names_node(&s, args.id)).unwrap_or(true);
             let status = cluster::remove_node(&args.addr, args.id, &args.login, &password).await?;
-            println!("node {} removed; stop its process", args.id);
+            if member {
+                println!("node {} removed; stop its process", args.id);
+            } else {
+                println!("node {} is not a member of the cluster: nothing was changed", args.id);
+            }
             print!("{}", cluster::describe(&status));
             Ok(())
         }
