@@ -102,9 +102,16 @@ impl Response {
 #[derive(Clone)]
 pub struct Client {
     tls: tokio_rustls::TlsConnector,
-    idle: Arc<Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>>,
+    /// Connections whose last answer was read to the end, by origin, with when.
+    idle: Arc<Mutex<HashMap<String, Vec<(std::time::Instant, SendRequest<Full<Bytes>>)>>>>,
     timeout: Duration,
 }
+
+/// How long a connection may sit idle and still be used again. A connection idle for
+/// longer may have been dropped without a word by a NAT, a load balancer or a firewall
+/// on the way: a request written into it would get no answer, and a message sent on it
+/// would be taken for one the provider may have got (`unknown`) although it never left.
+const IDLE_FOR: Duration = Duration::from_secs(30);
 
 impl Client {
     /// A client whose every request (connect, send, read the answer) ends within `timeout`.
@@ -248,12 +255,9 @@ impl Client {
     fn take_idle(&self, origin: &str) -> Option<SendRequest<Full<Bytes>>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(origin)?;
-        while let Some(sender) = list.pop() {
-            if !sender.is_closed() {
-                return Some(sender);
-            }
-        }
-        None
+        // The newest last: those left idle too long go.
+        list.retain(|(since, sender)| since.elapsed() < IDLE_FOR && !sender.is_closed());
+        list.pop().map(|(_, sender)| sender)
     }
 
     fn put_idle(&self, origin: String, sender: SendRequest<Full<Bytes>>) {
@@ -262,8 +266,9 @@ impl Client {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(origin).or_default();
+        list.retain(|(since, sender)| since.elapsed() < IDLE_FOR && !sender.is_closed());
         if list.len() < IDLE_PER_ORIGIN {
-            list.push(sender);
+            list.push((std::time::Instant::now(), sender));
         }
     }
 
