@@ -602,13 +602,17 @@ async fn open_socket(
             Err(e) => e,
         })?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        let (parts, body) = response.into_parts();
+        let (mut parts, body) = response.into_parts();
         // Refusals are short (a JSON error or a sentence); cap what is held anyway.
         let body = http_body_util::Limited::new(body, 64 * 1024);
         let bytes = http_body_util::BodyExt::collect(body)
             .await
             .map(|c| c.to_bytes())
             .unwrap_or_default();
+        // The body is the one read here (empty if the member's did not arrive whole):
+        // its length is set anew, not the member's.
+        parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+        parts.headers.remove(axum::http::header::TRANSFER_ENCODING);
         return Ok(Opened::Refused(Response::from_parts(
             parts,
             axum::body::Body::from(bytes),
