@@ -145,6 +145,8 @@ pub async fn send(client: &http::Client, api_base: &str, auth_token: &str, sende
     };
     match serde_json::from_slice::<Answer>(&response.body) {
         Ok(Answer { status: 0, message_token: Some(t), .. }) => SendOutcome::Sent { provider_id: token(Some(t)).unwrap_or_default() },
+        // Taken, by its status, but with no message id: it may have been sent.
+        Ok(Answer { status: 0, .. }) => unconfirmed(response.status, "Viber status 0 without a message_token".into(), None),
         Ok(a) => {
             let reason = clip(&format!("Viber status {}: {}", a.status, a.status_message), 500);
             if RETRY_STATUSES.contains(&a.status) {
