@@ -113,7 +113,13 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// routing steps withdraws its pending offers, which routing makes again under the new
 /// steps (before, an offer made through an overflow step, or under a step's relaxed
 /// skills, stayed and could be accepted after the step that allowed it was gone).
-pub const RULES_VERSION: u32 = 17;
+/// Rules 18: an accept that reached the gateway before its offer's deadline and is
+/// decided after the offer expired (rules 9) takes the conversation only if routing
+/// could offer it to that operator now (in a group its step reaches, with the skills it
+/// needs, not in wrap-up) and the operator has not held it (before, the operator's
+/// groups and skills were not looked at again, and an operator who took it that way and
+/// transferred it back to the queue took it again when the same accept was sent again).
+pub const RULES_VERSION: u32 = 18;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -1432,6 +1438,14 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             // their own choice or for a lost socket, not on a break, not offline.
             let away_by_expiry = op.presence == Presence::Away && conv.last_pass == Some(op.presence_since) && !state.presence_reasons.contains_key(op_id);
             if !(op.presence == Presence::Online || away_by_expiry) {
+                return Err(gone);
+            }
+            // Rules 18: the operator must be one routing could offer it to now (in a
+            // group its step reaches, with the skills it needs, not in wrap-up), and must
+            // not have held it (before, an operator whose late accept was honoured and
+            // who then transferred the conversation back to the group took it again when
+            // the same accept came once more, a socket's resend, undoing the transfer).
+            if state.rules >= 18 && (conv.handled_by.contains(op_id) || crate::routing::unfit(state, group, conv, op, now).is_some()) {
                 return Err(gone);
             }
             if !state.has_room(op, &conv.channel) {

@@ -142,6 +142,27 @@ pub fn select_at_step(state: &ShardState, group: &SkillGroup, conversation: &Con
     Selection { chosen, candidates, step }
 }
 
+/// Why `op` could not be offered `conversation` of `group` as of `now` for a reason other
+/// than their presence, their passes and their room (which a late accept weighs on its
+/// own, rules 18): not an operator of the groups its routing step reaches
+/// (`not_in_group`), short of a skill it needs (`skill_missing`), or in wrap-up
+/// (`wrap_up`, rules 5).
+pub fn unfit(state: &ShardState, group: &SkillGroup, conversation: &Conversation, op: &Operator, now: Timestamp) -> Option<&'static str> {
+    let step = step_at(state, group, conversation, now);
+    if !step_groups(state, group, step).iter().any(|g| op.config.groups.contains(g)) {
+        return Some("not_in_group");
+    }
+    let skills = state.operator_skills.get(&op.config.id);
+    let needs = requirements_at(state, group, conversation, step);
+    if needs.iter().any(|(skill, min)| skills.and_then(|s| s.get(skill)).is_none_or(|level| level < min)) {
+        return Some("skill_missing");
+    }
+    if state.rules >= 5 && state.wrap_up.get(&op.config.id).is_some_and(|until| *until > now) {
+        return Some("wrap_up");
+    }
+    None
+}
+
 /// Eligibility and capacity stages: why this operator cannot take the conversation, as a
 /// stable code (`offline`, `away`, `on_break`, `at_capacity`, `wrap_up`, `passed`).
 /// Capacity comes before passes, so `passed` always names an operator who could take it

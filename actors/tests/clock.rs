@@ -5,7 +5,7 @@
 use switchboard_actors::core::RULES_VERSION;
 use switchboard_actors::model::*;
 use switchboard_actors::records::{self, MemStore};
-use switchboard_actors::state::ShardState;
+use switchboard_actors::state::{ConversationStatus, ShardState};
 use switchboard_actors::Error;
 
 fn run(state: &mut ShardState, store: &MemStore, at: u64, command: Command) -> Result<(), Error> {
@@ -134,6 +134,54 @@ fn a_late_accept_does_not_take_a_conversation_offered_to_someone_else_since() {
     assert_eq!(run(&mut state, &store, 6700, accept_at("ann", offer, 5900)), Err(Error::OfferGone(offer)));
     run(&mut state, &store, 6800, accept_at("bob", to_bob, 6800)).expect("bob takes it");
     assert_eq!(state.conversations[&conversation].assigned(), Some(&OperatorId::new("bob")), "one holder (I2)");
+}
+
+/// Rules 18: a late accept takes the conversation only from an operator routing could
+/// offer it to now and who has not held it since; under rules 17 each of these took it.
+#[test]
+fn under_rules_18_a_late_accept_is_weighed_as_routing_would_weigh_the_operator_now() {
+    assert!(RULES_VERSION >= 18);
+    let ann = || OperatorId::new("ann");
+    let g = || SkillGroupId::new("g");
+    type Since = fn(&MemStore, &mut ShardState, ConversationId);
+    let cases: [(&str, Since); 3] = [
+        ("taken with a late accept and transferred back to the group, then the same accept sent again", |store, state, conversation| {
+            let offer = *state.conversations[&conversation].decisions.last().expect("offered");
+            run(state, store, 6700, accept_at("ann", offer, 5900)).expect("the late accept is honoured");
+            run(state, store, 6750, Command::Transfer { operator: OperatorId::new("ann"), conversation, target: TransferTarget::Group(SkillGroupId::new("g")), comment: "not mine".into() }).expect("transferred back");
+        }),
+        ("taken out of the group", |store, state, _| {
+            run(state, store, 6600, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("ann"), name: "Ann".into(), capacity: 2, groups: vec![] })).expect("out of g");
+        }),
+        ("short of a skill the group now needs", |store, state, _| {
+            let routing = GroupRouting { required_skills: vec![("fr".into(), 3)], ..GroupRouting::default() };
+            run(state, store, 6600, Command::SetGroupRouting { group: SkillGroupId::new("g"), routing }).expect("needs fr");
+        }),
+    ];
+    for (what, since) in cases {
+        for rules in [17, 18] {
+            let (store, mut state, conversation, offer) = missed_offer(rules);
+            since(&store, &mut state, conversation);
+            assert!(matches!(state.conversations[&conversation].status, ConversationStatus::Queued { offer: None, .. }), "{what}: waiting");
+            let late = run(&mut state, &store, 6800, accept_at("ann", offer, 5900));
+            if rules >= 18 {
+                assert_eq!(late, Err(Error::OfferGone(offer)), "rules {rules}, {what}");
+                assert!(matches!(state.conversations[&conversation].status, ConversationStatus::Queued { .. }), "rules {rules}, {what}: still in the queue");
+                assert!(!state.operators[&ann()].active.contains(&conversation));
+            } else {
+                late.unwrap_or_else(|e| panic!("rules 17, {what}: {e:?}"));
+                assert_eq!(state.conversations[&conversation].assigned(), Some(&ann()), "rules {rules}, {what}: as rules 17 decided");
+            }
+        }
+    }
+    // Still an operator of the group with the skills it needs, and never given it: her
+    // late accept counts under rules 18 as under 9 (the first test of this file).
+    let (store, mut state, conversation, offer) = missed_offer(18);
+    run(&mut state, &store, 6600, Command::SetOperatorSkills { operator: ann(), skills: vec![("fr".into(), 4)] }).expect("skills");
+    let routing = GroupRouting { required_skills: vec![("fr".into(), 3)], ..GroupRouting::default() };
+    run(&mut state, &store, 6650, Command::SetGroupRouting { group: g(), routing }).expect("needs fr");
+    run(&mut state, &store, 6700, accept_at("ann", offer, 5900)).expect("she has what it needs");
+    assert_eq!(state.conversations[&conversation].assigned(), Some(&ann()));
 }
 
 #[test]
