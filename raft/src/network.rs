@@ -137,12 +137,15 @@ impl RpcRequest {
     }
 
     /// The node a Raft request speaks for: the candidate of a vote, the leader of entries
-    /// or a snapshot. It must be one the peer's certificate is issued to.
+    /// or a snapshot, the node a `Join` asks to admit (a node asks to join only for
+    /// itself; placing others goes through `Learn` and `Voters`). It must be one the
+    /// peer's certificate is issued to.
     fn raft_speaker(&self) -> Option<NodeId> {
         match self {
             RpcRequest::Append { rpc, .. } | RpcRequest::AppendQuiet { rpc, .. } => Some(rpc.vote.leader_id().node_id),
             RpcRequest::Snapshot { rpc, .. } => Some(rpc.vote.leader_id().node_id),
             RpcRequest::Vote { rpc, .. } => Some(rpc.vote.leader_id().node_id),
+            RpcRequest::Members { change: crate::members::Change::Join { id, .. }, .. } => Some(*id),
             _ => None,
         }
     }
@@ -1173,6 +1176,7 @@ impl Peers {
         match self.exchange(addr, &RpcRequest::Members { group, change }, ttl).await {
             Ok(RpcResponse::Members(answer)) => Ok(answer),
             Ok(RpcResponse::UnknownGroup(g)) => Err(format!("{addr} does not host group {g} (yet)")),
+            Ok(RpcResponse::BadRequest(why)) => Ok(crate::members::Answer::Refused(format!("{addr} refused the request: {why}"))),
             Ok(_) => Err(format!("{addr} answered a membership change with something else")),
             Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
         }

@@ -422,7 +422,7 @@ async fn a_gateway_certificate_proposes_nothing_and_takes_no_part_in_raft() -> a
 
 /// A node's certificate is issued to one node id (`node-<id>`): Raft traffic from it that
 /// speaks for another node (a vote as another candidate, entries or a snapshot as another
-/// leader) is refused, so a node cannot pass for a member it is not; under its own id it
+/// leader, a request to admit another node) is refused, so a node cannot pass for a member it is not; under its own id it
 /// is answered as any peer is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_certificate_speaks_in_raft_only_for_its_own_node_id() -> anyhow::Result<()> {
@@ -453,8 +453,15 @@ async fn a_node_certificate_speaks_in_raft_only_for_its_own_node_id() -> anyhow:
     assert!(refused_for_its_id(&answer), "entries as another node were refused for the certificate: {answer:?}");
     let answer = client.install_snapshot(install, RPCOption::new(Duration::from_secs(2))).await;
     assert!(refused_for_its_id(&answer), "a snapshot as another node was refused for the certificate: {answer:?}");
+    // Asking to admit node 2 (at this certificate's address or any): refused, the
+    // group's members do not change.
+    let peers = switchboard_raft::network::Peers::new(endpoint.clone());
+    let join = switchboard_raft::members::Change::Join { id: 2, addr: "127.0.0.1:1".into() };
+    let answer = peers.change_members(&addr(&replica)?.addr, 7, join, Duration::from_secs(2)).await;
+    assert!(refused_for_its_id(&answer), "a join as another node was refused for the certificate: {answer:?}");
     let m = replica.raft.metrics().borrow().clone();
     assert_eq!((m.current_term, m.last_log_index, m.current_leader), (term, before, Some(1)), "no term, entry or leader came of them");
+    assert_eq!(m.membership_config.membership().nodes().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1], "nobody was admitted");
 
     // Under its own id the same certificate is answered: a vote as candidate 9 with no
     // log is heard and not granted (node 1 leads, and its log is ahead).
