@@ -119,6 +119,8 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// needs, not in wrap-up) and the operator has not held it (before, the operator's
 /// groups and skills were not looked at again, and an operator who took it that way and
 /// transferred it back to the queue took it again when the same accept was sent again).
+/// And a dead letter sent again forgets the provider's id for its last attempt, so a
+/// receipt for that attempt cannot settle the new one.
 pub const RULES_VERSION: u32 = 18;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not

@@ -1842,7 +1842,19 @@ impl ShardState {
                 }
             }
             Event::DeliveryRetried { conversation, seq, .. } => {
+                // Rules 18: the id the provider gave the last attempt no longer names
+                // this entry, so a receipt for that attempt (a "failed" the provider
+                // sends late, or again) cannot settle the new one.
+                let forget = self.rules >= 18;
+                if forget {
+                    if let Some((channel, Some(old))) = self.delivery(&(*conversation, *seq)).map(|d| (d.channel.clone(), d.provider_id.clone())) {
+                        self.dirty.provider_ids_gone.push((channel, old));
+                    }
+                }
                 self.update_delivery((*conversation, *seq), |d| {
+                    if forget {
+                        d.provider_id = None;
+                    }
                     d.status = DeliveryStatus::Pending;
                     d.attempts = 0;
                     d.queued_at = at;

@@ -611,6 +611,47 @@ fn a_returning_messenger_customer_goes_first_to_whoever_served_them_last() {
     }
 }
 
+/// A message the provider took (its id "777") and later reported failed is sent again
+/// by a supervisor. From rules 18 the old id no longer names the entry: a late or
+/// repeated "failed" for it finds nothing, and cannot dead-letter the new attempt.
+/// Under rules 17 it still named it.
+#[test]
+fn a_retried_dead_letter_forgets_the_provider_id_of_its_last_attempt() {
+    for rules in [17, 18] {
+        let (store, mut state) = setup_with(rules);
+        connect(&mut state, &store);
+        let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+        let conv = conversation_of(&reply);
+        let offer = *state.offers.keys().next().expect("offered");
+        ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+        let (reply, _) = ok(run(&mut state, &store, T0 + 30, Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "k1".into(), text: "Hi Dana".into(), attachments: vec![] }));
+        let Reply::Message { seq, .. } = reply else { panic!("{reply:?}") };
+        let result = |outcome| Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq, outcome }] };
+        ok(run(&mut state, &store, T0 + 40, Command::DeliveriesAttempted { node: 1, items: vec![(conv, seq)] }));
+        ok(run(&mut state, &store, T0 + 50, result(DeliveryOutcome::Sent { provider_id: "777".into() })));
+        ok(run(&mut state, &store, T0 + 60, result(DeliveryOutcome::Failed { reason: "131026 undeliverable".into() })));
+        assert_eq!(records::by_provider_id(&store, &tg(), "777").expect("read"), Some((conv, seq)));
+        // A dead letter is read from its record when it is retried.
+        let mut state = records::load(&store).expect("reload");
+        ok(run(&mut state, &store, T0 + 70, Command::RetryDelivery { conversation: conv, seq, by: "sue".into() }));
+        ok(run(&mut state, &store, T0 + 80, Command::DeliveriesAttempted { node: 1, items: vec![(conv, seq)] }));
+        let named = records::by_provider_id(&store, &tg(), "777").expect("read");
+        let d = records::delivery(&store, conv, seq).expect("read").expect("kept");
+        if rules >= 18 {
+            assert_eq!(named, None, "rules {rules}: the old id names nothing");
+            assert_eq!((d.status, d.provider_id), (DeliveryStatus::Attempting { node: 1 }, None));
+            assert_eq!(records::load(&store).expect("reload").outbox[&(conv, seq)].provider_id, None, "rules {rules}: after a restart too");
+        } else {
+            assert_eq!(named, Some((conv, seq)), "rules {rules}: a stale receipt for 777 still reaches the new attempt");
+            assert_eq!(d.provider_id.as_deref(), Some("777"));
+        }
+        // The new attempt's own id names it.
+        ok(run(&mut state, &store, T0 + 90, result(DeliveryOutcome::Sent { provider_id: "778".into() })));
+        assert_eq!(records::by_provider_id(&store, &tg(), "778").expect("read"), Some((conv, seq)));
+        assert_eq!(records::by_provider_id(&store, &tg(), "777").expect("read"), None, "rules {rules}: gone once the new id came");
+    }
+}
+
 /// A supervisor's retry of a dead letter committed in the same log entry as the purge of
 /// its (closed, expired) conversation: the retry's outbox record is not in the records
 /// the purge reads its keys from, and would outlive the conversation and be sent after
