@@ -114,11 +114,12 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// steps (before, an offer made through an overflow step, or under a step's relaxed
 /// skills, stayed and could be accepted after the step that allowed it was gone).
 /// Rules 18: an accept that reached the gateway before its offer's deadline and is
-/// decided after the offer expired (rules 9) takes the conversation only if routing
-/// could offer it to that operator now (in a group its step reaches, with the skills it
-/// needs, not in wrap-up) and the operator has not held it (before, the operator's
-/// groups and skills were not looked at again, and an operator who took it that way and
-/// transferred it back to the queue took it again when the same accept was sent again).
+/// decided after the offer expired (rules 9) takes the conversation only if it has
+/// waited in the queue since the offer was made and the operator still belongs to a
+/// group the offer's routing step reaches, with the skills it needs there (before, the
+/// operator's groups and skills were not looked at again, and an operator who took it
+/// that way and transferred it back to the queue took it again when the same accept
+/// was sent again).
 /// And a dead letter sent again forgets the provider's id for its last attempt, so a
 /// receipt for that attempt cannot settle the new one.
 pub const RULES_VERSION: u32 = 18;
@@ -1442,13 +1443,17 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             if !(op.presence == Presence::Online || away_by_expiry) {
                 return Err(gone);
             }
-            // Rules 18: the operator must be one routing could offer it to now (in a
-            // group its step reaches, with the skills it needs, not in wrap-up), and must
-            // not have held it (before, an operator whose late accept was honoured and
-            // who then transferred the conversation back to the group took it again when
-            // the same accept came once more, a socket's resend, undoing the transfer).
-            if state.rules >= 18 && (conv.handled_by.contains(op_id) || crate::routing::unfit(state, group, conv, op, now).is_some()) {
-                return Err(gone);
+            // Rules 18: the conversation has waited in the queue since the offer was made
+            // (before, an operator whose late accept was honoured and who then
+            // transferred the conversation back to the group took it again when the same
+            // accept came once more, a socket's resend, undoing the transfer), and the
+            // operator still belongs to a group the offer's routing step reaches, with
+            // the skills it needs there (an admin may have changed either since).
+            if state.rules >= 18 {
+                let back_since = state.queued_since.get(&conv.id).is_some_and(|since| *since > decision.at);
+                if back_since || crate::routing::unfit(state, group, conv, op, state.answered_offer_step).is_some() {
+                    return Err(gone);
+                }
             }
             if !state.has_room(op, &conv.channel) {
                 return Err(Error::CapacityExceeded(op_id.clone()));

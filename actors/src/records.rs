@@ -756,6 +756,7 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
 pub fn end_command(state: &mut ShardState) {
     state.returning = None;
     state.answered_offer = None;
+    state.answered_offer_step = 0;
     state.inbound_seen = None;
     state.start_seen = None;
     state.expired.clear();
@@ -913,6 +914,7 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
         // so its decision record is written by the time it is answered late.
         if !state.offers.contains_key(offer) {
             state.answered_offer = get::<DecisionRecord>(store, &key::decision(*offer))?;
+            state.answered_offer_step = get::<u32>(store, &key::offer_step(*offer))?.unwrap_or(0);
         }
     }
     // A routing shard deletes what it holds of the conversations a conversation shard

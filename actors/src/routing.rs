@@ -142,13 +142,13 @@ pub fn select_at_step(state: &ShardState, group: &SkillGroup, conversation: &Con
     Selection { chosen, candidates, step }
 }
 
-/// Why `op` could not be offered `conversation` of `group` as of `now` for a reason other
-/// than their presence, their passes and their room (which a late accept weighs on its
-/// own, rules 18): not an operator of the groups its routing step reaches
-/// (`not_in_group`), short of a skill it needs (`skill_missing`), or in wrap-up
-/// (`wrap_up`, rules 5).
-pub fn unfit(state: &ShardState, group: &SkillGroup, conversation: &Conversation, op: &Operator, now: Timestamp) -> Option<&'static str> {
-    let step = step_at(state, group, conversation, now);
+/// Why `op` could not take `conversation` of `group` under routing `step` for a reason
+/// an admin may have changed since an offer was made at that step (rules 18): not an
+/// operator of the groups the step reaches (`not_in_group`), or short of a skill it
+/// needs there (`skill_missing`). Presence, passes, wrap-up and room are not looked at:
+/// an accept of a pending offer is not held to them either, and a late accept weighs
+/// presence and room on its own.
+pub fn unfit(state: &ShardState, group: &SkillGroup, conversation: &Conversation, op: &Operator, step: u32) -> Option<&'static str> {
     if !step_groups(state, group, step).iter().any(|g| op.config.groups.contains(g)) {
         return Some("not_in_group");
     }
@@ -156,9 +156,6 @@ pub fn unfit(state: &ShardState, group: &SkillGroup, conversation: &Conversation
     let needs = requirements_at(state, group, conversation, step);
     if needs.iter().any(|(skill, min)| skills.and_then(|s| s.get(skill)).is_none_or(|level| level < min)) {
         return Some("skill_missing");
-    }
-    if state.rules >= 5 && state.wrap_up.get(&op.config.id).is_some_and(|until| *until > now) {
-        return Some("wrap_up");
     }
     None
 }

@@ -148,6 +148,9 @@ pub struct ShardState {
     /// from records `d` before it), which says whom it was made to and when.
     #[serde(skip)]
     pub answered_offer: Option<DecisionRecord>,
+    /// ... and the routing step it was made at (records `O`; 0 when none is recorded).
+    #[serde(skip)]
+    pub answered_offer_step: u32,
     /// Who served each visitor whose conversation closed in the log entry being
     /// applied: the records `V` hold it only once the entry is written, and a later
     /// command of the same entry must see it.

@@ -136,13 +136,13 @@ fn a_late_accept_does_not_take_a_conversation_offered_to_someone_else_since() {
     assert_eq!(state.conversations[&conversation].assigned(), Some(&OperatorId::new("bob")), "one holder (I2)");
 }
 
-/// Rules 18: a late accept takes the conversation only from an operator routing could
-/// offer it to now and who has not held it since; under rules 17 each of these took it.
+/// Rules 18: a late accept takes the conversation only if it has waited in the queue
+/// since the offer was made, from an operator still in a group the offer's step reaches
+/// with the skills it needs there; under rules 17 each of these took it.
 #[test]
-fn under_rules_18_a_late_accept_is_weighed_as_routing_would_weigh_the_operator_now() {
+fn under_rules_18_a_late_accept_is_weighed_against_what_changed_since_the_offer() {
     assert!(RULES_VERSION >= 18);
     let ann = || OperatorId::new("ann");
-    let g = || SkillGroupId::new("g");
     type Since = fn(&MemStore, &mut ShardState, ConversationId);
     let cases: [(&str, Since); 3] = [
         ("taken with a late accept and transferred back to the group, then the same accept sent again", |store, state, conversation| {
@@ -174,14 +174,56 @@ fn under_rules_18_a_late_accept_is_weighed_as_routing_would_weigh_the_operator_n
             }
         }
     }
-    // Still an operator of the group with the skills it needs, and never given it: her
-    // late accept counts under rules 18 as under 9 (the first test of this file).
+    // Still an operator of the group with the skills it needs: her late accept counts
+    // under rules 18 as under 9 (the first test of this file).
     let (store, mut state, conversation, offer) = missed_offer(18);
     run(&mut state, &store, 6600, Command::SetOperatorSkills { operator: ann(), skills: vec![("fr".into(), 4)] }).expect("skills");
     let routing = GroupRouting { required_skills: vec![("fr".into(), 3)], ..GroupRouting::default() };
-    run(&mut state, &store, 6650, Command::SetGroupRouting { group: g(), routing }).expect("needs fr");
+    run(&mut state, &store, 6650, Command::SetGroupRouting { group: SkillGroupId::new("g"), routing }).expect("needs fr");
     run(&mut state, &store, 6700, accept_at("ann", offer, 5900)).expect("she has what it needs");
     assert_eq!(state.conversations[&conversation].assigned(), Some(&ann()));
+}
+
+/// Under rules 18 a late accept is weighed at the routing step its offer was made at,
+/// not at the step the conversation has reached by the time it commits (a pending
+/// offer made through a step's overflow may be accepted after the next step began); and
+/// an operator who held the conversation before it was queued again may take it.
+#[test]
+fn under_rules_18_a_late_accept_counts_at_its_offer_s_step_and_after_an_earlier_hold() {
+    let ok = |r: Result<(), Error>| r.expect("accepted");
+    // Group `g2` has no operators of its own: from 500 ms its queue overflows into `g`
+    // (Ann's group), from 3000 ms it needs a skill Ann lacks, and no overflow.
+    let (store, mut state) = setup(18);
+    ok(run(&mut state, &store, 1000, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g2"), name: "g2".into(), policy: Policy::LongestIdle, offer_timeout_ms: 5000, sla_ms: 60_000 })));
+    ok(run(&mut state, &store, 1000, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web2"), kind: "web".into(), name: "web2".into(), default_group: SkillGroupId::new("g2") })));
+    let steps = vec![
+        RoutingStep { after_ms: 500, skills: None, max_level: 0, overflow: vec![SkillGroupId::new("g")] },
+        RoutingStep { after_ms: 3000, skills: Some(vec![("fr".into(), 3)]), max_level: 0, overflow: vec![] },
+    ];
+    ok(run(&mut state, &store, 1000, Command::SetGroupSteps { group: SkillGroupId::new("g2"), steps }));
+    ok(run(&mut state, &store, 1000, Command::StartConversation { channel: ChannelId::new("web2"), group: None, visitor: Visitor::default() }));
+    assert!(state.offers.is_empty(), "nobody of g2's own");
+    ok(run(&mut state, &store, 1500, Command::RouteQueue { group: SkillGroupId::new("g2") }));
+    let offer = state.offers.values().next().expect("offered to ann through the overflow").clone();
+    assert_eq!((offer.operator.as_str(), offer.deadline), ("ann", Timestamp(6500)));
+    ok(run(&mut state, &store, 6600, Command::ExpireOffer { offer: offer.id }));
+    // At 6700 the conversation is at step 2, which Ann is not fit for; her answer
+    // reached the server at 6400, under step 1's offer.
+    ok(run(&mut state, &store, 6700, accept_at("ann", offer.id, 6400)));
+    assert_eq!(state.conversations[&offer.conversation].assigned(), Some(&OperatorId::new("ann")));
+
+    // Ann held a conversation; a supervisor put it back in the queue; it was offered to
+    // her again and the offer expired under her late accept: it counts.
+    let (store, mut state) = setup(18);
+    ok(run(&mut state, &store, 1000, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() }));
+    let first = state.offers.values().next().expect("offered").id;
+    ok(run(&mut state, &store, 1100, Command::AcceptOffer { operator: OperatorId::new("ann"), offer: first }));
+    let conversation = *state.operators[&OperatorId::new("ann")].active.iter().next().expect("hers");
+    ok(run(&mut state, &store, 1200, Command::Reassign { by: "sue".into(), conversation, target: TransferTarget::Group(SkillGroupId::new("g")), comment: String::new() }));
+    let again = state.offers.values().find(|o| o.conversation == conversation).expect("offered to ann again").clone();
+    ok(run(&mut state, &store, again.deadline.0 + 100, Command::ExpireOffer { offer: again.id }));
+    ok(run(&mut state, &store, again.deadline.0 + 200, accept_at("ann", again.id, again.deadline.0 - 100)));
+    assert_eq!(state.conversations[&conversation].assigned(), Some(&OperatorId::new("ann")));
 }
 
 #[test]

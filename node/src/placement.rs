@@ -59,6 +59,15 @@ pub(crate) enum Step {
     Holders { group: GroupId, nodes: BTreeSet<NodeId> },
 }
 
+impl Step {
+    /// The group the step changes.
+    pub(crate) fn group(&self) -> GroupId {
+        match self {
+            Step::Learn { group, .. } | Step::Voters { group, .. } | Step::Drop { group, .. } | Step::Lead { group, .. } | Step::Holders { group, .. } => *group,
+        }
+    }
+}
+
 impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -148,7 +157,17 @@ pub(crate) fn balanced_voters(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>,
 /// members), of which `live` answer; `None` when there is none. Leaderships are evened
 /// out only with `leaders`, and only once every group has a leader.
 pub(crate) fn plan(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>, groups: &[GroupView], leaders: bool) -> Option<Step> {
-    let placed = balanced_voters(nodes, live, groups);
+    plan_except(nodes, live, groups, leaders, &BTreeSet::new())
+}
+
+/// As [`plan`], with no step for the groups in `skip` (whose step keeps failing now):
+/// the placement is still weighed over every group, so the other groups' steps are
+/// the ones they would get anyway, and a group that cannot move now does not hold them
+/// up.
+pub(crate) fn plan_except(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>, all: &[GroupView], leaders: bool, skip: &BTreeSet<GroupId>) -> Option<Step> {
+    let placed = balanced_voters(nodes, live, all);
+    let groups: Vec<&GroupView> = all.iter().filter(|g| !skip.contains(&g.id)).collect();
+    let groups = groups.as_slice();
     // Every node of the cluster follows the metadata group and the routing shard; a
     // conversation shard only the nodes that are to vote in it follow.
     for g in groups {
@@ -189,12 +208,12 @@ pub(crate) fn plan(nodes: &BTreeSet<NodeId>, live: &BTreeSet<NodeId>, groups: &[
             return Some(Step::Drop { group: g.id, node: *node });
         }
     }
-    if !leaders || groups.iter().any(|g| g.leader.is_none()) {
+    if !leaders || all.iter().any(|g| g.leader.is_none()) {
         return None;
     }
     // Leaderships: from the node that leads most to a live voter that leads least.
     let mut led: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (*n, 0)).collect();
-    for g in groups {
+    for g in all {
         if let Some(l) = g.leader {
             *led.entry(l).or_default() += 1;
         }
@@ -352,10 +371,13 @@ pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration, wh
     let mut taken = Vec::new();
     let mut last_error = None;
     let mut leaders = leaders;
-    // Steps that failed in this call: one that fails twice ends it (the controller tries
-    // again later), so a step that cannot be taken now does not hold up the group's
-    // writes, or the steps after it, for long.
+    // Steps that failed in this call. A group whose step fails twice gets no more steps
+    // in it, and the other groups' steps go on; the call then ends with the error (the
+    // controller tries again later). So a step that cannot be taken now (a node that
+    // cannot catch up, a leader that refuses) holds up neither the group's writes nor
+    // any other group's placement for long.
     let mut failed: Vec<Step> = Vec::new();
+    let mut stuck: BTreeSet<GroupId> = BTreeSet::new();
     loop {
         if while_leading && node.groups[&G0].raft.metrics().borrow().current_leader != Some(node.node_id) {
             return Ok(taken);
@@ -369,9 +391,15 @@ pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration, wh
         if views.len() < node.groups.len() {
             return Err(last_error.unwrap_or_else(|| "not every group's membership is known now".into()));
         }
-        let Some(step) = plan(&ids, &live, &views, leaders) else { return Ok(taken) };
+        let Some(step) = plan_except(&ids, &live, &views, leaders, &stuck) else {
+            return match last_error {
+                Some(e) if !stuck.is_empty() => Err(e),
+                _ => Ok(taken),
+            };
+        };
         if failed.iter().filter(|f| **f == step).count() >= 2 {
-            return Err(last_error.unwrap_or_else(|| format!("{step} failed twice")));
+            stuck.insert(step.group());
+            continue;
         }
         let left = give_up.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
@@ -455,6 +483,10 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
     // The last step that failed and why, while no step succeeded since: said when time
     // runs out.
     let mut last_refusal: Option<(String, String)> = None;
+    // Steps that failed, and the groups whose step failed twice: those wait while the
+    // other groups' steps are taken, then are tried again.
+    let mut failed: Vec<Step> = Vec::new();
+    let mut stuck: BTreeSet<GroupId> = BTreeSet::new();
     loop {
         let addresses = nodes(node);
         let remaining: BTreeSet<NodeId> = addresses.keys().copied().filter(|n| *n != id).collect();
@@ -495,10 +527,23 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
         } else if g0.members.contains(&id) {
             Some(Step::Drop { group: G0, node: id })
         } else {
-            match plan(&remaining, &live, &views, false) {
+            let next = plan_except(&remaining, &live, &views, false, &stuck).or_else(|| {
+                views.iter().find(|g| g.members.contains(&id) && !stuck.contains(&g.id)).map(|g| Step::Drop { group: g.id, node: id })
+            });
+            match next {
+                Some(step) if failed.iter().filter(|f| **f == step).count() >= 2 && step.group() != G0 => {
+                    stuck.insert(step.group());
+                    continue;
+                }
                 Some(step) => Some(step),
+                // Only groups whose step kept failing are left: they are tried again.
+                None if !stuck.is_empty() => {
+                    stuck.clear();
+                    failed.clear();
+                    plan(&remaining, &live, &views, false).or_else(|| views.iter().find(|g| g.members.contains(&id)).map(|g| Step::Drop { group: g.id, node: id }))
+                }
                 // A member nowhere: done (or never was).
-                None => views.iter().find(|g| g.members.contains(&id)).map(|g| Step::Drop { group: g.id, node: id }),
+                None => None,
             }
         };
         let Some(step) = step else { return Ok(taken) };
@@ -519,6 +564,7 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
             Err(e) if e.starts_with("no leader") => return Err(e),
             Err(e) => {
                 tracing::warn!(?step, error = %e, "a step of removing a node failed");
+                failed.push(step.clone());
                 last_refusal = Some((step.to_string(), e));
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -602,6 +648,40 @@ mod tests {
         // A node is made a learner before it votes anywhere.
         let first_vote = steps.iter().position(|s| matches!(s, Step::Voters { .. })).expect("votes move");
         assert!(steps[..first_vote].iter().all(|s| matches!(s, Step::Learn { node: 4, .. })), "{steps:?}");
+    }
+
+    /// A group whose step keeps failing (here group 1: node 4 cannot follow it now) is
+    /// left out, and the other groups still get every step they would have got: the
+    /// same learners, voters and leaders as without it, not a placement skewed by it.
+    #[test]
+    fn a_group_whose_step_keeps_failing_holds_up_no_other_group() {
+        let mut groups: Vec<GroupView> = (1..=6).map(|id| group(id, &[1, 2, 3], &[1, 2, 3], 1 + id % 3)).collect();
+        let (nodes, live) = (set(&[1, 2, 3, 4]), set(&[1, 2, 3, 4]));
+        assert_eq!(plan(&nodes, &live, &groups, true), Some(Step::Learn { group: 1, node: 4 }), "group 1 first");
+        let skip: BTreeSet<GroupId> = [1].into_iter().collect();
+        let mut steps = Vec::new();
+        while let Some(step) = plan_except(&nodes, &live, &groups, true, &skip) {
+            assert!(steps.len() < 100, "no end to the steps: {steps:?}");
+            assert_ne!(step.group(), 1, "no step for the group left out");
+            let g = groups.iter_mut().find(|g| g.id == step.group()).expect("group");
+            match &step {
+                Step::Learn { node, .. } => {
+                    g.members.insert(*node);
+                }
+                Step::Voters { voters, .. } => g.voters = voters.clone(),
+                Step::Drop { node, .. } => {
+                    g.members.remove(node);
+                }
+                Step::Lead { to, .. } => g.leader = Some(*to),
+                Step::Holders { nodes, .. } => g.holders = Some(nodes.clone()),
+            }
+            steps.push(step);
+        }
+        assert!(groups[1..].iter().all(|g| g.members.contains(&4)), "every other group took node 4 in: {groups:?}");
+        assert!(groups[1..].iter().any(|g| g.voters.contains(&4)), "and gave it votes: {steps:?}");
+        assert_eq!(groups[0].members, set(&[1, 2, 3]), "group 1 is as it was");
+        // Once group 1 can move again, the plan picks it up where it stopped.
+        assert_eq!(plan(&nodes, &live, &groups, true), Some(Step::Learn { group: 1, node: 4 }));
     }
 
     #[test]

@@ -2114,6 +2114,10 @@ pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String],
             }
             // Another node's address under this id will not change by asking again.
             Ok(Answer::Refused(why)) if why.contains("is already a member at") => anyhow::bail!("the cluster refused to admit node {node_id}: {why}"),
+            // Nor will this node's certificate name another node by asking again.
+            Ok(Answer::Refused(why)) if why.contains(switchboard_raft::network::NOT_ISSUED_TO) => {
+                anyhow::bail!("the cluster refused to admit node {node_id}: {why}; give the node the certificate made for its id (`node-{node_id}`)")
+            }
             // Not caught up in time, another change under way: asked again, of the next
             // member (one whose own Raft refuses everything is not asked forever).
             Ok(Answer::Refused(why)) => {

@@ -861,6 +861,10 @@ pub fn serve(endpoint: quinn::Endpoint, router: Router) -> tokio::task::JoinHand
     })
 }
 
+/// How a member's refusal of a request that speaks for a node the asking certificate
+/// is not issued to begins.
+pub const NOT_ISSUED_TO: &str = "this certificate speaks in Raft only as node";
+
 /// Who is at the other end of a connection: its certificate's role and node ids.
 struct Caller {
     role: Role,
@@ -900,7 +904,7 @@ async fn serve_stream(router: Router, peer: &Caller, mut send: quinn::SendStream
         Ok(request) if request.raft_speaker().is_some_and(|id| !peer.node_ids.contains(&id)) => {
             let id = request.raft_speaker().unwrap_or_default();
             peer.refusals.note_speaker(peer.remote, id, &peer.node_ids);
-            RpcResponse::BadRequest(format!("this certificate speaks in Raft only as node {:?}, not as node {id}", peer.node_ids))
+            RpcResponse::BadRequest(format!("{NOT_ISSUED_TO} {:?}, not as node {id}", peer.node_ids))
         }
         Ok(RpcRequest::Watch { group, stream }) => return serve_watch(&router, group, stream, send).await,
         Ok(request) => router.dispatch(request).await,
@@ -1176,7 +1180,10 @@ impl Peers {
         match self.exchange(addr, &RpcRequest::Members { group, change }, ttl).await {
             Ok(RpcResponse::Members(answer)) => Ok(answer),
             Ok(RpcResponse::UnknownGroup(g)) => Err(format!("{addr} does not host group {g} (yet)")),
-            Ok(RpcResponse::BadRequest(why)) => Ok(crate::members::Answer::Refused(format!("{addr} refused the request: {why}"))),
+            // This node's certificate is not issued to the node it asked to admit: an
+            // answer, not a failure to reach the member (any other `BadRequest`, say from
+            // a build that cannot decode the request, stays an error, as before).
+            Ok(RpcResponse::BadRequest(why)) if why.starts_with(NOT_ISSUED_TO) => Ok(crate::members::Answer::Refused(format!("{addr} refused the request: {why}"))),
             Ok(_) => Err(format!("{addr} answered a membership change with something else")),
             Err(Ok(Unsent(e))) | Err(Err(e)) => Err(e),
         }
