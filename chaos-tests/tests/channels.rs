@@ -893,6 +893,52 @@ async fn a_signed_customer_identity_links_conversations_across_channels_and_a_fo
     Ok(())
 }
 
+/// A bot that does not answer holds up no message to the customer: its events wait for
+/// their retries apart from what the customer is to receive, so once a supervisor takes
+/// the conversation from the bot, the operator's reply reaches the messenger at once
+/// (before, it waited behind the bot's events, retried for up to 24 hours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_that_does_not_answer_holds_up_no_message_to_the_customer() -> anyhow::Result<()> {
+    let fake = FakeTelegram::start(BOT_TOKEN).await?;
+    let (_dir, dev) = dev().await?;
+    let admin = dev.login("admin").await?;
+    telegram_channel(&dev, &admin, &fake).await?;
+    // Nobody listens where the bot is said to be.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let (status, bot) = dev.api("PUT", "/api/channels/tg/bot", Some(&admin), Some(json!({"url": format!("http://127.0.0.1:{port}/events")}))).await?;
+    assert_eq!(status, 200, "{bot}");
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let (status, taken) = hook(&dev, Some(SECRET), &update(1, 4242, 7, "hello, anyone there?")).await?;
+    assert_eq!(status, 200, "{taken}");
+    let conversation = taken["conversation"].as_u64().ok_or_else(|| anyhow::anyhow!("no conversation: {taken}"))?;
+    let supervisor = dev.login("supervisor").await?;
+    // The bot's events are tried and wait for their retries (what the bot was told is
+    // not listed among the conversation's deliveries; the node counts its attempts).
+    let retries = || async {
+        let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;
+        let text = metrics.as_str().unwrap_or_default().to_owned();
+        anyhow::Ok(text.lines().find(|l| l.starts_with("switchboard_outbox_attempts_total{outcome=\"retry\"}")).and_then(|l| l.rsplit(' ').next()).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0))
+    };
+    eventually(WAIT, Duration::from_millis(100), || async { Ok(Some(retries().await?).filter(|n| *n >= 2)) }).await?;
+    assert_eq!(deliveries(&dev, &supervisor, conversation).await?, Vec::<Value>::new(), "nothing for the customer yet");
+
+    // A supervisor gives the conversation to Alice, who answers.
+    let (status, body) = dev.api("POST", &format!("/api/conversations/{conversation}/reassign"), Some(&supervisor), Some(json!({"operator": "alice", "comment": "the bot is down"}))).await?;
+    assert_eq!(status, 200, "{body}");
+    alice.wait_for(WAIT, |v| v["kind"] == "assigned" && v["conversation"] == conversation).await?;
+    alice.send(&json!({"type": "send", "conversation": conversation, "key": "r1", "text": "Hello Dana, I am here.", "ref": "r1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "r1").await?;
+    eventually(WAIT, Duration::from_millis(100), || async { Ok(fake.sent().into_iter().find(|(_, text)| text == "Hello Dana, I am here.")) }).await?;
+    let d = deliveries(&dev, &supervisor, conversation).await?;
+    assert!(d.iter().any(|d| d["recipient"] == "4242" && d["status"] == "sent"), "{d:?}");
+    // The bot's events are still being retried, in a lane of their own.
+    let before = retries().await?;
+    // (Their backoff doubles from a second: the next one may be half a minute away.)
+    eventually(Duration::from_secs(60), Duration::from_millis(200), || async { Ok(Some(retries().await?).filter(|n| *n > before)) }).await?;
+    Ok(())
+}
+
 /// A bot before the operators (rules 7): the reference echo bot in
 /// `adapters/examples/python` greets a web chat customer with a quick reply, echoes,
 /// and hands off when asked for a person; no operator is offered the conversation or

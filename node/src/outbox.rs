@@ -123,6 +123,30 @@ struct Bucket {
 /// attempt).
 type Pauses = Arc<Mutex<HashMap<(ChannelId, bool), std::time::Instant>>>;
 
+/// The conversations' lanes (a conversation and whether the entries are for its bot)
+/// that wait for an earlier entry, while the outbox is walked in key order: a
+/// conversation's entries are next to each other, so only the current one's are kept.
+#[derive(Default)]
+struct Lanes {
+    conversation: Option<ConversationId>,
+    /// For the customer, for the bot.
+    held: [bool; 2],
+}
+
+impl Lanes {
+    fn blocked(&self, (conversation, to_bot): (ConversationId, bool)) -> bool {
+        self.conversation == Some(conversation) && self.held[usize::from(to_bot)]
+    }
+
+    fn block(&mut self, (conversation, to_bot): (ConversationId, bool)) {
+        if self.conversation != Some(conversation) {
+            self.conversation = Some(conversation);
+            self.held = [false; 2];
+        }
+        self.held[usize::from(to_bot)] = true;
+    }
+}
+
 /// The longest pause a provider's wait gives its channel.
 const MAX_PAUSE: Duration = Duration::from_millis(MAX_BACKOFF_MS);
 
@@ -283,20 +307,25 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
             for key in flying.values() {
                 *per_channel.entry(key.clone()).or_default() += 1;
             }
-            // Per conversation, one entry at a time and in order: an entry waits while an
-            // earlier one of its conversation is being sent or waits for its retry.
-            let mut blocked: Option<ConversationId> = None;
+            // Per conversation and recipient, one entry at a time and in order: an entry
+            // waits while an earlier one of its conversation for the same recipient (the
+            // customer, or the channel's bot) is being sent or waits for its retry. The
+            // two are apart: a bot that does not answer holds up no message to the
+            // customer (an operator's, once a supervisor took the conversation from it).
+            let mut lanes = Lanes::default();
             for (key, d) in &state.outbox {
-                if blocked == Some(key.0) {
+                let lane = (key.0, d.to_bot);
+                if lanes.blocked(lane) {
                     continue;
                 }
+                let blocked = &mut lanes;
                 if flying.contains_key(key) {
-                    blocked = Some(key.0);
+                    blocked.block(lane);
                     continue;
                 }
                 match d.status {
                     DeliveryStatus::Attempting { node } => {
-                        blocked = Some(key.0);
+                        blocked.block(lane);
                         // The bot's events carry a delivery id, as the Channel API's do.
                         let adapter = state.channel_adapters.get(&d.channel);
                         let safe = d.to_bot || adapter.is_some_and(AdapterConfig::resend_is_safe);
@@ -343,12 +372,12 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                         }
                     }
                     DeliveryStatus::Pending if d.next_at > now => {
-                        blocked = Some(key.0);
+                        blocked.block(lane);
                         due(d.next_at);
                     }
                     DeliveryStatus::Pending if paced.len() >= room => due(now.plus_ms(5)),
                     DeliveryStatus::Pending => {
-                        blocked = Some(key.0);
+                        blocked.block(lane);
                         // Paced per channel: a channel out of tokens is skipped, so one
                         // slow provider's backlog does not hold up the others.
                         let rate = share
