@@ -1801,10 +1801,13 @@ impl ShardState {
             }
             Event::DeliveryResults { results } => {
                 for r in results {
+                    // Rules 18: an empty id (a provider's answer without one) names no
+                    // entry (every empty id of a channel would share one index key).
+                    let indexed = |id: &String| self.rules < 18 || !id.is_empty();
                     if let DeliveryOutcome::Sent { provider_id } = &r.outcome {
-                        if let Some(d) = self.delivery(&(r.conversation, r.seq)) {
+                        if let Some(d) = self.delivery(&(r.conversation, r.seq)).filter(|_| indexed(provider_id)) {
                             let (channel, old) = (d.channel.clone(), d.provider_id.clone());
-                            if let Some(old) = old.filter(|old| old != provider_id) {
+                            if let Some(old) = old.filter(|old| old != provider_id && indexed(old)) {
                                 self.dirty.provider_ids_gone.push((channel.clone(), old));
                             }
                             self.dirty.provider_ids.push((channel, provider_id.clone(), r.conversation, r.seq));
@@ -1851,7 +1854,9 @@ impl ShardState {
                 let forget = self.rules >= 18;
                 if forget {
                     if let Some((channel, Some(old))) = self.delivery(&(*conversation, *seq)).map(|d| (d.channel.clone(), d.provider_id.clone())) {
-                        self.dirty.provider_ids_gone.push((channel, old));
+                        if !old.is_empty() {
+                            self.dirty.provider_ids_gone.push((channel, old));
+                        }
                     }
                 }
                 self.update_delivery((*conversation, *seq), |d| {

@@ -652,6 +652,28 @@ fn a_retried_dead_letter_forgets_the_provider_id_of_its_last_attempt() {
     }
 }
 
+/// A provider's answer without an id (WhatsApp and Viber may give one) puts nothing in
+/// the index of provider ids from rules 18: under rules 17 every empty id of a channel
+/// shared one key, which named whichever entry was sent last.
+#[test]
+fn an_empty_provider_id_names_no_entry() {
+    for rules in [17, 18] {
+        let (store, mut state) = setup_with(rules);
+        connect(&mut state, &store);
+        let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+        let conv = conversation_of(&reply);
+        let offer = *state.offers.keys().next().expect("offered");
+        ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+        let (reply, _) = ok(run(&mut state, &store, T0 + 30, Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "k1".into(), text: "Hi Dana".into(), attachments: vec![] }));
+        let Reply::Message { seq, .. } = reply else { panic!("{reply:?}") };
+        ok(run(&mut state, &store, T0 + 40, Command::DeliveriesAttempted { node: 1, items: vec![(conv, seq)] }));
+        ok(run(&mut state, &store, T0 + 50, Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq, outcome: DeliveryOutcome::Sent { provider_id: String::new() } }] }));
+        let named = records::by_provider_id(&store, &tg(), "").expect("read");
+        assert_eq!(named, if rules >= 18 { None } else { Some((conv, seq)) }, "rules {rules}");
+        assert_eq!(records::delivery(&store, conv, seq).expect("read").expect("kept").status, DeliveryStatus::Sent, "rules {rules}: sent all the same");
+    }
+}
+
 /// A supervisor's retry of a dead letter committed in the same log entry as the purge of
 /// its (closed, expired) conversation: the retry's outbox record is not in the records
 /// the purge reads its keys from, and would outlive the conversation and be sent after

@@ -399,6 +399,9 @@ pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration, wh
         };
         if failed.iter().filter(|f| **f == step).count() >= 2 {
             stuck.insert(step.group());
+            if tokio::time::Instant::now() >= give_up {
+                return Err(last_error.unwrap_or_else(|| format!("{step} failed twice")));
+            }
             continue;
         }
         let left = give_up.saturating_duration_since(tokio::time::Instant::now());
@@ -531,7 +534,7 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
                 views.iter().find(|g| g.members.contains(&id) && !stuck.contains(&g.id)).map(|g| Step::Drop { group: g.id, node: id })
             });
             match next {
-                Some(step) if failed.iter().filter(|f| **f == step).count() >= 2 && step.group() != G0 => {
+                Some(step) if failed.iter().filter(|f| **f == step).count() >= 2 && step.group() != G0 && tokio::time::Instant::now() < give_up => {
                     stuck.insert(step.group());
                     continue;
                 }
