@@ -6,7 +6,7 @@
  * password on edit, take seconds and show names.
  */
 import type { Page } from '@playwright/test';
-import { test, expect, newPage, signIn, goOnline, openWidget, widgetSay, shot } from './fixtures';
+import { test, expect, newPage, signIn, goOnline, openWidget, widgetSay, shot, rest, staffToken } from './fixtures';
 import type { Server } from './harness';
 
 /** Alice, online, takes the conversation a new widget visitor opens with `text`. */
@@ -277,4 +277,16 @@ test('an address range on the block list keeps the widget out with the channel\'
   const later = await newPage(browser);
   await openWidget(later, sb);
   await widgetSay(later, 'Hello again');
+});
+
+test('a supervisor whose sessions an admin ends is back at sign-in, told why, not left on a stale floor', async ({ browser, sb }) => {
+  const sup = await newPage(browser);
+  await signIn(sup, sb, 'supervisor');
+  await expect(sup.getByTestId('floor')).toBeVisible();
+  const admin = await staffToken(sb, 'admin');
+  expect((await rest(sb, 'POST', '/api/users/supervisor/end-sessions', admin)).status).toBe(204);
+  // The floor's socket is closed with 4001 and its polls get 401: the page signs out.
+  await expect(sup.getByTestId('login-submit')).toBeVisible({ timeout: 15_000 });
+  await expect(sup.getByTestId('notice').filter({ hasText: 'Your session has ended' })).toBeVisible();
+  await expect(sup.getByTestId('floor')).toHaveCount(0);
 });

@@ -219,6 +219,26 @@ describe('operator state', () => {
       expect(s.convs.get(7)!.entries.map((e) => e.seq)).toEqual([1, 2, 3, 4]);
     });
 
+    it('does not bring back a released conversation for its shard feed\'s late `assigned`, and reads it whole when routing gives it back', () => {
+      let s = run(initialOpState, { type: 'hello', hello: h2({ r: 4, c0: 0 }), now: 0 });
+      s = run(s, in_('r', 5, 'assigned', { conversation: 7, history: [started, assignedEntry(2)], history_upto: 2 }));
+      // Transferred to us and then away again: the routing feed's release comes before
+      // the shard feed's `assigned` with the transfer's entries.
+      s = run(s, in_('r', 6, 'released', { conversation: 7 }));
+      const transferIn: Entry = { kind: 'transferred', seq: 3, at: 3, from: 'bob', to_operator: 'alice' };
+      s = run(s, in_('c0', 1, 'assigned', { conversation: 7, history: [transferIn], history_upto: 3 }));
+      expect(s.convs.size).toBe(0);
+      expect(s.released).toContain(7);
+      // Routing gives it back: the shard's entries dropped above are read with the history.
+      s = run(s, in_('r', 7, 'assigned', { conversation: 7, history: [started, assignedEntry(2)], history_upto: 2 }));
+      expect([...s.convs.keys()]).toEqual([7]);
+      expect(s.needHistory).toEqual([7]);
+      expect(s.released).not.toContain(7);
+      // A shard's `assigned` for a conversation we hold merges as before.
+      s = run(s, in_('c0', 2, 'assigned', { conversation: 7, history: [transferIn], history_upto: 3 }));
+      expect(s.convs.get(7)!.entries.map((e) => e.seq)).toEqual([1, 2, 3]);
+    });
+
     it('reconciles a resumed hello once the routing feed catches up, and takes each feed from where the server goes on', () => {
       let s = run(initialOpState, { type: 'hello', hello: h2({ r: 4, c0: 2 }), now: 0 });
       s = run(s, in_('r', 5, 'assigned', { conversation: 7, history: [started, assignedEntry(2)], history_upto: 2 }));
@@ -321,6 +341,22 @@ describe('offer countdown from the server clock', () => {
     // A later hello for the same offer keeps counting from the first sighting.
     s = run(s, { type: 'hello', hello: hello({ now: 200_000, offers: [{ offer: 6, conversation: 18, group: 'general', made_at: 100_000, deadline: 130_000 }] }), now: 113_000 });
     expect(offerSecondsLeft(s.offers[0], 113_000)).toBe(13);
+  });
+});
+
+describe('an offer that arrives late', () => {
+  it('counts down from what the server\'s clock leaves it, not from its whole window', async () => {
+    const { offerSecondsLeft } = await import('../src/workstation/operator-state');
+    // The browser's clock is 4 s behind the server's (hello). An offer made at 100 s
+    // (deadline 130 s) arrives 20 s late, after a reconnect: 10 s are left, not 30.
+    let s = run(initialOpState, { type: 'hello', hello: hello({ now: 116_000 }), now: 112_000 });
+    s = run(s, { type: 'event', event: { type: 'event', kind: 'offer', seq: 11, at: 100_000, offer: 5, conversation: 17, group: 'general', deadline: 130_000, waiting_since: 90_000 }, now: 116_000 });
+    expect(offerSecondsLeft(s.offers[0], 116_000)).toBe(10);
+    expect(offerSecondsLeft(s.offers[0], 126_000)).toBe(0);
+    expect(s.offers[0].waitedAtReceipt).toBe(30_000);
+    // Past its deadline by the server's clock: nothing left.
+    s = run(s, { type: 'event', event: { type: 'event', kind: 'offer', seq: 12, at: 100_000, offer: 6, conversation: 18, group: 'general', deadline: 130_000 }, now: 140_000 });
+    expect(offerSecondsLeft(s.offers[1], 140_000)).toBe(0);
   });
 });
 

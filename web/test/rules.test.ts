@@ -198,4 +198,17 @@ describe('Api errors', () => {
     await expect(api(400, JSON.stringify({ error: 'at most 10 steps' })).get('/x')).rejects.toMatchObject({ status: 400, code: 'http_400', message: 'at most 10 steps' });
     await expect(api(404, '').get('/x')).rejects.toMatchObject({ code: 'not_found' });
   });
+  it('a 401 to a request made with the token ends the session; one without a token does not', async () => {
+    const ended: string[] = [];
+    const unauthorized = JSON.stringify({ code: 'unauthorized', message: "this login's sessions ended or its role changed; log in again" });
+    const a = api(401, unauthorized);
+    a.onUnauthorized = () => ended.push('ended');
+    await expect(a.get('/api/queues')).rejects.toMatchObject({ status: 401 });
+    expect(ended).toEqual([]);
+    a.token = 'T';
+    await expect(a.get('/api/queues')).rejects.toMatchObject({ status: 401, code: 'unauthorized' });
+    expect(ended).toEqual(['ended']);
+    await expect(api(403, '{"code":"forbidden","message":"no"}').get('/x')).rejects.toMatchObject({ status: 403 });
+    expect(ended).toEqual(['ended']);
+  });
 });

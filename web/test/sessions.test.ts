@@ -291,6 +291,21 @@ describe('OperatorSession', () => {
     expect(f.last.ofType('read')).toHaveLength(1);
   });
 
+  it('takes an error about a read mark or a typing signal (named in `for`) quietly', () => {
+    const notices: string[] = [];
+    const { f, s } = operatorSession({ onNotice: (code: string) => notices.push(code) });
+    s.start();
+    f.last.open();
+    f.last.frame(helloFrame({ active: [7] }));
+    s.markRead(7, 5);
+    f.last.frame({ type: 'error', code: 'unavailable', for: 'read', message: 'try again' });
+    f.last.frame({ type: 'error', code: 'invalid', for: 'typing', message: 'no' });
+    expect(notices).toEqual([]);
+    // Read marks are still sent: the server knows them.
+    s.markRead(7, 9);
+    expect(f.last.ofType('read')).toHaveLength(2);
+  });
+
   it('applies typing and read frames from the visitor', () => {
     const { f, s } = operatorSession();
     s.start();

@@ -15,6 +15,9 @@ export type FetchLike = (input: string, init?: RequestInit) => Promise<Response>
 
 export class Api {
   token: string | null = null;
+  /** Called when a request made with the token is answered `401`: the session ended
+   *  (signed out elsewhere, sessions ended by an admin, a password change, expiry). */
+  onUnauthorized: (() => void) | null = null;
   constructor(
     private readonly base = '',
     private readonly fetcher: FetchLike = (i, o) => fetch(i, o),
@@ -44,6 +47,7 @@ export class Api {
     } catch {
       data = null;
     }
+    if (res.status === 401 && headers.Authorization && path !== '/api/logout') this.onUnauthorized?.();
     if (!res.ok) {
       const code = data?.code ?? (res.status === 404 ? 'not_found' : res.status === 413 ? 'too_large' : res.status === 415 ? 'unsupported_type' : 'http_' + res.status);
       // `{"code", "message"}`, or `{"error": "..."}` (a bare reason) from some endpoints.

@@ -75,6 +75,9 @@ export function App() {
     setLink(null);
     if (message) ctx.notify(message, 'error');
   };
+  // Any view's request answered 401 ends the session here too (the floor's and the
+  // admin's polls as well as the desk's socket).
+  api.onUnauthorized = auth ? () => signOut(t('session_expired')) : null;
 
   return (
     <AppCtx.Provider value={ctx}>

@@ -181,7 +181,7 @@ export class OperatorSession {
     }
   }
 
-  private onError(f: { code: string; message?: string; ref?: unknown }): void {
+  private onError(f: { code: string; message?: string; ref?: unknown; for?: string }): void {
     if (f.code === 'resume_gap') {
       // Our resume point fell out of the retained feed: rebuild from a fresh hello.
       this.historyInFlight.clear();
@@ -193,8 +193,13 @@ export class OperatorSession {
     const ref = f.ref == null ? '' : String(f.ref);
     // typing and read marks carry no ref; racing a release they get not_assigned: harmless.
     if (!ref && f.code === 'not_assigned') return;
-    if (ref.startsWith('read:')) {
-      if (f.code === 'unknown_type' || f.code === 'bad_frame') this.readMarksSupported = false;
+    // An error answering a read mark or a typing signal (frames that take no `ref`) names
+    // the frame in `for`; a server that does not know read marks echoes the `ref` we
+    // add to them. Such a server stops being sent them; anything else about them is not
+    // the person's concern.
+    const forRead = ref.startsWith('read:') || (!ref && f.for === 'read');
+    if (forRead || (!ref && f.for === 'typing')) {
+      if (forRead && (f.code === 'unknown_type' || f.code === 'bad_frame')) this.readMarksSupported = false;
       return;
     }
     if (ref.startsWith('hist:')) {

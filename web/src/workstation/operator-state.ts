@@ -345,19 +345,25 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
     case 'offer': {
       if (ev.offer == null || ev.conversation == null) return s;
       if (s.offers.some((o) => o.offer === ev.offer)) return s;
+      const deadline = ev.deadline ?? ev.at + 30000;
+      // The server's time now: this browser's clock corrected by the hello's `now`; the
+      // event's own time when the arrival time is not known.
+      const serverNow = now != null ? Math.max(ev.at, now + s.clockSkew) : ev.at;
       const offer: Offer = {
         offer: ev.offer,
         conversation: ev.conversation,
         group: ev.group ?? '',
-        deadline: ev.deadline ?? ev.at + 30000,
+        deadline,
         visitor: ev.visitor,
         at: ev.at,
         receivedAt: now,
-        leftAtReceipt: (ev.deadline ?? ev.at + 30000) - ev.at,
+        // What is left by the server's clock when the frame arrived (an offer replayed
+        // after a reconnect, or held up on the way, has less left than its window).
+        leftAtReceipt: Math.max(0, Math.min(deadline - ev.at, deadline - serverNow)),
         channel: ev.channel,
         preview: ev.preview,
         waiting_since: ev.waiting_since,
-        waitedAtReceipt: ev.waiting_since != null ? Math.max(0, ev.at - ev.waiting_since) : undefined,
+        waitedAtReceipt: ev.waiting_since != null ? Math.max(0, serverNow - ev.waiting_since) : undefined,
       };
       return { ...s, offers: [...s.offers, offer], lastOfferAt: ev.at };
     }
@@ -368,10 +374,20 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
     }
     case 'assigned': {
       const id = ev.conversation!;
+      // Protocol 2: a conversation shard's `assigned` (feed `c…`) brings the entries of
+      // an assignment it wrote (a transfer's) and gives nothing back: for a conversation
+      // released from us it is the assignment the release undid (feeds are not ordered
+      // with each other), dropped; only the routing feed's `assigned` gives it back.
+      const fromShard = ev.feed != null && ev.feed !== 'r';
+      if (fromShard && !s.convs.has(id) && s.released.includes(id)) return s;
+      // Given back after a release: the shard's `assigned` with the entries written
+      // since may have been dropped above, so the history is read whole.
+      const again = !fromShard && !s.convs.has(id) && s.released.includes(id);
       const offers = s.offers.filter((o) => o.conversation !== id);
-      if (s.released.includes(id)) s = { ...s, released: s.released.filter((x) => x !== id) };
+      if (s.released.includes(id) && !fromShard) s = { ...s, released: s.released.filter((x) => x !== id) };
       const c = withEntries({ ...(s.convs.get(id) ?? emptyConv(id)), loaded: true, assignedAt: ev.at }, ev.history ?? [], false);
-      let next: OpState = { ...setConv(s, c), offers, needHistory: s.needHistory.filter((x) => x !== id) };
+      const needHistory = again ? addHistoryNeed(s.needHistory, id) : s.needHistory.filter((x) => x !== id);
+      let next: OpState = { ...setConv(s, c), offers, needHistory };
       if (next.selected == null) next = select(next, id);
       return next;
     }
