@@ -327,6 +327,19 @@ pub(crate) fn clip_bytes(text: &str, max: usize) -> String {
 /// A customer's message text as the core takes it: at most `max` characters; a longer
 /// one keeps its start and ends saying it was cut and how long it was, so that the
 /// operator knows to ask for the rest.
+/// The line a customer's message of a kind the channel does not show becomes.
+pub(crate) const UNSHOWN: &str = "[a message of a kind this channel does not show]";
+
+/// `text`, or [`UNSHOWN`] when it is blank: a customer's message is never taken as
+/// empty text, which the core refuses (the provider, answered, would not send it again).
+pub(crate) fn shown(text: String) -> String {
+    if text.trim().is_empty() {
+        UNSHOWN.to_owned()
+    } else {
+        text
+    }
+}
+
 pub fn message_text(text: &str, max: usize) -> String {
     let total = text.chars().count();
     if total <= max {

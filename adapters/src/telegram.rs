@@ -61,6 +61,8 @@ struct Message {
     #[serde(default)]
     voice: Option<serde_json::Value>,
     #[serde(default)]
+    audio: Option<serde_json::Value>,
+    #[serde(default)]
     video: Option<serde_json::Value>,
 }
 
@@ -124,12 +126,16 @@ pub fn parse(body: &[u8]) -> Result<Option<(String, String, String, String)>, Ad
     } else if let Some(c) = m.contact {
         format!("[contact {} {}]", c.first_name, c.phone_number)
     } else if m.voice.is_some() {
-        "[voice message]".to_owned()
+        format!("[voice message{caption}]")
+    } else if m.audio.is_some() {
+        format!("[audio{caption}]")
     } else if m.video.is_some() {
         format!("[video{caption}]")
     } else {
-        "[a message of a kind this channel does not show]".to_owned()
+        // What the customer typed with it is kept.
+        format!("{}{caption}]", crate::UNSHOWN.trim_end_matches(']'))
     };
+    let text = crate::shown(text);
     let name = match m.from {
         Some(u) => {
             let full = [Some(u.first_name), u.last_name].into_iter().flatten().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
@@ -334,6 +340,19 @@ mod tests {
         assert!(name.len() <= switchboard_actors::core::MAX_SENDER_BYTES && name.starts_with('Я'), "a long name is cut to what the core takes");
         assert!(parse(b"{not json").is_err());
         assert!(parse(br#"{"update_id":5,"message":{"chat":{"id":1}}}"#).is_err(), "a message without its id");
+    }
+
+    /// What the customer typed with a voice message, an audio file or a message of a
+    /// kind not shown is kept, not dropped.
+    #[test]
+    fn a_caption_is_kept_whatever_it_came_with() {
+        let with = |field: &str| format!(r#"{{"update_id":1,"message":{{"message_id":7,"chat":{{"id":42}},{field},"caption":"my order is 123"}}}}"#);
+        let text = |body: String| parse(body.as_bytes()).unwrap().unwrap().3;
+        assert_eq!(text(with(r#""voice":{"file_id":"v","duration":3}"#)), "[voice message: my order is 123]");
+        assert_eq!(text(with(r#""audio":{"file_id":"a","duration":3}"#)), "[audio: my order is 123]");
+        assert_eq!(text(with(r#""dice":{"emoji":"🎲","value":3}"#)), "[a message of a kind this channel does not show: my order is 123]");
+        assert_eq!(text(r#"{"update_id":1,"message":{"message_id":7,"chat":{"id":42},"voice":{"file_id":"v"}}}"#.to_owned()), "[voice message]");
+        assert_eq!(text(r#"{"update_id":1,"message":{"message_id":7,"chat":{"id":42},"dice":{"value":3}}}"#.to_owned()), "[a message of a kind this channel does not show]");
     }
 
     #[test]

@@ -108,9 +108,11 @@ pub fn parse(body: &[u8]) -> Result<Item, AdapterError> {
                 "sticker" => "[sticker]".to_owned(),
                 "location" => "[location]".to_owned(),
                 "contact" => "[contact]".to_owned(),
-                "url" => m.text.unwrap_or_default(),
-                _ => "[a message of a kind this channel does not show]".to_owned(),
+                // A link the customer shared: Viber gives it in `media`.
+                "url" => m.media.clone().or(m.text).unwrap_or_default(),
+                _ => crate::UNSHOWN.to_owned(),
             };
+            let text = crate::shown(text);
             Ok(Item::Message { from: sender.id, name: clip_bytes(&sender.name, switchboard_actors::core::MAX_SENDER_BYTES), id: token(c.message_token)?, text: crate::message_text(&text, switchboard_actors::core::MAX_TEXT_CHARS) })
         }
         "delivered" => Ok(Item::Receipt { id: token(c.message_token)?, status: "delivered", reason: String::new() }),
@@ -174,5 +176,19 @@ mod tests {
         let sig = hex(ring::hmac::sign(&key, m).as_ref());
         assert!(verify("auth", Some(sig.as_bytes()), m));
         assert!(!verify("other", Some(sig.as_bytes()), m));
+    }
+
+    /// A shared link comes in `media`; a message whose text would be empty is a labelled
+    /// line, never empty text (which the core refuses, and Viber, answered, would not
+    /// send again).
+    #[test]
+    fn a_link_is_read_from_media_and_no_message_is_empty() {
+        let text = |message: &str| match parse(format!(r#"{{"event":"message","message_token":7,"sender":{{"id":"u","name":"D"}},"message":{message}}}"#).as_bytes()).unwrap() {
+            Item::Message { text, .. } => text,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(text(r#"{"type":"url","media":"https://example.com/order/123"}"#), "https://example.com/order/123");
+        assert_eq!(text(r#"{"type":"text","text":"  "}"#), "[a message of a kind this channel does not show]");
+        assert_eq!(text(r#"{"type":"url"}"#), "[a message of a kind this channel does not show]");
     }
 }

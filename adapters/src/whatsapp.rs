@@ -244,16 +244,19 @@ pub fn parse(body: &[u8]) -> Result<Vec<Item>, AdapterError> {
                 "location" => m.location.as_ref().map(|l| format!("[location {:.6}, {:.6}]", l.latitude, l.longitude)).unwrap_or_default(),
                 "contacts" => "[contact]".to_owned(),
                 "button" => m.button.as_ref().map(|b| b.text.clone()).unwrap_or_default(),
-                "interactive" => m
-                    .interactive
-                    .as_ref()
-                    .and_then(|i| i.get("button_reply").or_else(|| i.get("list_reply")))
-                    .and_then(|r| r.get("title"))
-                    .and_then(|t| t.as_str())
-                    .map(str::to_owned)
-                    .unwrap_or_default(),
-                _ => "[a message of a kind this channel does not show]".to_owned(),
+                "interactive" => {
+                    let reply = m.interactive.as_ref();
+                    let title = reply.and_then(|i| i.get("button_reply").or_else(|| i.get("list_reply"))).and_then(|r| r.get("title")).and_then(|t| t.as_str());
+                    // A Flow's answers (`nfm_reply`): what the customer filled in, as sent.
+                    let form = reply.and_then(|i| i.get("nfm_reply")).map(|f| {
+                        let answers = f.get("response_json").and_then(|j| j.as_str()).or_else(|| f.get("body").and_then(|b| b.as_str())).unwrap_or_default();
+                        format!("[form reply] {answers}")
+                    });
+                    title.map(str::to_owned).or(form).unwrap_or_default()
+                }
+                _ => crate::UNSHOWN.to_owned(),
             };
+            let text = crate::shown(text);
             items.push(Item::Message { from: m.from, name: crate::clip_bytes(&name, switchboard_actors::core::MAX_SENDER_BYTES), id: m.id, text: crate::message_text(&text, switchboard_actors::core::MAX_TEXT_CHARS) });
         }
         for s in value.statuses {
@@ -409,5 +412,26 @@ mod tests {
         );
         assert!(parse(b"not json").is_err());
         assert_eq!(parse(br#"{"entry":[{"changes":[{"field":"account_update","value":{}}]}]}"#).unwrap(), vec![]);
+    }
+
+    /// A Flow's answers are shown as sent, and a reply the parser cannot read is a
+    /// labelled line, never empty text (which the core refuses, and Meta, answered, would
+    /// not send again).
+    #[test]
+    fn no_customer_message_becomes_empty_text() {
+        let text = |message: &str| {
+            let body = format!(r#"{{"entry":[{{"changes":[{{"field":"messages","value":{{"messages":[{message}]}}}}]}}]}}"#);
+            match parse(body.as_bytes()).unwrap().pop() {
+                Some(Item::Message { text, .. }) => text,
+                other => panic!("{other:?}"),
+            }
+        };
+        let flow = r#"{"from":"49","id":"w1","type":"interactive","interactive":{"type":"nfm_reply","nfm_reply":{"name":"flow","body":"Sent","response_json":"{\"order\":\"A-17\"}"}}}"#;
+        assert_eq!(text(flow), r#"[form reply] {"order":"A-17"}"#);
+        let button = r#"{"from":"49","id":"w2","type":"interactive","interactive":{"type":"button_reply","button_reply":{"id":"b","title":"Talk to a person"}}}"#;
+        assert_eq!(text(button), "Talk to a person");
+        for unread in [r#"{"from":"49","id":"w3","type":"interactive","interactive":{"type":"call_permission_reply"}}"#, r#"{"from":"49","id":"w4","type":"text"}"#, r#"{"from":"49","id":"w5","type":"button"}"#] {
+            assert_eq!(text(unread), "[a message of a kind this channel does not show]", "{unread}");
+        }
     }
 }
