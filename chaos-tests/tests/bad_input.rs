@@ -407,3 +407,31 @@ async fn one_address_cannot_start_conversations_without_limit() -> anyhow::Resul
     assert_eq!(refused["code"], "rate_limited", "{refused}");
     Ok(())
 }
+
+/// Each `resume` replays a conversation's history from the point it names: one address
+/// may send a bounded number of them a minute, across its sockets, and the socket keeps
+/// what it followed past that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_replay_history_without_limit() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let binary = switchboard_chaos_tests::binary()?;
+    let dev = Dev::start_with(binary, &dir.path().join("data"), &["--client-resumes-per-minute", "3"]).await?;
+    let (mut first, conversation, token) = dev.client("Replayer").await?;
+    first.send(&json!({"type": "send", "key": "m1", "text": "one message to replay"})).await?;
+    first.wait_for(WAIT, |v| v["type"] == "ack").await?;
+    let mut other = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    for i in 0..3 {
+        let socket = if i % 2 == 0 { &mut first } else { &mut other };
+        socket.send(&json!({"type": "resume", "token": token, "last_seq": 0})).await?;
+        let resumed = socket.wait_for(WAIT, |v| v["type"] == "resumed" || v["type"] == "error").await?;
+        assert_eq!((resumed["type"].clone(), resumed["conversation"].clone()), (json!("resumed"), json!(conversation)), "resume {i}: {resumed}");
+    }
+    other.send(&json!({"type": "resume", "token": token, "last_seq": 0})).await?;
+    let refused = other.wait_for(WAIT, |v| v["type"] == "resumed" || v["type"] == "error").await?;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    // The socket still follows its conversation: the visitor's next message is taken.
+    other.send(&json!({"type": "send", "key": "m2", "text": "still here"})).await?;
+    let ack = other.wait_for(WAIT, |v| v["type"] == "ack" || v["type"] == "error").await?;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    Ok(())
+}

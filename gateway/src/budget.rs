@@ -246,3 +246,41 @@ mod tests {
         assert_eq!(buckets.tracked(), 2, "keys 8 and 9");
     }
 }
+
+/// A log line said at most once per `every`: [`LogEvery::note`] answers `Some(n)` when
+/// the line is due (with `n` occurrences kept quiet since the last one), `None` when it
+/// is kept quiet. What an anonymous client can make happen over and over costs a line
+/// per period, not one per occurrence.
+pub struct LogEvery {
+    every: Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl LogEvery {
+    pub const fn new(every: Duration) -> Self {
+        LogEvery { every, state: std::sync::Mutex::new((None, 0)) }
+    }
+
+    pub fn note(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, quiet) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < self.every) {
+            *quiet += 1;
+            return None;
+        }
+        *last = Some(std::time::Instant::now());
+        Some(std::mem::take(quiet))
+    }
+}
+
+#[cfg(test)]
+mod log_every {
+    #[test]
+    fn a_line_is_said_once_per_period_with_the_count_kept_quiet() {
+        let line = super::LogEvery::new(std::time::Duration::from_secs(3600));
+        assert_eq!(line.note(), Some(0));
+        assert_eq!((line.note(), line.note()), (None, None));
+        let soon = super::LogEvery::new(std::time::Duration::ZERO);
+        assert_eq!((soon.note(), soon.note()), (Some(0), Some(0)));
+    }
+}

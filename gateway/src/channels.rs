@@ -305,9 +305,16 @@ async fn take_receipt(gw: &Arc<Gateway>, channel: &ChannelId, id: &str, outcome:
         hold_receipt(gw, channel, id, outcome);
         return Ok(());
     }
-    match gw.by_provider_id(channel, id).await? {
-        Some((conversation, seq)) => receipts.push(DeliveryResult { conversation, seq, node: 0, outcome }),
-        None => hold_receipt(gw, channel, id, outcome),
+    match gw.by_provider_id(channel, id).await {
+        Ok(Some((conversation, seq))) => receipts.push(DeliveryResult { conversation, seq, node: 0, outcome }),
+        Ok(None) => hold_receipt(gw, channel, id, outcome),
+        // A shard that cannot be asked now: the receipt waits and is matched again (as
+        // one whose message is not written yet), and the delivery's messages, other
+        // customers' included, are taken all the same.
+        Err(e) => {
+            tracing::debug!(%channel, error = %e, "a receipt's message could not be looked up now; held");
+            hold_receipt(gw, channel, id, outcome);
+        }
     }
     Ok(())
 }

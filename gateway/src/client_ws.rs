@@ -131,6 +131,9 @@ struct HistoryPull {
     failed: bool,
 }
 
+/// Failed history reads, said in the log at most once every 10 s.
+static HISTORY_FAILURES: crate::budget::LogEvery = crate::budget::LogEvery::new(std::time::Duration::from_secs(10));
+
 impl ws::Pull for HistoryPull {
     fn pull(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Value>> + Send + '_>> {
         Box::pin(async move {
@@ -142,7 +145,12 @@ impl ws::Pull for HistoryPull {
                 let page = match self.reads.history(self.conversation, self.last, ws::PAGE).await {
                     Ok(page) => page,
                     Err(e) => {
-                        tracing::warn!(conversation = self.conversation.0, error = %e, "history cannot be read now; reading again shortly");
+                        // Said once per process every 10 s at most, with how many more
+                        // failed meanwhile (every socket following a shard nobody can
+                        // read fails its reads together).
+                        if let Some(quiet) = HISTORY_FAILURES.note() {
+                            tracing::warn!(conversation = self.conversation.0, error = %e, failed_since_last_line = quiet, "history cannot be read now; reading again shortly");
+                        }
                         self.failed = true;
                         return vec![];
                     }
@@ -359,6 +367,12 @@ impl ClientSession {
                         return Ok(Flow::Close(close::UNAUTHORIZED, "unauthorized".into()));
                     }
                 };
+                // Each resume replays history from the point it names: the address's
+                // sockets share a budget of them.
+                if !self.gw.usage.resumes.take(self.peer, 1.0, f64::from(self.gw.config.budgets.client_resumes_per_minute)) {
+                    self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
+                    return Err(frames::error("rate_limited", "too many resumes from your address; wait a minute", None));
+                }
                 let reads = self.gw.backend.conversation_reads(conversation);
                 let read = || async {
                     match reads.conversation(conversation).await {

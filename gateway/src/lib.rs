@@ -318,6 +318,9 @@ pub struct Budgets {
     pub client_messages_per_minute: u32,
     /// Client messages one conversation may take per minute, from any address.
     pub conversation_messages_per_minute: u32,
+    /// Client `resume` frames one address may send per minute, across all its sockets
+    /// (each replays the conversation's history from the point it names).
+    pub client_resumes_per_minute: u32,
     /// Client sockets one address may hold open.
     pub client_sockets_per_address: u32,
     /// Attachment bytes one client address may upload per hour.
@@ -337,6 +340,7 @@ impl Default for Budgets {
             starts_per_minute: 30,
             client_messages_per_minute: 120,
             conversation_messages_per_minute: 60,
+            client_resumes_per_minute: 60,
             client_sockets_per_address: 32,
             upload_bytes_per_hour: 100 * 1024 * 1024,
             uploads_per_address: 4,
@@ -351,6 +355,7 @@ pub struct Usage {
     pub starts: budget::Buckets,
     pub messages: budget::Buckets,
     pub conversation_messages: budget::Buckets<ConversationId>,
+    pub resumes: budget::Buckets,
     pub upload_bytes: budget::Buckets,
     pub client_sockets: Arc<budget::Slots>,
     pub uploads: Arc<budget::Slots>,
@@ -366,6 +371,7 @@ impl Default for Usage {
             starts: budget::Buckets::new(Duration::from_secs(60)),
             messages: budget::Buckets::new(Duration::from_secs(60)),
             conversation_messages: budget::Buckets::new(Duration::from_secs(60)),
+            resumes: budget::Buckets::new(Duration::from_secs(60)),
             upload_bytes: budget::Buckets::new(Duration::from_secs(3600)),
             client_sockets: budget::Slots::new(),
             uploads: budget::Slots::new(),
@@ -984,6 +990,42 @@ pub const META_HOOK_BODY: usize = 3 * 1024 * 1024;
 /// reads at once; another gets `503` (Meta sends it again): at most
 /// `LARGE_HOOKS_AT_ONCE * META_HOOK_BODY` (12 MiB) held for them.
 pub const LARGE_HOOKS_AT_ONCE: usize = 4;
+/// Of those, how many only an address that has made a Meta delivery with the right
+/// signature in the last [`PROVEN_FOR`] may take: senders that start large deliveries
+/// and never finish them (a slow body held to the request deadline) can hold the others,
+/// never these.
+pub const LARGE_HOOKS_FOR_PROVEN: usize = 2;
+/// How long a right delivery counts for its address.
+pub const PROVEN_FOR: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Addresses remembered as proven (the oldest go first): Meta sends from a few.
+const PROVEN_KEPT: usize = 256;
+
+/// The client addresses whose Meta deliveries were signed right lately.
+#[derive(Default)]
+struct Proven(std::collections::VecDeque<(std::net::IpAddr, std::time::Instant)>);
+
+impl Proven {
+    fn note(&mut self, address: std::net::IpAddr, now: std::time::Instant) {
+        self.0.retain(|(a, _)| *a != address);
+        self.0.push_back((address, now));
+        while self.0.len() > PROVEN_KEPT {
+            self.0.pop_front();
+        }
+    }
+
+    fn knows(&mut self, address: std::net::IpAddr, now: std::time::Instant) -> bool {
+        self.0.retain(|(_, at)| now.duration_since(*at) < PROVEN_FOR);
+        self.0.iter().any(|(a, _)| *a == address)
+    }
+}
+
+/// Whether a large Meta delivery may be read now, with `free` of the
+/// [`LARGE_HOOKS_AT_ONCE`] places free, from a `proven` address or not.
+fn large_hook_place(free: usize, proven: bool) -> bool {
+    free > if proven { 0 } else { LARGE_HOOKS_FOR_PROVEN }
+}
+
+static PROVEN: std::sync::Mutex<Proven> = std::sync::Mutex::new(Proven(std::collections::VecDeque::new()));
 
 fn hook_body_limit(path: &str) -> usize {
     if path.starts_with("/hooks/whatsapp/") || path.starts_with("/hooks/messenger/") {
@@ -1008,7 +1050,14 @@ async fn large_hook_permit(
     static READING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let declared = request.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if request.method() != axum::http::Method::POST || declared.is_some_and(|n| n <= rest::MAX_JSON_BODY as u64) {
-        return next.run(request).await;
+        // A small delivery taken (its signature checked with the body) proves its address.
+        let address = hook_budget_key(peer, "").0;
+        let post = request.method() == axum::http::Method::POST;
+        let response = next.run(request).await;
+        if post && response.status().is_success() {
+            PROVEN.lock().unwrap_or_else(|p| p.into_inner()).note(address, std::time::Instant::now());
+        }
+        return response;
     }
     if declared.is_some_and(|n| n > META_HOOK_BODY as u64) {
         return GatewayError::BodyTooLarge(META_HOOK_BODY).into_response();
@@ -1031,6 +1080,11 @@ async fn large_hook_permit(
         let mut reading = READING.lock().unwrap_or_else(|p| p.into_inner());
         if reading.contains(&address) {
             return GatewayError::Busy("this address is sending another large webhook delivery; send it again").into_response();
+        }
+        let proven = PROVEN.lock().unwrap_or_else(|p| p.into_inner()).knows(key.0, std::time::Instant::now());
+        // Places are taken only here, under `READING`: what is free cannot shrink meanwhile.
+        if !large_hook_place(LARGE.available_permits(), proven) {
+            return GatewayError::Busy("other large webhook deliveries are being read; send it again").into_response();
         }
         let Ok(permit) = LARGE.try_acquire() else {
             return GatewayError::Busy("other large webhook deliveries are being read; send it again").into_response();
@@ -1067,6 +1121,9 @@ async fn large_hook_permit(
     let request = axum::extract::Request::from_parts(parts, axum::body::Body::new(MarkEnd { inner: body, read: read.clone() }));
     let response = next.run(request).await;
     release.answered = true;
+    if response.status().is_success() {
+        PROVEN.lock().unwrap_or_else(|p| p.into_inner()).note(release.key.0, std::time::Instant::now());
+    }
     response
 }
 
@@ -1210,6 +1267,30 @@ mod tests {
         assert_eq!(unreachable.status_and_code(), (StatusCode::SERVICE_UNAVAILABLE, "unavailable"));
         let offline = GatewayError::Core(switchboard_actors::Error::Unavailable("operator op-7 is offline".into()));
         assert_eq!(offline.status_and_code(), (StatusCode::CONFLICT, "unavailable"));
+    }
+
+    /// Senders that never finish their large deliveries can hold two of the four
+    /// places; the last two stay for addresses whose deliveries were signed right within
+    /// a day, and an address is forgotten after that day.
+    #[test]
+    fn the_last_large_webhook_places_are_kept_for_proven_senders() {
+        assert!(large_hook_place(4, false) && large_hook_place(3, false));
+        assert!(!large_hook_place(2, false), "two unproven readers hold all they may");
+        assert!(large_hook_place(2, true) && large_hook_place(1, true));
+        assert!(!large_hook_place(0, true));
+        let (meta, stranger): (std::net::IpAddr, std::net::IpAddr) = ("31.13.24.1".parse().expect("ip"), "203.0.113.9".parse().expect("ip"));
+        let start = std::time::Instant::now();
+        let mut proven = Proven::default();
+        proven.note(meta, start);
+        assert!(proven.knows(meta, start + std::time::Duration::from_secs(3600)));
+        assert!(!proven.knows(stranger, start));
+        assert!(!proven.knows(meta, start + PROVEN_FOR), "a day later it proves itself again");
+        // Bounded: the oldest go first.
+        for i in 0..(PROVEN_KEPT as u32 + 10) {
+            proven.note(std::net::IpAddr::V4(std::net::Ipv4Addr::from(i)), start);
+        }
+        assert_eq!(proven.0.len(), PROVEN_KEPT);
+        assert!(!proven.knows(std::net::IpAddr::V4(std::net::Ipv4Addr::from(0)), start));
     }
 
     #[test]

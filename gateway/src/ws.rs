@@ -140,8 +140,17 @@ pub trait Pull: Send {
     }
 }
 
-/// How long a writer waits before it pulls again after a failed read.
+/// How long a writer waits before it pulls again after a failed read; twice as long
+/// after each further one in a row, up to [`PULL_RETRY_MAX`].
 pub const PULL_RETRY: Duration = Duration::from_millis(250);
+/// The longest wait between pulls that keep failing (a shard nobody can read for
+/// minutes costs each socket following it one read every 4 s).
+pub const PULL_RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// The wait before the next pull after `failed` failed pulls in a row (1 or more).
+pub fn pull_retry_after(failed: u32) -> Duration {
+    PULL_RETRY.saturating_mul(1u32 << failed.saturating_sub(1).min(8)).min(PULL_RETRY_MAX)
+}
 
 impl<F: FnMut() -> Vec<Value> + Send> Pull for F {
     fn pull(&mut self) -> Pin<Box<dyn Future<Output = Vec<Value>> + Send + '_>> {
@@ -655,6 +664,8 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
     let mut paged = false;
     // When to pull again after a pull whose read failed.
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // Failed pulls in a row (reset by one that reads).
+    let mut failed_pulls: u32 = 0;
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     // What a wake-up took from the queue and could not write with its page (a follow or
     // a close): handled before anything else is read from the queue.
@@ -721,7 +732,10 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                 if let (Some(pull), Some(wake)) = (pull.as_mut(), wake.as_mut()) {
                     let frames = pull.pull().await;
                     if pull.retry() {
-                        retry_at = Some(tokio::time::Instant::now() + PULL_RETRY);
+                        failed_pulls = failed_pulls.saturating_add(1);
+                        retry_at = Some(tokio::time::Instant::now() + pull_retry_after(failed_pulls));
+                    } else {
+                        failed_pulls = 0;
                     }
                     // More may be waiting: pull again once this page is written, so a
                     // socket that does not read holds one page, not the history.
@@ -806,5 +820,18 @@ mod tests {
         assert_eq!(budget.available_permits(), 0);
         drop(rx.recv().await);
         assert_eq!(budget.available_permits(), 10);
+    }
+}
+
+#[cfg(test)]
+mod pull_retries {
+    use std::time::Duration;
+
+    #[test]
+    fn reads_that_keep_failing_are_tried_less_and_less_often() {
+        let waits: Vec<Duration> = (1..=7).map(super::pull_retry_after).collect();
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, vec![250, 500, 1000, 2000, 4000, 4000, 4000]);
+        assert_eq!(super::pull_retry_after(u32::MAX), super::PULL_RETRY_MAX);
     }
 }

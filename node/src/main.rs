@@ -122,6 +122,9 @@ struct EdgeArgs {
     /// Client messages one conversation may take per minute, from all its sockets.
     #[arg(long, default_value_t = 60)]
     conversation_messages_per_minute: u32,
+    /// Client `resume` frames one address may send per minute, across all its sockets.
+    #[arg(long, default_value_t = 60)]
+    client_resumes_per_minute: u32,
     /// Client WebSockets one address may hold open.
     #[arg(long, default_value_t = 32)]
     client_sockets_per_address: u32,
@@ -177,10 +180,11 @@ impl EdgeArgs {
     /// The same limits as command-line flags, for the node processes `dev --nodes`
     /// starts: what `dev` was given, each node gets.
     fn to_flags(&self) -> Vec<String> {
-        let pairs: [(&str, u64); 14] = [
+        let pairs: [(&str, u64); 15] = [
             ("--starts-per-minute", self.starts_per_minute.into()),
             ("--client-messages-per-minute", self.client_messages_per_minute.into()),
             ("--conversation-messages-per-minute", self.conversation_messages_per_minute.into()),
+            ("--client-resumes-per-minute", self.client_resumes_per_minute.into()),
             ("--client-sockets-per-address", self.client_sockets_per_address.into()),
             ("--upload-bytes-per-hour", self.upload_bytes_per_hour),
             ("--uploads-per-address", self.uploads_per_address.into()),
@@ -417,6 +421,7 @@ fn options(listeners: Listeners, node_id: u64, chaos_drills: bool) -> NodeOption
             starts_per_minute: edge.starts_per_minute,
             client_messages_per_minute: edge.client_messages_per_minute,
             conversation_messages_per_minute: edge.conversation_messages_per_minute,
+            client_resumes_per_minute: edge.client_resumes_per_minute,
             client_sockets_per_address: edge.client_sockets_per_address,
             upload_bytes_per_hour: edge.upload_bytes_per_hour,
             uploads_per_address: edge.uploads_per_address,
