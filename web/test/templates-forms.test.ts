@@ -460,7 +460,7 @@ describe('adapter form', () => {
 });
 
 describe('floor', () => {
-  it('normalizes REST and socket shapes and computes totals', () => {
+  it('normalizes REST and socket shapes and computes totals', async () => {
     const f = floorFromRest(
       { queues: [{ group: 'tech', name: 'Tech', waiting: 2, offered: 1, longest_wait_ms: 4000 }, { group: 'billing', name: 'Billing', waiting: 0, offered: 0, longest_wait_ms: 0 }] },
       { operators: [{ id: 'bob', name: 'Bob', presence: 'online', presence_since: 1, load: 1, capacity: 2, active: 1, groups: ['tech'] }, { id: 'al', name: 'Al', presence: 'away', presence_since: 1, load: 0, capacity: 3, active: 0 }] },
@@ -469,6 +469,13 @@ describe('floor', () => {
     expect(f.queues.map((q) => q.group)).toEqual(['billing', 'tech']);
     expect(f.operators.map((o) => o.id)).toEqual(['al', 'bob']);
     expect(totals(f)).toEqual({ waiting: 2, offered: 1, online: 1, load: 1, capacity: 2 });
+    // An operator away with conversations still held counts in neither load nor capacity.
+    const away = floorFromRest({ queues: [] }, { operators: [{ id: 'al', name: 'Al', presence: 'away', presence_since: 1, load: 3, capacity: 3, active: 3 }, { id: 'bob', name: 'Bob', presence: 'online', presence_since: 1, load: 1, capacity: 2, active: 1 }] }, 1000);
+    expect(totals(away)).toMatchObject({ online: 1, load: 1, capacity: 2 });
+    // How long ago, by the server's clock: a snapshot taken at the server's 10,000 and
+    // received at the browser's 4,000 (6 s ahead of it).
+    const { sinceNow } = await import('../src/workstation/floor');
+    expect(sinceNow(9_000, { ...f, at: 10_000, receivedAt: 4_000 }, 5_000)).toBe(2_000);
     expect(slaPercent(f.queues[1])).toBeNull();
     expect(longestWaitNow(f.queues[1], f, 3000)).toBe(6000);
     expect(longestWaitNow(f.queues[0], f, 3000)).toBe(0);

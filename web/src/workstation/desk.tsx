@@ -340,7 +340,7 @@ function PresenceBar(props: { session: OperatorSession; state: OpState; alerts: 
         </div>
       )}
       <p class="muted small" data-testid="presence-current" data-presence={state.presence}>
-        {t('in_status', { status: t(('presence_' + state.presence) as any), time: formatDuration(state.presenceSince ? now - state.presenceSince : 0) })}
+        {t('in_status', { status: t(('presence_' + state.presence) as any), time: formatDuration(state.presenceSince ? Math.max(0, now + state.clockSkew - state.presenceSince) : 0) })}
         {state.presence === 'break' && state.presenceReason ? <span data-testid="break-current"> · {state.presenceReason}</span> : null}
       </p>
       {wrapUpSecondsLeft(state, now) > 0 && (
@@ -643,11 +643,14 @@ function MyHistory(props: { session: OperatorSession; state: OpState }) {
       })
       .catch((e) => ticket === latest.current && setError(describeError(t, e.code, e.message)));
   };
-  // The recently closed list follows the desk: a conversation leaving it is news here.
+  // The recently closed list follows the desk: a conversation leaving it is news here
+  // (one closed while another is taken leaves the count as it was: the released list
+  // moves all the same).
+  const released = props.state.released[props.state.released.length - 1] ?? null;
   const held = props.state.convs.size;
   useEffect(() => {
     if (!asked) load('', null);
-  }, [held, asked]);
+  }, [held, released, props.state.released.length, asked]);
   const shown = rows ? (asked ? rows : rows.filter((r) => r.state === 'closed')) : null;
   return (
     <section class="panel history" aria-labelledby="hist-h">

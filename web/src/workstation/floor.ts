@@ -178,10 +178,19 @@ export function totals(floor: Floor) {
     waiting += q.waiting;
     offered += q.offered;
   }
-  const online = floor.operators.filter((o) => o.presence === 'online').length;
-  const load = floor.operators.reduce((n, o) => n + o.load, 0);
-  const capacity = floor.operators.filter((o) => o.presence === 'online').reduce((n, o) => n + o.capacity, 0);
+  // Load and capacity of the same operators (those online): an operator away or on a
+  // break still holding conversations would otherwise show a load past the capacity.
+  const present = floor.operators.filter((o) => o.presence === 'online');
+  const online = present.length;
+  const load = present.reduce((n, o) => n + o.load, 0);
+  const capacity = present.reduce((n, o) => n + o.capacity, 0);
   return { waiting, offered, online, load, capacity };
+}
+
+/** How long ago a moment of the server's clock was, as of `now` (the snapshot's skew
+ *  removed); never negative. */
+export function sinceNow(at: number, floor: Floor, now: number): number {
+  return Math.max(0, now - (at - floor.at + floor.receivedAt));
 }
 
 /** Time left until a moment of the server's clock, as of `now` (the snapshot's skew

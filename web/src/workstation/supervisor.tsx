@@ -1,7 +1,7 @@
 /** The supervisor's live floor: queues, operators, and an inspector for any conversation. */
 import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { formatDuration, formatWhen } from '../shared/format';
-import { floorPlace, longestWaitNow, queuedWaitNow, slaPercent, totals, untilNow, type EmergencyRow, type Floor, type QueueRow } from './floor';
+import { floorPlace, longestWaitNow, queuedWaitNow, sinceNow, slaPercent, totals, untilNow, type EmergencyRow, type Floor, type QueueRow } from './floor';
 import { FloorFeed } from './floor-feed';
 import { Inspector } from './inspector';
 import type { Delivery, GroupKpis, LoginInfo } from './types';
@@ -158,7 +158,7 @@ export function FloorView(props: { auth: LoginInfo }) {
                   <th scope="row">{o.name}</th>
                   <td data-testid="operator-presence" data-presence={o.presence}>
                     <span class={'dot dot-' + o.presence} aria-hidden="true" /> {t(('presence_' + o.presence) as any)}
-                    {o.presence_since ? <span class="muted small"> · {formatDuration(now - o.presence_since)}</span> : null}
+                    {o.presence_since ? <span class="muted small"> · {formatDuration(sinceNow(o.presence_since, floor, now))}</span> : null}
                     {o.wrap_up_until != null && o.wrap_up_until - floor.at + floor.receivedAt > now && (
                       <span class="muted small" data-testid="operator-wrap-up">
                         {' '}
