@@ -658,10 +658,12 @@ pub(crate) async fn client_download(
         Subject::Staff { .. } => return Err(GatewayError::Forbidden("staff download on the private listener")),
         Subject::Visitor { .. } => return Err(GatewayError::Forbidden("a visitor token is not a conversation token")),
     };
-    let attachment = lookup(&gw, &id).await?;
-    if attachment.conversation != conversation {
+    // Only the token's conversation's shard is asked: a client's download of an id that
+    // is not its conversation's costs one read, not one per shard.
+    let attachment = gw.backend.conversation_reads(conversation).attachment(&AttachmentId(id)).await?.filter(|a| a.conversation == conversation);
+    let Some(attachment) = attachment else {
         return Err(GatewayError::NotFound("attachment".into()));
-    }
+    };
     let body = fetched(&gw, &attachment).await?;
     Ok(serve(&attachment, body))
 }

@@ -605,8 +605,11 @@ async fn open_socket(
         let (mut parts, body) = response.into_parts();
         // Refusals are short (a JSON error or a sentence); cap what is held anyway.
         let body = http_body_util::Limited::new(body, 64 * 1024);
-        let bytes = http_body_util::BodyExt::collect(body)
+        // ... and how long it may take to arrive (a member that stalls mid-answer).
+        let bytes = tokio::time::timeout(REFUSAL_BODY_WAIT, http_body_util::BodyExt::collect(body))
             .await
+            .ok()
+            .and_then(Result::ok)
             .map(|c| c.to_bytes())
             .unwrap_or_default();
         // The body is the one read here (empty if the member's did not arrive whole):
@@ -624,8 +627,12 @@ async fn open_socket(
     Ok(Opened::Socket(UpstreamSocket::new(TokioIo::new(upgraded))))
 }
 
+/// How long the body of a member's refusal of an upgrade may take to arrive.
+const REFUSAL_BODY_WAIT: Duration = Duration::from_secs(5);
+
 /// Relays a socket upgrade: the member decides (origin, token, budgets) before the
-/// client's connection is upgraded.
+/// client's connection is upgraded. The whole relay, every member tried, is bounded by
+/// the request deadline, as any request is: past it, `503`.
 async fn relay_socket(
     State(edge): State<Arc<Edge>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
@@ -633,6 +640,14 @@ async fn relay_socket(
     headers: HeaderMap,
     upgrade: IncomingUpgrade,
 ) -> Response {
+    let deadline = edge.request_timeout;
+    match tokio::time::timeout(deadline, relay_socket_within(edge.clone(), client, uri, headers, upgrade)).await {
+        Ok(response) => response,
+        Err(_) => unavailable(&edge.up, "no cluster member answered the upgrade within the request deadline"),
+    }
+}
+
+async fn relay_socket_within(edge: Arc<Edge>, client: SocketAddr, uri: Uri, headers: HeaderMap, upgrade: IncomingUpgrade) -> Response {
     let surface = match uri.path() {
         "/ws/client" => Surface::Client,
         "/ws/operator" => Surface::Operator,
