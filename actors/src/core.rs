@@ -121,7 +121,10 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// that way and transferred it back to the queue took it again when the same accept
 /// was sent again).
 /// And a dead letter sent again forgets the provider's id for its last attempt, so a
-/// receipt for that attempt cannot settle the new one.
+/// receipt for that attempt cannot settle the new one; a change of a channel's kind
+/// withdraws the offers of the operators holding its conversations (I3); a supervisor
+/// taking a conversation from the bot hands it off first; a conversation is not
+/// reassigned to the group it already waits in.
 pub const RULES_VERSION: u32 = 18;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
@@ -132,6 +135,9 @@ pub const STALLED_EXPIRY_MS: u64 = 2000;
 /// The resolution of a messenger conversation closed because it held all the history
 /// or customer text one may (rules 14): the customer's next message opened a new one.
 pub const FULL: &str = "full";
+/// The reason of the handoff recorded when a supervisor reassigns a conversation its
+/// channel's bot held (rules 18).
+pub const TAKEN_FROM_BOT: &str = "a supervisor took it from the bot";
 /// The resolution of a conversation answered and closed outside its group's hours.
 pub const AFTER_HOURS: &str = "after_hours";
 /// Routing steps a group may have, and the heaviest channel weight.
@@ -998,7 +1004,12 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             // A channel new here has offers only if they were made before rules 14, under
             // no kind at all: they are made again too.
             if state.rules >= 14 && state.channels.get(&config.id).is_none_or(|old| old.kind != config.kind) {
-                for offer in state.offers.values().filter(|o| state.conversations.get(&o.conversation).is_some_and(|c| c.channel == config.id)) {
+                // Rules 18: also every offer to an operator who holds a conversation of
+                // the channel, whose load and limits by kind the change moves (before, an
+                // operator whose held conversation now weighed more could take an offer
+                // made under the old weight and go past their capacity).
+                let holds_one = |op: &OperatorId| state.rules >= 18 && state.operators.get(op).is_some_and(|o| o.active.iter().any(|c| state.conversations.get(c).is_some_and(|c| c.channel == config.id)));
+                for offer in state.offers.values().filter(|o| state.conversations.get(&o.conversation).is_some_and(|c| c.channel == config.id) || holds_one(&o.operator)) {
                     events.push(Event::OfferWithdrawn { offer: offer.id, reason: WithdrawReason::OperatorUnavailable, detail: "channel kind changed".into() });
                 }
             }
@@ -1898,10 +1909,22 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                     if !state.groups.contains_key(group) {
                         return Err(Error::NotFound(format!("skill group {group}")));
                     }
+                    // Rules 18: one waiting in that very group stays where it is (before,
+                    // it went to the back of the queue, its routing steps started over and
+                    // its pending offer was withdrawn).
+                    if state.rules >= 18 && matches!(conv.status, ConversationStatus::Queued { .. }) && &conv.group == group {
+                        return Err(Error::Invalid(format!("conversation {conv_id} is already waiting in group {group}")));
+                    }
                     Event::ConversationQueued { conversation: *conv_id, group: group.clone(), ticket: state.next_ticket }
                 }
             };
             let mut events = withdraw_pending(state, conv_id, WithdrawReason::Reassigned);
+            // Rules 18: taken from the channel's bot, the conversation is handed off as
+            // the bot would hand it off (its history says so, and the group counts it as
+            // entered), before it goes where the supervisor said.
+            if state.rules >= 18 && conv.status == ConversationStatus::WithBot {
+                events.push(Event::HandedOff { conversation: *conv_id, group: conv.group.clone(), reason: TAKEN_FROM_BOT.into(), context: vec![("by".into(), by.clone())] });
+            }
             events.push(Event::ConversationReassigned { conversation: *conv_id, by: by.clone(), to: target.clone(), comment: comment.clone() });
             events.push(follow_up);
             Ok((Reply::Done, events))

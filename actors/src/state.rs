@@ -1216,6 +1216,15 @@ impl ShardState {
                             touched.groups.insert(group.config.id.clone());
                         }
                     }
+                    // Rules 18: and the groups of every operator who holds one of its
+                    // conversations, whose room the change may have given back.
+                    if self.rules >= 18 {
+                        for op in self.operators.values() {
+                            if op.active.iter().any(|c| self.conversations.get(c).is_some_and(|c| c.channel == config.id)) {
+                                touched.groups.extend(op.config.groups.iter().cloned());
+                            }
+                        }
+                    }
                 }
             }
             Event::UserUpserted(user) => {

@@ -280,6 +280,41 @@ fn taking_a_bot_away_hands_off_what_it_held() {
     assert_eq!(state.conversations.values().filter(|c| matches!(c.status, switchboard_actors::state::ConversationStatus::WithBot)).count(), 0);
 }
 
+/// Rules 18: a supervisor who gives a bot's conversation to an operator hands it off
+/// first, as the bot would (its history says so); and a conversation already waiting in
+/// a group is not "reassigned" to that group again (it kept its place and its offer).
+/// Under rules 17 neither held.
+#[test]
+fn a_supervisor_takes_a_conversation_from_the_bot_with_a_handoff_and_a_queue_keeps_its_place() {
+    for rules in [17, 18] {
+        let (store, mut state) = setup_with(rules);
+        let web = ChannelId::new("web");
+        ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: web.clone(), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
+        ok(run(&mut state, &store, T0, Command::SetChannelBot { channel: web.clone(), bot: Some(bot()) }));
+        let (reply, _) = ok(run(&mut state, &store, T0 + 10, Command::StartConversation { channel: web.clone(), group: None, visitor: Visitor::default() }));
+        let Reply::Started { conversation: conv } = reply else { panic!("{reply:?}") };
+        ok(run(&mut state, &store, T0 + 20, Command::Reassign { by: "sue".into(), conversation: conv, target: TransferTarget::Operator(OperatorId::new("ann")), comment: "the bot is stuck".into() }));
+        assert_eq!(state.conversations[&conv].assigned(), Some(&OperatorId::new("ann")), "rules {rules}");
+        let history = records::history(&store, conv, 0, 100).expect("history");
+        let handed = history.iter().any(|e| matches!(&e.item, HistoryItem::Handoff { reason, .. } if reason == switchboard_actors::core::TAKEN_FROM_BOT));
+        assert_eq!(handed, rules >= 18, "rules {rules}: a handoff in the history");
+
+        // Waiting in g with an offer to ann: reassigned to g again.
+        ok(run(&mut state, &store, T0 + 30, Command::SetChannelBot { channel: web.clone(), bot: None }));
+        let (reply, _) = ok(run(&mut state, &store, T0 + 40, Command::StartConversation { channel: web.clone(), group: None, visitor: Visitor::default() }));
+        let Reply::Started { conversation: waiting } = reply else { panic!("{reply:?}") };
+        let offer = state.offers.values().find(|o| o.conversation == waiting).expect("offered to ann").id;
+        let again = run(&mut state, &store, T0 + 50, Command::Reassign { by: "sue".into(), conversation: waiting, target: TransferTarget::Group(SkillGroupId::new("g")), comment: String::new() });
+        if rules >= 18 {
+            assert!(matches!(&again, Err(Error::Invalid(m)) if m.contains("already waiting in group g")), "{again:?}");
+            assert!(state.offers.contains_key(&offer), "rules {rules}: its offer stands");
+        } else {
+            again.expect("rules 17 queued it again");
+            assert!(!state.offers.contains_key(&offer), "rules {rules}: its offer was withdrawn");
+        }
+    }
+}
+
 #[test]
 fn what_a_messenger_cannot_carry_is_refused_before_it_is_written() {
     let (store, mut state) = setup();

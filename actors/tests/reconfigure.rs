@@ -143,3 +143,42 @@ fn a_conversation_can_be_reassigned_to_the_operator_it_is_offered_to() {
         }
     }
 }
+
+/// Rules 18: a change of a channel's kind withdraws the offers of every operator who
+/// holds one of its conversations, whose load it moves. Here a `chat` conversation Ann
+/// holds becomes `voice` (weight 3): under rules 17 the offer of a second chat,
+/// made under the old weight, was still accepted and she held a load of 4 on a
+/// capacity of 3 (I3).
+#[test]
+fn a_channel_that_changes_kind_withdraws_the_offers_of_those_holding_its_conversations() {
+    for rules in [17, 18] {
+        let store = MemStore::default();
+        let mut state = ShardState::default();
+        let ok = |r: Result<(), Error>| r.expect("accepted");
+        ok(run(&mut state, &store, 1000, Command::AdoptRules { version: rules }));
+        ok(run(&mut state, &store, 1000, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 30_000, sla_ms: 60_000 })));
+        ok(run(&mut state, &store, 1000, Command::UpsertOperator(ann_config(3))));
+        ok(run(&mut state, &store, 1000, Command::SetChannelWeights { weights: vec![("voice".into(), 3)] }));
+        for channel in ["c1", "c2"] {
+            ok(run(&mut state, &store, 1000, Command::UpsertChannel(ChannelConfig { id: ChannelId::new(channel), kind: "chat".into(), name: channel.into(), default_group: SkillGroupId::new("g") })));
+        }
+        ok(run(&mut state, &store, 1000, Command::SetPresence { operator: ann(), presence: Presence::Online }));
+        ok(run(&mut state, &store, 1100, Command::StartConversation { channel: ChannelId::new("c1"), group: None, visitor: Visitor::default() }));
+        let first = *state.offers.keys().next().expect("offered");
+        ok(run(&mut state, &store, 1200, Command::AcceptOffer { offer: first, operator: ann() }));
+        ok(run(&mut state, &store, 1300, Command::StartConversation { channel: ChannelId::new("c2"), group: None, visitor: Visitor::default() }));
+        let second = *state.offers.keys().next().expect("the second offered to ann");
+        // c1 becomes voice: the conversation Ann holds now weighs 3, her whole capacity.
+        ok(run(&mut state, &store, 1400, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("c1"), kind: "voice".into(), name: "c1".into(), default_group: SkillGroupId::new("g") })));
+        let taken = run(&mut state, &store, 1500, Command::AcceptOffer { offer: second, operator: ann() });
+        let op = &state.operators[&ann()];
+        if rules >= 18 {
+            assert_eq!(taken, Err(Error::OfferGone(second)), "rules {rules}");
+            assert!(state.offers.is_empty(), "rules {rules}: nothing fits her now");
+            assert!(state.load_of(op) <= op.config.capacity, "rules {rules}: within capacity (I3)");
+        } else {
+            taken.expect("rules 17 took it");
+            assert_eq!((state.load_of(op), op.config.capacity), (4, 3), "rules {rules}: over capacity, as rules 17 decided");
+        }
+    }
+}
