@@ -86,6 +86,26 @@ mod names {
         }
     }
 }
+#[cfg(test)]
+mod kept_ca {
+    /// A folder whose CA key was taken off the machine (as the deployment guide says)
+    /// keeps its CA: its member's certificate is used as it is, and a new certificate is
+    /// refused with what to do, never issued by a new CA that nobody trusts.
+    #[test]
+    fn a_ca_certificate_without_its_key_is_never_replaced() {
+        let dir = tempfile::tempdir().expect("dir");
+        let first = super::ensure_member(dir.path(), "node-1", &[]).expect("issued");
+        std::fs::remove_file(dir.path().join(super::CA_KEY)).expect("key taken away");
+        let ca = std::fs::read(&first.ca).expect("ca");
+        let again = super::ensure_member(dir.path(), "node-1", &[]).expect("the node starts as before");
+        assert_eq!(again.cert, first.cert);
+        let refused = super::ensure_member(dir.path(), "node-2", &[]).expect_err("no key to issue with");
+        assert!(refused.to_string().contains("issue them where the CA key is kept"), "{refused}");
+        assert_eq!(std::fs::read(&first.ca).expect("ca"), ca, "the CA is the same");
+        assert!(!dir.path().join(super::CA_KEY).exists(), "no new CA key was made");
+    }
+}
+
 /// ALPN of the node protocol.
 pub const ALPN: &[u8] = b"switchboard/1";
 
@@ -108,6 +128,15 @@ pub fn ensure_ca(dir: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(dir)?;
     if dir.join(CA_CERT).exists() && dir.join(CA_KEY).exists() {
         return Ok(());
+    }
+    // A CA certificate without its key is one kept off this machine on purpose (the key
+    // is needed only to issue certificates): it is never replaced by a new CA, which
+    // no other member would trust.
+    if dir.join(CA_CERT).exists() {
+        return Err(Error::Tls(format!(
+            "{} has no {CA_KEY} beside it: this folder's CA issues no new certificates here; issue them where the CA key is kept (`switchboard certs --dir <that folder> --name <name>`) and copy them in",
+            dir.join(CA_CERT).display()
+        )));
     }
     let key = KeyPair::generate()?;
     let cert = ca_params()?.self_signed(&key)?;
@@ -134,12 +163,16 @@ pub fn ensure_member(dir: &Path, name: &str, extra_names: &[String]) -> Result<I
 
 /// As [`ensure_member`], for a member of the given role.
 pub fn ensure_member_as(dir: &Path, name: &str, role: Role, extra_names: &[String]) -> Result<Identity, Error> {
-    ensure_ca(dir)?;
     let identity = Identity {
         ca: dir.join(CA_CERT),
         cert: dir.join(format!("{name}.pem")),
         key: dir.join(format!("{name}.key")),
     };
+    // Issued already (with the CA's key kept elsewhere or not): used as it is.
+    if identity.ca.exists() && identity.cert.exists() && identity.key.exists() {
+        return Ok(identity);
+    }
+    ensure_ca(dir)?;
     if identity.cert.exists() && identity.key.exists() {
         return Ok(identity);
     }
