@@ -43,6 +43,8 @@ pub(crate) struct HostedGroup {
     /// Tries of this group's letters to another group that failed, while this node led
     /// it (`switchboard_mail_retries_total`).
     pub(crate) mail_retries: Arc<std::sync::atomic::AtomicU64>,
+    /// When the group's state machine store is gone, after its Raft is shut down.
+    pub(crate) store_gone: Arc<switchboard_raft::store::StoreGone>,
 }
 
 /// How a node's groups are kept: what deletes purged files (none in benches and tests
@@ -83,6 +85,7 @@ impl Host<'_> {
         let (log, sm) = open_group(self.keyspace, id, Arc::new(ShardMachine { shard: shard.clone() }), &self.data_dir.join("snapshots"), &log_dir)
             .with_context(|| format!("open group {id}"))?;
         let committed = log.committed_index();
+        let store_gone = Arc::new(sm.gone());
         let config = member_config(self.snapshot_every, self.node_id, id)?;
         let network = NetworkFactory::with_peers(self.peers.clone(), id).quiet_when(self.router.quiet_mark(id));
         let raft = Raft::new(self.node_id, config, network, log, sm).await?;
@@ -122,7 +125,7 @@ impl Host<'_> {
                 }
             }
         });
-        Ok(HostedGroup { id, raft, shard, proposer, supervisor, leader_changes, committed, mail_retries: Arc::default() })
+        Ok(HostedGroup { id, raft, shard, proposer, supervisor, leader_changes, committed, mail_retries: Arc::default(), store_gone })
     }
 }
 
@@ -413,6 +416,12 @@ impl SplitNode {
                     router.remove(id);
                     old.supervisor.stop(None);
                     old.raft.shutdown().await?;
+                    // The applies, install or snapshot build the shut-down group had under
+                    // way end first: none may write its records after they are cleared,
+                    // or beside the store opened anew.
+                    if !old.store_gone.wait(Duration::from_secs(60)).await {
+                        anyhow::bail!("group {id}: its state machine was still busy 60 s after the group was shut down; start again");
+                    }
                     let mut gave_up = Self::gave_up(&groups[&G0].shard, &old, node_id);
                     if gave_up {
                         // A learner being caught up for a vote it is about to get looks

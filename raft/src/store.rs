@@ -676,6 +676,33 @@ fn install_records(trees: &Trees, state: &StateTree, machine: &dyn Machine, path
     Ok(())
 }
 
+/// Says when every copy of a group's state machine store is gone: once its Raft was
+/// shut down, openraft's state-machine worker still drains the applies and the install
+/// queued before, and a snapshot build may still run; nothing may clear or reopen the
+/// group's records before they end.
+pub struct StoreGone(std::sync::Weak<Mutex<SmInner>>);
+
+impl StoreGone {
+    /// Waits until no copy of the store is left, up to `within`; whether none is.
+    pub async fn wait(&self, within: std::time::Duration) -> bool {
+        let until = tokio::time::Instant::now() + within;
+        while self.0.strong_count() > 0 {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+impl StateMachineStore {
+    /// What says when this store and every copy of it are gone (see [`StoreGone`]).
+    pub fn gone(&self) -> StoreGone {
+        StoreGone(Arc::downgrade(&self.inner))
+    }
+}
+
 impl StateMachineStore {
     fn load(trees: Trees, state: Arc<StateTree>, machine: Arc<dyn Machine>, snapshots: SnapshotFiles) -> Result<Self, crate::Error> {
         // A snapshot an older build kept inside sled moves to a file first.
