@@ -324,9 +324,6 @@ pub(crate) fn clip_bytes(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
-/// A customer's message text as the core takes it: at most `max` characters; a longer
-/// one keeps its start and ends saying it was cut and how long it was, so that the
-/// operator knows to ask for the rest.
 /// The line a customer's message of a kind the channel does not show becomes.
 pub(crate) const UNSHOWN: &str = "[a message of a kind this channel does not show]";
 
@@ -340,6 +337,9 @@ pub(crate) fn shown(text: String) -> String {
     }
 }
 
+/// A customer's message text as the core takes it: at most `max` characters; a longer
+/// one keeps its start and ends saying it was cut and how long it was, so that the
+/// operator knows to ask for the rest.
 pub fn message_text(text: &str, max: usize) -> String {
     let total = text.chars().count();
     if total <= max {

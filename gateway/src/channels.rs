@@ -312,7 +312,7 @@ async fn take_receipt(gw: &Arc<Gateway>, channel: &ChannelId, id: &str, outcome:
         // one whose message is not written yet), and the delivery's messages, other
         // customers' included, are taken all the same.
         Err(e) => {
-            tracing::debug!(%channel, error = %e, "a receipt's message could not be looked up now; held");
+            tracing::debug!(%channel, error = %e, "a receipt's message could not be looked up now (a shard did not answer); held");
             hold_receipt(gw, channel, id, outcome);
         }
     }

@@ -131,6 +131,10 @@ struct HistoryPull {
     failed: bool,
 }
 
+/// Entries a `resume` may replay without being charged to the address's budget of
+/// resumes: a reconnect, or a gateway moving the socket, catches up on a few.
+pub const RESUME_FREE_ENTRIES: u64 = 200;
+
 /// Failed history reads, said in the log at most once every 10 s.
 static HISTORY_FAILURES: crate::budget::LogEvery = crate::budget::LogEvery::new(std::time::Duration::from_secs(10));
 
@@ -367,12 +371,6 @@ impl ClientSession {
                         return Ok(Flow::Close(close::UNAUTHORIZED, "unauthorized".into()));
                     }
                 };
-                // Each resume replays history from the point it names: the address's
-                // sockets share a budget of them.
-                if !self.gw.usage.resumes.take(self.peer, 1.0, f64::from(self.gw.config.budgets.client_resumes_per_minute)) {
-                    self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
-                    return Err(frames::error("rate_limited", "too many resumes from your address; wait a minute", None));
-                }
                 let reads = self.gw.backend.conversation_reads(conversation);
                 let read = || async {
                     match reads.conversation(conversation).await {
@@ -397,6 +395,16 @@ impl ClientSession {
                 };
                 if last_seq > last {
                     return Err(frames::error("invalid", &format!("last_seq {last_seq} is ahead of the conversation ({last})"), None));
+                }
+                // A resume that replays more than a reconnect's catching up (a page of
+                // entries) is charged to the address's budget, shared by its sockets:
+                // replaying a long history over and over is what costs. Only a resume
+                // about to replay is charged (not one answered `unavailable` above).
+                if last.saturating_sub(last_seq) > RESUME_FREE_ENTRIES
+                    && !self.gw.usage.resumes.take(self.peer, 1.0, f64::from(self.gw.config.budgets.client_resumes_per_minute))
+                {
+                    self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
+                    return Err(frames::error("rate_limited", "too many long history replays from your address; resume again in a few seconds", None));
                 }
                 let resumed = json!({
                     "type": "resumed", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0, "last_seq": last,

@@ -761,12 +761,17 @@ impl Gateway {
     pub(crate) async fn by_provider_id(&self, channel: &switchboard_actors::model::ChannelId, id: &str) -> Result<Option<(ConversationId, u64)>, switchboard_actors::Error> {
         let readers = self.backend.conversation_readers();
         let answers = futures::future::join_all(readers.iter().map(|r| r.by_provider_id(channel, id))).await;
+        // Found by one shard: found, whatever another could not answer; not found by
+        // any, and some could not be asked: not known now.
+        let mut failed = None;
         for answer in answers {
-            if let Some(found) = answer? {
-                return Ok(Some(found));
+            match answer {
+                Ok(Some(found)) => return Ok(Some(found)),
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
             }
         }
-        Ok(None)
+        failed.map_or(Ok(None), Err)
     }
 
     /// A visitor's most recent conversations from every conversation shard, newest

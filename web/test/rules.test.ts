@@ -210,5 +210,16 @@ describe('Api errors', () => {
     expect(ended).toEqual(['ended']);
     await expect(api(403, '{"code":"forbidden","message":"no"}').get('/x')).rejects.toMatchObject({ status: 403 });
     expect(ended).toEqual(['ended']);
+    // A slow answer to a request of an earlier session ends nothing of the new one.
+    let answer: (r: Response) => void = () => {};
+    const slow = new Api('', () => new Promise<Response>((resolve) => (answer = resolve)));
+    const seen: string[] = [];
+    slow.onUnauthorized = () => seen.push('ended');
+    slow.token = 'old';
+    const pending = slow.get('/api/templates');
+    slow.token = 'new';
+    answer(new Response(unauthorized, { status: 401 }));
+    await expect(pending).rejects.toMatchObject({ status: 401 });
+    expect(seen).toEqual([]);
   });
 });

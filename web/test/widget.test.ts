@@ -1,7 +1,7 @@
 import { describe, expect, it, vi } from 'vitest';
 import { Backoff } from '../src/shared/backoff';
 import { deserialize, emptyWidgetState, lastOperatorSeq, quickReplies, serialize, unreadFromOperator, widgetReducer, withBot, MAX_CACHED_EVENTS, type ClientEvent, type WidgetAction, type WidgetState } from '../src/widget/widget-state';
-import { KEYS_MARK, NAME_KEY, parseNotices, SEEN_KEY, SESSION_KEY, sessionKey, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
+import { KEYS_MARK, NAME_KEY, parseNotices, SEEN_KEY, SESSION_KEY, sessionKey, RESUME_LIMITED_RETRY_MS, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
 import { FakeTimers, MemoryStorage, socketFactory } from './fakes';
 
 /** A start's key as the protocol takes it (docs/protocol.md §2): 16-64 of A-Z a-z 0-9 - _. */
@@ -366,6 +366,25 @@ describe('WidgetSession', () => {
     ]);
     f.last.frame({ type: 'resumed', conversation: 17, last_seq: 0, protocol: 1 });
     timers.advance(START_RETRY_MS * 5);
+    expect(f.last.ofType('resume')).toHaveLength(2);
+  });
+
+  it('a resume refused for the address\'s budget of long replays is asked again later, not given up', () => {
+    const storage = new MemoryStorage();
+    const first = widget(storage);
+    first.w.send('Hello');
+    first.f.last.open();
+    first.f.last.frame({ type: 'started', conversation: 17, token: 'tok', protocol: 1 });
+    const { w, f, timers } = widget(storage);
+    w.resumeIfAny();
+    f.last.open();
+    f.last.frame({ type: 'error', code: 'rate_limited', message: 'too many long history replays from your address' });
+    timers.advance(START_RETRY_MS);
+    expect(f.last.ofType('resume')).toHaveLength(1);
+    timers.advance(RESUME_LIMITED_RETRY_MS);
+    expect(f.last.ofType('resume')).toHaveLength(2);
+    f.last.frame({ type: 'resumed', conversation: 17, last_seq: 0, protocol: 1 });
+    timers.advance(RESUME_LIMITED_RETRY_MS * 2);
     expect(f.last.ofType('resume')).toHaveLength(2);
   });
 

@@ -26,6 +26,8 @@ export const KEYS_MARK = 'switchboard.widget.keys';
 export const NAME_KEY = 'switchboard.widget.name';
 /** How soon a `start` the server could not take now (`unavailable`) is sent again. */
 export const START_RETRY_MS = 1000;
+/** How long a resume refused for the address's budget of long replays waits. */
+export const RESUME_LIMITED_RETRY_MS = 10_000;
 
 /** A usable identity token: a non-empty string (trimmed), else null. One the server
  *  cannot verify is still passed on, so staff see why (`identity: "unverified: …"`). */
@@ -302,14 +304,18 @@ export class WidgetSession {
       this.link.send({ type: 'resume', token: this.state.token, last_seq: 0 });
       return;
     }
-    if (this.resuming && !ref && f.code === 'unavailable') {
-      // The stream cannot be resumed on this member now (it is behind, or moving): ask
-      // again shortly, on this socket, instead of following nothing.
-      this.timers.setTimeout(() => {
-        if (this.resuming && this.state.token && this.link.connected) {
-          this.link.send({ type: 'resume', token: this.state.token, last_seq: this.state.lastSeq });
-        }
-      }, START_RETRY_MS);
+    if (this.resuming && !ref && (f.code === 'unavailable' || f.code === 'rate_limited')) {
+      // The stream cannot be resumed on this member now (it is behind, or moving), or
+      // this address replayed long histories too often lately: ask again, on this
+      // socket, instead of following nothing (later when it was the budget).
+      this.timers.setTimeout(
+        () => {
+          if (this.resuming && this.state.token && this.link.connected) {
+            this.link.send({ type: 'resume', token: this.state.token, last_seq: this.state.lastSeq });
+          }
+        },
+        f.code === 'rate_limited' ? RESUME_LIMITED_RETRY_MS : START_RETRY_MS,
+      );
       return;
     }
     if (ref === 'read') {

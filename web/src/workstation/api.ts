@@ -25,6 +25,7 @@ export class Api {
 
   async request<T = any>(method: string, path: string, body?: unknown, extra?: { raw?: Blob | ArrayBuffer; contentType?: string }): Promise<T> {
     const headers: Record<string, string> = {};
+    const sentWith = this.token;
     if (this.token) headers.Authorization = 'Bearer ' + this.token;
     let payload: BodyInit | undefined;
     if (extra?.raw) {
@@ -47,7 +48,9 @@ export class Api {
     } catch {
       data = null;
     }
-    if (res.status === 401 && headers.Authorization && path !== '/api/logout') this.onUnauthorized?.();
+    // Only for the session the request was made in: a slow answer to one made before
+    // a sign-out and a new sign-in does not end the new session.
+    if (res.status === 401 && sentWith && sentWith === this.token && path !== '/api/logout') this.onUnauthorized?.();
     if (!res.ok) {
       const code = data?.code ?? (res.status === 404 ? 'not_found' : res.status === 413 ? 'too_large' : res.status === 415 ? 'unsupported_type' : 'http_' + res.status);
       // `{"code", "message"}`, or `{"error": "..."}` (a bare reason) from some endpoints.
@@ -78,7 +81,9 @@ export class Api {
   async blob(path: string): Promise<Blob> {
     const headers: Record<string, string> = {};
     if (this.token) headers.Authorization = 'Bearer ' + this.token;
+    const sentWith = this.token;
     const res = await this.fetcher(this.base + path, { headers });
+    if (res.status === 401 && sentWith && sentWith === this.token) this.onUnauthorized?.();
     if (!res.ok) throw new ApiError(res.status, 'http_' + res.status, res.statusText);
     return res.blob();
   }

@@ -646,11 +646,11 @@ function MyHistory(props: { session: OperatorSession; state: OpState }) {
   // The recently closed list follows the desk: a conversation leaving it is news here
   // (one closed while another is taken leaves the count as it was: the released list
   // moves all the same).
-  const released = props.state.released[props.state.released.length - 1] ?? null;
+  const releases = props.state.releases;
   const held = props.state.convs.size;
   useEffect(() => {
     if (!asked) load('', null);
-  }, [held, released, props.state.released.length, asked]);
+  }, [held, releases, asked]);
   const shown = rows ? (asked ? rows : rows.filter((r) => r.state === 'closed')) : null;
   return (
     <section class="panel history" aria-labelledby="hist-h">

@@ -126,6 +126,9 @@ export interface OpState {
   /** Conversations released from us lately: entries of theirs that a conversation shard's
    *  feed brings after the release (feeds are not ordered with each other) are dropped. */
   released: readonly number[];
+  /** How many releases this desk has seen (what follows the desk's releases reloads on
+   *  it: the list above stops growing at its limit). */
+  releases: number;
   offers: readonly Offer[];
   convs: ReadonlyMap<number, Conv>;
   selected: number | null;
@@ -160,6 +163,7 @@ export const initialOpState: OpState = {
   presenceSince: 0,
   cursor: null,
   released: [],
+  releases: 0,
   offers: [],
   convs: new Map(),
   selected: null,
@@ -411,7 +415,8 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
     case 'released': {
       const id = ev.conversation!;
       const released = [...s.released.filter((x) => x !== id), id].slice(-RELEASED_KEPT);
-      if (!s.convs.has(id)) return { ...s, released };
+      const releases = s.releases + 1;
+      if (!s.convs.has(id)) return { ...s, released, releases };
       const convs = new Map(s.convs);
       convs.delete(id);
       const pending: Record<string, PendingMessage> = {};
@@ -421,6 +426,7 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
         convs,
         pending,
         released,
+        releases,
         selected: s.selected === id ? null : s.selected,
         needHistory: s.needHistory.filter((x) => x !== id),
       };
@@ -487,7 +493,7 @@ export function opReducer(s: OpState, a: OpAction): OpState {
         wrapUpUntil: h.wrap_up_until ?? null,
         pauseReasons: Array.isArray(h.pause_reasons) ? h.pause_reasons : [],
         clockSkew: typeof h.now === 'number' ? h.now - a.now : s.clockSkew,
-        presenceSince: h.presence_since ?? (s.presence === h.presence && s.presenceSince ? s.presenceSince : a.now),
+        presenceSince: h.presence_since ?? (s.presence === h.presence && s.presenceSince ? s.presenceSince : (h.now ?? a.now)),
       };
       const theirs = helloCursor(h);
       const ours = s.cursor;
