@@ -554,6 +554,8 @@ impl Backend for SplitBackend {
                     "last_applied": m.last_applied.map(|l| l.index),
                     "voters": voters,
                     "learners": learners,
+                    // On the group's leader: how far each member's log is known to match.
+                    "matched": m.replication.as_ref().map(|r| r.iter().map(|(id, l)| (id.to_string(), serde_json::json!(l.map(|l| l.index)))).collect::<serde_json::Map<_, _>>()),
                     "membership_log": m.membership_config.log_id().map(|l| l.index),
                     "reaches_majority": (m.current_leader == Some(self.node.node_id)).then(|| server::reaches_majority(&m, self.node.node_id, &self.node.peers)),
                     "leader_changes": g.leader_changes.load(Relaxed),
@@ -770,7 +772,10 @@ impl Backend for SplitBackend {
 /// conversation shards, alone or as one of the cluster's first members (each group on
 /// every member), and serves it as `server::start` serves a node of one group.
 pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<RunningNode> {
-    anyhow::ensure!((1..=64).contains(&shards), "--shards is 1 to 64 conversation shards, not {shards}");
+    anyhow::ensure!(
+        (1..=64).contains(&shards),
+        "a split node has 1 to 64 conversation shards (`--shards`, or `shards` in its file), not {shards}; a node of one group is made with `--shards 0` on the command line, or by leaving `shards` out of its file"
+    );
     if !options.members.is_empty() && !options.members.iter().any(|(id, _)| *id == options.node_id) {
         anyhow::bail!("node {} is not among the cluster's members", options.node_id);
     }
