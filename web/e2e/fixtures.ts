@@ -1,4 +1,4 @@
-import { test as base, expect, type Browser, type Page } from '@playwright/test';
+import { test as base, expect, type Browser, type BrowserContext, type Page } from '@playwright/test';
 import { mkdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { resolve } from 'node:path';
@@ -7,9 +7,21 @@ import { startServer, WEB_ROOT, type Server } from './harness';
 export const SHOTS = resolve(WEB_ROOT, 'test-results/screenshots');
 mkdirSync(SHOTS, { recursive: true });
 
-export const test = base.extend<{ sb: Server; sbArgs: string[] }>({
+/** The browser contexts a test opened (`newPage`): closed when it ends, so that pages of
+ *  finished tests (reconnecting to a server that is gone, re-rendering their clocks)
+ *  do not load the machine for the tests after them. */
+const opened: BrowserContext[] = [];
+
+export const test = base.extend<{ sb: Server; sbArgs: string[]; closeContexts: void }>({
   /** Extra arguments of `switchboard dev` (`test.use({ sbArgs: [...] })`). */
   sbArgs: [[], { option: true }],
+  closeContexts: [
+    async ({}, use) => {
+      await use();
+      for (const ctx of opened.splice(0)) await ctx.close().catch(() => {});
+    },
+    { auto: true },
+  ],
   sb: async ({ sbArgs }, use, testInfo) => {
     const sb = await startServer({ extraArgs: sbArgs });
     if (sb.shimmed) testInfo.annotations.push({ type: 'note', description: 'the binary does not embed the current web build; served through the test shim' });
@@ -27,6 +39,7 @@ export { expect };
 /** A separate browser context (own storage, like another person's browser). */
 export async function newPage(browser: Browser, lang = 'en-US'): Promise<Page> {
   const ctx = await browser.newContext({ locale: lang });
+  opened.push(ctx);
   const page = await ctx.newPage();
   page.on('pageerror', (e) => console.error('[pageerror]', e.message));
   return page;
