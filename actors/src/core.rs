@@ -1921,7 +1921,9 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             let mut events = withdraw_pending(state, conv_id, WithdrawReason::Reassigned);
             // Rules 18: taken from the channel's bot, the conversation is handed off as
             // the bot would hand it off (its history says so, and the group counts it as
-            // entered), before it goes where the supervisor said.
+            // entered: queued, or assigned straight from the bot), before it goes where
+            // the supervisor said. On a split cluster the routing shard, which decides a
+            // reassignment, never heard of a bot's conversation: not found there.
             if state.rules >= 18 && conv.status == ConversationStatus::WithBot {
                 events.push(Event::HandedOff { conversation: *conv_id, group: conv.group.clone(), reason: TAKEN_FROM_BOT.into(), context: vec![("by".into(), by.clone())] });
             }

@@ -2010,6 +2010,13 @@ impl ShardState {
                 if !conv.handled_by.contains(operator) {
                     self.dirty.handled.push((operator.clone(), *conversation));
                 }
+                // Rules 18: taken from the bot by a supervisor straight to an operator
+                // (never queued): it enters its group here, as a bot's handoff does.
+                if self.rules >= 18 && conv.status == ConversationStatus::WithBot {
+                    let group = conv.group.clone();
+                    self.kpi(&group, hour).entered += 1;
+                }
+                let Some(conv) = self.conversations.get(conversation) else { return };
                 if !conv.handled_by.is_empty() || self.answered_at.contains_key(conversation) {
                     return;
                 }

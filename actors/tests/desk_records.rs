@@ -284,3 +284,21 @@ fn kpis_count_a_bots_conversation_from_its_handoff() {
         assert_eq!(records::load(&store).expect("load").kpis_since(0)[&SkillGroupId::new("g")], kpi, "rules {rules}: the records hold the same");
     }
 }
+
+/// Rules 18: a conversation a supervisor gives straight from the bot to an operator
+/// enters its group then (under rules 17 it was answered but never entered).
+#[test]
+fn a_conversation_taken_from_the_bot_straight_to_an_operator_enters_its_group() {
+    for rules in [18, 17] {
+        let (store, mut state) = floor_under(rules);
+        let web = ChannelId::new("web");
+        let bot = BotConfig { url: "http://127.0.0.1:9/events".into(), token_sha256: "a".repeat(64), signing_secret: "s".repeat(20) };
+        ok(run(&mut state, &store, T0, Command::SetChannelBot { channel: web.clone(), bot: Some(bot) }));
+        ok(run(&mut state, &store, T0, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online }));
+        let taken = start(&mut state, &store, T0 + 1_000);
+        ok(run(&mut state, &store, T0 + 5_000, Command::Reassign { by: "sue".into(), conversation: taken, target: TransferTarget::Operator(OperatorId::new("ann")), comment: String::new() }));
+        let kpi = state.kpis_since(T0 / HOUR_MS)[&SkillGroupId::new("g")].clone();
+        assert_eq!((kpi.entered, kpi.answered), (u64::from(rules >= 18), 1), "rules {rules}: {kpi:?}");
+        assert_eq!(records::load(&store).expect("load").kpis_since(0)[&SkillGroupId::new("g")], kpi, "rules {rules}: the records hold the same");
+    }
+}

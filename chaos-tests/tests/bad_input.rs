@@ -408,29 +408,60 @@ async fn one_address_cannot_start_conversations_without_limit() -> anyhow::Resul
     Ok(())
 }
 
-/// Each `resume` replays a conversation's history from the point it names: one address
-/// may send a bounded number of them a minute, across its sockets, and the socket keeps
-/// what it followed past that.
+/// Each `resume` replays a conversation's history from the point it names, and is
+/// charged to its address by what it replays (a token per 200 entries): a whole long
+/// history replayed again and again runs out of budget, while catching up on a few
+/// entries costs a sliver; past the budget the socket keeps what it followed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_replay_history_without_limit() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let binary = switchboard_chaos_tests::binary()?;
-    let dev = Dev::start_with(binary, &dir.path().join("data"), &["--client-resumes-per-minute", "3"]).await?;
-    let (mut first, conversation, token) = dev.client("Replayer").await?;
-    first.send(&json!({"type": "send", "key": "m1", "text": "one message to replay"})).await?;
-    first.wait_for(WAIT, |v| v["type"] == "ack").await?;
-    let mut other = WsClient::connect(&dev.public, "/ws/client", None).await?;
-    for i in 0..3 {
-        let socket = if i % 2 == 0 { &mut first } else { &mut other };
+    let flags = ["--client-resumes-per-minute", "2", "--client-messages-per-minute", "1000", "--conversation-messages-per-minute", "1000"];
+    let dev = Dev::start_with(binary, &dir.path().join("data"), &flags).await?;
+    let (first, conversation, token) = dev.client("Replayer").await?;
+    // A history of about 220 entries (replaying it whole costs 1.1 of the budget of 2),
+    // written by ten sockets of the visitor at once (each socket's frames are paced).
+    let mut writers = vec![first];
+    for _ in 0..9 {
+        let mut socket = WsClient::connect(&dev.public, "/ws/client", None).await?;
         socket.send(&json!({"type": "resume", "token": token, "last_seq": 0})).await?;
-        let resumed = socket.wait_for(WAIT, |v| v["type"] == "resumed" || v["type"] == "error").await?;
-        assert_eq!((resumed["type"].clone(), resumed["conversation"].clone()), (json!("resumed"), json!(conversation)), "resume {i}: {resumed}");
+        socket.wait_for(WAIT, |v| v["type"] == "resumed").await?;
+        writers.push(socket);
     }
-    other.send(&json!({"type": "resume", "token": token, "last_seq": 0})).await?;
-    let refused = other.wait_for(WAIT, |v| v["type"] == "resumed" || v["type"] == "error").await?;
-    assert_eq!(refused["code"], "rate_limited", "{refused}");
-    // The socket still follows its conversation: the visitor's next message is taken.
-    other.send(&json!({"type": "send", "key": "m2", "text": "still here"})).await?;
+    let mut newest = 0;
+    for round in 0..22 {
+        for (w, socket) in writers.iter_mut().enumerate() {
+            socket.send(&json!({"type": "send", "key": format!("m{round}-{w}"), "text": "a message to replay"})).await?;
+        }
+        for socket in writers.iter_mut() {
+            let ack = socket.wait_for(WAIT, |v| v["type"] == "ack" || v["type"] == "error").await?;
+            newest = newest.max(ack["seq"].as_u64().ok_or_else(|| anyhow::anyhow!("not acked: {ack}"))?);
+        }
+    }
+    assert!(newest >= 220, "{newest}");
+    let mut other = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    let resume = |last_seq: u64| json!({"type": "resume", "token": token, "last_seq": last_seq});
+    other.send(&resume(0)).await?;
+    let resumed = other.wait_for(WAIT, |v| v["type"] == "resumed" || v["type"] == "error").await?;
+    assert_eq!((resumed["type"].clone(), resumed["conversation"].clone()), (json!("resumed"), json!(conversation)), "{resumed}");
+    // Again and again: refused within a few (the budget refills by 2 a minute).
+    let mut refused = None;
+    for _ in 0..4 {
+        other.send(&resume(0)).await?;
+        let answer = other.wait_for(WAIT, |v| v["type"] == "resumed" || (v["type"] == "error" && v["code"] == "rate_limited")).await?;
+        if answer["type"] == "error" {
+            refused = Some(answer);
+            break;
+        }
+    }
+    let refused = refused.ok_or_else(|| anyhow::anyhow!("five whole replays in a row were all taken"))?;
+    assert!(refused["message"].as_str().is_some_and(|m| m.contains("replays")), "{refused}");
+    // Catching up on the last entry costs a sliver of what is left.
+    other.send(&resume(newest)).await?;
+    let caught_up = other.wait_for(WAIT, |v| v["type"] == "resumed" || (v["type"] == "error" && v["code"] == "rate_limited")).await?;
+    assert_eq!(caught_up["type"], "resumed", "{caught_up}");
+    // The socket follows its conversation: the visitor's next message is taken.
+    other.send(&json!({"type": "send", "key": "last", "text": "still here"})).await?;
     let ack = other.wait_for(WAIT, |v| v["type"] == "ack" || v["type"] == "error").await?;
     assert_eq!(ack["type"], "ack", "{ack}");
     Ok(())

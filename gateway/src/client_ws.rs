@@ -131,9 +131,10 @@ struct HistoryPull {
     failed: bool,
 }
 
-/// Entries a `resume` may replay without being charged to the address's budget of
-/// resumes: a reconnect, or a gateway moving the socket, catches up on a few.
-pub const RESUME_FREE_ENTRIES: u64 = 200;
+/// Entries a `resume` replays for one token of the address's budget of resumes
+/// (`--client-resumes-per-minute` tokens a minute): a reconnect, or a gateway moving
+/// the socket, catches up on a few and costs a sliver of one.
+pub const RESUME_ENTRIES_PER_TOKEN: u64 = 200;
 
 /// Failed history reads, said in the log at most once every 10 s.
 static HISTORY_FAILURES: crate::budget::LogEvery = crate::budget::LogEvery::new(std::time::Duration::from_secs(10));
@@ -396,13 +397,14 @@ impl ClientSession {
                 if last_seq > last {
                     return Err(frames::error("invalid", &format!("last_seq {last_seq} is ahead of the conversation ({last})"), None));
                 }
-                // A resume that replays more than a reconnect's catching up (a page of
-                // entries) is charged to the address's budget, shared by its sockets:
-                // replaying a long history over and over is what costs. Only a resume
-                // about to replay is charged (not one answered `unavailable` above).
-                if last.saturating_sub(last_seq) > RESUME_FREE_ENTRIES
-                    && !self.gw.usage.resumes.take(self.peer, 1.0, f64::from(self.gw.config.budgets.client_resumes_per_minute))
-                {
+                // A resume is charged to the address's budget, shared by its sockets, by
+                // what it replays: a token per 200 entries (a reconnect catching up on a
+                // few costs a sliver; the longest history, 10,000 entries, 50 tokens, at
+                // most the whole budget). Only a resume about to replay is charged (not
+                // one answered `unavailable` above).
+                let capacity = f64::from(self.gw.config.budgets.client_resumes_per_minute);
+                let cost = (last.saturating_sub(last_seq).max(1) as f64 / RESUME_ENTRIES_PER_TOKEN as f64).min(capacity);
+                if !self.gw.usage.resumes.take(self.peer, cost, capacity) {
                     self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
                     return Err(frames::error("rate_limited", "too many long history replays from your address; resume again in a few seconds", None));
                 }

@@ -318,8 +318,8 @@ pub struct Budgets {
     pub client_messages_per_minute: u32,
     /// Client messages one conversation may take per minute, from any address.
     pub conversation_messages_per_minute: u32,
-    /// Client `resume` frames one address may send per minute, across all its sockets
-    /// (each replays the conversation's history from the point it names).
+    /// Tokens a minute for the history one address's `resume` frames replay, across all
+    /// its sockets: a token per [`crate::client_ws::RESUME_ENTRIES_PER_TOKEN`] entries.
     pub client_resumes_per_minute: u32,
     /// Client sockets one address may hold open.
     pub client_sockets_per_address: u32,

@@ -122,7 +122,8 @@ struct EdgeArgs {
     /// Client messages one conversation may take per minute, from all its sockets.
     #[arg(long, default_value_t = 60)]
     conversation_messages_per_minute: u32,
-    /// Client `resume` frames one address may send per minute, across all its sockets.
+    /// Tokens a minute for the history one address's `resume` frames replay, across all
+    /// its sockets (a token per 200 entries replayed).
     #[arg(long, default_value_t = 60)]
     client_resumes_per_minute: u32,
     /// Client WebSockets one address may hold open.
