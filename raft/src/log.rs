@@ -148,7 +148,11 @@ impl SegmentLog {
     /// As [`SegmentLog::open`], starting a new segment past `segment_bytes` (tests use
     /// small segments to cross their boundaries).
     pub fn open_sized(dir: &Path, segment_bytes: u64, legacy_meta: impl FnOnce() -> LogMeta) -> Result<Self, LogError> {
-        std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
+            // The new folder's own entry is durable before anything in it counts on it.
+            sync_dir(dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+        }
         let meta_path = dir.join("meta");
         let meta = match std::fs::read(&meta_path) {
             Ok(bytes) => read_meta(&meta_path, &bytes)?,

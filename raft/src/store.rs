@@ -216,7 +216,11 @@ pub fn open_group(
     .map_err(|e| crate::Error::Storage(e.to_string()))?;
     let committed: Option<Option<LogId<NodeId>>> = trees.get_meta("committed").ok().flatten();
     let committed = Arc::new(std::sync::atomic::AtomicU64::new(committed.flatten().map_or(0, |c| c.index)));
-    std::fs::create_dir_all(snapshot_dir)?;
+    if !snapshot_dir.exists() {
+        std::fs::create_dir_all(snapshot_dir)?;
+        // Its entry in the data folder is durable before a snapshot file counts on it.
+        std::fs::File::open(snapshot_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))).and_then(|d| d.sync_all())?;
+    }
     let snapshots = SnapshotFiles { dir: snapshot_dir.to_path_buf(), group, writing: Arc::new(Mutex::new(())) };
     let state = Arc::new(StateTree::new(keyspace.clone(), state_partition(keyspace, group)?));
     let sm = StateMachineStore::load(trees.clone(), state, machine, snapshots)?;
@@ -253,10 +257,12 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
         crate::state::remove_range(keyspace, &state, ..)?;
         copy_tree(&db.open_tree(format!("g{group}/state"))?, "", keyspace, &state)?;
         copy_tree(&meta_tree, META_PREFIX, keyspace, &state)?;
+        // A vote that cannot be read stops the move: taken for none, it would let this
+        // node vote twice in one term.
         let sled_meta = |key: &str| meta_tree.get(key).ok().flatten();
         let legacy = LogMeta {
-            vote: sled_meta("vote").and_then(|b| decode(&b).ok()),
-            purged: sled_meta("last_purged").and_then(|b| decode(&b).ok()),
+            vote: sled_meta("vote").map(|b| decode(&b)).transpose().map_err(|e| storage(&format!("the vote: {e}")))?,
+            purged: sled_meta("last_purged").map(|b| decode(&b)).transpose().map_err(|e| storage(&format!("the last purged entry: {e}")))?,
         };
         let segments = SegmentLog::open(log_dir, || legacy).map_err(|e| storage(&e))?;
         let mut batch = Vec::new();
@@ -272,6 +278,9 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
         keyspace.persist(fjall::PersistMode::SyncAll)?;
     }
     std::fs::remove_dir_all(sled_dir)?;
+    // Its removal is durable: a sled folder back after a power loss would be moved
+    // again, over records newer than it.
+    std::fs::File::open(sled_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))).and_then(|d| d.sync_all())?;
     tracing::info!(folder = %sled_dir.display(), "moved the data folder from sled into log segments and the record store");
     Ok(true)
 }
