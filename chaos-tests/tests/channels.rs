@@ -1049,6 +1049,13 @@ async fn a_vk_conversation_is_confirmed_deduplicated_and_resent_safely_after_a_k
     assert_eq!(event["entry"]["text"], "vot\n[video]\n[location]", "{event}");
     assert_eq!((event["entry"]["attachments"][0]["name"].clone(), event["entry"]["attachments"][0]["size"].clone()), (json!("photo.jpg"), json!(54)), "{event}");
 
+    // A message forwarding many others is a callback past 64 KiB: taken (up to 1 MiB).
+    let forwarded: Vec<Value> = (0..400).map(|i| json!({"date": 1, "from_id": 9001, "text": format!("{i}: {}", "earlier words ".repeat(30))})).collect();
+    let long = json!({"type": "message_new", "group_id": 77, "event_id": "ev3", "v": "5.199", "secret": "callback-secret", "object": {"message": {"id": 503, "date": 3, "from_id": 9001, "peer_id": 9001, "text": "see what I was sent", "fwd_messages": forwarded}, "client_info": {}}});
+    assert!(long.to_string().len() > 150 * 1024, "past the 64 KiB of other webhooks");
+    assert_eq!(hook(long).await?, (200, json!("ok")));
+    alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"].as_str().is_some_and(|t| t.starts_with("see what I was sent"))).await?;
+
     // VK takes the message but the node dies before the answer comes.
     fake.hang_next(Duration::from_secs(60));
     alice.send(&json!({"type": "send", "conversation": conversation, "key": "v1", "text": "Здравствуйте!", "ref": "v1"})).await?;
