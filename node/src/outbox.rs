@@ -318,14 +318,13 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                 if lanes.blocked(lane) {
                     continue;
                 }
-                let blocked = &mut lanes;
                 if flying.contains_key(key) {
-                    blocked.block(lane);
+                    lanes.block(lane);
                     continue;
                 }
                 match d.status {
                     DeliveryStatus::Attempting { node } => {
-                        blocked.block(lane);
+                        lanes.block(lane);
                         // The bot's events carry a delivery id, as the Channel API's do.
                         let adapter = state.channel_adapters.get(&d.channel);
                         let safe = d.to_bot || adapter.is_some_and(AdapterConfig::resend_is_safe);
@@ -372,12 +371,12 @@ pub async fn run(raft: Raft, proposer: Arc<dyn Proposer>, shard: Arc<Shard>, nod
                         }
                     }
                     DeliveryStatus::Pending if d.next_at > now => {
-                        blocked.block(lane);
+                        lanes.block(lane);
                         due(d.next_at);
                     }
                     DeliveryStatus::Pending if paced.len() >= room => due(now.plus_ms(5)),
                     DeliveryStatus::Pending => {
-                        blocked.block(lane);
+                        lanes.block(lane);
                         // Paced per channel: a channel out of tokens is skipped, so one
                         // slow provider's backlog does not hold up the others.
                         let rate = share
