@@ -111,7 +111,7 @@ pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<S
     }
     held.answer()?;
     commit_receipts(&gw, &receipts).await?;
-    Ok(Json(json!({"ok": true, "messages": taken, "statuses": receipts.len()})).into_response())
+    Ok(proven(Json(json!({"ok": true, "messages": taken, "statuses": receipts.len()})).into_response()))
 }
 
 /// The customers of one webhook delivery (a batch) whose message the node asked to be
@@ -160,12 +160,13 @@ pub async fn vk_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>
     match vk::parse(&body, &secret) {
         Ok(vk::Event::Confirmation { group_id: asked }) if asked.to_string() == group_id => Ok(confirmation.into_response()),
         Ok(vk::Event::Confirmation { .. }) => Err(GatewayError::Forbidden("that is not this channel's community")),
-        Ok(vk::Event::Other) => Ok("ok".into_response()),
+        // Both with the channel's secret checked (a confirmation carries none).
+        Ok(vk::Event::Other) => Ok(proven("ok".into_response())),
         Ok(vk::Event::Message { from, id, text }) => {
             let inbound = Inbound { sender: from, sender_name: String::new(), message_id: id, text, media: vk::media(&body) };
             let answer = take_message(&gw, &channel, inbound).await?;
             tracing::debug!(%answer, "a VK message was taken");
-            Ok("ok".into_response())
+            Ok(proven("ok".into_response()))
         }
         Err(switchboard_adapters::AdapterError::Refused(why)) => {
             tracing::warn!(%channel, "a VK callback was refused: {why}");
@@ -173,6 +174,18 @@ pub async fn vk_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>
         }
         Err(e) => Err(GatewayError::BadRequest(e.to_string())),
     }
+}
+
+/// Marks a webhook's answer as one given to a caller that proved it is the provider (its
+/// signature or secret checked): what lets its address use the last of the places for
+/// large deliveries (`large_hook_permit`). An answer without it (a VK confirmation,
+/// which carries no secret) proves nothing.
+#[derive(Clone, Copy)]
+pub(crate) struct HookProven;
+
+fn proven(mut response: Response) -> Response {
+    response.extensions_mut().insert(HookProven);
+    response
 }
 
 /// `POST /hooks/messenger/{channel}`: a signed page delivery of messages and delivery
@@ -207,7 +220,7 @@ pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<
     }
     held.answer()?;
     commit_receipts(&gw, &receipts).await?;
-    Ok(Json(json!({"ok": true, "messages": taken, "statuses": receipts.len()})).into_response())
+    Ok(proven(Json(json!({"ok": true, "messages": taken, "statuses": receipts.len()})).into_response()))
 }
 
 /// `POST /hooks/viber/{channel}`: a signed Viber callback: a customer's message, a

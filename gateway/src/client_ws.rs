@@ -403,10 +403,10 @@ impl ClientSession {
                 // most the whole budget). Only a resume about to replay is charged (not
                 // one answered `unavailable` above).
                 let capacity = f64::from(self.gw.config.budgets.client_resumes_per_minute);
-                let cost = (last.saturating_sub(last_seq).max(1) as f64 / RESUME_ENTRIES_PER_TOKEN as f64).min(capacity);
+                let cost = (last.saturating_sub(last_seq).max(1) as f64 / RESUME_ENTRIES_PER_TOKEN as f64).min(capacity.max(1.0));
                 if !self.gw.usage.resumes.take(self.peer, cost, capacity) {
                     self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
-                    return Err(frames::error("rate_limited", "too many long history replays from your address; resume again in a few seconds", None));
+                    return Err(frames::error("rate_limited", "too many long history replays from your address; resume again later (the budget refills within a minute)", None));
                 }
                 let resumed = json!({
                     "type": "resumed", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0, "last_seq": last,

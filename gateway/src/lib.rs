@@ -1065,7 +1065,7 @@ async fn large_hook_permit(
         let address = hook_budget_key(peer, "").0;
         let post = request.method() == axum::http::Method::POST;
         let response = next.run(request).await;
-        if post && response.status().is_success() {
+        if post && response.status().is_success() && response.extensions().get::<channels::HookProven>().is_some() {
             PROVEN.lock().unwrap_or_else(|p| p.into_inner()).note(address, std::time::Instant::now());
         }
         return response;
@@ -1139,8 +1139,16 @@ async fn large_hook_permit(
     let request = axum::extract::Request::from_parts(parts, axum::body::Body::new(MarkEnd { inner: body, read: read.clone() }));
     let response = next.run(request).await;
     release.answered = true;
-    if response.status().is_success() {
-        PROVEN.lock().unwrap_or_else(|p| p.into_inner()).note(release.key.0, std::time::Instant::now());
+    if response.extensions().get::<channels::HookProven>().is_some() {
+        if response.status().is_success() {
+            PROVEN.lock().unwrap_or_else(|p| p.into_inner()).note(release.key.0, std::time::Instant::now());
+        }
+    } else if response.status().is_client_error() && !matches!(response.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        // A large body read and refused without a proof (junk that did not parse): it
+        // spends the address's budget of bad webhook calls, as a wrong proof does (which
+        // `hook_guard` charges itself). A `503` of this node's is not the caller's doing.
+        let allowed = f64::from(gw.config.budgets.bad_hooks_per_minute);
+        gw.usage.bad_hooks.take(release.key.clone(), 1.0, allowed);
     }
     response
 }

@@ -134,6 +134,27 @@ fn segment_name(first: u64) -> String {
     format!("{first:020}.seg")
 }
 
+/// Creates `dir` and the folders above it that are missing, each one's entry made
+/// durable in its parent (deepest last) before anything in it counts on it; nothing
+/// when it exists.
+pub(crate) fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(p) = at.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+        missing.push(p.to_path_buf());
+        at = p.parent();
+    }
+    std::fs::create_dir_all(dir)?;
+    for created in missing.iter().rev() {
+        let parent = created.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir.display()))
 }
@@ -148,11 +169,7 @@ impl SegmentLog {
     /// As [`SegmentLog::open`], starting a new segment past `segment_bytes` (tests use
     /// small segments to cross their boundaries).
     pub fn open_sized(dir: &Path, segment_bytes: u64, legacy_meta: impl FnOnce() -> LogMeta) -> Result<Self, LogError> {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
-            // The new folder's own entry is durable before anything in it counts on it.
-            sync_dir(dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
-        }
+        create_dir_durably(dir).map_err(io(dir.display()))?;
         let meta_path = dir.join("meta");
         let meta = match std::fs::read(&meta_path) {
             Ok(bytes) => read_meta(&meta_path, &bytes)?,
@@ -724,5 +741,19 @@ fn flush_loop(rx: mpsc::Receiver<Flush>) {
             };
             callback.log_io_completed(result);
         }
+    }
+}
+
+#[cfg(test)]
+mod folders {
+    #[test]
+    fn missing_folders_are_made_each_one_in_its_parent_and_an_existing_one_is_left() {
+        let dir = tempfile::tempdir().expect("dir");
+        let deep = dir.path().join("data").join("log").join("g3");
+        super::create_dir_durably(&deep).expect("made");
+        assert!(deep.is_dir());
+        std::fs::write(deep.join("meta"), b"kept").expect("write");
+        super::create_dir_durably(&deep).expect("again");
+        assert_eq!(std::fs::read(deep.join("meta")).expect("read"), b"kept");
     }
 }

@@ -216,11 +216,7 @@ pub fn open_group(
     .map_err(|e| crate::Error::Storage(e.to_string()))?;
     let committed: Option<Option<LogId<NodeId>>> = trees.get_meta("committed").ok().flatten();
     let committed = Arc::new(std::sync::atomic::AtomicU64::new(committed.flatten().map_or(0, |c| c.index)));
-    if !snapshot_dir.exists() {
-        std::fs::create_dir_all(snapshot_dir)?;
-        // Its entry in the data folder is durable before a snapshot file counts on it.
-        std::fs::File::open(snapshot_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))).and_then(|d| d.sync_all())?;
-    }
+    crate::log::create_dir_durably(snapshot_dir)?;
     let snapshots = SnapshotFiles { dir: snapshot_dir.to_path_buf(), group, writing: Arc::new(Mutex::new(())) };
     let state = Arc::new(StateTree::new(keyspace.clone(), state_partition(keyspace, group)?));
     let sm = StateMachineStore::load(trees.clone(), state, machine, snapshots)?;
@@ -246,6 +242,11 @@ pub fn open_group(
 /// start moves it again from the beginning (what was copied is replaced, log entries
 /// already in segments are skipped). Returns whether there was a sled folder.
 pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log_dir: &Path) -> Result<bool, crate::Error> {
+    // What a crash left of a folder already moved: removed.
+    let moved = sled_dir.with_extension("moved");
+    if moved.exists() {
+        std::fs::remove_dir_all(&moved)?;
+    }
     if !sled_dir.join("db").exists() && !sled_dir.join("conf").exists() {
         return Ok(false);
     }
@@ -259,10 +260,10 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
         copy_tree(&meta_tree, META_PREFIX, keyspace, &state)?;
         // A vote that cannot be read stops the move: taken for none, it would let this
         // node vote twice in one term.
-        let sled_meta = |key: &str| meta_tree.get(key).ok().flatten();
+        let sled_meta = |key: &str| meta_tree.get(key).map_err(|e| storage(&format!("reading {key}: {e}")));
         let legacy = LogMeta {
-            vote: sled_meta("vote").map(|b| decode(&b)).transpose().map_err(|e| storage(&format!("the vote: {e}")))?,
-            purged: sled_meta("last_purged").map(|b| decode(&b)).transpose().map_err(|e| storage(&format!("the last purged entry: {e}")))?,
+            vote: sled_meta("vote")?.map(|b| decode(&b)).transpose().map_err(|e| storage(&format!("the vote: {e}")))?,
+            purged: sled_meta("last_purged")?.map(|b| decode(&b)).transpose().map_err(|e| storage(&format!("the last purged entry: {e}")))?,
         };
         let segments = SegmentLog::open(log_dir, || legacy).map_err(|e| storage(&e))?;
         let mut batch = Vec::new();
@@ -277,10 +278,12 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
         segments.append_synced(batch).map_err(|e| storage(&e))?;
         keyspace.persist(fjall::PersistMode::SyncAll)?;
     }
-    std::fs::remove_dir_all(sled_dir)?;
-    // Its removal is durable: a sled folder back after a power loss would be moved
-    // again, over records newer than it.
+    // Renamed away first, durably, then removed: a sled folder back after a power loss,
+    // or left half removed by a crash, would be moved again, over newer records.
+    let moved = sled_dir.with_extension("moved");
+    std::fs::rename(sled_dir, &moved)?;
     std::fs::File::open(sled_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))).and_then(|d| d.sync_all())?;
+    std::fs::remove_dir_all(&moved)?;
     tracing::info!(folder = %sled_dir.display(), "moved the data folder from sled into log segments and the record store");
     Ok(true)
 }
