@@ -124,6 +124,9 @@ async fn clients_that_never_read_or_never_answer_pings_are_disconnected() -> any
             "--client-messages-per-minute", "100000",
             "--conversation-messages-per-minute", "100000",
             "--client-sockets-per-address", "200",
+            // 40 whole replays of a long history from one address: past the default
+            // budget of replays, which is not what this test is about.
+            "--client-resumes-per-minute", "100000",
             "--snapshot-every", "100000",
         ],
     )
