@@ -646,6 +646,20 @@ fn a_returning_messenger_customer_goes_first_to_whoever_served_them_last() {
     }
 }
 
+/// Under `rules`, customer "42" on Telegram writes, Ann takes the conversation and
+/// replies: her reply's outbox entry (conversation, seq), not attempted yet.
+fn anns_reply_queued(rules: u32) -> (MemStore, ShardState, ConversationId, u64) {
+    let (store, mut state) = setup_with(rules);
+    connect(&mut state, &store);
+    let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+    let conv = conversation_of(&reply);
+    let offer = *state.offers.keys().next().expect("offered");
+    ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+    let (reply, _) = ok(run(&mut state, &store, T0 + 30, Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "k1".into(), text: "Hi Dana".into(), attachments: vec![] }));
+    let Reply::Message { seq, .. } = reply else { panic!("{reply:?}") };
+    (store, state, conv, seq)
+}
+
 /// A message the provider took (its id "777") and later reported failed is sent again
 /// by a supervisor. From rules 18 the old id no longer names the entry: a late or
 /// repeated "failed" for it finds nothing, and cannot dead-letter the new attempt.
@@ -653,14 +667,7 @@ fn a_returning_messenger_customer_goes_first_to_whoever_served_them_last() {
 #[test]
 fn a_retried_dead_letter_forgets_the_provider_id_of_its_last_attempt() {
     for rules in [17, 18] {
-        let (store, mut state) = setup_with(rules);
-        connect(&mut state, &store);
-        let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
-        let conv = conversation_of(&reply);
-        let offer = *state.offers.keys().next().expect("offered");
-        ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
-        let (reply, _) = ok(run(&mut state, &store, T0 + 30, Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "k1".into(), text: "Hi Dana".into(), attachments: vec![] }));
-        let Reply::Message { seq, .. } = reply else { panic!("{reply:?}") };
+        let (store, mut state, conv, seq) = anns_reply_queued(rules);
         let result = |outcome| Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq, outcome }] };
         ok(run(&mut state, &store, T0 + 40, Command::DeliveriesAttempted { node: 1, items: vec![(conv, seq)] }));
         ok(run(&mut state, &store, T0 + 50, result(DeliveryOutcome::Sent { provider_id: "777".into() })));
@@ -693,14 +700,7 @@ fn a_retried_dead_letter_forgets_the_provider_id_of_its_last_attempt() {
 #[test]
 fn an_empty_provider_id_names_no_entry() {
     for rules in [17, 18] {
-        let (store, mut state) = setup_with(rules);
-        connect(&mut state, &store);
-        let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
-        let conv = conversation_of(&reply);
-        let offer = *state.offers.keys().next().expect("offered");
-        ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
-        let (reply, _) = ok(run(&mut state, &store, T0 + 30, Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: "k1".into(), text: "Hi Dana".into(), attachments: vec![] }));
-        let Reply::Message { seq, .. } = reply else { panic!("{reply:?}") };
+        let (store, mut state, conv, seq) = anns_reply_queued(rules);
         ok(run(&mut state, &store, T0 + 40, Command::DeliveriesAttempted { node: 1, items: vec![(conv, seq)] }));
         ok(run(&mut state, &store, T0 + 50, Command::DeliveryResults { results: vec![DeliveryResult { node: 0, conversation: conv, seq, outcome: DeliveryOutcome::Sent { provider_id: String::new() } }] }));
         let named = records::by_provider_id(&store, &tg(), "").expect("read");
