@@ -13,8 +13,8 @@
 //! goes through the [`Proposer`] and comes back as an applied entry.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::watch;
@@ -49,8 +49,80 @@ fn expire_retry(retries: u32) -> Duration {
 /// Pause before asking again for a new round whose proposal failed.
 const ROUND_RETRY: Duration = Duration::from_secs(1);
 
-pub fn now_ms() -> Timestamp {
+/// The wall clock: for what is checked against the world's time (a signed identity's
+/// expiry), never against entry times.
+pub fn wall_ms() -> Timestamp {
     Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+}
+
+/// The latest entry time this process applied that read ahead of its clock, and the
+/// monotonic moment it was seen.
+static CLOCK_FLOOR: Mutex<Option<(u64, Instant)>> = Mutex::new(None);
+/// While the clock reads ahead of the wall clock it runs this fraction slower than real
+/// time (1/32: a timer of 30 s lasts 31 s), so that it meets the wall clock again: an
+/// hour ahead is made up in 32 hours, a few hundred milliseconds of skew between two
+/// leaders in seconds.
+const CLOCK_SLEW: u64 = 32;
+
+fn entry_clock(floor: Option<(u64, Instant)>, wall: u64) -> u64 {
+    match floor {
+        Some((at, seen)) => {
+            let passed = seen.elapsed().as_millis() as u64;
+            wall.max(at.saturating_add(passed - passed / CLOCK_SLEW))
+        }
+        None => wall,
+    }
+}
+
+/// The clock entries are stamped with and every timer is measured by: the wall clock,
+/// except that it never reads below the latest entry time this process applied
+/// (`observe_entry_time`), from which it goes on at nearly the real pace.
+///
+/// An entry's time never goes back (routing rules 3). When one was stamped ahead of this
+/// node's wall clock (a leader whose clock was stepped forward and then set right, or a
+/// leader's clock ahead of this one's), the entries after it would all carry that one
+/// moment until the wall clock caught up, and a timer armed for a deadline after it would
+/// wait for the wall clock too: offers made then stayed out for as long as the clock had
+/// been ahead. Read from here, time goes on from the latest entry, a thirty-second part
+/// slower than real time (`CLOCK_SLEW`) until the wall clock meets it, so offers, rounds
+/// and waits keep their lengths within that part. How far it reads ahead of the wall
+/// clock is on `/metrics` (`switchboard_clock_ahead_ms`).
+pub fn now_ms() -> Timestamp {
+    let floor = *CLOCK_FLOOR.lock().unwrap_or_else(|p| p.into_inner());
+    Timestamp(entry_clock(floor, wall_ms().0))
+}
+
+/// Tells the clock the time of an entry this process applied (or loaded, or a member
+/// sent it): `now_ms` never reads below it from now on.
+pub fn observe_entry_time(at: Timestamp) {
+    let wall = wall_ms().0;
+    let mut floor = CLOCK_FLOOR.lock().unwrap_or_else(|p| p.into_inner());
+    // Only a time ahead of what the clock reads moves it: an entry this node stamped
+    // itself, applied a moment later, must not hold the clock back to its stamp.
+    if at.0 > entry_clock(*floor, wall) {
+        *floor = Some((at.0, Instant::now()));
+    }
+}
+
+/// How far `now_ms` reads ahead of the wall clock, in milliseconds (0 when it does not).
+pub fn clock_ahead_ms() -> u64 {
+    let floor = *CLOCK_FLOOR.lock().unwrap_or_else(|p| p.into_inner());
+    let wall = wall_ms().0;
+    entry_clock(floor, wall) - wall
+}
+
+/// How long to wait for `now_ms` to reach `deadline`: longer than the difference while
+/// the clock reads ahead of the wall clock and runs slower than real time.
+pub fn wait_until(deadline: Timestamp) -> Duration {
+    let floor = *CLOCK_FLOOR.lock().unwrap_or_else(|p| p.into_inner());
+    let wall = wall_ms().0;
+    let now = entry_clock(floor, wall);
+    let left = deadline.0.saturating_sub(now);
+    if now > wall {
+        Duration::from_millis(left + left / (CLOCK_SLEW - 1) + 1)
+    } else {
+        Duration::from_millis(left)
+    }
 }
 
 pub enum SupervisorMsg {
@@ -443,7 +515,7 @@ impl EntityState {
         if !self.arm_timers {
             return;
         }
-        let delay = Duration::from_millis(deadline.millis_since(now_ms()));
+        let delay = wait_until(deadline);
         if let Some(old) = self.timers.insert(offer, myself.send_after(delay, move || EntityMsg::OfferDue { offer, retries: 0 })) {
             old.abort();
         }
@@ -540,7 +612,7 @@ impl EntityState {
             return;
         }
         // One millisecond late rather than early: the entry's stamp must reach the deadline.
-        let delay = Duration::from_millis(deadline.millis_since(now) + 1);
+        let delay = wait_until(deadline) + Duration::from_millis(1);
         if let Some((_, old)) = self.queue_timer.replace((deadline, myself.send_after(delay, || EntityMsg::QueueDue))) {
             old.abort();
         }
@@ -700,4 +772,23 @@ pub async fn crash(supervisor: &ActorRef<SupervisorMsg>, key: StreamKey) -> Resu
 /// Subscribes to a stream through the supervisor, activating its actor if needed.
 pub async fn subscribe(supervisor: &ActorRef<SupervisorMsg>, key: StreamKey) -> Result<Wakeups, Error> {
     ractor::call!(supervisor, SupervisorMsg::Subscribe, key).map_err(|e| Error::Actor(format!("subscribe: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_entry_clock_goes_on_from_an_entry_ahead_and_meets_the_wall_clock_again() {
+        let wall = 1_800_000_000_000;
+        let Some(seen) = Instant::now().checked_sub(Duration::from_millis(3_200)) else { return };
+        // Seen 3.2 s ago a second ahead: it went on 3.1 s of those, 0.1 s made up.
+        let clock = entry_clock(Some((wall - 3_200 + 1_000, seen)), wall);
+        assert!((wall + 895..=wall + 905).contains(&clock), "{}", clock as i64 - wall as i64);
+        // Seen 3.2 s ago 0.1 s ahead: made up, the wall clock again.
+        assert_eq!(entry_clock(Some((wall - 3_200 + 100, seen)), wall), wall);
+        // Behind the wall clock it is the wall clock.
+        assert_eq!(entry_clock(Some((wall - 10_000, seen)), wall), wall);
+        assert_eq!(entry_clock(None, wall), wall);
+    }
 }

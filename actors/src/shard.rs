@@ -165,6 +165,7 @@ impl Shard {
             }
             match catch_panic(|| handle_as(&mut state, envelope, self.part)) {
                 Ok(result) => {
+                    crate::actors::observe_entry_time(state.last_at);
                     let candidates = records::eviction_candidates(&state, &envelope.command);
                     records::touched(&mut state, &candidates);
                     if result.is_ok() && !state.expired_attachments.is_empty() {
@@ -311,6 +312,7 @@ impl Shard {
     pub fn load(&self, store: Arc<dyn Store>) -> Result<(), Error> {
         let before = self.attachments_before.lock().unwrap_or_else(|p| p.into_inner()).take();
         let state = records::load(store.as_ref())?;
+        crate::actors::observe_entry_time(state.last_at);
         let mut guard = stop_if_poisoned(self.state.write());
         *guard = state;
         // What was cached describes the state before this load.

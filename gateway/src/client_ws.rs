@@ -327,7 +327,7 @@ impl ClientSession {
                 // customer; any other is ignored and shown to staff as unverified.
                 if let Some(token) = identity {
                     let key = self.gw.backend.directory_shard().read().channel_identity.get(&channel).cloned();
-                    let now = switchboard_actors::actors::now_ms().0 / 1000;
+                    let now = switchboard_actors::actors::wall_ms().0 / 1000;
                     let checked = match key {
                         Some(key) => crate::identity::verify(&token, &key, now),
                         None => Err("the channel verifies no identities".to_owned()),

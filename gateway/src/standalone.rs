@@ -736,6 +736,9 @@ struct Head {
     seq: Option<Value>,
     #[serde(default)]
     cursor: Option<Value>,
+    /// A member's clock in an operator's `hello`.
+    #[serde(default)]
+    now: Option<Value>,
     #[serde(default)]
     token: Option<Value>,
     #[serde(default)]
@@ -1340,6 +1343,12 @@ impl Tracker {
         // conversation's history) is skipped as it is parsed.
         let Ok(frame) = serde_json::from_str::<Head>(text) else { return true };
         let kind = frame.kind.as_ref().and_then(Value::as_str).unwrap_or_default();
+        // The member's entry clock, which this gateway stamps operators' answers by
+        // (routing rules 9): read from it, not from this machine's wall clock alone, an
+        // answer is weighed against the offer's deadline on the member's time.
+        if let (Surface::Operator, "hello", Some(now)) = (self.surface, kind, frame.now.as_ref().and_then(Value::as_u64)) {
+            switchboard_actors::actors::observe_entry_time(switchboard_actors::model::Timestamp(now));
+        }
         match kind {
             "event" if self.feeds.is_some() => {
                 let feed = frame.feed.as_ref().and_then(Value::as_str).unwrap_or("r");
@@ -1853,8 +1862,12 @@ mod tests {
     #[test]
     fn an_operator_s_accept_is_stamped_here_and_sent_again_with_its_stamp_after_a_re_pin() {
         let mut desk = Tracker::new(Surface::Operator, "/ws/operator?token=T");
-        desk.incoming(r#"{"type":"hello","seq":4}"#);
+        // The member's clock reads 5 s ahead of this machine's: answers are stamped on
+        // the member's time, against which the offer's deadline was set.
+        let member_now = switchboard_actors::actors::wall_ms().0 + 5_000;
+        desk.incoming(&format!(r#"{{"type":"hello","seq":4,"now":{member_now}}}"#));
         let before = switchboard_actors::actors::now_ms().0;
+        assert!(before >= member_now, "the gateway's clock reads the member's");
         let sent = desk.outgoing(r#"{"type":"accept","offer":9,"ref":"a"}"#).expect("relayed").expect("stamped");
         let stamped: Value = serde_json::from_str(&sent).expect("json");
         let at = stamped["received_at"].as_u64().expect("a stamp");

@@ -889,6 +889,12 @@ pub(crate) async fn fetch_file(others: Vec<(String, bool)>, peers: Peers, id: St
     None
 }
 
+/// How far this node's entry clock reads ahead of its wall clock, in Prometheus text.
+pub(crate) fn clock_metrics(out: &mut String) {
+    let _ = writeln!(out, "# HELP switchboard_clock_ahead_ms How far the clock this node stamps entries and times offers by reads ahead of its wall clock: an entry was stamped ahead of this node's wall clock (another leader's clock ahead, or one stepped forward), and time goes on from it (0: none).\n# TYPE switchboard_clock_ahead_ms gauge");
+    let _ = writeln!(out, "switchboard_clock_ahead_ms {}", switchboard_actors::actors::clock_ahead_ms());
+}
+
 /// What [`keep_files`] did, in Prometheus text.
 pub(crate) fn file_metrics(out: &mut String) {
     let _ = writeln!(out, "# HELP switchboard_files_fetched_total Attachment files this node fetched from another because it holds their conversation's shard without them.\n# TYPE switchboard_files_fetched_total counter");
@@ -1400,6 +1406,7 @@ impl Backend for NodeBackend {
         let _ = writeln!(out, "switchboard_raft_leader_changes_total{{group=\"{SHARD_GROUP}\"}} {}", self.leader_changes.load(std::sync::atomic::Ordering::Relaxed));
         switchboard_raft::state::store_metrics(&mut out);
         file_metrics(&mut out);
+        clock_metrics(&mut out);
         let (commands, entries) = (self.proposer.counts.commands.load(std::sync::atomic::Ordering::Relaxed), self.proposer.counts.entries.load(std::sync::atomic::Ordering::Relaxed));
         let _ = writeln!(out, "# HELP switchboard_proposed_commands_total Commands proposed to the shard group.\n# TYPE switchboard_proposed_commands_total counter");
         let _ = writeln!(out, "switchboard_proposed_commands_total{{group=\"{SHARD_GROUP}\"}} {commands}");

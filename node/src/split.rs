@@ -707,6 +707,7 @@ impl Backend for SplitBackend {
         }
         switchboard_raft::state::store_metrics(&mut out);
         server::file_metrics(&mut out);
+        server::clock_metrics(&mut out);
         let _ = writeln!(out, "# HELP switchboard_mail_in_flight Letters a group posted to another that the destination has not confirmed yet.\n# TYPE switchboard_mail_in_flight gauge");
         for g in self.node.groups.values() {
             for (to, n) in Self::letters_in_flight(&g.shard) {
