@@ -915,11 +915,16 @@ async fn a_bot_that_does_not_answer_holds_up_no_message_to_the_customer() -> any
     let supervisor = dev.login("supervisor").await?;
     // The bot's events are tried and wait for their retries (what the bot was told is
     // not listed among the conversation's deliveries; the node counts its attempts).
-    let retries = || async {
-        let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;
-        let text = metrics.as_str().unwrap_or_default().to_owned();
-        anyhow::Ok(text.lines().find(|l| l.starts_with("switchboard_outbox_attempts_total{outcome=\"retry\"}")).and_then(|l| l.rsplit(' ').next()).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0))
+    let attempts = |outcome: &'static str| {
+        let dev = &dev;
+        async move {
+            let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;
+            let text = metrics.as_str().unwrap_or_default().to_owned();
+            let line = format!("switchboard_outbox_attempts_total{{outcome=\"{outcome}\"}}");
+            anyhow::Ok(text.lines().find(|l| l.starts_with(&line)).and_then(|l| l.rsplit(' ').next()).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0))
+        }
     };
+    let retries = || attempts("retry");
     eventually(WAIT, Duration::from_millis(100), || async { Ok(Some(retries().await?).filter(|n| *n >= 2)) }).await?;
     assert_eq!(deliveries(&dev, &supervisor, conversation).await?, Vec::<Value>::new(), "nothing for the customer yet");
 
@@ -932,10 +937,14 @@ async fn a_bot_that_does_not_answer_holds_up_no_message_to_the_customer() -> any
     eventually(WAIT, Duration::from_millis(100), || async { Ok(fake.sent().into_iter().find(|(_, text)| text == "Hello Dana, I am here.")) }).await?;
     let d = deliveries(&dev, &supervisor, conversation).await?;
     assert!(d.iter().any(|d| d["recipient"] == "4242" && d["status"] == "sent"), "{d:?}");
-    // The bot's events are still being retried, in a lane of their own.
-    let before = retries().await?;
-    // (Their backoff doubles from a second: the next one may be half a minute away.)
-    eventually(Duration::from_secs(60), Duration::from_millis(200), || async { Ok(Some(retries().await?).filter(|n| *n > before)) }).await?;
+    // The bot's two events (its start and the customer's message) are not for it any
+    // more: at their next try each is dead-lettered, not tried again for a day.
+    let failed_before = attempts("failed").await?;
+    // (Their backoff doubles from a second: the next try may be half a minute away.)
+    eventually(Duration::from_secs(90), Duration::from_millis(200), || async { Ok(Some(attempts("failed").await?).filter(|n| *n >= failed_before + 2)) }).await?;
+    let retried = retries().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(retries().await?, retried, "nothing is retried after the bot's events were given up");
     Ok(())
 }
 

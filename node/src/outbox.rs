@@ -34,7 +34,7 @@ use std::time::Duration;
 use switchboard_actors::actors::now_ms;
 use switchboard_actors::model::{AdapterConfig, ChannelId, Command, ConversationId, DeliveryOutcome, DeliveryResult, Timestamp};
 use switchboard_actors::shard::{Proposer, Shard};
-use switchboard_actors::state::{DeliveryStatus, HistoryItem, MAX_DELIVERY_ATTEMPTS};
+use switchboard_actors::state::{ConversationStatus, DeliveryStatus, HistoryItem, MAX_DELIVERY_ATTEMPTS};
 use switchboard_adapters::{http, Outgoing, SendOutcome};
 use switchboard_raft::network::Peers;
 use switchboard_raft::Raft;
@@ -617,12 +617,15 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         match state.outbox.get(&key) {
             // Settled or marked by another node since: not ours to send.
             Some(d) if d.status != (DeliveryStatus::Attempting { node: node_id }) => return not_ours(),
-            Some(d) if d.to_bot => match state.channel_bots.get(&d.channel) {
-                Some(bot) => {
-                    let customer = state.conversations.get(&key.0).map(|c| (c.visitor.id.clone().unwrap_or_default(), c.visitor.name.clone())).unwrap_or_default();
-                    Some(Ok((d.clone(), bot.clone(), customer)))
-                }
-                None => Some(Err(format!("channel {} has no bot any more", d.channel))),
+            // What the customer wrote while the bot held the conversation is for the bot
+            // only while it still does: once handed off (by the bot or a supervisor) or
+            // closed, the operator reads it in the history, and an event the bot did not
+            // take is dead-lettered instead of being tried for a day.
+            Some(d) if d.to_bot => match (state.channel_bots.get(&d.channel), state.conversations.get(&key.0)) {
+                (_, None) => Some(Err("the conversation is closed: not for the bot any more".to_owned())),
+                (_, Some(c)) if c.status != ConversationStatus::WithBot => Some(Err("the bot no longer holds the conversation (handed off): not for it any more".to_owned())),
+                (Some(bot), Some(c)) => Some(Ok((d.clone(), bot.clone(), (c.visitor.id.clone().unwrap_or_default(), c.visitor.name.clone())))),
+                (None, Some(_)) => Some(Err(format!("channel {} has no bot any more", d.channel))),
             },
             _ => None,
         }
