@@ -63,15 +63,31 @@ static CLOCK_FLOOR: Mutex<Option<(u64, Instant)>> = Mutex::new(None);
 /// hour ahead is made up in 32 hours, a few hundred milliseconds of skew between two
 /// leaders in seconds.
 const CLOCK_SLEW: u64 = 32;
+/// An applied entry this far ahead of the wall clock is logged (once a minute at most).
+const CLOCK_AHEAD_LOGGED_MS: u64 = 1_000;
+/// When an entry ahead of the wall clock was last logged, in wall milliseconds.
+static CLOCK_AHEAD_LOGGED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn entry_clock(floor: Option<(u64, Instant)>, wall: u64) -> u64 {
-    match floor {
-        Some((at, seen)) => {
-            let passed = seen.elapsed().as_millis() as u64;
-            wall.max(at.saturating_add(passed - passed / CLOCK_SLEW))
-        }
-        None => wall,
-    }
+/// Where the clock's floor stands `passed` after it was set at `at`: on from `at` at
+/// nearly the real pace.
+fn floor_line(at: u64, passed: Duration) -> u64 {
+    let passed = passed.as_millis() as u64;
+    at.saturating_add(passed - passed / CLOCK_SLEW)
+}
+
+/// Whether an entry stamped `at` moves the floor: when it is past the floor's line.
+fn moves_floor(floor: Option<(u64, Duration)>, at: u64) -> bool {
+    floor.is_none_or(|(line_at, passed)| at > floor_line(line_at, passed))
+}
+
+/// The clock: the wall clock, or the floor's line where that reads later.
+fn entry_clock(floor: Option<(u64, Duration)>, wall: u64) -> u64 {
+    floor.map_or(wall, |(at, passed)| wall.max(floor_line(at, passed)))
+}
+
+/// The floor as the clock reads it now: its time and how long ago it was set.
+fn floor_now() -> Option<(u64, Duration)> {
+    CLOCK_FLOOR.lock().unwrap_or_else(|p| p.into_inner()).map(|(at, seen)| (at, seen.elapsed()))
 }
 
 /// The clock entries are stamped with and every timer is measured by: the wall clock,
@@ -85,41 +101,50 @@ fn entry_clock(floor: Option<(u64, Instant)>, wall: u64) -> u64 {
 /// wait for the wall clock too: offers made then stayed out for as long as the clock had
 /// been ahead. Read from here, time goes on from the latest entry, a thirty-second part
 /// slower than real time (`CLOCK_SLEW`) until the wall clock meets it, so offers, rounds
-/// and waits keep their lengths within that part. How far it reads ahead of the wall
-/// clock is on `/metrics` (`switchboard_clock_ahead_ms`).
+/// and waits keep their lengths within that part. Like a hybrid logical clock, it takes
+/// the latest time it sees: the process's groups all follow the fastest clock among the
+/// leaders of the groups it holds. How far it reads ahead of the wall clock is on
+/// `/metrics` (`switchboard_clock_ahead_ms`).
 pub fn now_ms() -> Timestamp {
-    let floor = *CLOCK_FLOOR.lock().unwrap_or_else(|p| p.into_inner());
-    Timestamp(entry_clock(floor, wall_ms().0))
+    Timestamp(entry_clock(floor_now(), wall_ms().0))
 }
 
 /// Tells the clock the time of an entry this process applied (or loaded, or a member
 /// sent it): `now_ms` never reads below it from now on.
 pub fn observe_entry_time(at: Timestamp) {
+    {
+        let mut floor = CLOCK_FLOOR.lock().unwrap_or_else(|p| p.into_inner());
+        // Every entry past the floor's line moves it, those this node stamped itself by
+        // its wall clock included: when that clock is then set back, time goes on from
+        // its latest entry. An entry behind the line (stamped by a clock behind it) does
+        // not hold it back.
+        if moves_floor(floor.map(|(line_at, seen)| (line_at, seen.elapsed())), at.0) {
+            *floor = Some((at.0, Instant::now()));
+        }
+    }
     let wall = wall_ms().0;
-    let mut floor = CLOCK_FLOOR.lock().unwrap_or_else(|p| p.into_inner());
-    // Only a time ahead of what the clock reads moves it: an entry this node stamped
-    // itself, applied a moment later, must not hold the clock back to its stamp.
-    if at.0 > entry_clock(*floor, wall) {
-        *floor = Some((at.0, Instant::now()));
+    if at.0 > wall.saturating_add(CLOCK_AHEAD_LOGGED_MS) {
+        let last = CLOCK_AHEAD_LOGGED_AT.load(std::sync::atomic::Ordering::Relaxed);
+        if wall.saturating_sub(last) >= 60_000 && CLOCK_AHEAD_LOGGED_AT.compare_exchange(last, wall, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed).is_ok() {
+            warn!(ahead_ms = at.0 - wall, "an entry's time reads ahead of this node's clock (a leader's clock runs ahead, or this one's behind): entries and timers follow it; synchronise the nodes' clocks");
+        }
     }
 }
 
 /// How far `now_ms` reads ahead of the wall clock, in milliseconds (0 when it does not).
 pub fn clock_ahead_ms() -> u64 {
-    let floor = *CLOCK_FLOOR.lock().unwrap_or_else(|p| p.into_inner());
     let wall = wall_ms().0;
-    entry_clock(floor, wall) - wall
+    entry_clock(floor_now(), wall) - wall
 }
 
 /// How long to wait for `now_ms` to reach `deadline`: longer than the difference while
 /// the clock reads ahead of the wall clock and runs slower than real time.
 pub fn wait_until(deadline: Timestamp) -> Duration {
-    let floor = *CLOCK_FLOOR.lock().unwrap_or_else(|p| p.into_inner());
     let wall = wall_ms().0;
-    let now = entry_clock(floor, wall);
+    let now = entry_clock(floor_now(), wall);
     let left = deadline.0.saturating_sub(now);
     if now > wall {
-        Duration::from_millis(left + left / (CLOCK_SLEW - 1) + 1)
+        Duration::from_millis(left.saturating_add(left.div_ceil(CLOCK_SLEW - 1)).saturating_add(1))
     } else {
         Duration::from_millis(left)
     }
@@ -781,14 +806,29 @@ mod tests {
     #[test]
     fn the_entry_clock_goes_on_from_an_entry_ahead_and_meets_the_wall_clock_again() {
         let wall = 1_800_000_000_000;
-        let Some(seen) = Instant::now().checked_sub(Duration::from_millis(3_200)) else { return };
-        // Seen 3.2 s ago a second ahead: it went on 3.1 s of those, 0.1 s made up.
-        let clock = entry_clock(Some((wall - 3_200 + 1_000, seen)), wall);
-        assert!((wall + 895..=wall + 905).contains(&clock), "{}", clock as i64 - wall as i64);
-        // Seen 3.2 s ago 0.1 s ahead: made up, the wall clock again.
-        assert_eq!(entry_clock(Some((wall - 3_200 + 100, seen)), wall), wall);
+        let passed = Duration::from_millis(3_200);
+        // Set 3.2 s ago a second ahead: it went on 3.1 s of those, 0.1 s made up.
+        assert_eq!(entry_clock(Some((wall - 3_200 + 1_000, passed)), wall), wall + 900);
+        // Set 3.2 s ago 0.1 s ahead: made up, the wall clock again.
+        assert_eq!(entry_clock(Some((wall - 3_200 + 100, passed)), wall), wall);
         // Behind the wall clock it is the wall clock.
-        assert_eq!(entry_clock(Some((wall - 10_000, seen)), wall), wall);
+        assert_eq!(entry_clock(Some((wall - 10_000, passed)), wall), wall);
         assert_eq!(entry_clock(None, wall), wall);
+        assert_eq!(floor_line(u64::MAX - 5, passed), u64::MAX);
+    }
+
+    #[test]
+    fn a_leader_s_own_entries_move_the_floor_so_a_clock_set_back_goes_on_from_them() {
+        let t = 1_800_000_000_000;
+        // Its own entry at t, then one 64 ms later by the same wall clock (which may be
+        // an hour ahead): the second moves the floor, though the clock read it already
+        // (the floor's line runs 2 ms behind by then).
+        assert!(moves_floor(None, t));
+        assert!(moves_floor(Some((t, Duration::from_millis(64))), t + 64));
+        // An entry stamped by a clock behind the floor's line does not hold it back.
+        assert!(!moves_floor(Some((t, Duration::from_millis(3_200))), t + 1_000));
+        // The wall clock set back an hour 2 s after the last entry: the clock reads on
+        // from that entry, not an hour back.
+        assert_eq!(entry_clock(Some((t + 5, Duration::from_millis(2_000))), t + 2_005 - 3_600_000), t + 5 + 2_000 - 62);
     }
 }
