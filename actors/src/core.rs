@@ -1923,7 +1923,8 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             // the bot would hand it off (its history says so, and the group counts it as
             // entered: queued, or assigned straight from the bot), before it goes where
             // the supervisor said. On a split cluster the routing shard, which decides a
-            // reassignment, never heard of a bot's conversation: not found there.
+            // reassignment, never heard of a bot's conversation: the gateway has its
+            // conversation shard hand it off first (`rest::take_from_bot_on_a_split_cluster`).
             if state.rules >= 18 && conv.status == ConversationStatus::WithBot {
                 events.push(Event::HandedOff { conversation: *conv_id, group: conv.group.clone(), reason: TAKEN_FROM_BOT.into(), context: vec![("by".into(), by.clone())] });
             }

@@ -1685,3 +1685,61 @@ async fn a_hanging_provider_holds_a_bounded_share_of_the_sends() -> anyhow::Resu
     assert!((128..=129).contains(&most), "the hanging bot held its channel's share of sends at once, no more: {most}");
     Ok(())
 }
+
+/// A supervisor takes conversations from a bot that does not answer, on a node of one
+/// group and on a split node (where the routing shard, which decides a reassignment,
+/// never heard of a bot's conversation: before, `404`): one to an operator, who holds
+/// it, one into a group, where it waits; both are handed off first, as the bot would,
+/// with the reason saying who took them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervisor_takes_conversations_from_a_silent_bot_on_either_layout() -> anyhow::Result<()> {
+    for layout in switchboard_chaos_tests::LAYOUTS {
+        let dir = tempfile::tempdir()?;
+        let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &dir.path().join("data"), layout).await?;
+        let admin = dev.login("admin").await?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let (status, bot) = dev.api("PUT", "/api/channels/web/bot", Some(&admin), Some(json!({"url": format!("http://127.0.0.1:{port}/events")}))).await?;
+        assert_eq!(status, 200, "{layout:?}: {bot}");
+        let token = dev.login("alice").await?;
+        let mut alice = WsClient::connect(&dev.private, &format!("/ws/operator?token={token}&protocol=2"), None).await?;
+        alice.wait_for(WAIT, |v| v["type"] == "hello").await?;
+        set_presence(&mut alice, "online").await?;
+        let supervisor = dev.login("supervisor").await?;
+        let state = |conversation: u64| {
+            let (dev, supervisor) = (&dev, &supervisor);
+            async move {
+                let (status, view) = dev.api("GET", &format!("/api/conversations/{conversation}"), Some(supervisor), None).await?;
+                anyhow::ensure!(status == 200, "{view}");
+                anyhow::Ok(view)
+            }
+        };
+
+        // To Alice: she holds it, and its history says who took it from the bot.
+        let (_c1, first, _) = dev.client("Gus").await?;
+        assert_eq!(state(first).await?["status"]["state"], "with_bot", "{layout:?}");
+        let (status, body) = dev.api("POST", &format!("/api/conversations/{first}/reassign"), Some(&supervisor), Some(json!({"operator": "alice", "comment": "the bot is down"}))).await?;
+        assert_eq!(status, 200, "{layout:?}: {body}");
+        let view = eventually(WAIT, Duration::from_millis(50), || async { Ok(Some(state(first).await?).filter(|v| v["status"]["state"] == "assigned")) }).await?;
+        assert_eq!(view["status"]["operator"], "alice", "{layout:?}: {view}");
+        let handoff = view["history"].as_array().and_then(|h| h.iter().find(|e| e["kind"] == "handoff").cloned()).unwrap_or_default();
+        assert_eq!(handoff["reason"], "a supervisor took it from the bot", "{layout:?}: {view}");
+
+        // Into its own group (general) and into another (billing): each waits there (or
+        // is offered to Alice, who has room), no longer the bot's, with the comment.
+        for (name, group) in [("Hal", "general"), ("Ivy", "billing")] {
+            let (_c, conversation, _) = dev.client(name).await?;
+            let (status, body) = dev.api("POST", &format!("/api/conversations/{conversation}/reassign"), Some(&supervisor), Some(json!({"group": group, "comment": "the bot is silent"}))).await?;
+            assert_eq!(status, 200, "{layout:?} {group}: {body}");
+            let view = eventually(WAIT, Duration::from_millis(50), || async { Ok(Some(state(conversation).await?).filter(|v| v["status"]["state"] == "queued" || v["status"]["state"] == "offered")) }).await?;
+            assert_eq!(view["group"], group, "{layout:?}: {view}");
+            let history = view["history"].as_array().cloned().unwrap_or_default();
+            assert!(history.iter().any(|e| e["kind"] == "handoff" && e["reason"] == "a supervisor took it from the bot"), "{layout:?}: {view}");
+            assert!(history.iter().any(|e| e["comment"] == "the bot is silent" || e["context"]["comment"] == "the bot is silent"), "{layout:?}: {view}");
+            // Asked again, it is already waiting there (routing rules 18).
+            let (status, body) = dev.api("POST", &format!("/api/conversations/{conversation}/reassign"), Some(&supervisor), Some(json!({"group": group}))).await?;
+            assert_eq!((status, body["code"].clone()), (409, json!("invalid")), "{layout:?} {group}: {body}");
+        }
+        drop(_c1);
+    }
+    Ok(())
+}

@@ -894,8 +894,86 @@ async fn reassign(
         (None, Some(group)) => TransferTarget::Group(SkillGroupId::new(group)),
         _ => return Err(GatewayError::BadRequest("give exactly one of operator and group".into())),
     };
+    // Into the group it was handed off to, the hand-off is the whole reassignment (sent
+    // on, it would be refused as already waiting there).
+    if take_from_bot_on_a_split_cluster(&gw, &staff, conversation, &target, &body.comment).await? {
+        return Ok(Json(json!({"conversation": conversation.0, "status": "reassigned"})));
+    }
     gw.submit(Command::Reassign { by: staff.login.clone(), conversation, target, comment: body.comment }).await?;
     Ok(Json(json!({"conversation": conversation.0, "status": "reassigned"})))
+}
+
+/// How long a reassignment waits for the routing shard to learn of a conversation just
+/// taken from the bot.
+const HANDED_OFF_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// On a split cluster the routing shard, which decides a reassignment, never heard of a
+/// conversation the bot holds: its conversation shard hands it off first (as the bot
+/// would, with the reason `a supervisor took it from the bot`) into its own group, and
+/// the reassignment waits until the routing shard has it queued. A cluster of one group
+/// decides both in the reassignment (rules 18). Whether the hand-off was the whole
+/// reassignment (into the conversation's own group: the comment goes with it).
+async fn take_from_bot_on_a_split_cluster(gw: &Gateway, staff: &Staff, conversation: ConversationId, target: &TransferTarget, comment: &str) -> Result<bool, GatewayError> {
+    if gw.backend.shard().read().conversations.contains_key(&conversation) {
+        return Ok(false);
+    }
+    let conv = readable(gw, staff, conversation).await?;
+    if conv.status != switchboard_actors::state::ConversationStatus::WithBot {
+        return Ok(false);
+    }
+    let mut context = vec![("by".to_owned(), staff.login.clone())];
+    let into_its_group = matches!(target, TransferTarget::Group(group) if *group == conv.group);
+    match target {
+        TransferTarget::Group(_) if into_its_group && !comment.is_empty() => {
+            let limit = switchboard_actors::core::MAX_REASON_CHARS;
+            if comment.chars().count() > limit {
+                return Err(switchboard_actors::Error::TooLong { limit, actual: comment.chars().count() }.into());
+            }
+            context.push(("comment".to_owned(), comment.to_owned()));
+        }
+        TransferTarget::Group(group) => {
+            if !gw.backend.shard().read().groups.contains_key(group) {
+                return Err(GatewayError::NotFound(format!("skill group {group}")));
+            }
+        }
+        TransferTarget::Operator(operator) => {
+            // Refused before the hand-off when it would be refused after it.
+            let routing = gw.backend.shard();
+            let state = routing.read();
+            let op = state.operators.get(operator).ok_or_else(|| GatewayError::NotFound(format!("operator {operator}")))?;
+            if op.presence == switchboard_actors::model::Presence::Offline {
+                return Err(switchboard_actors::Error::Unavailable(format!("operator {operator} is offline")).into());
+            }
+        }
+    }
+    let handoff = Command::Handoff {
+        channel: conv.channel.clone(),
+        conversation,
+        group: Some(conv.group.clone()),
+        reason: switchboard_actors::core::TAKEN_FROM_BOT.into(),
+        context,
+    };
+    let handed_here = match gw.submit(handoff).await {
+        Ok(_) => true,
+        // Handed off meanwhile (by the bot, or by a reassignment sent twice): the
+        // routing shard has it, or soon will.
+        Err(switchboard_actors::Error::Invalid(_)) => {
+            let now = gw.backend.conversation_reads(conversation).conversation(conversation).await?;
+            if now.is_none_or(|c| c.status == switchboard_actors::state::ConversationStatus::Closed) {
+                return Err(switchboard_actors::Error::Closed(conversation).into());
+            }
+            false
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let until = tokio::time::Instant::now() + HANDED_OFF_WAIT;
+    while !gw.backend.shard().read().conversations.contains_key(&conversation) {
+        if tokio::time::Instant::now() >= until {
+            return Err(GatewayError::Unavailable("the conversation was taken from the bot but has not reached its queue yet: ask again"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(handed_here && into_its_group)
 }
 
 fn template_json(t: &Template, favourites: Option<&std::collections::BTreeSet<String>>) -> Value {
