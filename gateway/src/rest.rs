@@ -944,6 +944,9 @@ async fn take_from_bot_on_a_split_cluster(gw: &Gateway, staff: &Staff, conversat
             if op.presence == switchboard_actors::model::Presence::Offline {
                 return Err(switchboard_actors::Error::Unavailable(format!("operator {operator} is offline")).into());
             }
+            if !state.has_room(op, &conv.channel) {
+                return Err(switchboard_actors::Error::CapacityExceeded(operator.clone()).into());
+            }
         }
     }
     let handoff = Command::Handoff {
@@ -966,14 +969,29 @@ async fn take_from_bot_on_a_split_cluster(gw: &Gateway, staff: &Staff, conversat
         }
         Err(e) => return Err(e.into()),
     };
+    if handed_here && into_its_group {
+        return Ok(true);
+    }
+    // The reassignment that follows is decided by the routing shard, which must know the
+    // conversation first (its letter from the conversation shard).
     let until = tokio::time::Instant::now() + HANDED_OFF_WAIT;
+    let mut polls = 0u32;
     while !gw.backend.shard().read().conversations.contains_key(&conversation) {
         if tokio::time::Instant::now() >= until {
             return Err(GatewayError::Unavailable("the conversation was taken from the bot but has not reached its queue yet: ask again"));
         }
+        polls += 1;
+        // Closed meanwhile (the customer left, or routing had it and it was closed
+        // there between two looks): it never shows.
+        if polls % 25 == 0 {
+            let now = gw.backend.conversation_reads(conversation).conversation(conversation).await?;
+            if now.is_none_or(|c| c.status == switchboard_actors::state::ConversationStatus::Closed) {
+                return Err(switchboard_actors::Error::Closed(conversation).into());
+            }
+        }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    Ok(handed_here && into_its_group)
+    Ok(false)
 }
 
 fn template_json(t: &Template, favourites: Option<&std::collections::BTreeSet<String>>) -> Value {
