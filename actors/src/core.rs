@@ -125,7 +125,7 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// withdraws the offers of the operators holding its conversations (I3); a supervisor
 /// taking a conversation from the bot hands it off first; a conversation is not
 /// reassigned to the group it already waits in.
-pub const RULES_VERSION: u32 = 18;
+pub const RULES_VERSION: u32 = 19;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -1324,6 +1324,11 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             if !d.status.dead() {
                 return Err(Error::Invalid(format!("outbox entry {conv_id}/{seq} is {}, not failed: only a dead letter is sent again", d.status.name())));
             }
+            // Rules 19: an event for the bot is sent again only while the bot holds the
+            // conversation (the outbox dead-letters it at its next try once it does not).
+            if state.rules >= 19 && d.to_bot && state.conversations.get(conv_id).is_none_or(|c| c.status != ConversationStatus::WithBot) {
+                return Err(Error::Invalid(format!("outbox entry {conv_id}/{seq} was for the bot, which no longer holds conversation {conv_id}: it is not sent again")));
+            }
             let connected = if d.to_bot { state.channel_bots.contains_key(&d.channel) } else { state.channel_adapters.contains_key(&d.channel) };
             if !connected {
                 return Err(Error::Invalid(format!("channel {} has no {}: connect it before sending again", d.channel, if d.to_bot { "bot" } else { "adapter" })));
@@ -1544,6 +1549,18 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 return Ok((Reply::Done, vec![]));
             }
             Ok((Reply::Done, vec![Event::HoldersSet { group: *group, nodes: nodes.into_iter().collect() }]))
+        }
+        Command::ForgetNode { id } => {
+            if !matches!(part, Part::Whole | Part::Directory { .. }) {
+                return Err(Error::Invalid("removed nodes are the metadata group's to record".into()));
+            }
+            if state.rules < 19 {
+                return Err(Error::Invalid("a removed node is recorded from routing rules 19 on".into()));
+            }
+            if state.removed_nodes.contains(id) {
+                return Ok((Reply::Done, vec![]));
+            }
+            Ok((Reply::Done, vec![Event::NodeForgotten { id: *id }]))
         }
         Command::AdoptRules { version } => {
             if *version > RULES_VERSION {

@@ -688,6 +688,11 @@ pub enum Command {
         group: Option<SkillGroupId>,
         visitor: Visitor,
     },
+    /// Node `id` was removed from the cluster (routing rules 19): from now on it is
+    /// refused as a member of any group, whatever certificate it holds (records `!`).
+    ForgetNode {
+        id: u64,
+    },
 }
 
 /// A file a customer sent through a channel, stored in the blob store before the
@@ -1256,5 +1261,8 @@ pub enum Event {
         conversation: ConversationId,
         channel: ChannelId,
         key: String,
+    },
+    NodeForgotten {
+        id: u64,
     },
 }

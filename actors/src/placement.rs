@@ -128,7 +128,7 @@ pub fn target(command: &Command) -> Target {
         AdoptRules { .. } => Target::Every,
         Deliver { .. } => Target::Addressee,
         ConfirmMail { .. } => Target::Itself,
-        HoldersSet { .. } => Target::Metadata,
+        HoldersSet { .. } | ForgetNode { .. } => Target::Metadata,
     }
 }
 

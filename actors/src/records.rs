@@ -132,7 +132,7 @@ pub fn owner(prefix: u8) -> Option<Owner> {
     Some(match prefix {
         b'm' | b'k' | b's' | b'i' => Owner::EachGroup,
         b'o' | b'c' | b'q' => Owner::Split,
-        b'n' | b'u' | b't' | b'g' | b'y' | b'Y' | b'B' | b'E' | b'Z' | b'R' | b'S' | b'G' | b'H' | b'N' | b'C' | b'b' | b'r' | b'L' | b'J' | b'#' => {
+        b'n' | b'u' | b't' | b'g' | b'y' | b'Y' | b'B' | b'E' | b'Z' | b'R' | b'S' | b'G' | b'H' | b'N' | b'C' | b'b' | b'r' | b'L' | b'J' | b'#' | b'!' => {
             Owner::Directory
         }
         b'h' | b'a' | b'A' | b'v' | b'e' | b'T' | b'V' | b'I' | b'+' | b'U' | b'M' | b'D' | b'F' | b'w' => Owner::Conversation,
@@ -283,6 +283,9 @@ pub mod key {
     }
     pub fn holders(group: u64) -> Vec<u8> {
         with_id(b'#', group, &[])
+    }
+    pub fn removed_node(node: u64) -> Vec<u8> {
+        with_id(b'!', node, &[])
     }
     pub fn last_seen(operator: &OperatorId) -> Vec<u8> {
         with(b'l', operator.0.as_bytes())
@@ -580,6 +583,9 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
         if let Some(report) = state.sockets.get(node) {
             put(key::node_sockets(*node), encode(report));
         }
+    }
+    for node in &dirty.removed_nodes {
+        put(key::removed_node(*node), encode(&()));
     }
     for group in &dirty.holders {
         if let Some(nodes) = state.holders.get(group) {
@@ -1360,6 +1366,10 @@ pub fn load(store: &dyn Store) -> Result<ShardState, Error> {
     for (k, nodes) in all::<std::collections::BTreeSet<u64>>(store, b"#")? {
         let group = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged holders key".into()))?;
         state.holders.insert(u64::from_be_bytes(group), nodes);
+    }
+    for (k, ()) in all::<()>(store, b"!")? {
+        let node = <[u8; 8]>::try_from(&k[1..]).map_err(|_| Error::Storage("a damaged removed-node key".into()))?;
+        state.removed_nodes.insert(u64::from_be_bytes(node));
     }
     for (_, (operator, at)) in all::<(OperatorId, Timestamp)>(store, b"l")? {
         state.last_seen.insert(operator, at);

@@ -95,6 +95,10 @@ pub struct ShardState {
     /// `#`). A group without an entry is held by every node (ADR 0012).
     #[serde(default)]
     pub holders: BTreeMap<u64, BTreeSet<u64>>,
+    /// Nodes removed from the cluster, refused as members from then on (`ForgetNode`,
+    /// records `!`; rules 19).
+    #[serde(default)]
+    pub removed_nodes: BTreeSet<u64>,
     /// When each operator was last reported with a live socket (records `l`).
     #[serde(default)]
     pub last_seen: BTreeMap<OperatorId, Timestamp>,
@@ -309,6 +313,7 @@ impl ShardState {
             && self.conversations.is_empty()
             && self.templates.is_empty()
             && self.holders.is_empty()
+            && self.removed_nodes.is_empty()
             && self.access_rules.is_empty()
             && self.mail_out.is_empty()
             && self.mail_in.sources().next().is_none()
@@ -694,6 +699,8 @@ pub struct Dirty {
     pub sockets: BTreeSet<u64>,
     /// Groups whose holders changed.
     pub holders: BTreeSet<u64>,
+    /// Nodes removed from the cluster.
+    pub removed_nodes: BTreeSet<u64>,
     pub last_seen: BTreeSet<OperatorId>,
     pub presence_reasons: BTreeSet<OperatorId>,
     /// Routing settings of groups and channels changed; operators' wrap-up changed.
@@ -1149,6 +1156,9 @@ impl ShardState {
             Event::ConversationsDeleted { .. } => dirty.purge = true,
             Event::HoldersSet { group, .. } => {
                 dirty.holders.insert(*group);
+            }
+            Event::NodeForgotten { id } => {
+                dirty.removed_nodes.insert(*id);
             }
         }
     }
@@ -1693,6 +1703,9 @@ impl ShardState {
             }
             Event::HoldersSet { group, nodes } => {
                 self.holders.insert(*group, nodes.iter().copied().collect());
+            }
+            Event::NodeForgotten { id } => {
+                self.removed_nodes.insert(*id);
             }
             Event::SessionsEnded { login } => {
                 *self.session_epochs.entry(login.clone()).or_insert(0) += 1;

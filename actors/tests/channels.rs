@@ -756,3 +756,42 @@ fn a_retry_in_the_entry_of_the_purge_waits_for_the_next_purge() {
     // Nothing of it comes back at a restart.
     assert!(records::load(&store).expect("load").outbox.keys().all(|(c, _)| *c != conv));
 }
+
+/// Rules 19: an event for the bot, dead-lettered once the bot no longer held its
+/// conversation, is not sent again by a supervisor (it would fail again at once); under
+/// rules 18 it was. And a node removed from the cluster is recorded, across a restart
+/// (records `!`); before rules 19 the command is refused, so no older member meets it.
+#[test]
+fn under_rules_19_a_bot_s_dead_event_is_not_sent_again_and_a_removed_node_is_recorded() {
+    for rules in [18, 19] {
+        let (store, mut state) = setup_with(rules);
+        let web = ChannelId::new("web");
+        ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: web.clone(), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
+        ok(run(&mut state, &store, T0, Command::SetChannelBot { channel: web.clone(), bot: Some(bot()) }));
+        let (reply, _) = ok(run(&mut state, &store, T0 + 10, Command::StartConversation { channel: web.clone(), group: None, visitor: Visitor::default() }));
+        let Reply::Started { conversation: conv } = reply else { panic!("{reply:?}") };
+        let key = *state.outbox.iter().find(|(_, d)| d.to_bot).map(|(k, _)| k).expect("the bot's started event");
+        ok(run(&mut state, &store, T0 + 20, Command::Handoff { channel: web.clone(), conversation: conv, group: None, reason: "a person, please".into(), context: vec![] }));
+        ok(run(&mut state, &store, T0 + 30, Command::DeliveriesAttempted { node: 1, items: vec![key] }));
+        let failed = DeliveryResult { conversation: key.0, seq: key.1, node: 1, outcome: DeliveryOutcome::Failed { reason: "the bot no longer holds the conversation".into() } };
+        ok(run(&mut state, &store, T0 + 40, Command::DeliveryResults { results: vec![failed] }));
+        let again = run(&mut state, &store, T0 + 50, Command::RetryDelivery { conversation: key.0, seq: key.1, by: "sue".into() });
+        if rules >= 19 {
+            assert!(matches!(&again, Err(Error::Invalid(m)) if m.contains("no longer holds")), "{again:?}");
+        } else {
+            again.expect("rules 18 sent it again");
+        }
+
+        let forgotten = run(&mut state, &store, T0 + 60, Command::ForgetNode { id: 4 });
+        if rules >= 19 {
+            forgotten.expect("recorded");
+            assert!(state.removed_nodes.contains(&4));
+            assert!(records::load(&store).expect("loads").removed_nodes.contains(&4), "kept across a restart");
+            let (_, events) = ok(run(&mut state, &store, T0 + 70, Command::ForgetNode { id: 4 }));
+            assert!(events.is_empty(), "recorded once");
+        } else {
+            assert!(matches!(forgotten, Err(Error::Invalid(_))), "{forgotten:?}");
+            assert!(state.removed_nodes.is_empty());
+        }
+    }
+}

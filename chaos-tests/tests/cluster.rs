@@ -802,6 +802,32 @@ async fn a_node_with_a_foreign_certificate_is_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A node removed from the cluster is admitted to no group again, whatever certificate
+/// it holds (routing rules 19): `cluster add-node` lays out node 4, an admin removes id
+/// 4 before it ever starts (a machine retired with its files, or a layout given up), and
+/// node 4, started with its certificate from the cluster's CA, is refused by name and
+/// stops, never a member. Before, any node holding a certificate for an id was let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_is_not_admitted_again() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), 3).await?;
+    cli(["cluster".as_ref(), "add-node".as_ref(), "--dir".as_ref(), dir.path().as_os_str()], &[]).await?;
+    let admin = cluster.node(2).login("admin").await?;
+    let (status, body) = cluster.node(2).api("DELETE", "/api/cluster/members/4", Some(&admin), None).await?;
+    assert_eq!(status, 200, "removing an id that never joined: {body}");
+    let config = dir.path().join("node-4.toml");
+    let config = config.to_str().unwrap_or_default();
+    let starting = switchboard_chaos_tests::Dev::launch(switchboard_chaos_tests::binary()?, "node", &dir.path().join("data/node-4"), "127.0.0.1:0", "127.0.0.1:0", &["--config", config])?;
+    let log = dir.path().join("data/node-4/node.log");
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ready = tokio::time::timeout(Duration::from_secs(60), starting.ready()).await;
+    assert!(!matches!(ready, Ok(Ok(_))), "node 4 was let in");
+    assert!(said().contains("was removed from this cluster"), "node 4 says why it stopped: {}", said());
+    let status = cluster.status(1).await?;
+    assert!(status["members"].as_array().is_some_and(|m| m.iter().all(|m| m["id"] != 4)), "node 4 is no member: {status}");
+    Ok(())
+}
+
 /// A login is checked against every write acknowledged before it, on whichever node it
 /// arrives: a follower is frozen (SIGSTOP) while a user is created and another's
 /// password changed through the other follower; the moment it runs again (SIGCONT), far

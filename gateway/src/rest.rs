@@ -103,6 +103,11 @@ async fn cluster(State(gw): State<Arc<Gateway>>) -> Response {
 /// membership; the removed node can then be stopped for good.
 async fn remove_member(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<u64>) -> Result<Response, GatewayError> {
     staff.require(Role::Admin)?;
+    // Recorded first (from routing rules 19), so that once it is out no certificate of
+    // its brings it back: a node removed is refused by every group it asks to join.
+    if gw.backend.directory_shard().read().rules >= 19 {
+        gw.submit(Command::ForgetNode { id }).await?;
+    }
     match gw.backend.remove_member(id).await {
         Ok(()) => Ok(Json(gw.backend.cluster()).into_response()),
         // No leader made it in time: the cluster may say yes later (503).

@@ -1242,6 +1242,10 @@ pub(crate) fn report_status(router: &Router, raft: Raft, node_id: u64, gateway: 
     // Which outbox entries this process sends: what the next leader of a group asks
     // before it settles an attempt this node left (`outbox`).
     router.set_sending(Arc::new(crate::outbox::sending));
+    // Nodes removed from the cluster (the directory's record, rules 19) are admitted to
+    // no group again, whatever certificate they hold.
+    let directory = gateway.clone();
+    router.set_removed(Arc::new(move |id| directory.backend.directory_shard().read().removed_nodes.contains(&id)));
     // Other nodes' signals, for this node's sockets (never relayed on again).
     let sockets = gateway.clone();
     router.set_signals(Arc::new(move |to, bytes| {
@@ -2121,6 +2125,8 @@ pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String],
             }
             // Another node's address under this id will not change by asking again.
             Ok(Answer::Refused(why)) if why.contains("is already a member at") => anyhow::bail!("the cluster refused to admit node {node_id}: {why}"),
+            // Nor will a removed node be admitted again.
+            Ok(Answer::Refused(why)) if why.contains(switchboard_raft::members::REMOVED_FROM_CLUSTER) => anyhow::bail!("the cluster refused to admit node {node_id}: {why}"),
             // Nor will this node's certificate name another node by asking again.
             Ok(Answer::Refused(why)) if why.contains(switchboard_raft::network::NOT_ISSUED_TO) => {
                 anyhow::bail!("the cluster refused to admit node {node_id}: {why}; give the node the certificate made for its id (`node-{node_id}`)")

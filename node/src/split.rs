@@ -195,6 +195,8 @@ impl SplitBackend {
             },
             Target::Every => Ok(self.node.groups.keys().map(|id| (*id, command.clone())).collect()),
             Target::Addressee | Target::Itself => Err(switchboard_actors::Error::Invalid("letters between groups are not taken from outside".into())),
+            // A removed node is recorded where nodes are admitted (the metadata group).
+            Target::Metadata if matches!(command, Command::ForgetNode { .. }) => one(G0, command),
             Target::Metadata => Err(switchboard_actors::Error::Invalid("where groups are held is the placement's to record, not taken from outside".into())),
         }
     }

@@ -66,6 +66,10 @@ fn answer_of(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Answer {
     }
 }
 
+/// How the refusal to admit a node that was removed from the cluster goes on after its
+/// id: ids are never used again.
+pub const REMOVED_FROM_CLUSTER: &str = "was removed from this cluster and is not admitted again (ids are never used again: `switchboard cluster add-node` lays out a node with a new id)";
+
 /// The end of a `Join`'s refusal after the node was let in as a learner: the joining
 /// node then knows the group had it.
 pub const STAYS_A_LEARNER: &str = "it stays a learner until asked again";

@@ -200,6 +200,10 @@ pub type ShardsSource = Arc<dyn Fn() -> Vec<ShardStatus> + Send + Sync>;
 /// outbox entry, its [`sending_state`].
 pub type SendingSource = Arc<dyn Fn(&[(u64, u64)]) -> Vec<u8> + Send + Sync>;
 
+/// Whether a node id was removed from the cluster (the metadata group's record): such a
+/// node is admitted to no group again, whatever certificate it holds.
+pub type RemovedSource = Arc<dyn Fn(NodeId) -> bool + Send + Sync>;
+
 /// The most outbox entries one `Sending` question may name.
 pub const MAX_SENDING_KEYS: usize = 1000;
 
@@ -280,6 +284,7 @@ pub struct Router {
     status: Arc<RwLock<Option<StatusSource>>>,
     shards: Arc<RwLock<Option<ShardsSource>>>,
     sending: Arc<RwLock<Option<SendingSource>>>,
+    removed: Arc<RwLock<Option<RemovedSource>>>,
     /// The newest routing rules this build decides with (0 until the node says).
     rules: Arc<std::sync::atomic::AtomicU32>,
     signals: Arc<RwLock<Option<SignalSink>>>,
@@ -459,6 +464,25 @@ impl Router {
     }
 
     /// Answers other nodes' `Sending` questions from `sending`.
+    /// Refuses to admit the nodes `removed` names (`Join`, `Learn`, new voters).
+    pub fn set_removed(&self, removed: RemovedSource) {
+        *self.removed.write().unwrap_or_else(|p| p.into_inner()) = Some(removed);
+    }
+
+    /// The node a membership change would admit that was removed from the cluster: one
+    /// that is not a member of the group now (a member stays one until its removal is
+    /// made, which may take a while on a split cluster).
+    fn admits_removed(&self, raft: &Raft, change: &crate::members::Change) -> Option<NodeId> {
+        let removed = self.removed.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let membership = raft.metrics().borrow().membership_config.membership().clone();
+        let newcomer = |id: &NodeId| membership.get_node(id).is_none() && removed(*id);
+        match change {
+            crate::members::Change::Join { id, .. } | crate::members::Change::Learn { id, .. } => newcomer(id).then_some(*id),
+            crate::members::Change::Voters { voters, .. } => voters.iter().copied().find(|id| newcomer(id)),
+            _ => None,
+        }
+    }
+
     pub fn set_sending(&self, sending: SendingSource) {
         *self.sending.write().unwrap_or_else(|p| p.into_inner()) = Some(sending);
     }
@@ -625,11 +649,17 @@ impl Router {
                 None => RpcResponse::Stored(Err("this node keeps no files".into())),
             },
             RpcRequest::Members { group, change } => match self.get(group) {
-                Some(raft) => {
-                    self.locals.get(group).busy();
-                    let (gate, peers) = (self.gate(group), self.peers());
-                    RpcResponse::Members(crate::members::apply_here(&raft, group, change, &gate, peers.as_ref()).await)
-                }
+                Some(raft) => match self.admits_removed(&raft, &change) {
+                    Some(id) => {
+                        warn!(node = id, group, "refused to admit a node that was removed from the cluster");
+                        RpcResponse::Members(crate::members::Answer::Refused(format!("node {id} {}", crate::members::REMOVED_FROM_CLUSTER)))
+                    }
+                    None => {
+                        self.locals.get(group).busy();
+                        let (gate, peers) = (self.gate(group), self.peers());
+                        RpcResponse::Members(crate::members::apply_here(&raft, group, change, &gate, peers.as_ref()).await)
+                    }
+                },
                 None => RpcResponse::UnknownGroup(group),
             },
             RpcRequest::ReadIndex { group } => match self.get(group) {
