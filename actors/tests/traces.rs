@@ -338,6 +338,7 @@ fn render(event: &Event) -> String {
         Event::ChannelAdapterSet { channel, adapter } => format!("{channel} adapter {:?}", adapter.as_ref().map(|a| a.kind())),
         Event::InboundTaken { conversation, key } => format!("{conversation} took inbound {key}"),
         Event::StartKeyTaken { conversation, channel, key } => format!("{conversation} took start key {key} in {channel}"),
+        Event::NodeForgotten { id } => format!("node {id} removed from the cluster"),
         Event::DeliveriesAttempted { node, items } => format!("node {node} sends {items:?}"),
         Event::DeliveryResults { results } => format!("delivery results {results:?}"),
         Event::DeliveryRetried { conversation, seq, by } => format!("{conversation}/{seq} sent again by {by}"),

@@ -261,14 +261,20 @@ pub(crate) async fn kpis(State(gw): State<Arc<Gateway>>, staff: Staff, Params(qu
     Ok(Json(json!({"since": hour * HOUR_MS, "at": now, "groups": groups})))
 }
 
+/// How far ahead of the server's clock a `since` is taken as now: a browser whose
+/// clock runs a little fast asks for its local midnight a moment before the server's.
+const SINCE_AHEAD_TAKEN: u64 = 5 * 60 * 1000;
+
 /// The first hour of a `since` window (`GET /api/kpis`, `/api/pauses`): default
-/// midnight UTC today; not in the future; at most [`KPI_DAYS_BACK`] days back, which
-/// the hourly counters (kept for [`KPI_HOURS_KEPT`]) always hold whole.
+/// midnight UTC today; up to [`SINCE_AHEAD_TAKEN`] in the future taken as now, further
+/// refused; at most [`KPI_DAYS_BACK`] days back, which the hourly counters (kept for
+/// [`KPI_HOURS_KEPT`]) always hold whole.
 fn window_start(since: Option<u64>, now: u64) -> Result<u64, GatewayError> {
     let since = since.unwrap_or(now - now % (24 * HOUR_MS));
-    if since > now {
-        return Err(GatewayError::BadRequest("since is in the future".into()));
+    if since > now.saturating_add(SINCE_AHEAD_TAKEN) {
+        return Err(GatewayError::BadRequest("since is more than 5 minutes in the future".into()));
     }
+    let since = since.min(now);
     let oldest = (now / HOUR_MS).saturating_sub(KPI_DAYS_BACK * 24) * HOUR_MS;
     if since < oldest {
         return Err(GatewayError::BadRequest(format!("since is at most 7 days back (the oldest accepted now is {oldest})")));
@@ -309,6 +315,15 @@ mod tests {
         for field in ["avg_wait_ms", "service_level", "avg_handle_ms", "csat"] {
             assert!(empty[field].is_null(), "{field}: {empty}");
         }
+    }
+
+    #[test]
+    fn a_since_a_little_ahead_is_now_and_further_ahead_is_refused() {
+        let now = 1_800_000_000_000 + 10 * HOUR_MS + 123;
+        assert_eq!(window_start(Some(now + 60_000), now).ok(), Some(now / HOUR_MS), "a browser a minute fast at midnight");
+        assert!(window_start(Some(now + 6 * 60_000), now).is_err());
+        assert_eq!(window_start(Some(now - HOUR_MS), now).ok(), Some(now / HOUR_MS - 1));
+        assert!(window_start(Some(now - 8 * 24 * HOUR_MS), now).is_err());
     }
 
     #[test]

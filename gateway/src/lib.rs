@@ -152,6 +152,11 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Removes node `id` from the cluster's group (through its leader).
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>>;
+    /// Why removing node `id` would be refused whatever the cluster's state (the node
+    /// asked is the one to remove, or the only voter), before anything is recorded.
+    fn removal_refused(&self, _id: u64) -> Option<String> {
+        None
+    }
     /// Balances where the cluster's groups vote and lead now (`switchboard cluster
     /// rebalance`); answers the steps taken. A cluster of one group has one leader and
     /// every node votes: nothing to balance.

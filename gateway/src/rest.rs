@@ -103,10 +103,16 @@ async fn cluster(State(gw): State<Arc<Gateway>>) -> Response {
 /// membership; the removed node can then be stopped for good.
 async fn remove_member(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<u64>) -> Result<Response, GatewayError> {
     staff.require(Role::Admin)?;
+    if let Some(why) = gw.backend.removal_refused(id) {
+        return Err(GatewayError::Invalid(why));
+    }
     // Recorded first (from routing rules 19), so that once it is out no certificate of
-    // its brings it back: a node removed is refused by every group it asks to join.
-    if gw.backend.directory_shard().read().rules >= 19 {
-        gw.submit(Command::ForgetNode { id }).await?;
+    // its brings it back: a node removed is refused by every group it asks to join. A
+    // group still on older rules refuses the record, and the removal goes on as before.
+    match gw.submit(Command::ForgetNode { id }).await {
+        Ok(_) => {}
+        Err(switchboard_actors::Error::Invalid(why)) if why.contains("from routing rules 19") => {}
+        Err(e) => return Err(e.into()),
     }
     match gw.backend.remove_member(id).await {
         Ok(()) => Ok(Json(gw.backend.cluster()).into_response()),
@@ -899,8 +905,8 @@ async fn reassign(
         (None, Some(group)) => TransferTarget::Group(SkillGroupId::new(group)),
         _ => return Err(GatewayError::BadRequest("give exactly one of operator and group".into())),
     };
-    // Into the group it was handed off to, the hand-off is the whole reassignment (sent
-    // on, it would be refused as already waiting there).
+    // Into a group, the hand-off into it is the whole reassignment (sent on, it would be
+    // refused as already waiting there).
     if take_from_bot_on_a_split_cluster(&gw, &staff, conversation, &target, &body.comment).await? {
         return Ok(Json(json!({"conversation": conversation.0, "status": "reassigned"})));
     }
@@ -917,7 +923,7 @@ const HANDED_OFF_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// would, with the reason `a supervisor took it from the bot`) into its own group, and
 /// the reassignment waits until the routing shard has it queued. A cluster of one group
 /// decides both in the reassignment (rules 18). Whether the hand-off was the whole
-/// reassignment (into the conversation's own group: the comment goes with it).
+/// reassignment (into a group: the comment goes with it).
 async fn take_from_bot_on_a_split_cluster(gw: &Gateway, staff: &Staff, conversation: ConversationId, target: &TransferTarget, comment: &str) -> Result<bool, GatewayError> {
     if gw.backend.shard().read().conversations.contains_key(&conversation) {
         return Ok(false);
@@ -927,19 +933,22 @@ async fn take_from_bot_on_a_split_cluster(gw: &Gateway, staff: &Staff, conversat
         return Ok(false);
     }
     let mut context = vec![("by".to_owned(), staff.login.clone())];
-    let into_its_group = matches!(target, TransferTarget::Group(group) if *group == conv.group);
-    match target {
-        TransferTarget::Group(_) if into_its_group && !comment.is_empty() => {
-            let limit = switchboard_actors::core::MAX_REASON_CHARS;
-            if comment.chars().count() > limit {
-                return Err(switchboard_actors::Error::TooLong { limit, actual: comment.chars().count() }.into());
-            }
-            context.push(("comment".to_owned(), comment.to_owned()));
-        }
+    // Into a group, the hand-off into that group is the whole reassignment (the group
+    // counts it as entered, as a cluster of one group does); to an operator, it is
+    // handed off into its own group first.
+    let into = match target {
         TransferTarget::Group(group) => {
             if !gw.backend.shard().read().groups.contains_key(group) {
                 return Err(GatewayError::NotFound(format!("skill group {group}")));
             }
+            if !comment.is_empty() {
+                let limit = switchboard_actors::core::MAX_REASON_CHARS;
+                if comment.chars().count() > limit {
+                    return Err(switchboard_actors::Error::TooLong { limit, actual: comment.chars().count() }.into());
+                }
+                context.push(("comment".to_owned(), comment.to_owned()));
+            }
+            group.clone()
         }
         TransferTarget::Operator(operator) => {
             // Refused before the hand-off when it would be refused after it.
@@ -952,12 +961,14 @@ async fn take_from_bot_on_a_split_cluster(gw: &Gateway, staff: &Staff, conversat
             if !state.has_room(op, &conv.channel) {
                 return Err(switchboard_actors::Error::CapacityExceeded(operator.clone()).into());
             }
+            conv.group.clone()
         }
-    }
+    };
+    let into_a_group = matches!(target, TransferTarget::Group(_));
     let handoff = Command::Handoff {
         channel: conv.channel.clone(),
         conversation,
-        group: Some(conv.group.clone()),
+        group: Some(into),
         reason: switchboard_actors::core::TAKEN_FROM_BOT.into(),
         context,
     };
@@ -974,7 +985,7 @@ async fn take_from_bot_on_a_split_cluster(gw: &Gateway, staff: &Staff, conversat
         }
         Err(e) => return Err(e.into()),
     };
-    if handed_here && into_its_group {
+    if handed_here && into_a_group {
         return Ok(true);
     }
     // The reassignment that follows is decided by the routing shard, which must know the

@@ -263,6 +263,16 @@ pub(crate) fn nodes(node: &SplitNode) -> BTreeMap<NodeId, String> {
     nodes_of(&node.groups[&G0])
 }
 
+/// Of the `live` nodes, those the placement may give a copy, a vote or a leadership: not
+/// one recorded as removed from the cluster (routing rules 19), whose removal may still be
+/// under way (its groups refuse to admit it anywhere new); `leaving`, the node a removal
+/// takes out, still counts while it answers, so it hands its leaderships on.
+fn placeable(node: &SplitNode, mut live: BTreeSet<NodeId>, leaving: Option<NodeId>) -> BTreeSet<NodeId> {
+    let removed = node.groups[&G0].shard.read().removed_nodes.clone();
+    live.retain(|n| Some(*n) == leaving || !removed.contains(n));
+    live
+}
+
 /// The nodes the metadata group `g0` counts as members, with their QUIC addresses.
 pub(crate) fn nodes_of(g0: &crate::groups::HostedGroup) -> BTreeMap<NodeId, String> {
     let m = g0.raft.metrics().borrow().clone();
@@ -383,7 +393,7 @@ pub(crate) async fn settle(node: &SplitNode, leaders: bool, within: Duration, wh
             return Ok(taken);
         }
         let addresses = nodes(node);
-        let live = live(node, &addresses).await;
+        let live = placeable(node, live(node, &addresses).await, None);
         let ids: BTreeSet<NodeId> = addresses.keys().copied().collect();
         let views = views(node).await;
         // A group no holder told about: no step until every group is seen, since a
@@ -498,7 +508,7 @@ pub(crate) async fn remove(node: &SplitNode, id: NodeId, within: Duration) -> Re
         }
         // The node leaving counts as live while it answers, also once it has left the
         // metadata group (`live` asks every node the groups name).
-        let live = live(node, &addresses).await;
+        let live = placeable(node, live(node, &addresses).await, Some(id));
         let views = views(node).await;
         if views.len() < node.groups.len() {
             if tokio::time::Instant::now() >= give_up {

@@ -1321,6 +1321,12 @@ impl Backend for NodeBackend {
         Box::pin(async move { barriers.wait(raft, peers, SHARD_GROUP).await })
     }
 
+    fn removal_refused(&self, id: u64) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        (voters == [id]).then(|| format!("node {id} is the group's last voter"))
+    }
+
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>> {
         let (router, peers) = (self.router.clone(), self.peers.clone());
         Box::pin(async move {

@@ -643,6 +643,10 @@ impl Backend for SplitBackend {
         self.barrier(self.conversation_group(id))
     }
 
+    fn removal_refused(&self, id: u64) -> Option<String> {
+        (id == self.node.node_id).then(|| format!("node {id} cannot remove itself: ask another node"))
+    }
+
     fn remove_member(&self, id: u64) -> BoxFuture<Result<(), String>> {
         let node = self.node.clone();
         // Within the request's deadline (30 s by default); what is left the placement

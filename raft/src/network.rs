@@ -463,10 +463,16 @@ impl Router {
         self.rules.store(rules, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Answers other nodes' `Sending` questions from `sending`.
-    /// Refuses to admit the nodes `removed` names (`Join`, `Learn`, new voters).
+    /// Refuses to admit the nodes `removed` names (`Join`, `Learn`, new voters), and
+    /// takes no such change from a peer whose certificate names only removed nodes.
     pub fn set_removed(&self, removed: RemovedSource) {
         *self.removed.write().unwrap_or_else(|p| p.into_inner()) = Some(removed);
+    }
+
+    /// Whether every node id a peer's certificate names was removed from the cluster.
+    fn removed_peer(&self, ids: &[NodeId]) -> bool {
+        let Some(removed) = self.removed.read().unwrap_or_else(|p| p.into_inner()).clone() else { return false };
+        !ids.is_empty() && ids.iter().all(|id| removed(*id))
     }
 
     /// The node a membership change would admit that was removed from the cluster: one
@@ -483,6 +489,7 @@ impl Router {
         }
     }
 
+    /// Answers other nodes' `Sending` questions from `sending`.
     pub fn set_sending(&self, sending: SendingSource) {
         *self.sending.write().unwrap_or_else(|p| p.into_inner()) = Some(sending);
     }
@@ -651,7 +658,7 @@ impl Router {
             RpcRequest::Members { group, change } => match self.get(group) {
                 Some(raft) => match self.admits_removed(&raft, &change) {
                     Some(id) => {
-                        warn!(node = id, group, "refused to admit a node that was removed from the cluster");
+                        debug!(node = id, group, "refused to admit a node that was removed from the cluster");
                         RpcResponse::Members(crate::members::Answer::Refused(format!("node {id} {}", crate::members::REMOVED_FROM_CLUSTER)))
                     }
                     None => {
@@ -935,6 +942,21 @@ async fn serve_stream(router: Router, peer: &Caller, mut send: quinn::SendStream
             let id = request.raft_speaker().unwrap_or_default();
             peer.refusals.note_speaker(peer.remote, id, &peer.node_ids);
             RpcResponse::BadRequest(format!("{NOT_ISSUED_TO} {:?}, not as node {id}", peer.node_ids))
+        }
+        // A removed node's certificate, under whatever id it now asks: no admission, nor
+        // any placement it would make (while its removal is under way it keeps serving
+        // its groups, and hands its leadership on with `Stand`).
+        Ok(RpcRequest::Members { change: crate::members::Change::Join { .. } | crate::members::Change::Learn { .. } | crate::members::Change::Voters { .. }, .. })
+            if router.removed_peer(&peer.node_ids) =>
+        {
+            static LOGGED_AT: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+            let mut logged = LOGGED_AT.lock().unwrap_or_else(|p| p.into_inner());
+            // At most one line every 10 s, however often it asks.
+            if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                *logged = Some(std::time::Instant::now());
+                warn!(ids = ?peer.node_ids, "refused a membership change asked by a node that was removed from the cluster");
+            }
+            RpcResponse::Members(crate::members::Answer::Refused(format!("node {:?} {}", peer.node_ids, crate::members::REMOVED_FROM_CLUSTER)))
         }
         Ok(RpcRequest::Watch { group, stream }) => return serve_watch(&router, group, stream, send).await,
         Ok(request) => router.dispatch(request).await,
