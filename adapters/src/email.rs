@@ -66,6 +66,11 @@ pub struct Mail {
     /// The text without the quoted earlier mail under it.
     pub text: String,
     pub files: Vec<MailFile>,
+    /// Sent by a machine, not a person (RFC 3834 `Auto-Submitted` other than `no`,
+    /// `Precedence: bulk`, `junk` or `list`, or a delivery report, `multipart/report`):
+    /// an out-of-office answer, a bounce, a list's mail. Such a mail starts no
+    /// conversation, so no automatic answer of ours goes back to it (a mail loop).
+    pub automatic: bool,
 }
 
 /// A file attached to a mail, either way.
@@ -128,7 +133,17 @@ pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
             MailFile { name, content_type, bytes: part.contents().to_vec() }
         })
         .collect();
-    Ok(Mail { from: address, from_name, subject, message_id, references, text, files })
+    let automatic = automatic(&message);
+    Ok(Mail { from: address, from_name, subject, message_id, references, text, files, automatic })
+}
+
+/// Whether a parsed mail says a machine sent it (see [`Mail::automatic`]).
+fn automatic(message: &mail_parser::Message) -> bool {
+    let header = |name: &str| message.header_raw(name).map(|v| v.trim().to_ascii_lowercase());
+    let auto_submitted = header("Auto-Submitted").is_some_and(|v| !v.is_empty() && v.split(';').next().map(str::trim) != Some("no"));
+    let precedence = header("Precedence").is_some_and(|v| matches!(v.as_str(), "bulk" | "junk" | "list"));
+    let report = message.content_type().is_some_and(|ct| ct.ctype().eq_ignore_ascii_case("multipart") && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report")));
+    auto_submitted || precedence || report
 }
 
 /// Bytes of a mail a reading process ([`read_one_mail`]) takes.
@@ -260,6 +275,10 @@ pub struct Reply<'a> {
     pub files: &'a [MailFile],
     /// Milliseconds since the Unix epoch.
     pub date_ms: u64,
+    /// Written by no person (a notice: after hours, a queue's greeting): marked so
+    /// (`Auto-Submitted: auto-replied`), so that an out-of-office or a helpdesk does not
+    /// answer it (RFC 3834).
+    pub automatic: bool,
 }
 
 /// The reply as an RFC 5322 message with CRLF line ends: text as UTF-8 in base64 and
@@ -288,7 +307,13 @@ pub fn compose(reply: &Reply<'_>) -> Vec<u8> {
         header("References", &references.join("\r\n "));
     }
     header("MIME-Version", "1.0");
-    header("Auto-Submitted", "no");
+    if reply.automatic {
+        header("Auto-Submitted", "auto-replied");
+        // What Exchange and Outlook look at instead.
+        header("X-Auto-Response-Suppress", "All");
+    } else {
+        header("Auto-Submitted", "no");
+    }
     let text_part = format!("Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n{}", base64_lines(reply.text.as_bytes()));
     if reply.files.is_empty() {
         out.push_str(&text_part);
@@ -571,6 +596,8 @@ pub async fn send(client: &crate::http::Client, relay: &Relay<'_>, from: &str, f
         text: &message.text,
         files: &message.files,
         date_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        // A notice, or a bot's message: written by no person.
+        automatic: message.kind == "notice" || message.author == "Bot",
     });
     match deliver(&client.tls(), SESSION_TIMEOUT, relay, from, &message.recipient, &data).await {
         SendOutcome::Sent { .. } => SendOutcome::Sent { provider_id: id },
@@ -671,6 +698,32 @@ mod tests {
     }
 
     #[test]
+    fn japanese_chinese_and_korean_charsets_are_read() {
+        let mut raw = b"From: a@example.org\r\nSubject: =?ISO-2022-JP?B?GyRCJDMkcyRLJEEkTxsoQg==?=\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=Shift_JIS\r\n\r\n".to_vec();
+        raw.extend_from_slice(&[0x82, 0xb1, 0x82, 0xf1, 0x82, 0xc9, 0x82, 0xbf, 0x82, 0xcd]);
+        let mail = parse(&raw).expect("parsed");
+        assert_eq!((mail.subject.as_str(), mail.text.trim()), ("こんにちは", "こんにちは"));
+        for (charset, bytes, text) in [("GBK", vec![0xc4, 0xe3, 0xba, 0xc3], "你好"), ("EUC-KR", vec![0xbe, 0xc8, 0xb3, 0xe7], "안녕")] {
+            let mut raw = format!("From: a@example.org\r\nContent-Type: text/plain; charset={charset}\r\n\r\n").into_bytes();
+            raw.extend_from_slice(&bytes);
+            assert_eq!(parse(&raw).expect("parsed").text.trim(), text, "{charset}");
+        }
+    }
+
+    #[test]
+    fn a_mail_a_machine_sent_is_told_from_a_person_s() {
+        let with = |headers: &str| parse(format!("From: a@example.org\r\n{headers}\r\nhello").as_bytes()).expect("parsed").automatic;
+        assert!(!with(""));
+        assert!(!with("Auto-Submitted: no\r\n"));
+        assert!(with("Auto-Submitted: auto-replied\r\n"));
+        assert!(with("Auto-Submitted: Auto-Generated; owner-email=x@example.org\r\n"));
+        assert!(with("Precedence: bulk\r\n"));
+        assert!(with("Precedence: list\r\n"));
+        assert!(!with("Precedence: first-class\r\n"));
+        assert!(with("MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n"));
+    }
+
+    #[test]
     fn a_composed_reply_reads_back_with_its_thread_and_files() {
         let files = vec![MailFile { name: "счёт.pdf".into(), content_type: "application/pdf".into(), bytes: b"%PDF-1.4 test".to_vec() }];
         let refs = vec!["root@mail.example.com".to_owned()];
@@ -685,8 +738,10 @@ mod tests {
             text: ".a line with a dot\nЗдравствуйте!",
             files: &files,
             date_ms: 1_796_291_782_000,
+            automatic: false,
         });
         let text = String::from_utf8(raw.clone()).expect("ascii");
+        assert!(text.contains("Auto-Submitted: no\r\n") && !text.contains("X-Auto-Response-Suppress"), "{text}");
         assert!(text.contains("Date: Thu, 03 Dec 2026 09:56:22 +0000\r\n"), "{text}");
         let back = MessageParser::default().parse(&raw).expect("parses");
         assert_eq!(back.subject(), Some("Re: Заказ 1234"));
@@ -700,8 +755,12 @@ mod tests {
         assert!(dot_stuffed(b"a\r\n.b\n").starts_with(b"a\r\n..b\r\n"));
         // An id that would end its header is left out.
         let bad = vec!["x@y\r\nBcc: eve@example.net".to_owned()];
-        let raw = compose(&Reply { from: "s@example.com", from_name: "", to: "a@example.org", subject: "S\r\nBcc: eve@example.net", message_id: "sb.1.1.a@example.com", in_reply_to: Some("x@y\r\nBcc: e@x"), references: &bad, text: "t", files: &[], date_ms: 0 });
+        let raw = compose(&Reply { from: "s@example.com", from_name: "", to: "a@example.org", subject: "S\r\nBcc: eve@example.net", message_id: "sb.1.1.a@example.com", in_reply_to: Some("x@y\r\nBcc: e@x"), references: &bad, text: "t", files: &[], date_ms: 0, automatic: false });
         let text = String::from_utf8(raw).expect("ascii");
         assert!(!text.contains("\r\nBcc") && !text.contains("In-Reply-To") && !text.contains("References"), "{text}");
+        // A notice says a machine wrote it, so no out-of-office answers it.
+        let raw = compose(&Reply { from: "s@example.com", from_name: "", to: "a@example.org", subject: "S", message_id: "sb.1.1.a@example.com", in_reply_to: None, references: &[], text: "We open at 9.", files: &[], date_ms: 0, automatic: true });
+        let text = String::from_utf8(raw).expect("ascii");
+        assert!(text.contains("Auto-Submitted: auto-replied\r\n") && text.contains("X-Auto-Response-Suppress: All\r\n"), "{text}");
     }
 }

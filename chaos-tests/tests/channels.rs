@@ -1743,3 +1743,42 @@ async fn a_supervisor_takes_conversations_from_a_silent_bot_on_either_layout() -
     }
     Ok(())
 }
+
+/// A machine's mail that answers no open conversation (an out-of-office, a bounce with
+/// its null sender, a list's mail) starts none: a conversation's automatic answers
+/// would go back to it and its next answer start another, all night. It is taken (the
+/// sending server is not asked to retry) and counted; a person's mail still starts one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_mail_starts_no_conversation_so_automatic_answers_cannot_loop() -> anyhow::Result<()> {
+    let relay = FakeRelay::start(None).await?;
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &dir.path().join("data"), &["--smtp-addr", "127.0.0.1:0"]).await?;
+    let admin = dev.login("admin").await?;
+    let (status, body) = dev.api("PUT", "/api/channels/mail", Some(&admin), Some(json!({"kind": "email", "name": "Email", "default_group": "general"}))).await?;
+    assert_eq!(status, 200, "{body}");
+    let settings = json!({"kind": "email", "address": "support@example.com", "smtp_host": "127.0.0.1", "smtp_port": relay.addr.port(), "smtp_security": "none"});
+    let (status, body) = dev.api("PUT", "/api/channels/mail/adapter", Some(&admin), Some(settings)).await?;
+    assert_eq!(status, 200, "{body}");
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    let dropped = || async {
+        let (_, metrics) = dev.api("GET", "/metrics", None, None).await?;
+        let text = metrics.as_str().unwrap_or_default().to_owned();
+        anyhow::Ok(text.lines().find_map(|l| l.strip_prefix("switchboard_mail_automatic_dropped_total ")).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0))
+    };
+    let out_of_office = "From: Boris <boris@example.org>\nTo: support@example.com\nSubject: Automatic reply: Your request\nMessage-ID: <ooo1@example.org>\nAuto-Submitted: auto-replied\n\nI am away until Monday.\n";
+    let taken = mail_to(&dev, "boris@example.org", "support@example.com", out_of_office).await?;
+    assert!(matches!(taken, switchboard_adapters::SendOutcome::Sent { .. }), "{taken:?}");
+    let bounce = "From: Mail Delivery System <mailer-daemon@example.org>\nTo: support@example.com\nSubject: Undelivered Mail Returned to Sender\nMessage-ID: <b1@example.org>\n\nThis is the mail system: the address does not exist.\n";
+    let taken = mail_to(&dev, "", "support@example.com", bounce).await?;
+    assert!(matches!(taken, switchboard_adapters::SendOutcome::Sent { .. }), "{taken:?}");
+    assert_eq!(dropped().await?, 2, "both are counted as dropped");
+    assert!(alice.wait_for(Duration::from_millis(800), |v| v["kind"] == "offer").await.is_err(), "neither started a conversation");
+    // A person's mail from the same address does.
+    let person = "From: Boris <boris@example.org>\nTo: support@example.com\nSubject: Back now\nMessage-ID: <p1@example.org>\n\nI am back, can you help?\n";
+    let taken = mail_to(&dev, "boris@example.org", "support@example.com", person).await?;
+    assert!(matches!(taken, switchboard_adapters::SendOutcome::Sent { .. }), "{taken:?}");
+    alice.wait_for(WAIT, |v| v["kind"] == "offer").await?;
+    assert_eq!(dropped().await?, 2);
+    Ok(())
+}

@@ -59,12 +59,13 @@ pub struct Metrics {
     pub receipts_held: AtomicU64,
     pub receipts_matched_late: AtomicU64,
     pub receipts_dropped: AtomicU64,
+    pub automatic_mail_dropped: AtomicU64,
 }
 
 impl Metrics {
     pub fn render(&self, extra: &str) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &str, &AtomicU64); 17] = [
+        let counters: [(&str, &str, &str, &AtomicU64); 18] = [
             ("switchboard_connections_refused_total", "counter", "TCP connections closed at once: over the per-address or per-listener cap.", &self.connections_refused),
             ("switchboard_client_sessions_opened_total", "counter", "Client WebSocket sessions opened.", &self.client_sessions_opened),
             ("switchboard_client_sessions", "gauge", "Client WebSocket sessions open now.", &self.client_sessions_active),
@@ -81,6 +82,7 @@ impl Metrics {
             ("switchboard_keyed_resent_total", "counter", "Keyed commands (messages, notes, inbound messages) tried again because the node could not say whether they committed, or could not reach the members that decide them.", &self.keyed_resent),
             ("switchboard_receipts_held_total", "counter", "Provider receipts (delivered, read, failed) that named a message whose send was not committed yet, held to be matched again.", &self.receipts_held),
             ("switchboard_receipts_matched_late_total", "counter", "Held provider receipts matched to their message once its send was committed.", &self.receipts_matched_late),
+            ("switchboard_mail_automatic_dropped_total", "counter", "Inbound mails a machine sent (an out-of-office, a bounce, a list's mail) that answered no open conversation: taken and dropped, since a conversation they started would answer them and could loop.", &self.automatic_mail_dropped),
             ("switchboard_receipts_dropped_total", "counter", "Provider receipts given up: held 60 s without being matched and committed, dropped with their message when 10,000 are held, a fifth for one message, or with an empty id or one over 256 bytes.", &self.receipts_dropped),
         ];
         for (name, kind, help, value) in counters {

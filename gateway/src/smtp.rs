@@ -132,7 +132,7 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         return;
     }
     let _counted = Counted(&shared, crate::budget::client_address(peer.ip()));
-    let mut session = Session { shared: &shared, stream, buf: Vec::new(), helo: false, rcpts: Vec::new(), mail: false, errors: 0 };
+    let mut session = Session { shared: &shared, stream, buf: Vec::new(), helo: false, rcpts: Vec::new(), mail: false, null_sender: false, errors: 0 };
     match tokio::time::timeout(shared.limits.session_timeout, session.run()).await {
         Ok(Ok(())) => {}
         Ok(Err(reason)) => tracing::debug!(%peer, %reason, "SMTP session ended"),
@@ -160,6 +160,8 @@ struct Session<'a> {
     buf: Vec<u8>,
     helo: bool,
     mail: bool,
+    /// The mail's envelope sender is null (`MAIL FROM:<>`): a bounce or another report.
+    null_sender: bool,
     /// The channels the mail is for, by recipient.
     rcpts: Vec<ChannelId>,
     errors: u32,
@@ -274,6 +276,7 @@ impl Session<'_> {
 
     fn reset(&mut self) {
         self.mail = false;
+        self.null_sender = false;
         self.rcpts.clear();
     }
 
@@ -303,6 +306,7 @@ impl Session<'_> {
             return self.refuse("552 5.3.4 The mail is larger than this server takes").await;
         }
         self.mail = true;
+        self.null_sender = arg[5..].trim_start().starts_with("<>");
         self.say("250 2.1.0 OK").await
     }
 
@@ -355,8 +359,9 @@ impl Session<'_> {
         // What a long line made the buffer hold is given back with the mail's slot.
         self.buf.shrink_to(MAX_COMMAND_LINE * 16);
         let channels = std::mem::take(&mut self.rcpts);
+        let null_sender = self.null_sender;
         self.reset();
-        let reply = take_mail(&self.shared.gw, &channels, raw).await;
+        let reply = take_mail(&self.shared.gw, &channels, raw, null_sender).await;
         drop(slot);
         self.say(&reply).await
     }
@@ -520,7 +525,7 @@ async fn read_in_process(exe: &std::path::Path, raw: Vec<u8>) -> Result<email::M
 }
 
 /// Commits a mail to each channel it is for and says how it went, as an SMTP reply.
-async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>) -> String {
+async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>, null_sender: bool) -> String {
     // One mail parsed at a time on a node: a parse holds the parser's parts as well as
     // the mail (a part of a mail nested in an encoded part hides its delimiters from
     // the count `email::parse` makes first).
@@ -528,7 +533,7 @@ async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>) -> S
     let Ok(parsing) = PARSING.acquire().await else {
         return READ_AGAIN.into();
     };
-    let parsed = if let Some(exe) = MAIL_READER.get() {
+    let mut parsed = if let Some(exe) = MAIL_READER.get() {
         let read = read_in_process(exe, raw).await;
         drop(parsing);
         match read {
@@ -549,6 +554,7 @@ async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>) -> S
             Err(_) => return "451 4.3.0 Could not read the mail, try again".into(),
         }
     };
+    parsed.automatic |= null_sender;
     let mut conversations = Vec::new();
     let mut refusals: Vec<String> = Vec::new();
     for channel in channels {
@@ -569,6 +575,7 @@ async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>) -> S
     // customer it was lost, and a resend would write it twice).
     match (conversations.is_empty(), refusals.into_iter().next()) {
         (true, Some(refused)) => refused,
+        _ if conversations.iter().all(|c| c == "0") && parsed.automatic => "250 2.0.0 Taken; an automatic mail starts no conversation".into(),
         _ => format!("250 2.0.0 Taken in conversation {}", conversations.join(", ")),
     }
 }
@@ -643,6 +650,14 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     };
     if !answered {
         thread = None;
+        // A machine's mail (an out-of-office, a bounce) that answers no open
+        // conversation starts none: the conversation's automatic answers (after hours,
+        // a greeting) would go back to it, and its answer to them start another.
+        if mail.automatic {
+            gw.metrics.automatic_mail_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(%channel, "an automatic mail answering no open conversation was dropped");
+            return Ok(0);
+        }
     }
     if let (Some(conversation), false) = (thread, kept.is_empty()) {
         let reads = gw.backend.conversation_reads(conversation);
