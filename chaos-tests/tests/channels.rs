@@ -1345,10 +1345,11 @@ async fn an_email_conversation_keeps_its_thread_and_files_both_ways_through_a_de
     let ours = reply.message_id.clone();
     assert!(ours.starts_with(&format!("sb.{conversation}.")) && ours.ends_with("@example.com"), "{ours}");
 
-    // Anna answers from her work address, in the thread: the same conversation.
+    // Anna answers from her work address, in the thread: the same conversation, and the
+    // message says which address wrote it (staff read it as the visitor's otherwise).
     let answer = format!("From: Anna <anna.work@example.org>\nSubject: Re: Card blocked\nMessage-ID: <m2@example.org>\nIn-Reply-To: <{ours}>\nReferences: <m1@example.org> <{ours}>\n\nIt worked, thank you!\n\nOn Thu, Example Support wrote:\n> Hello Anna, the steps are attached.\n");
     assert!(matches!(mail_to(&dev, "anna.work@example.org", "support@example.com", &answer).await?, switchboard_adapters::SendOutcome::Sent { .. }));
-    let event = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["from"] == "client" && v["entry"]["text"] == "It worked, thank you!").await?;
+    let event = alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["from"] == "client" && v["entry"]["text"] == "[from Anna <anna.work@example.org>]\nIt worked, thank you!").await?;
     assert_eq!(event["conversation"], json!(conversation), "the quoted mail is dropped and the thread finds the conversation");
 
     // A forged reference (a made-up tag) finds nothing: a new conversation.
@@ -1551,6 +1552,19 @@ async fn the_smtp_listener_bounds_what_an_anonymous_peer_sends() -> anyhow::Resu
     }
     let (_, refused) = Smtp::connect(&smtp).await?;
     assert!(refused.starts_with("421 4.7.0"), "{refused}");
+    // Two of them start mails and send nothing more: the third is told to come back at
+    // once rather than wait for, or take, the listener's other turns.
+    for (i, peer) in held.iter_mut().take(3).enumerate() {
+        assert!(peer.say(b"EHLO client.example.org\r\n").await?.starts_with("250"));
+        assert!(peer.say(b"MAIL FROM:<a@example.org>\r\n").await?.starts_with("250"));
+        assert!(peer.say(b"RCPT TO:<support@example.com>\r\n").await?.starts_with("250"));
+        let data = peer.say(b"DATA\r\n").await?;
+        if i < 2 {
+            assert!(data.starts_with("354"), "{data}");
+        } else {
+            assert!(data.starts_with("451 4.3.2 Too many mails from your address"), "{data}");
+        }
+    }
     drop(held);
     // What it read is given back: the node holds no mail of it.
     let grown = dev.rss_bytes()?.saturating_sub(rss_before);

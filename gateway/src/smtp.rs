@@ -35,6 +35,8 @@ pub struct SmtpLimits {
     pub max_recipients: usize,
     /// Mails being read or taken in at once; a peer past this waits for a slot.
     pub data_slots: usize,
+    /// Of those, the most one address may hold: one slow sender cannot hold them all.
+    pub data_per_address: usize,
     /// Time for each command line, and for the whole `DATA` body.
     pub command_timeout: Duration,
     pub data_timeout: Duration,
@@ -50,6 +52,7 @@ impl Default for SmtpLimits {
             max_message_bytes: 10 * 1024 * 1024,
             max_recipients: 10,
             data_slots: 4,
+            data_per_address: 2,
             command_timeout: Duration::from_secs(60),
             data_timeout: Duration::from_secs(300),
             session_timeout: Duration::from_secs(600),
@@ -68,6 +71,8 @@ struct Shared {
     connections: Arc<tokio::sync::Semaphore>,
     data: Arc<tokio::sync::Semaphore>,
     per_address: Mutex<HashMap<IpAddr, usize>>,
+    /// Mails each address has in `DATA` (waiting for a slot or holding one).
+    data_by_address: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// Serves SMTP on `listener` until `shutdown` turns true.
@@ -78,6 +83,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, limits: SmtpLimits, 
         connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
         data: Arc::new(tokio::sync::Semaphore::new(limits.data_slots)),
         per_address: Mutex::default(),
+        data_by_address: Mutex::default(),
     });
     loop {
         let (stream, peer) = tokio::select! {
@@ -102,12 +108,25 @@ struct Counted<'a>(&'a Shared, IpAddr);
 
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        let mut map = self.0.per_address.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.1);
-            }
+        release(&self.0.per_address, self.1);
+    }
+}
+
+/// Releases an address's mail in `DATA` when it is taken in (or fails).
+struct InData<'a>(&'a Shared, IpAddr);
+
+impl Drop for InData<'_> {
+    fn drop(&mut self) {
+        release(&self.0.data_by_address, self.1);
+    }
+}
+
+fn release(map: &Mutex<HashMap<IpAddr, usize>>, address: IpAddr) {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = map.get_mut(&address) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&address);
         }
     }
 }
@@ -131,8 +150,9 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         let _ = last_word(&mut stream, b"421 4.7.0 Too many connections from your address\r\n").await;
         return;
     }
-    let _counted = Counted(&shared, crate::budget::client_address(peer.ip()));
-    let mut session = Session { shared: &shared, stream, buf: Vec::new(), helo: false, rcpts: Vec::new(), mail: false, null_sender: false, errors: 0 };
+    let address = crate::budget::client_address(peer.ip());
+    let _counted = Counted(&shared, address);
+    let mut session = Session { shared: &shared, stream, address, buf: Vec::new(), helo: false, rcpts: Vec::new(), mail: false, null_sender: false, errors: 0 };
     match tokio::time::timeout(shared.limits.session_timeout, session.run()).await {
         Ok(Ok(())) => {}
         Ok(Err(reason)) => tracing::debug!(%peer, %reason, "SMTP session ended"),
@@ -157,6 +177,8 @@ async fn last_word(stream: &mut TcpStream, reply: &[u8]) -> Result<(), ()> {
 struct Session<'a> {
     shared: &'a Shared,
     stream: TcpStream,
+    /// The peer's address as budgets count it.
+    address: IpAddr,
     buf: Vec<u8>,
     helo: bool,
     mail: bool,
@@ -341,6 +363,22 @@ impl Session<'_> {
         if self.rcpts.is_empty() {
             return self.refuse("503 5.5.1 Say RCPT first").await;
         }
+        // One address holds at most `data_per_address` of the turns: past that it is
+        // asked to come back (its server retries), so one slow sender cannot hold the
+        // listener's every turn.
+        let in_data = {
+            let mut map = self.shared.data_by_address.lock().unwrap_or_else(|p| p.into_inner());
+            let n = map.entry(self.address).or_default();
+            if *n >= self.shared.limits.data_per_address {
+                None
+            } else {
+                *n += 1;
+                Some(InData(self.shared, self.address))
+            }
+        };
+        let Some(_in_data) = in_data else {
+            return self.say("451 4.3.2 Too many mails from your address at once, try again later").await;
+        };
         // Mails read at once are bounded; a peer past that waits its turn, within the
         // command timeout.
         let slot = match tokio::time::timeout(self.shared.limits.command_timeout, self.shared.data.clone().acquire_owned()).await {
@@ -640,14 +678,26 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     // On a split cluster the thread's shard is not the sender's, and there it would
     // start a second conversation of that sender.
     // A read that fails leaves the thread to the core, which decides as it always did.
+    // Whether the thread's conversation is another sender's (a colleague in copy, the
+    // customer's other address): the message then says who wrote it, since staff read
+    // every customer message as the conversation's visitor's.
+    let mut another_sender = false;
     let answered = match thread {
         Some(conversation) => match gw.backend.conversation_reads(conversation).open_conversation(conversation).await {
-            Ok(Some(c)) => &c.channel == channel && c.status != switchboard_actors::state::ConversationStatus::Closed,
+            Ok(Some(c)) => {
+                another_sender = c.visitor.id.as_deref() != Some(format!("{channel}:{}", mail.from).as_str());
+                &c.channel == channel && c.status != switchboard_actors::state::ConversationStatus::Closed
+            }
             Ok(None) => false,
             Err(_) => true,
         },
         None => false,
     };
+    if answered && another_sender {
+        let name: String = mail.from_name.chars().filter(|c| !c.is_control()).take(100).collect();
+        let who = if name.is_empty() { format!("<{}>", mail.from) } else { format!("{name} <{}>", mail.from) };
+        text = format!("[from {who}]\n{text}");
+    }
     if !answered {
         thread = None;
         // A machine's mail (an out-of-office, a bounce) that answers no open
