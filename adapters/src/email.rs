@@ -67,8 +67,8 @@ pub struct Mail {
     pub text: String,
     pub files: Vec<MailFile>,
     /// Sent by a machine, not a person (RFC 3834 `Auto-Submitted` other than `no`,
-    /// `Precedence: bulk`, `junk` or `list`, or a delivery report, `multipart/report`):
-    /// an out-of-office answer, a bounce, a list's mail. Such a mail starts no
+    /// `Precedence: bulk` or `junk`, or a delivery report, `multipart/report`): an
+    /// out-of-office answer, a bounce, a mass mailing. Such a mail starts no
     /// conversation, so no automatic answer of ours goes back to it (a mail loop).
     pub automatic: bool,
 }
@@ -140,8 +140,12 @@ pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
 /// Whether a parsed mail says a machine sent it (see [`Mail::automatic`]).
 fn automatic(message: &mail_parser::Message) -> bool {
     let header = |name: &str| message.header_raw(name).map(|v| v.trim().to_ascii_lowercase());
-    let auto_submitted = header("Auto-Submitted").is_some_and(|v| !v.is_empty() && v.split(';').next().map(str::trim) != Some("no"));
-    let precedence = header("Precedence").is_some_and(|v| matches!(v.as_str(), "bulk" | "junk" | "list"));
+    // The keyword before any parameter or comment: `no (a person wrote it)` is `no`.
+    let keyword = |v: &str| v.split([';', '(']).next().unwrap_or("").trim().to_owned();
+    let auto_submitted = header("Auto-Submitted").is_some_and(|v| !keyword(&v).is_empty() && keyword(&v) != "no");
+    // Not `list`: a support address run as a group or list (Google Groups, Mailman)
+    // marks every customer's mail so.
+    let precedence = header("Precedence").is_some_and(|v| matches!(keyword(&v).as_str(), "bulk" | "junk"));
     let report = message.content_type().is_some_and(|ct| ct.ctype().eq_ignore_ascii_case("multipart") && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report")));
     auto_submitted || precedence || report
 }
@@ -596,8 +600,7 @@ pub async fn send(client: &crate::http::Client, relay: &Relay<'_>, from: &str, f
         text: &message.text,
         files: &message.files,
         date_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-        // A notice, or a bot's message: written by no person.
-        automatic: message.kind == "notice" || message.author == "Bot",
+        automatic: message.automatic,
     });
     match deliver(&client.tls(), SESSION_TIMEOUT, relay, from, &message.recipient, &data).await {
         SendOutcome::Sent { .. } => SendOutcome::Sent { provider_id: id },
@@ -718,7 +721,9 @@ mod tests {
         assert!(with("Auto-Submitted: auto-replied\r\n"));
         assert!(with("Auto-Submitted: Auto-Generated; owner-email=x@example.org\r\n"));
         assert!(with("Precedence: bulk\r\n"));
-        assert!(with("Precedence: list\r\n"));
+        assert!(!with("Precedence: list\r\n"), "a support address run as a list marks its customers' mail so");
+        assert!(with("Precedence: junk\r\n"));
+        assert!(!with("Auto-Submitted: no (written by a person)\r\n"));
         assert!(!with("Precedence: first-class\r\n"));
         assert!(with("MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n"));
     }

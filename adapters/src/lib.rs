@@ -213,6 +213,8 @@ pub struct Outgoing {
     pub file_refs: Vec<FileRef>,
     /// For email: the thread the reply continues.
     pub thread: Option<MailThread>,
+    /// Written by no person (a notice, a bot's message): mail says so (RFC 3834).
+    pub automatic: bool,
 }
 
 /// A file of an outgoing message that the adapter fetches itself (the Channel API):

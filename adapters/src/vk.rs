@@ -324,7 +324,7 @@ mod tests {
 
     #[test]
     fn a_random_id_is_stable_per_entry_and_never_zero() {
-        let m = |seq| Outgoing { channel: switchboard_actors::model::ChannelId::new("vk"), conversation: switchboard_actors::model::ConversationId(4), seq, recipient: "9001".into(), text: "x".into(), kind: "message", author: String::new(), buttons: vec![], files: vec![], file_refs: vec![], thread: None };
+        let m = |seq| Outgoing { channel: switchboard_actors::model::ChannelId::new("vk"), conversation: switchboard_actors::model::ConversationId(4), seq, recipient: "9001".into(), text: "x".into(), kind: "message", author: String::new(), buttons: vec![], files: vec![], file_refs: vec![], thread: None, automatic: false };
         assert_eq!(random_id(&m(5)), random_id(&m(5)));
         assert_ne!(random_id(&m(5)), random_id(&m(6)));
         assert!(random_id(&m(5)) > 0);

@@ -1501,6 +1501,7 @@ pub async fn test_message(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(s
         files: Vec::new(),
         file_refs: Vec::new(),
         thread: Some(switchboard_adapters::MailThread { subject: "Switchboard test message".into(), ..Default::default() }),
+        automatic: true,
     };
     let answer = match switchboard_adapters::send(&client, &adapter, &message).await {
         switchboard_adapters::SendOutcome::Sent { provider_id } => json!({"ok": true, "provider_id": provider_id}),

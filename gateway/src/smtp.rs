@@ -73,6 +73,8 @@ struct Shared {
     per_address: Mutex<HashMap<IpAddr, usize>>,
     /// Mails each address has in `DATA` (waiting for a slot or holding one).
     data_by_address: Mutex<HashMap<IpAddr, usize>>,
+    /// Told each time an address's mail leaves `DATA`.
+    data_left: tokio::sync::Notify,
 }
 
 /// Serves SMTP on `listener` until `shutdown` turns true.
@@ -84,6 +86,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, limits: SmtpLimits, 
         data: Arc::new(tokio::sync::Semaphore::new(limits.data_slots)),
         per_address: Mutex::default(),
         data_by_address: Mutex::default(),
+        data_left: tokio::sync::Notify::new(),
     });
     loop {
         let (stream, peer) = tokio::select! {
@@ -118,6 +121,7 @@ struct InData<'a>(&'a Shared, IpAddr);
 impl Drop for InData<'_> {
     fn drop(&mut self) {
         release(&self.0.data_by_address, self.1);
+        self.0.data_left.notify_waiters();
     }
 }
 
@@ -363,21 +367,30 @@ impl Session<'_> {
         if self.rcpts.is_empty() {
             return self.refuse("503 5.5.1 Say RCPT first").await;
         }
-        // One address holds at most `data_per_address` of the turns: past that it is
-        // asked to come back (its server retries), so one slow sender cannot hold the
-        // listener's every turn.
-        let in_data = {
-            let mut map = self.shared.data_by_address.lock().unwrap_or_else(|p| p.into_inner());
-            let n = map.entry(self.address).or_default();
-            if *n >= self.shared.limits.data_per_address {
-                None
-            } else {
-                *n += 1;
-                Some(InData(self.shared, self.address))
+        // One address holds at most `data_per_address` of the turns, so one slow sender
+        // cannot hold the listener's every turn: past that its mail waits for one of its
+        // own to end, within the command timeout, as any mail waits for a turn.
+        let waited_until = tokio::time::Instant::now() + self.shared.limits.command_timeout;
+        let _in_data = loop {
+            let left = self.shared.data_left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            let taken = {
+                let mut map = self.shared.data_by_address.lock().unwrap_or_else(|p| p.into_inner());
+                let n = map.entry(self.address).or_default();
+                if *n >= self.shared.limits.data_per_address {
+                    false
+                } else {
+                    *n += 1;
+                    true
+                }
+            };
+            if taken {
+                break InData(self.shared, self.address);
             }
-        };
-        let Some(_in_data) = in_data else {
-            return self.say("451 4.3.2 Too many mails from your address at once, try again later").await;
+            if tokio::time::timeout_at(waited_until, left).await.is_err() {
+                return self.say("451 4.3.2 Too many mails from your address at once, try again later").await;
+            }
         };
         // Mails read at once are bounded; a peer past that waits its turn, within the
         // command timeout.
@@ -594,10 +607,13 @@ async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>, null
     };
     parsed.automatic |= null_sender;
     let mut conversations = Vec::new();
+    // Taken by a channel without a conversation to name (an automatic mail dropped).
+    let mut taken_without = 0;
     let mut refusals: Vec<String> = Vec::new();
     for channel in channels {
         match take_for(gw, channel, &parsed).await {
-            Ok(conversation) => conversations.push(conversation.to_string()),
+            Ok(Some(conversation)) => conversations.push(conversation.to_string()),
+            Ok(None) => taken_without += 1,
             Err(reply) => {
                 tracing::info!(%channel, %reply, "a mail was not taken by one of the channels it is for");
                 refusals.push(reply);
@@ -612,8 +628,9 @@ async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>, null
     // Taken by some, refused for good by others: taken (a bounce would tell the
     // customer it was lost, and a resend would write it twice).
     match (conversations.is_empty(), refusals.into_iter().next()) {
-        (true, Some(refused)) => refused,
-        _ if conversations.iter().all(|c| c == "0") && parsed.automatic => "250 2.0.0 Taken; an automatic mail starts no conversation".into(),
+        (true, Some(refused)) if taken_without == 0 => refused,
+        (true, _) if parsed.automatic => "250 2.0.0 Taken; an automatic mail starts no conversation".into(),
+        (true, _) => "250 2.0.0 Taken".into(),
         _ => format!("250 2.0.0 Taken in conversation {}", conversations.join(", ")),
     }
 }
@@ -621,7 +638,14 @@ async fn take_mail(gw: &Arc<Gateway>, channels: &[ChannelId], raw: Vec<u8>, null
 /// A mail as one channel's inbound message: its text (with what could not be kept
 /// named in it), its files, the conversation it answers and, for a new conversation,
 /// its subject and Message-ID as attributes.
-async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Result<u64, String> {
+/// Unicode format characters (bidi overrides and isolates, zero-width ones): they could
+/// make a name shown to staff read as something else.
+fn is_format_char(c: char) -> bool {
+    matches!(c, '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
+
+/// The conversation the mail went to; `None` for an automatic mail dropped.
+async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Result<Option<u64>, String> {
     let Some(AdapterConfig::Email { thread_secret, .. }) = gw.backend.directory_shard().read().channel_adapters.get(channel).cloned() else {
         return Err("451 4.3.0 The channel changed, try again".into());
     };
@@ -646,28 +670,6 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
             None => kept.push((safe_name(&file.name, &file.content_type), file.content_type.clone(), &file.bytes)),
         }
     }
-    // Text over the core's limit goes whole into a file, the message shows its start.
-    let note_room = not_kept.iter().map(|l| l.chars().count() + 1).sum::<usize>().min(1000);
-    let room = MAX_TEXT_CHARS - 100 - note_room;
-    let long_text;
-    if text.chars().count() > room {
-        // The whole text, up to what a file may be.
-        let mut end = text.len().min(MAX_ATTACHMENT_BYTES);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        long_text = text[..end].as_bytes().to_vec();
-        text = format!("{}…\n[the whole text is in message.txt]", text.chars().take(room).collect::<String>());
-        if kept.len() >= MAX_ATTACHMENTS_PER_MESSAGE {
-            kept.pop();
-            not_kept.push("[file not kept: too many files in one mail]".into());
-        }
-        kept.push(("message.txt".into(), "text/plain".into(), &long_text));
-    }
-    // A reply to an open conversation of this channel with no room for these files:
-    // the message is taken without them, and says so. Stored first, they would be
-    // copied to other members and then refused at commit with the whole mail, and the
-    // copies would stay behind.
     let mut thread = email::thread_of(&mail.references, &thread_secret);
     if crate::attachments::sender_blocked(gw, channel, &mail.from) {
         // Refused at commit: store nothing, so no copy outlives the refusal.
@@ -693,11 +695,13 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
         },
         None => false,
     };
-    if answered && another_sender {
-        let name: String = mail.from_name.chars().filter(|c| !c.is_control()).take(100).collect();
-        let who = if name.is_empty() { format!("<{}>", mail.from) } else { format!("{name} <{}>", mail.from) };
-        text = format!("[from {who}]\n{text}");
-    }
+    // The name without what could end the line or pass for another address (control,
+    // format and separator characters, brackets), at most 60 characters.
+    let from_line = (answered && another_sender).then(|| {
+        let name: String = mail.from_name.chars().filter(|c| !c.is_control() && !matches!(c, '<' | '>' | '[' | ']' | '\u{2028}' | '\u{2029}') && !is_format_char(*c)).take(60).collect();
+        let name = name.trim();
+        if name.is_empty() { format!("[from <{}>]", mail.from) } else { format!("[from {name} <{}>]", mail.from) }
+    });
     if !answered {
         thread = None;
         // A machine's mail (an out-of-office, a bounce) that answers no open
@@ -706,9 +710,32 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
         if mail.automatic {
             gw.metrics.automatic_mail_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(%channel, "an automatic mail answering no open conversation was dropped");
-            return Ok(0);
+            return Ok(None);
         }
     }
+    // Text over the core's limit goes whole into a file, the message shows its start.
+    let note_room = not_kept.iter().map(|l| l.chars().count() + 1).sum::<usize>().min(1000);
+    let from_room = from_line.as_ref().map_or(0, |l| l.chars().count() + 1);
+    let room = MAX_TEXT_CHARS - 100 - note_room - from_room;
+    let long_text;
+    if text.chars().count() > room {
+        // The whole text, up to what a file may be.
+        let mut end = text.len().min(MAX_ATTACHMENT_BYTES);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        long_text = text[..end].as_bytes().to_vec();
+        text = format!("{}…\n[the whole text is in message.txt]", text.chars().take(room).collect::<String>());
+        if kept.len() >= MAX_ATTACHMENTS_PER_MESSAGE {
+            kept.pop();
+            not_kept.push("[file not kept: too many files in one mail]".into());
+        }
+        kept.push(("message.txt".into(), "text/plain".into(), &long_text));
+    }
+    // A reply to an open conversation of this channel with no room for these files:
+    // the message is taken without them, and says so. Stored first, they would be
+    // copied to other members and then refused at commit with the whole mail, and the
+    // copies would stay behind.
     if let (Some(conversation), false) = (thread, kept.is_empty()) {
         let reads = gw.backend.conversation_reads(conversation);
         let bytes: u64 = kept.iter().map(|(_, _, b)| b.len() as u64).sum();
@@ -717,6 +744,9 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
                 not_kept.push(format!("[file not kept: {name} ({}), the conversation has no room for more files]", content_type.chars().take(80).collect::<String>()));
             }
         }
+    }
+    if let Some(line) = from_line {
+        text = format!("{line}\n{text}");
     }
     for line in not_kept.iter().take(10) {
         if !text.is_empty() {
@@ -775,8 +805,8 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     // Its Message-ID makes a second copy harmless: sent again through a failover
     // before the sending server is asked to try later.
     match gw.submit_keyed(command).await {
-        Ok(Reply::Inbound { conversation, .. }) => Ok(conversation.0),
-        Ok(_) => Ok(0),
+        Ok(Reply::Inbound { conversation, .. }) => Ok(Some(conversation.0)),
+        Ok(_) => Ok(None),
         // Not decided (a commit, actor, storage or unreachable member failed): again.
         Err(e) if !e.is_refusal() => {
             tracing::warn!(%channel, error = %e, "a mail could not be committed; the sender is asked to retry");

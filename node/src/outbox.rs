@@ -665,7 +665,7 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         Some(HistoryItem::Notice { text }) => ("notice", String::new(), text, Vec::new()),
         Some(HistoryItem::BotMessage { text, buttons, .. }) => {
             let thread = mail_thread(shard, &adapter, key);
-            let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind: "message", author: "Bot".into(), buttons, files: Vec::new(), file_refs: Vec::new(), thread };
+            let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind: "message", author: "Bot".into(), buttons, files: Vec::new(), file_refs: Vec::new(), thread, automatic: true };
             return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
         }
         _ => return DeliveryOutcome::Failed { reason: "the history entry is not a message for the customer".into() },
@@ -676,7 +676,7 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
             .iter()
             .map(|a| switchboard_adapters::FileRef { id: a.id.0.clone(), name: a.name.clone(), content_type: a.content_type.clone(), size: a.size, sha256: a.sha256.clone() })
             .collect();
-        let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind, author, buttons: Vec::new(), files: Vec::new(), file_refs, thread: None };
+        let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind, author, buttons: Vec::new(), files: Vec::new(), file_refs, thread: None, automatic: kind == "notice" };
         if !still_ours(shard, key, node_id) {
             return not_ours();
         }
@@ -699,7 +699,7 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         }
     }
     let thread = mail_thread(shard, &adapter, key);
-    let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind, author, buttons: Vec::new(), files, file_refs: Vec::new(), thread };
+    let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind, author, buttons: Vec::new(), files, file_refs: Vec::new(), thread, automatic: kind == "notice" };
     // Waiting for a file slot and reading the files takes time: a leader that took over
     // meanwhile may have settled this attempt (and sent what follows it). Looked at again
     // just before the provider is called, so a deposed node does not send it late.
