@@ -1,7 +1,7 @@
 import { describe, expect, it, vi } from 'vitest';
 import { Backoff } from '../src/shared/backoff';
 import { deserialize, emptyWidgetState, lastOperatorSeq, quickReplies, serialize, unreadFromOperator, widgetReducer, withBot, MAX_CACHED_EVENTS, type ClientEvent, type WidgetAction, type WidgetState } from '../src/widget/widget-state';
-import { KEYS_MARK, NAME_KEY, parseNotices, SEEN_KEY, SESSION_KEY, sessionKey, RESUME_LIMITED_RETRY_MS, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
+import { identityOwner, KEYS_MARK, NAME_KEY, ownerKey, parseNotices, SEEN_KEY, SESSION_KEY, sessionKey, RESUME_LIMITED_RETRY_MS, START_RETRY_MS, VISITOR_KEY, WidgetSession } from '../src/widget/widget-session';
 import { FakeTimers, MemoryStorage, socketFactory } from './fakes';
 
 /** A start's key as the protocol takes it (docs/protocol.md §2): 16-64 of A-Z a-z 0-9 - _. */
@@ -264,6 +264,72 @@ describe('WidgetSession', () => {
     expect(storage.getItem(SESSION_KEY)).toBeNull();
     expect(storage.getItem(sessionKey('sales'))).toBeNull();
     expect(storage.getItem(VISITOR_KEY)).toBeNull();
+  });
+
+  it('shows an identified customer\'s conversation only to that customer: a logout the widget never heard of leaves the next person nothing', () => {
+    const storage = new MemoryStorage();
+    const f = socketFactory();
+    // `{"sub":"cust-42"}` and `{"sub":"cust-7"}`, as a site signs them.
+    const cust42 = 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjdXN0LTQyIn0.c2ln';
+    const cust7 = 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjdXN0LTcifQ.c2ln';
+    expect(identityOwner(cust42)).toBe('|cust-42');
+    expect(identityOwner('not-a-jwt')).toBeNull();
+    const make = (identity?: string) => new WidgetSession({ origin: 'https://chat.example.com', storage, identity, create: f.create, timers: new FakeTimers(), backoff: new Backoff({ base: 1000, random: () => 0 }) });
+    const first = make(cust42);
+    first.send('My card number ends in 4242');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok-42', visitor_token: 'v1.customer.mac', protocol: 1 });
+    f.last.frame({ type: 'event', at: 1, kind: 'message', seq: 3, from: 'client', key: 'k', text: 'My card number ends in 4242' });
+    expect(storage.getItem(ownerKey())).toBe('|cust-42');
+    // The visitor token the verified start gave stands for the customer: memory only.
+    expect(storage.getItem(VISITOR_KEY)).toBeNull();
+
+    // The site logs them out with a redirect; the next page load has no identity.
+    const stranger = make();
+    expect(stranger.state.token).toBeNull();
+    expect(stranger.state.events).toEqual([]);
+    stranger.resumeIfAny();
+    const sockets = f.sockets.length;
+    expect(f.sockets.length).toBe(sockets);
+    // Left stored, for its owner.
+    expect(storage.getItem(SESSION_KEY)).toContain('4242');
+
+    // The customer logs in again on a later page: theirs comes back and is resumed.
+    const back = make();
+    back.identify(cust42);
+    expect(back.state.token).toBe('tok-42');
+    f.last.open();
+    expect(f.last.sent[0]).toEqual({ type: 'resume', token: 'tok-42', last_seq: 3 });
+
+    // Another customer's page: they never see it; once identified as another customer
+    // on this browser, it is forgotten.
+    const other = make(cust7);
+    expect(other.state.token).toBeNull();
+    expect(storage.getItem(SESSION_KEY)).toContain('4242');
+    other.identify(cust7);
+    expect(other.state.token).toBeNull();
+    expect(storage.getItem(SESSION_KEY)).toBeNull();
+    expect(storage.getItem(ownerKey())).toBeNull();
+  });
+
+  it('forgets an identified customer\'s held conversation when someone else starts one', () => {
+    const storage = new MemoryStorage();
+    const f = socketFactory();
+    const cust42 = 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjdXN0LTQyIn0.c2ln';
+    const make = (identity?: string) => new WidgetSession({ origin: 'https://chat.example.com', storage, identity, create: f.create, timers: new FakeTimers(), backoff: new Backoff({ base: 1000, random: () => 0 }) });
+    const first = make(cust42);
+    first.send('Private');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok-42', protocol: 1 });
+    const stranger = make();
+    stranger.send('Hello, anyone?');
+    f.last.open();
+    expect(f.last.sent[0].type).toBe('start');
+    f.last.frame({ type: 'started', conversation: 18, token: 'tok-anon', visitor_token: 'v1.anon.mac', protocol: 1 });
+    expect(storage.getItem(SESSION_KEY)).toContain('tok-anon');
+    expect(storage.getItem(SESSION_KEY)).not.toContain('Private');
+    expect(storage.getItem(ownerKey())).toBeNull();
+    expect(storage.getItem(VISITOR_KEY)).toBe('v1.anon.mac');
   });
 
   it('offers a returning visitor the name they gave last time', () => {

@@ -13,6 +13,10 @@
  *   SwitchboardWidget.identify(null)  forgets it (the customer logged out).
  * The token is the site's credential: the widget keeps it in memory only, never in
  * localStorage or sessionStorage. A conversation already started keeps its visitor.
+ * A conversation started with an identity is stored for that customer only: a page
+ * without their identity (they logged out, or someone else uses the browser) neither
+ * shows nor resumes it; identify() with their token brings it back, with another
+ * customer's it is forgotten, as it is when someone starts a conversation meanwhile.
  */
 import { render } from 'preact';
 import css from './widget.css?inline';

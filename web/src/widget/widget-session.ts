@@ -17,6 +17,27 @@ export function sessionKey(channel?: string): string {
   return channel ? `${SESSION_KEY}.${channel}` : SESSION_KEY;
 }
 export const VISITOR_KEY = 'switchboard.widget.visitor';
+/** Whose conversation the session under `sessionKey(channel)` is, when it was started
+ *  with a customer's identity: their `sub` (see `identityOwner`). Such a session is shown
+ *  and resumed only once the page identifies that customer again. */
+export const OWNER_KEY = 'switchboard.widget.owner';
+export function ownerKey(channel?: string): string {
+  return channel ? `${OWNER_KEY}.${channel}` : OWNER_KEY;
+}
+
+/** The customer an identity token names, to match a stored session against: `iss` and
+ *  `sub` of its (unverified: only the server verifies it) payload; null when unreadable. */
+export function identityOwner(token: string | null): string | null {
+  const payload = token?.split('.')[1];
+  if (!payload) return null;
+  try {
+    const json = atob(payload.replace(/-/g, '+').replace(/_/g, '/').padEnd(Math.ceil(payload.length / 4) * 4, '='));
+    const claims = JSON.parse(json);
+    return claims && typeof claims.sub === 'string' && claims.sub ? `${typeof claims.iss === 'string' ? claims.iss : ''}|${claims.sub}` : null;
+  } catch {
+    return null;
+  }
+}
 /** How many of the operator's messages the visitor has seen (per channel as the session). */
 export const SEEN_KEY = 'switchboard.widget.seen';
 /** Written by every widget of a build with per-channel keys: a browser that has it does
@@ -122,6 +143,13 @@ export class WidgetSession {
   private visitorName = '';
   /** The site's credential for its customer: kept in memory only, never in storage. */
   private identity: string | null;
+  /** Whose the current conversation is, when it was started with an identity. */
+  private owner: string | null = null;
+  /** A stored conversation of an identified customer this page has not identified (yet):
+   *  neither shown nor resumed, and left in storage, until `identify` names its owner. */
+  private held: { text: string | null; owner: string } | null = null;
+  /** The `start` being asked for carries an identity. */
+  private startIdentified = false;
   private resuming = false;
   private lastTypingSent = 0;
   private lastReadSent = 0;
@@ -147,7 +175,18 @@ export class WidgetSession {
     const stored = this.read(VISITOR_KEY);
     this.visitorToken = stored && stored.startsWith('v1.') && stored.length <= 2048 ? stored : null;
     if (stored && !this.visitorToken) this.write(VISITOR_KEY, null);
-    this.store = createStore(widgetReducer, deserialize(this.stored()));
+    // An identified customer's conversation comes back only to that customer: after a
+    // logout that did not tell the widget (a reload, a redirect), the next person on
+    // this browser sees nothing of it.
+    const text = this.stored();
+    const owner = this.read(ownerKey(this.opts.channel));
+    if (owner && owner !== identityOwner(this.identity)) {
+      this.held = { text, owner };
+      this.store = createStore(widgetReducer, deserialize(null));
+    } else {
+      this.owner = owner;
+      this.store = createStore(widgetReducer, deserialize(text));
+    }
     this.store.subscribe((s) => this.persist(s));
     this.link = new ReconnectingSocket({
       url: () => opts.origin.replace(/^http/, 'ws') + '/ws/client',
@@ -188,7 +227,21 @@ export class WidgetSession {
   }
 
   private persist(s: WidgetState): void {
-    this.write(sessionKey(this.opts.channel), serialize(s));
+    // A held conversation stays as stored until its owner is identified or dropped.
+    if (this.held) return;
+    const text = serialize(s);
+    this.write(sessionKey(this.opts.channel), text);
+    if (!text) this.owner = null;
+    this.write(ownerKey(this.opts.channel), text ? this.owner : null);
+  }
+
+  /** Forgets a held conversation of another customer (someone else starts one here). */
+  private dropHeld(): void {
+    if (!this.held) return;
+    this.held = null;
+    this.write(sessionKey(this.opts.channel), null);
+    this.write(ownerKey(this.opts.channel), null);
+    this.write(this.opts.channel ? `${SEEN_KEY}.${this.opts.channel}` : SEEN_KEY, null);
   }
 
   /** This widget's stored session. Once, on the first load of a build with per-channel
@@ -236,6 +289,7 @@ export class WidgetSession {
       if (this.opts.channel) frame.channel = this.opts.channel;
       if (this.visitorName) frame.name = this.visitorName;
       if (this.identity) frame.identity = this.identity;
+      this.startIdentified = !!this.identity;
       const attrs = this.opts.attributes?.();
       if (attrs && Object.keys(attrs).length) frame.attributes = attrs;
       this.link.send(frame);
@@ -250,10 +304,14 @@ export class WidgetSession {
         this.startKey = null;
         this.following = true;
         this.link.markHealthy();
+        // Started with an identity: the conversation is that customer's, and so is the
+        // visitor token the server gave (it stands for them for a year), which is kept in
+        // memory only; the identity brings it back on their next visit.
+        this.owner = this.startIdentified ? identityOwner(this.identity) ?? 'unreadable' : null;
         this.store.dispatch({ type: 'started', token: f.token, conversation: f.conversation });
         if (typeof f.visitor_token === 'string' && f.visitor_token.startsWith('v1.')) {
           this.visitorToken = f.visitor_token;
-          this.write(VISITOR_KEY, f.visitor_token);
+          if (!this.startIdentified) this.write(VISITOR_KEY, f.visitor_token);
         }
         if (this.visitorName) this.write(NAME_KEY, this.visitorName);
         this.lastReadSent = 0;
@@ -377,13 +435,27 @@ export class WidgetSession {
   identify(token: string | null | undefined): void {
     const had = this.identity;
     this.identity = identityToken(token);
-    if (had && !this.identity) {
+    const who = identityOwner(this.identity);
+    if (this.held && who === this.held.owner) {
+      // Its owner is back: their conversation is shown and resumed.
+      const { text, owner } = this.held;
+      this.held = null;
+      this.owner = owner;
+      this.store.dispatch({ type: 'restore', state: deserialize(text) });
+      this.resumeIfAny();
+      return;
+    }
+    if (this.held && who) this.dropHeld();
+    // Another customer than the one whose conversation this is: as a logout, then theirs.
+    const another = this.owner != null && who != null && who !== this.owner;
+    if ((had && !this.identity) || another) {
       this.visitorToken = null;
       this.write(VISITOR_KEY, null);
       this.newConversation();
       // Every channel's conversation on this site, not only this widget's: the next
       // person's visit to another page's widget must not resume it.
       for (const k of this.sessionKeys()) this.write(k, null);
+      for (const k of this.sessionKeys()) this.write(k.replace(SESSION_KEY, OWNER_KEY), null);
       this.write(NAME_KEY, null);
       this.visitorName = '';
     }
@@ -413,6 +485,8 @@ export class WidgetSession {
 
   /** Starts a conversation if there is none; resolves once the server confirmed it. */
   ensureStarted(): Promise<void> {
+    // Someone starts a conversation here who was not identified as the held one's owner.
+    this.dropHeld();
     if (this.state.token) {
       this.link.start();
       return Promise.resolve();

@@ -81,7 +81,8 @@ export type WidgetAction =
   | { type: 'typing'; now: number; name?: string }
   | { type: 'read'; by: string; upto: number }
   | { type: 'replayFromStart' }
-  | { type: 'forget' };
+  | { type: 'forget' }
+  | { type: 'restore'; state: WidgetState };
 
 function applyEvent(s: WidgetState, ev: ClientEvent): WidgetState {
   if (ev.kind === 'message' && ev.from === 'client' && ev.key) {
@@ -140,6 +141,8 @@ export function widgetReducer(s: WidgetState, a: WidgetAction): WidgetState {
       return { ...s, events: [], lastSeq: 0, closed: false, rated: false };
     case 'forget':
       return { ...emptyWidgetState };
+    case 'restore':
+      return a.state;
     default:
       return s;
   }
