@@ -609,7 +609,36 @@ describe('WidgetSession', () => {
     f.last.frame({ type: 'event', at: 1, kind: 'message', seq: 4, from: 'operator', text: 'hi' });
     w.markRead();
     w.markRead();
-    expect(f.last.ofType('read')).toEqual([{ type: 'read', upto: 4, ref: 'read' }]);
+    expect(f.last.ofType('read')).toEqual([{ type: 'read', upto: 4 }]);
+  });
+
+  it('sends nothing on a socket that does not follow its conversation, and follows it again when the server says it does not', () => {
+    const { w, f, timers } = widget();
+    const notices: string[] = [];
+    w.onNotice = (code) => notices.push(code);
+    w.send('first');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 1, token: 'tok', protocol: 1 });
+    // A reconnect whose resume the member cannot take now: nothing is sent meanwhile.
+    f.last.drop();
+    timers.advance(60_000);
+    f.last.open();
+    expect(f.last.sent).toEqual([{ type: 'resume', token: 'tok', last_seq: 0 }]);
+    f.last.frame({ type: 'error', code: 'unavailable', message: 'try again' });
+    const key = w.send('while resuming');
+    w.typing();
+    f.last.frame({ type: 'event', at: 1, kind: 'message', seq: 2, from: 'operator', text: 'hi' });
+    w.markRead();
+    expect(f.last.sent.map((x) => x.type)).toEqual(['resume']);
+    timers.advance(1000);
+    f.last.frame({ type: 'resumed', last_seq: 2, protocol: 1 });
+    expect(f.last.ofType('send').map((x) => x.key)).toContain(key);
+    // The server answers a read mark it could not take (it lost the follow): no banner,
+    // and the widget resumes on the socket.
+    f.last.frame({ type: 'error', code: 'no_conversation', for: 'read', message: 'send "start" or "resume" first' });
+    expect(notices).toEqual([]);
+    expect(f.last.sent[f.last.sent.length - 1]).toEqual({ type: 'resume', token: 'tok', last_seq: 2 });
+    expect(w.state.pending.find((p) => p.key === key)?.state).toBe('sending');
   });
 
   it('reads the emergency notice of its channel, and says nothing when it cannot', async () => {

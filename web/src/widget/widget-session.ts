@@ -346,8 +346,27 @@ export class WidgetSession {
     }
   }
 
-  private onError(f: { code: string; ref?: unknown; message?: string }): void {
+  private onError(f: { code: string; ref?: unknown; for?: unknown; message?: string }): void {
     const ref = f.ref == null ? '' : String(f.ref);
+    // A typing or read mark that could not be taken: nothing the visitor needs to hear.
+    if (f.for === 'typing' || f.for === 'read') {
+      if (f.for === 'read' && (f.code === 'unknown_type' || f.code === 'bad_frame')) this.readMarksSupported = false;
+      if (f.code === 'no_conversation') this.refollow();
+      return;
+    }
+    // This socket does not follow the conversation after all (following it failed on the
+    // server after it said `started` or `resumed`): follow it again; what is pending
+    // goes out once it does.
+    if (f.code === 'no_conversation' && this.state.token) {
+      if (ref && this.state.pending.some((p) => p.key === ref)) {
+        this.refollow();
+        return;
+      }
+      if (!ref) {
+        this.refollow();
+        return;
+      }
+    }
     if (this.resuming && (f.code === 'unauthorized' || f.code === 'not_found')) {
       // The stored conversation is gone (expired token, wiped server): start over.
       this.resuming = false;
@@ -374,10 +393,6 @@ export class WidgetSession {
         },
         f.code === 'rate_limited' ? RESUME_LIMITED_RETRY_MS : START_RETRY_MS,
       );
-      return;
-    }
-    if (ref === 'read') {
-      if (f.code === 'unknown_type' || f.code === 'bad_frame') this.readMarksSupported = false;
       return;
     }
     if (!ref && this.wantStart && !this.state.token) {
@@ -408,6 +423,14 @@ export class WidgetSession {
       return;
     }
     this.onNotice?.(f.code, f.message);
+  }
+
+  /** Resumes on this socket, which turned out not to follow the conversation. */
+  private refollow(): void {
+    if (this.resuming || !this.state.token || !this.link.connected) return;
+    this.following = false;
+    this.resuming = true;
+    this.link.send({ type: 'resume', token: this.state.token, last_seq: this.state.lastSeq });
   }
 
   private frameFor(p: { key: string; text: string; attachments: Attachment[] }) {
@@ -506,7 +529,8 @@ export class WidgetSession {
     this.store.dispatch({ type: 'queue', message: { key, text, attachments, at: this.timers.now(), state: 'sending' } });
     if (this.state.token) {
       this.link.start();
-      this.link.send(this.frameFor({ key, text, attachments }));
+      // Only on a socket that follows the conversation; else it goes out once one does.
+      if (this.following) this.link.send(this.frameFor({ key, text, attachments }));
     } else {
       this.ensureStarted().catch(() => {});
     }
@@ -522,7 +546,8 @@ export class WidgetSession {
       this.ensureStarted().catch(() => {});
       return;
     }
-    this.link.send(this.frameFor(p));
+    this.link.start();
+    if (this.following) this.link.send(this.frameFor(p));
   }
 
   discard(key: string): void {
@@ -531,15 +556,15 @@ export class WidgetSession {
 
   typing(): void {
     const now = this.timers.now();
-    if (!this.state.token || this.state.closed || now - this.lastTypingSent < 3000) return;
+    if (!this.state.token || !this.following || this.state.closed || now - this.lastTypingSent < 3000) return;
     if (this.link.send({ type: 'typing' })) this.lastTypingSent = now;
   }
 
   /** Read mark up to the newest operator message (only when it moves forward). */
   markRead(): void {
     const upto = lastOperatorSeq(this.state);
-    if (!this.readMarksSupported || !upto || upto <= this.lastReadSent) return;
-    if (this.link.send({ type: 'read', upto, ref: 'read' })) this.lastReadSent = upto;
+    if (!this.readMarksSupported || !this.following || !upto || upto <= this.lastReadSent) return;
+    if (this.link.send({ type: 'read', upto })) this.lastReadSent = upto;
   }
 
   /** Sends now if the socket follows the conversation, else once it does. */
