@@ -594,6 +594,40 @@ describe('WidgetSession', () => {
     expect(notices).toEqual(['session_lost']);
   });
 
+  it('keeps what the visitor wrote when their stored conversation is gone, and sends it in a new one', () => {
+    const storage = new MemoryStorage();
+    storage.setItem(SESSION_KEY, JSON.stringify({ v: 1, token: 'tok-old', lastSeq: 2, events: [{ kind: 'started', seq: 1, at: 1 }, { kind: 'queued', seq: 2, at: 1 }] }));
+    const { w, f, timers } = widget(storage);
+    w.resumeIfAny();
+    f.last.open();
+    const key = w.send('Is anyone there?');
+    f.last.frame({ type: 'error', code: 'not_found', message: 'no such conversation' });
+    expect(w.state.pending.map((p) => [p.key, p.state])).toEqual([[key, 'sending']]);
+    timers.advance(60_000);
+    f.last.open();
+    expect(f.last.sent[0].type).toBe('start');
+    f.last.frame({ type: 'started', conversation: 9, token: 'tok-new', protocol: 1 });
+    expect(f.last.ofType('send').map((x) => [x.key, x.text])).toEqual([[key, 'Is anyone there?']]);
+  });
+
+  it('sends a message answered unavailable or rate_limited again with its key, then shows it failed', () => {
+    const { w, f, timers } = widget();
+    const key = w.send('x');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 1, token: 'tok', protocol: 1 });
+    expect(f.last.ofType('send')).toHaveLength(1);
+    f.last.frame({ type: 'error', code: 'unavailable', ref: key });
+    expect(w.state.pending[0].state).toBe('sending');
+    timers.advance(1000);
+    expect(f.last.ofType('send').map((x) => x.key)).toEqual([key, key]);
+    for (let i = 2; i <= 6; i++) {
+      f.last.frame({ type: 'error', code: 'rate_limited', ref: key });
+      timers.advance(20_000);
+    }
+    expect(w.state.pending[0].state).toBe('failed');
+    expect(f.last.ofType('send')).toHaveLength(6);
+  });
+
   it('marks sends as failed on their error, throttles typing, read marks only forward', () => {
     const { w, f, timers } = widget();
     const key = w.send('x');

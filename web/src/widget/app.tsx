@@ -322,7 +322,11 @@ function EventView(props: {
     return (
       <li class={'sbw-msg ' + (mine ? 'sbw-mine' : e.from === 'bot' ? 'sbw-theirs sbw-bot' : 'sbw-theirs')} data-testid="widget-message" data-seq={e.seq} data-from={e.from}>
         {!mine && <span class="sbw-who">{e.from === 'bot' ? t('assistant') : e.name || t('operator')}</span>}
-        {e.text && <span class="sbw-text">{e.text}</span>}
+        {e.text && (
+          <span class="sbw-text" dir="auto">
+            {e.text}
+          </span>
+        )}
         {e.attachments?.map((a) => <AttachmentLink key={a.id} a={a} session={props.session} />)}
         <span class="sbw-meta">
           {time}
@@ -385,7 +389,11 @@ function PendingView(props: { p: PendingSend; t: T; session: WidgetSession; read
   const delivered = p.ackSeq != null;
   return (
     <li class={'sbw-msg sbw-mine' + (p.state === 'failed' ? ' sbw-failed' : ' sbw-pending')} data-testid="widget-message-pending">
-      {p.text && <span class="sbw-text">{p.text}</span>}
+      {p.text && (
+        <span class="sbw-text" dir="auto">
+          {p.text}
+        </span>
+      )}
       {p.attachments.map((a) => (
         <span key={a.id} class="sbw-att sbw-file">
           <PaperclipIcon /> {a.name}
@@ -471,7 +479,7 @@ function Composer(props: { session: WidgetSession; state: WidgetState; t: T }) {
       {!state.token && (
         <label class="sbw-field">
           <span class="sbw-sr">{t('your_name')}</span>
-          <input data-testid="widget-name" placeholder={t('your_name')} maxLength={100} autoComplete="name" value={name} onInput={(e) => setName((e.currentTarget as HTMLInputElement).value)} />
+          <input data-testid="widget-name" dir="auto" placeholder={t('your_name')} maxLength={100} autoComplete="name" value={name} onInput={(e) => setName((e.currentTarget as HTMLInputElement).value)} />
         </label>
       )}
       {files.length > 0 && (
@@ -496,6 +504,7 @@ function Composer(props: { session: WidgetSession; state: WidgetState; t: T }) {
           <span class="sbw-sr">{t('message')}</span>
           <textarea
             ref={input}
+            dir="auto"
             data-testid="widget-input"
             rows={2}
             maxLength={4000}
@@ -531,6 +540,8 @@ function Rating(props: { session: WidgetSession; state: WidgetState; t: T }) {
   const [score, setScore] = useState(0);
   const [comment, setComment] = useState('');
   const [skipped, setSkipped] = useState(false);
+  // Sent and not answered yet: the form waits (a second click would be refused).
+  const [sending, setSending] = useState(false);
   if (state.rated || skipped) {
     return (
       <div class="sbw-done" data-testid="widget-done">
@@ -547,7 +558,12 @@ function Rating(props: { session: WidgetSession; state: WidgetState; t: T }) {
       data-testid="widget-rating"
       onSubmit={(e) => {
         e.preventDefault();
-        if (score) session.rate(score, comment);
+        if (score && !sending) {
+          setSending(true);
+          session.rate(score, comment);
+          // Not answered (refused, or the connection was lost): it may be sent again.
+          setTimeout(() => setSending(false), 10_000);
+        }
       }}
     >
       <fieldset>
@@ -564,10 +580,10 @@ function Rating(props: { session: WidgetSession; state: WidgetState; t: T }) {
       </fieldset>
       <label class="sbw-field">
         <span class="sbw-sr">{t('comment')}</span>
-        <textarea rows={2} maxLength={4000} placeholder={t('comment')} value={comment} onInput={(e) => setComment((e.currentTarget as HTMLTextAreaElement).value)} />
+        <textarea rows={2} dir="auto" maxLength={4000} placeholder={t('comment')} value={comment} onInput={(e) => setComment((e.currentTarget as HTMLTextAreaElement).value)} />
       </label>
       <div class="sbw-row">
-        <button type="submit" class="sbw-primary" data-testid="widget-rate-submit" disabled={!score}>
+        <button type="submit" class="sbw-primary" data-testid="widget-rate-submit" disabled={!score || sending}>
           {t('submit_rating')}
         </button>
         <button type="button" class="sbw-link" onClick={() => setSkipped(true)}>

@@ -47,6 +47,11 @@ export const KEYS_MARK = 'switchboard.widget.keys';
 export const NAME_KEY = 'switchboard.widget.name';
 /** How soon a `start` the server could not take now (`unavailable`) is sent again. */
 export const START_RETRY_MS = 1000;
+/** How many times a message answered `unavailable` or `rate_limited` is sent again on
+ *  its own before it shows as failed (the visitor may then retry it). */
+export const MAX_SEND_RETRIES = 5;
+/** The first wait before a message refused for the socket's rate is sent again. */
+export const SEND_LIMITED_RETRY_MS = 2000;
 /** How long a resume refused for the address's budget of long replays waits. */
 export const RESUME_LIMITED_RETRY_MS = 10_000;
 
@@ -150,6 +155,8 @@ export class WidgetSession {
   private held: { text: string | null; owner: string } | null = null;
   /** The `start` being asked for carries an identity. */
   private startIdentified = false;
+  /** Messages sent again on their own after `unavailable` or `rate_limited`, by key. */
+  private sendRetries = new Map<string, number>();
   private resuming = false;
   private lastTypingSent = 0;
   private lastReadSent = 0;
@@ -368,11 +375,17 @@ export class WidgetSession {
       }
     }
     if (this.resuming && (f.code === 'unauthorized' || f.code === 'not_found')) {
-      // The stored conversation is gone (expired token, wiped server): start over.
+      // The stored conversation is gone (expired token, wiped server): start over. What
+      // the visitor wrote and no server took yet goes into the new conversation.
       this.resuming = false;
+      const unsent = this.state.pending.filter((p) => p.state === 'sending' && p.ackSeq == null);
       this.store.dispatch({ type: 'forget' });
       this.link.stop();
       this.onNotice?.('session_lost');
+      if (unsent.length) {
+        for (const p of unsent) this.store.dispatch({ type: 'queue', message: { ...p, seenSeq: undefined } });
+        this.ensureStarted().catch(() => {});
+      }
       return;
     }
     if (this.resuming && f.code === 'invalid') {
@@ -417,7 +430,22 @@ export class WidgetSession {
       this.onNotice?.(f.code, f.message);
       return;
     }
+    const pending = ref ? this.state.pending.find((p) => p.key === ref) : undefined;
+    if (pending && (f.code === 'unavailable' || f.code === 'rate_limited')) {
+      // Not taken now (a member moving, or this socket's frames over their rate): sent
+      // again with the same key (protocol.md §5) a little later, a few times.
+      const tries = (this.sendRetries.get(ref) ?? 0) + 1;
+      if (tries <= MAX_SEND_RETRIES) {
+        this.sendRetries.set(ref, tries);
+        this.timers.setTimeout(() => {
+          const p = this.state.pending.find((x) => x.key === ref);
+          if (p && p.state === 'sending' && p.ackSeq == null && this.following) this.link.send(this.frameFor(p));
+        }, f.code === 'rate_limited' ? SEND_LIMITED_RETRY_MS * tries : START_RETRY_MS * tries);
+        return;
+      }
+    }
     if (ref && this.state.pending.some((p) => p.key === ref)) {
+      this.sendRetries.delete(ref);
       this.store.dispatch({ type: 'sendFailed', key: ref, error: f.code });
       this.onNotice?.(f.code, f.message);
       return;
