@@ -594,6 +594,32 @@ describe('WidgetSession', () => {
     expect(notices).toEqual(['session_lost']);
   });
 
+  it('follows the conversation another tab started instead of starting a second one', () => {
+    const storage = new MemoryStorage();
+    const f = socketFactory();
+    const make = () => new WidgetSession({ origin: 'https://chat.example.com', storage, create: f.create, timers: new FakeTimers(), backoff: new Backoff({ base: 1000, random: () => 0 }) });
+    const a = make();
+    const b = make();
+    a.send('From tab A');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 17, token: 'tok-a', protocol: 1 });
+    // Tab B hears of it: it shows and follows that conversation.
+    b.storageChanged(SESSION_KEY, storage.getItem(SESSION_KEY));
+    expect(b.state.token).toBe('tok-a');
+    f.last.open();
+    expect(f.last.sent[0]).toEqual({ type: 'resume', token: 'tok-a', last_seq: 0 });
+    // Tab C never heard of it (no event yet): writing there joins it too.
+    const c = make();
+    const key = c.send('From tab C');
+    f.last.open();
+    expect(f.last.sent[0]).toEqual({ type: 'resume', token: 'tok-a', last_seq: 0 });
+    f.last.frame({ type: 'resumed', last_seq: 2, protocol: 1 });
+    // (Tab A's message, stored unacknowledged, goes again with its key: written once.)
+    expect(f.last.ofType('send').map((x) => x.text)).toEqual(['From tab A', 'From tab C']);
+    expect(f.last.ofType('send').map((x) => x.key)).toContain(key);
+    expect(f.sockets.flatMap((s) => s.sent).filter((x) => x.type === 'start')).toHaveLength(1);
+  });
+
   it('keeps what the visitor wrote when their stored conversation is gone, and sends it in a new one', () => {
     const storage = new MemoryStorage();
     storage.setItem(SESSION_KEY, JSON.stringify({ v: 1, token: 'tok-old', lastSeq: 2, events: [{ kind: 'started', seq: 1, at: 1 }, { kind: 'queued', seq: 2, at: 1 }] }));

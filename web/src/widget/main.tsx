@@ -90,6 +90,8 @@ function mount(): void {
     },
   });
   window.__switchboardWidget = { session, host };
+  // Another tab of this site started, finished or forgot a conversation.
+  window.addEventListener('storage', (e) => session.storageChanged(e.key, e.newValue));
   render(<WidgetApp session={session} langHint={script?.dataset.lang} openHint={script?.dataset.open === 'true'} />, container);
 }
 

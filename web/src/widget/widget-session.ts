@@ -242,6 +242,35 @@ export class WidgetSession {
     this.write(ownerKey(this.opts.channel), text ? this.owner : null);
   }
 
+  /** Another tab wrote this widget's session (`storage` event): a conversation it
+   *  started while this one has none open is this tab's too (shown and followed), so
+   *  that writing here does not start a second one and overwrite it. */
+  storageChanged(key: string | null, value: string | null): void {
+    if (key !== sessionKey(this.opts.channel) || this.held || !value) return;
+    // An identified customer's, when this tab is not identified as them: not shown.
+    const owner = this.read(ownerKey(this.opts.channel));
+    if (owner && owner !== identityOwner(this.identity)) return;
+    const theirs = deserialize(value);
+    if (!theirs.token || theirs.token === this.state.token) return;
+    if (this.state.token && !this.state.closed) return;
+    this.adopt(theirs);
+  }
+
+  /** Takes over `theirs`, a conversation another tab started, and follows it. */
+  private adopt(theirs: WidgetState): void {
+    const waiting = this.state.pending.filter((p) => p.state === 'sending' && p.ackSeq == null);
+    this.link.stop();
+    this.wantStart = false;
+    this.startKey = null;
+    this.following = false;
+    this.owner = this.read(ownerKey(this.opts.channel));
+    this.store.dispatch({ type: 'restore', state: theirs });
+    // What this tab's visitor wrote meanwhile goes into that conversation.
+    for (const p of waiting) this.store.dispatch({ type: 'queue', message: { ...p, seenSeq: undefined } });
+    for (const w of this.startWaiters.splice(0)) w.resolve();
+    if (!theirs.closed || waiting.length) this.link.start();
+  }
+
   /** Forgets a held conversation of another customer (someone else starts one here). */
   private dropHeld(): void {
     if (!this.held) return;
@@ -538,6 +567,11 @@ export class WidgetSession {
   ensureStarted(): Promise<void> {
     // Someone starts a conversation here who was not identified as the held one's owner.
     this.dropHeld();
+    // Another tab started one meanwhile (its `storage` event not seen yet): that one.
+    if (!this.state.token && !this.wantStart) {
+      const theirs = deserialize(this.read(sessionKey(this.opts.channel)));
+      if (theirs.token && !theirs.closed && this.read(ownerKey(this.opts.channel)) == null) this.adopt(theirs);
+    }
     if (this.state.token) {
       this.link.start();
       return Promise.resolve();
