@@ -288,8 +288,8 @@ describe('WidgetSession', () => {
     const stranger = make();
     expect(stranger.state.token).toBeNull();
     expect(stranger.state.events).toEqual([]);
-    stranger.resumeIfAny();
     const sockets = f.sockets.length;
+    stranger.resumeIfAny();
     expect(f.sockets.length).toBe(sockets);
     // Left stored, for its owner.
     expect(storage.getItem(SESSION_KEY)).toContain('4242');
@@ -310,6 +310,26 @@ describe('WidgetSession', () => {
     expect(other.state.token).toBeNull();
     expect(storage.getItem(SESSION_KEY)).toBeNull();
     expect(storage.getItem(ownerKey())).toBeNull();
+  });
+
+  it('on a logout forgets every channel\'s conversation and whose it was, and drops a customer\'s visitor token an earlier build stored', () => {
+    const storage = new MemoryStorage();
+    const f = socketFactory();
+    const cust42 = 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjdXN0LTQyIn0.c2ln';
+    const make = (channel?: string) => new WidgetSession({ origin: 'https://chat.example.com', storage, channel, identity: cust42, create: f.create, timers: new FakeTimers(), backoff: new Backoff({ base: 1000, random: () => 0 }) });
+    const sales = make('sales');
+    sales.send('Hi sales');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 18, token: 'tok-sales', protocol: 1 });
+    expect(storage.getItem(ownerKey('sales'))).toBe('|cust-42');
+    const support = make();
+    support.identify(null);
+    expect(storage.getItem(sessionKey('sales'))).toBeNull();
+    expect(storage.getItem(ownerKey('sales'))).toBeNull();
+    // `{"kind":"visitor","visitor":"customer:ab12cd34:cust-42"}`, as an earlier build kept it.
+    const old = 'v1.' + btoa(JSON.stringify({ kind: 'visitor', visitor: 'customer:ab12cd34:cust-42', exp: 1 })).replace(/=+$/, '') + '.mac';
+    storage.setItem(VISITOR_KEY, old);
+    expect(make('web').visitorToken).toBeNull();
   });
 
   it('forgets an identified customer\'s held conversation when someone else starts one', () => {
@@ -600,6 +620,8 @@ describe('WidgetSession', () => {
     const make = () => new WidgetSession({ origin: 'https://chat.example.com', storage, create: f.create, timers: new FakeTimers(), backoff: new Backoff({ base: 1000, random: () => 0 }) });
     const a = make();
     const b = make();
+    // Tab C is open too, and will never hear of A's conversation before its visitor writes.
+    const c = make();
     a.send('From tab A');
     f.last.open();
     f.last.frame({ type: 'started', conversation: 17, token: 'tok-a', protocol: 1 });
@@ -608,9 +630,10 @@ describe('WidgetSession', () => {
     expect(b.state.token).toBe('tok-a');
     f.last.open();
     expect(f.last.sent[0]).toEqual({ type: 'resume', token: 'tok-a', last_seq: 0 });
-    // Tab C never heard of it (no event yet): writing there joins it too.
-    const c = make();
+    // Tab C never heard of it (no event yet): writing there joins it too, and leaves it
+    // stored.
     const key = c.send('From tab C');
+    expect(storage.getItem(SESSION_KEY)).toContain('tok-a');
     f.last.open();
     expect(f.last.sent[0]).toEqual({ type: 'resume', token: 'tok-a', last_seq: 0 });
     f.last.frame({ type: 'resumed', last_seq: 2, protocol: 1 });
@@ -699,6 +722,38 @@ describe('WidgetSession', () => {
     expect(notices).toEqual([]);
     expect(f.last.sent[f.last.sent.length - 1]).toEqual({ type: 'resume', token: 'tok', last_seq: 2 });
     expect(w.state.pending.find((p) => p.key === key)?.state).toBe('sending');
+  });
+
+  it('sends a close again when the socket turned out not to follow, and asks again later each time', () => {
+    const { w, f, timers } = widget();
+    w.send('x');
+    f.last.open();
+    f.last.frame({ type: 'started', conversation: 1, token: 'tok', protocol: 1 });
+    w.close();
+    expect(f.last.ofType('close')).toHaveLength(1);
+    f.last.frame({ type: 'error', code: 'no_conversation', message: 'send "start" or "resume" first' });
+    expect(f.last.sent.at(-1)).toEqual({ type: 'resume', token: 'tok', last_seq: 0 });
+    f.last.frame({ type: 'resumed', last_seq: 1, protocol: 1 });
+    expect(f.last.ofType('close')).toHaveLength(2);
+    // Failing again and again: the next resume waits a second, then two.
+    const resumes = () => f.last.ofType('resume').length;
+    f.last.frame({ type: 'error', code: 'no_conversation', message: 'again' });
+    expect(resumes()).toBe(1);
+    timers.advance(1000);
+    expect(resumes()).toBe(2);
+    f.last.frame({ type: 'resumed', last_seq: 1, protocol: 1 });
+    f.last.frame({ type: 'error', code: 'no_conversation', message: 'again' });
+    timers.advance(1000);
+    expect(resumes()).toBe(2);
+    timers.advance(1000);
+    expect(resumes()).toBe(3);
+    // Its event ends it: a later refollow does not close twice.
+    f.last.frame({ type: 'resumed', last_seq: 1, protocol: 1 });
+    f.last.frame({ type: 'event', at: 2, kind: 'closed', seq: 2, by: 'client' });
+    const closes = f.last.ofType('close').length;
+    f.last.frame({ type: 'error', code: 'no_conversation', message: 'again' });
+    f.last.frame({ type: 'resumed', last_seq: 2, protocol: 1 });
+    expect(f.last.ofType('close').length).toBe(closes);
   });
 
   it('reads the emergency notice of its channel, and says nothing when it cannot', async () => {

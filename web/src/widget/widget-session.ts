@@ -18,11 +18,24 @@ export function sessionKey(channel?: string): string {
 }
 export const VISITOR_KEY = 'switchboard.widget.visitor';
 /** Whose conversation the session under `sessionKey(channel)` is, when it was started
- *  with a customer's identity: their `sub` (see `identityOwner`). Such a session is shown
+ *  with a customer's identity: their `iss` and `sub` (see `identityOwner`). Such a session is shown
  *  and resumed only once the page identifies that customer again. */
 export const OWNER_KEY = 'switchboard.widget.owner';
 export function ownerKey(channel?: string): string {
   return channel ? `${OWNER_KEY}.${channel}` : OWNER_KEY;
+}
+
+/** Whether a `visitor_token` (`v1.<payload>.<mac>`) stands for a verified customer
+ *  (`customer:…`), as one from a start with an identity does. */
+function namesCustomer(token: string): boolean {
+  const payload = token.split('.')[1];
+  if (!payload) return false;
+  try {
+    const claims = JSON.parse(atob(payload.replace(/-/g, '+').replace(/_/g, '/').padEnd(Math.ceil(payload.length / 4) * 4, '=')));
+    return typeof claims?.visitor === 'string' && claims.visitor.startsWith('customer:');
+  } catch {
+    return false;
+  }
 }
 
 /** The customer an identity token names, to match a stored session against: `iss` and
@@ -157,6 +170,15 @@ export class WidgetSession {
   private startIdentified = false;
   /** Messages sent again on their own after `unavailable` or `rate_limited`, by key. */
   private sendRetries = new Map<string, number>();
+  /** The conversation this tab last stored (or loaded): the one it may remove. */
+  private storedToken: string | null = null;
+  /** Whose the conversation being started is (decided when its `start` is sent). */
+  private startOwner: string | null = null;
+  /** `close` and `rate` frames sent and not answered by their event yet: sent again
+   *  when the socket turns out not to follow the conversation. */
+  private unansweredControl: Record<string, unknown>[] = [];
+  /** Resumes asked again on this socket in a row (see `refollow`): each waits longer. */
+  private refollows = 0;
   private resuming = false;
   private lastTypingSent = 0;
   private lastReadSent = 0;
@@ -180,7 +202,8 @@ export class WidgetSession {
     this.identity = identityToken(opts.identity);
     // Only a server-signed token is kept: an id the browser made up proves nothing.
     const stored = this.read(VISITOR_KEY);
-    this.visitorToken = stored && stored.startsWith('v1.') && stored.length <= 2048 ? stored : null;
+    // Nor one an earlier build stored after a verified start: it stands for a customer.
+    this.visitorToken = stored && stored.startsWith('v1.') && stored.length <= 2048 && !namesCustomer(stored) ? stored : null;
     if (stored && !this.visitorToken) this.write(VISITOR_KEY, null);
     // An identified customer's conversation comes back only to that customer: after a
     // logout that did not tell the widget (a reload, a redirect), the next person on
@@ -193,6 +216,7 @@ export class WidgetSession {
     } else {
       this.owner = owner;
       this.store = createStore(widgetReducer, deserialize(text));
+      this.storedToken = this.store.get().token;
     }
     this.store.subscribe((s) => this.persist(s));
     this.link = new ReconnectingSocket({
@@ -237,8 +261,16 @@ export class WidgetSession {
     // A held conversation stays as stored until its owner is identified or dropped.
     if (this.held) return;
     const text = serialize(s);
+    if (!text) {
+      this.owner = null;
+      // Only what this tab stored is removed: a conversation another tab started, which
+      // this one has not taken up yet, stays (see `ensureStarted`).
+      if (this.storedToken == null) return;
+      this.storedToken = null;
+    } else {
+      this.storedToken = s.token;
+    }
     this.write(sessionKey(this.opts.channel), text);
-    if (!text) this.owner = null;
     this.write(ownerKey(this.opts.channel), text ? this.owner : null);
   }
 
@@ -251,7 +283,8 @@ export class WidgetSession {
     const owner = this.read(ownerKey(this.opts.channel));
     if (owner && owner !== identityOwner(this.identity)) return;
     const theirs = deserialize(value);
-    if (!theirs.token || theirs.token === this.state.token) return;
+    // Not a finished one, nor while this tab's own start is under way.
+    if (!theirs.token || theirs.closed || theirs.token === this.state.token || this.wantStart) return;
     if (this.state.token && !this.state.closed) return;
     this.adopt(theirs);
   }
@@ -264,6 +297,7 @@ export class WidgetSession {
     this.startKey = null;
     this.following = false;
     this.owner = this.read(ownerKey(this.opts.channel));
+    this.storedToken = theirs.token;
     this.store.dispatch({ type: 'restore', state: theirs });
     // What this tab's visitor wrote meanwhile goes into that conversation.
     for (const p of waiting) this.store.dispatch({ type: 'queue', message: { ...p, seenSeq: undefined } });
@@ -274,7 +308,10 @@ export class WidgetSession {
   /** Forgets a held conversation of another customer (someone else starts one here). */
   private dropHeld(): void {
     if (!this.held) return;
+    const { owner } = this.held;
     this.held = null;
+    // Unless another tab has stored a conversation there since.
+    if (this.read(ownerKey(this.opts.channel)) !== owner) return;
     this.write(sessionKey(this.opts.channel), null);
     this.write(ownerKey(this.opts.channel), null);
     this.write(this.opts.channel ? `${SEEN_KEY}.${this.opts.channel}` : SEEN_KEY, null);
@@ -326,6 +363,7 @@ export class WidgetSession {
       if (this.visitorName) frame.name = this.visitorName;
       if (this.identity) frame.identity = this.identity;
       this.startIdentified = !!this.identity;
+      this.startOwner = this.identity ? identityOwner(this.identity) ?? 'unreadable' : null;
       const attrs = this.opts.attributes?.();
       if (attrs && Object.keys(attrs).length) frame.attributes = attrs;
       this.link.send(frame);
@@ -343,7 +381,7 @@ export class WidgetSession {
         // Started with an identity: the conversation is that customer's, and so is the
         // visitor token the server gave (it stands for them for a year), which is kept in
         // memory only; the identity brings it back on their next visit.
-        this.owner = this.startIdentified ? identityOwner(this.identity) ?? 'unreadable' : null;
+        this.owner = this.startOwner;
         this.store.dispatch({ type: 'started', token: f.token, conversation: f.conversation });
         if (typeof f.visitor_token === 'string' && f.visitor_token.startsWith('v1.')) {
           this.visitorToken = f.visitor_token;
@@ -363,9 +401,14 @@ export class WidgetSession {
         this.flush();
         break;
       case 'event':
+        this.refollows = 0;
+        if (f.kind === 'closed') this.unansweredControl = this.unansweredControl.filter((c) => c.type !== 'close');
+        if (f.kind === 'rated') this.unansweredControl = this.unansweredControl.filter((c) => c.type !== 'rate');
         this.store.dispatch({ type: 'event', event: f });
         break;
       case 'ack':
+        this.refollows = 0;
+        this.sendRetries.delete(f.key);
         this.store.dispatch({ type: 'ack', key: f.key, seq: f.seq });
         break;
       case 'typing':
@@ -479,15 +522,31 @@ export class WidgetSession {
       this.onNotice?.(f.code, f.message);
       return;
     }
+    if (this.resuming && !ref && this.state.token) {
+      // A resume refused for another reason (the server could not read the stream now):
+      // asked again, later each time, rather than following nothing for good.
+      this.resuming = false;
+      this.refollow();
+    }
     this.onNotice?.(f.code, f.message);
   }
 
-  /** Resumes on this socket, which turned out not to follow the conversation. */
+  /** Resumes on this socket, which turned out not to follow the conversation: at once
+   *  the first time, then after 1, 2, 4 … up to 10 s while it keeps failing (reset by
+   *  the next ack or event). `close` and `rate` frames not answered go again after. */
   private refollow(): void {
     if (this.resuming || !this.state.token || !this.link.connected) return;
     this.following = false;
     this.resuming = true;
-    this.link.send({ type: 'resume', token: this.state.token, last_seq: this.state.lastSeq });
+    this.queued.unshift(...this.unansweredControl.splice(0));
+    const delay = this.refollows === 0 ? 0 : Math.min(1000 * 2 ** (this.refollows - 1), 10_000);
+    this.refollows++;
+    const token = this.state.token;
+    const ask = () => {
+      if (this.resuming && this.state.token === token && this.link.connected) this.link.send({ type: 'resume', token, last_seq: this.state.lastSeq });
+    };
+    if (delay === 0) ask();
+    else this.timers.setTimeout(ask, delay);
   }
 
   private frameFor(p: { key: string; text: string; attachments: Attachment[] }) {
@@ -517,15 +576,20 @@ export class WidgetSession {
     this.identity = identityToken(token);
     const who = identityOwner(this.identity);
     if (this.held && who === this.held.owner) {
-      // Its owner is back: their conversation is shown and resumed.
-      const { text, owner } = this.held;
+      // Its owner is back: their conversation (as stored now) is shown and resumed.
+      const { owner } = this.held;
       this.held = null;
-      this.owner = owner;
-      this.store.dispatch({ type: 'restore', state: deserialize(text) });
-      this.resumeIfAny();
+      if (this.read(ownerKey(this.opts.channel)) === owner) {
+        const theirs = deserialize(this.read(sessionKey(this.opts.channel)));
+        this.owner = owner;
+        this.storedToken = theirs.token;
+        this.store.dispatch({ type: 'restore', state: theirs });
+        this.resumeIfAny();
+      }
       return;
     }
-    if (this.held && who) this.dropHeld();
+    // Another customer identified, or a logout: a held conversation is not theirs.
+    if (this.held) this.dropHeld();
     // Another customer than the one whose conversation this is: as a logout, then theirs.
     const another = this.owner != null && who != null && who !== this.owner;
     if ((had && !this.identity) || another) {
@@ -534,8 +598,10 @@ export class WidgetSession {
       this.newConversation();
       // Every channel's conversation on this site, not only this widget's: the next
       // person's visit to another page's widget must not resume it.
-      for (const k of this.sessionKeys()) this.write(k, null);
-      for (const k of this.sessionKeys()) this.write(k.replace(SESSION_KEY, OWNER_KEY), null);
+      for (const k of this.sessionKeys()) {
+        this.write(k, null);
+        this.write(k.replace(SESSION_KEY, OWNER_KEY), null);
+      }
       this.write(NAME_KEY, null);
       this.visitorName = '';
     }
@@ -570,7 +636,8 @@ export class WidgetSession {
     // Another tab started one meanwhile (its `storage` event not seen yet): that one.
     if (!this.state.token && !this.wantStart) {
       const theirs = deserialize(this.read(sessionKey(this.opts.channel)));
-      if (theirs.token && !theirs.closed && this.read(ownerKey(this.opts.channel)) == null) this.adopt(theirs);
+      const owner = this.read(ownerKey(this.opts.channel));
+      if (theirs.token && !theirs.closed && (owner == null || owner === identityOwner(this.identity))) this.adopt(theirs);
     }
     if (this.state.token) {
       this.link.start();
@@ -631,7 +698,10 @@ export class WidgetSession {
 
   /** Sends now if the socket follows the conversation, else once it does. */
   private control(frame: Record<string, unknown>): void {
-    if (this.following && this.link.send(frame)) return;
+    if (this.following && this.link.send(frame)) {
+      this.unansweredControl.push(frame);
+      return;
+    }
     this.queued.push(frame);
     if (this.state.token) this.link.start();
   }
@@ -651,6 +721,8 @@ export class WidgetSession {
     this.link.stop();
     this.startKey = null;
     this.queued = [];
+    this.unansweredControl = [];
+    this.sendRetries.clear();
     this.following = false;
     this.store.dispatch({ type: 'forget' });
     this.lastReadSent = 0;
