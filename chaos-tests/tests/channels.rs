@@ -230,8 +230,10 @@ async fn an_adapter_of_the_channel_api_runs_a_conversation_with_signed_deliverie
     assert_eq!(received["conversation"], json!(conversation));
     let seq = received["seq"].as_u64().unwrap_or_default();
 
-    // Receipts: delivered, then read. A token cannot touch another channel's entries.
-    let statuses = json!([{"conversation": conversation, "seq": seq, "status": "delivered"}, {"conversation": conversation, "seq": seq, "status": "read"}]);
+    // Receipts: delivered, then read. A token cannot touch another channel's entries. A
+    // conversation no longer kept (never here) and an unknown entry are dropped; the
+    // rest of the batch counts.
+    let statuses = json!([{"conversation": 999_999, "seq": 1, "status": "read"}, {"conversation": conversation, "seq": 9_999, "status": "failed"}, {"conversation": conversation, "seq": seq, "status": "delivered"}, {"conversation": conversation, "seq": seq, "status": "read"}]);
     assert_eq!(dev.api("POST", "/api/channel-api/viber-gw/statuses", Some("nope"), Some(statuses.clone())).await?.0, 401);
     let (status, body) = dev.api("POST", "/api/channel-api/viber-gw/statuses", Some(&token), Some(statuses)).await?;
     assert_eq!(status, 204, "{body}");

@@ -1007,17 +1007,21 @@ pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
             let conversation = ConversationId(s.conversation);
             // Only this channel's entries: a token cannot touch another channel's outbox.
             let reads = gw.backend.conversation_reads(conversation);
-            let ours = reads.conversation(conversation).await?.is_some_and(|c| c.channel == channel);
-            if !ours {
-                return Err(GatewayError::NotFound(format!("conversation {} on channel {channel}", s.conversation)));
+            match reads.conversation(conversation).await? {
+                Some(c) if c.channel == channel => {}
+                Some(_) => return Err(GatewayError::NotFound(format!("conversation {} on channel {channel}", s.conversation))),
+                // Gone (past its channel's retention): nothing left to mark, and the rest
+                // of the batch still counts.
+                None => continue,
             }
+            // Only the customer's deliveries: what the channel's bot was told (which may
+            // be another party's) is not the adapter's to mark, nor is an unknown entry.
+            let deliveries = reads.deliveries_of(conversation).await?;
+            let Some(entry) = deliveries.iter().find(|(seq, _)| *seq == s.seq).map(|(_, d)| d) else { continue };
             // A receipt that overtook the answer to its send (an adapter that reports
             // `delivered` the moment it answered) would be dropped: it is asked again.
-            if matches!(s.status, StatusName::Delivered | StatusName::Read) {
-                let sending = reads.deliveries_of(conversation).await?.iter().any(|(seq, d)| *seq == s.seq && matches!(d.status, switchboard_actors::state::DeliveryStatus::Attempting { .. }));
-                if sending {
-                    return Err(GatewayError::Busy("the answer to that entry's send is not committed yet; report its status again shortly"));
-                }
+            if matches!(s.status, StatusName::Delivered | StatusName::Read) && matches!(entry.status, switchboard_actors::state::DeliveryStatus::Attempting { .. }) {
+                return Err(GatewayError::Busy("the answer to that entry's send is not committed yet; report its status again shortly"));
             }
             let outcome = match s.status {
                 StatusName::Delivered => DeliveryOutcome::Delivered,
@@ -1028,7 +1032,9 @@ pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
         }
         results
     };
-    gw.submit(Command::DeliveryResults { results }).await?;
+    if !results.is_empty() {
+        gw.submit(Command::DeliveryResults { results }).await?;
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -151,11 +151,16 @@ class Handler(BaseHTTPRequestHandler):
         status, reply = call_switchboard("POST", f"/api/channel-api/{CHANNEL}/messages", push)
         if status == 200:
             self.answer(200, {"ok": True, "conversation": reply["conversation"]})
-        elif 400 <= status < 500:
-            # Switchboard will never take it (blocked, too long…): tell the messenger
-            # not to retry.
+        elif status in (400, 409):
+            # Switchboard will never take it (malformed, blocked, too long…): tell the
+            # messenger not to retry.
             self.answer(200, {"ok": False, "refused": reply})
         else:
+            # 408 (maybe not committed), 401 (the adapter's token changed), 413, 429,
+            # 5xx, no answer: the messenger sends it again later; the same message_id
+            # makes a second copy harmless.
+            if status == 401:
+                sys.stderr.write("adapter: Switchboard refused the token: set SWITCHBOARD_TOKEN to the adapter's current token\n")
             self.answer(503, {"error": "Switchboard did not take it; retry"})
 
     def outbound(self, body):

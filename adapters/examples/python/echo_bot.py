@@ -56,7 +56,8 @@ def call(path, body):
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status
         except urllib.error.HTTPError as e:
-            if e.code < 500:
+            # 408: maybe not committed; sent again with the same key, which is harmless.
+            if e.code < 500 and e.code != 408:
                 sys.stderr.write(f"bot: {path} refused: {e.code} {e.read()!r}\n")
                 return e.code
         except OSError:
