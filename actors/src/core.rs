@@ -1020,6 +1020,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             if let Some(op) = &user.operator {
                 operator(op)?;
             }
+            keeps_an_admin(state, part, &user.login, user.role)?;
             let mut events = vec![Event::UserUpserted(user.clone())];
             // A new password ends the sessions opened with the old one. This touches
             // only token epochs, never routing, so older logs replay to the same routing.
@@ -1033,6 +1034,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             if let Some(op) = linked {
                 operator(op)?;
             }
+            keeps_an_admin(state, part, login, *role)?;
             let updated = UserRecord { login: login.clone(), password_hash: user.password_hash.clone(), role: *role, operator: linked.clone() };
             let mut events = vec![Event::UserUpserted(updated)];
             // A change of role or operator ends the sessions opened before it, so a token
@@ -2082,6 +2084,21 @@ fn start_conversation(state: &ShardState, channel: &ChannelId, group: Option<&Sk
 }
 
 /// A conversation the bot of `channel` holds now.
+/// Rules 19: a change that would leave no login an admin (the last one demoted) is
+/// refused, where users are decided (a cluster could not be administered again: nothing
+/// makes an admin once there are users). Before, it was taken.
+fn keeps_an_admin(state: &ShardState, part: Part, login: &str, role: Role) -> Result<(), Error> {
+    if state.rules < 19 || role == Role::Admin || !matches!(part, Part::Whole | Part::Directory { .. }) {
+        return Ok(());
+    }
+    let was_admin = state.users.get(login).is_some_and(|u| u.role == Role::Admin);
+    let others = state.users.values().any(|u| u.login != login && u.role == Role::Admin);
+    if was_admin && !others {
+        return Err(Error::Invalid(format!("{login} is the last admin: make another login an admin first")));
+    }
+    Ok(())
+}
+
 fn with_bot<'a>(state: &'a ShardState, channel: &ChannelId, conv_id: &ConversationId) -> Result<&'a crate::state::Conversation, Error> {
     let conv = state.conversations.get(conv_id).filter(|c| &c.channel == channel).ok_or(Error::NotFound(format!("conversation {conv_id} on channel {channel}")))?;
     if conv.status != ConversationStatus::WithBot {

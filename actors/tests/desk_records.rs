@@ -143,6 +143,31 @@ fn an_edit_without_a_password_keeps_it_and_ends_sessions_only_when_role_or_opera
     assert!(matches!(run(&mut state, &store, T0 + 2, Command::UpdateUser { login: "nobody".into(), role: Role::Admin, operator: None }), Err(Error::NotFound(_))));
 }
 
+/// Rules 19: the last admin cannot be demoted (nothing could make an admin again once
+/// there are users); another admin can, and so could the last under rules 18.
+#[test]
+fn under_rules_19_the_last_admin_is_not_demoted() {
+    for rules in [18, 19] {
+        let (store, mut state) = floor_under(rules);
+        let admin = |login: &str| UserRecord { login: login.into(), password_hash: "$argon2id$x".into(), role: Role::Admin, operator: None };
+        ok(run(&mut state, &store, T0, Command::UpsertUser(admin("root"))));
+        let demote = |login: &str| Command::UpdateUser { login: login.into(), role: Role::Supervisor, operator: None };
+        let alone = run(&mut state, &store, T0 + 1, demote("root"));
+        let replaced = run(&mut state, &store, T0 + 1, Command::UpsertUser(UserRecord { role: Role::Operator, ..admin("root") }));
+        if rules >= 19 {
+            assert!(matches!(&alone, Err(Error::Invalid(m)) if m.contains("last admin")), "{alone:?}");
+            assert!(matches!(&replaced, Err(Error::Invalid(_))), "{replaced:?}");
+            assert_eq!(state.users["root"].role, Role::Admin);
+            // With a second admin, either may step down.
+            ok(run(&mut state, &store, T0 + 2, Command::UpsertUser(admin("second"))));
+            ok(run(&mut state, &store, T0 + 3, demote("root")));
+            assert!(run(&mut state, &store, T0 + 4, demote("second")).is_err(), "now the last one");
+        } else {
+            alone.expect("rules 18 took it");
+        }
+    }
+}
+
 #[test]
 fn an_operators_handled_list_is_newest_first_and_follows_retention() {
     let (store, mut state) = floor();
