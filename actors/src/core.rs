@@ -976,11 +976,22 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             if config.offer_timeout_ms < 1000 {
                 return Err(Error::Invalid("offer timeout must be at least 1000 ms".into()));
             }
+            if deciding_directory(state, part) {
+                if !state.groups.contains_key(&config.id) {
+                    check_new_id("skill group", &config.id.0, "")?;
+                }
+                if config.offer_timeout_ms > MAX_OFFER_TIMEOUT_MS || config.sla_ms > MAX_SLA_MS {
+                    return Err(Error::Invalid(format!("offer timeout must be at most {MAX_OFFER_TIMEOUT_MS} ms and the SLA at most {MAX_SLA_MS} ms")));
+                }
+            }
             Ok((Reply::Done, vec![Event::SkillGroupUpserted(config.clone())]))
         }
         Command::UpsertOperator(config) => {
             if config.id.0.is_empty() {
                 return Err(Error::Invalid("operator id is empty".into()));
+            }
+            if deciding_directory(state, part) && !state.operators.contains_key(&config.id) {
+                check_new_id("operator", &config.id.0, "")?;
             }
             for g in &config.groups {
                 if !state.groups.contains_key(g) {
@@ -995,6 +1006,10 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             Ok((Reply::Done, events))
         }
         Command::UpsertChannel(config) => {
+            if deciding_directory(state, part) && !state.channels.contains_key(&config.id) {
+                // `:` and `*` mean something in access rules and audit targets.
+                check_new_id("channel", &config.id.0, ":*")?;
+            }
             if !state.groups.contains_key(&config.default_group) {
                 return Err(Error::NotFound(format!("skill group {}", config.default_group)));
             }
@@ -1974,6 +1989,16 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 if existing.owner != template.owner || existing.group.is_some() != template.group.is_some() {
                     return Err(Error::Invalid("template id is taken by another template".into()));
                 }
+            } else if deciding_directory(state, part) {
+                check_new_id("template", &template.id, "")?;
+                // Bounded: each is kept in memory on every replica.
+                let full = match &template.owner {
+                    Some(owner) => state.templates.values().filter(|t| t.owner.as_ref() == Some(owner)).count() >= MAX_PERSONAL_TEMPLATES,
+                    None => state.templates.values().filter(|t| t.owner.is_none()).count() >= MAX_SHARED_TEMPLATES,
+                };
+                if full {
+                    return Err(Error::Invalid(format!("at most {MAX_PERSONAL_TEMPLATES} personal templates an operator and {MAX_SHARED_TEMPLATES} shared ones: delete one first")));
+                }
             }
             Ok((Reply::Done, vec![Event::TemplateUpserted(template.clone())]))
         }
@@ -2084,6 +2109,32 @@ fn start_conversation(state: &ShardState, channel: &ChannelId, group: Option<&Sk
 }
 
 /// A conversation the bot of `channel` holds now.
+/// Rules 19: the longest offer timeout and SLA a skill group takes (an hour, a week).
+pub const MAX_OFFER_TIMEOUT_MS: u64 = 3_600_000;
+pub const MAX_SLA_MS: u64 = 7 * 24 * 3_600_000;
+/// Rules 19: templates an operator may keep for themselves, and shared ones in all.
+pub const MAX_PERSONAL_TEMPLATES: usize = 200;
+pub const MAX_SHARED_TEMPLATES: usize = 2000;
+/// Rules 19: the longest id of a new skill group, operator, channel or template.
+pub const MAX_ID_BYTES: usize = 64;
+
+/// Whether this entry is decided where the directory is (and under rules 19).
+fn deciding_directory(state: &ShardState, part: Part) -> bool {
+    state.rules >= 19 && matches!(part, Part::Whole | Part::Directory { .. })
+}
+
+/// Rules 19: a new id is 1 to [`MAX_ID_BYTES`] bytes with no whitespace or control
+/// character and none of `/ ? # % \` (it is a path segment of the REST API and a
+/// webhook's address), nor any of `also`. Ids made before stay as they are.
+fn check_new_id(what: &str, id: &str, also: &str) -> Result<(), Error> {
+    let bad = |c: char| c.is_whitespace() || c.is_control() || "/?#%\\".contains(c) || also.contains(c);
+    if id.is_empty() || id.len() > MAX_ID_BYTES || id.chars().any(bad) {
+        let listed: Vec<String> = "/?#%\\".chars().chain(also.chars()).map(String::from).collect();
+        return Err(Error::Invalid(format!("a {what} id is 1 to {MAX_ID_BYTES} bytes without spaces, control characters or any of {}", listed.join(" "))));
+    }
+    Ok(())
+}
+
 /// Rules 19: a change that would leave no login an admin (the last one demoted) is
 /// refused, where users are decided (a cluster could not be administered again: nothing
 /// makes an admin once there are users). Before, it was taken.

@@ -168,6 +168,38 @@ fn under_rules_19_the_last_admin_is_not_demoted() {
     }
 }
 
+/// Rules 19: a new id is a usable path segment (a channel's also no `:` or `*`, which
+/// access rules and audit targets read), a group's offer timeout and SLA are bounded,
+/// and an operator's own templates are bounded. Ids made before stay usable.
+#[test]
+fn under_rules_19_new_ids_timeouts_and_templates_are_bounded() {
+    for rules in [18, 19] {
+        let (store, mut state) = floor_under(rules);
+        let group = |id: &str, offer_timeout_ms: u64| Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new(id), name: "X".into(), policy: Policy::LongestIdle, offer_timeout_ms, sla_ms: 20_000 });
+        let channel = |id: &str| Command::UpsertChannel(ChannelConfig { id: ChannelId::new(id), kind: "web".into(), name: "x".into(), default_group: SkillGroupId::new("g") });
+        let refused = |r: Result<_, Error>| matches!(r, Err(Error::Invalid(_)));
+        let checked = [
+            run(&mut state, &store, T0, group("a/b", 30_000)),
+            run(&mut state, &store, T0, group("x", 2 * 3_600_000)),
+            run(&mut state, &store, T0, channel("web:2")),
+            run(&mut state, &store, T0, channel("*")),
+            run(&mut state, &store, T0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("bo b"), name: "Bob".into(), capacity: 1, groups: vec![] })),
+            run(&mut state, &store, T0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new(&"o".repeat(65)), name: "O".into(), capacity: 1, groups: vec![] })),
+        ];
+        assert_eq!(checked.into_iter().map(refused).collect::<Vec<_>>(), vec![rules >= 19; 6], "rules {rules}");
+        // What exists is edited as before (the demo's and tests' ids are all usable).
+        ok(run(&mut state, &store, T0, group("g", 45_000)));
+        ok(run(&mut state, &store, T0, channel("sales.eu-1")));
+        let template = |n: usize| Command::UpsertTemplate(Template { id: format!("t{n}"), title: "T".into(), text: "Hello".into(), group: None, owner: Some(OperatorId::new("ann")) });
+        for n in 0..200 {
+            ok(run(&mut state, &store, T0, template(n)));
+        }
+        let past = run(&mut state, &store, T0, template(200));
+        assert_eq!(refused(past), rules >= 19, "rules {rules}: the 201st of one operator");
+        ok(run(&mut state, &store, T0, template(7)));
+    }
+}
+
 #[test]
 fn an_operators_handled_list_is_newest_first_and_follows_retention() {
     let (store, mut state) = floor();
