@@ -980,7 +980,12 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 if !state.groups.contains_key(&config.id) {
                     check_new_id("skill group", &config.id.0, "")?;
                 }
-                if config.offer_timeout_ms > MAX_OFFER_TIMEOUT_MS || config.sla_ms > MAX_SLA_MS {
+                // Bounded when set: a group made before keeps a value past them until it
+                // is changed (its routing, steps and hours are saved with it).
+                let old = state.groups.get(&config.id).map(|g| (g.config.offer_timeout_ms, g.config.sla_ms));
+                let timeout_set = old.is_none_or(|(t, _)| t != config.offer_timeout_ms);
+                let sla_set = old.is_none_or(|(_, s)| s != config.sla_ms);
+                if (timeout_set && config.offer_timeout_ms > MAX_OFFER_TIMEOUT_MS) || (sla_set && config.sla_ms > MAX_SLA_MS) {
                     return Err(Error::Invalid(format!("offer timeout must be at most {MAX_OFFER_TIMEOUT_MS} ms and the SLA at most {MAX_SLA_MS} ms")));
                 }
             }
@@ -2108,7 +2113,6 @@ fn start_conversation(state: &ShardState, channel: &ChannelId, group: Option<&Sk
     ))
 }
 
-/// A conversation the bot of `channel` holds now.
 /// Rules 19: the longest offer timeout and SLA a skill group takes (an hour, a week).
 pub const MAX_OFFER_TIMEOUT_MS: u64 = 3_600_000;
 pub const MAX_SLA_MS: u64 = 7 * 24 * 3_600_000;
@@ -2128,7 +2132,7 @@ fn deciding_directory(state: &ShardState, part: Part) -> bool {
 /// webhook's address), nor any of `also`. Ids made before stay as they are.
 fn check_new_id(what: &str, id: &str, also: &str) -> Result<(), Error> {
     let bad = |c: char| c.is_whitespace() || c.is_control() || "/?#%\\".contains(c) || also.contains(c);
-    if id.is_empty() || id.len() > MAX_ID_BYTES || id.chars().any(bad) {
+    if id.is_empty() || id.len() > MAX_ID_BYTES || id.chars().any(bad) || id == "." || id == ".." {
         let listed: Vec<String> = "/?#%\\".chars().chain(also.chars()).map(String::from).collect();
         return Err(Error::Invalid(format!("a {what} id is 1 to {MAX_ID_BYTES} bytes without spaces, control characters or any of {}", listed.join(" "))));
     }
@@ -2150,6 +2154,7 @@ fn keeps_an_admin(state: &ShardState, part: Part, login: &str, role: Role) -> Re
     Ok(())
 }
 
+/// A conversation the bot of `channel` holds now.
 fn with_bot<'a>(state: &'a ShardState, channel: &ChannelId, conv_id: &ConversationId) -> Result<&'a crate::state::Conversation, Error> {
     let conv = state.conversations.get(conv_id).filter(|c| &c.channel == channel).ok_or(Error::NotFound(format!("conversation {conv_id} on channel {channel}")))?;
     if conv.status != ConversationStatus::WithBot {

@@ -183,10 +183,11 @@ fn under_rules_19_new_ids_timeouts_and_templates_are_bounded() {
             run(&mut state, &store, T0, group("x", 2 * 3_600_000)),
             run(&mut state, &store, T0, channel("web:2")),
             run(&mut state, &store, T0, channel("*")),
+            run(&mut state, &store, T0, channel("..")),
             run(&mut state, &store, T0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("bo b"), name: "Bob".into(), capacity: 1, groups: vec![] })),
             run(&mut state, &store, T0, Command::UpsertOperator(OperatorConfig { id: OperatorId::new(&"o".repeat(65)), name: "O".into(), capacity: 1, groups: vec![] })),
         ];
-        assert_eq!(checked.into_iter().map(refused).collect::<Vec<_>>(), vec![rules >= 19; 6], "rules {rules}");
+        assert_eq!(checked.into_iter().map(refused).collect::<Vec<_>>(), vec![rules >= 19; 7], "rules {rules}");
         // What exists is edited as before (the demo's and tests' ids are all usable).
         ok(run(&mut state, &store, T0, group("g", 45_000)));
         ok(run(&mut state, &store, T0, channel("sales.eu-1")));
