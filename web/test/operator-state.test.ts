@@ -183,6 +183,20 @@ describe('operator state', () => {
     expect(s.pending.k).toBeUndefined();
   });
 
+  it('keeps the text of replies a released conversation did not take, until dismissed or taken after all', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]));
+    s = run(s, { type: 'queueSend', message: { key: 'op-a', conversation: 7, text: 'Your refund is on its way', attachments: [], at: 1, state: 'sending' } });
+    s = run(s, { type: 'queueSend', message: { key: 'op-b', conversation: 7, text: 'Anything else?', attachments: [], at: 2, state: 'sending' } });
+    s = run(s, ev(12, 'released', { conversation: 7 }));
+    expect(s.pending).toEqual({});
+    expect(s.unsent.map((p) => p.text)).toEqual(['Your refund is on its way', 'Anything else?']);
+    // The first was committed after all: its ack comes late.
+    s = run(s, { type: 'ack', key: 'op-a', conversation: 7, seq: 3 });
+    expect(s.unsent.map((p) => p.key)).toEqual(['op-b']);
+    s = run(s, { type: 'dismissUnsent' });
+    expect(s.unsent).toEqual([]);
+  });
+
   it('drops a released conversation and its selection', () => {
     let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]));
     s = run(s, ev(12, 'conversation', { conversation: 7, entry: { kind: 'transferred', seq: 3, at: 3, from: 'alice', to_operator: 'bob' } }), ev(13, 'released', { conversation: 7 }));

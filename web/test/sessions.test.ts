@@ -222,6 +222,30 @@ describe('OperatorSession', () => {
     expect(s.store.get().pending[key]).toBeUndefined();
   });
 
+  it('sends a reply answered unavailable again with its key, then shows it not sent, with Retry', () => {
+    const { timers, f, s } = operatorSession();
+    s.start();
+    f.last.open();
+    f.last.frame(helloFrame({ active: [7] }));
+    const key = s.sendMessage(7, 'hello');
+    const sock = f.last;
+    for (let i = 0; i < 5; i++) {
+      sock.frame({ type: 'error', code: 'unavailable', ref: key });
+      expect(s.store.get().pending[key].state).toBe('sending');
+      for (let ms = 0; ms < 1000 * 2 ** i; ms += 500) {
+        timers.advance(500);
+        sock.frame({ type: 'pong' });
+      }
+    }
+    expect(sock.ofType('send').map((x) => x.key)).toEqual(Array(6).fill(key));
+    sock.frame({ type: 'error', code: 'unavailable', ref: key });
+    expect(s.store.get().pending[key].state).toBe('failed');
+    s.retry(key);
+    expect(sock.ofType('send')).toHaveLength(7);
+    sock.frame({ type: 'ack', conversation: 7, key, ref: key, seq: 2, duplicate: true });
+    expect(s.store.get().pending[key]).toBeUndefined();
+  });
+
   it('asks for at most 3 histories at a time (no burst on reconnect)', () => {
     const { f, s } = operatorSession();
     s.start();

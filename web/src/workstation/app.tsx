@@ -182,7 +182,7 @@ function Shell(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (s: Lin
       <h1 class="sr-only">{t(('tab_' + tab) as any)}</h1>
       {tabs.includes('desk') && (
         <div hidden={tab !== 'desk'} class="tab-desk">
-          <Desk auth={props.auth} onAuthLost={props.onAuthLost} onLink={props.onLink} />
+          <Desk auth={props.auth} onAuthLost={props.onAuthLost} onLink={props.onLink} shown={tab === 'desk'} />
         </div>
       )}
       {tab === 'floor' && <FloorView auth={props.auth} />}

@@ -131,12 +131,13 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
       <section class="pane" data-testid="conversation-view" data-conv={conv.id} aria-labelledby="conv-title">
         <ConvHeader
           conv={conv}
+          skew={state.clockSkew}
           channel={messenger ? props.channels?.find((c) => c.id === conv.channel)?.name ?? conv.channel : null}
           identity={doc?.visitor.id ?? null}
           onTransfer={() => setDialog('transfer')}
           onClose={() => setDialog('close')}
         />
-        <History conv={conv} state={state} messenger={messenger} />
+        <History conv={conv} state={state} messenger={messenger} session={session} />
         <Composer
           key={conv.id}
           session={session}
@@ -182,7 +183,7 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
 
 /** `channel`: a messenger conversation's channel name (null: the web chat), shown with
  *  the customer's `identity` there (`<channel>:<sender>`) once it is known. */
-function ConvHeader(props: { conv: Conv; channel: string | null; identity: string | null; onTransfer: () => void; onClose: () => void }) {
+function ConvHeader(props: { conv: Conv; skew: number; channel: string | null; identity: string | null; onTransfer: () => void; onClose: () => void }) {
   const { t } = useApp();
   const now = useNow(1000);
   const { conv } = props;
@@ -200,7 +201,7 @@ function ConvHeader(props: { conv: Conv; channel: string | null; identity: strin
             </span>
           )}
           {[props.channel == null ? conv.channel : '', conv.group].filter(Boolean).join(' · ')}
-          {conv.waitingSince != null && <span class="wait"> · {t('waiting_for', { time: formatDuration(now - conv.waitingSince) })}</span>}
+          {conv.waitingSince != null && <span class="wait"> · {t('waiting_for', { time: formatDuration(Math.max(0, now + props.skew - conv.waitingSince)) })}</span>}
         </p>
       </div>
       <div class="row">
@@ -215,7 +216,7 @@ function ConvHeader(props: { conv: Conv; channel: string | null; identity: strin
   );
 }
 
-function History(props: { conv: Conv; state: OpState; messenger: boolean }) {
+function History(props: { conv: Conv; state: OpState; messenger: boolean; session: OperatorSession }) {
   const { t } = useApp();
   const now = useNow(1000);
   const { conv, state } = props;
@@ -260,6 +261,19 @@ function History(props: { conv: Conv; state: OpState; messenger: boolean }) {
               <span class={'delivery delivery-' + p.state} data-testid="delivery">
                 {p.state === 'failed' ? t('delivery_failed') + (p.error ? ' (' + describeError(t, p.error, '') + ')' : '') : t('delivery_sending')}
               </span>
+              {p.state === 'failed' && (
+                // Sent again with its own key (a copy the server took already is not
+                // written twice), or given up.
+                <>
+                  {' '}
+                  <button type="button" class="link" data-testid="pending-retry" onClick={() => props.session.retry(p.key)}>
+                    {t('retry')}
+                  </button>{' '}
+                  <button type="button" class="link" data-testid="pending-discard" onClick={() => props.session.discard(p.key)}>
+                    {t('discard')}
+                  </button>
+                </>
+              )}
             </span>
           </li>
         ))}

@@ -22,7 +22,7 @@ interface TransferIn {
   visitor: string;
 }
 
-export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (s: LinkState | null) => void }) {
+export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (s: LinkState | null) => void; shown?: boolean }) {
   const { api, t, notify } = useApp();
   const session = useMemo(() => {
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
@@ -46,9 +46,18 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
     });
   }, [props.auth.token]);
 
+  // Viewing: the page is shown and so is the desk (not another tab of the app, where it
+  // stays mounted, hidden): only then are new messages seen and read marks sent.
+  const shown = props.shown ?? true;
+  const shownRef = useRef(shown);
+  shownRef.current = shown;
+  useEffect(() => {
+    session.setViewing(document.visibilityState === 'visible' && shown);
+  }, [shown]);
+
   useEffect(() => {
     session.start();
-    const vis = () => session.setViewing(document.visibilityState === 'visible');
+    const vis = () => session.setViewing(document.visibilityState === 'visible' && shownRef.current);
     // Back online (or asked to): reconnect now, and check that an open socket still lives.
     const online = () => {
       session.link.retryNow();
@@ -361,6 +370,23 @@ function PresenceBar(props: { session: OperatorSession; state: OpState; alerts: 
           </button>
         </div>
       )}
+      {state.unsent.length > 0 && (
+        // Replies a conversation that left this desk did not take: their text stays
+        // here until the operator has copied what they need.
+        <div class="missed" role="alert" data-testid="unsent-banner">
+          <p>{t('notice_unsent')}</p>
+          <ul>
+            {state.unsent.map((p) => (
+              <li key={p.key} data-testid="unsent-reply">
+                <span class="muted small">{t('unsent_to', { id: p.conversation })}</span> <span class="text">{p.text}</span>
+              </li>
+            ))}
+          </ul>
+          <button type="button" class="primary" data-testid="unsent-dismiss" onClick={() => session.dismissUnsent()}>
+            {t('dismiss')}
+          </button>
+        </div>
+      )}
       {state.awayAfterMiss && state.presence === 'away' && (
         // Stays until the operator acts: a toast that fades would leave them away unknowingly.
         <div class="missed" role="alert" data-testid="missed-offer-banner">
@@ -556,6 +582,7 @@ export function ConvList(props: { session: OperatorSession; state: OpState }) {
             key={c.id}
             c={c}
             now={now}
+            skew={state.clockSkew}
             pos={range.start + k + 1}
             size={list.length}
             selected={state.selected === c.id}
@@ -572,9 +599,11 @@ export function ConvList(props: { session: OperatorSession; state: OpState }) {
   );
 }
 
-function ConvRow(props: { c: Conv; now: number; pos: number; size: number; selected: boolean; active: boolean; onSelect: () => void }) {
+function ConvRow(props: { c: Conv; now: number; skew: number; pos: number; size: number; selected: boolean; active: boolean; onSelect: () => void }) {
   const { t } = useApp();
   const { c, now } = props;
+  // How long it has waited, by the server's clock (`waitingSince` is the server's time).
+  const waited = c.waitingSince != null ? Math.max(0, now + props.skew - c.waitingSince) : 0;
   // The newest message (a note or a system entry after it does not replace it).
   let last = undefined as (typeof c.entries)[number] | undefined;
   for (let i = c.entries.length - 1; i >= 0 && !last; i--) if (c.entries[i].kind === 'message') last = c.entries[i];
@@ -604,8 +633,8 @@ function ConvRow(props: { c: Conv; now: number; pos: number; size: number; selec
       <div class="conv-bottom">
         <span class="conv-preview">{c.typingUntil > now ? t('typing_short') : preview}</span>
         {c.waitingSince != null && (
-          <span class={'wait' + (now - c.waitingSince > 60000 ? ' late' : '')} data-testid="waiting" title={t('waiting')}>
-            <ClockIcon /> {formatDuration(now - c.waitingSince)}
+          <span class={'wait' + (waited > 60000 ? ' late' : '')} data-testid="waiting" title={t('waiting')}>
+            <ClockIcon /> {formatDuration(waited)}
           </span>
         )}
       </div>

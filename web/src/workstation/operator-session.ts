@@ -35,6 +35,10 @@ interface Waiter {
   timer: unknown;
 }
 
+/** How many times a reply answered `unavailable` or `rate_limited` is sent again on its
+ *  own (after 1, 2, 4, 8, 16 s) before it shows as not sent, with Retry. */
+export const MAX_SEND_RETRIES = 5;
+
 export class FrameError extends Error {
   constructor(
     public code: string,
@@ -49,6 +53,8 @@ export class OperatorSession {
   readonly link: ReconnectingSocket;
   private refN = 0;
   private waiters = new Map<string, Waiter>();
+  /** Replies sent again on their own after `unavailable` or `rate_limited`, by key. */
+  private sendRetries = new Map<string, number>();
   private historyInFlight = new Set<number>();
   private lastTypingSent = new Map<number, number>();
   private lastReadSent = new Map<number, number>();
@@ -157,6 +163,7 @@ export class OperatorSession {
         this.pumpHistory();
         break;
       case 'ack':
+        this.sendRetries.delete(f.key);
         this.dispatch({ type: 'ack', key: f.key, conversation: f.conversation, seq: f.seq });
         this.settle(f.ref, f);
         break;
@@ -208,7 +215,18 @@ export class OperatorSession {
       this.dispatch({ type: 'historyRequested', conversation: id });
     }
     const pending = this.store.get().pending[ref];
-    if (pending) {
+    if (pending && (f.code === 'unavailable' || f.code === 'rate_limited') && (this.sendRetries.get(ref) ?? 0) < MAX_SEND_RETRIES) {
+      // Not taken now (a member moving, or this socket's frames over their rate): sent
+      // again with the same key (protocol.md §5), later each time; a second copy is
+      // harmless.
+      const tries = (this.sendRetries.get(ref) ?? 0) + 1;
+      this.sendRetries.set(ref, tries);
+      this.timers.setTimeout(() => {
+        const p = this.store.get().pending[ref];
+        if (p && p.state === 'sending') this.link.send(this.sendFrame(p.key, p.conversation, p.text, p.attachments));
+      }, 1000 * 2 ** (tries - 1));
+    } else if (pending) {
+      this.sendRetries.delete(ref);
       this.dispatch({ type: 'sendFailed', key: ref, error: f.code });
     }
     const w = this.waiters.get(ref);
@@ -308,12 +326,19 @@ export class OperatorSession {
   retry(key: string): void {
     const p = this.store.get().pending[key];
     if (!p) return;
+    this.sendRetries.delete(key);
     this.dispatch({ type: 'queueSend', message: { ...p, state: 'sending', error: undefined } });
     this.link.send(this.sendFrame(p.key, p.conversation, p.text, p.attachments));
   }
 
   discard(key: string): void {
+    this.sendRetries.delete(key);
     this.dispatch({ type: 'discard', key });
+  }
+
+  /** The operator has read the replies their released conversations did not take. */
+  dismissUnsent(): void {
+    this.dispatch({ type: 'dismissUnsent' });
   }
 
   /** Typing signal, at most one every 3 seconds per conversation. */

@@ -135,6 +135,9 @@ export interface OpState {
   /** Whether the page is visible and focused (new entries in the open conversation count as seen). */
   viewing: boolean;
   pending: Readonly<Record<string, PendingMessage>>;
+  /** Replies not taken before their conversation left this desk (reassigned, closed or
+   *  transferred meanwhile): shown until dismissed, so their text is not lost. */
+  unsent: readonly PendingMessage[];
   /** A hello snapshot taken ahead of our resume point, applied once the replay reaches it. */
   reconcile: Hello | null;
   /** Conversations whose history must be requested. */
@@ -163,6 +166,7 @@ export const initialOpState: OpState = {
   presenceSince: 0,
   cursor: null,
   released: [],
+  unsent: [],
   releases: 0,
   offers: [],
   convs: new Map(),
@@ -192,6 +196,8 @@ export type OpAction =
   | { type: 'ack'; key: string; conversation: number; seq: number }
   | { type: 'sendFailed'; key: string; error: string }
   | { type: 'discard'; key: string }
+  /** The operator read (and copied) the replies their released conversations did not take. */
+  | { type: 'dismissUnsent' }
   | { type: 'historyRequested'; conversation: number }
   /** The outbox entries of `GET /api/conversations/{id}` (statuses when it was opened). */
   | { type: 'deliveries'; conversation: number; deliveries: Delivery[] }
@@ -420,11 +426,16 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
       const convs = new Map(s.convs);
       convs.delete(id);
       const pending: Record<string, PendingMessage> = {};
-      for (const [k, p] of Object.entries(s.pending)) if (p.conversation !== id) pending[k] = p;
+      const unsent = [...s.unsent];
+      for (const [k, p] of Object.entries(s.pending)) {
+        if (p.conversation !== id) pending[k] = p;
+        else if (p.text.trim() || p.attachments.length) unsent.push(p);
+      }
       return {
         ...s,
         convs,
         pending,
+        unsent: unsent.slice(-20),
         released,
         releases,
         selected: s.selected === id ? null : s.selected,
@@ -568,7 +579,8 @@ export function opReducer(s: OpState, a: OpAction): OpState {
     case 'queueSend':
       return { ...s, pending: { ...s.pending, [a.message.key]: a.message } };
     case 'ack': {
-      if (!s.pending[a.key]) return s;
+      // Taken after all (its answer came after the conversation left this desk).
+      if (!s.pending[a.key]) return s.unsent.some((p) => p.key === a.key) ? { ...s, unsent: s.unsent.filter((p) => p.key !== a.key) } : s;
       // Committed. The entry itself arrives as a conversation event (either order); keep
       // the message visible as pending-delivered until then by synthesizing the entry.
       const p = s.pending[a.key];
@@ -597,6 +609,8 @@ export function opReducer(s: OpState, a: OpAction): OpState {
       if (!p) return s;
       return { ...s, pending: { ...s.pending, [a.key]: { ...p, state: 'failed', error: a.error } } };
     }
+    case 'dismissUnsent':
+      return s.unsent.length ? { ...s, unsent: [] } : s;
     case 'discard': {
       if (!s.pending[a.key]) return s;
       const pending = { ...s.pending };
