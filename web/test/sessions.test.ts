@@ -247,7 +247,7 @@ describe('OperatorSession', () => {
   });
 
   it('asks for at most 3 histories at a time (no burst on reconnect)', () => {
-    const { f, s } = operatorSession();
+    const { f, s, timers } = operatorSession();
     s.start();
     f.last.open();
     f.last.frame(helloFrame({ active: [1, 2, 3, 4, 5] }));
@@ -258,6 +258,10 @@ describe('OperatorSession', () => {
     expect(f.last.ofType('history').map((x) => x.conversation)).toEqual([1, 2, 3, 4]);
     f.last.frame({ type: 'history', conversation: 3, entries: [], ref: 'hist:3' });
     expect(f.last.ofType('history').map((x) => x.conversation)).toEqual([1, 2, 3, 4, 5]);
+    // The one refused for now (a shard catching up) is asked again a second later.
+    f.last.frame({ type: 'history', conversation: 4, entries: [], ref: 'hist:4' });
+    timers.advance(1000);
+    expect(f.last.ofType('history').map((x) => x.conversation)).toEqual([1, 2, 3, 4, 5, 1]);
   });
 
   it('matches replies to requests by ref', async () => {

@@ -86,6 +86,16 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
     }
     return true;
   };
+  // Each conversation's uploaded files waiting to go with its next reply (an upload that
+  // ends after the operator moved on lands with its own conversation).
+  const draftFiles = useRef(new Map<number, Attachment[]>());
+  const [openFiles, setOpenFiles] = useState<Attachment[]>([]);
+  const setFilesOf = (id: number, update: (files: Attachment[]) => Attachment[]) => {
+    const next = update(draftFiles.current.get(id) ?? []);
+    if (next.length) draftFiles.current.set(id, next);
+    else draftFiles.current.delete(id);
+    if (open.current === id) setOpenFiles(next);
+  };
   const setNoteDraft = (id: number, note: boolean) => {
     drafts.current.set(id, { text: drafts.current.get(id)?.text ?? '', note });
     if (open.current === id) setNoteModeState(note);
@@ -101,6 +111,7 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
     const note = !!saved?.text && saved.note;
     if (conv) drafts.current.set(conv.id, { text: saved?.text ?? '', note });
     setNoteModeState(note);
+    setOpenFiles(conv ? draftFiles.current.get(conv.id) ?? [] : []);
     setDialog(null);
   }, [conv?.id]);
   // Alt+T and Alt+C from anywhere on the desk (see SHORTCUTS in desk.tsx).
@@ -145,6 +156,8 @@ export function ConversationPane(props: { session: OperatorSession; state: OpSta
           adapter={adapterOf(props.channels, conv.channel)}
           draft={draft}
           setDraft={setDraft}
+          files={openFiles}
+          setFilesOf={setFilesOf}
           noteMode={noteMode}
           setNoteMode={(note) => setNoteDraft(conv.id, note)}
           restoreNote={(text) => restoreNote(conv.id, text)}
@@ -296,6 +309,9 @@ function Composer(props: {
   adapter: AdapterKind | null;
   draft: string;
   setDraft: (v: string) => void;
+  /** The files uploaded for the next reply, kept per conversation by the pane. */
+  files: Attachment[];
+  setFilesOf: (conversation: number, update: (files: Attachment[]) => Attachment[]) => void;
   /** Whether the composer writes an internal note, and setting it. */
   noteMode: boolean;
   setNoteMode: (note: boolean) => void;
@@ -329,13 +345,13 @@ function Composer(props: {
   };
   // Internal note mode: what is written goes to staff only (POST …/notes), not the customer.
   const { noteMode, setNoteMode } = props;
-  const [files, setFiles] = useState<Attachment[]>([]);
+  const files = props.files;
+  const setFiles = (next: Attachment[]) => props.setFilesOf(conv.id, () => next);
   const [uploading, setUploading] = useState(0);
   const [problem, setProblem] = useState<string | null>(null);
   const input = useRef<HTMLTextAreaElement>(null);
   const fileInput = useRef<HTMLInputElement>(null);
   useEffect(() => {
-    setFiles([]);
     setProblem(null);
     // Ready to type in the newly opened conversation, unless the operator is moving
     // through the conversation list from the keyboard (the list marks that).
@@ -397,6 +413,8 @@ function Composer(props: {
     // Counted here: the state read above does not change within this selection (one
     // at a time: the attach button is off while files upload). A failed one is not.
     let taken = files.length;
+    // The conversation the files are for, whichever is open when each upload ends.
+    const id = conv.id;
     for (const f of Array.from(list)) {
       if (taken >= MAX_ATTACHMENTS_PER_MESSAGE) {
         setProblem(t('err_too_many_files', { n: MAX_ATTACHMENTS_PER_MESSAGE }));
@@ -409,12 +427,12 @@ function Composer(props: {
       }
       setUploading((n) => n + 1);
       try {
-        const a = await api.request<Attachment>('POST', '/api/attachments?conversation=' + conv.id + '&name=' + enc(f.name), undefined, {
+        const a = await api.request<Attachment>('POST', '/api/attachments?conversation=' + id + '&name=' + enc(f.name), undefined, {
           raw: f,
           contentType: contentTypeOf(f),
         });
         taken += 1;
-        setFiles((x) => [...x, a]);
+        props.setFilesOf(id, (x) => [...x, a]);
       } catch (e: any) {
         // Shown next to the attach control (like the checks above) rather than as a
         // passing notice: it stays until the next selection or send.

@@ -38,6 +38,8 @@ interface Waiter {
 /** How many times a reply answered `unavailable` or `rate_limited` is sent again on its
  *  own (after 1, 2, 4, 8, 16 s) before it shows as not sent, with Retry. */
 export const MAX_SEND_RETRIES = 5;
+/** How many times a history refused for now is asked again (after 1, 2, 4, 8, 16 s). */
+export const MAX_HISTORY_RETRIES = 5;
 
 export class FrameError extends Error {
   constructor(
@@ -56,6 +58,10 @@ export class OperatorSession {
   /** Replies sent again on their own after `unavailable` or `rate_limited`, by key. */
   private sendRetries = new Map<string, number>();
   private historyInFlight = new Set<number>();
+  /** History requests refused for now (`unavailable`, `forbidden`): tries so far, and
+   *  when the next may go. */
+  private historyRetries = new Map<number, number>();
+  private historyNotBefore = new Map<number, number>();
   private lastTypingSent = new Map<number, number>();
   private lastReadSent = new Map<number, number>();
   private timers: Timers;
@@ -153,6 +159,7 @@ export class OperatorSession {
         break;
       case 'history':
         this.historyInFlight.delete(f.conversation);
+        this.historyRetries.delete(f.conversation);
         this.dispatch({
           type: 'history',
           conversation: f.conversation,
@@ -212,6 +219,16 @@ export class OperatorSession {
     if (ref.startsWith('hist:')) {
       const id = Number(ref.slice(5));
       this.historyInFlight.delete(id);
+      const tries = this.historyRetries.get(id) ?? 0;
+      if ((f.code === 'unavailable' || f.code === 'forbidden') && tries < MAX_HISTORY_RETRIES) {
+        // A shard moving or catching up (a conversation just given to this operator may
+        // not be readable as theirs on every member yet): asked again, later each time.
+        this.historyRetries.set(id, tries + 1);
+        this.historyNotBefore.set(id, this.timers.now() + 1000 * 2 ** tries);
+        this.timers.setTimeout(() => this.pumpHistory(), 1000 * 2 ** tries);
+        return;
+      }
+      this.historyRetries.delete(id);
       this.dispatch({ type: 'historyRequested', conversation: id });
     }
     const pending = this.store.get().pending[ref];
@@ -266,9 +283,11 @@ export class OperatorSession {
   private pumpHistory(): void {
     const max = this.opts.maxHistoryInFlight ?? 3;
     const s = this.store.get();
+    const now = this.timers.now();
     for (const id of s.needHistory) {
       if (this.historyInFlight.size >= max) break;
-      if (this.historyInFlight.has(id)) continue;
+      if (this.historyInFlight.has(id) || (this.historyNotBefore.get(id) ?? 0) > now) continue;
+      this.historyNotBefore.delete(id);
       if (!this.link.send({ type: 'history', conversation: id, ref: 'hist:' + id })) break;
       this.historyInFlight.add(id);
     }
