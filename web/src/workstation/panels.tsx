@@ -298,7 +298,13 @@ export function TransferDialog(props: { session: OperatorSession; conv: Conv; me
     api.get<{ operators: OperatorStatus[] }>('/api/operators').then((r) => setOperators(r.operators.filter((o) => o.id !== props.me))).catch(() => {});
     api.get<{ skill_groups: SkillGroup[] }>('/api/skill-groups').then((r) => setGroups(r.skill_groups)).catch(() => {});
   }, []);
-  useEffect(() => setTarget(''), [mode]);
+  // The target is cleared with the change of mode itself: an effect ran after the next
+  // paint, and a choice made in that moment was cleared with it.
+  const switchMode = (m: 'operator' | 'group') => {
+    if (m === mode) return;
+    setMode(m);
+    setTarget('');
+  };
   return (
     <Dialog title={t('transfer_title', { id: props.conv.id })} onClose={props.onDone} testid="transfer-dialog">
       <form
@@ -320,10 +326,10 @@ export function TransferDialog(props: { session: OperatorSession; conv: Conv; me
         <fieldset class="seg">
           <legend class="sr-only">{t('transfer_to')}</legend>
           <label>
-            <input type="radio" name="mode" checked={mode === 'operator'} onChange={() => setMode('operator')} /> {t('to_operator')}
+            <input type="radio" name="mode" checked={mode === 'operator'} onChange={() => switchMode('operator')} /> {t('to_operator')}
           </label>
           <label>
-            <input type="radio" name="mode" checked={mode === 'group'} onChange={() => setMode('group')} /> {t('to_group')}
+            <input type="radio" name="mode" checked={mode === 'group'} onChange={() => switchMode('group')} /> {t('to_group')}
           </label>
         </fieldset>
         <Field label={mode === 'operator' ? t('operator') : t('group')}>
