@@ -892,6 +892,19 @@ async fn a_signed_customer_identity_links_conversations_across_channels_and_a_fo
     assert_eq!(conv["earlier"], json!([]));
     let (_expired, expired) = start("web", hs256_token(KEY, &json!({"sub": "cust-42", "exp": 1_000}))).await?;
     assert_eq!(view(expired).await?["visitor"]["attributes"]["identity"], "unverified: it expired");
+
+    // The visitor token a verified start got stands for the customer only with the
+    // identity: presented alone (left on a shared device), it makes no one that customer.
+    let mut verified = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    verified.send(&json!({"type": "start", "channel": "web", "name": "Dana", "identity": hs256_token(KEY, &json!({"sub": "cust-42", "exp": exp}))})).await?;
+    let started = verified.wait_for(WAIT, |v| v["type"] == "started").await?;
+    let left_behind = started["visitor_token"].as_str().unwrap_or_default().to_owned();
+    let mut stranger = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    stranger.send(&json!({"type": "start", "channel": "web", "name": "Eve", "visitor_token": left_behind})).await?;
+    let theirs = stranger.wait_for(WAIT, |v| v["type"] == "started").await?;
+    let conv = view(theirs["conversation"].as_u64().unwrap_or_default()).await?;
+    assert_ne!(conv["visitor"]["id"], customer.as_str(), "{conv}");
+    assert_eq!(conv["earlier"], json!([]), "the customer's conversations are not shown as the stranger's");
     Ok(())
 }
 

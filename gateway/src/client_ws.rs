@@ -318,7 +318,10 @@ impl ClientSession {
                 // missing, forged or expired one just makes a new visitor.
                 let channel = ChannelId::new(channel.unwrap_or_else(|| self.gw.config.web_channel.clone()));
                 let mut visitor = match (visitor_token.as_deref().map(|t| self.gw.tokens.verify(t)), key.as_deref()) {
-                    (Some(Ok(Subject::Visitor { visitor })), _) => visitor,
+                    // A verified customer is proved by the site's identity alone: the
+                    // visitor token a start with one got (left on a shared device) makes
+                    // no one that customer.
+                    (Some(Ok(Subject::Visitor { visitor })), _) if !visitor.starts_with("customer:") => visitor,
                     // A keyed start's new visitor is the same on every retry of it.
                     (_, Some(key)) => crate::auth::start_key_visitor(channel.as_str(), key),
                     _ => new_visitor_id().map_err(|e| frames::error("internal", &e.to_string(), None))?,
