@@ -197,6 +197,17 @@ describe('operator state', () => {
     expect(s.unsent).toEqual([]);
   });
 
+  it('keeps the unsent list over a reset, and moves to it the replies of conversations a new hello no longer lists', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]));
+    s = run(s, { type: 'queueSend', message: { key: 'op-a', conversation: 7, text: 'Still there?', attachments: [], at: 1, state: 'sending' } });
+    s = run(s, { type: 'reset' });
+    s = run(s, { type: 'hello', hello: hello({ active: [] }), now: 5 });
+    expect(s.pending).toEqual({});
+    expect(s.unsent.map((p) => p.text)).toEqual(['Still there?']);
+    s = run(s, { type: 'reset' });
+    expect(s.unsent).toHaveLength(1);
+  });
+
   it('drops a released conversation and its selection', () => {
     let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]));
     s = run(s, ev(12, 'conversation', { conversation: 7, entry: { kind: 'transferred', seq: 3, at: 3, from: 'alice', to_operator: 'bob' } }), ev(13, 'released', { conversation: 7 }));

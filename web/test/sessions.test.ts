@@ -223,7 +223,8 @@ describe('OperatorSession', () => {
   });
 
   it('sends a reply answered unavailable again with its key, then shows it not sent, with Retry', () => {
-    const { timers, f, s } = operatorSession();
+    const notices: string[] = [];
+    const { timers, f, s } = operatorSession({ onNotice: (code: string) => notices.push(code) });
     s.start();
     f.last.open();
     f.last.frame(helloFrame({ active: [7] }));
@@ -232,11 +233,16 @@ describe('OperatorSession', () => {
     for (let i = 0; i < 5; i++) {
       sock.frame({ type: 'error', code: 'unavailable', ref: key });
       expect(s.store.get().pending[key].state).toBe('sending');
+      const sent = sock.ofType('send').length;
       for (let ms = 0; ms < 1000 * 2 ** i; ms += 500) {
+        // Not before its wait is over.
+        expect(sock.ofType('send').length).toBe(sent);
         timers.advance(500);
         sock.frame({ type: 'pong' });
       }
+      expect(sock.ofType('send').length).toBe(sent + 1);
     }
+    expect(notices).toEqual([]);
     expect(sock.ofType('send').map((x) => x.key)).toEqual(Array(6).fill(key));
     sock.frame({ type: 'error', code: 'unavailable', ref: key });
     expect(s.store.get().pending[key].state).toBe('failed');
@@ -258,8 +264,10 @@ describe('OperatorSession', () => {
     expect(f.last.ofType('history').map((x) => x.conversation)).toEqual([1, 2, 3, 4]);
     f.last.frame({ type: 'history', conversation: 3, entries: [], ref: 'hist:3' });
     expect(f.last.ofType('history').map((x) => x.conversation)).toEqual([1, 2, 3, 4, 5]);
-    // The one refused for now (a shard catching up) is asked again a second later.
+    // The one refused for now (a shard catching up) is asked again a second later, not
+    // before.
     f.last.frame({ type: 'history', conversation: 4, entries: [], ref: 'hist:4' });
+    expect(f.last.ofType('history').map((x) => x.conversation)).toEqual([1, 2, 3, 4, 5]);
     timers.advance(1000);
     expect(f.last.ofType('history').map((x) => x.conversation)).toEqual([1, 2, 3, 4, 5, 1]);
   });

@@ -225,7 +225,11 @@ export class OperatorSession {
         // not be readable as theirs on every member yet): asked again, later each time.
         this.historyRetries.set(id, tries + 1);
         this.historyNotBefore.set(id, this.timers.now() + 1000 * 2 ** tries);
-        this.timers.setTimeout(() => this.pumpHistory(), 1000 * 2 ** tries);
+        this.timers.setTimeout(() => {
+          // Due now, whatever the clock's last millisecond says.
+          this.historyNotBefore.delete(id);
+          this.pumpHistory();
+        }, 1000 * 2 ** tries);
         return;
       }
       this.historyRetries.delete(id);
@@ -242,6 +246,8 @@ export class OperatorSession {
         const p = this.store.get().pending[ref];
         if (p && p.state === 'sending') this.link.send(this.sendFrame(p.key, p.conversation, p.text, p.attachments));
       }, 1000 * 2 ** (tries - 1));
+      // Nothing to tell the operator yet: it shows as sending.
+      return;
     } else if (pending) {
       this.sendRetries.delete(ref);
       this.dispatch({ type: 'sendFailed', key: ref, error: f.code });

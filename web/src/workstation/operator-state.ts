@@ -346,8 +346,16 @@ function applySnapshot(s: OpState, hello: Hello, now: number): OpState {
         : {};
     return { ...(known ?? {}), ...o, ...fresh };
   });
+  // Replies to conversations no longer held (they left while this desk was away) go to
+  // the unsent list, as on a release: sent now they would be refused.
+  const pending: Record<string, PendingMessage> = {};
+  const unsent = [...s.unsent];
+  for (const [k, p] of Object.entries(s.pending)) {
+    if (convs.has(p.conversation)) pending[k] = p;
+    else if (p.text.trim() || p.attachments.length) unsent.push(p);
+  }
   const selected = s.selected != null && convs.has(s.selected) ? s.selected : null;
-  return { ...s, convs, offers, selected, needHistory, reconcile: null };
+  return { ...s, convs, offers, selected, needHistory, pending, unsent: unsent.slice(-20), reconcile: null };
 }
 
 function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
@@ -526,6 +534,9 @@ export function opReducer(s: OpState, a: OpAction): OpState {
       const feed = ev.feed ?? 'r';
       if (s.cursor != null && ev.seq <= (s.cursor[feed] ?? 0)) return s; // replayed twice: drop
       let next: OpState = { ...applyEvent(s, ev, a.now), cursor: { ...(s.cursor ?? {}), [feed]: ev.seq } };
+      // A reply listed as not sent turns out committed (its entry came after all).
+      const key = ev.entry?.key;
+      if (key && next.unsent.some((p) => p.key === key)) next = { ...next, unsent: next.unsent.filter((p) => p.key !== key) };
       if (next.reconcile && feed === 'r' && ev.seq >= (helloCursor(next.reconcile).r ?? 0)) next = applySnapshot(next, next.reconcile, a.now ?? Date.now());
       return next;
     }
@@ -618,7 +629,7 @@ export function opReducer(s: OpState, a: OpAction): OpState {
       return { ...s, pending };
     }
     case 'reset':
-      return { ...initialOpState, viewing: s.viewing, pending: s.pending, me: s.me };
+      return { ...initialOpState, viewing: s.viewing, pending: s.pending, unsent: s.unsent, me: s.me };
     default:
       return s;
   }
