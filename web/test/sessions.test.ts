@@ -3,7 +3,7 @@ import { Backoff } from '../src/shared/backoff';
 import { ReconnectingSocket } from '../src/shared/socket';
 import { OperatorSession } from '../src/workstation/operator-session';
 import { FloorFeed } from '../src/workstation/floor-feed';
-import { FakeTimers, socketFactory } from './fakes';
+import { FakeTimers, MemoryStorage, socketFactory } from './fakes';
 
 const helloFrame = (over: Record<string, unknown> = {}) => ({
   type: 'hello',
@@ -250,6 +250,24 @@ describe('OperatorSession', () => {
     expect(sock.ofType('send')).toHaveLength(7);
     sock.frame({ type: 'ack', conversation: 7, key, ref: key, seq: 2, duplicate: true });
     expect(s.store.get().pending[key]).toBeUndefined();
+  });
+
+  it('keeps the replies not acknowledged over a reload of the tab and sends them again with their keys', () => {
+    const storage = new MemoryStorage();
+    const first = operatorSession({ storage, storageKey: 'switchboard.desk.pending.alice' });
+    first.s.start();
+    first.f.last.open();
+    first.f.last.frame(helloFrame({ active: [7] }));
+    const key = first.s.sendMessage(7, 'Your refund is on its way');
+    expect(storage.getItem('switchboard.desk.pending.alice')).toContain(key);
+    // The page reloads before the ack.
+    const again = operatorSession({ storage, storageKey: 'switchboard.desk.pending.alice' });
+    again.s.start();
+    again.f.last.open();
+    again.f.last.frame(helloFrame({ active: [7] }));
+    expect(again.f.last.ofType('send').map((x) => [x.key, x.text])).toEqual([[key, 'Your refund is on its way']]);
+    again.f.last.frame({ type: 'ack', conversation: 7, key, ref: key, seq: 4, duplicate: true });
+    expect(storage.getItem('switchboard.desk.pending.alice')).toBeNull();
   });
 
   it('asks for at most 3 histories at a time (no burst on reconnect)', () => {

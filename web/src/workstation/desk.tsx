@@ -22,6 +22,15 @@ interface TransferIn {
   visitor: string;
 }
 
+/** This tab's `sessionStorage`, where the browser allows it. */
+function tabStorage(): Storage | null {
+  try {
+    return window.sessionStorage;
+  } catch {
+    return null;
+  }
+}
+
 export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (s: LinkState | null) => void; shown?: boolean }) {
   const { api, t, notify } = useApp();
   const session = useMemo(() => {
@@ -29,6 +38,8 @@ export function Desk(props: { auth: LoginInfo; onAuthLost: () => void; onLink: (
     return new OperatorSession({
       wsBase: proto + '//' + location.host,
       token: props.auth.token,
+      storage: tabStorage(),
+      storageKey: 'switchboard.desk.pending.' + props.auth.login,
       checkAuth: async () => {
         try {
           await api.get('/api/me');

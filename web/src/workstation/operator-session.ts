@@ -26,7 +26,14 @@ export interface OperatorSessionOptions {
   onNotice?: (code: string, message: string, what?: string) => void;
   maxHistoryInFlight?: number;
   requestTimeoutMs?: number;
+  /** Where the replies not acknowledged yet are kept (the tab's `sessionStorage`), under
+   *  `storageKey`: a reload sends them again with their keys instead of losing them. */
+  storage?: Pick<Storage, 'getItem' | 'setItem' | 'removeItem'> | null;
+  storageKey?: string;
 }
+
+/** Replies kept over a reload at most. */
+const MAX_KEPT_REPLIES = 50;
 
 interface Waiter {
   what: string;
@@ -72,6 +79,14 @@ export class OperatorSession {
   constructor(private readonly opts: OperatorSessionOptions) {
     this.timers = opts.timers ?? realTimers;
     this.store = createStore(opReducer, initialOpState);
+    this.restorePending();
+    let kept = this.store.get().pending;
+    this.store.subscribe((s) => {
+      if (s.pending !== kept) {
+        kept = s.pending;
+        this.keepPending(s.pending);
+      }
+    });
     this.link = new ReconnectingSocket({
       url: () => this.url(),
       create: opts.create ?? ((u) => new WebSocket(u) as unknown as SocketLike),
@@ -90,6 +105,37 @@ export class OperatorSession {
       },
     });
     this.linkState = this.link.state;
+  }
+
+  /** The replies a reload of this tab left unacknowledged: queued again, to go with their
+   *  keys after the hello (a copy the server took already is not written twice). */
+  private restorePending(): void {
+    const { storage, storageKey } = this.opts;
+    if (!storage || !storageKey) return;
+    let kept: unknown;
+    try {
+      kept = JSON.parse(storage.getItem(storageKey) ?? '[]');
+    } catch {
+      kept = [];
+    }
+    if (!Array.isArray(kept)) return;
+    for (const p of kept.slice(0, MAX_KEPT_REPLIES)) {
+      if (!p || typeof p.key !== 'string' || typeof p.conversation !== 'number' || typeof p.text !== 'string') continue;
+      const attachments = Array.isArray(p.attachments) ? p.attachments.filter((a: any) => a && typeof a.id === 'string') : [];
+      this.dispatch({ type: 'queueSend', message: { key: p.key, conversation: p.conversation, text: p.text, attachments, at: Number(p.at) || 0, state: 'sending' } });
+    }
+  }
+
+  private keepPending(pending: OpState['pending']): void {
+    const { storage, storageKey } = this.opts;
+    if (!storage || !storageKey) return;
+    const list = Object.values(pending).slice(-MAX_KEPT_REPLIES);
+    try {
+      if (list.length) storage.setItem(storageKey, JSON.stringify(list.map(({ key, conversation, text, attachments, at }) => ({ key, conversation, text, attachments, at }))));
+      else storage.removeItem(storageKey);
+    } catch {
+      /* full or private mode: kept for this page only */
+    }
   }
 
   url(): string {
