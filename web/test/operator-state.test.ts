@@ -208,6 +208,14 @@ describe('operator state', () => {
     expect(s.unsent).toHaveLength(1);
   });
 
+  it('a closed or transferred-away entry does not bring back a conversation this desk does not hold', () => {
+    let s = run(initialOpState, { type: 'hello', hello: hello({ active: [] }), now: 0 });
+    s = run(s, ev(12, 'conversation', { conversation: 9, entry: { kind: 'closed', seq: 8, at: 3, by: 'client' } }));
+    s = run(s, ev(13, 'conversation', { conversation: 10, entry: { kind: 'transferred', seq: 5, at: 3, from: 'alice', to_operator: 'bob' } }));
+    expect(s.convs.size).toBe(0);
+    expect(s.needHistory).toEqual([]);
+  });
+
   it('drops a released conversation and its selection', () => {
     let s = run(initialOpState, { type: 'hello', hello: hello(), now: 0 }, assigned(11, 7, [started, assignedEntry(2)]));
     s = run(s, ev(12, 'conversation', { conversation: 7, entry: { kind: 'transferred', seq: 3, at: 3, from: 'alice', to_operator: 'bob' } }), ev(13, 'released', { conversation: 7 }));

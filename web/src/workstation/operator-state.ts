@@ -415,6 +415,10 @@ function applyEvent(s: OpState, ev: FeedEvent, now?: number): OpState {
       const known = s.convs.get(id);
       // Released already: its last entries (closed, transferred) come after the release.
       if (!known && s.released.includes(id)) return s;
+      // Nor does an entry that ends it here bring back one this desk does not hold (after a
+      // fresh hello the list of releases is empty, and a shard feed's `closed` may come
+      // after the routing feed's release): it would stay, never closable, taking room.
+      if (!known && (ev.entry.kind === 'closed' || (ev.entry.kind === 'transferred' && ev.entry.to_operator !== s.me?.operator))) return s;
       const c = withEntries(known ?? emptyConv(id), [ev.entry], isSeen(s, id));
       let next = c === known ? s : setConv(s, c);
       if (!known) next = { ...next, needHistory: addHistoryNeed(next.needHistory, id) };
