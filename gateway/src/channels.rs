@@ -1017,7 +1017,7 @@ pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<Stri
             // Only the customer's deliveries: what the channel's bot was told (which may
             // be another party's) is not the adapter's to mark, nor is an unknown entry.
             let deliveries = reads.deliveries_of(conversation).await?;
-            let Some(entry) = deliveries.iter().find(|(seq, _)| *seq == s.seq).map(|(_, d)| d) else { continue };
+            let Some(entry) = deliveries.iter().find(|(seq, d)| *seq == s.seq && !d.to_bot).map(|(_, d)| d) else { continue };
             // A receipt that overtook the answer to its send (an adapter that reports
             // `delivered` the moment it answered) would be dropped: it is asked again.
             if matches!(s.status, StatusName::Delivered | StatusName::Read) && matches!(entry.status, switchboard_actors::state::DeliveryStatus::Attempting { .. }) {
