@@ -283,13 +283,19 @@ async fn login(
         let state = shard.read();
         (state.users.get(&req.login).cloned(), state.session_epochs.get(&req.login).copied().unwrap_or(0))
     };
-    // Verify against a dummy hash when the login is unknown, so timing does not tell.
-    let phc = match &user {
-        Some(u) => u.password_hash.clone(),
-        None => dummy_hash()?,
-    };
+    // Verify against a dummy hash when the login is unknown, so timing does not tell
+    // (made once, in the password workers, as any hashing: never on the runtime).
+    let phc = user.as_ref().map(|u| u.password_hash.clone());
     let password = req.password.clone();
-    let ok = match gw.password_work(move || verify_password(&password, &phc)).await {
+    let check = move || match phc {
+        Some(phc) => verify_password(&password, &phc),
+        None => {
+            // No whatever the password: the check is made only to take its time.
+            let _ = dummy_hash().map(|phc| verify_password(&password, &phc));
+            false
+        }
+    };
+    let ok = match gw.password_work(check).await {
         Ok(ok) => ok,
         Err(e) => {
             attempt.unchecked();
