@@ -511,11 +511,12 @@ async fn an_offer_made_before_a_failover_expires_after_it() -> anyhow::Result<()
 /// A stall of the cluster is not the operator's fault (issue 9, item 7). The moment an
 /// offer reaches alice, whose desk is on the third member, the leader and the other
 /// follower are frozen (SIGSTOP) and she accepts. Nothing can commit: her accept waits
-/// at the frozen leader. The follower runs again only after the offer's deadline, and a
-/// new leader is elected; her node says the accept's outcome is unknown, and her gateway
-/// sends the same accept again, stamped with when it first arrived. The new leader may
-/// expire the offer first: the accept still counts, she gets the conversation, and the
-/// missed deadline does not leave her away.
+/// at the frozen leader, or at her own node while it knows no leader. The follower runs
+/// again only after the offer's deadline, and a new leader is elected; her node says the
+/// accept's outcome is unknown and her gateway sends the same accept again, stamped with
+/// when it first arrived, or her node proposes it once it knows the new leader. The new
+/// leader may expire the offer first: the accept still counts, she gets the conversation,
+/// and the missed deadline does not leave her away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accept_sent_while_the_cluster_stalls_still_takes_the_offer() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -551,8 +552,11 @@ async fn an_accept_sent_while_the_cluster_stalls_still_takes_the_offer() -> anyh
     println!("the offer {} on the new leader before the accept", if expired { "expired" } else { "had not expired" });
     let (_, metrics) = cluster.node(a).api("GET", "/metrics", None, None).await?;
     let resent = metrics.as_str().unwrap_or_default().lines().find(|l| l.starts_with("switchboard_accepts_resent_total ")).map(str::to_owned);
-    println!("{}", resent.as_deref().unwrap_or("no resend counter"));
-    assert!(resent.is_some_and(|l| !l.ends_with(" 0")), "the accept reached the new leader by a resend");
+    // Which way it went depends on whether her node had handed the accept to the frozen
+    // leader before it saw it go (then its outcome is unknown and the gateway resends it)
+    // or held it while it knew no leader: both end as above.
+    println!("{} ({})", resent.as_deref().unwrap_or("no resend counter"), if resent.as_deref().is_some_and(|l| !l.ends_with(" 0")) { "the accept reached the new leader by a resend" } else { "her node held the accept until it knew the new leader" });
+    assert!(resent.is_some(), "the node counts its resent accepts");
     // A desk that never heard the answer may send the accept again: it is hers, so `ok`.
     alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "again"})).await?;
     let again = alice.wait_for(WAIT, |v| v["ref"] == "again").await?;
