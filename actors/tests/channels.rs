@@ -221,6 +221,17 @@ fn bot() -> BotConfig {
     BotConfig { url: "http://127.0.0.1:9/events".into(), token_sha256: "a".repeat(64), signing_secret: "s".repeat(20) }
 }
 
+/// [`setup_with`] `rules`, channel `web` with a bot, and a conversation the bot holds.
+fn with_the_bot(rules: u32) -> (MemStore, ShardState, ChannelId, ConversationId) {
+    let (store, mut state) = setup_with(rules);
+    let web = ChannelId::new("web");
+    ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: web.clone(), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
+    ok(run(&mut state, &store, T0, Command::SetChannelBot { channel: web.clone(), bot: Some(bot()) }));
+    let (reply, _) = ok(run(&mut state, &store, T0 + 10, Command::StartConversation { channel: web.clone(), group: None, visitor: Visitor::default() }));
+    let Reply::Started { conversation } = reply else { panic!("{reply:?}") };
+    (store, state, web, conversation)
+}
+
 #[test]
 fn a_bot_holds_new_conversations_out_of_queues_and_capacity_until_it_hands_them_off() {
     let (store, mut state) = setup();
@@ -287,12 +298,7 @@ fn taking_a_bot_away_hands_off_what_it_held() {
 #[test]
 fn a_supervisor_takes_a_conversation_from_the_bot_with_a_handoff_and_a_queue_keeps_its_place() {
     for rules in [17, 18] {
-        let (store, mut state) = setup_with(rules);
-        let web = ChannelId::new("web");
-        ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: web.clone(), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
-        ok(run(&mut state, &store, T0, Command::SetChannelBot { channel: web.clone(), bot: Some(bot()) }));
-        let (reply, _) = ok(run(&mut state, &store, T0 + 10, Command::StartConversation { channel: web.clone(), group: None, visitor: Visitor::default() }));
-        let Reply::Started { conversation: conv } = reply else { panic!("{reply:?}") };
+        let (store, mut state, web, conv) = with_the_bot(rules);
         ok(run(&mut state, &store, T0 + 20, Command::Reassign { by: "sue".into(), conversation: conv, target: TransferTarget::Operator(OperatorId::new("ann")), comment: "the bot is stuck".into() }));
         assert_eq!(state.conversations[&conv].assigned(), Some(&OperatorId::new("ann")), "rules {rules}");
         let history = records::history(&store, conv, 0, 100).expect("history");
@@ -764,12 +770,7 @@ fn a_retry_in_the_entry_of_the_purge_waits_for_the_next_purge() {
 #[test]
 fn under_rules_19_a_bot_s_dead_event_is_not_sent_again_and_a_removed_node_is_recorded() {
     for rules in [18, 19] {
-        let (store, mut state) = setup_with(rules);
-        let web = ChannelId::new("web");
-        ok(run(&mut state, &store, T0, Command::UpsertChannel(ChannelConfig { id: web.clone(), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") })));
-        ok(run(&mut state, &store, T0, Command::SetChannelBot { channel: web.clone(), bot: Some(bot()) }));
-        let (reply, _) = ok(run(&mut state, &store, T0 + 10, Command::StartConversation { channel: web.clone(), group: None, visitor: Visitor::default() }));
-        let Reply::Started { conversation: conv } = reply else { panic!("{reply:?}") };
+        let (store, mut state, web, conv) = with_the_bot(rules);
         let key = *state.outbox.iter().find(|(_, d)| d.to_bot).map(|(k, _)| k).expect("the bot's started event");
         ok(run(&mut state, &store, T0 + 20, Command::Handoff { channel: web.clone(), conversation: conv, group: None, reason: "a person, please".into(), context: vec![] }));
         ok(run(&mut state, &store, T0 + 30, Command::DeliveriesAttempted { node: 1, items: vec![key] }));

@@ -5,31 +5,17 @@
 //!
 //! Its own test binary: the clock is one per process, and this moves it an hour ahead.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
-use common::commit;
+use common::{commit, Recorder};
 
 use switchboard_actors::actors::{clock_ahead_ms, now_ms, wall_ms, ShardSupervisor, SupervisorArgs};
-use switchboard_actors::core::Reply;
 use switchboard_actors::model::*;
 use switchboard_actors::records::MemStore;
-use switchboard_actors::shard::{Proposer, Shard};
-use switchboard_actors::Error;
+use switchboard_actors::shard::Shard;
 
-/// Records what the actors propose and answers as a commit would, without applying.
-#[derive(Default)]
-struct Recorder(Mutex<Vec<Command>>);
-
-impl Proposer for Recorder {
-    fn propose(&self, command: Command) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, Error>> + Send>> {
-        if let Ok(mut seen) = self.0.lock() {
-            seen.push(command);
-        }
-        Box::pin(async move { Ok(Reply::Done) })
-    }
-}
 
 const HOUR: u64 = 3_600_000;
 

@@ -2,31 +2,17 @@
 //! timer ran (a new leader, a restarted actor) is routed as soon as the group's actor
 //! starts, not when something else happens to touch the group.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
-use common::commit;
+use common::{commit, Recorder};
 
 use switchboard_actors::actors::{now_ms, ShardSupervisor, SupervisorArgs};
-use switchboard_actors::core::Reply;
 use switchboard_actors::model::*;
 use switchboard_actors::records::MemStore;
-use switchboard_actors::shard::{Proposer, Shard};
-use switchboard_actors::Error;
+use switchboard_actors::shard::Shard;
 
-/// Records what the actors propose and answers as a commit would, without applying.
-#[derive(Default)]
-struct Recorder(Mutex<Vec<Command>>);
-
-impl Proposer for Recorder {
-    fn propose(&self, command: Command) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, Error>> + Send>> {
-        if let Ok(mut seen) = self.0.lock() {
-            seen.push(command);
-        }
-        Box::pin(async move { Ok(Reply::Done) })
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_that_passed_while_no_timer_ran_is_routed_when_the_group_actor_starts() {

@@ -13,3 +13,17 @@ pub fn commit(shard: &Shard, store: &MemStore, at: u64, command: Command) {
     shard.end_entry();
     shard.published();
 }
+
+/// Records what the actors propose and answers as a commit would, without applying.
+#[derive(Default)]
+#[allow(dead_code)]
+pub struct Recorder(pub std::sync::Mutex<Vec<Command>>);
+
+impl switchboard_actors::shard::Proposer for Recorder {
+    fn propose(&self, command: Command) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<switchboard_actors::core::Reply, switchboard_actors::Error>> + Send>> {
+        if let Ok(mut seen) = self.0.lock() {
+            seen.push(command);
+        }
+        Box::pin(async move { Ok(switchboard_actors::core::Reply::Done) })
+    }
+}
