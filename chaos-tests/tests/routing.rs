@@ -31,6 +31,16 @@ async fn a_vip_is_offered_first_and_wrap_up_holds_the_next_offer_until_ready() -
     let (_, groups) = dev.api("GET", "/api/skill-groups", Some(&admin), None).await?;
     let general = groups["skill_groups"].as_array().and_then(|g| g.iter().find(|g| g["id"] == "general").cloned()).unwrap_or_default();
     assert_eq!(general["offer_timeout_ms"], 60_000, "the refused request changed nothing: {general}");
+    let (status, renamed) = dev.api("PUT", "/api/skill-groups/general", Some(&admin), Some(json!({"name": "General"}))).await?;
+    assert_eq!(status, 200, "{renamed}");
+    assert_eq!(
+        (&renamed["name"], &renamed["offer_timeout_ms"], &renamed["routing"]["wrap_up_ms"]),
+        (&json!("General"), &json!(60_000), &json!(600_000)),
+        "a field left out keeps the group's value: {renamed}"
+    );
+    let (status, fresh) = dev.api("PUT", "/api/skill-groups/returns", Some(&admin), Some(json!({"name": "Returns"}))).await?;
+    assert_eq!(status, 200, "{fresh}");
+    assert_eq!((&fresh["policy"], &fresh["offer_timeout_ms"], &fresh["sla_ms"]), (&json!("longest_idle"), &json!(30_000), &json!(60_000)), "a new group takes the defaults: {fresh}");
 
     let mut waiting = Vec::new();
     for name in ["Ann", "Bea", "Cy"] {

@@ -409,12 +409,15 @@ struct GroupBody {
     #[serde(default, deserialize_with = "crate::rules::present_hours")]
     hours: Option<Option<crate::rules::HoursBody>>,
     name: String,
-    #[serde(default = "default_policy")]
-    policy: Policy,
-    #[serde(default = "default_offer_timeout")]
-    offer_timeout_ms: u64,
-    #[serde(default = "default_sla")]
-    sla_ms: u64,
+    /// Absent: the group's as it is, or `longest_idle` for a new group.
+    #[serde(default)]
+    policy: Option<Policy>,
+    /// Absent: the group's as it is, or 30,000 for a new group.
+    #[serde(default)]
+    offer_timeout_ms: Option<u64>,
+    /// Absent: the group's as it is, or 60,000 for a new group.
+    #[serde(default)]
+    sla_ms: Option<u64>,
 }
 
 fn default_sla() -> u64 {
@@ -458,9 +461,10 @@ async fn put_group(
         Some(None) => Some(None),
         None => None,
     };
-    let (steps, hours) = {
+    let (steps, hours, before) = {
         let shard = gw.backend.directory_shard();
         let state = shard.read();
+        let before = state.groups.get(&group_id).map(|g| g.config.clone());
         // What is as it was is not written again (the admin form sends everything).
         let steps = steps.filter(|s| state.group_steps.get(&group_id).map_or(!s.is_empty(), |now| now != s));
         let hours = hours.filter(|h| h.as_ref() != state.group_hours.get(&group_id));
@@ -475,14 +479,16 @@ async fn put_group(
         if let Some(Some(h)) = &hours {
             switchboard_actors::hours::check(h, &group_id, &|g| state.groups.contains_key(g))?;
         }
-        (steps, hours)
+        (steps, hours, before)
     };
+    // A field left out keeps the group's value (as `routing`, `steps` and `hours` do);
+    // a new group takes the defaults.
     let config = SkillGroupConfig {
         id: SkillGroupId::new(id),
         name: body.name,
-        policy: body.policy,
-        offer_timeout_ms: body.offer_timeout_ms,
-        sla_ms: body.sla_ms,
+        policy: body.policy.or_else(|| before.as_ref().map(|b| b.policy)).unwrap_or_else(default_policy),
+        offer_timeout_ms: body.offer_timeout_ms.or_else(|| before.as_ref().map(|b| b.offer_timeout_ms)).unwrap_or_else(default_offer_timeout),
+        sla_ms: body.sla_ms.or_else(|| before.as_ref().map(|b| b.sla_ms)).unwrap_or_else(default_sla),
     };
     gw.submit(Command::UpsertSkillGroup(config.clone())).await?;
     if let Some(routing) = routing {
