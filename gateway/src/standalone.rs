@@ -759,7 +759,8 @@ pub const RELAY_UNWRITTEN_BYTES: usize = 256 * 1024;
 
 struct RelaySession {
     start: Option<Pinned>,
-    tx: Option<mpsc::Sender<String>>,
+    /// Each frame the client sent, with the moment it was read from the socket.
+    tx: Option<mpsc::Sender<(u64, String)>>,
 }
 
 impl Session for RelaySession {
@@ -775,7 +776,8 @@ impl Session for RelaySession {
 
     async fn on_text(&mut self, text: &str, _out: &Outbox) -> Flow {
         match &self.tx {
-            Some(tx) if tx.send(text.to_owned()).await.is_ok() => Flow::Continue,
+            // Stamped as it is read: the relay may be busy re-pinning when it comes.
+            Some(tx) if tx.send((switchboard_actors::actors::now_ms().0, text.to_owned())).await.is_ok() => Flow::Continue,
             _ => Flow::Close(close::INTERNAL, "relay ended".into()),
         }
     }
@@ -802,7 +804,7 @@ impl Drop for Counted {
 
 /// Carries one socket's frames both ways until either side ends it, re-pinning it when
 /// its member fails.
-async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
+async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<(u64, String)>, out: Outbox) {
     let Pinned {
         edge,
         surface,
@@ -878,7 +880,7 @@ async fn relay(pinned: Pinned, mut rx: mpsc::Receiver<String>, out: Outbox) {
                         let _ = upstream.send(ServerOp::Close, &wire::close_payload(close::NORMAL, "")).await;
                         return;
                     }
-                    Some(text) => match track.outgoing(&text) {
+                    Some((read_at, text)) => match track.outgoing_at(&text, read_at) {
                         Ok(instead) => {
                             if let Err(e) = upstream.send(ServerOp::Text, instead.as_deref().unwrap_or(&text).as_bytes()).await {
                                 break e;
@@ -1219,7 +1221,15 @@ impl Tracker {
     /// member is to get `text` instead (an operator's `accept`, stamped with when it
     /// reached this gateway). `Err` with an error frame for the client when too many
     /// requests are unanswered: the frame is not relayed.
+    #[cfg(test)]
     fn outgoing(&mut self, text: &str) -> Result<Option<String>, Value> {
+        self.outgoing_at(text, switchboard_actors::actors::now_ms().0)
+    }
+
+    /// [`Tracker::outgoing`] for a frame read from the client's socket at `read_at`
+    /// (the entry clock's ms): an `accept` counts from then, however long the relay
+    /// was busy (a re-pin, a slow member) before it took the frame.
+    fn outgoing_at(&mut self, text: &str, read_at: u64) -> Result<Option<String>, Value> {
         if self.surface == Surface::Supervisor {
             if let Ok(frame) = serde_json::from_str::<Value>(text) {
                 if frame.get("type").and_then(Value::as_str) == Some("watch") {
@@ -1268,8 +1278,7 @@ impl Tracker {
         // (routing rules 9): the member is told, and it is sent again with the same
         // moment after a re-pin, since accepting twice is answered `ok` (protocol.md §2).
         let mut stamped = (self.surface == Surface::Operator && kind == "accept").then(|| {
-            let now = switchboard_actors::actors::now_ms().0;
-            frame["received_at"] = json!(now);
+            frame["received_at"] = json!(read_at);
             frame.to_string()
         });
         // A visitor's `start` goes with a key (the client's own, or one made here), so
@@ -1881,6 +1890,11 @@ mod tests {
         assert_eq!(resent, vec![&sent], "the accept is sent again as stamped");
         let answered: Vec<&Value> = replay.iter().filter_map(|r| match r { Replay::Answer(frame) => Some(frame), _ => None }).collect();
         assert!(answered.len() == 1 && answered[0]["code"] == "unavailable" && answered[0]["ref"] == "d", "{answered:?}");
+        // An accept read while the relay was busy (re-pinning) counts from when it was
+        // read, not from when the relay took it.
+        let late = desk.outgoing_at(r#"{"type":"accept","offer":10,"ref":"b"}"#, before - 4_000).expect("relayed").expect("stamped");
+        let late: Value = serde_json::from_str(&late).expect("json");
+        assert_eq!(late["received_at"].as_u64(), Some(before - 4_000), "{late}");
         // A visitor's frames are never stamped (an `accept` is not one of theirs).
         let mut client = Tracker::new(Surface::Client, "/ws/client");
         let refused = client.outgoing(r#"{"type":"accept","offer":9}"#).expect_err("not a client frame");
