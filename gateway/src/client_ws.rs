@@ -479,11 +479,18 @@ impl Session for ClientSession {
     async fn on_text(&mut self, text: &str, out: &Outbox) -> Flow {
         let result = match parse_client(text) {
             Ok(frame) => {
-                let unnamed = match &frame {
-                    ClientIn::Typing => Some("typing"),
-                    ClientIn::Read { .. } => Some("read"),
-                    _ => None,
-                };
+                // An error that names no key says which frame it answers, so whoever
+                // tracks requests (a standalone gateway) settles the right one.
+                let unnamed = Some(match &frame {
+                    ClientIn::Start { .. } => "start",
+                    ClientIn::Resume { .. } => "resume",
+                    ClientIn::Send { .. } => "send",
+                    ClientIn::Typing => "typing",
+                    ClientIn::Read { .. } => "read",
+                    ClientIn::Close => "close",
+                    ClientIn::Rate { .. } => "rate",
+                    ClientIn::Ping => "ping",
+                });
                 self.handle(frame, out).await.map_err(|e| frames::answering(e, unnamed))
             }
             Err(error) => Err(error),

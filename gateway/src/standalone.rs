@@ -1442,7 +1442,7 @@ impl Tracker {
                 self.token = frame.token.as_ref().and_then(Value::as_str).map(str::to_owned);
                 self.conversation = frame.conversation.as_ref().and_then(Value::as_u64);
                 self.last_seq = Some(0);
-                self.settle(|p| p.kind == "start");
+                self.settle_moved_to("start");
             }
             "resumed" => {
                 self.established = true;
@@ -1451,7 +1451,7 @@ impl Tracker {
                     self.set_token(token);
                     self.last_seq = Some(last_seq);
                 }
-                self.settle(|p| p.kind == "resume");
+                self.settle_moved_to("resume");
             }
             "ack" | "ok" | "history" | "error" => {
                 let code = frame.code.as_ref().and_then(Value::as_str).unwrap_or_default();
@@ -1467,7 +1467,13 @@ impl Tracker {
                     Some(named) => self.settle(|p| p.reference.as_ref() == Some(&named) || (p.reference.is_none() && p.key.is_some() && p.key.as_deref() == named.as_str())),
                     // Requests are answered in the order they were sent: an answer
                     // without a name is the oldest unnamed request's.
-                    None => self.settle(|p| p.reference.is_none() && (p.key.is_none() || p.kind != "send")),
+                    // From a member that says which frame an unnamed error answers
+                    // (`for`), the oldest unnamed request of that kind: a `close` that
+                    // changed nothing gets no answer and must not take another's.
+                    None => match frame.answers.as_ref().and_then(Value::as_str) {
+                        Some(answers) => self.settle(|p| p.reference.is_none() && p.kind == answers && (p.key.is_none() || p.kind != "send")),
+                        None => self.settle(|p| p.reference.is_none() && (p.key.is_none() || p.kind != "send")),
+                    },
                 };
                 if kind == "error" && settled.as_deref() == Some("resume") {
                     // A refused resume (or one to ask again) leaves the stream where it was.
@@ -1480,6 +1486,19 @@ impl Tracker {
     }
 
     /// Drops the oldest pending request `matches` picks, and says what kind it was.
+    /// The socket now follows the conversation the oldest pending `kind` (`start` or
+    /// `resume`) asked for: that request is settled, and with it every `close` and
+    /// `rate` sent before it. The member handled those first, and one whose answer is
+    /// not on its way never gets one; sent again after a re-pin, it would close or
+    /// rate the conversation the socket follows now.
+    fn settle_moved_to(&mut self, kind: &str) {
+        let at = self.pending.iter().find(|p| p.kind == kind).map(|p| p.order);
+        self.settle(|p| p.kind == kind);
+        if let Some(at) = at {
+            while self.settle(|p| matches!(p.kind.as_str(), "close" | "rate") && p.order < at).is_some() {}
+        }
+    }
+
     fn settle(&mut self, matches: impl Fn(&Pending) -> bool) -> Option<String> {
         let mut settled = None;
         if let Some(i) = self.pending.iter().position(matches) {
@@ -2018,6 +2037,42 @@ mod tests {
             [Replay::Answer(frame)] => assert_eq!((frame["code"].as_str(), frame["ref"].as_str()), (Some("unavailable"), Some("c1"))),
             other => panic!("expected one unavailable answer, got {} actions", other.len()),
         }
+    }
+
+    /// A `close` that the member handled before a `resume` to another conversation,
+    /// whose `closed` event never reached the socket (the member followed the new
+    /// conversation first): the `resumed` settles it, so a re-pin does not send it
+    /// again into the conversation the socket follows now.
+    #[test]
+    fn a_close_before_a_resume_is_settled_by_the_resumed_and_never_closes_the_new_conversation() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        assert!(t.outgoing(r#"{"type":"start"}"#).is_ok());
+        t.incoming(r#"{"type":"started","token":"token-a","conversation":1}"#);
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"rate","score":5}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"resume","token":"token-b","last_seq":0}"#).is_ok());
+        t.incoming(r#"{"type":"resumed","conversation":2}"#);
+        assert!(t.pending.is_empty(), "the close and the rate were handled before the resume");
+        let resent: Vec<String> = t.replay().into_iter().filter_map(|a| match a { Replay::Resend(text) => Some(text), _ => None }).collect();
+        assert!(!resent.iter().any(|text| text.contains("close") || text.contains("rate")), "nothing is sent again into conversation 2: {resent:?}");
+    }
+
+    /// An error that names the frame it answers (`for`) settles that frame, not an
+    /// older unanswered `close`: a refused resume leaves the stream where it was, and
+    /// the next one's `resumed` takes its own token and position.
+    #[test]
+    fn an_error_naming_its_frame_settles_that_frame_and_keeps_resumes_in_step() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        assert!(t.outgoing(r#"{"type":"start"}"#).is_ok());
+        t.incoming(r#"{"type":"started","token":"token-a","conversation":1}"#);
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"resume","token":"token-b","last_seq":9}"#).is_ok());
+        t.incoming(r#"{"type":"error","code":"not_found","for":"resume","message":"conversation not found"}"#);
+        assert_eq!(t.pending.iter().map(|p| p.kind.as_str()).collect::<Vec<_>>(), ["close"], "the resume was refused; the close still waits");
+        assert!(t.outgoing(r#"{"type":"resume","token":"token-c","last_seq":2}"#).is_ok());
+        t.incoming(r#"{"type":"resumed","conversation":3}"#);
+        assert_eq!((t.token.as_deref(), t.last_seq), (Some("token-c"), Some(2)), "the resume answered is the one that moved the socket");
+        assert!(t.pending.is_empty());
     }
 
     /// A `send` and a `close` made before a resume that moves the socket to another
