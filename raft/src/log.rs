@@ -161,20 +161,22 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
 
 impl SegmentLog {
     /// Opens the log in `dir` (created if missing). `legacy_meta` is asked for the vote
-    /// and last purged id when the folder has no `meta` file yet.
-    pub fn open(dir: &Path, legacy_meta: impl FnOnce() -> LogMeta) -> Result<Self, LogError> {
+    /// and last purged id when the folder has no `meta` file yet; an error from it stops
+    /// the open (a vote that cannot be read, taken for none, would let the node vote
+    /// twice in one term).
+    pub fn open(dir: &Path, legacy_meta: impl FnOnce() -> Result<LogMeta, LogError>) -> Result<Self, LogError> {
         Self::open_sized(dir, SEGMENT_BYTES, legacy_meta)
     }
 
     /// As [`SegmentLog::open`], starting a new segment past `segment_bytes` (tests use
     /// small segments to cross their boundaries).
-    pub fn open_sized(dir: &Path, segment_bytes: u64, legacy_meta: impl FnOnce() -> LogMeta) -> Result<Self, LogError> {
+    pub fn open_sized(dir: &Path, segment_bytes: u64, legacy_meta: impl FnOnce() -> Result<LogMeta, LogError>) -> Result<Self, LogError> {
         create_dir_durably(dir).map_err(io(dir.display()))?;
         let meta_path = dir.join("meta");
         let meta = match std::fs::read(&meta_path) {
             Ok(bytes) => read_meta(&meta_path, &bytes)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let meta = legacy_meta();
+                let meta = legacy_meta()?;
                 write_meta(dir, &meta)?;
                 meta
             }
@@ -609,9 +611,14 @@ fn load_segment(first: u64, path: &Path, newest: bool) -> Result<Option<Segment>
     if bytes.len() < HEADER_BYTES as usize {
         return if newest { Ok(None) } else { Err(LogError::Corrupt(name, "shorter than its header".into())) };
     }
-    // A segment started just before a crash, none of whose bytes reached the disk (a
-    // zeroed header with entries after it is damage, refused below).
-    if newest && bytes.iter().all(|b| *b == 0) {
+    // A segment started just before a crash whose header never reached the disk: its
+    // header and first entries were written together, and every sync that covered an
+    // entry covered the header too, so it holds no acknowledged entry (what a torn
+    // write left of the entries after the header is not read).
+    if newest && bytes[..HEADER_BYTES as usize].iter().all(|b| *b == 0) {
+        if bytes.iter().any(|b| *b != 0) {
+            tracing::warn!(segment = %name, "dropping the newest log segment, whose header a crash left unwritten (it held no acknowledged entry)");
+        }
         return Ok(None);
     }
     if &bytes[..8] != SEGMENT_MAGIC {

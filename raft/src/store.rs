@@ -209,9 +209,9 @@ pub fn open_group(
     }
     let trees = Trees::open(keyspace, group)?;
     // A folder moved from sled has the vote and last purged id among its meta keys.
-    let segments = SegmentLog::open(log_dir, || LogMeta {
-        vote: trees.get_meta("vote").ok().flatten(),
-        purged: trees.get_meta("last_purged").ok().flatten(),
+    let segments = SegmentLog::open(log_dir, || {
+        let meta = |key: &str| crate::log::LogError::Corrupt(log_dir.join("meta").display().to_string(), format!("the folder moved from sled has a {key} that cannot be read"));
+        Ok(LogMeta { vote: trees.get_meta("vote").map_err(|_| meta("vote"))?, purged: trees.get_meta("last_purged").map_err(|_| meta("last purged entry"))? })
     })
     .map_err(|e| crate::Error::Storage(e.to_string()))?;
     let committed: Option<Option<LogId<NodeId>>> = trees.get_meta("committed").ok().flatten();
@@ -265,7 +265,7 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
             vote: sled_meta("vote")?.map(|b| decode(&b)).transpose().map_err(|e| storage(&format!("the vote: {e}")))?,
             purged: sled_meta("last_purged")?.map(|b| decode(&b)).transpose().map_err(|e| storage(&format!("the last purged entry: {e}")))?,
         };
-        let segments = SegmentLog::open(log_dir, || legacy).map_err(|e| storage(&e))?;
+        let segments = SegmentLog::open(log_dir, || Ok(legacy)).map_err(|e| storage(&e))?;
         let mut batch = Vec::new();
         for item in db.open_tree(format!("g{group}/log"))?.iter() {
             let (_, value) = item?;
@@ -988,21 +988,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut responses = Vec::new();
         for entry in entries {
             let mut changes = Changes::default();
+            let mut membership = None;
             let response = match entry.payload {
                 EntryPayload::Blank => {
                     self.machine.leader_began(entry.log_id.index, &mut changes);
                     Vec::new()
                 }
                 EntryPayload::Normal(request) => self.machine.apply(entry.log_id.index, &request.0, &mut changes),
-                EntryPayload::Membership(membership) => {
-                    inner.membership = StoredMembership::new(Some(entry.log_id), membership);
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     Vec::new()
                 }
             };
-            inner.last_applied = Some(entry.log_id);
-            let applied = encode(&AppliedState { last_applied: inner.last_applied, membership: inner.membership.clone() })
+            // The applied point and membership move only once their write succeeded: a
+            // snapshot built after a failed write must not claim what the records lack.
+            let membership = membership.unwrap_or_else(|| inner.membership.clone());
+            let applied = encode(&AppliedState { last_applied: Some(entry.log_id), membership: membership.clone() })
                 .map_err(|e| StorageIOError::write_state_machine(&e))?;
             self.state.write(changes, &applied).map_err(|e| StorageIOError::write_state_machine(&e))?;
+            inner.last_applied = Some(entry.log_id);
+            inner.membership = membership;
             self.machine.published(entry.log_id.index);
             responses.push(Response(response));
         }

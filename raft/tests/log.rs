@@ -23,7 +23,7 @@ fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry<TypeCon
 
 fn open(dir: &Path) -> SegmentLog {
     // Segments of 4 KiB: about 16 entries each, so the tests cross many boundaries.
-    SegmentLog::open_sized(dir, 4096, LogMeta::default).expect("open the log")
+    SegmentLog::open_sized(dir, 4096, || Ok(LogMeta::default())).expect("open the log")
 }
 
 fn indexes(log: &SegmentLog, start: u64, end: u64) -> Vec<u64> {
@@ -101,7 +101,7 @@ fn a_damaged_older_segment_stops_the_open_with_what_to_do() {
     file.write_all(b"bit rot").expect("write");
     drop(file);
 
-    let error = SegmentLog::open_sized(dir.path(), 4096, LogMeta::default).err().expect("the open fails").to_string();
+    let error = SegmentLog::open_sized(dir.path(), 4096, || Ok(LogMeta::default())).err().expect("the open fails").to_string();
     assert!(error.contains("checksum"), "{error}");
     assert!(error.contains(&oldest.display().to_string()), "names the file: {error}");
     assert!(error.contains("restore this node's data folder"), "says what to do: {error}");
@@ -124,7 +124,7 @@ fn damage_inside_the_newest_segment_stops_the_open_and_a_sector_of_zeros_is_a_to
     file.seek(SeekFrom::Start(40)).expect("seek");
     file.write_all(b"bit rot").expect("write");
     drop(file);
-    let error = SegmentLog::open_sized(dir.path(), 4096, LogMeta::default).err().expect("the open fails").to_string();
+    let error = SegmentLog::open_sized(dir.path(), 4096, || Ok(LogMeta::default())).err().expect("the open fails").to_string();
     assert!(error.contains("checksum"), "{error}");
     assert!(error.contains(&newest.display().to_string()), "names the file: {error}");
     assert!(error.contains("restore this node's data folder"), "says what to do: {error}");
@@ -133,7 +133,7 @@ fn damage_inside_the_newest_segment_stops_the_open_and_a_sector_of_zeros_is_a_to
     let mut long = pristine.clone();
     long[16 + 3] = 0xFF;
     std::fs::write(&newest, &long).expect("write");
-    let error = SegmentLog::open_sized(dir.path(), 4096, LogMeta::default).err().expect("the open fails").to_string();
+    let error = SegmentLog::open_sized(dir.path(), 4096, || Ok(LogMeta::default())).err().expect("the open fails").to_string();
     assert!(error.contains("past the limit"), "{error}");
 
     // The same record with its second sector never written: a torn tail, cut off.
@@ -170,7 +170,7 @@ fn a_purge_cut_short_leaves_a_gap_behind_the_purge_point_only() {
     let holding = open(dir.path()).segment_files().into_iter().next().expect("the segment holding entry 41");
     std::fs::write(&files[0], &oldest).expect("write");
     std::fs::remove_file(&holding).expect("remove");
-    assert!(SegmentLog::open_sized(dir.path(), 4096, LogMeta::default).is_err(), "a gap past the purge point is refused");
+    assert!(SegmentLog::open_sized(dir.path(), 4096, || Ok(LogMeta::default())).is_err(), "a gap past the purge point is refused");
 }
 
 #[test]
@@ -236,7 +236,7 @@ fn the_vote_survives_a_restart_and_a_foreign_meta_file_is_refused() {
     assert!(!leftover.exists(), "the interrupted replacement is swept at open");
 
     std::fs::write(dir.path().join("meta"), b"{\"vote\": 1}").expect("write");
-    let error = SegmentLog::open_sized(dir.path(), 4096, LogMeta::default).err().expect("refused").to_string();
+    let error = SegmentLog::open_sized(dir.path(), 4096, || Ok(LogMeta::default())).err().expect("refused").to_string();
     assert!(error.contains("SBLOGM01"), "{error}");
 }
 
@@ -426,4 +426,34 @@ fn a_read_beside_a_truncation_sees_whole_entries() {
     assert_eq!(read.iter().map(|e| (e.log_id.index, e.log_id.leader_id.term)).collect::<Vec<_>>(), (40..=100).map(|i| (i, 1)).collect::<Vec<_>>());
     cutter.join().expect("the cutter panicked");
     assert_eq!(log.read(50, 51).expect("read")[0].log_id.leader_id.term, 2, "the cut and the new entries went ahead after the read");
+}
+
+/// The newest segment's header never reached the disk (a power loss after its header
+/// and first entries were written together, before any sync covered them): it held no
+/// acknowledged entry, so it is dropped and the log ends with the segment before it.
+/// The same zeroed header on an older segment is damage.
+#[test]
+fn a_newest_segment_whose_header_never_reached_the_disk_is_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    log.append_synced(entries(1..=100, 1)).expect("append");
+    let files = log.segment_files();
+    assert!(files.len() >= 3, "several segments: {files:?}");
+    drop(log);
+    let zero_header = |path: &std::path::Path| {
+        let mut file = std::fs::OpenOptions::new().write(true).open(path).expect("open segment");
+        file.write_all(&[0u8; 16]).expect("write");
+    };
+    let older = &files[files.len() - 2];
+    let pristine = std::fs::read(older).expect("read");
+    zero_header(older);
+    assert!(SegmentLog::open_sized(dir.path(), 4096, || Ok(LogMeta::default())).is_err(), "an older segment's header is damage");
+    std::fs::write(older, &pristine).expect("restore");
+
+    let newest = files.last().expect("a segment");
+    let first_of_newest: u64 = newest.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse().ok()).expect("named by its first index");
+    zero_header(newest);
+    let log = SegmentLog::open_sized(dir.path(), 4096, || Ok(LogMeta::default())).expect("the open goes on");
+    assert_eq!(log.state().1.map(|l| l.index), Some(first_of_newest - 1), "the log ends where the segment before it ends");
+    assert!(!newest.exists(), "the headerless segment is gone");
 }
