@@ -35,16 +35,23 @@ pub enum Event {
     Other,
 }
 
+/// A `message_new` callback's body, read once its [`Head`] was.
 #[derive(Deserialize)]
 struct Callback {
+    #[serde(default)]
+    object: Option<Object>,
+}
+
+/// A callback's head: what is read before its secret is checked. Every other field,
+/// the message included, is skipped without being kept.
+#[derive(Deserialize)]
+struct Head {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
     group_id: i64,
     #[serde(default)]
     secret: Option<String>,
-    #[serde(default)]
-    object: Option<Object>,
 }
 
 #[derive(Deserialize)]
@@ -134,16 +141,18 @@ pub const FIRST_CHAT_PEER: i64 = 2_000_000_000;
 
 /// An event, once its secret is checked (a confirmation carries none).
 pub fn parse(body: &[u8], secret: &str) -> Result<Event, AdapterError> {
-    let callback: Callback = serde_json::from_slice(body).map_err(|e| AdapterError::Malformed(format!("not a VK callback: {e}")))?;
-    if callback.kind == "confirmation" {
-        return Ok(Event::Confirmation { group_id: callback.group_id });
+    // The secret first, from the head alone: a body without it builds nothing.
+    let head: Head = serde_json::from_slice(body).map_err(|e| AdapterError::Malformed(format!("not a VK callback: {e}")))?;
+    if head.kind == "confirmation" {
+        return Ok(Event::Confirmation { group_id: head.group_id });
     }
-    if !callback.secret.as_deref().is_some_and(|s| same_secret(s.as_bytes(), secret.as_bytes())) {
+    if !head.secret.as_deref().is_some_and(|s| same_secret(s.as_bytes(), secret.as_bytes())) {
         return Err(AdapterError::Refused("the callback's secret does not match".into()));
     }
-    if callback.kind != "message_new" {
+    if head.kind != "message_new" {
         return Ok(Event::Other);
     }
+    let callback: Callback = serde_json::from_slice(body).map_err(|e| AdapterError::Malformed(format!("not a VK callback: {e}")))?;
     let Some(m) = callback.object.and_then(|o| o.message) else {
         return Err(AdapterError::Malformed("message_new without object.message".into()));
     };
