@@ -1294,6 +1294,11 @@ impl Tracker {
                 start_keyed = true;
             }
         }
+        // Written again, a frame may grow past what a member takes from a gateway (its
+        // numbers written out in full): refused here rather than closed there.
+        if stamped.as_ref().is_some_and(|s| s.len() > text.len() + crate::ws::RELAYED_STAMP_BYTES) {
+            return Err(crate::frames::error("bad_frame", "this frame grows too large when relayed: write its numbers as integers or plain decimals", None));
+        }
         let text = stamped.as_deref().unwrap_or(text);
         // A start's key names no answer (`ack`s and errors name a `send`'s).
         let key = if start { None } else { frame.get("key").and_then(Value::as_str).map(str::to_owned) };
@@ -2037,6 +2042,18 @@ mod tests {
             [Replay::Answer(frame)] => assert_eq!((frame["code"].as_str(), frame["ref"].as_str()), (Some("unavailable"), Some("c1"))),
             other => panic!("expected one unavailable answer, got {} actions", other.len()),
         }
+    }
+
+    /// A frame that re-serialising would enlarge past what a member takes from a gateway
+    /// is refused here, not relayed to be closed there with 1009.
+    #[test]
+    fn a_frame_that_would_grow_past_the_member_s_limit_when_stamped_is_refused() {
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        let numbers = vec!["1e15"; 1000].join(",");
+        let refused = t.outgoing(&format!(r#"{{"type":"start","x":[{numbers}]}}"#)).expect_err("refused");
+        assert_eq!(refused["code"], "bad_frame", "{refused}");
+        assert!(t.pending.is_empty(), "nothing waits for it");
+        assert!(t.outgoing(r#"{"type":"start","name":"Dana"}"#).expect("sent").is_some(), "an ordinary start is keyed");
     }
 
     /// A `close` that the member handled before a `resume` to another conversation,

@@ -301,7 +301,7 @@ pub struct Relayed;
 const RELAYED_MIN_BURST: f64 = 300.0;
 /// Room over the client's message size for what a gateway stamps on a relayed frame (a
 /// start's key, an accept's arrival time).
-const RELAYED_STAMP_BYTES: usize = 256;
+pub(crate) const RELAYED_STAMP_BYTES: usize = 256;
 
 /// Completes the upgrade and runs `session` on the socket in its own task.
 pub(crate) fn accept<S: Session>(
