@@ -845,7 +845,14 @@ pub(crate) async fn replicate_file(
     }
     // A few files in flight at once: each holds its encoded bytes (5 MiB at most)
     // until every member has answered.
-    let permit = copying.acquire_owned().await.map_err(|_| "the node is stopping".to_string())?;
+    // The wait for a turn counts against the same bound as a copy: a file whose copies
+    // cannot begin within it is refused (503) rather than holding its upload, webhook or
+    // mail turn while others' copies crawl.
+    let permit = match tokio::time::timeout(FILE_COPY_FOR, copying.acquire_owned()).await {
+        Ok(Ok(permit)) => permit,
+        Ok(Err(_)) => return Err("the node is stopping".to_string()),
+        Err(_) => return Err(format!("no turn to copy the file to the other members came within {} s", FILE_COPY_FOR.as_secs())),
+    };
     let bytes = blobs.read_all(&id).await.map_err(|e| e.to_string())?.ok_or("the stored file vanished")?;
     let push = Peers::file_push(&id.0, bytes)?;
     // Every member gets a copy; the upload waits for as many as a majority needs.
