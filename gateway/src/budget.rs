@@ -26,6 +26,18 @@ pub fn client_address(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// How many addresses' shares of an open-slot limit one IPv6 /48 holds at most.
+pub const NETWORK_SHARES: u32 = 16;
+
+/// The IPv6 /48 that a client address (an IPv6 /64) is in; `None` for IPv4. A
+/// subscriber is often given a /56 or a /48, so slots are also counted per /48.
+fn network(ip: IpAddr) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V4(_) => None,
+        IpAddr::V6(v6) => Some(IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 80) - 1)))),
+    }
+}
+
 /// A token bucket per key (a client address, a conversation): `capacity` tokens that
 /// refill in full over `period`.
 ///
@@ -125,10 +137,19 @@ pub enum Refused {
     Total,
 }
 
-/// Counts what each address holds open, with a cap per address and in all.
+/// Counts what each address holds open, with a cap per address (and
+/// [`NETWORK_SHARES`] times it per IPv6 /48) and in all.
 #[derive(Default)]
 pub struct Slots {
-    held: Mutex<(HashMap<IpAddr, u32>, u32)>,
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    by_address: HashMap<IpAddr, u32>,
+    all: u32,
+    /// Slots held per IPv6 /48.
+    by_network: HashMap<IpAddr, u32>,
 }
 
 impl Slots {
@@ -139,25 +160,34 @@ impl Slots {
     /// A slot for `ip`, given back when the returned guard drops.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr, per_address: u32, total: u32) -> Result<Slot, Refused> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let (by_address, all) = &mut *held;
+        let Held { by_address, all, by_network } = &mut *held;
         if *all >= total {
             return Err(Refused::Total);
         }
         if by_address.len() >= MAX_TRACKED_ADDRESSES && !by_address.contains_key(&ip) {
             return Err(Refused::Total);
         }
-        let n = by_address.entry(ip).or_insert(0);
-        if *n >= per_address {
+        if by_address.get(&ip).copied().unwrap_or(0) >= per_address {
             return Err(Refused::Address);
         }
-        *n += 1;
+        if let Some(net) = network(ip) {
+            let n = by_network.entry(net).or_insert(0);
+            if *n >= per_address.saturating_mul(NETWORK_SHARES) {
+                if *n == 0 {
+                    by_network.remove(&net);
+                }
+                return Err(Refused::Address);
+            }
+            *n += 1;
+        }
+        *by_address.entry(ip).or_insert(0) += 1;
         *all += 1;
         Ok(Slot { slots: self.clone(), ip })
     }
 
     /// Slots held in all.
     pub fn held(&self) -> u32 {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).1
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).all
     }
 }
 
@@ -170,12 +200,20 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut held = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
-        let (by_address, all) = &mut *held;
+        let Held { by_address, all, by_network } = &mut *held;
         *all = all.saturating_sub(1);
         if let Some(n) = by_address.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
                 by_address.remove(&self.ip);
+            }
+        }
+        if let Some(net) = network(self.ip) {
+            if let Some(n) = by_network.get_mut(&net) {
+                *n -= 1;
+                if *n == 0 {
+                    by_network.remove(&net);
+                }
             }
         }
     }
@@ -184,6 +222,20 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One subscriber's /48 (65,536 /64s) holds at most 16 addresses' shares.
+    #[test]
+    fn an_ipv6_48_holds_at_most_sixteen_addresses_shares() {
+        let slots = Slots::new();
+        let in_net = |n: u16| client_address(format!("2001:db8:7:{n:x}::1").parse().unwrap());
+        let held: Vec<Slot> = (0..32).map(|n| slots.acquire(in_net(n), 2, 1000).expect("within the /48's share")).collect();
+        assert_eq!(slots.acquire(in_net(40), 2, 1000).err(), Some(Refused::Address), "the /48 holds 16 x 2 already");
+        let other = client_address("2001:db8:8::1".parse().unwrap());
+        assert!(slots.acquire(other, 2, 1000).is_ok(), "another /48 is not held back");
+        drop(held);
+        assert!(slots.acquire(in_net(40), 2, 1000).is_ok(), "the /48's slots come back on drop");
+        assert!(slots.held.lock().unwrap().by_network.len() <= 2);
+    }
 
     #[test]
     fn slots_cap_each_address_and_the_total_and_come_back_on_drop() {
