@@ -196,19 +196,52 @@ pub async fn serve(listener: TcpListener, router: axum::Router, limits: Connecti
     }
 }
 
-/// A TCP stream whose writes fail with `TimedOut` once one has made no progress for
-/// `write_timeout`, and which holds its listener slot while it lives.
+/// Bytes a backlogged peer must take within each write timeout: one that reads a
+/// trickle (a few bytes just before each timeout) would otherwise hold a response and
+/// its buffers for hours.
+pub const MIN_PROGRESS_BYTES: usize = 16 * 1024;
+
+/// A TCP stream whose writes fail with `TimedOut` once output has waited for
+/// `write_timeout` while the peer took less than [`MIN_PROGRESS_BYTES`] of it, and
+/// which holds its listener slot while it lives.
 pub struct Guarded {
     stream: TcpStream,
     write_timeout: Duration,
-    /// Armed when a write could not proceed; cleared by any progress.
+    /// Armed when a write could not proceed; cleared once the peer took
+    /// [`MIN_PROGRESS_BYTES`] since, or a whole write went through at once.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes written since `stalled` was armed.
+    taken: usize,
     _slot: Slot,
 }
 
 impl Guarded {
     fn new(stream: TcpStream, write_timeout: Duration, slot: Slot) -> Self {
-        Guarded { stream, write_timeout, stalled: None, _slot: slot }
+        Guarded { stream, write_timeout, stalled: None, taken: 0, _slot: slot }
+    }
+
+    /// [`Guarded::bound`] for a write of `offered` bytes: a write that goes through
+    /// whole means the peer keeps up; a part of it counts towards the progress a
+    /// backlogged peer owes.
+    fn bound_write(&mut self, cx: &mut Context<'_>, offered: usize, poll: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        match poll {
+            Poll::Ready(Ok(n)) if self.stalled.is_some() && n < offered => {
+                self.taken += n;
+                if self.taken >= MIN_PROGRESS_BYTES {
+                    self.stalled = None;
+                }
+                Poll::Ready(Ok(n))
+            }
+            poll => self.bound(cx, poll),
+        }
+    }
+
+    /// [`Guarded::bound`] for a flush or shutdown, whose success clears nothing.
+    fn bound_other<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match poll {
+            Poll::Ready(result) => Poll::Ready(result),
+            Poll::Pending => self.bound(cx, Poll::Pending),
+        }
     }
 
     /// Turns a pending write into an error once it has been pending too long.
@@ -220,6 +253,9 @@ impl Guarded {
             }
             Poll::Pending => {
                 let timeout = self.write_timeout;
+                if self.stalled.is_none() {
+                    self.taken = 0;
+                }
                 let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 match stalled.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the peer does not read"))),
@@ -239,12 +275,12 @@ impl AsyncRead for Guarded {
 impl AsyncWrite for Guarded {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.bound(cx, poll)
+        self.bound_write(cx, buf.len(), poll)
     }
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.bound(cx, poll)
+        self.bound_write(cx, bufs.iter().map(|b| b.len()).sum(), poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -252,13 +288,15 @@ impl AsyncWrite for Guarded {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A TCP stream's flush and shutdown say nothing of what the peer took: they
+        // leave the progress owed as it is.
         let poll = Pin::new(&mut self.stream).poll_flush(cx);
-        self.bound(cx, poll)
+        self.bound_other(cx, poll)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let poll = Pin::new(&mut self.stream).poll_shutdown(cx);
-        self.bound(cx, poll)
+        self.bound_other(cx, poll)
     }
 }
 
@@ -316,5 +354,57 @@ mod tests {
         for bad in ["10.0.0.0/33", "::/129", "proxy.local", "10.0.0.0/x", ""] {
             assert!(bad.parse::<ProxyNet>().is_err(), "{bad}");
         }
+    }
+
+    /// Writes through a `Guarded` stream to a peer that reads up to `per_read` bytes
+    /// `every` so long, with a write timeout of 500 ms; returns whether the writes
+    /// failed `TimedOut` within 6 s.
+    async fn cut_off_reading(per_read: usize, every: Duration) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("small receive buffer");
+        let (client, accepted) = tokio::join!(socket.connect(addr), listener.accept());
+        let (mut client, (server, _)) = (client.expect("connect"), accepted.expect("accept"));
+        let server = {
+            // A small send buffer, set through a socket that shares the descriptor.
+            let std = server.into_std().expect("std");
+            let socket = tokio::net::TcpSocket::from_std_stream(std.try_clone().expect("clone"));
+            socket.set_send_buffer_size(4096).expect("small send buffer");
+            drop(socket);
+            TcpStream::from_std(std).expect("tokio")
+        };
+        let slot = Slots::new().acquire("127.0.0.1".parse().expect("ip"), 1, 1).expect("slot");
+        let mut guarded = Guarded::new(server, Duration::from_millis(500), slot);
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; per_read];
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(7);
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(every).await;
+                if matches!(client.read(&mut buf).await, Ok(0) | Err(_)) {
+                    return;
+                }
+            }
+        });
+        let chunk = vec![7u8; 64 * 1024];
+        let outcome = tokio::time::timeout(Duration::from_secs(6), async {
+            loop {
+                if let Err(e) = guarded.write_all(&chunk).await {
+                    return e.kind();
+                }
+            }
+        })
+        .await;
+        reader.abort();
+        outcome == Ok(io::ErrorKind::TimedOut)
+    }
+
+    /// A peer that reads a trickle (well under 16 KiB per write timeout) is cut off;
+    /// one that keeps up is not.
+    #[tokio::test]
+    async fn a_peer_that_reads_a_trickle_is_cut_off_and_one_that_keeps_up_is_not() {
+        assert!(cut_off_reading(4096, Duration::from_millis(200)).await, "4 KiB every 200 ms is 10 KiB per 500 ms timeout: cut off");
+        assert!(!cut_off_reading(64 * 1024, Duration::from_millis(1)).await, "a peer that reads all it is sent keeps its connection");
     }
 }
