@@ -135,10 +135,17 @@ fn segment_name(first: u64) -> String {
 }
 
 /// Creates `dir` and the folders above it that are missing, each one's entry made
-/// durable in its parent (deepest last) before anything in it counts on it; nothing
-/// when it exists.
+/// durable in its parent (deepest last) before anything in it counts on it. When it
+/// exists, its entry is synced in its parent all the same: a crash may have come
+/// between its creation and that sync.
 pub(crate) fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
     if dir.exists() {
+        // Every folder above it: which of them a crash left unsynced is not known.
+        let mut at = dir.parent();
+        while let Some(parent) = at {
+            File::open(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })?.sync_all()?;
+            at = parent.parent().filter(|p| !p.as_os_str().is_empty());
+        }
         return Ok(());
     }
     let mut missing = Vec::new();
@@ -342,17 +349,16 @@ impl SegmentLog {
         }
         // Reads in progress end first (they hold no lock on `inner` meanwhile).
         let _cutting = self.files.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut removed = false;
+        // Newest first, each removal durable before the next: a file system may keep
+        // unlinks out of order over a power loss, and a newer segment kept past an
+        // older one removed would be a gap the next start refuses. Likewise before the
+        // cut.
+        let dir = inner.dir.clone();
         while inner.segments.back().is_some_and(|s| s.first >= index) {
             if let Some(segment) = inner.segments.pop_back() {
                 std::fs::remove_file(&segment.path).map_err(io(segment.path.display()))?;
-                removed = true;
+                sync_dir(&dir)?;
             }
-        }
-        // The later segments' removal is durable before the cut is: else a crash could
-        // keep them past a shorter one, a gap the next start refuses.
-        if removed {
-            sync_dir(&inner.dir.clone())?;
         }
         if let Some(segment) = inner.segments.back_mut() {
             if index < segment.next() {
