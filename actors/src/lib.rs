@@ -15,6 +15,7 @@
 pub mod access;
 pub mod actors;
 pub mod core;
+pub mod cutover;
 pub mod error;
 pub mod hours;
 pub mod mail;

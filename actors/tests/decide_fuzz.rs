@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest::sample::select;
 use switchboard_actors::core::{self, precheck, Part, Reply, RULES_VERSION};
+use switchboard_actors::cutover::{SplitPart, Splitter};
 use switchboard_actors::mail::{GroupId, Mail};
 use switchboard_actors::model::*;
 use switchboard_actors::placement;
@@ -923,8 +924,10 @@ fn run_checked(group: &mut Group, entry: &Envelope) -> Result<(Reply, core::Outc
     result
 }
 
-fn spread(text: &str) -> u64 {
-    text.bytes().map(u64::from).sum::<u64>() % SHARDS
+/// The conversation shard a hash of `parts` picks, as a split node picks it.
+fn spread(parts: &[&str]) -> u64 {
+    let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
+    switchboard_actors::cutover::stable_hash(&parts) % SHARDS
 }
 
 impl Split {
@@ -947,12 +950,12 @@ impl Split {
         let by_id = |id: &ConversationId| vec![(id.0 % SHARDS) as usize];
         match placement::target(command) {
             placement::Target::Conversation(id) => by_id(&id),
-            placement::Target::NewConversation { visitor: Some(visitor) } => vec![spread(&visitor) as usize],
+            placement::Target::NewConversation { visitor: Some(visitor) } => vec![spread(&[&visitor]) as usize],
             placement::Target::NewConversation { visitor: None } => {
                 self.anonymous += 1;
                 vec![(self.anonymous % SHARDS) as usize]
             }
-            placement::Target::Sender { channel, sender } => vec![spread(&format!("{channel}:{sender}")) as usize],
+            placement::Target::Sender { channel, sender } => vec![spread(&[channel.as_str(), &sender]) as usize],
             placement::Target::OwnConversationShard => match command {
                 Command::DeliveriesAttempted { items, .. } => items.first().map(|(c, _)| by_id(c)).unwrap_or_default(),
                 Command::DeliveryResults { results } => results.first().map(|r| by_id(&r.conversation)).unwrap_or_default(),
@@ -1413,4 +1416,110 @@ fn retention_leaves_nothing_of_a_conversation_in_its_routing_shard() {
     }
     let left: Vec<Vec<u8>> = split.r.store.scan(b"e", None, 100).expect("scan").into_iter().map(|(k, _)| k).filter(|k| web.iter().any(|c| k.ends_with(&c.0.to_be_bytes()))).collect();
     assert!(left.is_empty(), "the closed index of the routing shard kept {left:?}");
+}
+
+// ---------------------------------------------------------------------------------
+// `switchboard cluster split`: a group of one, split offline (`cutover::Splitter`),
+// goes on as ADR 0006's split.
+
+/// The history of conversation `id` in `store`, in order.
+fn history_of(store: &MemStore, id: ConversationId) -> Vec<(Vec<u8>, Vec<u8>)> {
+    store.scan(&records::key::history_prefix(id), None, usize::MAX).expect("a memory store scans")
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Whatever a node of one group went through, its records split into the metadata
+    /// group, the routing shard and the conversation shards load in each, keep the
+    /// core's invariants there, agree with each other, hold every conversation's whole
+    /// history in its shard and every operator's load in routing; and the split goes on
+    /// taking commands as if it had always been split. A cut-over is refused only for a
+    /// channel sender's open conversation outside the shard the sender's next message
+    /// goes to.
+    #[test]
+    fn a_group_of_one_split_offline_keeps_its_conversations_and_goes_on_as_a_split(
+        setup in setup(),
+        before in prop::collection::vec((pause(), step()), 0..40),
+        after in prop::collection::vec((pause(), step(), posts()), 0..20),
+    ) {
+        PURGED.with(|p| p.set(false));
+        let setup = Setup { rules: RULES_VERSION, ..setup };
+        let (mut whole, store) = initial(&setup);
+        let mut now = 1000;
+        for command in prelude(&setup) {
+            let _ = apply_checked(&mut whole, &store, &Envelope::new(Timestamp(now), command));
+        }
+        for (pause, step) in &before {
+            now += pause;
+            let command = resolve(&whole, step);
+            let _ = apply_checked(&mut whole, &store, &Envelope::new(Timestamp(now), command));
+        }
+
+        let mut splitter = Splitter::new(SHARDS);
+        let stores: BTreeMap<SplitPart, MemStore> =
+            std::iter::once(SplitPart::Directory).chain(std::iter::once(SplitPart::Routing)).chain((0..SHARDS).map(SplitPart::Conversations)).map(|p| (p, MemStore::default())).collect();
+        for (key, value) in all_records(&store) {
+            match splitter.route(&key, &value) {
+                Ok(out) => {
+                    for (part, key, value) in out {
+                        stores[&part].write(vec![(key, Some(value))]);
+                    }
+                }
+                Err(refused) => {
+                    // Only a sender's open conversation in the wrong shard refuses it.
+                    let misplaced = whole.conversations.values().any(|c| {
+                        c.status != ConversationStatus::Closed
+                            && c.visitor.id.as_deref().and_then(|v| v.strip_prefix(&format!("{}:", c.channel))).is_some_and(|sender| spread(&[c.channel.as_str(), sender]) != c.id.0 % SHARDS)
+                    });
+                    prop_assert!(misplaced, "refused without a misplaced sender conversation: {refused}");
+                    return Ok(());
+                }
+            }
+        }
+        let group = |id: GroupId, part: Part, which: SplitPart| {
+            let store = stores[&which].clone();
+            Group { id, part, state: records::load(&store).expect("a split group's records load"), store }
+        };
+        let mut split = Split {
+            g0: group(G0_GROUP, G0_PART, SplitPart::Directory),
+            r: group(R_GROUP, R_PART, SplitPart::Routing),
+            cs: (0..SHARDS).map(|k| group(FIRST_C + k, c_part(k), SplitPart::Conversations(k))).collect(),
+            anonymous: 0,
+            applied: Vec::new(),
+        };
+        for group in std::iter::once(&split.g0).chain(std::iter::once(&split.r)).chain(&split.cs) {
+            let loads = group.state.operators.iter().map(|(id, op)| (id.clone(), op.load())).collect();
+            check_invariants(&group.state, &group.store, &loads);
+        }
+        prop_assert!(split.g0.state.conversations.is_empty() && split.g0.state.offers.is_empty(), "the metadata group holds no conversation");
+        for (k, shard) in split.cs.iter().enumerate() {
+            for (id, op) in &shard.state.operators {
+                for c in &op.active {
+                    let held = shard.state.conversations.get(c).and_then(|conv| conv.assigned().cloned());
+                    prop_assert_eq!(held.as_ref(), Some(id), "{} in shard {}: an operator holds only that shard's conversations, assigned to them", c, k);
+                }
+                prop_assert!(op.offers.is_empty(), "a conversation shard holds no offers");
+            }
+        }
+        let loads = |s: &ShardState| s.operators.iter().map(|(id, op)| (id.clone(), (op.load(), op.presence))).collect::<BTreeMap<_, _>>();
+        prop_assert_eq!(loads(&split.r.state), loads(&whole), "routing holds every operator's load and presence");
+        for id in all_records(&store).keys().filter(|k| k.first() == Some(&b'c')).filter_map(|k| k.get(1..9)).map(|b| ConversationId(u64::from_be_bytes(b.try_into().unwrap_or_default()))) {
+            let shard = &split.cs[(id.0 % SHARDS) as usize];
+            prop_assert_eq!(history_of(&shard.store, id), history_of(&store, id), "{}: its whole history is in its shard", id);
+            prop_assert_eq!(seen_by(shard, id).map(|(s, _)| s.clone()).is_some(), true);
+        }
+        check_agreement(&split);
+
+        for (pause, step, posts) in &after {
+            now += pause;
+            let command = resolve(&split.r.state, step);
+            split.submit(&Envelope::new(Timestamp(now), command));
+            for post in posts {
+                split.deliver(post, Timestamp(now));
+            }
+        }
+        split.drain(Timestamp(now));
+        check_agreement(&split);
+    }
 }

@@ -8,6 +8,7 @@ mod bench_routing;
 mod bench_split;
 mod bootstrap;
 mod cluster;
+mod cutover;
 mod demo;
 mod groups;
 mod outbox;
@@ -249,6 +250,22 @@ enum ClusterCmd {
     RemoveNode(RemoveNodeArgs),
     /// Balance where a split cluster's groups vote and lead, now (as an admin).
     Rebalance(RebalanceArgs),
+    /// Move a stopped node's data folder of one group into the split (the metadata
+    /// group, the routing shard and N conversation shards), keeping the old folder.
+    Split(SplitArgs),
+}
+
+#[derive(Args)]
+struct SplitArgs {
+    /// The stopped node's data folder (`data_dir` of its file, or `dev --data-dir`).
+    #[arg(long, default_value = "./data")]
+    data: PathBuf,
+    /// The node's id (`node_id` of its file; 1 for `dev`).
+    #[arg(long, default_value_t = 1)]
+    node_id: u64,
+    /// Conversation shards (1 to 64), fixed from now on.
+    #[arg(long, default_value_t = 4)]
+    shards: u64,
 }
 
 #[derive(Args)]
@@ -669,6 +686,16 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
                 }
                 print!("{}", cluster::describe(&status));
             }
+            Ok(())
+        }
+        ClusterCmd::Split(args) => {
+            let done = tokio::task::spawn_blocking(move || cutover::split_folder(&args.data, args.node_id, args.shards)).await??;
+            println!("read {} records of the group, applied up to entry {}", done.read, done.at);
+            for (group, records) in &done.records {
+                println!("group {group}: {records} records");
+            }
+            println!("the old folder is kept as {}; remove it once the split node runs", done.kept.display());
+            println!("start the node with `shards = {}` in its file (or `switchboard dev --shards {}`); other members of the old cluster join it anew (`join = true`, an empty data folder)", done.records.len().saturating_sub(2), done.records.len().saturating_sub(2));
             Ok(())
         }
         ClusterCmd::Status(args) => {

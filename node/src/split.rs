@@ -6,8 +6,9 @@
 //! file says `shards = N` (`cluster init --shards N`: every group on the cluster's first
 //! members). An operator's desk follows one feed per group (protocol 2, ADR 0010).
 //! Members join and leave through `G0` and the placement controller (`placement.rs`,
-//! ADR 0006 "Placement, as built"). Not built yet: the cut-over of a single group's data
-//! folder, which `check_layout` refuses with a message that says so.
+//! ADR 0006 "Placement, as built"). A folder of one group is moved into the split
+//! offline by `switchboard cluster split` (`cutover.rs`); `check_layout` refuses to open
+//! it as split before, and says so.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -57,7 +58,8 @@ pub(crate) fn check_layout(dir: &Path, shards: Option<u64>) -> anyhow::Result<()
             text.trim()
         ),
         (Some(_), None) if has_records => anyhow::bail!(
-            "the data folder {} holds a node of one group; a split node needs a new folder (moving a folder to the split is not built yet)",
+            "the data folder {} holds a node of one group: move it into the split first with `switchboard cluster split --data {} --shards N` (the node stopped), or use a new folder",
+            dir.display(),
             dir.display()
         ),
         (Some(n), None) => {
@@ -73,18 +75,7 @@ pub(crate) fn check_layout(dir: &Path, shards: Option<u64>) -> anyhow::Result<()
     }
 }
 
-/// A stable 64-bit hash (FNV-1a): the same visitor goes to the same conversation shard
-/// on every node and every build.
-fn stable_hash(parts: &[&[u8]]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for byte in part.iter().chain(std::iter::once(&0xff)) {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    hash
-}
+use switchboard_actors::cutover::stable_hash;
 
 /// The gateway's view of a split node: each command goes to the group that decides it
 /// (`placement::target`), each read to the group that holds what it reads.
@@ -1095,6 +1086,6 @@ mod tests {
         let single = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir_all(single.path().join("records")).expect("records");
         let refused = check_layout(single.path(), Some(2)).expect_err("a folder of one group as a split");
-        assert!(refused.to_string().contains("holds a node of one group"), "{refused}");
+        assert!(refused.to_string().contains("holds a node of one group") && refused.to_string().contains("switchboard cluster split"), "{refused}");
     }
 }

@@ -42,7 +42,7 @@ const CHUNK: usize = 4096;
 /// than allocated.
 const MAX_RECORD_BYTES: u32 = 64 * 1024 * 1024;
 
-fn stored(key: &[u8]) -> Vec<u8> {
+pub(crate) fn stored(key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(key.len() + 1);
     out.push(RECORD);
     out.extend_from_slice(key);

@@ -288,6 +288,138 @@ pub fn migrate_sled(sled_dir: &Path, keyspace: &fjall::Keyspace, group: u64, log
     Ok(true)
 }
 
+/// Where one group of a stopped node's data folder stands, read to move its records
+/// into other groups (`switchboard cluster split`).
+#[derive(Debug, Clone)]
+pub struct GroupPoint {
+    /// The last entry the records hold.
+    pub applied: LogId<NodeId>,
+    /// The membership as of `applied`.
+    pub membership: StoredMembership<NodeId, Node>,
+    /// The node's vote in the group.
+    pub vote: Vote<NodeId>,
+}
+
+/// Reads where `group` of a stopped node stands and hands its records to `each`, in key
+/// order, a chunk at a time. Refuses a group whose log holds entries its records have
+/// not applied yet, or whose records a crash left mid-install: those need one start of
+/// the node first, which applies them.
+pub fn export_group(
+    keyspace: &fjall::Keyspace,
+    group: u64,
+    log_dir: &Path,
+    mut each: impl FnMut(Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), String>,
+) -> Result<GroupPoint, crate::Error> {
+    let trees = Trees::open(keyspace, group)?;
+    let state = StateTree::new(keyspace.clone(), state_partition(keyspace, group)?);
+    let once = "start the node once as it was (it applies what is left), stop it, and split again";
+    if state.get_own(INSTALLING_KEY)?.is_some() {
+        return Err(storage(format!("group {group}'s records were left mid-install by a crash: {once}")));
+    }
+    let applied: AppliedState = match state.get_own(APPLIED_KEY)? {
+        Some(bytes) => decode(&bytes).map_err(|e| storage(format!("group {group}'s applied state cannot be read: {e}")))?,
+        None => return Err(storage(format!("group {group} has applied nothing: there is nothing to split"))),
+    };
+    let Some(at) = applied.last_applied else {
+        return Err(storage(format!("group {group} has applied nothing: there is nothing to split")));
+    };
+    let pointer = trees.get_meta::<SnapshotPointer>(SNAPSHOT_KEY).map_err(storage)?;
+    if pointer.is_some_and(|p| p.meta.last_log_id > Some(at)) {
+        return Err(storage(format!("group {group}'s records are behind its snapshot: {once}")));
+    }
+    if !log_dir.join("meta").exists() {
+        return Err(storage(format!("{} holds no log of group {group}: {once}", log_dir.display())));
+    }
+    let log = SegmentLog::open(log_dir, || Err(crate::log::LogError::Corrupt(log_dir.display().to_string(), "no meta file".into())))
+        .map_err(|e| storage(e.to_string()))?;
+    let (_, last) = log.state();
+    if last.is_some_and(|last| last.index > at.index) {
+        return Err(storage(format!(
+            "group {group}'s log holds entries up to {} and its records only up to {}: {once}",
+            last.map_or(0, |l| l.index),
+            at.index
+        )));
+    }
+    let vote = log.meta().vote.unwrap_or_else(|| Vote::new(at.leader_id.term, at.leader_id.node_id));
+    drop(log);
+    let records = state.records();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let chunk = records.scan(&[], after.as_deref(), 4096)?;
+        let Some((last, _)) = chunk.last() else { break };
+        after = Some(last.clone());
+        each(chunk).map_err(storage)?;
+    }
+    Ok(GroupPoint { applied: at, membership: applied.membership, vote })
+}
+
+/// Writes a new group's records into `keyspace` a chunk at a time, then
+/// ([`GroupSeed::finish`]) makes them the group's state as of a log id with no log
+/// behind it: what a replica holds once it installed a snapshot and purged its log.
+pub struct GroupSeed {
+    state: StateTree,
+    trees: Trees,
+    batch: Option<fjall::Batch>,
+    records: u64,
+}
+
+impl GroupSeed {
+    /// Starts group `group` in a keyspace that holds nothing of it yet.
+    pub fn new(keyspace: &fjall::Keyspace, group: u64) -> Result<Self, crate::Error> {
+        let state = StateTree::new(keyspace.clone(), state_partition(keyspace, group)?);
+        if state.get_own(APPLIED_KEY)?.is_some() || !state.records().scan(&[], None, 1)?.is_empty() {
+            return Err(storage(format!("group {group} holds records already: a group is seeded only in a new folder")));
+        }
+        Ok(GroupSeed { trees: Trees::open(keyspace, group)?, batch: Some(keyspace.batch()), state, records: 0 })
+    }
+
+    /// Adds one record.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), crate::Error> {
+        let batch = self.batch.get_or_insert_with(|| self.state.keyspace.batch());
+        batch.insert(&self.state.part, crate::state::stored(key), value);
+        self.records += 1;
+        if batch.len() >= 4096 {
+            if let Some(full) = self.batch.take() {
+                full.commit()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records written so far.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// Makes the records the group's state as of `at`, with `membership`, and starts
+    /// its log in `log_dir` (which must not exist) as purged up to `at`, with `vote`.
+    /// Everything is synced before this returns.
+    pub fn finish(
+        mut self,
+        at: LogId<NodeId>,
+        membership: StoredMembership<NodeId, Node>,
+        vote: Vote<NodeId>,
+        log_dir: &Path,
+    ) -> Result<(), crate::Error> {
+        if let Some(batch) = self.batch.take() {
+            batch.commit()?;
+        }
+        if log_dir.exists() {
+            return Err(storage(format!("{} exists already: a group is seeded only in a new folder", log_dir.display())));
+        }
+        let applied = encode(&AppliedState { last_applied: Some(at), membership: membership.clone() }).map_err(storage)?;
+        self.state.set_own(&[(APPLIED_KEY, &applied)], &[])?;
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let point = SnapshotMeta { last_log_id: Some(at), last_membership: membership, snapshot_id: format!("{}-{}-seeded-{stamp}", at.leader_id, at.index) };
+        self.trees.put_meta(SNAPSHOT_AT_KEY, &point).map_err(storage)?;
+        self.trees.put_meta("committed", &Some(at)).map_err(storage)?;
+        self.trees.sync_now()?;
+        let log = SegmentLog::open(log_dir, || Ok(LogMeta { vote: Some(vote), purged: Some(at) })).map_err(|e| storage(e.to_string()))?;
+        drop(log);
+        Ok(())
+    }
+}
+
 /// Forgets this node's copy of `group` but its vote: its log segments, every key of
 /// its partition (records, applied point, committed pointer) and its snapshot files.
 /// The group must not be open. Afterwards it opens with no entry: it is sent a snapshot
