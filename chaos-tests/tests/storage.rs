@@ -208,3 +208,159 @@ async fn a_closed_conversation_s_actor_stops_soon_after_its_visitor_leaves() -> 
     assert_eq!(open_conversations(&dev).await?, 0);
     Ok(())
 }
+
+/// `switchboard cluster split`: a node of one group, stopped, has its folder moved into
+/// the split (two conversation shards) and starts as a split node where it left off: a
+/// conversation assigned with its messages, one closed and rated, one waiting in the
+/// queue; the visitor resumes and writes on, the operator gets the queued one offered
+/// once back online, new conversations take new numbers, and the old folder is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_of_one_group_is_split_offline_and_goes_on_where_it_stopped() -> anyhow::Result<()> {
+    use switchboard_chaos_tests::{cli, next_event, set_presence};
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&data).await?;
+    let (mut alice, _) = dev.operator("alice").await?;
+    set_presence(&mut alice, "online").await?;
+    // Held by alice, with a message each way.
+    let (mut held, held_id, held_token) = dev.client("Held").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "a1"})).await?;
+    next_event(&mut alice, "assigned").await?;
+    send(&mut held, "h1", "before the split").await?;
+    alice.send(&json!({"type": "send", "conversation": held_id, "key": "op1", "text": "an answer before it", "ref": "s1"})).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "s1").await?;
+    // Closed and rated.
+    let (mut rated, rated_id, _) = dev.client("Rated").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    alice.send(&json!({"type": "accept", "offer": offer["offer"], "ref": "a2"})).await?;
+    next_event(&mut alice, "assigned").await?;
+    rated.send(&json!({"type": "close"})).await?;
+    rated.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "closed").await?;
+    rated.send(&json!({"type": "rate", "score": 5})).await?;
+    let supervisor = dev.login("supervisor").await?;
+    eventually(WAIT, Duration::from_millis(50), || async {
+        let (_, body) = dev.api("GET", &format!("/api/conversations/{rated_id}"), Some(&supervisor), None).await?;
+        Ok(body["history"].as_array().is_some_and(|h| h.iter().any(|e| e["kind"] == "rated")).then_some(()))
+    })
+    .await?;
+    // Waiting: alice is away.
+    set_presence(&mut alice, "away").await?;
+    let (queued, queued_id, _) = dev.client("Queued").await?;
+    let before = |id: u64| {
+        let (dev, supervisor) = (&dev, supervisor.clone());
+        async move { dev.api("GET", &format!("/api/conversations/{id}"), Some(&supervisor), None).await.map(|(_, body)| body) }
+    };
+    let (held_before, rated_before) = (before(held_id).await?, before(rated_id).await?);
+    drop((held, rated, queued, alice));
+    dev.terminate().await?;
+
+    let report = String::from_utf8(cli(["cluster", "split", "--data", &data.display().to_string(), "--shards", "2"], &[]).await?)?;
+    assert!(report.contains("group 4:"), "four groups made: {report}");
+    assert!(dir.path().join("data.one-group").join("records").exists(), "the old folder is kept");
+    // The folder is split now: it no longer opens as one group.
+    let refused = cli(["cluster", "split", "--data", &data.display().to_string()], &[]).await.expect_err("split twice");
+    assert!(refused.to_string().contains("split"), "{refused}");
+
+    let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &data, &["--shards", "2"]).await?;
+    let supervisor = dev.login("supervisor").await?;
+    let after = |id: u64| {
+        let (dev, supervisor) = (&dev, supervisor.clone());
+        async move { dev.api("GET", &format!("/api/conversations/{id}"), Some(&supervisor), None).await.map(|(_, body)| body) }
+    };
+    let (held_after, rated_after) = (after(held_id).await?, after(rated_id).await?);
+    assert_eq!(held_after["history"], held_before["history"], "the held conversation's history is as it was");
+    assert_eq!(held_after["status"], json!({"state": "assigned", "operator": "alice"}));
+    assert_eq!(rated_after["history"], rated_before["history"], "the rated one's too");
+    assert_eq!(rated_after["status"]["state"], "closed");
+    assert_eq!(after(queued_id).await?["status"]["state"], "queued");
+
+    // The visitor resumes and writes on; alice, back, reads it and gets the queued one.
+    let mut held = WsClient::connect(&dev.public, "/ws/client", None).await?;
+    held.send(&json!({"type": "resume", "token": held_token, "last_seq": 0})).await?;
+    let resumed = held.wait_for(WAIT, |v| v["type"] == "resumed").await?;
+    assert_eq!(resumed["conversation"], held_id);
+    // A split node's desk follows a feed per group (protocol 2, ADR 0010).
+    let token = dev.login("alice").await?;
+    let mut alice = WsClient::connect(&dev.private, &format!("/ws/operator?token={token}&protocol=2"), None).await?;
+    alice.wait_for(WAIT, |v| v["type"] == "hello").await?;
+    send(&mut held, "h2", "after the split").await?;
+    alice.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "conversation" && v["entry"]["text"] == "after the split").await?;
+    set_presence(&mut alice, "online").await?;
+    let offer = next_event(&mut alice, "offer").await?;
+    assert_eq!(offer["conversation"], queued_id, "the queued conversation is offered once alice is back");
+    // New conversations take numbers no conversation had.
+    let (_new, new_id, _) = dev.client("New").await?;
+    assert!(new_id > queued_id.max(held_id).max(rated_id), "a new conversation is numbered after the old ones: {new_id}");
+    Ok(())
+}
+
+async fn read(dev: &Dev, token: String, id: u64) -> anyhow::Result<Value> {
+    dev.api("GET", &format!("/api/conversations/{id}"), Some(&token), None).await.map(|(_, body)| body)
+}
+
+/// The cut-over of a cluster of three nodes of one group: every node stopped, node 1's
+/// folder split, node 1 started on it alone, nodes 2 and 3 started with empty folders
+/// and `join = true`. They are admitted, receive the split groups as snapshots, and
+/// serve the conversations written before the cut-over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_of_one_group_is_split_through_one_node_and_the_others_join_it() -> anyhow::Result<()> {
+    use switchboard_chaos_tests::{cli, Cluster};
+    let dir = tempfile::tempdir()?;
+    let mut cluster = Cluster::start_one_group(dir.path(), 3).await?;
+    let one = cluster.node(1);
+    let (mut waiting, waiting_id, _) = one.client("Waiting").await?;
+    for n in 0..3 {
+        send(&mut waiting, &format!("w{n}"), &format!("written before the split {n}")).await?;
+    }
+    let (mut gone, gone_id, _) = one.client("Gone").await?;
+    send(&mut gone, "g0", "and then I left").await?;
+    gone.send(&json!({"type": "close"})).await?;
+    gone.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "closed").await?;
+    drop((waiting, gone));
+    cluster.settled(Duration::from_secs(30)).await?;
+    let supervisor = one.login("supervisor").await?;
+    let (waiting_before, gone_before) = (read(one, supervisor.clone(), waiting_id).await?, read(one, supervisor, gone_id).await?);
+    assert_eq!(texts(&waiting_before).len(), 3);
+    for id in [3, 2, 1] {
+        cluster.stop(id).await?;
+    }
+
+    let folder = |id: usize| cluster.dir.join(format!("data/node-{id}"));
+    cli(["cluster", "split", "--data", &folder(1).display().to_string(), "--node-id", "1", "--shards", "2"], &[]).await?;
+    for id in 1..=3 {
+        let file = cluster.dir.join(format!("node-{id}.toml"));
+        let text = std::fs::read_to_string(&file)?;
+        let join = if id == 1 { "join = false" } else { "join = true" };
+        std::fs::write(&file, text.replace("join = false", &format!("{join}\nshards = 2")))?;
+        if id > 1 {
+            std::fs::remove_dir_all(folder(id))?;
+        }
+    }
+    cluster.restart(1).await?;
+    cluster.restart(2).await?;
+    cluster.restart(3).await?;
+    // Every node comes to vote in every group (placement), then holds the same state.
+    let voters_everywhere = |status: &Value| {
+        status["groups"].as_array().is_some_and(|groups| {
+            groups.len() == 4 && groups.iter().all(|g| g["voters"].as_array().is_some_and(|v| v.len() == 3))
+        })
+    };
+    eventually(Duration::from_secs(60), Duration::from_millis(200), || async { Ok(voters_everywhere(&cluster.status(1).await?).then_some(())) })
+        .await
+        .map_err(|e| anyhow::anyhow!("nodes 2 and 3 vote in every group: {e}"))?;
+    cluster.settled(Duration::from_secs(30)).await?;
+    for id in 1..=3 {
+        let node = cluster.node(id);
+        let supervisor = node.login("supervisor").await?;
+        let waiting_after = read(node, supervisor.clone(), waiting_id).await?;
+        assert_eq!(waiting_after["history"], waiting_before["history"], "node {id} holds the waiting conversation as it was");
+        assert_eq!(waiting_after["status"]["state"], "queued", "node {id}");
+        let gone_after = read(node, supervisor, gone_id).await?;
+        assert_eq!(gone_after["history"], gone_before["history"], "node {id} holds the closed one");
+    }
+    // The split cluster takes new conversations.
+    let (_new, new_id, _) = cluster.node(2).client("New").await?;
+    assert!(new_id > waiting_id.max(gone_id));
+    Ok(())
+}
