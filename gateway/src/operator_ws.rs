@@ -775,6 +775,31 @@ impl Session for OperatorSession {
             }
         }
         let wake = merge_wakeups(wakes);
+        // A desk that saw more of a feed than this node applied (it comes from a node
+        // or gateway that went away, and this one lags a little): this node catches up
+        // first, or the events between would reach the desk twice.
+        let mut ahead = false;
+        for (i, feed) in feeds.iter().enumerate() {
+            // As the hello counts them below: the routing feed by the operator's record.
+            let last = if i == 0 {
+                self.gw.backend.shard().read().operators.get(&self.operator).map_or(0, |op| op.feed.last_seq)
+            } else {
+                match feed.shard.feed_bounds(&self.operator).await {
+                    Ok(bounds) => bounds.map_or(0, |(_, last)| last),
+                    Err(_) => continue,
+                }
+            };
+            ahead |= match &self.resume {
+                Resume::Fresh => false,
+                Resume::From(seq) => *seq > last,
+                Resume::Cursor(at) => at.get(&feed.name).is_some_and(|seq| *seq > last),
+            };
+        }
+        if ahead {
+            if let Err(e) = self.gw.backend.read_barrier().await {
+                tracing::debug!(operator = %self.operator, error = %e, "a desk resumes past this node's feed and it could not catch up; the feed starts where it is");
+            }
+        }
         // The first feed is the routing shard's, whose state the hello is read from.
         let shard = self.gw.backend.shard();
         let backend = self.gw.backend.clone();
