@@ -187,13 +187,16 @@ impl ws::Pull for HistoryPull {
 impl ClientSession {
     /// Follows `conversation` after `after_seq`, writing `first` (`started`, `resumed`)
     /// as the follow takes over: no page of a conversation the socket followed before
-    /// comes after it. If the stream cannot be followed, `first` is still written, then
-    /// the error.
-    async fn follow(&mut self, conversation: ConversationId, after_seq: u64, out: &Outbox, first: Value) -> Result<(), Value> {
+    /// comes after it. If the stream cannot be followed, the error; for a conversation
+    /// just started (`always_first`), after `first`, which is all the visitor has of it.
+    /// A resume that cannot follow says only the error: the socket follows what it did.
+    async fn follow(&mut self, conversation: ConversationId, after_seq: u64, out: &Outbox, first: Value, always_first: bool) -> Result<(), Value> {
         let wake = match self.gw.backend.subscribe(StreamKey::Conversation(conversation)).await {
             Ok(wake) => wake,
             Err(e) => {
-                out.json(first).await;
+                if always_first {
+                    out.json(first).await;
+                }
                 return Err(frames::error(e.code(), &e.to_string(), None));
             }
         };
@@ -364,7 +367,7 @@ impl ClientSession {
                     "type": "started", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0,
                     "token": token, "visitor_token": visitor_token,
                 });
-                self.follow(conversation, 0, out, started).await?;
+                self.follow(conversation, 0, out, started, true).await?;
             }
             ClientIn::Resume { token, last_seq } => {
                 let conversation = match self.gw.tokens.verify(&token) {
@@ -415,7 +418,7 @@ impl ClientSession {
                     "type": "resumed", "protocol": frames::PROTOCOL_VERSION, "conversation": conversation.0, "last_seq": last,
                     "operator_read_upto": operator_read_upto,
                 });
-                self.follow(conversation, last_seq, out, resumed).await?;
+                self.follow(conversation, last_seq, out, resumed, false).await?;
             }
             ClientIn::Send { key, text, attachments } => {
                 // Every error for a `send` names it by its key, this one too: a gateway
