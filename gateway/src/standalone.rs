@@ -140,6 +140,8 @@ struct Map {
     /// A split cluster's conversation shards in order (conversation `id` lives in the
     /// `id % len`-th); empty on a cluster of one group or before any member told.
     conversations: Vec<Shard>,
+    /// The term each shard's leader in `conversations` claimed its leadership at.
+    shard_terms: Vec<u64>,
     version: u64,
 }
 
@@ -312,10 +314,23 @@ impl Upstreams {
                 }
             }
         }
+        // A claim at a term older than the leader this map knew, which still answers:
+        // one deposed and cut off that has not heard of the next term yet, while the
+        // new leader's answer is missing this round. The map keeps the newer leader.
+        for (i, shard) in shards.iter_mut().enumerate() {
+            let (Some(known), Some(&known_term)) = (map.conversations.get(i).and_then(|s| s.leader), map.shard_terms.get(i)) else { continue };
+            let answered = answers.iter().any(|(id, status, _)| *id == known && status.is_ok());
+            if answered && known_term > terms[i] && shard.group == map.conversations[i].group {
+                shard.leader = Some(known);
+                shard.holders = map.conversations[i].holders.clone();
+                terms[i] = known_term;
+            }
+        }
         // No member answered the shard poll this round (slow, or busy): the shards are
         // as they were, not gone. A member of one group answers with none.
         if answers.iter().any(|(_, status, reported)| status.is_ok() && reported.is_some()) {
             map.conversations = shards;
+            map.shard_terms = terms;
         }
         let mut leader_view: Option<Vec<(u64, String)>> = None;
         for (id, answer, _) in answers {
