@@ -853,6 +853,7 @@ impl Gateway {
     /// Commits a command, counting and timing it.
     pub async fn submit(&self, command: Command) -> Result<Reply, switchboard_actors::Error> {
         let started = Instant::now();
+        let command = clean_customer_text(command);
         // Refuse what the core would refuse, and answer repeated keys, before writing to
         // the log: bad input must not cost a replicated, flushed entry.
         let early = match self.backend.shard_for(&command) {
@@ -1294,9 +1295,40 @@ pub fn private_router(gw: Arc<Gateway>) -> Router {
         .with_state(gw)
 }
 
+
+/// A customer's text with its control characters (all but tab, line feed and carriage
+/// return) made U+FFFD: one such character is six bytes once written in JSON (`\u0001`),
+/// so a conversation's megabyte of customer text could reach staff as six. Made here,
+/// before anything is committed; the core never sees them.
+pub(crate) fn clean_customer_text(mut command: Command) -> Command {
+    let clean = |text: &mut String| {
+        if text.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+            *text = text.chars().map(|c| if c.is_control() && !matches!(c, '\t' | '\n' | '\r') { '\u{FFFD}' } else { c }).collect();
+        }
+    };
+    match &mut command {
+        Command::PostClientMessage { text, .. } | Command::ChannelInbound { text, .. } | Command::ChannelInboundRich { text, .. } => clean(text),
+        _ => {}
+    }
+    command
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Control characters in a customer's text become U+FFFD before anything is
+    /// committed; tab, line feed and carriage return stay, and so does the rest.
+    #[test]
+    fn a_customer_s_control_characters_are_replaced_before_they_are_committed() {
+        let command = Command::PostClientMessage { conversation: ConversationId(1), key: "k".into(), text: "a\u{1}b\u{7f}\u{85}\tc\r\nd 😀".into(), attachments: vec![] };
+        match clean_customer_text(command) {
+            Command::PostClientMessage { text, .. } => assert_eq!(text, "a\u{FFFD}b\u{FFFD}\u{FFFD}\tc\r\nd 😀"),
+            other => panic!("{other:?}"),
+        }
+        let inbound = Command::ChannelInbound { channel: switchboard_actors::model::ChannelId::new("tg"), sender: "1".into(), sender_name: String::new(), provider_message_id: "m".into(), text: "\u{0}".repeat(3) };
+        assert!(matches!(clean_customer_text(inbound), Command::ChannelInbound { text, .. } if text == "\u{FFFD}".repeat(3)));
+    }
 
     #[test]
     fn a_read_no_member_answered_is_retryable_and_a_core_refusal_is_not() {
