@@ -730,6 +730,18 @@ impl SnapshotFiles {
         Ok(name)
     }
 
+    /// Makes the received snapshot file at `path` (open as `file`) the snapshot of
+    /// `meta`: synced, renamed to its name, the folder synced. Returns the name.
+    fn adopt(&self, meta: &SnapshotMeta<NodeId, Node>, file: &std::fs::File, path: &Path) -> std::io::Result<String> {
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let name = format!("g{}-{index:020}-{stamp}.snapshot", self.group);
+        file.sync_all()?;
+        std::fs::rename(path, self.dir.join(&name))?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        Ok(name)
+    }
+
     /// A file to receive a snapshot into, chunk by chunk; swept at start if left.
     fn receiving_path(&self) -> PathBuf {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
@@ -1064,21 +1076,34 @@ impl StateMachineStore {
         let mut inner = self.inner.lock().await;
         let mut received = snapshot.into_std().await;
         let (snapshots, for_file) = (self.snapshots.clone(), meta.clone());
+        let receiving = self.receiving.lock().unwrap_or_else(|p| p.into_inner()).take();
         let file = tokio::task::spawn_blocking(move || {
             use std::io::Seek;
             // A cut or damaged transfer is refused before it replaces anything.
             received.seek(std::io::SeekFrom::Start(0))?;
             crate::state::verify_dump(&mut received)?;
-            received.seek(std::io::SeekFrom::Start(0))?;
-            snapshots.write_with(&for_file, |out| std::io::copy(&mut received, out).map(|_| ()))
+            // The received file itself becomes the snapshot (synced and renamed), not a
+            // copy of it: openraft's core waits on this install before its purge, so it
+            // stays short however large the state. Only if it is the file given.
+            let same = |path: &Path| -> std::io::Result<bool> {
+                use std::os::unix::fs::MetadataExt;
+                let (given, named) = (received.metadata()?, std::fs::metadata(path)?);
+                Ok(given.dev() == named.dev() && given.ino() == named.ino())
+            };
+            match receiving {
+                Some(path) if same(&path).unwrap_or(false) => snapshots.adopt(&for_file, &received, &path),
+                other => {
+                    if let Some(path) = other {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    received.seek(std::io::SeekFrom::Start(0))?;
+                    snapshots.write_with(&for_file, |out| std::io::copy(&mut received, out).map(|_| ()))
+                }
+            }
         })
         .await
         .map_err(|e| write_err(&e))?
         .map_err(|e| write_err(&e))?;
-        let received = self.receiving.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(received) = received {
-            let _ = std::fs::remove_file(received);
-        }
         let path = self.snapshots.path(&file);
         if !self.keep(meta, file).await? {
             // A newer snapshot is kept already, its records durable: the purge behind
