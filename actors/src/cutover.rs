@@ -68,6 +68,10 @@ pub struct Splitter {
     routed: BTreeSet<ConversationId>,
     /// Conversations a bot holds, which the routing shard does not know.
     with_bot: BTreeSet<ConversationId>,
+    /// Records of conversations whose key sorts before the conversation's own (`Q`
+    /// queue time, `X` returning customer's operator), held until it says whether the
+    /// routing shard tracks them: only open conversations have them.
+    held: std::collections::BTreeMap<ConversationId, Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
 type Out = Vec<(SplitPart, Vec<u8>, Vec<u8>)>;
@@ -85,7 +89,7 @@ fn last_id(key: &[u8]) -> Result<ConversationId, Error> {
 
 impl Splitter {
     pub fn new(shards: u64) -> Self {
-        Splitter { shards: shards.max(1), routed: BTreeSet::new(), with_bot: BTreeSet::new() }
+        Splitter { shards: shards.max(1), routed: BTreeSet::new(), with_bot: BTreeSet::new(), held: Default::default() }
     }
 
     fn shard(&self, id: ConversationId) -> SplitPart {
@@ -166,12 +170,16 @@ impl Splitter {
                         self.check_sender(&conv)?;
                         self.routed.insert(id);
                         out.push((SplitPart::Routing, key.to_vec(), value.to_vec()));
+                        for (key, value) in self.held.remove(&id).unwrap_or_default() {
+                            out.push((SplitPart::Routing, key, value));
+                        }
                     }
                     ConversationStatus::Closed => out.push((SplitPart::Routing, key.to_vec(), value.to_vec())),
                 }
                 if conv.status == ConversationStatus::WithBot {
                     self.check_sender(&conv)?;
                 }
+                self.held.remove(&id);
                 // A conversation shard never hears of offers.
                 let status = match conv.status.clone() {
                     ConversationStatus::Queued { ticket, .. } => ConversationStatus::Queued { ticket, offer: None },
@@ -180,7 +188,12 @@ impl Splitter {
                 out.push((self.shard(id), key.to_vec(), encode(&Conversation { status, ..conv })));
                 out
             }
-            b'q' | b'h' | b'j' | b'Q' | b'X' => self.conversation_keyed(id_at(key, 1)?, key, value),
+            b'q' | b'h' | b'j' => self.conversation_keyed(id_at(key, 1)?, key, value),
+            b'Q' | b'X' => {
+                let id = id_at(key, 1)?;
+                self.held.entry(id).or_default().push((key.to_vec(), value.to_vec()));
+                vec![(self.shard(id), key.to_vec(), value.to_vec())]
+            }
             b'a' | b'T' | b'U' | b'M' | b'D' => vec![(self.shard(id_at(key, 1)?), key.to_vec(), value.to_vec())],
             b'v' | b'e' => vec![(self.shard(last_id(key)?), key.to_vec(), value.to_vec())],
             b'w' => vec![(self.shard(ConversationId(!last_id(key)?.0)), key.to_vec(), value.to_vec())],

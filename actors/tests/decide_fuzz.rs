@@ -1504,6 +1504,8 @@ proptest! {
         }
         let loads = |s: &ShardState| s.operators.iter().map(|(id, op)| (id.clone(), (op.load(), op.presence))).collect::<BTreeMap<_, _>>();
         prop_assert_eq!(loads(&split.r.state), loads(&whole), "routing holds every operator's load and presence");
+        prop_assert_eq!(&split.r.state.queued_since, &whole.queued_since, "routing knows since when each conversation waits");
+        prop_assert_eq!(&split.r.state.sticky, &whole.sticky, "and whom a returning customer's conversation goes to first");
         for id in all_records(&store).keys().filter(|k| k.first() == Some(&b'c')).filter_map(|k| k.get(1..9)).map(|b| ConversationId(u64::from_be_bytes(b.try_into().unwrap_or_default()))) {
             let shard = &split.cs[(id.0 % SHARDS) as usize];
             prop_assert_eq!(history_of(&shard.store, id), history_of(&store, id), "{}: its whole history is in its shard", id);
