@@ -261,6 +261,17 @@ async fn a_folder_of_one_group_is_split_offline_and_goes_on_where_it_stopped() -
     // The folder is split now: it no longer opens as one group.
     let refused = cli(["cluster", "split", "--data", &data.display().to_string()], &[]).await.expect_err("split twice");
     assert!(refused.to_string().contains("split"), "{refused}");
+    // A crash between the swap's two renames: no folder in place. A start refuses
+    // (it would make an empty cluster there), and the command run again finishes it.
+    let unfinished = dir.path().join("data.split-new");
+    std::fs::rename(&data, &unfinished)?;
+    let refused = Dev::start_with(switchboard_chaos_tests::binary()?, &data, &["--shards", "2"]).await.err().expect("a start on an unfinished cut-over");
+    assert!(format!("{refused:#}").contains("was interrupted"), "{refused:#}");
+    assert!(!data.join("records").exists() && !data.join("layout").exists(), "the refused start made no node there");
+    // (What the test's launcher made there, its log, clashes with the folder's own.)
+    std::fs::remove_file(data.join("node.log"))?;
+    let finished = String::from_utf8(cli(["cluster", "split", "--data", &data.display().to_string(), "--shards", "2"], &[]).await?)?;
+    assert!(finished.contains("finished the cut-over"), "{finished}");
 
     let dev = Dev::start_with(switchboard_chaos_tests::binary()?, &data, &["--shards", "2"]).await?;
     let supervisor = dev.login("supervisor").await?;

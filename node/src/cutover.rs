@@ -22,7 +22,10 @@ use switchboard_actors::cutover::{SplitPart, Splitter};
 use crate::groups::{FIRST_C, G0, R};
 
 /// What a cut-over did.
+#[derive(Default)]
 pub(crate) struct CutOver {
+    /// A cut-over a crash interrupted between its two renames was finished instead.
+    pub finished_interrupted: bool,
     /// Records written per group.
     pub records: BTreeMap<GroupId, u64>,
     /// Records of the old group read.
@@ -46,9 +49,40 @@ fn group_of(part: SplitPart) -> GroupId {
 /// with `shards` conversation shards (see the module's documentation).
 pub(crate) fn split_folder(data: &Path, node_id: u64, shards: u64) -> anyhow::Result<CutOver> {
     anyhow::ensure!((1..=64).contains(&shards), "a split node has 1 to 64 conversation shards, not {shards}");
-    anyhow::ensure!(data.join("records").exists(), "{} holds no node's records: there is nothing to split", data.display());
     let kept = sibling(data, "one-group")?;
+    let new = sibling(data, "split-new")?;
+    let holds_node = |dir: &Path| ["records", "log", "layout"].iter().any(|n| dir.join(n).exists());
+    if !holds_node(data) && kept.exists() && new.join("layout").exists() {
+        // A crash came between the two renames: the old folder is aside, the new one
+        // whole (its layout file is written last): the second rename finishes it. What
+        // was made in its place since (a log file) goes into it.
+        if data.exists() {
+            for entry in std::fs::read_dir(data).with_context(|| format!("read {}", data.display()))? {
+                let entry = entry?;
+                let to = new.join(entry.file_name());
+                anyhow::ensure!(!to.exists(), "{} and {} both exist: move one away, then split again", entry.path().display(), to.display());
+                std::fs::rename(entry.path(), &to)?;
+            }
+            std::fs::remove_dir(data).with_context(|| format!("remove {}", data.display()))?;
+        }
+        std::fs::rename(&new, data).with_context(|| format!("rename {} to {}", new.display(), data.display()))?;
+        sync_parent(data)?;
+        return Ok(CutOver { finished_interrupted: true, kept, ..CutOver::default() });
+    }
+    anyhow::ensure!(data.join("records").exists(), "{} holds no node's records: there is nothing to split", data.display());
     anyhow::ensure!(!kept.exists(), "{} exists: a folder split before is kept there; move it away first", kept.display());
+    // The new folder is made beside the old one and renamed into its place: both must
+    // be on one file system, so the data folder cannot be a mount point of its own.
+    let parent = data.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    {
+        use std::os::unix::fs::MetadataExt;
+        let (here, above) = (std::fs::metadata(data)?, std::fs::metadata(parent)?);
+        anyhow::ensure!(
+            here.dev() == above.dev(),
+            "{} is a mount point: the split folder is made beside it and renamed into its place, which cannot cross file systems. Mount the volume one level up (the data folder a folder in it), or copy the folder onto the volume that holds its parent, then split",
+            data.display()
+        );
+    }
     let lock_path = data.join("switchboard.lock");
     let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
@@ -56,7 +90,6 @@ pub(crate) fn split_folder(data: &Path, node_id: u64, shards: u64) -> anyhow::Re
     }
     crate::split::check_layout(data, None)?;
 
-    let new = sibling(data, "split-new")?;
     if new.exists() {
         // A cut-over that did not finish: the old folder is untouched, start again.
         std::fs::remove_dir_all(&new).with_context(|| format!("remove the unfinished {}", new.display()))?;
@@ -72,9 +105,19 @@ pub(crate) fn split_folder(data: &Path, node_id: u64, shards: u64) -> anyhow::Re
     }
     let mut read = 0u64;
     let mut splitter = Splitter::new(shards);
+    // Attachment files the records name that this node does not have (a file needs
+    // copies on a majority only): the other members' folders may hold the only ones.
+    let (mut missing, mut first_missing) = (0u64, None);
+    let files = data.join("attachments");
     let point = switchboard_raft::store::export_group(&old, 1, &data.join("log").join("g1"), |chunk| {
         for (key, value) in chunk {
             read += 1;
+            if let Some(id) = key.strip_prefix(b"A").and_then(|id| std::str::from_utf8(id).ok()) {
+                if !files.join(id).exists() {
+                    missing += 1;
+                    first_missing.get_or_insert_with(|| id.to_owned());
+                }
+            }
             for (part, key, value) in splitter.route(&key, &value).map_err(|e| e.to_string())? {
                 let seed = seeds.get_mut(&group_of(part)).ok_or_else(|| format!("no group for {part:?}"))?;
                 seed.put(&key, &value).map_err(|e| e.to_string())?;
@@ -83,6 +126,13 @@ pub(crate) fn split_folder(data: &Path, node_id: u64, shards: u64) -> anyhow::Re
         Ok(())
     })?;
     drop(old);
+    if let Some(first) = first_missing {
+        let _ = std::fs::remove_dir_all(&new);
+        anyhow::bail!(
+            "{missing} attachment files the records name are not in {} (the first: {first}); another member holds them. Start the old cluster so that this node fetches them (it looks every 10 s), stop it, and split again; or split another member's folder",
+            files.display()
+        );
+    }
 
     // This node alone votes in every new group, at the address it had.
     let membership = point.membership.membership();
@@ -110,17 +160,61 @@ pub(crate) fn split_folder(data: &Path, node_id: u64, shards: u64) -> anyhow::Re
         }
         link_tree(&entry.path(), &new.join(&name))?;
     }
-    switchboard_raft::files::write_private(&new.join("layout"), format!("split shards={shards}\n").as_bytes())?;
-    sync_tree_dirs(&new)?;
+    // The new folder belongs to whoever owns the old one (the service's user, when the
+    // split is run as root). Its layout file comes last: a folder with one is whole.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(data)?;
+        chown_tree(&new, owner.uid(), owner.gid())?;
+        std::fs::set_permissions(&new, owner.permissions())?;
+        sync_tree_dirs(&new)?;
+        let layout = new.join("layout");
+        switchboard_raft::files::write_private(&layout, format!("split shards={shards}\n").as_bytes())?;
+        std::os::unix::fs::lchown(&layout, Some(owner.uid()), Some(owner.gid()))?;
+        sync_tree_dirs(&new)?;
+    }
 
     // The swap: the old folder aside, the new one in its place, each rename durable.
     drop(lock);
-    let parent = data.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::rename(data, &kept).with_context(|| format!("rename {} to {}", data.display(), kept.display()))?;
-    std::fs::File::open(parent).and_then(|d| d.sync_all())?;
+    sync_parent(data)?;
     std::fs::rename(&new, data).with_context(|| format!("rename {} to {}", new.display(), data.display()))?;
-    std::fs::File::open(parent).and_then(|d| d.sync_all())?;
-    Ok(CutOver { records, read, at: point.applied.index, kept })
+    sync_parent(data)?;
+    Ok(CutOver { records, read, at: point.applied.index, kept, finished_interrupted: false })
+}
+
+/// Syncs the folder that holds `path`.
+fn sync_parent(path: &Path) -> anyhow::Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(parent).and_then(|d| d.sync_all()).with_context(|| format!("sync {}", parent.display()))
+}
+
+/// Refuses to start on `data` while a cut-over of it is unfinished: a crash between
+/// its renames leaves no folder there, and a start would make an empty one and with it
+/// a new, empty cluster.
+pub(crate) fn refuse_unfinished(data: &Path) -> anyhow::Result<()> {
+    let (kept, new) = (sibling(data, "one-group")?, sibling(data, "split-new")?);
+    if new.join("layout").exists() && kept.exists() && !["records", "log", "layout"].iter().any(|n| data.join(n).exists()) {
+        anyhow::bail!(
+            "a cut-over of {} into the split was interrupted ({} is whole, the old folder is {}): run `switchboard cluster split --data {}` again to finish it",
+            data.display(),
+            new.display(),
+            kept.display(),
+            data.display()
+        );
+    }
+    Ok(())
+}
+
+/// Gives `dir` and everything under it to `uid`:`gid` (symbolic links themselves).
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).with_context(|| format!("give {} to its folder's owner", dir.display()))?;
+    if std::fs::symlink_metadata(dir)?.is_dir() {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 /// `<folder>.<suffix>` beside `data`.
@@ -135,7 +229,11 @@ fn sibling(data: &Path, suffix: &str) -> anyhow::Result<PathBuf> {
 /// linking fails, across file systems).
 fn link_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
     let kind = std::fs::symlink_metadata(from).with_context(|| format!("read {}", from.display()))?;
-    if kind.is_dir() {
+    if kind.file_type().is_symlink() {
+        // A link (certificates or files kept on another volume) stays a link.
+        let target = std::fs::read_link(from).with_context(|| format!("read the link {}", from.display()))?;
+        std::os::unix::fs::symlink(&target, to).with_context(|| format!("link {} to {}", to.display(), target.display()))?;
+    } else if kind.is_dir() {
         std::fs::create_dir_all(to).with_context(|| format!("create {}", to.display()))?;
         for entry in std::fs::read_dir(from).with_context(|| format!("read {}", from.display()))? {
             let entry = entry?;
@@ -146,6 +244,8 @@ fn link_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
             std::fs::copy(from, to).with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
             std::fs::File::open(to).and_then(|f| f.sync_all())?;
         }
+    } else {
+        anyhow::bail!("{} is neither a file, a folder nor a link: move it out of the data folder, then split", from.display());
     }
     Ok(())
 }

@@ -1749,6 +1749,7 @@ where
 }
 
 pub async fn start(options: NodeOptions) -> anyhow::Result<RunningNode> {
+    crate::cutover::refuse_unfinished(&options.data_dir)?;
     std::fs::create_dir_all(&options.data_dir).with_context(|| format!("create {}", options.data_dir.display()))?;
     let name = format!("node-{}", options.node_id);
     let identity = match &options.certs_dir {

@@ -777,6 +777,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     if !options.members.is_empty() && !options.members.iter().any(|(id, _)| *id == options.node_id) {
         anyhow::bail!("node {} is not among the cluster's members", options.node_id);
     }
+    crate::cutover::refuse_unfinished(&options.data_dir)?;
     std::fs::create_dir_all(&options.data_dir).with_context(|| format!("create {}", options.data_dir.display()))?;
     let lock_path = options.data_dir.join("switchboard.lock");
     let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;

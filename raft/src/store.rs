@@ -312,7 +312,7 @@ pub fn export_group(
 ) -> Result<GroupPoint, crate::Error> {
     let trees = Trees::open(keyspace, group)?;
     let state = StateTree::new(keyspace.clone(), state_partition(keyspace, group)?);
-    let once = "start the node once as it was (it applies what is left), stop it, and split again";
+    let once = "start the node as it was (with the other members of its cluster, which it needs to commit), let it catch up, stop it, and split again; or split the member that led last";
     if state.get_own(INSTALLING_KEY)?.is_some() {
         return Err(storage(format!("group {group}'s records were left mid-install by a crash: {once}")));
     }
