@@ -155,7 +155,7 @@ pub(crate) fn split_folder(data: &Path, node_id: u64, shards: u64) -> anyhow::Re
     for entry in std::fs::read_dir(data).with_context(|| format!("read {}", data.display()))? {
         let entry = entry?;
         let name = entry.file_name();
-        if matches!(name.to_str(), Some("records" | "records.ready" | "log" | "snapshots" | "switchboard.lock")) {
+        if matches!(name.to_str(), Some("records" | "records.ready" | "records.creating" | "log" | "snapshots" | "switchboard.lock")) {
             continue;
         }
         link_tree(&entry.path(), &new.join(&name))?;

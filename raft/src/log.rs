@@ -140,11 +140,18 @@ fn segment_name(first: u64) -> String {
 /// between its creation and that sync.
 pub(crate) fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
     if dir.exists() {
-        // Every folder above it: which of them a crash left unsynced is not known.
-        let mut at = dir.parent();
-        while let Some(parent) = at {
-            File::open(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })?.sync_all()?;
-            at = parent.parent().filter(|p| !p.as_os_str().is_empty());
+        // Its parent, and the one above (the log's folder in the data folder), as a
+        // creation a crash interrupted may have left them; a folder this process may
+        // not read higher up is not its own to sync.
+        let mut at = dir.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+        for level in 0..2 {
+            let Some(parent) = at else { break };
+            match File::open(parent).and_then(|d| d.sync_all()) {
+                Ok(()) => {}
+                Err(e) if level == 0 => return Err(e),
+                Err(_) => break,
+            }
+            at = parent.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }).filter(|p| *p != parent);
         }
         return Ok(());
     }
@@ -621,9 +628,12 @@ fn load_segment(first: u64, path: &Path, newest: bool) -> Result<Option<Segment>
     // header and first entries were written together, and every sync that covered an
     // entry covered the header too, so it holds no acknowledged entry (what a torn
     // write left of the entries after the header is not read).
-    if newest && bytes[..HEADER_BYTES as usize].iter().all(|b| *b == 0) {
+    // Its first record shares the header's page and was written with it: it is torn
+    // too. A zeroed header before a whole first record is damage, refused below.
+    let header = HEADER_BYTES as usize;
+    if newest && bytes[..header].iter().all(|b| *b == 0) && (bytes.len() == header || (record_at(&bytes, header).is_err() && torn_at(&bytes, header))) {
         if bytes.iter().any(|b| *b != 0) {
-            tracing::warn!(segment = %name, "dropping the newest log segment, whose header a crash left unwritten (it held no acknowledged entry)");
+            tracing::warn!(segment = %name, "dropping the newest log segment, whose first page a crash left unwritten (it held no acknowledged entry)");
         }
         return Ok(None);
     }

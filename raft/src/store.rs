@@ -120,13 +120,23 @@ fn state_partition(keyspace: &fjall::Keyspace, group: u64) -> Result<fjall::Part
 /// cluster work must create groups' partitions behind a mark of their own).
 pub fn open_keyspace(dir: &Path, groups: &[u64]) -> Result<fjall::Keyspace, crate::Error> {
     // fjall does not create a keyspace or a partition atomically: a process killed
-    // while it does leaves a folder it cannot open again. So the first start creates
-    // the keyspace and the partitions of `groups`, syncs them, and only then writes the
-    // `<dir>.ready` mark; a folder without the mark holds nothing yet and is made anew.
-    let ready = dir.with_extension("ready");
+    // while it does leaves a folder it cannot open again. So the first start writes the
+    // `<dir>.creating` mark, creates the keyspace and the partitions of `groups`, syncs
+    // them, and only then writes the `<dir>.ready` mark and removes the first; a folder
+    // with `.creating` and without `.ready` holds nothing yet and is made anew. One with
+    // neither (restored from a backup without its mark) is opened as it is.
+    let (ready, creating) = (dir.with_extension("ready"), dir.with_extension("creating"));
     if dir.exists() && !ready.exists() {
-        tracing::warn!(folder = %dir.display(), "the record store's creation was interrupted; creating it again");
-        std::fs::remove_dir_all(dir)?;
+        if creating.exists() {
+            tracing::warn!(folder = %dir.display(), "the record store's creation was interrupted; creating it again");
+            std::fs::remove_dir_all(dir)?;
+        } else {
+            tracing::warn!(folder = %dir.display(), "the record store has no mark saying its creation finished (restored without it?); opening it as it is");
+            crate::files::write_private(&ready, b"created\n")?;
+        }
+    }
+    if !dir.exists() && !ready.exists() {
+        crate::files::write_private(&creating, b"creating\n")?;
     }
     let keyspace = fjall::Config::new(dir)
         .cache_size(16 * 1024 * 1024)
@@ -140,6 +150,11 @@ pub fn open_keyspace(dir: &Path, groups: &[u64]) -> Result<fjall::Keyspace, crat
         }
         keyspace.persist(fjall::PersistMode::SyncAll)?;
         crate::files::write_private(&ready, b"created\n")?;
+    }
+    match std::fs::remove_file(&creating) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
     }
     Ok(keyspace)
 }

@@ -373,12 +373,14 @@ async fn a_forgetting_cut_short_is_finished_at_the_next_open() -> anyhow::Result
 }
 
 /// A first start killed while fjall created the record store leaves a folder fjall
-/// cannot open (a partition half made): without the `.ready` mark it holds nothing yet
-/// and is made anew; with the mark, it is opened as it is.
+/// cannot open (a partition half made): with the `.creating` mark and without `.ready`
+/// it holds nothing yet and is made anew; with `.ready`, it is opened as it is, and so
+/// is one with neither mark (restored from a backup without it), never deleted.
 #[test]
 fn a_record_store_whose_creation_was_cut_short_is_made_anew() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let records = dir.path().join("records");
+    std::fs::write(dir.path().join("records.creating"), b"creating\n")?;
     std::fs::create_dir_all(records.join("partitions/g1-state"))?;
     std::fs::write(records.join("version"), b"\x46\x4a\x4c\x02")?;
     std::fs::write(records.join("partitions/g1-state/.tmpUka0Rz"), b"half")?;
@@ -389,6 +391,13 @@ fn a_record_store_whose_creation_was_cut_short_is_made_anew() -> anyhow::Result<
     drop(keyspace);
     let keyspace = switchboard_raft::store::open_keyspace(&records, &[1])?;
     assert_eq!(keyspace.open_partition("g1-state", Default::default())?.get("r-kept")?.as_deref(), Some(&b"yes"[..]), "a made store is kept");
+    assert!(!dir.path().join("records.creating").exists(), "the creation's mark is gone");
+    drop(keyspace);
+    // Restored from a backup without its mark: opened, not made anew.
+    std::fs::remove_file(dir.path().join("records.ready"))?;
+    let keyspace = switchboard_raft::store::open_keyspace(&records, &[1])?;
+    assert_eq!(keyspace.open_partition("g1-state", Default::default())?.get("r-kept")?.as_deref(), Some(&b"yes"[..]), "a store without its mark is kept");
+    assert!(dir.path().join("records.ready").exists(), "and marked");
     Ok(())
 }
 
@@ -428,10 +437,11 @@ fn a_read_beside_a_truncation_sees_whole_entries() {
     assert_eq!(log.read(50, 51).expect("read")[0].log_id.leader_id.term, 2, "the cut and the new entries went ahead after the read");
 }
 
-/// The newest segment's header never reached the disk (a power loss after its header
-/// and first entries were written together, before any sync covered them): it held no
-/// acknowledged entry, so it is dropped and the log ends with the segment before it.
-/// The same zeroed header on an older segment is damage.
+/// The newest segment's first sector never reached the disk (a power loss after its
+/// header and first entries were written together, before any sync covered them): it
+/// held no acknowledged entry, so it is dropped and the log ends with the segment
+/// before it. A zeroed header before a whole first record is damage, and so is a
+/// zeroed header on an older segment.
 #[test]
 fn a_newest_segment_whose_header_never_reached_the_disk_is_dropped() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -440,10 +450,11 @@ fn a_newest_segment_whose_header_never_reached_the_disk_is_dropped() {
     let files = log.segment_files();
     assert!(files.len() >= 3, "several segments: {files:?}");
     drop(log);
-    let zero_header = |path: &std::path::Path| {
+    let zero = |path: &std::path::Path, bytes: usize| {
         let mut file = std::fs::OpenOptions::new().write(true).open(path).expect("open segment");
-        file.write_all(&[0u8; 16]).expect("write");
+        file.write_all(&vec![0u8; bytes]).expect("write");
     };
+    let zero_header = |path: &std::path::Path| zero(path, 16);
     let older = &files[files.len() - 2];
     let pristine = std::fs::read(older).expect("read");
     zero_header(older);
@@ -452,7 +463,11 @@ fn a_newest_segment_whose_header_never_reached_the_disk_is_dropped() {
 
     let newest = files.last().expect("a segment");
     let first_of_newest: u64 = newest.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse().ok()).expect("named by its first index");
+    let pristine = std::fs::read(newest).expect("read");
     zero_header(newest);
+    assert!(SegmentLog::open_sized(dir.path(), 4096, || Ok(LogMeta::default())).is_err(), "a zeroed header before a whole first record is damage");
+    std::fs::write(newest, &pristine).expect("restore");
+    zero(newest, 512);
     let log = SegmentLog::open_sized(dir.path(), 4096, || Ok(LogMeta::default())).expect("the open goes on");
     assert_eq!(log.state().1.map(|l| l.index), Some(first_of_newest - 1), "the log ends where the segment before it ends");
     assert!(!newest.exists(), "the headerless segment is gone");
