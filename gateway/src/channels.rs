@@ -898,7 +898,7 @@ async fn api_inbound_files(gw: &Gateway, channel: &ChannelId, body: InboundBody)
     }
     // With files the caption may be empty; otherwise as the core takes a text.
     if !text.is_empty() {
-        switchboard_actors::core::check_text(&text)?;
+        switchboard_actors::core::check_text(&crate::clean_text(&text))?;
     }
     for (i, file) in body.files.iter().enumerate() {
         if let Some(kind) = file.content_type.as_deref().map(|t| t.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()) {

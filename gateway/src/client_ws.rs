@@ -427,7 +427,7 @@ impl ClientSession {
                 let conversation = self.conversation.ok_or_else(|| frames::error("no_conversation", "send \"start\" or \"resume\" first", Some(&reference)))?;
                 self.charge(conversation, Some(&reference))?;
                 let attachments = attachments.into_iter().map(AttachmentId).collect();
-                let preview: String = text.chars().take(PREVIEW_CHARS).collect();
+                let preview: String = crate::clean_text(&text).chars().take(PREVIEW_CHARS).collect();
                 // The ack and the message's own frame go out in one write.
                 let _answer = out.answer_coming();
                 match self.gw.submit_keyed(Command::PostClientMessage { conversation, key: key.clone(), text, attachments }).await {

@@ -1296,18 +1296,29 @@ pub fn private_router(gw: Arc<Gateway>) -> Router {
 }
 
 
-/// A customer's text with its control characters (all but tab, line feed and carriage
-/// return) made U+FFFD: one such character is six bytes once written in JSON (`\u0001`),
-/// so a conversation's megabyte of customer text could reach staff as six. Made here,
+/// `text` with its control characters but tab, line feed and carriage return replaced:
+/// those that are whitespace (vertical tab, form feed, next line) by a space, the rest
+/// by U+FFFD. One such character is six bytes once written in JSON (`\u0001`).
+pub(crate) fn clean_text(text: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && !matches!(c, '\t' | '\n' | '\r');
+    if !text.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(text.chars().map(|c| if !bad(c) { c } else if c.is_whitespace() { ' ' } else { '\u{FFFD}' }).collect())
+}
+
+/// A customer's texts (a message, a rating's comment) cleaned by [`clean_text`], so a
+/// conversation's megabyte of customer text cannot reach staff as six. Made here,
 /// before anything is committed; the core never sees them.
 pub(crate) fn clean_customer_text(mut command: Command) -> Command {
     let clean = |text: &mut String| {
-        if text.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
-            *text = text.chars().map(|c| if c.is_control() && !matches!(c, '\t' | '\n' | '\r') { '\u{FFFD}' } else { c }).collect();
+        if let std::borrow::Cow::Owned(clean) = clean_text(text) {
+            *text = clean;
         }
     };
     match &mut command {
         Command::PostClientMessage { text, .. } | Command::ChannelInbound { text, .. } | Command::ChannelInboundRich { text, .. } => clean(text),
+        Command::Rate { comment, .. } => clean(comment),
         _ => {}
     }
     command
@@ -1323,7 +1334,7 @@ mod tests {
     fn a_customer_s_control_characters_are_replaced_before_they_are_committed() {
         let command = Command::PostClientMessage { conversation: ConversationId(1), key: "k".into(), text: "a\u{1}b\u{7f}\u{85}\tc\r\nd 😀".into(), attachments: vec![] };
         match clean_customer_text(command) {
-            Command::PostClientMessage { text, .. } => assert_eq!(text, "a\u{FFFD}b\u{FFFD}\u{FFFD}\tc\r\nd 😀"),
+            Command::PostClientMessage { text, .. } => assert_eq!(text, "a\u{FFFD}b\u{FFFD} \tc\r\nd 😀", "NEL is whitespace: a space"),
             other => panic!("{other:?}"),
         }
         let inbound = Command::ChannelInbound { channel: switchboard_actors::model::ChannelId::new("tg"), sender: "1".into(), sender_name: String::new(), provider_message_id: "m".into(), text: "\u{0}".repeat(3) };

@@ -779,7 +779,7 @@ impl Session for OperatorSession {
         // or gateway that went away, and this one lags a little): this node catches up
         // first, or the events between would reach the desk twice.
         let mut ahead = false;
-        for (i, feed) in feeds.iter().enumerate() {
+        for (i, feed) in feeds.iter().enumerate().filter(|_| !matches!(self.resume, Resume::Fresh)) {
             // As the hello counts them below: the routing feed by the operator's record.
             let last = if i == 0 {
                 self.gw.backend.shard().read().operators.get(&self.operator).map_or(0, |op| op.feed.last_seq)

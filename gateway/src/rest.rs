@@ -461,6 +461,9 @@ async fn put_group(
         Some(None) => Some(None),
         None => None,
     };
+    // What is left out keeps the group's value as the cluster has it, not as this node
+    // last applied it: a PUT made a moment ago through another node counts.
+    gw.backend.directory_barrier().await.map_err(|e| GatewayError::Core(switchboard_actors::Error::Unreachable(e)))?;
     let (steps, hours, before) = {
         let shard = gw.backend.directory_shard();
         let state = shard.read();

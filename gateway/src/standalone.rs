@@ -291,13 +291,19 @@ impl Upstreams {
         // highest term if two do (one cut off that has not heard of the next term).
         let mut shards: Vec<Shard> = Vec::new();
         let mut terms: Vec<u64> = Vec::new();
+        // The newest term any member names for each shard's leader, its own or another.
+        let mut named: Vec<u64> = Vec::new();
         for (id, status, reported) in &answers {
             let Some(reported) = reported.as_ref().filter(|_| status.is_ok()) else { continue };
             if reported.len() > shards.len() {
                 shards.resize(reported.len(), Shard::default());
                 terms.resize(reported.len(), 0);
+                named.resize(reported.len(), 0);
             }
             for (i, s) in reported.iter().enumerate() {
+                if let Some((_, term)) = s.leader {
+                    named[i] = named[i].max(term);
+                }
                 if shards[i].group == 0 {
                     shards[i].group = s.group;
                 }
@@ -316,11 +322,12 @@ impl Upstreams {
         }
         // A claim at a term older than the leader this map knew, which still answers:
         // one deposed and cut off that has not heard of the next term yet, while the
-        // new leader's answer is missing this round. The map keeps the newer leader.
+        // new leader's answer is missing this round. The map keeps the newer leader,
+        // unless some member names a newer one still (the known one stepped down).
         for (i, shard) in shards.iter_mut().enumerate() {
             let (Some(known), Some(&known_term)) = (map.conversations.get(i).and_then(|s| s.leader), map.shard_terms.get(i)) else { continue };
             let answered = answers.iter().any(|(id, status, _)| *id == known && status.is_ok());
-            if answered && known_term > terms[i] && shard.group == map.conversations[i].group {
+            if answered && known_term > terms[i] && known_term >= named[i] && shard.group == map.conversations[i].group {
                 shard.leader = Some(known);
                 shard.holders = map.conversations[i].holders.clone();
                 terms[i] = known_term;
@@ -1310,9 +1317,12 @@ impl Tracker {
             }
         }
         // Written again, a frame may grow past what a member takes from a gateway (its
-        // numbers written out in full): refused here rather than closed there.
+        // numbers written out in full): refused here rather than closed there, named as
+        // a member names its answers (an operator's `ref`, else the frame's type).
         if stamped.as_ref().is_some_and(|s| s.len() > text.len() + crate::ws::RELAYED_STAMP_BYTES) {
-            return Err(crate::frames::error("bad_frame", "this frame grows too large when relayed: write its numbers as integers or plain decimals", None));
+            let reference = frame.get("ref").filter(|r| !r.is_null() && self.surface != Surface::Client);
+            let error = crate::frames::error("bad_frame", "this frame grows too large when relayed: write its numbers as integers or plain decimals", reference);
+            return Err(crate::frames::answering(error, Some(kind.as_str())));
         }
         let text = stamped.as_deref().unwrap_or(text);
         // A start's key names no answer (`ack`s and errors name a `send`'s).
@@ -1334,7 +1344,8 @@ impl Tracker {
         let cost = held + kind.len() + key.as_ref().map_or(0, String::len) + value_len(&reference) + token_len;
         if self.pending.len() >= MAX_PENDING || self.pending_bytes + cost > MAX_PENDING_BYTES {
             let reference = reference.clone().or_else(|| key.clone().map(Value::String));
-            return Err(crate::frames::error("rate_limited", "too many requests without an answer yet; this one was not sent", reference.as_ref()));
+            let error = crate::frames::error("rate_limited", "too many requests without an answer yet; this one was not sent", reference.as_ref());
+            return Err(crate::frames::answering(error, Some(kind.as_str())));
         }
         if self.surface == Surface::Client && kind == "resume" {
             if let Some(token) = frame.get("token").and_then(Value::as_str) {
@@ -1695,11 +1706,12 @@ impl Tracker {
                 "resume" => {}
                 _ => {
                     let reference = pending.reference.clone().or_else(|| pending.key.clone().map(Value::String));
-                    actions.push(Replay::Answer(crate::frames::error(
+                    let error = crate::frames::error(
                         "unavailable",
                         "the node serving this socket stopped before answering; the request may or may not have taken effect",
                         reference.as_ref(),
-                    )))
+                    );
+                    actions.push(Replay::Answer(crate::frames::answering(error, Some(pending.kind.as_str()))))
                 }
             }
         }
