@@ -293,6 +293,9 @@ function PresenceBar(props: { session: OperatorSession; state: OpState; alerts: 
   const { state, session, alerts } = props;
   const [muted, setMuted] = useState(alerts.muted);
   const [choosing, setChoosing] = useState(false);
+  // Going offline while holding conversations: asked first, as they stay assigned
+  // and their customers wait for an answer.
+  const [confirmOffline, setConfirmOffline] = useState(false);
   const set = (p: Presence) => {
     // Going online is a click: the moment to ask for desktop notifications.
     if (p === 'online') alerts.askPermission();
@@ -333,13 +336,40 @@ function PresenceBar(props: { session: OperatorSession; state: OpState; alerts: 
             data-testid={'presence-' + p}
             disabled={!state.me}
             aria-expanded={p === 'break' && state.pauseReasons.length ? choosing : undefined}
-            onClick={() => (p === 'break' && state.pauseReasons.length ? setChoosing(!choosing) : set(p))}
+            onClick={() =>
+              p === 'break' && state.pauseReasons.length
+                ? setChoosing(!choosing)
+                : p === 'offline' && state.convs.size > 0 && state.presence !== 'offline'
+                  ? setConfirmOffline(true)
+                  : set(p)
+            }
           >
             <span class={'dot dot-' + p} aria-hidden="true" />
             {t(('presence_' + p) as any)}
           </button>
         ))}
       </div>
+      {confirmOffline && (
+        <Dialog title={t('offline_confirm_title')} testid="offline-confirm" onClose={() => setConfirmOffline(false)}>
+          <p>{t('offline_confirm_text', { count: state.convs.size })}</p>
+          <div class="row">
+            <button
+              type="button"
+              class="danger"
+              data-testid="offline-confirm-go"
+              onClick={() => {
+                setConfirmOffline(false);
+                set('offline');
+              }}
+            >
+              {t('offline_confirm_go')}
+            </button>
+            <button type="button" data-testid="offline-confirm-stay" onClick={() => setConfirmOffline(false)}>
+              {t('cancel')}
+            </button>
+          </div>
+        </Dialog>
+      )}
       {choosing && (
         // A break is taken for one of the reasons the admin configured.
         <div class="row wrap" role="group" aria-label={t('break_reason')} data-testid="break-reasons">
