@@ -260,7 +260,7 @@ async fn a_folder_of_one_group_is_split_offline_and_goes_on_where_it_stopped() -
     assert!(dir.path().join("data.one-group").join("records").exists(), "the old folder is kept");
     // The folder is split now: it no longer opens as one group.
     let refused = cli(["cluster", "split", "--data", &data.display().to_string()], &[]).await.expect_err("split twice");
-    assert!(refused.to_string().contains("split"), "{refused}");
+    assert!(refused.to_string().contains("is split already"), "{refused}");
     // A crash between the swap's two renames: no folder in place. A start refuses
     // (it would make an empty cluster there), and the command run again finishes it.
     let unfinished = dir.path().join("data.split-new");

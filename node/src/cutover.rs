@@ -26,6 +26,8 @@ use crate::groups::{FIRST_C, G0, R};
 pub(crate) struct CutOver {
     /// A cut-over a crash interrupted between its two renames was finished instead.
     pub finished_interrupted: bool,
+    /// Conversation shards the folder has now.
+    pub shards: u64,
     /// Records written per group.
     pub records: BTreeMap<GroupId, u64>,
     /// Records of the old group read.
@@ -65,10 +67,20 @@ pub(crate) fn split_folder(data: &Path, node_id: u64, shards: u64) -> anyhow::Re
             }
             std::fs::remove_dir(data).with_context(|| format!("remove {}", data.display()))?;
         }
+        let layout = std::fs::read_to_string(new.join("layout")).unwrap_or_default();
         std::fs::rename(&new, data).with_context(|| format!("rename {} to {}", new.display(), data.display()))?;
         sync_parent(data)?;
-        return Ok(CutOver { finished_interrupted: true, kept, ..CutOver::default() });
+        let made: u64 = layout.trim().strip_prefix("split shards=").and_then(|n| n.parse().ok()).unwrap_or(shards);
+        return Ok(CutOver { finished_interrupted: true, kept, shards: made, ..CutOver::default() });
     }
+    if let Ok(layout) = std::fs::read_to_string(data.join("layout")) {
+        anyhow::bail!("{} is split already ({}): there is nothing to do", data.display(), layout.trim());
+    }
+    anyhow::ensure!(
+        !data.join("sled").join("db").exists() && !data.join("sled").join("conf").exists(),
+        "{} is kept in sled by an older build: start the node once with this build (it moves the folder out of sled), stop it, and split again",
+        data.display()
+    );
     anyhow::ensure!(data.join("records").exists(), "{} holds no node's records: there is nothing to split", data.display());
     anyhow::ensure!(!kept.exists(), "{} exists: a folder split before is kept there; move it away first", kept.display());
     // The new folder is made beside the old one and renamed into its place: both must
@@ -76,6 +88,11 @@ pub(crate) fn split_folder(data: &Path, node_id: u64, shards: u64) -> anyhow::Re
     let parent = data.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     {
         use std::os::unix::fs::MetadataExt;
+        anyhow::ensure!(
+            !std::fs::symlink_metadata(data)?.file_type().is_symlink(),
+            "{} is a link: give the folder it names, which the split folder is made beside",
+            data.display()
+        );
         let (here, above) = (std::fs::metadata(data)?, std::fs::metadata(parent)?);
         anyhow::ensure!(
             here.dev() == above.dev(),
@@ -91,7 +108,8 @@ pub(crate) fn split_folder(data: &Path, node_id: u64, shards: u64) -> anyhow::Re
     crate::split::check_layout(data, None)?;
 
     if new.exists() {
-        // A cut-over that did not finish: the old folder is untouched, start again.
+        // A cut-over that did not finish (no layout file yet): the old folder is as it
+        // was (its record store opened as a start opens it), start again.
         std::fs::remove_dir_all(&new).with_context(|| format!("remove the unfinished {}", new.display()))?;
     }
     std::fs::create_dir_all(&new).with_context(|| format!("create {}", new.display()))?;
@@ -175,12 +193,14 @@ pub(crate) fn split_folder(data: &Path, node_id: u64, shards: u64) -> anyhow::Re
     }
 
     // The swap: the old folder aside, the new one in its place, each rename durable.
-    drop(lock);
+    // The lock is held throughout (it follows its folder): no node starts on the old
+    // folder meanwhile.
     std::fs::rename(data, &kept).with_context(|| format!("rename {} to {}", data.display(), kept.display()))?;
     sync_parent(data)?;
     std::fs::rename(&new, data).with_context(|| format!("rename {} to {}", new.display(), data.display()))?;
     sync_parent(data)?;
-    Ok(CutOver { records, read, at: point.applied.index, kept, finished_interrupted: false })
+    drop(lock);
+    Ok(CutOver { records, read, at: point.applied.index, kept, finished_interrupted: false, shards })
 }
 
 /// Syncs the folder that holds `path`.
@@ -206,10 +226,17 @@ pub(crate) fn refuse_unfinished(data: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Gives `dir` and everything under it to `uid`:`gid` (symbolic links themselves).
+/// Gives what this run made under `dir` to `uid`:`gid`: folders, links, copies and new
+/// files, never a file hard-linked from the old folder (one file: its owner is the
+/// kept folder's too, and stays as it was).
 fn chown_tree(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.is_file() && meta.nlink() > 1 {
+        return Ok(());
+    }
     std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).with_context(|| format!("give {} to its folder's owner", dir.display()))?;
-    if std::fs::symlink_metadata(dir)?.is_dir() {
+    if meta.is_dir() {
         for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
             chown_tree(&entry?.path(), uid, gid)?;
         }
@@ -235,6 +262,7 @@ fn link_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
         std::os::unix::fs::symlink(&target, to).with_context(|| format!("link {} to {}", to.display(), target.display()))?;
     } else if kind.is_dir() {
         std::fs::create_dir_all(to).with_context(|| format!("create {}", to.display()))?;
+        std::fs::set_permissions(to, kind.permissions()).with_context(|| format!("set the mode of {}", to.display()))?;
         for entry in std::fs::read_dir(from).with_context(|| format!("read {}", from.display()))? {
             let entry = entry?;
             link_tree(&entry.path(), &to.join(entry.file_name()))?;

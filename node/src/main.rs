@@ -693,6 +693,7 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
             let done = tokio::task::spawn_blocking(move || cutover::split_folder(&args.data, args.node_id, args.shards)).await??;
             if done.finished_interrupted {
                 println!("finished the cut-over of {} a crash had interrupted; the old folder is kept as {}", data.display(), done.kept.display());
+                println!("start the node with `shards = {}` in its file (or `switchboard dev --shards {}`)", done.shards, done.shards);
                 return Ok(());
             }
             println!("read {} records of the group, applied up to entry {}", done.read, done.at);
@@ -700,7 +701,7 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
                 println!("group {group}: {records} records");
             }
             println!("the old folder is kept as {}; remove it once the split node runs", done.kept.display());
-            println!("start the node with `shards = {}` in its file (or `switchboard dev --shards {}`); other members of the old cluster join it anew (`join = true`, an empty data folder): never start them on their old folders, which would make the old cluster again", done.records.len().saturating_sub(2), done.records.len().saturating_sub(2));
+            println!("start the node with `shards = {}` in its file (or `switchboard dev --shards {}`); other members of the old cluster join it anew (`join = true`, an empty data folder): never start them on their old folders, which would make the old cluster again", done.shards, done.shards);
             Ok(())
         }
         ClusterCmd::Status(args) => {

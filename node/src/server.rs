@@ -1768,6 +1768,8 @@ std::fs::create_dir_all(&options.data_dir)?;
     if lock.try_lock().is_err() {
         anyhow::bail!("another switchboard is using the data folder {}", options.data_dir.display());
     }
+    // Again under the lock: a cut-over may have swapped the folder since the first look.
+    crate::cutover::refuse_unfinished(&options.data_dir)?;
     crate::split::check_layout(&options.data_dir, None)?;
     let db = switchboard_raft::store::open_keyspace(&options.data_dir.join("records"), &[SHARD_GROUP]).context("open the record store")?;
     let log_dir = options.data_dir.join("log").join(format!("g{SHARD_GROUP}"));

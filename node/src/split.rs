@@ -784,6 +784,8 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     if lock.try_lock().is_err() {
         anyhow::bail!("another switchboard is using the data folder {}", options.data_dir.display());
     }
+    // Again under the lock: a cut-over may have swapped the folder since the first look.
+    crate::cutover::refuse_unfinished(&options.data_dir)?;
     check_layout(&options.data_dir, Some(shards))?;
     let name = format!("node-{}", options.node_id);
     let identity = match &options.certs_dir {
