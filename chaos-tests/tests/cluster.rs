@@ -1138,3 +1138,34 @@ async fn typing_and_read_marks_reach_a_socket_on_another_node() -> anyhow::Resul
     assert_eq!(read["conversation"].as_u64(), Some(conversation), "{read}");
     Ok(())
 }
+
+/// A supervisor whose socket is on a member that does not lead sees a waiting
+/// conversation cross its group's SLA as it happens, like one on the leader (whose
+/// group actor wakes the floor): every replica's floor wakes itself at the next
+/// crossing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_s_floor_shows_a_wait_crossing_the_sla() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = switchboard_chaos_tests::Cluster::start_one_group(dir.path(), 3).await?;
+    let leader = cluster.leader().await?;
+    let follower = if leader == 1 { 2 } else { 1 };
+    let on_leader = cluster.node(leader);
+    let admin = on_leader.login("admin").await?;
+    let (status, body) = on_leader
+        .api("PUT", "/api/skill-groups/general", Some(&admin), Some(serde_json::json!({"name": "General", "sla_ms": 1500})))
+        .await?;
+    anyhow::ensure!(status == 200, "set sla: {status} {body}");
+    cluster.settled(Duration::from_secs(10)).await?;
+    let node = cluster.node(follower);
+    let supervisor = node.login("supervisor").await?;
+    let mut floor = switchboard_gateway::client::WsClient::connect(&node.private, &format!("/ws/supervisor?token={supervisor}"), None).await?;
+    let (_client, _conversation, _) = node.client("Ann").await?;
+    let general = |v: &serde_json::Value| v["queues"].as_array().and_then(|q| q.iter().find(|g| g["group"] == "general")).cloned();
+    let within = floor.wait_for(switchboard_chaos_tests::WAIT, |v| v["type"] == "floor" && general(v).is_some_and(|g| g["waiting"] == 1)).await?;
+    assert_eq!(general(&within).unwrap_or_default()["within_sla"], 1);
+    floor
+        .wait_for(Duration::from_secs(5), |v| v["type"] == "floor" && general(v).is_some_and(|g| g["waiting"] == 1 && g["within_sla"] == 0))
+        .await
+        .map_err(|e| anyhow::anyhow!("node {follower} (leader {leader}) never showed the wait crossing 1.5 s: {e}"))?;
+    Ok(())
+}

@@ -224,7 +224,7 @@ impl SupervisorSession {
         if let Some(old) = std::mem::replace(&mut self.merger, merger) {
             old.abort();
         }
-        let pull = Box::new(FloorPull { shard, watched, moved, reported: None, failed: false });
+        let pull = Box::new(FloorPull { shard, watched, moved, reported: None, failed: false, crossing: None });
         out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL), paged: false, first: None }).await;
         Ok(())
     }
@@ -244,12 +244,37 @@ struct FloorPull {
     reported: Option<u64>,
     /// The last read of the watched conversation failed (its holder did not answer).
     failed: bool,
+    /// When the next waiting conversation crosses its group's SLA, as of the last pull.
+    crossing: Option<tokio::time::Instant>,
+}
+
+/// In how long the first conversation waiting within its group's SLA crosses it: the
+/// floor's `within_sla` changes then with no entry applied. Every replica's floor
+/// pulls again at that moment (the group's actor, which wakes the leader's floor, runs
+/// on the leader only).
+pub(crate) fn next_sla_crossing(state: &ShardState, now: switchboard_actors::model::Timestamp) -> Option<u64> {
+    state
+        .groups
+        .values()
+        .flat_map(|g| {
+            g.queue.iter().filter_map(move |(_, id)| {
+                let waited = now.millis_since(state.conversations.get(id)?.created_at);
+                (waited <= g.config.sla_ms).then(|| g.config.sla_ms - waited + 1)
+            })
+        })
+        .min()
 }
 
 impl ws::Pull for FloorPull {
     fn pull(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Value>> + Send + '_>> {
         Box::pin(async move {
-            let mut frames = vec![floor(&self.shard.read(), now_ms())];
+            let (floor_frame, crossing) = {
+                let state = self.shard.read();
+                let now = now_ms();
+                (floor(&state, now), next_sla_crossing(&state, now))
+            };
+            self.crossing = crossing.map(|ms| tokio::time::Instant::now() + std::time::Duration::from_millis(ms));
+            let mut frames = vec![floor_frame];
             let again = std::mem::take(&mut self.failed);
             let moved = self.moved.swap(false, Relaxed);
             if let Some((id, reads)) = self.watched.as_ref().filter(|_| moved || again) {
@@ -274,6 +299,10 @@ impl ws::Pull for FloorPull {
 
     fn retry(&self) -> bool {
         self.failed
+    }
+
+    fn changes_at(&self) -> Option<tokio::time::Instant> {
+        self.crossing
     }
 }
 

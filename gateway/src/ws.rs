@@ -138,6 +138,11 @@ pub trait Pull: Send {
     fn retry(&self) -> bool {
         false
     }
+    /// When what the last pull returned changes by itself, with no entry applied (a
+    /// waiting conversation crossing its group's SLA): the writer pulls again then.
+    fn changes_at(&self) -> Option<tokio::time::Instant> {
+        None
+    }
 }
 
 /// How long a writer waits before it pulls again after a failed read; twice as long
@@ -736,6 +741,9 @@ async fn write_loop(mut write: Writer, mut rx: mpsc::Receiver<Out>, answer_comin
                         retry_at = Some(tokio::time::Instant::now() + pull_retry_after(failed_pulls));
                     } else {
                         failed_pulls = 0;
+                    }
+                    if let Some(at) = pull.changes_at() {
+                        retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
                     }
                     // More may be waiting: pull again once this page is written, so a
                     // socket that does not read holds one page, not the history.
