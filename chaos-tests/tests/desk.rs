@@ -167,6 +167,10 @@ async fn todays_kpis_count_what_the_floor_did() -> anyhow::Result<()> {
 
     let alice_token = dev.login("alice").await?;
     assert_eq!(dev.api("GET", "/api/kpis", Some(&alice_token), None).await?.0, 403);
+    // Without the role, 403 whatever the query: the role is checked before it is read.
+    for path in ["/api/kpis?since=x", "/api/pauses?since=x", "/api/audit?limit=x"] {
+        assert_eq!(dev.api("GET", path, Some(&alice_token), None).await?.0, 403, "{path}");
+    }
     let (status, body) = dev.api("GET", "/api/kpis?since=1", Some(&supervisor), None).await?;
     assert_eq!(status, 400, "{body}");
     Ok(())

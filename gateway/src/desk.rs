@@ -244,7 +244,7 @@ pub(crate) struct KpiQuery {
 
 /// `GET /api/kpis`: each skill group's figures from `since` (default: midnight UTC
 /// today; rounded down to the hour; at most 7 days back) until now.
-pub(crate) async fn kpis(State(gw): State<Arc<Gateway>>, staff: Staff, Params(query): Params<KpiQuery>) -> Result<Json<Value>, GatewayError> {
+pub(crate) async fn kpis(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::SupervisorStaff, Params(query): Params<KpiQuery>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
     let now = switchboard_actors::actors::now_ms().0;
     let hour = window_start(query.since, now)?;
@@ -355,7 +355,7 @@ pub(crate) async fn put_pause_reasons(State(gw): State<Arc<Gateway>>, crate::res
 /// `GET /api/pauses?since=` (supervisor): each operator's time on break per reason
 /// since `since` (rounded down to the hour; default midnight UTC; at most 7 days back),
 /// a break still running counted up to now.
-pub(crate) async fn pauses(State(gw): State<Arc<Gateway>>, staff: Staff, Params(query): Params<KpiQuery>) -> Result<Json<Value>, GatewayError> {
+pub(crate) async fn pauses(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::SupervisorStaff, Params(query): Params<KpiQuery>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Supervisor)?;
     let now = switchboard_actors::actors::now_ms();
     let hour = window_start(query.since, now.0)?;
@@ -485,7 +485,7 @@ pub(crate) struct AuditQuery {
 }
 
 /// `GET /api/audit?limit=` (admin): the newest audit trail entries, newest first.
-pub(crate) async fn audit(State(gw): State<Arc<Gateway>>, staff: Staff, Params(query): Params<AuditQuery>) -> Result<Json<Value>, GatewayError> {
+pub(crate) async fn audit(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(staff): crate::rest::AdminStaff, Params(query): Params<AuditQuery>) -> Result<Json<Value>, GatewayError> {
     staff.require(Role::Admin)?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let entries: Vec<Value> = gw

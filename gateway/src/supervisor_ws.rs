@@ -221,11 +221,14 @@ impl SupervisorSession {
                 (rx, Some(tokio::spawn(merge(floor_wake, conversation_wake, tx, moved.clone()))))
             }
         };
-        if let Some(old) = std::mem::replace(&mut self.merger, merger) {
-            old.abort();
-        }
+        let old = std::mem::replace(&mut self.merger, merger);
         let pull = Box::new(FloorPull { shard, watched, moved, reported: None, failed: false, crossing: None });
         out.follow(Follow { wake, pull, signals: None, min_interval: Some(FLOOR_INTERVAL), paged: false, first: None }).await;
+        // Only once the writer has the new wake-ups: ending the old merger first would
+        // end the stream the writer still waits on, and with it the socket.
+        if let Some(old) = old {
+            old.abort();
+        }
         Ok(())
     }
 }
