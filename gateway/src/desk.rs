@@ -102,13 +102,14 @@ pub(crate) async fn my_conversations(State(gw): State<Arc<Gateway>>, staff: Staf
             scanned += 1;
             let shard = gw.backend.conversation_reads(id);
             let Some(conv) = shard.conversation(id).await? else { continue };
-            let recent = recent_entries(shard.as_ref(), &conv).await?;
+            // The match first: a conversation that does not match costs no preview read.
             if !needle.is_empty() && !matches(shard.as_ref(), &conv, &needle).await? {
                 if scanned >= budget {
                     break 'scan;
                 }
                 continue;
             }
+            let recent = recent_entries(shard.as_ref(), &conv).await?;
             found.push(summary(&conv, &recent, &operator));
             if found.len() >= limit || scanned >= budget {
                 break 'scan;
