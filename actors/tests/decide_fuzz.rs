@@ -1029,6 +1029,23 @@ impl Split {
         }
     }
 
+    /// Runs `steps` from `now` on, each with the letters it lets through, then lets
+    /// every letter arrive and checks that the groups agree.
+    fn run(&mut self, steps: &[(u64, Step, Vec<Post>)], mut now: u64) {
+        for (pause, step, posts) in steps {
+            now += pause;
+            // Resolved against what routing knows (offers, holders); a conversation
+            // shard that has not heard of an assignment yet refuses the holder's reply.
+            let command = resolve(&self.r.state, step);
+            self.submit(&Envelope::new(Timestamp(now), command));
+            for post in posts {
+                self.deliver(post, Timestamp(now));
+            }
+        }
+        self.drain(Timestamp(now));
+        check_agreement(self);
+    }
+
     /// Every letter in flight arrives, in order, until no group has any.
     fn drain(&mut self, at: Timestamp) {
         for _ in 0..10_000 {
@@ -1091,24 +1108,13 @@ proptest! {
     ) {
         PURGED.with(|p| p.set(false));
         let mut split = Split::new(&setup);
-        let mut now = 1000;
+        let now = 1000;
         for command in prelude(&setup) {
             split.submit(&Envelope::new(Timestamp(now), command));
             // The directory reaches the conversation shards before the sequence starts.
             split.drain(Timestamp(now));
         }
-        for (pause, step, posts) in &steps {
-            now += pause;
-            // Resolved against what routing knows (offers, holders); a conversation
-            // shard that has not heard of an assignment yet refuses the holder's reply.
-            let command = resolve(&split.r.state, step);
-            split.submit(&Envelope::new(Timestamp(now), command));
-            for post in posts {
-                split.deliver(post, Timestamp(now));
-            }
-        }
-        split.drain(Timestamp(now));
-        check_agreement(&split);
+        split.run(&steps, now);
     }
 }
 
@@ -1512,16 +1518,6 @@ proptest! {
             prop_assert_eq!(seen_by(shard, id).map(|(s, _)| s.clone()).is_some(), true);
         }
         check_agreement(&split);
-
-        for (pause, step, posts) in &after {
-            now += pause;
-            let command = resolve(&split.r.state, step);
-            split.submit(&Envelope::new(Timestamp(now), command));
-            for post in posts {
-                split.deliver(post, Timestamp(now));
-            }
-        }
-        split.drain(Timestamp(now));
-        check_agreement(&split);
+        split.run(&after, now);
     }
 }
