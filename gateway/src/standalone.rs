@@ -340,6 +340,10 @@ impl Upstreams {
             map.shard_terms = terms;
         }
         let mut leader_view: Option<Vec<(u64, String)>> = None;
+        // Two members may both claim to lead for a moment (one cut off from the rest
+        // has not heard of the next election): the claim more members name wins, then
+        // the leader the map had, then the higher id.
+        let leader = choose_leader(answers.iter().filter_map(|(_, answer, _)| answer.as_ref().ok()).map(|s| (s.node, s.leader, s.ready)), map.leader);
         for (id, answer, _) in answers {
             let Some(member) = map.members.get_mut(&id) else {
                 continue;
@@ -349,8 +353,10 @@ impl Upstreams {
                     member.alive = true;
                     member.ready = status.ready;
                     if status.leader == Some(status.node) && status.ready {
-                        map.leader = Some(status.node);
-                        leader_view = Some(status.members.clone());
+                        if leader == Some(status.node) {
+                            map.leader = Some(status.node);
+                            leader_view = Some(status.members.clone());
+                        }
                     } else if map.leader.is_none() {
                         map.leader = status.leader;
                     }
@@ -778,6 +784,19 @@ struct Head {
 
 /// Bytes of frames from the member a relayed socket may hold unwritten to its client.
 pub const RELAY_UNWRITTEN_BYTES: usize = 256 * 1024;
+
+/// The routing leader among members' answers `(node, the leader it names, ready)`: of
+/// those that claim it and are ready, the one most members name; on a tie the leader
+/// the map had, then the highest id.
+fn choose_leader(answers: impl Iterator<Item = (u64, Option<u64>, bool)>, known: Option<u64>) -> Option<u64> {
+    let answers: Vec<(u64, Option<u64>, bool)> = answers.collect();
+    let named = |id: u64| answers.iter().filter(|(_, leader, _)| *leader == Some(id)).count();
+    answers
+        .iter()
+        .filter(|(node, leader, ready)| *leader == Some(*node) && *ready)
+        .map(|(node, _, _)| *node)
+        .max_by_key(|node| (named(*node), Some(*node) == known, *node))
+}
 
 struct RelaySession {
     start: Option<Pinned>,
@@ -2069,6 +2088,21 @@ mod tests {
             [Replay::Answer(frame)] => assert_eq!((frame["code"].as_str(), frame["ref"].as_str()), (Some("unavailable"), Some("c1"))),
             other => panic!("expected one unavailable answer, got {} actions", other.len()),
         }
+    }
+
+    /// Two members claim to lead (one cut off that has not heard of the election): the
+    /// one the other members name wins, whichever answered last or has the higher id.
+    #[test]
+    fn of_two_leaders_claimed_the_one_the_members_name_is_taken() {
+        // Node 3 was cut off and still claims; 1 and 2 know that 1 leads now.
+        let answers = [(1, Some(1), true), (2, Some(1), true), (3, Some(3), true)];
+        assert_eq!(choose_leader(answers.into_iter(), Some(3)), Some(1));
+        // A tie (only the two claimants answered): the leader the map had stays.
+        let answers = [(1, Some(1), true), (3, Some(3), true)];
+        assert_eq!(choose_leader(answers.into_iter(), Some(1)), Some(1));
+        assert_eq!(choose_leader(answers.into_iter(), Some(3)), Some(3));
+        // A claimant not ready is not taken; no claim, no leader.
+        assert_eq!(choose_leader([(1, Some(1), false), (2, Some(1), true)].into_iter(), None), None);
     }
 
     /// A frame that re-serialising would enlarge past what a member takes from a gateway
