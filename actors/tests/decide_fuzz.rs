@@ -924,10 +924,8 @@ fn run_checked(group: &mut Group, entry: &Envelope) -> Result<(Reply, core::Outc
     result
 }
 
-/// The conversation shard a hash of `parts` picks, as a split node picks it.
-fn spread(parts: &[&str]) -> u64 {
-    let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
-    switchboard_actors::cutover::stable_hash(&parts) % SHARDS
+fn spread(text: &str) -> u64 {
+    text.bytes().map(u64::from).sum::<u64>() % SHARDS
 }
 
 impl Split {
@@ -950,12 +948,12 @@ impl Split {
         let by_id = |id: &ConversationId| vec![(id.0 % SHARDS) as usize];
         match placement::target(command) {
             placement::Target::Conversation(id) => by_id(&id),
-            placement::Target::NewConversation { visitor: Some(visitor) } => vec![spread(&[&visitor]) as usize],
+            placement::Target::NewConversation { visitor: Some(visitor) } => vec![spread(&visitor) as usize],
             placement::Target::NewConversation { visitor: None } => {
                 self.anonymous += 1;
                 vec![(self.anonymous % SHARDS) as usize]
             }
-            placement::Target::Sender { channel, sender } => vec![spread(&[channel.as_str(), &sender]) as usize],
+            placement::Target::Sender { channel, sender } => vec![spread(&format!("{channel}:{sender}")) as usize],
             placement::Target::OwnConversationShard => match command {
                 Command::DeliveriesAttempted { items, .. } => items.first().map(|(c, _)| by_id(c)).unwrap_or_default(),
                 Command::DeliveryResults { results } => results.first().map(|r| by_id(&r.conversation)).unwrap_or_default(),
@@ -1476,7 +1474,9 @@ proptest! {
                     // Only a sender's open conversation in the wrong shard refuses it.
                     let misplaced = whole.conversations.values().any(|c| {
                         c.status != ConversationStatus::Closed
-                            && c.visitor.id.as_deref().and_then(|v| v.strip_prefix(&format!("{}:", c.channel))).is_some_and(|sender| spread(&[c.channel.as_str(), sender]) != c.id.0 % SHARDS)
+                            && c.visitor.id.as_deref().and_then(|v| v.strip_prefix(&format!("{}:", c.channel))).is_some_and(|sender| {
+                                switchboard_actors::cutover::stable_hash(&[c.channel.as_str().as_bytes(), sender.as_bytes()]) % SHARDS != c.id.0 % SHARDS
+                            })
                     });
                     prop_assert!(misplaced, "refused without a misplaced sender conversation: {refused}");
                     return Ok(());
