@@ -61,15 +61,28 @@ pub(crate) async fn upgrade(
 
 /// The floor as supervisors see it, read from committed state.
 pub(crate) fn floor(state: &ShardState, now: switchboard_actors::model::Timestamp) -> Value {
+    // The online operators of each group, in one pass over the operators (not one per
+    // group: a floor of hundreds of groups and thousands of operators is built under
+    // the routing state's read lock, for every supervisor socket).
+    let mut online_in: std::collections::HashMap<&switchboard_actors::model::SkillGroupId, Vec<&switchboard_actors::state::Operator>> = std::collections::HashMap::new();
+    for op in state.operators.values().filter(|o| o.presence == Presence::Online) {
+        for group in &op.config.groups {
+            let listed = online_in.entry(group).or_default();
+            // A group named twice in an operator's list counts them once.
+            if !listed.last().is_some_and(|o| o.config.id == op.config.id) {
+                listed.push(op);
+            }
+        }
+    }
     let queues: Vec<Value> = state
         .groups
         .values()
         .map(|g| {
             let (mut waiting, mut offered, mut longest, mut within) = (0u64, 0u64, 0u64, 0u64);
             let mut listed = Vec::new();
-            // Who could take a conversation of this group right now.
-            let online: Vec<&switchboard_actors::state::Operator> =
-                state.operators.values().filter(|o| o.config.groups.contains(&g.config.id) && o.presence == Presence::Online).collect();
+            // Who could take a conversation of this group right now (in id order, as
+            // the operators are kept).
+            let online: Vec<&switchboard_actors::state::Operator> = online_in.get(&g.config.id).cloned().unwrap_or_default();
             let free: Vec<&switchboard_actors::state::Operator> = online.iter().copied().filter(|o| state.has_any_room(o)).collect();
             let closed = state.group_closed(&g.config.id, now);
             // In the order they are offered (rules 5: priority, then arrival).
