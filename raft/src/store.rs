@@ -136,6 +136,9 @@ pub fn open_keyspace(dir: &Path, groups: &[u64]) -> Result<fjall::Keyspace, crat
         }
     }
     if !dir.exists() && !ready.exists() {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
         crate::files::write_private(&creating, b"creating\n")?;
     }
     let keyspace = fjall::Config::new(dir)
