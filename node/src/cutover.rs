@@ -53,7 +53,6 @@ pub(crate) fn split_folder(data: &Path, node_id: u64, shards: u64) -> anyhow::Re
     anyhow::ensure!((1..=64).contains(&shards), "a split node has 1 to 64 conversation shards, not {shards}");
     let kept = sibling(data, "one-group")?;
     let new = sibling(data, "split-new")?;
-    let holds_node = |dir: &Path| ["records", "log", "layout"].iter().any(|n| dir.join(n).exists());
     if !holds_node(data) && kept.exists() && new.join("layout").exists() {
         // A crash came between the two renames: the old folder is aside, the new one
         // whole (its layout file is written last): the second rename finishes it. What
@@ -214,7 +213,7 @@ fn sync_parent(path: &Path) -> anyhow::Result<()> {
 /// a new, empty cluster.
 pub(crate) fn refuse_unfinished(data: &Path) -> anyhow::Result<()> {
     let (kept, new) = (sibling(data, "one-group")?, sibling(data, "split-new")?);
-    if new.join("layout").exists() && kept.exists() && !["records", "log", "layout"].iter().any(|n| data.join(n).exists()) {
+    if new.join("layout").exists() && kept.exists() && !holds_node(data) {
         anyhow::bail!(
             "a cut-over of {} into the split was interrupted ({} is whole, the old folder is {}): run `switchboard cluster split --data {}` again to finish it",
             data.display(),
@@ -242,6 +241,11 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `dir` holds a node's state (its records, log or layout file).
+fn holds_node(dir: &Path) -> bool {
+    ["records", "log", "layout"].iter().any(|n| dir.join(n).exists())
 }
 
 /// `<folder>.<suffix>` beside `data`.

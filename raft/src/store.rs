@@ -727,12 +727,17 @@ impl SnapshotFiles {
         self.dir.join(file)
     }
 
+    /// A new snapshot file's name: the group, the last index it holds, and when it was made.
+    fn new_name(&self, meta: &SnapshotMeta<NodeId, Node>) -> String {
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        format!("g{}-{index:020}-{stamp}.snapshot", self.group)
+    }
+
     /// Writes a new snapshot file with `fill` (temporary name, fsync, rename) and
     /// returns its name. Blocking.
     fn write_with(&self, meta: &SnapshotMeta<NodeId, Node>, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> std::io::Result<String> {
-        let index = meta.last_log_id.map_or(0, |l| l.index);
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let name = format!("g{}-{index:020}-{stamp}.snapshot", self.group);
+        let name = self.new_name(meta);
         let partial = self.dir.join(format!("{name}.partial"));
         let written = (|| {
             let mut out = std::fs::File::create(&partial)?;
@@ -751,9 +756,7 @@ impl SnapshotFiles {
     /// Makes the received snapshot file at `path` (open as `file`) the snapshot of
     /// `meta`: synced, renamed to its name, the folder synced. Returns the name.
     fn adopt(&self, meta: &SnapshotMeta<NodeId, Node>, file: &std::fs::File, path: &Path) -> std::io::Result<String> {
-        let index = meta.last_log_id.map_or(0, |l| l.index);
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let name = format!("g{}-{index:020}-{stamp}.snapshot", self.group);
+        let name = self.new_name(meta);
         file.sync_all()?;
         std::fs::rename(path, self.dir.join(&name))?;
         std::fs::File::open(&self.dir)?.sync_all()?;
