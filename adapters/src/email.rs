@@ -185,7 +185,9 @@ pub fn read_one_mail(input: impl std::io::Read, mut output: impl std::io::Write)
     let outcome: Result<Mail, String> = if raw.len() as u64 > MAX_READ_BYTES {
         Err(format!("the mail is larger than {MAX_READ_BYTES} bytes"))
     } else {
-        parse(&raw).map_err(|e| e.to_string())
+        // A parser that panics on a mail would fail it again on every delivery: the mail
+        // is refused for good, not deferred.
+        std::panic::catch_unwind(|| parse(&raw).map_err(|e| e.to_string())).unwrap_or_else(|_| Err("the mail could not be parsed (the parser failed on it)".into()))
     };
     let bytes = bincode::serde::encode_to_vec(&outcome, bincode::config::standard()).map_err(std::io::Error::other)?;
     output.write_all(&bytes)?;

@@ -1526,6 +1526,16 @@ async fn the_smtp_listener_bounds_what_an_anonymous_peer_sends() -> anyhow::Resu
     big.extend_from_slice(b".\r\n");
     assert!(peer.say(&big).await?.starts_with("552 5.3.4"));
     assert!(peer.say(b"NOOP\r\n").await?.starts_with("250"));
+    // A `.` line ended by a bare LF does not end a mail (a mail server in front would
+    // pass it as content): what follows it is not taken as commands and a second mail
+    // with another From; the mail, with its bare LFs, is refused whole at its real end.
+    assert!(peer.say(b"MAIL FROM:<a@example.org>\r\n").await?.starts_with("250"));
+    assert!(peer.say(b"RCPT TO:<support@example.com>\r\n").await?.starts_with("250"));
+    assert!(peer.say(b"DATA\r\n").await?.starts_with("354"));
+    let smuggling = b"From: a@example.org\r\nTo: support@example.com\r\n\r\nfirst\r\n\n.\r\nMAIL FROM:<v@example.org>\r\nRCPT TO:<support@example.com>\r\nDATA\r\nFrom: victim@example.org\r\n\r\nsmuggled\r\n.\n\r\n.\r\n";
+    let refused = peer.say(smuggling).await?;
+    assert!(refused.starts_with("554 5.6.0 A line of the mail ended in a bare LF"), "{refused}");
+    assert!(peer.say(b"NOOP\r\n").await?.starts_with("250"), "one answer for the one mail, none for commands inside it");
     // A forwarded message base64-encoded inside the mail (RFC 2046 forbids it; the
     // parser reads it all the same) whose header holds 160,000 encoded words: its
     // contents pass the counts made before the parse, and the parse would take minutes.

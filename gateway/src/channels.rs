@@ -668,6 +668,7 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
             Ok(file) => files.push(file),
             Err(e) => {
                 tracing::warn!(%channel, error = %e, "a customer's file could not be stored; the provider is asked to retry");
+                crate::attachments::forget_inbound_files(gw, &files).await;
                 return Err(GatewayError::Busy("the message's file could not be stored; deliver it again"));
             }
         }

@@ -400,11 +400,16 @@ impl Session<'_> {
         };
         self.say("354 End data with <CR><LF>.<CR><LF>").await?;
         let raw = match self.read_data().await? {
-            Some(raw) => raw,
-            None => {
+            Data::Mail(raw) => raw,
+            Data::TooLarge => {
                 self.buf.shrink_to(MAX_COMMAND_LINE * 16);
                 self.reset();
                 return self.say("552 5.3.4 The mail is larger than this server takes").await;
+            }
+            Data::BareLineFeed => {
+                self.buf.shrink_to(MAX_COMMAND_LINE * 16);
+                self.reset();
+                return self.say("554 5.6.0 A line of the mail ended in a bare LF, which SMTP does not allow (RFC 5321 2.3.8): not taken").await;
             }
         };
         // What a long line made the buffer hold is given back with the mail's slot.
@@ -417,13 +422,19 @@ impl Session<'_> {
         self.say(&reply).await
     }
 
-    /// The mail up to the lone `.` line, unstuffed; `None` when it was larger than the
-    /// limit (read to its end and dropped, so the session stays in step).
-    async fn read_data(&mut self) -> Result<Option<Vec<u8>>, String> {
+    /// The mail up to the lone `.` line, unstuffed. Only `.` between two CRLFs ends it
+    /// (RFC 5321 4.1.1.4): a `.` line ended by a bare LF is the mail's content, so a
+    /// sender cannot end a mail where the mail server in front of this listener, which
+    /// checked it, did not (SMTP smuggling). A mail larger than the limit, or with a line
+    /// ended by a bare LF, is read to its end and dropped, so the session stays in step.
+    async fn read_data(&mut self) -> Result<Data, String> {
         let until = tokio::time::Instant::now() + self.shared.limits.data_timeout;
         let max = self.shared.limits.max_message_bytes;
         let mut mail = Vec::new();
         let mut too_large = false;
+        let mut bare_line_feed = false;
+        // Whether the line before ended in CRLF (the DATA command's line did).
+        let mut after_crlf = true;
         // Dropped bytes of a mail past the limit: past twice the limit the peer is not
         // sending a mail that happens to be large, and the connection is closed.
         let mut dropped = 0usize;
@@ -435,11 +446,20 @@ impl Session<'_> {
             while let Some(found) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
                 let end = scanned + found + 1;
                 let line = &self.buf[start..end];
-                let bare = line.strip_suffix(b"\n").map(|l| l.strip_suffix(b"\r").unwrap_or(l)).unwrap_or(line);
-                if bare == b"." {
+                let crlf = line.ends_with(b"\r\n");
+                if after_crlf && line == b".\r\n" {
                     self.buf.drain(..end);
-                    return Ok((!too_large).then_some(mail));
+                    return Ok(if too_large {
+                        Data::TooLarge
+                    } else if bare_line_feed {
+                        Data::BareLineFeed
+                    } else {
+                        Data::Mail(mail)
+                    });
                 }
+                after_crlf = crlf;
+                bare_line_feed |= !crlf;
+                let bare = line.strip_suffix(b"\n").map(|l| l.strip_suffix(b"\r").unwrap_or(l)).unwrap_or(line);
                 if too_large {
                     dropped += line.len();
                 } else {
@@ -484,6 +504,16 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// What a DATA phase read.
+enum Data {
+    /// The mail, unstuffed, its lines ended in CRLF.
+    Mail(Vec<u8>),
+    /// Larger than the listener takes (read to its end and dropped).
+    TooLarge,
+    /// A line ended in a bare LF (read to its end and dropped).
+    BareLineFeed,
 }
 
 /// The address in `<…>` (parameters after it ignored); `<>` is none.
@@ -644,11 +674,22 @@ fn is_format_char(c: char) -> bool {
     matches!(c, '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
-/// The conversation the mail went to; `None` for an automatic mail dropped.
+/// The conversation the mail went to; `None` for an automatic mail dropped, or for a
+/// mail taken before.
 async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Result<Option<u64>, String> {
     let Some(AdapterConfig::Email { thread_secret, .. }) = gw.backend.directory_shard().read().channel_adapters.get(channel).cloned() else {
         return Err("451 4.3.0 The channel changed, try again".into());
     };
+    // Sent again after its `250` was lost: taken already, on whichever shard took it. On
+    // a split cluster a reply in a thread was taken on the thread's shard, and if that
+    // conversation closed since, the mail would now go to its sender's shard, which has
+    // no record of it, and be written twice. A read that fails leaves it to the commit.
+    let seen_key = switchboard_actors::core::inbound_key(channel, &mail.from, &mail.message_id);
+    let readers = gw.backend.conversation_readers();
+    let answers = futures::future::join_all(readers.iter().map(|r| r.inbound_seen(channel, &mail.from, &seen_key))).await;
+    if answers.into_iter().any(|seen| seen.unwrap_or(false)) {
+        return Ok(None);
+    }
     let mut text = if mail.text.trim().is_empty() { mail.subject.clone() } else { mail.text.clone() };
     let mut files = Vec::new();
     let mut not_kept = Vec::new();
@@ -671,8 +712,10 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
         }
     }
     let mut thread = email::thread_of(&mail.references, &thread_secret);
-    if crate::attachments::sender_blocked(gw, channel, &mail.from) {
-        // Refused at commit: store nothing, so no copy outlives the refusal.
+    // Refused at commit: store nothing (nor the long text's file below), so no copy
+    // outlives the refusal.
+    let blocked = crate::attachments::sender_blocked(gw, channel, &mail.from);
+    if blocked {
         kept.clear();
     }
     // A reply in a thread that is closed (or of another channel) is the sender's own
@@ -718,7 +761,7 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     let from_room = from_line.as_ref().map_or(0, |l| l.chars().count() + 1);
     let room = MAX_TEXT_CHARS - 100 - note_room - from_room;
     let long_text;
-    if text.chars().count() > room {
+    if text.chars().count() > room && !blocked {
         // The whole text, up to what a file may be.
         let mut end = text.len().min(MAX_ATTACHMENT_BYTES);
         while !text.is_char_boundary(end) {
