@@ -140,6 +140,16 @@ impl RpcRequest {
     /// or a snapshot, the node a `Join` asks to admit (a node asks to join only for
     /// itself; placing others goes through `Learn` and `Voters`). It must be one the
     /// peer's certificate is issued to.
+    /// The group a Raft request (entries, a snapshot, a vote) is for, and who speaks.
+    fn raft_traffic(&self) -> Option<(u64, NodeId)> {
+        match self {
+            RpcRequest::Append { group, rpc } | RpcRequest::AppendQuiet { group, rpc } => Some((*group, rpc.vote.leader_id().node_id)),
+            RpcRequest::Snapshot { group, rpc } => Some((*group, rpc.vote.leader_id().node_id)),
+            RpcRequest::Vote { group, rpc } => Some((*group, rpc.vote.leader_id().node_id)),
+            _ => None,
+        }
+    }
+
     fn raft_speaker(&self) -> Option<NodeId> {
         match self {
             RpcRequest::Append { rpc, .. } | RpcRequest::AppendQuiet { rpc, .. } => Some(rpc.vote.leader_id().node_id),
@@ -473,6 +483,18 @@ impl Router {
     fn removed_peer(&self, ids: &[NodeId]) -> bool {
         let Some(removed) = self.removed.read().unwrap_or_else(|p| p.into_inner()).clone() else { return false };
         !ids.is_empty() && ids.iter().all(|id| removed(*id))
+    }
+
+    /// Whether `speaker`, removed from the cluster, is no member of group `group` here:
+    /// its entries, snapshots and votes for that group are refused (one append at a
+    /// higher term would depose the group's leader). While its removal is under way it
+    /// is still a member of the groups it leaves, and is heard in them.
+    fn removed_stranger(&self, group: u64, speaker: NodeId) -> bool {
+        let Some(removed) = self.removed.read().unwrap_or_else(|p| p.into_inner()).clone() else { return false };
+        if !removed(speaker) {
+            return false;
+        }
+        self.get(group).is_some_and(|raft| raft.metrics().borrow().membership_config.membership().get_node(&speaker).is_none())
     }
 
     /// The node a membership change would admit that was removed from the cluster: one
@@ -942,6 +964,16 @@ async fn serve_stream(router: Router, peer: &Caller, mut send: quinn::SendStream
             let id = request.raft_speaker().unwrap_or_default();
             peer.refusals.note_speaker(peer.remote, id, &peer.node_ids);
             RpcResponse::BadRequest(format!("{NOT_ISSUED_TO} {:?}, not as node {id}", peer.node_ids))
+        }
+        Ok(request) if request.raft_traffic().is_some_and(|(group, speaker)| router.removed_stranger(group, speaker)) => {
+            static LOGGED_AT: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+            let mut logged = LOGGED_AT.lock().unwrap_or_else(|p| p.into_inner());
+            // At most one line every 10 s, however often it speaks.
+            if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                *logged = Some(std::time::Instant::now());
+                warn!(ids = ?peer.node_ids, "refused Raft traffic from a node that was removed from the cluster, for a group it is no member of");
+            }
+            RpcResponse::BadRequest(format!("node {:?} {}", peer.node_ids, crate::members::REMOVED_FROM_CLUSTER))
         }
         // A removed node's certificate, under whatever id it now asks: no admission, nor
         // any placement it would make (while its removal is under way it keeps serving
