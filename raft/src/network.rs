@@ -1020,7 +1020,8 @@ async fn serve_watch(router: &Router, group: u64, stream: Vec<u8>, mut send: qui
             refusal.extend(why.as_bytes());
             send.write_all(&refusal).await.map_err(|e| e.to_string())?;
             send.finish().map_err(|e| e.to_string())?;
-            let _ = send.stopped().await;
+            // A peer that never reads it holds this task no longer than an answer's.
+            let _ = tokio::time::timeout(RPC_PATIENCE, send.stopped()).await;
             return Ok(());
         }
     };

@@ -52,6 +52,14 @@ impl Role {
     }
 }
 
+/// The role the certificate in a PEM file carries, as a peer would see it (the node's
+/// name first, as [`Role::of_peer`] reads it).
+fn role_of_certificate(path: &Path) -> Result<Option<Role>, Error> {
+    let cert = CertificateDer::from_pem_file(path).map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+    let cert = webpki::EndEntityCert::try_from(&cert).map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+    Ok([Role::Node, Role::Gateway].into_iter().find(|role| rustls::pki_types::ServerName::try_from(role.name()).is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())))
+}
+
 /// The node ids a peer's certificate (already verified against the cluster CA) is
 /// issued to: each name of the form `node-<id>` it carries, as every node's certificate
 /// does (`switchboard certs --name node-3`, `cluster init`). A node speaks in Raft only
@@ -84,6 +92,29 @@ mod names {
         for other in ["node-", "node-03", "node-+3", "node-3.example", "xnode-3", "node-3a", "switchboard-node", "node-99999999999999999999"] {
             assert_eq!(super::node_id_of_name(other), None, "{other}");
         }
+    }
+}
+#[cfg(test)]
+mod roles {
+    use super::Role;
+
+    /// A gateway's certificate never makes a node of its holder: not through a name a
+    /// node speaks under, nor by reusing a node's certificate of the same name.
+    #[test]
+    fn a_gateway_certificate_carries_no_node_name_and_a_node_certificate_is_not_reused_as_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        for (name, extra) in [("gateway-1", "node-2"), ("gateway-1", "Switchboard-Node"), ("node-7", "gw.example")] {
+            let refused = super::ensure_member_as(dir.path(), name, Role::Gateway, &[extra.to_string()]).expect_err("a node's name");
+            assert!(refused.to_string().contains("would let the gateway act as a node"), "{refused}");
+        }
+        super::ensure_member(dir.path(), "edge-a", &[]).expect("a node's certificate");
+        let refused = super::ensure_member_as(dir.path(), "edge-a", Role::Gateway, &[]).expect_err("issued as a node");
+        assert!(refused.to_string().contains("was issued for another role (switchboard-node)"), "{refused}");
+        let gateway = super::ensure_member_as(dir.path(), "gateway-1", Role::Gateway, &["gw.example".into()]).expect("a gateway's certificate");
+        assert_eq!(super::role_of_certificate(&gateway.cert).expect("read"), Some(Role::Gateway));
+        let again = super::ensure_member_as(dir.path(), "gateway-1", Role::Gateway, &[]).expect("used as it is");
+        assert_eq!(again.cert, gateway.cert);
+        assert!(super::ensure_member(dir.path(), "gateway-1", &[]).is_err(), "nor a gateway's as a node's");
     }
 }
 #[cfg(test)]
@@ -168,7 +199,26 @@ pub fn ensure_member_as(dir: &Path, name: &str, role: Role, extra_names: &[Strin
         cert: dir.join(format!("{name}.pem")),
         key: dir.join(format!("{name}.key")),
     };
-    // Issued already (with the CA's key kept elsewhere or not): used as it is.
+    // A gateway's certificate never carries a name that makes a node of its holder (the
+    // node role's name, or `node-<id>`, under which a node speaks in Raft).
+    if role == Role::Gateway {
+        if let Some(reserved) = std::iter::once(name).chain(extra_names.iter().map(String::as_str)).find(|n| n.eq_ignore_ascii_case(NODE_SERVER_NAME) || node_id_of_name(&n.to_ascii_lowercase()).is_some()) {
+            return Err(Error::Tls(format!("a gateway's certificate cannot carry the name {reserved:?}: it would let the gateway act as a node")));
+        }
+    }
+    // Issued already (with the CA's key kept elsewhere or not): used as it is, if it was
+    // issued for this role.
+    if identity.cert.exists() && identity.key.exists() {
+        let held = role_of_certificate(&identity.cert)?;
+        if held != Some(role) {
+            return Err(Error::Tls(format!(
+                "{} was issued for another role ({}), not as a {}: give this member another name, or remove that certificate first",
+                identity.cert.display(),
+                held.map_or("none", Role::name),
+                role.name()
+            )));
+        }
+    }
     if identity.ca.exists() && identity.cert.exists() && identity.key.exists() {
         return Ok(identity);
     }
