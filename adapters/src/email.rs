@@ -91,6 +91,11 @@ pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
     if occurrences(raw, b"=?", MAX_ENCODED_WORDS) > MAX_ENCODED_WORDS {
         return Err(AdapterError::Malformed(format!("the mail holds more than {MAX_ENCODED_WORDS} encoded words (=?)")));
     }
+    if let Some(encoding) = encoded_forwarded_message(raw) {
+        return Err(AdapterError::Malformed(format!(
+            "a message forwarded inside the mail is encoded ({encoding}), which RFC 2046 5.2.1 does not allow; forward it as an attachment of its own type"
+        )));
+    }
     let message = MessageParser::default().parse(raw).ok_or_else(|| AdapterError::Malformed("not a mail message".into()))?;
     // `From`, not `Reply-To`: it is the address the company's mail server checks (SPF,
     // DKIM, DMARC), and the conversation's identity; answers go back to it.
@@ -202,6 +207,88 @@ pub fn read_outcome(bytes: &[u8]) -> Result<Result<Mail, String>, String> {
 }
 
 /// Occurrences of `needle` in `raw` without overlaps, counted up to `max + 1`.
+/// The transfer encoding of a forwarded message (`message/rfc822` or `message/global`)
+/// declared `base64` or `quoted-printable`, if the mail holds one: the parser decodes
+/// such a part and parses what it decodes as a mail of its own, whose delimiters and
+/// encoded words the counts made on the raw mail never saw, and which can hold the
+/// parser for minutes. Every header block the parser could read is looked at: the
+/// mail's own, the one after each line holding `--` (each part's headers follow its
+/// delimiter; a line that only looks like one costs a look), and the one that opens a
+/// forwarded message sent as it is. A block's fields count whichever of them the parser
+/// would take (every `Content-Type` and every encoding it names), comments and spaces
+/// aside, so a doubt refuses the mail rather than lets it through. One pass.
+fn encoded_forwarded_message(raw: &[u8]) -> Option<&'static str> {
+    /// A field's value without comments, spaces and quotes, lowercased.
+    fn bare(value: &[u8]) -> Vec<u8> {
+        let mut depth = 0usize;
+        let mut out = Vec::with_capacity(value.len());
+        for &b in value {
+            match b {
+                b'(' => depth += 1,
+                b')' => depth = depth.saturating_sub(1),
+                _ if depth > 0 || b.is_ascii_whitespace() || b == b'"' => {}
+                _ => out.push(b.to_ascii_lowercase()),
+            }
+        }
+        out
+    }
+    #[derive(Default)]
+    struct Block {
+        forwarded: bool,
+        encoding: Option<&'static str>,
+        // The field being unfolded.
+        field: Vec<u8>,
+    }
+    impl Block {
+        fn end_field(&mut self) {
+            let field = std::mem::take(&mut self.field);
+            let Some(colon) = field.iter().position(|&b| b == b':') else { return };
+            let (name, value) = (bare(&field[..colon]), bare(&field[colon + 1..]));
+            if name == b"content-type" {
+                let kind = value.split(|&b| b == b';').next().unwrap_or_default();
+                self.forwarded |= kind == b"message/rfc822" || kind == b"message/global" || kind.windows(2).any(|w| w == b"=?");
+            } else if name == b"content-transfer-encoding" {
+                if value == b"base64" {
+                    self.encoding = Some("base64");
+                } else if value == b"quoted-printable" || value.windows(2).any(|w| w == b"=?") {
+                    self.encoding = Some("quoted-printable");
+                }
+            }
+        }
+
+        /// At the block's end: the encoding, if it is an encoded forwarded message.
+        fn end(&mut self) -> Option<&'static str> {
+            self.end_field();
+            self.forwarded.then_some(self.encoding).flatten()
+        }
+    }
+    let mut block = Some(Block::default());
+    for line in raw.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        match block.as_mut() {
+            Some(current) if line.trim_ascii().is_empty() => {
+                if let Some(encoding) = current.end() {
+                    return Some(encoding);
+                }
+                // A forwarded message sent as it is opens with headers of its own.
+                block = current.forwarded.then(Block::default);
+            }
+            // A folded field goes on (a field is looked at within its first 1,024 bytes).
+            Some(current) if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') => {
+                let room = 1024usize.saturating_sub(current.field.len());
+                current.field.extend(line.iter().take(room));
+            }
+            Some(current) => {
+                current.end_field();
+                current.field.extend(line.iter().take(1024));
+            }
+            None if memchr::memmem::find(line, b"--").is_some() => block = Some(Block::default()),
+            None => {}
+        }
+    }
+    block.as_mut().and_then(Block::end)
+}
+
 fn occurrences(raw: &[u8], needle: &[u8], max: usize) -> usize {
     memchr::memmem::find_iter(raw, needle).take(max + 1).count()
 }
@@ -634,6 +721,35 @@ mod tests {
         assert_eq!(thread_of(&[id.clone()], "another-secret-16"), None);
         let forged = id.replace("sb.42.", "sb.43.");
         assert_eq!(thread_of(&[forged], "0123456789abcdef"), None);
+    }
+
+    #[test]
+    fn an_encoded_forwarded_message_is_refused_before_it_is_parsed_and_a_plain_one_is_read() {
+        let head = "From: a@example.com\r\nTo: support@example.com\r\nSubject: fwd\r\nMIME-Version: 1.0\r\n";
+        let inner = "From: b@example.org\r\nSubject: inner\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\naGVsbG8=\r\n";
+        let refused = [
+            // The whole mail, and a part, each however its fields are written.
+            format!("{head}Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\nRnJvbTogYkBleGFtcGxlLm9yZw0KDQpoaQ==\r\n"),
+            format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\ncontent-transfer-encoding: Quoted-Printable\r\nCONTENT-TYPE: message/rfc822; x=y\r\n\r\nFrom: b@example.org=0D=0A\r\n--b--\r\n"),
+            format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\nX--b\r\nContent-Type: (note) Message/ (a) RFC822\r\nContent-Transfer-Encoding:\r\n base64\r\n\r\nQQ==\r\n--b--\r\n"),
+            format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: message/global\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n--b--\r\n"),
+            // Inside a forwarded message sent as it is.
+            format!("{head}Content-Type: message/rfc822\r\n\r\nFrom: b@example.org\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n"),
+        ];
+        for mail in &refused {
+            let outcome = parse(mail.as_bytes());
+            assert!(matches!(&outcome, Err(AdapterError::Malformed(why)) if why.contains("RFC 2046 5.2.1")), "{mail}: {:?}", outcome.map(|m| m.text));
+        }
+        // Taken: a forwarded message sent as it is (its own text may be encoded), a file
+        // named like a message, a bounce's report.
+        let read = [
+            format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee below\r\n--b\r\nContent-Type: message/rfc822\r\n\r\n{inner}--b--\r\n"),
+            format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nthe file\r\n--b\r\nContent-Type: text/plain; name=\"message.txt\"\r\nContent-Transfer-Encoding: base64\r\n\r\naGVsbG8=\r\n--b--\r\n"),
+            format!("{head}Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nnot delivered\r\n--b\r\nContent-Type: message/delivery-status\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n--b--\r\n"),
+        ];
+        for mail in &read {
+            assert!(parse(mail.as_bytes()).is_ok(), "{mail}");
+        }
     }
 
     #[test]
