@@ -125,7 +125,7 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// withdraws the offers of the operators holding its conversations (I3); a supervisor
 /// taking a conversation from the bot hands it off first; a conversation is not
 /// reassigned to the group it already waits in.
-pub const RULES_VERSION: u32 = 19;
+pub const RULES_VERSION: u32 = 20;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -219,6 +219,9 @@ pub const MAX_CONTEXT_ITEMS: usize = 20;
 pub const BOT_REMOVED: &str = "the bot was taken off the channel";
 /// The resolution of a conversation the bot closed without one of its own.
 pub const BOT_RESOLVED: &str = "bot";
+/// Letters a conversation shard holds for its routing shard before it starts no more
+/// conversations (rules 20; see [`handle_as`]).
+pub const MAX_UNCONFIRMED_LETTERS: usize = 4096;
 /// Outbox entries one `DeliveriesAttempted` or `DeliveryResults` may name.
 pub const MAX_DELIVERY_BATCH: usize = 1000;
 
@@ -273,6 +276,18 @@ pub fn handle(state: &mut ShardState, envelope: &Envelope) -> Result<(Reply, Out
 pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Result<(Reply, Outcome), Error> {
     let now = entry_time(state, envelope.at);
     let (reply, decided) = decide(state, &envelope.command, now, part)?;
+    // Rules 20: a conversation shard whose routing shard has not confirmed
+    // `MAX_UNCONFIRMED_LETTERS` letters (it has no leader, or cannot keep up) starts no
+    // conversation: each start's letter would wait in every member's memory, and the
+    // starts come from anyone. Its open conversations go on.
+    if let Part::Conversations { routing, .. } = part {
+        let waiting = state.mail_out.get(&routing).map_or(0, |o| o.len());
+        if state.rules >= 20 && waiting >= MAX_UNCONFIRMED_LETTERS && decided.iter().any(|e| matches!(e, Event::ConversationStarted { .. })) {
+            return Err(Error::Unreachable(format!(
+                "{waiting} letters to the routing shard wait for it to take them: no conversation starts here until it does; try again later"
+            )));
+        }
+    }
     advance_clock(state, now);
     let mut outcome = Outcome::default();
     for event in decided {

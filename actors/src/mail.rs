@@ -102,6 +102,11 @@ impl<P> Outbox<P> {
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
+
+    /// Letters posted and not confirmed.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
 }
 
 /// What a destination does with an arriving letter.

@@ -1422,6 +1422,54 @@ fn retention_leaves_nothing_of_a_conversation_in_its_routing_shard() {
     assert!(left.is_empty(), "the closed index of the routing shard kept {left:?}");
 }
 
+/// Rules 20: a conversation shard whose routing shard takes no letters (no leader, a
+/// partition) starts no conversation once `MAX_UNCONFIRMED_LETTERS` wait, so what
+/// anonymous starts make every member hold is bounded; its open conversations go on,
+/// and starts resume once the routing shard confirms. Under rules 19 the letters grew
+/// without a bound.
+#[test]
+fn a_conversation_shard_starts_no_conversation_while_its_routing_shard_takes_no_letters() {
+    for rules in [19, RULES_VERSION] {
+        let setup = Setup { rules, capacities: [1, 1, 1], groups: [vec![0], vec![0], vec![0]], online: [false; 3] };
+        let mut split = Split::new(&setup);
+        for command in prelude(&setup) {
+            split.submit(&Envelope::new(Timestamp(1000), command));
+            split.drain(Timestamp(1000));
+        }
+        let c = &mut split.cs[0];
+        let start = |n: u64| Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor { id: Some(format!("v{n}")), name: String::new(), attributes: vec![] } };
+        let waiting = |c: &Group| c.state.mail_out.get(&R_GROUP).map_or(0, |o| o.len());
+        let mut n = 0;
+        let mut open = None;
+        while waiting(c) < core::MAX_UNCONFIRMED_LETTERS {
+            n += 1;
+            match records::run_as(&mut c.state, &c.store, &Envelope::new(Timestamp(2000 + n), start(n)), c.part) {
+                Ok((Reply::Started { conversation, .. }, _)) => open = Some(conversation),
+                other => panic!("start {n} under rules {rules}: {other:?}"),
+            }
+        }
+        let open = open.expect("started");
+        let refused = records::run_as(&mut c.state, &c.store, &Envelope::new(Timestamp(9000), start(0)), c.part);
+        if rules < 20 {
+            assert!(matches!(refused, Ok((Reply::Started { .. }, _))), "rules 19 starts it: {refused:?}");
+            continue;
+        }
+        assert!(matches!(&refused, Err(Error::Unreachable(why)) if why.contains("no conversation starts here")), "{refused:?}");
+        assert_eq!(waiting(c), core::MAX_UNCONFIRMED_LETTERS, "the refused start posted nothing");
+        let message = Command::PostClientMessage { conversation: open, key: "k1".into(), text: "still here".into(), attachments: vec![] };
+        let posted = records::run_as(&mut c.state, &c.store, &Envelope::new(Timestamp(9001), message), c.part);
+        assert!(posted.is_ok(), "an open conversation goes on: {posted:?}");
+        // The routing shard takes them: starts resume.
+        let last = c.state.mail_out.get(&R_GROUP).map_or(0, |o| o.last_posted());
+        records::run_as(&mut c.state, &c.store, &Envelope::new(Timestamp(9002), Command::ConfirmMail { to: R_GROUP, upto: last }), c.part).expect("confirmed");
+        let again = records::run_as(&mut c.state, &c.store, &Envelope::new(Timestamp(9003), start(0)), c.part);
+        assert!(matches!(again, Ok((Reply::Started { .. }, _))), "{again:?}");
+        // And after a restart the same.
+        c.state = records::load(&c.store).expect("the records load");
+        assert_eq!(waiting(c), 1);
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // `switchboard cluster split`: a group of one, split offline (`cutover::Splitter`),
 // goes on as ADR 0006's split.
