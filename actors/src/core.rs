@@ -363,26 +363,37 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) ->
                 events.extend(sticky.iter().map(|operator| Event::StickySet { conversation: *conversation, operator: operator.clone() }));
             }
         }
-        Mail::Release { conversation, by, resolution, tags } => {
+        Mail::Release { conversation, by, resolution, tags } | Mail::ReleaseAt { conversation, by, resolution, tags, .. } => {
             if let Some(conv) = state.conversations.get(conversation).filter(|_| open(conversation)) {
+                // Rules 20: counted when the conversation shard closed it, and the
+                // holder's wrap-up runs from then (the letter may have waited).
+                let decided_at = match mail {
+                    Mail::ReleaseAt { at, .. } => Some((*at).min(now)),
+                    _ => None,
+                };
                 events = withdraw_pending(state, conversation, WithdrawReason::ConversationClosed);
-                events.push(Event::ConversationClosed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() });
+                events.push(Event::ConversationClosed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone(), decided_at });
                 // Rules 14: a conversation closed `full` goes on in a new one with the
                 // same operator, who gets no wrap-up for it.
                 if !(state.rules >= 14 && *by == Closer::System && resolution == FULL) {
-                    events.extend(wrap_up_after(state, conv, now));
+                    // One already over by now is none.
+                    events.extend(wrap_up_after(state, conv, decided_at.unwrap_or(now)).filter(|e| !matches!(e, Event::WrapUpSet { until: Some(until), .. } if *until <= now)));
                 }
             }
         }
         Mail::Closed { conversation, by, resolution, tags } => {
             if let Some(conv) = state.conversations.get(conversation).filter(|_| open(conversation)) {
-                events.push(Event::ConversationClosed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() });
+                events.push(Event::ConversationClosed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone(), decided_at: None });
                 events.extend(wrap_up_after(state, conv, now));
             }
         }
-        Mail::Rated { conversation, score, comment } => {
+        Mail::Rated { conversation, score, comment } | Mail::RatedAt { conversation, score, comment, .. } => {
             if state.conversations.get(conversation).is_some_and(|c| !c.rated) {
-                events.push(Event::ConversationRated { conversation: *conversation, score: *score, comment: comment.clone() });
+                let decided_at = match mail {
+                    Mail::RatedAt { at, .. } => Some((*at).min(now)),
+                    _ => None,
+                };
+                events.push(Event::ConversationRated { conversation: *conversation, score: *score, comment: comment.clone(), decided_at });
             }
         }
         Mail::Purged { conversations } => {
@@ -477,11 +488,15 @@ pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<(GroupI
                     sticky,
                 }));
             }
-            (Part::Conversations { .. }, Event::ConversationClosed { conversation, by, resolution, tags }) => {
-                mail.push((addressee(conversation), Mail::Release { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() }));
+            // Rules 20: with the time it was decided here (this entry's), which the
+            // routing shard counts it at.
+            (Part::Conversations { .. }, Event::ConversationClosed { conversation, by, resolution, tags, .. }) => {
+                let (conversation, by, resolution, tags) = (*conversation, *by, resolution.clone(), tags.clone());
+                mail.push((addressee(&conversation), if state.rules >= 20 { Mail::ReleaseAt { conversation, by, resolution, tags, at: state.last_at } } else { Mail::Release { conversation, by, resolution, tags } }));
             }
-            (Part::Conversations { .. }, Event::ConversationRated { conversation, score, comment }) => {
-                mail.push((addressee(conversation), Mail::Rated { conversation: *conversation, score: *score, comment: comment.clone() }));
+            (Part::Conversations { .. }, Event::ConversationRated { conversation, score, comment, .. }) => {
+                let (conversation, score, comment) = (*conversation, *score, comment.clone());
+                mail.push((addressee(&conversation), if state.rules >= 20 { Mail::RatedAt { conversation, score, comment, at: state.last_at } } else { Mail::Rated { conversation, score, comment } }));
             }
             (Part::Conversations { .. }, Event::ConversationsDeleted { conversations }) => {
                 if let Some(first) = conversations.first() {
@@ -489,7 +504,7 @@ pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<(GroupI
                 }
             }
             // Rules 11: an operator's close, decided here.
-            (Part::Routing { .. }, Event::ConversationClosed { conversation, by, resolution, tags }) if state.rules >= 11 => {
+            (Part::Routing { .. }, Event::ConversationClosed { conversation, by, resolution, tags, .. }) if state.rules >= 11 => {
                 mail.push((addressee(conversation), Mail::Closed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() }));
             }
             (Part::Routing { .. }, Event::ConversationAssigned { conversation, operator }) => {
@@ -1265,7 +1280,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 return Err(Error::TooLong { limit: MAX_TAG_CHARS, actual: resolution.chars().count() });
             }
             let resolution = if resolution.is_empty() { BOT_RESOLVED.to_owned() } else { resolution.clone() };
-            Ok((Reply::Done, vec![Event::ConversationClosed { conversation: *conv_id, by: Closer::System, resolution, tags: vec![] }]))
+            Ok((Reply::Done, vec![Event::ConversationClosed { conversation: *conv_id, by: Closer::System, resolution, tags: vec![], decided_at: None }]))
         }
         Command::SetChannelIdentity { channel, key } => {
             if !state.channels.contains_key(channel) {
@@ -1396,7 +1411,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 return Ok((Reply::Done, vec![]));
             }
             let mut events = withdraw_pending(state, conv_id, WithdrawReason::ConversationClosed);
-            events.push(Event::ConversationClosed { conversation: *conv_id, by: Closer::Client, resolution: String::new(), tags: vec![] });
+            events.push(Event::ConversationClosed { conversation: *conv_id, by: Closer::Client, resolution: String::new(), tags: vec![], decided_at: None });
             events.extend(wrap_up_after(state, conv, now));
             Ok((Reply::Done, events))
         }
@@ -1414,7 +1429,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             if conv.rated {
                 return Err(Error::Invalid("conversation already rated".into()));
             }
-            Ok((Reply::Done, vec![Event::ConversationRated { conversation: *conv_id, score: *score, comment: comment.clone() }]))
+            Ok((Reply::Done, vec![Event::ConversationRated { conversation: *conv_id, score: *score, comment: comment.clone(), decided_at: None }]))
         }
         Command::SetPresence { operator: op_id, presence } => {
             let op = operator(op_id)?;
@@ -1708,7 +1723,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             check_tags(tags)?;
             Ok((
                 Reply::Done,
-                [Event::ConversationClosed { conversation: *conv_id, by: Closer::Operator, resolution: resolution.clone(), tags: tags.clone() }]
+                [Event::ConversationClosed { conversation: *conv_id, by: Closer::Operator, resolution: resolution.clone(), tags: tags.clone(), decided_at: None }]
                     .into_iter()
                     .chain(wrap_up_after(state, conversation(conv_id)?, now))
                     .collect(),
@@ -1858,7 +1873,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 match step {
                     crate::state::InactivityStep::Remind(text) => events.push(Event::CustomerReminded { conversation: id, text }),
                     crate::state::InactivityStep::Close => {
-                        events.push(Event::ConversationClosed { conversation: id, by: Closer::System, resolution: "inactive".into(), tags: vec![] });
+                        events.push(Event::ConversationClosed { conversation: id, by: Closer::System, resolution: "inactive".into(), tags: vec![], decided_at: None });
                         events.extend(wrap_up_after(state, conv, now));
                     }
                 }
@@ -2090,6 +2105,7 @@ fn start_conversation(state: &ShardState, channel: &ChannelId, group: Option<&Sk
                     by: Closer::System,
                     resolution: AFTER_HOURS.into(),
                     tags: vec![],
+                    decided_at: None,
                 }),
                 ClosedAction::Transfer(to) if state.groups.contains_key(to) => group = to.clone(),
                 ClosedAction::Transfer(_) | ClosedAction::Wait => {}
@@ -2370,7 +2386,7 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
             // The customer goes on with whoever held it: no wrap-up for them, and the new
             // conversation, once queued, prefers them (sticky), as the same customer's.
             closing = withdraw_pending(state, &conv_id, WithdrawReason::ConversationClosed);
-            closing.push(Event::ConversationClosed { conversation: conv_id, by: Closer::System, resolution: FULL.into(), tags: vec![] });
+            closing.push(Event::ConversationClosed { conversation: conv_id, by: Closer::System, resolution: FULL.into(), tags: vec![], decided_at: None });
             holder = conv.assigned().cloned();
         } else {
             check_message(state, conv_id, if m.files.is_empty() { m.text } else { "-" }, &[])?;

@@ -210,6 +210,12 @@ pub enum Mail {
     /// `C` closes it unless it closed already (a customer's close crossing it), and
     /// sends no `Release` back: `R` freed the capacity when it decided.
     Closed { conversation: ConversationId, by: Closer, resolution: String, tags: Vec<String> },
+    /// `C` to `R` (rules 20): `Release`, with when `C` closed it. `R` counts the close
+    /// (handle time, the hour) and starts the holder's wrap-up then, not when the
+    /// letter arrives (it may wait out a routing shard without a leader).
+    ReleaseAt { conversation: ConversationId, by: Closer, resolution: String, tags: Vec<String>, at: Timestamp },
+    /// `C` to `R` (rules 20): `Rated`, with when `C` took the rating.
+    RatedAt { conversation: ConversationId, score: u8, comment: String, at: Timestamp },
 }
 
 /// Where a transfer or reassignment put a conversation.
@@ -226,6 +232,8 @@ impl Mail {
             Mail::Enqueue { conversation, .. }
             | Mail::Release { conversation, .. }
             | Mail::Rated { conversation, .. }
+            | Mail::ReleaseAt { conversation, .. }
+            | Mail::RatedAt { conversation, .. }
             | Mail::Assigned { conversation, .. }
             | Mail::Transferred { conversation, .. }
             | Mail::Reassigned { conversation, .. }

@@ -1024,11 +1024,19 @@ pub enum Event {
         by: Closer,
         resolution: String,
         tags: Vec<String>,
+        /// When the conversation shard closed it, if that was before this entry (a
+        /// routing shard applying its letter, rules 20): counted then, and a holder's
+        /// wrap-up runs from then.
+        #[serde(default)]
+        decided_at: Option<Timestamp>,
     },
     ConversationRated {
         conversation: ConversationId,
         score: u8,
         comment: String,
+        /// When the conversation shard took the rating, as for a close.
+        #[serde(default)]
+        decided_at: Option<Timestamp>,
     },
     PresenceChanged {
         operator: OperatorId,

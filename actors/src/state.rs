@@ -1414,7 +1414,7 @@ impl ShardState {
                 }
                 self.release(*conversation, from, at, touched);
             }
-            Event::ConversationClosed { conversation, by, resolution, tags } => {
+            Event::ConversationClosed { conversation, by, resolution, tags, .. } => {
                 let item = HistoryItem::Closed { by: *by, resolution: resolution.clone(), tags: tags.clone() };
                 self.record(*conversation, at, item, touched);
                 if let Some(conv) = self.conversations.get(conversation) {
@@ -1441,7 +1441,7 @@ impl ShardState {
                     _ => {}
                 }
             }
-            Event::ConversationRated { conversation, score, comment } => {
+            Event::ConversationRated { conversation, score, comment, .. } => {
                 if let Some(conv) = self.conversations.get_mut(conversation) {
                     conv.rated = true;
                 }
@@ -1950,6 +1950,12 @@ impl ShardState {
     /// Counts an event into its group's KPI counters for the hour of `at`. Called
     /// before the event is applied, so it sees the conversation as it was.
     fn tally(&mut self, event: &Event, at: Timestamp) {
+        // A close or rating a conversation shard decided before this entry (rules 20)
+        // counts when it was decided.
+        let at = match event {
+            Event::ConversationClosed { decided_at: Some(decided), .. } | Event::ConversationRated { decided_at: Some(decided), .. } => (*decided).min(at),
+            _ => at,
+        };
         let hour = at.0 / HOUR_MS;
         // A break with a reason ends with any change of presence: count its time.
         if let Event::PresenceChanged { operator, .. } | Event::WentAbsent { operator } | Event::BreakTaken { operator, .. } = event {

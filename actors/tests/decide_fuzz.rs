@@ -1422,6 +1422,50 @@ fn retention_leaves_nothing_of_a_conversation_in_its_routing_shard() {
     assert!(left.is_empty(), "the closed index of the routing shard kept {left:?}");
 }
 
+/// Rules 20: a customer's close and rating reach the routing shard with when the
+/// conversation shard took them, and count then: the handle time and the hour of the
+/// KPIs, and the holder's wrap-up, which a letter that waited two hours (a routing
+/// shard without a leader) finds over. Under rules 19 they counted when the letter came.
+#[test]
+fn a_close_and_a_rating_count_when_the_conversation_shard_took_them() {
+    const HOUR: u64 = 3_600_000;
+    for rules in [19, RULES_VERSION] {
+        let setup = Setup { rules, capacities: [1, 1, 1], groups: [vec![0], vec![0], vec![0]], online: [true, false, false] };
+        let mut split = Split::new(&setup);
+        let now = 10 * HOUR;
+        for command in prelude(&setup) {
+            split.submit(&Envelope::new(Timestamp(now), command));
+            split.drain(Timestamp(now));
+        }
+        let group = SkillGroupId::new("g0");
+        let routing = GroupRouting { wrap_up_ms: 60_000, ..GroupRouting::default() };
+        split.submit(&Envelope::new(Timestamp(now), Command::SetGroupRouting { group: group.clone(), routing }));
+        split.drain(Timestamp(now));
+        let offer = split.r.state.offers.values().find(|o| split.r.state.conversations.get(&o.conversation).is_some_and(|c| c.group == group)).cloned().expect("an offer in g0");
+        split.submit(&Envelope::new(Timestamp(now + 1000), Command::AcceptOffer { operator: offer.operator.clone(), offer: offer.id }));
+        split.drain(Timestamp(now + 1000));
+        let conversation = offer.conversation;
+        // Closed and rated by the customer at 10:00:05; the routing shard hears of it
+        // at 12:00:00.
+        let closed = now + 5000;
+        split.submit(&Envelope::new(Timestamp(closed), Command::CloseByClient { conversation }));
+        split.submit(&Envelope::new(Timestamp(closed + 10), Command::Rate { conversation, score: 4, comment: String::new() }));
+        let heard = now + 2 * HOUR;
+        split.drain(Timestamp(heard));
+        let kpi = |hour: u64| split.r.state.kpis.get(&group).and_then(|h| h.get(&hour)).cloned().unwrap_or_default();
+        let (took, came) = (kpi(closed / HOUR), kpi(heard / HOUR));
+        let wrap_up = split.r.state.wrap_up.get(&offer.operator).copied();
+        if rules < 20 {
+            assert_eq!((came.handled, came.rated, came.handle_ms), (1, 1, heard - (now + 1000)), "rules 19: when the letters came");
+            assert_eq!(wrap_up, Some(Timestamp(heard + 60_000)));
+            continue;
+        }
+        assert_eq!((took.handled, took.rated, took.rating_sum, took.handle_ms), (1, 1, 4, 4000), "the hour and handle time of the close");
+        assert_eq!((came.handled, came.rated), (0, 0));
+        assert!(wrap_up.is_none_or(|until| until <= Timestamp(heard)), "the wrap-up was over before the letter came: {wrap_up:?}");
+    }
+}
+
 /// Rules 20: a conversation shard whose routing shard takes no letters (no leader, a
 /// partition) starts no conversation once `MAX_UNCONFIRMED_LETTERS` wait, so what
 /// anonymous starts make every member hold is bounded; its open conversations go on,
