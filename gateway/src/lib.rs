@@ -565,6 +565,8 @@ pub struct Gateway {
     pub(crate) fetches: Arc<tokio::sync::Semaphore>,
     /// Set by the node once it has loaded its configuration (see `/readyz`).
     configured: AtomicBool,
+    /// Whether [`Gateway::ready`] was ever true.
+    was_ready: AtomicBool,
     /// When typing was last handed to the other nodes, per conversation and side (to
     /// the operator or to the visitor): at most once per [`TYPING_RELAY_EVERY`], so a
     /// visitor's burst of typing frames costs the cluster one relay a second.
@@ -618,6 +620,7 @@ impl Gateway {
             passwords: PasswordPool::start(),
             fetches: Arc::new(tokio::sync::Semaphore::new(REMOTE_FETCHES)),
             configured: AtomicBool::new(false),
+            was_ready: AtomicBool::new(false),
             typing_relayed: Mutex::new(HashMap::new()),
             reads_relayed: Mutex::new(HashMap::new()),
             early_receipts: channels::EarlyReceipts::default(),
@@ -628,7 +631,18 @@ impl Gateway {
     /// Marks the node's configuration as loaded: `/readyz` may answer 200 from now.
     /// Whether this node serves clients now (`/readyz`).
     pub fn ready(&self) -> bool {
-        self.configured.load(Relaxed) && self.backend.ready()
+        let ready = self.configured.load(Relaxed) && self.backend.ready();
+        if ready {
+            self.was_ready.store(true, Relaxed);
+        }
+        ready
+    }
+
+    /// Whether this node was ready once since it started (its configuration loaded, the
+    /// directory reached its shards): a shard it holds losing its quorum later makes it
+    /// not ready, without undoing what that established.
+    pub fn was_ready(&self) -> bool {
+        self.was_ready.load(Relaxed) || self.ready()
     }
 
     pub fn set_configured(&self) {

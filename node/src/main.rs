@@ -575,9 +575,25 @@ async fn node(args: NodeArgs) -> anyhow::Result<()> {
         }
     }
     node.gateway.set_configured();
-    println!("switchboard node {node_id} ready");
     print_listeners(&node);
-    println!("ready");
+    // "ready" means what /readyz says: on a split node every shard it holds serves and
+    // the directory has reached them, so a visitor's start finds its channel. The node
+    // serves meanwhile (a member whose shards wait for a quorum says so when they have
+    // one).
+    let gateway = node.gateway.clone();
+    tokio::spawn(async move {
+        let mut told = false;
+        let since = tokio::time::Instant::now();
+        while !gateway.ready() {
+            if !told && since.elapsed() >= std::time::Duration::from_secs(10) {
+                told = true;
+                tracing::warn!("not ready after 10 s: a group this node holds has no leader yet, or the directory has not reached it (see /readyz); serving meanwhile");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        println!("switchboard node {node_id} ready");
+        println!("ready");
+    });
     run_until_signal(node).await
 }
 
@@ -701,7 +717,7 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
                 println!("group {group}: {records} records");
             }
             println!("the old folder is kept as {}; remove it once the split node runs", done.kept.display());
-            println!("start the node with `shards = {}` in its file (or `switchboard dev --shards {}`); other members of the old cluster join it anew (`join = true`, an empty data folder): never start them on their old folders, which would make the old cluster again", done.shards, done.shards);
+            println!("start the node with `shards = {}` in its file (or `switchboard dev --shards {}`); other members of the old cluster join it anew (`join = true`, `shards = {}`, an empty data folder): never start them on their old folders, which would make the old cluster again", done.shards, done.shards, done.shards);
             Ok(())
         }
         ClusterCmd::Status(args) => {

@@ -2021,7 +2021,10 @@ pub(crate) async fn report_operator_sockets(gateway: Arc<Gateway>, node_id: u64)
         if last.as_ref() == Some(&operators) && (!beat || operators.is_empty()) {
             continue;
         }
-        if !gateway.ready() {
+        // Once the node has served: a shard of a split node without a quorum makes it
+        // not ready, but its operators' sockets are still open, and the routing shard
+        // (which may well have its quorum) would set them away without this report.
+        if !gateway.was_ready() {
             last = None;
             continue;
         }
