@@ -1771,6 +1771,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     // Again under the lock: a cut-over may have swapped the folder since the first look.
     crate::cutover::refuse_unfinished(&options.data_dir)?;
     crate::split::check_layout(&options.data_dir, None)?;
+    let sockets = bind_edge(&options).await?;
     let db = switchboard_raft::store::open_keyspace(&options.data_dir.join("records"), &[SHARD_GROUP]).context("open the record store")?;
     let log_dir = options.data_dir.join("log").join(format!("g{SHARD_GROUP}"));
     switchboard_raft::store::migrate_sled(&options.data_dir.join("sled"), &db, SHARD_GROUP, &log_dir).context("move the data folder out of sled")?;
@@ -1886,7 +1887,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     // not said which rules it knows (it may be starting too).
     adopt_rules_at_start(&raft, &peers, options.node_id, SHARD_GROUP, RulesDeadlines::from_now(), || rules_of(&shard), || switchboard_actors::core::RULES_VERSION, |command| backend.submit(command)).await?;
     let backend_for_rules = backend.clone();
-    let edge = open_edge(&options, backend, &router, blobs).await?;
+    let edge = open_edge(&options, sockets, backend, &router, blobs).await?;
     let gateway = edge.gateway.clone();
     report_status(&router, raft.clone(), options.node_id, gateway.clone());
     let Edge { public_addr, private_addr, smtp_addr, mut listeners, shutdown, .. } = edge;
@@ -1923,9 +1924,32 @@ pub(crate) struct Edge {
 
 /// Binds the listeners of `options` and serves a gateway over `backend`; peers' relayed
 /// traffic (standalone gateways) and file copies arrive through `router`.
-pub(crate) async fn open_edge(options: &NodeOptions, backend: Arc<dyn Backend>, router: &Router, blobs: switchboard_gateway::attachments::BlobStore) -> anyhow::Result<Edge> {
+/// The edge's listeners and token key, taken before the node joins or starts any group:
+/// a port in use or a key that cannot be read stops the node before it is a member
+/// (afterwards, the cluster would keep a voter that never serves).
+pub(crate) struct EdgeSockets {
+    public: TcpListener,
+    private: TcpListener,
+    smtp: Option<TcpListener>,
+    key: TokenKey,
+}
+
+pub(crate) async fn bind_edge(options: &NodeOptions) -> anyhow::Result<EdgeSockets> {
     let public = TcpListener::bind(options.public_addr).await.with_context(|| format!("bind public {}", options.public_addr))?;
     let private = TcpListener::bind(options.private_addr).await.with_context(|| format!("bind private {}", options.private_addr))?;
+    let smtp = match options.smtp_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind SMTP {addr}"))?),
+        None => None,
+    };
+    let key = match &options.token_key {
+        Some(path) => token_key(path, false)?,
+        None => token_key(&options.data_dir.join("token.key"), true)?,
+    };
+    Ok(EdgeSockets { public, private, smtp, key })
+}
+
+pub(crate) async fn open_edge(options: &NodeOptions, sockets: EdgeSockets, backend: Arc<dyn Backend>, router: &Router, blobs: switchboard_gateway::attachments::BlobStore) -> anyhow::Result<Edge> {
+    let EdgeSockets { public, private, smtp, key } = sockets;
     let public_addr = public.local_addr()?;
     let private_addr = private.local_addr()?;
     let mut client_origins = options.client_origins.clone();
@@ -1944,10 +1968,6 @@ pub(crate) async fn open_edge(options: &NodeOptions, backend: Arc<dyn Backend>, 
         ping_interval: options.ping_interval,
     };
     router.set_files(Arc::new(NodeFiles(blobs.clone())));
-    let key = match &options.token_key {
-        Some(path) => token_key(path, false)?,
-        None => token_key(&options.data_dir.join("token.key"), true)?,
-    };
     let gateway = Gateway::new(backend, key, blobs, config);
     // Gateways relay clients' traffic here over QUIC and poll this member's status.
     router.set_relay(Arc::new(switchboard_gateway::relay::RelayServer::new(
@@ -1955,10 +1975,6 @@ pub(crate) async fn open_edge(options: &NodeOptions, backend: Arc<dyn Backend>, 
         switchboard_gateway::private_router(gateway.clone()),
     )));
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
-    let smtp = match options.smtp_addr {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind SMTP {addr}"))?),
-        None => None,
-    };
     let smtp_addr = match &smtp {
         Some(l) => Some(l.local_addr()?),
         None => None,

@@ -787,6 +787,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     // Again under the lock: a cut-over may have swapped the folder since the first look.
     crate::cutover::refuse_unfinished(&options.data_dir)?;
     check_layout(&options.data_dir, Some(shards))?;
+    let sockets = server::bind_edge(&options).await?;
     let name = format!("node-{}", options.node_id);
     let identity = match &options.certs_dir {
         Some(dir) => switchboard_raft::tls::existing_member(dir, &name)?,
@@ -811,7 +812,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     // Whichever node leads the metadata group keeps the placement balanced.
     let placement = tokio::spawn(crate::placement::run(node.clone()));
     let backend = Arc::new(SplitBackend::new(node.clone()));
-    let edge = server::open_edge(&options, backend, &node.router, blobs).await?;
+    let edge = server::open_edge(&options, sockets, backend, &node.router, blobs).await?;
     let gateway = edge.gateway.clone();
     server::report_status(&node.router, node.groups[&R].raft.clone(), node.node_id, gateway.clone());
     report_shards(&node);
