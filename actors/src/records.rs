@@ -894,8 +894,11 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
             continue;
         }
         if !state.conversations.contains_key(&id) {
-            let keys = matches!(command, Command::PostClientMessage { .. } | Command::PostOperatorMessage { .. } | Command::AddNote { .. });
-            if let Some(conv) = load_conversation(store, id, keys)? {
+            // Rules 20: with its keys whatever the command: it stays in memory for the
+            // rest of the entry, where a later command (a retried note or message) must
+            // find them (loaded without them, a retry was written twice or refused).
+            let keyed = matches!(command, Command::PostClientMessage { .. } | Command::PostOperatorMessage { .. } | Command::AddNote { .. });
+            if let Some(conv) = load_conversation(store, id, keyed || state.rules >= 20)? {
                 state.conversations.insert(id, conv);
             }
         }

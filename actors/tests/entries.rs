@@ -118,3 +118,40 @@ fn a_rating_in_the_entry_of_the_purge_goes_with_its_conversation() {
         assert!(store.get(&records::key::conversation(conversation)).expect("read").is_none(), "rules {rules}");
     }
 }
+
+/// A closed conversation out of memory, brought back by a command that needs none of its
+/// idempotency keys (a read mark), then named in the same entry by a note sent again
+/// under the key of one it already holds: the note is that one (`duplicate`), not a
+/// second. Loaded without its keys for the read mark, the conversation kept none for
+/// the rest of the entry, and the retry was written twice (routing rules 20).
+#[test]
+fn a_note_sent_again_in_the_entry_that_brought_its_closed_conversation_back_is_written_once() {
+    let (store, conversation, operator) = setup();
+    let shard = Shard::new();
+    shard.load(Arc::new(store.clone())).expect("load");
+    let mut writes = Vec::new();
+    // Rules 20 (under older rules a replay decides as it did then).
+    let adopt = Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION };
+    shard.apply(&Envelope::new(Timestamp(5), adopt), &mut writes).expect("adopted");
+    let note = Command::AddNote { conversation, author: "sue".into(), name: "Sue".into(), key: "note-1".into(), text: "called back".into() };
+    let first = shard.apply(&Envelope::new(Timestamp(10), note.clone()), &mut writes).expect("noted");
+    let close = Command::CloseByOperator { operator, conversation, resolution: "done".into(), tags: vec![] };
+    shard.apply(&Envelope::new(Timestamp(11), close), &mut writes).expect("closed");
+    shard.end_entry();
+    store.write(std::mem::take(&mut writes));
+    assert!(shard.read().conversations.is_empty(), "the closed conversation left memory");
+
+    // One entry: a read mark, then the note again.
+    shard.apply(&Envelope::new(Timestamp(20), Command::MarkRead { conversation, reader: Reader::Client, upto: 1 }), &mut writes).expect("read");
+    let again = shard.apply(&Envelope::new(Timestamp(20), note), &mut writes).expect("answered");
+    shard.end_entry();
+    store.write(writes);
+    let seq = |reply: &switchboard_actors::core::Reply| match reply {
+        switchboard_actors::core::Reply::Message { seq, .. } => *seq,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(seq(&again), seq(&first), "the note it already holds");
+    assert!(matches!(again, switchboard_actors::core::Reply::Message { duplicate: true, .. }), "{again:?}");
+    let notes = shard.history(conversation, 0, usize::MAX).expect("history").into_iter().filter(|e| matches!(e.item, switchboard_actors::state::HistoryItem::Note { .. })).count();
+    assert_eq!(notes, 1);
+}
