@@ -1549,6 +1549,8 @@ pub fn import_legacy(bytes: &[u8]) -> Result<Writes, Error> {
     dirty.templates = state.templates.keys().cloned().collect();
     dirty.decisions = decisions.into_values().collect();
     dirty.attachments = attachments.into_values().collect();
+    // The index of what each operator handled (their desk's list of past conversations).
+    dirty.handled = state.conversations.values().flat_map(|c| c.handled_by.iter().map(move |op| (op.clone(), c.id))).collect();
     Ok(take_writes(&mut state)
         .into_iter()
         // An import writes into an empty tree: the removes `take_writes` adds for old

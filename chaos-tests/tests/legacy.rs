@@ -101,6 +101,17 @@ async fn a_data_folder_of_the_previous_format_starts_and_keeps_everything() -> a
             assert!(rated, "conversation {id} keeps its rating: {conversation}");
         }
     }
+    // Alice's desk lists what she handled, the imported conversations included (the
+    // import once left that index out).
+    let alice = dev.login("alice").await?;
+    let (status, mine) = dev.api("GET", "/api/my/conversations", Some(&alice), None).await?;
+    assert_eq!(status, 200, "{mine}");
+    let listed: Vec<String> = mine["conversations"].as_array().map(|c| c.iter().map(|c| c["conversation"].to_string()).collect()).unwrap_or_default();
+    for (id, want) in &expected {
+        if want["state"] == "closed" || want["state"] == "assigned" {
+            assert!(listed.contains(id), "conversation {id} is among those alice handled: {mine}");
+        }
+    }
     // It goes on: the open conversations are live, new ones start, and a restart of the
     // converted folder (now records) keeps everything too.
     switchboard_chaos_tests::serves_a_new_client(&dev).await?;
