@@ -678,11 +678,15 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
             // A mistyped id is a no-op for the cluster: said so, lest the wrong
             // process be stopped.
             let member = cluster::status(&args.addr).await.map(|s| cluster::names_node(&s, args.id)).unwrap_or(true);
-            let status = cluster::remove_node(&args.addr, args.id, &args.login, &password).await?;
+            // The id is recorded as removed before the membership changes (routing rules
+            // 19): a removal that fails after that is finished by asking again.
+            let status = cluster::remove_node(&args.addr, args.id, &args.login, &password)
+                .await
+                .with_context(|| format!("node {} may be recorded as removed already; run `cluster remove-node` again to finish its removal", args.id))?;
             if member {
                 println!("node {} removed; stop its process", args.id);
             } else {
-                println!("node {} is not a member of the cluster: nothing was changed", args.id);
+                println!("node {} is not a member of the cluster: its membership was not changed, and the id is recorded as removed, so no node joins under it (a layout given up, a retired machine's files)", args.id);
             }
             print!("{}", cluster::describe(&status));
             Ok(())
