@@ -650,15 +650,21 @@ impl SplitNode {
         }
         self.holding_task.abort();
         self.rules_task.abort();
+        // Every group is stopped and the records made durable even if one group's stop
+        // fails; the first failure is then told.
+        let mut failed = None;
         for group in self.groups.values() {
             group.supervisor.stop(None);
-            group.raft.shutdown().await?;
+            if let Err(e) = group.raft.shutdown().await {
+                tracing::warn!(group = group.id, error = %e, "a group did not stop cleanly");
+                failed.get_or_insert(anyhow::anyhow!("group {} did not stop cleanly: {e}", group.id));
+            }
         }
         self.rpc.abort();
         self.endpoint.close(0u32.into(), b"stopped");
         let keyspace = self.keyspace.clone();
         tokio::task::spawn_blocking(move || keyspace.persist(fjall::PersistMode::SyncAll)).await??;
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Whether this node leads `group` now.
