@@ -283,7 +283,9 @@ pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Res
     if let Part::Conversations { routing, .. } = part {
         let waiting = state.mail_out.get(&routing).map_or(0, |o| o.len());
         if state.rules >= 20 && waiting >= MAX_UNCONFIRMED_LETTERS && decided.iter().any(|e| matches!(e, Event::ConversationStarted { .. })) {
-            return Err(Error::Unreachable(format!(
+            // Decided here, so not an outcome to ask again at once: the sender retries
+            // later, as for any `unavailable`.
+            return Err(Error::Unavailable(format!(
                 "{waiting} letters to the routing shard wait for it to take them: no conversation starts here until it does; try again later"
             )));
         }
@@ -368,7 +370,7 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) ->
                 // Rules 20: counted when the conversation shard closed it, and the
                 // holder's wrap-up runs from then (the letter may have waited).
                 let decided_at = match mail {
-                    Mail::ReleaseAt { at, .. } => Some((*at).min(now)),
+                    Mail::ReleaseAt { at, .. } if state.rules >= 20 => Some((*at).min(now)),
                     _ => None,
                 };
                 events = withdraw_pending(state, conversation, WithdrawReason::ConversationClosed);
@@ -390,7 +392,7 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) ->
         Mail::Rated { conversation, score, comment } | Mail::RatedAt { conversation, score, comment, .. } => {
             if state.conversations.get(conversation).is_some_and(|c| !c.rated) {
                 let decided_at = match mail {
-                    Mail::RatedAt { at, .. } => Some((*at).min(now)),
+                    Mail::RatedAt { at, .. } if state.rules >= 20 => Some((*at).min(now)),
                     _ => None,
                 };
                 events.push(Event::ConversationRated { conversation: *conversation, score: *score, comment: comment.clone(), decided_at });

@@ -1498,7 +1498,7 @@ fn a_conversation_shard_starts_no_conversation_while_its_routing_shard_takes_no_
             assert!(matches!(refused, Ok((Reply::Started { .. }, _))), "rules 19 starts it: {refused:?}");
             continue;
         }
-        assert!(matches!(&refused, Err(Error::Unreachable(why)) if why.contains("no conversation starts here")), "{refused:?}");
+        assert!(matches!(&refused, Err(Error::Unavailable(why)) if why.contains("no conversation starts here")), "{refused:?}");
         assert_eq!(waiting(c), core::MAX_UNCONFIRMED_LETTERS, "the refused start posted nothing");
         let message = Command::PostClientMessage { conversation: open, key: "k1".into(), text: "still here".into(), attachments: vec![] };
         let posted = records::run_as(&mut c.state, &c.store, &Envelope::new(Timestamp(9001), message), c.part);

@@ -230,12 +230,15 @@ pub(crate) fn part_of(id: GroupId, shards: u64) -> Part {
     }
 }
 
-/// The newest routing rules `group` may adopt now: the metadata group no newer than the
-/// routing shard (every node's copy of which it can read), since a group on older rules
-/// holds the metadata group's letters decided under newer ones back; a new group's and
-/// every other group's, this build's.
+/// The newest routing rules `group` may adopt now: the metadata group and every
+/// conversation shard no newer than the routing shard (every node's copy of which it
+/// can read), since a group on older rules holds the metadata group's letters decided
+/// under newer ones back, and a conversation shard's letters decided under newer rules
+/// may be of a kind the routing shard's older members cannot read (the routing shard is
+/// held by every node, so it adopts rules only once every node's build knows them); a
+/// new group's, and the routing shard's, this build's.
 fn rules_cap(groups: &BTreeMap<GroupId, HostedGroup>, group: &HostedGroup) -> u32 {
-    if group.id == G0 && !group.shard.read().is_new() {
+    if group.id != R && !group.shard.read().is_new() {
         groups[&R].shard.read().rules
     } else {
         switchboard_actors::core::RULES_VERSION
