@@ -85,6 +85,12 @@ pub struct MailFile {
 /// Reads a mail (RFC 5322 with MIME): sender, subject, ids, text and files. A mail
 /// with no usable sender address is refused.
 pub fn parse(raw: &[u8]) -> Result<Mail, AdapterError> {
+    // A parser that panics on a mail would fail it again on every delivery: the mail is
+    // refused for good, not deferred.
+    std::panic::catch_unwind(|| parse_mail(raw)).unwrap_or_else(|_| Err(AdapterError::Malformed("the mail could not be parsed (the parser failed on it)".into())))
+}
+
+fn parse_mail(raw: &[u8]) -> Result<Mail, AdapterError> {
     if occurrences(raw, b"--", MAX_DASH_PAIRS) > MAX_DASH_PAIRS {
         return Err(AdapterError::Malformed(format!("the mail holds more than {MAX_DASH_PAIRS} MIME part delimiters (--)")));
     }
@@ -190,9 +196,7 @@ pub fn read_one_mail(input: impl std::io::Read, mut output: impl std::io::Write)
     let outcome: Result<Mail, String> = if raw.len() as u64 > MAX_READ_BYTES {
         Err(format!("the mail is larger than {MAX_READ_BYTES} bytes"))
     } else {
-        // A parser that panics on a mail would fail it again on every delivery: the mail
-        // is refused for good, not deferred.
-        std::panic::catch_unwind(|| parse(&raw).map_err(|e| e.to_string())).unwrap_or_else(|_| Err("the mail could not be parsed (the parser failed on it)".into()))
+        parse(&raw).map_err(|e| e.to_string())
     };
     let bytes = bincode::serde::encode_to_vec(&outcome, bincode::config::standard()).map_err(std::io::Error::other)?;
     output.write_all(&bytes)?;
@@ -206,24 +210,39 @@ pub fn read_outcome(bytes: &[u8]) -> Result<Result<Mail, String>, String> {
     bincode::serde::decode_from_slice(bytes, config).map(|(outcome, _)| outcome).map_err(|e| e.to_string())
 }
 
-/// Occurrences of `needle` in `raw` without overlaps, counted up to `max + 1`.
-/// The transfer encoding of a forwarded message (`message/rfc822` or `message/global`)
-/// declared `base64` or `quoted-printable`, if the mail holds one: the parser decodes
-/// such a part and parses what it decodes as a mail of its own, whose delimiters and
-/// encoded words the counts made on the raw mail never saw, and which can hold the
-/// parser for minutes. Every header block the parser could read is looked at: the
-/// mail's own, the one after each line holding `--` (each part's headers follow its
-/// delimiter; a line that only looks like one costs a look), and the one that opens a
-/// forwarded message sent as it is. A block's fields count whichever of them the parser
-/// would take (every `Content-Type` and every encoding it names), comments and spaces
-/// aside, so a doubt refuses the mail rather than lets it through. One pass.
+/// The transfer encoding of a forwarded message (`message/rfc822` or `message/global`,
+/// or a part of a `multipart/digest`, whose parts are messages unless they say
+/// otherwise) declared `base64` or `quoted-printable`, if the mail holds one: the parser
+/// decodes such a part and parses what it decodes as a mail of its own, whose
+/// delimiters and encoded words the counts made on the raw mail never saw, and which
+/// can hold the parser for minutes.
+///
+/// Every header block the parser could read is looked at, and read at least as widely
+/// as the parser reads it: the mail's own; the one after each line holding `--` (a
+/// part's headers follow its delimiter, on the delimiter's own line too; a line that
+/// only looks like one costs a look); and the one that opens a forwarded message sent as
+/// it is. A block ends only at an empty line (one of spaces continues a field); a
+/// field's name may follow colons; its value is read without comments (escapes
+/// honoured), spaces and quotes. Every `Content-Type` and every encoding of a block
+/// counts, and a field too long to read whole counts as the worst it could be: a doubt
+/// refuses the mail rather than lets it through. One pass over the mail.
 fn encoded_forwarded_message(raw: &[u8]) -> Option<&'static str> {
+    /// Bytes of a field kept (spaces and tabs are not kept): past them it is suspect.
+    const FIELD_BYTES: usize = 1024;
     /// A field's value without comments, spaces and quotes, lowercased.
     fn bare(value: &[u8]) -> Vec<u8> {
-        let mut depth = 0usize;
+        let (mut depth, mut escaped) = (0usize, false);
         let mut out = Vec::with_capacity(value.len());
         for &b in value {
+            if escaped {
+                escaped = false;
+                if depth == 0 {
+                    out.push(b.to_ascii_lowercase());
+                }
+                continue;
+            }
             match b {
+                b'\\' => escaped = true,
                 b'(' => depth += 1,
                 b')' => depth = depth.saturating_sub(1),
                 _ if depth > 0 || b.is_ascii_whitespace() || b == b'"' => {}
@@ -234,61 +253,98 @@ fn encoded_forwarded_message(raw: &[u8]) -> Option<&'static str> {
     }
     #[derive(Default)]
     struct Block {
+        typed: bool,
         forwarded: bool,
         encoding: Option<&'static str>,
-        // The field being unfolded.
+        // The field being unfolded, without spaces and tabs, and whether it was cut.
         field: Vec<u8>,
+        cut: bool,
     }
     impl Block {
-        fn end_field(&mut self) {
-            let field = std::mem::take(&mut self.field);
+        fn add(&mut self, bytes: &[u8]) {
+            for &b in bytes.iter().filter(|b| **b != b' ' && **b != b'\t') {
+                if self.field.len() >= FIELD_BYTES {
+                    self.cut = true;
+                    return;
+                }
+                self.field.push(b);
+            }
+        }
+
+        fn end_field(&mut self, digest: &mut bool) {
+            let (field, cut) = (std::mem::take(&mut self.field), std::mem::take(&mut self.cut));
+            let start = field.iter().position(|&b| b != b':').unwrap_or(field.len());
+            let field = &field[start..];
             let Some(colon) = field.iter().position(|&b| b == b':') else { return };
             let (name, value) = (bare(&field[..colon]), bare(&field[colon + 1..]));
             if name == b"content-type" {
+                self.typed = true;
                 let kind = value.split(|&b| b == b';').next().unwrap_or_default();
-                self.forwarded |= kind == b"message/rfc822" || kind == b"message/global" || kind.windows(2).any(|w| w == b"=?");
+                *digest |= kind == b"multipart/digest";
+                self.forwarded |= cut || kind == b"message/rfc822" || kind == b"message/global" || kind.windows(2).any(|w| w == b"=?");
             } else if name == b"content-transfer-encoding" {
-                if value == b"base64" {
+                if value == b"base64" || cut {
                     self.encoding = Some("base64");
                 } else if value == b"quoted-printable" || value.windows(2).any(|w| w == b"=?") {
                     self.encoding = Some("quoted-printable");
                 }
+            } else if cut && (name.starts_with(b"content-t") || name.is_empty()) {
+                // Cut before its name could be read whole.
+                self.forwarded = true;
+                self.encoding = Some("base64");
             }
         }
 
         /// At the block's end: the encoding, if it is an encoded forwarded message.
-        fn end(&mut self) -> Option<&'static str> {
-            self.end_field();
-            self.forwarded.then_some(self.encoding).flatten()
+        fn end(&mut self, digest: &mut bool) -> Option<&'static str> {
+            self.end_field(digest);
+            let forwarded = self.forwarded || (*digest && !self.typed);
+            forwarded.then_some(self.encoding).flatten()
         }
     }
+    // A part's headers may begin on its delimiter's line, right after the delimiter
+    // (whose length is not known here): the line from the first of the two field names
+    // found after its first `--`, if any.
+    fn after_delimiter(line: &[u8]) -> Option<&[u8]> {
+        let dashes = memchr::memmem::find(line, b"--")?;
+        let lower: Vec<u8> = line[dashes + 2..].iter().map(u8::to_ascii_lowercase).collect();
+        let at = [&b"content-type"[..], &b"content-transfer-encoding"[..]].iter().filter_map(|name| memchr::memmem::find(&lower, name)).min()?;
+        Some(&line[dashes + 2 + at..])
+    }
+    let mut digest = false;
     let mut block = Some(Block::default());
     for line in raw.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         match block.as_mut() {
-            Some(current) if line.trim_ascii().is_empty() => {
-                if let Some(encoding) = current.end() {
+            Some(current) if line.is_empty() => {
+                if let Some(encoding) = current.end(&mut digest) {
                     return Some(encoding);
                 }
                 // A forwarded message sent as it is opens with headers of its own.
-                block = current.forwarded.then(Block::default);
+                let forwarded = current.forwarded || (digest && !current.typed);
+                block = forwarded.then(Block::default);
             }
-            // A folded field goes on (a field is looked at within its first 1,024 bytes).
-            Some(current) if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') => {
-                let room = 1024usize.saturating_sub(current.field.len());
-                current.field.extend(line.iter().take(room));
-            }
+            // A folded field goes on.
+            Some(current) if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') => current.add(line),
             Some(current) => {
-                current.end_field();
-                current.field.extend(line.iter().take(1024));
+                current.end_field(&mut digest);
+                current.add(after_delimiter(line).unwrap_or(line));
             }
-            None if memchr::memmem::find(line, b"--").is_some() => block = Some(Block::default()),
-            None => {}
+            None => {
+                if memchr::memmem::find(line, b"--").is_some() {
+                    let mut next = Block::default();
+                    if let Some(field) = after_delimiter(line) {
+                        next.add(field);
+                    }
+                    block = Some(next);
+                }
+            }
         }
     }
-    block.as_mut().and_then(Block::end)
+    block.as_mut().and_then(|b| b.end(&mut digest))
 }
 
+/// Occurrences of `needle` in `raw` without overlaps, counted up to `max + 1`.
 fn occurrences(raw: &[u8], needle: &[u8], max: usize) -> usize {
     memchr::memmem::find_iter(raw, needle).take(max + 1).count()
 }
@@ -735,6 +791,17 @@ mod tests {
             format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: message/global\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n--b--\r\n"),
             // Inside a forwarded message sent as it is.
             format!("{head}Content-Type: message/rfc822\r\n\r\nFrom: b@example.org\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n"),
+            // A digest's part is a message unless it says otherwise.
+            format!("{head}Content-Type: multipart/digest; boundary=b\r\n\r\n--b\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n--b--\r\n"),
+            // Headers on the delimiter's line; after colons; past a line of spaces.
+            format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\n--bContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n--b--\r\n"),
+            format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n:Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n--b--\r\n"),
+            format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nX: a\r\n \r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n--b--\r\n"),
+            // Spaces past any length; an escaped parenthesis in a comment; a field too
+            // long to read whole.
+            format!("{head}Content-Type:{}message/rfc822\r\nContent-Transfer-Encoding:{}base64\r\n\r\nQQ==\r\n", " ".repeat(5000), "\t".repeat(5000)),
+            format!("{head}Content-Type: (\\() message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n"),
+            format!("{head}Content-Type: {}\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n", "x".repeat(5000)),
         ];
         for mail in &refused {
             let outcome = parse(mail.as_bytes());
@@ -746,6 +813,7 @@ mod tests {
             format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee below\r\n--b\r\nContent-Type: message/rfc822\r\n\r\n{inner}--b--\r\n"),
             format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nthe file\r\n--b\r\nContent-Type: text/plain; name=\"message.txt\"\r\nContent-Transfer-Encoding: base64\r\n\r\naGVsbG8=\r\n--b--\r\n"),
             format!("{head}Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nnot delivered\r\n--b\r\nContent-Type: message/delivery-status\r\nContent-Transfer-Encoding: base64\r\n\r\nQQ==\r\n--b--\r\n"),
+            format!("{head}Content-Type: multipart/digest; boundary=b\r\n\r\n--b\r\n\r\n{inner}--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\naGVsbG8=\r\n--b--\r\n"),
         ];
         for mail in &read {
             assert!(parse(mail.as_bytes()).is_ok(), "{mail}");
