@@ -1532,10 +1532,23 @@ async fn the_smtp_listener_bounds_what_an_anonymous_peer_sends() -> anyhow::Resu
     assert!(peer.say(b"MAIL FROM:<a@example.org>\r\n").await?.starts_with("250"));
     assert!(peer.say(b"RCPT TO:<support@example.com>\r\n").await?.starts_with("250"));
     assert!(peer.say(b"DATA\r\n").await?.starts_with("354"));
-    let smuggling = b"From: a@example.org\r\nTo: support@example.com\r\n\r\nfirst\r\n\n.\r\nMAIL FROM:<v@example.org>\r\nRCPT TO:<support@example.com>\r\nDATA\r\nFrom: victim@example.org\r\n\r\nsmuggled\r\n.\n\r\n.\r\n";
+    let smuggling = b"From: a@example.org\r\nTo: support@example.com\r\n\r\nfirst\r\n\n.\r\nMAIL FROM:<v@example.org>\r\nRCPT TO:<support@example.com>\r\nDATA\r\nFrom: victim@example.org\r\n\r\nsmuggled\r\n.\r\n";
     let refused = peer.say(smuggling).await?;
     assert!(refused.starts_with("554 5.6.0 A line of the mail ended in a bare LF"), "{refused}");
     assert!(peer.say(b"NOOP\r\n").await?.starts_with("250"), "one answer for the one mail, none for commands inside it");
+    // A sender that ends its mail with a bare LF too is refused at that end, and its
+    // session closed: what it sends next cannot be read safely.
+    {
+        let (mut lf, greeting) = Smtp::connect(&smtp).await?;
+        assert!(greeting.starts_with("220"), "{greeting}");
+        assert!(lf.say(b"HELO client.example.org\r\n").await?.starts_with("250"));
+        assert!(lf.say(b"MAIL FROM:<a@example.org>\r\n").await?.starts_with("250"));
+        assert!(lf.say(b"RCPT TO:<support@example.com>\r\n").await?.starts_with("250"));
+        assert!(lf.say(b"DATA\r\n").await?.starts_with("354"));
+        let refused = lf.say(b"From: a@example.org\nTo: support@example.com\n\nhello\n.\nMAIL FROM:<v@example.org>\n").await?;
+        assert!(refused.starts_with("554 5.6.0 The mail ended in a bare LF"), "{refused}");
+        assert_eq!(lf.answer().await?, "", "and the session is closed");
+    }
     // A forwarded message base64-encoded inside the mail (RFC 2046 forbids it; the
     // parser reads it all the same) whose header holds 160,000 encoded words: its
     // contents pass the counts made on the raw mail, and the parse would take minutes

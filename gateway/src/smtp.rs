@@ -411,6 +411,12 @@ impl Session<'_> {
                 self.reset();
                 return self.say("554 5.6.0 A line of the mail ended in a bare LF, which SMTP does not allow (RFC 5321 2.3.8): not taken").await;
             }
+            Data::EndedByBareLineFeed => {
+                // Where the sender meant its mail to end, and what it sends next, cannot
+                // be told apart from a second mail hidden in it: the session ends.
+                let _ = self.say("554 5.6.0 The mail ended in a bare LF (<LF>.<LF>), which SMTP does not allow (RFC 5321 2.3.8): not taken, closing").await;
+                return Err("a mail ended by a bare LF".into());
+            }
         };
         // What a long line made the buffer hold is given back with the mail's slot.
         self.buf.shrink_to(MAX_COMMAND_LINE * 16);
@@ -447,6 +453,9 @@ impl Session<'_> {
                 let end = scanned + found + 1;
                 let line = &self.buf[start..end];
                 let crlf = line.ends_with(b"\r\n");
+                if line == b".\n" {
+                    return Ok(Data::EndedByBareLineFeed);
+                }
                 if after_crlf && line == b".\r\n" {
                     self.buf.drain(..end);
                     return Ok(if too_large {
@@ -489,6 +498,8 @@ impl Session<'_> {
                 mail = Vec::new();
                 self.buf = Vec::new();
                 scanned = 0;
+                // What comes next ends that line: it does not begin one.
+                after_crlf = false;
             }
             if dropped > 2 * max {
                 let _ = self.say("552 5.3.4 The mail is far larger than this server takes, closing").await;
@@ -514,6 +525,9 @@ enum Data {
     TooLarge,
     /// A line ended in a bare LF (read to its end and dropped).
     BareLineFeed,
+    /// A lone `.` line ended by a bare LF: the sender ends its mails so, and the rest
+    /// of its session cannot be read safely.
+    EndedByBareLineFeed,
 }
 
 /// The address in `<…>` (parameters after it ignored); `<>` is none.
