@@ -686,7 +686,7 @@ async fn cluster_cmd(cmd: ClusterCmd) -> anyhow::Result<()> {
             if member {
                 println!("node {} removed; stop its process", args.id);
             } else {
-                println!("node {} is not a member of the cluster: its membership was not changed, and the id is recorded as removed, so no node joins under it (a layout given up, a retired machine's files)", args.id);
+                println!("node {} is not a member of the cluster: its membership was not changed, and (from routing rules 19) the id is recorded as removed, so no node joins under it (a layout given up, a retired machine's files)", args.id);
             }
             print!("{}", cluster::describe(&status));
             Ok(())

@@ -359,8 +359,8 @@ impl RemoteShard {
                 Ok(answer) => {
                     let answer = decode::<Result<T, Error>>(&answer).map_err(|e| Error::Unreachable(format!("{addr} answered a read of group {} in a form this node cannot read: {e}", self.group)))?;
                     // A member that cannot serve it now (a barrier on a holder cut off
-                    // from its leader): the next one is asked, and this one is not the
-                    // first asked next time.
+                    // from its leader): the next one is asked, and only one that answers
+                    // becomes the first asked next time.
                     if let Err(Error::Unreachable(e)) = &answer {
                         failures.push(format!("{addr}: {e}"));
                         continue;

@@ -1922,8 +1922,6 @@ pub(crate) struct Edge {
     pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
 }
 
-/// Binds the listeners of `options` and serves a gateway over `backend`; peers' relayed
-/// traffic (standalone gateways) and file copies arrive through `router`.
 /// The edge's listeners and token key, taken before the node joins or starts any group:
 /// a port in use or a key that cannot be read stops the node before it is a member
 /// (afterwards, the cluster would keep a voter that never serves).
@@ -1948,6 +1946,8 @@ pub(crate) async fn bind_edge(options: &NodeOptions) -> anyhow::Result<EdgeSocke
     Ok(EdgeSockets { public, private, smtp, key })
 }
 
+/// Serves a gateway over `backend` on the listeners `bind_edge` took; peers' relayed
+/// traffic (standalone gateways) and file copies arrive through `router`.
 pub(crate) async fn open_edge(options: &NodeOptions, sockets: EdgeSockets, backend: Arc<dyn Backend>, router: &Router, blobs: switchboard_gateway::attachments::BlobStore) -> anyhow::Result<Edge> {
     let EdgeSockets { public, private, smtp, key } = sockets;
     let public_addr = public.local_addr()?;

@@ -136,10 +136,6 @@ impl RpcRequest {
         !matches!(self, RpcRequest::Status | RpcRequest::Shards)
     }
 
-    /// The node a Raft request speaks for: the candidate of a vote, the leader of entries
-    /// or a snapshot, the node a `Join` asks to admit (a node asks to join only for
-    /// itself; placing others goes through `Learn` and `Voters`). It must be one the
-    /// peer's certificate is issued to.
     /// The group a Raft request (entries, a snapshot, a vote) is for, and who speaks.
     fn raft_traffic(&self) -> Option<(u64, NodeId)> {
         match self {
@@ -150,6 +146,10 @@ impl RpcRequest {
         }
     }
 
+    /// The node a Raft request speaks for: the candidate of a vote, the leader of entries
+    /// or a snapshot, the node a `Join` asks to admit (a node asks to join only for
+    /// itself; placing others goes through `Learn` and `Voters`). It must be one the
+    /// peer's certificate is issued to.
     fn raft_speaker(&self) -> Option<NodeId> {
         match self {
             RpcRequest::Append { rpc, .. } | RpcRequest::AppendQuiet { rpc, .. } => Some(rpc.vote.leader_id().node_id),
