@@ -1102,3 +1102,36 @@ async fn a_gateway_pins_each_visitor_to_its_conversation_shard_s_leader_and_foll
     }
     Ok(())
 }
+
+/// A node laid out to join a split cluster (`cluster add-node`) but started without its
+/// `shards` line, or with another count, refuses to start and says what to set, before
+/// it writes anything to its folder; started as laid out, it joins. Before, a node of
+/// one group joined the split cluster's metadata group as a voter and applied its log
+/// as a state it was not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_would_join_a_split_cluster_laid_out_otherwise_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start_split(dir.path(), 3, Some(2)).await?;
+    switchboard_chaos_tests::cli(["cluster".as_ref(), "add-node".as_ref(), "--dir".as_ref(), dir.path().as_os_str()], &[]).await?;
+    let config = dir.path().join("node-4.toml");
+    let laid_out = std::fs::read_to_string(&config)?;
+    assert!(laid_out.lines().any(|l| l.trim() == "shards = 2"), "{laid_out}");
+    let data = dir.path().join("data/node-4");
+    let without: String = laid_out.lines().filter(|l| !l.trim_start().starts_with("shards")).map(|l| format!("{l}\n")).collect();
+    for (file, says) in [(without, "add `shards = 2`"), (laid_out.replace("shards = 2", "shards = 3"), "set `shards = 2`")] {
+        std::fs::write(&config, file)?;
+        let starting = Dev::launch(binary()?, "node", &data, "127.0.0.1:0", "127.0.0.1:0", &["--config", config.to_str().unwrap_or_default()])?;
+        let ready = tokio::time::timeout(Duration::from_secs(60), starting.ready()).await;
+        let said = std::fs::read_to_string(data.join("node.log")).unwrap_or_default();
+        assert!(matches!(ready, Ok(Err(_))), "node 4 started laid out otherwise: {said}");
+        assert!(said.contains(says), "node 4 says what to set ({says}): {said}");
+        assert!(!data.join("records").exists() && !data.join("layout").exists(), "nothing written to its folder");
+    }
+    std::fs::write(&config, &laid_out)?;
+    // Ready: admitted, and serving the groups it holds.
+    let mut joined = Dev::launch(binary()?, "node", &data, "127.0.0.1:0", "127.0.0.1:0", &["--config", config.to_str().unwrap_or_default()])?.ready().await?;
+    assert!(data.join("layout").exists(), "laid out as the cluster is");
+    joined.kill9().await?;
+    drop(cluster);
+    Ok(())
+}

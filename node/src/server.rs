@@ -1771,6 +1771,11 @@ std::fs::create_dir_all(&options.data_dir)?;
     // Again under the lock: a cut-over may have swapped the folder since the first look.
     crate::cutover::refuse_unfinished(&options.data_dir)?;
     crate::split::check_layout(&options.data_dir, None)?;
+    // A new member checks the cluster's layout before anything is written here.
+    if options.join && !options.data_dir.join("records").exists() {
+        let others: Vec<String> = options.members.iter().filter(|(id, _)| *id != options.node_id).map(|(_, addr)| addr.clone()).collect();
+        refuse_another_layout(&Peers::new(endpoint.clone()), &others, None).await?;
+    }
     let sockets = bind_edge(&options).await?;
     let db = switchboard_raft::store::open_keyspace(&options.data_dir.join("records"), &[SHARD_GROUP]).context("open the record store")?;
     let log_dir = options.data_dir.join("log").join(format!("g{SHARD_GROUP}"));
@@ -2113,6 +2118,29 @@ fn serve_http(
 /// this node was let in before (a learner never made a voter): then, and once a refusal
 /// said it stays a learner, a member whose view of the group no longer names it means
 /// it was removed meanwhile, and it stops instead of coming back (ids are never reused).
+/// Refuses to join a cluster laid out otherwise than this node (`shards`: its number of
+/// conversation shards, `None` for a node of one group), as the first member to answer
+/// says: a node of one group would become a voter of a split cluster's metadata group
+/// and apply its log as a state it is not, and a split node of another count would place
+/// conversations where the others do not. A member that answers no shards may be a
+/// split node still starting: for a split joiner, only a count that differs refuses.
+pub(crate) async fn refuse_another_layout(peers: &Peers, others: &[String], shards: Option<u64>) -> anyhow::Result<()> {
+    for addr in others {
+        let Ok(theirs) = peers.shards(addr, Duration::from_secs(2)).await else { continue };
+        let theirs = theirs.len() as u64;
+        match shards {
+            None if theirs > 0 => anyhow::bail!(
+                "the cluster at {addr} is split into {theirs} conversation shards (ADR 0006): add `shards = {theirs}` to this node's file, then start it again"
+            ),
+            Some(mine) if theirs > 0 && theirs != mine => anyhow::bail!(
+                "the cluster at {addr} is split into {theirs} conversation shards, this node's file says `shards = {mine}`: set `shards = {theirs}`, then start it again"
+            ),
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn join_cluster(peers: &Peers, node_id: u64, others: &[String], group: u64, change: switchboard_raft::members::Change, member: bool) -> anyhow::Result<()> {
     use switchboard_raft::members::Answer;
     if others.is_empty() {

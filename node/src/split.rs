@@ -786,6 +786,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     }
     // Again under the lock: a cut-over may have swapped the folder since the first look.
     crate::cutover::refuse_unfinished(&options.data_dir)?;
+    let fresh = !options.data_dir.join(LAYOUT_FILE).exists() && !options.data_dir.join("records").exists();
     check_layout(&options.data_dir, Some(shards))?;
     let sockets = server::bind_edge(&options).await?;
     let name = format!("node-{}", options.node_id);
@@ -794,6 +795,15 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
         None => switchboard_raft::tls::ensure_member(&options.data_dir.join("certs"), &name, &[])?,
     };
     let endpoint = switchboard_raft::tls::endpoint(&identity, options.raft_addr).context("bind raft endpoint")?;
+    // A new member checks the cluster's layout before it takes part; refused, its
+    // folder is left as it found it.
+    if options.join && fresh {
+        let others: Vec<String> = options.members.iter().filter(|(id, _)| *id != options.node_id).map(|(_, addr)| addr.clone()).collect();
+        if let Err(e) = server::refuse_another_layout(&switchboard_raft::network::Peers::new(endpoint.clone()), &others, Some(shards)).await {
+            let _ = std::fs::remove_file(options.data_dir.join(LAYOUT_FILE));
+            return Err(e);
+        }
+    }
     // A member alone, or the cluster's first members (the same list in every member's
     // file): every group is replicated on all of them.
     let members: BTreeMap<u64, String> = if options.members.is_empty() {
