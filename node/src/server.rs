@@ -2226,11 +2226,18 @@ async fn wait_until_served(raft: &Raft, clustered: bool) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     loop {
         let wait = metrics.wait_for(|m| m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= m.last_log_index);
-        match tokio::time::timeout(Duration::from_secs(10), wait).await {
-            Ok(Ok(_)) => return Ok(()),
+        let waited = tokio::time::timeout(Duration::from_secs(10), wait).await.map(|r| r.map(|_| ()));
+        match waited {
+            Ok(Ok(())) => return Ok(()),
             Ok(Err(_)) => anyhow::bail!("raft stopped before the group had a leader"),
             Err(_) if clustered => {
                 info!(waited_s = started.elapsed().as_secs(), "waiting for a quorum of the cluster's members to elect a leader");
+            }
+            // A lone node that leads but is still applying what its log held goes on
+            // (a long backlog takes its time), saying how far it is.
+            Err(_) if metrics.borrow().current_leader.is_some() => {
+                let m = metrics.borrow().clone();
+                info!(applied = m.last_applied.map_or(0, |l| l.index), of = m.last_log_index.unwrap_or(0), "applying the log before serving");
             }
             Err(_) if started.elapsed() >= Duration::from_secs(30) => anyhow::bail!("this node did not become leader within 30 s"),
             Err(_) => {}
