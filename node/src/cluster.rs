@@ -225,14 +225,37 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
     if plan.dir.join("node-1.toml").exists() || plan.dir.join("token.key").exists() {
         anyhow::bail!("{} already holds a cluster's files; choose another folder", plan.dir.display());
     }
-    std::fs::create_dir_all(&plan.dir).with_context(|| format!("create {}", plan.dir.display()))?;
-    let certs = plan.dir.join("certs");
     let host = |i: u64| -> &str { if plan.hosts.len() == 1 { &plan.hosts[0] } else { &plan.hosts[(i - 1) as usize] } };
     // Nodes on one host need ports of their own; on hosts of their own they share them.
     let port = |base: u16, i: u64| -> anyhow::Result<u16> {
         let step = if plan.hosts.len() == 1 { u64::from(plan.port_step) * (i - 1) } else { 0 };
         u16::try_from(u64::from(base) + step).map_err(|_| anyhow::anyhow!("port {base} + {step} is past 65535"))
     };
+    let gateway_port = |base: u16, g: u64| {
+        u16::try_from(u64::from(base) + u64::from(plan.port_step) * g).map_err(|_| anyhow::anyhow!("gateway port {base} + {g} steps is past 65535"))
+    };
+    // Every listener of one host on a port of its own (TCP: the public and private
+    // listeners of nodes and gateways; UDP: the nodes' QUIC), before anything is written:
+    // two on one port would leave the second process unable to start.
+    let mut listeners: Vec<(String, &str, u16, String)> = Vec::new();
+    for i in 1..=plan.nodes {
+        listeners.push((host(i).to_string(), "tcp", port(plan.public_port, i)?, format!("node {i}'s public port")));
+        listeners.push((host(i).to_string(), "tcp", port(plan.private_port, i)?, format!("node {i}'s private port")));
+        listeners.push((host(i).to_string(), "udp", port(plan.raft_port, i)?, format!("node {i}'s raft port")));
+    }
+    for g in 0..plan.gateways {
+        listeners.push((host(1).to_string(), "tcp", gateway_port(plan.gateway_public_port, g)?, format!("{}'s public port", gateway_name(g))));
+        listeners.push((host(1).to_string(), "tcp", gateway_port(plan.gateway_private_port, g)?, format!("{}'s private port", gateway_name(g))));
+    }
+    let mut seen: std::collections::BTreeMap<(String, &str, u16), String> = std::collections::BTreeMap::new();
+    for (h, kind, p, what) in listeners {
+        if let Some(first) = seen.get(&(h.clone(), kind, p)) {
+            anyhow::bail!("{first} and {what} would both be {h}:{p}: choose ports further apart (each next node on a host adds --port-step, {})", plan.port_step);
+        }
+        seen.insert((h, kind, p), what);
+    }
+    std::fs::create_dir_all(&plan.dir).with_context(|| format!("create {}", plan.dir.display()))?;
+    let certs = plan.dir.join("certs");
     let addr = |h: &str, p: u16| -> anyhow::Result<SocketAddr> {
         let text = if h.contains(':') { format!("[{h}]:{p}") } else { format!("{h}:{p}") };
         text.parse().map_err(|e| anyhow::anyhow!("{text}: {e} (hosts are IP addresses)"))
@@ -282,14 +305,10 @@ pub fn init(plan: &InitPlan) -> anyhow::Result<Vec<PathBuf>> {
             switchboard_raft::tls::Role::Gateway,
             &[host.to_string()],
         )?;
-        let step = |base: u16| {
-            u16::try_from(u64::from(base) + u64::from(plan.port_step) * g)
-                .map_err(|_| anyhow::anyhow!("gateway port {base} + {g} steps is past 65535"))
-        };
         let config = GatewayFileConfig {
             name: name.clone(),
-            public_addr: addr(host, step(plan.gateway_public_port)?)?,
-            private_addr: addr(host, step(plan.gateway_private_port)?)?,
+            public_addr: addr(host, gateway_port(plan.gateway_public_port, g)?)?,
+            private_addr: addr(host, gateway_port(plan.gateway_private_port, g)?)?,
             certs_dir: PathBuf::from("certs"),
             members: members.clone(),
         };
@@ -573,6 +592,35 @@ mod tests {
         let gateway = GatewayFileConfig::read(&path).expect("deploy/gateway.example.toml stays a valid configuration");
         assert_eq!(gateway.name, "gateway-a");
         assert_eq!(gateway.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn init_refuses_ports_two_listeners_of_one_host_would_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = |public_port: u16, private_port: u16, gateway_public_port: u16, hosts: Vec<String>| InitPlan {
+            dir: dir.path().join("c"),
+            nodes: 3,
+            hosts,
+            public_port,
+            private_port,
+            raft_port: 9002,
+            port_step: 10,
+            gateways: 1,
+            gateway_public_port,
+            gateway_private_port: 7001,
+            shards: None,
+        };
+        let one = vec!["127.0.0.1".to_string()];
+        // Node 2's public port is node 1's private one.
+        let refused = init(&plan(8080, 8090, 7000, one.clone())).unwrap_err().to_string();
+        assert!(refused.contains("node 1's private port and node 2's public port would both be 127.0.0.1:8090"), "{refused}");
+        // A gateway's port is a node's.
+        let refused = init(&plan(8080, 8081, 8100, one)).unwrap_err().to_string();
+        assert!(refused.contains("node 3's public port and gateway-a's public port would both be 127.0.0.1:8100"), "{refused}");
+        assert!(!dir.path().join("c").exists(), "nothing written");
+        // On hosts of their own, nodes share port numbers.
+        let hosts = vec!["10.0.0.1".to_string(), "10.0.0.2".to_string(), "10.0.0.3".to_string()];
+        init(&plan(8080, 8081, 7000, hosts)).expect("laid out");
     }
 
     #[test]
