@@ -280,9 +280,9 @@ pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Res
     // `MAX_UNCONFIRMED_LETTERS` letters (it has no leader, or cannot keep up) starts no
     // conversation: each start's letter would wait in every member's memory, and the
     // starts come from anyone. Its open conversations go on.
-    if let Part::Conversations { routing, .. } = part {
+    if let (Part::Conversations { routing, .. }, true) = (part, state.rules >= 20) {
         let waiting = state.mail_out.get(&routing).map_or(0, |o| o.len());
-        if state.rules >= 20 && waiting >= MAX_UNCONFIRMED_LETTERS && decided.iter().any(|e| matches!(e, Event::ConversationStarted { .. })) {
+        if waiting >= MAX_UNCONFIRMED_LETTERS && decided.iter().any(|e| matches!(e, Event::ConversationStarted { .. })) {
             // Decided here, so not an outcome to ask again at once: the sender retries
             // later, as for any `unavailable`.
             return Err(Error::Unavailable(format!(

@@ -601,9 +601,7 @@ async fn take_message(gw: &Gateway, channel: &ChannelId, m: Inbound) -> Result<V
     };
     // A redelivery of a message its open conversation has: no need to fetch its files.
     let key = switchboard_actors::core::inbound_key(channel, &m.sender, &m.message_id);
-    let readers = gw.backend.conversation_readers();
-    let answers = futures::future::join_all(readers.iter().map(|r| r.inbound_seen(channel, &m.sender, &key))).await;
-    let seen = answers.into_iter().any(|seen| seen.unwrap_or(false));
+    let seen = gw.inbound_seen_anywhere(channel, &m.sender, &key).await;
     // A blocked sender's message is refused at commit: its files are not worth fetching,
     // and copies of them on other members would stay behind.
     if seen || crate::attachments::sender_blocked(gw, channel, &m.sender) {
@@ -892,9 +890,7 @@ async fn api_inbound_files(gw: &Gateway, channel: &ChannelId, body: InboundBody)
     let plain = Command::ChannelInbound { channel: channel.clone(), sender: body.sender.clone(), sender_name: body.sender_name.clone(), provider_message_id: body.message_id.clone(), text: text.clone() };
     // Taken before: the core answers `duplicate` without fetching anything again.
     let key = switchboard_actors::core::inbound_key(channel, &body.sender, &body.message_id);
-    let readers = gw.backend.conversation_readers();
-    let answers = futures::future::join_all(readers.iter().map(|r| r.inbound_seen(channel, &body.sender, &key))).await;
-    if answers.into_iter().any(|seen| seen.unwrap_or(false)) {
+    if gw.inbound_seen_anywhere(channel, &body.sender, &key).await {
         return Ok(Err(plain));
     }
     // With files the caption may be empty; otherwise as the core takes a text.

@@ -809,6 +809,15 @@ impl Gateway {
 
     /// The conversations `operator` handled, newest (highest id) first, before
     /// `before`, at most `limit`, from every conversation shard.
+    /// Whether a channel's inbound message (its key, `core::inbound_key`) was taken
+    /// before by any conversation shard: a provider's redelivery, or a mail sent again.
+    /// A read that fails counts as not taken (the commit then decides).
+    pub(crate) async fn inbound_seen_anywhere(&self, channel: &switchboard_actors::model::ChannelId, sender: &str, key: &str) -> bool {
+        let readers = self.backend.conversation_readers();
+        let answers = futures::future::join_all(readers.iter().map(|r| r.inbound_seen(channel, sender, key))).await;
+        answers.into_iter().any(|seen| seen.unwrap_or(false))
+    }
+
     pub(crate) async fn handled_by(&self, operator: &OperatorId, before: Option<ConversationId>, limit: usize) -> Result<Vec<ConversationId>, switchboard_actors::Error> {
         let readers = self.backend.conversation_readers();
         let answers = futures::future::join_all(readers.iter().map(|r| r.handled_by(operator, before, limit))).await;

@@ -401,15 +401,14 @@ impl Session<'_> {
         self.say("354 End data with <CR><LF>.<CR><LF>").await?;
         let raw = match self.read_data().await? {
             Data::Mail(raw) => raw,
-            Data::TooLarge => {
+            refused @ (Data::TooLarge | Data::BareLineFeed) => {
                 self.buf.shrink_to(MAX_COMMAND_LINE * 16);
                 self.reset();
-                return self.say("552 5.3.4 The mail is larger than this server takes").await;
-            }
-            Data::BareLineFeed => {
-                self.buf.shrink_to(MAX_COMMAND_LINE * 16);
-                self.reset();
-                return self.say("554 5.6.0 A line of the mail ended in a bare LF, which SMTP does not allow (RFC 5321 2.3.8): not taken").await;
+                return self.say(match refused {
+                    Data::TooLarge => "552 5.3.4 The mail is larger than this server takes",
+                    _ => "554 5.6.0 A line of the mail ended in a bare LF, which SMTP does not allow (RFC 5321 2.3.8): not taken",
+                })
+                .await;
             }
             Data::EndedByBareLineFeed => {
                 // Where the sender meant its mail to end, and what it sends next, cannot
@@ -699,9 +698,7 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
     // conversation closed since, the mail would now go to its sender's shard, which has
     // no record of it, and be written twice. A read that fails leaves it to the commit.
     let seen_key = switchboard_actors::core::inbound_key(channel, &mail.from, &mail.message_id);
-    let readers = gw.backend.conversation_readers();
-    let answers = futures::future::join_all(readers.iter().map(|r| r.inbound_seen(channel, &mail.from, &seen_key))).await;
-    if answers.into_iter().any(|seen| seen.unwrap_or(false)) {
+    if gw.inbound_seen_anywhere(channel, &mail.from, &seen_key).await {
         return Ok(None);
     }
     let mut text = if mail.text.trim().is_empty() { mail.subject.clone() } else { mail.text.clone() };

@@ -1773,8 +1773,7 @@ std::fs::create_dir_all(&options.data_dir)?;
     crate::split::check_layout(&options.data_dir, None)?;
     // A new member checks the cluster's layout before anything is written here.
     if options.join && !options.data_dir.join("records").exists() {
-        let others: Vec<String> = options.members.iter().filter(|(id, _)| *id != options.node_id).map(|(_, addr)| addr.clone()).collect();
-        refuse_another_layout(&Peers::new(endpoint.clone()), &others, None).await?;
+        refuse_another_layout(&Peers::new(endpoint.clone()), &options, None).await?;
     }
     let sockets = bind_edge(&options).await?;
     let db = switchboard_raft::store::open_keyspace(&options.data_dir.join("records"), &[SHARD_GROUP]).context("open the record store")?;
@@ -2124,8 +2123,8 @@ fn serve_http(
 /// and apply its log as a state it is not, and a split node of another count would place
 /// conversations where the others do not. A member that answers no shards may be a
 /// split node still starting: for a split joiner, only a count that differs refuses.
-pub(crate) async fn refuse_another_layout(peers: &Peers, others: &[String], shards: Option<u64>) -> anyhow::Result<()> {
-    for addr in others {
+pub(crate) async fn refuse_another_layout(peers: &Peers, options: &NodeOptions, shards: Option<u64>) -> anyhow::Result<()> {
+    for (_, addr) in options.members.iter().filter(|(id, _)| *id != options.node_id) {
         let Ok(theirs) = peers.shards(addr, Duration::from_secs(2)).await else { continue };
         let theirs = theirs.len() as u64;
         match shards {

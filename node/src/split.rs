@@ -798,8 +798,7 @@ pub(crate) async fn start(options: NodeOptions, shards: u64) -> anyhow::Result<R
     // A new member checks the cluster's layout before it takes part; refused, its
     // folder is left as it found it.
     if options.join && fresh {
-        let others: Vec<String> = options.members.iter().filter(|(id, _)| *id != options.node_id).map(|(_, addr)| addr.clone()).collect();
-        if let Err(e) = server::refuse_another_layout(&switchboard_raft::network::Peers::new(endpoint.clone()), &others, Some(shards)).await {
+        if let Err(e) = server::refuse_another_layout(&switchboard_raft::network::Peers::new(endpoint.clone()), &options, Some(shards)).await {
             let _ = std::fs::remove_file(options.data_dir.join(LAYOUT_FILE));
             return Err(e);
         }

@@ -152,11 +152,8 @@ impl RpcRequest {
     /// peer's certificate is issued to.
     fn raft_speaker(&self) -> Option<NodeId> {
         match self {
-            RpcRequest::Append { rpc, .. } | RpcRequest::AppendQuiet { rpc, .. } => Some(rpc.vote.leader_id().node_id),
-            RpcRequest::Snapshot { rpc, .. } => Some(rpc.vote.leader_id().node_id),
-            RpcRequest::Vote { rpc, .. } => Some(rpc.vote.leader_id().node_id),
             RpcRequest::Members { change: crate::members::Change::Join { id, .. }, .. } => Some(*id),
-            _ => None,
+            _ => self.raft_traffic().map(|(_, speaker)| speaker),
         }
     }
 }
@@ -924,6 +921,17 @@ pub fn serve(endpoint: quinn::Endpoint, router: Router) -> tokio::task::JoinHand
 /// is not issued to begins.
 pub const NOT_ISSUED_TO: &str = "this certificate speaks in Raft only as node";
 
+/// Whether a line logged at most every 10 s (however often its cause recurs) is due
+/// now, `last` being when it was last logged; marks it logged.
+fn due_every_10s(last: &std::sync::Mutex<Option<std::time::Instant>>) -> bool {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    let due = last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10));
+    if due {
+        *last = Some(std::time::Instant::now());
+    }
+    due
+}
+
 /// Who is at the other end of a connection: its certificate's role and node ids.
 struct Caller {
     role: Role,
@@ -967,10 +975,7 @@ async fn serve_stream(router: Router, peer: &Caller, mut send: quinn::SendStream
         }
         Ok(request) if request.raft_traffic().is_some_and(|(group, speaker)| router.removed_stranger(group, speaker)) => {
             static LOGGED_AT: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-            let mut logged = LOGGED_AT.lock().unwrap_or_else(|p| p.into_inner());
-            // At most one line every 10 s, however often it speaks.
-            if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-                *logged = Some(std::time::Instant::now());
+            if due_every_10s(&LOGGED_AT) {
                 warn!(ids = ?peer.node_ids, "refused Raft traffic from a node that was removed from the cluster, for a group it is no member of");
             }
             RpcResponse::BadRequest(format!("node {:?} {}", peer.node_ids, crate::members::REMOVED_FROM_CLUSTER))
@@ -982,10 +987,7 @@ async fn serve_stream(router: Router, peer: &Caller, mut send: quinn::SendStream
             if router.removed_peer(&peer.node_ids) =>
         {
             static LOGGED_AT: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-            let mut logged = LOGGED_AT.lock().unwrap_or_else(|p| p.into_inner());
-            // At most one line every 10 s, however often it asks.
-            if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-                *logged = Some(std::time::Instant::now());
+            if due_every_10s(&LOGGED_AT) {
                 warn!(ids = ?peer.node_ids, "refused a membership change asked by a node that was removed from the cluster");
             }
             RpcResponse::Members(crate::members::Answer::Refused(format!("node {:?} {}", peer.node_ids, crate::members::REMOVED_FROM_CLUSTER)))

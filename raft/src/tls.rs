@@ -46,6 +46,11 @@ impl Role {
         let identity = connection.peer_identity()?;
         let chain = identity.downcast_ref::<Vec<CertificateDer<'static>>>()?;
         let cert = webpki::EndEntityCert::try_from(chain.first()?).ok()?;
+        Role::of_certificate(&cert)
+    }
+
+    /// The role a certificate carries as a name: the node's first.
+    fn of_certificate(cert: &webpki::EndEntityCert) -> Option<Role> {
         [Role::Node, Role::Gateway].into_iter().find(|role| {
             rustls::pki_types::ServerName::try_from(role.name()).is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
         })
@@ -57,7 +62,7 @@ impl Role {
 fn role_of_certificate(path: &Path) -> Result<Option<Role>, Error> {
     let cert = CertificateDer::from_pem_file(path).map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
     let cert = webpki::EndEntityCert::try_from(&cert).map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
-    Ok([Role::Node, Role::Gateway].into_iter().find(|role| rustls::pki_types::ServerName::try_from(role.name()).is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())))
+    Ok(Role::of_certificate(&cert))
 }
 
 /// The node ids a peer's certificate (already verified against the cluster CA) is
