@@ -553,22 +553,23 @@ const MEDIA_RETRY_MEMORY: std::time::Duration = std::time::Duration::from_secs(3
 const MEDIA_RETRY_MESSAGES: usize = 4096;
 
 /// Whether a message whose file could not be fetched for now is to be delivered again,
-/// counting this ask; `false` once it was asked [`MEDIA_RETRIES`] times.
+/// counting this ask; `false` once it was asked [`MEDIA_RETRIES`] times. The message is
+/// remembered by a digest of its inbound key, never the key (which names the customer:
+/// a phone number, an address), and forgotten after [`MEDIA_RETRY_MEMORY`].
 fn ask_again_for_media(key: &str) -> bool {
-    static ASKED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, (u8, std::time::Instant)>>> = std::sync::OnceLock::new();
+    static ASKED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<[u8; 16], (u8, std::time::Instant)>>> = std::sync::OnceLock::new();
     let mut asked = ASKED.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
     let now = std::time::Instant::now();
+    asked.retain(|_, (_, at)| now.duration_since(*at) < MEDIA_RETRY_MEMORY);
     if asked.len() >= MEDIA_RETRY_MESSAGES {
-        asked.retain(|_, (_, at)| now.duration_since(*at) < MEDIA_RETRY_MEMORY);
         while asked.len() >= MEDIA_RETRY_MESSAGES {
             let Some(oldest) = asked.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone()) else { break };
             asked.remove(&oldest);
         }
     }
-    let count = asked.entry(key.to_owned()).or_insert((0, now));
-    if now.duration_since(count.1) >= MEDIA_RETRY_MEMORY {
-        *count = (0, now);
-    }
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref()[..16]);
+    let count = asked.entry(digest).or_insert((0, now));
     if count.0 >= MEDIA_RETRIES {
         // Kept at the limit until it ages out: a message of several files asks once.
         return false;
