@@ -1168,12 +1168,24 @@ pub fn history(store: &dyn Store, conversation: ConversationId, after: u64, limi
     page.iter().map(|(_, v)| decode(v)).collect()
 }
 
-/// Feed entries of an operator after `after`, at most `limit`. A mirrored history
-/// entry whose conversation was deleted (retention) is left out.
+/// Feed entries of an operator after `after`, at most `limit`. An entry about a
+/// conversation that was deleted (retention) is left out: a mirrored history entry, and
+/// an offer (with the visitor's name), a withdrawal, an assignment, a release or a
+/// delivery's outcome (with its failure's reason, which may name the customer's
+/// address) that the feed keeps whole until 4,096 newer entries push it out.
 pub fn feed(store: &dyn Store, operator: &OperatorId, after: u64, limit: usize) -> Result<Vec<FeedEntry>, Error> {
     let prefix = key::feed_prefix(operator);
     let mut cursor = key::feed(operator, after);
     let mut out = Vec::new();
+    let mut kept: std::collections::HashMap<ConversationId, bool> = std::collections::HashMap::new();
+    let mut still_kept = |conversation: ConversationId| -> Result<bool, Error> {
+        if let Some(known) = kept.get(&conversation) {
+            return Ok(*known);
+        }
+        let known = store.get(&key::conversation(conversation)).map_err(store_err)?.is_some();
+        kept.insert(conversation, known);
+        Ok(known)
+    };
     // Pages until `limit` entries are found: skipped mirrors must not end a page empty
     // while entries follow (a reader would wait there for good).
     loop {
@@ -1182,7 +1194,20 @@ pub fn feed(store: &dyn Store, operator: &OperatorId, after: u64, limit: usize) 
         cursor = last.clone();
         for (_, value) in page {
             match decode::<FeedRecord>(&value)? {
-                FeedRecord::Entry(entry) => out.push(entry),
+                FeedRecord::Entry(entry) => {
+                    let about = match &entry.item {
+                        FeedItem::Offered { conversation, .. }
+                        | FeedItem::OfferWithdrawn { conversation, .. }
+                        | FeedItem::Assigned { conversation, .. }
+                        | FeedItem::Conversation { conversation, .. }
+                        | FeedItem::Released { conversation }
+                        | FeedItem::Delivery { conversation, .. } => Some(*conversation),
+                        FeedItem::PresenceChanged { .. } | FeedItem::Configured { .. } | FeedItem::PresenceSet { .. } | FeedItem::WrapUp { .. } => None,
+                    };
+                    if about.map_or(Ok(true), &mut still_kept)? {
+                        out.push(entry);
+                    }
+                }
                 FeedRecord::Mirror { seq, at, conversation, history } => {
                     if let Some(entry) = get::<HistoryEntry>(store, &key::history(conversation, history))? {
                         out.push(FeedEntry { seq, at, item: FeedItem::Conversation { conversation, entry } });

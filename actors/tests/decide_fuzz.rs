@@ -1420,6 +1420,24 @@ fn retention_leaves_nothing_of_a_conversation_in_its_routing_shard() {
     }
     let left: Vec<Vec<u8>> = split.r.store.scan(b"e", None, 100).expect("scan").into_iter().map(|(k, _)| k).filter(|k| web.iter().any(|c| k.ends_with(&c.0.to_be_bytes()))).collect();
     assert!(left.is_empty(), "the closed index of the routing shard kept {left:?}");
+    // An operator's feed no longer shows anything of them: not the offer with the
+    // visitor's name (kept by the routing shard), not the assignment or the release.
+    let named = |item: &switchboard_actors::state::FeedItem| {
+        use switchboard_actors::state::FeedItem::*;
+        match item {
+            Offered { conversation, .. } | OfferWithdrawn { conversation, .. } | Assigned { conversation, .. } | Conversation { conversation, .. } | Released { conversation } | Delivery { conversation, .. } => {
+                web.contains(conversation)
+            }
+            _ => false,
+        }
+    };
+    for offer in &offers {
+        for store in std::iter::once(&split.r.store).chain(split.cs.iter().map(|c| &c.store)) {
+            let feed = records::feed(store, &offer.operator, 0, usize::MAX).expect("feed");
+            let shown: Vec<_> = feed.iter().filter(|e| named(&e.item)).collect();
+            assert!(shown.is_empty(), "{}'s feed still shows purged conversations: {shown:?}", offer.operator);
+        }
+    }
 }
 
 /// Rules 20: a customer's close and rating reach the routing shard with when the
