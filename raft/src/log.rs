@@ -4,7 +4,8 @@
 //! magic `SBLOG001`, the first index (`u64`, big-endian), then one record per entry in
 //! index order: the payload's length (`u32`, little-endian), its CRC-32 (`u32`,
 //! little-endian), and the payload, the openraft `Entry` in bincode 2. Entries are
-//! never rewritten: an append writes to the end of the newest segment, a truncation
+//! never rewritten: an append writes to the end of the newest segment (a new one is
+//! started past 8 MiB or 1,024 entries), a truncation
 //! cuts a segment short, a purge deletes whole segments whose entries are all purged,
 //! so purged space goes back to the file system at once.
 //!
@@ -40,6 +41,12 @@ const RECORD_HEADER: u64 = 8;
 /// A segment is closed and a new one started once it holds this many bytes. Purging
 /// frees space a segment at a time, so this bounds the purged bytes still on disk.
 pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+/// A segment is also closed once it holds this many entries, about a snapshot
+/// interval's worth: on a quiet group (a purge tick a minute) 8 MiB would take weeks to
+/// fill, and the entries in it (customers' messages, names) would stay on disk that
+/// long after their conversation was deleted; so they go within this many entries after
+/// the log is purged past them.
+pub const SEGMENT_ENTRIES: usize = 1024;
 /// A record longer than this is taken for corruption (a group-commit entry is about
 /// 1 MiB at most).
 const MAX_RECORD_BYTES: u64 = 64 * 1024 * 1024;
@@ -490,7 +497,11 @@ impl Inner {
             // does not follow it (a purge jumped past its end).
             let needs_segment = match self.segments.back() {
                 None => true,
-                Some(s) => s.next() + offsets.len() as u64 != expected || s.end + buf.len() as u64 >= self.segment_bytes,
+                Some(s) => {
+                    s.next() + offsets.len() as u64 != expected
+                        || s.end + buf.len() as u64 >= self.segment_bytes
+                        || s.offsets.len() + offsets.len() >= SEGMENT_ENTRIES
+                }
             };
             if needs_segment {
                 self.write_pending(&mut buf, &mut offsets, &mut written)?;

@@ -173,6 +173,26 @@ fn a_purge_cut_short_leaves_a_gap_behind_the_purge_point_only() {
     assert!(SegmentLog::open_sized(dir.path(), 4096, || Ok(LogMeta::default())).is_err(), "a gap past the purge point is refused");
 }
 
+/// A quiet group's entries are small: 8 MiB would hold weeks of them, and a purge frees
+/// whole segments only. So a segment also closes at `SEGMENT_ENTRIES` entries, and a
+/// purge gives back the entries behind it (customers' messages among them) within that
+/// many, whatever their size.
+#[test]
+fn a_segment_closes_at_its_entry_count_so_a_purge_frees_small_entries_too() {
+    use switchboard_raft::log::{SEGMENT_BYTES, SEGMENT_ENTRIES};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = SegmentLog::open_sized(dir.path(), SEGMENT_BYTES, || Ok(LogMeta::default())).expect("open the log");
+    let total = 3 * SEGMENT_ENTRIES as u64 + 10;
+    for start in (1..=total).step_by(100) {
+        log.append_synced(entries(start..=(start + 99).min(total), 1)).expect("append");
+    }
+    assert!(log.bytes() < SEGMENT_BYTES, "all of them fit in one segment by size");
+    assert_eq!(log.segment_files().len(), 4, "a segment per {SEGMENT_ENTRIES} entries: {:?}", log.segment_files());
+    log.purge(LogId::new(CommittedLeaderId::new(1, 1), 2 * SEGMENT_ENTRIES as u64 + 5)).expect("purge");
+    assert_eq!(log.segment_files().len(), 2, "the two segments wholly behind the purge are gone");
+    assert_eq!(indexes(&log, 0, u64::MAX).first().copied(), Some(2 * SEGMENT_ENTRIES as u64 + 6));
+}
+
 #[test]
 fn a_purge_deletes_whole_segments_and_purged_entries_stay_gone_after_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
