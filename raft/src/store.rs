@@ -1082,9 +1082,32 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         self.trees.sync().await.map_err(|e| write_err(&e))?;
         self.durable_to(meta.last_log_id.map_or(0, |l| l.index));
         // The file of an older point stays until a newer file replaces it: it answers a
-        // replica at once while the newer one is written.
+        // replica at once while the newer one is written. But not for ever: it is a copy
+        // of every record as of its point, which deletions since (a channel's retention)
+        // did not reach. One older than [`SNAPSHOT_FILE_MAX_AGE`] is replaced now, in the
+        // background, by a file of the records as they are.
         let empty = tokio::fs::File::open("/dev/null").await.map_err(|e| write_err(&e))?;
+        drop(_building);
+        if self.file_older_than(SNAPSHOT_FILE_MAX_AGE) {
+            self.refresh_in_background().await;
+        }
         Ok(Snapshot { meta, snapshot: Box::new(empty) })
+    }
+}
+
+/// Age past which a snapshot file is written again at the next snapshot point, so what
+/// a deletion removed from the records (a conversation past its channel's retention)
+/// leaves the node's disk within this time, not whenever a replica next needs a file.
+pub const SNAPSHOT_FILE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+impl StateMachineStore {
+    /// Whether the current snapshot file (received or written here) was made more than
+    /// `age` ago, by its modification time; `false` when there is none.
+    fn file_older_than(&self, age: std::time::Duration) -> bool {
+        let Ok(Some(pointer)) = self.trees.get_meta::<SnapshotPointer>(SNAPSHOT_KEY) else { return false };
+        std::fs::metadata(self.snapshots.path(&pointer.file))
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at.elapsed().is_ok_and(|elapsed| elapsed > age))
     }
 }
 

@@ -98,6 +98,45 @@ async fn a_snapshot_file_is_made_when_asked_and_a_newer_one_replaces_it_in_the_b
     Ok(())
 }
 
+/// A snapshot file is a copy of every record as of its point: one older than a day is
+/// written again at the next snapshot point (in the background), so what a deletion
+/// took from the records since (a channel's retention) leaves the disk too, even when
+/// no replica asks for a snapshot. A younger one stays, as before.
+#[tokio::test]
+async fn a_snapshot_file_older_than_a_day_is_written_again_at_the_next_point() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let snapshots = dir.path().join("snapshots");
+    let db = open_keyspace(&dir.path().join("db"), &[])?;
+    let (_log, mut sm) = open_group(&db, 3, Arc::new(common::Journal::default()), &snapshots, &dir.path().join("log"))?;
+    apply(&mut sm, 1..=10).await?;
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    as_a_replica_gets_it(&mut sm).await?;
+    let first = files(&snapshots);
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    apply(&mut sm, 11..=12).await?;
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(files(&snapshots), first, "a file younger than a day stays until a replica needs a newer one");
+
+    let two_days_ago = std::time::SystemTime::now() - 2 * switchboard_raft::store::SNAPSHOT_FILE_MAX_AGE;
+    std::fs::File::options().write(true).open(snapshots.join(&first[0]))?.set_modified(two_days_ago)?;
+    apply(&mut sm, 13..=14).await?;
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    let mut now = files(&snapshots);
+    for _ in 0..200 {
+        if now.len() == 1 && now != first {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        now = files(&snapshots);
+    }
+    assert!(now.len() == 1 && now != first, "the old file was replaced: {first:?} -> {now:?}");
+    let current = sm.get_current_snapshot().await?.expect("current");
+    assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(14), "the new file holds the records as of the point");
+    Ok(())
+}
+
 /// How builds before snapshot files kept the snapshot: in the group's meta tree.
 #[derive(serde::Serialize)]
 struct LegacySnapshot {
