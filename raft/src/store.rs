@@ -13,9 +13,10 @@
 //! fsync, rename) before the pointer to them is stored among the meta keys; the file
 //! the pointer left is deleted, so an old snapshot gives its disk space back at once.
 //! Building one is a snapshot point (a sync, no copy); a file of the records is dumped
-//! only when a replica asks for the snapshot: the first in openraft's state-machine
+//! when a replica asks for the snapshot: the first in openraft's state-machine
 //! worker (applies wait for it), later ones in the background while the file before
-//! answers; installing one streams the received file into the
+//! answers (and, in the background, at the first point after the current file's records
+//! are a day old, so deletions reach it); installing one streams the received file into the
 //! state partition, chunk by chunk, under an `s/installing` mark that a restart
 //! finishes. (Data folders from before kept the snapshot among the meta keys under
 //! `snapshot`, or wrote the whole state as one value: both are read once and turned
@@ -1071,8 +1072,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     /// The records are the state machine and are on disk: a snapshot point needs no
     /// copy of them. Building one makes the records as of the last applied entry durable
     /// and records that point, so openraft may purge the log behind it; a file is made
-    /// only when a replica asks for the snapshot (`get_current_snapshot`), and replaces
-    /// the file before it.
+    /// when a replica asks for the snapshot (`get_current_snapshot`), and replaces the
+    /// file before it, or here, in the background, when the current file's records are
+    /// older than [`SNAPSHOT_FILE_MAX_AGE`].
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
         let _building = self.building.lock().await;
         let meta = snapshot_meta(&mut *self.inner.lock().await);
@@ -1101,13 +1103,16 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 pub const SNAPSHOT_FILE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 impl StateMachineStore {
-    /// Whether the current snapshot file (received or written here) was made more than
-    /// `age` ago, by its modification time; `false` when there is none.
+    /// Whether the current snapshot file (received or written here) holds records more
+    /// than `age` old: by when they were captured (the stamp that ends the snapshot's id,
+    /// made where the dump was taken, so a received file counts from its leader's
+    /// capture, not its arrival) or by the file's modification time, whichever is older;
+    /// `false` when there is none.
     fn file_older_than(&self, age: std::time::Duration) -> bool {
         let Ok(Some(pointer)) = self.trees.get_meta::<SnapshotPointer>(SNAPSHOT_KEY) else { return false };
-        std::fs::metadata(self.snapshots.path(&pointer.file))
-            .and_then(|m| m.modified())
-            .is_ok_and(|at| at.elapsed().is_ok_and(|elapsed| elapsed > age))
+        let captured = pointer.meta.snapshot_id.rsplit('-').next().and_then(|ms| ms.parse::<u64>().ok()).map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms));
+        let modified = std::fs::metadata(self.snapshots.path(&pointer.file)).and_then(|m| m.modified()).ok();
+        captured.into_iter().chain(modified).any(|at| at.elapsed().is_ok_and(|elapsed| elapsed > age))
     }
 }
 
