@@ -445,6 +445,18 @@ async fn file_names_lose_bidi_controls_and_docx_must_be_office_zip() -> anyhow::
         assert!(!served.contains(BIDI_CONTROLS), "served as {served:?}");
     }
 
+    // A name outside ASCII (a Cyrillic one) is served too: an ASCII `filename` and the
+    // name itself in `filename*`.
+    let (status, file) = client_upload(&dev, &token, "счёт №5.pdf", "application/pdf", pdf).await?;
+    assert_eq!(status, 201, "{file}");
+    let id = file["id"].as_str().context("an attachment id")?;
+    let download = http_request(&dev.public, None, "GET", &format!("/attachments/{id}?token={}", query_escape(&token)), &[], b"").await?;
+    assert_eq!(download.status, 200);
+    assert_eq!(download.header("referrer-policy"), Some("no-referrer"), "the token in the link goes nowhere else");
+    let disposition = download.header("content-disposition").context("a Content-Disposition for a Cyrillic name")?.to_owned();
+    assert_eq!(disposition, "inline; filename=\"____ _5.pdf\"; filename*=UTF-8''%D1%81%D1%87%D1%91%D1%82%20%E2%84%965.pdf");
+    assert!(disposition_filenames(&disposition).contains(&"счёт №5.pdf".to_owned()), "{disposition:?}");
+
     // A "DOCX" is a ZIP whose first entry belongs to an Office Open XML package.
     let content_types = br#"<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"/>"#;
     let evil = zip(&[("evil.js", b"alert(1)"), ("[Content_Types].xml", content_types)]);

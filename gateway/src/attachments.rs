@@ -620,9 +620,31 @@ pub(crate) async fn staff_upload(
     store(&gw, conversation, &query.name, declared, body, operator.0, None, None).await
 }
 
+/// A `Content-Disposition` value naming `name` (RFC 6266): `filename="…"` as it is when
+/// it is printable ASCII; otherwise that with `_` for each other character, followed by
+/// `filename*=UTF-8''…`, the name percent-encoded, which browsers prefer (before, a
+/// name such as `счёт.pdf` made no valid header, and the download went without a name).
+fn disposition(inline: bool, name: &str) -> String {
+    let kind = if inline { "inline" } else { "attachment" };
+    let plain = |c: char| (' '..='~').contains(&c) && c != '"' && c != '\\';
+    if name.chars().all(plain) {
+        return format!("{kind}; filename=\"{name}\"");
+    }
+    let fallback: String = name.chars().map(|c| if plain(c) { c } else { '_' }).collect();
+    let mut encoded = String::with_capacity(name.len() * 3);
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    format!("{kind}; filename=\"{fallback}\"; filename*=UTF-8''{encoded}")
+}
+
 fn serve(attachment: &Attachment, body: Body) -> Response {
     let inline = attachment.content_type.starts_with("image/") || attachment.content_type == "application/pdf";
-    let disposition = format!("{}; filename=\"{}\"", if inline { "inline" } else { "attachment" }, attachment.name.replace(['\r', '\n'], " "));
+    let disposition = disposition(inline, &attachment.name);
     let mut response = body.into_response();
     let headers = response.headers_mut();
     if let Ok(v) = attachment.content_type.parse() {
@@ -633,6 +655,8 @@ fn serve(attachment: &Attachment, body: Body) -> Response {
     }
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
     headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("private, max-age=3600"));
+    // A customer's download link carries their conversation token in its query.
+    headers.insert(header::REFERRER_POLICY, header::HeaderValue::from_static("no-referrer"));
     response
 }
 
