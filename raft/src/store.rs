@@ -1114,9 +1114,7 @@ impl StateMachineStore {
         let modified = std::fs::metadata(self.snapshots.path(&pointer.file)).and_then(|m| m.modified()).ok();
         captured.into_iter().chain(modified).any(|at| at.elapsed().is_ok_and(|elapsed| elapsed > age))
     }
-}
 
-impl StateMachineStore {
     /// Checks a received snapshot, makes it the current one and replaces the records by
     /// it ([`RaftStateMachine::install_snapshot`]).
     async fn install(&mut self, meta: &SnapshotMeta<NodeId, Node>, snapshot: Box<tokio::fs::File>) -> StorageResult<()> {
