@@ -125,7 +125,10 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// withdraws the offers of the operators holding its conversations (I3); a supervisor
 /// taking a conversation from the bot hands it off first; a conversation is not
 /// reassigned to the group it already waits in.
-pub const RULES_VERSION: u32 = 20;
+/// Rules 21: a close never shortens the operator's wrap-up already running (before, a
+/// close in a group with a shorter wrap-up, or a close taken earlier whose letter came
+/// later, replaced it, and the operator got offers of the longer group early).
+pub const RULES_VERSION: u32 = 21;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -949,14 +952,20 @@ fn back_online(state: &ShardState, op: &crate::state::Operator) -> Vec<Event> {
 }
 
 /// From rules 5, the wrap-up its group gives the operator who held a conversation
-/// being closed.
+/// being closed. From rules 21 none that would end before the one already running:
+/// a close never shortens a wrap-up (one of a group with a longer wrap-up, or, on a
+/// split cluster, one of a close taken later whose letter came first).
 fn wrap_up_after(state: &ShardState, conv: &crate::state::Conversation, now: Timestamp) -> Option<Event> {
     if state.rules < 5 {
         return None;
     }
     let operator = conv.assigned()?;
     let wrap_up = state.group_routing.get(&conv.group).map_or(0, |r| r.wrap_up_ms);
-    (wrap_up > 0).then(|| Event::WrapUpSet { operator: operator.clone(), until: Some(now.plus_ms(wrap_up)) })
+    let until = now.plus_ms(wrap_up);
+    if state.rules >= 21 && state.wrap_up.get(operator).is_some_and(|running| *running >= until) {
+        return None;
+    }
+    (wrap_up > 0).then(|| Event::WrapUpSet { operator: operator.clone(), until: Some(until) })
 }
 
 fn check_key(key: &str) -> Result<(), Error> {
