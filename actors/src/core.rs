@@ -1879,13 +1879,24 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
         }
         Command::SweepInactive => {
             let mut events = Vec::new();
+            // Rules 21: the wrap-ups this sweep sets count as running for its later closes
+            // (all are decided against the state before it).
+            let mut set: std::collections::BTreeMap<OperatorId, Timestamp> = std::collections::BTreeMap::new();
             for (id, step) in state.inactive(now) {
                 let Some(conv) = state.conversations.get(&id) else { continue };
                 match step {
                     crate::state::InactivityStep::Remind(text) => events.push(Event::CustomerReminded { conversation: id, text }),
                     crate::state::InactivityStep::Close => {
                         events.push(Event::ConversationClosed { conversation: id, by: Closer::System, resolution: "inactive".into(), tags: vec![], decided_at: None });
-                        events.extend(wrap_up_after(state, conv, now));
+                        if let Some(wrap_up) = wrap_up_after(state, conv, now) {
+                            if let Event::WrapUpSet { operator, until: Some(until) } = &wrap_up {
+                                if state.rules >= 21 && set.get(operator).is_some_and(|running| running >= until) {
+                                    continue;
+                                }
+                                set.insert(operator.clone(), *until);
+                            }
+                            events.push(wrap_up);
+                        }
                     }
                 }
             }
