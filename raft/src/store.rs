@@ -96,6 +96,15 @@ const SEGMENT_BYTES: u32 = 8 * 1024 * 1024;
 /// every sealed journal still on disk.
 pub(crate) const JOURNAL_BYTES: u64 = 512 * 1024 * 1024;
 
+/// The keyspace's block cache (blocks of the stored records read back, decompressed),
+/// shared by every group of the node. 4 MiB rather than 16: the apply's reads fill it
+/// slowly, so at 16 MiB it was 1 MiB at the million-message soak's 100,000 mark and full
+/// by its 500,000th message, a growth of about 20 MiB of live heap that made the soak's
+/// RSS end 1.36-1.48 times its first mark; at 4 MiB the live heap grew by 6 MiB, the RSS
+/// ended 1.17-1.25 times it, and saturation was no lower (docs/benchmarks.md, "The
+/// block cache at 4 MiB").
+pub(crate) const BLOCK_CACHE_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Memtables of every partition together past which fjall holds writes until flushes
 /// catch up (the keyspace's `max_write_buffer_size`).
 pub(crate) const WRITE_BUFFER_BYTES: u64 = 24 * 1024 * 1024;
@@ -112,7 +121,7 @@ fn state_partition(keyspace: &fjall::Keyspace, group: u64) -> Result<fjall::Part
 }
 
 /// Opens (or creates) the record store at `dir`: one fjall keyspace for every group's
-/// records and meta keys, with bounded memory (a 16 MiB block cache, 2 MiB memtables
+/// records and meta keys, with bounded memory (a 4 MiB block cache, 2 MiB memtables
 /// and 24 MiB of them in all, journals up to [`JOURNAL_BYTES`]). Writes reach the OS at once, a background thread syncs
 /// the journal every 250 ms (so a snapshot point's sync has little left to do and does
 /// not stall applies), and each snapshot point syncs it too. The caller keeps the
@@ -143,7 +152,7 @@ pub fn open_keyspace(dir: &Path, groups: &[u64]) -> Result<fjall::Keyspace, crat
         crate::files::write_private(&creating, b"creating\n")?;
     }
     let keyspace = fjall::Config::new(dir)
-        .cache_size(16 * 1024 * 1024)
+        .cache_size(BLOCK_CACHE_BYTES)
         .max_write_buffer_size(WRITE_BUFFER_BYTES)
         .max_journaling_size(JOURNAL_BYTES)
         .fsync_ms(Some(250))
