@@ -1099,12 +1099,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // background, by a file of the records as they are.
         let empty = tokio::fs::File::open("/dev/null").await.map_err(|e| write_err(&e))?;
         drop(_building);
-        if self.file_older_than(SNAPSHOT_FILE_MAX_AGE) {
+        if self.file_older_than(SNAPSHOT_FILE_MAX_AGE) && !self.receiving_now() {
             self.refresh_in_background().await;
         }
         Ok(Snapshot { meta, snapshot: Box::new(empty) })
     }
 }
+
+/// How long a snapshot transfer may go without a chunk and still count as arriving
+/// ([`StateMachineStore::receiving_now`]): openraft's own timeout for a chunk is far
+/// shorter, so a transfer this quiet was given up.
+const RECEIVING_QUIET: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Age past which a snapshot file is written again at the next snapshot point, so what
 /// a deletion removed from the records (a conversation past its channel's retention)
@@ -1122,6 +1127,16 @@ impl StateMachineStore {
         let captured = pointer.meta.snapshot_id.rsplit('-').next().and_then(|ms| ms.parse::<u64>().ok()).map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms));
         let modified = std::fs::metadata(self.snapshots.path(&pointer.file)).and_then(|m| m.modified()).ok();
         captured.into_iter().chain(modified).any(|at| at.elapsed().is_ok_and(|elapsed| elapsed > age))
+    }
+
+    /// Whether a snapshot is arriving from the group's leader: its file was written to
+    /// within [`RECEIVING_QUIET`]. The install that follows would wait for a dump of the
+    /// whole state under way (and openraft's applies behind it), and replaces the file
+    /// anyway; so the age-driven rewrite waits for a snapshot point after it. A transfer
+    /// abandoned for longer does not hold the rewrite off.
+    fn receiving_now(&self) -> bool {
+        let Some(path) = self.receiving.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return false };
+        std::fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|at| at.elapsed().is_ok_and(|quiet| quiet < RECEIVING_QUIET))
     }
 
     /// Checks a received snapshot, makes it the current one and replaces the records by

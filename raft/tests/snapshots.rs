@@ -137,6 +137,50 @@ async fn a_snapshot_file_older_than_a_day_is_written_again_at_the_next_point() -
     Ok(())
 }
 
+/// The daily rewrite of an old file does not run under a snapshot being received (its
+/// install would wait for the dump), but a transfer abandoned a while ago does not stop it.
+#[tokio::test]
+async fn an_old_snapshot_file_waits_while_a_snapshot_arrives_and_not_for_an_abandoned_one() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let snapshots = dir.path().join("snapshots");
+    let db = open_keyspace(&dir.path().join("db"), &[])?;
+    let (_log, mut sm) = open_group(&db, 3, Arc::new(common::Journal::default()), &snapshots, &dir.path().join("log"))?;
+    apply(&mut sm, 1..=10).await?;
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    as_a_replica_gets_it(&mut sm).await?;
+    let first = files(&snapshots);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let two_days_ago = std::time::SystemTime::now() - 2 * switchboard_raft::store::SNAPSHOT_FILE_MAX_AGE;
+    std::fs::File::options().write(true).open(snapshots.join(&first[0]))?.set_modified(two_days_ago)?;
+
+    // A transfer from the leader is under way: its file was just written to.
+    let _arriving = sm.begin_receiving_snapshot().await?;
+    let with_partial = files(&snapshots);
+    assert_eq!(with_partial.len(), 2, "the transfer's file beside the old one: {with_partial:?}");
+    apply(&mut sm, 11..=12).await?;
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(files(&snapshots), with_partial, "no rewrite while a snapshot arrives: its install replaces the file");
+
+    // The transfer went quiet two minutes ago: it was given up, and holds nothing off.
+    let partial = with_partial.iter().find(|name| !first.contains(name)).expect("the transfer's file");
+    std::fs::File::options().write(true).open(snapshots.join(partial))?.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))?;
+    apply(&mut sm, 13..=14).await?;
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    let mut now = files(&snapshots);
+    for _ in 0..200 {
+        if !now.contains(&first[0]) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        now = files(&snapshots);
+    }
+    assert!(!now.contains(&first[0]) && now.len() == 2, "the old file was replaced, the abandoned transfer's left to the next: {first:?} -> {now:?}");
+    let current = sm.get_current_snapshot().await?.expect("current");
+    assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(14), "the new file holds the records as of the point");
+    Ok(())
+}
+
 /// How builds before snapshot files kept the snapshot: in the group's meta tree.
 #[derive(serde::Serialize)]
 struct LegacySnapshot {
