@@ -98,6 +98,38 @@ async fn a_snapshot_file_is_made_when_asked_and_a_newer_one_replaces_it_in_the_b
     Ok(())
 }
 
+/// A group with ten entries applied and one snapshot file, made as a replica asks for
+/// it; the file's name.
+async fn a_group_with_one_snapshot_file(dir: &Path) -> anyhow::Result<(switchboard_raft::store::LogStore, StateMachineStore, std::path::PathBuf, Vec<String>)> {
+    let snapshots = dir.join("snapshots");
+    let db = open_keyspace(&dir.join("db"), &[])?;
+    let (log, mut sm) = open_group(&db, 3, Arc::new(common::Journal::default()), &snapshots, &dir.join("log"))?;
+    apply(&mut sm, 1..=10).await?;
+    sm.get_snapshot_builder().await.build_snapshot().await?;
+    as_a_replica_gets_it(&mut sm).await?;
+    let first = files(&snapshots);
+    assert_eq!(first.len(), 1, "{first:?}");
+    Ok((log, sm, snapshots, first))
+}
+
+fn modified_at(path: &Path, at: std::time::SystemTime) -> std::io::Result<()> {
+    std::fs::File::options().write(true).open(path)?.set_modified(at)
+}
+
+/// The folder's files once `name` has left it (a background rewrite replaced it), or
+/// after 4 s.
+async fn files_once_gone(dir: &Path, name: &str) -> Vec<String> {
+    let mut now = files(dir);
+    for _ in 0..200 {
+        if !now.iter().any(|n| n == name) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        now = files(dir);
+    }
+    now
+}
+
 /// A snapshot file is a copy of every record as of its point: one older than a day is
 /// written again at the next snapshot point (in the background), so what a deletion
 /// took from the records since (a channel's retention) leaves the disk too, even when
@@ -105,32 +137,17 @@ async fn a_snapshot_file_is_made_when_asked_and_a_newer_one_replaces_it_in_the_b
 #[tokio::test]
 async fn a_snapshot_file_older_than_a_day_is_written_again_at_the_next_point() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let snapshots = dir.path().join("snapshots");
-    let db = open_keyspace(&dir.path().join("db"), &[])?;
-    let (_log, mut sm) = open_group(&db, 3, Arc::new(common::Journal::default()), &snapshots, &dir.path().join("log"))?;
-    apply(&mut sm, 1..=10).await?;
-    sm.get_snapshot_builder().await.build_snapshot().await?;
-    as_a_replica_gets_it(&mut sm).await?;
-    let first = files(&snapshots);
-    assert_eq!(first.len(), 1, "{first:?}");
+    let (_log, mut sm, snapshots, first) = a_group_with_one_snapshot_file(dir.path()).await?;
 
     apply(&mut sm, 11..=12).await?;
     sm.get_snapshot_builder().await.build_snapshot().await?;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(files(&snapshots), first, "a file younger than a day stays until a replica needs a newer one");
 
-    let two_days_ago = std::time::SystemTime::now() - 2 * switchboard_raft::store::SNAPSHOT_FILE_MAX_AGE;
-    std::fs::File::options().write(true).open(snapshots.join(&first[0]))?.set_modified(two_days_ago)?;
+    modified_at(&snapshots.join(&first[0]), std::time::SystemTime::now() - 2 * switchboard_raft::store::SNAPSHOT_FILE_MAX_AGE)?;
     apply(&mut sm, 13..=14).await?;
     sm.get_snapshot_builder().await.build_snapshot().await?;
-    let mut now = files(&snapshots);
-    for _ in 0..200 {
-        if now.len() == 1 && now != first {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        now = files(&snapshots);
-    }
+    let now = files_once_gone(&snapshots, &first[0]).await;
     assert!(now.len() == 1 && now != first, "the old file was replaced: {first:?} -> {now:?}");
     let current = sm.get_current_snapshot().await?.expect("current");
     assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(14), "the new file holds the records as of the point");
@@ -142,16 +159,8 @@ async fn a_snapshot_file_older_than_a_day_is_written_again_at_the_next_point() -
 #[tokio::test]
 async fn an_old_snapshot_file_waits_while_a_snapshot_arrives_and_not_for_an_abandoned_one() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let snapshots = dir.path().join("snapshots");
-    let db = open_keyspace(&dir.path().join("db"), &[])?;
-    let (_log, mut sm) = open_group(&db, 3, Arc::new(common::Journal::default()), &snapshots, &dir.path().join("log"))?;
-    apply(&mut sm, 1..=10).await?;
-    sm.get_snapshot_builder().await.build_snapshot().await?;
-    as_a_replica_gets_it(&mut sm).await?;
-    let first = files(&snapshots);
-    assert_eq!(first.len(), 1, "{first:?}");
-    let two_days_ago = std::time::SystemTime::now() - 2 * switchboard_raft::store::SNAPSHOT_FILE_MAX_AGE;
-    std::fs::File::options().write(true).open(snapshots.join(&first[0]))?.set_modified(two_days_ago)?;
+    let (_log, mut sm, snapshots, first) = a_group_with_one_snapshot_file(dir.path()).await?;
+    modified_at(&snapshots.join(&first[0]), std::time::SystemTime::now() - 2 * switchboard_raft::store::SNAPSHOT_FILE_MAX_AGE)?;
 
     // A transfer from the leader is under way: its file was just written to.
     let _arriving = sm.begin_receiving_snapshot().await?;
@@ -164,17 +173,10 @@ async fn an_old_snapshot_file_waits_while_a_snapshot_arrives_and_not_for_an_aban
 
     // The transfer went quiet two minutes ago: it was given up, and holds nothing off.
     let partial = with_partial.iter().find(|name| !first.contains(name)).expect("the transfer's file");
-    std::fs::File::options().write(true).open(snapshots.join(partial))?.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))?;
+    modified_at(&snapshots.join(partial), std::time::SystemTime::now() - std::time::Duration::from_secs(120))?;
     apply(&mut sm, 13..=14).await?;
     sm.get_snapshot_builder().await.build_snapshot().await?;
-    let mut now = files(&snapshots);
-    for _ in 0..200 {
-        if !now.contains(&first[0]) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        now = files(&snapshots);
-    }
+    let now = files_once_gone(&snapshots, &first[0]).await;
     assert!(!now.contains(&first[0]) && now.len() == 2, "the old file was replaced, the abandoned transfer's left to the next: {first:?} -> {now:?}");
     let current = sm.get_current_snapshot().await?.expect("current");
     assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(14), "the new file holds the records as of the point");
