@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
@@ -18,6 +18,56 @@ use crate::AdapterError;
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Idle connections kept per origin.
 const IDLE_PER_ORIGIN: usize = 64;
+
+/// Why [`read_whole`] gave up on a body.
+#[derive(Debug)]
+pub enum WholeError<E> {
+    /// More than the `max` bytes it was given.
+    TooLong,
+    /// The body's own error (for one wrapped in a length limit, its limit too).
+    Body(E),
+}
+
+/// Reads `body` to its end into one buffer and returns it, or [`WholeError::TooLong`]
+/// past `max` bytes. Each piece is copied as it arrives and dropped: collecting the
+/// pieces instead keeps a handle of 32 bytes for each (a sender that cuts its body into
+/// one-byte chunks makes 64 KiB cost megabytes) and pins the connection's read buffers
+/// under them. The buffer never grows past what the body can still bring (its stated
+/// length, or what a length limit wrapped around it still allows) nor past `max`: a body
+/// of stated length is given its room once; one of no stated length doubles it.
+pub async fn read_whole<B>(body: B, max: usize) -> Result<Bytes, WholeError<B::Error>>
+where
+    B: hyper::body::Body,
+{
+    use bytes::Buf;
+    let mut body = std::pin::pin!(body);
+    // One that says it is longer is refused unread.
+    if body.size_hint().lower() > u64::try_from(max).unwrap_or(u64::MAX) {
+        return Err(WholeError::TooLong);
+    }
+    let mut out: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(mut data) = frame.map_err(WholeError::Body)?.into_data() else { continue };
+        let needed = out.len().saturating_add(data.remaining());
+        if needed > max {
+            return Err(WholeError::TooLong);
+        }
+        if needed > out.capacity() {
+            let hint = body.size_hint();
+            let to_come = hint.upper().map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+            let ceiling = needed.saturating_add(to_come).min(max);
+            let room = if hint.upper() == Some(hint.lower()) { ceiling } else { out.capacity().saturating_mul(2).max(needed).min(ceiling) };
+            out.reserve_exact(room - out.len());
+        }
+        while data.has_remaining() {
+            let piece = data.chunk();
+            out.extend_from_slice(piece);
+            let n = piece.len();
+            data.advance(n);
+        }
+    }
+    Ok(Bytes::from(out))
+}
 
 /// A parsed `http://` or `https://` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -235,19 +285,13 @@ impl Client {
             .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_owned(), v.to_owned())))
             .collect();
         let is_get = content_type.is_none();
-        let body = Limited::new(response.into_body(), max)
-            .collect()
-            .await
-            .map_err(|e| {
-                // A GET changed nothing: a body over the cap is too long, for good. An
-                // answer to a POST may mean it was taken, so it stays "no answer".
-                if is_get && e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                    AdapterError::TooLong { limit: max, actual: max.saturating_add(1) }
-                } else {
-                    AdapterError::NoAnswer(format!("{origin}: reading the answer: {e}"))
-                }
-            })?
-            .to_bytes();
+        let body = read_whole(response.into_body(), max).await.map_err(|e| match e {
+            // A GET changed nothing: a body over the cap is too long, for good. An
+            // answer to a POST may mean it was taken, so it stays "no answer".
+            WholeError::TooLong if is_get => AdapterError::TooLong { limit: max, actual: max.saturating_add(1) },
+            WholeError::TooLong => AdapterError::NoAnswer(format!("{origin}: reading the answer: longer than {max} bytes")),
+            WholeError::Body(e) => AdapterError::NoAnswer(format!("{origin}: reading the answer: {e}")),
+        })?;
         self.put_idle(origin, sender);
         Ok(Response { status, headers, body })
     }
@@ -308,7 +352,8 @@ pub fn form_escape(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::Url;
+    use super::{read_whole, Url, WholeError};
+    use bytes::Bytes;
 
     #[test]
     fn form_fields_are_percent_encoded() {
@@ -323,5 +368,62 @@ mod tests {
         for bad in ["ftp://x", "http://", "http://u:p@host/", "http://h:notaport/"] {
             assert!(Url::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A body of the given pieces; `stated` says its length up front.
+    struct Pieces {
+        left: std::collections::VecDeque<Bytes>,
+        stated: bool,
+        polled: bool,
+    }
+
+    impl hyper::body::Body for Pieces {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            self.polled = true;
+            std::task::Poll::Ready(self.left.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
+        }
+
+        fn size_hint(&self) -> hyper::body::SizeHint {
+            let left: usize = self.left.iter().map(|b| b.len()).sum();
+            if self.stated {
+                hyper::body::SizeHint::with_exact(left as u64)
+            } else {
+                hyper::body::SizeHint::default()
+            }
+        }
+    }
+
+    fn pieces(n: usize, stated: bool) -> Pieces {
+        Pieces { left: (0..n).map(|i| Bytes::from(vec![b'a' + (i % 26) as u8])).collect(), stated, polled: false }
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(f)
+    }
+
+    #[test]
+    fn a_body_in_one_byte_pieces_is_read_whole_in_order() {
+        for stated in [false, true] {
+            let got = run(read_whole(pieces(70_000, stated), 70_000)).expect("within the limit");
+            let want: Vec<u8> = (0..70_000).map(|i| b'a' + (i % 26) as u8).collect();
+            assert_eq!(&got[..], &want[..], "stated {stated}");
+        }
+    }
+
+    #[test]
+    fn a_body_past_its_limit_is_refused() {
+        for stated in [false, true] {
+            assert!(matches!(run(read_whole(pieces(1_001, stated), 1_000)), Err(WholeError::TooLong)), "stated {stated}");
+        }
+    }
+
+    #[test]
+    fn a_body_that_says_it_is_too_long_is_not_read() {
+        let mut body = pieces(1_001, true);
+        assert!(matches!(run(read_whole(&mut body, 1_000)), Err(WholeError::TooLong)));
+        assert!(!body.polled, "a body stating more than the limit was read");
     }
 }

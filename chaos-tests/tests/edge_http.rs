@@ -581,3 +581,55 @@ async fn a_stalled_small_upload_gives_its_slot_back_in_seconds() -> anyhow::Resu
     assert_eq!(status, 201, "the slot came back: {body}");
     Ok(())
 }
+
+/// A webhook body cut into one-byte chunks costs what its bytes do: 40 connections
+/// each holding 64 KiB sent as 65,535 chunks (the body is read before the channel is
+/// looked up) grew RSS by 77 MiB when every chunk was kept as its own piece (about
+/// 2 MiB a connection); read into one buffer, 5 MiB. Each body
+/// then ends and is answered as any other: read whole, then `404` for a channel that
+/// does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_body_in_one_byte_chunks_costs_its_bytes_not_a_piece_each() -> anyhow::Result<()> {
+    const CONNECTIONS: usize = 40;
+    const CHUNKS: usize = 64 * 1024 - 1;
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &[]).await?;
+    let head = format!("POST /hooks/telegram/nosuchchannel HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n", dev.public);
+    let mut chunks = head.into_bytes();
+    for _ in 0..CHUNKS {
+        chunks.extend_from_slice(b"1\r\n \r\n");
+    }
+    let baseline = dev.rss_bytes()?;
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut conn = HttpConn::connect(&dev.public).await?;
+        conn.send(&chunks).await?;
+        held.push(conn);
+    }
+    // The server reads what was sent while RSS is sampled; none is answered yet.
+    let check = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for (n, conn) in held.iter_mut().enumerate() {
+            match conn.read_response(Duration::from_millis(30)).await {
+                HttpOutcome::TimedOut => {}
+                other => anyhow::bail!("held webhook call {n} was answered: {other:?}"),
+            }
+        }
+        Ok(())
+    };
+    let (checked, peak) = dev.peak_rss_during(check).await?;
+    checked?;
+    let grown = peak.saturating_sub(baseline);
+    eprintln!("{CONNECTIONS} webhook bodies of 64 KiB in one-byte chunks held: RSS grew by {:.1} MiB", grown as f64 / MIB as f64);
+    assert!(grown < 30 * MIB, "{CONNECTIONS} webhook bodies of 64 KiB in one-byte chunks grew RSS by {} MiB", grown / MIB);
+    for (n, conn) in held.iter_mut().enumerate() {
+        conn.send(b"0\r\n\r\n").await?;
+        match conn.read_response(WAIT).await {
+            HttpOutcome::Response(r) => assert_eq!(r.status, 404, "call {n}: {}", String::from_utf8_lossy(&r.body)),
+            other => anyhow::bail!("webhook call {n} got no answer once its body ended: {other:?}"),
+        }
+    }
+    drop(held);
+    serves_a_new_client(&dev).await?;
+    Ok(())
+}

@@ -31,7 +31,7 @@ fn adapter_of(gw: &Gateway, channel: &ChannelId) -> Option<AdapterConfig> {
 }
 
 /// `POST /hooks/telegram/{channel}`: a Telegram webhook delivery.
-pub async fn telegram_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+pub async fn telegram_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, crate::rest::Whole(body): crate::rest::Whole) -> Result<Response, GatewayError> {
     let channel = ChannelId::new(channel);
     let Some(AdapterConfig::Telegram { secret, .. }) = adapter_of(&gw, &channel) else {
         return Err(GatewayError::NotFound(format!("no Telegram channel {channel}")));
@@ -74,7 +74,7 @@ pub async fn meta_subscribe(State(gw): State<Arc<Gateway>>, Path(channel): Path<
 /// `POST /hooks/whatsapp/{channel}`: a signed delivery of messages and statuses. Answered
 /// 200 once everything in it is committed, 503 if something could not be (Meta
 /// delivers it all again; what was committed is not written twice).
-pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+pub async fn whatsapp_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, crate::rest::Whole(body): crate::rest::Whole) -> Result<Response, GatewayError> {
     let channel = ChannelId::new(channel);
     let Some(AdapterConfig::WhatsApp { app_secret, .. }) = adapter_of(&gw, &channel) else {
         return Err(GatewayError::NotFound(format!("no WhatsApp channel {channel}")));
@@ -152,7 +152,7 @@ impl HeldSenders {
 /// `POST /hooks/vk/{channel}`: a VK Callback API event. VK wants the plain text `ok`
 /// once it is committed (it retries anything else), and the confirmation string when it
 /// checks the server.
-pub async fn vk_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+pub async fn vk_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, crate::rest::Whole(body): crate::rest::Whole) -> Result<Response, GatewayError> {
     let channel = ChannelId::new(channel);
     let Some(AdapterConfig::Vk { secret, confirmation, group_id, .. }) = adapter_of(&gw, &channel) else {
         return Err(GatewayError::NotFound(format!("no VK channel {channel}")));
@@ -190,7 +190,7 @@ fn proven(mut response: Response) -> Response {
 
 /// `POST /hooks/messenger/{channel}`: a signed page delivery of messages and delivery
 /// receipts; answered as WhatsApp's are.
-pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, crate::rest::Whole(body): crate::rest::Whole) -> Result<Response, GatewayError> {
     let channel = ChannelId::new(channel);
     let Some(AdapterConfig::Messenger { app_secret, .. }) = adapter_of(&gw, &channel) else {
         return Err(GatewayError::NotFound(format!("no Messenger channel {channel}")));
@@ -225,7 +225,7 @@ pub async fn messenger_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<
 
 /// `POST /hooks/viber/{channel}`: a signed Viber callback: a customer's message, a
 /// receipt, or an event that is answered and dropped.
-pub async fn viber_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+pub async fn viber_hook(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, crate::rest::Whole(body): crate::rest::Whole) -> Result<Response, GatewayError> {
     let channel = ChannelId::new(channel);
     let Some(AdapterConfig::Viber { auth_token, .. }) = adapter_of(&gw, &channel) else {
         return Err(GatewayError::NotFound(format!("no Viber channel {channel}")));
@@ -810,7 +810,7 @@ pub struct InboundFileBody {
 const MAX_FILE_URL_BYTES: usize = 2048;
 
 /// `POST /api/channel-api/{channel}/messages`: an adapter pushes a customer's message.
-pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+pub async fn api_inbound(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, crate::rest::Whole(body): crate::rest::Whole) -> Result<Response, GatewayError> {
     // The token is checked before the body is parsed.
     let channel = api_channel(&gw, &channel, &headers)?;
     let body: InboundBody = parse(&body)?;
@@ -993,7 +993,7 @@ pub struct StatusBody {
 }
 
 /// `POST /api/channel-api/{channel}/statuses`: receipts the adapter's provider reported.
-pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+pub async fn api_status(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, crate::rest::Whole(body): crate::rest::Whole) -> Result<Response, GatewayError> {
     let channel = api_channel(&gw, &channel, &headers)?;
     let body: Vec<StatusBody> = parse(&body)?;
     if body.len() > switchboard_actors::core::MAX_DELIVERY_BATCH {
@@ -1423,7 +1423,7 @@ pub struct BotMessageBody {
 }
 
 /// `POST /api/bot/{channel}/messages`: the bot answers.
-pub async fn bot_message(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Json<Value>, GatewayError> {
+pub async fn bot_message(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, crate::rest::Whole(body): crate::rest::Whole) -> Result<Json<Value>, GatewayError> {
     let channel = bot_channel(&gw, &channel, &headers)?;
     let body: BotMessageBody = parse(&body)?;
     let command = Command::BotReply { channel, conversation: ConversationId(body.conversation), key: body.key, text: body.text, buttons: body.buttons };
@@ -1446,7 +1446,7 @@ pub struct HandoffBody {
 }
 
 /// `POST /api/bot/{channel}/handoff`: the bot hands the conversation to a skill group.
-pub async fn bot_handoff(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+pub async fn bot_handoff(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, crate::rest::Whole(body): crate::rest::Whole) -> Result<Response, GatewayError> {
     let channel = bot_channel(&gw, &channel, &headers)?;
     let body: HandoffBody = parse(&body)?;
     let group = body.group.map(switchboard_actors::model::SkillGroupId::new);
@@ -1463,7 +1463,7 @@ pub struct BotCloseBody {
 }
 
 /// `POST /api/bot/{channel}/close`: the bot resolved the conversation itself.
-pub async fn bot_close(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, GatewayError> {
+pub async fn bot_close(State(gw): State<Arc<Gateway>>, Path(channel): Path<String>, headers: HeaderMap, crate::rest::Whole(body): crate::rest::Whole) -> Result<Response, GatewayError> {
     let channel = bot_channel(&gw, &channel, &headers)?;
     let body: BotCloseBody = parse(&body)?;
     gw.submit(Command::CloseByBot { channel, conversation: ConversationId(body.conversation), resolution: body.resolution }).await?;

@@ -213,6 +213,41 @@ impl<const MIN: u8> FromRequestParts<Arc<Gateway>> for StaffAt<MIN> {
     }
 }
 
+/// A request body read whole, within its route's `DefaultBodyLimit`, into one buffer
+/// that is never larger than that limit ([`switchboard_adapters::http::read_whole`]):
+/// axum's `Bytes` would keep a handle of 32 bytes for every piece the sender cut the
+/// body into, so 64 KiB sent as one-byte chunks would hold about 2.4 MiB. Refused as
+/// axum refuses: `413` in plain text past the limit (the routes' middleware answers it
+/// in the API's shape), `400` when the body breaks off.
+pub(crate) struct Whole(pub(crate) bytes::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Whole {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Self::Rejection> {
+        use axum::RequestExt;
+        use switchboard_adapters::http::{read_whole, WholeError};
+        match read_whole(req.into_limited_body(), usize::MAX).await {
+            Ok(bytes) => Ok(Whole(bytes)),
+            Err(WholeError::Body(e)) if over_limit(&e) => Err((StatusCode::PAYLOAD_TOO_LARGE, "Failed to buffer the request body: length limit exceeded").into_response()),
+            Err(WholeError::Body(e)) => Err((StatusCode::BAD_REQUEST, format!("Failed to buffer the request body: {e}")).into_response()),
+            Err(WholeError::TooLong) => Err((StatusCode::PAYLOAD_TOO_LARGE, "Failed to buffer the request body: length limit exceeded").into_response()),
+        }
+    }
+}
+
+/// Whether a body's error is its length limit's.
+fn over_limit(e: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// JSON bodies with a clear 400 on malformed input.
 pub(crate) struct Body<T>(pub(crate) T);
 
@@ -220,6 +255,15 @@ impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<Arc<Gateway>> fo
     type Rejection = GatewayError;
 
     async fn from_request(req: axum::extract::Request, gw: &Arc<Gateway>) -> Result<Self, Self::Rejection> {
+        // Read whole first (see `Whole`), then parsed by axum's `Json` from that one
+        // buffer: its content type check and its messages stay as they are.
+        let (parts, body) = req.into_parts();
+        let whole = match Whole::from_request(axum::extract::Request::from_parts(parts.clone(), body), gw).await {
+            Ok(Whole(bytes)) => bytes,
+            Err(refused) if refused.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(GatewayError::BodyTooLarge(MAX_JSON_BODY)),
+            Err(_) => return Err(GatewayError::BadRequest("the request body broke off before its end".into())),
+        };
+        let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(whole));
         match Json::<T>::from_request(req, gw).await {
             Ok(Json(v)) => Ok(Body(v)),
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(GatewayError::BodyTooLarge(MAX_JSON_BODY)),
