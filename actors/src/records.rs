@@ -832,14 +832,15 @@ pub fn load_conversation(store: &dyn Store, id: ConversationId, keys: bool) -> R
     let Some(mut conv) = get::<Conversation>(store, &key::conversation(id))? else { return Ok(None) };
     conv.last_seq = conv.last_seq.max(last_seq(store, &key::history_prefix(id))?);
     if keys {
+        let taken = std::sync::Arc::make_mut(&mut conv.keys);
         for (_, entry) in all::<HistoryEntry>(store, &key::history_prefix(id))? {
             match entry.item {
                 HistoryItem::ClientMessage { key, text, .. } => {
-                    conv.keys.insert(key, entry.seq);
+                    taken.insert(key, entry.seq);
                     conv.client_text_bytes += text.len() as u64;
                 }
                 HistoryItem::OperatorMessage { key, .. } | HistoryItem::Note { key, .. } | HistoryItem::BotMessage { key, .. } => {
-                    conv.keys.insert(key, entry.seq);
+                    taken.insert(key, entry.seq);
                 }
                 _ => {}
             }
@@ -1535,7 +1536,7 @@ pub fn import_legacy(bytes: &[u8]) -> Result<Writes, Error> {
         conv.last_seq = legacy_conv.history.last().map_or(0, |e| e.seq);
         conv.rated = legacy_conv.history.iter().any(|e| matches!(e.item, HistoryItem::Rated { .. }));
         conv.pending = legacy_conv.history;
-        conv.keys = legacy_conv.keys;
+        conv.keys = std::sync::Arc::new(legacy_conv.keys);
     }
 
     #[derive(Deserialize)]

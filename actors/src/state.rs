@@ -887,9 +887,12 @@ pub struct Conversation {
     pub pending: Vec<HistoryEntry>,
     /// Idempotency keys already used by the client and operators, with the sequence
     /// number of the message each produced. Held in memory while the conversation is
-    /// open; on disk they are the keys of the messages in its history.
+    /// open; on disk they are the keys of the messages in its history. Shared, so that
+    /// a read that copies the conversation (each visitor's `read` mark, upload, resume)
+    /// does not copy up to 10,000 keys under the shard's lock; an apply that adds one
+    /// copies them only while such a copy is still held.
     #[serde(skip)]
-    pub keys: BTreeMap<String, u64>,
+    pub keys: std::sync::Arc<BTreeMap<String, u64>>,
     /// Bytes of the customer's message text in its history (rules 14 bound them,
     /// [`crate::core::MAX_CLIENT_TEXT_BYTES`]). Held in memory with the keys and rebuilt
     /// from the history with them.
@@ -926,7 +929,7 @@ impl Conversation {
             last_seq: 0,
             rated: false,
             pending: Vec::new(),
-            keys: BTreeMap::new(),
+            keys: Default::default(),
             client_text_bytes: 0,
             passed_by: BTreeSet::new(),
             last_pass: None,
@@ -1280,14 +1283,14 @@ impl ShardState {
                 let item = HistoryItem::Note { author: author.clone(), name: name.clone(), key: key.clone(), text: text.clone() };
                 let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
-                    conv.keys.insert(key.clone(), seq);
+                    std::sync::Arc::make_mut(&mut conv.keys).insert(key.clone(), seq);
                 }
             }
             Event::ClientMessagePosted { conversation, key, text, attachments } => {
                 let item = HistoryItem::ClientMessage { key: key.clone(), text: text.clone(), attachments: attachments.clone() };
                 let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
-                    conv.keys.insert(key.clone(), seq);
+                    std::sync::Arc::make_mut(&mut conv.keys).insert(key.clone(), seq);
                     conv.client_text_bytes += text.len() as u64;
                 }
                 self.enqueue_for_bot(*conversation, seq, at);
@@ -1303,7 +1306,7 @@ impl ShardState {
                 };
                 let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
-                    conv.keys.insert(key.clone(), seq);
+                    std::sync::Arc::make_mut(&mut conv.keys).insert(key.clone(), seq);
                 }
                 self.enqueue_delivery(*conversation, seq, at);
             }
@@ -1786,7 +1789,7 @@ impl ShardState {
                 let item = HistoryItem::BotMessage { key: key.clone(), text: text.clone(), buttons: buttons.clone() };
                 let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
-                    conv.keys.insert(key.clone(), seq);
+                    std::sync::Arc::make_mut(&mut conv.keys).insert(key.clone(), seq);
                 }
                 self.enqueue_delivery(*conversation, seq, at);
             }

@@ -1219,7 +1219,7 @@ mod tests {
         let mut local = held.conversation(conversation).expect("local").expect("found");
         // Idempotency keys and the customer text's count are the member's own
         // bookkeeping: not carried.
-        local.keys.clear();
+        local.keys = Default::default();
         local.client_text_bytes = 0;
         assert_eq!(format!("{seen:?}"), format!("{local:?}"));
         assert_eq!(remote.feed_since(&ann, 0, 1000).await.expect("feed"), held.feed_since(&ann, 0, 1000).expect("local feed"));
