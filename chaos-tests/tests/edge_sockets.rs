@@ -496,3 +496,52 @@ async fn a_visitor_can_only_start_in_the_web_channels_public_groups() -> anyhow:
     serves_a_new_client(&dev).await?;
     Ok(())
 }
+
+/// A visitor's `read` that moves nothing is free, and one marking past the newest entry
+/// is charged as a `send` is: sent over and over it would append an entry each time on
+/// a node that forwards it (`docs/protocol.md`, "`read` ... is charged").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_marks_past_the_newest_entry_are_charged_and_others_are_free() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &["--client-messages-per-minute", "1000", "--conversation-messages-per-minute", "4"]).await?;
+    let (mut ws, _, _) = dev.client("Reader").await?;
+    ws.send(&json!({"type": "send", "key": "k1", "text": "hello"})).await?;
+    let ack = ws.wait_for(WAIT, |v| v["type"] == "ack" || v["type"] == "error").await?;
+    let seq = ack["seq"].as_u64().ok_or_else(|| anyhow::anyhow!("not acked: {ack}"))?;
+    // Marks at or below the recorded one, many more than the budget: none refused.
+    ws.send(&json!({"type": "read", "upto": seq})).await?;
+    for _ in 0..10 {
+        ws.send(&json!({"type": "read", "upto": 0})).await?;
+        ws.send(&json!({"type": "read", "upto": seq})).await?;
+    }
+    // Past the newest entry: three left of the budget of 4, then refused.
+    for _ in 0..4 {
+        ws.send(&json!({"type": "read", "upto": 1_000_000_000u64})).await?;
+    }
+    let refused = ws.wait_for(WAIT, |v| v["type"] == "error").await?;
+    assert_eq!((refused["code"].clone(), refused["for"].clone()), (json!("rate_limited"), json!("read")), "{refused}");
+    // Exactly one refusal: the 21 free marks spent nothing.
+    ws.send(&json!({"type": "ping"})).await?;
+    let next = ws.wait_for(WAIT, |v| v["type"] == "error" || v["type"] == "pong").await?;
+    assert_eq!(next["type"], "pong", "a second refusal: {next}");
+    Ok(())
+}
+
+/// A `resume` naming a `last_seq` ahead of the conversation makes the node catch up with
+/// the cluster before it answers `invalid`: that catch-up costs a token of the
+/// address's resume budget first, so sent over and over it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_from_ahead_of_the_conversation_spend_the_resume_budget() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &["--client-resumes-per-minute", "2"]).await?;
+    let (_, _, token) = dev.client("Ahead").await?;
+    let mut other = switchboard_gateway::client::WsClient::connect(&dev.public, "/ws/client", None).await?;
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        other.send(&json!({"type": "resume", "token": token, "last_seq": 1_000_000_000u64})).await?;
+        let answer = other.wait_for(WAIT, |v| v["type"] == "error" || v["type"] == "resumed").await?;
+        codes.push(answer["code"].clone());
+    }
+    assert_eq!(codes, [json!("invalid"), json!("invalid"), json!("rate_limited")]);
+    Ok(())
+}

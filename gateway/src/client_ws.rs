@@ -392,6 +392,14 @@ impl ClientSession {
                 // this node has not applied yet: catch up before answering. Without a
                 // leader to catch up with, the answer is "try again", not a verdict.
                 if found.is_none_or(|(last, _)| last_seq > last) {
+                    // The catch-up asks the leader: a token of the budget below first,
+                    // so that a `last_seq` far ahead, sent again and again, cannot make
+                    // each frame cost a round to the cluster.
+                    let capacity = f64::from(self.gw.config.budgets.client_resumes_per_minute);
+                    if !self.gw.usage.resumes.take(self.peer, 1.0, capacity) {
+                        self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
+                        return Err(frames::error("rate_limited", "too many resumes from your address that this node must catch up for; resume again later (the budget refills within a minute)", None));
+                    }
                     if let Err(e) = self.gw.backend.conversation_barrier(conversation).await {
                         return Err(frames::error("unavailable", &format!("this node cannot catch up with the cluster right now ({e}); resume again"), None));
                     }
@@ -446,14 +454,26 @@ impl ClientSession {
                 self.signal_operator(conversation, json!({"type": "typing", "conversation": conversation.0, "from": "client"}));
             }
             ClientIn::Read { upto } => {
-                // Not charged: a mark that does not move is answered without a log
-                // entry, and one that moves is bounded by the entries written.
+                // A mark at or below the visitor's recorded one is answered here without
+                // a log entry (read from the conversation's shard, on a node that holds
+                // none from a holder: there the command would be forwarded and appended
+                // before the core found it changes nothing; a copy's mark is never ahead
+                // of the leader's). One past the newest entry the copy has is charged as a
+                // `send` is (a visitor reading what arrived a moment ago rarely is; one
+                // marking the future over and over would append an entry each time);
+                // the rest move the mark, bounded by the entries written.
                 let conversation = self.require_conversation()?;
+                let seen = self.gw.client_read_seen(conversation).await;
+                if seen.is_some_and(|(last, _)| upto > last) {
+                    self.charge(conversation, None)?;
+                }
                 // Committed, so the operator sees it after a reconnect too; then relayed live.
-                self.gw
-                    .submit(Command::MarkRead { conversation, reader: Reader::Client, upto })
-                    .await
-                    .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
+                if seen.is_none_or(|(_, mark)| upto > mark) {
+                    self.gw
+                        .submit(Command::MarkRead { conversation, reader: Reader::Client, upto })
+                        .await
+                        .map_err(|e| frames::error(e.code(), &e.to_string(), None))?;
+                }
                 let upto = self.gw.read_mark(conversation, upto).await;
                 if let Some(upto) = upto.filter(|upto| self.gw.visitor_read_due(conversation, *upto)) {
                     self.signal_operator(conversation, json!({"type": "read", "conversation": conversation.0, "by": "client", "upto": upto}));

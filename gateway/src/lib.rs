@@ -775,6 +775,16 @@ impl Gateway {
         }
     }
 
+    /// An open conversation's newest entry and the visitor's read mark, as this node
+    /// reads them (its own copy or a holder's); `None` when it cannot be read now or is
+    /// not open.
+    pub(crate) async fn client_read_seen(&self, conversation: ConversationId) -> Option<(u64, u64)> {
+        match self.backend.conversation_reads(conversation).open_conversation(conversation).await {
+            Ok(Some(c)) => Some((c.last_seq(), c.client_read_upto)),
+            Ok(None) | Err(_) => None,
+        }
+    }
+
     /// The conversation and entry a provider's message id names, looked up in every
     /// conversation shard at once.
     pub(crate) async fn by_provider_id(&self, channel: &switchboard_actors::model::ChannelId, id: &str) -> Result<Option<(ConversationId, u64)>, switchboard_actors::Error> {
