@@ -551,8 +551,15 @@ mod tests {
     #[test]
     fn an_error_frame_echoes_a_bounded_part_of_what_it_answers() {
         let wide = "\u{85}".repeat(8_000);
+        // Four bytes each, and not escaped when quoted: 300 of them were 1,200 bytes.
+        let emoji = "\u{1F600}".repeat(4_000);
+        let control = "\u{1}".repeat(16_000);
         let cases = [
             json!({"type": wide.clone()}).to_string(),
+            json!({"type": emoji.clone()}).to_string(),
+            json!({"type": control.clone()}).to_string(),
+            json!({"type": "rate", "score": emoji.clone(), "ref": "r".repeat(250)}).to_string(),
+            json!({"type": "rate", "score": control.clone(), "ref": "r".repeat(250)}).to_string(),
             json!({"type": "send", "key": 5, "ref": wide.clone()}).to_string(),
             json!({"type": "rate", "score": wide.clone(), "ref": [wide.clone()]}).to_string(),
             json!({"type": "resume", "token": 7, "last_seq": wide.clone()}).to_string(),
@@ -561,7 +568,7 @@ mod tests {
             assert!(frame.len() >= 16_000, "{}", frame.len());
             let error = parse::<ClientIn>(&frame, CLIENT_TYPES).err().expect("refused");
             let size = error.to_string().len();
-            assert!(size < 1024, "a {}-byte frame was answered with {size} bytes: {}", frame.len(), &error.to_string()[..200]);
+            assert!(size < 1024, "a {}-byte frame was answered with {size} bytes: {}", frame.len(), error.to_string().chars().take(200).collect::<String>());
         }
         // A malformed `send` answers with its key as `ref`, as every error for a `send`.
         let error = parse_client(r#"{"type":"send","key":"k-7","text":"see","attachments":[1]}"#).err().expect("refused");

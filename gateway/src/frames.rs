@@ -144,15 +144,24 @@ pub enum OperatorIn {
 
 pub fn error(code: &str, message: &str, reference: Option<&Value>) -> Value {
     // What a client sent comes back only bounded: a message quoting its frame is cut to
-    // MAX_ERROR_MESSAGE_CHARS, and a `ref` longer than MAX_ECHOED_REF_BYTES (as JSON) is
-    // not echoed. Else a client that never reads could have each of its frames answered
-    // by an error frame several times its size, and its socket's queue of 64 frames
-    // hold megabytes (docs/security.md).
-    let message: std::borrow::Cow<'_, str> = if message.chars().count() > MAX_ERROR_MESSAGE_CHARS {
-        let cut: String = message.chars().take(MAX_ERROR_MESSAGE_CHARS).collect();
-        format!("{cut}…").into()
-    } else {
-        message.into()
+    // MAX_ERROR_MESSAGE_CHARS characters and MAX_ERROR_MESSAGE_BYTES bytes of JSON text
+    // (escapes counted: a character is 1 to 4 bytes, a control character escaped 6), and
+    // a `ref` longer than MAX_ECHOED_REF_BYTES (as JSON) is not echoed. Else a client
+    // that never reads could have each of its frames answered by an error frame several
+    // times its size, and its socket's queue of 64 frames hold megabytes
+    // (docs/security.md).
+    let mut json_bytes = 0;
+    let kept = message.char_indices().enumerate().find_map(|(n, (at, c))| {
+        json_bytes += match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if u32::from(c) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        (n >= MAX_ERROR_MESSAGE_CHARS || json_bytes > MAX_ERROR_MESSAGE_BYTES).then_some(at)
+    });
+    let message: std::borrow::Cow<'_, str> = match kept {
+        Some(at) => format!("{}…", &message[..at]).into(),
+        None => message.into(),
     };
     let mut frame = json!({"type": "error", "code": code, "message": message});
     if let Some(r) = reference.filter(|r| serde_json::to_string(r).is_ok_and(|t| t.len() <= MAX_ECHOED_REF_BYTES)) {
@@ -163,6 +172,9 @@ pub fn error(code: &str, message: &str, reference: Option<&Value>) -> Value {
 
 /// The longest error message, in characters (longer ones are cut, with "…").
 pub const MAX_ERROR_MESSAGE_CHARS: usize = 300;
+/// The longest error message, in bytes of its JSON text without the quotes (longer
+/// ones are cut at a character, with "…").
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 400;
 /// The longest `ref` an answer echoes, in bytes of its JSON text.
 pub const MAX_ECHOED_REF_BYTES: usize = 256;
 
