@@ -199,9 +199,14 @@ enum Line {
 }
 
 impl Session<'_> {
+    /// Writes a reply within the time of a command: a peer that does not read it is
+    /// dropped then, not held to the end of its session (with a `DATA` slot, after a mail).
     async fn say(&mut self, reply: &str) -> Result<(), String> {
-        self.stream.write_all(reply.as_bytes()).await.map_err(|e| e.to_string())?;
-        self.stream.write_all(b"\r\n").await.map_err(|e| e.to_string())
+        let line = [reply.as_bytes(), b"\r\n"].concat();
+        match tokio::time::timeout(self.shared.limits.command_timeout, self.stream.write_all(&line)).await {
+            Ok(written) => written.map_err(|e| e.to_string()),
+            Err(_) => Err("the peer did not read a reply".into()),
+        }
     }
 
     /// Reads more bytes into the buffer within `until`; false at the end of the stream.
