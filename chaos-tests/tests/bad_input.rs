@@ -466,3 +466,27 @@ async fn one_address_cannot_replay_history_without_limit() -> anyhow::Result<()>
     assert_eq!(ack["type"], "ack", "{ack}");
     Ok(())
 }
+
+/// A staff socket opened with a token that then expires acts on nothing more: it gets
+/// `unauthorized` and is closed with 4001 within the 2 s of its login checks, as REST
+/// refuses the token from then on. The token is signed with the node's own key and
+/// lasts 3 s (the server's last 12 hours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_staff_socket_closes_when_its_token_expires() -> anyhow::Result<()> {
+    use switchboard_actors::model::Role;
+    use switchboard_gateway::auth::{Subject, TokenKey};
+    let dir = tempfile::tempdir()?;
+    let dev = Dev::start(&dir.path().join("data")).await?;
+    let key = TokenKey::new(&std::fs::read(dir.path().join("data").join("token.key"))?)?;
+    let short = key.issue(Subject::Staff { login: "supervisor".into(), role: Role::Supervisor, operator: None, epoch: 0 }, Duration::from_secs(3));
+    let (status, reply) = dev.api("GET", "/api/queues", Some(&short), None).await?;
+    assert_eq!(status, 200, "the short token is taken while it lasts: {reply}");
+    let mut floor = WsClient::connect(&dev.private, &format!("/ws/supervisor?token={short}"), None).await?;
+    floor.wait_for(WAIT, |v| v["type"] == "floor").await?;
+    let refused = floor.wait_for(Duration::from_secs(10), |v| v["type"] == "error").await?;
+    assert_eq!((refused["code"].as_str(), refused["message"].as_str()), (Some("unauthorized"), Some("this socket's token expired; log in again")), "{refused}");
+    assert_eq!(next_closed(&mut floor).await?, (4001, "token expired".to_string()));
+    let (status, reply) = dev.api("GET", "/api/queues", Some(&short), None).await?;
+    assert_eq!(status, 401, "{reply}");
+    Ok(())
+}

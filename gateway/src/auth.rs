@@ -95,7 +95,7 @@ pub struct TokenKey {
     key: hmac::Key,
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -118,6 +118,12 @@ impl TokenKey {
     }
 
     pub fn verify(&self, token: &str) -> Result<Subject, GatewayError> {
+        self.verify_with_expiry(token).map(|(subject, _)| subject)
+    }
+
+    /// [`Self::verify`], with when the token expires (seconds since the Unix epoch): an
+    /// open staff socket stops acting on it then.
+    pub fn verify_with_expiry(&self, token: &str) -> Result<(Subject, u64), GatewayError> {
         let (signed, mac) = token.rsplit_once('.').ok_or(GatewayError::Unauthorized("malformed token"))?;
         let body = signed.strip_prefix("v1.").ok_or(GatewayError::Unauthorized("unknown token version"))?;
         let mac = URL_SAFE_NO_PAD.decode(mac).map_err(|_| GatewayError::Unauthorized("malformed token"))?;
@@ -130,7 +136,7 @@ impl TokenKey {
         if claims.exp < unix_now() {
             return Err(GatewayError::Unauthorized("token expired"));
         }
-        Ok(claims.subject)
+        Ok((claims.subject, claims.exp))
     }
 }
 

@@ -39,7 +39,7 @@ pub(crate) async fn upgrade(
     // Authenticate before upgrading: a forged token never gets a socket.
     let (operator, staff) = match ws::staff_in_touch(&gw, &headers, params.token.as_deref()).await.and_then(|()| ws::admit(&gw, &headers, Surface::Operator, params.token.as_deref())) {
         Ok(Some(Subject::Staff { login, role, operator: Some(operator), epoch })) => {
-            (operator.clone(), ws::StaffLogin { login, role, operator: Some(operator), epoch })
+            (operator.clone(), ws::StaffLogin::of(&gw, params.token.as_deref(), login, role, Some(operator), epoch))
         }
         Ok(_) => {
             gw.metrics.auth_failures.fetch_add(1, Relaxed);

@@ -41,7 +41,7 @@ pub(crate) async fn upgrade(
     upgrade: IncomingUpgrade,
 ) -> Response {
     let staff = match ws::staff_in_touch(&gw, &headers, params.token.as_deref()).await.and_then(|()| ws::admit(&gw, &headers, Surface::Supervisor, params.token.as_deref())) {
-        Ok(Some(Subject::Staff { login, role, operator, epoch })) if role >= Role::Supervisor => ws::StaffLogin { login, role, operator, epoch },
+        Ok(Some(Subject::Staff { login, role, operator, epoch })) if role >= Role::Supervisor => ws::StaffLogin::of(&gw, params.token.as_deref(), login, role, operator, epoch),
         Ok(_) => {
             gw.metrics.auth_failures.fetch_add(1, Relaxed);
             return (StatusCode::FORBIDDEN, "supervisors and admins only").into_response();

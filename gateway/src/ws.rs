@@ -290,6 +290,17 @@ pub(crate) struct StaffLogin {
     pub role: switchboard_actors::model::Role,
     pub operator: Option<switchboard_actors::model::OperatorId>,
     pub epoch: u64,
+    /// When the token the socket was opened with expires (Unix seconds): the socket
+    /// acts on nothing after it, as REST takes nothing with it.
+    pub expires: u64,
+}
+
+impl StaffLogin {
+    /// The login a verified staff token names, with the token's expiry.
+    pub(crate) fn of(gw: &crate::Gateway, token: Option<&str>, login: String, role: switchboard_actors::model::Role, operator: Option<switchboard_actors::model::OperatorId>, epoch: u64) -> StaffLogin {
+        let expires = token.and_then(|t| gw.tokens.verify_with_expiry(t).ok()).map_or(0, |(_, exp)| exp);
+        StaffLogin { login, role, operator, epoch, expires }
+    }
 }
 
 /// How often an open staff socket re-checks its login.
@@ -332,7 +343,15 @@ pub(crate) fn accept<S: Session>(
     }
     let guard: Option<Guard> = staff.map(|s| {
         let gw = gw.clone();
-        Arc::new(move || gw.staff_current(&s.login, s.role, s.operator.as_ref(), s.epoch)) as Guard
+        Arc::new(move || {
+            if crate::auth::unix_now() > s.expires {
+                Some(Ended::TokenExpired)
+            } else if !gw.staff_current(&s.login, s.role, s.operator.as_ref(), s.epoch) {
+                Some(Ended::LoginChanged)
+            } else {
+                None
+            }
+        }) as Guard
     });
     accept_with(
         upgrade,
@@ -431,12 +450,25 @@ pub(crate) fn room_to_read(buf: &mut BytesMut) {
 }
 
 /// Whether the socket's login still holds; `false` closes it with 4001.
-pub type Guard = Arc<dyn Fn() -> bool + Send + Sync>;
+pub type Guard = Arc<dyn Fn() -> Option<Ended> + Send + Sync>;
+
+/// Why a staff socket may act no more.
+#[derive(Clone, Copy, Debug)]
+pub enum Ended {
+    /// Its login's sessions ended, or its role or operator changed.
+    LoginChanged,
+    /// The token it was opened with expired.
+    TokenExpired,
+}
 
 /// Tells the peer why, then closes with 4001.
-async fn refuse_changed_login(outbox: &Outbox) {
-    outbox.error("unauthorized", "this login's sessions ended or its role changed; log in again", None).await;
-    let _ = outbox.0.send(Out::Close(close::UNAUTHORIZED, "login changed".into())).await;
+async fn refuse_changed_login(outbox: &Outbox, ended: Ended) {
+    let (message, reason) = match ended {
+        Ended::LoginChanged => ("this login's sessions ended or its role changed; log in again", "login changed"),
+        Ended::TokenExpired => ("this socket's token expired; log in again", "token expired"),
+    };
+    outbox.error("unauthorized", message, None).await;
+    let _ = outbox.0.send(Out::Close(close::UNAUTHORIZED, reason.into())).await;
 }
 
 /// Closes the socket once its guard fails, checking every `LOGIN_RECHECK`.
@@ -447,8 +479,8 @@ fn watch_guard(guard: Guard, outbox: Outbox) -> tokio::task::JoinHandle<()> {
             if outbox.0.is_closed() {
                 return;
             }
-            if !guard() {
-                refuse_changed_login(&outbox).await;
+            if let Some(ended) = guard() {
+                refuse_changed_login(&outbox, ended).await;
                 return;
             }
         }
@@ -529,8 +561,8 @@ pub async fn drive<S: Session>(io: TokioIo<Upgraded>, mut session: S, limits: Li
                 Inbound::Text(text) => {
                     metrics.frames_received.fetch_add(1, Relaxed);
                     // A frame that arrives after the login changed is not acted on.
-                    if guard.as_ref().is_some_and(|g| !g()) {
-                        refuse_changed_login(&outbox).await;
+                    if let Some(ended) = guard.as_ref().and_then(|g| g()) {
+                        refuse_changed_login(&outbox, ended).await;
                         break End::Closed { readable: true };
                     }
                     if let Flow::Close(code, reason) = session.on_text(&text, &outbox).await {
