@@ -633,3 +633,27 @@ async fn a_webhook_body_in_one_byte_chunks_costs_its_bytes_not_a_piece_each() ->
     serves_a_new_client(&dev).await?;
     Ok(())
 }
+
+/// A JSON call without a JSON content type is answered `400` before its body is read
+/// (docs/workstation-api.md): a login declaring 100,000 bytes of body, none sent, is
+/// answered at once; with the content type, the same call waits for its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_call_without_its_content_type_is_refused_before_its_body() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &[]).await?;
+    for content_type in ["", "Content-Type: text/plain\r\n", "Content-Type: application/jsonx\r\n"] {
+        let mut conn = HttpConn::connect(&dev.private).await?;
+        conn.send(format!("POST /api/login HTTP/1.1\r\nHost: {}\r\n{content_type}Content-Length: 100000\r\n\r\n", dev.private).as_bytes()).await?;
+        match conn.read_response(WAIT).await {
+            HttpOutcome::Response(r) => {
+                let body: Value = serde_json::from_slice(&r.body)?;
+                assert_eq!((r.status, body["code"].as_str()), (400, Some("bad_request")), "{content_type:?}: {body}");
+            }
+            other => anyhow::bail!("{content_type:?}: no answer before the body: {other:?}"),
+        }
+    }
+    let mut conn = HttpConn::connect(&dev.private).await?;
+    conn.send(format!("POST /api/login HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: 100\r\n\r\n", dev.private).as_bytes()).await?;
+    assert!(matches!(conn.read_response(Duration::from_millis(500)).await, HttpOutcome::TimedOut), "a JSON call was answered before its body");
+    Ok(())
+}

@@ -248,6 +248,16 @@ fn over_limit(e: &axum::Error) -> bool {
     false
 }
 
+/// Whether a request says its body is JSON as axum's `Json` takes it: `application/json`
+/// or another `application/…+json` type, with any parameters.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let Some((kind, subtype)) = essence.split_once('/') else { return false };
+    let token = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b));
+    kind == "application" && token(subtype) && (subtype == "json" || subtype.ends_with("+json"))
+}
+
 /// JSON bodies with a clear 400 on malformed input.
 pub(crate) struct Body<T>(pub(crate) T);
 
@@ -255,8 +265,12 @@ impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<Arc<Gateway>> fo
     type Rejection = GatewayError;
 
     async fn from_request(req: axum::extract::Request, gw: &Arc<Gateway>) -> Result<Self, Self::Rejection> {
-        // Read whole first (see `Whole`), then parsed by axum's `Json` from that one
-        // buffer: its content type check and its messages stay as they are.
+        // The content type is checked before the body is read (docs/workstation-api.md);
+        // then the body is read whole (see `Whole`) and parsed by axum's `Json` from that
+        // one buffer, whose messages stay as they are.
+        if !json_content_type(req.headers()) {
+            return Err(GatewayError::BadRequest("Expected request with `Content-Type: application/json`".into()));
+        }
         let (parts, body) = req.into_parts();
         let whole = match Whole::from_request(axum::extract::Request::from_parts(parts.clone(), body), gw).await {
             Ok(Whole(bytes)) => bytes,
