@@ -681,10 +681,13 @@ async fn relay_socket_within(edge: Arc<Edge>, client: SocketAddr, uri: Uri, head
         "/ws/operator" => Surface::Operator,
         _ => Surface::Supervisor,
     };
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| uri.path().to_owned());
+    // The query as the member reads it (names and values percent-decoded), so that what
+    // the gateway reads of it (`last_seq`, `protocol`, `cursor`) and replaces on a re-pin
+    // is what the member acts on.
+    let path = match uri.query() {
+        Some(query) => format!("{}?{}", uri.path(), canonical_query(query)),
+        None => uri.path().to_owned(),
+    };
     let mut avoid: Vec<u64> = Vec::new();
     for _ in 0..3 {
         let Some((id, addr)) = edge.up.choose(&avoid) else {
@@ -1220,6 +1223,16 @@ struct Feeds {
     delivered: BTreeMap<String, u64>,
 }
 
+/// `query` decoded as a form (as axum's `Query` decodes it) and encoded again in one
+/// way: `last_seq=%34%30` becomes `last_seq=40`, `last%5Fseq` becomes `last_seq`.
+fn canonical_query(query: &str) -> String {
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        out.append_pair(&name, &value);
+    }
+    out.finish()
+}
+
 /// Parses a `cursor` query value (`r.44,c0.17`); the member checks it again.
 fn parse_feeds(text: &str) -> BTreeMap<String, u64> {
     // Commas may come percent-encoded; nothing else in a cursor needs encoding.
@@ -1454,7 +1467,11 @@ impl Tracker {
                     match frame.event.as_ref().and_then(Value::as_str) {
                         Some("closed") => {
                             self.closed = true;
-                            self.settle(|p| p.kind == "close");
+                            // Every close sent before a switch to another conversation is
+                            // answered by it: a second close of the same one changes
+                            // nothing and the member answers it with nothing.
+                            let switch = self.pending.iter().find(|p| matches!(p.kind.as_str(), "resume" | "start")).map(|p| p.order);
+                            while self.settle(|p| p.kind == "close" && switch.is_none_or(|at| p.order < at)).is_some() {}
                         }
                         Some("rated") => {
                             self.settle(|p| p.kind == "rate");
@@ -2069,6 +2086,19 @@ mod tests {
         assert_eq!(to(Surface::Supervisor, None, 3), None, "no member serves: it stays");
     }
 
+    /// What the gateway reads of a socket's query, and replaces on a re-pin, is what the
+    /// member reads: names and values decoded as a form.
+    #[test]
+    fn a_socket_query_is_read_as_the_member_decodes_it() {
+        assert_eq!(canonical_query("token=a.b-c_d&last_seq=%34%30"), "token=a.b-c_d&last_seq=40");
+        assert_eq!(canonical_query("last%5Fseq=40&protocol=%32"), "last_seq=40&protocol=2");
+        let path = format!("/ws/operator?{}", canonical_query("token=T&last%5Fseq=%34%30"));
+        let mut t = Tracker::new(Surface::Operator, &path);
+        t.incoming(r#"{"type":"hello","seq":44}"#);
+        assert_eq!(t.last_seq, Some(40), "events 41-44 follow the hello and are not taken for duplicates");
+        assert_eq!(t.reconnect_path(&path).matches("last_seq=").count(), 1, "{}", t.reconnect_path(&path));
+    }
+
     #[test]
     fn a_close_of_a_closed_conversation_waits_for_nothing_and_an_operator_close_is_not_sent_twice() {
         let mut t = Tracker::new(Surface::Client, "/ws/client");
@@ -2080,6 +2110,15 @@ mod tests {
         // Closing again is a no-op the member answers with nothing: nothing waits for it.
         assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
         assert!(t.pending.is_empty() && t.quiet(), "a socket that closed twice can still move");
+
+        // Two closes sent before the conversation's closed event: it answers both.
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        assert!(t.outgoing(r#"{"type":"start"}"#).is_ok());
+        t.incoming(r#"{"type":"started","token":"tok","conversation":1}"#);
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        assert!(t.outgoing(r#"{"type":"close"}"#).is_ok());
+        t.incoming(r#"{"type":"event","kind":"closed","seq":4}"#);
+        assert!(t.pending.is_empty() && t.quiet(), "a close clicked twice waits for nothing once the conversation closed");
 
         let mut op = Tracker::new(Surface::Operator, "/ws/operator?token=T");
         op.incoming(r#"{"type":"hello","seq":3}"#);
