@@ -1659,15 +1659,39 @@ impl Tracker {
                 if matches!(code, "unavailable" | "internal" | "") {
                     return Err(refusal);
                 }
-                self.resume_asked.clear();
+                let asked = std::mem::take(&mut self.resume_asked);
                 if code == "unauthorized" {
                     // The member closes the socket after that answer (protocol.md): so
                     // does this one, once the answer is delivered.
                     self.close_after_replay = Some((close::UNAUTHORIZED, "unauthorized".into()));
-                } else {
-                    // Where it was before (nothing, if it followed no conversation yet).
-                    Box::pin(self.resume(socket)).await?;
+                } else if let Err(e) = Box::pin(self.resume(socket)).await {
+                    // Where it was before (nothing, if it followed no conversation yet);
+                    // if that fails too, the next member is asked the client's resume
+                    // again, which is still waiting for its answer.
+                    self.resume_asked = asked;
+                    return Err(e);
                 }
+                let text = error.to_string();
+                self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, cost: text.len(), text, order: 0 });
+                return Ok(());
+            }
+            // The gateway's own resume of what the socket followed, refused for good: the
+            // conversation is gone (retention), or the client's token no longer valid.
+            // Every member would refuse it: the client gets the answer it would have got
+            // resuming itself, and the socket follows nothing (closed with 4001 after an
+            // `unauthorized`, as a member closes it).
+            Err(refusal) if self.surface == Surface::Client => {
+                let Some(error) = refusal.strip_prefix(RESUME_REFUSED).and_then(|text| serde_json::from_str::<Value>(text).ok()) else { return Err(refusal) };
+                let code = error.get("code").and_then(Value::as_str).unwrap_or_default();
+                if !matches!(code, "not_found" | "unauthorized") {
+                    return Err(refusal);
+                }
+                if code == "unauthorized" {
+                    self.close_after_replay = Some((close::UNAUTHORIZED, "unauthorized".into()));
+                }
+                self.token = None;
+                self.conversation = None;
+                self.last_seq = None;
                 let text = error.to_string();
                 self.pending.push_front(Pending { kind: "__resumed".into(), reference: None, key: None, cost: text.len(), text, order: 0 });
                 return Ok(());
