@@ -128,7 +128,11 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// Rules 21: a close never shortens the operator's wrap-up already running (before, a
 /// close in a group with a shorter wrap-up, or a close taken earlier whose letter came
 /// later, replaced it, and the operator got offers of the longer group early).
-pub const RULES_VERSION: u32 = 21;
+/// Rules 22: a conversation's staff text (operators' messages, internal notes and the
+/// bot's replies) is bounded ([`MAX_STAFF_TEXT_BYTES`]): one past it is refused (before,
+/// one operator or bot could fill the 10,000 entries with about 160 MB of text, which
+/// every staff reader of the conversation is sent whole).
+pub const RULES_VERSION: u32 = 22;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -167,6 +171,10 @@ pub const MAX_HISTORY_ENTRIES: usize = 10_000;
 /// which every staff reader of it would then be sent whole); past it the customer starts
 /// a new one.
 pub const MAX_CLIENT_TEXT_BYTES: u64 = 1024 * 1024;
+/// Bytes of staff text (operators' messages, notes, the bot's replies) one conversation
+/// may hold, from rules 22; with the customer's text, a whole history sent to a staff
+/// reader stays within a few MiB.
+pub const MAX_STAFF_TEXT_BYTES: u64 = 4 * 1024 * 1024;
 /// Attachments one message may carry.
 pub const MAX_ATTACHMENTS_PER_MESSAGE: usize = 5;
 /// Files one conversation may hold, and their total size: bounds what one visitor can
@@ -770,6 +778,15 @@ fn check_client_text(state: &ShardState, conv: &crate::state::Conversation, text
     Ok(())
 }
 
+/// Rules 22: staff text that would take the conversation's past
+/// [`MAX_STAFF_TEXT_BYTES`] is refused.
+fn check_staff_text(state: &ShardState, conv: &crate::state::Conversation, text: &str) -> Result<(), Error> {
+    if state.rules >= 22 && conv.staff_text_bytes.saturating_add(text.len() as u64) > MAX_STAFF_TEXT_BYTES {
+        return Err(Error::Invalid(format!("conversation reached its {} KiB of staff text (messages, notes and bot replies)", MAX_STAFF_TEXT_BYTES / 1024)));
+    }
+    Ok(())
+}
+
 /// What a messenger conversation's provider cannot carry is refused before it is
 /// written, with why, rather than cut or dropped on the way: files (messengers get text
 /// only for now) and text over the provider's limit.
@@ -1117,6 +1134,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                 return Err(Error::Invalid("a note needs text".into()));
             }
             check_message(state, *conv_id, text, &[])?;
+            check_staff_text(state, conv, text)?;
             Ok((
                 Reply::Message { seq: conv.last_seq() + 1, duplicate: false },
                 vec![Event::NoteAdded { conversation: *conv_id, author: author.clone(), name: name.clone(), key: key.clone(), text: text.clone() }],
@@ -1260,6 +1278,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             }
             check_message(state, *conv_id, text, &[])?;
             check_carried(state, conv, text, &[])?;
+            check_staff_text(state, conv, text)?;
             Ok((
                 Reply::Message { seq: conv.last_seq() + 1, duplicate: false },
                 vec![Event::BotMessagePosted { conversation: *conv_id, key: key.clone(), text: text.clone(), buttons: buttons.clone() }],
@@ -1658,6 +1677,7 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
             held_by(conv_id, op_id)?;
             let attachments = check_message(state, *conv_id, text, attachments)?;
             check_carried(state, conv, text, &attachments)?;
+            check_staff_text(state, conv, text)?;
             Ok((
                 Reply::Message { seq: conv.last_seq() + 1, duplicate: false },
                 vec![Event::OperatorMessagePosted {

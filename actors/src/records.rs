@@ -839,8 +839,9 @@ pub fn load_conversation(store: &dyn Store, id: ConversationId, keys: bool) -> R
                     taken.insert(key, entry.seq);
                     conv.client_text_bytes += text.len() as u64;
                 }
-                HistoryItem::OperatorMessage { key, .. } | HistoryItem::Note { key, .. } | HistoryItem::BotMessage { key, .. } => {
+                HistoryItem::OperatorMessage { key, text, .. } | HistoryItem::Note { key, text, .. } | HistoryItem::BotMessage { key, text, .. } => {
                     taken.insert(key, entry.seq);
+                    conv.staff_text_bytes += text.len() as u64;
                 }
                 _ => {}
             }

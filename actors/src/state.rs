@@ -898,6 +898,11 @@ pub struct Conversation {
     /// from the history with them.
     #[serde(skip)]
     pub client_text_bytes: u64,
+    /// Bytes of staff text in its history (operators' messages, notes, the bot's
+    /// replies): rules 22 bound them ([`crate::core::MAX_STAFF_TEXT_BYTES`]). Held and
+    /// rebuilt as the customer's are.
+    #[serde(skip)]
+    pub staff_text_bytes: u64,
     /// Operators who declined or let an offer of this conversation expire during the
     /// current stay in the queue.
     pub passed_by: BTreeSet<OperatorId>,
@@ -931,6 +936,7 @@ impl Conversation {
             pending: Vec::new(),
             keys: Default::default(),
             client_text_bytes: 0,
+            staff_text_bytes: 0,
             passed_by: BTreeSet::new(),
             last_pass: None,
             client_read_upto: 0,
@@ -1284,6 +1290,7 @@ impl ShardState {
                 let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     std::sync::Arc::make_mut(&mut conv.keys).insert(key.clone(), seq);
+                    conv.staff_text_bytes += text.len() as u64;
                 }
             }
             Event::ClientMessagePosted { conversation, key, text, attachments } => {
@@ -1307,6 +1314,7 @@ impl ShardState {
                 let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     std::sync::Arc::make_mut(&mut conv.keys).insert(key.clone(), seq);
+                    conv.staff_text_bytes += text.len() as u64;
                 }
                 self.enqueue_delivery(*conversation, seq, at);
             }
@@ -1790,6 +1798,7 @@ impl ShardState {
                 let seq = self.record(*conversation, at, item, touched);
                 if let (Some(conv), Some(seq)) = (self.conversations.get_mut(conversation), seq) {
                     std::sync::Arc::make_mut(&mut conv.keys).insert(key.clone(), seq);
+                    conv.staff_text_bytes += text.len() as u64;
                 }
                 self.enqueue_delivery(*conversation, seq, at);
             }

@@ -1221,6 +1221,7 @@ mod tests {
         // bookkeeping: not carried.
         local.keys = Default::default();
         local.client_text_bytes = 0;
+        local.staff_text_bytes = 0;
         assert_eq!(format!("{seen:?}"), format!("{local:?}"));
         assert_eq!(remote.feed_since(&ann, 0, 1000).await.expect("feed"), held.feed_since(&ann, 0, 1000).expect("local feed"));
         assert!(remote.feed_since(&ann, 0, 1000).await.expect("feed").is_some_and(|f| !f.is_empty()), "ann's feed in the shard has items");
