@@ -68,7 +68,15 @@ pub(crate) async fn upgrade(
         (None, Some(seq)) => Resume::From(seq),
         (None, None) => Resume::Fresh,
     };
-    let session = OperatorSession { gw: gw.clone(), operator, protocol, resume, counted: false, relayed: relayed.is_some() };
+    let session = OperatorSession {
+        gw: gw.clone(),
+        operator,
+        protocol,
+        resume,
+        counted: false,
+        relayed: relayed.is_some(),
+        history_queued: Arc::new(tokio::sync::Semaphore::new(HISTORY_QUEUED_BYTES)),
+    };
     ws::accept(gw, upgrade, Surface::Operator, Some(staff), relayed.is_some(), session)
 }
 
@@ -331,7 +339,14 @@ struct OperatorSession {
     /// Whether a standalone gateway relays this socket: then an `accept` may carry when
     /// it reached the gateway.
     relayed: bool,
+    /// Bytes of `history` frames queued and not yet taken by the writer, at most
+    /// [`HISTORY_QUEUED_BYTES`]: a desk that asks for histories faster than it reads
+    /// them waits for its own.
+    history_queued: Arc<tokio::sync::Semaphore>,
 }
+
+/// What one socket's `history` frames may hold queued.
+const HISTORY_QUEUED_BYTES: usize = 8 * 1024 * 1024;
 
 /// How far back a relayed `accept`'s `received_at` may lie: a gateway re-pins a socket
 /// within its 15 s patience, so an older stamp is taken as the moment it arrived here
@@ -724,6 +739,9 @@ impl OperatorSession {
             }
             OperatorIn::History { conversation, reference } => {
                 let conversation = ConversationId(conversation);
+                // Built in one of the node's few whole-history slots, then queued within
+                // the socket's own budget (the slot is given back first).
+                let slot = crate::rest::whole_history_slot().await.map_err(|e| frames::error("unavailable", &e.to_string(), reference.as_ref()))?;
                 let frame = {
                     let shard = self.gw.backend.conversation_reads(conversation);
                     let conv = shard.conversation(conversation).await.map_err(|e| frames::error(e.code(), &e.to_string(), reference.as_ref()))?;
@@ -742,7 +760,10 @@ impl OperatorSession {
                     }
                     frame
                 };
-                out.json(frame).await;
+                let text = frame.to_string();
+                drop(frame);
+                drop(slot);
+                out.text_within(text, &self.history_queued, HISTORY_QUEUED_BYTES).await;
             }
             OperatorIn::Ping => out.json(json!({"type": "pong"})).await,
         }

@@ -825,9 +825,55 @@ pub(crate) fn conversation_id(raw: &str) -> Result<ConversationId, GatewayError>
     raw.parse().map(ConversationId).map_err(|_| GatewayError::BadRequest(format!("conversation id {raw:?} is not a number")))
 }
 
-async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
+/// Whole histories a node builds and sends at once (an operator's `history` frame, the
+/// REST conversation): each is up to a few MiB (routing rules 14 and 22 bound a
+/// conversation's text), so these few bound what readers of long conversations hold.
+pub(crate) const WHOLE_HISTORIES: usize = 8;
+static WHOLE_HISTORY_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(WHOLE_HISTORIES);
+/// How long a whole-history read waits for a slot before it is answered `unavailable`.
+const WHOLE_HISTORY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A slot to build (and, for REST, send) a conversation's whole history.
+pub(crate) async fn whole_history_slot() -> Result<tokio::sync::SemaphorePermit<'static>, GatewayError> {
+    match tokio::time::timeout(WHOLE_HISTORY_WAIT, WHOLE_HISTORY_SLOTS.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(GatewayError::Busy("other whole conversation histories are being sent; try again in a moment")),
+    }
+}
+
+/// A response body that keeps its whole-history slot until the body has been handed to
+/// the connection, in 64 KiB pieces: a reader that reads slowly keeps the slot, not a
+/// second copy in another one.
+struct HeldBody {
+    bytes: bytes::Bytes,
+    _slot: tokio::sync::SemaphorePermit<'static>,
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.bytes.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.bytes.len().min(64 * 1024);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(self.bytes.split_to(n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.bytes.len() as u64)
+    }
+}
+
+async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Response, GatewayError> {
     let id = conversation_id(&id)?;
     let conv = readable(&gw, &staff, id).await?;
+    let slot = whole_history_slot().await?;
     let shard = gw.backend.conversation_reads(id);
     let history = shard.history(id, 0, conv.last_seq() as usize).await?;
     let deliveries = shard.deliveries_of(id).await?;
@@ -841,7 +887,7 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
         switchboard_actors::state::ConversationStatus::Closed => json!({"state": "closed"}),
         switchboard_actors::state::ConversationStatus::WithBot => json!({"state": "with_bot"}),
     };
-    Ok(Json(json!({
+    let body = json!({
         "conversation": id.0,
         "channel": conv.channel,
         "group": conv.group,
@@ -854,7 +900,13 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
         "history": history.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect::<Vec<_>>(),
         "earlier": earlier,
         "deliveries": deliveries.iter().map(|(seq, d)| crate::channels::delivery_json(id, *seq, d)).collect::<Vec<_>>(),
-    })))
+    });
+    drop(history);
+    let bytes = bytes::Bytes::from(serde_json::to_vec(&body).map_err(|e| GatewayError::Internal(e.to_string()))?);
+    drop(body);
+    let mut response = Response::new(axum::body::Body::new(HeldBody { bytes, _slot: slot }));
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    Ok(response)
 }
 
 async fn decisions(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Json<Value>, GatewayError> {
