@@ -142,6 +142,25 @@ pub enum OperatorIn {
     Ping,
 }
 
+impl OperatorIn {
+    /// The frame's `type`, which an error without a `ref` names in `for`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OperatorIn::Presence { .. } => "presence",
+            OperatorIn::Accept { .. } => "accept",
+            OperatorIn::Decline { .. } => "decline",
+            OperatorIn::Send { .. } => "send",
+            OperatorIn::Typing { .. } => "typing",
+            OperatorIn::Read { .. } => "read",
+            OperatorIn::Transfer { .. } => "transfer",
+            OperatorIn::Close { .. } => "close",
+            OperatorIn::Ready { .. } => "ready",
+            OperatorIn::History { .. } => "history",
+            OperatorIn::Ping => "ping",
+        }
+    }
+}
+
 pub fn error(code: &str, message: &str, reference: Option<&Value>) -> Value {
     // What a client sent comes back only bounded: a message quoting its frame is cut to
     // MAX_ERROR_MESSAGE_CHARS characters and MAX_ERROR_MESSAGE_BYTES bytes of JSON text

@@ -867,7 +867,7 @@ impl Session for OperatorSession {
             })
         };
         let Some((mut hello, routing_last)) = snapshot else {
-            out.error("not_found", "operator not configured", None).await;
+            out.json(frames::answering(frames::error("not_found", "operator not configured", None), Some("hello"))).await;
             return Flow::Close(ws::close::UNAUTHORIZED, "unknown operator".into());
         };
         // Where each feed starts: after the desk's resume point (not past the feed's
@@ -878,7 +878,7 @@ impl Session for OperatorSession {
             let bounds = match feed.shard.feed_bounds(&self.operator).await {
                 Ok(bounds) => bounds,
                 Err(e) => {
-                    out.error(e.code(), &format!("feed {} cannot be read: {e}", feed.name), None).await;
+                    out.json(frames::answering(frames::error(e.code(), &format!("feed {} cannot be read: {e}", feed.name), None), Some("hello"))).await;
                     return Flow::Close(ws::close::GOING_AWAY, "feed unavailable".into());
                 }
             };
@@ -930,14 +930,16 @@ impl Session for OperatorSession {
     async fn on_text(&mut self, text: &str, out: &Outbox) -> Flow {
         let result = match parse::<OperatorIn>(text, OPERATOR_TYPES) {
             Ok(frame) => {
-                let unnamed = match &frame {
-                    OperatorIn::Typing { .. } => Some("typing"),
-                    OperatorIn::Read { .. } => Some("read"),
-                    _ => None,
-                };
-                self.handle(frame, out).await.map_err(|e| frames::answering(e, unnamed))
+                let kind = frame.kind();
+                self.handle(frame, out).await.map_err(|e| frames::answering(e, Some(kind)))
             }
-            Err(error) => Err(error),
+            // A malformed frame of a known type: its error names the type when it has no
+            // `ref`, so a gateway relaying the socket settles the request it answers and
+            // no other.
+            Err(error) => {
+                let kind = serde_json::from_str::<Value>(text).ok().and_then(|v| v.get("type").and_then(Value::as_str).filter(|k| OPERATOR_TYPES.contains(k)).map(str::to_owned));
+                Err(frames::answering(error, kind.as_deref()))
+            }
         };
         if let Err(error) = result {
             self.gw.metrics.error_frames.fetch_add(1, Relaxed);

@@ -1149,6 +1149,18 @@ struct Pending {
     order: u64,
 }
 
+impl Pending {
+    /// Whether the member's answer to it carries no name: it has no `ref` one can echo
+    /// (an error echoes one of at most `MAX_ECHOED_REF_BYTES` as JSON), and is no `send`
+    /// with a key one can (its errors name it by the key).
+    fn nameless(&self) -> bool {
+        let echoed = |v: &Value| serde_json::to_string(v).is_ok_and(|t| t.len() <= crate::frames::MAX_ECHOED_REF_BYTES);
+        let named_by_ref = self.reference.as_ref().is_some_and(echoed);
+        let named_by_key = self.kind == "send" && self.key.as_ref().is_some_and(|k| echoed(&Value::String(k.clone())));
+        !named_by_ref && !named_by_key
+    }
+}
+
 /// Pings a client socket's tracker remembers the place of at most (see
 /// `Tracker::ping_marks`).
 const MAX_PING_MARKS: usize = 64;
@@ -1525,8 +1537,10 @@ impl Tracker {
                 if kind == "error" && matches!(code, "resume_gap" | "unauthorized") {
                     return true;
                 }
-                // The answer to a `typing` or `read`, which nothing here waits for.
-                if kind == "error" && matches!(frame.answers.as_ref().and_then(Value::as_str), Some("typing" | "read")) {
+                // The answer to a `typing` or `read`, which nothing here waits for, to the
+                // opening of an operator's socket, or to a frame that is not JSON (never
+                // kept here).
+                if kind == "error" && (matches!(frame.answers.as_ref().and_then(Value::as_str), Some("typing" | "read" | "hello")) || code == "bad_json") {
                     return true;
                 }
                 let settled = match frame.reference.as_ref().or(frame.key.as_ref()).cloned() {
@@ -1537,9 +1551,11 @@ impl Tracker {
                     // From a member that says which frame an unnamed error answers
                     // (`for`), the oldest unnamed request of that kind: a `close` that
                     // changed nothing gets no answer and must not take another's.
+                    // A request whose `ref` (or a `send`'s key) is too long for an error
+                    // to echo is answered without a name too.
                     None => match frame.answers.as_ref().and_then(Value::as_str) {
-                        Some(answers) => self.settle(|p| p.reference.is_none() && p.kind == answers && (p.key.is_none() || p.kind != "send")),
-                        None => self.settle(|p| p.reference.is_none() && (p.key.is_none() || p.kind != "send")),
+                        Some(answers) => self.settle(|p| p.nameless() && p.kind == answers),
+                        None => self.settle(Pending::nameless),
                     },
                 };
                 if kind == "error" && settled.as_deref() == Some("resume") {
@@ -2108,6 +2124,35 @@ mod tests {
         assert_eq!(to(Surface::Supervisor, None, 1), Some(2));
         up.lock().members.get_mut(&2).expect("member").alive = false;
         assert_eq!(to(Surface::Supervisor, None, 3), None, "no member serves: it stays");
+    }
+
+    /// An error without a name settles only a request it can answer: not one whose
+    /// `ref` it would echo, nor for an unparsable frame (never kept) or a `typing`; one
+    /// whose `ref`, or `send` key, is too long to echo is settled by its unnamed error.
+    #[test]
+    fn an_unnamed_error_settles_only_the_request_it_answers() {
+        let mut op = Tracker::new(Surface::Operator, "/ws/operator?token=T");
+        op.incoming(r#"{"type":"hello","seq":3}"#);
+        assert!(op.outgoing(r#"{"type":"accept","offer":5}"#).is_ok());
+        op.incoming(r#"{"type":"error","code":"bad_json","message":"not valid JSON"}"#);
+        op.incoming(r#"{"type":"error","code":"bad_frame","for":"typing","message":"missing field"}"#);
+        assert_eq!(op.pending.len(), 1, "the accept still waits for its answer");
+        op.incoming(r#"{"type":"error","code":"offer_gone","for":"accept","message":"gone"}"#);
+        assert!(op.pending.is_empty());
+
+        let long = "r".repeat(300);
+        assert!(op.outgoing(&json!({"type": "close", "conversation": 1, "ref": long}).to_string()).is_ok());
+        assert!(op.outgoing(r#"{"type":"close","conversation":2,"ref":"c2"}"#).is_ok());
+        op.incoming(r#"{"type":"error","code":"not_assigned","for":"close","message":"no"}"#);
+        assert_eq!(op.pending.iter().map(|p| p.reference.clone()).collect::<Vec<_>>(), [Some(json!("c2"))], "the long-ref close was the one answered");
+
+        let mut t = Tracker::new(Surface::Client, "/ws/client");
+        assert!(t.outgoing(r#"{"type":"start"}"#).is_ok());
+        t.incoming(r#"{"type":"started","token":"tok","conversation":1}"#);
+        let quoted = "\"".repeat(128);
+        assert!(t.outgoing(&json!({"type": "send", "key": quoted, "text": "hi"}).to_string()).is_ok());
+        t.incoming(r#"{"type":"error","code":"rate_limited","for":"send","message":"too many"}"#);
+        assert!(t.pending.is_empty(), "a send whose key is too long to echo is settled by its error");
     }
 
     /// What the gateway reads of a socket's query, and replaces on a re-pin, is what the
