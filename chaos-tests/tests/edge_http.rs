@@ -657,3 +657,19 @@ async fn a_json_call_without_its_content_type_is_refused_before_its_body() -> an
     assert!(matches!(conn.read_response(Duration::from_millis(500)).await, HttpOutcome::TimedOut), "a JSON call was answered before its body");
     Ok(())
 }
+
+/// Who may call is checked before the body is read: a supervisor linked to no operator
+/// setting a favourite gets `403`, whatever the body (none of the right type here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_its_caller_may_not_make_is_refused_before_its_body() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &[]).await?;
+    let supervisor = dev.login("supervisor").await?;
+    let mut conn = HttpConn::connect(&dev.private).await?;
+    conn.send(format!("PUT /api/templates/greeting/favourite HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {supervisor}\r\nContent-Length: 5\r\n\r\nnope!", dev.private).as_bytes()).await?;
+    match conn.read_response(WAIT).await {
+        HttpOutcome::Response(r) => assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body)),
+        other => anyhow::bail!("no answer: {other:?}"),
+    }
+    Ok(())
+}

@@ -39,16 +39,18 @@ pub(crate) struct NoteBody {
 
 /// `POST /api/conversations/{id}/notes`: staff who may read a conversation add a note
 /// to it that only staff see.
-pub(crate) async fn add_note(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, Body(body): Body<NoteBody>) -> Result<Json<Value>, GatewayError> {
+pub(crate) async fn add_note(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, request: axum::extract::Request) -> Result<Json<Value>, GatewayError> {
     let conversation = conversation_id(&id)?;
-    if body.text.trim().is_empty() {
-        return Err(GatewayError::BadRequest("a note needs text".into()));
-    }
     let conv = readable(&gw, &staff, conversation).await?;
     // An operator notes only a conversation they hold, held or are offered: reading a
     // served visitor's earlier conversations (the client card) is not writing to them.
     if staff.role < switchboard_actors::model::Role::Supervisor && !staff.operator.as_ref().is_some_and(|op| crate::operator_ws::involved(&gw.backend.shard().read(), op, &conv)) {
         return Err(GatewayError::Forbidden("not your conversation"));
+    }
+    // Read once who may write is known (docs/workstation-api.md).
+    let Body(body) = <Body<NoteBody> as axum::extract::FromRequest<Arc<Gateway>>>::from_request(request, &gw).await?;
+    if body.text.trim().is_empty() {
+        return Err(GatewayError::BadRequest("a note needs text".into()));
     }
     let name = {
         let shard = gw.backend.directory_shard();

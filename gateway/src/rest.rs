@@ -1225,13 +1225,10 @@ struct FavouriteBody {
     favourite: bool,
 }
 
-async fn set_favourite(
-    State(gw): State<Arc<Gateway>>,
-    staff: Staff,
-    Path(id): Path<String>,
-    Body(body): Body<FavouriteBody>,
-) -> Result<Json<Value>, GatewayError> {
+async fn set_favourite(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>, request: axum::extract::Request) -> Result<Json<Value>, GatewayError> {
+    // Who may is checked before the body is read (docs/workstation-api.md).
     let operator = staff.operator.clone().ok_or(GatewayError::Forbidden("favourites belong to operators"))?;
+    let Body(body) = <Body<FavouriteBody> as axum::extract::FromRequest<Arc<Gateway>>>::from_request(request, &gw).await?;
     gw.submit(Command::SetFavourite { operator, template: id.clone(), favourite: body.favourite }).await?;
     Ok(Json(json!({"id": id, "favourite": body.favourite})))
 }
