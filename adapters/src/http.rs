@@ -32,9 +32,9 @@ pub enum WholeError<E> {
 /// past `max` bytes. Each piece is copied as it arrives and dropped: collecting the
 /// pieces instead keeps a handle of 32 bytes for each (a sender that cuts its body into
 /// one-byte chunks makes 64 KiB cost megabytes) and pins the connection's read buffers
-/// under them. The buffer never grows past what the body can still bring (its stated
-/// length, or what a length limit wrapped around it still allows) nor past `max`: a body
-/// of stated length is given its room once; one of no stated length doubles it.
+/// under them. The buffer doubles as bytes arrive, never past what the body can still
+/// bring (its stated length, or what a length limit wrapped around it still allows) nor
+/// past `max`, so it holds at most twice what arrived.
 pub async fn read_whole<B>(body: B, max: usize) -> Result<Bytes, WholeError<B::Error>>
 where
     B: hyper::body::Body,
@@ -53,10 +53,12 @@ where
             return Err(WholeError::TooLong);
         }
         if needed > out.capacity() {
-            let hint = body.size_hint();
-            let to_come = hint.upper().map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+            // Doubled, whatever the body says it will bring: a stated length is not
+            // room given before the bytes come (one byte sent of 64 KiB stated holds
+            // 64 KiB no sooner than they arrive).
+            let to_come = body.size_hint().upper().map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
             let ceiling = needed.saturating_add(to_come).min(max);
-            let room = if hint.upper() == Some(hint.lower()) { ceiling } else { out.capacity().saturating_mul(2).max(needed).min(ceiling) };
+            let room = out.capacity().saturating_mul(2).max(needed).min(ceiling);
             out.reserve_exact(room - out.len());
         }
         while data.has_remaining() {

@@ -545,3 +545,21 @@ async fn resumes_from_ahead_of_the_conversation_spend_the_resume_budget() -> any
     assert_eq!(codes, [json!("invalid"), json!("invalid"), json!("rate_limited")]);
     Ok(())
 }
+
+/// A `read` on a conversation that is closed is charged as a `send` is: the core reads
+/// the conversation back from disk to decide it, in a log entry each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_marks_on_a_closed_conversation_are_charged() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = dev_with(&dir, &["--client-messages-per-minute", "1000", "--conversation-messages-per-minute", "3"]).await?;
+    let (mut ws, _, _) = dev.client("Closer").await?;
+    ws.send(&json!({"type": "close"})).await?;
+    ws.wait_for(WAIT, |v| v["type"] == "event" && v["kind"] == "closed").await?;
+    // The close took one of 3: two reads are taken, the third refused.
+    for _ in 0..3 {
+        ws.send(&json!({"type": "read", "upto": 0})).await?;
+    }
+    let refused = ws.wait_for(WAIT, |v| v["type"] == "error").await?;
+    assert_eq!((refused["code"].clone(), refused["for"].clone()), (json!("rate_limited"), json!("read")), "{refused}");
+    Ok(())
+}

@@ -387,28 +387,40 @@ impl ClientSession {
                     }
                 };
                 let mut found = read().await?;
+                let mut caught_up = false;
                 // A visitor who saw more than this node has applied (they come from a
                 // node that died, and this one lags a little), or whose conversation
                 // this node has not applied yet: catch up before answering. Without a
                 // leader to catch up with, the answer is "try again", not a verdict.
                 if found.is_none_or(|(last, _)| last_seq > last) {
-                    // The catch-up asks the leader: a token of the budget below first,
-                    // so that a `last_seq` far ahead, sent again and again, cannot make
-                    // each frame cost a round to the cluster.
+                    // The catch-up asks the leader: only while the budget below has a
+                    // token, and one that then finds nothing to resume pays it, so a
+                    // `last_seq` far ahead, sent again and again, cannot make each frame
+                    // cost a round to the cluster (a resume the catch-up serves pays only
+                    // for what it replays, below).
                     let capacity = f64::from(self.gw.config.budgets.client_resumes_per_minute);
-                    if !self.gw.usage.resumes.take(self.peer, 1.0, capacity) {
+                    if !self.gw.usage.resumes.has(&self.peer, capacity) {
                         self.gw.metrics.rate_limited.fetch_add(1, Relaxed);
                         return Err(frames::error("rate_limited", "too many resumes from your address that this node must catch up for; resume again later (the budget refills within a minute)", None));
                     }
+                    caught_up = true;
                     if let Err(e) = self.gw.backend.conversation_barrier(conversation).await {
                         return Err(frames::error("unavailable", &format!("this node cannot catch up with the cluster right now ({e}); resume again"), None));
                     }
                     found = read().await?;
                 }
+                // A catch-up that found nothing to resume pays its token.
+                let pay = |gw: &Gateway| {
+                    if caught_up {
+                        gw.usage.resumes.take(self.peer, 1.0, f64::from(gw.config.budgets.client_resumes_per_minute));
+                    }
+                };
                 let Some((last, operator_read_upto)) = found else {
+                    pay(&self.gw);
                     return Err(frames::error("not_found", "conversation not found", None));
                 };
                 if last_seq > last {
+                    pay(&self.gw);
                     return Err(frames::error("invalid", &format!("last_seq {last_seq} is ahead of the conversation ({last})"), None));
                 }
                 // A resume is charged to the address's budget, shared by its sockets, by
@@ -461,14 +473,16 @@ impl ClientSession {
                 // of the leader's). One past the newest entry the copy has is charged as a
                 // `send` is (a visitor reading what arrived a moment ago rarely is; one
                 // marking the future over and over would append an entry each time);
-                // the rest move the mark, bounded by the entries written.
+                // the rest move the mark, bounded by the entries written. A mark on a
+                // conversation that is not open (closed, or gone) is charged too: the
+                // core reads it back from disk to decide, in a log entry.
                 let conversation = self.require_conversation()?;
                 let seen = self.gw.client_read_seen(conversation).await;
-                if seen.is_some_and(|(last, _)| upto > last) {
+                if matches!(seen, Ok(None)) || seen.is_ok_and(|s| s.is_some_and(|(last, _)| upto > last)) {
                     self.charge(conversation, None)?;
                 }
                 // Committed, so the operator sees it after a reconnect too; then relayed live.
-                if seen.is_none_or(|(_, mark)| upto > mark) {
+                if !seen.is_ok_and(|s| s.is_some_and(|(_, mark)| upto <= mark)) {
                     self.gw
                         .submit(Command::MarkRead { conversation, reader: Reader::Client, upto })
                         .await

@@ -776,12 +776,13 @@ impl Gateway {
     }
 
     /// An open conversation's newest entry and the visitor's read mark, as this node
-    /// reads them (its own copy or a holder's); `None` when it cannot be read now or is
-    /// not open.
-    pub(crate) async fn client_read_seen(&self, conversation: ConversationId) -> Option<(u64, u64)> {
+    /// reads them (its own copy or a holder's): `Ok(None)` when it is not open (closed,
+    /// or gone), `Err` when it cannot be read now.
+    pub(crate) async fn client_read_seen(&self, conversation: ConversationId) -> Result<Option<(u64, u64)>, ()> {
         match self.backend.conversation_reads(conversation).open_conversation(conversation).await {
-            Ok(Some(c)) => Some((c.last_seq(), c.client_read_upto)),
-            Ok(None) | Err(_) => None,
+            Ok(Some(c)) => Ok(Some((c.last_seq(), c.client_read_upto))),
+            Ok(None) => Ok(None),
+            Err(_) => Err(()),
         }
     }
 

@@ -1156,7 +1156,8 @@ impl Pending {
     fn nameless(&self) -> bool {
         let echoed = |v: &Value| serde_json::to_string(v).is_ok_and(|t| t.len() <= crate::frames::MAX_ECHOED_REF_BYTES);
         let named_by_ref = self.reference.as_ref().is_some_and(echoed);
-        let named_by_key = self.kind == "send" && self.key.as_ref().is_some_and(|k| echoed(&Value::String(k.clone())));
+        // An operator's `send` is named by its `ref` when it has one, however long.
+        let named_by_key = self.kind == "send" && self.reference.is_none() && self.key.as_ref().is_some_and(|k| echoed(&Value::String(k.clone())));
         !named_by_ref && !named_by_key
     }
 }
@@ -2145,6 +2146,10 @@ mod tests {
         assert!(op.outgoing(r#"{"type":"close","conversation":2,"ref":"c2"}"#).is_ok());
         op.incoming(r#"{"type":"error","code":"not_assigned","for":"close","message":"no"}"#);
         assert_eq!(op.pending.iter().map(|p| p.reference.clone()).collect::<Vec<_>>(), [Some(json!("c2"))], "the long-ref close was the one answered");
+        // An operator's `send` is named by its `ref`, not its key, even one too long.
+        assert!(op.outgoing(&json!({"type": "send", "conversation": 1, "key": "k1", "text": "hi", "ref": "s".repeat(300)}).to_string()).is_ok());
+        op.incoming(r#"{"type":"error","code":"not_assigned","for":"send","message":"no"}"#);
+        assert_eq!(op.pending.len(), 1, "the long-ref send was settled by its unnamed error");
 
         let mut t = Tracker::new(Surface::Client, "/ws/client");
         assert!(t.outgoing(r#"{"type":"start"}"#).is_ok());
