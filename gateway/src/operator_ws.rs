@@ -739,9 +739,9 @@ impl OperatorSession {
             }
             OperatorIn::History { conversation, reference } => {
                 let conversation = ConversationId(conversation);
-                // Built in one of the node's few whole-history slots, then queued within
-                // the socket's own budget (the slot is given back first).
-                let slot = crate::rest::whole_history_slot().await.map_err(|e| frames::error("unavailable", &e.to_string(), reference.as_ref()))?;
+                // Built in one of the process's few build slots (held only while
+                // built), then queued within the socket's own budget.
+                let slot = crate::rest::history_build_slot().await.map_err(|e| frames::error("unavailable", &e.to_string(), reference.as_ref()))?;
                 let frame = {
                     let shard = self.gw.backend.conversation_reads(conversation);
                     let conv = shard.conversation(conversation).await.map_err(|e| frames::error(e.code(), &e.to_string(), reference.as_ref()))?;

@@ -825,18 +825,59 @@ pub(crate) fn conversation_id(raw: &str) -> Result<ConversationId, GatewayError>
     raw.parse().map(ConversationId).map_err(|_| GatewayError::BadRequest(format!("conversation id {raw:?} is not a number")))
 }
 
-/// Whole histories a node builds and sends at once (an operator's `history` frame, the
-/// REST conversation): each is up to a few MiB (routing rules 14 and 22 bound a
-/// conversation's text), so these few bound what readers of long conversations hold.
-pub(crate) const WHOLE_HISTORIES: usize = 8;
-static WHOLE_HISTORY_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(WHOLE_HISTORIES);
+/// Whole histories a process builds at once for operators' `history` frames (each up to
+/// a few MiB: routing rules 14 and 22 bound a conversation's text), held only while
+/// built; the frame then waits in its socket's own budget.
+pub(crate) const HISTORY_BUILDS: usize = 8;
+static HISTORY_BUILD_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HISTORY_BUILDS);
+/// Whole histories a process sends at once over REST (`GET /api/conversations/{id}`),
+/// each slot held until the body is handed to the connection, and how many of them one
+/// login may hold: a login reading slowly cannot take them all.
+pub(crate) const REST_HISTORIES: usize = 8;
+pub(crate) const REST_HISTORIES_PER_LOGIN: usize = 2;
+static REST_HISTORY_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(REST_HISTORIES);
+static REST_HISTORIES_OF: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
 /// How long a whole-history read waits for a slot before it is answered `unavailable`.
 const WHOLE_HISTORY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A slot to build (and, for REST, send) a conversation's whole history.
-pub(crate) async fn whole_history_slot() -> Result<tokio::sync::SemaphorePermit<'static>, GatewayError> {
-    match tokio::time::timeout(WHOLE_HISTORY_WAIT, WHOLE_HISTORY_SLOTS.acquire()).await {
+/// A slot to build an operator's `history` frame.
+pub(crate) async fn history_build_slot() -> Result<tokio::sync::SemaphorePermit<'static>, GatewayError> {
+    match tokio::time::timeout(WHOLE_HISTORY_WAIT, HISTORY_BUILD_SLOTS.acquire()).await {
         Ok(Ok(permit)) => Ok(permit),
+        _ => Err(GatewayError::Busy("other whole conversation histories are being built; try again in a moment")),
+    }
+}
+
+/// One login's hold on a REST history slot, given back when dropped.
+struct LoginHold(String);
+
+impl Drop for LoginHold {
+    fn drop(&mut self) {
+        let mut held = REST_HISTORIES_OF.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = held.iter().position(|(login, _)| *login == self.0) {
+            held[i].1 -= 1;
+            if held[i].1 == 0 {
+                held.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// A slot to build and send a conversation's whole history over REST for `login`.
+async fn rest_history_slot(login: &str) -> Result<(LoginHold, tokio::sync::SemaphorePermit<'static>), GatewayError> {
+    let hold = {
+        let mut held = REST_HISTORIES_OF.lock().unwrap_or_else(|p| p.into_inner());
+        match held.iter().position(|(l, _)| l == login) {
+            Some(i) if held[i].1 >= REST_HISTORIES_PER_LOGIN => {
+                return Err(GatewayError::Busy("this login is being sent other whole conversation histories; read those first"));
+            }
+            Some(i) => held[i].1 += 1,
+            None => held.push((login.to_owned(), 1)),
+        }
+        LoginHold(login.to_owned())
+    };
+    match tokio::time::timeout(WHOLE_HISTORY_WAIT, REST_HISTORY_SLOTS.acquire()).await {
+        Ok(Ok(permit)) => Ok((hold, permit)),
         _ => Err(GatewayError::Busy("other whole conversation histories are being sent; try again in a moment")),
     }
 }
@@ -846,7 +887,7 @@ pub(crate) async fn whole_history_slot() -> Result<tokio::sync::SemaphorePermit<
 /// second copy in another one.
 struct HeldBody {
     bytes: bytes::Bytes,
-    _slot: tokio::sync::SemaphorePermit<'static>,
+    _slot: (LoginHold, tokio::sync::SemaphorePermit<'static>),
 }
 
 impl hyper::body::Body for HeldBody {
@@ -873,7 +914,7 @@ impl hyper::body::Body for HeldBody {
 async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Path<String>) -> Result<Response, GatewayError> {
     let id = conversation_id(&id)?;
     let conv = readable(&gw, &staff, id).await?;
-    let slot = whole_history_slot().await?;
+    let slot = rest_history_slot(&staff.login).await?;
     let shard = gw.backend.conversation_reads(id);
     let history = shard.history(id, 0, conv.last_seq() as usize).await?;
     let deliveries = shard.deliveries_of(id).await?;
@@ -1231,4 +1272,23 @@ async fn set_favourite(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): P
     let Body(body) = <Body<FavouriteBody> as axum::extract::FromRequest<Arc<Gateway>>>::from_request(request, &gw).await?;
     gw.submit(Command::SetFavourite { operator, template: id.clone(), favourite: body.favourite }).await?;
     Ok(Json(json!({"id": id, "favourite": body.favourite})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One login holds at most 2 of the REST history slots at once, another login is
+    /// not held back by it, and a slot given back is free again.
+    #[tokio::test]
+    async fn one_login_holds_at_most_two_rest_history_slots() {
+        let first = rest_history_slot("slow-reader").await.expect("first");
+        let second = rest_history_slot("slow-reader").await.expect("second");
+        assert!(matches!(rest_history_slot("slow-reader").await, Err(GatewayError::Busy(_))), "a third for the same login");
+        let other = rest_history_slot("another").await.expect("another login's");
+        drop(first);
+        let again = rest_history_slot("slow-reader").await.expect("a slot given back is free again");
+        drop((second, other, again));
+        assert!(REST_HISTORIES_OF.lock().unwrap_or_else(|p| p.into_inner()).is_empty(), "every hold given back");
+    }
 }
