@@ -477,12 +477,17 @@ impl ClientSession {
                 // conversation that is not open (closed, or gone) is charged too: the
                 // core reads it back from disk to decide, in a log entry.
                 let conversation = self.require_conversation()?;
-                let seen = self.gw.client_read_seen(conversation).await;
-                if matches!(seen, Ok(None)) || seen.is_ok_and(|s| s.is_some_and(|(last, _)| upto > last)) {
+                let (charged, submitted) = match self.gw.client_read_seen(conversation).await {
+                    Ok(Some((last, mark))) => (upto > last, upto > mark),
+                    Ok(None) => (true, true),
+                    // Not readable now: the core decides, as before the edge answered.
+                    Err(()) => (false, true),
+                };
+                if charged {
                     self.charge(conversation, None)?;
                 }
                 // Committed, so the operator sees it after a reconnect too; then relayed live.
-                if !seen.is_ok_and(|s| s.is_some_and(|(_, mark)| upto <= mark)) {
+                if submitted {
                     self.gw
                         .submit(Command::MarkRead { conversation, reader: Reader::Client, upto })
                         .await
