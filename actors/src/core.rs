@@ -132,7 +132,15 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// bot's replies) is bounded ([`MAX_STAFF_TEXT_BYTES`]): one past it is refused (before,
 /// one operator or bot could fill the 10,000 entries with about 160 MB of text, which
 /// every staff reader of the conversation is sent whole).
-pub const RULES_VERSION: u32 = 22;
+/// Rules 23: an operator's message or a bot's reply to a messenger, email or Channel API
+/// customer whose channel has no adapter (disconnected) is refused; before, it was
+/// acknowledged, written, and never queued for the provider nor shown as failed.
+/// Disconnecting a channel settles an entry being sent at that moment as `unknown`, not
+/// `failed`, so the worker's `sent` that may follow still counts (before, it was dropped
+/// and a retry of the "failed" entry sent the message twice). And a worker's `failed`
+/// counts only for its own attempt: a node that lost the leadership cannot turn the
+/// new leader's `sent` or a receipt's `delivered` into a dead letter.
+pub const RULES_VERSION: u32 = 23;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -791,7 +799,14 @@ fn check_staff_text(state: &ShardState, conv: &crate::state::Conversation, text:
 /// written, with why, rather than cut or dropped on the way: files (messengers get text
 /// only for now) and text over the provider's limit.
 fn check_carried(state: &ShardState, conv: &crate::state::Conversation, text: &str, attachments: &[Attachment]) -> Result<(), Error> {
-    let Some(adapter) = state.channel_adapters.get(&conv.channel) else { return Ok(()) };
+    let Some(adapter) = state.channel_adapters.get(&conv.channel) else {
+        // Rules 23: a customer reached only through the channel's provider cannot be
+        // written to while the channel has none.
+        if state.rules >= 23 && ShardState::recipient_of(conv).is_some() {
+            return Err(Error::Invalid(format!("channel {} is not connected to its provider: its customers cannot be written to until an admin connects it", conv.channel)));
+        }
+        return Ok(());
+    };
     if !attachments.is_empty() {
         if !adapter.carries_files(state.rules) {
             return Err(Error::Invalid(format!("files cannot be sent to a {} customer yet: send the text, or a link", adapter.kind())));
@@ -1387,6 +1402,8 @@ fn decide(state: &ShardState, command: &Command, now: Timestamp, part: Part) -> 
                         // Receipts are for what was sent: one racing ahead of its send's
                         // answer, or naming an unsent entry, is dropped.
                         DeliveryOutcome::Delivered | DeliveryOutcome::Read => matches!(d.status, S::Sent | S::Delivered | S::Read),
+                        // Rules 23: a worker's failure counts only for its own attempt.
+                        DeliveryOutcome::Failed { .. } if state.rules >= 23 && r.node != 0 => d.status == S::Attempting { node: r.node },
                         // A provider may report a failure after it accepted the message.
                         DeliveryOutcome::Failed { .. } => matches!(d.status, S::Attempting { .. } | S::Sent | S::Delivered),
                         // A late answer to an attempt settled as unknown says what happened.

@@ -1768,10 +1768,18 @@ impl ShardState {
                 // supervisor to send again once it is connected.
                 if adapter.is_none() {
                     let stranded: Vec<(ConversationId, u64)> = self.outbox.iter().filter(|(_, d)| &d.channel == channel && !d.to_bot).map(|(k, _)| *k).collect();
+                    let rules = self.rules;
                     for key in stranded {
                         self.update_delivery(key, |d| {
-                            d.status = DeliveryStatus::Failed;
-                            d.reason = "the channel was disconnected from its provider".into();
+                            // Rules 23: one being sent may have reached the customer; the
+                            // worker's answer may still say so.
+                            if rules >= 23 && matches!(d.status, DeliveryStatus::Attempting { .. }) {
+                                d.status = DeliveryStatus::Unknown;
+                                d.reason = "the channel was disconnected while it was being sent: it may have reached the customer".into();
+                            } else {
+                                d.status = DeliveryStatus::Failed;
+                                d.reason = "the channel was disconnected from its provider".into();
+                            }
                             d.updated_at = at;
                         });
                         self.tell_delivery(key, at, touched);

@@ -796,3 +796,45 @@ fn under_rules_19_a_bot_s_dead_event_is_not_sent_again_and_a_removed_node_is_rec
         }
     }
 }
+
+/// Rules 23: a channel without its adapter takes no message for its customers (before,
+/// one was acknowledged and never sent nor shown as failed); an entry being sent when
+/// the channel is disconnected becomes `unknown`, and the worker's `sent` still counts;
+/// a worker's late `failed` does not undo another node's `sent`.
+#[test]
+fn from_rules_23_a_disconnected_channel_loses_no_message_and_a_sent_one_stays_sent() {
+    for rules in [22, 23] {
+        let (store, mut state) = setup_with(rules);
+        connect(&mut state, &store);
+        let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
+        let conv = conversation_of(&reply);
+        let offer = *state.offers.keys().next().expect("offered");
+        ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+        let post = |key: &str| Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: key.into(), text: "Hi".into(), attachments: vec![] };
+        let (reply, _) = ok(run(&mut state, &store, T0 + 30, post("k1")));
+        let Reply::Message { seq, .. } = reply else { panic!("{reply:?}") };
+        // Being sent by node 1 when the channel is disconnected.
+        ok(run(&mut state, &store, T0 + 40, Command::DeliveriesAttempted { node: 1, items: vec![(conv, seq)] }));
+        ok(run(&mut state, &store, T0 + 50, Command::SetChannelAdapter { channel: tg(), adapter: None }));
+        let sent = DeliveryResult { node: 1, conversation: conv, seq, outcome: DeliveryOutcome::Sent { provider_id: "777".into() } };
+        ok(run(&mut state, &store, T0 + 60, Command::DeliveryResults { results: vec![sent] }));
+        let d = records::delivery(&store, conv, seq).expect("read").expect("kept");
+        let written = run(&mut state, &store, T0 + 70, post("k2"));
+        if rules == 22 {
+            assert_eq!(d.status, DeliveryStatus::Failed, "rules 22 dropped the sent that followed");
+            assert!(written.is_ok(), "rules 22 took a message it would never send");
+            continue;
+        }
+        assert_eq!(d.status, DeliveryStatus::Sent, "the worker's sent counts");
+        assert!(matches!(&written, Err(Error::Invalid(why)) if why.contains("not connected")), "{written:?}");
+        // Node 2 sends the next one after a leader change; node 1's late failure is dropped.
+        connect(&mut state, &store);
+        let (reply, _) = ok(run(&mut state, &store, T0 + 80, post("k3")));
+        let Reply::Message { seq: seq3, .. } = reply else { panic!("{reply:?}") };
+        ok(run(&mut state, &store, T0 + 90, Command::DeliveriesAttempted { node: 2, items: vec![(conv, seq3)] }));
+        ok(run(&mut state, &store, T0 + 100, Command::DeliveryResults { results: vec![DeliveryResult { node: 2, conversation: conv, seq: seq3, outcome: DeliveryOutcome::Sent { provider_id: "778".into() } }] }));
+        let (_, events) = ok(run(&mut state, &store, T0 + 110, Command::DeliveryResults { results: vec![DeliveryResult { node: 1, conversation: conv, seq: seq3, outcome: DeliveryOutcome::Failed { reason: "timed out".into() } }] }));
+        assert!(events.is_empty(), "a deposed worker's failure changes nothing: {events:?}");
+        assert_eq!(records::delivery(&store, conv, seq3).expect("read").expect("kept").status, DeliveryStatus::Sent);
+    }
+}
