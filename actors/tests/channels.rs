@@ -804,15 +804,8 @@ fn under_rules_19_a_bot_s_dead_event_is_not_sent_again_and_a_removed_node_is_rec
 #[test]
 fn from_rules_23_a_disconnected_channel_loses_no_message_and_a_sent_one_stays_sent() {
     for rules in [22, 23] {
-        let (store, mut state) = setup_with(rules);
-        connect(&mut state, &store);
-        let (reply, _) = ok(run(&mut state, &store, T0 + 10, inbound("42", "m1", "hello")));
-        let conv = conversation_of(&reply);
-        let offer = *state.offers.keys().next().expect("offered");
-        ok(run(&mut state, &store, T0 + 20, Command::AcceptOffer { operator: OperatorId::new("ann"), offer }));
+        let (store, mut state, conv, seq) = anns_reply_queued(rules);
         let post = |key: &str| Command::PostOperatorMessage { operator: OperatorId::new("ann"), conversation: conv, key: key.into(), text: "Hi".into(), attachments: vec![] };
-        let (reply, _) = ok(run(&mut state, &store, T0 + 30, post("k1")));
-        let Reply::Message { seq, .. } = reply else { panic!("{reply:?}") };
         // Being sent by node 1 when the channel is disconnected.
         ok(run(&mut state, &store, T0 + 40, Command::DeliveriesAttempted { node: 1, items: vec![(conv, seq)] }));
         ok(run(&mut state, &store, T0 + 50, Command::SetChannelAdapter { channel: tg(), adapter: None }));

@@ -921,6 +921,11 @@ impl HttpConn {
         }
     }
 
+    /// The local port of the connection (to find it in `/proc/net/tcp`).
+    pub fn local_port(&self) -> std::io::Result<u16> {
+        Ok(self.stream.local_addr()?.port())
+    }
+
     pub fn into_inner(self) -> tokio::net::TcpStream {
         self.stream
     }

@@ -582,10 +582,35 @@ async fn a_stalled_small_upload_gives_its_slot_back_in_seconds() -> anyhow::Resu
     Ok(())
 }
 
+/// Whether what the connections from local `ports` sent (on IPv4 loopback) has all
+/// been read by the server's process: no byte waits in the sender's queue (unacknowledged)
+/// nor in the receiver's (not yet read), per `/proc/net/tcp`.
+fn all_read_by_the_server(ports: &[u16]) -> anyhow::Result<bool> {
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    let port_of = |address: &str| address.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+    let mut seen = 0;
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(remote), Some(queues)) = (fields.get(1), fields.get(2), fields.get(4)) else { continue };
+        let Some((tx, rx)) = queues.split_once(':') else { continue };
+        let (tx, rx) = (u64::from_str_radix(tx, 16)?, u64::from_str_radix(rx, 16)?);
+        if port_of(local).is_some_and(|p| ports.contains(&p)) {
+            seen += 1;
+            if tx > 0 {
+                return Ok(false);
+            }
+        } else if port_of(remote).is_some_and(|p| ports.contains(&p)) && rx > 0 {
+            return Ok(false);
+        }
+    }
+    anyhow::ensure!(seen == ports.len(), "{seen} of {} connections found in /proc/net/tcp", ports.len());
+    Ok(true)
+}
+
 /// A webhook body cut into one-byte chunks costs what its bytes do: 40 connections
 /// each holding 64 KiB sent as 65,535 chunks (the body is read before the channel is
-/// looked up) grew RSS by 77 MiB when every chunk was kept as its own piece (about
-/// 2 MiB a connection); read into one buffer, 5 MiB. Each body
+/// looked up) grew RSS by 77-97 MiB when every chunk was kept as its own piece (about
+/// 2 MiB a connection); read into one buffer, 5-6 MiB. Each body
 /// then ends and is answered as any other: read whole, then `404` for a channel that
 /// does not exist.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -606,9 +631,11 @@ async fn a_webhook_body_in_one_byte_chunks_costs_its_bytes_not_a_piece_each() ->
         conn.send(&chunks).await?;
         held.push(conn);
     }
-    // The server reads what was sent while RSS is sampled; none is answered yet.
+    // RSS is sampled until the server has read every byte sent (nothing left in either
+    // side's TCP queue); none is answered yet.
+    let ports = held.iter().map(HttpConn::local_port).collect::<std::io::Result<Vec<u16>>>()?;
     let check = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        eventually(Duration::from_secs(30), Duration::from_millis(50), || async { Ok(all_read_by_the_server(&ports)?.then_some(())) }).await?;
         for (n, conn) in held.iter_mut().enumerate() {
             match conn.read_response(Duration::from_millis(30)).await {
                 HttpOutcome::TimedOut => {}
