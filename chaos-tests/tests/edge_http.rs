@@ -582,10 +582,12 @@ async fn a_stalled_small_upload_gives_its_slot_back_in_seconds() -> anyhow::Resu
     Ok(())
 }
 
-/// Whether what the connections from local `ports` sent (on IPv4 loopback) has all
-/// been read by the server's process: no byte waits in the sender's queue (unacknowledged)
-/// nor in the receiver's (not yet read), per `/proc/net/tcp`.
-fn all_read_by_the_server(ports: &[u16]) -> anyhow::Result<bool> {
+/// Whether what the connections from local `ports` to the server's port `server` sent
+/// (on IPv4 loopback) has all been read by the server's process: no byte waits in the
+/// sender's queue (unacknowledged) nor in the receiver's (not yet read), per
+/// `/proc/net/tcp` (both ends of each connection, matched by both ports: other tests'
+/// sockets may share one of them).
+fn all_read_by_the_server(server: u16, ports: &[u16]) -> anyhow::Result<bool> {
     let table = std::fs::read_to_string("/proc/net/tcp")?;
     let port_of = |address: &str| address.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
     let mut seen = 0;
@@ -594,12 +596,13 @@ fn all_read_by_the_server(ports: &[u16]) -> anyhow::Result<bool> {
         let (Some(local), Some(remote), Some(queues)) = (fields.get(1), fields.get(2), fields.get(4)) else { continue };
         let Some((tx, rx)) = queues.split_once(':') else { continue };
         let (tx, rx) = (u64::from_str_radix(tx, 16)?, u64::from_str_radix(rx, 16)?);
-        if port_of(local).is_some_and(|p| ports.contains(&p)) {
+        let (Some(local), Some(remote)) = (port_of(local), port_of(remote)) else { continue };
+        if remote == server && ports.contains(&local) {
             seen += 1;
             if tx > 0 {
                 return Ok(false);
             }
-        } else if port_of(remote).is_some_and(|p| ports.contains(&p)) && rx > 0 {
+        } else if local == server && ports.contains(&remote) && rx > 0 {
             return Ok(false);
         }
     }
@@ -634,8 +637,9 @@ async fn a_webhook_body_in_one_byte_chunks_costs_its_bytes_not_a_piece_each() ->
     // RSS is sampled until the server has read every byte sent (nothing left in either
     // side's TCP queue); none is answered yet.
     let ports = held.iter().map(HttpConn::local_port).collect::<std::io::Result<Vec<u16>>>()?;
+    let server: u16 = dev.public.rsplit(':').next().and_then(|p| p.parse().ok()).context("the public listener's port")?;
     let check = async {
-        eventually(Duration::from_secs(30), Duration::from_millis(50), || async { Ok(all_read_by_the_server(&ports)?.then_some(())) }).await?;
+        eventually(Duration::from_secs(30), Duration::from_millis(50), || async { Ok(all_read_by_the_server(server, &ports)?.then_some(())) }).await?;
         for (n, conn) in held.iter_mut().enumerate() {
             match conn.read_response(Duration::from_millis(30)).await {
                 HttpOutcome::TimedOut => {}
