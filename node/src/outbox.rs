@@ -682,8 +682,9 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         }
         return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
     }
-    // Files are read only with a slot: at most FILE_SENDS sends hold theirs at once.
-    let _slot = if attachments.is_empty() { None } else { file_slot().await };
+    // Files are read only with a slot: at most FILE_SENDS sends hold theirs at once, at
+    // most FILE_SENDS_PER_CHANNEL of them for one channel.
+    let _slot = if attachments.is_empty() { None } else { file_slots().acquire(&delivery.channel.0).await };
     let slow = slow_and_unsafe(&adapter, !attachments.is_empty());
     if slow {
         if let Some(outcome) = too_late_to_start(&delivery) {
@@ -781,10 +782,73 @@ fn files_client(fallback: &http::Client) -> &http::Client {
     CLIENT.get_or_init(|| http::Client::new(FILE_SEND_TIMEOUT).ok()).as_ref().unwrap_or(fallback)
 }
 
-/// Waits for one of the [`FILE_SENDS`] slots.
-async fn file_slot() -> Option<tokio::sync::SemaphorePermit<'static>> {
-    static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(FILE_SENDS);
-    SLOTS.acquire().await.ok()
+/// Of the [`FILE_SENDS`] slots, how many one channel may hold at once: a provider that
+/// stops answering uploads holds at most these, and the other channels' files still go
+/// out within their 15 s to start ([`too_late_to_start`]).
+const FILE_SENDS_PER_CHANNEL: usize = 2;
+
+/// The node's slots for sends with files.
+fn file_slots() -> &'static FileSlots {
+    static SLOTS: std::sync::OnceLock<FileSlots> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| FileSlots::new(FILE_SENDS, FILE_SENDS_PER_CHANNEL))
+}
+
+/// Slots shared by every channel, each channel holding at most its share of them. A
+/// send waits for its channel's share first, so the sends a slow channel queues take
+/// none of the shared slots while they wait.
+struct FileSlots {
+    shared: Arc<tokio::sync::Semaphore>,
+    share: usize,
+    /// Each channel with a send holding or waiting for a slot; a channel leaves with its
+    /// last send, so the map holds at most one entry per send in flight.
+    channels: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// A slot held: both permits, and the channel's entry to let go of.
+struct FileSlot<'a> {
+    slots: &'a FileSlots,
+    channel: String,
+    held: Option<(tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit)>,
+    /// The channel's semaphore, held from before the wait so the entry stays while in use.
+    own: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl FileSlots {
+    fn new(total: usize, share: usize) -> FileSlots {
+        FileSlots { shared: Arc::new(tokio::sync::Semaphore::new(total)), share: share.clamp(1, total.max(1)), channels: Mutex::new(HashMap::new()) }
+    }
+
+    /// Waits for one of `channel`'s share, then for one of the shared slots.
+    async fn acquire(&self, channel: &str) -> Option<FileSlot<'_>> {
+        let own = {
+            let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            channels.entry(channel.to_owned()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.share))).clone()
+        };
+        // Made before the wait, so a send dropped while waiting still lets go of the entry.
+        let mut slot = FileSlot { slots: self, channel: channel.to_owned(), held: None, own: Some(own.clone()) };
+        let mine = own.acquire_owned().await.ok()?;
+        let shared = self.shared.clone().acquire_owned().await.ok()?;
+        slot.held = Some((mine, shared));
+        Some(slot)
+    }
+
+    /// How many channels have a send holding or waiting for a slot.
+    #[cfg(test)]
+    fn channels(&self) -> usize {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for FileSlot<'_> {
+    fn drop(&mut self) {
+        self.held = None;
+        self.own = None;
+        let mut channels = self.slots.channels.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map's own handle left: no other send of the channel holds or waits.
+        if channels.get(&self.channel).is_some_and(|s| Arc::strong_count(s) == 1) {
+            channels.remove(&self.channel);
+        }
+    }
 }
 
 /// For an email conversation: its subject and the customer's Message-IDs its reply
@@ -984,6 +1048,42 @@ mod tests {
         // A worker that stopped says nothing any more.
         drop((flying, abandoned));
         assert_eq!(ask(&[sending_key, given_up_key]), vec![NOT_SENDING, NOT_SENDING]);
+    }
+
+    #[tokio::test]
+    async fn a_channel_whose_files_hang_holds_only_its_share_of_the_file_slots() {
+        let slots = FileSlots::new(8, 2);
+        let within = |d| tokio::time::timeout(Duration::from_millis(200), d);
+        // A provider that stops answering: its first two sends hold their slots...
+        let hung = [within(slots.acquire("slow")).await.ok().flatten().expect("a slot"), within(slots.acquire("slow")).await.ok().flatten().expect("a slot")];
+        // ...and its third waits for one of them, taking none of the shared slots meanwhile.
+        assert!(within(slots.acquire("slow")).await.is_err(), "a channel holds at most its share");
+        let mut waiting = Box::pin(slots.acquire("slow"));
+        assert!(futures_poll_once(&mut waiting).await.is_none());
+        // Another channel's six sends all start at once.
+        let mut others = Vec::new();
+        for channel in ["tg", "tg", "wa", "wa", "mail", "mail"] {
+            others.push(within(slots.acquire(channel)).await.ok().flatten().expect("another channel's send starts at once"));
+        }
+        // Every shared slot is now held: a fourth channel waits, and starts once one ends.
+        assert!(within(slots.acquire("vk")).await.is_err(), "at most 8 at once on the node");
+        others.pop();
+        assert!(within(slots.acquire("vk")).await.ok().flatten().is_some());
+        // The slow channel's waiting send starts when one of its hung sends ends.
+        drop(hung);
+        assert!(tokio::time::timeout(Duration::from_millis(200), &mut waiting).await.ok().flatten().is_some());
+        drop(waiting);
+        drop(others);
+        assert_eq!(slots.channels(), 0, "a channel with nothing in flight leaves no entry");
+    }
+
+    /// Polls `f` once: `Some` with its output if it was ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(match std::pin::Pin::new(&mut *f).poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }))
+        .await
     }
 
     #[test]
