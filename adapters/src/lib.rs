@@ -354,6 +354,47 @@ pub fn message_text(text: &str, max: usize) -> String {
     cut
 }
 
+/// `text` in parts of at most `max` characters each, for a provider that takes no
+/// longer message (a notice or a bot's reply with its quick replies as lines can be
+/// longer than Messenger's 2,000 or WhatsApp's and VK's 4,096): a part ends at its last
+/// line break, else its last space, in its second half, else at `max` exactly. One part
+/// when it fits; blank parts are left out.
+pub(crate) fn text_parts(text: &str, max: usize) -> Vec<String> {
+    let max = max.max(1);
+    let chars: Vec<char> = text.chars().collect();
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while chars.len() - start > max {
+        let window = &chars[start..start + max];
+        let at = |found: Option<usize>| found.filter(|i| *i >= max / 2).map(|i| i + 1);
+        let cut = at(window.iter().rposition(|c| *c == '\n')).or_else(|| at(window.iter().rposition(|c| c.is_whitespace()))).unwrap_or(max);
+        parts.push(window[..cut].iter().collect::<String>().trim_end().to_owned());
+        start += cut;
+    }
+    parts.push(chars[start..].iter().collect());
+    parts.retain(|p| !p.trim().is_empty());
+    if parts.is_empty() {
+        parts.push(text.to_owned());
+    }
+    parts
+}
+
+/// What a message sent in `n` parts comes to once part `i` (from 0) answered
+/// `outcome`, every part before it sent: `Continue` to send the next. A part that is not
+/// sent after others were is `unknown` (sending again would show the customer those
+/// twice), unless the provider drops what it already has (`resend_is_safe`).
+pub(crate) fn after_part(outcome: SendOutcome, i: usize, n: usize, resend_is_safe: bool) -> std::ops::ControlFlow<SendOutcome> {
+    use std::ops::ControlFlow::{Break, Continue};
+    match outcome {
+        SendOutcome::Sent { .. } if i + 1 < n => Continue(()),
+        outcome @ SendOutcome::Sent { .. } => Break(outcome),
+        outcome if i == 0 || resend_is_safe => Break(outcome),
+        SendOutcome::Retry { reason, .. } | SendOutcome::Failed { reason } | SendOutcome::Unknown { reason } => {
+            Break(SendOutcome::Unknown { reason: clip(&format!("part {} of {n} was not sent ({reason}) after the parts before it were", i + 1), 500) })
+        }
+    }
+}
+
 /// Text cut to at most `max` characters, for reasons kept in the log.
 pub(crate) fn clip(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
@@ -362,6 +403,41 @@ pub(crate) fn clip(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_longer_than_the_provider_takes_goes_in_parts_cut_between_lines_or_words() {
+        assert_eq!(text_parts("short", 10), vec!["short"]);
+        // Cut at the last line break in the second half of each part.
+        assert_eq!(text_parts("Hello there\n1. Yes\n2. No", 14), vec!["Hello there", "1. Yes\n2. No"]);
+        // Else at the last space; else at the limit exactly. Nothing is lost but the
+        // spaces a part ends with.
+        assert_eq!(text_parts("aaaa bbbb cccc", 7), vec!["aaaa", "bbbb", "cccc"]);
+        assert_eq!(text_parts("abcdefghij", 4), vec!["abcd", "efgh", "ij"]);
+        // Counted in characters, not bytes.
+        let long = "ж".repeat(4500);
+        let parts = text_parts(&long, 2000);
+        assert_eq!(parts.iter().map(|p| p.chars().count()).collect::<Vec<_>>(), vec![2000, 2000, 500]);
+        assert_eq!(parts.concat(), long);
+        let words = vec!["word"; 900].join(" ");
+        assert!(text_parts(&words, 2000).iter().all(|p| p.chars().count() <= 2000 && p.starts_with("word") && p.ends_with("word")));
+        assert_eq!(text_parts(&words, 2000).join(" "), words);
+    }
+
+    #[test]
+    fn a_part_not_sent_after_others_were_is_unknown_unless_the_provider_drops_repeats() {
+        use std::ops::ControlFlow::{Break, Continue};
+        let sent = || SendOutcome::Sent { provider_id: "m1".into() };
+        let refused = || SendOutcome::Failed { reason: "400 too long".into() };
+        assert_eq!(after_part(sent(), 0, 2, false), Continue(()));
+        assert_eq!(after_part(sent(), 1, 2, false), Break(sent()));
+        // The first part refused: nothing was shown, so it is as it came.
+        assert_eq!(after_part(refused(), 0, 2, false), Break(refused()));
+        let Break(SendOutcome::Unknown { reason }) = after_part(refused(), 1, 2, false) else { panic!("unknown expected") };
+        assert_eq!(reason, "part 2 of 2 was not sent (400 too long) after the parts before it were");
+        // VK drops a part it has by its random_id: retrying the whole is safe.
+        let retry = SendOutcome::Retry { reason: "500".into(), after: None };
+        assert_eq!(after_part(retry.clone(), 1, 3, true), Break(retry));
+    }
 
     #[test]
     fn a_long_message_says_where_it_was_cut() {

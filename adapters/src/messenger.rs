@@ -159,32 +159,47 @@ struct GraphError {
     code: i64,
 }
 
-/// Sends one entry with the Send API.
+/// Sends one entry with the Send API: a text longer than [`MAX_TEXT`] (a notice or a
+/// bot's reply; the core refuses an operator's) in parts, the quick replies with the
+/// last.
 pub async fn send(client: &http::Client, api_base: &str, page_token: &str, message: &Outgoing) -> SendOutcome {
     let url = format!("{}/me/messages?access_token={}", api_base.trim_end_matches('/'), form_escape(page_token));
-    let text: String = message.text.chars().take(MAX_TEXT).collect();
-    let mut body = json!({"recipient": {"id": message.recipient}, "messaging_type": "RESPONSE", "message": {"text": text}});
-    if !message.buttons.is_empty() {
-        let replies: Vec<serde_json::Value> = message.buttons.iter().take(13).map(|b| json!({"content_type": "text", "title": b.chars().take(20).collect::<String>(), "payload": b})).collect();
-        body["message"]["quick_replies"] = json!(replies);
-    }
-    let sent = match message.files.as_slice() {
-        [] => client.post_json(&url, &[], body.to_string().into_bytes()).await,
-        // A file is its own message (the Send API takes an attachment or a text, not
-        // both; the core refuses a text with it): uploaded with the send, one call.
-        [file, ..] => {
-            let kind = if matches!(file.content_type.as_str(), "image/jpeg" | "image/png" | "image/gif") { "image" } else { "file" };
-            let recipient = json!({"id": message.recipient}).to_string();
-            let attachment = json!({"attachment": {"type": kind, "payload": {"is_reusable": false}}}).to_string();
-            let parts = [
-                http::Part { name: "recipient", file: None, bytes: recipient.as_bytes() },
-                http::Part { name: "messaging_type", file: None, bytes: b"RESPONSE" },
-                http::Part { name: "message", file: None, bytes: attachment.as_bytes() },
-                http::Part { name: "filedata", file: Some((&file.name, &file.content_type)), bytes: &file.bytes },
-            ];
-            client.post_multipart(&url, &[], &parts).await
-        }
+    let file = match message.files.as_slice() {
+        [] => None,
+        [file, ..] => Some(file),
     };
+    let Some(file) = file else {
+        let parts = crate::text_parts(&message.text, MAX_TEXT);
+        let n = parts.len();
+        for (i, text) in parts.into_iter().enumerate() {
+            let mut body = json!({"recipient": {"id": message.recipient}, "messaging_type": "RESPONSE", "message": {"text": text}});
+            if i + 1 == n && !message.buttons.is_empty() {
+                let replies: Vec<serde_json::Value> = message.buttons.iter().take(13).map(|b| json!({"content_type": "text", "title": b.chars().take(20).collect::<String>(), "payload": b})).collect();
+                body["message"]["quick_replies"] = json!(replies);
+            }
+            let outcome = answer(client.post_json(&url, &[], body.to_string().into_bytes()).await);
+            if let std::ops::ControlFlow::Break(outcome) = crate::after_part(outcome, i, n, false) {
+                return outcome;
+            }
+        }
+        return SendOutcome::Failed { reason: "the message has no text to send".into() };
+    };
+    // A file is its own message (the Send API takes an attachment or a text, not both;
+    // the core refuses a text with it): uploaded with the send, one call.
+    let kind = if matches!(file.content_type.as_str(), "image/jpeg" | "image/png" | "image/gif") { "image" } else { "file" };
+    let recipient = json!({"id": message.recipient}).to_string();
+    let attachment = json!({"attachment": {"type": kind, "payload": {"is_reusable": false}}}).to_string();
+    let parts = [
+        http::Part { name: "recipient", file: None, bytes: recipient.as_bytes() },
+        http::Part { name: "messaging_type", file: None, bytes: b"RESPONSE" },
+        http::Part { name: "message", file: None, bytes: attachment.as_bytes() },
+        http::Part { name: "filedata", file: Some((&file.name, &file.content_type)), bytes: &file.bytes },
+    ];
+    answer(client.post_multipart(&url, &[], &parts).await)
+}
+
+/// What the Send API's answer to one call says of the message it sent.
+fn answer(sent: Result<http::Response, crate::AdapterError>) -> SendOutcome {
     let response = match sent {
         Ok(r) => r,
         Err(e) => return crate::transport(e, false),

@@ -214,15 +214,15 @@ struct VkError {
     error_msg: String,
 }
 
-/// Sends one entry with `messages.send`.
+/// Sends one entry with `messages.send`: a text longer than [`MAX_TEXT`] (a bot's
+/// reply with its lines) in parts, each under its own `random_id`, the files with the
+/// last.
 pub async fn send(client: &http::Client, api_base: &str, access_token: &str, message: &Outgoing) -> SendOutcome {
     let url = format!("{}/method/messages.send", api_base.trim_end_matches('/'));
     let mut text = message.text.clone();
     for (i, b) in message.buttons.iter().enumerate() {
         text.push_str(&format!("\n{}. {b}", i + 1));
     }
-    let text: String = text.chars().take(MAX_TEXT).collect();
-    let random = random_id(message).to_string();
     // Files are uploaded first (an upload shows the customer nothing, so it may be
     // repeated), then named in the one `messages.send`, whose random_id keeps it once.
     let mut attachments = Vec::new();
@@ -233,14 +233,39 @@ pub async fn send(client: &http::Client, api_base: &str, access_token: &str, mes
         }
     }
     let attachment = attachments.join(",");
-    let mut fields = vec![("access_token", access_token), ("v", API_VERSION), ("peer_id", message.recipient.as_str()), ("random_id", random.as_str()), ("message", text.as_str())];
-    if !attachment.is_empty() {
-        fields.push(("attachment", attachment.as_str()));
+    let parts = crate::text_parts(&text, MAX_TEXT);
+    let n = parts.len();
+    for (i, text) in parts.into_iter().enumerate() {
+        // A repeat of any part is dropped by VK: the whole may be sent again.
+        let random = part_random_id(message, i).to_string();
+        let mut fields = vec![("access_token", access_token), ("v", API_VERSION), ("peer_id", message.recipient.as_str()), ("random_id", random.as_str()), ("message", text.as_str())];
+        if i + 1 == n && !attachment.is_empty() {
+            fields.push(("attachment", attachment.as_str()));
+        }
+        let sent = match client.post_form(&url, &fields).await {
+            Ok(response) => answer(&response),
+            Err(e) => crate::transport(e, true),
+        };
+        if let std::ops::ControlFlow::Break(sent) = crate::after_part(sent, i, n, true) {
+            return sent;
+        }
     }
-    let response = match client.post_form(&url, &fields).await {
-        Ok(r) => r,
-        Err(e) => return crate::transport(e, true),
-    };
+    SendOutcome::Failed { reason: "the message has no text to send".into() }
+}
+
+/// The `random_id` of part `i` of the entry: the entry's own for the first (a message
+/// in one part is sent as it always was), a derived one for the others.
+fn part_random_id(message: &Outgoing, i: usize) -> i32 {
+    let first = random_id(message);
+    if i == 0 {
+        return first;
+    }
+    let h = format!("{first}:part:{i}").bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    ((h % (i32::MAX as u64 - 1)) + 1) as i32
+}
+
+/// What `messages.send` answered for one message.
+fn answer(response: &http::Response) -> SendOutcome {
     match serde_json::from_slice::<Answer>(&response.body) {
         Ok(Answer { response: Some(id), error: None }) => SendOutcome::Sent { provider_id: id.to_string() },
         Ok(Answer { error: Some(e), .. }) => {

@@ -288,7 +288,8 @@ struct GraphError {
     code: i64,
 }
 
-/// Sends one entry as a text message.
+/// Sends one entry as a text message (in parts when longer than [`MAX_TEXT`]: a bot's
+/// reply with its quick replies as lines), or as a file with the text its caption.
 pub async fn send(client: &http::Client, api_base: &str, phone_number_id: &str, access_token: &str, message: &Outgoing) -> SendOutcome {
     let url = format!("{}/{}/messages", api_base.trim_end_matches('/'), phone_number_id);
     // Quick replies are offered as numbered lines: interactive buttons take at most 3
@@ -297,10 +298,24 @@ pub async fn send(client: &http::Client, api_base: &str, phone_number_id: &str, 
     for (i, b) in message.buttons.iter().enumerate() {
         text.push_str(&format!("\n{}. {b}", i + 1));
     }
-    let text: String = text.chars().take(MAX_TEXT).collect();
     let headers = [("authorization", format!("Bearer {access_token}"))];
     let body = match message.files.as_slice() {
-        [] => json!({"messaging_product": "whatsapp", "recipient_type": "individual", "to": message.recipient, "type": "text", "text": {"preview_url": false, "body": text}}),
+        // Longer than WhatsApp takes (a bot's reply with its lines): in parts.
+        [] => {
+            let parts = crate::text_parts(&text, MAX_TEXT);
+            let n = parts.len();
+            for (i, text) in parts.into_iter().enumerate() {
+                let body = json!({"messaging_product": "whatsapp", "recipient_type": "individual", "to": message.recipient, "type": "text", "text": {"preview_url": false, "body": text}});
+                let sent = match client.post_json(&url, &headers, body.to_string().into_bytes()).await {
+                    Ok(r) => outcome(&r),
+                    Err(e) => crate::transport(e, false),
+                };
+                if let std::ops::ControlFlow::Break(sent) = crate::after_part(sent, i, n, false) {
+                    return sent;
+                }
+            }
+            return SendOutcome::Failed { reason: "the message has no text to send".into() };
+        }
         // One file (the core takes no more for WhatsApp), uploaded first: an upload
         // shows the customer nothing, so it may be repeated; the text is its caption.
         [file, ..] => {

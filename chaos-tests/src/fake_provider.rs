@@ -895,6 +895,10 @@ async fn messenger_send(State(state): State<Arc<Mutex<MessengerState>>>, axum::e
     let (Some(to), Some(text)) = (request["recipient"]["id"].as_str(), request["message"]["text"].as_str()) else {
         return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
     };
+    // The Send API's limit on a text message.
+    if text.chars().count() > 2000 {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "Length of param message[text] must be less than or equal to 2000");
+    }
     let mid = format!("m_FAKE{}", s.sent.len() + 1);
     s.sent.push((to.to_owned(), text.to_owned(), mid.clone()));
     Json(json!({"recipient_id": to, "message_id": mid})).into_response()

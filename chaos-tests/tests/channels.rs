@@ -1187,6 +1187,23 @@ async fn a_messenger_conversation_with_signed_webhooks_and_delivery_receipts() -
     alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "mf2").await?;
     let sent_file = eventually(Duration::from_secs(20), Duration::from_millis(100), || async { Ok(fake.sent_files().first().cloned()) }).await?;
     assert_eq!((sent_file.0.as_str(), sent_file.1.as_str(), sent_file.2.as_str(), sent_file.3.as_slice()), ("PSID9", "file", "menu.pdf", b"%PDF-1.4 menu".as_slice()));
+
+    // An emergency notice longer than the Send API's 2000 characters reaches a new
+    // customer whole, as two messages cut between its lines.
+    let notice = format!("{}\n{}", "Card payments are down. ".repeat(60).trim_end(), "We are fixing it; thank you for waiting. ".repeat(40).trim_end());
+    assert!(notice.chars().count() > 2000 && notice.chars().count() <= 4000);
+    let (status, body) = dev.api("PUT", "/api/emergencies", Some(&supervisor), Some(json!({"channel": "fb", "message": notice}))).await?;
+    assert!(status < 300, "{status} {body}");
+    let other = page(json!([{"sender": {"id": "PSID10"}, "recipient": {"id": "PAGE"}, "timestamp": 5, "message": {"mid": "m_in2", "text": "can I pay?"}}]));
+    assert_eq!(hook(other, APP_SECRET).await?.0, 200);
+    let parts = eventually(Duration::from_secs(20), Duration::from_millis(100), || async {
+        let parts: Vec<String> = fake.sent().into_iter().filter(|(to, _, _)| to == "PSID10").map(|(_, text, _)| text).collect();
+        Ok(Some(parts).filter(|p| p.len() == 2))
+    })
+    .await?;
+    assert_eq!(parts.join("\n"), notice, "the notice whole, cut at its line break");
+    let (_, dead) = dev.api("GET", "/api/deliveries", Some(&supervisor), None).await?;
+    assert_eq!(dead["deliveries"], json!([]), "nothing dead-lettered");
     Ok(())
 }
 
