@@ -50,6 +50,10 @@ pub const CHANNEL_IN_FLIGHT: usize = 128;
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// An attempt with no outcome this long after it was committed is an orphan.
 pub const ORPHAN_AFTER_MS: u64 = 15_000;
+/// A text send that cannot be repeated safely starts this soon after its attempt was
+/// recorded or not at all: with [`SEND_TIMEOUT`] for the send, it ends within
+/// [`ORPHAN_AFTER_MS`].
+const TEXT_START_WITHIN_MS: u64 = ORPHAN_AFTER_MS - SEND_TIMEOUT.as_secs() * 1000;
 /// The same for another node's attempt that may take up to [`FILE_SEND_BACKSTOP`] (a
 /// message with files; any mail, whose SMTP session has [`FILE_SEND_TIMEOUT`]; either is
 /// started within [`ORPHAN_AFTER_MS`] of its attempt or not at all): that node may still
@@ -714,7 +718,21 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         }
     }
     if message.files.is_empty() {
-        return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
+        if adapter.resend_is_safe() || slow {
+            return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
+        }
+        // Another leader settles this attempt `unknown` from ORPHAN_AFTER_MS +
+        // QUICK_ASK_GRACE_MS on, and its view of it is all a supervisor sees: a text that
+        // cannot be sent again safely is started within TEXT_START_WITHIN_MS of its
+        // attempt and given SEND_TIMEOUT in all (its parts together), so that it ends
+        // within ORPHAN_AFTER_MS with time left to commit what became of it.
+        if now_ms().millis_since(delivery.updated_at) >= TEXT_START_WITHIN_MS {
+            return retry_or_give_up(&delivery, now_ms(), format!("not started: {} s passed since its attempt was recorded", TEXT_START_WITHIN_MS / 1000), None);
+        }
+        return match tokio::time::timeout(SEND_TIMEOUT, switchboard_adapters::send(client, &adapter, &message)).await {
+            Ok(sent) => outcome_of(sent, &delivery),
+            Err(_) => outcome_of(SendOutcome::Unknown { reason: format!("no answer within {} s", SEND_TIMEOUT.as_secs()) }, &delivery),
+        };
     }
     // Each call within FILE_SEND_TIMEOUT (the client's deadline); a provider that takes
     // files in two calls (WhatsApp: the upload, then the message) within
