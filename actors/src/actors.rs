@@ -268,13 +268,15 @@ impl SupervisorState {
     }
 
     /// Operators with pending offers need a live actor to expire them, and skill groups
-    /// with a queue one to watch its deadlines.
+    /// with a queue one to watch its deadlines (where the queue is routed: a
+    /// conversation shard's copy of a queue has no timers).
     async fn activate_timer_owners(&mut self, myself: &ActorRef<SupervisorMsg>) {
+        let routes = self.shard.routes();
         let (operators, groups): (Vec<OperatorId>, Vec<SkillGroupId>) = {
             let state = self.shard.read();
             (
                 state.operators.values().filter(|o| !o.offers.is_empty()).map(|o| o.config.id.clone()).collect(),
-                state.groups.values().filter(|g| !g.queue.is_empty()).map(|g| g.config.id.clone()).collect(),
+                state.groups.values().filter(|g| routes && !g.queue.is_empty()).map(|g| g.config.id.clone()).collect(),
             )
         };
         for operator in operators {
@@ -341,7 +343,7 @@ impl Actor for ShardSupervisor {
                 if floor_changed {
                     state.wake_floor();
                 }
-                if state.leader {
+                if state.leader && state.shard.routes() {
                     // A queue that gained a conversation needs its group actor's timers.
                     let queued: Vec<SkillGroupId> = {
                         let shard = state.shard.read();
@@ -622,7 +624,9 @@ impl EntityState {
 
     fn arm_queue(&mut self, myself: &ActorRef<EntityMsg>) {
         let StreamKey::Group(group) = &self.key else { return };
-        if !self.arm_timers {
+        // A conversation shard routes nothing: its `RouteQueue` would be an entry that
+        // decides nothing, fsynced on every voter (and its SLA wake-ups reach no floor).
+        if !self.arm_timers || !self.shard.routes() {
             return;
         }
         let now = now_ms();

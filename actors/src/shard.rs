@@ -105,6 +105,13 @@ impl Shard {
         }
     }
 
+    /// Whether this shard's group routes its queues (one whole group, or a routing
+    /// shard). A conversation shard (ADR 0006) keeps copies of the queues but makes no
+    /// offers: a `RouteQueue` there decides nothing, so no queue timer is armed for it.
+    pub fn routes(&self) -> bool {
+        matches!(self.part, Part::Whole | Part::Routing { .. })
+    }
+
     /// Changes each time an entry's records are written.
     pub fn published_watch(&self) -> watch::Receiver<u64> {
         self.published_tx.subscribe()

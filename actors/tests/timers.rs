@@ -9,6 +9,7 @@ mod common;
 use common::{commit, Recorder};
 
 use switchboard_actors::actors::{now_ms, ShardSupervisor, SupervisorArgs};
+use switchboard_actors::core::Part;
 use switchboard_actors::model::*;
 use switchboard_actors::records::MemStore;
 use switchboard_actors::shard::Shard;
@@ -46,4 +47,33 @@ async fn a_step_that_passed_while_no_timer_ran_is_routed_when_the_group_actor_st
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(asked(), "the group actor routes the queue whose step passed: {:?}", recorder.0.lock().map(|s| s.clone()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_shard_s_copy_of_a_queue_proposes_no_route_queue() {
+    // A conversation shard (ADR 0006) holds a copy of the queue its conversations wait
+    // in, but routing lives in the routing shard: a `RouteQueue` here decides nothing.
+    let store = MemStore::default();
+    let shard = Arc::new(Shard::with_part(Part::Conversations { routing: 1, shard: 0, shards: 1 }));
+    shard.load(Arc::new(store.clone())).expect("load");
+    let then = now_ms().0 - 5_000;
+    commit(&shard, &store, then, Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION });
+    for id in ["general", "billing"] {
+        commit(&shard, &store, then, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new(id), name: id.into(), policy: Policy::LongestIdle, offer_timeout_ms: 60_000, sla_ms: 600_000 }));
+    }
+    commit(&shard, &store, then, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("general") }));
+    let step = RoutingStep { after_ms: 1_000, skills: None, max_level: 0, overflow: vec![SkillGroupId::new("billing")] };
+    commit(&shard, &store, then, Command::SetGroupSteps { group: SkillGroupId::new("general"), steps: vec![step] });
+    commit(&shard, &store, then, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
+    assert_eq!(shard.read().groups.get(&SkillGroupId::new("general")).map(|g| g.queue.len()), Some(1), "it waits in the shard's copy of the queue");
+
+    // This node leads the conversation shard; the step passed four seconds ago (a
+    // routing shard's group actor would ask for the round at once, as above).
+    let recorder = Arc::new(Recorder::default());
+    let _supervisor = ShardSupervisor::start(SupervisorArgs { shard: shard.clone(), proposer: recorder.clone(), leader: true }).await.expect("supervisor");
+    // And a conversation queued while it leads.
+    commit(&shard, &store, now_ms().0, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let routed = recorder.0.lock().map(|seen| seen.iter().filter(|c| matches!(c, Command::RouteQueue { .. })).count()).unwrap_or(0);
+    assert_eq!(routed, 0, "a conversation shard proposes no RouteQueue: {:?}", recorder.0.lock().map(|s| s.clone()));
 }
