@@ -140,7 +140,14 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// and a retry of the "failed" entry sent the message twice). And a worker's `failed`
 /// counts only for its own attempt: a node that lost the leadership cannot turn the
 /// new leader's `sent` or a receipt's `delivered` into a dead letter.
-pub const RULES_VERSION: u32 = 23;
+/// Rules 24: on a split cluster, a channel message that names a thread (an email reply)
+/// reaches the thread's conversation shard; when that conversation is no longer open
+/// there and the sender's own messages go to another conversation shard, it is refused
+/// `closed` and nothing is written (the gateway sends it again without the thread, to
+/// the sender's shard). Before, the thread's shard started a conversation of that
+/// sender, which the sender's next message (placed by the sender) never found: a second
+/// open conversation of theirs in another shard.
+pub const RULES_VERSION: u32 = 24;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
@@ -2371,8 +2378,13 @@ struct Inbound<'a> {
 /// The conversation a channel message goes to, if one is open: the one it answers
 /// (`thread`) when that is open on the same channel, else its sender's.
 pub fn inbound_target(state: &ShardState, channel: &ChannelId, sender: &str, thread: Option<ConversationId>) -> Option<ConversationId> {
-    let answered = thread.filter(|id| state.conversations.get(id).is_some_and(|c| &c.channel == channel && c.status != ConversationStatus::Closed));
+    let answered = thread.filter(|id| thread_open(state, channel, *id));
     answered.or_else(|| state.open_senders.get(&(channel.clone(), format!("{channel}:{sender}"))).copied())
+}
+
+/// Whether the conversation a channel message answers is open on its channel here.
+fn thread_open(state: &ShardState, channel: &ChannelId, thread: ConversationId) -> bool {
+    state.conversations.get(&thread).is_some_and(|c| &c.channel == channel && c.status != ConversationStatus::Closed)
 }
 
 fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_>) -> Result<(Reply, Vec<Event>), Error> {
@@ -2392,6 +2404,16 @@ fn channel_inbound(state: &ShardState, now: Timestamp, part: Part, m: Inbound<'_
     let key = inbound_key(channel, m.sender, m.provider_message_id);
     if let Some(conversation) = state.inbound_seen {
         return Ok((Reply::Inbound { conversation, duplicate: true }, vec![]));
+    }
+    // Rules 24: a message sent here by its thread (the gateway read it open) whose
+    // thread closed since is its sender's own, and a sender whose messages go to another
+    // conversation shard is not this shard's to place: a conversation started here would
+    // be one their next message never finds. Refused, nothing written; the gateway
+    // sends it again without the thread.
+    if let (Some(thread), Part::Conversations { shard, shards, .. }) = (m.thread, part) {
+        if state.rules >= 24 && shards > 1 && !thread_open(state, channel, thread) && crate::placement::sender_shard(channel, m.sender, shards) != shard {
+            return Err(Error::Closed(thread));
+        }
     }
     if m.files.is_empty() || !m.text.is_empty() {
         check_text(m.text)?;

@@ -67,6 +67,13 @@ impl Target {
     }
 }
 
+/// The conversation shard (`0..shards`) that decides a channel sender's messages
+/// ([`Target::Sender`]): a stable hash of channel and sender, so every node and build
+/// agree (`node/src/split.rs`, `sender_group`; the core's rules 24 check).
+pub fn sender_shard(channel: &ChannelId, sender: &str, shards: u64) -> u64 {
+    crate::cutover::stable_hash(&[channel.as_str().as_bytes(), sender.as_bytes()]) % shards.max(1)
+}
+
 /// The group `command` is proposed to under ADR 0006 (with its amendments).
 pub fn target(command: &Command) -> Target {
     use Command::*;

@@ -831,3 +831,44 @@ fn from_rules_23_a_disconnected_channel_loses_no_message_and_a_sent_one_stays_se
         assert_eq!(records::delivery(&store, conv, seq3).expect("read").expect("kept").status, DeliveryStatus::Sent);
     }
 }
+
+/// Rules 24: on a split cluster a mail in the thread of a conversation that closed after
+/// the gateway read it open still reaches the thread's conversation shard; from a sender
+/// whose mail goes to another shard (a colleague in copy) it is refused `closed` and
+/// nothing is written, and the gateway takes it again without the thread, in the
+/// sender's shard. Under rules 23 the thread's shard started a conversation of that
+/// sender, one their next mail (placed by the sender) never finds.
+#[test]
+fn from_rules_24_a_mail_in_a_thread_closed_meanwhile_starts_nothing_outside_its_senders_shard() {
+    let part = switchboard_actors::core::Part::Conversations { routing: 2, shard: 0, shards: 2 };
+    let shard_of = |sender: &str| switchboard_actors::placement::sender_shard(&mail(), sender, 2);
+    let here = (0u32..).map(|n| format!("anna{n}@example.org")).find(|s| shard_of(s) == 0).expect("a sender of shard 0");
+    let elsewhere = (0u32..).map(|n| format!("bob{n}@example.org")).find(|s| shard_of(s) == 1).expect("a sender of shard 1");
+    let visitor = format!("mail:{elsewhere}");
+    for rules in [23, 24] {
+        let (store, mut state) = setup_with(rules);
+        connect_mail(&mut state, &store);
+        let run_here = |state: &mut ShardState, at: u64, command: Command| {
+            records::run_as(state, &store, &Envelope::new(Timestamp(at), command), part).map(|(reply, outcome)| (reply, outcome.events))
+        };
+        let (reply, _) = ok(run_here(&mut state, T0 + 10, rich(&here, "m1@x", "my card is blocked", vec![], None)));
+        let conv = conversation_of(&reply);
+        assert_eq!(conv.0 % 2, 0, "numbered by shard 0");
+        // Closed after the gateway read it open; the colleague answers in its thread.
+        ok(run_here(&mut state, T0 + 20, Command::CloseByClient { conversation: conv }));
+        let answered = run_here(&mut state, T0 + 30, rich(&elsewhere, "m2@x", "any news?", vec![], Some(conv)));
+        let stray = state.conversations.values().find(|c| c.visitor.id.as_deref() == Some(visitor.as_str())).map(|c| c.id);
+        if rules == 23 {
+            let started = conversation_of(&answered.expect("rules 23 took it").0);
+            assert_eq!(stray, Some(started), "rules 23 started the colleague's conversation in shard 0, where their mail never goes");
+            continue;
+        }
+        assert!(matches!(answered, Err(Error::Closed(c)) if c == conv), "{answered:?}");
+        assert_eq!(stray, None, "nothing started");
+        assert!(!state.open_senders.contains_key(&(mail(), visitor.clone())));
+        // The customer's own mail in the closed thread is this shard's: a new conversation, as before.
+        let (reply, events) = ok(run_here(&mut state, T0 + 40, rich(&here, "m3@x", "still blocked", vec![], Some(conv))));
+        assert_ne!(conversation_of(&reply), conv);
+        assert!(events.iter().any(|e| matches!(e, Event::ConversationStarted { .. })), "{events:?}");
+    }
+}

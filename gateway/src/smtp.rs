@@ -695,6 +695,22 @@ fn is_format_char(c: char) -> bool {
 /// The conversation the mail went to; `None` for an automatic mail dropped, or for a
 /// mail taken before.
 async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Result<Option<u64>, String> {
+    match take_in(gw, channel, mail, true).await {
+        // The thread it names closed after it was read (routing rules 24): the mail is
+        // its sender's own, and goes where their mail goes.
+        Err(reply) if reply == THREAD_CLOSED => take_in(gw, channel, mail, false).await,
+        taken => taken,
+    }
+}
+
+/// What [`take_in`] answers when the conversation shard of the thread a mail names
+/// refused it because that conversation closed after the gateway read it open; only
+/// when it followed the thread, so the mail is taken again without it. (A `4xx`, should
+/// it ever reach the sending server: try again.)
+const THREAD_CLOSED: &str = "451 4.3.0 The conversation the mail answers just closed, try again";
+
+/// [`take_for`]; `follow_thread: false` places the mail by its sender alone.
+async fn take_in(gw: &Gateway, channel: &ChannelId, mail: &email::Mail, follow_thread: bool) -> Result<Option<u64>, String> {
     let Some(AdapterConfig::Email { thread_secret, .. }) = gw.backend.directory_shard().read().channel_adapters.get(channel).cloned() else {
         return Err("451 4.3.0 The channel changed, try again".into());
     };
@@ -727,7 +743,7 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
             None => kept.push((safe_name(&file.name, &file.content_type), file.content_type.clone(), &file.bytes)),
         }
     }
-    let mut thread = email::thread_of(&mail.references, &thread_secret);
+    let mut thread = if follow_thread { email::thread_of(&mail.references, &thread_secret) } else { None };
     // Refused at commit: store nothing (nor the long text's file below), so no copy
     // outlives the refusal.
     let blocked = crate::attachments::sender_blocked(gw, channel, &mail.from);
@@ -870,6 +886,12 @@ async fn take_for(gw: &Gateway, channel: &ChannelId, mail: &email::Mail) -> Resu
         Err(e) if !e.is_refusal() => {
             tracing::warn!(%channel, error = %e, "a mail could not be committed; the sender is asked to retry");
             Err("451 4.3.0 Not committed, try again later".into())
+        }
+        // Routing rules 24: the thread's shard found it closed, and the sender's mail
+        // goes to another shard; nothing was written.
+        Err(switchboard_actors::Error::Closed(c)) if follow_thread && thread == Some(c) => {
+            forget_inbound_files(gw, &stored).await;
+            Err(THREAD_CLOSED.into())
         }
         Err(e) if crate::channels::settings_not_there_yet(gw, &channel, &e) => {
             tracing::info!(%channel, "a mail came before its channel's settings reached its conversation shard; the sender is asked to retry");

@@ -122,7 +122,7 @@ impl SplitBackend {
 
     /// The conversation shard that decides a channel sender's messages.
     fn sender_group(&self, channel: &ChannelId, sender: &str) -> GroupId {
-        self.by_hash(stable_hash(&[channel.as_str().as_bytes(), sender.as_bytes()]))
+        FIRST_C + placement::sender_shard(channel, sender, self.node.shards)
     }
 
     /// The conversation shard whose holders keep a file of `owner`'s.
