@@ -293,6 +293,11 @@ fn load(identity: &Identity) -> Result<Loaded, Error> {
     Ok(Loaded { roots: Arc::new(roots), chain, key })
 }
 
+/// What a peer may send on one stream before the member reads it (QUIC's stream
+/// window, on the member's side of every connection: a gateway's relayed sockets, and
+/// the nodes' Raft and read streams, which it paces and does not stop).
+pub const MEMBER_STREAM_WINDOW: u32 = 256 * 1024;
+
 /// Server side: requires a client certificate from the cluster CA.
 pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, Error> {
     let loaded = load(identity)?;
@@ -313,6 +318,11 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, Error> 
     // this many to one member over its one connection (only peers with a certificate
     // from the cluster CA get a connection; a stream's buffers grow only with its data).
     transport.max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into());
+    // What a peer may send ahead on one stream before this member reads it (quinn's
+    // default is 1.25 MB): a socket a gateway relays is a stream, and a member busy
+    // with the socket's last frame (a commit waits up to 10 s in an election) holds at
+    // most this much of what the client sent meanwhile (docs/security.md).
+    transport.stream_receive_window(MEMBER_STREAM_WINDOW.into());
     transport.keep_alive_interval(Some(KEEP_ALIVE));
     transport.max_idle_timeout(Some(idle_timeout()));
     transport.initial_rtt(INITIAL_RTT);
