@@ -82,6 +82,11 @@ const MOVE_SPREAD_MS: u64 = 1000;
 /// 240 MiB). Members are trusted and the frame goes on whole, as a member's own
 /// listener would send it; one past this closes the socket (see [`OVERSIZE`]).
 const MAX_UPSTREAM_MESSAGE: usize = 256 * 1024 * 1024;
+/// The largest frame a member may send a gateway on a visitor's socket: a page of
+/// events is cut after 64 KiB of text ([`ws::PAGE_TEXT_BYTES`]) and holds at least one
+/// entry (at most 4,000 characters, about 24 KiB as JSON escapes), so a frame past this
+/// is no member's; the decoder would otherwise set aside what its header claims.
+const MAX_VISITOR_UPSTREAM_MESSAGE: usize = 1024 * 1024;
 /// How long a frame to a member may wait for the member to read it (as the listener's
 /// write timeout bounds what a socket writes to its peer).
 const UPSTREAM_WRITE_PATIENCE: Duration = Duration::from_secs(10);
@@ -553,13 +558,14 @@ struct UpstreamSocket {
 }
 
 impl UpstreamSocket {
-    fn new(io: TokioIo<Upgraded>) -> Self {
+    /// `max_message`: the largest frame taken from the member.
+    fn new(io: TokioIo<Upgraded>, max_message: usize) -> Self {
         let (read, write) = tokio::io::split(io);
         UpstreamSocket {
             read,
             write,
             buf: BytesMut::with_capacity(512),
-            decoder: wire::Decoder::of_server(MAX_UPSTREAM_MESSAGE),
+            decoder: wire::Decoder::of_server(max_message),
             mask: 0x5a17_c3e1,
         }
     }
@@ -652,7 +658,8 @@ async fn open_socket(
     let upgraded = hyper::upgrade::on(response)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(Opened::Socket(UpstreamSocket::new(TokioIo::new(upgraded))))
+    let max_message = if path_and_query.starts_with("/ws/client") { MAX_VISITOR_UPSTREAM_MESSAGE } else { MAX_UPSTREAM_MESSAGE };
+    Ok(Opened::Socket(UpstreamSocket::new(TokioIo::new(upgraded), max_message)))
 }
 
 /// How long the body of a member's refusal of an upgrade may take to arrive.
