@@ -547,6 +547,16 @@ async fn a_resume_refused_after_a_re_pin_gets_the_members_answer() -> anyhow::Re
     let dir = tempfile::tempdir()?;
     let mut cluster = Cluster::start(dir.path(), 3).await?;
     let gateway = cluster.start_gateway(0).await?;
+    // What the gateway keeps of a socket's request to open it again is bounded: a query
+    // past 4 KiB as the member reads it (each %FF becomes a 9-byte replacement
+    // character: 1,500 bytes sent, 4,500 kept) is refused before any member is asked.
+    let upgrade = [("upgrade", "websocket"), ("connection", "upgrade"), ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="), ("sec-websocket-version", "13")];
+    let long = switchboard_chaos_tests::http_request(&gateway.public, None, "GET", &format!("/ws/client?pad={}", "%FF".repeat(500)), &upgrade, b"").await?;
+    assert_eq!(long.status, 414, "{}", String::from_utf8_lossy(&long.body));
+    let pad = "x".repeat(3000);
+    let origin = [upgrade.as_slice(), &[("origin", pad.as_str())]].concat();
+    let long = switchboard_chaos_tests::http_request(&gateway.public, None, "GET", "/ws/client", &origin, b"").await?;
+    assert_eq!(long.status, 431, "{}", String::from_utf8_lossy(&long.body));
     let (mut ws, conversation, token) = gateway.client("Gus").await?;
     ws.send(&json!({"type": "send", "key": "before", "text": "before the freeze"})).await?;
     ws.wait_for(WAIT, |v| v["type"] == "ack" && v["key"] == "before").await?;

@@ -101,6 +101,12 @@ const MAX_PENDING: usize = 256;
 const MAX_REPLAYED_PONGS: u32 = 4;
 /// The client's headers a socket keeps to be opened again on another member.
 const REPIN_HEADERS: [&str; 6] = ["host", "origin", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version"];
+/// The longest path and query (percent-decoded and encoded again as the member reads
+/// it) a relayed socket may have: the gateway keeps it to open the socket again on a
+/// re-pin. A token, a cursor of every feed and the other parameters take well under 1 KiB.
+const MAX_KEPT_PATH: usize = 4 * 1024;
+/// The most the [`REPIN_HEADERS`] of a relayed socket may hold together, names and values.
+const MAX_KEPT_HEADERS: usize = 2 * 1024;
 /// Longest time to wait for a member's response head to a relayed request.
 const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -695,6 +701,17 @@ async fn relay_socket_within(edge: Arc<Edge>, client: SocketAddr, uri: Uri, head
         Some(query) => format!("{}?{}", uri.path(), canonical_query(query)),
         None => uri.path().to_owned(),
     };
+    // Kept for the socket's life (each re-pin opens it again): bounded, so an idle
+    // socket costs what docs/security.md says whatever its request held.
+    if path.len() > MAX_KEPT_PATH {
+        let message = format!("the socket's path and query are {} bytes as the member reads them: at most {MAX_KEPT_PATH} through a gateway", path.len());
+        return (StatusCode::URI_TOO_LONG, Json(json!({"code": "too_long", "message": message}))).into_response();
+    }
+    let kept_headers: usize = headers.iter().filter(|(name, _)| REPIN_HEADERS.contains(&name.as_str())).map(|(n, v)| n.as_str().len() + v.len()).sum();
+    if kept_headers > MAX_KEPT_HEADERS {
+        let message = format!("the socket's {} headers are {kept_headers} bytes: at most {MAX_KEPT_HEADERS} through a gateway", REPIN_HEADERS.join(", "));
+        return (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, Json(json!({"code": "too_long", "message": message}))).into_response();
+    }
     let mut avoid: Vec<u64> = Vec::new();
     for _ in 0..3 {
         let Some((id, addr)) = edge.up.choose(&avoid) else {
