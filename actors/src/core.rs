@@ -147,7 +147,15 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// the sender's shard). Before, the thread's shard started a conversation of that
 /// sender, which the sender's next message (placed by the sender) never found: a second
 /// open conversation of theirs in another shard.
-pub const RULES_VERSION: u32 = 24;
+/// Rules 25: on a split cluster, a close that a conversation shard decided before the
+/// routing shard's first answer (an accept, or a supervisor's reassignment to an
+/// operator, whose letter the conversation shard drops once it has closed) counts in the
+/// group's KPIs as a close before an answer (the customer's as `abandoned`), and the
+/// answer counted for it (`answered`, its wait, `answered_in_sla`) is taken back. Before,
+/// the routing shard counted it answered and handled (with a handle time of 0) although
+/// no operator ever reached the customer; a group of one refuses the accept after the
+/// close.
+pub const RULES_VERSION: u32 = 25;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a

@@ -2068,17 +2068,32 @@ impl ShardState {
                 kpi.wait_ms += wait;
                 kpi.answered_in_sla += u64::from(within);
             }
-            Event::ConversationClosed { conversation, by, .. } => {
+            Event::ConversationClosed { conversation, by, decided_at, .. } => {
                 let Some(conv) = self.conversations.get(conversation) else { return };
                 if conv.status == ConversationStatus::Closed {
                     return;
                 }
-                let (group, answered) = (conv.group.clone(), !conv.handled_by.is_empty());
+                let (group, answered, created_at) = (conv.group.clone(), !conv.handled_by.is_empty(), conv.created_at);
                 // Rules 16: a customer leaving the bot never waited in a queue.
                 let with_bot = self.rules >= 16 && conv.status == ConversationStatus::WithBot;
                 let since = self.answered_at.remove(conversation);
                 if since.is_some() {
                     self.dirty.answered.insert(*conversation);
+                }
+                // Rules 25: a close its conversation shard decided before this routing
+                // shard's first answer (`at`, the time its letter carries, is before the
+                // answer's) crossed the `Assigned` letter, which the conversation shard
+                // then dropped: no operator ever reached the customer. The answer is
+                // taken back and the close counts as one before an answer, as a group of
+                // one counts it (it refuses the accept that comes after the close). A
+                // close after the `Assigned` letter applied is never before the answer:
+                // that letter's entry is stamped by a node that applied the answer.
+                if let Some(since) = since.filter(|since| self.rules >= 25 && decided_at.is_some() && at < *since) {
+                    self.answer_taken_back(&group, since, created_at);
+                    if *by == Closer::Client && !with_bot {
+                        self.kpi(&group, hour).abandoned += 1;
+                    }
+                    return;
                 }
                 let kpi = self.kpi(&group, hour);
                 match since {
@@ -2105,6 +2120,20 @@ impl ShardState {
             }
             _ => {}
         }
+    }
+
+    /// Rules 25: takes back the first answer of a conversation, counted at `since` in
+    /// `group`'s hour then with its wait from `created_at` (and whether that was within
+    /// the group's SLA), when that hour is still kept.
+    fn answer_taken_back(&mut self, group: &SkillGroupId, since: Timestamp, created_at: Timestamp) {
+        let hour = since.0 / HOUR_MS;
+        let wait = since.millis_since(created_at);
+        let within = self.groups.get(group).is_some_and(|g| wait <= g.config.sla_ms);
+        let Some(kpi) = self.kpis.get_mut(group).and_then(|hours| hours.get_mut(&hour)) else { return };
+        kpi.answered = kpi.answered.saturating_sub(1);
+        kpi.wait_ms = kpi.wait_ms.saturating_sub(wait);
+        kpi.answered_in_sla = kpi.answered_in_sla.saturating_sub(u64::from(within));
+        self.dirty.kpis.insert((group.clone(), hour));
     }
 
     /// Adds the time of `operator`'s current break, if it has a reason, to that

@@ -1484,6 +1484,72 @@ fn a_close_and_a_rating_count_when_the_conversation_shard_took_them() {
     }
 }
 
+/// Rules 25: a customer's close on the conversation shard and an operator's accept on
+/// the routing shard cross (each decided before the other's letter came): the
+/// conversation shard drops the late `Assigned` (it is closed), so no operator ever
+/// reached the customer. Under rules 24 the routing shard still counted the conversation
+/// answered (with its wait, within the SLA) and handled, with a handle time of 0, and
+/// not abandoned; from rules 25 it takes the answer back and counts it abandoned, as a
+/// group of one does (it refuses the accept after the close). A close after the
+/// `Assigned` letter reached the conversation shard is answered and handled under both.
+#[test]
+fn under_rules_25_a_customer_s_close_crossing_an_accept_is_abandoned_not_answered() {
+    const HOUR: u64 = 3_600_000;
+    let now = 10 * HOUR;
+    let g0 = SkillGroupId::new("g0");
+    let setup = |rules: u32| Setup { rules, capacities: [1, 1, 1], groups: [vec![0], vec![0], vec![0]], online: [true, false, false] };
+    // (answered, wait_ms, answered_in_sla, handled, timed, handle_ms, abandoned)
+    let counted = |k: &switchboard_actors::state::GroupKpi| (k.answered, k.wait_ms, k.answered_in_sla, k.handled, k.timed, k.handle_ms, k.abandoned);
+    // A group of one: the customer leaves at +1 s, the operator's accept at +2 s finds
+    // the offer gone.
+    let (mut state, store) = initial(&setup(24));
+    for command in prelude(&setup(24)) {
+        let _ = records::run(&mut state, &store, &Envelope::new(Timestamp(now), command));
+    }
+    let offer = state.offers.values().find(|o| state.conversations.get(&o.conversation).is_some_and(|c| c.group == g0)).cloned().expect("an offer in g0");
+    records::run(&mut state, &store, &Envelope::new(Timestamp(now + 1000), Command::CloseByClient { conversation: offer.conversation })).expect("closed");
+    let accepted = records::run(&mut state, &store, &Envelope::new(Timestamp(now + 2000), Command::AcceptOffer { operator: offer.operator.clone(), offer: offer.id }));
+    assert!(matches!(accepted, Err(Error::OfferGone(_))), "{accepted:?}");
+    assert_eq!(counted(&state.kpis_since(0)[&g0]), (0, 0, 0, 0, 0, 0, 1), "a group of one counts it abandoned");
+    for rules in [24, RULES_VERSION] {
+        for crossing in [true, false] {
+            let mut split = Split::new(&setup(rules));
+            for command in prelude(&setup(rules)) {
+                split.submit(&Envelope::new(Timestamp(now), command));
+                split.drain(Timestamp(now));
+            }
+            let offer = split.r.state.offers.values().find(|o| split.r.state.conversations.get(&o.conversation).is_some_and(|c| c.group == g0)).cloned().expect("an offer in g0");
+            let conversation = offer.conversation;
+            let accept = Envelope::new(Timestamp(now + 2000), Command::AcceptOffer { operator: offer.operator.clone(), offer: offer.id });
+            if crossing {
+                // The customer leaves at +1 s; the operator accepts at +2 s, before the
+                // close's letter reaches routing (and the `Assigned` letter the
+                // conversation shard).
+                split.submit(&Envelope::new(Timestamp(now + 1000), Command::CloseByClient { conversation }));
+                split.submit(&accept);
+                assert!(matches!(split.r.state.conversations[&conversation].status, ConversationStatus::Assigned { .. }), "routing assigned it");
+            } else {
+                // Accepted at +2 s, which the conversation shard hears of; closed at +3 s.
+                split.submit(&accept);
+                split.drain(Timestamp(now + 2000));
+                split.submit(&Envelope::new(Timestamp(now + 3000), Command::CloseByClient { conversation }));
+            }
+            split.drain(Timestamp(now + 4000));
+            check_agreement(&split);
+            assert!(!split.r.state.answered_at.contains_key(&conversation), "rules {rules}: no answer time is kept for a closed conversation");
+            let kpi = split.r.state.kpis_since(0)[&g0].clone();
+            assert_eq!(records::load(&split.r.store).expect("load").kpis_since(0)[&g0], kpi, "rules {rules}: the records hold the same");
+            let expected = match (crossing, rules) {
+                // Answered after a 2 s wait (within the SLA), handled 1 s later.
+                (false, _) => (1, 2000, 1, 1, 1, 1000, 0),
+                (true, 24) => (1, 2000, 1, 1, 1, 0, 0),
+                (true, _) => (0, 0, 0, 0, 0, 0, 1),
+            };
+            assert_eq!(counted(&kpi), expected, "rules {rules}, crossing {crossing}");
+        }
+    }
+}
+
 /// Rules 20: a conversation shard whose routing shard takes no letters (no leader, a
 /// partition) starts no conversation once `MAX_UNCONFIRMED_LETTERS` wait, so what
 /// anonymous starts make every member hold is bounded; its open conversations go on,
