@@ -155,12 +155,26 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// the routing shard counted it answered and handled (with a handle time of 0) although
 /// no operator ever reached the customer; a group of one refuses the accept after the
 /// close.
-pub const RULES_VERSION: u32 = 25;
+/// Rules 26: on a split cluster, a routing shard's close letter says when the close was
+/// decided (`Mail::ClosedAt`), and the customer's messages the conversation shard took
+/// from then on, while the letter was on its way, are not left unread in the closed
+/// conversation: a messenger, email or Channel API customer's go on in a new conversation
+/// of theirs, as their next message would (first to whoever held the closed one); a web
+/// visitor, whose socket follows the closed one, is told [`LATE_NOTICE`]. Before, they
+/// stayed in the closed conversation, read by nobody and answered by nobody.
+pub const RULES_VERSION: u32 = 26;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a
 /// running leader, so a late one was the cluster's stall, not the operator's absence.
 pub const STALLED_EXPIRY_MS: u64 = 2000;
+
+/// What a web visitor is told when their messages reached the conversation after its
+/// operator had closed it (rules 26): nobody read them.
+pub const LATE_NOTICE: &str = "Your last message reached us after this conversation was closed, and nobody has read it. Please start a new conversation.";
+/// History entries a routing shard's close letter looks back at for messages the customer
+/// wrote after the close (rules 26, `records::prefetch`).
+pub const MAX_LATE_ENTRIES: u64 = 100;
 
 /// The resolution of a messenger conversation closed because it held all the history
 /// or customer text one may (rules 14): the customer's next message opened a new one.
@@ -316,7 +330,10 @@ pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Res
     // starts come from anyone. Its open conversations go on.
     if let (Part::Conversations { routing, .. }, true) = (part, state.rules >= 20) {
         let waiting = state.mail_out.get(&routing).map_or(0, |o| o.len());
-        if waiting >= MAX_UNCONFIRMED_LETTERS && decided.iter().any(|e| matches!(e, Event::ConversationStarted { .. })) {
+        // A letter's (rules 26: a close carrying what its customer wrote after it) is not
+        // refused: it carries a message taken already, and closes are as many as holders.
+        let letter = matches!(envelope.command, Command::Deliver { .. });
+        if waiting >= MAX_UNCONFIRMED_LETTERS && !letter && decided.iter().any(|e| matches!(e, Event::ConversationStarted { .. })) {
             // Decided here, so not an outcome to ask again at once: the sender retries
             // later, as for any `unavailable`.
             return Err(Error::Unavailable(format!(
@@ -339,14 +356,20 @@ pub fn handle_as(state: &mut ShardState, envelope: &Envelope, part: Part) -> Res
     // The letters this entry decided, posted in the same apply (ADR 0006). Receiving a
     // letter makes none, so nothing echoes; except a directory command, which the
     // routing and conversation shards apply as their own (removing a bot requeues its
-    // conversations; a changed operator may lose offers).
+    // conversations; a changed operator may lose offers); and from rules 26 a routing
+    // shard's close, which may carry late messages into a new conversation, whose
+    // `Enqueue` goes to routing (nothing about the closed one: routing closed it).
     let received = match &envelope.command {
         Command::Deliver { mail: Mail::Directory { .. }, .. } => false,
+        Command::Deliver { mail: Mail::ClosedAt { .. }, .. } => state.rules < 26,
         Command::Deliver { .. } => true,
         _ => false,
     };
     if !received && part != Part::Whole {
         let mut letters = mail_of(state, &outcome, part);
+        if let Command::Deliver { mail: Mail::ClosedAt { conversation, .. }, .. } = &envelope.command {
+            letters.retain(|(_, mail)| !mail.conversations().contains(conversation));
+        }
         let directory = |command: &Command| crate::placement::target(command) == crate::placement::Target::Directory;
         if let (Part::Directory { routing, first, shards }, true) = (part, directory(&envelope.command)) {
             let (command, rules) = (Box::new(envelope.command.clone()), state.rules);
@@ -370,7 +393,9 @@ fn advance_clock(state: &mut ShardState, now: Timestamp) {
 
 /// The events that commit what a letter from the other kind of shard tells `state`
 /// (decided like a command, from the state before them). Mail is made by commands only
-/// ([`mail_of`]), never by receiving mail, so nothing echoes.
+/// ([`mail_of`]), never by receiving mail, so nothing echoes; except, from rules 26, the
+/// `Enqueue` of a conversation a routing shard's close starts to carry late messages,
+/// whose receipt makes none.
 ///
 /// A letter about a conversation the receiver has closed (or never knew, for a
 /// routing shard) changes nothing: a conversation shard's close is final, and the
@@ -417,10 +442,14 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) ->
                 }
             }
         }
-        Mail::Closed { conversation, by, resolution, tags } => {
+        Mail::Closed { conversation, by, resolution, tags } | Mail::ClosedAt { conversation, by, resolution, tags, .. } => {
             if let Some(conv) = state.conversations.get(conversation).filter(|_| open(conversation)) {
                 events.push(Event::ConversationClosed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone(), decided_at: None });
                 events.extend(wrap_up_after(state, conv, now));
+                // Rules 26: what the customer wrote after the close was decided.
+                if matches!(mail, Mail::ClosedAt { .. }) && matches!(part, Part::Conversations { .. }) && state.rules >= 26 && !state.late_messages.is_empty() {
+                    events.extend(carry_late(state, conv, now, part));
+                }
             }
         }
         Mail::Rated { conversation, score, comment } | Mail::RatedAt { conversation, score, comment, .. } => {
@@ -471,6 +500,35 @@ fn letter_events(state: &ShardState, mail: &Mail, now: Timestamp, part: Part) ->
             Err(e) => tracing::error!(error = %e, "a directory command the metadata group took was refused here: this group's directory differs from the metadata group's"),
         },
     }
+    events
+}
+
+/// Rules 26: the customer's messages a conversation shard took after its routing shard
+/// decided the operator's close (`state.late_messages`, read by `records::prefetch`),
+/// which nobody on the staff read. A messenger, email or Channel API customer's go on in
+/// a new conversation of theirs, as their next message would have (`channel_inbound`),
+/// offered first to whoever held the closed one; a web visitor, whose socket follows the
+/// closed one and who cannot be moved to another, is told so ([`LATE_NOTICE`]). A customer
+/// who may not start one (blocked since) gets neither: the close stands as before.
+fn carry_late(state: &ShardState, conv: &crate::state::Conversation, now: Timestamp, part: Part) -> Vec<Event> {
+    if state.channels.get(&conv.channel).is_none_or(|c| c.kind == crate::access::WEB_KIND) {
+        return vec![Event::NoticeGiven { conversation: conv.id, text: LATE_NOTICE.into() }];
+    }
+    let Ok((carried, mut events)) = start_conversation(state, &conv.channel, None, &conv.visitor, now, part, true) else { return Vec::new() };
+    // Right after it is placed, as a channel message that opens one is (`channel_inbound`).
+    // Under the keys they were taken with: a provider's redelivery finds them in the
+    // closed conversation (records `I`), and a file stays its conversation's.
+    let messages = state.late_messages.iter().filter_map(|entry| match &entry.item {
+        crate::state::HistoryItem::ClientMessage { key, text, attachments } => {
+            Some(Event::ClientMessagePosted { conversation: carried, key: key.clone(), text: text.clone(), attachments: attachments.clone() })
+        }
+        _ => None,
+    });
+    let at = events.len().min(2);
+    events.splice(at..at, messages);
+    let queued = events.iter().any(|e| matches!(e, Event::ConversationQueued { conversation, .. } if *conversation == carried));
+    let closed = events.iter().any(|e| matches!(e, Event::ConversationClosed { conversation, .. } if *conversation == carried));
+    events.extend(conv.assigned().filter(|_| queued && !closed).map(|operator| Event::StickySet { conversation: carried, operator: operator.clone() }));
     events
 }
 
@@ -539,9 +597,10 @@ pub fn mail_of(state: &ShardState, outcome: &Outcome, part: Part) -> Vec<(GroupI
                     mail.push((addressee(first), Mail::Purged { conversations: conversations.clone() }));
                 }
             }
-            // Rules 11: an operator's close, decided here.
+            // Rules 11: an operator's close, decided here; from rules 26 with when.
             (Part::Routing { .. }, Event::ConversationClosed { conversation, by, resolution, tags, .. }) if state.rules >= 11 => {
-                mail.push((addressee(conversation), Mail::Closed { conversation: *conversation, by: *by, resolution: resolution.clone(), tags: tags.clone() }));
+                let (conversation, by, resolution, tags) = (*conversation, *by, resolution.clone(), tags.clone());
+                mail.push((addressee(&conversation), if state.rules >= 26 { Mail::ClosedAt { conversation, by, resolution, tags, at: state.last_at } } else { Mail::Closed { conversation, by, resolution, tags } }));
             }
             (Part::Routing { .. }, Event::ConversationAssigned { conversation, operator }) => {
                 mail.push((addressee(conversation), Mail::Assigned { conversation: *conversation, operator: operator.clone() }));

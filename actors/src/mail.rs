@@ -216,6 +216,10 @@ pub enum Mail {
     ReleaseAt { conversation: ConversationId, by: Closer, resolution: String, tags: Vec<String>, at: Timestamp },
     /// `C` to `R` (rules 20): `Rated`, with when `C` took the rating.
     RatedAt { conversation: ConversationId, score: u8, comment: String, at: Timestamp },
+    /// `R` to `C` (rules 26): `Closed`, with when `R` decided it. What the customer wrote
+    /// into the conversation from then on, which `C` took while the letter was on its
+    /// way and nobody read, `C` carries into a new conversation of theirs (`core::carry_late`).
+    ClosedAt { conversation: ConversationId, by: Closer, resolution: String, tags: Vec<String>, at: Timestamp },
 }
 
 /// Where a transfer or reassignment put a conversation.
@@ -238,7 +242,8 @@ impl Mail {
             | Mail::Transferred { conversation, .. }
             | Mail::Reassigned { conversation, .. }
             | Mail::Requeued { conversation, .. }
-            | Mail::Closed { conversation, .. } => vec![*conversation],
+            | Mail::Closed { conversation, .. }
+            | Mail::ClosedAt { conversation, .. } => vec![*conversation],
             Mail::Purged { conversations } => conversations.clone(),
             Mail::Directory { .. } => Vec::new(),
         }

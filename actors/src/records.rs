@@ -513,6 +513,10 @@ pub fn take_writes(state: &mut ShardState) -> Writes {
             if matches!(entry.item, HistoryItem::Closed { .. }) {
                 put(key::closed(&conv.channel, entry.at, *id), Vec::new());
             }
+            // Rules 26: a routing shard's close later in the entry reads it (`prefetch`).
+            if state.rules >= 26 && matches!(entry.item, HistoryItem::ClientMessage { .. }) {
+                state.client_in_entry.entry(*id).or_default().push(entry.clone());
+            }
             put(key::history(*id, entry.seq), encode(&entry));
         }
         if dirty.conversations.contains(id) || started {
@@ -765,6 +769,7 @@ pub fn end_command(state: &mut ShardState) {
     state.answered_offer_step = 0;
     state.inbound_seen = None;
     state.start_seen = None;
+    state.late_messages.clear();
     state.expired.clear();
     state.expired_keys.clear();
     state.expired_attachments.clear();
@@ -790,6 +795,7 @@ pub fn evict(state: &mut ShardState, candidates: &[ConversationId]) {
     state.served_in_entry.clear();
     state.inbound_in_entry.clear();
     state.start_in_entry.clear();
+    state.client_in_entry.clear();
     state.cold_deliveries.clear();
 }
 
@@ -945,6 +951,28 @@ pub fn prefetch(state: &mut ShardState, store: &dyn Store, command: &Command) ->
                     state.expired.push(*conversation);
                 }
             }
+        }
+    }
+    // Rules 26: a routing shard's close, with when it was decided: the customer's
+    // messages its conversation took since, which nobody read (`core::carry_late`). Entry
+    // times only grow, so the walk back through the history stops at the first before it.
+    if let Command::Deliver { from, id, mail: crate::mail::Mail::ClosedAt { conversation, at, .. } } = command {
+        if state.rules >= 26 && state.mail_in.expects(*from, *id) == crate::mail::Receipt::Apply {
+            let mut late = Vec::new();
+            let mut seq = last_seq(store, &key::history_prefix(*conversation))?;
+            let oldest = seq.saturating_sub(crate::core::MAX_LATE_ENTRIES);
+            while seq > oldest {
+                let Some(entry) = get::<HistoryEntry>(store, &key::history(*conversation, seq))? else { break };
+                if entry.at < *at {
+                    break;
+                }
+                late.push(entry);
+                seq -= 1;
+            }
+            late.reverse();
+            late.extend(state.client_in_entry.get(conversation).into_iter().flatten().filter(|e| e.at >= *at).cloned());
+            late.retain(|e| matches!(e.item, HistoryItem::ClientMessage { .. }));
+            state.late_messages = late;
         }
     }
     if let Command::StartConversationOnce { key, channel, .. } = command {

@@ -220,6 +220,14 @@ pub struct ShardState {
     pub start_seen: Option<StartTaken>,
     #[serde(skip)]
     pub start_in_entry: BTreeMap<(ChannelId, String), StartTaken>,
+    /// For a routing shard's close being applied (rules 26, `Mail::ClosedAt`): its
+    /// customer's messages taken since the close was decided, oldest first (read from
+    /// records `h` before it); and those earlier commands of the same log entry wrote,
+    /// not written yet.
+    #[serde(skip)]
+    pub late_messages: Vec<HistoryEntry>,
+    #[serde(skip)]
+    pub client_in_entry: BTreeMap<ConversationId, Vec<HistoryEntry>>,
     /// What the events applied since the last write changed, to be written as records.
     #[serde(skip)]
     pub dirty: Dirty,
