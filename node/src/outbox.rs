@@ -50,10 +50,13 @@ pub const CHANNEL_IN_FLIGHT: usize = 128;
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// An attempt with no outcome this long after it was committed is an orphan.
 pub const ORPHAN_AFTER_MS: u64 = 15_000;
-/// A text send that cannot be repeated safely starts this soon after its attempt was
-/// recorded or not at all: with [`SEND_TIMEOUT`] for the send, it ends within
-/// [`ORPHAN_AFTER_MS`].
-const TEXT_START_WITHIN_MS: u64 = ORPHAN_AFTER_MS - SEND_TIMEOUT.as_secs() * 1000;
+/// The backstop around a text send that cannot be repeated safely, all its parts
+/// together: a second past the client's deadline for one call, so that a call the client
+/// gives up on ends as the client says (not reached: retried) rather than `unknown`.
+const TEXT_SEND_BACKSTOP: Duration = Duration::from_secs(SEND_TIMEOUT.as_secs() + 1);
+/// Such a send starts this soon after its attempt was recorded or not at all: with
+/// [`TEXT_SEND_BACKSTOP`], it ends within [`ORPHAN_AFTER_MS`].
+const TEXT_START_WITHIN_MS: u64 = ORPHAN_AFTER_MS - TEXT_SEND_BACKSTOP.as_secs() * 1000;
 /// The same for another node's attempt that may take up to [`FILE_SEND_BACKSTOP`] (a
 /// message with files; any mail, whose SMTP session has [`FILE_SEND_TIMEOUT`]; either is
 /// started within [`ORPHAN_AFTER_MS`] of its attempt or not at all): that node may still
@@ -670,7 +673,7 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         Some(HistoryItem::BotMessage { text, buttons, .. }) => {
             let thread = mail_thread(shard, &adapter, key);
             let message = Outgoing { channel: delivery.channel.clone(), conversation: key.0, seq: key.1, recipient: delivery.recipient.clone(), text, kind: "message", author: "Bot".into(), buttons, files: Vec::new(), file_refs: Vec::new(), thread, automatic: true };
-            return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
+            return send_text(client, &adapter, &message, &delivery).await;
         }
         _ => return DeliveryOutcome::Failed { reason: "the history entry is not a message for the customer".into() },
     };
@@ -718,21 +721,7 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         }
     }
     if message.files.is_empty() {
-        if adapter.resend_is_safe() || slow {
-            return outcome_of(switchboard_adapters::send(client, &adapter, &message).await, &delivery);
-        }
-        // Another leader settles this attempt `unknown` from ORPHAN_AFTER_MS +
-        // QUICK_ASK_GRACE_MS on, and its view of it is all a supervisor sees: a text that
-        // cannot be sent again safely is started within TEXT_START_WITHIN_MS of its
-        // attempt and given SEND_TIMEOUT in all (its parts together), so that it ends
-        // within ORPHAN_AFTER_MS with time left to commit what became of it.
-        if now_ms().millis_since(delivery.updated_at) >= TEXT_START_WITHIN_MS {
-            return retry_or_give_up(&delivery, now_ms(), format!("not started: {} s passed since its attempt was recorded", TEXT_START_WITHIN_MS / 1000), None);
-        }
-        return match tokio::time::timeout(SEND_TIMEOUT, switchboard_adapters::send(client, &adapter, &message)).await {
-            Ok(sent) => outcome_of(sent, &delivery),
-            Err(_) => outcome_of(SendOutcome::Unknown { reason: format!("no answer within {} s", SEND_TIMEOUT.as_secs()) }, &delivery),
-        };
+        return send_text(client, &adapter, &message, &delivery).await;
     }
     // Each call within FILE_SEND_TIMEOUT (the client's deadline); a provider that takes
     // files in two calls (WhatsApp: the upload, then the message) within
@@ -741,6 +730,27 @@ async fn attempt(client: &http::Client, shard: &Shard, gateway: &switchboard_gat
         Ok(sent) => outcome_of(sent, &delivery),
         Err(_) if adapter.resend_is_safe() => retry_or_give_up(&delivery, now_ms(), format!("no answer within {} s", FILE_SEND_BACKSTOP.as_secs()), None),
         Err(_) => outcome_of(SendOutcome::Unknown { reason: format!("no answer within {} s", FILE_SEND_BACKSTOP.as_secs()) }, &delivery),
+    }
+}
+
+/// Sends a message without files. Another leader settles its attempt `unknown` from
+/// ORPHAN_AFTER_MS + QUICK_ASK_GRACE_MS on, and its view of it is all a supervisor sees:
+/// a text that cannot be sent again safely is started within [`TEXT_START_WITHIN_MS`] of
+/// its attempt and given [`TEXT_SEND_BACKSTOP`] in all (its parts together), so that it
+/// ends within ORPHAN_AFTER_MS with time left to commit what became of it. Mail has its
+/// own longer bounds ([`slow_and_unsafe`]).
+async fn send_text(client: &http::Client, adapter: &AdapterConfig, message: &Outgoing, delivery: &switchboard_actors::state::Delivery) -> DeliveryOutcome {
+    if adapter.resend_is_safe() || slow_and_unsafe(adapter, false) {
+        return outcome_of(switchboard_adapters::send(client, adapter, message).await, delivery);
+    }
+    if now_ms().millis_since(delivery.updated_at) >= TEXT_START_WITHIN_MS {
+        return retry_or_give_up(delivery, now_ms(), format!("not started: {} s passed since its attempt was recorded", TEXT_START_WITHIN_MS / 1000), None);
+    }
+    // Past the client's own deadline of SEND_TIMEOUT for each call, which tells a call
+    // that never reached the provider (retried) from one that may have (`unknown`).
+    match tokio::time::timeout(TEXT_SEND_BACKSTOP, switchboard_adapters::send(client, adapter, message)).await {
+        Ok(sent) => outcome_of(sent, delivery),
+        Err(_) => outcome_of(SendOutcome::Unknown { reason: format!("no answer within {} s", TEXT_SEND_BACKSTOP.as_secs()) }, delivery),
     }
 }
 
