@@ -518,12 +518,16 @@ fn carry_late(state: &ShardState, conv: &crate::state::Conversation, now: Timest
     // Right after it is placed, as a channel message that opens one is (`channel_inbound`).
     // Under the keys they were taken with: a provider's redelivery finds them in the
     // closed conversation (records `I`), and a file stays its conversation's.
-    let messages = state.late_messages.iter().filter_map(|entry| match &entry.item {
-        crate::state::HistoryItem::ClientMessage { key, text, attachments } => {
-            Some(Event::ClientMessagePosted { conversation: carried, key: key.clone(), text: text.clone(), attachments: attachments.clone() })
+    // Their files become the new conversation's (its staff read them there, and purging
+    // the closed one leaves them: `records::collect_conversation_keys`).
+    let mut messages = Vec::new();
+    for entry in &state.late_messages {
+        if let crate::state::HistoryItem::ClientMessage { key, text, attachments } = &entry.item {
+            let attachments: Vec<Attachment> = attachments.iter().map(|a| Attachment { conversation: carried, ..a.clone() }).collect();
+            messages.extend(attachments.iter().cloned().map(Event::AttachmentStored));
+            messages.push(Event::ClientMessagePosted { conversation: carried, key: key.clone(), text: text.clone(), attachments });
         }
-        _ => None,
-    });
+    }
     let at = events.len().min(2);
     events.splice(at..at, messages);
     let queued = events.iter().any(|e| matches!(e, Event::ConversationQueued { conversation, .. } if *conversation == carried));

@@ -1138,8 +1138,17 @@ fn collect_conversation_keys(state: &mut ShardState, store: &dyn Store, id: Conv
         for (k, v) in scan_all(store, &prefix)? {
             if k.first() == Some(&b'a') {
                 let attachment: Attachment = decode(&v)?;
-                state.expired_keys.push(key::attachment_index(&attachment.id));
-                state.expired_attachments.push(attachment.id);
+                // Rules 26: a file carried into a new conversation (`core::carry_late`)
+                // is that one's now, and goes with it.
+                let moved = state.rules >= 26
+                    && match state.attachments.get(&attachment.id) {
+                        Some(now) => now.conversation != id,
+                        None => store.get(&key::attachment_index(&attachment.id)).map_err(store_err)?.is_some_and(|to| to != id.0.to_be_bytes()),
+                    };
+                if !moved {
+                    state.expired_keys.push(key::attachment_index(&attachment.id));
+                    state.expired_attachments.push(attachment.id);
+                }
             }
             // A channel's inbound message remembers its provider id as long as it is kept.
             if k.first() == Some(&b'h') {

@@ -2096,7 +2096,11 @@ impl ShardState {
                 // one counts it (it refuses the accept that comes after the close). A
                 // close after the `Assigned` letter applied is never before the answer:
                 // that letter's entry is stamped by a node that applied the answer.
-                if let Some(since) = since.filter(|since| self.rules >= 25 && decided_at.is_some() && at < *since) {
+                // Only while the conversation is still with the operator whose answer that
+                // was: after a transfer the answer was counted in a group it may have left,
+                // and is left as it was.
+                let first_holder = matches!(conv.status, ConversationStatus::Assigned { .. }) && conv.handled_by.len() == 1;
+                if let Some(since) = since.filter(|since| self.rules >= 25 && first_holder && decided_at.is_some() && at < *since) {
                     self.answer_taken_back(&group, since, created_at);
                     if *by == Closer::Client && !with_bot {
                         self.kpi(&group, hour).abandoned += 1;

@@ -132,7 +132,10 @@ fn from_rules_26_a_messenger_customer_s_message_after_the_close_goes_on_in_a_new
         } else {
             assert!(matches!(letter, Some(Mail::Closed { conversation, .. }) if conversation == conv), "{letter:?}");
         }
-        let (reply, _) = ok(&mut c, T0 + 60, inbound("m2", "it is still blocked!"));
+        // With a photo of the card.
+        let photo = InboundFile { id: AttachmentId("tg-photo-1".into()), name: "card.jpg".into(), content_type: "image/jpeg".into(), size: 64, sha256: "ab".repeat(32) };
+        let late = Command::ChannelInboundRich { channel: tg(), sender: "42".into(), sender_name: "Dana".into(), provider_message_id: "m2".into(), text: "it is still blocked!".into(), files: vec![photo.clone()], thread: None, attributes: vec![] };
+        let (reply, _) = ok(&mut c, T0 + 60, late);
         assert_eq!(conversation_of(&reply), conv, "taken into the conversation the shard has open");
         ferry(&mut r, &mut c, T0 + 70);
 
@@ -149,6 +152,18 @@ fn from_rules_26_a_messenger_customer_s_message_after_the_close_goes_on_in_a_new
         let again = open_for_dana.expect("a new conversation of Dana's");
         assert_ne!(again, conv);
         assert_eq!(client_texts(&c, again), vec!["it is still blocked!"], "only what came after the close is carried");
+        // The photo is the new conversation's: its staff read it there, and purging the
+        // closed conversation leaves it.
+        let carried = history(&c, again).into_iter().find_map(|item| match item {
+            HistoryItem::ClientMessage { attachments, .. } => attachments.first().cloned(),
+            _ => None,
+        });
+        assert_eq!(carried.map(|a| (a.id, a.conversation)), Some((photo.id.clone(), again)));
+        assert_eq!(records::find_attachment(&c.store, &photo.id).expect("read").map(|a| a.conversation), Some(again));
+        ok(&mut c, T0 + 75, Command::SetChannelRetention { channel: tg(), days: 1 });
+        ok(&mut c, T0 + 76, Command::PurgeExpired { as_of: Timestamp(T0 + 3 * 86_400_000) });
+        assert!(records::history(&c.store, conv, 0, 10).expect("history").is_empty(), "the closed conversation is purged");
+        assert_eq!(records::find_attachment(&c.store, &photo.id).expect("read").map(|a| a.conversation), Some(again), "its photo stays with the new one");
         assert!(matches!(c.state.conversations[&again].status, ConversationStatus::Queued { .. }));
         // Routing hears of it, and offers it to whoever held the closed one first.
         ferry(&mut c, &mut r, T0 + 80);
