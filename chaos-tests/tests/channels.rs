@@ -954,8 +954,12 @@ async fn a_bot_that_does_not_answer_holds_up_no_message_to_the_customer() -> any
     alice.send(&json!({"type": "send", "conversation": conversation, "key": "r1", "text": "Hello Dana, I am here.", "ref": "r1"})).await?;
     alice.wait_for(WAIT, |v| v["type"] == "ack" && v["ref"] == "r1").await?;
     eventually(WAIT, Duration::from_millis(100), || async { Ok(fake.sent().into_iter().find(|(_, text)| text == "Hello Dana, I am here.")) }).await?;
-    let d = deliveries(&dev, &supervisor, conversation).await?;
-    assert!(d.iter().any(|d| d["recipient"] == "4242" && d["status"] == "sent"), "{d:?}");
+    // The provider's answer is committed a moment after it took the message.
+    eventually(WAIT, Duration::from_millis(100), || async {
+        let d = deliveries(&dev, &supervisor, conversation).await?;
+        Ok(d.into_iter().find(|d| d["recipient"] == "4242" && d["status"] == "sent"))
+    })
+    .await?;
     // The bot's two events (its start and the customer's message) are not for it any
     // more: at their next try each is dead-lettered, not tried again for a day.
     let failed_before = attempts("failed").await?;
