@@ -192,10 +192,13 @@ pub fn parse(body: &[u8], secret: &str) -> Result<Event, AdapterError> {
 
 /// The `random_id` of an entry: the same on every attempt, spread over VK's int32 range.
 pub fn random_id(message: &Outgoing) -> i32 {
-    let h = format!("{}:{}:{}", message.channel, message.conversation.0, message.seq)
-        .bytes()
-        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    // Positive and non-zero: VK reads 0 as "no random_id".
+    id_of(&format!("{}:{}:{}", message.channel, message.conversation.0, message.seq))
+}
+
+/// `seed` hashed (FNV-1a) into VK's int32 range: positive and non-zero, since VK reads 0
+/// as "no random_id".
+fn id_of(seed: &str) -> i32 {
+    let h = seed.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
     ((h % (i32::MAX as u64 - 1)) + 1) as i32
 }
 
@@ -260,8 +263,7 @@ fn part_random_id(message: &Outgoing, i: usize) -> i32 {
     if i == 0 {
         return first;
     }
-    let h = format!("{first}:part:{i}").bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    ((h % (i32::MAX as u64 - 1)) + 1) as i32
+    id_of(&format!("{first}:part:{i}"))
 }
 
 /// What `messages.send` answered for one message.
