@@ -88,6 +88,17 @@ async fn uploads_are_refused_before_the_body_is_read() -> anyhow::Result<()> {
     let conn = upload_head(&dev, &gone_token, "cat.png", "image/png", 5_242_880).await?;
     let (status, body) = answer_without_body(conn, "closed conversation").await?;
     assert_eq!(status, 409, "{body}");
+    // A customer blocked while their conversation is open stores no more files there.
+    let (_mallory, mallory_conversation, mallory_token) = dev.client("Mallory").await?;
+    let supervisor = dev.login("supervisor").await?;
+    let (_, doc) = dev.api("GET", &format!("/api/conversations/{mallory_conversation}"), Some(&supervisor), None).await?;
+    let visitor = doc["visitor"]["id"].as_str().unwrap_or_default().to_owned();
+    let block = json!({"list": "block", "kind": "visitor", "value": visitor, "note": "abusive"});
+    let (status, body) = dev.api("PUT", "/api/access/rules", Some(&supervisor), Some(block)).await?;
+    assert_eq!(status, 200, "{body}");
+    let conn = upload_head(&dev, &mallory_token, "cat.png", "image/png", 5_242_880).await?;
+    let (status, body) = answer_without_body(conn, "blocked customer").await?;
+    assert_eq!((status, body["code"].as_str()), (409, Some("blocked")), "{body}");
     let conn = upload_head(&dev, &token, "evil.bin", "application/x-evil", 5_242_880).await?;
     let (status, body) = answer_without_body(conn, "wrong type").await?;
     assert_eq!(status, 415, "{body}");

@@ -552,14 +552,21 @@ pub(crate) async fn client_upload(
         let shard = gw.backend.conversation_reads(conversation);
         match shard.open_conversation(conversation).await? {
             // The hot state holds every open conversation: one it lacks is closed or unknown.
-            Some(_) => Some(true),
-            None => shard.conversation(conversation).await?.map(|_| false),
+            Some(open) => Ok(open),
+            None => Err(shard.conversation(conversation).await?.is_some()),
         }
     };
-    match open {
-        Some(true) => {}
-        Some(false) => return Err(GatewayError::Core(switchboard_actors::Error::Closed(conversation))),
-        None => return Err(GatewayError::NotFound(format!("conversation {}", conversation.0))),
+    let open = match open {
+        Ok(open) => open,
+        Err(true) => return Err(GatewayError::Core(switchboard_actors::Error::Closed(conversation))),
+        Err(false) => return Err(GatewayError::NotFound(format!("conversation {}", conversation.0))),
+    };
+    // A customer blocked since they started takes no more messages into their open
+    // conversation (the core refuses each in the log), so no more files either: each
+    // would be fsynced, copied to the members and kept with the conversation although
+    // no message of theirs can ever name it. Their visitor rules, as for a message.
+    if let Some(message) = visitor_refused(&gw, &open.channel, open.visitor.id.as_deref()) {
+        return Err(GatewayError::Core(switchboard_actors::Error::Blocked(message)));
     }
     let declared = declared(&headers)?;
     let budgets = gw.config.budgets;
@@ -807,10 +814,15 @@ pub(crate) fn sender_blocked(gw: &Gateway, channel: &switchboard_actors::model::
 /// allow list decides only that) and decides with the rules of the sender's shard; a
 /// sender it refuses so has the files fetched for the message removed.
 pub(crate) fn sender_refused(gw: &Gateway, channel: &switchboard_actors::model::ChannelId, sender: &str) -> Option<String> {
-    let visitor = format!("{channel}:{sender}");
+    visitor_refused(gw, channel, Some(&format!("{channel}:{sender}")))
+}
+
+/// What the block rules tell `visitor` when they refuse them anything more in an open
+/// conversation on `channel` (the check the core makes of each of their messages).
+fn visitor_refused(gw: &Gateway, channel: &switchboard_actors::model::ChannelId, visitor: Option<&str>) -> Option<String> {
     let directory = gw.backend.directory_shard();
     let state = directory.read();
-    switchboard_actors::access::check_open(&state, channel, switchboard_actors::access::Customer { ip: None, visitor: Some(&visitor) }).err()
+    switchboard_actors::access::check_open(&state, channel, switchboard_actors::access::Customer { ip: None, visitor }).err()
 }
 
 /// Removes the files of a refused channel message: nothing refers to them (their ids
