@@ -909,6 +909,27 @@ async fn a_signed_customer_identity_links_conversations_across_channels_and_a_fo
     let conv = view(theirs["conversation"].as_u64().unwrap_or_default()).await?;
     assert_ne!(conv["visitor"]["id"], customer.as_str(), "{conv}");
     assert_eq!(conv["earlier"], json!([]), "the customer's conversations are not shown as the stranger's");
+
+    // Two different secrets with one key id (eight hex digits: a birthday search finds
+    // a pair in about 2^16 tries): the second is refused on another channel, which
+    // would otherwise share the first channel's customers.
+    let key_id = |secret: &str| ring::digest::digest(&ring::digest::SHA256, format!("hs256:{secret}").as_bytes()).as_ref()[..4].to_vec();
+    let mut seen = std::collections::HashMap::new();
+    let (first, second) = (0u64..10_000_000)
+        .map(|n| format!("a-secret-of-thirty-two-bytes-{n:010}"))
+        .find_map(|secret| seen.insert(key_id(&secret), secret.clone()).map(|earlier| (earlier, secret)))
+        .ok_or_else(|| anyhow::anyhow!("no two secrets with one key id in 10,000,000 tries"))?;
+    let (status, body) = dev.api("PUT", "/api/channels/app/identity", Some(&admin), Some(json!({"alg": "HS256", "secret": first}))).await?;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = dev.api("PUT", "/api/channels/web/identity", Some(&admin), Some(json!({"alg": "HS256", "secret": second}))).await?;
+    assert_eq!((status, body["code"].as_str()), (409, Some("invalid")), "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("channel app")), "{body}");
+    let (status, body) = dev.api("PUT", "/api/channels/web/identity", Some(&admin), Some(json!({"alg": "HS256", "secret": first}))).await?;
+    assert_eq!(status, 200, "the same key on two channels is what sharing customers means: {body}");
+    // Nor is a channel called `customer` made: its senders' ids (`customer:<sender>`,
+    // and a Channel API sender may hold `:`) would be verified customers' ids.
+    let (status, body) = dev.api("PUT", "/api/channels/customer", Some(&admin), Some(json!({"kind": "api", "name": "API", "default_group": "general"}))).await?;
+    assert_eq!((status, body["code"].as_str()), (409, Some("invalid")), "{body}");
     Ok(())
 }
 

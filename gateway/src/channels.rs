@@ -1348,6 +1348,14 @@ pub async fn put_identity(State(gw): State<Arc<Gateway>>, crate::rest::StaffAt(s
             IdentityKey::Rs256 { public_key_pem: public_key }
         }
     };
+    // A verified customer is `customer:<key id>:<sub>` on every channel whose key has that
+    // id: a different key with another channel's key id (chosen for it, 2^32 tries) would
+    // let whoever holds it sign as that channel's customers.
+    let (id, material) = (crate::identity::key_id(&key), crate::identity::material(&key));
+    let taken = gw.backend.directory_shard().read().channel_identity.iter().find(|(other, k)| **other != channel && crate::identity::key_id(k) == id && crate::identity::material(k) != material).map(|(other, _)| other.clone());
+    if let Some(other) = taken {
+        return Err(GatewayError::Core(switchboard_actors::Error::Invalid(format!("this key's id ({id}) is that of channel {other}'s different key; use another key"))));
+    }
     gw.submit(Command::SetChannelIdentity { channel: channel.clone(), key: Some(key.clone()) }).await?;
     Ok(Json(identity_json(&channel, &key)))
 }

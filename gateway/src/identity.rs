@@ -43,13 +43,19 @@ pub fn verify(token: &str, key: &IdentityKey, now_secs: u64) -> Result<String, S
     verify_subject(token, key, now_secs).map(|sub| format!("customer:{}:{sub}", key_id(key)))
 }
 
-/// A short, stable name of a key: the first 8 hex digits of its SHA-256.
+/// A short, stable name of a key: the first 8 hex digits of its SHA-256. Short enough
+/// that a key can be made to share another's on purpose (2^32 tries), so no channel is
+/// given a key whose id another channel's different key has (`channels::put_identity`).
 pub fn key_id(key: &IdentityKey) -> String {
-    let material = match key {
+    switchboard_adapters::hex(&ring::digest::digest(&ring::digest::SHA256, material(key).as_bytes()).as_ref()[..4])
+}
+
+/// What names a key: two keys with the same material verify the same tokens.
+pub fn material(key: &IdentityKey) -> String {
+    match key {
         IdentityKey::Hs256 { secret } => format!("hs256:{secret}"),
         IdentityKey::Rs256 { public_key_pem } => format!("rs256:{}", public_key_pem.split_whitespace().collect::<String>()),
-    };
-    switchboard_adapters::hex(&ring::digest::digest(&ring::digest::SHA256, material.as_bytes()).as_ref()[..4])
+    }
 }
 
 fn verify_subject(token: &str, key: &IdentityKey, now_secs: u64) -> Result<String, String> {

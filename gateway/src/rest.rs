@@ -706,6 +706,10 @@ struct ChannelBody {
     blocked_message: Option<String>,
 }
 
+/// The channel id no new channel may take: the first part of verified customers'
+/// visitor ids (`crate::identity`).
+const RESERVED_CHANNEL_ID: &str = "customer";
+
 async fn put_channel(
     State(gw): State<Arc<Gateway>>,
     StaffAt(staff): AdminStaff,
@@ -721,6 +725,12 @@ async fn put_channel(
         if m.chars().count() > switchboard_actors::core::MAX_TEXT_CHARS {
             return Err(GatewayError::Core(switchboard_actors::Error::TooLong { limit: switchboard_actors::core::MAX_TEXT_CHARS, actual: m.chars().count() }));
         }
+    }
+    // Verified web customers are the visitors `customer:<key id>:<sub>`; a channel's
+    // senders are `<channel>:<sender>`, so a new channel named `customer` would let its
+    // senders (a Channel API sender may hold `:`) pass for them. One made before stays.
+    if id == RESERVED_CHANNEL_ID && !gw.backend.directory_shard().read().channels.contains_key(&ChannelId::new(id.as_str())) {
+        return Err(GatewayError::Core(switchboard_actors::Error::Invalid(format!("the channel id {RESERVED_CHANNEL_ID} is reserved: verified customers' visitor ids begin with it"))));
     }
     let config = ChannelConfig { id: ChannelId::new(id), kind: body.kind, name: body.name, default_group: SkillGroupId::new(body.default_group) };
     gw.submit(Command::UpsertChannel(config.clone())).await?;
