@@ -162,7 +162,11 @@ use crate::state::{ConversationStatus, ShardState, Touched};
 /// of theirs, as their next message would (first to whoever held the closed one); a web
 /// visitor, whose socket follows the closed one, is told [`LATE_NOTICE`]. Before, they
 /// stayed in the closed conversation, read by nobody and answered by nobody.
-pub const RULES_VERSION: u32 = 26;
+/// Rules 27: on a split cluster, an operator a conversation shard hears of after the
+/// routing shard's letter gave them one of its conversations holds it there from then
+/// on, with an `Assigned` feed item (`state.rs`, `OperatorUpserted`). Before, they held
+/// none of it on that shard: the customer's messages never reached their feed.
+pub const RULES_VERSION: u32 = 27;
 
 /// From rules 3, an offer expiry committed more than this after the deadline does not
 /// set the operator away: the timer fires within milliseconds of the deadline on a

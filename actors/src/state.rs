@@ -1212,6 +1212,19 @@ impl ShardState {
                 touched.operators.insert(config.id.clone());
                 touched.groups.extend(config.groups.iter().cloned());
                 let tell = self.rules >= 4;
+                // Rules 27: on a conversation shard, the routing shard's letter that an
+                // operator holds a conversation can come before the metadata group's
+                // letter that the operator exists (two links, no order between them).
+                // The conversation is then assigned to an operator this shard does not
+                // know, and one it hears of later holds what it was given meanwhile,
+                // with an `Assigned` item each (its history so far, messages written
+                // in between too). Before, such an operator held none of it here: no
+                // feed item for the customer's messages, no release at the close.
+                let held_before_known: Vec<(ConversationId, u64)> = if self.rules >= 27 && !self.operators.contains_key(&config.id) {
+                    self.conversations.iter().filter(|(_, c)| c.assigned() == Some(&config.id)).map(|(id, c)| (*id, c.last_seq())).collect()
+                } else {
+                    Vec::new()
+                };
                 self.operators
                     .entry(config.id.clone())
                     .and_modify(|o| {
@@ -1231,6 +1244,12 @@ impl ShardState {
                         feed: Feed::default(),
                         favourites: BTreeSet::new(),
                     });
+                if let Some(op) = self.operators.get_mut(&config.id) {
+                    for (conversation, history_upto) in held_before_known {
+                        op.active.insert(conversation);
+                        op.feed.push(at, FeedItem::Assigned { conversation, history_upto });
+                    }
+                }
             }
             Event::ChannelUpserted(config) => {
                 let before = self.channels.insert(config.id.clone(), config.clone());

@@ -3,13 +3,15 @@
 //! between (the conversation shard still had the conversation open and took it) was left
 //! in the closed conversation, read by nobody. From rules 26 a messenger customer's late
 //! message is carried into a new conversation of theirs, which routing offers; a web
-//! visitor is told nobody read it.
+//! visitor is told nobody read it. Rules 27, the same split: an operator the
+//! conversation shard hears of after the letter that gave them one of its
+//! conversations holds it there.
 
 use switchboard_actors::core::{Part, Reply, LATE_NOTICE};
 use switchboard_actors::mail::{GroupId, Mail};
 use switchboard_actors::model::*;
 use switchboard_actors::records::{self, MemStore};
-use switchboard_actors::state::{ConversationStatus, HistoryItem, ShardState};
+use switchboard_actors::state::{ConversationStatus, FeedItem, HistoryItem, ShardState};
 use switchboard_actors::Error;
 
 const R: GroupId = 2;
@@ -232,4 +234,56 @@ fn under_rules_26_a_close_nothing_followed_starts_nothing() {
     assert!(c.state.conversations.values().all(|x| x.status == ConversationStatus::Closed));
     assert!(c.state.mail_out.get(&R).is_none_or(|o| o.is_empty()), "no letter back: routing closed it");
     assert_eq!(history(&c, conv).last(), Some(&HistoryItem::Closed { by: Closer::Operator, resolution: "solved".into(), tags: vec![] }));
+}
+
+/// Rules 27: the routing shard hears of a new operator (the metadata group's letter)
+/// before the conversation shard does, and gives them a conversation of it; the
+/// conversation shard takes the assignment, then a message of the customer's, and only
+/// then the operator. From rules 27 the operator holds it there, with an `Assigned`
+/// item whose history holds that message; before, they held nothing on that shard.
+#[test]
+fn from_rules_27_an_operator_the_conversation_shard_hears_of_late_holds_what_they_were_given() {
+    for rules in [26, 27] {
+        let (mut r, mut c) = split(rules);
+        let kim = OperatorId::new("kim");
+        let config = OperatorConfig { id: kim.clone(), name: "Kim".into(), capacity: 2, groups: vec![SkillGroupId::new("g")] };
+        ok(&mut r, T0, Command::UpsertOperator(config.clone()));
+        ok(&mut r, T0, Command::SetPresence { operator: ann(), presence: Presence::Away });
+        ok(&mut r, T0 + 1, Command::SetPresence { operator: kim.clone(), presence: Presence::Online });
+        let (reply, _) = ok(&mut c, T0 + 10, inbound("m1", "my card is blocked"));
+        let conv = conversation_of(&reply);
+        ferry(&mut c, &mut r, T0 + 20);
+        let offer = r.state.offers.values().find(|o| o.conversation == conv && o.operator == kim).map(|o| o.id).expect("offered to kim");
+        ok(&mut r, T0 + 30, Command::AcceptOffer { operator: kim.clone(), offer });
+        ferry(&mut r, &mut c, T0 + 40);
+        assert_eq!(c.state.conversations[&conv].status, ConversationStatus::Assigned { operator: kim.clone() });
+        assert!(!c.state.operators.contains_key(&kim), "the conversation shard has not heard of kim yet");
+        let (reply, _) = ok(&mut c, T0 + 50, inbound("m2", "hello?"));
+        assert_eq!(conversation_of(&reply), conv);
+        let newest = c.state.conversations[&conv].last_seq();
+
+        ok(&mut c, T0 + 60, Command::UpsertOperator(config));
+        let holds = |c: &ShardState| c.operators.get(&kim).is_some_and(|op| op.active.contains(&conv));
+        let assigned: Vec<u64> = records::feed(&c.store, &kim, 0, 100)
+            .expect("feed")
+            .into_iter()
+            .filter_map(|e| match e.item {
+                FeedItem::Assigned { conversation, history_upto } if conversation == conv => Some(history_upto),
+                _ => None,
+            })
+            .collect();
+        let reloaded = records::load(&c.store).expect("the shard's records load");
+        if rules >= 27 {
+            assert!(holds(&c.state), "kim holds the conversation on the conversation shard");
+            assert_eq!(assigned, vec![newest], "one Assigned item, its history taking in the message written meanwhile");
+            assert!(holds(&reloaded), "and still after a restart");
+            // The close releases it from kim's feed there.
+            ok(&mut c, T0 + 70, Command::CloseByClient { conversation: conv });
+            assert!(!holds(&c.state));
+            let released = records::feed(&c.store, &kim, 0, 100).expect("feed").into_iter().any(|e| matches!(e.item, FeedItem::Released { conversation, .. } if conversation == conv));
+            assert!(released, "kim's feed says the conversation left them");
+        } else {
+            assert!(!holds(&c.state) && assigned.is_empty() && !holds(&reloaded), "before rules 27 kim held nothing there");
+        }
+    }
 }
