@@ -233,6 +233,7 @@ async fn close_tags_client_card_and_read_marks() -> anyhow::Result<()> {
     assert_eq!(status, 200, "{card}");
     assert_eq!(card["earlier"][0]["conversation"], earlier_id);
     assert_eq!(card["earlier"][0]["state"], "closed");
+    assert_eq!(card["earlier_complete"], true, "every conversation shard answered: {card}");
     let (status, old) = dev.api("GET", &format!("/api/conversations/{earlier_id}"), Some(&token), None).await?;
     assert_eq!(status, 200, "the operator serving this visitor reads their earlier conversations");
     assert_eq!(old["client_read_upto"], 3);

@@ -807,15 +807,27 @@ impl Gateway {
     /// A visitor's most recent conversations from every conversation shard, newest
     /// first, at most `limit`.
     pub(crate) async fn conversations_of(&self, visitor: &str, limit: usize) -> Result<Vec<switchboard_actors::state::Conversation>, switchboard_actors::Error> {
+        match self.conversations_answered(visitor, limit).await {
+            (_, Some(e)) => Err(e),
+            (found, None) => Ok(found),
+        }
+    }
+
+    /// As [`Gateway::conversations_of`], from the conversation shards that answered,
+    /// with the error of one that did not (the list may then lack some).
+    pub(crate) async fn conversations_answered(&self, visitor: &str, limit: usize) -> (Vec<switchboard_actors::state::Conversation>, Option<switchboard_actors::Error>) {
         let readers = self.backend.conversation_readers();
         let answers = futures::future::join_all(readers.iter().map(|r| r.conversations_of(visitor, limit))).await;
-        let mut found = Vec::new();
+        let (mut found, mut failed) = (Vec::new(), None);
         for answer in answers {
-            found.extend(answer?);
+            match answer {
+                Ok(some) => found.extend(some),
+                Err(e) => failed = Some(e),
+            }
         }
         found.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
         found.truncate(limit);
-        Ok(found)
+        (found, failed)
     }
 
     /// The conversations `operator` handled, newest (highest id) first, before

@@ -928,7 +928,7 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
     let shard = gw.backend.conversation_reads(id);
     let history = shard.history(id, 0, conv.last_seq() as usize).await?;
     let deliveries = shard.deliveries_of(id).await?;
-    let earlier = earlier(&gw, &staff, &conv).await?;
+    let (earlier, earlier_complete) = earlier(&gw, &staff, &conv).await;
     // Whether it is offered is the routing shard's to say.
     let routed = gw.backend.shard().read().conversations.get(&id).map(|c| c.status.clone());
     let status = match routed.as_ref().unwrap_or(&conv.status) {
@@ -950,6 +950,7 @@ async fn conversation(State(gw): State<Arc<Gateway>>, staff: Staff, Path(id): Pa
         "operator_read_upto": conv.operator_read_upto,
         "history": history.iter().map(|e| frames::history_entry(e, Audience::Staff)).collect::<Vec<_>>(),
         "earlier": earlier,
+        "earlier_complete": earlier_complete,
         "deliveries": deliveries.iter().map(|(seq, d)| crate::channels::delivery_json(id, *seq, d)).collect::<Vec<_>>(),
     });
     drop(history);
@@ -1035,13 +1036,18 @@ async fn purge_drill(State(gw): State<Arc<Gateway>>, StaffAt(staff): AdminStaff,
 }
 
 /// The client card: the visitor's other conversations, most recent first, at most 20; for an operator,
-/// only those they may open themselves (as `GET /api/conversations/{id}/earlier`).
-async fn earlier(gw: &Gateway, staff: &Staff, conv: &switchboard_actors::state::Conversation) -> Result<Vec<Value>, GatewayError> {
-    let Some(visitor) = conv.visitor.id.as_ref() else { return Ok(vec![]) };
-    let found = gw.conversations_of(visitor, 21).await?;
+/// only those they may open themselves (as `GET /api/conversations/{id}/earlier`). With
+/// whether every conversation shard answered: one out of reach leaves its conversations
+/// out of the card, not the conversation out of the answer.
+async fn earlier(gw: &Gateway, staff: &Staff, conv: &switchboard_actors::state::Conversation) -> (Vec<Value>, bool) {
+    let Some(visitor) = conv.visitor.id.as_ref() else { return (vec![], true) };
+    let (found, failed) = gw.conversations_answered(visitor, 21).await;
+    if let Some(e) = &failed {
+        tracing::info!(conversation = conv.id.0, error = %e, "the client card lacks the conversations of a shard that did not answer");
+    }
     let shard = gw.backend.shard();
     let state = shard.read();
-    Ok(found
+    let cards = found
         .iter()
         .filter(|c| c.id != conv.id)
         .filter(|c| check_read(staff, &state, c).is_ok())
@@ -1055,7 +1061,8 @@ async fn earlier(gw: &Gateway, staff: &Staff, conv: &switchboard_actors::state::
             };
             json!({"conversation": c.id.0, "created_at": c.created_at.0, "state": state})
         })
-        .collect())
+        .collect();
+    (cards, failed.is_none())
 }
 
 #[derive(Deserialize)]
