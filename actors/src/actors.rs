@@ -39,6 +39,8 @@ const CLOSED_GRACE: Duration = Duration::from_secs(2);
 const EXPIRE_RETRY: Duration = Duration::from_millis(50);
 /// The longest wait between two tries at expiring an offer.
 const EXPIRE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// The least wait before trying again an expiry that could not be committed.
+const EXPIRE_RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
 
 /// The wait before the next try at expiring an offer whose entry was not due yet
 /// (the proposer's clock behind the deadline): doubling from `EXPIRE_RETRY`, so a
@@ -743,6 +745,16 @@ impl Actor for EntityActor {
                         Ok(_) => {}
                         Err(Error::NotDue(_)) => {
                             actor.send_after(expire_retry(retries), move || EntityMsg::OfferDue { offer, retries: retries.saturating_add(1) });
+                        }
+                        // Not committed now (an outcome unknown, the store holding writes,
+                        // a holder out of reach): the offer would stay pending, its
+                        // operator's slot taken and its conversation waiting on them,
+                        // until the next leader re-armed it. Tried again, with the same
+                        // backoff; an expiry already committed answers `Done` then. The
+                        // retries end with this actor (leadership lost, the shard moved).
+                        Err(e @ (Error::Commit(_) | Error::Storage(_) | Error::Unreachable(_) | Error::Unavailable(_) | Error::Actor(_))) => {
+                            warn!(%offer, error = %e, "could not expire offer; trying again");
+                            actor.send_after(expire_retry(retries).max(EXPIRE_RETRY_AFTER_FAILURE), move || EntityMsg::OfferDue { offer, retries: retries.saturating_add(1) });
                         }
                         Err(e) => warn!(%offer, error = %e, "could not expire offer"),
                     }

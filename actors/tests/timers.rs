@@ -77,3 +77,53 @@ async fn a_conversation_shard_s_copy_of_a_queue_proposes_no_route_queue() {
     let routed = recorder.0.lock().map(|seen| seen.iter().filter(|c| matches!(c, Command::RouteQueue { .. })).count()).unwrap_or(0);
     assert_eq!(routed, 0, "a conversation shard proposes no RouteQueue: {:?}", recorder.0.lock().map(|s| s.clone()));
 }
+
+/// Refuses the first offer expiry it is asked to commit as a commit whose outcome is
+/// unknown (a leader change under it), and records every expiry asked for.
+#[derive(Default)]
+struct FirstExpiryLost(std::sync::Mutex<Vec<OfferId>>);
+
+impl switchboard_actors::shard::Proposer for FirstExpiryLost {
+    fn propose(&self, command: Command) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<switchboard_actors::core::Reply, switchboard_actors::Error>> + Send>> {
+        let first = match (&command, self.0.lock()) {
+            (Command::ExpireOffer { offer }, Ok(mut asked)) => {
+                asked.push(*offer);
+                asked.len() == 1
+            }
+            _ => false,
+        };
+        Box::pin(async move {
+            if first {
+                return Err(switchboard_actors::Error::Commit("not committed within 3 s; the outcome is unknown".into()));
+            }
+            Ok(switchboard_actors::core::Reply::Done)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_expiry_that_could_not_be_committed_is_tried_again() {
+    // Left pending, the offer would hold its operator's slot and its conversation
+    // would wait on them until another leader re-armed the timer.
+    let store = MemStore::default();
+    let shard = Arc::new(Shard::new());
+    shard.load(Arc::new(store.clone())).expect("load");
+    let proposer = Arc::new(FirstExpiryLost::default());
+    let _supervisor = ShardSupervisor::start(SupervisorArgs { shard: shard.clone(), proposer: proposer.clone(), leader: true }).await.expect("supervisor");
+    let now = now_ms().0;
+    commit(&shard, &store, now, Command::AdoptRules { version: switchboard_actors::core::RULES_VERSION });
+    commit(&shard, &store, now, Command::UpsertSkillGroup(SkillGroupConfig { id: SkillGroupId::new("g"), name: "g".into(), policy: Policy::LongestIdle, offer_timeout_ms: 1_000, sla_ms: 600_000 }));
+    commit(&shard, &store, now, Command::UpsertChannel(ChannelConfig { id: ChannelId::new("web"), kind: "web".into(), name: "web".into(), default_group: SkillGroupId::new("g") }));
+    commit(&shard, &store, now, Command::UpsertOperator(OperatorConfig { id: OperatorId::new("ann"), name: "Ann".into(), capacity: 1, groups: vec![SkillGroupId::new("g")] }));
+    commit(&shard, &store, now, Command::SetPresence { operator: OperatorId::new("ann"), presence: Presence::Online });
+    commit(&shard, &store, now, Command::StartConversation { channel: ChannelId::new("web"), group: None, visitor: Visitor::default() });
+    let offer = shard.read().offers.values().next().map(|o| o.id).expect("offered to ann");
+    let asked = || proposer.0.lock().map(|a| a.iter().filter(|o| **o == offer).count()).unwrap_or(0);
+    for _ in 0..250 {
+        if asked() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(asked() >= 2, "the expiry is asked for again after the first was lost (asked {} times)", asked());
+}
