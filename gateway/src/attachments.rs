@@ -670,18 +670,8 @@ fn serve(attachment: &Attachment, body: Body) -> Response {
 async fn lookup(gw: &Gateway, id: &str) -> Result<Attachment, GatewayError> {
     let id = AttachmentId(id.to_string());
     let readers = gw.backend.conversation_readers();
-    // Found by one shard: found, whatever another could not answer (one shard out of
-    // reach does not take every other shard's files with it); not found by any, and
-    // some could not be asked: not known now.
-    let mut failed = None;
-    for answer in futures::future::join_all(readers.iter().map(|r| r.attachment(&id))).await {
-        match answer {
-            Ok(Some(found)) => return Ok(found),
-            Ok(None) => {}
-            Err(e) => failed = Some(e),
-        }
-    }
-    Err(failed.map_or_else(|| GatewayError::NotFound("attachment".into()), GatewayError::Core))
+    // One shard out of reach does not take every other shard's files with it.
+    crate::found_by_any(futures::future::join_all(readers.iter().map(|r| r.attachment(&id))).await)?.ok_or_else(|| GatewayError::NotFound("attachment".into()))
 }
 
 /// `GET /attachments/{id}?token=` on the public listener.

@@ -605,6 +605,21 @@ pub const PASSWORD_WORKERS: usize = 2;
 /// Password checks or hashes waiting for a worker, at most.
 pub const PASSWORD_QUEUE: usize = 16;
 
+/// One answer of the conversation shards asked the same thing: found by one shard,
+/// found, whatever another could not answer; not found by any, and some could not be
+/// asked: not known now (that shard's error).
+pub(crate) fn found_by_any<T>(answers: impl IntoIterator<Item = Result<Option<T>, switchboard_actors::Error>>) -> Result<Option<T>, switchboard_actors::Error> {
+    let mut failed = None;
+    for answer in answers {
+        match answer {
+            Ok(Some(found)) => return Ok(Some(found)),
+            Ok(None) => {}
+            Err(e) => failed = Some(e),
+        }
+    }
+    failed.map_or(Ok(None), Err)
+}
+
 impl Gateway {
     pub fn new(backend: Arc<dyn Backend>, tokens: TokenKey, blobs: attachments::BlobStore, config: GatewayConfig) -> Arc<Self> {
         Arc::new(Gateway {
@@ -790,18 +805,7 @@ impl Gateway {
     /// conversation shard at once.
     pub(crate) async fn by_provider_id(&self, channel: &switchboard_actors::model::ChannelId, id: &str) -> Result<Option<(ConversationId, u64)>, switchboard_actors::Error> {
         let readers = self.backend.conversation_readers();
-        let answers = futures::future::join_all(readers.iter().map(|r| r.by_provider_id(channel, id))).await;
-        // Found by one shard: found, whatever another could not answer; not found by
-        // any, and some could not be asked: not known now.
-        let mut failed = None;
-        for answer in answers {
-            match answer {
-                Ok(Some(found)) => return Ok(Some(found)),
-                Ok(None) => {}
-                Err(e) => failed = Some(e),
-            }
-        }
-        failed.map_or(Ok(None), Err)
+        found_by_any(futures::future::join_all(readers.iter().map(|r| r.by_provider_id(channel, id))).await)
     }
 
     /// A visitor's most recent conversations from every conversation shard, newest
